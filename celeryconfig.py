@@ -1,0 +1,41 @@
+"""Celery configuration: Redis as the broker, one queue per service, and the beat schedule that
+relays outboxes and sweeps inboxes as the safety net behind the direct kicks."""
+
+from datetime import timedelta
+
+from shared.config import SERVICES, get_settings
+
+_settings = get_settings()
+
+broker_url = _settings.celery_broker_url
+broker_connection_retry_on_startup = True
+task_ignore_result = True
+result_backend = None
+
+# A task is acknowledged only when it has finished, so one lost with its worker runs again; every
+# task here is idempotent, which is what makes that safe.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 4
+task_default_queue = "default"
+task_routes = ("tasks.routing.route_to_service_queue",)
+broker_transport_options = {"visibility_timeout": 300}
+
+worker_hijack_root_logger = False
+worker_send_task_events = True
+task_send_sent_event = True
+
+beat_schedule = {}
+for _service in SERVICES:
+    beat_schedule[f"relay-{_service}-outbox"] = {
+        "task": "hseshop.relay_outbox",
+        "schedule": timedelta(seconds=_settings.relay_interval_seconds),
+        "args": (_service,),
+        "options": {"expires": max(_settings.relay_interval_seconds * 4, 2.0)},
+    }
+    beat_schedule[f"sweep-{_service}-inbox"] = {
+        "task": "hseshop.sweep_inbox",
+        "schedule": timedelta(seconds=_settings.inbox_sweep_interval_seconds),
+        "args": (_service,),
+        "options": {"expires": _settings.inbox_sweep_interval_seconds * 4},
+    }

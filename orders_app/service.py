@@ -1,0 +1,104 @@
+"""Orders use cases: place an order (and ask for its payment), read orders, apply payment results.
+
+Each takes the session of a transaction its caller owns; none commits.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+
+from flask import current_app
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from orders_app.models import CANCELLED, FINISHED, NEW, Order
+from shared.contracts import PAYMENT_REQUESTED, new_event
+from shared.errors import ApiError, NotFound
+from shared.outbox import add_outbox_message
+
+
+def place_order(session: Session, *, user_id: str, amount: Decimal, description: str) -> Order:
+    """Create a NEW order and, in the same transaction, the PaymentRequested event for it."""
+    now = datetime.now(timezone.utc)
+    order = Order(id=uuid.uuid4(), user_id=user_id, amount=amount, description=description,
+                  status=NEW, created_at=now, updated_at=now)
+    session.add(order)
+    event = new_event(
+        PAYMENT_REQUESTED,
+        {"order_id": order.id, "user_id": user_id, "amount": amount},
+        correlation_id=str(order.id),
+    )
+    settings = current_app.extensions["hseshop.settings"]
+    add_outbox_message(session, topic=settings.topic_payment_requested, key=user_id, event=event)
+    session.flush()
+    return order
+
+
+def get_order(session: Session, *, user_id: str, order_id: uuid.UUID) -> Order:
+    order = session.get(Order, order_id)
+    if order is None or order.user_id != user_id:
+        raise NotFound("No such order.", code="ORDER_NOT_FOUND")
+    return order
+
+
+@dataclass(frozen=True)
+class OrderPage:
+    items: list[Order]
+    next_cursor: str | None
+
+
+def list_orders(session: Session, *, user_id: str, limit: int, cursor: str | None) -> OrderPage:
+    """The caller's orders, newest first, one page at a time (keyset pagination)."""
+    query = select(Order).where(Order.user_id == user_id)
+    if cursor is not None:
+        created_at, order_id = decode_cursor(cursor)
+        query = query.where(or_(Order.created_at < created_at,
+                                and_(Order.created_at == created_at, Order.id < order_id)))
+    rows = session.scalars(
+        query.order_by(Order.created_at.desc(), Order.id.desc()).limit(limit + 1)
+    ).all()
+    items = list(rows[:limit])
+    next_cursor = encode_cursor(items[-1]) if len(rows) > limit else None
+    return OrderPage(items=items, next_cursor=next_cursor)
+
+
+def encode_cursor(order: Order) -> str:
+    raw = json.dumps([order.created_at.isoformat(), str(order.id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, order_id = json.loads(raw)
+        parsed = datetime.fromisoformat(created_at)
+        if parsed.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return parsed, uuid.UUID(order_id)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise ApiError("The cursor is not one this API gave out.", code="INVALID_CURSOR",
+                       status=400, details={"cursor": ["invalid"]}) from None
+
+
+def apply_payment_result(session: Session, *, order_id: uuid.UUID, user_id: str,
+                         succeeded: bool, reason: str | None) -> Order | None:
+    """Move a NEW order to FINISHED or CANCELLED; a final order never changes again.
+
+    Returns the order when it changed, None when it was already final.
+    Raises LookupError when no such order belongs to that user.
+    """
+    order = session.scalars(select(Order).where(Order.id == order_id).with_for_update()).one_or_none()
+    if order is None or order.user_id != user_id:
+        raise LookupError(f"no order {order_id} of user {user_id}")
+    if order.is_final:
+        return None
+    order.status = FINISHED if succeeded else CANCELLED
+    order.reason = None if succeeded else reason
+    order.updated_at = datetime.now(timezone.utc)
+    return order

@@ -1,0 +1,61 @@
+"""The application factory both services build on: configuration, database, JSON, errors, OpenAPI
+with Swagger UI, health, identity, and waking the outbox relay after a commit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flask import Blueprint, Flask
+from flask_smorest import Api
+
+from shared.config import Settings, get_settings
+from shared.db import db
+from shared.errors import register_error_handlers
+from shared.health import health_blueprint
+from shared.identity import identify_caller
+from shared.jsonio import StrictDecimalJSONProvider
+from shared.outbox import RELAY_KICK_EXTENSION
+
+SWAGGER_UI_CDN = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/"
+
+
+def create_service_app(service: str, *, title: str, blueprints: Iterable[Blueprint],
+                       settings: Settings | None = None, config: dict | None = None) -> Flask:
+    settings = settings or get_settings()
+    app = Flask(service)
+    app.json = StrictDecimalJSONProvider(app)
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=settings.database_url(service),
+        API_TITLE=title,
+        API_VERSION="1.0.0",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/docs",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/swagger-ui",
+        OPENAPI_SWAGGER_UI_URL=SWAGGER_UI_CDN,
+        API_SPEC_OPTIONS={"components": {"securitySchemes": {
+            "UserId": {"type": "apiKey", "in": "header", "name": "X-User-ID"}}},
+            "security": [{"UserId": []}]},
+    )
+    app.config.update(config or {})
+    app.extensions["hseshop.settings"] = settings
+    app.extensions["hseshop.service"] = service
+    db.init_app(app)
+    api = Api(app)
+    for blueprint in blueprints:
+        blueprint.before_request(identify_caller)
+        api.register_blueprint(blueprint)
+    app.register_blueprint(health_blueprint)
+    register_error_handlers(app)
+    app.extensions.setdefault(RELAY_KICK_EXTENSION, _relay_kicker(service))
+    return app
+
+
+def _relay_kicker(service: str):
+    def kick() -> None:
+        # Imported here: the Celery app is only needed once something commits an outbox row.
+        from tasks.relay import kick_relay
+
+        kick_relay(service)
+
+    return kick

@@ -1,0 +1,135 @@
+"""The event contract between the services: the envelope every Kafka message carries, and the
+payload of each event type.
+
+Value: UTF-8 JSON `{"message_id", "type", "version", "occurred_at", "correlation_id", "payload"}`.
+Key: the user id, so that one user's messages stay in order. Headers: `message_id` and `type`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+
+from shared.fields import Amount, UserId
+
+PAYMENT_REQUESTED = "PaymentRequested"
+PAYMENT_SUCCEEDED = "PaymentSucceeded"
+PAYMENT_FAILED = "PaymentFailed"
+
+ENVELOPE_VERSION = 1
+
+# Why a payment was refused; orders copy it onto the cancelled order.
+NO_ACCOUNT = "NO_ACCOUNT"
+INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
+FAILURE_REASONS = (NO_ACCOUNT, INSUFFICIENT_FUNDS)
+
+
+class MalformedMessage(ValueError):
+    """A message that does not follow the contract: it can never be processed, only parked."""
+
+
+class PaymentRequestedSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    order_id = fields.UUID(required=True)
+    user_id = UserId(required=True)
+    amount = Amount(required=True)
+
+
+class PaymentSucceededSchema(PaymentRequestedSchema):
+    pass
+
+
+class PaymentFailedSchema(PaymentRequestedSchema):
+    reason = fields.String(required=True, validate=validate.OneOf(FAILURE_REASONS))
+
+
+PAYLOAD_SCHEMAS: dict[str, Schema] = {
+    PAYMENT_REQUESTED: PaymentRequestedSchema(),
+    PAYMENT_SUCCEEDED: PaymentSucceededSchema(),
+    PAYMENT_FAILED: PaymentFailedSchema(),
+}
+
+
+class EnvelopeSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    message_id = fields.UUID(required=True)
+    type = fields.String(required=True, validate=validate.OneOf(tuple(PAYLOAD_SCHEMAS)))
+    version = fields.Integer(required=True, strict=True, validate=validate.Equal(ENVELOPE_VERSION))
+    occurred_at = fields.AwareDateTime(required=True, format="iso")
+    correlation_id = fields.String(required=True, allow_none=True)
+    payload = fields.Dict(required=True)
+
+
+_ENVELOPE_SCHEMA = EnvelopeSchema()
+
+
+@dataclass(frozen=True)
+class Envelope:
+    type: str
+    payload: dict[str, Any]
+    correlation_id: str | None = None
+    message_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    occurred_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    version: int = ENVELOPE_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form: payload fields serialised by their contract (amounts as strings)."""
+        return {
+            "message_id": str(self.message_id),
+            "type": self.type,
+            "version": self.version,
+            "occurred_at": self.occurred_at.isoformat(),
+            "correlation_id": self.correlation_id,
+            "payload": PAYLOAD_SCHEMAS[self.type].dump(self.payload),
+        }
+
+
+def new_event(event_type: str, payload: dict[str, Any], correlation_id: str | None) -> Envelope:
+    """A new event, its payload checked against the contract before it is ever written."""
+    errors = PAYLOAD_SCHEMAS[event_type].validate(PAYLOAD_SCHEMAS[event_type].dump(payload))
+    if errors:
+        raise MalformedMessage(f"{event_type} payload breaks the contract: {errors}")
+    return Envelope(type=event_type, payload=payload, correlation_id=correlation_id)
+
+
+def encode(envelope_json: dict[str, Any]) -> bytes:
+    return json.dumps(envelope_json, separators=(",", ":")).encode("utf-8")
+
+
+def decode(value: bytes | None) -> Envelope:
+    """Parse and validate a message value; raise MalformedMessage if it breaks the contract."""
+    if value is None:
+        raise MalformedMessage("message has no value")
+    try:
+        raw = json.loads(value.decode("utf-8"), parse_float=Decimal, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedMessage(f"value is not UTF-8 JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise MalformedMessage("value is not a JSON object")
+    try:
+        envelope = _ENVELOPE_SCHEMA.load(raw)
+        payload = PAYLOAD_SCHEMAS[envelope["type"]].load(envelope["payload"])
+    except ValidationError as exc:
+        raise MalformedMessage(f"message breaks the contract: {exc.messages}") from None
+    return Envelope(
+        type=envelope["type"],
+        payload=payload,
+        correlation_id=envelope["correlation_id"],
+        message_id=envelope["message_id"],
+        occurred_at=envelope["occurred_at"],
+        version=envelope["version"],
+    )
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not allowed")

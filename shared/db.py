@@ -1,0 +1,58 @@
+"""The database extension, and `transaction()`: the one place that commits.
+
+Use cases and message handlers get a session from `transaction()` and never commit themselves, so a
+business row and the outbox row it causes are committed together or not at all, by construction.
+Work that must wait for the commit (waking the outbox relay, say) is registered with `after_commit`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import MetaData
+from sqlalchemy.orm import Session
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+db = SQLAlchemy(
+    metadata=MetaData(naming_convention=NAMING_CONVENTION),
+    engine_options={"pool_pre_ping": True, "pool_size": 10, "max_overflow": 10},
+)
+
+_AFTER_COMMIT = "hseshop.after_commit"
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run `callback` once the current transaction of `session` has committed (never on rollback).
+
+    Registering the same callback twice in one transaction runs it once.
+    """
+    callbacks = session.info.setdefault(_AFTER_COMMIT, [])
+    if callback not in callbacks:
+        callbacks.append(callback)
+
+
+@contextmanager
+def transaction() -> Iterator[Session]:
+    """One database transaction: commit when the block ends, roll back if it raises."""
+    session = db.session()
+    if session.in_transaction():
+        # Reads made earlier in the request (or task) are not part of this unit of work.
+        session.rollback()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        session.info.pop(_AFTER_COMMIT, None)
+        raise
+    for callback in session.info.pop(_AFTER_COMMIT, []):
+        callback()

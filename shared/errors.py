@@ -1,0 +1,84 @@
+"""Errors with a stable code, and the one JSON shape every HTTP error takes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+
+class ApiError(Exception):
+    """A failure a client can act on: an HTTP status, a stable code and a readable message."""
+
+    status = 400
+    code = "BAD_REQUEST"
+
+    def __init__(self, message: str, *, details: Any = None, code: str | None = None,
+                 status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details if details is not None else {}
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "NOT_FOUND"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "CONFLICT"
+
+
+class Unprocessable(ApiError):
+    status = 422
+    code = "UNPROCESSABLE"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "UNAUTHORIZED"
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict:
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+def _http_code_name(exc: HTTPException) -> str:
+    return (exc.name or "error").upper().replace(" ", "_").replace("'", "")
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Turn every error into `{"error": {"code", "message", "details"}}` with its 4xx/5xx status."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return jsonify(error_body(exc.code, exc.message, exc.details)), exc.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        # webargs puts validation messages on exc.data; flask-smorest would otherwise answer with
+        # its own shape.
+        data = getattr(exc, "data", None) or {}
+        messages = data.get("messages")
+        if exc.code == 422 and messages is not None:
+            body = error_body("VALIDATION_ERROR", "The request is not valid.", messages)
+        elif exc.code == 400 and messages is not None:
+            body = error_body("MALFORMED_REQUEST", "The request body is not valid JSON.", messages)
+        else:
+            body = error_body(_http_code_name(exc), exc.description or exc.name)
+        response = jsonify(body)
+        response.status_code = exc.code or 500
+        for name, value in (data.get("headers") or {}).items():
+            response.headers[name] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        app.logger.exception("unhandled error")
+        return jsonify(error_body("INTERNAL_ERROR", "Something went wrong on our side.")), 500

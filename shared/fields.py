@@ -1,0 +1,34 @@
+"""Marshmallow fields shared by the HTTP APIs and the event contracts."""
+
+from __future__ import annotations
+
+import re
+
+from marshmallow import ValidationError, fields
+
+from shared.money import InvalidAmount, format_amount, parse_amount
+
+USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class Amount(fields.Field):
+    """Money in, as a JSON number or string; money out, as a string with two decimals."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        try:
+            return parse_amount(value)
+        except InvalidAmount as exc:
+            raise ValidationError(str(exc)) from None
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return None if value is None else format_amount(value)
+
+
+class UserId(fields.String):
+    """A user id: 1 to 64 characters of A-Za-z0-9_.-"""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not USER_ID_PATTERN.match(text):
+            raise ValidationError("must be 1 to 64 characters of A-Za-z0-9_.-")
+        return text

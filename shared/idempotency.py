@@ -1,0 +1,96 @@
+"""`Idempotency-Key` support for POST endpoints: a retry with the same key and body gets the first
+response back and changes nothing; the same key with a different body is refused with a 422.
+
+The key is recorded in the same transaction as the work it guards, so a request that fails leaves
+no key behind, and two concurrent requests with one key run one after the other (the second waits
+on the first one's insert and then reads its stored response).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from flask import request
+from sqlalchemy import DateTime, Integer, String, func, select, update
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from shared.db import db
+from shared.errors import ApiError, Unprocessable
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_KEY_LENGTH = 255
+
+
+class IdempotencyKey(db.Model):
+    __tablename__ = "idempotency_keys"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(200), primary_key=True)
+    key: Mapped[str] = mapped_column(String(MAX_KEY_LENGTH), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[Any | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+Response = tuple[Any, int]
+
+
+def idempotency_key_from_request() -> str | None:
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable():
+        raise ApiError(
+            f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_KEY_LENGTH} printable characters.",
+            code="INVALID_IDEMPOTENCY_KEY",
+        )
+    return key
+
+
+def fingerprint(args: dict[str, Any]) -> str:
+    """A stable hash of the validated request arguments."""
+    canonical = json.dumps(args, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def run_idempotently(session: Session, *, user_id: str, key: str | None, args: dict[str, Any],
+                     respond: Callable[[], Response]) -> Response:
+    """Run `respond` once per (user, endpoint, key); replay its response for a repeated request."""
+    if key is None:
+        return respond()
+    endpoint = f"{request.method} {request.url_rule.rule if request.url_rule else request.path}"
+    request_hash = fingerprint(args)
+    claimed = session.execute(
+        insert(IdempotencyKey)
+        .values(user_id=user_id, endpoint=endpoint, key=key, request_hash=request_hash)
+        .on_conflict_do_nothing()
+        .returning(IdempotencyKey.key)
+    ).first()
+    if claimed is None:
+        earlier = session.scalars(
+            select(IdempotencyKey).where(
+                IdempotencyKey.user_id == user_id,
+                IdempotencyKey.endpoint == endpoint,
+                IdempotencyKey.key == key,
+            )
+        ).one()
+        if earlier.request_hash != request_hash:
+            raise Unprocessable(
+                f"This {IDEMPOTENCY_HEADER} was already used with a different request body.",
+                code="IDEMPOTENCY_KEY_REUSED",
+            )
+        return earlier.response_body, earlier.response_status
+    body, status = respond()
+    session.execute(
+        update(IdempotencyKey)
+        .where(IdempotencyKey.user_id == user_id, IdempotencyKey.endpoint == endpoint,
+               IdempotencyKey.key == key)
+        .values(response_status=status, response_body=body)
+    )
+    return body, status

@@ -1,0 +1,229 @@
+"""The transactional inbox: every message consumed from Kafka is stored once, keyed by its
+message id, and then handled exactly once in a transaction that also marks it processed.
+
+A message that cannot be parsed is parked at once; one whose handler keeps failing is retried and,
+after `max_attempts`, parked with its last error. Parked messages stay in the table for an operator
+and never block the messages behind them.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text, func, or_, select, text
+from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from shared.contracts import PAYLOAD_SCHEMAS, Envelope, MalformedMessage, decode
+from shared.db import db
+
+log = logging.getLogger(__name__)
+
+# Ids for messages that carry no usable id of their own: derived from where they sit in Kafka, so
+# a redelivery of the same record maps to the same inbox row.
+_POSITION_NAMESPACE = uuid.UUID("6f1d1b38-5a53-4a5e-9a57-2a1f5c3e7b11")
+
+
+class InboxMessage(db.Model):
+    __tablename__ = "inbox_messages"
+
+    message_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(249))
+    partition: Mapped[int] = mapped_column(Integer)
+    offset: Mapped[int] = mapped_column(BigInteger)
+    key: Mapped[str | None] = mapped_column(String(255))
+    type: Mapped[str | None] = mapped_column(String(100))
+    correlation_id: Mapped[str | None] = mapped_column(String(100))
+    payload: Mapped[dict | None] = mapped_column(JSONB)
+    raw_value: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index(
+            "ix_inbox_messages_pending",
+            "received_at",
+            postgresql_where=text("processed_at IS NULL AND parked_at IS NULL"),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ConsumedRecord:
+    """One Kafka record, as the consumer saw it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+
+
+class PermanentMessageError(Exception):
+    """The message can never succeed (it names an unknown order, say): park it without retrying."""
+
+
+Handler = Callable[[Session, dict[str, Any], InboxMessage], None]
+
+
+class Outcome(Enum):
+    PROCESSED = "processed"
+    ALREADY_DONE = "already_done"
+    PARKED = "parked"
+    MISSING = "missing"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _message_id_of(record: ConsumedRecord) -> uuid.UUID:
+    header = record.headers.get("message_id")
+    if header:
+        try:
+            return uuid.UUID(header.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            pass
+    return uuid.uuid5(_POSITION_NAMESPACE, f"{record.topic}:{record.partition}:{record.offset}")
+
+
+def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
+    """The inbox row for a record: a parsed event, or a parked row holding the raw value."""
+    row = {
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "key": record.key.decode("utf-8", "replace")[:255] if record.key is not None else None,
+    }
+    try:
+        envelope: Envelope = decode(record.value)
+    except MalformedMessage as exc:
+        raw = record.value.decode("utf-8", "replace") if record.value is not None else None
+        return row | {
+            "message_id": _message_id_of(record),
+            "raw_value": raw,
+            "parked_at": _now(),
+            "last_error": str(exc)[:2000],
+        }
+    return row | {
+        "message_id": envelope.message_id,
+        "type": envelope.type,
+        "correlation_id": envelope.correlation_id,
+        "payload": envelope.to_json()["payload"],
+    }
+
+
+def store_records(session: Session, records: list[ConsumedRecord]) -> list[uuid.UUID]:
+    """Insert the records not seen before; return the ids of the new ones that await handling."""
+    if not records:
+        return []
+    rows: dict[uuid.UUID, dict[str, Any]] = {}
+    for record in records:
+        row = inbox_row(record)
+        rows.setdefault(row["message_id"], row)  # a repeat inside one batch is stored once
+    columns = ("message_id", "topic", "partition", "offset", "key", "type", "correlation_id",
+               "payload", "raw_value", "parked_at", "last_error")
+    values = [{column: row.get(column) for column in columns} for row in rows.values()]
+    inserted = session.execute(
+        insert(InboxMessage)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=[InboxMessage.message_id])
+        .returning(InboxMessage.message_id, InboxMessage.parked_at)
+    ).all()
+    return [message_id for message_id, parked_at in inserted if parked_at is None]
+
+
+def process_inbox_message(
+    session: Session, message_id: uuid.UUID, handlers: dict[str, Handler]
+) -> Outcome:
+    """Handle one stored message in the caller's transaction, at most once.
+
+    The row is locked first, so two workers handed the same id run one after the other and the
+    second finds it already processed. The handler's effects, any outbox rows it writes and the
+    processed mark commit together.
+    """
+    message = session.scalars(
+        select(InboxMessage).where(InboxMessage.message_id == message_id).with_for_update()
+    ).one_or_none()
+    if message is None:
+        return Outcome.MISSING
+    if message.processed_at is not None or message.parked_at is not None:
+        return Outcome.ALREADY_DONE
+    message.attempts += 1
+    message.last_attempt_at = _now()
+    handler = handlers.get(message.type)
+    if handler is None:
+        _park(message, f"no handler for message type {message.type!r}")
+        return Outcome.PARKED
+    try:
+        payload = PAYLOAD_SCHEMAS[message.type].load(message.payload)
+    except Exception as exc:  # stored before the contract changed, or edited by hand
+        _park(message, f"payload breaks the contract: {exc}")
+        return Outcome.PARKED
+    try:
+        with session.begin_nested():
+            handler(session, payload, message)
+    except PermanentMessageError as exc:
+        _park(message, str(exc))
+        return Outcome.PARKED
+    message.processed_at = _now()
+    message.last_error = None
+    return Outcome.PROCESSED
+
+
+def record_failed_attempt(
+    session: Session, message_id: uuid.UUID, error: str, max_attempts: int
+) -> bool:
+    """Note a failed attempt in its own transaction; park the message once it has used them all.
+
+    Returns True when the message is now parked.
+    """
+    message = session.scalars(
+        select(InboxMessage).where(InboxMessage.message_id == message_id).with_for_update()
+    ).one_or_none()
+    if message is None or message.processed_at is not None or message.parked_at is not None:
+        return False
+    message.attempts += 1
+    message.last_attempt_at = _now()
+    message.last_error = error[:2000]
+    if message.attempts >= max_attempts:
+        message.parked_at = _now()
+        log.error("parked inbox message %s after %d attempts: %s",
+                  message_id, message.attempts, error)
+        return True
+    return False
+
+
+def find_stalled_messages(session: Session, min_age: timedelta, limit: int = 500) -> list[uuid.UUID]:
+    """Messages still waiting to be handled whose last dispatch is older than `min_age`."""
+    cutoff = _now() - min_age
+    return list(
+        session.scalars(
+            select(InboxMessage.message_id)
+            .where(
+                InboxMessage.processed_at.is_(None),
+                InboxMessage.parked_at.is_(None),
+                InboxMessage.received_at < cutoff,
+                or_(InboxMessage.last_attempt_at.is_(None), InboxMessage.last_attempt_at < cutoff),
+            )
+            .order_by(InboxMessage.received_at)
+            .limit(limit)
+        )
+    )
+
+
+def _park(message: InboxMessage, reason: str) -> None:
+    message.parked_at = _now()
+    message.last_error = reason[:2000]
+    log.error("parked inbox message %s: %s", message.message_id, reason)

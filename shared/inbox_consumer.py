@@ -1,0 +1,121 @@
+"""The Kafka side of the inbox: poll a batch, store it, commit the offsets, hand the new messages on.
+
+The steps are kept apart so the commit point is plain to see and test: offsets are committed only
+after the inbox rows for every record below them have committed in PostgreSQL, and the new messages
+are dispatched only after that. A crash anywhere before the offset commit means the batch is read
+again and the inbox drops the repeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from shared.inbox import ConsumedRecord, store_records
+
+log = logging.getLogger(__name__)
+
+StoreBatch = Callable[[list[ConsumedRecord]], list[uuid.UUID]]
+Dispatch = Callable[[list[uuid.UUID]], None]
+
+
+def to_record(message) -> ConsumedRecord:
+    return ConsumedRecord(
+        topic=message.topic(),
+        partition=message.partition(),
+        offset=message.offset(),
+        key=message.key(),
+        value=message.value(),
+        headers={name: value for name, value in (message.headers() or []) if value is not None},
+    )
+
+
+def next_offsets(records: list[ConsumedRecord]) -> list[TopicPartition]:
+    """The offsets to commit after `records`: one past the highest record of each partition."""
+    highest: dict[tuple[str, int], int] = {}
+    for record in records:
+        position = (record.topic, record.partition)
+        highest[position] = max(highest.get(position, -1), record.offset)
+    return [TopicPartition(topic, partition, offset + 1)
+            for (topic, partition), offset in highest.items()]
+
+
+def first_offsets(records: list[ConsumedRecord]) -> list[TopicPartition]:
+    """Where to rewind to so that `records` are read again."""
+    lowest: dict[tuple[str, int], int] = {}
+    for record in records:
+        position = (record.topic, record.partition)
+        lowest[position] = min(lowest.get(position, record.offset), record.offset)
+    return [TopicPartition(topic, partition, offset)
+            for (topic, partition), offset in lowest.items()]
+
+
+class InboxConsumer:
+    """Runs the consume loop of one service until `stop()` is called."""
+
+    def __init__(self, consumer: Consumer, topics: list[str], store_batch: StoreBatch,
+                 dispatch: Dispatch, batch_size: int = 500, poll_timeout: float = 0.2):
+        self._consumer = consumer
+        self._topics = topics
+        self._store_batch = store_batch
+        self._dispatch = dispatch
+        self._batch_size = batch_size
+        self._poll_timeout = poll_timeout
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        self._consumer.subscribe(self._topics)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self.run_once()
+                except Exception:
+                    log.exception("inbox consumer step failed; retrying")
+                    self._stopping.wait(1.0)
+        finally:
+            self._consumer.close()
+
+    def run_once(self) -> int:
+        """One pass of the pipeline; returns how many records it stored."""
+        records = self.poll()
+        if not records:
+            return 0
+        try:
+            new_ids = self._store_batch(records)
+        except Exception:
+            # Nothing was committed: rewind so the same records come back on the next poll.
+            for position in first_offsets(records):
+                self._consumer.seek(position)
+            raise
+        self._consumer.commit(offsets=next_offsets(records), asynchronous=False)
+        if new_ids:
+            self._dispatch(new_ids)
+        return len(records)
+
+    def poll(self) -> list[ConsumedRecord]:
+        messages = self._consumer.consume(self._batch_size, self._poll_timeout)
+        records = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                records.append(to_record(message))
+            elif error.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                log.debug("consumer: %s", error)
+            else:
+                log.warning("consumer error: %s", error)
+        return records
+
+
+def store_batch_with(transaction) -> StoreBatch:
+    """A StoreBatch that writes the records in one transaction from `transaction()`."""
+    def store_batch(records: list[ConsumedRecord]) -> list[uuid.UUID]:
+        with transaction() as session:
+            return store_records(session, records)
+    return store_batch

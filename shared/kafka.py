@@ -1,0 +1,142 @@
+"""Thin wrappers around confluent-kafka: client settings, topic creation, and publishing a batch of
+outbox rows with an idempotent producer that waits for every acknowledgement."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from shared.config import Settings
+from shared.contracts import encode
+from shared.outbox import Delivery, OutboxMessage
+
+log = logging.getLogger(__name__)
+
+# librdkafka gives up on a message after this long; the relay waits a little longer than this so
+# that every message gets a definite answer and none is left queued to be sent twice.
+MESSAGE_TIMEOUT_MS = 5000
+FLUSH_TIMEOUT_S = MESSAGE_TIMEOUT_MS / 1000 + 5
+
+
+def producer_config(settings: Settings) -> dict:
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "message.timeout.ms": MESSAGE_TIMEOUT_MS,
+        "socket.connection.setup.timeout.ms": 3000,
+        "reconnect.backoff.max.ms": 1000,
+    }
+
+
+def consumer_config(settings: Settings, group_id: str) -> dict:
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": settings.kafka_session_timeout_ms,
+        "heartbeat.interval.ms": max(settings.kafka_session_timeout_ms // 3, 500),
+        "reconnect.backoff.max.ms": 1000,
+        "topic.metadata.refresh.interval.ms": 5000,
+    }
+
+
+def build_consumer(settings: Settings, group_id: str) -> Consumer:
+    return Consumer(consumer_config(settings, group_id))
+
+
+def ensure_topics(settings: Settings, topics: list[str], timeout: float = 5.0) -> None:
+    """Create the topics that do not exist yet (several processes may race to do it)."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    existing = admin.list_topics(timeout=timeout).topics
+    missing = [t for t in topics if t not in existing]
+    if not missing:
+        return
+    futures = admin.create_topics(
+        [NewTopic(t, num_partitions=settings.kafka_topic_partitions, replication_factor=1)
+         for t in missing],
+        operation_timeout=timeout,
+        request_timeout=timeout,
+    )
+    for topic, future in futures.items():
+        try:
+            future.result()
+            log.info("created topic %s", topic)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+
+
+def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:
+    try:
+        AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers}).list_topics(
+            timeout=timeout
+        )
+        return True
+    except KafkaException:
+        return False
+
+
+class OutboxPublisher:
+    """Sends outbox rows to Kafka and reports, row by row, which ones the broker acknowledged.
+
+    One idempotent producer per process, shared by threads; it is rebuilt after a fatal error, as
+    librdkafka requires.
+    """
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._producer: Producer | None = None
+        self._lock = threading.Lock()
+
+    def _get_producer(self) -> Producer:
+        with self._lock:
+            if self._producer is None:
+                self._producer = Producer(producer_config(self._settings))
+            return self._producer
+
+    def _discard_producer(self) -> None:
+        with self._lock:
+            self._producer = None
+
+    def send_batch(self, rows: list[OutboxMessage]) -> list[Delivery]:
+        producer = self._get_producer()
+        errors: dict[int, str | None] = {}
+        fatal = False
+
+        def on_delivery(row_id: int):
+            def report(err: KafkaError | None, _msg) -> None:
+                nonlocal fatal
+                errors[row_id] = None if err is None else f"{err.name()}: {err.str()}"
+                fatal = fatal or (err is not None and err.fatal())
+            return report
+
+        for row in rows:
+            self._produce(producer, row, on_delivery(row.id))
+        producer.flush(FLUSH_TIMEOUT_S)
+        if fatal:
+            self._discard_producer()
+        return [
+            Delivery(row.id, errors.get(row.id, "no acknowledgement from the broker in time"))
+            for row in rows
+        ]
+
+    @staticmethod
+    def _produce(producer: Producer, row: OutboxMessage, on_delivery) -> None:
+        while True:
+            try:
+                producer.produce(
+                    row.topic,
+                    key=row.key.encode() if row.key is not None else None,
+                    value=encode(row.envelope_json()),
+                    headers=[(name, str(value).encode()) for name, value in row.headers.items()],
+                    on_delivery=on_delivery,
+                )
+                return
+            except BufferError:
+                producer.poll(0.1)  # the local queue is full: let deliveries drain first

@@ -1,0 +1,71 @@
+"""Migration steps both services run: the outbox, inbox and idempotency-key tables.
+
+Written out here (not derived from the models) so that a revision keeps meaning what it meant
+when it was written.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql as pg
+
+
+def _timestamp(name: str, **kwargs) -> sa.Column:
+    return sa.Column(name, sa.DateTime(timezone=True), **kwargs)
+
+
+def create_messaging_tables() -> None:
+    op.create_table(
+        "outbox_messages",
+        sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+        sa.Column("message_id", pg.UUID(as_uuid=True), nullable=False, unique=True),
+        sa.Column("topic", sa.String(249), nullable=False),
+        sa.Column("key", sa.String(255)),
+        sa.Column("type", sa.String(100), nullable=False),
+        sa.Column("correlation_id", sa.String(100)),
+        sa.Column("payload", pg.JSONB, nullable=False),
+        sa.Column("headers", pg.JSONB, nullable=False),
+        _timestamp("created_at", nullable=False, server_default=sa.func.now()),
+        _timestamp("sent_at"),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("last_error", sa.Text),
+    )
+    op.create_index("ix_outbox_messages_unsent", "outbox_messages", ["id"],
+                    postgresql_where=sa.text("sent_at IS NULL"))
+    op.create_table(
+        "inbox_messages",
+        sa.Column("message_id", pg.UUID(as_uuid=True), primary_key=True),
+        sa.Column("topic", sa.String(249), nullable=False),
+        sa.Column("partition", sa.Integer, nullable=False),
+        sa.Column("offset", sa.BigInteger, nullable=False),
+        sa.Column("key", sa.String(255)),
+        sa.Column("type", sa.String(100)),
+        sa.Column("correlation_id", sa.String(100)),
+        sa.Column("payload", pg.JSONB),
+        sa.Column("raw_value", sa.Text),
+        _timestamp("received_at", nullable=False, server_default=sa.func.now()),
+        _timestamp("processed_at"),
+        _timestamp("parked_at"),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        _timestamp("last_attempt_at"),
+        sa.Column("last_error", sa.Text),
+    )
+    op.create_index("ix_inbox_messages_pending", "inbox_messages", ["received_at"],
+                    postgresql_where=sa.text("processed_at IS NULL AND parked_at IS NULL"))
+    op.create_table(
+        "idempotency_keys",
+        sa.Column("user_id", sa.String(64), primary_key=True),
+        sa.Column("endpoint", sa.String(200), primary_key=True),
+        sa.Column("key", sa.String(255), primary_key=True),
+        sa.Column("request_hash", sa.String(64), nullable=False),
+        sa.Column("response_status", sa.Integer),
+        sa.Column("response_body", pg.JSONB),
+        _timestamp("created_at", nullable=False, server_default=sa.func.now()),
+    )
+
+
+def drop_messaging_tables() -> None:
+    op.drop_table("idempotency_keys")
+    op.drop_table("inbox_messages")
+    op.drop_table("outbox_messages")

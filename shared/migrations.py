@@ -1,0 +1,96 @@
+"""Schema migrations (Alembic) for either service: create its database if missing, then upgrade.
+
+    python -m shared.migrations upgrade orders
+    python -m shared.migrations upgrade payments
+
+Each service keeps its revisions in `<service>_app/migrations/versions`; an advisory lock lets
+several processes start at once without running the same migration twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import make_url
+
+from shared.config import SERVICES, get_settings
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIGRATION_LOCK_KEY = 0x5EED_0001
+
+
+def ensure_database(url: str) -> None:
+    """Create the database named in `url` when it does not exist yet."""
+    target = make_url(url)
+    server = sa.create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with server.connect() as conn:
+            exists = conn.scalar(sa.text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                                 {"name": target.database})
+            if not exists:
+                try:
+                    conn.execute(sa.text(f'CREATE DATABASE "{target.database}"'))
+                    log.info("created database %s", target.database)
+                except sa.exc.ProgrammingError as exc:  # another process won the race
+                    if "already exists" not in str(exc):
+                        raise
+    finally:
+        server.dispose()
+
+
+def alembic_config(service: str, url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(REPO_ROOT / f"{service}_app" / "migrations"))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(service: str, revision: str = "head") -> None:
+    url = get_settings().database_url(service)
+    ensure_database(url)
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+            config = alembic_config(service, url)
+            config.attributes["connection"] = conn
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+def run_env() -> None:
+    """The body of each service's Alembic env.py: run online against the given connection."""
+    from alembic import context
+
+    connection = context.config.attributes.get("connection")
+    if connection is None:
+        engine = sa.create_engine(context.config.get_main_option("sqlalchemy.url"))
+        with engine.begin() as connection:
+            context.configure(connection=connection)
+            context.run_migrations()
+        engine.dispose()
+        return
+    context.configure(connection=connection)
+    context.run_migrations()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m shared.migrations")
+    parser.add_argument("action", choices=["upgrade"])
+    parser.add_argument("service", choices=SERVICES)
+    parser.add_argument("revision", nargs="?", default="head")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    upgrade(args.service, args.revision)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Money: parsing untrusted amounts into exact `Decimal`s with two places, and formatting them."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+CENT = Decimal("0.01")
+MAX_AMOUNT = Decimal("1000000000.00")
+MAX_BALANCE = Decimal("999999999999999.99")
+
+
+class InvalidAmount(ValueError):
+    """The value is not an acceptable amount; the message says why."""
+
+
+def parse_amount(value: object) -> Decimal:
+    """An amount from a JSON number or string: above 0, at most 2 decimals, at most MAX_AMOUNT."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+        # Floats never get here from our JSON decoder (it yields Decimal); refuse them if they do,
+        # so binary rounding can never leak into money.
+        raise InvalidAmount("must be a number or a numeric string")
+    text = value.strip() if isinstance(value, str) else value
+    try:
+        amount = Decimal(text)
+    except (InvalidOperation, ValueError):
+        raise InvalidAmount("must be a number or a numeric string") from None
+    if not amount.is_finite():
+        raise InvalidAmount("must be a finite number")
+    if amount <= 0:
+        raise InvalidAmount("must be greater than 0")
+    if amount > MAX_AMOUNT:
+        raise InvalidAmount(f"must be at most {MAX_AMOUNT}")
+    cents = amount.quantize(CENT)
+    if cents != amount:
+        raise InvalidAmount("must have at most 2 decimal places")
+    return cents
+
+
+def format_amount(amount: Decimal) -> str:
+    """The wire form of an amount: a string with exactly two decimals."""
+    return str(Decimal(amount).quantize(CENT))

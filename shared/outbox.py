@@ -1,0 +1,133 @@
+"""The transactional outbox: events are written as rows in the same transaction as the business
+change that causes them, and a relay later publishes the unsent rows to Kafka.
+
+The relay claims rows with `FOR UPDATE SKIP LOCKED` inside a transaction that also holds a
+transaction-level advisory lock, so several relays may run at once without sending one row twice
+or overtaking each other: a relay that cannot take the lock simply returns. A row is marked sent
+only once the broker has acknowledged it; a row the broker refused keeps `sent_at` NULL, counts
+the attempt and records the error, and is retried by the next run.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from flask import current_app
+from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text, func, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from shared.contracts import Envelope
+from shared.db import after_commit, db
+
+# An arbitrary constant: the key of the advisory lock that serialises relays within one database.
+RELAY_LOCK_KEY = 0x0B0C5E1A
+
+RELAY_KICK_EXTENSION = "hseshop.kick_outbox_relay"
+
+
+class OutboxMessage(db.Model):
+    __tablename__ = "outbox_messages"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    message_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), unique=True)
+    topic: Mapped[str] = mapped_column(String(249))
+    key: Mapped[str | None] = mapped_column(String(255))
+    type: Mapped[str] = mapped_column(String(100))
+    correlation_id: Mapped[str | None] = mapped_column(String(100))
+    payload: Mapped[dict] = mapped_column(JSONB)
+    headers: Mapped[dict] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_outbox_messages_unsent", "id", postgresql_where=text("sent_at IS NULL")),
+    )
+
+    def envelope_json(self) -> dict:
+        return {
+            "message_id": str(self.message_id),
+            "type": self.type,
+            "version": 1,
+            "occurred_at": self.created_at.isoformat(),
+            "correlation_id": self.correlation_id,
+            "payload": self.payload,
+        }
+
+
+def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelope) -> OutboxMessage:
+    """Stage `event` for publishing, in the caller's transaction; the relay is woken after commit."""
+    body = event.to_json()
+    message = OutboxMessage(
+        message_id=event.message_id,
+        topic=topic,
+        key=key,
+        type=event.type,
+        correlation_id=event.correlation_id,
+        payload=body["payload"],
+        headers={"message_id": body["message_id"], "type": event.type},
+        created_at=event.occurred_at,
+    )
+    session.add(message)
+    kick = current_app.extensions.get(RELAY_KICK_EXTENSION)
+    if kick is not None:
+        after_commit(session, kick)
+    return message
+
+
+@dataclass(frozen=True)
+class RelayResult:
+    claimed: int = 0
+    sent: int = 0
+    failed: int = 0
+    skipped_busy: bool = False
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the broker said about one row: `error` is None when it acknowledged it."""
+
+    row_id: int
+    error: str | None
+
+
+SendBatch = Callable[[list[OutboxMessage]], list[Delivery]]
+
+
+def relay_pending_outbox(session: Session, send_batch: SendBatch, batch_size: int) -> RelayResult:
+    """Publish one batch of unsent rows, oldest first, in the caller's transaction."""
+    if not session.scalar(select(func.pg_try_advisory_xact_lock(RELAY_LOCK_KEY))):
+        return RelayResult(skipped_busy=True)
+    rows = session.scalars(
+        select(OutboxMessage)
+        .where(OutboxMessage.sent_at.is_(None))
+        .order_by(OutboxMessage.id)
+        .limit(batch_size)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not rows:
+        return RelayResult()
+    deliveries = send_batch(rows)
+    row_ids_by_error: dict[str | None, list[int]] = defaultdict(list)
+    for delivery in deliveries:
+        row_ids_by_error[delivery.error].append(delivery.row_id)
+    now = datetime.now(timezone.utc)
+    for error, row_ids in row_ids_by_error.items():
+        outcome = {"sent_at": now} if error is None else {"last_error": error[:2000]}
+        session.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id.in_(row_ids))
+            .values(attempts=OutboxMessage.attempts + 1, **outcome)
+        )
+    sent = len(row_ids_by_error.get(None, ()))
+    return RelayResult(claimed=len(rows), sent=sent, failed=len(deliveries) - sent)
+
+
+def count_unsent(session: Session) -> int:
+    return session.scalar(select(func.count()).where(OutboxMessage.sent_at.is_(None)))

@@ -1,0 +1,65 @@
+"""The Kafka inbox consumer as a Celery worker step: a worker started with `--consume orders` runs
+the orders consumer in a thread beside its task pool, and stops it when the worker stops."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import bootsteps
+
+from shared.config import get_settings
+from shared.db import transaction
+from shared.inbox_consumer import InboxConsumer, store_batch_with
+from shared.kafka import build_consumer, ensure_topics
+from tasks.services import service_app, service_package
+
+log = logging.getLogger(__name__)
+
+
+class InboxConsumerStep(bootsteps.StartStopStep):
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker, consume=(), **options):
+        super().__init__(worker, **options)
+        self.services = list(consume or ())
+        self.consumers: list[InboxConsumer] = []
+        self.threads: list[threading.Thread] = []
+
+    def start(self, worker):
+        for service in self.services:
+            consumer = build_inbox_consumer(service)
+            thread = threading.Thread(target=_run_in_app_context, args=(service, consumer),
+                                      name=f"inbox-consumer-{service}", daemon=True)
+            thread.start()
+            self.consumers.append(consumer)
+            self.threads.append(thread)
+            log.info("started the %s inbox consumer", service)
+
+    def stop(self, worker):
+        for consumer in self.consumers:
+            consumer.stop()
+        for thread in self.threads:
+            thread.join(timeout=15)
+
+
+def build_inbox_consumer(service: str) -> InboxConsumer:
+    from tasks.inbox import dispatch_inbox_messages
+
+    settings = get_settings()
+    topics = service_package(service).subscribed_topics(settings)
+    try:
+        ensure_topics(settings, topics)
+    except Exception as exc:  # the consumer subscribes anyway and picks the topics up later
+        log.warning("could not check the %s topics: %s", service, exc)
+    return InboxConsumer(
+        build_consumer(settings, settings.consumer_group(service)),
+        topics,
+        store_batch=store_batch_with(transaction),
+        dispatch=lambda message_ids: dispatch_inbox_messages(service, message_ids),
+    )
+
+
+def _run_in_app_context(service: str, consumer: InboxConsumer) -> None:
+    with service_app(service).app_context():
+        consumer.run()

@@ -1,0 +1,68 @@
+"""Handling inbox messages: one task per message, retried with backoff and parked after the last
+attempt, plus the sweeper that re-dispatches messages whose dispatch was lost."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import timedelta
+
+from flask import current_app
+
+from shared.db import transaction
+from shared.inbox import Outcome, find_stalled_messages, process_inbox_message, record_failed_attempt
+from tasks.celery_app import app
+from tasks.services import ServiceTask, service_package
+
+log = logging.getLogger(__name__)
+
+
+class TransientHandlerError(Exception):
+    """A handler failed and the message has attempts left: Celery retries it with backoff."""
+
+
+@app.task(
+    name="hseshop.handle_inbox_message",
+    base=ServiceTask,
+    bind=True,
+    ignore_result=True,
+    autoretry_for=(TransientHandlerError,),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=None,  # the inbox row counts the attempts and parks the message at the limit
+)
+def handle_inbox_message(self, service: str, message_id: str) -> str:
+    handlers = service_package(service).message_handlers()
+    settings = current_app.extensions["hseshop.settings"]
+    try:
+        with transaction() as session:
+            outcome = process_inbox_message(session, uuid.UUID(message_id), handlers)
+    except Exception as exc:
+        log.warning("%s inbox: handling %s failed: %r", service, message_id, exc)
+        with transaction() as session:
+            parked = record_failed_attempt(session, uuid.UUID(message_id), repr(exc),
+                                           settings.inbox_max_attempts)
+        if parked:
+            return Outcome.PARKED.value
+        raise TransientHandlerError(repr(exc)) from exc
+    return outcome.value
+
+
+def dispatch_inbox_messages(service: str, message_ids: list[uuid.UUID]) -> None:
+    for message_id in message_ids:
+        handle_inbox_message.apply_async((service, str(message_id)))
+
+
+@app.task(name="hseshop.sweep_inbox", base=ServiceTask, ignore_result=True)
+def sweep_inbox(service: str) -> int:
+    """Dispatch again the messages that have waited too long: their first dispatch was lost."""
+    settings = current_app.extensions["hseshop.settings"]
+    with transaction() as session:
+        stalled = find_stalled_messages(
+            session, timedelta(seconds=settings.inbox_sweep_min_age_seconds)
+        )
+    if stalled:
+        log.info("%s inbox: re-dispatching %d stalled messages", service, len(stalled))
+        dispatch_inbox_messages(service, stalled)
+    return len(stalled)
