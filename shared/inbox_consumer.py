@@ -100,7 +100,12 @@ class InboxConsumer:
         return len(records)
 
     def poll(self) -> list[ConsumedRecord]:
-        messages = self._consumer.consume(self._batch_size, self._poll_timeout)
+        # Wait for the first message only; then take whatever else is already here, so a lone
+        # message is stored at once instead of waiting out the timeout for a full batch.
+        first = self._consumer.poll(self._poll_timeout)
+        if first is None:
+            return []
+        messages = [first, *self._consumer.consume(self._batch_size - 1, 0)]
         records = []
         for message in messages:
             error = message.error()

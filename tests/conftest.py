@@ -1,0 +1,51 @@
+"""Session fixtures: the real PostgreSQL, Redis and Kafka-protocol broker the tests talk to.
+
+Nothing here skips: if a service cannot be reached or started, the fixture raises and every test
+that needs it fails.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import pytest
+import sqlalchemy as sa
+
+from devstack.infra import ensure_postgres, ensure_redis, free_port, start_broker
+from tests.environment import RUN_ID, Infrastructure
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp(f"hseshop-{RUN_ID}")
+
+
+@pytest.fixture(scope="session")
+def infrastructure(run_dir):
+    postgres_base, postgres = ensure_postgres(run_dir)
+    redis_url, redis_server = ensure_redis(run_dir)
+    broker_port = free_port()
+    broker = start_broker(broker_port, run_dir)
+    redis_parts = urlsplit(redis_url)
+    infra = Infrastructure(
+        postgres_base=postgres_base,
+        redis_base=f"{redis_parts.scheme}://{redis_parts.netloc}",
+        broker_port=broker_port,
+    )
+    yield infra
+    broker.stop()
+    _drop_test_databases(postgres_base)
+    for process in (redis_server, postgres):
+        if process is not None:
+            process.stop()
+
+
+def _drop_test_databases(postgres_base: str) -> None:
+    engine = sa.create_engine(f"{postgres_base.replace('postgresql://', 'postgresql+psycopg2://')}"
+                              "/postgres", isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        names = conn.scalars(sa.text("SELECT datname FROM pg_database WHERE datname LIKE :p"),
+                             {"p": f"hseshop_test_{RUN_ID}_%"}).all()
+        for name in names:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()

@@ -1,0 +1,47 @@
+"""The test run's own names for everything it touches: databases, topics, consumer groups and Redis
+database numbers get a run id, so tests never see another run's (or `make run`'s) data."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+RUN_ID = uuid.uuid4().hex[:8]
+
+# Redis database numbers: integration tests enqueue nothing anyone consumes; e2e workers share one.
+REDIS_DB = {"integration": 14, "e2e": 13}
+
+
+@dataclass(frozen=True)
+class Infrastructure:
+    postgres_base: str  # postgresql://user@host:port, no database
+    redis_base: str  # redis://host:port, no database number
+    broker_port: int
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.broker_port}"
+
+
+def database_name(layer: str, service: str) -> str:
+    return f"hseshop_test_{RUN_ID}_{layer}_{service}"
+
+
+def service_env(infra: Infrastructure, layer: str, **overrides: str) -> dict[str, str]:
+    """Every setting of shared/config.py that a test layer pins."""
+    prefix = f"test.{RUN_ID}.{layer}"
+    env = {
+        "ORDERS_DATABASE_URL": f"{infra.postgres_base}/{database_name(layer, 'orders')}",
+        "PAYMENTS_DATABASE_URL": f"{infra.postgres_base}/{database_name(layer, 'payments')}",
+        "REDIS_URL": f"{infra.redis_base}/{REDIS_DB[layer]}",
+        "CELERY_BROKER_URL": f"{infra.redis_base}/{REDIS_DB[layer]}",
+        "KAFKA_BOOTSTRAP_SERVERS": infra.bootstrap_servers,
+        "KAFKA_CONSUMER_GROUP_PREFIX": prefix,
+        "TOPIC_PAYMENT_REQUESTED": f"{prefix}.orders.payment-requested",
+        "TOPIC_PAYMENT_RESULTS": f"{prefix}.payments.payment-results",
+        "INBOX_SWEEP_MIN_AGE_SECONDS": "3",
+        "INBOX_SWEEP_INTERVAL_SECONDS": "1",
+        "INBOX_MAX_ATTEMPTS": "3",
+    }
+    env.update(overrides)
+    return env

@@ -1,0 +1,60 @@
+"""Integration fixtures: both services' Flask apps on their own migrated databases, in-process.
+
+The outbox relay is not kicked through Celery here; tests run the relay and the handlers directly.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+import orders_app
+import payments_app
+from shared.config import SERVICES, get_settings, load_settings
+from shared.migrations import upgrade
+from shared.outbox import RELAY_KICK_EXTENSION
+from tests.environment import service_env
+
+
+@pytest.fixture(scope="session")
+def settings(infrastructure):
+    os.environ.update(service_env(infrastructure, "integration"))
+    get_settings.cache_clear()
+    for service in SERVICES:
+        upgrade(service)
+    return load_settings()
+
+
+def _quiet_app(package, settings):
+    app = package.create_app(settings=settings)
+    app.extensions[RELAY_KICK_EXTENSION] = None
+    return app
+
+
+@pytest.fixture(scope="session")
+def orders_flask_app(settings):
+    return _quiet_app(orders_app, settings)
+
+
+@pytest.fixture(scope="session")
+def payments_flask_app(settings):
+    return _quiet_app(payments_app, settings)
+
+
+@pytest.fixture
+def in_orders(orders_flask_app):
+    with orders_flask_app.app_context():
+        yield orders_flask_app
+
+
+@pytest.fixture
+def in_payments(payments_flask_app):
+    with payments_flask_app.app_context():
+        yield payments_flask_app
+
+
+@pytest.fixture
+def user_id():
+    return f"user-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,204 @@
+"""The two HTTP APIs in-process against real PostgreSQL: contracts, bad input, idempotency."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from orders_app.models import Order
+from payments_app.models import Account
+from shared.db import db
+from shared.outbox import OutboxMessage
+
+
+@pytest.fixture
+def orders_http(orders_flask_app):
+    return orders_flask_app.test_client()
+
+
+@pytest.fixture
+def payments_http(payments_flask_app):
+    return payments_flask_app.test_client()
+
+
+def _as(user_id, **headers):
+    return {"X-User-ID": user_id, **headers}
+
+
+def _assert_error(response, status):
+    assert response.status_code == status, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert set(error) == {"code", "message", "details"}
+    assert error["code"] and error["message"]
+    return error
+
+
+def _order_writes(app, user_id) -> tuple[int, int]:
+    with app.app_context():
+        return (db.session.scalar(select(func.count()).where(Order.user_id == user_id)),
+                db.session.scalar(select(func.count()).where(OutboxMessage.key == user_id)))
+
+
+def test_placing_an_order_answers_202_with_the_new_order(orders_http, user_id):
+    response = orders_http.post("/orders", json={"amount": 30, "description": "book"},
+                                headers=_as(user_id))
+    assert response.status_code == 202
+    order = response.get_json()
+    assert order["status"] == "NEW" and order["amount"] == "30.00"
+    assert order["user_id"] == user_id and order["description"] == "book"
+    assert set(order) >= {"id", "created_at", "updated_at"}
+    fetched = orders_http.get(f"/orders/{order['id']}", headers=_as(user_id)).get_json()
+    assert fetched == order
+
+
+BAD_ORDER_BODIES = [
+    ("not json", "text/plain", (400, 422)),
+    ("{broken", "application/json", (400,)),
+    ('{"amount": NaN}', "application/json", (400,)),
+    ('{"amount": Infinity}', "application/json", (400,)),
+    ('{"amount": "NaN"}', "application/json", (422,)),
+    ('{"amount": "Infinity"}', "application/json", (422,)),
+    ('{"amount": -5}', "application/json", (422,)),
+    ('{"amount": 0}', "application/json", (422,)),
+    ('{"amount": 1.001}', "application/json", (422,)),
+    ('{"amount": 1000000000.01}', "application/json", (422,)),
+    ('{"amount": true}', "application/json", (422,)),
+    ('{"amount": [1]}', "application/json", (422,)),
+    ('{"amount": "ten"}', "application/json", (422,)),
+    ('{"amount": 1, "description": 5}', "application/json", (422,)),
+    ('{"amount": 1, "description": "' + "x" * 501 + '"}', "application/json", (422,)),
+    ('{"amount": 1, "status": "FINISHED"}', "application/json", (422,)),
+    ('{"description": "no amount"}', "application/json", (422,)),
+    ("[1, 2]", "application/json", (422,)),
+    ("null", "application/json", (422,)),
+    ('"just a string"', "application/json", (422,)),
+]
+
+
+@pytest.mark.parametrize("body, content_type, statuses", BAD_ORDER_BODIES)
+def test_a_bad_order_gets_a_clear_4xx_and_writes_nothing(
+        orders_http, orders_flask_app, user_id, body, content_type, statuses):
+    response = orders_http.post("/orders", data=body, content_type=content_type,
+                                headers=_as(user_id))
+    error = _assert_error(response, response.status_code)
+    assert response.status_code in statuses, error
+    assert _order_writes(orders_flask_app, user_id) == (0, 0)
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-User-ID": ""}, {"X-User-ID": "a b"},
+                                     {"X-User-ID": "x" * 65}, {"X-User-ID": "ü"}])
+def test_a_caller_without_a_valid_user_id_gets_401(orders_http, payments_http, headers):
+    _assert_error(orders_http.post("/orders", json={"amount": 1}, headers=headers), 401)
+    _assert_error(orders_http.get("/orders", headers=headers), 401)
+    _assert_error(payments_http.post("/accounts", headers=headers), 401)
+    _assert_error(payments_http.get("/accounts/balance", headers=headers), 401)
+
+
+def test_someone_elses_order_and_a_malformed_id_are_404(orders_http, user_id):
+    order = orders_http.post("/orders", json={"amount": 1}, headers=_as(user_id)).get_json()
+    _assert_error(orders_http.get(f"/orders/{order['id']}", headers=_as(user_id + "x")), 404)
+    _assert_error(orders_http.get("/orders/not-a-uuid", headers=_as(user_id)), 404)
+
+
+def test_orders_are_listed_newest_first_page_by_page(orders_http, user_id):
+    placed = [orders_http.post("/orders", json={"amount": n}, headers=_as(user_id)).get_json()["id"]
+              for n in range(1, 6)]
+    seen, cursor = [], None
+    while True:
+        query = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = orders_http.get("/orders", query_string=query, headers=_as(user_id)).get_json()
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(placed))
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=201", "limit=abc", "cursor=%%%",
+                                   "cursor=bm9wZQ"])
+def test_bad_list_queries_are_4xx(orders_http, user_id, query):
+    response = orders_http.get(f"/orders?{query}", headers=_as(user_id))
+    assert response.status_code in (400, 422)
+    _assert_error(response, response.status_code)
+
+
+def test_default_page_size_is_50(orders_http, user_id):
+    page = orders_http.get("/orders", headers=_as(user_id)).get_json()
+    assert page == {"items": [], "next_cursor": None}
+
+
+def test_a_retried_order_with_the_same_idempotency_key_is_placed_once(
+        orders_http, orders_flask_app, user_id):
+    headers = _as(user_id, **{"Idempotency-Key": "retry-1"})
+    first = orders_http.post("/orders", json={"amount": "7.5"}, headers=headers)
+    again = orders_http.post("/orders", json={"amount": 7.50}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.get_json() == first.get_json()
+    assert _order_writes(orders_flask_app, user_id) == (1, 1)
+    other = orders_http.post("/orders", json={"amount": 8}, headers=headers)
+    assert _assert_error(other, 422)["code"] == "IDEMPOTENCY_KEY_REUSED"
+    assert _order_writes(orders_flask_app, user_id) == (1, 1)
+
+
+def test_accounts_open_once_deposit_and_report_the_balance(payments_http, user_id):
+    created = payments_http.post("/accounts", headers=_as(user_id))
+    assert created.status_code == 201
+    assert created.get_json() == {"user_id": user_id, "balance": "0.00"}
+    assert _assert_error(payments_http.post("/accounts", headers=_as(user_id)), 409)["code"] == \
+        "ACCOUNT_EXISTS"
+    deposited = payments_http.post("/accounts/deposit", json={"amount": "100"},
+                                   headers=_as(user_id))
+    assert deposited.status_code == 200
+    assert deposited.get_json() == {"user_id": user_id, "balance": "100.00"}
+    balance = payments_http.get("/accounts/balance", headers=_as(user_id))
+    assert balance.status_code == 200
+    assert balance.get_json() == {"user_id": user_id, "balance": "100.00"}
+
+
+def test_no_account_is_404_for_balance_and_deposit(payments_http, user_id):
+    _assert_error(payments_http.get("/accounts/balance", headers=_as(user_id)), 404)
+    _assert_error(payments_http.post("/accounts/deposit", json={"amount": 1},
+                                      headers=_as(user_id)), 404)
+
+
+@pytest.mark.parametrize("body", ['{"amount": 0}', '{"amount": -1}', '{"amount": "1.234"}',
+                                  '{"amount": NaN}', '{}', '{"amount": 1, "x": 2}', "{",
+                                  '{"amount": 1000000000.01}'])
+def test_a_bad_deposit_is_4xx_and_changes_nothing(payments_http, payments_flask_app, user_id, body):
+    payments_http.post("/accounts", headers=_as(user_id))
+    response = payments_http.post("/accounts/deposit", data=body, content_type="application/json",
+                                  headers=_as(user_id))
+    assert response.status_code in (400, 422)
+    _assert_error(response, response.status_code)
+    with payments_flask_app.app_context():
+        assert db.session.get(Account, user_id).balance == 0
+
+
+def test_a_retried_deposit_with_the_same_key_counts_once(payments_http, user_id):
+    payments_http.post("/accounts", headers=_as(user_id))
+    headers = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
+    for _ in range(3):
+        response = payments_http.post("/accounts/deposit", json={"amount": 25}, headers=headers)
+        assert response.get_json()["balance"] == "25.00"
+    assert _assert_error(payments_http.post("/accounts/deposit", json={"amount": 26},
+                                            headers=headers), 422)["code"] == \
+        "IDEMPOTENCY_KEY_REUSED"
+
+
+def test_health_reports_each_dependency(orders_http, payments_http):
+    for client in (orders_http, payments_http):
+        response = client.get("/health")
+        assert response.status_code == 200
+        assert response.get_json()["checks"] == {"database": "ok", "redis": "ok", "broker": "ok"}
+
+
+def test_each_service_serves_its_openapi_document_and_swagger_ui(orders_http, payments_http):
+    orders_spec = orders_http.get("/docs/openapi.json").get_json()
+    assert "/orders" in orders_spec["paths"] and "/orders/{order_id}" in orders_spec["paths"]
+    payments_spec = payments_http.get("/docs/openapi.json").get_json()
+    assert {"/accounts", "/accounts/deposit", "/accounts/balance"} <= set(payments_spec["paths"])
+    for client in (orders_http, payments_http):
+        page = client.get("/docs/swagger-ui")
+        assert page.status_code == 200 and b"swagger" in page.data.lower()

@@ -1,0 +1,124 @@
+"""The inbox against real PostgreSQL: storing once, handling once, parking what cannot be handled."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import select
+
+from shared.contracts import PAYMENT_REQUESTED, encode, new_event
+from shared.db import db, transaction
+from shared.inbox import (ConsumedRecord, InboxMessage, Outcome, PermanentMessageError,
+                          find_stalled_messages, process_inbox_message, record_failed_attempt,
+                          store_records)
+
+_offsets = iter(range(10**9))
+
+
+def _record(value: bytes, headers: dict | None = None) -> ConsumedRecord:
+    return ConsumedRecord("test-topic", 0, next(_offsets), b"k", value, headers or {})
+
+
+def _request_record(user_id: str, message_id: uuid.UUID | None = None) -> tuple[ConsumedRecord, uuid.UUID]:
+    event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
+                                          "amount": Decimal("1.00")}, None)
+    body = event.to_json()
+    if message_id is not None:
+        body["message_id"] = str(message_id)
+    return _record(encode(body), {"message_id": body["message_id"].encode()}), uuid.UUID(body["message_id"])
+
+
+def _row(message_id) -> InboxMessage:
+    db.session.rollback()
+    return db.session.get(InboxMessage, message_id)
+
+
+def test_a_message_delivered_twice_is_stored_once(in_payments, user_id):
+    record, message_id = _request_record(user_id)
+    with transaction() as session:
+        assert store_records(session, [record, record]) == [message_id]
+    with transaction() as session:
+        assert store_records(session, [record]) == []
+
+
+def test_an_unparseable_message_is_parked_at_once_and_not_dispatched(in_payments):
+    record = _record(b"{not json")
+    with transaction() as session:
+        assert store_records(session, [record]) == []
+    row = db.session.scalars(select(InboxMessage).where(InboxMessage.offset == record.offset,
+                                                        InboxMessage.topic == "test-topic")).one()
+    assert row.parked_at is not None
+    assert row.raw_value == "{not json"
+    assert "not UTF-8 JSON" in row.last_error
+
+
+def test_a_message_is_handled_once_however_often_it_is_dispatched(in_payments, user_id):
+    record, message_id = _request_record(user_id)
+    with transaction() as session:
+        store_records(session, [record])
+    calls = []
+    handlers = {PAYMENT_REQUESTED: lambda session, payload, message: calls.append(payload)}
+    outcomes = []
+    for _ in range(3):
+        with transaction() as session:
+            outcomes.append(process_inbox_message(session, message_id, handlers))
+    assert outcomes == [Outcome.PROCESSED, Outcome.ALREADY_DONE, Outcome.ALREADY_DONE]
+    assert len(calls) == 1 and calls[0]["amount"] == Decimal("1.00")
+    assert _row(message_id).processed_at is not None
+
+
+def test_a_failing_handler_leaves_no_effect_and_the_message_is_parked_after_the_last_attempt(
+        in_payments, user_id):
+    record, message_id = _request_record(user_id)
+    with transaction() as session:
+        store_records(session, [record])
+
+    def failing(session, payload, message):
+        raise RuntimeError("downstream broken")
+
+    parked = []
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            with transaction() as session:
+                process_inbox_message(session, message_id, {PAYMENT_REQUESTED: failing})
+        with transaction() as session:
+            parked.append(record_failed_attempt(session, message_id, "downstream broken", 3))
+    assert parked == [False, False, True]
+    row = _row(message_id)
+    assert row.attempts == 3 and row.parked_at is not None and row.processed_at is None
+    assert row.last_error == "downstream broken"
+
+
+def test_a_permanent_error_parks_the_message_without_retrying(in_payments, user_id):
+    record, message_id = _request_record(user_id)
+    with transaction() as session:
+        store_records(session, [record])
+
+    def refuses(session, payload, message):
+        raise PermanentMessageError("unknown order")
+
+    with transaction() as session:
+        assert process_inbox_message(session, message_id, {PAYMENT_REQUESTED: refuses}) == Outcome.PARKED
+    row = _row(message_id)
+    assert row.parked_at is not None and row.last_error == "unknown order"
+
+
+def test_messages_waiting_too_long_are_found_by_the_sweeper(in_payments, user_id):
+    record, message_id = _request_record(user_id)
+    with transaction() as session:
+        store_records(session, [record])
+    with transaction() as session:
+        assert message_id not in find_stalled_messages(session, timedelta(minutes=5))
+        assert message_id in find_stalled_messages(session, timedelta(seconds=-1))
+
+
+def test_raw_value_keeps_what_was_received(in_payments):
+    record = _record(json.dumps({"type": "PaymentRequested"}).encode())
+    with transaction() as session:
+        store_records(session, [record])
+    row = db.session.scalars(select(InboxMessage).where(InboxMessage.offset == record.offset)).one()
+    assert json.loads(row.raw_value) == {"type": "PaymentRequested"}

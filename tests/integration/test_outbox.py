@@ -1,0 +1,140 @@
+"""The outbox against real PostgreSQL and the Kafka-protocol broker."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import func, select
+
+from devstack.infra import free_port, start_and_wait_for_broker, start_broker
+from orders_app import service
+from orders_app.models import Order
+from shared.db import db, transaction
+from shared.kafka import OutboxPublisher
+from shared.outbox import OutboxMessage, relay_pending_outbox
+from tests.kafka_tools import read_topic
+
+
+def _place(user_id: str, amount: str = "30.00") -> Order:
+    with transaction() as session:
+        return service.place_order(session, user_id=user_id, amount=Decimal(amount),
+                                   description="")
+
+
+def _relay_all(publisher: OutboxPublisher, batch_size: int = 100):
+    totals = []
+    while True:
+        with transaction() as session:
+            result = relay_pending_outbox(session, publisher.send_batch, batch_size)
+        totals.append(result)
+        if result.claimed == 0 or result.failed:
+            return totals
+
+
+def _outbox_rows_for(order_ids) -> list[OutboxMessage]:
+    wanted = {str(i) for i in order_ids}
+    rows = db.session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)).all()
+    return [r for r in rows if r.correlation_id in wanted]
+
+
+def test_an_order_and_its_payment_request_commit_together(in_orders, user_id):
+    order = _place(user_id)
+    rows = _outbox_rows_for([order.id])
+    assert len(rows) == 1
+    row = rows[0]
+    assert row.type == "PaymentRequested"
+    assert row.key == user_id
+    assert row.payload == {"order_id": str(order.id), "user_id": user_id, "amount": "30.00"}
+    assert row.sent_at is None
+
+
+def test_a_failure_after_the_outbox_write_leaves_neither_row(in_orders, user_id):
+    with pytest.raises(RuntimeError):
+        with transaction() as session:
+            service.place_order(session, user_id=user_id, amount=Decimal("5"), description="")
+            raise RuntimeError("crash before commit")
+    assert db.session.scalar(select(func.count()).where(Order.user_id == user_id)) == 0
+    assert db.session.scalar(
+        select(func.count()).where(OutboxMessage.key == user_id)) == 0
+
+
+def test_relay_publishes_the_envelope_with_key_and_headers_and_marks_rows_sent(
+        in_orders, settings, user_id):
+    orders = [_place(user_id, amount) for amount in ("1.00", "2.50", "3.00")]
+    _relay_all(OutboxPublisher(settings))
+
+    rows = _outbox_rows_for([o.id for o in orders])
+    assert all(r.sent_at is not None and r.attempts == 1 for r in rows)
+    messages = [m for m in read_topic(settings.kafka_bootstrap_servers,
+                                      settings.topic_payment_requested, _sent_count(settings))
+                if m.key() == user_id.encode()]
+    bodies = [json.loads(m.value()) for m in messages]
+    assert [b["payload"]["amount"] for b in bodies] == ["1.00", "2.50", "3.00"]  # per-key order
+    for message, body, order in zip(messages, bodies, orders):
+        assert body["type"] == "PaymentRequested" and body["version"] == 1
+        assert body["correlation_id"] == str(order.id)
+        headers = dict(message.headers())
+        assert headers["message_id"].decode() == body["message_id"]
+        assert headers["type"] == b"PaymentRequested"
+
+
+def _sent_count(settings) -> int:
+    return db.session.scalar(select(func.count()).where(
+        OutboxMessage.sent_at.is_not(None),
+        OutboxMessage.topic == settings.topic_payment_requested))
+
+
+def test_with_the_broker_down_rows_pile_up_with_their_error_and_go_out_when_it_is_back(
+        in_orders, settings, run_dir, user_id):
+    port = free_port()
+    broker = start_broker(port, run_dir / "relay-broker")
+    own_settings = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{port}")
+    publisher = OutboxPublisher(own_settings)
+    _relay_all(publisher)  # whatever earlier tests left behind
+    broker.stop()
+    try:
+        orders = [_place(user_id, "1.00") for _ in range(3)]
+        results = _relay_all(publisher)
+        assert results[-1].failed == 3 and results[-1].sent == 0
+        db.session.rollback()
+        rows = _outbox_rows_for([o.id for o in orders])
+        assert all(r.sent_at is None and r.attempts >= 1 and r.last_error for r in rows)
+    finally:
+        start_and_wait_for_broker(broker, port)
+    results = _relay_all(publisher)
+    assert sum(r.sent for r in results) >= 3
+    db.session.rollback()
+    rows = _outbox_rows_for([o.id for o in orders])
+    assert all(r.sent_at is not None for r in rows)
+    delivered = read_topic(own_settings.kafka_bootstrap_servers, settings.topic_payment_requested,
+                           sum(r.sent for r in results))
+    ids = {json.loads(m.value())["correlation_id"] for m in delivered}
+    assert {str(o.id) for o in orders} <= ids
+    broker.stop()
+
+
+def test_concurrent_relays_send_each_row_once(orders_flask_app, settings, user_id):
+    with orders_flask_app.app_context():
+        _relay_all(OutboxPublisher(settings))
+        order_ids = [_place(user_id, "1.00").id for _ in range(60)]
+    sent_counts = []
+
+    def relay_in_thread():
+        with orders_flask_app.app_context():
+            results = _relay_all(OutboxPublisher(settings), batch_size=7)
+            sent_counts.append(sum(r.sent for r in results))
+
+    threads = [threading.Thread(target=relay_in_thread) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    with orders_flask_app.app_context():
+        rows = _outbox_rows_for(order_ids)
+        assert len(rows) == 60
+        assert all(r.sent_at is not None and r.attempts == 1 for r in rows)
+    assert sum(sent_counts) >= 60

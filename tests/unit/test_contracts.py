@@ -1,0 +1,61 @@
+import json
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from shared.contracts import (PAYMENT_FAILED, PAYMENT_REQUESTED, MalformedMessage, decode, encode,
+                              new_event)
+
+
+def _request_event():
+    return new_event(
+        PAYMENT_REQUESTED,
+        {"order_id": uuid.uuid4(), "user_id": "alice", "amount": Decimal("30.00")},
+        correlation_id="order-1",
+    )
+
+
+def test_an_event_survives_the_wire_with_amounts_as_strings():
+    event = _request_event()
+    wire = encode(event.to_json())
+    body = json.loads(wire)
+    assert body["payload"]["amount"] == "30.00"
+    assert body["version"] == 1
+    assert set(body) == {"message_id", "type", "version", "occurred_at", "correlation_id", "payload"}
+    decoded = decode(wire)
+    assert decoded.message_id == event.message_id
+    assert decoded.payload == event.payload
+    assert decoded.correlation_id == "order-1"
+
+
+def test_a_new_event_must_follow_its_contract():
+    with pytest.raises(MalformedMessage):
+        new_event(PAYMENT_FAILED, {"order_id": uuid.uuid4(), "user_id": "bob",
+                                   "amount": Decimal("1.00"), "reason": "BECAUSE"}, None)
+
+
+def _wire(**changes):
+    body = _request_event().to_json()
+    body.update(changes)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("value", [
+    None,
+    b"",
+    b"\xff\xfe",
+    b"not json",
+    b"[1, 2]",
+    b'{"amount": NaN}',
+    _wire(type="Unknown"),
+    _wire(version=2),
+    _wire(message_id="not-a-uuid"),
+    _wire(extra="field"),
+    _wire(payload={"order_id": str(uuid.uuid4()), "user_id": "a", "amount": "1.001"}),
+    _wire(payload={"order_id": str(uuid.uuid4()), "user_id": "a"}),
+    _wire(payload={"order_id": str(uuid.uuid4()), "user_id": "a", "amount": "1", "x": 1}),
+])
+def test_values_that_break_the_contract_are_malformed(value):
+    with pytest.raises(MalformedMessage):
+        decode(value)

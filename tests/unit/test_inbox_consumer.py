@@ -1,0 +1,109 @@
+"""The consume pipeline's commit point, with a stand-in Kafka consumer (pure logic, no I/O)."""
+
+import uuid
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from shared.inbox import ConsumedRecord
+from shared.inbox_consumer import InboxConsumer, first_offsets, next_offsets
+
+
+class FakeMessage:
+    def __init__(self, topic, partition, offset):
+        self._t, self._p, self._o = topic, partition, offset
+
+    def error(self):
+        return None
+
+    def topic(self):
+        return self._t
+
+    def partition(self):
+        return self._p
+
+    def offset(self):
+        return self._o
+
+    def key(self):
+        return b"user"
+
+    def value(self):
+        return b"{}"
+
+    def headers(self):
+        return [("message_id", str(uuid.uuid4()).encode())]
+
+
+class FakeConsumer:
+    def __init__(self, messages, calls):
+        self.messages = list(messages)
+        self.calls = calls
+
+    def poll(self, timeout):
+        return self.messages.pop(0) if self.messages else None
+
+    def consume(self, n, timeout):
+        taken, self.messages = self.messages[:n], self.messages[n:]
+        return taken
+
+    def commit(self, offsets, asynchronous):
+        self.calls.append(("commit", sorted((o.topic, o.partition, o.offset) for o in offsets)))
+
+    def seek(self, position):
+        self.calls.append(("seek", (position.topic, position.partition, position.offset)))
+
+
+def _records(*positions):
+    return [ConsumedRecord(t, p, o, None, None, {}) for t, p, o in positions]
+
+
+def test_offsets_to_commit_are_one_past_the_highest_record_of_each_partition():
+    offsets = next_offsets(_records(("a", 0, 5), ("a", 0, 7), ("a", 1, 2), ("b", 0, 0)))
+    assert sorted((o.topic, o.partition, o.offset) for o in offsets) == [
+        ("a", 0, 8), ("a", 1, 3), ("b", 0, 1)]
+
+
+def test_rewind_goes_to_the_lowest_record_of_each_partition():
+    offsets = first_offsets(_records(("a", 0, 5), ("a", 0, 7), ("a", 1, 2)))
+    assert sorted((o.topic, o.partition, o.offset) for o in offsets) == [("a", 0, 5), ("a", 1, 2)]
+
+
+def test_offsets_are_committed_after_the_store_and_before_the_dispatch():
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 0, 0), FakeMessage("t", 0, 1)], calls)
+    new_id = uuid.uuid4()
+
+    def store(records):
+        calls.append(("store", len(records)))
+        return [new_id]
+
+    inbox = InboxConsumer(consumer, ["t"], store, lambda ids: calls.append(("dispatch", ids)))
+    assert inbox.run_once() == 2
+    assert calls == [("store", 2), ("commit", [("t", 0, 2)]), ("dispatch", [new_id])]
+
+
+def test_a_failed_store_commits_nothing_and_rewinds_to_read_the_batch_again():
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 0, 3), FakeMessage("t", 0, 4)], calls)
+
+    def store(records):
+        raise RuntimeError("database down")
+
+    inbox = InboxConsumer(consumer, ["t"], store, lambda ids: calls.append(("dispatch", ids)))
+    with pytest.raises(RuntimeError):
+        inbox.run_once()
+    assert calls == [("seek", ("t", 0, 3))]
+
+
+def test_nothing_is_dispatched_when_every_record_was_seen_before():
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 2, 9)], calls)
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [],
+                          lambda ids: calls.append(("dispatch", ids)))
+    inbox.run_once()
+    assert calls == [("commit", [("t", 2, 10)])]
+
+
+def test_topic_partition_is_what_confluent_kafka_expects():
+    assert isinstance(next_offsets(_records(("a", 0, 1)))[0], TopicPartition)

@@ -1,0 +1,48 @@
+from decimal import Decimal
+
+import pytest
+
+from shared.money import InvalidAmount, format_amount, parse_amount
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("30", Decimal("30.00")),
+    ("0.01", Decimal("0.01")),
+    (Decimal("12.5"), Decimal("12.50")),
+    (7, Decimal("7.00")),
+    (" 1.10 ", Decimal("1.10")),
+    ("1000000000.00", Decimal("1000000000.00")),
+    ("1E+2", Decimal("100.00")),
+])
+def test_valid_amounts_become_exact_cents(given, expected):
+    amount = parse_amount(given)
+    assert amount == expected
+    assert amount.as_tuple().exponent == -2
+
+
+@pytest.mark.parametrize("given, reason", [
+    ("0", "greater than 0"),
+    ("-1", "greater than 0"),
+    ("0.001", "2 decimal places"),
+    ("30.555", "2 decimal places"),
+    ("1000000000.01", "at most"),
+    ("NaN", "finite"),
+    ("Infinity", "finite"),
+    ("-Infinity", "finite"),
+    ("abc", "number"),
+    ("", "number"),
+    (True, "number"),
+    (None, "number"),
+    (1.5, "number"),
+    ([1], "number"),
+    ({"amount": 1}, "number"),
+])
+def test_invalid_amounts_are_refused_with_a_reason(given, reason):
+    with pytest.raises(InvalidAmount, match=reason):
+        parse_amount(given)
+
+
+def test_amounts_are_written_with_exactly_two_decimals():
+    assert format_amount(Decimal("70")) == "70.00"
+    assert format_amount(Decimal("0.5")) == "0.50"
+    assert format_amount(Decimal("1000000000.00")) == "1000000000.00"
