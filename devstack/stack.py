@@ -1,0 +1,257 @@
+"""The whole local shop as one object: infrastructure, migrations, APIs, workers, beat, Flower."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import requests
+
+from devstack import infra
+from devstack.processes import ManagedProcess, ProcessGroup
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PORTS = {"orders": 8001, "payments": 8002, "broker": 9092, "flower": 5555}
+SERVICES = ("orders", "payments")
+
+
+class Stack:
+    """Starts every process of the shop, passes them one environment, and stops them all again.
+
+    Values in env_overrides may contain "{postgres}" and "{redis}", replaced by the URL bases
+    found or started at start(), e.g. {"ORDERS_DATABASE_URL": "{postgres}/test_orders_1a2b"} or
+    {"REDIS_URL": "{redis}/5"}.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        env_overrides: Mapping[str, str] | None = None,
+        ports: Mapping[str, int] | None = None,
+        with_flower: bool = False,
+        quiet: bool = True,
+    ):
+        self.run_dir = Path(run_dir).resolve()
+        self.env_overrides = dict(env_overrides or {})
+        self.ports = {**DEFAULT_PORTS, **(ports or {})}
+        self.with_flower = with_flower
+        self.quiet = quiet
+        self._group: ProcessGroup | None = None
+        self._broker: ManagedProcess | None = None
+        self._env: dict[str, str] | None = None
+
+    # --- what tests and the CLI read --------------------------------------------------------------
+
+    @property
+    def logs_dir(self) -> Path:
+        return infra.logs_dir(self.run_dir)
+
+    @property
+    def orders_url(self) -> str:
+        return self._url("orders")
+
+    @property
+    def payments_url(self) -> str:
+        return self._url("payments")
+
+    @property
+    def flower_url(self) -> str | None:
+        return self._url("flower") if self.with_flower else None
+
+    @property
+    def broker_address(self) -> str:
+        return f"{infra.LOCALHOST}:{self.ports['broker']}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The configuration every process of the stack gets (on top of os.environ)."""
+        if self._env is None:
+            raise RuntimeError("Stack.env is known only after start()")
+        return dict(self._env)
+
+    @property
+    def processes(self) -> list[ManagedProcess]:
+        return self._group.processes if self._group is not None else []
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 60) -> Stack:
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._group = ProcessGroup()
+        try:
+            self._check_ports_free()
+            self._say("PostgreSQL...")
+            postgres_base, postgres = infra.ensure_postgres(self.run_dir)
+            self._adopt(postgres)
+            self._say("Redis...")
+            redis_base, redis = infra.ensure_redis(self.run_dir)
+            self._adopt(redis)
+            self._say("broker...")
+            self._broker = self._group.add(infra.broker_process(self.ports["broker"], self.run_dir))
+            infra.start_and_wait_for_broker(self._broker, self.ports["broker"])
+            self._env = self._build_env(postgres_base, redis_base)
+            for service in SERVICES:
+                self._say(f"migrations for {service}...")
+                self._migrate(service)
+            for process in self._app_processes():
+                self._say(f"{process.name}...")
+                self._group.start(process)
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self._say("ready.")
+        return self
+
+    def stop(self) -> None:
+        if self._group is not None:
+            self._group.stop_all()
+
+    def stop_broker(self) -> None:
+        self._require_started().stop()
+
+    def start_broker(self) -> None:
+        """Start the broker again on the same port; it stores in memory, so it comes back empty."""
+        infra.start_and_wait_for_broker(self._require_started(), self.ports["broker"])
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        """Wait for GET /health to answer 200 on both APIs; fail at once if any process has died."""
+        pending = {service: f"{self._url(service)}/health" for service in SERVICES}
+        last_answer: dict[str, str] = {}
+
+        def all_healthy() -> bool:
+            self._fail_if_any_died()
+            for service, url in list(pending.items()):
+                try:
+                    response = requests.get(url, timeout=2)
+                    last_answer[service] = f"{response.status_code} {response.text[:300]}"
+                    if response.status_code == 200:
+                        del pending[service]
+                except requests.RequestException as exc:
+                    last_answer[service] = repr(exc)
+            return not pending
+
+        try:
+            infra.wait_until(all_healthy, timeout, interval=0.25, what="the APIs to report healthy")
+        except TimeoutError as exc:
+            details = "\n".join(f"  {service}: {last_answer.get(service)}" for service in pending)
+            raise TimeoutError(f"{exc}; not healthy:\n{details}") from exc
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # --- pieces -----------------------------------------------------------------------------------
+
+    def _build_env(self, postgres_base: str, redis_base: str) -> dict[str, str]:
+        env = {
+            "ORDERS_DATABASE_URL": f"{postgres_base}/hseshop_orders",
+            "PAYMENTS_DATABASE_URL": f"{postgres_base}/hseshop_payments",
+            "REDIS_URL": f"{redis_base}/0",
+            "KAFKA_BOOTSTRAP_SERVERS": self.broker_address,
+            "KAFKA_CONSUMER_GROUP_PREFIX": "hseshop",
+            "TOPIC_PAYMENT_REQUESTED": "orders.payment-requested",
+            "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
+        }
+        for name, value in self.env_overrides.items():
+            env[name] = (
+                str(value).replace("{postgres}", postgres_base).replace("{redis}", redis_base)
+            )
+        return env
+
+    def _process_env(self) -> dict[str, str]:
+        # Unbuffered, so the log files (and `make run`'s terminal) show lines as they are written.
+        return {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+
+    def _migrate(self, service: str) -> None:
+        log_path = self.logs_dir / f"migrate-{service}.log"
+        with open(log_path, "wb") as log:
+            result = subprocess.run(
+                [sys.executable, "-m", "shared.migrations", "upgrade", service],
+                cwd=REPO_ROOT,
+                env=self._process_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=120,
+            )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"migrations for {service} exited with code {result.returncode}; "
+                f"{log_path}:\n{log_path.read_text()}"
+            )
+
+    def _app_processes(self) -> list[ManagedProcess]:
+        host = infra.LOCALHOST
+        commands = {}
+        for service in SERVICES:
+            # --no-control-socket: otherwise every gunicorn master shares ~/.gunicorn/gunicorn.ctl.
+            commands[f"{service}-api"] = [
+                *f"gunicorn -b {host}:{self.ports[service]} -w 2 --threads 4".split(),
+                *"--access-logfile - --no-control-socket".split(),
+                f"{service}_app:create_app()",
+            ]
+        for service in SERVICES:
+            commands[f"{service}-worker"] = [
+                *f"celery -A tasks worker -Q {service} -P threads -c 8 -n {service}@%h".split(),
+                *f"--consume {service} --without-gossip --without-mingle -l INFO".split(),
+            ]
+        commands["beat"] = [
+            *"celery -A tasks beat -l WARNING -s".split(),
+            str(self.run_dir / "celerybeat-schedule"),
+        ]
+        if self.with_flower:
+            commands["flower"] = [
+                *"celery -A tasks flower".split(),
+                f"--port={self.ports['flower']}",
+                f"--address={host}",
+            ]
+        env = self._process_env()
+        return [
+            ManagedProcess(
+                name, [sys.executable, "-m", *argv], env, self.logs_dir / f"{name}.log", REPO_ROOT
+            )
+            for name, argv in commands.items()
+        ]
+
+    def _check_ports_free(self) -> None:
+        names = [*SERVICES, "broker"] + (["flower"] if self.with_flower else [])
+        taken = [
+            f"{name} ({self.ports[name]})"
+            for name in names
+            if infra.port_open(infra.LOCALHOST, self.ports[name])
+        ]
+        if taken:
+            # Whatever listens there would answer our health checks in our processes' place.
+            raise RuntimeError(
+                f"ports already in use: {', '.join(taken)}; is another stack running?"
+            )
+
+    def _fail_if_any_died(self) -> None:
+        for process in self.processes:
+            if process.died():
+                raise RuntimeError(
+                    f"{process.name} exited with code {process.returncode}; "
+                    f"last lines of {process.log_path}:\n{process.log_tail()}"
+                )
+
+    def _adopt(self, process: ManagedProcess | None) -> None:
+        if process is not None:
+            self._group.add(process)
+
+    def _require_started(self) -> ManagedProcess:
+        if self._broker is None:
+            raise RuntimeError("the stack has not been started")
+        return self._broker
+
+    def _url(self, name: str) -> str:
+        return f"http://{infra.LOCALHOST}:{self.ports[name]}"
+
+    def _say(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[devstack] {message}", file=sys.stderr, flush=True)

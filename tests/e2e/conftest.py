@@ -1,0 +1,46 @@
+"""End-to-end fixtures: the whole shop as `make run` starts it (both APIs under gunicorn, a Celery
+worker with its Kafka consumer per service, beat, and the broker), on free ports and its own names."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from devstack.infra import free_port
+from devstack.stack import Stack
+from tests.e2e.shop_client import ShopClient
+from tests.environment import service_env
+
+
+@pytest.fixture(scope="session")
+def stack(infrastructure, run_dir):
+    env = service_env(infrastructure, "e2e")
+    env.pop("KAFKA_BOOTSTRAP_SERVERS")  # the stack runs a broker of its own, which tests stop
+    shop = Stack(run_dir / "e2e", env_overrides=env,
+                 ports={"orders": free_port(), "payments": free_port(), "broker": free_port()})
+    shop.start()
+    yield shop
+    shop.stop()
+
+
+@pytest.fixture
+def shopper(stack):
+    return ShopClient(stack.orders_url, stack.payments_url)
+
+
+@pytest.fixture(scope="session")
+def orders_db(stack):
+    engine = sa.create_engine(_psycopg2(stack.env["ORDERS_DATABASE_URL"]))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def payments_db(stack):
+    engine = sa.create_engine(_psycopg2(stack.env["PAYMENTS_DATABASE_URL"]))
+    yield engine
+    engine.dispose()
+
+
+def _psycopg2(url: str) -> str:
+    return url.replace("postgresql://", "postgresql+psycopg2://", 1)

@@ -1,0 +1,49 @@
+"""A small client for the shop's HTTP APIs, so end-to-end tests read like the user story."""
+
+from __future__ import annotations
+
+import uuid
+
+import requests
+
+from tests.polling import wait_for
+
+FINAL_STATUSES = ("FINISHED", "CANCELLED")
+
+
+class ShopClient:
+    def __init__(self, orders_url: str, payments_url: str, user_id: str | None = None):
+        self.orders_url = orders_url
+        self.payments_url = payments_url
+        self.user_id = user_id or f"shopper-{uuid.uuid4().hex[:12]}"
+        self.http = requests.Session()
+        self.http.headers["X-User-ID"] = self.user_id
+
+    def open_account(self) -> dict:
+        return self._ok(self.http.post(f"{self.payments_url}/accounts", timeout=10), 201)
+
+    def deposit(self, amount, key: str | None = None) -> dict:
+        headers = {"Idempotency-Key": key} if key else {}
+        return self._ok(self.http.post(f"{self.payments_url}/accounts/deposit",
+                                       json={"amount": amount}, headers=headers, timeout=10), 200)
+
+    def balance(self) -> str:
+        return self._ok(self.http.get(f"{self.payments_url}/accounts/balance", timeout=10),
+                        200)["balance"]
+
+    def place_order(self, amount, description: str = "") -> dict:
+        return self._ok(self.http.post(f"{self.orders_url}/orders",
+                                       json={"amount": amount, "description": description},
+                                       timeout=10), 202)
+
+    def order(self, order_id: str) -> dict:
+        return self._ok(self.http.get(f"{self.orders_url}/orders/{order_id}", timeout=10), 200)
+
+    def wait_until_final(self, order_id: str, timeout: float = 10.0) -> dict:
+        return wait_for(lambda: (o := self.order(order_id))["status"] in FINAL_STATUSES and o,
+                        timeout=timeout, what=f"order {order_id} to reach a final status")
+
+    @staticmethod
+    def _ok(response: requests.Response, status: int) -> dict:
+        assert response.status_code == status, (response.status_code, response.text)
+        return response.json()

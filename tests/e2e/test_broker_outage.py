@@ -1,0 +1,37 @@
+"""The broker goes away: the shop keeps taking orders, and delivers them all when it is back.
+
+Runs last in the e2e layer (file order), because it restarts the stack's broker.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from tests.e2e.shop_client import ShopClient
+from tests.polling import wait_for
+
+
+def test_with_the_broker_stopped_orders_are_accepted_and_all_complete_once_it_is_back(
+        stack, orders_db):
+    customer = ShopClient(stack.orders_url, stack.payments_url)
+    customer.open_account()
+    customer.deposit(100)
+    stack.stop_broker()
+    try:
+        placed = [customer.place_order(10) for _ in range(5)]  # each one asserts its 202
+
+        def piled_up_with_errors():
+            with orders_db.connect() as conn:
+                return conn.scalar(sa.text(
+                    "SELECT count(*) FROM outbox_messages WHERE correlation_id = ANY(:ids) "
+                    "AND sent_at IS NULL AND last_error IS NOT NULL"),
+                    {"ids": [o["id"] for o in placed]}) == len(placed)
+
+        wait_for(piled_up_with_errors, timeout=30, interval=0.5,
+                 what="the relay to record its failures")
+        assert all(customer.order(o["id"])["status"] == "NEW" for o in placed)
+    finally:
+        stack.start_broker()
+    finals = [customer.wait_until_final(o["id"], timeout=90) for o in placed]
+    assert [f["status"] for f in finals] == ["FINISHED"] * 5
+    assert customer.balance() == "50.00"

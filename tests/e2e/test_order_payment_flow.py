@@ -1,0 +1,151 @@
+"""The user stories of the core issue, through real HTTP, Celery workers, beat and the broker."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+import sqlalchemy as sa
+
+from tests.e2e.shop_client import ShopClient
+from tests.kafka_tools import produce
+from tests.polling import wait_for
+
+
+def test_a_paid_order_finishes_and_debits_the_account(shopper):
+    shopper.open_account()
+    shopper.deposit(100)
+    order = shopper.place_order(30, "a book")
+    assert order["status"] == "NEW"
+    final = shopper.wait_until_final(order["id"], timeout=10)
+    assert final["status"] == "FINISHED" and final.get("reason") is None
+    assert final["updated_at"] >= final["created_at"]
+    assert shopper.balance() == "70.00"
+
+
+def test_too_little_money_or_no_account_cancels_the_order_and_keeps_the_balance(stack):
+    poor = ShopClient(stack.orders_url, stack.payments_url)
+    poor.open_account()
+    poor.deposit("10.00")
+    cancelled = poor.wait_until_final(poor.place_order("10.01")["id"])
+    assert (cancelled["status"], cancelled["reason"]) == ("CANCELLED", "INSUFFICIENT_FUNDS")
+    assert poor.balance() == "10.00"
+
+    nobody = ShopClient(stack.orders_url, stack.payments_url)
+    cancelled = nobody.wait_until_final(nobody.place_order(5)["id"])
+    assert (cancelled["status"], cancelled["reason"]) == ("CANCELLED", "NO_ACCOUNT")
+
+
+def test_twenty_concurrent_orders_of_ten_on_a_hundred_finish_exactly_ten(shopper):
+    shopper.open_account()
+    shopper.deposit(100)
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        placed = list(pool.map(
+            lambda _: ShopClient(shopper.orders_url, shopper.payments_url,
+                                 shopper.user_id).place_order(10), range(20)))
+    finals = [shopper.wait_until_final(o["id"], timeout=30) for o in placed]
+    statuses = [f["status"] for f in finals]
+    assert statuses.count("FINISHED") == 10
+    assert statuses.count("CANCELLED") == 10
+    assert {f["reason"] for f in finals if f["status"] == "CANCELLED"} == {"INSUFFICIENT_FUNDS"}
+    assert shopper.balance() == "0.00"
+
+
+def test_a_payment_request_delivered_again_or_under_a_new_id_debits_once(
+        stack, shopper, orders_db, payments_db):
+    shopper.open_account()
+    shopper.deposit(100)
+    order = shopper.place_order(30)
+    assert shopper.wait_until_final(order["id"])["status"] == "FINISHED"
+    with orders_db.connect() as conn:
+        row = conn.execute(sa.text(
+            "SELECT message_id, type, correlation_id, payload, created_at FROM outbox_messages "
+            "WHERE correlation_id = :id"), {"id": order["id"]}).one()
+    envelope = {"message_id": str(row.message_id), "type": row.type, "version": 1,
+                "occurred_at": row.created_at.isoformat(), "correlation_id": row.correlation_id,
+                "payload": row.payload}
+    second_id = str(uuid.uuid4())
+    topic = stack.env["TOPIC_PAYMENT_REQUESTED"]
+    bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
+    for message_id in (envelope["message_id"], envelope["message_id"], second_id):
+        value = json.dumps(envelope | {"message_id": message_id}).encode()
+        produce(bootstrap, topic, value, key=shopper.user_id.encode(),
+                headers={"message_id": message_id, "type": row.type})
+
+    def second_copy_handled():
+        with payments_db.connect() as conn:
+            return conn.scalar(sa.text(
+                "SELECT processed_at IS NOT NULL FROM inbox_messages WHERE message_id = :id"),
+                {"id": second_id})
+
+    wait_for(second_copy_handled, timeout=15, what="the copy under a new message id")
+    with payments_db.connect() as conn:
+        copies = conn.scalar(sa.text(
+            "SELECT count(*) FROM inbox_messages WHERE message_id IN (:a, :b)"),
+            {"a": envelope["message_id"], "b": second_id})
+        payments = conn.scalar(sa.text("SELECT count(*) FROM payments WHERE order_id = :id"),
+                               {"id": order["id"]})
+    assert copies == 2  # the repeat of the first id was stored once
+    assert payments == 1
+    assert shopper.balance() == "70.00"
+    assert shopper.order(order["id"])["status"] == "FINISHED"
+
+
+def test_unparseable_messages_are_parked_and_later_messages_still_flow(
+        stack, shopper, orders_db, payments_db):
+    bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
+    marker = f"garbage-{uuid.uuid4()}"
+    for topic in (stack.env["TOPIC_PAYMENT_REQUESTED"], stack.env["TOPIC_PAYMENT_RESULTS"]):
+        produce(bootstrap, topic, marker.encode(), key=shopper.user_id.encode())
+    shopper.open_account()
+    shopper.deposit(5)
+    order = shopper.place_order(5)
+    assert shopper.wait_until_final(order["id"])["status"] == "FINISHED"
+    for database in (orders_db, payments_db):
+        def parked():
+            with database.connect() as conn:
+                return conn.execute(sa.text(
+                    "SELECT parked_at, processed_at, last_error FROM inbox_messages "
+                    "WHERE raw_value = :raw"), {"raw": marker}).one_or_none()
+        row = wait_for(parked, timeout=10, what="the unparseable message to be parked")
+        assert row.parked_at is not None and row.processed_at is None
+        assert "JSON" in row.last_error
+
+
+def test_a_message_whose_dispatch_was_lost_is_handled_by_the_sweeper(stack, payments_db):
+    customer = ShopClient(stack.orders_url, stack.payments_url)
+    customer.open_account()
+    customer.deposit(50)
+    message_id = uuid.uuid4()
+    with payments_db.begin() as conn:  # stored, as the consumer would, but never dispatched
+        conn.execute(sa.text(
+            "INSERT INTO inbox_messages (message_id, topic, partition, \"offset\", type, payload, "
+            "received_at) VALUES (:id, 'hand-made', 0, 0, 'PaymentRequested', "
+            "CAST(:payload AS jsonb), now() - interval '1 minute')"),
+            {"id": message_id, "payload": json.dumps(
+                {"order_id": str(uuid.uuid4()), "user_id": customer.user_id, "amount": "20.00"})})
+
+    def processed():
+        with payments_db.connect() as conn:
+            return conn.scalar(sa.text(
+                "SELECT processed_at FROM inbox_messages WHERE message_id = :id"), {"id": message_id})
+
+    wait_for(processed, timeout=20, what="the sweeper to dispatch the stalled message")
+    assert customer.balance() == "30.00"
+
+
+def test_bad_input_over_http_is_a_4xx_json_error(stack, shopper):
+    response = requests.post(f"{stack.orders_url}/orders", data="{", timeout=10,
+                             headers={"X-User-ID": shopper.user_id,
+                                      "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "MALFORMED_REQUEST"
+    response = requests.post(f"{stack.orders_url}/orders", json={"amount": "0.001"}, timeout=10,
+                             headers={"X-User-ID": shopper.user_id})
+    assert response.status_code == 422
+    response = requests.get(f"{stack.orders_url}/orders", timeout=10)
+    assert response.status_code == 401
+    assert requests.get(f"{stack.orders_url}/orders", timeout=10,
+                        headers={"X-User-ID": shopper.user_id}).json()["items"] == []

@@ -1,0 +1,109 @@
+"""devstack's infrastructure for real: the Tansu broker, the embedded PostgreSQL and Redis.
+
+The fallbacks are forced with HSESHOP_FORCE_EMBEDDED=1, so they are checked even where the system
+PostgreSQL and Redis are running. Nothing here skips: a missing binary or package fails the test.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg2
+import pytest
+import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from devstack.infra import (
+    FORCE_EMBEDDED_VAR,
+    SYSTEM_POSTGRES_PORT,
+    SYSTEM_REDIS_PORT,
+    ensure_postgres,
+    ensure_redis,
+    free_port,
+    port_open,
+    start_and_wait_for_broker,
+    start_broker,
+)
+
+
+@pytest.fixture
+def embedded_only(monkeypatch):
+    monkeypatch.setenv(FORCE_EMBEDDED_VAR, "1")
+
+
+def test_broker_carries_a_message_and_restarts_on_the_same_port(tmp_path):
+    port = free_port()
+    broker = start_broker(port, tmp_path)
+    try:
+        bootstrap = f"127.0.0.1:{port}"
+        topic = f"devstack-test-{uuid.uuid4().hex[:8]}"
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(10)
+        producer = Producer({"bootstrap.servers": bootstrap})
+        producer.produce(topic, key=b"order-1", value=b"payment requested")
+        assert producer.flush(10) == 0
+
+        # assign(), not subscribe(): a group's first join on Tansu waits half the session timeout.
+        consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": topic, "enable.auto.commit": False}
+        )
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        try:
+            message = consumer.poll(10)
+        finally:
+            consumer.close()
+        assert message is not None and message.error() is None
+        assert (message.key(), message.value()) == (b"order-1", b"payment requested")
+
+        broker.stop()
+        assert not port_open("127.0.0.1", port)
+        start_and_wait_for_broker(broker, port)
+        assert broker.alive()
+        assert AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=5).brokers
+        assert (
+            topic not in admin.list_topics(timeout=5).topics
+        )  # memory storage: it came back empty
+    finally:
+        broker.stop()
+    assert not port_open("127.0.0.1", port)
+
+
+def test_embedded_postgres_starts_answers_and_is_reused_for_the_same_run_dir(
+    tmp_path, embedded_only
+):
+    url_base, server = ensure_postgres(tmp_path)
+    try:
+        assert server is not None and server.alive()
+        assert not url_base.endswith(f":{SYSTEM_POSTGRES_PORT}")
+        conn = psycopg2.connect(f"{url_base}/postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE hseshop_devstack_check")
+        conn.close()
+        conn = psycopg2.connect(f"{url_base}/hseshop_devstack_check")
+        cur = conn.cursor()
+        cur.execute("SELECT current_user, 6 * 7")
+        assert cur.fetchone() == ("postgres", 42)
+        conn.close()
+
+        assert ensure_postgres(tmp_path) == (url_base, None)
+    finally:
+        server.stop()
+    assert not server.alive()
+    assert not port_open("127.0.0.1", int(url_base.rsplit(":", 1)[1]))
+
+
+def test_embedded_redis_starts_answers_and_keeps_nothing_on_disk(tmp_path, embedded_only):
+    url, server = ensure_redis(tmp_path)
+    try:
+        assert server is not None and server.alive()
+        assert not url.endswith(f":{SYSTEM_REDIS_PORT}")
+        client = redis.Redis.from_url(f"{url}/3")
+        client.set("devstack", "ok")
+        assert client.get("devstack") == b"ok"
+        assert client.config_get("save") == {"save": ""}
+        assert client.config_get("appendonly") == {"appendonly": "no"}
+        client.close()
+    finally:
+        server.stop()
+    assert not port_open("127.0.0.1", int(url.rsplit(":", 1)[1]))

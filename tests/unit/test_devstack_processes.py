@@ -1,0 +1,197 @@
+"""devstack's process handling: logs, stopping process groups, Ctrl-C, polling, log following."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from devstack.infra import free_port, port_open, wait_until
+from devstack.logs import LogFollower
+from devstack.processes import ManagedProcess, ProcessGroup
+from devstack.stack import Stack
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _gone(pid: int) -> bool:
+    """True once pid no longer runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _shell(tmp_path: Path, script: str, name: str = "sh") -> ManagedProcess:
+    return ManagedProcess(
+        name, ["sh", "-c", script], os.environ, tmp_path / f"{name}.log", tmp_path
+    )
+
+
+def test_output_and_errors_go_to_the_log_file(tmp_path):
+    process = _shell(tmp_path, "echo to-stdout; echo to-stderr >&2; exit 3").start()
+    wait_until(lambda: not process.alive(), 5, 0.02, "the shell to exit")
+    assert process.returncode == 3
+    assert process.died()
+    assert process.log_tail().splitlines() == ["to-stdout", "to-stderr"]
+
+
+def test_stop_ends_the_process_and_the_children_it_started(tmp_path):
+    process = _shell(tmp_path, "sleep 300 & echo $! > child.pid; wait").start()
+    wait_until(
+        lambda: (tmp_path / "child.pid").exists() and (tmp_path / "child.pid").read_text().strip(),
+        5,
+        0.02,
+        "the child pid",
+    )
+    child = int((tmp_path / "child.pid").read_text())
+    assert os.getpgid(process.pid) == process.pid != os.getpgid(0)  # its own group, not ours
+
+    process.stop(timeout=5)
+
+    assert not process.alive() and not process.died()
+    wait_until(lambda: _gone(child), 5, 0.02, "the grandchild to end")
+
+
+def test_stop_kills_a_process_that_ignores_sigterm(tmp_path):
+    process = _shell(tmp_path, "trap '' TERM; echo ready; sleep 300").start()
+    wait_until(lambda: "ready" in process.log_tail(), 5, 0.02, "the trap to be set")
+    started = time.monotonic()
+
+    process.stop(timeout=0.5)
+
+    assert time.monotonic() - started >= 0.5
+    assert process.returncode == -signal.SIGKILL
+
+
+def test_a_stopped_process_can_be_started_again_and_appends_to_its_log(tmp_path):
+    process = _shell(tmp_path, "echo run; sleep 300").start()
+    wait_until(lambda: "run" in process.log_tail(), 5, 0.02, "the first run")
+    process.stop()
+    process.start()
+    wait_until(lambda: process.log_tail().count("run") == 2, 5, 0.02, "the second run")
+    assert process.alive()
+    process.stop()
+
+
+def test_group_stops_processes_in_reverse_start_order():
+    stopped = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def stop(self, timeout=10):
+            stopped.append(self.name)
+
+    group = ProcessGroup(handle_signals=False)
+    for name in ("postgres", "broker", "api"):
+        group.add(Recorder(name))
+
+    group.stop_all()
+    group.stop_all()
+
+    assert stopped == ["api", "broker", "postgres"]
+
+
+@pytest.mark.parametrize(
+    "signum, exit_code", [(signal.SIGINT, -signal.SIGINT), (signal.SIGTERM, 128 + signal.SIGTERM)]
+)
+def test_ctrl_c_or_sigterm_stops_every_process_the_program_started(tmp_path, signum, exit_code):
+    program = textwrap.dedent(
+        """
+        import os, sys, time
+        from devstack.processes import ManagedProcess, ProcessGroup
+        group = ProcessGroup()
+        for name in ("first", "second"):
+            process = ManagedProcess(name, ["sleep", "300"], os.environ, name + ".log", ".")
+            group.start(process)
+            print(process.pid, flush=True)
+        print("ready", flush=True)
+        time.sleep(300)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", program],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    children = [int(parent.stdout.readline()) for _ in range(2)]
+    assert parent.stdout.readline().strip() == "ready"
+
+    parent.send_signal(signum)
+
+    assert parent.wait(10) == exit_code
+    assert all(_gone(pid) for pid in children)
+
+
+def test_wait_until_names_what_it_waited_for():
+    with pytest.raises(TimeoutError, match="the moon to rise"):
+        wait_until(lambda: False, timeout=0.2, interval=0.05, what="the moon to rise")
+
+    calls = iter([False, False, True])
+    wait_until(lambda: next(calls), timeout=2, interval=0.01, what="the third call")
+
+
+def test_free_port_is_free_and_port_open_sees_a_listener():
+    import socket
+
+    port = free_port()
+    assert not port_open("127.0.0.1", port, timeout=0.2)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        assert port_open("127.0.0.1", port, timeout=0.2)
+
+
+def test_log_follower_prefixes_complete_lines_and_holds_partial_ones(tmp_path):
+    api, worker = tmp_path / "api.log", tmp_path / "worker.log"
+    api.write_text("started\nhalf a li")
+    out = io.StringIO()
+    follower = LogFollower([("api", api), ("worker", worker)], out)
+
+    assert follower.poll() == 1
+    with api.open("a") as log:
+        log.write("ne\n")
+    worker.write_text("ready\n")
+    follower.poll()
+    api.write_text("restarted\n")  # truncated and rewritten
+    follower.poll()
+
+    assert out.getvalue().splitlines() == [
+        "   api | started",
+        "   api | half a line",
+        "worker | ready",
+        "   api | restarted",
+    ]
+
+
+def test_stack_env_is_the_config_contract_and_overrides_may_name_the_found_services(tmp_path):
+    stack = Stack(
+        tmp_path,
+        env_overrides={"ORDERS_DATABASE_URL": "{postgres}/test_orders", "REDIS_URL": "{redis}/5"},
+        ports={"broker": 19999},
+    )
+
+    env = stack._build_env("postgresql://postgres@127.0.0.1:5432", "redis://127.0.0.1:6379")
+
+    assert env == {
+        "ORDERS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/test_orders",
+        "PAYMENTS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/hseshop_payments",
+        "REDIS_URL": "redis://127.0.0.1:6379/5",
+        "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:19999",
+        "KAFKA_CONSUMER_GROUP_PREFIX": "hseshop",
+        "TOPIC_PAYMENT_REQUESTED": "orders.payment-requested",
+        "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
+    }
+    assert stack.orders_url == "http://127.0.0.1:8001" and stack.flower_url is None
