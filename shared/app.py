@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from flask import Blueprint, Flask
 from flask_smorest import Api
+from swagger_ui_bundle import swagger_ui_path
 
 from shared.config import Settings, get_settings
 from shared.db import db
@@ -16,7 +17,9 @@ from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
 from shared.outbox import RELAY_KICK_EXTENSION
 
-SWAGGER_UI_CDN = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/"
+# Swagger UI's scripts and styles are served by the service itself (from the swagger-ui-bundle
+# package), so the docs work on a machine with no way out to a CDN.
+SWAGGER_UI_ASSETS = "/docs/swagger-ui-assets"
 
 
 def create_service_app(service: str, *, title: str, blueprints: Iterable[Blueprint],
@@ -32,7 +35,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
         OPENAPI_URL_PREFIX="/docs",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/swagger-ui",
-        OPENAPI_SWAGGER_UI_URL=SWAGGER_UI_CDN,
+        OPENAPI_SWAGGER_UI_URL=f"{SWAGGER_UI_ASSETS}/",
         API_SPEC_OPTIONS={"components": {"securitySchemes": {
             "UserId": {"type": "apiKey", "in": "header", "name": "X-User-ID"}}},
             "security": [{"UserId": []}]},
@@ -46,6 +49,8 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
         blueprint.before_request(identify_caller)
         api.register_blueprint(blueprint)
     app.register_blueprint(health_blueprint)
+    app.register_blueprint(Blueprint("swagger_ui_assets", __name__, static_folder=swagger_ui_path,
+                                     static_url_path=SWAGGER_UI_ASSETS))
     register_error_handlers(app)
     app.extensions.setdefault(RELAY_KICK_EXTENSION, _relay_kicker(service))
     return app

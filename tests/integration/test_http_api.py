@@ -201,4 +201,6 @@ def test_each_service_serves_its_openapi_document_and_swagger_ui(orders_http, pa
     assert {"/accounts", "/accounts/deposit", "/accounts/balance"} <= set(payments_spec["paths"])
     for client in (orders_http, payments_http):
         page = client.get("/docs/swagger-ui")
-        assert page.status_code == 200 and b"swagger" in page.data.lower()
+        assert page.status_code == 200 and b"/docs/swagger-ui-assets/swagger-ui-bundle.js" in page.data
+        script = client.get("/docs/swagger-ui-assets/swagger-ui-bundle.js")
+        assert script.status_code == 200 and len(script.data) > 100_000

@@ -1,0 +1,61 @@
+"""The inbox handler task as Celery runs it: retried on failure, parked at the attempt limit."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+import payments_app
+from shared.contracts import PAYMENT_REQUESTED, encode, new_event
+from shared.db import db, transaction
+from shared.inbox import ConsumedRecord, InboxMessage, store_records
+from tasks.inbox import handle_inbox_message
+from tasks.services import service_app
+
+
+def _stored_request(user_id: str) -> uuid.UUID:
+    event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
+                                          "amount": Decimal("1.00")}, None)
+    record = ConsumedRecord("task-test", 0, 0, None, encode(event.to_json()), {})
+    with service_app("payments").app_context():
+        with transaction() as session:
+            store_records(session, [record])
+    return event.message_id
+
+
+def _row(message_id) -> InboxMessage:
+    with service_app("payments").app_context():
+        return db.session.get(InboxMessage, message_id)
+
+
+def test_a_handler_that_keeps_failing_is_retried_then_parked(settings, monkeypatch, user_id):
+    calls = []
+
+    def broken(session, payload, message):
+        calls.append(message.message_id)
+        raise ConnectionError("ledger unavailable")
+
+    monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: broken})
+    message_id = _stored_request(user_id)
+    handle_inbox_message.apply(args=("payments", str(message_id)))
+    row = _row(message_id)
+    assert len(calls) == settings.inbox_max_attempts
+    assert row.attempts == settings.inbox_max_attempts
+    assert row.parked_at is not None and row.processed_at is None
+    assert "ledger unavailable" in row.last_error
+
+
+def test_a_handler_that_fails_once_succeeds_on_retry(settings, monkeypatch, user_id):
+    calls = []
+
+    def flaky(session, payload, message):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("blip")
+
+    monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: flaky})
+    message_id = _stored_request(user_id)
+    handle_inbox_message.apply(args=("payments", str(message_id)))
+    row = _row(message_id)
+    assert len(calls) == 2
+    assert row.processed_at is not None and row.parked_at is None and row.attempts == 2
