@@ -29,9 +29,9 @@ beat_schedule = {}
 for _service in SERVICES:
     beat_schedule[f"relay-{_service}-outbox"] = {
         "task": "hseshop.relay_outbox",
-        "schedule": timedelta(seconds=_settings.relay_interval_seconds),
+        "schedule": timedelta(seconds=_settings.outbox_relay_interval_seconds),
         "args": (_service,),
-        "options": {"expires": max(_settings.relay_interval_seconds * 4, 2.0)},
+        "options": {"expires": max(_settings.outbox_relay_interval_seconds * 4, 2.0)},
     }
     beat_schedule[f"sweep-{_service}-inbox"] = {
         "task": "hseshop.sweep_inbox",

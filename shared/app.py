@@ -46,8 +46,9 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     db.init_app(app)
     api = Api(app)
     for blueprint in blueprints:
-        blueprint.before_request(identify_caller)
         api.register_blueprint(blueprint)
+        # Bound per app (not on the shared Blueprint object), so any number of apps can be built.
+        app.before_request_funcs.setdefault(blueprint.name, []).append(identify_caller)
     app.register_blueprint(health_blueprint)
     app.register_blueprint(Blueprint("swagger_ui_assets", __name__, static_folder=swagger_ui_path,
                                      static_url_path=SWAGGER_UI_ASSETS))

@@ -1,12 +1,34 @@
-"""The one home of configuration: every setting any HseShop process reads, from the environment."""
+"""The one home of configuration: every setting any HseShop process reads, from the environment.
+
+`ENVIRONMENT` lists each variable with its local default; deployment files are checked against it.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 SERVICES = ("orders", "payments")
+
+# Environment variable -> default that works on a developer's machine.
+ENVIRONMENT: dict[str, str] = {
+    "ORDERS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/hseshop_orders",
+    "PAYMENTS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/hseshop_payments",
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "CELERY_BROKER_URL": "",  # empty: the same as REDIS_URL
+    "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
+    "KAFKA_CONSUMER_GROUP_PREFIX": "hseshop",
+    "KAFKA_SESSION_TIMEOUT_MS": "6000",
+    "KAFKA_TOPIC_PARTITIONS": "3",
+    "TOPIC_PAYMENT_REQUESTED": "orders.payment-requested",
+    "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
+    "OUTBOX_RELAY_BATCH_SIZE": "500",
+    "OUTBOX_RELAY_INTERVAL_SECONDS": "0.5",
+    "INBOX_SWEEP_INTERVAL_SECONDS": "5",
+    "INBOX_SWEEP_MIN_AGE_SECONDS": "10",
+    "INBOX_MAX_ATTEMPTS": "5",
+}
 
 
 @dataclass(frozen=True)
@@ -21,8 +43,8 @@ class Settings:
     kafka_topic_partitions: int
     topic_payment_requested: str
     topic_payment_results: str
-    relay_batch_size: int
-    relay_interval_seconds: float
+    outbox_relay_batch_size: int
+    outbox_relay_interval_seconds: float
     inbox_sweep_interval_seconds: float
     inbox_sweep_min_age_seconds: float
     inbox_max_attempts: int
@@ -44,34 +66,16 @@ class Settings:
         return f"{self.kafka_consumer_group_prefix}.{service}"
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
-def load_settings() -> Settings:
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Read the environment now (tests and tools that change it call this directly)."""
-    redis_url = _env("REDIS_URL", "redis://127.0.0.1:6379/0")
-    return Settings(
-        orders_database_url=_env(
-            "ORDERS_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/hseshop_orders"
-        ),
-        payments_database_url=_env(
-            "PAYMENTS_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/hseshop_payments"
-        ),
-        redis_url=redis_url,
-        celery_broker_url=_env("CELERY_BROKER_URL", redis_url),
-        kafka_bootstrap_servers=_env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
-        kafka_consumer_group_prefix=_env("KAFKA_CONSUMER_GROUP_PREFIX", "hseshop"),
-        kafka_session_timeout_ms=int(_env("KAFKA_SESSION_TIMEOUT_MS", "6000")),
-        kafka_topic_partitions=int(_env("KAFKA_TOPIC_PARTITIONS", "3")),
-        topic_payment_requested=_env("TOPIC_PAYMENT_REQUESTED", "orders.payment-requested"),
-        topic_payment_results=_env("TOPIC_PAYMENT_RESULTS", "payments.payment-results"),
-        relay_batch_size=int(_env("OUTBOX_RELAY_BATCH_SIZE", "500")),
-        relay_interval_seconds=float(_env("OUTBOX_RELAY_INTERVAL_SECONDS", "0.5")),
-        inbox_sweep_interval_seconds=float(_env("INBOX_SWEEP_INTERVAL_SECONDS", "5")),
-        inbox_sweep_min_age_seconds=float(_env("INBOX_SWEEP_MIN_AGE_SECONDS", "10")),
-        inbox_max_attempts=int(_env("INBOX_MAX_ATTEMPTS", "5")),
-    )
+    environ = os.environ if environ is None else environ
+    values = {}
+    for field in fields(Settings):
+        raw = environ.get(field.name.upper()) or ENVIRONMENT[field.name.upper()]
+        values[field.name] = {"int": int, "float": float}.get(field.type, str)(raw)
+    if not values["celery_broker_url"]:
+        values["celery_broker_url"] = values["redis_url"]
+    return Settings(**values)
 
 
 @lru_cache(maxsize=1)

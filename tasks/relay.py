@@ -34,13 +34,13 @@ def relay_outbox(service: str) -> int:
     sent = 0
     for _ in range(MAX_BATCHES_PER_RUN):
         with transaction() as session:
-            result = relay_pending_outbox(session, publisher.send_batch, settings.relay_batch_size)
+            result = relay_pending_outbox(session, publisher.send_batch, settings.outbox_relay_batch_size)
         sent += result.sent
         if result.failed:
             log.warning("%s outbox: %d rows not acknowledged; will retry", service, result.failed)
             _recreate_topics(settings, service)
             break
-        if result.skipped_busy or result.claimed < settings.relay_batch_size:
+        if result.skipped_busy or result.claimed < settings.outbox_relay_batch_size:
             break
     return sent
 
