@@ -45,11 +45,12 @@ def print_urls(stack: Stack) -> None:
         "\n".join(
             [
                 "",
-                "HseShop is running:",
-                f"  orders API      {stack.orders_url}",
-                f"  payments API    {stack.payments_url}",
-                f"  orders docs     {stack.orders_url}/docs/swagger-ui",
-                f"  payments docs   {stack.payments_url}/docs/swagger-ui",
+                "HseShop is running. Open the shop:",
+                f"  {stack.gateway_url}/",
+                f"  API docs        {stack.gateway_url}/docs",
+                "Behind the gateway (internal; they only trust identities the gateway signs):",
+                f"  orders API      {stack.orders_url}   docs {stack.orders_url}/docs/swagger-ui",
+                f"  payments API    {stack.payments_url}   docs {stack.payments_url}/docs/swagger-ui",
                 f"  Flower          {stack.flower_url}",
                 f"  Kafka broker    {stack.broker_address}",
                 f"  logs            {stack.logs_dir}",

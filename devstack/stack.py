@@ -14,8 +14,25 @@ from devstack import infra
 from devstack.processes import ManagedProcess, ProcessGroup
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PORTS = {"orders": 8001, "payments": 8002, "broker": 9092, "flower": 5555}
-SERVICES = ("orders", "payments")
+DEFAULT_PORTS = {"gateway": 8000, "orders": 8001, "payments": 8002, "broker": 9092,
+                 "flower": 5555}
+# Each has its own database, web app and Celery worker (with its Kafka consumer).
+SERVICES = ("orders", "payments", "gateway")
+# The gateway holds one thread per open WebSocket, so it gets more of them.
+GATEWAY_THREADS = 32
+# gunicorn's worker processes and threads per API (the benchmark serves its baseline the same way).
+API_WORKERS = 2
+API_THREADS = 4
+
+
+def gunicorn_argv(port: int, app: str, threads: int = API_THREADS) -> list[str]:
+    """The `python -m` arguments that serve the WSGI app `app` as both APIs are served."""
+    # --no-control-socket: otherwise every gunicorn master shares ~/.gunicorn/gunicorn.ctl.
+    return [
+        *f"gunicorn -b {infra.LOCALHOST}:{port} -w {API_WORKERS} --threads {threads}".split(),
+        *"--access-logfile - --no-control-socket".split(),
+        app,
+    ]
 
 
 class Stack:
@@ -48,6 +65,10 @@ class Stack:
     @property
     def logs_dir(self) -> Path:
         return infra.logs_dir(self.run_dir)
+
+    @property
+    def gateway_url(self) -> str:
+        return self._url("gateway")
 
     @property
     def orders_url(self) -> str:
@@ -152,11 +173,15 @@ class Stack:
         env = {
             "ORDERS_DATABASE_URL": f"{postgres_base}/hseshop_orders",
             "PAYMENTS_DATABASE_URL": f"{postgres_base}/hseshop_payments",
+            "GATEWAY_DATABASE_URL": f"{postgres_base}/hseshop_gateway",
+            "ORDERS_SERVICE_URL": self._url("orders"),
+            "PAYMENTS_SERVICE_URL": self._url("payments"),
             "REDIS_URL": f"{redis_base}/0",
             "KAFKA_BOOTSTRAP_SERVERS": self.broker_address,
             "KAFKA_CONSUMER_GROUP_PREFIX": "hseshop",
             "TOPIC_PAYMENT_REQUESTED": "orders.payment-requested",
             "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
+            "TOPIC_ORDER_STATUS_CHANGED": "orders.order-status-changed",
         }
         for name, value in self.env_overrides.items():
             env[name] = (
@@ -190,12 +215,10 @@ class Stack:
         host = infra.LOCALHOST
         commands = {}
         for service in SERVICES:
-            # --no-control-socket: otherwise every gunicorn master shares ~/.gunicorn/gunicorn.ctl.
-            commands[f"{service}-api"] = [
-                *f"gunicorn -b {host}:{self.ports[service]} -w 2 --threads 4".split(),
-                *"--access-logfile - --no-control-socket".split(),
-                f"{service}_app:create_app()",
-            ]
+            commands[f"{service}-api"] = gunicorn_argv(
+                self.ports[service], f"{service}_app:create_app()",
+                threads=GATEWAY_THREADS if service == "gateway" else API_THREADS,
+            )
         for service in SERVICES:
             commands[f"{service}-worker"] = [
                 *f"celery -A tasks worker -Q {service} -P threads -c 8 -n {service}@%h".split(),

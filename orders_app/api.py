@@ -1,58 +1,24 @@
-"""The Orders HTTP API: request and response schemas, and thin routes over the use cases."""
+"""The Orders HTTP API: thin routes over the use cases, reads served through the cache."""
 
 from __future__ import annotations
 
 import uuid
 
 from flask import g, jsonify
-from shared.http_api import Blueprint
-from marshmallow import RAISE, Schema, fields, validate
 
 from orders_app import service
-from orders_app.models import STATUSES
+from orders_app.schemas import (ListOrdersQuerySchema, OrderPageSchema, OrderSchema,
+                                PlaceOrderSchema)
+from shared.cache import app_cache
 from shared.db import db, transaction
 from shared.errors import NotFound
-from shared.fields import Amount
+from shared.http_api import Blueprint
 from shared.idempotency import idempotency_key_from_request, run_idempotently
 
 blueprint = Blueprint("orders", __name__, url_prefix="/orders", description="Place and read orders")
 
-MAX_PAGE = 200
-
-
-class PlaceOrderSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
-    amount = Amount(required=True, metadata={"example": "30.00"})
-    description = fields.String(load_default="", validate=validate.Length(max=500))
-
-
-class OrderSchema(Schema):
-    id = fields.UUID()
-    user_id = fields.String()
-    amount = Amount()
-    description = fields.String()
-    status = fields.String(metadata={"enum": list(STATUSES)})
-    reason = fields.String(allow_none=True)
-    created_at = fields.DateTime(format="iso")
-    updated_at = fields.DateTime(format="iso")
-
-
-class OrderPageSchema(Schema):
-    items = fields.List(fields.Nested(OrderSchema))
-    next_cursor = fields.String(allow_none=True)
-
-
-class ListOrdersQuerySchema(Schema):
-    class Meta:
-        unknown = RAISE
-
-    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=MAX_PAGE))
-    cursor = fields.String(load_default=None, validate=validate.Length(min=1, max=500))
-
-
 ORDER = OrderSchema()
+ORDER_PAGE = OrderPageSchema()
 
 
 @blueprint.post("")
@@ -74,8 +40,13 @@ def place_order(args):
 @blueprint.response(200, OrderPageSchema)
 def list_orders(args):
     """The caller's orders, newest first."""
-    page = service.list_orders(db.session, user_id=g.user_id, **args)
-    return {"items": page.items, "next_cursor": page.next_cursor}
+    def load():
+        page = service.list_orders(db.session, user_id=g.user_id, **args)
+        return ORDER_PAGE.dump({"items": page.items, "next_cursor": page.next_cursor})
+
+    body = app_cache().read(service.orders_cache_namespace(g.user_id),
+                            f"page:{args['limit']}:{args['cursor']}", load)
+    return jsonify(body)
 
 
 @blueprint.get("/<order_id>")
@@ -86,4 +57,7 @@ def get_order(order_id: str):
         parsed = uuid.UUID(order_id)
     except ValueError:
         raise NotFound("No such order.", code="ORDER_NOT_FOUND") from None
-    return service.get_order(db.session, user_id=g.user_id, order_id=parsed)
+    body = app_cache().read(
+        service.orders_cache_namespace(g.user_id), f"order:{parsed}",
+        lambda: ORDER.dump(service.get_order(db.session, user_id=g.user_id, order_id=parsed)))
+    return jsonify(body)

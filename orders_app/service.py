@@ -18,7 +18,8 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from orders_app.models import CANCELLED, FINISHED, NEW, Order
-from shared.contracts import PAYMENT_REQUESTED, new_event
+from shared.cache import invalidate_after_commit
+from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, new_event
 from shared.errors import ApiError, NotFound
 from shared.outbox import add_outbox_message
 
@@ -36,8 +37,13 @@ def place_order(session: Session, *, user_id: str, amount: Decimal, description:
     )
     settings = current_app.extensions["hseshop.settings"]
     add_outbox_message(session, topic=settings.topic_payment_requested, key=user_id, event=event)
+    invalidate_after_commit(session, orders_cache_namespace(user_id))
     session.flush()
     return order
+
+
+def orders_cache_namespace(user_id: str) -> str:
+    return f"orders:{user_id}"
 
 
 def get_order(session: Session, *, user_id: str, order_id: uuid.UUID) -> Order:
@@ -101,4 +107,19 @@ def apply_payment_result(session: Session, *, order_id: uuid.UUID, user_id: str,
     order.status = FINISHED if succeeded else CANCELLED
     order.reason = None if succeeded else reason
     order.updated_at = datetime.now(timezone.utc)
+    _announce_status(session, order)
+    invalidate_after_commit(session, orders_cache_namespace(order.user_id))
     return order
+
+
+def _announce_status(session: Session, order: Order) -> None:
+    """OrderStatusChanged, in the same transaction as the change it reports."""
+    event = new_event(
+        ORDER_STATUS_CHANGED,
+        {"order_id": order.id, "user_id": order.user_id, "amount": order.amount,
+         "status": order.status, "reason": order.reason, "updated_at": order.updated_at},
+        correlation_id=str(order.id),
+    )
+    settings = current_app.extensions["hseshop.settings"]
+    add_outbox_message(session, topic=settings.topic_order_status_changed, key=order.user_id,
+                       event=event)

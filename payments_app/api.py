@@ -1,35 +1,18 @@
-"""The Payments HTTP API: accounts, deposits and balances."""
+"""The Payments HTTP API: accounts, deposits and balances, the balance served through the cache."""
 
 from __future__ import annotations
 
 from flask import g, jsonify
-from shared.http_api import Blueprint
-from marshmallow import RAISE, Schema, fields
 
 from payments_app import service
+from payments_app.schemas import AccountSchema, DepositSchema, EmptySchema
+from shared.cache import app_cache
 from shared.db import db, transaction
-from shared.fields import Amount
+from shared.http_api import Blueprint
 from shared.idempotency import idempotency_key_from_request, run_idempotently
 
 blueprint = Blueprint("accounts", __name__, url_prefix="/accounts",
                       description="Accounts, deposits and balances")
-
-
-class EmptySchema(Schema):
-    class Meta:
-        unknown = RAISE
-
-
-class DepositSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
-    amount = Amount(required=True, metadata={"example": "100.00"})
-
-
-class AccountSchema(Schema):
-    user_id = fields.String()
-    balance = Amount()
 
 
 ACCOUNT = AccountSchema()
@@ -63,4 +46,7 @@ def deposit(args):
 @blueprint.response(200, AccountSchema)
 def balance():
     """The caller's balance."""
-    return service.get_account(db.session, user_id=g.user_id)
+    body = app_cache().read(
+        service.balance_cache_namespace(g.user_id), "account",
+        lambda: ACCOUNT.dump(service.get_account(db.session, user_id=g.user_id)))
+    return jsonify(body)

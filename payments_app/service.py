@@ -15,6 +15,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from payments_app.models import FAILED, SUCCEEDED, Account, Payment
+from shared.cache import invalidate_after_commit
 from shared.contracts import (INSUFFICIENT_FUNDS, NO_ACCOUNT, PAYMENT_FAILED, PAYMENT_SUCCEEDED,
                               new_event)
 from shared.errors import Conflict, NotFound, Unprocessable
@@ -51,7 +52,12 @@ def deposit(session: Session, *, user_id: str, amount: Decimal) -> Account:
         raise NotFound("This user has no account.", code="ACCOUNT_NOT_FOUND")
     if balance > MAX_BALANCE:
         raise Unprocessable(f"A balance cannot exceed {MAX_BALANCE}.", code="BALANCE_LIMIT_EXCEEDED")
+    invalidate_after_commit(session, balance_cache_namespace(user_id))
     return session.get(Account, user_id, populate_existing=True)
+
+
+def balance_cache_namespace(user_id: str) -> str:
+    return f"balance:{user_id}"
 
 
 def take_payment(session: Session, *, order_id: uuid.UUID, user_id: str, amount: Decimal,
@@ -83,6 +89,7 @@ def take_payment(session: Session, *, order_id: uuid.UUID, user_id: str, amount:
     if status == SUCCEEDED:
         account.balance = account.balance - amount
         account.updated_at = datetime.now(timezone.utc)
+        invalidate_after_commit(session, balance_cache_namespace(user_id))
     payload = {"order_id": order_id, "user_id": user_id, "amount": amount}
     event = (new_event(PAYMENT_SUCCEEDED, payload, correlation_id) if status == SUCCEEDED
              else new_event(PAYMENT_FAILED, payload | {"reason": reason}, correlation_id))

@@ -1,14 +1,16 @@
-"""The application factory both services build on: configuration, database, JSON, errors, OpenAPI
-with Swagger UI, health, identity, and waking the outbox relay after a commit."""
+"""The application factory every HseShop web app builds on: configuration, database, JSON, errors,
+request ids, OpenAPI with Swagger UI, health, the cache, caller identity, and waking the outbox
+relay after a commit."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flask import Blueprint, Flask
 from flask_smorest import Api
 from swagger_ui_bundle import swagger_ui_path
 
+from shared.cache import CACHE_EXTENSION, VersionedCache
 from shared.config import Settings, get_settings
 from shared.db import db
 from shared.errors import register_error_handlers
@@ -16,6 +18,7 @@ from shared.health import health_blueprint
 from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
 from shared.outbox import RELAY_KICK_EXTENSION
+from shared.request_context import install_request_ids
 
 # Swagger UI's scripts and styles are served by the service itself (from the swagger-ui-bundle
 # package), so the docs work on a machine with no way out to a CDN.
@@ -23,7 +26,9 @@ SWAGGER_UI_ASSETS = "/docs/swagger-ui-assets"
 
 
 def create_service_app(service: str, *, title: str, blueprints: Iterable[Blueprint],
-                       settings: Settings | None = None, config: dict | None = None) -> Flask:
+                       settings: Settings | None = None, config: dict | None = None,
+                       authenticate: Callable[[], None] = identify_caller) -> Flask:
+    """A web app for `service`; `authenticate` runs before every route of `blueprints`."""
     settings = settings or get_settings()
     app = Flask(service)
     app.json = StrictDecimalJSONProvider(app)
@@ -37,22 +42,28 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
         OPENAPI_SWAGGER_UI_PATH="/swagger-ui",
         OPENAPI_SWAGGER_UI_URL=f"{SWAGGER_UI_ASSETS}/",
         API_SPEC_OPTIONS={"components": {"securitySchemes": {
-            "UserId": {"type": "apiKey", "in": "header", "name": "X-User-ID"}}},
+            "UserId": {"type": "apiKey", "in": "header", "name": "X-User-ID",
+                       "description": "Set by the gateway, with X-Gateway-Timestamp and "
+                                      "X-Gateway-Signature; the service refuses it otherwise."}}},
             "security": [{"UserId": []}]},
     )
     app.config.update(config or {})
     app.extensions["hseshop.settings"] = settings
     app.extensions["hseshop.service"] = service
+    app.extensions[CACHE_EXTENSION] = VersionedCache(settings.redis_url, settings.cache_ttl_seconds,
+                                                     prefix=f"hseshop:{service}")
     db.init_app(app)
     api = Api(app)
+    app.extensions["hseshop.api"] = api
     for blueprint in blueprints:
         api.register_blueprint(blueprint)
         # Bound per app (not on the shared Blueprint object), so any number of apps can be built.
-        app.before_request_funcs.setdefault(blueprint.name, []).append(identify_caller)
+        app.before_request_funcs.setdefault(blueprint.name, []).append(authenticate)
     app.register_blueprint(health_blueprint)
     app.register_blueprint(Blueprint("swagger_ui_assets", __name__, static_folder=swagger_ui_path,
                                      static_url_path=SWAGGER_UI_ASSETS))
     register_error_handlers(app)
+    install_request_ids(app)
     app.extensions.setdefault(RELAY_KICK_EXTENSION, _relay_kicker(service))
     return app
 

@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
-SERVICES = ("orders", "payments")
+# Everything with its own database, outbox and inbox: the two domain services and the gateway.
+SERVICES = ("orders", "payments", "gateway")
 
 # Environment variable -> default that works on a developer's machine.
 ENVIRONMENT: dict[str, str] = {
@@ -28,6 +29,17 @@ ENVIRONMENT: dict[str, str] = {
     "INBOX_SWEEP_INTERVAL_SECONDS": "5",
     "INBOX_SWEEP_MIN_AGE_SECONDS": "10",
     "INBOX_MAX_ATTEMPTS": "5",
+    "TOPIC_ORDER_STATUS_CHANGED": "orders.order-status-changed",
+    # Shared by the gateway and the services: the services trust only identities signed with it.
+    "INTERNAL_AUTH_SECRET": "dev-only-internal-secret-change-me",
+    "GATEWAY_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/hseshop_gateway",
+    "ORDERS_SERVICE_URL": "http://127.0.0.1:8001",
+    "PAYMENTS_SERVICE_URL": "http://127.0.0.1:8002",
+    "UPSTREAM_TIMEOUT_SECONDS": "5",
+    "AUTH_TOKEN_SECRET": "dev-only-token-secret-change-me",
+    "AUTH_TOKEN_TTL_SECONDS": "3600",
+    "RATE_LIMIT_PER_MINUTE": "300",
+    "CACHE_TTL_SECONDS": "60",
 }
 
 
@@ -48,19 +60,33 @@ class Settings:
     inbox_sweep_interval_seconds: float
     inbox_sweep_min_age_seconds: float
     inbox_max_attempts: int
+    topic_order_status_changed: str
+    internal_auth_secret: str
+    gateway_database_url: str
+    orders_service_url: str
+    payments_service_url: str
+    upstream_timeout_seconds: float
+    auth_token_secret: str
+    auth_token_ttl_seconds: int
+    rate_limit_per_minute: int
+    cache_ttl_seconds: int
 
     def database_url(self, service: str) -> str:
         """The service's SQLAlchemy URL, always with the psycopg2 driver."""
-        if service == "orders":
-            url = self.orders_database_url
-        elif service == "payments":
-            url = self.payments_database_url
-        else:
+        urls = {"orders": self.orders_database_url, "payments": self.payments_database_url,
+                 "gateway": self.gateway_database_url}
+        if service not in urls:
             raise ValueError(f"unknown service {service!r}")
+        url = urls[service]
         for plain in ("postgresql://", "postgres://"):
             if url.startswith(plain):
                 return "postgresql+psycopg2://" + url[len(plain):]
         return url
+
+    def topics(self) -> list[str]:
+        """Every topic the shop uses."""
+        return [self.topic_payment_requested, self.topic_payment_results,
+                self.topic_order_status_changed]
 
     def consumer_group(self, service: str) -> str:
         return f"{self.kafka_consumer_group_prefix}.{service}"

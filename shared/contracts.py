@@ -21,6 +21,7 @@ from shared.fields import Amount, UserId
 PAYMENT_REQUESTED = "PaymentRequested"
 PAYMENT_SUCCEEDED = "PaymentSucceeded"
 PAYMENT_FAILED = "PaymentFailed"
+ORDER_STATUS_CHANGED = "OrderStatusChanged"
 
 ENVELOPE_VERSION = 1
 
@@ -51,10 +52,26 @@ class PaymentFailedSchema(PaymentRequestedSchema):
     reason = fields.String(required=True, validate=validate.OneOf(FAILURE_REASONS))
 
 
+class OrderStatusChangedSchema(Schema):
+    """An order reached a new status; the gateway tells its owner's open pages."""
+
+    class Meta:
+        unknown = RAISE
+
+    order_id = fields.UUID(required=True)
+    user_id = UserId(required=True)
+    amount = Amount(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(("NEW", "FINISHED", "CANCELLED")))
+    reason = fields.String(required=True, allow_none=True,
+                           validate=validate.OneOf((*FAILURE_REASONS, None)))
+    updated_at = fields.AwareDateTime(required=True, format="iso")
+
+
 PAYLOAD_SCHEMAS: dict[str, Schema] = {
     PAYMENT_REQUESTED: PaymentRequestedSchema(),
     PAYMENT_SUCCEEDED: PaymentSucceededSchema(),
     PAYMENT_FAILED: PaymentFailedSchema(),
+    ORDER_STATUS_CHANGED: OrderStatusChangedSchema(),
 }
 
 

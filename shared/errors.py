@@ -15,10 +15,11 @@ class ApiError(Exception):
     code = "BAD_REQUEST"
 
     def __init__(self, message: str, *, details: Any = None, code: str | None = None,
-                 status: int | None = None):
+                 status: int | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.details = details if details is not None else {}
+        self.headers = headers or {}
         if code is not None:
             self.code = code
         if status is not None:
@@ -58,7 +59,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return jsonify(error_body(exc.code, exc.message, exc.details)), exc.status
+        return jsonify(error_body(exc.code, exc.message, exc.details)), exc.status, exc.headers
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

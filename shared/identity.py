@@ -1,17 +1,16 @@
-"""Who is calling: the user named by the `X-User-ID` header, checked on every API request."""
+"""Who is calling: the user the gateway vouched for, checked on every API request of a service."""
 
 from __future__ import annotations
 
-from flask import g, request
+from flask import current_app, g, request
 
 from shared.errors import Unauthorized
 from shared.fields import USER_ID_PATTERN
-
-USER_ID_HEADER = "X-User-ID"
+from shared.internal_auth import USER_ID_HEADER, InvalidIdentity, verified_user_id
 
 
 def require_user_id() -> str:
-    """The caller's user id; 401 when the header is missing or malformed."""
+    """The caller's user id; 401 when it is missing, malformed or not signed by the gateway."""
     user_id = request.headers.get(USER_ID_HEADER)
     if user_id is None:
         raise Unauthorized(f"The {USER_ID_HEADER} header is required.", code="MISSING_USER_ID")
@@ -20,6 +19,11 @@ def require_user_id() -> str:
             f"The {USER_ID_HEADER} header must be 1 to 64 characters of A-Za-z0-9_.-",
             code="INVALID_USER_ID",
         )
+    secret = current_app.extensions["hseshop.settings"].internal_auth_secret
+    try:
+        verified_user_id(request.headers, secret)
+    except InvalidIdentity as exc:
+        raise Unauthorized(f"Identity refused: {exc}.", code="UNTRUSTED_IDENTITY") from None
     g.user_id = user_id
     return user_id
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.contracts import PAYLOAD_SCHEMAS, Envelope, MalformedMessage, decode
 from shared.db import db
+from shared.request_context import REQUEST_ID_KAFKA_HEADER, request_id_bound
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class InboxMessage(db.Model):
     key: Mapped[str | None] = mapped_column(String(255))
     type: Mapped[str | None] = mapped_column(String(100))
     correlation_id: Mapped[str | None] = mapped_column(String(100))
+    request_id: Mapped[str | None] = mapped_column(String(128))
     payload: Mapped[dict | None] = mapped_column(JSONB)
     raw_value: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -100,11 +102,13 @@ def _message_id_of(record: ConsumedRecord) -> uuid.UUID:
 
 def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
     """The inbox row for a record: a parsed event, or a parked row holding the raw value."""
+    request_id = record.headers.get(REQUEST_ID_KAFKA_HEADER)
     row = {
         "topic": record.topic,
         "partition": record.partition,
         "offset": record.offset,
         "key": record.key.decode("utf-8", "replace")[:255] if record.key is not None else None,
+        "request_id": request_id.decode("utf-8", "replace")[:128] if request_id else None,
     }
     try:
         envelope: Envelope = decode(record.value)
@@ -133,7 +137,7 @@ def store_records(session: Session, records: list[ConsumedRecord]) -> list[uuid.
         row = inbox_row(record)
         rows.setdefault(row["message_id"], row)  # a repeat inside one batch is stored once
     columns = ("message_id", "topic", "partition", "offset", "key", "type", "correlation_id",
-               "payload", "raw_value", "parked_at", "last_error")
+               "request_id", "payload", "raw_value", "parked_at", "last_error")
     values = [{column: row.get(column) for column in columns} for row in rows.values()]
     inserted = session.execute(
         insert(InboxMessage)
@@ -172,7 +176,8 @@ def process_inbox_message(
         _park(message, f"payload breaks the contract: {exc}")
         return Outcome.PARKED
     try:
-        with session.begin_nested():
+        # Whatever the handler writes to its outbox carries on the request id of what caused it.
+        with session.begin_nested(), request_id_bound(message.request_id):
             handler(session, payload, message)
     except PermanentMessageError as exc:
         _park(message, str(exc))

@@ -65,6 +65,14 @@ def create_messaging_tables() -> None:
     )
 
 
+def add_inbox_request_id() -> None:
+    op.add_column("inbox_messages", sa.Column("request_id", sa.String(128)))
+
+
+def drop_inbox_request_id() -> None:
+    op.drop_column("inbox_messages", "request_id")
+
+
 def drop_messaging_tables() -> None:
     op.drop_table("idempotency_keys")
     op.drop_table("inbox_messages")

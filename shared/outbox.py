@@ -23,6 +23,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.contracts import Envelope
 from shared.db import after_commit, db
+from shared.request_context import REQUEST_ID_KAFKA_HEADER, current_request_id
 
 # An arbitrary constant: the key of the advisory lock that serialises relays within one database.
 RELAY_LOCK_KEY = 0x0B0C5E1A
@@ -71,7 +72,7 @@ def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelop
         type=event.type,
         correlation_id=event.correlation_id,
         payload=body["payload"],
-        headers={"message_id": body["message_id"], "type": event.type},
+        headers=_headers(body["message_id"], event.type),
         created_at=event.occurred_at,
     )
     session.add(message)
@@ -79,6 +80,14 @@ def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelop
     if kick is not None:
         after_commit(session, kick)
     return message
+
+
+def _headers(message_id: str, event_type: str) -> dict[str, str]:
+    headers = {"message_id": message_id, "type": event_type}
+    request_id = current_request_id()
+    if request_id:
+        headers[REQUEST_ID_KAFKA_HEADER] = request_id
+    return headers
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,8 @@ def relay_outbox(service: str) -> int:
 def _recreate_topics(settings, service: str) -> None:
     # A broker that lost its topics (a fresh in-memory one, say) refuses every message until they
     # are back; creating them again costs nothing when they exist.
-    topics = [settings.topic_payment_requested, settings.topic_payment_results]
     try:
-        ensure_topics(settings, topics, timeout=2.0)
+        ensure_topics(settings, settings.topics(), timeout=2.0)
     except Exception as exc:  # broker still down: the next run tries again
         log.info("%s outbox: cannot reach the broker to check topics: %s", service, exc)
 

@@ -6,18 +6,32 @@ import uuid
 
 import requests
 
+from shared.config import ENVIRONMENT
+from shared.internal_auth import identity_headers
 from tests.polling import wait_for
 
 FINAL_STATUSES = ("FINISHED", "CANCELLED")
 
 
+class GatewayIdentity(requests.auth.AuthBase):
+    """Signs each request as the gateway would, for tests that call a service directly."""
+
+    def __init__(self, user_id: str, secret: str):
+        self.user_id, self.secret = user_id, secret
+
+    def __call__(self, request):
+        request.headers.update(identity_headers(self.user_id, self.secret))
+        return request
+
+
 class ShopClient:
-    def __init__(self, orders_url: str, payments_url: str, user_id: str | None = None):
+    def __init__(self, orders_url: str, payments_url: str, user_id: str | None = None,
+                 internal_auth_secret: str = ENVIRONMENT["INTERNAL_AUTH_SECRET"]):
         self.orders_url = orders_url
         self.payments_url = payments_url
         self.user_id = user_id or f"shopper-{uuid.uuid4().hex[:12]}"
         self.http = requests.Session()
-        self.http.headers["X-User-ID"] = self.user_id
+        self.http.auth = GatewayIdentity(self.user_id, internal_auth_secret)
 
     def open_account(self) -> dict:
         return self._ok(self.http.post(f"{self.payments_url}/accounts", timeout=10), 201)

@@ -62,7 +62,7 @@ def test_a_payment_request_delivered_again_or_under_a_new_id_debits_once(
     with orders_db.connect() as conn:
         row = conn.execute(sa.text(
             "SELECT message_id, type, correlation_id, payload, created_at FROM outbox_messages "
-            "WHERE correlation_id = :id"), {"id": order["id"]}).one()
+            "WHERE correlation_id = :id AND type = 'PaymentRequested'"), {"id": order["id"]}).one()
     envelope = {"message_id": str(row.message_id), "type": row.type, "version": 1,
                 "occurred_at": row.created_at.isoformat(), "correlation_id": row.correlation_id,
                 "payload": row.payload}
@@ -137,15 +137,16 @@ def test_a_message_whose_dispatch_was_lost_is_handled_by_the_sweeper(stack, paym
 
 
 def test_bad_input_over_http_is_a_4xx_json_error(stack, shopper):
-    response = requests.post(f"{stack.orders_url}/orders", data="{", timeout=10,
-                             headers={"X-User-ID": shopper.user_id,
-                                      "Content-Type": "application/json"})
+    response = shopper.http.post(f"{stack.orders_url}/orders", data="{", timeout=10,
+                                 headers={"Content-Type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "MALFORMED_REQUEST"
-    response = requests.post(f"{stack.orders_url}/orders", json={"amount": "0.001"}, timeout=10,
-                             headers={"X-User-ID": shopper.user_id})
+    response = shopper.http.post(f"{stack.orders_url}/orders", json={"amount": "0.001"},
+                                 timeout=10)
     assert response.status_code == 422
     response = requests.get(f"{stack.orders_url}/orders", timeout=10)
     assert response.status_code == 401
-    assert requests.get(f"{stack.orders_url}/orders", timeout=10,
-                        headers={"X-User-ID": shopper.user_id}).json()["items"] == []
+    response = requests.get(f"{stack.orders_url}/orders", timeout=10,
+                            headers={"X-User-ID": shopper.user_id})  # not signed by the gateway
+    assert response.status_code == 401
+    assert shopper.http.get(f"{stack.orders_url}/orders", timeout=10).json()["items"] == []

@@ -9,7 +9,9 @@ from sqlalchemy import func, select
 
 from orders_app.models import Order
 from payments_app.models import Account
+from shared.config import ENVIRONMENT, get_settings
 from shared.db import db
+from shared.internal_auth import identity_headers
 from shared.outbox import OutboxMessage
 
 
@@ -24,7 +26,8 @@ def payments_http(payments_flask_app):
 
 
 def _as(user_id, **headers):
-    return {"X-User-ID": user_id, **headers}
+    """Headers of a request the gateway forwards for `user_id`."""
+    return {**identity_headers(user_id, get_settings().internal_auth_secret), **headers}
 
 
 def _assert_error(response, status):
@@ -87,9 +90,18 @@ def test_a_bad_order_gets_a_clear_4xx_and_writes_nothing(
     assert _order_writes(orders_flask_app, user_id) == (0, 0)
 
 
-@pytest.mark.parametrize("headers", [{}, {"X-User-ID": ""}, {"X-User-ID": "a b"},
-                                     {"X-User-ID": "x" * 65}, {"X-User-ID": "ü"}])
-def test_a_caller_without_a_valid_user_id_gets_401(orders_http, payments_http, headers):
+def _forged(user_id="mallory", secret="not-the-secret", **changes):
+    return {**identity_headers(user_id, secret), **changes}
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"X-User-ID": ""}, {"X-User-ID": "a b"}, {"X-User-ID": "x" * 65}, {"X-User-ID": "ü"},
+    {"X-User-ID": "alice"},  # no gateway signature at all
+    _forged(),  # signed with the wrong secret
+    _forged(secret=ENVIRONMENT["INTERNAL_AUTH_SECRET"], **{"X-User-ID": "alice"}),  # re-labelled
+    _forged(secret=ENVIRONMENT["INTERNAL_AUTH_SECRET"], **{"X-Gateway-Timestamp": "0"}),  # stale
+])
+def test_a_caller_without_a_valid_gateway_signed_user_id_gets_401(orders_http, payments_http, headers):
     _assert_error(orders_http.post("/orders", json={"amount": 1}, headers=headers), 401)
     _assert_error(orders_http.get("/orders", headers=headers), 401)
     _assert_error(payments_http.post("/accounts", headers=headers), 401)

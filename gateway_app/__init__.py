@@ -1,0 +1,56 @@
+"""The gateway: HseShop's single public front door. Sign-in, the public /api (forwarded to the
+services with a gateway-signed identity), rate limits, live notifications, docs and the web page."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from shared.config import Settings
+
+SERVICE = "gateway"
+
+DOCS_CONFIG = {
+    "OPENAPI_URL_PREFIX": "/",
+    "OPENAPI_JSON_PATH": "docs/openapi.json",
+    "OPENAPI_SWAGGER_UI_PATH": "/docs",
+    "API_SPEC_OPTIONS": {
+        "info": {"description": "Sign up or sign in under /api/auth, then send the token as "
+                                "`Authorization: Bearer <token>`."},
+        "components": {"securitySchemes": {
+            "Bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
+        "security": [{"Bearer": []}],
+    },
+}
+
+
+def create_app(settings: Settings | None = None, config: dict | None = None) -> Flask:
+    import redis
+
+    from gateway_app import auth, models, notifications, routes, web  # noqa: F401
+    from gateway_app.ratelimit import RateLimiter
+    from shared.app import create_service_app
+
+    app = create_service_app(SERVICE, title="HseShop", settings=settings,
+                             config={**DOCS_CONFIG, **(config or {})},
+                             blueprints=[routes.blueprint, notifications.blueprint],
+                             authenticate=auth.authenticate_bearer)
+    settings = app.extensions["hseshop.settings"]
+    app.extensions[auth.RATE_LIMITER] = RateLimiter(settings.redis_url,
+                                                    settings.rate_limit_per_minute)
+    app.extensions[notifications.REDIS_EXTENSION] = redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=1, health_check_interval=30)
+    app.extensions["hseshop.api"].register_blueprint(auth.blueprint)
+    app.before_request_funcs.setdefault(auth.blueprint.name, []).append(auth.limit_by_address)
+    notifications.register_socket(app, auth.user_id_from_token_or_401)
+    app.register_blueprint(web.blueprint)
+    return app
+
+
+def subscribed_topics(settings: Settings) -> list[str]:
+    return [settings.topic_order_status_changed]
+
+
+def message_handlers():
+    from gateway_app.notifications import MESSAGE_HANDLERS
+
+    return MESSAGE_HANDLERS

@@ -1,0 +1,110 @@
+"""Signing up and signing in, and the bearer-token check every other /api route goes through.
+
+The gateway alone decides who the caller is: whatever `X-User-ID` a client sends is ignored, and
+the services hear only the identity the gateway signs for them.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import current_app, g, jsonify, request
+from marshmallow import RAISE, Schema, fields, validate
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+
+from gateway_app.models import User
+from gateway_app.passwords import hash_password, verify_password
+from gateway_app.tokens import InvalidToken, issue_token, user_id_from_token
+from shared.db import db, transaction
+from shared.errors import Conflict, Unauthorized
+from shared.fields import USER_ID_PATTERN
+from shared.http_api import Blueprint
+
+blueprint = Blueprint("auth", __name__, url_prefix="/api/auth", description="Sign up and sign in")
+
+RATE_LIMITER = "hseshop.rate_limiter"
+
+
+class CredentialsSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    username = fields.String(required=True, validate=validate.Regexp(
+        USER_ID_PATTERN, error="must be 1 to 64 characters of A-Za-z0-9_.-"))
+    password = fields.String(required=True, validate=validate.Length(min=8, max=128),
+                             load_only=True)
+
+
+class SessionSchema(Schema):
+    user_id = fields.String()
+    username = fields.String()
+    access_token = fields.String()
+    token_type = fields.String(metadata={"example": "Bearer"})
+    expires_in = fields.Integer(metadata={"description": "seconds"})
+
+
+def _session_body(user: User) -> dict:
+    settings = current_app.extensions["hseshop.settings"]
+    token = issue_token(user.id, user.username, settings.auth_token_secret,
+                        settings.auth_token_ttl_seconds)
+    return {"user_id": user.id, "username": user.username, "access_token": token.access_token,
+            "token_type": "Bearer", "expires_in": token.expires_in}
+
+
+@blueprint.post("/register")
+@blueprint.arguments(CredentialsSchema)
+@blueprint.response(201, SessionSchema)
+def register(args):
+    """Create a user and sign them in."""
+    password_hash = hash_password(args["password"])
+    with transaction() as session:
+        created = session.execute(
+            insert(User).values(id=f"usr_{uuid.uuid4().hex[:16]}", username=args["username"],
+                                password_hash=password_hash)
+            .on_conflict_do_nothing(index_elements=[User.username]).returning(User.id)
+        ).first()
+        if created is None:
+            raise Conflict("That username is taken.", code="USERNAME_TAKEN")
+        user = session.get(User, created.id)
+        body = _session_body(user)
+    return jsonify(body), 201
+
+
+@blueprint.post("/login")
+@blueprint.arguments(CredentialsSchema)
+@blueprint.response(200, SessionSchema)
+def login(args):
+    """Exchange a username and password for a bearer token."""
+    user = db.session.scalars(select(User).where(User.username == args["username"])).one_or_none()
+    # Hash even for an unknown name, so the answer takes as long either way.
+    stored = user.password_hash if user else hash_password("not the password")
+    if not verify_password(args["password"], stored) or user is None:
+        raise Unauthorized("Wrong username or password.", code="INVALID_CREDENTIALS")
+    return jsonify(_session_body(user))
+
+
+def limit_by_address() -> None:
+    """`before_request` for sign-up and sign-in: limit per client address."""
+    current_app.extensions[RATE_LIMITER].check(f"addr:{request.remote_addr}")
+
+
+def authenticate_bearer() -> None:
+    """`before_request` for the rest of /api: the bearer token decides the user, then the limit."""
+    g.user_id = bearer_user_id(request.headers.get("Authorization", ""))
+    current_app.extensions[RATE_LIMITER].check(f"user:{g.user_id}")
+
+
+def bearer_user_id(authorization: str) -> str:
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Sign in and send `Authorization: Bearer <token>`.",
+                           code="MISSING_TOKEN")
+    return user_id_from_token_or_401(token.strip())
+
+
+def user_id_from_token_or_401(token: str) -> str:
+    try:
+        return user_id_from_token(token, current_app.extensions["hseshop.settings"].auth_token_secret)
+    except InvalidToken as exc:
+        raise Unauthorized(str(exc), code=exc.code) from None

@@ -1,0 +1,40 @@
+"""The gateway's tables: the people who can sign in, and the notifications they are owed."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, Index, String, func
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.db import db
+
+
+class User(db.Model):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Notification(db.Model):
+    """Something a user's open pages must be told; kept so a page that reconnects can catch up."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), unique=True)
+    type: Mapped[str] = mapped_column(String(100))
+    payload: Mapped[dict] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (Index("ix_notifications_user_id", "user_id", "id"),)
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "type": self.type, "payload": self.payload,
+                "created_at": self.created_at.isoformat()}

@@ -1,0 +1,156 @@
+"""Live order notifications: OrderStatusChanged events arrive through the gateway's inbox, are kept
+per user (so a page that reconnects can catch up), and are fanned out through Redis pub/sub to
+every gateway instance, which pushes them to that user's open WebSockets and nobody else's."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis
+from flask import current_app, g, jsonify, request
+from flask_sock import Sock
+from marshmallow import RAISE, Schema, fields, validate
+from simple_websocket import ConnectionClosed
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from gateway_app.models import Notification
+from shared.contracts import ORDER_STATUS_CHANGED, PAYLOAD_SCHEMAS
+from shared.db import after_commit, db
+from shared.http_api import Blueprint
+from shared.inbox import Handler, InboxMessage
+
+log = logging.getLogger(__name__)
+
+REDIS_EXTENSION = "hseshop.gateway_redis"
+REPLAY_LIMIT = 500
+SOCKET_POLL_SECONDS = 0.25
+
+blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications",
+                      description="What happened to the signed-in user's orders")
+
+
+def channel(user_id: str) -> str:
+    return f"hseshop:notifications:{user_id}"
+
+
+def _redis() -> redis.Redis:
+    return current_app.extensions[REDIS_EXTENSION]
+
+
+# --- receiving: the inbox handler ----------------------------------------------------------------
+
+def on_order_status_changed(session: Session, payload: dict[str, Any], message: InboxMessage) -> None:
+    """Keep the notification, then publish it once the transaction has committed."""
+    body = PAYLOAD_SCHEMAS[ORDER_STATUS_CHANGED].dump(payload)
+    stored = session.execute(
+        insert(Notification)
+        .values(user_id=body["user_id"], message_id=message.message_id, type=message.type,
+                payload=body)
+        .on_conflict_do_nothing(index_elements=[Notification.message_id])
+        .returning(Notification.id, Notification.created_at)
+    ).first()
+    if stored is None:
+        return
+    item = {"id": stored.id, "type": message.type, "payload": body,
+            "created_at": stored.created_at.isoformat()}
+    after_commit(session, lambda: _publish(body["user_id"], item))
+
+
+def _publish(user_id: str, body: dict) -> None:
+    try:
+        _redis().publish(channel(user_id), json.dumps(body))
+    except redis.RedisError as exc:  # open pages catch up from the table when they reconnect
+        log.warning("could not publish notification %s: %s", body["id"], exc)
+
+
+MESSAGE_HANDLERS: dict[str, Handler] = {ORDER_STATUS_CHANGED: on_order_status_changed}
+
+
+# --- catching up over HTTP ------------------------------------------------------------------------
+
+class NotificationQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    after = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=REPLAY_LIMIT))
+
+
+class NotificationSchema(Schema):
+    id = fields.Integer()
+    type = fields.String()
+    payload = fields.Dict()
+    created_at = fields.String()
+
+
+class NotificationPageSchema(Schema):
+    items = fields.List(fields.Nested(NotificationSchema))
+
+
+def notifications_after(user_id: str, after: int, limit: int) -> list[dict]:
+    rows = db.session.scalars(
+        select(Notification)
+        .where(Notification.user_id == user_id, Notification.id > after)
+        .order_by(Notification.id)
+        .limit(limit)
+    ).all()
+    return [row.to_json() for row in rows]
+
+
+@blueprint.get("")
+@blueprint.arguments(NotificationQuerySchema, location="query")
+@blueprint.response(200, NotificationPageSchema)
+def list_notifications(args):
+    """Notifications newer than `after`, oldest first (what a page missed while away)."""
+    return jsonify({"items": notifications_after(g.user_id, args["after"], args["limit"])})
+
+
+# --- pushing over WebSocket -----------------------------------------------------------------------
+
+def register_socket(app, authenticate_token) -> None:
+    """`GET /api/notifications/ws?access_token=...&after=<id>`: a WebSocket of the user's
+    notifications. With `after`, first everything newer than that id, then each one live."""
+    sock = Sock(app)
+
+    @sock.route("/api/notifications/ws")
+    def notifications_socket(ws):
+        try:
+            user_id = authenticate_token(request.args.get("access_token", ""))
+        except Exception as exc:
+            ws.close(reason=1008, message=str(exc)[:120])
+            return
+        after = request.args.get("after", type=int)
+        stream_notifications(ws, user_id, after)
+
+
+def stream_notifications(ws, user_id: str, after: int | None) -> None:
+    pubsub = _redis().pubsub(ignore_subscribe_messages=True)
+    # Subscribe before reading the table, so nothing committed in between is missed; the ids
+    # drop whatever arrives twice.
+    pubsub.subscribe(channel(user_id))
+    last_sent = after or 0
+    try:
+        if after is not None:
+            for item in notifications_after(user_id, after, REPLAY_LIMIT):
+                ws.send(json.dumps(item))
+                last_sent = item["id"]
+            db.session.rollback()
+        while True:
+            message = pubsub.get_message(timeout=SOCKET_POLL_SECONDS)
+            if message is not None:
+                item = json.loads(message["data"])
+                if item["id"] > last_sent:
+                    ws.send(json.dumps(item))
+                    last_sent = item["id"]
+            ws.receive(timeout=0)  # raises ConnectionClosed once the page has gone
+    except ConnectionClosed:
+        pass
+    except redis.RedisError as exc:
+        log.warning("notification stream for %s lost Redis: %s", user_id, exc)
+        ws.close(reason=1011, message="notifications unavailable; reconnect")
+    finally:
+        pubsub.close()

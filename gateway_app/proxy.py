@@ -1,0 +1,82 @@
+"""Routing /api/... to the service that owns it, passing method, body, query, status and the
+Idempotency-Key through, with the caller's identity signed by the gateway and the request id.
+
+A service that cannot be reached answers 503, one too slow 504, one that fails 502: always the
+usual JSON error, never a hang and never a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import requests
+from flask import Response, current_app, g, request
+
+from shared.errors import ApiError
+from shared.internal_auth import identity_headers
+from shared.request_context import REQUEST_ID_HEADER, current_request_id
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_SECONDS = 1.0
+FORWARDED_REQUEST_HEADERS = ("Content-Type", "Idempotency-Key", "Accept")
+FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Retry-After")
+
+_sessions = threading.local()
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    code = "SERVICE_UNAVAILABLE"
+
+
+class UpstreamTimeout(ApiError):
+    status = 504
+    code = "UPSTREAM_TIMEOUT"
+
+
+class BadGateway(ApiError):
+    status = 502
+    code = "BAD_GATEWAY"
+
+
+def _http() -> requests.Session:
+    # One pooled session per thread: requests' Session is not meant to be shared across threads.
+    if not hasattr(_sessions, "session"):
+        _sessions.session = requests.Session()
+    return _sessions.session
+
+
+def forward(service: str, path: str) -> Response:
+    """Send the current request to `service` at `path` and relay its answer."""
+    settings = current_app.extensions["hseshop.settings"]
+    base = {"orders": settings.orders_service_url, "payments": settings.payments_service_url}[service]
+    headers = {name: request.headers[name] for name in FORWARDED_REQUEST_HEADERS
+               if name in request.headers}
+    headers.update(identity_headers(g.user_id, settings.internal_auth_secret))
+    headers[REQUEST_ID_HEADER] = current_request_id() or ""
+    url = f"{base}{path}"
+    if request.query_string:
+        url = f"{url}?{request.query_string.decode('latin-1')}"
+    try:
+        upstream = _http().request(
+            request.method, url, data=request.get_data(), headers=headers, allow_redirects=False,
+            timeout=(CONNECT_TIMEOUT_SECONDS, settings.upstream_timeout_seconds))
+    except requests.ConnectionError as exc:  # refused, unresolvable, or no connection in time
+        log.warning("%s unreachable: %s", service, exc)
+        raise ServiceUnavailable(f"The {service} service is unavailable; try again shortly.",
+                                 details={"service": service}) from None
+    except requests.Timeout:  # connected, but no answer in time
+        log.warning("%s timed out", service)
+        raise UpstreamTimeout(f"The {service} service took too long to answer.",
+                              details={"service": service}) from None
+    if upstream.status_code >= 500:
+        log.error("%s answered %s: %s", service, upstream.status_code, upstream.text[:500])
+        raise BadGateway(f"The {service} service failed to answer.", details={"service": service})
+    response = Response(upstream.content, status=upstream.status_code)
+    for name in FORWARDED_RESPONSE_HEADERS:
+        if name in upstream.headers:
+            response.headers[name] = upstream.headers[name]
+    return response
+

@@ -1,0 +1,42 @@
+"""Bearer tokens: signed (HS256), expiring, naming the user the gateway signed in."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jwt
+
+ALGORITHM = "HS256"
+ISSUER = "hseshop-gateway"
+
+
+class InvalidToken(ValueError):
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    access_token: str
+    expires_in: int
+
+
+def issue_token(user_id: str, username: str, secret: str, ttl_seconds: int,
+                now: float | None = None) -> IssuedToken:
+    issued_at = int(time.time() if now is None else now)
+    claims = {"sub": user_id, "username": username, "iss": ISSUER, "iat": issued_at,
+              "exp": issued_at + ttl_seconds}
+    return IssuedToken(jwt.encode(claims, secret, algorithm=ALGORITHM), ttl_seconds)
+
+
+def user_id_from_token(token: str, secret: str) -> str:
+    try:
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], issuer=ISSUER,
+                            options={"require": ["sub", "exp", "iat", "iss"]})
+    except jwt.ExpiredSignatureError:
+        raise InvalidToken("The token has expired; sign in again.", "TOKEN_EXPIRED") from None
+    except jwt.PyJWTError:
+        raise InvalidToken("The token is not valid.", "INVALID_TOKEN") from None
+    return claims["sub"]

@@ -1,0 +1,42 @@
+"""The Orders API's request and response schemas (also documented by the gateway)."""
+
+from __future__ import annotations
+
+from marshmallow import RAISE, Schema, fields, validate
+
+from orders_app.models import STATUSES
+from shared.fields import Amount
+
+MAX_PAGE = 200
+
+
+class PlaceOrderSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    amount = Amount(required=True, metadata={"example": "30.00"})
+    description = fields.String(load_default="", validate=validate.Length(max=500))
+
+
+class OrderSchema(Schema):
+    id = fields.UUID()
+    user_id = fields.String()
+    amount = Amount()
+    description = fields.String()
+    status = fields.String(metadata={"enum": list(STATUSES)})
+    reason = fields.String(allow_none=True)
+    created_at = fields.DateTime(format="iso")
+    updated_at = fields.DateTime(format="iso")
+
+
+class OrderPageSchema(Schema):
+    items = fields.List(fields.Nested(OrderSchema))
+    next_cursor = fields.String(allow_none=True)
+
+
+class ListOrdersQuerySchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=MAX_PAGE))
+    cursor = fields.String(load_default=None, validate=validate.Length(min=1, max=500))

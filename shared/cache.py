@@ -1,0 +1,98 @@
+"""A read-through cache in Redis that never serves a value older than the reader's own last write.
+
+Every cached value belongs to a namespace (one user's balance, one user's orders) with a version
+counter. A write bumps the version once its transaction has committed; a read uses a cached value
+only if it was stored under the current version. A reader that raced a write therefore stores its
+value under the old version, where nobody will use it. Redis being down costs only speed: reads go
+to the database, and nothing fails.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from flask import current_app
+from sqlalchemy.orm import Session
+
+from shared.db import after_commit
+
+log = logging.getLogger(__name__)
+
+CACHE_EXTENSION = "hseshop.cache"
+# Versions outlive every value stored under them, so a lost version can never revive old values.
+_VERSION_TTL_SECONDS = 7 * 24 * 3600
+
+
+class VersionedCache:
+    def __init__(self, redis_url: str, ttl_seconds: int, prefix: str):
+        self._client = redis.Redis.from_url(redis_url, socket_timeout=0.25,
+                                            socket_connect_timeout=0.25)
+        self._ttl = ttl_seconds
+        self._prefix = prefix
+
+    def _keys(self, namespace: str, key: str) -> tuple[str, str]:
+        return (f"{self._prefix}:version:{namespace}",
+                f"{self._prefix}:value:{namespace}:{key}")
+
+    def read(self, namespace: str, key: str, load: Callable[[], Any]) -> Any:
+        """The cached value, or `load()`'s (JSON-serialisable) result, stored for next time."""
+        version_key, value_key = self._keys(namespace, key)
+        try:
+            version, cached = self._client.mget(version_key, value_key)
+        except redis.RedisError as exc:
+            log.warning("cache unavailable, reading %s from the database: %s", namespace, exc)
+            return load()
+        version = (version or b"0").decode()
+        if cached is not None:
+            entry = json.loads(cached)
+            if entry["version"] == version:
+                return entry["value"]
+        value = load()
+        try:
+            self._client.set(value_key, json.dumps({"version": version, "value": value}),
+                             ex=self._ttl)
+        except redis.RedisError as exc:
+            log.warning("cache unavailable, not storing %s: %s", namespace, exc)
+        return value
+
+    def invalidate(self, namespace: str) -> None:
+        version_key, _ = self._keys(namespace, "")
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.incr(version_key)
+            pipe.expire(version_key, _VERSION_TTL_SECONDS)
+            pipe.execute()
+        except redis.RedisError as exc:
+            # Values already cached expire within the TTL; said here because it is the one way a
+            # reader could see something older than a write.
+            log.error("cache unavailable, could not invalidate %s: %s", namespace, exc)
+
+
+def app_cache() -> VersionedCache:
+    return current_app.extensions[CACHE_EXTENSION]
+
+
+def invalidate_after_commit(session: Session, namespace: str) -> None:
+    """Bump the namespace's version once the caller's transaction has committed."""
+    cache = app_cache()
+    after_commit(session, _Invalidation(cache, namespace))
+
+
+class _Invalidation:
+    """A callable that compares equal for the same namespace, so one commit bumps it once."""
+
+    def __init__(self, cache: VersionedCache, namespace: str):
+        self.cache, self.namespace = cache, namespace
+
+    def __call__(self) -> None:
+        self.cache.invalidate(self.namespace)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Invalidation) and other.namespace == self.namespace
+
+    def __hash__(self) -> int:
+        return hash(self.namespace)

@@ -1,0 +1,73 @@
+"""The request id that follows one user action from the click to the final status: taken from (or
+given to) each HTTP request, put on every log line, written into the Kafka headers of the messages
+the request causes, and restored while a service handles such a message."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+from flask import Flask, request
+
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_KAFKA_HEADER = "request_id"
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+
+_current: ContextVar[str | None] = ContextVar("hseshop_request_id", default=None)
+
+
+def current_request_id() -> str | None:
+    return _current.get()
+
+
+def sane_request_id(candidate: str | None) -> str:
+    """The caller's id when it is sane, else a new one."""
+    if candidate and _SANE_REQUEST_ID.match(candidate):
+        return candidate
+    return uuid.uuid4().hex
+
+
+@contextmanager
+def request_id_bound(request_id: str | None) -> Iterator[None]:
+    token = _current.set(request_id)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+class RequestIdLogFilter(logging.Filter):
+    """Adds `request_id` to every log record, so formats can show it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = _current.get() or "-"
+        return True
+
+
+def install_request_ids(app: Flask) -> None:
+    """Bind each request's id for its duration, echo it back, and log one line per request."""
+    log = logging.getLogger(f"hseshop.{app.name}.http")
+
+    @app.before_request
+    def _bind_request_id():
+        request.environ["hseshop.request_id_token"] = _current.set(
+            sane_request_id(request.headers.get(REQUEST_ID_HEADER)))
+
+    @app.after_request
+    def _echo_request_id(response):
+        request_id = _current.get()
+        if request_id:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        log.info("%s %s -> %s [request_id=%s]", request.method, request.path,
+                 response.status_code, request_id)
+        return response
+
+    @app.teardown_request
+    def _unbind_request_id(_exc):
+        token = request.environ.pop("hseshop.request_id_token", None)
+        if token is not None:
+            _current.reset(token)
