@@ -188,10 +188,14 @@ def test_stack_env_is_the_config_contract_and_overrides_may_name_the_found_servi
     assert env == {
         "ORDERS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/test_orders",
         "PAYMENTS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/hseshop_payments",
+        "GATEWAY_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/hseshop_gateway",
+        "ORDERS_SERVICE_URL": "http://127.0.0.1:8001",
+        "PAYMENTS_SERVICE_URL": "http://127.0.0.1:8002",
         "REDIS_URL": "redis://127.0.0.1:6379/5",
         "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:19999",
         "KAFKA_CONSUMER_GROUP_PREFIX": "hseshop",
         "TOPIC_PAYMENT_REQUESTED": "orders.payment-requested",
         "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
+        "TOPIC_ORDER_STATUS_CHANGED": "orders.order-status-changed",
     }
     assert stack.orders_url == "http://127.0.0.1:8001" and stack.flower_url is None
