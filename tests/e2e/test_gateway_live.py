@@ -1,0 +1,120 @@
+"""The gateway in the running shop: the user story through the front door, live notifications to
+the right user only, on either of two gateway instances, and catch-up after a reconnect."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from devstack.infra import free_port, wait_for_process
+from devstack.processes import ManagedProcess
+from devstack.stack import REPO_ROOT, gunicorn_argv
+from tests.e2e.gateway_client import GatewayClient
+
+
+@pytest.fixture(scope="module")
+def second_gateway(stack, run_dir):
+    """Another gateway instance on the same databases and Redis, as a scaled deployment runs."""
+    port = free_port()
+    process = ManagedProcess("gateway-2", [sys.executable, "-m",
+                                           *gunicorn_argv(port, "gateway_app:create_app()")],
+                             {**stack.env}, run_dir / "gateway-2.log", REPO_ROOT).start()
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return requests.get(f"{url}/health", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_for_process(process, healthy, timeout=30, what="the second gateway")
+    yield url
+    process.stop()
+
+
+def test_a_shopper_signs_up_tops_up_orders_and_is_told_the_moment_it_finishes(stack):
+    shopper = GatewayClient(stack.gateway_url)
+    bystander = GatewayClient(stack.gateway_url)
+    shopper.open_account_with(100)
+    listener, other = shopper.listen(), bystander.listen()
+    try:
+        order = shopper.place_order(30)
+        event = listener.next_for(order["id"], timeout=10)
+        assert event["type"] == "OrderStatusChanged"
+        assert event["payload"]["status"] == "FINISHED" and event["payload"]["amount"] == "30.00"
+        assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "70.00"
+        assert other.next(timeout=1.0) is None  # another user is never told
+    finally:
+        listener.close()
+        other.close()
+
+
+def test_a_page_on_either_gateway_instance_gets_its_notifications(stack, second_gateway):
+    shopper = GatewayClient(stack.gateway_url)
+    shopper.open_account_with(10)
+    on_first, on_second = shopper.listen(), shopper.listen(gateway_url=second_gateway)
+    try:
+        order = shopper.place_order(50)  # more than the balance
+        for listener in (on_first, on_second):
+            event = listener.next_for(order["id"])
+            assert (event["payload"]["status"], event["payload"]["reason"]) == \
+                ("CANCELLED", "INSUFFICIENT_FUNDS")
+    finally:
+        on_first.close()
+        on_second.close()
+
+
+def test_a_page_that_reconnects_catches_up_on_what_it_missed(stack):
+    shopper = GatewayClient(stack.gateway_url)
+    shopper.open_account_with(100)
+    listener = shopper.listen()
+    first = shopper.place_order(10)
+    seen = listener.next_for(first["id"])
+    listener.close()
+    missed = [shopper.place_order(n) for n in (11, 12)]
+    for order in missed:
+        shopper.wait_until_final(order["id"])
+    listener = shopper.listen(after=seen["id"])
+    try:
+        replayed = [listener.next(timeout=5) for _ in missed]
+        assert [r["payload"]["order_id"] for r in replayed] == [o["id"] for o in missed]
+        assert all(r["id"] > seen["id"] for r in replayed)
+    finally:
+        listener.close()
+    history = shopper.api("GET", f"/notifications?after={seen['id']}", 200)["items"]
+    assert [h["payload"]["order_id"] for h in history] == [o["id"] for o in missed]
+
+
+def test_a_bad_token_cannot_open_the_notification_socket(stack):
+    import simple_websocket
+
+    url = stack.gateway_url.replace("http://", "ws://") + "/api/notifications/ws?access_token=x"
+    socket = simple_websocket.Client.connect(url)
+    with pytest.raises(simple_websocket.ConnectionClosed):
+        socket.receive(timeout=5)
+
+
+def test_the_request_id_follows_an_order_from_the_click_into_both_services_messages(
+        stack, orders_db, payments_db):
+    shopper = GatewayClient(stack.gateway_url)
+    shopper.open_account_with(5)
+    request_id = f"click-{uuid.uuid4().hex}"
+    response = shopper.http.post(f"{stack.gateway_url}/api/orders", json={"amount": 5},
+                                 headers={"X-Request-ID": request_id}, timeout=10)
+    assert response.headers["X-Request-ID"] == request_id
+    order = shopper.wait_until_final(response.json()["id"])
+    with orders_db.connect() as conn:
+        sent = conn.execute(sa.text(
+            "SELECT type, headers->>'request_id' FROM outbox_messages WHERE correlation_id = :id "
+            "ORDER BY id"), {"id": order["id"]}).all()
+        received = conn.scalar(sa.text(
+            "SELECT request_id FROM inbox_messages WHERE correlation_id = :id"), {"id": order["id"]})
+    with payments_db.connect() as conn:
+        handled = conn.scalar(sa.text(
+            "SELECT request_id FROM inbox_messages WHERE correlation_id = :id"), {"id": order["id"]})
+    assert sent == [("PaymentRequested", request_id), ("OrderStatusChanged", request_id)]
+    assert handled == request_id and received == request_id

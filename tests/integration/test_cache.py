@@ -1,0 +1,89 @@
+"""Reads served from Redis never go stale after a write, and Redis being down breaks nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from decimal import Decimal
+
+import pytest
+
+import orders_app
+import payments_app
+from devstack.infra import free_port
+from orders_app import service as orders
+from payments_app import service as payments
+from shared.cache import VersionedCache
+from shared.config import get_settings
+from shared.db import transaction
+from shared.internal_auth import identity_headers
+from shared.outbox import RELAY_KICK_EXTENSION
+
+
+def _as(user_id):
+    return identity_headers(user_id, get_settings().internal_auth_secret)
+
+
+@pytest.fixture
+def cache(settings):
+    return VersionedCache(settings.redis_url, 60, prefix=f"test-{uuid.uuid4().hex[:6]}")
+
+
+def test_a_value_read_before_a_write_and_stored_after_it_is_never_served(cache):
+    loads = iter(["old", "new"])
+    # The reader reads the version, then the database ("old")...
+    stale_reader_value = cache.read("ns", "k", lambda: (cache.invalidate("ns"), next(loads))[1])
+    # ...while the write commits and bumps the version before the reader stores "old".
+    assert stale_reader_value == "old"
+    assert cache.read("ns", "k", lambda: next(loads)) == "new"
+    assert cache.read("ns", "k", lambda: pytest.fail("should be cached now")) == "new"
+
+
+def test_each_payment_write_path_invalidates_the_cached_balance(
+        payments_flask_app, user_id):
+    client = payments_flask_app.test_client()
+    client.post("/accounts", headers=_as(user_id))
+    client.post("/accounts/deposit", json={"amount": 50}, headers=_as(user_id))
+    assert client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == "50.00"
+    client.post("/accounts/deposit", json={"amount": 5}, headers=_as(user_id))
+    assert client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == "55.00"
+    with payments_flask_app.app_context():
+        with transaction() as session:
+            payments.take_payment(session, order_id=uuid.uuid4(), user_id=user_id,
+                                  amount=Decimal("15"), correlation_id=None)
+    assert client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == "40.00"
+
+
+def test_placing_and_settling_orders_invalidate_the_cached_orders(orders_flask_app, user_id):
+    client = orders_flask_app.test_client()
+    assert client.get("/orders", headers=_as(user_id)).get_json()["items"] == []
+    order = client.post("/orders", json={"amount": 3}, headers=_as(user_id)).get_json()
+    assert [o["id"] for o in client.get("/orders", headers=_as(user_id)).get_json()["items"]] == \
+        [order["id"]]
+    assert client.get(f"/orders/{order['id']}", headers=_as(user_id)).get_json()["status"] == "NEW"
+    with orders_flask_app.app_context():
+        with transaction() as session:
+            orders.apply_payment_result(session, order_id=uuid.UUID(order["id"]), user_id=user_id,
+                                        succeeded=False, reason="NO_ACCOUNT")
+    settled = client.get(f"/orders/{order['id']}", headers=_as(user_id)).get_json()
+    assert (settled["status"], settled["reason"]) == ("CANCELLED", "NO_ACCOUNT")
+    listed = client.get("/orders", headers=_as(user_id)).get_json()["items"]
+    assert listed[0]["status"] == "CANCELLED"
+
+
+def test_with_redis_down_reads_and_writes_still_work(settings, user_id):
+    no_redis = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    pay = payments_app.create_app(settings=no_redis)
+    shop = orders_app.create_app(settings=no_redis)
+    for app in (pay, shop):
+        app.extensions[RELAY_KICK_EXTENSION] = None
+    pay_client, shop_client = pay.test_client(), shop.test_client()
+    assert pay_client.post("/accounts", headers=_as(user_id)).status_code == 201
+    assert pay_client.post("/accounts/deposit", json={"amount": 9},
+                           headers=_as(user_id)).status_code == 200
+    assert pay_client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == "9.00"
+    order = shop_client.post("/orders", json={"amount": 1}, headers=_as(user_id))
+    assert order.status_code == 202
+    assert shop_client.get(f"/orders/{order.get_json()['id']}",
+                           headers=_as(user_id)).status_code == 200
+    assert shop_client.get("/health").status_code == 503  # and it says so

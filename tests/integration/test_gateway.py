@@ -1,0 +1,198 @@
+"""The gateway in-process, in front of both services served over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import threading
+import time
+import uuid
+
+import pytest
+from werkzeug.serving import make_server
+
+import gateway_app
+from devstack.infra import free_port
+from gateway_app.tokens import issue_token
+
+
+class _Served:
+    """A WSGI app or a plain handler on a free loopback port, in a thread."""
+
+    def __init__(self, server):
+        self.server = server
+        self.url = f"http://127.0.0.1:{server.server_port}"
+        self.thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _SlowHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(3)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+class _FailingHandler(_SlowHandler):
+    def do_GET(self):
+        self.send_response(500)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        self.wfile.write(b"Traceback (most recent call last): secret internals")
+
+
+@pytest.fixture(scope="module")
+def upstreams(orders_flask_app, payments_flask_app):
+    served = {name: _Served(make_server("127.0.0.1", 0, app, threaded=True))
+              for name, app in (("orders", orders_flask_app), ("payments", payments_flask_app))}
+    yield served
+    for server in served.values():
+        server.close()
+
+
+def _gateway(settings, **changes):
+    app = gateway_app.create_app(settings=dataclasses.replace(settings, **changes))
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def gateway(settings, upstreams):
+    return _gateway(settings, orders_service_url=upstreams["orders"].url,
+                    payments_service_url=upstreams["payments"].url)
+
+
+def _sign_up(client, name=None) -> tuple[str, dict]:
+    username = name or f"user-{uuid.uuid4().hex[:10]}"
+    response = client.post("/api/auth/register", json={"username": username,
+                                                      "password": "correct horse"})
+    assert response.status_code == 201, response.get_json()
+    body = response.get_json()
+    return body["user_id"], {"Authorization": f"Bearer {body['access_token']}"}
+
+
+def test_sign_up_sign_in_and_the_token_decides_who_you_are(gateway):
+    username = f"alice-{uuid.uuid4().hex[:8]}"
+    user_id, auth = _sign_up(gateway, username)
+    again = gateway.post("/api/auth/register", json={"username": username, "password": "x" * 8})
+    assert again.status_code == 409 and again.get_json()["error"]["code"] == "USERNAME_TAKEN"
+    wrong = gateway.post("/api/auth/login", json={"username": username, "password": "wrong pass"})
+    assert wrong.status_code == 401
+    assert wrong.get_json()["error"]["code"] == "INVALID_CREDENTIALS"
+    login = gateway.post("/api/auth/login", json={"username": username, "password": "correct horse"})
+    assert login.status_code == 200 and login.get_json()["user_id"] == user_id
+    assert login.get_json()["token_type"] == "Bearer" and login.get_json()["expires_in"] > 0
+
+    spoofed = {**auth, "X-User-ID": "somebody-else"}
+    assert gateway.post("/api/accounts", headers=spoofed).status_code == 201
+    balance = gateway.get("/api/accounts/balance", headers=spoofed).get_json()
+    assert balance == {"user_id": user_id, "balance": "0.00"}
+
+
+@pytest.mark.parametrize("body", [{}, {"username": "a b", "password": "long enough"},
+                                  {"username": "ok", "password": "short"},
+                                  {"username": "ok", "password": "long enough", "extra": 1}])
+def test_bad_sign_up_input_is_a_4xx(gateway, body):
+    response = gateway.post("/api/auth/register", json=body)
+    assert response.status_code == 422
+    assert set(response.get_json()["error"]) == {"code", "message", "details"}
+
+
+def test_requests_pass_through_with_method_body_query_status_and_idempotency_key(gateway):
+    _, auth = _sign_up(gateway)
+    assert gateway.post("/api/accounts", headers=auth).status_code == 201
+    key = {**auth, "Idempotency-Key": str(uuid.uuid4())}
+    first = gateway.post("/api/accounts/deposit", json={"amount": "40"}, headers=key)
+    second = gateway.post("/api/accounts/deposit", json={"amount": "40"}, headers=key)
+    assert first.status_code == second.status_code == 200
+    assert second.get_json()["balance"] == "40.00"
+    order = gateway.post("/api/orders", json={"amount": 5, "description": "pen"}, headers=auth)
+    assert order.status_code == 202
+    listed = gateway.get("/api/orders?limit=1", headers=auth).get_json()
+    assert [o["id"] for o in listed["items"]] == [order.get_json()["id"]]
+    bad = gateway.post("/api/orders", json={"amount": "-1"}, headers=auth)
+    assert bad.status_code == 422 and bad.get_json()["error"]["code"] == "VALIDATION_ERROR"
+    missing = gateway.get(f"/api/orders/{uuid.uuid4()}", headers=auth)
+    assert missing.status_code == 404
+
+
+def test_the_request_id_is_kept_when_sane_and_made_up_otherwise(gateway):
+    _, auth = _sign_up(gateway)
+    kept = gateway.get("/api/orders", headers={**auth, "X-Request-ID": "trace-12345678"})
+    assert kept.headers["X-Request-ID"] == "trace-12345678"
+    replaced = gateway.get("/api/orders", headers={**auth, "X-Request-ID": "bad id!"})
+    assert replaced.headers["X-Request-ID"] != "bad id!" and len(replaced.headers["X-Request-ID"]) >= 8
+
+
+@pytest.mark.parametrize("authorization, code", [
+    (None, "MISSING_TOKEN"),
+    ("Basic abc", "MISSING_TOKEN"),
+    ("Bearer not-a-token", "INVALID_TOKEN"),
+])
+def test_requests_without_a_valid_token_are_401(gateway, authorization, code):
+    headers = {"Authorization": authorization} if authorization else {"X-User-ID": "alice"}
+    response = gateway.get("/api/orders", headers=headers)
+    assert response.status_code == 401 and response.get_json()["error"]["code"] == code
+
+
+def test_expired_and_forged_tokens_are_refused(gateway, settings):
+    expired = issue_token("usr_x", "x", settings.auth_token_secret, 60, now=time.time() - 3600)
+    response = gateway.get("/api/orders", headers={"Authorization": f"Bearer {expired.access_token}"})
+    assert response.status_code == 401
+    assert response.get_json()["error"]["code"] == "TOKEN_EXPIRED"
+    forged = issue_token("usr_x", "x", "someone else's secret, just as long as ours", 60)
+    response = gateway.get("/api/orders", headers={"Authorization": f"Bearer {forged.access_token}"})
+    assert response.status_code == 401
+    assert response.get_json()["error"]["code"] == "INVALID_TOKEN"
+
+
+def test_a_service_that_is_down_is_503_and_one_that_is_slow_is_504(settings, upstreams):
+    slow = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler))
+    failing = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingHandler))
+    try:
+        client = _gateway(settings, orders_service_url=f"http://127.0.0.1:{free_port()}",
+                          payments_service_url=slow.url, upstream_timeout_seconds=0.5)
+        _, auth = _sign_up(client)
+        down = client.get("/api/orders", headers=auth)
+        assert down.status_code == 503
+        assert down.get_json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+        started = time.monotonic()
+        timeout = client.get("/api/accounts/balance", headers=auth)
+        assert timeout.status_code == 504 and time.monotonic() - started < 2.5
+        assert timeout.get_json()["error"]["code"] == "UPSTREAM_TIMEOUT"
+        broken = _gateway(settings, orders_service_url=failing.url).get("/api/orders",
+                                                                          headers=auth)
+        assert broken.status_code == 502 and b"Traceback" not in broken.data
+    finally:
+        slow.close()
+        failing.close()
+
+
+def test_past_the_rate_limit_a_user_gets_429_with_retry_after(settings, upstreams, gateway):
+    client = _gateway(settings, orders_service_url=upstreams["orders"].url,
+                      payments_service_url=upstreams["payments"].url, rate_limit_per_minute=5)
+    _, auth = _sign_up(gateway)  # sign-up is limited per address, and this one is shared
+    statuses = [client.get("/api/orders", headers=auth).status_code for _ in range(7)]
+    assert statuses[:5] == [200] * 5 and statuses[5:] == [429, 429]
+    limited = client.get("/api/orders", headers=auth)
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert limited.get_json()["error"]["code"] == "RATE_LIMITED"
+    _, other = _sign_up(gateway)  # another user has a budget of their own
+    assert client.get("/api/orders", headers=other).status_code == 200
+
+
+def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_ui(gateway):
+    spec = gateway.get("/docs/openapi.json").get_json()
+    assert {"/api/orders", "/api/orders/{order_id}", "/api/accounts", "/api/accounts/deposit",
+            "/api/accounts/balance", "/api/auth/register", "/api/auth/login",
+            "/api/notifications"} <= set(spec["paths"])
+    assert "Bearer" in spec["components"]["securitySchemes"]
+    assert "PlaceOrder" in spec["components"]["schemas"]
+    page = gateway.get("/docs")
+    assert page.status_code == 200 and b"swagger-ui-bundle.js" in page.data
