@@ -1,0 +1,41 @@
+# One image for every HseShop process; the command picks the process (docker-compose.yml shows all):
+#   gunicorn -b 0.0.0.0:8001 ... "orders_app:create_app()"         (the default, below)
+#   gunicorn -b 0.0.0.0:8002 ... "payments_app:create_app()"
+#   gunicorn -b 0.0.0.0:8000 ... "gateway_app:create_app()"
+#   celery -A tasks worker -Q orders -P threads --consume orders    (and payments, gateway)
+#   celery -A tasks beat                                            (exactly one)
+#   celery -A tasks flower
+#   python -m shared.migrations upgrade orders                      (and payments, gateway)
+# Settings come from the environment: every variable of shared/config.py (deploy/compose.env).
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+WORKDIR /app
+
+# Runtime dependencies only (requirements/dev.txt adds the local stand-ins and test tools), in
+# their own layer so that a code change does not reinstall them. Every one ships a manylinux
+# wheel, so the slim image needs no compiler.
+COPY requirements/base.txt requirements/base.txt
+RUN pip install -r requirements/base.txt
+
+# The code belongs to root and is only readable by the user the processes run as.
+COPY . .
+RUN python -m compileall -q /app \
+    && groupadd --system --gid 10001 hseshop \
+    && useradd --system --uid 10001 --gid hseshop --home-dir /home/hseshop --create-home \
+       --shell /usr/sbin/nologin hseshop
+
+USER 10001:10001
+
+EXPOSE 8000 8001 8002 5555
+
+# For the default command; docker-compose.yml gives every other process a check of its own.
+HEALTHCHECK --interval=10s --timeout=8s --start-period=30s --retries=5 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8001/health', timeout=5)"]
+
+CMD ["gunicorn", "-b", "0.0.0.0:8001", "-w", "2", "--threads", "4", "--access-logfile", "-", \
+     "--no-control-socket", "orders_app:create_app()"]
