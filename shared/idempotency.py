@@ -42,8 +42,12 @@ Response = tuple[Any, int]
 
 
 def idempotency_key_from_request() -> str | None:
-    key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is None:
+    return checked_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
+
+
+def checked_idempotency_key(key: str | None) -> str | None:
+    """The key as given (None or empty: no key), or a 400 when it is not a usable key."""
+    if not key:
         return None
     if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable():
         raise ApiError(
@@ -59,12 +63,14 @@ def fingerprint(args: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def run_idempotently(session: Session, *, user_id: str, key: str | None, args: dict[str, Any],
-                     respond: Callable[[], Response]) -> Response:
-    """Run `respond` once per (user, endpoint, key); replay its response for a repeated request."""
+def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str | None,
+                     args: dict[str, Any], respond: Callable[[], Response]) -> Response:
+    """Run `respond` once per (user, endpoint, key); replay its response for a repeated request.
+
+    `endpoint` names the operation ("POST /orders"), whatever transport the request came by.
+    """
     if key is None:
         return respond()
-    endpoint = f"{request.method} {request.url_rule.rule if request.url_rule else request.path}"
     request_hash = fingerprint(args)
     claimed = session.execute(
         insert(IdempotencyKey)

@@ -1,0 +1,46 @@
+"""The Orders operations as every transport serves them (HTTP routes and gRPC methods alike):
+validated arguments in, the response body out. Transactions, idempotency and the read cache are
+handled here once, around the use cases."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from orders_app import service
+from orders_app.schemas import OrderPageSchema, OrderSchema
+from shared.cache import app_cache
+from shared.db import db, transaction
+from shared.errors import NotFound
+from shared.idempotency import run_idempotently
+
+ORDER = OrderSchema()
+ORDER_PAGE = OrderPageSchema()
+
+
+def place_order(user_id: str, args: dict[str, Any], idempotency_key: str | None) -> dict:
+    with transaction() as session:
+        body, _status = run_idempotently(
+            session, user_id=user_id, endpoint="POST /orders", key=idempotency_key, args=args,
+            respond=lambda: (ORDER.dump(service.place_order(session, user_id=user_id, **args)), 202),
+        )
+    return body
+
+
+def list_orders(user_id: str, args: dict[str, Any]) -> dict:
+    def load():
+        page = service.list_orders(db.session, user_id=user_id, **args)
+        return ORDER_PAGE.dump({"items": page.items, "next_cursor": page.next_cursor})
+
+    return app_cache().read(service.orders_cache_namespace(user_id),
+                            f"page:{args['limit']}:{args['cursor']}", load)
+
+
+def get_order(user_id: str, order_id: str) -> dict:
+    try:
+        parsed = uuid.UUID(order_id)
+    except ValueError:
+        raise NotFound("No such order.", code="ORDER_NOT_FOUND") from None
+    return app_cache().read(
+        service.orders_cache_namespace(user_id), f"order:{parsed}",
+        lambda: ORDER.dump(service.get_order(db.session, user_id=user_id, order_id=parsed)))
