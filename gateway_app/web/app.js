@@ -1,0 +1,530 @@
+// The HseShop page: signs in through the gateway's /api, keeps the balance and the order list on
+// screen, and follows the notifications WebSocket so each order's badge changes the moment it
+// is paid or cancelled. Plain browser JavaScript, no build step and no third-party code.
+"use strict";
+
+(() => {
+  const SESSION_KEY = "hseshop.session";
+  const ORDERS_PAGE = 50;
+  const NOTIFICATIONS_PAGE = 500;  // the gateway's largest page
+  const RECONNECT_FIRST_MS = 500;
+  const RECONNECT_MAX_MS = 10000;
+  const AMOUNT = /^\d{1,10}(\.\d{1,2})?$/;
+
+  const REASONS = { INSUFFICIENT_FUNDS: "insufficient funds", NO_ACCOUNT: "no account" };
+  const STATUS_LABELS = { NEW: "NEW · processing", FINISHED: "FINISHED · paid", CANCELLED: "CANCELLED" };
+  const ERROR_TEXT = {
+    USERNAME_TAKEN: "That username is taken. Choose another, or sign in.",
+    INVALID_CREDENTIALS: "Wrong username or password.",
+    ACCOUNT_EXISTS: "You already have an account.",
+    ACCOUNT_NOT_FOUND: "You have no account yet: open one first.",
+    RATE_LIMITED: "Too many requests.",
+  };
+
+  const $ = (id) => document.getElementById(id);
+
+  // --- state -----------------------------------------------------------------------------------
+
+  let session = null;            // {token, username, expiresAt}
+  const orders = new Map();      // order id -> order
+  let nextCursor = null;
+  let lastNotificationId = 0;
+  let socket = null;
+  let reconnectTimer = null;
+  let reconnectDelay = RECONNECT_FIRST_MS;
+  let expiryTimer = null;
+  let loadTimer = null;
+  // One Idempotency-Key per intended action: a retry of the same form contents reuses it, so a
+  // double click or a retry after a lost response counts once.
+  const pendingKeys = {};
+
+  // --- messages ---------------------------------------------------------------------------------
+
+  function showMessage(text, kind = "error") {
+    const box = $("message");
+    box.textContent = text;
+    box.dataset.kind = kind;
+    box.hidden = false;
+  }
+
+  function clearMessage() {
+    $("message").hidden = true;
+    $("message").textContent = "";
+  }
+
+  class ApiError extends Error {
+    constructor(status, code, message, details) {
+      super(message);
+      this.status = status;
+      this.code = code;
+      this.details = details;
+    }
+  }
+
+  function describeError(error) {
+    if (!(error instanceof ApiError)) return "Something went wrong: " + error.message;
+    if (error.status === 0) return "Cannot reach the shop. Check your connection and try again.";
+    if (error.code === "RATE_LIMITED") {
+      const wait = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : " Try again shortly.";
+      return ERROR_TEXT.RATE_LIMITED + wait;
+    }
+    if (error.status === 503 || error.status === 504) {
+      return "Part of the shop is not answering right now. Please try again in a moment.";
+    }
+    if (ERROR_TEXT[error.code]) return ERROR_TEXT[error.code];
+    const fields = flattenDetails(error.details);
+    return fields.length ? `${error.message} ${fields.join("; ")}` : error.message;
+  }
+
+  // Validation details look like {"json": {"amount": ["Must be greater than 0."]}}.
+  function flattenDetails(details, prefix = "") {
+    if (!details || typeof details !== "object") return [];
+    if (Array.isArray(details)) return [`${prefix}: ${details.join(" ")}`];
+    return Object.entries(details).flatMap(([key, value]) =>
+      flattenDetails(value, ["json", "query", "headers"].includes(key) ? prefix : key));
+  }
+
+  // --- HTTP -------------------------------------------------------------------------------------
+
+  async function api(method, path, { body, idempotencyKey, anonymous = false } = {}) {
+    const headers = { Accept: "application/json" };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    if (!anonymous && session) headers.Authorization = `Bearer ${session.token}`;
+    if (idempotencyKey) headers["Idempotency-Key"] = idempotencyKey;
+    let response;
+    try {
+      response = await fetch(path, {
+        method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch (exc) {
+      throw new ApiError(0, "NETWORK", exc.message);
+    }
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (exc) {
+      data = null;
+    }
+    if (response.ok) return data;
+    const info = (data && data.error) || {};
+    const error = new ApiError(response.status, info.code || `HTTP_${response.status}`,
+                               info.message || response.statusText, info.details);
+    error.retryAfter = response.headers.get("Retry-After");
+    if (response.status === 401 && !anonymous) {
+      signOut();
+      showMessage(error.code === "TOKEN_EXPIRED"
+        ? "Your session has expired. Please sign in again."
+        : "Please sign in again.");
+      error.handled = true;
+    }
+    throw error;
+  }
+
+  function report(error) {
+    if (!error.handled) showMessage(describeError(error));
+  }
+
+  function randomKey() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    // randomUUID exists only on https and localhost; getRandomValues works everywhere.
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+    return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+  }
+
+  function keyFor(action, contents) {
+    const fingerprint = JSON.stringify(contents);
+    const pending = pendingKeys[action];
+    if (pending && pending.fingerprint === fingerprint) return pending.key;
+    pendingKeys[action] = { fingerprint, key: randomKey() };
+    return pendingKeys[action].key;
+  }
+
+  // Runs a form's request with its submit button disabled, so one click sends one request.
+  async function whileBusy(button, work) {
+    if (button.disabled) return;
+    button.disabled = true;
+    try {
+      await work();
+    } catch (error) {
+      report(error);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  // --- session ----------------------------------------------------------------------------------
+
+  function loadSession() {
+    try {
+      const saved = JSON.parse(sessionStorage.getItem(SESSION_KEY));
+      if (saved && saved.token && saved.expiresAt > Date.now()) return saved;
+    } catch (exc) {
+      // an unreadable saved session is the same as none
+    }
+    sessionStorage.removeItem(SESSION_KEY);
+    return null;
+  }
+
+  function startSession(body) {
+    session = {
+      token: body.access_token,
+      username: body.username,
+      expiresAt: Date.now() + body.expires_in * 1000,
+    };
+    sessionStorage.setItem(SESSION_KEY, JSON.stringify(session));
+    enterShop();
+  }
+
+  // The open socket outlives the token, so the page signs itself out when the token expires.
+  function watchExpiry() {
+    clearTimeout(expiryTimer);
+    expiryTimer = setTimeout(() => {
+      signOut();
+      showMessage("Your session has expired. Please sign in again.");
+    }, Math.min(session.expiresAt - Date.now(), 2 ** 31 - 1));
+  }
+
+  function signOut() {
+    session = null;
+    sessionStorage.removeItem(SESSION_KEY);
+    clearTimeout(expiryTimer);
+    clearTimeout(loadTimer);
+    loadTimer = null;
+    closeSocket();
+    orders.clear();
+    nextCursor = null;
+    lastNotificationId = 0;
+    $("orders").replaceChildren();
+    $("balance").textContent = "…";
+    $("password").value = "";
+    showAuth();
+  }
+
+  function showAuth() {
+    $("session").hidden = true;
+    $("shop-section").hidden = true;
+    $("auth-section").hidden = false;
+    $("username").focus();
+  }
+
+  async function enterShop() {
+    $("current-user").textContent = session.username;
+    $("session").hidden = false;
+    $("auth-section").hidden = true;
+    $("shop-section").hidden = false;
+    watchExpiry();
+    renderOrders();
+    await loadShop();
+  }
+
+  async function loadShop(attempt = 0) {
+    loadTimer = null;
+    try {
+      // Learn the last notification first, then read the orders: anything that changes after
+      // that id is replayed by the socket, so no status change can fall between the two reads.
+      await catchUpNotificationId();
+      await Promise.all([refreshBalance(), loadOrders()]);
+      if (attempt > 0) clearMessage();
+      connectSocket();
+    } catch (error) {
+      report(error);
+      if (session && !error.handled) {
+        const delay = Math.min(RECONNECT_FIRST_MS * 2 ** (attempt + 1), RECONNECT_MAX_MS);
+        loadTimer = setTimeout(() => loadShop(attempt + 1), delay);
+      }
+    }
+  }
+
+  async function onAuthSubmit(event) {
+    event.preventDefault();
+    const mode = event.submitter && event.submitter.value === "register" ? "register" : "login";
+    const username = $("username").value.trim();
+    const password = $("password").value;
+    if (!/^[A-Za-z0-9_.-]{1,64}$/.test(username)) {
+      showMessage("Username: 1 to 64 letters, digits, underscores, dots or hyphens.");
+      return;
+    }
+    if (password.length < 8 || password.length > 128) {
+      showMessage("Password: 8 to 128 characters.");
+      return;
+    }
+    const button = mode === "register" ? $("sign-up") : $("sign-in");
+    await whileBusy(button, async () => {
+      const body = await api("POST", `/api/auth/${mode}`, {
+        body: { username, password }, anonymous: true,
+      });
+      clearMessage();
+      if (mode === "register") showMessage("Welcome! Open your account to get started.", "info");
+      startSession(body);
+    });
+  }
+
+  // --- account ----------------------------------------------------------------------------------
+
+  function showAccount(account) {
+    const exists = account !== null;
+    $("balance").textContent = exists ? account.balance : "no account";
+    $("balance").dataset.state = exists ? "open" : "none";
+    $("no-account").hidden = exists;
+    $("topup-form").hidden = !exists;
+  }
+
+  async function refreshBalance() {
+    try {
+      showAccount(await api("GET", "/api/accounts/balance"));
+    } catch (error) {
+      if (error.code !== "ACCOUNT_NOT_FOUND") throw error;
+      showAccount(null);
+    }
+  }
+
+  async function onOpenAccount() {
+    await whileBusy($("open-account"), async () => {
+      try {
+        showAccount(await api("POST", "/api/accounts"));
+        showMessage("Your account is open.", "info");
+      } catch (error) {
+        if (error.code !== "ACCOUNT_EXISTS") throw error;
+        await refreshBalance();
+      }
+    });
+  }
+
+  async function onTopUp(event) {
+    event.preventDefault();
+    const amount = $("topup-amount").value.trim();
+    if (!AMOUNT.test(amount) || Number(amount) <= 0) {
+      showMessage("Enter a top-up amount above 0 with at most two decimals, e.g. 100 or 12.50.");
+      return;
+    }
+    await whileBusy($("topup-submit"), async () => {
+      const account = await api("POST", "/api/accounts/deposit", {
+        body: { amount }, idempotencyKey: keyFor("deposit", { amount }),
+      });
+      delete pendingKeys.deposit;
+      showAccount(account);
+      $("topup-amount").value = "";
+      showMessage(`Topped up ${amount}. Balance: ${account.balance}.`, "info");
+    });
+  }
+
+  // --- orders -----------------------------------------------------------------------------------
+
+  // Newest first; the id breaks ties between orders made in the same instant.
+  function newestFirst(a, b) {
+    if (a.created_at !== b.created_at) return a.created_at < b.created_at ? 1 : -1;
+    return a.id < b.id ? 1 : -1;
+  }
+
+  // Statuses only move NEW -> FINISHED/CANCELLED, so a late NEW never replaces a final status.
+  function rememberOrder(order) {
+    const known = orders.get(order.id);
+    if (known && known.status !== "NEW" && order.status === "NEW") return known;
+    const merged = { ...known, ...order };
+    orders.set(order.id, merged);
+    return merged;
+  }
+
+  function badgeText(order) {
+    const label = STATUS_LABELS[order.status] || order.status;
+    if (order.status !== "CANCELLED" || !order.reason) return label;
+    return `${label} · ${REASONS[order.reason] || order.reason}`;
+  }
+
+  function renderOrder(order) {
+    const item = document.createElement("li");
+    item.className = "order";
+    item.dataset.testid = "order";
+    item.dataset.orderId = order.id;
+    item.id = `order-${order.id}`;
+
+    const main = document.createElement("div");
+    main.className = "order-main";
+    const amount = document.createElement("span");
+    amount.className = "order-amount";
+    amount.dataset.testid = "order-amount";
+    amount.textContent = order.amount;
+    const description = document.createElement("span");
+    description.className = "order-description";
+    description.dataset.testid = "order-description";
+    description.textContent = order.description || "(no description)";
+    main.append(amount, description);
+
+    const meta = document.createElement("div");
+    meta.className = "order-meta";
+    const when = document.createElement("time");
+    when.dateTime = order.created_at;
+    when.textContent = new Date(order.created_at).toLocaleString();
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.dataset.testid = "order-status";
+    badge.dataset.status = order.status;
+    badge.dataset.reason = order.reason || "";
+    badge.textContent = badgeText(order);
+    meta.append(when, badge);
+
+    item.append(main, meta);
+    return item;
+  }
+
+  function renderOrders() {
+    const list = $("orders");
+    const sorted = [...orders.values()].sort(newestFirst);
+    list.replaceChildren(...sorted.map(renderOrder));
+    $("orders-empty").hidden = sorted.length > 0;
+    $("orders-more").hidden = !nextCursor;
+  }
+
+  async function loadOrders(cursor = null) {
+    const query = new URLSearchParams({ limit: String(ORDERS_PAGE) });
+    if (cursor) query.set("cursor", cursor);
+    const page = await api("GET", `/api/orders?${query}`);
+    page.items.forEach(rememberOrder);
+    nextCursor = page.next_cursor || null;
+    renderOrders();
+  }
+
+  async function onShowMore() {
+    await whileBusy($("orders-more"), () => loadOrders(nextCursor));
+  }
+
+  async function onPlaceOrder(event) {
+    event.preventDefault();
+    const amount = $("order-amount").value.trim();
+    const description = $("order-description").value.trim();
+    if (!AMOUNT.test(amount) || Number(amount) <= 0) {
+      showMessage("Enter an order amount above 0 with at most two decimals, e.g. 30 or 9.99.");
+      return;
+    }
+    await whileBusy($("order-submit"), async () => {
+      const order = await api("POST", "/api/orders", {
+        body: { amount, description }, idempotencyKey: keyFor("order", { amount, description }),
+      });
+      delete pendingKeys.order;
+      rememberOrder(order);
+      renderOrders();
+      $("order-amount").value = "";
+      $("order-description").value = "";
+      showMessage(`Order for ${order.amount} placed; its status updates below.`, "info");
+    });
+  }
+
+  // --- live notifications -----------------------------------------------------------------------
+
+  async function catchUpNotificationId() {
+    for (;;) {
+      const query = new URLSearchParams({
+        after: String(lastNotificationId), limit: String(NOTIFICATIONS_PAGE),
+      });
+      const page = await api("GET", `/api/notifications?${query}`);
+      page.items.forEach((item) => { lastNotificationId = Math.max(lastNotificationId, item.id); });
+      if (page.items.length < NOTIFICATIONS_PAGE) return;
+    }
+  }
+
+  function setLive(state) {
+    $("live-status").dataset.state = state;
+    $("live-status").textContent = state;
+  }
+
+  function connectSocket() {
+    if (!session || socket) return;
+    clearTimeout(reconnectTimer);
+    reconnectTimer = null;
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const query = new URLSearchParams({
+      access_token: session.token, after: String(lastNotificationId),
+    });
+    const ws = new WebSocket(`${scheme}//${location.host}/api/notifications/ws?${query}`);
+    socket = ws;
+    setLive("connecting");
+    ws.onopen = () => {
+      if (socket !== ws) return;
+      reconnectDelay = RECONNECT_FIRST_MS;
+      setLive("live");
+    };
+    ws.onmessage = (event) => {
+      if (socket !== ws) return;
+      let notification;
+      try {
+        notification = JSON.parse(event.data);
+      } catch (exc) {
+        return;
+      }
+      onNotification(notification);
+    };
+    ws.onclose = (event) => {
+      if (socket !== ws) return;
+      socket = null;
+      if (!session) return;
+      setLive("reconnecting");
+      // 1008: the gateway refused the token; an API call tells whether it has expired (and then
+      // shows the sign-in form) before trying again.
+      if (event.code === 1008) refreshBalance().catch(report);
+      scheduleReconnect();
+    };
+  }
+
+  function scheduleReconnect() {
+    if (reconnectTimer || !session) return;
+    const delay = reconnectDelay * (0.75 + Math.random() / 2);
+    reconnectDelay = Math.min(reconnectDelay * 2, RECONNECT_MAX_MS);
+    reconnectTimer = setTimeout(() => {
+      reconnectTimer = null;
+      connectSocket();
+    }, delay);
+  }
+
+  function closeSocket() {
+    clearTimeout(reconnectTimer);
+    reconnectTimer = null;
+    reconnectDelay = RECONNECT_FIRST_MS;
+    if (socket) {
+      const ws = socket;
+      socket = null;
+      ws.close();
+    }
+    setLive("offline");
+  }
+
+  async function onNotification(notification) {
+    if (typeof notification.id !== "number" || notification.id <= lastNotificationId) return;
+    lastNotificationId = notification.id;
+    if (notification.type !== "OrderStatusChanged") return;
+    const change = notification.payload;
+    try {
+      if (orders.has(change.order_id)) {
+        rememberOrder({
+          id: change.order_id, status: change.status, reason: change.reason,
+          updated_at: change.updated_at,
+        });
+      } else {
+        // Placed elsewhere (another tab) or not yet answered here: read the whole order.
+        rememberOrder(await api("GET", `/api/orders/${encodeURIComponent(change.order_id)}`));
+      }
+      renderOrders();
+      await refreshBalance();  // a FINISHED order has just been paid from the account
+    } catch (error) {
+      report(error);
+    }
+  }
+
+  // --- start ------------------------------------------------------------------------------------
+
+  function start() {
+    $("auth-form").addEventListener("submit", onAuthSubmit);
+    $("sign-out").addEventListener("click", () => { signOut(); clearMessage(); });
+    $("open-account").addEventListener("click", onOpenAccount);
+    $("topup-form").addEventListener("submit", onTopUp);
+    $("order-form").addEventListener("submit", onPlaceOrder);
+    $("orders-more").addEventListener("click", onShowMore);
+    session = loadSession();
+    if (session) enterShop();
+    else showAuth();
+  }
+
+  start();
+})();
