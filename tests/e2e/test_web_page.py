@@ -1,0 +1,202 @@
+"""The web shop page in a real headless Chromium: a person signs up, opens an account, tops up,
+orders, and watches each order's badge turn FINISHED or CANCELLED without reloading the page."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from devstack.stack import REPO_ROOT
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+# How long an order may take to be paid or cancelled and shown, from the click to the badge.
+LIVE_DEADLINE = 15
+PAGE_DEADLINE = 10
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are needed: run `make browser` "
+                    "(as root: apt-get install -y chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--window-size=1200,900",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # A given driver path means Selenium Manager never looks for (or downloads) one.
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+class ShopPage:
+    """The page as a person uses it, through the ids and data-testid attributes it promises."""
+
+    def __init__(self, driver, url: str):
+        self.driver = driver
+        self.url = url
+
+    def open(self) -> ShopPage:
+        self.driver.get(self.url)
+        self.wait_until(lambda: self.visible("auth-section") or self.visible("shop-section"))
+        return self
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def element(self, element_id: str):
+        return self.driver.find_element(By.ID, element_id)
+
+    def visible(self, element_id: str) -> bool:
+        return self.element(element_id).is_displayed()
+
+    def text(self, element_id: str) -> str:
+        return self.element(element_id).text
+
+    def order_ids(self) -> list[str]:
+        return [item.get_attribute("data-order-id")
+                for item in self.driver.find_elements(By.CSS_SELECTOR, '[data-testid="order"]')]
+
+    def badge(self, order_id: str):
+        return self.driver.find_element(
+            By.CSS_SELECTOR, f'[data-order-id="{order_id}"] [data-testid="order-status"]')
+
+    def wait_until(self, condition, timeout: float = PAGE_DEADLINE, what: str = "the page"):
+        def check(_driver):
+            try:
+                return condition()
+            except (NoSuchElementException, StaleElementReferenceException):
+                return False  # the list is redrawn on each change; look again
+
+        try:
+            return WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(check)
+        except Exception as exc:
+            message = self.text("message") if self.visible("message") else "(no message shown)"
+            console = [entry["message"] for entry in self.driver.get_log("browser")]
+            self.screenshot("web-page-failure.png")
+            raise AssertionError(f"waiting for {what}: {exc!r}; page message: {message}; "
+                                 f"browser console: {console}") from exc
+
+    # --- doing -----------------------------------------------------------------------------------
+
+    def fill(self, element_id: str, value: str) -> None:
+        field = self.element(element_id)
+        field.clear()
+        field.send_keys(value)
+
+    def sign_up(self, username: str, password: str) -> None:
+        self.fill("username", username)
+        self.fill("password", password)
+        self.element("sign-up").click()
+        self.wait_until(lambda: self.visible("shop-section"), what="the shop after signing up")
+        self.wait_until(lambda: self.text("current-user") == username)
+
+    def open_account(self) -> None:
+        self.wait_until(lambda: self.visible("open-account"), what="the open-account button")
+        self.element("open-account").click()
+        self.wait_until(lambda: self.text("balance") == "0.00", what="the new account's balance")
+
+    def top_up(self, amount: str) -> None:
+        self.fill("topup-amount", amount)
+        self.element("topup-submit").click()
+
+    def place_order(self, amount: str, description: str) -> str:
+        """Places an order and returns its id, once it appears at the top of the list."""
+        before = set(self.order_ids())
+        self.fill("order-amount", amount)
+        self.fill("order-description", description)
+        self.element("order-submit").click()
+        self.wait_until(lambda: self.order_ids() and self.order_ids()[0] not in before,
+                        what=f"the order of {amount} in the list")
+        return self.order_ids()[0]
+
+    def wait_for_status(self, order_id: str, status: str) -> None:
+        self.wait_until(lambda: self.badge(order_id).get_attribute("data-status") == status,
+                        timeout=LIVE_DEADLINE, what=f"order {order_id} to show {status}")
+
+    def screenshot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / name
+        self.driver.save_screenshot(str(path))
+        return path
+
+
+def test_the_gateway_serves_the_page_with_its_script_and_styles(stack):
+    page = requests.get(f"{stack.gateway_url}/", timeout=10)
+    assert page.status_code == 200 and "/static/app.js" in page.text
+    for asset, kind in (("app.js", "javascript"), ("style.css", "text/css")):
+        response = requests.get(f"{stack.gateway_url}/static/{asset}", timeout=10)
+        assert response.status_code == 200, f"/static/{asset}: {response.status_code} {response.text}"
+        assert kind in response.headers["Content-Type"]
+
+
+def test_a_shopper_sees_orders_finish_and_cancel_live_without_reloading(stack, browser):
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    username = f"web_{uuid.uuid4().hex[:12]}"
+    page.sign_up(username, PASSWORD)
+    page.open_account()
+    page.top_up("100")
+    page.wait_until(lambda: page.text("balance") == "100.00", what="the balance after topping up")
+    # A reload would drop this marker, so its survival proves every change below arrived live.
+    browser.execute_script("window.hseshopNoReload = true;")
+
+    paid = page.place_order("30", "a book")
+    page.wait_for_status(paid, "FINISHED")
+    assert "FINISHED" in page.badge(paid).text
+    page.wait_until(lambda: page.text("balance") == "70.00", what="the balance after paying 30")
+
+    too_dear = page.place_order("500", "a piano")
+    page.wait_for_status(too_dear, "CANCELLED")
+    badge = page.badge(too_dear)
+    assert badge.get_attribute("data-reason") == "INSUFFICIENT_FUNDS"
+    assert "insufficient funds" in badge.text
+    assert page.text("balance") == "70.00"
+
+    assert page.order_ids() == [too_dear, paid]  # newest first
+    assert browser.execute_script("return window.hseshopNoReload === true;")
+    shot = page.screenshot("web-page.png")
+    assert shot.is_file() and shot.stat().st_size > 0
+
+
+def test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_orders(
+        stack, browser):
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    username = f"web_{uuid.uuid4().hex[:12]}"
+    page.sign_up(username, PASSWORD)
+    # Without an account an order is still taken, and cancelled for that reason: no error.
+    order = page.place_order("5", "no account yet")
+    page.wait_for_status(order, "CANCELLED")
+    assert page.badge(order).get_attribute("data-reason") == "NO_ACCOUNT"
+
+    page.element("sign-out").click()
+    page.wait_until(lambda: page.visible("auth-section"), what="the sign-in form")
+    page.fill("username", username)
+    page.fill("password", "not the password")
+    page.element("sign-in").click()
+    page.wait_until(lambda: page.visible("message")
+                    and "Wrong username or password" in page.text("message"),
+                    what="the wrong-password message")
+    assert page.visible("auth-section")
+
+    page.fill("password", PASSWORD)
+    page.element("sign-in").click()
+    page.wait_until(lambda: page.visible("shop-section"), what="the shop after signing in")
+    page.wait_until(lambda: page.order_ids() == [order], what="the earlier order")
+    assert page.badge(order).get_attribute("data-status") == "CANCELLED"
+    assert page.visible("no-account")
