@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Rewritten after each successful install, so the venv is rebuilt only when a requirements file changes.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: venv browser run test bench clean
+.PHONY: venv browser run test bench clean protos
 
 venv: $(INSTALLED)
 
@@ -42,6 +42,11 @@ $(COMPOSE): $(INSTALLED)
 
 test: venv browser $(COMPOSE)
 	$(PY) -m pytest
+
+# The gRPC modules beside shared/protos/*.proto (committed; tests check they are current).
+protos: venv
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
+		shared/protos/*.proto
 
 bench: venv
 	$(PY) -m bench

@@ -19,7 +19,11 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 4
 task_default_queue = "default"
 task_routes = ("tasks.routing.route_to_service_queue",)
-broker_transport_options = {"visibility_timeout": 300}
+broker_transport_options = {
+    "visibility_timeout": 300,
+    # Queues, acks and event channels live under the shop's own prefix in a shared Redis.
+    "global_keyprefix": f"{_settings.redis_key_prefix}:celery:",
+}
 
 worker_hijack_root_logger = False
 worker_send_task_events = True

@@ -15,7 +15,9 @@ from devstack.processes import ManagedProcess, ProcessGroup
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORTS = {"gateway": 8000, "orders": 8001, "payments": 8002, "broker": 9092,
-                 "flower": 5555}
+                 "flower": 5555, "orders-grpc": 50051, "payments-grpc": 50052}
+# The services the gateway calls over gRPC (each serves gRPC next to its HTTP API).
+GRPC_SERVICES = ("orders", "payments")
 # Each has its own database, web app and Celery worker (with its Kafka consumer).
 SERVICES = ("orders", "payments", "gateway")
 # The gateway holds one thread per open WebSocket, so it gets more of them.
@@ -153,6 +155,10 @@ class Stack:
                         del pending[service]
                 except requests.RequestException as exc:
                     last_answer[service] = repr(exc)
+            for service in GRPC_SERVICES:
+                if not infra.port_open(infra.LOCALHOST, self.ports[f"{service}-grpc"]):
+                    last_answer[f"{service}-grpc"] = "not listening yet"
+                    return False
             return not pending
 
         try:
@@ -183,6 +189,9 @@ class Stack:
             "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
             "TOPIC_ORDER_STATUS_CHANGED": "orders.order-status-changed",
         }
+        for service in GRPC_SERVICES:
+            address = f"{infra.LOCALHOST}:{self.ports[f'{service}-grpc']}"
+            env[f"{service.upper()}_GRPC_BIND"] = env[f"{service.upper()}_GRPC_TARGET"] = address
         for name, value in self.env_overrides.items():
             env[name] = (
                 str(value).replace("{postgres}", postgres_base).replace("{redis}", redis_base)
@@ -219,6 +228,8 @@ class Stack:
                 self.ports[service], f"{service}_app:create_app()",
                 threads=GATEWAY_THREADS if service == "gateway" else API_THREADS,
             )
+        for service in GRPC_SERVICES:
+            commands[f"{service}-grpc"] = ["shared.grpc_server", service]
         for service in SERVICES:
             commands[f"{service}-worker"] = [
                 *f"celery -A tasks worker -Q {service} -P threads -c 8 -n {service}@%h".split(),
@@ -243,7 +254,8 @@ class Stack:
         ]
 
     def _check_ports_free(self) -> None:
-        names = [*SERVICES, "broker"] + (["flower"] if self.with_flower else [])
+        names = [*SERVICES, *(f"{s}-grpc" for s in GRPC_SERVICES), "broker"] + (
+            ["flower"] if self.with_flower else [])
         taken = [
             f"{name} ({self.ports[name]})"
             for name in names

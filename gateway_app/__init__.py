@@ -35,8 +35,8 @@ def create_app(settings: Settings | None = None, config: dict | None = None) -> 
                              blueprints=[routes.blueprint, notifications.blueprint],
                              authenticate=auth.authenticate_bearer)
     settings = app.extensions["hseshop.settings"]
-    app.extensions[auth.RATE_LIMITER] = RateLimiter(settings.redis_url,
-                                                    settings.rate_limit_per_minute)
+    app.extensions[auth.RATE_LIMITER] = RateLimiter(
+        settings.redis_url, settings.rate_limit_per_minute, settings.redis_key_prefix)
     app.extensions[notifications.REDIS_EXTENSION] = redis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=1, health_check_interval=30)
     app.extensions["hseshop.api"].register_blueprint(auth.blueprint)

@@ -34,7 +34,8 @@ blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications"
 
 
 def channel(user_id: str) -> str:
-    return f"hseshop:notifications:{user_id}"
+    prefix = current_app.extensions["hseshop.settings"].redis_key_prefix
+    return f"{prefix}:notifications:{user_id}"
 
 
 def _redis() -> redis.Redis:

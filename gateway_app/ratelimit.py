@@ -28,16 +28,17 @@ class RateLimited(ApiError):
 
 
 class RateLimiter:
-    def __init__(self, redis_url: str, limit_per_window: int):
+    def __init__(self, redis_url: str, limit_per_window: int, key_prefix: str):
         self._client = redis.Redis.from_url(redis_url, socket_timeout=0.25,
                                             socket_connect_timeout=0.25)
         self._limit = limit_per_window
+        self._key_prefix = key_prefix
 
     def check(self, subject: str, now: float | None = None) -> None:
         """Count one request by `subject`; raise RateLimited when it is over the limit."""
         now = time.time() if now is None else now
         window = int(now // WINDOW_SECONDS)
-        key = f"hseshop:ratelimit:{subject}:{window}"
+        key = f"{self._key_prefix}:ratelimit:{subject}:{window}"
         try:
             pipe = self._client.pipeline(transaction=False)
             pipe.incr(key)

@@ -1,14 +1,21 @@
-"""The public shop API under /api: each route is documented with the owning service's schemas and
-forwarded to that service as it is (the service validates and answers)."""
+"""The public shop API under /api. Each route checks its input with the owning service's schemas,
+then reaches that service over gRPC (or over HTTP, when GATEWAY_UPSTREAM_TRANSPORT=http) and
+answers exactly as the service's own HTTP API would."""
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
+from flask import current_app, jsonify
+
+from gateway_app import upstream_grpc
 from gateway_app.proxy import forward
 from orders_app.schemas import ListOrdersQuerySchema, OrderPageSchema, OrderSchema, PlaceOrderSchema
-from payments_app.schemas import AccountSchema, DepositSchema
+from payments_app.schemas import AccountSchema, DepositSchema, EmptySchema
 from shared.http_api import Blueprint
+from shared.idempotency import idempotency_key_from_request
+from shared.money import format_amount
 
 blueprint = Blueprint("shop", __name__, url_prefix="/api",
                       description="Orders and accounts, for the signed-in user")
@@ -18,51 +25,72 @@ IDEMPOTENCY_KEY = {"in": "header", "name": "Idempotency-Key", "required": False,
                    "description": "A retry with the same key and body returns the first response."}
 
 
-def _json_body(schema) -> dict:
-    return {"requestBody": {"required": True,
-                            "content": {"application/json": {"schema": schema}}}}
+def _over_http() -> bool:
+    return current_app.extensions["hseshop.settings"].gateway_upstream_transport == "http"
+
+
+def _grpc(service: str, method: str, body: dict[str, Any], status: int):
+    return jsonify(upstream_grpc.call(service, method, body)), status
 
 
 @blueprint.post("/orders")
-@blueprint.doc(**_json_body(PlaceOrderSchema), parameters=[IDEMPOTENCY_KEY])
+@blueprint.arguments(PlaceOrderSchema)
+@blueprint.doc(parameters=[IDEMPOTENCY_KEY])
 @blueprint.response(202, OrderSchema, description="Accepted; the payment is asked for asynchronously")
-def place_order():
+def place_order(args):
     """Place an order."""
-    return forward("orders", "/orders")
+    if _over_http():
+        return forward("orders", "/orders")
+    return _grpc("orders", "PlaceOrder", {
+        "amount": format_amount(args["amount"]), "description": args["description"],
+        "idempotency_key": idempotency_key_from_request()}, 202)
 
 
 @blueprint.get("/orders")
-@blueprint.arguments(ListOrdersQuerySchema, location="query", as_kwargs=True)
+@blueprint.arguments(ListOrdersQuerySchema, location="query")
 @blueprint.response(200, OrderPageSchema)
-def list_orders(**_query):
+def list_orders(args):
     """The signed-in user's orders, newest first, a page at a time."""
-    return forward("orders", "/orders")
+    if _over_http():
+        return forward("orders", "/orders")
+    return _grpc("orders", "ListOrders", args, 200)
 
 
 @blueprint.get("/orders/<order_id>")
 @blueprint.response(200, OrderSchema)
 def get_order(order_id: str):
     """One order: NEW, FINISHED, or CANCELLED with a reason."""
-    return forward("orders", f"/orders/{quote(order_id, safe='')}")
+    if _over_http():
+        return forward("orders", f"/orders/{quote(order_id, safe='')}")
+    return _grpc("orders", "GetOrder", {"order_id": order_id}, 200)
 
 
 @blueprint.post("/accounts")
+@blueprint.arguments(EmptySchema)
 @blueprint.response(201, AccountSchema)
-def open_account():
+def open_account(_args):
     """Open the signed-in user's account."""
-    return forward("payments", "/accounts")
+    if _over_http():
+        return forward("payments", "/accounts")
+    return _grpc("payments", "OpenAccount", {}, 201)
 
 
 @blueprint.post("/accounts/deposit")
-@blueprint.doc(**_json_body(DepositSchema), parameters=[IDEMPOTENCY_KEY])
+@blueprint.arguments(DepositSchema)
+@blueprint.doc(parameters=[IDEMPOTENCY_KEY])
 @blueprint.response(200, AccountSchema)
-def deposit():
+def deposit(args):
     """Top up the signed-in user's account."""
-    return forward("payments", "/accounts/deposit")
+    if _over_http():
+        return forward("payments", "/accounts/deposit")
+    return _grpc("payments", "Deposit", {"amount": format_amount(args["amount"]),
+                                         "idempotency_key": idempotency_key_from_request()}, 200)
 
 
 @blueprint.get("/accounts/balance")
 @blueprint.response(200, AccountSchema)
 def balance():
     """The signed-in user's balance."""
-    return forward("payments", "/accounts/balance")
+    if _over_http():
+        return forward("payments", "/accounts/balance")
+    return _grpc("payments", "GetBalance", {}, 200)

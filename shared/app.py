@@ -30,7 +30,8 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
                        authenticate: Callable[[], None] = identify_caller) -> Flask:
     """A web app for `service`; `authenticate` runs before every route of `blueprints`."""
     settings = settings or get_settings()
-    app = Flask(service)
+    # No static folder of Flask's own: the gateway serves its page's files at /static itself.
+    app = Flask(service, static_folder=None)
     app.json = StrictDecimalJSONProvider(app)
     app.config.update(
         SQLALCHEMY_DATABASE_URI=settings.database_url(service),
@@ -51,7 +52,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     app.extensions["hseshop.settings"] = settings
     app.extensions["hseshop.service"] = service
     app.extensions[CACHE_EXTENSION] = VersionedCache(settings.redis_url, settings.cache_ttl_seconds,
-                                                     prefix=f"hseshop:{service}")
+                                                     prefix=f"{settings.redis_key_prefix}:{service}")
     db.init_app(app)
     api = Api(app)
     app.extensions["hseshop.api"] = api

@@ -18,6 +18,9 @@ ENVIRONMENT: dict[str, str] = {
     "PAYMENTS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/hseshop_payments",
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     "CELERY_BROKER_URL": "",  # empty: the same as REDIS_URL
+    # Every Redis key and channel HseShop uses starts with this (Celery's queues included), so
+    # several shops, or test runs, can share one Redis.
+    "REDIS_KEY_PREFIX": "hseshop",
     "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
     "KAFKA_CONSUMER_GROUP_PREFIX": "hseshop",
     "KAFKA_SESSION_TIMEOUT_MS": "6000",
@@ -40,6 +43,13 @@ ENVIRONMENT: dict[str, str] = {
     "AUTH_TOKEN_TTL_SECONDS": "3600",
     "RATE_LIMIT_PER_MINUTE": "300",
     "CACHE_TTL_SECONDS": "60",
+    # gRPC: where each service listens, where the gateway reaches it, and which way the gateway
+    # talks to the services ("grpc" or "http").
+    "ORDERS_GRPC_BIND": "127.0.0.1:50051",
+    "PAYMENTS_GRPC_BIND": "127.0.0.1:50052",
+    "ORDERS_GRPC_TARGET": "127.0.0.1:50051",
+    "PAYMENTS_GRPC_TARGET": "127.0.0.1:50052",
+    "GATEWAY_UPSTREAM_TRANSPORT": "grpc",
 }
 
 
@@ -49,6 +59,7 @@ class Settings:
     payments_database_url: str
     redis_url: str
     celery_broker_url: str
+    redis_key_prefix: str
     kafka_bootstrap_servers: str
     kafka_consumer_group_prefix: str
     kafka_session_timeout_ms: int
@@ -70,6 +81,11 @@ class Settings:
     auth_token_ttl_seconds: int
     rate_limit_per_minute: int
     cache_ttl_seconds: int
+    orders_grpc_bind: str
+    payments_grpc_bind: str
+    orders_grpc_target: str
+    payments_grpc_target: str
+    gateway_upstream_transport: str
 
     def database_url(self, service: str) -> str:
         """The service's SQLAlchemy URL, always with the psycopg2 driver."""

@@ -37,9 +37,11 @@ def identity_headers(user_id: str, secret: str, now: float | None = None) -> dic
 
 def verified_user_id(headers: Mapping[str, str], secret: str, now: float | None = None) -> str:
     """The user id the gateway vouched for; raise InvalidIdentity otherwise."""
-    user_id = headers.get(USER_ID_HEADER)
-    timestamp = headers.get(TIMESTAMP_HEADER)
-    signature = headers.get(SIGNATURE_HEADER)
+    # HTTP header names are case-insensitive and gRPC metadata keys are lower case.
+    lowered = {name.lower(): value for name, value in headers.items()}
+    user_id = lowered.get(USER_ID_HEADER.lower())
+    timestamp = lowered.get(TIMESTAMP_HEADER.lower())
+    signature = lowered.get(SIGNATURE_HEADER.lower())
     if not user_id or not timestamp or not signature:
         raise InvalidIdentity("the request carries no gateway-signed identity")
     try:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 RUN_ID = uuid.uuid4().hex[:8]
 
-# Redis database numbers: integration tests enqueue nothing anyone consumes; e2e workers share one.
+# Redis database numbers per layer; what keeps runs apart is REDIS_KEY_PREFIX (Celery's queues
+# included), so two runs at once never take each other's tasks.
 REDIS_DB = {"integration": 14, "e2e": 13}
 
 
@@ -38,6 +39,7 @@ def service_env(infra: Infrastructure, layer: str, **overrides: str) -> dict[str
         "CELERY_BROKER_URL": f"{infra.redis_base}/{REDIS_DB[layer]}",
         "KAFKA_BOOTSTRAP_SERVERS": infra.bootstrap_servers,
         "KAFKA_CONSUMER_GROUP_PREFIX": prefix,
+        "REDIS_KEY_PREFIX": prefix,
         "TOPIC_PAYMENT_REQUESTED": f"{prefix}.orders.payment-requested",
         "TOPIC_PAYMENT_RESULTS": f"{prefix}.payments.payment-results",
         "TOPIC_ORDER_STATUS_CHANGED": f"{prefix}.orders.order-status-changed",

@@ -17,7 +17,8 @@ def stack(infrastructure, run_dir):
     env = service_env(infrastructure, "e2e")
     env.pop("KAFKA_BOOTSTRAP_SERVERS")  # the stack runs a broker of its own, which tests stop
     shop = Stack(run_dir / "e2e", env_overrides=env,
-                 ports={"orders": free_port(), "payments": free_port(), "broker": free_port()})
+                 ports={name: free_port() for name in ("gateway", "orders", "payments", "broker",
+                                                       "orders-grpc", "payments-grpc")})
     shop.start()
     yield shop
     shop.stop()

@@ -58,6 +58,8 @@ def upstreams(orders_flask_app, payments_flask_app):
 
 
 def _gateway(settings, **changes):
+    """A gateway reaching the services over HTTP (tests/integration/test_grpc.py does gRPC)."""
+    changes = {"gateway_upstream_transport": "http", **changes}
     app = gateway_app.create_app(settings=dataclasses.replace(settings, **changes))
     return app.test_client()
 

@@ -197,5 +197,9 @@ def test_stack_env_is_the_config_contract_and_overrides_may_name_the_found_servi
         "TOPIC_PAYMENT_REQUESTED": "orders.payment-requested",
         "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
         "TOPIC_ORDER_STATUS_CHANGED": "orders.order-status-changed",
+        "ORDERS_GRPC_BIND": "127.0.0.1:50051",
+        "ORDERS_GRPC_TARGET": "127.0.0.1:50051",
+        "PAYMENTS_GRPC_BIND": "127.0.0.1:50052",
+        "PAYMENTS_GRPC_TARGET": "127.0.0.1:50052",
     }
     assert stack.orders_url == "http://127.0.0.1:8001" and stack.flower_url is None

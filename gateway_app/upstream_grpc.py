@@ -1,0 +1,72 @@
+"""Calling the services over gRPC: one channel per service per process, the caller's identity and
+request id in the call metadata, a deadline on every call, and gRPC failures mapped back to the
+HTTP errors the services' HTTP APIs would have given."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import grpc
+from flask import current_app, g
+
+from gateway_app.proxy import BadGateway, ServiceUnavailable, UpstreamTimeout
+from shared.errors import ApiError
+from shared.grpc_messages import to_body, to_message
+from shared.grpc_server import ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY
+from shared.internal_auth import identity_headers
+from shared.protos import orders_pb2, orders_pb2_grpc, payments_pb2, payments_pb2_grpc
+from shared.request_context import REQUEST_ID_HEADER, current_request_id
+
+STUBS = {"orders": orders_pb2_grpc.OrdersStub, "payments": payments_pb2_grpc.PaymentsStub}
+REQUEST_TYPES = {
+    ("orders", "PlaceOrder"): orders_pb2.PlaceOrderRequest,
+    ("orders", "ListOrders"): orders_pb2.ListOrdersRequest,
+    ("orders", "GetOrder"): orders_pb2.GetOrderRequest,
+    ("payments", "OpenAccount"): payments_pb2.OpenAccountRequest,
+    ("payments", "Deposit"): payments_pb2.DepositRequest,
+    ("payments", "GetBalance"): payments_pb2.GetBalanceRequest,
+}
+
+_stubs: dict[tuple[str, str], Any] = {}
+_stubs_lock = threading.Lock()
+
+
+def _stub(service: str):
+    target = getattr(current_app.extensions["hseshop.settings"], f"{service}_grpc_target")
+    with _stubs_lock:
+        if (service, target) not in _stubs:
+            _stubs[(service, target)] = STUBS[service](grpc.insecure_channel(target))
+        return _stubs[(service, target)]
+
+
+def call(service: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Call `method` of `service` with a request built from `body`; the reply as a JSON body."""
+    settings = current_app.extensions["hseshop.settings"]
+    metadata = [(name.lower(), value) for name, value in
+                identity_headers(g.user_id, settings.internal_auth_secret).items()]
+    metadata.append((REQUEST_ID_HEADER.lower(), current_request_id() or ""))
+    request = to_message(REQUEST_TYPES[(service, method)], body)
+    try:
+        reply = getattr(_stub(service), method)(
+            request, metadata=metadata, timeout=settings.upstream_timeout_seconds)
+    except grpc.RpcError as exc:
+        raise _http_error(service, exc) from None
+    return to_body(reply)
+
+
+def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ServiceUnavailable(f"The {service} service is unavailable; try again shortly.",
+                                  details={"service": service})
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return UpstreamTimeout(f"The {service} service took too long to answer.",
+                               details={"service": service})
+    trailers = dict(exc.trailing_metadata() or ())
+    if HTTP_STATUS_KEY in trailers:
+        return ApiError(exc.details(), status=int(trailers[HTTP_STATUS_KEY]),
+                        code=trailers.get(ERROR_CODE_KEY, "ERROR"),
+                        details=json.loads(trailers.get(ERROR_DETAILS_KEY, "{}")))
+    return BadGateway(f"The {service} service failed to answer.", details={"service": service})

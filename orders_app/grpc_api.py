@@ -1,0 +1,45 @@
+"""The Orders gRPC methods: messages in and out, the same endpoint operations as the HTTP routes."""
+
+from __future__ import annotations
+
+import grpc
+from flask import Flask
+
+from orders_app import endpoints
+from orders_app.schemas import ListOrdersQuerySchema, PlaceOrderSchema
+from shared.grpc_messages import to_message
+from shared.grpc_server import serve_call
+from shared.idempotency import checked_idempotency_key
+from shared.protos import orders_pb2, orders_pb2_grpc
+
+PLACE_ORDER = PlaceOrderSchema()
+LIST_ORDERS = ListOrdersQuerySchema()
+
+
+class OrdersServicer(orders_pb2_grpc.OrdersServicer):
+    def __init__(self, app: Flask):
+        self.app = app
+
+    def PlaceOrder(self, request, context):
+        def place(user_id: str):
+            args = PLACE_ORDER.load({"amount": request.amount, "description": request.description})
+            key = checked_idempotency_key(request.idempotency_key)
+            return to_message(orders_pb2.Order, endpoints.place_order(user_id, args, key))
+        return serve_call(self.app, context, place)
+
+    def ListOrders(self, request, context):
+        def page(user_id: str):
+            query = {name: getattr(request, name) for name in ("limit", "cursor")
+                     if request.HasField(name)}
+            body = endpoints.list_orders(user_id, LIST_ORDERS.load(query))
+            return to_message(orders_pb2.OrderPage, body)
+        return serve_call(self.app, context, page)
+
+    def GetOrder(self, request, context):
+        return serve_call(self.app, context, lambda user_id: to_message(
+            orders_pb2.Order, endpoints.get_order(user_id, request.order_id)))
+
+
+def register(server: grpc.Server, app: Flask) -> tuple[str, ...]:
+    orders_pb2_grpc.add_OrdersServicer_to_server(OrdersServicer(app), server)
+    return (orders_pb2.DESCRIPTOR.services_by_name["Orders"].full_name,)

@@ -1,0 +1,40 @@
+"""The Payments gRPC methods: messages in and out, the same endpoint operations as the HTTP routes."""
+
+from __future__ import annotations
+
+import grpc
+from flask import Flask
+
+from payments_app import endpoints
+from payments_app.schemas import DepositSchema
+from shared.grpc_messages import to_message
+from shared.grpc_server import serve_call
+from shared.idempotency import checked_idempotency_key
+from shared.protos import payments_pb2, payments_pb2_grpc
+
+DEPOSIT = DepositSchema()
+
+
+class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
+    def __init__(self, app: Flask):
+        self.app = app
+
+    def OpenAccount(self, request, context):
+        return serve_call(self.app, context, lambda user_id: to_message(
+            payments_pb2.Account, endpoints.open_account(user_id)))
+
+    def Deposit(self, request, context):
+        def deposit(user_id: str):
+            args = DEPOSIT.load({"amount": request.amount})
+            key = checked_idempotency_key(request.idempotency_key)
+            return to_message(payments_pb2.Account, endpoints.deposit(user_id, args, key))
+        return serve_call(self.app, context, deposit)
+
+    def GetBalance(self, request, context):
+        return serve_call(self.app, context, lambda user_id: to_message(
+            payments_pb2.Account, endpoints.balance(user_id)))
+
+
+def register(server: grpc.Server, app: Flask) -> tuple[str, ...]:
+    payments_pb2_grpc.add_PaymentsServicer_to_server(PaymentsServicer(app), server)
+    return (payments_pb2.DESCRIPTOR.services_by_name["Payments"].full_name,)

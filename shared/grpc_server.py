@@ -1,0 +1,113 @@
+"""Serving a service's operations over gRPC, next to its HTTP API and calling the same endpoint
+functions: identity from gateway-signed call metadata, the request id bound for the call, errors
+turned into gRPC status codes that carry the HTTP status, code and details the HTTP API would give.
+
+    python -m shared.grpc_server orders      # listens on ORDERS_GRPC_BIND, with reflection
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+from flask import Flask
+from grpc_reflection.v1alpha import reflection
+from marshmallow import ValidationError
+
+from shared.config import get_settings
+from shared.errors import ApiError
+from shared.internal_auth import InvalidIdentity, verified_user_id
+from shared.request_context import REQUEST_ID_HEADER, request_id_bound, sane_request_id
+
+log = logging.getLogger(__name__)
+
+# Trailing metadata of a failed call: what the HTTP API would have answered.
+HTTP_STATUS_KEY = "hseshop-http-status"
+ERROR_CODE_KEY = "hseshop-error-code"
+ERROR_DETAILS_KEY = "hseshop-error-details"
+
+GRPC_CODE_FOR_HTTP_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ALREADY_EXISTS,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def serve_call(app: Flask, context: grpc.ServicerContext, operation: Callable[[str], Any]) -> Any:
+    """Run `operation(user_id)` for one call, as an HTTP route runs for one request."""
+    metadata = {key: value for key, value in context.invocation_metadata()}
+    request_id = sane_request_id(metadata.get(REQUEST_ID_HEADER.lower()))
+    with app.app_context(), request_id_bound(request_id):
+        try:
+            secret = app.extensions["hseshop.settings"].internal_auth_secret
+            try:
+                user_id = verified_user_id(metadata, secret)
+            except InvalidIdentity as exc:
+                raise ApiError(f"Identity refused: {exc}.", status=401,
+                               code="UNTRUSTED_IDENTITY") from None
+            return operation(user_id)
+        except ValidationError as exc:
+            _abort(context, 422, "VALIDATION_ERROR", "The request is not valid.",
+                   {"json": exc.messages})
+        except ApiError as exc:
+            _abort(context, exc.status, exc.code, exc.message, exc.details)
+        except Exception:
+            log.exception("unhandled error in a gRPC call [request_id=%s]", request_id)
+            context.abort(grpc.StatusCode.INTERNAL, "Something went wrong on our side.")
+
+
+def _abort(context: grpc.ServicerContext, status: int, code: str, message: str,
+           details: Any) -> None:
+    context.set_trailing_metadata((
+        (HTTP_STATUS_KEY, str(status)),
+        (ERROR_CODE_KEY, code),
+        (ERROR_DETAILS_KEY, json.dumps(details or {}, default=str)),
+    ))
+    context.abort(GRPC_CODE_FOR_HTTP_STATUS.get(status, grpc.StatusCode.UNKNOWN), message)
+
+
+def build_server(service: str, app: Flask, bind: str, max_workers: int = 16) -> grpc.Server:
+    """A server with the service's methods (its `grpc_api.register`) and reflection, bound."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
+                                                    thread_name_prefix=f"{service}-grpc"))
+    grpc_api = importlib.import_module(f"{service}_app.grpc_api")
+    service_names = grpc_api.register(server, app)
+    reflection.enable_server_reflection((*service_names, reflection.SERVICE_NAME), server)
+    if server.add_insecure_port(bind) == 0:
+        raise RuntimeError(f"cannot listen on {bind}")
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m shared.grpc_server")
+    parser.add_argument("service", choices=("orders", "payments"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    package = importlib.import_module(f"{args.service}_app")
+    bind = getattr(settings, f"{args.service}_grpc_bind")
+    server = build_server(args.service, package.create_app(), bind)
+    server.start()
+    log.info("%s gRPC listening on %s", args.service, bind)
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop(grace=5).wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""gRPC between the gateway and the services: the same answers as HTTP for every public endpoint,
+deadlines and outages mapped to 504/503, calls without the gateway's signature refused, reflection
+on, and the generated code current."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import time
+import uuid
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase)
+
+import gateway_app
+from devstack.infra import free_port
+from shared.grpc_server import build_server
+from shared.internal_auth import identity_headers
+from shared.protos import orders_pb2, orders_pb2_grpc
+from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def grpc_targets(orders_flask_app, payments_flask_app):
+    targets, servers = {}, []
+    for service, app in (("orders", orders_flask_app), ("payments", payments_flask_app)):
+        bind = f"127.0.0.1:{free_port()}"
+        server = build_server(service, app, bind)
+        server.start()
+        servers.append(server)
+        targets[service] = bind
+    yield targets
+    for server in servers:
+        server.stop(grace=None)
+
+
+def _gateway(settings, upstreams, grpc_targets, transport, **changes):  # noqa: F811
+    wiring = {"gateway_upstream_transport": transport,
+              "orders_service_url": upstreams["orders"].url,
+              "payments_service_url": upstreams["payments"].url,
+              "orders_grpc_target": grpc_targets["orders"],
+              "payments_grpc_target": grpc_targets["payments"]}
+    app = gateway_app.create_app(settings=dataclasses.replace(settings, **{**wiring, **changes}))
+    return app.test_client()
+
+
+def _story(client) -> list[tuple[int, object]]:
+    """Every public endpoint, happy and unhappy, as one user; answers with ids masked."""
+    username = f"both-ways-{uuid.uuid4().hex[:8]}"
+    session = client.post("/api/auth/register", json={"username": username,
+                                                      "password": "long password"}).get_json()
+    auth = {"Authorization": f"Bearer {session['access_token']}"}
+    key = {**auth, "Idempotency-Key": f"key-{uuid.uuid4().hex}"}
+    answers = []
+
+    def ask(method, path, **kwargs):
+        response = client.open(path, method=method, **kwargs)
+        answers.append((response.status_code, response.get_json()))
+        return response.get_json()
+
+    ask("GET", "/api/accounts/balance", headers=auth)
+    ask("POST", "/api/accounts", headers=auth)
+    ask("POST", "/api/accounts", headers=auth)
+    ask("POST", "/api/accounts/deposit", json={"amount": "100"}, headers=key)
+    ask("POST", "/api/accounts/deposit", json={"amount": 100}, headers=key)
+    ask("POST", "/api/accounts/deposit", json={"amount": "101"}, headers=key)
+    ask("POST", "/api/accounts/deposit", json={"amount": "1.001"}, headers=auth)
+    ask("POST", "/api/accounts/deposit", json={"amount": 5, "extra": True}, headers=auth)
+    ask("POST", "/api/accounts/deposit", data="{", content_type="application/json", headers=auth)
+    ask("POST", "/api/accounts/deposit", json={"amount": 1},
+        headers={**auth, "Idempotency-Key": "x" * 300})
+    order = ask("POST", "/api/orders", json={"amount": 30, "description": "a book"}, headers=auth)
+    ask("POST", "/api/orders", json={"amount": "-3"}, headers=auth)
+    ask("POST", "/api/orders", json={"amount": "NaN"}, headers=auth)
+    ask("POST", "/api/orders", data='{"amount": NaN}', content_type="application/json",
+        headers=auth)
+    ask("GET", "/api/orders", headers=auth)
+    ask("GET", "/api/orders?limit=1", headers=auth)
+    ask("GET", "/api/orders?limit=0", headers=auth)
+    ask("GET", "/api/orders?cursor=bm9wZQ", headers=auth)
+    ask("GET", f"/api/orders/{order['id']}", headers=auth)
+    ask("GET", f"/api/orders/{uuid.uuid4()}", headers=auth)
+    ask("GET", "/api/orders/not-an-id", headers=auth)
+    ask("GET", "/api/accounts/balance", headers=auth)
+    masked = json.dumps(answers, sort_keys=True).replace(session["user_id"], "<user>").replace(order["id"], "<order>")
+    masked = re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00", "<time>", masked)
+    return masked
+
+
+def test_every_public_endpoint_answers_the_same_over_grpc_as_over_http(
+        settings, upstreams, grpc_targets):  # noqa: F811
+    over_grpc = _story(_gateway(settings, upstreams, grpc_targets, "grpc"))
+    over_http = _story(_gateway(settings, upstreams, grpc_targets, "http"))
+    assert over_grpc == over_http
+    assert "ACCOUNT_EXISTS" in over_grpc and "IDEMPOTENCY_KEY_REUSED" in over_grpc
+
+
+class _SlowOrders(orders_pb2_grpc.OrdersServicer):
+    def ListOrders(self, request, context):
+        time.sleep(2)
+        return orders_pb2.OrderPage()
+
+
+def test_a_deadline_exceeded_is_504_and_a_service_down_is_503(settings, upstreams, grpc_targets):  # noqa: F811
+    slow = grpc.server(futures.ThreadPoolExecutor(2))
+    orders_pb2_grpc.add_OrdersServicer_to_server(_SlowOrders(), slow)
+    slow_bind = f"127.0.0.1:{free_port()}"
+    slow.add_insecure_port(slow_bind)
+    slow.start()
+    try:
+        client = _gateway(settings, upstreams, grpc_targets, "grpc", upstream_timeout_seconds=0.5,
+                          orders_grpc_target=slow_bind,
+                          payments_grpc_target=f"127.0.0.1:{free_port()}")
+        session = client.post("/api/auth/register", json={
+            "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+        auth = {"Authorization": f"Bearer {session['access_token']}"}
+        late = client.get("/api/orders", headers=auth)
+        assert late.status_code == 504 and late.get_json()["error"]["code"] == "UPSTREAM_TIMEOUT"
+        down = client.get("/api/accounts/balance", headers=auth)
+        assert down.status_code == 503
+        assert down.get_json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+    finally:
+        slow.stop(grace=None)
+
+
+@pytest.mark.parametrize("metadata", [
+    (),
+    (("x-user-id", "alice"),),
+    tuple((k.lower(), v) for k, v in identity_headers("alice", "not the gateway's secret at all").items()),
+])
+def test_a_call_without_valid_gateway_metadata_is_refused(grpc_targets, metadata):
+    stub = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ListOrders(orders_pb2.ListOrdersRequest(), metadata=metadata, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_server_reflection_lists_each_service(grpc_targets):
+    for target, name in ((grpc_targets["orders"], "hseshop.orders.v1.Orders"),
+                         (grpc_targets["payments"], "hseshop.payments.v1.Payments")):
+        database = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(target))
+        assert name in database.get_services()
+        assert database.FindFileContainingSymbol(name) is not None
+
+
+def test_the_generated_grpc_code_is_current(tmp_path):
+    protos = sorted((REPO_ROOT / "shared" / "protos").glob("*.proto"))
+    for proto in protos:
+        (tmp_path / "shared" / "protos").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "shared" / "protos" / proto.name).write_bytes(proto.read_bytes())
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.",
+                    "--grpc_python_out=.", "--pyi_out=.",
+                    *[f"shared/protos/{p.name}" for p in protos]], cwd=tmp_path, check=True)
+    for generated in (tmp_path / "shared" / "protos").glob("*_pb2*"):
+        committed = REPO_ROOT / "shared" / "protos" / generated.name
+        assert committed.read_bytes() == generated.read_bytes(), \
+            f"{committed.name} is stale: run `make protos`"
