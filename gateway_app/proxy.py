@@ -13,7 +13,7 @@ import threading
 import requests
 from flask import Response, current_app, g, request
 
-from shared.errors import ApiError
+from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.internal_auth import identity_headers
 from shared.request_context import REQUEST_ID_HEADER, current_request_id
 
@@ -24,21 +24,6 @@ FORWARDED_REQUEST_HEADERS = ("Content-Type", "Idempotency-Key", "Accept")
 FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Retry-After")
 
 _sessions = threading.local()
-
-
-class ServiceUnavailable(ApiError):
-    status = 503
-    code = "SERVICE_UNAVAILABLE"
-
-
-class UpstreamTimeout(ApiError):
-    status = 504
-    code = "UPSTREAM_TIMEOUT"
-
-
-class BadGateway(ApiError):
-    status = 502
-    code = "BAD_GATEWAY"
 
 
 def _http() -> requests.Session:

@@ -11,8 +11,7 @@ from typing import Any
 import grpc
 from flask import current_app, g
 
-from gateway_app.proxy import BadGateway, ServiceUnavailable, UpstreamTimeout
-from shared.errors import ApiError
+from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.grpc_messages import to_body, to_message
 from shared.grpc_server import ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY
 from shared.internal_auth import identity_headers

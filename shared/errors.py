@@ -46,6 +46,27 @@ class Unauthorized(ApiError):
     code = "UNAUTHORIZED"
 
 
+class BadGateway(ApiError):
+    """A service behind the gateway failed to answer."""
+
+    status = 502
+    code = "BAD_GATEWAY"
+
+
+class ServiceUnavailable(ApiError):
+    """A service behind the gateway cannot be reached."""
+
+    status = 503
+    code = "SERVICE_UNAVAILABLE"
+
+
+class UpstreamTimeout(ApiError):
+    """A service behind the gateway did not answer in time."""
+
+    status = 504
+    code = "UPSTREAM_TIMEOUT"
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict:
     return {"error": {"code": code, "message": message, "details": details or {}}}
 

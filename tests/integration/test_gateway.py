@@ -198,3 +198,13 @@ def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_
     assert "PlaceOrder" in spec["components"]["schemas"]
     page = gateway.get("/docs")
     assert page.status_code == 200 and b"swagger-ui-bundle.js" in page.data
+
+
+def test_with_redis_down_the_gateway_still_signs_in_and_serves_the_api(settings, upstreams):
+    client = _gateway(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0",
+                      orders_service_url=upstreams["orders"].url,
+                      payments_service_url=upstreams["payments"].url, rate_limit_per_minute=1)
+    _, auth = _sign_up(client)  # the per-address limit cannot be counted, so it lets us in
+    assert client.post("/api/accounts", headers=auth).status_code == 201
+    assert [client.get("/api/accounts/balance", headers=auth).status_code for _ in range(3)] == \
+        [200, 200, 200]
