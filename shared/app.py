@@ -18,7 +18,7 @@ from shared.health import health_blueprint
 from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
 from shared.outbox import RELAY_KICK_EXTENSION
-from shared.request_context import install_request_ids
+from shared.request_context import configure_logging, install_request_ids
 
 # Swagger UI's scripts and styles are served by the service itself (from the swagger-ui-bundle
 # package), so the docs work on a machine with no way out to a CDN.
@@ -64,6 +64,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     app.register_blueprint(Blueprint("swagger_ui_assets", __name__, static_folder=swagger_ui_path,
                                      static_url_path=SWAGGER_UI_ASSETS))
     register_error_handlers(app)
+    configure_logging()
     install_request_ids(app)
     app.extensions.setdefault(RELAY_KICK_EXTENSION, _relay_kicker(service))
     return app

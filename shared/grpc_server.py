@@ -25,7 +25,8 @@ from marshmallow import ValidationError
 from shared.config import get_settings
 from shared.errors import ApiError
 from shared.internal_auth import InvalidIdentity, verified_user_id
-from shared.request_context import REQUEST_ID_HEADER, request_id_bound, sane_request_id
+from shared.request_context import (REQUEST_ID_HEADER, configure_logging, request_id_bound,
+                                    sane_request_id)
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,21 @@ def _abort(context: grpc.ServicerContext, status: int, code: str, message: str,
     context.abort(GRPC_CODE_FOR_HTTP_STATUS.get(status, grpc.StatusCode.UNKNOWN), message)
 
 
+class CallLogInterceptor(grpc.ServerInterceptor):
+    """One log line per call, with the request id the gateway sent: the gRPC access log."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        with request_id_bound(metadata.get(REQUEST_ID_HEADER.lower())):
+            log.info("gRPC %s", handler_call_details.method)
+        return continuation(handler_call_details)
+
+
 def build_server(service: str, app: Flask, bind: str, max_workers: int = 16) -> grpc.Server:
     """A server with the service's methods (its `grpc_api.register`) and reflection, bound."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
-                                                    thread_name_prefix=f"{service}-grpc"))
+                                                    thread_name_prefix=f"{service}-grpc"),
+                         interceptors=[CallLogInterceptor()])
     grpc_api = importlib.import_module(f"{service}_app.grpc_api")
     service_names = grpc_api.register(server, app)
     reflection.enable_server_reflection((*service_names, reflection.SERVICE_NAME), server)
@@ -94,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shared.grpc_server")
     parser.add_argument("service", choices=("orders", "payments"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     settings = get_settings()
     package = importlib.import_module(f"{args.service}_app")
     bind = getattr(settings, f"{args.service}_grpc_bind")

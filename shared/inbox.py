@@ -179,6 +179,7 @@ def process_inbox_message(
         # Whatever the handler writes to its outbox carries on the request id of what caused it.
         with session.begin_nested(), request_id_bound(message.request_id):
             handler(session, payload, message)
+            log.info("handled %s %s", message.type, message.message_id)
     except PermanentMessageError as exc:
         _park(message, str(exc))
         return Outcome.PARKED

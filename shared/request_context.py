@@ -40,12 +40,32 @@ def request_id_bound(request_id: str | None) -> Iterator[None]:
         _current.reset(token)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [request_id=%(request_id)s] %(message)s"
+
+
 class RequestIdLogFilter(logging.Filter):
     """Adds `request_id` to every log record, so formats can show it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = _current.get() or "-"
         return True
+
+
+def log_with_request_ids(handler: logging.Handler) -> None:
+    """Make `handler` write each record with the request id it belongs to."""
+    handler.addFilter(RequestIdLogFilter())
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+
+
+def configure_logging() -> None:
+    """INFO and up to stderr with request ids, unless the process (Celery, say) set logging up."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    log_with_request_ids(handler)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def install_request_ids(app: Flask) -> None:
@@ -62,8 +82,7 @@ def install_request_ids(app: Flask) -> None:
         request_id = _current.get()
         if request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
-        log.info("%s %s -> %s [request_id=%s]", request.method, request.path,
-                 response.status_code, request_id)
+        log.info("%s %s -> %s", request.method, request.path, response.status_code)
         return response
 
     @app.teardown_request

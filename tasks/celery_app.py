@@ -6,6 +6,8 @@ from celery import Celery
 from celery.signals import after_setup_logger
 from click import Option
 
+from shared.request_context import log_with_request_ids
+
 app = Celery("hseshop", include=["tasks.relay", "tasks.inbox"])
 app.config_from_object("celeryconfig")
 
@@ -14,7 +16,8 @@ app.user_options["worker"].add(
         ["--consume"],
         multiple=True,
         default=(),
-        help="Run the Kafka inbox consumer of this service in the worker (orders or payments).",
+        help="Run the Kafka inbox consumer of this service in the worker (orders, payments or "
+             "gateway).",
     )
 )
 
@@ -29,8 +32,11 @@ _install_consumer_step()
 
 
 @after_setup_logger.connect
-def _quiet_per_task_lines(logger, **kwargs):
+def _set_up_worker_logging(logger, **kwargs):
     # Beat sends the relay and the sweeper several times a second: a "received"/"succeeded" line
     # for each would bury everything else. Failures are still logged at WARNING and above.
     for name in ("celery.app.trace", "celery.worker.strategy"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Handlers log the request id of the message they handle (bound by shared.inbox).
+    for handler in logger.handlers:
+        log_with_request_ids(handler)

@@ -118,3 +118,5 @@ def test_the_request_id_follows_an_order_from_the_click_into_both_services_messa
             "SELECT request_id FROM inbox_messages WHERE correlation_id = :id"), {"id": order["id"]})
     assert sent == [("PaymentRequested", request_id), ("OrderStatusChanged", request_id)]
     assert handled == request_id and received == request_id
+    for log in ("gateway-api", "orders-grpc", "payments-worker", "orders-worker"):
+        assert f"request_id={request_id}" in (stack.logs_dir / f"{log}.log").read_text(), log
