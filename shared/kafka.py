@@ -116,10 +116,19 @@ class OutboxPublisher:
                 fatal = fatal or (err is not None and err.fatal())
             return report
 
-        for row in rows:
-            self._produce(producer, row, on_delivery(row.id))
+        try:
+            for row in rows:
+                self._produce(producer, row, on_delivery(row.id))
+        except KafkaException as exc:
+            # The producer failed outside any delivery of ours (after a broker came back empty,
+            # say); the rows it did not take get no acknowledgement and are retried.
+            log.warning("the outbox producer refused a message: %s", exc)
+            fatal = fatal or exc.args[0].fatal()
         producer.flush(FLUSH_TIMEOUT_S)
-        if fatal:
+        if fatal or not any(error is None for error in errors.values()):
+            # A producer that had nothing acknowledged may be stuck on state the broker no longer
+            # has (a broker that came back empty leaves an idempotent producer waiting on the
+            # sequence numbers of partitions it lost): start the next batch with a fresh one.
             self._discard_producer()
         return [
             Delivery(row.id, errors.get(row.id, "no acknowledgement from the broker in time"))
