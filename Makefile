@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Rewritten after each successful install, so the venv is rebuilt only when a requirements file changes.
 INSTALLED := $(VENV)/.installed
+BENCH_INSTALLED := $(VENV)/.installed-bench
 
 .PHONY: venv browser run test bench clean protos
 
@@ -48,7 +49,12 @@ protos: venv
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
 		shared/protos/*.proto
 
-bench: venv
+# The benchmark's own extras (matplotlib, psutil, py-spy) go on top; `make test` never needs them.
+$(BENCH_INSTALLED): $(INSTALLED) requirements/bench.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/bench.txt
+	touch $@
+
+bench: $(BENCH_INSTALLED)
 	$(PY) -m bench
 
 clean:

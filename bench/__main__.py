@@ -1,0 +1,38 @@
+"""`python -m bench` (`make bench`): start a quiet stack of its own, measure, write the report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench.plan import FULL, SMOKE
+from bench.report import RESULTS_DIR, write_report
+from bench.runner import run_benchmark
+from bench.shop import bench_stack, forget_stack_data
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny loads, a few seconds each")
+    args = parser.parse_args(argv)
+    stack = bench_stack()
+    say("starting the stack...")
+    try:
+        stack.start()
+        results = run_benchmark(stack, SMOKE if args.smoke else FULL,
+                                stack.run_dir / "load", say=say)
+    finally:
+        stack.stop()
+        forget_stack_data(stack)
+    paths = write_report(results, RESULTS_DIR)
+    print(paths[1].read_text())
+    say(f"wrote {', '.join(map(str, paths))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The load generator: a separate process that POSTs orders at an offered rate (or as fast as it
+can) and reports what it got, including the CPU it used itself, so its cost is never hidden.
+
+Run by `offer_load()`; the child writes its result as JSON to the file named by --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from shared.config import load_settings
+from shared.internal_auth import identity_headers
+
+ORDER_BODY = json.dumps({"amount": "1.00", "description": "bench"}).encode()
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What to offer: `rate` orders/s for `duration` s, or as fast as possible when rate is None."""
+
+    url: str  # the POST target, e.g. http://127.0.0.1:8001/orders
+    users: list[str]
+    duration: float
+    rate: float | None = None
+    concurrency: int = 16
+
+
+def offer_load(spec: LoadSpec, out: Path, env: dict | None = None) -> dict:
+    """Run the generator in its own process and return its report."""
+    argv = [sys.executable, "-m", "bench.load", "--url", spec.url, "--users", ",".join(spec.users),
+            "--duration", str(spec.duration), "--concurrency", str(spec.concurrency),
+            "--out", str(out)]
+    if spec.rate is not None:
+        argv += ["--rate", str(spec.rate)]
+    subprocess.run(argv, check=True, timeout=spec.duration + 120, env=env,
+                   cwd=Path(__file__).resolve().parent.parent)
+    return json.loads(out.read_text())
+
+
+class _Schedule:
+    """Hands out send times: one every 1/rate s from the start, or "now" in closed-loop mode."""
+
+    def __init__(self, rate: float | None, duration: float):
+        self._rate = rate
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+        self.start = time.monotonic()
+        self.end = self.start + duration
+
+    def next_due(self) -> float | None:
+        with self._lock:
+            index = next(self._counter)
+        due = self.start + index / self._rate if self._rate else time.monotonic()
+        # A server that falls behind gets no catch-up burst after the end: offered load is a rate.
+        return due if due < self.end and time.monotonic() < self.end else None
+
+
+def _post_orders(schedule: _Schedule, url: str, users: list[str], worker: int, results: list):
+    # The services trust only identities the gateway signed; the generator signs as it would.
+    secret = load_settings().internal_auth_secret
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    user_turn = itertools.cycle(users[worker % len(users):] + users[:worker % len(users)])
+    while (due := schedule.next_due()) is not None:
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        started = time.monotonic()
+        try:
+            connection.request("POST", parts.path, body=ORDER_BODY, headers={
+                "Content-Type": "application/json",
+                **identity_headers(next(user_turn), secret)})
+            response = connection.getresponse()
+            body = response.read()
+            order_id = json.loads(body)["id"] if response.status == 202 else None
+            results.append((started - schedule.start, time.monotonic() - started,
+                            response.status, order_id))
+        except (OSError, http.client.HTTPException) as exc:
+            results.append((started - schedule.start, time.monotonic() - started, repr(exc), None))
+            connection.close()
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    connection.close()
+
+
+def generate(spec: LoadSpec) -> dict:
+    """Offer the load from `spec.concurrency` threads and summarise what came back."""
+    cpu_before = os.times()
+    schedule = _Schedule(spec.rate, spec.duration)
+    results: list = []
+    threads = [threading.Thread(target=_post_orders,
+                                args=(schedule, spec.url, spec.users, worker, results))
+               for worker in range(spec.concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - schedule.start
+    cpu_after = os.times()
+    cpu_seconds = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
+    accepted = [r for r in results if r[2] == 202]
+    return {
+        "offered_rate": spec.rate,
+        "duration_s": round(elapsed, 3),
+        "requests": len(results),
+        "accepted": len(accepted),
+        "errors": sorted({str(r[2]) for r in results if r[2] != 202}),
+        "accepted_per_s": round(len(accepted) / elapsed, 1),
+        "http_latency_ms": sorted(round(r[1] * 1000, 3) for r in accepted),
+        "order_ids": [r[3] for r in accepted],
+        "generator_cpu_s": round(cpu_seconds, 3),
+        "generator_cpu_percent": round(100 * cpu_seconds / elapsed, 1),
+        "generator_peak_rss_mb": round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--users", required=True, help="comma-separated X-User-ID values")
+    parser.add_argument("--duration", type=float, required=True)
+    parser.add_argument("--rate", type=float, default=None)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    spec = LoadSpec(url=args.url, users=args.users.split(","), duration=args.duration,
+                    rate=args.rate, concurrency=args.concurrency)
+    args.out.write_text(json.dumps(generate(spec)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

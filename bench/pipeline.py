@@ -1,0 +1,65 @@
+"""The whole pipeline under offered load: orders/s reaching a final status, and the latency from
+POST /orders to the final status, read exactly from the orders' created_at and updated_at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.load import LoadSpec, offer_load
+from bench.plan import BenchPlan
+from bench.shop import order_times, wait_until_final
+from bench.stats import latency_summary_ms
+from devstack.stack import Stack
+
+# Threads in the generator: enough that a slow answer never holds back the offered rate.
+OPEN_LOOP_CONCURRENCY = 32
+FINAL_WITHIN_SECONDS = 1.0
+
+
+def measure_capacity(stack: Stack, plan: BenchPlan, users: list[str], workdir: Path) -> dict:
+    """Offer more than the pipeline is asked to carry and count what reaches a final status per
+    second over the window after the warm-up."""
+    load = _offer(stack, users, plan.capacity_rate, plan.capacity_seconds, workdir / "capacity")
+    drained = wait_until_final(stack, load["order_ids"], plan.drain_timeout)
+    times = order_times(stack, load["order_ids"])
+    start = min(t.created_at for t in times)
+    window_start = start.timestamp() + plan.capacity_warmup_seconds
+    window_end = start.timestamp() + plan.capacity_seconds
+    final_in_window = sum(1 for t in times if t.seconds_to_final is not None
+                          and window_start <= t.updated_at.timestamp() < window_end)
+    final_per_s = final_in_window / (window_end - window_start)
+    return {
+        "offered_rate": plan.capacity_rate,
+        "accepted_per_s": load["accepted_per_s"],
+        "window_seconds": plan.capacity_seconds - plan.capacity_warmup_seconds,
+        "final_per_s": round(final_per_s, 1),
+        "kept_up": final_per_s >= 0.95 * load["accepted_per_s"],
+        "drained": drained,
+        "generator_cpu_percent": load["generator_cpu_percent"],
+    }
+
+
+def measure_latency(stack: Stack, plan: BenchPlan, users: list[str], workdir: Path,
+                    rate: float) -> dict:
+    """Latency POST -> final of every order offered at `rate` for the plan's duration."""
+    load = _offer(stack, users, rate, plan.latency_seconds, workdir / f"latency-{rate:g}")
+    drained = wait_until_final(stack, load["order_ids"], plan.drain_timeout)
+    to_final = [t.seconds_to_final for t in order_times(stack, load["order_ids"])
+                if t.seconds_to_final is not None]
+    within = sum(1 for seconds in to_final if seconds <= FINAL_WITHIN_SECONDS)
+    return {
+        "offered_rate": rate,
+        "accepted_per_s": load["accepted_per_s"],
+        "orders": len(load["order_ids"]),
+        **latency_summary_ms(to_final),
+        "final_within_1s": round(within / max(len(load["order_ids"]), 1), 4),
+        "post_p99_ms": latency_summary_ms([ms / 1000 for ms in load["http_latency_ms"]])["p99_ms"],
+        "drained": drained,
+        "generator_cpu_percent": load["generator_cpu_percent"],
+    }
+
+
+def _offer(stack: Stack, users: list[str], rate: float, seconds: float, out: Path) -> dict:
+    return offer_load(LoadSpec(url=f"{stack.orders_url}/orders", users=users, duration=seconds,
+                               rate=rate, concurrency=OPEN_LOOP_CONCURRENCY),
+                      out.with_suffix(".json"))

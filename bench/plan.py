@@ -1,0 +1,25 @@
+"""How long and how hard each measurement runs: the full benchmark, and the smoke run `make test` does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    shoppers: int = 50
+    intake_seconds: float = 10
+    intake_concurrency: int = 12
+    relay_rows: int = 100_000
+    capacity_rate: float = 400
+    capacity_seconds: float = 70
+    capacity_warmup_seconds: float = 10  # left out of the window, so the rate is a sustained one
+    latency_rates: tuple[float, ...] = (50, 100, 200)
+    latency_seconds: float = 20
+    drain_timeout: float = 180
+
+
+FULL = BenchPlan()
+SMOKE = BenchPlan(shoppers=2, intake_seconds=1, intake_concurrency=2, relay_rows=200,
+                  capacity_rate=20, capacity_seconds=2, capacity_warmup_seconds=0.5,
+                  latency_rates=(10,), latency_seconds=1, drain_timeout=30)

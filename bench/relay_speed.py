@@ -1,0 +1,94 @@
+"""Relay speed: pre-inserted outbox rows sent to Kafka by the running relay, rows per second,
+against a raw confluent-kafka producer sending the very same messages from Python.
+
+The rows go to a topic of their own that no consumer reads, so the rest of the pipeline stays idle.
+"""
+
+from __future__ import annotations
+
+import time
+
+from confluent_kafka import Producer
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
+
+from bench.shop import orders_cursor
+from devstack.stack import Stack
+from shared.config import load_settings
+from shared.kafka import FLUSH_TIMEOUT_S, ensure_topics, producer_config
+from shared.contracts import encode
+from shared.outbox import OutboxMessage
+
+INSERT_ROWS = """
+INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, payload, headers,
+                             created_at)
+SELECT message_id, %(topic)s, 'relay-speed-' || (n %% 50), 'PaymentRequested', order_id::text,
+       jsonb_build_object('order_id', order_id::text, 'user_id', 'relay-speed-' || (n %% 50),
+                          'amount', '1.00'),
+       jsonb_build_object('message_id', message_id::text, 'type', 'PaymentRequested'), now()
+FROM (SELECT gen_random_uuid() AS message_id, gen_random_uuid() AS order_id, n
+      FROM generate_series(1, %(rows)s) AS n) AS generated
+"""
+
+
+def measure_relay_speed(stack: Stack, rows: int, timeout: float = 600) -> dict:
+    settings = load_settings(stack.env)
+    topic = f"{settings.kafka_consumer_group_prefix}.relay-speed"
+    ensure_topics(settings, [topic])
+    with orders_cursor(stack) as cursor:
+        cursor.execute(INSERT_ROWS, {"topic": topic, "rows": rows})
+    committed = time.monotonic()
+    relay_seconds = _wait_until_sent(stack, topic, timeout) - committed
+    raw_seconds = _send_raw(settings, _messages(stack, topic))
+    relay_rate, raw_rate = rows / relay_seconds, rows / raw_seconds
+    return {
+        "rows": rows,
+        "relay_seconds": round(relay_seconds, 2),
+        "relay_rows_per_s": round(relay_rate),
+        "raw_producer_seconds": round(raw_seconds, 2),
+        "raw_producer_rows_per_s": round(raw_rate),
+        "ratio": round(relay_rate / raw_rate, 3),
+    }
+
+
+def _wait_until_sent(stack: Stack, topic: str, timeout: float) -> float:
+    """The moment no row of `topic` is left unsent (the relay is woken by beat, as in production)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with orders_cursor(stack) as cursor:
+            cursor.execute("SELECT count(*) FROM outbox_messages WHERE sent_at IS NULL"
+                           " AND topic = %s", (topic,))
+            if cursor.fetchone()[0] == 0:
+                return time.monotonic()
+        time.sleep(0.02)
+    raise TimeoutError(f"the relay did not send the {topic} rows within {timeout}s")
+
+
+def _messages(stack: Stack, topic: str) -> list[tuple[bytes, bytes, list]]:
+    """(key, value, headers) of each row, encoded exactly as the relay encodes them."""
+    engine = create_engine(load_settings(stack.env).database_url("orders"))
+    try:
+        with Session(engine) as session:
+            rows = session.scalars(select(OutboxMessage).where(OutboxMessage.topic == topic)
+                                   .order_by(OutboxMessage.id)).all()
+    finally:
+        engine.dispose()
+    return [(row.key.encode(), encode(row.envelope_json()),
+             [(name, str(value).encode()) for name, value in row.headers.items()]) for row in rows]
+
+
+def _send_raw(settings, messages: list[tuple[bytes, bytes, list]]) -> float:
+    """Seconds a bare producer, configured as the relay's, takes to have them all acknowledged."""
+    producer = Producer(producer_config(settings))
+    topic = f"{settings.kafka_consumer_group_prefix}.relay-speed"
+    started = time.monotonic()
+    for key, value, headers in messages:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, headers=headers)
+                break
+            except BufferError:
+                producer.poll(0.1)
+    if producer.flush(FLUSH_TIMEOUT_S + 60):
+        raise RuntimeError("the raw producer left messages unacknowledged")
+    return time.monotonic() - started

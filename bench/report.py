@@ -1,0 +1,108 @@
+"""The benchmark's report: the targets checked, JSON and a Markdown table in bench/results/, and a
+PNG chart of latency against offered load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def check_targets(results: dict) -> list[dict]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    latency = {row["offered_rate"]: row for row in results["latency"]}
+    relay = results["relay"]
+    targets = [
+        ("order intake / bare baseline", ">= 0.8", results["intake"]["ratio"],
+         lambda v: v >= 0.8),
+        ("relay / raw producer", ">= 0.5", relay["ratio"], lambda v: v >= 0.5),
+        ("relay rows/s", ">= 20000", relay["relay_rows_per_s"], lambda v: v >= 20_000),
+    ]
+    if 100 in latency:
+        targets += [
+            ("p99 POST->final at 100/s (ms)", "<= 250", latency[100]["p99_ms"],
+             lambda v: v is not None and v <= 250),
+            ("p50 POST->final at 100/s (ms)", "<= 50", latency[100]["p50_ms"],
+             lambda v: v is not None and v <= 50),
+        ]
+    if 200 in latency:
+        targets.append(("final within 1 s at 200/s", ">= 0.95", latency[200]["final_within_1s"],
+                        lambda v: v >= 0.95))
+    return [{"target": name, "wanted": wanted, "measured": value, "met": met(value)}
+            for name, wanted, value, met in targets]
+
+
+def markdown(results: dict) -> str:
+    intake, relay, capacity = results["intake"], results["relay"], results["capacity"]
+    lines = [
+        f"# HseShop benchmark, {results['date']}",
+        "",
+        f"{results['machine']['cpus']} CPUs, Python {results['machine']['python']}, "
+        f"{results['machine']['platform']}; APIs on gunicorn -w {results['api_server']['workers']}"
+        f" --threads {results['api_server']['threads']}; everything on this one machine.",
+        "",
+        "| measure | HseShop | raw baseline | ratio |",
+        "| --- | --- | --- | --- |",
+        f"| order intake (POST/s) | {intake['orders_api']['accepted_per_s']} "
+        f"| {intake['baseline']['accepted_per_s']} | {intake['ratio']} |",
+        f"| relay (rows/s, {relay['rows']} rows) | {relay['relay_rows_per_s']} "
+        f"| {relay['raw_producer_rows_per_s']} | {relay['ratio']} |",
+        "",
+        f"Pipeline capacity: {capacity['final_per_s']} orders/s reached a final status over "
+        f"{capacity['window_seconds']:g} s with {capacity['offered_rate']:g}/s offered "
+        f"({capacity['accepted_per_s']}/s accepted; kept up: {capacity['kept_up']}).",
+        "",
+        "| offered/s | accepted/s | p50 ms | p95 ms | p99 ms | max ms | final within 1 s "
+        "| POST p99 ms | generator CPU % |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in results["latency"]:
+        lines.append(
+            f"| {row['offered_rate']:g} | {row['accepted_per_s']} | {row['p50_ms']} "
+            f"| {row['p95_ms']} | {row['p99_ms']} | {row['max_ms']} | {row['final_within_1s']:.2%} "
+            f"| {row['post_p99_ms']} | {row['generator_cpu_percent']} |")
+    lines += ["", "| target | wanted | measured | met |", "| --- | --- | --- | --- |"]
+    for target in results["targets"]:
+        lines.append(f"| {target['target']} | {target['wanted']} | {target['measured']} "
+                     f"| {'yes' if target['met'] else 'NO'} |")
+    lines += ["", "| process | peak RSS MB |", "| --- | --- |"]
+    lines += [f"| {name} | {mb} |" for name, mb in results["peak_rss_mb"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def draw_latency_chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    rates = [row["offered_rate"] for row in results["latency"]]
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    for key in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
+        axes.plot(rates, [row[key] for row in results["latency"]], marker="o",
+                  label=key.removesuffix("_ms"))
+    axes.set_xlabel("offered load (orders/s)")
+    axes.set_ylabel("POST /orders -> final status (ms)")
+    axes.set_yscale("log")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    axes.set_title(f"HseShop latency, {results['date']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+def write_report(results: dict, directory: Path = RESULTS_DIR, chart: bool = True) -> list[Path]:
+    """Write <date>.json, <date>.md and (with matplotlib, from requirements/bench.txt) <date>.png;
+    return their paths."""
+    results = results | {"targets": check_targets(results)}
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = results["date"][:19].replace(":", "-")
+    paths = [directory / f"{stem}.json", directory / f"{stem}.md"]
+    paths[0].write_text(json.dumps(results, indent=2) + "\n")
+    paths[1].write_text(markdown(results))
+    if chart:
+        paths.append(directory / f"{stem}.png")
+        draw_latency_chart(results, paths[2])
+    return paths

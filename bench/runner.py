@@ -1,0 +1,44 @@
+"""Runs every measurement against a started stack, in an order that keeps them from disturbing
+each other (the pipeline drains after each), and gathers the results."""
+
+from __future__ import annotations
+
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench.intake import measure_intake
+from bench.memory import PeakMemory
+from bench.pipeline import measure_capacity, measure_latency
+from bench.plan import BenchPlan
+from bench.relay_speed import measure_relay_speed
+from bench.shop import seed_shoppers
+from devstack.processes import ManagedProcess
+from devstack.stack import API_THREADS, API_WORKERS, Stack
+
+
+def run_benchmark(stack: Stack, plan: BenchPlan, workdir: Path, say=lambda message: None) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
+    extra_processes: list[ManagedProcess] = []
+    results: dict = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "api_server": {"workers": API_WORKERS, "threads": API_THREADS},
+        "plan": plan.__dict__ | {"latency_rates": list(plan.latency_rates)},
+    }
+    with PeakMemory(lambda: stack.processes + extra_processes) as memory:
+        users = seed_shoppers(stack, plan.shoppers)
+        say(f"relay speed ({plan.relay_rows} rows)...")
+        results["relay"] = measure_relay_speed(stack, plan.relay_rows)
+        say("order intake against the bare baseline...")
+        results["intake"] = measure_intake(stack, plan, users, workdir, extra_processes)
+        say(f"pipeline capacity at {plan.capacity_rate:g} orders/s offered...")
+        results["capacity"] = measure_capacity(stack, plan, users, workdir)
+        results["latency"] = []
+        for rate in plan.latency_rates:
+            say(f"latency at {rate:g} orders/s...")
+            results["latency"].append(measure_latency(stack, plan, users, workdir, rate))
+    results["peak_rss_mb"] = memory.peaks_mb()
+    return results

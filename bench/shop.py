@@ -1,0 +1,123 @@
+"""The shop the benchmark drives: its own stack on free ports with its own database, topic, group
+and Redis names (as the tests isolate theirs), the shoppers it seeds, and reads of the orders table."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg2
+import redis
+import requests
+
+from devstack.infra import free_port
+from devstack.stack import DEFAULT_PORTS, REPO_ROOT, Stack
+from shared.config import load_settings
+from shared.internal_auth import identity_headers
+
+RUN_ID = uuid.uuid4().hex[:8]
+# Redis database number of the benchmark's Celery queues (`make run` uses 0, the tests 13 and 14).
+REDIS_DB = 11
+FINAL_STATUSES = ("FINISHED", "CANCELLED")
+
+
+def bench_stack() -> Stack:
+    """An unstarted, quiet stack whose names are all this run's own."""
+    prefix = f"bench.{RUN_ID}"
+    env = {
+        "ORDERS_DATABASE_URL": f"{{postgres}}/hseshop_bench_{RUN_ID}_orders",
+        "PAYMENTS_DATABASE_URL": f"{{postgres}}/hseshop_bench_{RUN_ID}_payments",
+        "GATEWAY_DATABASE_URL": f"{{postgres}}/hseshop_bench_{RUN_ID}_gateway",
+        "REDIS_KEY_PREFIX": prefix,
+        "REDIS_URL": f"{{redis}}/{REDIS_DB}",
+        "CELERY_BROKER_URL": f"{{redis}}/{REDIS_DB}",
+        "KAFKA_CONSUMER_GROUP_PREFIX": prefix,
+        "TOPIC_PAYMENT_REQUESTED": f"{prefix}.orders.payment-requested",
+        "TOPIC_PAYMENT_RESULTS": f"{prefix}.payments.payment-results",
+        "TOPIC_ORDER_STATUS_CHANGED": f"{prefix}.orders.order-status-changed",
+    }
+    ports = {name: free_port() for name in DEFAULT_PORTS}
+    return Stack(REPO_ROOT / ".run" / "bench", env_overrides=env, ports=ports, quiet=True)
+
+
+def forget_stack_data(stack: Stack) -> None:
+    """Drop the run's databases and empty its Redis database once the stack has stopped."""
+    try:
+        stack.env
+    except RuntimeError:
+        return  # it never got as far as naming them
+    urls = [stack.env[f"{service}_DATABASE_URL"] for service in ("ORDERS", "PAYMENTS", "GATEWAY")]
+    server = urls[0].rsplit("/", 1)[0]
+    conn = psycopg2.connect(f"{server}/postgres")
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            for url in urls:
+                cursor.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        conn.close()
+    redis.Redis.from_url(stack.env["REDIS_URL"]).flushdb()
+
+
+def seed_shoppers(stack: Stack, count: int, balance: str = "1000000") -> list[str]:
+    """Users with accounts rich enough that every benchmark order is paid (FINISHED)."""
+    users = [f"bench-{RUN_ID}-{uuid.uuid4().hex[:6]}-{n}" for n in range(count)]
+    secret = load_settings(stack.env).internal_auth_secret
+    with requests.Session() as http:
+        for user in users:
+            headers = identity_headers(user, secret)
+            http.post(f"{stack.payments_url}/accounts", headers=headers, timeout=10
+                      ).raise_for_status()
+            http.post(f"{stack.payments_url}/accounts/deposit", json={"amount": balance},
+                      headers=headers, timeout=10).raise_for_status()
+    return users
+
+
+@contextmanager
+def orders_cursor(stack: Stack) -> Iterator:
+    """A cursor on the orders database, in one transaction committed when the block ends."""
+    conn = psycopg2.connect(stack.env["ORDERS_DATABASE_URL"])
+    try:
+        with conn, conn.cursor() as cursor:
+            yield cursor
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class OrderTimes:
+    status: str
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def seconds_to_final(self) -> float | None:
+        if self.status not in FINAL_STATUSES:
+            return None
+        return (self.updated_at - self.created_at).total_seconds()
+
+
+def order_times(stack: Stack, order_ids: list[str]) -> list[OrderTimes]:
+    """Status and timestamps of the given orders, straight from the orders database (exact)."""
+    with orders_cursor(stack) as cursor:
+        cursor.execute("SELECT status, created_at, updated_at FROM orders"
+                       " WHERE id = ANY(%s::uuid[])", (order_ids,))
+        return [OrderTimes(*row) for row in cursor.fetchall()]
+
+
+def wait_until_final(stack: Stack, order_ids: list[str], timeout: float) -> bool:
+    """Wait for every given order to be final; False if some are still NEW after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with orders_cursor(stack) as cursor:
+            cursor.execute("SELECT count(*) FROM orders WHERE id = ANY(%s::uuid[])"
+                           " AND status = 'NEW'", (order_ids,))
+            if cursor.fetchone()[0] == 0:
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)

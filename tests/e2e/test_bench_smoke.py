@@ -1,0 +1,32 @@
+"""The benchmark, run tiny against the end-to-end stack so that it cannot rot: it checks that every
+measurement runs and the report has its shape, never how fast anything is."""
+
+from __future__ import annotations
+
+import json
+
+from bench.plan import SMOKE
+from bench.report import write_report
+from bench.runner import run_benchmark
+
+
+def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, tmp_path):
+    results = run_benchmark(stack, SMOKE, tmp_path / "load")
+    json_path, markdown_path = write_report(results, tmp_path, chart=False)
+
+    report = json.loads(json_path.read_text())
+    assert report["intake"]["baseline"]["accepted_per_s"] > 0
+    assert report["intake"]["orders_api"]["accepted_per_s"] > 0
+    assert report["intake"]["ratio"] > 0
+    assert report["relay"]["rows"] == SMOKE.relay_rows
+    assert report["relay"]["relay_rows_per_s"] > 0 and report["relay"]["raw_producer_rows_per_s"] > 0
+    assert report["capacity"]["final_per_s"] > 0
+    assert [row["offered_rate"] for row in report["latency"]] == list(SMOKE.latency_rates)
+    for row in report["latency"]:
+        assert row["drained"] and row["orders"] > 0
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert row["generator_cpu_percent"] >= 0
+    assert {"orders-api", "orders-worker", "payments-worker", "baseline-api"} <= set(
+        report["peak_rss_mb"])
+    assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
+    assert "| order intake (POST/s) |" in markdown_path.read_text()
