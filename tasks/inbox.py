@@ -1,6 +1,7 @@
-"""Handling inbox messages: at once in the thread that stored them, one transaction each; a message
-whose first try fails goes to a task that retries it with backoff and parks it after the last
-attempt; and the sweeper that hands on again messages whose handling was lost."""
+"""Handling inbox messages: at once in the thread that stored them, many to a transaction with a
+savepoint each; a message whose first try fails goes to a task that retries it with backoff and
+parks it after the last attempt; and the sweeper that hands on again messages whose handling was
+lost."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from tasks.celery_app import app
 from tasks.services import ServiceTask, service_package
 
 log = logging.getLogger(__name__)
+
+# Messages handled per transaction by the consumer: one commit (one WAL flush) covers them all,
+# while the row locks they take are held for a few milliseconds only.
+HANDLED_PER_TRANSACTION = 50
 
 
 class TransientHandlerError(Exception):
@@ -59,14 +64,32 @@ def dispatch_inbox_messages(service: str, message_ids: list[uuid.UUID]) -> None:
     A message lost in between (a crash, Redis down) is still found by the sweeper.
     """
     handlers = service_package(service).message_handlers()
-    for message_id in message_ids:
-        try:
-            with transaction() as session:
-                process_inbox_message(session, message_id, handlers)
-        except Exception as exc:
-            log.info("%s inbox: %s failed on its first try (%r); retrying in a task",
-                     service, message_id, exc)
+    for start in range(0, len(message_ids), HANDLED_PER_TRANSACTION):
+        chunk = message_ids[start:start + HANDLED_PER_TRANSACTION]
+        for message_id in _handle_in_one_transaction(service, chunk, handlers):
             handle_inbox_message.apply_async((service, str(message_id)))
+
+
+def _handle_in_one_transaction(service: str, message_ids: list[uuid.UUID],
+                               handlers) -> list[uuid.UUID]:
+    """Handle the messages in one transaction, each in a savepoint of its own, so one that fails
+    leaves no trace and the others still commit; returns the ones left to retry."""
+    failed: list[uuid.UUID] = []
+    try:
+        with transaction() as session:
+            for message_id in message_ids:
+                try:
+                    with session.begin_nested():
+                        process_inbox_message(session, message_id, handlers)
+                except Exception as exc:
+                    log.info("%s inbox: %s failed on its first try (%r); retrying in a task",
+                             service, message_id, exc)
+                    failed.append(message_id)
+    except Exception as exc:
+        log.warning("%s inbox: committing %d handled messages failed (%r); retrying each in a task",
+                    service, len(message_ids), exc)
+        return list(message_ids)
+    return failed
 
 
 @app.task(name="hseshop.sweep_inbox", base=ServiceTask, ignore_result=True)
