@@ -10,14 +10,12 @@ import time
 
 from confluent_kafka import Producer
 from sqlalchemy import create_engine, select
-from sqlalchemy.orm import Session
 
 from bench.shop import orders_cursor
 from devstack.stack import Stack
 from shared.config import load_settings
 from shared.kafka import FLUSH_TIMEOUT_S, ensure_topics, producer_config
-from shared.contracts import encode
-from shared.outbox import OutboxMessage
+from shared.outbox import RELAY_COLUMNS, OutboxMessage
 
 INSERT_ROWS = """
 INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, payload, headers,
@@ -68,12 +66,12 @@ def _messages(stack: Stack, topic: str) -> list[tuple[bytes, bytes, list]]:
     """(key, value, headers) of each row, encoded exactly as the relay encodes them."""
     engine = create_engine(load_settings(stack.env).database_url("orders"))
     try:
-        with Session(engine) as session:
-            rows = session.scalars(select(OutboxMessage).where(OutboxMessage.topic == topic)
-                                   .order_by(OutboxMessage.id)).all()
+        with engine.connect() as connection:
+            rows = connection.execute(select(*RELAY_COLUMNS).where(OutboxMessage.topic == topic)
+                                      .order_by(OutboxMessage.id)).all()
     finally:
         engine.dispose()
-    return [(row.key.encode(), encode(row.envelope_json()),
+    return [(row.key.encode(), row.envelope.encode(),
              [(name, str(value).encode()) for name, value in row.headers.items()]) for row in rows]
 
 

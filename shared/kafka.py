@@ -10,8 +10,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shared.config import Settings
-from shared.contracts import encode
-from shared.outbox import Delivery, OutboxMessage
+from shared.outbox import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,8 @@ class OutboxPublisher:
         with self._lock:
             self._producer = None
 
-    def send_batch(self, rows: list[OutboxMessage]) -> list[Delivery]:
+    def send_batch(self, rows: list) -> list[Delivery]:
+        """Produce `rows` (of shared.outbox.RELAY_COLUMNS) and wait until each has an answer."""
         producer = self._get_producer()
         errors: dict[int, str | None] = {}
         fatal = False
@@ -136,13 +136,13 @@ class OutboxPublisher:
         ]
 
     @staticmethod
-    def _produce(producer: Producer, row: OutboxMessage, on_delivery) -> None:
+    def _produce(producer: Producer, row, on_delivery) -> None:
         while True:
             try:
                 producer.produce(
                     row.topic,
                     key=row.key.encode() if row.key is not None else None,
-                    value=encode(row.envelope_json()),
+                    value=row.envelope.encode(),
                     headers=[(name, str(value).encode()) for name, value in row.headers.items()],
                     on_delivery=on_delivery,
                 )

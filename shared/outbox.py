@@ -51,15 +51,23 @@ class OutboxMessage(db.Model):
         Index("ix_outbox_messages_unsent", "id", postgresql_where=text("sent_at IS NULL")),
     )
 
-    def envelope_json(self) -> dict:
-        return {
-            "message_id": str(self.message_id),
-            "type": self.type,
-            "version": 1,
-            "occurred_at": self.created_at.isoformat(),
-            "correlation_id": self.correlation_id,
-            "payload": self.payload,
-        }
+
+# The wire envelope (see shared/contracts.py), built by PostgreSQL as it reads the row: the relay
+# reads thousands of rows at a time, and decoding each payload into Python only to encode it again
+# was a third of its time. occurred_at is RFC 3339 in UTC with microseconds.
+ENVELOPE_JSON = func.json_build_object(
+    "message_id", OutboxMessage.message_id,
+    "type", OutboxMessage.type,
+    "version", 1,
+    "occurred_at", func.to_char(func.timezone("UTC", OutboxMessage.created_at),
+                                'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
+    "correlation_id", OutboxMessage.correlation_id,
+    "payload", OutboxMessage.payload,
+).cast(Text)
+
+# What the relay reads of a row: plain columns, never ORM objects.
+RELAY_COLUMNS = (OutboxMessage.id, OutboxMessage.topic, OutboxMessage.key, OutboxMessage.headers,
+                 ENVELOPE_JSON.label("envelope"))
 
 
 def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelope) -> OutboxMessage:
@@ -106,15 +114,16 @@ class Delivery:
     error: str | None
 
 
-SendBatch = Callable[[list[OutboxMessage]], list[Delivery]]
+# Takes rows of RELAY_COLUMNS.
+SendBatch = Callable[[list], list[Delivery]]
 
 
 def relay_pending_outbox(session: Session, send_batch: SendBatch, batch_size: int) -> RelayResult:
     """Publish one batch of unsent rows, oldest first, in the caller's transaction."""
     if not session.scalar(select(func.pg_try_advisory_xact_lock(RELAY_LOCK_KEY))):
         return RelayResult(skipped_busy=True)
-    rows = session.scalars(
-        select(OutboxMessage)
+    rows = session.execute(
+        select(*RELAY_COLUMNS)
         .where(OutboxMessage.sent_at.is_(None))
         .order_by(OutboxMessage.id)
         .limit(batch_size)
@@ -133,6 +142,8 @@ def relay_pending_outbox(session: Session, send_batch: SendBatch, batch_size: in
             update(OutboxMessage)
             .where(OutboxMessage.id.in_(row_ids))
             .values(attempts=OutboxMessage.attempts + 1, **outcome)
+            # No ORM objects of these rows are loaded, so there is nothing to keep in step.
+            .execution_options(synchronize_session=False)
         )
     sent = len(row_ids_by_error.get(None, ()))
     return RelayResult(claimed=len(rows), sent=sent, failed=len(deliveries) - sent)
