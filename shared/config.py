@@ -27,7 +27,8 @@ ENVIRONMENT: dict[str, str] = {
     "KAFKA_TOPIC_PARTITIONS": "3",
     "TOPIC_PAYMENT_REQUESTED": "orders.payment-requested",
     "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
-    "OUTBOX_RELAY_BATCH_SIZE": "500",
+    # Rows claimed and sent per relay transaction: each batch pays a fixed set of round trips.
+    "OUTBOX_RELAY_BATCH_SIZE": "5000",
     "OUTBOX_RELAY_INTERVAL_SECONDS": "0.5",
     "INBOX_SWEEP_INTERVAL_SECONDS": "5",
     "INBOX_SWEEP_MIN_AGE_SECONDS": "10",

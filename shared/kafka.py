@@ -25,7 +25,7 @@ def producer_config(settings: Settings) -> dict:
         "bootstrap.servers": settings.kafka_bootstrap_servers,
         "enable.idempotence": True,
         "acks": "all",
-        "linger.ms": 5,
+        "linger.ms": 2,
         "message.timeout.ms": MESSAGE_TIMEOUT_MS,
         "socket.connection.setup.timeout.ms": 3000,
         "reconnect.backoff.max.ms": 1000,
@@ -42,6 +42,7 @@ def consumer_config(settings: Settings, group_id: str) -> dict:
         "heartbeat.interval.ms": max(settings.kafka_session_timeout_ms // 3, 500),
         "reconnect.backoff.max.ms": 1000,
         "topic.metadata.refresh.interval.ms": 5000,
+        "fetch.wait.max.ms": 20,
     }
 
 

@@ -1,7 +1,7 @@
-"""Handling inbox messages: at once in the thread that stored them, many to a transaction with a
-savepoint each; a message whose first try fails goes to a task that retries it with backoff and
-parks it after the last attempt; and the sweeper that hands on again messages whose handling was
-lost."""
+"""Handling inbox messages in Celery: the consumer dispatches one task per stored batch, which
+handles its messages many to a transaction with a savepoint each; a message whose first try fails
+goes to a task of its own that retries it with backoff and parks it after the last attempt; and the
+sweeper dispatches again the messages whose handling was lost."""
 
 from __future__ import annotations
 
@@ -56,18 +56,25 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
 
 
 def dispatch_inbox_messages(service: str, message_ids: list[uuid.UUID]) -> None:
-    """Handle the messages now, in the caller's thread and app context (the inbox consumer's, or
-    the sweeper's); one that fails is handed to `handle_inbox_message` for its retries.
+    """One `handle_inbox_batch` task per HANDLED_PER_TRANSACTION stored messages.
 
-    Handling here rather than in one task per message saves, for each message, a trip through
-    Redis and the worker's task machinery, which profiling showed to cost more than the handler.
-    A message lost in between (a crash, Redis down) is still found by the sweeper.
+    A task per batch rather than per message saves, for each message, a trip through Redis and the
+    worker's task machinery, which profiling showed to cost more than the handler itself. A
+    dispatch that is lost (a crash, Redis down) is made good by the sweeper.
     """
-    handlers = service_package(service).message_handlers()
     for start in range(0, len(message_ids), HANDLED_PER_TRANSACTION):
         chunk = message_ids[start:start + HANDLED_PER_TRANSACTION]
-        for message_id in _handle_in_one_transaction(service, chunk, handlers):
-            handle_inbox_message.apply_async((service, str(message_id)))
+        handle_inbox_batch.apply_async((service, [str(message_id) for message_id in chunk]))
+
+
+@app.task(name="hseshop.handle_inbox_batch", base=ServiceTask, ignore_result=True)
+def handle_inbox_batch(service: str, message_ids: list[str]) -> int:
+    """Handle stored messages in one transaction; hand each that fails to its own retrying task."""
+    handlers = service_package(service).message_handlers()
+    failed = _handle_in_one_transaction(service, [uuid.UUID(m) for m in message_ids], handlers)
+    for message_id in failed:
+        handle_inbox_message.apply_async((service, str(message_id)))
+    return len(message_ids) - len(failed)
 
 
 def _handle_in_one_transaction(service: str, message_ids: list[uuid.UUID],

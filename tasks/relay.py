@@ -24,10 +24,6 @@ log = logging.getLogger(__name__)
 
 _PUBLISHER = "hseshop.outbox_publisher"
 _KICK_FLAGS = "hseshop.relay_kick_flags"
-# Rows claimed and sent per transaction. Each batch pays a fixed set of round trips (lock, claim,
-# flush to the broker, mark, commit), so a backlog drains faster in larger batches. This stands in
-# for OUTBOX_RELAY_BATCH_SIZE, whose default (500) should become this in shared/config.py.
-RELAY_BATCH_SIZE = 5000
 # One run drains for at most this long, then hands over to a fresh run, so a long backlog does not
 # hold a worker thread forever.
 MAX_RUN_SECONDS = 5.0
@@ -67,7 +63,8 @@ def relay_outbox(service: str) -> int:
     sent = 0
     while True:
         with transaction() as session:
-            result = relay_pending_outbox(session, publisher.send_batch, RELAY_BATCH_SIZE)
+            result = relay_pending_outbox(session, publisher.send_batch,
+                                          settings.outbox_relay_batch_size)
         sent += result.sent
         if result.failed:
             log.warning("%s outbox: %d rows not acknowledged; will retry", service, result.failed)
