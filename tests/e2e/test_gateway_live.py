@@ -3,6 +3,7 @@ the right user only, on either of two gateway instances, and catch-up after a re
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 
@@ -22,7 +23,8 @@ def second_gateway(stack, run_dir):
     port = free_port()
     process = ManagedProcess("gateway-2", [sys.executable, "-m",
                                            *gunicorn_argv(port, "gateway_app:create_app()")],
-                             {**stack.env}, run_dir / "gateway-2.log", REPO_ROOT).start()
+                             {**os.environ, **stack.env}, run_dir / "gateway-2.log",
+                             REPO_ROOT).start()
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
