@@ -8,26 +8,16 @@ import sys
 from bench.plan import FULL, SMOKE
 from bench.report import RESULTS_DIR, write_report
 from bench.runner import run_benchmark
-from bench.shop import bench_stack, forget_stack_data
-
-
-def say(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+from bench.shop import running_bench_stack, say
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny loads, a few seconds each")
     args = parser.parse_args(argv)
-    stack = bench_stack()
-    say("starting the stack...")
-    try:
-        stack.start()
+    with running_bench_stack(say) as stack:
         results = run_benchmark(stack, SMOKE if args.smoke else FULL,
                                 stack.run_dir / "load", say=say)
-    finally:
-        stack.stop()
-        forget_stack_data(stack)
     paths = write_report(results, RESULTS_DIR)
     print(paths[1].read_text())
     say(f"wrote {', '.join(map(str, paths))}")

@@ -1,5 +1,7 @@
-"""The load generator: a separate process that POSTs orders at an offered rate (or as fast as it
-can) and reports what it got, including the CPU it used itself, so its cost is never hidden.
+"""The load generator: a separate process that sends one kind of request (POST an order by default)
+at an offered rate (or as fast as it can) and reports what it got, including the CPU it used
+itself, so its cost is never hidden. It calls a service as the gateway does (signing each user id)
+or the gateway as a browser does (one bearer token per user).
 
 Run by `offer_load()`; the child writes its result as JSON to the file named by --out.
 """
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,27 +26,38 @@ from urllib.parse import urlsplit
 from shared.config import load_settings
 from shared.internal_auth import identity_headers
 
-ORDER_BODY = json.dumps({"amount": "1.00", "description": "bench"}).encode()
+ORDER_BODY = json.dumps({"amount": "1.00", "description": "bench"})
+# How `LoadSpec.users` identify the caller: user ids signed as the gateway signs them (to call a
+# service directly), or access tokens sent as `Authorization: Bearer` (to call the gateway).
+AUTH_SCHEMES = ("signed", "bearer")
 
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """What to offer: `rate` orders/s for `duration` s, or as fast as possible when rate is None."""
+    """What to offer: `rate` requests/s for `duration` s, or as fast as possible when rate is None.
+    A request counts as accepted when it gets `expect_status`."""
 
-    url: str  # the POST target, e.g. http://127.0.0.1:8001/orders
-    users: list[str]
+    url: str  # the target, e.g. http://127.0.0.1:8001/orders
+    users: list[str]  # user ids, or access tokens when auth is "bearer"
     duration: float
     rate: float | None = None
     concurrency: int = 16
+    method: str = "POST"
+    body: str | None = ORDER_BODY  # JSON, or None to send no body
+    auth: str = "signed"
+    expect_status: int = 202
 
 
 def offer_load(spec: LoadSpec, out: Path, env: dict | None = None) -> dict:
     """Run the generator in its own process and return its report."""
     argv = [sys.executable, "-m", "bench.load", "--url", spec.url, "--users", ",".join(spec.users),
             "--duration", str(spec.duration), "--concurrency", str(spec.concurrency),
-            "--out", str(out)]
+            "--method", spec.method, "--auth", spec.auth,
+            "--expect-status", str(spec.expect_status), "--out", str(out)]
     if spec.rate is not None:
         argv += ["--rate", str(spec.rate)]
+    if spec.body is not None:
+        argv += ["--body", spec.body]
     subprocess.run(argv, check=True, timeout=spec.duration + 120, env=env,
                    cwd=Path(__file__).resolve().parent.parent)
     return json.loads(out.read_text())
@@ -67,11 +81,22 @@ class _Schedule:
         return due if due < self.end and time.monotonic() < self.end else None
 
 
-def _post_orders(schedule: _Schedule, url: str, users: list[str], worker: int, results: list):
+def _caller_headers(auth: str) -> Callable[[str], dict[str, str]]:
+    """The headers that make a request come from one of `LoadSpec.users`."""
+    if auth == "bearer":
+        return lambda token: {"Authorization": f"Bearer {token}"}
     # The services trust only identities the gateway signed; the generator signs as it would.
     secret = load_settings().internal_auth_secret
-    parts = urlsplit(url)
+    return lambda user_id: identity_headers(user_id, secret)
+
+
+def _send_requests(schedule: _Schedule, spec: LoadSpec, worker: int, results: list):
+    caller_headers = _caller_headers(spec.auth)
+    body = None if spec.body is None else spec.body.encode()
+    content_headers = {} if body is None else {"Content-Type": "application/json"}
+    parts = urlsplit(spec.url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    users = spec.users
     user_turn = itertools.cycle(users[worker % len(users):] + users[:worker % len(users)])
     while (due := schedule.next_due()) is not None:
         delay = due - time.monotonic()
@@ -79,12 +104,12 @@ def _post_orders(schedule: _Schedule, url: str, users: list[str], worker: int, r
             time.sleep(delay)
         started = time.monotonic()
         try:
-            connection.request("POST", parts.path, body=ORDER_BODY, headers={
-                "Content-Type": "application/json",
-                **identity_headers(next(user_turn), secret)})
+            connection.request(spec.method, parts.path, body=body,
+                               headers={**content_headers, **caller_headers(next(user_turn))})
             response = connection.getresponse()
-            body = response.read()
-            order_id = json.loads(body)["id"] if response.status == 202 else None
+            answer = response.read()
+            order_id = (json.loads(answer).get("id") if response.status == spec.expect_status
+                        else None)
             results.append((started - schedule.start, time.monotonic() - started,
                             response.status, order_id))
         except (OSError, http.client.HTTPException) as exc:
@@ -99,8 +124,7 @@ def generate(spec: LoadSpec) -> dict:
     cpu_before = os.times()
     schedule = _Schedule(spec.rate, spec.duration)
     results: list = []
-    threads = [threading.Thread(target=_post_orders,
-                                args=(schedule, spec.url, spec.users, worker, results))
+    threads = [threading.Thread(target=_send_requests, args=(schedule, spec, worker, results))
                for worker in range(spec.concurrency)]
     for thread in threads:
         thread.start()
@@ -109,16 +133,17 @@ def generate(spec: LoadSpec) -> dict:
     elapsed = time.monotonic() - schedule.start
     cpu_after = os.times()
     cpu_seconds = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
-    accepted = [r for r in results if r[2] == 202]
+    accepted = [r for r in results if r[2] == spec.expect_status]
     return {
         "offered_rate": spec.rate,
         "duration_s": round(elapsed, 3),
         "requests": len(results),
         "accepted": len(accepted),
-        "errors": sorted({str(r[2]) for r in results if r[2] != 202}),
+        "failed": len(results) - len(accepted),
+        "errors": sorted({str(r[2]) for r in results if r[2] != spec.expect_status}),
         "accepted_per_s": round(len(accepted) / elapsed, 1),
         "http_latency_ms": sorted(round(r[1] * 1000, 3) for r in accepted),
-        "order_ids": [r[3] for r in accepted],
+        "order_ids": [r[3] for r in accepted if r[3] is not None],
         "generator_cpu_s": round(cpu_seconds, 3),
         "generator_cpu_percent": round(100 * cpu_seconds / elapsed, 1),
         "generator_peak_rss_mb": round(
@@ -129,14 +154,20 @@ def generate(spec: LoadSpec) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__)
     parser.add_argument("--url", required=True)
-    parser.add_argument("--users", required=True, help="comma-separated X-User-ID values")
+    parser.add_argument("--users", required=True,
+                        help="comma-separated user ids (--auth signed) or access tokens (bearer)")
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--rate", type=float, default=None)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--method", default="POST")
+    parser.add_argument("--body", default=None, help="a JSON body; none when left out")
+    parser.add_argument("--auth", choices=AUTH_SCHEMES, default="signed")
+    parser.add_argument("--expect-status", type=int, default=202)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     spec = LoadSpec(url=args.url, users=args.users.split(","), duration=args.duration,
-                    rate=args.rate, concurrency=args.concurrency)
+                    rate=args.rate, concurrency=args.concurrency, method=args.method,
+                    body=args.body, auth=args.auth, expect_status=args.expect_status)
     args.out.write_text(json.dumps(generate(spec)))
     return 0
 

@@ -17,9 +17,15 @@ class BenchPlan:
     latency_rates: tuple[float, ...] = (50, 100, 200)
     latency_seconds: float = 20
     drain_timeout: float = 180
+    # Gateway over gRPC against HTTP: per endpoint, `gateway_rounds` turns of each transport.
+    gateway_shoppers: int = 20
+    gateway_concurrency: int = 12
+    gateway_seconds: float = 6
+    gateway_rounds: int = 3
 
 
 FULL = BenchPlan()
 SMOKE = BenchPlan(shoppers=2, intake_seconds=1, intake_concurrency=2, relay_rows=200,
                   capacity_rate=20, capacity_seconds=2, capacity_warmup_seconds=0.5,
-                  latency_rates=(10,), latency_seconds=1, drain_timeout=30)
+                  latency_rates=(10,), latency_seconds=1, drain_timeout=30,
+                  gateway_shoppers=2, gateway_concurrency=2, gateway_seconds=1, gateway_rounds=1)

@@ -4,9 +4,27 @@ PNG chart of latency against offered load."""
 from __future__ import annotations
 
 import json
+import os
+import platform
+from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.plan import BenchPlan
+from devstack.stack import API_THREADS, API_WORKERS
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TRANSPORT_NAMES = {"grpc": "gRPC", "http": "HTTP"}
+
+
+def describe_run(plan: BenchPlan) -> dict:
+    """What every report starts with: when, on what, and how hard."""
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "api_server": {"workers": API_WORKERS, "threads": API_THREADS},
+        "plan": plan.__dict__ | {"latency_rates": list(plan.latency_rates)},
+    }
 
 
 def check_targets(results: dict) -> list[dict]:
@@ -38,9 +56,7 @@ def markdown(results: dict) -> str:
     lines = [
         f"# HseShop benchmark, {results['date']}",
         "",
-        f"{results['machine']['cpus']} CPUs, Python {results['machine']['python']}, "
-        f"{results['machine']['platform']}; APIs on gunicorn -w {results['api_server']['workers']}"
-        f" --threads {results['api_server']['threads']}; everything on this one machine.",
+        _machine_line(results),
         "",
         "| measure | HseShop | raw baseline | ratio |",
         "| --- | --- | --- | --- |",
@@ -66,9 +82,47 @@ def markdown(results: dict) -> str:
     for target in results["targets"]:
         lines.append(f"| {target['target']} | {target['wanted']} | {target['measured']} "
                      f"| {'yes' if target['met'] else 'NO'} |")
+    if "gateway_transports" in results:
+        lines += ["", *gateway_transports_lines(results["gateway_transports"])]
     lines += ["", "| process | peak RSS MB |", "| --- | --- |"]
     lines += [f"| {name} | {mb} |" for name, mb in results["peak_rss_mb"].items()]
     return "\n".join(lines) + "\n"
+
+
+def gateway_transports_lines(section: dict) -> list[str]:
+    """The Markdown of bench/gateway_transports.py's measurement."""
+    lines = [
+        "## Gateway: services over gRPC against HTTP",
+        "",
+        f"Two gateway instances, alike but for GATEWAY_UPSTREAM_TRANSPORT; closed loop, "
+        f"{section['concurrency']} connections; {section['shoppers']} signed-in shoppers read "
+        f"their balance, {section['shoppers']} others, holding no account, place orders; "
+        f"{section['rounds']} × {section['seconds_per_turn']:g} s per endpoint and transport, "
+        f"in turns (gRPC, HTTP, gRPC, ...). Latency is the HTTP round trip of a successful "
+        f"request, as the generator saw it.",
+        "",
+        "| endpoint | transport | requests/s | p50 ms | p95 ms | p99 ms | max ms | errors "
+        "| generator CPU % |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for endpoint in section["endpoints"].values():
+        for transport, name in TRANSPORT_NAMES.items():
+            row = endpoint[transport]
+            lines.append(
+                f"| {endpoint['method']} {endpoint['path']} | {name} | {row['requests_per_s']} "
+                f"| {row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} | {row['max_ms']} "
+                f"| {row['errors']} | {row['generator_cpu_percent']} |")
+    ratios = ", ".join(f"{endpoint['method']} {endpoint['path']} {endpoint['grpc_over_http']}"
+                       for endpoint in section["endpoints"].values())
+    lines += ["", f"Requests/s over gRPC / over HTTP: {ratios}."]
+    return lines
+
+
+def _machine_line(results: dict) -> str:
+    return (f"{results['machine']['cpus']} CPUs, Python {results['machine']['python']}, "
+            f"{results['machine']['platform']}; APIs on gunicorn -w "
+            f"{results['api_server']['workers']} --threads {results['api_server']['threads']}; "
+            f"everything on this one machine.")
 
 
 def draw_latency_chart(results: dict, path: Path) -> None:
@@ -97,12 +151,30 @@ def write_report(results: dict, directory: Path = RESULTS_DIR, chart: bool = Tru
     """Write <date>.json, <date>.md and (with matplotlib, from requirements/bench.txt) <date>.png;
     return their paths."""
     results = results | {"targets": check_targets(results)}
-    directory.mkdir(parents=True, exist_ok=True)
-    stem = results["date"][:19].replace(":", "-")
-    paths = [directory / f"{stem}.json", directory / f"{stem}.md"]
-    paths[0].write_text(json.dumps(results, indent=2) + "\n")
-    paths[1].write_text(markdown(results))
+    stem = _stem(results)
+    paths = _write(results, markdown(results), directory, stem)
     if chart:
         paths.append(directory / f"{stem}.png")
         draw_latency_chart(results, paths[2])
+    return paths
+
+
+def write_gateway_transports_report(results: dict, directory: Path = RESULTS_DIR) -> list[Path]:
+    """Write <date>-gateway-transports.json and .md for `python -m bench.gateway_transports`;
+    return their paths."""
+    text = "\n".join([f"# HseShop gateway transports, {results['date']}", "",
+                      _machine_line(results), "",
+                      *gateway_transports_lines(results["gateway_transports"])]) + "\n"
+    return _write(results, text, directory, f"{_stem(results)}-gateway-transports")
+
+
+def _stem(results: dict) -> str:
+    return results["date"][:19].replace(":", "-")
+
+
+def _write(results: dict, markdown_text: str, directory: Path, stem: str) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{stem}.json", directory / f"{stem}.md"]
+    paths[0].write_text(json.dumps(results, indent=2) + "\n")
+    paths[1].write_text(markdown_text)
     return paths

@@ -3,31 +3,24 @@ each other (the pipeline drains after each), and gathers the results."""
 
 from __future__ import annotations
 
-import os
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.gateway_transports import measure_gateway_transports
 from bench.intake import measure_intake
 from bench.memory import PeakMemory
 from bench.pipeline import measure_capacity, measure_latency
 from bench.plan import BenchPlan
 from bench.relay_speed import measure_relay_speed
+from bench.report import describe_run
 from bench.shop import seed_shoppers
 from devstack.processes import ManagedProcess
-from devstack.stack import API_THREADS, API_WORKERS, Stack
+from devstack.stack import Stack
 
 
 def run_benchmark(stack: Stack, plan: BenchPlan, workdir: Path, say=lambda message: None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     extra_processes: list[ManagedProcess] = []
-    results: dict = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
-        "api_server": {"workers": API_WORKERS, "threads": API_THREADS},
-        "plan": plan.__dict__ | {"latency_rates": list(plan.latency_rates)},
-    }
+    results = describe_run(plan)
     with PeakMemory(lambda: stack.processes + extra_processes) as memory:
         users = seed_shoppers(stack, plan.shoppers)
         say(f"relay speed ({plan.relay_rows} rows)...")
@@ -40,5 +33,8 @@ def run_benchmark(stack: Stack, plan: BenchPlan, workdir: Path, say=lambda messa
         for rate in plan.latency_rates:
             say(f"latency at {rate:g} orders/s...")
             results["latency"].append(measure_latency(stack, plan, users, workdir, rate))
+        say("gateway over gRPC against HTTP...")
+        results["gateway_transports"] = measure_gateway_transports(stack, plan, workdir,
+                                                                   extra_processes)
     results["peak_rss_mb"] = memory.peaks_mb()
     return results

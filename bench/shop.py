@@ -3,6 +3,7 @@ and Redis names (as the tests isolate theirs), the shoppers it seeds, and reads 
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -42,6 +43,24 @@ def bench_stack() -> Stack:
     }
     ports = {name: free_port() for name in DEFAULT_PORTS}
     return Stack(REPO_ROOT / ".run" / "bench", env_overrides=env, ports=ports, quiet=True)
+
+
+def say(message: str) -> None:
+    """A line of the benchmark's progress, on stderr."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def running_bench_stack(say=say) -> Iterator[Stack]:
+    """A started bench_stack(), stopped and its data forgotten when the block ends."""
+    stack = bench_stack()
+    say("starting the stack...")
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        forget_stack_data(stack)
 
 
 def forget_stack_data(stack: Stack) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from bench.plan import SMOKE
-from bench.report import write_report
+from bench.report import write_gateway_transports_report, write_report
 from bench.runner import run_benchmark
 
 
@@ -28,7 +28,20 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
         assert row["drained"] and row["orders"] > 0
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
         assert row["generator_cpu_percent"] >= 0
-    assert {"orders-api", "orders-worker", "payments-worker", "baseline-api"} <= set(
-        report["peak_rss_mb"])
+    gateway = report["gateway_transports"]
+    assert set(gateway["endpoints"]) == {"balance", "order"} and gateway["orders_drained"]
+    for endpoint in gateway["endpoints"].values():
+        for transport in ("grpc", "http"):
+            row = endpoint[transport]
+            assert row["requests"] > 0 and row["errors"] == 0, row
+            assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
+            assert row["generator_cpu_percent"] >= 0
+        assert endpoint["grpc_over_http"] > 0
+    assert {"orders-api", "orders-worker", "payments-worker", "baseline-api", "gateway-grpc",
+            "gateway-http"} <= set(report["peak_rss_mb"])
     assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
     assert "| order intake (POST/s) |" in markdown_path.read_text()
+    assert "## Gateway: services over gRPC against HTTP" in markdown_path.read_text()
+    # `python -m bench.gateway_transports` writes the same section as a report of its own.
+    _, alone = write_gateway_transports_report(results, tmp_path / "alone")
+    assert "| GET /api/accounts/balance | HTTP |" in alone.read_text()
