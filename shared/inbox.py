@@ -188,6 +188,21 @@ def process_inbox_message(
     return Outcome.PROCESSED
 
 
+def in_lock_order(session: Session, message_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """The messages sorted by Kafka key, then by their place in the partition.
+
+    Handlers lock what belongs to a key (a user's account, say). Batches handled at the same time
+    that take those locks in one global order cannot deadlock each other, and one key's messages
+    are still handled in the order they were sent.
+    """
+    return list(session.scalars(
+        select(InboxMessage.message_id)
+        .where(InboxMessage.message_id.in_(message_ids))
+        .order_by(InboxMessage.key, InboxMessage.topic, InboxMessage.partition,
+                  InboxMessage.offset)
+    ))
+
+
 def record_failed_attempt(
     session: Session, message_id: uuid.UUID, error: str, max_attempts: int
 ) -> bool:

@@ -12,7 +12,8 @@ from datetime import timedelta
 from flask import current_app
 
 from shared.db import transaction
-from shared.inbox import Outcome, find_stalled_messages, process_inbox_message, record_failed_attempt
+from shared.inbox import (Outcome, find_stalled_messages, in_lock_order, process_inbox_message,
+                          record_failed_attempt)
 from tasks.celery_app import app
 from tasks.services import ServiceTask, service_package
 
@@ -84,7 +85,7 @@ def _handle_in_one_transaction(service: str, message_ids: list[uuid.UUID],
     failed: list[uuid.UUID] = []
     try:
         with transaction() as session:
-            for message_id in message_ids:
+            for message_id in in_lock_order(session, message_ids):
                 try:
                     with session.begin_nested():
                         process_inbox_message(session, message_id, handlers)

@@ -59,3 +59,45 @@ def test_a_handler_that_fails_once_succeeds_on_retry(settings, monkeypatch, user
     row = _row(message_id)
     assert len(calls) == 2
     assert row.processed_at is not None and row.parked_at is None and row.attempts == 2
+
+
+def test_batches_debiting_the_same_accounts_at_once_never_deadlock(settings, user_id):
+    """Two batches hold the same users' payment requests in opposite orders; handled at the same
+    time, each must take the account locks in one order, or PostgreSQL aborts one of them."""
+    import threading
+
+    from payments_app import service as payments
+    from tasks.inbox import _handle_in_one_transaction
+
+    users = [f"{user_id}-{n}" for n in range(8)]
+    with service_app("payments").app_context():
+        for user in users:
+            with transaction() as session:
+                payments.open_account(session, user_id=user)
+                payments.deposit(session, user_id=user, amount=Decimal("100"))
+    batches = [[_stored_request_for(user, key=user) for user in users] for _ in range(2)]
+    batches[1].reverse()
+    failed = []
+
+    def handle(batch):
+        with service_app("payments").app_context():
+            failed.extend(_handle_in_one_transaction(
+                "payments", batch, payments_app.message_handlers()))
+
+    threads = [threading.Thread(target=handle, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failed == []
+    assert all(_row(m).processed_at is not None for batch in batches for m in batch)
+
+
+def _stored_request_for(user: str, key: str) -> uuid.UUID:
+    event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user,
+                                          "amount": Decimal("1.00")}, None)
+    record = ConsumedRecord("task-test", 0, 0, key.encode(), encode(event.to_json()), {})
+    with service_app("payments").app_context():
+        with transaction() as session:
+            store_records(session, [record])
+    return event.message_id
