@@ -147,7 +147,3 @@ def relay_pending_outbox(session: Session, send_batch: SendBatch, batch_size: in
         )
     sent = len(row_ids_by_error.get(None, ()))
     return RelayResult(claimed=len(rows), sent=sent, failed=len(deliveries) - sent)
-
-
-def count_unsent(session: Session) -> int:
-    return session.scalar(select(func.count()).where(OutboxMessage.sent_at.is_(None)))
