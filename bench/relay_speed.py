@@ -33,11 +33,10 @@ def measure_relay_speed(stack: Stack, rows: int, timeout: float = 600) -> dict:
     settings = load_settings(stack.env)
     topic = f"{settings.kafka_consumer_group_prefix}.relay-speed"
     ensure_topics(settings, [topic])
-    with orders_cursor(stack) as cursor:
-        cursor.execute(INSERT_ROWS, {"topic": topic, "rows": rows})
+    messages = _insert_rows(settings, topic, rows)
     committed = time.monotonic()
     relay_seconds = _wait_until_sent(stack, topic, timeout) - committed
-    raw_seconds = _send_raw(settings, _messages(stack, topic))
+    raw_seconds = _send_raw(settings, messages)
     relay_rate, raw_rate = rows / relay_seconds, rows / raw_seconds
     return {
         "rows": rows,
@@ -50,29 +49,33 @@ def measure_relay_speed(stack: Stack, rows: int, timeout: float = 600) -> dict:
 
 
 def _wait_until_sent(stack: Stack, topic: str, timeout: float) -> float:
-    """The moment no row of `topic` is left unsent (the relay is woken by beat, as in production)."""
+    """The moment no row of `topic` is left (the relay deletes each row the broker acknowledged;
+    the commit of the rows woke it, as in production)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with orders_cursor(stack) as cursor:
-            cursor.execute("SELECT count(*) FROM outbox_messages WHERE sent_at IS NULL"
-                           " AND topic = %s", (topic,))
+            cursor.execute("SELECT count(*) FROM outbox_messages WHERE topic = %s", (topic,))
             if cursor.fetchone()[0] == 0:
                 return time.monotonic()
         time.sleep(0.02)
     raise TimeoutError(f"the relay did not send the {topic} rows within {timeout}s")
 
 
-def _messages(stack: Stack, topic: str) -> list[tuple[bytes, bytes, list]]:
-    """(key, value, headers) of each row, encoded exactly as the relay encodes them."""
-    engine = create_engine(load_settings(stack.env).database_url("orders"))
+def _insert_rows(settings, topic: str, rows: int) -> list[tuple[bytes, bytes, list]]:
+    """Insert the rows in one transaction; return (key, value, headers) of each, encoded exactly as
+    the relay encodes them, read before the commit (the relay deletes them once sent)."""
+    engine = create_engine(settings.database_url("orders"))
     try:
-        with engine.connect() as connection:
-            rows = connection.execute(select(*RELAY_COLUMNS).where(OutboxMessage.topic == topic)
-                                      .order_by(OutboxMessage.id)).all()
+        with engine.begin() as connection:
+            connection.exec_driver_sql(INSERT_ROWS, {"topic": topic, "rows": rows})
+            inserted = connection.execute(select(*RELAY_COLUMNS)
+                                          .where(OutboxMessage.topic == topic)
+                                          .order_by(OutboxMessage.id)).all()
     finally:
         engine.dispose()
     return [(row.key.encode(), row.envelope.encode(),
-             [(name, str(value).encode()) for name, value in row.headers.items()]) for row in rows]
+             [(name, str(value).encode()) for name, value in row.headers.items()])
+            for row in inserted]
 
 
 def _send_raw(settings, messages: list[tuple[bytes, bytes, list]]) -> float:

@@ -1,6 +1,5 @@
 """The application factory every HseShop web app builds on: configuration, database, JSON, errors,
-request ids, OpenAPI with Swagger UI, health, the cache, caller identity, and waking the outbox
-relay after a commit."""
+request ids, OpenAPI with Swagger UI, health, the cache and caller identity."""
 
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from shared.errors import register_error_handlers
 from shared.health import health_blueprint
 from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
-from shared.outbox import RELAY_KICK_EXTENSION
 from shared.request_context import configure_logging, install_request_ids
 
 # Swagger UI's scripts and styles are served by the service itself (from the swagger-ui-bundle
@@ -66,15 +64,4 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     register_error_handlers(app)
     configure_logging()
     install_request_ids(app)
-    app.extensions.setdefault(RELAY_KICK_EXTENSION, _relay_kicker(service))
     return app
-
-
-def _relay_kicker(service: str):
-    def kick() -> None:
-        # Imported here: the Celery app is only needed once something commits an outbox row.
-        from tasks.relay import kick_relay
-
-        kick_relay(service)
-
-    return kick

@@ -73,6 +73,36 @@ def drop_inbox_request_id() -> None:
     op.drop_column("inbox_messages", "request_id")
 
 
+# Every statement that inserts outbox rows tells the relay so as its transaction commits (PostgreSQL
+# delivers notifications at commit and folds repeats within one transaction into one).
+_CREATE_NOTIFY_FUNCTION = """
+CREATE FUNCTION notify_outbox_relay() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('outbox_messages', '');
+    RETURN NULL;
+END
+$$"""
+
+
+def delete_sent_outbox_rows_and_notify_relay() -> None:
+    """Outbox rows are deleted once the broker has them (no `sent_at` any more), and inserts wake
+    the relay through LISTEN/NOTIFY."""
+    op.execute("DELETE FROM outbox_messages WHERE sent_at IS NOT NULL")
+    op.drop_index("ix_outbox_messages_unsent", "outbox_messages")
+    op.drop_column("outbox_messages", "sent_at")
+    op.execute(_CREATE_NOTIFY_FUNCTION)
+    op.execute("CREATE TRIGGER outbox_messages_notify_relay AFTER INSERT ON outbox_messages"
+               " FOR EACH STATEMENT EXECUTE FUNCTION notify_outbox_relay()")
+
+
+def keep_sent_outbox_rows() -> None:
+    op.execute("DROP TRIGGER outbox_messages_notify_relay ON outbox_messages")
+    op.execute("DROP FUNCTION notify_outbox_relay()")
+    op.add_column("outbox_messages", _timestamp("sent_at"))
+    op.create_index("ix_outbox_messages_unsent", "outbox_messages", ["id"],
+                    postgresql_where=sa.text("sent_at IS NULL"))
+
+
 def drop_messaging_tables() -> None:
     op.drop_table("idempotency_keys")
     op.drop_table("inbox_messages")

@@ -1,11 +1,14 @@
 """The transactional outbox: events are written as rows in the same transaction as the business
-change that causes them, and a relay later publishes the unsent rows to Kafka.
+change that causes them, and a relay later publishes them to Kafka and deletes them.
 
 The relay claims rows with `FOR UPDATE SKIP LOCKED` inside a transaction that also holds a
 transaction-level advisory lock, so several relays may run at once without sending one row twice
-or overtaking each other: a relay that cannot take the lock simply returns. A row is marked sent
-only once the broker has acknowledged it; a row the broker refused keeps `sent_at` NULL, counts
-the attempt and records the error, and is retried by the next run.
+or overtaking each other: a relay that cannot take the lock simply returns. A row is deleted only
+once the broker has acknowledged it (Kafka is then its record); a row the broker refused stays,
+counts the attempt and records the error, and is retried by the next run. Rows that are gone never
+need skipping, so the table holds the backlog and nothing else, however long the shop has run.
+
+Inserting rows wakes the relay: a trigger notifies OUTBOX_CHANNEL (see shared/outbox_wakeups.py).
 """
 
 from __future__ import annotations
@@ -14,21 +17,21 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
-from flask import current_app
-from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text, func, select, text, update
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy import (BigInteger, DateTime, Integer, String, Text, any_, bindparam, delete, func,
+                        select, text, update)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.contracts import Envelope
-from shared.db import after_commit, db
+from shared.db import db
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, current_request_id
 
 # An arbitrary constant: the key of the advisory lock that serialises relays within one database.
 RELAY_LOCK_KEY = 0x0B0C5E1A
-
-RELAY_KICK_EXTENSION = "hseshop.kick_outbox_relay"
+# Notified by the trigger on outbox_messages (shared/migration_steps.py) as inserts commit.
+OUTBOX_CHANNEL = "outbox_messages"
 
 
 class OutboxMessage(db.Model):
@@ -43,13 +46,8 @@ class OutboxMessage(db.Model):
     payload: Mapped[dict] = mapped_column(JSONB)
     headers: Mapped[dict] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
-
-    __table_args__ = (
-        Index("ix_outbox_messages_unsent", "id", postgresql_where=text("sent_at IS NULL")),
-    )
 
 
 # The wire envelope (see shared/contracts.py), built by PostgreSQL as it reads the row: the relay
@@ -71,7 +69,7 @@ RELAY_COLUMNS = (OutboxMessage.id, OutboxMessage.topic, OutboxMessage.key, Outbo
 
 
 def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelope) -> OutboxMessage:
-    """Stage `event` for publishing, in the caller's transaction; the relay is woken after commit."""
+    """Stage `event` for publishing, in the caller's transaction; its commit wakes the relay."""
     body = event.to_json()
     message = OutboxMessage(
         message_id=event.message_id,
@@ -84,9 +82,6 @@ def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelop
         created_at=event.occurred_at,
     )
     session.add(message)
-    kick = current_app.extensions.get(RELAY_KICK_EXTENSION)
-    if kick is not None:
-        after_commit(session, kick)
     return message
 
 
@@ -119,12 +114,12 @@ SendBatch = Callable[[list], list[Delivery]]
 
 
 def relay_pending_outbox(session: Session, send_batch: SendBatch, batch_size: int) -> RelayResult:
-    """Publish one batch of unsent rows, oldest first, in the caller's transaction."""
+    """Publish one batch of rows, oldest first, in the caller's transaction; delete the ones the
+    broker acknowledged."""
     if not session.scalar(select(func.pg_try_advisory_xact_lock(RELAY_LOCK_KEY))):
         return RelayResult(skipped_busy=True)
     rows = session.execute(
         select(*RELAY_COLUMNS)
-        .where(OutboxMessage.sent_at.is_(None))
         .order_by(OutboxMessage.id)
         .limit(batch_size)
         .with_for_update(skip_locked=True)
@@ -135,15 +130,21 @@ def relay_pending_outbox(session: Session, send_batch: SendBatch, batch_size: in
     row_ids_by_error: dict[str | None, list[int]] = defaultdict(list)
     for delivery in deliveries:
         row_ids_by_error[delivery.error].append(delivery.row_id)
-    now = datetime.now(timezone.utc)
+    sent_ids = row_ids_by_error.pop(None, [])
+    if sent_ids:
+        session.execute(delete(OutboxMessage).where(OutboxMessage.id == _any_of(sent_ids))
+                        # No ORM objects of these rows are loaded: nothing to keep in step.
+                        .execution_options(synchronize_session=False))
     for error, row_ids in row_ids_by_error.items():
-        outcome = {"sent_at": now} if error is None else {"last_error": error[:2000]}
         session.execute(
             update(OutboxMessage)
-            .where(OutboxMessage.id.in_(row_ids))
-            .values(attempts=OutboxMessage.attempts + 1, **outcome)
-            # No ORM objects of these rows are loaded, so there is nothing to keep in step.
+            .where(OutboxMessage.id == _any_of(row_ids))
+            .values(attempts=OutboxMessage.attempts + 1, last_error=error[:2000])
             .execution_options(synchronize_session=False)
         )
-    sent = len(row_ids_by_error.get(None, ()))
-    return RelayResult(claimed=len(rows), sent=sent, failed=len(deliveries) - sent)
+    return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(deliveries) - len(sent_ids))
+
+
+def _any_of(row_ids: list[int]):
+    # One array parameter, however many rows: `id = ANY(%s)` rather than thousands of IN values.
+    return any_(bindparam("row_ids", row_ids, type_=ARRAY(BigInteger)))

@@ -9,6 +9,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 20.0) -> list:
     """The first `count` messages of `topic`, from every partition (no consumer group involved)."""
+    messages = read_topic_until(bootstrap, topic, lambda read: len(read) >= count, timeout)
+    assert len(messages) == count, f"read {len(messages)} of {count} messages from {topic}"
+    return messages
+
+
+def read_topic_until(bootstrap: str, topic: str, enough, timeout: float = 20.0) -> list:
+    """Messages of `topic` from the beginning, read until `enough(messages)` holds or time is up."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-reader",
                          "enable.auto.commit": False})
     try:
@@ -24,11 +31,10 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 20.0) ->
                 time.sleep(0.1)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         messages = []
-        while len(messages) < count and time.monotonic() < deadline:
+        while not enough(messages) and time.monotonic() < deadline:
             message = consumer.poll(0.2)
             if message is not None and message.error() is None:
                 messages.append(message)
-        assert len(messages) == count, f"read {len(messages)} of {count} messages from {topic}"
         return messages
     finally:
         consumer.close()

@@ -29,18 +29,25 @@ def shopper(stack):
     return ShopClient(stack.orders_url, stack.payments_url)
 
 
-@pytest.fixture(scope="session")
-def orders_db(stack):
-    engine = sa.create_engine(_psycopg2(stack.env["ORDERS_DATABASE_URL"]))
+def _database(stack, service: str):
+    engine = sa.create_engine(_psycopg2(stack.env[f"{service.upper()}_DATABASE_URL"]))
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def orders_db(stack):
+    yield from _database(stack, "orders")
 
 
 @pytest.fixture(scope="session")
 def payments_db(stack):
-    engine = sa.create_engine(_psycopg2(stack.env["PAYMENTS_DATABASE_URL"]))
-    yield engine
-    engine.dispose()
+    yield from _database(stack, "payments")
+
+
+@pytest.fixture(scope="session")
+def gateway_db(stack):
+    yield from _database(stack, "gateway")
 
 
 def _psycopg2(url: str) -> str:

@@ -24,7 +24,7 @@ def test_with_the_broker_stopped_orders_are_accepted_and_all_complete_once_it_is
             with orders_db.connect() as conn:
                 return conn.scalar(sa.text(
                     "SELECT count(*) FROM outbox_messages WHERE correlation_id = ANY(:ids) "
-                    "AND sent_at IS NULL AND last_error IS NOT NULL"),
+                    "AND last_error IS NOT NULL"),
                     {"ids": [o["id"] for o in placed]}) == len(placed)
 
         wait_for(piled_up_with_errors, timeout=30, interval=0.5,

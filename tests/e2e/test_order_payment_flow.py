@@ -54,17 +54,17 @@ def test_twenty_concurrent_orders_of_ten_on_a_hundred_finish_exactly_ten(shopper
 
 
 def test_a_payment_request_delivered_again_or_under_a_new_id_debits_once(
-        stack, shopper, orders_db, payments_db):
+        stack, shopper, payments_db):
     shopper.open_account()
     shopper.deposit(100)
     order = shopper.place_order(30)
     assert shopper.wait_until_final(order["id"])["status"] == "FINISHED"
-    with orders_db.connect() as conn:
+    with payments_db.connect() as conn:  # the request as Payments received it
         row = conn.execute(sa.text(
-            "SELECT message_id, type, correlation_id, payload, created_at FROM outbox_messages "
+            "SELECT message_id, type, correlation_id, payload, received_at FROM inbox_messages "
             "WHERE correlation_id = :id AND type = 'PaymentRequested'"), {"id": order["id"]}).one()
     envelope = {"message_id": str(row.message_id), "type": row.type, "version": 1,
-                "occurred_at": row.created_at.isoformat(), "correlation_id": row.correlation_id,
+                "occurred_at": row.received_at.isoformat(), "correlation_id": row.correlation_id,
                 "payload": row.payload}
     second_id = str(uuid.uuid4())
     topic = stack.env["TOPIC_PAYMENT_REQUESTED"]

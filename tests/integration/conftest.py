@@ -1,6 +1,6 @@
 """Integration fixtures: both services' Flask apps on their own migrated databases, in-process.
 
-The outbox relay is not kicked through Celery here; tests run the relay and the handlers directly.
+No Celery worker runs here: tests run the relay and the handlers directly.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import orders_app
 import payments_app
 from shared.config import SERVICES, get_settings, load_settings
 from shared.migrations import upgrade
-from shared.outbox import RELAY_KICK_EXTENSION
 from tests.environment import service_env
 
 
@@ -27,20 +26,14 @@ def settings(infrastructure):
     return load_settings()
 
 
-def _quiet_app(package, settings):
-    app = package.create_app(settings=settings)
-    app.extensions[RELAY_KICK_EXTENSION] = None
-    return app
-
-
 @pytest.fixture(scope="session")
 def orders_flask_app(settings):
-    return _quiet_app(orders_app, settings)
+    return orders_app.create_app(settings=settings)
 
 
 @pytest.fixture(scope="session")
 def payments_flask_app(settings):
-    return _quiet_app(payments_app, settings)
+    return payments_app.create_app(settings=settings)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from shared.cache import VersionedCache
 from shared.config import get_settings
 from shared.db import transaction
 from shared.internal_auth import identity_headers
-from shared.outbox import RELAY_KICK_EXTENSION
 
 
 def _as(user_id):
@@ -75,8 +74,6 @@ def test_with_redis_down_reads_and_writes_still_work(settings, user_id):
     no_redis = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     pay = payments_app.create_app(settings=no_redis)
     shop = orders_app.create_app(settings=no_redis)
-    for app in (pay, shop):
-        app.extensions[RELAY_KICK_EXTENSION] = None
     pay_client, shop_client = pay.test_client(), shop.test_client()
     assert pay_client.post("/accounts", headers=_as(user_id)).status_code == 201
     assert pay_client.post("/accounts/deposit", json={"amount": 9},

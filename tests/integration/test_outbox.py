@@ -16,7 +16,8 @@ from orders_app.models import Order
 from shared.db import db, transaction
 from shared.kafka import OutboxPublisher
 from shared.outbox import OutboxMessage, relay_pending_outbox
-from tests.kafka_tools import read_topic
+from shared.outbox_wakeups import OutboxWakeups
+from tests.kafka_tools import read_topic, read_topic_until
 
 
 def _place(user_id: str, amount: str = "30.00") -> Order:
@@ -49,7 +50,7 @@ def test_an_order_and_its_payment_request_commit_together(in_orders, user_id):
     assert row.type == "PaymentRequested"
     assert row.key == user_id
     assert row.payload == {"order_id": str(order.id), "user_id": user_id, "amount": "30.00"}
-    assert row.sent_at is None
+    assert row.attempts == 0
 
 
 def test_a_failure_after_the_outbox_write_leaves_neither_row(in_orders, user_id):
@@ -62,16 +63,15 @@ def test_a_failure_after_the_outbox_write_leaves_neither_row(in_orders, user_id)
         select(func.count()).where(OutboxMessage.key == user_id)) == 0
 
 
-def test_relay_publishes_the_envelope_with_key_and_headers_and_marks_rows_sent(
+def test_relay_publishes_the_envelope_with_key_and_headers_and_deletes_the_rows(
         in_orders, settings, user_id):
     orders = [_place(user_id, amount) for amount in ("1.00", "2.50", "3.00")]
-    _relay_all(OutboxPublisher(settings))
+    sent = sum(r.sent for r in _relay_all(OutboxPublisher(settings)))
 
-    rows = _outbox_rows_for([o.id for o in orders])
-    assert all(r.sent_at is not None and r.attempts == 1 for r in rows)
-    messages = [m for m in read_topic(settings.kafka_bootstrap_servers,
-                                      settings.topic_payment_requested, _sent_count(settings))
-                if m.key() == user_id.encode()]
+    assert _outbox_rows_for([o.id for o in orders]) == []
+    assert sent >= 3
+    messages = _messages_of(settings, [o.id for o in orders])
+    assert all(m.key() == user_id.encode() for m in messages)
     bodies = [json.loads(m.value()) for m in messages]
     assert [b["payload"]["amount"] for b in bodies] == ["1.00", "2.50", "3.00"]  # per-key order
     for message, body, order in zip(messages, bodies, orders):
@@ -82,10 +82,16 @@ def test_relay_publishes_the_envelope_with_key_and_headers_and_marks_rows_sent(
         assert headers["type"] == b"PaymentRequested"
 
 
-def _sent_count(settings) -> int:
-    return db.session.scalar(select(func.count()).where(
-        OutboxMessage.sent_at.is_not(None),
-        OutboxMessage.topic == settings.topic_payment_requested))
+def _messages_of(settings, order_ids) -> list:
+    """The payment-requested messages of these orders, read from Kafka until all are there."""
+    wanted = {str(order_id) for order_id in order_ids}
+
+    def of_the_orders(messages):
+        return [m for m in messages if json.loads(m.value())["correlation_id"] in wanted]
+
+    messages = read_topic_until(settings.kafka_bootstrap_servers, settings.topic_payment_requested,
+                                lambda read: len(of_the_orders(read)) >= len(wanted))
+    return of_the_orders(messages)
 
 
 def test_with_the_broker_down_rows_pile_up_with_their_error_and_go_out_when_it_is_back(
@@ -102,14 +108,13 @@ def test_with_the_broker_down_rows_pile_up_with_their_error_and_go_out_when_it_i
         assert results[-1].failed == 3 and results[-1].sent == 0
         db.session.rollback()
         rows = _outbox_rows_for([o.id for o in orders])
-        assert all(r.sent_at is None and r.attempts >= 1 and r.last_error for r in rows)
+        assert len(rows) == 3 and all(r.attempts >= 1 and r.last_error for r in rows)
     finally:
         start_and_wait_for_broker(broker, port)
     results = _relay_all(publisher)
     assert sum(r.sent for r in results) >= 3
     db.session.rollback()
-    rows = _outbox_rows_for([o.id for o in orders])
-    assert all(r.sent_at is not None for r in rows)
+    assert _outbox_rows_for([o.id for o in orders]) == []
     delivered = read_topic(own_settings.kafka_bootstrap_servers, settings.topic_payment_requested,
                            sum(r.sent for r in results))
     ids = {json.loads(m.value())["correlation_id"] for m in delivered}
@@ -134,7 +139,24 @@ def test_concurrent_relays_send_each_row_once(orders_flask_app, settings, user_i
     for t in threads:
         t.join(60)
     with orders_flask_app.app_context():
-        rows = _outbox_rows_for(order_ids)
-        assert len(rows) == 60
-        assert all(r.sent_at is not None and r.attempts == 1 for r in rows)
+        assert _outbox_rows_for(order_ids) == []
     assert sum(sent_counts) >= 60
+    ids = [json.loads(m.value())["correlation_id"] for m in _messages_of(settings, order_ids)]
+    assert sorted(ids) == sorted(map(str, order_ids))  # each sent once
+
+
+def test_one_relay_leads_and_a_commit_of_outbox_rows_wakes_it(in_orders, settings, user_id):
+    url = settings.database_url("orders")
+    with OutboxWakeups(url) as leader, OutboxWakeups(url) as other:
+        assert leader.lead()
+        assert not other.lead()  # one leader per database
+        assert not leader.wait(0.05)
+        with pytest.raises(RuntimeError):
+            with transaction() as session:
+                service.place_order(session, user_id=user_id, amount=Decimal("1"), description="")
+                raise RuntimeError("rolled back: nothing to wake the relay for")
+        assert not leader.wait(0.2)
+        _place(user_id)
+        assert leader.wait(5)
+    with OutboxWakeups(url) as successor:
+        assert successor.lead()  # the lock went with the leader's connection
