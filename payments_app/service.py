@@ -78,13 +78,13 @@ def take_payment(session: Session, *, order_id: uuid.UUID, user_id: str, amount:
         status, reason = FAILED, INSUFFICIENT_FUNDS
     else:
         status, reason = SUCCEEDED, None
-    decided = session.execute(
+    payment = session.scalars(
         insert(Payment)
         .values(order_id=order_id, user_id=user_id, amount=amount, status=status, reason=reason)
         .on_conflict_do_nothing()
-        .returning(Payment.order_id)
+        .returning(Payment)
     ).first()
-    if decided is None:
+    if payment is None:
         return None
     if status == SUCCEEDED:
         account.balance = account.balance - amount
@@ -95,4 +95,4 @@ def take_payment(session: Session, *, order_id: uuid.UUID, user_id: str, amount:
              else new_event(PAYMENT_FAILED, payload | {"reason": reason}, correlation_id))
     settings = current_app.extensions["hseshop.settings"]
     add_outbox_message(session, topic=settings.topic_payment_results, key=user_id, event=event)
-    return session.get(Payment, order_id)
+    return payment

@@ -139,11 +139,13 @@ def store_records(session: Session, records: list[ConsumedRecord]) -> list[uuid.
     columns = ("message_id", "topic", "partition", "offset", "key", "type", "correlation_id",
                "request_id", "payload", "raw_value", "parked_at", "last_error")
     values = [{column: row.get(column) for column in columns} for row in rows.values()]
-    inserted = session.execute(
-        insert(InboxMessage)
-        .values(values)
+    # One statement compiled once and cached, its VALUES list filled in by the driver (a statement
+    # built with .values(list) is compiled again for every batch).
+    inserted = session.connection().execute(
+        insert(InboxMessage.__table__)
         .on_conflict_do_nothing(index_elements=[InboxMessage.message_id])
-        .returning(InboxMessage.message_id, InboxMessage.parked_at)
+        .returning(InboxMessage.message_id, InboxMessage.parked_at),
+        values,
     ).all()
     return [message_id for message_id, parked_at in inserted if parked_at is None]
 
@@ -162,6 +164,36 @@ def process_inbox_message(
     ).one_or_none()
     if message is None:
         return Outcome.MISSING
+    return handle_locked_message(session, message, handlers)
+
+
+def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[InboxMessage]:
+    """Lock and load the messages, sorted by Kafka key, then by their place in the partition.
+
+    Handlers lock what belongs to a key (a user's account, say). Batches handled at the same time
+    that take their locks in one global order (these rows first, then what the handlers lock, key
+    by key) cannot deadlock each other, and one key's messages are handled in the order they were
+    sent.
+    """
+    return list(session.scalars(
+        select(InboxMessage)
+        .where(InboxMessage.message_id.in_(message_ids))
+        .order_by(InboxMessage.key, InboxMessage.topic, InboxMessage.partition,
+                  InboxMessage.offset)
+        .with_for_update()
+    ))
+
+
+def handle_locked_message(session: Session, message: InboxMessage, handlers: dict[str, Handler],
+                          *, savepoint: bool = True) -> Outcome:
+    """Handle a message whose row the caller's transaction has locked.
+
+    With `savepoint`, the handler runs in one: when it raises, what it wrote is undone, the attempt
+    stays counted on the row, and the exception goes on to the caller (who retries the message
+    later); a PermanentMessageError parks the message instead. Without, nothing can be undone on
+    its own: any exception, PermanentMessageError included, goes to the caller, whose transaction
+    must then roll back as a whole.
+    """
     if message.processed_at is not None or message.parked_at is not None:
         return Outcome.ALREADY_DONE
     message.attempts += 1
@@ -175,32 +207,21 @@ def process_inbox_message(
     except Exception as exc:  # stored before the contract changed, or edited by hand
         _park(message, f"payload breaks the contract: {exc}")
         return Outcome.PARKED
-    try:
-        # Whatever the handler writes to its outbox carries on the request id of what caused it.
-        with session.begin_nested(), request_id_bound(message.request_id):
+    # Whatever the handler writes to its outbox carries on the request id of what caused it.
+    if not savepoint:
+        with request_id_bound(message.request_id):
             handler(session, payload, message)
-            log.info("handled %s %s", message.type, message.message_id)
-    except PermanentMessageError as exc:
-        _park(message, str(exc))
-        return Outcome.PARKED
+    else:
+        try:
+            with session.begin_nested(), request_id_bound(message.request_id):
+                handler(session, payload, message)
+        except PermanentMessageError as exc:
+            _park(message, str(exc))
+            return Outcome.PARKED
+    log.info("handled %s %s", message.type, message.message_id)
     message.processed_at = _now()
     message.last_error = None
     return Outcome.PROCESSED
-
-
-def in_lock_order(session: Session, message_ids: list[uuid.UUID]) -> list[uuid.UUID]:
-    """The messages sorted by Kafka key, then by their place in the partition.
-
-    Handlers lock what belongs to a key (a user's account, say). Batches handled at the same time
-    that take those locks in one global order cannot deadlock each other, and one key's messages
-    are still handled in the order they were sent.
-    """
-    return list(session.scalars(
-        select(InboxMessage.message_id)
-        .where(InboxMessage.message_id.in_(message_ids))
-        .order_by(InboxMessage.key, InboxMessage.topic, InboxMessage.partition,
-                  InboxMessage.offset)
-    ))
 
 
 def record_failed_attempt(

@@ -1,7 +1,7 @@
 """Handling inbox messages in Celery: the consumer dispatches one task per stored batch, which
-handles its messages many to a transaction with a savepoint each; a message whose first try fails
-goes to a task of its own that retries it with backoff and parks it after the last attempt; and the
-sweeper dispatches again the messages whose handling was lost."""
+handles its messages many to a transaction (with a savepoint per handler once one of them fails);
+a message whose first try fails goes to a task of its own that retries it with backoff and parks it
+after the last attempt; and the sweeper dispatches again the messages whose handling was lost."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from datetime import timedelta
 from flask import current_app
 
 from shared.db import transaction
-from shared.inbox import (Outcome, find_stalled_messages, in_lock_order, process_inbox_message,
-                          record_failed_attempt)
+from shared.inbox import (Outcome, find_stalled_messages, handle_locked_message, lock_in_order,
+                          process_inbox_message, record_failed_attempt)
 from tasks.celery_app import app
 from tasks.services import ServiceTask, service_package
 
@@ -80,19 +80,35 @@ def handle_inbox_batch(service: str, message_ids: list[str]) -> int:
 
 def _handle_in_one_transaction(service: str, message_ids: list[uuid.UUID],
                                handlers) -> list[uuid.UUID]:
-    """Handle the messages in one transaction, each in a savepoint of its own, so one that fails
-    leaves no trace and the others still commit; returns the ones left to retry."""
+    """Handle the messages in one transaction; returns the ones left to retry.
+
+    Handlers seldom fail, so the batch first runs with no savepoints at all (two round trips and a
+    flush fewer per message). If any message fails, that transaction rolls back whole and the
+    batch runs again with a savepoint per handler, so only the failing messages are left over.
+    """
+    try:
+        with transaction() as session:
+            for message in lock_in_order(session, message_ids):
+                handle_locked_message(session, message, handlers, savepoint=False)
+        return []
+    except Exception as exc:
+        log.info("%s inbox: a message of a batch of %d failed (%r); handling them again one by one",
+                 service, len(message_ids), exc)
+    return _handle_each_in_a_savepoint(service, message_ids, handlers)
+
+
+def _handle_each_in_a_savepoint(service: str, message_ids: list[uuid.UUID],
+                                handlers) -> list[uuid.UUID]:
     failed: list[uuid.UUID] = []
     try:
         with transaction() as session:
-            for message_id in in_lock_order(session, message_ids):
+            for message in lock_in_order(session, message_ids):
                 try:
-                    with session.begin_nested():
-                        process_inbox_message(session, message_id, handlers)
+                    handle_locked_message(session, message, handlers)
                 except Exception as exc:
                     log.info("%s inbox: %s failed on its first try (%r); retrying in a task",
-                             service, message_id, exc)
-                    failed.append(message_id)
+                             service, message.message_id, exc)
+                    failed.append(message.message_id)
     except Exception as exc:
         log.warning("%s inbox: committing %d handled messages failed (%r); retrying each in a task",
                     service, len(message_ids), exc)

@@ -101,3 +101,44 @@ def _stored_request_for(user: str, key: str) -> uuid.UUID:
         with transaction() as session:
             store_records(session, [record])
     return event.message_id
+
+
+def test_a_batch_commits_its_good_messages_and_undoes_the_failing_ones(settings, monkeypatch,
+                                                                        user_id):
+    """The batch runs without savepoints first; when handlers fail it runs again with one each:
+    the good messages are handled once, the failing ones leave nothing but a counted attempt."""
+    from payments_app import service as payments
+    from payments_app.models import Account, Payment
+    from shared.inbox import PermanentMessageError
+    from tasks.inbox import _handle_in_one_transaction
+
+    with service_app("payments").app_context():
+        with transaction() as session:
+            payments.open_account(session, user_id=user_id)
+            payments.deposit(session, user_id=user_id, amount=Decimal("100"))
+    good, transient, permanent, also_good = (_stored_request_for(user_id, key=user_id)
+                                             for _ in range(4))
+    failures = {transient: ConnectionError("blip"), permanent: PermanentMessageError("never")}
+    take_payment = payments_app.message_handlers()[PAYMENT_REQUESTED]
+    calls = []
+
+    def failing_after_its_writes(session, payload, message):
+        calls.append(message.message_id)
+        take_payment(session, payload, message)  # debits and writes its outbox row first
+        if message.message_id in failures:
+            raise failures[message.message_id]
+
+    monkeypatch.setattr(payments_app, "message_handlers",
+                        lambda: {PAYMENT_REQUESTED: failing_after_its_writes})
+    with service_app("payments").app_context():
+        left = _handle_in_one_transaction("payments", [good, transient, permanent, also_good],
+                                          payments_app.message_handlers())
+        assert left == [transient]
+        assert db.session.get(Account, user_id).balance == Decimal("98.00")
+        assert db.session.query(Payment).filter_by(user_id=user_id).count() == 2
+    assert calls.count(good) == 2  # once in the batch that rolled back, once for good
+    rows = {m: _row(m) for m in (good, transient, permanent, also_good)}
+    assert rows[good].processed_at and rows[also_good].processed_at
+    assert rows[permanent].parked_at and "never" in rows[permanent].last_error
+    assert rows[transient].processed_at is None and rows[transient].parked_at is None
+    assert rows[transient].attempts == 1
