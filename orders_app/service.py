@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from flask import current_app
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, insert, or_, select
 from sqlalchemy.orm import Session
 
 from orders_app.models import CANCELLED, FINISHED, NEW, Order
@@ -25,21 +25,27 @@ from shared.outbox import add_outbox_message
 
 
 def place_order(session: Session, *, user_id: str, amount: Decimal, description: str) -> Order:
-    """Create a NEW order and, in the same transaction, the PaymentRequested event for it."""
+    """Create a NEW order and, in the same transaction, the PaymentRequested event for it.
+
+    The order is written by a plain INSERT (the busiest write of the shop; the ORM's unit of work
+    cost more than the statement) and returned as an object detached from the session.
+    """
     now = datetime.now(timezone.utc)
-    order = Order(id=uuid.uuid4(), user_id=user_id, amount=amount, description=description,
-                  status=NEW, created_at=now, updated_at=now)
-    session.add(order)
+    row = {"id": uuid.uuid4(), "user_id": user_id, "amount": amount, "description": description,
+           "status": NEW, "reason": None, "created_at": now, "updated_at": now}
+    session.execute(_INSERT_ORDER, row)
     event = new_event(
         PAYMENT_REQUESTED,
-        {"order_id": order.id, "user_id": user_id, "amount": amount},
-        correlation_id=str(order.id),
+        {"order_id": row["id"], "user_id": user_id, "amount": amount},
+        correlation_id=str(row["id"]),
     )
     settings = current_app.extensions["hseshop.settings"]
     add_outbox_message(session, topic=settings.topic_payment_requested, key=user_id, event=event)
     invalidate_after_commit(session, orders_cache_namespace(user_id))
-    session.flush()
-    return order
+    return Order(**row)
+
+
+_INSERT_ORDER = insert(Order.__table__)
 
 
 def orders_cache_namespace(user_id: str) -> str:
