@@ -1,5 +1,5 @@
 """Celery configuration: Redis as the broker, one queue per service, and the beat schedule that
-relays outboxes and sweeps inboxes as the safety net behind the direct kicks."""
+keeps a relay leading for each outbox (tasks/relay.py) and sweeps the inboxes."""
 
 from datetime import timedelta
 

@@ -2,7 +2,8 @@
 
 Use cases and message handlers get a session from `transaction()` and never commit themselves, so a
 business row and the outbox row it causes are committed together or not at all, by construction.
-Work that must wait for the commit (invalidating cached reads, say) is registered with `after_commit`.
+Work that must wait for the commit (invalidating cached reads, say) is registered with
+`after_commit`.
 """
 
 from __future__ import annotations

@@ -146,7 +146,8 @@ def relay_pending_outbox(session: Session, send_batch: SendBatch, batch_size: in
             .values(attempts=OutboxMessage.attempts + 1, last_error=error[:2000])
             .execution_options(synchronize_session=False)
         )
-    return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(deliveries) - len(sent_ids))
+    return RelayResult(claimed=len(rows), sent=len(sent_ids),
+                       failed=len(deliveries) - len(sent_ids))
 
 
 def _any_of(row_ids: list[int]):

@@ -1,7 +1,7 @@
 """Relaying outbox rows to Kafka: a Celery task that beat sends, which stays to lead the relay.
 
-Beat sends `relay_outbox` for each service every `outbox_relay_interval_seconds`. The first run to
-take the service database's leader lock (shared/outbox_wakeups.py) stays: it sends every row
+Beat sends `relay_outbox` for each service every `outbox_relay_interval_seconds`. The first run
+to take the service database's leader lock (shared/outbox_wakeups.py) stays: it sends every row
 waiting, then sleeps until a commit that inserted outbox rows notifies it, sends again, and so on
 until its worker shuts down. Every later run finds the leader and returns at once, so beat only
 matters when no leader is alive (its worker died, its database connection broke): the next run
