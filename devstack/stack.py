@@ -29,10 +29,11 @@ API_THREADS = 4
 
 def gunicorn_argv(port: int, app: str, threads: int = API_THREADS) -> list[str]:
     """The `python -m` arguments that serve the WSGI app `app` as both APIs are served."""
-    # --no-control-socket: otherwise every gunicorn master shares ~/.gunicorn/gunicorn.ctl.
+    # --no-control-socket: otherwise every gunicorn master shares ~/.gunicorn/gunicorn.ctl. No
+    # access log: the apps log each request themselves, with its request id (shared/request_context).
     return [
         *f"gunicorn -b {infra.LOCALHOST}:{port} -w {API_WORKERS} --threads {threads}".split(),
-        *"--access-logfile - --no-control-socket".split(),
+        "--no-control-socket",
         app,
     ]
 

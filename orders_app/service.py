@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from flask import current_app
-from sqlalchemy import and_, insert, or_, select
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from orders_app.models import CANCELLED, FINISHED, NEW, Order
@@ -105,17 +105,28 @@ def apply_payment_result(session: Session, *, order_id: uuid.UUID, user_id: str,
     Returns the order when it changed, None when it was already final.
     Raises LookupError when no such order belongs to that user.
     """
-    order = session.scalars(select(Order).where(Order.id == order_id).with_for_update()).one_or_none()
-    if order is None or order.user_id != user_id:
+    row = session.execute(_LOCK_ORDER, {"order_id": order_id}).first()
+    if row is None or row.user_id != user_id:
         raise LookupError(f"no order {order_id} of user {user_id}")
+    order = Order(**row._mapping)  # detached: plain SQL below, as in place_order
     if order.is_final:
         return None
     order.status = FINISHED if succeeded else CANCELLED
     order.reason = None if succeeded else reason
     order.updated_at = datetime.now(timezone.utc)
+    session.execute(_SETTLE_ORDER, {"settled_order": order_id, "status": order.status,
+                                    "reason": order.reason, "updated_at": order.updated_at})
     _announce_status(session, order)
     invalidate_after_commit(session, orders_cache_namespace(order.user_id))
     return order
+
+
+_LOCK_ORDER = (select(*Order.__table__.c)
+               .where(Order.__table__.c.id == bindparam("order_id")).with_for_update())
+_SETTLE_ORDER = (update(Order.__table__)
+                 .where(Order.__table__.c.id == bindparam("settled_order"))
+                 .values(status=bindparam("status"), reason=bindparam("reason"),
+                         updated_at=bindparam("updated_at")))
 
 
 def _announce_status(session: Session, order: Order) -> None:

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from flask import current_app
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -67,32 +67,42 @@ def take_payment(session: Session, *, order_id: uuid.UUID, user_id: str, amount:
     The account row is locked before the decision, so concurrent payments and deposits on it run
     one after another. The payment row, keyed by order id, is inserted before the debit: if the
     order was already decided (under another message id) the insert does nothing and nothing else
-    happens. Returns the new payment, or None for an order already decided.
+    happens. Returns the new payment (detached from the session), or None for an order already
+    decided.
+
+    Every message a shop takes runs through here, so it speaks plain SQL compiled once (the
+    statements below) rather than loading and flushing ORM objects, which cost several times more.
     """
-    account = session.scalars(
-        select(Account).where(Account.user_id == user_id).with_for_update()
-    ).one_or_none()
-    if account is None:
+    balance = session.execute(_LOCK_ACCOUNT, {"user_id": user_id}).scalar_one_or_none()
+    if balance is None:
         status, reason = FAILED, NO_ACCOUNT
-    elif account.balance < amount:
+    elif balance < amount:
         status, reason = FAILED, INSUFFICIENT_FUNDS
     else:
         status, reason = SUCCEEDED, None
-    payment = session.scalars(
-        insert(Payment)
-        .values(order_id=order_id, user_id=user_id, amount=amount, status=status, reason=reason)
-        .on_conflict_do_nothing()
-        .returning(Payment)
-    ).first()
-    if payment is None:
+    decided = session.execute(_INSERT_PAYMENT, {
+        "order_id": order_id, "user_id": user_id, "amount": amount, "status": status,
+        "reason": reason,
+    }).first()
+    if decided is None:
         return None
     if status == SUCCEEDED:
-        account.balance = account.balance - amount
-        account.updated_at = datetime.now(timezone.utc)
+        session.execute(_DEBIT, {"debited_user": user_id, "debit": amount,
+                                 "debited_at": datetime.now(timezone.utc)})
         invalidate_after_commit(session, balance_cache_namespace(user_id))
     payload = {"order_id": order_id, "user_id": user_id, "amount": amount}
     event = (new_event(PAYMENT_SUCCEEDED, payload, correlation_id) if status == SUCCEEDED
              else new_event(PAYMENT_FAILED, payload | {"reason": reason}, correlation_id))
     settings = current_app.extensions["hseshop.settings"]
     add_outbox_message(session, topic=settings.topic_payment_results, key=user_id, event=event)
-    return payment
+    return Payment(**decided._mapping)
+
+
+_accounts, _payments = Account.__table__, Payment.__table__
+_LOCK_ACCOUNT = (select(_accounts.c.balance)
+                 .where(_accounts.c.user_id == bindparam("user_id")).with_for_update())
+_INSERT_PAYMENT = insert(_payments).on_conflict_do_nothing().returning(*_payments.c)
+_DEBIT = (update(_accounts)
+          .where(_accounts.c.user_id == bindparam("debited_user"))
+          .values(balance=_accounts.c.balance - bindparam("debit"),
+                  updated_at=bindparam("debited_at")))

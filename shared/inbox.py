@@ -16,8 +16,9 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text, func, or_, select, text
-from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
+from sqlalchemy import (BigInteger, DateTime, Index, Integer, String, Text, any_, bindparam, func,
+                        or_, select, text, update)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.contracts import PAYLOAD_SCHEMAS, Envelope, MalformedMessage, decode
@@ -184,44 +185,82 @@ def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[InboxM
     ))
 
 
-def handle_locked_message(session: Session, message: InboxMessage, handlers: dict[str, Handler],
-                          *, savepoint: bool = True) -> Outcome:
+def handle_locked_message(session: Session, message: InboxMessage,
+                          handlers: dict[str, Handler]) -> Outcome:
     """Handle a message whose row the caller's transaction has locked.
 
-    With `savepoint`, the handler runs in one: when it raises, what it wrote is undone, the attempt
-    stays counted on the row, and the exception goes on to the caller (who retries the message
-    later); a PermanentMessageError parks the message instead. Without, nothing can be undone on
-    its own: any exception, PermanentMessageError included, goes to the caller, whose transaction
-    must then roll back as a whole.
+    The handler runs in a savepoint: when it raises, what it wrote is undone, the attempt stays
+    counted on the row, and the exception goes on to the caller (who retries the message later);
+    a PermanentMessageError parks the message instead.
     """
     if message.processed_at is not None or message.parked_at is not None:
         return Outcome.ALREADY_DONE
     message.attempts += 1
     message.last_attempt_at = _now()
-    handler = handlers.get(message.type)
-    if handler is None:
-        _park(message, f"no handler for message type {message.type!r}")
+    ready = _ready_to_handle(message, handlers)
+    if ready is None:
         return Outcome.PARKED
+    handler, payload = ready
     try:
-        payload = PAYLOAD_SCHEMAS[message.type].load(message.payload)
-    except Exception as exc:  # stored before the contract changed, or edited by hand
-        _park(message, f"payload breaks the contract: {exc}")
-        return Outcome.PARKED
-    # Whatever the handler writes to its outbox carries on the request id of what caused it.
-    if not savepoint:
-        with request_id_bound(message.request_id):
+        with session.begin_nested(), request_id_bound(message.request_id):
             handler(session, payload, message)
-    else:
-        try:
-            with session.begin_nested(), request_id_bound(message.request_id):
-                handler(session, payload, message)
-        except PermanentMessageError as exc:
-            _park(message, str(exc))
-            return Outcome.PARKED
+    except PermanentMessageError as exc:
+        _park(message, str(exc))
+        return Outcome.PARKED
     log.info("handled %s %s", message.type, message.message_id)
     message.processed_at = _now()
     message.last_error = None
     return Outcome.PROCESSED
+
+
+def handle_locked_messages_at_once(session: Session, messages: list[InboxMessage],
+                                   handlers: dict[str, Handler]) -> None:
+    """Handle messages whose rows the caller's transaction has locked, with no savepoints, and mark
+    them processed with one UPDATE at the end.
+
+    Nothing can be undone on its own here: any exception, PermanentMessageError included, goes to
+    the caller, whose transaction must then roll back as a whole (and may handle the messages one
+    by one with handle_locked_message). In exchange each message costs its handler's statements
+    and no more.
+    """
+    processed: list[uuid.UUID] = []
+    for message in messages:
+        if message.processed_at is not None or message.parked_at is not None:
+            continue
+        ready = _ready_to_handle(message, handlers)
+        if ready is None:
+            message.attempts += 1
+            message.last_attempt_at = _now()
+            continue
+        handler, payload = ready
+        with request_id_bound(message.request_id):
+            handler(session, payload, message)
+        log.info("handled %s %s", message.type, message.message_id)
+        processed.append(message.message_id)
+    if processed:
+        session.execute(_MARK_PROCESSED, {"processed": processed, "now": _now()})
+
+
+_inbox = InboxMessage.__table__
+_MARK_PROCESSED = (
+    update(_inbox)
+    .where(_inbox.c.message_id == any_(bindparam("processed", type_=ARRAY(UUID(as_uuid=True)))))
+    .values(attempts=_inbox.c.attempts + 1, last_attempt_at=bindparam("now"),
+            processed_at=bindparam("now"), last_error=None)
+)
+
+
+def _ready_to_handle(message: InboxMessage, handlers: dict[str, Handler]):
+    """(handler, payload) for the message, or None once it is parked for having neither."""
+    handler = handlers.get(message.type)
+    if handler is None:
+        _park(message, f"no handler for message type {message.type!r}")
+        return None
+    try:
+        return handler, PAYLOAD_SCHEMAS[message.type].load(message.payload)
+    except Exception as exc:  # stored before the contract changed, or edited by hand
+        _park(message, f"payload breaks the contract: {exc}")
+        return None
 
 
 def record_failed_attempt(
