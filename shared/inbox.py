@@ -204,10 +204,10 @@ def handle_locked_message(session: Session, message: InboxMessage,
     try:
         with session.begin_nested(), request_id_bound(message.request_id):
             handler(session, payload, message)
+            log.info("handled %s %s", message.type, message.message_id)
     except PermanentMessageError as exc:
         _park(message, str(exc))
         return Outcome.PARKED
-    log.info("handled %s %s", message.type, message.message_id)
     message.processed_at = _now()
     message.last_error = None
     return Outcome.PROCESSED
@@ -235,7 +235,7 @@ def handle_locked_messages_at_once(session: Session, messages: list[InboxMessage
         handler, payload = ready
         with request_id_bound(message.request_id):
             handler(session, payload, message)
-        log.info("handled %s %s", message.type, message.message_id)
+            log.info("handled %s %s", message.type, message.message_id)
         processed.append(message.message_id)
     if processed:
         session.execute(_MARK_PROCESSED, {"processed": processed, "now": _now()})
