@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import time
 
+import psycopg2
 from confluent_kafka import Producer
-from sqlalchemy import create_engine, select
 
 from bench.shop import orders_cursor
 from devstack.stack import Stack
 from shared.config import load_settings
 from shared.kafka import FLUSH_TIMEOUT_S, ensure_topics, producer_config
-from shared.outbox import RELAY_COLUMNS, OutboxMessage
+from shared.outbox import RELAY_SELECT
 
 INSERT_ROWS = """
 INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, payload, headers,
@@ -61,24 +61,20 @@ def _wait_until_sent(stack: Stack, topic: str, timeout: float) -> float:
     raise TimeoutError(f"the relay did not send the {topic} rows within {timeout}s")
 
 
-def _insert_rows(settings, topic: str, rows: int) -> list[tuple[bytes, bytes, list]]:
-    """Insert the rows in one transaction; return (key, value, headers) of each, encoded exactly as
-    the relay encodes them, read before the commit (the relay deletes them once sent)."""
-    engine = create_engine(settings.database_url("orders"))
+def _insert_rows(settings, topic: str, rows: int) -> list[tuple[str, str, dict[str, str]]]:
+    """Insert the rows in one transaction; return (key, value, headers) of each, exactly as the
+    relay reads them, read before the commit (the relay deletes them once sent)."""
+    conn = psycopg2.connect(settings.orders_database_url)
     try:
-        with engine.begin() as connection:
-            connection.exec_driver_sql(INSERT_ROWS, {"topic": topic, "rows": rows})
-            inserted = connection.execute(select(*RELAY_COLUMNS)
-                                          .where(OutboxMessage.topic == topic)
-                                          .order_by(OutboxMessage.id)).all()
+        with conn, conn.cursor() as cursor:
+            cursor.execute(INSERT_ROWS, {"topic": topic, "rows": rows})
+            cursor.execute(RELAY_SELECT + " WHERE topic = %(topic)s ORDER BY id", {"topic": topic})
+            return [(key, envelope, headers) for _, _, key, headers, envelope in cursor]
     finally:
-        engine.dispose()
-    return [(row.key.encode(), row.envelope.encode(),
-             [(name, str(value).encode()) for name, value in row.headers.items()])
-            for row in inserted]
+        conn.close()
 
 
-def _send_raw(settings, messages: list[tuple[bytes, bytes, list]]) -> float:
+def _send_raw(settings, messages: list[tuple[str, str, dict[str, str]]]) -> float:
     """Seconds a bare producer, configured as the relay's, takes to have them all acknowledged."""
     producer = Producer(producer_config(settings))
     topic = f"{settings.kafka_consumer_group_prefix}.relay-speed"

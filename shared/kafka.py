@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shared.config import Settings
-from shared.outbox import Delivery
+from shared.outbox import RelayRow
 
 log = logging.getLogger(__name__)
 
@@ -104,49 +105,48 @@ class OutboxPublisher:
         with self._lock:
             self._producer = None
 
-    def send_batch(self, rows: list) -> list[Delivery]:
-        """Produce `rows` (of shared.outbox.RELAY_COLUMNS) and wait until each has an answer."""
+    def send_batch(self, rows: list[RelayRow]) -> dict[int, str]:
+        """Produce `rows` and wait until each has an answer; returns the error of each row the
+        broker did not acknowledge."""
         producer = self._get_producer()
-        errors: dict[int, str | None] = {}
+        acknowledged: set[int] = set()
+        refused: dict[int, str] = {}
         fatal = False
 
-        def on_delivery(row_id: int):
-            def report(err: KafkaError | None, _msg) -> None:
-                nonlocal fatal
-                errors[row_id] = None if err is None else f"{err.name()}: {err.str()}"
-                fatal = fatal or (err is not None and err.fatal())
-            return report
+        def report(row_id: int, err: KafkaError | None, _msg) -> None:
+            nonlocal fatal
+            if err is None:
+                acknowledged.add(row_id)
+            else:
+                refused[row_id] = f"{err.name()}: {err.str()}"
+                fatal = fatal or err.fatal()
 
         try:
-            for row in rows:
-                self._produce(producer, row, on_delivery(row.id))
+            for row_id, topic, key, headers, envelope in rows:
+                self._produce(producer, topic, key, envelope, headers, partial(report, row_id))
         except KafkaException as exc:
             # The producer failed outside any delivery of ours (after a broker came back empty,
             # say); the rows it did not take get no acknowledgement and are retried.
             log.warning("the outbox producer refused a message: %s", exc)
             fatal = fatal or exc.args[0].fatal()
         producer.flush(FLUSH_TIMEOUT_S)
-        if fatal or not any(error is None for error in errors.values()):
+        if fatal or not acknowledged:
             # A producer that had nothing acknowledged may be stuck on state the broker no longer
             # has (a broker that came back empty leaves an idempotent producer waiting on the
             # sequence numbers of partitions it lost): start the next batch with a fresh one.
             self._discard_producer()
-        return [
-            Delivery(row.id, errors.get(row.id, "no acknowledgement from the broker in time"))
-            for row in rows
-        ]
+        for row in rows:
+            if row[0] not in acknowledged:
+                refused.setdefault(row[0], "no acknowledgement from the broker in time")
+        return refused
 
     @staticmethod
-    def _produce(producer: Producer, row, on_delivery) -> None:
+    def _produce(producer: Producer, topic: str, key: str | None, value: str,
+                 headers: dict[str, str], on_delivery) -> None:
+        # confluent-kafka encodes str keys, values and header values as UTF-8 itself.
         while True:
             try:
-                producer.produce(
-                    row.topic,
-                    key=row.key.encode() if row.key is not None else None,
-                    value=row.envelope.encode(),
-                    headers=[(name, str(value).encode()) for name, value in row.headers.items()],
-                    on_delivery=on_delivery,
-                )
+                producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
                 return
             except BufferError:
                 producer.poll(0.1)  # the local queue is full: let deliveries drain first
