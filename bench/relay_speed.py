@@ -33,9 +33,9 @@ def measure_relay_speed(stack: Stack, rows: int, timeout: float = 600) -> dict:
     settings = load_settings(stack.env)
     topic = f"{settings.kafka_consumer_group_prefix}.relay-speed"
     ensure_topics(settings, [topic])
-    messages = _insert_rows(settings, topic, rows)
+    last_row_id, messages = _insert_rows(settings, topic, rows)
     committed = time.monotonic()
-    relay_seconds = _wait_until_sent(stack, topic, timeout) - committed
+    relay_seconds = _wait_until_sent(stack, topic, last_row_id, timeout) - committed
     raw_seconds = _send_raw(settings, messages)
     relay_rate, raw_rate = rows / relay_seconds, rows / raw_seconds
     return {
@@ -48,28 +48,40 @@ def measure_relay_speed(stack: Stack, rows: int, timeout: float = 600) -> dict:
     }
 
 
-def _wait_until_sent(stack: Stack, topic: str, timeout: float) -> float:
+def _wait_until_sent(stack: Stack, topic: str, last_row_id: int, timeout: float) -> float:
     """The moment no row of `topic` is left (the relay deletes each row the broker acknowledged;
-    the commit of the rows woke it, as in production)."""
+    the commit of the rows woke it, as in production).
+
+    The relay sends rows oldest first, so until the newest row is gone only that one row is looked
+    up (by primary key): counting the table every few milliseconds would load the very database
+    the relay is working on.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with orders_cursor(stack) as cursor:
-            cursor.execute("SELECT count(*) FROM outbox_messages WHERE topic = %s", (topic,))
-            if cursor.fetchone()[0] == 0:
-                return time.monotonic()
-        time.sleep(0.02)
+    with orders_cursor(stack) as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute("SELECT EXISTS (SELECT 1 FROM outbox_messages WHERE id = %s)",
+                           (last_row_id,))
+            if not cursor.fetchone()[0]:
+                done = time.monotonic()
+                cursor.execute("SELECT count(*) FROM outbox_messages WHERE topic = %s", (topic,))
+                if cursor.fetchone()[0] == 0:
+                    return done
+            time.sleep(0.005)
     raise TimeoutError(f"the relay did not send the {topic} rows within {timeout}s")
 
 
-def _insert_rows(settings, topic: str, rows: int) -> list[tuple[str, str, dict[str, str]]]:
-    """Insert the rows in one transaction; return (key, value, headers) of each, exactly as the
-    relay reads them, read before the commit (the relay deletes them once sent)."""
+def _insert_rows(settings, topic: str, rows: int) -> tuple[int, list[tuple[str, str, dict]]]:
+    """Insert the rows in one transaction; return the id of the newest and (key, value, headers)
+    of each, exactly as the relay reads them, read before the commit (the relay deletes them once
+    sent)."""
     conn = psycopg2.connect(settings.orders_database_url)
     try:
         with conn, conn.cursor() as cursor:
             cursor.execute(INSERT_ROWS, {"topic": topic, "rows": rows})
             cursor.execute(RELAY_SELECT + " WHERE topic = %(topic)s ORDER BY id", {"topic": topic})
-            return [(key, envelope, headers) for _, _, key, headers, envelope in cursor]
+            inserted = cursor.fetchall()
+            return inserted[-1][0], [(key, envelope, headers)
+                                     for _, _, key, headers, envelope in inserted]
     finally:
         conn.close()
 
