@@ -18,6 +18,7 @@ from shared.kafka import OutboxPublisher
 from shared.outbox import OutboxMessage, relay_pending_outbox
 from shared.outbox_wakeups import OutboxWakeups
 from tests.kafka_tools import read_topic, read_topic_until
+from tests.polling import wait_for
 
 
 def _place(user_id: str, amount: str = "30.00") -> Order:
@@ -160,3 +161,33 @@ def test_one_relay_leads_and_a_commit_of_outbox_rows_wakes_it(in_orders, setting
         assert leader.wait(5)
     with OutboxWakeups(url) as successor:
         assert successor.lead()  # the lock went with the leader's connection
+
+
+def test_the_relay_task_leads_sends_what_commits_and_stops_with_the_worker(
+        orders_flask_app, settings, user_id):
+    """relay_outbox as beat starts it: the first run stays and sends rows as their commits wake
+    it; a second run returns at once; the worker shutting down ends the first."""
+    from tasks import relay
+
+    sent_by_leader = []
+    leader = threading.Thread(target=lambda: sent_by_leader.append(
+        relay.relay_outbox.apply(args=("orders",)).get()))
+    leader.start()
+    try:
+        wait_for(lambda: "orders" in relay._leading, timeout=10, what="the relay to lead")
+        assert relay.relay_outbox.apply(args=("orders",)).get() == 0
+        with orders_flask_app.app_context():
+            order_id = _place(user_id).id
+
+            def sent():
+                db.session.rollback()
+                return _outbox_rows_for([order_id]) == []
+
+            wait_for(sent, timeout=10, what="the leader to send the new row")
+        assert _messages_of(settings, [order_id])
+    finally:
+        relay._stop_leading()
+        leader.join(10)
+        relay._stopping.clear()
+    assert not leader.is_alive()
+    assert sent_by_leader and sent_by_leader[0] >= 1
