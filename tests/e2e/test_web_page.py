@@ -70,8 +70,11 @@ class ShopPage:
         return self.element(element_id).text
 
     def order_ids(self) -> list[str]:
-        return [item.get_attribute("data-order-id")
-                for item in self.driver.find_elements(By.CSS_SELECTOR, '[data-testid="order"]')]
+        # Read in one script run: the list is redrawn on every live change, so elements found
+        # first and read one by one afterwards may already be gone.
+        return self.driver.execute_script(
+            'return Array.from(document.querySelectorAll(\'[data-testid="order"]\'),'
+            ' item => item.getAttribute("data-order-id"));')
 
     def badge(self, order_id: str):
         return self.driver.find_element(
@@ -122,9 +125,12 @@ class ShopPage:
         self.fill("order-amount", amount)
         self.fill("order-description", description)
         self.element("order-submit").click()
-        self.wait_until(lambda: self.order_ids() and self.order_ids()[0] not in before,
-                        what=f"the order of {amount} in the list")
-        return self.order_ids()[0]
+
+        def new_order_on_top() -> str | None:
+            ids = self.order_ids()
+            return ids[0] if ids and ids[0] not in before else None
+
+        return self.wait_until(new_order_on_top, what=f"the order of {amount} in the list")
 
     def wait_for_status(self, order_id: str, status: str) -> None:
         self.wait_until(lambda: self.badge(order_id).get_attribute("data-status") == status,
