@@ -29,6 +29,7 @@ ENVIRONMENT: dict[str, str] = {
     "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
     # Rows claimed and sent per relay transaction: each batch pays a fixed set of round trips.
     "OUTBOX_RELAY_BATCH_SIZE": "5000",
+    # How often beat checks that a relay leads each outbox (commits wake the leader themselves).
     "OUTBOX_RELAY_INTERVAL_SECONDS": "0.5",
     "INBOX_SWEEP_INTERVAL_SECONDS": "5",
     "INBOX_SWEEP_MIN_AGE_SECONDS": "10",
