@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask, jsonify
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 
@@ -60,6 +61,17 @@ class ServiceUnavailable(ApiError):
     code = "SERVICE_UNAVAILABLE"
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    """The service cannot use its own database just now (down, restarting, or the connection
+    broke); SQLAlchemy has dropped the broken connections, so trying again shortly works."""
+
+    code = "DATABASE_UNAVAILABLE"
+
+    def __init__(self):
+        super().__init__("The service cannot reach its database just now; try again shortly.",
+                         headers={"Retry-After": "1"})
+
+
 class UpstreamTimeout(ApiError):
     """A service behind the gateway did not answer in time."""
 
@@ -99,6 +111,11 @@ def register_error_handlers(app: Flask) -> None:
         for name, value in (data.get("headers") or {}).items():
             response.headers[name] = value
         return response
+
+    @app.errorhandler(OperationalError)
+    def _database_unavailable(exc: OperationalError):
+        app.logger.warning("database unavailable: %s", exc.orig)
+        return _api_error(DatabaseUnavailable())
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

@@ -21,9 +21,10 @@ import grpc
 from flask import Flask
 from grpc_reflection.v1alpha import reflection
 from marshmallow import ValidationError
+from sqlalchemy.exc import OperationalError
 
 from shared.config import get_settings
-from shared.errors import ApiError
+from shared.errors import ApiError, DatabaseUnavailable
 from shared.internal_auth import InvalidIdentity, verified_user_id
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, request_id_bound,
                                     sane_request_id)
@@ -64,6 +65,10 @@ def serve_call(app: Flask, context: grpc.ServicerContext, operation: Callable[[s
                    {"json": exc.messages})
         except ApiError as exc:
             _abort(context, exc.status, exc.code, exc.message, exc.details)
+        except OperationalError as exc:
+            log.warning("database unavailable: %s", exc.orig)
+            unavailable = DatabaseUnavailable()
+            _abort(context, unavailable.status, unavailable.code, unavailable.message, None)
         except Exception:
             log.exception("unhandled error in a gRPC call [request_id=%s]", request_id)
             context.abort(grpc.StatusCode.INTERNAL, "Something went wrong on our side.")

@@ -164,3 +164,26 @@ def test_the_generated_grpc_code_is_current(tmp_path):
         committed = REPO_ROOT / "shared" / "protos" / generated.name
         assert committed.read_bytes() == generated.read_bytes(), \
             f"{committed.name} is stale: run `make protos`"
+
+
+def test_with_its_database_unreachable_a_grpc_service_answers_503(settings):
+    import orders_app
+    from shared.grpc_server import ERROR_CODE_KEY, HTTP_STATUS_KEY
+
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    app = orders_app.create_app(settings=dataclasses.replace(settings,
+                                                             orders_database_url=unreachable))
+    bind = f"127.0.0.1:{free_port()}"
+    server = build_server("orders", app, bind)
+    server.start()
+    try:
+        stub = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(bind))
+        metadata = tuple((k.lower(), v) for k, v in
+                         identity_headers("alice", settings.internal_auth_secret).items())
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ListOrders(orders_pb2.ListOrdersRequest(), metadata=metadata, timeout=10)
+        trailers = dict(refused.value.trailing_metadata())
+        assert trailers[HTTP_STATUS_KEY] == "503"
+        assert trailers[ERROR_CODE_KEY] == "DATABASE_UNAVAILABLE"
+    finally:
+        server.stop(grace=None)

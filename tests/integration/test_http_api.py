@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import pytest
 from sqlalchemy import func, select
 
+import orders_app
+from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
 from shared.config import ENVIRONMENT, get_settings
@@ -216,3 +219,13 @@ def test_each_service_serves_its_openapi_document_and_swagger_ui(orders_http, pa
         assert page.status_code == 200 and b"/docs/swagger-ui-assets/swagger-ui-bundle.js" in page.data
         script = client.get("/docs/swagger-ui-assets/swagger-ui-bundle.js")
         assert script.status_code == 200 and len(script.data) > 100_000
+
+
+def test_with_its_database_unreachable_a_service_answers_503_not_500(settings, user_id):
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    shop = orders_app.create_app(settings=dataclasses.replace(settings,
+                                                              orders_database_url=unreachable))
+    response = shop.test_client().post("/orders", json={"amount": "1.00"}, headers=_as(user_id))
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.get_json()["error"]["code"] == "DATABASE_UNAVAILABLE"
