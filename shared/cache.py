@@ -59,17 +59,19 @@ class VersionedCache:
             log.warning("cache unavailable, not storing %s: %s", namespace, exc)
         return value
 
-    def invalidate(self, namespace: str) -> None:
-        version_key, _ = self._keys(namespace, "")
+    def invalidate(self, *namespaces: str) -> None:
+        """Bump the versions of `namespaces`, in one round trip."""
         try:
             pipe = self._client.pipeline(transaction=False)
-            pipe.incr(version_key)
-            pipe.expire(version_key, _VERSION_TTL_SECONDS)
+            for namespace in namespaces:
+                version_key, _ = self._keys(namespace, "")
+                pipe.incr(version_key)
+                pipe.expire(version_key, _VERSION_TTL_SECONDS)
             pipe.execute()
         except redis.RedisError as exc:
             # Values already cached expire within the TTL; said here because it is the one way a
             # reader could see something older than a write.
-            log.error("cache unavailable, could not invalidate %s: %s", namespace, exc)
+            log.error("cache unavailable, could not invalidate %s: %s", ", ".join(namespaces), exc)
 
 
 def app_cache() -> VersionedCache:
@@ -77,22 +79,24 @@ def app_cache() -> VersionedCache:
 
 
 def invalidate_after_commit(session: Session, namespace: str) -> None:
-    """Bump the namespace's version once the caller's transaction has committed."""
-    cache = app_cache()
-    after_commit(session, _Invalidation(cache, namespace))
+    """Bump the namespace's version once the caller's transaction has committed; all the
+    namespaces one transaction invalidates go to Redis in one round trip."""
+    after_commit(session, _Invalidations(app_cache())).namespaces.add(namespace)
 
 
-class _Invalidation:
-    """A callable that compares equal for the same namespace, so one commit bumps it once."""
+class _Invalidations:
+    """What one transaction invalidates in one cache: equal to any other for the same cache, so
+    each transaction registers one and adds its namespaces to it."""
 
-    def __init__(self, cache: VersionedCache, namespace: str):
-        self.cache, self.namespace = cache, namespace
+    def __init__(self, cache: VersionedCache):
+        self.cache = cache
+        self.namespaces: set[str] = set()
 
     def __call__(self) -> None:
-        self.cache.invalidate(self.namespace)
+        self.cache.invalidate(*sorted(self.namespaces))
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, _Invalidation) and other.namespace == self.namespace
+        return isinstance(other, _Invalidations) and other.cache is self.cache
 
     def __hash__(self) -> int:
-        return hash(self.namespace)
+        return id(self.cache)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import MetaData
@@ -29,16 +30,21 @@ db = SQLAlchemy(
 )
 
 _AFTER_COMMIT = "hseshop.after_commit"
+C = TypeVar("C", bound=Callable[[], None])
 
 
-def after_commit(session: Session, callback: Callable[[], None]) -> None:
+def after_commit(session: Session, callback: C) -> C:
     """Run `callback` once the current transaction of `session` has committed (never on rollback).
 
-    Registering the same callback twice in one transaction runs it once.
+    Registering an equal callback again in one transaction runs it once: the one registered first
+    is returned, so a caller can add to what it will do.
     """
     callbacks = session.info.setdefault(_AFTER_COMMIT, [])
-    if callback not in callbacks:
-        callbacks.append(callback)
+    for registered in callbacks:
+        if registered == callback:
+            return registered
+    callbacks.append(callback)
+    return callback
 
 
 @contextmanager

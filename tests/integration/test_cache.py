@@ -13,7 +13,7 @@ import payments_app
 from devstack.infra import free_port
 from orders_app import service as orders
 from payments_app import service as payments
-from shared.cache import VersionedCache
+from shared.cache import CACHE_EXTENSION, VersionedCache, invalidate_after_commit
 from shared.config import get_settings
 from shared.db import transaction
 from shared.internal_auth import identity_headers
@@ -26,6 +26,25 @@ def _as(user_id):
 @pytest.fixture
 def cache(settings):
     return VersionedCache(settings.redis_url, 60, prefix=f"test-{uuid.uuid4().hex[:6]}")
+
+
+def test_a_transaction_bumps_every_namespace_it_invalidated_once_it_commits(
+        payments_flask_app, cache, monkeypatch):
+    monkeypatch.setitem(payments_flask_app.extensions, CACHE_EXTENSION, cache)
+    for name in ("a", "b", "c"):
+        cache.read(name, "k", lambda: "before")
+    with payments_flask_app.app_context():
+        with pytest.raises(RuntimeError):
+            with transaction() as session:
+                invalidate_after_commit(session, "a")
+                raise RuntimeError("rolled back: nothing to invalidate")
+        assert cache.read("a", "k", lambda: "bumped") == "before"
+        with transaction() as session:
+            for name in ("a", "b", "a"):
+                invalidate_after_commit(session, name)
+            assert cache.read("a", "k", lambda: "now") == "before"  # not before the commit
+    assert [cache.read(name, "k", lambda: "after") for name in ("a", "b", "c")] == [
+        "after", "after", "before"]
 
 
 def test_a_value_read_before_a_write_and_stored_after_it_is_never_served(cache):
