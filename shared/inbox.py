@@ -23,6 +23,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.contracts import PAYLOAD_SCHEMAS, Envelope, MalformedMessage, decode
 from shared.db import db
+from shared.outbox import outbox_rows_written_together
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, request_id_bound
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ def handle_locked_message(session: Session, message: InboxMessage,
 def handle_locked_messages_at_once(session: Session, messages: list[InboxMessage],
                                    handlers: dict[str, Handler]) -> None:
     """Handle messages whose rows the caller's transaction has locked, with no savepoints, and mark
-    them processed with one UPDATE at the end.
+    them processed with one UPDATE at the end; the outbox rows they write go in one INSERT.
 
     Nothing can be undone on its own here: any exception, PermanentMessageError included, goes to
     the caller, whose transaction must then roll back as a whole (and may handle the messages one
@@ -224,19 +225,20 @@ def handle_locked_messages_at_once(session: Session, messages: list[InboxMessage
     and no more.
     """
     processed: list[uuid.UUID] = []
-    for message in messages:
-        if message.processed_at is not None or message.parked_at is not None:
-            continue
-        ready = _ready_to_handle(message, handlers)
-        if ready is None:
-            message.attempts += 1
-            message.last_attempt_at = _now()
-            continue
-        handler, payload = ready
-        with request_id_bound(message.request_id):
-            handler(session, payload, message)
-            log.info("handled %s %s", message.type, message.message_id)
-        processed.append(message.message_id)
+    with outbox_rows_written_together(session):
+        for message in messages:
+            if message.processed_at is not None or message.parked_at is not None:
+                continue
+            ready = _ready_to_handle(message, handlers)
+            if ready is None:
+                message.attempts += 1
+                message.last_attempt_at = _now()
+                continue
+            handler, payload = ready
+            with request_id_bound(message.request_id):
+                handler(session, payload, message)
+                log.info("handled %s %s", message.type, message.message_id)
+            processed.append(message.message_id)
     if processed:
         session.execute(_MARK_PROCESSED, {"processed": processed, "now": _now()})
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -51,6 +52,7 @@ class OutboxMessage(db.Model):
 
 
 _INSERT_OUTBOX_MESSAGE = insert(OutboxMessage.__table__)
+_WRITTEN_TOGETHER = "hseshop.outbox_rows_written_together"
 
 # What the relay reads of a row, as plain tuples (see RelayRow): the wire envelope (see
 # shared/contracts.py) is built by PostgreSQL as it reads the row, since the relay reads thousands
@@ -77,7 +79,7 @@ def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelop
     the transaction that writes it, and the unit of work cost more than the statement itself.
     """
     body = event.to_json()
-    session.execute(_INSERT_OUTBOX_MESSAGE, {
+    row = {
         "message_id": event.message_id,
         "topic": topic,
         "key": key,
@@ -86,7 +88,30 @@ def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelop
         "payload": body["payload"],
         "headers": _headers(body["message_id"], event.type),
         "created_at": event.occurred_at,
-    })
+    }
+    written_together = session.info.get(_WRITTEN_TOGETHER)
+    if written_together is None:
+        session.execute(_INSERT_OUTBOX_MESSAGE, row)
+    else:
+        written_together.append(row)
+
+
+@contextmanager
+def outbox_rows_written_together(session: Session) -> Iterator[None]:
+    """Outbox rows added in the block are written by one INSERT as it ends (and not at all if it
+    raises), in the order they were added.
+
+    For a caller that runs many use cases in one transaction with no savepoints, as an inbox batch
+    does: a savepoint rolled back inside the block would not take its rows back.
+    """
+    rows: list[dict] = []
+    session.info[_WRITTEN_TOGETHER] = rows
+    try:
+        yield
+    finally:
+        session.info.pop(_WRITTEN_TOGETHER, None)
+    if rows:
+        session.execute(_INSERT_OUTBOX_MESSAGE, rows)
 
 
 def _headers(message_id: str, event_type: str) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import uuid
 from decimal import Decimal
 
 import pytest
@@ -15,7 +16,9 @@ from orders_app import service
 from orders_app.models import Order
 from shared.db import db, transaction
 from shared.kafka import OutboxPublisher
-from shared.outbox import OutboxMessage, relay_pending_outbox
+from shared.contracts import PAYMENT_REQUESTED, new_event
+from shared.outbox import (OutboxMessage, add_outbox_message, outbox_rows_written_together,
+                           relay_pending_outbox)
 from shared.outbox_wakeups import OutboxWakeups
 from tests.kafka_tools import read_topic, read_topic_until
 from tests.polling import wait_for
@@ -191,3 +194,28 @@ def test_the_relay_task_leads_sends_what_commits_and_stops_with_the_worker(
         relay._stopping.clear()
     assert not leader.is_alive()
     assert sent_by_leader and sent_by_leader[0] >= 1
+
+
+def test_rows_written_together_keep_their_order_and_go_with_an_error(in_orders, settings, user_id):
+    def add(session, amount):
+        event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
+                                              "amount": Decimal(amount)}, None)
+        add_outbox_message(session, topic=settings.topic_payment_requested, key=user_id,
+                           event=event)
+
+    def amounts_written():
+        return [row.payload["amount"] for row in db.session.scalars(
+            select(OutboxMessage).where(OutboxMessage.key == user_id).order_by(OutboxMessage.id))]
+
+    with transaction() as session:
+        with outbox_rows_written_together(session):
+            for amount in ("1.00", "2.00", "3.00"):
+                add(session, amount)
+            assert amounts_written() == []  # kept until the block ends
+        assert amounts_written() == ["1.00", "2.00", "3.00"]
+    with pytest.raises(RuntimeError):
+        with transaction() as session:
+            with outbox_rows_written_together(session):
+                add(session, "4.00")
+                raise RuntimeError("a handler failed")
+    assert amounts_written() == ["1.00", "2.00", "3.00"]
