@@ -20,9 +20,8 @@ from bench.plan import FULL, SMOKE, BenchPlan
 from bench.report import RESULTS_DIR, describe_run, write_gateway_transports_report
 from bench.shop import RUN_ID, running_bench_stack, say, wait_until_final
 from bench.stats import latency_summary_ms
-from devstack.infra import LOCALHOST, free_port, wait_for_process
 from devstack.processes import ManagedProcess
-from devstack.stack import GATEWAY_THREADS, REPO_ROOT, Stack, gunicorn_argv
+from devstack.stack import Stack
 
 TRANSPORTS = ("grpc", "http")
 # The per-user limit (300 a minute by default) would cap the throughput instead of measuring it.
@@ -116,25 +115,13 @@ def _take_turns(stack: Stack, plan: BenchPlan, urls: dict[str, str], workdir: Pa
 
 def start_gateway(stack: Stack, transport: str, started: list[ManagedProcess]) -> str:
     """Start one more gateway, served as the stack's is, calling the services over `transport`;
-    return its URL once it reports healthy. The process is added to `started` at once, so that
-    the caller stops it even when it never gets healthy."""
-    port = free_port()
-    env = {**stack.env, "GATEWAY_UPSTREAM_TRANSPORT": transport,
-           "RATE_LIMIT_PER_MINUTE": UNLIMITED_RATE_PER_MINUTE}
-    argv = gunicorn_argv(port, "gateway_app:create_app()", threads=GATEWAY_THREADS)
-    process = ManagedProcess(f"gateway-{transport}", [sys.executable, "-m", *argv], env,
-                             stack.logs_dir / f"gateway-{transport}.log", REPO_ROOT)
+    return its URL once it reports healthy, with its process added to `started` for the caller
+    to stop."""
+    process, url = stack.start_gateway_instance(f"gateway-{transport}", {
+        "GATEWAY_UPSTREAM_TRANSPORT": transport,
+        "RATE_LIMIT_PER_MINUTE": UNLIMITED_RATE_PER_MINUTE,
+    })
     started.append(process)
-    process.start()
-    url = f"http://{LOCALHOST}:{port}"
-
-    def healthy() -> bool:
-        try:
-            return requests.get(f"{url}/health", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for_process(process, healthy, 30, f"the {transport} gateway")
     return url
 
 

@@ -30,7 +30,8 @@ API_THREADS = 4
 def gunicorn_argv(port: int, app: str, threads: int = API_THREADS) -> list[str]:
     """The `python -m` arguments that serve the WSGI app `app` as both APIs are served."""
     # --no-control-socket: otherwise every gunicorn master shares ~/.gunicorn/gunicorn.ctl. No
-    # access log: the apps log each request themselves, with its request id (shared/request_context).
+    # access log: the apps log each request themselves, with its request id
+    # (shared/request_context.py).
     return [
         *f"gunicorn -b {infra.LOCALHOST}:{port} -w {API_WORKERS} --threads {threads}".split(),
         "--no-control-socket",
@@ -140,6 +141,32 @@ class Stack:
     def start_broker(self) -> None:
         """Start the broker again on the same port; it stores in memory, so it comes back empty."""
         infra.start_and_wait_for_broker(self._require_started(), self.ports["broker"])
+
+    def start_gateway_instance(self, name: str, env_overrides: dict[str, str] | None = None
+                               ) -> tuple[ManagedProcess, str]:
+        """One more gateway on a free port, served as the stack's own and sharing its databases,
+        Redis and broker (as a deployment scaled out runs several). Returns the process and its
+        URL once GET /health answers 200; the caller stops it (it is stopped here if it never
+        gets healthy)."""
+        port = infra.free_port()
+        argv = gunicorn_argv(port, "gateway_app:create_app()", threads=GATEWAY_THREADS)
+        process = ManagedProcess(name, [sys.executable, "-m", *argv],
+                                 {**self._process_env(), **(env_overrides or {})},
+                                 self.logs_dir / f"{name}.log", REPO_ROOT).start()
+        url = f"http://{infra.LOCALHOST}:{port}"
+
+        def healthy() -> bool:
+            try:
+                return requests.get(f"{url}/health", timeout=5).status_code == 200
+            except requests.RequestException:
+                return False
+
+        try:
+            infra.wait_for_process(process, healthy, 30, f"the {name} instance")
+        except BaseException:
+            process.stop()
+            raise
+        return process, url
 
     def wait_healthy(self, timeout: float = 60) -> None:
         """Wait for GET /health to answer 200 on both APIs; fail at once if any process has died."""

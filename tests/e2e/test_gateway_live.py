@@ -3,37 +3,18 @@ the right user only, on either of two gateway instances, and catch-up after a re
 
 from __future__ import annotations
 
-import os
-import sys
 import uuid
 
 import pytest
-import requests
 import sqlalchemy as sa
 
-from devstack.infra import free_port, wait_for_process
-from devstack.processes import ManagedProcess
-from devstack.stack import REPO_ROOT, gunicorn_argv
 from tests.e2e.gateway_client import GatewayClient
 
 
 @pytest.fixture(scope="module")
-def second_gateway(stack, run_dir):
+def second_gateway(stack):
     """Another gateway instance on the same databases and Redis, as a scaled deployment runs."""
-    port = free_port()
-    process = ManagedProcess("gateway-2", [sys.executable, "-m",
-                                           *gunicorn_argv(port, "gateway_app:create_app()")],
-                             {**os.environ, **stack.env}, run_dir / "gateway-2.log",
-                             REPO_ROOT).start()
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return requests.get(f"{url}/health", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for_process(process, healthy, timeout=30, what="the second gateway")
+    process, url = stack.start_gateway_instance("gateway-2")
     yield url
     process.stop()
 
