@@ -142,3 +142,32 @@ def test_a_batch_commits_its_good_messages_and_undoes_the_failing_ones(settings,
     assert rows[permanent].parked_at and "never" in rows[permanent].last_error
     assert rows[transient].processed_at is None and rows[transient].parked_at is None
     assert rows[transient].attempts == 1
+
+
+def test_a_batch_survives_the_database_dropping_the_workers_connections(settings, user_id):
+    """Workers do not ping a pooled connection before using it. When the database has dropped
+    them all (a restart, say), the batch's first transaction fails on a dead one and its retry,
+    on a fresh connection, handles every message."""
+    import psycopg2
+
+    from payments_app import service as payments
+    from tasks.inbox import _handle_in_one_transaction
+
+    with service_app("payments").app_context():
+        with transaction() as session:
+            payments.open_account(session, user_id=user_id)
+            payments.deposit(session, user_id=user_id, amount=Decimal("10"))
+        pooled_pid = db.session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        db.session.rollback()
+    batch = [_stored_request_for(user_id, key=user_id) for _ in range(3)]
+    with psycopg2.connect(settings.payments_database_url) as admin, admin.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                       " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    admin.close()
+    with service_app("payments").app_context():
+        left = _handle_in_one_transaction("payments", batch, payments_app.message_handlers())
+        new_pid = db.session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        db.session.rollback()
+    assert left == []
+    assert new_pid != pooled_pid
+    assert all(_row(m).processed_at is not None for m in batch)
