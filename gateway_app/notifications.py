@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 import redis
 from flask import current_app, g, jsonify, request
@@ -21,7 +20,7 @@ from gateway_app.models import Notification
 from shared.contracts import ORDER_STATUS_CHANGED, PAYLOAD_SCHEMAS
 from shared.db import after_commit, db
 from shared.http_api import Blueprint
-from shared.inbox import Handler, InboxMessage
+from shared.inbox import Handler, ReceivedEvent
 
 log = logging.getLogger(__name__)
 
@@ -44,31 +43,46 @@ def _redis() -> redis.Redis:
 
 # --- receiving: the inbox handler ----------------------------------------------------------------
 
-def on_order_status_changed(session: Session, payload: dict[str, Any], message: InboxMessage) -> None:
-    """Keep the notification, then publish it once the transaction has committed."""
-    body = PAYLOAD_SCHEMAS[ORDER_STATUS_CHANGED].dump(payload)
-    stored = session.execute(
-        insert(Notification)
-        .values(user_id=body["user_id"], message_id=message.message_id, type=message.type,
-                payload=body)
-        .on_conflict_do_nothing(index_elements=[Notification.message_id])
-        .returning(Notification.id, Notification.created_at)
-    ).first()
-    if stored is None:
+def on_order_status_changes(session: Session, events: list[ReceivedEvent]) -> None:
+    """Keep the notifications (one INSERT for the run; a message seen before is kept once), then
+    publish the new ones once the transaction has committed."""
+    schema = PAYLOAD_SCHEMAS[ORDER_STATUS_CHANGED]
+    rows = [{"user_id": event.payload["user_id"], "message_id": event.message.message_id,
+             "type": event.message.type, "payload": schema.dump(event.payload)}
+            for event in events]
+    stored = session.execute(_KEEP_NOTIFICATIONS, rows).all()
+    if not stored:
         return
-    item = {"id": stored.id, "type": message.type, "payload": body,
-            "created_at": stored.created_at.isoformat()}
-    after_commit(session, lambda: _publish(body["user_id"], item))
+    by_message_id = {row["message_id"]: row for row in rows}
+    items = []
+    for notification_id, message_id, created_at in sorted(stored):
+        row = by_message_id[message_id]
+        items.append((row["user_id"], {"id": notification_id, "type": row["type"],
+                                       "payload": row["payload"],
+                                       "created_at": created_at.isoformat()}))
+    after_commit(session, lambda: _publish(items))
 
 
-def _publish(user_id: str, body: dict) -> None:
+_notifications = Notification.__table__
+_KEEP_NOTIFICATIONS = (insert(_notifications)
+                       .on_conflict_do_nothing(index_elements=[_notifications.c.message_id])
+                       .returning(_notifications.c.id, _notifications.c.message_id,
+                                  _notifications.c.created_at))
+
+
+def _publish(items: list[tuple[str, dict]]) -> None:
+    """Publish each (user id, notification) to its user's channel, oldest first, in one round
+    trip."""
     try:
-        _redis().publish(channel(user_id), json.dumps(body))
+        pipeline = _redis().pipeline(transaction=False)
+        for user_id, item in items:
+            pipeline.publish(channel(user_id), json.dumps(item))
+        pipeline.execute()
     except redis.RedisError as exc:  # open pages catch up from the table when they reconnect
-        log.warning("could not publish notification %s: %s", body["id"], exc)
+        log.warning("could not publish %d notifications: %s", len(items), exc)
 
 
-MESSAGE_HANDLERS: dict[str, Handler] = {ORDER_STATUS_CHANGED: on_order_status_changed}
+MESSAGE_HANDLERS: dict[str, Handler] = {ORDER_STATUS_CHANGED: on_order_status_changes}
 
 
 # --- catching up over HTTP ------------------------------------------------------------------------

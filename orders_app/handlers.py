@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy.orm import Session
 
-from orders_app.service import apply_payment_result
+from orders_app.service import PaymentResult, apply_payment_results
 from shared.contracts import PAYMENT_FAILED, PAYMENT_SUCCEEDED
-from shared.inbox import Handler, InboxMessage, PermanentMessageError
+from shared.inbox import Handler, PermanentMessageError, ReceivedEvent
 
 
-def on_payment_succeeded(session: Session, payload: dict[str, Any], _message: InboxMessage) -> None:
-    _settle(session, payload, succeeded=True, reason=None)
-
-
-def on_payment_failed(session: Session, payload: dict[str, Any], _message: InboxMessage) -> None:
-    _settle(session, payload, succeeded=False, reason=payload["reason"])
-
-
-def _settle(session: Session, payload: dict[str, Any], *, succeeded: bool, reason: str | None) -> None:
+def on_payment_results(session: Session, events: list[ReceivedEvent]) -> None:
+    """Settle the orders that PaymentSucceeded and PaymentFailed events answer."""
+    results = [PaymentResult(order_id=event.payload["order_id"], user_id=event.payload["user_id"],
+                             succeeded=event.message.type == PAYMENT_SUCCEEDED,
+                             reason=event.payload.get("reason"),
+                             request_id=event.message.request_id)
+               for event in events]
     try:
-        apply_payment_result(session, order_id=payload["order_id"], user_id=payload["user_id"],
-                             succeeded=succeeded, reason=reason)
+        apply_payment_results(session, results)
     except LookupError as exc:
         raise PermanentMessageError(f"payment result for an unknown order: {exc}") from None
 
 
+# One handler for both results, so a batch mixing them is settled in one run.
 MESSAGE_HANDLERS: dict[str, Handler] = {
-    PAYMENT_SUCCEEDED: on_payment_succeeded,
-    PAYMENT_FAILED: on_payment_failed,
+    PAYMENT_SUCCEEDED: on_payment_results,
+    PAYMENT_FAILED: on_payment_results,
 }

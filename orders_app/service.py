@@ -14,7 +14,8 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from flask import current_app
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import String, and_, any_, bindparam, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Session
 
 from orders_app.models import CANCELLED, FINISHED, NEW, Order
@@ -98,38 +99,71 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
                        status=400, details={"cursor": ["invalid"]}) from None
 
 
-def apply_payment_result(session: Session, *, order_id: uuid.UUID, user_id: str,
-                         succeeded: bool, reason: str | None) -> Order | None:
-    """Move a NEW order to FINISHED or CANCELLED; a final order never changes again.
+@dataclass(frozen=True)
+class PaymentResult:
+    """What a PaymentSucceeded or PaymentFailed event says of an order."""
 
-    Returns the order when it changed, None when it was already final.
-    Raises LookupError when no such order belongs to that user.
+    order_id: uuid.UUID
+    user_id: str
+    succeeded: bool
+    reason: str | None = None
+    request_id: str | None = None
+
+
+def apply_payment_results(session: Session, results: list[PaymentResult]) -> list[Order]:
+    """Move each NEW order to FINISHED or CANCELLED, in the order given; a final order never
+    changes again. Returns the orders that changed (detached from the session).
+
+    Raises LookupError, and changes nothing, when an order is not the named user's or does not
+    exist. However many results, two statements: lock the orders (in id order, so batches
+    running at once never deadlock) and settle the ones that change.
     """
-    row = session.execute(_LOCK_ORDER, {"order_id": order_id}).first()
-    if row is None or row.user_id != user_id:
-        raise LookupError(f"no order {order_id} of user {user_id}")
-    order = Order(**row._mapping)  # detached: plain SQL below, as in place_order
-    if order.is_final:
-        return None
-    order.status = FINISHED if succeeded else CANCELLED
-    order.reason = None if succeeded else reason
-    order.updated_at = datetime.now(timezone.utc)
-    session.execute(_SETTLE_ORDER, {"settled_order": order_id, "status": order.status,
-                                    "reason": order.reason, "updated_at": order.updated_at})
-    _announce_status(session, order)
-    invalidate_after_commit(session, orders_cache_namespace(order.user_id))
-    return order
+    if not results:
+        return []
+    orders = {row.id: Order(**row._mapping) for row in session.execute(
+        _LOCK_ORDERS, {"orders": sorted({result.order_id for result in results})})}
+    settled: dict[uuid.UUID, tuple[Order, str | None]] = {}
+    now = datetime.now(timezone.utc)
+    for result in results:
+        order = orders.get(result.order_id)
+        if order is None or order.user_id != result.user_id:
+            raise LookupError(f"no order {result.order_id} of user {result.user_id}")
+        if order.is_final:
+            continue
+        order.status = FINISHED if result.succeeded else CANCELLED
+        order.reason = None if result.succeeded else result.reason
+        order.updated_at = now
+        settled[order.id] = (order, result.request_id)
+    if not settled:
+        return []
+    changed = [order for order, _request_id in settled.values()]
+    session.execute(_SETTLE_ORDERS, {"settled": [order.id for order in changed],
+                                     "statuses": [order.status for order in changed],
+                                     "reasons": [order.reason for order in changed],
+                                     "updated_at": now})
+    for order, request_id in settled.values():
+        _announce_status(session, order, request_id)
+        invalidate_after_commit(session, orders_cache_namespace(order.user_id))
+    return changed
 
 
-_LOCK_ORDER = (select(*Order.__table__.c)
-               .where(Order.__table__.c.id == bindparam("order_id")).with_for_update())
-_SETTLE_ORDER = (update(Order.__table__)
-                 .where(Order.__table__.c.id == bindparam("settled_order"))
-                 .values(status=bindparam("status"), reason=bindparam("reason"),
-                         updated_at=bindparam("updated_at")))
+# Every payment result runs through these: plain SQL compiled once, as in place_order.
+_orders = Order.__table__
+_LOCK_ORDERS = (select(*_orders.c)
+                .where(_orders.c.id == any_(bindparam("orders", type_=ARRAY(UUID(as_uuid=True)))))
+                .order_by(_orders.c.id)
+                .with_for_update())
+_settled = (func.unnest(bindparam("settled", type_=ARRAY(UUID(as_uuid=True))),
+                        bindparam("statuses", type_=ARRAY(String)),
+                        bindparam("reasons", type_=ARRAY(String)))
+            .table_valued("id", "status", "reason").render_derived(name="settled"))
+_SETTLE_ORDERS = (update(_orders)
+                  .where(_orders.c.id == _settled.c.id)
+                  .values(status=_settled.c.status, reason=_settled.c.reason,
+                          updated_at=bindparam("updated_at")))
 
 
-def _announce_status(session: Session, order: Order) -> None:
+def _announce_status(session: Session, order: Order, request_id: str | None) -> None:
     """OrderStatusChanged, in the same transaction as the change it reports."""
     event = new_event(
         ORDER_STATUS_CHANGED,
@@ -139,4 +173,4 @@ def _announce_status(session: Session, order: Order) -> None:
     )
     settings = current_app.extensions["hseshop.settings"]
     add_outbox_message(session, topic=settings.topic_order_status_changed, key=order.user_id,
-                       event=event)
+                       event=event, request_id=request_id)

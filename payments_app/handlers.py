@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy.orm import Session
 
-from payments_app.service import take_payment
+from payments_app.service import PaymentRequest, take_payments
 from shared.contracts import PAYMENT_REQUESTED
-from shared.inbox import Handler, InboxMessage
+from shared.inbox import Handler, ReceivedEvent
 
 
-def on_payment_requested(session: Session, payload: dict[str, Any], message: InboxMessage) -> None:
-    take_payment(session, order_id=payload["order_id"], user_id=payload["user_id"],
-                 amount=payload["amount"], correlation_id=message.correlation_id)
+def on_payment_requests(session: Session, events: list[ReceivedEvent]) -> None:
+    take_payments(session, [
+        PaymentRequest(order_id=event.payload["order_id"], user_id=event.payload["user_id"],
+                       amount=event.payload["amount"],
+                       correlation_id=event.message.correlation_id,
+                       request_id=event.message.request_id)
+        for event in events
+    ])
 
 
-MESSAGE_HANDLERS: dict[str, Handler] = {PAYMENT_REQUESTED: on_payment_requested}
+MESSAGE_HANDLERS: dict[str, Handler] = {PAYMENT_REQUESTED: on_payment_requests}

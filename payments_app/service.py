@@ -1,4 +1,4 @@
-"""Payments use cases: open an account, deposit, read the balance, and decide a payment request.
+"""Payments use cases: open an account, deposit, read the balance, and decide payment requests.
 
 Each takes the session of a transaction its caller owns; none commits.
 """
@@ -6,12 +6,14 @@ Each takes the session of a transaction its caller owns; none commits.
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 
 from flask import current_app
-from sqlalchemy import bindparam, func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Numeric, String, any_, bindparam, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
 from sqlalchemy.orm import Session
 
 from payments_app.models import FAILED, SUCCEEDED, Account, Payment
@@ -60,49 +62,104 @@ def balance_cache_namespace(user_id: str) -> str:
     return f"balance:{user_id}"
 
 
-def take_payment(session: Session, *, order_id: uuid.UUID, user_id: str, amount: Decimal,
-                 correlation_id: str | None) -> Payment | None:
-    """Decide the payment for an order, once: debit and succeed, or fail with a reason.
+@dataclass(frozen=True)
+class PaymentRequest:
+    """What a PaymentRequested event asks for, and the ids its answer carries on."""
 
-    The account row is locked before the decision, so concurrent payments and deposits on it run
-    one after another. The payment row, keyed by order id, is inserted before the debit: if the
-    order was already decided (under another message id) the insert does nothing and nothing else
-    happens. Returns the new payment (detached from the session), or None for an order already
-    decided.
+    order_id: uuid.UUID
+    user_id: str
+    amount: Decimal
+    correlation_id: str | None = None
+    request_id: str | None = None
 
-    Every message a shop takes runs through here, so it speaks plain SQL compiled once (the
-    statements below) rather than loading and flushing ORM objects, which cost several times more.
+
+def take_payments(session: Session, requests: list[PaymentRequest]) -> list[Payment]:
+    """Decide each order's payment once, in the order asked: debit and succeed, or fail with a
+    reason. Returns the new payments (detached from the session); an order already decided, under
+    whatever message id, gets nothing: no second debit and no second answer.
+
+    However many requests, four statements: lock the accounts named (in user order, so batches
+    running at once never deadlock, and deposits wait their turn), read which orders already have
+    a decision (nobody can be deciding them meanwhile: that takes the account lock), insert the
+    new decisions (the order id is the key: a decision made twice goes in once), and debit each
+    account its total. The decisions themselves are made in Python, request after request, each
+    against the balance the ones before it left.
     """
-    balance = session.execute(_LOCK_ACCOUNT, {"user_id": user_id}).scalar_one_or_none()
+    if not requests:
+        return []
+    balances: dict[str, Decimal] = dict(session.execute(
+        _LOCK_ACCOUNTS, {"users": sorted({request.user_id for request in requests})}).all())
+    decided = set(session.scalars(_DECIDED, {"orders": [r.order_id for r in requests]}))
+    rows = []
+    for request in requests:
+        if request.order_id in decided:
+            continue
+        decided.add(request.order_id)
+        status, reason = _decide(balances.get(request.user_id), request.amount)
+        if status == SUCCEEDED:
+            balances[request.user_id] -= request.amount
+        rows.append({"order_id": request.order_id, "user_id": request.user_id,
+                     "amount": request.amount, "status": status, "reason": reason})
+    if not rows:
+        return []
+    inserted = {row.order_id: row for row in session.execute(_INSERT_PAYMENTS, rows)}
+    payments = [Payment(**inserted[row["order_id"]]._mapping) for row in rows
+                if row["order_id"] in inserted]
+    _debit(session, [payment for payment in payments if payment.status == SUCCEEDED])
+    _announce_decisions(session, payments, {request.order_id: request for request in requests})
+    return payments
+
+
+def _decide(balance: Decimal | None, amount: Decimal) -> tuple[str, str | None]:
     if balance is None:
-        status, reason = FAILED, NO_ACCOUNT
-    elif balance < amount:
-        status, reason = FAILED, INSUFFICIENT_FUNDS
-    else:
-        status, reason = SUCCEEDED, None
-    decided = session.execute(_INSERT_PAYMENT, {
-        "order_id": order_id, "user_id": user_id, "amount": amount, "status": status,
-        "reason": reason,
-    }).first()
-    if decided is None:
-        return None
-    if status == SUCCEEDED:
-        session.execute(_DEBIT, {"debited_user": user_id, "debit": amount,
-                                 "debited_at": datetime.now(timezone.utc)})
+        return FAILED, NO_ACCOUNT
+    if balance < amount:
+        return FAILED, INSUFFICIENT_FUNDS
+    return SUCCEEDED, None
+
+
+def _debit(session: Session, payments: list[Payment]) -> None:
+    totals: dict[str, Decimal] = defaultdict(Decimal)
+    for payment in payments:
+        totals[payment.user_id] += payment.amount
+    if not totals:
+        return
+    session.execute(_DEBIT, {"debited_users": list(totals), "debits": list(totals.values()),
+                             "debited_at": datetime.now(timezone.utc)})
+    for user_id in totals:
         invalidate_after_commit(session, balance_cache_namespace(user_id))
-    payload = {"order_id": order_id, "user_id": user_id, "amount": amount}
-    event = (new_event(PAYMENT_SUCCEEDED, payload, correlation_id) if status == SUCCEEDED
-             else new_event(PAYMENT_FAILED, payload | {"reason": reason}, correlation_id))
-    settings = current_app.extensions["hseshop.settings"]
-    add_outbox_message(session, topic=settings.topic_payment_results, key=user_id, event=event)
-    return Payment(**decided._mapping)
 
 
+def _announce_decisions(session: Session, payments: list[Payment],
+                        requests: dict[uuid.UUID, PaymentRequest]) -> None:
+    """A PaymentSucceeded or PaymentFailed for each decision, in the same transaction."""
+    topic = current_app.extensions["hseshop.settings"].topic_payment_results
+    for payment in payments:
+        request = requests[payment.order_id]
+        payload = {"order_id": payment.order_id, "user_id": payment.user_id,
+                   "amount": payment.amount}
+        event = (new_event(PAYMENT_SUCCEEDED, payload, request.correlation_id)
+                 if payment.status == SUCCEEDED
+                 else new_event(PAYMENT_FAILED, payload | {"reason": payment.reason},
+                                request.correlation_id))
+        add_outbox_message(session, topic=topic, key=payment.user_id, event=event,
+                           request_id=request.request_id)
+
+
+# Every payment request the shop takes runs through these, so they are plain SQL compiled once
+# rather than ORM loads and flushes, which cost several times more.
 _accounts, _payments = Account.__table__, Payment.__table__
-_LOCK_ACCOUNT = (select(_accounts.c.balance)
-                 .where(_accounts.c.user_id == bindparam("user_id")).with_for_update())
-_INSERT_PAYMENT = insert(_payments).on_conflict_do_nothing().returning(*_payments.c)
+_LOCK_ACCOUNTS = (select(_accounts.c.user_id, _accounts.c.balance)
+                  .where(_accounts.c.user_id == any_(bindparam("users", type_=ARRAY(String))))
+                  .order_by(_accounts.c.user_id)
+                  .with_for_update())
+_DECIDED = select(_payments.c.order_id).where(
+    _payments.c.order_id == any_(bindparam("orders", type_=ARRAY(UUID(as_uuid=True)))))
+_INSERT_PAYMENTS = insert(_payments).on_conflict_do_nothing().returning(*_payments.c)
+_debits = (func.unnest(bindparam("debited_users", type_=ARRAY(String)),
+                       bindparam("debits", type_=ARRAY(Numeric(17, 2))))
+           .table_valued("user_id", "amount").render_derived(name="debits"))
 _DEBIT = (update(_accounts)
-          .where(_accounts.c.user_id == bindparam("debited_user"))
-          .values(balance=_accounts.c.balance - bindparam("debit"),
+          .where(_accounts.c.user_id == _debits.c.user_id)
+          .values(balance=_accounts.c.balance - _debits.c.amount,
                   updated_at=bindparam("debited_at")))

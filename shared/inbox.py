@@ -78,7 +78,20 @@ class PermanentMessageError(Exception):
     """The message can never succeed (it names an unknown order, say): park it without retrying."""
 
 
-Handler = Callable[[Session, dict[str, Any], InboxMessage], None]
+@dataclass(frozen=True)
+class ReceivedEvent:
+    """A stored message as its handler gets it: the payload, loaded by its contract's schema, and
+    the inbox row (message id, type, correlation and request ids)."""
+
+    payload: dict[str, Any]
+    message: InboxMessage
+
+
+# A handler gets a run of messages of the types it is registered for, in the order they are to be
+# handled (by Kafka key, then by their place in the partition), and handles them all in the
+# caller's transaction, set-based where it can: a run costs its statements once, not once per
+# message. When a batch is retried message by message, each run holds one message.
+Handler = Callable[[Session, list[ReceivedEvent]], None]
 
 
 class Outcome(Enum):
@@ -201,10 +214,10 @@ def handle_locked_message(session: Session, message: InboxMessage,
     ready = _ready_to_handle(message, handlers)
     if ready is None:
         return Outcome.PARKED
-    handler, payload = ready
+    handler, event = ready
     try:
         with session.begin_nested(), request_id_bound(message.request_id):
-            handler(session, payload, message)
+            handler(session, [event])
             log.info("handled %s %s", message.type, message.message_id)
     except PermanentMessageError as exc:
         _park(message, str(exc))
@@ -219,26 +232,33 @@ def handle_locked_messages_at_once(session: Session, messages: list[InboxMessage
     """Handle messages whose rows the caller's transaction has locked, with no savepoints, and mark
     them processed with one UPDATE at the end; the outbox rows they write go in one INSERT.
 
-    Nothing can be undone on its own here: any exception, PermanentMessageError included, goes to
-    the caller, whose transaction must then roll back as a whole (and may handle the messages one
-    by one with handle_locked_message). In exchange each message costs its handler's statements
-    and no more.
+    Consecutive messages with the same handler go to it as one run. Nothing can be undone on its
+    own here: any exception, PermanentMessageError included, goes to the caller, whose transaction
+    must then roll back as a whole (and may handle the messages one by one with
+    handle_locked_message). In exchange a run costs its handler's statements and no more.
     """
+    runs: list[tuple[Handler, list[ReceivedEvent]]] = []
+    for message in messages:
+        if message.processed_at is not None or message.parked_at is not None:
+            continue
+        ready = _ready_to_handle(message, handlers)
+        if ready is None:
+            message.attempts += 1
+            message.last_attempt_at = _now()
+            continue
+        handler, event = ready
+        if runs and runs[-1][0] is handler:
+            runs[-1][1].append(event)
+        else:
+            runs.append((handler, [event]))
     processed: list[uuid.UUID] = []
     with outbox_rows_written_together(session):
-        for message in messages:
-            if message.processed_at is not None or message.parked_at is not None:
-                continue
-            ready = _ready_to_handle(message, handlers)
-            if ready is None:
-                message.attempts += 1
-                message.last_attempt_at = _now()
-                continue
-            handler, payload = ready
-            with request_id_bound(message.request_id):
-                handler(session, payload, message)
-                log.info("handled %s %s", message.type, message.message_id)
-            processed.append(message.message_id)
+        for handler, events in runs:
+            handler(session, events)
+            for event in events:
+                with request_id_bound(event.message.request_id):
+                    log.info("handled %s %s", event.message.type, event.message.message_id)
+                processed.append(event.message.message_id)
     if processed:
         session.execute(_MARK_PROCESSED, {"processed": processed, "now": _now()})
 
@@ -252,17 +272,20 @@ _MARK_PROCESSED = (
 )
 
 
-def _ready_to_handle(message: InboxMessage, handlers: dict[str, Handler]):
-    """(handler, payload) for the message, or None once it is parked for having neither."""
+def _ready_to_handle(message: InboxMessage,
+                     handlers: dict[str, Handler]) -> tuple[Handler, ReceivedEvent] | None:
+    """The message's handler and the event to give it, or None once the message is parked for
+    having no handler or a payload that breaks its contract."""
     handler = handlers.get(message.type)
     if handler is None:
         _park(message, f"no handler for message type {message.type!r}")
         return None
     try:
-        return handler, PAYLOAD_SCHEMAS[message.type].load(message.payload)
+        payload = PAYLOAD_SCHEMAS[message.type].load(message.payload)
     except Exception as exc:  # stored before the contract changed, or edited by hand
         _park(message, f"payload breaks the contract: {exc}")
         return None
+    return handler, ReceivedEvent(payload, message)
 
 
 def record_failed_attempt(

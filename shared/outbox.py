@@ -72,8 +72,12 @@ _CLAIM_ROWS = RELAY_SELECT + " ORDER BY id LIMIT %(batch_size)s FOR UPDATE SKIP 
 RelayRow = tuple[int, str, str | None, dict[str, str], str]
 
 
-def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelope) -> None:
+def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelope,
+                       request_id: str | None = None) -> None:
     """Write `event` to the outbox in the caller's transaction; its commit wakes the relay.
+
+    The event carries `request_id` on to its consumers: the id of the request it answers (an inbox
+    handler passes the one its message came with), by default the request being served.
 
     A plain INSERT (compiled once and cached), not an ORM object: nothing reads the row back in
     the transaction that writes it, and the unit of work cost more than the statement itself.
@@ -86,7 +90,7 @@ def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelop
         "type": event.type,
         "correlation_id": event.correlation_id,
         "payload": body["payload"],
-        "headers": _headers(body["message_id"], event.type),
+        "headers": _headers(body["message_id"], event.type, request_id or current_request_id()),
         "created_at": event.occurred_at,
     }
     written_together = session.info.get(_WRITTEN_TOGETHER)
@@ -114,9 +118,8 @@ def outbox_rows_written_together(session: Session) -> Iterator[None]:
         session.execute(_INSERT_OUTBOX_MESSAGE, rows)
 
 
-def _headers(message_id: str, event_type: str) -> dict[str, str]:
+def _headers(message_id: str, event_type: str, request_id: str | None) -> dict[str, str]:
     headers = {"message_id": message_id, "type": event_type}
-    request_id = current_request_id()
     if request_id:
         headers[REQUEST_ID_KAFKA_HEADER] = request_id
     return headers

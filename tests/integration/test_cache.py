@@ -67,8 +67,8 @@ def test_each_payment_write_path_invalidates_the_cached_balance(
     assert client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == "55.00"
     with payments_flask_app.app_context():
         with transaction() as session:
-            payments.take_payment(session, order_id=uuid.uuid4(), user_id=user_id,
-                                  amount=Decimal("15"), correlation_id=None)
+            payments.take_payments(session, [payments.PaymentRequest(
+                order_id=uuid.uuid4(), user_id=user_id, amount=Decimal("15"))])
     assert client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == "40.00"
 
 
@@ -81,8 +81,9 @@ def test_placing_and_settling_orders_invalidate_the_cached_orders(orders_flask_a
     assert client.get(f"/orders/{order['id']}", headers=_as(user_id)).get_json()["status"] == "NEW"
     with orders_flask_app.app_context():
         with transaction() as session:
-            orders.apply_payment_result(session, order_id=uuid.UUID(order["id"]), user_id=user_id,
-                                        succeeded=False, reason="NO_ACCOUNT")
+            orders.apply_payment_results(session, [orders.PaymentResult(
+                order_id=uuid.UUID(order["id"]), user_id=user_id, succeeded=False,
+                reason="NO_ACCOUNT")])
     settled = client.get(f"/orders/{order['id']}", headers=_as(user_id)).get_json()
     assert (settled["status"], settled["reason"]) == ("CANCELLED", "NO_ACCOUNT")
     listed = client.get("/orders", headers=_as(user_id)).get_json()["items"]

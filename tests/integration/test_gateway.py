@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import http.server
 import threading
 import time
@@ -208,3 +209,46 @@ def test_with_redis_down_the_gateway_still_signs_in_and_serves_the_api(settings,
     assert client.post("/api/accounts", headers=auth).status_code == 201
     assert [client.get("/api/accounts/balance", headers=auth).status_code for _ in range(3)] == \
         [200, 200, 200]
+
+
+def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(settings, gateway):
+    """The notification handler gets a run of OrderStatusChanged events: each is kept once (a
+    repeat under the same message id adds nothing) and published, after the commit, to its own
+    user's channel in the order the ids were given."""
+    from datetime import datetime, timezone
+    from decimal import Decimal
+
+    from gateway_app import notifications
+    from shared.contracts import ORDER_STATUS_CHANGED, new_event
+    from shared.db import transaction
+    from shared.inbox import InboxMessage, ReceivedEvent
+
+    users = [f"user-{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    events = [new_event(ORDER_STATUS_CHANGED, {
+        "order_id": uuid.uuid4(), "user_id": user, "amount": Decimal("1.00"),
+        "status": "FINISHED", "reason": None, "updated_at": datetime.now(timezone.utc)}, None)
+        for user in (users[0], users[1], users[0])]
+    received = [ReceivedEvent(event.payload, InboxMessage(message_id=event.message_id,
+                                                          type=event.type)) for event in events]
+    app = gateway.application
+    with app.app_context():
+        pubsub = notifications._redis().pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(*(notifications.channel(user) for user in users))
+        with transaction() as session:
+            notifications.on_order_status_changes(session, received)
+        with transaction() as session:  # delivered again
+            notifications.on_order_status_changes(session, received[:1])
+        published = []
+        deadline = time.monotonic() + 5
+        while len(published) < 3 and time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.1)
+            if message is not None:
+                published.append((message["channel"].decode(), message["data"]))
+        pubsub.close()
+        kept = notifications.notifications_after(users[0], 0, 10)
+        channels = [notifications.channel(user) for user in (users[0], users[1], users[0])]
+    assert [item["payload"]["order_id"] for item in kept] == [
+        str(events[0].payload["order_id"]), str(events[2].payload["order_id"])]
+    assert [channel for channel, _data in published] == channels
+    ids = [json.loads(data)["id"] for _channel, data in published]
+    assert ids == sorted(ids)

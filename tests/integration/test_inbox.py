@@ -61,7 +61,7 @@ def test_a_message_is_handled_once_however_often_it_is_dispatched(in_payments, u
     with transaction() as session:
         store_records(session, [record])
     calls = []
-    handlers = {PAYMENT_REQUESTED: lambda session, payload, message: calls.append(payload)}
+    handlers = {PAYMENT_REQUESTED: lambda session, events: calls.extend(e.payload for e in events)}
     outcomes = []
     for _ in range(3):
         with transaction() as session:
@@ -77,7 +77,7 @@ def test_a_failing_handler_leaves_no_effect_and_the_message_is_parked_after_the_
     with transaction() as session:
         store_records(session, [record])
 
-    def failing(session, payload, message):
+    def failing(session, events):
         raise RuntimeError("downstream broken")
 
     parked = []
@@ -98,7 +98,7 @@ def test_a_permanent_error_parks_the_message_without_retrying(in_payments, user_
     with transaction() as session:
         store_records(session, [record])
 
-    def refuses(session, payload, message):
+    def refuses(session, events):
         raise PermanentMessageError("unknown order")
 
     with transaction() as session:

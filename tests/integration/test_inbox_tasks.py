@@ -31,8 +31,8 @@ def _row(message_id) -> InboxMessage:
 def test_a_handler_that_keeps_failing_is_retried_then_parked(settings, monkeypatch, user_id):
     calls = []
 
-    def broken(session, payload, message):
-        calls.append(message.message_id)
+    def broken(session, events):
+        calls.extend(event.message.message_id for event in events)
         raise ConnectionError("ledger unavailable")
 
     monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: broken})
@@ -48,7 +48,7 @@ def test_a_handler_that_keeps_failing_is_retried_then_parked(settings, monkeypat
 def test_a_handler_that_fails_once_succeeds_on_retry(settings, monkeypatch, user_id):
     calls = []
 
-    def flaky(session, payload, message):
+    def flaky(session, events):
         calls.append(1)
         if len(calls) == 1:
             raise ConnectionError("blip")
@@ -119,14 +119,15 @@ def test_a_batch_commits_its_good_messages_and_undoes_the_failing_ones(settings,
     good, transient, permanent, also_good = (_stored_request_for(user_id, key=user_id)
                                              for _ in range(4))
     failures = {transient: ConnectionError("blip"), permanent: PermanentMessageError("never")}
-    take_payment = payments_app.message_handlers()[PAYMENT_REQUESTED]
+    take_payments = payments_app.message_handlers()[PAYMENT_REQUESTED]
     calls = []
 
-    def failing_after_its_writes(session, payload, message):
-        calls.append(message.message_id)
-        take_payment(session, payload, message)  # debits and writes its outbox row first
-        if message.message_id in failures:
-            raise failures[message.message_id]
+    def failing_after_its_writes(session, events):
+        calls.extend(event.message.message_id for event in events)
+        take_payments(session, events)  # debits and writes the outbox rows first
+        for event in events:
+            if event.message.message_id in failures:
+                raise failures[event.message.message_id]
 
     monkeypatch.setattr(payments_app, "message_handlers",
                         lambda: {PAYMENT_REQUESTED: failing_after_its_writes})

@@ -26,9 +26,12 @@ def _balance(user_id: str) -> Decimal:
 
 
 def _take(order_id, user_id, amount):
+    """The new payment for the order, or None when it was already decided."""
     with transaction() as session:
-        return service.take_payment(session, order_id=order_id, user_id=user_id,
-                                    amount=Decimal(amount), correlation_id=str(order_id))
+        taken = service.take_payments(session, [service.PaymentRequest(
+            order_id=order_id, user_id=user_id, amount=Decimal(amount),
+            correlation_id=str(order_id))])
+    return taken[0] if taken else None
 
 
 def test_the_same_order_is_charged_once_and_answered_once(in_payments, user_id):
@@ -86,3 +89,50 @@ def test_concurrent_payments_and_deposits_never_lose_an_update_or_overdraw(
     assert balance >= 0
     assert balance == Decimal("105.00") - 10 * succeeded
     assert succeeded >= 10
+
+
+def test_a_batch_is_decided_request_after_request_against_the_running_balance(in_payments,
+                                                                              user_id):
+    other = f"{user_id}-other"
+    _open_with(user_id, "25")
+    _open_with(other, "5")
+    requests = [service.PaymentRequest(order_id=uuid.uuid4(), user_id=user, amount=Decimal(amount),
+                                       correlation_id=f"c{n}", request_id=f"request-{n:04d}")
+                for n, (user, amount) in enumerate([(user_id, "10"), (other, "5"),
+                                                    (user_id, "20"), (user_id, "15"),
+                                                    (f"{user_id}-none", "1")])]
+    with transaction() as session:
+        taken = service.take_payments(session, requests)
+    assert [(p.order_id, p.status, p.reason) for p in taken] == [
+        (requests[0].order_id, "SUCCEEDED", None),
+        (requests[1].order_id, "SUCCEEDED", None),
+        (requests[2].order_id, "FAILED", "INSUFFICIENT_FUNDS"),
+        (requests[3].order_id, "SUCCEEDED", None),
+        (requests[4].order_id, "FAILED", "NO_ACCOUNT"),
+    ]
+    assert (_balance(user_id), _balance(other)) == (Decimal("0.00"), Decimal("0.00"))
+    answers = db.session.execute(
+        select(OutboxMessage.correlation_id, OutboxMessage.type, OutboxMessage.headers)
+        .where(OutboxMessage.correlation_id.in_([f"c{n}" for n in range(5)]))
+        .order_by(OutboxMessage.id)).all()
+    assert [(a.correlation_id, a.type, a.headers["request_id"]) for a in answers] == [
+        ("c0", "PaymentSucceeded", "request-0000"), ("c1", "PaymentSucceeded", "request-0001"),
+        ("c2", "PaymentFailed", "request-0002"), ("c3", "PaymentSucceeded", "request-0003"),
+        ("c4", "PaymentFailed", "request-0004")]
+
+
+def test_a_batch_charges_an_order_once_however_often_it_asks(in_payments, user_id):
+    _open_with(user_id, "100")
+    decided_before = uuid.uuid4()
+    assert _take(decided_before, user_id, "30") is not None
+    twice = uuid.uuid4()
+    requests = [service.PaymentRequest(order_id=order_id, user_id=user_id, amount=Decimal("10"),
+                                       correlation_id=str(order_id))
+                for order_id in (decided_before, twice, twice)]
+    with transaction() as session:
+        taken = service.take_payments(session, requests)
+    assert [p.order_id for p in taken] == [twice]
+    assert _balance(user_id) == Decimal("60.00")
+    answers = db.session.scalar(select(func.count()).where(
+        OutboxMessage.correlation_id.in_([str(decided_before), str(twice)])))
+    assert answers == 2
