@@ -15,15 +15,14 @@ from bench.shop import orders_cursor
 from devstack.stack import Stack
 from shared.config import load_settings
 from shared.kafka import FLUSH_TIMEOUT_S, ensure_topics, producer_config
-from shared.outbox import RELAY_SELECT
+from shared.outbox import RELAY_SELECT, relay_headers
 
 INSERT_ROWS = """
-INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, payload, headers,
-                             created_at)
+INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, payload, created_at)
 SELECT message_id, %(topic)s, 'relay-speed-' || (n %% 50), 'PaymentRequested', order_id::text,
        jsonb_build_object('order_id', order_id::text, 'user_id', 'relay-speed-' || (n %% 50),
                           'amount', '1.00'),
-       jsonb_build_object('message_id', message_id::text, 'type', 'PaymentRequested'), now()
+       now()
 FROM (SELECT gen_random_uuid() AS message_id, gen_random_uuid() AS order_id, n
       FROM generate_series(1, %(rows)s) AS n) AS generated
 """
@@ -80,8 +79,9 @@ def _insert_rows(settings, topic: str, rows: int) -> tuple[int, list[tuple[str, 
             cursor.execute(INSERT_ROWS, {"topic": topic, "rows": rows})
             cursor.execute(RELAY_SELECT + " WHERE topic = %(topic)s ORDER BY id", {"topic": topic})
             inserted = cursor.fetchall()
-            return inserted[-1][0], [(key, envelope, headers)
-                                     for _, _, key, headers, envelope in inserted]
+            return inserted[-1][0], [
+                (key, envelope, relay_headers(message_id, event_type, request_id))
+                for _, _, key, message_id, event_type, request_id, envelope in inserted]
     finally:
         conn.close()
 

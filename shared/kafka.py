@@ -11,7 +11,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shared.config import Settings
-from shared.outbox import RelayRow
+from shared.outbox import RelayRow, relay_headers
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,10 @@ class OutboxPublisher:
                 fatal = fatal or err.fatal()
 
         try:
-            for row_id, topic, key, headers, envelope in rows:
-                self._produce(producer, topic, key, envelope, headers, partial(report, row_id))
+            for row_id, topic, key, message_id, event_type, request_id, envelope in rows:
+                self._produce(producer, topic, key, envelope,
+                              relay_headers(message_id, event_type, request_id),
+                              partial(report, row_id))
         except KafkaException as exc:
             # The producer failed outside any delivery of ours (after a broker came back empty,
             # say); the rows it did not take get no acknowledgement and are retried.

@@ -103,6 +103,23 @@ def keep_sent_outbox_rows() -> None:
                     postgresql_where=sa.text("sent_at IS NULL"))
 
 
+def outbox_request_id_column() -> None:
+    """Outbox rows keep the request id they carry on in a column of their own, instead of a JSON
+    object of Kafka headers: the relay makes the headers from the row's columns, and reading them
+    as JSON was a third of what claiming a row cost."""
+    op.add_column("outbox_messages", sa.Column("request_id", sa.String(128)))
+    op.execute("UPDATE outbox_messages SET request_id = headers->>'request_id'")
+    op.drop_column("outbox_messages", "headers")
+
+
+def outbox_headers_column() -> None:
+    op.add_column("outbox_messages", sa.Column("headers", pg.JSONB))
+    op.execute("UPDATE outbox_messages SET headers = jsonb_strip_nulls(jsonb_build_object("
+               "'message_id', message_id::text, 'type', type, 'request_id', request_id))")
+    op.alter_column("outbox_messages", "headers", nullable=False)
+    op.drop_column("outbox_messages", "request_id")
+
+
 def drop_messaging_tables() -> None:
     op.drop_table("idempotency_keys")
     op.drop_table("inbox_messages")

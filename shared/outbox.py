@@ -1,9 +1,9 @@
 """The transactional outbox: events are written as rows in the same transaction as the business
 change that causes them, and a relay later publishes them to Kafka and deletes them.
 
-The relay claims rows with `FOR UPDATE SKIP LOCKED` inside a transaction that also holds a
-transaction-level advisory lock, so several relays may run at once without sending one row twice
-or overtaking each other: a relay that cannot take the lock simply returns. A row is deleted only
+The relay reads and deletes rows inside a transaction that holds a transaction-level advisory
+lock, so two relays never run at once, never send one row twice and never overtake each other: a
+relay that cannot take the lock simply returns (and no row locks are needed). A row is deleted only
 once the broker has acknowledged it (Kafka is then its record); a row the broker refused stays,
 counts the attempt and records the error, and is retried by the next run. Rows that are gone never
 need skipping, so the table holds the backlog and nothing else, however long the shop has run.
@@ -45,7 +45,7 @@ class OutboxMessage(db.Model):
     type: Mapped[str] = mapped_column(String(100))
     correlation_id: Mapped[str | None] = mapped_column(String(100))
     payload: Mapped[dict] = mapped_column(JSONB)
-    headers: Mapped[dict] = mapped_column(JSONB)
+    request_id: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -59,17 +59,17 @@ _WRITTEN_TOGETHER = "hseshop.outbox_rows_written_together"
 # of rows at a time and decoding each payload into Python only to encode it again was a third of
 # its time. occurred_at is RFC 3339 in UTC with microseconds.
 RELAY_SELECT = """
-SELECT id, topic, key, headers,
+SELECT id, topic, key, message_id::text, type, request_id,
        json_build_object(
            'message_id', message_id, 'type', type, 'version', 1,
            'occurred_at', to_char(created_at AT TIME ZONE 'UTC',
                                   'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
            'correlation_id', correlation_id, 'payload', payload)::text AS envelope
 FROM outbox_messages"""
-_CLAIM_ROWS = RELAY_SELECT + " ORDER BY id LIMIT %(batch_size)s FOR UPDATE SKIP LOCKED"
+_CLAIM_ROWS = RELAY_SELECT + " ORDER BY id LIMIT %(batch_size)s"
 
-# (id, topic, key, headers, envelope): a row as RELAY_SELECT reads it.
-RelayRow = tuple[int, str, str | None, dict[str, str], str]
+# (id, topic, key, message_id, type, request_id, envelope): a row as RELAY_SELECT reads it.
+RelayRow = tuple[int, str, str | None, str, str, str | None, str]
 
 
 def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelope,
@@ -90,7 +90,7 @@ def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelop
         "type": event.type,
         "correlation_id": event.correlation_id,
         "payload": body["payload"],
-        "headers": _headers(body["message_id"], event.type, request_id or current_request_id()),
+        "request_id": request_id or current_request_id(),
         "created_at": event.occurred_at,
     }
     written_together = session.info.get(_WRITTEN_TOGETHER)
@@ -118,7 +118,9 @@ def outbox_rows_written_together(session: Session) -> Iterator[None]:
         session.execute(_INSERT_OUTBOX_MESSAGE, rows)
 
 
-def _headers(message_id: str, event_type: str, request_id: str | None) -> dict[str, str]:
+def relay_headers(message_id: str, event_type: str, request_id: str | None) -> dict[str, str]:
+    """The Kafka headers a row is sent with: what a consumer may want before it parses the value
+    (the message id it dedups by, the type) and the request id to log."""
     headers = {"message_id": message_id, "type": event_type}
     if request_id:
         headers[REQUEST_ID_KAFKA_HEADER] = request_id

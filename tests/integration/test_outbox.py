@@ -20,6 +20,7 @@ from shared.contracts import PAYMENT_REQUESTED, new_event
 from shared.outbox import (OutboxMessage, add_outbox_message, outbox_rows_written_together,
                            relay_pending_outbox)
 from shared.outbox_wakeups import OutboxWakeups
+from shared.request_context import request_id_bound
 from tests.kafka_tools import read_topic, read_topic_until
 from tests.polling import wait_for
 
@@ -69,7 +70,10 @@ def test_a_failure_after_the_outbox_write_leaves_neither_row(in_orders, user_id)
 
 def test_relay_publishes_the_envelope_with_key_and_headers_and_deletes_the_rows(
         in_orders, settings, user_id):
-    orders = [_place(user_id, amount) for amount in ("1.00", "2.50", "3.00")]
+    orders = [_place(user_id, "1.00")]
+    with request_id_bound("request-of-the-second"):
+        orders.append(_place(user_id, "2.50"))
+    orders.append(_place(user_id, "3.00"))
     sent = sum(r.sent for r in _relay_all(OutboxPublisher(settings)))
 
     assert _outbox_rows_for([o.id for o in orders]) == []
@@ -84,6 +88,8 @@ def test_relay_publishes_the_envelope_with_key_and_headers_and_deletes_the_rows(
         headers = dict(message.headers())
         assert headers["message_id"].decode() == body["message_id"]
         assert headers["type"] == b"PaymentRequested"
+    assert [dict(m.headers()).get("request_id") for m in messages] == [
+        None, b"request-of-the-second", None]
 
 
 def _messages_of(settings, order_ids) -> list:

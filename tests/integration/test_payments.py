@@ -112,10 +112,10 @@ def test_a_batch_is_decided_request_after_request_against_the_running_balance(in
     ]
     assert (_balance(user_id), _balance(other)) == (Decimal("0.00"), Decimal("0.00"))
     answers = db.session.execute(
-        select(OutboxMessage.correlation_id, OutboxMessage.type, OutboxMessage.headers)
+        select(OutboxMessage.correlation_id, OutboxMessage.type, OutboxMessage.request_id)
         .where(OutboxMessage.correlation_id.in_([f"c{n}" for n in range(5)]))
         .order_by(OutboxMessage.id)).all()
-    assert [(a.correlation_id, a.type, a.headers["request_id"]) for a in answers] == [
+    assert [(a.correlation_id, a.type, a.request_id) for a in answers] == [
         ("c0", "PaymentSucceeded", "request-0000"), ("c1", "PaymentSucceeded", "request-0001"),
         ("c2", "PaymentFailed", "request-0002"), ("c3", "PaymentSucceeded", "request-0003"),
         ("c4", "PaymentFailed", "request-0004")]
