@@ -90,11 +90,12 @@ def take_payments(session: Session, requests: list[PaymentRequest]) -> list[Paym
     balances: dict[str, Decimal] = dict(session.execute(
         _LOCK_ACCOUNTS, {"users": sorted({request.user_id for request in requests})}).all())
     decided = set(session.scalars(_DECIDED, {"orders": [r.order_id for r in requests]}))
+    deciding: dict[uuid.UUID, PaymentRequest] = {}  # the request each new decision answers
     rows = []
     for request in requests:
-        if request.order_id in decided:
+        if request.order_id in decided or request.order_id in deciding:
             continue
-        decided.add(request.order_id)
+        deciding[request.order_id] = request
         status, reason = _decide(balances.get(request.user_id), request.amount)
         if status == SUCCEEDED:
             balances[request.user_id] -= request.amount
@@ -106,7 +107,7 @@ def take_payments(session: Session, requests: list[PaymentRequest]) -> list[Paym
     payments = [Payment(**inserted[row["order_id"]]._mapping) for row in rows
                 if row["order_id"] in inserted]
     _debit(session, [payment for payment in payments if payment.status == SUCCEEDED])
-    _announce_decisions(session, payments, {request.order_id: request for request in requests})
+    _announce_decisions(session, payments, deciding)
     return payments
 
 
