@@ -27,6 +27,7 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
     for row in report["latency"]:
         assert row["drained"] and row["orders"] > 0
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert 0 <= row["offered_final_within_1s"] <= row["final_within_1s"] <= 1
         assert row["generator_cpu_percent"] >= 0
     gateway = report["gateway_transports"]
     assert set(gateway["endpoints"]) == {"balance", "order"} and gateway["orders_drained"]
