@@ -20,9 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import (BigInteger, DateTime, Integer, String, Text, any_, bindparam, delete, func,
-                        insert, select, text, update)
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy import BigInteger, DateTime, Integer, String, Text, func, insert, text
+from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.contracts import Envelope
@@ -143,41 +142,34 @@ SendBatch = Callable[[list[RelayRow]], dict[int, str]]
 def relay_pending_outbox(session: Session, send_batch: SendBatch, batch_size: int) -> RelayResult:
     """Publish one batch of rows, oldest first, in the caller's transaction; delete the ones the
     broker acknowledged."""
-    if not session.scalar(select(func.pg_try_advisory_xact_lock(RELAY_LOCK_KEY))):
-        return RelayResult(skipped_busy=True)
-    rows = _claim_rows(session, batch_size)
-    if not rows:
-        return RelayResult()
-    refused = send_batch(rows)
-    sent_ids = [row[0] for row in rows if row[0] not in refused]
-    if sent_ids:
-        session.execute(delete(OutboxMessage).where(OutboxMessage.id == _any_of(sent_ids))
-                        # No ORM objects of these rows are loaded: nothing to keep in step.
-                        .execution_options(synchronize_session=False))
-    row_ids_by_error: dict[str, list[int]] = defaultdict(list)
-    for row_id, error in refused.items():
-        row_ids_by_error[error].append(row_id)
-    for error, row_ids in row_ids_by_error.items():
-        session.execute(
-            update(OutboxMessage)
-            .where(OutboxMessage.id == _any_of(row_ids))
-            .values(attempts=OutboxMessage.attempts + 1, last_error=error[:2000])
-            .execution_options(synchronize_session=False)
-        )
+    # Straight from the driver, on the transaction's connection: the relay runs these at every
+    # wake-up, with thousands of rows a second, and SQLAlchemy's statement and result handling
+    # cost several times what the driver's does.
+    cursor = session.connection().connection.cursor()
+    try:
+        cursor.execute(_TAKE_RELAY_LOCK, {"key": RELAY_LOCK_KEY})
+        if not cursor.fetchone()[0]:
+            return RelayResult(skipped_busy=True)
+        cursor.execute(_CLAIM_ROWS, {"batch_size": batch_size})
+        rows: list[RelayRow] = cursor.fetchall()
+        if not rows:
+            return RelayResult()
+        refused = send_batch(rows)
+        sent_ids = [row[0] for row in rows if row[0] not in refused]
+        if sent_ids:
+            cursor.execute(_DELETE_ROWS, {"row_ids": sent_ids})
+        row_ids_by_error: dict[str, list[int]] = defaultdict(list)
+        for row_id, error in refused.items():
+            row_ids_by_error[error].append(row_id)
+        for error, row_ids in row_ids_by_error.items():
+            cursor.execute(_COUNT_REFUSAL, {"row_ids": row_ids, "error": error[:2000]})
+    finally:
+        cursor.close()
     return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused))
 
 
-def _claim_rows(session: Session, batch_size: int) -> list[RelayRow]:
-    # Straight from the driver, on the transaction's connection: thousands of rows a second pass
-    # through here, and result rows of SQLAlchemy's own cost several times a plain tuple.
-    cursor = session.connection().connection.cursor()
-    try:
-        cursor.execute(_CLAIM_ROWS, {"batch_size": batch_size})
-        return cursor.fetchall()
-    finally:
-        cursor.close()
-
-
-def _any_of(row_ids: list[int]):
-    # One array parameter, however many rows: `id = ANY(%s)` rather than thousands of IN values.
-    return any_(bindparam("row_ids", row_ids, type_=ARRAY(BigInteger)))
+_TAKE_RELAY_LOCK = "SELECT pg_try_advisory_xact_lock(%(key)s)"
+# One array parameter, however many rows: `id = ANY(%s)` rather than thousands of IN values.
+_DELETE_ROWS = "DELETE FROM outbox_messages WHERE id = ANY(%(row_ids)s)"
+_COUNT_REFUSAL = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(error)s"
+                  " WHERE id = ANY(%(row_ids)s)")
