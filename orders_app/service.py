@@ -122,7 +122,7 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
         return []
     orders = {row.id: Order(**row._mapping) for row in session.execute(
         _LOCK_ORDERS, {"orders": sorted({result.order_id for result in results})})}
-    settled: dict[uuid.UUID, tuple[Order, str | None]] = {}
+    settled: list[tuple[Order, str | None]] = []  # each changed order, with its request id
     now = datetime.now(timezone.utc)
     for result in results:
         order = orders.get(result.order_id)
@@ -133,15 +133,15 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
         order.status = FINISHED if result.succeeded else CANCELLED
         order.reason = None if result.succeeded else result.reason
         order.updated_at = now
-        settled[order.id] = (order, result.request_id)
+        settled.append((order, result.request_id))
     if not settled:
         return []
-    changed = [order for order, _request_id in settled.values()]
+    changed = [order for order, _request_id in settled]
     session.execute(_SETTLE_ORDERS, {"settled": [order.id for order in changed],
                                      "statuses": [order.status for order in changed],
                                      "reasons": [order.reason for order in changed],
                                      "updated_at": now})
-    for order, request_id in settled.values():
+    for order, request_id in settled:
         _announce_status(session, order, request_id)
         invalidate_after_commit(session, orders_cache_namespace(order.user_id))
     return changed
