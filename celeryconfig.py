@@ -12,15 +12,17 @@ broker_connection_retry_on_startup = True
 task_ignore_result = True
 result_backend = None
 
-# A task is acknowledged only when it has finished, so one lost with its worker runs again; every
-# task here is idempotent, which is what makes that safe.
-task_acks_late = True
-task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 4
 task_default_queue = "default"
 task_routes = ("tasks.routing.route_to_service_queue",)
 broker_transport_options = {
-    "visibility_timeout": 300,
+    # Redis keeps no copy of a task once a worker has taken it. What must not be lost is not the
+    # task but the work, and that is in PostgreSQL: the sweeper dispatches again every inbox message
+    # left unhandled (a task lost with its worker, say; every task is idempotent), and beat sends
+    # the relay and the sweeper again and again. Kombu's emulated acknowledgements cost Redis round
+    # trips on every task received and on every task finished, to make good (at a worker's orderly
+    # shutdown, or after a 5-minute visibility timeout) what the sweeper makes good within seconds.
+    "ack_emulation": False,
     # Queues, acks and event channels live under the shop's own prefix in a shared Redis.
     "global_keyprefix": f"{_settings.redis_key_prefix}:celery:",
 }

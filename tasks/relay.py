@@ -48,7 +48,7 @@ def _publisher() -> OutboxPublisher:
     return extensions[_PUBLISHER]
 
 
-@app.task(name="hseshop.relay_outbox", base=ServiceTask, ignore_result=True, acks_late=False)
+@app.task(name="hseshop.relay_outbox", base=ServiceTask, ignore_result=True)
 def relay_outbox(service: str) -> int:
     """Lead this service's relay until the worker stops, unless a relay already leads it; returns
     the number of rows sent."""
