@@ -14,13 +14,14 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from flask import current_app
-from sqlalchemy import String, and_, any_, bindparam, func, insert, or_, select, update
+from sqlalchemy import String, and_, any_, bindparam, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Session
 
 from orders_app.models import CANCELLED, FINISHED, NEW, Order
 from shared.cache import invalidate_after_commit
 from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, new_event
+from shared.db import rows_from_arrays
 from shared.errors import ApiError, NotFound
 from shared.outbox import add_outbox_message
 
@@ -137,9 +138,9 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
     if not settled:
         return []
     changed = [order for order, _request_id in settled]
-    session.execute(_SETTLE_ORDERS, {"settled": [order.id for order in changed],
-                                     "statuses": [order.status for order in changed],
-                                     "reasons": [order.reason for order in changed],
+    session.execute(_SETTLE_ORDERS, {"settled_id": [order.id for order in changed],
+                                     "settled_status": [order.status for order in changed],
+                                     "settled_reason": [order.reason for order in changed],
                                      "updated_at": now})
     for order, request_id in settled:
         _announce_status(session, order, request_id)
@@ -153,10 +154,7 @@ _LOCK_ORDERS = (select(*_orders.c)
                 .where(_orders.c.id == any_(bindparam("orders", type_=ARRAY(UUID(as_uuid=True)))))
                 .order_by(_orders.c.id)
                 .with_for_update())
-_settled = (func.unnest(bindparam("settled", type_=ARRAY(UUID(as_uuid=True))),
-                        bindparam("statuses", type_=ARRAY(String)),
-                        bindparam("reasons", type_=ARRAY(String)))
-            .table_valued("id", "status", "reason").render_derived(name="settled"))
+_settled = rows_from_arrays("settled", id=UUID(as_uuid=True), status=String(), reason=String())
 _SETTLE_ORDERS = (update(_orders)
                   .where(_orders.c.id == _settled.c.id)
                   .values(status=_settled.c.status, reason=_settled.c.reason,

@@ -20,6 +20,7 @@ from payments_app.models import FAILED, SUCCEEDED, Account, Payment
 from shared.cache import invalidate_after_commit
 from shared.contracts import (INSUFFICIENT_FUNDS, NO_ACCOUNT, PAYMENT_FAILED, PAYMENT_SUCCEEDED,
                               new_event)
+from shared.db import rows_from_arrays
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.money import MAX_BALANCE
 from shared.outbox import add_outbox_message
@@ -125,7 +126,7 @@ def _debit(session: Session, payments: list[Payment]) -> None:
         totals[payment.user_id] += payment.amount
     if not totals:
         return
-    session.execute(_DEBIT, {"debited_users": list(totals), "debits": list(totals.values()),
+    session.execute(_DEBIT, {"debits_user_id": list(totals), "debits_amount": list(totals.values()),
                              "debited_at": datetime.now(timezone.utc)})
     for user_id in totals:
         invalidate_after_commit(session, balance_cache_namespace(user_id))
@@ -157,9 +158,7 @@ _LOCK_ACCOUNTS = (select(_accounts.c.user_id, _accounts.c.balance)
 _DECIDED = select(_payments.c.order_id).where(
     _payments.c.order_id == any_(bindparam("orders", type_=ARRAY(UUID(as_uuid=True)))))
 _INSERT_PAYMENTS = insert(_payments).on_conflict_do_nothing().returning(*_payments.c)
-_debits = (func.unnest(bindparam("debited_users", type_=ARRAY(String)),
-                       bindparam("debits", type_=ARRAY(Numeric(17, 2))))
-           .table_valued("user_id", "amount").render_derived(name="debits"))
+_debits = rows_from_arrays("debits", user_id=String(), amount=Numeric(17, 2))
 _DEBIT = (update(_accounts)
           .where(_accounts.c.user_id == _debits.c.user_id)
           .values(balance=_accounts.c.balance - _debits.c.amount,

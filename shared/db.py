@@ -3,7 +3,7 @@
 Use cases and message handlers get a session from `transaction()` and never commit themselves, so a
 business row and the outbox row it causes are committed together or not at all, by construction.
 Work that must wait for the commit (invalidating cached reads, say) is registered with
-`after_commit`.
+`after_commit`. `rows_from_arrays` helps a use case write a whole batch with one statement.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, bindparam, func
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import TableValuedAlias
+from sqlalchemy.types import TypeEngine
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -63,3 +66,12 @@ def transaction() -> Iterator[Session]:
         raise
     for callback in session.info.pop(_AFTER_COMMIT, []):
         callback()
+
+
+def rows_from_arrays(name: str, **columns: TypeEngine) -> TableValuedAlias:
+    """The derived table `name(column, ...)` that `unnest` makes of one array parameter per column,
+    each bound as `<name>_<column>` (an UPDATE keeps the bare column names for itself): an
+    `UPDATE ... FROM` it gives many rows each their own values in one statement, however many."""
+    arrays = [bindparam(f"{name}_{column}", type_=ARRAY(type_))
+              for column, type_ in columns.items()]
+    return func.unnest(*arrays).table_valued(*columns).render_derived(name=name)
