@@ -14,14 +14,13 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from flask import current_app
-from sqlalchemy import String, and_, any_, bindparam, insert, or_, select, update
-from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from orders_app.models import CANCELLED, FINISHED, NEW, Order
 from shared.cache import invalidate_after_commit
 from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, new_event
-from shared.db import rows_from_arrays
+from shared.db import driver_cursor
 from shared.errors import ApiError, NotFound
 from shared.outbox import add_outbox_message
 
@@ -29,13 +28,14 @@ from shared.outbox import add_outbox_message
 def place_order(session: Session, *, user_id: str, amount: Decimal, description: str) -> Order:
     """Create a NEW order and, in the same transaction, the PaymentRequested event for it.
 
-    The order is written by a plain INSERT (the busiest write of the shop; the ORM's unit of work
-    cost more than the statement) and returned as an object detached from the session.
+    The order is written by a plain INSERT on the driver (the busiest write of the shop; the ORM's
+    unit of work cost more than the statement) and returned as an object detached from the session.
     """
     now = datetime.now(timezone.utc)
     row = {"id": uuid.uuid4(), "user_id": user_id, "amount": amount, "description": description,
            "status": NEW, "reason": None, "created_at": now, "updated_at": now}
-    session.execute(_INSERT_ORDER, row)
+    with driver_cursor(session) as cursor:
+        cursor.execute(_INSERT_ORDER, row | {"id": str(row["id"])})
     event = new_event(
         PAYMENT_REQUESTED,
         {"order_id": row["id"], "user_id": user_id, "amount": amount},
@@ -47,7 +47,10 @@ def place_order(session: Session, *, user_id: str, amount: Decimal, description:
     return Order(**row)
 
 
-_INSERT_ORDER = insert(Order.__table__)
+_INSERT_ORDER = """
+INSERT INTO orders (id, user_id, amount, description, status, reason, created_at, updated_at)
+VALUES (%(id)s, %(user_id)s, %(amount)s, %(description)s, %(status)s, %(reason)s, %(created_at)s,
+        %(updated_at)s)"""
 
 
 def orders_cache_namespace(user_id: str) -> str:
@@ -121,8 +124,10 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
     """
     if not results:
         return []
-    orders = {row.id: Order(**row._mapping) for row in session.execute(
-        _LOCK_ORDERS, {"orders": sorted({result.order_id for result in results})})}
+    with driver_cursor(session) as cursor:
+        cursor.execute(_LOCK_ORDERS, ([str(order_id) for order_id
+                                       in sorted({result.order_id for result in results})],))
+        orders = {order.id: order for order in (_order_of(row) for row in cursor)}
     settled: list[tuple[Order, str | None]] = []  # each changed order, with its request id
     now = datetime.now(timezone.utc)
     for result in results:
@@ -138,27 +143,33 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
     if not settled:
         return []
     changed = [order for order, _request_id in settled]
-    session.execute(_SETTLE_ORDERS, {"settled_id": [order.id for order in changed],
-                                     "settled_status": [order.status for order in changed],
-                                     "settled_reason": [order.reason for order in changed],
-                                     "updated_at": now})
+    with driver_cursor(session) as cursor:
+        cursor.execute(_SETTLE_ORDERS, {"ids": [str(order.id) for order in changed],
+                                        "statuses": [order.status for order in changed],
+                                        "reasons": [order.reason for order in changed],
+                                        "updated_at": now})
     for order, request_id in settled:
         _announce_status(session, order, request_id)
         invalidate_after_commit(session, orders_cache_namespace(order.user_id))
     return changed
 
 
-# Every payment result runs through these: plain SQL compiled once, as in place_order.
-_orders = Order.__table__
-_LOCK_ORDERS = (select(*_orders.c)
-                .where(_orders.c.id == any_(bindparam("orders", type_=ARRAY(UUID(as_uuid=True)))))
-                .order_by(_orders.c.id)
-                .with_for_update())
-_settled = rows_from_arrays("settled", id=UUID(as_uuid=True), status=String(), reason=String())
-_SETTLE_ORDERS = (update(_orders)
-                  .where(_orders.c.id == _settled.c.id)
-                  .values(status=_settled.c.status, reason=_settled.c.reason,
-                          updated_at=bindparam("updated_at")))
+# Every payment result runs through these, on the driver, as in place_order.
+_LOCK_ORDERS = """
+SELECT id::text, user_id, amount, description, status, reason, created_at, updated_at
+FROM orders WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE"""
+# One row per settled order, from one array per column, however many.
+_SETTLE_ORDERS = """
+UPDATE orders SET status = settled.status, reason = settled.reason, updated_at = %(updated_at)s
+FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(reasons)s::text[])
+     AS settled (id, status, reason)
+WHERE orders.id = settled.id"""
+
+
+def _order_of(row: tuple) -> Order:
+    order_id, user_id, amount, description, status, reason, created_at, updated_at = row
+    return Order(id=uuid.UUID(order_id), user_id=user_id, amount=amount, description=description,
+                 status=status, reason=reason, created_at=created_at, updated_at=updated_at)
 
 
 def _announce_status(session: Session, order: Order, request_id: str | None) -> None:

@@ -12,15 +12,16 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from flask import current_app
-from sqlalchemy import Numeric, String, any_, bindparam, func, select, update
-from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
+from psycopg2.extras import execute_values
+from sqlalchemy import func, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from payments_app.models import FAILED, SUCCEEDED, Account, Payment
 from shared.cache import invalidate_after_commit
 from shared.contracts import (INSUFFICIENT_FUNDS, NO_ACCOUNT, PAYMENT_FAILED, PAYMENT_SUCCEEDED,
                               new_event)
-from shared.db import rows_from_arrays
+from shared.db import driver_cursor
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.money import MAX_BALANCE
 from shared.outbox import add_outbox_message
@@ -88,9 +89,11 @@ def take_payments(session: Session, requests: list[PaymentRequest]) -> list[Paym
     """
     if not requests:
         return []
-    balances: dict[str, Decimal] = dict(session.execute(
-        _LOCK_ACCOUNTS, {"users": sorted({request.user_id for request in requests})}).all())
-    decided = set(session.scalars(_DECIDED, {"orders": [r.order_id for r in requests]}))
+    with driver_cursor(session) as cursor:
+        cursor.execute(_LOCK_ACCOUNTS, (sorted({request.user_id for request in requests}),))
+        balances: dict[str, Decimal] = dict(cursor.fetchall())
+        cursor.execute(_DECIDED, ([str(request.order_id) for request in requests],))
+        decided = {uuid.UUID(order_id) for (order_id,) in cursor}
     deciding: dict[uuid.UUID, PaymentRequest] = {}  # the request each new decision answers
     rows = []
     for request in requests:
@@ -100,16 +103,22 @@ def take_payments(session: Session, requests: list[PaymentRequest]) -> list[Paym
         status, reason = _decide(balances.get(request.user_id), request.amount)
         if status == SUCCEEDED:
             balances[request.user_id] -= request.amount
-        rows.append({"order_id": request.order_id, "user_id": request.user_id,
-                     "amount": request.amount, "status": status, "reason": reason})
+        rows.append((str(request.order_id), request.user_id, request.amount, status, reason))
     if not rows:
         return []
-    inserted = {row.order_id: row for row in session.execute(_INSERT_PAYMENTS, rows)}
-    payments = [Payment(**inserted[row["order_id"]]._mapping) for row in rows
-                if row["order_id"] in inserted]
+    with driver_cursor(session) as cursor:
+        inserted = execute_values(cursor, _INSERT_PAYMENTS, rows, page_size=len(rows), fetch=True)
+    decided_now = {payment.order_id: payment for payment in map(_payment_of, inserted)}
+    payments = [decided_now[order_id] for order_id in deciding if order_id in decided_now]
     _debit(session, [payment for payment in payments if payment.status == SUCCEEDED])
     _announce_decisions(session, payments, deciding)
     return payments
+
+
+def _payment_of(row: tuple) -> Payment:
+    order_id, user_id, amount, status, reason, created_at = row
+    return Payment(order_id=uuid.UUID(order_id), user_id=user_id, amount=amount, status=status,
+                   reason=reason, created_at=created_at)
 
 
 def _decide(balance: Decimal | None, amount: Decimal) -> tuple[str, str | None]:
@@ -126,8 +135,9 @@ def _debit(session: Session, payments: list[Payment]) -> None:
         totals[payment.user_id] += payment.amount
     if not totals:
         return
-    session.execute(_DEBIT, {"debits_user_id": list(totals), "debits_amount": list(totals.values()),
-                             "debited_at": datetime.now(timezone.utc)})
+    with driver_cursor(session) as cursor:
+        cursor.execute(_DEBIT, {"users": list(totals), "amounts": list(totals.values()),
+                                "debited_at": datetime.now(timezone.utc)})
     for user_id in totals:
         invalidate_after_commit(session, balance_cache_namespace(user_id))
 
@@ -148,18 +158,17 @@ def _announce_decisions(session: Session, payments: list[Payment],
                            request_id=request.request_id)
 
 
-# Every payment request the shop takes runs through these, so they are plain SQL compiled once
-# rather than ORM loads and flushes, which cost several times more.
-_accounts, _payments = Account.__table__, Payment.__table__
-_LOCK_ACCOUNTS = (select(_accounts.c.user_id, _accounts.c.balance)
-                  .where(_accounts.c.user_id == any_(bindparam("users", type_=ARRAY(String))))
-                  .order_by(_accounts.c.user_id)
-                  .with_for_update())
-_DECIDED = select(_payments.c.order_id).where(
-    _payments.c.order_id == any_(bindparam("orders", type_=ARRAY(UUID(as_uuid=True)))))
-_INSERT_PAYMENTS = insert(_payments).on_conflict_do_nothing().returning(*_payments.c)
-_debits = rows_from_arrays("debits", user_id=String(), amount=Numeric(17, 2))
-_DEBIT = (update(_accounts)
-          .where(_accounts.c.user_id == _debits.c.user_id)
-          .values(balance=_accounts.c.balance - _debits.c.amount,
-                  updated_at=bindparam("debited_at")))
+# Every payment request the shop takes runs through these, so they go straight to the driver
+# (shared.db.driver_cursor), each with one array parameter per column however many requests.
+_LOCK_ACCOUNTS = """
+SELECT user_id, balance FROM accounts WHERE user_id = ANY(%s) ORDER BY user_id FOR UPDATE"""
+_DECIDED = "SELECT order_id::text FROM payments WHERE order_id = ANY(%s::uuid[])"
+# One row back per decision that went in (the order id is the key).
+_INSERT_PAYMENTS = """
+INSERT INTO payments (order_id, user_id, amount, status, reason) VALUES %s
+ON CONFLICT DO NOTHING
+RETURNING order_id::text, user_id, amount, status, reason, created_at"""
+_DEBIT = """
+UPDATE accounts SET balance = accounts.balance - debits.amount, updated_at = %(debited_at)s
+FROM unnest(%(users)s::text[], %(amounts)s::numeric[]) AS debits (user_id, amount)
+WHERE accounts.user_id = debits.user_id"""

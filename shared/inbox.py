@@ -16,13 +16,13 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import (BigInteger, DateTime, Index, Integer, String, Text, any_, bindparam, func,
-                        or_, select, text, update)
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
+from psycopg2.extras import Json, execute_values
+from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text, func, or_, select, text
+from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.contracts import PAYLOAD_SCHEMAS, Envelope, MalformedMessage, decode
-from shared.db import db
+from shared.db import db, driver_cursor
 from shared.outbox import outbox_rows_written_together
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, request_id_bound
 
@@ -79,12 +79,24 @@ class PermanentMessageError(Exception):
 
 
 @dataclass(frozen=True)
+class StoredMessage:
+    """What handling needs of a stored message whose row the caller's transaction has locked."""
+
+    message_id: uuid.UUID
+    type: str | None
+    correlation_id: str | None
+    request_id: str | None
+    payload: dict[str, Any] | None  # as stored: JSON, not yet loaded by its contract's schema
+    done: bool  # processed or parked already
+
+
+@dataclass(frozen=True)
 class ReceivedEvent:
     """A stored message as its handler gets it: the payload, loaded by its contract's schema, and
-    the inbox row (message id, type, correlation and request ids)."""
+    the message (id, type, correlation and request ids)."""
 
     payload: dict[str, Any]
-    message: InboxMessage
+    message: StoredMessage
 
 
 # A handler gets a run of messages of the types it is registered for, in the order they are to be
@@ -151,18 +163,24 @@ def store_records(session: Session, records: list[ConsumedRecord]) -> list[uuid.
     for record in records:
         row = inbox_row(record)
         rows.setdefault(row["message_id"], row)  # a repeat inside one batch is stored once
-    columns = ("message_id", "topic", "partition", "offset", "key", "type", "correlation_id",
-               "request_id", "payload", "raw_value", "parked_at", "last_error")
-    values = [{column: row.get(column) for column in columns} for row in rows.values()]
-    # One statement compiled once and cached, its VALUES list filled in by the driver (a statement
-    # built with .values(list) is compiled again for every batch).
-    inserted = session.connection().execute(
-        insert(InboxMessage.__table__)
-        .on_conflict_do_nothing(index_elements=[InboxMessage.message_id])
-        .returning(InboxMessage.message_id, InboxMessage.parked_at),
-        values,
-    ).all()
-    return [message_id for message_id, parked_at in inserted if parked_at is None]
+    values = [(str(row["message_id"]), row["topic"], row["partition"], row["offset"], row["key"],
+               row.get("type"), row.get("correlation_id"), row["request_id"],
+               Json(row["payload"]) if "payload" in row else None, row.get("raw_value"),
+               row.get("parked_at"), row.get("last_error"))
+              for row in rows.values()]
+    with driver_cursor(session) as cursor:
+        inserted = execute_values(cursor, _STORE, values, page_size=len(values), fetch=True)
+    return [uuid.UUID(message_id) for message_id, parked in inserted if not parked]
+
+
+# The inbox's statements go straight to the driver (shared.db.driver_cursor): the consumer and
+# every batch of handling run them.
+_STORE = """
+INSERT INTO inbox_messages (message_id, topic, partition, "offset", key, type, correlation_id,
+                            request_id, payload, raw_value, parked_at, last_error)
+VALUES %s
+ON CONFLICT (message_id) DO NOTHING
+RETURNING message_id::text, parked_at IS NOT NULL"""
 
 
 def process_inbox_message(
@@ -174,15 +192,13 @@ def process_inbox_message(
     second finds it already processed. The handler's effects, any outbox rows it writes and the
     processed mark commit together.
     """
-    message = session.scalars(
-        select(InboxMessage).where(InboxMessage.message_id == message_id).with_for_update()
-    ).one_or_none()
-    if message is None:
+    locked = lock_in_order(session, [message_id])
+    if not locked:
         return Outcome.MISSING
-    return handle_locked_message(session, message, handlers)
+    return handle_locked_message(session, locked[0], handlers)
 
 
-def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[InboxMessage]:
+def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[StoredMessage]:
     """Lock and load the messages, sorted by Kafka key, then by their place in the partition.
 
     Handlers lock what belongs to a key (a user's account, say). Batches handled at the same time
@@ -190,21 +206,22 @@ def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[InboxM
     by key) cannot deadlock each other, and one key's messages are handled in the order they were
     sent.
     """
-    return list(session.scalars(_LOCK_IN_ORDER, {"message_ids": message_ids}))
+    with driver_cursor(session) as cursor:
+        cursor.execute(_LOCK_IN_ORDER, ([str(message_id) for message_id in message_ids],))
+        return [StoredMessage(uuid.UUID(message_id), *rest) for message_id, *rest in cursor]
 
 
-# One array parameter (`= ANY`), not an IN list: SQLAlchemy renders an IN list anew for every
-# call, which cost more than the rest of the query.
-_LOCK_IN_ORDER = (
-    select(InboxMessage)
-    .where(InboxMessage.message_id
-           == any_(bindparam("message_ids", type_=ARRAY(UUID(as_uuid=True)))))
-    .order_by(InboxMessage.key, InboxMessage.topic, InboxMessage.partition, InboxMessage.offset)
-    .with_for_update()
-)
+# One array parameter (`= ANY`), not an IN list, whatever the batch size.
+_LOCK_IN_ORDER = """
+SELECT message_id::text, type, correlation_id, request_id, payload,
+       processed_at IS NOT NULL OR parked_at IS NOT NULL
+FROM inbox_messages
+WHERE message_id = ANY(%s::uuid[])
+ORDER BY key, topic, partition, "offset"
+FOR UPDATE"""
 
 
-def handle_locked_message(session: Session, message: InboxMessage,
+def handle_locked_message(session: Session, message: StoredMessage,
                           handlers: dict[str, Handler]) -> Outcome:
     """Handle a message whose row the caller's transaction has locked.
 
@@ -212,12 +229,11 @@ def handle_locked_message(session: Session, message: InboxMessage,
     counted on the row, and the exception goes on to the caller (who retries the message later);
     a PermanentMessageError parks the message instead.
     """
-    if message.processed_at is not None or message.parked_at is not None:
+    if message.done:
         return Outcome.ALREADY_DONE
-    message.attempts += 1
-    message.last_attempt_at = _now()
     ready = _ready_to_handle(message, handlers)
-    if ready is None:
+    if isinstance(ready, str):
+        _park(session, {message.message_id: ready})
         return Outcome.PARKED
     handler, event = ready
     try:
@@ -225,14 +241,18 @@ def handle_locked_message(session: Session, message: InboxMessage,
             handler(session, [event])
             log.info("handled %s %s", message.type, message.message_id)
     except PermanentMessageError as exc:
-        _park(message, str(exc))
+        _park(session, {message.message_id: str(exc)})
         return Outcome.PARKED
-    message.processed_at = _now()
-    message.last_error = None
+    except Exception:
+        with driver_cursor(session) as cursor:
+            cursor.execute(_COUNT_ATTEMPT, {"message_ids": [str(message.message_id)],
+                                            "now": _now()})
+        raise
+    _mark_processed(session, [message.message_id])
     return Outcome.PROCESSED
 
 
-def handle_locked_messages_at_once(session: Session, messages: list[InboxMessage],
+def handle_locked_messages_at_once(session: Session, messages: list[StoredMessage],
                                    handlers: dict[str, Handler]) -> None:
     """Handle messages whose rows the caller's transaction has locked, with no savepoints, and mark
     them processed with one UPDATE at the end; the outbox rows they write go in one INSERT.
@@ -243,13 +263,13 @@ def handle_locked_messages_at_once(session: Session, messages: list[InboxMessage
     handle_locked_message). In exchange a run costs its handler's statements and no more.
     """
     runs: list[tuple[Handler, list[ReceivedEvent]]] = []
+    unusable: dict[uuid.UUID, str] = {}
     for message in messages:
-        if message.processed_at is not None or message.parked_at is not None:
+        if message.done:
             continue
         ready = _ready_to_handle(message, handlers)
-        if ready is None:
-            message.attempts += 1
-            message.last_attempt_at = _now()
+        if isinstance(ready, str):
+            unusable[message.message_id] = ready
             continue
         handler, event = ready
         if runs and runs[-1][0] is handler:
@@ -264,32 +284,53 @@ def handle_locked_messages_at_once(session: Session, messages: list[InboxMessage
                 with request_id_bound(event.message.request_id):
                     log.info("handled %s %s", event.message.type, event.message.message_id)
                 processed.append(event.message.message_id)
+    if unusable:
+        _park(session, unusable)
     if processed:
-        session.execute(_MARK_PROCESSED, {"processed": processed, "now": _now()})
+        _mark_processed(session, processed)
 
 
-_inbox = InboxMessage.__table__
-_MARK_PROCESSED = (
-    update(_inbox)
-    .where(_inbox.c.message_id == any_(bindparam("processed", type_=ARRAY(UUID(as_uuid=True)))))
-    .values(attempts=_inbox.c.attempts + 1, last_attempt_at=bindparam("now"),
-            processed_at=bindparam("now"), last_error=None)
-)
+def _mark_processed(session: Session, message_ids: list[uuid.UUID]) -> None:
+    with driver_cursor(session) as cursor:
+        cursor.execute(_MARK_PROCESSED, {"message_ids": [str(m) for m in message_ids],
+                                         "now": _now()})
 
 
-def _ready_to_handle(message: InboxMessage,
-                     handlers: dict[str, Handler]) -> tuple[Handler, ReceivedEvent] | None:
-    """The message's handler and the event to give it, or None once the message is parked for
-    having no handler or a payload that breaks its contract."""
+_MARK_PROCESSED = """
+UPDATE inbox_messages
+SET attempts = attempts + 1, last_attempt_at = %(now)s, processed_at = %(now)s, last_error = NULL
+WHERE message_id = ANY(%(message_ids)s::uuid[])"""
+_COUNT_ATTEMPT = """
+UPDATE inbox_messages SET attempts = attempts + 1, last_attempt_at = %(now)s
+WHERE message_id = ANY(%(message_ids)s::uuid[])"""
+
+
+def _park(session: Session, reasons: dict[uuid.UUID, str]) -> None:
+    """Park messages whose rows the transaction has locked, each with its reason."""
+    with driver_cursor(session) as cursor:
+        for message_id, reason in reasons.items():
+            cursor.execute(_PARK, {"message_id": str(message_id), "reason": reason[:2000],
+                                   "now": _now()})
+            log.error("parked inbox message %s: %s", message_id, reason)
+
+
+_PARK = """
+UPDATE inbox_messages
+SET attempts = attempts + 1, last_attempt_at = %(now)s, parked_at = %(now)s, last_error = %(reason)s
+WHERE message_id = %(message_id)s::uuid"""
+
+
+def _ready_to_handle(message: StoredMessage,
+                     handlers: dict[str, Handler]) -> tuple[Handler, ReceivedEvent] | str:
+    """The message's handler and the event to give it, or why the message must be parked: it has
+    no handler, or a payload that breaks its contract."""
     handler = handlers.get(message.type)
     if handler is None:
-        _park(message, f"no handler for message type {message.type!r}")
-        return None
+        return f"no handler for message type {message.type!r}"
     try:
         payload = PAYLOAD_SCHEMAS[message.type].load(message.payload)
     except Exception as exc:  # stored before the contract changed, or edited by hand
-        _park(message, f"payload breaks the contract: {exc}")
-        return None
+        return f"payload breaks the contract: {exc}"
     return handler, ReceivedEvent(payload, message)
 
 
@@ -332,9 +373,3 @@ def find_stalled_messages(session: Session, min_age: timedelta, limit: int = 500
             .limit(limit)
         )
     )
-
-
-def _park(message: InboxMessage, reason: str) -> None:
-    message.parked_at = _now()
-    message.last_error = reason[:2000]
-    log.error("parked inbox message %s: %s", message.message_id, reason)

@@ -20,12 +20,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Integer, String, Text, func, insert, text
+from psycopg2.extras import Json, execute_values
+from sqlalchemy import BigInteger, DateTime, Integer, String, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.contracts import Envelope
-from shared.db import db
+from shared.db import db, driver_cursor
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, current_request_id
 
 # An arbitrary constant: the key of the advisory lock that serialises relays within one database.
@@ -50,7 +51,6 @@ class OutboxMessage(db.Model):
     last_error: Mapped[str | None] = mapped_column(Text)
 
 
-_INSERT_OUTBOX_MESSAGE = insert(OutboxMessage.__table__)
 _WRITTEN_TOGETHER = "hseshop.outbox_rows_written_together"
 
 # What the relay reads of a row, as plain tuples (see RelayRow): the wire envelope (see
@@ -78,25 +78,17 @@ def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelop
     The event carries `request_id` on to its consumers: the id of the request it answers (an inbox
     handler passes the one its message came with), by default the request being served.
 
-    A plain INSERT (compiled once and cached), not an ORM object: nothing reads the row back in
-    the transaction that writes it, and the unit of work cost more than the statement itself.
+    A plain INSERT on the driver (shared.db.driver_cursor): every order writes several of these,
+    and nothing reads the row back in the transaction that writes it.
     """
-    body = event.to_json()
-    row = {
-        "message_id": event.message_id,
-        "topic": topic,
-        "key": key,
-        "type": event.type,
-        "correlation_id": event.correlation_id,
-        "payload": body["payload"],
-        "request_id": request_id or current_request_id(),
-        "created_at": event.occurred_at,
-    }
+    row = (str(event.message_id), topic, key, event.type, event.correlation_id,
+           Json(event.to_json()["payload"]), request_id or current_request_id(), event.occurred_at)
     written_together = session.info.get(_WRITTEN_TOGETHER)
-    if written_together is None:
-        session.execute(_INSERT_OUTBOX_MESSAGE, row)
-    else:
+    if written_together is not None:
         written_together.append(row)
+        return
+    with driver_cursor(session) as cursor:
+        cursor.execute(_INSERT_OUTBOX_MESSAGES % _OUTBOX_ROW, row)
 
 
 @contextmanager
@@ -107,14 +99,22 @@ def outbox_rows_written_together(session: Session) -> Iterator[None]:
     For a caller that runs many use cases in one transaction with no savepoints, as an inbox batch
     does: a savepoint rolled back inside the block would not take its rows back.
     """
-    rows: list[dict] = []
+    rows: list[tuple] = []
     session.info[_WRITTEN_TOGETHER] = rows
     try:
         yield
     finally:
         session.info.pop(_WRITTEN_TOGETHER, None)
     if rows:
-        session.execute(_INSERT_OUTBOX_MESSAGE, rows)
+        with driver_cursor(session) as cursor:
+            execute_values(cursor, _INSERT_OUTBOX_MESSAGES, rows, page_size=len(rows))
+
+
+_INSERT_OUTBOX_MESSAGES = """
+INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, payload, request_id,
+                             created_at)
+VALUES %s"""
+_OUTBOX_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s)"
 
 
 def relay_headers(message_id: str, event_type: str, request_id: str | None) -> dict[str, str]:
@@ -142,11 +142,8 @@ SendBatch = Callable[[list[RelayRow]], dict[int, str]]
 def relay_pending_outbox(session: Session, send_batch: SendBatch, batch_size: int) -> RelayResult:
     """Publish one batch of rows, oldest first, in the caller's transaction; delete the ones the
     broker acknowledged."""
-    # Straight from the driver, on the transaction's connection: the relay runs these at every
-    # wake-up, with thousands of rows a second, and SQLAlchemy's statement and result handling
-    # cost several times what the driver's does.
-    cursor = session.connection().connection.cursor()
-    try:
+    # Straight on the driver: the relay runs these at every wake-up, thousands of rows a second.
+    with driver_cursor(session) as cursor:
         cursor.execute(_TAKE_RELAY_LOCK, {"key": RELAY_LOCK_KEY})
         if not cursor.fetchone()[0]:
             return RelayResult(skipped_busy=True)
@@ -163,8 +160,6 @@ def relay_pending_outbox(session: Session, send_batch: SendBatch, batch_size: in
             row_ids_by_error[error].append(row_id)
         for error, row_ids in row_ids_by_error.items():
             cursor.execute(_COUNT_REFUSAL, {"row_ids": row_ids, "error": error[:2000]})
-    finally:
-        cursor.close()
     return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused))
 
 

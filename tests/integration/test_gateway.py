@@ -221,15 +221,15 @@ def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(setting
     from gateway_app import notifications
     from shared.contracts import ORDER_STATUS_CHANGED, new_event
     from shared.db import transaction
-    from shared.inbox import InboxMessage, ReceivedEvent
+    from shared.inbox import ReceivedEvent, StoredMessage
 
     users = [f"user-{uuid.uuid4().hex[:10]}" for _ in range(2)]
     events = [new_event(ORDER_STATUS_CHANGED, {
         "order_id": uuid.uuid4(), "user_id": user, "amount": Decimal("1.00"),
         "status": "FINISHED", "reason": None, "updated_at": datetime.now(timezone.utc)}, None)
         for user in (users[0], users[1], users[0])]
-    received = [ReceivedEvent(event.payload, InboxMessage(message_id=event.message_id,
-                                                          type=event.type)) for event in events]
+    received = [ReceivedEvent(event.payload, StoredMessage(event.message_id, event.type, None, None,
+                                                           None, done=False)) for event in events]
     app = gateway.application
     with app.app_context():
         pubsub = notifications._redis().pubsub(ignore_subscribe_messages=True)
