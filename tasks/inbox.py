@@ -66,7 +66,10 @@ def dispatch_inbox_messages(service: str, message_ids: list[uuid.UUID]) -> None:
     """
     for start in range(0, len(message_ids), HANDLED_PER_TRANSACTION):
         chunk = message_ids[start:start + HANDLED_PER_TRANSACTION]
-        handle_inbox_batch.apply_async((service, [str(message_id) for message_id in chunk]))
+        # argsrepr: what Flower and the logs show of the task's arguments; without it Celery
+        # writes a safe repr of every id into each task message.
+        handle_inbox_batch.apply_async((service, [str(message_id) for message_id in chunk]),
+                                       argsrepr=f"({service!r}, <{len(chunk)} message ids>)")
 
 
 @app.task(name="hseshop.handle_inbox_batch", base=ServiceTask, ignore_result=True)
