@@ -25,6 +25,10 @@ GATEWAY_THREADS = 32
 # gunicorn's worker processes and threads per API (the benchmark serves its baseline the same way).
 API_WORKERS = 2
 API_THREADS = 4
+# Threads of each Celery worker's pool. A batch spends most of its time waiting (on PostgreSQL, on
+# row locks another batch holds, on a core), so more threads than cores keep batches from queueing
+# behind each other; each holds one pooled connection while it runs (shared/db.py pools 20).
+WORKER_THREADS = 16
 
 
 def gunicorn_argv(port: int, app: str, threads: int = API_THREADS) -> list[str]:
@@ -260,7 +264,7 @@ class Stack:
             commands[f"{service}-grpc"] = ["shared.grpc_server", service]
         for service in SERVICES:
             commands[f"{service}-worker"] = [
-                *f"celery -A tasks worker -Q {service} -P threads -c 8 -n {service}@%h".split(),
+                *f"celery -A tasks worker -Q {service} -P threads -c {WORKER_THREADS} -n {service}@%h".split(),
                 *f"--consume {service} --without-gossip --without-mingle -l INFO".split(),
             ]
         commands["beat"] = [
