@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import MetaData
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 NAMING_CONVENTION = {
@@ -79,3 +80,9 @@ def driver_cursor(session: Session) -> Iterator:
         yield cursor
     finally:
         cursor.close()
+
+
+def driver_dsn(database_url: str) -> str:
+    """The psycopg2 connection string for a service's SQLAlchemy database URL, for the few
+    connections the shop holds outside the pool (the relay's LISTEN, the inbox consumer's)."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)

@@ -156,7 +156,16 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
 
 
 def store_records(session: Session, records: list[ConsumedRecord]) -> list[uuid.UUID]:
-    """Insert the records not seen before; return the ids of the new ones that await handling."""
+    """Insert the records not seen before, in the caller's transaction; return the ids of the new
+    ones that await handling."""
+    with driver_cursor(session) as cursor:
+        return insert_records(cursor, records)
+
+
+def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
+    """Insert the records not seen before with one statement on a driver cursor (atomic on its
+    own, so the consumer runs it in autocommit); return the ids of the new ones that await
+    handling."""
     if not records:
         return []
     rows: dict[uuid.UUID, dict[str, Any]] = {}
@@ -168,8 +177,7 @@ def store_records(session: Session, records: list[ConsumedRecord]) -> list[uuid.
                Json(row["payload"]) if "payload" in row else None, row.get("raw_value"),
                row.get("parked_at"), row.get("last_error"))
               for row in rows.values()]
-    with driver_cursor(session) as cursor:
-        inserted = execute_values(cursor, _STORE, values, page_size=len(values), fetch=True)
+    inserted = execute_values(cursor, _STORE, values, page_size=len(values), fetch=True)
     return [uuid.UUID(message_id) for message_id, parked in inserted if not parked]
 
 

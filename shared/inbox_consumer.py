@@ -14,9 +14,10 @@ import threading
 import uuid
 from collections.abc import Callable
 
+import psycopg2
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from shared.inbox import ConsumedRecord, store_records
+from shared.inbox import ConsumedRecord, insert_records
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,31 @@ class InboxConsumer:
         return records
 
 
-def store_batch_with(transaction) -> StoreBatch:
-    """A StoreBatch that writes the records in one transaction from `transaction()`."""
-    def store_batch(records: list[ConsumedRecord]) -> list[uuid.UUID]:
-        with transaction() as session:
-            return store_records(session, records)
-    return store_batch
+class StoreOnOwnConnection:
+    """A StoreBatch that writes each batch with one INSERT on a PostgreSQL connection of its own,
+    in autocommit.
+
+    The statement is atomic by itself: a transaction around it would add a BEGIN and a COMMIT
+    round trip and a pooled session for every batch, and nothing else. A connection that fails is
+    closed, and the next batch opens a new one.
+    """
+
+    def __init__(self, dsn: str):
+        self._dsn = dsn
+        self._connection = None
+
+    def __call__(self, records: list[ConsumedRecord]) -> list[uuid.UUID]:
+        if self._connection is None or self._connection.closed:
+            self._connection = psycopg2.connect(self._dsn)
+            self._connection.autocommit = True
+        try:
+            with self._connection.cursor() as cursor:
+                return insert_records(cursor, records)
+        except psycopg2.Error:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None

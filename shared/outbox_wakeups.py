@@ -11,8 +11,8 @@ from __future__ import annotations
 import select
 
 import psycopg2
-from sqlalchemy.engine import make_url
 
+from shared.db import driver_dsn
 from shared.outbox import OUTBOX_CHANNEL
 
 # An arbitrary constant, apart from shared.outbox.RELAY_LOCK_KEY (taken per batch).
@@ -23,8 +23,7 @@ class OutboxWakeups:
     """A LISTENing connection to one service's database; `lead()` before waiting."""
 
     def __init__(self, database_url: str):
-        url = make_url(database_url).set(drivername="postgresql")
-        self._connection = psycopg2.connect(url.render_as_string(hide_password=False))
+        self._connection = psycopg2.connect(driver_dsn(database_url))
         self._connection.autocommit = True
 
     def lead(self) -> bool:

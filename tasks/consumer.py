@@ -9,8 +9,8 @@ import threading
 from celery import bootsteps
 
 from shared.config import get_settings
-from shared.db import transaction
-from shared.inbox_consumer import InboxConsumer, store_batch_with
+from shared.db import driver_dsn
+from shared.inbox_consumer import InboxConsumer, StoreOnOwnConnection
 from shared.kafka import build_consumer, ensure_topics
 from tasks.services import service_app, service_package
 
@@ -28,8 +28,8 @@ class InboxConsumerStep(bootsteps.StartStopStep):
 
     def start(self, worker):
         for service in self.services:
-            consumer = build_inbox_consumer(service)
-            thread = threading.Thread(target=_run_in_app_context, args=(service, consumer),
+            consumer, store = build_inbox_consumer(service)
+            thread = threading.Thread(target=_run_in_app_context, args=(service, consumer, store),
                                       name=f"inbox-consumer-{service}", daemon=True)
             thread.start()
             self.consumers.append(consumer)
@@ -43,7 +43,7 @@ class InboxConsumerStep(bootsteps.StartStopStep):
             thread.join(timeout=15)
 
 
-def build_inbox_consumer(service: str) -> InboxConsumer:
+def build_inbox_consumer(service: str) -> tuple[InboxConsumer, StoreOnOwnConnection]:
     from tasks.inbox import dispatch_inbox_messages
 
     settings = get_settings()
@@ -52,14 +52,20 @@ def build_inbox_consumer(service: str) -> InboxConsumer:
         ensure_topics(settings, topics)
     except Exception as exc:  # the consumer subscribes anyway and picks the topics up later
         log.warning("could not check the %s topics: %s", service, exc)
-    return InboxConsumer(
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url(service)))
+    consumer = InboxConsumer(
         build_consumer(settings, settings.consumer_group(service)),
         topics,
-        store_batch=store_batch_with(transaction),
+        store_batch=store,
         dispatch=lambda message_ids: dispatch_inbox_messages(service, message_ids),
     )
+    return consumer, store
 
 
-def _run_in_app_context(service: str, consumer: InboxConsumer) -> None:
-    with service_app(service).app_context():
-        consumer.run()
+def _run_in_app_context(service: str, consumer: InboxConsumer,
+                        store: StoreOnOwnConnection) -> None:
+    try:
+        with service_app(service).app_context():
+            consumer.run()
+    finally:
+        store.close()

@@ -122,3 +122,31 @@ def test_raw_value_keeps_what_was_received(in_payments):
         store_records(session, [record])
     row = db.session.scalars(select(InboxMessage).where(InboxMessage.offset == record.offset)).one()
     assert json.loads(row.raw_value) == {"type": "PaymentRequested"}
+
+
+def test_the_consumer_stores_on_a_connection_of_its_own_and_replaces_it_once_lost(
+        in_payments, settings, user_id):
+    """The consumer writes each batch with one statement in autocommit on its own connection. When
+    the database drops that connection, the batch fails (the consumer reads it again from Kafka)
+    and the next one opens a new connection."""
+    import psycopg2
+
+    from shared.db import driver_dsn
+    from shared.inbox_consumer import StoreOnOwnConnection
+
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
+    try:
+        first, first_id = _request_record(user_id)
+        assert store([first, first]) == [first_id]
+        with psycopg2.connect(settings.payments_database_url) as admin, admin.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)",
+                           (store._connection.get_backend_pid(),))
+        admin.close()
+        second, second_id = _request_record(user_id)
+        with pytest.raises(psycopg2.OperationalError):
+            store([second])
+        assert store([second]) == [second_id]
+        assert store([first]) == []  # stored once, whichever connection it came by
+    finally:
+        store.close()
+    assert _row(second_id).processed_at is None  # stored, and waiting to be handled
