@@ -98,25 +98,36 @@ class Envelope:
     message_id: uuid.UUID = field(default_factory=uuid.uuid4)
     occurred_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     version: int = ENVELOPE_VERSION
+    # The payload in its wire form, when it is already at hand (new_event checked it, decode read
+    # it): serialising a payload costs more than anything else about an event, so it is done once.
+    wire_payload: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    def payload_json(self) -> dict[str, Any]:
+        """The payload's wire form: fields serialised by their contract (amounts as strings)."""
+        if self.wire_payload is not None:
+            return self.wire_payload
+        return PAYLOAD_SCHEMAS[self.type].dump(self.payload)
 
     def to_json(self) -> dict[str, Any]:
-        """The wire form: payload fields serialised by their contract (amounts as strings)."""
+        """The wire form of the whole envelope."""
         return {
             "message_id": str(self.message_id),
             "type": self.type,
             "version": self.version,
             "occurred_at": self.occurred_at.isoformat(),
             "correlation_id": self.correlation_id,
-            "payload": PAYLOAD_SCHEMAS[self.type].dump(self.payload),
+            "payload": self.payload_json(),
         }
 
 
 def new_event(event_type: str, payload: dict[str, Any], correlation_id: str | None) -> Envelope:
     """A new event, its payload checked against the contract before it is ever written."""
-    errors = PAYLOAD_SCHEMAS[event_type].validate(PAYLOAD_SCHEMAS[event_type].dump(payload))
+    wire_payload = PAYLOAD_SCHEMAS[event_type].dump(payload)
+    errors = PAYLOAD_SCHEMAS[event_type].validate(wire_payload)
     if errors:
         raise MalformedMessage(f"{event_type} payload breaks the contract: {errors}")
-    return Envelope(type=event_type, payload=payload, correlation_id=correlation_id)
+    return Envelope(type=event_type, payload=payload, correlation_id=correlation_id,
+                    wire_payload=wire_payload)
 
 
 def encode(envelope_json: dict[str, Any]) -> bytes:

@@ -151,7 +151,7 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
         "message_id": envelope.message_id,
         "type": envelope.type,
         "correlation_id": envelope.correlation_id,
-        "payload": envelope.to_json()["payload"],
+        "payload": envelope.payload_json(),
     }
 
 

@@ -82,7 +82,7 @@ def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelop
     and nothing reads the row back in the transaction that writes it.
     """
     row = (str(event.message_id), topic, key, event.type, event.correlation_id,
-           Json(event.to_json()["payload"]), request_id or current_request_id(), event.occurred_at)
+           Json(event.payload_json()), request_id or current_request_id(), event.occurred_at)
     written_together = session.info.get(_WRITTEN_TOGETHER)
     if written_together is not None:
         written_together.append(row)

@@ -29,6 +29,15 @@ def test_an_event_survives_the_wire_with_amounts_as_strings():
     assert decoded.correlation_id == "order-1"
 
 
+def test_a_new_event_keeps_the_wire_form_it_checked_and_a_decoded_one_builds_it():
+    event = _request_event()
+    decoded = decode(encode(event.to_json()))
+    assert event.wire_payload is not None and decoded.wire_payload is None
+    assert event.payload_json() == decoded.payload_json() == {
+        "order_id": str(event.payload["order_id"]), "user_id": "alice", "amount": "30.00"}
+    assert decoded == event  # the wire form is a cache, not part of the event
+
+
 def test_a_new_event_must_follow_its_contract():
     with pytest.raises(MalformedMessage):
         new_event(PAYMENT_FAILED, {"order_id": uuid.uuid4(), "user_id": "bob",
