@@ -8,7 +8,7 @@ once the broker has acknowledged it (Kafka is then its record); a row the broker
 counts the attempt and records the error, and is retried by the next run. Rows that are gone never
 need skipping, so the table holds the backlog and nothing else, however long the shop has run.
 
-Inserting rows wakes the relay: a trigger notifies OUTBOX_CHANNEL (see shared/outbox_wakeups.py).
+Inserting rows wakes the relay: a trigger notifies OUTBOX_CHANNEL (see shared/relay_leader.py).
 """
 
 from __future__ import annotations
@@ -139,27 +139,29 @@ class RelayResult:
 SendBatch = Callable[[list[RelayRow]], dict[int, str]]
 
 
-def relay_pending_outbox(session: Session, send_batch: SendBatch, batch_size: int) -> RelayResult:
-    """Publish one batch of rows, oldest first, in the caller's transaction; delete the ones the
-    broker acknowledged."""
-    # Straight on the driver: the relay runs these at every wake-up, thousands of rows a second.
-    with driver_cursor(session) as cursor:
-        cursor.execute(_TAKE_RELAY_LOCK, {"key": RELAY_LOCK_KEY})
-        if not cursor.fetchone()[0]:
-            return RelayResult(skipped_busy=True)
-        cursor.execute(_CLAIM_ROWS, {"batch_size": batch_size})
-        rows: list[RelayRow] = cursor.fetchall()
-        if not rows:
-            return RelayResult()
-        refused = send_batch(rows)
-        sent_ids = [row[0] for row in rows if row[0] not in refused]
-        if sent_ids:
-            cursor.execute(_DELETE_ROWS, {"row_ids": sent_ids})
-        row_ids_by_error: dict[str, list[int]] = defaultdict(list)
-        for row_id, error in refused.items():
-            row_ids_by_error[error].append(row_id)
-        for error, row_ids in row_ids_by_error.items():
-            cursor.execute(_COUNT_REFUSAL, {"row_ids": row_ids, "error": error[:2000]})
+def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> RelayResult:
+    """Publish one batch of rows, oldest first, in the transaction of the driver `cursor`; delete
+    the ones the broker acknowledged.
+
+    On the driver: the relay runs these at every wake-up, thousands of rows a second (on the
+    leader's own connection, shared/relay_leader.py).
+    """
+    cursor.execute(_TAKE_RELAY_LOCK, {"key": RELAY_LOCK_KEY})
+    if not cursor.fetchone()[0]:
+        return RelayResult(skipped_busy=True)
+    cursor.execute(_CLAIM_ROWS, {"batch_size": batch_size})
+    rows: list[RelayRow] = cursor.fetchall()
+    if not rows:
+        return RelayResult()
+    refused = send_batch(rows)
+    sent_ids = [row[0] for row in rows if row[0] not in refused]
+    if sent_ids:
+        cursor.execute(_DELETE_ROWS, {"row_ids": sent_ids})
+    row_ids_by_error: dict[str, list[int]] = defaultdict(list)
+    for row_id, error in refused.items():
+        row_ids_by_error[error].append(row_id)
+    for error, row_ids in row_ids_by_error.items():
+        cursor.execute(_COUNT_REFUSAL, {"row_ids": row_ids, "error": error[:2000]})
     return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused))
 
 

@@ -1,7 +1,7 @@
 """Relaying outbox rows to Kafka: a Celery task that beat sends, which stays to lead the relay.
 
 Beat sends `relay_outbox` for each service every `outbox_relay_interval_seconds`. The first run
-to take the service database's leader lock (shared/outbox_wakeups.py) stays: it sends every row
+to take the service database's leader lock (shared/relay_leader.py) stays: it sends every row
 waiting, then sleeps until a commit that inserted outbox rows notifies it, sends again, and so on
 until its worker shuts down. Every later run finds the leader and returns at once, so beat only
 matters when no leader is alive (its worker died, its database connection broke): the next run
@@ -17,10 +17,9 @@ import threading
 from celery.signals import worker_shutting_down
 from flask import current_app
 
-from shared.db import transaction
 from shared.kafka import OutboxPublisher, ensure_topics
 from shared.outbox import relay_pending_outbox
-from shared.outbox_wakeups import OutboxWakeups
+from shared.relay_leader import RelayLeaderConnection
 from tasks.celery_app import app
 from tasks.services import ServiceTask
 
@@ -58,32 +57,33 @@ def relay_outbox(service: str) -> int:
         _leading.add(service)
     try:
         settings = current_app.extensions["hseshop.settings"]
-        with OutboxWakeups(settings.database_url(service)) as wakeups:
-            if not wakeups.lead():
+        with RelayLeaderConnection(settings.database_url(service)) as leader:
+            if not leader.lead():
                 return 0
             log.info("leading the %s outbox relay", service)
-            return _lead(service, settings, wakeups)
+            return _lead(service, settings, leader)
     finally:
         with _leading_lock:
             _leading.discard(service)
 
 
-def _lead(service: str, settings, wakeups: OutboxWakeups) -> int:
+def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
     publisher = _publisher()
     sent = 0
     while not _stopping.is_set():
-        sent += _send_waiting_rows(service, settings, publisher)
-        wakeups.wait(RECHECK_SECONDS)
+        sent += _send_waiting_rows(service, settings, leader, publisher)
+        leader.wait(RECHECK_SECONDS)
     log.info("%s outbox relay stopping with its worker", service)
     return sent
 
 
-def _send_waiting_rows(service: str, settings, publisher: OutboxPublisher) -> int:
+def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
+                       publisher: OutboxPublisher) -> int:
     """Send batch after batch until none is left (or the broker refuses rows: retried later)."""
     sent = 0
     while not _stopping.is_set():
-        with transaction() as session:
-            result = relay_pending_outbox(session, publisher.send_batch,
+        with leader.transaction() as cursor:
+            result = relay_pending_outbox(cursor, publisher.send_batch,
                                           settings.outbox_relay_batch_size)
         sent += result.sent
         if result.failed:

@@ -14,12 +14,12 @@ from sqlalchemy import func, select
 from devstack.infra import free_port, start_and_wait_for_broker, start_broker
 from orders_app import service
 from orders_app.models import Order
-from shared.db import db, transaction
-from shared.kafka import OutboxPublisher
 from shared.contracts import PAYMENT_REQUESTED, new_event
+from shared.db import db, driver_cursor, transaction
+from shared.kafka import OutboxPublisher
 from shared.outbox import (OutboxMessage, add_outbox_message, outbox_rows_written_together,
                            relay_pending_outbox)
-from shared.outbox_wakeups import OutboxWakeups
+from shared.relay_leader import RelayLeaderConnection
 from shared.request_context import request_id_bound
 from tests.kafka_tools import read_topic, read_topic_until
 from tests.polling import wait_for
@@ -34,8 +34,8 @@ def _place(user_id: str, amount: str = "30.00") -> Order:
 def _relay_all(publisher: OutboxPublisher, batch_size: int = 100):
     totals = []
     while True:
-        with transaction() as session:
-            result = relay_pending_outbox(session, publisher.send_batch, batch_size)
+        with transaction() as session, driver_cursor(session) as cursor:
+            result = relay_pending_outbox(cursor, publisher.send_batch, batch_size)
         totals.append(result)
         if result.claimed == 0 or result.failed:
             return totals
@@ -157,7 +157,7 @@ def test_concurrent_relays_send_each_row_once(orders_flask_app, settings, user_i
 
 def test_one_relay_leads_and_a_commit_of_outbox_rows_wakes_it(in_orders, settings, user_id):
     url = settings.database_url("orders")
-    with OutboxWakeups(url) as leader, OutboxWakeups(url) as other:
+    with RelayLeaderConnection(url) as leader, RelayLeaderConnection(url) as other:
         assert leader.lead()
         assert not other.lead()  # one leader per database
         assert not leader.wait(0.05)
@@ -168,8 +168,27 @@ def test_one_relay_leads_and_a_commit_of_outbox_rows_wakes_it(in_orders, setting
         assert not leader.wait(0.2)
         _place(user_id)
         assert leader.wait(5)
-    with OutboxWakeups(url) as successor:
+    with RelayLeaderConnection(url) as successor:
         assert successor.lead()  # the lock went with the leader's connection
+
+
+def test_the_leader_relays_in_transactions_of_its_own_connection(in_orders, settings, user_id):
+    """The leader's transactions commit or roll back as a whole, and a commit that notifies while
+    one runs still wakes the leader's next wait."""
+    order = _place(user_id)
+    with RelayLeaderConnection(settings.database_url("orders")) as leader:
+        assert leader.lead()
+        with pytest.raises(RuntimeError):
+            with leader.transaction() as cursor:
+                cursor.execute("DELETE FROM outbox_messages WHERE correlation_id = %s",
+                               (str(order.id),))
+                raise RuntimeError("rolled back")
+        db.session.rollback()
+        assert len(_outbox_rows_for([order.id])) == 1
+        with leader.transaction() as cursor:
+            _place(user_id)  # commits, and notifies, while the leader's transaction is open
+            cursor.execute("SELECT 1")
+        assert leader.wait(5)
 
 
 def test_the_relay_task_leads_sends_what_commits_and_stops_with_the_worker(

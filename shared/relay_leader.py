@@ -1,0 +1,74 @@
+"""The outbox relay's leader: one connection per service database that holds the leader lock,
+LISTENs on the channel the outbox trigger notifies, and runs the relay's transactions.
+
+A session-level advisory lock makes one relay per database the leader; a crashed one lets go with
+its connection. Each commit that inserted outbox rows notifies once, after it is visible, so the
+leader reads the rows as soon as they can be read and never polls an empty table. Relaying on the
+very connection that holds the lock means a leader that loses its connection loses its lock and
+its means to relay at the same moment, and each batch costs no pooled session.
+"""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg2
+
+from shared.db import driver_dsn
+from shared.outbox import OUTBOX_CHANNEL
+
+# An arbitrary constant, apart from shared.outbox.RELAY_LOCK_KEY (taken per batch).
+RELAY_LEADER_LOCK_KEY = 0x0B0C5E1B
+
+
+class RelayLeaderConnection:
+    """A connection to one service's database; `lead()` before waiting or relaying."""
+
+    def __init__(self, database_url: str):
+        self._connection = psycopg2.connect(driver_dsn(database_url))
+        # LISTEN and the session-level lock need no transaction; transaction() opens its own.
+        self._connection.autocommit = True
+
+    def lead(self) -> bool:
+        """Become this database's leading relay, unless another relay is; then listen."""
+        with self._connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LEADER_LOCK_KEY,))
+            if not cursor.fetchone()[0]:
+                return False
+            cursor.execute(f'LISTEN "{OUTBOX_CHANNEL}"')
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        """Block until outbox rows are committed or `timeout` seconds pass; True if woken."""
+        connection = self._connection
+        if not connection.notifies:
+            readable, _, _ = select.select([connection], [], [], timeout)
+            if readable:
+                connection.poll()
+        woken = bool(connection.notifies)
+        connection.notifies.clear()
+        return woken
+
+    @contextmanager
+    def transaction(self) -> Iterator:
+        """A cursor in one transaction, committed when the block ends, rolled back if it raises.
+        (Notifications that arrive meanwhile are kept for the next wait().)"""
+        with self._connection.cursor() as cursor:
+            cursor.execute("BEGIN")
+            try:
+                yield cursor
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            cursor.execute("COMMIT")
+
+    def close(self) -> None:
+        self._connection.close()  # the lock and the LISTEN end with the session
+
+    def __enter__(self) -> RelayLeaderConnection:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
