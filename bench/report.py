@@ -123,7 +123,16 @@ def _machine_line(results: dict) -> str:
     return (f"{results['machine']['cpus']} CPUs, Python {results['machine']['python']}, "
             f"{results['machine']['platform']}; APIs on gunicorn -w "
             f"{results['api_server']['workers']} --threads {results['api_server']['threads']}; "
-            f"everything on this one machine.")
+            f"everything on this one machine.{_speed_note(results['machine'])}")
+
+
+def _speed_note(machine: dict) -> str:
+    loop = machine.get("python_loop_ms")
+    if not loop:
+        return ""
+    return (f" A fixed pure-Python loop took {loop['start']} ms of CPU at the start of the run and "
+            f"{loop.get('end', '?')} ms at its end (bench/machine_speed.py): runs whose loop times "
+            f"differ were made on a faster or slower machine.")
 
 
 def draw_latency_chart(results: dict, path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bench.gateway_transports import measure_gateway_transports
 from bench.intake import measure_intake
+from bench.machine_speed import python_loop_ms
 from bench.memory import PeakMemory
 from bench.pipeline import measure_capacity, measure_latency
 from bench.plan import BenchPlan
@@ -21,6 +22,7 @@ def run_benchmark(stack: Stack, plan: BenchPlan, workdir: Path, say=lambda messa
     workdir.mkdir(parents=True, exist_ok=True)
     extra_processes: list[ManagedProcess] = []
     results = describe_run(plan)
+    results["machine"]["python_loop_ms"] = {"start": python_loop_ms()}
     with PeakMemory(lambda: stack.processes + extra_processes) as memory:
         users = seed_shoppers(stack, plan.shoppers)
         say(f"relay speed ({plan.relay_rows} rows)...")
@@ -37,4 +39,5 @@ def run_benchmark(stack: Stack, plan: BenchPlan, workdir: Path, say=lambda messa
         results["gateway_transports"] = measure_gateway_transports(stack, plan, workdir,
                                                                    extra_processes)
     results["peak_rss_mb"] = memory.peaks_mb()
+    results["machine"]["python_loop_ms"]["end"] = python_loop_ms()
     return results
