@@ -1,8 +1,10 @@
 """How fast this machine runs Python right now: the CPU time a fixed pure-Python loop takes.
 
 These machines change speed over a day (the same code and load have measured 30% apart within an
-hour), so each report states the loop's time at the start and at the end of its run: figures of
-runs whose loop times differ do not compare, whatever the code.
+hour), so each report states the loop's time at the start and at the end of its run. It is one
+sign only: it sees the CPU, not the disk (commits wait for it) or other guests competing for the
+host, and runs whose loop times matched have still differed. Compare code by runs made back to
+back, in turns.
 """
 
 from __future__ import annotations

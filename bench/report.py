@@ -131,8 +131,8 @@ def _speed_note(machine: dict) -> str:
     if not loop:
         return ""
     return (f" A fixed pure-Python loop took {loop['start']} ms of CPU at the start of the run and "
-            f"{loop.get('end', '?')} ms at its end (bench/machine_speed.py): runs whose loop times "
-            f"differ were made on a faster or slower machine.")
+            f"{loop.get('end', '?')} ms at its end (bench/machine_speed.py; it sees the CPU's "
+            f"speed, not the disk's or the scheduler's, so runs made apart compare only roughly).")
 
 
 def draw_latency_chart(results: dict, path: Path) -> None:
