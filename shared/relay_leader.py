@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import select
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import psycopg2
 
@@ -60,7 +60,8 @@ class RelayLeaderConnection:
             try:
                 yield cursor
             except BaseException:
-                cursor.execute("ROLLBACK")
+                with suppress(psycopg2.Error):  # a broken connection: what failed is the news
+                    cursor.execute("ROLLBACK")
                 raise
             cursor.execute("COMMIT")
 
