@@ -11,14 +11,14 @@ import redis
 from flask import current_app, g, jsonify, request
 from flask_sock import Sock
 from marshmallow import RAISE, Schema, fields, validate
+from psycopg2.extras import Json, execute_values
 from simple_websocket import ConnectionClosed
 from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from gateway_app.models import Notification
-from shared.contracts import ORDER_STATUS_CHANGED, PAYLOAD_SCHEMAS
-from shared.db import after_commit, db
+from shared.contracts import ORDER_STATUS_CHANGED
+from shared.db import after_commit, db, driver_cursor
 from shared.http_api import Blueprint
 from shared.inbox import Handler, ReceivedEvent
 
@@ -46,28 +46,31 @@ def _redis() -> redis.Redis:
 def on_order_status_changes(session: Session, events: list[ReceivedEvent]) -> None:
     """Keep the notifications (one INSERT for the run; a message seen before is kept once), then
     publish the new ones once the transaction has committed."""
-    schema = PAYLOAD_SCHEMAS[ORDER_STATUS_CHANGED]
-    rows = [{"user_id": event.payload["user_id"], "message_id": event.message.message_id,
-             "type": event.message.type, "payload": schema.dump(event.payload)}
-            for event in events]
-    stored = session.execute(_KEEP_NOTIFICATIONS, rows).all()
+    # The payload as the inbox stored it: already its wire form.
+    rows = {str(event.message.message_id): (event.payload["user_id"], event.message.type,
+                                            event.message.payload)
+            for event in events}
+    with driver_cursor(session) as cursor:
+        stored = execute_values(
+            cursor, _KEEP_NOTIFICATIONS,
+            [(user_id, message_id, event_type, Json(payload))
+             for message_id, (user_id, event_type, payload) in rows.items()],
+            page_size=len(rows), fetch=True)
     if not stored:
         return
-    by_message_id = {row["message_id"]: row for row in rows}
     items = []
     for notification_id, message_id, created_at in sorted(stored):
-        row = by_message_id[message_id]
-        items.append((row["user_id"], {"id": notification_id, "type": row["type"],
-                                       "payload": row["payload"],
-                                       "created_at": created_at.isoformat()}))
+        user_id, event_type, payload = rows[message_id]
+        items.append((user_id, {"id": notification_id, "type": event_type, "payload": payload,
+                                "created_at": created_at.isoformat()}))
     after_commit(session, lambda: _publish(items))
 
 
-_notifications = Notification.__table__
-_KEEP_NOTIFICATIONS = (insert(_notifications)
-                       .on_conflict_do_nothing(index_elements=[_notifications.c.message_id])
-                       .returning(_notifications.c.id, _notifications.c.message_id,
-                                  _notifications.c.created_at))
+# On the driver, as every statement an order passes through (shared.db.driver_cursor).
+_KEEP_NOTIFICATIONS = """
+INSERT INTO notifications (user_id, message_id, type, payload) VALUES %s
+ON CONFLICT (message_id) DO NOTHING
+RETURNING id, message_id::text, created_at"""
 
 
 def _publish(items: list[tuple[str, dict]]) -> None:

@@ -229,7 +229,8 @@ def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(setting
         "status": "FINISHED", "reason": None, "updated_at": datetime.now(timezone.utc)}, None)
         for user in (users[0], users[1], users[0])]
     received = [ReceivedEvent(event.payload, StoredMessage(event.message_id, event.type, None, None,
-                                                           None, done=False)) for event in events]
+                                                           event.payload_json(), done=False))
+                for event in events]
     app = gateway.application
     with app.app_context():
         pubsub = notifications._redis().pubsub(ignore_subscribe_messages=True)
