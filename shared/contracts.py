@@ -98,8 +98,8 @@ class Envelope:
     message_id: uuid.UUID = field(default_factory=uuid.uuid4)
     occurred_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     version: int = ENVELOPE_VERSION
-    # The payload in its wire form, when it is already at hand (new_event checked it, decode read
-    # it): serialising a payload costs more than anything else about an event, so it is done once.
+    # The payload in its wire form, when new_event made it to check it: serialising a payload costs
+    # more than anything else about an event, so an event the shop makes is serialised once.
     wire_payload: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def payload_json(self) -> dict[str, Any]:

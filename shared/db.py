@@ -71,7 +71,7 @@ def driver_cursor(session: Session) -> Iterator:
     """A psycopg2 cursor on the connection of the session's transaction, closed when the block ends.
 
     For the statements the shop runs for every order, many times a second (the inbox and outbox
-    machinery, placing an order, deciding payments): SQLAlchemy's statement and result handling
+    machinery, the handlers', placing an order): SQLAlchemy's statement and result handling
     costs several times what the driver's does, and a plain SQL string with its parameters is no
     harder to read. Rows come back as tuples, uuid columns as strings unless cast in the query.
     """

@@ -155,17 +155,10 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
     }
 
 
-def store_records(session: Session, records: list[ConsumedRecord]) -> list[uuid.UUID]:
-    """Insert the records not seen before, in the caller's transaction; return the ids of the new
-    ones that await handling."""
-    with driver_cursor(session) as cursor:
-        return insert_records(cursor, records)
-
-
 def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     """Insert the records not seen before with one statement on a driver cursor (atomic on its
-    own, so the consumer runs it in autocommit); return the ids of the new ones that await
-    handling."""
+    own, so the consumer runs it in autocommit: shared/inbox_consumer.py); return the ids of the
+    new ones that await handling."""
     if not records:
         return []
     rows: dict[uuid.UUID, dict[str, Any]] = {}

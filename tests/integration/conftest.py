@@ -13,6 +13,8 @@ import pytest
 import orders_app
 import payments_app
 from shared.config import SERVICES, get_settings, load_settings
+from shared.db import driver_dsn
+from shared.inbox_consumer import StoreOnOwnConnection
 from shared.migrations import upgrade
 from tests.environment import service_env
 
@@ -24,6 +26,14 @@ def settings(infrastructure):
     for service in SERVICES:
         upgrade(service)
     return load_settings()
+
+
+@pytest.fixture
+def payments_inbox(settings):
+    """Stores consumed records in the payments inbox as the inbox consumer does."""
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
+    yield store
+    store.close()
 
 
 @pytest.fixture(scope="session")

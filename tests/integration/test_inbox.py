@@ -13,8 +13,7 @@ from sqlalchemy import select
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, transaction
 from shared.inbox import (ConsumedRecord, InboxMessage, Outcome, PermanentMessageError,
-                          find_stalled_messages, process_inbox_message, record_failed_attempt,
-                          store_records)
+                          find_stalled_messages, process_inbox_message, record_failed_attempt)
 
 _offsets = iter(range(10**9))
 
@@ -37,18 +36,15 @@ def _row(message_id) -> InboxMessage:
     return db.session.get(InboxMessage, message_id)
 
 
-def test_a_message_delivered_twice_is_stored_once(in_payments, user_id):
+def test_a_message_delivered_twice_is_stored_once(in_payments, payments_inbox, user_id):
     record, message_id = _request_record(user_id)
-    with transaction() as session:
-        assert store_records(session, [record, record]) == [message_id]
-    with transaction() as session:
-        assert store_records(session, [record]) == []
+    assert payments_inbox([record, record]) == [message_id]
+    assert payments_inbox([record]) == []
 
 
-def test_an_unparseable_message_is_parked_at_once_and_not_dispatched(in_payments):
+def test_an_unparseable_message_is_parked_at_once_and_not_dispatched(in_payments, payments_inbox):
     record = _record(b"{not json")
-    with transaction() as session:
-        assert store_records(session, [record]) == []
+    assert payments_inbox([record]) == []
     row = db.session.scalars(select(InboxMessage).where(InboxMessage.offset == record.offset,
                                                         InboxMessage.topic == "test-topic")).one()
     assert row.parked_at is not None
@@ -56,10 +52,10 @@ def test_an_unparseable_message_is_parked_at_once_and_not_dispatched(in_payments
     assert "not UTF-8 JSON" in row.last_error
 
 
-def test_a_message_is_handled_once_however_often_it_is_dispatched(in_payments, user_id):
+def test_a_message_is_handled_once_however_often_it_is_dispatched(in_payments, payments_inbox,
+                                                                 user_id):
     record, message_id = _request_record(user_id)
-    with transaction() as session:
-        store_records(session, [record])
+    payments_inbox([record])
     calls = []
     handlers = {PAYMENT_REQUESTED: lambda session, events: calls.extend(e.payload for e in events)}
     outcomes = []
@@ -72,10 +68,9 @@ def test_a_message_is_handled_once_however_often_it_is_dispatched(in_payments, u
 
 
 def test_a_failing_handler_leaves_no_effect_and_the_message_is_parked_after_the_last_attempt(
-        in_payments, user_id):
+        in_payments, payments_inbox, user_id):
     record, message_id = _request_record(user_id)
-    with transaction() as session:
-        store_records(session, [record])
+    payments_inbox([record])
 
     def failing(session, events):
         raise RuntimeError("downstream broken")
@@ -93,10 +88,10 @@ def test_a_failing_handler_leaves_no_effect_and_the_message_is_parked_after_the_
     assert row.last_error == "downstream broken"
 
 
-def test_a_permanent_error_parks_the_message_without_retrying(in_payments, user_id):
+def test_a_permanent_error_parks_the_message_without_retrying(in_payments, payments_inbox,
+                                                               user_id):
     record, message_id = _request_record(user_id)
-    with transaction() as session:
-        store_records(session, [record])
+    payments_inbox([record])
 
     def refuses(session, events):
         raise PermanentMessageError("unknown order")
@@ -107,46 +102,37 @@ def test_a_permanent_error_parks_the_message_without_retrying(in_payments, user_
     assert row.parked_at is not None and row.last_error == "unknown order"
 
 
-def test_messages_waiting_too_long_are_found_by_the_sweeper(in_payments, user_id):
+def test_messages_waiting_too_long_are_found_by_the_sweeper(in_payments, payments_inbox, user_id):
     record, message_id = _request_record(user_id)
-    with transaction() as session:
-        store_records(session, [record])
+    payments_inbox([record])
     with transaction() as session:
         assert message_id not in find_stalled_messages(session, timedelta(minutes=5))
         assert message_id in find_stalled_messages(session, timedelta(seconds=-1))
 
 
-def test_raw_value_keeps_what_was_received(in_payments):
+def test_raw_value_keeps_what_was_received(in_payments, payments_inbox):
     record = _record(json.dumps({"type": "PaymentRequested"}).encode())
-    with transaction() as session:
-        store_records(session, [record])
+    payments_inbox([record])
     row = db.session.scalars(select(InboxMessage).where(InboxMessage.offset == record.offset)).one()
     assert json.loads(row.raw_value) == {"type": "PaymentRequested"}
 
 
 def test_the_consumer_stores_on_a_connection_of_its_own_and_replaces_it_once_lost(
-        in_payments, settings, user_id):
+        in_payments, payments_inbox, settings, user_id):
     """The consumer writes each batch with one statement in autocommit on its own connection. When
     the database drops that connection, the batch fails (the consumer reads it again from Kafka)
     and the next one opens a new connection."""
     import psycopg2
 
-    from shared.db import driver_dsn
-    from shared.inbox_consumer import StoreOnOwnConnection
-
-    store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
-    try:
-        first, first_id = _request_record(user_id)
-        assert store([first, first]) == [first_id]
-        with psycopg2.connect(settings.payments_database_url) as admin, admin.cursor() as cursor:
-            cursor.execute("SELECT pg_terminate_backend(%s)",
-                           (store._connection.get_backend_pid(),))
-        admin.close()
-        second, second_id = _request_record(user_id)
-        with pytest.raises(psycopg2.OperationalError):
-            store([second])
-        assert store([second]) == [second_id]
-        assert store([first]) == []  # stored once, whichever connection it came by
-    finally:
-        store.close()
+    first, first_id = _request_record(user_id)
+    assert payments_inbox([first, first]) == [first_id]
+    with psycopg2.connect(settings.payments_database_url) as admin, admin.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)",
+                       (payments_inbox._connection.get_backend_pid(),))
+    admin.close()
+    second, second_id = _request_record(user_id)
+    with pytest.raises(psycopg2.OperationalError):
+        payments_inbox([second])
+    assert payments_inbox([second]) == [second_id]
+    assert payments_inbox([first]) == []  # stored once, whichever connection it came by
     assert _row(second_id).processed_at is None  # stored, and waiting to be handled

@@ -8,18 +8,17 @@ from decimal import Decimal
 import payments_app
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, transaction
-from shared.inbox import ConsumedRecord, InboxMessage, store_records
+from shared.inbox import ConsumedRecord, InboxMessage
 from tasks.inbox import handle_inbox_message
 from tasks.services import service_app
 
 
-def _stored_request(user_id: str) -> uuid.UUID:
-    event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
+def _stored_request(store, user: str, key: str | None = None) -> uuid.UUID:
+    """A PaymentRequested of `user` stored in the payments inbox (under Kafka key `key`)."""
+    event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user,
                                           "amount": Decimal("1.00")}, None)
-    record = ConsumedRecord("task-test", 0, 0, None, encode(event.to_json()), {})
-    with service_app("payments").app_context():
-        with transaction() as session:
-            store_records(session, [record])
+    store([ConsumedRecord("task-test", 0, 0, key.encode() if key else None,
+                          encode(event.to_json()), {})])
     return event.message_id
 
 
@@ -28,7 +27,8 @@ def _row(message_id) -> InboxMessage:
         return db.session.get(InboxMessage, message_id)
 
 
-def test_a_handler_that_keeps_failing_is_retried_then_parked(settings, monkeypatch, user_id):
+def test_a_handler_that_keeps_failing_is_retried_then_parked(settings, payments_inbox, monkeypatch,
+                                                            user_id):
     calls = []
 
     def broken(session, events):
@@ -36,7 +36,7 @@ def test_a_handler_that_keeps_failing_is_retried_then_parked(settings, monkeypat
         raise ConnectionError("ledger unavailable")
 
     monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: broken})
-    message_id = _stored_request(user_id)
+    message_id = _stored_request(payments_inbox, user_id)
     handle_inbox_message.apply(args=("payments", str(message_id)))
     row = _row(message_id)
     assert len(calls) == settings.inbox_max_attempts
@@ -45,7 +45,8 @@ def test_a_handler_that_keeps_failing_is_retried_then_parked(settings, monkeypat
     assert "ledger unavailable" in row.last_error
 
 
-def test_a_handler_that_fails_once_succeeds_on_retry(settings, monkeypatch, user_id):
+def test_a_handler_that_fails_once_succeeds_on_retry(settings, payments_inbox, monkeypatch,
+                                                     user_id):
     calls = []
 
     def flaky(session, events):
@@ -54,14 +55,15 @@ def test_a_handler_that_fails_once_succeeds_on_retry(settings, monkeypatch, user
             raise ConnectionError("blip")
 
     monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: flaky})
-    message_id = _stored_request(user_id)
+    message_id = _stored_request(payments_inbox, user_id)
     handle_inbox_message.apply(args=("payments", str(message_id)))
     row = _row(message_id)
     assert len(calls) == 2
     assert row.processed_at is not None and row.parked_at is None and row.attempts == 2
 
 
-def test_batches_debiting_the_same_accounts_at_once_never_deadlock(settings, user_id):
+def test_batches_debiting_the_same_accounts_at_once_never_deadlock(settings, payments_inbox,
+                                                                   user_id):
     """Two batches hold the same users' payment requests in opposite orders; handled at the same
     time, each must take the account locks in one order, or PostgreSQL aborts one of them."""
     import threading
@@ -75,7 +77,8 @@ def test_batches_debiting_the_same_accounts_at_once_never_deadlock(settings, use
             with transaction() as session:
                 payments.open_account(session, user_id=user)
                 payments.deposit(session, user_id=user, amount=Decimal("100"))
-    batches = [[_stored_request_for(user, key=user) for user in users] for _ in range(2)]
+    batches = [[_stored_request(payments_inbox, user, key=user) for user in users]
+               for _ in range(2)]
     batches[1].reverse()
     failed = []
 
@@ -93,18 +96,8 @@ def test_batches_debiting_the_same_accounts_at_once_never_deadlock(settings, use
     assert all(_row(m).processed_at is not None for batch in batches for m in batch)
 
 
-def _stored_request_for(user: str, key: str) -> uuid.UUID:
-    event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user,
-                                          "amount": Decimal("1.00")}, None)
-    record = ConsumedRecord("task-test", 0, 0, key.encode(), encode(event.to_json()), {})
-    with service_app("payments").app_context():
-        with transaction() as session:
-            store_records(session, [record])
-    return event.message_id
-
-
-def test_a_batch_commits_its_good_messages_and_undoes_the_failing_ones(settings, monkeypatch,
-                                                                        user_id):
+def test_a_batch_commits_its_good_messages_and_undoes_the_failing_ones(settings, payments_inbox,
+                                                                       monkeypatch, user_id):
     """The batch runs without savepoints first; when handlers fail it runs again with one each:
     the good messages are handled once, the failing ones leave nothing but a counted attempt."""
     from payments_app import service as payments
@@ -116,7 +109,7 @@ def test_a_batch_commits_its_good_messages_and_undoes_the_failing_ones(settings,
         with transaction() as session:
             payments.open_account(session, user_id=user_id)
             payments.deposit(session, user_id=user_id, amount=Decimal("100"))
-    good, transient, permanent, also_good = (_stored_request_for(user_id, key=user_id)
+    good, transient, permanent, also_good = (_stored_request(payments_inbox, user_id, key=user_id)
                                              for _ in range(4))
     failures = {transient: ConnectionError("blip"), permanent: PermanentMessageError("never")}
     take_payments = payments_app.message_handlers()[PAYMENT_REQUESTED]
@@ -145,7 +138,8 @@ def test_a_batch_commits_its_good_messages_and_undoes_the_failing_ones(settings,
     assert rows[transient].attempts == 1
 
 
-def test_a_batch_survives_the_database_dropping_the_workers_connections(settings, user_id):
+def test_a_batch_survives_the_database_dropping_the_workers_connections(settings, payments_inbox,
+                                                                        user_id):
     """Workers do not ping a pooled connection before using it. When the database has dropped
     them all (a restart, say), the batch's first transaction fails on a dead one and its retry,
     on a fresh connection, handles every message."""
@@ -160,7 +154,7 @@ def test_a_batch_survives_the_database_dropping_the_workers_connections(settings
             payments.deposit(session, user_id=user_id, amount=Decimal("10"))
         pooled_pid = db.session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
         db.session.rollback()
-    batch = [_stored_request_for(user_id, key=user_id) for _ in range(3)]
+    batch = [_stored_request(payments_inbox, user_id, key=user_id) for _ in range(3)]
     with psycopg2.connect(settings.payments_database_url) as admin, admin.cursor() as cursor:
         cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                        " WHERE datname = current_database() AND pid <> pg_backend_pid()")
