@@ -26,7 +26,7 @@ INSERT_ORDER = (
     " VALUES (%s, %s, %s, %s, 'NEW', %s, %s)"
 )
 INSERT_OUTBOX = (
-    "INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, payload,"
+    "INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, envelope,"
     " request_id, created_at) VALUES (%s, %s, %s, 'PaymentRequested', %s, %s, %s, %s)"
 )
 
@@ -50,13 +50,16 @@ def create_app():
         amount = f"{float(body['amount']):.2f}"
         order_id, message_id = uuid.uuid4(), uuid.uuid4()
         now = datetime.now(timezone.utc)
-        payload = {"order_id": str(order_id), "user_id": user_id, "amount": amount}
+        envelope = {"message_id": str(message_id), "type": "PaymentRequested", "version": 1,
+                    "occurred_at": now.isoformat(), "correlation_id": str(order_id),
+                    "payload": {"order_id": str(order_id), "user_id": user_id, "amount": amount}}
         request_id = uuid.uuid4().hex  # the API gives every request an id, and its rows carry it
         with connection() as conn, conn.cursor() as cursor:  # one transaction, committed on exit
             cursor.execute(INSERT_ORDER, (str(order_id), user_id, amount,
                                           body.get("description", ""), now, now))
             cursor.execute(INSERT_OUTBOX, (str(message_id), topic, user_id, str(order_id),
-                                           json.dumps(payload), request_id, now))
+                                           json.dumps(envelope, separators=(",", ":")), request_id,
+                                           now))
         response = json.dumps({"id": str(order_id), "user_id": user_id, "amount": amount,
                                "status": "NEW", "created_at": now.isoformat()}).encode()
         start_response("202 ACCEPTED", [("Content-Type", "application/json"),

@@ -7,6 +7,7 @@ The rows go to a topic of their own that no consumer reads, so the rest of the p
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 import psycopg2
 from confluent_kafka import Producer
@@ -18,12 +19,15 @@ from shared.kafka import FLUSH_TIMEOUT_S, ensure_topics, producer_config
 from shared.outbox import RELAY_SELECT, relay_headers
 
 INSERT_ROWS = """
-INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, payload, created_at)
-SELECT message_id, %(topic)s, 'relay-speed-' || (n %% 50), 'PaymentRequested', order_id::text,
-       jsonb_build_object('order_id', order_id::text, 'user_id', 'relay-speed-' || (n %% 50),
-                          'amount', '1.00'),
-       now()
-FROM (SELECT gen_random_uuid() AS message_id, gen_random_uuid() AS order_id, n
+INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, envelope, created_at)
+SELECT message_id, %(topic)s, user_id, 'PaymentRequested', order_id::text,
+       json_build_object('message_id', message_id, 'type', 'PaymentRequested', 'version', 1,
+                         'occurred_at', %(occurred_at)s, 'correlation_id', order_id::text,
+                         'payload', json_build_object('order_id', order_id::text,
+                                                      'user_id', user_id, 'amount', '1.00')),
+       %(occurred_at)s
+FROM (SELECT gen_random_uuid() AS message_id, gen_random_uuid() AS order_id,
+             'relay-speed-' || (n %% 50) AS user_id
       FROM generate_series(1, %(rows)s) AS n) AS generated
 """
 
@@ -76,7 +80,8 @@ def _insert_rows(settings, topic: str, rows: int) -> tuple[int, list[tuple[str, 
     conn = psycopg2.connect(settings.orders_database_url)
     try:
         with conn, conn.cursor() as cursor:
-            cursor.execute(INSERT_ROWS, {"topic": topic, "rows": rows})
+            cursor.execute(INSERT_ROWS, {"topic": topic, "rows": rows,
+                                         "occurred_at": datetime.now(timezone.utc).isoformat()})
             cursor.execute(RELAY_SELECT + " WHERE topic = %(topic)s ORDER BY id", {"topic": topic})
             inserted = cursor.fetchall()
             return inserted[-1][0], [

@@ -114,10 +114,14 @@ class Envelope:
             "message_id": str(self.message_id),
             "type": self.type,
             "version": self.version,
-            "occurred_at": self.occurred_at.isoformat(),
+            "occurred_at": self.occurred_at.isoformat(timespec="microseconds"),
             "correlation_id": self.correlation_id,
             "payload": self.payload_json(),
         }
+
+    def to_wire(self) -> str:
+        """The message value as it goes to Kafka: the envelope as compact JSON text."""
+        return json.dumps(self.to_json(), separators=(",", ":"))
 
 
 def new_event(event_type: str, payload: dict[str, Any], correlation_id: str | None) -> Envelope:
@@ -131,6 +135,7 @@ def new_event(event_type: str, payload: dict[str, Any], correlation_id: str | No
 
 
 def encode(envelope_json: dict[str, Any]) -> bytes:
+    """Any envelope-shaped dict as a message value (to_wire() is the one for an Envelope)."""
     return json.dumps(envelope_json, separators=(",", ":")).encode("utf-8")
 
 

@@ -120,6 +120,28 @@ def outbox_headers_column() -> None:
     op.drop_column("outbox_messages", "request_id")
 
 
+def outbox_envelope_column() -> None:
+    """Outbox rows keep the message exactly as the relay sends it (`envelope`, the whole wire
+    envelope as JSON text) instead of a JSONB payload the relay wrapped in an envelope on every
+    read: the writer serialises the event once, and relaying a row is reading a string."""
+    op.add_column("outbox_messages", sa.Column("envelope", pg.JSON))
+    op.execute(
+        "UPDATE outbox_messages SET envelope = json_build_object("
+        "'message_id', message_id, 'type', type, 'version', 1,"
+        " 'occurred_at', to_char(created_at AT TIME ZONE 'UTC',"
+        " 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"'),"
+        " 'correlation_id', correlation_id, 'payload', payload)")
+    op.alter_column("outbox_messages", "envelope", nullable=False)
+    op.drop_column("outbox_messages", "payload")
+
+
+def outbox_payload_column() -> None:
+    op.add_column("outbox_messages", sa.Column("payload", pg.JSONB))
+    op.execute("UPDATE outbox_messages SET payload = (envelope->'payload')::jsonb")
+    op.alter_column("outbox_messages", "payload", nullable=False)
+    op.drop_column("outbox_messages", "envelope")
+
+
 def drop_messaging_tables() -> None:
     op.drop_table("idempotency_keys")
     op.drop_table("inbox_messages")

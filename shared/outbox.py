@@ -8,6 +8,9 @@ once the broker has acknowledged it (Kafka is then its record); a row the broker
 counts the attempt and records the error, and is retried by the next run. Rows that are gone never
 need skipping, so the table holds the backlog and nothing else, however long the shop has run.
 
+A row keeps its message exactly as it goes to Kafka (`envelope`, the event serialised once, by
+its writer), so relaying a row is reading strings and handing them to the producer.
+
 Inserting rows wakes the relay: a trigger notifies OUTBOX_CHANNEL (see shared/relay_leader.py).
 """
 
@@ -20,9 +23,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
-from psycopg2.extras import Json, execute_values
-from sqlalchemy import BigInteger, DateTime, Integer, String, Text, func, text
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from psycopg2.extras import execute_values
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, String, Text, func, text
+from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.contracts import Envelope
@@ -44,7 +47,8 @@ class OutboxMessage(db.Model):
     key: Mapped[str | None] = mapped_column(String(255))
     type: Mapped[str] = mapped_column(String(100))
     correlation_id: Mapped[str | None] = mapped_column(String(100))
-    payload: Mapped[dict] = mapped_column(JSONB)
+    # The whole message value as the relay sends it: JSON text, kept as written (type `json`).
+    envelope: Mapped[dict] = mapped_column(JSON)
     request_id: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
@@ -53,18 +57,9 @@ class OutboxMessage(db.Model):
 
 _WRITTEN_TOGETHER = "hseshop.outbox_rows_written_together"
 
-# What the relay reads of a row, as plain tuples (see RelayRow): the wire envelope (see
-# shared/contracts.py) is built by PostgreSQL as it reads the row, since the relay reads thousands
-# of rows at a time and decoding each payload into Python only to encode it again was a third of
-# its time. occurred_at is RFC 3339 in UTC with microseconds.
+# What the relay reads of a row, as plain tuples (see RelayRow); the envelope as text, not parsed.
 RELAY_SELECT = """
-SELECT id, topic, key, message_id::text, type, request_id,
-       json_build_object(
-           'message_id', message_id, 'type', type, 'version', 1,
-           'occurred_at', to_char(created_at AT TIME ZONE 'UTC',
-                                  'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
-           'correlation_id', correlation_id, 'payload', payload)::text AS envelope
-FROM outbox_messages"""
+SELECT id, topic, key, message_id::text, type, request_id, envelope::text FROM outbox_messages"""
 _CLAIM_ROWS = RELAY_SELECT + " ORDER BY id LIMIT %(batch_size)s"
 
 # (id, topic, key, message_id, type, request_id, envelope): a row as RELAY_SELECT reads it.
@@ -81,8 +76,8 @@ def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelop
     A plain INSERT on the driver (shared.db.driver_cursor): every order writes several of these,
     and nothing reads the row back in the transaction that writes it.
     """
-    row = (str(event.message_id), topic, key, event.type, event.correlation_id,
-           Json(event.payload_json()), request_id or current_request_id(), event.occurred_at)
+    row = (str(event.message_id), topic, key, event.type, event.correlation_id, event.to_wire(),
+           request_id or current_request_id(), event.occurred_at)
     written_together = session.info.get(_WRITTEN_TOGETHER)
     if written_together is not None:
         written_together.append(row)
@@ -111,7 +106,7 @@ def outbox_rows_written_together(session: Session) -> Iterator[None]:
 
 
 _INSERT_OUTBOX_MESSAGES = """
-INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, payload, request_id,
+INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, envelope, request_id,
                              created_at)
 VALUES %s"""
 _OUTBOX_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s)"

@@ -43,11 +43,11 @@ def test_a_batch_of_results_settles_each_order_once_and_announces_it(in_orders, 
     assert _statuses([paid, refused, paid_twice]) == [
         ("FINISHED", None), ("CANCELLED", "INSUFFICIENT_FUNDS"), ("FINISHED", None)]
     announced = db.session.execute(
-        select(OutboxMessage.correlation_id, OutboxMessage.payload, OutboxMessage.request_id)
+        select(OutboxMessage.correlation_id, OutboxMessage.envelope, OutboxMessage.request_id)
         .where(OutboxMessage.type == "OrderStatusChanged",
                OutboxMessage.correlation_id.in_([str(paid), str(refused), str(paid_twice)]))
         .order_by(OutboxMessage.id)).all()
-    assert [(a.correlation_id, a.payload["status"], a.request_id)
+    assert [(a.correlation_id, a.envelope["payload"]["status"], a.request_id)
             for a in announced] == [(str(paid), "FINISHED", "request-paid"),
                                     (str(refused), "CANCELLED", "request-refused"),
                                     (str(paid_twice), "FINISHED", None)]

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import threading
 import uuid
+from datetime import datetime
 from decimal import Decimal
 
 import pytest
@@ -54,7 +55,12 @@ def test_an_order_and_its_payment_request_commit_together(in_orders, user_id):
     row = rows[0]
     assert row.type == "PaymentRequested"
     assert row.key == user_id
-    assert row.payload == {"order_id": str(order.id), "user_id": user_id, "amount": "30.00"}
+    envelope = dict(row.envelope)
+    assert datetime.fromisoformat(envelope.pop("occurred_at")) == row.created_at
+    assert envelope == {
+        "message_id": str(row.message_id), "type": "PaymentRequested", "version": 1,
+        "correlation_id": str(order.id),
+        "payload": {"order_id": str(order.id), "user_id": user_id, "amount": "30.00"}}
     assert row.attempts == 0
 
 
@@ -118,7 +124,9 @@ def test_with_the_broker_down_rows_pile_up_with_their_error_and_go_out_when_it_i
         assert results[-1].failed == 3 and results[-1].sent == 0
         db.session.rollback()
         rows = _outbox_rows_for([o.id for o in orders])
-        assert len(rows) == 3 and all(r.attempts >= 1 and r.last_error for r in rows)
+        assert len(rows) == 3 and all(r.attempts >= 1 for r in rows)
+        # each row keeps the error the producer reported for its own message
+        assert all(r.last_error.startswith("_MSG_TIMED_OUT") for r in rows)
     finally:
         start_and_wait_for_broker(broker, port)
     results = _relay_all(publisher)
@@ -229,7 +237,7 @@ def test_rows_written_together_keep_their_order_and_go_with_an_error(in_orders, 
                            event=event)
 
     def amounts_written():
-        return [row.payload["amount"] for row in db.session.scalars(
+        return [row.envelope["payload"]["amount"] for row in db.session.scalars(
             select(OutboxMessage).where(OutboxMessage.key == user_id).order_by(OutboxMessage.id))]
 
     with transaction() as session:

@@ -1,0 +1,93 @@
+"""Which rows OutboxPublisher counts as acknowledged, with a stand-in producer (pure logic, no I/O).
+
+The real producer against the real broker is tested in tests/integration/test_outbox.py; what is
+checked here are the failures that broker cannot be made to produce on demand.
+"""
+
+from __future__ import annotations
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from shared import kafka
+from shared.config import load_settings
+
+
+class FailedDelivery:
+    def __init__(self, value: str):
+        self._value = value.encode()
+
+    def value(self) -> bytes:
+        return self._value
+
+
+class StandInProducer:
+    """Takes messages until `refuse_at` (raising KafkaException there), then on flush reports
+    the failures in `fail` through the configured delivery callback, as librdkafka does with
+    delivery.report.only.error; `left_queued` is what flush leaves unanswered."""
+
+    made: list[StandInProducer] = []
+
+    def __init__(self, config: dict):
+        assert config["delivery.report.only.error"] is True
+        self.report = config["on_delivery"]
+        self.produced: list[str] = []
+        self.refuse_at: int | None = None
+        self.fail: dict[str, KafkaError] = {}
+        self.left_queued = 0
+        StandInProducer.made.append(self)
+
+    def produce(self, topic, value, key, headers):
+        if len(self.produced) == self.refuse_at:
+            raise KafkaException(KafkaError(KafkaError._STATE, "producer fenced", fatal=True))
+        self.produced.append(value)
+
+    def flush(self, timeout):
+        for value in self.produced:
+            if value in self.fail:
+                self.report(self.fail[value], FailedDelivery(value))
+        return self.left_queued
+
+
+def _rows(count: int) -> list[tuple]:
+    return [(n, "topic", "key", f"m{n}", "PaymentRequested", None, f'{{"message_id":"m{n}"}}')
+            for n in range(1, count + 1)]
+
+
+@pytest.fixture
+def publisher(monkeypatch):
+    StandInProducer.made.clear()
+    monkeypatch.setattr(kafka, "Producer", StandInProducer)
+    return kafka.OutboxPublisher(load_settings({}))
+
+
+def test_rows_with_no_failure_reported_are_acknowledged(publisher):
+    assert publisher.send_batch(_rows(3)) == {}
+    assert len(StandInProducer.made) == 1
+    assert publisher.send_batch(_rows(2)) == {}
+    assert len(StandInProducer.made) == 1  # one producer for batch after batch
+
+
+def test_a_failed_delivery_refuses_its_own_row_only(publisher):
+    rows = _rows(3)
+    publisher._get_producer().fail = {
+        rows[1][6]: KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large")}
+    assert publisher.send_batch(rows) == {2: "MSG_SIZE_TOO_LARGE: too large"}
+    assert len(StandInProducer.made) == 1  # an ordinary refusal keeps the producer
+
+
+def test_rows_the_producer_would_not_take_are_refused_and_a_fatal_error_replaces_it(publisher):
+    publisher._get_producer().refuse_at = 1
+    refused = publisher.send_batch(_rows(3))
+    assert set(refused) == {2, 3} and all("producer fenced" in e for e in refused.values())
+    publisher.send_batch(_rows(1))
+    assert len(StandInProducer.made) == 2
+
+
+def test_a_flush_that_leaves_messages_unanswered_acknowledges_none(publisher):
+    publisher._get_producer().left_queued = 1
+    refused = publisher.send_batch(_rows(2))
+    assert refused == {1: "no acknowledgement from the broker in time",
+                       2: "no acknowledgement from the broker in time"}
+    publisher.send_batch(_rows(1))
+    assert len(StandInProducer.made) == 2  # a producer that answered nothing starts afresh
