@@ -3,18 +3,21 @@
 Use cases and message handlers get a session from `transaction()` and never commit themselves, so a
 business row and the outbox row it causes are committed together or not at all, by construction.
 Work that must wait for the commit (invalidating cached reads, say) is registered with
-`after_commit`. `driver_cursor` runs the busiest statements straight on the driver.
+`after_commit`. `driver_cursor` runs the busiest statements straight on the driver. Pooled
+connections are pinged before use only after they sat idle (`ping_connections_after_idle`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import MetaData
-from sqlalchemy.engine import make_url
+from sqlalchemy import MetaData, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session
 
 NAMING_CONVENTION = {
@@ -27,7 +30,7 @@ NAMING_CONVENTION = {
 
 db = SQLAlchemy(
     metadata=MetaData(naming_convention=NAMING_CONVENTION),
-    engine_options={"pool_pre_ping": True, "pool_size": 10, "max_overflow": 10},
+    engine_options={"pool_size": 10, "max_overflow": 10},
 )
 
 _AFTER_COMMIT = "hseshop.after_commit"
@@ -59,8 +62,14 @@ def transaction() -> Iterator[Session]:
         yield session
         session.commit()
     except BaseException:
-        session.rollback()
         session.info.pop(_AFTER_COMMIT, None)
+        try:
+            session.rollback()
+        except DBAPIError as rollback_error:
+            # The connection broke (and the pool has replaced it and every older one): what
+            # failed in the block is the news, not that its rollback could not reach the server.
+            if not rollback_error.connection_invalidated:
+                raise
         raise
     for callback in session.info.pop(_AFTER_COMMIT, []):
         callback()
@@ -75,9 +84,15 @@ def driver_cursor(session: Session) -> Iterator:
     costs several times what the driver's does, and a plain SQL string with its parameters is no
     harder to read. Rows come back as tuples, uuid columns as strings unless cast in the query.
     """
-    cursor = session.connection().connection.cursor()
+    connection = session.connection()
+    dbapi = connection.dialect.loaded_dbapi
+    cursor = connection.connection.cursor()
     try:
         yield cursor
+    except dbapi.Error as exc:
+        # Raised as SQLAlchemy raises its own (the APIs answer an OperationalError with a 503). A
+        # broken connection is found out by the rollback that follows (see transaction()).
+        raise DBAPIError.instance(None, None, exc, dbapi.Error) from exc
     finally:
         cursor.close()
 
@@ -86,3 +101,34 @@ def driver_dsn(database_url: str) -> str:
     """The psycopg2 connection string for a service's SQLAlchemy database URL, for the few
     connections the shop holds outside the pool (the relay's LISTEN, the inbox consumer's)."""
     return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+# A pooled connection is pinged before use only when it has sat unused for longer than this.
+IDLE_PING_SECONDS = 1.0
+_CHECKED_IN_AT = "hseshop.checked_in_at"
+
+
+def ping_connections_after_idle(engine: Engine) -> None:
+    """Check that a pooled connection is alive before use, if it sat in the pool for a while.
+
+    Connections die while they sit in the pool (a database restart, a dropped network path); one
+    handed back a moment ago was alive then. SQLAlchemy's `pool_pre_ping` pings before every
+    transaction: a round trip for every request of a busy service, and for every batch of a
+    worker. A dead connection found here is replaced (the pool retries the checkout); one that
+    dies in use fails its transaction (a 503 from an API, a retry in a worker), and the pool then
+    replaces every connection older than the failure.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(dbapi_connection, record) -> None:
+        record.info[_CHECKED_IN_AT] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checking_out(dbapi_connection, record, proxy) -> None:
+        checked_in_at = record.info.get(_CHECKED_IN_AT)
+        if checked_in_at is not None and time.monotonic() - checked_in_at <= IDLE_PING_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DisconnectionError(f"a pooled connection is gone: {exc}") from exc

@@ -82,7 +82,7 @@ def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:
 
 
 class OutboxPublisher:
-    """Sends outbox rows to Kafka and reports, row by row, which ones the broker did not acknowledge.
+    """Sends outbox rows to Kafka and reports, row by row, the ones the broker did not take.
 
     One idempotent producer, used by one relay thread at a time (a service's relay leader); it is
     rebuilt after a fatal error, as librdkafka requires. The producer reports failed deliveries

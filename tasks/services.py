@@ -12,12 +12,6 @@ from flask import Flask
 
 from shared.config import SERVICES
 
-# Workers skip the pool's ping before each transaction (a round trip each, and a worker runs
-# thousands of short transactions a second). Everything a worker does is retried when it fails:
-# a connection that died with a database restart fails one transaction, which takes the whole
-# pool's old connections with it, and the retry runs on a fresh one.
-WORKER_CONFIG = {"SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": False}}
-
 _apps: dict[str, Flask] = {}
 _apps_lock = threading.Lock()
 
@@ -32,7 +26,7 @@ def service_app(service: str) -> Flask:
     """The service's Flask app as workers use it, built on first use in this process."""
     with _apps_lock:
         if service not in _apps:
-            _apps[service] = service_package(service).create_app(config=WORKER_CONFIG)
+            _apps[service] = service_package(service).create_app()
         return _apps[service]
 
 

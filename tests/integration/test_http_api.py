@@ -5,15 +5,17 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
+import psycopg2
 import pytest
 from sqlalchemy import func, select
 
 import orders_app
+import shared.db
 from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
 from shared.config import ENVIRONMENT, get_settings
-from shared.db import db
+from shared.db import db, driver_dsn
 from shared.internal_auth import identity_headers
 from shared.outbox import OutboxMessage
 
@@ -229,3 +231,58 @@ def test_with_its_database_unreachable_a_service_answers_503_not_500(settings, u
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"
     assert response.get_json()["error"]["code"] == "DATABASE_UNAVAILABLE"
+
+
+def _drop_pooled_connection(app) -> None:
+    """Have the database end the connection `app`'s requests use (pooled, one at a time here),
+    leaving every other connection to the database alone."""
+    with app.app_context():
+        pid = db.session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        db.session.rollback()
+    with psycopg2.connect(driver_dsn(app.config["SQLALCHEMY_DATABASE_URI"])) as admin:
+        with admin.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            assert cursor.fetchone()[0]
+    admin.close()
+
+
+def _placed(orders_http, user_id, amount: str) -> int:
+    """The status POST /orders answers with."""
+    return orders_http.post("/orders", json={"amount": amount}, headers=_as(user_id)).status_code
+
+
+def test_after_the_database_drops_an_idle_connection_the_next_request_still_succeeds(
+        orders_http, orders_flask_app, user_id, monkeypatch):
+    """A pooled connection that sat idle is pinged before use and replaced if it is gone (as
+    after a database restart), so no request fails for it."""
+    assert _placed(orders_http, user_id, "1.00") == 202
+    _drop_pooled_connection(orders_flask_app)
+    monkeypatch.setattr(shared.db, "IDLE_PING_SECONDS", 0.0)  # every pooled one has sat idle
+    assert _placed(orders_http, user_id, "2.00") == 202
+
+
+def test_a_connection_in_steady_use_is_not_pinged(orders_http, orders_flask_app, user_id,
+                                                  monkeypatch):
+    with orders_flask_app.app_context():
+        dialect = db.engine.dialect
+    pings = []
+    real_ping = dialect.do_ping
+    monkeypatch.setattr(dialect, "do_ping", lambda connection: pings.append(1) or
+                        real_ping(connection))
+    for amount in ("1.00", "2.00", "3.00"):
+        assert _placed(orders_http, user_id, amount) == 202
+    assert len(pings) <= 1  # at most the first connection, if it had sat idle
+    monkeypatch.setattr(shared.db, "IDLE_PING_SECONDS", 0.0)
+    assert _placed(orders_http, user_id, "4.00") == 202
+    assert len(pings) >= 1
+
+
+def test_a_connection_that_breaks_in_use_is_a_503_and_is_not_used_again(
+        orders_http, orders_flask_app, user_id, monkeypatch):
+    monkeypatch.setattr(shared.db, "IDLE_PING_SECONDS", 3600.0)  # as if handed back just now
+    assert _placed(orders_http, user_id, "1.00") == 202
+    _drop_pooled_connection(orders_flask_app)
+    failed = orders_http.post("/orders", json={"amount": "2.00"}, headers=_as(user_id))
+    assert _assert_error(failed, 503)["code"] == "DATABASE_UNAVAILABLE"
+    assert failed.headers["Retry-After"] == "1"
+    assert _placed(orders_http, user_id, "3.00") == 202

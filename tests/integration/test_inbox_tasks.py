@@ -6,6 +6,7 @@ import uuid
 from decimal import Decimal
 
 import payments_app
+import shared.db
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, transaction
 from shared.inbox import ConsumedRecord, InboxMessage
@@ -105,7 +106,9 @@ def test_a_batch_commits_its_good_messages_and_undoes_the_failing_ones(settings,
     from shared.inbox import PermanentMessageError
     from tasks.inbox import _handle_in_one_transaction
 
+    monkeypatch.setattr(shared.db, "IDLE_PING_SECONDS", 3600.0)  # as if used a moment ago
     with service_app("payments").app_context():
+        db.engine.dispose()  # from here the worker's pool holds the one connection used below
         with transaction() as session:
             payments.open_account(session, user_id=user_id)
             payments.deposit(session, user_id=user_id, amount=Decimal("100"))
@@ -138,17 +141,19 @@ def test_a_batch_commits_its_good_messages_and_undoes_the_failing_ones(settings,
     assert rows[transient].attempts == 1
 
 
-def test_a_batch_survives_the_database_dropping_the_workers_connections(settings, payments_inbox,
-                                                                        user_id):
-    """Workers do not ping a pooled connection before using it. When the database has dropped
-    them all (a restart, say), the batch's first transaction fails on a dead one and its retry,
-    on a fresh connection, handles every message."""
+def test_a_batch_survives_the_database_dropping_the_workers_connection(settings, payments_inbox,
+                                                                       user_id, monkeypatch):
+    """A pooled connection used a moment ago is not pinged before use (shared.db). When the
+    database has just dropped it (a restart, say), the batch's first transaction fails on it and
+    its retry, on a fresh connection, handles every message."""
     import psycopg2
 
     from payments_app import service as payments
     from tasks.inbox import _handle_in_one_transaction
 
+    monkeypatch.setattr(shared.db, "IDLE_PING_SECONDS", 3600.0)  # as if used a moment ago
     with service_app("payments").app_context():
+        db.engine.dispose()  # from here the worker's pool holds the one connection used below
         with transaction() as session:
             payments.open_account(session, user_id=user_id)
             payments.deposit(session, user_id=user_id, amount=Decimal("10"))
@@ -156,8 +161,7 @@ def test_a_batch_survives_the_database_dropping_the_workers_connections(settings
         db.session.rollback()
     batch = [_stored_request(payments_inbox, user_id, key=user_id) for _ in range(3)]
     with psycopg2.connect(settings.payments_database_url) as admin, admin.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                       " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        cursor.execute("SELECT pg_terminate_backend(%s)", (pooled_pid,))
     admin.close()
     with service_app("payments").app_context():
         left = _handle_in_one_transaction("payments", batch, payments_app.message_handlers())
