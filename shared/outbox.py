@@ -1,12 +1,14 @@
 """The transactional outbox: events are written as rows in the same transaction as the business
 change that causes them, and a relay later publishes them to Kafka and deletes them.
 
-The relay reads and deletes rows inside a transaction that holds a transaction-level advisory
-lock, so two relays never run at once, never send one row twice and never overtake each other: a
-relay that cannot take the lock simply returns (and no row locks are needed). A row is deleted only
+One relay sends a database's rows: the leader, which holds a session advisory lock on a connection
+of its own (shared/relay_leader.py) and relays on it, so two relays never send at once, never send
+one row twice and never overtake each other, and no row locks are needed. A row is deleted only
 once the broker has acknowledged it (Kafka is then its record); a row the broker refused stays,
-counts the attempt and records the error, and is retried by the next run. Rows that are gone never
-need skipping, so the table holds the backlog and nothing else, however long the shop has run.
+counts the attempt and records the error, and is retried by the next run. A leader that dies
+between sending and deleting leaves its rows to be sent again by the next one (consumers drop the
+repeats by message id). Rows that are gone never need skipping, so the table holds the backlog and
+nothing else, however long the shop has run.
 
 A row keeps its message exactly as it goes to Kafka (`envelope`, the event serialised once, by
 its writer), so relaying a row is reading strings and handing them to the producer.
@@ -32,8 +34,6 @@ from shared.contracts import Envelope
 from shared.db import db, driver_cursor
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, current_request_id
 
-# An arbitrary constant: the key of the advisory lock that serialises relays within one database.
-RELAY_LOCK_KEY = 0x0B0C5E1A
 # Notified by the trigger on outbox_messages (shared/migration_steps.py) as inserts commit.
 OUTBOX_CHANNEL = "outbox_messages"
 
@@ -126,7 +126,6 @@ class RelayResult:
     claimed: int = 0
     sent: int = 0
     failed: int = 0
-    skipped_busy: bool = False
 
 
 # Publishes rows and waits for the broker's answers: returns the error of each row the broker
@@ -135,15 +134,12 @@ SendBatch = Callable[[list[RelayRow]], dict[int, str]]
 
 
 def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> RelayResult:
-    """Publish one batch of rows, oldest first, in the transaction of the driver `cursor`; delete
-    the ones the broker acknowledged.
+    """Publish one batch of rows, oldest first, and delete the ones the broker acknowledged.
 
-    On the driver: the relay runs these at every wake-up, thousands of rows a second (on the
-    leader's own connection, shared/relay_leader.py).
+    For the database's one relay: the leader passes a driver cursor of its own connection, in
+    autocommit, so a batch costs two statements (read, delete) and no transaction around them; it
+    runs at every wake-up, thousands of rows a second.
     """
-    cursor.execute(_TAKE_RELAY_LOCK, {"key": RELAY_LOCK_KEY})
-    if not cursor.fetchone()[0]:
-        return RelayResult(skipped_busy=True)
     cursor.execute(_CLAIM_ROWS, {"batch_size": batch_size})
     rows: list[RelayRow] = cursor.fetchall()
     if not rows:
@@ -160,7 +156,6 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
     return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused))
 
 
-_TAKE_RELAY_LOCK = "SELECT pg_try_advisory_xact_lock(%(key)s)"
 # One array parameter, however many rows: `id = ANY(%s)` rather than thousands of IN values.
 _DELETE_ROWS = "DELETE FROM outbox_messages WHERE id = ANY(%(row_ids)s)"
 _COUNT_REFUSAL = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(error)s"

@@ -1,25 +1,25 @@
 """The outbox relay's leader: one connection per service database that holds the leader lock,
-LISTENs on the channel the outbox trigger notifies, and runs the relay's transactions.
+LISTENs on the channel the outbox trigger notifies, and runs the relay's statements.
 
 A session-level advisory lock makes one relay per database the leader; a crashed one lets go with
 its connection. Each commit that inserted outbox rows notifies once, after it is visible, so the
 leader reads the rows as soon as they can be read and never polls an empty table. Relaying on the
 very connection that holds the lock means a leader that loses its connection loses its lock and
-its means to relay at the same moment, and each batch costs no pooled session.
+its means to relay at the same moment, and each batch costs no pooled session and no transaction.
 """
 
 from __future__ import annotations
 
 import select
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
 import psycopg2
 
 from shared.db import driver_dsn
 from shared.outbox import OUTBOX_CHANNEL
 
-# An arbitrary constant, apart from shared.outbox.RELAY_LOCK_KEY (taken per batch).
+# An arbitrary constant: the key of the advisory lock that makes one relay per database the leader.
 RELAY_LEADER_LOCK_KEY = 0x0B0C5E1B
 
 
@@ -28,7 +28,7 @@ class RelayLeaderConnection:
 
     def __init__(self, database_url: str):
         self._connection = psycopg2.connect(driver_dsn(database_url))
-        # LISTEN and the session-level lock need no transaction; transaction() opens its own.
+        # LISTEN, the session-level lock and each of the relay's statements stand alone.
         self._connection.autocommit = True
 
     def lead(self) -> bool:
@@ -52,18 +52,11 @@ class RelayLeaderConnection:
         return woken
 
     @contextmanager
-    def transaction(self) -> Iterator:
-        """A cursor in one transaction, committed when the block ends, rolled back if it raises.
+    def cursor(self) -> Iterator:
+        """A cursor of the leader's connection (autocommit), closed when the block ends.
         (Notifications that arrive meanwhile are kept for the next wait().)"""
         with self._connection.cursor() as cursor:
-            cursor.execute("BEGIN")
-            try:
-                yield cursor
-            except BaseException:
-                with suppress(psycopg2.Error):  # a broken connection: what failed is the news
-                    cursor.execute("ROLLBACK")
-                raise
-            cursor.execute("COMMIT")
+            yield cursor
 
     def close(self) -> None:
         self._connection.close()  # the lock and the LISTEN end with the session

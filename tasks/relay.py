@@ -82,7 +82,7 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
     """Send batch after batch until none is left (or the broker refuses rows: retried later)."""
     sent = 0
     while not _stopping.is_set():
-        with leader.transaction() as cursor:
+        with leader.cursor() as cursor:
             result = relay_pending_outbox(cursor, publisher.send_batch,
                                           settings.outbox_relay_batch_size)
         sent += result.sent
@@ -90,7 +90,7 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
             log.warning("%s outbox: %d rows not acknowledged; will retry", service, result.failed)
             _recreate_topics(settings, service)
             break
-        if result.skipped_busy or result.claimed < settings.outbox_relay_batch_size:
+        if result.claimed < settings.outbox_relay_batch_size:
             break
     return sent
 

@@ -140,16 +140,27 @@ def test_with_the_broker_down_rows_pile_up_with_their_error_and_go_out_when_it_i
     broker.stop()
 
 
-def test_concurrent_relays_send_each_row_once(orders_flask_app, settings, user_id):
+def test_relays_taking_turns_to_lead_send_each_row_once(orders_flask_app, settings, user_id):
+    """Four relays, each leading for one batch at a time while the others fail to lead."""
     with orders_flask_app.app_context():
         _relay_all(OutboxPublisher(settings))
         order_ids = [_place(user_id, "1.00").id for _ in range(60)]
+    url = settings.database_url("orders")
+    nothing_left = threading.Event()
     sent_counts = []
 
     def relay_in_thread():
-        with orders_flask_app.app_context():
-            results = _relay_all(OutboxPublisher(settings), batch_size=7)
-            sent_counts.append(sum(r.sent for r in results))
+        publisher, sent = OutboxPublisher(settings), 0
+        while not nothing_left.is_set():
+            with RelayLeaderConnection(url) as leader:
+                if not leader.lead():
+                    continue
+                with leader.cursor() as cursor:
+                    result = relay_pending_outbox(cursor, publisher.send_batch, 7)
+            sent += result.sent
+            if result.claimed == 0:
+                nothing_left.set()
+        sent_counts.append(sent)
 
     threads = [threading.Thread(target=relay_in_thread) for _ in range(4)]
     for t in threads:
@@ -180,22 +191,17 @@ def test_one_relay_leads_and_a_commit_of_outbox_rows_wakes_it(in_orders, setting
         assert successor.lead()  # the lock went with the leader's connection
 
 
-def test_the_leader_relays_in_transactions_of_its_own_connection(in_orders, settings, user_id):
-    """The leader's transactions commit or roll back as a whole, and a commit that notifies while
-    one runs still wakes the leader's next wait."""
+def test_the_leader_relays_on_its_own_connection(in_orders, settings, user_id):
+    """The leader's statements stand alone (what it deletes is gone for everyone at once), and a
+    commit that notifies while it relays still wakes its next wait."""
     order = _place(user_id)
     with RelayLeaderConnection(settings.database_url("orders")) as leader:
         assert leader.lead()
-        with pytest.raises(RuntimeError):
-            with leader.transaction() as cursor:
-                cursor.execute("DELETE FROM outbox_messages WHERE correlation_id = %s",
-                               (str(order.id),))
-                raise RuntimeError("rolled back")
+        with leader.cursor() as cursor:
+            _place(user_id)  # commits, and notifies, while the leader relays
+            relay_pending_outbox(cursor, OutboxPublisher(settings).send_batch, 10_000)
         db.session.rollback()
-        assert len(_outbox_rows_for([order.id])) == 1
-        with leader.transaction() as cursor:
-            _place(user_id)  # commits, and notifies, while the leader's transaction is open
-            cursor.execute("SELECT 1")
+        assert _outbox_rows_for([order.id]) == []
         assert leader.wait(5)
 
 
