@@ -130,7 +130,8 @@ class OutboxPublisher:
             fatal = False
         if producer.flush(FLUSH_TIMEOUT_S):
             # Messages still queued have no answer yet: none of the rows counts as acknowledged.
-            refused.update((row[0], "no acknowledgement from the broker in time") for row in rows)
+            refused.update((row[0], "no acknowledgement from the broker in time")
+                           for row in rows[:produced])
         if self._failed:
             for row in rows[:produced]:
                 err = self._failed.pop(row[6].encode(), None)
