@@ -101,11 +101,8 @@ class OutboxPublisher:
         if self._producer is None:
             self._producer = Producer({**producer_config(self._settings),
                                        "delivery.report.only.error": True,
-                                       "on_delivery": self._delivery_failed})
+                                       "on_delivery": _noting_failures_in(self._failed)})
         return self._producer
-
-    def _delivery_failed(self, err: KafkaError, msg) -> None:
-        self._failed[msg.value()] = err
 
     def send_batch(self, rows: list[RelayRow]) -> dict[int, str]:
         """Produce `rows` and wait until each has an answer; returns the error of each row the
@@ -155,3 +152,14 @@ class OutboxPublisher:
                 return
             except BufferError:
                 producer.poll(0.1)  # the local queue is full: let deliveries drain first
+
+
+def _noting_failures_in(failed: dict[bytes, KafkaError]):
+    """The producer's delivery callback: note each failed message, by its value, in `failed`. (A
+    closure over the dict rather than a method, so that the producer does not keep its publisher
+    alive: a publisher let go takes its producer and connections with it at once.)"""
+
+    def delivery_failed(err: KafkaError, msg) -> None:
+        failed[msg.value()] = err
+
+    return delivery_failed

@@ -22,6 +22,7 @@ from shared.outbox import (OutboxMessage, add_outbox_message, outbox_rows_writte
                            relay_pending_outbox)
 from shared.relay_leader import RelayLeaderConnection
 from shared.request_context import request_id_bound
+from tasks.services import service_app
 from tests.kafka_tools import read_topic, read_topic_until
 from tests.polling import wait_for
 
@@ -231,6 +232,8 @@ def test_the_relay_task_leads_sends_what_commits_and_stops_with_the_worker(
         relay._stop_leading()
         leader.join(10)
         relay._stopping.clear()
+        # The worker's producer goes with its publisher, before the session's broker stops.
+        service_app("orders").extensions.pop(relay._PUBLISHER, None)
     assert not leader.is_alive()
     assert sent_by_leader and sent_by_leader[0] >= 1
 
