@@ -1,6 +1,13 @@
 """Live order notifications: OrderStatusChanged events arrive through the gateway's inbox, are kept
 per user (so a page that reconnects can catch up), and are fanned out through Redis pub/sub to
-every gateway instance, which pushes them to that user's open WebSockets and nobody else's."""
+every gateway instance, which pushes them to that user's open WebSockets and nobody else's.
+
+A page follows a user's notifications by id: "everything after the last one I saw". That holds
+only if a user's notifications commit in the order of their ids, so the transactions that add
+them take a lock per user (two inbox batches for one user, on two worker threads, would otherwise
+commit out of order, and the page would skip the earlier one for good). A socket takes Redis
+messages as wake-ups and sends what the table holds after its last id, in id order, whatever order
+the messages were published in."""
 
 from __future__ import annotations
 
@@ -13,7 +20,8 @@ from flask_sock import Sock
 from marshmallow import RAISE, Schema, fields, validate
 from psycopg2.extras import Json, execute_values
 from simple_websocket import ConnectionClosed
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from gateway_app.models import Notification
@@ -51,6 +59,8 @@ def on_order_status_changes(session: Session, events: list[ReceivedEvent]) -> No
                                             event.message.payload)
             for event in events}
     with driver_cursor(session) as cursor:
+        cursor.execute(_LOCK_USERS, {"lock_class": NOTIFICATIONS_LOCK_CLASS,
+                                     "user_ids": sorted({user for user, _, _ in rows.values()})})
         stored = execute_values(
             cursor, _KEEP_NOTIFICATIONS,
             [(user_id, message_id, event_type, Json(payload))
@@ -66,6 +76,16 @@ def on_order_status_changes(session: Session, events: list[ReceivedEvent]) -> No
     after_commit(session, lambda: _publish(items))
 
 
+# The first key of the per-user transaction locks (the second is a hash of the user id); an
+# arbitrary constant.
+NOTIFICATIONS_LOCK_CLASS = 0x0B0C
+# Held until the transaction ends: another transaction adding the same user's notifications waits,
+# and takes its ids (from the sequence, at its INSERT) after this one has committed. Taken in one
+# order, so that two batches never wait for each other.
+_LOCK_USERS = """
+SELECT pg_advisory_xact_lock(%(lock_class)s, key)
+FROM (SELECT DISTINCT hashtext(user_id) AS key FROM unnest(%(user_ids)s::text[]) AS user_id
+      ORDER BY key) AS keys"""
 # On the driver, as every statement an order passes through (shared.db.driver_cursor).
 _KEEP_NOTIFICATIONS = """
 INSERT INTO notifications (user_id, message_id, type, payload) VALUES %s
@@ -146,29 +166,40 @@ def register_socket(app, authenticate_token) -> None:
 
 
 def stream_notifications(ws, user_id: str, after: int | None) -> None:
+    # Without `after`, from the newest notification kept now on. Read before subscribing: one
+    # committed in between is read from the table at the next wake-up.
+    last_sent = after if after is not None else _newest_notification_id(user_id)
     pubsub = _redis().pubsub(ignore_subscribe_messages=True)
-    # Subscribe before reading the table, so nothing committed in between is missed; the ids
-    # drop whatever arrives twice.
     pubsub.subscribe(channel(user_id))
-    last_sent = after or 0
     try:
-        if after is not None:
-            for item in notifications_after(user_id, after, REPLAY_LIMIT):
-                ws.send(json.dumps(item))
-                last_sent = item["id"]
-            db.session.rollback()
+        last_sent = _send_newer(ws, user_id, last_sent)
         while True:
-            message = pubsub.get_message(timeout=SOCKET_POLL_SECONDS)
-            if message is not None:
-                item = json.loads(message["data"])
-                if item["id"] > last_sent:
-                    ws.send(json.dumps(item))
-                    last_sent = item["id"]
+            if pubsub.get_message(timeout=SOCKET_POLL_SECONDS) is not None:
+                last_sent = _send_newer(ws, user_id, last_sent)
             ws.receive(timeout=0)  # raises ConnectionClosed once the page has gone
     except ConnectionClosed:
         pass
-    except redis.RedisError as exc:
-        log.warning("notification stream for %s lost Redis: %s", user_id, exc)
+    except (redis.RedisError, OperationalError) as exc:
+        log.warning("notification stream for %s lost Redis or the database: %s", user_id, exc)
         ws.close(reason=1011, message="notifications unavailable; reconnect")
     finally:
         pubsub.close()
+
+
+def _send_newer(ws, user_id: str, last_sent: int) -> int:
+    """Send the user's notifications after `last_sent`, oldest first; returns the last id sent."""
+    while True:
+        items = notifications_after(user_id, last_sent, REPLAY_LIMIT)
+        db.session.rollback()  # the socket stays open for long: hold no connection between reads
+        for item in items:
+            ws.send(json.dumps(item))
+            last_sent = item["id"]
+        if len(items) < REPLAY_LIMIT:
+            return last_sent
+
+
+def _newest_notification_id(user_id: str) -> int:
+    newest = db.session.scalar(select(func.max(Notification.id))
+                               .where(Notification.user_id == user_id))
+    db.session.rollback()
+    return newest or 0

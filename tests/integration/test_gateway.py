@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import http.server
+import json
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
+from decimal import Decimal
 
+import psycopg2
 import pytest
+from simple_websocket import ConnectionClosed
 from werkzeug.serving import make_server
 
 import gateway_app
 from devstack.infra import free_port
+from gateway_app import notifications
 from gateway_app.tokens import issue_token
+from shared.contracts import ORDER_STATUS_CHANGED, new_event
+from shared.db import driver_dsn, transaction
+from shared.inbox import ReceivedEvent, StoredMessage
+from tests.polling import wait_for
 
 
 class _Served:
@@ -211,26 +220,24 @@ def test_with_redis_down_the_gateway_still_signs_in_and_serves_the_api(settings,
         [200, 200, 200]
 
 
+def _status_changes(*users: str) -> list[ReceivedEvent]:
+    """An OrderStatusChanged event for each user, as the gateway's inbox hands them over."""
+    events = [new_event(ORDER_STATUS_CHANGED, {
+        "order_id": uuid.uuid4(), "user_id": user, "amount": Decimal("1.00"),
+        "status": "FINISHED", "reason": None, "updated_at": datetime.now(timezone.utc)}, None)
+        for user in users]
+    return [ReceivedEvent(event.payload, StoredMessage(event.message_id, event.type, None, None,
+                                                       event.payload_json(), done=False))
+            for event in events]
+
+
 def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(settings, gateway):
     """The notification handler gets a run of OrderStatusChanged events: each is kept once (a
     repeat under the same message id adds nothing) and published, after the commit, to its own
     user's channel in the order the ids were given."""
-    from datetime import datetime, timezone
-    from decimal import Decimal
-
-    from gateway_app import notifications
-    from shared.contracts import ORDER_STATUS_CHANGED, new_event
-    from shared.db import transaction
-    from shared.inbox import ReceivedEvent, StoredMessage
-
     users = [f"user-{uuid.uuid4().hex[:10]}" for _ in range(2)]
-    events = [new_event(ORDER_STATUS_CHANGED, {
-        "order_id": uuid.uuid4(), "user_id": user, "amount": Decimal("1.00"),
-        "status": "FINISHED", "reason": None, "updated_at": datetime.now(timezone.utc)}, None)
-        for user in (users[0], users[1], users[0])]
-    received = [ReceivedEvent(event.payload, StoredMessage(event.message_id, event.type, None, None,
-                                                           event.payload_json(), done=False))
-                for event in events]
+    received = _status_changes(users[0], users[1], users[0])
+    events = [event.message for event in received]
     app = gateway.application
     with app.app_context():
         pubsub = notifications._redis().pubsub(ignore_subscribe_messages=True)
@@ -249,7 +256,100 @@ def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(setting
         kept = notifications.notifications_after(users[0], 0, 10)
         channels = [notifications.channel(user) for user in (users[0], users[1], users[0])]
     assert [item["payload"]["order_id"] for item in kept] == [
-        str(events[0].payload["order_id"]), str(events[2].payload["order_id"])]
+        events[0].payload["order_id"], events[2].payload["order_id"]]
     assert [channel for channel, _data in published] == channels
     ids = [json.loads(data)["id"] for _channel, data in published]
     assert ids == sorted(ids)
+
+
+def test_a_users_notifications_commit_in_the_order_of_their_ids(settings, gateway):
+    """Two transactions adding one user's notifications: the second waits for the first to
+    commit before it takes an id, so no page ever sees a later id before an earlier one."""
+    app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
+    first_added, let_first_commit = threading.Event(), threading.Event()
+
+    def add(then=None):
+        with app.app_context():
+            with transaction() as session:
+                notifications.on_order_status_changes(session, _status_changes(user))
+                if then:
+                    then()
+
+    first = threading.Thread(target=add, args=(lambda: (first_added.set(),
+                                                        let_first_commit.wait(10)),))
+    first.start()
+    assert first_added.wait(10)
+    second = threading.Thread(target=add)
+    second.start()
+    try:
+        wait_for(lambda: _waiting_for_advisory_locks(settings) == 1, timeout=10,
+                 what="the second transaction to wait for the first")
+        assert second.is_alive()
+    finally:
+        let_first_commit.set()
+        first.join(10)
+        second.join(10)
+    with app.app_context():
+        kept = notifications.notifications_after(user, 0, 10)
+    assert len(kept) == 2 and kept[0]["id"] < kept[1]["id"]
+
+
+def _waiting_for_advisory_locks(settings) -> int:
+    with psycopg2.connect(driver_dsn(settings.gateway_database_url)) as connection:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                           " AND NOT granted AND database = (SELECT oid FROM pg_database"
+                           " WHERE datname = current_database())")
+            (waiting,) = cursor.fetchone()
+    connection.close()
+    return waiting
+
+
+class RecordingSocket:
+    def __init__(self):
+        self.sent: list[dict] = []
+        self.closing = threading.Event()
+
+    def send(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+    def receive(self, timeout=None):
+        if self.closing.is_set():
+            raise ConnectionClosed()
+
+    def close(self, reason=None, message=None) -> None:
+        self.closing.set()
+
+
+def test_a_socket_sends_what_the_table_holds_after_its_last_id_whatever_was_published(
+        settings, gateway, monkeypatch):
+    """A notification kept without (yet) being published, then one published: the socket,
+    woken by the second, sends both, oldest first (and none from before it opened)."""
+    app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
+    with app.app_context():
+        with transaction() as session:
+            notifications.on_order_status_changes(session, _status_changes(user))  # before
+    socket = RecordingSocket()
+
+    def stream():
+        with app.app_context():
+            notifications.stream_notifications(socket, user, None)
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    try:
+        with app.app_context():
+            wait_for(lambda: notifications._redis().pubsub_numsub(
+                notifications.channel(user))[0][1] == 1, timeout=10, what="the socket to listen")
+            with monkeypatch.context() as patched:  # kept, its message not (yet) published
+                patched.setattr(notifications, "_publish", lambda items: None)
+                with transaction() as session:
+                    notifications.on_order_status_changes(session, _status_changes(user))
+            with transaction() as session:
+                notifications.on_order_status_changes(session, _status_changes(user))
+            wait_for(lambda: len(socket.sent) == 2, timeout=10, what="both notifications")
+            kept = notifications.notifications_after(user, 0, 10)
+    finally:
+        socket.close()
+        streaming.join(10)
+    assert [item["id"] for item in socket.sent] == [item["id"] for item in kept[1:]]
