@@ -81,7 +81,7 @@ def on_order_status_changes(session: Session, events: list[ReceivedEvent]) -> No
 NOTIFICATIONS_LOCK_CLASS = 0x0B0C
 # Held until the transaction ends: another transaction adding the same user's notifications waits,
 # and takes its ids (from the sequence, at its INSERT) after this one has committed. Taken in one
-# order, so that two batches never wait for each other.
+# order, so that two batches never wait for each other in a circle.
 _LOCK_USERS = """
 SELECT pg_advisory_xact_lock(%(lock_class)s, key)
 FROM (SELECT DISTINCT hashtext(user_id) AS key FROM unnest(%(user_ids)s::text[]) AS user_id
@@ -166,12 +166,12 @@ def register_socket(app, authenticate_token) -> None:
 
 
 def stream_notifications(ws, user_id: str, after: int | None) -> None:
-    # Without `after`, from the newest notification kept now on. Read before subscribing: one
-    # committed in between is read from the table at the next wake-up.
-    last_sent = after if after is not None else _newest_notification_id(user_id)
     pubsub = _redis().pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(channel(user_id))
     try:
+        # Without `after`, from the newest notification kept now on, read before subscribing; the
+        # table is read once more right after, for any committed in between.
+        last_sent = after if after is not None else _newest_notification_id(user_id)
+        pubsub.subscribe(channel(user_id))
         last_sent = _send_newer(ws, user_id, last_sent)
         while True:
             if pubsub.get_message(timeout=SOCKET_POLL_SECONDS) is not None:
