@@ -9,13 +9,13 @@ from shared.config import Settings
 SERVICE = "payments"
 
 
-def create_app(settings: Settings | None = None, config: dict | None = None) -> Flask:
+def create_app(settings: Settings | None = None) -> Flask:
     from payments_app import models  # noqa: F401  (register the tables)
     from payments_app.api import blueprint
     from shared.app import create_service_app
 
     return create_service_app(SERVICE, title="HseShop Payments", blueprints=[blueprint],
-                              settings=settings, config=config)
+                              settings=settings)
 
 
 def subscribed_topics(settings: Settings) -> list[str]:
