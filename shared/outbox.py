@@ -83,7 +83,7 @@ def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelop
         written_together.append(row)
         return
     with driver_cursor(session) as cursor:
-        cursor.execute(_INSERT_OUTBOX_MESSAGES % _OUTBOX_ROW, row)
+        cursor.execute(_INSERT_OUTBOX_MESSAGE, row)
 
 
 @contextmanager
@@ -109,7 +109,8 @@ _INSERT_OUTBOX_MESSAGES = """
 INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, envelope, request_id,
                              created_at)
 VALUES %s"""
-_OUTBOX_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s)"
+# The same, for one row passed as it is to cursor.execute.
+_INSERT_OUTBOX_MESSAGE = _INSERT_OUTBOX_MESSAGES % "(%s, %s, %s, %s, %s, %s, %s, %s)"
 
 
 def relay_headers(message_id: str, event_type: str, request_id: str | None) -> dict[str, str]:

@@ -11,8 +11,6 @@ its means to relay at the same moment, and each batch costs no pooled session an
 from __future__ import annotations
 
 import select
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import psycopg2
 
@@ -51,12 +49,10 @@ class RelayLeaderConnection:
         connection.notifies.clear()
         return woken
 
-    @contextmanager
-    def cursor(self) -> Iterator:
-        """A cursor of the leader's connection (autocommit), closed when the block ends.
-        (Notifications that arrive meanwhile are kept for the next wait().)"""
-        with self._connection.cursor() as cursor:
-            yield cursor
+    def cursor(self):
+        """A cursor of the leader's connection (autocommit); use it in a `with` block, which
+        closes it. (Notifications that arrive meanwhile are kept for the next wait().)"""
+        return self._connection.cursor()
 
     def close(self) -> None:
         self._connection.close()  # the lock and the LISTEN end with the session
