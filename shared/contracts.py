@@ -121,7 +121,7 @@ class Envelope:
 
     def to_wire(self) -> str:
         """The message value as it goes to Kafka: the envelope as compact JSON text."""
-        return json.dumps(self.to_json(), separators=(",", ":"))
+        return wire_text(self.to_json())
 
 
 def new_event(event_type: str, payload: dict[str, Any], correlation_id: str | None) -> Envelope:
@@ -134,9 +134,14 @@ def new_event(event_type: str, payload: dict[str, Any], correlation_id: str | No
                     wire_payload=wire_payload)
 
 
+def wire_text(envelope_json: dict[str, Any]) -> str:
+    """An envelope-shaped dict as the text of a message value: compact JSON."""
+    return json.dumps(envelope_json, separators=(",", ":"))
+
+
 def encode(envelope_json: dict[str, Any]) -> bytes:
-    """Any envelope-shaped dict as a message value (to_wire() is the one for an Envelope)."""
-    return json.dumps(envelope_json, separators=(",", ":")).encode("utf-8")
+    """Any envelope-shaped dict as a message value (Envelope.to_wire() is the text of one)."""
+    return wire_text(envelope_json).encode("utf-8")
 
 
 def decode(value: bytes | None) -> Envelope:
