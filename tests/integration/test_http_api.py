@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
-import psycopg2
 import pytest
 from sqlalchemy import func, select
 
@@ -15,9 +14,10 @@ from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
 from shared.config import ENVIRONMENT, get_settings
-from shared.db import db, driver_dsn
+from shared.db import db
 from shared.internal_auth import identity_headers
 from shared.outbox import OutboxMessage
+from tests.postgres_tools import terminate_backend
 
 
 @pytest.fixture
@@ -239,11 +239,7 @@ def _drop_pooled_connection(app) -> None:
     with app.app_context():
         pid = db.session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
         db.session.rollback()
-    with psycopg2.connect(driver_dsn(app.config["SQLALCHEMY_DATABASE_URI"])) as admin:
-        with admin.cursor() as cursor:
-            cursor.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            assert cursor.fetchone()[0]
-    admin.close()
+    terminate_backend(app.config["SQLALCHEMY_DATABASE_URI"], pid)
 
 
 def _placed(orders_http, user_id, amount: str) -> int:

@@ -14,6 +14,7 @@ from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, transaction
 from shared.inbox import (ConsumedRecord, InboxMessage, Outcome, PermanentMessageError,
                           find_stalled_messages, process_inbox_message, record_failed_attempt)
+from tests.postgres_tools import terminate_backend
 
 _offsets = iter(range(10**9))
 
@@ -126,10 +127,7 @@ def test_the_consumer_stores_on_a_connection_of_its_own_and_replaces_it_once_los
 
     first, first_id = _request_record(user_id)
     assert payments_inbox([first, first]) == [first_id]
-    with psycopg2.connect(settings.payments_database_url) as admin, admin.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s)",
-                       (payments_inbox._connection.get_backend_pid(),))
-    admin.close()
+    terminate_backend(settings.payments_database_url, payments_inbox._connection.get_backend_pid())
     second, second_id = _request_record(user_id)
     with pytest.raises(psycopg2.OperationalError):
         payments_inbox([second])

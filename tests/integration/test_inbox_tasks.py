@@ -12,6 +12,7 @@ from shared.db import db, transaction
 from shared.inbox import ConsumedRecord, InboxMessage
 from tasks.inbox import handle_inbox_message
 from tasks.services import service_app
+from tests.postgres_tools import terminate_backend
 
 
 def _stored_request(store, user: str, key: str | None = None) -> uuid.UUID:
@@ -146,8 +147,6 @@ def test_a_batch_survives_the_database_dropping_the_workers_connection(settings,
     """A pooled connection used a moment ago is not pinged before use (shared.db). When the
     database has just dropped it (a restart, say), the batch's first transaction fails on it and
     its retry, on a fresh connection, handles every message."""
-    import psycopg2
-
     from payments_app import service as payments
     from tasks.inbox import _handle_in_one_transaction
 
@@ -160,9 +159,7 @@ def test_a_batch_survives_the_database_dropping_the_workers_connection(settings,
         pooled_pid = db.session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
         db.session.rollback()
     batch = [_stored_request(payments_inbox, user_id, key=user_id) for _ in range(3)]
-    with psycopg2.connect(settings.payments_database_url) as admin, admin.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s)", (pooled_pid,))
-    admin.close()
+    terminate_backend(settings.payments_database_url, pooled_pid)
     with service_app("payments").app_context():
         left = _handle_in_one_transaction("payments", batch, payments_app.message_handlers())
         new_pid = db.session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
