@@ -60,7 +60,7 @@ def on_order_status_changes(session: Session, events: list[ReceivedEvent]) -> No
             for event in events}
     with driver_cursor(session) as cursor:
         cursor.execute(_LOCK_USERS, {"lock_class": NOTIFICATIONS_LOCK_CLASS,
-                                     "user_ids": sorted({user for user, _, _ in rows.values()})})
+                                     "user_ids": [user for user, _, _ in rows.values()]})
         stored = execute_values(
             cursor, _KEEP_NOTIFICATIONS,
             [(user_id, message_id, event_type, Json(payload))
@@ -80,12 +80,14 @@ def on_order_status_changes(session: Session, events: list[ReceivedEvent]) -> No
 # arbitrary constant.
 NOTIFICATIONS_LOCK_CLASS = 0x0B0C
 # Held until the transaction ends: another transaction adding the same user's notifications waits,
-# and takes its ids (from the sequence, at its INSERT) after this one has committed. Taken in one
-# order, so that two batches never wait for each other in a circle.
+# and takes its ids (from the sequence, at its INSERT) after this one has committed. Taken in user
+# order, the order in which the inbox hands a batch's messages over (by Kafka key, the user id,
+# compared as PostgreSQL compares them), whether all at once or, after a failure, one by one: so
+# two batches never wait for each other in a circle.
 _LOCK_USERS = """
-SELECT pg_advisory_xact_lock(%(lock_class)s, key)
-FROM (SELECT DISTINCT hashtext(user_id) AS key FROM unnest(%(user_ids)s::text[]) AS user_id
-      ORDER BY key) AS keys"""
+SELECT pg_advisory_xact_lock(%(lock_class)s, hashtext(user_id))
+FROM (SELECT DISTINCT user_id FROM unnest(%(user_ids)s::text[]) AS user_id
+      ORDER BY user_id) AS users"""
 # On the driver, as every statement an order passes through (shared.db.driver_cursor).
 _KEEP_NOTIFICATIONS = """
 INSERT INTO notifications (user_id, message_id, type, payload) VALUES %s

@@ -294,6 +294,69 @@ def test_a_users_notifications_commit_in_the_order_of_their_ids(settings, gatewa
     assert len(kept) == 2 and kept[0]["id"] < kept[1]["id"]
 
 
+def test_batches_lock_users_in_the_order_the_inbox_hands_their_messages_over(settings, gateway):
+    """The inbox hands a batch's messages over in Kafka-key (user) order: all at once, or, after a
+    failure, one by one. The per-user locks are taken in that same order either way, so a batch
+    handled one message at a time and another handled at once never wait for each other in a
+    circle (users A < B whose lock keys sort the other way round deadlocked them)."""
+    app = gateway.application
+    first, second = _users_whose_lock_keys_sort_the_other_way(settings)
+    one_by_one_has_first, at_once_waits = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def handle_one_by_one():
+        with app.app_context():
+            with transaction() as session:
+                notifications.on_order_status_changes(session, _status_changes(first))
+                one_by_one_has_first.set()
+                at_once_waits.wait(10)
+                notifications.on_order_status_changes(session, _status_changes(second))
+
+    def handle_at_once():
+        with app.app_context():
+            with transaction() as session:
+                notifications.on_order_status_changes(session, _status_changes(first, second))
+
+    def recording_errors(target):
+        def run():
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 (reported by the test below)
+                errors.append(exc)
+        return threading.Thread(target=run)
+
+    one_by_one, at_once = recording_errors(handle_one_by_one), recording_errors(handle_at_once)
+    one_by_one.start()
+    try:
+        assert one_by_one_has_first.wait(10)
+        at_once.start()
+        wait_for(lambda: _waiting_for_advisory_locks(settings) == 1, timeout=10,
+                 what="the batch handled at once to wait for the other")
+    finally:
+        at_once_waits.set()
+        one_by_one.join(15)
+        at_once.join(15)
+    assert errors == []
+    with app.app_context():
+        kept = [len(notifications.notifications_after(user, 0, 10)) for user in (first, second)]
+    assert kept == [2, 2]
+
+
+def _users_whose_lock_keys_sort_the_other_way(settings) -> tuple[str, str]:
+    """Two user ids, the first before the second as PostgreSQL sorts them, whose lock keys (the
+    hash of the user id) sort the other way round."""
+    with psycopg2.connect(driver_dsn(settings.gateway_database_url)) as connection:
+        with connection.cursor() as cursor:
+            while True:
+                first, second = sorted(f"user-{uuid.uuid4().hex[:10]}" for _ in range(2))
+                cursor.execute("SELECT %s < %s AND hashtext(%s) > hashtext(%s)",
+                               (first, second, first, second))
+                if cursor.fetchone()[0]:
+                    break
+    connection.close()
+    return first, second
+
+
 def _waiting_for_advisory_locks(settings) -> int:
     with psycopg2.connect(driver_dsn(settings.gateway_database_url)) as connection:
         with connection.cursor() as cursor:
