@@ -23,7 +23,7 @@ DOCS_CONFIG = {
 }
 
 
-def create_app(settings: Settings | None = None, config: dict | None = None) -> Flask:
+def create_app(settings: Settings | None = None) -> Flask:
     import redis
 
     from gateway_app import auth, models, notifications, routes, web  # noqa: F401
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None, config: dict | None = None) -> 
     from shared.app import create_service_app
 
     app = create_service_app(SERVICE, title="HseShop", settings=settings,
-                             config={**DOCS_CONFIG, **(config or {})},
+                             config=DOCS_CONFIG,
                              blueprints=[routes.blueprint, notifications.blueprint],
                              authenticate=auth.authenticate_bearer)
     settings = app.extensions["hseshop.settings"]
