@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.cpu_use import cpu_ms_per_order, machine_busy_share, read_cpu
+from bench.hops import hop_medians_ms
 from bench.load import LoadSpec, offer_load
 from bench.plan import BenchPlan
 from bench.shop import order_times, wait_until_final
@@ -41,9 +43,14 @@ def measure_capacity(stack: Stack, plan: BenchPlan, users: list[str], workdir: P
 
 def measure_latency(stack: Stack, plan: BenchPlan, users: list[str], workdir: Path,
                     rate: float) -> dict:
-    """Latency POST -> final of every order offered at `rate` for the plan's duration."""
+    """Latency POST -> final of every order offered at `rate` for the plan's duration, where that
+    time goes (the hops' medians), and the CPU each process spent per order meanwhile."""
+    before = read_cpu(lambda: stack.processes)
     load = _offer(stack, users, rate, plan.latency_seconds, workdir / f"latency-{rate:g}")
+    after_load = read_cpu(lambda: stack.processes)
     drained = wait_until_final(stack, load["order_ids"], plan.drain_timeout)
+    # Read once the orders are final, so that the work on the last of them counts too.
+    settled = read_cpu(lambda: stack.processes)
     to_final = [t.seconds_to_final for t in order_times(stack, load["order_ids"])
                 if t.seconds_to_final is not None]
     within = sum(1 for seconds in to_final if seconds <= FINAL_WITHIN_SECONDS)
@@ -60,6 +67,9 @@ def measure_latency(stack: Stack, plan: BenchPlan, users: list[str], workdir: Pa
         "post_p99_ms": latency_summary_ms([ms / 1000 for ms in load["http_latency_ms"]])["p99_ms"],
         "drained": drained,
         "generator_cpu_percent": load["generator_cpu_percent"],
+        "hops_p50_ms": hop_medians_ms(stack, load["order_ids"]),
+        "machine_busy": machine_busy_share(before, after_load),
+        "cpu_ms_per_order": cpu_ms_per_order(before, settled, len(load["order_ids"])),
     }
 
 

@@ -9,6 +9,7 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.hops import HOPS
 from bench.plan import BenchPlan
 from devstack.stack import API_THREADS, API_WORKERS
 
@@ -79,6 +80,7 @@ def markdown(results: dict) -> str:
             f"| {row['p95_ms']} | {row['p99_ms']} | {row['max_ms']} | {row['final_within_1s']:.2%} "
             f"| {row['offered_final_within_1s']:.2%} "
             f"| {row['post_p99_ms']} | {row['generator_cpu_percent']} |")
+    lines += ["", *where_time_and_cpu_go_lines(results["latency"])]
     lines += ["", "| target | wanted | measured | met |", "| --- | --- | --- | --- |"]
     for target in results["targets"]:
         lines.append(f"| {target['target']} | {target['wanted']} | {target['measured']} "
@@ -88,6 +90,39 @@ def markdown(results: dict) -> str:
     lines += ["", "| process | peak RSS MB |", "| --- | --- |"]
     lines += [f"| {name} | {mb} |" for name, mb in results["peak_rss_mb"].items()]
     return "\n".join(lines) + "\n"
+
+
+def where_time_and_cpu_go_lines(latency: list[dict]) -> list[str]:
+    """The latency runs' hops (medians) and CPU per order by process, one column per rate."""
+    rates = [f"{row['offered_rate']:g}/s" for row in latency]
+    lines = [
+        "Where the time goes: the median of each hop, from the timestamps the shop keeps, and how "
+        "busy the machine's CPUs were while the load was offered.",
+        "",
+        f"| hop | what it covers | {' | '.join(rates)} |",
+        f"| --- | --- |{' --- |' * len(rates)}",
+    ]
+    for name, covers in HOPS:
+        medians = " | ".join(str(row["hops_p50_ms"][name]) for row in latency)
+        lines.append(f"| {name} | {covers} | {medians} |")
+    busy = [f"{row['machine_busy']:.0%}" for row in latency]
+    lines.append(f"| machine CPU busy | | {' | '.join(busy)} |")
+    per_order = [row["cpu_ms_per_order"] for row in latency]
+    processes = sorted({name for row in per_order for name in row},
+                       key=lambda name: -max(row.get(name, 0) for row in per_order))
+    lines += [
+        "",
+        "CPU per order (ms) of each process (with its children) from the start of the load until "
+        "its last order was final; PostgreSQL and Redis are every process of those servers.",
+        "",
+        f"| process | {' | '.join(rates)} |",
+        f"| --- |{' --- |' * len(rates)}",
+    ]
+    for name in processes:
+        lines.append(f"| {name} | {' | '.join(str(row.get(name, 0)) for row in per_order)} |")
+    totals = [round(sum(row.values()), 1) for row in per_order]
+    lines.append(f"| all of these | {' | '.join(map(str, totals))} |")
+    return lines
 
 
 def gateway_transports_lines(section: dict) -> list[str]:

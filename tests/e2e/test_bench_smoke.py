@@ -29,6 +29,10 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
         assert 0 <= row["offered_final_within_1s"] <= row["final_within_1s"] <= 1
         assert row["generator_cpu_percent"] >= 0
+        assert all(ms is not None and ms >= 0 for ms in row["hops_p50_ms"].values()), row
+        assert 0 < row["machine_busy"] <= 1
+        assert {"orders-api", "orders-worker", "payments-worker", "PostgreSQL"} <= set(
+            row["cpu_ms_per_order"]), row["cpu_ms_per_order"]
     gateway = report["gateway_transports"]
     assert set(gateway["endpoints"]) == {"balance", "order"} and gateway["orders_drained"]
     for endpoint in gateway["endpoints"].values():
@@ -43,6 +47,7 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
     assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
     assert "| order intake (POST/s) |" in markdown_path.read_text()
     assert "## Gateway: services over gRPC against HTTP" in markdown_path.read_text()
+    assert "| -> final status |" in markdown_path.read_text()
     # `python -m bench.gateway_transports` writes the same section as a report of its own.
     _, alone = write_gateway_transports_report(results, tmp_path / "alone")
     assert "| GET /api/accounts/balance | HTTP |" in alone.read_text()

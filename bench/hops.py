@@ -1,0 +1,63 @@
+"""Where an order's time goes on its way to a final status, from the timestamps the shop keeps
+anyway: the order's creation and settlement, and when each inbox stored and handled its message."""
+
+from __future__ import annotations
+
+import statistics
+from datetime import datetime
+
+import psycopg2
+
+from devstack.stack import Stack
+
+# Each hop: its name and what it covers, in the order an order passes them.
+HOPS = (
+    ("ordered -> in the payments inbox",
+     "the order's commit, the orders relay, Kafka, the payments consumer storing it"),
+    ("-> payment decided",
+     "the payments consumer's dispatch, Celery, the payments handler up to its commit"),
+    ("-> in the orders inbox",
+     "that commit, the payments relay, Kafka, the orders consumer storing it"),
+    ("-> final status",
+     "the orders consumer's dispatch, Celery, the orders handler up to its commit"),
+)
+
+
+def hop_medians_ms(stack: Stack, order_ids: list[str]) -> dict[str, float | None]:
+    """The median of each hop over the orders that passed them all (the inbox rows of a message
+    and the order it is about share its correlation id, the order's id)."""
+    orders = _times(stack.env["ORDERS_DATABASE_URL"], _ORDER_TIMES, order_ids)
+    payments_inbox = _times(stack.env["PAYMENTS_DATABASE_URL"], _INBOX_TIMES, order_ids)
+    orders_inbox = _times(stack.env["ORDERS_DATABASE_URL"], _INBOX_TIMES, order_ids)
+    hops: list[list[float]] = [[] for _ in HOPS]
+    for order_id, (created_at, settled_at) in orders.items():
+        if order_id not in payments_inbox or order_id not in orders_inbox:
+            continue
+        stored_for_payments, decided_at = payments_inbox[order_id]
+        stored_for_orders, _handled_at = orders_inbox[order_id]
+        marks = (created_at, stored_for_payments, decided_at, stored_for_orders, settled_at)
+        if any(mark is None for mark in marks):
+            continue
+        for hop, (start, end) in zip(hops, zip(marks, marks[1:])):
+            hop.append((end - start).total_seconds() * 1000)
+    return {name: round(statistics.median(values), 1) if values else None
+            for (name, _covers), values in zip(HOPS, hops)}
+
+
+# Settled orders only: a NEW order's updated_at is its creation.
+_ORDER_TIMES = """
+SELECT id::text, created_at, updated_at FROM orders
+WHERE id = ANY(%s::uuid[]) AND status <> 'NEW'"""
+_INBOX_TIMES = """
+SELECT correlation_id, received_at, processed_at FROM inbox_messages
+WHERE correlation_id = ANY(%s)"""
+
+
+def _times(database_url: str, query: str, order_ids: list[str]) -> dict[str, tuple[datetime, ...]]:
+    connection = psycopg2.connect(database_url)
+    try:
+        with connection, connection.cursor() as cursor:
+            cursor.execute(query, (order_ids,))
+            return {key: tuple(times) for key, *times in cursor}
+    finally:
+        connection.close()
