@@ -60,7 +60,7 @@ _WRITTEN_TOGETHER = "hseshop.outbox_rows_written_together"
 # What the relay reads of a row, as plain tuples (see RelayRow); the envelope as text, not parsed.
 RELAY_SELECT = """
 SELECT id, topic, key, message_id::text, type, request_id, envelope::text FROM outbox_messages"""
-_CLAIM_ROWS = RELAY_SELECT + " ORDER BY id LIMIT %(batch_size)s"
+CLAIM_ROWS = RELAY_SELECT + " ORDER BY id LIMIT %(batch_size)s"
 
 # (id, topic, key, message_id, type, request_id, envelope): a row as RELAY_SELECT reads it.
 RelayRow = tuple[int, str, str | None, str, str, str | None, str]
@@ -141,7 +141,7 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
     autocommit, so a batch costs two statements (read, delete) and no transaction around them; it
     runs at every wake-up, thousands of rows a second.
     """
-    cursor.execute(_CLAIM_ROWS, {"batch_size": batch_size})
+    cursor.execute(CLAIM_ROWS, {"batch_size": batch_size})
     rows: list[RelayRow] = cursor.fetchall()
     if not rows:
         return RelayResult()

@@ -18,8 +18,8 @@ from orders_app.models import Order
 from shared.contracts import PAYMENT_REQUESTED, new_event
 from shared.db import db, driver_cursor, transaction
 from shared.kafka import OutboxPublisher
-from shared.outbox import (OutboxMessage, add_outbox_message, outbox_rows_written_together,
-                           relay_pending_outbox)
+from shared.outbox import (CLAIM_ROWS, OutboxMessage, add_outbox_message,
+                           outbox_rows_written_together, relay_pending_outbox)
 from shared.relay_leader import RelayLeaderConnection
 from shared.request_context import request_id_bound
 from tasks.services import service_app
@@ -204,6 +204,25 @@ def test_the_leader_relays_on_its_own_connection(in_orders, settings, user_id):
         db.session.rollback()
         assert _outbox_rows_for([order.id]) == []
         assert leader.wait(5)
+
+
+def test_the_leader_reads_the_oldest_rows_by_the_primary_key_however_many_were_deleted(
+        in_orders, settings):
+    """Sent rows are deleted, and their dead versions fill the table's pages until a VACUUM (this
+    machine's PostgreSQL runs no autovacuum). Planned on the table's size in pages, reading the
+    oldest rows became a scan of every page and a sort, a few milliseconds a read after a few
+    thousand orders; the leader walks the primary key instead, whatever the planner estimates."""
+    with transaction() as session, driver_cursor(session) as cursor:
+        cursor.execute("INSERT INTO outbox_messages (message_id, topic, type, envelope)"
+                       " SELECT gen_random_uuid(), 'sent-long-ago', 'X', '{}'"
+                       " FROM generate_series(1, 20000)")
+    with transaction() as session, driver_cursor(session) as cursor:
+        cursor.execute("DELETE FROM outbox_messages WHERE topic = 'sent-long-ago'")
+    with RelayLeaderConnection(settings.database_url("orders")) as leader:
+        with leader.cursor() as cursor:
+            cursor.execute("EXPLAIN " + CLAIM_ROWS, {"batch_size": 5000})
+            plan = "\n".join(line for (line,) in cursor)
+    assert "Index Scan using outbox_messages_pkey" in plan and "Seq Scan" not in plan, plan
 
 
 def test_the_relay_task_leads_sends_what_commits_and_stops_with_the_worker(
