@@ -48,10 +48,25 @@ class FakeConsumer:
         return taken
 
     def commit(self, offsets, asynchronous):
-        self.calls.append(("commit", sorted((o.topic, o.partition, o.offset) for o in offsets)))
+        self.calls.append(("commit" if asynchronous else "commit and wait",
+                           sorted((o.topic, o.partition, o.offset) for o in offsets)))
 
     def seek(self, position):
         self.calls.append(("seek", (position.topic, position.partition, position.offset)))
+
+    def subscribe(self, topics, on_revoke, on_lost):
+        self.on_revoke, self.on_lost = on_revoke, on_lost
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
 
 
 def _records(*positions):
@@ -78,7 +93,8 @@ def test_offsets_are_committed_after_the_store_and_before_the_dispatch():
         calls.append(("store", len(records)))
         return [new_id]
 
-    inbox = InboxConsumer(consumer, ["t"], store, lambda ids: calls.append(("dispatch", ids)))
+    inbox = InboxConsumer(consumer, ["t"], store, lambda ids: calls.append(("dispatch", ids)),
+                          commit_interval=0)
     assert inbox.run_once() == 2
     assert calls == [("store", 2), ("commit", [("t", 0, 2)]), ("dispatch", [new_id])]
 
@@ -100,9 +116,75 @@ def test_nothing_is_dispatched_when_every_record_was_seen_before():
     calls = []
     consumer = FakeConsumer([FakeMessage("t", 2, 9)], calls)
     inbox = InboxConsumer(consumer, ["t"], lambda records: [],
-                          lambda ids: calls.append(("dispatch", ids)))
+                          lambda ids: calls.append(("dispatch", ids)), commit_interval=0)
     inbox.run_once()
     assert calls == [("commit", [("t", 2, 10)])]
+
+
+def _stored_as_they_come(messages, calls, clock):
+    return InboxConsumer(FakeConsumer(messages, calls), ["t"], lambda records: [uuid.uuid4()],
+                         lambda ids: None, batch_size=1, clock=clock)
+
+
+def test_what_is_stored_is_committed_at_most_once_an_interval():
+    calls, clock = [], FakeClock()
+    inbox = _stored_as_they_come([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7),
+                                  FakeMessage("t", 0, 5)], calls, clock)
+    inbox.run_once()
+    clock.now += 0.5
+    inbox.run_once()
+    assert calls == []
+    clock.now += 0.5
+    inbox.run_once()
+    assert calls == [("commit", [("t", 0, 6), ("t", 1, 8)])]
+
+
+def test_a_pass_that_reads_nothing_still_commits_what_waits_once_the_interval_is_over():
+    calls, clock = [], FakeClock()
+    inbox = _stored_as_they_come([FakeMessage("t", 0, 4)], calls, clock)
+    inbox.run_once()
+    inbox.run_once()
+    assert calls == []
+    clock.now += 1.0
+    assert inbox.run_once() == 0
+    assert calls == [("commit", [("t", 0, 5)])]
+    clock.now += 1.0
+    inbox.run_once()
+    assert calls == [("commit", [("t", 0, 5)])]  # nothing new to commit
+
+
+def test_partitions_taken_away_commit_first_and_lost_ones_are_forgotten():
+    """A rebalance while the third record is stored: the partition handed over commits what was
+    stored of it at once, the lost one commits nothing, and stopping commits the rest."""
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7),
+                             FakeMessage("t", 2, 1)], calls)
+
+    def store(records):
+        if records[0].partition == 2:
+            consumer.on_revoke(consumer, [TopicPartition("t", 0)])
+            consumer.on_lost(consumer, [TopicPartition("t", 1)])
+            inbox.stop()
+        return []
+
+    inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None, batch_size=1,
+                          clock=FakeClock())
+    inbox.run()
+    assert calls == [("commit and wait", [("t", 0, 5)]), ("commit and wait", [("t", 2, 2)]),
+                     ("close",)]
+
+
+def test_stopping_commits_what_is_stored_and_waits_for_the_answer():
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 0, 4)], calls)
+
+    def store_then_stop(records):
+        inbox.stop()
+        return []
+
+    inbox = InboxConsumer(consumer, ["t"], store_then_stop, lambda ids: None, clock=FakeClock())
+    inbox.run()
+    assert calls == [("commit and wait", [("t", 0, 5)]), ("close",)]
 
 
 def test_topic_partition_is_what_confluent_kafka_expects():
