@@ -204,8 +204,8 @@ def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[Stored
 
     Handlers lock what belongs to a key (a user's account, say). Batches handled at the same time
     that take their locks in one global order (these rows first, then what the handlers lock, key
-    by key) cannot deadlock each other, and one key's messages are handled in the order they were
-    sent.
+    by key) cannot deadlock each other, and a batch handles one key's messages in the order they
+    were sent (two batches handled at once can still commit one key's messages in either order).
     """
     with driver_cursor(session) as cursor:
         cursor.execute(_LOCK_IN_ORDER, ([str(message_id) for message_id in message_ids],))
