@@ -8,8 +8,10 @@ import psycopg2
 import pytest
 from alembic import command
 
+from shared.config import SERVICES
 from shared.db import driver_dsn
 from shared.migrations import alembic_config, ensure_database
+from shared.outbox import CLAIM_ROWS
 from tests.environment import database_name
 
 PENDING_PAYLOAD = {"order_id": "o-1", "user_id": "u-1", "amount": "1.00"}
@@ -40,6 +42,20 @@ def test_an_unsent_outbox_row_keeps_its_message_through_the_envelope_migration_a
     assert _read(url, "payload::text") == PENDING_PAYLOAD
     command.upgrade(config, "head")
     assert _read(url, "envelope::text")["payload"] == PENDING_PAYLOAD
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_services_outbox_holds_what_the_relay_reads(infrastructure, service):
+    """Beat runs a relay for every service, the gateway's included (it writes no outbox rows yet):
+    each database, migrated to its head, must answer the relay's read."""
+    url = (f"{infrastructure.postgres_base}/{database_name('relay-reads', service)}"
+           .replace("postgresql://", "postgresql+psycopg2://"))
+    ensure_database(url)
+    command.upgrade(alembic_config(service, url), "head")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute(CLAIM_ROWS, {"batch_size": 1})
+        assert cursor.fetchall() == []
+    connection.close()
 
 
 def _read(url: str, column: str) -> dict:
