@@ -1,0 +1,18 @@
+"""Messages waiting in the inbox, by Kafka key: a batch takes the waiting messages of its keys along,
+so that one key's messages are handled in order.
+
+Revision ID: 0006
+"""
+
+from shared.migration_steps import drop_inbox_pending_key_index, inbox_pending_key_index
+
+revision = "0006"
+down_revision = "0005"
+
+
+def upgrade() -> None:
+    inbox_pending_key_index()
+
+
+def downgrade() -> None:
+    drop_inbox_pending_key_index()
