@@ -1,5 +1,5 @@
-"""Messages waiting in the inbox, by Kafka key: a batch takes the waiting messages of its keys along,
-so that one key's messages are handled in order.
+"""Messages waiting in the inbox, by Kafka key: a batch takes the waiting messages of its keys
+along, so that one key's messages are handled in order.
 
 Revision ID: 0005
 """
