@@ -59,12 +59,6 @@ class InboxMessage(db.Model):
             "received_at",
             postgresql_where=text("processed_at IS NULL AND parked_at IS NULL"),
         ),
-        Index(
-            "ix_inbox_messages_pending_key",
-            "key",
-            "received_at",
-            postgresql_where=text("processed_at IS NULL AND parked_at IS NULL"),
-        ),
     )
 
 
@@ -206,36 +200,24 @@ def process_inbox_message(
 
 
 def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[StoredMessage]:
-    """Lock and load the messages, and every message of their keys stored lately and still
-    waiting for its first try, sorted by Kafka key, then by their place in the partition.
+    """Lock and load the messages, sorted by Kafka key, then by their place in the partition.
 
-    One key's messages are handled in the order they were sent, even when they were stored in two
-    batches that two tasks handle at once: whichever task comes first takes the other's waiting
-    messages of the key along, in order, and the other then finds them done. (A message that failed
-    and waits for its retry is not taken along: a later one of its key may then overtake it.)
     Handlers lock what belongs to a key (a user's account, say). Batches handled at the same time
     that take their locks in one global order (these rows first, then what the handlers lock, key
-    by key) cannot deadlock each other.
+    by key) cannot deadlock each other, and a batch handles one key's messages in the order they
+    were sent (two batches handled at once can still commit one key's messages in either order).
     """
     with driver_cursor(session) as cursor:
-        cursor.execute(_LOCK_IN_ORDER, {"ids": [str(message_id) for message_id in message_ids]})
+        cursor.execute(_LOCK_IN_ORDER, ([str(message_id) for message_id in message_ids],))
         return [StoredMessage(uuid.UUID(message_id), *rest) for message_id, *rest in cursor]
 
 
-# One array parameter (`= ANY`), not an IN list, whatever the batch size. Waiting messages are
-# looked for among those stored in the last TAKE_ALONG_SECONDS only, through the partial index on
-# (key, received_at) of waiting messages: until a VACUUM that index still holds an entry for every
-# message handled since, and the window keeps the look-up to the few just stored. (One waiting
-# longer than that has lost its dispatch, and the sweeper sends it again.)
-TAKE_ALONG_SECONDS = 10
-_LOCK_IN_ORDER = f"""
+# One array parameter (`= ANY`), not an IN list, whatever the batch size.
+_LOCK_IN_ORDER = """
 SELECT message_id::text, type, correlation_id, request_id, payload,
        processed_at IS NOT NULL OR parked_at IS NOT NULL
 FROM inbox_messages
-WHERE message_id = ANY(%(ids)s::uuid[])
-   OR (processed_at IS NULL AND parked_at IS NULL AND attempts = 0
-       AND received_at >= now() - interval '{TAKE_ALONG_SECONDS} seconds'
-       AND key IN (SELECT key FROM inbox_messages WHERE message_id = ANY(%(ids)s::uuid[])))
+WHERE message_id = ANY(%s::uuid[])
 ORDER BY key, topic, partition, "offset"
 FOR UPDATE"""
 

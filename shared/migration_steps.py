@@ -73,17 +73,6 @@ def drop_inbox_request_id() -> None:
     op.drop_column("inbox_messages", "request_id")
 
 
-def inbox_pending_key_index() -> None:
-    """Messages waiting to be handled, by Kafka key: a batch takes the waiting messages of its keys
-    along (shared.inbox.lock_in_order), so that one key's messages are handled in order."""
-    op.create_index("ix_inbox_messages_pending_key", "inbox_messages", ["key", "received_at"],
-                    postgresql_where=sa.text("processed_at IS NULL AND parked_at IS NULL"))
-
-
-def drop_inbox_pending_key_index() -> None:
-    op.drop_index("ix_inbox_messages_pending_key", table_name="inbox_messages")
-
-
 # Every statement that inserts outbox rows tells the relay so as its transaction commits (PostgreSQL
 # delivers notifications at commit and folds repeats within one transaction into one).
 _CREATE_NOTIFY_FUNCTION = """

@@ -10,16 +10,16 @@ import shared.db
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, transaction
 from shared.inbox import ConsumedRecord, InboxMessage
-from tasks.inbox import handle_inbox_batch, handle_inbox_message
+from tasks.inbox import handle_inbox_message
 from tasks.services import service_app
 from tests.postgres_tools import terminate_backend
 
 
-def _stored_request(store, user: str, key: str | None = None, offset: int = 0) -> uuid.UUID:
+def _stored_request(store, user: str, key: str | None = None) -> uuid.UUID:
     """A PaymentRequested of `user` stored in the payments inbox (under Kafka key `key`)."""
     event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user,
                                           "amount": Decimal("1.00")}, None)
-    store([ConsumedRecord("task-test", 0, offset, key.encode() if key else None,
+    store([ConsumedRecord("task-test", 0, 0, key.encode() if key else None,
                           encode(event.to_json()), {})])
     return event.message_id
 
@@ -62,25 +62,6 @@ def test_a_handler_that_fails_once_succeeds_on_retry(settings, payments_inbox, m
     row = _row(message_id)
     assert len(calls) == 2
     assert row.processed_at is not None and row.parked_at is None and row.attempts == 2
-
-
-def test_one_keys_messages_are_handled_in_order_whichever_batch_comes_first(
-        payments_inbox, monkeypatch, user_id):
-    """One user's two messages, stored in two batches whose tasks run in the other order: the
-    later batch's task handles the waiting earlier message first, and the earlier batch's task then
-    finds it done."""
-    handled = []
-
-    def recording(session, events):
-        handled.extend(event.message.message_id for event in events)
-
-    monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: recording})
-    first, second = (_stored_request(payments_inbox, user_id, key=user_id, offset=offset)
-                     for offset in (1, 2))
-    handle_inbox_batch.apply(args=("payments", [str(second)]))
-    handle_inbox_batch.apply(args=("payments", [str(first)]))
-    assert handled == [first, second]
-    assert _row(first).processed_at is not None and _row(second).processed_at is not None
 
 
 def test_batches_debiting_the_same_accounts_at_once_never_deadlock(settings, payments_inbox,
