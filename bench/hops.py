@@ -8,6 +8,7 @@ from datetime import datetime
 
 import psycopg2
 
+from bench.shop import OrderTimes
 from devstack.stack import Stack
 
 # Each hop: its name and what it covers, in the order an order passes them.
@@ -23,19 +24,21 @@ HOPS = (
 )
 
 
-def hop_medians_ms(stack: Stack, order_ids: list[str]) -> dict[str, float | None]:
-    """The median of each hop over the orders that passed them all (the inbox rows of a message
-    and the order it is about share its correlation id, the order's id)."""
-    orders = _times(stack.env["ORDERS_DATABASE_URL"], _ORDER_TIMES, order_ids)
-    payments_inbox = _times(stack.env["PAYMENTS_DATABASE_URL"], _INBOX_TIMES, order_ids)
-    orders_inbox = _times(stack.env["ORDERS_DATABASE_URL"], _INBOX_TIMES, order_ids)
+def hop_medians_ms(stack: Stack, orders: list[OrderTimes]) -> dict[str, float | None]:
+    """The median of each hop over the settled `orders` that passed them all (the inbox rows of a
+    message and the order it is about share its correlation id, the order's id)."""
+    settled = [order for order in orders if order.seconds_to_final is not None]
+    order_ids = [order.order_id for order in settled]
+    payments_inbox = _times(stack.env["PAYMENTS_DATABASE_URL"], order_ids)
+    orders_inbox = _times(stack.env["ORDERS_DATABASE_URL"], order_ids)
     hops: list[list[float]] = [[] for _ in HOPS]
-    for order_id, (created_at, settled_at) in orders.items():
-        if order_id not in payments_inbox or order_id not in orders_inbox:
+    for order in settled:
+        if order.order_id not in payments_inbox or order.order_id not in orders_inbox:
             continue
-        stored_for_payments, decided_at = payments_inbox[order_id]
-        stored_for_orders, _handled_at = orders_inbox[order_id]
-        marks = (created_at, stored_for_payments, decided_at, stored_for_orders, settled_at)
+        stored_for_payments, decided_at = payments_inbox[order.order_id]
+        stored_for_orders, _handled_at = orders_inbox[order.order_id]
+        marks = (order.created_at, stored_for_payments, decided_at, stored_for_orders,
+                 order.updated_at)
         if any(mark is None for mark in marks):
             continue
         for hop, (start, end) in zip(hops, zip(marks, marks[1:])):
@@ -44,20 +47,17 @@ def hop_medians_ms(stack: Stack, order_ids: list[str]) -> dict[str, float | None
             for (name, _covers), values in zip(HOPS, hops)}
 
 
-# Settled orders only: a NEW order's updated_at is its creation.
-_ORDER_TIMES = """
-SELECT id::text, created_at, updated_at FROM orders
-WHERE id = ANY(%s::uuid[]) AND status <> 'NEW'"""
 _INBOX_TIMES = """
 SELECT correlation_id, received_at, processed_at FROM inbox_messages
 WHERE correlation_id = ANY(%s)"""
 
 
-def _times(database_url: str, query: str, order_ids: list[str]) -> dict[str, tuple[datetime, ...]]:
+def _times(database_url: str, order_ids: list[str]) -> dict[str, tuple[datetime, ...]]:
+    """(received_at, processed_at) of the inbox rows about each order, by order id."""
     connection = psycopg2.connect(database_url)
     try:
         with connection, connection.cursor() as cursor:
-            cursor.execute(query, (order_ids,))
+            cursor.execute(_INBOX_TIMES, (order_ids,))
             return {key: tuple(times) for key, *times in cursor}
     finally:
         connection.close()

@@ -51,8 +51,8 @@ def measure_latency(stack: Stack, plan: BenchPlan, users: list[str], workdir: Pa
     drained = wait_until_final(stack, load["order_ids"], plan.drain_timeout)
     # Read once the orders are final, so that the work on the last of them counts too.
     settled = read_cpu(lambda: stack.processes)
-    to_final = [t.seconds_to_final for t in order_times(stack, load["order_ids"])
-                if t.seconds_to_final is not None]
+    times = order_times(stack, load["order_ids"])
+    to_final = [t.seconds_to_final for t in times if t.seconds_to_final is not None]
     within = sum(1 for seconds in to_final if seconds <= FINAL_WITHIN_SECONDS)
     # An order the API was too busy to take (or the generator to send) was not final in time
     # either: the share of offered orders counts it, the share of accepted ones does not.
@@ -67,7 +67,7 @@ def measure_latency(stack: Stack, plan: BenchPlan, users: list[str], workdir: Pa
         "post_p99_ms": latency_summary_ms([ms / 1000 for ms in load["http_latency_ms"]])["p99_ms"],
         "drained": drained,
         "generator_cpu_percent": load["generator_cpu_percent"],
-        "hops_p50_ms": hop_medians_ms(stack, load["order_ids"]),
+        "hops_p50_ms": hop_medians_ms(stack, times),
         "machine_busy": machine_busy_share(before, after_load),
         "cpu_ms_per_order": cpu_ms_per_order(before, settled, len(load["order_ids"])),
     }

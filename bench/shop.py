@@ -109,6 +109,7 @@ def orders_cursor(stack: Stack) -> Iterator:
 
 @dataclass(frozen=True)
 class OrderTimes:
+    order_id: str
     status: str
     created_at: datetime
     updated_at: datetime
@@ -123,7 +124,7 @@ class OrderTimes:
 def order_times(stack: Stack, order_ids: list[str]) -> list[OrderTimes]:
     """Status and timestamps of the given orders, straight from the orders database (exact)."""
     with orders_cursor(stack) as cursor:
-        cursor.execute("SELECT status, created_at, updated_at FROM orders"
+        cursor.execute("SELECT id::text, status, created_at, updated_at FROM orders"
                        " WHERE id = ANY(%s::uuid[])", (order_ids,))
         return [OrderTimes(*row) for row in cursor.fetchall()]
 
