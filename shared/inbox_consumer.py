@@ -130,7 +130,8 @@ class InboxConsumer:
         offsets = [TopicPartition(topic, partition, offset)
                    for (topic, partition), offset in self._stored.items()
                    if wanted is None or (topic, partition) in wanted]
-        self._committed_at = self._clock()
+        if wanted is None:  # a few partitions' commit leaves the others' interval running
+            self._committed_at = self._clock()
         if not offsets:
             return
         for offset in offsets:
