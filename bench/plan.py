@@ -8,7 +8,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class BenchPlan:
     shoppers: int = 50
-    intake_seconds: float = 10
+    intake_seconds: float = 10  # a turn; the baseline and the API take `intake_rounds` each
+    intake_rounds: int = 2
     intake_concurrency: int = 12
     relay_rows: int = 100_000
     capacity_rate: float = 400
@@ -25,7 +26,7 @@ class BenchPlan:
 
 
 FULL = BenchPlan()
-SMOKE = BenchPlan(shoppers=2, intake_seconds=1, intake_concurrency=2, relay_rows=200,
-                  capacity_rate=20, capacity_seconds=2, capacity_warmup_seconds=0.5,
+SMOKE = BenchPlan(shoppers=2, intake_seconds=1, intake_rounds=1, intake_concurrency=2,
+                  relay_rows=200, capacity_rate=20, capacity_seconds=2, capacity_warmup_seconds=0.5,
                   latency_rates=(10,), latency_seconds=1, drain_timeout=30,
                   gateway_shoppers=2, gateway_concurrency=2, gateway_seconds=1, gateway_rounds=1)

@@ -66,6 +66,8 @@ def markdown(results: dict) -> str:
         f"| relay (rows/s, {relay['rows']} rows) | {relay['relay_rows_per_s']} "
         f"| {relay['raw_producer_rows_per_s']} | {relay['ratio']} |",
         "",
+        _intake_turns_and_settling_line(results),
+        "",
         f"Pipeline capacity: {capacity['final_per_s']} orders/s reached a final status over "
         f"{capacity['window_seconds']:g} s with {capacity['offered_rate']:g}/s offered "
         f"({capacity['accepted_per_s']}/s accepted; kept up: {capacity['kept_up']}).",
@@ -90,6 +92,23 @@ def markdown(results: dict) -> str:
     lines += ["", "| process | peak RSS MB |", "| --- | --- |"]
     lines += [f"| {name} | {mb} |" for name, mb in results["peak_rss_mb"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _intake_turns_and_settling_line(results: dict) -> str:
+    plan, intake = results["plan"], results["intake"]
+    line = (f"Order intake, closed loop ({plan['intake_concurrency']} connections), in turns of "
+            f"{plan['intake_seconds']:g} s (baseline, API, baseline, ...), the whole shop settled "
+            f"before each: POST/s per turn, baseline "
+            f"{intake['baseline'].get('turns_accepted_per_s')}, API "
+            f"{intake['orders_api'].get('turns_accepted_per_s')}; CPU of the serving processes "
+            f"per request: baseline {intake['baseline'].get('server_cpu_ms_per_request')} ms, "
+            f"API {intake['orders_api'].get('server_cpu_ms_per_request')} ms.")
+    if not (intake["baseline"]["drained"] and intake["orders_api"]["drained"]):
+        line += " The shop did not settle after every turn."
+    if results.get("unsettled_before"):
+        line += (" Measurements started while the shop still had work pending: "
+                 f"{', '.join(results['unsettled_before'])}.")
+    return line
 
 
 def where_time_and_cpu_go_lines(latency: list[dict]) -> list[str]:

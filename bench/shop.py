@@ -17,7 +17,7 @@ import requests
 
 from devstack.infra import free_port
 from devstack.stack import DEFAULT_PORTS, REPO_ROOT, Stack
-from shared.config import load_settings
+from shared.config import SERVICES, load_settings
 from shared.internal_auth import identity_headers
 
 RUN_ID = uuid.uuid4().hex[:8]
@@ -141,3 +141,42 @@ def wait_until_final(stack: Stack, order_ids: list[str], timeout: float) -> bool
         if time.monotonic() > deadline:
             return False
         time.sleep(0.25)
+
+
+# Work some service still owes: outbox rows not yet acknowledged by Kafka, inbox messages neither
+# handled nor parked; and every inbox message ever stored, which moves while Kafka delivers.
+_PENDING_WORK = """
+SELECT (SELECT count(*) FROM outbox_messages),
+       (SELECT count(*) FROM inbox_messages WHERE processed_at IS NULL AND parked_at IS NULL),
+       (SELECT count(*) FROM inbox_messages)"""
+
+
+def wait_until_idle(stack: Stack, timeout: float, quiet_polls: int = 3) -> bool:
+    """Wait until no service owes any work (what the last measurement caused is done, down to the
+    gateway's notifications); False if it never settles within `timeout`.
+
+    A message between one service's outbox and the next one's inbox is in neither, so idle means
+    the same counts, with nothing owed, `quiet_polls` times in a row a quarter of a second apart.
+    """
+    deadline = time.monotonic() + timeout
+    last, quiet = None, 0
+    while True:
+        counts = tuple(_pending_work(stack, service) for service in SERVICES)
+        owed = any(outbox or unhandled for outbox, unhandled, _stored in counts)
+        quiet = quiet + 1 if not owed and counts == last else 0
+        if quiet >= quiet_polls:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        last = counts
+        time.sleep(0.25)
+
+
+def _pending_work(stack: Stack, service: str) -> tuple[int, int, int]:
+    conn = psycopg2.connect(stack.env[f"{service.upper()}_DATABASE_URL"])
+    try:
+        with conn, conn.cursor() as cursor:
+            cursor.execute(_PENDING_WORK)
+            return cursor.fetchone()
+    finally:
+        conn.close()
