@@ -8,6 +8,8 @@ from shared.config import SERVICES, get_settings
 _settings = get_settings()
 
 broker_url = _settings.celery_broker_url
+# Kombu's Redis transport, keeping one client per channel (tasks/redis_transport.py).
+broker_transport = "tasks.redis_transport:Transport"
 broker_connection_retry_on_startup = True
 task_ignore_result = True
 result_backend = None
