@@ -41,6 +41,14 @@ def measure_capacity(stack: Stack, plan: BenchPlan, users: list[str], workdir: P
     }
 
 
+def warm_up(stack: Stack, plan: BenchPlan, users: list[str], workdir: Path) -> None:
+    """Unmeasured orders through the whole pipeline, so that the first measured one does not
+    pay for what a process does only once (pools filling, first queries planned, threads
+    started)."""
+    load = _offer(stack, users, plan.warmup_rate, plan.warmup_seconds, workdir / "warm-up")
+    wait_until_final(stack, load["order_ids"], plan.drain_timeout)
+
+
 def measure_latency(stack: Stack, plan: BenchPlan, users: list[str], workdir: Path,
                     rate: float) -> dict:
     """Latency POST -> final of every order offered at `rate` for the plan's duration, where that
