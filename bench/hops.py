@@ -6,9 +6,7 @@ from __future__ import annotations
 import statistics
 from datetime import datetime
 
-import psycopg2
-
-from bench.shop import OrderTimes
+from bench.shop import OrderTimes, service_cursor
 from devstack.stack import Stack
 
 # Each hop: its name and what it covers, in the order an order passes them.
@@ -29,8 +27,8 @@ def hop_medians_ms(stack: Stack, orders: list[OrderTimes]) -> dict[str, float | 
     message and the order it is about share its correlation id, the order's id)."""
     settled = [order for order in orders if order.seconds_to_final is not None]
     order_ids = [order.order_id for order in settled]
-    payments_inbox = _times(stack.env["PAYMENTS_DATABASE_URL"], order_ids)
-    orders_inbox = _times(stack.env["ORDERS_DATABASE_URL"], order_ids)
+    payments_inbox = _times(stack, "payments", order_ids)
+    orders_inbox = _times(stack, "orders", order_ids)
     hops: list[list[float]] = [[] for _ in HOPS]
     for order in settled:
         if order.order_id not in payments_inbox or order.order_id not in orders_inbox:
@@ -52,12 +50,8 @@ SELECT correlation_id, received_at, processed_at FROM inbox_messages
 WHERE correlation_id = ANY(%s)"""
 
 
-def _times(database_url: str, order_ids: list[str]) -> dict[str, tuple[datetime, ...]]:
+def _times(stack: Stack, service: str, order_ids: list[str]) -> dict[str, tuple[datetime, ...]]:
     """(received_at, processed_at) of the inbox rows about each order, by order id."""
-    connection = psycopg2.connect(database_url)
-    try:
-        with connection, connection.cursor() as cursor:
-            cursor.execute(_INBOX_TIMES, (order_ids,))
-            return {key: tuple(times) for key, *times in cursor}
-    finally:
-        connection.close()
+    with service_cursor(stack, service) as cursor:
+        cursor.execute(_INBOX_TIMES, (order_ids,))
+        return {key: tuple(times) for key, *times in cursor}

@@ -9,10 +9,9 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 
-import psycopg2
 from confluent_kafka import Producer
 
-from bench.shop import orders_cursor
+from bench.shop import service_cursor
 from devstack.stack import Stack
 from shared.config import load_settings
 from shared.kafka import FLUSH_TIMEOUT_S, ensure_topics, producer_config
@@ -38,9 +37,9 @@ def measure_relay_speed(stack: Stack, rows: int, timeout: float = 600) -> dict:
     ensure_topics(settings, [topic])
     # Unmeasured, a few rows through the relay first: the raw producer goes second and finds the
     # topic warm (the broker has taken messages on it, the relay's leader is up), so the relay does.
-    warm_last_row_id, _ = _insert_rows(settings, topic, max(rows // 100, 1))
+    warm_last_row_id, _ = _insert_rows(stack, topic, max(rows // 100, 1))
     _wait_until_sent(stack, topic, warm_last_row_id, timeout)
-    last_row_id, messages = _insert_rows(settings, topic, rows)
+    last_row_id, messages = _insert_rows(stack, topic, rows)
     committed = time.monotonic()
     relay_seconds = _wait_until_sent(stack, topic, last_row_id, timeout) - committed
     raw_seconds = _send_raw(settings, messages)
@@ -64,7 +63,7 @@ def _wait_until_sent(stack: Stack, topic: str, last_row_id: int, timeout: float)
     the relay is working on.
     """
     deadline = time.monotonic() + timeout
-    with orders_cursor(stack) as cursor:
+    with service_cursor(stack, "orders") as cursor:
         while time.monotonic() < deadline:
             cursor.execute("SELECT EXISTS (SELECT 1 FROM outbox_messages WHERE id = %s)",
                            (last_row_id,))
@@ -77,22 +76,18 @@ def _wait_until_sent(stack: Stack, topic: str, last_row_id: int, timeout: float)
     raise TimeoutError(f"the relay did not send the {topic} rows within {timeout}s")
 
 
-def _insert_rows(settings, topic: str, rows: int) -> tuple[int, list[tuple[str, str, dict]]]:
+def _insert_rows(stack: Stack, topic: str, rows: int) -> tuple[int, list[tuple[str, str, dict]]]:
     """Insert the rows in one transaction; return the id of the newest and (key, value, headers)
     of each, exactly as the relay reads them, read before the commit (the relay deletes them once
     sent)."""
-    conn = psycopg2.connect(settings.orders_database_url)
-    try:
-        with conn, conn.cursor() as cursor:
-            cursor.execute(INSERT_ROWS, {"topic": topic, "rows": rows,
-                                         "occurred_at": datetime.now(timezone.utc).isoformat()})
-            cursor.execute(RELAY_SELECT + " WHERE topic = %(topic)s ORDER BY id", {"topic": topic})
-            inserted = cursor.fetchall()
-            return inserted[-1][0], [
-                (key, envelope, relay_headers(message_id, event_type, request_id))
-                for _, _, key, message_id, event_type, request_id, envelope in inserted]
-    finally:
-        conn.close()
+    with service_cursor(stack, "orders") as cursor:
+        cursor.execute(INSERT_ROWS, {"topic": topic, "rows": rows,
+                                     "occurred_at": datetime.now(timezone.utc).isoformat()})
+        cursor.execute(RELAY_SELECT + " WHERE topic = %(topic)s ORDER BY id", {"topic": topic})
+        inserted = cursor.fetchall()
+    return inserted[-1][0], [
+        (key, envelope, relay_headers(message_id, event_type, request_id))
+        for _, _, key, message_id, event_type, request_id, envelope in inserted]
 
 
 def _send_raw(settings, messages: list[tuple[str, str, dict[str, str]]]) -> float:

@@ -1,5 +1,6 @@
 """The shop the benchmark drives: its own stack on free ports with its own database, topic, group
-and Redis names (as the tests isolate theirs), the shoppers it seeds, and reads of the orders table."""
+and Redis names (as the tests isolate theirs), the shoppers it seeds, and reads of its databases
+(the orders' times, the work still owed)."""
 
 from __future__ import annotations
 
@@ -97,9 +98,9 @@ def seed_shoppers(stack: Stack, count: int, balance: str = "1000000") -> list[st
 
 
 @contextmanager
-def orders_cursor(stack: Stack) -> Iterator:
-    """A cursor on the orders database, in one transaction committed when the block ends."""
-    conn = psycopg2.connect(stack.env["ORDERS_DATABASE_URL"])
+def service_cursor(stack: Stack, service: str) -> Iterator:
+    """A cursor on one service's database, in one transaction committed when the block ends."""
+    conn = psycopg2.connect(stack.env[f"{service.upper()}_DATABASE_URL"])
     try:
         with conn, conn.cursor() as cursor:
             yield cursor
@@ -123,7 +124,7 @@ class OrderTimes:
 
 def order_times(stack: Stack, order_ids: list[str]) -> list[OrderTimes]:
     """Status and timestamps of the given orders, straight from the orders database (exact)."""
-    with orders_cursor(stack) as cursor:
+    with service_cursor(stack, "orders") as cursor:
         cursor.execute("SELECT id::text, status, created_at, updated_at FROM orders"
                        " WHERE id = ANY(%s::uuid[])", (order_ids,))
         return [OrderTimes(*row) for row in cursor.fetchall()]
@@ -133,7 +134,7 @@ def wait_until_final(stack: Stack, order_ids: list[str], timeout: float) -> bool
     """Wait for every given order to be final; False if some are still NEW after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
-        with orders_cursor(stack) as cursor:
+        with service_cursor(stack, "orders") as cursor:
             cursor.execute("SELECT count(*) FROM orders WHERE id = ANY(%s::uuid[])"
                            " AND status = 'NEW'", (order_ids,))
             if cursor.fetchone()[0] == 0:
@@ -173,10 +174,6 @@ def wait_until_idle(stack: Stack, timeout: float, quiet_polls: int = 3) -> bool:
 
 
 def _pending_work(stack: Stack, service: str) -> tuple[int, int, int]:
-    conn = psycopg2.connect(stack.env[f"{service.upper()}_DATABASE_URL"])
-    try:
-        with conn, conn.cursor() as cursor:
-            cursor.execute(_PENDING_WORK)
-            return cursor.fetchone()
-    finally:
-        conn.close()
+    with service_cursor(stack, service) as cursor:
+        cursor.execute(_PENDING_WORK)
+        return cursor.fetchone()
