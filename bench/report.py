@@ -99,10 +99,10 @@ def _intake_turns_and_settling_line(results: dict) -> str:
     line = (f"Order intake, closed loop ({plan['intake_concurrency']} connections), in turns of "
             f"{plan['intake_seconds']:g} s (baseline, API, baseline, ...), the whole shop settled "
             f"before each: POST/s per turn, baseline "
-            f"{intake['baseline'].get('turns_accepted_per_s')}, API "
-            f"{intake['orders_api'].get('turns_accepted_per_s')}; CPU of the serving processes "
-            f"per request: baseline {intake['baseline'].get('server_cpu_ms_per_request')} ms, "
-            f"API {intake['orders_api'].get('server_cpu_ms_per_request')} ms.")
+            f"{intake['baseline']['turns_accepted_per_s']}, API "
+            f"{intake['orders_api']['turns_accepted_per_s']}; CPU of the serving processes "
+            f"per request: baseline {intake['baseline']['server_cpu_ms_per_request']} ms, "
+            f"API {intake['orders_api']['server_cpu_ms_per_request']} ms.")
     if not (intake["baseline"]["drained"] and intake["orders_api"]["drained"]):
         line += " The shop did not settle after every turn."
     if results.get("unsettled_before"):
