@@ -10,13 +10,18 @@ from bench.shop import OrderTimes, service_cursor
 from devstack.stack import Stack
 
 # Each hop: its name and what it covers, in the order an order passes them.
+# (A message's "produced" time is its Kafka record's timestamp, which its inbox row keeps.)
 HOPS = (
-    ("ordered -> in the payments inbox",
-     "the order's commit, the orders relay, Kafka, the payments consumer storing it"),
+    ("ordered -> request produced",
+     "the order's commit, waking the orders relay, its read, up to its producer taking it"),
+    ("-> in the payments inbox",
+     "the producer, Kafka, the payments consumer's fetch, up to its storing transaction"),
     ("-> payment decided",
      "the payments consumer's dispatch, Celery, the payments handler up to its commit"),
+    ("-> result produced",
+     "that commit, waking the payments relay, its read, up to its producer taking it"),
     ("-> in the orders inbox",
-     "that commit, the payments relay, Kafka, the orders consumer storing it"),
+     "the producer, Kafka, the orders consumer's fetch, up to its storing transaction"),
     ("-> final status",
      "the orders consumer's dispatch, Celery, the orders handler up to its commit"),
 )
@@ -33,10 +38,10 @@ def hop_medians_ms(stack: Stack, orders: list[OrderTimes]) -> dict[str, float | 
     for order in settled:
         if order.order_id not in payments_inbox or order.order_id not in orders_inbox:
             continue
-        stored_for_payments, decided_at = payments_inbox[order.order_id]
-        stored_for_orders, _handled_at = orders_inbox[order.order_id]
-        marks = (order.created_at, stored_for_payments, decided_at, stored_for_orders,
-                 order.updated_at)
+        request_produced, request_stored, decided_at = payments_inbox[order.order_id]
+        result_produced, result_stored, _handled_at = orders_inbox[order.order_id]
+        marks = (order.created_at, request_produced, request_stored, decided_at, result_produced,
+                 result_stored, order.updated_at)
         if any(mark is None for mark in marks):
             continue
         for hop, (start, end) in zip(hops, zip(marks, marks[1:])):
@@ -46,12 +51,12 @@ def hop_medians_ms(stack: Stack, orders: list[OrderTimes]) -> dict[str, float | 
 
 
 _INBOX_TIMES = """
-SELECT correlation_id, received_at, processed_at FROM inbox_messages
+SELECT correlation_id, produced_at, received_at, processed_at FROM inbox_messages
 WHERE correlation_id = ANY(%s)"""
 
 
 def _times(stack: Stack, service: str, order_ids: list[str]) -> dict[str, tuple[datetime, ...]]:
-    """(received_at, processed_at) of the inbox rows about each order, by order id."""
+    """(produced_at, received_at, processed_at) of the inbox rows about each order, by order id."""
     with service_cursor(stack, service) as cursor:
         cursor.execute(_INBOX_TIMES, (order_ids,))
         return {key: tuple(times) for key, *times in cursor}

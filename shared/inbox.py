@@ -46,6 +46,8 @@ class InboxMessage(db.Model):
     request_id: Mapped[str | None] = mapped_column(String(128))
     payload: Mapped[dict | None] = mapped_column(JSONB)
     raw_value: Mapped[str | None] = mapped_column(Text)
+    # The Kafka record's timestamp: when the sending relay produced it (None if it has none).
+    produced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -72,6 +74,7 @@ class ConsumedRecord:
     key: bytes | None
     value: bytes | None
     headers: dict[str, bytes]
+    timestamp: datetime | None = None  # the record's timestamp, if it has one
 
 
 class PermanentMessageError(Exception):
@@ -136,6 +139,7 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
         "offset": record.offset,
         "key": record.key.decode("utf-8", "replace")[:255] if record.key is not None else None,
         "request_id": request_id.decode("utf-8", "replace")[:128] if request_id else None,
+        "produced_at": record.timestamp,
     }
     try:
         envelope: Envelope = decode(record.value)
@@ -168,7 +172,7 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     values = [(str(row["message_id"]), row["topic"], row["partition"], row["offset"], row["key"],
                row.get("type"), row.get("correlation_id"), row["request_id"],
                Json(row["payload"]) if "payload" in row else None, row.get("raw_value"),
-               row.get("parked_at"), row.get("last_error"))
+               row.get("parked_at"), row.get("last_error"), row["produced_at"])
               for row in rows.values()]
     inserted = execute_values(cursor, _STORE, values, page_size=len(values), fetch=True)
     return [uuid.UUID(message_id) for message_id, parked in inserted if not parked]
@@ -178,7 +182,7 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
 # every batch of handling run them.
 _STORE = """
 INSERT INTO inbox_messages (message_id, topic, partition, "offset", key, type, correlation_id,
-                            request_id, payload, raw_value, parked_at, last_error)
+                            request_id, payload, raw_value, parked_at, last_error, produced_at)
 VALUES %s
 ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id::text, parked_at IS NOT NULL"""

@@ -16,9 +16,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 
 import psycopg2
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException,
+                             TopicPartition)
 
 from shared.inbox import ConsumedRecord, insert_records
 
@@ -33,6 +35,9 @@ Dispatch = Callable[[list[uuid.UUID]], None]
 COMMIT_INTERVAL_SECONDS = 1.0
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def to_record(message) -> ConsumedRecord:
     return ConsumedRecord(
         topic=message.topic(),
@@ -41,7 +46,17 @@ def to_record(message) -> ConsumedRecord:
         key=message.key(),
         value=message.value(),
         headers={name: value for name, value in (message.headers() or []) if value is not None},
+        timestamp=record_timestamp(message),
     )
+
+
+def record_timestamp(message) -> datetime | None:
+    """The record's timestamp, or None when it has none: the producer's clock when it was produced
+    (the relay leaves it to librdkafka), or the broker's on a topic that stamps at append."""
+    kind, milliseconds = message.timestamp()
+    if kind == TIMESTAMP_NOT_AVAILABLE:
+        return None
+    return _EPOCH + timedelta(milliseconds=milliseconds)  # exact, where a float would round
 
 
 def next_offsets(records: list[ConsumedRecord]) -> list[TopicPartition]:

@@ -73,6 +73,14 @@ def drop_inbox_request_id() -> None:
     op.drop_column("inbox_messages", "request_id")
 
 
+def add_inbox_produced_at() -> None:
+    op.add_column("inbox_messages", _timestamp("produced_at"))
+
+
+def drop_inbox_produced_at() -> None:
+    op.drop_column("inbox_messages", "produced_at")
+
+
 # Every statement that inserts outbox rows tells the relay so as its transaction commits (PostgreSQL
 # delivers notifications at commit and folds repeats within one transaction into one).
 _CREATE_NOTIFY_FUNCTION = """

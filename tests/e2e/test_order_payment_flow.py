@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 
 import requests
 import sqlalchemy as sa
@@ -23,6 +24,24 @@ def test_a_paid_order_finishes_and_debits_the_account(shopper):
     assert final["status"] == "FINISHED" and final.get("reason") is None
     assert final["updated_at"] >= final["created_at"]
     assert shopper.balance() == "70.00"
+
+
+def test_each_inbox_row_keeps_when_its_message_was_produced(shopper, orders_db, payments_db):
+    shopper.open_account()
+    shopper.deposit(100)
+    order = shopper.place_order(30)
+    final = shopper.wait_until_final(order["id"], timeout=10)
+    query = sa.text(
+        "SELECT produced_at, received_at FROM inbox_messages WHERE correlation_id = :id")
+    with payments_db.connect() as conn:
+        request = conn.execute(query, {"id": order["id"]}).one()
+    with orders_db.connect() as conn:
+        result = conn.execute(query, {"id": order["id"]}).one()
+    ordered, settled = (datetime.fromisoformat(final[k]) for k in ("created_at", "updated_at"))
+    # Record timestamps are whole milliseconds, cut down from the relay's clock.
+    millisecond = timedelta(milliseconds=1)
+    assert ordered - millisecond <= request.produced_at <= request.received_at
+    assert request.received_at <= result.produced_at <= result.received_at <= settled
 
 
 def test_too_little_money_or_no_account_cancels_the_order_and_keeps_the_balance(stack):

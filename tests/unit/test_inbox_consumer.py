@@ -3,10 +3,14 @@
 import uuid
 
 import pytest
-from confluent_kafka import TopicPartition
+from datetime import datetime, timezone
+
+from confluent_kafka import (TIMESTAMP_CREATE_TIME, TIMESTAMP_LOG_APPEND_TIME,
+                             TIMESTAMP_NOT_AVAILABLE, TopicPartition)
 
 from shared.inbox import ConsumedRecord
-from shared.inbox_consumer import InboxConsumer, first_offsets, next_offsets
+from shared.inbox_consumer import (InboxConsumer, first_offsets, next_offsets, record_timestamp,
+                                   to_record)
 
 
 class FakeMessage:
@@ -33,6 +37,9 @@ class FakeMessage:
 
     def headers(self):
         return [("message_id", str(uuid.uuid4()).encode())]
+
+    def timestamp(self):
+        return TIMESTAMP_CREATE_TIME, 1_795_000_000_123
 
 
 class FakeConsumer:
@@ -189,3 +196,24 @@ def test_stopping_commits_what_is_stored_and_waits_for_the_answer():
 
 def test_topic_partition_is_what_confluent_kafka_expects():
     assert isinstance(next_offsets(_records(("a", 0, 1)))[0], TopicPartition)
+
+
+class StampedMessage(FakeMessage):
+    def __init__(self, kind, milliseconds):
+        super().__init__("t", 0, 0)
+        self._stamp = (kind, milliseconds)
+
+    def timestamp(self):
+        return self._stamp
+
+
+@pytest.mark.parametrize("kind", [TIMESTAMP_CREATE_TIME, TIMESTAMP_LOG_APPEND_TIME])
+def test_a_records_timestamp_becomes_an_aware_datetime_to_the_millisecond(kind):
+    stamped = StampedMessage(kind, 1_795_000_000_123)
+    expected = datetime(2026, 11, 18, 11, 6, 40, 123000, tzinfo=timezone.utc)
+    assert record_timestamp(stamped) == expected
+    assert to_record(stamped).timestamp == expected
+
+
+def test_a_record_without_a_timestamp_has_none():
+    assert record_timestamp(StampedMessage(TIMESTAMP_NOT_AVAILABLE, -1)) is None
