@@ -1,10 +1,9 @@
 """The consume pipeline's commit point, with a stand-in Kafka consumer (pure logic, no I/O)."""
 
 import uuid
-
-import pytest
 from datetime import datetime, timezone
 
+import pytest
 from confluent_kafka import (TIMESTAMP_CREATE_TIME, TIMESTAMP_LOG_APPEND_TIME,
                              TIMESTAMP_NOT_AVAILABLE, TopicPartition)
 
