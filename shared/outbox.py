@@ -157,6 +157,20 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
     return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused))
 
 
+def vacuum_outbox(cursor) -> None:
+    """Reclaim the space of the rows the relay has deleted; for the database's one relay, on its
+    autocommit connection (VACUUM cannot run in a transaction).
+
+    A deleted row stays in the table and in its indexes, as a dead version, until a VACUUM, and
+    the relay's read walks the primary key from its oldest end, over every dead entry on the way:
+    with 100,000 rows deleted since the last VACUUM, a read that finds one row cost PostgreSQL
+    0.5 ms (276 index pages) against 0.01 ms (2) once they were reclaimed. Autovacuum, where it
+    runs at all, comes by a table at most once a minute; the relay, which makes the dead rows,
+    reclaims them as it goes, for a few milliseconds each time.
+    """
+    cursor.execute("VACUUM outbox_messages")
+
+
 # One array parameter, however many rows: `id = ANY(%s)` rather than thousands of IN values.
 _DELETE_ROWS = "DELETE FROM outbox_messages WHERE id = ANY(%(row_ids)s)"
 _COUNT_REFUSAL = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(error)s"

@@ -18,7 +18,7 @@ from celery.signals import worker_shutting_down
 from flask import current_app
 
 from shared.kafka import OutboxPublisher, ensure_topics
-from shared.outbox import relay_pending_outbox
+from shared.outbox import relay_pending_outbox, vacuum_outbox
 from shared.relay_leader import RelayLeaderConnection
 from tasks.celery_app import app
 from tasks.services import ServiceTask
@@ -29,6 +29,9 @@ _PUBLISHER = "hseshop.outbox_publisher"
 # The leader sends without being notified this often too: it retries rows the broker refused, and
 # makes good a notification lost with a connection.
 RECHECK_SECONDS = 1.0
+# The leader vacuums the outbox once it has deleted this many rows since it last did
+# (shared.outbox.vacuum_outbox), between one wake-up's sending and its next wait.
+VACUUM_AFTER_ROWS = 1000
 
 _stopping = threading.Event()
 _leading: set[str] = set()  # services whose relay this process leads
@@ -69,9 +72,15 @@ def relay_outbox(service: str) -> int:
 
 def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
     publisher = _publisher()
-    sent = 0
+    sent = deleted_since_vacuum = 0
     while not _stopping.is_set():
-        sent += _send_waiting_rows(service, settings, leader, publisher)
+        just_sent = _send_waiting_rows(service, settings, leader, publisher)
+        sent += just_sent
+        deleted_since_vacuum += just_sent
+        if deleted_since_vacuum >= VACUUM_AFTER_ROWS:
+            with leader.cursor() as cursor:
+                vacuum_outbox(cursor)
+            deleted_since_vacuum = 0
         leader.wait(RECHECK_SECONDS)
     log.info("%s outbox relay stopping with its worker", service)
     return sent

@@ -6,9 +6,12 @@ import dataclasses
 import json
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
 
+import psycopg2
 import pytest
 from sqlalchemy import func, select
 
@@ -16,7 +19,7 @@ from devstack.infra import free_port, start_and_wait_for_broker, start_broker
 from orders_app import service
 from orders_app.models import Order
 from shared.contracts import PAYMENT_REQUESTED, new_event
-from shared.db import db, driver_cursor, transaction
+from shared.db import db, driver_cursor, driver_dsn, transaction
 from shared.kafka import OutboxPublisher
 from shared.outbox import (CLAIM_ROWS, OutboxMessage, add_outbox_message,
                            outbox_rows_written_together, relay_pending_outbox)
@@ -225,28 +228,18 @@ def test_the_leader_reads_the_oldest_rows_by_the_primary_key_however_many_were_d
     assert "Index Scan using outbox_messages_pkey" in plan and "Seq Scan" not in plan, plan
 
 
-def test_the_relay_task_leads_sends_what_commits_and_stops_with_the_worker(
-        orders_flask_app, settings, user_id):
-    """relay_outbox as beat starts it: the first run stays and sends rows as their commits wake
-    it; a second run returns at once; the worker shutting down ends the first."""
+@contextmanager
+def _relay_task_leading(sent_by_leader: list) -> Iterator:
+    """relay_outbox for orders as beat starts it, leading in a thread of its own until the block
+    ends (as a worker shutting down ends it); what the run returns goes to `sent_by_leader`."""
     from tasks import relay
 
-    sent_by_leader = []
     leader = threading.Thread(target=lambda: sent_by_leader.append(
         relay.relay_outbox.apply(args=("orders",)).get()))
     leader.start()
     try:
         wait_for(lambda: "orders" in relay._leading, timeout=10, what="the relay to lead")
-        assert relay.relay_outbox.apply(args=("orders",)).get() == 0
-        with orders_flask_app.app_context():
-            order_id = _place(user_id).id
-
-            def sent():
-                db.session.rollback()
-                return _outbox_rows_for([order_id]) == []
-
-            wait_for(sent, timeout=10, what="the leader to send the new row")
-        assert _messages_of(settings, [order_id])
+        yield relay
     finally:
         relay._stop_leading()
         leader.join(10)
@@ -254,7 +247,53 @@ def test_the_relay_task_leads_sends_what_commits_and_stops_with_the_worker(
         # The worker's producer goes with its publisher, before the session's broker stops.
         service_app("orders").extensions.pop(relay._PUBLISHER, None)
     assert not leader.is_alive()
+
+
+def _wait_until_sent(order_ids) -> None:
+    def sent():
+        db.session.rollback()
+        return _outbox_rows_for(order_ids) == []
+
+    wait_for(sent, timeout=10, what="the leader to send the new rows")
+
+
+def test_the_relay_task_leads_sends_what_commits_and_stops_with_the_worker(
+        orders_flask_app, settings, user_id):
+    """relay_outbox as beat starts it: the first run stays and sends rows as their commits wake
+    it; a second run returns at once; the worker shutting down ends the first."""
+    sent_by_leader = []
+    with _relay_task_leading(sent_by_leader) as relay:
+        assert relay.relay_outbox.apply(args=("orders",)).get() == 0
+        with orders_flask_app.app_context():
+            order_id = _place(user_id).id
+            _wait_until_sent([order_id])
+        assert _messages_of(settings, [order_id])
     assert sent_by_leader and sent_by_leader[0] >= 1
+
+
+def _outbox_vacuums(settings) -> int:
+    connection = psycopg2.connect(driver_dsn(settings.database_url("orders")))
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT vacuum_count FROM pg_stat_user_tables"
+                           " WHERE relname = 'outbox_messages'")
+            return cursor.fetchone()[0]
+    finally:
+        connection.close()
+
+
+def test_the_leading_relay_vacuums_the_outbox_once_it_has_deleted_enough_rows(
+        orders_flask_app, settings, user_id, monkeypatch):
+    """Every row sent is deleted and stays as a dead version until a VACUUM (this machine's
+    PostgreSQL runs no autovacuum), and the leader's read walks over the dead versions: so the
+    leader vacuums the outbox each time it has deleted VACUUM_AFTER_ROWS rows."""
+    monkeypatch.setattr("tasks.relay.VACUUM_AFTER_ROWS", 3)
+    vacuums_before = _outbox_vacuums(settings)
+    with _relay_task_leading([]), orders_flask_app.app_context():
+        order_ids = [_place(user_id).id for _ in range(3)]
+        _wait_until_sent(order_ids)
+        wait_for(lambda: _outbox_vacuums(settings) > vacuums_before, timeout=10,
+                 what="the leader to vacuum the outbox")
 
 
 def test_rows_written_together_keep_their_order_and_go_with_an_error(in_orders, settings, user_id):
