@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
 
-import psycopg2
 import pytest
 from sqlalchemy import func, select
 
@@ -19,7 +18,7 @@ from devstack.infra import free_port, start_and_wait_for_broker, start_broker
 from orders_app import service
 from orders_app.models import Order
 from shared.contracts import PAYMENT_REQUESTED, new_event
-from shared.db import db, driver_cursor, driver_dsn, transaction
+from shared.db import db, driver_cursor, transaction
 from shared.kafka import OutboxPublisher
 from shared.outbox import (CLAIM_ROWS, OutboxMessage, add_outbox_message,
                            outbox_rows_written_together, relay_pending_outbox)
@@ -271,28 +270,24 @@ def test_the_relay_task_leads_sends_what_commits_and_stops_with_the_worker(
     assert sent_by_leader and sent_by_leader[0] >= 1
 
 
-def _outbox_vacuums(settings) -> int:
-    connection = psycopg2.connect(driver_dsn(settings.database_url("orders")))
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT vacuum_count FROM pg_stat_user_tables"
-                           " WHERE relname = 'outbox_messages'")
-            return cursor.fetchone()[0]
-    finally:
-        connection.close()
+def _outbox_vacuums() -> int:
+    with transaction() as session, driver_cursor(session) as cursor:
+        cursor.execute("SELECT vacuum_count FROM pg_stat_user_tables"
+                       " WHERE relname = 'outbox_messages'")
+        return cursor.fetchone()[0]
 
 
 def test_the_leading_relay_vacuums_the_outbox_once_it_has_deleted_enough_rows(
-        orders_flask_app, settings, user_id, monkeypatch):
+        orders_flask_app, user_id, monkeypatch):
     """Every row sent is deleted and stays as a dead version until a VACUUM (this machine's
     PostgreSQL runs no autovacuum), and the leader's read walks over the dead versions: so the
     leader vacuums the outbox each time it has deleted VACUUM_AFTER_ROWS rows."""
     monkeypatch.setattr("tasks.relay.VACUUM_AFTER_ROWS", 3)
-    vacuums_before = _outbox_vacuums(settings)
     with _relay_task_leading([]), orders_flask_app.app_context():
+        vacuums_before = _outbox_vacuums()
         order_ids = [_place(user_id).id for _ in range(3)]
         _wait_until_sent(order_ids)
-        wait_for(lambda: _outbox_vacuums(settings) > vacuums_before, timeout=10,
+        wait_for(lambda: _outbox_vacuums() > vacuums_before, timeout=10,
                  what="the leader to vacuum the outbox")
 
 
