@@ -1,11 +1,13 @@
-"""Order intake: sustained POST /orders per second on the orders API, against the bare baseline."""
+"""Order intake: sustained POST /orders per second on the orders API, against the bare baseline,
+with the intake floors (bench/floors.py) between them: what each layer of the API's stack costs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench.baseline import baseline_process
+from bench.baseline import BASELINE_APP, served_by_gunicorn
 from bench.cpu_use import read_cpu
+from bench.floors import FLOORS
 from bench.load import LoadSpec, offer_load
 from bench.plan import BenchPlan
 from bench.shop import wait_until_final, wait_until_idle
@@ -16,32 +18,52 @@ from devstack.stack import Stack
 
 def measure_intake(stack: Stack, plan: BenchPlan, users: list[str], workdir: Path,
                    extra_processes: list[ManagedProcess]) -> dict:
-    """Drive the baseline and the API in turns (baseline, API, baseline, ...), each as fast as it
-    answers, so that the machine's drift falls on both alike. Between turns the whole shop settles:
-    the work a turn's orders cause, down to the gateway's notifications, is over before the next
-    turn starts, and never lands on the other side's figures."""
-    port = free_port()
-    baseline = baseline_process(port, stack.env, stack.logs_dir)
-    extra_processes.append(baseline)
-    baseline.start()
-    turns: dict[str, list[dict]] = {"baseline": [], "orders_api": []}
+    """Drive the baseline, the floors and the API in turns, each as fast as it answers, in one
+    order and then in the reverse one (baseline, floors, API, API, floors, baseline, ...), so
+    that the machine's drift falls on all alike. Between turns the
+    whole shop settles: the work a turn's orders cause, down to the gateway's notifications, is
+    over before the next turn starts, and never lands on another side's figures."""
+    servers: dict[str, tuple[str, ManagedProcess]] = {}  # side -> (URL, serving process)
+    first_started = len(extra_processes)
     try:
-        wait_for_process(baseline, lambda: port_open(LOCALHOST, port), 30, "the baseline API")
+        servers["baseline"] = _serve("baseline-api", BASELINE_APP, stack, extra_processes)
+        for floor in FLOORS:
+            servers[floor.process_name] = _serve(floor.process_name, floor.app, stack,
+                                                 extra_processes)
         orders_api = next(p for p in stack.processes if p.name == "orders-api")
-        servers = {"baseline": (f"http://{LOCALHOST}:{port}/orders", baseline),
-                   "orders_api": (f"{stack.orders_url}/orders", orders_api)}
+        servers["orders_api"] = (f"{stack.orders_url}/orders", orders_api)
+        turns: dict[str, list[dict]] = {name: [] for name in servers}
         for round_number in range(plan.intake_rounds):
-            for side, (url, server) in servers.items():
+            sides = list(servers.items())
+            for side, (url, server) in sides if round_number % 2 == 0 else reversed(sides):
                 out = workdir / f"intake-{side}-{round_number}"
                 turns[side].append(_drive(stack, plan, url, server, users, out))
     finally:
-        baseline.stop()
+        for server in extra_processes[first_started:]:
+            server.stop()
     bare, api = _combined(turns["baseline"]), _combined(turns["orders_api"])
+    floors = []
+    for floor in FLOORS:
+        figures = _combined(turns[floor.process_name])
+        floors.append({"name": floor.process_name, "adds": floor.adds} | figures | {
+            "ratio": round(figures["accepted_per_s"] / bare["accepted_per_s"], 3)})
     return {
         "baseline": bare,
+        "floors": floors,
         "orders_api": api,
         "ratio": round(api["accepted_per_s"] / bare["accepted_per_s"], 3),
     }
+
+
+def _serve(name: str, app: str, stack: Stack,
+           extra_processes: list[ManagedProcess]) -> tuple[str, ManagedProcess]:
+    """Start gunicorn serving `app` as the orders API is served; its URL for POST /orders."""
+    port = free_port()
+    server = served_by_gunicorn(name, app, port, stack.env, stack.logs_dir)
+    extra_processes.append(server)
+    server.start()
+    wait_for_process(server, lambda: port_open(LOCALHOST, port), 30, name)
+    return f"http://{LOCALHOST}:{port}/orders", server
 
 
 def _drive(stack: Stack, plan: BenchPlan, url: str, server: ManagedProcess, users: list[str],

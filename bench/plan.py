@@ -8,7 +8,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class BenchPlan:
     shoppers: int = 50
-    intake_seconds: float = 5  # a turn; the baseline and the API take `intake_rounds` each
+    intake_seconds: float = 5  # a turn; baseline, floors and API take `intake_rounds` each
     intake_rounds: int = 2
     intake_concurrency: int = 12
     relay_rows: int = 100_000

@@ -68,6 +68,8 @@ def markdown(results: dict) -> str:
         "",
         _intake_turns_and_settling_line(results),
         "",
+        *intake_floor_lines(intake),
+        "",
         f"Pipeline capacity: {capacity['final_per_s']} orders/s reached a final status over "
         f"{capacity['window_seconds']:g} s with {capacity['offered_rate']:g}/s offered "
         f"({capacity['accepted_per_s']}/s accepted; kept up: {capacity['kept_up']}).",
@@ -97,18 +99,40 @@ def markdown(results: dict) -> str:
 def _intake_turns_and_settling_line(results: dict) -> str:
     plan, intake = results["plan"], results["intake"]
     line = (f"Order intake, closed loop ({plan['intake_concurrency']} connections), in turns of "
-            f"{plan['intake_seconds']:g} s (baseline, API, baseline, ...), the whole shop settled "
-            f"before each: POST/s per turn, baseline "
+            f"{plan['intake_seconds']:g} s (baseline, floors, API, API, floors, baseline, ...), "
+            f"the whole shop settled before each: POST/s per turn, baseline "
             f"{intake['baseline']['turns_accepted_per_s']}, API "
             f"{intake['orders_api']['turns_accepted_per_s']}; CPU of the serving processes "
             f"per request: baseline {intake['baseline']['server_cpu_ms_per_request']} ms, "
             f"API {intake['orders_api']['server_cpu_ms_per_request']} ms.")
-    if not (intake["baseline"]["drained"] and intake["orders_api"]["drained"]):
+    if not all(side["drained"] for side in (intake["baseline"], *intake["floors"],
+                                            intake["orders_api"])):
         line += " The shop did not settle after every turn."
     if results.get("unsettled_before"):
         line += (" Measurements started while the shop still had work pending: "
                  f"{', '.join(results['unsettled_before'])}.")
     return line
+
+
+def intake_floor_lines(intake: dict) -> list[str]:
+    """The baseline's work under each layer of the API's stack (bench/floors.py), then the API."""
+    lines = [
+        "Where intake goes: the baseline's two inserts served under each layer of the API's stack "
+        "(bench/floors.py), each floor adding one layer to the one above it; to the last floor, "
+        "the API adds only the shop's own work per request.",
+        "",
+        "| served by | POST/s | / baseline | CPU ms per request |",
+        "| --- | --- | --- | --- |",
+        f"| bare WSGI, raw psycopg2 (the baseline) | {intake['baseline']['accepted_per_s']} | 1.0 "
+        f"| {intake['baseline']['server_cpu_ms_per_request']} |",
+    ]
+    for floor in intake["floors"]:
+        lines.append(f"| {floor['adds']} | {floor['accepted_per_s']} | {floor['ratio']} "
+                     f"| {floor['server_cpu_ms_per_request']} |")
+    api = intake["orders_api"]
+    lines.append(f"| + the shop's own work: the orders API | {api['accepted_per_s']} "
+                 f"| {intake['ratio']} | {api['server_cpu_ms_per_request']} |")
+    return lines
 
 
 def where_time_and_cpu_go_lines(latency: list[dict]) -> list[str]:

@@ -18,6 +18,12 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
     assert report["intake"]["baseline"]["accepted_per_s"] > 0
     assert report["intake"]["orders_api"]["accepted_per_s"] > 0
     assert report["intake"]["ratio"] > 0
+    # The baseline's work under each layer of the API's stack, each served and driven in turn.
+    assert [floor["name"] for floor in report["intake"]["floors"]] == [
+        "floor-flask", "floor-flask-sqlalchemy", "floor-flask-smorest"]
+    for floor in report["intake"]["floors"]:
+        assert floor["accepted_per_s"] > 0 and floor["ratio"] > 0 and not floor["errors"], floor
+        assert floor["drained"] and floor["server_cpu_ms_per_request"] > 0
     # Each measurement (and each intake turn) starts once the shop owes no work.
     assert report["intake"]["baseline"]["drained"] and report["intake"]["orders_api"]["drained"]
     assert "unsettled_before" not in report, report["unsettled_before"]
@@ -45,10 +51,11 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
             assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
             assert row["generator_cpu_percent"] >= 0
         assert endpoint["grpc_over_http"] > 0
-    assert {"orders-api", "orders-worker", "payments-worker", "baseline-api", "gateway-grpc",
-            "gateway-http"} <= set(report["peak_rss_mb"])
+    assert {"orders-api", "orders-worker", "payments-worker", "baseline-api", "floor-flask-smorest",
+            "gateway-grpc", "gateway-http"} <= set(report["peak_rss_mb"])
     assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
     assert "| order intake (POST/s) |" in markdown_path.read_text()
+    assert "| + flask-smorest, marshmallow (the API's schemas) |" in markdown_path.read_text()
     assert "## Gateway: services over gRPC against HTTP" in markdown_path.read_text()
     assert "| -> final status |" in markdown_path.read_text()
     # `python -m bench.gateway_transports` writes the same section as a report of its own.

@@ -1,0 +1,116 @@
+"""Intake floors: the bare baseline's work (`bench.baseline.write_order`) served under each layer
+of the stack the orders API is built on, by gunicorn as the API is, so that the intake report shows
+what each layer costs before any of the shop's own work per request. Between the last floor and
+the API lies only that work: the gateway's signature checked, the request id bound, echoed and
+logged, the idempotency key looked at, the event checked against its contract, the cached order
+lists invalidated.
+
+Each floor adds one layer to the one before it:
+1. Flask: its routing, request and response; raw psycopg2 connections, one per thread, as the
+   baseline's.
+2. + Flask-SQLAlchemy as the shop uses it (`shared.db`): a pooled session, `transaction()`, the
+   statements on its `driver_cursor`.
+3. + flask-smorest and marshmallow as the shop uses them (`shared.http_api.Blueprint`): the body
+   parsed and validated with the API's `PlaceOrderSchema`, the answer dumped with `OrderSchema`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from flask import Flask, jsonify, request
+
+from bench.baseline import thread_connection, write_order
+from shared.config import get_settings
+
+
+@dataclass(frozen=True)
+class Floor:
+    process_name: str
+    adds: str
+    app: str  # what gunicorn serves
+
+
+FLOORS = (
+    Floor("floor-flask", "Flask", "bench.floors:flask_app()"),
+    Floor("floor-flask-sqlalchemy", "+ Flask-SQLAlchemy (shared.db)",
+          "bench.floors:flask_sqlalchemy_app()"),
+    Floor("floor-flask-smorest", "+ flask-smorest, marshmallow (the API's schemas)",
+          "bench.floors:flask_smorest_app()"),
+)
+
+
+def flask_app() -> Flask:
+    settings = get_settings()
+    topic = settings.topic_payment_requested
+    connection = thread_connection(settings.orders_database_url)
+    app = Flask("floor-flask")
+
+    @app.post("/orders")
+    def place_order():
+        body = request.get_json()
+        with connection() as conn, conn.cursor() as cursor:  # one transaction, committed on exit
+            order = write_order(cursor, topic, request.headers.get("X-User-ID", ""),
+                                Decimal(body["amount"]), body.get("description", ""))
+        return jsonify(order.body()), 202
+
+    return app
+
+
+def flask_sqlalchemy_app() -> Flask:
+    from shared.db import driver_cursor, transaction
+
+    settings = get_settings()
+    topic = settings.topic_payment_requested
+    app = _app_with_database("floor-flask-sqlalchemy")
+
+    @app.post("/orders")
+    def place_order():
+        body = request.get_json()
+        with transaction() as session, driver_cursor(session) as cursor:
+            order = write_order(cursor, topic, request.headers.get("X-User-ID", ""),
+                                Decimal(body["amount"]), body.get("description", ""))
+        return jsonify(order.body()), 202
+
+    return app
+
+
+def flask_smorest_app() -> Flask:
+    from flask_smorest import Api
+
+    from orders_app.schemas import OrderSchema, PlaceOrderSchema
+    from shared.db import driver_cursor, transaction
+    from shared.http_api import Blueprint
+
+    settings = get_settings()
+    topic = settings.topic_payment_requested
+    app = _app_with_database("floor-flask-smorest")
+    app.config.update(API_TITLE="floor", API_VERSION="1", OPENAPI_VERSION="3.0.3")
+    blueprint = Blueprint("orders", __name__, url_prefix="/orders")
+    order_schema = OrderSchema()
+
+    @blueprint.post("")
+    @blueprint.arguments(PlaceOrderSchema)
+    @blueprint.response(202, OrderSchema)
+    def place_order(args):
+        with transaction() as session, driver_cursor(session) as cursor:
+            order = write_order(cursor, topic, request.headers.get("X-User-ID", ""),
+                                args["amount"], args["description"])
+        return jsonify(order_schema.dump(vars(order) | {
+            "status": "NEW", "reason": None, "updated_at": order.created_at})), 202
+
+    Api(app).register_blueprint(blueprint)
+    return app
+
+
+def _app_with_database(name: str) -> Flask:
+    """A Flask app with the shop's database extension set up as the API's (shared.app)."""
+    from shared.db import db, ping_connections_after_idle
+
+    app = Flask(name)
+    app.config["SQLALCHEMY_DATABASE_URI"] = get_settings().database_url("orders")
+    db.init_app(app)
+    with app.app_context():
+        ping_connections_after_idle(db.engine)
+    return app
