@@ -20,9 +20,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from flask import Flask, jsonify, request
+from flask_smorest import Api
 
-from bench.baseline import thread_connection, write_order
+from bench.baseline import WrittenOrder, thread_connection, write_order
+from orders_app.schemas import OrderSchema, PlaceOrderSchema
 from shared.config import get_settings
+from shared.db import db, driver_cursor, ping_connections_after_idle, transaction
+from shared.http_api import Blueprint
 
 
 @dataclass(frozen=True)
@@ -59,32 +63,18 @@ def flask_app() -> Flask:
 
 
 def flask_sqlalchemy_app() -> Flask:
-    from shared.db import driver_cursor, transaction
-
-    settings = get_settings()
-    topic = settings.topic_payment_requested
     app = _app_with_database("floor-flask-sqlalchemy")
 
     @app.post("/orders")
     def place_order():
         body = request.get_json()
-        with transaction() as session, driver_cursor(session) as cursor:
-            order = write_order(cursor, topic, request.headers.get("X-User-ID", ""),
-                                Decimal(body["amount"]), body.get("description", ""))
+        order = _write_order_in_transaction(Decimal(body["amount"]), body.get("description", ""))
         return jsonify(order.body()), 202
 
     return app
 
 
 def flask_smorest_app() -> Flask:
-    from flask_smorest import Api
-
-    from orders_app.schemas import OrderSchema, PlaceOrderSchema
-    from shared.db import driver_cursor, transaction
-    from shared.http_api import Blueprint
-
-    settings = get_settings()
-    topic = settings.topic_payment_requested
     app = _app_with_database("floor-flask-smorest")
     app.config.update(API_TITLE="floor", API_VERSION="1", OPENAPI_VERSION="3.0.3")
     blueprint = Blueprint("orders", __name__, url_prefix="/orders")
@@ -94,9 +84,7 @@ def flask_smorest_app() -> Flask:
     @blueprint.arguments(PlaceOrderSchema)
     @blueprint.response(202, OrderSchema)
     def place_order(args):
-        with transaction() as session, driver_cursor(session) as cursor:
-            order = write_order(cursor, topic, request.headers.get("X-User-ID", ""),
-                                args["amount"], args["description"])
+        order = _write_order_in_transaction(args["amount"], args["description"])
         return jsonify(order_schema.dump(vars(order) | {
             "status": "NEW", "reason": None, "updated_at": order.created_at})), 202
 
@@ -106,11 +94,16 @@ def flask_smorest_app() -> Flask:
 
 def _app_with_database(name: str) -> Flask:
     """A Flask app with the shop's database extension set up as the API's (shared.app)."""
-    from shared.db import db, ping_connections_after_idle
-
     app = Flask(name)
     app.config["SQLALCHEMY_DATABASE_URI"] = get_settings().database_url("orders")
     db.init_app(app)
     with app.app_context():
         ping_connections_after_idle(db.engine)
     return app
+
+
+def _write_order_in_transaction(amount: Decimal, description: str) -> WrittenOrder:
+    """The baseline's work for the caller of this request, on the shop's session and cursor."""
+    with transaction() as session, driver_cursor(session) as cursor:
+        return write_order(cursor, get_settings().topic_payment_requested,
+                           request.headers.get("X-User-ID", ""), amount, description)
