@@ -109,4 +109,3 @@ def served_by_gunicorn(name: str, app: str, port: int, env: dict[str, str],
     """The (unstarted) gunicorn serving the WSGI app `app` on `port` as the orders API is served."""
     return ManagedProcess(name, [sys.executable, "-m", *gunicorn_argv(port, app)],
                           env, log_dir / f"{name}.log", REPO_ROOT)
-

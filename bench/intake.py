@@ -19,10 +19,10 @@ from devstack.stack import Stack
 def measure_intake(stack: Stack, plan: BenchPlan, users: list[str], workdir: Path,
                    extra_processes: list[ManagedProcess]) -> dict:
     """Drive the baseline, the floors and the API in turns, each as fast as it answers, in one
-    order and then in the reverse one (baseline, floors, API, API, floors, baseline, ...), so
-    that the machine's drift falls on all alike. Between turns the
-    whole shop settles: the work a turn's orders cause, down to the gateway's notifications, is
-    over before the next turn starts, and never lands on another side's figures."""
+    order and then in the reverse one (baseline, floors, API, API, floors, baseline, ...), so that
+    the machine's drift falls on all alike. Between turns the whole shop settles: the work a turn's
+    orders cause, down to the gateway's notifications, is over before the next turn starts, and
+    never lands on another side's figures."""
     servers: dict[str, tuple[str, ManagedProcess]] = {}  # side -> (URL, serving process)
     first_started = len(extra_processes)
     try:
