@@ -100,11 +100,8 @@ def _intake_turns_and_settling_line(results: dict) -> str:
     plan, intake = results["plan"], results["intake"]
     line = (f"Order intake, closed loop ({plan['intake_concurrency']} connections), in turns of "
             f"{plan['intake_seconds']:g} s (baseline, floors, API, API, floors, baseline, ...), "
-            f"the whole shop settled before each: POST/s per turn, baseline "
-            f"{intake['baseline']['turns_accepted_per_s']}, API "
-            f"{intake['orders_api']['turns_accepted_per_s']}; CPU of the serving processes "
-            f"per request: baseline {intake['baseline']['server_cpu_ms_per_request']} ms, "
-            f"API {intake['orders_api']['server_cpu_ms_per_request']} ms.")
+            f"the whole shop settled before each; each side's POST/s per turn and its serving "
+            f"processes' CPU per request are in the table below.")
     if not all(side["drained"] for side in (intake["baseline"], *intake["floors"],
                                             intake["orders_api"])):
         line += " The shop did not settle after every turn."
@@ -116,23 +113,19 @@ def _intake_turns_and_settling_line(results: dict) -> str:
 
 def intake_floor_lines(intake: dict) -> list[str]:
     """The baseline's work under each layer of the API's stack (bench/floors.py), then the API."""
-    lines = [
+    sides = [("bare WSGI, raw psycopg2 (the baseline)", intake["baseline"], 1.0),
+             *((floor["adds"], floor, floor["ratio"]) for floor in intake["floors"]),
+             ("+ the shop's own work: the orders API", intake["orders_api"], intake["ratio"])]
+    return [
         "Where intake goes: the baseline's two inserts served under each layer of the API's stack "
         "(bench/floors.py), each floor adding one layer to the one above it; to the last floor, "
         "the API adds only the shop's own work per request.",
         "",
-        "| served by | POST/s | / baseline | CPU ms per request |",
-        "| --- | --- | --- | --- |",
-        f"| bare WSGI, raw psycopg2 (the baseline) | {intake['baseline']['accepted_per_s']} | 1.0 "
-        f"| {intake['baseline']['server_cpu_ms_per_request']} |",
+        "| served by | POST/s | per turn | / baseline | CPU ms per request |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {name} | {side['accepted_per_s']} | {side['turns_accepted_per_s']} | {ratio} "
+          f"| {side['server_cpu_ms_per_request']} |" for name, side, ratio in sides),
     ]
-    for floor in intake["floors"]:
-        lines.append(f"| {floor['adds']} | {floor['accepted_per_s']} | {floor['ratio']} "
-                     f"| {floor['server_cpu_ms_per_request']} |")
-    api = intake["orders_api"]
-    lines.append(f"| + the shop's own work: the orders API | {api['accepted_per_s']} "
-                 f"| {intake['ratio']} | {api['server_cpu_ms_per_request']} |")
-    return lines
 
 
 def where_time_and_cpu_go_lines(latency: list[dict]) -> list[str]:
