@@ -25,7 +25,7 @@ from flask_smorest import Api
 from bench.baseline import WrittenOrder, thread_connection, write_order
 from orders_app.schemas import OrderSchema, PlaceOrderSchema
 from shared.config import get_settings
-from shared.db import db, driver_cursor, ping_connections_after_idle, transaction
+from shared.db import driver_cursor, init_database, transaction
 from shared.http_api import Blueprint
 
 
@@ -96,9 +96,7 @@ def _app_with_database(name: str) -> Flask:
     """A Flask app with the shop's database extension set up as the API's (shared.app)."""
     app = Flask(name)
     app.config["SQLALCHEMY_DATABASE_URI"] = get_settings().database_url("orders")
-    db.init_app(app)
-    with app.app_context():
-        ping_connections_after_idle(db.engine)
+    init_database(app)
     return app
 
 

@@ -11,7 +11,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from shared.cache import CACHE_EXTENSION, VersionedCache
 from shared.config import Settings, get_settings
-from shared.db import db, ping_connections_after_idle
+from shared.db import init_database
 from shared.errors import register_error_handlers
 from shared.health import health_blueprint
 from shared.identity import identify_caller
@@ -51,9 +51,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     app.extensions["hseshop.service"] = service
     app.extensions[CACHE_EXTENSION] = VersionedCache(settings.redis_url, settings.cache_ttl_seconds,
                                                      prefix=f"{settings.redis_key_prefix}:{service}")
-    db.init_app(app)
-    with app.app_context():
-        ping_connections_after_idle(db.engine)
+    init_database(app)
     api = Api(app)
     app.extensions["hseshop.api"] = api
     for blueprint in blueprints:

@@ -4,7 +4,7 @@ Use cases and message handlers get a session from `transaction()` and never comm
 business row and the outbox row it causes are committed together or not at all, by construction.
 Work that must wait for the commit (invalidating cached reads, say) is registered with
 `after_commit`. `driver_cursor` runs the busiest statements straight on the driver. Pooled
-connections are pinged before use only after they sat idle (`ping_connections_after_idle`).
+connections are pinged before use only after they sat idle (`init_database` sets that up).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Engine, make_url
@@ -106,6 +107,14 @@ def driver_dsn(database_url: str) -> str:
 # A pooled connection is pinged before use only when it has sat unused for longer than this.
 IDLE_PING_SECONDS = 1.0
 _CHECKED_IN_AT = "hseshop.checked_in_at"
+
+
+def init_database(app: Flask) -> None:
+    """Set the database extension up for `app` (its SQLALCHEMY_DATABASE_URI configured), with
+    pooled connections pinged only after they sat idle."""
+    db.init_app(app)
+    with app.app_context():
+        ping_connections_after_idle(db.engine)
 
 
 def ping_connections_after_idle(engine: Engine) -> None:
