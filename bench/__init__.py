@@ -1,1 +1,1 @@
-"""`make bench`: HseShop's throughput, latency, relay speed and memory, each beside a raw baseline."""
+"""`make bench`: HseShop's throughput, latency, relay speed and memory, each beside a baseline."""

@@ -1,4 +1,4 @@
-"""Peak resident memory of every process of the stack, sampled with psutil while the benchmark runs."""
+"""Peak resident memory of every process of the stack, sampled with psutil during the benchmark."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ class PeakMemory:
 
     def _child_name(self, parent: str, pid: int) -> str:
         if pid not in self._child_names:
-            siblings = sum(name.startswith(f"{parent} child") for name in self._child_names.values())
+            siblings = sum(name.startswith(f"{parent} child")
+                           for name in self._child_names.values())
             self._child_names[pid] = f"{parent} child {siblings + 1}"
         return self._child_names[pid]
 

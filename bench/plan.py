@@ -1,4 +1,4 @@
-"""How long and how hard each measurement runs: the full benchmark, and the smoke run `make test` does."""
+"""How long and how hard each measurement runs: the full benchmark and `make test`'s smoke run."""
 
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ def print_urls(stack: Stack) -> None:
                 f"  API docs        {stack.gateway_url}/docs",
                 "Behind the gateway (internal; they only trust identities the gateway signs):",
                 f"  orders API      {stack.orders_url}   docs {stack.orders_url}/docs/swagger-ui",
-                f"  payments API    {stack.payments_url}   docs {stack.payments_url}/docs/swagger-ui",
+                f"  payments API    {stack.payments_url}"
+                f"   docs {stack.payments_url}/docs/swagger-ui",
                 f"  Flower          {stack.flower_url}",
                 f"  Kafka broker    {stack.broker_address}",
                 f"  logs            {stack.logs_dir}",

@@ -264,7 +264,8 @@ class Stack:
             commands[f"{service}-grpc"] = ["shared.grpc_server", service]
         for service in SERVICES:
             commands[f"{service}-worker"] = [
-                *f"celery -A tasks worker -Q {service} -P threads -c {WORKER_THREADS} -n {service}@%h".split(),
+                *f"celery -A tasks worker -Q {service} -n {service}@%h".split(),
+                *f"-P threads -c {WORKER_THREADS}".split(),
                 *f"--consume {service} --without-gossip --without-mingle -l INFO".split(),
             ]
         commands["beat"] = [

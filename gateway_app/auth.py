@@ -105,6 +105,7 @@ def bearer_user_id(authorization: str) -> str:
 
 def user_id_from_token_or_401(token: str) -> str:
     try:
-        return user_id_from_token(token, current_app.extensions["hseshop.settings"].auth_token_secret)
+        settings = current_app.extensions["hseshop.settings"]
+        return user_id_from_token(token, settings.auth_token_secret)
     except InvalidToken as exc:
         raise Unauthorized(str(exc), code=exc.code) from None

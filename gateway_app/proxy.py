@@ -36,7 +36,8 @@ def _http() -> requests.Session:
 def forward(service: str, path: str) -> Response:
     """Send the current request to `service` at `path` and relay its answer."""
     settings = current_app.extensions["hseshop.settings"]
-    base = {"orders": settings.orders_service_url, "payments": settings.payments_service_url}[service]
+    base = {"orders": settings.orders_service_url,
+            "payments": settings.payments_service_url}[service]
     headers = {name: request.headers[name] for name in FORWARDED_REQUEST_HEADERS
                if name in request.headers}
     headers.update(identity_headers(g.user_id, settings.internal_auth_secret))

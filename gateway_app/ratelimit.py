@@ -1,5 +1,6 @@
 """Per-caller rate limiting in Redis: a fixed one-minute window per user (or per address before
-sign-in). Past the limit the caller gets a 429 with Retry-After; with Redis down nobody is limited."""
+sign-in). Past the limit the caller gets a 429 with Retry-After; with Redis down nobody is
+limited."""
 
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ def _grpc(service: str, method: str, body: dict[str, Any], status: int):
 @blueprint.post("/orders")
 @blueprint.arguments(PlaceOrderSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY])
-@blueprint.response(202, OrderSchema, description="Accepted; the payment is asked for asynchronously")
+@blueprint.response(202, OrderSchema,
+                    description="Accepted; the payment is asked for asynchronously")
 def place_order(args):
     """Place an order."""
     if _over_http():

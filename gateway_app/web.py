@@ -1,4 +1,5 @@
-"""The web shop page, served at `/` with its scripts and styles: plain HTML and JavaScript, no build."""
+"""The web shop page, served at `/` with its scripts and styles: plain HTML and JavaScript, no
+build step."""
 
 from __future__ import annotations
 

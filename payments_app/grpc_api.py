@@ -1,4 +1,4 @@
-"""The Payments gRPC methods: messages in and out, the same endpoint operations as the HTTP routes."""
+"""The Payments gRPC methods: messages in and out, the endpoint operations the HTTP routes use."""
 
 from __future__ import annotations
 

@@ -55,7 +55,8 @@ def deposit(session: Session, *, user_id: str, amount: Decimal) -> Account:
     if balance is None:
         raise NotFound("This user has no account.", code="ACCOUNT_NOT_FOUND")
     if balance > MAX_BALANCE:
-        raise Unprocessable(f"A balance cannot exceed {MAX_BALANCE}.", code="BALANCE_LIMIT_EXCEEDED")
+        raise Unprocessable(f"A balance cannot exceed {MAX_BALANCE}.",
+                            code="BALANCE_LIMIT_EXCEEDED")
     invalidate_after_commit(session, balance_cache_namespace(user_id))
     return session.get(Account, user_id, populate_existing=True)
 

@@ -48,7 +48,8 @@ class InboxMessage(db.Model):
     raw_value: Mapped[str | None] = mapped_column(Text)
     # The Kafka record's timestamp: when the sending relay produced it (None if it has none).
     produced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                  server_default=func.now())
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
@@ -362,7 +363,8 @@ def record_failed_attempt(
     return False
 
 
-def find_stalled_messages(session: Session, min_age: timedelta, limit: int = 500) -> list[uuid.UUID]:
+def find_stalled_messages(session: Session, min_age: timedelta,
+                          limit: int = 500) -> list[uuid.UUID]:
     """Messages still waiting to be handled whose last dispatch is older than `min_age`."""
     cutoff = _now() - min_age
     return list(

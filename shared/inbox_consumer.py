@@ -1,4 +1,4 @@
-"""The Kafka side of the inbox: poll a batch, store it, commit the offsets, hand the new messages on.
+"""The Kafka side of the inbox: poll a batch, store it, commit the offsets, hand new messages on.
 
 The steps are kept apart so the commit point is plain to see and test: an offset is committed only
 after the inbox rows for every record below it have committed in PostgreSQL. A crash anywhere

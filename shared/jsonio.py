@@ -1,5 +1,5 @@
-"""JSON for the HTTP APIs: numbers are read as `Decimal` (never float), NaN and Infinity are refused,
-and Decimals, UUIDs and datetimes are written in their wire forms."""
+"""JSON for the HTTP APIs: numbers are read as `Decimal` (never float), NaN and Infinity are
+refused, and Decimals, UUIDs and datetimes are written in their wire forms."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """End-to-end fixtures: the whole shop as `make run` starts it (both APIs under gunicorn, a Celery
-worker with its Kafka consumer per service, beat, and the broker), on free ports and its own names."""
+worker with its Kafka consumer per service, beat, and the broker), on free ports, under its own
+names."""
 
 from __future__ import annotations
 

@@ -149,7 +149,8 @@ def test_a_message_whose_dispatch_was_lost_is_handled_by_the_sweeper(stack, paym
     def processed():
         with payments_db.connect() as conn:
             return conn.scalar(sa.text(
-                "SELECT processed_at FROM inbox_messages WHERE message_id = :id"), {"id": message_id})
+                "SELECT processed_at FROM inbox_messages WHERE message_id = :id"),
+                {"id": message_id})
 
     wait_for(processed, timeout=20, what="the sweeper to dispatch the stalled message")
     assert customer.balance() == "30.00"

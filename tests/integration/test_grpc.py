@@ -91,7 +91,8 @@ def _story(client) -> list[tuple[int, object]]:
     ask("GET", f"/api/orders/{uuid.uuid4()}", headers=auth)
     ask("GET", "/api/orders/not-an-id", headers=auth)
     ask("GET", "/api/accounts/balance", headers=auth)
-    masked = json.dumps(answers, sort_keys=True).replace(session["user_id"], "<user>").replace(order["id"], "<order>")
+    masked = json.dumps(answers, sort_keys=True)
+    masked = masked.replace(session["user_id"], "<user>").replace(order["id"], "<order>")
     masked = re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00", "<time>", masked)
     return masked
 
@@ -135,7 +136,8 @@ def test_a_deadline_exceeded_is_504_and_a_service_down_is_503(settings, upstream
 @pytest.mark.parametrize("metadata", [
     (),
     (("x-user-id", "alice"),),
-    tuple((k.lower(), v) for k, v in identity_headers("alice", "not the gateway's secret at all").items()),
+    tuple((k.lower(), v)
+          for k, v in identity_headers("alice", "not the gateway's secret at all").items()),
 ])
 def test_a_call_without_valid_gateway_metadata_is_refused(grpc_targets, metadata):
     stub = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))

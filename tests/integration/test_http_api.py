@@ -106,7 +106,8 @@ def _forged(user_id="mallory", secret="not-the-secret", **changes):
     _forged(secret=ENVIRONMENT["INTERNAL_AUTH_SECRET"], **{"X-User-ID": "alice"}),  # re-labelled
     _forged(secret=ENVIRONMENT["INTERNAL_AUTH_SECRET"], **{"X-Gateway-Timestamp": "0"}),  # stale
 ])
-def test_a_caller_without_a_valid_gateway_signed_user_id_gets_401(orders_http, payments_http, headers):
+def test_a_caller_without_a_valid_gateway_signed_user_id_gets_401(orders_http, payments_http,
+                                                                  headers):
     _assert_error(orders_http.post("/orders", json={"amount": 1}, headers=headers), 401)
     _assert_error(orders_http.get("/orders", headers=headers), 401)
     _assert_error(payments_http.post("/accounts", headers=headers), 401)
@@ -218,7 +219,8 @@ def test_each_service_serves_its_openapi_document_and_swagger_ui(orders_http, pa
     assert {"/accounts", "/accounts/deposit", "/accounts/balance"} <= set(payments_spec["paths"])
     for client in (orders_http, payments_http):
         page = client.get("/docs/swagger-ui")
-        assert page.status_code == 200 and b"/docs/swagger-ui-assets/swagger-ui-bundle.js" in page.data
+        assert page.status_code == 200
+        assert b"/docs/swagger-ui-assets/swagger-ui-bundle.js" in page.data
         script = client.get("/docs/swagger-ui-assets/swagger-ui-bundle.js")
         assert script.status_code == 200 and len(script.data) > 100_000
 

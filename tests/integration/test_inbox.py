@@ -1,4 +1,5 @@
-"""The inbox against real PostgreSQL: storing once, handling once, parking what cannot be handled."""
+"""The inbox against real PostgreSQL: storing once, handling once, parking what cannot be
+handled."""
 
 from __future__ import annotations
 
@@ -23,13 +24,15 @@ def _record(value: bytes, headers: dict | None = None) -> ConsumedRecord:
     return ConsumedRecord("test-topic", 0, next(_offsets), b"k", value, headers or {})
 
 
-def _request_record(user_id: str, message_id: uuid.UUID | None = None) -> tuple[ConsumedRecord, uuid.UUID]:
+def _request_record(user_id: str,
+                    message_id: uuid.UUID | None = None) -> tuple[ConsumedRecord, uuid.UUID]:
     event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
                                           "amount": Decimal("1.00")}, None)
     body = event.to_json()
     if message_id is not None:
         body["message_id"] = str(message_id)
-    return _record(encode(body), {"message_id": body["message_id"].encode()}), uuid.UUID(body["message_id"])
+    record = _record(encode(body), {"message_id": body["message_id"].encode()})
+    return record, uuid.UUID(body["message_id"])
 
 
 def _row(message_id) -> InboxMessage:
@@ -98,7 +101,8 @@ def test_a_permanent_error_parks_the_message_without_retrying(in_payments, payme
         raise PermanentMessageError("unknown order")
 
     with transaction() as session:
-        assert process_inbox_message(session, message_id, {PAYMENT_REQUESTED: refuses}) == Outcome.PARKED
+        outcome = process_inbox_message(session, message_id, {PAYMENT_REQUESTED: refuses})
+        assert outcome == Outcome.PARKED
     row = _row(message_id)
     assert row.parked_at is not None and row.last_error == "unknown order"
 

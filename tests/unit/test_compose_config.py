@@ -64,7 +64,8 @@ def command(service: dict) -> list[str]:
 
 # The HseShop processes are the services built from this repository; the rest are stock images.
 HSESHOP = {name: service for name, service in ALL_SERVICES.items() if "build" in service}
-GATEWAY = {name for name, service in HSESHOP.items() if "gateway_app:create_app()" in command(service)}
+GATEWAY = {name for name, service in HSESHOP.items()
+           if "gateway_app:create_app()" in command(service)}
 
 
 def api_of(service_name: str) -> str | None:
@@ -146,7 +147,8 @@ def test_the_settings_point_at_the_bundled_postgres_redis_and_kafka():
 
 def test_postgres_creates_the_database_of_every_service_on_first_start():
     env = read_env_file(COMPOSE_FILE.parent / "deploy" / "compose.env")
-    wanted = {make_url(env[name]).database for name in ENVIRONMENT if name.endswith("_DATABASE_URL")}
+    wanted = {make_url(env[name]).database
+              for name in ENVIRONMENT if name.endswith("_DATABASE_URL")}
     init_dirs = [volume.split(":")[0] for volume in ALL_SERVICES["postgres"]["volumes"]
                  if ":/docker-entrypoint-initdb.d" in volume]
     assert len(init_dirs) == 1
@@ -231,7 +233,8 @@ def test_data_lives_in_named_volumes():
     declared = set(COMPOSE.get("volumes") or {})
     for name, path in (("postgres", "/var/lib/postgresql/data"), ("redis", "/data"),
                        ("kafka", "/var/lib/kafka/data")):
-        sources = [v.split(":")[0] for v in ALL_SERVICES[name]["volumes"] if v.split(":")[1] == path]
+        sources = [v.split(":")[0] for v in ALL_SERVICES[name]["volumes"]
+                   if v.split(":")[1] == path]
         assert sources and sources[0] in declared, name
 
 

@@ -22,7 +22,8 @@ def test_an_event_survives_the_wire_with_amounts_as_strings():
     body = json.loads(wire)
     assert body["payload"]["amount"] == "30.00"
     assert body["version"] == 1
-    assert set(body) == {"message_id", "type", "version", "occurred_at", "correlation_id", "payload"}
+    assert set(body) == {"message_id", "type", "version", "occurred_at", "correlation_id",
+                         "payload"}
     decoded = decode(wire)
     assert decoded.message_id == event.message_id
     assert decoded.payload == event.payload
