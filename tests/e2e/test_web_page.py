@@ -148,8 +148,8 @@ def test_the_gateway_serves_the_page_with_its_script_and_styles(stack):
     assert page.status_code == 200 and "/static/app.js" in page.text
     for asset, kind in (("app.js", "javascript"), ("style.css", "text/css")):
         response = requests.get(f"{stack.gateway_url}/static/{asset}", timeout=10)
-        assert response.status_code == 200, \
-            f"/static/{asset}: {response.status_code} {response.text}"
+        assert response.status_code == 200, (
+            f"/static/{asset}: {response.status_code} {response.text}")
         assert kind in response.headers["Content-Type"]
 
 
