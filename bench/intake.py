@@ -3,7 +3,6 @@ with the intake floors (bench/floors.py) between them: what each layer of the AP
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from bench.baseline import BASELINE_APP, served_by_gunicorn
@@ -12,7 +11,7 @@ from bench.floors import FLOORS
 from bench.load import LoadSpec, offer_load
 from bench.plan import BenchPlan
 from bench.shop import wait_until_final, wait_until_idle
-from devstack.infra import LOCALHOST, free_port, port_open, wait_for_process
+from devstack.infra import LOCALHOST, free_port, port_open, wait_for_process, wait_until
 from devstack.processes import ManagedProcess
 from devstack.stack import Stack
 
@@ -78,17 +77,15 @@ def _wait_until_booted(servers: list[ManagedProcess], timeout: float = 60) -> No
     servers just started spend no more CPU, so that their start-up does not fall on the first
     turns (0.2-1.1 s of CPU a server had fallen on the baseline's first turn, which then counted
     108 POST/s against 264 in its second)."""
-    deadline = time.monotonic() + timeout
-    last, quiet = None, 0
-    while True:
-        spent = sum(read_cpu(lambda: servers).seconds_by_process.values())
-        quiet = quiet + 1 if last is not None and spent - last < _BOOTED_CPU_SECONDS else 0
-        if quiet == 2:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"intake servers still starting after {timeout:g} s")
-        last = spent
-        time.sleep(0.25)
+    readings: list[float] = []  # the servers' CPU seconds, a quarter of a second apart
+
+    def booted() -> bool:
+        readings.append(sum(read_cpu(lambda: servers).seconds_by_process.values()))
+        last = readings[-3:]
+        return len(last) == 3 and all(later - earlier < _BOOTED_CPU_SECONDS
+                                      for earlier, later in zip(last, last[1:]))
+
+    wait_until(booted, timeout, interval=0.25, what="the intake servers to boot")
 
 
 def _drive(stack: Stack, plan: BenchPlan, url: str, server: ManagedProcess, users: list[str],
