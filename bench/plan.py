@@ -12,6 +12,7 @@ class BenchPlan:
     intake_rounds: int = 2
     intake_concurrency: int = 12
     relay_rows: int = 100_000
+    relay_rounds: int = 2  # turns of the relay and of the raw producer each
     capacity_rate: float = 400
     capacity_seconds: float = 70
     capacity_warmup_seconds: float = 10  # left out of the window, so the rate is a sustained one

@@ -1,7 +1,9 @@
 """Relay speed: pre-inserted outbox rows sent to Kafka by the running relay, rows per second,
 against a raw confluent-kafka producer sending the very same messages from Python.
 
-The rows go to a topic of their own that no consumer reads, so the rest of the pipeline stays idle.
+The two take turns (relay, raw, raw, relay, ...), as the intake's sides do, so that the machine's
+drift over the measurement, and the topic growing with every turn, fall on both alike. The rows go
+to a topic of their own that no consumer reads, so the rest of the pipeline stays idle.
 """
 
 from __future__ import annotations
@@ -31,25 +33,37 @@ FROM (SELECT gen_random_uuid() AS message_id, gen_random_uuid() AS order_id,
 """
 
 
-def measure_relay_speed(stack: Stack, rows: int, timeout: float = 600) -> dict:
+def measure_relay_speed(stack: Stack, rows: int, rounds: int = 2, timeout: float = 600) -> dict:
     settings = load_settings(stack.env)
     topic = f"{settings.kafka_consumer_group_prefix}.relay-speed"
     ensure_topics(settings, [topic])
-    # Unmeasured, a few rows through the relay first: the raw producer goes second and finds the
-    # topic warm (the broker has taken messages on it, the relay's leader is up), so the relay does.
-    warm_last_row_id, _ = _insert_rows(stack, topic, max(rows // 100, 1))
+    # Unmeasured, a whole turn of the relay first: on a fresh stack the relay's first turn was the
+    # slowest, by a sixth or more, in every probe, and a warm-up of 1% or 10% of the rows did not
+    # change that. The measured turns then find the topic warm and the relay's leader up.
+    warm_last_row_id, _ = _insert_rows(stack, topic, rows)
     _wait_until_sent(stack, topic, warm_last_row_id, timeout)
-    last_row_id, messages = _insert_rows(stack, topic, rows)
-    committed = time.monotonic()
-    relay_seconds = _wait_until_sent(stack, topic, last_row_id, timeout) - committed
-    raw_seconds = _send_raw(settings, messages)
-    relay_rate, raw_rate = rows / relay_seconds, rows / raw_seconds
+    relay_turns: list[float] = []
+    raw_turns: list[float] = []
+    messages: list[tuple[str, str, dict[str, str]]] = []
+    for round_number in range(rounds):
+        # The relay goes first in the first round: its rows are the messages the raw producer sends.
+        for side in ("relay", "raw") if round_number % 2 == 0 else ("raw", "relay"):
+            if side == "relay":
+                last_row_id, messages = _insert_rows(stack, topic, rows)
+                committed = time.monotonic()
+                relay_turns.append(_wait_until_sent(stack, topic, last_row_id, timeout) - committed)
+            else:
+                raw_turns.append(_send_raw(settings, topic, messages))
+    relay_rate = rows * len(relay_turns) / sum(relay_turns)
+    raw_rate = rows * len(raw_turns) / sum(raw_turns)
     return {
         "rows": rows,
-        "relay_seconds": round(relay_seconds, 2),
+        "relay_seconds": round(sum(relay_turns) / len(relay_turns), 2),
         "relay_rows_per_s": round(relay_rate),
-        "raw_producer_seconds": round(raw_seconds, 2),
+        "turns_relay_rows_per_s": [round(rows / seconds) for seconds in relay_turns],
+        "raw_producer_seconds": round(sum(raw_turns) / len(raw_turns), 2),
         "raw_producer_rows_per_s": round(raw_rate),
+        "turns_raw_producer_rows_per_s": [round(rows / seconds) for seconds in raw_turns],
         "ratio": round(relay_rate / raw_rate, 3),
     }
 
@@ -90,10 +104,9 @@ def _insert_rows(stack: Stack, topic: str, rows: int) -> tuple[int, list[tuple[s
         for _, _, key, message_id, event_type, request_id, envelope in inserted]
 
 
-def _send_raw(settings, messages: list[tuple[str, str, dict[str, str]]]) -> float:
+def _send_raw(settings, topic: str, messages: list[tuple[str, str, dict[str, str]]]) -> float:
     """Seconds a bare producer, configured as the relay's, takes to have them all acknowledged."""
     producer = Producer(producer_config(settings))
-    topic = f"{settings.kafka_consumer_group_prefix}.relay-speed"
     started = time.monotonic()
     for key, value, headers in messages:
         while True:

@@ -66,6 +66,7 @@ def markdown(results: dict) -> str:
         f"| relay (rows/s, {relay['rows']} rows) | {relay['relay_rows_per_s']} "
         f"| {relay['raw_producer_rows_per_s']} | {relay['ratio']} |",
         "",
+        *_relay_turns_lines(relay),
         _intake_turns_and_settling_line(results),
         "",
         *intake_floor_lines(intake),
@@ -94,6 +95,15 @@ def markdown(results: dict) -> str:
     lines += ["", "| process | peak RSS MB |", "| --- | --- |"]
     lines += [f"| {name} | {mb} |" for name, mb in results["peak_rss_mb"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _relay_turns_lines(relay: dict) -> list[str]:
+    if "turns_relay_rows_per_s" not in relay:  # a report from before the relay ran in turns
+        return []
+    return [f"Relay speed in turns of {relay['rows']} rows (relay, raw producer, raw producer, "
+            f"relay, ...), each side's rows/s as the mean of its turns: the relay's turns "
+            f"{relay['turns_relay_rows_per_s']}, the raw producer's "
+            f"{relay['turns_raw_producer_rows_per_s']}.", ""]
 
 
 def _intake_turns_and_settling_line(results: dict) -> str:

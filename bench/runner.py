@@ -26,7 +26,7 @@ def run_benchmark(stack: Stack, plan: BenchPlan, workdir: Path, say=lambda messa
     with PeakMemory(lambda: stack.processes + extra_processes) as memory:
         users = seed_shoppers(stack, plan.shoppers)
         say(f"relay speed ({plan.relay_rows} rows)...")
-        results["relay"] = measure_relay_speed(stack, plan.relay_rows)
+        results["relay"] = measure_relay_speed(stack, plan.relay_rows, plan.relay_rounds)
         # The latency runs come before the runs that put tens of thousands of messages through
         # the shop's topics: the test broker (Tansu, in memory) lists every batch a partition
         # holds on each fetch, so its CPU per order grows with all it has taken (Apache Kafka's

@@ -30,6 +30,9 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
     assert report["relay"]["rows"] == SMOKE.relay_rows
     assert report["relay"]["relay_rows_per_s"] > 0
     assert report["relay"]["raw_producer_rows_per_s"] > 0
+    # The relay and the raw producer take turns, so that the machine's drift falls on both alike.
+    assert len(report["relay"]["turns_relay_rows_per_s"]) == SMOKE.relay_rounds
+    assert len(report["relay"]["turns_raw_producer_rows_per_s"]) == SMOKE.relay_rounds
     # How many settle inside the smoke run's two-second window depends on the machine; that they
     # all settle does not.
     assert report["capacity"]["drained"] and report["capacity"]["final_per_s"] >= 0
@@ -56,6 +59,7 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
             "gateway-grpc", "gateway-http"} <= set(report["peak_rss_mb"])
     assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
     assert "| order intake (POST/s) |" in markdown_path.read_text()
+    assert "Relay speed in turns of" in markdown_path.read_text()
     assert "| + flask-smorest, marshmallow (the API's schemas) |" in markdown_path.read_text()
     assert "## Gateway: services over gRPC against HTTP" in markdown_path.read_text()
     assert "| -> final status |" in markdown_path.read_text()
