@@ -37,9 +37,9 @@ def measure_relay_speed(stack: Stack, rows: int, rounds: int = 2, timeout: float
     settings = load_settings(stack.env)
     topic = f"{settings.kafka_consumer_group_prefix}.relay-speed"
     ensure_topics(settings, [topic])
-    # Unmeasured, a whole turn of the relay first: on a fresh stack the relay's first turn was the
-    # slowest, by a sixth or more, in every probe, and a warm-up of 1% or 10% of the rows did not
-    # change that. The measured turns then find the topic warm and the relay's leader up.
+    # Unmeasured, a whole turn of the relay first: after a warm-up of 1% or 10% of the rows, the
+    # relay's first turn was the slowest of its measurement in all six probes, by a fifth or more
+    # in four. The measured turns then find the topic warm and the relay's leader up.
     warm_last_row_id, _ = _insert_rows(stack, topic, rows)
     _wait_until_sent(stack, topic, warm_last_row_id, timeout)
     relay_turns: list[float] = []
