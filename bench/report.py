@@ -101,7 +101,7 @@ def _relay_turns_lines(relay: dict) -> list[str]:
     if "turns_relay_rows_per_s" not in relay:  # a report from before the relay ran in turns
         return []
     return [f"Relay speed in turns of {relay['rows']} rows (relay, raw producer, raw producer, "
-            f"relay, ...), each side's rows/s as the mean of its turns: the relay's turns "
+            f"relay, ...), each side's rows/s over all its turns together: the relay's turns "
             f"{relay['turns_relay_rows_per_s']}, the raw producer's "
             f"{relay['turns_raw_producer_rows_per_s']}.", ""]
 
