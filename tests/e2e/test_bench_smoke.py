@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+from confluent_kafka.admin import AdminClient
+
 from bench.plan import SMOKE
 from bench.report import write_gateway_transports_report, write_report
 from bench.runner import run_benchmark
+from shared.config import load_settings
 
 
 def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, tmp_path):
@@ -33,6 +36,11 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
     # The relay and the raw producer take turns, so that the machine's drift falls on both alike.
     assert len(report["relay"]["turns_relay_rows_per_s"]) == SMOKE.relay_rounds
     assert len(report["relay"]["turns_raw_producer_rows_per_s"]) == SMOKE.relay_rounds
+    # Its topic is gone once measured: the test broker would hold its messages in memory.
+    settings = load_settings(stack.env)
+    topics = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers}).list_topics(
+        timeout=5).topics
+    assert f"{settings.kafka_consumer_group_prefix}.relay-speed" not in topics
     # How many settle inside the smoke run's two-second window depends on the machine; that they
     # all settle does not.
     assert report["capacity"]["drained"] and report["capacity"]["final_per_s"] >= 0
