@@ -3,7 +3,8 @@ against a raw confluent-kafka producer sending the very same messages from Pytho
 
 The two take turns (relay, raw, raw, relay, ...), as the intake's sides do, so that the machine's
 drift over the measurement, and the topic growing with every turn, fall on both alike. The rows go
-to a topic of their own that no consumer reads, so the rest of the pipeline stays idle.
+to a topic of their own, which no consumer reads (so the rest of the pipeline stays idle) and which
+is deleted once measured.
 """
 
 from __future__ import annotations
