@@ -18,6 +18,7 @@ import requests
 from bench.load import ORDER_BODY, LoadSpec, offer_load
 from bench.plan import FULL, SMOKE, BenchPlan
 from bench.report import RESULTS_DIR, describe_run, write_gateway_transports_report
+from bench.servers import server_versions
 from bench.shop import RUN_ID, running_bench_stack, say, wait_until_final
 from bench.stats import latency_summary_ms
 from devstack.processes import ManagedProcess
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     with running_bench_stack(say) as stack:
-        results = describe_run(plan)
+        results = describe_run(plan, server_versions(stack))
         workdir = stack.run_dir / "load"
         workdir.mkdir(parents=True, exist_ok=True)
         say("gateway over gRPC against HTTP...")

@@ -17,12 +17,14 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TRANSPORT_NAMES = {"grpc": "gRPC", "http": "HTTP"}
 
 
-def describe_run(plan: BenchPlan) -> dict:
-    """What every report starts with: when, on what, and how hard."""
+def describe_run(plan: BenchPlan, servers: dict[str, str]) -> dict:
+    """What every report starts with: when, on what (`servers`: bench.servers.server_versions),
+    and how hard."""
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
+        "servers": servers,
         "api_server": {"workers": API_WORKERS, "threads": API_THREADS},
         "plan": plan.__dict__ | {"latency_rates": list(plan.latency_rates)},
     }
@@ -204,7 +206,16 @@ def _machine_line(results: dict) -> str:
     return (f"{results['machine']['cpus']} CPUs, Python {results['machine']['python']}, "
             f"{results['machine']['platform']}; APIs on gunicorn -w "
             f"{results['api_server']['workers']} --threads {results['api_server']['threads']}; "
-            f"everything on this one machine.{_speed_note(results['machine'])}")
+            f"everything on this one machine.{_servers_note(results)}"
+            f"{_speed_note(results['machine'])}")
+
+
+def _servers_note(results: dict) -> str:
+    servers = results.get("servers")  # reports from before it was recorded have none
+    if not servers:
+        return ""
+    return (f" Kafka broker: {servers['kafka_broker']} (the test broker; production runs Apache "
+            f"Kafka); PostgreSQL {servers['postgresql']}; Redis {servers['redis']}.")
 
 
 def _speed_note(machine: dict) -> str:

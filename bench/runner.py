@@ -13,6 +13,7 @@ from bench.pipeline import measure_capacity, measure_latency, warm_up
 from bench.plan import BenchPlan
 from bench.relay_speed import measure_relay_speed
 from bench.report import describe_run
+from bench.servers import server_versions
 from bench.shop import seed_shoppers, wait_until_idle
 from devstack.processes import ManagedProcess
 from devstack.stack import Stack
@@ -21,7 +22,7 @@ from devstack.stack import Stack
 def run_benchmark(stack: Stack, plan: BenchPlan, workdir: Path, say=lambda message: None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     extra_processes: list[ManagedProcess] = []
-    results = describe_run(plan)
+    results = describe_run(plan, server_versions(stack))
     results["machine"]["python_loop_ms"] = {"start": python_loop_ms()}
     with PeakMemory(lambda: stack.processes + extra_processes) as memory:
         users = seed_shoppers(stack, plan.shoppers)

@@ -66,6 +66,10 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
     assert {"orders-api", "orders-worker", "payments-worker", "baseline-api", "floor-flask-smorest",
             "gateway-grpc", "gateway-http"} <= set(report["peak_rss_mb"])
     assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
+    # The servers the figures depend on, named with their versions: the broker is the test one.
+    assert report["servers"]["kafka_broker"].startswith("tansu ")
+    assert report["servers"]["postgresql"] and report["servers"]["redis"]
+    assert f"Kafka broker: {report['servers']['kafka_broker']}" in markdown_path.read_text()
     assert "| order intake (POST/s) |" in markdown_path.read_text()
     assert "Relay speed in turns of" in markdown_path.read_text()
     assert "| + flask-smorest, marshmallow (the API's schemas) |" in markdown_path.read_text()
