@@ -35,9 +35,14 @@ FROM (SELECT gen_random_uuid() AS message_id, gen_random_uuid() AS order_id,
 """
 
 
+def relay_speed_topic(settings) -> str:
+    """The measurement's own topic, in the stack's namespace."""
+    return f"{settings.kafka_consumer_group_prefix}.relay-speed"
+
+
 def measure_relay_speed(stack: Stack, rows: int, rounds: int = 2, timeout: float = 600) -> dict:
     settings = load_settings(stack.env)
-    topic = f"{settings.kafka_consumer_group_prefix}.relay-speed"
+    topic = relay_speed_topic(settings)
     ensure_topics(settings, [topic])
     # Unmeasured, a whole turn of the relay first: after a warm-up of 1% or 10% of the rows, the
     # relay's first turn was the slowest of its measurement in all six probes, by a fifth or more

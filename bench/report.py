@@ -100,8 +100,6 @@ def markdown(results: dict) -> str:
 
 
 def _relay_turns_lines(relay: dict) -> list[str]:
-    if "turns_relay_rows_per_s" not in relay:  # a report from before the relay ran in turns
-        return []
     return [f"Relay speed in turns of {relay['rows']} rows (relay, raw producer, raw producer, "
             f"relay, ...), each side's rows/s over all its turns together: the relay's turns "
             f"{relay['turns_relay_rows_per_s']}, the raw producer's "
@@ -211,9 +209,7 @@ def _machine_line(results: dict) -> str:
 
 
 def _servers_note(results: dict) -> str:
-    servers = results.get("servers")  # reports from before it was recorded have none
-    if not servers:
-        return ""
+    servers = results["servers"]
     return (f" Kafka broker: {servers['kafka_broker']} (the test broker; production runs Apache "
             f"Kafka); PostgreSQL {servers['postgresql']}; Redis {servers['redis']}.")
 

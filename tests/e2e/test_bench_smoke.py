@@ -8,6 +8,7 @@ import json
 from confluent_kafka.admin import AdminClient
 
 from bench.plan import SMOKE
+from bench.relay_speed import relay_speed_topic
 from bench.report import write_gateway_transports_report, write_report
 from bench.runner import run_benchmark
 from shared.config import load_settings
@@ -40,7 +41,7 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
     settings = load_settings(stack.env)
     topics = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers}).list_topics(
         timeout=5).topics
-    assert f"{settings.kafka_consumer_group_prefix}.relay-speed" not in topics
+    assert relay_speed_topic(settings) not in topics
     # How many settle inside the smoke run's two-second window depends on the machine; that they
     # all settle does not.
     assert report["capacity"]["drained"] and report["capacity"]["final_per_s"] >= 0
