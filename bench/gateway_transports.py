@@ -39,9 +39,8 @@ class Endpoint:
     body: str | None
     status: int
     # Whether the callers hold an account. Orders are placed by shoppers without one: the gateway
-    # and the orders service do the same for them, and the payments side cancels each at once
-    # (NO_ACCOUNT). Debiting many orders of the same few accounts makes the payments inbox's
-    # batches deadlock one another, which would keep each next turn waiting for minutes.
+    # and the orders service do the same for them as for any order, and the payments side cancels
+    # each at once (NO_ACCOUNT) instead of debiting it: the pipeline behind the turns stays light.
     callers_hold_accounts: bool
 
 
