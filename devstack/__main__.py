@@ -52,6 +52,8 @@ def print_urls(stack: Stack) -> None:
                 f"  orders API      {stack.orders_url}   docs {stack.orders_url}/docs/swagger-ui",
                 f"  payments API    {stack.payments_url}"
                 f"   docs {stack.payments_url}/docs/swagger-ui",
+                f"  orders gRPC     {stack.grpc_address('orders')}",
+                f"  payments gRPC   {stack.grpc_address('payments')}",
                 f"  Flower          {stack.flower_url}",
                 f"  Kafka broker    {stack.broker_address}",
                 f"  logs            {stack.logs_dir}",

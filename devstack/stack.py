@@ -94,6 +94,10 @@ class Stack:
     def broker_address(self) -> str:
         return f"{infra.LOCALHOST}:{self.ports['broker']}"
 
+    def grpc_address(self, service: str) -> str:
+        """Where `service` (one of GRPC_SERVICES) serves gRPC."""
+        return f"{infra.LOCALHOST}:{self.ports[f'{service}-grpc']}"
+
     @property
     def env(self) -> dict[str, str]:
         """The configuration every process of the stack gets (on top of os.environ)."""
@@ -222,7 +226,7 @@ class Stack:
             "TOPIC_ORDER_STATUS_CHANGED": "orders.order-status-changed",
         }
         for service in GRPC_SERVICES:
-            address = f"{infra.LOCALHOST}:{self.ports[f'{service}-grpc']}"
+            address = self.grpc_address(service)
             env[f"{service.upper()}_GRPC_BIND"] = env[f"{service.upper()}_GRPC_TARGET"] = address
         for name, value in self.env_overrides.items():
             env[name] = (

@@ -203,3 +203,15 @@ def test_stack_env_is_the_config_contract_and_overrides_may_name_the_found_servi
         "PAYMENTS_GRPC_TARGET": "127.0.0.1:50052",
     }
     assert stack.orders_url == "http://127.0.0.1:8001" and stack.flower_url is None
+
+
+def test_make_run_prints_every_address_the_shop_serves(tmp_path, capsys):
+    from devstack.__main__ import print_urls
+
+    print_urls(Stack(tmp_path, with_flower=True, ports={"payments-grpc": 50099}))
+
+    printed = capsys.readouterr().out
+    for address in ("http://127.0.0.1:8000/", "http://127.0.0.1:8000/docs",
+                    "http://127.0.0.1:8001", "http://127.0.0.1:8002", "127.0.0.1:50051",
+                    "127.0.0.1:50099", "http://127.0.0.1:5555", "127.0.0.1:9092"):
+        assert address in printed, address
