@@ -2,7 +2,8 @@
 Idempotency-Key through, with the caller's identity signed by the gateway and the request id.
 
 A service that cannot be reached answers 503, one too slow 504, one that fails 502: always the
-usual JSON error, never a hang and never a stack trace.
+usual JSON error, never a hang and never a stack trace. A service that answers 503 itself, with
+the usual JSON error (its database unavailable, say), is relayed as it is, Retry-After included.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def forward(service: str, path: str) -> Response:
         log.warning("%s timed out", service)
         raise UpstreamTimeout(f"The {service} service took too long to answer.",
                               details={"service": service}) from None
-    if upstream.status_code >= 500:
+    if upstream.status_code >= 500 and not _unavailable_for_now(upstream):
         log.error("%s answered %s: %s", service, upstream.status_code, upstream.text[:500])
         raise BadGateway(f"The {service} service failed to answer.", details={"service": service})
     response = Response(upstream.content, status=upstream.status_code)
@@ -66,3 +67,12 @@ def forward(service: str, path: str) -> Response:
             response.headers[name] = upstream.headers[name]
     return response
 
+
+def _unavailable_for_now(upstream: requests.Response) -> bool:
+    """A 503 the service answered itself, as the usual JSON error: it can say when to retry."""
+    if upstream.status_code != 503:
+        return False
+    try:
+        return isinstance(upstream.json()["error"]["code"], str)
+    except (ValueError, KeyError, TypeError):
+        return False

@@ -13,7 +13,7 @@ from flask import current_app, g
 
 from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.grpc_messages import to_body, to_message
-from shared.grpc_server import ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY
+from shared.grpc_server import ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY, RETRY_AFTER_KEY
 from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc, payments_pb2, payments_pb2_grpc
 from shared.request_context import REQUEST_ID_HEADER, current_request_id
@@ -65,7 +65,9 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
                                details={"service": service})
     trailers = dict(exc.trailing_metadata() or ())
     if HTTP_STATUS_KEY in trailers:
+        retry_after = trailers.get(RETRY_AFTER_KEY)
         return ApiError(exc.details(), status=int(trailers[HTTP_STATUS_KEY]),
                         code=trailers.get(ERROR_CODE_KEY, "ERROR"),
-                        details=json.loads(trailers.get(ERROR_DETAILS_KEY, "{}")))
+                        details=json.loads(trailers.get(ERROR_DETAILS_KEY, "{}")),
+                        headers={"Retry-After": retry_after} if retry_after else None)
     return BadGateway(f"The {service} service failed to answer.", details={"service": service})

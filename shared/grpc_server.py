@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 HTTP_STATUS_KEY = "hseshop-http-status"
 ERROR_CODE_KEY = "hseshop-error-code"
 ERROR_DETAILS_KEY = "hseshop-error-details"
+RETRY_AFTER_KEY = "hseshop-retry-after"  # only when the HTTP answer would carry Retry-After
 
 GRPC_CODE_FOR_HTTP_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -61,27 +62,30 @@ def serve_call(app: Flask, context: grpc.ServicerContext, operation: Callable[[s
                                code="UNTRUSTED_IDENTITY") from None
             return operation(user_id)
         except ValidationError as exc:
-            _abort(context, 422, "VALIDATION_ERROR", "The request is not valid.",
-                   {"json": exc.messages})
+            _abort(context, ApiError("The request is not valid.", status=422,
+                                     code="VALIDATION_ERROR", details={"json": exc.messages}))
         except ApiError as exc:
-            _abort(context, exc.status, exc.code, exc.message, exc.details)
+            _abort(context, exc)
         except OperationalError as exc:
             log.warning("database unavailable: %s", exc.orig)
-            unavailable = DatabaseUnavailable()
-            _abort(context, unavailable.status, unavailable.code, unavailable.message, None)
+            _abort(context, DatabaseUnavailable())
         except Exception:
             log.exception("unhandled error in a gRPC call [request_id=%s]", request_id)
             context.abort(grpc.StatusCode.INTERNAL, "Something went wrong on our side.")
 
 
-def _abort(context: grpc.ServicerContext, status: int, code: str, message: str,
-           details: Any) -> None:
-    context.set_trailing_metadata((
-        (HTTP_STATUS_KEY, str(status)),
-        (ERROR_CODE_KEY, code),
-        (ERROR_DETAILS_KEY, json.dumps(details or {}, default=str)),
-    ))
-    context.abort(GRPC_CODE_FOR_HTTP_STATUS.get(status, grpc.StatusCode.UNKNOWN), message)
+def _abort(context: grpc.ServicerContext, error: ApiError) -> None:
+    """End the call with what the HTTP API would have answered for `error`, in the trailers."""
+    trailers = [
+        (HTTP_STATUS_KEY, str(error.status)),
+        (ERROR_CODE_KEY, error.code),
+        (ERROR_DETAILS_KEY, json.dumps(error.details or {}, default=str)),
+    ]
+    if "Retry-After" in error.headers:
+        trailers.append((RETRY_AFTER_KEY, error.headers["Retry-After"]))
+    context.set_trailing_metadata(tuple(trailers))
+    context.abort(GRPC_CODE_FOR_HTTP_STATUS.get(error.status, grpc.StatusCode.UNKNOWN),
+                  error.message)
 
 
 class CallLogInterceptor(grpc.ServerInterceptor):

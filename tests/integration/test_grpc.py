@@ -18,6 +18,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase)
+from werkzeug.serving import make_server
 
 import gateway_app
 from devstack.infra import free_port
@@ -189,3 +190,33 @@ def test_with_its_database_unreachable_a_grpc_service_answers_503(settings):
         assert trailers[ERROR_CODE_KEY] == "DATABASE_UNAVAILABLE"
     finally:
         server.stop(grace=None)
+
+
+def test_a_service_without_its_database_is_503_with_retry_after_over_both_transports(
+        settings, upstreams, grpc_targets):  # noqa: F811
+    """The service's own answer (DATABASE_UNAVAILABLE, try again in a second) reaches the caller
+    through the gateway as it is, whichever transport carries it."""
+    import orders_app
+    from tests.integration.test_gateway import _Served
+
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    app = orders_app.create_app(settings=dataclasses.replace(settings,
+                                                             orders_database_url=unreachable))
+    over_http = _Served(make_server("127.0.0.1", 0, app, threaded=True))
+    bind = f"127.0.0.1:{free_port()}"
+    over_grpc = build_server("orders", app, bind)
+    over_grpc.start()
+    try:
+        for transport in ("grpc", "http"):
+            client = _gateway(settings, upstreams, grpc_targets, transport,
+                              orders_service_url=over_http.url, orders_grpc_target=bind)
+            session = client.post("/api/auth/register", json={
+                "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+            answer = client.get("/api/orders",
+                                headers={"Authorization": f"Bearer {session['access_token']}"})
+            assert answer.status_code == 503, transport
+            assert answer.get_json()["error"]["code"] == "DATABASE_UNAVAILABLE", transport
+            assert answer.headers.get("Retry-After") == "1", transport
+    finally:
+        over_grpc.stop(grace=None)
+        over_http.close()
