@@ -23,9 +23,10 @@ broker_transport_options = {
     # left unhandled (a task lost with its worker, say; every task is idempotent), and beat sends
     # the relay and the sweeper again and again. Kombu's emulated acknowledgements cost Redis round
     # trips on every task received and on every task finished, to make good (at a worker's orderly
-    # shutdown, or after a 5-minute visibility timeout) what the sweeper makes good within seconds.
+    # shutdown, or after kombu's visibility timeout, an hour) what the sweeper makes good within
+    # seconds.
     "ack_emulation": False,
-    # Queues, acks and event channels live under the shop's own prefix in a shared Redis.
+    # Queues and event channels live under the shop's own prefix in a shared Redis.
     "global_keyprefix": f"{_settings.redis_key_prefix}:celery:",
 }
 

@@ -1,1 +1,2 @@
-"""Local stack for HseShop: PostgreSQL, Redis, the broker, both APIs and the Celery processes."""
+"""Local stack for HseShop: PostgreSQL, Redis, the broker, the three APIs (gateway, orders,
+payments), the two gRPC servers and the Celery processes."""

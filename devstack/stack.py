@@ -177,7 +177,8 @@ class Stack:
         return process, url
 
     def wait_healthy(self, timeout: float = 60) -> None:
-        """Wait for GET /health to answer 200 on both APIs; fail at once if any process has died."""
+        """Wait for GET /health to answer 200 on every API and for the gRPC ports to listen; fail
+        at once if any process has died."""
         pending = {service: f"{self._url(service)}/health" for service in SERVICES}
         last_answer: dict[str, str] = {}
 

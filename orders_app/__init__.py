@@ -1,4 +1,5 @@
-"""The Orders service: takes orders over HTTP and settles them from payment results over Kafka."""
+"""The Orders service: takes orders over HTTP and gRPC and settles them from payment results over
+Kafka."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The Payments service: accounts over HTTP, and payment decisions for requests over Kafka."""
+"""The Payments service: accounts over HTTP and gRPC, and payment decisions for requests over
+Kafka."""
 
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ ENVIRONMENT: dict[str, str] = {
     "KAFKA_TOPIC_PARTITIONS": "3",
     "TOPIC_PAYMENT_REQUESTED": "orders.payment-requested",
     "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
-    # Rows claimed and sent per relay transaction: each batch pays a fixed set of round trips.
+    # Rows the relay reads and sends at a time: each batch pays a fixed set of round trips (its
+    # read and its delete).
     "OUTBOX_RELAY_BATCH_SIZE": "5000",
     # How often beat checks that a relay leads each outbox (commits wake the leader themselves), so
     # the longest a dead leader goes unreplaced. Each check is a task through Redis: at 0.5 s beat

@@ -2,7 +2,8 @@
 payload of each event type.
 
 Value: UTF-8 JSON `{"message_id", "type", "version", "occurred_at", "correlation_id", "payload"}`.
-Key: the user id, so that one user's messages stay in order. Headers: `message_id` and `type`.
+Key: the user id, so that one user's messages stay in order. Headers: `message_id` and `type`,
+and `request_id` when an API request (its X-Request-ID) led to the message.
 """
 
 from __future__ import annotations

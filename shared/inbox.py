@@ -179,8 +179,9 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     return [uuid.UUID(message_id) for message_id, parked in inserted if not parked]
 
 
-# The inbox's statements go straight to the driver (shared.db.driver_cursor): the consumer and
-# every batch of handling run them.
+# The inbox's statements go straight to the driver, as every message passes through them: the
+# consumer stores on a psycopg2 connection of its own, the handlers run theirs on a
+# shared.db.driver_cursor.
 _STORE = """
 INSERT INTO inbox_messages (message_id, topic, partition, "offset", key, type, correlation_id,
                             request_id, payload, raw_value, parked_at, last_error, produced_at)
@@ -365,7 +366,9 @@ def record_failed_attempt(
 
 def find_stalled_messages(session: Session, min_age: timedelta,
                           limit: int = 500) -> list[uuid.UUID]:
-    """Messages still waiting to be handled whose last dispatch is older than `min_age`."""
+    """Messages still waiting to be handled, stored and last tried (if ever) over `min_age` ago:
+    their dispatch was lost, or their retries with them. A message dispatched again but not yet
+    tried comes back on the next sweep (the handler drops a message handled twice)."""
     cutoff = _now() - min_age
     return list(
         session.scalars(

@@ -1,4 +1,5 @@
-"""Migration steps both services run: the outbox, inbox and idempotency-key tables.
+"""Migration steps every service's database runs (orders, payments, gateway): the outbox, inbox
+and idempotency-key tables.
 
 Written out here (not derived from the models) so that a revision keeps meaning what it meant
 when it was written.

@@ -1,4 +1,5 @@
-"""Schema migrations (Alembic) for either service: create its database if missing, then upgrade.
+"""Schema migrations (Alembic) for each service (orders, payments, gateway): create its database if
+missing, then upgrade.
 
     python -m shared.migrations upgrade orders
     python -m shared.migrations upgrade payments

@@ -1,7 +1,8 @@
-"""Handling inbox messages in Celery: the consumer dispatches one task per stored batch, which
-handles its messages many to a transaction (with a savepoint per handler once one of them fails);
-a message whose first try fails goes to a task of its own that retries it with backoff and parks it
-after the last attempt; and the sweeper dispatches again the messages whose handling was lost."""
+"""Handling inbox messages in Celery: the consumer dispatches a task for every 50 new messages of
+a stored batch, and the task handles its messages many to a transaction (with a savepoint per
+handler once one of them fails); a message whose first try fails goes to a task of its own that
+retries it with backoff and parks it after the last attempt; and the sweeper dispatches again the
+messages whose handling was lost."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from tasks.services import ServiceTask, service_package
 
 log = logging.getLogger(__name__)
 
-# Messages handled per transaction by the consumer: one commit (one WAL flush) covers them all,
-# while the row locks they take are held for a few milliseconds only.
+# Messages a `handle_inbox_batch` task handles in one transaction: one commit (one WAL flush)
+# covers them all, while the row locks they take are held for a few milliseconds only.
 HANDLED_PER_TRANSACTION = 50
 
 
