@@ -18,7 +18,7 @@ from gateway_app.passwords import hash_password, verify_password
 from gateway_app.tokens import InvalidToken, issue_token, user_id_from_token
 from shared.db import db, transaction
 from shared.errors import Conflict, Unauthorized
-from shared.fields import USER_ID_PATTERN
+from shared.fields import USER_ID_PATTERN, Text
 from shared.http_api import Blueprint
 
 blueprint = Blueprint("auth", __name__, url_prefix="/api/auth", description="Sign up and sign in")
@@ -32,8 +32,7 @@ class CredentialsSchema(Schema):
 
     username = fields.String(required=True, validate=validate.Regexp(
         USER_ID_PATTERN, error="must be 1 to 64 characters of A-Za-z0-9_.-"))
-    password = fields.String(required=True, validate=validate.Length(min=8, max=128),
-                             load_only=True)
+    password = Text(required=True, validate=validate.Length(min=8, max=128), load_only=True)
 
 
 class SessionSchema(Schema):

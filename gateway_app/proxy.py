@@ -14,14 +14,16 @@ import threading
 import requests
 from flask import Response, current_app, g, request
 
-from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
+from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTimeout
+from shared.idempotency import idempotency_key_from_request
 from shared.internal_auth import identity_headers
 from shared.request_context import REQUEST_ID_HEADER, current_request_id
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 1.0
-FORWARDED_REQUEST_HEADERS = ("Content-Type", "Idempotency-Key", "Accept")
+# The services answer JSON whatever the Accept header says, so it is not passed on.
+FORWARDED_REQUEST_HEADERS = ("Content-Type", "Idempotency-Key")
 FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Retry-After")
 
 _sessions = threading.local()
@@ -39,6 +41,7 @@ def forward(service: str, path: str) -> Response:
     settings = current_app.extensions["hseshop.settings"]
     base = {"orders": settings.orders_service_url,
             "payments": settings.payments_service_url}[service]
+    idempotency_key_from_request()  # a 400 for a key the service would refuse, as over gRPC
     headers = {name: request.headers[name] for name in FORWARDED_REQUEST_HEADERS
                if name in request.headers}
     headers.update(identity_headers(g.user_id, settings.internal_auth_secret))
@@ -50,6 +53,9 @@ def forward(service: str, path: str) -> Response:
         upstream = _http().request(
             request.method, url, data=request.get_data(), headers=headers, allow_redirects=False,
             timeout=(CONNECT_TIMEOUT_SECONDS, settings.upstream_timeout_seconds))
+    except requests.exceptions.InvalidHeader:  # a value (Content-Type, say) HTTP cannot pass on
+        raise ApiError("A request header has a value that cannot be passed on.",
+                       code="INVALID_HEADER") from None
     except requests.ConnectionError as exc:  # refused, unresolvable, or no connection in time
         log.warning("%s unreachable: %s", service, exc)
         raise ServiceUnavailable(f"The {service} service is unavailable; try again shortly.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from marshmallow import RAISE, Schema, fields, validate
 
 from orders_app.models import STATUSES
-from shared.fields import Amount
+from shared.fields import Amount, Text
 
 MAX_PAGE = 200
 
@@ -15,7 +15,7 @@ class PlaceOrderSchema(Schema):
         unknown = RAISE
 
     amount = Amount(required=True, metadata={"example": "30.00"})
-    description = fields.String(load_default="", validate=validate.Length(max=500))
+    description = Text(load_default="", validate=validate.Length(max=500))
 
 
 class OrderSchema(Schema):

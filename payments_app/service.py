@@ -45,16 +45,16 @@ def get_account(session: Session, *, user_id: str) -> Account:
 
 
 def deposit(session: Session, *, user_id: str, amount: Decimal) -> Account:
-    """Add money in one atomic UPDATE, so concurrent deposits and debits never lose an update."""
+    """Add money in one atomic UPDATE, so concurrent deposits and debits never lose an update; one
+    that would take the balance past MAX_BALANCE (the column's limit) changes nothing."""
     balance = session.execute(
         update(Account)
-        .where(Account.user_id == user_id)
+        .where(Account.user_id == user_id, Account.balance <= MAX_BALANCE - amount)
         .values(balance=Account.balance + amount, updated_at=func.now())
         .returning(Account.balance)
     ).scalar_one_or_none()
     if balance is None:
-        raise NotFound("This user has no account.", code="ACCOUNT_NOT_FOUND")
-    if balance > MAX_BALANCE:
+        get_account(session, user_id=user_id)  # 404 when there is no account at all
         raise Unprocessable(f"A balance cannot exceed {MAX_BALANCE}.",
                             code="BALANCE_LIMIT_EXCEEDED")
     invalidate_after_commit(session, balance_cache_namespace(user_id))

@@ -8,7 +8,8 @@ from marshmallow import ValidationError, fields
 
 from shared.money import InvalidAmount, format_amount, parse_amount
 
-USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# \Z, not $: `$` also matches before a final newline.
+USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 
 
 class Amount(fields.Field):
@@ -22,6 +23,21 @@ class Amount(fields.Field):
 
     def _serialize(self, value, attr, obj, **kwargs):
         return None if value is None else format_amount(value)
+
+
+class Text(fields.String):
+    """Text a client sends that is stored or hashed: no NUL character (PostgreSQL's text cannot
+    hold one) and no unpaired surrogate (it has no UTF-8 form)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text:
+            raise ValidationError("must not contain NUL characters")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError("must be valid Unicode text (no unpaired surrogates)") from None
+        return text
 
 
 class UserId(fields.String):

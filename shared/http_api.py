@@ -1,6 +1,7 @@
 """The flask-smorest Blueprint every HseShop API uses: request bodies are parsed by our strict JSON
-reader (amounts arrive as Decimal, NaN/Infinity are refused as malformed JSON), and each route
-parses with one schema instance made when the route is declared."""
+reader (amounts arrive as Decimal, NaN/Infinity are refused as malformed JSON), query parameters
+are held to their schema as bodies are, and each route parses with one schema instance made when
+the route is declared."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from shared.jsonio import loads_strict
 
 
 class StrictJSONParser(FlaskParser):
+    # A query parameter the route does not know is refused as an unknown body field is (the
+    # schemas say `unknown = RAISE`; webargs would otherwise drop unknown query parameters).
+    DEFAULT_UNKNOWN_BY_LOCATION = {**FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION,
+                                   "query": None, "querystring": None}
+
     def _raw_load_json(self, req: flask.Request):
         if not is_json_request(req):
             return core.missing

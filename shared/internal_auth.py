@@ -50,6 +50,8 @@ def verified_user_id(headers: Mapping[str, str], secret: str, now: float | None 
         raise InvalidIdentity("the identity timestamp is not a number") from None
     if age > MAX_SKEW_SECONDS:
         raise InvalidIdentity("the identity signature has expired")
-    if not hmac.compare_digest(signature, _signature(secret, user_id, timestamp)):
+    # As bytes: compare_digest refuses str with characters beyond ASCII (a TypeError, not a 401).
+    expected = _signature(secret, user_id, timestamp).encode()
+    if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected):
         raise InvalidIdentity("the identity signature is not the gateway's")
     return user_id

@@ -14,8 +14,17 @@ def _refuse_constant(name: str):
 
 
 def loads_strict(text: str | bytes):
-    """Parse JSON with numbers as Decimal; NaN and Infinity raise JSONDecodeError."""
-    return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
+    """Parse JSON with numbers as Decimal; NaN, Infinity and whatever else cannot be read (nesting
+    deeper than Python recurses, an integer longer than it converts, an exponent beyond Decimal's
+    range) raise JSONDecodeError, which the APIs answer with a 400."""
+    try:
+        return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
+    except json.JSONDecodeError:
+        raise
+    except (RecursionError, ValueError, ArithmeticError) as exc:
+        # With the document itself: webargs reads an error on an empty document as "no body".
+        doc = text if isinstance(text, str) else text.decode("utf-8", "replace")
+        raise json.JSONDecodeError(f"unreadable JSON ({type(exc).__name__})", doc, 0) from None
 
 
 class StrictDecimalJSONProvider(DefaultJSONProvider):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 
 CENT = Decimal("0.01")
 MAX_AMOUNT = Decimal("1000000000.00")
 MAX_BALANCE = Decimal("999999999999999.99")
+
+
+# What a numeric string may look like: ASCII digits only (Decimal() would also take "٣" or "1_000"),
+# an optional sign, point and exponent; NaN and Infinity are words, refused below as not finite.
+_NUMERIC_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)",
+                           re.ASCII | re.IGNORECASE)
 
 
 class InvalidAmount(ValueError):
@@ -20,6 +27,8 @@ def parse_amount(value: object) -> Decimal:
         # so binary rounding can never leak into money.
         raise InvalidAmount("must be a number or a numeric string")
     text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and not _NUMERIC_TEXT.fullmatch(text):
+        raise InvalidAmount("must be a number or a numeric string")
     try:
         amount = Decimal(text)
     except (InvalidOperation, ValueError):

@@ -110,7 +110,10 @@ def test_sign_up_sign_in_and_the_token_decides_who_you_are(gateway):
 
 @pytest.mark.parametrize("body", [{}, {"username": "a b", "password": "long enough"},
                                   {"username": "ok", "password": "short"},
-                                  {"username": "ok", "password": "long enough", "extra": 1}])
+                                  {"username": "ok", "password": "long enough", "extra": 1},
+                                  {"username": "bob\n", "password": "long enough"},
+                                  {"username": "ok", "password": "long \udc80nough"},
+                                  {"username": "ok", "password": "long\x00enough"}])
 def test_bad_sign_up_input_is_a_4xx(gateway, body):
     response = gateway.post("/api/auth/register", json=body)
     assert response.status_code == 422
@@ -133,6 +136,19 @@ def test_requests_pass_through_with_method_body_query_status_and_idempotency_key
     assert bad.status_code == 422 and bad.get_json()["error"]["code"] == "VALIDATION_ERROR"
     missing = gateway.get(f"/api/orders/{uuid.uuid4()}", headers=auth)
     assert missing.status_code == 404
+
+
+def test_headers_that_cannot_be_passed_on_are_a_4xx_or_ignored(gateway):
+    _, auth = _sign_up(gateway)
+    assert gateway.post("/api/accounts", headers=auth).status_code == 201
+    refused = gateway.post("/api/accounts/deposit", json={"amount": "1"},
+                           headers={**auth, "Idempotency-Key": "\x85key"})
+    assert refused.status_code == 400
+    assert refused.get_json()["error"]["code"] == "INVALID_IDEMPOTENCY_KEY"
+    assert gateway.get("/api/orders", headers={**auth, "Accept": "\xa0x"}).status_code == 200
+    odd_type = gateway.get("/api/orders", headers={**auth, "Content-Type": "\xa0text/plain"})
+    assert odd_type.status_code == 400
+    assert odd_type.get_json()["error"]["code"] == "INVALID_HEADER"
 
 
 def test_the_request_id_is_kept_when_sane_and_made_up_otherwise(gateway):

@@ -82,6 +82,12 @@ BAD_ORDER_BODIES = [
     ("[1, 2]", "application/json", (422,)),
     ("null", "application/json", (422,)),
     ('"just a string"', "application/json", (422,)),
+    # Valid JSON that PostgreSQL or UTF-8 cannot take, and JSON too big for the parser to read.
+    ('{"amount": 1, "description": "a\\u0000b"}', "application/json", (422,)),
+    ('{"amount": 1, "description": "\\udc80"}', "application/json", (422,)),
+    ("[" * 5000 + "]" * 5000, "application/json", (400,)),
+    ('{"amount": ' + "1" * 5000 + "}", "application/json", (400,)),
+    ('{"amount": 1e1000000000000000000}', "application/json", (400,)),
 ]
 
 
@@ -105,6 +111,7 @@ def _forged(user_id="mallory", secret="not-the-secret", **changes):
     _forged(),  # signed with the wrong secret
     _forged(secret=ENVIRONMENT["INTERNAL_AUTH_SECRET"], **{"X-User-ID": "alice"}),  # re-labelled
     _forged(secret=ENVIRONMENT["INTERNAL_AUTH_SECRET"], **{"X-Gateway-Timestamp": "0"}),  # stale
+    _forged(secret=ENVIRONMENT["INTERNAL_AUTH_SECRET"], **{"X-Gateway-Signature": "é" * 64}),
 ])
 def test_a_caller_without_a_valid_gateway_signed_user_id_gets_401(orders_http, payments_http,
                                                                   headers):
@@ -135,7 +142,7 @@ def test_orders_are_listed_newest_first_page_by_page(orders_http, user_id):
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=201", "limit=abc", "cursor=%%%",
-                                   "cursor=bm9wZQ"])
+                                   "cursor=bm9wZQ", "limt=5", "limit=5&unknown=1"])
 def test_bad_list_queries_are_4xx(orders_http, user_id, query):
     response = orders_http.get(f"/orders?{query}", headers=_as(user_id))
     assert response.status_code in (400, 422)
@@ -192,6 +199,22 @@ def test_a_bad_deposit_is_4xx_and_changes_nothing(payments_http, payments_flask_
     _assert_error(response, response.status_code)
     with payments_flask_app.app_context():
         assert db.session.get(Account, user_id).balance == 0
+
+
+def test_a_deposit_past_the_balance_limit_is_422_and_changes_nothing(payments_http,
+                                                                    payments_flask_app, user_id):
+    from shared.money import MAX_BALANCE
+
+    payments_http.post("/accounts", headers=_as(user_id))
+    with payments_flask_app.app_context():
+        db.session.get(Account, user_id).balance = MAX_BALANCE - 1
+        db.session.commit()
+    refused = payments_http.post("/accounts/deposit", json={"amount": "1.01"},
+                                 headers=_as(user_id))
+    assert _assert_error(refused, 422)["code"] == "BALANCE_LIMIT_EXCEEDED"
+    to_the_limit = payments_http.post("/accounts/deposit", json={"amount": "1"},
+                                      headers=_as(user_id))
+    assert to_the_limit.get_json()["balance"] == str(MAX_BALANCE)
 
 
 def test_a_retried_deposit_with_the_same_key_counts_once(payments_http, user_id):

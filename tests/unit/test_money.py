@@ -30,6 +30,9 @@ def test_valid_amounts_become_exact_cents(given, expected):
     ("Infinity", "finite"),
     ("-Infinity", "finite"),
     ("abc", "number"),
+    ("٣", "number"),  # an Arabic-Indic three: Decimal() reads it, an amount must not
+    ("５", "number"),
+    ("1_000", "number"),
     ("", "number"),
     (True, "number"),
     (None, "number"),
