@@ -12,12 +12,12 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from decimal import Decimal
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
-from shared.fields import Amount, UserId
+from shared.fields import Amount, Text, UserId
+from shared.jsonio import loads_strict
 
 PAYMENT_REQUESTED = "PaymentRequested"
 PAYMENT_SUCCEEDED = "PaymentSucceeded"
@@ -84,7 +84,7 @@ class EnvelopeSchema(Schema):
     type = fields.String(required=True, validate=validate.OneOf(tuple(PAYLOAD_SCHEMAS)))
     version = fields.Integer(required=True, strict=True, validate=validate.Equal(ENVELOPE_VERSION))
     occurred_at = fields.AwareDateTime(required=True, format="iso")
-    correlation_id = fields.String(required=True, allow_none=True)
+    correlation_id = Text(required=True, allow_none=True)
     payload = fields.Dict(required=True)
 
 
@@ -150,7 +150,7 @@ def decode(value: bytes | None) -> Envelope:
     if value is None:
         raise MalformedMessage("message has no value")
     try:
-        raw = json.loads(value.decode("utf-8"), parse_float=Decimal, parse_constant=_no_constants)
+        raw = loads_strict(value.decode("utf-8"))  # too deep or too large: a ValueError too
     except (UnicodeDecodeError, ValueError) as exc:
         raise MalformedMessage(f"value is not UTF-8 JSON: {exc}") from None
     if not isinstance(raw, dict):
@@ -169,6 +169,3 @@ def decode(value: bytes | None) -> Envelope:
         version=envelope["version"],
     )
 
-
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not allowed")

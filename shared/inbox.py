@@ -131,26 +131,35 @@ def _message_id_of(record: ConsumedRecord) -> uuid.UUID:
     return uuid.uuid5(_POSITION_NAMESPACE, f"{record.topic}:{record.partition}:{record.offset}")
 
 
+def _storable_text(raw: bytes | str | None, limit: int | None = None) -> str | None:
+    """Text from a record as PostgreSQL's text can hold it: not UTF-8, a NUL character or an
+    unpaired surrogate would fail the batch's insert, and with it every later poll of the
+    partition; each becomes a replacement character instead."""
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    return text[:limit]
+
+
 def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
     """The inbox row for a record: a parsed event, or a parked row holding the raw value."""
-    request_id = record.headers.get(REQUEST_ID_KAFKA_HEADER)
     row = {
         "topic": record.topic,
         "partition": record.partition,
         "offset": record.offset,
-        "key": record.key.decode("utf-8", "replace")[:255] if record.key is not None else None,
-        "request_id": request_id.decode("utf-8", "replace")[:128] if request_id else None,
+        "key": _storable_text(record.key, 255),
+        "request_id": _storable_text(record.headers.get(REQUEST_ID_KAFKA_HEADER) or None, 128),
         "produced_at": record.timestamp,
     }
     try:
         envelope: Envelope = decode(record.value)
     except MalformedMessage as exc:
-        raw = record.value.decode("utf-8", "replace") if record.value is not None else None
         return row | {
             "message_id": _message_id_of(record),
-            "raw_value": raw,
+            "raw_value": _storable_text(record.value),
             "parked_at": _now(),
-            "last_error": str(exc)[:2000],
+            "last_error": _storable_text(str(exc), 2000),
         }
     return row | {
         "message_id": envelope.message_id,

@@ -138,3 +138,33 @@ def test_the_consumer_stores_on_a_connection_of_its_own_and_replaces_it_once_los
     assert payments_inbox([second]) == [second_id]
     assert payments_inbox([first]) == []  # stored once, whichever connection it came by
     assert _row(second_id).processed_at is None  # stored, and waiting to be handled
+
+
+def test_records_that_cannot_be_read_or_stored_as_they_are_are_parked_not_stuck(
+        in_payments, payments_inbox, user_id):
+    """A NUL character or an unpaired surrogate in a record (its value, key, headers or an
+    envelope's text), or JSON too deep or too large to parse, must not make the batch's insert
+    fail, or the consumer would read the same records again and again and the partition would
+    stop there."""
+    envelope, _ = _request_record(user_id)
+    with_nul_correlation = json.loads(envelope.value)
+    with_nul_correlation["correlation_id"] = "a\u0000b"
+    with_surrogate_correlation = json.loads(envelope.value)
+    with_surrogate_correlation["correlation_id"] = "\udc80"
+    records = [
+        _record(b"\x00\xff binary"),
+        _record(json.dumps(with_nul_correlation).encode()),
+        _record(json.dumps(with_surrogate_correlation).encode()),
+        _record(b"[" * 5000 + b"]" * 5000),
+        _record(b'{"amount": 1e1000000000000000000}'),
+        ConsumedRecord("test-topic", 0, next(_offsets), b"key\x00", b"{}",
+                       {"request_id": b"id\x00"}),
+    ]
+    good, good_id = _request_record(user_id)
+    assert payments_inbox([*records, good]) == [good_id]
+    rows = db.session.scalars(select(InboxMessage).where(
+        InboxMessage.offset.in_([record.offset for record in records]),
+        InboxMessage.topic == "test-topic")).all()
+    assert len(rows) == len(records) and all(row.parked_at is not None for row in rows)
+    assert all("\x00" not in (row.raw_value or "") + (row.key or "") + (row.last_error or "")
+               for row in rows)
