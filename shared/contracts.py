@@ -84,7 +84,8 @@ class EnvelopeSchema(Schema):
     type = fields.String(required=True, validate=validate.OneOf(tuple(PAYLOAD_SCHEMAS)))
     version = fields.Integer(required=True, strict=True, validate=validate.Equal(ENVELOPE_VERSION))
     occurred_at = fields.AwareDateTime(required=True, format="iso")
-    correlation_id = Text(required=True, allow_none=True)
+    # At most what the inbox's column holds: a longer one would fail the batch's insert.
+    correlation_id = Text(required=True, allow_none=True, validate=validate.Length(max=100))
     payload = fields.Dict(required=True)
 
 

@@ -39,24 +39,46 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def to_record(message) -> ConsumedRecord:
+    """The record of a polled message. What a producer may have set oddly (headers, timestamp) is
+    read so that it cannot raise: a record lost here would be skipped by the next offset commit."""
     return ConsumedRecord(
         topic=message.topic(),
         partition=message.partition(),
         offset=message.offset(),
         key=message.key(),
         value=message.value(),
-        headers={name: value for name, value in (message.headers() or []) if value is not None},
+        headers=record_headers(message),
         timestamp=record_timestamp(message),
     )
 
 
+def record_headers(message) -> dict[str, bytes]:
+    """The record's headers with a value, or none if they cannot be read (a name not UTF-8)."""
+    try:
+        pairs = message.headers() or []
+    except Exception as exc:
+        log.warning("consumer: the headers of %s [%s] @ %s cannot be read (%r); storing it without",
+                    message.topic(), message.partition(), message.offset(), exc)
+        return {}
+    return {name: value for name, value in pairs if value is not None}
+
+
 def record_timestamp(message) -> datetime | None:
-    """The record's timestamp, or None when it has none: the producer's clock when it was produced
-    (the relay leaves it to librdkafka), or the broker's on a topic that stamps at append."""
+    """The record's timestamp, or None when it has none (or one no datetime can hold, past the
+    year 9999): the producer's clock when it was produced (the relay leaves it to librdkafka), or
+    the broker's on a topic that stamps at append."""
     kind, milliseconds = message.timestamp()
     if kind == TIMESTAMP_NOT_AVAILABLE:
         return None
-    return _EPOCH + timedelta(milliseconds=milliseconds)  # exact, where a float would round
+    try:
+        return _EPOCH + timedelta(milliseconds=milliseconds)  # exact, where a float would round
+    except OverflowError:
+        return None
+
+
+def to_position(message) -> ConsumedRecord:
+    """Where a polled message sits, and nothing else of it (enough for first_offsets)."""
+    return ConsumedRecord(message.topic(), message.partition(), message.offset(), None, None, {})
 
 
 def next_offsets(records: list[ConsumedRecord]) -> list[TopicPartition]:
@@ -173,14 +195,21 @@ class InboxConsumer:
             return []
         messages = [first, *self._consumer.consume(self._batch_size - 1, 0)]
         records = []
-        for message in messages:
-            error = message.error()
-            if error is None:
-                records.append(to_record(message))
-            elif error.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
-                log.debug("consumer: %s", error)
-            else:
-                log.warning("consumer error: %s", error)
+        try:
+            for message in messages:
+                error = message.error()
+                if error is None:
+                    records.append(to_record(message))
+                elif error.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                    log.debug("consumer: %s", error)
+                else:
+                    log.warning("consumer error: %s", error)
+        except Exception:
+            # The client has moved past these messages: rewind, or a later offset commit would
+            # skip them for good.
+            for position in first_offsets([to_position(m) for m in messages if m.error() is None]):
+                self._consumer.seek(position)
+            raise
         return records
 
 

@@ -151,10 +151,13 @@ def test_records_that_cannot_be_read_or_stored_as_they_are_are_parked_not_stuck(
     with_nul_correlation["correlation_id"] = "a\u0000b"
     with_surrogate_correlation = json.loads(envelope.value)
     with_surrogate_correlation["correlation_id"] = "\udc80"
+    with_long_correlation = json.loads(envelope.value)
+    with_long_correlation["correlation_id"] = "c" * 101
     records = [
         _record(b"\x00\xff binary"),
         _record(json.dumps(with_nul_correlation).encode()),
         _record(json.dumps(with_surrogate_correlation).encode()),
+        _record(json.dumps(with_long_correlation).encode()),
         _record(b"[" * 5000 + b"]" * 5000),
         _record(b'{"amount": 1e1000000000000000000}'),
         ConsumedRecord("test-topic", 0, next(_offsets), b"key\x00", b"{}",

@@ -216,3 +216,37 @@ def test_a_records_timestamp_becomes_an_aware_datetime_to_the_millisecond(kind):
 
 def test_a_record_without_a_timestamp_has_none():
     assert record_timestamp(StampedMessage(TIMESTAMP_NOT_AVAILABLE, -1)) is None
+
+
+def test_a_timestamp_past_what_a_datetime_holds_is_none_not_an_error():
+    for milliseconds in (253_402_300_800_000, 2**62):  # 10000-01-01, and far beyond
+        stamped = StampedMessage(TIMESTAMP_CREATE_TIME, milliseconds)
+        assert record_timestamp(stamped) is None
+        assert to_record(stamped).timestamp is None
+
+
+class UnreadableHeadersMessage(FakeMessage):
+    def headers(self):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+
+def test_headers_that_cannot_be_read_leave_a_record_without_headers():
+    record = to_record(UnreadableHeadersMessage("t", 0, 7))
+    assert (record.offset, record.headers, record.value) == (7, {}, b"{}")
+
+
+class UnreadableMessage(FakeMessage):
+    def key(self):
+        raise RuntimeError("a record this code cannot read")
+
+
+def test_a_batch_that_cannot_be_read_whole_is_read_again_not_skipped():
+    """Were the batch dropped, the next stored record's offset commit would skip it for good."""
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 0, 5), UnreadableMessage("t", 0, 6),
+                             FakeMessage("t", 1, 9)], calls)
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
+                          commit_interval=0)
+    with pytest.raises(RuntimeError):
+        inbox.run_once()
+    assert sorted(calls) == [("seek", ("t", 0, 5)), ("seek", ("t", 1, 9))]
