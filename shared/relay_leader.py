@@ -19,16 +19,23 @@ from shared.outbox import OUTBOX_CHANNEL
 
 # An arbitrary constant: the key of the advisory lock that makes one relay per database the leader.
 RELAY_LEADER_LOCK_KEY = 0x0B0C5E1B
+# A leader runs a statement at least every second (tasks/relay.py's RECHECK_SECONDS) and waits on
+# the broker for a few more at worst. A session idle this long belongs to a leader that has stopped
+# without closing it (its process paused, its host gone), and PostgreSQL ends it, lock and all, so
+# another relay can lead; otherwise the lock would stay until TCP gave up on the host, hours on.
+LEADER_IDLE_TIMEOUT_SECONDS = 30.0
 
 
 class RelayLeaderConnection:
     """A connection to one service's database; `lead()` before waiting or relaying."""
 
-    def __init__(self, database_url: str):
+    def __init__(self, database_url: str,
+                 idle_timeout_seconds: float = LEADER_IDLE_TIMEOUT_SECONDS):
         self._connection = psycopg2.connect(driver_dsn(database_url))
         # LISTEN, the session-level lock and each of the relay's statements stand alone.
         self._connection.autocommit = True
         with self._connection.cursor() as cursor:
+            cursor.execute("SET idle_session_timeout = %s", (f"{idle_timeout_seconds * 1000:.0f}",))
             # The relay reads the oldest rows by walking the primary key, never by scanning the
             # table's pages and sorting: a table rows go through holds far more pages than rows
             # (sent rows are deleted and stay as dead versions until a VACUUM), and a planner

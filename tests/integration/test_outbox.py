@@ -314,3 +314,14 @@ def test_rows_written_together_keep_their_order_and_go_with_an_error(in_orders, 
                 add(session, "4.00")
                 raise RuntimeError("a handler failed")
     assert amounts_written() == ["1.00", "2.00", "3.00"]
+
+
+def test_a_leader_that_stops_without_closing_its_session_loses_the_lead(in_orders, settings):
+    """A leader whose process is paused (or whose host is gone) keeps its session open: PostgreSQL
+    ends it once it has been idle too long, and another relay can lead."""
+    url = settings.database_url("orders")
+    with RelayLeaderConnection(url, idle_timeout_seconds=0.5) as stalled:
+        assert stalled.lead()
+        with RelayLeaderConnection(url) as successor:
+            assert not successor.lead()
+            wait_for(successor.lead, timeout=10, what="the stalled leader's session to end")
