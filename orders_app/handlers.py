@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from orders_app.service import PaymentResult, apply_payment_results
+from orders_app.service import PaymentResult, UnknownOrder, apply_payment_results
 from shared.contracts import PAYMENT_FAILED, PAYMENT_SUCCEEDED
 from shared.inbox import Handler, PermanentMessageError, ReceivedEvent
 
@@ -18,7 +18,7 @@ def on_payment_results(session: Session, events: list[ReceivedEvent]) -> None:
                for event in events]
     try:
         apply_payment_results(session, results)
-    except LookupError as exc:
+    except UnknownOrder as exc:  # not a KeyError of a bug, say: that one is retried
         raise PermanentMessageError(f"payment result for an unknown order: {exc}") from None
 
 

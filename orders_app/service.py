@@ -114,11 +114,15 @@ class PaymentResult:
     request_id: str | None = None
 
 
+class UnknownOrder(LookupError):
+    """A payment result names an order that does not exist, or not of the user it names."""
+
+
 def apply_payment_results(session: Session, results: list[PaymentResult]) -> list[Order]:
     """Move each NEW order to FINISHED or CANCELLED, in the order given; a final order never
     changes again. Returns the orders that changed (detached from the session).
 
-    Raises LookupError, and changes nothing, when an order is not the named user's or does not
+    Raises UnknownOrder, and changes nothing, when an order is not the named user's or does not
     exist. However many results, two statements: lock the orders (in id order, so batches
     running at once never deadlock) and settle the ones that change.
     """
@@ -133,7 +137,7 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
     for result in results:
         order = orders.get(result.order_id)
         if order is None or order.user_id != result.user_id:
-            raise LookupError(f"no order {result.order_id} of user {result.user_id}")
+            raise UnknownOrder(f"no order {result.order_id} of user {result.user_id}")
         if order.is_final:
             continue
         order.status = FINISHED if result.succeeded else CANCELLED

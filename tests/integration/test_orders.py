@@ -60,10 +60,10 @@ def test_a_result_for_an_order_that_is_not_the_users_changes_nothing(in_orders, 
     (order_id,) = _placed(user_id, 1)
     results = [service.PaymentResult(order_id=order_id, user_id=user_id, succeeded=True),
                service.PaymentResult(order_id=uuid.uuid4(), user_id=user_id, succeeded=True)]
-    with pytest.raises(LookupError):
+    with pytest.raises(service.UnknownOrder):
         with transaction() as session:
             service.apply_payment_results(session, results)
-    with pytest.raises(LookupError):
+    with pytest.raises(service.UnknownOrder):
         with transaction() as session:
             service.apply_payment_results(session, [service.PaymentResult(
                 order_id=order_id, user_id=f"{user_id}-else", succeeded=True)])
