@@ -169,4 +169,3 @@ def decode(value: bytes | None) -> Envelope:
         occurred_at=envelope["occurred_at"],
         version=envelope["version"],
     )
-

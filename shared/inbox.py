@@ -132,9 +132,9 @@ def _message_id_of(record: ConsumedRecord) -> uuid.UUID:
 
 
 def _storable_text(raw: bytes | str | None, limit: int | None = None) -> str | None:
-    """Text from a record as PostgreSQL's text can hold it: not UTF-8, a NUL character or an
-    unpaired surrogate would fail the batch's insert, and with it every later poll of the
-    partition; each becomes a replacement character instead."""
+    """Text from a record as PostgreSQL's text can hold it: bytes that are not UTF-8, a NUL
+    character and an unpaired surrogate become replacement characters (the last two would fail
+    the batch's insert, and with it every later poll of the partition)."""
     if raw is None:
         return None
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
