@@ -34,7 +34,7 @@ def list_orders(user_id: str, args: dict[str, Any]) -> dict:
         return ORDER_PAGE.dump({"items": page.items, "next_cursor": page.next_cursor})
 
     return app_cache().read(service.orders_cache_namespace(user_id),
-                            f"page:{args['limit']}:{args['cursor']}", load)
+                            f"page:{args['limit']}:{args['cursor'] or ''}", load)
 
 
 def get_order(user_id: str, order_id: str) -> dict:

@@ -91,14 +91,18 @@ def encode_cursor(order: Order) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The position a cursor names; a 400 for anything encode_cursor did not make (in UTC, as
+    PostgreSQL takes only offsets up to 15:59, where Python takes up to 23:59)."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, order_id = json.loads(raw)
+        if not isinstance(created_at, str) or not isinstance(order_id, str):
+            raise TypeError("not two strings")
         parsed = datetime.fromisoformat(created_at)
         if parsed.tzinfo is None:
             raise ValueError("naive timestamp")
-        return parsed, uuid.UUID(order_id)
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        return parsed.astimezone(timezone.utc), uuid.UUID(order_id)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError):
         raise ApiError("The cursor is not one this API gave out.", code="INVALID_CURSOR",
                        status=400, details={"cursor": ["invalid"]}) from None
 

@@ -149,6 +149,25 @@ def test_bad_list_queries_are_4xx(orders_http, user_id, query):
     _assert_error(response, response.status_code)
 
 
+@pytest.mark.parametrize("cursor, status", [
+    ("WyIyMDI0LTAxLTAxVDAwOjAwOjAwKzAwOjAwIiwgN10", 400),  # [time, 7]: an id that is no string
+    # [2024-01-01T00:00:00+20:00, id]: an offset Python reads and PostgreSQL would refuse
+    ("WyIyMDI0LTAxLTAxVDAwOjAwOjAwKzIwOjAwIiwgIjAwMDAwMDAwLTAwMDAtNDAwMC04MDAwLTAwMDAwMDAwMDAwMCJd",
+     200),
+    # [0001-01-01T00:00:00+20:00, id]: before the year 1 in UTC
+    ("WyIwMDAxLTAxLTAxVDAwOjAwOjAwKzIwOjAwIiwgIjAwMDAwMDAwLTAwMDAtNDAwMC04MDAwLTAwMDAwMDAwMDAwMCJd",
+     400),
+])
+def test_a_crafted_cursor_is_a_400_or_a_page_never_a_500(orders_http, user_id, cursor, status):
+    response = orders_http.get(f"/orders?cursor={cursor}", headers=_as(user_id))
+    assert response.status_code == status, response.get_data(as_text=True)
+
+
+def test_the_cursor_none_is_refused_whatever_the_cache_holds(orders_http, user_id):
+    assert orders_http.get("/orders", headers=_as(user_id)).status_code == 200  # cached now
+    _assert_error(orders_http.get("/orders?cursor=None", headers=_as(user_id)), 400)
+
+
 def test_default_page_size_is_50(orders_http, user_id):
     page = orders_http.get("/orders", headers=_as(user_id)).get_json()
     assert page == {"items": [], "next_cursor": None}
