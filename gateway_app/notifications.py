@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import redis
 from flask import current_app, g, jsonify, request
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 REDIS_EXTENSION = "hseshop.gateway_redis"
 REPLAY_LIMIT = 500
 SOCKET_POLL_SECONDS = 0.25
+# An open socket reads the table this often even when Redis has not woken it: a publish lost after
+# the commit (Redis down a moment, the worker killed in between) is then late, never missing.
+SOCKET_RECHECK_SECONDS = 5.0
 
 blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications",
                       description="What happened to the signed-in user's orders")
@@ -175,9 +179,12 @@ def stream_notifications(ws, user_id: str, after: int | None) -> None:
         last_sent = after if after is not None else _newest_notification_id(user_id)
         pubsub.subscribe(channel(user_id))
         last_sent = _send_newer(ws, user_id, last_sent)
+        recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
         while True:
-            if pubsub.get_message(timeout=SOCKET_POLL_SECONDS) is not None:
+            woken = pubsub.get_message(timeout=SOCKET_POLL_SECONDS) is not None
+            if woken or time.monotonic() >= recheck_at:
                 last_sent = _send_newer(ws, user_id, last_sent)
+                recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
             ws.receive(timeout=0)  # raises ConnectionClosed once the page has gone
     except ConnectionClosed:
         pass

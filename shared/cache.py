@@ -1,4 +1,6 @@
-"""A read-through cache in Redis that never serves a value older than the reader's own last write.
+"""A read-through cache in Redis that does not serve a value older than the reader's own last
+write, but for one case: a version bump that fails (below) leaves the old values readable until
+they expire, CACHE_TTL_SECONDS at most.
 
 Every cached value belongs to a namespace (one user's balance, one user's orders) with a version: a
 random token. A write replaces the version once its transaction has committed; a read uses a

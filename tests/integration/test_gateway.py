@@ -436,3 +436,30 @@ def test_a_socket_sends_what_the_table_holds_after_its_last_id_whatever_was_publ
         socket.close()
         streaming.join(10)
     assert [item["id"] for item in socket.sent] == [item["id"] for item in kept[1:]]
+
+
+def test_a_socket_sends_a_notification_whose_publish_was_lost(settings, gateway, monkeypatch):
+    """Kept, but its wake-up never published (Redis down a moment, the worker killed after the
+    commit): the open socket still sends it, at its next re-read of the table."""
+    monkeypatch.setattr(notifications, "SOCKET_RECHECK_SECONDS", 0.5)
+    app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
+    socket = RecordingSocket()
+
+    def stream():
+        with app.app_context():
+            notifications.stream_notifications(socket, user, None)
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    try:
+        with app.app_context():
+            wait_for(lambda: notifications._redis().pubsub_numsub(
+                notifications.channel(user))[0][1] == 1, timeout=10, what="the socket to listen")
+            with monkeypatch.context() as patched:
+                patched.setattr(notifications, "_publish", lambda items: None)
+                with transaction() as session:
+                    notifications.on_order_status_changes(session, _status_changes(user))
+            wait_for(lambda: len(socket.sent) == 1, timeout=10, what="the unpublished one")
+    finally:
+        socket.close()
+        streaming.join(10)
