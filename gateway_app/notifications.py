@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections import Counter
 
 import redis
 from flask import current_app, g, jsonify, request
@@ -39,6 +41,12 @@ SOCKET_POLL_SECONDS = 0.25
 # An open socket reads the table this often even when Redis has not woken it: a publish lost after
 # the commit (Redis down a moment, the worker killed in between) is then late, never missing.
 SOCKET_RECHECK_SECONDS = 5.0
+# Each open socket holds one of the gateway process's threads (32, as make run and compose start
+# it) for as long as it stays open. A user gets a few (pages in several tabs), and all sockets
+# together leave threads for the API; past either limit a socket is closed at once with 1013 (try
+# again later), and the page reconnects later as after any close.
+SOCKETS_PER_USER = 5
+SOCKETS_PER_PROCESS = 24
 
 blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications",
                       description="What happened to the signed-in user's orders")
@@ -155,10 +163,33 @@ def list_notifications(args):
 
 # --- pushing over WebSocket -----------------------------------------------------------------------
 
+class SocketSlots:
+    """The open sockets of this process, per user and in all, within their limits."""
+
+    def __init__(self, per_user: int, in_all: int):
+        self._per_user, self._in_all = per_user, in_all
+        self._open: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def take(self, user_id: str) -> bool:
+        with self._lock:
+            if self._open[user_id] >= self._per_user or self._open.total() >= self._in_all:
+                return False
+            self._open[user_id] += 1
+            return True
+
+    def give_back(self, user_id: str) -> None:
+        with self._lock:
+            self._open[user_id] -= 1
+            if self._open[user_id] <= 0:
+                del self._open[user_id]
+
+
 def register_socket(app, authenticate_token) -> None:
     """`GET /api/notifications/ws?access_token=...&after=<id>`: a WebSocket of the user's
     notifications. With `after`, first everything newer than that id, then each one live."""
     sock = Sock(app)
+    slots = SocketSlots(SOCKETS_PER_USER, SOCKETS_PER_PROCESS)
 
     @sock.route("/api/notifications/ws")
     def notifications_socket(ws):
@@ -167,8 +198,13 @@ def register_socket(app, authenticate_token) -> None:
         except Exception as exc:
             ws.close(reason=1008, message=str(exc)[:120])
             return
-        after = request.args.get("after", type=int)
-        stream_notifications(ws, user_id, after)
+        if not slots.take(user_id):
+            ws.close(reason=1013, message="too many open notification sockets; try again later")
+            return
+        try:
+            stream_notifications(ws, user_id, request.args.get("after", type=int))
+        finally:
+            slots.give_back(user_id)
 
 
 def stream_notifications(ws, user_id: str, after: int | None) -> None:

@@ -13,6 +13,7 @@ from decimal import Decimal
 
 import psycopg2
 import pytest
+import requests
 from simple_websocket import ConnectionClosed
 from werkzeug.serving import make_server
 
@@ -463,3 +464,46 @@ def test_a_socket_sends_a_notification_whose_publish_was_lost(settings, gateway,
     finally:
         socket.close()
         streaming.join(10)
+
+
+def test_a_user_past_the_socket_limit_is_refused_at_once_and_the_api_still_answers(
+        settings, upstreams, monkeypatch):
+    """Each open socket holds a gateway thread: past a user's few, a socket is closed at once
+    (1013, try again later) instead of taking another; a closed one frees its slot."""
+    import simple_websocket
+
+    monkeypatch.setattr(notifications, "SOCKETS_PER_USER", 2)
+    client = _gateway(settings, orders_service_url=upstreams["orders"].url,
+                      payments_service_url=upstreams["payments"].url)
+    served = _Served(make_server("127.0.0.1", 0, client.application, threaded=True))
+    try:
+        token = client.post("/api/auth/register", json={
+            "username": f"tabs-{uuid.uuid4().hex[:8]}", "password": "long password"}
+        ).get_json()["access_token"]
+        url = f"{served.url.replace('http://', 'ws://')}/api/notifications/ws?access_token={token}"
+        held = [simple_websocket.Client.connect(url) for _ in range(2)]
+        refused = simple_websocket.Client.connect(url)
+        with pytest.raises(ConnectionClosed):
+            refused.receive(timeout=5)
+        assert refused.close_reason == 1013
+        health = requests.get(f"{served.url}/health", timeout=5)
+        assert health.status_code == 200
+        held.pop().close()
+        again = wait_for(lambda: _stays_open(url), timeout=10, what="a freed slot")
+        again.close()
+        for socket in held:
+            socket.close()
+    finally:
+        served.close()
+
+
+def _stays_open(url):
+    """A socket to `url` if the gateway keeps it open for a moment, else None."""
+    import simple_websocket
+
+    socket = simple_websocket.Client.connect(url)
+    try:
+        socket.receive(timeout=0.3)
+    except ConnectionClosed:
+        return None
+    return socket
