@@ -47,6 +47,10 @@ SOCKET_RECHECK_SECONDS = 5.0
 # again later), and the page reconnects later as after any close.
 SOCKETS_PER_USER = 5
 SOCKETS_PER_PROCESS = 24
+# A page that vanished without closing (a laptop asleep, a network gone) must not keep its thread
+# and its slot until TCP gives up: the socket pings this often, and closes once a ping goes
+# unanswered until the next (browsers answer pings by themselves).
+SOCKET_PING_SECONDS = 25
 
 blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications",
                       description="What happened to the signed-in user's orders")
@@ -188,6 +192,7 @@ class SocketSlots:
 def register_socket(app, authenticate_token) -> None:
     """`GET /api/notifications/ws?access_token=...&after=<id>`: a WebSocket of the user's
     notifications. With `after`, first everything newer than that id, then each one live."""
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"ping_interval": SOCKET_PING_SECONDS})
     sock = Sock(app)
     slots = SocketSlots(SOCKETS_PER_USER, SOCKETS_PER_PROCESS)
 

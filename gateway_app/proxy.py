@@ -14,16 +14,14 @@ import threading
 import requests
 from flask import Response, current_app, g, request
 
-from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTimeout
-from shared.idempotency import idempotency_key_from_request
+from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
+from shared.idempotency import IDEMPOTENCY_HEADER, idempotency_key_from_request
 from shared.internal_auth import identity_headers
 from shared.request_context import REQUEST_ID_HEADER, current_request_id
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 1.0
-# The services answer JSON whatever the Accept header says, so it is not passed on.
-FORWARDED_REQUEST_HEADERS = ("Content-Type", "Idempotency-Key")
 FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Retry-After")
 
 _sessions = threading.local()
@@ -36,15 +34,23 @@ def _http() -> requests.Session:
     return _sessions.session
 
 
-def forward(service: str, path: str) -> Response:
-    """Send the current request to `service` at `path` and relay its answer."""
+def forward(service: str, path: str, idempotent: bool = False) -> Response:
+    """Send the current request to `service` at `path` and relay its answer; `idempotent` for
+    the routes that honour an Idempotency-Key.
+
+    Of the client's headers only what the gRPC transport passes on goes too, so that both answer
+    alike: the key where it counts (checked here, as the gRPC route checks it), and for a body,
+    which the gateway has already parsed as JSON, its type. (Nothing else a client sends can then
+    make a header that HTTP cannot carry.)"""
     settings = current_app.extensions["hseshop.settings"]
     base = {"orders": settings.orders_service_url,
             "payments": settings.payments_service_url}[service]
-    idempotency_key_from_request()  # a 400 for a key the service would refuse, as over gRPC
-    headers = {name: request.headers[name] for name in FORWARDED_REQUEST_HEADERS
-               if name in request.headers}
-    headers.update(identity_headers(g.user_id, settings.internal_auth_secret))
+    headers = identity_headers(g.user_id, settings.internal_auth_secret)
+    key = idempotency_key_from_request() if idempotent else None
+    if key:
+        headers[IDEMPOTENCY_HEADER] = key
+    if request.get_data(cache=True):
+        headers["Content-Type"] = "application/json"
     headers[REQUEST_ID_HEADER] = current_request_id() or ""
     url = f"{base}{path}"
     if request.query_string:
@@ -53,9 +59,6 @@ def forward(service: str, path: str) -> Response:
         upstream = _http().request(
             request.method, url, data=request.get_data(), headers=headers, allow_redirects=False,
             timeout=(CONNECT_TIMEOUT_SECONDS, settings.upstream_timeout_seconds))
-    except requests.exceptions.InvalidHeader:  # a value (Content-Type, say) HTTP cannot pass on
-        raise ApiError("A request header has a value that cannot be passed on.",
-                       code="INVALID_HEADER") from None
     except requests.ConnectionError as exc:  # refused, unresolvable, or no connection in time
         log.warning("%s unreachable: %s", service, exc)
         raise ServiceUnavailable(f"The {service} service is unavailable; try again shortly.",

@@ -41,7 +41,7 @@ def _grpc(service: str, method: str, body: dict[str, Any], status: int):
 def place_order(args):
     """Place an order."""
     if _over_http():
-        return forward("orders", "/orders")
+        return forward("orders", "/orders", idempotent=True)
     return _grpc("orders", "PlaceOrder", {
         "amount": format_amount(args["amount"]), "description": args["description"],
         "idempotency_key": idempotency_key_from_request()}, 202)
@@ -83,7 +83,7 @@ def open_account(_args):
 def deposit(args):
     """Top up the signed-in user's account."""
     if _over_http():
-        return forward("payments", "/accounts/deposit")
+        return forward("payments", "/accounts/deposit", idempotent=True)
     return _grpc("payments", "Deposit", {"amount": format_amount(args["amount"]),
                                          "idempotency_key": idempotency_key_from_request()}, 200)
 

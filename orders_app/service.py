@@ -91,8 +91,8 @@ def encode_cursor(order: Order) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    """The position a cursor names; a 400 for anything encode_cursor did not make (in UTC, as
-    PostgreSQL takes only offsets up to 15:59, where Python takes up to 23:59)."""
+    """The position a cursor names, in UTC (PostgreSQL takes offsets up to 15:59 only, Python up
+    to 23:59); a 400 for a cursor that names no position."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, order_id = json.loads(raw)

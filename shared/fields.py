@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import re
 
-from marshmallow import ValidationError, fields
+from marshmallow import ValidationError, fields, validate
 
 from shared.money import InvalidAmount, format_amount, parse_amount
 
-# \Z, not $: `$` also matches before a final newline.
-USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+# Portable as it is written (the OpenAPI document shows it to clients), and always used with
+# fullmatch: `re.match` would let `$` match before a final newline.
+USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+USER_ID_RULE = "must be 1 to 64 characters of A-Za-z0-9_.-"
+
+
+class FullMatch(validate.Regexp):
+    """marshmallow's Regexp, matching the whole value (Regexp itself uses `re.match`)."""
+
+    def __call__(self, value):
+        if self.regex.fullmatch(value) is None:
+            raise ValidationError(self._format_error(value))
+        return value
 
 
 class Amount(fields.Field):
@@ -26,12 +37,17 @@ class Amount(fields.Field):
 
 
 class Text(fields.String):
-    """Text a client sends that is stored or hashed: no NUL character (PostgreSQL's text cannot
-    hold one) and no unpaired surrogate (it has no UTF-8 form)."""
+    """Text a client sends that is stored or hashed: no unpaired surrogate (it has no UTF-8 form)
+    and, unless `stored=False` (a password, which is only hashed), no NUL character (PostgreSQL's
+    text cannot hold one)."""
+
+    def __init__(self, *args, stored: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stored = stored
 
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
-        if "\x00" in text:
+        if self.stored and "\x00" in text:
             raise ValidationError("must not contain NUL characters")
         try:
             text.encode("utf-8")
@@ -45,6 +61,6 @@ class UserId(fields.String):
 
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
-        if not USER_ID_PATTERN.match(text):
-            raise ValidationError("must be 1 to 64 characters of A-Za-z0-9_.-")
+        if not USER_ID_PATTERN.fullmatch(text):
+            raise ValidationError(USER_ID_RULE)
         return text

@@ -14,7 +14,7 @@ def require_user_id() -> str:
     user_id = request.headers.get(USER_ID_HEADER)
     if user_id is None:
         raise Unauthorized(f"The {USER_ID_HEADER} header is required.", code="MISSING_USER_ID")
-    if not USER_ID_PATTERN.match(user_id):
+    if not USER_ID_PATTERN.fullmatch(user_id):
         raise Unauthorized(
             f"The {USER_ID_HEADER} header must be 1 to 64 characters of A-Za-z0-9_.-",
             code="INVALID_USER_ID",

@@ -138,7 +138,8 @@ def _storable_text(raw: bytes | str | None, limit: int | None = None) -> str | N
     if raw is None:
         return None
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    text = text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    text = text.replace("\x00", "\ufffd")
+    text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")  # a surrogate: U+FFFD
     return text[:limit]
 
 

@@ -11,7 +11,7 @@ MAX_BALANCE = Decimal("999999999999999.99")
 
 
 # What a numeric string may look like: ASCII digits only (Decimal() would also take "٣" or "1_000"),
-# an optional sign, point and exponent; NaN and Infinity are words, refused below as not finite.
+# an optional sign, point and exponent; or NaN or Infinity, refused below as not finite.
 _NUMERIC_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)",
                            re.ASCII | re.IGNORECASE)
 

@@ -32,9 +32,17 @@ class RelayLeaderConnection:
     def __init__(self, database_url: str,
                  idle_timeout_seconds: float = LEADER_IDLE_TIMEOUT_SECONDS):
         self._connection = psycopg2.connect(driver_dsn(database_url))
+        try:
+            self._set_up(idle_timeout_seconds)
+        except psycopg2.Error:
+            self._connection.close()
+            raise
+
+    def _set_up(self, idle_timeout_seconds: float) -> None:
         # LISTEN, the session-level lock and each of the relay's statements stand alone.
         self._connection.autocommit = True
         with self._connection.cursor() as cursor:
+            # (PostgreSQL 14 and later; production runs 17.)
             cursor.execute("SET idle_session_timeout = %s", (f"{idle_timeout_seconds * 1000:.0f}",))
             # The relay reads the oldest rows by walking the primary key, never by scanning the
             # table's pages and sorting: a table rows go through holds far more pages than rows

@@ -32,6 +32,8 @@ RECHECK_SECONDS = 1.0
 # The leader vacuums the outbox once it has deleted this many rows since it last did
 # (shared.outbox.vacuum_outbox), between one wake-up's sending and its next wait.
 VACUUM_AFTER_ROWS = 1000
+# How long the leader gives each of the topic check's two broker calls after a refused batch.
+TOPIC_CHECK_TIMEOUT_SECONDS = 2.0
 
 _stopping = threading.Event()
 _leading: set[str] = set()  # services whose relay this process leads
@@ -108,6 +110,6 @@ def _recreate_topics(settings, service: str) -> None:
     # A broker that lost its topics (a fresh in-memory one, say) refuses every message until they
     # are back; creating them again costs nothing when they exist.
     try:
-        ensure_topics(settings, settings.topics(), timeout=2.0)
+        ensure_topics(settings, settings.topics(), timeout=TOPIC_CHECK_TIMEOUT_SECONDS)
     except Exception as exc:  # broker still down: the next run tries again
         log.info("%s outbox: cannot reach the broker to check topics: %s", service, exc)

@@ -9,6 +9,9 @@
   const NOTIFICATIONS_PAGE = 500;  // the gateway's largest page
   const RECONNECT_FIRST_MS = 500;
   const RECONNECT_MAX_MS = 10000;
+  // A socket counts as having worked (and the next reconnect starts from the shortest wait) once
+  // it has stayed open this long: the gateway may open one and close it at once (1013, too many).
+  const SOCKET_WORKED_MS = 5000;
   const AMOUNT = /^\d{1,10}(\.\d{1,2})?$/;
 
   const REASONS = { INSUFFICIENT_FUNDS: "insufficient funds", NO_ACCOUNT: "no account" };
@@ -441,9 +444,10 @@
     const ws = new WebSocket(`${scheme}//${location.host}/api/notifications/ws?${query}`);
     socket = ws;
     setLive("connecting");
+    let openedAt = null;
     ws.onopen = () => {
       if (socket !== ws) return;
-      reconnectDelay = RECONNECT_FIRST_MS;
+      openedAt = Date.now();
       setLive("live");
     };
     ws.onmessage = (event) => {
@@ -459,6 +463,9 @@
     ws.onclose = (event) => {
       if (socket !== ws) return;
       socket = null;
+      if (openedAt !== null && Date.now() - openedAt >= SOCKET_WORKED_MS) {
+        reconnectDelay = RECONNECT_FIRST_MS;
+      }
       if (!session) return;
       setLive("reconnecting");
       // 1008: the gateway refused the token; an API call tells whether it has expired (and then

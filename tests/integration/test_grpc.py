@@ -84,6 +84,8 @@ def _story(client) -> list[tuple[int, object]]:
     ask("POST", "/api/orders", json={"amount": "NaN"}, headers=auth)
     ask("POST", "/api/orders", json={"amount": 1, "description": "\udc80\x00"}, headers=auth)
     ask("GET", "/api/orders?limit=1&unknown=1", headers=auth)
+    ask("GET", "/api/orders", headers={**auth, "Idempotency-Key": "\x85" + "k" * 300,
+                                       "Content-Type": "\xa0text/plain"})
     ask("POST", "/api/orders", data='{"amount": NaN}', content_type="application/json",
         headers=auth)
     ask("GET", "/api/orders", headers=auth)

@@ -91,3 +91,14 @@ def test_a_flush_that_leaves_messages_unanswered_acknowledges_none(publisher):
                        2: "no acknowledgement from the broker in time"}
     publisher.send_batch(_rows(1))
     assert len(StandInProducer.made) == 2  # a producer that answered nothing starts afresh
+
+
+def test_a_live_relay_leader_is_never_idle_long_enough_to_lose_its_session():
+    """The leader's longest idle stretch (a batch waiting on the broker, then its topic check,
+    then a wait) stays well under the idle timeout that ends a stalled leader's session."""
+    from shared.kafka import FLUSH_TIMEOUT_S
+    from shared.relay_leader import LEADER_IDLE_TIMEOUT_SECONDS
+    from tasks.relay import RECHECK_SECONDS, TOPIC_CHECK_TIMEOUT_SECONDS
+
+    longest_idle = FLUSH_TIMEOUT_S + 2 * TOPIC_CHECK_TIMEOUT_SECONDS + RECHECK_SECONDS
+    assert 2 * longest_idle <= LEADER_IDLE_TIMEOUT_SECONDS
