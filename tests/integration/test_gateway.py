@@ -8,6 +8,8 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -408,6 +410,35 @@ class RecordingSocket:
         self.closing.set()
 
 
+@contextmanager
+def _socket_streaming(app, user: str) -> Iterator[RecordingSocket]:
+    """`user`'s notification stream running into a RecordingSocket, in a thread, once it listens
+    on Redis; inside the app's context. Closed and joined on the way out."""
+    socket = RecordingSocket()
+
+    def stream():
+        with app.app_context():
+            notifications.stream_notifications(socket, user, None)
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    try:
+        with app.app_context():
+            wait_for(lambda: notifications._redis().pubsub_numsub(
+                notifications.channel(user))[0][1] == 1, timeout=10, what="the socket to listen")
+            yield socket
+    finally:
+        socket.close()
+        streaming.join(10)
+
+
+def _kept_but_not_published(monkeypatch, user: str) -> None:
+    with monkeypatch.context() as patched:
+        patched.setattr(notifications, "_publish", lambda items: None)
+        with transaction() as session:
+            notifications.on_order_status_changes(session, _status_changes(user))
+
+
 def test_a_socket_sends_what_the_table_holds_after_its_last_id_whatever_was_published(
         settings, gateway, monkeypatch):
     """A notification kept without (yet) being published, then one published: the socket,
@@ -416,29 +447,12 @@ def test_a_socket_sends_what_the_table_holds_after_its_last_id_whatever_was_publ
     with app.app_context():
         with transaction() as session:
             notifications.on_order_status_changes(session, _status_changes(user))  # before
-    socket = RecordingSocket()
-
-    def stream():
-        with app.app_context():
-            notifications.stream_notifications(socket, user, None)
-
-    streaming = threading.Thread(target=stream)
-    streaming.start()
-    try:
-        with app.app_context():
-            wait_for(lambda: notifications._redis().pubsub_numsub(
-                notifications.channel(user))[0][1] == 1, timeout=10, what="the socket to listen")
-            with monkeypatch.context() as patched:  # kept, its message not (yet) published
-                patched.setattr(notifications, "_publish", lambda items: None)
-                with transaction() as session:
-                    notifications.on_order_status_changes(session, _status_changes(user))
-            with transaction() as session:
-                notifications.on_order_status_changes(session, _status_changes(user))
-            wait_for(lambda: len(socket.sent) == 2, timeout=10, what="both notifications")
-            kept = notifications.notifications_after(user, 0, 10)
-    finally:
-        socket.close()
-        streaming.join(10)
+    with _socket_streaming(app, user) as socket:
+        _kept_but_not_published(monkeypatch, user)
+        with transaction() as session:
+            notifications.on_order_status_changes(session, _status_changes(user))
+        wait_for(lambda: len(socket.sent) == 2, timeout=10, what="both notifications")
+        kept = notifications.notifications_after(user, 0, 10)
     assert [item["id"] for item in socket.sent] == [item["id"] for item in kept[1:]]
 
 
@@ -447,41 +461,33 @@ def test_a_socket_sends_a_notification_whose_publish_was_lost(settings, gateway,
     commit): the open socket still sends it, at its next re-read of the table."""
     monkeypatch.setattr(notifications, "SOCKET_RECHECK_SECONDS", 0.5)
     app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
-    socket = RecordingSocket()
-
-    def stream():
-        with app.app_context():
-            notifications.stream_notifications(socket, user, None)
-
-    streaming = threading.Thread(target=stream)
-    streaming.start()
-    try:
-        with app.app_context():
-            wait_for(lambda: notifications._redis().pubsub_numsub(
-                notifications.channel(user))[0][1] == 1, timeout=10, what="the socket to listen")
-            with monkeypatch.context() as patched:
-                patched.setattr(notifications, "_publish", lambda items: None)
-                with transaction() as session:
-                    notifications.on_order_status_changes(session, _status_changes(user))
-            wait_for(lambda: len(socket.sent) == 1, timeout=10, what="the unpublished one")
-    finally:
-        socket.close()
-        streaming.join(10)
+    with _socket_streaming(app, user) as socket:
+        _kept_but_not_published(monkeypatch, user)
+        wait_for(lambda: len(socket.sent) == 1, timeout=10, what="the unpublished one")
 
 
-def test_a_user_past_the_socket_limit_is_refused_at_once(settings, upstreams, monkeypatch):
-    """Each open socket holds a gateway thread: past a user's few, a socket is closed at once
-    (1013, try again later) instead of taking another; a closed one frees its slot."""
-
-    monkeypatch.setattr(notifications, "SOCKETS_PER_USER", 2)
+@contextmanager
+def _served_gateway_socket_path(settings, upstreams, name: str) -> Iterator[tuple[str, str]]:
+    """A gateway served on a loopback port in this process (its socket limits as the test has
+    set them), and a new user's notification socket path: (base URL, path)."""
     client = _gateway(settings, orders_service_url=upstreams["orders"].url,
                       payments_service_url=upstreams["payments"].url)
     served = _Served(make_server("127.0.0.1", 0, client.application, threaded=True))
     try:
         token = client.post("/api/auth/register", json={
-            "username": f"tabs-{uuid.uuid4().hex[:8]}", "password": "long password"}
+            "username": f"{name}-{uuid.uuid4().hex[:8]}", "password": "long password"}
         ).get_json()["access_token"]
-        url = f"{served.url.replace('http://', 'ws://')}/api/notifications/ws?access_token={token}"
+        yield served.url, f"/api/notifications/ws?access_token={token}"
+    finally:
+        served.close()
+
+
+def test_a_user_past_the_socket_limit_is_refused_at_once(settings, upstreams, monkeypatch):
+    """Each open socket holds a gateway thread: past a user's few, a socket is closed at once
+    (1013, try again later) instead of taking another; a closed one frees its slot."""
+    monkeypatch.setattr(notifications, "SOCKETS_PER_USER", 2)
+    with _served_gateway_socket_path(settings, upstreams, "tabs") as (base, path):
+        url = base.replace("http://", "ws://") + path
         # Each held socket is kept open past the moment a refusal would come (a slot is taken
         # after the handshake), so that no probe below can take its slot first.
         held = [_stays_open(url) for _ in range(2)]
@@ -492,8 +498,6 @@ def test_a_user_past_the_socket_limit_is_refused_at_once(settings, upstreams, mo
         again.close()
         for socket in held:
             socket.close()
-    finally:
-        served.close()
 
 
 def _stays_open(url):
@@ -513,18 +517,12 @@ def test_a_page_that_vanished_without_closing_gives_its_socket_back(settings, up
     """A client that completed the handshake and then went silent (it answers no ping) is closed
     once a ping goes unanswered, and its slot serves the user's next socket."""
     import socket as sockets
+    from urllib.parse import urlsplit
 
     monkeypatch.setattr(notifications, "SOCKETS_PER_USER", 1)
     monkeypatch.setattr(notifications, "SOCKET_PING_SECONDS", 1.0)
-    client = _gateway(settings, orders_service_url=upstreams["orders"].url,
-                      payments_service_url=upstreams["payments"].url)
-    served = _Served(make_server("127.0.0.1", 0, client.application, threaded=True))
-    try:
-        token = client.post("/api/auth/register", json={
-            "username": f"gone-{uuid.uuid4().hex[:8]}", "password": "long password"}
-        ).get_json()["access_token"]
-        path = f"/api/notifications/ws?access_token={token}"
-        silent = sockets.create_connection(("127.0.0.1", served.server.server_port), timeout=5)
+    with _served_gateway_socket_path(settings, upstreams, "gone") as (base, path):
+        silent = sockets.create_connection(("127.0.0.1", urlsplit(base).port), timeout=5)
         silent.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                         "Sec-WebSocket-Version: 13\r\n\r\n").encode())
@@ -532,12 +530,10 @@ def test_a_page_that_vanished_without_closing_gives_its_socket_back(settings, up
         silent.settimeout(0.3)
         with pytest.raises(sockets.timeout):  # no close frame: it holds the slot
             silent.recv(1024)
-        url = f"{served.url.replace('http://', 'ws://')}{path}"
+        url = base.replace("http://", "ws://") + path
         assert _refused(url)
         wait_for(lambda: _stays_open(url), timeout=10, what="the silent socket's slot").close()
         silent.close()
-    finally:
-        served.close()
 
 
 def _refused(url) -> bool:
