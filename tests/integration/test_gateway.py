@@ -512,28 +512,29 @@ def _stays_open(url):
     return socket
 
 
-def test_a_page_that_vanished_without_closing_gives_its_socket_back(settings, upstreams,
-                                                                    monkeypatch):
-    """A client that completed the handshake and then went silent (it answers no ping) is closed
-    once a ping goes unanswered, and its slot serves the user's next socket."""
+def test_an_open_socket_is_probed_so_that_a_vanished_page_frees_its_slot(settings, upstreams,
+                                                                         monkeypatch):
+    """The server side of each open socket has TCP keepalive on, probing after 30 quiet seconds:
+    a page whose host went away (asleep, off the network) is dropped in about a minute, not
+    hours, and its stream ends and gives its slot back."""
     import socket as sockets
-    from urllib.parse import urlsplit
 
-    monkeypatch.setattr(notifications, "SOCKETS_PER_USER", 1)
-    monkeypatch.setattr(notifications, "SOCKET_PING_SECONDS", 1.0)
-    with _served_gateway_socket_path(settings, upstreams, "gone") as (base, path):
-        silent = sockets.create_connection(("127.0.0.1", urlsplit(base).port), timeout=5)
-        silent.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                        "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-        assert b" 101 " in silent.recv(1024)  # open, and from now on deaf to pings
-        silent.settimeout(0.3)
-        with pytest.raises(sockets.timeout):  # no close frame: it holds the slot
-            silent.recv(1024)
-        url = base.replace("http://", "ws://") + path
-        assert _refused(url)
-        wait_for(lambda: _stays_open(url), timeout=10, what="the silent socket's slot").close()
-        silent.close()
+    probed = []
+
+    def recording(connection):
+        probed.append(connection)
+        notifications_drop(connection)
+
+    notifications_drop = notifications.drop_when_the_peer_vanishes
+    monkeypatch.setattr(notifications, "drop_when_the_peer_vanishes", recording)
+    with _served_gateway_socket_path(settings, upstreams, "probed") as (base, path):
+        page = _stays_open(base.replace("http://", "ws://") + path)
+        assert page and len(probed) == 1
+        server_side = probed[0]
+        assert server_side.getsockopt(sockets.SOL_SOCKET, sockets.SO_KEEPALIVE) == 1
+        assert server_side.getsockopt(sockets.IPPROTO_TCP, sockets.TCP_KEEPIDLE) == \
+            notifications.SOCKET_KEEPALIVE_IDLE_SECONDS
+        page.close()
 
 
 def _refused(url) -> bool:
