@@ -40,7 +40,7 @@ def relay_speed_topic(settings) -> str:
     return f"{settings.kafka_consumer_group_prefix}.relay-speed"
 
 
-def measure_relay_speed(stack: Stack, rows: int, rounds: int = 2, timeout: float = 600) -> dict:
+def measure_relay_speed(stack: Stack, rows: int, rounds: int, timeout: float = 600) -> dict:
     settings = load_settings(stack.env)
     topic = relay_speed_topic(settings)
     ensure_topics(settings, [topic])

@@ -49,7 +49,8 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
     key = idempotency_key_from_request() if idempotent else None
     if key:
         headers[IDEMPOTENCY_HEADER] = key
-    if request.get_data(cache=True):
+    body = request.get_data()
+    if body:
         headers["Content-Type"] = "application/json"
     headers[REQUEST_ID_HEADER] = current_request_id() or ""
     url = f"{base}{path}"
@@ -57,7 +58,7 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
         url = f"{url}?{request.query_string.decode('latin-1')}"
     try:
         upstream = _http().request(
-            request.method, url, data=request.get_data(), headers=headers, allow_redirects=False,
+            request.method, url, data=body, headers=headers, allow_redirects=False,
             timeout=(CONNECT_TIMEOUT_SECONDS, settings.upstream_timeout_seconds))
     except requests.ConnectionError as exc:  # refused, unresolvable, or no connection in time
         log.warning("%s unreachable: %s", service, exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import current_app, g, request
 
 from shared.errors import Unauthorized
-from shared.fields import USER_ID_PATTERN
+from shared.fields import USER_ID_PATTERN, USER_ID_RULE
 from shared.internal_auth import USER_ID_HEADER, InvalidIdentity, verified_user_id
 
 
@@ -16,7 +16,7 @@ def require_user_id() -> str:
         raise Unauthorized(f"The {USER_ID_HEADER} header is required.", code="MISSING_USER_ID")
     if not USER_ID_PATTERN.fullmatch(user_id):
         raise Unauthorized(
-            f"The {USER_ID_HEADER} header must be 1 to 64 characters of A-Za-z0-9_.-",
+            f"The {USER_ID_HEADER} header {USER_ID_RULE}",
             code="INVALID_USER_ID",
         )
     secret = current_app.extensions["hseshop.settings"].internal_auth_secret
