@@ -1,5 +1,5 @@
 """Celery configuration: Redis as the broker, one queue per service, and the beat schedule that
-keeps a relay leading for each outbox (tasks/relay.py) and sweeps the inboxes."""
+keeps a relay leading for each outbox (tasks/relay.py), sweeps the inboxes and prunes them."""
 
 from datetime import timedelta
 
@@ -49,4 +49,10 @@ for _service in SERVICES:
         "schedule": timedelta(seconds=_settings.inbox_sweep_interval_seconds),
         "args": (_service,),
         "options": {"expires": _settings.inbox_sweep_interval_seconds * 4},
+    }
+    beat_schedule[f"prune-{_service}-inbox"] = {
+        "task": "hseshop.prune_inbox",
+        "schedule": timedelta(seconds=_settings.inbox_prune_interval_seconds),
+        "args": (_service,),
+        "options": {"expires": _settings.inbox_prune_interval_seconds},
     }

@@ -37,6 +37,10 @@ ENVIRONMENT: dict[str, str] = {
     "INBOX_SWEEP_INTERVAL_SECONDS": "5",
     "INBOX_SWEEP_MIN_AGE_SECONDS": "10",
     "INBOX_MAX_ATTEMPTS": "5",
+    # Handled inbox rows are deleted once this old (7 days, as long as Kafka keeps records by
+    # default), by a pruner beat runs every INBOX_PRUNE_INTERVAL_SECONDS.
+    "INBOX_RETENTION_SECONDS": "604800",
+    "INBOX_PRUNE_INTERVAL_SECONDS": "600",
     "TOPIC_ORDER_STATUS_CHANGED": "orders.order-status-changed",
     # Shared by the gateway and the services: the services trust only identities signed with it.
     "INTERNAL_AUTH_SECRET": "dev-only-internal-secret-change-me-in-production",
@@ -76,6 +80,8 @@ class Settings:
     inbox_sweep_interval_seconds: float
     inbox_sweep_min_age_seconds: float
     inbox_max_attempts: int
+    inbox_retention_seconds: float
+    inbox_prune_interval_seconds: float
     topic_order_status_changed: str
     internal_auth_secret: str
     gateway_database_url: str

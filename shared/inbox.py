@@ -17,7 +17,8 @@ from enum import Enum
 from typing import Any
 
 from psycopg2.extras import Json, execute_values
-from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text, func, or_, select, text
+from sqlalchemy import (BigInteger, DateTime, Index, Integer, String, Text, delete, func, or_,
+                        select, text)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -62,6 +63,8 @@ class InboxMessage(db.Model):
             "received_at",
             postgresql_where=text("processed_at IS NULL AND parked_at IS NULL"),
         ),
+        # For pruning old handled rows (prune_handled_messages).
+        Index("ix_inbox_messages_received_at", "received_at", postgresql_using="brin"),
     )
 
 
@@ -393,3 +396,21 @@ def find_stalled_messages(session: Session, min_age: timedelta,
             .limit(limit)
         )
     )
+
+
+def prune_handled_messages(session: Session, older_than: timedelta) -> int:
+    """Delete the rows of handled messages stored over `older_than` ago; returns how many.
+
+    An inbox row keeps a message from being handled twice only while Kafka may still deliver it
+    again, so the retention should cover Kafka's own (7 days by default). A message delivered once
+    more after its row is gone is stored and handled anew, and the handlers' business keys make
+    that a no-op: one payment per order, a final order status never changes, one notification per
+    message. Parked messages are kept, for an operator.
+    """
+    result = session.execute(
+        delete(InboxMessage)
+        .where(InboxMessage.received_at < _now() - older_than,
+               InboxMessage.processed_at.is_not(None))
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount

@@ -1,8 +1,9 @@
 """Handling inbox messages in Celery: the consumer dispatches a task for every 50 new messages of
 a stored batch, and the task handles its messages many to a transaction (with a savepoint per
 handler once one of them fails); a message whose first try fails goes to a task of its own that
-retries it with backoff and parks it after the last attempt; and the sweeper dispatches again the
-messages whose handling was lost."""
+retries it with backoff and parks it after the last attempt; the sweeper dispatches again the
+messages whose handling was lost; and the pruner deletes the rows of handled messages stored long
+ago."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from flask import current_app
 from shared.db import transaction
 from shared.inbox import (Outcome, find_stalled_messages, handle_locked_message,
                           handle_locked_messages_at_once, lock_in_order, process_inbox_message,
-                          record_failed_attempt)
+                          prune_handled_messages, record_failed_attempt)
 from tasks.celery_app import app
 from tasks.services import ServiceTask, service_package
 
@@ -133,3 +134,15 @@ def sweep_inbox(service: str) -> int:
         log.info("%s inbox: re-dispatching %d stalled messages", service, len(stalled))
         dispatch_inbox_messages(service, stalled)
     return len(stalled)
+
+
+@app.task(name="hseshop.prune_inbox", base=ServiceTask, ignore_result=True)
+def prune_inbox(service: str) -> int:
+    """Delete the inbox rows of handled messages stored over INBOX_RETENTION_SECONDS ago."""
+    settings = current_app.extensions["hseshop.settings"]
+    with transaction() as session:
+        pruned = prune_handled_messages(
+            session, timedelta(seconds=settings.inbox_retention_seconds))
+    if pruned:
+        log.info("%s inbox: pruned %d handled messages", service, pruned)
+    return pruned

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from decimal import Decimal
+
+from sqlalchemy import func, update
 
 import payments_app
 import shared.db
+from shared.config import SERVICES
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, transaction
-from shared.inbox import ConsumedRecord, InboxMessage
-from tasks.inbox import handle_inbox_message
+from shared.inbox import ConsumedRecord, InboxMessage, PermanentMessageError
+from tasks.inbox import handle_inbox_batch, handle_inbox_message, prune_inbox
 from tasks.services import service_app
 from tests.postgres_tools import terminate_backend
 
 
-def _stored_request(store, user: str, key: str | None = None) -> uuid.UUID:
+def _stored_request(store, user: str, key: str | None = None,
+                    amount: Decimal = Decimal("1.00")) -> uuid.UUID:
     """A PaymentRequested of `user` stored in the payments inbox (under Kafka key `key`)."""
     event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user,
-                                          "amount": Decimal("1.00")}, None)
+                                          "amount": amount}, None)
     store([ConsumedRecord("task-test", 0, 0, key.encode() if key else None,
                           encode(event.to_json()), {})])
     return event.message_id
@@ -104,7 +109,6 @@ def test_a_batch_commits_its_good_messages_and_undoes_the_failing_ones(settings,
     the good messages are handled once, the failing ones leave nothing but a counted attempt."""
     from payments_app import service as payments
     from payments_app.models import Account, Payment
-    from shared.inbox import PermanentMessageError
     from tasks.inbox import _handle_in_one_transaction
 
     monkeypatch.setattr(shared.db, "IDLE_PING_SECONDS", 3600.0)  # as if used a moment ago
@@ -167,3 +171,73 @@ def test_a_batch_survives_the_database_dropping_the_workers_connection(settings,
     assert left == []
     assert new_pid != pooled_pid
     assert all(_row(m).processed_at is not None for m in batch)
+
+
+def _stored_long_ago(message_ids, settings) -> None:
+    """Date the messages' inbox rows back past the inbox's retention."""
+    with service_app("payments").app_context(), transaction() as session:
+        session.execute(
+            update(InboxMessage)
+            .where(InboxMessage.message_id.in_(message_ids))
+            .values(received_at=func.now() - timedelta(seconds=settings.inbox_retention_seconds,
+                                                       hours=1)))
+
+
+def test_the_pruner_deletes_old_handled_rows_and_keeps_the_rest(settings, payments_inbox,
+                                                                monkeypatch, user_id):
+    def park_the_unpayable(session, events):
+        if any(event.payload["amount"] == Decimal("2.00") for event in events):
+            raise PermanentMessageError("unpayable")
+
+    monkeypatch.setattr(payments_app, "message_handlers",
+                        lambda: {PAYMENT_REQUESTED: park_the_unpayable})
+    old_handled, old_parked, old_waiting, new_handled = (
+        _stored_request(payments_inbox, user_id, amount=Decimal(amount))
+        for amount in ("1.00", "2.00", "3.00", "4.00"))
+    handle_inbox_batch.apply(args=("payments", [str(old_handled), str(old_parked)]))
+    handle_inbox_batch.apply(args=("payments", [str(new_handled)]))
+    _stored_long_ago([old_handled, old_parked, old_waiting], settings)
+
+    assert prune_inbox.apply(args=("payments",)).get() == 1
+    assert _row(old_handled) is None
+    assert _row(old_parked).parked_at is not None
+    assert _row(old_waiting).processed_at is None
+    assert _row(new_handled).processed_at is not None
+    assert prune_inbox.apply(args=("payments",)).get() == 0
+
+
+def test_a_request_delivered_again_after_its_row_was_pruned_changes_nothing(
+        settings, payments_inbox, user_id):
+    """Past the inbox's retention the payments row keyed by order id keeps the debit single."""
+    from payments_app import service as payments
+    from payments_app.models import Account, Payment
+    from shared.outbox import OutboxMessage
+
+    with service_app("payments").app_context(), transaction() as session:
+        payments.open_account(session, user_id=user_id)
+        payments.deposit(session, user_id=user_id, amount=Decimal("10"))
+    order_id = uuid.uuid4()
+    event = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": user_id,
+                                          "amount": Decimal("3.00")}, str(order_id))
+    record = ConsumedRecord("task-test", 0, 0, user_id.encode(), encode(event.to_json()), {})
+    assert payments_inbox([record]) == [event.message_id]
+    handle_inbox_batch.apply(args=("payments", [str(event.message_id)]))
+    _stored_long_ago([event.message_id], settings)
+    assert prune_inbox.apply(args=("payments",)).get() >= 1
+
+    assert payments_inbox([record]) == [event.message_id]  # stored anew: the inbox forgot it
+    handle_inbox_batch.apply(args=("payments", [str(event.message_id)]))
+    assert _row(event.message_id).processed_at is not None
+    with service_app("payments").app_context():
+        assert db.session.get(Account, user_id).balance == Decimal("7.00")
+        assert db.session.query(Payment).filter_by(user_id=user_id).count() == 1
+        results = db.session.query(OutboxMessage).filter_by(correlation_id=str(order_id)).count()
+    assert results == 1  # the first decision's result only (no relay runs here)
+
+
+def test_beat_prunes_every_services_inbox(settings):
+    import celeryconfig
+
+    pruned = {entry["args"] for entry in celeryconfig.beat_schedule.values()
+              if entry["task"] == prune_inbox.name}
+    assert pruned == {(service,) for service in SERVICES}
