@@ -25,6 +25,9 @@ ENVIRONMENT: dict[str, str] = {
     "KAFKA_CONSUMER_GROUP_PREFIX": "hseshop",
     "KAFKA_SESSION_TIMEOUT_MS": "6000",
     "KAFKA_TOPIC_PARTITIONS": "3",
+    # Replicas of each topic the shop creates: 1 for a single broker (the compose file's, the test
+    # one); 3 on a production cluster (see shared.kafka.ensure_topics).
+    "KAFKA_TOPIC_REPLICATION_FACTOR": "1",
     "TOPIC_PAYMENT_REQUESTED": "orders.payment-requested",
     "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
     # Rows the relay reads and sends at a time: each batch pays a fixed set of round trips (its
@@ -73,6 +76,7 @@ class Settings:
     kafka_consumer_group_prefix: str
     kafka_session_timeout_ms: int
     kafka_topic_partitions: int
+    kafka_topic_replication_factor: int
     topic_payment_requested: str
     topic_payment_results: str
     outbox_relay_batch_size: int

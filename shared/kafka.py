@@ -56,12 +56,8 @@ def ensure_topics(settings: Settings, topics: list[str], timeout: float = 5.0) -
     missing = [t for t in topics if t not in existing]
     if not missing:
         return
-    futures = admin.create_topics(
-        [NewTopic(t, num_partitions=settings.kafka_topic_partitions, replication_factor=1)
-         for t in missing],
-        operation_timeout=timeout,
-        request_timeout=timeout,
-    )
+    futures = admin.create_topics([new_topic(settings, t) for t in missing],
+                                  operation_timeout=timeout, request_timeout=timeout)
     for topic, future in futures.items():
         try:
             future.result()
@@ -69,6 +65,17 @@ def ensure_topics(settings: Settings, topics: list[str], timeout: float = 5.0) -
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+
+
+def new_topic(settings: Settings, name: str) -> NewTopic:
+    """A topic as the shop creates it: KAFKA_TOPIC_PARTITIONS partitions, each on
+    KAFKA_TOPIC_REPLICATION_FACTOR brokers. With replicas, a write must reach all but one of them
+    (`min.insync.replicas`; the producer asks for `acks=all`) before the relay deletes its row, so
+    that a broker lost with it loses no message, while one broker down stops no writes."""
+    replicas = settings.kafka_topic_replication_factor
+    config = {"min.insync.replicas": str(replicas - 1)} if replicas > 2 else {}
+    return NewTopic(name, num_partitions=settings.kafka_topic_partitions,
+                    replication_factor=replicas, config=config)
 
 
 def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:

@@ -142,6 +142,8 @@ def test_the_settings_point_at_the_bundled_postgres_redis_and_kafka():
     assert f"PLAINTEXT://{env['KAFKA_BOOTSTRAP_SERVERS']}" in kafka["KAFKA_ADVERTISED_LISTENERS"]
     # Topics a producer creates by naming them get as many partitions as ensure_topics gives.
     assert kafka["KAFKA_NUM_PARTITIONS"] == env["KAFKA_TOPIC_PARTITIONS"]
+    # One broker: no topic can have more replicas than that.
+    assert env["KAFKA_TOPIC_REPLICATION_FACTOR"] == kafka["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"]
 
 
 def test_postgres_creates_the_database_of_every_service_on_first_start():
