@@ -7,12 +7,16 @@ until its worker shuts down. Every later run finds the leader and returns at onc
 matters when no leader is alive (its worker died, its database connection broke): the next run
 takes over within one interval. A row waits for the relay only as long as its commit takes to
 notify, never for a poll.
+
+A leader that the broker refuses for long steps down (STEP_DOWN_AFTER_SECONDS), so that a worker
+whose own way to the broker is broken does not hold the lead while others could relay.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from celery.signals import worker_shutting_down
 from flask import current_app
@@ -35,8 +39,17 @@ VACUUM_AFTER_ROWS = 1000
 # How long the leader gives each of the topic check's two broker calls after a refused batch.
 TOPIC_CHECK_TIMEOUT_SECONDS = 2.0
 
+# A leader whose every batch the broker has refused for this long, while rows waited, steps down:
+# it closes its connection, and the lock with it, and this process takes no lead of that outbox
+# for SIT_OUT_SECONDS, so that beat's next runs find a relay in another worker, whose way to the
+# broker may be sound. Where the broker is down for all, the lead just moves on (or, with one
+# worker, comes back after the sit-out).
+STEP_DOWN_AFTER_SECONDS = 60.0
+SIT_OUT_SECONDS = 10.0
+
 _stopping = threading.Event()
 _leading: set[str] = set()  # services whose relay this process leads
+_sitting_out: dict[str, float] = {}  # service -> until when (time.monotonic) this process does not
 _leading_lock = threading.Lock()
 
 
@@ -57,7 +70,8 @@ def relay_outbox(service: str) -> int:
     """Lead this service's relay until the worker stops, unless a relay already leads it; returns
     the number of rows sent."""
     with _leading_lock:
-        if service in _leading or _stopping.is_set():
+        if (service in _leading or _stopping.is_set()
+                or time.monotonic() < _sitting_out.get(service, 0.0)):
             return 0
         _leading.add(service)
     try:
@@ -75,10 +89,19 @@ def relay_outbox(service: str) -> int:
 def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
     publisher = _publisher()
     sent = deleted_since_vacuum = 0
+    refused_since = None  # when the broker began refusing every batch, if it does
     while not _stopping.is_set():
-        just_sent = _send_waiting_rows(service, settings, leader, publisher)
+        started = time.monotonic()
+        just_sent, refused = _send_waiting_rows(service, settings, leader, publisher)
         sent += just_sent
         deleted_since_vacuum += just_sent
+        if just_sent or not refused:
+            refused_since = None
+        else:
+            refused_since = started if refused_since is None else refused_since
+            if time.monotonic() - refused_since >= STEP_DOWN_AFTER_SECONDS:
+                _step_down(service, time.monotonic() - refused_since)
+                return sent
         if deleted_since_vacuum >= VACUUM_AFTER_ROWS:
             with leader.cursor() as cursor:
                 vacuum_outbox(cursor)
@@ -88,9 +111,17 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
     return sent
 
 
+def _step_down(service: str, refused_for: float) -> None:
+    log.warning("%s outbox: the broker has refused every batch for %.0f s; stepping down so that"
+                " a relay in another worker can lead", service, refused_for)
+    with _leading_lock:
+        _sitting_out[service] = time.monotonic() + SIT_OUT_SECONDS
+
+
 def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
-                       publisher: OutboxPublisher) -> int:
-    """Send batch after batch until none is left (or the broker refuses rows: retried later)."""
+                       publisher: OutboxPublisher) -> tuple[int, bool]:
+    """Send batch after batch until none is left (or the broker refuses rows: retried later);
+    returns how many rows were sent and whether the broker refused any."""
     sent = 0
     while not _stopping.is_set():
         with leader.cursor() as cursor:
@@ -100,10 +131,10 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
         if result.failed:
             log.warning("%s outbox: %d rows not acknowledged; will retry", service, result.failed)
             _recreate_topics(settings, service)
-            break
+            return sent, True
         if result.claimed < settings.outbox_relay_batch_size:
             break
-    return sent
+    return sent, False
 
 
 def _recreate_topics(settings, service: str) -> None:

@@ -325,3 +325,52 @@ def test_a_leader_that_stops_without_closing_its_session_loses_the_lead(in_order
         with RelayLeaderConnection(url) as successor:
             assert not successor.lead()
             wait_for(successor.lead, timeout=10, what="the stalled leader's session to end")
+
+
+def _relay_run_in_a_thread(outcome: list) -> threading.Thread:
+    """relay_outbox for orders as beat starts it, in a thread; what it returns goes to `outcome`."""
+    from tasks import relay
+
+    run = threading.Thread(target=lambda: outcome.append(
+        relay.relay_outbox.apply(args=("orders",)).get()))
+    run.start()
+    return run
+
+
+def test_a_leader_the_broker_keeps_refusing_steps_down_for_another_to_lead(
+        orders_flask_app, settings, user_id, monkeypatch):
+    """A leader whose own way to the broker is broken (here: a port nothing listens on) gives up
+    the lead once the broker has refused every batch for STEP_DOWN_AFTER_SECONDS, and its worker
+    takes no lead for SIT_OUT_SECONDS, so that a relay in another worker leads meanwhile."""
+    from tasks import relay
+
+    monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 0.5)
+    cut_off = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    worker_app = service_app("orders")
+    worker_app.extensions[relay._PUBLISHER] = OutboxPublisher(cut_off)
+    with orders_flask_app.app_context():
+        order_id = _place(user_id).id
+    first, second = [], []
+    runs = []
+    try:
+        runs.append(_relay_run_in_a_thread(first))
+        runs[0].join(60)
+        assert first == [0]  # it led, sent nothing and stepped down
+        with orders_flask_app.app_context():
+            (row,) = _outbox_rows_for([order_id])
+            assert row.attempts >= 1 and row.last_error
+        with RelayLeaderConnection(settings.database_url("orders")) as successor:
+            assert successor.lead()  # the lock is free for a relay elsewhere
+        worker_app.extensions.pop(relay._PUBLISHER)  # this worker could reach the broker again
+        runs.append(_relay_run_in_a_thread(second))
+        runs[1].join(10)
+        assert second == [0]  # sitting out: it returned at once instead of leading
+    finally:
+        relay._stop_leading()  # a run that led after all
+        for run in runs:
+            run.join(30)
+        relay._stopping.clear()
+        relay._sitting_out.pop("orders", None)
+        worker_app.extensions.pop(relay._PUBLISHER, None)
+    with _relay_task_leading([]), orders_flask_app.app_context():
+        _wait_until_sent([order_id])  # the sit-out over, it leads and sends
