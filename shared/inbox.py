@@ -29,8 +29,8 @@ from shared.request_context import REQUEST_ID_KAFKA_HEADER, request_id_bound
 
 log = logging.getLogger(__name__)
 
-# Ids for messages that carry no usable id of their own: derived from where they sit in Kafka, so
-# a redelivery of the same record maps to the same inbox row.
+# Ids for records that cannot be parsed: derived from where they sit in Kafka, so a redelivery of
+# the same record maps to the same inbox row.
 _POSITION_NAMESPACE = uuid.UUID("6f1d1b38-5a53-4a5e-9a57-2a1f5c3e7b11")
 
 
@@ -124,13 +124,10 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _message_id_of(record: ConsumedRecord) -> uuid.UUID:
-    header = record.headers.get("message_id")
-    if header:
-        try:
-            return uuid.UUID(header.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            pass
+def _position_id(record: ConsumedRecord) -> uuid.UUID:
+    """The id a record that cannot be parsed is parked under. Not its `message_id` header: nothing
+    of such a record can be trusted, and parked under a valid message's id it would make the inbox
+    drop that message as a repeat."""
     return uuid.uuid5(_POSITION_NAMESPACE, f"{record.topic}:{record.partition}:{record.offset}")
 
 
@@ -160,7 +157,7 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
         envelope: Envelope = decode(record.value)
     except MalformedMessage as exc:
         return row | {
-            "message_id": _message_id_of(record),
+            "message_id": _position_id(record),
             "raw_value": _storable_text(record.value),
             "parked_at": _now(),
             "last_error": _storable_text(str(exc), 2000),

@@ -171,3 +171,18 @@ def test_records_that_cannot_be_read_or_stored_as_they_are_are_parked_not_stuck(
     assert len(rows) == len(records) and all(row.parked_at is not None for row in rows)
     assert all("\x00" not in (row.raw_value or "") + (row.key or "") + (row.last_error or "")
                for row in rows)
+
+
+def test_an_unparseable_record_cannot_take_a_valid_messages_id(in_payments, payments_inbox,
+                                                               user_id):
+    """A broken record whose headers name a real message's id is parked under its own position,
+    and the real message, arriving after it, is still stored and handled."""
+    good, good_id = _request_record(user_id)
+    squatter = _record(b"{broken", {"message_id": str(good_id).encode()})
+    assert payments_inbox([squatter]) == []
+    assert payments_inbox([squatter]) == []  # read again: the same parked row
+    assert payments_inbox([good]) == [good_id]
+    parked = db.session.scalars(select(InboxMessage).where(
+        InboxMessage.topic == "test-topic", InboxMessage.offset == squatter.offset)).all()
+    assert len(parked) == 1 and parked[0].parked_at is not None
+    assert parked[0].message_id != good_id
