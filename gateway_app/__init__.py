@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings.redis_url, socket_connect_timeout=1, health_check_interval=30)
     app.extensions["hseshop.api"].register_blueprint(auth.blueprint)
     app.before_request_funcs.setdefault(auth.blueprint.name, []).append(auth.limit_by_address)
-    notifications.register_socket(app, auth.user_id_from_token_or_401)
+    notifications.register_socket(app, auth.verified_token_or_401)
     app.register_blueprint(web.blueprint)
     return app
 

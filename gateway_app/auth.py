@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from gateway_app.models import User
 from gateway_app.passwords import hash_password, verify_password
-from gateway_app.tokens import InvalidToken, issue_token, user_id_from_token
+from gateway_app.tokens import InvalidToken, VerifiedToken, issue_token, verify_token
 from shared.db import db, transaction
 from shared.errors import Conflict, Unauthorized
 from shared.fields import USER_ID_PATTERN, USER_ID_RULE, FullMatch, Text
@@ -103,8 +103,12 @@ def bearer_user_id(authorization: str) -> str:
 
 
 def user_id_from_token_or_401(token: str) -> str:
+    return verified_token_or_401(token).user_id
+
+
+def verified_token_or_401(token: str) -> VerifiedToken:
     try:
         settings = current_app.extensions["hseshop.settings"]
-        return user_id_from_token(token, settings.auth_token_secret)
+        return verify_token(token, settings.auth_token_secret)
     except InvalidToken as exc:
         raise Unauthorized(str(exc), code=exc.code) from None

@@ -21,13 +21,14 @@ from collections import Counter
 import redis
 from flask import current_app, g, jsonify, request
 from flask_sock import Sock
-from marshmallow import RAISE, Schema, fields, validate
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from psycopg2.extras import Json, execute_values
 from simple_websocket import ConnectionClosed
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from gateway_app import tokens
 from gateway_app.models import Notification
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
@@ -191,27 +192,40 @@ class SocketSlots:
                 del self._open[user_id]
 
 
-def register_socket(app, authenticate_token) -> None:
+def register_socket(app, verify_token) -> None:
     """`GET /api/notifications/ws?access_token=...&after=<id>`: a WebSocket of the user's
-    notifications. With `after`, first everything newer than that id, then each one live."""
+    notifications. With `after`, first everything newer than that id, then each one live. The
+    socket is closed with 1008 when the token is refused, when `after` is no notification id and
+    when the token expires."""
     sock = Sock(app)
     slots = SocketSlots(SOCKETS_PER_USER, SOCKETS_PER_PROCESS)
 
     @sock.route("/api/notifications/ws")
     def notifications_socket(ws):
         try:
-            user_id = authenticate_token(request.args.get("access_token", ""))
+            token = verify_token(request.args.get("access_token", ""))
+            after = _after_from(request.args)
         except Exception as exc:
             ws.close(reason=1008, message=str(exc)[:120])
             return
-        if not slots.take(user_id):
+        if not slots.take(token.user_id):
             ws.close(reason=1013, message="too many open notification sockets; try again later")
             return
         try:
             drop_when_the_peer_vanishes(ws.sock)
-            stream_notifications(ws, user_id, request.args.get("after", type=int))
+            stream_notifications(ws, token.user_id, after, token.expires_at)
         finally:
-            slots.give_back(user_id)
+            slots.give_back(token.user_id)
+
+
+def _after_from(args) -> int | None:
+    """The socket's `after`, read as the HTTP catch-up reads it; None when not given."""
+    if "after" not in args:
+        return None
+    try:
+        return NotificationQuerySchema(only=("after",)).load({"after": args["after"]})["after"]
+    except ValidationError:
+        raise ValueError("`after` must be a notification id: a whole number, 0 or more") from None
 
 
 def drop_when_the_peer_vanishes(connection: socket.socket) -> None:
@@ -224,7 +238,9 @@ def drop_when_the_peer_vanishes(connection: socket.socket) -> None:
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
-def stream_notifications(ws, user_id: str, after: int | None) -> None:
+def stream_notifications(ws, user_id: str, after: int | None, token_expires_at: float) -> None:
+    """Send the user's notifications (after `after`, else from now on) until the page goes, or
+    its token expires (then closed with 1008: the page signs in again, then reconnects)."""
     pubsub = _redis().pubsub(ignore_subscribe_messages=True)
     try:
         # Without `after`, from the newest notification kept now on, read before subscribing; the
@@ -233,12 +249,13 @@ def stream_notifications(ws, user_id: str, after: int | None) -> None:
         pubsub.subscribe(channel(user_id))
         last_sent = _send_newer(ws, user_id, last_sent)
         recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
-        while True:
+        while time.time() < token_expires_at:
             woken = pubsub.get_message(timeout=SOCKET_POLL_SECONDS) is not None
             if woken or time.monotonic() >= recheck_at:
                 last_sent = _send_newer(ws, user_id, last_sent)
                 recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
             ws.receive(timeout=0)  # raises ConnectionClosed once the page has gone
+        ws.close(reason=1008, message=tokens.EXPIRED)
     except ConnectionClosed:
         pass
     except (redis.RedisError, OperationalError) as exc:

@@ -11,6 +11,9 @@ ALGORITHM = "HS256"
 ISSUER = "hseshop-gateway"
 
 
+EXPIRED = "The token has expired; sign in again."
+
+
 class InvalidToken(ValueError):
     def __init__(self, message: str, code: str):
         super().__init__(message)
@@ -31,12 +34,18 @@ def issue_token(user_id: str, username: str, secret: str, ttl_seconds: int,
     return IssuedToken(jwt.encode(claims, secret, algorithm=ALGORITHM), ttl_seconds)
 
 
-def user_id_from_token(token: str, secret: str) -> str:
+@dataclass(frozen=True)
+class VerifiedToken:
+    user_id: str
+    expires_at: float  # seconds since the epoch
+
+
+def verify_token(token: str, secret: str) -> VerifiedToken:
     try:
         claims = jwt.decode(token, secret, algorithms=[ALGORITHM], issuer=ISSUER,
                             options={"require": ["sub", "exp", "iat", "iss"]})
     except jwt.ExpiredSignatureError:
-        raise InvalidToken("The token has expired; sign in again.", "TOKEN_EXPIRED") from None
+        raise InvalidToken(EXPIRED, "TOKEN_EXPIRED") from None
     except jwt.PyJWTError:
         raise InvalidToken("The token is not valid.", "INVALID_TOKEN") from None
-    return claims["sub"]
+    return VerifiedToken(claims["sub"], float(claims["exp"]))

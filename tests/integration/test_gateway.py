@@ -398,6 +398,7 @@ class RecordingSocket:
     def __init__(self):
         self.sent: list[dict] = []
         self.closing = threading.Event()
+        self.close_reason = None
 
     def send(self, text: str) -> None:
         self.sent.append(json.loads(text))
@@ -407,18 +408,20 @@ class RecordingSocket:
             raise ConnectionClosed()
 
     def close(self, reason=None, message=None) -> None:
+        if not self.closing.is_set():
+            self.close_reason = reason
         self.closing.set()
 
 
 @contextmanager
-def _socket_streaming(app, user: str) -> Iterator[RecordingSocket]:
+def _socket_streaming(app, user: str, token_ttl: float = 3600) -> Iterator[RecordingSocket]:
     """`user`'s notification stream running into a RecordingSocket, in a thread, once it listens
     on Redis; inside the app's context. Closed and joined on the way out."""
     socket = RecordingSocket()
 
     def stream():
         with app.app_context():
-            notifications.stream_notifications(socket, user, None)
+            notifications.stream_notifications(socket, user, None, time.time() + token_ttl)
 
     streaming = threading.Thread(target=stream)
     streaming.start()
@@ -464,6 +467,15 @@ def test_a_socket_sends_a_notification_whose_publish_was_lost(settings, gateway,
     with _socket_streaming(app, user) as socket:
         _kept_but_not_published(monkeypatch, user)
         wait_for(lambda: len(socket.sent) == 1, timeout=10, what="the unpublished one")
+
+
+def test_a_socket_is_closed_when_its_token_expires(settings, gateway):
+    """The token a socket opened with is checked as it streams: once expired, the socket closes
+    with 1008 (the page then finds its session over and signs in again)."""
+    app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
+    with _socket_streaming(app, user, token_ttl=1.0) as socket:
+        wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
+        assert socket.close_reason == 1008
 
 
 @contextmanager
@@ -537,14 +549,26 @@ def test_an_open_socket_is_probed_so_that_a_vanished_page_frees_its_slot(setting
         page.close()
 
 
-def _refused(url) -> bool:
-    """Whether the gateway closes a socket to `url` at once with 1013 (try again later)."""
+def _refused(url, code: int = 1013) -> bool:
+    """Whether the gateway closes a socket to `url` at once with `code` (1013: try again later)."""
     import simple_websocket
 
     socket = simple_websocket.Client.connect(url)
     try:
         socket.receive(timeout=0.3)
     except ConnectionClosed:
-        return socket.close_reason == 1013
+        return socket.close_reason == code
     socket.close()
     return False
+
+
+@pytest.mark.parametrize("after", ["abc", "-1", "1.5", ""])
+def test_a_socket_asked_for_what_is_no_notification_id_is_refused(settings, upstreams, after):
+    """`after` is read as the HTTP catch-up reads it: anything but an id is refused (1008), where
+    it used to mean "from now on" without a word."""
+    with _served_gateway_socket_path(settings, upstreams, "after") as (base, path):
+        url = base.replace("http://", "ws://") + path
+        assert _refused(f"{url}&after={after}", code=1008)
+        socket = _stays_open(f"{url}&after=0")
+        assert socket
+        socket.close()
