@@ -18,7 +18,7 @@ from typing import Any
 
 from psycopg2.extras import Json, execute_values
 from sqlalchemy import (BigInteger, DateTime, Index, Integer, String, Text, delete, func, or_,
-                        select, text)
+                        select, text, update)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -393,6 +393,29 @@ def find_stalled_messages(session: Session, min_age: timedelta,
             .limit(limit)
         )
     )
+
+
+def parked_messages(session: Session, limit: int) -> list[InboxMessage]:
+    """The most recently parked messages, newest first."""
+    return list(session.scalars(
+        select(InboxMessage).where(InboxMessage.parked_at.is_not(None))
+        .order_by(InboxMessage.parked_at.desc()).limit(limit)))
+
+
+def unpark_messages(session: Session, message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
+    """Clear the park, and the attempts, of parked messages that hold an event (of all of them when
+    `message_ids` is None), so that they are handled again as if new; returns their ids.
+
+    The caller dispatches them; if that is lost, the sweeper finds them. A record that could not
+    be parsed holds no event to hand a handler, and stays parked.
+    """
+    query = (update(InboxMessage)
+             .where(InboxMessage.parked_at.is_not(None), InboxMessage.payload.is_not(None))
+             .values(parked_at=None, attempts=0, last_attempt_at=None)
+             .returning(InboxMessage.message_id))
+    if message_ids is not None:
+        query = query.where(InboxMessage.message_id.in_(message_ids))
+    return list(session.scalars(query.execution_options(synchronize_session=False)))
 
 
 def prune_handled_messages(session: Session, older_than: timedelta) -> int:

@@ -1,4 +1,5 @@
-"""The inbox handler task as Celery runs it: retried on failure, parked at the attempt limit."""
+"""The inbox tasks as Celery runs them: the handler retried on failure and parked at the attempt
+limit, the pruner of old rows, and parked messages replayed by an operator."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import uuid
 from datetime import timedelta
 from decimal import Decimal
 
-from sqlalchemy import func, update
+import pytest
+from sqlalchemy import func, select, update
 
 import payments_app
 import shared.db
@@ -241,3 +243,53 @@ def test_beat_prunes_every_services_inbox(settings):
     pruned = {entry["args"] for entry in celeryconfig.beat_schedule.values()
               if entry["task"] == prune_inbox.name}
     assert pruned == {(service,) for service in SERVICES}
+
+
+def test_a_parked_request_replayed_once_mended_is_paid_once(settings, payments_inbox, monkeypatch,
+                                                            user_id, capsys):
+    """An operator lists the parked messages and replays one once what parked it is mended
+    (python -m tasks.parked): it is handled as if new, and a second replay finds nothing to do."""
+    from payments_app import service as payments
+    from payments_app.models import Account
+    from tasks import parked
+
+    with service_app("payments").app_context(), transaction() as session:
+        payments.open_account(session, user_id=user_id)
+        payments.deposit(session, user_id=user_id, amount=Decimal("10"))
+    mended_handlers = payments_app.message_handlers
+
+    def ledger_closed(session, events):
+        raise PermanentMessageError("ledger closed for the night")
+
+    monkeypatch.setattr(payments_app, "message_handlers",
+                        lambda: {PAYMENT_REQUESTED: ledger_closed})
+    monkeypatch.setattr(parked, "dispatch_inbox_messages", lambda service, ids: (
+        handle_inbox_batch.apply(args=(service, [str(i) for i in ids]))))  # as a worker would
+    message_id = _stored_request(payments_inbox, user_id, amount=Decimal("3.00"))
+    handle_inbox_batch.apply(args=("payments", [str(message_id)]))
+    assert _row(message_id).parked_at is not None
+    assert parked.main(["list", "payments"]) == 0
+    assert f"{message_id}  PaymentRequested" in capsys.readouterr().out
+
+    monkeypatch.setattr(payments_app, "message_handlers", mended_handlers)
+    assert parked.main(["replay", "payments", str(message_id)]) == 0
+    row = _row(message_id)
+    assert row.processed_at is not None and row.parked_at is None and row.last_error is None
+    assert parked.main(["replay", "payments", str(message_id)]) == 1  # handled: nothing to replay
+    with service_app("payments").app_context():
+        assert db.session.get(Account, user_id).balance == Decimal("7.00")
+    with pytest.raises(SystemExit):
+        parked.main(["replay", "payments"])  # neither ids nor --all
+
+
+def test_a_record_never_parsed_is_not_replayed(settings, payments_inbox):
+    from shared.inbox import unpark_messages
+
+    offset = uuid.uuid4().int % 10**9
+    assert payments_inbox([ConsumedRecord("task-test", 7, offset, None, b"{broken", {})]) == []
+    with service_app("payments").app_context():
+        (unparsed,) = db.session.scalars(select(InboxMessage.message_id).where(
+            InboxMessage.partition == 7, InboxMessage.offset == offset)).all()
+        assert unpark_messages(db.session, [unparsed]) == []
+        assert unparsed not in unpark_messages(db.session, None)  # every replayable one
+        db.session.rollback()  # leave the others parked
