@@ -27,6 +27,7 @@ from simple_websocket import ConnectionClosed
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
+from wsproto.utilities import LocalProtocolError
 
 from gateway_app import tokens
 from gateway_app.models import Notification
@@ -192,7 +193,7 @@ class SocketSlots:
                 del self._open[user_id]
 
 
-def register_socket(app, verify_token) -> None:
+def register_socket(app, authenticate) -> None:
     """`GET /api/notifications/ws?access_token=...&after=<id>`: a WebSocket of the user's
     notifications. With `after`, first everything newer than that id, then each one live. The
     socket is closed with 1008 when the token is refused, when `after` is no notification id and
@@ -203,7 +204,7 @@ def register_socket(app, verify_token) -> None:
     @sock.route("/api/notifications/ws")
     def notifications_socket(ws):
         try:
-            token = verify_token(request.args.get("access_token", ""))
+            token = authenticate(request.args.get("access_token", ""))
             after = _after_from(request.args)
         except Exception as exc:
             ws.close(reason=1008, message=str(exc)[:120])
@@ -218,12 +219,15 @@ def register_socket(app, verify_token) -> None:
             slots.give_back(token.user_id)
 
 
+_AFTER = NotificationQuerySchema(only=("after",))
+
+
 def _after_from(args) -> int | None:
     """The socket's `after`, read as the HTTP catch-up reads it; None when not given."""
     if "after" not in args:
         return None
     try:
-        return NotificationQuerySchema(only=("after",)).load({"after": args["after"]})["after"]
+        return _AFTER.load({"after": args["after"]})["after"]
     except ValidationError:
         raise ValueError("`after` must be a notification id: a whole number, 0 or more") from None
 
@@ -256,8 +260,8 @@ def stream_notifications(ws, user_id: str, after: int | None, token_expires_at: 
                 recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
             ws.receive(timeout=0)  # raises ConnectionClosed once the page has gone
         ws.close(reason=1008, message=tokens.EXPIRED)
-    except ConnectionClosed:
-        pass
+    except (ConnectionClosed, LocalProtocolError):
+        pass  # the page has gone (LocalProtocolError: its close crossed a send or ours)
     except (redis.RedisError, OperationalError) as exc:
         log.warning("notification stream for %s lost Redis or the database: %s", user_id, exc)
         ws.close(reason=1011, message="notifications unavailable; reconnect")

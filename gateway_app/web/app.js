@@ -181,7 +181,7 @@
     enterShop();
   }
 
-  // The open socket outlives the token, so the page signs itself out when the token expires.
+  // The page signs itself out when the token expires (the gateway closes its socket then too).
   function watchExpiry() {
     clearTimeout(expiryTimer);
     expiryTimer = setTimeout(() => {
@@ -468,8 +468,8 @@
       }
       if (!session) return;
       setLive("reconnecting");
-      // 1008: the gateway refused the token; an API call tells whether it has expired (and then
-      // shows the sign-in form) before trying again.
+      // 1008: the gateway refused the socket (its token refused or expired); an API call tells
+      // whether the token has expired (and then shows the sign-in form) before trying again.
       if (event.code === 1008) refreshBalance().catch(report);
       scheduleReconnect();
     };

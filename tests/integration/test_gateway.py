@@ -473,7 +473,7 @@ def test_a_socket_is_closed_when_its_token_expires(settings, gateway):
     """The token a socket opened with is checked as it streams: once expired, the socket closes
     with 1008 (the page then finds its session over and signs in again)."""
     app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
-    with _socket_streaming(app, user, token_ttl=1.0) as socket:
+    with _socket_streaming(app, user, token_ttl=3.0) as socket:
         wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
         assert socket.close_reason == 1008
 

@@ -1,0 +1,23 @@
+"""Bearer tokens (pure logic): what verifying one tells the gateway."""
+
+import time
+
+import pytest
+
+from gateway_app.tokens import InvalidToken, issue_token, verify_token
+
+SECRET = "a secret at least as long as the ones the shop uses"
+
+
+def test_a_verified_token_names_its_user_and_when_it_expires():
+    issued_at = int(time.time())
+    token = issue_token("usr_1", "ann", SECRET, 90, now=issued_at).access_token
+    verified = verify_token(token, SECRET)
+    assert (verified.user_id, verified.expires_at) == ("usr_1", issued_at + 90)
+
+
+def test_an_expired_token_is_refused_as_expired():
+    token = issue_token("usr_1", "ann", SECRET, 60, now=time.time() - 3600).access_token
+    with pytest.raises(InvalidToken) as refused:
+        verify_token(token, SECRET)
+    assert refused.value.code == "TOKEN_EXPIRED"
