@@ -26,7 +26,7 @@ ENVIRONMENT: dict[str, str] = {
     "KAFKA_SESSION_TIMEOUT_MS": "6000",
     "KAFKA_TOPIC_PARTITIONS": "3",
     # Replicas of each topic the shop creates: 1 for a single broker (the compose file's, the test
-    # one); 3 on a production cluster (see shared.kafka.ensure_topics).
+    # one); 3 on a production cluster (see shared.kafka.new_topic).
     "KAFKA_TOPIC_REPLICATION_FACTOR": "1",
     "TOPIC_PAYMENT_REQUESTED": "orders.payment-requested",
     "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
@@ -40,8 +40,8 @@ ENVIRONMENT: dict[str, str] = {
     "INBOX_SWEEP_INTERVAL_SECONDS": "5",
     "INBOX_SWEEP_MIN_AGE_SECONDS": "10",
     "INBOX_MAX_ATTEMPTS": "5",
-    # Handled inbox rows are deleted once this old (7 days, as long as Kafka keeps records by
-    # default), by a pruner beat runs every INBOX_PRUNE_INTERVAL_SECONDS.
+    # Handled inbox rows are deleted once this old (7 days, Kafka's default retention), by a pruner
+    # beat runs every INBOX_PRUNE_INTERVAL_SECONDS (shared.inbox.prune_handled_messages).
     "INBOX_RETENTION_SECONDS": "604800",
     "INBOX_PRUNE_INTERVAL_SECONDS": "600",
     "TOPIC_ORDER_STATUS_CHANGED": "orders.order-status-changed",

@@ -17,8 +17,8 @@ from enum import Enum
 from typing import Any
 
 from psycopg2.extras import Json, execute_values
-from sqlalchemy import (BigInteger, DateTime, Index, Integer, String, Text, delete, func, or_,
-                        select, text, update)
+from sqlalchemy import (BigInteger, DateTime, Index, Integer, String, Text, func, or_, select,
+                        text, update)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -64,7 +64,8 @@ class InboxMessage(db.Model):
             postgresql_where=text("processed_at IS NULL AND parked_at IS NULL"),
         ),
         # For pruning old handled rows (prune_handled_messages).
-        Index("ix_inbox_messages_received_at", "received_at", postgresql_using="brin"),
+        Index("ix_inbox_messages_handled", "received_at",
+              postgresql_where=text("processed_at IS NOT NULL")),
     )
 
 
@@ -406,31 +407,39 @@ def unpark_messages(session: Session, message_ids: list[uuid.UUID] | None) -> li
     """Clear the park, and the attempts, of parked messages that hold an event (of all of them when
     `message_ids` is None), so that they are handled again as if new; returns their ids.
 
-    The caller dispatches them; if that is lost, the sweeper finds them. A record that could not
-    be parsed holds no event to hand a handler, and stays parked.
+    The caller dispatches them. Their last attempt counts from now, so the sweeper leaves them to
+    that dispatch for a while and takes them up only if it was lost. A record that could not be
+    parsed holds no event to hand a handler, and stays parked.
     """
     query = (update(InboxMessage)
              .where(InboxMessage.parked_at.is_not(None), InboxMessage.payload.is_not(None))
-             .values(parked_at=None, attempts=0, last_attempt_at=None)
+             .values(parked_at=None, attempts=0, last_attempt_at=_now())
              .returning(InboxMessage.message_id))
     if message_ids is not None:
         query = query.where(InboxMessage.message_id.in_(message_ids))
     return list(session.scalars(query.execution_options(synchronize_session=False)))
 
 
-def prune_handled_messages(session: Session, older_than: timedelta) -> int:
-    """Delete the rows of handled messages stored over `older_than` ago; returns how many.
+def prune_handled_messages(session: Session, older_than: timedelta, limit: int) -> int:
+    """Delete the rows of up to `limit` handled messages stored over `older_than` ago, oldest
+    first; returns how many (the caller repeats, a transaction each, until fewer than `limit`).
 
-    An inbox row keeps a message from being handled twice only while Kafka may still deliver it
-    again, so the retention should cover Kafka's own (7 days by default). A message delivered once
-    more after its row is gone is stored and handled anew, and the handlers' business keys make
-    that a no-op: one payment per order, a final order status never changes, one notification per
-    message. Parked messages are kept, for an operator.
+    The inbox's own dedup of a message lasts as long as its row. Kafka may deliver a message
+    again later than that (it deletes records a segment at a time, so a record can outlive its
+    topic's retention, and a group whose offsets expired starts again from the earliest), and
+    then it is stored and handled anew: the handlers' business keys make that a no-op (one
+    payment per order, a final order status never changes, one notification per message).
+    Parked messages are kept, for an operator.
     """
-    result = session.execute(
-        delete(InboxMessage)
-        .where(InboxMessage.received_at < _now() - older_than,
-               InboxMessage.processed_at.is_not(None))
-        .execution_options(synchronize_session=False)
-    )
+    result = session.execute(_PRUNE, {"cutoff": _now() - older_than, "limit": limit})
     return result.rowcount
+
+
+# The rows by their physical place (ctid), found through ix_inbox_messages_handled: deleting by id
+# instead let the planner join a whole-table scan to the ids.
+_PRUNE = text("""
+DELETE FROM inbox_messages WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM inbox_messages
+    WHERE received_at < :cutoff AND processed_at IS NOT NULL
+    ORDER BY received_at
+    LIMIT :limit))""")

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 # Messages a `handle_inbox_batch` task handles in one transaction: one commit (one WAL flush)
 # covers them all, while the row locks they take are held for a few milliseconds only.
 HANDLED_PER_TRANSACTION = 50
+# Old inbox rows the pruner deletes in one transaction.
+PRUNED_PER_TRANSACTION = 10_000
 
 
 class TransientHandlerError(Exception):
@@ -138,11 +140,17 @@ def sweep_inbox(service: str) -> int:
 
 @app.task(name="hseshop.prune_inbox", base=ServiceTask, ignore_result=True)
 def prune_inbox(service: str) -> int:
-    """Delete the inbox rows of handled messages stored over INBOX_RETENTION_SECONDS ago."""
+    """Delete the inbox rows of handled messages stored over INBOX_RETENTION_SECONDS ago, in
+    transactions of PRUNED_PER_TRANSACTION rows (a first run on a full table stays short)."""
     settings = current_app.extensions["hseshop.settings"]
-    with transaction() as session:
-        pruned = prune_handled_messages(
-            session, timedelta(seconds=settings.inbox_retention_seconds))
+    retention = timedelta(seconds=settings.inbox_retention_seconds)
+    pruned = 0
+    while True:
+        with transaction() as session:
+            deleted = prune_handled_messages(session, retention, PRUNED_PER_TRANSACTION)
+        pruned += deleted
+        if deleted < PRUNED_PER_TRANSACTION:
+            break
     if pruned:
         log.info("%s inbox: pruned %d handled messages", service, pruned)
     return pruned

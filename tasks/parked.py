@@ -45,13 +45,20 @@ def replay(service: str, message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]
     return replayed
 
 
+def _positive(text: str) -> int:
+    number = int(text)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    return number
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.parked", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="the newest parked messages")
     listing.add_argument("service", choices=SERVICES)
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=_positive, default=50)
     replaying = commands.add_parser("replay", help="hand parked messages back to be handled")
     replaying.add_argument("service", choices=SERVICES)
     replaying.add_argument("message_ids", nargs="*", type=uuid.UUID, metavar="MESSAGE_ID")
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         list_parked(args.service, args.limit)
         return 0
     if bool(args.message_ids) == args.all:
-        parser.error("replay: name the messages, or give --all")
+        replaying.error("name the messages, or give --all")
     replayed = replay(args.service, None if args.all else args.message_ids)
     print(f"{args.service}: {len(replayed)} message(s) handed back to be handled")
     left = [message_id for message_id in args.message_ids if message_id not in replayed]

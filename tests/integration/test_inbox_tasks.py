@@ -193,15 +193,17 @@ def test_the_pruner_deletes_old_handled_rows_and_keeps_the_rest(settings, paymen
 
     monkeypatch.setattr(payments_app, "message_handlers",
                         lambda: {PAYMENT_REQUESTED: park_the_unpayable})
-    old_handled, old_parked, old_waiting, new_handled = (
+    monkeypatch.setattr("tasks.inbox.PRUNED_PER_TRANSACTION", 2)  # so that it takes two turns
+    old_handled, also_old_handled, more_old_handled, old_parked, old_waiting, new_handled = (
         _stored_request(payments_inbox, user_id, amount=Decimal(amount))
-        for amount in ("1.00", "2.00", "3.00", "4.00"))
-    handle_inbox_batch.apply(args=("payments", [str(old_handled), str(old_parked)]))
+        for amount in ("1.00", "1.00", "1.00", "2.00", "3.00", "4.00"))
+    old_handled_ones = [old_handled, also_old_handled, more_old_handled]
+    handle_inbox_batch.apply(args=("payments", [str(m) for m in [*old_handled_ones, old_parked]]))
     handle_inbox_batch.apply(args=("payments", [str(new_handled)]))
-    _stored_long_ago([old_handled, old_parked, old_waiting], settings)
+    _stored_long_ago([*old_handled_ones, old_parked, old_waiting], settings)
 
-    assert prune_inbox.apply(args=("payments",)).get() == 1
-    assert _row(old_handled) is None
+    assert prune_inbox.apply(args=("payments",)).get() == 3
+    assert all(_row(message_id) is None for message_id in old_handled_ones)
     assert _row(old_parked).parked_at is not None
     assert _row(old_waiting).processed_at is None
     assert _row(new_handled).processed_at is not None

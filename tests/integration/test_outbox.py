@@ -373,4 +373,4 @@ def test_a_leader_the_broker_keeps_refusing_steps_down_for_another_to_lead(
         relay._sitting_out.pop("orders", None)
         worker_app.extensions.pop(relay._PUBLISHER, None)
     with _relay_task_leading([]), orders_flask_app.app_context():
-        _wait_until_sent([order_id])  # the sit-out over, it leads and sends
+        _wait_until_sent([order_id])  # its sit-out cleared, it leads and sends
