@@ -113,36 +113,49 @@ class OutboxPublisher:
 
     def send_batch(self, rows: list[RelayRow]) -> dict[int, str]:
         """Produce `rows` and wait until each has an answer; returns the error of each row the
-        broker did not acknowledge."""
+        broker did not acknowledge.
+
+        A message the producer will not take at all (one too large, say) holds back the rows after
+        it with its topic and key, which must not overtake it, and no others: one row that can
+        never be sent stops its key, not the relay. A fatal error holds back every row after it.
+        """
         producer = self._get_producer()
         self._failed.clear()  # late answers about an earlier batch that timed out
         refused: dict[int, str] = {}
-        produced = 0
-        try:
-            for _row_id, topic, key, message_id, event_type, request_id, envelope in rows:
+        held_back: dict[tuple[str, str | None], str] = {}  # (topic, key) -> why
+        produced: list[RelayRow] = []
+        fatal: str | None = None  # why every row after a fatal error is refused
+        for row in rows:
+            row_id, topic, key, message_id, event_type, request_id, envelope = row
+            why = fatal or held_back.get((topic, key))
+            if why:
+                refused[row_id] = why
+                continue
+            try:
                 self._produce(producer, topic, key, envelope,
                               relay_headers(message_id, event_type, request_id))
-                produced += 1
-        except KafkaException as exc:
-            # The producer failed outside any delivery of ours (after a broker came back empty,
-            # say): the rows it did not take are retried.
-            log.warning("the outbox producer refused a message: %s", exc)
-            for row in rows[produced:]:
-                refused[row[0]] = f"not produced: {exc}"
-            fatal = exc.args[0].fatal()
-        else:
-            fatal = False
+            except KafkaException as exc:
+                # Refused before any delivery (a message too large, a producer fenced after a
+                # broker came back empty): retried later.
+                log.warning("the outbox producer refused a message: %s", exc)
+                refused[row_id] = f"not produced: {exc}"
+                held_back[(topic, key)] = f"held back behind a refused message: {exc}"
+                if exc.args[0].fatal():
+                    fatal = f"not produced: {exc}"
+                continue
+            produced.append(row)
         if producer.flush(FLUSH_TIMEOUT_S):
             # Messages still queued have no answer yet: none of the rows counts as acknowledged.
             refused.update((row[0], "no acknowledgement from the broker in time")
-                           for row in rows[:produced])
+                           for row in produced)
+        failed_fatally = fatal is not None
         if self._failed:
-            for row in rows[:produced]:
+            for row in produced:
                 err = self._failed.pop(row[6].encode(), None)
                 if err is not None:
                     refused[row[0]] = f"{err.name()}: {err.str()}"
-                    fatal = fatal or err.fatal()
-        if fatal or len(refused) == len(rows):
+                    failed_fatally = failed_fatally or err.fatal()
+        if failed_fatally or len(refused) == len(rows):
             # A producer that had nothing acknowledged may be stuck on state the broker no longer
             # has (a broker that came back empty leaves an idempotent producer waiting on the
             # sequence numbers of partitions it lost): start the next batch with a fresh one.

@@ -12,7 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from devstack.infra import free_port, start_and_wait_for_broker, start_broker
 from orders_app import service
@@ -111,6 +111,35 @@ def _messages_of(settings, order_ids) -> list:
     messages = read_topic_until(settings.kafka_bootstrap_servers, settings.topic_payment_requested,
                                 lambda read: len(of_the_orders(read)) >= len(wanted))
     return of_the_orders(messages)
+
+
+def test_a_message_no_broker_can_take_holds_back_its_key_and_no_other(in_orders, settings,
+                                                                    user_id):
+    """A row too large for the broker is refused by the producer at once, every time: the rows
+    behind it with its key wait (they must not overtake it), and every other key's rows go out."""
+    publisher = OutboxPublisher(settings)
+    _relay_all(publisher)  # whatever earlier tests left behind
+    stuck_user = f"{user_id}-stuck"
+    too_large, behind_it = _place(stuck_user, "1.00"), _place(stuck_user, "2.00")
+    other = _place(user_id, "3.00")
+    with transaction() as session, driver_cursor(session) as cursor:
+        cursor.execute("UPDATE outbox_messages SET envelope = json_build_object('padding',"
+                       " repeat('x', 2000000)) WHERE correlation_id = %s", (str(too_large.id),))
+    try:
+        for _ in range(2):  # and the same on the next run
+            result = _relay_all(publisher)[-1]
+            db.session.rollback()
+            assert _outbox_rows_for([other.id]) == []
+            stuck = _outbox_rows_for([too_large.id, behind_it.id])
+            assert [row.correlation_id for row in stuck] == [str(too_large.id), str(behind_it.id)]
+            assert "MSG_SIZE_TOO_LARGE" in stuck[0].last_error
+            assert stuck[1].last_error.startswith("held back behind a refused message")
+            assert result.failed == 2
+        assert _messages_of(settings, [other.id])
+    finally:
+        with transaction() as session:
+            session.execute(delete(OutboxMessage).where(OutboxMessage.correlation_id.in_(
+                [str(too_large.id), str(behind_it.id)])))
 
 
 def test_with_the_broker_down_rows_pile_up_with_their_error_and_go_out_when_it_is_back(

@@ -33,6 +33,7 @@ class StandInProducer:
         self.report = config["on_delivery"]
         self.produced: list[str] = []
         self.refuse_at: int | None = None
+        self.too_large: set[str] = set()  # values refused at once, as librdkafka refuses them
         self.fail: dict[str, KafkaError] = {}
         self.left_queued = 0
         StandInProducer.made.append(self)
@@ -40,6 +41,8 @@ class StandInProducer:
     def produce(self, topic, value, key, headers):
         if len(self.produced) == self.refuse_at:
             raise KafkaException(KafkaError(KafkaError._STATE, "producer fenced", fatal=True))
+        if value in self.too_large:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"))
         self.produced.append(value)
 
     def flush(self, timeout):
@@ -82,6 +85,18 @@ def test_rows_the_producer_would_not_take_are_refused_and_a_fatal_error_replaces
     assert set(refused) == {2, 3} and all("producer fenced" in e for e in refused.values())
     publisher.send_batch(_rows(1))
     assert len(StandInProducer.made) == 2
+
+
+def test_a_message_the_producer_will_not_take_holds_back_its_key_only(publisher):
+    rows = [(n, "topic", key, f"m{n}", "PaymentRequested", None, f'{{"message_id":"m{n}"}}')
+            for n, key in enumerate(["ann", "bob", "ann", "cy", "bob"], start=1)]
+    producer = publisher._get_producer()
+    producer.too_large = {rows[0][6]}
+    refused = publisher.send_batch(rows)
+    assert set(refused) == {1, 3}  # ann's message and the one of hers behind it
+    assert refused[1].startswith("not produced:") and refused[3].startswith("held back")
+    assert producer.produced == [rows[1][6], rows[3][6], rows[4][6]]
+    assert len(StandInProducer.made) == 1  # not fatal: the producer is kept
 
 
 def test_a_flush_that_leaves_messages_unanswered_acknowledges_none(publisher):
