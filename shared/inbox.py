@@ -420,8 +420,8 @@ def unpark_messages(session: Session, message_ids: list[uuid.UUID] | None) -> li
     return list(session.scalars(query.execution_options(synchronize_session=False)))
 
 
-def prune_handled_messages(session: Session, older_than: timedelta, limit: int) -> int:
-    """Delete the rows of up to `limit` handled messages stored over `older_than` ago, oldest
+def prune_handled_messages(session: Session, stored_before: datetime, limit: int) -> int:
+    """Delete the rows of up to `limit` handled messages stored before `stored_before`, oldest
     first; returns how many (the caller repeats, a transaction each, until fewer than `limit`).
 
     The inbox's own dedup of a message lasts as long as its row. Kafka may deliver a message
@@ -431,15 +431,18 @@ def prune_handled_messages(session: Session, older_than: timedelta, limit: int) 
     payment per order, a final order status never changes, one notification per message).
     Parked messages are kept, for an operator.
     """
-    result = session.execute(_PRUNE, {"cutoff": _now() - older_than, "limit": limit})
+    result = session.execute(_PRUNE, {"cutoff": stored_before, "limit": limit})
     return result.rowcount
 
 
 # The rows by their physical place (ctid), found through ix_inbox_messages_handled: deleting by id
-# instead let the planner join a whole-table scan to the ids.
+# instead let the planner join a whole-table scan to the ids. The condition is repeated outside,
+# as a row changed meanwhile is deleted in its new version without the inner one checked again.
 _PRUNE = text("""
-DELETE FROM inbox_messages WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM inbox_messages
-    WHERE received_at < :cutoff AND processed_at IS NOT NULL
-    ORDER BY received_at
-    LIMIT :limit))""")
+DELETE FROM inbox_messages
+WHERE ctid = ANY(ARRAY(
+          SELECT ctid FROM inbox_messages
+          WHERE received_at < :cutoff AND processed_at IS NOT NULL
+          ORDER BY received_at
+          LIMIT :limit))
+  AND received_at < :cutoff AND processed_at IS NOT NULL""")

@@ -9,7 +9,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shared.config import Settings
-from shared.outbox import RelayRow, relay_headers
+from shared.outbox import Refusal, RelayRow, relay_headers
 
 log = logging.getLogger(__name__)
 
@@ -111,51 +111,53 @@ class OutboxPublisher:
                                        "on_delivery": _noting_failures_in(self._failed)})
         return self._producer
 
-    def send_batch(self, rows: list[RelayRow]) -> dict[int, str]:
-        """Produce `rows` and wait until each has an answer; returns the error of each row the
-        broker did not acknowledge.
+    def send_batch(self, rows: list[RelayRow]) -> dict[int, Refusal]:
+        """Produce `rows` and wait until each has an answer; returns why each row the broker did
+        not acknowledge was refused.
 
-        A message the producer will not take at all (one too large, say) holds back the rows after
-        it with its topic and key, which must not overtake it, and no others: one row that can
-        never be sent stops its key, not the relay. A fatal error holds back every row after it.
+        A message the producer itself will not take (one over its `message.max.bytes`, say) holds
+        back the rows after it with its topic and key, which must not overtake it, and no others:
+        one row that can never be sent stops its key, not the relay. A fatal producer error holds
+        back every row after it. (A message the broker refuses later, in its delivery report,
+        holds nothing back: the rows after it may already be on their way.)
         """
         producer = self._get_producer()
         self._failed.clear()  # late answers about an earlier batch that timed out
-        refused: dict[int, str] = {}
-        held_back: dict[tuple[str, str | None], str] = {}  # (topic, key) -> why
+        refused: dict[int, Refusal] = {}
+        held_back: dict[tuple[str, str | None], Refusal] = {}  # (topic, key) -> why
         produced: list[RelayRow] = []
-        fatal: str | None = None  # why every row after a fatal error is refused
+        fatal: Refusal | None = None  # why every row after a fatal error is refused
         for row in rows:
             row_id, topic, key, message_id, event_type, request_id, envelope = row
-            why = fatal or held_back.get((topic, key))
-            if why:
-                refused[row_id] = why
+            refusal = fatal or held_back.get((topic, key))
+            if refusal:
+                refused[row_id] = refusal
                 continue
             try:
                 self._produce(producer, topic, key, envelope,
                               relay_headers(message_id, event_type, request_id))
             except KafkaException as exc:
-                # Refused before any delivery (a message too large, a producer fenced after a
-                # broker came back empty): retried later.
                 log.warning("the outbox producer refused a message: %s", exc)
-                refused[row_id] = f"not produced: {exc}"
-                held_back[(topic, key)] = f"held back behind a refused message: {exc}"
-                if exc.args[0].fatal():
-                    fatal = f"not produced: {exc}"
+                if _is_fatal(exc.args[0]):  # (a broker that came back empty, say): retried later
+                    fatal = refused[row_id] = Refusal(f"not produced: {exc}")
+                else:
+                    refused[row_id] = Refusal(f"not produced: {exc}", held=True)
+                    held_back[(topic, key)] = Refusal(
+                        f"held back behind a refused message: {exc}", held=True)
                 continue
             produced.append(row)
         if producer.flush(FLUSH_TIMEOUT_S):
             # Messages still queued have no answer yet: none of the rows counts as acknowledged.
-            refused.update((row[0], "no acknowledgement from the broker in time")
+            refused.update((row[0], Refusal("no acknowledgement from the broker in time"))
                            for row in produced)
         failed_fatally = fatal is not None
         if self._failed:
             for row in produced:
                 err = self._failed.pop(row[6].encode(), None)
                 if err is not None:
-                    refused[row[0]] = f"{err.name()}: {err.str()}"
-                    failed_fatally = failed_fatally or err.fatal()
-        if failed_fatally or len(refused) == len(rows):
+                    refused[row[0]] = Refusal(f"{err.name()}: {err.str()}")
+                    failed_fatally = failed_fatally or _is_fatal(err)
+        if failed_fatally or (produced and all(row[0] in refused for row in produced)):
             # A producer that had nothing acknowledged may be stuck on state the broker no longer
             # has (a broker that came back empty leaves an idempotent producer waiting on the
             # sequence numbers of partitions it lost): start the next batch with a fresh one.
@@ -172,6 +174,12 @@ class OutboxPublisher:
                 return
             except BufferError:
                 producer.poll(0.1)  # the local queue is full: let deliveries drain first
+
+
+def _is_fatal(error: KafkaError) -> bool:
+    # A producer in a fatal state answers with the code _FATAL; fatal() is set only on errors
+    # that reach an error callback or the transactional API.
+    return error.fatal() or error.code() == KafkaError._FATAL
 
 
 def _noting_failures_in(failed: dict[bytes, KafkaError]):

@@ -123,15 +123,31 @@ def relay_headers(message_id: str, event_type: str, request_id: str | None) -> d
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """Why a row was not acknowledged. `held`: the producer itself would not take it (a message
+    it can never send, or a row held back behind one), so no broker was asked and nothing follows
+    about the broker."""
+
+    error: str
+    held: bool = False
+
+
+@dataclass(frozen=True)
 class RelayResult:
     claimed: int = 0
     sent: int = 0
     failed: int = 0
+    held: int = 0  # of the failed, those the producer itself would not take
+
+    @property
+    def refused_by_the_broker(self) -> int:
+        """Failed rows a broker was asked for (refused, or no answer in time)."""
+        return self.failed - self.held
 
 
-# Publishes rows and waits for the broker's answers: returns the error of each row the broker
-# did not acknowledge (the rows not named were acknowledged).
-SendBatch = Callable[[list[RelayRow]], dict[int, str]]
+# Publishes rows and waits for the broker's answers: returns why each row the broker did not
+# acknowledge was refused (the rows not named were acknowledged).
+SendBatch = Callable[[list[RelayRow]], dict[int, Refusal]]
 
 
 def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> RelayResult:
@@ -150,11 +166,12 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
     if sent_ids:
         cursor.execute(_DELETE_ROWS, {"row_ids": sent_ids})
     row_ids_by_error: dict[str, list[int]] = defaultdict(list)
-    for row_id, error in refused.items():
-        row_ids_by_error[error].append(row_id)
+    for row_id, refusal in refused.items():
+        row_ids_by_error[refusal.error].append(row_id)
     for error, row_ids in row_ids_by_error.items():
         cursor.execute(_COUNT_REFUSAL, {"row_ids": row_ids, "error": error[:2000]})
-    return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused))
+    return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused),
+                       held=sum(refusal.held for refusal in refused.values()))
 
 
 def vacuum_outbox(cursor) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from flask import current_app
 
@@ -143,11 +143,11 @@ def prune_inbox(service: str) -> int:
     """Delete the inbox rows of handled messages stored over INBOX_RETENTION_SECONDS ago, in
     transactions of PRUNED_PER_TRANSACTION rows (a first run on a full table stays short)."""
     settings = current_app.extensions["hseshop.settings"]
-    retention = timedelta(seconds=settings.inbox_retention_seconds)
+    stored_before = datetime.now(timezone.utc) - timedelta(seconds=settings.inbox_retention_seconds)
     pruned = 0
     while True:
         with transaction() as session:
-            deleted = prune_handled_messages(session, retention, PRUNED_PER_TRANSACTION)
+            deleted = prune_handled_messages(session, stored_before, PRUNED_PER_TRANSACTION)
         pruned += deleted
         if deleted < PRUNED_PER_TRANSACTION:
             break

@@ -120,8 +120,9 @@ def _step_down(service: str, refused_for: float) -> None:
 
 def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                        publisher: OutboxPublisher) -> tuple[int, bool]:
-    """Send batch after batch until none is left (or the broker refuses rows: retried later);
-    returns how many rows were sent and whether the broker refused any."""
+    """Send batch after batch until none is left (or rows are refused: retried later); returns
+    how many rows were sent and whether the broker refused any (rows the producer itself would
+    not take say nothing about the broker)."""
     sent = 0
     while not _stopping.is_set():
         with leader.cursor() as cursor:
@@ -129,9 +130,11 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                                           settings.outbox_relay_batch_size)
         sent += result.sent
         if result.failed:
-            log.warning("%s outbox: %d rows not acknowledged; will retry", service, result.failed)
-            _recreate_topics(settings, service)
-            return sent, True
+            log.warning("%s outbox: %d rows not acknowledged (%d held by the producer itself);"
+                        " will retry", service, result.failed, result.held)
+            if result.refused_by_the_broker:
+                _recreate_topics(settings, service)
+            return sent, result.refused_by_the_broker > 0
         if result.claimed < settings.outbox_relay_batch_size:
             break
     return sent, False

@@ -122,9 +122,7 @@ def test_a_message_no_broker_can_take_holds_back_its_key_and_no_other(in_orders,
     stuck_user = f"{user_id}-stuck"
     too_large, behind_it = _place(stuck_user, "1.00"), _place(stuck_user, "2.00")
     other = _place(user_id, "3.00")
-    with transaction() as session, driver_cursor(session) as cursor:
-        cursor.execute("UPDATE outbox_messages SET envelope = json_build_object('padding',"
-                       " repeat('x', 2000000)) WHERE correlation_id = %s", (str(too_large.id),))
+    _make_too_large(too_large.id)
     try:
         for _ in range(2):  # and the same on the next run
             result = _relay_all(publisher)[-1]
@@ -134,12 +132,46 @@ def test_a_message_no_broker_can_take_holds_back_its_key_and_no_other(in_orders,
             assert [row.correlation_id for row in stuck] == [str(too_large.id), str(behind_it.id)]
             assert "MSG_SIZE_TOO_LARGE" in stuck[0].last_error
             assert stuck[1].last_error.startswith("held back behind a refused message")
-            assert result.failed == 2
+            assert (result.failed, result.held, result.refused_by_the_broker) == (2, 2, 0)
         assert _messages_of(settings, [other.id])
     finally:
-        with transaction() as session:
-            session.execute(delete(OutboxMessage).where(OutboxMessage.correlation_id.in_(
-                [str(too_large.id), str(behind_it.id)])))
+        _delete_outbox_rows_of([too_large.id, behind_it.id])
+
+
+def _make_too_large(order_id) -> None:
+    """Give the order's outbox row a message over the producer's message.max.bytes (1 MB)."""
+    with transaction() as session, driver_cursor(session) as cursor:
+        cursor.execute("UPDATE outbox_messages SET envelope = json_build_object('padding',"
+                       " repeat('x', 2000000)) WHERE correlation_id = %s", (str(order_id),))
+
+
+def _delete_outbox_rows_of(order_ids) -> None:
+    with transaction() as session:
+        session.execute(delete(OutboxMessage).where(
+            OutboxMessage.correlation_id.in_([str(order_id) for order_id in order_ids])))
+
+
+def test_a_leader_kept_from_one_message_by_its_own_producer_does_not_step_down(
+        orders_flask_app, user_id, monkeypatch):
+    """Only the broker's refusals count towards stepping down: a row the producer itself will
+    not take says nothing about this worker's way to the broker, and another leader would fare
+    no better."""
+    monkeypatch.setattr("tasks.relay.STEP_DOWN_AFTER_SECONDS", 0.5)
+    with orders_flask_app.app_context():
+        order_id = _place(user_id).id
+        _make_too_large(order_id)
+    try:
+        with _relay_task_leading([]) as relay, orders_flask_app.app_context():
+            def refused_three_times():
+                db.session.rollback()
+                (row,) = _outbox_rows_for([order_id])
+                return row.attempts >= 3
+
+            wait_for(refused_three_times, timeout=20, what="three wake-ups refusing the row")
+            assert "orders" in relay._leading and "orders" not in relay._sitting_out
+    finally:
+        with orders_flask_app.app_context():
+            _delete_outbox_rows_of([order_id])
 
 
 def test_with_the_broker_down_rows_pile_up_with_their_error_and_go_out_when_it_is_back(

@@ -11,6 +11,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from shared import kafka
 from shared.config import load_settings
+from shared.outbox import Refusal
 
 
 class FailedDelivery:
@@ -75,14 +76,15 @@ def test_a_failed_delivery_refuses_its_own_row_only(publisher):
     rows = _rows(3)
     publisher._get_producer().fail = {
         rows[1][6]: KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large")}
-    assert publisher.send_batch(rows) == {2: "MSG_SIZE_TOO_LARGE: too large"}
+    assert publisher.send_batch(rows) == {2: Refusal("MSG_SIZE_TOO_LARGE: too large")}
     assert len(StandInProducer.made) == 1  # an ordinary refusal keeps the producer
 
 
 def test_rows_the_producer_would_not_take_are_refused_and_a_fatal_error_replaces_it(publisher):
     publisher._get_producer().refuse_at = 1
     refused = publisher.send_batch(_rows(3))
-    assert set(refused) == {2, 3} and all("producer fenced" in e for e in refused.values())
+    assert set(refused) == {2, 3}
+    assert all("producer fenced" in r.error and not r.held for r in refused.values())
     publisher.send_batch(_rows(1))
     assert len(StandInProducer.made) == 2
 
@@ -94,16 +96,37 @@ def test_a_message_the_producer_will_not_take_holds_back_its_key_only(publisher)
     producer.too_large = {rows[0][6]}
     refused = publisher.send_batch(rows)
     assert set(refused) == {1, 3}  # ann's message and the one of hers behind it
-    assert refused[1].startswith("not produced:") and refused[3].startswith("held back")
+    assert refused[1].error.startswith("not produced:") and refused[1].held
+    assert refused[3].error.startswith("held back") and refused[3].held
     assert producer.produced == [rows[1][6], rows[3][6], rows[4][6]]
     assert len(StandInProducer.made) == 1  # not fatal: the producer is kept
+    producer.too_large = {rows[0][6], rows[1][6], rows[3][6]}
+    publisher.send_batch(rows[:2])  # nothing produced at all, nothing unanswered
+    assert len(StandInProducer.made) == 1
+
+
+def test_a_producer_in_a_fatal_state_is_replaced(publisher):
+    """librdkafka answers with the code _FATAL once its producer is fatally failed, and sets
+    fatal() only on errors passed to an error callback."""
+    publisher._get_producer().too_large = set()
+    publisher._get_producer().fail = {}
+    rows = _rows(2)
+
+    def fatally_failed(topic, value, key, headers):
+        raise KafkaException(KafkaError(KafkaError._FATAL, "fatal error"))
+
+    publisher._get_producer().produce = fatally_failed
+    refused = publisher.send_batch(rows)
+    assert set(refused) == {1, 2} and not any(r.held for r in refused.values())
+    publisher.send_batch(_rows(1))
+    assert len(StandInProducer.made) == 2
 
 
 def test_a_flush_that_leaves_messages_unanswered_acknowledges_none(publisher):
     publisher._get_producer().left_queued = 1
     refused = publisher.send_batch(_rows(2))
-    assert refused == {1: "no acknowledgement from the broker in time",
-                       2: "no acknowledgement from the broker in time"}
+    assert refused == {1: Refusal("no acknowledgement from the broker in time"),
+                       2: Refusal("no acknowledgement from the broker in time")}
     publisher.send_batch(_rows(1))
     assert len(StandInProducer.made) == 2  # a producer that answered nothing starts afresh
 
