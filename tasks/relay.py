@@ -120,9 +120,9 @@ def _step_down(service: str, refused_for: float) -> None:
 
 def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                        publisher: OutboxPublisher) -> tuple[int, bool]:
-    """Send batch after batch until none is left (or rows are refused: retried later); returns
-    how many rows were sent and whether the broker refused any (rows the producer itself would
-    not take say nothing about the broker)."""
+    """Send batch after batch until none is left, the broker refuses rows, or a batch sends
+    nothing but rows the producer itself holds (all retried later); returns how many rows were
+    sent and whether the broker refused any (held rows say nothing about the broker)."""
     sent = 0
     while not _stopping.is_set():
         with leader.cursor() as cursor:
@@ -134,7 +134,9 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                         " will retry", service, result.failed, result.held)
             if result.refused_by_the_broker:
                 _recreate_topics(settings, service)
-            return sent, result.refused_by_the_broker > 0
+                return sent, True
+            if not result.sent:  # only held rows left in reach: the next read would be the same
+                break
         if result.claimed < settings.outbox_relay_batch_size:
             break
     return sent, False
