@@ -436,8 +436,9 @@ def prune_handled_messages(session: Session, stored_before: datetime, limit: int
 
 
 # The rows by their physical place (ctid), found through ix_inbox_messages_handled: deleting by id
-# instead let the planner join a whole-table scan to the ids. The condition is repeated outside,
-# as a row changed meanwhile is deleted in its new version without the inner one checked again.
+# instead let the planner join a whole-table scan to the ids. The condition is checked again on
+# the rows reached: a row updated meanwhile is reached in its new version, which the inner query
+# never saw.
 _PRUNE = text("""
 DELETE FROM inbox_messages
 WHERE ctid = ANY(ARRAY(
