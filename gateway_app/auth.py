@@ -18,7 +18,7 @@ from gateway_app.passwords import hash_password, verify_password
 from gateway_app.tokens import InvalidToken, VerifiedToken, issue_token, verify_token
 from shared.db import db, transaction
 from shared.errors import Conflict, Unauthorized
-from shared.fields import USER_ID_PATTERN, USER_ID_RULE, FullMatch, Text
+from shared.fields import Text, UserId
 from shared.http_api import Blueprint
 
 blueprint = Blueprint("auth", __name__, url_prefix="/api/auth", description="Sign up and sign in")
@@ -30,7 +30,7 @@ class CredentialsSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    username = fields.String(required=True, validate=FullMatch(USER_ID_PATTERN, error=USER_ID_RULE))
+    username = UserId(required=True)
     password = Text(required=True, stored=False, validate=validate.Length(min=8, max=128),
                     load_only=True)
 

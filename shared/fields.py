@@ -57,10 +57,8 @@ class Text(fields.String):
 
 
 class UserId(fields.String):
-    """A user id: 1 to 64 characters of A-Za-z0-9_.-"""
+    """A user id: 1 to 64 characters of A-Za-z0-9_.- (an OpenAPI document shows the pattern)."""
 
-    def _deserialize(self, value, attr, data, **kwargs):
-        text = super()._deserialize(value, attr, data, **kwargs)
-        if not USER_ID_PATTERN.fullmatch(text):
-            raise ValidationError(USER_ID_RULE)
-        return text
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.validators.insert(0, FullMatch(USER_ID_PATTERN, error=USER_ID_RULE))

@@ -288,15 +288,23 @@ def test_the_leader_reads_the_oldest_rows_by_the_primary_key_however_many_were_d
     assert "Index Scan using outbox_messages_pkey" in plan and "Seq Scan" not in plan, plan
 
 
+def _relay_run_in_a_thread(outcome: list) -> threading.Thread:
+    """relay_outbox for orders as beat starts it, in a thread; what it returns goes to `outcome`."""
+    from tasks import relay
+
+    run = threading.Thread(target=lambda: outcome.append(
+        relay.relay_outbox.apply(args=("orders",)).get()))
+    run.start()
+    return run
+
+
 @contextmanager
 def _relay_task_leading(sent_by_leader: list) -> Iterator:
     """relay_outbox for orders as beat starts it, leading in a thread of its own until the block
     ends (as a worker shutting down ends it); what the run returns goes to `sent_by_leader`."""
     from tasks import relay
 
-    leader = threading.Thread(target=lambda: sent_by_leader.append(
-        relay.relay_outbox.apply(args=("orders",)).get()))
-    leader.start()
+    leader = _relay_run_in_a_thread(sent_by_leader)
     try:
         wait_for(lambda: "orders" in relay._leading, timeout=10, what="the relay to lead")
         yield relay
@@ -386,16 +394,6 @@ def test_a_leader_that_stops_without_closing_its_session_loses_the_lead(in_order
         with RelayLeaderConnection(url) as successor:
             assert not successor.lead()
             wait_for(successor.lead, timeout=10, what="the stalled leader's session to end")
-
-
-def _relay_run_in_a_thread(outcome: list) -> threading.Thread:
-    """relay_outbox for orders as beat starts it, in a thread; what it returns goes to `outcome`."""
-    from tasks import relay
-
-    run = threading.Thread(target=lambda: outcome.append(
-        relay.relay_outbox.apply(args=("orders",)).get()))
-    run.start()
-    return run
 
 
 def test_a_leader_the_broker_keeps_refusing_steps_down_for_another_to_lead(

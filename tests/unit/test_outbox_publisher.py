@@ -108,8 +108,6 @@ def test_a_message_the_producer_will_not_take_holds_back_its_key_only(publisher)
 def test_a_producer_in_a_fatal_state_is_replaced(publisher):
     """librdkafka answers with the code _FATAL once its producer is fatally failed, and sets
     fatal() only on errors passed to an error callback."""
-    publisher._get_producer().too_large = set()
-    publisher._get_producer().fail = {}
     rows = _rows(2)
 
     def fatally_failed(topic, value, key, headers):
