@@ -411,10 +411,29 @@ def unpark_messages(session: Session, message_ids: list[uuid.UUID] | None) -> li
     that dispatch for a while and takes them up only if it was lost. A record that could not be
     parsed holds no event to hand a handler, and stays parked.
     """
-    query = (update(InboxMessage)
-             .where(InboxMessage.parked_at.is_not(None), InboxMessage.payload.is_not(None))
-             .values(parked_at=None, attempts=0, last_attempt_at=_now())
-             .returning(InboxMessage.message_id))
+    return _update_parked(session, message_ids, InboxMessage.payload.is_not(None),
+                          parked_at=None, attempts=0, last_attempt_at=_now())
+
+
+def discard_parked_messages(session: Session,
+                            message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
+    """Give up on parked messages (every one when `message_ids` is None), never to be handled;
+    returns their ids.
+
+    The row stays, marked processed with the error that parked it kept, so that the message,
+    should Kafka deliver it again, is dropped as a repeat; it is pruned with the handled rows.
+    """
+    return _update_parked(session, message_ids, parked_at=None, processed_at=_now(),
+                          last_error="discarded by an operator; parked for: "
+                          + func.coalesce(InboxMessage.last_error, ""))
+
+
+def _update_parked(session: Session, message_ids: list[uuid.UUID] | None, *conditions,
+                   **values) -> list[uuid.UUID]:
+    """Set `values` on the parked messages named (every one when `message_ids` is None) that meet
+    `conditions`; returns their ids."""
+    query = (update(InboxMessage).where(InboxMessage.parked_at.is_not(None), *conditions)
+             .values(**values).returning(InboxMessage.message_id))
     if message_ids is not None:
         query = query.where(InboxMessage.message_id.in_(message_ids))
     return list(session.scalars(query.execution_options(synchronize_session=False)))

@@ -115,16 +115,18 @@ class OutboxPublisher:
         """Produce `rows` and wait until each has an answer; returns why each row the broker did
         not acknowledge was refused.
 
-        A message the producer itself will not take (one over its `message.max.bytes`, say) holds
-        back the rows after it with its topic and key, which must not overtake it, and no others:
-        one row that can never be sent stops its key, not the relay. A fatal producer error holds
-        back every row after it. (A message the broker refuses later, in its delivery report,
-        holds nothing back: the rows after it may already be on their way.)
+        A message the producer itself will not take (one over its `message.max.bytes`, say) is
+        refused to be parked (`Refusal.park`) and holds back the rows after it with its topic and
+        key, which must not overtake it, and no others: one row that can never be sent stops its
+        key, not the relay (a row without a key has no order to keep, and holds nothing back). A
+        fatal producer error holds back every row after it. (A message the broker refuses later,
+        in its delivery report, holds nothing back: the rows after it may already be on their
+        way.)
         """
         producer = self._get_producer()
         self._failed.clear()  # late answers about an earlier batch that timed out
         refused: dict[int, Refusal] = {}
-        held_back: dict[tuple[str, str | None], Refusal] = {}  # (topic, key) -> why
+        held_back: dict[tuple[str, str], Refusal] = {}  # (topic, key) -> why
         produced: list[RelayRow] = []
         fatal: Refusal | None = None  # why every row after a fatal error is refused
         for row in rows:
@@ -141,9 +143,10 @@ class OutboxPublisher:
                 if _is_fatal(exc.args[0]):  # (a broker that came back empty, say): retried later
                     fatal = refused[row_id] = Refusal(f"not produced: {exc}")
                 else:
-                    refused[row_id] = Refusal(f"not produced: {exc}", held=True)
-                    held_back[(topic, key)] = Refusal(
-                        f"held back behind a refused message: {exc}", held=True)
+                    refused[row_id] = Refusal(f"not produced: {exc}", held=True, park=True)
+                    if key is not None:
+                        held_back[(topic, key)] = Refusal(
+                            f"held back behind a refused message: {exc}", held=True)
                 continue
             produced.append(row)
         if producer.flush(FLUSH_TIMEOUT_S):

@@ -96,6 +96,20 @@ def drop_inbox_handled_index() -> None:
     op.drop_index("ix_inbox_messages_handled", "inbox_messages")
 
 
+def park_outbox_rows() -> None:
+    """Outbox rows whose message the producer will never take are parked (`parked_at`), and the
+    relay passes over them and the later rows with their topic and key, found through an index
+    that holds the parked rows only (so, nearly always, nothing)."""
+    op.add_column("outbox_messages", _timestamp("parked_at"))
+    op.create_index("ix_outbox_messages_parked", "outbox_messages", ["topic", "key", "id"],
+                    postgresql_where=sa.text("parked_at IS NOT NULL"))
+
+
+def drop_outbox_parking() -> None:
+    op.drop_index("ix_outbox_messages_parked", "outbox_messages")
+    op.drop_column("outbox_messages", "parked_at")
+
+
 # Every statement that inserts outbox rows tells the relay so as its transaction commits (PostgreSQL
 # delivers notifications at commit and folds repeats within one transaction into one).
 _CREATE_NOTIFY_FUNCTION = """

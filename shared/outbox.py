@@ -5,7 +5,11 @@ One relay sends a database's rows: the leader, which holds a session advisory lo
 of its own (shared/relay_leader.py) and relays on it, so two relays never send at once, never send
 one row twice and never overtake each other, and no row locks are needed. A row is deleted only
 once the broker has acknowledged it (Kafka is then its record); a row the broker refused stays,
-counts the attempt and records the error, and is retried by the next run. A leader that dies
+counts the attempt and records the error, and is retried by the next run. A row whose message the
+producer itself will never take (one over its `message.max.bytes`) is parked instead: it is not
+tried again, and the later rows with its topic and key wait behind it (they must not overtake it)
+until an operator sends it again or discards it (`python -m tasks.parked ... --outbox`); every other
+row goes on. A leader that dies
 between sending and deleting leaves its rows to be sent again by the next one (consumers drop the
 repeats by message id). Rows that are gone never need skipping, so the table holds the backlog and
 nothing else, however long the shop has run.
@@ -53,6 +57,9 @@ class OutboxMessage(db.Model):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
+    # Set when the producer would not take the message: then neither it nor the later rows with
+    # its topic and key are relayed until an operator unparks or deletes it.
+    parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 _WRITTEN_TOGETHER = "hseshop.outbox_rows_written_together"
@@ -60,7 +67,15 @@ _WRITTEN_TOGETHER = "hseshop.outbox_rows_written_together"
 # What the relay reads of a row, as plain tuples (see RelayRow); the envelope as text, not parsed.
 RELAY_SELECT = """
 SELECT id, topic, key, message_id::text, type, request_id, envelope::text FROM outbox_messages"""
-CLAIM_ROWS = RELAY_SELECT + " ORDER BY id LIMIT %(batch_size)s"
+# The oldest rows that may go: not parked, and not behind a parked row with their topic and key (a
+# row without a key has no order to keep). The parked rows have an index of their own, empty but
+# for them, so that the check costs the relay next to nothing while there are none.
+CLAIM_ROWS = RELAY_SELECT + """ AS waiting
+WHERE parked_at IS NULL AND NOT EXISTS (
+    SELECT FROM outbox_messages AS parked
+    WHERE parked.parked_at IS NOT NULL AND parked.topic = waiting.topic
+          AND parked.key = waiting.key AND parked.id < waiting.id)
+ORDER BY id LIMIT %(batch_size)s"""
 
 # (id, topic, key, message_id, type, request_id, envelope): a row as RELAY_SELECT reads it.
 RelayRow = tuple[int, str, str | None, str, str, str | None, str]
@@ -126,10 +141,12 @@ def relay_headers(message_id: str, event_type: str, request_id: str | None) -> d
 class Refusal:
     """Why a row was not acknowledged. `held`: the producer itself would not take it (a message
     it can never send, or a row held back behind one), so no broker was asked and nothing follows
-    about the broker."""
+    about the broker. `park`: the row's own message is one the producer can never send; it is
+    parked rather than tried again (a row held back behind it is `held` only)."""
 
     error: str
     held: bool = False
+    park: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,7 @@ class RelayResult:
     sent: int = 0
     failed: int = 0
     held: int = 0  # of the failed, those the producer itself would not take
+    parked: int = 0  # of the held, those parked (the rest were behind them)
 
     @property
     def refused_by_the_broker(self) -> int:
@@ -151,7 +169,8 @@ SendBatch = Callable[[list[RelayRow]], dict[int, Refusal]]
 
 
 def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> RelayResult:
-    """Publish one batch of rows, oldest first, and delete the ones the broker acknowledged.
+    """Publish one batch of rows, oldest first, and delete the ones the broker acknowledged;
+    park the ones the producer can never send, count an attempt for the others refused.
 
     For the database's one relay: the leader passes a driver cursor of its own connection, in
     autocommit, so a batch costs two statements (read, delete) and no transaction around them; it
@@ -165,13 +184,21 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
     sent_ids = [row[0] for row in rows if row[0] not in refused]
     if sent_ids:
         cursor.execute(_DELETE_ROWS, {"row_ids": sent_ids})
-    row_ids_by_error: dict[str, list[int]] = defaultdict(list)
+    row_ids_by_refusal: dict[tuple[str, bool], list[int]] = defaultdict(list)
     for row_id, refusal in refused.items():
-        row_ids_by_error[refusal.error].append(row_id)
-    for error, row_ids in row_ids_by_error.items():
-        cursor.execute(_COUNT_REFUSAL, {"row_ids": row_ids, "error": error[:2000]})
+        row_ids_by_refusal[refusal.error, refusal.park].append(row_id)
+    for (error, park), row_ids in row_ids_by_refusal.items():
+        cursor.execute(_PARK if park else _COUNT_REFUSAL,
+                       {"row_ids": row_ids, "error": error[:2000]})
+    if any(refusal.park for refusal in refused.values()):
+        # The read's plan rests on the table's statistics: planned for no parked rows, it
+        # compares each row it reads with every parked one (with 200 parked, a read of 5,000
+        # rows took 96 ms instead of 8); once they are counted, it looks each row's key up in
+        # their index. Parking is rare, and this is the moment the counts change.
+        cursor.execute("ANALYZE outbox_messages")
     return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused),
-                       held=sum(refusal.held for refusal in refused.values()))
+                       held=sum(refusal.held for refusal in refused.values()),
+                       parked=sum(refusal.park for refusal in refused.values()))
 
 
 def vacuum_outbox(cursor) -> None:
@@ -194,3 +221,67 @@ def vacuum_outbox(cursor) -> None:
 _DELETE_ROWS = "DELETE FROM outbox_messages WHERE id = ANY(%(row_ids)s)"
 _COUNT_REFUSAL = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(error)s"
                   " WHERE id = ANY(%(row_ids)s)")
+_PARK = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(error)s,"
+         " parked_at = now() WHERE id = ANY(%(row_ids)s)")
+
+
+# For an operator (tasks/parked.py): the parked rows, and handing them back or deleting them.
+
+@dataclass(frozen=True)
+class ParkedOutboxMessage:
+    message_id: uuid.UUID
+    topic: str
+    key: str | None
+    type: str
+    parked_at: datetime
+    attempts: int
+    last_error: str | None
+    waiting_behind: int  # later rows with its topic and key, which the relay holds back
+
+
+def parked_outbox_messages(session: Session, limit: int) -> list[ParkedOutboxMessage]:
+    """The most recently parked rows, newest first, each with how many rows wait behind it."""
+    rows = session.execute(_PARKED, {"limit": limit}).all()
+    return [ParkedOutboxMessage(*row) for row in rows]
+
+
+_PARKED = text("""
+SELECT message_id, topic, key, type, parked_at, attempts, last_error,
+       (SELECT count(*) FROM outbox_messages AS behind
+        WHERE behind.topic = parked.topic AND behind.key = parked.key AND behind.id > parked.id
+              AND behind.parked_at IS NULL)
+FROM outbox_messages AS parked WHERE parked_at IS NOT NULL
+ORDER BY parked_at DESC, id DESC LIMIT :limit""")
+
+
+def unpark_outbox_messages(session: Session,
+                           message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
+    """Hand parked rows (every one when `message_ids` is None) back to the relay, to be sent
+    again in their place, before the rows behind them (once `message.max.bytes` is raised, say;
+    one the producer still will not take is parked again); returns their ids. The relay is woken
+    as the caller's transaction commits."""
+    return _returning_ids(session, _UNPARK, message_ids)
+
+
+def discard_parked_outbox_messages(session: Session,
+                                   message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
+    """Delete parked rows (every one when `message_ids` is None), never to be sent, so that the
+    rows behind them go; returns their ids. The relay is woken as the caller's transaction
+    commits."""
+    return _returning_ids(session, _DISCARD, message_ids)
+
+
+def _returning_ids(session: Session, statement: str,
+                   message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
+    if message_ids is None:
+        chosen, params = "", {}
+    else:
+        chosen, params = " AND message_id = ANY(:message_ids)", {"message_ids": message_ids}
+    ids = list(session.scalars(text(statement + chosen + " RETURNING message_id"), params))
+    if ids:
+        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": OUTBOX_CHANNEL})
+    return ids
+
+
+_UNPARK = "UPDATE outbox_messages SET parked_at = NULL WHERE parked_at IS NOT NULL"
+_DISCARD = "DELETE FROM outbox_messages WHERE parked_at IS NOT NULL"

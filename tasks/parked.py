@@ -1,15 +1,24 @@
-"""Parked inbox messages, for an operator: list them, and hand them back to be handled once what
-parked them is mended.
+"""Parked messages, for an operator: list them, hand them back once what parked them is mended,
+or give up on them.
 
-    python -m tasks.parked list orders                  # the newest 50 parked (--limit N)
-    python -m tasks.parked replay payments ID [ID ...]  # or --all
+    python -m tasks.parked list orders                   # the newest 50 parked (--limit N)
+    python -m tasks.parked replay payments ID [ID ...]   # or --all
+    python -m tasks.parked discard payments ID [ID ...]  # or --all
 
-A message is parked after INBOX_MAX_ATTEMPTS failed tries, or at once when it cannot succeed as
-things stand (an unknown order, a payload that breaks its contract, no handler for its type).
-Replaying clears its park and its attempts and dispatches it to the service's worker, where it is
-handled like a new message, and still at most once: its handler runs under a lock on its inbox
-row and marks it processed in the same transaction. A record that could not even be parsed holds
-no event to hand a handler, and stays parked.
+By default these are inbox messages. An inbox message is parked after INBOX_MAX_ATTEMPTS failed
+tries, or at once when it cannot succeed as things stand (an unknown order, a payload that breaks
+its contract, no handler for its type, a record that could not be parsed). Replaying clears its
+park and its attempts and dispatches it to the service's worker, where it is handled like a new
+message, and still at most once: its handler runs under a lock on its inbox row and marks it
+processed in the same transaction. A record that could not even be parsed holds no event to hand a
+handler, and stays parked. Discarding marks it processed without handling it, so that Kafka
+delivering it again changes nothing; its row goes with the handled ones, once they are old.
+
+With --outbox they are outbox rows the producer would not take (a message over its
+`message.max.bytes`): the relay holds back the later rows with their topic and key behind them, and
+`list` says how many. Replaying hands one back to the relay, to be sent in its place before them
+(it is parked again if the producer still will not take it); discarding deletes it, never to be
+sent, and the rows behind it go.
 """
 
 from __future__ import annotations
@@ -20,29 +29,53 @@ import uuid
 
 from shared.config import SERVICES
 from shared.db import transaction
-from shared.inbox import parked_messages, unpark_messages
+from shared.inbox import discard_parked_messages, parked_messages, unpark_messages
+from shared.outbox import (discard_parked_outbox_messages, parked_outbox_messages,
+                           unpark_outbox_messages)
 from tasks.inbox import dispatch_inbox_messages
 from tasks.services import service_app
 
 
-def list_parked(service: str, limit: int) -> None:
+def list_parked(service: str, limit: int, outbox: bool = False) -> None:
     with service_app(service).app_context(), transaction() as session:
+        if outbox:
+            for row in parked_outbox_messages(session, limit):
+                print(f"{row.message_id}  {row.type}  {row.topic} key {row.key}"
+                      f"  parked {row.parked_at.isoformat()}  {row.waiting_behind} waiting behind"
+                      f"  {_one_line(row.last_error)}")
+            return
         for message in parked_messages(session, limit):
             where = f"{message.topic}[{message.partition}]@{message.offset}"
-            error = (message.last_error or "").replace("\n", " ")[:200]
             print(f"{message.message_id}  {message.type or '(unparsed)'}  {where}"
                   f"  parked {message.parked_at.isoformat()}  attempts {message.attempts}"
-                  f"  {error}")
+                  f"  {_one_line(message.last_error)}")
 
 
-def replay(service: str, message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
-    """Unpark the messages (every replayable one when `message_ids` is None) and dispatch them;
-    returns the ids replayed."""
+def _one_line(error: str | None) -> str:
+    return (error or "").replace("\n", " ")[:200]
+
+
+def replay(service: str, message_ids: list[uuid.UUID] | None,
+           outbox: bool = False) -> list[uuid.UUID]:
+    """Unpark the messages (every replayable one when `message_ids` is None) and hand them back:
+    inbox messages dispatched to be handled, outbox rows to the relay; returns the ids replayed."""
     with service_app(service).app_context():
         with transaction() as session:
-            replayed = unpark_messages(session, message_ids)
-        dispatch_inbox_messages(service, replayed)
+            if outbox:
+                replayed = unpark_outbox_messages(session, message_ids)
+            else:
+                replayed = unpark_messages(session, message_ids)
+        if not outbox:
+            dispatch_inbox_messages(service, replayed)
     return replayed
+
+
+def discard(service: str, message_ids: list[uuid.UUID] | None,
+            outbox: bool = False) -> list[uuid.UUID]:
+    """Give up on parked messages (every one when `message_ids` is None); returns their ids."""
+    discard_parked = discard_parked_outbox_messages if outbox else discard_parked_messages
+    with service_app(service).app_context(), transaction() as session:
+        return discard_parked(session, message_ids)
 
 
 def _positive(text: str) -> int:
@@ -52,28 +85,54 @@ def _positive(text: str) -> int:
     return number
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="python -m tasks.parked", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    listing = commands.add_parser("list", help="the newest parked messages")
-    listing.add_argument("service", choices=SERVICES)
-    listing.add_argument("--limit", type=_positive, default=50)
-    replaying = commands.add_parser("replay", help="hand parked messages back to be handled")
-    replaying.add_argument("service", choices=SERVICES)
-    replaying.add_argument("message_ids", nargs="*", type=uuid.UUID, metavar="MESSAGE_ID")
-    replaying.add_argument("--all", action="store_true", help="every parked message")
-    args = parser.parse_args(argv)
+    helps = {"list": "the newest parked messages",
+             "replay": "hand parked messages back to be handled (or sent)",
+             "discard": "give up on parked messages"}
+    command_parsers = {}
+    for command, help_text in helps.items():
+        command_parser = command_parsers[command] = commands.add_parser(command, help=help_text)
+        command_parser.add_argument("service", choices=SERVICES)
+        command_parser.add_argument("--outbox", action="store_true",
+                                    help="outbox rows the producer would not take")
+        if command == "list":
+            command_parser.add_argument("--limit", type=_positive, default=50)
+        else:
+            command_parser.add_argument("message_ids", nargs="*", type=uuid.UUID,
+                                        metavar="MESSAGE_ID")
+            command_parser.add_argument("--all", action="store_true",
+                                        help="every parked message")
+    return parser, command_parsers
+
+
+_OUTCOMES = {("replay", False): "handed back to be handled",
+             ("replay", True): "handed back to be sent",
+             ("discard", False): "discarded", ("discard", True): "discarded"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, command_parsers = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # --outbox may come anywhere: argparse, given `replay orders --outbox ID`, would have taken
+    # `orders` and no ids before it, and then had no place for the ids.
+    args = parser.parse_args([arg for arg in argv if arg != "--outbox"])
+    args.outbox = "--outbox" in argv
     if args.command == "list":
-        list_parked(args.service, args.limit)
+        list_parked(args.service, args.limit, args.outbox)
         return 0
     if bool(args.message_ids) == args.all:
-        replaying.error("name the messages, or give --all")
-    replayed = replay(args.service, None if args.all else args.message_ids)
-    print(f"{args.service}: {len(replayed)} message(s) handed back to be handled")
-    left = [message_id for message_id in args.message_ids if message_id not in replayed]
+        command_parsers[args.command].error("name the messages, or give --all")
+    act = replay if args.command == "replay" else discard
+    done = act(args.service, None if args.all else args.message_ids, args.outbox)
+    box = "outbox" if args.outbox else "inbox"
+    print(f"{args.service} {box}: {len(done)} message(s) {_OUTCOMES[args.command, args.outbox]}")
+    left = [message_id for message_id in args.message_ids if message_id not in done]
     for message_id in left:
-        print(f"{message_id}: not replayed (not parked, unknown, or never parsed)",
+        print(f"{message_id}: not {args.command}ed (not parked, unknown"
+              f"{'' if args.outbox or args.command == 'discard' else ', or never parsed'})",
               file=sys.stderr)
     return 1 if left else 0
 

@@ -120,23 +120,24 @@ def _step_down(service: str, refused_for: float) -> None:
 
 def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                        publisher: OutboxPublisher) -> tuple[int, bool]:
-    """Send batch after batch until none is left, the broker refuses rows, or a batch sends
-    nothing but rows the producer itself holds (all retried later); returns how many rows were
-    sent and whether the broker refused any (held rows say nothing about the broker)."""
+    """Send batch after batch until none is left or the broker refuses rows; returns how many
+    rows were sent and whether the broker refused any (rows the producer itself would not take
+    say nothing about the broker: they are parked, and the next read passes over them)."""
     sent = 0
     while not _stopping.is_set():
         with leader.cursor() as cursor:
             result = relay_pending_outbox(cursor, publisher.send_batch,
                                           settings.outbox_relay_batch_size)
         sent += result.sent
-        if result.failed:
-            log.warning("%s outbox: %d rows not acknowledged (%d held by the producer itself);"
-                        " will retry", service, result.failed, result.held)
-            if result.refused_by_the_broker:
-                _recreate_topics(settings, service)
-                return sent, True
-            if not result.sent:  # only held rows left in reach: the next read would be the same
-                break
+        if result.parked:
+            log.error("%s outbox: parked %d message(s) the producer will not take, and the rows"
+                      " of their keys behind them; see python -m tasks.parked list %s --outbox",
+                      service, result.parked, service)
+        if result.refused_by_the_broker:
+            log.warning("%s outbox: %d rows not acknowledged by the broker; will retry",
+                        service, result.refused_by_the_broker)
+            _recreate_topics(settings, service)
+            return sent, True
         if result.claimed < settings.outbox_relay_batch_size:
             break
     return sent, False

@@ -284,6 +284,43 @@ def test_a_parked_request_replayed_once_mended_is_paid_once(settings, payments_i
         parked.main(["replay", "payments"])  # neither ids nor --all
 
 
+def test_parked_messages_discarded_are_never_handled_and_their_repeats_are_dropped(
+        settings, payments_inbox, user_id):
+    """python -m tasks.parked discard: a parked request given up on is marked processed without
+    being handled (no debit), leaves the list, cannot be replayed, and a second delivery of it,
+    like one of a record never parsed, is dropped as a repeat."""
+    from payments_app import service as payments
+    from payments_app.models import Account
+    from tasks import parked
+
+    with service_app("payments").app_context(), transaction() as session:
+        payments.open_account(session, user_id=user_id)
+        payments.deposit(session, user_id=user_id, amount=Decimal("10"))
+    request = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
+                                            "amount": Decimal("4.00")}, None)
+    record = ConsumedRecord("task-test", 0, 0, None, encode(request.to_json()), {})
+    offset = uuid.uuid4().int % 10**9
+    broken = ConsumedRecord("task-test", 8, offset, None, b"{broken", {})
+    assert payments_inbox([record, broken]) == [request.message_id]
+    with service_app("payments").app_context(), transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id == request.message_id)
+                        .values(parked_at=func.now(), last_error="ledger closed"))
+        (never_parsed,) = session.scalars(select(InboxMessage.message_id).where(
+            InboxMessage.partition == 8, InboxMessage.offset == offset)).all()
+
+    assert parked.main(["discard", "payments", str(request.message_id), str(never_parsed)]) == 0
+    for message_id, error in ((request.message_id, "ledger closed"), (never_parsed, "")):
+        row = _row(message_id)
+        assert row.processed_at is not None and row.parked_at is None
+        assert row.last_error.startswith("discarded by an operator; parked for: " + error)
+    assert parked.main(["replay", "payments", str(request.message_id)]) == 1
+    assert parked.main(["discard", "payments", str(request.message_id)]) == 1  # not parked now
+    assert payments_inbox([record, broken]) == []  # delivered again: repeats
+    handle_inbox_batch.apply(args=("payments", [str(request.message_id)]))
+    with service_app("payments").app_context():
+        assert db.session.get(Account, user_id).balance == Decimal("10.00")
+
+
 def test_a_record_never_parsed_is_not_replayed(settings, payments_inbox):
     from shared.inbox import unpark_messages
 

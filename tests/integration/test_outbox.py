@@ -41,7 +41,7 @@ def _relay_all(publisher: OutboxPublisher, batch_size: int = 100):
         with transaction() as session, driver_cursor(session) as cursor:
             result = relay_pending_outbox(cursor, publisher.send_batch, batch_size)
         totals.append(result)
-        if result.claimed == 0 or result.failed:
+        if result.claimed == 0 or result.refused_by_the_broker:
             return totals
 
 
@@ -113,29 +113,79 @@ def _messages_of(settings, order_ids) -> list:
     return of_the_orders(messages)
 
 
-def test_a_message_no_broker_can_take_holds_back_its_key_and_no_other(in_orders, settings,
-                                                                    user_id):
-    """A row too large for the broker is refused by the producer at once, every time: the rows
-    behind it with its key wait (they must not overtake it), and every other key's rows go out."""
+def test_a_message_no_broker_can_take_is_parked_and_holds_back_its_key_and_no_other(
+        in_orders, settings, user_id):
+    """A row too large for the broker is refused by the producer at once: it is parked and not
+    tried again, the rows behind it with its key wait (they must not overtake it), however many
+    there are, and every other key's rows go out."""
     publisher = OutboxPublisher(settings)
     _relay_all(publisher)  # whatever earlier tests left behind
     stuck_user = f"{user_id}-stuck"
-    too_large, behind_it = _place(stuck_user, "1.00"), _place(stuck_user, "2.00")
-    other = _place(user_id, "3.00")
+    too_large = _place(stuck_user, "1.00")
+    behind_it = [_place(stuck_user, amount).id for amount in ("2.00", "3.00", "4.00")]
+    other = _place(user_id, "5.00")
     _make_too_large(too_large.id)
     try:
-        for _ in range(2):  # and the same on the next run
-            result = _relay_all(publisher)[-1]
-            db.session.rollback()
-            assert _outbox_rows_for([other.id]) == []
-            stuck = _outbox_rows_for([too_large.id, behind_it.id])
-            assert [row.correlation_id for row in stuck] == [str(too_large.id), str(behind_it.id)]
-            assert "MSG_SIZE_TOO_LARGE" in stuck[0].last_error
-            assert stuck[1].last_error.startswith("held back behind a refused message")
-            assert (result.failed, result.held, result.refused_by_the_broker) == (2, 2, 0)
+        results = _relay_all(publisher, batch_size=2)  # the stuck key's rows alone fill a batch
+        first = results[0]
+        assert (first.claimed, first.failed, first.held, first.parked) == (2, 2, 2, 1)
+        assert sum(result.refused_by_the_broker for result in results) == 0
+        db.session.rollback()
+        assert _outbox_rows_for([other.id]) == []
         assert _messages_of(settings, [other.id])
+        parked, *waiting = _outbox_rows_for([too_large.id, *behind_it])
+        assert parked.correlation_id == str(too_large.id) and parked.parked_at is not None
+        assert "MSG_SIZE_TOO_LARGE" in parked.last_error and parked.attempts == 1
+        assert [row.correlation_id for row in waiting] == [str(i) for i in behind_it]
+        assert waiting[0].last_error.startswith("held back behind a refused message")
+        assert [row.attempts for row in waiting] == [1, 0, 0]
+        assert all(row.parked_at is None for row in waiting)
+
+        assert sum(result.claimed for result in _relay_all(publisher)) == 0  # not tried again
+        db.session.rollback()
+        assert _outbox_rows_for([too_large.id])[0].attempts == 1
     finally:
-        _delete_outbox_rows_of([too_large.id, behind_it.id])
+        _delete_outbox_rows_of([too_large.id, *behind_it])
+
+
+def test_an_operator_replays_or_discards_a_parked_outbox_row(in_orders, settings, user_id,
+                                                             capsys):
+    """python -m tasks.parked ... --outbox: a row replayed is tried again in its place (and
+    parked again while the producer still will not take it); one discarded is never sent, and the
+    rows behind it go out in their order."""
+    from tasks import parked
+
+    publisher = OutboxPublisher(settings)
+    _relay_all(publisher)
+    too_large = _place(user_id, "1.00")
+    behind_it = [_place(user_id, amount).id for amount in ("2.00", "3.00")]
+    _make_too_large(too_large.id)
+    try:
+        _relay_all(publisher)
+        db.session.rollback()
+        (message_id,) = [row.message_id for row in _outbox_rows_for([too_large.id])]
+        assert parked.main(["list", "orders", "--outbox"]) == 0
+        listed = capsys.readouterr().out
+        assert f"{message_id}  PaymentRequested" in listed and "2 waiting behind" in listed
+
+        assert parked.main(["replay", "orders", "--outbox", str(message_id)]) == 0
+        db.session.rollback()
+        assert _outbox_rows_for([too_large.id])[0].parked_at is None
+        _relay_all(publisher)
+        db.session.rollback()
+        (row,) = _outbox_rows_for([too_large.id])
+        assert row.parked_at is not None and row.attempts == 2  # parked again
+        assert len(_outbox_rows_for(behind_it)) == 2
+
+        assert parked.main(["discard", "orders", "--outbox", str(message_id)]) == 0
+        assert parked.main(["discard", "orders", "--outbox", str(message_id)]) == 1  # gone
+        _relay_all(publisher)
+        db.session.rollback()
+        assert _outbox_rows_for([too_large.id, *behind_it]) == []
+        messages = _messages_of(settings, behind_it)
+        assert [json.loads(m.value())["payload"]["amount"] for m in messages] == ["2.00", "3.00"]
+    finally:
+        _delete_outbox_rows_of([too_large.id, *behind_it])
 
 
 def _make_too_large(order_id) -> None:
@@ -155,19 +205,21 @@ def test_a_leader_kept_from_one_message_by_its_own_producer_does_not_step_down(
         orders_flask_app, user_id, monkeypatch):
     """Only the broker's refusals count towards stepping down: a row the producer itself will
     not take says nothing about this worker's way to the broker, and another leader would fare
-    no better."""
-    monkeypatch.setattr("tasks.relay.STEP_DOWN_AFTER_SECONDS", 0.5)
+    no better. (With no time allowed, a refused batch would be one too many.)"""
+    monkeypatch.setattr("tasks.relay.STEP_DOWN_AFTER_SECONDS", 0.0)
     with orders_flask_app.app_context():
         order_id = _place(user_id).id
         _make_too_large(order_id)
     try:
         with _relay_task_leading([]) as relay, orders_flask_app.app_context():
-            def refused_three_times():
+            def parked():
                 db.session.rollback()
                 (row,) = _outbox_rows_for([order_id])
-                return row.attempts >= 3
+                return row.parked_at is not None
 
-            wait_for(refused_three_times, timeout=20, what="three wake-ups refusing the row")
+            wait_for(parked, timeout=20, what="the leader to park the row")
+            later_order_id = _place(f"{user_id}-other").id
+            _wait_until_sent([later_order_id])  # a later wake-up, after the parked row's
             assert "orders" in relay._leading and "orders" not in relay._sitting_out
     finally:
         with orders_flask_app.app_context():

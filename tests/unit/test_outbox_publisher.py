@@ -96,13 +96,22 @@ def test_a_message_the_producer_will_not_take_holds_back_its_key_only(publisher)
     producer.too_large = {rows[0][6]}
     refused = publisher.send_batch(rows)
     assert set(refused) == {1, 3}  # ann's message and the one of hers behind it
-    assert refused[1].error.startswith("not produced:") and refused[1].held
-    assert refused[3].error.startswith("held back") and refused[3].held
+    assert refused[1].error.startswith("not produced:") and refused[1].held and refused[1].park
+    assert refused[3].error.startswith("held back") and refused[3].held and not refused[3].park
     assert producer.produced == [rows[1][6], rows[3][6], rows[4][6]]
     assert len(StandInProducer.made) == 1  # not fatal: the producer is kept
     producer.too_large = {rows[0][6], rows[1][6], rows[3][6]}
     publisher.send_batch(rows[:2])  # nothing produced at all, nothing unanswered
     assert len(StandInProducer.made) == 1
+
+
+def test_a_message_without_a_key_the_producer_will_not_take_holds_nothing_back(publisher):
+    """Keyless messages go to any partition: there is no order among them to keep."""
+    rows = [(n, "topic", None, f"m{n}", "PaymentRequested", None, f'{{"message_id":"m{n}"}}')
+            for n in (1, 2)]
+    publisher._get_producer().too_large = {rows[0][6]}
+    refused = publisher.send_batch(rows)
+    assert set(refused) == {1} and refused[1].park
 
 
 def test_a_producer_in_a_fatal_state_is_replaced(publisher):
