@@ -550,12 +550,13 @@ def test_an_open_socket_is_probed_so_that_a_vanished_page_frees_its_slot(setting
 
 
 def _refused(url, code: int = 1013) -> bool:
-    """Whether the gateway closes a socket to `url` at once with `code` (1013: try again later)."""
+    """Whether the gateway closes a socket to `url` with `code` (1013: try again later) before
+    sending anything; waits for the close up to a deadline (a busy machine can take its time)."""
     import simple_websocket
 
     socket = simple_websocket.Client.connect(url)
     try:
-        socket.receive(timeout=0.3)
+        socket.receive(timeout=10)
     except ConnectionClosed:
         return socket.close_reason == code
     socket.close()
