@@ -8,6 +8,7 @@ and never block the messages behind them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -126,10 +127,14 @@ def _now() -> datetime:
 
 
 def _position_id(record: ConsumedRecord) -> uuid.UUID:
-    """The id a record that cannot be parsed is parked under. Not its `message_id` header: nothing
-    of such a record can be trusted, and parked under a valid message's id it would make the inbox
-    drop that message as a repeat."""
-    return uuid.uuid5(_POSITION_NAMESPACE, f"{record.topic}:{record.partition}:{record.offset}")
+    """The id a record that cannot be parsed is parked under: its position, and a digest of its
+    value, so that the record read again is the same row, and another record at the same position
+    (a topic deleted and made again starts its offsets at 0) is a row of its own. Not its
+    `message_id` header: nothing of such a record can be trusted, and parked under a valid
+    message's id it would make the inbox drop that message as a repeat."""
+    digest = hashlib.sha256(record.value or b"").hexdigest()
+    return uuid.uuid5(_POSITION_NAMESPACE,
+                      f"{record.topic}:{record.partition}:{record.offset}:{digest}")
 
 
 def _storable_text(raw: bytes | str | None, limit: int | None = None) -> str | None:
@@ -440,8 +445,11 @@ def _update_parked(session: Session, message_ids: list[uuid.UUID] | None, *condi
 
 
 def prune_handled_messages(session: Session, stored_before: datetime, limit: int) -> int:
-    """Delete the rows of up to `limit` handled messages stored before `stored_before`, oldest
-    first; returns how many (the caller repeats, a transaction each, until fewer than `limit`).
+    """Delete the rows of up to `limit` handled messages stored, and handled, before
+    `stored_before`, oldest first; returns how many (the caller repeats, a transaction each, until
+    fewer than `limit`). A message is handled moments after it is stored, but one parked long and
+    then discarded (discard_parked_messages) keeps its row a whole retention from its discard: it
+    was never handled, and no business key would make its coming again a no-op.
 
     The inbox's own dedup of a message lasts as long as its row. Kafka may deliver a message
     again later than that (it deletes records a segment at a time, so a record can outlive its
@@ -462,7 +470,7 @@ _PRUNE = text("""
 DELETE FROM inbox_messages
 WHERE ctid = ANY(ARRAY(
           SELECT ctid FROM inbox_messages
-          WHERE received_at < :cutoff AND processed_at IS NOT NULL
+          WHERE received_at < :cutoff AND processed_at IS NOT NULL AND processed_at < :cutoff
           ORDER BY received_at
           LIMIT :limit))
-  AND received_at < :cutoff AND processed_at IS NOT NULL""")
+  AND received_at < :cutoff AND processed_at IS NOT NULL AND processed_at < :cutoff""")

@@ -115,11 +115,13 @@ class OutboxPublisher:
         """Produce `rows` and wait until each has an answer; returns why each row the broker did
         not acknowledge was refused.
 
-        A message the producer itself will not take (one over its `message.max.bytes`, say) is
-        refused to be parked (`Refusal.park`) and holds back the rows after it with its topic and
+        A message the producer itself will never take (one over its `message.max.bytes`) comes
+        back as one to park (`Refusal.park`), and holds back the rows after it with its topic and
         key, which must not overtake it, and no others: one row that can never be sent stops its
-        key, not the relay (a row without a key has no order to keep, and holds nothing back). A
-        fatal producer error holds back every row after it. (A message the broker refuses later,
+        key, not the relay (a row without a key has no order to keep, and holds nothing back).
+        Any other refusal at produce time is the broker's to answer for (a topic its metadata no
+        longer has, say), retried later, and holds back the rows of its key the same way; a fatal
+        producer error holds back every row after it. (A message the broker refuses later,
         in its delivery report, holds nothing back: the rows after it may already be on their
         way.)
         """
@@ -140,13 +142,15 @@ class OutboxPublisher:
                               relay_headers(message_id, event_type, request_id))
             except KafkaException as exc:
                 log.warning("the outbox producer refused a message: %s", exc)
-                if _is_fatal(exc.args[0]):  # (a broker that came back empty, say): retried later
+                error: KafkaError = exc.args[0]
+                if _is_fatal(error):  # (a broker that came back empty, say): retried later
                     fatal = refused[row_id] = Refusal(f"not produced: {exc}")
-                else:
-                    refused[row_id] = Refusal(f"not produced: {exc}", held=True, park=True)
-                    if key is not None:
-                        held_back[(topic, key)] = Refusal(
-                            f"held back behind a refused message: {exc}", held=True)
+                    continue
+                never = error.code() == KafkaError.MSG_SIZE_TOO_LARGE
+                refused[row_id] = Refusal(f"not produced: {exc}", held=never, park=never)
+                if key is not None:
+                    held_back[(topic, key)] = Refusal(
+                        f"held back behind a refused message: {exc}", held=never)
                 continue
             produced.append(row)
         if producer.flush(FLUSH_TIMEOUT_S):

@@ -96,7 +96,7 @@ def drop_inbox_handled_index() -> None:
     op.drop_index("ix_inbox_messages_handled", "inbox_messages")
 
 
-def park_outbox_rows() -> None:
+def add_outbox_parking() -> None:
     """Outbox rows whose message the producer will never take are parked (`parked_at`), and the
     relay passes over them and the later rows with their topic and key, found through an index
     that holds the parked rows only (so, nearly always, nothing)."""

@@ -8,11 +8,10 @@ once the broker has acknowledged it (Kafka is then its record); a row the broker
 counts the attempt and records the error, and is retried by the next run. A row whose message the
 producer itself will never take (one over its `message.max.bytes`) is parked instead: it is not
 tried again, and the later rows with its topic and key wait behind it (they must not overtake it)
-until an operator sends it again or discards it (`python -m tasks.parked ... --outbox`); every other
-row goes on. A leader that dies
-between sending and deleting leaves its rows to be sent again by the next one (consumers drop the
-repeats by message id). Rows that are gone never need skipping, so the table holds the backlog and
-nothing else, however long the shop has run.
+until an operator sends it again or discards it (`python -m tasks.parked ... --outbox`); every
+other row goes on. A leader that dies between sending and deleting leaves its rows to be sent
+again by the next one (consumers drop the repeats by message id). Rows that are gone never need
+skipping, so the table holds the backlog and nothing else, however long the shop has run.
 
 A row keeps its message exactly as it goes to Kafka (`envelope`, the event serialised once, by
 its writer), so relaying a row is reading strings and handing them to the producer.
@@ -142,7 +141,8 @@ class Refusal:
     """Why a row was not acknowledged. `held`: the producer itself would not take it (a message
     it can never send, or a row held back behind one), so no broker was asked and nothing follows
     about the broker. `park`: the row's own message is one the producer can never send; it is
-    parked rather than tried again (a row held back behind it is `held` only)."""
+    parked rather than tried again (a row held back behind it is `held` only). Every other
+    refusal counts against the broker, and the row is tried again."""
 
     error: str
     held: bool = False
@@ -195,7 +195,7 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
         # compares each row it reads with every parked one (with 200 parked, a read of 5,000
         # rows took 96 ms instead of 8); once they are counted, it looks each row's key up in
         # their index. Parking is rare, and this is the moment the counts change.
-        cursor.execute("ANALYZE outbox_messages")
+        cursor.execute("ANALYZE (SKIP_LOCKED) outbox_messages")  # not behind a VACUUM
     return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused),
                        held=sum(refusal.held for refusal in refused.values()),
                        parked=sum(refusal.park for refusal in refused.values()))

@@ -40,7 +40,7 @@ def list_parked(service: str, limit: int, outbox: bool = False) -> None:
     with service_app(service).app_context(), transaction() as session:
         if outbox:
             for row in parked_outbox_messages(session, limit):
-                print(f"{row.message_id}  {row.type}  {row.topic} key {row.key}"
+                print(f"{row.message_id}  {row.type}  {row.topic} key {row.key or '(none)'}"
                       f"  parked {row.parked_at.isoformat()}  {row.waiting_behind} waiting behind"
                       f"  {_one_line(row.last_error)}")
             return
@@ -87,14 +87,15 @@ def _positive(text: str) -> int:
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="python -m tasks.parked", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     helps = {"list": "the newest parked messages",
              "replay": "hand parked messages back to be handled (or sent)",
              "discard": "give up on parked messages"}
     command_parsers = {}
     for command, help_text in helps.items():
-        command_parser = command_parsers[command] = commands.add_parser(command, help=help_text)
+        command_parser = command_parsers[command] = commands.add_parser(
+            command, help=help_text, allow_abbrev=False)
         command_parser.add_argument("service", choices=SERVICES)
         command_parser.add_argument("--outbox", action="store_true",
                                     help="outbox rows the producer would not take")
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     # --outbox may come anywhere: argparse, given `replay orders --outbox ID`, would have taken
     # `orders` and no ids before it, and then had no place for the ids.
     args = parser.parse_args([arg for arg in argv if arg != "--outbox"])
-    args.outbox = "--outbox" in argv
+    args.outbox = "--outbox" in argv  # (no abbreviations: `--out` is an error, not the inbox)
     if args.command == "list":
         list_parked(args.service, args.limit, args.outbox)
         return 0

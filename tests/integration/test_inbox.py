@@ -186,3 +186,15 @@ def test_an_unparseable_record_cannot_take_a_valid_messages_id(in_payments, paym
         InboxMessage.topic == "test-topic", InboxMessage.offset == squatter.offset)).all()
     assert len(parked) == 1 and parked[0].parked_at is not None
     assert parked[0].message_id != good_id
+
+
+def test_another_unparseable_record_at_a_parked_ones_position_is_parked_too(in_payments,
+                                                                            payments_inbox):
+    """A topic deleted and made again starts its offsets at 0: a broken record there meets the
+    parked row of an old one at the same position, and must be kept beside it, not dropped."""
+    old = _record(b"{broken")
+    new = ConsumedRecord(old.topic, old.partition, old.offset, None, b"{also broken", {})
+    assert payments_inbox([old]) == [] and payments_inbox([new]) == []
+    parked = db.session.scalars(select(InboxMessage.raw_value).where(
+        InboxMessage.topic == old.topic, InboxMessage.offset == old.offset)).all()
+    assert sorted(parked) == ["{also broken", "{broken"]

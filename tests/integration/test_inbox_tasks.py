@@ -8,7 +8,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 
 import payments_app
 import shared.db
@@ -176,13 +176,15 @@ def test_a_batch_survives_the_database_dropping_the_workers_connection(settings,
 
 
 def _stored_long_ago(message_ids, settings) -> None:
-    """Date the messages' inbox rows back past the inbox's retention."""
+    """Date the messages' inbox rows back past the inbox's retention: when they were stored and,
+    for those handled, when they were."""
+    long_ago = func.now() - timedelta(seconds=settings.inbox_retention_seconds, hours=1)
     with service_app("payments").app_context(), transaction() as session:
         session.execute(
             update(InboxMessage)
             .where(InboxMessage.message_id.in_(message_ids))
-            .values(received_at=func.now() - timedelta(seconds=settings.inbox_retention_seconds,
-                                                       hours=1)))
+            .values(received_at=long_ago, processed_at=case(
+                (InboxMessage.processed_at.is_not(None), long_ago), else_=None)))
 
 
 def test_the_pruner_deletes_old_handled_rows_and_keeps_the_rest(settings, payments_inbox,
@@ -319,6 +321,21 @@ def test_parked_messages_discarded_are_never_handled_and_their_repeats_are_dropp
     handle_inbox_batch.apply(args=("payments", [str(request.message_id)]))
     with service_app("payments").app_context():
         assert db.session.get(Account, user_id).balance == Decimal("10.00")
+
+
+def test_a_message_stored_long_ago_and_discarded_now_keeps_its_row_a_retention(
+        settings, payments_inbox, user_id):
+    """Its row is what makes a second delivery a repeat: the pruner counts from the discard."""
+    from tasks import parked
+
+    message_id = _stored_request(payments_inbox, user_id)
+    with service_app("payments").app_context(), transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
+                        .values(parked_at=func.now(), last_error="ledger closed"))
+    _stored_long_ago([message_id], settings)
+    assert parked.main(["discard", "payments", str(message_id)]) == 0
+    prune_inbox.apply(args=("payments",)).get()
+    assert _row(message_id).processed_at is not None
 
 
 def test_a_record_never_parsed_is_not_replayed(settings, payments_inbox):

@@ -188,6 +188,35 @@ def test_an_operator_replays_or_discards_a_parked_outbox_row(in_orders, settings
         _delete_outbox_rows_of([too_large.id, *behind_it])
 
 
+def test_a_parked_outbox_row_replayed_once_mended_goes_out_before_the_rows_behind_it(
+        in_orders, settings, user_id):
+    from tasks import parked
+
+    publisher = OutboxPublisher(settings)
+    _relay_all(publisher)
+    first = _place(user_id, "1.00")
+    behind_it = [_place(user_id, amount).id for amount in ("2.00", "3.00")]
+    (row,) = _outbox_rows_for([first.id])
+    as_written = json.dumps(row.envelope)
+    _make_too_large(first.id)
+    try:
+        _relay_all(publisher)
+        db.session.rollback()
+        assert _outbox_rows_for([first.id])[0].parked_at is not None
+        with transaction() as session, driver_cursor(session) as cursor:  # mended
+            cursor.execute("UPDATE outbox_messages SET envelope = %s WHERE correlation_id = %s",
+                           (as_written, str(first.id)))
+        assert parked.main(["replay", "orders", "--outbox", str(row.message_id)]) == 0
+        _relay_all(publisher)
+        db.session.rollback()
+        assert _outbox_rows_for([first.id, *behind_it]) == []
+        messages = _messages_of(settings, [first.id, *behind_it])
+        assert [json.loads(m.value())["payload"]["amount"] for m in messages] == [
+            "1.00", "2.00", "3.00"]
+    finally:
+        _delete_outbox_rows_of([first.id, *behind_it])
+
+
 def _make_too_large(order_id) -> None:
     """Give the order's outbox row a message over the producer's message.max.bytes (1 MB)."""
     with transaction() as session, driver_cursor(session) as cursor:

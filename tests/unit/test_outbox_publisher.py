@@ -105,6 +105,21 @@ def test_a_message_the_producer_will_not_take_holds_back_its_key_only(publisher)
     assert len(StandInProducer.made) == 1
 
 
+def test_a_message_refused_for_the_brokers_state_is_tried_again_not_parked(publisher):
+    """A producer whose metadata says the topic is gone (a broker that came back empty) refuses
+    at once too: that is the broker's to mend, and the relay checks the topics and retries."""
+    rows = _rows(2)
+    producer = publisher._get_producer()
+
+    def topic_gone(topic, value, key, headers):
+        raise KafkaException(KafkaError(KafkaError._UNKNOWN_TOPIC, "unknown topic"))
+
+    producer.produce = topic_gone
+    refused = publisher.send_batch(rows)
+    assert set(refused) == {1, 2}  # the second held back behind the first: the same key
+    assert not any(r.park or r.held for r in refused.values())
+
+
 def test_a_message_without_a_key_the_producer_will_not_take_holds_nothing_back(publisher):
     """Keyless messages go to any partition: there is no order among them to keep."""
     rows = [(n, "topic", None, f"m{n}", "PaymentRequested", None, f'{{"message_id":"m{n}"}}')

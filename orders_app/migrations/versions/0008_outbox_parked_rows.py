@@ -4,14 +4,14 @@ later rows with their topic and key (shared.outbox.CLAIM_ROWS).
 Revision ID: 0008
 """
 
-from shared.migration_steps import drop_outbox_parking, park_outbox_rows
+from shared.migration_steps import add_outbox_parking, drop_outbox_parking
 
 revision = "0008"
 down_revision = "0007"
 
 
 def upgrade() -> None:
-    park_outbox_rows()
+    add_outbox_parking()
 
 
 def downgrade() -> None:
