@@ -82,18 +82,44 @@ def drop_inbox_produced_at() -> None:
     op.drop_column("inbox_messages", "produced_at")
 
 
+def create_index_concurrently(name: str, table: str, columns: list[str], where: str) -> None:
+    """Build an index without blocking the table's writers for the build (CREATE INDEX
+    CONCURRENTLY, outside the revision's transaction: what the revision did before it is
+    committed first). A build that failed part way leaves an invalid index of the name behind;
+    running the revision again drops that one and builds anew."""
+    with op.get_context().autocommit_block():
+        _drop_if_invalid(name)
+        op.create_index(name, table, columns, postgresql_where=sa.text(where),
+                        postgresql_concurrently=True, if_not_exists=True)
+
+
+def drop_index_concurrently(name: str, table: str) -> None:
+    with op.get_context().autocommit_block():
+        op.drop_index(name, table, postgresql_concurrently=True, if_exists=True)
+
+
+def _drop_if_invalid(name: str) -> None:
+    invalid = op.get_bind().scalar(sa.text(
+        "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"),
+        {"name": name})
+    if invalid:
+        op.execute(f'DROP INDEX CONCURRENTLY "{name}"')
+
+
 def index_handled_inbox_rows() -> None:
     """The handled inbox rows by when they were stored, for pruning the old ones (shared.inbox.
     prune_handled_messages) without reading the table. Only handled rows: the entry is written by
     the update that marks a message processed, which is never a HOT update (the pending index's
     condition names `processed_at`) and so writes index entries anyway. A BRIN index on
-    `received_at` would cost less to keep, but finds nothing once pruned pages take new rows."""
-    op.create_index("ix_inbox_messages_handled", "inbox_messages", ["received_at"],
-                    postgresql_where=sa.text("processed_at IS NOT NULL"))
+    `received_at` would cost less to keep, but finds nothing once pruned pages take new rows.
+    Built concurrently: the inbox is the biggest table, and the consumers go on storing
+    meanwhile."""
+    create_index_concurrently("ix_inbox_messages_handled", "inbox_messages", ["received_at"],
+                              "processed_at IS NOT NULL")
 
 
 def drop_inbox_handled_index() -> None:
-    op.drop_index("ix_inbox_messages_handled", "inbox_messages")
+    drop_index_concurrently("ix_inbox_messages_handled", "inbox_messages")
 
 
 def add_outbox_parking() -> None:
@@ -101,12 +127,12 @@ def add_outbox_parking() -> None:
     relay passes over them and the later rows with their topic and key, found through an index
     that holds the parked rows only (so, nearly always, nothing)."""
     op.add_column("outbox_messages", _timestamp("parked_at"))
-    op.create_index("ix_outbox_messages_parked", "outbox_messages", ["topic", "key", "id"],
-                    postgresql_where=sa.text("parked_at IS NOT NULL"))
+    create_index_concurrently("ix_outbox_messages_parked", "outbox_messages",
+                              ["topic", "key", "id"], "parked_at IS NOT NULL")
 
 
 def drop_outbox_parking() -> None:
-    op.drop_index("ix_outbox_messages_parked", "outbox_messages")
+    drop_index_concurrently("ix_outbox_messages_parked", "outbox_messages")
     op.drop_column("outbox_messages", "parked_at")
 
 

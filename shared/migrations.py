@@ -5,7 +5,10 @@ missing, then upgrade.
     python -m shared.migrations upgrade payments
 
 Each service keeps its revisions in `<service>_app/migrations/versions`; an advisory lock lets
-several processes start at once without running the same migration twice.
+several processes start at once without running the same migration twice. Each revision runs in a
+transaction of its own, so that one can leave its transaction for a statement that must run
+outside any (an index built CONCURRENTLY, without blocking the tables' writers:
+shared.migration_steps); the lock is held by the session for the whole upgrade.
 """
 
 from __future__ import annotations
@@ -58,8 +61,11 @@ def upgrade(service: str, revision: str = "head") -> None:
     ensure_database(url)
     engine = sa.create_engine(url)
     try:
-        with engine.begin() as conn:
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+        with engine.connect() as conn:
+            # A session lock, held across the revisions' transactions, on the connection they
+            # run on; it goes with the session, which engine.dispose() below closes.
+            conn.execute(sa.select(sa.func.pg_advisory_lock(MIGRATION_LOCK_KEY)))
+            conn.commit()
             config = alembic_config(service, url)
             config.attributes["connection"] = conn
             command.upgrade(config, revision)
@@ -68,19 +74,26 @@ def upgrade(service: str, revision: str = "head") -> None:
 
 
 def run_env() -> None:
-    """The body of each service's Alembic env.py: run online against the given connection."""
+    """The body of each service's Alembic env.py: run online against the given connection, or
+    one of its own."""
     from alembic import context
 
     connection = context.config.attributes.get("connection")
-    if connection is None:
-        engine = sa.create_engine(context.config.get_main_option("sqlalchemy.url"))
-        with engine.begin() as connection:
-            context.configure(connection=connection)
-            context.run_migrations()
-        engine.dispose()
+    if connection is not None:
+        _run_revisions(context, connection)
         return
-    context.configure(connection=connection)
-    context.run_migrations()
+    engine = sa.create_engine(context.config.get_main_option("sqlalchemy.url"))
+    try:
+        with engine.connect() as connection:
+            _run_revisions(context, connection)
+    finally:
+        engine.dispose()
+
+
+def _run_revisions(context, connection: sa.Connection) -> None:
+    context.configure(connection=connection, transaction_per_migration=True)
+    with context.begin_transaction():
+        context.run_migrations()
 
 
 def main(argv: list[str] | None = None) -> None:

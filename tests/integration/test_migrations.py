@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
 
 import psycopg2
 import pytest
@@ -13,6 +17,7 @@ from shared.db import driver_dsn
 from shared.migrations import alembic_config, ensure_database
 from shared.outbox import CLAIM_ROWS
 from tests.environment import database_name
+from tests.polling import wait_for
 
 PENDING_PAYLOAD = {"order_id": "o-1", "user_id": "u-1", "amount": "1.00"}
 
@@ -64,3 +69,87 @@ def _read(url: str, column: str) -> dict:
         (value,) = cursor.fetchone()
     connection.close()
     return json.loads(value)
+
+
+def _inbox_row(cursor) -> None:
+    cursor.execute("INSERT INTO inbox_messages (message_id, topic, partition, \"offset\")"
+                   " VALUES (gen_random_uuid(), 'topic', 0, 0)")
+
+
+def _index_valid(url: str, name: str) -> bool | None:
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                       (name,))
+        row = cursor.fetchone()
+    connection.close()
+    return row and row[0]
+
+
+def test_the_inbox_index_is_built_while_the_consumers_go_on_storing(infrastructure):
+    """Revision 0007 indexes the inbox, the biggest table, CONCURRENTLY: a consumer's insert
+    made while the build waits for a transaction that was open on the table when it began goes
+    through, where a plain CREATE INDEX would hold it until that transaction ended."""
+    url = (f"{infrastructure.postgres_base}/{database_name('concurrent-index', 'orders')}"
+           .replace("postgresql://", "postgresql+psycopg2://"))
+    ensure_database(url)
+    config = alembic_config("orders", url)
+    command.upgrade(config, "0006")
+    dsn = driver_dsn(url)
+    storing = psycopg2.connect(dsn)  # a consumer's transaction, open as the build begins
+    upgrading = threading.Thread(target=command.upgrade, args=(config, "0007"))
+    try:
+        with storing.cursor() as cursor:
+            _inbox_row(cursor)
+        upgrading.start()
+        watcher = psycopg2.connect(dsn)
+        watcher.autocommit = True  # (a transaction would see pg_stat_activity frozen)
+        with watcher.cursor() as cursor:
+            def build_waiting() -> bool:
+                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname ="
+                               " current_database() AND query LIKE 'CREATE INDEX CONCURRENTLY%%'"
+                               " AND wait_event_type = 'Lock'")
+                return cursor.fetchone()[0] == 1
+
+            wait_for(build_waiting, timeout=20, what="the index build to wait for the consumer")
+            cursor.execute("SET lock_timeout = '3s'")
+            _inbox_row(cursor)  # another consumer storing: not held up by the build
+        watcher.close()
+    finally:
+        storing.commit()
+        storing.close()
+        upgrading.join(30)
+    assert not upgrading.is_alive()
+    assert _index_valid(url, "ix_inbox_messages_handled")
+
+
+def test_an_index_build_left_invalid_is_built_anew_when_the_revision_runs_again(infrastructure):
+    url = (f"{infrastructure.postgres_base}/{database_name('invalid-index', 'payments')}"
+           .replace("postgresql://", "postgresql+psycopg2://"))
+    ensure_database(url)
+    config = alembic_config("payments", url)
+    command.upgrade(config, "0007")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        # what a CREATE INDEX CONCURRENTLY that failed part way leaves behind
+        cursor.execute("UPDATE pg_index SET indisvalid = false"
+                       " WHERE indexrelid = 'ix_inbox_messages_handled'::regclass")
+        cursor.execute("UPDATE alembic_version SET version_num = '0006'")
+    connection.close()
+    assert _index_valid(url, "ix_inbox_messages_handled") is False
+    command.upgrade(config, "head")
+    assert _index_valid(url, "ix_inbox_messages_handled")
+    command.downgrade(config, "0006")
+    assert _index_valid(url, "ix_inbox_messages_handled") is None
+    command.upgrade(config, "head")
+
+
+def test_processes_upgrading_one_database_at_once_take_turns(infrastructure):
+    """As replicas starting together do: one migrates while the others wait for its lock, then
+    find nothing left to do."""
+    url = f"{infrastructure.postgres_base}/{database_name('upgrading-at-once', 'orders')}"
+    env = {**os.environ, "ORDERS_DATABASE_URL": url}
+    upgrading = [subprocess.Popen([sys.executable, "-m", "shared.migrations", "upgrade", "orders"],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for _ in range(3)]
+    outputs = [process.communicate(timeout=60)[0] for process in upgrading]
+    assert [process.returncode for process in upgrading] == [0, 0, 0], outputs
+    assert sum("Running upgrade 0007 -> 0008" in output for output in outputs) == 1, outputs
