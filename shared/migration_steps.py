@@ -85,8 +85,9 @@ def drop_inbox_produced_at() -> None:
 def create_index_concurrently(name: str, table: str, columns: list[str], where: str) -> None:
     """Build an index without blocking the table's writers for the build (CREATE INDEX
     CONCURRENTLY, outside the revision's transaction: what the revision did before it is
-    committed first). A build that failed part way leaves an invalid index of the name behind;
-    running the revision again drops that one and builds anew."""
+    committed first, so it must bear being done again). A build that failed part way leaves an
+    invalid index of the name behind; running the revision again drops that one and builds anew.
+    The build waits for every transaction open in the database as it begins."""
     with op.get_context().autocommit_block():
         _drop_if_invalid(name)
         op.create_index(name, table, columns, postgresql_where=sa.text(where),
@@ -126,7 +127,9 @@ def add_outbox_parking() -> None:
     """Outbox rows whose message the producer will never take are parked (`parked_at`), and the
     relay passes over them and the later rows with their topic and key, found through an index
     that holds the parked rows only (so, nearly always, nothing)."""
-    op.add_column("outbox_messages", _timestamp("parked_at"))
+    # IF NOT EXISTS: the index is built outside the revision's transaction, after the column is
+    # committed; a build that failed leaves the column, and the revision runs again.
+    op.add_column("outbox_messages", _timestamp("parked_at"), if_not_exists=True)
     create_index_concurrently("ix_outbox_messages_parked", "outbox_messages",
                               ["topic", "key", "id"], "parked_at IS NOT NULL")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIGRATION_LOCK_KEY = 0x5EED_0001
+LOCK_RETRY_SECONDS = 0.5
 
 
 def ensure_database(url: str) -> None:
@@ -42,8 +44,11 @@ def ensure_database(url: str) -> None:
                 try:
                     conn.execute(sa.text(f'CREATE DATABASE "{target.database}"'))
                     log.info("created database %s", target.database)
-                except sa.exc.ProgrammingError as exc:  # another process won the race
-                    if "already exists" not in str(exc):
+                except (sa.exc.ProgrammingError, sa.exc.IntegrityError) as exc:
+                    # Another process won the race: PostgreSQL says so either way, depending on
+                    # how far that process had got.
+                    if ("already exists" not in str(exc)
+                            and "pg_database_datname_index" not in str(exc)):
                         raise
     finally:
         server.dispose()
@@ -62,15 +67,30 @@ def upgrade(service: str, revision: str = "head") -> None:
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
-            # A session lock, held across the revisions' transactions, on the connection they
-            # run on; it goes with the session, which engine.dispose() below closes.
-            conn.execute(sa.select(sa.func.pg_advisory_lock(MIGRATION_LOCK_KEY)))
-            conn.commit()
+            _take_migration_lock(conn)
             config = alembic_config(service, url)
             config.attributes["connection"] = conn
             command.upgrade(config, revision)
     finally:
         engine.dispose()
+
+
+def _take_migration_lock(conn: sa.Connection) -> None:
+    """Take the database's migration lock for this session: held across the revisions'
+    transactions, on the connection they run on, and gone with the session (engine.dispose()
+    closes it). Tried again every LOCK_RETRY_SECONDS rather than waited for in one statement: a
+    statement waiting holds a snapshot, and an index the holder builds CONCURRENTLY waits for every
+    older snapshot to end, which would be the waiter's, for ever."""
+    waiting = False
+    while True:
+        taken = conn.scalar(sa.select(sa.func.pg_try_advisory_lock(MIGRATION_LOCK_KEY)))
+        conn.commit()
+        if taken:
+            return
+        if not waiting:
+            log.info("another process is migrating this database; waiting for it")
+            waiting = True
+        time.sleep(LOCK_RETRY_SECONDS)
 
 
 def run_env() -> None:

@@ -130,9 +130,9 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                                           settings.outbox_relay_batch_size)
         sent += result.sent
         if result.parked:
-            log.error("%s outbox: parked %d message(s) the producer will not take, and the rows"
-                      " of their keys behind them; see python -m tasks.parked list %s --outbox",
-                      service, result.parked, service)
+            log.error("%s outbox: parked %d message(s) the producer will not take; the later"
+                      " rows of their keys wait behind them (python -m tasks.parked list %s"
+                      " --outbox)", service, result.parked, service)
         if result.refused_by_the_broker:
             log.warning("%s outbox: %d rows not acknowledged by the broker; will retry",
                         service, result.refused_by_the_broker)

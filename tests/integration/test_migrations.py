@@ -14,7 +14,7 @@ from alembic import command
 
 from shared.config import SERVICES
 from shared.db import driver_dsn
-from shared.migrations import alembic_config, ensure_database
+from shared.migrations import MIGRATION_LOCK_KEY, alembic_config, ensure_database
 from shared.outbox import CLAIM_ROWS
 from tests.environment import database_name
 from tests.polling import wait_for
@@ -96,29 +96,37 @@ def test_the_inbox_index_is_built_while_the_consumers_go_on_storing(infrastructu
     command.upgrade(config, "0006")
     dsn = driver_dsn(url)
     storing = psycopg2.connect(dsn)  # a consumer's transaction, open as the build begins
-    upgrading = threading.Thread(target=command.upgrade, args=(config, "0007"))
+    failures = []
+
+    def upgrade() -> None:
+        try:
+            command.upgrade(config, "0007")
+        except Exception as exc:
+            failures.append(exc)
+
+    upgrading = threading.Thread(target=upgrade)
+    watcher = psycopg2.connect(dsn)
+    watcher.autocommit = True  # (a transaction would see pg_stat_activity frozen)
     try:
         with storing.cursor() as cursor:
             _inbox_row(cursor)
         upgrading.start()
-        watcher = psycopg2.connect(dsn)
-        watcher.autocommit = True  # (a transaction would see pg_stat_activity frozen)
         with watcher.cursor() as cursor:
             def build_waiting() -> bool:
                 cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname ="
                                " current_database() AND query LIKE 'CREATE INDEX CONCURRENTLY%%'"
-                               " AND wait_event_type = 'Lock'")
+                               " AND wait_event = 'virtualxid'")
                 return cursor.fetchone()[0] == 1
 
             wait_for(build_waiting, timeout=20, what="the index build to wait for the consumer")
             cursor.execute("SET lock_timeout = '3s'")
             _inbox_row(cursor)  # another consumer storing: not held up by the build
-        watcher.close()
     finally:
+        watcher.close()
         storing.commit()
         storing.close()
         upgrading.join(30)
-    assert not upgrading.is_alive()
+    assert not upgrading.is_alive() and failures == []
     assert _index_valid(url, "ix_inbox_messages_handled")
 
 
@@ -144,12 +152,46 @@ def test_an_index_build_left_invalid_is_built_anew_when_the_revision_runs_again(
 
 def test_processes_upgrading_one_database_at_once_take_turns(infrastructure):
     """As replicas starting together do: one migrates while the others wait for its lock, then
-    find nothing left to do."""
+    find nothing left to do. The waiters must hold no snapshot while they wait: an index built
+    CONCURRENTLY waits for every older one to end (a waiter blocked in pg_advisory_lock was
+    found dead-locked with the holder)."""
     url = f"{infrastructure.postgres_base}/{database_name('upgrading-at-once', 'orders')}"
+    ensure_database(url.replace("postgresql://", "postgresql+psycopg2://"))
     env = {**os.environ, "ORDERS_DATABASE_URL": url}
-    upgrading = [subprocess.Popen([sys.executable, "-m", "shared.migrations", "upgrade", "orders"],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True) for _ in range(3)]
+    holder = psycopg2.connect(driver_dsn(url))
+    holder.autocommit = True
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+            upgrading = [subprocess.Popen(
+                [sys.executable, "-m", "shared.migrations", "upgrade", "orders"], env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+
+            def all_waiting() -> bool:  # connected: each tries the lock first thing
+                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname ="
+                               " current_database() AND pid <> pg_backend_pid()")
+                return cursor.fetchone()[0] == 3
+
+            wait_for(all_waiting, timeout=30, what="three processes waiting for the lock")
+            cursor.execute("SELECT txid_current()")  # a transaction after their first try
+            cursor.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+    finally:
+        holder.close()
     outputs = [process.communicate(timeout=60)[0] for process in upgrading]
     assert [process.returncode for process in upgrading] == [0, 0, 0], outputs
     assert sum("Running upgrade 0007 -> 0008" in output for output in outputs) == 1, outputs
+
+
+def test_a_revision_whose_index_build_failed_runs_again(infrastructure):
+    """Revision 0008 adds a column, commits it, then builds its index outside any transaction:
+    a build that failed leaves the column behind, unstamped, and the revision must run again."""
+    url = (f"{infrastructure.postgres_base}/{database_name('failed-build', 'orders')}"
+           .replace("postgresql://", "postgresql+psycopg2://"))
+    ensure_database(url)
+    config = alembic_config("orders", url)
+    command.upgrade(config, "0007")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE outbox_messages ADD COLUMN parked_at timestamptz")
+    connection.close()
+    command.upgrade(config, "head")
+    assert _index_valid(url, "ix_outbox_messages_parked")
