@@ -40,8 +40,9 @@ ENVIRONMENT: dict[str, str] = {
     "INBOX_SWEEP_INTERVAL_SECONDS": "5",
     "INBOX_SWEEP_MIN_AGE_SECONDS": "10",
     "INBOX_MAX_ATTEMPTS": "5",
-    # Handled inbox rows are deleted once this old (7 days, Kafka's default retention), by a pruner
-    # beat runs every INBOX_PRUNE_INTERVAL_SECONDS (shared.inbox.prune_handled_messages).
+    # Inbox rows are deleted once stored and handled (or discarded) this long ago (7 days, Kafka's
+    # default retention), by a pruner beat runs every INBOX_PRUNE_INTERVAL_SECONDS
+    # (shared.inbox.prune_handled_messages).
     "INBOX_RETENTION_SECONDS": "604800",
     "INBOX_PRUNE_INTERVAL_SECONDS": "600",
     "TOPIC_ORDER_STATUS_CHANGED": "orders.order-status-changed",

@@ -444,12 +444,14 @@ def _update_parked(session: Session, message_ids: list[uuid.UUID] | None, *condi
     return list(session.scalars(query.execution_options(synchronize_session=False)))
 
 
-def prune_handled_messages(session: Session, stored_before: datetime, limit: int) -> int:
-    """Delete the rows of up to `limit` handled messages stored, and handled, before
-    `stored_before`, oldest first; returns how many (the caller repeats, a transaction each, until
-    fewer than `limit`). A message is handled moments after it is stored, but one parked long and
-    then discarded (discard_parked_messages) keeps its row a whole retention from its discard: it
-    was never handled, and no business key would make its coming again a no-op.
+def prune_handled_messages(session: Session, cutoff: datetime, limit: int) -> int:
+    """Delete the rows of up to `limit` handled messages stored, and handled, before `cutoff`,
+    oldest first; returns how many (the caller repeats, a transaction each, until fewer than
+    `limit`). A message is mostly handled moments after it is stored; one handled late (replayed
+    after a park, say) keeps its row a whole retention from its handling, and one discarded
+    (discard_parked_messages) from its discard: it was never handled, and no business key would
+    make its coming again a no-op. (Such rows stay at the old end of the index the rows are found
+    by, and each run passes over them until their time comes.)
 
     The inbox's own dedup of a message lasts as long as its row. Kafka may deliver a message
     again later than that (it deletes records a segment at a time, so a record can outlive its
@@ -458,7 +460,7 @@ def prune_handled_messages(session: Session, stored_before: datetime, limit: int
     payment per order, a final order status never changes, one notification per message).
     Parked messages are kept, for an operator.
     """
-    result = session.execute(_PRUNE, {"cutoff": stored_before, "limit": limit})
+    result = session.execute(_PRUNE, {"cutoff": cutoff, "limit": limit})
     return result.rowcount
 
 

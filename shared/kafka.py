@@ -123,7 +123,7 @@ class OutboxPublisher:
         longer has, say), retried later, and holds back the rows of its key the same way; a fatal
         producer error holds back every row after it. (A message the broker refuses later,
         in its delivery report, holds nothing back: the rows after it may already be on their
-        way.)
+        way. One it refuses as too large is parked all the same.)
         """
         producer = self._get_producer()
         self._failed.clear()  # late answers about an earlier batch that timed out
@@ -162,7 +162,10 @@ class OutboxPublisher:
             for row in produced:
                 err = self._failed.pop(row[6].encode(), None)
                 if err is not None:
-                    refused[row[0]] = Refusal(f"{err.name()}: {err.str()}")
+                    # Over the broker's own limit (the topic's max.message.bytes): never taken
+                    # either, so parked too, though the rows after it may have gone already.
+                    never = err.code() == KafkaError.MSG_SIZE_TOO_LARGE
+                    refused[row[0]] = Refusal(f"{err.name()}: {err.str()}", held=never, park=never)
                     failed_fatally = failed_fatally or _is_fatal(err)
         if failed_fatally or (produced and all(row[0] in refused for row in produced)):
             # A producer that had nothing acknowledged may be stuck on state the broker no longer

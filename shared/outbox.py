@@ -57,7 +57,7 @@ class OutboxMessage(db.Model):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
     # Set when the producer would not take the message: then neither it nor the later rows with
-    # its topic and key are relayed until an operator unparks or deletes it.
+    # its topic and key are relayed until an operator replays or discards it (tasks/parked.py).
     parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
@@ -225,6 +225,12 @@ _PARK = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(err
          " parked_at = now() WHERE id = ANY(%(row_ids)s)")
 
 
+def count_parked_outbox_messages(cursor) -> int:
+    """How many rows are parked: for the relay to remind of them (read off their own index)."""
+    cursor.execute("SELECT count(*) FROM outbox_messages WHERE parked_at IS NOT NULL")
+    return cursor.fetchone()[0]
+
+
 # For an operator (tasks/parked.py): the parked rows, and handing them back or deleting them.
 
 @dataclass(frozen=True)
@@ -240,7 +246,8 @@ class ParkedOutboxMessage:
 
 
 def parked_outbox_messages(session: Session, limit: int) -> list[ParkedOutboxMessage]:
-    """The most recently parked rows, newest first, each with how many rows wait behind it."""
+    """The most recently parked rows, newest first, each with how many rows wait behind it (counted
+    by reading the table: for an operator, not the relay)."""
     rows = session.execute(_PARKED, {"limit": limit}).all()
     return [ParkedOutboxMessage(*row) for row in rows]
 
@@ -257,10 +264,10 @@ ORDER BY parked_at DESC, id DESC LIMIT :limit""")
 def unpark_outbox_messages(session: Session,
                            message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
     """Hand parked rows (every one when `message_ids` is None) back to the relay, to be sent
-    again in their place, before the rows behind them (once `message.max.bytes` is raised, say;
-    one the producer still will not take is parked again); returns their ids. The relay is woken
-    as the caller's transaction commits."""
-    return _returning_ids(session, _UNPARK, message_ids)
+    again in their place, before the rows behind them (once what made the message too large is
+    mended; one still too large is parked again); returns their ids. The relay is woken as the
+    caller's transaction commits."""
+    return _change_parked_rows(session, _UNPARK, message_ids)
 
 
 def discard_parked_outbox_messages(session: Session,
@@ -268,11 +275,13 @@ def discard_parked_outbox_messages(session: Session,
     """Delete parked rows (every one when `message_ids` is None), never to be sent, so that the
     rows behind them go; returns their ids. The relay is woken as the caller's transaction
     commits."""
-    return _returning_ids(session, _DISCARD, message_ids)
+    return _change_parked_rows(session, _DISCARD, message_ids)
 
 
-def _returning_ids(session: Session, statement: str,
-                   message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
+def _change_parked_rows(session: Session, statement: str,
+                        message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
+    """Run `statement` on the parked rows named (every one when `message_ids` is None); returns
+    their ids, and has the relay woken when the transaction commits."""
     if message_ids is None:
         chosen, params = "", {}
     else:

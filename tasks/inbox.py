@@ -2,8 +2,8 @@
 a stored batch, and the task handles its messages many to a transaction (with a savepoint per
 handler once one of them fails); a message whose first try fails goes to a task of its own that
 retries it with backoff and parks it after the last attempt; the sweeper dispatches again the
-messages whose handling was lost; and the pruner deletes the rows of handled messages stored long
-ago."""
+messages whose handling was lost; and the pruner deletes the rows of messages stored and handled
+(or discarded) long ago."""
 
 from __future__ import annotations
 
@@ -140,14 +140,14 @@ def sweep_inbox(service: str) -> int:
 
 @app.task(name="hseshop.prune_inbox", base=ServiceTask, ignore_result=True)
 def prune_inbox(service: str) -> int:
-    """Delete the inbox rows of handled messages stored over INBOX_RETENTION_SECONDS ago, in
+    """Delete the inbox rows of messages stored and handled over INBOX_RETENTION_SECONDS ago, in
     transactions of PRUNED_PER_TRANSACTION rows (a first run on a full table stays short)."""
     settings = current_app.extensions["hseshop.settings"]
-    stored_before = datetime.now(timezone.utc) - timedelta(seconds=settings.inbox_retention_seconds)
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=settings.inbox_retention_seconds)
     pruned = 0
     while True:
         with transaction() as session:
-            deleted = prune_handled_messages(session, stored_before, PRUNED_PER_TRANSACTION)
+            deleted = prune_handled_messages(session, cutoff, PRUNED_PER_TRANSACTION)
         pruned += deleted
         if deleted < PRUNED_PER_TRANSACTION:
             break

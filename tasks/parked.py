@@ -4,6 +4,7 @@ or give up on them.
     python -m tasks.parked list orders                   # the newest 50 parked (--limit N)
     python -m tasks.parked replay payments ID [ID ...]   # or --all
     python -m tasks.parked discard payments ID [ID ...]  # or --all
+    python -m tasks.parked list orders --outbox          # the same for the outbox
 
 By default these are inbox messages. An inbox message is parked after INBOX_MAX_ATTEMPTS failed
 tries, or at once when it cannot succeed as things stand (an unknown order, a payload that breaks
@@ -12,13 +13,13 @@ park and its attempts and dispatches it to the service's worker, where it is han
 message, and still at most once: its handler runs under a lock on its inbox row and marks it
 processed in the same transaction. A record that could not even be parsed holds no event to hand a
 handler, and stays parked. Discarding marks it processed without handling it, so that Kafka
-delivering it again changes nothing; its row goes with the handled ones, once they are old.
+delivering it again changes nothing; its row is pruned a retention after the discard.
 
-With --outbox they are outbox rows the producer would not take (a message over its
-`message.max.bytes`): the relay holds back the later rows with their topic and key behind them, and
-`list` says how many. Replaying hands one back to the relay, to be sent in its place before them
-(it is parked again if the producer still will not take it); discarding deletes it, never to be
-sent, and the rows behind it go.
+With --outbox they are outbox rows whose message is too large to be sent (over the producer's
+`message.max.bytes` or the topic's `max.message.bytes`): the relay holds back the later rows with
+their topic and key behind them, and `list` says how many. Replaying hands one back to the relay,
+to be sent in its place before them (it is parked again if it is still too large); discarding
+deletes it, never to be sent, and the rows behind it go.
 """
 
 from __future__ import annotations

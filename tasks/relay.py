@@ -22,7 +22,7 @@ from celery.signals import worker_shutting_down
 from flask import current_app
 
 from shared.kafka import OutboxPublisher, ensure_topics
-from shared.outbox import relay_pending_outbox, vacuum_outbox
+from shared.outbox import count_parked_outbox_messages, relay_pending_outbox, vacuum_outbox
 from shared.relay_leader import RelayLeaderConnection
 from tasks.celery_app import app
 from tasks.services import ServiceTask
@@ -46,6 +46,9 @@ TOPIC_CHECK_TIMEOUT_SECONDS = 2.0
 # worker, comes back after the sit-out).
 STEP_DOWN_AFTER_SECONDS = 60.0
 SIT_OUT_SECONDS = 10.0
+# While rows are parked (shared.outbox), the leader says so this often, and as it starts to lead:
+# the later rows of their keys wait behind them, and a one-off log line is easily missed.
+PARKED_REMINDER_SECONDS = 300.0
 
 _stopping = threading.Event()
 _leading: set[str] = set()  # services whose relay this process leads
@@ -90,8 +93,12 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
     publisher = _publisher()
     sent = deleted_since_vacuum = 0
     refused_since = None  # when the broker began refusing every batch, if it does
+    next_reminder = 0.0  # of parked rows: at once
     while not _stopping.is_set():
         started = time.monotonic()
+        if started >= next_reminder:
+            _remind_of_parked_rows(service, leader)
+            next_reminder = started + PARKED_REMINDER_SECONDS
         just_sent, refused = _send_waiting_rows(service, settings, leader, publisher)
         sent += just_sent
         deleted_since_vacuum += just_sent
@@ -109,6 +116,14 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
         leader.wait(RECHECK_SECONDS)
     log.info("%s outbox relay stopping with its worker", service)
     return sent
+
+
+def _remind_of_parked_rows(service: str, leader: RelayLeaderConnection) -> None:
+    with leader.cursor() as cursor:
+        parked = count_parked_outbox_messages(cursor)
+    if parked:
+        log.error("%s outbox: %d message(s) parked, the later rows of their keys waiting behind"
+                  " them (python -m tasks.parked list %s --outbox)", service, parked, service)
 
 
 def _step_down(service: str, refused_for: float) -> None:

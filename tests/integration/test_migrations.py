@@ -71,6 +71,11 @@ def _read(url: str, column: str) -> dict:
     return json.loads(value)
 
 
+def _database_url(infrastructure, layer: str, service: str) -> str:
+    return (f"{infrastructure.postgres_base}/{database_name(layer, service)}"
+            .replace("postgresql://", "postgresql+psycopg2://"))
+
+
 def _inbox_row(cursor) -> None:
     cursor.execute("INSERT INTO inbox_messages (message_id, topic, partition, \"offset\")"
                    " VALUES (gen_random_uuid(), 'topic', 0, 0)")
@@ -89,8 +94,7 @@ def test_the_inbox_index_is_built_while_the_consumers_go_on_storing(infrastructu
     """Revision 0007 indexes the inbox, the biggest table, CONCURRENTLY: a consumer's insert
     made while the build waits for a transaction that was open on the table when it began goes
     through, where a plain CREATE INDEX would hold it until that transaction ended."""
-    url = (f"{infrastructure.postgres_base}/{database_name('concurrent-index', 'orders')}"
-           .replace("postgresql://", "postgresql+psycopg2://"))
+    url = _database_url(infrastructure, "concurrent-index", "orders")
     ensure_database(url)
     config = alembic_config("orders", url)
     command.upgrade(config, "0006")
@@ -104,7 +108,7 @@ def test_the_inbox_index_is_built_while_the_consumers_go_on_storing(infrastructu
         except Exception as exc:
             failures.append(exc)
 
-    upgrading = threading.Thread(target=upgrade)
+    upgrading = threading.Thread(target=upgrade, daemon=True)
     watcher = psycopg2.connect(dsn)
     watcher.autocommit = True  # (a transaction would see pg_stat_activity frozen)
     try:
@@ -131,8 +135,7 @@ def test_the_inbox_index_is_built_while_the_consumers_go_on_storing(infrastructu
 
 
 def test_an_index_build_left_invalid_is_built_anew_when_the_revision_runs_again(infrastructure):
-    url = (f"{infrastructure.postgres_base}/{database_name('invalid-index', 'payments')}"
-           .replace("postgresql://", "postgresql+psycopg2://"))
+    url = _database_url(infrastructure, "invalid-index", "payments")
     ensure_database(url)
     config = alembic_config("payments", url)
     command.upgrade(config, "0007")
@@ -155,29 +158,37 @@ def test_processes_upgrading_one_database_at_once_take_turns(infrastructure):
     find nothing left to do. The waiters must hold no snapshot while they wait: an index built
     CONCURRENTLY waits for every older one to end (a waiter blocked in pg_advisory_lock was
     found dead-locked with the holder)."""
-    url = f"{infrastructure.postgres_base}/{database_name('upgrading-at-once', 'orders')}"
-    ensure_database(url.replace("postgresql://", "postgresql+psycopg2://"))
-    env = {**os.environ, "ORDERS_DATABASE_URL": url}
+    url = _database_url(infrastructure, "upgrading-at-once", "orders")
+    ensure_database(url)
+    env = {**os.environ, "ORDERS_DATABASE_URL": url.replace("+psycopg2", "")}
     holder = psycopg2.connect(driver_dsn(url))
     holder.autocommit = True
+    upgrading = []
     try:
         with holder.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
-            upgrading = [subprocess.Popen(
+            upgrading.extend(subprocess.Popen(
                 [sys.executable, "-m", "shared.migrations", "upgrade", "orders"], env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3))
 
-            def all_waiting() -> bool:  # connected: each tries the lock first thing
+            def all_waiting() -> bool:  # in the lock, or between two tries (its last: COMMIT)
                 cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname ="
-                               " current_database() AND pid <> pg_backend_pid()")
+                               " current_database() AND pid <> pg_backend_pid()"
+                               " AND backend_type = 'client backend'"
+                               " AND (query LIKE '%%advisory_lock%%' OR query = 'COMMIT')")
                 return cursor.fetchone()[0] == 3
 
             wait_for(all_waiting, timeout=30, what="three processes waiting for the lock")
-            cursor.execute("SELECT txid_current()")  # a transaction after their first try
+            # A transaction begun after their tries: an index build waits for any snapshot
+            # older than its own, which a waiter blocked in pg_advisory_lock would hold.
+            cursor.execute("SELECT txid_current()")
             cursor.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+        outputs = [process.communicate(timeout=60)[0] for process in upgrading]
     finally:
         holder.close()
-    outputs = [process.communicate(timeout=60)[0] for process in upgrading]
+        for process in upgrading:
+            process.kill()
+            process.wait()
     assert [process.returncode for process in upgrading] == [0, 0, 0], outputs
     assert sum("Running upgrade 0007 -> 0008" in output for output in outputs) == 1, outputs
 
@@ -185,8 +196,7 @@ def test_processes_upgrading_one_database_at_once_take_turns(infrastructure):
 def test_a_revision_whose_index_build_failed_runs_again(infrastructure):
     """Revision 0008 adds a column, commits it, then builds its index outside any transaction:
     a build that failed leaves the column behind, unstamped, and the revision must run again."""
-    url = (f"{infrastructure.postgres_base}/{database_name('failed-build', 'orders')}"
-           .replace("postgresql://", "postgresql+psycopg2://"))
+    url = _database_url(infrastructure, "failed-build", "orders")
     ensure_database(url)
     config = alembic_config("orders", url)
     command.upgrade(config, "0007")

@@ -255,6 +255,26 @@ def test_a_leader_kept_from_one_message_by_its_own_producer_does_not_step_down(
             _delete_outbox_rows_of([order_id])
 
 
+def test_the_leader_reminds_of_parked_rows_as_it_starts_and_then_every_while(
+        orders_flask_app, settings, user_id, monkeypatch, caplog):
+    monkeypatch.setattr("tasks.relay.PARKED_REMINDER_SECONDS", 0.2)
+    with orders_flask_app.app_context():
+        _relay_all(OutboxPublisher(settings))
+        order_id = _place(user_id).id
+        _make_too_large(order_id)
+        _relay_all(OutboxPublisher(settings))  # parked, before the leader starts
+    try:
+        with _relay_task_leading([]):
+            def reminded_twice() -> bool:
+                return sum("message(s) parked" in record.getMessage()
+                           for record in caplog.records) >= 2
+
+            wait_for(reminded_twice, timeout=10, what="two reminders of the parked row")
+    finally:
+        with orders_flask_app.app_context():
+            _delete_outbox_rows_of([order_id])
+
+
 def test_with_the_broker_down_rows_pile_up_with_their_error_and_go_out_when_it_is_back(
         in_orders, settings, run_dir, user_id):
     port = free_port()

@@ -75,8 +75,8 @@ def test_rows_with_no_failure_reported_are_acknowledged(publisher):
 def test_a_failed_delivery_refuses_its_own_row_only(publisher):
     rows = _rows(3)
     publisher._get_producer().fail = {
-        rows[1][6]: KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large")}
-    assert publisher.send_batch(rows) == {2: Refusal("MSG_SIZE_TOO_LARGE: too large")}
+        rows[1][6]: KafkaError(KafkaError.NOT_ENOUGH_REPLICAS, "replicas down")}
+    assert publisher.send_batch(rows) == {2: Refusal("NOT_ENOUGH_REPLICAS: replicas down")}
     assert len(StandInProducer.made) == 1  # an ordinary refusal keeps the producer
 
 
@@ -118,6 +118,16 @@ def test_a_message_refused_for_the_brokers_state_is_tried_again_not_parked(publi
     refused = publisher.send_batch(rows)
     assert set(refused) == {1, 2}  # the second held back behind the first: the same key
     assert not any(r.park or r.held for r in refused.values())
+
+
+def test_a_message_the_broker_refuses_as_too_large_is_parked(publisher):
+    """Over the topic's max.message.bytes, though under the producer's own limit: the broker
+    answers in the delivery report, and will answer the same every time."""
+    rows = _rows(2)
+    producer = publisher._get_producer()
+    producer.fail = {rows[0][6]: KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large")}
+    refused = publisher.send_batch(rows)
+    assert set(refused) == {1} and refused[1].park and refused[1].held
 
 
 def test_a_message_without_a_key_the_producer_will_not_take_holds_nothing_back(publisher):
