@@ -124,7 +124,7 @@ def drop_inbox_handled_index() -> None:
 
 
 def add_outbox_parking() -> None:
-    """Outbox rows whose message the producer will never take are parked (`parked_at`), and the
+    """Outbox rows whose message is too large ever to be sent are parked (`parked_at`), and the
     relay passes over them and the later rows with their topic and key, found through an index
     that holds the parked rows only (so, nearly always, nothing)."""
     # IF NOT EXISTS: the index is built outside the revision's transaction, after the column is

@@ -5,13 +5,14 @@ One relay sends a database's rows: the leader, which holds a session advisory lo
 of its own (shared/relay_leader.py) and relays on it, so two relays never send at once, never send
 one row twice and never overtake each other, and no row locks are needed. A row is deleted only
 once the broker has acknowledged it (Kafka is then its record); a row the broker refused stays,
-counts the attempt and records the error, and is retried by the next run. A row whose message the
-producer itself will never take (one over its `message.max.bytes`) is parked instead: it is not
-tried again, and the later rows with its topic and key wait behind it (they must not overtake it)
-until an operator sends it again or discards it (`python -m tasks.parked ... --outbox`); every
-other row goes on. A leader that dies between sending and deleting leaves its rows to be sent
-again by the next one (consumers drop the repeats by message id). Rows that are gone never need
-skipping, so the table holds the backlog and nothing else, however long the shop has run.
+counts the attempt and records the error, and is retried by the next run. A row whose message is
+too large ever to be sent (over the producer's `message.max.bytes` or the topic's
+`max.message.bytes`) is parked instead: it is not tried again, and the later rows with its topic
+and key wait behind it (they must not overtake it) until an operator sends it again or discards it
+(`python -m tasks.parked ... --outbox`); every other row goes on. A leader that dies between
+sending and deleting leaves its rows to be sent again by the next one (consumers drop the repeats
+by message id). Rows that are gone never need skipping, so the table holds the backlog and nothing
+else, however long the shop has run.
 
 A row keeps its message exactly as it goes to Kafka (`envelope`, the event serialised once, by
 its writer), so relaying a row is reading strings and handing them to the producer.
@@ -56,7 +57,7 @@ class OutboxMessage(db.Model):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
-    # Set when the producer would not take the message: then neither it nor the later rows with
+    # Set when the message is too large ever to be sent: then neither it nor the later rows with
     # its topic and key are relayed until an operator replays or discards it (tasks/parked.py).
     parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -138,10 +139,10 @@ def relay_headers(message_id: str, event_type: str, request_id: str | None) -> d
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a row was not acknowledged. `held`: the producer itself would not take it (a message
-    it can never send, or a row held back behind one), so no broker was asked and nothing follows
-    about the broker. `park`: the row's own message is one the producer can never send; it is
-    parked rather than tried again (a row held back behind it is `held` only). Every other
+    """Why a row was not acknowledged. `held`: refused for what the message is, not for the
+    broker's state (a message too large ever to be sent, or a row held back behind one), so
+    nothing follows about the broker. `park`: the row's own message is too large ever to be sent;
+    it is parked rather than tried again (a row held back behind it is `held` only). Every other
     refusal counts against the broker, and the row is tried again."""
 
     error: str
@@ -154,7 +155,7 @@ class RelayResult:
     claimed: int = 0
     sent: int = 0
     failed: int = 0
-    held: int = 0  # of the failed, those the producer itself would not take
+    held: int = 0  # of the failed, those refused for what the message is (see Refusal)
     parked: int = 0  # of the held, those parked (the rest were behind them)
 
     @property
@@ -170,7 +171,7 @@ SendBatch = Callable[[list[RelayRow]], dict[int, Refusal]]
 
 def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> RelayResult:
     """Publish one batch of rows, oldest first, and delete the ones the broker acknowledged;
-    park the ones the producer can never send, count an attempt for the others refused.
+    park the ones too large ever to be sent, count an attempt for the others refused.
 
     For the database's one relay: the leader passes a driver cursor of its own connection, in
     autocommit, so a batch costs two statements (read, delete) and no transaction around them; it

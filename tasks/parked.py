@@ -99,7 +99,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             command, help=help_text, allow_abbrev=False)
         command_parser.add_argument("service", choices=SERVICES)
         command_parser.add_argument("--outbox", action="store_true",
-                                    help="outbox rows the producer would not take")
+                                    help="outbox rows too large to be sent")
         if command == "list":
             command_parser.add_argument("--limit", type=_positive, default=50)
         else:

@@ -136,8 +136,8 @@ def _step_down(service: str, refused_for: float) -> None:
 def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                        publisher: OutboxPublisher) -> tuple[int, bool]:
     """Send batch after batch until none is left or the broker refuses rows; returns how many
-    rows were sent and whether the broker refused any (rows the producer itself would not take
-    say nothing about the broker: they are parked, and the next read passes over them)."""
+    rows were sent and whether the broker refused any (messages too large ever to be sent say
+    nothing about the broker: they are parked, and the next read passes over them)."""
     sent = 0
     while not _stopping.is_set():
         with leader.cursor() as cursor:
@@ -145,9 +145,9 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                                           settings.outbox_relay_batch_size)
         sent += result.sent
         if result.parked:
-            log.error("%s outbox: parked %d message(s) the producer will not take; the later"
-                      " rows of their keys wait behind them (python -m tasks.parked list %s"
-                      " --outbox)", service, result.parked, service)
+            log.error("%s outbox: parked %d message(s) too large to be sent; the later rows of"
+                      " their keys wait behind them (python -m tasks.parked list %s --outbox)",
+                      service, result.parked, service)
         if result.refused_by_the_broker:
             log.warning("%s outbox: %d rows not acknowledged by the broker; will retry",
                         service, result.refused_by_the_broker)

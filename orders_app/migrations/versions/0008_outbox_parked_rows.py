@@ -1,4 +1,4 @@
-"""Outbox rows whose message the producer will never take are parked, and hold back only the
+"""Outbox rows whose message is too large ever to be sent are parked, and hold back only the
 later rows with their topic and key (shared.outbox.CLAIM_ROWS).
 
 Revision ID: 0008
