@@ -42,6 +42,7 @@ $(COMPOSE): $(INSTALLED)
 	chmod +x $@.tmp && mv $@.tmp $@
 
 test: venv browser $(COMPOSE)
+	$(VENV)/bin/ruff check --quiet .
 	$(PY) -m pytest
 
 # The gRPC modules beside shared/protos/*.proto (committed; tests check they are current).
