@@ -29,9 +29,18 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+# Every connection the shop opens gives up on a database it cannot hear from, instead of leaving
+# it to the kernel (about 15 minutes for a request never acknowledged, over two hours for an answer
+# that never comes, as when the database's host dies or is cut off): connecting fails after 10 s,
+# and a connection whose peer stays silent is closed in about 30 s (TCP keepalive probes after 10 s
+# of quiet, data unacknowledged for 30 s). The error then takes the path of any broken connection:
+# a retry, a 503, a consumer that rewinds, a relay leader that gives up its lead.
+CONNECTION_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
+                       "keepalives_interval": 5, "keepalives_count": 4, "tcp_user_timeout": 30_000}
+
 db = SQLAlchemy(
     metadata=MetaData(naming_convention=NAMING_CONVENTION),
-    engine_options={"pool_size": 10, "max_overflow": 10},
+    engine_options={"pool_size": 10, "max_overflow": 10, "connect_args": CONNECTION_TIMEOUTS},
 )
 
 _AFTER_COMMIT = "hseshop.after_commit"
@@ -100,8 +109,11 @@ def driver_cursor(session: Session) -> Iterator:
 
 def driver_dsn(database_url: str) -> str:
     """The psycopg2 connection string for a service's SQLAlchemy database URL, for the few
-    connections the shop holds outside the pool (the relay's LISTEN, the inbox consumer's)."""
-    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    connections the shop holds outside the pool (the relay's LISTEN, the inbox consumer's), with
+    the pool's CONNECTION_TIMEOUTS."""
+    url = make_url(database_url).set(drivername="postgresql")
+    url = url.update_query_dict({name: str(value) for name, value in CONNECTION_TIMEOUTS.items()})
+    return url.render_as_string(hide_password=False)
 
 
 # A pooled connection is pinged before use only when it has sat unused for longer than this.
