@@ -37,11 +37,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = app.extensions["hseshop.settings"]
     app.extensions[auth.RATE_LIMITER] = RateLimiter(
         settings.redis_url, settings.rate_limit_per_minute, settings.redis_key_prefix)
+    # A read gives up after 2 s (a Redis host gone silent would otherwise hold the thread that
+    # publishes a notification for as long as TCP waits); the sockets' pubsub reads pass their own
+    # shorter timeout.
     app.extensions[notifications.REDIS_EXTENSION] = redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=1, health_check_interval=30)
+        settings.redis_url, socket_connect_timeout=1, socket_timeout=2, socket_keepalive=True,
+        health_check_interval=30)
     app.extensions["hseshop.api"].register_blueprint(auth.blueprint)
     app.before_request_funcs.setdefault(auth.blueprint.name, []).append(auth.limit_by_address)
-    notifications.register_socket(app, auth.verified_token_or_401)
+    notifications.register_socket(app, auth.socket_token)
     app.register_blueprint(web.blueprint)
     return app
 

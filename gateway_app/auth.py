@@ -106,6 +106,14 @@ def user_id_from_token_or_401(token: str) -> str:
     return verified_token_or_401(token).user_id
 
 
+def socket_token(token: str) -> VerifiedToken:
+    """A notification socket's token, verified, its opening counted against its user's rate
+    limit as any other /api request is (the socket's route is outside the /api blueprint)."""
+    verified = verified_token_or_401(token)
+    current_app.extensions[RATE_LIMITER].check(f"user:{verified.user_id}")
+    return verified
+
+
 def verified_token_or_401(token: str) -> VerifiedToken:
     try:
         settings = current_app.extensions["hseshop.settings"]

@@ -31,8 +31,10 @@ from wsproto.utilities import LocalProtocolError
 
 from gateway_app import tokens
 from gateway_app.models import Notification
+from gateway_app.ratelimit import RateLimited
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
+from shared.errors import ApiError
 from shared.http_api import Blueprint
 from shared.inbox import Handler, ReceivedEvent
 
@@ -55,6 +57,10 @@ SOCKETS_PER_PROCESS = 24
 # after three probes unanswered 10 s apart, and the stream then ends. (Not WebSocket pings: with
 # them simple_websocket's reader thread can fail on a socket closed at once, as a refused one is.)
 SOCKET_KEEPALIVE_IDLE_SECONDS = 30
+# The page sends nothing on its socket: a frame over this many bytes closes it (1009), and what
+# arrives is read and dropped at every turn of the stream, never kept.
+SOCKET_MAX_MESSAGE_BYTES = 1024
+SOCKET_ENDPOINT = "notifications_socket"
 
 blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications",
                       description="What happened to the signed-in user's orders")
@@ -197,15 +203,21 @@ def register_socket(app, authenticate) -> None:
     """`GET /api/notifications/ws?access_token=...&after=<id>`: a WebSocket of the user's
     notifications. With `after`, first everything newer than that id, then each one live. The
     socket is closed with 1008 when the token is refused, when `after` is no notification id and
-    when the token expires."""
+    when the token expires; with 1013 (try again later) past the user's rate limit or its socket
+    limits."""
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": SOCKET_MAX_MESSAGE_BYTES}
     sock = Sock(app)
     slots = SocketSlots(SOCKETS_PER_USER, SOCKETS_PER_PROCESS)
+    app.before_request(_websocket_handshakes_only)
 
-    @sock.route("/api/notifications/ws")
+    @sock.route("/api/notifications/ws", endpoint=SOCKET_ENDPOINT)
     def notifications_socket(ws):
         try:
             token = authenticate(request.args.get("access_token", ""))
             after = _after_from(request.args)
+        except RateLimited as exc:
+            ws.close(reason=1013, message=str(exc)[:120])
+            return
         except Exception as exc:
             ws.close(reason=1008, message=str(exc)[:120])
             return
@@ -217,6 +229,20 @@ def register_socket(app, authenticate) -> None:
             stream_notifications(ws, token.user_id, after, token.expires_at)
         finally:
             slots.give_back(token.user_id)
+
+
+def _websocket_handshakes_only() -> None:
+    """`before_request`: a WebSocket handshake the socket's code cannot take (RFC 6455 version 13,
+    with its key) is refused with the usual error body, where that code would fail with a 500. (A
+    request that asks for no upgrade at all is a 400 from the routing already.)"""
+    if request.endpoint != SOCKET_ENDPOINT:
+        return
+    if request.headers.get("Sec-WebSocket-Version") != "13":
+        raise ApiError("This gateway speaks WebSocket version 13.", code="WEBSOCKET_VERSION",
+                       status=426, headers={"Sec-WebSocket-Version": "13"})
+    if not request.headers.get("Sec-WebSocket-Key"):
+        raise ApiError("The WebSocket handshake has no Sec-WebSocket-Key.",
+                       code="BAD_WEBSOCKET_HANDSHAKE")
 
 
 _AFTER = NotificationQuerySchema(only=("after",))
@@ -258,7 +284,8 @@ def stream_notifications(ws, user_id: str, after: int | None, token_expires_at: 
             if woken or time.monotonic() >= recheck_at:
                 last_sent = _send_newer(ws, user_id, last_sent)
                 recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
-            ws.receive(timeout=0)  # raises ConnectionClosed once the page has gone
+            while ws.receive(timeout=0) is not None:  # raises ConnectionClosed once it has gone
+                pass  # the page has nothing to say: drop it
         ws.close(reason=1008, message=tokens.EXPIRED)
     except (ConnectionClosed, LocalProtocolError):
         pass  # the page has gone (LocalProtocolError: its close crossed a send or ours)

@@ -68,6 +68,10 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
         log.warning("%s timed out", service)
         raise UpstreamTimeout(f"The {service} service took too long to answer.",
                               details={"service": service}) from None
+    except requests.RequestException as exc:  # an answer broken off (its worker killed, say)
+        log.warning("%s answered brokenly: %r", service, exc)
+        raise BadGateway(f"The {service} service failed to answer.",
+                         details={"service": service}) from None
     if upstream.status_code >= 500 and not _unavailable_for_now(upstream):
         log.error("%s answered %s: %s", service, upstream.status_code, upstream.text[:500])
         raise BadGateway(f"The {service} service failed to answer.", details={"service": service})

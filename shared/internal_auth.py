@@ -46,7 +46,7 @@ def verified_user_id(headers: Mapping[str, str], secret: str, now: float | None 
         raise InvalidIdentity("the request carries no gateway-signed identity")
     try:
         age = abs((time.time() if now is None else now) - int(timestamp))
-    except ValueError:
+    except (ValueError, OverflowError):  # (a number too large for a float overflows)
         raise InvalidIdentity("the identity timestamp is not a number") from None
     if age > MAX_SKEW_SECONDS:
         raise InvalidIdentity("the identity signature has expired")

@@ -1,4 +1,5 @@
-"""The one Celery app, configured from `celeryconfig`, with the inbox consumer as a worker step."""
+"""The one Celery app, configured from `celeryconfig`, with the inbox consumer and the relays' stop
+as worker steps."""
 
 import logging
 import sys
@@ -23,13 +24,15 @@ app.user_options["worker"].add(
 )
 
 
-def _install_consumer_step() -> None:
+def _install_worker_steps() -> None:
     from tasks.consumer import InboxConsumerStep
+    from tasks.relay import StopLeadingStep
 
     app.steps["worker"].add(InboxConsumerStep)
+    app.steps["worker"].add(StopLeadingStep)
 
 
-_install_consumer_step()
+_install_worker_steps()
 
 
 @after_setup_logger.connect

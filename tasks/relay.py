@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 
+from celery import bootsteps
 from celery.signals import worker_shutting_down
 from flask import current_app
 
@@ -59,6 +60,18 @@ _leading_lock = threading.Lock()
 @worker_shutting_down.connect
 def _stop_leading(**kwargs) -> None:
     _stopping.set()
+
+
+class StopLeadingStep(bootsteps.StartStopStep):
+    """Ends this worker's relays as the worker stops, however it was told to: the shutdown signal
+    above comes only with SIGTERM, SIGINT or SIGQUIT, not with `celery control shutdown`, a SIGHUP
+    restart or an unrecoverable error, and the pool, stopping after this step, waits for its
+    threads, one of which leads until told to stop."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def stop(self, worker) -> None:
+        _stop_leading()
 
 
 def _publisher() -> OutboxPublisher:

@@ -61,6 +61,18 @@ class _FailingHandler(_SlowHandler):
         self.wfile.write(b"Traceback (most recent call last): secret internals")
 
 
+class _BrokenOffHandler(_SlowHandler):
+    """Answers 200 and breaks its body off half way, as a service whose worker is killed does."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"5\r\nhello\r\n")
+        self.wfile.flush()
+        self.close_connection = True
+
+
 @pytest.fixture(scope="module")
 def upstreams(orders_flask_app, payments_flask_app):
     served = {name: _Served(make_server("127.0.0.1", 0, app, threaded=True))
@@ -191,6 +203,7 @@ def test_expired_and_forged_tokens_are_refused(gateway, settings):
 def test_a_service_that_is_down_is_503_and_one_that_is_slow_is_504(settings, upstreams):
     slow = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler))
     failing = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingHandler))
+    broken_off = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BrokenOffHandler))
     try:
         client = _gateway(settings, orders_service_url=f"http://127.0.0.1:{free_port()}",
                           payments_service_url=slow.url, upstream_timeout_seconds=0.5)
@@ -205,9 +218,14 @@ def test_a_service_that_is_down_is_503_and_one_that_is_slow_is_504(settings, ups
         broken = _gateway(settings, orders_service_url=failing.url).get("/api/orders",
                                                                           headers=auth)
         assert broken.status_code == 502 and b"Traceback" not in broken.data
+        cut = _gateway(settings, orders_service_url=broken_off.url).get("/api/orders",
+                                                                        headers=auth)
+        assert cut.status_code == 502  # was a 500
+        assert cut.get_json()["error"]["code"] == "BAD_GATEWAY"
     finally:
         slow.close()
         failing.close()
+        broken_off.close()
 
 
 def test_past_the_rate_limit_a_user_gets_429_with_retry_after(settings, upstreams, gateway):
@@ -480,17 +498,19 @@ def test_a_socket_is_closed_when_its_token_expires(settings, gateway):
 
 
 @contextmanager
-def _served_gateway_socket_path(settings, upstreams, name: str) -> Iterator[tuple[str, str]]:
+def _served_gateway_socket_path(settings, upstreams, name: str,
+                                **changes) -> Iterator[tuple[str, str]]:
     """A gateway served on a loopback port in this process (its socket limits as the test has
-    set them), and a new user's notification socket path: (base URL, path)."""
+    set them, its settings with `changes`), and a new user's notification socket path: (base URL,
+    path)."""
     client = _gateway(settings, orders_service_url=upstreams["orders"].url,
-                      payments_service_url=upstreams["payments"].url)
+                      payments_service_url=upstreams["payments"].url, **changes)
     served = _Served(make_server("127.0.0.1", 0, client.application, threaded=True))
     try:
-        token = client.post("/api/auth/register", json={
-            "username": f"{name}-{uuid.uuid4().hex[:8]}", "password": "long password"}
-        ).get_json()["access_token"]
-        yield served.url, f"/api/notifications/ws?access_token={token}"
+        # A token as signing in issues it (signing up would count against the address's limit).
+        token = issue_token(f"usr_{uuid.uuid4().hex[:16]}", f"{name}-{uuid.uuid4().hex[:8]}",
+                            settings.auth_token_secret, settings.auth_token_ttl_seconds)
+        yield served.url, f"/api/notifications/ws?access_token={token.access_token}"
     finally:
         served.close()
 
@@ -584,6 +604,49 @@ def _refused(url, code: int = 1013) -> bool:
                 return False  # gone without a close frame
 
 
+def test_opening_sockets_counts_against_the_users_rate_limit(settings, upstreams):
+    """The socket's route is outside the /api blueprint that counts requests: opening one is
+    counted all the same, and past the limit a socket is closed at once with 1013."""
+    with _served_gateway_socket_path(settings, upstreams, "opener",
+                                     rate_limit_per_minute=2) as (base, path):
+        url = base.replace("http://", "ws://") + path
+        for _ in range(2):
+            opened = _stays_open(url)
+            assert opened
+            opened.close()
+        assert _refused(url, code=1013)
+
+
+def test_what_a_page_sends_on_its_socket_is_dropped_and_a_big_frame_closes_it(settings,
+                                                                            upstreams):
+    with _served_gateway_socket_path(settings, upstreams, "talker") as (base, path):
+        socket = _stays_open(base.replace("http://", "ws://") + path)
+        assert socket
+        for _ in range(50):
+            socket.send("chatter")  # read and dropped, never kept
+        socket.send("x" * (notifications.SOCKET_MAX_MESSAGE_BYTES + 1))
+        with pytest.raises(ConnectionClosed):
+            while True:  # (nothing is sent to this new user: the close is the first thing)
+                assert socket.receive(timeout=10) is not None, "no close within 10 s"
+        assert socket.close_reason == 1009  # message too big
+
+
+def test_the_socket_url_answers_only_a_websocket_handshake_it_can_take(gateway):
+    """Anything else, with the usual error body and never a 500 (a handshake without its key, or
+    of another version, failed inside the socket's code)."""
+    plain = gateway.get("/api/notifications/ws?access_token=x")
+    assert plain.status_code == 400 and plain.get_json()["error"]["code"] == "BAD_REQUEST"
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+    keyless = gateway.get("/api/notifications/ws?access_token=x",
+                          headers={**upgrade, "Sec-WebSocket-Version": "13"})
+    assert keyless.status_code == 400
+    assert keyless.get_json()["error"]["code"] == "BAD_WEBSOCKET_HANDSHAKE"
+    old = gateway.get("/api/notifications/ws?access_token=x", headers={
+        **upgrade, "Sec-WebSocket-Version": "8", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert old.status_code == 426 and old.headers["Sec-WebSocket-Version"] == "13"
+    assert old.get_json()["error"]["code"] == "WEBSOCKET_VERSION"
+
+
 @pytest.mark.parametrize("after", ["abc", "-1", "1.5", ""])
 def test_a_socket_asked_for_what_is_no_notification_id_is_refused(settings, upstreams, after):
     """`after` is read as the HTTP catch-up reads it: anything but an id is refused (1008), where
@@ -594,3 +657,11 @@ def test_a_socket_asked_for_what_is_no_notification_id_is_refused(settings, upst
         socket = _stays_open(f"{url}&after=0")
         assert socket
         socket.close()
+
+
+def test_the_notifications_redis_client_gives_up_on_a_silent_redis(gateway):
+    """It publishes each notification after its commit: a Redis host gone silent must cost that
+    thread 2 s, not as long as TCP waits."""
+    client = gateway.application.extensions[notifications.REDIS_EXTENSION]
+    options = client.connection_pool.connection_kwargs
+    assert options["socket_timeout"] == 2 and options["socket_keepalive"]

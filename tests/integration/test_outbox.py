@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from sqlalchemy import delete, func, select
@@ -273,6 +276,39 @@ def test_the_leader_reminds_of_parked_rows_as_it_starts_and_then_every_while(
     finally:
         with orders_flask_app.app_context():
             _delete_outbox_rows_of([order_id])
+
+
+def test_a_worker_shut_down_without_a_signal_ends_its_relay_and_exits(settings, tmp_path):
+    """`celery control shutdown` (like a SIGHUP restart) stops a worker without the shutdown
+    signal: the relay leading in one of its pool's threads must end all the same, or the pool
+    waits for that thread, and the worker never exits."""
+    node = f"relay-stop-{uuid.uuid4().hex[:8]}@localhost"
+    log_path = tmp_path / "worker.log"
+
+    def celery(*args: str, **options) -> subprocess.Popen:
+        # In processes of their own, configured from this layer's environment (this process's
+        # Celery app may have been configured by another layer's tests).
+        return subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *args],
+                                cwd=Path(__file__).parents[2], **options)
+
+    with open(log_path, "w") as log_file:
+        worker = celery("worker", "-Q", "orders", "-n", node, "-P", "threads", "-c", "2",
+                        "--without-gossip", "--without-mingle", "-l", "INFO",
+                        stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        assert celery("call", "hseshop.relay_outbox", "--args", '["orders"]',  # as beat sends it
+                      stdout=subprocess.DEVNULL).wait(timeout=60) == 0
+        wait_for(lambda: "leading the orders outbox relay" in log_path.read_text(), timeout=60,
+                 interval=0.5, what="the worker's relay to lead")
+        # (The worker stops without a reply, so the command reports that none came: not checked.)
+        celery("control", "shutdown", "-d", node, "--timeout", "1", stdout=subprocess.DEVNULL,
+               stderr=subprocess.DEVNULL).wait(timeout=60)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert "orders outbox relay stopping with its worker" in log_path.read_text()
 
 
 def test_with_the_broker_down_rows_pile_up_with_their_error_and_go_out_when_it_is_back(
