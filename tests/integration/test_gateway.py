@@ -604,9 +604,11 @@ def _refused(url, code: int = 1013) -> bool:
                 return False  # gone without a close frame
 
 
-def test_opening_sockets_counts_against_the_users_rate_limit(settings, upstreams):
+def test_opening_sockets_counts_against_the_users_rate_limit(settings, upstreams, monkeypatch):
     """The socket's route is outside the /api blueprint that counts requests: opening one is
     counted all the same, and past the limit a socket is closed at once with 1013."""
+    # Windows of an hour: the test's few seconds must not straddle two (a minute's did, 1 in 20).
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
     with _served_gateway_socket_path(settings, upstreams, "opener",
                                      rate_limit_per_minute=2) as (base, path):
         url = base.replace("http://", "ws://") + path
