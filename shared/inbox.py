@@ -426,7 +426,8 @@ def discard_parked_messages(session: Session,
     returns their ids.
 
     The row stays, marked processed with the error that parked it kept, so that the message,
-    should Kafka deliver it again, is dropped as a repeat; it is pruned with the handled rows.
+    should Kafka deliver it again, is dropped as a repeat; it is pruned a retention after the
+    discard (prune_handled_messages).
     """
     return _update_parked(session, message_ids, parked_at=None, processed_at=_now(),
                           last_error="discarded by an operator; parked for: "

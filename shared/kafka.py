@@ -146,7 +146,7 @@ class OutboxPublisher:
                 if _is_fatal(error):  # (a broker that came back empty, say): retried later
                     fatal = refused[row_id] = Refusal(f"not produced: {exc}")
                     continue
-                never = error.code() == KafkaError.MSG_SIZE_TOO_LARGE
+                never = _too_large(error)
                 refused[row_id] = Refusal(f"not produced: {exc}", held=never, park=never)
                 if key is not None:
                     held_back[(topic, key)] = Refusal(
@@ -164,7 +164,7 @@ class OutboxPublisher:
                 if err is not None:
                     # Over the broker's own limit (the topic's max.message.bytes): never taken
                     # either, so parked too, though the rows after it may have gone already.
-                    never = err.code() == KafkaError.MSG_SIZE_TOO_LARGE
+                    never = _too_large(err)
                     refused[row[0]] = Refusal(f"{err.name()}: {err.str()}", held=never, park=never)
                     failed_fatally = failed_fatally or _is_fatal(err)
         if failed_fatally or (produced and all(row[0] in refused for row in produced)):
@@ -184,6 +184,12 @@ class OutboxPublisher:
                 return
             except BufferError:
                 producer.poll(0.1)  # the local queue is full: let deliveries drain first
+
+
+def _too_large(error: KafkaError) -> bool:
+    """Whether `error` refuses a message for its size: the producer's limit or the topic's, the
+    same answer every time it is sent."""
+    return error.code() == KafkaError.MSG_SIZE_TOO_LARGE
 
 
 def _is_fatal(error: KafkaError) -> bool:

@@ -61,13 +61,12 @@ def replay(service: str, message_ids: list[uuid.UUID] | None,
     """Unpark the messages (every replayable one when `message_ids` is None) and hand them back:
     inbox messages dispatched to be handled, outbox rows to the relay; returns the ids replayed."""
     with service_app(service).app_context():
+        if outbox:  # the commit wakes the relay
+            with transaction() as session:
+                return unpark_outbox_messages(session, message_ids)
         with transaction() as session:
-            if outbox:
-                replayed = unpark_outbox_messages(session, message_ids)
-            else:
-                replayed = unpark_messages(session, message_ids)
-        if not outbox:
-            dispatch_inbox_messages(service, replayed)
+            replayed = unpark_messages(session, message_ids)
+        dispatch_inbox_messages(service, replayed)
     return replayed
 
 
