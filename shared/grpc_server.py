@@ -25,7 +25,7 @@ from sqlalchemy.exc import OperationalError
 
 from shared.config import get_settings
 from shared.errors import ApiError, DatabaseUnavailable
-from shared.internal_auth import InvalidIdentity, verified_user_id
+from shared.identity import authenticated_user_id
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, request_id_bound,
                                     sane_request_id)
 
@@ -55,12 +55,7 @@ def serve_call(app: Flask, context: grpc.ServicerContext, operation: Callable[[s
     with app.app_context(), request_id_bound(request_id):
         try:
             secret = app.extensions["hseshop.settings"].internal_auth_secret
-            try:
-                user_id = verified_user_id(metadata, secret)
-            except InvalidIdentity as exc:
-                raise ApiError(f"Identity refused: {exc}.", status=401,
-                               code="UNTRUSTED_IDENTITY") from None
-            return operation(user_id)
+            return operation(authenticated_user_id(metadata, secret))
         except ValidationError as exc:
             _abort(context, ApiError("The request is not valid.", status=422,
                                      code="VALIDATION_ERROR", details={"json": exc.messages}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from flask import current_app, g, request
 
 from shared.errors import Unauthorized
@@ -9,9 +11,10 @@ from shared.fields import USER_ID_PATTERN, USER_ID_RULE
 from shared.internal_auth import USER_ID_HEADER, InvalidIdentity, verified_user_id
 
 
-def require_user_id() -> str:
-    """The caller's user id; 401 when it is missing, malformed or not signed by the gateway."""
-    user_id = request.headers.get(USER_ID_HEADER)
+def authenticated_user_id(headers: Mapping[str, str], secret: str) -> str:
+    """The user id the gateway signed into `headers` (an HTTP request's, or a gRPC call's
+    metadata); 401 when it is missing, malformed or not signed by the gateway."""
+    user_id = {name.lower(): value for name, value in headers.items()}.get(USER_ID_HEADER.lower())
     if user_id is None:
         raise Unauthorized(f"The {USER_ID_HEADER} header is required.", code="MISSING_USER_ID")
     if not USER_ID_PATTERN.fullmatch(user_id):
@@ -19,13 +22,17 @@ def require_user_id() -> str:
             f"The {USER_ID_HEADER} header {USER_ID_RULE}",
             code="INVALID_USER_ID",
         )
-    secret = current_app.extensions["hseshop.settings"].internal_auth_secret
     try:
-        verified_user_id(request.headers, secret)
+        return verified_user_id(headers, secret)
     except InvalidIdentity as exc:
         raise Unauthorized(f"Identity refused: {exc}.", code="UNTRUSTED_IDENTITY") from None
-    g.user_id = user_id
-    return user_id
+
+
+def require_user_id() -> str:
+    """The caller's user id; 401 when it is missing, malformed or not signed by the gateway."""
+    secret = current_app.extensions["hseshop.settings"].internal_auth_secret
+    g.user_id = authenticated_user_id(request.headers, secret)
+    return g.user_id
 
 
 def identify_caller() -> None:

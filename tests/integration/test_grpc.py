@@ -22,7 +22,8 @@ from werkzeug.serving import make_server
 
 import gateway_app
 from devstack.infra import free_port
-from shared.grpc_server import build_server
+from shared.config import ENVIRONMENT
+from shared.grpc_server import ERROR_CODE_KEY, HTTP_STATUS_KEY, build_server
 from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
@@ -138,17 +139,24 @@ def test_a_deadline_exceeded_is_504_and_a_service_down_is_503(settings, upstream
         slow.stop(grace=None)
 
 
-@pytest.mark.parametrize("metadata", [
-    (),
-    (("x-user-id", "alice"),),
-    tuple((k.lower(), v)
-          for k, v in identity_headers("alice", "not the gateway's secret at all").items()),
+def _signed(user_id: str, secret: str) -> tuple[tuple[str, str], ...]:
+    return tuple((name.lower(), value) for name, value in identity_headers(user_id, secret).items())
+
+
+@pytest.mark.parametrize("metadata, code", [
+    ((), "MISSING_USER_ID"),
+    ((("x-user-id", "alice"),), "UNTRUSTED_IDENTITY"),
+    (_signed("alice", "not the gateway's secret at all"), "UNTRUSTED_IDENTITY"),
+    (_signed("a b", ENVIRONMENT["INTERNAL_AUTH_SECRET"]), "INVALID_USER_ID"),  # signed, malformed
 ])
-def test_a_call_without_valid_gateway_metadata_is_refused(grpc_targets, metadata):
+def test_a_call_without_valid_gateway_metadata_is_refused_as_http_refuses_it(grpc_targets,
+                                                                             metadata, code):
     stub = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
     with pytest.raises(grpc.RpcError) as refused:
         stub.ListOrders(orders_pb2.ListOrdersRequest(), metadata=metadata, timeout=5)
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    trailers = dict(refused.value.trailing_metadata())
+    assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == ("401", code)
 
 
 def test_server_reflection_lists_each_service(grpc_targets):
