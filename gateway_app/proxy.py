@@ -13,6 +13,7 @@ import threading
 
 import requests
 from flask import Response, current_app, g, request
+from webargs.flaskparser import is_json_request
 
 from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.idempotency import IDEMPOTENCY_HEADER, idempotency_key_from_request
@@ -38,10 +39,11 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
     """Send the current request to `service` at `path` and relay its answer; `idempotent` for
     the routes that honour an Idempotency-Key.
 
-    Of the client's headers only what the gRPC transport passes on goes too, so that both answer
-    alike: the key where it counts (checked here, as the gRPC route checks it), and for a body,
-    which the gateway has already parsed as JSON, its type. (Nothing else a client sends can then
-    make a header that HTTP cannot carry.)"""
+    Of the client's request only what the gRPC transport passes on goes too, so that both answer
+    alike: the key where it counts (checked here, as the gRPC route checks it), and a JSON body,
+    which the gateway has already parsed, with its type; a body of another type, which the
+    gateway's parsing passed over, stays behind. (Nothing else a client sends can then make a
+    header that HTTP cannot carry.)"""
     settings = current_app.extensions["hseshop.settings"]
     base = {"orders": settings.orders_service_url,
             "payments": settings.payments_service_url}[service]
@@ -49,7 +51,7 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
     key = idempotency_key_from_request() if idempotent else None
     if key:
         headers[IDEMPOTENCY_HEADER] = key
-    body = request.get_data()
+    body = request.get_data() if is_json_request(request) else b""
     if body:
         headers["Content-Type"] = "application/json"
     headers[REQUEST_ID_HEADER] = current_request_id() or ""

@@ -4,14 +4,12 @@ handled here once, around the use cases."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from orders_app import service
-from orders_app.schemas import OrderPageSchema, OrderSchema
+from orders_app.schemas import OrderPageSchema, OrderSchema, order_id_from_path
 from shared.cache import app_cache
 from shared.db import db, transaction
-from shared.errors import NotFound
 from shared.idempotency import run_idempotently
 
 ORDER = OrderSchema()
@@ -38,10 +36,7 @@ def list_orders(user_id: str, args: dict[str, Any]) -> dict:
 
 
 def get_order(user_id: str, order_id: str) -> dict:
-    try:
-        parsed = uuid.UUID(order_id)
-    except ValueError:
-        raise NotFound("No such order.", code="ORDER_NOT_FOUND") from None
+    parsed = order_id_from_path(order_id)
     return app_cache().read(
         service.orders_cache_namespace(user_id), f"order:{parsed}",
         lambda: ORDER.dump(service.get_order(db.session, user_id=user_id, order_id=parsed)))

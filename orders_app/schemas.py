@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import uuid
+
 from marshmallow import RAISE, Schema, fields, validate
 
 from orders_app.models import STATUSES
+from shared.errors import NotFound
 from shared.fields import Amount, Text
 
 MAX_PAGE = 200
+
+
+def order_id_from_path(order_id: str) -> uuid.UUID:
+    """The order id a path names; 404 ORDER_NOT_FOUND when it is no UUID (so no order's)."""
+    try:
+        return uuid.UUID(order_id)
+    except ValueError:
+        raise NotFound("No such order.", code="ORDER_NOT_FOUND") from None
 
 
 class PlaceOrderSchema(Schema):

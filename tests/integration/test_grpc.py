@@ -70,7 +70,7 @@ def _story(client) -> list[tuple[int, object]]:
         return response.get_json()
 
     ask("GET", "/api/accounts/balance", headers=auth)
-    ask("POST", "/api/accounts", headers=auth)
+    ask("POST", "/api/accounts", data="hello", content_type="text/plain", headers=auth)
     ask("POST", "/api/accounts", headers=auth)
     ask("POST", "/api/accounts/deposit", json={"amount": "100"}, headers=key)
     ask("POST", "/api/accounts/deposit", json={"amount": 100}, headers=key)
@@ -96,6 +96,9 @@ def _story(client) -> list[tuple[int, object]]:
     ask("GET", f"/api/orders/{order['id']}", headers=auth)
     ask("GET", f"/api/orders/{uuid.uuid4()}", headers=auth)
     ask("GET", "/api/orders/not-an-id", headers=auth)
+    ask("GET", "/api/orders/%2E%2E", headers=auth)
+    ask("GET", "/api/orders/" + "!" * 1400, headers=auth)
+    ask("GET", f"/api/orders/{order['id'].upper()}", headers=auth)
     ask("GET", "/api/accounts/balance", headers=auth)
     masked = json.dumps(answers, sort_keys=True)
     masked = masked.replace(session["user_id"], "<user>").replace(order["id"], "<order>")
