@@ -11,6 +11,7 @@ the messages were published in."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
@@ -201,42 +202,66 @@ class SocketSlots:
 
 def register_socket(app, authenticate) -> None:
     """`GET /api/notifications/ws?access_token=...&after=<id>`: a WebSocket of the user's
-    notifications. With `after`, first everything newer than that id, then each one live. The
-    socket is closed with 1008 when the token is refused, when `after` is no notification id and
-    when the token expires; with 1013 (try again later) past the user's rate limit or its socket
-    limits."""
+    notifications. With `after`, first everything newer than that id, then each one live; without
+    it, each one kept from the moment the handshake is answered. The socket is closed with 1008
+    when the token is refused, when `after` is no notification id and when the token expires; with
+    1013 (try again later) past the user's rate limit or its socket limits."""
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": SOCKET_MAX_MESSAGE_BYTES}
     sock = Sock(app)
     slots = SocketSlots(SOCKETS_PER_USER, SOCKETS_PER_PROCESS)
-    app.before_request(_websocket_handshakes_only)
+
+    @app.before_request
+    def before_the_handshake() -> None:
+        if request.endpoint == SOCKET_ENDPOINT:
+            _refuse_a_handshake_we_cannot_take()
+            g.socket_opening = _socket_opening(authenticate, request.args)
 
     @sock.route("/api/notifications/ws", endpoint=SOCKET_ENDPOINT)
     def notifications_socket(ws):
-        try:
-            token = authenticate(request.args.get("access_token", ""))
-            after = _after_from(request.args)
-        except RateLimited as exc:
-            ws.close(reason=1013, message=str(exc)[:120])
+        opening: SocketOpening = g.socket_opening
+        if opening.refusal:
+            ws.close(*opening.refusal)
             return
-        except Exception as exc:
-            ws.close(reason=1008, message=str(exc)[:120])
-            return
-        if not slots.take(token.user_id):
+        if not slots.take(opening.token.user_id):
             ws.close(reason=1013, message="too many open notification sockets; try again later")
             return
         try:
             drop_when_the_peer_vanishes(ws.sock)
-            stream_notifications(ws, token.user_id, after, token.expires_at)
+            stream_notifications(ws, opening.token.user_id, opening.after,
+                                 opening.token.expires_at)
         finally:
-            slots.give_back(token.user_id)
+            slots.give_back(opening.token.user_id)
 
 
-def _websocket_handshakes_only() -> None:
-    """`before_request`: a WebSocket handshake the socket's code cannot take (RFC 6455 version 13,
-    with its key) is refused with the usual error body, where that code would fail with a 500. (A
-    request that asks for no upgrade at all is a 400 from the routing already.)"""
-    if request.endpoint != SOCKET_ENDPOINT:
-        return
+@dataclasses.dataclass(frozen=True)
+class SocketOpening:
+    """What a socket's handshake asked for, decided before it is answered: the token and the id
+    to stream after, or the close code and reason to refuse it with once it is open."""
+
+    token: tokens.VerifiedToken | None = None
+    after: int = 0
+    refusal: tuple[int, str] | None = None
+
+
+def _socket_opening(authenticate, args) -> SocketOpening:
+    try:
+        token = authenticate(args.get("access_token", ""))
+        after = _after_from(args)
+    except RateLimited as exc:
+        return SocketOpening(refusal=(1013, str(exc)[:120]))
+    except Exception as exc:
+        return SocketOpening(refusal=(1008, str(exc)[:120]))
+    if after is None:
+        # "From now on" is from before the page is told its socket is open: whatever the page
+        # causes once it is (an order placed) comes after this id, however late the stream starts.
+        after = newest_notification_id(token.user_id)
+    return SocketOpening(token=token, after=after)
+
+
+def _refuse_a_handshake_we_cannot_take() -> None:
+    """A WebSocket handshake the socket's code cannot take (RFC 6455 version 13, with its key) is
+    refused with the usual error body, where that code would fail with a 500. (A request that
+    asks for no upgrade at all is a 400 from the routing already.)"""
     if request.headers.get("Sec-WebSocket-Version") != "13":
         raise ApiError("This gateway speaks WebSocket version 13.", code="WEBSOCKET_VERSION",
                        status=426, headers={"Sec-WebSocket-Version": "13"})
@@ -268,16 +293,14 @@ def drop_when_the_peer_vanishes(connection: socket.socket) -> None:
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
-def stream_notifications(ws, user_id: str, after: int | None, token_expires_at: float) -> None:
-    """Send the user's notifications (after `after`, else from now on) until the page goes, or
-    its token expires (then closed with 1008: the page signs in again, then reconnects)."""
+def stream_notifications(ws, user_id: str, after: int, token_expires_at: float) -> None:
+    """Send the user's notifications after the id `after`, then each one live, until the page goes,
+    or its token expires (then closed with 1008: the page signs in again, then reconnects)."""
     pubsub = _redis().pubsub(ignore_subscribe_messages=True)
     try:
-        # Without `after`, from the newest notification kept now on, read before subscribing; the
-        # table is read once more right after, for any committed in between.
-        last_sent = after if after is not None else _newest_notification_id(user_id)
         pubsub.subscribe(channel(user_id))
-        last_sent = _send_newer(ws, user_id, last_sent)
+        # The table is read once subscribed: nothing committed before the subscription is missed.
+        last_sent = _send_newer(ws, user_id, after)
         recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
         while time.time() < token_expires_at:
             woken = pubsub.get_message(timeout=SOCKET_POLL_SECONDS) is not None
@@ -308,7 +331,8 @@ def _send_newer(ws, user_id: str, last_sent: int) -> int:
             return last_sent
 
 
-def _newest_notification_id(user_id: str) -> int:
+def newest_notification_id(user_id: str) -> int:
+    """The id of the user's newest notification kept now (0 for none)."""
     newest = db.session.scalar(select(func.max(Notification.id))
                                .where(Notification.user_id == user_id))
     db.session.rollback()

@@ -443,7 +443,8 @@ def _socket_streaming(app, user: str, token_ttl: float = 3600) -> Iterator[Recor
 
     def stream():
         with app.app_context():
-            notifications.stream_notifications(socket, user, None, time.time() + token_ttl)
+            notifications.stream_notifications(socket, user, notifications.newest_notification_id(
+                user), time.time() + token_ttl)
 
     streaming = threading.Thread(target=stream)
     streaming.start()
@@ -501,21 +502,48 @@ def test_a_socket_is_closed_when_its_token_expires(settings, gateway):
 
 
 @contextmanager
-def _served_gateway_socket_path(settings, upstreams, name: str,
+def _served_gateway_socket_path(settings, upstreams, name: str, user: str | None = None,
                                 **changes) -> Iterator[tuple[str, str]]:
     """A gateway served on a loopback port in this process (its socket limits as the test has
-    set them, its settings with `changes`), and a new user's notification socket path: (base URL,
-    path)."""
+    set them, its settings with `changes`), and the notification socket path of `user` (a new
+    one by default): (base URL, path)."""
     client = _gateway(settings, orders_service_url=upstreams["orders"].url,
                       payments_service_url=upstreams["payments"].url, **changes)
     served = _Served(make_server("127.0.0.1", 0, client.application, threaded=True))
     try:
         # A token as signing in issues it (signing up would count against the address's limit).
-        token = issue_token(f"usr_{uuid.uuid4().hex[:16]}", f"{name}-{uuid.uuid4().hex[:8]}",
-                            settings.auth_token_secret, settings.auth_token_ttl_seconds)
+        token = issue_token(user or f"usr_{uuid.uuid4().hex[:16]}",
+                            f"{name}-{uuid.uuid4().hex[:8]}", settings.auth_token_secret,
+                            settings.auth_token_ttl_seconds)
         yield served.url, f"/api/notifications/ws?access_token={token.access_token}"
     finally:
         served.close()
+
+
+def test_a_socket_opened_without_after_sends_all_kept_once_its_handshake_is_answered(
+        settings, upstreams, gateway, monkeypatch):
+    """"From now on" is from the handshake's answer, not from whenever the gateway's thread gets
+    to streaming: a notification kept right after the page sees its socket open is sent, however
+    late the stream starts (here a second late)."""
+    late = notifications.drop_when_the_peer_vanishes
+    monkeypatch.setattr(notifications, "drop_when_the_peer_vanishes",
+                        lambda connection: (time.sleep(1), late(connection)))
+    user = f"usr_{uuid.uuid4().hex[:16]}"
+    with gateway.application.app_context(), transaction() as session:
+        notifications.on_order_status_changes(session, _status_changes(user))  # before: not sent
+    with _served_gateway_socket_path(settings, upstreams, "late", user=user) as (base, path):
+        import simple_websocket
+
+        socket = simple_websocket.Client.connect(base.replace("http://", "ws://") + path)
+        try:
+            with gateway.application.app_context(), transaction() as session:
+                notifications.on_order_status_changes(session, _status_changes(user))
+            sent = json.loads(socket.receive(timeout=10) or "null")
+            with gateway.application.app_context():
+                kept = notifications.notifications_after(user, 0, 10)
+            assert sent and sent["id"] == kept[1]["id"]
+        finally:
+            socket.close()
 
 
 def test_a_user_past_the_socket_limit_is_refused_at_once(settings, upstreams, monkeypatch):
