@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.e2e.gateway_client import GatewayClient
+from tests.polling import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +95,19 @@ def test_the_request_id_follows_an_order_from_the_click_into_both_services_messa
     assert response.headers["X-Request-ID"] == request_id
     order = shopper.wait_until_final(response.json()["id"])
     # Every message the order caused carried it: PaymentRequested to Payments, the payment's
-    # result back to Orders, OrderStatusChanged to the gateway.
-    received = {}
-    for database in (payments_db, orders_db, gateway_db):
-        with database.connect() as conn:
-            received.update(conn.execute(sa.text(
-                "SELECT type, request_id FROM inbox_messages WHERE correlation_id = :id"),
-                {"id": order["id"]}).all())
-    assert received == {"PaymentRequested": request_id, "PaymentSucceeded": request_id,
-                        "OrderStatusChanged": request_id}
+    # result back to Orders, OrderStatusChanged to the gateway (stored a Kafka hop after the
+    # order turned final, so waited for).
+    def received():
+        types = {}
+        for database in (payments_db, orders_db, gateway_db):
+            with database.connect() as conn:
+                types.update(conn.execute(sa.text(
+                    "SELECT type, request_id FROM inbox_messages WHERE correlation_id = :id"),
+                    {"id": order["id"]}).all())
+        return types if len(types) == 3 else None
+
+    assert wait_for(received, timeout=10, what="the order's three messages") == {
+        "PaymentRequested": request_id, "PaymentSucceeded": request_id,
+        "OrderStatusChanged": request_id}
     for log in ("gateway-api", "orders-grpc", "payments-worker", "orders-worker"):
         assert f"request_id={request_id}" in (stack.logs_dir / f"{log}.log").read_text(), log
