@@ -13,7 +13,9 @@ from tests.e2e.shop_client import ShopClient
 from tests.environment import service_env
 
 
-@pytest.fixture(scope="session")
+# The e2e layer's fixtures last as long as the layer: the shop it starts (some fifteen processes,
+# its consumers polling all the while) is stopped before the next layer's tests run.
+@pytest.fixture(scope="package")
 def stack(infrastructure, run_dir):
     env = service_env(infrastructure, "e2e")
     env.pop("KAFKA_BOOTSTRAP_SERVERS")  # the stack runs a broker of its own, which tests stop
@@ -36,17 +38,17 @@ def _database(stack, service: str):
     engine.dispose()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def orders_db(stack):
     yield from _database(stack, "orders")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def payments_db(stack):
     yield from _database(stack, "payments")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def gateway_db(stack):
     yield from _database(stack, "gateway")
 

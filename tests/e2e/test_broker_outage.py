@@ -1,6 +1,8 @@
 """The broker goes away: the shop keeps taking orders, and delivers them all when it is back.
 
-Runs last in the e2e layer (file order), because it restarts the stack's broker.
+The stack's broker comes back empty (the test broker keeps nothing on disk), and the e2e tests
+after this one run on it: so the test ends once every consumer, the gateway's too, has its
+messages again.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from tests.polling import wait_for
 
 
 def test_with_the_broker_stopped_orders_are_accepted_and_all_complete_once_it_is_back(
-        stack, orders_db):
+        stack, orders_db, gateway_db):
     customer = ShopClient(stack.orders_url, stack.payments_url)
     customer.open_account()
     customer.deposit(100)
@@ -35,3 +37,11 @@ def test_with_the_broker_stopped_orders_are_accepted_and_all_complete_once_it_is
     finals = [customer.wait_until_final(o["id"], timeout=90) for o in placed]
     assert [f["status"] for f in finals] == ["FINISHED"] * 5
     assert customer.balance() == "50.00"
+
+    def told_the_gateway():  # its notifications' inbox: the third consumer back at work
+        with gateway_db.connect() as conn:
+            return conn.scalar(sa.text(
+                "SELECT count(*) FROM inbox_messages WHERE correlation_id = ANY(:ids)"),
+                {"ids": [o["id"] for o in placed]}) == len(placed)
+
+    wait_for(told_the_gateway, timeout=30, interval=0.5, what="the gateway to be told of each")
