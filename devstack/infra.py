@@ -7,6 +7,7 @@ import pwd
 import signal
 import socket
 import stat
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -31,10 +32,21 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+_ports_given: set[int] = set()
+_ports_given_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        return sock.getsockname()[1]
+    """A loopback port free now, and never one this process was given before: ports picked
+    together and bound later (a stack's six) must differ, which the system's picks need not."""
+    with _ports_given_lock:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((LOCALHOST, 0))
+                port = sock.getsockname()[1]
+            if port not in _ports_given:
+                _ports_given.add(port)
+                return port
 
 
 def wait_until(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -215,3 +217,27 @@ def test_make_run_prints_every_address_the_shop_serves(tmp_path, capsys):
                     "http://127.0.0.1:8001", "http://127.0.0.1:8002", "127.0.0.1:50051",
                     "127.0.0.1:50099", "http://127.0.0.1:5555", "127.0.0.1:9092"):
         assert address in printed, address
+
+
+def test_free_port_never_gives_a_port_twice_though_the_system_may(monkeypatch):
+    picks = iter([41001, 41001, 41002, 41001, 41003])
+
+    class Socket:  # bind() to port 0 as the system answers it: the same port again at times
+        def __init__(self, *args):
+            self.port = next(picks)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            pass
+
+        def bind(self, address):
+            pass
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr("devstack.infra.socket", types.SimpleNamespace(
+        socket=Socket, AF_INET=socket.AF_INET, SOCK_STREAM=socket.SOCK_STREAM))
+    assert [free_port() for _ in range(3)] == [41001, 41002, 41003]
