@@ -1,6 +1,7 @@
-"""Calling the services over gRPC: one channel per service per process, the caller's identity and
-request id in the call metadata, a deadline on every call, and gRPC failures mapped back to the
-HTTP errors the services' HTTP APIs would have given."""
+"""Calling the services over gRPC: one channel per service per process (a connection gone silent
+found out by keepalive pings), the caller's identity and request id in the call metadata, a
+deadline on every call, and gRPC failures mapped back to the HTTP errors the services' HTTP APIs
+would have given."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from flask import current_app, g
 
 from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.grpc_messages import to_body, to_message
-from shared.grpc_server import ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY, RETRY_AFTER_KEY
+from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
+                                RETRY_AFTER_KEY, channel_options)
 from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc, payments_pb2, payments_pb2_grpc
 from shared.request_context import REQUEST_ID_HEADER, current_request_id
@@ -36,7 +38,8 @@ def _stub(service: str):
     target = getattr(current_app.extensions["hseshop.settings"], f"{service}_grpc_target")
     with _stubs_lock:
         if (service, target) not in _stubs:
-            _stubs[(service, target)] = STUBS[service](grpc.insecure_channel(target))
+            _stubs[(service, target)] = STUBS[service](
+                grpc.insecure_channel(target, options=channel_options()))
         return _stubs[(service, target)]
 
 

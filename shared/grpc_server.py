@@ -37,6 +37,34 @@ ERROR_CODE_KEY = "hseshop-error-code"
 ERROR_DETAILS_KEY = "hseshop-error-details"
 RETRY_AFTER_KEY = "hseshop-retry-after"  # only when the HTTP answer would carry Retry-After
 
+# Keepalive between the gateway's channels and these servers. A connection to a service that went
+# silent (its host gone without a word, as when a container is replaced and its address with it)
+# is found out by HTTP/2 pings and dropped, and the channel connects afresh, resolving the name
+# again; without them every call on it would wait out its deadline for as long as TCP keeps it.
+KEEPALIVE_TIME_MS = 20_000  # a client pings a connection quiet this long, calls or none
+KEEPALIVE_TIMEOUT_MS = 10_000  # and drops it when the ping is not answered this soon
+# A server takes pings this often without calls (the client's must come no more often, or the
+# server counts them as misbehaving and closes the connection).
+PINGS_ACCEPTED_EVERY_MS = 10_000
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """The options of a channel to these servers: keepalive as they accept it. (gRPC core holds
+    a ping back for min_time_between_pings, five minutes unless set, once none answered, and
+    drops the connection after ping_timeout, not keepalive_timeout: both are set here.)"""
+    return [("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_time_between_pings_ms", KEEPALIVE_TIME_MS),
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS)]
+
+
+def _server_options() -> list[tuple[str, int]]:
+    return [("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", PINGS_ACCEPTED_EVERY_MS)]
+
+
 GRPC_CODE_FOR_HTTP_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -97,7 +125,7 @@ def build_server(service: str, app: Flask, bind: str, max_workers: int = 16) -> 
     """A server with the service's methods (its `grpc_api.register`) and reflection, bound."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix=f"{service}-grpc"),
-                         interceptors=[CallLogInterceptor()])
+                         interceptors=[CallLogInterceptor()], options=_server_options())
     grpc_api = importlib.import_module(f"{service}_app.grpc_api")
     service_names = grpc_api.register(server, app)
     reflection.enable_server_reflection((*service_names, reflection.SERVICE_NAME), server)
