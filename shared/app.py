@@ -21,6 +21,9 @@ from shared.request_context import configure_logging, install_request_ids
 # Swagger UI's scripts and styles are served by the service itself (from the swagger-ui-bundle
 # package), so the docs work on a machine with no way out to a CDN.
 SWAGGER_UI_ASSETS = "/docs/swagger-ui-assets"
+# The largest request body any app takes (the biggest the API needs is a few kilobytes): a bigger
+# one is refused with 413 before it is read, instead of held in memory to be refused once parsed.
+MAX_REQUEST_BYTES = 64 * 1024
 
 
 def create_service_app(service: str, *, title: str, blueprints: Iterable[Blueprint],
@@ -33,6 +36,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     app.json = StrictDecimalJSONProvider(app)
     app.config.update(
         SQLALCHEMY_DATABASE_URI=settings.database_url(service),
+        MAX_CONTENT_LENGTH=MAX_REQUEST_BYTES,
         API_TITLE=title,
         API_VERSION="1.0.0",
         OPENAPI_VERSION="3.0.3",

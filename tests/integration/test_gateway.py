@@ -23,6 +23,7 @@ import gateway_app
 from devstack.infra import free_port
 from gateway_app import notifications
 from gateway_app.tokens import issue_token
+from shared.app import MAX_REQUEST_BYTES
 from shared.contracts import ORDER_STATUS_CHANGED, new_event
 from shared.db import driver_dsn, transaction
 from shared.inbox import ReceivedEvent, StoredMessage
@@ -132,6 +133,13 @@ def test_bad_sign_up_input_is_a_4xx(gateway, body):
     response = gateway.post("/api/auth/register", json=body)
     assert response.status_code == 422
     assert set(response.get_json()["error"]) == {"code", "message", "details"}
+
+
+def test_a_body_over_the_size_limit_is_refused_with_413_unread(gateway):
+    response = gateway.post("/api/auth/login", content_type="application/json",
+                            data=b'{"username": "' + b"x" * (MAX_REQUEST_BYTES + 1) + b'"}')
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "REQUEST_ENTITY_TOO_LARGE"
 
 
 def test_requests_pass_through_with_method_body_query_status_and_idempotency_key(gateway):
