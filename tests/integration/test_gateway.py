@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import http.server
 import json
 import socket
@@ -133,6 +134,24 @@ def test_bad_sign_up_input_is_a_4xx(gateway, body):
     response = gateway.post("/api/auth/register", json=body)
     assert response.status_code == 422
     assert set(response.get_json()["error"]) == {"code", "message", "details"}
+
+
+def test_signing_in_under_an_unknown_name_costs_one_hash_as_under_a_known_one(gateway,
+                                                                            monkeypatch):
+    """So that the time of the answer does not tell which names are taken."""
+    name = f"known-{uuid.uuid4().hex[:8]}"
+    _sign_up(gateway, name)
+    hashes = []
+    scrypt = hashlib.scrypt
+    monkeypatch.setattr(hashlib, "scrypt", lambda *a, **k: hashes.append(1) or scrypt(*a, **k))
+    costs = []
+    for username in (name, f"nobody-{uuid.uuid4().hex[:8]}", f"nobody-{uuid.uuid4().hex[:8]}"):
+        hashes.clear()
+        response = gateway.post("/api/auth/login", json={"username": username,
+                                                         "password": "not their password"})
+        assert response.status_code == 401
+        costs.append(len(hashes))
+    assert costs[0] == costs[2] == 1  # (the first unknown name makes the process's one hash)
 
 
 def test_a_body_over_the_size_limit_is_refused_with_413_unread(gateway):
