@@ -38,9 +38,15 @@ NAMING_CONVENTION = {
 CONNECTION_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
                        "keepalives_interval": 5, "keepalives_count": 4, "tcp_user_timeout": 30_000}
 
+# A process's pool: the connections it keeps, and the most it opens at once (its threads that
+# work with the database, up to this; docker-compose.yml's PostgreSQL takes them all).
+POOL_SIZE = 10
+POOL_MAX_CONNECTIONS = 20
+
 db = SQLAlchemy(
     metadata=MetaData(naming_convention=NAMING_CONVENTION),
-    engine_options={"pool_size": 10, "max_overflow": 10, "connect_args": CONNECTION_TIMEOUTS},
+    engine_options={"pool_size": POOL_SIZE, "max_overflow": POOL_MAX_CONNECTIONS - POOL_SIZE,
+                    "connect_args": CONNECTION_TIMEOUTS},
 )
 
 _AFTER_COMMIT = "hseshop.after_commit"

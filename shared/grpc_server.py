@@ -121,7 +121,12 @@ class CallLogInterceptor(grpc.ServerInterceptor):
         return continuation(handler_call_details)
 
 
-def build_server(service: str, app: Flask, bind: str, max_workers: int = 16) -> grpc.Server:
+# Calls a server runs at once, each on a thread of its own (and with a database connection).
+SERVER_THREADS = 16
+
+
+def build_server(service: str, app: Flask, bind: str,
+                 max_workers: int = SERVER_THREADS) -> grpc.Server:
     """A server with the service's methods (its `grpc_api.register`) and reflection, bound."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix=f"{service}-grpc"),

@@ -18,6 +18,8 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from shared.config import ENVIRONMENT, SERVICES
+from shared.db import POOL_MAX_CONNECTIONS
+from shared.grpc_server import SERVER_THREADS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -228,6 +230,43 @@ def test_workers_can_be_scaled():
             assert "container_name" not in worker and "ports" not in worker, name
             # Each replica must be its own Celery node: %h is the container's hostname.
             assert f"{service_name}@%h" in command(worker), name
+
+
+# Connections a worker holds beside its pool's: its relay leader's and its inbox consumer's.
+WORKER_OWN_CONNECTIONS = 2
+SUPERUSER_RESERVED_CONNECTIONS = 3  # PostgreSQL's default, of max_connections
+
+
+def most_connections(service: dict) -> int:
+    """The most database connections one container of `service` holds at once."""
+    argv = command(service)
+    if argv[0] == "gunicorn":  # a pool per process, used by its threads
+        threads = int(argv[argv.index("--threads") + 1])
+        return int(argv[argv.index("-w") + 1]) * min(threads, POOL_MAX_CONNECTIONS)
+    if argv[:4] == ["celery", "-A", "tasks", "worker"]:
+        threads = int(argv[argv.index("-c") + 1])
+        return min(threads, POOL_MAX_CONNECTIONS) + WORKER_OWN_CONNECTIONS
+    if argv[:3] == ["python", "-m", "shared.grpc_server"]:
+        return min(SERVER_THREADS, POOL_MAX_CONNECTIONS)
+    if argv[:3] == ["python", "-m", "shared.migrations"]:
+        return 2  # the server's, to make the database, and the migration's
+    assert argv[:4] in (["celery", "-A", "tasks", "beat"], ["celery", "-A", "tasks", "flower"])
+    return 0  # Redis only
+
+
+def test_shop_containers_and_kafka_get_time_to_shut_down_cleanly():
+    # tasks/consumer.py waits up to 15 s for its consumer; gunicorn's graceful timeout is 30 s.
+    for name, service in {**HSESHOP, "kafka": ALL_SERVICES["kafka"]}.items():
+        assert int(service.get("stop_grace_period", "10s").removesuffix("s")) > 30, name
+
+
+def test_postgres_takes_every_connection_the_shop_can_open_and_four_more_workers():
+    limit = int(next(arg.split("=", 1)[1] for arg in command(ALL_SERVICES["postgres"])
+                     if arg.startswith("max_connections=")))
+    composed = sum(most_connections(service) for service in HSESHOP.values())
+    worker = max(most_connections(ALL_SERVICES[name])
+                 for service_name in SERVICES for name in workers_of(service_name))
+    assert composed + 4 * worker <= limit - SUPERUSER_RESERVED_CONNECTIONS, (composed, worker)
 
 
 def test_data_lives_in_named_volumes():
