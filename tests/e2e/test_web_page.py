@@ -151,6 +151,11 @@ def test_the_gateway_serves_the_page_with_its_script_and_styles(stack):
         assert response.status_code == 200, (
             f"/static/{asset}: {response.status_code} {response.text}")
         assert kind in response.headers["Content-Type"]
+    # Only its own files and origin, never framed (the browser tests below run under this policy).
+    for response in (page, response):
+        assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_a_shopper_sees_orders_finish_and_cancel_live_without_reloading(stack, browser):
@@ -177,6 +182,9 @@ def test_a_shopper_sees_orders_finish_and_cancel_live_without_reloading(stack, b
 
     assert page.order_ids() == [too_dear, paid]  # newest first
     assert browser.execute_script("return window.hseshopNoReload === true;")
+    refused = [entry["message"] for entry in browser.get_log("browser")
+               if "Content Security Policy" in entry["message"]]
+    assert not refused, refused  # the page's own policy stopped nothing it does
     shot = page.screenshot("web-page.png")
     assert shot.is_file() and shot.stat().st_size > 0
 
