@@ -37,6 +37,7 @@
   let reconnectDelay = RECONNECT_FIRST_MS;
   let expiryTimer = null;
   let loadTimer = null;
+  let reloadTimer = null;
   // One Idempotency-Key per intended action: a retry of the same form contents reuses it, so a
   // double click or a retry after a lost response counts once.
   const pendingKeys = {};
@@ -94,6 +95,7 @@
     if (body !== undefined) headers["Content-Type"] = "application/json";
     if (!anonymous && session) headers.Authorization = `Bearer ${session.token}`;
     if (idempotencyKey) headers["Idempotency-Key"] = idempotencyKey;
+    const sentFor = session;
     let response;
     try {
       response = await fetch(path, {
@@ -107,6 +109,13 @@
       data = await response.json();
     } catch (exc) {
       data = null;
+    }
+    if (!anonymous && session !== sentFor) {
+      // Asked for a session that has ended since (signed out, perhaps another user signed in):
+      // its answer must not show up in, or sign out, whoever is here now.
+      const stale = new ApiError(0, "SESSION_ENDED", "The session this was asked for has ended.");
+      stale.handled = true;
+      throw stale;
     }
     if (response.ok) return data;
     const info = (data && data.error) || {};
@@ -196,6 +205,8 @@
     clearTimeout(expiryTimer);
     clearTimeout(loadTimer);
     loadTimer = null;
+    clearTimeout(reloadTimer);
+    reloadTimer = null;
     closeSocket();
     orders.clear();
     nextCursor = null;
@@ -516,7 +527,23 @@
       await refreshBalance();  // a FINISHED order has just been paid from the account
     } catch (error) {
       report(error);
+      // The change is not lost with the order that could not be read (a 429, a network blip):
+      // the first page of orders is read again shortly, every status as it stands then.
+      reloadOrdersSoon();
     }
+  }
+
+  function reloadOrdersSoon() {
+    if (reloadTimer || !session) return;
+    reloadTimer = setTimeout(async () => {
+      reloadTimer = null;
+      try {
+        await loadOrders();
+      } catch (error) {
+        report(error);
+        reloadOrdersSoon();
+      }
+    }, RECONNECT_MAX_MS / 2);
   }
 
   // --- start ------------------------------------------------------------------------------------
