@@ -64,19 +64,16 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
             timeout=(CONNECT_TIMEOUT_SECONDS, settings.upstream_timeout_seconds))
     except requests.ConnectionError as exc:  # refused, unresolvable, or no connection in time
         log.warning("%s unreachable: %s", service, exc)
-        raise ServiceUnavailable(f"The {service} service is unavailable; try again shortly.",
-                                 details={"service": service}) from None
+        raise ServiceUnavailable.of(service) from None
     except requests.Timeout:  # connected, but no answer in time
         log.warning("%s timed out", service)
-        raise UpstreamTimeout(f"The {service} service took too long to answer.",
-                              details={"service": service}) from None
+        raise UpstreamTimeout.of(service) from None
     except requests.RequestException as exc:  # an answer broken off (its worker killed, say)
         log.warning("%s answered brokenly: %r", service, exc)
-        raise BadGateway(f"The {service} service failed to answer.",
-                         details={"service": service}) from None
+        raise BadGateway.of(service) from None
     if upstream.status_code >= 500 and not _unavailable_for_now(upstream):
         log.error("%s answered %s: %s", service, upstream.status_code, upstream.text[:500])
-        raise BadGateway(f"The {service} service failed to answer.", details={"service": service})
+        raise BadGateway.of(service)
     response = Response(upstream.content, status=upstream.status_code)
     for name in FORWARDED_RESPONSE_HEADERS:
         if name in upstream.headers:

@@ -61,11 +61,9 @@ def call(service: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
 def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
     code = exc.code()
     if code == grpc.StatusCode.UNAVAILABLE:
-        return ServiceUnavailable(f"The {service} service is unavailable; try again shortly.",
-                                  details={"service": service})
+        return ServiceUnavailable.of(service)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return UpstreamTimeout(f"The {service} service took too long to answer.",
-                               details={"service": service})
+        return UpstreamTimeout.of(service)
     trailers = dict(exc.trailing_metadata() or ())
     if HTTP_STATUS_KEY in trailers:
         retry_after = trailers.get(RETRY_AFTER_KEY)
@@ -73,4 +71,4 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
                         code=trailers.get(ERROR_CODE_KEY, "ERROR"),
                         details=json.loads(trailers.get(ERROR_DETAILS_KEY, "{}")),
                         headers={"Retry-After": retry_after} if retry_after else None)
-    return BadGateway(f"The {service} service failed to answer.", details={"service": service})
+    return BadGateway.of(service)

@@ -53,12 +53,21 @@ class BadGateway(ApiError):
     status = 502
     code = "BAD_GATEWAY"
 
+    @classmethod
+    def of(cls, service: str) -> BadGateway:
+        return cls(f"The {service} service failed to answer.", details={"service": service})
+
 
 class ServiceUnavailable(ApiError):
     """A service behind the gateway cannot be reached."""
 
     status = 503
     code = "SERVICE_UNAVAILABLE"
+
+    @classmethod
+    def of(cls, service: str) -> ServiceUnavailable:
+        return cls(f"The {service} service is unavailable; try again shortly.",
+                   details={"service": service})
 
 
 class DatabaseUnavailable(ServiceUnavailable):
@@ -77,6 +86,10 @@ class UpstreamTimeout(ApiError):
 
     status = 504
     code = "UPSTREAM_TIMEOUT"
+
+    @classmethod
+    def of(cls, service: str) -> UpstreamTimeout:
+        return cls(f"The {service} service took too long to answer.", details={"service": service})
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict:
