@@ -4,6 +4,7 @@ outbox rows with an idempotent producer that waits for every acknowledgement."""
 from __future__ import annotations
 
 import logging
+import time
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -123,9 +124,11 @@ class OutboxPublisher:
         longer has, say), retried later, and holds back the rows of its key the same way; a fatal
         producer error holds back every row after it. (A message the broker refuses later,
         in its delivery report, holds nothing back: the rows after it may already be on their
-        way. One it refuses as too large is parked all the same.)
+        way. The rows of a record batch it refuses as too large are each sent again alone, to
+        learn which is: `_send_each_alone`.)
         """
         producer = self._get_producer()
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
         self._failed.clear()  # late answers about an earlier batch that timed out
         refused: dict[int, Refusal] = {}
         held_back: dict[tuple[str, str], Refusal] = {}  # (topic, key) -> why
@@ -153,26 +156,73 @@ class OutboxPublisher:
                         f"held back behind a refused message: {exc}", held=never)
                 continue
             produced.append(row)
-        if producer.flush(FLUSH_TIMEOUT_S):
+        unanswered = producer.flush(FLUSH_TIMEOUT_S)
+        if unanswered:
             # Messages still queued have no answer yet: none of the rows counts as acknowledged.
             refused.update((row[0], Refusal("no acknowledgement from the broker in time"))
                            for row in produced)
         failed_fatally = fatal is not None
-        if self._failed:
-            for row in produced:
-                err = self._failed.pop(row[6].encode(), None)
-                if err is not None:
-                    # Over the broker's own limit (the topic's max.message.bytes): never taken
-                    # either, so parked too, though the rows after it may have gone already.
-                    never = _too_large(err)
-                    refused[row[0]] = Refusal(f"{err.name()}: {err.str()}", held=never, park=never)
-                    failed_fatally = failed_fatally or _is_fatal(err)
+        in_batches_too_large: list[RelayRow] = []
+        for row in produced if self._failed else ():
+            err = self._failed.pop(row[6].encode(), None)
+            if err is None:
+                continue
+            if _too_large(err) and not unanswered:
+                in_batches_too_large.append(row)
+                continue
+            refused[row[0]] = Refusal(f"{err.name()}: {err.str()}")
+            failed_fatally = failed_fatally or _is_fatal(err)
+        if in_batches_too_large:
+            alone, producer_sound = self._send_each_alone(producer, in_batches_too_large, deadline)
+            refused.update(alone)
+            failed_fatally = failed_fatally or not producer_sound
         if failed_fatally or (produced and all(row[0] in refused for row in produced)):
             # A producer that had nothing acknowledged may be stuck on state the broker no longer
             # has (a broker that came back empty leaves an idempotent producer waiting on the
             # sequence numbers of partitions it lost): start the next batch with a fresh one.
             self._producer = None
         return refused
+
+    def _send_each_alone(self, producer: Producer, rows: list[RelayRow],
+                         deadline: float) -> tuple[dict[int, Refusal], bool]:
+        """Send `rows` again one at a time, in order, until `deadline`: the rows of record batches
+        the broker refused as too large (over the topic's max.message.bytes). librdkafka fails
+        every message of such a batch alike, and neither splits nor retries it, so which of them
+        is too large is learnt by sending each alone. One refused alone as too large is parked,
+        and holds back the rows after it with its topic and key (those of its key that were in
+        batches the broker took have gone already); the others go. Returns the rows refused, and
+        whether the producer is still sound (no fatal error, nothing left without an answer)."""
+        refused: dict[int, Refusal] = {}
+        held_back: dict[tuple[str, str], Refusal] = {}
+        sound = True
+        for row in rows:
+            row_id, topic, key, message_id, event_type, request_id, envelope = row
+            refusal = held_back.get((topic, key))
+            if refusal is None and (not sound or time.monotonic() >= deadline):
+                refusal = Refusal("in a record batch refused as too large; not sent alone in time")
+            if refusal:
+                refused[row_id] = refusal
+                continue
+            try:
+                self._produce(producer, topic, key, envelope,
+                              relay_headers(message_id, event_type, request_id))
+            except KafkaException as exc:
+                err: KafkaError | None = exc.args[0]
+            else:
+                if producer.flush(max(deadline - time.monotonic(), 0.0)):
+                    refused[row_id] = Refusal("no acknowledgement from the broker in time")
+                    sound = False
+                    continue
+                err = self._failed.pop(envelope.encode(), None)
+            if err is None:
+                continue  # taken
+            never = _too_large(err)
+            refused[row_id] = Refusal(f"{err.name()}: {err.str()}", held=never, park=never)
+            if key is not None:
+                held_back[(topic, key)] = Refusal(
+                    f"held back behind a refused message: {err.str()}", held=never)
+            sound = sound and not _is_fatal(err)
+        return refused, sound
 
     @staticmethod
     def _produce(producer: Producer, topic: str, key: str | None, value: str,

@@ -25,7 +25,10 @@ class FailedDelivery:
 class StandInProducer:
     """Takes messages until `refuse_at` (raising KafkaException there), then on flush reports
     the failures in `fail` through the configured delivery callback, as librdkafka does with
-    delivery.report.only.error; `left_queued` is what flush leaves unanswered."""
+    delivery.report.only.error; `left_queued` is what flush leaves unanswered. With
+    `topic_limit`, the messages of a flush go as one record batch, refused whole (each of its
+    messages failed as too large) when any of them is longer, as the broker refuses one over the
+    topic's max.message.bytes."""
 
     made: list[StandInProducer] = []
 
@@ -33,9 +36,11 @@ class StandInProducer:
         assert config["delivery.report.only.error"] is True
         self.report = config["on_delivery"]
         self.produced: list[str] = []
+        self.unflushed: list[str] = []
         self.refuse_at: int | None = None
         self.too_large: set[str] = set()  # values refused at once, as librdkafka refuses them
         self.fail: dict[str, KafkaError] = {}
+        self.topic_limit: int | None = None
         self.left_queued = 0
         StandInProducer.made.append(self)
 
@@ -45,9 +50,16 @@ class StandInProducer:
         if value in self.too_large:
             raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"))
         self.produced.append(value)
+        self.unflushed.append(value)
 
     def flush(self, timeout):
-        for value in self.produced:
+        batch, self.unflushed = self.unflushed, []
+        if self.topic_limit is not None and any(len(v) > self.topic_limit for v in batch):
+            for value in batch:
+                self.report(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "batch too large"),
+                            FailedDelivery(value))
+            return self.left_queued
+        for value in batch:
             if value in self.fail:
                 self.report(self.fail[value], FailedDelivery(value))
         return self.left_queued
@@ -128,6 +140,37 @@ def test_a_message_the_broker_refuses_as_too_large_is_parked(publisher):
     producer.fail = {rows[0][6]: KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large")}
     refused = publisher.send_batch(rows)
     assert set(refused) == {1} and refused[1].park and refused[1].held
+
+
+def test_of_a_record_batch_refused_as_too_large_only_the_message_too_large_alone_is_parked(
+        publisher):
+    """librdkafka fails every message of a batch the broker refuses for its size: each is sent
+    again alone, the one still refused is parked and holds back its key, the others go."""
+    rows = [(n, "topic", key, f"m{n}", "PaymentRequested", None, f'{{"message_id":"m{n}"}}')
+            for n, key in enumerate(["ann", "bob", "ann", "cy"], start=1)]
+    rows[1] = (*rows[1][:6], rows[1][6] + " " * 100)  # bob's message: over the topic's limit
+    producer = publisher._get_producer()
+    producer.topic_limit = 50
+    refused = publisher.send_batch(rows)
+    assert set(refused) == {2} and refused[2].park and refused[2].held
+    assert producer.produced == [row[6] for row in rows] + [row[6] for row in rows]
+    bobs = rows[1][:2] + ("bob",) + rows[1][3:]
+    refused = publisher.send_batch([rows[0], bobs, (5, "topic", "bob", "m5", "PaymentRequested",
+                                                    None, '{"message_id":"m5"}'), rows[3]])
+    assert set(refused) == {2, 5}  # bob's later message waits behind his parked one
+    assert refused[5].error.startswith("held back") and not refused[5].park
+    assert len(StandInProducer.made) == 1
+
+
+def test_rows_of_a_batch_refused_as_too_large_wait_once_the_time_is_up(publisher, monkeypatch):
+    rows = _rows(3)
+    producer = publisher._get_producer()
+    producer.topic_limit = 0  # every batch refused
+    monkeypatch.setattr(kafka, "FLUSH_TIMEOUT_S", 0.0)  # no time left to send any alone
+    refused = publisher.send_batch(rows)
+    assert set(refused) == {1, 2, 3}
+    assert not any(r.park or r.held for r in refused.values())  # tried again later, in a batch
+    assert "not sent alone in time" in refused[1].error
 
 
 def test_a_message_without_a_key_the_producer_will_not_take_holds_nothing_back(publisher):
