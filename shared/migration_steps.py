@@ -94,11 +94,6 @@ def create_index_concurrently(name: str, table: str, columns: list[str], where: 
                         postgresql_concurrently=True, if_not_exists=True)
 
 
-def drop_index_concurrently(name: str, table: str) -> None:
-    with op.get_context().autocommit_block():
-        op.drop_index(name, table, postgresql_concurrently=True, if_exists=True)
-
-
 def _drop_if_invalid(name: str) -> None:
     invalid = op.get_bind().scalar(sa.text(
         "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"),
@@ -120,7 +115,8 @@ def index_handled_inbox_rows() -> None:
 
 
 def drop_inbox_handled_index() -> None:
-    drop_index_concurrently("ix_inbox_messages_handled", "inbox_messages")
+    # In the revision's transaction, with its version: a downgrade that fails leaves the index.
+    op.drop_index("ix_inbox_messages_handled", "inbox_messages", if_exists=True)
 
 
 def add_outbox_parking() -> None:
@@ -135,8 +131,7 @@ def add_outbox_parking() -> None:
 
 
 def drop_outbox_parking() -> None:
-    drop_index_concurrently("ix_outbox_messages_parked", "outbox_messages")
-    op.drop_column("outbox_messages", "parked_at")
+    op.drop_column("outbox_messages", "parked_at")  # its partial index goes with it
 
 
 # Every statement that inserts outbox rows tells the relay so as its transaction commits (PostgreSQL

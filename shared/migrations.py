@@ -24,18 +24,21 @@ from alembic.config import Config
 from sqlalchemy.engine import make_url
 
 from shared.config import SERVICES, get_settings
+from shared.db import CONNECTION_TIMEOUTS
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIGRATION_LOCK_KEY = 0x5EED_0001
 LOCK_RETRY_SECONDS = 0.5
+_DATABASE_EXISTS_CODES = {"42P04", "23505"}  # duplicate_database, unique_violation
 
 
 def ensure_database(url: str) -> None:
     """Create the database named in `url` when it does not exist yet."""
     target = make_url(url)
-    server = sa.create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    server = sa.create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT",
+                              connect_args=CONNECTION_TIMEOUTS)
     try:
         with server.connect() as conn:
             exists = conn.scalar(sa.text("SELECT 1 FROM pg_database WHERE datname = :name"),
@@ -45,10 +48,10 @@ def ensure_database(url: str) -> None:
                     conn.execute(sa.text(f'CREATE DATABASE "{target.database}"'))
                     log.info("created database %s", target.database)
                 except (sa.exc.ProgrammingError, sa.exc.IntegrityError) as exc:
-                    # Another process won the race: PostgreSQL says so either way, depending on
-                    # how far that process had got.
-                    if ("already exists" not in str(exc)
-                            and "pg_database_datname_index" not in str(exc)):
+                    # Another process won the race: PostgreSQL says so either way (duplicate
+                    # database, or a unique violation on pg_database), depending on how far that
+                    # process had got; by SQLSTATE, whatever language the server answers in.
+                    if getattr(exc.orig, "pgcode", None) not in _DATABASE_EXISTS_CODES:
                         raise
     finally:
         server.dispose()
@@ -64,7 +67,7 @@ def alembic_config(service: str, url: str) -> Config:
 def upgrade(service: str, revision: str = "head") -> None:
     url = get_settings().database_url(service)
     ensure_database(url)
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(url, connect_args=CONNECTION_TIMEOUTS)
     try:
         with engine.connect() as conn:
             _take_migration_lock(conn)
@@ -102,7 +105,8 @@ def run_env() -> None:
     if connection is not None:
         _run_revisions(context, connection)
         return
-    engine = sa.create_engine(context.config.get_main_option("sqlalchemy.url"))
+    engine = sa.create_engine(context.config.get_main_option("sqlalchemy.url"),
+                              connect_args=CONNECTION_TIMEOUTS)
     try:
         with engine.connect() as connection:
             _run_revisions(context, connection)

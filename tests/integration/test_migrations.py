@@ -205,3 +205,25 @@ def test_a_revision_whose_index_build_failed_runs_again(infrastructure):
     connection.close()
     command.upgrade(config, "head")
     assert _index_valid(url, "ix_outbox_messages_parked")
+
+
+def test_a_downgrade_that_fails_leaves_its_revision_whole(infrastructure, monkeypatch):
+    """A revision's downgrade runs in one transaction with its version: one that fails (here the
+    version row is held by another session past the downgrade's lock timeout) leaves the
+    revision's index as well as its column, as the version still says."""
+    url = _database_url(infrastructure, "failed-downgrade", "orders")
+    ensure_database(url)
+    config = alembic_config("orders", url)
+    command.upgrade(config, "head")
+    holder = psycopg2.connect(driver_dsn(url))
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT * FROM alembic_version FOR UPDATE")
+        monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=1s")  # for the downgrade's connection
+        with pytest.raises(Exception, match="lock timeout"):
+            command.downgrade(config, "0006")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert _index_valid(url, "ix_outbox_messages_parked")
+    assert _index_valid(url, "ix_inbox_messages_handled")
