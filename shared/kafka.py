@@ -135,14 +135,13 @@ class OutboxPublisher:
         produced: list[RelayRow] = []
         fatal: Refusal | None = None  # why every row after a fatal error is refused
         for row in rows:
-            row_id, topic, key, message_id, event_type, request_id, envelope = row
+            row_id, topic, key = row[:3]
             refusal = fatal or held_back.get((topic, key))
             if refusal:
                 refused[row_id] = refusal
                 continue
             try:
-                self._produce(producer, topic, key, envelope,
-                              relay_headers(message_id, event_type, request_id))
+                self._produce(producer, row)
             except KafkaException as exc:
                 log.warning("the outbox producer refused a message: %s", exc)
                 error: KafkaError = exc.args[0]
@@ -196,7 +195,7 @@ class OutboxPublisher:
         held_back: dict[tuple[str, str], Refusal] = {}
         sound = True
         for row in rows:
-            row_id, topic, key, message_id, event_type, request_id, envelope = row
+            row_id, topic, key = row[:3]
             refusal = held_back.get((topic, key))
             if refusal is None and (not sound or time.monotonic() >= deadline):
                 refusal = Refusal("in a record batch refused as too large; not sent alone in time")
@@ -204,8 +203,7 @@ class OutboxPublisher:
                 refused[row_id] = refusal
                 continue
             try:
-                self._produce(producer, topic, key, envelope,
-                              relay_headers(message_id, event_type, request_id))
+                self._produce(producer, row)
             except KafkaException as exc:
                 err: KafkaError | None = exc.args[0]
             else:
@@ -213,7 +211,7 @@ class OutboxPublisher:
                     refused[row_id] = Refusal("no acknowledgement from the broker in time")
                     sound = False
                     continue
-                err = self._failed.pop(envelope.encode(), None)
+                err = self._failed.pop(row[6].encode(), None)
             if err is None:
                 continue  # taken
             never = _too_large(err)
@@ -225,12 +223,13 @@ class OutboxPublisher:
         return refused, sound
 
     @staticmethod
-    def _produce(producer: Producer, topic: str, key: str | None, value: str,
-                 headers: dict[str, str]) -> None:
+    def _produce(producer: Producer, row: RelayRow) -> None:
+        _row_id, topic, key, message_id, event_type, request_id, envelope = row
+        headers = relay_headers(message_id, event_type, request_id)
         # confluent-kafka encodes str keys, values and header values as UTF-8 itself.
         while True:
             try:
-                producer.produce(topic, value, key, headers=headers)
+                producer.produce(topic, envelope, key, headers=headers)
                 return
             except BufferError:
                 producer.poll(0.1)  # the local queue is full: let deliveries drain first
