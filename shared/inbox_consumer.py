@@ -119,14 +119,18 @@ class InboxConsumer:
         self._stopping = threading.Event()
         # Per partition, the offset to commit: one past the last record stored in the inbox.
         self._stored: dict[tuple[str, int], int] = {}
+        # Partitions revoked or lost and not assigned again: records of theirs still in hand (a
+        # batch polled before the rebalance, stored after it) commit nothing, or this consumer
+        # would commit an older offset over the one their new owner committed.
+        self._given_up: set[tuple[str, int]] = set()
         self._committed_at = clock()
 
     def stop(self) -> None:
         self._stopping.set()
 
     def run(self) -> None:
-        self._consumer.subscribe(self._topics, on_revoke=self._commit_revoked,
-                                 on_lost=self._forget_lost)
+        self._consumer.subscribe(self._topics, on_assign=self._note_assigned,
+                                 on_revoke=self._commit_revoked, on_lost=self._forget_lost)
         try:
             while not self._stopping.is_set():
                 try:
@@ -149,11 +153,11 @@ class InboxConsumer:
                 new_ids = self._store_batch(records)
             except Exception:
                 # Nothing was stored: rewind so the same records come back on the next poll.
-                for position in first_offsets(records):
-                    self._consumer.seek(position)
+                self._rewind(first_offsets(records))
                 raise
             for offset in next_offsets(records):
-                self._stored[(offset.topic, offset.partition)] = offset.offset
+                if (offset.topic, offset.partition) not in self._given_up:
+                    self._stored[(offset.topic, offset.partition)] = offset.offset
         if self._clock() - self._committed_at >= self._commit_interval:
             self.commit_stored()
         if new_ids:
@@ -178,14 +182,19 @@ class InboxConsumer:
         except KafkaException as exc:  # the records are read again, and the inbox drops them
             log.warning("consumer: could not commit offsets: %s", exc)
 
+    def _note_assigned(self, consumer, partitions: list[TopicPartition]) -> None:
+        self._given_up.difference_update((p.topic, p.partition) for p in partitions)
+
     def _commit_revoked(self, consumer, partitions: list[TopicPartition]) -> None:
         # Before another consumer of the group takes them over, so that it reads on from here.
         self.commit_stored(asynchronous=False, partitions=partitions)
+        self._given_up.update((p.topic, p.partition) for p in partitions)
 
     def _forget_lost(self, consumer, partitions: list[TopicPartition]) -> None:
         # Lost, not handed over: another consumer may own them already, and a commit would fail.
         for partition in partitions:
             self._stored.pop((partition.topic, partition.partition), None)
+        self._given_up.update((p.topic, p.partition) for p in partitions)
 
     def poll(self) -> list[ConsumedRecord]:
         # Wait for the first message only; then take whatever else is already here, so a lone
@@ -207,10 +216,21 @@ class InboxConsumer:
         except Exception:
             # The client has moved past these messages: rewind, or a later offset commit would
             # skip them for good.
-            for position in first_offsets([to_position(m) for m in messages if m.error() is None]):
-                self._consumer.seek(position)
+            self._rewind(first_offsets([to_position(m) for m in messages if m.error() is None]))
             raise
         return records
+
+    def _rewind(self, positions: list[TopicPartition]) -> None:
+        """Seek each partition back to `positions`. One that cannot be (no longer fetched: taken
+        away meanwhile) commits nothing until it is assigned again, which starts it from its
+        committed offset: records it skipped past unstored are never committed over."""
+        for position in positions:
+            try:
+                self._consumer.seek(position)
+            except KafkaException as exc:
+                log.warning("consumer: could not rewind %s [%d] to %d: %s", position.topic,
+                            position.partition, position.offset, exc)
+                self._given_up.add((position.topic, position.partition))
 
 
 class StoreOnOwnConnection:

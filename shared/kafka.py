@@ -43,6 +43,10 @@ def consumer_config(settings: Settings, group_id: str) -> dict:
         "reconnect.backoff.max.ms": 1000,
         "topic.metadata.refresh.interval.ms": 5000,
         "fetch.wait.max.ms": 20,
+        # Eager rebalancing (librdkafka's default, named so that it stays): a rebalance takes
+        # every partition away, and each given back starts from its committed offset, which is
+        # what shared/inbox_consumer.py's commits and rewinds rest on.
+        "partition.assignment.strategy": "range,roundrobin",
     }
 
 

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 from confluent_kafka import (TIMESTAMP_CREATE_TIME, TIMESTAMP_LOG_APPEND_TIME,
-                             TIMESTAMP_NOT_AVAILABLE, TopicPartition)
+                             TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, TopicPartition)
 
 from shared.inbox import ConsumedRecord
 from shared.inbox_consumer import (InboxConsumer, first_offsets, next_offsets, record_timestamp,
@@ -60,8 +60,8 @@ class FakeConsumer:
     def seek(self, position):
         self.calls.append(("seek", (position.topic, position.partition, position.offset)))
 
-    def subscribe(self, topics, on_revoke, on_lost):
-        self.on_revoke, self.on_lost = on_revoke, on_lost
+    def subscribe(self, topics, on_assign, on_revoke, on_lost):
+        self.on_assign, self.on_revoke, self.on_lost = on_assign, on_revoke, on_lost
 
     def close(self):
         self.calls.append(("close",))
@@ -178,6 +178,75 @@ def test_partitions_taken_away_commit_first_and_lost_ones_are_forgotten():
     inbox.run()
     assert calls == [("commit and wait", [("t", 0, 5)]), ("commit and wait", [("t", 2, 2)]),
                      ("close",)]
+
+
+def _run_storing(messages, on_store) -> list:
+    """Run a consumer over `messages`, a record a batch, calling `on_store(consumer, offset)` as
+    each is stored; it stops after the last. Returns the consumer's calls."""
+    calls = []
+    consumer = FakeConsumer(messages, calls)
+    last = messages[-1].offset()
+
+    def store(records):
+        on_store(consumer, records[0].offset)
+        if records[0].offset == last:
+            inbox.stop()
+        return []
+
+    inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None, batch_size=1,
+                          clock=FakeClock())
+    inbox.run()
+    return calls
+
+
+def test_records_in_hand_of_a_partition_taken_away_meanwhile_commit_nothing():
+    """A record polled before a rebalance and stored after it: its partition's new owner may
+    have committed further already, and an older offset committed over that would have records
+    read again (and, once the inbox has forgotten them, handled again)."""
+    def rebalance(consumer, offset):
+        if offset == 4:
+            consumer.on_revoke(consumer, [TopicPartition("t", 0)])
+
+    calls = _run_storing([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], rebalance)
+    assert calls == [("commit and wait", [("t", 1, 8)]), ("close",)]
+
+
+def test_a_partition_that_cannot_be_rewound_commits_nothing_till_it_is_assigned_again():
+    """A failed store rewinds each partition of the batch: one no longer fetched refuses the
+    seek, and is not committed past the records it skipped; the others are still rewound."""
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls)
+    consumer.consume = lambda n, timeout: [consumer.messages.pop(0)]
+
+    def seek(position):
+        if position.partition == 0:
+            raise KafkaException(KafkaError(KafkaError._STATE, "partition not fetched"))
+        calls.append(("seek", (position.topic, position.partition, position.offset)))
+
+    consumer.seek = seek
+
+    def store(records):
+        raise RuntimeError("database down")
+
+    inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None, batch_size=2,
+                          commit_interval=0)
+    with pytest.raises(RuntimeError):
+        inbox.run_once()
+    assert calls == [("seek", ("t", 1, 7))]
+    inbox._store_batch = lambda records: []
+    consumer.messages = [FakeMessage("t", 0, 9), FakeMessage("t", 1, 7)]
+    inbox.run_once()
+    assert calls[-1] == ("commit", [("t", 1, 8)])  # partition 0: nothing, till it is back
+
+
+def test_a_partition_given_back_commits_again():
+    def rebalance(consumer, offset):
+        if offset == 4:
+            consumer.on_revoke(consumer, [TopicPartition("t", 0)])
+            consumer.on_assign(consumer, [TopicPartition("t", 0)])
+
+    calls = _run_storing([FakeMessage("t", 0, 4), FakeMessage("t", 0, 5)], rebalance)
+    assert calls == [("commit and wait", [("t", 0, 6)]), ("close",)]
 
 
 def test_stopping_commits_what_is_stored_and_waits_for_the_answer():
