@@ -18,7 +18,7 @@ from enum import Enum
 from typing import Any
 
 from psycopg2.extras import Json, execute_values
-from sqlalchemy import (BigInteger, DateTime, Index, Integer, String, Text, func, or_, select,
+from sqlalchemy import (BigInteger, DateTime, Index, Integer, String, Text, func, select,
                         text, update)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -380,25 +380,35 @@ def record_failed_attempt(
     return False
 
 
-def find_stalled_messages(session: Session, min_age: timedelta,
-                          limit: int = 500) -> list[uuid.UUID]:
-    """Messages still waiting to be handled, stored and last tried (if ever) over `min_age` ago:
-    their dispatch was lost, or their retries with them. A message dispatched again but not yet
-    tried comes back on the next sweep (the handler drops a message handled twice)."""
-    cutoff = _now() - min_age
-    return list(
-        session.scalars(
-            select(InboxMessage.message_id)
-            .where(
-                InboxMessage.processed_at.is_(None),
-                InboxMessage.parked_at.is_(None),
-                InboxMessage.received_at < cutoff,
-                or_(InboxMessage.last_attempt_at.is_(None), InboxMessage.last_attempt_at < cutoff),
-            )
-            .order_by(InboxMessage.received_at)
-            .limit(limit)
-        )
-    )
+# Stalled messages one sweep hands back at most. Each is marked as it is, so the next sweeps leave
+# it to that dispatch: a sweep need not stop at what the handlers get through before the next one
+# (after Redis was down a minute, thousands wait; 500 a sweep took minutes to catch up).
+SWEPT_PER_RUN = 5_000
+
+
+def claim_stalled_messages(session: Session, min_age: timedelta,
+                           limit: int = SWEPT_PER_RUN) -> list[uuid.UUID]:
+    """Messages still waiting to be handled, stored and last handed over or tried (if ever) over
+    `min_age` ago: their dispatch was lost, or their retries with them; oldest first. Each is
+    marked handed over now (`last_attempt_at`, as replaying a parked message marks it), so it
+    comes back only if this dispatch is lost too. A row a handler holds locked is left to it."""
+    now = _now()
+    return list(session.scalars(_CLAIM_STALLED, {"cutoff": now - min_age, "now": now,
+                                                 "limit": limit}))
+
+
+_CLAIM_STALLED = text("""
+WITH stalled AS (
+    SELECT message_id FROM inbox_messages
+    WHERE processed_at IS NULL AND parked_at IS NULL AND received_at < :cutoff
+          AND (last_attempt_at IS NULL OR last_attempt_at < :cutoff)
+    ORDER BY received_at LIMIT :limit
+    FOR UPDATE SKIP LOCKED),
+claimed AS (
+    UPDATE inbox_messages SET last_attempt_at = :now FROM stalled
+    WHERE inbox_messages.message_id = stalled.message_id
+    RETURNING inbox_messages.message_id, inbox_messages.received_at)
+SELECT message_id FROM claimed ORDER BY received_at""")
 
 
 def parked_messages(session: Session, limit: int) -> list[InboxMessage]:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from flask import current_app
 
 from shared.db import transaction
-from shared.inbox import (Outcome, find_stalled_messages, handle_locked_message,
+from shared.inbox import (Outcome, claim_stalled_messages, handle_locked_message,
                           handle_locked_messages_at_once, lock_in_order, process_inbox_message,
                           prune_handled_messages, record_failed_attempt)
 from tasks.celery_app import app
@@ -129,7 +129,7 @@ def sweep_inbox(service: str) -> int:
     """Dispatch again the messages that have waited too long: their first dispatch was lost."""
     settings = current_app.extensions["hseshop.settings"]
     with transaction() as session:
-        stalled = find_stalled_messages(
+        stalled = claim_stalled_messages(
             session, timedelta(seconds=settings.inbox_sweep_min_age_seconds)
         )
     if stalled:

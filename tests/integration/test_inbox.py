@@ -9,12 +9,13 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
 
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, transaction
 from shared.inbox import (ConsumedRecord, InboxMessage, Outcome, PermanentMessageError,
-                          find_stalled_messages, process_inbox_message, record_failed_attempt)
+                          claim_stalled_messages, process_inbox_message, record_failed_attempt)
 from tests.postgres_tools import terminate_backend
 
 _offsets = iter(range(10**9))
@@ -107,12 +108,30 @@ def test_a_permanent_error_parks_the_message_without_retrying(in_payments, payme
     assert row.parked_at is not None and row.last_error == "unknown order"
 
 
-def test_messages_waiting_too_long_are_found_by_the_sweeper(in_payments, payments_inbox, user_id):
+def test_messages_waiting_too_long_are_claimed_by_the_sweeper_once_per_wait(
+        in_payments, payments_inbox, user_id):
+    """A stalled message is handed back once, and again only if it stalls again for as long:
+    however many wait, a sweep does not hand back what the last one did (thousands, after Redis
+    was down a while, would otherwise go out again on every sweep until handled)."""
     record, message_id = _request_record(user_id)
     payments_inbox([record])
     with transaction() as session:
-        assert message_id not in find_stalled_messages(session, timedelta(minutes=5))
-        assert message_id in find_stalled_messages(session, timedelta(seconds=-1))
+        assert message_id not in claim_stalled_messages(session, timedelta(minutes=5))
+        assert message_id in claim_stalled_messages(session, timedelta(seconds=-1))
+    with transaction() as session:
+        assert message_id not in claim_stalled_messages(session, timedelta(seconds=1))
+        assert message_id in claim_stalled_messages(session, timedelta(seconds=-1))
+
+
+def test_the_sweeper_leaves_a_message_a_handler_holds(in_payments, payments_inbox, user_id):
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    with transaction() as handling:
+        handling.execute(text("SELECT 1 FROM inbox_messages WHERE message_id = :id FOR UPDATE"),
+                         {"id": message_id})
+        with db.engine.connect() as other, Session(bind=other) as sweeping:
+            assert message_id not in claim_stalled_messages(sweeping, timedelta(seconds=-1))
+            sweeping.rollback()
 
 
 def test_raw_value_keeps_what_was_received(in_payments, payments_inbox):
