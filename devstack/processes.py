@@ -117,7 +117,9 @@ class ManagedProcess:
 
 
 class ProcessGroup:
-    """The processes a program started: stopped in reverse order at exit, on SIGTERM or Ctrl-C."""
+    """The processes a program started: stopped in reverse order at exit, on SIGTERM, Ctrl-C or
+    the terminal's hangup (each child runs in a session of its own, out of the terminal's reach:
+    closing the terminal must stop them too, unless the program was started to ignore it)."""
 
     def __init__(self, handle_signals: bool = True):
         self._processes: list[ManagedProcess] = []
@@ -125,6 +127,8 @@ class ProcessGroup:
         if handle_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._chain_handler(signum)
+            if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # (not under nohup)
+                self._chain_handler(signal.SIGHUP)
 
     def _chain_handler(self, signum: int) -> None:
         previous = signal.getsignal(signum)

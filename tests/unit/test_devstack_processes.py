@@ -105,9 +105,11 @@ def test_group_stops_processes_in_reverse_start_order():
 
 
 @pytest.mark.parametrize(
-    "signum, exit_code", [(signal.SIGINT, -signal.SIGINT), (signal.SIGTERM, 128 + signal.SIGTERM)]
+    "signum, exit_code", [(signal.SIGINT, -signal.SIGINT), (signal.SIGTERM, 128 + signal.SIGTERM),
+                          (signal.SIGHUP, 128 + signal.SIGHUP)]
 )
-def test_ctrl_c_or_sigterm_stops_every_process_the_program_started(tmp_path, signum, exit_code):
+def test_ctrl_c_sigterm_or_a_hangup_stops_every_process_the_program_started(tmp_path, signum,
+                                                                           exit_code):
     program = textwrap.dedent(
         """
         import os, sys, time
