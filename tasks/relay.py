@@ -73,6 +73,9 @@ class StopLeadingStep(bootsteps.StartStopStep):
     def stop(self, worker) -> None:
         _stop_leading()
 
+    def terminate(self, worker) -> None:  # a cold shutdown, as when the worker gives up on Redis
+        _stop_leading()
+
 
 def _publisher() -> OutboxPublisher:
     extensions = current_app.extensions

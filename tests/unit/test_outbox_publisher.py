@@ -215,3 +215,20 @@ def test_a_live_relay_leader_is_never_idle_long_enough_to_lose_its_session():
 
     longest_idle = FLUSH_TIMEOUT_S + 2 * TOPIC_CHECK_TIMEOUT_SECONDS + RECHECK_SECONDS
     assert 2 * longest_idle <= LEADER_IDLE_TIMEOUT_SECONDS
+
+
+def test_the_relay_is_told_to_stop_however_its_worker_stops():
+    """Warm (`stop`) or cold (`terminate`, which Celery calls instead on an unrecoverable error):
+    the pool waits for the leading thread, which leads until told to stop."""
+    from types import SimpleNamespace
+
+    from tasks import relay
+
+    step = relay.StopLeadingStep(SimpleNamespace())
+    try:
+        for stopping in (step.stop, step.terminate):
+            relay._stopping.clear()
+            stopping(SimpleNamespace())
+            assert relay._stopping.is_set(), stopping
+    finally:
+        relay._stopping.clear()
