@@ -102,7 +102,7 @@
         method, headers, body: body === undefined ? undefined : JSON.stringify(body),
       });
     } catch (exc) {
-      throw new ApiError(0, "NETWORK", exc.message);
+      throw endedSession(sentFor, anonymous) || new ApiError(0, "NETWORK", exc.message);
     }
     let data = null;
     try {
@@ -110,13 +110,8 @@
     } catch (exc) {
       data = null;
     }
-    if (!anonymous && session !== sentFor) {
-      // Asked for a session that has ended since (signed out, perhaps another user signed in):
-      // its answer must not show up in, or sign out, whoever is here now.
-      const stale = new ApiError(0, "SESSION_ENDED", "The session this was asked for has ended.");
-      stale.handled = true;
-      throw stale;
-    }
+    const ended = endedSession(sentFor, anonymous);
+    if (ended) throw ended;
     if (response.ok) return data;
     const info = (data && data.error) || {};
     const error = new ApiError(response.status, info.code || `HTTP_${response.status}`,
@@ -130,6 +125,15 @@
       error.handled = true;
     }
     throw error;
+  }
+
+  // A request asked for a session that has ended since (signed out, perhaps another user signed
+  // in): its answer, or its failure, must not show up in, or sign out, whoever is here now.
+  function endedSession(sentFor, anonymous) {
+    if (anonymous || session === sentFor) return null;
+    const ended = new ApiError(0, "SESSION_ENDED", "The session this was asked for has ended.");
+    ended.handled = true;
+    return ended;
   }
 
   function report(error) {
@@ -524,13 +528,14 @@
         rememberOrder(await api("GET", `/api/orders/${encodeURIComponent(change.order_id)}`));
       }
       renderOrders();
-      await refreshBalance();  // a FINISHED order has just been paid from the account
     } catch (error) {
       report(error);
       // The change is not lost with the order that could not be read (a 429, a network blip):
       // the first page of orders is read again shortly, every status as it stands then.
-      reloadOrdersSoon();
+      if (!error.handled) reloadOrdersSoon();
+      return;
     }
+    refreshBalance().catch(report);  // a FINISHED order has just been paid from the account
   }
 
   function reloadOrdersSoon() {
