@@ -222,8 +222,9 @@ class InboxConsumer:
 
     def _rewind(self, positions: list[TopicPartition]) -> None:
         """Seek each partition back to `positions`. One that cannot be (no longer fetched: taken
-        away meanwhile) commits nothing until it is assigned again, which starts it from its
-        committed offset: records it skipped past unstored are never committed over."""
+        away meanwhile) commits nothing until it is assigned again (the next rebalance, or the
+        worker's restart), which starts it from its committed offset: the records it skipped
+        unstored are read then, and never committed over before."""
         for position in positions:
             try:
                 self._consumer.seek(position)

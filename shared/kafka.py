@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 # that every message gets a definite answer and none is left queued to be sent twice.
 MESSAGE_TIMEOUT_MS = 5000
 FLUSH_TIMEOUT_S = MESSAGE_TIMEOUT_MS / 1000 + 5
+# A row sent again alone (OutboxPublisher._send_each_alone) is sent only while this long is left of
+# its batch's time, so that it too gets its definite answer before the batch's time is up.
+ALONE_NEEDS_S = MESSAGE_TIMEOUT_MS / 1000 + 1
 
 
 def producer_config(settings: Settings) -> dict:
@@ -201,7 +204,10 @@ class OutboxPublisher:
         for row in rows:
             row_id, topic, key = row[:3]
             refusal = held_back.get((topic, key))
-            if refusal is None and (not sound or time.monotonic() >= deadline):
+            if refusal is None and not sound:
+                refusal = Refusal("in a record batch refused as too large; not sent alone: the "
+                                  "producer left a message unanswered and is replaced")
+            elif refusal is None and deadline - time.monotonic() < ALONE_NEEDS_S:
                 refusal = Refusal("in a record batch refused as too large; not sent alone in time")
             if refusal:
                 refused[row_id] = refusal
@@ -211,7 +217,7 @@ class OutboxPublisher:
             except KafkaException as exc:
                 err: KafkaError | None = exc.args[0]
             else:
-                if producer.flush(max(deadline - time.monotonic(), 0.0)):
+                if producer.flush(deadline - time.monotonic()):
                     refused[row_id] = Refusal("no acknowledgement from the broker in time")
                     sound = False
                     continue

@@ -210,20 +210,23 @@ def test_a_revision_whose_index_build_failed_runs_again(infrastructure):
 def test_a_downgrade_that_fails_leaves_its_revision_whole(infrastructure, monkeypatch):
     """A revision's downgrade runs in one transaction with its version: one that fails (here the
     version row is held by another session past the downgrade's lock timeout) leaves the
-    revision's index as well as its column, as the version still says."""
+    revision's index, as the version still says: 0008's (with its column), then 0007's."""
     url = _database_url(infrastructure, "failed-downgrade", "orders")
     ensure_database(url)
     config = alembic_config("orders", url)
     command.upgrade(config, "head")
-    holder = psycopg2.connect(driver_dsn(url))
-    try:
-        with holder.cursor() as cursor:
-            cursor.execute("SELECT * FROM alembic_version FOR UPDATE")
-        monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=1s")  # for the downgrade's connection
-        with pytest.raises(Exception, match="lock timeout"):
-            command.downgrade(config, "0006")
-    finally:
-        holder.rollback()
-        holder.close()
-    assert _index_valid(url, "ix_outbox_messages_parked")
-    assert _index_valid(url, "ix_inbox_messages_handled")
+    for revision, below, index in (("0008", "0007", "ix_outbox_messages_parked"),
+                                   ("0007", "0006", "ix_inbox_messages_handled")):
+        command.downgrade(config, revision)  # (to the revision: nothing to undo the first time)
+        holder = psycopg2.connect(driver_dsn(url))
+        try:
+            with holder.cursor() as cursor:
+                cursor.execute("SELECT * FROM alembic_version FOR UPDATE")
+            with monkeypatch.context() as patched:  # for the downgrade's connection
+                patched.setenv("PGOPTIONS", "-c lock_timeout=1s")
+                with pytest.raises(Exception, match="lock timeout"):
+                    command.downgrade(config, below)
+        finally:
+            holder.rollback()
+            holder.close()
+        assert _index_valid(url, index), revision

@@ -260,13 +260,13 @@ def test_shop_containers_and_kafka_get_time_to_shut_down_cleanly():
         assert int(service.get("stop_grace_period", "10s").removesuffix("s")) > 30, name
 
 
-def test_postgres_takes_every_connection_the_shop_can_open_and_four_more_workers():
+def test_postgres_takes_every_connection_the_shop_can_open_and_eight_more_workers():
     limit = int(next(arg.split("=", 1)[1] for arg in command(ALL_SERVICES["postgres"])
                      if arg.startswith("max_connections=")))
     composed = sum(most_connections(service) for service in HSESHOP.values())
     worker = max(most_connections(ALL_SERVICES[name])
                  for service_name in SERVICES for name in workers_of(service_name))
-    assert composed + 4 * worker <= limit - SUPERUSER_RESERVED_CONNECTIONS, (composed, worker)
+    assert composed + 8 * worker <= limit - SUPERUSER_RESERVED_CONNECTIONS, (composed, worker)
 
 
 def test_data_lives_in_named_volumes():

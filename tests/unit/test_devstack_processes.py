@@ -240,6 +240,7 @@ def test_free_port_never_gives_a_port_twice_though_the_system_may(monkeypatch):
         def getsockname(self):
             return ("127.0.0.1", self.port)
 
+    monkeypatch.setattr("devstack.infra._ports_given", set())  # (this session's picks aside)
     monkeypatch.setattr("devstack.infra.socket", types.SimpleNamespace(
         socket=Socket, AF_INET=socket.AF_INET, SOCK_STREAM=socket.SOCK_STREAM))
     assert [free_port() for _ in range(3)] == [41001, 41002, 41003]
