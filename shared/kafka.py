@@ -155,11 +155,7 @@ class OutboxPublisher:
                 if _is_fatal(error):  # (a broker that came back empty, say): retried later
                     fatal = refused[row_id] = Refusal(f"not produced: {exc}")
                     continue
-                never = _too_large(error)
-                refused[row_id] = Refusal(f"not produced: {exc}", held=never, park=never)
-                if key is not None:
-                    held_back[(topic, key)] = Refusal(
-                        f"held back behind a refused message: {exc}", held=never)
+                _refuse(refused, held_back, row, error, f"not produced: {exc}", str(exc))
                 continue
             produced.append(row)
         unanswered = producer.flush(FLUSH_TIMEOUT_S)
@@ -224,11 +220,7 @@ class OutboxPublisher:
                 err = self._failed.pop(row[6].encode(), None)
             if err is None:
                 continue  # taken
-            never = _too_large(err)
-            refused[row_id] = Refusal(f"{err.name()}: {err.str()}", held=never, park=never)
-            if key is not None:
-                held_back[(topic, key)] = Refusal(
-                    f"held back behind a refused message: {err.str()}", held=never)
+            _refuse(refused, held_back, row, err, f"{err.name()}: {err.str()}", err.str())
             sound = sound and not _is_fatal(err)
         return refused, sound
 
@@ -243,6 +235,19 @@ class OutboxPublisher:
                 return
             except BufferError:
                 producer.poll(0.1)  # the local queue is full: let deliveries drain first
+
+
+def _refuse(refused: dict[int, Refusal], held_back: dict[tuple[str, str], Refusal],
+            row: RelayRow, error: KafkaError, why: str, detail: str) -> None:
+    """Note `row` refused for `error` (parked if it is too large ever to go), and hold back the
+    rows after it with its topic and key, which must not overtake it (a row without a key has no
+    order to keep)."""
+    row_id, topic, key = row[:3]
+    never = _too_large(error)
+    refused[row_id] = Refusal(why, held=never, park=never)
+    if key is not None:
+        held_back[(topic, key)] = Refusal(f"held back behind a refused message: {detail}",
+                                          held=never)
 
 
 def _too_large(error: KafkaError) -> bool:
