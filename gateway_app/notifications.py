@@ -158,6 +158,10 @@ class NotificationPageSchema(Schema):
     items = fields.List(fields.Nested(NotificationSchema))
 
 
+class NewestNotificationSchema(Schema):
+    id = fields.Integer(metadata={"description": "The newest notification's id, 0 for none"})
+
+
 def notifications_after(user_id: str, after: int, limit: int) -> list[dict]:
     rows = db.session.scalars(
         select(Notification)
@@ -174,6 +178,15 @@ def notifications_after(user_id: str, after: int, limit: int) -> list[dict]:
 def list_notifications(args):
     """Notifications newer than `after`, oldest first (what a page missed while away)."""
     return jsonify({"items": notifications_after(g.user_id, args["after"], args["limit"])})
+
+
+@blueprint.get("/newest")
+@blueprint.response(200, NewestNotificationSchema)
+def newest_notification():
+    """The id of the newest notification kept now (0 for none): a page reads it before it reads
+    the orders, then asks the socket for everything `after` it, so no status change falls between
+    the two reads however many notifications the user already has."""
+    return jsonify({"id": newest_notification_id(g.user_id)})
 
 
 # --- pushing over WebSocket -----------------------------------------------------------------------

@@ -6,7 +6,6 @@
 (() => {
   const SESSION_KEY = "hseshop.session";
   const ORDERS_PAGE = 50;
-  const NOTIFICATIONS_PAGE = 500;  // the gateway's largest page
   const RECONNECT_FIRST_MS = 500;
   const RECONNECT_MAX_MS = 10000;
   // A socket counts as having worked (and the next reconnect starts from the shortest wait) once
@@ -433,14 +432,8 @@
   // --- live notifications -----------------------------------------------------------------------
 
   async function catchUpNotificationId() {
-    for (;;) {
-      const query = new URLSearchParams({
-        after: String(lastNotificationId), limit: String(NOTIFICATIONS_PAGE),
-      });
-      const page = await api("GET", `/api/notifications?${query}`);
-      page.items.forEach((item) => { lastNotificationId = Math.max(lastNotificationId, item.id); });
-      if (page.items.length < NOTIFICATIONS_PAGE) return;
-    }
+    const newest = await api("GET", "/api/notifications/newest");
+    lastNotificationId = Math.max(lastNotificationId, newest.id);
   }
 
   function setLive(state) {

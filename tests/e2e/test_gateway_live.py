@@ -74,6 +74,7 @@ def test_a_page_that_reconnects_catches_up_on_what_it_missed(stack):
     assert all(r["id"] > seen["id"] for r in replayed)
     history = shopper.api("GET", f"/notifications?after={seen['id']}", 200)["items"]
     assert [h["id"] for h in history] == [r["id"] for r in replayed]
+    assert shopper.api("GET", "/notifications/newest", 200) == {"id": replayed[-1]["id"]}
 
 
 def test_a_bad_token_cannot_open_the_notification_socket(stack):

@@ -275,7 +275,7 @@ def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_
     spec = gateway.get("/docs/openapi.json").get_json()
     assert {"/api/orders", "/api/orders/{order_id}", "/api/accounts", "/api/accounts/deposit",
             "/api/accounts/balance", "/api/auth/register", "/api/auth/login",
-            "/api/notifications"} <= set(spec["paths"])
+            "/api/notifications", "/api/notifications/newest"} <= set(spec["paths"])
     assert "Bearer" in spec["components"]["securitySchemes"]
     assert "PlaceOrder" in spec["components"]["schemas"]
     # A pattern any client's regex engine reads as we do (ECMA-262 has no \Z).
@@ -335,6 +335,26 @@ def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(setting
     assert [channel for channel, _data in published] == channels
     ids = [json.loads(data)["id"] for _channel, data in published]
     assert ids == sorted(ids)
+
+
+def test_the_newest_notification_id_is_one_read_whatever_a_user_has(settings, gateway):
+    """What a page reads before its orders: the id of the user's newest notification, 0 for none,
+    however many there are (the page used to page through all of them), another user's not seen."""
+    user, auth = _sign_up(gateway)
+    assert gateway.get("/api/notifications/newest", headers=auth).get_json() == {"id": 0}
+    with gateway.application.app_context():
+        with transaction() as session:
+            notifications.on_order_status_changes(
+                session, _status_changes(*[user] * (notifications.REPLAY_LIMIT + 1)))
+        kept = notifications.notifications_after(user, 0, notifications.REPLAY_LIMIT + 1)
+        with transaction() as session:
+            notifications.on_order_status_changes(session, _status_changes("someone-else"))
+    newest = gateway.get("/api/notifications/newest", headers=auth)
+    assert newest.status_code == 200
+    assert len(kept) == notifications.REPLAY_LIMIT + 1
+    assert newest.get_json() == {"id": kept[-1]["id"]}
+    refused = gateway.get("/api/notifications/newest")
+    assert refused.status_code == 401 and refused.get_json()["error"]["code"]
 
 
 def test_a_users_notifications_commit_in_the_order_of_their_ids(settings, gateway):
