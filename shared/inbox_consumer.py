@@ -129,9 +129,9 @@ class InboxConsumer:
         self._stopping.set()
 
     def run(self) -> None:
-        self._consumer.subscribe(self._topics, on_assign=self._note_assigned,
-                                 on_revoke=self._commit_revoked, on_lost=self._forget_lost)
         try:
+            self._consumer.subscribe(self._topics, on_assign=self._note_assigned,
+                                     on_revoke=self._commit_revoked, on_lost=self._forget_lost)
             while not self._stopping.is_set():
                 try:
                     self.run_once()

@@ -1,12 +1,20 @@
 """The Kafka inbox consumer as a Celery worker step: a worker started with `--consume orders` runs
-the orders consumer in a thread beside its task pool, and stops it when the worker stops."""
+the orders consumer in a thread beside its task pool, and stops it when the worker stops.
+
+A worker whose consumer thread ends on its own (its app could not be made, its Kafka client could
+not subscribe or close) would go on running tasks while its service's messages pile up unread,
+and its healthcheck, a ping answered by the main thread, would not tell. So it stops instead,
+with exit code 70 (EX_SOFTWARE), for its supervisor (compose's `restart: unless-stopped`) to
+start it again."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from os import EX_SOFTWARE
 
 from celery import bootsteps
+from celery.worker import state as worker_state
 
 from shared.config import get_settings
 from shared.db import driver_dsn
@@ -25,11 +33,12 @@ class InboxConsumerStep(bootsteps.StartStopStep):
         self.services = list(consume or ())
         self.consumers: list[InboxConsumer] = []
         self.threads: list[threading.Thread] = []
+        self.stopping = threading.Event()
 
     def start(self, worker):
         for service in self.services:
             consumer, store = build_inbox_consumer(service)
-            thread = threading.Thread(target=_run_in_app_context, args=(service, consumer, store),
+            thread = threading.Thread(target=self._consume, args=(service, consumer, store),
                                       name=f"inbox-consumer-{service}", daemon=True)
             thread.start()
             self.consumers.append(consumer)
@@ -37,10 +46,33 @@ class InboxConsumerStep(bootsteps.StartStopStep):
             log.info("started the %s inbox consumer", service)
 
     def stop(self, worker):
+        self.stopping.set()
         for consumer in self.consumers:
             consumer.stop()
         for thread in self.threads:
             thread.join(timeout=15)
+
+    def terminate(self, worker):  # a cold shutdown: the process exits without waiting for them
+        self.stopping.set()
+        for consumer in self.consumers:
+            consumer.stop()
+
+    def _consume(self, service: str, consumer: InboxConsumer, store: StoreOnOwnConnection) -> None:
+        try:
+            _run_in_app_context(service, consumer, store)
+        except BaseException:
+            log.exception("the %s inbox consumer failed", service)
+        finally:
+            if not self.stopping.is_set():
+                log.critical("the %s inbox consumer ended while the worker runs: stopping the "
+                             "worker, to be started again", service)
+                stop_the_worker(EX_SOFTWARE)
+
+
+def stop_the_worker(exit_code: int) -> None:
+    """Ask the worker for a warm shutdown ending with `exit_code`, from any thread: the flag a
+    SIGTERM sets, which the worker's main loop checks at every turn."""
+    worker_state.should_stop = exit_code
 
 
 def build_inbox_consumer(service: str) -> tuple[InboxConsumer, StoreOnOwnConnection]:

@@ -1,0 +1,93 @@
+"""The worker step that runs a service's inbox consumer: a consumer thread that ends on its own
+stops the worker (pure logic: a stand-in Kafka consumer, the worker's stop flag caught)."""
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+from os import EX_SOFTWARE
+
+from shared.inbox_consumer import InboxConsumer
+from tasks import consumer as consumer_step
+from tests.polling import wait_for
+
+
+class _KafkaConsumer:
+    """Subscribes (or fails to), polls nothing, closes."""
+
+    def __init__(self, subscribe_fails: bool):
+        self.subscribe_fails = subscribe_fails
+        self.closed = threading.Event()
+
+    def subscribe(self, topics, **callbacks):
+        if self.subscribe_fails:
+            raise RuntimeError("no such group protocol")
+
+    def consume(self, n, timeout):
+        threading.Event().wait(timeout)
+        return []
+
+    def commit(self, offsets, asynchronous):
+        pass
+
+    def close(self):
+        self.closed.set()
+
+
+class _Store:
+    def __call__(self, records):
+        return []
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def step(monkeypatch):
+    """The step for one service, its consumer built on the stand-in, the worker's stop caught."""
+    stops = []
+    kafka = _KafkaConsumer(subscribe_fails=False)
+
+    def build(service):
+        return InboxConsumer(kafka, ["topic"], store_batch=_Store(), dispatch=lambda ids: None,
+                             poll_timeout=0.01), _Store()
+
+    monkeypatch.setattr(consumer_step, "build_inbox_consumer", build)
+    monkeypatch.setattr(consumer_step, "_run_in_app_context",
+                        lambda service, consumer, store: consumer.run())
+    monkeypatch.setattr(consumer_step, "stop_the_worker", stops.append)
+    made = consumer_step.InboxConsumerStep(SimpleNamespace(), consume=["orders"])
+    return SimpleNamespace(step=made, kafka=kafka, stops=stops)
+
+
+def test_a_consumer_that_ends_on_its_own_stops_the_worker(step):
+    step.kafka.subscribe_fails = True
+    step.step.start(SimpleNamespace())
+    wait_for(lambda: step.stops, timeout=5, what="the worker told to stop")
+    assert step.stops == [EX_SOFTWARE] and step.kafka.closed.is_set()
+
+
+def test_a_consumer_stopped_with_the_worker_does_not_stop_it_again(step):
+    step.step.start(SimpleNamespace())
+    step.step.stop(SimpleNamespace())
+    assert step.kafka.closed.is_set() and not step.step.threads[0].is_alive()
+    assert step.stops == []
+
+
+def test_a_cold_shutdown_stops_the_consumer_without_waiting(step):
+    step.step.start(SimpleNamespace())
+    step.step.terminate(SimpleNamespace())
+    wait_for(step.kafka.closed.is_set, timeout=5, what="the consumer closed")
+    step.step.threads[0].join(5)
+    assert step.stops == []
+
+
+def test_stopping_the_worker_sets_the_flag_its_main_loop_checks(monkeypatch):
+    from celery.exceptions import WorkerShutdown
+    from celery.worker import state
+
+    monkeypatch.setattr(state, "should_stop", None)
+    consumer_step.stop_the_worker(EX_SOFTWARE)
+    with pytest.raises(WorkerShutdown) as raised:
+        state.maybe_shutdown()
+    assert raised.value.code == EX_SOFTWARE
