@@ -12,6 +12,7 @@
   // it has stayed open this long: the gateway may open one and close it at once (1013, too many).
   const SOCKET_WORKED_MS = 5000;
   const AMOUNT = /^\d{1,10}(\.\d{1,2})?$/;
+  const MAX_AMOUNT = 1000000000;  // the services' largest amount, 1,000,000,000.00
 
   const REASONS = { INSUFFICIENT_FUNDS: "insufficient funds", NO_ACCOUNT: "no account" };
   const STATUS_LABELS = { NEW: "NEW · processing", FINISHED: "FINISHED · paid", CANCELLED: "CANCELLED" };
@@ -30,6 +31,7 @@
   let session = null;            // {token, username, expiresAt}
   const orders = new Map();      // order id -> order
   let nextCursor = null;
+  let olderPagesShown = false;   // "Show older orders" was used: a reload of page 1 keeps the cursor
   let lastNotificationId = 0;
   let socket = null;
   let reconnectTimer = null;
@@ -37,6 +39,10 @@
   let expiryTimer = null;
   let loadTimer = null;
   let reloadTimer = null;
+  // The balance read in flight, and whether the balance may have changed since it was sent: its
+  // answer is then not shown, and it is read once more (a burst of notifications costs two reads).
+  let balanceRead = null;
+  let balanceChanged = false;
   // One Idempotency-Key per intended action: a retry of the same form contents reuses it, so a
   // double click or a retry after a lost response counts once.
   const pendingKeys = {};
@@ -114,7 +120,9 @@
     if (response.ok) return data;
     const info = (data && data.error) || {};
     const error = new ApiError(response.status, info.code || `HTTP_${response.status}`,
-                               info.message || response.statusText, info.details);
+                               info.message || response.statusText
+                                 || `The request failed (HTTP ${response.status}).`,
+                               info.details);
     error.retryAfter = response.headers.get("Retry-After");
     if (response.status === 401 && !anonymous) {
       signOut();
@@ -157,16 +165,17 @@
     return pendingKeys[action].key;
   }
 
-  // Runs a form's request with its submit button disabled, so one click sends one request.
-  async function whileBusy(button, work) {
-    if (button.disabled) return;
-    button.disabled = true;
+  // Runs a form's request with its submit buttons disabled, so one click sends one request.
+  async function whileBusy(buttons, work) {
+    const all = Array.isArray(buttons) ? buttons : [buttons];
+    if (all.some((button) => button.disabled)) return;
+    all.forEach((button) => { button.disabled = true; });
     try {
       await work();
     } catch (error) {
       report(error);
     } finally {
-      button.disabled = false;
+      all.forEach((button) => { button.disabled = false; });
     }
   }
 
@@ -213,10 +222,17 @@
     closeSocket();
     orders.clear();
     nextCursor = null;
+    olderPagesShown = false;
     lastNotificationId = 0;
+    balanceRead = null;
+    balanceChanged = false;
+    // What was typed or pending is this user's: the next one starts with empty forms and new keys.
+    Object.keys(pendingKeys).forEach((action) => { delete pendingKeys[action]; });
+    ["topup-amount", "order-amount", "order-description", "password"].forEach((id) => {
+      $(id).value = "";
+    });
     $("orders").replaceChildren();
     $("balance").textContent = "…";
-    $("password").value = "";
     showAuth();
   }
 
@@ -264,12 +280,12 @@
       showMessage("Username: 1 to 64 letters, digits, underscores, dots or hyphens.");
       return;
     }
-    if (password.length < 8 || password.length > 128) {
+    const characters = [...password].length;  // as the gateway counts them, not UTF-16 units
+    if (characters < 8 || characters > 128) {
       showMessage("Password: 8 to 128 characters.");
       return;
     }
-    const button = mode === "register" ? $("sign-up") : $("sign-in");
-    await whileBusy(button, async () => {
+    await whileBusy([$("sign-in"), $("sign-up")], async () => {
       const body = await api("POST", `/api/auth/${mode}`, {
         body: { username, password }, anonymous: true,
       });
@@ -289,19 +305,49 @@
     $("topup-form").hidden = !exists;
   }
 
-  async function refreshBalance() {
+  // Reads the balance, or joins the read in flight, which then reads again: what is shown is
+  // never older than the last change the page has heard of.
+  function refreshBalance() {
+    if (balanceRead) {
+      balanceChanged = true;
+      return balanceRead.promise;
+    }
+    const read = {};
+    read.promise = (async () => {
+      try {
+        let account;
+        do {
+          balanceChanged = false;
+          account = await readAccount();
+        } while (balanceChanged && balanceRead === read);
+        if (balanceRead === read) showAccount(account);
+      } finally {
+        if (balanceRead === read) balanceRead = null;
+      }
+    })();
+    balanceRead = read;
+    return read.promise;
+  }
+
+  async function readAccount() {
     try {
-      showAccount(await api("GET", "/api/accounts/balance"));
+      return await api("GET", "/api/accounts/balance");
     } catch (error) {
       if (error.code !== "ACCOUNT_NOT_FOUND") throw error;
-      showAccount(null);
+      return null;
     }
+  }
+
+  // An account as a write answered it: shown at once, and a read in flight is read again.
+  function showAnsweredAccount(account) {
+    showAccount(account);
+    if (balanceRead) balanceChanged = true;
   }
 
   async function onOpenAccount() {
     await whileBusy($("open-account"), async () => {
       try {
-        showAccount(await api("POST", "/api/accounts"));
+        showAnsweredAccount(await api("POST", "/api/accounts"));
         showMessage("Your account is open.", "info");
       } catch (error) {
         if (error.code !== "ACCOUNT_EXISTS") throw error;
@@ -310,11 +356,16 @@
     });
   }
 
+  function validAmount(amount) {
+    return AMOUNT.test(amount) && Number(amount) > 0 && Number(amount) <= MAX_AMOUNT;
+  }
+
   async function onTopUp(event) {
     event.preventDefault();
     const amount = $("topup-amount").value.trim();
-    if (!AMOUNT.test(amount) || Number(amount) <= 0) {
-      showMessage("Enter a top-up amount above 0 with at most two decimals, e.g. 100 or 12.50.");
+    if (!validAmount(amount)) {
+      showMessage("Enter a top-up amount above 0 and at most 1,000,000,000, with at most two "
+                  + "decimals, e.g. 100 or 12.50.");
       return;
     }
     await whileBusy($("topup-submit"), async () => {
@@ -322,9 +373,11 @@
         body: { amount }, idempotencyKey: keyFor("deposit", { amount }),
       });
       delete pendingKeys.deposit;
-      showAccount(account);
+      showAnsweredAccount(account);
       $("topup-amount").value = "";
-      showMessage(`Topped up ${amount}. Balance: ${account.balance}.`, "info");
+      showMessage(`Topped up ${amount}.`, "info");
+      // The answer to a retried top-up is the first one's, its balance as it stood then.
+      refreshBalance().catch(report);
     });
   }
 
@@ -400,7 +453,9 @@
     if (cursor) query.set("cursor", cursor);
     const page = await api("GET", `/api/orders?${query}`);
     page.items.forEach(rememberOrder);
-    nextCursor = page.next_cursor || null;
+    // A reload of the first page (after a missed change) leaves the older pages shown as they are.
+    if (cursor || !olderPagesShown) nextCursor = page.next_cursor || null;
+    if (cursor) olderPagesShown = true;
     renderOrders();
   }
 
@@ -412,8 +467,9 @@
     event.preventDefault();
     const amount = $("order-amount").value.trim();
     const description = $("order-description").value.trim();
-    if (!AMOUNT.test(amount) || Number(amount) <= 0) {
-      showMessage("Enter an order amount above 0 with at most two decimals, e.g. 30 or 9.99.");
+    if (!validAmount(amount)) {
+      showMessage("Enter an order amount above 0 and at most 1,000,000,000, with at most two "
+                  + "decimals, e.g. 30 or 9.99.");
       return;
     }
     await whileBusy($("order-submit"), async () => {
@@ -553,6 +609,13 @@
     $("topup-form").addEventListener("submit", onTopUp);
     $("order-form").addEventListener("submit", onPlaceOrder);
     $("orders-more").addEventListener("click", onShowMore);
+    // A network that went away and came back can leave the socket dead without a close: the page
+    // would show "live" and hear nothing. Open a new one (it catches up from the last id seen).
+    window.addEventListener("online", () => {
+      if (!session || (!socket && !reconnectTimer)) return;  // still loading, or signed out
+      closeSocket();
+      connectSocket();
+    });
     session = loadSession();
     if (session) enterShop();
     else showAuth();

@@ -199,8 +199,18 @@ def test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_or
     page.wait_for_status(order, "CANCELLED")
     assert page.badge(order).get_attribute("data-reason") == "NO_ACCOUNT"
 
+    # An amount over the services' largest is explained before anything is sent.
+    page.fill("order-amount", "1000000000.01")
+    page.element("order-submit").click()
+    page.wait_until(lambda: page.visible("message")
+                    and "at most 1,000,000,000" in page.text("message"), what="the amount refused")
+    assert page.order_ids() == [order]
+    page.fill("order-description", "typed, never sent")  # not left for whoever signs in next
+
     page.element("sign-out").click()
     page.wait_until(lambda: page.visible("auth-section"), what="the sign-in form")
+    assert [page.element(field).get_attribute("value") for field in (
+        "order-amount", "order-description", "topup-amount")] == ["", "", ""]
     page.fill("username", username)
     page.fill("password", "not the password")
     page.element("sign-in").click()
