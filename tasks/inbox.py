@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 HANDLED_PER_TRANSACTION = 50
 # Old inbox rows the pruner deletes in one transaction.
 PRUNED_PER_TRANSACTION = 10_000
+# A dispatched batch waits in its service's Celery queue behind every task sent before it. With a
+# backlog there (a burst, a worker restarting), a message can wait past the sweep's minimum age
+# with its dispatch not lost at all, and sweeping it would add its batch to the backlog once more,
+# sweep after sweep. So while tasks wait in the queue, the sweeper takes only messages this old.
+SWEEP_MIN_AGE_WHILE_QUEUED = timedelta(minutes=5)
 
 
 class TransientHandlerError(Exception):
@@ -128,14 +133,22 @@ def _handle_each_in_a_savepoint(service: str, message_ids: list[uuid.UUID],
 def sweep_inbox(service: str) -> int:
     """Dispatch again the messages that have waited too long: their first dispatch was lost."""
     settings = current_app.extensions["hseshop.settings"]
+    min_age = timedelta(seconds=settings.inbox_sweep_min_age_seconds)
+    if tasks_waiting(service):
+        min_age = max(min_age, SWEEP_MIN_AGE_WHILE_QUEUED)
     with transaction() as session:
-        stalled = claim_stalled_messages(
-            session, timedelta(seconds=settings.inbox_sweep_min_age_seconds)
-        )
+        stalled = claim_stalled_messages(session, min_age)
     if stalled:
         log.info("%s inbox: re-dispatching %d stalled messages", service, len(stalled))
         dispatch_inbox_messages(service, stalled)
     return len(stalled)
+
+
+def tasks_waiting(queue: str) -> int:
+    """How many tasks wait in a Celery queue, not counting those workers have taken. (Declared,
+    not passively: on Redis, kombu's passive check misses a queue under a key prefix.)"""
+    with app.pool.acquire(block=True) as connection:
+        return connection.default_channel.queue_declare(queue=queue).message_count
 
 
 @app.task(name="hseshop.prune_inbox", base=ServiceTask, ignore_result=True)

@@ -16,7 +16,9 @@ from shared.config import SERVICES
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, transaction
 from shared.inbox import ConsumedRecord, InboxMessage, PermanentMessageError
-from tasks.inbox import handle_inbox_batch, handle_inbox_message, prune_inbox
+from tasks.celery_app import app as celery_app
+from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, sweep_inbox,
+                         tasks_waiting)
 from tasks.services import service_app
 from tests.postgres_tools import terminate_backend
 
@@ -239,6 +241,47 @@ def test_a_request_delivered_again_after_its_row_was_pruned_changes_nothing(
         assert db.session.query(Payment).filter_by(user_id=user_id).count() == 1
         results = db.session.query(OutboxMessage).filter_by(correlation_id=str(order_id)).count()
     assert results == 1  # the first decision's result only (no relay runs here)
+
+
+def _received_ago(message_id, age: timedelta) -> None:
+    with service_app("payments").app_context(), transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
+                        .values(received_at=func.now() - age))
+
+
+def _handed_over(message_id) -> bool:
+    return _row(message_id).last_attempt_at is not None
+
+
+@pytest.fixture
+def payments_queue(settings):
+    """The payments Celery queue (no worker takes from it here), emptied before and after."""
+    def purge():
+        with celery_app.pool.acquire(block=True) as connection:
+            connection.default_channel.queue_purge("payments")
+
+    purge()
+    yield
+    purge()
+
+
+def test_while_tasks_wait_in_the_queue_the_sweeper_takes_only_long_stalled_messages(
+        settings, payments_inbox, payments_queue, user_id):
+    """A message can wait in a queue's backlog longer than the sweep's minimum age with its
+    dispatch not lost: sweeping it then would only add to the backlog."""
+    stalled = _stored_request(payments_inbox, user_id)
+    _received_ago(stalled, timedelta(minutes=1))
+    assert tasks_waiting("payments") == 0
+    sweep_inbox.apply(args=("payments",)).get()
+    assert _handed_over(stalled) and tasks_waiting("payments") >= 1  # dispatched again
+
+    waiting = _stored_request(payments_inbox, user_id)
+    _received_ago(waiting, timedelta(minutes=1))
+    sweep_inbox.apply(args=("payments",)).get()
+    assert not _handed_over(waiting)  # its batch may well be in the queue
+    _received_ago(waiting, timedelta(minutes=6))
+    sweep_inbox.apply(args=("payments",)).get()
+    assert _handed_over(waiting)
 
 
 def test_beat_prunes_every_services_inbox(settings):
