@@ -28,6 +28,13 @@ broker_transport_options = {
     "ack_emulation": False,
     # Queues and event channels live under the shop's own prefix in a shared Redis.
     "global_keyprefix": f"{_settings.redis_key_prefix}:celery:",
+    # A Redis gone without closing its connections (a failover, a NAT or firewall forgetting
+    # them) would hold a publish waiting for its reply for ever, by default: the inbox consumer's
+    # dispatch with it, while its partitions are taken away. The reply is waited for 5 s (longer
+    # than the 1 s a worker's BRPOP waits), and Celery sends the task again on a new connection.
+    "socket_timeout": 5.0,
+    "socket_connect_timeout": 5.0,
+    "socket_keepalive": True,
 }
 
 worker_hijack_root_logger = False

@@ -7,10 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from concurrent import futures
@@ -30,6 +28,7 @@ from shared.grpc_server import ERROR_CODE_KEY, HTTP_STATUS_KEY, build_server
 from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
+from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -146,55 +145,6 @@ def test_a_deadline_exceeded_is_504_and_a_service_down_is_503(settings, upstream
         slow.stop(grace=None)
 
 
-class _SilencingProxy:
-    """A TCP proxy to `target`. `silence()` turns the connections it carries silent, as a host
-    gone without a word leaves them: held open, nothing carried either way. Connections made
-    after that are carried (the service, at the address the name now resolves to)."""
-
-    def __init__(self, target: str):
-        host, port = target.rsplit(":", 1)
-        self._target = (host, int(port))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._era = 0
-        self._closed = threading.Event()
-        self._sockets = [self._listener]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def silence(self) -> None:
-        self._era += 1
-
-    def close(self) -> None:
-        self._closed.set()
-        for sock in self._sockets:
-            sock.close()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self._target)
-            self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._carry, args=(source, sink, self._era),
-                                 daemon=True).start()
-
-    def _carry(self, source: socket.socket, sink: socket.socket, era: int) -> None:
-        source.settimeout(0.1)
-        while self._era == era and not self._closed.is_set():
-            try:
-                data = source.recv(65536)
-                if not data:
-                    return
-                sink.sendall(data)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-
 def test_a_connection_to_a_service_gone_silent_is_dropped_and_made_afresh(
         settings, upstreams, grpc_targets, orders_flask_app, monkeypatch):  # noqa: F811
     """The gateway's channel pings a quiet connection: one gone silent is found out and dropped,
@@ -206,7 +156,7 @@ def test_a_connection_to_a_service_gone_silent_is_dropped_and_made_afresh(
     bind = f"127.0.0.1:{free_port()}"
     server = build_server("orders", orders_flask_app, bind)
     server.start()
-    proxy = _SilencingProxy(bind)
+    proxy = SilencingProxy(bind)
     try:
         client = _gateway(settings, upstreams, grpc_targets, "grpc", upstream_timeout_seconds=1.0,
                           orders_grpc_target=proxy.address)

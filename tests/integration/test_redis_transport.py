@@ -4,12 +4,16 @@ through."""
 
 from __future__ import annotations
 
+import threading
 import uuid
+from urllib.parse import urlsplit
 
+from celery import Celery
 from kombu import Connection, Exchange, Queue
 
 from tasks.celery_app import app
 from tasks.redis_transport import Transport
+from tests.network_tools import SilencingProxy
 
 
 def test_celery_publishes_through_the_shops_transport():
@@ -44,3 +48,31 @@ def test_messages_published_through_one_client_are_all_delivered(settings):
             received.append(message.payload["n"])
         bound.delete()
     assert received == [0, 1, 2]
+
+
+def test_a_task_sent_to_a_redis_gone_silent_is_sent_again_on_a_new_connection(settings):
+    """A publish waits for Redis's reply: on a connection gone silent (a failover, a NAT that
+    forgot it) that wait ends after the socket timeout, and Celery sends the task again on a new
+    connection, instead of waiting for ever (as the inbox consumer's dispatch once could)."""
+    broker = urlsplit(settings.celery_broker_url)
+    proxy = SilencingProxy(f"{broker.hostname}:{broker.port or 6379}")
+    sender = Celery("silence-test", config_source="celeryconfig")
+    # (broker_url gives way to the environment's CELERY_BROKER_URL, broker_write_url does not)
+    sender.conf.broker_write_url = broker._replace(netloc=proxy.address).geturl()
+    queue = f"silence-test-{uuid.uuid4().hex}"
+    try:
+        sender.send_task("hseshop.silence_test", args=("first",), queue=queue)
+        assert proxy.connections_carried() >= 1
+        proxy.silence()
+        sent = threading.Thread(target=sender.send_task, args=("hseshop.silence_test",),
+                                kwargs={"args": ("second",), "queue": queue}, daemon=True)
+        sent.start()
+        sent.join(timeout=30)
+        assert not sent.is_alive(), "the task sent over the silent connection is still waiting"
+        with app.pool.acquire(block=True) as connection:
+            channel = connection.default_channel
+            assert channel.queue_declare(queue=queue).message_count == 2
+            channel.queue_purge(queue)
+    finally:
+        proxy.close()
+        sender.close()

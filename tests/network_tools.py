@@ -1,0 +1,66 @@
+"""Network trouble on demand for the tests: a TCP proxy whose connections can go silent."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class SilencingProxy:
+    """A TCP proxy to `target`. `silence()` turns the connections it carries silent, as a host
+    gone without a word leaves them: held open, nothing carried either way. Connections made
+    after that are carried (the service, at the address the name now resolves to)."""
+
+    def __init__(self, target: str):
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._era = 0
+        self._closed = threading.Event()
+        self._sockets = [self._listener]
+        self._carriers: list[threading.Thread] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def silence(self) -> None:
+        """From now on nothing more is carried over the connections made so far."""
+        carrying = list(self._carriers)
+        self._era += 1
+        for carrier in carrying:
+            carrier.join()
+
+    def connections_carried(self) -> int:
+        """How many connections were made through the proxy."""
+        return len(self._carriers) // 2
+
+    def close(self) -> None:
+        self._closed.set()
+        for sock in self._sockets:
+            sock.close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                carrier = threading.Thread(target=self._carry, args=(source, sink, self._era),
+                                           daemon=True)
+                carrier.start()
+                self._carriers.append(carrier)
+
+    def _carry(self, source: socket.socket, sink: socket.socket, era: int) -> None:
+        source.settimeout(0.1)
+        while self._era == era and not self._closed.is_set():
+            try:
+                data = source.recv(65536)
+                if not data:
+                    return
+                sink.sendall(data)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
