@@ -7,8 +7,8 @@ import json
 import uuid
 
 import requests
-import simple_websocket
 
+from tests.network_tools import WebSocketClient
 from tests.polling import wait_for
 
 
@@ -40,7 +40,7 @@ class GatewayClient:
     def listen(self, after: int | None = None, gateway_url: str | None = None) -> "Listener":
         base = (gateway_url or self.url).replace("http://", "ws://", 1)
         query = f"access_token={self.token}" + ("" if after is None else f"&after={after}")
-        return Listener(simple_websocket.Client.connect(f"{base}/api/notifications/ws?{query}"))
+        return Listener(WebSocketClient.connect(f"{base}/api/notifications/ws?{query}"))
 
     @staticmethod
     def _json(response: requests.Response, status: int) -> dict:

@@ -7,8 +7,10 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
+from simple_websocket import ConnectionClosed
 
 from tests.e2e.gateway_client import GatewayClient
+from tests.network_tools import WebSocketClient
 from tests.polling import wait_for
 
 
@@ -78,11 +80,9 @@ def test_a_page_that_reconnects_catches_up_on_what_it_missed(stack):
 
 
 def test_a_bad_token_cannot_open_the_notification_socket(stack):
-    import simple_websocket
-
     url = stack.gateway_url.replace("http://", "ws://") + "/api/notifications/ws?access_token=x"
-    socket = simple_websocket.Client.connect(url)
-    with pytest.raises(simple_websocket.ConnectionClosed):
+    socket = WebSocketClient.connect(url)
+    with pytest.raises(ConnectionClosed):
         socket.receive(timeout=5)
 
 

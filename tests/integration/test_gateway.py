@@ -28,6 +28,7 @@ from shared.app import MAX_REQUEST_BYTES
 from shared.contracts import ORDER_STATUS_CHANGED, new_event
 from shared.db import driver_dsn, transaction
 from shared.inbox import ReceivedEvent, StoredMessage
+from tests.network_tools import WebSocketClient
 from tests.polling import wait_for
 
 
@@ -579,9 +580,7 @@ def test_a_socket_opened_without_after_sends_all_kept_once_its_handshake_is_answ
     with gateway.application.app_context(), transaction() as session:
         notifications.on_order_status_changes(session, _status_changes(user))  # before: not sent
     with _served_gateway_socket_path(settings, upstreams, "late", user=user) as (base, path):
-        import simple_websocket
-
-        socket = simple_websocket.Client.connect(base.replace("http://", "ws://") + path)
+        socket = WebSocketClient.connect(base.replace("http://", "ws://") + path)
         try:
             with gateway.application.app_context(), transaction() as session:
                 notifications.on_order_status_changes(session, _status_changes(user))
@@ -614,9 +613,7 @@ def test_a_user_past_the_socket_limit_is_refused_at_once(settings, upstreams, mo
 def _stays_open(url):
     """A socket to `url` if the gateway keeps it open for a second, else None (long enough for
     the gateway to have taken its slot, on a busy machine too)."""
-    import simple_websocket
-
-    socket = simple_websocket.Client.connect(url)
+    socket = WebSocketClient.connect(url)
     try:
         socket.receive(timeout=1)
     except ConnectionClosed:
