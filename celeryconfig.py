@@ -43,6 +43,9 @@ worker_hijack_root_logger = False
 worker_send_task_events = False
 task_send_sent_event = False
 
+# Idempotency keys and notifications are kept for a day or more: pruning them hourly is enough.
+PRUNE_RETAINED_EVERY = timedelta(hours=1)
+
 beat_schedule = {}
 for _service in SERVICES:
     beat_schedule[f"relay-{_service}-outbox"] = {
@@ -63,3 +66,15 @@ for _service in SERVICES:
         "args": (_service,),
         "options": {"expires": _settings.inbox_prune_interval_seconds},
     }
+    beat_schedule[f"prune-{_service}-idempotency-keys"] = {
+        "task": "hseshop.prune_idempotency_keys",
+        "schedule": PRUNE_RETAINED_EVERY,
+        "args": (_service,),
+        "options": {"expires": PRUNE_RETAINED_EVERY.total_seconds()},
+    }
+beat_schedule["prune-gateway-notifications"] = {
+    "task": "hseshop.prune_notifications",
+    "schedule": PRUNE_RETAINED_EVERY,
+    "args": ("gateway",),
+    "options": {"expires": PRUNE_RETAINED_EVERY.total_seconds()},
+}

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 
 import redis
 from flask import current_app, g, jsonify, request
@@ -25,7 +26,7 @@ from flask_sock import Sock
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from psycopg2.extras import Json, execute_values
 from simple_websocket import ConnectionClosed
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from wsproto.utilities import LocalProtocolError
@@ -342,6 +343,20 @@ def _send_newer(ws, user_id: str, last_sent: int) -> int:
             last_sent = item["id"]
         if len(items) < REPLAY_LIMIT:
             return last_sent
+
+
+def prune_old_notifications(session: Session, cutoff: datetime, limit: int) -> int:
+    """Delete notifications kept since before `cutoff`, up to `limit` of the oldest; returns how
+    many (the caller repeats, a transaction each, until fewer than `limit`). The oldest by id are
+    the oldest kept (ids are taken as they are added): no index of when they were added is
+    needed, and a run that reaches a newer one among them stops there."""
+    return session.execute(_PRUNE, {"cutoff": cutoff, "limit": limit}).rowcount
+
+
+_PRUNE = text("""
+DELETE FROM notifications
+WHERE id = ANY(ARRAY(SELECT id FROM notifications ORDER BY id LIMIT :limit))
+  AND created_at < :cutoff""")
 
 
 def newest_notification_id(user_id: str) -> int:

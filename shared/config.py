@@ -45,6 +45,11 @@ ENVIRONMENT: dict[str, str] = {
     # (shared.inbox.prune_handled_messages).
     "INBOX_RETENTION_SECONDS": "604800",
     "INBOX_PRUNE_INTERVAL_SECONDS": "600",
+    # Idempotency keys are kept a day (a client retries within that; the key is then free again),
+    # notifications 30 days (longer than Kafka keeps a message, so a repeat still finds its
+    # notification): both pruned by beat every hour (tasks/retention.py).
+    "IDEMPOTENCY_KEY_RETENTION_SECONDS": "86400",
+    "NOTIFICATION_RETENTION_SECONDS": "2592000",
     "TOPIC_ORDER_STATUS_CHANGED": "orders.order-status-changed",
     # Shared by the gateway and the services: the services trust only identities signed with it.
     "INTERNAL_AUTH_SECRET": "dev-only-internal-secret-change-me-in-production",
@@ -87,6 +92,8 @@ class Settings:
     inbox_max_attempts: int
     inbox_retention_seconds: float
     inbox_prune_interval_seconds: float
+    idempotency_key_retention_seconds: float
+    notification_retention_seconds: float
     topic_order_status_changed: str
     internal_auth_secret: str
     gateway_database_url: str

@@ -3,7 +3,9 @@ response back and changes nothing; the same key with a different body is refused
 
 The key is recorded in the same transaction as the work it guards, so a request that fails leaves
 no key behind, and two concurrent requests with one key run one after the other (the second waits
-on the first one's insert and then reads its stored response).
+on the first one's insert and then reads its stored response). A key is kept for
+IDEMPOTENCY_KEY_RETENTION_SECONDS (a day, by default), then pruned (`prune_expired_keys`, run by
+beat): a client retries within that, and the same key later is a new request.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from flask import request
-from sqlalchemy import DateTime, Integer, String, func, select, update
+from sqlalchemy import DateTime, Index, Integer, String, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -36,6 +38,8 @@ class IdempotencyKey(db.Model):
     response_status: Mapped[int | None] = mapped_column(Integer)
     response_body: Mapped[Any | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
 
 
 Response = tuple[Any, int]
@@ -72,20 +76,16 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
     if key is None:
         return respond()
     request_hash = fingerprint(args)
-    claimed = session.execute(
-        insert(IdempotencyKey)
-        .values(user_id=user_id, endpoint=endpoint, key=key, request_hash=request_hash)
-        .on_conflict_do_nothing()
-        .returning(IdempotencyKey.key)
-    ).first()
-    if claimed is None:
+    while not _claim(session, user_id, endpoint, key, request_hash):
         earlier = session.scalars(
             select(IdempotencyKey).where(
                 IdempotencyKey.user_id == user_id,
                 IdempotencyKey.endpoint == endpoint,
                 IdempotencyKey.key == key,
             )
-        ).one()
+        ).one_or_none()
+        if earlier is None:  # pruned as it expired, between the two statements: claim it anew
+            continue
         if earlier.request_hash != request_hash:
             raise Unprocessable(
                 f"This {IDEMPOTENCY_HEADER} was already used with a different request body.",
@@ -100,3 +100,29 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
         .values(response_status=status, response_body=body)
     )
     return body, status
+
+
+def _claim(session: Session, user_id: str, endpoint: str, key: str, request_hash: str) -> bool:
+    """Record the key for this request; False when it is recorded already (by a request that
+    has committed: one in flight is waited for)."""
+    return session.execute(
+        insert(IdempotencyKey)
+        .values(user_id=user_id, endpoint=endpoint, key=key, request_hash=request_hash)
+        .on_conflict_do_nothing()
+        .returning(IdempotencyKey.key)
+    ).first() is not None
+
+
+def prune_expired_keys(session: Session, cutoff: datetime, limit: int) -> int:
+    """Delete up to `limit` keys recorded before `cutoff`, oldest first; returns how many (the
+    caller repeats, a transaction each, until fewer than `limit`)."""
+    return session.execute(_PRUNE, {"cutoff": cutoff, "limit": limit}).rowcount
+
+
+# By their physical place, found through ix_idempotency_keys_created_at (as shared.inbox prunes).
+_PRUNE = text("""
+DELETE FROM idempotency_keys
+WHERE ctid = ANY(ARRAY(
+          SELECT ctid FROM idempotency_keys WHERE created_at < :cutoff
+          ORDER BY created_at LIMIT :limit))
+  AND created_at < :cutoff""")

@@ -82,7 +82,8 @@ def drop_inbox_produced_at() -> None:
     op.drop_column("inbox_messages", "produced_at")
 
 
-def create_index_concurrently(name: str, table: str, columns: list[str], where: str) -> None:
+def create_index_concurrently(name: str, table: str, columns: list[str],
+                              where: str | None = None) -> None:
     """Build an index without blocking the table's writers for the build (CREATE INDEX
     CONCURRENTLY, outside the revision's transaction: what the revision did before it is
     committed first, so it must bear being done again). A build that failed part way leaves an
@@ -90,7 +91,8 @@ def create_index_concurrently(name: str, table: str, columns: list[str], where: 
     The build waits for every transaction open in the database as it begins."""
     with op.get_context().autocommit_block():
         _drop_if_invalid(name)
-        op.create_index(name, table, columns, postgresql_where=sa.text(where),
+        op.create_index(name, table, columns,
+                        postgresql_where=sa.text(where) if where else None,
                         postgresql_concurrently=True, if_not_exists=True)
 
 
@@ -117,6 +119,18 @@ def index_handled_inbox_rows() -> None:
 def drop_inbox_handled_index() -> None:
     # In the revision's transaction, with its version: a downgrade that fails leaves the index.
     op.drop_index("ix_inbox_messages_handled", "inbox_messages", if_exists=True)
+
+
+def index_idempotency_keys_by_age() -> None:
+    """Idempotency keys by when they were recorded, for pruning the expired ones (shared.
+    idempotency.prune_expired_keys). Built concurrently: the APIs record keys meanwhile."""
+    create_index_concurrently("ix_idempotency_keys_created_at", "idempotency_keys",
+                              ["created_at"])
+
+
+def drop_idempotency_keys_age_index() -> None:
+    # In the revision's transaction, with its version: a downgrade that fails leaves the index.
+    op.drop_index("ix_idempotency_keys_created_at", "idempotency_keys", if_exists=True)
 
 
 def add_outbox_parking() -> None:

@@ -10,7 +10,7 @@ from click import Option
 
 from shared.request_context import log_with_request_ids
 
-app = Celery("hseshop", include=["tasks.relay", "tasks.inbox"])
+app = Celery("hseshop", include=["tasks.relay", "tasks.inbox", "tasks.retention"])
 app.config_from_object("celeryconfig")
 
 app.user_options["worker"].add(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from flask import current_app
 
@@ -18,6 +18,7 @@ from shared.inbox import (Outcome, claim_stalled_messages, handle_locked_message
                           handle_locked_messages_at_once, lock_in_order, process_inbox_message,
                           prune_handled_messages, record_failed_attempt)
 from tasks.celery_app import app
+from tasks.retention import PRUNED_PER_TRANSACTION, prune_in_transactions
 from tasks.services import ServiceTask, service_package
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,6 @@ log = logging.getLogger(__name__)
 # Messages a `handle_inbox_batch` task handles in one transaction: one commit (one WAL flush)
 # covers them all, while the row locks they take are held for a few milliseconds only.
 HANDLED_PER_TRANSACTION = 50
-# Old inbox rows the pruner deletes in one transaction.
-PRUNED_PER_TRANSACTION = 10_000
 # A dispatched batch waits in its service's Celery queue behind every task sent before it. With a
 # backlog there (a burst, a worker restarting), a message can wait past the sweep's minimum age
 # with its dispatch not lost at all, and sweeping it would add its batch to the backlog once more,
@@ -154,16 +153,10 @@ def tasks_waiting(queue: str) -> int:
 @app.task(name="hseshop.prune_inbox", base=ServiceTask, ignore_result=True)
 def prune_inbox(service: str) -> int:
     """Delete the inbox rows of messages stored and handled over INBOX_RETENTION_SECONDS ago, in
-    transactions of PRUNED_PER_TRANSACTION rows (a first run on a full table stays short)."""
+    transactions of PRUNED_PER_TRANSACTION rows."""
     settings = current_app.extensions["hseshop.settings"]
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=settings.inbox_retention_seconds)
-    pruned = 0
-    while True:
-        with transaction() as session:
-            deleted = prune_handled_messages(session, cutoff, PRUNED_PER_TRANSACTION)
-        pruned += deleted
-        if deleted < PRUNED_PER_TRANSACTION:
-            break
+    pruned = prune_in_transactions(prune_handled_messages, settings.inbox_retention_seconds,
+                                   PRUNED_PER_TRANSACTION)
     if pruned:
         log.info("%s inbox: pruned %d handled messages", service, pruned)
     return pruned

@@ -63,6 +63,20 @@ def test_every_services_outbox_holds_what_the_relay_reads(infrastructure, servic
     connection.close()
 
 
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_services_idempotency_keys_are_indexed_by_age_for_pruning(infrastructure, service):
+    """Beat prunes every database's expired idempotency keys, found by an index of their age
+    (orders' and payments' revision 0009, the gateway's 0008); its downgrade drops it."""
+    url = _database_url(infrastructure, "key-ages", service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    command.upgrade(config, "head")
+    assert _index_valid(url, "ix_idempotency_keys_created_at")
+    command.downgrade(config, "-1")
+    assert _index_valid(url, "ix_idempotency_keys_created_at") is None
+    command.upgrade(config, "head")
+
+
 def _read(url: str, column: str) -> dict:
     with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
         cursor.execute(f"SELECT {column} FROM outbox_messages")
@@ -217,7 +231,7 @@ def test_a_downgrade_that_fails_leaves_its_revision_whole(infrastructure, monkey
     command.upgrade(config, "head")
     for revision, below, index in (("0008", "0007", "ix_outbox_messages_parked"),
                                    ("0007", "0006", "ix_inbox_messages_handled")):
-        command.downgrade(config, revision)  # (to the revision: nothing to undo the first time)
+        command.downgrade(config, revision)  # (to the revision: undoing those above it)
         holder = psycopg2.connect(driver_dsn(url))
         try:
             with holder.cursor() as cursor:

@@ -1,0 +1,63 @@
+"""Pruners that beat runs, each deleting what is kept past its retention in short transactions:
+idempotency keys in every service's database, notifications in the gateway's. (The inbox's
+pruner is with the inbox's tasks, tasks/inbox.py.)"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+from flask import current_app
+from sqlalchemy.orm import Session
+
+from shared.db import transaction
+from shared.idempotency import prune_expired_keys
+from tasks.celery_app import app
+from tasks.services import ServiceTask
+
+log = logging.getLogger(__name__)
+
+# Rows a pruner deletes in one transaction: a first run on a full table stays a series of short
+# transactions.
+PRUNED_PER_TRANSACTION = 10_000
+
+Prune = Callable[[Session, datetime, int], int]
+
+
+def prune_in_transactions(prune: Prune, retention_seconds: float,
+                          per_transaction: int = PRUNED_PER_TRANSACTION) -> int:
+    """Run `prune` (session, cutoff, limit -> rows deleted) a transaction at a time until it
+    deletes fewer than `per_transaction`; returns how many rows it deleted in all."""
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=retention_seconds)
+    pruned = 0
+    while True:
+        with transaction() as session:
+            deleted = prune(session, cutoff, per_transaction)
+        pruned += deleted
+        if deleted < per_transaction:
+            return pruned
+
+
+@app.task(name="hseshop.prune_idempotency_keys", base=ServiceTask, ignore_result=True)
+def prune_idempotency_keys(service: str) -> int:
+    """Delete the service's idempotency keys recorded over IDEMPOTENCY_KEY_RETENTION_SECONDS ago."""
+    settings = current_app.extensions["hseshop.settings"]
+    pruned = prune_in_transactions(prune_expired_keys, settings.idempotency_key_retention_seconds)
+    if pruned:
+        log.info("%s: pruned %d expired idempotency keys", service, pruned)
+    return pruned
+
+
+@app.task(name="hseshop.prune_notifications", base=ServiceTask, ignore_result=True)
+def prune_notifications(service: str) -> int:
+    """Delete the notifications kept over NOTIFICATION_RETENTION_SECONDS ago (`service` is the
+    gateway, whose database keeps them: every task names its service, its queue)."""
+    from gateway_app.notifications import prune_old_notifications
+
+    settings = current_app.extensions["hseshop.settings"]
+    pruned = prune_in_transactions(prune_old_notifications,
+                                   settings.notification_retention_seconds)
+    if pruned:
+        log.info("%s: pruned %d old notifications", service, pruned)
+    return pruned

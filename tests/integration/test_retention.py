@@ -1,0 +1,93 @@
+"""What is kept for a while is pruned by beat once its retention is over: idempotency keys (a day)
+and the gateway's notifications (30 days), in short transactions."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import func, select, text
+
+import celeryconfig
+from gateway_app import notifications
+from gateway_app.models import Notification
+from shared import idempotency
+from shared.config import SERVICES
+from shared.db import db, transaction
+from shared.idempotency import IdempotencyKey, run_idempotently
+from tasks.retention import prune_idempotency_keys, prune_notifications
+from tasks.services import service_app
+from tests.integration.test_gateway import _status_changes
+
+
+def _place(user: str, key: str, amount: str) -> tuple:
+    """What `POST /orders` with an Idempotency-Key does around its work, the work a counter."""
+    with service_app("orders").app_context(), transaction() as session:
+        return run_idempotently(session, user_id=user, endpoint="POST /retention-test", key=key,
+                                args={"amount": amount}, respond=lambda: ({"amount": amount}, 202))
+
+
+def _age(service: str, table: str, where: str, params: dict, days: int) -> None:
+    with service_app(service).app_context(), transaction() as session:
+        session.execute(text(f"UPDATE {table} SET created_at = now() - make_interval(days => "
+                             f":days) WHERE {where}"), {**params, "days": days})
+
+
+def _keys(user: str) -> list[str]:
+    with service_app("orders").app_context():
+        return sorted(db.session.scalars(select(IdempotencyKey.key)
+                                         .where(IdempotencyKey.user_id == user)))
+
+
+def test_expired_idempotency_keys_are_pruned_and_a_key_is_then_a_new_request(
+        settings, user_id, monkeypatch):
+    monkeypatch.setattr("tasks.retention.PRUNED_PER_TRANSACTION", 2)  # so that it takes turns
+    for key in ("old-1", "old-2", "old-3", "fresh"):
+        _place(user_id, key, "1.00")
+    _age("orders", "idempotency_keys", "user_id = :user AND key LIKE :old",
+         {"user": user_id, "old": "old-%"}, days=2)
+    assert _place(user_id, "old-1", "1.00") == ({"amount": "1.00"}, 202)  # replayed: still kept
+
+    assert prune_idempotency_keys.apply(args=("orders",)).get() >= 3
+    assert _keys(user_id) == ["fresh"]
+    # Expired, the key is free: another body under it is a new request, not a 422.
+    assert _place(user_id, "old-1", "9.00") == ({"amount": "9.00"}, 202)
+    assert _keys(user_id) == ["fresh", "old-1"]
+
+
+def test_a_key_pruned_between_its_claim_and_its_read_is_claimed_anew(settings, user_id,
+                                                                     monkeypatch):
+    """The request found the key recorded, then (pruned as it expired) could not read it: it is a
+    new request, not a 500."""
+    claims = []
+    claim = idempotency._claim
+
+    def lost_race_once(*args):
+        claims.append(args)
+        return claim(*args) if len(claims) > 1 else False  # as if the row were there, then gone
+
+    monkeypatch.setattr(idempotency, "_claim", lost_race_once)
+    assert _place(user_id, "raced", "2.00") == ({"amount": "2.00"}, 202)
+    assert len(claims) == 2 and _keys(user_id) == ["raced"]
+
+
+def test_old_notifications_are_pruned_oldest_first(settings, monkeypatch):
+    monkeypatch.setattr("tasks.retention.PRUNED_PER_TRANSACTION", 2)
+    user = f"user-{uuid.uuid4().hex[:10]}"
+    with service_app("gateway").app_context():
+        with transaction() as session:
+            notifications.on_order_status_changes(session, _status_changes(*[user] * 5))
+        kept = [item["id"] for item in notifications.notifications_after(user, 0, 10)]
+    # Everyone's notifications older than these are aged too, so the oldest by id are old.
+    _age("gateway", "notifications", "id <= :last", {"last": kept[2]}, days=31)
+
+    assert prune_notifications.apply(args=("gateway",)).get() >= 3
+    with service_app("gateway").app_context():
+        left = [item["id"] for item in notifications.notifications_after(user, 0, 10)]
+        oldest = db.session.scalar(select(func.min(Notification.id)))
+    assert left == kept[3:] and oldest == kept[3]
+
+
+def test_beat_prunes_every_services_keys_and_the_gateways_notifications(settings):
+    scheduled = {(entry["task"], entry["args"]) for entry in celeryconfig.beat_schedule.values()}
+    assert {(prune_idempotency_keys.name, (service,)) for service in SERVICES} <= scheduled
+    assert (prune_notifications.name, ("gateway",)) in scheduled
