@@ -146,7 +146,7 @@ def sweep_inbox(service: str) -> int:
 def tasks_waiting(queue: str) -> int:
     """How many tasks wait in a Celery queue, not counting those workers have taken. (Declared,
     not passively: on Redis, kombu's passive check misses a queue under a key prefix.)"""
-    with app.pool.acquire(block=True) as connection:
+    with app.pool.acquire(block=True, timeout=10) as connection:
         return connection.default_channel.queue_declare(queue=queue).message_count
 
 

@@ -26,9 +26,11 @@ Prune = Callable[[Session, datetime, int], int]
 
 
 def prune_in_transactions(prune: Prune, retention_seconds: float,
-                          per_transaction: int = PRUNED_PER_TRANSACTION) -> int:
+                          per_transaction: int | None = None) -> int:
     """Run `prune` (session, cutoff, limit -> rows deleted) a transaction at a time until it
-    deletes fewer than `per_transaction`; returns how many rows it deleted in all."""
+    deletes fewer than `per_transaction` (PRUNED_PER_TRANSACTION, as it is when called); returns
+    how many rows it deleted in all."""
+    per_transaction = per_transaction or PRUNED_PER_TRANSACTION
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=retention_seconds)
     pruned = 0
     while True:

@@ -36,12 +36,14 @@ class SilencingProxy:
         self._closed = threading.Event()
         self._sockets = [self._listener]
         self._carriers: list[threading.Thread] = []
+        self._accepting = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def silence(self) -> None:
         """From now on nothing more is carried over the connections made so far."""
-        carrying = list(self._carriers)
-        self._era += 1
+        with self._accepting:  # a connection accepted now is carried, in the new era
+            carrying = list(self._carriers)
+            self._era += 1
         for carrier in carrying:
             carrier.join()
 
@@ -62,11 +64,12 @@ class SilencingProxy:
                 return
             upstream = socket.create_connection(self._target)
             self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                carrier = threading.Thread(target=self._carry, args=(source, sink, self._era),
-                                           daemon=True)
-                carrier.start()
-                self._carriers.append(carrier)
+            with self._accepting:
+                for source, sink in ((client, upstream), (upstream, client)):
+                    carrier = threading.Thread(target=self._carry, args=(source, sink, self._era),
+                                               daemon=True)
+                    carrier.start()
+                    self._carriers.append(carrier)
 
     def _carry(self, source: socket.socket, sink: socket.socket, era: int) -> None:
         source.settimeout(0.1)

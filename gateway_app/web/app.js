@@ -39,10 +39,10 @@
   let expiryTimer = null;
   let loadTimer = null;
   let reloadTimer = null;
-  // The balance read in flight, and whether the balance may have changed since it was sent: its
-  // answer is then not shown, and it is read once more (a burst of notifications costs two reads).
+  // The balance read in flight: {again} when the balance may have changed since it was sent (it is
+  // then read once more: a burst of notifications costs two reads), {overtaken} when a write's
+  // answer has been shown since (its answer, older, is then not shown).
   let balanceRead = null;
-  let balanceChanged = false;
   // One Idempotency-Key per intended action: a retry of the same form contents reuses it, so a
   // double click or a retry after a lost response counts once.
   const pendingKeys = {};
@@ -225,14 +225,16 @@
     olderPagesShown = false;
     lastNotificationId = 0;
     balanceRead = null;
-    balanceChanged = false;
     // What was typed or pending is this user's: the next one starts with empty forms and new keys.
     Object.keys(pendingKeys).forEach((action) => { delete pendingKeys[action]; });
     ["topup-amount", "order-amount", "order-description", "password"].forEach((id) => {
       $(id).value = "";
     });
     $("orders").replaceChildren();
-    $("balance").textContent = "…";
+    $("balance").textContent = "…";  // as the page starts: nothing known of the next user's account
+    delete $("balance").dataset.state;
+    $("no-account").hidden = true;
+    $("topup-form").hidden = true;
     showAuth();
   }
 
@@ -309,18 +311,19 @@
   // never older than the last change the page has heard of.
   function refreshBalance() {
     if (balanceRead) {
-      balanceChanged = true;
+      balanceRead.again = true;
       return balanceRead.promise;
     }
-    const read = {};
+    const read = { again: false, overtaken: false };
     read.promise = (async () => {
       try {
-        let account;
         do {
-          balanceChanged = false;
-          account = await readAccount();
-        } while (balanceChanged && balanceRead === read);
-        if (balanceRead === read) showAccount(account);
+          read.again = false;
+          read.overtaken = false;
+          const account = await readAccount();
+          if (balanceRead !== read) return;  // signed out meanwhile
+          if (!read.overtaken) showAccount(account);
+        } while (read.again);
       } finally {
         if (balanceRead === read) balanceRead = null;
       }
@@ -341,7 +344,10 @@
   // An account as a write answered it: shown at once, and a read in flight is read again.
   function showAnsweredAccount(account) {
     showAccount(account);
-    if (balanceRead) balanceChanged = true;
+    if (balanceRead) {
+      balanceRead.overtaken = true;
+      balanceRead.again = true;
+    }
   }
 
   async function onOpenAccount() {
