@@ -1,6 +1,6 @@
 """A read-through cache in Redis that does not serve a value older than the reader's own last
-write, but for one case: a version bump that fails (below) leaves the old values readable until
-they expire, CACHE_TTL_SECONDS at most.
+write, but for one case: a version bump that fails twice (below) leaves the old values readable
+until they expire, CACHE_TTL_SECONDS at most.
 
 Every cached value belongs to a namespace (one user's balance, one user's orders) with a version: a
 random token. A write replaces the version once its transaction has committed; a read uses a
@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 CACHE_EXTENSION = "hseshop.cache"
 # Versions outlive every value stored under them, so a lost version can never revive old values.
 _VERSION_TTL_SECONDS = 7 * 24 * 3600
+# A bump that fails (a blip, a connection gone silent past the 0.25 s timeout) is tried once more,
+# on a new connection: redis-py drops a connection that failed.
+_BUMP_TRIES = 2
 
 
 class VersionedCache:
@@ -64,20 +67,30 @@ class VersionedCache:
 
     def invalidate(self, *namespaces: str) -> None:
         """Give `namespaces` new versions, in one round trip (one command for one namespace, the
-        usual case: a plain SET costs less than a pipeline)."""
-        try:
-            if len(namespaces) == 1:
-                self._client.set(self._keys(namespaces[0], "")[0], _new_version(),
-                                 ex=_VERSION_TTL_SECONDS)
+        usual case: a plain SET costs less than a pipeline), tried twice."""
+        for tries_left in reversed(range(_BUMP_TRIES)):
+            try:
+                self._bump(namespaces)
                 return
-            pipe = self._client.pipeline(transaction=False)
-            for namespace in namespaces:
-                pipe.set(self._keys(namespace, "")[0], _new_version(), ex=_VERSION_TTL_SECONDS)
-            pipe.execute()
-        except redis.RedisError as exc:
-            # Values already cached expire within the TTL; said here because it is the one way a
-            # reader could see something older than a write.
-            log.error("cache unavailable, could not invalidate %s: %s", ", ".join(namespaces), exc)
+            except redis.RedisError as exc:
+                if tries_left:
+                    log.warning("cache: invalidating %s failed, trying again: %s",
+                                ", ".join(namespaces), exc)
+                    continue
+                # Values already cached expire within the TTL; said here because it is the one
+                # way a reader could see something older than a write.
+                log.error("cache unavailable, could not invalidate %s: %s",
+                          ", ".join(namespaces), exc)
+
+    def _bump(self, namespaces: tuple[str, ...]) -> None:
+        if len(namespaces) == 1:
+            self._client.set(self._keys(namespaces[0], "")[0], _new_version(),
+                             ex=_VERSION_TTL_SECONDS)
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for namespace in namespaces:
+            pipe.set(self._keys(namespace, "")[0], _new_version(), ex=_VERSION_TTL_SECONDS)
+        pipe.execute()
 
 
 def _new_version() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -17,6 +18,7 @@ from shared.cache import CACHE_EXTENSION, VersionedCache, invalidate_after_commi
 from shared.config import get_settings
 from shared.db import transaction
 from shared.internal_auth import identity_headers
+from tests.network_tools import SilencingProxy
 
 
 def _as(user_id):
@@ -45,6 +47,22 @@ def test_a_transaction_bumps_every_namespace_it_invalidated_once_it_commits(
             assert cache.read("a", "k", lambda: "now") == "before"  # not before the commit
     assert [cache.read(name, "k", lambda: "after") for name in ("a", "b", "c")] == [
         "after", "after", "before"]
+
+
+def test_a_version_bump_on_a_connection_gone_silent_is_made_again_on_a_new_one(settings):
+    """A bump that fails (here its connection has gone silent past the client's 0.25 s timeout)
+    is tried again: given up, the writer's own next read would serve the value from before."""
+    url = urlsplit(settings.redis_url)
+    proxy = SilencingProxy(f"{url.hostname}:{url.port or 6379}")
+    try:
+        cache = VersionedCache(url._replace(netloc=proxy.address).geturl(), 60,
+                               prefix=f"test-{uuid.uuid4().hex[:6]}")
+        assert cache.read("user", "balance", lambda: "before") == "before"
+        proxy.silence()
+        cache.invalidate("user")
+        assert cache.read("user", "balance", lambda: "after") == "after"
+    finally:
+        proxy.close()
 
 
 def test_a_value_read_before_a_write_and_stored_after_it_is_never_served(cache):
