@@ -12,11 +12,17 @@ from swagger_ui_bundle import swagger_ui_path
 from shared.cache import CACHE_EXTENSION, VersionedCache
 from shared.config import Settings, get_settings
 from shared.db import init_database
-from shared.errors import register_error_handlers
+from shared.errors import ErrorSchema, register_error_handlers
 from shared.health import health_blueprint
 from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
 from shared.request_context import configure_logging, install_request_ids
+
+
+class ShopApi(Api):
+    """flask-smorest's Api, its OpenAPI document describing errors as they are answered."""
+
+    ERROR_SCHEMA = ErrorSchema
 
 # Swagger UI's scripts and styles are served by the service itself (from the swagger-ui-bundle
 # package), so the docs work on a machine with no way out to a CDN.
@@ -56,7 +62,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     app.extensions[CACHE_EXTENSION] = VersionedCache(settings.redis_url, settings.cache_ttl_seconds,
                                                      prefix=f"{settings.redis_key_prefix}:{service}")
     init_database(app)
-    api = Api(app)
+    api = ShopApi(app)
     app.extensions["hseshop.api"] = api
     for blueprint in blueprints:
         api.register_blueprint(blueprint)

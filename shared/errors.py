@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask, jsonify
+from marshmallow import Schema, fields
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -98,6 +99,21 @@ def error_body(code: str, message: str, details: Any = None) -> dict:
 
 def _http_code_name(exc: HTTPException) -> str:
     return (exc.name or "error").upper().replace(" ", "_").replace("'", "")
+
+
+class ErrorBodySchema(Schema):
+    code = fields.String(required=True, metadata={
+        "description": "Stable, for programs: VALIDATION_ERROR, ORDER_NOT_FOUND, ..."})
+    message = fields.String(required=True, metadata={"description": "Readable, for people"})
+    details = fields.Dict(required=True, metadata={
+        "description": "What it concerns: for a 422, the messages by location and field"})
+
+
+class ErrorSchema(Schema):
+    """The one shape of every error, as the OpenAPI document describes each error response (the
+    document's default would be flask-smorest's own shape, which no answer here has)."""
+
+    error = fields.Nested(ErrorBodySchema, required=True)
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -279,6 +279,19 @@ def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_
             "/api/notifications", "/api/notifications/newest"} <= set(spec["paths"])
     assert "Bearer" in spec["components"]["securitySchemes"]
     assert "PlaceOrder" in spec["components"]["schemas"]
+    # Errors are documented as they are answered, {"error": {"code", "message", "details"}}:
+    # every operation's default response, and the statuses it names, refer to that one shape.
+    schemas = spec["components"]["schemas"]
+    assert schemas["Error"]["properties"] == {"error": {"$ref": "#/components/schemas/ErrorBody"}}
+    assert set(schemas["ErrorBody"]["required"]) == {"code", "message", "details"}
+    refused = gateway.get("/api/orders").get_json()  # no token
+    assert set(refused) == {"error"} and set(refused["error"]) == {"code", "message", "details"}
+    default = spec["components"]["responses"]["DEFAULT_ERROR"]["content"]["application/json"]
+    assert default["schema"] == {"$ref": "#/components/schemas/Error"}
+    for path in spec["paths"].values():
+        for operation in (path[method] for method in ("get", "post") if method in path):
+            assert operation["responses"]["default"] == {
+                "$ref": "#/components/responses/DEFAULT_ERROR"}
     # A pattern any client's regex engine reads as we do (ECMA-262 has no \Z).
     assert spec["components"]["schemas"]["Credentials"]["properties"]["username"]["pattern"] == \
         "^[A-Za-z0-9_.-]{1,64}$"
