@@ -14,15 +14,18 @@ from orders_app.schemas import (ListOrdersQuerySchema, OrderPageSchema, OrderSch
                                 PlaceOrderSchema, order_id_from_path)
 from payments_app.schemas import AccountSchema, DepositSchema, EmptySchema
 from shared.http_api import Blueprint
-from shared.idempotency import idempotency_key_from_request
+from shared.idempotency import MAX_KEY_LENGTH, idempotency_key_from_request
 from shared.money import format_amount
 
 blueprint = Blueprint("shop", __name__, url_prefix="/api",
                       description="Orders and accounts, for the signed-in user")
 
 IDEMPOTENCY_KEY = {"in": "header", "name": "Idempotency-Key", "required": False,
-                   "schema": {"type": "string", "maxLength": 255},
-                   "description": "A retry with the same key and body returns the first response."}
+                   "schema": {"type": "string", "maxLength": MAX_KEY_LENGTH,
+                              "pattern": r"^[\x20-\x7E]*$"},
+                   "description": "A retry with the same key and body within a day returns the "
+                                  "first response; 1 to 255 printable characters (400 "
+                                  "INVALID_IDEMPOTENCY_KEY otherwise)."}
 
 
 def _over_http() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from marshmallow import RAISE, Schema, fields
 
 from shared.fields import Amount
+from shared.money import MAX_BALANCE
 
 
 class EmptySchema(Schema):
@@ -21,4 +22,5 @@ class DepositSchema(Schema):
 
 class AccountSchema(Schema):
     user_id = fields.String()
-    balance = Amount()
+    balance = Amount(metadata={"description": "A string with 2 decimals, at most "
+                                              f"{MAX_BALANCE}", "oneOf": [{"type": "string"}]})

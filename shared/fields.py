@@ -6,7 +6,7 @@ import re
 
 from marshmallow import ValidationError, fields, validate
 
-from shared.money import InvalidAmount, format_amount, parse_amount
+from shared.money import MAX_AMOUNT, InvalidAmount, format_amount, parse_amount
 
 # Portable as it is written (the OpenAPI document shows it to clients), and always used with
 # fullmatch: `re.match` would let `$` match before a final newline.
@@ -25,6 +25,21 @@ class FullMatch(validate.Regexp):
 
 class Amount(fields.Field):
     """Money in, as a JSON number or string; money out, as a string with two decimals."""
+
+    # How the OpenAPI document describes it (apispec copies these from a field's metadata).
+    DOCUMENTED = {
+        "description": "Money: a JSON number or a string of ASCII digits, above 0, at most 2 "
+                       f"decimals, at most {MAX_AMOUNT}; answered as a string with 2 decimals.",
+        "oneOf": [
+            {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"},
+            {"type": "number", "exclusiveMinimum": True, "minimum": 0,
+             "maximum": int(MAX_AMOUNT)},
+        ],
+    }
+
+    def __init__(self, **kwargs):
+        kwargs["metadata"] = {**self.DOCUMENTED, **kwargs.get("metadata", {})}
+        super().__init__(**kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
         try:

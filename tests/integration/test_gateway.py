@@ -286,6 +286,14 @@ def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_
     assert set(schemas["ErrorBody"]["required"]) == {"code", "message", "details"}
     refused = gateway.get("/api/orders").get_json()  # no token
     assert set(refused) == {"error"} and set(refused["error"]) == {"code", "message", "details"}
+    # Amounts and the Idempotency-Key are documented as the services check them (schemathesis
+    # against the running shop found most requests built from the document refused).
+    amount = schemas["PlaceOrder"]["properties"]["amount"]
+    assert [branch["type"] for branch in amount["oneOf"]] == ["string", "number"]
+    assert amount["oneOf"][1]["maximum"] == 1_000_000_000
+    key = next(parameter for parameter in spec["paths"]["/api/orders"]["post"]["parameters"]
+               if parameter["name"] == "Idempotency-Key")
+    assert key["schema"]["maxLength"] == 255 and "pattern" in key["schema"]
     default = spec["components"]["responses"]["DEFAULT_ERROR"]["content"]["application/json"]
     assert default["schema"] == {"$ref": "#/components/schemas/Error"}
     for path in spec["paths"].values():
