@@ -1,5 +1,6 @@
-"""Celery configuration: Redis as the broker, one queue per service, and the beat schedule that
-keeps a relay leading for each outbox (tasks/relay.py), sweeps the inboxes and prunes them."""
+"""Celery configuration: Redis as the broker, two queues per service (shared/task_queues.py), and
+the beat schedule that keeps a relay leading for each outbox (tasks/relay.py), sweeps the inboxes
+and prunes them."""
 
 from datetime import timedelta
 

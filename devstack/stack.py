@@ -14,6 +14,7 @@ from devstack import infra
 from devstack.processes import ManagedProcess, ProcessGroup
 # Each has its own database, web app and Celery worker (with its Kafka consumer).
 from shared.config import SERVICES
+from shared.task_queues import worker_queues
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORTS = {"gateway": 8000, "orders": 8001, "payments": 8002, "broker": 9092,
@@ -269,7 +270,7 @@ class Stack:
             commands[f"{service}-grpc"] = ["shared.grpc_server", service]
         for service in SERVICES:
             commands[f"{service}-worker"] = [
-                *f"celery -A tasks worker -Q {service} -n {service}@%h".split(),
+                *f"celery -A tasks worker -Q {worker_queues(service)} -n {service}@%h".split(),
                 *f"-P threads -c {WORKER_THREADS}".split(),
                 *f"--consume {service} --without-gossip --without-mingle -l INFO".split(),
             ]

@@ -17,6 +17,7 @@ from shared.db import transaction
 from shared.inbox import (Outcome, claim_stalled_messages, handle_locked_message,
                           handle_locked_messages_at_once, lock_in_order, process_inbox_message,
                           prune_handled_messages, record_failed_attempt)
+from shared.task_queues import handler_queue
 from tasks.celery_app import app
 from tasks.retention import PRUNED_PER_TRANSACTION, prune_in_transactions
 from tasks.services import ServiceTask, service_package
@@ -133,7 +134,7 @@ def sweep_inbox(service: str) -> int:
     """Dispatch again the messages that have waited too long: their first dispatch was lost."""
     settings = current_app.extensions["hseshop.settings"]
     min_age = timedelta(seconds=settings.inbox_sweep_min_age_seconds)
-    if tasks_waiting(service):
+    if tasks_waiting(handler_queue(service)):
         min_age = max(min_age, SWEEP_MIN_AGE_WHILE_QUEUED)
     with transaction() as session:
         stalled = claim_stalled_messages(session, min_age)

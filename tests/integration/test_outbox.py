@@ -23,6 +23,7 @@ from orders_app.models import Order
 from shared.contracts import PAYMENT_REQUESTED, new_event
 from shared.db import db, driver_cursor, transaction
 from shared.kafka import OutboxPublisher
+from shared.task_queues import worker_queues
 from shared.outbox import (CLAIM_ROWS, OutboxMessage, add_outbox_message,
                            outbox_rows_written_together, relay_pending_outbox)
 from shared.relay_leader import RelayLeaderConnection
@@ -292,8 +293,8 @@ def test_a_worker_shut_down_without_a_signal_ends_its_relay_and_exits(settings, 
                                 cwd=Path(__file__).parents[2], **options)
 
     with open(log_path, "w") as log_file:
-        worker = celery("worker", "-Q", "orders", "-n", node, "-P", "threads", "-c", "2",
-                        "--without-gossip", "--without-mingle", "-l", "INFO",
+        worker = celery("worker", "-Q", worker_queues("orders"), "-n", node, "-P", "threads",
+                        "-c", "2", "--without-gossip", "--without-mingle", "-l", "INFO",
                         stdout=log_file, stderr=subprocess.STDOUT)
     try:
         assert celery("call", "hseshop.relay_outbox", "--args", '["orders"]',  # as beat sends it

@@ -18,6 +18,7 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from shared.config import ENVIRONMENT, SERVICES
+from shared.task_queues import worker_queues
 from shared.db import POOL_MAX_CONNECTIONS
 from shared.grpc_server import SERVER_THREADS
 
@@ -96,7 +97,7 @@ def workers_of(service_name: str) -> list[str]:
     return [name for name, service in HSESHOP.items()
             if command(service)[:4] == ["celery", "-A", "tasks", "worker"]
             and f"--consume {service_name}" in " ".join(command(service))
-            and f"-Q {service_name}" in " ".join(command(service))]
+            and f"-Q {worker_queues(service_name)} " in " ".join(command(service))]
 
 
 def migrations_of(service_name: str) -> list[str]:

@@ -1,0 +1,25 @@
+"""The Celery queues of a service, named once for the router (tasks/routing.py) and for whatever
+starts workers (devstack, docker-compose.yml): the inbox's handler tasks go to `<service>`, the
+tasks beat sends (the relay's lead, the sweeper, the pruners) to `<service>.control`, and each
+worker of the service consumes both.
+
+Apart, so that a backlog of handler tasks holds up none of beat's: in one queue, a relay task
+waited behind every batch sent before it and expired there, and a relay leader lost during a
+backlog was replaced only once the backlog had drained."""
+
+# The tasks beat sends; every other HseShop task is an inbox handler's.
+BEAT_TASKS = frozenset({"hseshop.relay_outbox", "hseshop.sweep_inbox", "hseshop.prune_inbox",
+                        "hseshop.prune_idempotency_keys", "hseshop.prune_notifications"})
+
+
+def handler_queue(service: str) -> str:
+    return service
+
+
+def control_queue(service: str) -> str:
+    return f"{service}.control"
+
+
+def worker_queues(service: str) -> str:
+    """The `-Q` of a service's workers: both its queues, beat's first."""
+    return f"{control_queue(service)},{handler_queue(service)}"
