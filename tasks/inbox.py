@@ -19,7 +19,7 @@ from shared.inbox import (Outcome, claim_stalled_messages, handle_locked_message
                           prune_handled_messages, record_failed_attempt)
 from shared.task_queues import handler_queue
 from tasks.celery_app import app
-from tasks.retention import PRUNED_PER_TRANSACTION, prune_in_transactions
+from tasks.retention import prune_in_transactions
 from tasks.services import ServiceTask, service_package
 
 log = logging.getLogger(__name__)
@@ -154,10 +154,7 @@ def tasks_waiting(queue: str) -> int:
 @app.task(name="hseshop.prune_inbox", base=ServiceTask, ignore_result=True)
 def prune_inbox(service: str) -> int:
     """Delete the inbox rows of messages stored and handled over INBOX_RETENTION_SECONDS ago, in
-    transactions of PRUNED_PER_TRANSACTION rows."""
+    short transactions (tasks/retention.py)."""
     settings = current_app.extensions["hseshop.settings"]
-    pruned = prune_in_transactions(prune_handled_messages, settings.inbox_retention_seconds,
-                                   PRUNED_PER_TRANSACTION)
-    if pruned:
-        log.info("%s inbox: pruned %d handled messages", service, pruned)
-    return pruned
+    return prune_in_transactions(service, "handled inbox messages", prune_handled_messages,
+                                 settings.inbox_retention_seconds)

@@ -25,30 +25,30 @@ PRUNED_PER_TRANSACTION = 10_000
 Prune = Callable[[Session, datetime, int], int]
 
 
-def prune_in_transactions(prune: Prune, retention_seconds: float,
-                          per_transaction: int | None = None) -> int:
-    """Run `prune` (session, cutoff, limit -> rows deleted) a transaction at a time until it
-    deletes fewer than `per_transaction` (PRUNED_PER_TRANSACTION, as it is when called); returns
-    how many rows it deleted in all."""
-    per_transaction = per_transaction or PRUNED_PER_TRANSACTION
+def prune_in_transactions(service: str, what: str, prune: Prune,
+                          retention_seconds: float) -> int:
+    """Run `prune` (session, cutoff, limit -> rows deleted) for what was kept over
+    `retention_seconds` ago, a transaction of PRUNED_PER_TRANSACTION rows at a time, until it
+    deletes fewer; logs and returns how many rows it deleted in all."""
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=retention_seconds)
     pruned = 0
     while True:
         with transaction() as session:
-            deleted = prune(session, cutoff, per_transaction)
+            deleted = prune(session, cutoff, PRUNED_PER_TRANSACTION)
         pruned += deleted
-        if deleted < per_transaction:
-            return pruned
+        if deleted < PRUNED_PER_TRANSACTION:
+            break
+    if pruned:
+        log.info("%s: pruned %d %s", service, pruned, what)
+    return pruned
 
 
 @app.task(name="hseshop.prune_idempotency_keys", base=ServiceTask, ignore_result=True)
 def prune_idempotency_keys(service: str) -> int:
     """Delete the service's idempotency keys recorded over IDEMPOTENCY_KEY_RETENTION_SECONDS ago."""
     settings = current_app.extensions["hseshop.settings"]
-    pruned = prune_in_transactions(prune_expired_keys, settings.idempotency_key_retention_seconds)
-    if pruned:
-        log.info("%s: pruned %d expired idempotency keys", service, pruned)
-    return pruned
+    return prune_in_transactions(service, "expired idempotency keys", prune_expired_keys,
+                                 settings.idempotency_key_retention_seconds)
 
 
 @app.task(name="hseshop.prune_notifications", base=ServiceTask, ignore_result=True)
@@ -58,8 +58,5 @@ def prune_notifications(service: str) -> int:
     from gateway_app.notifications import prune_old_notifications
 
     settings = current_app.extensions["hseshop.settings"]
-    pruned = prune_in_transactions(prune_old_notifications,
-                                   settings.notification_retention_seconds)
-    if pruned:
-        log.info("%s: pruned %d old notifications", service, pruned)
-    return pruned
+    return prune_in_transactions(service, "old notifications", prune_old_notifications,
+                                 settings.notification_retention_seconds)

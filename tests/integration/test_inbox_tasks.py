@@ -197,7 +197,7 @@ def test_the_pruner_deletes_old_handled_rows_and_keeps_the_rest(settings, paymen
 
     monkeypatch.setattr(payments_app, "message_handlers",
                         lambda: {PAYMENT_REQUESTED: park_the_unpayable})
-    monkeypatch.setattr("tasks.inbox.PRUNED_PER_TRANSACTION", 2)  # so that it takes two turns
+    monkeypatch.setattr("tasks.retention.PRUNED_PER_TRANSACTION", 2)  # so that it takes two turns
     old_handled, also_old_handled, more_old_handled, old_parked, old_waiting, new_handled = (
         _stored_request(payments_inbox, user_id, amount=Decimal(amount))
         for amount in ("1.00", "1.00", "1.00", "2.00", "3.00", "4.00"))
