@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from psycopg2.extensions import make_dsn
 from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
@@ -38,6 +39,20 @@ NAMING_CONVENTION = {
 CONNECTION_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
                        "keepalives_interval": 5, "keepalives_count": 4, "tcp_user_timeout": 30_000}
 
+# What one session of the shop may hold the others up for, so that a stuck piece fails and is
+# retried instead of stalling everything queued behind it. A statement waits at most 3 s for a lock
+# (a row a stalled transaction holds, say): under the gateway's 5 s wait for an upstream
+# (UPSTREAM_TIMEOUT_SECONDS), so a request held up answers the service's 503 (retry) rather than
+# the gateway's 504 while it may yet commit, and a handler's attempt fails, is counted and retried
+# with backoff. A statement runs at most 30 s (the longest the shop runs, a pruner's, take well
+# under a second). A transaction left idle 60 s (its process paused or hung between statements)
+# is ended by the server, locks and all. Not for migrations (shared/migrations.py), whose
+# statements may rightly wait and run longer.
+SESSION_LIMITS = {"lock_timeout": "3s", "statement_timeout": "30s",
+                  "idle_in_transaction_session_timeout": "1min"}
+SESSION_OPTIONS = {"options": " ".join(f"-c {name}={value}"
+                                       for name, value in SESSION_LIMITS.items())}
+
 # A process's pool: the connections it keeps, and the most it opens at once (its threads that
 # work with the database, up to this; docker-compose.yml's PostgreSQL takes them all).
 POOL_SIZE = 10
@@ -46,7 +61,7 @@ POOL_MAX_CONNECTIONS = 20
 db = SQLAlchemy(
     metadata=MetaData(naming_convention=NAMING_CONVENTION),
     engine_options={"pool_size": POOL_SIZE, "max_overflow": POOL_MAX_CONNECTIONS - POOL_SIZE,
-                    "connect_args": CONNECTION_TIMEOUTS},
+                    "connect_args": {**CONNECTION_TIMEOUTS, **SESSION_OPTIONS}},
 )
 
 _AFTER_COMMIT = "hseshop.after_commit"
@@ -116,10 +131,10 @@ def driver_cursor(session: Session) -> Iterator:
 def driver_dsn(database_url: str) -> str:
     """The psycopg2 connection string for a service's SQLAlchemy database URL, for the few
     connections the shop holds outside the pool (the relay's LISTEN, the inbox consumer's), with
-    the pool's CONNECTION_TIMEOUTS."""
-    url = make_url(database_url).set(drivername="postgresql")
-    url = url.update_query_dict({name: str(value) for name, value in CONNECTION_TIMEOUTS.items()})
-    return url.render_as_string(hide_password=False)
+    the pool's CONNECTION_TIMEOUTS and SESSION_LIMITS."""
+    url = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    # (A keyword=value string: in a URL's query, libpq would take the options' "+" for a "+".)
+    return make_dsn(url, **CONNECTION_TIMEOUTS, **SESSION_OPTIONS)
 
 
 # A pooled connection is pinged before use only when it has sat unused for longer than this.

@@ -82,6 +82,29 @@ class DatabaseUnavailable(ServiceUnavailable):
                          headers={"Retry-After": "1"})
 
 
+class DatabaseBusy(ServiceUnavailable):
+    """A statement of the request waited too long for a lock, or ran too long, and the database
+    cancelled it (shared/db.py: SESSION_LIMITS); its transaction was rolled back whole."""
+
+    code = "DATABASE_BUSY"
+
+    def __init__(self):
+        super().__init__("The service's database was too busy to finish the request in time; "
+                         "nothing was changed. Try again shortly.", headers={"Retry-After": "1"})
+
+
+# SQLSTATEs of a statement the database cancelled under SESSION_LIMITS: lock_not_available
+# (lock_timeout) and query_canceled (statement_timeout).
+_CANCELLED_BY_A_LIMIT = {"55P03", "57014"}
+
+
+def database_error(exc: OperationalError) -> ServiceUnavailable:
+    """What a request whose database work failed with `exc` answers: busy, or unavailable."""
+    if getattr(exc.orig, "pgcode", None) in _CANCELLED_BY_A_LIMIT:
+        return DatabaseBusy()
+    return DatabaseUnavailable()
+
+
 class UpstreamTimeout(ApiError):
     """A service behind the gateway did not answer in time."""
 
@@ -143,8 +166,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(OperationalError)
     def _database_unavailable(exc: OperationalError):
-        app.logger.warning("database unavailable: %s", exc.orig)
-        return _api_error(DatabaseUnavailable())
+        app.logger.warning("database unavailable or busy: %s", exc.orig)
+        return _api_error(database_error(exc))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

@@ -24,7 +24,7 @@ from marshmallow import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from shared.config import get_settings
-from shared.errors import ApiError, DatabaseUnavailable
+from shared.errors import ApiError, database_error
 from shared.identity import authenticated_user_id
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, request_id_bound,
                                     sane_request_id)
@@ -90,8 +90,8 @@ def serve_call(app: Flask, context: grpc.ServicerContext, operation: Callable[[s
         except ApiError as exc:
             _abort(context, exc)
         except OperationalError as exc:
-            log.warning("database unavailable: %s", exc.orig)
-            _abort(context, DatabaseUnavailable())
+            log.warning("database unavailable or busy: %s", exc.orig)
+            _abort(context, database_error(exc))
         except Exception:
             log.exception("unhandled error in a gRPC call [request_id=%s]", request_id)
             context.abort(grpc.StatusCode.INTERNAL, "Something went wrong on our side.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
+import psycopg2
 import pytest
 from sqlalchemy import func, select
 
@@ -14,7 +15,7 @@ from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
 from shared.config import ENVIRONMENT, get_settings
-from shared.db import db
+from shared.db import db, driver_dsn
 from shared.internal_auth import identity_headers
 from shared.outbox import OutboxMessage
 from tests.postgres_tools import terminate_backend
@@ -199,6 +200,27 @@ def test_accounts_open_once_deposit_and_report_the_balance(payments_http, user_i
     balance = payments_http.get("/accounts/balance", headers=_as(user_id))
     assert balance.status_code == 200
     assert balance.get_json() == {"user_id": user_id, "balance": "100.00"}
+
+
+def test_a_request_held_up_by_a_lock_is_a_503_that_changed_nothing(payments_http, settings,
+                                                                     user_id):
+    """A transaction that stalls holding the account's row (here, another session's) holds a
+    deposit up for shared.db.SESSION_LIMITS' lock_timeout, not for ever: the deposit answers 503
+    DATABASE_BUSY, and changed nothing, as its retry under the same key shows."""
+    assert payments_http.post("/accounts", headers=_as(user_id)).status_code == 201
+    headers = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
+    holder = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM accounts WHERE user_id = %s FOR UPDATE", (user_id,))
+        held_up = payments_http.post("/accounts/deposit", json={"amount": "5"}, headers=headers)
+        assert _assert_error(held_up, 503)["code"] == "DATABASE_BUSY"
+        assert held_up.headers["Retry-After"] == "1"
+    finally:
+        holder.rollback()
+        holder.close()
+    retried = payments_http.post("/accounts/deposit", json={"amount": "5"}, headers=headers)
+    assert retried.status_code == 200 and retried.get_json()["balance"] == "5.00"
 
 
 def test_no_account_is_404_for_balance_and_deposit(payments_http, user_id):

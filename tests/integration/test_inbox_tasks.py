@@ -7,6 +7,7 @@ import uuid
 from datetime import timedelta
 from decimal import Decimal
 
+import psycopg2
 import pytest
 from sqlalchemy import case, func, select, update
 
@@ -14,7 +15,7 @@ import payments_app
 import shared.db
 from shared.config import SERVICES
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
-from shared.db import db, transaction
+from shared.db import db, driver_dsn, transaction
 from shared.inbox import ConsumedRecord, InboxMessage, PermanentMessageError
 from tasks.celery_app import app as celery_app
 from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, sweep_inbox,
@@ -175,6 +176,42 @@ def test_a_batch_survives_the_database_dropping_the_workers_connection(settings,
     assert left == []
     assert new_pid != pooled_pid
     assert all(_row(m).processed_at is not None for m in batch)
+
+
+def test_a_handler_held_up_by_a_stalled_lock_fails_its_attempt_and_is_retried(settings,
+                                                                              payments_inbox,
+                                                                              user_id):
+    """A transaction stalled holding the user's account (here, another session's) holds the
+    payment's handling up for shared.db.SESSION_LIMITS' lock_timeout, not for ever: the batch
+    hands the message over to be retried with its attempt counted, and the retry, once the lock
+    is free, takes the payment once."""
+    from payments_app import service as payments
+    from payments_app.models import Account
+    from tasks.inbox import _handle_in_one_transaction
+
+    with service_app("payments").app_context():
+        with transaction() as session:
+            payments.open_account(session, user_id=user_id)
+            payments.deposit(session, user_id=user_id, amount=Decimal("10"))
+    message_id = _stored_request(payments_inbox, user_id, key=user_id)
+    holder = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM accounts WHERE user_id = %s FOR UPDATE", (user_id,))
+        with service_app("payments").app_context():
+            left = _handle_in_one_transaction("payments", [message_id],
+                                              payments_app.message_handlers())
+        assert left == [message_id]
+        row = _row(message_id)
+        assert row.attempts == 1 and row.processed_at is None and row.parked_at is None
+    finally:
+        holder.rollback()
+        holder.close()
+    handle_inbox_message.apply(args=("payments", str(message_id)))
+    row = _row(message_id)
+    assert row.processed_at is not None and row.attempts == 2
+    with service_app("payments").app_context():
+        assert db.session.get(Account, user_id).balance == Decimal("9.00")
 
 
 def _stored_long_ago(message_ids, settings) -> None:
