@@ -267,10 +267,19 @@
     } catch (error) {
       report(error);
       if (session && !error.handled) {
-        const delay = Math.min(RECONNECT_FIRST_MS * 2 ** (attempt + 1), RECONNECT_MAX_MS);
+        // Backing off, but never sooner than the gateway asked (a 429's Retry-After, say: a
+        // request before then is refused again, and counted).
+        const backoff = Math.min(RECONNECT_FIRST_MS * 2 ** (attempt + 1), RECONNECT_MAX_MS);
+        const delay = Math.max(backoff, retryAfterMs(error));
         loadTimer = setTimeout(() => loadShop(attempt + 1), delay);
       }
     }
+  }
+
+  // How long an answer asked the page to wait before asking again: its Retry-After, in seconds.
+  function retryAfterMs(error) {
+    const seconds = Number(error && error.retryAfter);
+    return Number.isFinite(seconds) && seconds > 0 ? seconds * 1000 : 0;
   }
 
   async function onAuthSubmit(event) {

@@ -189,6 +189,40 @@ def test_a_shopper_sees_orders_finish_and_cancel_live_without_reloading(stack, b
     assert shot.is_file() and shot.stat().st_size > 0
 
 
+# Played by the browser itself, before the page's scripts run: the gateway's answer to a user
+# past the rate limit (as tests/integration/test_gateway.py sees it), for the page's first read.
+FIRST_READ_RATE_LIMITED = """
+window.hseshopNewestReads = [];
+const realFetch = window.fetch.bind(window);
+window.fetch = (input, init) => {
+  const url = typeof input === "string" ? input : input.url;
+  if (url.includes("/api/notifications/newest")) {
+    window.hseshopNewestReads.push(performance.now());
+    if (window.hseshopNewestReads.length === 1) {
+      const body = {error: {code: "RATE_LIMITED", message: "Too many requests.", details: {}}};
+      return Promise.resolve(new Response(JSON.stringify(body), {status: 429, headers: {
+        "Content-Type": "application/json", "Retry-After": "3"}}));
+    }
+  }
+  return realFetch(input, init);
+};
+"""
+
+
+def test_a_page_told_to_wait_loads_the_shop_no_sooner_than_it_was_told(stack, browser):
+    """The page's own logic (its first read's answer is played, the rest is real): refused with
+    Retry-After 3, the page says so and reads again after 3 s, not after its own 1 s backoff."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": FIRST_READ_RATE_LIMITED})
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    page.sign_up(f"web_{uuid.uuid4().hex[:12]}", PASSWORD)
+    page.wait_until(lambda: "Try again in 3 s" in page.text("message"),
+                    what="the page to say how long to wait")
+    page.wait_until(lambda: page.visible("open-account"), what="the shop loaded after the wait")
+    reads = browser.execute_script("return window.hseshopNewestReads;")
+    assert len(reads) == 2 and reads[1] - reads[0] >= 3000, reads
+
+
 def test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_orders(
         stack, browser):
     page = ShopPage(browser, f"{stack.gateway_url}/").open()
