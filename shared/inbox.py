@@ -2,8 +2,8 @@
 message id, and then handled exactly once in a transaction that also marks it processed.
 
 A message that cannot be parsed is parked at once; one whose handler keeps failing is retried and,
-after `max_attempts`, parked with its last error. Parked messages stay in the table for an operator
-and never block the messages behind them.
+after `max_attempts` (each handing over by the sweeper counts as one), parked with its last error.
+Parked messages stay in the table for an operator and never block the messages behind them.
 """
 
 from __future__ import annotations
@@ -386,17 +386,41 @@ def record_failed_attempt(
 SWEPT_PER_RUN = 5_000
 
 
-def claim_stalled_messages(session: Session, min_age: timedelta,
-                           limit: int = SWEPT_PER_RUN) -> list[uuid.UUID]:
+@dataclass(frozen=True)
+class StalledMessage:
+    """A message the sweeper hands over again, and its tries so far, this handing over counted."""
+
+    message_id: uuid.UUID
+    attempts: int
+
+
+def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: int,
+                           limit: int = SWEPT_PER_RUN) -> list[StalledMessage]:
     """Messages still waiting to be handled, stored and last handed over or tried (if ever) over
     `min_age` ago: their dispatch was lost, or their retries with them; oldest first. Each is
     marked handed over now (`last_attempt_at`, as replaying a parked message marks it), so it
-    comes back only if this dispatch is lost too. A row a handler holds locked is left to it."""
+    comes back only if this dispatch is lost too. A row a handler holds locked is left to it.
+
+    Each handing over counts as a try: a message whose handling crashes its worker (or hangs it
+    until PostgreSQL ends the transaction, shared.db.SESSION_LIMITS) never records a failure,
+    and would otherwise be handed over, and crash a worker, every sweep for ever. One that
+    reaches `max_attempts` so is parked instead (and not returned), its last error kept.
+    """
     now = _now()
-    return list(session.scalars(_CLAIM_STALLED, {"cutoff": now - min_age, "now": now,
-                                                 "limit": limit}))
+    claimed = session.execute(_CLAIM_STALLED, {"cutoff": now - min_age, "now": now,
+                                               "limit": limit, "max_attempts": max_attempts,
+                                               "gave_up": _GAVE_UP.format(max_attempts)})
+    stalled = []
+    for message_id, attempts, parked in claimed:
+        if parked:
+            log.error("parked inbox message %s: %s", message_id, _GAVE_UP.format(attempts))
+        else:
+            stalled.append(StalledMessage(message_id, attempts))
+    return stalled
 
 
+_GAVE_UP = ("handed over {} times and never handled: its handling may crash or hang the worker"
+            " (or its dispatches were lost)")
 _CLAIM_STALLED = text("""
 WITH stalled AS (
     SELECT message_id FROM inbox_messages
@@ -405,10 +429,18 @@ WITH stalled AS (
     ORDER BY received_at LIMIT :limit
     FOR UPDATE SKIP LOCKED),
 claimed AS (
-    UPDATE inbox_messages SET last_attempt_at = :now FROM stalled
+    UPDATE inbox_messages
+    SET last_attempt_at = :now, attempts = inbox_messages.attempts + 1,
+        parked_at = CASE WHEN inbox_messages.attempts + 1 >= :max_attempts THEN :now END,
+        last_error = CASE
+            WHEN inbox_messages.attempts + 1 >= :max_attempts
+            THEN left(:gave_up || coalesce('; last error: ' || inbox_messages.last_error, ''), 2000)
+            ELSE inbox_messages.last_error END
+    FROM stalled
     WHERE inbox_messages.message_id = stalled.message_id
-    RETURNING inbox_messages.message_id, inbox_messages.received_at)
-SELECT message_id FROM claimed ORDER BY received_at""")
+    RETURNING inbox_messages.message_id, inbox_messages.received_at, inbox_messages.attempts,
+              inbox_messages.parked_at IS NOT NULL AS parked)
+SELECT message_id, attempts, parked FROM claimed ORDER BY received_at""")
 
 
 def parked_messages(session: Session, limit: int) -> list[InboxMessage]:

@@ -2,8 +2,8 @@
 a stored batch, and the task handles its messages many to a transaction (with a savepoint per
 handler once one of them fails); a message whose first try fails goes to a task of its own that
 retries it with backoff and parks it after the last attempt; the sweeper dispatches again the
-messages whose handling was lost; and the pruner deletes the rows of messages stored and handled
-(or discarded) long ago."""
+messages whose handling was lost (each time counted as an attempt); and the pruner deletes the
+rows of messages stored and handled (or discarded) long ago."""
 
 from __future__ import annotations
 
@@ -131,16 +131,23 @@ def _handle_each_in_a_savepoint(service: str, message_ids: list[uuid.UUID],
 
 @app.task(name="hseshop.sweep_inbox", base=ServiceTask, ignore_result=True)
 def sweep_inbox(service: str) -> int:
-    """Dispatch again the messages that have waited too long: their first dispatch was lost."""
+    """Dispatch again the messages that have waited too long: their dispatch was lost, or their
+    handling with its worker. Each handing over counts as a try (shared.inbox), and a message
+    handed over before, or tried, goes to a task of its own: one whose handling crashes the
+    worker then takes no batch of other messages down with it, again and again, to be parked
+    with it at the limit."""
     settings = current_app.extensions["hseshop.settings"]
     min_age = timedelta(seconds=settings.inbox_sweep_min_age_seconds)
     if tasks_waiting(handler_queue(service)):
         min_age = max(min_age, SWEEP_MIN_AGE_WHILE_QUEUED)
     with transaction() as session:
-        stalled = claim_stalled_messages(session, min_age)
+        stalled = claim_stalled_messages(session, min_age, settings.inbox_max_attempts)
     if stalled:
         log.info("%s inbox: re-dispatching %d stalled messages", service, len(stalled))
-        dispatch_inbox_messages(service, stalled)
+        dispatch_inbox_messages(service, [m.message_id for m in stalled if m.attempts == 1])
+        for message in stalled:
+            if message.attempts > 1:
+                handle_inbox_message.apply_async((service, str(message.message_id)))
     return len(stalled)
 
 

@@ -116,11 +116,40 @@ def test_messages_waiting_too_long_are_claimed_by_the_sweeper_once_per_wait(
     record, message_id = _request_record(user_id)
     payments_inbox([record])
     with transaction() as session:
-        assert message_id not in claim_stalled_messages(session, timedelta(minutes=5))
-        assert message_id in claim_stalled_messages(session, timedelta(seconds=-1))
+        assert message_id not in _claimed(session, timedelta(minutes=5))
+        assert _claimed(session, timedelta(seconds=-1)).get(message_id) == 1
     with transaction() as session:
-        assert message_id not in claim_stalled_messages(session, timedelta(seconds=1))
-        assert message_id in claim_stalled_messages(session, timedelta(seconds=-1))
+        assert message_id not in _claimed(session, timedelta(seconds=1))
+        assert _claimed(session, timedelta(seconds=-1)).get(message_id) == 2
+
+
+def _claimed(session, min_age: timedelta, max_attempts: int = 5) -> dict:
+    """What a sweep hands over: each message's id, and its tries so far."""
+    return {stalled.message_id: stalled.attempts
+            for stalled in claim_stalled_messages(session, min_age, max_attempts)}
+
+
+def test_a_message_handed_over_as_often_as_it_may_be_tried_is_parked_instead(
+        in_payments, payments_inbox, user_id):
+    """Handling that crashes its worker records no failure: each handing over counts as a try, so
+    that such a message is parked at the limit rather than handed over, and crash a worker, every
+    sweep for ever. Its last recorded error is kept."""
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    with transaction() as session:
+        record_failed_attempt(session, message_id, "ConnectionError('ledger')", max_attempts=5)
+    for tries in (2, 3):
+        with transaction() as session:
+            assert _claimed(session, timedelta(seconds=-1), max_attempts=4)[message_id] == tries
+    with transaction() as session:
+        assert message_id not in _claimed(session, timedelta(seconds=-1), max_attempts=4)
+    row = _row(message_id)
+    assert row.attempts == 4 and row.parked_at is not None and row.processed_at is None
+    assert row.last_error == ("handed over 4 times and never handled: its handling may crash or"
+                              " hang the worker (or its dispatches were lost); last error:"
+                              " ConnectionError('ledger')")
+    with transaction() as session:
+        assert message_id not in _claimed(session, timedelta(seconds=-1))
 
 
 def test_the_sweeper_leaves_a_message_a_handler_holds(in_payments, payments_inbox, user_id):
@@ -130,7 +159,7 @@ def test_the_sweeper_leaves_a_message_a_handler_holds(in_payments, payments_inbo
         handling.execute(text("SELECT 1 FROM inbox_messages WHERE message_id = :id FOR UPDATE"),
                          {"id": message_id})
         with db.engine.connect() as other, Session(bind=other) as sweeping:
-            assert message_id not in claim_stalled_messages(sweeping, timedelta(seconds=-1))
+            assert message_id not in _claimed(sweeping, timedelta(seconds=-1))
             sweeping.rollback()
 
 

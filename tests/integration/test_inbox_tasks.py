@@ -321,6 +321,45 @@ def test_while_tasks_wait_in_the_queue_the_sweeper_takes_only_long_stalled_messa
     assert _handed_over(waiting)
 
 
+def _dispatches_of(message_id, queue: str = "payments") -> list[str]:
+    """Takes every task off the queue (as a worker lost with them would) and names the ones that
+    carry the message: a batch, or a task of its own."""
+    taken = []
+    with celery_app.pool.acquire(block=True) as connection:
+        while (task := connection.default_channel.basic_get(queue, no_ack=True)) is not None:
+            args, _, _ = task.decode()
+            if str(message_id) in (args[1] if isinstance(args[1], list) else [args[1]]):
+                taken.append(task.headers["task"])
+    return taken
+
+
+def test_a_message_whose_handling_is_lost_again_and_again_goes_alone_and_is_parked(
+        settings, payments_inbox, payments_queue, user_id):
+    """As a message whose handling crashes its worker every time: the sweeper hands it over in a
+    batch first, then in a task of its own (crashing, it takes no batch of others down with it),
+    and parks it once its handings over reach the attempt limit."""
+    message_id = _stored_request(payments_inbox, user_id)
+    for tries in range(1, settings.inbox_max_attempts):
+        _stalled_since(message_id, timedelta(minutes=1))
+        sweep_inbox.apply(args=("payments",)).get()
+        assert _dispatches_of(message_id) == [
+            handle_inbox_batch.name if tries == 1 else handle_inbox_message.name]
+        assert _row(message_id).attempts == tries
+    _stalled_since(message_id, timedelta(minutes=1))
+    sweep_inbox.apply(args=("payments",)).get()
+    assert _dispatches_of(message_id) == []
+    row = _row(message_id)
+    assert row.parked_at is not None and row.attempts == settings.inbox_max_attempts
+    assert row.last_error.startswith(f"handed over {settings.inbox_max_attempts} times")
+
+
+def _stalled_since(message_id, age: timedelta) -> None:
+    """Stored, and last handed over, `age` ago."""
+    with service_app("payments").app_context(), transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
+                        .values(received_at=func.now() - age, last_attempt_at=func.now() - age))
+
+
 def test_beat_prunes_every_services_inbox(settings):
     import celeryconfig
 
