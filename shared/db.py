@@ -9,6 +9,7 @@ connections are pinged before use only after they sat idle (`init_database` sets
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,18 +41,35 @@ CONNECTION_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle"
                        "keepalives_interval": 5, "keepalives_count": 4, "tcp_user_timeout": 30_000}
 
 # What one session of the shop may hold the others up for, so that a stuck piece fails and is
-# retried instead of stalling everything queued behind it. A statement waits at most 3 s for a lock
-# (a row a stalled transaction holds, say): under the gateway's 5 s wait for an upstream
-# (UPSTREAM_TIMEOUT_SECONDS), so a request held up answers the service's 503 (retry) rather than
-# the gateway's 504 while it may yet commit, and a handler's attempt fails, is counted and retried
-# with backoff. A statement runs at most 30 s (the longest the shop runs, a pruner's, take well
-# under a second). A transaction left idle 60 s (its process paused or hung between statements)
-# is ended by the server, locks and all. Not for migrations (shared/migrations.py), whose
-# statements may rightly wait and run longer.
+# retried instead of stalling everything queued behind it. A statement waits at most 3 s for each
+# lock it needs (a row a stalled transaction holds, say): a request held up at one lock answers the
+# service's 503 DATABASE_BUSY before the gateway's 5 s wait for it (UPSTREAM_TIMEOUT_SECONDS) is
+# up, and a handler's try fails and is retried with backoff, not counted as one of the message's
+# attempts (tasks/inbox.py). A statement runs at most 30 s (the longest the shop runs, a pruner's,
+# take well under a second). A transaction left idle 60 s (its process paused or hung between
+# statements) is ended by the server, locks and all. Not for migrations (shared/migrations.py),
+# whose statements may rightly wait and run longer.
 SESSION_LIMITS = {"lock_timeout": "3s", "statement_timeout": "30s",
                   "idle_in_transaction_session_timeout": "1min"}
-SESSION_OPTIONS = {"options": " ".join(f"-c {name}={value}"
-                                       for name, value in SESSION_LIMITS.items())}
+_LIMITS_AS_OPTIONS = " ".join(f"-c {name}={value}" for name, value in SESSION_LIMITS.items())
+# The SQLSTATEs of a statement cancelled under SESSION_LIMITS: lock_not_available (lock_timeout)
+# and query_canceled (statement_timeout).
+_CANCELLED_BY_A_LIMIT = {"55P03", "57014"}
+
+
+def session_options(given: str | None) -> str:
+    """libpq's `options` for a connection: SESSION_LIMITS, then whatever options the database's
+    URL (or else PGOPTIONS) gives, which so win over the limits."""
+    given = os.environ.get("PGOPTIONS", "") if given is None else given
+    return f"{_LIMITS_AS_OPTIONS} {given}".strip()
+
+
+def cancelled_by_a_limit(exc: BaseException) -> bool:
+    """Whether `exc` (the driver's error, or SQLAlchemy's around it) is a statement the database
+    cancelled under SESSION_LIMITS: a wait on others, not a fault of the work itself."""
+    driver_error = getattr(exc, "orig", exc)
+    return getattr(driver_error, "pgcode", None) in _CANCELLED_BY_A_LIMIT
+
 
 # A process's pool: the connections it keeps, and the most it opens at once (its threads that
 # work with the database, up to this; docker-compose.yml's PostgreSQL takes them all).
@@ -61,7 +79,7 @@ POOL_MAX_CONNECTIONS = 20
 db = SQLAlchemy(
     metadata=MetaData(naming_convention=NAMING_CONVENTION),
     engine_options={"pool_size": POOL_SIZE, "max_overflow": POOL_MAX_CONNECTIONS - POOL_SIZE,
-                    "connect_args": {**CONNECTION_TIMEOUTS, **SESSION_OPTIONS}},
+                    "connect_args": CONNECTION_TIMEOUTS},
 )
 
 _AFTER_COMMIT = "hseshop.after_commit"
@@ -132,9 +150,11 @@ def driver_dsn(database_url: str) -> str:
     """The psycopg2 connection string for a service's SQLAlchemy database URL, for the few
     connections the shop holds outside the pool (the relay's LISTEN, the inbox consumer's), with
     the pool's CONNECTION_TIMEOUTS and SESSION_LIMITS."""
-    url = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    url = make_url(database_url).set(drivername="postgresql")
+    options = session_options(url.query.get("options"))
+    url = url.difference_update_query(["options"]).render_as_string(hide_password=False)
     # (A keyword=value string: in a URL's query, libpq would take the options' "+" for a "+".)
-    return make_dsn(url, **CONNECTION_TIMEOUTS, **SESSION_OPTIONS)
+    return make_dsn(url, **CONNECTION_TIMEOUTS, options=options)
 
 
 # A pooled connection is pinged before use only when it has sat unused for longer than this.
@@ -147,7 +167,16 @@ def init_database(app: Flask) -> None:
     pooled connections pinged only after they sat idle."""
     db.init_app(app)
     with app.app_context():
+        limit_sessions(db.engine)
         ping_connections_after_idle(db.engine)
+
+
+def limit_sessions(engine: Engine) -> None:
+    """Open every connection of the engine under SESSION_LIMITS (after the URL's own options)."""
+
+    @event.listens_for(engine, "do_connect")
+    def _connecting(dialect, connection_record, cargs, cparams) -> None:
+        cparams["options"] = session_options(cparams.get("options"))
 
 
 def ping_connections_after_idle(engine: Engine) -> None:

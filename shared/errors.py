@@ -9,6 +9,8 @@ from marshmallow import Schema, fields
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
+from shared.db import cancelled_by_a_limit
+
 
 class ApiError(Exception):
     """A failure a client can act on: an HTTP status, a stable code and a readable message."""
@@ -93,14 +95,9 @@ class DatabaseBusy(ServiceUnavailable):
                          "nothing was changed. Try again shortly.", headers={"Retry-After": "1"})
 
 
-# SQLSTATEs of a statement the database cancelled under SESSION_LIMITS: lock_not_available
-# (lock_timeout) and query_canceled (statement_timeout).
-_CANCELLED_BY_A_LIMIT = {"55P03", "57014"}
-
-
 def database_error(exc: OperationalError) -> ServiceUnavailable:
     """What a request whose database work failed with `exc` answers: busy, or unavailable."""
-    if getattr(exc.orig, "pgcode", None) in _CANCELLED_BY_A_LIMIT:
+    if cancelled_by_a_limit(exc):
         return DatabaseBusy()
     return DatabaseUnavailable()
 

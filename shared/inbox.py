@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.contracts import PAYLOAD_SCHEMAS, Envelope, MalformedMessage, decode
-from shared.db import db, driver_cursor
+from shared.db import cancelled_by_a_limit, db, driver_cursor
 from shared.outbox import outbox_rows_written_together
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, request_id_bound
 
@@ -266,10 +266,11 @@ def handle_locked_message(session: Session, message: StoredMessage,
     except PermanentMessageError as exc:
         _park(session, {message.message_id: str(exc)})
         return Outcome.PARKED
-    except Exception:
-        with driver_cursor(session) as cursor:
-            cursor.execute(_COUNT_ATTEMPT, {"message_ids": [str(message.message_id)],
-                                            "now": _now()})
+    except Exception as exc:
+        if not cancelled_by_a_limit(exc):  # (a wait on another session is no fault of its own)
+            with driver_cursor(session) as cursor:
+                cursor.execute(_COUNT_ATTEMPT, {"message_ids": [str(message.message_id)],
+                                                "now": _now()})
         raise
     _mark_processed(session, [message.message_id])
     return Outcome.PROCESSED
@@ -394,22 +395,25 @@ class StalledMessage:
     attempts: int
 
 
-def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: int,
+def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: int | None,
                            limit: int = SWEPT_PER_RUN) -> list[StalledMessage]:
     """Messages still waiting to be handled, stored and last handed over or tried (if ever) over
     `min_age` ago: their dispatch was lost, or their retries with them; oldest first. Each is
     marked handed over now (`last_attempt_at`, as replaying a parked message marks it), so it
     comes back only if this dispatch is lost too. A row a handler holds locked is left to it.
 
-    Each handing over counts as a try: a message whose handling crashes its worker (or hangs it
-    until PostgreSQL ends the transaction, shared.db.SESSION_LIMITS) never records a failure,
-    and would otherwise be handed over, and crash a worker, every sweep for ever. One that
-    reaches `max_attempts` so is parked instead (and not returned), its last error kept.
+    With `max_attempts` given, each handing over counts as a try: a message whose handling
+    crashes its worker (or hangs it until PostgreSQL ends the transaction, shared.db's
+    SESSION_LIMITS) never records a failure, and would otherwise be handed over, and crash a
+    worker, every sweep for ever. One that reaches `max_attempts` so is parked instead (and not
+    returned), its last error kept. Without it (while dispatched tasks wait in the queue, and the
+    message's dispatch may be there too), the handing over is not counted.
     """
     now = _now()
-    claimed = session.execute(_CLAIM_STALLED, {"cutoff": now - min_age, "now": now,
-                                               "limit": limit, "max_attempts": max_attempts,
-                                               "gave_up": _GAVE_UP.format(max_attempts)})
+    claimed = session.execute(_CLAIM_STALLED, {
+        "cutoff": now - min_age, "now": now, "limit": limit,
+        "counted": 1 if max_attempts else 0, "max_attempts": max_attempts or 0,
+        "gave_up": _GAVE_UP.format(max_attempts)})
     stalled = []
     for message_id, attempts, parked in claimed:
         if parked:
@@ -419,8 +423,8 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
     return stalled
 
 
-_GAVE_UP = ("handed over {} times and never handled: its handling may crash or hang the worker"
-            " (or its dispatches were lost)")
+_GAVE_UP = ("tried or handed over {} times and never handled: its handling may crash or hang"
+            " the worker (or its dispatches were lost)")
 _CLAIM_STALLED = text("""
 WITH stalled AS (
     SELECT message_id FROM inbox_messages
@@ -430,10 +434,11 @@ WITH stalled AS (
     FOR UPDATE SKIP LOCKED),
 claimed AS (
     UPDATE inbox_messages
-    SET last_attempt_at = :now, attempts = inbox_messages.attempts + 1,
-        parked_at = CASE WHEN inbox_messages.attempts + 1 >= :max_attempts THEN :now END,
+    SET last_attempt_at = :now, attempts = inbox_messages.attempts + :counted,
+        parked_at = CASE WHEN :counted = 1 AND inbox_messages.attempts + 1 >= :max_attempts
+                         THEN :now END,
         last_error = CASE
-            WHEN inbox_messages.attempts + 1 >= :max_attempts
+            WHEN :counted = 1 AND inbox_messages.attempts + 1 >= :max_attempts
             THEN left(:gave_up || coalesce('; last error: ' || inbox_messages.last_error, ''), 2000)
             ELSE inbox_messages.last_error END
     FROM stalled

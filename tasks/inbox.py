@@ -2,8 +2,8 @@
 a stored batch, and the task handles its messages many to a transaction (with a savepoint per
 handler once one of them fails); a message whose first try fails goes to a task of its own that
 retries it with backoff and parks it after the last attempt; the sweeper dispatches again the
-messages whose handling was lost (each time counted as an attempt); and the pruner deletes the
-rows of messages stored and handled (or discarded) long ago."""
+messages whose handling was lost (counted as an attempt while no task waits in the queue); and
+the pruner deletes the rows of messages stored and handled (or discarded) long ago."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from datetime import timedelta
 
 from flask import current_app
 
-from shared.db import transaction
+from shared.db import cancelled_by_a_limit, transaction
 from shared.inbox import (Outcome, claim_stalled_messages, handle_locked_message,
                           handle_locked_messages_at_once, lock_in_order, process_inbox_message,
                           prune_handled_messages, record_failed_attempt)
@@ -45,7 +45,9 @@ class TransientHandlerError(Exception):
     ignore_result=True,
     autoretry_for=(TransientHandlerError,),
     retry_backoff=1,
-    retry_backoff_max=30,
+    # A retry waits in the worker's memory, not in the queue: waiting longer than the sweep's
+    # minimum age (INBOX_SWEEP_MIN_AGE_SECONDS, 10 s), it would be handed over again beside it.
+    retry_backoff_max=8,
     retry_jitter=True,
     max_retries=None,  # the inbox row counts the attempts and parks the message at the limit
 )
@@ -57,6 +59,8 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
             outcome = process_inbox_message(session, uuid.UUID(message_id), handlers)
     except Exception as exc:
         log.warning("%s inbox: handling %s failed: %r", service, message_id, exc)
+        if cancelled_by_a_limit(exc):  # held up by another session: no attempt of its own
+            raise TransientHandlerError(repr(exc)) from exc
         with transaction() as session:
             parked = record_failed_attempt(session, uuid.UUID(message_id), repr(exc),
                                            settings.inbox_max_attempts)
@@ -132,21 +136,29 @@ def _handle_each_in_a_savepoint(service: str, message_ids: list[uuid.UUID],
 @app.task(name="hseshop.sweep_inbox", base=ServiceTask, ignore_result=True)
 def sweep_inbox(service: str) -> int:
     """Dispatch again the messages that have waited too long: their dispatch was lost, or their
-    handling with its worker. Each handing over counts as a try (shared.inbox), and a message
-    handed over before, or tried, goes to a task of its own: one whose handling crashes the
-    worker then takes no batch of other messages down with it, again and again, to be parked
-    with it at the limit."""
+    handling with its worker.
+
+    With no task waiting in the queue, each handing over counts as an attempt (shared.inbox) and
+    each message goes to a task of its own: one whose handling crashes the worker then takes no
+    batch of others down with it, again and again, and is parked at the attempt limit. (A crash
+    still loses the tasks the worker's other threads run or hold prefetched, which are counted
+    too: in a crash loop a few others can be parked with it, for `tasks.parked replay`.) While
+    tasks wait, a message's own dispatch may wait among them: the handing over is not counted,
+    and goes in batches, not to swell that backlog."""
     settings = current_app.extensions["hseshop.settings"]
     min_age = timedelta(seconds=settings.inbox_sweep_min_age_seconds)
-    if tasks_waiting(handler_queue(service)):
+    backlog = tasks_waiting(handler_queue(service))
+    if backlog:
         min_age = max(min_age, SWEEP_MIN_AGE_WHILE_QUEUED)
     with transaction() as session:
-        stalled = claim_stalled_messages(session, min_age, settings.inbox_max_attempts)
+        stalled = claim_stalled_messages(session, min_age,
+                                         None if backlog else settings.inbox_max_attempts)
     if stalled:
         log.info("%s inbox: re-dispatching %d stalled messages", service, len(stalled))
-        dispatch_inbox_messages(service, [m.message_id for m in stalled if m.attempts == 1])
-        for message in stalled:
-            if message.attempts > 1:
+        if backlog:
+            dispatch_inbox_messages(service, [message.message_id for message in stalled])
+        else:
+            for message in stalled:
                 handle_inbox_message.apply_async((service, str(message.message_id)))
     return len(stalled)
 

@@ -5,22 +5,31 @@ of the APIs and handlers, the inbox consumer's own and the relay leader's."""
 
 from __future__ import annotations
 
-from shared.db import CONNECTION_TIMEOUTS, SESSION_LIMITS, SESSION_OPTIONS, db
+import psycopg2
+import sqlalchemy as sa
+
+from shared.db import (CONNECTION_TIMEOUTS, SESSION_LIMITS, db, driver_dsn, limit_sessions,
+                       session_options)
 from shared.relay_leader import RelayLeaderConnection
 
-EXPECTED = {name: str(value) for name, value in {**CONNECTION_TIMEOUTS, **SESSION_OPTIONS}.items()}
+EXPECTED = {**{name: str(value) for name, value in CONNECTION_TIMEOUTS.items()},
+            "options": session_options(None)}
 
 
 def _timeouts(connection) -> dict[str, str]:
     """The connection's timeouts as it was opened, and the limits its session runs under."""
     parameters = connection.get_dsn_parameters()
+    assert _limits(connection) == SESSION_LIMITS
+    return {name: parameters.get(name) for name in EXPECTED}
+
+
+def _limits(connection) -> dict[str, str]:
     with connection.cursor() as cursor:
         limits = {}
         for name in SESSION_LIMITS:
             cursor.execute(f"SHOW {name}")
             limits[name] = cursor.fetchone()[0]
-    assert limits == SESSION_LIMITS
-    return {name: parameters.get(name) for name in EXPECTED}
+    return limits
 
 
 def test_pooled_connections_give_up_on_a_silent_database(in_payments):
@@ -36,3 +45,25 @@ def test_the_consumers_and_the_relay_leaders_own_connections_do_too(settings, pa
     assert _timeouts(payments_inbox._connection) == EXPECTED
     with RelayLeaderConnection(settings.database_url("payments")) as leader:
         assert _timeouts(leader._connection) == EXPECTED
+
+
+def test_options_the_databases_url_gives_are_kept_and_win_over_the_limits(settings):
+    url = (settings.database_url("payments")
+           + "?options=-c%20lock_timeout%3D7s%20-c%20work_mem%3D8MB")
+    pooled = sa.create_engine(url, connect_args=CONNECTION_TIMEOUTS)
+    limit_sessions(pooled)
+    try:
+        with pooled.connect() as connection:
+            _assert_given_options_won(connection.connection.driver_connection)
+    finally:
+        pooled.dispose()
+    with psycopg2.connect(driver_dsn(url)) as connection:
+        _assert_given_options_won(connection)
+        connection.rollback()
+
+
+def _assert_given_options_won(connection) -> None:
+    assert _limits(connection) == {**SESSION_LIMITS, "lock_timeout": "7s"}
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW work_mem")
+        assert cursor.fetchone()[0] == "8MB"

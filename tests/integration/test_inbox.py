@@ -145,11 +145,22 @@ def test_a_message_handed_over_as_often_as_it_may_be_tried_is_parked_instead(
         assert message_id not in _claimed(session, timedelta(seconds=-1), max_attempts=4)
     row = _row(message_id)
     assert row.attempts == 4 and row.parked_at is not None and row.processed_at is None
-    assert row.last_error == ("handed over 4 times and never handled: its handling may crash or"
-                              " hang the worker (or its dispatches were lost); last error:"
-                              " ConnectionError('ledger')")
+    assert row.last_error == ("tried or handed over 4 times and never handled: its handling may"
+                              " crash or hang the worker (or its dispatches were lost); last"
+                              " error: ConnectionError('ledger')")
     with transaction() as session:
         assert message_id not in _claimed(session, timedelta(seconds=-1))
+
+
+def test_a_handing_over_made_while_tasks_wait_counts_no_attempt(in_payments, payments_inbox,
+                                                               user_id):
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    for _ in range(6):
+        with transaction() as session:
+            claimed = claim_stalled_messages(session, timedelta(seconds=-1), max_attempts=None)
+            assert [m.attempts for m in claimed if m.message_id == message_id] == [0]
+    assert _row(message_id).parked_at is None
 
 
 def test_the_sweeper_leaves_a_message_a_handler_holds(in_payments, payments_inbox, user_id):

@@ -21,6 +21,7 @@ from tasks.celery_app import app as celery_app
 from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, sweep_inbox,
                          tasks_waiting)
 from tasks.services import service_app
+from tests.polling import wait_for
 from tests.postgres_tools import terminate_backend
 
 
@@ -178,13 +179,14 @@ def test_a_batch_survives_the_database_dropping_the_workers_connection(settings,
     assert all(_row(m).processed_at is not None for m in batch)
 
 
-def test_a_handler_held_up_by_a_stalled_lock_fails_its_attempt_and_is_retried(settings,
-                                                                              payments_inbox,
-                                                                              user_id):
+def test_a_handler_held_up_by_a_stalled_lock_is_retried_without_using_its_attempts(
+        settings, payments_inbox, user_id):
     """A transaction stalled holding the user's account (here, another session's) holds the
-    payment's handling up for shared.db.SESSION_LIMITS' lock_timeout, not for ever: the batch
-    hands the message over to be retried with its attempt counted, and the retry, once the lock
-    is free, takes the payment once."""
+    payment's handling up for shared.db.SESSION_LIMITS' lock_timeout at a time, not for ever; each
+    try so cancelled is retried and counts none of the message's attempts (the wait is no fault of
+    its own, and may outlast them all), and the retry, once the lock is free, pays once."""
+    import threading
+
     from payments_app import service as payments
     from payments_app.models import Account
     from tasks.inbox import _handle_in_one_transaction
@@ -195,23 +197,44 @@ def test_a_handler_held_up_by_a_stalled_lock_fails_its_attempt_and_is_retried(se
             payments.deposit(session, user_id=user_id, amount=Decimal("10"))
     message_id = _stored_request(payments_inbox, user_id, key=user_id)
     holder = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    retrying = threading.Thread(target=handle_inbox_message.apply,
+                                args=(("payments", str(message_id)),))
     try:
         with holder.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM accounts WHERE user_id = %s FOR UPDATE", (user_id,))
+            cursor.execute("SELECT pg_backend_pid() FROM accounts WHERE user_id = %s FOR UPDATE",
+                           (user_id,))
+            holder_pid = cursor.fetchone()[0]
         with service_app("payments").app_context():
             left = _handle_in_one_transaction("payments", [message_id],
                                               payments_app.message_handlers())
         assert left == [message_id]
-        row = _row(message_id)
-        assert row.attempts == 1 and row.processed_at is None and row.parked_at is None
+        assert _row(message_id).attempts == 0
+        retrying.start()
+        _wait_for_tries_held_up_by(holder_pid, settings, tries=2)
     finally:
         holder.rollback()
         holder.close()
-    handle_inbox_message.apply(args=("payments", str(message_id)))
+    retrying.join(30)
     row = _row(message_id)
-    assert row.processed_at is not None and row.attempts == 2
+    assert row.processed_at is not None and row.parked_at is None and row.attempts == 1
     with service_app("payments").app_context():
         assert db.session.get(Account, user_id).balance == Decimal("9.00")
+
+
+def _wait_for_tries_held_up_by(holder_pid: int, settings, tries: int) -> None:
+    """Until `tries` statements, one after another, have waited on the holder's locks."""
+    seen: set = set()
+
+    def held_up() -> bool:
+        with psycopg2.connect(driver_dsn(settings.database_url("payments"))) as watcher:
+            with watcher.cursor() as cursor:
+                cursor.execute("SELECT pid, query_start FROM pg_stat_activity"
+                               " WHERE %s = ANY(pg_blocking_pids(pid))", (holder_pid,))
+                seen.update(cursor.fetchall())
+            watcher.rollback()
+        return len(seen) >= tries
+
+    wait_for(held_up, timeout=30, what=f"{tries} tries held up by the stalled lock")
 
 
 def _stored_long_ago(message_ids, settings) -> None:
@@ -335,22 +358,37 @@ def _dispatches_of(message_id, queue: str = "payments") -> list[str]:
 
 def test_a_message_whose_handling_is_lost_again_and_again_goes_alone_and_is_parked(
         settings, payments_inbox, payments_queue, user_id):
-    """As a message whose handling crashes its worker every time: the sweeper hands it over in a
-    batch first, then in a task of its own (crashing, it takes no batch of others down with it),
-    and parks it once its handings over reach the attempt limit."""
+    """As a message whose handling crashes its worker every time: with the queue idle, the
+    sweeper hands it over in a task of its own (crashing, it takes no batch of others down with
+    it), counting each handing over, and parks it once they reach the attempt limit."""
     message_id = _stored_request(payments_inbox, user_id)
     for tries in range(1, settings.inbox_max_attempts):
         _stalled_since(message_id, timedelta(minutes=1))
         sweep_inbox.apply(args=("payments",)).get()
-        assert _dispatches_of(message_id) == [
-            handle_inbox_batch.name if tries == 1 else handle_inbox_message.name]
+        assert _dispatches_of(message_id) == [handle_inbox_message.name]
         assert _row(message_id).attempts == tries
     _stalled_since(message_id, timedelta(minutes=1))
     sweep_inbox.apply(args=("payments",)).get()
     assert _dispatches_of(message_id) == []
     row = _row(message_id)
     assert row.parked_at is not None and row.attempts == settings.inbox_max_attempts
-    assert row.last_error.startswith(f"handed over {settings.inbox_max_attempts} times")
+    assert row.last_error.startswith(
+        f"tried or handed over {settings.inbox_max_attempts} times and never handled")
+
+
+def test_while_tasks_wait_the_sweeper_counts_no_attempt_and_sends_batches(
+        settings, payments_inbox, payments_queue, user_id):
+    """A message's own dispatch may wait in a backlog past any minimum age: handed over again
+    then, it is not counted (else a long backlog would park what it holds), and goes in a batch."""
+    message_id = _stored_request(payments_inbox, user_id)
+    handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
+    for _ in range(settings.inbox_max_attempts + 1):
+        _stalled_since(message_id, timedelta(minutes=6))
+        sweep_inbox.apply(args=("payments",)).get()
+    row = _row(message_id)
+    assert row.attempts == 0 and row.parked_at is None
+    assert _dispatches_of(message_id) == [handle_inbox_batch.name] * (
+        settings.inbox_max_attempts + 1)
 
 
 def _stalled_since(message_id, age: timedelta) -> None:
