@@ -39,17 +39,24 @@ from tasks.services import service_app
 
 def list_parked(service: str, limit: int, outbox: bool = False) -> None:
     with service_app(service).app_context(), transaction() as session:
-        if outbox:
-            for row in parked_outbox_messages(session, limit):
-                print(f"{row.message_id}  {row.type}  {row.topic} key {row.key or '(none)'}"
-                      f"  parked {row.parked_at.isoformat()}  {row.waiting_behind} waiting behind"
-                      f"  {_one_line(row.last_error)}")
-            return
-        for message in parked_messages(session, limit):
-            where = f"{message.topic}[{message.partition}]@{message.offset}"
-            print(f"{message.message_id}  {message.type or '(unparsed)'}  {where}"
-                  f"  parked {message.parked_at.isoformat()}  attempts {message.attempts}"
-                  f"  {_one_line(message.last_error)}")
+        lines = (_parked_outbox_lines if outbox else _parked_inbox_lines)(session, limit)
+    # Printed once the transaction has ended: piped to a pager, the output may wait on its reader
+    # for minutes, and PostgreSQL ends a transaction left idle for one (shared.db.SESSION_LIMITS).
+    for line in lines:
+        print(line)
+
+
+def _parked_outbox_lines(session, limit: int) -> list[str]:
+    return [f"{row.message_id}  {row.type}  {row.topic} key {row.key or '(none)'}"
+            f"  parked {row.parked_at.isoformat()}  {row.waiting_behind} waiting behind"
+            f"  {_one_line(row.last_error)}" for row in parked_outbox_messages(session, limit)]
+
+
+def _parked_inbox_lines(session, limit: int) -> list[str]:
+    return [f"{message.message_id}  {message.type or '(unparsed)'}"
+            f"  {message.topic}[{message.partition}]@{message.offset}"
+            f"  parked {message.parked_at.isoformat()}  attempts {message.attempts}"
+            f"  {_one_line(message.last_error)}" for message in parked_messages(session, limit)]
 
 
 def _one_line(error: str | None) -> str:

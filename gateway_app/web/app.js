@@ -596,13 +596,14 @@
       report(error);
       // The change is not lost with the order that could not be read (a 429, a network blip):
       // the first page of orders is read again shortly, every status as it stands then.
-      if (!error.handled) reloadOrdersSoon();
+      if (!error.handled) reloadOrdersSoon(retryAfterMs(error));
       return;
     }
     refreshBalance().catch(report);  // a FINISHED order has just been paid from the account
   }
 
-  function reloadOrdersSoon() {
+  // In 5 s, or later if the failed read's answer asked for that (its Retry-After).
+  function reloadOrdersSoon(retryAfter = 0) {
     if (reloadTimer || !session) return;
     reloadTimer = setTimeout(async () => {
       reloadTimer = null;
@@ -610,9 +611,9 @@
         await loadOrders();
       } catch (error) {
         report(error);
-        reloadOrdersSoon();
+        reloadOrdersSoon(retryAfterMs(error));
       }
-    }, RECONNECT_MAX_MS / 2);
+    }, Math.max(RECONNECT_MAX_MS / 2, retryAfter));
   }
 
   // --- start ------------------------------------------------------------------------------------
