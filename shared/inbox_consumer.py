@@ -123,6 +123,10 @@ class InboxConsumer:
         # batch polled before the rebalance, stored after it) commit nothing, or this consumer
         # would commit an older offset over the one their new owner committed.
         self._given_up: set[tuple[str, int]] = set()
+        # Partitions whose rewind failed (the client not fetching them just then, say), and the
+        # offset to go back to: the seek is tried again before each poll, so that a partition
+        # still assigned reads its skipped records again soon, not at the next rebalance.
+        self._rewinds_due: dict[tuple[str, int], int] = {}
         self._committed_at = clock()
 
     def stop(self) -> None:
@@ -146,6 +150,7 @@ class InboxConsumer:
 
     def run_once(self) -> int:
         """One pass of the pipeline; returns how many records it stored."""
+        self._rewind_again()
         records = self.poll()
         new_ids = []
         if records:
@@ -183,18 +188,26 @@ class InboxConsumer:
             log.warning("consumer: could not commit offsets: %s", exc)
 
     def _note_assigned(self, consumer, partitions: list[TopicPartition]) -> None:
+        # (Each starts from its committed offset: no rewind of before is due.)
         self._given_up.difference_update((p.topic, p.partition) for p in partitions)
+        self._drop_rewinds_due(partitions)
 
     def _commit_revoked(self, consumer, partitions: list[TopicPartition]) -> None:
         # Before another consumer of the group takes them over, so that it reads on from here.
         self.commit_stored(asynchronous=False, partitions=partitions)
         self._given_up.update((p.topic, p.partition) for p in partitions)
+        self._drop_rewinds_due(partitions)
 
     def _forget_lost(self, consumer, partitions: list[TopicPartition]) -> None:
         # Lost, not handed over: another consumer may own them already, and a commit would fail.
         for partition in partitions:
             self._stored.pop((partition.topic, partition.partition), None)
         self._given_up.update((p.topic, p.partition) for p in partitions)
+        self._drop_rewinds_due(partitions)
+
+    def _drop_rewinds_due(self, partitions: list[TopicPartition]) -> None:
+        for partition in partitions:
+            self._rewinds_due.pop((partition.topic, partition.partition), None)
 
     def poll(self) -> list[ConsumedRecord]:
         # Wait for the first message only; then take whatever else is already here, so a lone
@@ -221,17 +234,30 @@ class InboxConsumer:
         return records
 
     def _rewind(self, positions: list[TopicPartition]) -> None:
-        """Seek each partition back to `positions`. One that cannot be (no longer fetched: taken
-        away meanwhile) commits nothing until it is assigned again (the next rebalance, or the
-        worker's restart), which starts it from its committed offset: the records it skipped
-        unstored are read then, and never committed over before."""
+        """Seek each partition back to `positions`. One that cannot be commits nothing until its
+        seek, tried again before each poll, goes through, or until it is assigned again (the next
+        rebalance, or the worker's restart), which starts it from its committed offset: either way
+        the records it skipped unstored are read again, and never committed over before."""
         for position in positions:
             try:
                 self._consumer.seek(position)
             except KafkaException as exc:
                 log.warning("consumer: could not rewind %s [%d] to %d: %s", position.topic,
                             position.partition, position.offset, exc)
-                self._given_up.add((position.topic, position.partition))
+                where = (position.topic, position.partition)
+                self._given_up.add(where)
+                self._rewinds_due[where] = min(position.offset,
+                                               self._rewinds_due.get(where, position.offset))
+
+    def _rewind_again(self) -> None:
+        for (topic, partition), offset in list(self._rewinds_due.items()):
+            try:
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException:
+                continue  # (said when it first failed; tried again before the next poll)
+            log.info("consumer: rewound %s [%d] to %d at last", topic, partition, offset)
+            del self._rewinds_due[(topic, partition)]
+            self._given_up.discard((topic, partition))
 
 
 class StoreOnOwnConnection:

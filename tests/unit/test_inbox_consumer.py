@@ -239,6 +239,42 @@ def test_a_partition_that_cannot_be_rewound_commits_nothing_till_it_is_assigned_
     assert calls[-1] == ("commit", [("t", 1, 8)])  # partition 0: nothing, till it is back
 
 
+def test_a_rewind_that_failed_is_tried_again_before_each_poll_till_it_goes_through():
+    """A partition still assigned whose seek was refused (the client not fetching it just then)
+    does not wait for a rebalance to read its skipped records again: its seek is tried again
+    before the next polls, and once it goes through the partition commits again."""
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls)
+    refusals = iter([True, True, False])  # refused as it fails, and once more after
+
+    def seek(position):
+        if position.partition == 0 and next(refusals):
+            raise KafkaException(KafkaError(KafkaError._STATE, "partition not fetched yet"))
+        calls.append(("seek", (position.topic, position.partition, position.offset)))
+
+    consumer.seek = seek
+    stored = []
+
+    def store(records):
+        if not stored:
+            stored.append("failed once")
+            raise RuntimeError("database down")
+        stored.extend((r.topic, r.partition, r.offset) for r in records)
+        return []
+
+    inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None, batch_size=2,
+                          commit_interval=0)
+    with pytest.raises(RuntimeError):
+        inbox.run_once()
+    consumer.messages = [FakeMessage("t", 0, 9)]  # the client had moved past 4
+    inbox.run_once()  # the seek refused again: 9 is stored, nothing committed for partition 0
+    assert calls == [("seek", ("t", 1, 7))]
+    consumer.messages = [FakeMessage("t", 0, 4), FakeMessage("t", 0, 5)]  # read from 4 again
+    inbox.run_once()
+    assert calls[1:] == [("seek", ("t", 0, 4)), ("commit", [("t", 0, 6)])]
+    assert stored[1:] == [("t", 0, 9), ("t", 0, 4), ("t", 0, 5)]
+
+
 def test_a_partition_given_back_commits_again():
     def rebalance(consumer, offset):
         if offset == 4:
