@@ -19,7 +19,7 @@ WORKDIR /app
 # Runtime dependencies only (requirements/dev.txt adds the local stand-ins and test tools), in
 # their own layer so that a code change does not reinstall them. Every one ships a manylinux
 # wheel, so the slim image needs no compiler.
-COPY requirements/base.txt requirements/base.txt
+COPY requirements/base.txt requirements/constraints.txt requirements/
 RUN pip install -r requirements/base.txt
 
 # The code belongs to root and is only readable by the user the processes run as.

@@ -10,7 +10,7 @@ BENCH_INSTALLED := $(VENV)/.installed-bench
 
 venv: $(INSTALLED)
 
-$(INSTALLED): requirements/base.txt requirements/dev.txt
+$(INSTALLED): requirements/base.txt requirements/dev.txt requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
 	touch $@

@@ -285,7 +285,7 @@ def test_data_lives_in_named_volumes():
 def test_the_image_context_holds_every_package_a_process_runs():
     lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    needed = {"requirements/base.txt", "celeryconfig.py"}
+    needed = {"requirements/base.txt", "requirements/constraints.txt", "celeryconfig.py"}
     for service in HSESHOP.values():
         argv = command(service)
         needed |= {arg.split(":")[0] for arg in argv if arg.endswith(":create_app()")}
@@ -300,13 +300,20 @@ def test_the_image_installs_only_the_pinned_runtime_dependencies():
     def requirements(name: str) -> list[str]:
         text = (REPO_ROOT / "requirements" / name).read_text()
         return [line.split("#")[0].strip() for line in text.splitlines()
-                if line.split("#")[0].strip() and not line.startswith("-r")]
+                if line.split("#")[0].strip() and not line.startswith("-")]
+
+    def names(lines: list[str]) -> set[str]:
+        return {re.sub(r"[-_.]+", "-", re.split(r"[\[=<>~]", line)[0]).lower() for line in lines}
 
     runtime = requirements("base.txt")
     assert all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[\w.]+", line) for line in runtime), runtime
-    runtime_names = {re.split(r"[\[=]", line)[0].lower() for line in runtime}
-    dev_only = {re.split(r"[\[=<>~]", line)[0].lower() for line in requirements("dev.txt")}
-    assert runtime_names.isdisjoint(dev_only)
+    assert "-c constraints.txt" in (REPO_ROOT / "requirements" / "base.txt").read_text()
+    assert names(runtime).isdisjoint(names(requirements("dev.txt")))
+    # What they pull in, pinned too, and only that: a package named in both would have two pins.
+    pulled_in = requirements("constraints.txt")
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[\w.]+", line) for line in pulled_in), pulled_in
+    named = names(runtime) | names(requirements("dev.txt")) | names(requirements("bench.txt"))
+    assert names(pulled_in).isdisjoint(named)
 
 
 def test_compose_v2_accepts_the_file():
