@@ -55,7 +55,8 @@ SESSION_LIMITS = {"lock_timeout": "2s", "statement_timeout": "30s",
 _LIMITS_AS_OPTIONS = " ".join(f"-c {name}={value}" for name, value in SESSION_LIMITS.items())
 # The SQLSTATEs of a statement cancelled under SESSION_LIMITS: lock_not_available (lock_timeout)
 # and query_canceled (statement_timeout).
-_CANCELLED_BY_A_LIMIT = {"55P03", "57014"}
+_LOCK_NOT_AVAILABLE = "55P03"
+_QUERY_CANCELED = "57014"
 
 
 def session_options(given: str | None) -> str:
@@ -67,9 +68,18 @@ def session_options(given: str | None) -> str:
 
 def cancelled_by_a_limit(exc: BaseException) -> bool:
     """Whether `exc` (the driver's error, or SQLAlchemy's around it) is a statement the database
-    cancelled under SESSION_LIMITS: a wait on others, not a fault of the work itself."""
-    driver_error = getattr(exc, "orig", exc)
-    return getattr(driver_error, "pgcode", None) in _CANCELLED_BY_A_LIMIT
+    cancelled under SESSION_LIMITS: held up by another session's lock, or running too long."""
+    return _sqlstate(exc) in (_LOCK_NOT_AVAILABLE, _QUERY_CANCELED)
+
+
+def held_up_by_a_lock(exc: BaseException) -> bool:
+    """Whether `exc` is a statement cancelled for waiting too long on another session's lock: no
+    fault of the work itself (a statement too slow for statement_timeout is one)."""
+    return _sqlstate(exc) == _LOCK_NOT_AVAILABLE
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    return getattr(getattr(exc, "orig", exc), "pgcode", None)
 
 
 # A process's pool: the connections it keeps, and the most it opens at once (its threads that

@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.contracts import PAYLOAD_SCHEMAS, Envelope, MalformedMessage, decode
-from shared.db import cancelled_by_a_limit, db, driver_cursor
+from shared.db import db, driver_cursor, held_up_by_a_lock
 from shared.outbox import outbox_rows_written_together
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, request_id_bound
 
@@ -267,10 +267,11 @@ def handle_locked_message(session: Session, message: StoredMessage,
         _park(session, {message.message_id: str(exc)})
         return Outcome.PARKED
     except Exception as exc:
-        if not cancelled_by_a_limit(exc):  # (a wait on another session is no fault of its own)
-            with driver_cursor(session) as cursor:
-                cursor.execute(_COUNT_ATTEMPT, {"message_ids": [str(message.message_id)],
-                                                "now": _now()})
+        # A try held up by another session's lock is no fault of the message's: it counts none
+        # of its attempts, but is noted, so that the sweeper leaves the message to its retry.
+        with driver_cursor(session) as cursor:
+            cursor.execute(_NOTE_TRY if held_up_by_a_lock(exc) else _COUNT_ATTEMPT,
+                           {"message_ids": [str(message.message_id)], "now": _now()})
         raise
     _mark_processed(session, [message.message_id])
     return Outcome.PROCESSED
@@ -327,6 +328,9 @@ WHERE message_id = ANY(%(message_ids)s::uuid[])"""
 _COUNT_ATTEMPT = """
 UPDATE inbox_messages SET attempts = attempts + 1, last_attempt_at = %(now)s
 WHERE message_id = ANY(%(message_ids)s::uuid[])"""
+_NOTE_TRY = """
+UPDATE inbox_messages SET last_attempt_at = %(now)s
+WHERE message_id = ANY(%(message_ids)s::uuid[])"""
 
 
 def _park(session: Session, reasons: dict[uuid.UUID, str]) -> None:
@@ -359,9 +363,11 @@ def _ready_to_handle(message: StoredMessage,
 
 
 def record_failed_attempt(
-    session: Session, message_id: uuid.UUID, error: str, max_attempts: int
+    session: Session, message_id: uuid.UUID, error: str, max_attempts: int,
+    counted: bool = True,
 ) -> bool:
-    """Note a failed attempt in its own transaction; park the message once it has used them all.
+    """Note a failed try in its own transaction, as one of the message's attempts unless not
+    `counted` (held up by another session's lock); park the message once it has used them all.
 
     Returns True when the message is now parked.
     """
@@ -370,10 +376,10 @@ def record_failed_attempt(
     ).one_or_none()
     if message is None or message.processed_at is not None or message.parked_at is not None:
         return False
-    message.attempts += 1
+    message.attempts += 1 if counted else 0
     message.last_attempt_at = _now()
     message.last_error = error[:2000]
-    if message.attempts >= max_attempts:
+    if counted and message.attempts >= max_attempts:
         message.parked_at = _now()
         log.error("parked inbox message %s after %d attempts: %s",
                   message_id, message.attempts, error)

@@ -8,12 +8,13 @@ the pruner deletes the rows of messages stored and handled (or discarded) long a
 from __future__ import annotations
 
 import logging
+import random
 import uuid
 from datetime import timedelta
 
 from flask import current_app
 
-from shared.db import cancelled_by_a_limit, transaction
+from shared.db import held_up_by_a_lock, transaction
 from shared.inbox import (Outcome, claim_stalled_messages, handle_locked_message,
                           handle_locked_messages_at_once, lock_in_order, process_inbox_message,
                           prune_handled_messages, record_failed_attempt)
@@ -34,23 +35,20 @@ HANDLED_PER_TRANSACTION = 50
 SWEEP_MIN_AGE_WHILE_QUEUED = timedelta(minutes=5)
 
 
-class TransientHandlerError(Exception):
-    """A handler failed and the message has attempts left: Celery retries it with backoff."""
+# A failed try is retried after a random wait up to 1, 2, 4, then 8 s, and never up to the sweep's
+# minimum age: a retry waits in the worker's memory, not in the queue, and one waiting longer than
+# that would be handed over again beside it (and counted).
+RETRY_BACKOFF_MAX_SECONDS = 8.0
 
 
-@app.task(
-    name="hseshop.handle_inbox_message",
-    base=ServiceTask,
-    bind=True,
-    ignore_result=True,
-    autoretry_for=(TransientHandlerError,),
-    retry_backoff=1,
-    # A retry waits in the worker's memory, not in the queue: waiting longer than the sweep's
-    # minimum age (INBOX_SWEEP_MIN_AGE_SECONDS, 10 s), it would be handed over again beside it.
-    retry_backoff_max=8,
-    retry_jitter=True,
-    max_retries=None,  # the inbox row counts the attempts and parks the message at the limit
-)
+def retry_countdown(retries: int, sweep_min_age_seconds: float) -> float:
+    """How long the retry after `retries` retries waits (full jitter, as Celery's backoff)."""
+    return random.uniform(0, min(2.0 ** retries, RETRY_BACKOFF_MAX_SECONDS,
+                                 sweep_min_age_seconds / 2))
+
+
+@app.task(name="hseshop.handle_inbox_message", base=ServiceTask, bind=True, ignore_result=True,
+          max_retries=None)  # the inbox row counts the attempts and parks the message at the limit
 def handle_inbox_message(self, service: str, message_id: str) -> str:
     handlers = service_package(service).message_handlers()
     settings = current_app.extensions["hseshop.settings"]
@@ -59,14 +57,19 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
             outcome = process_inbox_message(session, uuid.UUID(message_id), handlers)
     except Exception as exc:
         log.warning("%s inbox: handling %s failed: %r", service, message_id, exc)
-        if cancelled_by_a_limit(exc):  # held up by another session: no attempt of its own
-            raise TransientHandlerError(repr(exc)) from exc
-        with transaction() as session:
-            parked = record_failed_attempt(session, uuid.UUID(message_id), repr(exc),
-                                           settings.inbox_max_attempts)
+        try:
+            with transaction() as session:
+                parked = record_failed_attempt(session, uuid.UUID(message_id), repr(exc),
+                                               settings.inbox_max_attempts,
+                                               counted=not held_up_by_a_lock(exc))
+        except Exception as noting:  # (the sweeper makes good a try left unnoted)
+            log.warning("%s inbox: could not note the failed try of %s: %r",
+                        service, message_id, noting)
+            parked = False
         if parked:
             return Outcome.PARKED.value
-        raise TransientHandlerError(repr(exc)) from exc
+        raise self.retry(exc=exc, countdown=retry_countdown(
+            self.request.retries, settings.inbox_sweep_min_age_seconds)) from exc
     return outcome.value
 
 

@@ -45,7 +45,7 @@ def service_env(infra: Infrastructure, layer: str, **overrides: str) -> dict[str
         "TOPIC_ORDER_STATUS_CHANGED": f"{prefix}.orders.order-status-changed",
         "INBOX_SWEEP_MIN_AGE_SECONDS": "3",
         "INBOX_SWEEP_INTERVAL_SECONDS": "1",
-        "INBOX_MAX_ATTEMPTS": "3",
+        "INBOX_MAX_ATTEMPTS": "5",
     }
     env.update(overrides)
     return env

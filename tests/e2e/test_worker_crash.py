@@ -23,9 +23,12 @@ def test_a_payments_worker_killed_mid_flow_loses_no_order_and_charges_none_twice
     customer.wait_until_final(paid_before["id"], timeout=30)  # the worker at work
     placed = [paid_before] + [customer.place_order(1) for _ in range(10)]  # in flight as it dies
     os.killpg(worker.pid, signal.SIGKILL)
-    wait_for(lambda: not worker.alive(), timeout=10, what="the killed worker to be gone")
-    placed += [customer.place_order(1) for _ in range(10)]  # taken while no worker pays
-    worker.start()
+    try:
+        wait_for(lambda: not worker.alive(), timeout=10, what="the killed worker to be gone")
+        placed += [customer.place_order(1) for _ in range(10)]  # taken while no worker pays
+    finally:  # (the tests after this one need the worker)
+        if not worker.alive():
+            worker.start()
     placed += [customer.place_order(1) for _ in range(10)]
     finals = [customer.wait_until_final(order["id"], timeout=90) for order in placed]
     assert [final["status"] for final in finals] == ["FINISHED"] * len(placed)

@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import psycopg2
 import pytest
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, select, text, update
 
 import payments_app
 import shared.db
@@ -18,8 +18,8 @@ from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, driver_dsn, transaction
 from shared.inbox import ConsumedRecord, InboxMessage, PermanentMessageError
 from tasks.celery_app import app as celery_app
-from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, sweep_inbox,
-                         tasks_waiting)
+from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, retry_countdown,
+                         sweep_inbox, tasks_waiting)
 from tasks.services import service_app
 from tests.polling import wait_for
 from tests.postgres_tools import terminate_backend
@@ -208,7 +208,8 @@ def test_a_handler_held_up_by_a_stalled_lock_is_retried_without_using_its_attemp
             left = _handle_in_one_transaction("payments", [message_id],
                                               payments_app.message_handlers())
         assert left == [message_id]
-        assert _row(message_id).attempts == 0
+        held_up = _row(message_id)
+        assert held_up.attempts == 0 and held_up.last_attempt_at is not None  # (so not swept)
         retrying.start()
         _wait_for_tries_held_up_by(holder_pid, settings, tries=2)
     finally:
@@ -219,6 +220,29 @@ def test_a_handler_held_up_by_a_stalled_lock_is_retried_without_using_its_attemp
     assert row.processed_at is not None and row.parked_at is None and row.attempts == 1
     with service_app("payments").app_context():
         assert db.session.get(Account, user_id).balance == Decimal("9.00")
+
+
+def test_a_handler_whose_statement_runs_too_long_uses_its_attempts_and_is_parked(
+        settings, payments_inbox, monkeypatch, user_id):
+    """A statement cancelled for running too long (statement_timeout) is the work's own doing,
+    unlike a wait on another session's lock: each such try counts, up to the limit."""
+    def too_slow(session, events):
+        session.execute(text("SET LOCAL statement_timeout = '50ms'"))
+        session.execute(text("SELECT pg_sleep(1)"))
+
+    monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: too_slow})
+    message_id = _stored_request(payments_inbox, user_id)
+    handle_inbox_message.apply(args=("payments", str(message_id)))
+    row = _row(message_id)
+    assert row.parked_at is not None and row.attempts == settings.inbox_max_attempts
+    assert "statement timeout" in row.last_error
+
+
+def test_retries_wait_less_than_the_sweeps_minimum_age():
+    for retries in range(10):
+        for _ in range(50):
+            assert 0 <= retry_countdown(retries, 10.0) <= min(2 ** retries, 8)
+            assert retry_countdown(retries, 3.0) <= 1.5
 
 
 def _wait_for_tries_held_up_by(holder_pid: int, settings, tries: int) -> None:
