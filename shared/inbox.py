@@ -2,8 +2,9 @@
 message id, and then handled exactly once in a transaction that also marks it processed.
 
 A message that cannot be parsed is parked at once; one whose handler keeps failing is retried and,
-after `max_attempts` (each handing over by the sweeper counts as one), parked with its last error.
-Parked messages stay in the table for an operator and never block the messages behind them.
+after `max_attempts` (a handing over by the sweeper with the handlers' queue idle counts as one; a
+try held up by another session's lock does not), parked with its last error. Parked messages stay
+in the table for an operator and never block the messages behind them.
 """
 
 from __future__ import annotations
