@@ -1,6 +1,10 @@
-"""PostgreSQL for tests: ending a connection from the server's side, as a restart would."""
+"""PostgreSQL for tests: ending a connection from the server's side, as a restart would, and a
+transaction stalled holding an account's row."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg2
 
@@ -13,3 +17,18 @@ def terminate_backend(database_url: str, pid: int) -> None:
         cursor.execute("SELECT pg_terminate_backend(%s)", (pid,))
         assert cursor.fetchone()[0], f"no backend {pid} to end"
     admin.close()
+
+
+@contextmanager
+def account_row_held(database_url: str, user_id: str) -> Iterator[int]:
+    """A transaction of another session holding `user_id`'s account row locked, as one stalled
+    would; yields its backend's pid, and rolls back when the block ends."""
+    holder = psycopg2.connect(driver_dsn(database_url))
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid() FROM accounts WHERE user_id = %s FOR UPDATE",
+                           (user_id,))
+            yield cursor.fetchone()[0]
+    finally:
+        holder.rollback()
+        holder.close()

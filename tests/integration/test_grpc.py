@@ -272,9 +272,7 @@ def test_a_request_held_up_by_a_lock_is_503_busy_over_both_transports(
     """A deposit held up by a stalled transaction on its account (shared.db.SESSION_LIMITS)
     reaches the caller through the gateway as the service's DATABASE_BUSY, inside the gateway's
     own wait for the service, whichever transport carries it."""
-    import psycopg2
-
-    from shared.db import driver_dsn
+    from tests.postgres_tools import account_row_held
 
     for transport in ("grpc", "http"):
         client = _gateway(settings, upstreams, grpc_targets, transport)
@@ -282,15 +280,8 @@ def test_a_request_held_up_by_a_lock_is_503_busy_over_both_transports(
             "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
         auth = {"Authorization": f"Bearer {session['access_token']}"}
         assert client.post("/api/accounts", headers=auth).status_code == 201
-        holder = psycopg2.connect(driver_dsn(settings.database_url("payments")))
-        try:
-            with holder.cursor() as cursor:
-                cursor.execute("SELECT 1 FROM accounts WHERE user_id = %s FOR UPDATE",
-                               (session["user_id"],))
+        with account_row_held(settings.database_url("payments"), session["user_id"]):
             answer = client.post("/api/accounts/deposit", json={"amount": "5"}, headers=auth)
-        finally:
-            holder.rollback()
-            holder.close()
         assert answer.status_code == 503, transport
         assert answer.get_json()["error"]["code"] == "DATABASE_BUSY", transport
         assert answer.headers.get("Retry-After") == "1", transport

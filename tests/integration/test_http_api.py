@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
-import psycopg2
 import pytest
 from sqlalchemy import func, select
 
@@ -15,10 +14,10 @@ from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
 from shared.config import ENVIRONMENT, get_settings
-from shared.db import db, driver_dsn
+from shared.db import db
 from shared.internal_auth import identity_headers
 from shared.outbox import OutboxMessage
-from tests.postgres_tools import terminate_backend
+from tests.postgres_tools import account_row_held, terminate_backend
 
 
 @pytest.fixture
@@ -209,16 +208,10 @@ def test_a_request_held_up_by_a_lock_is_a_503_that_changed_nothing(payments_http
     DATABASE_BUSY, and changed nothing, as its retry under the same key shows."""
     assert payments_http.post("/accounts", headers=_as(user_id)).status_code == 201
     headers = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
-    holder = psycopg2.connect(driver_dsn(settings.database_url("payments")))
-    try:
-        with holder.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM accounts WHERE user_id = %s FOR UPDATE", (user_id,))
+    with account_row_held(settings.database_url("payments"), user_id):
         held_up = payments_http.post("/accounts/deposit", json={"amount": "5"}, headers=headers)
         assert _assert_error(held_up, 503)["code"] == "DATABASE_BUSY"
         assert held_up.headers["Retry-After"] == "1"
-    finally:
-        holder.rollback()
-        holder.close()
     retried = payments_http.post("/accounts/deposit", json={"amount": "5"}, headers=headers)
     assert retried.status_code == 200 and retried.get_json()["balance"] == "5.00"
 

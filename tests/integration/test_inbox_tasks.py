@@ -22,7 +22,7 @@ from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, 
                          sweep_inbox, tasks_waiting)
 from tasks.services import service_app
 from tests.polling import wait_for
-from tests.postgres_tools import terminate_backend
+from tests.postgres_tools import account_row_held, terminate_backend
 
 
 def _stored_request(store, user: str, key: str | None = None,
@@ -196,14 +196,9 @@ def test_a_handler_held_up_by_a_stalled_lock_is_retried_without_using_its_attemp
             payments.open_account(session, user_id=user_id)
             payments.deposit(session, user_id=user_id, amount=Decimal("10"))
     message_id = _stored_request(payments_inbox, user_id, key=user_id)
-    holder = psycopg2.connect(driver_dsn(settings.database_url("payments")))
     retrying = threading.Thread(target=handle_inbox_message.apply,
                                 args=(("payments", str(message_id)),))
-    try:
-        with holder.cursor() as cursor:
-            cursor.execute("SELECT pg_backend_pid() FROM accounts WHERE user_id = %s FOR UPDATE",
-                           (user_id,))
-            holder_pid = cursor.fetchone()[0]
+    with account_row_held(settings.database_url("payments"), user_id) as holder_pid:
         with service_app("payments").app_context():
             left = _handle_in_one_transaction("payments", [message_id],
                                               payments_app.message_handlers())
@@ -212,9 +207,6 @@ def test_a_handler_held_up_by_a_stalled_lock_is_retried_without_using_its_attemp
         assert held_up.attempts == 0 and held_up.last_attempt_at is not None  # (so not swept)
         retrying.start()
         _wait_for_tries_held_up_by(holder_pid, settings, tries=2)
-    finally:
-        holder.rollback()
-        holder.close()
     retrying.join(30)
     row = _row(message_id)
     assert row.processed_at is not None and row.parked_at is None and row.attempts == 1
@@ -327,10 +319,12 @@ def test_a_request_delivered_again_after_its_row_was_pruned_changes_nothing(
     assert results == 1  # the first decision's result only (no relay runs here)
 
 
-def _received_ago(message_id, age: timedelta) -> None:
+def _received_ago(message_id, age: timedelta, handed_over_as_long_ago: bool = False) -> None:
+    """Stored `age` ago (and last handed over as long ago, if so asked)."""
+    since = {"last_attempt_at": func.now() - age} if handed_over_as_long_ago else {}
     with service_app("payments").app_context(), transaction() as session:
         session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
-                        .values(received_at=func.now() - age))
+                        .values(received_at=func.now() - age, **since))
 
 
 def _handed_over(message_id) -> bool:
@@ -387,11 +381,11 @@ def test_a_message_whose_handling_is_lost_again_and_again_goes_alone_and_is_park
     it), counting each handing over, and parks it once they reach the attempt limit."""
     message_id = _stored_request(payments_inbox, user_id)
     for tries in range(1, settings.inbox_max_attempts):
-        _stalled_since(message_id, timedelta(minutes=1))
+        _received_ago(message_id, timedelta(minutes=1), handed_over_as_long_ago=True)
         sweep_inbox.apply(args=("payments",)).get()
         assert _dispatches_of(message_id) == [handle_inbox_message.name]
         assert _row(message_id).attempts == tries
-    _stalled_since(message_id, timedelta(minutes=1))
+    _received_ago(message_id, timedelta(minutes=1), handed_over_as_long_ago=True)
     sweep_inbox.apply(args=("payments",)).get()
     assert _dispatches_of(message_id) == []
     row = _row(message_id)
@@ -407,19 +401,12 @@ def test_while_tasks_wait_the_sweeper_counts_no_attempt_and_sends_batches(
     message_id = _stored_request(payments_inbox, user_id)
     handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
     for _ in range(settings.inbox_max_attempts + 1):
-        _stalled_since(message_id, timedelta(minutes=6))
+        _received_ago(message_id, timedelta(minutes=6), handed_over_as_long_ago=True)
         sweep_inbox.apply(args=("payments",)).get()
     row = _row(message_id)
     assert row.attempts == 0 and row.parked_at is None
     assert _dispatches_of(message_id) == [handle_inbox_batch.name] * (
         settings.inbox_max_attempts + 1)
-
-
-def _stalled_since(message_id, age: timedelta) -> None:
-    """Stored, and last handed over, `age` ago."""
-    with service_app("payments").app_context(), transaction() as session:
-        session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
-                        .values(received_at=func.now() - age, last_attempt_at=func.now() - age))
 
 
 def test_beat_prunes_every_services_inbox(settings):
