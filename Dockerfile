@@ -38,4 +38,5 @@ HEALTHCHECK --interval=10s --timeout=8s --start-period=30s --retries=5 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8001/health', timeout=5)"]
 
 CMD ["gunicorn", "-b", "0.0.0.0:8001", "-w", "2", "--threads", "4", \
-     "--no-control-socket", "orders_app:create_app()"]
+     "-k", "shared.gunicorn_worker.JsonErrorsThreadWorker", "--no-control-socket", \
+     "orders_app:create_app()"]

@@ -26,6 +26,7 @@ GATEWAY_THREADS = 32
 # gunicorn's worker processes and threads per API (the benchmark serves its baseline the same way).
 API_WORKERS = 2
 API_THREADS = 4
+GUNICORN_WORKER_CLASS = "shared.gunicorn_worker.JsonErrorsThreadWorker"
 # Threads of each Celery worker's pool. A batch spends most of its time waiting (on PostgreSQL, on
 # row locks another batch holds, on a core), so more threads than cores keep batches from queueing
 # behind each other; each holds one pooled connection while it runs (shared/db.py pools 20).
@@ -36,9 +37,10 @@ def gunicorn_argv(port: int, app: str, threads: int = API_THREADS) -> list[str]:
     """The `python -m` arguments that serve the WSGI app `app` as both APIs are served."""
     # --no-control-socket: otherwise every gunicorn master shares ~/.gunicorn/gunicorn.ctl. No
     # access log: the apps log each request themselves, with its request id
-    # (shared/request_context.py).
+    # (shared/request_context.py). The worker class answers what gunicorn cannot read in JSON.
     return [
         *f"gunicorn -b {infra.LOCALHOST}:{port} -w {API_WORKERS} --threads {threads}".split(),
+        "-k", GUNICORN_WORKER_CLASS,
         "--no-control-socket",
         app,
     ]

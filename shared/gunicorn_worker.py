@@ -1,0 +1,44 @@
+"""The gunicorn worker the shop's HTTP servers run: gunicorn's threaded worker, answering a request
+it cannot read with the shop's JSON error instead of an HTML page.
+
+gunicorn answers some requests itself, before any app sees them (gunicorn/workers/base.py:
+`Worker.handle_error`): a request line longer than `limit_request_line` (4094 bytes) with 414, more
+than `limit_request_fields` header fields (100) or one longer than `limit_request_field_size` (8190
+bytes) with 431, a malformed request line or header with 400, and an app that raised past Flask
+with 500. gunicorn writes that answer with `gunicorn.util.write_error`, which it has no setting or
+hook for, so loading this worker class (`-k shared.gunicorn_worker.JsonErrorsThreadWorker`)
+replaces that function with `write_json_error`, in the master and so in every worker it forks.
+"""
+
+from __future__ import annotations
+
+import json
+
+from gunicorn import util
+from gunicorn.workers.gthread import ThreadWorker
+
+from shared.errors import INTERNAL_ERROR, code_for, error_body
+
+
+def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """What gunicorn calls `util.write_error`, with its arguments: the answer to a request it could
+    not read, as `{"error": {"code", "message", "details"}}` and, like gunicorn's, its last."""
+    if status_int == 500:
+        body = error_body(*INTERNAL_ERROR)
+    else:
+        body = error_body(code_for(reason), mesg or reason)
+    payload = json.dumps(body).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\n"
+            "Connection: close\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n"
+            "\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + payload)
+
+
+util.write_error = write_json_error
+
+
+class JsonErrorsThreadWorker(ThreadWorker):
+    """gunicorn's threaded worker (what `--threads` above 1 picks); the module, once loaded, makes
+    the answers gunicorn writes itself JSON."""

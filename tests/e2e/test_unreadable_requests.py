@@ -1,0 +1,79 @@
+"""Requests gunicorn cannot read, answered before any app sees them: in the shop's JSON error
+shape, as every other bad request is (shared/gunicorn_worker.py), not as gunicorn's HTML page."""
+
+from __future__ import annotations
+
+import json
+import socket
+from urllib.parse import urlsplit
+
+import pytest
+
+LONGEST_REQUEST_LINE = 4094  # gunicorn's limit_request_line
+LONGEST_HEADER_FIELD = 8190  # its limit_request_field_size
+MOST_HEADER_FIELDS = 100  # its limit_request_fields
+
+
+def raw_exchange(url: str, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send `request` as it is, read the answer to the end (the server closes the connection
+    after an error): its status line, its headers by lower-case name, its body."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as connection:
+        connection.sendall(request)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip()
+               for name, _, value in (line.partition(":") for line in header_lines)}
+    return status_line, headers, body
+
+
+def get_with(path: str, *header_lines: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: shop.test", *header_lines, "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def assert_json_error(answer, status: int, code: str) -> dict:
+    status_line, headers, body = answer
+    assert status_line.split(" ", 2)[1] == str(status), status_line
+    assert headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body)
+    error = json.loads(body)["error"]
+    assert error["code"] == code and error["message"] and error["details"] == {}
+    return error
+
+
+@pytest.mark.parametrize("server", ["gateway", "orders", "payments"])
+def test_a_request_line_over_gunicorns_limit_gets_a_json_414(stack, server):
+    url = getattr(stack, f"{server}_url")
+    path = "/api/orders?q=" + "x" * LONGEST_REQUEST_LINE
+    error = assert_json_error(raw_exchange(url, get_with(path)), 414, "URI_TOO_LONG")
+    assert str(LONGEST_REQUEST_LINE) in error["message"]
+
+
+def test_too_many_header_fields_get_a_json_431(stack):
+    headers = [f"X-Filler-{n}: {n}" for n in range(MOST_HEADER_FIELDS + 1)]
+    answer = raw_exchange(stack.gateway_url, get_with("/api/orders", *headers))
+    assert_json_error(answer, 431, "REQUEST_HEADER_FIELDS_TOO_LARGE")
+
+
+def test_a_header_field_over_gunicorns_limit_gets_a_json_431(stack):
+    header = "X-Filler: " + "x" * LONGEST_HEADER_FIELD
+    answer = raw_exchange(stack.gateway_url, get_with("/api/orders", header))
+    assert_json_error(answer, 431, "REQUEST_HEADER_FIELDS_TOO_LARGE")
+
+
+def test_a_malformed_header_gets_a_json_400_that_quotes_it(stack):
+    answer = raw_exchange(stack.gateway_url, get_with("/api/orders", "Bad Header: <b>x</b>"))
+    error = assert_json_error(answer, 400, "BAD_REQUEST")
+    assert "Bad Header" in error["message"]
+
+
+def test_a_request_line_within_the_limit_still_reaches_the_app(stack):
+    path = "/api/orders?q=" + "x" * 1000
+    status_line, headers, body = raw_exchange(
+        stack.gateway_url, get_with(path, "Connection: close"))
+    assert status_line.split(" ", 2)[1] == "401", status_line  # the gateway's own answer
+    assert json.loads(body)["error"]["code"] == "MISSING_TOKEN"
