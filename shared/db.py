@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -48,22 +48,22 @@ CONNECTION_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle"
 # try fails and is retried with backoff, not counted as one of the message's attempts
 # (tasks/inbox.py). A statement runs at most 30 s (the longest the shop runs, a pruner's,
 # take well under a second). A transaction left idle 60 s (its process paused or hung between
-# statements) is ended by the server, locks and all. Not for migrations (shared/migrations.py),
-# whose statements may rightly wait and run longer.
+# statements) is ended by the server, locks and all. Migrations run under limits of their own
+# (shared/migrations.py: MIGRATION_LIMITS): their statements may rightly run long.
 SESSION_LIMITS = {"lock_timeout": "2s", "statement_timeout": "30s",
                   "idle_in_transaction_session_timeout": "1min"}
-_LIMITS_AS_OPTIONS = " ".join(f"-c {name}={value}" for name, value in SESSION_LIMITS.items())
 # The SQLSTATEs of a statement cancelled under SESSION_LIMITS: lock_not_available (lock_timeout)
 # and query_canceled (statement_timeout).
 _LOCK_NOT_AVAILABLE = "55P03"
 _QUERY_CANCELED = "57014"
 
 
-def session_options(given: str | None) -> str:
-    """libpq's `options` for a connection: SESSION_LIMITS, then whatever options the database's
-    URL (or else PGOPTIONS) gives, which so win over the limits."""
+def session_options(given: str | None, limits: Mapping[str, str] = SESSION_LIMITS) -> str:
+    """libpq's `options` for a connection: `limits`, then whatever options the database's URL (or
+    else PGOPTIONS) gives, which so win over the limits."""
     given = os.environ.get("PGOPTIONS", "") if given is None else given
-    return f"{_LIMITS_AS_OPTIONS} {given}".strip()
+    limits_as_options = " ".join(f"-c {name}={value}" for name, value in limits.items())
+    return f"{limits_as_options} {given}".strip()
 
 
 def cancelled_by_a_limit(exc: BaseException) -> bool:
@@ -182,12 +182,12 @@ def init_database(app: Flask) -> None:
         ping_connections_after_idle(db.engine)
 
 
-def limit_sessions(engine: Engine) -> None:
-    """Open every connection of the engine under SESSION_LIMITS (after the URL's own options)."""
+def limit_sessions(engine: Engine, limits: Mapping[str, str] = SESSION_LIMITS) -> None:
+    """Open every connection of the engine under `limits` (the URL's own options win)."""
 
     @event.listens_for(engine, "do_connect")
     def _connecting(dialect, connection_record, cargs, cparams) -> None:
-        cparams["options"] = session_options(cparams.get("options"))
+        cparams["options"] = session_options(cparams.get("options"), limits)
 
 
 def ping_connections_after_idle(engine: Engine) -> None:

@@ -9,6 +9,9 @@ several processes start at once without running the same migration twice. Each r
 transaction of its own, so that one can leave its transaction for a statement that must run
 outside any (an index built CONCURRENTLY, without blocking the tables' writers:
 shared.migration_steps); the lock is held by the session for the whole upgrade.
+
+A revision's statement waits at most MIGRATION_LIMITS' lock_timeout for a lock the running shop
+holds; the revision is then rolled back whole, and `upgrade` tries it again after a pause.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -24,13 +28,23 @@ from alembic.config import Config
 from sqlalchemy.engine import make_url
 
 from shared.config import SERVICES, get_settings
-from shared.db import CONNECTION_TIMEOUTS
+from shared.db import CONNECTION_TIMEOUTS, held_up_by_a_lock, limit_sessions
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIGRATION_LOCK_KEY = 0x5EED_0001
 LOCK_RETRY_SECONDS = 0.5
+# A revision's statement waits at most 2 s for a lock, then gives way. A schema change waiting for
+# its lock holds up every statement on the table that comes after it (they queue behind its
+# exclusive request): waiting out a long transaction, it would stall the shop as long. The shop's
+# sessions hold their locks briefly (an idle transaction of theirs ends after a minute:
+# shared/db.py, SESSION_LIMITS), so a later try gets through. An index built CONCURRENTLY waits
+# without a limit (shared/migration_steps.py): its waits hold nobody up.
+MIGRATION_LIMITS = {"lock_timeout": "2s"}
+# How long `upgrade` goes on trying a revision that gives way, and the longest pause between tries.
+GIVE_WAY_FOR_SECONDS = 300.0
+LONGEST_PAUSE_SECONDS = 10.0
 _DATABASE_EXISTS_CODES = {"42P04", "23505"}  # duplicate_database, unique_violation
 
 
@@ -64,18 +78,45 @@ def alembic_config(service: str, url: str) -> Config:
     return config
 
 
+def migration_engine(url: str) -> sa.Engine:
+    """An engine whose sessions run under MIGRATION_LIMITS."""
+    engine = sa.create_engine(url, connect_args=CONNECTION_TIMEOUTS)
+    limit_sessions(engine, MIGRATION_LIMITS)
+    return engine
+
+
 def upgrade(service: str, revision: str = "head") -> None:
     url = get_settings().database_url(service)
     ensure_database(url)
-    engine = sa.create_engine(url, connect_args=CONNECTION_TIMEOUTS)
+    engine = migration_engine(url)
     try:
         with engine.connect() as conn:
             _take_migration_lock(conn)
             config = alembic_config(service, url)
             config.attributes["connection"] = conn
-            command.upgrade(config, revision)
+            _giving_way_to_locks(conn, lambda: command.upgrade(config, revision))
     finally:
         engine.dispose()
+
+
+def _giving_way_to_locks(conn: sa.Connection, upgrade_once: Callable[[], None]) -> None:
+    """Run `upgrade_once` until it is through. A revision held up by a lock past its lock_timeout
+    was rolled back whole (those before it are done, and stay so): it is tried again after a
+    pause, doubled each time up to LONGEST_PAUSE_SECONDS, for GIVE_WAY_FOR_SECONDS at most."""
+    deadline = time.monotonic() + GIVE_WAY_FOR_SECONDS
+    pause = 1.0
+    while True:
+        try:
+            upgrade_once()
+            return
+        except sa.exc.OperationalError as exc:
+            if not held_up_by_a_lock(exc) or time.monotonic() + pause > deadline:
+                raise
+            conn.rollback()
+            log.warning("a revision waited too long for a lock another session holds and gave "
+                        "way; trying it again in %.0f s", pause)
+            time.sleep(pause)
+            pause = min(pause * 2, LONGEST_PAUSE_SECONDS)
 
 
 def _take_migration_lock(conn: sa.Connection) -> None:
@@ -105,8 +146,7 @@ def run_env() -> None:
     if connection is not None:
         _run_revisions(context, connection)
         return
-    engine = sa.create_engine(context.config.get_main_option("sqlalchemy.url"),
-                              connect_args=CONNECTION_TIMEOUTS)
+    engine = migration_engine(context.config.get_main_option("sqlalchemy.url"))
     try:
         with engine.connect() as connection:
             _run_revisions(context, connection)

@@ -14,11 +14,14 @@ from alembic import command
 
 from shared.config import SERVICES
 from shared.db import driver_dsn
-from shared.migrations import MIGRATION_LOCK_KEY, alembic_config, ensure_database
+from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, alembic_config,
+                               ensure_database)
 from shared.outbox import CLAIM_ROWS
 from tests.environment import database_name
 from tests.polling import wait_for
 
+# A second longer than a migration's statement waits for a lock ("2s"), as a setting too ("3s").
+PAST_A_MIGRATIONS_LOCK_WAIT = f"{int(MIGRATION_LIMITS['lock_timeout'].removesuffix('s')) + 1}s"
 PENDING_PAYLOAD = {"order_id": "o-1", "user_id": "u-1", "amount": "1.00"}
 
 
@@ -104,6 +107,14 @@ def _index_valid(url: str, name: str) -> bool | None:
     return row and row[0]
 
 
+def _other_sessions(cursor, condition: str, *params) -> int:
+    """How many of the other sessions on the cursor's database match `condition`, a filter of
+    pg_stat_activity (the cursor in autocommit: a transaction would see the view frozen)."""
+    cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                   f" AND pid <> pg_backend_pid() AND ({condition})", params)
+    return cursor.fetchone()[0]
+
+
 def test_the_inbox_index_is_built_while_the_consumers_go_on_storing(infrastructure):
     """Revision 0007 indexes the inbox, the biggest table, CONCURRENTLY: a consumer's insert
     made while the build waits for a transaction that was open on the table when it began goes
@@ -131,14 +142,21 @@ def test_the_inbox_index_is_built_while_the_consumers_go_on_storing(infrastructu
         upgrading.start()
         with watcher.cursor() as cursor:
             def build_waiting() -> bool:
-                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname ="
-                               " current_database() AND query LIKE 'CREATE INDEX CONCURRENTLY%%'"
-                               " AND wait_event = 'virtualxid'")
-                return cursor.fetchone()[0] == 1
+                return _other_sessions(cursor, "query LIKE 'CREATE INDEX CONCURRENTLY%%'"
+                                               " AND wait_event = 'virtualxid'") == 1
 
             wait_for(build_waiting, timeout=20, what="the index build to wait for the consumer")
             cursor.execute("SET lock_timeout = '3s'")
             _inbox_row(cursor)  # another consumer storing: not held up by the build
+
+            def build_waited_past_the_migrations_lock_timeout() -> bool:
+                # (a lock wait the migration's limit would have cut short, the index left invalid)
+                return _other_sessions(cursor, "wait_event = 'virtualxid' AND clock_timestamp()"
+                                               " - query_start > %s::interval",
+                                       PAST_A_MIGRATIONS_LOCK_WAIT) == 1
+
+            wait_for(build_waited_past_the_migrations_lock_timeout, timeout=20,
+                     what="the index build to wait past the migration's lock timeout")
     finally:
         watcher.close()
         storing.commit()
@@ -146,6 +164,48 @@ def test_the_inbox_index_is_built_while_the_consumers_go_on_storing(infrastructu
         upgrading.join(30)
     assert not upgrading.is_alive() and failures == []
     assert _index_valid(url, "ix_inbox_messages_handled")
+
+
+def test_a_revision_held_up_by_the_shop_gives_way_and_runs_once_the_lock_is_free(infrastructure):
+    """Revision 0008 alters the outbox, which a transaction of the shop has read and holds open.
+    Queued for its lock, the ALTER would hold up every later statement on the outbox for as long as
+    that transaction lasts; it gives way after the migration's lock timeout, so a relay reading
+    the outbox meanwhile gets through, and the revision is tried again until the lock is free."""
+    url = _database_url(infrastructure, "giving-way", "orders")
+    ensure_database(url)
+    command.upgrade(alembic_config("orders", url), "0007")
+    env = {**os.environ, "ORDERS_DATABASE_URL": url.replace("+psycopg2", "")}
+    dsn = driver_dsn(url)
+    holder, reader = psycopg2.connect(dsn), psycopg2.connect(dsn)
+    reader.autocommit = True
+    upgrading = None
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM outbox_messages")
+        upgrading = subprocess.Popen(
+            [sys.executable, "-m", "shared.migrations", "upgrade", "orders"], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with reader.cursor() as cursor:
+            def alter_waiting() -> bool:
+                return _other_sessions(cursor, "query LIKE 'ALTER TABLE outbox_messages%%'"
+                                               " AND wait_event_type = 'Lock'") == 1
+
+            wait_for(alter_waiting, timeout=30, what="the revision to wait for the outbox's lock")
+            cursor.execute("SET lock_timeout = %s", (PAST_A_MIGRATIONS_LOCK_WAIT,))
+            # A relay's read: through once the ALTER gives way.
+            cursor.execute("SELECT count(*) FROM outbox_messages")
+            wait_for(alter_waiting, timeout=30, what="the revision to try again")
+        holder.commit()
+        output = upgrading.communicate(timeout=60)[0]
+    finally:
+        holder.close()
+        reader.close()
+        if upgrading is not None:
+            upgrading.kill()
+            upgrading.wait()
+    assert upgrading.returncode == 0, output
+    assert "gave way" in output and "Running upgrade 0007 -> 0008" in output, output
+    assert _index_valid(url, "ix_outbox_messages_parked")
 
 
 def test_an_index_build_left_invalid_is_built_anew_when_the_revision_runs_again(infrastructure):
@@ -186,11 +246,8 @@ def test_processes_upgrading_one_database_at_once_take_turns(infrastructure):
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3))
 
             def all_waiting() -> bool:  # in the lock, or between two tries (its last: COMMIT)
-                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname ="
-                               " current_database() AND pid <> pg_backend_pid()"
-                               " AND backend_type = 'client backend'"
-                               " AND (query LIKE '%%advisory_lock%%' OR query = 'COMMIT')")
-                return cursor.fetchone()[0] == 3
+                return _other_sessions(cursor, "backend_type = 'client backend' AND (query LIKE"
+                                               " '%%advisory_lock%%' OR query = 'COMMIT')") == 3
 
             wait_for(all_waiting, timeout=30, what="three processes waiting for the lock")
             # A transaction begun after their tries: an index build waits for any snapshot
