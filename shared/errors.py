@@ -122,8 +122,8 @@ INTERNAL_ERROR = ("INTERNAL_ERROR", "Something went wrong on our side.")
 
 
 def code_for(reason: str) -> str:
-    """An HTTP status's name as an error code: "URI Too Long" is URI_TOO_LONG."""
-    return (reason or "error").upper().replace(" ", "_").replace("'", "")
+    """An HTTP status's name as an error code: "Request-URI Too Long" is REQUEST_URI_TOO_LONG."""
+    return (reason or "error").upper().replace(" ", "_").replace("-", "_").replace("'", "")
 
 
 class ErrorBodySchema(Schema):

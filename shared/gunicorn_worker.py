@@ -3,16 +3,18 @@ it cannot read with the shop's JSON error instead of an HTML page.
 
 gunicorn answers some requests itself, before any app sees them (gunicorn/workers/base.py:
 `Worker.handle_error`): a request line longer than `limit_request_line` (4094 bytes) with 414, more
-than `limit_request_fields` header fields (100) or one longer than `limit_request_field_size` (8190
-bytes) with 431, a malformed request line or header with 400, and an app that raised past Flask
-with 500. gunicorn writes that answer with `gunicorn.util.write_error`, which it has no setting or
-hook for, so loading this worker class (`-k shared.gunicorn_worker.JsonErrorsThreadWorker`)
-replaces that function with `write_json_error`, in the master and so in every worker it forks.
+than `limit_request_fields` header fields (100) or a header line longer than
+`limit_request_field_size` (8190 bytes, its line end counted) with 431, a malformed request line or
+header with 400, and an app that raised past Flask with 500. gunicorn writes that answer with
+`gunicorn.util.write_error`, which it has no setting or hook for, so loading this worker class
+(`-k shared.gunicorn_worker.JsonErrorsThreadWorker`) replaces that function with
+`write_json_error`, in the master and so in every worker it forks.
 """
 
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
@@ -23,6 +25,9 @@ from shared.errors import INTERNAL_ERROR, code_for, error_body
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     """What gunicorn calls `util.write_error`, with its arguments: the answer to a request it could
     not read, as `{"error": {"code", "message", "details"}}` and, like gunicorn's, its last."""
+    # The status's standard name, for the status line and the code alike: gunicorn's own can be
+    # another status's ("Bad Request" with its 501 for an unsupported Transfer-Encoding).
+    reason = _STATUS_NAMES.get(status_int, reason)
     if status_int == 500:
         body = error_body(*INTERNAL_ERROR)
     else:
@@ -35,6 +40,8 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
             "\r\n")
     util.write_nonblock(sock, head.encode("latin-1") + payload)
 
+
+_STATUS_NAMES = {status.value: status.phrase for status in HTTPStatus}
 
 util.write_error = write_json_error
 

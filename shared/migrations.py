@@ -11,7 +11,7 @@ outside any (an index built CONCURRENTLY, without blocking the tables' writers:
 shared.migration_steps); the lock is held by the session for the whole upgrade.
 
 A revision's statement waits at most MIGRATION_LIMITS' lock_timeout for a lock the running shop
-holds; the revision is then rolled back whole, and `upgrade` tries it again after a pause.
+holds; the revision is then rolled back, and `upgrade` tries it again after a pause.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from psycopg2.errors import DeadlockDetected
 from sqlalchemy.engine import make_url
 
 from shared.config import SERVICES, get_settings
@@ -35,13 +36,15 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIGRATION_LOCK_KEY = 0x5EED_0001
 LOCK_RETRY_SECONDS = 0.5
-# A revision's statement waits at most 2 s for a lock, then gives way. A schema change waiting for
+# A revision's statement waits at most 1 s for a lock, then gives way. A schema change waiting for
 # its lock holds up every statement on the table that comes after it (they queue behind its
 # exclusive request): waiting out a long transaction, it would stall the shop as long. The shop's
 # sessions hold their locks briefly (an idle transaction of theirs ends after a minute:
-# shared/db.py, SESSION_LIMITS), so a later try gets through. An index built CONCURRENTLY waits
-# without a limit (shared/migration_steps.py): its waits hold nobody up.
-MIGRATION_LIMITS = {"lock_timeout": "2s"}
+# shared/db.py, SESSION_LIMITS), so a later try gets through. Shorter than the shop's own 2 s, so
+# that a shop statement queued behind the change is let through before it gives up itself. An
+# index built CONCURRENTLY waits without a limit (shared/migration_steps.py): its waits hold
+# nobody up.
+MIGRATION_LIMITS = {"lock_timeout": "1s"}
 # How long `upgrade` goes on trying a revision that gives way, and the longest pause between tries.
 GIVE_WAY_FOR_SECONDS = 300.0
 LONGEST_PAUSE_SECONDS = 10.0
@@ -100,9 +103,10 @@ def upgrade(service: str, revision: str = "head") -> None:
 
 
 def _giving_way_to_locks(conn: sa.Connection, upgrade_once: Callable[[], None]) -> None:
-    """Run `upgrade_once` until it is through. A revision held up by a lock past its lock_timeout
-    was rolled back whole (those before it are done, and stay so): it is tried again after a
-    pause, doubled each time up to LONGEST_PAUSE_SECONDS, for GIVE_WAY_FOR_SECONDS at most."""
+    """Run `upgrade_once` until it is through. A revision held up by a lock past its lock_timeout,
+    or chosen as a deadlock's victim, was rolled back (what it committed before an index build
+    stays, as do the revisions before it): it is tried again after a pause, doubled each time up
+    to LONGEST_PAUSE_SECONDS, for GIVE_WAY_FOR_SECONDS at most."""
     deadline = time.monotonic() + GIVE_WAY_FOR_SECONDS
     pause = 1.0
     while True:
@@ -110,11 +114,12 @@ def _giving_way_to_locks(conn: sa.Connection, upgrade_once: Callable[[], None]) 
             upgrade_once()
             return
         except sa.exc.OperationalError as exc:
-            if not held_up_by_a_lock(exc) or time.monotonic() + pause > deadline:
+            gave_way = held_up_by_a_lock(exc) or isinstance(exc.orig, DeadlockDetected)
+            if not gave_way or time.monotonic() + pause > deadline:
                 raise
             conn.rollback()
             log.warning("a revision waited too long for a lock another session holds and gave "
-                        "way; trying it again in %.0f s", pause)
+                        "way (%s); trying it again in %.0f s", type(exc.orig).__name__, pause)
             time.sleep(pause)
             pause = min(pause * 2, LONGEST_PAUSE_SECONDS)
 

@@ -49,7 +49,7 @@ def assert_json_error(answer, status: int, code: str) -> dict:
 def test_a_request_line_over_gunicorns_limit_gets_a_json_414(stack, server):
     url = getattr(stack, f"{server}_url")
     path = "/api/orders?q=" + "x" * LONGEST_REQUEST_LINE
-    error = assert_json_error(raw_exchange(url, get_with(path)), 414, "URI_TOO_LONG")
+    error = assert_json_error(raw_exchange(url, get_with(path)), 414, "REQUEST_URI_TOO_LONG")
     assert str(LONGEST_REQUEST_LINE) in error["message"]
 
 
@@ -65,7 +65,7 @@ def test_a_header_field_over_gunicorns_limit_gets_a_json_431(stack):
     assert_json_error(answer, 431, "REQUEST_HEADER_FIELDS_TOO_LARGE")
 
 
-def test_a_malformed_header_gets_a_json_400_that_quotes_it(stack):
+def test_a_malformed_header_gets_a_json_400_that_names_it(stack):
     answer = raw_exchange(stack.gateway_url, get_with("/api/orders", "Bad Header: <b>x</b>"))
     error = assert_json_error(answer, 400, "BAD_REQUEST")
     assert "Bad Header" in error["message"]

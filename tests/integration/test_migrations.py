@@ -13,15 +13,22 @@ import pytest
 from alembic import command
 
 from shared.config import SERVICES
-from shared.db import driver_dsn
+from shared.db import SESSION_LIMITS, driver_dsn
 from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, alembic_config,
                                ensure_database)
 from shared.outbox import CLAIM_ROWS
 from tests.environment import database_name
 from tests.polling import wait_for
 
-# A second longer than a migration's statement waits for a lock ("2s"), as a setting too ("3s").
-PAST_A_MIGRATIONS_LOCK_WAIT = f"{int(MIGRATION_LIMITS['lock_timeout'].removesuffix('s')) + 1}s"
+
+def _seconds(timeout: str) -> int:
+    """A timeout setting in whole seconds ("2s") as a number."""
+    return int(timeout.removesuffix("s"))
+
+
+# A second longer than a migration's statement waits for a lock, as an interval.
+PAST_A_MIGRATIONS_LOCK_WAIT = f"{_seconds(MIGRATION_LIMITS['lock_timeout']) + 1}s"
+
 PENDING_PAYLOAD = {"order_id": "o-1", "user_id": "u-1", "amount": "1.00"}
 
 
@@ -169,8 +176,10 @@ def test_the_inbox_index_is_built_while_the_consumers_go_on_storing(infrastructu
 def test_a_revision_held_up_by_the_shop_gives_way_and_runs_once_the_lock_is_free(infrastructure):
     """Revision 0008 alters the outbox, which a transaction of the shop has read and holds open.
     Queued for its lock, the ALTER would hold up every later statement on the outbox for as long as
-    that transaction lasts; it gives way after the migration's lock timeout, so a relay reading
-    the outbox meanwhile gets through, and the revision is tried again until the lock is free."""
+    that transaction lasts; it gives way after the migration's lock timeout, shorter than the
+    shop's, so a relay reading the outbox meanwhile gets through, and the revision is tried again
+    until the lock is free."""
+    assert _seconds(MIGRATION_LIMITS["lock_timeout"]) < _seconds(SESSION_LIMITS["lock_timeout"])
     url = _database_url(infrastructure, "giving-way", "orders")
     ensure_database(url)
     command.upgrade(alembic_config("orders", url), "0007")
@@ -191,8 +200,7 @@ def test_a_revision_held_up_by_the_shop_gives_way_and_runs_once_the_lock_is_free
                                                " AND wait_event_type = 'Lock'") == 1
 
             wait_for(alter_waiting, timeout=30, what="the revision to wait for the outbox's lock")
-            cursor.execute("SET lock_timeout = %s", (PAST_A_MIGRATIONS_LOCK_WAIT,))
-            # A relay's read: through once the ALTER gives way.
+            # A relay's read, under the shop's own lock limit: through once the ALTER gives way.
             cursor.execute("SELECT count(*) FROM outbox_messages")
             wait_for(alter_waiting, timeout=30, what="the revision to try again")
         holder.commit()

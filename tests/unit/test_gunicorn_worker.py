@@ -1,0 +1,59 @@
+"""shared/gunicorn_worker.py: the answers gunicorn writes itself, as `write_json_error` writes them
+to a socket given the arguments gunicorn passes (gunicorn/workers/base.py: Worker.handle_error).
+tests/e2e/test_unreadable_requests.py sends such requests to the running shop."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import gunicorn.util
+import pytest
+
+from shared.errors import INTERNAL_ERROR
+from shared.gunicorn_worker import write_json_error
+
+
+def written(status: int, reason: str, mesg: str) -> tuple[str, dict[str, str], bytes]:
+    """What `write_json_error` sends: its status line, its headers, its body."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        write_json_error(ours, status, reason, mesg)
+        ours.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := theirs.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    return status_line, dict(line.split(": ", 1) for line in header_lines), body
+
+
+@pytest.mark.parametrize("status, reason, mesg, status_line, code", [
+    (414, "URI Too Long", "Request Line is too large (5014 > 4094)",
+     "HTTP/1.1 414 Request-URI Too Long", "REQUEST_URI_TOO_LONG"),
+    (431, "Request Header Fields Too Large", "Error parsing headers: 'too many fields'",
+     "HTTP/1.1 431 Request Header Fields Too Large", "REQUEST_HEADER_FIELDS_TOO_LARGE"),
+    # gunicorn names its 501 (an unsupported Transfer-Encoding) "Bad Request".
+    (501, "Bad Request", "Unsupported transfer coding: 'gzip'",
+     "HTTP/1.1 501 Not Implemented", "NOT_IMPLEMENTED"),
+    (400, "Bad Request", "Invalid HTTP Header name: 'Bad Héader'",
+     "HTTP/1.1 400 Bad Request", "BAD_REQUEST"),
+])
+def test_a_request_gunicorn_cannot_read_is_answered_in_the_shops_error_shape(
+        status, reason, mesg, status_line, code):
+    line, headers, body = written(status, reason, mesg)
+    assert line == status_line
+    assert headers == {"Connection": "close", "Content-Type": "application/json",
+                       "Content-Length": str(len(body))}
+    assert json.loads(body) == {"error": {"code": code, "message": mesg, "details": {}}}
+
+
+def test_an_app_that_failed_past_flask_answers_as_any_unexpected_error():
+    line, _, body = written(500, "Internal Server Error", "")
+    assert line == "HTTP/1.1 500 Internal Server Error"
+    code, message = INTERNAL_ERROR
+    assert json.loads(body) == {"error": {"code": code, "message": message, "details": {}}}
+
+
+def test_loading_the_worker_class_puts_it_in_place_of_gunicorns_html_page():
+    assert gunicorn.util.write_error is write_json_error
