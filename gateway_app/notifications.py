@@ -29,6 +29,7 @@ from simple_websocket import ConnectionClosed
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
+from werkzeug.routing import WebsocketMismatch
 from wsproto.utilities import LocalProtocolError
 
 from gateway_app import tokens
@@ -62,6 +63,7 @@ SOCKET_KEEPALIVE_IDLE_SECONDS = 30
 # The page sends nothing on its socket: a frame over this many bytes closes it (1009), and what
 # arrives is read and dropped at every turn of the stream, never kept.
 SOCKET_MAX_MESSAGE_BYTES = 1024
+SOCKET_PATH = "/api/notifications/ws"
 SOCKET_ENDPOINT = "notifications_socket"
 
 blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications",
@@ -226,11 +228,16 @@ def register_socket(app, authenticate) -> None:
 
     @app.before_request
     def before_the_handshake() -> None:
+        if request.path == SOCKET_PATH and isinstance(request.routing_exception,
+                                                      WebsocketMismatch):
+            raise ApiError("This URL is a WebSocket: open it with a WebSocket handshake"
+                           " (`Upgrade: websocket`).", code="WEBSOCKET_REQUIRED", status=426,
+                           headers={"Upgrade": "websocket"})
         if request.endpoint == SOCKET_ENDPOINT:
             _refuse_a_handshake_we_cannot_take()
             g.socket_opening = _socket_opening(authenticate, request.args)
 
-    @sock.route("/api/notifications/ws", endpoint=SOCKET_ENDPOINT)
+    @sock.route(SOCKET_PATH, endpoint=SOCKET_ENDPOINT)
     def notifications_socket(ws):
         opening: SocketOpening = g.socket_opening
         if opening.refusal:
@@ -275,7 +282,7 @@ def _socket_opening(authenticate, args) -> SocketOpening:
 def _refuse_a_handshake_we_cannot_take() -> None:
     """A WebSocket handshake the socket's code cannot take (RFC 6455 version 13, with its key) is
     refused with the usual error body, where that code would fail with a 500. (A request that
-    asks for no upgrade at all is a 400 from the routing already.)"""
+    asks for no upgrade at all is refused before: 426 WEBSOCKET_REQUIRED.)"""
     if request.headers.get("Sec-WebSocket-Version") != "13":
         raise ApiError("This gateway speaks WebSocket version 13.", code="WEBSOCKET_VERSION",
                        status=426, headers={"Sec-WebSocket-Version": "13"})

@@ -733,7 +733,13 @@ def test_the_socket_url_answers_only_a_websocket_handshake_it_can_take(gateway):
     """Anything else, with the usual error body and never a 500 (a handshake without its key, or
     of another version, failed inside the socket's code)."""
     plain = gateway.get("/api/notifications/ws?access_token=x")
-    assert plain.status_code == 400 and plain.get_json()["error"]["code"] == "BAD_REQUEST"
+    assert plain.status_code == 426 and plain.headers["Upgrade"] == "websocket"
+    assert plain.get_json()["error"]["code"] == "WEBSOCKET_REQUIRED"
+    # (A handshake at a URL that is no WebSocket is no concern of the socket's.)
+    elsewhere = gateway.get("/api/orders", headers={"Upgrade": "websocket",
+                                                    "Connection": "Upgrade"})
+    assert 400 <= elsewhere.status_code < 500
+    assert elsewhere.get_json()["error"]["code"] != "WEBSOCKET_REQUIRED"
     upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
     keyless = gateway.get("/api/notifications/ws?access_token=x",
                           headers={**upgrade, "Sec-WebSocket-Version": "13"})
