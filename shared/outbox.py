@@ -213,9 +213,16 @@ def vacuum_outbox(cursor) -> None:
     runs at all, comes by a table at most once a minute; the relay, which makes the dead rows,
     reclaims them as it goes, for a few milliseconds each time. When a VACUUM of the table is
     already running (autovacuum's, say), this one skips it rather than wait, and leaves the
-    reclaiming to it.
+    reclaiming to it. It runs without the session's statement limit (shared.db.SESSION_LIMITS:
+    30 s), which then holds again: after a long broker outage the table holds millions of dead
+    rows, and a VACUUM cancelled at the limit would come back every VACUUM_AFTER_ROWS rows sent,
+    cancelled again each time, with the leader's lead.
     """
-    cursor.execute("VACUUM (SKIP_LOCKED) outbox_messages")
+    cursor.execute("SET statement_timeout = 0")
+    try:
+        cursor.execute("VACUUM (SKIP_LOCKED) outbox_messages")
+    finally:
+        cursor.execute("RESET statement_timeout")  # (to the connection's own)
 
 
 # One array parameter, however many rows: `id = ANY(%s)` rather than thousands of IN values.

@@ -14,6 +14,7 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
+import psycopg2
 import pytest
 from sqlalchemy import delete, func, select
 
@@ -21,11 +22,11 @@ from devstack.infra import free_port, start_and_wait_for_broker, start_broker
 from orders_app import service
 from orders_app.models import Order
 from shared.contracts import PAYMENT_REQUESTED, new_event
-from shared.db import db, driver_cursor, transaction
+from shared.db import db, driver_cursor, driver_dsn, transaction
 from shared.kafka import OutboxPublisher
 from shared.task_queues import worker_queues
 from shared.outbox import (CLAIM_ROWS, OutboxMessage, add_outbox_message,
-                           outbox_rows_written_together, relay_pending_outbox)
+                           outbox_rows_written_together, relay_pending_outbox, vacuum_outbox)
 from shared.relay_leader import RelayLeaderConnection
 from shared.request_context import request_id_bound
 from tasks.services import service_app
@@ -496,6 +497,29 @@ def test_the_leading_relay_vacuums_the_outbox_once_it_has_deleted_enough_rows(
         _wait_until_sent(order_ids)
         wait_for(lambda: _outbox_vacuums() > vacuums_before, timeout=10,
                  what="the leader to vacuum the outbox")
+
+
+def test_the_outbox_vacuum_runs_past_the_sessions_statement_limit(orders_flask_app):
+    """After a long broker outage the relay has millions of dead rows to reclaim, for longer than
+    a statement of the shop may run: the VACUUM runs without that limit, which then holds again.
+    (Here the limit is 1 ms, and 50,000 dead rows take longer.)"""
+    dsn = driver_dsn(orders_flask_app.config["SQLALCHEMY_DATABASE_URI"])
+    with psycopg2.connect(dsn) as filling, filling.cursor() as cursor:
+        # Inserted and deleted in one transaction: dead as they are committed, never relayed.
+        cursor.execute("INSERT INTO outbox_messages (message_id, topic, type, envelope)"
+                       " SELECT gen_random_uuid(), 'vacuum-test', 'VacuumTest', '{}'"
+                       " FROM generate_series(1, 50000)")
+        cursor.execute("DELETE FROM outbox_messages WHERE topic = 'vacuum-test'")
+    filling.close()
+    leader = psycopg2.connect(dsn, options="-c statement_timeout=1ms")
+    leader.autocommit = True
+    try:
+        with leader.cursor() as cursor:
+            vacuum_outbox(cursor)
+            cursor.execute("SHOW statement_timeout")
+            assert cursor.fetchone()[0] == "1ms"
+    finally:
+        leader.close()
 
 
 def test_rows_written_together_keep_their_order_and_go_with_an_error(in_orders, settings, user_id):
