@@ -2,9 +2,9 @@
 message id, and then handled exactly once in a transaction that also marks it processed.
 
 A message that cannot be parsed is parked at once; one whose handler keeps failing is retried and,
-after `max_attempts` (a handing over by the sweeper with the handlers' queue idle counts as one; a
-try held up by another session's lock does not), parked with its last error. Parked messages stay
-in the table for an operator and never block the messages behind them.
+after `max_attempts` (a try lost with its worker counts as one, found by the sweeper; a try held up
+by another session's lock does not), parked with its last error. Parked messages stay in the table
+for an operator and never block the messages behind them.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from enum import Enum
 from typing import Any
 
 from psycopg2.extras import Json, execute_values
-from sqlalchemy import (BigInteger, DateTime, Index, Integer, String, Text, func, select,
-                        text, update)
+from sqlalchemy import (BigInteger, Boolean, DateTime, Index, Integer, String, Text, false, func,
+                        select, text, update)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -56,7 +56,11 @@ class InboxMessage(db.Model):
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # When a try last began (in a task of its own: note_try_begun) or ended, the sweeper last
+    # handed the message over again, or a replay made it as new.
     last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A try by a task of its own has begun and not ended (a failure recorded, or counted lost).
+    try_open: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     last_error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
@@ -363,6 +367,24 @@ def _ready_to_handle(message: StoredMessage,
     return handler, ReceivedEvent(payload, message)
 
 
+def note_try_begun(session: Session, message_id: uuid.UUID) -> None:
+    """Note, in a transaction of its own committed before the try, that a try of the message
+    begins (`try_open`, and `last_attempt_at`): should the try never end (its worker crashes, or
+    hangs), the sweeper, handing the message over again, counts it as an attempt; a failure
+    recorded (record_failed_attempt) ends it. Nothing is noted while another handler holds the
+    row: that one is at work on it."""
+    with driver_cursor(session) as cursor:
+        cursor.execute(_NOTE_TRY_BEGUN, {"message_id": str(message_id), "now": _now()})
+
+
+_NOTE_TRY_BEGUN = """
+UPDATE inbox_messages SET try_open = true, last_attempt_at = %(now)s
+WHERE message_id = (SELECT message_id FROM inbox_messages
+                    WHERE message_id = %(message_id)s::uuid
+                          AND processed_at IS NULL AND parked_at IS NULL
+                    FOR UPDATE SKIP LOCKED)"""
+
+
 def record_failed_attempt(
     session: Session, message_id: uuid.UUID, error: str, max_attempts: int,
     counted: bool = True,
@@ -379,6 +401,7 @@ def record_failed_attempt(
         return False
     message.attempts += 1 if counted else 0
     message.last_attempt_at = _now()
+    message.try_open = False
     message.last_error = error[:2000]
     if counted and message.attempts >= max_attempts:
         message.parked_at = _now()
@@ -396,7 +419,8 @@ SWEPT_PER_RUN = 5_000
 
 @dataclass(frozen=True)
 class StalledMessage:
-    """A message the sweeper hands over again, and its tries so far, this handing over counted."""
+    """A message the sweeper hands over again, and its tries so far (a try of it lost with its
+    worker counted)."""
 
     message_id: uuid.UUID
     attempts: int
@@ -404,22 +428,26 @@ class StalledMessage:
 
 def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: int | None,
                            limit: int = SWEPT_PER_RUN) -> list[StalledMessage]:
-    """Messages still waiting to be handled, stored and last handed over or tried (if ever) over
-    `min_age` ago: their dispatch was lost, or their retries with them; oldest first. Each is
-    marked handed over now (`last_attempt_at`, as replaying a parked message marks it), so it
-    comes back only if this dispatch is lost too. A row a handler holds locked is left to it.
+    """Messages still waiting to be handled, stored and last tried or handed over (if ever) over
+    `min_age` ago: their dispatch was lost, or their try or retries with their worker; oldest
+    first. Each is marked handed over now (`last_attempt_at`, as replaying a parked message marks
+    it), so it comes back only if this dispatch is lost too. A row a handler holds locked is left
+    to it.
 
-    With `max_attempts` given, each handing over counts as a try: a message whose handling
-    crashes its worker (or hangs it until PostgreSQL ends the transaction, shared.db's
-    SESSION_LIMITS) never records a failure, and would otherwise be handed over, and crash a
-    worker, every sweep for ever. One that reaches `max_attempts` so is parked instead (and not
-    returned), its last error kept. Without it (while dispatched tasks wait in the queue, and the
-    message's dispatch may be there too), the handing over is not counted.
+    With `max_attempts` given, a try that began (a task of the message's own notes it:
+    note_try_begun) and never ended counts as an attempt, once: its handling crashed its worker
+    (or hung it until PostgreSQL ended the transaction, shared.db's SESSION_LIMITS) and recorded
+    no failure, and would otherwise be handed over, and crash a worker, every sweep for ever. One
+    that reaches `max_attempts` so is parked instead (and not returned), its last error kept.
+    Nothing else is counted: a task that never began may wait in a worker's memory yet (taken
+    from the queue ahead of its turn), or have been lost with a worker that crashed for another
+    message's sake. Without `max_attempts` (while dispatched tasks wait in the queue), nothing is
+    counted, and an open try stays on record for a later sweep.
     """
     now = _now()
     claimed = session.execute(_CLAIM_STALLED, {
         "cutoff": now - min_age, "now": now, "limit": limit,
-        "counted": 1 if max_attempts else 0, "max_attempts": max_attempts or 0,
+        "counting": 1 if max_attempts else 0, "max_attempts": max_attempts or 0,
         "gave_up": _GAVE_UP.format(max_attempts)})
     stalled = []
     for message_id, attempts, parked in claimed:
@@ -430,22 +458,25 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
     return stalled
 
 
-_GAVE_UP = ("tried or handed over {} times and never handled: its handling may crash or hang"
-            " the worker (or its dispatches were lost)")
+_GAVE_UP = ("tried {} times and never handled: its handling may crash or hang the worker (its"
+            " tries were lost with it)")
+# `lost`: a try that began and never ended, counted (and so closed) when sweeping with `counting`.
 _CLAIM_STALLED = text("""
 WITH stalled AS (
-    SELECT message_id FROM inbox_messages
+    SELECT message_id, CASE WHEN :counting = 1 AND try_open THEN 1 ELSE 0 END AS lost
+    FROM inbox_messages
     WHERE processed_at IS NULL AND parked_at IS NULL AND received_at < :cutoff
           AND (last_attempt_at IS NULL OR last_attempt_at < :cutoff)
     ORDER BY received_at LIMIT :limit
     FOR UPDATE SKIP LOCKED),
 claimed AS (
     UPDATE inbox_messages
-    SET last_attempt_at = :now, attempts = inbox_messages.attempts + :counted,
-        parked_at = CASE WHEN :counted = 1 AND inbox_messages.attempts + 1 >= :max_attempts
+    SET last_attempt_at = :now, attempts = inbox_messages.attempts + stalled.lost,
+        try_open = inbox_messages.try_open AND stalled.lost = 0,
+        parked_at = CASE WHEN stalled.lost = 1 AND inbox_messages.attempts + 1 >= :max_attempts
                          THEN :now END,
         last_error = CASE
-            WHEN :counted = 1 AND inbox_messages.attempts + 1 >= :max_attempts
+            WHEN stalled.lost = 1 AND inbox_messages.attempts + 1 >= :max_attempts
             THEN left(:gave_up || coalesce('; last error: ' || inbox_messages.last_error, ''), 2000)
             ELSE inbox_messages.last_error END
     FROM stalled
@@ -471,7 +502,7 @@ def unpark_messages(session: Session, message_ids: list[uuid.UUID] | None) -> li
     parsed holds no event to hand a handler, and stays parked.
     """
     return _update_parked(session, message_ids, InboxMessage.payload.is_not(None),
-                          parked_at=None, attempts=0, last_attempt_at=_now())
+                          parked_at=None, attempts=0, last_attempt_at=_now(), try_open=False)
 
 
 def discard_parked_messages(session: Session,

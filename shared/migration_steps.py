@@ -81,6 +81,16 @@ def add_inbox_produced_at() -> None:
     op.add_column("inbox_messages", _timestamp("produced_at"))
 
 
+def add_inbox_try_open() -> None:
+    # (A constant default: PostgreSQL adds the column without rewriting the table.)
+    op.add_column("inbox_messages", sa.Column("try_open", sa.Boolean, nullable=False,
+                                              server_default=sa.false()))
+
+
+def drop_inbox_try_open() -> None:
+    op.drop_column("inbox_messages", "try_open")
+
+
 def drop_inbox_produced_at() -> None:
     op.drop_column("inbox_messages", "produced_at")
 

@@ -2,8 +2,9 @@
 a stored batch, and the task handles its messages many to a transaction (with a savepoint per
 handler once one of them fails); a message whose first try fails goes to a task of its own that
 retries it with backoff and parks it after the last attempt; the sweeper dispatches again the
-messages whose handling was lost (counted as an attempt while no task waits in the queue); and
-the pruner deletes the rows of messages stored and handled (or discarded) long ago."""
+messages whose handling was lost (a try of a task of their own that began and came to nothing
+counting as an attempt); and the pruner deletes the rows of messages stored and handled (or
+discarded) long ago."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from flask import current_app
 
 from shared.db import held_up_by_a_lock, transaction
 from shared.inbox import (Outcome, claim_stalled_messages, handle_locked_message,
-                          handle_locked_messages_at_once, lock_in_order, process_inbox_message,
-                          prune_handled_messages, record_failed_attempt)
+                          handle_locked_messages_at_once, lock_in_order, note_try_begun,
+                          process_inbox_message, prune_handled_messages, record_failed_attempt)
 from shared.task_queues import handler_queue
 from tasks.celery_app import app
 from tasks.retention import prune_in_transactions
@@ -53,6 +54,8 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
     handlers = service_package(service).message_handlers()
     settings = current_app.extensions["hseshop.settings"]
     try:
+        with transaction() as session:
+            note_try_begun(session, uuid.UUID(message_id))
         with transaction() as session:
             outcome = process_inbox_message(session, uuid.UUID(message_id), handlers)
     except Exception as exc:
@@ -141,13 +144,15 @@ def sweep_inbox(service: str) -> int:
     """Dispatch again the messages that have waited too long: their dispatch was lost, or their
     handling with its worker.
 
-    With no task waiting in the queue, each handing over counts as an attempt (shared.inbox) and
-    each message goes to a task of its own: one whose handling crashes the worker then takes no
-    batch of others down with it, again and again, and is parked at the attempt limit. (A crash
-    still loses the tasks the worker's other threads run or hold prefetched, which are counted
-    too: in a crash loop a few others can be parked with it, for `tasks.parked replay`.) While
-    tasks wait, a message's own dispatch may wait among them: the handing over is not counted,
-    and goes in batches, not to swell that backlog."""
+    With no task waiting in the queue, each message goes to a task of its own, which notes as it
+    begins that a try has begun: one whose handling crashes the worker then takes no batch of
+    others down with it, again and again, and each such try that came to nothing counts as an
+    attempt when it is handed over next (shared.inbox), parked at the limit. A task that never
+    began (prefetched by a busy worker, or lost with one that crashed for another message's sake)
+    counts nothing. (One that was running on another of a crashing worker's threads counts too: in
+    a crash loop another message can be parked with the one to blame, for `tasks.parked replay`.)
+    While tasks wait, a message's own dispatch may wait among them: nothing is counted, and the
+    messages go in batches, not to swell that backlog."""
     settings = current_app.extensions["hseshop.settings"]
     min_age = timedelta(seconds=settings.inbox_sweep_min_age_seconds)
     backlog = tasks_waiting(handler_queue(service))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from decimal import Decimal
 
@@ -15,7 +17,8 @@ from sqlalchemy.orm import Session
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, transaction
 from shared.inbox import (ConsumedRecord, InboxMessage, Outcome, PermanentMessageError,
-                          claim_stalled_messages, process_inbox_message, record_failed_attempt)
+                          claim_stalled_messages, note_try_begun, process_inbox_message,
+                          record_failed_attempt)
 from tests.postgres_tools import terminate_backend
 
 _offsets = iter(range(10**9))
@@ -117,10 +120,10 @@ def test_messages_waiting_too_long_are_claimed_by_the_sweeper_once_per_wait(
     payments_inbox([record])
     with transaction() as session:
         assert message_id not in _claimed(session, timedelta(minutes=5))
-        assert _claimed(session, timedelta(seconds=-1)).get(message_id) == 1
+        assert message_id in _claimed(session, timedelta(seconds=-1))
     with transaction() as session:
         assert message_id not in _claimed(session, timedelta(seconds=1))
-        assert _claimed(session, timedelta(seconds=-1)).get(message_id) == 2
+        assert message_id in _claimed(session, timedelta(seconds=-1))
 
 
 def _claimed(session, min_age: timedelta, max_attempts: int | None = 5) -> dict:
@@ -129,48 +132,114 @@ def _claimed(session, min_age: timedelta, max_attempts: int | None = 5) -> dict:
             for stalled in claim_stalled_messages(session, min_age, max_attempts)}
 
 
-def test_a_message_handed_over_as_often_as_it_may_be_tried_is_parked_instead(
+def _try_begun(message_id) -> None:
+    """What a task of the message's own does as it begins (and then, here, its worker dies)."""
+    with transaction() as session:
+        note_try_begun(session, message_id)
+
+
+def test_a_message_whose_tries_come_to_nothing_as_often_as_it_may_be_tried_is_parked(
         in_payments, payments_inbox, user_id):
-    """Handling that crashes its worker records no failure: each handing over counts as a try, so
-    that such a message is parked at the limit rather than handed over, and crash a worker, every
-    sweep for ever. Its last recorded error is kept."""
+    """Handling that crashes its worker records no failure: a try that began after the last
+    handing over, and never ended, counts as one, so that such a message is parked at the limit
+    rather than handed over, and crash a worker, every sweep for ever. Its last recorded error is
+    kept."""
     record, message_id = _request_record(user_id)
     payments_inbox([record])
     with transaction() as session:
         record_failed_attempt(session, message_id, "ConnectionError('ledger')", max_attempts=5)
+        assert _claimed(session, timedelta(seconds=-1), max_attempts=4)[message_id] == 1
     for tries in (2, 3):
+        _try_begun(message_id)
         with transaction() as session:
             assert _claimed(session, timedelta(seconds=-1), max_attempts=4)[message_id] == tries
+    _try_begun(message_id)
     with transaction() as session:
         assert message_id not in _claimed(session, timedelta(seconds=-1), max_attempts=4)
     row = _row(message_id)
     assert row.attempts == 4 and row.parked_at is not None and row.processed_at is None
-    assert row.last_error == ("tried or handed over 4 times and never handled: its handling may"
-                              " crash or hang the worker (or its dispatches were lost); last"
-                              " error: ConnectionError('ledger')")
+    assert row.last_error == ("tried 4 times and never handled: its handling may crash or hang"
+                              " the worker (its tries were lost with it); last error:"
+                              " ConnectionError('ledger')")
     with transaction() as session:
         assert message_id not in _claimed(session, timedelta(seconds=-1))
+
+
+def test_a_handing_over_no_try_took_up_counts_no_attempt(in_payments, payments_inbox, user_id):
+    """Its task may wait in a busy worker's memory, taken from the queue ahead of its turn, or
+    have been lost with a worker that crashed for another message's sake: no fault of its own."""
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    for _ in range(6):
+        with transaction() as session:
+            assert _claimed(session, timedelta(seconds=-1), max_attempts=4)[message_id] == 0
+    assert _row(message_id).parked_at is None
 
 
 def test_a_handing_over_made_while_tasks_wait_counts_no_attempt(in_payments, payments_inbox,
                                                                user_id):
     record, message_id = _request_record(user_id)
     payments_inbox([record])
+    _try_begun(message_id)
     for _ in range(6):
         with transaction() as session:
             assert _claimed(session, timedelta(seconds=-1), max_attempts=None)[message_id] == 0
     assert _row(message_id).parked_at is None
+    with transaction() as session:  # (the open try is counted by the next sweep with no backlog)
+        assert _claimed(session, timedelta(seconds=-1), max_attempts=4)[message_id] == 1
+        assert _claimed(session, timedelta(seconds=-1), max_attempts=4)[message_id] == 1
+
+
+def test_a_try_that_recorded_its_failure_is_not_counted_again(in_payments, payments_inbox,
+                                                              user_id):
+    """A try that failed, counted as it failed, or held up by another session's lock and so not
+    counted, has ended: handed over again (its retry lost with its worker, say), it counts
+    nothing more."""
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    for counted, attempts in ((True, 1), (False, 1)):
+        _try_begun(message_id)
+        with transaction() as session:
+            record_failed_attempt(session, message_id, "OperationalError('lock timeout')",
+                                  max_attempts=4, counted=counted)
+        with transaction() as session:
+            assert _claimed(session, timedelta(seconds=-1), max_attempts=4)[message_id] == attempts
+
+
+@contextmanager
+def _held_by_a_handler(message_id) -> Iterator[Session]:
+    """A session of its own, while a handler's transaction holds the message's row."""
+    with transaction() as handling:
+        handling.execute(text("SELECT 1 FROM inbox_messages WHERE message_id = :id FOR UPDATE"),
+                         {"id": message_id})
+        with db.engine.connect() as other, Session(bind=other) as session:
+            yield session
+
+
+def test_a_try_begins_only_of_a_message_still_waiting_and_no_handler_holds(
+        in_payments, payments_inbox, user_id):
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    with _held_by_a_handler(message_id) as beginning:
+        note_try_begun(beginning, message_id)  # (not waiting for the lock)
+        beginning.commit()
+    assert not _row(message_id).try_open
+    _try_begun(message_id)
+    assert _row(message_id).try_open
+    with transaction() as session:
+        process_inbox_message(session, message_id, {PAYMENT_REQUESTED: lambda *_: None})
+    row = _row(message_id)
+    assert row.processed_at is not None
+    _try_begun(message_id)  # (a late task of a message handled meanwhile)
+    assert _row(message_id).last_attempt_at == row.last_attempt_at
 
 
 def test_the_sweeper_leaves_a_message_a_handler_holds(in_payments, payments_inbox, user_id):
     record, message_id = _request_record(user_id)
     payments_inbox([record])
-    with transaction() as handling:
-        handling.execute(text("SELECT 1 FROM inbox_messages WHERE message_id = :id FOR UPDATE"),
-                         {"id": message_id})
-        with db.engine.connect() as other, Session(bind=other) as sweeping:
-            assert message_id not in _claimed(sweeping, timedelta(seconds=-1))
-            sweeping.rollback()
+    with _held_by_a_handler(message_id) as sweeping:
+        assert message_id not in _claimed(sweeping, timedelta(seconds=-1))
+        sweeping.rollback()
 
 
 def test_raw_value_keeps_what_was_received(in_payments, payments_inbox):

@@ -58,6 +58,28 @@ def test_a_handler_that_keeps_failing_is_retried_then_parked(settings, payments_
     assert "ledger unavailable" in row.last_error
 
 
+def test_a_task_of_its_own_notes_its_try_begun_before_the_handler_runs(
+        settings, payments_inbox, monkeypatch, user_id):
+    """Committed before the handler runs, so that a try whose worker dies in the handler is on
+    record for the sweeper (which counts it: shared.inbox.claim_stalled_messages)."""
+    seen = []
+
+    def looking(session, events):
+        other = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+        try:
+            with other.cursor() as cursor:
+                cursor.execute("SELECT try_open FROM inbox_messages WHERE message_id = %s",
+                               (str(events[0].message.message_id),))
+                seen.append(cursor.fetchone()[0])
+        finally:
+            other.close()
+
+    monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: looking})
+    message_id = _stored_request(payments_inbox, user_id)
+    handle_inbox_message.apply(args=("payments", str(message_id)))
+    assert seen == [True] and _row(message_id).processed_at is not None
+
+
 def test_a_handler_that_fails_once_succeeds_on_retry(settings, payments_inbox, monkeypatch,
                                                      user_id):
     calls = []
@@ -319,9 +341,15 @@ def test_a_request_delivered_again_after_its_row_was_pruned_changes_nothing(
     assert results == 1  # the first decision's result only (no relay runs here)
 
 
-def _received_ago(message_id, age: timedelta, handed_over_as_long_ago: bool = False) -> None:
-    """Stored `age` ago (and last handed over as long ago, if so asked)."""
-    since = {"last_attempt_at": func.now() - age} if handed_over_as_long_ago else {}
+def _received_ago(message_id, age: timedelta, handed_over_as_long_ago: bool = False,
+                  tried_since: bool = False) -> None:
+    """Stored `age` ago; if so asked, last handed over as long ago, and a try of a task of its own
+    begun since, lost with its worker."""
+    since = {}
+    if handed_over_as_long_ago:
+        since["last_attempt_at"] = func.now() - age
+    if tried_since:
+        since["try_open"] = True
     with service_app("payments").app_context(), transaction() as session:
         session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
                         .values(received_at=func.now() - age, **since))
@@ -378,20 +406,38 @@ def test_a_message_whose_handling_is_lost_again_and_again_goes_alone_and_is_park
         settings, payments_inbox, payments_queue, user_id):
     """As a message whose handling crashes its worker every time: with the queue idle, the
     sweeper hands it over in a task of its own (crashing, it takes no batch of others down with
-    it), counting each handing over, and parks it once they reach the attempt limit."""
+    it), counting each try that began since the last handing over, and parks it once they reach
+    the attempt limit."""
     message_id = _stored_request(payments_inbox, user_id)
     for tries in range(1, settings.inbox_max_attempts):
-        _received_ago(message_id, timedelta(minutes=1), handed_over_as_long_ago=True)
+        _received_ago(message_id, timedelta(minutes=1), handed_over_as_long_ago=True,
+                      tried_since=True)
         sweep_inbox.apply(args=("payments",)).get()
         assert _dispatches_of(message_id) == [handle_inbox_message.name]
         assert _row(message_id).attempts == tries
-    _received_ago(message_id, timedelta(minutes=1), handed_over_as_long_ago=True)
+    _received_ago(message_id, timedelta(minutes=1), handed_over_as_long_ago=True,
+                  tried_since=True)
     sweep_inbox.apply(args=("payments",)).get()
     assert _dispatches_of(message_id) == []
     row = _row(message_id)
     assert row.parked_at is not None and row.attempts == settings.inbox_max_attempts
     assert row.last_error.startswith(
-        f"tried or handed over {settings.inbox_max_attempts} times and never handled")
+        f"tried {settings.inbox_max_attempts} times and never handled")
+
+
+def test_a_message_whose_tasks_wait_in_a_busy_workers_memory_is_never_counted(
+        settings, payments_inbox, payments_queue, user_id):
+    """A busy worker takes tasks from the queue ahead of its turn (prefetch), so the queue reads
+    empty while its threads are all at work (on a slow database, say): the sweeper, taking the
+    handlers for idle, hands the message over again and again, and none of its tasks begins.
+    None of those handings over counts: the message is not parked for tries it never had."""
+    message_id = _stored_request(payments_inbox, user_id)
+    for _ in range(settings.inbox_max_attempts + 1):
+        _received_ago(message_id, timedelta(minutes=1), handed_over_as_long_ago=True)
+        sweep_inbox.apply(args=("payments",)).get()
+        assert _dispatches_of(message_id) == [handle_inbox_message.name]  # (taken, not begun)
+    row = _row(message_id)
+    assert row.attempts == 0 and row.parked_at is None
 
 
 def test_while_tasks_wait_the_sweeper_counts_no_attempt_and_sends_batches(
@@ -401,7 +447,8 @@ def test_while_tasks_wait_the_sweeper_counts_no_attempt_and_sends_batches(
     message_id = _stored_request(payments_inbox, user_id)
     handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
     for _ in range(settings.inbox_max_attempts + 1):
-        _received_ago(message_id, timedelta(minutes=6), handed_over_as_long_ago=True)
+        _received_ago(message_id, timedelta(minutes=6), handed_over_as_long_ago=True,
+                      tried_since=True)
         sweep_inbox.apply(args=("payments",)).get()
     row = _row(message_id)
     assert row.attempts == 0 and row.parked_at is None
