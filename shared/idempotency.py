@@ -53,9 +53,11 @@ def checked_idempotency_key(key: str | None) -> str | None:
     """The key as given (None or empty: no key), or a 400 when it is not a usable key."""
     if not key:
         return None
-    if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable():
+    # Printable ASCII, as the gateway's OpenAPI document says (a header's other octets arrive as
+    # Latin-1 characters, which a client meaning UTF-8 did not send).
+    if not 1 <= len(key) <= MAX_KEY_LENGTH or not (key.isascii() and key.isprintable()):
         raise ApiError(
-            f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_KEY_LENGTH} printable characters.",
+            f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters.",
             code="INVALID_IDEMPOTENCY_KEY",
         )
     return key

@@ -186,10 +186,11 @@ def test_odd_client_headers_are_refused_where_they_count_and_ignored_elsewhere(g
     _, auth = _sign_up(gateway)
     assert gateway.post("/api/accounts", headers={**auth, "Idempotency-Key": "\x85key"}
                         ).status_code == 201
-    refused = gateway.post("/api/accounts/deposit", json={"amount": "1"},
-                           headers={**auth, "Idempotency-Key": "\x85key"})
-    assert refused.status_code == 400
-    assert refused.get_json()["error"]["code"] == "INVALID_IDEMPOTENCY_KEY"
+    for key in ("\x85key", "caf\xe9"):  # (not printable; printable but no ASCII, as documented)
+        refused = gateway.post("/api/accounts/deposit", json={"amount": "1"},
+                               headers={**auth, "Idempotency-Key": key})
+        assert refused.status_code == 400
+        assert refused.get_json()["error"]["code"] == "INVALID_IDEMPOTENCY_KEY"
     for odd in ({"Accept": "\xa0x"}, {"Content-Type": "\xa0text/plain"},
                 {"Idempotency-Key": "\x85key"}):
         assert gateway.get("/api/orders", headers={**auth, **odd}).status_code == 200, odd
