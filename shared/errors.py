@@ -122,7 +122,7 @@ INTERNAL_ERROR = ("INTERNAL_ERROR", "Something went wrong on our side.")
 
 
 def code_for(reason: str) -> str:
-    """An HTTP status's name as an error code: "Request-URI Too Long" is REQUEST_URI_TOO_LONG."""
+    """An HTTP status's name as an error code: "Request URI Too Long" is REQUEST_URI_TOO_LONG."""
     return (reason or "error").upper().replace(" ", "_").replace("-", "_").replace("'", "")
 
 

@@ -14,10 +14,10 @@ header with 400, and an app that raised past Flask with 500. gunicorn writes tha
 from __future__ import annotations
 
 import json
-from http import HTTPStatus
 
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
+from werkzeug.http import HTTP_STATUS_CODES
 
 from shared.errors import INTERNAL_ERROR, code_for, error_body
 
@@ -25,9 +25,10 @@ from shared.errors import INTERNAL_ERROR, code_for, error_body
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     """What gunicorn calls `util.write_error`, with its arguments: the answer to a request it could
     not read, as `{"error": {"code", "message", "details"}}` and, like gunicorn's, its last."""
-    # The status's standard name, for the status line and the code alike: gunicorn's own can be
-    # another status's ("Bad Request" with its 501 for an unsupported Transfer-Encoding).
-    reason = _STATUS_NAMES.get(status_int, reason)
+    # The status's name as the apps' own errors give it (werkzeug's, whatever Python's http module
+    # calls it), for the status line and the code alike: gunicorn's own can be another status's
+    # ("Bad Request" with its 501 for an unsupported Transfer-Encoding).
+    reason = HTTP_STATUS_CODES.get(status_int, reason)
     if status_int == 500:
         body = error_body(*INTERNAL_ERROR)
     else:
@@ -40,8 +41,6 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
             "\r\n")
     util.write_nonblock(sock, head.encode("latin-1") + payload)
 
-
-_STATUS_NAMES = {status.value: status.phrase for status in HTTPStatus}
 
 util.write_error = write_json_error
 

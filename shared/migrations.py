@@ -118,8 +118,9 @@ def _giving_way_to_locks(conn: sa.Connection, upgrade_once: Callable[[], None]) 
             if not gave_way or time.monotonic() + pause > deadline:
                 raise
             conn.rollback()
-            log.warning("a revision waited too long for a lock another session holds and gave "
-                        "way (%s); trying it again in %.0f s", type(exc.orig).__name__, pause)
+            log.warning("a revision was held up by another session's lock, or chosen as a "
+                        "deadlock's victim, and gave way (%s); trying it again in %.0f s",
+                        type(exc.orig).__name__, pause)
             time.sleep(pause)
             pause = min(pause * 2, LONGEST_PAUSE_SECONDS)
 

@@ -215,8 +215,8 @@ def vacuum_outbox(cursor) -> None:
     already running (autovacuum's, say), this one skips it rather than wait, and leaves the
     reclaiming to it. It runs without the session's statement limit (shared.db.SESSION_LIMITS:
     30 s), which then holds again: after a long broker outage the table holds millions of dead
-    rows, and a VACUUM cancelled at the limit would come back every VACUUM_AFTER_ROWS rows sent,
-    cancelled again each time, with the leader's lead.
+    rows, and a VACUUM cancelled at the limit would come back every tasks.relay.VACUUM_AFTER_ROWS
+    rows sent, cancelled again each time, with the leader's lead.
     """
     cursor.execute("SET statement_timeout = 0")
     try:

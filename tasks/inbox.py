@@ -38,7 +38,7 @@ SWEEP_MIN_AGE_WHILE_QUEUED = timedelta(minutes=5)
 
 # A failed try is retried after a random wait up to 1, 2, 4, then 8 s, and never up to the sweep's
 # minimum age: a retry waits in the worker's memory, not in the queue, and one waiting longer than
-# that would be handed over again beside it (and counted).
+# that would be handed over again beside it (not counted, its failure recorded, but run twice).
 RETRY_BACKOFF_MAX_SECONDS = 8.0
 
 

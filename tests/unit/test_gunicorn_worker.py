@@ -30,7 +30,7 @@ def written(status: int, reason: str, mesg: str) -> tuple[str, dict[str, str], b
 
 @pytest.mark.parametrize("status, reason, mesg, status_line, code", [
     (414, "URI Too Long", "Request Line is too large (5014 > 4094)",
-     "HTTP/1.1 414 Request-URI Too Long", "REQUEST_URI_TOO_LONG"),
+     "HTTP/1.1 414 Request URI Too Long", "REQUEST_URI_TOO_LONG"),
     (431, "Request Header Fields Too Large", "Error parsing headers: 'too many fields'",
      "HTTP/1.1 431 Request Header Fields Too Large", "REQUEST_HEADER_FIELDS_TOO_LARGE"),
     # gunicorn names its 501 (an unsupported Transfer-Encoding) "Bad Request".
