@@ -66,6 +66,18 @@ def session_options(given: str | None, limits: Mapping[str, str] = SESSION_LIMIT
     return f"{limits_as_options} {given}".strip()
 
 
+@contextmanager
+def limit_lifted(execute: Callable[[str], object], limit: str) -> Iterator[None]:
+    """No `limit` (statement_timeout, lock_timeout) for what `execute` runs inside, on a
+    connection in autocommit; then the connection's own again (RESET: what it was opened with,
+    SESSION_LIMITS', MIGRATION_LIMITS' or its URL's)."""
+    execute(f"SET {limit} = 0")
+    try:
+        yield
+    finally:
+        execute(f"RESET {limit}")
+
+
 def cancelled_by_a_limit(exc: BaseException) -> bool:
     """Whether `exc` (the driver's error, or SQLAlchemy's around it) is a statement the database
     cancelled under SESSION_LIMITS: held up by another session's lock, or running too long."""

@@ -7,12 +7,11 @@ when it was written.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql as pg
+
+from shared.db import limit_lifted
 
 
 def _timestamp(name: str, **kwargs) -> sa.Column:
@@ -101,28 +100,15 @@ def create_index_concurrently(name: str, table: str, columns: list[str],
     CONCURRENTLY, outside the revision's transaction: what the revision did before it is
     committed first, so it must bear being done again). A build that failed part way leaves an
     invalid index of the name behind; running the revision again drops that one and builds anew.
-    The build waits for every transaction open in the database as it begins."""
-    with op.get_context().autocommit_block(), _lock_waits_unlimited():
+    The build (and the drop) waits for every transaction open in the database as it begins, and
+    without the migration's lock_timeout (shared/migrations.py: MIGRATION_LIMITS): those waits are
+    lock waits, which cut short would leave an invalid index behind, and they hold nobody up (the
+    table's writers go on meanwhile)."""
+    with op.get_context().autocommit_block(), limit_lifted(op.execute, "lock_timeout"):
         _drop_if_invalid(name)
         op.create_index(name, table, columns,
                         postgresql_where=sa.text(where) if where else None,
                         postgresql_concurrently=True, if_not_exists=True)
-
-
-@contextmanager
-def _lock_waits_unlimited() -> Iterator[None]:
-    """No lock_timeout (shared/migrations.py: MIGRATION_LIMITS) for what runs inside, on a
-    connection in autocommit. An index built or dropped CONCURRENTLY waits for every transaction
-    older than it, and those waits are lock waits: cut short, they would leave an invalid index
-    behind, and they hold nobody up (the table's writers go on meanwhile)."""
-    bind = op.get_bind()
-    before = bind.scalar(sa.text("SELECT current_setting('lock_timeout')"))
-    bind.execute(sa.text("SET lock_timeout = 0"))
-    try:
-        yield
-    finally:
-        bind.execute(sa.text("SELECT set_config('lock_timeout', :before, false)"),
-                     {"before": before})
 
 
 def _drop_if_invalid(name: str) -> None:

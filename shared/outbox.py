@@ -35,7 +35,7 @@ from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.contracts import Envelope
-from shared.db import db, driver_cursor
+from shared.db import db, driver_cursor, limit_lifted
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, current_request_id
 
 # Notified by the trigger on outbox_messages (shared/migration_steps.py) as inserts commit.
@@ -218,11 +218,8 @@ def vacuum_outbox(cursor) -> None:
     rows, and a VACUUM cancelled at the limit would come back every tasks.relay.VACUUM_AFTER_ROWS
     rows sent, cancelled again each time, with the leader's lead.
     """
-    cursor.execute("SET statement_timeout = 0")
-    try:
+    with limit_lifted(cursor.execute, "statement_timeout"):
         cursor.execute("VACUUM (SKIP_LOCKED) outbox_messages")
-    finally:
-        cursor.execute("RESET statement_timeout")  # (to the connection's own)
 
 
 # One array parameter, however many rows: `id = ANY(%s)` rather than thousands of IN values.

@@ -53,16 +53,17 @@ def retry_countdown(retries: int, sweep_min_age_seconds: float) -> float:
 def handle_inbox_message(self, service: str, message_id: str) -> str:
     handlers = service_package(service).message_handlers()
     settings = current_app.extensions["hseshop.settings"]
+    message = uuid.UUID(message_id)
     try:
         with transaction() as session:
-            note_try_begun(session, uuid.UUID(message_id))
+            note_try_begun(session, message)
         with transaction() as session:
-            outcome = process_inbox_message(session, uuid.UUID(message_id), handlers)
+            outcome = process_inbox_message(session, message, handlers)
     except Exception as exc:
         log.warning("%s inbox: handling %s failed: %r", service, message_id, exc)
         try:
             with transaction() as session:
-                parked = record_failed_attempt(session, uuid.UUID(message_id), repr(exc),
+                parked = record_failed_attempt(session, message, repr(exc),
                                                settings.inbox_max_attempts,
                                                counted=not held_up_by_a_lock(exc))
         except Exception as noting:  # (the sweeper makes good a try left unnoted)
