@@ -1,5 +1,5 @@
-"""Network tools for the tests: a TCP proxy whose connections can go silent on demand, and a
-WebSocket client that reads every frame it is sent."""
+"""Network tools for the tests: a TCP proxy whose connections can go silent on demand, a
+WebSocket client that reads every frame it is sent, and an HTTP answer read off a socket."""
 
 from __future__ import annotations
 
@@ -7,6 +7,17 @@ import socket
 import threading
 
 import simple_websocket
+
+
+def http_answer_read_off(connection: socket.socket) -> tuple[str, dict[str, str], bytes]:
+    """An HTTP answer read to its end (the server closes the connection after it): its status
+    line, its headers by name as sent, its body."""
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    return status_line, dict(line.split(": ", 1) for line in header_lines), body
 
 
 class WebSocketClient(simple_websocket.Client):

@@ -9,25 +9,20 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.network_tools import http_answer_read_off
+
 LONGEST_REQUEST_LINE = 4094  # gunicorn's limit_request_line
 LONGEST_HEADER_FIELD = 8190  # its limit_request_field_size
 MOST_HEADER_FIELDS = 100  # its limit_request_fields
 
 
 def raw_exchange(url: str, request: bytes) -> tuple[str, dict[str, str], bytes]:
-    """Send `request` as it is, read the answer to the end (the server closes the connection
-    after an error): its status line, its headers by lower-case name, its body."""
+    """Send `request` as it is, and read the answer (the server closes the connection after an
+    error, or as the request asks)."""
     parts = urlsplit(url)
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as connection:
         connection.sendall(request)
-        received = b""
-        while chunk := connection.recv(65536):
-            received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {name.strip().lower(): value.strip()
-               for name, _, value in (line.partition(":") for line in header_lines)}
-    return status_line, headers, body
+        return http_answer_read_off(connection)
 
 
 def get_with(path: str, *header_lines: str) -> bytes:
@@ -38,8 +33,8 @@ def get_with(path: str, *header_lines: str) -> bytes:
 def assert_json_error(answer, status: int, code: str) -> dict:
     status_line, headers, body = answer
     assert status_line.split(" ", 2)[1] == str(status), status_line
-    assert headers["content-type"] == "application/json"
-    assert int(headers["content-length"]) == len(body)
+    assert headers["Content-Type"] == "application/json"
+    assert int(headers["Content-Length"]) == len(body)
     error = json.loads(body)["error"]
     assert error["code"] == code and error["message"] and error["details"] == {}
     return error

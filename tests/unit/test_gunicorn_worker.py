@@ -12,6 +12,7 @@ import pytest
 
 from shared.errors import INTERNAL_ERROR
 from shared.gunicorn_worker import write_json_error
+from tests.network_tools import http_answer_read_off
 
 
 def written(status: int, reason: str, mesg: str) -> tuple[str, dict[str, str], bytes]:
@@ -20,12 +21,7 @@ def written(status: int, reason: str, mesg: str) -> tuple[str, dict[str, str], b
     with ours, theirs:
         write_json_error(ours, status, reason, mesg)
         ours.shutdown(socket.SHUT_WR)
-        received = b""
-        while chunk := theirs.recv(65536):
-            received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    return status_line, dict(line.split(": ", 1) for line in header_lines), body
+        return http_answer_read_off(theirs)
 
 
 @pytest.mark.parametrize("status, reason, mesg, status_line, code", [
