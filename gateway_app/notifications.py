@@ -60,6 +60,10 @@ SOCKETS_PER_PROCESS = 24
 # after three probes unanswered 10 s apart, and the stream then ends. (Not WebSocket pings: with
 # them simple_websocket's reader thread can fail on a socket closed at once, as a refused one is.)
 SOCKET_KEEPALIVE_IDLE_SECONDS = 30
+# Keepalive probes only a quiet connection: once a notification has been sent to a page that has
+# gone, the kernel retransmits it instead, for about 15 minutes (tcp_retries2). A connection whose
+# data has gone unacknowledged this long is dropped too: the same minute as the probes'.
+SOCKET_UNACKNOWLEDGED_MS = (SOCKET_KEEPALIVE_IDLE_SECONDS + 3 * 10) * 1000
 # The page sends nothing on its socket: a frame over this many bytes closes it (1009), and what
 # arrives is read and dropped at every turn of the stream, never kept.
 SOCKET_MAX_MESSAGE_BYTES = 1024
@@ -305,13 +309,17 @@ def _after_from(args) -> int | None:
 
 
 def drop_when_the_peer_vanishes(connection: socket.socket) -> None:
-    """TCP keepalive on a socket's connection, probing once it has been quiet a while."""
+    """TCP keepalive on a socket's connection, probing once it has been quiet a while, and a limit
+    on how long what it sends may go unacknowledged."""
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if hasattr(socket, "TCP_KEEPIDLE"):  # Linux, as the shop runs; elsewhere the system's timing
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE,
                               SOCKET_KEEPALIVE_IDLE_SECONDS)
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                              SOCKET_UNACKNOWLEDGED_MS)
 
 
 def stream_notifications(ws, user_id: str, after: int, token_expires_at: float) -> None:

@@ -38,7 +38,9 @@
   let reconnectDelay = RECONNECT_FIRST_MS;
   let expiryTimer = null;
   let loadTimer = null;
-  let reloadTimer = null;
+  // The catch-up after a read that failed (catchUpSoon): its timer, and when it is due.
+  let catchUpTimer = null;
+  let catchUpDueAt = 0;
   // The balance read in flight: {again} when the balance may have changed since it was sent (it is
   // then read once more: a burst of notifications costs two reads), {overtaken} when a write's
   // answer has been shown since (its answer, older, is then not shown).
@@ -217,8 +219,8 @@
     clearTimeout(expiryTimer);
     clearTimeout(loadTimer);
     loadTimer = null;
-    clearTimeout(reloadTimer);
-    reloadTimer = null;
+    clearTimeout(catchUpTimer);
+    catchUpTimer = null;
     closeSocket();
     orders.clear();
     nextCursor = null;
@@ -593,27 +595,36 @@
       }
       renderOrders();
     } catch (error) {
-      report(error);
       // The change is not lost with the order that could not be read (a 429, a network blip):
       // the first page of orders is read again shortly, every status as it stands then.
-      if (!error.handled) reloadOrdersSoon(retryAfterMs(error));
+      reportAndCatchUp(error);
       return;
     }
-    refreshBalance().catch(report);  // a FINISHED order has just been paid from the account
+    refreshBalance().catch(reportAndCatchUp);  // a FINISHED order has just been paid
   }
 
-  // In 5 s, or later if the failed read's answer asked for that (its Retry-After).
-  function reloadOrdersSoon(retryAfter = 0) {
-    if (reloadTimer || !session) return;
-    reloadTimer = setTimeout(async () => {
-      reloadTimer = null;
+  function reportAndCatchUp(error) {
+    report(error);
+    if (!error.handled) catchUpSoon(retryAfterMs(error));
+  }
+
+  // Reads the first page of orders and the balance again, once: in 5 s, and never sooner than
+  // any answer since the last catch-up asked (its Retry-After; a request before then is refused
+  // again, and counted). A later call can put the catch-up off, never bring it forward.
+  function catchUpSoon(retryAfter = 0) {
+    if (!session) return;
+    const dueAt = Date.now() + Math.max(RECONNECT_MAX_MS / 2, retryAfter);
+    if (catchUpTimer && dueAt <= catchUpDueAt) return;
+    clearTimeout(catchUpTimer);
+    catchUpDueAt = dueAt;
+    catchUpTimer = setTimeout(async () => {
+      catchUpTimer = null;
       try {
-        await loadOrders();
+        await Promise.all([loadOrders(), refreshBalance()]);
       } catch (error) {
-        report(error);
-        reloadOrdersSoon(retryAfterMs(error));
+        reportAndCatchUp(error);
       }
-    }, Math.max(RECONNECT_MAX_MS / 2, retryAfter));
+    }, dueAt - Date.now());
   }
 
   // --- start ------------------------------------------------------------------------------------

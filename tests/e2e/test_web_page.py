@@ -15,6 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from devstack.stack import REPO_ROOT
+from tests.e2e.gateway_client import GatewayClient
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -102,6 +103,12 @@ class ShopPage:
         field = self.element(element_id)
         field.clear()
         field.send_keys(value)
+
+    def sign_in(self, username: str, password: str) -> None:
+        self.fill("username", username)
+        self.fill("password", password)
+        self.element("sign-in").click()
+        self.wait_until(lambda: self.visible("shop-section"), what="the shop after signing in")
 
     def sign_up(self, username: str, password: str) -> None:
         self.fill("username", username)
@@ -223,6 +230,71 @@ def test_a_page_told_to_wait_loads_the_shop_no_sooner_than_it_was_told(stack, br
     assert len(reads) == 2 and reads[1] - reads[0] >= 3000, reads
 
 
+# Played by the browser itself: the page's reads of single orders (those a notification names that
+# the page does not know) are refused, the first as a service unavailable a moment (no Retry-After),
+# every later one as a rate limit with Retry-After 8; the rest is real. Every read is recorded.
+ORDER_READS_REFUSED = """
+window.hseshopReads = [];
+const realFetch = window.fetch.bind(window);
+window.fetch = (input, init) => {
+  const url = typeof input === "string" ? input : input.url;
+  const path = new URL(url, location.href).pathname;
+  const at = performance.now();
+  if (/^\\/api\\/orders\\/[^/]+$/.test(path)) {
+    const first = !window.hseshopReads.some((read) => read.refused);
+    window.hseshopReads.push({path, at, refused: true});
+    const [status, code, headers] = first ? [503, "SERVICE_UNAVAILABLE", {}]
+                                          : [429, "RATE_LIMITED", {"Retry-After": "8"}];
+    const body = {error: {code, message: "Not now.", details: {}}};
+    return Promise.resolve(new Response(JSON.stringify(body), {status, headers: {
+      "Content-Type": "application/json", ...headers}}));
+  }
+  window.hseshopReads.push({path, at, refused: false});
+  return realFetch(input, init);
+};
+"""
+
+
+def test_a_page_that_missed_orders_catches_up_once_and_no_sooner_than_it_was_told(stack,
+                                                                                  browser):
+    """Two orders placed elsewhere (another tab, say) are paid while the page cannot read them:
+    the first read refused for a moment (a catch-up is due in 5 s), the second with Retry-After 8.
+    The page catches up once, no sooner than the later answer said (not at the first's 5 s), and
+    reads the balance then too: both orders show FINISHED and the balance what they left."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": ORDER_READS_REFUSED})
+    elsewhere = GatewayClient(stack.gateway_url)
+    elsewhere.open_account_with("100")
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    page.sign_in(elsewhere.username, "a long password")
+    page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
+    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
+                    what="the page's socket open")
+
+    def refused_reads() -> list[dict]:
+        reads = browser.execute_script("return window.hseshopReads;")
+        return [read for read in reads if read["refused"]]
+
+    first = elsewhere.place_order("30")["id"]
+    page.wait_until(lambda: len(refused_reads()) == 1, timeout=LIVE_DEADLINE,
+                    what="the first order's read, refused")
+    second = elsewhere.place_order("20")["id"]
+    page.wait_until(lambda: len(refused_reads()) == 2, timeout=LIVE_DEADLINE,
+                    what="the second order's read, refused with Retry-After 8")
+    page.wait_until(lambda: page.text("balance") == "50.00", timeout=LIVE_DEADLINE,
+                    what="the balance after the catch-up")
+    page.wait_for_status(first, "FINISHED")
+    page.wait_for_status(second, "FINISHED")
+
+    reads = browser.execute_script("return window.hseshopReads;")
+    told_at = refused_reads()[1]["at"]
+    after = [read for read in reads if read["at"] > told_at]
+    lists = [read["at"] - told_at for read in after if read["path"] == "/api/orders"]
+    balances = [read["at"] - told_at for read in after if read["path"] == "/api/accounts/balance"]
+    assert len(lists) == 1 and lists[0] >= 8000 - 5, (lists, reads)  # (timers' own rounding)
+    assert balances and min(balances) >= 8000 - 5, (balances, reads)
+
+
 def test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_orders(
         stack, browser):
     page = ShopPage(browser, f"{stack.gateway_url}/").open()
@@ -253,9 +325,7 @@ def test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_or
                     what="the wrong-password message")
     assert page.visible("auth-section")
 
-    page.fill("password", PASSWORD)
-    page.element("sign-in").click()
-    page.wait_until(lambda: page.visible("shop-section"), what="the shop after signing in")
+    page.sign_in(username, PASSWORD)
     page.wait_until(lambda: page.order_ids() == [order], what="the earlier order")
     assert page.badge(order).get_attribute("data-status") == "CANCELLED"
     assert page.visible("no-account")

@@ -645,9 +645,11 @@ def _stays_open(url):
 
 def test_an_open_socket_is_probed_so_that_a_vanished_page_frees_its_slot(settings, upstreams,
                                                                          monkeypatch):
-    """The server side of each open socket has TCP keepalive on, probing after 30 quiet seconds:
-    a page whose host went away (asleep, off the network) is dropped in about a minute, not
-    hours, and its stream ends and gives its slot back."""
+    """The server side of each open socket has TCP keepalive on, probing after 30 quiet seconds,
+    and drops a connection whose sent data has gone unacknowledged a minute (keepalive probes
+    only a quiet one): a page whose host went away (asleep, off the network) is dropped in about
+    a minute, not hours, whether or not a notification was sent to it meanwhile, and its stream
+    ends and gives its slot back."""
     import socket as sockets
 
     probed = []
@@ -665,6 +667,7 @@ def test_an_open_socket_is_probed_so_that_a_vanished_page_frees_its_slot(setting
         assert server_side.getsockopt(sockets.SOL_SOCKET, sockets.SO_KEEPALIVE) == 1
         assert server_side.getsockopt(sockets.IPPROTO_TCP, sockets.TCP_KEEPIDLE) == \
             notifications.SOCKET_KEEPALIVE_IDLE_SECONDS
+        assert server_side.getsockopt(sockets.IPPROTO_TCP, sockets.TCP_USER_TIMEOUT) == 60_000
         page.close()
 
 
