@@ -11,9 +11,12 @@ MAX_BALANCE = Decimal("999999999999999.99")
 
 
 # What a numeric string may look like: ASCII digits only (Decimal() would also take "٣" or "1_000"),
-# an optional sign, point and exponent; or NaN or Infinity, refused below as not finite.
-_NUMERIC_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)",
-                           re.ASCII | re.IGNORECASE)
+# an optional sign, point and exponent; or NaN or Infinity, refused below as not finite. Written
+# so that a run of digits can be read one way only: with `\d+\.?\d*` a long run followed by a
+# character that fails the match was tried split at every place (65,500 digits then an "x", a body
+# within the 64 KiB limit, held a server's every thread for a minute: the match keeps the GIL).
+_NUMERIC_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+                           r"|[+-]?(?:nan|inf|infinity)", re.ASCII | re.IGNORECASE)
 
 
 class InvalidAmount(ValueError):

@@ -1,3 +1,4 @@
+import time
 from decimal import Decimal
 
 import pytest
@@ -43,6 +44,18 @@ def test_valid_amounts_become_exact_cents(given, expected):
 def test_invalid_amounts_are_refused_with_a_reason(given, reason):
     with pytest.raises(InvalidAmount, match=reason):
         parse_amount(given)
+
+
+@pytest.mark.parametrize("tail", ["x", "e", ".5x", "e5x", "1.5.5"])
+def test_a_long_string_that_is_no_amount_is_refused_at_once(tail):
+    """A run of digits is read one way only: 65,500 digits (a body within the APIs' 64 KiB) and a
+    tail that makes the string no number once took a minute to refuse, holding the GIL, and so
+    every thread of the server; now a few milliseconds. (The bound is a hundred times that.)"""
+    text = "1" * 65_500 + tail
+    started = time.process_time()
+    with pytest.raises(InvalidAmount, match="number"):
+        parse_amount(text)
+    assert time.process_time() - started < 1.0
 
 
 def test_amounts_are_written_with_exactly_two_decimals():
