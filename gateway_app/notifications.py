@@ -30,7 +30,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from werkzeug.routing import WebsocketMismatch
-from wsproto.utilities import LocalProtocolError
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection
+from wsproto.events import Request as WebSocketRequest
+from wsproto.extensions import PerMessageDeflate
+from wsproto.utilities import LocalProtocolError, ProtocolError
 
 from gateway_app import tokens
 from gateway_app.models import Notification
@@ -284,15 +288,40 @@ def _socket_opening(authenticate, args) -> SocketOpening:
 
 
 def _refuse_a_handshake_we_cannot_take() -> None:
-    """A WebSocket handshake the socket's code cannot take (RFC 6455 version 13, with its key) is
-    refused with the usual error body, where that code would fail with a 500. (A request that
-    asks for no upgrade at all is refused before: 426 WEBSOCKET_REQUIRED.)"""
+    """A WebSocket handshake the socket's code cannot take (RFC 6455 version 13, with its key, and
+    one it can answer) is refused with the usual error body, where that code would fail with a
+    500. (A request that asks for no upgrade at all is refused before: 426 WEBSOCKET_REQUIRED.)"""
     if request.headers.get("Sec-WebSocket-Version") != "13":
         raise ApiError("This gateway speaks WebSocket version 13.", code="WEBSOCKET_VERSION",
                        status=426, headers={"Sec-WebSocket-Version": "13"})
     if not request.headers.get("Sec-WebSocket-Key"):
         raise ApiError("The WebSocket handshake has no Sec-WebSocket-Key.",
                        code="BAD_WEBSOCKET_HANDSHAKE")
+    if not _handshake_answered_in_memory(request.environ):
+        raise ApiError("The WebSocket handshake cannot be answered (its Host header, say, or an "
+                       "extension's parameters).", code="BAD_WEBSOCKET_HANDSHAKE")
+
+
+def _handshake_answered_in_memory(environ) -> bool:
+    """Answer the handshake as simple_websocket's Server will, with nothing sent: the request it
+    rebuilds from the environ's headers, accepted with permessage-deflate. What that would fail on
+    (a request without Host, a Host that is not ASCII, an extension parameter that is no number)
+    fails here, before the socket's code, where it raises a 500."""
+    rebuilt = b"GET / HTTP/1.1\r\n"
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            header = "-".join(part.capitalize() for part in key[5:].split("_"))
+            rebuilt += f"{header}: {value}\r\n".encode()
+    connection = WSConnection(ConnectionType.SERVER)
+    try:
+        connection.receive_data(rebuilt + b"\r\n")
+        for event in connection.events():
+            if isinstance(event, WebSocketRequest):
+                connection.send(AcceptConnection(extensions=[PerMessageDeflate()]))
+                return True
+    except (ProtocolError, ValueError) as exc:  # (ValueError: an extension's bad parameter, say)
+        log.info("refused a WebSocket handshake: %r", exc)
+    return False
 
 
 _AFTER = NotificationQuerySchema(only=("after",))

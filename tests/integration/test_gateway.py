@@ -734,8 +734,9 @@ def test_what_a_page_sends_on_its_socket_is_dropped_and_a_big_frame_closes_it(se
 
 
 def test_the_socket_url_answers_only_a_websocket_handshake_it_can_take(gateway):
-    """Anything else, with the usual error body and never a 500 (a handshake without its key, or
-    of another version, failed inside the socket's code)."""
+    """Anything else, with the usual error body and never a 500 (a handshake without its key, of
+    another version, without Host or with one that is not ASCII, or with an extension parameter
+    that is no number, failed inside the socket's code)."""
     plain = gateway.get("/api/notifications/ws?access_token=x")
     assert plain.status_code == 426 and plain.headers["Upgrade"] == "websocket"
     assert plain.get_json()["error"]["code"] == "WEBSOCKET_REQUIRED"
@@ -753,6 +754,20 @@ def test_the_socket_url_answers_only_a_websocket_handshake_it_can_take(gateway):
         **upgrade, "Sec-WebSocket-Version": "8", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
     assert old.status_code == 426 and old.headers["Sec-WebSocket-Version"] == "13"
     assert old.get_json()["error"]["code"] == "WEBSOCKET_VERSION"
+    handshake = {**upgrade, "Sec-WebSocket-Version": "13",
+                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    for unanswerable in ({"Host": "\u00e9.example"}, {
+            "Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits=x"}):
+        refused = gateway.get("/api/notifications/ws?access_token=x",
+                              headers={**handshake, **unanswerable})
+        assert refused.status_code == 400, (unanswerable, refused.status_code)
+        assert refused.get_json()["error"]["code"] == "BAD_WEBSOCKET_HANDSHAKE"
+    # Without Host (HTTP/1.0 allows it; the socket's code rebuilds the request as HTTP/1.1):
+    assert not notifications._handshake_answered_in_memory(
+        {"HTTP_" + name.upper().replace("-", "_"): value for name, value in handshake.items()})
+    assert notifications._handshake_answered_in_memory(
+        {"HTTP_HOST": "shop.example",
+         **{"HTTP_" + name.upper().replace("-", "_"): value for name, value in handshake.items()}})
 
 
 @pytest.mark.parametrize("after", ["abc", "-1", "1.5", ""])
