@@ -54,6 +54,7 @@ def _session_body(user: User) -> dict:
 
 
 @blueprint.post("/register")
+@blueprint.doc(security=[])  # (takes no token: the document's default asks for one)
 @blueprint.arguments(CredentialsSchema)
 @blueprint.response(201, SessionSchema)
 def register(args):
@@ -73,6 +74,7 @@ def register(args):
 
 
 @blueprint.post("/login")
+@blueprint.doc(security=[])  # (takes no token: the document's default asks for one)
 @blueprint.arguments(CredentialsSchema)
 @blueprint.response(200, SessionSchema)
 def login(args):

@@ -126,6 +126,22 @@ def test_sign_up_sign_in_and_the_token_decides_who_you_are(gateway):
     assert balance == {"user_id": user_id, "balance": "0.00"}
 
 
+def test_a_query_parameter_a_gateway_route_does_not_take_is_refused(gateway):
+    """As on the services: the gateway refuses it (422, naming it) before calling a service."""
+    _, auth = _sign_up(gateway)
+    for method, path in (("GET", "/api/accounts/balance?foo=1"),
+                         ("GET", "/api/notifications/newest?x=1"),
+                         ("POST", "/api/accounts?x=1"), ("POST", "/api/orders?amount=999")):
+        response = gateway.open(path, method=method, headers=auth,
+                                json={"amount": "1.00"} if path.startswith("/api/orders") else {})
+        assert response.status_code == 422, (path, response.get_json())
+        assert set(response.get_json()["error"]["details"]["query"]) <= {"foo", "x", "amount"}
+    assert gateway.get("/api/accounts/balance", headers=auth).get_json()["error"]["code"] == \
+        "ACCOUNT_NOT_FOUND"  # nothing was opened
+    signed_in = gateway.post("/api/auth/login?next=/", json={"username": "x", "password": "y" * 8})
+    assert signed_in.status_code == 422
+
+
 @pytest.mark.parametrize("body", [{}, {"username": "a b", "password": "long enough"},
                                   {"username": "ok", "password": "short"},
                                   {"username": "ok", "password": "long enough", "extra": 1},
@@ -301,6 +317,12 @@ def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_
         for operation in (path[method] for method in ("get", "post") if method in path):
             assert operation["responses"]["default"] == {
                 "$ref": "#/components/responses/DEFAULT_ERROR"}
+    # Signing up and in take no token; a route that takes no query parameters refuses them.
+    assert [spec["paths"][f"/api/auth/{name}"]["post"]["security"]
+            for name in ("register", "login")] == [[], []]
+    assert spec["security"] == [{"Bearer": []}]  # (every other operation's)
+    assert "security" not in spec["paths"]["/api/orders/{order_id}"]["get"]
+    assert "422" in spec["paths"]["/api/accounts/balance"]["get"]["responses"]
     # A pattern any client's regex engine reads as we do (ECMA-262 has no \Z).
     assert spec["components"]["schemas"]["Credentials"]["properties"]["username"]["pattern"] == \
         "^[A-Za-z0-9_.-]{1,64}$"

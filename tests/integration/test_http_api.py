@@ -101,6 +101,31 @@ def test_a_bad_order_gets_a_clear_4xx_and_writes_nothing(
     assert _order_writes(orders_flask_app, user_id) == (0, 0)
 
 
+def test_a_query_parameter_a_route_does_not_take_is_refused_and_writes_nothing(
+        orders_http, payments_http, orders_flask_app, payments_flask_app, user_id):
+    """Every route refuses what it does not know, as the README says: a query parameter on a
+    route that takes none (`?amount=` beside the body, say) is a 422 naming it, before any work."""
+    refused = [
+        orders_http.post("/orders?amount=999", json={"amount": "1.00"}, headers=_as(user_id)),
+        orders_http.get(f"/orders/{uuid.uuid4()}?expand=1", headers=_as(user_id)),
+        payments_http.post("/accounts?x=1", json={}, headers=_as(user_id)),
+        payments_http.post("/accounts/deposit?amount=5", json={"amount": "1.00"},
+                           headers=_as(user_id)),
+        payments_http.get("/accounts/balance?foo=1&amount=5", headers=_as(user_id)),
+    ]
+    for response in refused:
+        error = _assert_error(response, 422)
+        assert error["code"] == "VALIDATION_ERROR"
+        assert "query" in error["details"], error
+    assert error["details"]["query"] == {"foo": ["Unknown field."], "amount": ["Unknown field."]}
+    assert _order_writes(orders_flask_app, user_id) == (0, 0)
+    with payments_flask_app.app_context():
+        assert db.session.scalar(select(func.count()).where(Account.user_id == user_id)) == 0
+    # A route that takes query parameters holds them to its schema, as before.
+    _assert_error(orders_http.get("/orders?limit=5&unknown=1", headers=_as(user_id)), 422)
+    assert orders_http.get("/orders?limit=5", headers=_as(user_id)).status_code == 200
+
+
 def _forged(user_id="mallory", secret="not-the-secret", **changes):
     return {**identity_headers(user_id, secret), **changes}
 
