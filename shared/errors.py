@@ -162,6 +162,10 @@ def register_error_handlers(app: Flask) -> None:
             body = error_body(code_for(exc.name), exc.description or exc.name)
         response = jsonify(body)
         response.status_code = exc.code or 500
+        # The exception's own headers (a 405's Allow, a 416's Content-Range), but for the body's.
+        for name, value in exc.get_headers():
+            if name.lower() not in ("content-type", "content-length"):
+                response.headers[name] = value
         for name, value in (data.get("headers") or {}).items():
             response.headers[name] = value
         return response

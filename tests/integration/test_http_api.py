@@ -126,6 +126,18 @@ def test_a_query_parameter_a_route_does_not_take_is_refused_and_writes_nothing(
     assert orders_http.get("/orders?limit=5", headers=_as(user_id)).status_code == 200
 
 
+def test_a_method_a_route_does_not_take_is_a_405_that_says_which_it_does(orders_http,
+                                                                         payments_http, user_id):
+    """With the usual error body, and Allow as HTTP asks of a 405."""
+    for response in (orders_http.put("/orders", headers=_as(user_id)),
+                     payments_http.delete("/accounts/balance", headers=_as(user_id))):
+        error = _assert_error(response, 405)
+        assert error["code"] == "METHOD_NOT_ALLOWED"
+        assert response.content_type == "application/json"
+    assert set(orders_http.put("/orders").headers["Allow"].split(", ")) >= {"GET", "POST"}
+    assert "GET" in response.headers["Allow"] and "DELETE" not in response.headers["Allow"]
+
+
 def _forged(user_id="mallory", secret="not-the-secret", **changes):
     return {**identity_headers(user_id, secret), **changes}
 
