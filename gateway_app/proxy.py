@@ -1,9 +1,10 @@
 """Routing /api/... to the service that owns it, passing method, body, query, status and the
 Idempotency-Key through, with the caller's identity signed by the gateway and the request id.
 
-A service that cannot be reached answers 503, one too slow 504, one that fails 502: always the
-usual JSON error, never a hang and never a stack trace. A service that answers 503 itself, with
-the usual JSON error (its database unavailable, say), is relayed as it is, Retry-After included.
+A service that cannot be reached answers 503, one too slow 504, one that fails (or refuses the
+gateway's signed identity) 502: always the usual JSON error, never a hang and never a stack trace.
+A service that answers 503 itself, with the usual JSON error (its database unavailable, say), is
+relayed as it is, Retry-After included.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
     if upstream.status_code >= 500 and not _unavailable_for_now(upstream):
         log.error("%s answered %s: %s", service, upstream.status_code, upstream.text[:500])
         raise BadGateway.of(service)
+    if upstream.status_code == 401:
+        raise BadGateway.identity_refused(service, upstream.text[:500])
     response = Response(upstream.content, status=upstream.status_code)
     for name in FORWARDED_RESPONSE_HEADERS:
         if name in upstream.headers:

@@ -64,6 +64,8 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
         return ServiceUnavailable.of(service)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return UpstreamTimeout.of(service)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return BadGateway.identity_refused(service, exc.details())
     trailers = dict(exc.trailing_metadata() or ())
     if HTTP_STATUS_KEY in trailers:
         retry_after = trailers.get(RETRY_AFTER_KEY)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Flask, jsonify
@@ -59,6 +60,16 @@ class BadGateway(ApiError):
     @classmethod
     def of(cls, service: str) -> BadGateway:
         return cls(f"The {service} service failed to answer.", details={"service": service})
+
+    @classmethod
+    def identity_refused(cls, service: str, why: str) -> BadGateway:
+        """A service refused the identity the gateway signed (401): the gateway's fault, never
+        the caller's, whose token the gateway has checked. Passed on as a 401, it would tell
+        every caller their token is bad (the page signs out); the operator is told instead."""
+        logging.getLogger(__name__).error(
+            "the %s service refused the gateway's signed identity (%s): do the two share "
+            "INTERNAL_AUTH_SECRET, and are their clocks within a minute?", service, why)
+        return cls.of(service)
 
 
 class ServiceUnavailable(ApiError):

@@ -267,6 +267,24 @@ def test_a_service_without_its_database_is_503_with_retry_after_over_both_transp
         over_http.close()
 
 
+def test_a_gateway_whose_signature_the_services_refuse_answers_502_not_401(
+        settings, upstreams, grpc_targets, caplog):  # noqa: F811
+    """A gateway signing with another INTERNAL_AUTH_SECRET than the services': the caller's token
+    is good, so the caller is not told otherwise (a 401 signs the page out); the operator is told
+    what to look at."""
+    for transport in ("grpc", "http"):
+        client = _gateway(settings, upstreams, grpc_targets, transport,
+                          internal_auth_secret="not the services' secret")
+        session = client.post("/api/auth/register", json={
+            "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+        answer = client.get("/api/accounts/balance",
+                            headers={"Authorization": f"Bearer {session['access_token']}"})
+        assert answer.status_code == 502, (transport, answer.get_json())
+        assert answer.get_json()["error"]["code"] == "BAD_GATEWAY", transport
+        assert "INTERNAL_AUTH_SECRET" in caplog.text, transport
+        caplog.clear()
+
+
 def test_a_request_held_up_by_a_lock_is_503_busy_over_both_transports(
         settings, upstreams, grpc_targets):  # noqa: F811
     """A deposit held up by a stalled transaction on its account (shared.db.SESSION_LIMITS)
