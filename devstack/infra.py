@@ -7,6 +7,7 @@ import pwd
 import signal
 import socket
 import stat
+import sys
 import threading
 import time
 import warnings
@@ -93,10 +94,20 @@ def logs_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def ensure_postgres(run_dir: str | os.PathLike) -> tuple[str, ManagedProcess | None]:
-    """URL base (no database) of a running PostgreSQL, and the process if this call started one."""
+    """URL base (no database) of a running PostgreSQL, and the process if this call started one:
+    the machine's own on 5432 when it lets `postgres` in without a password (trust, as on the
+    shop's machines), else an embedded one (a stock install asks for a password on 127.0.0.1)."""
+    system = f"postgresql://postgres@{LOCALHOST}:{SYSTEM_POSTGRES_PORT}"
     if not force_embedded() and port_open(LOCALHOST, SYSTEM_POSTGRES_PORT):
-        return f"postgresql://postgres@{LOCALHOST}:{SYSTEM_POSTGRES_PORT}", None
+        if _postgres_answers(system):
+            return system, None
+        _passing_over("PostgreSQL", SYSTEM_POSTGRES_PORT, "`postgres` without a password")
     return start_embedded_postgres(run_dir, free_port())
+
+
+def _passing_over(server: str, port: int, needed: str) -> None:
+    print(f"[devstack] something listens on {LOCALHOST}:{port} but does not answer as a {server} "
+          f"the shop can use ({needed}): starting one of its own", file=sys.stderr, flush=True)
 
 
 def start_embedded_postgres(
@@ -202,9 +213,15 @@ def _postgres_answers(url_base: str) -> bool:
 
 
 def ensure_redis(run_dir: str | os.PathLike) -> tuple[str, ManagedProcess | None]:
-    """The URL (no DB number) of a running Redis, and the process if this call had to start one."""
+    """The URL (no DB number) of a running Redis, and the process if this call had to start one:
+    the machine's own on 6379 when it answers a PING without a password, else an embedded one."""
+    from shared.health import redis_answers
+
+    system = f"redis://{LOCALHOST}:{SYSTEM_REDIS_PORT}"
     if not force_embedded() and port_open(LOCALHOST, SYSTEM_REDIS_PORT):
-        return f"redis://{LOCALHOST}:{SYSTEM_REDIS_PORT}", None
+        if redis_answers(system):
+            return system, None
+        _passing_over("Redis", SYSTEM_REDIS_PORT, "a PING without a password")
     return start_embedded_redis(run_dir, free_port())
 
 

@@ -93,6 +93,28 @@ def test_embedded_postgres_starts_answers_and_is_reused_for_the_same_run_dir(
     assert not port_open("127.0.0.1", int(url_base.rsplit(":", 1)[1]))
 
 
+def test_a_listener_on_the_usual_port_that_is_no_usable_server_is_passed_over(tmp_path,
+                                                                             monkeypatch):
+    """Something on 5432 that will not let `postgres` in without a password (a stock install),
+    or on 6379 that answers no PING, is no server the shop can use: an embedded one is started, as
+    when nothing listens. (Here the usual ports are pointed at each other's servers.)"""
+    import devstack.infra
+
+    monkeypatch.setattr(devstack.infra, "SYSTEM_POSTGRES_PORT", SYSTEM_REDIS_PORT)
+    monkeypatch.setattr(devstack.infra, "SYSTEM_REDIS_PORT", SYSTEM_POSTGRES_PORT)
+    assert all(port_open("127.0.0.1", port) for port in (SYSTEM_REDIS_PORT, SYSTEM_POSTGRES_PORT))
+    postgres_base, postgres = ensure_postgres(tmp_path)
+    redis_url, redis_server = ensure_redis(tmp_path)
+    try:
+        assert postgres is not None and redis_server is not None
+        psycopg2.connect(f"{postgres_base}/postgres", connect_timeout=5).close()
+        assert redis.Redis.from_url(redis_url).ping()
+    finally:
+        for server in (postgres, redis_server):
+            if server is not None:
+                server.stop()
+
+
 def test_embedded_redis_starts_answers_and_keeps_nothing_on_disk(tmp_path, embedded_only):
     url, server = ensure_redis(tmp_path)
     try:
