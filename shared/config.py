@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from functools import lru_cache
@@ -131,16 +132,41 @@ class Settings:
         return f"{self.kafka_consumer_group_prefix}.{service}"
 
 
+# The settings with a fixed set of values.
+CHOICES = {"GATEWAY_UPSTREAM_TRANSPORT": ("grpc", "http")}
+
+
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
-    """Read the environment now (tests and tools that change it call this directly)."""
+    """Read the environment now (tests and tools that change it call this directly).
+
+    A value a setting cannot take is refused here, naming its variable (a ValueError): every
+    number is a size, a count or a length of time, above 0 (a batch size of 0 had the relay leader
+    read nothing forever while holding its lead, an interval of 0 had beat send tasks without a
+    pause, a negative retention pruned idempotency keys a minute old).
+    """
     environ = os.environ if environ is None else environ
     values = {}
     for field in fields(Settings):
-        raw = environ.get(field.name.upper()) or ENVIRONMENT[field.name.upper()]
-        values[field.name] = {"int": int, "float": float}.get(field.type, str)(raw)
+        name = field.name.upper()
+        values[field.name] = _setting(name, field.type, environ.get(name) or ENVIRONMENT[name])
     if not values["celery_broker_url"]:
         values["celery_broker_url"] = values["redis_url"]
     return Settings(**values)
+
+
+def _setting(name: str, kind: str, raw: str) -> str | int | float:
+    if kind == "str":
+        if name in CHOICES and raw not in CHOICES[name]:
+            raise ValueError(f"{name}={raw!r}: expected one of {', '.join(CHOICES[name])}")
+        return raw
+    try:
+        value = int(raw) if kind == "int" else float(raw)
+    except ValueError:
+        expected = "a whole number" if kind == "int" else "a number"
+        raise ValueError(f"{name}={raw!r}: expected {expected}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={raw!r}: expected a number above 0")
+    return value
 
 
 @lru_cache(maxsize=1)

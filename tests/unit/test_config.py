@@ -1,5 +1,7 @@
 from dataclasses import fields
 
+import pytest
+
 from shared.config import ENVIRONMENT, Settings, load_settings
 
 
@@ -16,3 +18,24 @@ def test_defaults_work_locally_and_the_environment_overrides_them():
                             "OUTBOX_RELAY_INTERVAL_SECONDS": "0.25"})
     assert (custom.inbox_max_attempts, custom.topic_payment_results) == (9, "x.results")
     assert custom.outbox_relay_interval_seconds == 0.25
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("OUTBOX_RELAY_BATCH_SIZE", "0", "above 0"),
+    ("OUTBOX_RELAY_INTERVAL_SECONDS", "-2", "above 0"),
+    ("INBOX_SWEEP_INTERVAL_SECONDS", "0", "above 0"),
+    ("IDEMPOTENCY_KEY_RETENTION_SECONDS", "-3600", "above 0"),
+    ("INBOX_RETENTION_SECONDS", "nan", "above 0"),
+    ("UPSTREAM_TIMEOUT_SECONDS", "inf", "above 0"),
+    ("INBOX_MAX_ATTEMPTS", "5.0", "a whole number"),
+    ("RATE_LIMIT_PER_MINUTE", "lots", "a whole number"),
+    ("CACHE_TTL_SECONDS", "0", "above 0"),
+    ("INBOX_SWEEP_MIN_AGE_SECONDS", "ten", "a number"),
+    ("GATEWAY_UPSTREAM_TRANSPORT", "carrier-pigeon", "one of grpc, http"),
+])
+def test_a_value_a_setting_cannot_take_is_refused_naming_its_variable(variable, value, expected):
+    """At start-up, before anything runs on it: each number is a size, a count or a length of
+    time, and the transport one of two."""
+    with pytest.raises(ValueError, match=expected) as refused:
+        load_settings({variable: value})
+    assert str(refused.value).startswith(f"{variable}={value!r}")
