@@ -14,6 +14,9 @@ broker_transport = "tasks.redis_transport:Transport"
 broker_connection_retry_on_startup = True
 task_ignore_result = True
 result_backend = None
+# No results are kept, so none expire: beat would otherwise add its daily celery.backend_cleanup,
+# sent to the default queue, which no worker reads (each one piling up there for ever).
+result_expires = None
 
 worker_prefetch_multiplier = 4
 task_default_queue = "default"

@@ -22,3 +22,15 @@ def test_beat_tasks_go_to_the_control_queue_and_handlers_to_the_service_queue():
 def test_every_task_beat_sends_goes_to_a_control_queue():
     scheduled = {entry["task"] for entry in celeryconfig.beat_schedule.values()}
     assert scheduled <= BEAT_TASKS
+
+
+def test_beat_adds_no_task_of_its_own_to_the_schedule():
+    """Celery's beat adds celery.backend_cleanup, daily, when results expire and the backend does
+    not expire them itself; the router leaves it to the default queue, which no worker reads."""
+    from celery.beat import Scheduler
+
+    from tasks.celery_app import app
+
+    scheduler = Scheduler(app, lazy=True)
+    scheduler.install_default_entries(scheduler.data)
+    assert {entry.task for entry in scheduler.data.values()} <= BEAT_TASKS
