@@ -85,10 +85,14 @@ def discard(service: str, message_ids: list[uuid.UUID] | None,
         return discard_parked(session, message_ids)
 
 
-def _positive(text: str) -> int:
+# The most rows `list` shows at once (a limit past PostgreSQL's bigint would end in a traceback).
+MAX_LISTED = 10_000
+
+
+def _list_limit(text: str) -> int:
     number = int(text)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
+    if not 1 <= number <= MAX_LISTED:
+        raise argparse.ArgumentTypeError(f"{text} is not between 1 and {MAX_LISTED}")
     return number
 
 
@@ -107,7 +111,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         command_parser.add_argument("--outbox", action="store_true",
                                     help="outbox rows too large to be sent")
         if command == "list":
-            command_parser.add_argument("--limit", type=_positive, default=50)
+            command_parser.add_argument("--limit", type=_list_limit, default=50)
         else:
             command_parser.add_argument("message_ids", nargs="*", type=uuid.UUID,
                                         metavar="MESSAGE_ID")

@@ -499,6 +499,10 @@ def test_a_parked_request_replayed_once_mended_is_paid_once(settings, payments_i
         assert db.session.get(Account, user_id).balance == Decimal("7.00")
     with pytest.raises(SystemExit):
         parked.main(["replay", "payments"])  # neither ids nor --all
+    for limit in ("0", "10001", "100000000000000000000", "ten"):
+        with pytest.raises(SystemExit):
+            parked.main(["list", "payments", "--limit", limit])  # argparse's usage, no traceback
+    assert parked.main(["list", "payments", "--limit", "10000"]) == 0
 
 
 def test_parked_messages_discarded_are_never_handled_and_their_repeats_are_dropped(
