@@ -51,7 +51,8 @@ class Stack:
 
     Values in env_overrides may contain "{postgres}" and "{redis}", replaced by the URL bases
     found or started at start(), e.g. {"ORDERS_DATABASE_URL": "{postgres}/test_orders_1a2b"} or
-    {"REDIS_URL": "{redis}/5"}.
+    {"REDIS_URL": "{redis}/5"}. A caller that runs PostgreSQL and Redis itself (the tests) passes
+    their URL bases as `servers`: none is looked for or started then.
     """
 
     def __init__(
@@ -61,9 +62,11 @@ class Stack:
         ports: Mapping[str, int] | None = None,
         with_flower: bool = False,
         quiet: bool = True,
+        servers: tuple[str, str] | None = None,
     ):
         self.run_dir = Path(run_dir).resolve()
         self.env_overrides = dict(env_overrides or {})
+        self.servers = servers  # (PostgreSQL's URL base, Redis's), when given
         self.ports = {**DEFAULT_PORTS, **(ports or {})}
         self.with_flower = with_flower
         self.quiet = quiet
@@ -119,12 +122,7 @@ class Stack:
         self._group = ProcessGroup()
         try:
             self._check_ports_free()
-            self._say("PostgreSQL...")
-            postgres_base, postgres = infra.ensure_postgres(self.run_dir)
-            self._adopt(postgres)
-            self._say("Redis...")
-            redis_base, redis = infra.ensure_redis(self.run_dir)
-            self._adopt(redis)
+            postgres_base, redis_base = self.servers or self._find_or_start_servers()
             self._say("broker...")
             self._broker = self._group.add(infra.broker_process(self.ports["broker"], self.run_dir))
             infra.start_and_wait_for_broker(self._broker, self.ports["broker"])
@@ -145,6 +143,17 @@ class Stack:
     def stop(self) -> None:
         if self._group is not None:
             self._group.stop_all()
+
+    def _find_or_start_servers(self) -> tuple[str, str]:
+        """PostgreSQL's and Redis's URL bases: the machine's own, or embedded ones started (and
+        stopped with the stack)."""
+        self._say("PostgreSQL...")
+        postgres_base, postgres = infra.ensure_postgres(self.run_dir)
+        self._adopt(postgres)
+        self._say("Redis...")
+        redis_base, redis = infra.ensure_redis(self.run_dir)
+        self._adopt(redis)
+        return postgres_base, redis_base
 
     def stop_broker(self) -> None:
         self._require_started().stop()

@@ -19,9 +19,11 @@ from tests.environment import service_env
 def stack(infrastructure, run_dir):
     env = service_env(infrastructure, "e2e")
     env.pop("KAFKA_BOOTSTRAP_SERVERS")  # the stack runs a broker of its own, which tests stop
+    # The session's PostgreSQL and Redis (env points at them): none of its own, embedded or not.
     shop = Stack(run_dir / "e2e", env_overrides=env,
                  ports={name: free_port() for name in ("gateway", "orders", "payments", "broker",
-                                                       "orders-grpc", "payments-grpc")})
+                                                       "orders-grpc", "payments-grpc")},
+                 servers=(infrastructure.postgres_base, infrastructure.redis_base))
     shop.start()
     yield shop
     shop.stop()
