@@ -33,11 +33,13 @@ def infrastructure(run_dir):
         broker_port=broker_port,
     )
     yield infra
-    broker.stop()
-    _drop_test_databases(postgres_base)
-    for process in (redis_server, postgres):
-        if process is not None:
-            process.stop()
+    try:
+        broker.stop()
+        _drop_test_databases(postgres_base)
+    finally:  # the servers this run started go, whatever failed before
+        for process in (redis_server, postgres):
+            if process is not None:
+                process.stop()
 
 
 def _drop_test_databases(postgres_base: str) -> None:

@@ -97,22 +97,40 @@ def test_a_listener_on_the_usual_port_that_is_no_usable_server_is_passed_over(tm
                                                                              monkeypatch):
     """Something on 5432 that will not let `postgres` in without a password (a stock install),
     or on 6379 that answers no PING, is no server the shop can use: an embedded one is started, as
-    when nothing listens. (Here the usual ports are pointed at each other's servers.)"""
+    when nothing listens. (Here the usual ports are pointed at a listener that hangs up at once.)"""
+    import socket
+    import threading
+
     import devstack.infra
 
-    monkeypatch.setattr(devstack.infra, "SYSTEM_POSTGRES_PORT", SYSTEM_REDIS_PORT)
-    monkeypatch.setattr(devstack.infra, "SYSTEM_REDIS_PORT", SYSTEM_POSTGRES_PORT)
-    assert all(port_open("127.0.0.1", port) for port in (SYSTEM_REDIS_PORT, SYSTEM_POSTGRES_PORT))
-    postgres_base, postgres = ensure_postgres(tmp_path)
-    redis_url, redis_server = ensure_redis(tmp_path)
+    decoy = socket.create_server(("127.0.0.1", 0))
+    hanging_up = threading.Thread(target=_hang_up_on_every_caller, args=(decoy,), daemon=True)
+    hanging_up.start()
+    port = decoy.getsockname()[1]
+    monkeypatch.setattr(devstack.infra, "SYSTEM_POSTGRES_PORT", port)
+    monkeypatch.setattr(devstack.infra, "SYSTEM_REDIS_PORT", port)
+    postgres = redis_server = None
     try:
+        assert port_open("127.0.0.1", port)
+        postgres_base, postgres = ensure_postgres(tmp_path)
+        redis_url, redis_server = ensure_redis(tmp_path)
         assert postgres is not None and redis_server is not None
         psycopg2.connect(f"{postgres_base}/postgres", connect_timeout=5).close()
         assert redis.Redis.from_url(redis_url).ping()
     finally:
+        decoy.close()
         for server in (postgres, redis_server):
             if server is not None:
                 server.stop()
+
+
+def _hang_up_on_every_caller(listener) -> None:
+    while True:
+        try:
+            caller, _ = listener.accept()
+        except OSError:  # closed: the test is over
+            return
+        caller.close()
 
 
 def test_embedded_redis_starts_answers_and_keeps_nothing_on_disk(tmp_path, embedded_only):

@@ -206,8 +206,12 @@ def test_the_cursor_none_is_refused_whatever_the_cache_holds(orders_http, user_i
 
 
 def test_default_page_size_is_50(orders_http, user_id):
+    assert orders_http.get("/orders", headers=_as(user_id)).get_json() == {
+        "items": [], "next_cursor": None}
+    for _ in range(51):
+        assert _placed(orders_http, user_id, "1.00") == 202
     page = orders_http.get("/orders", headers=_as(user_id)).get_json()
-    assert page == {"items": [], "next_cursor": None}
+    assert len(page["items"]) == 50 and page["next_cursor"] is not None
 
 
 def test_a_retried_order_with_the_same_idempotency_key_is_placed_once(
@@ -361,12 +365,15 @@ def test_a_connection_in_steady_use_is_not_pinged(orders_http, orders_flask_app,
     real_ping = dialect.do_ping
     monkeypatch.setattr(dialect, "do_ping", lambda connection: pings.append(1) or
                         real_ping(connection))
-    for amount in ("1.00", "2.00", "3.00"):
+    assert _placed(orders_http, user_id, "1.00") == 202  # (pinged if it had sat idle)
+    monkeypatch.setattr(shared.db, "IDLE_PING_SECONDS", 3600.0)  # steady: never idle this long
+    before = len(pings)
+    for amount in ("2.00", "3.00", "4.00"):
         assert _placed(orders_http, user_id, amount) == 202
-    assert len(pings) <= 1  # at most the first connection, if it had sat idle
-    monkeypatch.setattr(shared.db, "IDLE_PING_SECONDS", 0.0)
-    assert _placed(orders_http, user_id, "4.00") == 202
-    assert len(pings) >= 1
+    assert len(pings) == before
+    monkeypatch.setattr(shared.db, "IDLE_PING_SECONDS", 0.0)  # every checkout has sat idle
+    assert _placed(orders_http, user_id, "5.00") == 202
+    assert len(pings) > before
 
 
 def test_a_connection_that_breaks_in_use_is_a_503_and_is_not_used_again(

@@ -296,6 +296,7 @@ def test_the_pruner_deletes_old_handled_rows_and_keeps_the_rest(settings, paymen
     monkeypatch.setattr(payments_app, "message_handlers",
                         lambda: {PAYMENT_REQUESTED: park_the_unpayable})
     monkeypatch.setattr("tasks.retention.PRUNED_PER_TRANSACTION", 2)  # so that it takes two turns
+    prune_inbox.apply(args=("payments",)).get()  # what earlier tests left old enough: the counts
     old_handled, also_old_handled, more_old_handled, old_parked, old_waiting, new_handled = (
         _stored_request(payments_inbox, user_id, amount=Decimal(amount))
         for amount in ("1.00", "1.00", "1.00", "2.00", "3.00", "4.00"))
@@ -465,9 +466,10 @@ def test_beat_prunes_every_services_inbox(settings):
 
 
 def test_a_parked_request_replayed_once_mended_is_paid_once(settings, payments_inbox, monkeypatch,
-                                                            user_id, capsys):
+                                                            payments_queue, user_id, capsys):
     """An operator lists the parked messages and replays one once what parked it is mended
-    (python -m tasks.parked): it is handled as if new, and a second replay finds nothing to do."""
+    (python -m tasks.parked): it is dispatched to the service's queue and handled as if new
+    (here run as a worker would, off the queue), and a second replay finds nothing to do."""
     from payments_app import service as payments
     from payments_app.models import Account
     from tasks import parked
@@ -482,8 +484,6 @@ def test_a_parked_request_replayed_once_mended_is_paid_once(settings, payments_i
 
     monkeypatch.setattr(payments_app, "message_handlers",
                         lambda: {PAYMENT_REQUESTED: ledger_closed})
-    monkeypatch.setattr(parked, "dispatch_inbox_messages", lambda service, ids: (
-        handle_inbox_batch.apply(args=(service, [str(i) for i in ids]))))  # as a worker would
     message_id = _stored_request(payments_inbox, user_id, amount=Decimal("3.00"))
     handle_inbox_batch.apply(args=("payments", [str(message_id)]))
     assert _row(message_id).parked_at is not None
@@ -492,9 +492,12 @@ def test_a_parked_request_replayed_once_mended_is_paid_once(settings, payments_i
 
     monkeypatch.setattr(payments_app, "message_handlers", mended_handlers)
     assert parked.main(["replay", "payments", str(message_id)]) == 0
+    assert _dispatches_of(message_id) == [handle_inbox_batch.name]
+    handle_inbox_batch.apply(args=("payments", [str(message_id)]))
     row = _row(message_id)
     assert row.processed_at is not None and row.parked_at is None and row.last_error is None
     assert parked.main(["replay", "payments", str(message_id)]) == 1  # handled: nothing to replay
+    assert _dispatches_of(message_id) == []
     with service_app("payments").app_context():
         assert db.session.get(Account, user_id).balance == Decimal("7.00")
     with pytest.raises(SystemExit):

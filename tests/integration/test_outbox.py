@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -106,15 +107,20 @@ def test_relay_publishes_the_envelope_with_key_and_headers_and_deletes_the_rows(
         None, b"request-of-the-second", None]
 
 
-def _messages_of(settings, order_ids) -> list:
-    """The payment-requested messages of these orders, read from Kafka until all are there."""
+def _messages_of(settings, order_ids, read_past: bool = False) -> list:
+    """The payment-requested messages of these orders, read from Kafka until all are there (with
+    `read_past`, until the last one is: repeats of the others sent before it are read too)."""
     wanted = {str(order_id) for order_id in order_ids}
 
     def of_the_orders(messages):
         return [m for m in messages if json.loads(m.value())["correlation_id"] in wanted]
 
+    def enough(read) -> bool:
+        ids = {json.loads(m.value())["correlation_id"] for m in of_the_orders(read)}
+        return str(order_ids[-1]) in ids if read_past else ids == wanted
+
     messages = read_topic_until(settings.kafka_bootstrap_servers, settings.topic_payment_requested,
-                                lambda read: len(of_the_orders(read)) >= len(wanted))
+                                enough)
     return of_the_orders(messages)
 
 
@@ -317,6 +323,13 @@ def test_with_the_broker_down_rows_pile_up_with_their_error_and_go_out_when_it_i
         in_orders, settings, run_dir, user_id):
     port = free_port()
     broker = start_broker(port, run_dir / "relay-broker")
+    try:
+        _rows_pile_up_and_go_out(broker, port, settings, user_id)
+    finally:
+        broker.stop()  # (the test's own broker, whatever happened)
+
+
+def _rows_pile_up_and_go_out(broker, port: int, settings, user_id: str) -> None:
     own_settings = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{port}")
     publisher = OutboxPublisher(own_settings)
     _relay_all(publisher)  # whatever earlier tests left behind
@@ -340,7 +353,6 @@ def test_with_the_broker_down_rows_pile_up_with_their_error_and_go_out_when_it_i
                            sum(r.sent for r in results))
     ids = {json.loads(m.value())["correlation_id"] for m in delivered}
     assert {str(o.id) for o in orders} <= ids
-    broker.stop()
 
 
 def test_relays_taking_turns_to_lead_send_each_row_once(orders_flask_app, settings, user_id):
@@ -370,11 +382,17 @@ def test_relays_taking_turns_to_lead_send_each_row_once(orders_flask_app, settin
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads)
     with orders_flask_app.app_context():
         assert _outbox_rows_for(order_ids) == []
-    assert sum(sent_counts) >= 60
-    ids = [json.loads(m.value())["correlation_id"] for m in _messages_of(settings, order_ids)]
-    assert sorted(ids) == sorted(map(str, order_ids))  # each sent once
+        assert sum(sent_counts) == 60
+        # Each sent once: read up to an order sent after them all, on their partition (one user).
+        marker = _place(user_id, "1.00").id
+        _relay_all(OutboxPublisher(settings))
+    sent = Counter(json.loads(m.value())["correlation_id"]
+                   for m in _messages_of(settings, [*order_ids, marker], read_past=True))
+    assert {str(order_id): sent[str(order_id)] for order_id in order_ids} == {
+        str(order_id): 1 for order_id in order_ids}
 
 
 def test_one_relay_leads_and_a_commit_of_outbox_rows_wakes_it(in_orders, settings, user_id):
