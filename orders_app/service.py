@@ -30,6 +30,12 @@ def place_order(session: Session, *, user_id: str, amount: Decimal, description:
 
     The order is written by a plain INSERT on the driver (the busiest write of the shop; the ORM's
     unit of work cost more than the statement) and returned as an object detached from the session.
+
+    One user's orders are placed one transaction at a time (a lock per user, held to the commit),
+    so their PaymentRequested rows commit in the order of their ids, the order the relay sends in:
+    with two placed at once (two tabs), the later id could commit, and be sent, first, and the
+    payments service would decide the later order first (with funds for one, the earlier one
+    cancelled).
     """
     now = datetime.now(timezone.utc)
     row = {"id": uuid.uuid4(), "user_id": user_id, "amount": amount, "description": description,
@@ -47,7 +53,12 @@ def place_order(session: Session, *, user_id: str, amount: Decimal, description:
     return Order(**row)
 
 
-_INSERT_ORDER = """
+# The first key of the per-user lock place_order takes (the second is a hash of the user id); an
+# arbitrary constant.
+PLACING_LOCK_CLASS = 0x0D3E
+# One round trip: the user's lock, then the order.
+_INSERT_ORDER = f"""
+SELECT pg_advisory_xact_lock({PLACING_LOCK_CLASS}, hashtext(%(user_id)s));
 INSERT INTO orders (id, user_id, amount, description, status, reason, created_at, updated_at)
 VALUES (%(id)s, %(user_id)s, %(amount)s, %(description)s, %(status)s, %(reason)s, %(created_at)s,
         %(updated_at)s)"""

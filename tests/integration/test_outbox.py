@@ -395,6 +395,55 @@ def test_relays_taking_turns_to_lead_send_each_row_once(orders_flask_app, settin
         str(order_id): 1 for order_id in order_ids}
 
 
+def _relay_once_elsewhere(url: str, publisher: OutboxPublisher):
+    """One relay run on a leader's connection of its own (the test's session is mid-transaction)."""
+    with RelayLeaderConnection(url) as leader:
+        assert leader.lead()
+        with leader.cursor() as cursor:
+            return relay_pending_outbox(cursor, publisher.send_batch, 100)
+
+
+def _placing_waits_on_a_user_lock(url: str) -> bool:
+    with psycopg2.connect(driver_dsn(url)) as watcher, watcher.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                       " AND wait_event_type = 'Lock' AND wait_event = 'advisory'")
+        waiting = cursor.fetchone()[0] > 0
+    watcher.close()
+    return waiting
+
+
+def test_one_users_orders_placed_at_once_go_out_in_the_order_their_rows_were_written(
+        orders_flask_app, settings, user_id):
+    """Two tabs: the second order waits for the first's transaction (a lock per user), so its
+    PaymentRequested row cannot commit, and a relay cannot send it, ahead of the first's, which
+    has the lower id. Without the lock, the relay run meanwhile sent the second alone, first."""
+    url = settings.database_url("orders")
+    publisher = OutboxPublisher(settings)
+    second: dict[str, Order] = {}
+
+    def place_the_second():
+        with orders_flask_app.app_context():
+            second["order"] = _place(user_id, "2.00")
+
+    with orders_flask_app.app_context():
+        _relay_all(publisher)
+        placing = threading.Thread(target=place_the_second)
+        with transaction() as session:
+            first = service.place_order(session, user_id=user_id, amount=Decimal("1.00"),
+                                        description="")
+            placing.start()
+            wait_for(lambda: _placing_waits_on_a_user_lock(url) or not placing.is_alive(),
+                     timeout=10, what="the second order to wait for the first")
+            assert placing.is_alive() and not second
+            assert _relay_once_elsewhere(url, publisher).claimed == 0  # nothing of theirs yet
+        placing.join(10)
+        assert second, "the second order was never placed"
+        _relay_all(publisher)
+    sent = [json.loads(m.value())["correlation_id"]
+            for m in _messages_of(settings, [first.id, second["order"].id])]
+    assert sent == [str(first.id), str(second["order"].id)]
+
+
 def test_one_relay_leads_and_a_commit_of_outbox_rows_wakes_it(in_orders, settings, user_id):
     url = settings.database_url("orders")
     with RelayLeaderConnection(url) as leader, RelayLeaderConnection(url) as other:
