@@ -59,6 +59,18 @@ def call(service: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
+    """The service's own answer, as its HTTP API would have given it (in the trailers: a 503
+    DATABASE_BUSY with its Retry-After comes as UNAVAILABLE too), or what the call's failure
+    says of the service (unreachable, too slow, refusing the gateway's identity)."""
+    trailers = dict(exc.trailing_metadata() or ())
+    if HTTP_STATUS_KEY in trailers:
+        status = int(trailers[HTTP_STATUS_KEY])
+        if status == 401:
+            return BadGateway.identity_refused(service, exc.details())
+        retry_after = trailers.get(RETRY_AFTER_KEY)
+        return ApiError(exc.details(), status=status, code=trailers.get(ERROR_CODE_KEY, "ERROR"),
+                        details=json.loads(trailers.get(ERROR_DETAILS_KEY, "{}")),
+                        headers={"Retry-After": retry_after} if retry_after else None)
     code = exc.code()
     if code == grpc.StatusCode.UNAVAILABLE:
         return ServiceUnavailable.of(service)
@@ -66,11 +78,4 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
         return UpstreamTimeout.of(service)
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return BadGateway.identity_refused(service, exc.details())
-    trailers = dict(exc.trailing_metadata() or ())
-    if HTTP_STATUS_KEY in trailers:
-        retry_after = trailers.get(RETRY_AFTER_KEY)
-        return ApiError(exc.details(), status=int(trailers[HTTP_STATUS_KEY]),
-                        code=trailers.get(ERROR_CODE_KEY, "ERROR"),
-                        details=json.loads(trailers.get(ERROR_DETAILS_KEY, "{}")),
-                        headers={"Retry-After": retry_after} if retry_after else None)
     return BadGateway.of(service)

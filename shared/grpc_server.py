@@ -73,6 +73,7 @@ GRPC_CODE_FOR_HTTP_STATUS = {
     409: grpc.StatusCode.ALREADY_EXISTS,
     422: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,  # (its database unavailable or busy: try again shortly)
 }
 
 

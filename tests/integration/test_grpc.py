@@ -233,6 +233,7 @@ def test_with_its_database_unreachable_a_grpc_service_answers_503(settings):
         trailers = dict(refused.value.trailing_metadata())
         assert trailers[HTTP_STATUS_KEY] == "503"
         assert trailers[ERROR_CODE_KEY] == "DATABASE_UNAVAILABLE"
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # a retryable status
     finally:
         server.stop(grace=None)
 
