@@ -43,13 +43,13 @@ CONNECTION_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle"
 # What one session of the shop may hold the others up for, so that a stuck piece fails and is
 # retried instead of stalling everything queued behind it. A statement waits at most 2 s for each
 # lock it needs (a row a stalled transaction holds, say). A request waits on two at most (its
-# Idempotency-Key's row, then the account's), so one held up answers the service's 503
-# DATABASE_BUSY before the gateway's 5 s wait for it (UPSTREAM_TIMEOUT_SECONDS) is up; a handler's
-# try fails and is retried with backoff, not counted as one of the message's attempts
-# (tasks/inbox.py). A statement runs at most 30 s (the longest the shop runs, a pruner's,
-# take well under a second). A transaction left idle 60 s (its process paused or hung between
-# statements) is ended by the server, locks and all. Migrations run under limits of their own
-# (shared/migrations.py: MIGRATION_LIMITS): their statements may rightly run long.
+# Idempotency-Key's row, then the account's or, placing an order, its user's placing lock), so one
+# held up answers the service's 503 DATABASE_BUSY before the gateway's 5 s wait for it
+# (UPSTREAM_TIMEOUT_SECONDS) is up; a handler's try fails and is retried with backoff, not counted
+# as one of the message's attempts (tasks/inbox.py). A statement runs at most 30 s (the longest the
+# shop runs, a pruner's, take well under a second). A transaction left idle 60 s (its process paused
+# or hung between statements) is ended by the server, locks and all. Migrations run under limits of
+# their own (shared/migrations.py: MIGRATION_LIMITS): their statements may rightly run long.
 SESSION_LIMITS = {"lock_timeout": "2s", "statement_timeout": "30s",
                   "idle_in_transaction_session_timeout": "1min"}
 # The SQLSTATEs of a statement cancelled under SESSION_LIMITS: lock_not_available (lock_timeout)
