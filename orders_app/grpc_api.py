@@ -8,7 +8,7 @@ from flask import Flask
 from orders_app import endpoints
 from orders_app.schemas import ListOrdersQuerySchema, PlaceOrderSchema
 from shared.grpc_messages import to_message
-from shared.grpc_server import serve_call
+from shared.grpc_server import add_servicer, serve_call
 from shared.idempotency import checked_idempotency_key
 from shared.protos import orders_pb2, orders_pb2_grpc
 
@@ -25,7 +25,7 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
             args = PLACE_ORDER.load({"amount": request.amount, "description": request.description})
             key = checked_idempotency_key(request.idempotency_key)
             return to_message(orders_pb2.Order, endpoints.place_order(user_id, args, key))
-        return serve_call(self.app, context, place)
+        return serve_call(self.app, context, request, place)
 
     def ListOrders(self, request, context):
         def page(user_id: str):
@@ -33,13 +33,12 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
                      if request.HasField(name)}
             body = endpoints.list_orders(user_id, LIST_ORDERS.load(query))
             return to_message(orders_pb2.OrderPage, body)
-        return serve_call(self.app, context, page)
+        return serve_call(self.app, context, request, page)
 
     def GetOrder(self, request, context):
-        return serve_call(self.app, context, lambda user_id: to_message(
+        return serve_call(self.app, context, request, lambda user_id: to_message(
             orders_pb2.Order, endpoints.get_order(user_id, request.order_id)))
 
 
 def register(server: grpc.Server, app: Flask) -> tuple[str, ...]:
-    orders_pb2_grpc.add_OrdersServicer_to_server(OrdersServicer(app), server)
-    return (orders_pb2.DESCRIPTOR.services_by_name["Orders"].full_name,)
+    return (add_servicer(server, OrdersServicer(app), orders_pb2, "Orders"),)

@@ -8,7 +8,7 @@ from flask import Flask
 from payments_app import endpoints
 from payments_app.schemas import DepositSchema
 from shared.grpc_messages import to_message
-from shared.grpc_server import serve_call
+from shared.grpc_server import add_servicer, serve_call
 from shared.idempotency import checked_idempotency_key
 from shared.protos import payments_pb2, payments_pb2_grpc
 
@@ -20,7 +20,7 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
         self.app = app
 
     def OpenAccount(self, request, context):
-        return serve_call(self.app, context, lambda user_id: to_message(
+        return serve_call(self.app, context, request, lambda user_id: to_message(
             payments_pb2.Account, endpoints.open_account(user_id)))
 
     def Deposit(self, request, context):
@@ -28,13 +28,12 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
             args = DEPOSIT.load({"amount": request.amount})
             key = checked_idempotency_key(request.idempotency_key)
             return to_message(payments_pb2.Account, endpoints.deposit(user_id, args, key))
-        return serve_call(self.app, context, deposit)
+        return serve_call(self.app, context, request, deposit)
 
     def GetBalance(self, request, context):
-        return serve_call(self.app, context, lambda user_id: to_message(
+        return serve_call(self.app, context, request, lambda user_id: to_message(
             payments_pb2.Account, endpoints.balance(user_id)))
 
 
 def register(server: grpc.Server, app: Flask) -> tuple[str, ...]:
-    payments_pb2_grpc.add_PaymentsServicer_to_server(PaymentsServicer(app), server)
-    return (payments_pb2.DESCRIPTOR.services_by_name["Payments"].full_name,)
+    return (add_servicer(server, PaymentsServicer(app), payments_pb2, "Payments"),)

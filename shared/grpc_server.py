@@ -15,10 +15,13 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import grpc
 from flask import Flask
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 from marshmallow import ValidationError
 from sqlalchemy.exc import OperationalError
@@ -77,14 +80,56 @@ GRPC_CODE_FOR_HTTP_STATUS = {
 }
 
 
-def serve_call(app: Flask, context: grpc.ServicerContext, operation: Callable[[str], Any]) -> Any:
-    """Run `operation(user_id)` for one call, as an HTTP route runs for one request."""
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """What a method gets for bytes that are no request of its type (add_servicer)."""
+
+    error: str
+
+
+def add_servicer(server: grpc.Server, servicer: Any, messages: ModuleType, service: str) -> str:
+    """Register `servicer`'s methods of `service` (described in the `messages` module, protoc's
+    *_pb2), as protoc's add_*Servicer_to_server does, but for how requests are parsed: bytes that
+    are no request of the method's type reach it as an UndecodableRequest, which serve_call
+    answers with 400 MALFORMED_REQUEST once the caller's identity is checked, as the HTTP API
+    answers a body it cannot read; gRPC's own parse answered INTERNAL, before any check. Returns
+    the service's full name."""
+    descriptor = messages.DESCRIPTOR.services_by_name[service]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_parsed_leniently(getattr(messages, method.input_type.name)),
+            response_serializer=getattr(messages, method.output_type.name).SerializeToString)
+        for method in descriptor.methods}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    server.add_registered_method_handlers(descriptor.full_name, handlers)
+    return descriptor.full_name
+
+
+def _parsed_leniently(request_type) -> Callable[[bytes], Any]:
+    def parse(raw: bytes):
+        try:
+            return request_type.FromString(raw)
+        except DecodeError as exc:
+            return UndecodableRequest(str(exc))
+
+    return parse
+
+
+def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
+               operation: Callable[[str], Any]) -> Any:
+    """Run `operation(user_id)` for one call of `request`, as an HTTP route runs for one request."""
     metadata = {key: value for key, value in context.invocation_metadata()}
     request_id = sane_request_id(metadata.get(REQUEST_ID_HEADER.lower()))
     with app.app_context(), request_id_bound(request_id):
         try:
             secret = app.extensions["hseshop.settings"].internal_auth_secret
-            return operation(authenticated_user_id(metadata, secret))
+            user_id = authenticated_user_id(metadata, secret)
+            if isinstance(request, UndecodableRequest):
+                raise ApiError("The request is not a valid message of its type.",
+                               code="MALFORMED_REQUEST", details={"message": [request.error]})
+            return operation(user_id)
         except ValidationError as exc:
             _abort(context, ApiError("The request is not valid.", status=422,
                                      code="VALIDATION_ERROR", details={"json": exc.messages}))

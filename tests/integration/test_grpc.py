@@ -192,6 +192,28 @@ def test_a_call_without_valid_gateway_metadata_is_refused_as_http_refuses_it(grp
     assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == ("401", code)
 
 
+# A PlaceOrderRequest whose description (field 2) holds the byte 0xff: no UTF-8 string.
+UNDECODABLE_PLACE_ORDER = b"\x0a\x0530.00\x12\x01\xff"
+
+
+@pytest.mark.parametrize("signed, status, code", [
+    (True, grpc.StatusCode.INVALID_ARGUMENT, ("400", "MALFORMED_REQUEST")),
+    (False, grpc.StatusCode.UNAUTHENTICATED, ("401", "MISSING_USER_ID")),
+])
+def test_bytes_that_are_no_request_are_refused_as_http_refuses_a_body_it_cannot_read(
+        grpc_targets, signed, status, code):
+    """After the caller's identity, as the HTTP API checks it first too; gRPC's own parse
+    answered INTERNAL, before any check."""
+    call = grpc.insecure_channel(grpc_targets["orders"]).unary_unary(
+        "/hseshop.orders.v1.Orders/PlaceOrder")  # bytes in and out, as they are
+    metadata = _signed("alice", ENVIRONMENT["INTERNAL_AUTH_SECRET"]) if signed else ()
+    with pytest.raises(grpc.RpcError) as refused:
+        call(UNDECODABLE_PLACE_ORDER, metadata=metadata, timeout=5)
+    assert refused.value.code() == status
+    trailers = dict(refused.value.trailing_metadata())
+    assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == code
+
+
 def test_server_reflection_lists_each_service(grpc_targets):
     for target, name in ((grpc_targets["orders"], "hseshop.orders.v1.Orders"),
                          (grpc_targets["payments"], "hseshop.payments.v1.Payments")):
