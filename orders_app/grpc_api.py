@@ -8,7 +8,7 @@ from flask import Flask
 from orders_app import endpoints
 from orders_app.schemas import ListOrdersQuerySchema, PlaceOrderSchema
 from shared.grpc_messages import to_message
-from shared.grpc_server import add_servicer, serve_call
+from shared.grpc_server import add_servicer, given, serve_call
 from shared.idempotency import checked_idempotency_key
 from shared.protos import orders_pb2, orders_pb2_grpc
 
@@ -22,16 +22,16 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
 
     def PlaceOrder(self, request, context):
         def place(user_id: str):
-            args = PLACE_ORDER.load({"amount": request.amount, "description": request.description})
+            args = PLACE_ORDER.load({"description": request.description,
+                                     **given(request, "amount")})
             key = checked_idempotency_key(request.idempotency_key)
             return to_message(orders_pb2.Order, endpoints.place_order(user_id, args, key))
         return serve_call(self.app, context, request, place)
 
     def ListOrders(self, request, context):
         def page(user_id: str):
-            query = {name: getattr(request, name) for name in ("limit", "cursor")
-                     if request.HasField(name)}
-            body = endpoints.list_orders(user_id, LIST_ORDERS.load(query))
+            query = LIST_ORDERS.load(given(request, "limit", "cursor"))
+            body = endpoints.list_orders(user_id, query)
             return to_message(orders_pb2.OrderPage, body)
         return serve_call(self.app, context, request, page)
 

@@ -117,6 +117,13 @@ def _parsed_leniently(request_type) -> Callable[[bytes], Any]:
     return parse
 
 
+def given(request: Any, *names: str) -> dict[str, Any]:
+    """The fields of `request` the caller set (optional in the .proto, so that proto3 tells unset
+    from empty), by name: what an HTTP body or query would hold, and a field left out is refused
+    or defaulted by the schema as over HTTP."""
+    return {name: getattr(request, name) for name in names if request.HasField(name)}
+
+
 def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
                operation: Callable[[str], Any]) -> Any:
     """Run `operation(user_id)` for one call of `request`, as an HTTP route runs for one request."""

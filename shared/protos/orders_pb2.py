@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashared/protos/orders.proto\x12\x11hseshop.orders.v1\"\xa1\x01\n\x05Order\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x13\n\x06reason\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x12\n\ncreated_at\x18\x07 \x01(\t\x12\x12\n\nupdated_at\x18\x08 \x01(\tB\t\n\x07_reason\"j\n\x11PlaceOrderRequest\x12\x0e\n\x06\x61mount\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1c\n\x0fidempotency_key\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x12\n\x10_idempotency_key\"Q\n\x11ListOrdersRequest\x12\x12\n\x05limit\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06\x63ursor\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_limitB\t\n\x07_cursor\"^\n\tOrderPage\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.hseshop.orders.v1.Order\x12\x18\n\x0bnext_cursor\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_next_cursor\"#\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t2\xf2\x01\n\x06Orders\x12L\n\nPlaceOrder\x12$.hseshop.orders.v1.PlaceOrderRequest\x1a\x18.hseshop.orders.v1.Order\x12P\n\nListOrders\x12$.hseshop.orders.v1.ListOrdersRequest\x1a\x1c.hseshop.orders.v1.OrderPage\x12H\n\x08GetOrder\x12\".hseshop.orders.v1.GetOrderRequest\x1a\x18.hseshop.orders.v1.Orderb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashared/protos/orders.proto\x12\x11hseshop.orders.v1\"\xa1\x01\n\x05Order\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x13\n\x06reason\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x12\n\ncreated_at\x18\x07 \x01(\t\x12\x12\n\nupdated_at\x18\x08 \x01(\tB\t\n\x07_reason\"z\n\x11PlaceOrderRequest\x12\x13\n\x06\x61mount\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1c\n\x0fidempotency_key\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\t\n\x07_amountB\x12\n\x10_idempotency_key\"Q\n\x11ListOrdersRequest\x12\x12\n\x05limit\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06\x63ursor\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_limitB\t\n\x07_cursor\"^\n\tOrderPage\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.hseshop.orders.v1.Order\x12\x18\n\x0bnext_cursor\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_next_cursor\"#\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t2\xf2\x01\n\x06Orders\x12L\n\nPlaceOrder\x12$.hseshop.orders.v1.PlaceOrderRequest\x1a\x18.hseshop.orders.v1.Order\x12P\n\nListOrders\x12$.hseshop.orders.v1.ListOrdersRequest\x1a\x1c.hseshop.orders.v1.OrderPage\x12H\n\x08GetOrder\x12\".hseshop.orders.v1.GetOrderRequest\x1a\x18.hseshop.orders.v1.Orderb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORDER']._serialized_start=50
   _globals['_ORDER']._serialized_end=211
   _globals['_PLACEORDERREQUEST']._serialized_start=213
-  _globals['_PLACEORDERREQUEST']._serialized_end=319
-  _globals['_LISTORDERSREQUEST']._serialized_start=321
-  _globals['_LISTORDERSREQUEST']._serialized_end=402
-  _globals['_ORDERPAGE']._serialized_start=404
-  _globals['_ORDERPAGE']._serialized_end=498
-  _globals['_GETORDERREQUEST']._serialized_start=500
-  _globals['_GETORDERREQUEST']._serialized_end=535
-  _globals['_ORDERS']._serialized_start=538
-  _globals['_ORDERS']._serialized_end=780
+  _globals['_PLACEORDERREQUEST']._serialized_end=335
+  _globals['_LISTORDERSREQUEST']._serialized_start=337
+  _globals['_LISTORDERSREQUEST']._serialized_end=418
+  _globals['_ORDERPAGE']._serialized_start=420
+  _globals['_ORDERPAGE']._serialized_end=514
+  _globals['_GETORDERREQUEST']._serialized_start=516
+  _globals['_GETORDERREQUEST']._serialized_end=551
+  _globals['_ORDERS']._serialized_start=554
+  _globals['_ORDERS']._serialized_end=796
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshared/protos/payments.proto\x12\x13hseshop.payments.v1\"+\n\x07\x41\x63\x63ount\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\t\"\x14\n\x12OpenAccountRequest\"R\n\x0e\x44\x65positRequest\x12\x0e\n\x06\x61mount\x18\x01 \x01(\t\x12\x1c\n\x0fidempotency_key\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x12\n\x10_idempotency_key\"\x13\n\x11GetBalanceRequest2\x82\x02\n\x08Payments\x12T\n\x0bOpenAccount\x12\'.hseshop.payments.v1.OpenAccountRequest\x1a\x1c.hseshop.payments.v1.Account\x12L\n\x07\x44\x65posit\x12#.hseshop.payments.v1.DepositRequest\x1a\x1c.hseshop.payments.v1.Account\x12R\n\nGetBalance\x12&.hseshop.payments.v1.GetBalanceRequest\x1a\x1c.hseshop.payments.v1.Accountb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshared/protos/payments.proto\x12\x13hseshop.payments.v1\"+\n\x07\x41\x63\x63ount\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\t\"\x14\n\x12OpenAccountRequest\"b\n\x0e\x44\x65positRequest\x12\x13\n\x06\x61mount\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1c\n\x0fidempotency_key\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\t\n\x07_amountB\x12\n\x10_idempotency_key\"\x13\n\x11GetBalanceRequest2\x82\x02\n\x08Payments\x12T\n\x0bOpenAccount\x12\'.hseshop.payments.v1.OpenAccountRequest\x1a\x1c.hseshop.payments.v1.Account\x12L\n\x07\x44\x65posit\x12#.hseshop.payments.v1.DepositRequest\x1a\x1c.hseshop.payments.v1.Account\x12R\n\nGetBalance\x12&.hseshop.payments.v1.GetBalanceRequest\x1a\x1c.hseshop.payments.v1.Accountb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENACCOUNTREQUEST']._serialized_start=98
   _globals['_OPENACCOUNTREQUEST']._serialized_end=118
   _globals['_DEPOSITREQUEST']._serialized_start=120
-  _globals['_DEPOSITREQUEST']._serialized_end=202
-  _globals['_GETBALANCEREQUEST']._serialized_start=204
-  _globals['_GETBALANCEREQUEST']._serialized_end=223
-  _globals['_PAYMENTS']._serialized_start=226
-  _globals['_PAYMENTS']._serialized_end=484
+  _globals['_DEPOSITREQUEST']._serialized_end=218
+  _globals['_GETBALANCEREQUEST']._serialized_start=220
+  _globals['_GETBALANCEREQUEST']._serialized_end=239
+  _globals['_PAYMENTS']._serialized_start=242
+  _globals['_PAYMENTS']._serialized_end=500
 # @@protoc_insertion_point(module_scope)

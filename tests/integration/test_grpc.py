@@ -24,7 +24,7 @@ import gateway_app
 from devstack.infra import free_port
 from shared import grpc_server
 from shared.config import ENVIRONMENT
-from shared.grpc_server import ERROR_CODE_KEY, HTTP_STATUS_KEY, build_server
+from shared.grpc_server import ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY, build_server
 from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
@@ -212,6 +212,37 @@ def test_bytes_that_are_no_request_are_refused_as_http_refuses_a_body_it_cannot_
     assert refused.value.code() == status
     trailers = dict(refused.value.trailing_metadata())
     assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == code
+
+
+def test_an_amount_left_out_is_refused_as_http_refuses_it(grpc_targets, orders_flask_app,
+                                                          payments_flask_app):
+    """proto3 cannot tell an unset string from an empty one, unless the field is `optional`: the
+    amount is, so that leaving it out is "Missing data", as over HTTP, not an invalid amount."""
+    from shared.protos import payments_pb2, payments_pb2_grpc
+
+    metadata = _signed("alice", ENVIRONMENT["INTERNAL_AUTH_SECRET"])
+    over_http = {
+        "orders": orders_flask_app.test_client().post(
+            "/orders", json={"description": "x"}, headers=dict(metadata)),
+        "payments": payments_flask_app.test_client().post(
+            "/accounts/deposit", json={}, headers=dict(metadata)),
+    }
+    calls = {
+        "orders": lambda: orders_pb2_grpc.OrdersStub(grpc.insecure_channel(
+            grpc_targets["orders"])).PlaceOrder(orders_pb2.PlaceOrderRequest(description="x"),
+                                                metadata=metadata, timeout=5),
+        "payments": lambda: payments_pb2_grpc.PaymentsStub(grpc.insecure_channel(
+            grpc_targets["payments"])).Deposit(payments_pb2.DepositRequest(),
+                                               metadata=metadata, timeout=5),
+    }
+    for service, call in calls.items():
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        trailers = dict(refused.value.trailing_metadata())
+        http_error = over_http[service].get_json()["error"]
+        assert over_http[service].status_code == int(trailers[HTTP_STATUS_KEY]) == 422
+        assert json.loads(trailers[ERROR_DETAILS_KEY]) == http_error["details"] == {
+            "json": {"amount": ["Missing data for required field."]}}, service
 
 
 def test_server_reflection_lists_each_service(grpc_targets):
