@@ -33,7 +33,7 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
             query = LIST_ORDERS.load(given(request, "limit", "cursor"))
             body = endpoints.list_orders(user_id, query)
             return to_message(orders_pb2.OrderPage, body)
-        return serve_call(self.app, context, request, page)
+        return serve_call(self.app, context, request, page, location="query")
 
     def GetOrder(self, request, context):
         return serve_call(self.app, context, request, lambda user_id: to_message(

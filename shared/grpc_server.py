@@ -125,8 +125,10 @@ def given(request: Any, *names: str) -> dict[str, Any]:
 
 
 def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
-               operation: Callable[[str], Any]) -> Any:
-    """Run `operation(user_id)` for one call of `request`, as an HTTP route runs for one request."""
+               operation: Callable[[str], Any], location: str = "json") -> Any:
+    """Run `operation(user_id)` for one call of `request`, as an HTTP route runs for one request.
+    `location`: where the HTTP API reads what the request holds (its body, or its "query"), under
+    which a validation error's messages are filed, as there."""
     metadata = {key: value for key, value in context.invocation_metadata()}
     request_id = sane_request_id(metadata.get(REQUEST_ID_HEADER.lower()))
     with app.app_context(), request_id_bound(request_id):
@@ -139,7 +141,7 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
             return operation(user_id)
         except ValidationError as exc:
             _abort(context, ApiError("The request is not valid.", status=422,
-                                     code="VALIDATION_ERROR", details={"json": exc.messages}))
+                                     code="VALIDATION_ERROR", details={location: exc.messages}))
         except ApiError as exc:
             _abort(context, exc)
         except OperationalError as exc:

@@ -214,10 +214,11 @@ def test_bytes_that_are_no_request_are_refused_as_http_refuses_a_body_it_cannot_
     assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == code
 
 
-def test_an_amount_left_out_is_refused_as_http_refuses_it(grpc_targets, orders_flask_app,
-                                                          payments_flask_app):
+def test_an_amount_left_out_or_a_limit_out_of_range_is_refused_as_http_refuses_it(
+        grpc_targets, orders_flask_app, payments_flask_app):
     """proto3 cannot tell an unset string from an empty one, unless the field is `optional`: the
-    amount is, so that leaving it out is "Missing data", as over HTTP, not an invalid amount."""
+    amount is, so that leaving it out is "Missing data", as over HTTP, not an invalid amount. A
+    list's bad limit is filed under "query", as the HTTP API reads it there."""
     from shared.protos import payments_pb2, payments_pb2_grpc
 
     metadata = _signed("alice", ENVIRONMENT["INTERNAL_AUTH_SECRET"])
@@ -235,14 +236,22 @@ def test_an_amount_left_out_is_refused_as_http_refuses_it(grpc_targets, orders_f
             grpc_targets["payments"])).Deposit(payments_pb2.DepositRequest(),
                                                metadata=metadata, timeout=5),
     }
+    over_http["orders-list"] = orders_flask_app.test_client().get(
+        "/orders?limit=0", headers=dict(metadata))
+    calls["orders-list"] = lambda: orders_pb2_grpc.OrdersStub(grpc.insecure_channel(
+        grpc_targets["orders"])).ListOrders(orders_pb2.ListOrdersRequest(limit=0),
+                                            metadata=metadata, timeout=5)
     for service, call in calls.items():
         with pytest.raises(grpc.RpcError) as refused:
             call()
         trailers = dict(refused.value.trailing_metadata())
         http_error = over_http[service].get_json()["error"]
         assert over_http[service].status_code == int(trailers[HTTP_STATUS_KEY]) == 422
-        assert json.loads(trailers[ERROR_DETAILS_KEY]) == http_error["details"] == {
-            "json": {"amount": ["Missing data for required field."]}}, service
+        assert json.loads(trailers[ERROR_DETAILS_KEY]) == http_error["details"], service
+    assert over_http["orders-list"].get_json()["error"]["details"] == {"query": {"limit": [
+        "Must be greater than or equal to 1 and less than or equal to 200."]}}
+    assert over_http["payments"].get_json()["error"]["details"] == {
+        "json": {"amount": ["Missing data for required field."]}}
 
 
 def test_server_reflection_lists_each_service(grpc_targets):
