@@ -51,9 +51,10 @@ class Blueprint(flask_smorest.Blueprint):
 
 
 def _takes_query_parameters(view) -> bool:
-    """Whether the view declares query arguments (`arguments(..., location="query")`)."""
+    """Whether the view declares query arguments (`arguments(..., location="query")`, or
+    "querystring", webargs' other name for it)."""
     declared = getattr(view, "_apidoc", {}).get("arguments", {}).get("parameters", [])
-    return any(parameter.get("in") == "query" for parameter in declared)
+    return any(parameter.get("in") in ("query", "querystring") for parameter in declared)
 
 
 def _refusing_query_parameters(view):

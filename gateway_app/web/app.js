@@ -619,11 +619,10 @@
     catchUpDueAt = dueAt;
     catchUpTimer = setTimeout(async () => {
       catchUpTimer = null;
-      try {
-        await Promise.all([loadOrders(), refreshBalance()]);
-      } catch (error) {
-        reportAndCatchUp(error);
-      }
+      // Both reads' failures count: the later Retry-After of the two decides the next catch-up.
+      const reads = await Promise.allSettled([loadOrders(), refreshBalance()]);
+      reads.filter((read) => read.status === "rejected")
+        .forEach((read) => reportAndCatchUp(read.reason));
     }, dueAt - Date.now());
   }
 
