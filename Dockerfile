@@ -9,9 +9,9 @@
 # Settings come from the environment: every variable of shared/config.py (deploy/compose.env).
 FROM python:3.11-slim
 
-# PYTHONPATH: the code, on the import path of every process. A console script (celery, gunicorn)
-# starts with its own directory there, not the working directory; celery adds that only while it
-# imports `-A tasks`, and a worker imports its service's package later (tasks/services.py).
+# PYTHONPATH: the code, on the import path of every process. A console script starts with its own
+# directory there, not the working directory (gunicorn adds that itself); celery adds it only while
+# it imports `-A tasks`, and a worker imports its service's package later (tasks/services.py).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONPATH=/app \
     PIP_NO_CACHE_DIR=1 \
