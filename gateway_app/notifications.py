@@ -42,6 +42,7 @@ from gateway_app.ratelimit import RateLimited
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
 from shared.errors import ApiError
+from shared.fields import WholeNumber
 from shared.http_api import Blueprint
 from shared.inbox import Handler, ReceivedEvent
 
@@ -154,8 +155,8 @@ class NotificationQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    after = fields.Integer(load_default=0, validate=validate.Range(min=0))
-    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=REPLAY_LIMIT))
+    after = WholeNumber(load_default=0, validate=validate.Range(min=0))
+    limit = WholeNumber(load_default=100, validate=validate.Range(min=1, max=REPLAY_LIMIT))
 
 
 class NotificationSchema(Schema):

@@ -8,7 +8,7 @@ from marshmallow import RAISE, Schema, fields, validate
 
 from orders_app.models import STATUSES
 from shared.errors import NotFound
-from shared.fields import Amount, Text
+from shared.fields import Amount, Text, WholeNumber
 
 MAX_PAGE = 200
 
@@ -49,5 +49,5 @@ class ListOrdersQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=MAX_PAGE))
+    limit = WholeNumber(load_default=50, validate=validate.Range(min=1, max=MAX_PAGE))
     cursor = fields.String(load_default=None, validate=validate.Length(min=1, max=500))

@@ -23,6 +23,19 @@ class FullMatch(validate.Regexp):
         return value
 
 
+class WholeNumber(fields.Integer):
+    """A whole number as a query parameter writes it, ASCII digits after an optional minus sign,
+    or an integer as it comes (a gRPC field). (Python's int(), marshmallow's reader, would also
+    take "٥", "1_000", "+5" and " 5 ", as the amounts' parser refuses to.)"""
+
+    _WRITTEN = re.compile(r"-?[0-9]+")
+
+    def _validated(self, value):
+        if isinstance(value, str) and not self._WRITTEN.fullmatch(value):
+            raise self.make_error("invalid", input=value)
+        return super()._validated(value)
+
+
 class Amount(fields.Field):
     """Money in, as a JSON number or string; money out, as a string with two decimals."""
 

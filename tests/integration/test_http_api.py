@@ -179,7 +179,9 @@ def test_orders_are_listed_newest_first_page_by_page(orders_http, user_id):
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=201", "limit=abc", "cursor=%%%",
-                                   "cursor=bm9wZQ", "limt=5", "limit=5&unknown=1"])
+                                   "cursor=bm9wZQ", "limt=5", "limit=5&unknown=1",
+                                   # what int() reads and no client means: not ASCII digits
+                                   "limit=%D9%A5", "limit=1_0", "limit=%2B5", "limit=%205"])
 def test_bad_list_queries_are_4xx(orders_http, user_id, query):
     response = orders_http.get(f"/orders?{query}", headers=_as(user_id))
     assert response.status_code in (400, 422)
