@@ -2,7 +2,8 @@
 of the stack the orders API is built on, by gunicorn as the API is, so that the intake report shows
 what each layer costs before any of the shop's own work per request. Between the last floor and
 the API lies only that work: the gateway's signature checked, the request id bound, echoed and
-logged, the idempotency key looked at, the event checked against its contract, the cached order
+logged, the query looked at (none taken), the idempotency key looked at, the user's placing lock
+taken (in the order INSERT's round trip), the event checked against its contract, the cached order
 lists invalidated.
 
 Each floor adds one layer to the one before it:

@@ -1,10 +1,11 @@
-"""Where an order's time goes on its way to a final status, from the timestamps the shop keeps
-anyway: the order's creation and settlement, and when each inbox stored and handled its message."""
+"""Where an order's time goes on its way to a final status, from when its request was due to be
+sent and the timestamps the shop keeps anyway: the order's creation and settlement, and when each
+inbox stored and handled its message."""
 
 from __future__ import annotations
 
 import statistics
-from datetime import datetime
+from datetime import datetime, timezone
 
 from bench.shop import OrderTimes, service_cursor
 from devstack.stack import Stack
@@ -12,7 +13,10 @@ from devstack.stack import Stack
 # Each hop: its name and what it covers, in the order an order passes them.
 # (A message's "produced" time is its Kafka record's timestamp, which its inbox row keeps.)
 HOPS = (
-    ("ordered -> request produced",
+    ("POST due -> ordered",
+     "the generator's send (as scheduled), a server thread taking it, the request read and "
+     "checked, up to the order's time"),
+    ("-> request produced",
      "the order's commit, waking the orders relay, its read, up to its producer taking it"),
     ("-> in the payments inbox",
      "the producer, Kafka, the payments consumer's fetch, up to its storing transaction"),
@@ -23,13 +27,16 @@ HOPS = (
     ("-> in the orders inbox",
      "the producer, Kafka, the orders consumer's fetch, up to its storing transaction"),
     ("-> final status",
-     "the orders consumer's dispatch, Celery, the orders handler up to its commit"),
+     "the orders consumer's dispatch, Celery, the orders handler up to the status it sets (its "
+     "commit follows)"),
 )
 
 
-def hop_medians_ms(stack: Stack, orders: list[OrderTimes]) -> dict[str, float | None]:
+def hop_medians_ms(stack: Stack, orders: list[OrderTimes],
+                   due_at: dict[str, float]) -> dict[str, float | None]:
     """The median of each hop over the settled `orders` that passed them all (the inbox rows of a
-    message and the order it is about share its correlation id, the order's id)."""
+    message and the order it is about share its correlation id, the order's id); `due_at`: when
+    the generator was due to send each order's request (epoch seconds)."""
     settled = [order for order in orders if order.seconds_to_final is not None]
     order_ids = [order.order_id for order in settled]
     payments_inbox = _times(stack, "payments", order_ids)
@@ -40,8 +47,9 @@ def hop_medians_ms(stack: Stack, orders: list[OrderTimes]) -> dict[str, float | 
             continue
         request_produced, request_stored, decided_at = payments_inbox[order.order_id]
         result_produced, result_stored, _handled_at = orders_inbox[order.order_id]
-        marks = (order.created_at, request_produced, request_stored, decided_at, result_produced,
-                 result_stored, order.updated_at)
+        due = datetime.fromtimestamp(due_at[order.order_id], tz=timezone.utc)
+        marks = (due, order.created_at, request_produced, request_stored, decided_at,
+                 result_produced, result_stored, order.updated_at)
         if any(mark is None for mark in marks):
             continue
         for hop, (start, end) in zip(hops, zip(marks, marks[1:])):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bench.stats import latency_summary_ms
 from shared.config import load_settings
 from shared.internal_auth import identity_headers
 
@@ -71,6 +72,7 @@ class _Schedule:
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self.start = time.monotonic()
+        self.start_wall = time.time()  # the same moment on the wall clock the shop stamps with
         self.end = self.start + duration
 
     def next_due(self) -> float | None:
@@ -111,9 +113,10 @@ def _send_requests(schedule: _Schedule, spec: LoadSpec, worker: int, results: li
             order_id = (json.loads(answer).get("id") if response.status == spec.expect_status
                         else None)
             results.append((started - schedule.start, time.monotonic() - started,
-                            response.status, order_id))
+                            response.status, order_id, due - schedule.start))
         except (OSError, http.client.HTTPException) as exc:
-            results.append((started - schedule.start, time.monotonic() - started, repr(exc), None))
+            results.append((started - schedule.start, time.monotonic() - started, repr(exc), None,
+                            due - schedule.start))
             connection.close()
             connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     connection.close()
@@ -142,8 +145,16 @@ def generate(spec: LoadSpec) -> dict:
         "failed": len(results) - len(accepted),
         "errors": sorted({str(r[2]) for r in results if r[2] != spec.expect_status}),
         "accepted_per_s": round(len(accepted) / elapsed, 1),
-        "http_latency_ms": sorted(round(r[1] * 1000, 3) for r in accepted),
+        # From when the request was due (its send, unless the generator fell behind) to its
+        # answer.
+        "http_latency_ms": sorted(round((r[0] - r[4] + r[1]) * 1000, 3) for r in accepted),
         "order_ids": [r[3] for r in accepted if r[3] is not None],
+        # When each was due to be sent, on the wall clock (epoch seconds): a request the
+        # generator sent late, or the server took late, counts its wait from here (no
+        # coordinated omission), and the order's latency to its final status too.
+        "order_due_at": [round(schedule.start_wall + r[4], 6) for r in accepted
+                         if r[3] is not None],
+        "sent_late_p99_ms": latency_summary_ms([r[0] - r[4] for r in results])["p99_ms"],
         "generator_cpu_s": round(cpu_seconds, 3),
         "generator_cpu_percent": round(100 * cpu_seconds / elapsed, 1),
         "generator_peak_rss_mb": round(

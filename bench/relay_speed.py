@@ -47,7 +47,7 @@ def measure_relay_speed(stack: Stack, rows: int, rounds: int, timeout: float = 6
     # Unmeasured, a whole turn of the relay first: after a warm-up of 1% or 10% of the rows, the
     # relay's first turn was the slowest of its measurement in all six probes, by a fifth or more
     # in four. The measured turns then find the topic warm and the relay's leader up.
-    warm_last_row_id, _ = _insert_rows(stack, topic, rows)
+    warm_last_row_id, _, _ = _insert_rows(stack, topic, rows)
     _wait_until_sent(stack, topic, warm_last_row_id, timeout)
     relay_turns: list[float] = []
     raw_turns: list[float] = []
@@ -56,8 +56,7 @@ def measure_relay_speed(stack: Stack, rows: int, rounds: int, timeout: float = 6
         # The relay goes first in the first round: its rows are the messages the raw producer sends.
         for side in ("relay", "raw") if round_number % 2 == 0 else ("raw", "relay"):
             if side == "relay":
-                last_row_id, messages = _insert_rows(stack, topic, rows)
-                committed = time.monotonic()
+                last_row_id, messages, committed = _insert_rows(stack, topic, rows)
                 relay_turns.append(_wait_until_sent(stack, topic, last_row_id, timeout) - committed)
             else:
                 raw_turns.append(_send_raw(settings, topic, messages))
@@ -106,23 +105,31 @@ def _wait_until_sent(stack: Stack, topic: str, last_row_id: int, timeout: float)
     raise TimeoutError(f"the relay did not send the {topic} rows within {timeout}s")
 
 
-def _insert_rows(stack: Stack, topic: str, rows: int) -> tuple[int, list[tuple[str, str, dict]]]:
-    """Insert the rows in one transaction; return the id of the newest and (key, value, headers)
-    of each, exactly as the relay reads them, read before the commit (the relay deletes them once
-    sent)."""
+def _insert_rows(stack: Stack, topic: str,
+                 rows: int) -> tuple[int, list[tuple[str, str, dict]], float]:
+    """Insert the rows in one transaction; return the id of the newest, (key, value, headers) of
+    each, exactly as the relay reads them, read before the commit (the relay deletes them once
+    sent), and the moment of the commit, which wakes the relay: its clock starts there."""
     with service_cursor(stack, "orders") as cursor:
         cursor.execute(INSERT_ROWS, {"topic": topic, "rows": rows,
                                      "occurred_at": datetime.now(timezone.utc).isoformat()})
         cursor.execute(RELAY_SELECT + " WHERE topic = %(topic)s ORDER BY id", {"topic": topic})
         inserted = cursor.fetchall()
+    committed = time.monotonic()
     return inserted[-1][0], [
         (key, envelope, relay_headers(message_id, event_type, request_id))
-        for _, _, key, message_id, event_type, request_id, envelope in inserted]
+        for _, _, key, message_id, event_type, request_id, envelope in inserted], committed
 
 
 def _send_raw(settings, topic: str, messages: list[tuple[str, str, dict[str, str]]]) -> float:
-    """Seconds a bare producer, configured as the relay's, takes to have them all acknowledged."""
-    producer = Producer(producer_config(settings))
+    """Seconds a bare producer, configured as the relay's (failed deliveries reported only), takes
+    to have them all acknowledged; connected, its producer id taken and the topic's partitions
+    known before the clock starts, as the relay's long-lived producer is."""
+    producer = Producer({**producer_config(settings), "delivery.report.only.error": True})
+    key, value, headers = messages[0]
+    producer.produce(topic, key=key, value=value, headers=headers)  # (a repeat: dropped by id)
+    if producer.flush(FLUSH_TIMEOUT_S):
+        raise RuntimeError("the raw producer's first message went unacknowledged")
     started = time.monotonic()
     for key, value, headers in messages:
         while True:
