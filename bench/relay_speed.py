@@ -127,7 +127,7 @@ def _send_raw(settings, topic: str, messages: list[tuple[str, str, dict[str, str
     known before the clock starts, as the relay's long-lived producer is."""
     producer = Producer({**producer_config(settings), "delivery.report.only.error": True})
     key, value, headers = messages[0]
-    producer.produce(topic, key=key, value=value, headers=headers)  # (a repeat: dropped by id)
+    producer.produce(topic, key=key, value=value, headers=headers)  # (no consumer reads it)
     if producer.flush(FLUSH_TIMEOUT_S):
         raise RuntimeError("the raw producer's first message went unacknowledged")
     started = time.monotonic()
