@@ -1,5 +1,5 @@
-"""PostgreSQL for tests: ending a connection from the server's side, as a restart would, and a
-transaction stalled holding an account's row."""
+"""PostgreSQL for tests: ending a connection from the server's side, as a restart would, a
+transaction stalled holding an account's row, and what the other sessions are doing."""
 
 from __future__ import annotations
 
@@ -32,3 +32,11 @@ def account_row_held(database_url: str, user_id: str) -> Iterator[int]:
     finally:
         holder.rollback()
         holder.close()
+
+
+def other_sessions(cursor, condition: str, *params) -> int:
+    """How many of the other sessions on the cursor's database match `condition`, a filter of
+    pg_stat_activity (the cursor in autocommit: a transaction would see the view frozen)."""
+    cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                   f" AND pid <> pg_backend_pid() AND ({condition})", params)
+    return cursor.fetchone()[0]

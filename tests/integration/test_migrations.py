@@ -19,6 +19,7 @@ from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, alembic_con
 from shared.outbox import CLAIM_ROWS
 from tests.environment import database_name
 from tests.polling import wait_for
+from tests.postgres_tools import other_sessions
 
 
 def _seconds(timeout: str) -> int:
@@ -114,14 +115,6 @@ def _index_valid(url: str, name: str) -> bool | None:
     return row and row[0]
 
 
-def _other_sessions(cursor, condition: str, *params) -> int:
-    """How many of the other sessions on the cursor's database match `condition`, a filter of
-    pg_stat_activity (the cursor in autocommit: a transaction would see the view frozen)."""
-    cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                   f" AND pid <> pg_backend_pid() AND ({condition})", params)
-    return cursor.fetchone()[0]
-
-
 def test_the_inbox_index_is_built_while_the_consumers_go_on_storing(infrastructure):
     """Revision 0007 indexes the inbox, the biggest table, CONCURRENTLY: a consumer's insert
     made while the build waits for a transaction that was open on the table when it began goes
@@ -149,7 +142,7 @@ def test_the_inbox_index_is_built_while_the_consumers_go_on_storing(infrastructu
         upgrading.start()
         with watcher.cursor() as cursor:
             def build_waiting() -> bool:
-                return _other_sessions(cursor, "query LIKE 'CREATE INDEX CONCURRENTLY%%'"
+                return other_sessions(cursor, "query LIKE 'CREATE INDEX CONCURRENTLY%%'"
                                                " AND wait_event = 'virtualxid'") == 1
 
             wait_for(build_waiting, timeout=20, what="the index build to wait for the consumer")
@@ -158,7 +151,7 @@ def test_the_inbox_index_is_built_while_the_consumers_go_on_storing(infrastructu
 
             def build_waited_past_the_migrations_lock_timeout() -> bool:
                 # (a lock wait the migration's limit would have cut short, the index left invalid)
-                return _other_sessions(cursor, "wait_event = 'virtualxid' AND clock_timestamp()"
+                return other_sessions(cursor, "wait_event = 'virtualxid' AND clock_timestamp()"
                                                " - query_start > %s::interval",
                                        PAST_A_MIGRATIONS_LOCK_WAIT) == 1
 
@@ -196,7 +189,7 @@ def test_a_revision_held_up_by_the_shop_gives_way_and_runs_once_the_lock_is_free
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         with reader.cursor() as cursor:
             def alter_waiting() -> bool:
-                return _other_sessions(cursor, "query LIKE 'ALTER TABLE outbox_messages%%'"
+                return other_sessions(cursor, "query LIKE 'ALTER TABLE outbox_messages%%'"
                                                " AND wait_event_type = 'Lock'") == 1
 
             wait_for(alter_waiting, timeout=30, what="the revision to wait for the outbox's lock")
@@ -254,7 +247,7 @@ def test_processes_upgrading_one_database_at_once_take_turns(infrastructure):
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3))
 
             def all_waiting() -> bool:  # in the lock, or between two tries (its last: COMMIT)
-                return _other_sessions(cursor, "backend_type = 'client backend' AND (query LIKE"
+                return other_sessions(cursor, "backend_type = 'client backend' AND (query LIKE"
                                                " '%%advisory_lock%%' OR query = 'COMMIT')") == 3
 
             wait_for(all_waiting, timeout=30, what="three processes waiting for the lock")

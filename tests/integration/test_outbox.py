@@ -32,6 +32,7 @@ from shared.relay_leader import RelayLeaderConnection
 from shared.request_context import request_id_bound
 from tasks.services import service_app
 from tests.kafka_tools import read_topic, read_topic_until
+from tests.postgres_tools import other_sessions
 from tests.polling import wait_for
 
 
@@ -403,15 +404,6 @@ def _relay_once_elsewhere(url: str, publisher: OutboxPublisher):
             return relay_pending_outbox(cursor, publisher.send_batch, 100)
 
 
-def _placing_waits_on_a_user_lock(url: str) -> bool:
-    with psycopg2.connect(driver_dsn(url)) as watcher, watcher.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                       " AND wait_event_type = 'Lock' AND wait_event = 'advisory'")
-        waiting = cursor.fetchone()[0] > 0
-    watcher.close()
-    return waiting
-
-
 def test_one_users_orders_placed_at_once_go_out_in_the_order_their_rows_were_written(
         orders_flask_app, settings, user_id):
     """Two tabs: the second order waits for the first's transaction (a lock per user), so its
@@ -438,8 +430,16 @@ def test_one_users_orders_placed_at_once_go_out_in_the_order_their_rows_were_wri
             first = service.place_order(session, user_id=user_id, amount=Decimal("1.00"),
                                         description="")
             placing.start()
-            wait_for(lambda: _placing_waits_on_a_user_lock(url) or not placing.is_alive(),
-                     timeout=10, what="the second order to wait for the first")
+            watcher = psycopg2.connect(driver_dsn(url))
+            watcher.autocommit = True
+            try:
+                with watcher.cursor() as cursor:
+                    wait_for(lambda: other_sessions(cursor, "wait_event_type = 'Lock' AND "
+                                                            "wait_event = 'advisory'") > 0
+                             or not placing.is_alive(),
+                             timeout=10, what="the second order to wait for the first")
+            finally:
+                watcher.close()
             assert placing.is_alive() and not second
             assert _relay_once_elsewhere(url, publisher).claimed == 0  # nothing of theirs yet
         placing.join(30)
