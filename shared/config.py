@@ -134,6 +134,9 @@ class Settings:
 
 # The settings with a fixed set of values.
 CHOICES = {"GATEWAY_UPSTREAM_TRANSPORT": ("grpc", "http")}
+# The settings that sign: set but empty (a deployment's missing secret, say) is refused, not read
+# as unset, which would have the shop sign with the dev-only default written above for all to see.
+SECRETS = ("INTERNAL_AUTH_SECRET", "AUTH_TOKEN_SECRET")
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
@@ -142,9 +145,14 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     A value a setting cannot take is refused here, naming its variable (a ValueError): every
     number is a size, a count or a length of time, above 0 (a batch size of 0 had the relay leader
     read nothing forever while holding its lead, an interval of 0 had beat send tasks without a
-    pause, a negative retention pruned idempotency keys a minute old).
+    pause, a negative retention pruned idempotency keys a minute old). An empty variable means its
+    default, but for the secrets (SECRETS).
     """
     environ = os.environ if environ is None else environ
+    for name in SECRETS:
+        if environ.get(name) == "":
+            raise ValueError(f"{name}='': a secret cannot be empty (unset, it is the dev-only"
+                             " default)")
     values = {}
     for field in fields(Settings):
         name = field.name.upper()

@@ -39,3 +39,13 @@ def test_a_value_a_setting_cannot_take_is_refused_naming_its_variable(variable, 
     with pytest.raises(ValueError, match=expected) as refused:
         load_settings({variable: value})
     assert str(refused.value).startswith(f"{variable}={value!r}")
+
+
+@pytest.mark.parametrize("secret", ["INTERNAL_AUTH_SECRET", "AUTH_TOKEN_SECRET"])
+def test_an_empty_secret_is_refused_not_replaced_by_the_public_default(secret):
+    """A deployment whose secret came out empty (`${AUTH_TOKEN_SECRET}` unset, a missing key)
+    would otherwise sign with the default anyone can read in shared/config.py."""
+    with pytest.raises(ValueError, match="cannot be empty") as refused:
+        load_settings({secret: ""})
+    assert str(refused.value).startswith(f"{secret}=''")
+    assert getattr(load_settings({secret: "s3cret"}), secret.lower()) == "s3cret"
