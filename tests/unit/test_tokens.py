@@ -21,3 +21,11 @@ def test_an_expired_token_is_refused_as_expired():
     with pytest.raises(InvalidToken) as refused:
         verify_token(token, SECRET)
     assert refused.value.code == "TOKEN_EXPIRED"
+
+
+def test_a_token_from_a_gateway_whose_clock_runs_a_little_ahead_is_accepted():
+    """Several gateway instances sign and check each other's tokens: a sign-in on one whose clock
+    is a second ahead, then the page's next call landing on this one."""
+    issued_at = int(time.time()) + 2
+    token = issue_token("usr_1", "ann", SECRET, 60, now=issued_at).access_token
+    assert verify_token(token, SECRET).expires_at == issued_at + 60
