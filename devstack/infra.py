@@ -15,9 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from devstack.processes import ManagedProcess, run_as
+from shared.migrations import MINIMUM_SERVER_VERSION_NUM
 
 LOCALHOST = "127.0.0.1"
 SYSTEM_POSTGRES_PORT = 5432
+# A system PostgreSQL older than the shop runs on is passed over for an embedded one.
+MINIMUM_POSTGRES_VERSION_NUM = MINIMUM_SERVER_VERSION_NUM
 SYSTEM_REDIS_PORT = 6379
 FORCE_EMBEDDED_VAR = "HSESHOP_FORCE_EMBEDDED"
 # PostgreSQL refuses to run as root: as root, the embedded server runs as this user (the package's
@@ -96,12 +99,14 @@ def logs_dir(run_dir: str | os.PathLike) -> Path:
 def ensure_postgres(run_dir: str | os.PathLike) -> tuple[str, ManagedProcess | None]:
     """URL base (no database) of a running PostgreSQL, and the process if this call started one:
     the machine's own on 5432 when it lets `postgres` in without a password (trust, as on the
-    shop's machines), else an embedded one (a stock install asks for a password on 127.0.0.1)."""
+    shop's machines) and is PostgreSQL 14 or later, else an embedded one (a stock install asks for
+    a password on 127.0.0.1)."""
     system = f"postgresql://postgres@{LOCALHOST}:{SYSTEM_POSTGRES_PORT}"
     if not force_embedded() and port_open(LOCALHOST, SYSTEM_POSTGRES_PORT):
-        if _postgres_answers(system):
+        if (_postgres_version(system) or 0) >= MINIMUM_POSTGRES_VERSION_NUM:
             return system, None
-        _passing_over("PostgreSQL", SYSTEM_POSTGRES_PORT, "`postgres` without a password")
+        _passing_over("PostgreSQL", SYSTEM_POSTGRES_PORT,
+                      "`postgres` without a password, version 14 or later")
     return start_embedded_postgres(run_dir, free_port())
 
 
@@ -200,13 +205,22 @@ def _prepare_pgdata(pgdata: Path, user: str | None) -> None:
 
 
 def _postgres_answers(url_base: str) -> bool:
+    return _postgres_version(url_base) is not None
+
+
+def _postgres_version(url_base: str) -> int | None:
+    """The server's version number (140005 for 14.5), or None if it does not let `postgres` in
+    without a password."""
     import psycopg2
 
     try:
-        psycopg2.connect(f"{url_base}/postgres", connect_timeout=2).close()
-        return True
+        connection = psycopg2.connect(f"{url_base}/postgres", connect_timeout=2)
     except psycopg2.OperationalError:
-        return False
+        return None
+    try:
+        return connection.server_version
+    finally:
+        connection.close()
 
 
 # --- Redis ----------------------------------------------------------------------------------------

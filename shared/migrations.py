@@ -49,15 +49,32 @@ MIGRATION_LIMITS = {"lock_timeout": "1s"}
 GIVE_WAY_FOR_SECONDS = 300.0
 LONGEST_PAUSE_SECONDS = 10.0
 _DATABASE_EXISTS_CODES = {"42P04", "23505"}  # duplicate_database, unique_violation
+# The oldest PostgreSQL the shop runs on (as server_version_num): the relay leader's connection
+# sets `idle_session_timeout` (shared/relay_leader.py), which came with 14. On 12 or 13 no relay
+# could ever lead while everything else looked healthy, so `upgrade` refuses such a server.
+MINIMUM_SERVER_VERSION_NUM = 140000
+
+
+class ServerTooOld(RuntimeError):
+    pass
 
 
 def ensure_database(url: str) -> None:
-    """Create the database named in `url` when it does not exist yet."""
+    """Create the database named in `url` when it does not exist yet, looking for it from the
+    server's `postgres` database. A server may keep the shop's user out of that one (the shop's
+    databases then made for it by an administrator): where the database itself lets the user in,
+    it exists and that is enough."""
     target = make_url(url)
     server = sa.create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT",
                               connect_args=CONNECTION_TIMEOUTS)
     try:
-        with server.connect() as conn:
+        try:
+            conn = server.connect()
+        except sa.exc.OperationalError:
+            if _lets_in(target):
+                return
+            raise
+        with conn:
             exists = conn.scalar(sa.text("SELECT 1 FROM pg_database WHERE datname = :name"),
                                  {"name": target.database})
             if not exists:
@@ -72,6 +89,17 @@ def ensure_database(url: str) -> None:
                         raise
     finally:
         server.dispose()
+
+
+def _lets_in(target) -> bool:
+    engine = sa.create_engine(target, connect_args=CONNECTION_TIMEOUTS)
+    try:
+        engine.connect().close()
+        return True
+    except sa.exc.OperationalError:
+        return False
+    finally:
+        engine.dispose()
 
 
 def alembic_config(service: str, url: str) -> Config:
@@ -94,12 +122,21 @@ def upgrade(service: str, revision: str = "head") -> None:
     engine = migration_engine(url)
     try:
         with engine.connect() as conn:
+            _refuse_a_server_too_old(conn)
             _take_migration_lock(conn)
             config = alembic_config(service, url)
             config.attributes["connection"] = conn
             _giving_way_to_locks(conn, lambda: command.upgrade(config, revision))
     finally:
         engine.dispose()
+
+
+def _refuse_a_server_too_old(conn: sa.Connection) -> None:
+    version = int(conn.scalar(sa.text("SHOW server_version_num")))
+    if version < MINIMUM_SERVER_VERSION_NUM:
+        raise ServerTooOld(
+            f"PostgreSQL {MINIMUM_SERVER_VERSION_NUM // 10000} or later is needed; this server is"
+            f" {conn.scalar(sa.text('SHOW server_version'))} (server_version_num {version})")
 
 
 def _giving_way_to_locks(conn: sa.Connection, upgrade_once: Callable[[], None]) -> None:

@@ -24,6 +24,7 @@ from devstack.infra import (
     port_open,
     start_and_wait_for_broker,
     start_broker,
+    start_embedded_postgres,
 )
 
 
@@ -120,6 +121,33 @@ def test_a_listener_on_the_usual_port_that_is_no_usable_server_is_passed_over(tm
     finally:
         decoy.close()
         for server in (postgres, redis_server):
+            if server is not None:
+                server.stop()
+
+
+def test_a_postgresql_too_old_for_the_shop_is_passed_over(tmp_path, monkeypatch):
+    """The relay leader needs PostgreSQL 14 (`idle_session_timeout`): an older server on the usual
+    port, though it lets `postgres` in, gets an embedded one started instead. (Here the usual
+    port is pointed at an embedded server, and the minimum put just above its version.)"""
+    import devstack.infra
+
+    monkeypatch.delenv(FORCE_EMBEDDED_VAR, raising=False)
+    old_base, old_server = start_embedded_postgres(tmp_path / "old", free_port())
+    postgres = None
+    try:
+        connection = psycopg2.connect(f"{old_base}/postgres")
+        version = connection.server_version
+        connection.close()
+        monkeypatch.setattr(devstack.infra, "SYSTEM_POSTGRES_PORT", int(old_base.rsplit(":")[-1]))
+        monkeypatch.setattr(devstack.infra, "MINIMUM_POSTGRES_VERSION_NUM", version)
+        assert ensure_postgres(tmp_path / "new") == (old_base, None)  # new enough: used
+
+        monkeypatch.setattr(devstack.infra, "MINIMUM_POSTGRES_VERSION_NUM", version + 1)
+        postgres_base, postgres = ensure_postgres(tmp_path / "new")
+        assert postgres is not None and postgres_base != old_base
+        psycopg2.connect(f"{postgres_base}/postgres", connect_timeout=5).close()
+    finally:
+        for server in (postgres, old_server):
             if server is not None:
                 server.stop()
 

@@ -10,12 +10,14 @@ import threading
 
 import psycopg2
 import pytest
+import sqlalchemy as sa
 from alembic import command
 
-from shared.config import SERVICES
+from devstack.infra import free_port, start_embedded_postgres
+from shared.config import SERVICES, load_settings
 from shared.db import SESSION_LIMITS, driver_dsn
-from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, alembic_config,
-                               ensure_database)
+from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, ServerTooOld,
+                               alembic_config, ensure_database, upgrade)
 from shared.outbox import CLAIM_ROWS
 from tests.environment import database_name
 from tests.polling import wait_for
@@ -300,3 +302,57 @@ def test_a_downgrade_that_fails_leaves_its_revision_whole(infrastructure):
             holder.rollback()
             holder.close()
         assert _index_valid(url, index), revision
+
+
+def test_upgrade_refuses_a_postgresql_older_than_the_shop_runs_on(infrastructure, monkeypatch):
+    """The relay leader needs PostgreSQL 14 (`idle_session_timeout`): on an older server `upgrade`
+    stops before any revision, naming the version, where the shop would otherwise start and never
+    relay an order. (Here the minimum is put just above the test server's version.)"""
+    import shared.migrations
+
+    url = _database_url(infrastructure, "too-old", "orders")
+    settings = load_settings({"ORDERS_DATABASE_URL": url})
+    with psycopg2.connect(driver_dsn(url.rsplit("/", 1)[0] + "/postgres")) as connection:
+        version = connection.server_version
+    connection.close()
+    monkeypatch.setattr(shared.migrations, "get_settings", lambda: settings)
+    monkeypatch.setattr(shared.migrations, "MINIMUM_SERVER_VERSION_NUM", version + 1)
+    with pytest.raises(ServerTooOld, match=r"PostgreSQL \d+ or later is needed; this server is"):
+        upgrade("orders")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('alembic_version')")
+        assert cursor.fetchone() == (None,)  # no revision ran
+    connection.close()
+
+    monkeypatch.setattr(shared.migrations, "MINIMUM_SERVER_VERSION_NUM", version)
+    upgrade("orders")
+    assert _index_valid(url, "ix_outbox_messages_parked")
+
+
+def test_databases_made_for_the_shop_are_migrated_though_its_user_may_not_enter_postgres(
+        tmp_path):
+    """An administrator created the database, owned by the shop's user, on a server that keeps
+    everyone else out of its `postgres` database: `upgrade` needs nothing more. (On an embedded
+    server of the test's own, since the change to `postgres` is server-wide.)"""
+    base, server = start_embedded_postgres(tmp_path, free_port())
+    try:
+        admin = psycopg2.connect(f"{base}/postgres")
+        admin.autocommit = True
+        with admin.cursor() as cursor:
+            cursor.execute("CREATE ROLE shop LOGIN")
+            cursor.execute("CREATE DATABASE shop_orders OWNER shop")
+            cursor.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
+        admin.close()
+        shop_base = base.replace("postgresql://postgres@", "postgresql+psycopg2://shop@")
+        with pytest.raises(psycopg2.OperationalError, match="permission denied"):
+            psycopg2.connect(driver_dsn(f"{shop_base}/postgres"))
+        with pytest.raises(sa.exc.OperationalError):  # one it cannot enter: what `postgres` said
+            ensure_database(f"{shop_base}/shop_payments")
+
+        url = f"{shop_base}/shop_orders"
+        ensure_database(url)
+        command.upgrade(alembic_config("orders", url), "head")
+        assert _index_valid(url, "ix_outbox_messages_parked")
+    finally:
+        if server is not None:
+            server.stop()
