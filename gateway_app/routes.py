@@ -21,8 +21,8 @@ blueprint = Blueprint("shop", __name__, url_prefix="/api",
                       description="Orders and accounts, for the signed-in user")
 
 IDEMPOTENCY_KEY = {"in": "header", "name": "Idempotency-Key", "required": False,
-                   "schema": {"type": "string", "maxLength": MAX_KEY_LENGTH,
-                              "pattern": r"^[\x20-\x7E]*$"},
+                   "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH,
+                              "pattern": r"^[\x20-\x7E]+$"},
                    "description": "A retry with the same key and body within a day returns the "
                                   "first response; 1 to 255 printable ASCII characters (400 "
                                   "INVALID_IDEMPOTENCY_KEY otherwise)."}

@@ -24,7 +24,8 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         def place(user_id: str):
             args = PLACE_ORDER.load({"description": request.description,
                                      **given(request, "amount")})
-            key = checked_idempotency_key(request.idempotency_key)
+            key = checked_idempotency_key(
+                given(request, "idempotency_key").get("idempotency_key"))
             return to_message(orders_pb2.Order, endpoints.place_order(user_id, args, key))
         return serve_call(self.app, context, request, place)
 

@@ -26,7 +26,8 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
     def Deposit(self, request, context):
         def deposit(user_id: str):
             args = DEPOSIT.load(given(request, "amount"))
-            key = checked_idempotency_key(request.idempotency_key)
+            key = checked_idempotency_key(
+                given(request, "idempotency_key").get("idempotency_key"))
             return to_message(payments_pb2.Account, endpoints.deposit(user_id, args, key))
         return serve_call(self.app, context, request, deposit)
 

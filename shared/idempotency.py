@@ -50,8 +50,9 @@ def idempotency_key_from_request() -> str | None:
 
 
 def checked_idempotency_key(key: str | None) -> str | None:
-    """The key as given (None or empty: no key), or a 400 when it is not a usable key."""
-    if not key:
+    """The key as given (None: no key), or a 400 when it is not a usable key. An empty one sent is
+    refused, not read as none: a client whose keys came out empty believes its retries safe."""
+    if key is None:
         return None
     # Printable ASCII, as the gateway's OpenAPI document says (a header's other octets arrive as
     # Latin-1 characters, which a client meaning UTF-8 did not send).

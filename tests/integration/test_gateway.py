@@ -202,7 +202,9 @@ def test_odd_client_headers_are_refused_where_they_count_and_ignored_elsewhere(g
     _, auth = _sign_up(gateway)
     assert gateway.post("/api/accounts", headers={**auth, "Idempotency-Key": "\x85key"}
                         ).status_code == 201
-    for key in ("\x85key", "caf\xe9"):  # (not printable; printable but no ASCII, as documented)
+    # Not printable; printable but no ASCII; empty (a client whose keys come out empty is told so,
+    # not left to believe its retries safe): as documented.
+    for key in ("\x85key", "caf\xe9", ""):
         refused = gateway.post("/api/accounts/deposit", json={"amount": "1"},
                                headers={**auth, "Idempotency-Key": key})
         assert refused.status_code == 400

@@ -254,6 +254,39 @@ def test_an_amount_left_out_or_a_limit_out_of_range_is_refused_as_http_refuses_i
         "json": {"amount": ["Missing data for required field."]}}
 
 
+def test_an_empty_idempotency_key_is_refused_by_each_service_as_over_http(
+        grpc_targets, orders_flask_app, payments_flask_app):
+    """Sent but empty, the key is no key a retry could match: 400, over either transport (over
+    gRPC the field is `optional`, so that an empty key sent is told from none)."""
+    from shared.protos import payments_pb2, payments_pb2_grpc
+
+    metadata = _signed(f"empty-key-{uuid.uuid4().hex[:8]}", ENVIRONMENT["INTERNAL_AUTH_SECRET"])
+    with_key = {**dict(metadata), "Idempotency-Key": ""}
+    over_http = [
+        orders_flask_app.test_client().post("/orders", json={"amount": "1"}, headers=with_key),
+        payments_flask_app.test_client().post("/accounts/deposit", json={"amount": "1"},
+                                              headers=with_key),
+    ]
+    orders = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
+    payments = payments_pb2_grpc.PaymentsStub(grpc.insecure_channel(grpc_targets["payments"]))
+    calls = [
+        lambda: orders.PlaceOrder(orders_pb2.PlaceOrderRequest(amount="1", idempotency_key=""),
+                                  metadata=metadata, timeout=5),
+        lambda: payments.Deposit(payments_pb2.DepositRequest(amount="1", idempotency_key=""),
+                                 metadata=metadata, timeout=5),
+    ]
+    for response, call in zip(over_http, calls):
+        assert response.status_code == 400
+        assert response.get_json()["error"]["code"] == "INVALID_IDEMPOTENCY_KEY"
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        trailers = dict(refused.value.trailing_metadata())
+        assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == (
+            "400", "INVALID_IDEMPOTENCY_KEY")
+    orders_placed = orders_flask_app.test_client().get("/orders", headers=dict(metadata))
+    assert orders_placed.get_json()["items"] == []
+
+
 def test_server_reflection_lists_each_service(grpc_targets):
     for target, name in ((grpc_targets["orders"], "hseshop.orders.v1.Orders"),
                          (grpc_targets["payments"], "hseshop.payments.v1.Payments")):
