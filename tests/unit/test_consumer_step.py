@@ -13,15 +13,21 @@ from tests.polling import wait_for
 
 
 class _KafkaConsumer:
-    """Subscribes (or fails to), polls nothing, closes."""
+    """Subscribes (or fails to), polls nothing (counting its polls), closes."""
 
     def __init__(self, subscribe_fails: bool):
         self.subscribe_fails = subscribe_fails
         self.closed = threading.Event()
+        self.polls = 0
 
     def subscribe(self, topics, **callbacks):
         if self.subscribe_fails:
             raise RuntimeError("no such group protocol")
+
+    def poll(self, timeout):
+        self.polls += 1
+        threading.Event().wait(timeout)
+        return None
 
     def consume(self, n, timeout):
         threading.Event().wait(timeout)
@@ -67,8 +73,14 @@ def test_a_consumer_that_ends_on_its_own_stops_the_worker(step):
     assert step.stops == [EX_SOFTWARE] and step.kafka.closed.is_set()
 
 
+def _polling(step) -> None:
+    """The consumer's loop running as it does with nothing to read, not failing and retrying."""
+    wait_for(lambda: step.kafka.polls >= 3, timeout=5, what="the consumer polling")
+
+
 def test_a_consumer_stopped_with_the_worker_does_not_stop_it_again(step):
     step.step.start(SimpleNamespace())
+    _polling(step)
     step.step.stop(SimpleNamespace())
     assert step.kafka.closed.is_set() and not step.step.threads[0].is_alive()
     assert step.stops == []
@@ -76,6 +88,7 @@ def test_a_consumer_stopped_with_the_worker_does_not_stop_it_again(step):
 
 def test_a_cold_shutdown_stops_the_consumer_without_waiting(step):
     step.step.start(SimpleNamespace())
+    _polling(step)
     step.step.terminate(SimpleNamespace())
     wait_for(step.kafka.closed.is_set, timeout=5, what="the consumer closed")
     step.step.threads[0].join(5)
