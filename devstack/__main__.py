@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from devstack.logs import LogFollower
 from devstack.stack import REPO_ROOT, Stack
@@ -12,9 +13,11 @@ from devstack.stack import REPO_ROOT, Stack
 
 def run() -> int:
     stack = Stack(REPO_ROOT / ".run", with_flower=True, quiet=False)
+    env_file = REPO_ROOT / ".run" / "env"
     try:
         stack.start()
-        print_urls(stack)
+        stack.write_env_file(env_file)
+        print_urls(stack, env_file)
         follower = LogFollower([(process.name, process.log_path) for process in stack.processes])
         reported: set[str] = set()
         while True:
@@ -26,6 +29,7 @@ def run() -> int:
         return 0
     finally:
         stack.stop()
+        env_file.unlink(missing_ok=True)
 
 
 def report_deaths(stack: Stack, reported: set[str]) -> None:
@@ -40,7 +44,7 @@ def report_deaths(stack: Stack, reported: set[str]) -> None:
             )
 
 
-def print_urls(stack: Stack) -> None:
+def print_urls(stack: Stack, env_file: Path) -> None:
     print(
         "\n".join(
             [
@@ -57,6 +61,7 @@ def print_urls(stack: Stack) -> None:
                 f"  Flower          {stack.flower_url}",
                 f"  Kafka broker    {stack.broker_address}",
                 f"  logs            {stack.logs_dir}",
+                f"  settings        {env_file}  (for the tools: set -a; . {env_file}; set +a)",
                 "Ctrl-C stops everything.",
                 "",
             ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -110,6 +111,15 @@ class Stack:
         if self._env is None:
             raise RuntimeError("Stack.env is known only after start()")
         return dict(self._env)
+
+    def write_env_file(self, path: str | os.PathLike) -> Path:
+        """Write `env` as shell assignments, for a tool run beside the stack (`set -a; . <path>;
+        set +a`, then `python -m tasks.parked ...`): the stack may run embedded servers on ports
+        of its own, which the settings' defaults do not name."""
+        path = Path(path)
+        path.write_text("".join(f"{name}={shlex.quote(value)}\n"
+                                for name, value in sorted(self.env.items())))
+        return path
 
     @property
     def processes(self) -> list[ManagedProcess]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -10,9 +13,13 @@ from datetime import datetime, timedelta
 import requests
 import sqlalchemy as sa
 
+from devstack.stack import REPO_ROOT
 from tests.e2e.shop_client import ShopClient
 from tests.kafka_tools import produce
 from tests.polling import wait_for
+
+# Enough to hold every message this layer parks: the newest come first.
+PARKED_LIST_LIMIT = 1000
 
 
 def test_a_paid_order_finishes_and_debits_the_account(shopper):
@@ -131,6 +138,31 @@ def test_unparseable_messages_are_parked_and_later_messages_still_flow(
         row = wait_for(parked, timeout=10, what="the unparseable message to be parked")
         assert row.parked_at is not None and row.processed_at is None
         assert "JSON" in row.last_error
+
+
+def test_an_operator_lists_parked_messages_with_the_settings_the_stack_wrote(
+        stack, payments_db, tmp_path):
+    """`make run` writes its settings (`.run/env`): with them sourced, `python -m tasks.parked`
+    reaches the stack's own database, embedded on a port of its own on a fresh machine, where the
+    settings' defaults would name another server or none."""
+    marker = f"garbage-{uuid.uuid4()}"
+    produce(stack.env["KAFKA_BOOTSTRAP_SERVERS"], stack.env["TOPIC_PAYMENT_REQUESTED"],
+            marker.encode())
+
+    def parked():
+        with payments_db.connect() as conn:
+            return conn.execute(sa.text("SELECT message_id FROM inbox_messages"
+                                        " WHERE raw_value = :raw AND parked_at IS NOT NULL"),
+                                {"raw": marker}).scalar_one_or_none()
+    message_id = wait_for(parked, timeout=30, what="the unparseable message to be parked")
+    env_file = stack.write_env_file(tmp_path / "env")
+    listed = subprocess.run(
+        ["bash", "-c", f'set -a; . "$1"; set +a; exec "$2" -m tasks.parked list payments'
+                       f' --limit {PARKED_LIST_LIMIT}', "bash", env_file, sys.executable],
+        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")},  # no settings
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert str(message_id) in listed.stdout
 
 
 def test_a_message_whose_dispatch_was_lost_is_handled_by_the_sweeper(stack, payments_db):
