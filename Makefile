@@ -6,14 +6,26 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 BENCH_INSTALLED := $(VENV)/.installed-bench
 
-.PHONY: venv browser run test bench clean protos
+.PHONY: venv python-venv browser run test bench clean protos
 
 venv: $(INSTALLED)
 
 $(INSTALLED): requirements/base.txt requirements/dev.txt requirements/constraints.txt
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || $(MAKE) --no-print-directory python-venv
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
 	touch $@
+
+# Debian's and Ubuntu's python3 leave out ensurepip, which `python3 -m venv` needs: their
+# python3-venv package has it.
+python-venv:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv; \
+	else \
+		echo "$(PYTHON) cannot make a virtualenv (no ensurepip). On Debian or Ubuntu:"; \
+		echo "  sudo apt-get install -y python3-venv"; \
+		exit 1; \
+	fi
 
 # Headless Chromium and its driver for the browser test (tests/e2e/test_web_page.py), from Debian.
 browser:
