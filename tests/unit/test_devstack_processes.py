@@ -212,12 +212,14 @@ def test_stack_env_is_the_config_contract_and_overrides_may_name_the_found_servi
 def test_make_run_prints_every_address_the_shop_serves(tmp_path, capsys):
     from devstack.__main__ import print_urls
 
-    print_urls(Stack(tmp_path, with_flower=True, ports={"payments-grpc": 50099}))
+    print_urls(Stack(tmp_path, with_flower=True, ports={"payments-grpc": 50099}),
+               tmp_path / "env")
 
     printed = capsys.readouterr().out
     for address in ("http://127.0.0.1:8000/", "http://127.0.0.1:8000/docs",
                     "http://127.0.0.1:8001", "http://127.0.0.1:8002", "127.0.0.1:50051",
-                    "127.0.0.1:50099", "http://127.0.0.1:5555", "127.0.0.1:9092"):
+                    "127.0.0.1:50099", "http://127.0.0.1:5555", "127.0.0.1:9092",
+                    f"set -a; . {tmp_path / 'env'}; set +a"):
         assert address in printed, address
 
 
