@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 from simple_websocket import ConnectionClosed
 
+from gateway_app.notifications import SOCKET_RECHECK_SECONDS
 from tests.e2e.gateway_client import GatewayClient
 from tests.network_tools import WebSocketClient
 from tests.polling import wait_for
@@ -62,11 +63,15 @@ def test_a_page_that_reconnects_catches_up_on_what_it_missed(stack):
     seen = listener.next_for(first["id"])
     listener.close()
     missed = [shopper.place_order(n) for n in (11, 12)]
-    for order in missed:
-        shopper.wait_until_final(order["id"])
+    # Both notifications stored before the page comes back, so that they can only reach it by the
+    # catch-up as the socket opens, not pushed live as they are stored.
+    wait_for(lambda: len(shopper.api("GET", f"/notifications?after={seen['id']}", 200)["items"])
+             == len(missed), timeout=30, what="the missed orders' notifications stored")
     listener = shopper.listen(after=seen["id"])
     try:
-        replayed = [listener.next(timeout=5) for _ in missed]
+        # Sooner than the socket's own re-read of the table (SOCKET_RECHECK_SECONDS), which would
+        # make good a catch-up that left some out.
+        replayed = [listener.next(timeout=SOCKET_RECHECK_SECONDS / 2) for _ in missed]
     finally:
         listener.close()
     # In the order of their ids, which is not always the order the orders were placed in: two
