@@ -69,9 +69,13 @@ SOCKET_KEEPALIVE_IDLE_SECONDS = 30
 # gone, the kernel retransmits it instead, for about 15 minutes (tcp_retries2). A connection whose
 # data has gone unacknowledged this long is dropped too: the same minute as the probes'.
 SOCKET_UNACKNOWLEDGED_MS = (SOCKET_KEEPALIVE_IDLE_SECONDS + 3 * 10) * 1000
-# The page sends nothing on its socket: a frame over this many bytes closes it (1009), and what
+# The page sends nothing on its socket: a message over this many characters (bytes, if binary),
+# in one frame or several, closes it (1009: simple_websocket counts them), and what
 # arrives is read and dropped at every turn of the stream, never kept.
 SOCKET_MAX_MESSAGE_BYTES = 1024
+# How long a page has, once its socket is closed by the gateway, to answer the close before its
+# connection is shut down (end_the_socket).
+SOCKET_CLOSE_ANSWER_SECONDS = 2.0
 SOCKET_PATH = "/api/notifications/ws"
 SOCKET_ENDPOINT = "notifications_socket"
 
@@ -248,19 +252,49 @@ def register_socket(app, authenticate) -> None:
 
     @sock.route(SOCKET_PATH, endpoint=SOCKET_ENDPOINT)
     def notifications_socket(ws):
-        opening: SocketOpening = g.socket_opening
-        if opening.refusal:
-            ws.close(*opening.refusal)
-            return
-        if not slots.take(opening.token.user_id):
-            ws.close(reason=1013, message="too many open notification sockets; try again later")
-            return
         try:
-            drop_when_the_peer_vanishes(ws.sock)
-            stream_notifications(ws, opening.token.user_id, opening.after,
-                                 opening.token.expires_at)
+            _serve_socket(ws, g.socket_opening, slots)
         finally:
-            slots.give_back(opening.token.user_id)
+            end_the_socket(ws)
+
+
+def _serve_socket(ws, opening: SocketOpening, slots: SocketSlots) -> None:
+    try:
+        drop_when_the_peer_vanishes(ws.sock)
+    except OSError:  # the page closed it at once: simple_websocket's reader has closed it
+        return
+    if opening.refusal:
+        _close(ws, *opening.refusal)
+        return
+    if not slots.take(opening.token.user_id):
+        _close(ws, 1013, "too many open notification sockets; try again later")
+        return
+    try:
+        stream_notifications(ws, opening.token.user_id, opening.after, opening.token.expires_at)
+    finally:
+        slots.give_back(opening.token.user_id)
+
+
+def _close(ws, code: int | None = None, message: str | None = None) -> None:
+    """Send the close, unless the socket is closed or its connection gone."""
+    try:
+        ws.close(reason=code, message=message)
+    except (ConnectionClosed, OSError):
+        pass
+
+
+def end_the_socket(ws) -> None:
+    """Close the socket, if the stream has not, and end simple_websocket's reader thread with its
+    connection. That thread waits in recv() for the page: a page that neither answers the close
+    nor closes (a refused one, say) would hold it and the connection for ever, and closing the
+    connection from this thread does not wake that recv(); shutting it down does."""
+    _close(ws)
+    ws.thread.join(SOCKET_CLOSE_ANSWER_SECONDS)
+    if ws.thread.is_alive():
+        try:
+            ws.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,12 +402,14 @@ def stream_notifications(ws, user_id: str, after: int, token_expires_at: float) 
                 recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
             while ws.receive(timeout=0) is not None:  # raises ConnectionClosed once it has gone
                 pass  # the page has nothing to say: drop it
-        ws.close(reason=1008, message=tokens.EXPIRED)
-    except (ConnectionClosed, LocalProtocolError):
-        pass  # the page has gone (LocalProtocolError: its close crossed a send or ours)
+        _close(ws, 1008, tokens.EXPIRED)
+    except (ConnectionClosed, LocalProtocolError, OSError):
+        # The page has gone (LocalProtocolError: its close crossed a send or ours; OSError: its
+        # connection broke or went unacknowledged, TCP_USER_TIMEOUT, as a send waited).
+        pass
     except (redis.RedisError, OperationalError) as exc:
         log.warning("notification stream for %s lost Redis or the database: %s", user_id, exc)
-        ws.close(reason=1011, message="notifications unavailable; reconnect")
+        _close(ws, 1011, "notifications unavailable; reconnect")
     finally:
         pubsub.close()
 

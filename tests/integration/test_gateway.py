@@ -656,6 +656,40 @@ def test_a_user_past_the_socket_limit_is_refused_at_once(settings, upstreams, mo
             socket.close()
 
 
+def test_a_refused_socket_whose_page_stays_silent_frees_its_reader_and_connection(
+        settings, upstreams):
+    """simple_websocket reads each socket on a thread of its own, waiting in recv() for the page.
+    A page that neither answers the gateway's close nor closes (anyone can open such a socket:
+    a bad token is refused after the handshake) held that thread and its connection for ever, and
+    nothing counted them. The gateway gives it SOCKET_CLOSE_ANSWER_SECONDS, then shuts the
+    connection down."""
+    def readers() -> int:
+        return sum("simple_websocket" in thread.name for thread in threading.enumerate())
+
+    with _served_gateway_socket_path(settings, upstreams, "silent") as (base, _):
+        before = readers()
+        host, port = base.removeprefix("http://").split(":")
+        page = socket.create_connection((host, int(port)), timeout=10)
+        try:
+            page.sendall(f"GET /api/notifications/ws?access_token=x HTTP/1.1\r\n"
+                         f"Host: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+            received = b""
+            while not (b"\r\n\r\n" in received
+                       and received.split(b"\r\n\r\n", 1)[1][:1] == b"\x88"):
+                chunk = page.recv(4096)
+                assert chunk, received
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 101")  # then the close (1008): left unanswered
+            wait_for(lambda: readers() <= before,
+                     timeout=notifications.SOCKET_CLOSE_ANSWER_SECONDS + 10,
+                     what="the refused socket's reader thread to end")
+            assert page.recv(4096) == b""  # and its connection closed
+        finally:
+            page.close()
+
+
 def _stays_open(url):
     """A socket to `url` if the gateway keeps it open for a second, else None (long enough for
     the gateway to have taken its slot, on a busy machine too)."""
