@@ -48,3 +48,13 @@ util.write_error = write_json_error
 class JsonErrorsThreadWorker(ThreadWorker):
     """gunicorn's threaded worker (what `--threads` above 1 picks); the module, once loaded, makes
     the answers gunicorn writes itself JSON."""
+
+    def finish_request(self, conn, fs):
+        # A connection the request closed itself (a WebSocket's: simple_websocket's reader closes
+        # it as it ends) is counted off once. gunicorn's own close of it fails on the closed
+        # socket, and its error path counted the connection off a second time, so that the count
+        # drifted below what is open and `worker_connections` stopped capping it.
+        if conn.sock.fileno() == -1:
+            self.nr_conns -= 1
+            return
+        super().finish_request(conn, fs)

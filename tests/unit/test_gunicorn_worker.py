@@ -53,3 +53,26 @@ def test_an_app_that_failed_past_flask_answers_as_any_unexpected_error():
 
 def test_loading_the_worker_class_puts_it_in_place_of_gunicorns_html_page():
     assert gunicorn.util.write_error is write_json_error
+
+
+@pytest.mark.parametrize("closed_by_the_request", [True, False])
+def test_a_connection_is_counted_off_once_however_it_was_closed(closed_by_the_request):
+    """A WebSocket's connection is closed by its reader thread before the request ends; gunicorn's
+    own close then failed on it, and its error path counted the connection off again."""
+    from concurrent.futures import Future
+
+    from gunicorn.workers.gthread import TConn
+
+    from shared.gunicorn_worker import JsonErrorsThreadWorker
+
+    worker = JsonErrorsThreadWorker.__new__(JsonErrorsThreadWorker)  # only what the method uses
+    worker.nr_conns, worker.alive = 1, True
+    ours, peer = socket.socketpair()
+    conn = TConn(None, ours, None, None)
+    done = Future()
+    done.set_result(False)  # the request asked for no keep-alive
+    if closed_by_the_request:
+        ours.close()
+    peer.close()  # (gunicorn's close lingers for the peer's end)
+    worker.finish_request(conn, done)
+    assert worker.nr_conns == 0 and ours.fileno() == -1
