@@ -2,7 +2,8 @@
 #   gunicorn -b 0.0.0.0:8001 ... "orders_app:create_app()"         (the default, below)
 #   gunicorn -b 0.0.0.0:8002 ... "payments_app:create_app()"
 #   gunicorn -b 0.0.0.0:8000 ... "gateway_app:create_app()"
-#   celery -A tasks worker -Q orders -P threads --consume orders    (and payments, gateway)
+#   celery -A tasks worker -Q orders.control,orders -n orders@%h -P threads -c 16 --consume orders
+#                                                                   (and payments, gateway)
 #   celery -A tasks beat                                            (exactly one)
 #   celery -A tasks flower
 #   python -m shared.migrations upgrade orders                      (and payments, gateway)

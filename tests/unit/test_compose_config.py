@@ -187,6 +187,16 @@ def dockerfile_command() -> list[str]:
     return json.loads(re.search(r"^CMD (\[.*\])$", text, re.MULTILINE).group(1))
 
 
+def test_the_dockerfiles_worker_command_consumes_both_queues_as_compose_does():
+    """The Dockerfile's header lists each process's command for a deployment without compose: a
+    worker reading only its handlers' queue would leave beat's tasks (the relay's lead, the
+    sweeper) unread, and no order would ever leave the outbox."""
+    header = (REPO_ROOT / "Dockerfile").read_text().split("\nFROM ", 1)[0]
+    (worker,) = re.findall(r"^#\s+(celery -A tasks worker .*?)\s*$", header, re.MULTILINE)
+    argv = worker.split()
+    assert argv[argv.index("-Q") + 1] == worker_queues("orders")  # as workers_of() finds compose's
+
+
 def test_every_http_api_runs_the_worker_that_answers_unreadable_requests_in_json():
     servers = [command(service) for service in HSESHOP.values()
                if command(service)[0] == "gunicorn"] + [dockerfile_command()]
