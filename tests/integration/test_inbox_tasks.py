@@ -398,8 +398,10 @@ def test_while_tasks_wait_in_the_queue_the_sweeper_takes_only_long_stalled_messa
     _received_ago(stalled, timedelta(minutes=1))
     assert tasks_waiting("payments") == 0
     sweep_inbox.apply(args=("payments",)).get()
-    assert _handed_over(stalled) and tasks_waiting("payments") >= 1  # dispatched again
+    assert _handed_over(stalled)
+    assert _dispatches_of(stalled) == [handle_inbox_message.name]  # dispatched again, alone
 
+    handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
     waiting = _stored_request(payments_inbox, user_id)
     _received_ago(waiting, timedelta(minutes=1))
     sweep_inbox.apply(args=("payments",)).get()
