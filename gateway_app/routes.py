@@ -14,18 +14,11 @@ from orders_app.schemas import (ListOrdersQuerySchema, OrderPageSchema, OrderSch
                                 PlaceOrderSchema, order_id_from_path)
 from payments_app.schemas import AccountSchema, DepositSchema, EmptySchema
 from shared.http_api import Blueprint
-from shared.idempotency import MAX_KEY_LENGTH, idempotency_key_from_request
+from shared.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotency_key_from_request
 from shared.money import format_amount
 
 blueprint = Blueprint("shop", __name__, url_prefix="/api",
                       description="Orders and accounts, for the signed-in user")
-
-IDEMPOTENCY_KEY = {"in": "header", "name": "Idempotency-Key", "required": False,
-                   "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH,
-                              "pattern": r"^[\x20-\x7E]+$"},
-                   "description": "A retry with the same key and body within a day returns the "
-                                  "first response; 1 to 255 printable ASCII characters (400 "
-                                  "INVALID_IDEMPOTENCY_KEY otherwise)."}
 
 
 def _over_http() -> bool:
@@ -38,7 +31,7 @@ def _grpc(service: str, method: str, body: dict[str, Any], status: int):
 
 @blueprint.post("/orders")
 @blueprint.arguments(PlaceOrderSchema)
-@blueprint.doc(parameters=[IDEMPOTENCY_KEY])
+@blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
 @blueprint.response(202, OrderSchema,
                     description="Accepted; the payment is asked for asynchronously")
 def place_order(args):
@@ -74,7 +67,7 @@ def get_order(order_id: str):
 
 
 @blueprint.post("/accounts")
-@blueprint.arguments(EmptySchema)
+@blueprint.arguments(EmptySchema, required=False)
 @blueprint.response(201, AccountSchema)
 def open_account(_args):
     """Open the signed-in user's account."""
@@ -85,7 +78,7 @@ def open_account(_args):
 
 @blueprint.post("/accounts/deposit")
 @blueprint.arguments(DepositSchema)
-@blueprint.doc(parameters=[IDEMPOTENCY_KEY])
+@blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
 @blueprint.response(200, AccountSchema)
 def deposit(args):
     """Top up the signed-in user's account."""

@@ -7,13 +7,14 @@ from flask import g, jsonify
 from orders_app import endpoints
 from orders_app.schemas import ListOrdersQuerySchema, OrderPageSchema, OrderSchema, PlaceOrderSchema
 from shared.http_api import Blueprint
-from shared.idempotency import idempotency_key_from_request
+from shared.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotency_key_from_request
 
 blueprint = Blueprint("orders", __name__, url_prefix="/orders", description="Place and read orders")
 
 
 @blueprint.post("")
 @blueprint.arguments(PlaceOrderSchema)
+@blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
 @blueprint.response(202, OrderSchema)
 def place_order(args):
     """Place an order; its payment is asked for asynchronously."""

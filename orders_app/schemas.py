@@ -32,7 +32,7 @@ class PlaceOrderSchema(Schema):
 class OrderSchema(Schema):
     id = fields.UUID()
     user_id = fields.String()
-    amount = Amount()
+    amount = Amount.answered()
     description = fields.String()
     status = fields.String(metadata={"enum": list(STATUSES)})
     reason = fields.String(allow_none=True)

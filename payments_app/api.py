@@ -7,14 +7,14 @@ from flask import g, jsonify
 from payments_app import endpoints
 from payments_app.schemas import AccountSchema, DepositSchema, EmptySchema
 from shared.http_api import Blueprint
-from shared.idempotency import idempotency_key_from_request
+from shared.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotency_key_from_request
 
 blueprint = Blueprint("accounts", __name__, url_prefix="/accounts",
                       description="Accounts, deposits and balances")
 
 
 @blueprint.post("")
-@blueprint.arguments(EmptySchema)
+@blueprint.arguments(EmptySchema, required=False)
 @blueprint.response(201, AccountSchema)
 def open_account(_args):
     """Open the caller's account (one per user), with a zero balance."""
@@ -23,6 +23,7 @@ def open_account(_args):
 
 @blueprint.post("/deposit")
 @blueprint.arguments(DepositSchema)
+@blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
 @blueprint.response(200, AccountSchema)
 def deposit(args):
     """Top up the caller's account."""

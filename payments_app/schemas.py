@@ -22,5 +22,4 @@ class DepositSchema(Schema):
 
 class AccountSchema(Schema):
     user_id = fields.String()
-    balance = Amount(metadata={"description": "A string with 2 decimals, at most "
-                                              f"{MAX_BALANCE}", "oneOf": [{"type": "string"}]})
+    balance = Amount.answered(f"A string with 2 decimals, at most {MAX_BALANCE}")

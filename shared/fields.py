@@ -63,6 +63,12 @@ class Amount(fields.Field):
     def _serialize(self, value, attr, obj, **kwargs):
         return None if value is None else format_amount(value)
 
+    @classmethod
+    def answered(cls, description: str = "A string with 2 decimals") -> Amount:
+        """An amount only ever answered, documented as what goes out: a string, never a number."""
+        return cls(metadata={"description": description,
+                             "oneOf": [{"type": "string", "pattern": r"^[0-9]+\.[0-9]{2}$"}]})
+
 
 class Text(fields.String):
     """Text a client sends that is stored or hashed: no unpaired surrogate (it has no UTF-8 form)

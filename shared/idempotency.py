@@ -26,6 +26,14 @@ from shared.errors import ApiError, Unprocessable
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
+# The header as the OpenAPI documents of the routes that honour it describe it.
+IDEMPOTENCY_KEY_PARAMETER = {
+    "in": "header", "name": IDEMPOTENCY_HEADER, "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH,
+               "pattern": r"^[\x20-\x7E]+$"},
+    "description": "A retry with the same key and body within a day returns the first response;"
+                   f" 1 to {MAX_KEY_LENGTH} printable ASCII characters (400"
+                   " INVALID_IDEMPOTENCY_KEY otherwise)."}
 
 
 class IdempotencyKey(db.Model):

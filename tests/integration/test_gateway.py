@@ -313,6 +313,11 @@ def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_
     key = next(parameter for parameter in spec["paths"]["/api/orders"]["post"]["parameters"]
                if parameter["name"] == "Idempotency-Key")
     assert key["schema"]["maxLength"] == 255 and "pattern" in key["schema"]
+    # Money goes out as a string, never a number; opening an account takes no body.
+    for schema, field in (("Order", "amount"), ("Account", "balance")):
+        assert schemas[schema]["properties"][field]["oneOf"] == [
+            {"type": "string", "pattern": r"^[0-9]+\.[0-9]{2}$"}], schema
+    assert spec["paths"]["/api/accounts"]["post"]["requestBody"]["required"] is False
     default = spec["components"]["responses"]["DEFAULT_ERROR"]["content"]["application/json"]
     assert default["schema"] == {"$ref": "#/components/schemas/Error"}
     for path in spec["paths"].values():

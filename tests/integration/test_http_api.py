@@ -317,6 +317,10 @@ def test_each_service_serves_its_openapi_document_and_swagger_ui(orders_http, pa
     assert "/orders" in orders_spec["paths"] and "/orders/{order_id}" in orders_spec["paths"]
     payments_spec = payments_http.get("/docs/openapi.json").get_json()
     assert {"/accounts", "/accounts/deposit", "/accounts/balance"} <= set(payments_spec["paths"])
+    # The routes that honour an Idempotency-Key say so, as the gateway's document does.
+    for spec, path in ((orders_spec, "/orders"), (payments_spec, "/accounts/deposit")):
+        assert "Idempotency-Key" in [
+            parameter["name"] for parameter in spec["paths"][path]["post"]["parameters"]], path
     for client in (orders_http, payments_http):
         page = client.get("/docs/swagger-ui")
         assert page.status_code == 200
