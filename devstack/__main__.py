@@ -14,9 +14,10 @@ from devstack.stack import REPO_ROOT, Stack
 def run() -> int:
     stack = Stack(REPO_ROOT / ".run", with_flower=True, quiet=False)
     env_file = REPO_ROOT / ".run" / "env"
+    wrote_env_file = False  # (a run that could not start leaves a running one's file alone)
     try:
         stack.start()
-        stack.write_env_file(env_file)
+        wrote_env_file = bool(stack.write_env_file(env_file))
         print_urls(stack, env_file)
         follower = LogFollower([(process.name, process.log_path) for process in stack.processes])
         reported: set[str] = set()
@@ -29,7 +30,8 @@ def run() -> int:
         return 0
     finally:
         stack.stop()
-        env_file.unlink(missing_ok=True)
+        if wrote_env_file:
+            env_file.unlink(missing_ok=True)
 
 
 def report_deaths(stack: Stack, reported: set[str]) -> None:
