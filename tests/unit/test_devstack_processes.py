@@ -246,3 +246,23 @@ def test_free_port_never_gives_a_port_twice_though_the_system_may(monkeypatch):
     monkeypatch.setattr("devstack.infra.socket", types.SimpleNamespace(
         socket=Socket, AF_INET=socket.AF_INET, SOCK_STREAM=socket.SOCK_STREAM))
     assert [free_port() for _ in range(3)] == [41001, 41002, 41003]
+
+
+def test_a_make_run_that_cannot_start_leaves_the_running_ones_settings_file(tmp_path,
+                                                                            monkeypatch):
+    """A second `make run` finds the first's ports taken and stops: the first's `.run/env`, which
+    the operator's tools read, stays."""
+    import devstack.__main__ as make_run
+
+    class PortsTaken(Stack):
+        def start(self, timeout: float = 60):
+            raise RuntimeError("ports already in use; is another stack running?")
+
+    (tmp_path / ".run").mkdir()
+    running_ones = tmp_path / ".run" / "env"
+    running_ones.write_text("REDIS_URL=redis://127.0.0.1:40001/0\n")
+    monkeypatch.setattr(make_run, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(make_run, "Stack", PortsTaken)
+    with pytest.raises(RuntimeError, match="ports already in use"):
+        make_run.run()
+    assert running_ones.read_text() == "REDIS_URL=redis://127.0.0.1:40001/0\n"
