@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TypeVar
 
 from flask import Flask
@@ -123,15 +124,39 @@ def after_commit(session: Session, callback: C) -> C:
     return callback
 
 
+class CallerGaveUp(Exception):
+    """The work's caller stopped waiting for it (its deadline passed): nothing was committed."""
+
+
+# When the caller of the work under way stops waiting (time.monotonic()), if it said: a gRPC
+# call's deadline (shared.grpc_server). Past it, `transaction()` rolls back instead of committing:
+# the caller has been told the request failed (the gateway answers 504) and must not find it done.
+_caller_waits_until: ContextVar[float | None] = ContextVar("hseshop_caller_waits_until",
+                                                           default=None)
+
+
+@contextmanager
+def caller_waits_until(deadline: float | None) -> Iterator[None]:
+    token = _caller_waits_until.set(deadline)
+    try:
+        yield
+    finally:
+        _caller_waits_until.reset(token)
+
+
 @contextmanager
 def transaction() -> Iterator[Session]:
-    """One database transaction: commit when the block ends, roll back if it raises."""
+    """One database transaction: commit when the block ends, roll back if it raises, or if the
+    caller has stopped waiting (CallerGaveUp)."""
     session = db.session()
     if session.in_transaction():
         # Reads made earlier in the request (or task) are not part of this unit of work.
         session.rollback()
     try:
         yield session
+        deadline = _caller_waits_until.get()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise CallerGaveUp()
         session.commit()
     except BaseException:
         session.info.pop(_AFTER_COMMIT, None)

@@ -121,7 +121,9 @@ class UpstreamTimeout(ApiError):
 
     @classmethod
     def of(cls, service: str) -> UpstreamTimeout:
-        return cls(f"The {service} service took too long to answer.", details={"service": service})
+        return cls(f"The {service} service took too long to answer; the request may still have"
+                   " taken effect: retry it with the same Idempotency-Key.",
+                   details={"service": service})
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict:

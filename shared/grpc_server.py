@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from marshmallow import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from shared.config import get_settings
+from shared.db import CallerGaveUp, caller_waits_until
 from shared.errors import ApiError, database_error
 from shared.identity import authenticated_user_id
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, request_id_bound,
@@ -131,7 +133,9 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
     which a validation error's messages are filed, as there."""
     metadata = {key: value for key, value in context.invocation_metadata()}
     request_id = sane_request_id(metadata.get(REQUEST_ID_HEADER.lower()))
-    with app.app_context(), request_id_bound(request_id):
+    remaining = context.time_remaining()  # (None: the caller set no deadline)
+    deadline = None if remaining is None else time.monotonic() + remaining
+    with app.app_context(), request_id_bound(request_id), caller_waits_until(deadline):
         try:
             secret = app.extensions["hseshop.settings"].internal_auth_secret
             user_id = authenticated_user_id(metadata, secret)
@@ -147,6 +151,10 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
         except OperationalError as exc:
             log.warning("database unavailable or busy: %s", exc.orig)
             _abort(context, database_error(exc))
+        except CallerGaveUp:
+            log.warning("the caller's deadline passed before the call's work could commit;"
+                        " rolled back")
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "The call's deadline passed.")
         except Exception:
             log.exception("unhandled error in a gRPC call [request_id=%s]", request_id)
             context.abort(grpc.StatusCode.INTERNAL, "Something went wrong on our side.")

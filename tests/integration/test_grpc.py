@@ -290,6 +290,47 @@ def test_an_empty_idempotency_key_is_refused_by_each_service_as_over_http(
     assert orders_placed.get_json()["items"] == []
 
 
+def test_an_order_whose_caller_gave_up_by_its_deadline_is_not_placed(settings, grpc_targets):
+    """The gateway gives a call its 5 s, then answers 504 and forgets it: a call held up past its
+    deadline (here on the user's placing lock, held by another session) rolls back instead of
+    placing an order the client was told had failed."""
+    import psycopg2
+
+    from orders_app.service import PLACING_LOCK_CLASS
+    from shared.db import driver_dsn
+
+    user = f"gave-up-{uuid.uuid4().hex[:8]}"
+    dsn = driver_dsn(settings.database_url("orders"))
+    holder, watcher = psycopg2.connect(dsn), psycopg2.connect(dsn)
+    watcher.autocommit = True
+    stub = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                           (PLACING_LOCK_CLASS, user))
+        with pytest.raises(grpc.RpcError) as gave_up:
+            stub.PlaceOrder(orders_pb2.PlaceOrderRequest(amount="1"), timeout=0.5,
+                            metadata=_signed(user, ENVIRONMENT["INTERNAL_AUTH_SECRET"]))
+        assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with watcher.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                           " AND query LIKE '%%pg_advisory_xact_lock%%' AND pid <> %s",
+                           (holder.info.backend_pid,))
+            (call,) = cursor.fetchall()  # the call's session, held up
+            holder.commit()  # (within the shop's 2 s lock limit): its INSERT goes through
+
+            def call_ended() -> bool:
+                cursor.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", call)
+                return cursor.fetchone() in (None, ("idle",))  # its transaction over, either way
+
+            wait_for(call_ended, timeout=10, what="the held-up call's transaction to end")
+            cursor.execute("SELECT count(*) FROM orders WHERE user_id = %s", (user,))
+            assert cursor.fetchone() == (0,)
+    finally:
+        holder.close()
+        watcher.close()
+
+
 def test_server_reflection_lists_each_service(grpc_targets):
     for target, name in ((grpc_targets["orders"], "hseshop.orders.v1.Orders"),
                          (grpc_targets["payments"], "hseshop.payments.v1.Payments")):
