@@ -43,8 +43,8 @@ def test_messages_sent_with_the_handshakes_answer_are_received():
     try:
         assert [client.receive(timeout=2), client.receive(timeout=2)] == ["one", "two"]
     finally:
+        client.close()  # before the server lets go: once it has, the client may have closed first
         done.set()
-        client.close()
 
 
 def test_a_close_sent_with_the_handshakes_answer_closes_the_socket():
