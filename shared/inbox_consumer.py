@@ -166,7 +166,13 @@ class InboxConsumer:
         if self._clock() - self._committed_at >= self._commit_interval:
             self.commit_stored()
         if new_ids:
-            self._dispatch(new_ids)
+            try:
+                self._dispatch(new_ids)
+            except Exception as exc:
+                # Stored, so not lost: the sweeper hands them over once the task queue is back
+                # (Redis down, say). Storing what comes next goes on meanwhile, at full speed.
+                log.warning("could not dispatch %d stored message(s); the sweeper will hand them"
+                            " over: %r", len(new_ids), exc)
         return len(records)
 
     def commit_stored(self, asynchronous: bool = True,

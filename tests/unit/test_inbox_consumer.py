@@ -355,3 +355,20 @@ def test_a_batch_that_cannot_be_read_whole_is_read_again_not_skipped():
     with pytest.raises(RuntimeError):
         inbox.run_once()
     assert sorted(calls) == [("seek", ("t", 0, 5)), ("seek", ("t", 1, 9))]
+
+
+def test_a_dispatch_that_fails_leaves_the_stored_records_to_the_sweeper_and_goes_on(caplog):
+    """Redis down: the records are stored and their offsets committed, the failure is a warning
+    (the sweeper hands them over later), and nothing is raised to pause the consumer's loop."""
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 0, 0), FakeMessage("t", 0, 1)], calls)
+
+    def no_queue(ids):
+        calls.append(("dispatch", len(ids)))
+        raise ConnectionError("Redis unreachable")
+
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [uuid.uuid4() for _ in records],
+                          no_queue, commit_interval=0)
+    assert inbox.run_once() == 2
+    assert calls == [("commit", [("t", 0, 2)]), ("dispatch", 2)]
+    assert "the sweeper will hand them over" in caplog.text
