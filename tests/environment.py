@@ -10,7 +10,7 @@ RUN_ID = uuid.uuid4().hex[:8]
 
 # Redis database numbers per layer; what keeps runs apart is REDIS_KEY_PREFIX (Celery's queues
 # included), so two runs at once never take each other's tasks.
-REDIS_DB = {"integration": 14, "e2e": 13}
+REDIS_DB = {"integration": 14, "e2e": 13, "redis-outage": 12}
 
 
 @dataclass(frozen=True)

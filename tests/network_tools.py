@@ -1,4 +1,4 @@
-"""Network tools for the tests: a TCP proxy whose connections can go silent on demand, a
+"""Network tools for the tests: a TCP proxy whose connections can go silent or be cut on demand, a
 WebSocket client that reads every frame it is sent, and an HTTP answer read off a socket."""
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class WebSocketClient(simple_websocket.Client):
 class SilencingProxy:
     """A TCP proxy to `target`. `silence()` turns the connections it carries silent, as a host
     gone without a word leaves them: held open, nothing carried either way. Connections made
-    after that are carried (the service, at the address the name now resolves to)."""
+    after that are carried (the service, at the address the name now resolves to). `cut()` makes
+    the service unreachable, as if it had stopped, until `restore()`."""
 
     def __init__(self, target: str):
         host, port = target.rsplit(":", 1)
@@ -47,8 +48,27 @@ class SilencingProxy:
         self._closed = threading.Event()
         self._sockets = [self._listener]
         self._carriers: list[threading.Thread] = []
+        self._carried: list[socket.socket] = []  # both ends of each connection carried
+        self._refusing = False
         self._accepting = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        """Every connection carried so far is closed, and each one made until `restore()` is
+        closed as soon as it is accepted."""
+        with self._accepting:
+            self._refusing = True
+            carried, self._carried = self._carried, []
+        for sock in carried:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def restore(self) -> None:
+        with self._accepting:
+            self._refusing = False
 
     def silence(self) -> None:
         """From now on nothing more is carried over the connections made so far."""
@@ -73,9 +93,15 @@ class SilencingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            with self._accepting:
+                refused = self._refusing
+            if refused:
+                client.close()
+                continue
             upstream = socket.create_connection(self._target)
             self._sockets += [client, upstream]
             with self._accepting:
+                self._carried += [client, upstream]
                 for source, sink in ((client, upstream), (upstream, client)):
                     carrier = threading.Thread(target=self._carry, args=(source, sink, self._era),
                                                daemon=True)

@@ -1,0 +1,76 @@
+"""Redis, Celery's broker, goes away: the shop keeps taking orders, relays them and stores them in
+the payments inbox, though no Celery task can carry them to a handler; once Redis is back, every
+order finishes, each paid once.
+
+On a stack of its own, whose every process reaches Redis through a proxy the test can cut (the
+session's Redis itself is not the test's to stop)."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from devstack.infra import free_port
+from devstack.stack import Stack
+from tests.e2e.shop_client import ShopClient
+from tests.environment import REDIS_DB, service_env
+from tests.network_tools import SilencingProxy
+from tests.polling import wait_for
+
+LAYER = "redis-outage"
+
+
+@pytest.fixture(scope="module")
+def shop_and_redis(infrastructure, run_dir):
+    redis = SilencingProxy(infrastructure.redis_base.removeprefix("redis://"))
+    through_the_proxy = f"redis://{redis.address}"
+    env = service_env(infrastructure, LAYER,
+                      REDIS_URL=f"{through_the_proxy}/{REDIS_DB[LAYER]}",
+                      CELERY_BROKER_URL=f"{through_the_proxy}/{REDIS_DB[LAYER]}")
+    env.pop("KAFKA_BOOTSTRAP_SERVERS")  # a broker of its own
+    shop = Stack(run_dir / LAYER, env_overrides=env,
+                 ports={name: free_port() for name in ("gateway", "orders", "payments", "broker",
+                                                       "orders-grpc", "payments-grpc")},
+                 servers=(infrastructure.postgres_base, through_the_proxy))
+    try:
+        shop.start()
+        yield shop, redis
+    finally:
+        shop.stop()
+        redis.close()
+
+
+def test_with_redis_cut_off_orders_are_taken_and_all_finish_once_it_is_back(shop_and_redis):
+    shop, redis = shop_and_redis
+    customer = ShopClient(shop.orders_url, shop.payments_url)
+    customer.open_account()
+    customer.deposit(100)
+    paid_before = customer.place_order(1)
+    customer.wait_until_final(paid_before["id"], timeout=30)  # the shop at work
+    payments = sa.create_engine(shop.env["PAYMENTS_DATABASE_URL"].replace(
+        "postgresql://", "postgresql+psycopg2://"))
+    redis.cut()
+    try:
+        placed = [customer.place_order(10) for _ in range(5)]  # each one asserts its 202
+
+        def stored_unhandled() -> int:
+            with payments.connect() as conn:
+                return conn.scalar(sa.text(
+                    "SELECT count(*) FROM inbox_messages WHERE correlation_id = ANY(:ids)"
+                    " AND processed_at IS NULL"), {"ids": [order["id"] for order in placed]})
+
+        # Relayed over Kafka and stored as they came (neither needs Redis), but not handled.
+        wait_for(lambda: stored_unhandled() == len(placed), timeout=30,
+                 what="the orders' payment requests stored in the payments inbox")
+        assert [customer.order(order["id"])["status"] for order in placed] == ["NEW"] * 5
+    finally:
+        redis.restore()
+    finals = [customer.wait_until_final(order["id"], timeout=90) for order in placed]
+    assert [final["status"] for final in finals] == ["FINISHED"] * len(placed)
+    with payments.connect() as conn:
+        charged = conn.scalar(sa.text(
+            "SELECT count(*) FROM payments WHERE order_id = ANY(CAST(:ids AS uuid[]))"),
+            {"ids": [order["id"] for order in [paid_before, *placed]]})
+    payments.dispose()
+    assert charged == 1 + len(placed)
+    assert customer.balance() == "49.00"  # each taken once
