@@ -101,6 +101,10 @@ class SilencingProxy:
             upstream = socket.create_connection(self._target)
             self._sockets += [client, upstream]
             with self._accepting:
+                if self._refusing:  # cut while connecting
+                    client.close()
+                    upstream.close()
+                    continue
                 self._carried += [client, upstream]
                 for source, sink in ((client, upstream), (upstream, client)):
                     carrier = threading.Thread(target=self._carry, args=(source, sink, self._era),
