@@ -290,7 +290,8 @@ def test_an_empty_idempotency_key_is_refused_by_each_service_as_over_http(
     assert orders_placed.get_json()["items"] == []
 
 
-def test_an_order_whose_caller_gave_up_by_its_deadline_is_not_placed(settings, grpc_targets):
+def test_an_order_whose_caller_gave_up_by_its_deadline_is_not_placed(settings, grpc_targets,
+                                                                     caplog):
     """The gateway gives a call its 5 s, then answers 504 and forgets it: a call held up past its
     deadline (here on the user's placing lock, held by another session) rolls back instead of
     placing an order the client was told had failed."""
@@ -313,10 +314,15 @@ def test_an_order_whose_caller_gave_up_by_its_deadline_is_not_placed(settings, g
                             metadata=_signed(user, ENVIRONMENT["INTERNAL_AUTH_SECRET"]))
         assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         with watcher.cursor() as cursor:
-            cursor.execute("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                           " AND query LIKE '%%pg_advisory_xact_lock%%' AND pid <> %s",
-                           (holder.info.backend_pid,))
-            (call,) = cursor.fetchall()  # the call's session, held up
+            def held_up_call():
+                cursor.execute("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                               " AND datname = current_database() AND pid <> %s"
+                               " AND query LIKE '%%pg_advisory_xact_lock%%'",
+                               (holder.info.backend_pid,))
+                return cursor.fetchone()
+
+            call = wait_for(held_up_call, timeout=5, interval=0.01,
+                            what="the call's session waiting on the placing lock")
             holder.commit()  # (within the shop's 2 s lock limit): its INSERT goes through
 
             def call_ended() -> bool:
@@ -326,6 +332,8 @@ def test_an_order_whose_caller_gave_up_by_its_deadline_is_not_placed(settings, g
             wait_for(call_ended, timeout=10, what="the held-up call's transaction to end")
             cursor.execute("SELECT count(*) FROM orders WHERE user_id = %s", (user,))
             assert cursor.fetchone() == (0,)
+        # Rolled back for its deadline, not for a lock it waited too long for.
+        assert "the caller's deadline passed" in caplog.text
     finally:
         holder.close()
         watcher.close()
