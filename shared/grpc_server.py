@@ -133,7 +133,7 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
     which a validation error's messages are filed, as there."""
     metadata = {key: value for key, value in context.invocation_metadata()}
     request_id = sane_request_id(metadata.get(REQUEST_ID_HEADER.lower()))
-    remaining = context.time_remaining()  # (None: the caller set no deadline)
+    remaining = context.time_remaining()  # (no deadline set: about 9.2e18 s; None in some grpcio)
     deadline = None if remaining is None else time.monotonic() + remaining
     with app.app_context(), request_id_bound(request_id), caller_waits_until(deadline):
         try:

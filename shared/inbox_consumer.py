@@ -19,6 +19,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import psycopg2
+from kombu.exceptions import OperationalError as KombuOperationalError
 from confluent_kafka import (TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException,
                              TopicPartition)
 
@@ -168,9 +169,11 @@ class InboxConsumer:
         if new_ids:
             try:
                 self._dispatch(new_ids)
-            except Exception as exc:
+            except (KombuOperationalError, OSError) as exc:
                 # Stored, so not lost: the sweeper hands them over once the task queue is back
-                # (Redis down, say). Storing what comes next goes on meanwhile, at full speed.
+                # (Redis down, say: what Celery raises once its publish has retried), and storing
+                # what comes next goes on meanwhile, at full speed. Any other error (a mistake in
+                # the code) takes the loop's error path, traceback and all.
                 log.warning("could not dispatch %d stored message(s); the sweeper will hand them"
                             " over: %r", len(new_ids), exc)
         return len(records)

@@ -7,6 +7,8 @@ import pytest
 from confluent_kafka import (TIMESTAMP_CREATE_TIME, TIMESTAMP_LOG_APPEND_TIME,
                              TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, TopicPartition)
 
+from kombu.exceptions import OperationalError as KombuOperationalError
+
 from shared.inbox import ConsumedRecord
 from shared.inbox_consumer import (InboxConsumer, first_offsets, next_offsets, record_timestamp,
                                    to_record)
@@ -365,10 +367,24 @@ def test_a_dispatch_that_fails_leaves_the_stored_records_to_the_sweeper_and_goes
 
     def no_queue(ids):
         calls.append(("dispatch", len(ids)))
-        raise ConnectionError("Redis unreachable")
+        raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
     inbox = InboxConsumer(consumer, ["t"], lambda records: [uuid.uuid4() for _ in records],
                           no_queue, commit_interval=0)
     assert inbox.run_once() == 2
     assert calls == [("commit", [("t", 0, 2)]), ("dispatch", 2)]
     assert "the sweeper will hand them over" in caplog.text
+
+
+def test_a_dispatch_that_fails_for_a_mistake_in_the_code_is_raised_as_before():
+    """Only the task queue being away is the sweeper's to make good quietly: a TypeError (a task
+    called with the wrong arguments, say) reaches the loop's error path with its traceback."""
+    consumer = FakeConsumer([FakeMessage("t", 0, 0)], [])
+
+    def mistaken(ids):
+        raise TypeError("handle_inbox_batch() takes 2 positional arguments but 3 were given")
+
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [uuid.uuid4() for _ in records],
+                          mistaken, commit_interval=0)
+    with pytest.raises(TypeError):
+        inbox.run_once()
