@@ -49,6 +49,14 @@ def test_with_redis_cut_off_orders_are_taken_and_all_finish_once_it_is_back(shop
     customer.wait_until_final(paid_before["id"], timeout=30)  # the shop at work
     payments = sa.create_engine(shop.env["PAYMENTS_DATABASE_URL"].replace(
         "postgresql://", "postgresql+psycopg2://"))
+    try:
+        _cut_off_and_back(customer, redis, payments, paid_before)
+    finally:
+        payments.dispose()
+
+
+def _cut_off_and_back(customer: ShopClient, redis: SilencingProxy, payments: sa.Engine,
+                      paid_before: dict) -> None:
     redis.cut()
     try:
         placed = [customer.place_order(10) for _ in range(5)]  # each one asserts its 202
@@ -71,6 +79,5 @@ def test_with_redis_cut_off_orders_are_taken_and_all_finish_once_it_is_back(shop
         charged = conn.scalar(sa.text(
             "SELECT count(*) FROM payments WHERE order_id = ANY(CAST(:ids AS uuid[]))"),
             {"ids": [order["id"] for order in [paid_before, *placed]]})
-    payments.dispose()
     assert charged == 1 + len(placed)
     assert customer.balance() == "49.00"  # each taken once
