@@ -21,6 +21,8 @@ result_expires = None
 worker_prefetch_multiplier = 4
 task_default_queue = "default"
 task_routes = ("tasks.routing.route_to_service_queue",)
+# Beat sends no task to a queue already holding a few unread (tasks/beat.py).
+beat_scheduler = "tasks.beat:BoundedScheduler"
 broker_transport_options = {
     # Redis keeps no copy of a task once a worker has taken it. What must not be lost is not the
     # task but the work, and that is in PostgreSQL: the sweeper dispatches again every inbox message

@@ -1,0 +1,43 @@
+"""Beat's scheduler: Celery's own, but sending no task to a queue that already holds a few.
+
+Beat sends its tasks (the relay's lead, the sweeper, the pruners) every second or two, whether or
+not a worker reads them. With none reading (a service's workers stopped, or waiting on a migration
+that failed), Redis would keep every one: the Redis transport has no expiry per message, a task's
+`expires` is looked at only by the worker that takes it, and the queue would grow by some 7 MB an
+hour, for a worker to drain, stale, when it came back. Each of these tasks only asks for what the
+next one asks for again, so one not sent loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery.beat import PersistentScheduler
+
+from tasks.inbox import tasks_waiting
+from tasks.routing import route_to_service_queue
+
+log = logging.getLogger(__name__)
+
+# A queue holding this many tasks gets no more from beat until a worker has taken some.
+BACKLOG_LIMIT = 10
+
+
+class BoundedScheduler(PersistentScheduler):
+    def apply_entry(self, entry, producer=None):
+        queue = (route_to_service_queue(entry.task, entry.args, entry.kwargs, entry.options)
+                 or {}).get("queue")
+        if queue is not None and _waiting(queue) >= BACKLOG_LIMIT:
+            log.warning("not sending %s: %d or more tasks already wait in %s, unread (are its"
+                        " workers running?)", entry.name, BACKLOG_LIMIT, queue)
+            return
+        super().apply_entry(entry, producer=producer)
+
+
+def _waiting(queue: str) -> int:
+    """How many tasks wait in `queue`; 0 when Redis cannot say (the send then fails as it would)."""
+    try:
+        return tasks_waiting(queue)
+    except Exception as exc:
+        log.debug("cannot count the tasks waiting in %s: %r", queue, exc)
+        return 0
