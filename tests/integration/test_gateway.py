@@ -126,18 +126,25 @@ def test_sign_up_sign_in_and_the_token_decides_who_you_are(gateway):
     assert balance == {"user_id": user_id, "balance": "0.00"}
 
 
-def test_a_query_parameter_a_gateway_route_does_not_take_is_refused(gateway):
-    """As on the services: the gateway refuses it (422, naming it) before calling a service."""
-    _, auth = _sign_up(gateway)
-    for method, path in (("GET", "/api/accounts/balance?foo=1"),
-                         ("GET", "/api/notifications/newest?x=1"),
-                         ("POST", "/api/accounts?x=1"), ("POST", "/api/orders?amount=999")):
-        response = gateway.open(path, method=method, headers=auth,
-                                json={"amount": "1.00"} if path.startswith("/api/orders") else {})
-        assert response.status_code == 422, (path, response.get_json())
-        assert set(response.get_json()["error"]["details"]["query"]) <= {"foo", "x", "amount"}
-    assert gateway.get("/api/accounts/balance", headers=auth).get_json()["error"]["code"] == \
-        "ACCOUNT_NOT_FOUND"  # nothing was opened
+def test_a_query_parameter_a_gateway_route_does_not_take_is_refused(settings):
+    """As on the services: the gateway refuses it (422, naming it) before calling a service. (On
+    a gateway whose services cannot be reached, so that a request passed on would be a 503.)"""
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    for transport in ("http", "grpc"):
+        alone = _gateway(settings, gateway_upstream_transport=transport,
+                         orders_service_url=unreachable, payments_service_url=unreachable,
+                         orders_grpc_target=unreachable.removeprefix("http://"),
+                         payments_grpc_target=unreachable.removeprefix("http://"))
+        _, auth = _sign_up(alone)
+        for method, path, name in (("GET", "/api/accounts/balance?foo=1", "foo"),
+                                   ("GET", "/api/notifications/newest?x=1", "x"),
+                                   ("POST", "/api/accounts?x=1", "x"),
+                                   ("POST", "/api/orders?amount=999", "amount")):
+            response = alone.open(path, method=method, headers=auth, json=(
+                {"amount": "1.00"} if path.startswith("/api/orders") else {}))
+            assert response.status_code == 422, (transport, path, response.get_json())
+            assert response.get_json()["error"]["details"] == {"query": {name: ["Unknown field."]}}
+        assert alone.get("/api/accounts/balance", headers=auth).status_code == 503, transport
     signed_in = gateway.post("/api/auth/login?next=/", json={"username": "x", "password": "y" * 8})
     assert signed_in.status_code == 422
 
@@ -371,6 +378,7 @@ def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(setting
         pubsub.subscribe(*(notifications.channel(user) for user in users))
         with transaction() as session:
             notifications.on_order_status_changes(session, received)
+            assert pubsub.get_message(timeout=0.3) is None  # not before the commit
         with transaction() as session:  # delivered again
             notifications.on_order_status_changes(session, received[:1])
         published = []
@@ -379,6 +387,7 @@ def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(setting
             message = pubsub.get_message(timeout=0.1)
             if message is not None:
                 published.append((message["channel"].decode(), message["data"]))
+        assert pubsub.get_message(timeout=0.5) is None  # the repeat published nothing
         pubsub.close()
         kept = notifications.notifications_after(users[0], 0, 10)
         channels = [notifications.channel(user) for user in (users[0], users[1], users[0])]
@@ -426,19 +435,32 @@ def test_a_users_notifications_commit_in_the_order_of_their_ids(settings, gatewa
                                                         let_first_commit.wait(10)),))
     first.start()
     assert first_added.wait(10)
+    ids_taken = _notification_ids_taken(settings)
     second = threading.Thread(target=add)
     second.start()
     try:
         wait_for(lambda: _waiting_for_advisory_locks(settings) == 1, timeout=10,
                  what="the second transaction to wait for the first")
         assert second.is_alive()
+        assert _notification_ids_taken(settings) == ids_taken  # none taken before the wait
     finally:
         let_first_commit.set()
         first.join(10)
         second.join(10)
     with app.app_context():
         kept = notifications.notifications_after(user, 0, 10)
-    assert len(kept) == 2 and kept[0]["id"] < kept[1]["id"]
+    assert len(kept) == 2
+
+
+def _notification_ids_taken(settings) -> int | None:
+    """The last id the notifications' sequence has given (to any transaction, committed or not)."""
+    with psycopg2.connect(driver_dsn(settings.database_url("gateway"))) as connection:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT last_value FROM pg_sequences"
+                           " WHERE sequencename = 'notifications_id_seq'")
+            (taken,) = cursor.fetchone()
+    connection.close()
+    return taken
 
 
 def test_batches_lock_users_in_the_order_the_inbox_hands_their_messages_over(settings, gateway):
@@ -567,7 +589,9 @@ def _kept_but_not_published(monkeypatch, user: str) -> None:
 def test_a_socket_sends_what_the_table_holds_after_its_last_id_whatever_was_published(
         settings, gateway, monkeypatch):
     """A notification kept without (yet) being published, then one published: the socket,
-    woken by the second, sends both, oldest first (and none from before it opened)."""
+    woken by the second, sends both, oldest first (and none from before it opened). Its re-read
+    of the table is put off past the test, so only the wake-up can send them."""
+    monkeypatch.setattr(notifications, "SOCKET_RECHECK_SECONDS", 3600)
     app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
     with app.app_context():
         with transaction() as session:
