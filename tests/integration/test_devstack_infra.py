@@ -100,6 +100,8 @@ def test_a_listener_on_the_usual_port_that_is_no_usable_server_is_passed_over(tm
     or on 6379 that answers no PING, is no server the shop can use: an embedded one is started, as
     when nothing listens. (Here the usual ports are pointed at a listener that hangs up at once.)"""
     import socket
+
+    monkeypatch.delenv(FORCE_EMBEDDED_VAR, raising=False)  # (which would skip the ports' probe)
     import threading
 
     import devstack.infra

@@ -339,6 +339,13 @@ def test_with_its_database_unreachable_a_service_answers_503_not_500(settings, u
     assert response.get_json()["error"]["code"] == "DATABASE_UNAVAILABLE"
 
 
+def _one_pooled_connection(app) -> None:
+    """Empty `app`'s pool, so that the requests after (one at a time) all use one connection: with
+    more kept idle (earlier tests' threads), the next request might not get the dropped one."""
+    with app.app_context():
+        db.engine.dispose()
+
+
 def _drop_pooled_connection(app) -> None:
     """Have the database end the connection `app`'s requests use (pooled, one at a time here),
     leaving every other connection to the database alone."""
@@ -357,6 +364,7 @@ def test_after_the_database_drops_an_idle_connection_the_next_request_still_succ
         orders_http, orders_flask_app, user_id, monkeypatch):
     """A pooled connection that sat idle is pinged before use and replaced if it is gone (as
     after a database restart), so no request fails for it."""
+    _one_pooled_connection(orders_flask_app)
     assert _placed(orders_http, user_id, "1.00") == 202
     _drop_pooled_connection(orders_flask_app)
     monkeypatch.setattr(shared.db, "IDLE_PING_SECONDS", 0.0)  # every pooled one has sat idle
@@ -385,6 +393,7 @@ def test_a_connection_in_steady_use_is_not_pinged(orders_http, orders_flask_app,
 def test_a_connection_that_breaks_in_use_is_a_503_and_is_not_used_again(
         orders_http, orders_flask_app, user_id, monkeypatch):
     monkeypatch.setattr(shared.db, "IDLE_PING_SECONDS", 3600.0)  # as if handed back just now
+    _one_pooled_connection(orders_flask_app)
     assert _placed(orders_http, user_id, "1.00") == 202
     _drop_pooled_connection(orders_flask_app)
     failed = orders_http.post("/orders", json={"amount": "2.00"}, headers=_as(user_id))
