@@ -41,6 +41,7 @@
   // The catch-up after a read that failed (catchUpSoon): its timer, and when it is due.
   let catchUpTimer = null;
   let catchUpDueAt = 0;
+  let catchUpMessage = null;  // the error it was called for, as shown
   // The balance read in flight: {again} when the balance may have changed since it was sent (it is
   // then read once more: a burst of notifications costs two reads), {overtaken} when a write's
   // answer has been shown since (its answer, older, is then not shown).
@@ -377,18 +378,44 @@
     return AMOUNT.test(amount) && Number(amount) > 0 && Number(amount) <= MAX_AMOUNT;
   }
 
+  // An amount as typed: "12,50" is 12.50 (a phone's decimal keypad in a comma locale offers no
+  // point); a comma beside a point, or before three digits, stays as typed, and is refused.
+  function typedAmount(field) {
+    const typed = $(field).value.trim();
+    return /^\d{1,10},\d{1,2}$/.test(typed) ? typed.replace(",", ".") : typed;
+  }
+
+  // A failure after which the request may still have been carried out: no answer at all, or the
+  // gateway's 502 or 504.
+  function outcomeUnknown(error) {
+    return error instanceof ApiError && [0, 502, 504].includes(error.status)
+      && error.code !== "SESSION_ENDED";
+  }
+
   async function onTopUp(event) {
     event.preventDefault();
-    const amount = $("topup-amount").value.trim();
+    const amount = typedAmount("topup-amount");
     if (!validAmount(amount)) {
       showMessage("Enter a top-up amount above 0 and at most 1,000,000,000, with at most two "
                   + "decimals, e.g. 100 or 12.50.");
       return;
     }
     await whileBusy($("topup-submit"), async () => {
-      const account = await api("POST", "/api/accounts/deposit", {
-        body: { amount }, idempotencyKey: keyFor("deposit", { amount }),
-      });
+      let account;
+      try {
+        account = await api("POST", "/api/accounts/deposit", {
+          body: { amount }, idempotencyKey: keyFor("deposit", { amount }),
+        });
+      } catch (error) {
+        if (!outcomeUnknown(error)) throw error;
+        // It may have gone through: show the balance as it is now, and say what pressing again
+        // does (the same top-up, under the same key: never counted twice).
+        refreshBalance().catch(reportAndCatchUp);
+        showMessage(`${describeError(error)} The top-up of ${amount} may have gone through: the `
+                    + "balance above is read again. Pressing Top up again with the same amount "
+                    + "retries that top-up; it is never counted twice.");
+        return;
+      }
       delete pendingKeys.deposit;
       showAnsweredAccount(account);
       $("topup-amount").value = "";
@@ -482,7 +509,7 @@
 
   async function onPlaceOrder(event) {
     event.preventDefault();
-    const amount = $("order-amount").value.trim();
+    const amount = typedAmount("order-amount");
     const description = $("order-description").value.trim();
     if (!validAmount(amount)) {
       showMessage("Enter an order amount above 0 and at most 1,000,000,000, with at most two "
@@ -490,12 +517,21 @@
       return;
     }
     await whileBusy($("order-submit"), async () => {
+      const shownBefore = new Set(orders.keys());
       const order = await api("POST", "/api/orders", {
         body: { amount, description }, idempotencyKey: keyFor("order", { amount, description }),
       });
       delete pendingKeys.order;
       rememberOrder(order);
       renderOrders();
+      if (shownBefore.has(order.id)) {
+        // The answer to a retry of an order that went through though its answer was lost, and is
+        // shown already (a new order's id cannot be known before it is asked for). Its key is
+        // dropped: pressing again places another.
+        showMessage(`That order for ${order.amount} was placed already (shown below). Press `
+                    + "Place order again to place another.", "info");
+        return;
+      }
       $("order-amount").value = "";
       $("order-description").value = "";
       showMessage(`Order for ${order.amount} placed; its status updates below.`, "info");
@@ -605,7 +641,9 @@
 
   function reportAndCatchUp(error) {
     report(error);
-    if (!error.handled) catchUpSoon(retryAfterMs(error));
+    if (error.handled) return;
+    catchUpMessage = $("message").textContent;
+    catchUpSoon(retryAfterMs(error));
   }
 
   // Reads the first page of orders and the balance again, once: in 5 s, and never sooner than
@@ -621,8 +659,11 @@
       catchUpTimer = null;
       // Both reads' failures count: the later Retry-After of the two decides the next catch-up.
       const reads = await Promise.allSettled([loadOrders(), refreshBalance()]);
-      reads.filter((read) => read.status === "rejected")
-        .forEach((read) => reportAndCatchUp(read.reason));
+      const failed = reads.filter((read) => read.status === "rejected");
+      if (!failed.length && !$("message").hidden && $("message").textContent === catchUpMessage) {
+        clearMessage();  // what it reported is made good
+      }
+      failed.forEach((read) => reportAndCatchUp(read.reason));
     }, dueAt - Date.now());
   }
 

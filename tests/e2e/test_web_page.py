@@ -288,6 +288,8 @@ def test_a_page_that_missed_orders_catches_up_once_and_no_sooner_than_it_was_tol
                     what="the balance after the catch-up")
     page.wait_for_status(first, "FINISHED")
     page.wait_for_status(second, "FINISHED")
+    # What the refusals said is made good: it is no longer shown.
+    page.wait_until(lambda: not page.visible("message"), what="the refusal's message cleared")
 
     reads = browser.execute_script("return window.hseshopReads;")
     told_at = refused_reads()[1]["at"]
@@ -332,3 +334,63 @@ def test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_or
     page.wait_until(lambda: page.order_ids() == [order], what="the earlier order")
     assert page.badge(order).get_attribute("data-status") == "CANCELLED"
     assert page.visible("no-account")
+
+
+# Played by the browser itself: the first top-up and the first order reach the gateway, which
+# carries them out, but their answers are lost on the way back (the network drops); the rest is
+# real.
+FIRST_ANSWERS_LOST = """
+const realFetch = window.fetch.bind(window);
+const lost = new Set();
+window.fetch = async (input, init) => {
+  const url = typeof input === "string" ? input : input.url;
+  const path = new URL(url, location.href).pathname;
+  const method = (init && init.method) || "GET";
+  const response = await realFetch(input, init);
+  if (method === "POST" && ["/api/orders", "/api/accounts/deposit"].includes(path)
+      && !lost.has(path)) {
+    lost.add(path);
+    throw new TypeError("Failed to fetch");
+  }
+  return response;
+};
+"""
+
+
+def test_a_top_up_and_an_order_whose_answers_were_lost_count_once(stack, browser):
+    """The top-up's answer lost: the page says it may have gone through and shows the balance as
+    it is. The order's answer lost: pressing again with the same form is a retry, answered with
+    the order already shown, not a second one; pressing once more places another. An amount
+    typed with a decimal comma (a phone's keypad in a comma locale) is read as a point."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": FIRST_ANSWERS_LOST})
+    shopper = GatewayClient(stack.gateway_url)
+    shopper.open_account_with("100")
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    page.sign_in(shopper.username, "a long password")
+    page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
+    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
+                    what="the page's socket open")
+
+    page.top_up("12,50")
+    page.wait_until(lambda: "may have gone through" in page.text("message"),
+                    what="the page to say the top-up may have gone through")
+    page.wait_until(lambda: page.text("balance") == "112.50", what="the balance read again")
+
+    page.fill("order-amount", "10")
+    page.element("order-submit").click()
+    page.wait_until(lambda: "Cannot reach the shop" in page.text("message"),
+                    what="the order's answer lost")
+    (placed,) = page.wait_until(lambda: page.order_ids(), timeout=LIVE_DEADLINE,
+                                what="the order, told of by its notification")
+    page.wait_for_status(placed, "FINISHED")
+    page.element("order-submit").click()  # the form as it was: a retry
+    page.wait_until(lambda: "was placed already" in page.text("message"),
+                    what="the retry answered with the order shown")
+    assert page.order_ids() == [placed]
+    page.element("order-submit").click()  # and once more: another order
+    page.wait_until(lambda: len(page.order_ids()) == 2, timeout=LIVE_DEADLINE,
+                    what="a second order")
+    assert len(shopper.api("GET", "/orders", 200)["items"]) == 2
+    page.wait_until(lambda: page.text("balance") == "92.50", timeout=LIVE_DEADLINE,
+                    what="both orders paid, once each")
