@@ -126,7 +126,7 @@ def test_sign_up_sign_in_and_the_token_decides_who_you_are(gateway):
     assert balance == {"user_id": user_id, "balance": "0.00"}
 
 
-def test_a_query_parameter_a_gateway_route_does_not_take_is_refused(settings):
+def test_a_query_parameter_a_gateway_route_does_not_take_is_refused(settings, gateway):
     """As on the services: the gateway refuses it (422, naming it) before calling a service. (On
     a gateway whose services cannot be reached, so that a request passed on would be a 503.)"""
     unreachable = f"http://127.0.0.1:{free_port()}"
