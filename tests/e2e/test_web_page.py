@@ -258,21 +258,28 @@ window.fetch = (input, init) => {
 """
 
 
+def _live_page_of_a_shopper_with_100(stack, browser, played: str) -> tuple[ShopPage,
+                                                                             GatewayClient]:
+    """A shopper, signed up with an account of 100, on the page with `played` run before its
+    scripts (played by the browser itself), its balance shown and its socket open."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": played})
+    shopper = GatewayClient(stack.gateway_url)
+    shopper.open_account_with("100")
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    page.sign_in(shopper.username, "a long password")
+    page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
+    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
+                    what="the page's socket open")
+    return page, shopper
+
+
 def test_a_page_that_missed_orders_catches_up_once_and_no_sooner_than_it_was_told(stack,
                                                                                   browser):
     """Two orders placed elsewhere (another tab, say) are paid while the page cannot read them:
     the first read refused for a moment (a catch-up is due in 5 s), the second with Retry-After 8.
     The page catches up once, no sooner than the later answer said (not at the first's 5 s), and
     reads the balance then too: both orders show FINISHED and the balance what they left."""
-    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
-                            {"source": ORDER_READS_REFUSED})
-    elsewhere = GatewayClient(stack.gateway_url)
-    elsewhere.open_account_with("100")
-    page = ShopPage(browser, f"{stack.gateway_url}/").open()
-    page.sign_in(elsewhere.username, "a long password")
-    page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
-    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
-                    what="the page's socket open")
+    page, elsewhere = _live_page_of_a_shopper_with_100(stack, browser, ORDER_READS_REFUSED)
 
     def refused_reads() -> list[dict]:
         reads = browser.execute_script("return window.hseshopReads;")
@@ -362,15 +369,7 @@ def test_a_top_up_and_an_order_whose_answers_were_lost_count_once(stack, browser
     it is. The order's answer lost: pressing again with the same form is a retry, answered with
     the order already shown, not a second one; pressing once more places another. An amount
     typed with a decimal comma (a phone's keypad in a comma locale) is read as a point."""
-    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
-                            {"source": FIRST_ANSWERS_LOST})
-    shopper = GatewayClient(stack.gateway_url)
-    shopper.open_account_with("100")
-    page = ShopPage(browser, f"{stack.gateway_url}/").open()
-    page.sign_in(shopper.username, "a long password")
-    page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
-    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
-                    what="the page's socket open")
+    page, shopper = _live_page_of_a_shopper_with_100(stack, browser, FIRST_ANSWERS_LOST)
 
     page.top_up("12,50")
     page.wait_until(lambda: "may have gone through" in page.text("message"),
