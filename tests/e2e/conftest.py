@@ -10,23 +10,31 @@ import sqlalchemy as sa
 from devstack.infra import free_port
 from devstack.stack import Stack
 from tests.e2e.shop_client import ShopClient
-from tests.environment import service_env
+from tests.environment import REDIS_DB, service_env
 
 
 # The e2e layer's fixtures last as long as the layer: the shop it starts (some fifteen processes,
 # its consumers polling all the while) is stopped before the next layer's tests run.
 @pytest.fixture(scope="package")
 def stack(infrastructure, run_dir):
-    env = service_env(infrastructure, "e2e")
-    env.pop("KAFKA_BOOTSTRAP_SERVERS")  # the stack runs a broker of its own, which tests stop
-    # The session's PostgreSQL and Redis (env points at them): none of its own, embedded or not.
-    shop = Stack(run_dir / "e2e", env_overrides=env,
-                 ports={name: free_port() for name in ("gateway", "orders", "payments", "broker",
-                                                       "orders-grpc", "payments-grpc")},
-                 servers=(infrastructure.postgres_base, infrastructure.redis_base))
+    shop = stack_of_its_own(infrastructure, run_dir, "e2e")
     shop.start()
     yield shop
     shop.stop()
+
+
+def stack_of_its_own(infrastructure, run_dir, layer: str, redis_base: str | None = None) -> Stack:
+    """The whole shop, not started, on free ports and under the layer's names, with a broker of
+    its own (which tests stop), on the session's PostgreSQL and Redis (or the Redis at
+    `redis_base`): none of its own, embedded or not."""
+    redis_base = redis_base or infrastructure.redis_base
+    redis_url = f"{redis_base}/{REDIS_DB[layer]}"
+    env = service_env(infrastructure, layer, REDIS_URL=redis_url, CELERY_BROKER_URL=redis_url)
+    env.pop("KAFKA_BOOTSTRAP_SERVERS")
+    return Stack(run_dir / layer, env_overrides=env,
+                 ports={name: free_port() for name in ("gateway", "orders", "payments", "broker",
+                                                       "orders-grpc", "payments-grpc")},
+                 servers=(infrastructure.postgres_base, redis_base))
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from devstack.infra import free_port
-from devstack.stack import Stack
+from tests.e2e.conftest import stack_of_its_own
 from tests.e2e.shop_client import ShopClient
-from tests.environment import REDIS_DB, service_env
 from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
 
@@ -23,15 +21,7 @@ LAYER = "redis-outage"
 @pytest.fixture(scope="module")
 def shop_and_redis(infrastructure, run_dir):
     redis = SilencingProxy(infrastructure.redis_base.removeprefix("redis://"))
-    through_the_proxy = f"redis://{redis.address}"
-    env = service_env(infrastructure, LAYER,
-                      REDIS_URL=f"{through_the_proxy}/{REDIS_DB[LAYER]}",
-                      CELERY_BROKER_URL=f"{through_the_proxy}/{REDIS_DB[LAYER]}")
-    env.pop("KAFKA_BOOTSTRAP_SERVERS")  # a broker of its own
-    shop = Stack(run_dir / LAYER, env_overrides=env,
-                 ports={name: free_port() for name in ("gateway", "orders", "payments", "broker",
-                                                       "orders-grpc", "payments-grpc")},
-                 servers=(infrastructure.postgres_base, through_the_proxy))
+    shop = stack_of_its_own(infrastructure, run_dir, LAYER, redis_base=f"redis://{redis.address}")
     try:
         shop.start()
         yield shop, redis
