@@ -17,7 +17,8 @@ def run() -> int:
     wrote_env_file = False  # (a run that could not start leaves a running one's file alone)
     try:
         stack.start()
-        wrote_env_file = bool(stack.write_env_file(env_file))
+        stack.write_env_file(env_file)
+        wrote_env_file = True
         print_urls(stack, env_file)
         follower = LogFollower([(process.name, process.log_path) for process in stack.processes])
         reported: set[str] = set()
