@@ -47,18 +47,29 @@ def get_account(session: Session, *, user_id: str) -> Account:
 def deposit(session: Session, *, user_id: str, amount: Decimal) -> Account:
     """Add money in one atomic UPDATE, so concurrent deposits and debits never lose an update; one
     that would take the balance past MAX_BALANCE (the column's limit) changes nothing."""
-    balance = session.execute(
+    if not _add_within_limit(session, user_id, amount):
+        # No row matched: there is no account, or the deposit would pass the limit, or the account
+        # was opened by a transaction that committed after the UPDATE began, which it did not
+        # see. The row, locked and read afresh, tells which.
+        account = session.get(Account, user_id, with_for_update=True, populate_existing=True)
+        if account is None:
+            raise NotFound("This user has no account.", code="ACCOUNT_NOT_FOUND")
+        if account.balance > MAX_BALANCE - amount or not _add_within_limit(session, user_id,
+                                                                             amount):
+            raise Unprocessable(f"A balance cannot exceed {MAX_BALANCE}.",
+                                code="BALANCE_LIMIT_EXCEEDED")
+    invalidate_after_commit(session, balance_cache_namespace(user_id))
+    return session.get(Account, user_id, populate_existing=True)
+
+
+def _add_within_limit(session: Session, user_id: str, amount: Decimal) -> bool:
+    """Whether the account's balance took `amount` without passing MAX_BALANCE."""
+    return session.execute(
         update(Account)
         .where(Account.user_id == user_id, Account.balance <= MAX_BALANCE - amount)
         .values(balance=Account.balance + amount, updated_at=func.now())
         .returning(Account.balance)
-    ).scalar_one_or_none()
-    if balance is None:
-        get_account(session, user_id=user_id)  # 404 when there is no account at all
-        raise Unprocessable(f"A balance cannot exceed {MAX_BALANCE}.",
-                            code="BALANCE_LIMIT_EXCEEDED")
-    invalidate_after_commit(session, balance_cache_namespace(user_id))
-    return session.get(Account, user_id, populate_existing=True)
+    ).first() is not None
 
 
 def balance_cache_namespace(user_id: str) -> str:

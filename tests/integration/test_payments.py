@@ -6,11 +6,14 @@ import threading
 import uuid
 from decimal import Decimal
 
-from sqlalchemy import func, select
+import psycopg2
+import pytest
+from sqlalchemy import event, func, select
 
 from payments_app import service
 from payments_app.models import Account, Payment
-from shared.db import db, transaction
+from shared.db import db, driver_dsn, transaction
+from shared.errors import NotFound
 from shared.outbox import OutboxMessage
 
 
@@ -52,6 +55,35 @@ def test_refusals_say_why_and_change_no_balance(in_payments, user_id):
     nobody = _take(uuid.uuid4(), f"{user_id}-none", "1")
     assert (nobody.status, nobody.reason) == ("FAILED", "NO_ACCOUNT")
     assert _balance(user_id) == Decimal("10.00")
+
+
+def test_a_deposit_racing_the_opening_of_its_account_is_taken_not_refused(in_payments, user_id,
+                                                                         settings):
+    """The account is opened by a transaction that commits just after the deposit's UPDATE has
+    looked for it (and, under READ COMMITTED, not seen it): the deposit finds it then, and is
+    taken, rather than answered with the balance limit on a balance of 0.00."""
+    opener = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    with opener.cursor() as cursor:
+        cursor.execute("INSERT INTO accounts (user_id, balance) VALUES (%s, 0)", (user_id,))
+
+    def open_it_once_the_update_has_looked(conn, cursor, statement, *args) -> None:
+        if statement.startswith("UPDATE accounts") and not opener.closed:
+            opener.commit()
+            opener.close()
+
+    event.listen(db.engine, "after_cursor_execute", open_it_once_the_update_has_looked)
+    try:
+        with transaction() as session:
+            service.deposit(session, user_id=user_id, amount=Decimal("5"))
+    finally:
+        event.remove(db.engine, "after_cursor_execute", open_it_once_the_update_has_looked)
+        opener.close()
+    assert _balance(user_id) == Decimal("5.00")
+
+
+def test_a_deposit_without_an_account_is_not_found(in_payments, user_id):
+    with pytest.raises(NotFound), transaction() as session:
+        service.deposit(session, user_id=user_id, amount=Decimal("5"))
 
 
 def test_concurrent_payments_and_deposits_never_lose_an_update_or_overdraw(
