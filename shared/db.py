@@ -216,6 +216,7 @@ def init_database(app: Flask) -> None:
     db.init_app(app)
     with app.app_context():
         limit_sessions(db.engine)
+        read_times_in_utc(db.engine)
         ping_connections_after_idle(db.engine)
 
 
@@ -225,6 +226,21 @@ def limit_sessions(engine: Engine, limits: Mapping[str, str] = SESSION_LIMITS) -
     @event.listens_for(engine, "do_connect")
     def _connecting(dialect, connection_record, cargs, cparams) -> None:
         cparams["options"] = session_options(cparams.get("options"), limits)
+
+
+def read_times_in_utc(engine: Engine) -> None:
+    """Have every connection of the engine give the times it reads in UTC, as the shop writes
+    those it makes itself (a new order's answer, an event's): else a session takes the server's
+    time zone (an embedded PostgreSQL takes the host's), PGTZ's or the URL's options', and one
+    order came back as 12:00+00:00 from POST and 15:00+03:00 from GET, which the page sorted as
+    two different moments. Set once a connection is opened: PGTZ, sent as it connects, would win
+    over the `options` the session limits travel in."""
+
+    @event.listens_for(engine, "connect")
+    def _in_utc(dbapi_connection, connection_record) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET TIME ZONE 'UTC'")
+        dbapi_connection.commit()
 
 
 def ping_connections_after_idle(engine: Engine) -> None:

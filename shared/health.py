@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import redis
 from flask import Blueprint, current_app, jsonify
 from sqlalchemy import text
@@ -36,14 +40,58 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-@health_blueprint.get("/health")
-def health():
+# How long one round of checks answers for. The gateway's /health is public and takes no sign-in:
+# run for every request, a flood of them would each build a Kafka client and a Redis connection,
+# and, with the broker down, hold a server thread for the broker check's 2 s. A process runs at
+# most one round at a time, and one a second at most: the requests meanwhile get the last answer.
+CHECKS_LAST_FOR_SECONDS = 1.0
+_CHECKS = "hseshop.health_checks"
+
+
+class SharedChecks:
+    """The last round of checks, shared by a process's requests; one round runs at a time."""
+
+    def __init__(self, lasts_for: float = CHECKS_LAST_FOR_SECONDS):
+        self._lasts_for = lasts_for
+        self._lock = threading.Lock()
+        self._last: dict[str, bool] | None = None
+        self._checked_at = 0.0
+        self._round: threading.Event | None = None  # set when the round under way ends
+
+    def get(self, run: Callable[[], dict[str, bool]]) -> dict[str, bool]:
+        with self._lock:
+            fresh = time.monotonic() - self._checked_at < self._lasts_for
+            if self._last is not None and (fresh or self._round is not None):
+                return self._last
+            under_way = self._round
+            if under_way is None:
+                self._round = threading.Event()
+        if under_way is not None:  # the first round of all: nothing to answer with but its end
+            under_way.wait()
+            return self.get(run)
+        try:
+            checks = run()
+            with self._lock:
+                self._last, self._checked_at = checks, time.monotonic()
+            return checks
+        finally:
+            with self._lock:
+                self._round.set()
+                self._round = None
+
+
+def _run_checks() -> dict[str, bool]:
     settings: Settings = current_app.extensions["hseshop.settings"]
-    checks = {
+    return {
         "database": _database_ok(),
         "redis": redis_answers(settings.redis_url),
         "broker": broker_reachable(settings, timeout=2.0),
     }
+
+
+@health_blueprint.get("/health")
+def health():
+    checks = current_app.extensions.setdefault(_CHECKS, SharedChecks()).get(_run_checks)
     healthy = all(checks.values())
     body = {"status": "ok" if healthy else "degraded",
             "service": current_app.name,

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import func, select
 
 import orders_app
 import shared.db
+import shared.health
 from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
 from shared.config import ENVIRONMENT, get_settings
 from shared.db import db
 from shared.internal_auth import identity_headers
+from shared.kafka import broker_reachable
 from shared.outbox import OutboxMessage
 from tests.postgres_tools import account_row_held, terminate_backend
 
@@ -59,6 +62,23 @@ def test_placing_an_order_answers_202_with_the_new_order(orders_http, user_id):
     assert set(order) >= {"id", "created_at", "updated_at"}
     fetched = orders_http.get(f"/orders/{order['id']}", headers=_as(user_id)).get_json()
     assert fetched == order
+
+
+def test_an_order_reads_back_in_utc_as_its_answer_gave_it(settings, user_id, monkeypatch):
+    """Whatever time zone a session starts in (here PGTZ's; a server's own, an embedded one's
+    taken from the host), an order's times come back in UTC, as POST answered them."""
+    monkeypatch.setenv("PGTZ", "Europe/Moscow")
+    shop = orders_app.create_app(settings=settings)
+    try:
+        client = shop.test_client()
+        order = client.post("/orders", json={"amount": "30"}, headers=_as(user_id)).get_json()
+        fetched = client.get(f"/orders/{order['id']}", headers=_as(user_id)).get_json()
+        listed = client.get("/orders", headers=_as(user_id)).get_json()["items"]
+    finally:
+        with shop.app_context():
+            db.engine.dispose()
+    assert order["created_at"].endswith("+00:00")
+    assert fetched == order and listed == [order]
 
 
 BAD_ORDER_BODIES = [
@@ -310,6 +330,25 @@ def test_health_reports_each_dependency(orders_http, payments_http):
         response = client.get("/health")
         assert response.status_code == 200
         assert response.get_json()["checks"] == {"database": "ok", "redis": "ok", "broker": "ok"}
+
+
+def test_health_requests_at_once_share_one_round_of_checks(settings, monkeypatch):
+    """With the broker down its check takes 2 s: requests arriving meanwhile wait for that one
+    round, not for a round each (the gateway's /health is public)."""
+    no_broker = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    shop = orders_app.create_app(settings=no_broker)
+    broker_checks = []
+
+    def counted(*args, **kwargs):
+        broker_checks.append(args)
+        return broker_reachable(*args, **kwargs)
+
+    monkeypatch.setattr(shared.health, "broker_reachable", counted)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: shop.test_client().get("/health"), range(4)))
+    assert [answer.status_code for answer in answers] == [503] * 4
+    assert {answer.get_json()["checks"]["broker"] for answer in answers} == {"unreachable"}
+    assert len(broker_checks) == 1
 
 
 def test_each_service_serves_its_openapi_document_and_swagger_ui(orders_http, payments_http):
