@@ -58,12 +58,14 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
     if body:
         headers["Content-Type"] = "application/json"
     headers[REQUEST_ID_HEADER] = current_request_id() or ""
-    url = f"{base}{path}"
-    if request.query_string:
-        url = f"{url}?{request.query_string.decode('latin-1')}"
+    # The query as the gateway read it (and the gRPC transport passes it on), encoded afresh: the
+    # string as typed, "%35" or an escape that is none ("%zz"), would reach the service as
+    # something else ("%2535": requests quotes every "%" again once one is not an escape).
+    query = list(request.args.items(multi=True))
     try:
         upstream = _http().request(
-            request.method, url, data=body, headers=headers, allow_redirects=False,
+            request.method, f"{base}{path}", params=query, data=body, headers=headers,
+            allow_redirects=False,
             timeout=(CONNECT_TIMEOUT_SECONDS, settings.upstream_timeout_seconds))
     except requests.ConnectionError as exc:  # refused, unresolvable, or no connection in time
         log.warning("%s unreachable: %s", service, exc)

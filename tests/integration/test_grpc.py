@@ -96,6 +96,8 @@ def _story(client) -> list[tuple[int, object]]:
     ask("GET", "/api/orders?limit=1", headers=auth)
     ask("GET", "/api/orders?limit=0", headers=auth)
     ask("GET", "/api/orders?cursor=bm9wZQ", headers=auth)
+    # A query as the gateway read it, "%35" a 5 and "%zz" no escape at all, not as typed.
+    ask("GET", "/api/orders?limit=%35&cursor=%zz", headers=auth)
     ask("GET", f"/api/orders/{order['id']}", headers=auth)
     ask("GET", f"/api/orders/{uuid.uuid4()}", headers=auth)
     ask("GET", "/api/orders/not-an-id", headers=auth)
