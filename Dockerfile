@@ -2,9 +2,11 @@
 #   gunicorn -b 0.0.0.0:8001 ... "orders_app:create_app()"         (the default, below)
 #   gunicorn -b 0.0.0.0:8002 ... "payments_app:create_app()"
 #   gunicorn -b 0.0.0.0:8000 ... "gateway_app:create_app()"
+#   python -m shared.grpc_server orders                             (and payments)
 #   celery -A tasks worker -Q orders.control,orders -n orders@%h -P threads -c 16 --consume orders
 #                                                                   (and payments, gateway)
-#   celery -A tasks beat                                            (exactly one)
+#   celery -A tasks beat -s /tmp/celerybeat-schedule                (exactly one; -s: /app is
+#                                                                   not writable)
 #   celery -A tasks flower
 #   python -m shared.migrations upgrade orders                      (and payments, gateway)
 # Settings come from the environment: every variable of shared/config.py (deploy/compose.env).

