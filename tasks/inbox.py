@@ -44,7 +44,9 @@ RETRY_BACKOFF_MAX_SECONDS = 8.0
 
 def retry_countdown(retries: int, sweep_min_age_seconds: float) -> float:
     """How long the retry after `retries` retries waits (full jitter, as Celery's backoff)."""
-    return random.uniform(0, min(2.0 ** retries, RETRY_BACKOFF_MAX_SECONDS,
+    # (The exponent capped: a try retried without end, its database away for the best part of an
+    # hour, would reach 2.0 ** 1024, past a float.)
+    return random.uniform(0, min(2.0 ** min(retries, 10), RETRY_BACKOFF_MAX_SECONDS,
                                  sweep_min_age_seconds / 2))
 
 

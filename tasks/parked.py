@@ -28,6 +28,8 @@ import argparse
 import sys
 import uuid
 
+from kombu.exceptions import OperationalError as KombuOperationalError
+
 from shared.config import SERVICES
 from shared.db import transaction
 from shared.inbox import discard_parked_messages, parked_messages, unpark_messages
@@ -73,7 +75,13 @@ def replay(service: str, message_ids: list[uuid.UUID] | None,
                 return unpark_outbox_messages(session, message_ids)
         with transaction() as session:
             replayed = unpark_messages(session, message_ids)
-        dispatch_inbox_messages(service, replayed)
+        try:
+            dispatch_inbox_messages(service, replayed)
+        except (KombuOperationalError, OSError) as exc:
+            # They are unparked all the same (a second replay would call them not parked): the
+            # sweeper hands them over, as it does any message left waiting, once Redis is back.
+            print(f"the task queue is unreachable ({exc}): the sweeper will hand the messages"
+                  " over to be handled once it is back", file=sys.stderr)
     return replayed
 
 

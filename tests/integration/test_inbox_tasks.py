@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import psycopg2
 import pytest
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import case, func, select, text, update
 
 import payments_app
@@ -271,7 +272,7 @@ def test_a_handler_whose_statement_runs_too_long_uses_its_attempts_and_is_parked
 
 
 def test_retries_wait_less_than_the_sweeps_minimum_age():
-    for retries in range(10):
+    for retries in [*range(10), 1024, 10**6]:  # (a try retried for an hour, or for ever)
         for _ in range(50):
             assert 0 <= retry_countdown(retries, 10.0) <= min(2 ** retries, 8)
             assert retry_countdown(retries, 3.0) <= 1.5
@@ -526,6 +527,30 @@ def test_a_parked_request_replayed_once_mended_is_paid_once(settings, payments_i
         with pytest.raises(SystemExit):
             parked.main(["list", "payments", "--limit", limit])  # argparse's usage, no traceback
     assert parked.main(["list", "payments", "--limit", "10000"]) == 0
+
+
+def test_a_replay_with_the_task_queue_unreachable_says_so_and_leaves_them_to_the_sweeper(
+        settings, payments_inbox, monkeypatch, user_id, capsys):
+    """The messages are unparked in a transaction of their own before they are dispatched: with
+    Redis away that dispatch fails, and the replay says what happened (a traceback, then "not
+    parked" at the next try, sent the operator hunting for the wrong ids)."""
+    from tasks import parked
+
+    message_id = _stored_request(payments_inbox, user_id)
+    with service_app("payments").app_context(), transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
+                        .values(parked_at=func.now(), last_error="ledger closed"))
+
+    def queue_unreachable(service, message_ids):
+        raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(parked, "dispatch_inbox_messages", queue_unreachable)
+    assert parked.main(["replay", "payments", str(message_id)]) == 0
+    said = capsys.readouterr()
+    assert "payments inbox: 1 message(s) handed back to be handled" in said.out
+    assert "the sweeper will hand the messages over" in said.err
+    row = _row(message_id)
+    assert row.parked_at is None and row.processed_at is None  # the sweeper's to hand over
 
 
 def test_parked_messages_discarded_are_never_handled_and_their_repeats_are_dropped(
