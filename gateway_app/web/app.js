@@ -385,11 +385,20 @@
     return /^\d{1,10},\d{1,2}$/.test(typed) ? typed.replace(",", ".") : typed;
   }
 
-  // A failure after which the request may still have been carried out: no answer at all, or the
-  // gateway's 502 or 504.
+  // A failure after which the request may still have been carried out: no answer at all, the
+  // gateway's 502 or 504, or its 503 for a service it lost (over gRPC, a connection lost after
+  // the request went is told apart from one never made by nothing). A service's own 503
+  // (DATABASE_BUSY) did nothing.
   function outcomeUnknown(error) {
-    return error instanceof ApiError && [0, 502, 504].includes(error.status)
-      && error.code !== "SESSION_ENDED";
+    return error instanceof ApiError && error.code !== "SESSION_ENDED"
+      && ([0, 502, 504].includes(error.status) || error.code === "SERVICE_UNAVAILABLE");
+  }
+
+  // An amount as the shop reads it, for telling one form's contents from another's: "12.5"
+  // retyped as "12.50" is the same top-up, retried under the same key. (Exact: a valid amount
+  // has at most 10 digits before its point and 2 after.)
+  function sameAmount(amount) {
+    return Number(amount).toFixed(2);
   }
 
   async function onTopUp(event) {
@@ -404,7 +413,7 @@
       let account;
       try {
         account = await api("POST", "/api/accounts/deposit", {
-          body: { amount }, idempotencyKey: keyFor("deposit", { amount }),
+          body: { amount }, idempotencyKey: keyFor("deposit", { amount: sameAmount(amount) }),
         });
       } catch (error) {
         if (!outcomeUnknown(error)) throw error;
@@ -519,7 +528,8 @@
     await whileBusy($("order-submit"), async () => {
       const shownBefore = new Set(orders.keys());
       const order = await api("POST", "/api/orders", {
-        body: { amount, description }, idempotencyKey: keyFor("order", { amount, description }),
+        body: { amount, description },
+        idempotencyKey: keyFor("order", { amount: sameAmount(amount), description }),
       });
       delete pendingKeys.order;
       rememberOrder(order);

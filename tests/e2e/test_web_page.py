@@ -346,6 +346,8 @@ def test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_or
 # Played by the browser itself: the first top-up and the first order reach the gateway, which
 # carries them out, but their answers are lost on the way back (the network drops); the rest is
 # real.
+# The first top-up's answer replaced by the 503 the gateway gives for a service it lost (over gRPC
+# that may follow the service's commit), the first order's lost on the way.
 FIRST_ANSWERS_LOST = """
 const realFetch = window.fetch.bind(window);
 const lost = new Set();
@@ -357,7 +359,10 @@ window.fetch = async (input, init) => {
   if (method === "POST" && ["/api/orders", "/api/accounts/deposit"].includes(path)
       && !lost.has(path)) {
     lost.add(path);
-    throw new TypeError("Failed to fetch");
+    if (path === "/api/orders") throw new TypeError("Failed to fetch");
+    return new Response(JSON.stringify({error: {code: "SERVICE_UNAVAILABLE",
+      message: "The payments service is unavailable; try again shortly.", details: {}}}),
+      {status: 503, headers: {"Content-Type": "application/json"}});
   }
   return response;
 };
@@ -366,15 +371,19 @@ window.fetch = async (input, init) => {
 
 def test_a_top_up_and_an_order_whose_answers_were_lost_count_once(stack, browser):
     """The top-up's answer lost: the page says it may have gone through and shows the balance as
-    it is. The order's answer lost: pressing again with the same form is a retry, answered with
-    the order already shown, not a second one; pressing once more places another. An amount
-    typed with a decimal comma (a phone's keypad in a comma locale) is read as a point."""
+    it is; the same amount typed another way is a retry, not a second top-up. The order's answer
+    lost: pressing again with the same form is a retry, answered with the order already shown,
+    not a second one; pressing once more places another. An amount typed with a decimal comma (a
+    phone's keypad in a comma locale) is read as a point."""
     page, shopper = _live_page_of_a_shopper_with_100(stack, browser, FIRST_ANSWERS_LOST)
 
     page.top_up("12,50")
     page.wait_until(lambda: "may have gone through" in page.text("message"),
                     what="the page to say the top-up may have gone through")
     page.wait_until(lambda: page.text("balance") == "112.50", what="the balance read again")
+    page.top_up("12.5")
+    page.wait_until(lambda: page.text("message") == "Topped up 12.5.", what="the retry answered")
+    assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "112.50"
 
     page.fill("order-amount", "10")
     page.element("order-submit").click()
