@@ -6,6 +6,7 @@ would have given."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from typing import Any
 
@@ -19,6 +20,8 @@ from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_K
 from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc, payments_pb2, payments_pb2_grpc
 from shared.request_context import REQUEST_ID_HEADER, current_request_id
+
+log = logging.getLogger(__name__)
 
 STUBS = {"orders": orders_pb2_grpc.OrdersStub, "payments": payments_pb2_grpc.PaymentsStub}
 REQUEST_TYPES = {
@@ -71,11 +74,16 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
         return ApiError(exc.details(), status=status, code=trailers.get(ERROR_CODE_KEY, "ERROR"),
                         details=json.loads(trailers.get(ERROR_DETAILS_KEY, "{}")),
                         headers={"Retry-After": retry_after} if retry_after else None)
+    # Said in the log as the HTTP transport says it (gateway_app/proxy.py): the call may never
+    # have reached the service, whose log then holds nothing of it.
     code = exc.code()
     if code == grpc.StatusCode.UNAVAILABLE:
+        log.warning("%s unreachable: %s", service, exc.details())
         return ServiceUnavailable.of(service)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        log.warning("%s timed out: %s", service, exc.details())
         return UpstreamTimeout.of(service)
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return BadGateway.identity_refused(service, exc.details())
+    log.error("%s call failed: %s %s", service, code, exc.details())
     return BadGateway.of(service)

@@ -128,7 +128,10 @@ class _SlowOrders(orders_pb2_grpc.OrdersServicer):
         return orders_pb2.OrderPage()
 
 
-def test_a_deadline_exceeded_is_504_and_a_service_down_is_503(settings, upstreams, grpc_targets):  # noqa: F811
+def test_a_deadline_exceeded_is_504_and_a_service_down_is_503(settings, upstreams, grpc_targets,  # noqa: F811
+                                                              caplog):
+    """And the gateway's log says which service failed how, as over HTTP: the call may never
+    have reached the service, whose log then holds nothing of it."""
     slow = grpc.server(futures.ThreadPoolExecutor(2))
     orders_pb2_grpc.add_OrdersServicer_to_server(_SlowOrders(), slow)
     slow_bind = f"127.0.0.1:{free_port()}"
@@ -146,6 +149,9 @@ def test_a_deadline_exceeded_is_504_and_a_service_down_is_503(settings, upstream
         down = client.get("/api/accounts/balance", headers=auth)
         assert down.status_code == 503
         assert down.get_json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+        said = {record.getMessage().split(":")[0] for record in caplog.records
+                if record.name == "gateway_app.upstream_grpc"}
+        assert said == {"orders timed out", "payments unreachable"}
     finally:
         slow.stop(grace=None)
 
