@@ -51,8 +51,10 @@ _CHECKS = "hseshop.health_checks"
 class SharedChecks:
     """The last round of checks, shared by a process's requests; one round runs at a time."""
 
-    def __init__(self, lasts_for: float = CHECKS_LAST_FOR_SECONDS):
+    def __init__(self, lasts_for: float = CHECKS_LAST_FOR_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
         self._lasts_for = lasts_for
+        self._clock = clock
         self._lock = threading.Lock()
         self._last: dict[str, bool] | None = None
         self._checked_at = 0.0
@@ -60,7 +62,7 @@ class SharedChecks:
 
     def get(self, run: Callable[[], dict[str, bool]]) -> dict[str, bool]:
         with self._lock:
-            fresh = time.monotonic() - self._checked_at < self._lasts_for
+            fresh = self._clock() - self._checked_at < self._lasts_for
             if self._last is not None and (fresh or self._round is not None):
                 return self._last
             under_way = self._round
@@ -72,7 +74,7 @@ class SharedChecks:
         try:
             checks = run()
             with self._lock:
-                self._last, self._checked_at = checks, time.monotonic()
+                self._last, self._checked_at = checks, self._clock()
             return checks
         finally:
             with self._lock:
