@@ -374,8 +374,13 @@ def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(setting
     events = [event.message for event in received]
     app = gateway.application
     with app.app_context():
-        pubsub = notifications._redis().pubsub(ignore_subscribe_messages=True)
+        pubsub = notifications._redis().pubsub()
         pubsub.subscribe(*(notifications.channel(user) for user in users))
+        # Its confirmations read first: one read then would be one of them, never a message.
+        for _ in users:
+            confirmed = wait_for(lambda: pubsub.get_message(timeout=0.1), timeout=5,
+                                 what="the subscriptions confirmed")
+            assert confirmed["type"] == "subscribe"
         with transaction() as session:
             notifications.on_order_status_changes(session, received)
             assert pubsub.get_message(timeout=0.3) is None  # not before the commit
