@@ -62,7 +62,7 @@ protos: venv
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
 		shared/protos/*.proto
 
-# The benchmark's own extras (matplotlib, psutil, py-spy) go on top; `make test` never needs them.
+# The benchmark's own extras (matplotlib, py-spy) go on top; `make test` never needs them.
 $(BENCH_INSTALLED): $(INSTALLED) requirements/bench.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/bench.txt
 	touch $@

@@ -5,17 +5,20 @@ No Celery worker runs here: tests run the relay and the handlers directly.
 
 from __future__ import annotations
 
+import importlib
 import os
 import uuid
 
 import pytest
 
+import celeryconfig
 import orders_app
 import payments_app
 from shared.config import SERVICES, get_settings, load_settings
 from shared.db import driver_dsn
 from shared.inbox_consumer import StoreOnOwnConnection
 from shared.migrations import upgrade
+from tasks.celery_app import app as celery_app
 from tests.environment import service_env
 
 
@@ -23,6 +26,7 @@ from tests.environment import service_env
 def settings(infrastructure):
     os.environ.update(service_env(infrastructure, "integration"))
     get_settings.cache_clear()
+    _configure_celery_afresh()
     for service in SERVICES:
         upgrade(service)
     return load_settings()
@@ -61,3 +65,12 @@ def in_payments(payments_flask_app):
 @pytest.fixture
 def user_id():
     return f"user-{uuid.uuid4().hex[:12]}"
+
+
+def _configure_celery_afresh() -> None:
+    """This process's Celery app configured from this layer's environment: celeryconfig reads
+    the settings once, as it is imported, and a test module importing it as pytest collects
+    (before the environment above is set) left the app's queues under the default key prefix,
+    where another run's, or `make run`'s, are."""
+    importlib.reload(celeryconfig)
+    celery_app.config_from_object("celeryconfig", force=True)

@@ -478,6 +478,12 @@ def test_while_tasks_wait_the_sweeper_counts_no_attempt_and_sends_batches(
         settings.inbox_max_attempts + 1)
 
 
+def test_this_processs_celery_queues_are_the_runs_own(settings):
+    """Two runs at once (or a run beside `make run`) never take each other's tasks."""
+    prefix = celery_app.conf.broker_transport_options["global_keyprefix"]
+    assert prefix == f"{settings.redis_key_prefix}:celery:"
+
+
 def test_beat_prunes_every_services_inbox(settings):
     import celeryconfig
 
