@@ -23,9 +23,14 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def infrastructure(run_dir):
     postgres_base, postgres = ensure_postgres(run_dir)
-    redis_url, redis_server = ensure_redis(run_dir)
-    broker_port = free_port()
-    broker = start_broker(broker_port, run_dir)
+    redis_server = None
+    try:
+        redis_url, redis_server = ensure_redis(run_dir)
+        broker_port = free_port()
+        broker = start_broker(broker_port, run_dir)
+    except BaseException:  # the servers started before it go too, not left running
+        _stop_started(redis_server, postgres)
+        raise
     redis_parts = urlsplit(redis_url)
     infra = Infrastructure(
         postgres_base=postgres_base,
@@ -37,9 +42,14 @@ def infrastructure(run_dir):
         broker.stop()
         _drop_test_databases(postgres_base)
     finally:  # the servers this run started go, whatever failed before
-        for process in (redis_server, postgres):
-            if process is not None:
-                process.stop()
+        _stop_started(redis_server, postgres)
+
+
+def _stop_started(*processes) -> None:
+    """Stop the servers this run started (None: one it found running, or never started)."""
+    for process in processes:
+        if process is not None:
+            process.stop()
 
 
 def _drop_test_databases(postgres_base: str) -> None:
