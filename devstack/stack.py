@@ -14,14 +14,12 @@ import requests
 from devstack import infra
 from devstack.processes import ManagedProcess, ProcessGroup
 # Each has its own database, web app and Celery worker (with its Kafka consumer).
-from shared.config import SERVICES
+from shared.config import GRPC_SERVICES, SERVICES
 from shared.task_queues import worker_queues
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORTS = {"gateway": 8000, "orders": 8001, "payments": 8002, "broker": 9092,
                  "flower": 5555, "orders-grpc": 50051, "payments-grpc": 50052}
-# The services the gateway calls over gRPC (each serves gRPC next to its HTTP API).
-GRPC_SERVICES = ("orders", "payments")
 # The gateway holds one thread per open WebSocket, so it gets more of them.
 GATEWAY_THREADS = 32
 # gunicorn's worker processes and threads per API (the benchmark serves its baseline the same way).

@@ -9,9 +9,12 @@ import math
 import os
 from dataclasses import dataclass, fields
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 # Everything with its own database, outbox and inbox: the two domain services and the gateway.
 SERVICES = ("orders", "payments", "gateway")
+# The services the gateway calls, over gRPC (each serves gRPC next to its HTTP API) or HTTP.
+GRPC_SERVICES = ("orders", "payments")
 
 # Environment variable -> default that works on a developer's machine.
 ENVIRONMENT: dict[str, str] = {
@@ -134,6 +137,34 @@ class Settings:
 
 # The settings with a fixed set of values.
 CHOICES = {"GATEWAY_UPSTREAM_TRANSPORT": ("grpc", "http")}
+
+
+def _host_and_port(raw: str) -> bool:
+    """host:port (an IPv6 host in brackets), the port a number from 1 to 65535."""
+    host, _, port = raw.rpartition(":")
+    return bool(host) and "/" not in host and port.isdigit() and 1 <= int(port) <= 65535
+
+
+def _grpc_target(raw: str) -> bool:
+    """host:port, or a name in one of gRPC's own schemes (dns:///host:port, unix:/path...)."""
+    return _host_and_port(raw) or raw.startswith(("dns:", "unix:", "unix-abstract:", "ipv4:",
+                                                  "ipv6:", "vsock:"))
+
+
+def _http_url(raw: str) -> bool:
+    url = urlsplit(raw)
+    return url.scheme in ("http", "https") and bool(url.hostname)
+
+
+# The settings with a form of their own, and what it is. A value of another form would come to
+# light only at the first call that uses it: a gRPC target the gateway cannot make sense of
+# answers every call with a 503, "try again shortly", while /health answers 200.
+FORMS = {
+    **{f"{service.upper()}_GRPC_TARGET": (_grpc_target, "host:port") for service in GRPC_SERVICES},
+    **{f"{service.upper()}_GRPC_BIND": (_host_and_port, "host:port") for service in GRPC_SERVICES},
+    **{f"{service.upper()}_SERVICE_URL": (_http_url, "an http:// or https:// URL")
+       for service in GRPC_SERVICES},
+}
 # The settings that sign: set but empty (a deployment's missing secret, say) is refused, not read
 # as unset, which would have the shop sign with the dev-only default written above for all to see.
 SECRETS = ("INTERNAL_AUTH_SECRET", "AUTH_TOKEN_SECRET")
@@ -166,6 +197,8 @@ def _setting(name: str, kind: str, raw: str) -> str | int | float:
     if kind == "str":
         if name in CHOICES and raw not in CHOICES[name]:
             raise ValueError(f"{name}={raw!r}: expected one of {', '.join(CHOICES[name])}")
+        if name in FORMS and not FORMS[name][0](raw):
+            raise ValueError(f"{name}={raw!r}: expected {FORMS[name][1]}")
         return raw
     try:
         value = int(raw) if kind == "int" else float(raw)

@@ -20,6 +20,15 @@ def test_defaults_work_locally_and_the_environment_overrides_them():
     assert custom.outbox_relay_interval_seconds == 0.25
 
 
+def test_the_forms_a_grpc_target_or_a_service_url_may_take_are_taken():
+    settings = load_settings({"ORDERS_GRPC_TARGET": "dns:///orders-grpc:50051",
+                              "PAYMENTS_GRPC_TARGET": "[::1]:50052",
+                              "ORDERS_GRPC_BIND": "[::]:50051",
+                              "PAYMENTS_SERVICE_URL": "https://payments.internal"})
+    assert settings.orders_grpc_target == "dns:///orders-grpc:50051"
+    assert settings.payments_grpc_target == "[::1]:50052"
+
+
 @pytest.mark.parametrize("variable, value, expected", [
     ("OUTBOX_RELAY_BATCH_SIZE", "0", "above 0"),
     ("OUTBOX_RELAY_INTERVAL_SECONDS", "-2", "above 0"),
@@ -32,6 +41,11 @@ def test_defaults_work_locally_and_the_environment_overrides_them():
     ("CACHE_TTL_SECONDS", "0", "above 0"),
     ("INBOX_SWEEP_MIN_AGE_SECONDS", "ten", "a number"),
     ("GATEWAY_UPSTREAM_TRANSPORT", "carrier-pigeon", "one of grpc, http"),
+    ("ORDERS_GRPC_TARGET", "127.0.0.1:abc", "host:port"),
+    ("ORDERS_GRPC_TARGET", "http://orders-grpc:50051", "host:port"),
+    ("PAYMENTS_GRPC_TARGET", "payments-grpc", "host:port"),
+    ("PAYMENTS_GRPC_BIND", "0.0.0.0:70000", "host:port"),
+    ("ORDERS_SERVICE_URL", "orders:8001", "an http:// or https:// URL"),
 ])
 def test_a_value_a_setting_cannot_take_is_refused_naming_its_variable(variable, value, expected):
     """At start-up, before anything runs on it: each number is a size, a count or a length of
