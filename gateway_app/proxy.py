@@ -14,6 +14,7 @@ import threading
 
 import requests
 from flask import Response, current_app, g, request
+from urllib3.exceptions import ProtocolError
 from webargs.flaskparser import is_json_request
 
 from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
@@ -67,7 +68,13 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
             request.method, f"{base}{path}", params=query, data=body, headers=headers,
             allow_redirects=False,
             timeout=(CONNECT_TIMEOUT_SECONDS, settings.upstream_timeout_seconds))
-    except requests.ConnectionError as exc:  # refused, unresolvable, or no connection in time
+    except requests.ConnectionError as exc:
+        if exc.args and isinstance(exc.args[0], ProtocolError):
+            # Connected, and closed without an answer (its worker killed, say): the request may
+            # have been carried out, which "unavailable" would deny.
+            log.warning("%s closed the connection without answering: %r", service, exc)
+            raise BadGateway.of(service) from None
+        # Refused, unresolvable, or no connection in time.
         log.warning("%s unreachable: %s", service, exc)
         raise ServiceUnavailable.of(service) from None
     except requests.Timeout:  # connected, but no answer in time

@@ -76,6 +76,14 @@ class _BrokenOffHandler(_SlowHandler):
         self.close_connection = True
 
 
+class _ClosedWithoutAnswerHandler(_SlowHandler):
+    """Reads the request and closes the connection without a word, as a service whose worker is
+    killed before it answers does: the request may have been carried out."""
+
+    def do_GET(self):
+        self.close_connection = True
+
+
 @pytest.fixture(scope="module")
 def upstreams(orders_flask_app, payments_flask_app):
     served = {name: _Served(make_server("127.0.0.1", 0, app, threaded=True))
@@ -258,6 +266,8 @@ def test_a_service_that_is_down_is_503_and_one_that_is_slow_is_504(settings, ups
     slow = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler))
     failing = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingHandler))
     broken_off = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BrokenOffHandler))
+    unanswered = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                         _ClosedWithoutAnswerHandler))
     try:
         client = _gateway(settings, orders_service_url=f"http://127.0.0.1:{free_port()}",
                           payments_service_url=slow.url, upstream_timeout_seconds=0.5)
@@ -276,10 +286,16 @@ def test_a_service_that_is_down_is_503_and_one_that_is_slow_is_504(settings, ups
                                                                         headers=auth)
         assert cut.status_code == 502  # was a 500
         assert cut.get_json()["error"]["code"] == "BAD_GATEWAY"
+        # Reached, and no answer: not "unavailable" (never reached), as it was.
+        closed = _gateway(settings, orders_service_url=unanswered.url).get("/api/orders",
+                                                                           headers=auth)
+        assert closed.status_code == 502
+        assert closed.get_json()["error"]["code"] == "BAD_GATEWAY"
     finally:
         slow.close()
         failing.close()
         broken_off.close()
+        unanswered.close()
 
 
 def test_past_the_rate_limit_a_user_gets_429_with_retry_after(settings, upstreams, gateway,
