@@ -145,7 +145,7 @@ def _host_and_port(raw: str) -> bool:
     return bool(host) and "/" not in host and port.isdigit() and 1 <= int(port) <= 65535
 
 
-def _grpc_target(raw: str) -> bool:
+def _grpc_address(raw: str) -> bool:
     """host:port, or a name in one of gRPC's own schemes (dns:///host:port, unix:/path...)."""
     return _host_and_port(raw) or raw.startswith(("dns:", "unix:", "unix-abstract:", "ipv4:",
                                                   "ipv6:", "vsock:"))
@@ -160,8 +160,8 @@ def _http_url(raw: str) -> bool:
 # light only at the first call that uses it: a gRPC target the gateway cannot make sense of
 # answers every call with a 503, "try again shortly", while /health answers 200.
 FORMS = {
-    **{f"{service.upper()}_GRPC_TARGET": (_grpc_target, "host:port") for service in GRPC_SERVICES},
-    **{f"{service.upper()}_GRPC_BIND": (_host_and_port, "host:port") for service in GRPC_SERVICES},
+    **{f"{service.upper()}_GRPC_{role}": (_grpc_address, "host:port")
+       for service in GRPC_SERVICES for role in ("TARGET", "BIND")},
     **{f"{service.upper()}_SERVICE_URL": (_http_url, "an http:// or https:// URL")
        for service in GRPC_SERVICES},
 }

@@ -24,6 +24,7 @@ def test_the_forms_a_grpc_target_or_a_service_url_may_take_are_taken():
     settings = load_settings({"ORDERS_GRPC_TARGET": "dns:///orders-grpc:50051",
                               "PAYMENTS_GRPC_TARGET": "[::1]:50052",
                               "ORDERS_GRPC_BIND": "[::]:50051",
+                              "PAYMENTS_GRPC_BIND": "unix:/run/hseshop/payments.sock",
                               "PAYMENTS_SERVICE_URL": "https://payments.internal"})
     assert settings.orders_grpc_target == "dns:///orders-grpc:50051"
     assert settings.payments_grpc_target == "[::1]:50052"
