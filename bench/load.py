@@ -12,8 +12,8 @@ import argparse
 import http.client
 import itertools
 import json
+import math
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -81,6 +81,12 @@ class _Schedule:
         due = self.start + index / self._rate if self._rate else time.monotonic()
         # A server that falls behind gets no catch-up burst after the end: offered load is a rate.
         return due if due < self.end and time.monotonic() < self.end else None
+
+    def unsent(self, sent: int) -> int:
+        """How many requests the schedule offered that were never sent, the generator (its
+        threads all waiting on a server that fell behind) past the end before it got to them:
+        the latest and the most delayed of all, which the latencies of those sent leave out."""
+        return max(0, math.ceil(self._rate * (self.end - self.start)) - sent) if self._rate else 0
 
 
 def _caller_headers(auth: str) -> Callable[[str], dict[str, str]]:
@@ -155,11 +161,21 @@ def generate(spec: LoadSpec) -> dict:
         "order_due_at": [round(schedule.start_wall + r[4], 6) for r in accepted
                          if r[3] is not None],
         "sent_late_p99_ms": latency_summary_ms([r[0] - r[4] for r in results])["p99_ms"],
+        "unsent": schedule.unsent(len(results)),
         "generator_cpu_s": round(cpu_seconds, 3),
         "generator_cpu_percent": round(100 * cpu_seconds / elapsed, 1),
-        "generator_peak_rss_mb": round(
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "generator_peak_rss_mb": _peak_rss_mb(),
     }
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak resident memory. (Not getrusage's ru_maxrss: across the fork and
+    exec that started it, that keeps the parent's, the benchmark runner's, when larger.)"""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,7 @@ def measure_latency(stack: Stack, plan: BenchPlan, users: list[str], workdir: Pa
         "offered_final_within_1s": round(within / offered, 4),
         "post_p99_ms": latency_summary_ms([ms / 1000 for ms in load["http_latency_ms"]])["p99_ms"],
         "sent_late_p99_ms": load["sent_late_p99_ms"],
+        "unsent": load["unsent"],
         "drained": drained,
         "generator_cpu_percent": load["generator_cpu_percent"],
         "generator_peak_rss_mb": load["generator_peak_rss_mb"],

@@ -56,6 +56,7 @@ def measure_relay_speed(stack: Stack, rows: int, rounds: int, timeout: float = 6
         # The relay goes first in the first round: its rows are the messages the raw producer sends.
         for side in ("relay", "raw") if round_number % 2 == 0 else ("raw", "relay"):
             if side == "relay":
+                messages = []  # the last turn's freed before this one's clock starts
                 last_row_id, messages, committed = _insert_rows(stack, topic, rows)
                 relay_turns.append(_wait_until_sent(stack, topic, last_row_id, timeout) - committed)
             else:
@@ -109,16 +110,19 @@ def _insert_rows(stack: Stack, topic: str,
                  rows: int) -> tuple[int, list[tuple[str, str, dict]], float]:
     """Insert the rows in one transaction; return the id of the newest, (key, value, headers) of
     each, exactly as the relay reads them, read before the commit (the relay deletes them once
-    sent), and the moment of the commit, which wakes the relay: its clock starts there."""
+    sent), and the moment of the commit, which wakes the relay: its clock starts there. All of it
+    is made before the commit, so none of the runner's own work falls on the relay's turn."""
     with service_cursor(stack, "orders") as cursor:
         cursor.execute(INSERT_ROWS, {"topic": topic, "rows": rows,
                                      "occurred_at": datetime.now(timezone.utc).isoformat()})
         cursor.execute(RELAY_SELECT + " WHERE topic = %(topic)s ORDER BY id", {"topic": topic})
         inserted = cursor.fetchall()
+        last_row_id = inserted[-1][0]
+        messages = [(key, envelope, relay_headers(message_id, event_type, request_id))
+                    for _, _, key, message_id, event_type, request_id, envelope in inserted]
+        del inserted
     committed = time.monotonic()
-    return inserted[-1][0], [
-        (key, envelope, relay_headers(message_id, event_type, request_id))
-        for _, _, key, message_id, event_type, request_id, envelope in inserted], committed
+    return last_row_id, messages, committed
 
 
 def _send_raw(settings, topic: str, messages: list[tuple[str, str, dict[str, str]]]) -> float:

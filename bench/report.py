@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.hops import HOPS
 from bench.plan import BenchPlan
-from devstack.stack import API_THREADS, API_WORKERS
+from devstack.stack import API_THREADS, API_WORKERS, GATEWAY_THREADS
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TRANSPORT_NAMES = {"grpc": "gRPC", "http": "HTTP"}
@@ -25,7 +25,8 @@ def describe_run(plan: BenchPlan, servers: dict[str, str]) -> dict:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "servers": servers,
-        "api_server": {"workers": API_WORKERS, "threads": API_THREADS},
+        "api_server": {"workers": API_WORKERS, "threads": API_THREADS,
+                       "gateway_threads": GATEWAY_THREADS},
         "plan": plan.__dict__ | {"latency_rates": list(plan.latency_rates)},
     }
 
@@ -77,16 +78,20 @@ def markdown(results: dict) -> str:
         "",
         "Latency is counted from the moment each POST was due to be sent (the offered rate's "
         "schedule: a request the generator sent late, or one left waiting for a server thread, "
-        "counts that wait) to the status's time in the order's row.",
+        "counts that wait) to the status's time in the order's row. The percentiles are those of "
+        "the orders sent: a request the generator never sent, still waiting on a server thread "
+        "when the load's time was up, is counted under \"unsent\" (and as not final in time, of "
+        "those offered), not in them.",
         "",
-        "| offered/s | accepted/s | p50 ms | p95 ms | p99 ms | max ms "
+        "| offered/s | accepted/s | unsent | p50 ms | p95 ms | p99 ms | max ms "
         "| final within 1 s (of accepted) | (of offered) | POST p99 ms | sent late p99 ms "
         "| generator CPU % | generator peak MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["latency"]:
         lines.append(
-            f"| {row['offered_rate']:g} | {row['accepted_per_s']} | {row['p50_ms']} "
+            f"| {row['offered_rate']:g} | {row['accepted_per_s']} | {row.get('unsent')} "
+            f"| {row['p50_ms']} "
             f"| {row['p95_ms']} | {row['p99_ms']} | {row['max_ms']} | {row['final_within_1s']:.2%} "
             f"| {row['offered_final_within_1s']:.2%} "
             f"| {row['post_p99_ms']} | {row.get('sent_late_p99_ms')} "
@@ -218,9 +223,15 @@ def gateway_transports_lines(section: dict) -> list[str]:
 def _machine_line(results: dict) -> str:
     return (f"{results['machine']['cpus']} CPUs, Python {results['machine']['python']}, "
             f"{results['machine']['platform']}; APIs on gunicorn -w "
-            f"{results['api_server']['workers']} --threads {results['api_server']['threads']}; "
+            f"{results['api_server']['workers']} --threads {results['api_server']['threads']}"
+            f"{_gateway_threads_note(results['api_server'])}; "
             f"everything on this one machine.{_servers_note(results)}"
             f"{_speed_note(results['machine'])}")
+
+
+def _gateway_threads_note(api_server: dict) -> str:
+    threads = api_server.get("gateway_threads")  # (not recorded before 2026-12-04, evening)
+    return f" (the gateways --threads {threads})" if threads else ""
 
 
 def _servers_note(results: dict) -> str:
