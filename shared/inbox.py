@@ -1,15 +1,18 @@
 """The transactional inbox: every message consumed from Kafka is stored once, keyed by its
 message id, and then handled exactly once in a transaction that also marks it processed.
 
-A message that cannot be parsed is parked at once; one whose handler keeps failing is retried and,
-after `max_attempts` (a try lost with its worker counts as one, found by the sweeper; a try held up
-by another session's lock does not), parked with its last error. Parked messages stay in the table
-for an operator and never block the messages behind them.
+A message that cannot be parsed is parked at once (one whose envelope parses, but whose type or
+payload this service does not know, with its id and payload, to be replayed once it does); one
+whose handler keeps failing is retried and, after `max_attempts` (a try lost with its worker
+counts as one, found by the sweeper; a try held up by another session's lock does not), parked
+with its last error. Parked messages stay in the table for an operator and never block the
+messages behind them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -24,7 +27,8 @@ from sqlalchemy import (BigInteger, Boolean, DateTime, Index, Integer, String, T
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from shared.contracts import PAYLOAD_SCHEMAS, Envelope, MalformedMessage, decode
+from shared.contracts import (PAYLOAD_SCHEMAS, Envelope, MalformedMessage, PayloadRefused,
+                              decode)
 from shared.db import db, driver_cursor, held_up_by_a_lock
 from shared.outbox import outbox_rows_written_together
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, request_id_bound
@@ -155,7 +159,8 @@ def _storable_text(raw: bytes | str | None, limit: int | None = None) -> str | N
 
 
 def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
-    """The inbox row for a record: a parsed event, or a parked row holding the raw value."""
+    """The inbox row for a record: a parsed event; a parked one, its type or payload refused; or
+    a parked row holding the raw value."""
     row = {
         "topic": record.topic,
         "partition": record.partition,
@@ -166,19 +171,52 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
     }
     try:
         envelope: Envelope = decode(record.value)
+    except PayloadRefused as exc:
+        if _storable_json(exc.envelope["payload"]):
+            # Parked under its own id with its payload as sent: once this service knows its type
+            # or its payload's new form, a replay hands it to its handler, which reads the
+            # payload again (_ready_to_handle). Its offset is committed all the same, so kept
+            # only as a raw value, it could never be handled: an order paid for by a newer
+            # payments service, say, would stay NEW for ever.
+            return row | {
+                "message_id": exc.envelope["message_id"],
+                "type": exc.envelope["type"],
+                "correlation_id": exc.envelope["correlation_id"],
+                "payload": exc.envelope["payload"],
+                "parked_at": _now(),
+                "last_error": _storable_text(str(exc), 2000),
+            }
+        return _parked_raw(row, record, exc)
     except MalformedMessage as exc:
-        return row | {
-            "message_id": _position_id(record),
-            "raw_value": _storable_text(record.value),
-            "parked_at": _now(),
-            "last_error": _storable_text(str(exc), 2000),
-        }
+        return _parked_raw(row, record, exc)
     return row | {
         "message_id": envelope.message_id,
         "type": envelope.type,
         "correlation_id": envelope.correlation_id,
         "payload": envelope.payload_json(),
     }
+
+
+def _parked_raw(row: dict[str, Any], record: ConsumedRecord,
+                exc: MalformedMessage) -> dict[str, Any]:
+    """A record that cannot be handled as it is, parked as the text it came as."""
+    return row | {
+        "message_id": _position_id(record),
+        "raw_value": _storable_text(record.value),
+        "parked_at": _now(),
+        "last_error": _storable_text(str(exc), 2000),
+    }
+
+
+def _storable_json(value: Any) -> bool:
+    """Whether PostgreSQL's jsonb can hold `value`: not with a NUL character or an unpaired
+    surrogate in any of its strings (either would fail the batch's insert)."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\\u0000" not in text
 
 
 def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:

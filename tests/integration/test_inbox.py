@@ -11,14 +11,16 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from marshmallow import fields
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from shared.contracts import PAYMENT_REQUESTED, encode, new_event
+from shared.contracts import (PAYLOAD_SCHEMAS, PAYMENT_REQUESTED, PaymentRequestedSchema, encode,
+                              new_event)
 from shared.db import db, transaction
 from shared.inbox import (ConsumedRecord, InboxMessage, Outcome, PermanentMessageError,
                           claim_stalled_messages, note_try_begun, process_inbox_message,
-                          record_failed_attempt)
+                          record_failed_attempt, unpark_messages)
 from tests.postgres_tools import terminate_backend
 
 _offsets = iter(range(10**9))
@@ -325,3 +327,67 @@ def test_another_unparseable_record_at_a_parked_ones_position_is_parked_too(in_p
     parked = db.session.scalars(select(InboxMessage.raw_value).where(
         InboxMessage.topic == old.topic, InboxMessage.offset == old.offset)).all()
     assert sorted(parked) == ["{also broken", "{broken"]
+
+
+def _from_a_newer_producer(user_id: str, **changes) -> tuple[ConsumedRecord, dict]:
+    """A PaymentRequested as a newer version of its producer might send it."""
+    record, _ = _request_record(user_id)
+    body = json.loads(record.value) | changes
+    return _record(encode(body)), body
+
+
+class _PaymentRequestedWithChannel(PaymentRequestedSchema):
+    """The contract as an upgraded reader has it: a field the newer producer began to send."""
+
+    channel = fields.String()
+
+
+def test_a_message_from_a_newer_producer_is_kept_with_its_payload_and_handled_once_known(
+        in_payments, payments_inbox, user_id, monkeypatch):
+    """A payload with a field this service does not know yet (its producer upgraded first) is
+    parked under its own id with its payload as sent, not as raw text that can never be handled
+    (its offset is committed: Kafka will not deliver it again). Replayed once this service knows
+    the field, it is handled, once."""
+    body = json.loads(_request_record(user_id)[0].value)
+    record, body = _from_a_newer_producer(user_id, payload=body["payload"] | {"channel": "app"})
+    message_id = uuid.UUID(body["message_id"])
+    assert payments_inbox([record]) == []  # parked, not dispatched
+    assert payments_inbox([record]) == []  # delivered again: the same row
+    row = _row(message_id)
+    assert row.parked_at is not None and row.raw_value is None
+    assert (row.type, row.payload) == (PAYMENT_REQUESTED, body["payload"])
+    assert "payload breaks the contract" in row.last_error
+
+    monkeypatch.setitem(PAYLOAD_SCHEMAS, PAYMENT_REQUESTED, _PaymentRequestedWithChannel())
+    assert unpark_messages(db.session, [message_id]) == [message_id]
+    db.session.commit()
+    seen = []
+    handlers = {PAYMENT_REQUESTED: lambda session, events: seen.extend(e.payload for e in events)}
+    for _ in range(2):
+        with transaction() as session:
+            process_inbox_message(session, message_id, handlers)
+    assert [payload["channel"] for payload in seen] == ["app"]
+
+
+def test_a_message_of_a_type_not_known_yet_is_kept_to_be_replayed(in_payments, payments_inbox,
+                                                                  user_id):
+    record, body = _from_a_newer_producer(user_id, type="PaymentRefunded")
+    assert payments_inbox([record]) == []
+    row = _row(uuid.UUID(body["message_id"]))
+    assert row.parked_at is not None and row.type == "PaymentRefunded"
+    assert row.payload == body["payload"] and "unknown message type" in row.last_error
+    assert row.message_id in unpark_messages(db.session, None)  # replayable
+    db.session.rollback()
+
+
+def test_a_refused_payload_jsonb_cannot_hold_is_kept_as_raw_text(in_payments, payments_inbox,
+                                                                 user_id):
+    """A NUL character in it would fail the batch's insert, and the partition would stop there."""
+    record, body = _from_a_newer_producer(user_id, type="PaymentRefunded",
+                                          payload={"note": "a\u0000b"})
+    good, good_id = _request_record(user_id)
+    assert payments_inbox([record, good]) == [good_id]
+    (row,) = db.session.scalars(select(InboxMessage).where(
+        InboxMessage.topic == "test-topic", InboxMessage.offset == record.offset)).all()
+    assert row.parked_at is not None and row.payload is None and row.raw_value
+    assert row.message_id != uuid.UUID(body["message_id"])

@@ -4,8 +4,8 @@ from decimal import Decimal
 
 import pytest
 
-from shared.contracts import (PAYMENT_FAILED, PAYMENT_REQUESTED, MalformedMessage, decode, encode,
-                              new_event)
+from shared.contracts import (PAYMENT_FAILED, PAYMENT_REQUESTED, MalformedMessage, PayloadRefused,
+                              decode, encode, new_event)
 
 
 def _request_event():
@@ -69,3 +69,26 @@ def _wire(**changes):
 def test_values_that_break_the_contract_are_malformed(value):
     with pytest.raises(MalformedMessage):
         decode(value)
+
+
+@pytest.mark.parametrize("changes, why", [
+    ({"type": "PaymentRefunded"}, "unknown message type 'PaymentRefunded'"),
+    ({"payload": {"order_id": str(uuid.uuid4()), "user_id": "a", "amount": "1", "x": 1}},
+     "PaymentRequested payload breaks the contract"),
+])
+def test_a_well_formed_envelope_whose_payload_is_refused_keeps_its_id_and_payload(changes, why):
+    """What a producer newer than its reader sends: the reader refuses it, but can say which
+    message it was and what it held (shared/inbox.py keeps it to be replayed)."""
+    body = json.loads(_wire(**changes))
+    with pytest.raises(PayloadRefused, match=why) as refused:
+        decode(json.dumps(body).encode())
+    envelope = refused.value.envelope
+    assert str(envelope["message_id"]) == body["message_id"]
+    assert (envelope["type"], envelope["payload"]) == (body["type"], body["payload"])
+
+
+def test_an_envelope_that_breaks_its_own_contract_is_not_kept_by_its_id():
+    for value in (_wire(version=2), _wire(extra="field"), _wire(type="")):
+        with pytest.raises(MalformedMessage) as refused:
+            decode(value)
+        assert not isinstance(refused.value, PayloadRefused)
