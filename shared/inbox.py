@@ -12,12 +12,13 @@ messages behind them.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from enum import Enum
 from typing import Any
 
@@ -172,7 +173,8 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
     try:
         envelope: Envelope = decode(record.value)
     except PayloadRefused as exc:
-        if _storable_json(exc.envelope["payload"]):
+        payload = _jsonb_form(exc.envelope["payload"])
+        if payload is not _NOT_STORABLE:
             # Parked under its own id with its payload as sent: once this service knows its type
             # or its payload's new form, a replay hands it to its handler, which reads the
             # payload again (_ready_to_handle). Its offset is committed all the same, so kept
@@ -182,7 +184,7 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
                 "message_id": exc.envelope["message_id"],
                 "type": exc.envelope["type"],
                 "correlation_id": exc.envelope["correlation_id"],
-                "payload": exc.envelope["payload"],
+                "payload": payload,
                 "parked_at": _now(),
                 "last_error": _storable_text(str(exc), 2000),
             }
@@ -208,15 +210,42 @@ def _parked_raw(row: dict[str, Any], record: ConsumedRecord,
     }
 
 
-def _storable_json(value: Any) -> bool:
-    """Whether PostgreSQL's jsonb can hold `value`: not with a NUL character or an unpaired
-    surrogate in any of its strings (either would fail the batch's insert)."""
-    text = json.dumps(value, ensure_ascii=False)
+_NOT_STORABLE = object()
+
+
+def _jsonb_form(value: Any) -> Any:
+    """`value`, a JSON value as the message was read (shared.jsonio: a number with a point or an
+    exponent a Decimal), in a form PostgreSQL's jsonb holds as it is, or _NOT_STORABLE: a string
+    or key with a NUL character or an unpaired surrogate, or a number no float holds exactly,
+    would fail the batch's insert (or change on the way)."""
+    if isinstance(value, dict):
+        form = {}
+        for key, item in value.items():
+            item = _jsonb_form(item)
+            if not _storable_string(key) or item is _NOT_STORABLE:
+                return _NOT_STORABLE
+            form[key] = item
+        return form
+    if isinstance(value, list):
+        items = [_jsonb_form(item) for item in value]
+        return _NOT_STORABLE if any(item is _NOT_STORABLE for item in items) else items
+    if isinstance(value, str):
+        return value if _storable_string(value) else _NOT_STORABLE
+    if isinstance(value, Decimal):
+        as_float = float(value)
+        exact = math.isfinite(as_float) and Decimal(repr(as_float)) == value
+        return as_float if exact else _NOT_STORABLE
+    return value  # an int, a bool or None
+
+
+def _storable_string(text: str) -> bool:
+    if "\x00" in text:
+        return False
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return False
-    return "\\u0000" not in text
+    return True
 
 
 def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:

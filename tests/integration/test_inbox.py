@@ -380,11 +380,28 @@ def test_a_message_of_a_type_not_known_yet_is_kept_to_be_replayed(in_payments, p
     db.session.rollback()
 
 
+def test_a_refused_payload_keeps_its_numbers_and_its_text_as_sent(in_payments, payments_inbox,
+                                                                  user_id):
+    """Read as the consumer reads them (a number with a point as a Decimal), they are stored as
+    jsonb holds them: a Decimal is no JSON to the driver, and failed the batch's insert."""
+    payload = {"fee": "__FEE__", "path": "C:\\u0000", "tags": ["a", 2, None, True]}
+    record, body = _from_a_newer_producer(user_id, type="PaymentRefunded", payload=payload)
+    record = _record(record.value.replace(b'"__FEE__"', b"0.5"))
+    good, good_id = _request_record(user_id)
+    assert payments_inbox([record, good]) == [good_id]
+    row = _row(uuid.UUID(body["message_id"]))
+    assert row.parked_at is not None and row.raw_value is None
+    assert row.payload == payload | {"fee": 0.5}
+
+
+@pytest.mark.parametrize("value", [b'"a\\u0000b"', b"1e400", b"0.1000000000000000000001"])
 def test_a_refused_payload_jsonb_cannot_hold_is_kept_as_raw_text(in_payments, payments_inbox,
-                                                                 user_id):
-    """A NUL character in it would fail the batch's insert, and the partition would stop there."""
+                                                                 user_id, value):
+    """A NUL character in it would fail the batch's insert, and the partition would stop there;
+    a number no float holds exactly would change on its way."""
     record, body = _from_a_newer_producer(user_id, type="PaymentRefunded",
-                                          payload={"note": "a\u0000b"})
+                                          payload={"note": "__NOTE__"})
+    record = _record(record.value.replace(b'"__NOTE__"', value))
     good, good_id = _request_record(user_id)
     assert payments_inbox([record, good]) == [good_id]
     (row,) = db.session.scalars(select(InboxMessage).where(
