@@ -12,8 +12,8 @@ messages behind them.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any
 
+from psycopg2.extensions import new_type, register_type
 from psycopg2.extras import Json, execute_values
 from sqlalchemy import (BigInteger, Boolean, DateTime, Index, Integer, String, Text, false, func,
                         select, text, update)
@@ -173,22 +174,23 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
     try:
         envelope: Envelope = decode(record.value)
     except PayloadRefused as exc:
-        payload = _jsonb_form(exc.envelope["payload"])
-        if payload is not _NOT_STORABLE:
-            # Parked under its own id with its payload as sent: once this service knows its type
-            # or its payload's new form, a replay hands it to its handler, which reads the
-            # payload again (_ready_to_handle). Its offset is committed all the same, so kept
-            # only as a raw value, it could never be handled: an order paid for by a newer
-            # payments service, say, would stay NEW for ever.
-            return row | {
-                "message_id": exc.envelope["message_id"],
-                "type": exc.envelope["type"],
-                "correlation_id": exc.envelope["correlation_id"],
-                "payload": payload,
-                "parked_at": _now(),
-                "last_error": _storable_text(str(exc), 2000),
-            }
-        return _parked_raw(row, record, exc)
+        try:
+            payload = _JsonText(_jsonb_text(exc.envelope["payload"]))
+        except (ValueError, RecursionError):  # (RecursionError: nested deeper than it is written)
+            return _parked_raw(row, record, exc)
+        # Parked under its own id with its payload as sent: once this service knows its type or
+        # its payload's new form, a replay hands it to its handler, which reads the payload again
+        # (_ready_to_handle). Its offset is committed all the same, so kept only as a raw value,
+        # it could never be handled: an order paid for by a newer payments service, say, would
+        # stay NEW for ever.
+        return row | {
+            "message_id": exc.envelope["message_id"],
+            "type": exc.envelope["type"],
+            "correlation_id": exc.envelope["correlation_id"],
+            "payload": payload,
+            "parked_at": _now(),
+            "last_error": _storable_text(str(exc), 2000),
+        }
     except MalformedMessage as exc:
         return _parked_raw(row, record, exc)
     return row | {
@@ -210,42 +212,57 @@ def _parked_raw(row: dict[str, Any], record: ConsumedRecord,
     }
 
 
-_NOT_STORABLE = object()
+# The longest number a refused payload's text may hold, in characters: far inside what
+# PostgreSQL's numeric takes (131,072 digits before the point, 16,383 after).
+_LONGEST_NUMBER = 1000
 
 
-def _jsonb_form(value: Any) -> Any:
-    """`value`, a JSON value as the message was read (shared.jsonio: a number with a point or an
-    exponent a Decimal), in a form PostgreSQL's jsonb holds as it is, or _NOT_STORABLE: a string
-    or key with a NUL character or an unpaired surrogate, or a number no float holds exactly,
-    would fail the batch's insert (or change on the way)."""
-    if isinstance(value, dict):
-        form = {}
-        for key, item in value.items():
-            item = _jsonb_form(item)
-            if not _storable_string(key) or item is _NOT_STORABLE:
-                return _NOT_STORABLE
-            form[key] = item
-        return form
-    if isinstance(value, list):
-        items = [_jsonb_form(item) for item in value]
-        return _NOT_STORABLE if any(item is _NOT_STORABLE for item in items) else items
-    if isinstance(value, str):
-        return value if _storable_string(value) else _NOT_STORABLE
+def _jsonb_text(value: Any) -> str:
+    """`value`, a JSON value as the consumer read it (shared.jsonio: a number with a point or an
+    exponent a Decimal), as JSON text that jsonb takes, its numbers exact (a handler reading them
+    again gets the Decimal that was sent: an amount of 10.50 read back as a float would break
+    its contract); a ValueError for what would fail the batch's insert: a string or key with a
+    NUL character or an unpaired surrogate, or a number too long for numeric."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
     if isinstance(value, Decimal):
-        as_float = float(value)
-        exact = math.isfinite(as_float) and Decimal(repr(as_float)) == value
-        return as_float if exact else _NOT_STORABLE
-    return value  # an int, a bool or None
+        _sign, digits, exponent = value.as_tuple()
+        # (Checked before it is written out: 1e999999999 in full is a billion characters.)
+        if len(digits) > _LONGEST_NUMBER or abs(exponent) > _LONGEST_NUMBER:
+            raise ValueError("a number too long to keep")
+        return format(value, "f")
+    if isinstance(value, int):
+        text = str(value)
+        if len(text) > _LONGEST_NUMBER:
+            raise ValueError("a number too long to keep")
+        return text
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("a NUL character")
+        value.encode("utf-8")  # an unpaired surrogate: a UnicodeEncodeError, a ValueError
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ",".join(_jsonb_text(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_jsonb_text(key)}:{_jsonb_text(item)}"
+                              for key, item in value.items()) + "}"
+    raise ValueError(f"not a JSON value: {type(value).__name__}")
 
 
-def _storable_string(text: str) -> bool:
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+class _JsonText(Json):
+    """JSON already written, for psycopg2 to pass on as it is."""
+
+    def dumps(self, obj: str) -> str:
+        return obj
+
+
+# An inbox row's payload as lock_in_order reads it: numbers with a point as Decimals, as the
+# consumer read them (psycopg2's own reading makes them floats). Valid payloads hold none (amounts
+# are strings); a refused payload replayed may (_jsonb_text).
+_JSONB_OID = 3802
+_JSONB_WITH_DECIMALS = new_type(
+    (_JSONB_OID,), "JSONB_WITH_DECIMALS",
+    lambda text, cursor: None if text is None else json.loads(text, parse_float=Decimal))
 
 
 def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
@@ -260,11 +277,15 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
         rows.setdefault(row["message_id"], row)  # a repeat inside one batch is stored once
     values = [(str(row["message_id"]), row["topic"], row["partition"], row["offset"], row["key"],
                row.get("type"), row.get("correlation_id"), row["request_id"],
-               Json(row["payload"]) if "payload" in row else None, row.get("raw_value"),
+               _as_json(row.get("payload")), row.get("raw_value"),
                row.get("parked_at"), row.get("last_error"), row["produced_at"])
               for row in rows.values()]
     inserted = execute_values(cursor, _STORE, values, page_size=len(values), fetch=True)
     return [uuid.UUID(message_id) for message_id, parked in inserted if not parked]
+
+
+def _as_json(payload: dict[str, Any] | Json | None) -> Json | None:
+    return payload if payload is None or isinstance(payload, Json) else Json(payload)
 
 
 # The inbox's statements go straight to the driver, as every message passes through them: the
@@ -302,6 +323,7 @@ def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[Stored
     were sent (two batches handled at once can still commit one key's messages in either order).
     """
     with driver_cursor(session) as cursor:
+        register_type(_JSONB_WITH_DECIMALS, cursor)
         cursor.execute(_LOCK_IN_ORDER, ([str(message_id) for message_id in message_ids],))
         return [StoredMessage(uuid.UUID(message_id), *rest) for message_id, *rest in cursor]
 

@@ -394,11 +394,36 @@ def test_a_refused_payload_keeps_its_numbers_and_its_text_as_sent(in_payments, p
     assert row.payload == payload | {"fee": 0.5}
 
 
-@pytest.mark.parametrize("value", [b'"a\\u0000b"', b"1e400", b"0.1000000000000000000001"])
+def test_a_refused_payloads_decimal_amount_is_read_back_as_sent_when_replayed(
+        in_payments, payments_inbox, user_id, monkeypatch):
+    """An amount of 10.50 sent as a JSON number (the contract takes one) is read back as the
+    Decimal it was, not a float, which the contract refuses: the replay is handled, not parked."""
+    body = json.loads(_request_record(user_id)[0].value)
+    payload = body["payload"] | {"amount": "__AMOUNT__", "channel": "app"}
+    record, body = _from_a_newer_producer(user_id, payload=payload)
+    record = _record(record.value.replace(b'"__AMOUNT__"', b"10.50"))
+    message_id = uuid.UUID(body["message_id"])
+    assert payments_inbox([record]) == []
+    monkeypatch.setitem(PAYLOAD_SCHEMAS, PAYMENT_REQUESTED, _PaymentRequestedWithChannel())
+    assert unpark_messages(db.session, [message_id]) == [message_id]
+    db.session.commit()
+    seen = []
+    handlers = {PAYMENT_REQUESTED: lambda session, events: seen.extend(e.payload for e in events)}
+    with transaction() as session:
+        assert process_inbox_message(session, message_id, handlers) == Outcome.PROCESSED
+    assert seen[0]["amount"] == Decimal("10.50")
+
+
+@pytest.mark.parametrize("value", [
+    b'"a\\u0000b"',  # a NUL character
+    b"1e1001",  # past numeric's exponents
+    b"1e999999999",  # a billion characters written out
+    b"[" * 900 + b"]" * 900,  # deeper than it is written out
+])
 def test_a_refused_payload_jsonb_cannot_hold_is_kept_as_raw_text(in_payments, payments_inbox,
                                                                  user_id, value):
-    """A NUL character in it would fail the batch's insert, and the partition would stop there;
-    a number no float holds exactly would change on its way."""
+    """A NUL character in it, or a number numeric cannot take, would fail the batch's insert,
+    and the partition would stop there."""
     record, body = _from_a_newer_producer(user_id, type="PaymentRefunded",
                                           payload={"note": "__NOTE__"})
     record = _record(record.value.replace(b'"__NOTE__"', value))
