@@ -45,6 +45,7 @@ from shared.errors import ApiError
 from shared.fields import WholeNumber
 from shared.http_api import Blueprint
 from shared.inbox import Handler, ReceivedEvent
+from shared.jsonio import dumps_exact
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def on_order_status_changes(session: Session, events: list[ReceivedEvent]) -> No
                                      "user_ids": [user for user, _, _ in rows.values()]})
         stored = execute_values(
             cursor, _KEEP_NOTIFICATIONS,
-            [(user_id, message_id, event_type, Json(payload))
+            [(user_id, message_id, event_type, Json(payload, dumps=dumps_exact))
              for message_id, (user_id, event_type, payload) in rows.items()],
             page_size=len(rows), fetch=True)
     if not stored:
@@ -144,7 +145,7 @@ def _publish(items: list[tuple[str, dict]]) -> None:
     try:
         pipeline = _redis().pipeline(transaction=False)
         for user_id, item in items:
-            pipeline.publish(channel(user_id), json.dumps(item))
+            pipeline.publish(channel(user_id), dumps_exact(item))
         pipeline.execute()
     except redis.RedisError as exc:  # open pages catch up from the table when they reconnect
         log.warning("could not publish %d notifications: %s", len(items), exc)

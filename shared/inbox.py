@@ -32,6 +32,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from shared.contracts import (PAYLOAD_SCHEMAS, Envelope, MalformedMessage, PayloadRefused,
                               decode)
 from shared.db import db, driver_cursor, held_up_by_a_lock
+from shared.jsonio import dumps_exact
 from shared.outbox import outbox_rows_written_together
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, request_id_bound
 
@@ -212,41 +213,43 @@ def _parked_raw(row: dict[str, Any], record: ConsumedRecord,
     }
 
 
-# The longest number a refused payload's text may hold, in characters: far inside what
-# PostgreSQL's numeric takes (131,072 digits before the point, 16,383 after).
+# The most a number in a refused payload may hold, in digits and in its exponent: PostgreSQL's
+# numeric reads an exponent of at most 1000 (a record's text is parked raw past that).
 _LONGEST_NUMBER = 1000
 
 
 def _jsonb_text(value: Any) -> str:
     """`value`, a JSON value as the consumer read it (shared.jsonio: a number with a point or an
-    exponent a Decimal), as JSON text that jsonb takes, its numbers exact (a handler reading them
-    again gets the Decimal that was sent: an amount of 10.50 read back as a float would break
-    its contract); a ValueError for what would fail the batch's insert: a string or key with a
-    NUL character or an unpaired surrogate, or a number too long for numeric."""
-    if value is None or isinstance(value, bool):
-        return json.dumps(value)
+    exponent a Decimal), as JSON text that jsonb takes, its numbers exact and as long as they were
+    sent (a handler reading them again gets the Decimal that was sent: an amount of 10.50 read
+    back as a float would break its contract); a ValueError for what would fail the batch's
+    insert: a string or key with a NUL character or an unpaired surrogate, or a number past
+    numeric's reach. (A RecursionError: nested deeper than it can be checked.)"""
+    _refuse_what_jsonb_cannot_take(value)
+    return dumps_exact(value)
+
+
+def _refuse_what_jsonb_cannot_take(value: Any) -> None:
     if isinstance(value, Decimal):
-        _sign, digits, exponent = value.as_tuple()
-        # (Checked before it is written out: 1e999999999 in full is a billion characters.)
-        if len(digits) > _LONGEST_NUMBER or abs(exponent) > _LONGEST_NUMBER:
-            raise ValueError("a number too long to keep")
-        return format(value, "f")
-    if isinstance(value, int):
-        text = str(value)
-        if len(text) > _LONGEST_NUMBER:
-            raise ValueError("a number too long to keep")
-        return text
-    if isinstance(value, str):
+        digits, exponent = value.as_tuple()[1:]
+        if max(len(digits), abs(exponent), abs(value.adjusted())) > _LONGEST_NUMBER:
+            raise ValueError("a number past numeric's reach")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if len(str(abs(value))) > _LONGEST_NUMBER:
+            raise ValueError("a number past numeric's reach")
+    elif isinstance(value, str):
         if "\x00" in value:
             raise ValueError("a NUL character")
         value.encode("utf-8")  # an unpaired surrogate: a UnicodeEncodeError, a ValueError
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list):
-        return "[" + ",".join(_jsonb_text(item) for item in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{_jsonb_text(key)}:{_jsonb_text(item)}"
-                              for key, item in value.items()) + "}"
-    raise ValueError(f"not a JSON value: {type(value).__name__}")
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_what_jsonb_cannot_take(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_what_jsonb_cannot_take(key)
+            _refuse_what_jsonb_cannot_take(item)
+    elif value is not None and not isinstance(value, bool):
+        raise ValueError(f"not a JSON value: {type(value).__name__}")
 
 
 class _JsonText(Json):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from typing import Any
 
 from flask.json.provider import DefaultJSONProvider
 
@@ -25,6 +26,20 @@ def loads_strict(text: str | bytes):
         # With the document itself: webargs reads an error on an empty document as "no body".
         doc = text if isinstance(text, str) else text.decode("utf-8", "replace")
         raise json.JSONDecodeError(f"unreadable JSON ({type(exc).__name__})", doc, 0) from None
+
+
+def dumps_exact(value: Any) -> str:
+    """JSON text for `value`, its Decimals written as the numbers they are (as loads_strict reads
+    them back; json.dumps refuses them): a stored message's payload, say, read back with the
+    numbers it was sent with."""
+    if isinstance(value, Decimal):
+        return str(value)  # "10.50", "1E+1000", "-0": JSON numbers, and as long as they were sent
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(str(key), ensure_ascii=False)}:{dumps_exact(item)}"
+                              for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(dumps_exact(item) for item in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
 
 
 class StrictDecimalJSONProvider(DefaultJSONProvider):

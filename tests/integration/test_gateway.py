@@ -419,6 +419,31 @@ def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(setting
     assert ids == sorted(ids)
 
 
+def test_a_status_change_replayed_with_a_numeric_amount_is_kept_and_published(settings, gateway):
+    """A message parked with its payload as sent (its producer newer than the gateway) holds its
+    numbers as Decimals when replayed (shared/inbox.py): kept and published as the numbers they
+    are, where json.dumps refused them."""
+    user = f"user-{uuid.uuid4().hex[:10]}"
+    (received,) = _status_changes(user)
+    wire = received.message.payload | {"amount": Decimal("10.50")}
+    replayed = dataclasses.replace(received, message=dataclasses.replace(received.message,
+                                                                         payload=wire))
+    app = gateway.application
+    with app.app_context():
+        pubsub = notifications._redis().pubsub()
+        pubsub.subscribe(notifications.channel(user))
+        assert wait_for(lambda: pubsub.get_message(timeout=0.1), timeout=5,
+                        what="the subscription confirmed")["type"] == "subscribe"
+        with transaction() as session:
+            notifications.on_order_status_changes(session, [replayed])
+        published = wait_for(lambda: pubsub.get_message(timeout=0.1), timeout=5,
+                             what="the notification published")
+        pubsub.close()
+        (kept,) = notifications.notifications_after(user, 0, 10)
+    assert '"amount":10.50' in published["data"].decode()
+    assert kept["payload"]["amount"] == 10.5
+
+
 def test_the_newest_notification_id_is_one_read_whatever_a_user_has(settings, gateway):
     """What a page reads before its orders: the id of the user's newest notification, 0 for none,
     however many there are (the page used to page through all of them), another user's not seen."""

@@ -19,8 +19,8 @@ from shared.contracts import (PAYLOAD_SCHEMAS, PAYMENT_REQUESTED, PaymentRequest
                               new_event)
 from shared.db import db, transaction
 from shared.inbox import (ConsumedRecord, InboxMessage, Outcome, PermanentMessageError,
-                          claim_stalled_messages, note_try_begun, process_inbox_message,
-                          record_failed_attempt, unpark_messages)
+                          claim_stalled_messages, inbox_row, note_try_begun,
+                          process_inbox_message, record_failed_attempt, unpark_messages)
 from tests.postgres_tools import terminate_backend
 
 _offsets = iter(range(10**9))
@@ -414,9 +414,25 @@ def test_a_refused_payloads_decimal_amount_is_read_back_as_sent_when_replayed(
     assert seen[0]["amount"] == Decimal("10.50")
 
 
+def test_a_refused_payloads_numbers_are_kept_as_long_as_they_were_sent(in_payments,
+                                                                       payments_inbox, user_id):
+    """Up to the edge of what numeric reads, written as they came: 1e1000 in full is a thousand
+    and one digits, and a record of many such made one batch's statement larger than PostgreSQL
+    takes."""
+    numbers = b"[9.99e998,-1e-1000,0E-7,-0.0,12.50," + b",".join([b"1e1000"] * 2000) + b"]"
+    record, body = _from_a_newer_producer(user_id, type="PaymentRefunded", payload={"n": "__N__"})
+    record = _record(record.value.replace(b'"__N__"', numbers))
+    assert len(inbox_row(record)["payload"].getquoted()) < 2 * len(record.value)
+    good, good_id = _request_record(user_id)
+    assert payments_inbox([record, good]) == [good_id]
+    row = _row(uuid.UUID(body["message_id"]))
+    assert row.raw_value is None and len(row.payload["n"]) == 2005
+
+
 @pytest.mark.parametrize("value", [
     b'"a\\u0000b"',  # a NUL character
     b"1e1001",  # past numeric's exponents
+    b"1" + b"0" * 1000,  # past its digits, here
     b"1e999999999",  # a billion characters written out
     b"[" * 900 + b"]" * 900,  # deeper than it is written out
 ])
