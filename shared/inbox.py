@@ -27,7 +27,7 @@ from psycopg2.extras import Json, execute_values
 from sqlalchemy import (BigInteger, Boolean, DateTime, Index, Integer, String, Text, false, func,
                         select, text, update)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, defer, mapped_column
 
 from shared.contracts import (PAYLOAD_SCHEMAS, Envelope, MalformedMessage, PayloadRefused,
                               decode)
@@ -176,7 +176,8 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
         envelope: Envelope = decode(record.value)
     except PayloadRefused as exc:
         try:
-            payload = _JsonText(_jsonb_text(exc.envelope["payload"]))
+            payload = _JsonText(_jsonb_text(exc.envelope["payload"],
+                                            numbers_printed_at_most=4 * len(record.value)))
         except (ValueError, RecursionError):  # (RecursionError: nested deeper than it is written)
             return _parked_raw(row, record, exc)
         # Parked under its own id with its payload as sent: once this service knows its type or
@@ -218,38 +219,46 @@ def _parked_raw(row: dict[str, Any], record: ConsumedRecord,
 _LONGEST_NUMBER = 1000
 
 
-def _jsonb_text(value: Any) -> str:
+def _jsonb_text(value: Any, numbers_printed_at_most: int) -> str:
     """`value`, a JSON value as the consumer read it (shared.jsonio: a number with a point or an
     exponent a Decimal), as JSON text that jsonb takes, its numbers exact and as long as they were
     sent (a handler reading them again gets the Decimal that was sent: an amount of 10.50 read
     back as a float would break its contract); a ValueError for what would fail the batch's
     insert: a string or key with a NUL character or an unpaired surrogate, or a number past
-    numeric's reach. (A RecursionError: nested deeper than it can be checked.)"""
-    _refuse_what_jsonb_cannot_take(value)
+    numeric's reach; or for numbers PostgreSQL would print back longer, all told, than
+    `numbers_printed_at_most` characters (it prints 1e1000 in full: a record of them read back, by
+    a replay or a listing, would be a hundred times its size). (A RecursionError: nested deeper
+    than it can be checked.)"""
+    if _printed_length_of_numbers(value) > numbers_printed_at_most:
+        raise ValueError("numbers that PostgreSQL would print back far longer than they came")
     return dumps_exact(value)
 
 
-def _refuse_what_jsonb_cannot_take(value: Any) -> None:
+def _printed_length_of_numbers(value: Any) -> int:
+    """How long PostgreSQL prints back the numbers in `value`, all told (in full, never with an
+    exponent); a ValueError for what jsonb cannot take (see _jsonb_text)."""
     if isinstance(value, Decimal):
         digits, exponent = value.as_tuple()[1:]
         if max(len(digits), abs(exponent), abs(value.adjusted())) > _LONGEST_NUMBER:
             raise ValueError("a number past numeric's reach")
-    elif isinstance(value, int) and not isinstance(value, bool):
+        return max(len(digits), value.adjusted() + 1) + max(0, -exponent) + 2
+    if isinstance(value, int) and not isinstance(value, bool):
         if len(str(abs(value))) > _LONGEST_NUMBER:
             raise ValueError("a number past numeric's reach")
-    elif isinstance(value, str):
+        return len(str(value))
+    if isinstance(value, str):
         if "\x00" in value:
             raise ValueError("a NUL character")
         value.encode("utf-8")  # an unpaired surrogate: a UnicodeEncodeError, a ValueError
-    elif isinstance(value, list):
-        for item in value:
-            _refuse_what_jsonb_cannot_take(item)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _refuse_what_jsonb_cannot_take(key)
-            _refuse_what_jsonb_cannot_take(item)
-    elif value is not None and not isinstance(value, bool):
+        return 0
+    if isinstance(value, list):
+        return sum(_printed_length_of_numbers(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_printed_length_of_numbers(key) + _printed_length_of_numbers(item)
+                   for key, item in value.items())
+    if value is not None and not isinstance(value, bool):
         raise ValueError(f"not a JSON value: {type(value).__name__}")
+    return 0
 
 
 class _JsonText(Json):
@@ -582,6 +591,7 @@ def parked_messages(session: Session, limit: int) -> list[InboxMessage]:
     """The most recently parked messages, newest first."""
     return list(session.scalars(
         select(InboxMessage).where(InboxMessage.parked_at.is_not(None))
+        .options(defer(InboxMessage.payload), defer(InboxMessage.raw_value))  # (not listed)
         .order_by(InboxMessage.parked_at.desc()).limit(limit)))
 
 

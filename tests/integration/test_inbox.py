@@ -419,14 +419,28 @@ def test_a_refused_payloads_numbers_are_kept_as_long_as_they_were_sent(in_paymen
     """Up to the edge of what numeric reads, written as they came: 1e1000 in full is a thousand
     and one digits, and a record of many such made one batch's statement larger than PostgreSQL
     takes."""
-    numbers = b"[9.99e998,-1e-1000,0E-7,-0.0,12.50," + b",".join([b"1e1000"] * 2000) + b"]"
+    numbers = b"[9.99e998,-1e-1000,0E-7,-0.0,12.50," + b",".join([b"1e1"] * 2000) + b"," \
+        + b" " * 4000 + b"0]"  # (room in the record for the first two, printed in full)
     record, body = _from_a_newer_producer(user_id, type="PaymentRefunded", payload={"n": "__N__"})
     record = _record(record.value.replace(b'"__N__"', numbers))
     assert len(inbox_row(record)["payload"].getquoted()) < 2 * len(record.value)
     good, good_id = _request_record(user_id)
     assert payments_inbox([record, good]) == [good_id]
     row = _row(uuid.UUID(body["message_id"]))
-    assert row.raw_value is None and len(row.payload["n"]) == 2005
+    assert row.raw_value is None and len(row.payload["n"]) == 2006
+
+
+def test_a_refused_payload_printed_back_far_longer_than_it_came_is_kept_as_raw_text(
+        in_payments, payments_inbox, user_id):
+    """PostgreSQL prints 1e1000 back in full: a record of them, kept as jsonb, would be read back
+    (by a replay, a listing) at a hundred times its size."""
+    numbers = b"[" + b",".join([b"1e1000"] * 2000) + b"]"
+    record, body = _from_a_newer_producer(user_id, type="PaymentRefunded", payload={"n": "__N__"})
+    record = _record(record.value.replace(b'"__N__"', numbers))
+    assert payments_inbox([record]) == []
+    (row,) = db.session.scalars(select(InboxMessage).where(
+        InboxMessage.topic == "test-topic", InboxMessage.offset == record.offset)).all()
+    assert row.payload is None and row.raw_value
 
 
 @pytest.mark.parametrize("value", [
