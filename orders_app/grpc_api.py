@@ -8,8 +8,7 @@ from flask import Flask
 from orders_app import endpoints
 from orders_app.schemas import ListOrdersQuerySchema, PlaceOrderSchema
 from shared.grpc_messages import to_message
-from shared.grpc_server import add_servicer, given, serve_call
-from shared.idempotency import checked_idempotency_key
+from shared.grpc_server import add_servicer, given, idempotency_key_given, serve_call
 from shared.protos import orders_pb2, orders_pb2_grpc
 
 PLACE_ORDER = PlaceOrderSchema()
@@ -24,8 +23,7 @@ class OrdersServicer(orders_pb2_grpc.OrdersServicer):
         def place(user_id: str):
             args = PLACE_ORDER.load({"description": request.description,
                                      **given(request, "amount")})
-            key = checked_idempotency_key(
-                given(request, "idempotency_key").get("idempotency_key"))
+            key = idempotency_key_given(request)
             return to_message(orders_pb2.Order, endpoints.place_order(user_id, args, key))
         return serve_call(self.app, context, request, place)
 

@@ -8,8 +8,7 @@ from flask import Flask
 from payments_app import endpoints
 from payments_app.schemas import DepositSchema
 from shared.grpc_messages import to_message
-from shared.grpc_server import add_servicer, given, serve_call
-from shared.idempotency import checked_idempotency_key
+from shared.grpc_server import add_servicer, given, idempotency_key_given, serve_call
 from shared.protos import payments_pb2, payments_pb2_grpc
 
 DEPOSIT = DepositSchema()
@@ -26,8 +25,7 @@ class PaymentsServicer(payments_pb2_grpc.PaymentsServicer):
     def Deposit(self, request, context):
         def deposit(user_id: str):
             args = DEPOSIT.load(given(request, "amount"))
-            key = checked_idempotency_key(
-                given(request, "idempotency_key").get("idempotency_key"))
+            key = idempotency_key_given(request)
             return to_message(payments_pb2.Account, endpoints.deposit(user_id, args, key))
         return serve_call(self.app, context, request, deposit)
 

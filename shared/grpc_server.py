@@ -30,6 +30,7 @@ from sqlalchemy.exc import OperationalError
 from shared.config import get_settings
 from shared.db import CallerGaveUp, caller_waits_until
 from shared.errors import ApiError, database_error
+from shared.idempotency import checked_idempotency_key
 from shared.identity import authenticated_user_id
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, request_id_bound,
                                     sane_request_id)
@@ -124,6 +125,12 @@ def given(request: Any, *names: str) -> dict[str, Any]:
     from empty), by name: what an HTTP body or query would hold, and a field left out is refused
     or defaulted by the schema as over HTTP."""
     return {name: getattr(request, name) for name in names if request.HasField(name)}
+
+
+def idempotency_key_given(request: Any) -> str | None:
+    """The call's Idempotency-Key, checked as over HTTP: none when the field is unset, a 400 for
+    one that is no usable key, an empty one sent included."""
+    return checked_idempotency_key(given(request, "idempotency_key").get("idempotency_key"))
 
 
 def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
