@@ -19,11 +19,11 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import psycopg2
-from kombu.exceptions import OperationalError as KombuOperationalError
 from confluent_kafka import (TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException,
                              TopicPartition)
 
 from shared.inbox import ConsumedRecord, insert_records
+from shared.task_queues import QUEUES_UNREACHABLE
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class InboxConsumer:
         if new_ids:
             try:
                 self._dispatch(new_ids)
-            except (KombuOperationalError, OSError) as exc:
+            except QUEUES_UNREACHABLE as exc:
                 # Stored, so not lost: the sweeper hands them over once the task queue is back
                 # (Redis down, say: what Celery raises once its publish has retried), and storing
                 # what comes next goes on meanwhile, at full speed. Any other error (a mistake in

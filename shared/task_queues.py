@@ -7,6 +7,13 @@ Apart, so that a backlog of handler tasks holds up none of beat's: in one queue,
 waited behind every batch sent before it and expired there, and a relay leader lost during a
 backlog was replaced only once the backlog had drained."""
 
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+# What sending a task raises when the queues' Redis cannot be reached (kombu's error once Celery's
+# publish has retried, or the socket's own): the work is in PostgreSQL, so a sender that meets it
+# leaves the messages to the sweeper rather than fail.
+QUEUES_UNREACHABLE = (KombuOperationalError, OSError)
+
 # The tasks beat sends; every other HseShop task is an inbox handler's.
 BEAT_TASKS = frozenset({"hseshop.relay_outbox", "hseshop.sweep_inbox", "hseshop.prune_inbox",
                         "hseshop.prune_idempotency_keys", "hseshop.prune_notifications"})

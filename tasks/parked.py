@@ -29,13 +29,12 @@ import argparse
 import sys
 import uuid
 
-from kombu.exceptions import OperationalError as KombuOperationalError
-
 from shared.config import SERVICES
 from shared.db import transaction
 from shared.inbox import discard_parked_messages, parked_messages, unpark_messages
 from shared.outbox import (discard_parked_outbox_messages, parked_outbox_messages,
                            unpark_outbox_messages)
+from shared.task_queues import QUEUES_UNREACHABLE
 from tasks.inbox import dispatch_inbox_messages
 from tasks.services import service_app
 
@@ -78,7 +77,7 @@ def replay(service: str, message_ids: list[uuid.UUID] | None,
             replayed = unpark_messages(session, message_ids)
         try:
             dispatch_inbox_messages(service, replayed)
-        except (KombuOperationalError, OSError) as exc:
+        except QUEUES_UNREACHABLE as exc:
             # They are unparked all the same (a second replay would call them not parked): the
             # sweeper hands them over, as it does any message left waiting, once Redis is back.
             print(f"the task queue is unreachable ({exc}): the sweeper will hand the messages"
