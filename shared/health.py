@@ -91,9 +91,14 @@ def _run_checks() -> dict[str, bool]:
     }
 
 
+@health_blueprint.record_once
+def _share_checks(state) -> None:
+    state.app.extensions[_CHECKS] = SharedChecks()
+
+
 @health_blueprint.get("/health")
 def health():
-    checks = current_app.extensions.setdefault(_CHECKS, SharedChecks()).get(_run_checks)
+    checks = current_app.extensions[_CHECKS].get(_run_checks)
     healthy = all(checks.values())
     body = {"status": "ok" if healthy else "degraded",
             "service": current_app.name,
