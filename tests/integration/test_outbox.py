@@ -18,6 +18,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 from sqlalchemy import delete, func, select, text
+from sqlalchemy.orm import Session
 
 from devstack.infra import free_port, start_and_wait_for_broker, start_broker
 from orders_app import service
@@ -26,7 +27,7 @@ from shared.contracts import PAYMENT_REQUESTED, new_event
 from shared.db import db, driver_cursor, driver_dsn, transaction
 from shared.kafka import OutboxPublisher
 from shared.task_queues import worker_queues
-from shared.outbox import (CLAIM_ROWS, OutboxMessage, add_outbox_message,
+from shared.outbox import (CLAIM_ROWS, OutboxMessage, Refusal, add_outbox_message,
                            outbox_rows_written_together, relay_pending_outbox, vacuum_outbox)
 from shared.relay_leader import RelayLeaderConnection
 from shared.request_context import request_id_bound
@@ -394,6 +395,76 @@ def test_relays_taking_turns_to_lead_send_each_row_once(orders_flask_app, settin
                    for m in _messages_of(settings, [*order_ids, marker], read_past=True))
     assert {str(order_id): sent[str(order_id)] for order_id in order_ids} == {
         str(order_id): 1 for order_id in order_ids}
+
+
+def test_a_batch_sent_whole_is_deleted_by_one_walk_along_the_primary_key(in_orders, settings,
+                                                                         user_id):
+    publisher = OutboxPublisher(settings)
+    _relay_all(publisher)  # whatever earlier tests left behind
+    order_ids = [_place(user_id, "1.00").id for _ in range(5)]
+    with transaction() as session, driver_cursor(session) as cursor:
+        recording = _RecordingCursor(cursor)
+        assert relay_pending_outbox(recording, publisher.send_batch, 100).sent == 5
+    read, delete_them = recording.statements
+    assert read == CLAIM_ROWS
+    assert "BETWEEN" in delete_them and "ANY" not in delete_them
+    db.session.rollback()
+    assert _outbox_rows_for(order_ids) == []
+
+
+class _RecordingCursor:
+    """A driver cursor that keeps the statements it was given."""
+
+    def __init__(self, cursor):
+        self._cursor = cursor
+        self.statements: list[str] = []
+
+    def execute(self, statement: str, params=None) -> None:
+        self.statements.append(statement)
+        self._cursor.execute(statement, params)
+
+    def __getattr__(self, name: str):
+        return getattr(self._cursor, name)
+
+
+@pytest.mark.parametrize("unsent", ["committed late", "refused"])
+def test_a_row_among_a_batchs_rows_that_was_not_sent_is_not_deleted(in_orders, settings,
+                                                                      user_id, unsent):
+    """The relay deletes the rows sent by walking the primary key from the first to the last
+    (shared.outbox._delete_rows): a row between them that was not sent stays. Committed late
+    (its id taken before the rows after it were committed, its commit while the batch was out,
+    after the read), it was read by no relay yet; refused, it is tried again."""
+    publisher = OutboxPublisher(settings)
+    _relay_all(publisher)  # whatever earlier tests left behind
+    before = [_place(user_id, "1.00").id for _ in range(20)]
+    late_session = Session(db.engine)
+    try:
+        middle = service.place_order(late_session, user_id=f"{user_id}-middle",
+                                     amount=Decimal("2.00"), description="")
+        if unsent == "refused":
+            late_session.commit()
+        after = [_place(user_id, "3.00").id for _ in range(20)]
+        db.session.rollback()
+        middle_row = _outbox_rows_for([middle.id])[0] if unsent == "refused" else None
+
+        def send_batch(rows):
+            if unsent == "committed late":
+                late_session.commit()  # once the rows are read, before they are deleted
+                return publisher.send_batch(rows)
+            refused = publisher.send_batch([row for row in rows if row[0] != middle_row.id])
+            return refused | {middle_row.id: Refusal("refused for the test")}
+
+        with transaction() as session, driver_cursor(session) as cursor:
+            result = relay_pending_outbox(cursor, send_batch, 100)
+        assert (result.claimed, result.sent) == (40 + (unsent == "refused"), 40)
+        db.session.rollback()
+        assert _outbox_rows_for([*before, *after]) == []
+        assert [row.correlation_id for row in _outbox_rows_for([middle.id])] == [str(middle.id)]
+        _relay_all(publisher)
+        assert _messages_of(settings, [middle.id])
+    finally:
+        late_session.close()
+        _delete_outbox_rows_of([middle.id])
 
 
 def _relay_once_elsewhere(url: str, publisher: OutboxPublisher):
