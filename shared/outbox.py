@@ -2,8 +2,9 @@
 change that causes them, and a relay later publishes them to Kafka and deletes them.
 
 One relay sends a database's rows: the leader, which holds a session advisory lock on a connection
-of its own (shared/relay_leader.py) and relays on it, so two relays never send at once, never send
-one row twice and never overtake each other, and no row locks are needed. A row is deleted only
+of its own (shared/relay_leader.py) and relays on it (reading ahead through a backlog on a second
+one: ReadAhead), so two relays never send at once, never send one row twice and never overtake
+each other, and no row locks are needed. A row is deleted only
 once the broker has acknowledged it (Kafka is then its record); a row the broker refused stays,
 counts the attempt and records the error, and is retried by the next run. A row whose message is
 too large ever to be sent (over the producer's `message.max.bytes` or the topic's
@@ -228,7 +229,8 @@ class ReadAhead:
 
     def finish(self, keep: bool) -> None:
         """Wait for the read (before the batch's rows are deleted), and keep what it read for
-        `take`, or not (`keep` false: the broker refused rows of the batch)."""
+        `take`, or not (`keep` false: a row of the batch was not acknowledged, whatever the
+        reason, or sending it raised)."""
         reading, self._reading = self._reading, None
         if reading is not None:
             rows = reading.result()
@@ -260,7 +262,8 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int,
     For the database's one relay: the leader passes a driver cursor of its own connection, in
     autocommit, so a batch costs two statements (read, delete) and no transaction around them; it
     runs at every wake-up, thousands of rows a second. With `read_ahead`, a full batch has the
-    next one read while it goes out, and the next call sends that.
+    next one read on the read-ahead's connection while it goes out, and the next call sends that
+    (its own connection then only deletes).
     """
     rows = read_ahead.take() if read_ahead else None
     if rows is None:
@@ -317,12 +320,14 @@ def vacuum_outbox(cursor) -> None:
 
 
 def _delete_rows(cursor, row_ids: list[int]) -> None:
-    """Delete the rows `row_ids` (ascending): nearly always every row between the first and the
-    last, which one walk along the primary key deletes at a third of the cost of looking each id
-    up. The walk deletes only if the rows it finds are as many as the rows named (those are all in
-    the table, and all in the range, so then they are the very rows it finds): a row in the range
-    that was not sent (a refused or parked one, or one committed late under a lower id) makes it
-    delete nothing, and the rows are then deleted by their ids."""
+    """Delete the rows `row_ids` (ascending): through a backlog, every row between the first and
+    the last, which one walk along the primary key deletes at a third of the cost of looking each
+    id up. The walk deletes only if the rows it finds are as many as the rows named (those are
+    all in the table, and all in the range, so then they are the very rows it finds): a row in the
+    range that was not sent (a refused or parked one, or one committed late under a lower id)
+    makes it delete nothing, and the rows are then deleted by their ids (a second statement:
+    under a steady load, now and then, when another transaction's row between them commits while
+    they are out)."""
     cursor.execute(_DELETE_RANGE_IF_ONLY_THOSE, {"first": row_ids[0], "last": row_ids[-1],
                                                  "rows": len(row_ids)})
     if cursor.rowcount != len(row_ids):
