@@ -2,9 +2,8 @@
 change that causes them, and a relay later publishes them to Kafka and deletes them.
 
 One relay sends a database's rows: the leader, which holds a session advisory lock on a connection
-of its own (shared/relay_leader.py) and relays on it (reading ahead through a backlog on a second
-one: ReadAhead), so two relays never send at once, never send one row twice and never overtake
-each other, and no row locks are needed. A row is deleted only
+of its own (shared/relay_leader.py) and relays on it, so two relays never send at once, never send
+one row twice and never overtake each other, and no row locks are needed. A row is deleted only
 once the broker has acknowledged it (Kafka is then its record); a row the broker refused stays,
 counts the attempt and records the error, and is retried by the next run. A row whose message is
 too large ever to be sent (over the producer's `message.max.bytes` or the topic's
@@ -23,15 +22,12 @@ Inserting rows wakes the relay: a trigger notifies OUTBOX_CHANNEL (see shared/re
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from psycopg2.extras import execute_values
 from sqlalchemy import JSON, BigInteger, DateTime, Integer, String, Text, func, text
@@ -41,11 +37,6 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from shared.contracts import Envelope
 from shared.db import db, driver_cursor, limit_lifted
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, current_request_id
-
-if TYPE_CHECKING:  # (it imports this module)
-    from shared.relay_leader import RelayLeaderConnection
-
-log = logging.getLogger(__name__)
 
 # Notified by the trigger on outbox_messages (shared/migration_steps.py) as inserts commit.
 OUTBOX_CHANNEL = "outbox_messages"
@@ -79,16 +70,12 @@ SELECT id, topic, key, message_id::text, type, request_id, envelope::text FROM o
 # The oldest rows that may go: not parked, and not behind a parked row with their topic and key (a
 # row without a key has no order to keep). The parked rows have an index of their own, empty but
 # for them, so that the check costs the relay next to nothing while there are none.
-_MAY_GO = """parked_at IS NULL AND NOT EXISTS (
+CLAIM_ROWS = RELAY_SELECT + """ AS waiting
+WHERE parked_at IS NULL AND NOT EXISTS (
     SELECT FROM outbox_messages AS parked
     WHERE parked.parked_at IS NOT NULL AND parked.topic = waiting.topic
-          AND parked.key = waiting.key AND parked.id < waiting.id)"""
-CLAIM_ROWS = RELAY_SELECT + " AS waiting WHERE " + _MAY_GO + " ORDER BY id LIMIT %(batch_size)s"
-# The oldest rows that may go after the batch out now (see ReadAhead), read only if that batch's
-# rows are the only rows up to its last: then no row is left behind below it.
-CLAIM_ROWS_AFTER = RELAY_SELECT + """ AS waiting
-WHERE (SELECT count(*) FROM outbox_messages WHERE id <= %(last)s) = %(rows)s
-      AND id > %(last)s AND """ + _MAY_GO + " ORDER BY id LIMIT %(batch_size)s"
+          AND parked.key = waiting.key AND parked.id < waiting.id)
+ORDER BY id LIMIT %(batch_size)s"""
 
 # (id, topic, key, message_id, type, request_id, envelope): a row as RELAY_SELECT reads it.
 RelayRow = tuple[int, str, str | None, str, str, str | None, str]
@@ -182,103 +169,19 @@ class RelayResult:
 SendBatch = Callable[[list[RelayRow]], dict[int, Refusal]]
 
 
-class ReadAhead:
-    """Reads the relay's next batch on a connection of its own, in a thread of its own, while the
-    batch before it is out: through a backlog, each batch's read then costs the database's time
-    while the producer's goes on, not after it.
-
-    It reads the rows after the last one of the batch out, and only if that batch's rows are the
-    only rows up to its last one, which they are unless a row below it was not read with them (a
-    parked one, one held back behind it, or one committed late under a lower id): then it reads
-    nothing, and the relay reads the oldest rows again, the one left behind first. The read is
-    over before the batch's rows are deleted, so they are counted. A row committed after the read
-    is not in it, nor any row after it with its key (one user's rows commit in the order of their
-    ids: orders_app.service.place_order). After a batch the broker refused rows of, the relay reads
-    again from the oldest row: its refusals hold back the later rows of their keys, some of them
-    perhaps in the batch read ahead.
-
-    The connection is opened at the first read and closed with the read-ahead: for one run
-    through a backlog. A read that fails is dropped (logged; the relay reads for itself) and its
-    connection closed, to be opened again by the next read.
-    """
-
-    def __init__(self, connect: Callable[[], RelayLeaderConnection]):
-        self._connect = connect
-        self._connection: RelayLeaderConnection | None = None  # the thread's, till close
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-read-ahead")
-        self._reading: Future[list[RelayRow] | None] | None = None
-        self._read: list[RelayRow] | None = None
-
-    def start(self, batch: list[RelayRow], batch_size: int) -> None:
-        """Read the rows after `batch` (read, not yet sent) while it goes out."""
-        params = {"last": batch[-1][0], "rows": len(batch), "batch_size": batch_size}
-        self._reading = self._thread.submit(self._read_rows, params)
-
-    def _read_rows(self, params: dict) -> list[RelayRow] | None:
-        try:
-            if self._connection is None:
-                self._connection = self._connect()
-            with self._connection.cursor() as cursor:
-                cursor.execute(CLAIM_ROWS_AFTER, params)
-                return cursor.fetchall()
-        except Exception:
-            log.warning("the outbox relay's read-ahead failed; the relay reads for itself",
-                        exc_info=True)
-            self._close_connection()
-            return None
-
-    def finish(self, keep: bool) -> None:
-        """Wait for the read (before the batch's rows are deleted), and keep what it read for
-        `take`, or not (`keep` false: a row of the batch was not acknowledged, whatever the
-        reason, or sending it raised)."""
-        reading, self._reading = self._reading, None
-        if reading is not None:
-            rows = reading.result()
-            self._read = rows if keep else None
-
-    def take(self) -> list[RelayRow] | None:
-        """The rows read ahead, if any: None when the relay must read the oldest rows itself."""
-        rows, self._read = self._read, None
-        return rows or None
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=True)
-        self._close_connection()  # the thread is done with it
-
-    def _close_connection(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                connection.close()
-            except Exception:  # closing a connection already broken
-                log.debug("closing the read-ahead's connection failed", exc_info=True)
-
-
-def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int,
-                         read_ahead: ReadAhead | None = None) -> RelayResult:
+def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> RelayResult:
     """Publish one batch of rows, oldest first, and delete the ones the broker acknowledged;
     park the ones too large ever to be sent, count an attempt for the others refused.
 
     For the database's one relay: the leader passes a driver cursor of its own connection, in
     autocommit, so a batch costs two statements (read, delete) and no transaction around them; it
-    runs at every wake-up, thousands of rows a second. With `read_ahead`, a full batch has the
-    next one read on the read-ahead's connection while it goes out, and the next call sends that
-    (its own connection then only deletes).
+    runs at every wake-up, thousands of rows a second.
     """
-    rows = read_ahead.take() if read_ahead else None
-    if rows is None:
-        cursor.execute(CLAIM_ROWS, {"batch_size": batch_size})
-        rows = cursor.fetchall()
+    cursor.execute(CLAIM_ROWS, {"batch_size": batch_size})
+    rows: list[RelayRow] = cursor.fetchall()
     if not rows:
         return RelayResult()
-    if read_ahead and len(rows) == batch_size:
-        read_ahead.start(rows, batch_size)
-    refused: dict[int, Refusal] | None = None
-    try:
-        refused = send_batch(rows)
-    finally:
-        if read_ahead:
-            read_ahead.finish(keep=refused == {})
+    refused = send_batch(rows)
     sent_ids = [row[0] for row in rows if row[0] not in refused]
     if sent_ids:
         _delete_rows(cursor, sent_ids)

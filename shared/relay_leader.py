@@ -1,7 +1,5 @@
 """The outbox relay's leader: one connection per service database that holds the leader lock,
-LISTENs on the channel the outbox trigger notifies, and runs the relay's statements (but for the
-reads ahead through a backlog, shared.outbox.ReadAhead: on a connection set up alike, which
-holds no lock).
+LISTENs on the channel the outbox trigger notifies, and runs the relay's statements.
 
 A session-level advisory lock makes one relay per database the leader; a crashed one lets go with
 its connection. Each commit that inserted outbox rows notifies once, after it is visible, so the
@@ -29,8 +27,7 @@ LEADER_IDLE_TIMEOUT_SECONDS = 30.0
 
 
 class RelayLeaderConnection:
-    """A connection to one service's database; `lead()` before waiting or relaying (the
-    read-ahead's connection is one that never leads)."""
+    """A connection to one service's database; `lead()` before waiting or relaying."""
 
     def __init__(self, database_url: str,
                  idle_timeout_seconds: float = LEADER_IDLE_TIMEOUT_SECONDS):
@@ -51,13 +48,8 @@ class RelayLeaderConnection:
             # table's pages and sorting: a table rows go through holds far more pages than rows
             # (sent rows are deleted and stay as dead versions until a VACUUM), and a planner
             # that costs the read by pages picks the scan, which then costs milliseconds a read.
-            # Nor by a bitmap of the index and a sort: the rows after a given id (the read-ahead's,
-            # shared.outbox.ReadAhead) planned on a table never analyzed (no autovacuum) were read
-            # that way, all of those left each time, 280 ms a batch at the start of a backlog of
-            # 100,000 against 5 walking the key. This connection runs the relay's statements
-            # only, all of them by id.
+            # This connection runs the relay's statements only, all of them by id.
             cursor.execute("SET enable_seqscan = off")
-            cursor.execute("SET enable_bitmapscan = off")
 
     def lead(self) -> bool:
         """Become this database's leading relay, unless another relay is; then listen."""

@@ -17,15 +17,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import closing
 
 from celery import bootsteps
 from celery.signals import worker_shutting_down
 from flask import current_app
 
 from shared.kafka import OutboxPublisher, ensure_topics
-from shared.outbox import (ReadAhead, count_parked_outbox_messages, relay_pending_outbox,
-                           vacuum_outbox)
+from shared.outbox import count_parked_outbox_messages, relay_pending_outbox, vacuum_outbox
 from shared.relay_leader import RelayLeaderConnection
 from tasks.celery_app import app
 from tasks.services import ServiceTask
@@ -155,28 +153,24 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                        publisher: OutboxPublisher) -> tuple[int, bool]:
     """Send batch after batch until none is left or the broker refuses rows; returns how many
     rows were sent and whether the broker refused any (messages too large ever to be sent say
-    nothing about the broker: they are parked, and the next read passes over them). Through a
-    backlog, each batch is read while the one before it is out (shared.outbox.ReadAhead), on a
-    connection set up as the leader's, which holds no lock."""
+    nothing about the broker: they are parked, and the next read passes over them)."""
     sent = 0
-    database_url = settings.database_url(service)
-    with closing(ReadAhead(lambda: RelayLeaderConnection(database_url))) as read_ahead:
-        while not _stopping.is_set():
-            with leader.cursor() as cursor:
-                result = relay_pending_outbox(cursor, publisher.send_batch,
-                                              settings.outbox_relay_batch_size, read_ahead)
-            sent += result.sent
-            if result.parked:
-                log.error("%s outbox: parked %d message(s) too large to be sent; the later rows"
-                          " of their keys wait behind them (python -m tasks.parked list %s"
-                          " --outbox)", service, result.parked, service)
-            if result.refused_by_the_broker:
-                log.warning("%s outbox: %d rows not acknowledged by the broker; will retry",
-                            service, result.refused_by_the_broker)
-                _recreate_topics(settings, service)
-                return sent, True
-            if result.claimed < settings.outbox_relay_batch_size:
-                break
+    while not _stopping.is_set():
+        with leader.cursor() as cursor:
+            result = relay_pending_outbox(cursor, publisher.send_batch,
+                                          settings.outbox_relay_batch_size)
+        sent += result.sent
+        if result.parked:
+            log.error("%s outbox: parked %d message(s) too large to be sent; the later rows of"
+                      " their keys wait behind them (python -m tasks.parked list %s --outbox)",
+                      service, result.parked, service)
+        if result.refused_by_the_broker:
+            log.warning("%s outbox: %d rows not acknowledged by the broker; will retry",
+                        service, result.refused_by_the_broker)
+            _recreate_topics(settings, service)
+            return sent, True
+        if result.claimed < settings.outbox_relay_batch_size:
+            break
     return sent, False
 
 

@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -27,9 +27,8 @@ from shared.contracts import PAYMENT_REQUESTED, new_event
 from shared.db import db, driver_cursor, driver_dsn, transaction
 from shared.kafka import OutboxPublisher
 from shared.task_queues import worker_queues
-from shared.outbox import (CLAIM_ROWS, CLAIM_ROWS_AFTER, OutboxMessage, ReadAhead, Refusal,
-                           add_outbox_message, outbox_rows_written_together, relay_pending_outbox,
-                           vacuum_outbox)
+from shared.outbox import (CLAIM_ROWS, OutboxMessage, Refusal, add_outbox_message,
+                           outbox_rows_written_together, relay_pending_outbox, vacuum_outbox)
 from shared.relay_leader import RelayLeaderConnection
 from shared.request_context import request_id_bound
 from tasks.services import service_app
@@ -468,85 +467,6 @@ def test_a_row_among_a_batchs_rows_that_was_not_sent_is_not_deleted(in_orders, s
         _delete_outbox_rows_of([middle.id])
 
 
-def test_through_a_backlog_each_batch_is_read_while_the_one_before_it_is_out(
-        in_orders, settings, user_id):
-    publisher = OutboxPublisher(settings)
-    _relay_all(publisher)  # whatever earlier tests left behind
-    order_ids = [_place(user_id, "1.00").id for _ in range(12)]
-    url = settings.database_url("orders")
-    with RelayLeaderConnection(url) as leader, \
-            closing(ReadAhead(lambda: RelayLeaderConnection(url))) as read_ahead:
-        with leader.cursor() as cursor:
-            recording = _RecordingCursor(cursor)
-            results = [relay_pending_outbox(recording, publisher.send_batch, 5, read_ahead)
-                       for _ in range(3)]
-    assert [result.sent for result in results] == [5, 5, 2]
-    assert recording.statements.count(CLAIM_ROWS) == 1  # the later two were read ahead
-    db.session.rollback()
-    assert _outbox_rows_for(order_ids) == []
-    assert [json.loads(m.value())["correlation_id"] for m in _messages_of(settings, order_ids)] \
-        == [str(order_id) for order_id in order_ids]
-
-
-def test_the_read_ahead_reads_nothing_while_a_row_below_the_batch_out_was_not_read_with_it(
-        in_orders, settings, user_id):
-    """A row committed late under a lower id than the batch's last must go before the rows after
-    it with its key: the read ahead of the next batch leaves it to the relay's read from the
-    oldest row. So does a batch the broker refused rows of."""
-    _relay_all(OutboxPublisher(settings))  # whatever earlier tests left behind
-    first = [_place(user_id, "1.00").id for _ in range(2)]
-    late_session = Session(db.engine)
-    url = settings.database_url("orders")
-    read_ahead = ReadAhead(lambda: RelayLeaderConnection(url))
-    try:
-        late = service.place_order(late_session, user_id=user_id + "-late", amount=Decimal("2"),
-                                   description="")
-        rest = [_place(user_id, "3.00").id for _ in range(6)]
-        with RelayLeaderConnection(url) as leader, leader.cursor() as cursor:
-            cursor.execute(CLAIM_ROWS, {"batch_size": 4})
-            batch = cursor.fetchall()  # the first two and two of the rest; the late row unseen
-            late_session.commit()
-            read_ahead.start(batch, 4)
-            read_ahead.finish(keep=True)
-            assert read_ahead.take() is None
-
-            cursor.execute(CLAIM_ROWS, {"batch_size": 4})
-            batch = cursor.fetchall()  # now with the late row
-            read_ahead.start(batch, 4)
-            read_ahead.finish(keep=True)
-            read = read_ahead.take()
-            read_ahead.start(batch, 4)
-            read_ahead.finish(keep=False)  # the broker refused rows of the batch
-            assert read_ahead.take() is None
-        db.session.rollback()
-        ids = {row.correlation_id: row.id for row in _outbox_rows_for([*first, late.id, *rest])}
-        assert [row[0] for row in batch] == [ids[str(i)] for i in [*first, late.id, rest[0]]]
-        assert [row[0] for row in read] == [ids[str(i)] for i in rest[1:5]]
-    finally:
-        read_ahead.close()
-        late_session.close()
-        _delete_outbox_rows_of([*first, late.id, *rest])
-
-
-def test_a_read_ahead_that_fails_is_dropped_and_the_relay_reads_for_itself(
-        in_orders, settings, user_id, caplog):
-    publisher = OutboxPublisher(settings)
-    _relay_all(publisher)  # whatever earlier tests left behind
-    order_ids = [_place(user_id, "1.00").id for _ in range(4)]
-
-    def cannot_connect():
-        raise psycopg2.OperationalError("the database is gone")
-
-    with closing(ReadAhead(cannot_connect)) as read_ahead:
-        with transaction() as session, driver_cursor(session) as cursor:
-            results = [relay_pending_outbox(cursor, publisher.send_batch, 2, read_ahead)
-                       for _ in range(3)]
-    assert [result.sent for result in results] == [2, 2, 0]
-    assert "the outbox relay's read-ahead failed" in caplog.text
-    db.session.rollback()
-    assert _outbox_rows_for(order_ids) == []
-
-
 def _relay_once_elsewhere(url: str, publisher: OutboxPublisher):
     """One relay run on a leader's connection of its own (the test's session is mid-transaction)."""
     with RelayLeaderConnection(url) as leader:
@@ -648,33 +568,7 @@ def test_the_leader_reads_the_oldest_rows_by_the_primary_key_however_many_were_d
         with leader.cursor() as cursor:
             cursor.execute("EXPLAIN " + CLAIM_ROWS, {"batch_size": 5000})
             plan = "\n".join(line for (line,) in cursor)
-            cursor.execute("EXPLAIN " + CLAIM_ROWS_AFTER, {"batch_size": 5000, "last": 1,
-                                                           "rows": 5000})
-            plan_after = "\n".join(line for (line,) in cursor)
     assert "Index Scan using outbox_messages_pkey" in plan and "Seq Scan" not in plan, plan
-    assert "Index Cond: (id > " in plan_after and "Seq Scan" not in plan_after, plan_after
-
-
-def test_the_leader_reads_the_rows_after_a_batch_by_the_primary_key_on_a_table_never_analyzed(
-        settings):
-    """A database whose outbox was never analyzed (no autovacuum, or a fresh one) has no
-    statistics for the planner: it read the rows after a given id (the read-ahead's,
-    shared.outbox.ReadAhead) by a bitmap of the index and a sort, all of those left each time,
-    280 ms a batch at the start of a backlog of 100,000 against 5 walking the key. Here the
-    session's own table of that name, made like the outbox and never analyzed, stands for one."""
-    with RelayLeaderConnection(settings.database_url("orders")) as leader:
-        with leader.cursor() as cursor:
-            cursor.execute("CREATE TEMPORARY TABLE outbox_messages"
-                           " (LIKE public.outbox_messages INCLUDING ALL)")
-            cursor.execute("INSERT INTO outbox_messages (id, message_id, topic, key, type,"
-                           " envelope) SELECT n, gen_random_uuid(), 't', 'key-' || n % 50, 'X',"
-                           " '{}'"
-                           " FROM generate_series(1, 20000) AS n")
-            cursor.execute("EXPLAIN " + CLAIM_ROWS_AFTER,
-                           {"last": 1000, "rows": 1000, "batch_size": 1000})
-            plan = "\n".join(line for (line,) in cursor)
-    assert "Index Scan using outbox_messages_pkey on outbox_messages waiting" in plan, plan
-    assert "Bitmap" not in plan, plan
 
 
 def _relay_run_in_a_thread(outcome: list) -> threading.Thread:

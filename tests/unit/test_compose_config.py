@@ -301,9 +301,8 @@ def test_workers_can_be_scaled():
             assert f"{service_name}@%h" in command(worker), name
 
 
-# Connections a worker holds beside its pool's: its relay leader's, the leader's read-ahead's
-# (shared.outbox.ReadAhead, through a backlog) and its inbox consumer's.
-WORKER_OWN_CONNECTIONS = 3
+# Connections a worker holds beside its pool's: its relay leader's and its inbox consumer's.
+WORKER_OWN_CONNECTIONS = 2
 SUPERUSER_RESERVED_CONNECTIONS = 3  # PostgreSQL's default, of max_connections
 
 
