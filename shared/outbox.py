@@ -174,8 +174,9 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
     park the ones too large ever to be sent, count an attempt for the others refused.
 
     For the database's one relay: the leader passes a driver cursor of its own connection, in
-    autocommit, so a batch costs two statements (read, delete) and no transaction around them; it
-    runs at every wake-up, thousands of rows a second.
+    autocommit, so a batch costs two statements (read, delete; see _delete_rows for when the
+    delete takes two) and no transaction around them; it runs at every wake-up, thousands of rows
+    a second.
     """
     cursor.execute(CLAIM_ROWS, {"batch_size": batch_size})
     rows: list[RelayRow] = cursor.fetchall()
@@ -224,13 +225,15 @@ def vacuum_outbox(cursor) -> None:
 
 def _delete_rows(cursor, row_ids: list[int]) -> None:
     """Delete the rows `row_ids` (ascending): through a backlog, every row between the first and
-    the last, which one walk along the primary key deletes at a third of the cost of looking each
-    id up. The walk deletes only if the rows it finds are as many as the rows named (those are
-    all in the table, and all in the range, so then they are the very rows it finds): a row in the
-    range that was not sent (a refused or parked one, or one committed late under a lower id)
-    makes it delete nothing, and the rows are then deleted by their ids (a second statement:
-    under a steady load, now and then, when another transaction's row between them commits while
-    they are out)."""
+    the last, which one walk along the primary key deletes at a quarter to a third of the cost of
+    looking each id up (measured on 100,000 rows in batches of 5,000). The walk deletes only if
+    the rows it finds are as many as the rows named (those are all in the table, and all in the
+    range, so then they are the very rows it finds): a row in the range that was not sent (a
+    refused or parked one, one held back behind a parked one, or one committed late under a lower
+    id) makes it delete nothing, and the rows are then deleted by their ids, a second statement:
+    under a steady load now and then, when another transaction's row between them commits while
+    they are out; while rows are parked, for every batch whose range holds rows waiting behind
+    them."""
     cursor.execute(_DELETE_RANGE_IF_ONLY_THOSE, {"first": row_ids[0], "last": row_ids[-1],
                                                  "rows": len(row_ids)})
     if cursor.rowcount != len(row_ids):

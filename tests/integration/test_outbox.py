@@ -438,6 +438,7 @@ def test_a_row_among_a_batchs_rows_that_was_not_sent_is_not_deleted(in_orders, s
     _relay_all(publisher)  # whatever earlier tests left behind
     before = [_place(user_id, "1.00").id for _ in range(20)]
     late_session = Session(db.engine)
+    middle = None
     try:
         middle = service.place_order(late_session, user_id=f"{user_id}-middle",
                                      amount=Decimal("2.00"), description="")
@@ -464,7 +465,8 @@ def test_a_row_among_a_batchs_rows_that_was_not_sent_is_not_deleted(in_orders, s
         assert _messages_of(settings, [middle.id])
     finally:
         late_session.close()
-        _delete_outbox_rows_of([middle.id])
+        if middle is not None:
+            _delete_outbox_rows_of([middle.id])
 
 
 def _relay_once_elsewhere(url: str, publisher: OutboxPublisher):
