@@ -520,13 +520,11 @@ SWEPT_PER_RUN = 5_000
 
 @dataclass(frozen=True)
 class StalledMessage:
-    """A message the sweeper hands over again, its tries so far (a try of it lost with its worker
-    counted), and whether it had been handed over or tried before (`last_attempt_at`) and stalled
-    since: not a lost dispatch, then, but a handling that came to nothing again."""
+    """A message the sweeper hands over again, and its tries so far (a try of it lost with its
+    worker counted)."""
 
     message_id: uuid.UUID
     attempts: int
-    stalled_again: bool = False
 
 
 def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: int | None,
@@ -553,11 +551,11 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
         "counting": 1 if max_attempts else 0, "max_attempts": max_attempts or 0,
         "gave_up": _GAVE_UP.format(max_attempts)})
     stalled = []
-    for message_id, attempts, parked, stalled_again in claimed:
+    for message_id, attempts, parked in claimed:
         if parked:
             log.error("parked inbox message %s: %s", message_id, _GAVE_UP.format(attempts))
         else:
-            stalled.append(StalledMessage(message_id, attempts, stalled_again))
+            stalled.append(StalledMessage(message_id, attempts))
     return stalled
 
 
@@ -566,8 +564,7 @@ _GAVE_UP = ("tried {} times and never handled: its handling may crash or hang th
 # `lost`: a try that began and never ended, counted (and so closed) when sweeping with `counting`.
 _CLAIM_STALLED = text("""
 WITH stalled AS (
-    SELECT message_id, CASE WHEN :counting = 1 AND try_open THEN 1 ELSE 0 END AS lost,
-           last_attempt_at IS NOT NULL AS stalled_again
+    SELECT message_id, CASE WHEN :counting = 1 AND try_open THEN 1 ELSE 0 END AS lost
     FROM inbox_messages
     WHERE processed_at IS NULL AND parked_at IS NULL AND received_at < :cutoff
           AND (last_attempt_at IS NULL OR last_attempt_at < :cutoff)
@@ -586,8 +583,8 @@ claimed AS (
     FROM stalled
     WHERE inbox_messages.message_id = stalled.message_id
     RETURNING inbox_messages.message_id, inbox_messages.received_at, inbox_messages.attempts,
-              inbox_messages.parked_at IS NOT NULL AS parked, stalled.stalled_again)
-SELECT message_id, attempts, parked, stalled_again FROM claimed ORDER BY received_at""")
+              inbox_messages.parked_at IS NOT NULL AS parked)
+SELECT message_id, attempts, parked FROM claimed ORDER BY received_at""")
 
 
 def parked_messages(session: Session, limit: int) -> list[InboxMessage]:

@@ -34,11 +34,6 @@ HANDLED_PER_TRANSACTION = 50
 # with its dispatch not lost at all, and sweeping it would add its batch to the backlog once more,
 # sweep after sweep. So while tasks wait in the queue, the sweeper takes only messages this old.
 SWEEP_MIN_AGE_WHILE_QUEUED = timedelta(minutes=5)
-# While tasks wait, a message that stalls again once handed over (its handling may crash its
-# worker) goes to a task of its own, not in a batch whose every message it would take down with
-# it, sweep after sweep: at most this many a sweep, the oldest first, so that a long backlog, in
-# which messages stall again with their tasks merely waiting, is not swollen by a task for each.
-ALONE_WHILE_QUEUED = 50
 
 
 # A failed try is retried after a random wait up to 1, 2, 4, then 8 s, and never up to the sweep's
@@ -160,10 +155,7 @@ def sweep_inbox(service: str) -> int:
     counts nothing. (One that was running on another of a crashing worker's threads counts too: in
     a crash loop another message can be parked with the one to blame, for `tasks.parked replay`.)
     While tasks wait, a message's own dispatch may wait among them: nothing is counted, and the
-    messages go in batches, not to swell that backlog, but for those that stalled again after
-    being handed over or tried (ALONE_WHILE_QUEUED): those go alone, so that one whose handling
-    crashes its worker takes no batch of others down with it while the queue never reads
-    empty."""
+    messages go in batches, not to swell that backlog."""
     settings = current_app.extensions["hseshop.settings"]
     min_age = timedelta(seconds=settings.inbox_sweep_min_age_seconds)
     backlog = tasks_waiting(handler_queue(service))
@@ -174,14 +166,11 @@ def sweep_inbox(service: str) -> int:
                                          None if backlog else settings.inbox_max_attempts)
     if stalled:
         log.info("%s inbox: re-dispatching %d stalled messages", service, len(stalled))
-        alone = ([message for message in stalled if message.stalled_again][:ALONE_WHILE_QUEUED]
-                 if backlog else stalled)
-        for message in alone:
-            handle_inbox_message.apply_async((service, str(message.message_id)))
         if backlog:
-            alone_ids = {message.message_id for message in alone}
-            dispatch_inbox_messages(service, [message.message_id for message in stalled
-                                              if message.message_id not in alone_ids])
+            dispatch_inbox_messages(service, [message.message_id for message in stalled])
+        else:
+            for message in stalled:
+                handle_inbox_message.apply_async((service, str(message.message_id)))
     return len(stalled)
 
 

@@ -14,7 +14,6 @@ from sqlalchemy import case, func, select, text, update
 
 import payments_app
 import shared.db
-import tasks.inbox
 from shared.config import SERVICES
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, driver_dsn, transaction
@@ -466,43 +465,17 @@ def test_a_message_whose_tasks_wait_in_a_busy_workers_memory_is_never_counted(
 def test_while_tasks_wait_the_sweeper_counts_no_attempt_and_sends_batches(
         settings, payments_inbox, payments_queue, user_id):
     """A message's own dispatch may wait in a backlog past any minimum age: handed over again
-    then, it is not counted (else a long backlog would park what it holds), and goes in a batch.
-    Stalled again once handed over, it goes to a task of its own, still not counted: its handling
-    may be what crashes a worker, and in a batch it would take the others down with it, every
-    sweep, for as long as the queue never reads empty."""
+    then, it is not counted (else a long backlog would park what it holds), and goes in a batch."""
     message_id = _stored_request(payments_inbox, user_id)
     handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
-    _received_ago(message_id, timedelta(minutes=6))
-    sweep_inbox.apply(args=("payments",)).get()
     for _ in range(settings.inbox_max_attempts + 1):
         _received_ago(message_id, timedelta(minutes=6), handed_over_as_long_ago=True,
                       tried_since=True)
         sweep_inbox.apply(args=("payments",)).get()
     row = _row(message_id)
     assert row.attempts == 0 and row.parked_at is None
-    assert _dispatches_of(message_id) == [handle_inbox_batch.name] + [
-        handle_inbox_message.name] * (settings.inbox_max_attempts + 1)
-
-
-def test_while_tasks_wait_the_messages_stalled_again_go_alone_a_few_a_sweep(
-        settings, payments_inbox, payments_queue, user_id, monkeypatch):
-    """A long backlog holds many messages whose tasks merely wait, stalled again with every sweep:
-    a task for each would swell it, so only the oldest few go alone, the rest in batches."""
-    monkeypatch.setattr(tasks.inbox, "ALONE_WHILE_QUEUED", 1)
-    older = _stored_request(payments_inbox, user_id)
-    newer = _stored_request(payments_inbox, user_id)
-    _received_ago(older, timedelta(minutes=7), handed_over_as_long_ago=True)
-    _received_ago(newer, timedelta(minutes=6), handed_over_as_long_ago=True)
-    handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
-    sweep_inbox.apply(args=("payments",)).get()
-    with celery_app.pool.acquire(block=True) as connection:
-        channel = connection.default_channel
-        sent = []
-        while (task := channel.basic_get("payments", no_ack=True)) is not None:
-            args, _, _ = task.decode()
-            sent.append((task.headers["task"], args[1]))
-    assert (handle_inbox_message.name, str(older)) in sent
-    assert (handle_inbox_batch.name, [str(newer)]) in sent
+    assert _dispatches_of(message_id) == [handle_inbox_batch.name] * (
+        settings.inbox_max_attempts + 1)
 
 
 def test_this_processs_celery_queues_are_the_runs_own(settings):
