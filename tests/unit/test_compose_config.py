@@ -400,36 +400,37 @@ def test_a_worker_launched_as_the_image_launches_it_finds_every_service_package(
     assert within.returncode == 0, within.stderr
 
 
+def _requirements(name: str) -> list[str]:
+    """The requirement lines of requirements/<name>, comments and options (-r, -c) left out."""
+    text = (REPO_ROOT / "requirements" / name).read_text()
+    return [line.split("#")[0].strip() for line in text.splitlines()
+            if line.split("#")[0].strip() and not line.startswith("-")]
+
+
+def _names(lines: list[str]) -> set[str]:
+    """The packages the requirement lines name, as pip compares them."""
+    return {canonicalize_name(Requirement(line).name) for line in lines}
+
+
 def test_the_image_installs_only_the_pinned_runtime_dependencies():
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     assert re.findall(r"pip install (.+)", dockerfile) == ["-r requirements/base.txt"]
-
-    def requirements(name: str) -> list[str]:
-        text = (REPO_ROOT / "requirements" / name).read_text()
-        return [line.split("#")[0].strip() for line in text.splitlines()
-                if line.split("#")[0].strip() and not line.startswith("-")]
-
-    def names(lines: list[str]) -> set[str]:
-        return {re.sub(r"[-_.]+", "-", re.split(r"[\[=<>~]", line)[0]).lower() for line in lines}
-
-    runtime = requirements("base.txt")
+    runtime = _requirements("base.txt")
     assert all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[\w.]+", line) for line in runtime), runtime
     assert "-c constraints.txt" in (REPO_ROOT / "requirements" / "base.txt").read_text()
-    assert names(runtime).isdisjoint(names(requirements("dev.txt")))
+    assert _names(runtime).isdisjoint(_names(_requirements("dev.txt")))
     # What they pull in, pinned too, and only that: a package named in both would have two pins.
-    pulled_in = requirements("constraints.txt")
+    pulled_in = _requirements("constraints.txt")
     assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[\w.]+", line) for line in pulled_in), pulled_in
-    named = names(runtime) | names(requirements("dev.txt")) | names(requirements("bench.txt"))
-    assert names(pulled_in).isdisjoint(named)
+    named = _names(runtime) | _names(_requirements("dev.txt")) | _names(_requirements("bench.txt"))
+    assert _names(pulled_in).isdisjoint(named)
 
 
 def test_what_make_run_and_make_test_install_is_pinned_all_the_way_down():
     """Every package that requirements/dev.txt pulls in, however deep, has a pin, so a fresh
     machine gets what the tests last ran with (read from the installed packages' metadata)."""
     def pins(name: str) -> set[str]:
-        lines = (REPO_ROOT / "requirements" / name).read_text().splitlines()
-        return {canonicalize_name(Requirement(line.split("#")[0]).name) for line in lines
-                if "==" in line.split("#")[0]}
+        return _names([line for line in _requirements(name) if "==" in line])
 
     # From what they ask for (constraints.txt installs nothing: it pins matplotlib's packages
     # too, which only `make bench` installs).
