@@ -381,6 +381,18 @@ def _status_changes(*users: str) -> list[ReceivedEvent]:
             for event in events]
 
 
+def _subscribed_to(users: list[str]):
+    """A Redis subscription to the users' notification channels, its confirmations read (a read
+    meant for a message would otherwise get one of them, never the message)."""
+    pubsub = notifications._redis().pubsub()
+    pubsub.subscribe(*(notifications.channel(user) for user in users))
+    for _ in users:
+        confirmed = wait_for(lambda: pubsub.get_message(timeout=0.1), timeout=5,
+                             what="the subscriptions confirmed")
+        assert confirmed["type"] == "subscribe"
+    return pubsub
+
+
 def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(settings, gateway):
     """The notification handler gets a run of OrderStatusChanged events: each is kept once (a
     repeat under the same message id adds nothing) and published, after the commit, to its own
@@ -390,13 +402,7 @@ def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(setting
     events = [event.message for event in received]
     app = gateway.application
     with app.app_context():
-        pubsub = notifications._redis().pubsub()
-        pubsub.subscribe(*(notifications.channel(user) for user in users))
-        # Its confirmations read first: one read then would be one of them, never a message.
-        for _ in users:
-            confirmed = wait_for(lambda: pubsub.get_message(timeout=0.1), timeout=5,
-                                 what="the subscriptions confirmed")
-            assert confirmed["type"] == "subscribe"
+        pubsub = _subscribed_to(users)
         with transaction() as session:
             notifications.on_order_status_changes(session, received)
             assert pubsub.get_message(timeout=0.3) is None  # not before the commit
@@ -430,10 +436,7 @@ def test_a_status_change_replayed_with_a_numeric_amount_is_kept_and_published(se
                                                                          payload=wire))
     app = gateway.application
     with app.app_context():
-        pubsub = notifications._redis().pubsub()
-        pubsub.subscribe(notifications.channel(user))
-        assert wait_for(lambda: pubsub.get_message(timeout=0.1), timeout=5,
-                        what="the subscription confirmed")["type"] == "subscribe"
+        pubsub = _subscribed_to([user])
         with transaction() as session:
             notifications.on_order_status_changes(session, [replayed])
         published = wait_for(lambda: pubsub.get_message(timeout=0.1), timeout=5,

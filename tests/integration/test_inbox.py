@@ -347,6 +347,18 @@ class _PaymentRequestedWithChannel(PaymentRequestedSchema):
     channel = fields.String()
 
 
+def _replayed_once_the_channel_is_known(message_id: uuid.UUID,
+                                        monkeypatch) -> tuple[dict, list[dict]]:
+    """Upgrade this reader's contract (_PaymentRequestedWithChannel) and replay the parked
+    message; returns handlers that note each payload they are handed, and the list they note in."""
+    monkeypatch.setitem(PAYLOAD_SCHEMAS, PAYMENT_REQUESTED, _PaymentRequestedWithChannel())
+    assert unpark_messages(db.session, [message_id]) == [message_id]
+    db.session.commit()
+    seen: list[dict] = []
+    handlers = {PAYMENT_REQUESTED: lambda session, events: seen.extend(e.payload for e in events)}
+    return handlers, seen
+
+
 def test_a_message_from_a_newer_producer_is_kept_with_its_payload_and_handled_once_known(
         in_payments, payments_inbox, user_id, monkeypatch):
     """A payload with a field this service does not know yet (its producer upgraded first) is
@@ -363,11 +375,7 @@ def test_a_message_from_a_newer_producer_is_kept_with_its_payload_and_handled_on
     assert (row.type, row.payload) == (PAYMENT_REQUESTED, body["payload"])
     assert "payload breaks the contract" in row.last_error
 
-    monkeypatch.setitem(PAYLOAD_SCHEMAS, PAYMENT_REQUESTED, _PaymentRequestedWithChannel())
-    assert unpark_messages(db.session, [message_id]) == [message_id]
-    db.session.commit()
-    seen = []
-    handlers = {PAYMENT_REQUESTED: lambda session, events: seen.extend(e.payload for e in events)}
+    handlers, seen = _replayed_once_the_channel_is_known(message_id, monkeypatch)
     for _ in range(2):
         with transaction() as session:
             process_inbox_message(session, message_id, handlers)
@@ -409,11 +417,7 @@ def test_a_refused_payloads_decimal_amount_is_read_back_as_sent_when_replayed(
                                           as_written={"__AMOUNT__": b"10.50"})
     message_id = uuid.UUID(body["message_id"])
     assert payments_inbox([record]) == []
-    monkeypatch.setitem(PAYLOAD_SCHEMAS, PAYMENT_REQUESTED, _PaymentRequestedWithChannel())
-    assert unpark_messages(db.session, [message_id]) == [message_id]
-    db.session.commit()
-    seen = []
-    handlers = {PAYMENT_REQUESTED: lambda session, events: seen.extend(e.payload for e in events)}
+    handlers, seen = _replayed_once_the_channel_is_known(message_id, monkeypatch)
     with transaction() as session:
         assert process_inbox_message(session, message_id, handlers) == Outcome.PROCESSED
     assert seen[0]["amount"] == Decimal("10.50")
