@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from devstack.infra import ensure_postgres, ensure_redis, free_port, start_broker
 from tests.environment import RUN_ID, Infrastructure
+from tests.signals_end_the_run import pytest_configure  # noqa: F401  (a hook: pytest finds it here)
 
 
 @pytest.fixture(scope="session")

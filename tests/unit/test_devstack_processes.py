@@ -19,17 +19,9 @@ from devstack.infra import free_port, port_open, wait_until
 from devstack.logs import LogFollower
 from devstack.processes import ManagedProcess, ProcessGroup
 from devstack.stack import Stack
+from tests.process_tools import gone
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _gone(pid: int) -> bool:
-    """True once pid no longer runs (a zombie waiting for its reaper counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def _shell(tmp_path: Path, script: str, name: str = "sh") -> ManagedProcess:
@@ -60,7 +52,7 @@ def test_stop_ends_the_process_and_the_children_it_started(tmp_path):
     process.stop(timeout=5)
 
     assert not process.alive() and not process.died()
-    wait_until(lambda: _gone(child), 5, 0.02, "the grandchild to end")
+    wait_until(lambda: gone(child), 5, 0.02, "the grandchild to end")
 
 
 def test_stop_kills_a_process_that_ignores_sigterm(tmp_path):
@@ -136,7 +128,7 @@ def test_ctrl_c_sigterm_or_a_hangup_stops_every_process_the_program_started(tmp_
     parent.send_signal(signum)
 
     assert parent.wait(10) == exit_code
-    assert all(_gone(pid) for pid in children)
+    assert all(gone(pid) for pid in children)
 
 
 def test_wait_until_names_what_it_waited_for():
