@@ -6,6 +6,12 @@ that failed), Redis would keep every one: the Redis transport has no expiry per 
 `expires` is looked at only by the worker that takes it, and the queue would grow by some 7 MB an
 hour, for a worker to drain, stale, when it came back. Each of these tasks only asks for what the
 next one asks for again, so one not sent loses nothing.
+
+It also follows the wall clock back. Celery's scheduler keeps each entry's last run, and its heap
+of due times, by the wall clock: after a step back of an hour (a clock set right by NTP, a VM
+restored), every entry would wait out the hour before it ran again, the relay's lead and the
+sweeper with them. A last run later than now can only mean such a step, so the whole schedule is
+moved back by as much.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import logging
 
 from celery.beat import PersistentScheduler
+from celery.utils.time import maybe_make_aware
 
 from tasks.inbox import tasks_waiting
 from tasks.routing import route_to_service_queue
@@ -24,6 +31,27 @@ BACKLOG_LIMIT = 10
 
 
 class BoundedScheduler(PersistentScheduler):
+    def tick(self, *args, **kwargs):
+        self._follow_the_clock_back()
+        return super().tick(*args, **kwargs)
+
+    def _follow_the_clock_back(self) -> None:
+        """Move every entry's last run back by as much as the latest lies ahead of now (how far
+        the clock went back, less the time from that run to the step), keeping their spacing, and
+        have the heap rebuilt from them."""
+        entries = list(self.schedule.values())
+        if not entries:
+            return
+        now = maybe_make_aware(self.app.now())
+        ahead = max(maybe_make_aware(entry.last_run_at) for entry in entries) - now
+        if ahead.total_seconds() <= 0:
+            return
+        log.warning("the wall clock went back by about %.0f s: the schedule goes back with it",
+                    ahead.total_seconds())
+        for entry in entries:
+            entry.last_run_at = maybe_make_aware(entry.last_run_at) - ahead
+        self._heap = None
+
     def apply_entry(self, entry, producer=None):
         queue = (route_to_service_queue(entry.task, entry.args, entry.kwargs, entry.options)
                  or {}).get("queue")

@@ -1,8 +1,10 @@
 """Beat's scheduler sends no task to a queue a few of its tasks already wait in, unread: with a
-service's workers away, Redis would otherwise keep every one beat sends (tasks/beat.py)."""
+service's workers away, Redis would otherwise keep every one beat sends; and it follows the wall
+clock back (tasks/beat.py)."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -43,3 +45,31 @@ def test_beat_stops_adding_to_a_control_queue_no_worker_reads(control_queue_unre
     scheduler.apply_entry(entry)
     scheduler.apply_entry(entry)
     assert tasks_waiting(QUEUE) == BACKLOG_LIMIT  # beat sends again, up to the limit
+
+
+def test_beat_goes_on_after_the_wall_clock_went_back(tmp_path):
+    sent = []
+
+    class RecordingScheduler(BoundedScheduler):
+        def apply_entry(self, entry, producer=None):
+            sent.append(entry.name)
+
+    scheduler = RecordingScheduler(app=celery_app, schedule_filename=str(tmp_path / "schedule"))
+    # Every entry last ran an hour from now: the clock went back an hour since.
+    an_hour_on = celery_app.now() + timedelta(hours=1)
+    for entry in scheduler.schedule.values():
+        entry.last_run_at = an_hour_on - timedelta(seconds=1)
+    scheduler.schedule["prune-gateway-notifications"].last_run_at = an_hour_on - timedelta(
+        minutes=40)  # (20 minutes of its hour still to wait)
+
+    try:
+        deadline = time.monotonic() + 10
+        while "relay-orders-outbox" not in sent and time.monotonic() < deadline:
+            time.sleep(min(max(scheduler.tick(), 0), 0.05))  # (as beat: none below 0)
+        pruning_due_in = scheduler.schedule["prune-gateway-notifications"].is_due().next
+    finally:
+        scheduler.close()
+
+    assert "relay-orders-outbox" in sent
+    assert "prune-gateway-notifications" not in sent
+    assert pruning_due_in == pytest.approx(20 * 60, abs=30)  # its spacing kept
