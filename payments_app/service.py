@@ -94,10 +94,15 @@ def take_payments(session: Session, requests: list[PaymentRequest]) -> list[Paym
 
     However many requests, four statements: lock the accounts named (in user order, so batches
     running at once never deadlock, and deposits wait their turn), read which orders already have
-    a decision (nobody can be deciding them meanwhile: that takes the account lock), insert the
-    new decisions (the order id is the key: a decision made twice goes in once), and debit each
-    account its total. The decisions themselves are made in Python, request after request, each
-    against the balance the ones before it left.
+    a decision, insert the new decisions, and debit each account its total. The decisions
+    themselves are made in Python, request after request, each against the balance the ones before
+    it left.
+
+    What keeps an order to one decision is the insert, keyed by order id: a decision made twice
+    goes in once, and only the decisions that went in are debited and announced. For a user with
+    an account the lock alone would do (nobody can be deciding their orders meanwhile); for one
+    without, two transactions can decide the same order at once, and the second's insert waits
+    for the first's and goes in as nothing.
     """
     if not requests:
         return []

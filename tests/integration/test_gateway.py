@@ -201,6 +201,8 @@ def test_requests_pass_through_with_method_body_query_status_and_idempotency_key
     second = gateway.post("/api/accounts/deposit", json={"amount": "40"}, headers=key)
     assert first.status_code == second.status_code == 200
     assert second.get_json()["balance"] == "40.00"
+    balance = gateway.get("/api/accounts/balance", headers=auth)  # not only the answer replayed
+    assert balance.get_json()["balance"] == "40.00"
     order = gateway.post("/api/orders", json={"amount": 5, "description": "pen"}, headers=auth)
     assert order.status_code == 202
     listed = gateway.get("/api/orders?limit=1", headers=auth).get_json()

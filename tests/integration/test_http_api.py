@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 
+import psycopg2
 import pytest
 from sqlalchemy import func, select
 
@@ -16,11 +19,12 @@ from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
 from shared.config import ENVIRONMENT, get_settings
-from shared.db import db
+from shared.db import db, driver_dsn
 from shared.internal_auth import identity_headers
 from shared.kafka import broker_reachable
 from shared.outbox import OutboxMessage
-from tests.postgres_tools import account_row_held, terminate_backend
+from tests.polling import wait_for
+from tests.postgres_tools import account_row_held, other_sessions, terminate_backend
 
 
 @pytest.fixture
@@ -314,7 +318,8 @@ def test_a_deposit_past_the_balance_limit_is_422_and_changes_nothing(payments_ht
     assert to_the_limit.get_json()["balance"] == str(MAX_BALANCE)
 
 
-def test_a_retried_deposit_with_the_same_key_counts_once(payments_http, user_id):
+def test_a_retried_deposit_with_the_same_key_counts_once(payments_http, payments_flask_app,
+                                                         user_id):
     payments_http.post("/accounts", headers=_as(user_id))
     headers = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
     for _ in range(3):
@@ -323,6 +328,56 @@ def test_a_retried_deposit_with_the_same_key_counts_once(payments_http, user_id)
     assert _assert_error(payments_http.post("/accounts/deposit", json={"amount": 26},
                                             headers=headers), 422)["code"] == \
         "IDEMPOTENCY_KEY_REUSED"
+    with payments_flask_app.app_context():  # the account's own, not only the answer replayed
+        assert db.session.get(Account, user_id).balance == Decimal("25.00")
+
+
+def test_a_deposit_sent_again_while_the_first_is_in_flight_waits_for_it_and_replays_it(
+        payments_flask_app, settings, monkeypatch, user_id):
+    """The second request's key waits on the first one's uncommitted record, then reads its answer
+    (shared/idempotency.py); the deposit is made once."""
+    from payments_app import service as payments
+
+    payments_flask_app.test_client().post("/accounts", headers=_as(user_id))
+    first_deposited, first_may_commit = threading.Event(), threading.Event()
+    real_deposit = payments.deposit
+
+    def deposit_then_held(session, **kwargs):
+        account = real_deposit(session, **kwargs)
+        if not first_deposited.is_set():
+            first_deposited.set()
+            first_may_commit.wait(10)
+        return account
+
+    monkeypatch.setattr(payments, "deposit", deposit_then_held)
+    headers = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
+    answers = {}
+
+    def send(name):
+        answers[name] = payments_flask_app.test_client().post(
+            "/accounts/deposit", json={"amount": "25"}, headers=headers)
+
+    first = threading.Thread(target=send, args=("first",))
+    first.start()
+    first_deposited.wait(10)
+    second = threading.Thread(target=send, args=("second",))
+    second.start()
+    watcher = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    watcher.autocommit = True
+    try:
+        with watcher.cursor() as cursor:
+            wait_for(lambda: other_sessions(cursor, "wait_event_type = 'Lock'") >= 1,
+                     timeout=5, interval=0.01, what="the second waiting on the first's key")
+    finally:
+        first_may_commit.set()
+        watcher.close()
+    first.join(30)
+    second.join(30)
+
+    assert answers["first"].status_code == answers["second"].status_code == 200
+    assert answers["first"].get_json() == answers["second"].get_json()
+    with payments_flask_app.app_context():
+        assert db.session.get(Account, user_id).balance == Decimal("25.00")
 
 
 def test_health_reports_each_dependency(orders_http, payments_http):

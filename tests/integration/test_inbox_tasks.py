@@ -18,6 +18,7 @@ from shared.config import SERVICES
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, driver_dsn, transaction
 from shared.inbox import ConsumedRecord, InboxMessage, PermanentMessageError
+from shared.outbox import OutboxMessage
 from tasks.celery_app import app as celery_app
 from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, retry_countdown,
                          sweep_inbox, tasks_waiting)
@@ -184,7 +185,12 @@ def test_a_batch_commits_its_good_messages_and_undoes_the_failing_ones(settings,
                                           payments_app.message_handlers())
         assert left == [transient]
         assert db.session.get(Account, user_id).balance == Decimal("98.00")
-        assert db.session.query(Payment).filter_by(user_id=user_id).count() == 2
+        paid = {payment.order_id
+                for payment in db.session.query(Payment).filter_by(user_id=user_id)}
+        announced = [(row.type, uuid.UUID(row.envelope["payload"]["order_id"]))
+                     for row in db.session.query(OutboxMessage).filter_by(key=user_id)]
+    assert len(paid) == 2  # each payment made announced once, the undone ones not at all
+    assert sorted(announced) == sorted(("PaymentSucceeded", order_id) for order_id in paid)
     assert calls.count(good) == 2  # once in the batch that rolled back, once for good
     rows = {m: _row(m) for m in (good, transient, permanent, also_good)}
     assert rows[good].processed_at and rows[also_good].processed_at
@@ -337,7 +343,6 @@ def test_a_request_delivered_again_after_its_row_was_pruned_changes_nothing(
     """Past the inbox's retention the payments row keyed by order id keeps the debit single."""
     from payments_app import service as payments
     from payments_app.models import Account, Payment
-    from shared.outbox import OutboxMessage
 
     with service_app("payments").app_context(), transaction() as session:
         payments.open_account(session, user_id=user_id)

@@ -15,6 +15,8 @@ from payments_app.models import Account, Payment
 from shared.db import db, driver_dsn, transaction
 from shared.errors import NotFound
 from shared.outbox import OutboxMessage
+from tests.polling import wait_for
+from tests.postgres_tools import other_sessions
 
 
 def _open_with(user_id: str, balance: str) -> None:
@@ -46,6 +48,50 @@ def test_the_same_order_is_charged_once_and_answered_once(in_payments, user_id):
     results = db.session.scalar(select(func.count()).where(
         OutboxMessage.correlation_id == str(order_id)))
     assert results == 1
+
+
+def test_an_order_of_a_user_without_an_account_decided_twice_at_once_is_answered_once(
+        payments_flask_app, settings, user_id):
+    """No account, no lock to wait on: both transactions decide the order, and the insert keyed
+    by order id settles it, the second waiting for the first's and going in as nothing."""
+    order_id = uuid.uuid4()
+    taken = {}
+    first_decided, first_may_commit = threading.Event(), threading.Event()
+
+    def first():
+        with payments_flask_app.app_context(), transaction() as session:
+            taken["first"] = service.take_payments(session, [service.PaymentRequest(
+                order_id=order_id, user_id=user_id, amount=Decimal("5"),
+                correlation_id=str(order_id))])
+            first_decided.set()
+            first_may_commit.wait(10)
+
+    def second():
+        first_decided.wait(10)
+        with payments_flask_app.app_context():
+            taken["second"] = _take(order_id, user_id, "5")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    watcher = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    watcher.autocommit = True
+    try:
+        with watcher.cursor() as cursor:
+            wait_for(lambda: other_sessions(cursor, "wait_event_type = 'Lock'") >= 1,
+                     timeout=5, interval=0.01, what="the second waiting on the first's decision")
+    finally:
+        first_may_commit.set()
+        watcher.close()
+    for thread in threads:
+        thread.join(30)
+
+    assert [payment.reason for payment in taken["first"]] == ["NO_ACCOUNT"]
+    assert taken["second"] is None
+    with payments_flask_app.app_context():
+        assert db.session.scalar(select(func.count()).where(Payment.order_id == order_id)) == 1
+        assert db.session.scalar(select(func.count()).where(
+            OutboxMessage.correlation_id == str(order_id))) == 1
 
 
 def test_refusals_say_why_and_change_no_balance(in_payments, user_id):
