@@ -13,16 +13,15 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg2
-import redis
 import requests
 
-from devstack.infra import free_port
+from devstack.infra import forget_redis_keys, free_port
 from devstack.stack import DEFAULT_PORTS, REPO_ROOT, Stack
 from shared.config import SERVICES, load_settings
 from shared.internal_auth import identity_headers
 
 RUN_ID = uuid.uuid4().hex[:8]
-# Redis database number of the benchmark's Celery queues (`make run` uses 0, the tests 13 and 14).
+# Redis database number of the benchmark's Celery queues (`make run` uses 0, the tests 12 to 14).
 REDIS_DB = 11
 FINAL_STATUSES = ("FINISHED", "CANCELLED")
 
@@ -65,7 +64,7 @@ def running_bench_stack(say=say) -> Iterator[Stack]:
 
 
 def forget_stack_data(stack: Stack) -> None:
-    """Drop the run's databases and empty its Redis database once the stack has stopped."""
+    """Drop the run's databases and delete its Redis keys once the stack has stopped."""
     try:
         stack.env
     except RuntimeError:
@@ -80,7 +79,7 @@ def forget_stack_data(stack: Stack) -> None:
                 cursor.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
     finally:
         conn.close()
-    redis.Redis.from_url(stack.env["REDIS_URL"]).flushdb()
+    forget_redis_keys(stack.env["REDIS_URL"], stack.env["REDIS_KEY_PREFIX"])
 
 
 def seed_shoppers(stack: Stack, count: int, balance: str = "1000000") -> list[str]:

@@ -270,6 +270,23 @@ def start_embedded_redis(
     return url, process
 
 
+def forget_redis_keys(url: str, prefix: str) -> int:
+    """Delete every key of the Redis database at `url` whose name starts with `prefix` (a run's
+    REDIS_KEY_PREFIX: its queues, kombu's bindings, which never expire, and its cached reads),
+    and nothing else of a Redis others may share; returns how many went."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"  # (escaped)
+        names = list(client.scan_iter(match=pattern, count=1000))
+        for start in range(0, len(names), 1000):
+            client.unlink(*names[start:start + 1000])
+        return len(names)
+    finally:
+        client.close()
+
+
 # --- Broker ---------------------------------------------------------------------------------------
 
 

@@ -11,8 +11,9 @@ from urllib.parse import urlsplit
 import pytest
 import sqlalchemy as sa
 
-from devstack.infra import ensure_postgres, ensure_redis, free_port, start_broker
-from tests.environment import RUN_ID, Infrastructure
+from devstack.infra import (ensure_postgres, ensure_redis, forget_redis_keys, free_port,
+                            start_broker)
+from tests.environment import REDIS_DB, REDIS_KEYS_OF_THE_RUN, RUN_ID, Infrastructure
 from tests.signals_end_the_run import pytest_configure  # noqa: F401  (a hook: pytest finds it here)
 
 
@@ -42,6 +43,8 @@ def infrastructure(run_dir):
     try:
         broker.stop()
         _drop_test_databases(postgres_base)
+        for db_number in set(REDIS_DB.values()):
+            forget_redis_keys(f"{infra.redis_base}/{db_number}", REDIS_KEYS_OF_THE_RUN)
     finally:  # the servers this run started go, whatever failed before
         _stop_started(redis_server, postgres)
 

@@ -1,5 +1,5 @@
 """The test run's own names for everything it touches: databases, topics, consumer groups and Redis
-database numbers get a run id, so tests never see another run's (or `make run`'s) data."""
+keys get a run id, so tests never see another run's (or `make run`'s) data."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import uuid
 from dataclasses import dataclass
 
 RUN_ID = uuid.uuid4().hex[:8]
+# What every Redis key the run writes starts with (each layer's REDIS_KEY_PREFIX is under it).
+REDIS_KEYS_OF_THE_RUN = f"test.{RUN_ID}."
 
 # Redis database numbers per layer; what keeps runs apart is REDIS_KEY_PREFIX (Celery's queues
 # included), so two runs at once never take each other's tasks.
@@ -30,7 +32,7 @@ def database_name(layer: str, service: str) -> str:
 
 def service_env(infra: Infrastructure, layer: str, **overrides: str) -> dict[str, str]:
     """Every setting of shared/config.py that a test layer pins."""
-    prefix = f"test.{RUN_ID}.{layer}"
+    prefix = f"{REDIS_KEYS_OF_THE_RUN}{layer}"
     env = {
         "ORDERS_DATABASE_URL": f"{infra.postgres_base}/{database_name(layer, 'orders')}",
         "PAYMENTS_DATABASE_URL": f"{infra.postgres_base}/{database_name(layer, 'payments')}",

@@ -20,6 +20,7 @@ from devstack.infra import (
     SYSTEM_REDIS_PORT,
     ensure_postgres,
     ensure_redis,
+    forget_redis_keys,
     free_port,
     port_open,
     start_and_wait_for_broker,
@@ -177,3 +178,22 @@ def test_embedded_redis_starts_answers_and_keeps_nothing_on_disk(tmp_path, embed
     finally:
         server.stop()
     assert not port_open("127.0.0.1", int(url.rsplit(":", 1)[1]))
+
+
+def test_forgetting_a_runs_redis_keys_deletes_those_and_no_others(infrastructure):
+    url = f"{infrastructure.redis_base}/15"
+    client = redis.Redis.from_url(url)
+    run = uuid.uuid4().hex[:8]
+    prefix = f"forget*{run}?."  # (glob characters, to be taken as they are)
+    ours = [f"{prefix}{n}" for n in range(2500)]  # (more than one round of deletes)
+    theirs = [f"forget-me-not*{run}?.q", f"forget*{run}x.q", f"forget*{run}?", "*"]
+    try:
+        client.mset({name: 1 for name in theirs + ours})
+
+        assert forget_redis_keys(url, prefix) == len(ours)
+
+        assert client.exists(*ours) == 0
+        assert client.exists(*theirs) == len(theirs)
+    finally:
+        client.delete(*theirs, *ours)
+        client.close()
