@@ -15,6 +15,7 @@ from devstack import infra
 from devstack.processes import ManagedProcess, ProcessGroup
 # Each has its own database, web app and Celery worker (with its Kafka consumer).
 from shared.config import GRPC_SERVICES, SERVICES
+from shared.migrations import GIVE_WAY_FOR_SECONDS
 from shared.task_queues import worker_queues
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,9 @@ GATEWAY_THREADS = 32
 API_WORKERS = 2
 API_THREADS = 4
 GUNICORN_WORKER_CLASS = "shared.gunicorn_worker.JsonErrorsThreadWorker"
+# How long a service's migrations may run: a revision held up by another session's lock keeps
+# trying for GIVE_WAY_FOR_SECONDS, and its log says why.
+MIGRATIONS_TIMEOUT_SECONDS = GIVE_WAY_FOR_SECONDS + 60
 # Threads of each Celery worker's pool. A batch spends most of its time waiting (on PostgreSQL, on
 # row locks another batch holds, on a core), so more threads than cores keep batches from queueing
 # behind each other; each holds one pooled connection while it runs (shared/db.py pools 20).
@@ -262,15 +266,20 @@ class Stack:
     def _migrate(self, service: str) -> None:
         log_path = self.logs_dir / f"migrate-{service}.log"
         with open(log_path, "wb") as log:
-            result = subprocess.run(
-                [sys.executable, "-m", "shared.migrations", "upgrade", service],
-                cwd=REPO_ROOT,
-                env=self._process_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=120,
-            )
+            try:
+                result = subprocess.run(
+                    [sys.executable, "-m", "shared.migrations", "upgrade", service],
+                    cwd=REPO_ROOT,
+                    env=self._process_env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=MIGRATIONS_TIMEOUT_SECONDS,
+                )
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(
+                    f"migrations for {service} did not finish in {MIGRATIONS_TIMEOUT_SECONDS:.0f}"
+                    f" s; {log_path}:\n{log_path.read_text()}") from None
         if result.returncode != 0:
             raise RuntimeError(
                 f"migrations for {service} exited with code {result.returncode}; "

@@ -201,6 +201,22 @@ def test_stack_env_is_the_config_contract_and_overrides_may_name_the_found_servi
     assert stack.orders_url == "http://127.0.0.1:8001" and stack.flower_url is None
 
 
+def test_migrations_that_do_not_finish_in_time_fail_the_start_with_their_log(tmp_path,
+                                                                             monkeypatch):
+    silent = socket.create_server(("127.0.0.1", 0))  # takes connections, never answers
+    stack = Stack(tmp_path)
+    stack._env = stack._build_env(f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}",
+                                  "redis://127.0.0.1:6379")
+    monkeypatch.setattr("devstack.stack.MIGRATIONS_TIMEOUT_SECONDS", 1.0)
+    stack.logs_dir.mkdir(parents=True)
+    try:
+        with pytest.raises(RuntimeError, match="migrations for orders did not finish in 1 s; "
+                                               ".*migrate-orders.log"):
+            stack._migrate("orders")
+    finally:
+        silent.close()
+
+
 def test_make_run_prints_every_address_the_shop_serves(tmp_path, capsys):
     from devstack.__main__ import print_urls
 
