@@ -52,13 +52,22 @@ KEEPALIVE_TIMEOUT_MS = 10_000  # and drops it when the ping is not answered this
 # A server takes pings this often without calls (the client's must come no more often, or the
 # server counts them as misbehaving and closes the connection).
 PINGS_ACCEPTED_EVERY_MS = 10_000
+# How often a channel tries a service it cannot connect to again, at most: gRPC's own backoff
+# grows to two minutes, and every call in between fails at once (503), so a service back after a
+# few minutes down would stay unreachable for up to two more. A connection attempt a second to a
+# service of the same deployment costs next to nothing.
+RECONNECT_BACKOFF_MS = (500, 1000)  # the first wait, and the longest
 
 
 def channel_options() -> list[tuple[str, int]]:
-    """The options of a channel to these servers: keepalive as they accept it. (gRPC core holds
-    a ping back for min_time_between_pings, five minutes unless set, once none answered, and
-    drops the connection after ping_timeout, not keepalive_timeout: both are set here.)"""
-    return [("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    """The options of a channel to these servers: keepalive as they accept it, and reconnecting
+    within RECONNECT_BACKOFF_MS. (gRPC core holds a ping back for min_time_between_pings, five
+    minutes unless set, once none answered, and drops the connection after ping_timeout, not
+    keepalive_timeout: both are set here.)"""
+    first_wait_ms, longest_wait_ms = RECONNECT_BACKOFF_MS
+    return [("grpc.initial_reconnect_backoff_ms", first_wait_ms),
+            ("grpc.max_reconnect_backoff_ms", longest_wait_ms),
+            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),

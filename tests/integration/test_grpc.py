@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from concurrent import futures
@@ -24,7 +26,8 @@ import gateway_app
 from devstack.infra import free_port
 from shared import grpc_server
 from shared.config import ENVIRONMENT
-from shared.grpc_server import ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY, build_server
+from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY, build_server,
+                                channel_options)
 from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
@@ -181,6 +184,38 @@ def test_a_connection_to_a_service_gone_silent_is_dropped_and_made_afresh(
     finally:
         proxy.close()
         server.stop(grace=None)
+
+
+def test_a_channel_tries_a_service_it_cannot_reach_again_every_second_at_most():
+    """Not after gRPC's own backoff, growing to two minutes, in which every call fails at once:
+    the gateway would answer 503 for minutes after the service came back."""
+    refusing = socket.create_server(("127.0.0.1", 0))  # takes each connection and closes it
+    tries = []
+
+    def refuse():
+        while True:
+            try:
+                connection, _ = refusing.accept()
+            except OSError:  # (closed: the test is over)
+                return
+            tries.append(time.monotonic())
+            connection.close()
+
+    threading.Thread(target=refuse, daemon=True).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{refusing.getsockname()[1]}",
+                                    options=channel_options())
+    stub = orders_pb2_grpc.OrdersStub(channel)
+    try:
+        calling_until = time.monotonic() + 7  # (gRPC's own backoff waits 2 s or more by then)
+        while time.monotonic() < calling_until:  # a gateway's calls, each failing at once
+            with pytest.raises(grpc.RpcError):
+                stub.ListOrders(orders_pb2.ListOrdersRequest(), timeout=0.2)
+            time.sleep(0.1)
+    finally:
+        channel.close()
+        refusing.close()
+    waits = [later - earlier for earlier, later in zip(tries, tries[1:])]
+    assert len(tries) >= 6 and max(waits) < 1.5, waits
 
 
 def _signed(user_id: str, secret: str) -> tuple[tuple[str, str], ...]:
