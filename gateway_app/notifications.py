@@ -27,7 +27,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from psycopg2.extras import Json, execute_values
 from simple_websocket import ConnectionClosed
 from sqlalchemy import func, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from werkzeug.routing import WebsocketMismatch
 from wsproto import ConnectionType, WSConnection
@@ -408,8 +408,13 @@ def stream_notifications(ws, user_id: str, after: int, token_expires_at: float) 
         # The page has gone (LocalProtocolError: its close crossed a send or ours; OSError: its
         # connection broke or went unacknowledged, TCP_USER_TIMEOUT, as a send waited).
         pass
-    except (redis.RedisError, OperationalError) as exc:
+    except (redis.RedisError, SQLAlchemyError) as exc:
         log.warning("notification stream for %s lost Redis or the database: %s", user_id, exc)
+        _close(ws, 1011, "notifications unavailable; reconnect")
+    except Exception:
+        # A mistake in the code: closed as any failure is. Left to go up, it would have Flask
+        # answer a 500 on a connection that is a WebSocket since its 101.
+        log.exception("notification stream for %s failed", user_id)
         _close(ws, 1011, "notifications unavailable; reconnect")
     finally:
         pubsub.close()

@@ -18,6 +18,8 @@ from decimal import Decimal
 import psycopg2
 import pytest
 from simple_websocket import ConnectionClosed
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from werkzeug.serving import make_server
 
 import gateway_app
@@ -673,6 +675,26 @@ def test_a_socket_is_closed_when_its_token_expires(settings, gateway):
     with _socket_streaming(app, user, token_ttl=3.0) as socket:
         wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
         assert socket.close_reason == 1008
+
+
+@pytest.mark.parametrize("failure", [
+    OperationalError("SELECT", {}, Exception("the database went away")),
+    SQLAlchemyTimeoutError("the pool had no connection to give"),
+    RuntimeError("a mistake in the code"),
+], ids=["database lost", "pool exhausted", "a bug"])
+def test_a_socket_whose_stream_fails_is_closed_with_1011_for_the_page_to_reconnect(
+        settings, gateway, monkeypatch, failure):
+    """Whatever fails: a 500 written on a connection that is a WebSocket since its 101 would be
+    a protocol error to the page."""
+    monkeypatch.setattr(notifications, "SOCKET_RECHECK_SECONDS", 0.2)
+    app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
+    with _socket_streaming(app, user) as socket:
+        def failing(*args, **kwargs):
+            raise failure
+
+        monkeypatch.setattr(notifications, "notifications_after", failing)
+        wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
+        assert socket.close_reason == 1011
 
 
 @contextmanager
