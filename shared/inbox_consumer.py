@@ -172,10 +172,12 @@ class InboxConsumer:
             except QUEUES_UNREACHABLE as exc:
                 # Stored, so not lost: the sweeper hands them over once the task queue is back
                 # (Redis down, say: what Celery raises once its publish has retried), and storing
-                # what comes next goes on meanwhile, at full speed. Any other error (a mistake in
-                # the code) takes the loop's error path, traceback and all.
-                log.warning("could not dispatch %d stored message(s); the sweeper will hand them"
-                            " over: %r", len(new_ids), exc)
+                # what comes next goes on meanwhile: at full speed while Redis refuses
+                # connections, a batch per socket timeout (5 s, celeryconfig) while it takes them
+                # and never answers. Any other error (a mistake in the code) takes the loop's
+                # error path, traceback and all.
+                log.warning("could not dispatch (all of) %d stored message(s); the sweeper will"
+                            " hand them over: %r", len(new_ids), exc)
         return len(records)
 
     def commit_stored(self, asynchronous: bool = True,
