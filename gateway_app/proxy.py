@@ -2,7 +2,8 @@
 Idempotency-Key through, with the caller's identity signed by the gateway and the request id.
 
 A service that cannot be reached answers 503, one too slow 504, one that fails (or refuses the
-gateway's signed identity) 502: always the usual JSON error, never a hang and never a stack trace.
+gateway's signed identity, or answers what is no answer of its API: not JSON, a redirect) 502:
+always the usual JSON error, never a hang and never a stack trace.
 A service that answers 503 itself, with the usual JSON error (its database unavailable, say), is
 relayed as it is, Retry-After included.
 """
@@ -14,7 +15,7 @@ import threading
 
 import requests
 from flask import Response, current_app, g, request
-from urllib3.exceptions import ProtocolError
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from webargs.flaskparser import is_json_request
 
 from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
@@ -69,6 +70,10 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
             allow_redirects=False,
             timeout=(CONNECT_TIMEOUT_SECONDS, settings.upstream_timeout_seconds))
     except requests.ConnectionError as exc:
+        if exc.args and isinstance(exc.args[0], ReadTimeoutError):
+            # Its answer begun, and its body stalled (requests calls that a connection error).
+            log.warning("%s timed out in the middle of its answer", service)
+            raise UpstreamTimeout.of(service) from None
         if exc.args and isinstance(exc.args[0], ProtocolError):
             # Connected, and closed without an answer (its worker killed, say): the request may
             # have been carried out, which "unavailable" would deny.
@@ -88,11 +93,22 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
         raise BadGateway.of(service)
     if upstream.status_code == 401:
         raise BadGateway.identity_refused(service, upstream.text[:500])
+    if not _an_answer_of_the_api(upstream):  # (a URL that names something else, say)
+        log.error("%s answered %s, %s: %s", service, upstream.status_code,
+                  upstream.headers.get("Content-Type"), upstream.text[:500])
+        raise BadGateway.of(service)
     response = Response(upstream.content, status=upstream.status_code)
     for name in FORWARDED_RESPONSE_HEADERS:
         if name in upstream.headers:
             response.headers[name] = upstream.headers[name]
     return response
+
+
+def _an_answer_of_the_api(upstream: requests.Response) -> bool:
+    """JSON, as every answer of the services' APIs is, and no redirect (none of theirs is one):
+    what the gRPC transport would have turned into a reply (or a 502)."""
+    media_type = upstream.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    return media_type == "application/json" and not 300 <= upstream.status_code < 400
 
 
 def _unavailable_for_now(upstream: requests.Response) -> bool:

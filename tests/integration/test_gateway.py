@@ -86,6 +86,34 @@ class _ClosedWithoutAnswerHandler(_SlowHandler):
         self.close_connection = True
 
 
+class _NotTheApiHandler(_SlowHandler):
+    """Answers as a server that is not the service does (a URL that names something else)."""
+
+    def do_GET(self):
+        if self.path.startswith("/redirected"):
+            self.send_response(302)
+            self.send_header("Location", "/elsewhere")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<html>It works!</html>")
+
+
+class _StalledBodyHandler(_SlowHandler):
+    """Answers 200 and stalls in the middle of its body."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        self.wfile.write(b'{"items": [')
+        self.wfile.flush()
+        time.sleep(3)
+
+
 @pytest.fixture(scope="module")
 def upstreams(orders_flask_app, payments_flask_app):
     served = {name: _Served(make_server("127.0.0.1", 0, app, threaded=True))
@@ -300,6 +328,27 @@ def test_a_service_that_is_down_is_503_and_one_that_is_slow_is_504(settings, ups
         failing.close()
         broken_off.close()
         unanswered.close()
+
+
+@pytest.mark.parametrize("handler, base_path, status, code", [
+    (_NotTheApiHandler, "", 502, "BAD_GATEWAY"),
+    (_NotTheApiHandler, "/redirected", 502, "BAD_GATEWAY"),
+    (_StalledBodyHandler, "", 504, "UPSTREAM_TIMEOUT"),
+], ids=["not JSON", "a redirect", "its body stalled"])
+def test_what_is_no_answer_of_the_services_api_is_never_relayed(settings, upstreams, handler,
+                                                                base_path, status, code):
+    """As the gRPC transport would answer: a reply that is none is a 502, one too slow a 504
+    (a stalled body was a 503, the service called unreachable though it had answered)."""
+    served = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler))
+    try:
+        client = _gateway(settings, orders_service_url=served.url + base_path,
+                          upstream_timeout_seconds=0.5)
+        _, auth = _sign_up(client)
+        answer = client.get("/api/orders", headers=auth)
+        assert answer.status_code == status
+        assert answer.get_json()["error"]["code"] == code
+    finally:
+        served.close()
 
 
 def test_past_the_rate_limit_a_user_gets_429_with_retry_after(settings, upstreams, gateway,
