@@ -1,5 +1,6 @@
 """PostgreSQL for tests: ending a connection from the server's side, as a restart would, a
-transaction stalled holding an account's row, and what the other sessions are doing."""
+transaction stalled holding an account's row, what the other sessions are doing, and waiting for
+some of them to wait on a lock."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from contextlib import contextmanager
 import psycopg2
 
 from shared.db import driver_dsn
+from tests.polling import wait_for
 
 
 def terminate_backend(database_url: str, pid: int) -> None:
@@ -40,3 +42,16 @@ def other_sessions(cursor, condition: str, *params) -> int:
     cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                    f" AND pid <> pg_backend_pid() AND ({condition})", params)
     return cursor.fetchone()[0]
+
+
+def wait_for_sessions_waiting_on_a_lock(database_url: str, *, count: int = 1, timeout: float,
+                                        what: str) -> None:
+    """Return once `count` other sessions of the database wait on a lock; fail after `timeout`."""
+    watcher = psycopg2.connect(driver_dsn(database_url))
+    watcher.autocommit = True
+    try:
+        with watcher.cursor() as cursor:
+            wait_for(lambda: other_sessions(cursor, "wait_event_type = 'Lock'") >= count,
+                     timeout=timeout, interval=0.01, what=what)
+    finally:
+        watcher.close()

@@ -8,7 +8,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
-import psycopg2
 import pytest
 from sqlalchemy import func, select
 
@@ -19,12 +18,12 @@ from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
 from shared.config import ENVIRONMENT, get_settings
-from shared.db import db, driver_dsn
+from shared.db import db
 from shared.internal_auth import identity_headers
 from shared.kafka import broker_reachable
 from shared.outbox import OutboxMessage
-from tests.polling import wait_for
-from tests.postgres_tools import account_row_held, other_sessions, terminate_backend
+from tests.postgres_tools import (account_row_held, terminate_backend,
+                                  wait_for_sessions_waiting_on_a_lock)
 
 
 @pytest.fixture
@@ -362,15 +361,11 @@ def test_a_deposit_sent_again_while_the_first_is_in_flight_waits_for_it_and_repl
     first_deposited.wait(10)
     second = threading.Thread(target=send, args=("second",))
     second.start()
-    watcher = psycopg2.connect(driver_dsn(settings.database_url("payments")))
-    watcher.autocommit = True
     try:
-        with watcher.cursor() as cursor:
-            wait_for(lambda: other_sessions(cursor, "wait_event_type = 'Lock'") >= 1,
-                     timeout=5, interval=0.01, what="the second waiting on the first's key")
+        wait_for_sessions_waiting_on_a_lock(settings.database_url("payments"), timeout=5,
+                                            what="the second waiting on the first's key")
     finally:
         first_may_commit.set()
-        watcher.close()
     first.join(30)
     second.join(30)
 

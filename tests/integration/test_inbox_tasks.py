@@ -24,7 +24,8 @@ from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, 
                          sweep_inbox, tasks_waiting)
 from tasks.services import service_app
 from tests.polling import wait_for
-from tests.postgres_tools import account_row_held, other_sessions, terminate_backend
+from tests.postgres_tools import (account_row_held, terminate_backend,
+                                  wait_for_sessions_waiting_on_a_lock)
 
 
 def _stored_request(store, user: str, key: str | None = None,
@@ -134,17 +135,12 @@ def test_batches_debiting_the_same_accounts_at_once_never_deadlock(settings, pay
     # Both batches made to meet on the accounts: a row in the middle held until both wait, so
     # that locks taken in two orders would deadlock for sure, not only when the threads interleave.
     threads = [threading.Thread(target=handle, args=(batch,)) for batch in batches]
-    watcher = psycopg2.connect(driver_dsn(settings.database_url("payments")))
-    watcher.autocommit = True
-    try:
-        with account_row_held(settings.database_url("payments"), users[4]):
-            for thread in threads:
-                thread.start()
-            with watcher.cursor() as cursor:
-                wait_for(lambda: other_sessions(cursor, "wait_event_type = 'Lock'") >= 2,
-                         timeout=1.5, interval=0.01, what="both batches waiting on the accounts")
-    finally:
-        watcher.close()
+    with account_row_held(settings.database_url("payments"), users[4]):
+        for thread in threads:
+            thread.start()
+        wait_for_sessions_waiting_on_a_lock(settings.database_url("payments"), count=2,
+                                            timeout=1.5,
+                                            what="both batches waiting on the accounts")
     for thread in threads:
         thread.join(60)
     assert failed == [] and fell_back == []

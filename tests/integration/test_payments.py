@@ -15,8 +15,7 @@ from payments_app.models import Account, Payment
 from shared.db import db, driver_dsn, transaction
 from shared.errors import NotFound
 from shared.outbox import OutboxMessage
-from tests.polling import wait_for
-from tests.postgres_tools import other_sessions
+from tests.postgres_tools import wait_for_sessions_waiting_on_a_lock
 
 
 def _open_with(user_id: str, balance: str) -> None:
@@ -74,15 +73,11 @@ def test_an_order_of_a_user_without_an_account_decided_twice_at_once_is_answered
     threads = [threading.Thread(target=first), threading.Thread(target=second)]
     for thread in threads:
         thread.start()
-    watcher = psycopg2.connect(driver_dsn(settings.database_url("payments")))
-    watcher.autocommit = True
     try:
-        with watcher.cursor() as cursor:
-            wait_for(lambda: other_sessions(cursor, "wait_event_type = 'Lock'") >= 1,
-                     timeout=5, interval=0.01, what="the second waiting on the first's decision")
+        wait_for_sessions_waiting_on_a_lock(settings.database_url("payments"), timeout=5,
+                                            what="the second waiting on the first's decision")
     finally:
         first_may_commit.set()
-        watcher.close()
     for thread in threads:
         thread.join(30)
 
