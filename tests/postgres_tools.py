@@ -1,10 +1,11 @@
 """PostgreSQL for tests: ending a connection from the server's side, as a restart would, a
-transaction stalled holding an account's row, what the other sessions are doing, and waiting for
-some of them to wait on a lock."""
+transaction stalled holding an account's row, what the other sessions are doing, waiting for some
+of them to wait on a lock, and two transactions made to meet on one."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg2
@@ -55,3 +56,27 @@ def wait_for_sessions_waiting_on_a_lock(database_url: str, *, count: int = 1, ti
                      timeout=timeout, interval=0.01, what=what)
     finally:
         watcher.close()
+
+
+def second_waiting_on_the_first(database_url: str, first: Callable[[Callable[[], None]], None],
+                                second: Callable[[], None], *, what: str) -> None:
+    """Run `first(hold)`, which calls `hold()` once it holds what `second()` will need (a row
+    written, its transaction still open), then `second()` beside it; once the second waits on a
+    lock (`what`), the first is let go on. Each in a thread, both ended before this returns."""
+    holding, let_go = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        let_go.wait(10)
+
+    threads = [threading.Thread(target=first, args=(hold,))]
+    threads[0].start()
+    try:
+        assert holding.wait(10), "the first never came to hold"
+        threads.append(threading.Thread(target=second))
+        threads[1].start()
+        wait_for_sessions_waiting_on_a_lock(database_url, timeout=5, what=what)
+    finally:
+        let_go.set()
+        for thread in threads:
+            thread.join(30)

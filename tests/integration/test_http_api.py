@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -22,8 +21,8 @@ from shared.db import db
 from shared.internal_auth import identity_headers
 from shared.kafka import broker_reachable
 from shared.outbox import OutboxMessage
-from tests.postgres_tools import (account_row_held, terminate_backend,
-                                  wait_for_sessions_waiting_on_a_lock)
+from tests.postgres_tools import (account_row_held, second_waiting_on_the_first,
+                                  terminate_backend)
 
 
 @pytest.fixture
@@ -338,17 +337,6 @@ def test_a_deposit_sent_again_while_the_first_is_in_flight_waits_for_it_and_repl
     from payments_app import service as payments
 
     payments_flask_app.test_client().post("/accounts", headers=_as(user_id))
-    first_deposited, first_may_commit = threading.Event(), threading.Event()
-    real_deposit = payments.deposit
-
-    def deposit_then_held(session, **kwargs):
-        account = real_deposit(session, **kwargs)
-        if not first_deposited.is_set():
-            first_deposited.set()
-            first_may_commit.wait(10)
-        return account
-
-    monkeypatch.setattr(payments, "deposit", deposit_then_held)
     headers = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
     answers = {}
 
@@ -356,18 +344,20 @@ def test_a_deposit_sent_again_while_the_first_is_in_flight_waits_for_it_and_repl
         answers[name] = payments_flask_app.test_client().post(
             "/accounts/deposit", json={"amount": "25"}, headers=headers)
 
-    first = threading.Thread(target=send, args=("first",))
-    first.start()
-    first_deposited.wait(10)
-    second = threading.Thread(target=send, args=("second",))
-    second.start()
-    try:
-        wait_for_sessions_waiting_on_a_lock(settings.database_url("payments"), timeout=5,
-                                            what="the second waiting on the first's key")
-    finally:
-        first_may_commit.set()
-    first.join(30)
-    second.join(30)
+    def first(hold):
+        real_deposit = payments.deposit
+
+        def deposit_then_held(session, **kwargs):
+            account = real_deposit(session, **kwargs)
+            monkeypatch.setattr(payments, "deposit", real_deposit)  # (the second's is not held)
+            hold()
+            return account
+
+        monkeypatch.setattr(payments, "deposit", deposit_then_held)
+        send("first")
+
+    second_waiting_on_the_first(settings.database_url("payments"), first, lambda: send("second"),
+                                what="the second waiting on the first's key")
 
     assert answers["first"].status_code == answers["second"].status_code == 200
     assert answers["first"].get_json() == answers["second"].get_json()

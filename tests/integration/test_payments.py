@@ -15,7 +15,7 @@ from payments_app.models import Account, Payment
 from shared.db import db, driver_dsn, transaction
 from shared.errors import NotFound
 from shared.outbox import OutboxMessage
-from tests.postgres_tools import wait_for_sessions_waiting_on_a_lock
+from tests.postgres_tools import second_waiting_on_the_first
 
 
 def _open_with(user_id: str, balance: str) -> None:
@@ -55,31 +55,20 @@ def test_an_order_of_a_user_without_an_account_decided_twice_at_once_is_answered
     by order id settles it, the second waiting for the first's and going in as nothing."""
     order_id = uuid.uuid4()
     taken = {}
-    first_decided, first_may_commit = threading.Event(), threading.Event()
 
-    def first():
+    def first(hold):
         with payments_flask_app.app_context(), transaction() as session:
             taken["first"] = service.take_payments(session, [service.PaymentRequest(
                 order_id=order_id, user_id=user_id, amount=Decimal("5"),
                 correlation_id=str(order_id))])
-            first_decided.set()
-            first_may_commit.wait(10)
+            hold()
 
     def second():
-        first_decided.wait(10)
         with payments_flask_app.app_context():
             taken["second"] = _take(order_id, user_id, "5")
 
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
-    for thread in threads:
-        thread.start()
-    try:
-        wait_for_sessions_waiting_on_a_lock(settings.database_url("payments"), timeout=5,
-                                            what="the second waiting on the first's decision")
-    finally:
-        first_may_commit.set()
-    for thread in threads:
-        thread.join(30)
+    second_waiting_on_the_first(settings.database_url("payments"), first, second,
+                                what="the second waiting on the first's decision")
 
     assert [payment.reason for payment in taken["first"]] == ["NO_ACCOUNT"]
     assert taken["second"] is None
