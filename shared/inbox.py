@@ -292,7 +292,8 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
                _as_json(row.get("payload")), row.get("raw_value"),
                row.get("parked_at"), row.get("last_error"), row["produced_at"])
               for row in rows.values()]
-    inserted = execute_values(cursor, _STORE, values, page_size=len(values), fetch=True)
+    inserted = execute_values(cursor, _STORE, values, template=_STORED_ROW, page_size=len(values),
+                              fetch=True)
     return [uuid.UUID(message_id) for message_id, parked in inserted if not parked]
 
 
@@ -303,12 +304,23 @@ def _as_json(payload: dict[str, Any] | Json | None) -> Json | None:
 # The inbox's statements go straight to the driver, as every message passes through them: the
 # consumer stores on a psycopg2 connection of its own, the handlers run theirs on a
 # shared.db.driver_cursor.
+# A record already stored is passed over by a read of the stored ids, which never waits, before the
+# insert: an insert meeting a row that a handler's transaction has marked and not yet committed
+# waits for it (up to lock_timeout, 2 s, then the whole batch failed and was read again, until the
+# handler committed). ON CONFLICT is for two consumers storing one new record at once.
 _STORE = """
 INSERT INTO inbox_messages (message_id, topic, partition, "offset", key, type, correlation_id,
                             request_id, payload, raw_value, parked_at, last_error, produced_at)
-VALUES %s
+SELECT * FROM (VALUES %s) AS received (message_id, topic, partition, "offset", key, type,
+                                        correlation_id, request_id, payload, raw_value, parked_at,
+                                        last_error, produced_at)
+WHERE NOT EXISTS (SELECT FROM inbox_messages AS stored
+                  WHERE stored.message_id = received.message_id)
 ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id::text, parked_at IS NOT NULL"""
+# (Typed: the values of a VALUES list read as text where they are not numbers.)
+_STORED_ROW = ("(%s::uuid, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s::timestamptz, %s,"
+               " %s::timestamptz)")
 
 
 def process_inbox_message(

@@ -4,6 +4,7 @@ handled."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +51,22 @@ def test_a_message_delivered_twice_is_stored_once(in_payments, payments_inbox, u
     record, message_id = _request_record(user_id)
     assert payments_inbox([record, record]) == [message_id]
     assert payments_inbox([record]) == []
+
+
+def test_a_message_delivered_again_while_a_handler_marks_it_is_passed_over_without_waiting(
+        in_payments, payments_inbox, user_id):
+    """A repeat (a rebalance, a relay's resend) of a message a handler's transaction has marked
+    processed and not yet committed: storing the batch does not wait for that transaction (up to
+    lock_timeout, then failing the whole batch, again and again until it committed)."""
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    new_record, new_id = _request_record(user_id)
+    with transaction() as handling:
+        handling.execute(text("UPDATE inbox_messages SET processed_at = now()"
+                              " WHERE message_id = :id"), {"id": message_id})
+        started = time.monotonic()
+        assert payments_inbox([record, new_record]) == [new_id]
+        assert time.monotonic() - started < 1  # (lock_timeout is 2 s)
 
 
 def test_an_unparseable_message_is_parked_at_once_and_not_dispatched(in_payments, payments_inbox):
