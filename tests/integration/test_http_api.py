@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from datetime import datetime
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 import orders_app
 import shared.db
@@ -17,7 +18,7 @@ from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
 from shared.config import ENVIRONMENT, get_settings
-from shared.db import db
+from shared.db import db, transaction
 from shared.internal_auth import identity_headers
 from shared.kafka import broker_reachable
 from shared.outbox import OutboxMessage
@@ -189,15 +190,63 @@ def test_someone_elses_order_and_a_malformed_id_are_404(orders_http, user_id):
 def test_orders_are_listed_newest_first_page_by_page(orders_http, user_id):
     placed = [orders_http.post("/orders", json={"amount": n}, headers=_as(user_id)).get_json()["id"]
               for n in range(1, 6)]
-    seen, cursor = [], None
+    assert sum(_pages(orders_http, user_id, limit=2), []) == list(reversed(placed))
+
+
+def _pages(orders_http, user_id, limit: int) -> list[list[str]]:
+    """The ids of each page of the user's orders, `limit` a page, cursor after cursor."""
+    pages, cursor = [], None
     while True:
-        query = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        query = {"limit": limit} | ({"cursor": cursor} if cursor else {})
         page = orders_http.get("/orders", query_string=query, headers=_as(user_id)).get_json()
-        seen += [item["id"] for item in page["items"]]
+        pages.append([item["id"] for item in page["items"]])
         cursor = page["next_cursor"]
         if cursor is None:
-            break
-    assert seen == list(reversed(placed))
+            return pages
+
+
+def test_orders_placed_at_the_same_moment_are_each_listed_once(orders_http, orders_flask_app,
+                                                              user_id):
+    """Ordered by id among themselves, across the pages' boundaries."""
+    placed = [orders_http.post("/orders", json={"amount": 1}, headers=_as(user_id)).get_json()["id"]
+              for _ in range(7)]
+    with orders_flask_app.app_context():
+        db.session.execute(text("UPDATE orders SET created_at = '2026-01-01T00:00:00Z'"
+                                " WHERE user_id = :user_id"), {"user_id": user_id})
+        db.session.commit()
+    pages = _pages(orders_http, user_id, limit=2)
+    assert [len(page) for page in pages] == [2, 2, 2, 1]
+    assert sum(pages, []) == sorted(placed, key=uuid.UUID, reverse=True)
+
+
+def test_a_page_that_holds_the_last_order_has_no_next_cursor(orders_http, user_id):
+    for _ in range(2):
+        orders_http.post("/orders", json={"amount": 1}, headers=_as(user_id))
+    assert [len(page) for page in _pages(orders_http, user_id, limit=2)] == [2]
+
+
+def test_an_order_is_timed_once_its_users_placing_lock_is_held(orders_http, orders_flask_app,
+                                                              settings, user_id):
+    """So that one user's orders are listed in the order they were placed (and paid) in: an order
+    waiting on the lock was timed as it arrived, before one placed ahead of it."""
+    from orders_app.service import PLACING_LOCK_CLASS
+
+    released, placed = {}, {}
+
+    def placing_ahead(hold):
+        with orders_flask_app.app_context(), transaction() as session:
+            session.execute(text("SELECT pg_advisory_xact_lock(:lock_class, hashtext(:user_id))"),
+                            {"lock_class": PLACING_LOCK_CLASS, "user_id": user_id})
+            hold()
+            released["at"] = session.execute(text("SELECT clock_timestamp()")).scalar()
+
+    def placing():
+        placed["order"] = orders_http.post("/orders", json={"amount": 1},
+                                           headers=_as(user_id)).get_json()
+
+    second_waiting_on_the_first(settings.database_url("orders"), placing_ahead, placing,
+                                what="the order waiting on its user's placing lock")
+    assert datetime.fromisoformat(placed["order"]["created_at"]) > released["at"]
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=201", "limit=abc", "cursor=%%%",
