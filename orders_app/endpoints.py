@@ -20,6 +20,7 @@ def place_order(user_id: str, args: dict[str, Any], idempotency_key: str | None)
     with transaction() as session:
         body, _status = run_idempotently(
             session, user_id=user_id, endpoint="POST /orders", key=idempotency_key, args=args,
+            invalidates=service.orders_cache_namespace(user_id),
             respond=lambda: (
                 ORDER.dump(service.place_order(session, user_id=user_id, **args)), 202),
         )

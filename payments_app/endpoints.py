@@ -24,7 +24,7 @@ def deposit(user_id: str, args: dict[str, Any], idempotency_key: str | None) -> 
     with transaction() as session:
         body, _status = run_idempotently(
             session, user_id=user_id, endpoint="POST /accounts/deposit", key=idempotency_key,
-            args=args,
+            args=args, invalidates=service.balance_cache_namespace(user_id),
             respond=lambda: (ACCOUNT.dump(service.deposit(session, user_id=user_id, **args)), 200),
         )
     return body

@@ -21,6 +21,7 @@ from sqlalchemy import DateTime, Index, Integer, String, func, select, text, upd
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from shared.cache import invalidate_after_commit
 from shared.db import db
 from shared.errors import ApiError, Unprocessable
 
@@ -79,11 +80,17 @@ def fingerprint(args: dict[str, Any]) -> str:
 
 
 def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str | None,
-                     args: dict[str, Any], respond: Callable[[], Response]) -> Response:
+                     args: dict[str, Any], respond: Callable[[], Response],
+                     invalidates: str) -> Response:
     """Run `respond` once per (user, endpoint, key); replay its response for a repeated request.
 
     `endpoint` names the operation ("POST /orders"), whatever transport the request came by.
+    `invalidates` is the read cache's namespace the operation changes: invalidated once the
+    transaction commits, on a replay too. The first request's invalidation is lost when its
+    commit's answer is (a 503 for a commit that went through), and the retry that finds the change
+    must not leave the reads cached from before it.
     """
+    invalidate_after_commit(session, invalidates)
     if key is None:
         return respond()
     request_hash = fingerprint(args)

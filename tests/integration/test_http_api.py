@@ -414,6 +414,32 @@ def test_a_deposit_sent_again_while_the_first_is_in_flight_waits_for_it_and_repl
         assert db.session.get(Account, user_id).balance == Decimal("25.00")
 
 
+@pytest.mark.parametrize("service", ["orders", "payments"])
+def test_a_replay_refreshes_the_cached_reads_the_first_request_changed(
+        orders_http, payments_http, monkeypatch, user_id, service):
+    """The first request's invalidation lost, as with its commit's answer (a 503 for a commit
+    that went through): the retry that finds the change leaves no read cached from before it."""
+    from shared.cache import VersionedCache
+
+    client, post, read, fresh = {
+        "orders": (orders_http, ("/orders", {"amount": "5"}), "/orders",
+                   lambda body: len(body["items"]) == 1),
+        "payments": (payments_http, ("/accounts/deposit", {"amount": "5"}), "/accounts/balance",
+                     lambda body: body["balance"] == "5.00"),
+    }[service]
+    payments_http.post("/accounts", headers=_as(user_id))
+    assert client.get(read, headers=_as(user_id)).status_code == 200  # cached now
+    headers = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
+    with monkeypatch.context() as lost:
+        lost.setattr(VersionedCache, "invalidate", lambda self, *namespaces: None)
+        assert client.post(post[0], json=post[1], headers=headers).status_code in (200, 202)
+    assert not fresh(client.get(read, headers=_as(user_id)).get_json())  # (the loss, as it was)
+
+    assert client.post(post[0], json=post[1], headers=headers).status_code in (200, 202)
+
+    assert fresh(client.get(read, headers=_as(user_id)).get_json())
+
+
 def test_health_reports_each_dependency(orders_http, payments_http):
     for client in (orders_http, payments_http):
         response = client.get("/health")

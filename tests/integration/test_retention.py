@@ -23,7 +23,8 @@ def _place(user: str, key: str, amount: str) -> tuple:
     """What `POST /orders` with an Idempotency-Key does around its work, the work a counter."""
     with service_app("orders").app_context(), transaction() as session:
         return run_idempotently(session, user_id=user, endpoint="POST /retention-test", key=key,
-                                args={"amount": amount}, respond=lambda: ({"amount": amount}, 202))
+                                args={"amount": amount}, respond=lambda: ({"amount": amount}, 202),
+                                invalidates=f"retention-test:{user}")
 
 
 def _age(service: str, table: str, where: str, params: dict, days: int) -> None:
