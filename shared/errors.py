@@ -8,6 +8,7 @@ from typing import Any
 from flask import Flask, jsonify
 from marshmallow import Schema, fields
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 from shared.db import cancelled_by_a_limit
@@ -97,7 +98,8 @@ class DatabaseUnavailable(ServiceUnavailable):
 
 class DatabaseBusy(ServiceUnavailable):
     """A statement of the request waited too long for a lock, or ran too long, and the database
-    cancelled it (shared/db.py: SESSION_LIMITS); its transaction was rolled back whole."""
+    cancelled it (shared/db.py: SESSION_LIMITS), and its transaction was rolled back whole; or no
+    connection of the pool came free in time, and nothing ran."""
 
     code = "DATABASE_BUSY"
 
@@ -106,9 +108,14 @@ class DatabaseBusy(ServiceUnavailable):
                          "nothing was changed. Try again shortly.", headers={"Retry-After": "1"})
 
 
-def database_error(exc: OperationalError) -> ServiceUnavailable:
+# What a request whose database work could not be done raises: the database failed it (or could
+# not be reached), or the process's pool had no connection to give in time.
+DATABASE_ERRORS = (OperationalError, PoolTimeout)
+
+
+def database_error(exc: OperationalError | PoolTimeout) -> ServiceUnavailable:
     """What a request whose database work failed with `exc` answers: busy, or unavailable."""
-    if cancelled_by_a_limit(exc):
+    if isinstance(exc, PoolTimeout) or cancelled_by_a_limit(exc):
         return DatabaseBusy()
     return DatabaseUnavailable()
 
@@ -183,10 +190,12 @@ def register_error_handlers(app: Flask) -> None:
             response.headers[name] = value
         return response
 
-    @app.errorhandler(OperationalError)
-    def _database_unavailable(exc: OperationalError):
-        app.logger.warning("database unavailable or busy: %s", exc.orig)
+    def _database_unavailable(exc: OperationalError | PoolTimeout):
+        app.logger.warning("database unavailable or busy: %s", getattr(exc, "orig", exc))
         return _api_error(database_error(exc))
+
+    for error in DATABASE_ERRORS:
+        app.register_error_handler(error, _database_unavailable)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

@@ -25,11 +25,10 @@ from flask import Flask
 from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 from marshmallow import ValidationError
-from sqlalchemy.exc import OperationalError
 
 from shared.config import get_settings
 from shared.db import CallerGaveUp, caller_waits_until
-from shared.errors import ApiError, database_error
+from shared.errors import DATABASE_ERRORS, ApiError, database_error
 from shared.idempotency import checked_idempotency_key
 from shared.identity import authenticated_user_id
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, request_id_bound,
@@ -164,8 +163,8 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
                                      code="VALIDATION_ERROR", details={location: exc.messages}))
         except ApiError as exc:
             _abort(context, exc)
-        except OperationalError as exc:
-            log.warning("database unavailable or busy: %s", exc.orig)
+        except DATABASE_ERRORS as exc:
+            log.warning("database unavailable or busy: %s", getattr(exc, "orig", exc))
             _abort(context, database_error(exc))
         except CallerGaveUp:
             log.warning("the caller's deadline passed before the call's work could commit;"

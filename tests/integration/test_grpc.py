@@ -495,3 +495,37 @@ def test_a_request_held_up_by_a_lock_is_503_busy_over_both_transports(
         assert answer.get_json()["error"]["code"] == "DATABASE_BUSY", transport
         assert answer.headers.get("Retry-After") == "1", transport
         assert client.get("/api/accounts/balance", headers=auth).get_json()["balance"] == "0.00"
+
+
+def test_a_service_whose_pool_has_no_connection_free_is_503_busy_over_both_transports(
+        settings, upstreams, grpc_targets, monkeypatch):  # noqa: F811
+    """Nothing ran, as for a lock waited on too long: DATABASE_BUSY with Retry-After, where it was
+    a 500 (a 502 through the gateway, which says the request may have been carried out)."""
+    import orders_app
+    from shared.db import POOL_MAX_CONNECTIONS, db
+    from tests.integration.test_gateway import _Served
+
+    app = orders_app.create_app(settings=settings)
+    over_http = _Served(make_server("127.0.0.1", 0, app, threaded=True))
+    bind = f"127.0.0.1:{free_port()}"
+    over_grpc = build_server("orders", app, bind)
+    over_grpc.start()
+    with app.app_context():
+        monkeypatch.setattr(db.engine.pool, "_timeout", 0.3)  # (30 s, SQLAlchemy's default)
+        taken = [db.engine.connect() for _ in range(POOL_MAX_CONNECTIONS)]
+    try:
+        for transport in ("grpc", "http"):
+            client = _gateway(settings, upstreams, grpc_targets, transport,
+                              orders_service_url=over_http.url, orders_grpc_target=bind)
+            session = client.post("/api/auth/register", json={
+                "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+            answer = client.get("/api/orders",
+                                headers={"Authorization": f"Bearer {session['access_token']}"})
+            assert answer.status_code == 503, transport
+            assert answer.get_json()["error"]["code"] == "DATABASE_BUSY", transport
+            assert answer.headers.get("Retry-After") == "1", transport
+    finally:
+        for connection in taken:
+            connection.close()
+        over_grpc.stop(grace=None)
+        over_http.close()
