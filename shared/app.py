@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from flask import Blueprint, Flask
+from flask import Blueprint, Flask, request
 from flask_smorest import Api
 from swagger_ui_bundle import swagger_ui_path
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from shared.cache import CACHE_EXTENSION, VersionedCache
 from shared.config import Settings, get_settings
@@ -39,6 +40,9 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     settings = settings or get_settings()
     # No static folder of Flask's own: the gateway serves its page's files at /static itself.
     app = Flask(service, static_folder=None)
+    # A path with "//" in it is matched as it is written (a 404 where nothing is there), not
+    # redirected by Werkzeug with an HTML page that no error handler sees.
+    app.url_map.merge_slashes = False
     app.json = StrictDecimalJSONProvider(app)
     app.config.update(
         SQLALCHEMY_DATABASE_URI=settings.database_url(service),
@@ -71,7 +75,20 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     app.register_blueprint(health_blueprint)
     app.register_blueprint(Blueprint("swagger_ui_assets", __name__, static_folder=swagger_ui_path,
                                      static_url_path=SWAGGER_UI_ASSETS))
+    app.before_request(refuse_an_unsized_body_over_the_limit)
     register_error_handlers(app)
     configure_logging()
     install_request_ids(app)
     return app
+
+
+def refuse_an_unsized_body_over_the_limit() -> None:
+    """A 413 for a body sent in chunks, with no Content-Length, that goes on past
+    MAX_REQUEST_BYTES. Werkzeug reads such a body up to the limit and stops there without a word,
+    so the app would have parsed its first 64 KiB (a 400 for JSON cut off, or a request made of a
+    body's beginning); one with a Content-Length over the limit is refused as it arrives."""
+    if request.content_length is None and "chunked" in request.headers.get(
+            "Transfer-Encoding", "").lower():
+        request.get_data(cache=True)  # (up to the limit)
+        if request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()

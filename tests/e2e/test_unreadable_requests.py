@@ -1,5 +1,6 @@
 """Requests gunicorn cannot read, answered before any app sees them: in the shop's JSON error
-shape, as every other bad request is (shared/gunicorn_worker.py), not as gunicorn's HTML page."""
+shape, as every other bad request is (shared/gunicorn_worker.py), not as gunicorn's HTML page; and
+requests Werkzeug would misread or redirect (shared/app.py)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,21 @@ def test_a_request_line_within_the_limit_still_reaches_the_app(stack):
         stack.gateway_url, get_with(path, "Connection: close"))
     assert status_line.split(" ", 2)[1] == "401", status_line  # the gateway's own answer
     assert json.loads(body)["error"]["code"] == "MISSING_TOKEN"
+
+
+def test_a_chunked_body_over_the_limit_gets_a_json_413_not_its_beginning_read(stack):
+    body = b'{"username": "' + b"x" * 70_000 + b'", "password": "long password"}'
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[at:at + 8192]), body[at:at + 8192])
+                       for at in range(0, len(body), 8192)) + b"0\r\n\r\n"
+    head = "\r\n".join(["POST /api/auth/login HTTP/1.1", "Host: shop.test",
+                         "Content-Type: application/json", "Transfer-Encoding: chunked",
+                         "Connection: close", "", ""]).encode("latin-1")
+    answer = raw_exchange(stack.gateway_url, head + chunked)
+    assert_json_error(answer, 413, "REQUEST_ENTITY_TOO_LARGE")  # was a 400: its JSON cut off
+
+
+@pytest.mark.parametrize("server, path", [("gateway", "/api//orders"),
+                                          ("orders", "/orders//x")])
+def test_a_path_with_a_double_slash_gets_a_json_404_not_an_html_redirect(stack, server, path):
+    answer = raw_exchange(getattr(stack, f"{server}_url"), get_with(path, "Connection: close"))
+    assert_json_error(answer, 404, "NOT_FOUND")
