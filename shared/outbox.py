@@ -2,8 +2,11 @@
 change that causes them, and a relay later publishes them to Kafka and deletes them.
 
 One relay sends a database's rows: the leader, which holds a session advisory lock on a connection
-of its own (shared/relay_leader.py) and relays on it, so two relays never send at once, never send
-one row twice and never overtake each other, and no row locks are needed. A row is deleted only
+of its own (shared/relay_leader.py) and relays on it, so no row locks are needed, and two relays
+overtake each other only as far as the batch in flight when a leader loses its lock (its session
+ended by the server, say): the next leader reads and sends those rows again while the first is
+still sending them, and each arrives twice, its first copy in order; the consumers drop the
+repeats by message id. The first leader fails as it goes to delete them, having no connection. A row is deleted only
 once the broker has acknowledged it (Kafka is then its record); a row the broker refused stays,
 counts the attempt and records the error, and is retried by the next run. A row whose message is
 too large ever to be sent (over the producer's `message.max.bytes` or the topic's

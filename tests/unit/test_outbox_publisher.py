@@ -122,13 +122,18 @@ def test_a_message_refused_for_the_brokers_state_is_tried_again_not_parked(publi
     at once too: that is the broker's to mend, and the relay checks the topics and retries."""
     rows = _rows(2)
     producer = publisher._get_producer()
+    produce = producer.produce
 
-    def topic_gone(topic, value, key, headers):
-        raise KafkaException(KafkaError(KafkaError._UNKNOWN_TOPIC, "unknown topic"))
+    def topic_gone_for_the_first(topic, value, key, headers):
+        if value == rows[0][6]:
+            raise KafkaException(KafkaError(KafkaError._UNKNOWN_TOPIC, "unknown topic"))
+        produce(topic, value, key, headers)
 
-    producer.produce = topic_gone
+    producer.produce = topic_gone_for_the_first
     refused = publisher.send_batch(rows)
-    assert set(refused) == {1, 2}  # the second held back behind the first: the same key
+    assert set(refused) == {1, 2}
+    assert refused[2].error.startswith("held back")  # behind the first: the same key
+    assert producer.produced == []
     assert not any(r.park or r.held for r in refused.values())
 
 
