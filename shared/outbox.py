@@ -6,16 +6,17 @@ of its own (shared/relay_leader.py) and relays on it, so no row locks are needed
 overtake each other only as far as the batch in flight when a leader loses its lock (its session
 ended by the server, say): the next leader reads and sends those rows again while the first is
 still sending them, and each arrives twice, its first copy in order; the consumers drop the
-repeats by message id. The first leader fails as it goes to delete them, having no connection. A row is deleted only
-once the broker has acknowledged it (Kafka is then its record); a row the broker refused stays,
-counts the attempt and records the error, and is retried by the next run. A row whose message is
-too large ever to be sent (over the producer's `message.max.bytes` or the topic's
-`max.message.bytes`) is parked instead: it is not tried again, and the later rows with its topic
-and key wait behind it (they must not overtake it) until an operator sends it again or discards it
-(`python -m tasks.parked ... --outbox`); every other row goes on. A leader that dies between
-sending and deleting leaves its rows to be sent again by the next one (consumers drop the repeats
-by message id). Rows that are gone never need skipping, so the table holds the backlog and nothing
-else, however long the shop has run.
+repeats by message id. The first leader fails as it goes to delete them, having no connection.
+
+A row is deleted only once the broker has acknowledged it (Kafka is then its record); a row the
+broker refused stays, counts the attempt and records the error, and is retried by the next run. A
+row whose message is too large ever to be sent (over the producer's `message.max.bytes` or the
+topic's `max.message.bytes`) is parked instead: it is not tried again, and the later rows with its
+topic and key wait behind it (they must not overtake it) until an operator sends it again or
+discards it (`python -m tasks.parked ... --outbox`); every other row goes on. A leader that dies
+between sending and deleting leaves its rows to be sent again by the next one (consumers drop the
+repeats by message id). Rows that are gone never need skipping, so the table holds the backlog
+and nothing else, however long the shop has run.
 
 A row keeps its message exactly as it goes to Kafka (`envelope`, the event serialised once, by
 its writer), so relaying a row is reading strings and handing them to the producer.

@@ -33,7 +33,7 @@ from shared.relay_leader import RelayLeaderConnection
 from shared.request_context import request_id_bound
 from tasks.services import service_app
 from tests.kafka_tools import read_topic, read_topic_until
-from tests.postgres_tools import other_sessions
+from tests.postgres_tools import other_sessions, terminate_backend
 from tests.polling import wait_for
 
 
@@ -707,6 +707,41 @@ def test_a_leader_that_stops_without_closing_its_session_loses_the_lead(in_order
         with RelayLeaderConnection(url) as successor:
             assert not successor.lead()
             wait_for(successor.lead, timeout=10, what="the stalled leader's session to end")
+
+
+def test_a_leader_whose_session_the_database_ends_stops_leading_and_the_next_run_leads(
+        orders_flask_app, settings, user_id):
+    """Its session ended by the server (a restart, an operator's pg_terminate_backend), the lock
+    with it: the run ends at once, where it could have gone on leading nothing on a dead
+    connection (and its worker never led again), and the next run beat sends leads and sends
+    what was committed meanwhile."""
+    from tasks import relay
+
+    outcome = []
+    run = threading.Thread(target=lambda: outcome.append(
+        relay.relay_outbox.apply(args=("orders",))))
+    run.start()
+    try:
+        wait_for(lambda: "orders" in relay._leading, timeout=10, what="the relay to lead")
+        with psycopg2.connect(driver_dsn(settings.database_url("orders"))) as watcher, \
+                watcher.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                           " AND database = (SELECT oid FROM pg_database"
+                           "                 WHERE datname = current_database())")
+            (leader_pid,) = cursor.fetchone()
+        watcher.close()
+        terminate_backend(settings.database_url("orders"), leader_pid)
+        run.join(10)
+        assert not run.is_alive() and "orders" not in relay._leading
+        assert outcome[0].failed()  # (on the connection the server ended)
+    finally:
+        relay._stop_leading()
+        run.join(10)
+        relay._stopping.clear()
+    with orders_flask_app.app_context():
+        order_id = _place(user_id).id  # committed while nobody leads
+        with _relay_task_leading([]):
+            _wait_until_sent([order_id])
 
 
 def test_a_leader_the_broker_keeps_refusing_steps_down_for_another_to_lead(
