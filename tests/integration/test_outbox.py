@@ -721,20 +721,23 @@ def test_a_leader_whose_session_the_database_ends_stops_leading_and_the_next_run
     run = threading.Thread(target=lambda: outcome.append(
         relay.relay_outbox.apply(args=("orders",))))
     run.start()
+    watcher = psycopg2.connect(driver_dsn(settings.database_url("orders")))
+    watcher.autocommit = True
     try:
-        wait_for(lambda: "orders" in relay._leading, timeout=10, what="the relay to lead")
-        with psycopg2.connect(driver_dsn(settings.database_url("orders"))) as watcher, \
-                watcher.cursor() as cursor:
-            cursor.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                           " AND database = (SELECT oid FROM pg_database"
-                           "                 WHERE datname = current_database())")
-            (leader_pid,) = cursor.fetchone()
-        watcher.close()
+        def leaders_session():
+            with watcher.cursor() as cursor:
+                cursor.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                               " AND database = (SELECT oid FROM pg_database"
+                               "                 WHERE datname = current_database())")
+                return cursor.fetchone()
+
+        (leader_pid,) = wait_for(leaders_session, timeout=10, what="the relay to take the lead")
         terminate_backend(settings.database_url("orders"), leader_pid)
         run.join(10)
         assert not run.is_alive() and "orders" not in relay._leading
         assert outcome[0].failed()  # (on the connection the server ended)
     finally:
+        watcher.close()
         relay._stop_leading()
         run.join(10)
         relay._stopping.clear()
