@@ -503,7 +503,9 @@ def record_failed_attempt(
     counted: bool = True,
 ) -> bool:
     """Note a failed try in its own transaction, as one of the message's attempts unless not
-    `counted` (held up by another session's lock); park the message once it has used them all.
+    `counted` (held up by another session's lock: then its error replaces none the message's own
+    tries left, which an operator reading a parked message wants to see); park the message once
+    it has used them all.
 
     Returns True when the message is now parked.
     """
@@ -515,7 +517,8 @@ def record_failed_attempt(
     message.attempts += 1 if counted else 0
     message.last_attempt_at = _now()
     message.try_open = False
-    message.last_error = error[:2000]
+    if counted or message.last_error is None:  # (a lock waited on says nothing of the message)
+        message.last_error = error[:2000]
     if counted and message.attempts >= max_attempts:
         message.parked_at = _now()
         log.error("parked inbox message %s after %d attempts: %s",

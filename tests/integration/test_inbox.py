@@ -4,6 +4,7 @@ handled."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from shared.db import db, transaction
 from shared.inbox import (ConsumedRecord, InboxMessage, Outcome, PermanentMessageError,
                           claim_stalled_messages, inbox_row, note_try_begun,
                           process_inbox_message, record_failed_attempt, unpark_messages)
+from tasks.services import service_app
 from tests.postgres_tools import terminate_backend
 
 _offsets = iter(range(10**9))
@@ -223,6 +225,41 @@ def test_a_try_that_recorded_its_failure_is_not_counted_again(in_payments, payme
                                   max_attempts=4, counted=counted)
         with transaction() as session:
             assert _claimed(session, timedelta(seconds=-1), max_attempts=4)[message_id] == attempts
+
+
+def test_a_try_held_up_by_a_lock_keeps_the_error_of_the_last_try_that_failed(
+        in_payments, payments_inbox, user_id):
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    for error, counted in (("ValueError('the real cause')", True),
+                           ("OperationalError('lock timeout')", False)):
+        with transaction() as session:
+            record_failed_attempt(session, message_id, error, max_attempts=4, counted=counted)
+    assert _row(message_id).last_error == "ValueError('the real cause')"
+
+
+def test_one_message_handed_to_two_tasks_at_once_is_handled_once(settings, payments_inbox,
+                                                                 user_id):
+    """The sweeper, a replay or a prefetched retry can hand a message over twice: its row lock
+    makes the second wait and then find it handled."""
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    calls = []
+
+    def slow(session, events):
+        calls.append(events[0].message.message_id)
+        time.sleep(0.5)
+
+    def handle():
+        with service_app("payments").app_context(), transaction() as session:
+            process_inbox_message(session, message_id, {PAYMENT_REQUESTED: slow})
+
+    tasks = [threading.Thread(target=handle) for _ in range(2)]
+    for task in tasks:
+        task.start()
+    for task in tasks:
+        task.join(30)
+    assert calls == [message_id]
 
 
 @contextmanager

@@ -536,6 +536,29 @@ def test_a_parked_request_replayed_once_mended_is_paid_once(settings, payments_i
     assert parked.main(["list", "payments", "--limit", "10000"]) == 0
 
 
+def test_a_replayed_message_gets_all_its_tries_again(settings, payments_inbox, monkeypatch,
+                                                     user_id):
+    """As `python -m tasks.parked replay` promises: its attempts cleared, a message parked after
+    its last try is tried as often again, not parked after one more."""
+    from tasks import parked
+
+    tries = []
+
+    def down(session, events):
+        tries.append(events[0].message.message_id)
+        raise ConnectionError("down")
+
+    monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: down})
+    monkeypatch.setattr(parked, "dispatch_inbox_messages", lambda service, ids: None)
+    message_id = _stored_request(payments_inbox, user_id)
+    for _ in range(2):  # tried, parked, replayed; then tried again
+        tries.clear()
+        handle_inbox_message.apply(args=("payments", str(message_id)))
+        assert len(tries) == settings.inbox_max_attempts
+        assert _row(message_id).parked_at is not None
+        assert parked.main(["replay", "payments", str(message_id)]) == 0
+
+
 def test_a_replay_with_the_task_queue_unreachable_says_so_and_leaves_them_to_the_sweeper(
         settings, payments_inbox, monkeypatch, user_id, capsys):
     """The messages are unparked in a transaction of their own before they are dispatched: with
