@@ -428,34 +428,45 @@ def test_with_its_database_unreachable_a_grpc_service_answers_503(settings):
         server.stop(grace=None)
 
 
-def test_a_service_without_its_database_is_503_with_retry_after_over_both_transports(
-        settings, upstreams, grpc_targets):  # noqa: F811
-    """The service's own answer (DATABASE_UNAVAILABLE, try again in a second) reaches the caller
-    through the gateway as it is, whichever transport carries it."""
-    import orders_app
+def _orders_list_over_both_transports(settings, upstreams, grpc_targets,  # noqa: F811
+                                      orders) -> dict[str, object]:
+    """A new shopper's GET /api/orders through a gateway over each transport to `orders` (an
+    orders app served here over HTTP and gRPC both): the answers by transport."""
     from tests.integration.test_gateway import _Served
 
-    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
-    app = orders_app.create_app(settings=dataclasses.replace(settings,
-                                                             orders_database_url=unreachable))
-    over_http = _Served(make_server("127.0.0.1", 0, app, threaded=True))
+    over_http = _Served(make_server("127.0.0.1", 0, orders, threaded=True))
     bind = f"127.0.0.1:{free_port()}"
-    over_grpc = build_server("orders", app, bind)
+    over_grpc = build_server("orders", orders, bind)
     over_grpc.start()
+    answers = {}
     try:
         for transport in ("grpc", "http"):
             client = _gateway(settings, upstreams, grpc_targets, transport,
                               orders_service_url=over_http.url, orders_grpc_target=bind)
             session = client.post("/api/auth/register", json={
                 "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
-            answer = client.get("/api/orders",
-                                headers={"Authorization": f"Bearer {session['access_token']}"})
-            assert answer.status_code == 503, transport
-            assert answer.get_json()["error"]["code"] == "DATABASE_UNAVAILABLE", transport
-            assert answer.headers.get("Retry-After") == "1", transport
+            answers[transport] = client.get(
+                "/api/orders", headers={"Authorization": f"Bearer {session['access_token']}"})
     finally:
         over_grpc.stop(grace=None)
         over_http.close()
+    return answers
+
+
+def test_a_service_without_its_database_is_503_with_retry_after_over_both_transports(
+        settings, upstreams, grpc_targets):  # noqa: F811
+    """The service's own answer (DATABASE_UNAVAILABLE, try again in a second) reaches the caller
+    through the gateway as it is, whichever transport carries it."""
+    import orders_app
+
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    app = orders_app.create_app(settings=dataclasses.replace(settings,
+                                                             orders_database_url=unreachable))
+    answers = _orders_list_over_both_transports(settings, upstreams, grpc_targets, app)
+    for transport, answer in answers.items():
+        assert answer.status_code == 503, transport
+        assert answer.get_json()["error"]["code"] == "DATABASE_UNAVAILABLE", transport
+        assert answer.headers.get("Retry-After") == "1", transport
 
 
 def test_a_gateway_whose_signature_the_services_refuse_answers_502_not_401(
@@ -503,29 +514,17 @@ def test_a_service_whose_pool_has_no_connection_free_is_503_busy_over_both_trans
     a 500 (a 502 through the gateway, which says the request may have been carried out)."""
     import orders_app
     from shared.db import POOL_MAX_CONNECTIONS, db
-    from tests.integration.test_gateway import _Served
 
     app = orders_app.create_app(settings=settings)
-    over_http = _Served(make_server("127.0.0.1", 0, app, threaded=True))
-    bind = f"127.0.0.1:{free_port()}"
-    over_grpc = build_server("orders", app, bind)
-    over_grpc.start()
     with app.app_context():
         monkeypatch.setattr(db.engine.pool, "_timeout", 0.3)  # (30 s, SQLAlchemy's default)
         taken = [db.engine.connect() for _ in range(POOL_MAX_CONNECTIONS)]
     try:
-        for transport in ("grpc", "http"):
-            client = _gateway(settings, upstreams, grpc_targets, transport,
-                              orders_service_url=over_http.url, orders_grpc_target=bind)
-            session = client.post("/api/auth/register", json={
-                "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
-            answer = client.get("/api/orders",
-                                headers={"Authorization": f"Bearer {session['access_token']}"})
-            assert answer.status_code == 503, transport
-            assert answer.get_json()["error"]["code"] == "DATABASE_BUSY", transport
-            assert answer.headers.get("Retry-After") == "1", transport
+        answers = _orders_list_over_both_transports(settings, upstreams, grpc_targets, app)
     finally:
         for connection in taken:
             connection.close()
-        over_grpc.stop(grace=None)
-        over_http.close()
+    for transport, answer in answers.items():
+        assert answer.status_code == 503, transport
+        assert answer.get_json()["error"]["code"] == "DATABASE_BUSY", transport
+        assert answer.headers.get("Retry-After") == "1", transport
