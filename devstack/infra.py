@@ -14,8 +14,8 @@ import tempfile
 import threading
 import time
 import warnings
-from importlib.metadata import version
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 from devstack.processes import ManagedProcess, run_as
