@@ -85,12 +85,11 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
     """Run `respond` once per (user, endpoint, key); replay its response for a repeated request.
 
     `endpoint` names the operation ("POST /orders"), whatever transport the request came by.
-    `invalidates` is the read cache's namespace the operation changes: invalidated once the
-    transaction commits, on a replay too. The first request's invalidation is lost when its
-    commit's answer is (a 503 for a commit that went through), and the retry that finds the change
-    must not leave the reads cached from before it.
+    `invalidates` is the read cache's namespace the operation changes, which `respond` invalidates
+    after the commit (its use case registers that); a replay invalidates it again. The first
+    request's invalidation is lost when its commit's answer is (a 503 for a commit that went
+    through), and the retry that finds the change must not leave the reads cached from before it.
     """
-    invalidate_after_commit(session, invalidates)
     if key is None:
         return respond()
     request_hash = fingerprint(args)
@@ -109,6 +108,7 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
                 f"This {IDEMPOTENCY_HEADER} was already used with a different request body.",
                 code="IDEMPOTENCY_KEY_REUSED",
             )
+        invalidate_after_commit(session, invalidates)
         return earlier.response_body, earlier.response_status
     body, status = respond()
     session.execute(
