@@ -130,8 +130,9 @@ class OutboxPublisher:
         Any other refusal at produce time is the broker's to answer for (a topic its metadata no
         longer has, say), retried later, and holds back the rows of its key the same way; a fatal
         producer error holds back every row after it. (A message the broker refuses later,
-        in its delivery report, holds nothing back: the rows after it may already be on their
-        way. The rows of a record batch it refuses as too large are each sent again alone, to
+        in its delivery report, holds nothing of this batch back: the rows after it may already
+        be on their way; the later reads hold back its key, shared.outbox.CLAIM_ROWS. The rows
+        of a record batch it refuses as too large are each sent again alone, to
         learn which is: `_send_each_alone`.)
         """
         producer = self._get_producer()

@@ -163,6 +163,26 @@ def drop_outbox_parking() -> None:
     op.drop_column("outbox_messages", "parked_at")  # its partial index goes with it
 
 
+def add_outbox_retry_waits() -> None:
+    """Outbox rows the broker refused wait before they are tried again, longer after each refusal
+    (`next_attempt_at`), and hold back the later rows with their topic and key until they are
+    sent, as parked rows do. The relay finds what holds a row back through an index of every row
+    refused (`attempts > 0`: the parked ones count an attempt too), which replaces the parked
+    rows' own, and holds, nearly always, nothing."""
+    # IF NOT EXISTS: the index is built outside the revision's transaction, after the column is
+    # committed; a build that failed leaves the column, and the revision runs again.
+    op.add_column("outbox_messages", _timestamp("next_attempt_at"), if_not_exists=True)
+    create_index_concurrently("ix_outbox_messages_refused", "outbox_messages",
+                              ["topic", "key", "id"], "attempts > 0")
+    op.drop_index("ix_outbox_messages_parked", "outbox_messages", if_exists=True)
+
+
+def drop_outbox_retry_waits() -> None:
+    op.create_index("ix_outbox_messages_parked", "outbox_messages", ["topic", "key", "id"],
+                    postgresql_where=sa.text("parked_at IS NOT NULL"))
+    op.drop_column("outbox_messages", "next_attempt_at")  # its partial index goes with it
+
+
 # Every statement that inserts outbox rows tells the relay so as its transaction commits (PostgreSQL
 # delivers notifications at commit and folds repeats within one transaction into one).
 _CREATE_NOTIFY_FUNCTION = """

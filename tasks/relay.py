@@ -23,7 +23,8 @@ from celery.signals import worker_shutting_down
 from flask import current_app
 
 from shared.kafka import OutboxPublisher, ensure_topics
-from shared.outbox import count_parked_outbox_messages, relay_pending_outbox, vacuum_outbox
+from shared.outbox import (count_parked_outbox_messages, refused_rows_wait, relay_pending_outbox,
+                           retry_refused_rows_now, vacuum_outbox)
 from shared.relay_leader import RelayLeaderConnection
 from tasks.celery_app import app
 from tasks.services import ServiceTask
@@ -40,9 +41,10 @@ VACUUM_AFTER_ROWS = 1000
 # How long the leader gives each of the topic check's two broker calls after a refused batch.
 TOPIC_CHECK_TIMEOUT_SECONDS = 2.0
 
-# A leader whose every batch the broker has refused for this long, while rows waited, steps down:
-# it closes its connection, and the lock with it, and this process takes no lead of that outbox
-# for SIT_OUT_SECONDS, so that beat's next runs find a relay in another worker, whose way to the
+# A leader whose every batch the broker has refused for this long, while rows waited (refused rows
+# waiting for their next try count: shared.outbox.FIRST_RETRY_AFTER_SECONDS), steps down: it closes
+# its connection, and the lock with it, and this process takes no lead of that outbox for
+# SIT_OUT_SECONDS, so that beat's next runs find a relay in another worker, whose way to the
 # broker may be sound. Where the broker is down for all, the lead just moves on (or, with one
 # worker, comes back after the sit-out).
 STEP_DOWN_AFTER_SECONDS = 60.0
@@ -118,13 +120,18 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
         just_sent, refused = _send_waiting_rows(service, settings, leader, publisher)
         sent += just_sent
         deleted_since_vacuum += just_sent
-        if just_sent or not refused:
+        if just_sent:
+            if refused_since is not None:
+                _retry_refused_rows_now(service, leader)  # the broker takes rows again
             refused_since = None
-        else:
+        elif refused:
             refused_since = started if refused_since is None else refused_since
-            if time.monotonic() - refused_since >= STEP_DOWN_AFTER_SECONDS:
-                _step_down(service, time.monotonic() - refused_since)
-                return sent
+        elif refused_since is not None and not _refused_rows_wait(leader):
+            refused_since = None  # nothing refused is left to send
+        if (refused_since is not None
+                and time.monotonic() - refused_since >= STEP_DOWN_AFTER_SECONDS):
+            _step_down(service, time.monotonic() - refused_since)
+            return sent
         if deleted_since_vacuum >= VACUUM_AFTER_ROWS:
             with leader.cursor() as cursor:
                 vacuum_outbox(cursor)
@@ -142,6 +149,19 @@ def _remind_of_parked_rows(service: str, leader: RelayLeaderConnection) -> None:
                   " them (python -m tasks.parked list %s --outbox)", service, parked, service)
 
 
+def _retry_refused_rows_now(service: str, leader: RelayLeaderConnection) -> None:
+    with leader.cursor() as cursor:
+        waiting = retry_refused_rows_now(cursor)
+    if waiting:
+        log.info("%s outbox: the broker takes messages again; trying the %d refused row(s) now",
+                 service, waiting)
+
+
+def _refused_rows_wait(leader: RelayLeaderConnection) -> bool:
+    with leader.cursor() as cursor:
+        return refused_rows_wait(cursor)
+
+
 def _step_down(service: str, refused_for: float) -> None:
     log.warning("%s outbox: the broker has refused every batch for %.0f s; stepping down so that"
                 " a relay in another worker can lead", service, refused_for)
@@ -151,9 +171,11 @@ def _step_down(service: str, refused_for: float) -> None:
 
 def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                        publisher: OutboxPublisher) -> tuple[int, bool]:
-    """Send batch after batch until none is left or the broker refuses rows; returns how many
-    rows were sent and whether the broker refused any (messages too large ever to be sent say
-    nothing about the broker: they are parked, and the next read passes over them)."""
+    """Send batch after batch until none is left or the broker takes none of a batch; returns how
+    many rows were sent and whether the broker refused a batch whole. The rows it refused wait
+    for their next try (shared.outbox), and the next read passes over them, so a batch it took in
+    part is followed by the next. (Messages too large ever to be sent say nothing about the
+    broker: they are parked, and the next read passes over them too.)"""
     sent = 0
     while not _stopping.is_set():
         with leader.cursor() as cursor:
@@ -168,7 +190,8 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
             log.warning("%s outbox: %d rows not acknowledged by the broker; will retry",
                         service, result.refused_by_the_broker)
             _recreate_topics(settings, service)
-            return sent, True
+            if not result.sent:
+                return sent, True
         if result.claimed < settings.outbox_relay_batch_size:
             break
     return sent, False

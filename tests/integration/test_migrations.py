@@ -208,7 +208,7 @@ def test_a_revision_held_up_by_the_shop_gives_way_and_runs_once_the_lock_is_free
             upgrading.wait()
     assert upgrading.returncode == 0, output
     assert "gave way" in output and "Running upgrade 0007 -> 0008" in output, output
-    assert _index_valid(url, "ix_outbox_messages_parked")
+    assert _index_valid(url, "ix_outbox_messages_refused")
 
 
 def test_an_index_build_left_invalid_is_built_anew_when_the_revision_runs_again(infrastructure):
@@ -268,17 +268,19 @@ def test_processes_upgrading_one_database_at_once_take_turns(infrastructure):
 
 
 def test_a_revision_whose_index_build_failed_runs_again(infrastructure):
-    """Revision 0008 adds a column, commits it, then builds its index outside any transaction:
-    a build that failed leaves the column behind, unstamped, and the revision must run again."""
+    """Revision 0011 adds a column, commits it, then builds its index outside any transaction
+    (and drops the one it replaces, 0008's): a build that failed leaves the column behind,
+    unstamped, and the revision must run again."""
     url = _database_url(infrastructure, "failed-build", "orders")
     ensure_database(url)
     config = alembic_config("orders", url)
-    command.upgrade(config, "0007")
+    command.upgrade(config, "0010")
     with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        cursor.execute("ALTER TABLE outbox_messages ADD COLUMN parked_at timestamptz")
+        cursor.execute("ALTER TABLE outbox_messages ADD COLUMN next_attempt_at timestamptz")
     connection.close()
     command.upgrade(config, "head")
-    assert _index_valid(url, "ix_outbox_messages_parked")
+    assert _index_valid(url, "ix_outbox_messages_refused")
+    assert _index_valid(url, "ix_outbox_messages_parked") is None
 
 
 def test_a_downgrade_that_fails_leaves_its_revision_whole(infrastructure):
@@ -326,7 +328,7 @@ def test_upgrade_refuses_a_postgresql_older_than_the_shop_runs_on(infrastructure
 
     monkeypatch.setattr(shared.migrations, "MINIMUM_SERVER_VERSION_NUM", version)
     upgrade("orders")
-    assert _index_valid(url, "ix_outbox_messages_parked")
+    assert _index_valid(url, "ix_outbox_messages_refused")
 
 
 def test_databases_made_for_the_shop_are_migrated_though_its_user_may_not_enter_postgres(
@@ -352,7 +354,7 @@ def test_databases_made_for_the_shop_are_migrated_though_its_user_may_not_enter_
         url = f"{shop_base}/shop_orders"
         ensure_database(url)
         command.upgrade(alembic_config("orders", url), "head")
-        assert _index_valid(url, "ix_outbox_messages_parked")
+        assert _index_valid(url, "ix_outbox_messages_refused")
     finally:
         if server is not None:
             server.stop()

@@ -27,8 +27,9 @@ from shared.contracts import PAYMENT_REQUESTED, new_event
 from shared.db import db, driver_cursor, driver_dsn, transaction
 from shared.kafka import OutboxPublisher
 from shared.task_queues import worker_queues
-from shared.outbox import (CLAIM_ROWS, OutboxMessage, Refusal, add_outbox_message,
-                           outbox_rows_written_together, relay_pending_outbox, vacuum_outbox)
+from shared.outbox import (CLAIM_ROWS, FIRST_RETRY_AFTER_SECONDS, OutboxMessage, Refusal,
+                           add_outbox_message, outbox_rows_written_together, relay_pending_outbox,
+                           vacuum_outbox)
 from shared.relay_leader import RelayLeaderConnection
 from shared.request_context import request_id_bound
 from tasks.services import service_app
@@ -230,6 +231,94 @@ def test_a_parked_outbox_row_replayed_once_mended_goes_out_before_the_rows_behin
         _delete_outbox_rows_of([first.id, *behind_it])
 
 
+# A topic name the broker refuses every message for ("Broker: Invalid topic"), at once: as it would
+# a topic the relay may not write to.
+REFUSED_TOPIC = "no topic can be named this!"
+
+
+def _send_to(topic: str, order_ids, key: str | None = None) -> None:
+    """Have the orders' outbox rows go to `topic` (and with `key`, when given)."""
+    with transaction() as session, driver_cursor(session) as cursor:
+        cursor.execute("UPDATE outbox_messages SET topic = %s, key = coalesce(%s, key)"
+                       " WHERE correlation_id = ANY(%s)",
+                       (topic, key, [str(order_id) for order_id in order_ids]))
+
+
+def _due_now(order_ids) -> None:
+    """Have the orders' outbox rows waiting for their next try tried at the next read."""
+    with transaction() as session, driver_cursor(session) as cursor:
+        cursor.execute("UPDATE outbox_messages SET next_attempt_at = now()"
+                       " WHERE correlation_id = ANY(%s) AND next_attempt_at IS NOT NULL",
+                       ([str(order_id) for order_id in order_ids],))
+
+
+def _relay_once(publisher: OutboxPublisher, batch_size: int):
+    with transaction() as session, driver_cursor(session) as cursor:
+        return relay_pending_outbox(cursor, publisher.send_batch, batch_size)
+
+
+def test_rows_the_broker_refuses_wait_for_their_next_try_and_the_rows_behind_them_go_on(
+        in_orders, settings, user_id):
+    """Refused rows at the head of the table, a batch of them and more, do not stop the relay:
+    each waits for its next try, longer after each refusal, and the next read passes over it,
+    so that the rows of other keys behind it go out meanwhile."""
+    publisher = OutboxPublisher(settings)
+    _relay_all(publisher)  # whatever earlier tests left behind
+    refused = [_place(f"{user_id}-{n}", "1.00").id for n in range(3)]
+    healthy = _place(user_id, "2.00").id
+    _send_to(REFUSED_TOPIC, refused)
+    try:
+        first, second = _relay_once(publisher, 2), _relay_once(publisher, 2)
+        assert (first.claimed, first.sent, first.refused_by_the_broker) == (2, 0, 2)
+        assert (second.claimed, second.sent, second.refused_by_the_broker) == (2, 1, 1)
+        db.session.rollback()
+        assert _outbox_rows_for([healthy]) == []
+        assert _messages_of(settings, [healthy])
+        rows = _outbox_rows_for(refused)
+        assert [row.attempts for row in rows] == [1, 1, 1]
+        assert all("Invalid topic" in row.last_error for row in rows)
+        now = db.session.scalar(select(func.now()))
+        assert all(row.next_attempt_at > now for row in rows)
+        assert _relay_once(publisher, 2).claimed == 0  # none is tried before its time
+
+        _due_now(refused)
+        assert _relay_once(publisher, 5).refused_by_the_broker == 3
+        db.session.rollback()
+        waits = [row.next_attempt_at - now for row in _outbox_rows_for(refused)]
+        assert all(wait.total_seconds() >= 2 * FIRST_RETRY_AFTER_SECONDS for wait in waits)
+    finally:
+        _delete_outbox_rows_of(refused)
+
+
+def test_the_later_rows_of_a_refused_rows_key_wait_until_it_is_sent_and_then_go_in_order(
+        in_orders, settings, user_id):
+    """A row the broker refused holds back the later rows with its topic and key until it is
+    sent (they must not overtake it), however many reads pass meanwhile; once it is sent, they
+    follow it in order."""
+    publisher = OutboxPublisher(settings)
+    _relay_all(publisher)
+    first, *behind = [_place(user_id, amount).id for amount in ("1.00", "2.00", "3.00")]
+    same_key = str(first)
+    _send_to(REFUSED_TOPIC, [first, *behind], key=same_key)
+    try:
+        assert _relay_once(publisher, 1).refused_by_the_broker == 1
+        _due_now([first])
+        again = _relay_once(publisher, 5)
+        assert (again.claimed, again.refused_by_the_broker) == (1, 1)  # it alone, not behind
+        db.session.rollback()
+        assert [row.attempts for row in _outbox_rows_for([first, *behind])] == [2, 0, 0]
+
+        _send_to(settings.topic_payment_requested, [first, *behind])  # the topic mended
+        _due_now([first])
+        assert [_relay_once(publisher, 5).sent for _ in range(3)] == [1, 2, 0]
+        messages = _messages_of(settings, [first, *behind])
+        assert {m.key().decode() for m in messages} == {same_key}
+        assert [json.loads(m.value())["payload"]["amount"] for m in messages] == [
+            "1.00", "2.00", "3.00"]
+    finally:
+        _delete_outbox_rows_of([first, *behind])
+
+
 def _make_too_large(order_id) -> None:
     """Give the order's outbox row a message over the producer's message.max.bytes (1 MB)."""
     with transaction() as session, driver_cursor(session) as cursor:
@@ -347,10 +436,14 @@ def _rows_pile_up_and_go_out(broker, port: int, settings, user_id: str) -> None:
         assert all(r.last_error.startswith("_MSG_TIMED_OUT") for r in rows)
     finally:
         start_and_wait_for_broker(broker, port)
-    results = _relay_all(publisher)
-    assert sum(r.sent for r in results) >= 3
-    db.session.rollback()
-    assert _outbox_rows_for([o.id for o in orders]) == []
+    results = []
+
+    def all_sent() -> bool:  # each once its wait for the next try is over
+        results.extend(_relay_all(publisher))
+        db.session.rollback()
+        return _outbox_rows_for([o.id for o in orders]) == []
+
+    wait_for(all_sent, timeout=30, interval=0.2, what="the refused rows to go out")
     delivered = read_topic(own_settings.kafka_bootstrap_servers, settings.topic_payment_requested,
                            sum(r.sent for r in results))
     ids = {json.loads(m.value())["correlation_id"] for m in delivered}
@@ -461,6 +554,7 @@ def test_a_row_among_a_batchs_rows_that_was_not_sent_is_not_deleted(in_orders, s
         db.session.rollback()
         assert _outbox_rows_for([*before, *after]) == []
         assert [row.correlation_id for row in _outbox_rows_for([middle.id])] == [str(middle.id)]
+        _due_now([middle.id])  # refused, it would wait for its next try
         _relay_all(publisher)
         assert _messages_of(settings, [middle.id])
     finally:
@@ -784,3 +878,64 @@ def test_a_leader_the_broker_keeps_refusing_steps_down_for_another_to_lead(
         worker_app.extensions.pop(relay._PUBLISHER, None)
     with _relay_task_leading([]), orders_flask_app.app_context():
         _wait_until_sent([order_id])  # its sit-out cleared, it leads and sends
+
+
+def test_a_leader_whose_refused_rows_wait_for_their_next_try_still_steps_down(
+        orders_flask_app, settings, user_id, monkeypatch):
+    """Refused rows waiting for their next try are rows waiting: a leader whose every batch the
+    broker refused steps down after STEP_DOWN_AFTER_SECONDS, though its reads in between find
+    nothing to send yet."""
+    from tasks import relay
+
+    monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 2.0)
+    monkeypatch.setattr("shared.outbox.FIRST_RETRY_AFTER_SECONDS", 300.0)
+    with orders_flask_app.app_context():
+        _relay_all(OutboxPublisher(settings))
+        order_id = _place(user_id).id
+        _send_to(REFUSED_TOPIC, [order_id])
+    led = []
+    try:
+        run = _relay_run_in_a_thread(led)
+        run.join(30)
+        assert led == [0] and "orders" in relay._sitting_out  # it led, sent nothing, stepped down
+    finally:
+        relay._stop_leading()
+        run.join(30)
+        relay._stopping.clear()
+        relay._sitting_out.pop("orders", None)
+        service_app("orders").extensions.pop(relay._PUBLISHER, None)
+        with orders_flask_app.app_context():
+            _delete_outbox_rows_of([order_id])
+
+
+def test_once_the_broker_takes_rows_again_the_leader_tries_the_refused_ones_at_once(
+        orders_flask_app, settings, run_dir, user_id, monkeypatch):
+    """Rows the broker refused while it was down do not wait out their time for the next try
+    once it is back: the first batch it takes has the leader try them all again."""
+    from tasks import relay
+
+    monkeypatch.setattr("shared.outbox.FIRST_RETRY_AFTER_SECONDS", 300.0)
+    port = free_port()
+    broker = start_broker(port, run_dir / "leader-broker")
+    own_settings = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{port}")
+    service_app("orders").extensions[relay._PUBLISHER] = OutboxPublisher(own_settings)
+    try:
+        with _relay_task_leading([]), orders_flask_app.app_context():
+            broker.stop()
+            refused_id = _place(user_id).id
+
+            def refused() -> bool:
+                db.session.rollback()
+                return _outbox_rows_for([refused_id])[0].attempts > 0
+
+            wait_for(refused, timeout=30, what="the broker's refusal of the row")
+            start_and_wait_for_broker(broker, port)
+            later_id = _place(f"{user_id}-later").id  # (not behind the refused row: another key)
+            wait_for(lambda: _outbox_rows_for([refused_id, later_id]) == [] or
+                     db.session.rollback(), timeout=30, what="both rows to go out")
+        delivered = read_topic(own_settings.kafka_bootstrap_servers,
+                               settings.topic_payment_requested, 2)
+        assert {json.loads(m.value())["correlation_id"] for m in delivered} == {
+            str(refused_id), str(later_id)}
+    finally:
+        broker.stop()
