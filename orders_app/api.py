@@ -5,17 +5,22 @@ from __future__ import annotations
 from flask import g, jsonify
 
 from orders_app import endpoints
-from orders_app.schemas import ListOrdersQuerySchema, OrderPageSchema, OrderSchema, PlaceOrderSchema
+from orders_app.schemas import (GET_ORDER_ERRORS, LIST_ORDERS_ERRORS, PLACE_ORDER_ERRORS,
+                                ListOrdersQuerySchema, OrderPageSchema, OrderSchema,
+                                PlaceOrderSchema)
+from shared.documented_errors import SERVICE_OPERATION_ERRORS
 from shared.http_api import Blueprint
 from shared.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotency_key_from_request
 
-blueprint = Blueprint("orders", __name__, url_prefix="/orders", description="Place and read orders")
+blueprint = Blueprint("orders", __name__, url_prefix="/orders", description="Place and read orders",
+                      errors=SERVICE_OPERATION_ERRORS)
 
 
 @blueprint.post("")
 @blueprint.arguments(PlaceOrderSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
 @blueprint.response(202, OrderSchema)
+@blueprint.errors(*PLACE_ORDER_ERRORS)
 def place_order(args):
     """Place an order; its payment is asked for asynchronously."""
     return jsonify(endpoints.place_order(g.user_id, args, idempotency_key_from_request())), 202
@@ -24,6 +29,7 @@ def place_order(args):
 @blueprint.get("")
 @blueprint.arguments(ListOrdersQuerySchema, location="query")
 @blueprint.response(200, OrderPageSchema)
+@blueprint.errors(*LIST_ORDERS_ERRORS)
 def list_orders(args):
     """The caller's orders, newest first."""
     return jsonify(endpoints.list_orders(g.user_id, args))
@@ -31,6 +37,7 @@ def list_orders(args):
 
 @blueprint.get("/<order_id>")
 @blueprint.response(200, OrderSchema)
+@blueprint.errors(*GET_ORDER_ERRORS)
 def get_order(order_id: str):
     """One of the caller's orders."""
     return jsonify(endpoints.get_order(g.user_id, order_id))

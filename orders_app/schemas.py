@@ -1,4 +1,5 @@
-"""The Orders API's request and response schemas (also documented by the gateway)."""
+"""The Orders API's request and response schemas, and the errors of its operations beyond those of
+every request (all also documented by the gateway)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ import uuid
 from marshmallow import RAISE, Schema, fields, validate
 
 from orders_app.models import STATUSES
+from shared.documented_errors import IDEMPOTENCY_ERRORS, DocumentedError
 from shared.errors import NotFound
 from shared.fields import Amount, Text, WholeNumber
 
 MAX_PAGE = 200
+
+INVALID_CURSOR = DocumentedError(400, "INVALID_CURSOR", "the `cursor` is not one this API gave out")
+ORDER_NOT_FOUND = DocumentedError(404, "ORDER_NOT_FOUND", "the caller has no order of this id")
+PLACE_ORDER_ERRORS = IDEMPOTENCY_ERRORS
+LIST_ORDERS_ERRORS = (INVALID_CURSOR,)
+GET_ORDER_ERRORS = (ORDER_NOT_FOUND,)
 
 
 def order_id_from_path(order_id: str) -> uuid.UUID:

@@ -5,17 +5,21 @@ from __future__ import annotations
 from flask import g, jsonify
 
 from payments_app import endpoints
-from payments_app.schemas import AccountSchema, DepositSchema, EmptySchema
+from payments_app.schemas import (BALANCE_ERRORS, DEPOSIT_ERRORS, OPEN_ACCOUNT_ERRORS,
+                                  AccountSchema, DepositSchema, EmptySchema)
+from shared.documented_errors import SERVICE_OPERATION_ERRORS
 from shared.http_api import Blueprint
 from shared.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotency_key_from_request
 
 blueprint = Blueprint("accounts", __name__, url_prefix="/accounts",
-                      description="Accounts, deposits and balances")
+                      description="Accounts, deposits and balances",
+                      errors=SERVICE_OPERATION_ERRORS)
 
 
 @blueprint.post("")
 @blueprint.arguments(EmptySchema, required=False)
 @blueprint.response(201, AccountSchema)
+@blueprint.errors(*OPEN_ACCOUNT_ERRORS)
 def open_account(_args):
     """Open the caller's account (one per user), with a zero balance."""
     return jsonify(endpoints.open_account(g.user_id)), 201
@@ -25,6 +29,7 @@ def open_account(_args):
 @blueprint.arguments(DepositSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
 @blueprint.response(200, AccountSchema)
+@blueprint.errors(*DEPOSIT_ERRORS)
 def deposit(args):
     """Top up the caller's account."""
     return jsonify(endpoints.deposit(g.user_id, args, idempotency_key_from_request()))
@@ -32,6 +37,7 @@ def deposit(args):
 
 @blueprint.get("/balance")
 @blueprint.response(200, AccountSchema)
+@blueprint.errors(*BALANCE_ERRORS)
 def balance():
     """The caller's balance."""
     return jsonify(endpoints.balance(g.user_id))

@@ -21,9 +21,24 @@ from shared.request_context import configure_logging, install_request_ids
 
 
 class ShopApi(Api):
-    """flask-smorest's Api, its OpenAPI document describing errors as they are answered."""
+    """flask-smorest's Api, its OpenAPI document describing errors as they are answered (each
+    operation's own: shared.documented_errors)."""
 
     ERROR_SCHEMA = ErrorSchema
+    # Every operation's "default" response: what any request can be answered besides what its
+    # operation documents.
+    DEFAULT_ERROR_DESCRIPTION = (
+        "Any other error: `INTERNAL_ERROR` (500), a failure nobody foresaw; and, before the "
+        "request reaches an operation, what the web server answers for one it cannot read: "
+        "`BAD_REQUEST` (400: a malformed request line or header), `REQUEST_URI_TOO_LONG` (414), "
+        "`REQUEST_HEADER_FIELDS_TOO_LARGE` (431).")
+
+    def _register_responses(self):
+        super()._register_responses()
+        # (registered, as flask-smorest registers its own, for when an operation refers to it)
+        self.spec.components.response(self.DEFAULT_ERROR_RESPONSE_NAME, {
+            "description": self.DEFAULT_ERROR_DESCRIPTION,
+            "content": {"application/json": {"schema": self.ERROR_SCHEMA}}}, lazy=True)
 
 # Swagger UI's scripts and styles are served by the service itself (from the swagger-ui-bundle
 # package), so the docs work on a machine with no way out to a CDN.

@@ -1,10 +1,12 @@
 """The flask-smorest Blueprint every HseShop API uses: request bodies are parsed by our strict JSON
 reader (amounts arrive as Decimal, NaN/Infinity are refused as malformed JSON), query parameters
-are held to their schema as bodies are (a route that takes none refuses any), and each route
-parses with one schema instance made when the route is declared."""
+are held to their schema as bodies are (a route that takes none refuses any), each route parses
+with one schema instance made when the route is declared, and each route's OpenAPI document gives
+the errors it can answer (shared.documented_errors)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from copy import deepcopy
 from functools import wraps
 
@@ -13,6 +15,8 @@ import flask_smorest
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 
+from shared.documented_errors import (BODY_TOO_LARGE, MALFORMED_REQUEST, VALIDATION_ERROR,
+                                     DocumentedError, error_responses)
 from shared.jsonio import loads_strict
 
 
@@ -29,7 +33,26 @@ class StrictJSONParser(FlaskParser):
 
 
 class Blueprint(flask_smorest.Blueprint):
+    """`errors`: what every route of the blueprint can answer (its `before_request` checks, say),
+    documented with what the route declares (`errors`) and what every route can answer: a body
+    over the size limit (any app's, shared.app), and a query, or a JSON body, that does not hold
+    to the route's schema or cannot be read."""
+
     ARGUMENTS_PARSER = StrictJSONParser()
+
+    def __init__(self, *args, errors: Iterable[DocumentedError] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.errors_of_every_route = tuple(errors)
+
+    @staticmethod
+    def errors(*errors: DocumentedError):
+        """Declare the errors a route can answer besides those of every route of its blueprint."""
+
+        def decorator(view):
+            view._documented_errors = (*getattr(view, "_documented_errors", ()), *errors)
+            return view
+
+        return decorator
 
     def arguments(self, schema, *args, **kwargs):
         # Given a schema class, webargs builds a new instance of it for every request (about a
@@ -43,8 +66,10 @@ class Blueprint(flask_smorest.Blueprint):
         register = super().route(rule, parameters=parameters, tags=tags, **options)
 
         def decorator(view):
-            if not isinstance(view, type) and not _takes_query_parameters(view):
-                view = _refusing_query_parameters(view)
+            if not isinstance(view, type):
+                if not _takes_query_parameters(view):
+                    view = _refusing_query_parameters(view)
+                _document_errors(view, self.errors_of_every_route)
             return register(view)
 
         return decorator
@@ -70,7 +95,20 @@ def _refusing_query_parameters(view):
         return view(*args, **kwargs)
 
     refusing._apidoc = deepcopy(getattr(view, "_apidoc", {}))
-    documented = refusing._apidoc.setdefault("arguments", {})
-    documented.setdefault("parameters", [])
-    documented.setdefault("responses", {})[422] = "UNPROCESSABLE_ENTITY"
     return refusing
+
+
+def _document_errors(view, errors_of_every_route: tuple[DocumentedError, ...]) -> None:
+    """Put in `view`'s OpenAPI document a response for each status it can answer with an error,
+    in place of flask-smorest's bare 422 for its arguments."""
+    documented = getattr(view, "_apidoc", {})
+    takes_a_body = any(parameter.get("in") == "json" for parameter in
+                       documented.get("arguments", {}).get("parameters", []))
+    errors = [BODY_TOO_LARGE, VALIDATION_ERROR, *([MALFORMED_REQUEST] if takes_a_body else []),
+              *errors_of_every_route, *getattr(view, "_documented_errors", ())]
+    view._apidoc = documented = deepcopy(documented)
+    documented.get("arguments", {}).pop("responses", None)
+    responses = documented.setdefault("response", {}).setdefault("responses", {})
+    for status, response in error_responses(errors).items():
+        # (as flask-smorest's alt_response keeps one: its content type the API's default)
+        responses.setdefault(status, []).append({**response, "content_type": None})

@@ -1,6 +1,7 @@
 """PostgreSQL for tests: ending a connection from the server's side, as a restart would, a
-transaction stalled holding an account's row, what the other sessions are doing, waiting for some
-of them to wait on a lock, and two transactions made to meet on one."""
+transaction stalled holding an account's row, an app's pool with no connection free, what the
+other sessions are doing, waiting for some of them to wait on a lock, and two transactions made to
+meet on one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from contextlib import contextmanager
 
 import psycopg2
 
-from shared.db import driver_dsn
+from shared.db import POOL_MAX_CONNECTIONS, db, driver_dsn
 from tests.polling import wait_for
 
 
@@ -35,6 +36,22 @@ def account_row_held(database_url: str, user_id: str) -> Iterator[int]:
     finally:
         holder.rollback()
         holder.close()
+
+
+@contextmanager
+def no_connection_free(app, monkeypatch) -> Iterator[None]:
+    """Every connection the Flask `app`'s pool can make taken, and a request's wait for one cut
+    to 0.3 s: its requests time out waiting (DATABASE_BUSY). The app's pool is emptied after."""
+    with app.app_context():
+        monkeypatch.setattr(db.engine.pool, "_timeout", 0.3)  # (30 s, SQLAlchemy's default)
+        taken = [db.engine.connect() for _ in range(POOL_MAX_CONNECTIONS)]
+    try:
+        yield
+    finally:
+        for connection in taken:
+            connection.close()
+        with app.app_context():
+            db.engine.dispose()
 
 
 def other_sessions(cursor, condition: str, *params) -> int:

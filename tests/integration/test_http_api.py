@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from datetime import datetime
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from decimal import Decimal
 
 import pytest
 from sqlalchemy import func, select, text
 
 import orders_app
+import payments_app
 import shared.db
 import shared.health
 from devstack.infra import free_port
@@ -21,9 +22,12 @@ from shared.config import ENVIRONMENT, get_settings
 from shared.db import db, transaction
 from shared.internal_auth import identity_headers
 from shared.kafka import broker_reachable
+from shared.money import MAX_BALANCE
 from shared.outbox import OutboxMessage
-from tests.postgres_tools import (account_row_held, second_waiting_on_the_first,
-                                  terminate_backend)
+from tests.openapi_tools import (ERROR_SCHEMA, asked, assert_documented, codes_named,
+                                 documented_answers, documented_errors, with_a_body_in_chunks)
+from tests.postgres_tools import (account_row_held, no_connection_free,
+                                  second_waiting_on_the_first, terminate_backend)
 
 
 @pytest.fixture
@@ -481,6 +485,114 @@ def test_each_service_serves_its_openapi_document_and_swagger_ui(orders_http, pa
         assert b"/docs/swagger-ui-assets/swagger-ui-bundle.js" in page.data
         script = client.get("/docs/swagger-ui-assets/swagger-ui-bundle.js")
         assert script.status_code == 200 and len(script.data) > 100_000
+
+
+# Each operation of the services' APIs (by service, method and path as documented), with a body
+# it takes, and the error statuses its document gives.
+SERVICE_OPERATIONS = {
+    ("orders", "post", "/orders"): ({"amount": "1.00"}, {400, 401, 413, 422, 503}),
+    ("orders", "get", "/orders"): (None, {400, 401, 413, 422, 503}),
+    ("orders", "get", "/orders/{order_id}"): (None, {401, 404, 413, 422, 503}),
+    ("payments", "post", "/accounts"): (None, {400, 401, 409, 413, 422, 503}),
+    ("payments", "post", "/accounts/deposit"): ({"amount": "1.00"},
+                                                {400, 401, 404, 413, 422, 503}),
+    ("payments", "get", "/accounts/balance"): (None, {401, 404, 413, 422, 503}),
+}
+
+
+def test_each_service_operation_documents_its_error_statuses_in_the_error_shape(orders_http,
+                                                                                payments_http):
+    specs = {"orders": orders_http.get("/docs/openapi.json").get_json(),
+             "payments": payments_http.get("/docs/openapi.json").get_json()}
+    for (service, method, path), (_, statuses) in SERVICE_OPERATIONS.items():
+        documented = documented_errors(specs[service], method, path)
+        assert set(documented) == statuses, (method, path)
+        for status, response in documented.items():
+            assert response["content"]["application/json"]["schema"] == ERROR_SCHEMA
+            assert codes_named(response), (method, path, status)  # the codes it carries
+        assert set(documented[503]["headers"]) == {"Retry-After"}, (method, path)
+        assert codes_named(documented[401]) == {"MISSING_USER_ID", "INVALID_USER_ID",
+                                                "UNTRUSTED_IDENTITY"}, (method, path)
+
+
+def _refused_in_every_way_every_operation_can_be(client, method: str, path: str, body):
+    """The answers of `method path` to requests every operation of a service refuses."""
+    user_id = f"user-{uuid.uuid4().hex[:12]}"
+    answers = [asked(client, method, path, body, headers={}),
+               asked(client, method, path, body, headers={"X-User-ID": "a b"}),
+               asked(client, method, path, body, headers={"X-User-ID": user_id}),  # unsigned
+               with_a_body_in_chunks(client, method, path, _as(user_id)),
+               asked(client, method, f"{path}?unknown=1", body, headers=_as(user_id))]
+    if method == "post":
+        answers.append(asked(client, method, path, headers=_as(user_id), data="{",
+                              content_type="application/json"))
+    return answers
+
+
+def test_every_error_a_service_operation_answers_is_documented_for_it_and_none_other(
+        orders_flask_app, payments_flask_app, settings, monkeypatch):
+    """Each operation asked in every way it can fail: every error it answers (status, code and
+    Retry-After) is documented for it, and it documents none it was not seen to answer, so the
+    document cannot drift from the behaviour either way."""
+    apps = {"orders": orders_flask_app, "payments": payments_flask_app}
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    without_database = {
+        "orders": orders_app.create_app(settings=dataclasses.replace(
+            settings, orders_database_url=unreachable)),
+        "payments": payments_app.create_app(settings=dataclasses.replace(
+            settings, payments_database_url=unreachable))}
+    specs = {service: app.test_client().get("/docs/openapi.json").get_json()
+             for service, app in apps.items()}
+    answers = {operation: [] for operation in SERVICE_OPERATIONS}
+    for (service, method, path), (body, _) in SERVICE_OPERATIONS.items():
+        client = apps[service].test_client()
+        answers[service, method, path] += [
+            *_refused_in_every_way_every_operation_can_be(client, method, path, body),
+            asked(without_database[service].test_client(), method, path, body,
+                   headers=_as(f"user-{uuid.uuid4().hex[:12]}"))]
+    for service in ("orders", "payments"):
+        busy = {"orders": orders_app, "payments": payments_app}[service].create_app(
+            settings=settings)
+        with no_connection_free(busy, monkeypatch):
+            for (owner, method, path), (body, _) in SERVICE_OPERATIONS.items():
+                if owner == service:
+                    answers[owner, method, path].append(asked(
+                        busy.test_client(), method, path, body,
+                        headers=_as(f"user-{uuid.uuid4().hex[:12]}")))
+    # What each operation refuses of its own.
+    orders, payments = apps["orders"].test_client(), apps["payments"].test_client()
+    user_id = f"user-{uuid.uuid4().hex[:12]}"
+    keyed = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
+    orders.post("/orders", json={"amount": "1.00"}, headers=keyed)
+    answers["orders", "post", "/orders"] += [
+        orders.post("/orders", json={"amount": "2.00"}, headers=keyed),
+        orders.post("/orders", json={"amount": "1.00"},
+                    headers=_as(user_id, **{"Idempotency-Key": ""}))]
+    answers["orders", "get", "/orders"].append(
+        orders.get("/orders?cursor=abc", headers=_as(user_id)))
+    answers["orders", "get", "/orders/{order_id}"].append(
+        orders.get(f"/orders/{uuid.uuid4()}", headers=_as(user_id)))
+    answers["payments", "get", "/accounts/balance"].append(
+        payments.get("/accounts/balance", headers=_as(user_id)))
+    answers["payments", "post", "/accounts/deposit"].append(
+        payments.post("/accounts/deposit", json={"amount": "1.00"}, headers=_as(user_id)))
+    payments.post("/accounts", headers=_as(user_id))
+    payments.post("/accounts/deposit", json={"amount": "1.00"}, headers=keyed)
+    answers["payments", "post", "/accounts"].append(
+        payments.post("/accounts", headers=_as(user_id)))
+    answers["payments", "post", "/accounts/deposit"] += [
+        payments.post("/accounts/deposit", json={"amount": "2.00"}, headers=keyed),
+        payments.post("/accounts/deposit", json={"amount": "1.00"},
+                      headers=_as(user_id, **{"Idempotency-Key": ""}))]
+    with apps["payments"].app_context():
+        db.session.get(Account, user_id).balance = MAX_BALANCE
+        db.session.commit()
+    answers["payments", "post", "/accounts/deposit"].append(
+        payments.post("/accounts/deposit", json={"amount": "1.00"}, headers=_as(user_id)))
+
+    for (service, method, path), given in answers.items():
+        seen = {assert_documented(specs[service], method, path, answer) for answer in given}
+        assert seen == documented_answers(specs[service], method, path), (method, path)
 
 
 def test_with_its_database_unreachable_a_service_answers_503_not_500(settings, user_id):

@@ -1,0 +1,94 @@
+"""The errors the OpenAPI documents say an operation can answer: each a status, a stable code and
+when it is answered, documented as one response per status in the one error shape, its
+description naming the codes it carries. The errors every app or service gives are here; each
+API's own are beside its schemas."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from shared.app import MAX_REQUEST_BYTES
+from shared.errors import ErrorSchema
+from shared.idempotency import IDEMPOTENCY_HEADER, MAX_KEY_LENGTH
+from shared.internal_auth import USER_ID_HEADER
+
+
+@dataclass(frozen=True)
+class DocumentedError:
+    """An error an operation can answer: its status, its `error.code` and when it is given."""
+
+    status: int
+    code: str
+    when: str
+    retry_after: bool = False  # answered with Retry-After
+
+
+MALFORMED_REQUEST = DocumentedError(
+    400, "MALFORMED_REQUEST", "the body, sent as JSON, is no JSON that can be read (malformed, "
+    "NaN or Infinity, nested too deep)")
+INVALID_IDEMPOTENCY_KEY = DocumentedError(
+    400, "INVALID_IDEMPOTENCY_KEY",
+    f"the {IDEMPOTENCY_HEADER} is not 1 to {MAX_KEY_LENGTH} printable ASCII characters")
+BODY_TOO_LARGE = DocumentedError(413, "REQUEST_ENTITY_TOO_LARGE",
+                                 f"the body is over {MAX_REQUEST_BYTES // 1024} KiB")
+VALIDATION_ERROR = DocumentedError(
+    422, "VALIDATION_ERROR", "the body or the query does not hold to the operation's schema, or "
+    "has a field it does not take (`details`: the messages by location and field)")
+IDEMPOTENCY_KEY_REUSED = DocumentedError(
+    422, "IDEMPOTENCY_KEY_REUSED", f"the {IDEMPOTENCY_HEADER} was used with another body")
+DATABASE_UNAVAILABLE = DocumentedError(
+    503, "DATABASE_UNAVAILABLE", "the service cannot reach its database just now",
+    retry_after=True)
+DATABASE_BUSY = DocumentedError(
+    503, "DATABASE_BUSY", "the service's database was too busy to finish the request in time; "
+    "nothing was changed", retry_after=True)
+
+# The identity a service's every route checks (shared.identity): the gateway's, signed.
+MISSING_USER_ID = DocumentedError(401, "MISSING_USER_ID", f"no {USER_ID_HEADER} header")
+INVALID_USER_ID = DocumentedError(401, "INVALID_USER_ID", f"the {USER_ID_HEADER} is no user id")
+UNTRUSTED_IDENTITY = DocumentedError(
+    401, "UNTRUSTED_IDENTITY", f"the {USER_ID_HEADER} is not signed by the gateway, or its "
+    "signature has expired")
+
+# What the gateway answers when the service it calls fails it.
+BAD_GATEWAY = DocumentedError(
+    502, "BAD_GATEWAY", "the service failed, or answered what is no answer of its API (the "
+    "request may have been carried out)")
+SERVICE_UNAVAILABLE = DocumentedError(503, "SERVICE_UNAVAILABLE",
+                                      "the service cannot be reached; try again shortly")
+UPSTREAM_TIMEOUT = DocumentedError(
+    504, "UPSTREAM_TIMEOUT", "the service took too long to answer (the request may have been "
+    "carried out)")
+
+DATABASE_UNAVAILABLE_OR_BUSY = (DATABASE_UNAVAILABLE, DATABASE_BUSY)
+# What every operation of a service's own API can answer besides what every route can
+# (shared.http_api): its caller's identity is checked first, and each uses the database.
+SERVICE_OPERATION_ERRORS = (MISSING_USER_ID, INVALID_USER_ID, UNTRUSTED_IDENTITY,
+                            *DATABASE_UNAVAILABLE_OR_BUSY)
+# What the operations that honour an Idempotency-Key can answer for it.
+IDEMPOTENCY_ERRORS = (INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED)
+
+
+def error_responses(errors: Iterable[DocumentedError]) -> dict[int, dict]:
+    """The OpenAPI responses of `errors` by status, lowest first (an error named twice counts
+    once): each the error shape, described by the codes it carries, and its Retry-After."""
+    by_status: dict[int, dict[str, DocumentedError]] = {}
+    for error in sorted(errors, key=lambda error: error.status):
+        by_status.setdefault(error.status, {}).setdefault(error.code, error)
+    return {status: _response(status, list(carried.values()))
+            for status, carried in by_status.items()}
+
+
+def _response(status: int, errors: list[DocumentedError]) -> dict:
+    codes = "\n".join(f"- `{error.code}`: {error.when}" for error in errors)
+    response = {"schema": ErrorSchema,
+                "description": f"{HTTPStatus(status).phrase}, with `error.code`:\n\n{codes}"}
+    waited = [error.code for error in errors if error.retry_after]
+    if waited:
+        which = "" if len(waited) == len(errors) else f" (with {', '.join(waited)})"
+        response["headers"] = {"Retry-After": {
+            "description": f"Seconds to wait before trying again{which}",
+            "schema": {"type": "integer", "minimum": 1}}}
+    return response

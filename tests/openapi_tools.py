@@ -1,0 +1,61 @@
+"""Reading an OpenAPI document as a client does (the errors each operation says it can answer, and
+whether an answer it gave is one of them), and asking its operations by their documented paths."""
+
+from __future__ import annotations
+
+import io
+import re
+import uuid
+
+from shared.app import MAX_REQUEST_BYTES
+
+ERROR_SCHEMA = {"$ref": "#/components/schemas/Error"}
+
+
+def documented_errors(spec: dict, method: str, path: str) -> dict[int, dict]:
+    """The error responses the operation `method path` documents, by status (not its default)."""
+    responses = spec["paths"][path][method]["responses"]
+    return {int(status): response for status, response in responses.items()
+            if status != "default" and int(status) >= 400}
+
+
+def codes_named(response: dict) -> set[str]:
+    """The `error.code` values a documented response names (as `CODE` in its description)."""
+    return set(re.findall(r"`([A-Z][A-Z_]+)`", response.get("description", "")))
+
+
+def documented_answers(spec: dict, method: str, path: str) -> set[tuple[int, str]]:
+    """Each (status, code) the operation documents."""
+    return {(status, code) for status, response in documented_errors(spec, method, path).items()
+            for code in codes_named(response)}
+
+
+def assert_documented(spec: dict, method: str, path: str, answer) -> tuple[int, str]:
+    """That `answer`, an error the operation `method path` gave, is one it documents: its status,
+    in the error shape, with its code named and its Retry-After (if it has one). Returns the
+    (status, code) it was."""
+    status, code = answer.status_code, answer.get_json()["error"]["code"]
+    documented = documented_errors(spec, method, path)
+    assert status in documented, (method, path, status, code)
+    assert documented[status]["content"]["application/json"]["schema"] == ERROR_SCHEMA
+    assert code in codes_named(documented[status]), (method, path, status, code)
+    if "Retry-After" in answer.headers:
+        assert "Retry-After" in documented[status].get("headers", {}), (method, path, status)
+    return status, code
+
+
+def asked(client, method: str, path: str, body=None, headers=None, **kwargs):
+    """The operation `method path` (as documented) asked of `client`, its order id a new one."""
+    return client.open(path.format(order_id=uuid.uuid4()), method=method.upper(), json=body,
+                       headers=headers or {}, **kwargs)
+
+
+def with_a_body_in_chunks(client, method: str, path: str, headers: dict):
+    """The operation `method path` asked with a JSON body over the size limit sent in chunks: no
+    Content-Length, its stream ending where the body does (as gunicorn hands such a body over)."""
+    body = b'{"description": "' + b"x" * MAX_REQUEST_BYTES + b'"}'
+    return client.open(path.format(order_id=uuid.uuid4()), method=method.upper(),
+                       input_stream=io.BytesIO(body),
+                       environ_overrides={"wsgi.input_terminated": True},
+                       headers={**headers, "Content-Type": "application/json",
+                                "Transfer-Encoding": "chunked"})
