@@ -17,13 +17,25 @@ from sqlalchemy.dialects.postgresql import insert
 
 from gateway_app.models import User
 from gateway_app.passwords import hash_password, verify_password
+from gateway_app.ratelimit import RATE_LIMITED
 from gateway_app.tokens import InvalidToken, VerifiedToken, issue_token, verify_token
 from shared.db import db, transaction
+from shared.documented_errors import DATABASE_UNAVAILABLE_OR_BUSY, DocumentedError
 from shared.errors import Conflict, Unauthorized
 from shared.fields import Text, UserId
 from shared.http_api import Blueprint
 
-blueprint = Blueprint("auth", __name__, url_prefix="/api/auth", description="Sign up and sign in")
+MISSING_TOKEN = DocumentedError(401, "MISSING_TOKEN", "no `Authorization: Bearer <token>` header")
+INVALID_TOKEN = DocumentedError(401, "INVALID_TOKEN", "the token is not one the gateway issued")
+TOKEN_EXPIRED = DocumentedError(401, "TOKEN_EXPIRED", "the token has expired: sign in again")
+# What every route behind authenticate_bearer can answer for it.
+SIGNED_IN_ERRORS = (MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED, RATE_LIMITED)
+USERNAME_TAKEN = DocumentedError(409, "USERNAME_TAKEN", "another user has this username")
+INVALID_CREDENTIALS = DocumentedError(401, "INVALID_CREDENTIALS",
+                                      "no user has this username and password")
+
+blueprint = Blueprint("auth", __name__, url_prefix="/api/auth", description="Sign up and sign in",
+                      errors=(RATE_LIMITED, *DATABASE_UNAVAILABLE_OR_BUSY))
 
 RATE_LIMITER = "hseshop.rate_limiter"
 
@@ -57,6 +69,7 @@ def _session_body(user: User) -> dict:
 @blueprint.doc(security=[])  # (takes no token: the document's default asks for one)
 @blueprint.arguments(CredentialsSchema)
 @blueprint.response(201, SessionSchema)
+@blueprint.errors(USERNAME_TAKEN)
 def register(args):
     """Create a user and sign them in."""
     password_hash = hash_password(args["password"])
@@ -77,6 +90,7 @@ def register(args):
 @blueprint.doc(security=[])  # (takes no token: the document's default asks for one)
 @blueprint.arguments(CredentialsSchema)
 @blueprint.response(200, SessionSchema)
+@blueprint.errors(INVALID_CREDENTIALS)
 def login(args):
     """Exchange a username and password for a bearer token."""
     user = db.session.scalars(select(User).where(User.username == args["username"])).one_or_none()

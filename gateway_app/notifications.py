@@ -37,10 +37,12 @@ from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import LocalProtocolError, ProtocolError
 
 from gateway_app import tokens
+from gateway_app.auth import SIGNED_IN_ERRORS
 from gateway_app.models import Notification
 from gateway_app.ratelimit import RateLimited
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
+from shared.documented_errors import DATABASE_UNAVAILABLE_OR_BUSY
 from shared.errors import ApiError
 from shared.fields import WholeNumber
 from shared.http_api import Blueprint
@@ -81,7 +83,8 @@ SOCKET_PATH = "/api/notifications/ws"
 SOCKET_ENDPOINT = "notifications_socket"
 
 blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications",
-                      description="What happened to the signed-in user's orders")
+                      description="What happened to the signed-in user's orders",
+                      errors=(*SIGNED_IN_ERRORS, *DATABASE_UNAVAILABLE_OR_BUSY))
 
 
 def channel(user_id: str) -> str:

@@ -10,11 +10,16 @@ import time
 
 import redis
 
+from shared.documented_errors import DocumentedError
 from shared.errors import ApiError
 
 log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 60
+
+RATE_LIMITED = DocumentedError(
+    429, "RATE_LIMITED", "too many requests this minute: the user's, or, signing up or in, the "
+    "address's", retry_after=True)
 
 
 class RateLimited(ApiError):

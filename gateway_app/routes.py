@@ -9,16 +9,28 @@ from typing import Any
 from flask import current_app, jsonify
 
 from gateway_app import upstream_grpc
+from gateway_app.auth import SIGNED_IN_ERRORS
 from gateway_app.proxy import forward
-from orders_app.schemas import (ListOrdersQuerySchema, OrderPageSchema, OrderSchema,
+from orders_app.schemas import (GET_ORDER_ERRORS, LIST_ORDERS_ERRORS, PLACE_ORDER_ERRORS,
+                                ListOrdersQuerySchema, OrderPageSchema, OrderSchema,
                                 PlaceOrderSchema, order_id_from_path)
-from payments_app.schemas import AccountSchema, DepositSchema, EmptySchema
+from payments_app.schemas import (BALANCE_ERRORS, DEPOSIT_ERRORS, OPEN_ACCOUNT_ERRORS,
+                                  AccountSchema, DepositSchema, EmptySchema)
+from shared.documented_errors import (BAD_GATEWAY, DATABASE_UNAVAILABLE_OR_BUSY,
+                                      SERVICE_UNAVAILABLE, UPSTREAM_TIMEOUT)
 from shared.http_api import Blueprint
 from shared.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotency_key_from_request
 from shared.money import format_amount
 
+# What a call to a service can end in, over either transport: the service failing, unreachable
+# or too slow, or its own 503 passed on. (Its other errors are passed on as they are, but a 401,
+# which the gateway's signed identity was refused with: a 502. Each route declares them.)
+UPSTREAM_ERRORS = (BAD_GATEWAY, SERVICE_UNAVAILABLE, *DATABASE_UNAVAILABLE_OR_BUSY,
+                   UPSTREAM_TIMEOUT)
+
 blueprint = Blueprint("shop", __name__, url_prefix="/api",
-                      description="Orders and accounts, for the signed-in user")
+                      description="Orders and accounts, for the signed-in user",
+                      errors=(*SIGNED_IN_ERRORS, *UPSTREAM_ERRORS))
 
 
 def _over_http() -> bool:
@@ -34,6 +46,7 @@ def _grpc(service: str, method: str, body: dict[str, Any], status: int):
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
 @blueprint.response(202, OrderSchema,
                     description="Accepted; the payment is asked for asynchronously")
+@blueprint.errors(*PLACE_ORDER_ERRORS)
 def place_order(args):
     """Place an order."""
     if _over_http():
@@ -46,6 +59,7 @@ def place_order(args):
 @blueprint.get("/orders")
 @blueprint.arguments(ListOrdersQuerySchema, location="query")
 @blueprint.response(200, OrderPageSchema)
+@blueprint.errors(*LIST_ORDERS_ERRORS)
 def list_orders(args):
     """The signed-in user's orders, newest first, a page at a time."""
     if _over_http():
@@ -55,6 +69,7 @@ def list_orders(args):
 
 @blueprint.get("/orders/<order_id>")
 @blueprint.response(200, OrderSchema)
+@blueprint.errors(*GET_ORDER_ERRORS)
 def get_order(order_id: str):
     """One order: NEW, FINISHED, or CANCELLED with a reason."""
     # An id that is no UUID is answered here as the service would answer it, and the service is
@@ -69,6 +84,7 @@ def get_order(order_id: str):
 @blueprint.post("/accounts")
 @blueprint.arguments(EmptySchema, required=False)
 @blueprint.response(201, AccountSchema)
+@blueprint.errors(*OPEN_ACCOUNT_ERRORS)
 def open_account(_args):
     """Open the signed-in user's account."""
     if _over_http():
@@ -80,6 +96,7 @@ def open_account(_args):
 @blueprint.arguments(DepositSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
 @blueprint.response(200, AccountSchema)
+@blueprint.errors(*DEPOSIT_ERRORS)
 def deposit(args):
     """Top up the signed-in user's account."""
     if _over_http():
@@ -90,6 +107,7 @@ def deposit(args):
 
 @blueprint.get("/accounts/balance")
 @blueprint.response(200, AccountSchema)
+@blueprint.errors(*BALANCE_ERRORS)
 def balance():
     """The signed-in user's balance."""
     if _over_http():

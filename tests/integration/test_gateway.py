@@ -23,15 +23,22 @@ from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from werkzeug.serving import make_server
 
 import gateway_app
+import orders_app
+import payments_app
 from devstack.infra import free_port
 from gateway_app import notifications
 from gateway_app.tokens import issue_token
+from payments_app.models import Account
 from shared.app import MAX_REQUEST_BYTES
 from shared.contracts import ORDER_STATUS_CHANGED, new_event
-from shared.db import driver_dsn, transaction
+from shared.db import db, driver_dsn, transaction
 from shared.inbox import ReceivedEvent, StoredMessage
+from shared.money import MAX_BALANCE
 from tests.network_tools import WebSocketClient
+from tests.openapi_tools import (ERROR_SCHEMA, asked, assert_documented, codes_named,
+                                 documented_answers, documented_errors, with_a_body_in_chunks)
 from tests.polling import wait_for
+from tests.postgres_tools import no_connection_free
 
 
 class _Served:
@@ -411,6 +418,174 @@ def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_
         "^[A-Za-z0-9_.-]{1,64}$"
     page = gateway.get("/docs")
     assert page.status_code == 200 and b"swagger-ui-bundle.js" in page.data
+
+
+# Each operation of the gateway's document (by method and path as documented), with a body it
+# takes, and the error statuses it documents.
+_CREDENTIALS = {"username": "nobody-at-all", "password": "long password"}
+GATEWAY_OPERATIONS = {
+    ("post", "/api/orders"): ({"amount": "1.00"}, {400, 401, 413, 422, 429, 502, 503, 504}),
+    ("get", "/api/orders"): (None, {400, 401, 413, 422, 429, 502, 503, 504}),
+    ("get", "/api/orders/{order_id}"): (None, {401, 404, 413, 422, 429, 502, 503, 504}),
+    ("post", "/api/accounts"): (None, {400, 401, 409, 413, 422, 429, 502, 503, 504}),
+    ("post", "/api/accounts/deposit"): ({"amount": "1.00"},
+                                        {400, 401, 404, 413, 422, 429, 502, 503, 504}),
+    ("get", "/api/accounts/balance"): (None, {401, 404, 413, 422, 429, 502, 503, 504}),
+    ("get", "/api/notifications"): (None, {401, 413, 422, 429, 503}),
+    ("get", "/api/notifications/newest"): (None, {401, 413, 422, 429, 503}),
+    ("post", "/api/auth/register"): (_CREDENTIALS, {400, 409, 413, 422, 429, 503}),
+    ("post", "/api/auth/login"): (_CREDENTIALS, {400, 401, 413, 422, 429, 503}),
+}
+SIGNED_IN = [operation for operation in GATEWAY_OPERATIONS if "/auth/" not in operation[1]]
+SHOP = [operation for operation in SIGNED_IN if "/notifications" not in operation[1]]
+
+
+def test_each_gateway_operation_documents_its_error_statuses_in_the_error_shape(gateway):
+    spec = gateway.get("/docs/openapi.json").get_json()
+    for (method, path), (_, statuses) in GATEWAY_OPERATIONS.items():
+        documented = documented_errors(spec, method, path)
+        assert set(documented) == statuses, (method, path)
+        for status, response in documented.items():
+            assert response["content"]["application/json"]["schema"] == ERROR_SCHEMA
+            assert codes_named(response), (method, path, status)  # the codes it carries
+        assert set(documented[429]["headers"]) == {"Retry-After"}, (method, path)
+        assert set(documented[503]["headers"]) == {"Retry-After"}, (method, path)
+    for method, path in SIGNED_IN:
+        assert {"MISSING_TOKEN", "INVALID_TOKEN", "TOKEN_EXPIRED"} == codes_named(
+            documented_errors(spec, method, path)[401]), (method, path)
+
+
+class _SlowToAnyHandler(_SlowHandler):
+    do_POST = _SlowHandler.do_GET
+
+
+class _FailingAnyHandler(_FailingHandler):
+    do_POST = _FailingHandler.do_GET
+
+
+def _token(settings, **kwargs) -> dict:
+    """A new user's Authorization header, its token issued as signing in issues it."""
+    token = issue_token(f"usr_{uuid.uuid4().hex[:16]}", "someone", settings.auth_token_secret,
+                        settings.auth_token_ttl_seconds, **kwargs)
+    return {"Authorization": f"Bearer {token.access_token}"}
+
+
+def _each_asked(client, operations, headers: dict) -> dict[tuple[str, str], object]:
+    """Each of `operations` asked of `client` with its body: the answers by operation."""
+    return {(method, path): asked(client, method, path, GATEWAY_OPERATIONS[method, path][0],
+                                  headers=headers)
+            for method, path in operations}
+
+
+@contextmanager
+def _served(app) -> Iterator[str]:
+    served = _Served(make_server("127.0.0.1", 0, app, threaded=True))
+    try:
+        yield served.url
+    finally:
+        served.close()
+
+
+def test_every_error_a_gateway_operation_answers_is_documented_for_it_and_none_other(
+        settings, upstreams, gateway, payments_flask_app, monkeypatch):
+    """Each operation asked in every way it can fail, through gateways whose services (or whose
+    own database) fail each way: every error it answers (status, code and Retry-After) is
+    documented for it, and it documents none it was not seen to answer. (Over HTTP: the gRPC
+    transport answers alike, tests/integration/test_grpc.py.)"""
+    spec = gateway.get("/docs/openapi.json").get_json()
+    answers = {operation: [] for operation in GATEWAY_OPERATIONS}
+
+    def kept(asked_by_operation):
+        for operation, answer in asked_by_operation.items():
+            answers[operation].append(answer)
+
+    # Refused by the gateway itself, before any work.
+    expired = _token(settings, now=time.time() - 2 * settings.auth_token_ttl_seconds)
+    for headers in ({}, {"Authorization": "Bearer not-a-token"}, expired):
+        kept(_each_asked(gateway, SIGNED_IN, headers))
+    auth = _token(settings)
+    for method, path in GATEWAY_OPERATIONS:
+        answers[method, path] += [
+            with_a_body_in_chunks(gateway, method, path, auth),
+            asked(gateway, method, f"{path}?unknown=1", GATEWAY_OPERATIONS[method, path][0],
+                  headers=auth)]
+        if method == "post":
+            answers[method, path].append(asked(gateway, method, path, headers=auth, data="{",
+                                               content_type="application/json"))
+    limited = _gateway(settings, orders_service_url=upstreams["orders"].url,
+                       payments_service_url=upstreams["payments"].url, rate_limit_per_minute=0)
+    kept(_each_asked(limited, GATEWAY_OPERATIONS, auth))
+    # The services failing, unreachable or slow.
+    slow = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowToAnyHandler))
+    failing = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingAnyHandler))
+    try:
+        unreachable = f"http://127.0.0.1:{free_port()}"
+        for url in (unreachable, slow.url, failing.url):
+            kept(_each_asked(_gateway(settings, orders_service_url=url, payments_service_url=url,
+                                      upstream_timeout_seconds=0.5), SHOP, auth))
+    finally:
+        slow.close()
+        failing.close()
+    # The databases unreachable (the services', and the gateway's own), then busy.
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    with _served(orders_app.create_app(settings=dataclasses.replace(
+            settings, orders_database_url=nowhere))) as orders_url, \
+            _served(payments_app.create_app(settings=dataclasses.replace(
+                settings, payments_database_url=nowhere))) as payments_url:
+        kept(_each_asked(_gateway(settings, gateway_database_url=nowhere,
+                                  orders_service_url=orders_url,
+                                  payments_service_url=payments_url),
+                         GATEWAY_OPERATIONS, _token(settings)))
+    own = _gateway(settings, orders_service_url=upstreams["orders"].url,
+                   payments_service_url=upstreams["payments"].url)
+    with no_connection_free(own.application, monkeypatch):
+        kept(_each_asked(own, [operation for operation in GATEWAY_OPERATIONS
+                               if operation not in SHOP], _token(settings)))
+    for package, paths in ((orders_app, "/api/orders"), (payments_app, "/api/accounts")):
+        busy = package.create_app(settings=settings)
+        with no_connection_free(busy, monkeypatch), _served(busy) as url:
+            kept(_each_asked(_gateway(settings, orders_service_url=url, payments_service_url=url),
+                             [operation for operation in SHOP if operation[1].startswith(paths)],
+                             _token(settings)))
+    # What each operation refuses of its own.
+    user_id, auth = _sign_up(gateway)
+    keyed = {**auth, "Idempotency-Key": str(uuid.uuid4())}
+    assert gateway.post("/api/orders", json={"amount": "1.00"}, headers=keyed).status_code == 202
+    answers["post", "/api/orders"] += [
+        gateway.post("/api/orders", json={"amount": "2.00"}, headers=keyed),
+        gateway.post("/api/orders", json={"amount": "1.00"},
+                     headers={**auth, "Idempotency-Key": ""})]
+    answers["get", "/api/orders"].append(gateway.get("/api/orders?cursor=abc", headers=auth))
+    answers["get", "/api/orders/{order_id}"] += [
+        gateway.get(f"/api/orders/{uuid.uuid4()}", headers=auth),
+        gateway.get("/api/orders/not-an-id", headers=auth)]
+    answers["get", "/api/accounts/balance"].append(
+        gateway.get("/api/accounts/balance", headers=auth))
+    answers["post", "/api/accounts/deposit"].append(
+        gateway.post("/api/accounts/deposit", json={"amount": "1.00"}, headers=auth))
+    assert gateway.post("/api/accounts", headers=auth).status_code == 201
+    assert gateway.post("/api/accounts/deposit", json={"amount": "1.00"},
+                        headers=keyed).status_code == 200
+    answers["post", "/api/accounts"].append(gateway.post("/api/accounts", headers=auth))
+    answers["post", "/api/accounts/deposit"] += [
+        gateway.post("/api/accounts/deposit", json={"amount": "2.00"}, headers=keyed),
+        gateway.post("/api/accounts/deposit", json={"amount": "1.00"},
+                     headers={**auth, "Idempotency-Key": ""})]
+    with payments_flask_app.app_context():
+        db.session.get(Account, user_id).balance = MAX_BALANCE
+        db.session.commit()
+    answers["post", "/api/accounts/deposit"].append(
+        gateway.post("/api/accounts/deposit", json={"amount": "1.00"}, headers=auth))
+    username = f"taken-{uuid.uuid4().hex[:8]}"
+    _sign_up(gateway, username)
+    answers["post", "/api/auth/register"].append(gateway.post(
+        "/api/auth/register", json={"username": username, "password": "long password"}))
+    answers["post", "/api/auth/login"].append(gateway.post(
+        "/api/auth/login", json={"username": username, "password": "not the password"}))
+
+    for (method, path), given in answers.items():
+        seen = {assert_documented(spec, method, path, answer) for answer in given}
+        assert seen == documented_answers(spec, method, path), (method, path)
 
 
 def test_with_redis_down_the_gateway_still_signs_in_and_serves_the_api(settings, upstreams):
