@@ -363,12 +363,14 @@ FOR UPDATE"""
 
 
 def handle_locked_message(session: Session, message: StoredMessage,
-                          handlers: dict[str, Handler]) -> Outcome:
+                          handlers: dict[str, Handler], max_attempts: int | None = None) -> Outcome:
     """Handle a message whose row the caller's transaction has locked.
 
     The handler runs in a savepoint: when it raises, what it wrote is undone, the attempt stays
-    counted on the row, and the exception goes on to the caller (who retries the message later);
-    a PermanentMessageError parks the message instead.
+    counted on the row, with its error, and the exception goes on to the caller (who retries the
+    message later); a PermanentMessageError parks the message instead. With `max_attempts` (for a
+    caller that commits the count: a batch handling its messages one by one), a failure that uses
+    the message's last attempt parks it too, rather than leave it to be tried once more.
     """
     if message.done:
         return Outcome.ALREADY_DONE
@@ -387,12 +389,28 @@ def handle_locked_message(session: Session, message: StoredMessage,
     except Exception as exc:
         # A try held up by another session's lock is no fault of the message's: it counts none
         # of its attempts, but is noted, so that the sweeper leaves the message to its retry.
-        with driver_cursor(session) as cursor:
-            cursor.execute(_NOTE_TRY if held_up_by_a_lock(exc) else _COUNT_ATTEMPT,
-                           {"message_ids": [str(message.message_id)], "now": _now()})
+        if held_up_by_a_lock(exc):
+            with driver_cursor(session) as cursor:
+                cursor.execute(_NOTE_TRY, {"message_id": str(message.message_id), "now": _now()})
+            raise
+        if _count_failed_attempt(session, message.message_id, repr(exc), max_attempts):
+            return Outcome.PARKED
         raise
     _mark_processed(session, [message.message_id])
     return Outcome.PROCESSED
+
+
+def _count_failed_attempt(session: Session, message_id: uuid.UUID, error: str,
+                          max_attempts: int | None) -> bool:
+    """Count a failed try of a message the transaction has locked, with its error; park it when
+    that was its last attempt (of `max_attempts`, if given). Returns True when it is parked."""
+    with driver_cursor(session) as cursor:
+        cursor.execute(_COUNT_ATTEMPT, {"message_id": str(message_id), "now": _now(),
+                                        "error": error[:2000], "max_attempts": max_attempts})
+        attempts, parked = cursor.fetchone()
+    if parked:
+        log.error("parked inbox message %s after %d attempts: %s", message_id, attempts, error)
+    return parked
 
 
 def handle_locked_messages_at_once(session: Session, messages: list[StoredMessage],
@@ -443,12 +461,15 @@ _MARK_PROCESSED = """
 UPDATE inbox_messages
 SET attempts = attempts + 1, last_attempt_at = %(now)s, processed_at = %(now)s, last_error = NULL
 WHERE message_id = ANY(%(message_ids)s::uuid[])"""
+# (`attempts` on the right of SET is the count before this try.)
 _COUNT_ATTEMPT = """
-UPDATE inbox_messages SET attempts = attempts + 1, last_attempt_at = %(now)s
-WHERE message_id = ANY(%(message_ids)s::uuid[])"""
-_NOTE_TRY = """
-UPDATE inbox_messages SET last_attempt_at = %(now)s
-WHERE message_id = ANY(%(message_ids)s::uuid[])"""
+UPDATE inbox_messages
+SET attempts = attempts + 1, last_attempt_at = %(now)s, last_error = %(error)s,
+    parked_at = CASE WHEN attempts + 1 >= %(max_attempts)s THEN %(now)s END
+WHERE message_id = %(message_id)s::uuid
+RETURNING attempts, parked_at IS NOT NULL"""
+_NOTE_TRY = ("UPDATE inbox_messages SET last_attempt_at = %(now)s"
+             " WHERE message_id = %(message_id)s::uuid")
 
 
 def _park(session: Session, reasons: dict[uuid.UUID, str]) -> None:

@@ -125,12 +125,15 @@ def _handle_in_one_transaction(service: str, message_ids: list[uuid.UUID],
 
 def _handle_each_in_a_savepoint(service: str, message_ids: list[uuid.UUID],
                                 handlers) -> list[uuid.UUID]:
+    """Handle the messages in one transaction, each in a savepoint; returns the ones that failed,
+    each with the try counted (but those that used their last attempt: they are parked)."""
+    max_attempts = current_app.extensions["hseshop.settings"].inbox_max_attempts
     failed: list[uuid.UUID] = []
     try:
         with transaction() as session:
             for message in lock_in_order(session, message_ids):
                 try:
-                    handle_locked_message(session, message, handlers)
+                    handle_locked_message(session, message, handlers, max_attempts)
                 except Exception as exc:
                     log.info("%s inbox: %s failed on its first try (%r); retrying in a task",
                              service, message.message_id, exc)

@@ -195,6 +195,37 @@ def test_a_batch_commits_its_good_messages_and_undoes_the_failing_ones(settings,
     assert rows[transient].attempts == 1
 
 
+def test_a_message_failing_its_last_attempt_in_a_batch_is_parked_there_not_tried_again(
+        settings, payments_inbox, monkeypatch, user_id):
+    """A batch handling its messages one by one counts each failure for good: one that used the
+    message's last attempt parks it, with its error, rather than hand it to a task for one try
+    more than INBOX_MAX_ATTEMPTS; one with attempts left is handed on, its error kept."""
+    from tasks.inbox import _handle_in_one_transaction
+
+    calls = []
+
+    def broken(session, events):
+        calls.extend(event.message.message_id for event in events)
+        raise ConnectionError("ledger unavailable")
+
+    monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: broken})
+    last_try, first_try = (_stored_request(payments_inbox, user_id) for _ in range(2))
+    with service_app("payments").app_context():
+        with transaction() as session:
+            session.execute(update(InboxMessage).where(InboxMessage.message_id == last_try)
+                            .values(attempts=settings.inbox_max_attempts - 1))
+        left = _handle_in_one_transaction("payments", [last_try, first_try],
+                                          payments_app.message_handlers())
+    assert left == [first_try]
+    parked, handed_on = _row(last_try), _row(first_try)
+    assert parked.parked_at is not None and parked.attempts == settings.inbox_max_attempts
+    assert "ledger unavailable" in parked.last_error
+    assert handed_on.parked_at is None and handed_on.attempts == 1
+    assert "ledger unavailable" in handed_on.last_error
+    handle_inbox_message.apply(args=("payments", str(last_try)))
+    assert calls.count(last_try) == 2  # in the batch, then one by one: no try after the last
+
+
 def test_a_batch_survives_the_database_dropping_the_workers_connection(settings, payments_inbox,
                                                                        user_id, monkeypatch):
     """A pooled connection used a moment ago is not pinged before use (shared.db). When the
