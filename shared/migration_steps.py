@@ -95,7 +95,7 @@ def drop_inbox_produced_at() -> None:
 
 
 def create_index_concurrently(name: str, table: str, columns: list[str],
-                              where: str | None = None) -> None:
+                              where: str | None = None, include: list[str] | None = None) -> None:
     """Build an index without blocking the table's writers for the build (CREATE INDEX
     CONCURRENTLY, outside the revision's transaction: what the revision did before it is
     committed first, so it must bear being done again). A build that failed part way leaves an
@@ -108,6 +108,7 @@ def create_index_concurrently(name: str, table: str, columns: list[str],
         _drop_if_invalid(name)
         op.create_index(name, table, columns,
                         postgresql_where=sa.text(where) if where else None,
+                        postgresql_include=include or [],
                         postgresql_concurrently=True, if_not_exists=True)
 
 
@@ -165,22 +166,25 @@ def drop_outbox_parking() -> None:
 
 def add_outbox_retry_waits() -> None:
     """Outbox rows the broker refused wait before they are tried again, longer after each refusal
-    (`next_attempt_at`), and hold back the later rows with their topic and key until they are
-    sent, as parked rows do. The relay finds what holds a row back through an index of every row
-    refused (`attempts > 0`: the parked ones count an attempt too), which replaces the parked
-    rows' own, and holds, nearly always, nothing."""
+    (`next_attempt_at`), and hold back the later rows with their topic and key meanwhile, as
+    parked rows do. The relay finds what holds a row back through an index of every row refused
+    (`attempts > 0`: the parked ones count an attempt too; with whether each is parked or
+    waiting, so that the index answers alone), which replaces the parked rows' own, and holds,
+    nearly always, nothing."""
     # IF NOT EXISTS: the index is built outside the revision's transaction, after the column is
     # committed; a build that failed leaves the column, and the revision runs again.
     op.add_column("outbox_messages", _timestamp("next_attempt_at"), if_not_exists=True)
     create_index_concurrently("ix_outbox_messages_refused", "outbox_messages",
-                              ["topic", "key", "id"], "attempts > 0")
+                              ["topic", "key", "id"], "attempts > 0",
+                              include=["parked_at", "next_attempt_at"])
     op.drop_index("ix_outbox_messages_parked", "outbox_messages", if_exists=True)
 
 
 def drop_outbox_retry_waits() -> None:
-    op.create_index("ix_outbox_messages_parked", "outbox_messages", ["topic", "key", "id"],
-                    postgresql_where=sa.text("parked_at IS NOT NULL"))
-    op.drop_column("outbox_messages", "next_attempt_at")  # its partial index goes with it
+    create_index_concurrently("ix_outbox_messages_parked", "outbox_messages",
+                              ["topic", "key", "id"], "parked_at IS NOT NULL")
+    op.drop_index("ix_outbox_messages_refused", "outbox_messages", if_exists=True)
+    op.drop_column("outbox_messages", "next_attempt_at")
 
 
 # Every statement that inserts outbox rows tells the relay so as its transaction commits (PostgreSQL

@@ -10,8 +10,8 @@ repeats by message id. The first leader fails as it goes to delete them, having 
 
 A row is deleted only once the broker has acknowledged it (Kafka is then its record); a row the
 broker refused stays, counts the attempt, records the error and is tried again after a wait that
-doubles with each refusal (FIRST_RETRY_AFTER_SECONDS up to LONGEST_RETRY_AFTER_SECONDS), and until
-it is sent the later rows with its topic and key wait behind it (they must not overtake it), while
+doubles with each refusal (FIRST_RETRY_AFTER_SECONDS up to LONGEST_RETRY_AFTER_SECONDS), and
+meanwhile the later rows with its topic and key wait behind it (they must not overtake it), while
 every other row goes on: refused rows at the head of the table, however many (a topic the relay
 may not write to, a partition whose broker is lost), hold up their keys, not the relay. A row
 whose message is too large ever to be sent (over the producer's `message.max.bytes` or the
@@ -78,18 +78,20 @@ _WRITTEN_TOGETHER = "hseshop.outbox_rows_written_together"
 RELAY_SELECT = """
 SELECT id, topic, key, message_id::text, type, request_id, envelope::text FROM outbox_messages"""
 # The oldest rows that may go: not parked, not waiting to be tried again, and not behind a row
-# with their topic and key that was refused (parked, or tried and not yet sent: a row without a
-# key has no order to keep). The refused rows have an index of their own (attempts > 0), empty
-# but for them, and each row read is looked up in it: OFFSET 0 keeps the check a lookup, whatever
-# the table's statistics say. (As a join planned on statistics taken while no row was refused, it
-# compared each row read with every refused row: with 20,000 refused, a read of 5,000 rows took
-# 3.7 s instead of 13 ms. The lookups cost a read of 5,000 rows 1.5 ms while none is refused.)
+# with their topic and key that is (a row without a key has no order to keep). Such rows were
+# refused, and have an index of their own (attempts > 0), empty but for them, in which each row
+# read is looked up: OFFSET 0 keeps the check a lookup, whatever the table's statistics say. (As
+# a join planned on statistics taken while no row was refused, it compared each row read with
+# every refused row: with 20,000 refused, a read of 5,000 rows took 3.7 s instead of 13 ms. The
+# lookups cost a read of 5,000 rows 1.5 ms while none is refused.) While refused rows wait, a
+# read walks over them and the rows behind them: 1.3 s a read with a million.
 CLAIM_ROWS = RELAY_SELECT + """ AS waiting
 WHERE parked_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())
   AND NOT EXISTS (
     SELECT FROM outbox_messages AS refused
     WHERE refused.attempts > 0 AND refused.topic = waiting.topic
           AND refused.key = waiting.key AND refused.id < waiting.id
+          AND (refused.parked_at IS NOT NULL OR refused.next_attempt_at > now())
     OFFSET 0)
 ORDER BY id LIMIT %(batch_size)s"""
 
@@ -97,7 +99,8 @@ ORDER BY id LIMIT %(batch_size)s"""
 # refusal, twice as long after each one after, up to the longest wait. Waiting, it is passed over,
 # with the later rows of its key, and the rows behind go on; when the broker has been refusing
 # everything, the leader tries the waiting rows again at once as soon as it takes a row again
-# (retry_refused_rows_now), so a broker that comes back is not kept waiting for them.
+# (retry_refused_rows_now), so a broker that comes back is not kept waiting for them. Once its
+# time has come, it is read with the rows of its key behind it, in order, as any row is.
 FIRST_RETRY_AFTER_SECONDS = 1.0
 LONGEST_RETRY_AFTER_SECONDS = 30.0
 
@@ -182,6 +185,10 @@ class RelayResult:
     failed: int = 0
     held: int = 0  # of the failed, those refused for what the message is (see Refusal)
     parked: int = 0  # of the held, those parked (the rest were behind them)
+    # Of the failed and not held, those the broker was asked for the first time: a batch that
+    # has none may be refused for what its rows are (a topic the relay may not write to, say),
+    # not because the broker refuses everything.
+    first_refusals: int = 0
 
     @property
     def refused_by_the_broker(self) -> int:
@@ -216,13 +223,17 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
     for row_id, refusal in refused.items():
         statement = _PARK if refusal.park else _COUNT_HELD if refusal.held else _COUNT_REFUSAL
         row_ids_by_refusal[statement, refusal.error].append(row_id)
+    first_refusals = 0
     for (statement, error), row_ids in row_ids_by_refusal.items():
         cursor.execute(statement, {"row_ids": row_ids, "error": error[:2000],
                                    "first_wait": FIRST_RETRY_AFTER_SECONDS,
                                    "longest_wait": LONGEST_RETRY_AFTER_SECONDS})
+        if statement is _COUNT_REFUSAL:
+            first_refusals += sum(attempts == 1 for (attempts,) in cursor.fetchall())
     return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused),
                        held=sum(refusal.held for refusal in refused.values()),
-                       parked=sum(refusal.park for refusal in refused.values()))
+                       parked=sum(refusal.park for refusal in refused.values()),
+                       first_refusals=first_refusals)
 
 
 def vacuum_outbox(cursor) -> None:
@@ -276,7 +287,8 @@ _COUNT_REFUSAL = """
 UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(error)s,
     next_attempt_at = now() + interval '1 second'
         * least(%(first_wait)s * power(2, least(attempts, 30)), %(longest_wait)s)
-WHERE id = ANY(%(row_ids)s)"""
+WHERE id = ANY(%(row_ids)s)
+RETURNING attempts"""
 _COUNT_HELD = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(error)s,"
                " next_attempt_at = NULL WHERE id = ANY(%(row_ids)s)")
 _PARK = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(error)s,"

@@ -41,12 +41,12 @@ VACUUM_AFTER_ROWS = 1000
 # How long the leader gives each of the topic check's two broker calls after a refused batch.
 TOPIC_CHECK_TIMEOUT_SECONDS = 2.0
 
-# A leader whose every batch the broker has refused for this long, while rows waited (refused rows
-# waiting for their next try count: shared.outbox.FIRST_RETRY_AFTER_SECONDS), steps down: it closes
-# its connection, and the lock with it, and this process takes no lead of that outbox for
-# SIT_OUT_SECONDS, so that beat's next runs find a relay in another worker, whose way to the
-# broker may be sound. Where the broker is down for all, the lead just moves on (or, with one
-# worker, comes back after the sit-out).
+# A leader whose every batch the broker has refused for this long, since it refused everything
+# (_send_waiting_rows), while rows waited (refused rows waiting for their next try count:
+# shared.outbox.FIRST_RETRY_AFTER_SECONDS), steps down: it closes its connection, and the lock
+# with it, and this process takes no lead of that outbox for SIT_OUT_SECONDS, so that beat's next
+# runs find a relay in another worker, whose way to the broker may be sound. Where the broker is
+# down for all, the lead just moves on (or, with one worker, comes back after the sit-out).
 STEP_DOWN_AFTER_SECONDS = 60.0
 SIT_OUT_SECONDS = 10.0
 # While rows are parked (shared.outbox), the leader says so this often, and as it starts to lead:
@@ -110,7 +110,7 @@ def relay_outbox(service: str) -> int:
 def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
     publisher = _publisher()
     sent = deleted_since_vacuum = 0
-    refused_since = None  # when the broker began refusing every batch, if it does
+    refused_since = None  # when the broker began refusing everything, if it does
     next_reminder = 0.0  # of parked rows: at once
     while not _stopping.is_set():
         started = time.monotonic()
@@ -172,10 +172,12 @@ def _step_down(service: str, refused_for: float) -> None:
 def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                        publisher: OutboxPublisher) -> tuple[int, bool]:
     """Send batch after batch until none is left or the broker takes none of a batch; returns how
-    many rows were sent and whether the broker refused a batch whole. The rows it refused wait
-    for their next try (shared.outbox), and the next read passes over them, so a batch it took in
-    part is followed by the next. (Messages too large ever to be sent say nothing about the
-    broker: they are parked, and the next read passes over them too.)"""
+    many rows were sent and whether the broker refused everything: a batch whole, rows it had not
+    been asked for before among them (a batch of rows it refused before may be refused again for
+    what they are: a topic the relay may not write to, say). The rows it refused wait for their
+    next try (shared.outbox), and the next read passes over them, so a batch it took in part is
+    followed by the next. (Messages too large ever to be sent say nothing about the broker: they
+    are parked, and the next read passes over them too.)"""
     sent = 0
     while not _stopping.is_set():
         with leader.cursor() as cursor:
@@ -191,7 +193,7 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                         service, result.refused_by_the_broker)
             _recreate_topics(settings, service)
             if not result.sent:
-                return sent, True
+                return sent, result.first_refusals > 0
         if result.claimed < settings.outbox_relay_batch_size:
             break
     return sent, False
