@@ -57,6 +57,9 @@ SOCKET_POLL_SECONDS = 0.25
 # An open socket reads the table this often even when Redis has not woken it: a publish lost after
 # the commit (Redis down a moment, the worker killed in between) is then late, never missing.
 SOCKET_RECHECK_SECONDS = 5.0
+# How long a socket waits for Redis to confirm its subscription before it reads the table (then it
+# is closed with 1011, as when Redis is lost, and the page reconnects).
+SUBSCRIBE_TIMEOUT_SECONDS = 2.0
 # Each open socket holds one of the gateway process's threads (32, as make run and compose start
 # it) for as long as it stays open. A user gets a few (pages in several tabs), and all sockets
 # together leave threads for the API; past either limit a socket is closed at once with 1013 (try
@@ -393,14 +396,14 @@ def drop_when_the_peer_vanishes(connection: socket.socket) -> None:
 def stream_notifications(ws, user_id: str, after: int, token_expires_at: float) -> None:
     """Send the user's notifications after the id `after`, then each one live, until the page goes,
     or its token expires (then closed with 1008: the page signs in again, then reconnects)."""
-    pubsub = _redis().pubsub(ignore_subscribe_messages=True)
+    pubsub = _redis().pubsub()
     try:
-        pubsub.subscribe(channel(user_id))
+        _subscribe(pubsub, channel(user_id))
         # The table is read once subscribed: nothing committed before the subscription is missed.
         last_sent = _send_newer(ws, user_id, after)
         recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
         while time.time() < token_expires_at:
-            woken = pubsub.get_message(timeout=SOCKET_POLL_SECONDS) is not None
+            woken = _is_a_publish(pubsub.get_message(timeout=SOCKET_POLL_SECONDS))
             if woken or time.monotonic() >= recheck_at:
                 last_sent = _send_newer(ws, user_id, last_sent)
                 recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
@@ -421,6 +424,24 @@ def stream_notifications(ws, user_id: str, after: int, token_expires_at: float) 
         _close(ws, 1011, "notifications unavailable; reconnect")
     finally:
         pubsub.close()
+
+
+def _subscribe(pubsub, name: str) -> None:
+    """Subscribe to `name`, and wait until Redis confirms it: from then on what is published there
+    reaches this socket. (Sent and not yet confirmed, a subscription misses what is published
+    meanwhile: a notification committed after the table's read would wait for the next re-read.)
+    """
+    pubsub.subscribe(name)
+    deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_SECONDS
+    while (left := deadline - time.monotonic()) > 0:
+        message = pubsub.get_message(timeout=left)
+        if message is not None and message["type"] == "subscribe":
+            return
+    raise redis.TimeoutError(f"Redis did not confirm the subscription to {name} in time")
+
+
+def _is_a_publish(message: dict | None) -> bool:
+    return message is not None and message["type"] == "message"
 
 
 def _send_newer(ws, user_id: str, last_sent: int) -> int:

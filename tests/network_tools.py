@@ -1,5 +1,6 @@
-"""Network tools for the tests: a TCP proxy whose connections can go silent or be cut on demand, a
-WebSocket client that reads every frame it is sent, and an HTTP answer read off a socket."""
+"""Network tools for the tests: a TCP proxy whose connections can go silent or be cut on demand, one
+that holds what its clients send until told to carry it, a WebSocket client that reads every frame
+it is sent, and an HTTP answer read off a socket."""
 
 from __future__ import annotations
 
@@ -124,3 +125,50 @@ class SilencingProxy:
                 continue
             except OSError:
                 return
+
+
+class HoldingProxy:
+    """A TCP proxy to `target` that holds what its clients send, from the first piece that holds
+    `marker` on, until `release()` (`held` is set once it holds something), and carries the rest,
+    and every answer, as it comes: a server that has not yet read what it was sent."""
+
+    def __init__(self, target: str, marker: bytes):
+        self._marker = marker
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.held = threading.Event()
+        self._released = threading.Event()
+        self._sockets = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def close(self) -> None:
+        self._released.set()
+        for sock in self._sockets:
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            self._sockets += [client, upstream]
+            for source, sink, holding in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._carry, args=(source, sink, holding),
+                                 daemon=True).start()
+
+    def _carry(self, source: socket.socket, sink: socket.socket, holding: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if holding and (self.held.is_set() or self._marker in data):
+                    self.held.set()
+                    self._released.wait()
+                sink.sendall(data)
+        except OSError:
+            return

@@ -17,6 +17,7 @@ from decimal import Decimal
 
 import psycopg2
 import pytest
+import redis
 from simple_websocket import ConnectionClosed
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
@@ -34,7 +35,7 @@ from shared.contracts import ORDER_STATUS_CHANGED, new_event
 from shared.db import db, driver_dsn, transaction
 from shared.inbox import ReceivedEvent, StoredMessage
 from shared.money import MAX_BALANCE
-from tests.network_tools import WebSocketClient
+from tests.network_tools import HoldingProxy, WebSocketClient
 from tests.openapi_tools import (ERROR_SCHEMA, asked, assert_documented, codes_named,
                                  documented_answers, documented_errors, with_a_body_in_chunks)
 from tests.polling import wait_for
@@ -880,6 +881,55 @@ def test_a_socket_sends_what_the_table_holds_after_its_last_id_whatever_was_publ
         wait_for(lambda: len(socket.sent) == 2, timeout=10, what="both notifications")
         kept = notifications.notifications_after(user, 0, 10)
     assert [item["id"] for item in socket.sent] == [item["id"] for item in kept[1:]]
+
+
+class _SubscribingThrough:
+    """A Redis client whose subscriptions go through `subscriber`, and all else to `client`."""
+
+    def __init__(self, subscriber: redis.Redis, client: redis.Redis):
+        self._subscriber, self._client = subscriber, client
+
+    def pubsub(self, **options):
+        return self._subscriber.pubsub(**options)
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+
+def test_a_socket_reads_the_table_once_redis_has_confirmed_its_subscription(
+        settings, gateway, monkeypatch):
+    """A notification committed after the socket asked Redis to subscribe it, and published
+    before Redis took the subscription in (held up here on its way), reaches no subscriber: the
+    socket reads the table only once Redis has confirmed, and so sends it at once, where a read
+    before the confirmation missed it until the next re-read (put off past the test)."""
+    monkeypatch.setattr(notifications, "SOCKET_RECHECK_SECONDS", 3600)
+    app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
+    redis_address = settings.redis_url.split("//", 1)[1].split("/", 1)[0]
+    proxy = HoldingProxy(redis_address, marker=b"SUBSCRIBE")
+    subscriber = redis.Redis.from_url(settings.redis_url.replace(redis_address, proxy.address))
+    socket = RecordingSocket()
+
+    def stream():
+        with app.app_context():
+            notifications.stream_notifications(socket, user, 0, time.time() + 3600)
+
+    streaming = threading.Thread(target=stream)
+    try:
+        with app.app_context():
+            monkeypatch.setattr(notifications, "_redis",
+                                lambda: _SubscribingThrough(subscriber, app.extensions[
+                                    notifications.REDIS_EXTENSION]))
+            streaming.start()
+            wait_for(proxy.held.is_set, timeout=10, what="the socket's SUBSCRIBE, held up")
+            with transaction() as session:  # committed, and published to no one
+                notifications.on_order_status_changes(session, _status_changes(user))
+            proxy.release()
+            wait_for(lambda: len(socket.sent) == 1, timeout=10, what="the notification")
+    finally:
+        socket.close()
+        proxy.close()
+        streaming.join(10)
+        subscriber.close()
 
 
 def test_a_socket_sends_a_notification_whose_publish_was_lost(settings, gateway, monkeypatch):
