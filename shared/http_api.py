@@ -46,9 +46,13 @@ class Blueprint(flask_smorest.Blueprint):
 
     @staticmethod
     def errors(*errors: DocumentedError):
-        """Declare the errors a route can answer besides those of every route of its blueprint."""
+        """Declare the errors a route can answer besides those of every route of its blueprint
+        (below its `route`, which documents them as it registers the view)."""
 
         def decorator(view):
+            if getattr(view, "_errors_documented", False):
+                raise TypeError(f"{view.__name__}: `errors` must come below the route's"
+                                " decorator, which has documented its errors already")
             view._documented_errors = (*getattr(view, "_documented_errors", ()), *errors)
             return view
 
@@ -107,6 +111,7 @@ def _document_errors(view, errors_of_every_route: tuple[DocumentedError, ...]) -
     errors = [BODY_TOO_LARGE, VALIDATION_ERROR, *([MALFORMED_REQUEST] if takes_a_body else []),
               *errors_of_every_route, *getattr(view, "_documented_errors", ())]
     view._apidoc = documented = deepcopy(documented)
+    view._errors_documented = True
     documented.get("arguments", {}).pop("responses", None)
     responses = documented.setdefault("response", {}).setdefault("responses", {})
     for status, response in error_responses(errors).items():

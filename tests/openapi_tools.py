@@ -12,6 +12,17 @@ from shared.app import MAX_REQUEST_BYTES
 ERROR_SCHEMA = {"$ref": "#/components/schemas/Error"}
 
 
+def operations(spec: dict) -> set[tuple[str, str]]:
+    """Every operation the document gives, by method and path."""
+    return {(method, path) for path, item in spec["paths"].items() for method in item
+            if method in {"get", "put", "post", "delete", "patch", "head", "options"}}
+
+
+def assert_default_error_described(spec: dict) -> None:
+    """That every operation's `default` response (shared.app.ShopApi) names what it can carry."""
+    assert "`INTERNAL_ERROR`" in spec["components"]["responses"]["DEFAULT_ERROR"]["description"]
+
+
 def documented_errors(spec: dict, method: str, path: str) -> dict[int, dict]:
     """The error responses the operation `method path` documents, by status (not its default)."""
     responses = spec["paths"][path][method]["responses"]

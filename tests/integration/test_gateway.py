@@ -36,8 +36,9 @@ from shared.db import db, driver_dsn, transaction
 from shared.inbox import ReceivedEvent, StoredMessage
 from shared.money import MAX_BALANCE
 from tests.network_tools import HoldingProxy, WebSocketClient
-from tests.openapi_tools import (ERROR_SCHEMA, asked, assert_documented, codes_named,
-                                 documented_answers, documented_errors, with_a_body_in_chunks)
+from tests.openapi_tools import (ERROR_SCHEMA, assert_default_error_described,
+                                 assert_documented, asked, codes_named, documented_answers,
+                                 documented_errors, operations, with_a_body_in_chunks)
 from tests.polling import wait_for
 from tests.postgres_tools import no_connection_free
 
@@ -443,6 +444,8 @@ SHOP = [operation for operation in SIGNED_IN if "/notifications" not in operatio
 
 def test_each_gateway_operation_documents_its_error_statuses_in_the_error_shape(gateway):
     spec = gateway.get("/docs/openapi.json").get_json()
+    assert operations(spec) == set(GATEWAY_OPERATIONS)  # every operation, in the table
+    assert_default_error_described(spec)
     for (method, path), (_, statuses) in GATEWAY_OPERATIONS.items():
         documented = documented_errors(spec, method, path)
         assert set(documented) == statuses, (method, path)

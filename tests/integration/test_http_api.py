@@ -24,8 +24,9 @@ from shared.internal_auth import identity_headers
 from shared.kafka import broker_reachable
 from shared.money import MAX_BALANCE
 from shared.outbox import OutboxMessage
-from tests.openapi_tools import (ERROR_SCHEMA, asked, assert_documented, codes_named,
-                                 documented_answers, documented_errors, with_a_body_in_chunks)
+from tests.openapi_tools import (ERROR_SCHEMA, assert_default_error_described,
+                                 assert_documented, asked, codes_named, documented_answers,
+                                 documented_errors, operations, with_a_body_in_chunks)
 from tests.postgres_tools import (account_row_held, no_connection_free,
                                   second_waiting_on_the_first, terminate_backend)
 
@@ -504,6 +505,10 @@ def test_each_service_operation_documents_its_error_statuses_in_the_error_shape(
                                                                                 payments_http):
     specs = {"orders": orders_http.get("/docs/openapi.json").get_json(),
              "payments": payments_http.get("/docs/openapi.json").get_json()}
+    for service, spec in specs.items():  # every operation of each document, in the table
+        assert operations(spec) == {(method, path) for (owner, method, path) in SERVICE_OPERATIONS
+                                    if owner == service}, service
+        assert_default_error_described(spec)
     for (service, method, path), (_, statuses) in SERVICE_OPERATIONS.items():
         documented = documented_errors(specs[service], method, path)
         assert set(documented) == statuses, (method, path)
@@ -513,6 +518,20 @@ def test_each_service_operation_documents_its_error_statuses_in_the_error_shape(
         assert set(documented[503]["headers"]) == {"Retry-After"}, (method, path)
         assert codes_named(documented[401]) == {"MISSING_USER_ID", "INVALID_USER_ID",
                                                 "UNTRUSTED_IDENTITY"}, (method, path)
+
+
+def test_errors_declared_above_a_routes_decorator_are_refused_not_left_out():
+    """A route's errors are documented as its decorator registers it: `errors` put above it
+    would be left out of the document without a word, so it is refused."""
+    from shared.documented_errors import DATABASE_BUSY
+    from shared.http_api import Blueprint
+
+    blueprint = Blueprint("misdeclared", __name__)
+    with pytest.raises(TypeError, match="must come below the route's decorator"):
+        @blueprint.errors(DATABASE_BUSY)
+        @blueprint.get("/misdeclared")
+        def misdeclared():
+            return {}
 
 
 def _refused_in_every_way_every_operation_can_be(client, method: str, path: str, body):
