@@ -1,0 +1,151 @@
+"""Inbox consumers of one group on the Kafka-protocol broker, through the rebalances that members
+joining and leaving make: what the group commits never runs past what the inbox holds."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+
+import psycopg2
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from shared.contracts import PAYMENT_REQUESTED, encode, new_event
+from shared.db import driver_dsn
+from shared.inbox import ConsumedRecord
+from shared.inbox_consumer import InboxConsumer, StoreOnOwnConnection
+from shared.kafka import build_consumer, new_topic
+from tests.polling import wait_for
+
+PARTITIONS = 3
+
+
+class _FailingNowAndThen:
+    """The inbox's store, but every `every`th batch fails before it stores anything (as a lost
+    database connection fails it): the consumer must read those records again."""
+
+    def __init__(self, store: StoreOnOwnConnection, every: int):
+        self._store, self._every, self._calls = store, every, 0
+        self.stored = 0  # records stored (repeats included)
+
+    def __call__(self, records: list[ConsumedRecord]) -> list[uuid.UUID]:
+        self._calls += 1
+        if self._calls % self._every == 0:
+            raise ConnectionError("the inbox's database went away")
+        new = self._store(records)
+        self.stored += len(records)
+        return new
+
+
+@contextmanager
+def _consuming(settings, topic: str, group: str) -> Iterator[_FailingNowAndThen]:
+    """An inbox consumer of `group` on `topic` storing into the payments inbox, in a thread, until
+    the block ends (then it commits what it stored and leaves the group); yields its store."""
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
+    failing = _FailingNowAndThen(store, every=5)
+    consumer = InboxConsumer(build_consumer(settings, group), [topic], failing,
+                             dispatch=lambda ids: None, batch_size=20)
+    running = threading.Thread(target=consumer.run)
+    running.start()
+    try:
+        yield failing
+    finally:
+        consumer.stop()
+        running.join(30)
+        store.close()
+    assert not running.is_alive()
+
+
+def _produce(settings, topic: str, count: int) -> set[str]:
+    """`count` payment requests, each under a key of its own; returns their message ids."""
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                         "enable.idempotence": True})
+    message_ids = set()
+    for _ in range(count):
+        event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": "u",
+                                              "amount": Decimal("1.00")}, None)
+        producer.produce(topic, encode(event.to_json()), str(uuid.uuid4()).encode(),
+                         headers={"message_id": str(event.message_id), "type": event.type})
+        message_ids.add(str(event.message_id))
+    assert producer.flush(15) == 0
+    return message_ids
+
+
+def _stored(cursor, topic: str) -> dict[int, set[int]]:
+    """The offsets of each partition of `topic` whose records the inbox holds."""
+    cursor.execute('SELECT partition, "offset" FROM inbox_messages WHERE topic = %s', (topic,))
+    stored: dict[int, set[int]] = {}
+    for partition, offset in cursor.fetchall():
+        stored.setdefault(partition, set()).add(offset)
+    return stored
+
+
+def _committed(watcher: Consumer, topic: str) -> dict[int, int]:
+    """The group's committed offset of each partition of `topic` that has one."""
+    offsets = watcher.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
+    return {offset.partition: offset.offset for offset in offsets if offset.offset >= 0}
+
+
+def test_consumers_joining_and_leaving_a_group_store_every_record_and_commit_only_what_is_stored(
+        settings):
+    """Two inbox consumers of one group, a second joining while the first consumes and leaving
+    while records still come, one batch in five failing to store: every record is stored, and at
+    every look the group's committed offset of a partition has every record below it in the inbox
+    (a commit past them would skip them for good after the next rebalance)."""
+    topic = f"{settings.kafka_consumer_group_prefix}.rebalancing-{uuid.uuid4().hex[:8]}"
+    group = f"{topic}.group"
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    partitioned = dataclasses.replace(settings, kafka_topic_partitions=PARTITIONS)
+    admin.create_topics([new_topic(partitioned, topic)])[topic].result(15)
+    watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group,
+                        "enable.auto.commit": False})
+    database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    database.autocommit = True
+    looks = []
+
+    def commits_hold_only_stored_records() -> None:
+        committed = _committed(watcher, topic)
+        with database.cursor() as cursor:
+            stored = _stored(cursor, topic)
+        for partition, offset in committed.items():
+            assert set(range(offset)) <= stored.get(partition, set()), (partition, offset)
+        looks.append(committed)
+
+    def all_stored(message_ids: set[str]):
+        def probe() -> bool:
+            commits_hold_only_stored_records()
+            with database.cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM inbox_messages WHERE message_id = ANY(%s)",
+                               ([uuid.UUID(m) for m in message_ids],))
+                return cursor.fetchone()[0] == len(message_ids)
+        return probe
+
+    try:
+        produced = _produce(settings, topic, 300)
+        with _consuming(settings, topic, group) as first:
+            wait_for(lambda: (commits_hold_only_stored_records() or True) and _committed(
+                watcher, topic), timeout=30, interval=0.2, what="the first consumer's commits")
+            with _consuming(settings, topic, group) as second:  # joins: the group rebalances
+                produced |= _produce(settings, topic, 300)
+                wait_for(all_stored(produced), timeout=60, interval=0.2,
+                         what="the records stored by both")
+                produced |= _produce(settings, topic, 300)
+            assert second.stored > 0  # it was given partitions
+            # The second has left: the first takes its partitions back.
+            stored_before = first.stored
+            produced |= _produce(settings, topic, 300)
+            wait_for(all_stored(produced), timeout=60, interval=0.2,
+                     what="every record stored by the one left")
+            assert first.stored >= stored_before + 300
+        commits_hold_only_stored_records()
+        final = _committed(watcher, topic)
+        assert sum(final.values()) == len(produced)  # all committed once both have left
+        assert len(looks) > 10
+    finally:
+        watcher.close()
+        database.close()
+        admin.delete_topics([topic])
