@@ -97,10 +97,10 @@ ORDER BY id LIMIT %(batch_size)s"""
 
 # How long a row the broker refused waits before it is tried again: this long after its first
 # refusal, twice as long after each one after, up to the longest wait. Waiting, it is passed over,
-# with the later rows of its key, and the rows behind go on; when the broker has been refusing
-# everything, the leader tries the waiting rows again at once as soon as it takes a row again
-# (retry_refused_rows_now), so a broker that comes back is not kept waiting for them. Once its
-# time has come, it is read with the rows of its key behind it, in order, as any row is.
+# with the later rows of its key, and the rows behind go on; once its time has come, it is read
+# with the rows of its key behind it, in order, as any row is. (So after a broker outage a row
+# waits up to the longest wait more: the price of not trying rows refused for what they are, a
+# topic the relay may not write to, say, more often than that.)
 FIRST_RETRY_AFTER_SECONDS = 1.0
 LONGEST_RETRY_AFTER_SECONDS = 30.0
 
@@ -185,10 +185,6 @@ class RelayResult:
     failed: int = 0
     held: int = 0  # of the failed, those refused for what the message is (see Refusal)
     parked: int = 0  # of the held, those parked (the rest were behind them)
-    # Of the failed and not held, those the broker was asked for the first time: a batch that
-    # has none may be refused for what its rows are (a topic the relay may not write to, say),
-    # not because the broker refuses everything.
-    first_refusals: int = 0
 
     @property
     def refused_by_the_broker(self) -> int:
@@ -223,17 +219,13 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
     for row_id, refusal in refused.items():
         statement = _PARK if refusal.park else _COUNT_HELD if refusal.held else _COUNT_REFUSAL
         row_ids_by_refusal[statement, refusal.error].append(row_id)
-    first_refusals = 0
     for (statement, error), row_ids in row_ids_by_refusal.items():
         cursor.execute(statement, {"row_ids": row_ids, "error": error[:2000],
                                    "first_wait": FIRST_RETRY_AFTER_SECONDS,
                                    "longest_wait": LONGEST_RETRY_AFTER_SECONDS})
-        if statement is _COUNT_REFUSAL:
-            first_refusals += sum(attempts == 1 for (attempts,) in cursor.fetchall())
     return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused),
                        held=sum(refusal.held for refusal in refused.values()),
-                       parked=sum(refusal.park for refusal in refused.values()),
-                       first_refusals=first_refusals)
+                       parked=sum(refusal.park for refusal in refused.values()))
 
 
 def vacuum_outbox(cursor) -> None:
@@ -287,8 +279,7 @@ _COUNT_REFUSAL = """
 UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(error)s,
     next_attempt_at = now() + interval '1 second'
         * least(%(first_wait)s * power(2, least(attempts, 30)), %(longest_wait)s)
-WHERE id = ANY(%(row_ids)s)
-RETURNING attempts"""
+WHERE id = ANY(%(row_ids)s)"""
 _COUNT_HELD = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(error)s,"
                " next_attempt_at = NULL WHERE id = ANY(%(row_ids)s)")
 _PARK = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(error)s,"
@@ -297,15 +288,6 @@ _PARK = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(err
 # The parked rows, as a condition that the refused rows' index answers (a parked row counted an
 # attempt as it was parked).
 _PARKED_ROWS = "attempts > 0 AND parked_at IS NOT NULL"
-
-
-def retry_refused_rows_now(cursor) -> int:
-    """Have every row waiting to be tried again (FIRST_RETRY_AFTER_SECONDS) tried at the next read;
-    returns how many there were. For the relay, once the broker takes rows again after it had
-    refused every one."""
-    cursor.execute("UPDATE outbox_messages SET next_attempt_at = NULL"
-                   " WHERE attempts > 0 AND next_attempt_at IS NOT NULL")
-    return cursor.rowcount
 
 
 def refused_rows_wait(cursor) -> bool:

@@ -24,7 +24,7 @@ from flask import current_app
 
 from shared.kafka import OutboxPublisher, ensure_topics
 from shared.outbox import (count_parked_outbox_messages, refused_rows_wait, relay_pending_outbox,
-                           retry_refused_rows_now, vacuum_outbox)
+                           vacuum_outbox)
 from shared.relay_leader import RelayLeaderConnection
 from tasks.celery_app import app
 from tasks.services import ServiceTask
@@ -41,12 +41,12 @@ VACUUM_AFTER_ROWS = 1000
 # How long the leader gives each of the topic check's two broker calls after a refused batch.
 TOPIC_CHECK_TIMEOUT_SECONDS = 2.0
 
-# A leader whose every batch the broker has refused for this long, since it refused everything
-# (_send_waiting_rows), while rows waited (refused rows waiting for their next try count:
-# shared.outbox.FIRST_RETRY_AFTER_SECONDS), steps down: it closes its connection, and the lock
-# with it, and this process takes no lead of that outbox for SIT_OUT_SECONDS, so that beat's next
-# runs find a relay in another worker, whose way to the broker may be sound. Where the broker is
-# down for all, the lead just moves on (or, with one worker, comes back after the sit-out).
+# A leader whose every batch the broker has refused for this long, while rows waited (refused rows
+# waiting for their next try count: shared.outbox.FIRST_RETRY_AFTER_SECONDS), steps down: it
+# closes its connection, and the lock with it, and this process takes no lead of that outbox for
+# SIT_OUT_SECONDS, so that beat's next runs find a relay in another worker, whose way to the
+# broker may be sound. Where the broker is down for all, the lead just moves on (or, with one
+# worker, comes back after the sit-out).
 STEP_DOWN_AFTER_SECONDS = 60.0
 SIT_OUT_SECONDS = 10.0
 # While rows are parked (shared.outbox), the leader says so this often, and as it starts to lead:
@@ -110,7 +110,7 @@ def relay_outbox(service: str) -> int:
 def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
     publisher = _publisher()
     sent = deleted_since_vacuum = 0
-    refused_since = None  # when the broker began refusing everything, if it does
+    refused_since = None  # when the broker began refusing every batch, if it does
     next_reminder = 0.0  # of parked rows: at once
     while not _stopping.is_set():
         started = time.monotonic()
@@ -121,8 +121,6 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
         sent += just_sent
         deleted_since_vacuum += just_sent
         if just_sent:
-            if refused_since is not None:
-                _retry_refused_rows_now(service, leader)  # the broker takes rows again
             refused_since = None
         elif refused:
             refused_since = started if refused_since is None else refused_since
@@ -149,14 +147,6 @@ def _remind_of_parked_rows(service: str, leader: RelayLeaderConnection) -> None:
                   " them (python -m tasks.parked list %s --outbox)", service, parked, service)
 
 
-def _retry_refused_rows_now(service: str, leader: RelayLeaderConnection) -> None:
-    with leader.cursor() as cursor:
-        waiting = retry_refused_rows_now(cursor)
-    if waiting:
-        log.info("%s outbox: the broker takes messages again; trying the %d refused row(s) now",
-                 service, waiting)
-
-
 def _refused_rows_wait(leader: RelayLeaderConnection) -> bool:
     with leader.cursor() as cursor:
         return refused_rows_wait(cursor)
@@ -172,13 +162,13 @@ def _step_down(service: str, refused_for: float) -> None:
 def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                        publisher: OutboxPublisher) -> tuple[int, bool]:
     """Send batch after batch until none is left or the broker takes none of a batch; returns how
-    many rows were sent and whether the broker refused everything: a batch whole, rows it had not
-    been asked for before among them (a batch of rows it refused before may be refused again for
-    what they are: a topic the relay may not write to, say). The rows it refused wait for their
-    next try (shared.outbox), and the next read passes over them, so a batch it took in part is
-    followed by the next. (Messages too large ever to be sent say nothing about the broker: they
-    are parked, and the next read passes over them too.)"""
-    sent = 0
+    many rows were sent and whether the broker refused a batch whole. The rows it refused wait
+    for their next try (shared.outbox), and the next read passes over them, so a batch it took in
+    part is followed by the next; the refusals are logged, and the topics checked, once a call.
+    (Messages too large ever to be sent say nothing about the broker: they are parked, and the
+    next read passes over them too.)"""
+    sent = refused = 0
+    refused_whole = False
     while not _stopping.is_set():
         with leader.cursor() as cursor:
             result = relay_pending_outbox(cursor, publisher.send_batch,
@@ -189,14 +179,18 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                       " their keys wait behind them (python -m tasks.parked list %s --outbox)",
                       service, result.parked, service)
         if result.refused_by_the_broker:
-            log.warning("%s outbox: %d rows not acknowledged by the broker; will retry",
-                        service, result.refused_by_the_broker)
-            _recreate_topics(settings, service)
+            if not refused:
+                _recreate_topics(settings, service)
+            refused += result.refused_by_the_broker
             if not result.sent:
-                return sent, result.first_refusals > 0
+                refused_whole = True
+                break
         if result.claimed < settings.outbox_relay_batch_size:
             break
-    return sent, False
+    if refused:
+        log.warning("%s outbox: %d rows not acknowledged by the broker; each is tried again"
+                    " after its wait", service, refused)
+    return sent, refused_whole
 
 
 def _recreate_topics(settings, service: str) -> None:

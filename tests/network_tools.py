@@ -147,9 +147,10 @@ class HoldingProxy:
         self._released.set()
 
     def close(self) -> None:
+        """Close every connection, and the listener, ending the threads that carry them."""
         self._released.set()
         for sock in self._sockets:
-            sock.close()
+            _shut(sock)
 
     def _accept(self) -> None:
         while True:
@@ -171,4 +172,15 @@ class HoldingProxy:
                     self._released.wait()
                 sink.sendall(data)
         except OSError:
-            return
+            pass
+        _shut(source)  # one way ended: the connection with it, and the other way's thread
+        _shut(sink)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Close `sock`, waking a thread blocked on it (a close alone does not, on Linux)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected (a listener), or already shut
+    sock.close()

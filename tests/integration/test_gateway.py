@@ -906,7 +906,30 @@ def test_a_socket_reads_the_table_once_redis_has_confirmed_its_subscription(
     socket reads the table only once Redis has confirmed, and so sends it at once, where a read
     before the confirmation missed it until the next re-read (put off past the test)."""
     monkeypatch.setattr(notifications, "SOCKET_RECHECK_SECONDS", 3600)
+    monkeypatch.setattr(notifications, "SUBSCRIBE_TIMEOUT_SECONDS", 60)  # (a loaded machine)
     app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
+    with _streaming_with_its_subscribe_held_up(settings, app, user, monkeypatch) as (socket,
+                                                                                      proxy):
+        with app.app_context(), transaction() as session:  # committed, published to no one
+            notifications.on_order_status_changes(session, _status_changes(user))
+        proxy.release()
+        wait_for(lambda: len(socket.sent) == 1, timeout=10, what="the notification")
+
+
+def test_a_socket_whose_subscription_redis_does_not_confirm_is_closed_with_1011(
+        settings, gateway, monkeypatch):
+    monkeypatch.setattr(notifications, "SUBSCRIBE_TIMEOUT_SECONDS", 0.5)
+    app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
+    with _streaming_with_its_subscribe_held_up(settings, app, user, monkeypatch) as (socket, _):
+        wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
+        assert socket.close_reason == 1011 and socket.sent == []
+
+
+@contextmanager
+def _streaming_with_its_subscribe_held_up(settings, app, user: str, monkeypatch):
+    """`user`'s notification stream running into a RecordingSocket, in a thread, its Redis
+    SUBSCRIBE held up on its way by a HoldingProxy (until the proxy's `release()`); yields both
+    once the SUBSCRIBE is held."""
     redis_address = settings.redis_url.split("//", 1)[1].split("/", 1)[0]
     proxy = HoldingProxy(redis_address, marker=b"SUBSCRIBE")
     subscriber = redis.Redis.from_url(settings.redis_url.replace(redis_address, proxy.address))
@@ -922,17 +945,15 @@ def test_a_socket_reads_the_table_once_redis_has_confirmed_its_subscription(
             monkeypatch.setattr(notifications, "_redis",
                                 lambda: _SubscribingThrough(subscriber, app.extensions[
                                     notifications.REDIS_EXTENSION]))
-            streaming.start()
-            wait_for(proxy.held.is_set, timeout=10, what="the socket's SUBSCRIBE, held up")
-            with transaction() as session:  # committed, and published to no one
-                notifications.on_order_status_changes(session, _status_changes(user))
-            proxy.release()
-            wait_for(lambda: len(socket.sent) == 1, timeout=10, what="the notification")
+        streaming.start()
+        wait_for(proxy.held.is_set, timeout=10, what="the socket's SUBSCRIBE, held up")
+        yield socket, proxy
     finally:
         socket.close()
         proxy.close()
         streaming.join(10)
         subscriber.close()
+    assert not streaming.is_alive()
 
 
 def test_a_socket_sends_a_notification_whose_publish_was_lost(settings, gateway, monkeypatch):
