@@ -147,5 +147,7 @@ def test_consumers_joining_and_leaving_a_group_store_every_record_and_commit_onl
         assert len(looks) > 10
     finally:
         watcher.close()
+        with database.cursor() as cursor:  # (the inbox is the run's, shared by its tests)
+            cursor.execute("DELETE FROM inbox_messages WHERE topic = %s", (topic,))
         database.close()
         admin.delete_topics([topic])

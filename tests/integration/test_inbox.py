@@ -301,7 +301,8 @@ def test_the_sweeper_leaves_a_message_a_handler_holds(in_payments, payments_inbo
 def test_raw_value_keeps_what_was_received(in_payments, payments_inbox):
     record = _record(json.dumps({"type": "PaymentRequested"}).encode())
     payments_inbox([record])
-    row = db.session.scalars(select(InboxMessage).where(InboxMessage.offset == record.offset)).one()
+    row = db.session.scalars(select(InboxMessage).where(
+        InboxMessage.topic == record.topic, InboxMessage.offset == record.offset)).one()
     assert json.loads(row.raw_value) == {"type": "PaymentRequested"}
 
 
