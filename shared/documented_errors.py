@@ -84,7 +84,9 @@ def error_responses(errors: Iterable[DocumentedError]) -> dict[int, dict]:
 def _response(status: int, errors: list[DocumentedError]) -> dict:
     codes = "\n".join(f"- `{error.code}`: {error.when}" for error in errors)
     response = {"schema": ErrorSchema,
-                "description": f"{HTTPStatus(status).phrase}, with `error.code`:\n\n{codes}"}
+                "description": f"{HTTPStatus(status).phrase}, with `error.code`:\n\n{codes}",
+                # The same codes as data, for a client generated from the document.
+                "x-error-codes": [error.code for error in errors]}
     waited = [error.code for error in errors if error.retry_after]
     if waited:
         which = "" if len(waited) == len(errors) else f" (with {', '.join(waited)})"

@@ -31,8 +31,11 @@ def documented_errors(spec: dict, method: str, path: str) -> dict[int, dict]:
 
 
 def codes_named(response: dict) -> set[str]:
-    """The `error.code` values a documented response names (as `CODE` in its description)."""
-    return set(re.findall(r"`([A-Z][A-Z_]+)`", response.get("description", "")))
+    """The `error.code` values a documented response carries: its `x-error-codes`, for a client
+    to read, each named in its description too (as `CODE`), for a reader."""
+    codes = set(response.get("x-error-codes", []))
+    assert codes == set(re.findall(r"`([A-Z][A-Z_]+)`", response.get("description", ""))), response
+    return codes
 
 
 def documented_answers(spec: dict, method: str, path: str) -> set[tuple[int, str]]:
