@@ -8,6 +8,7 @@ import uuid
 from marshmallow import RAISE, Schema, fields, validate
 
 from orders_app.models import STATUSES
+from shared.contracts import FAILURE_REASONS
 from shared.documented_errors import IDEMPOTENCY_ERRORS, DocumentedError
 from shared.errors import NotFound
 from shared.fields import Amount, Text, WholeNumber
@@ -43,7 +44,8 @@ class OrderSchema(Schema):
     amount = Amount.answered()
     description = fields.String()
     status = fields.String(metadata={"enum": list(STATUSES)})
-    reason = fields.String(allow_none=True)
+    # Why a CANCELLED order was (null otherwise): the reasons a payment fails for.
+    reason = fields.String(allow_none=True, metadata={"enum": [*FAILURE_REASONS, None]})
     created_at = fields.DateTime(format="iso")
     updated_at = fields.DateTime(format="iso")
 

@@ -19,6 +19,7 @@ from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
 from shared.config import ENVIRONMENT, get_settings
+from shared.contracts import FAILURE_REASONS
 from shared.db import db, transaction
 from shared.internal_auth import identity_headers
 from shared.kafka import broker_reachable
@@ -480,6 +481,11 @@ def test_each_service_serves_its_openapi_document_and_swagger_ui(orders_http, pa
     for spec, path in ((orders_spec, "/orders"), (payments_spec, "/accounts/deposit")):
         assert "Idempotency-Key" in [
             parameter["name"] for parameter in spec["paths"][path]["post"]["parameters"]], path
+    # An order's status and, for a CANCELLED one, the reason are each one of a few, as a client
+    # generated from the document needs to know.
+    order = orders_spec["components"]["schemas"]["Order"]["properties"]
+    assert order["status"]["enum"] == ["NEW", "FINISHED", "CANCELLED"]
+    assert order["reason"]["enum"] == [*FAILURE_REASONS, None] and order["reason"]["nullable"]
     for client in (orders_http, payments_http):
         page = client.get("/docs/swagger-ui")
         assert page.status_code == 200
