@@ -40,6 +40,7 @@ from gateway_app import tokens
 from gateway_app.auth import SIGNED_IN_ERRORS
 from gateway_app.models import Notification
 from gateway_app.ratelimit import RateLimited
+from gateway_app.socket_document import document_socket
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
 from shared.documented_errors import DATABASE_UNAVAILABLE_OR_BUSY
@@ -263,6 +264,9 @@ def register_socket(app, authenticate) -> None:
             _serve_socket(ws, g.socket_opening, slots)
         finally:
             end_the_socket(ws)
+
+    document_socket(app.extensions["hseshop.api"],
+                    next(app.url_map.iter_rules(endpoint=SOCKET_ENDPOINT)))
 
 
 def _serve_socket(ws, opening: SocketOpening, slots: SocketSlots) -> None:

@@ -81,6 +81,17 @@ def error_responses(errors: Iterable[DocumentedError]) -> dict[int, dict]:
             for status, carried in by_status.items()}
 
 
+def openapi_error_responses(errors: Iterable[DocumentedError]) -> dict[str, dict]:
+    """The same as OpenAPI response objects, for a path documented by hand (one no blueprint
+    serves: the WebSocket's)."""
+    responses = {}
+    for status, response in error_responses(errors).items():
+        response = dict(response)
+        response["content"] = {"application/json": {"schema": response.pop("schema")}}
+        responses[str(status)] = response
+    return responses
+
+
 def _response(status: int, errors: list[DocumentedError]) -> dict:
     codes = "\n".join(f"- `{error.code}`: {error.when}" for error in errors)
     response = {"schema": ErrorSchema,

@@ -444,7 +444,9 @@ SHOP = [operation for operation in SIGNED_IN if "/notifications" not in operatio
 
 def test_each_gateway_operation_documents_its_error_statuses_in_the_error_shape(gateway):
     spec = gateway.get("/docs/openapi.json").get_json()
-    assert operations(spec) == set(GATEWAY_OPERATIONS)  # every operation, in the table
+    # Every operation, in the table; and the socket, whose handshake's answers its own test checks
+    # against the document (test_the_socket_url_answers_only_a_websocket_handshake_it_can_take).
+    assert operations(spec) == {*GATEWAY_OPERATIONS, ("get", notifications.SOCKET_PATH)}
     assert_default_error_described(spec)
     for (method, path), (_, statuses) in GATEWAY_OPERATIONS.items():
         documented = documented_errors(spec, method, path)
@@ -1194,8 +1196,12 @@ def test_what_a_page_sends_on_its_socket_is_dropped_and_a_big_frame_closes_it(se
 def test_the_socket_url_answers_only_a_websocket_handshake_it_can_take(gateway):
     """Anything else, with the usual error body and never a 500 (a handshake without its key, of
     another version, without Host or with one that is not ASCII, or with an extension parameter
-    that is no number, failed inside the socket's code)."""
+    that is no number, failed inside the socket's code). Each answer is one the gateway's OpenAPI
+    document gives for the socket."""
+    spec = gateway.get("/docs/openapi.json").get_json()
+    answers = []
     plain = gateway.get("/api/notifications/ws?access_token=x")
+    answers.append(plain)
     assert plain.status_code == 426 and plain.headers["Upgrade"] == "websocket"
     assert plain.get_json()["error"]["code"] == "WEBSOCKET_REQUIRED"
     # (A handshake at a URL that is no WebSocket is no concern of the socket's.)
@@ -1206,10 +1212,12 @@ def test_the_socket_url_answers_only_a_websocket_handshake_it_can_take(gateway):
     upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
     keyless = gateway.get("/api/notifications/ws?access_token=x",
                           headers={**upgrade, "Sec-WebSocket-Version": "13"})
+    answers.append(keyless)
     assert keyless.status_code == 400
     assert keyless.get_json()["error"]["code"] == "BAD_WEBSOCKET_HANDSHAKE"
     old = gateway.get("/api/notifications/ws?access_token=x", headers={
         **upgrade, "Sec-WebSocket-Version": "8", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    answers.append(old)
     assert old.status_code == 426 and old.headers["Sec-WebSocket-Version"] == "13"
     assert old.get_json()["error"]["code"] == "WEBSOCKET_VERSION"
     handshake = {**upgrade, "Sec-WebSocket-Version": "13",
@@ -1218,8 +1226,11 @@ def test_the_socket_url_answers_only_a_websocket_handshake_it_can_take(gateway):
             "Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits=x"}):
         refused = gateway.get("/api/notifications/ws?access_token=x",
                               headers={**handshake, **unanswerable})
+        answers.append(refused)
         assert refused.status_code == 400, (unanswerable, refused.status_code)
         assert refused.get_json()["error"]["code"] == "BAD_WEBSOCKET_HANDSHAKE"
+    for answer in answers:
+        assert_documented(spec, "get", notifications.SOCKET_PATH, answer)
     # Without Host (HTTP/1.0 allows it; the socket's code rebuilds the request as HTTP/1.1):
     assert not notifications._handshake_answered_in_memory(
         {"HTTP_" + name.upper().replace("-", "_"): value for name, value in handshake.items()})

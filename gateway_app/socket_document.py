@@ -1,0 +1,52 @@
+"""The notifications WebSocket in the gateway's OpenAPI document, where no blueprint puts it (it is
+served by flask-sock: gateway_app/notifications.py): its handshake's parameters, what it answers
+instead of switching protocols, and what the socket then carries."""
+
+from __future__ import annotations
+
+from shared.documented_errors import (BODY_TOO_LARGE, DATABASE_UNAVAILABLE_OR_BUSY,
+                                      DocumentedError, openapi_error_responses)
+
+WEBSOCKET_REQUIRED = DocumentedError(
+    426, "WEBSOCKET_REQUIRED", "asked without a WebSocket handshake (`Upgrade: websocket`)")
+WEBSOCKET_VERSION = DocumentedError(
+    426, "WEBSOCKET_VERSION", "a handshake of a WebSocket version other than 13")
+BAD_WEBSOCKET_HANDSHAKE = DocumentedError(
+    400, "BAD_WEBSOCKET_HANDSHAKE", "a handshake without its key, or one that cannot be "
+    "answered (its Host header, an extension's parameters)")
+SOCKET_ERRORS = (WEBSOCKET_REQUIRED, WEBSOCKET_VERSION, BAD_WEBSOCKET_HANDSHAKE, BODY_TOO_LARGE,
+                 *DATABASE_UNAVAILABLE_OR_BUSY)
+
+_DESCRIPTION = """\
+Open with a WebSocket handshake. Each message the socket then sends is one notification, JSON, as
+`GET /api/notifications` lists them (`Notification`): with `after`, first every one newer than
+that id, then each one as it happens; without it, each one from the moment the handshake is
+answered. The page sends nothing (what it sends is dropped).
+
+The token goes in the query (a browser's WebSocket cannot send headers). A socket is closed with:
+- 1008 when the token is refused, when `after` is no notification id, and when the token expires
+  (sign in again, then reconnect);
+- 1013 past the user's rate limit or its socket limits: reconnect later;
+- 1011 when the gateway loses Redis or its database: reconnect."""
+
+
+def document_socket(api, rule) -> None:
+    """Put the socket the URL rule `rule` serves in `api`'s OpenAPI document."""
+    api.spec.path(rule=rule, parameters=[], operations={"get": {
+        "tags": ["notifications"],
+        "summary": "The signed-in user's notifications, live, over a WebSocket",
+        "description": _DESCRIPTION,
+        "security": [],  # (its token is a query parameter)
+        "parameters": [
+            {"name": "access_token", "in": "query", "required": True,
+             "description": "The bearer token signing in gave", "schema": {"type": "string"}},
+            {"name": "after", "in": "query", "required": False,
+             "description": "Send every notification newer than this id first",
+             "schema": {"type": "integer", "minimum": 0}},
+        ],
+        "responses": {
+            "101": {"description": "Switching Protocols: the socket is open"},
+            **openapi_error_responses(SOCKET_ERRORS),
+            "default": api.DEFAULT_ERROR_RESPONSE_NAME,  # (a reference to every operation's own)
+        },
+    }})
