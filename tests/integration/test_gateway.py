@@ -843,23 +843,33 @@ class RecordingSocket:
 def _socket_streaming(app, user: str, token_ttl: float = 3600) -> Iterator[RecordingSocket]:
     """`user`'s notification stream running into a RecordingSocket, in a thread, once it listens
     on Redis; inside the app's context. Closed and joined on the way out."""
+    with _streaming_in_a_thread(app, user, None, token_ttl) as socket, app.app_context():
+        wait_for(lambda: notifications._redis().pubsub_numsub(
+            notifications.channel(user))[0][1] == 1, timeout=10, what="the socket to listen")
+        yield socket
+
+
+@contextmanager
+def _streaming_in_a_thread(app, user: str, after: int | None,
+                           token_ttl: float = 3600) -> Iterator[RecordingSocket]:
+    """`user`'s notification stream after the id `after` (None: the newest) running into a
+    RecordingSocket, in a thread, from now; closed, and its thread ended, on the way out."""
     socket = RecordingSocket()
 
     def stream():
         with app.app_context():
-            notifications.stream_notifications(socket, user, notifications.newest_notification_id(
-                user), time.time() + token_ttl)
+            notifications.stream_notifications(
+                socket, user, notifications.newest_notification_id(user) if after is None
+                else after, time.time() + token_ttl)
 
     streaming = threading.Thread(target=stream)
     streaming.start()
     try:
-        with app.app_context():
-            wait_for(lambda: notifications._redis().pubsub_numsub(
-                notifications.channel(user))[0][1] == 1, timeout=10, what="the socket to listen")
-            yield socket
+        yield socket
     finally:
         socket.close()
         streaming.join(10)
+    assert not streaming.is_alive()
 
 
 def _kept_but_not_published(monkeypatch, user: str) -> None:
@@ -935,27 +945,17 @@ def _streaming_with_its_subscribe_held_up(settings, app, user: str, monkeypatch)
     redis_address = settings.redis_url.split("//", 1)[1].split("/", 1)[0]
     proxy = HoldingProxy(redis_address, marker=b"SUBSCRIBE")
     subscriber = redis.Redis.from_url(settings.redis_url.replace(redis_address, proxy.address))
-    socket = RecordingSocket()
-
-    def stream():
-        with app.app_context():
-            notifications.stream_notifications(socket, user, 0, time.time() + 3600)
-
-    streaming = threading.Thread(target=stream)
+    monkeypatch.setattr(notifications, "_redis", lambda: _SubscribingThrough(
+        subscriber, app.extensions[notifications.REDIS_EXTENSION]))
     try:
-        with app.app_context():
-            monkeypatch.setattr(notifications, "_redis",
-                                lambda: _SubscribingThrough(subscriber, app.extensions[
-                                    notifications.REDIS_EXTENSION]))
-        streaming.start()
-        wait_for(proxy.held.is_set, timeout=10, what="the socket's SUBSCRIBE, held up")
-        yield socket, proxy
+        with _streaming_in_a_thread(app, user, 0) as socket:
+            try:
+                wait_for(proxy.held.is_set, timeout=10, what="the socket's SUBSCRIBE, held up")
+                yield socket, proxy
+            finally:
+                proxy.close()  # first: a stream still waiting for its confirmation ends
     finally:
-        socket.close()
-        proxy.close()
-        streaming.join(10)
         subscriber.close()
-    assert not streaming.is_alive()
 
 
 def test_a_socket_sends_a_notification_whose_publish_was_lost(settings, gateway, monkeypatch):
