@@ -47,11 +47,16 @@ def _place(user_id: str, amount: str = "30.00") -> Order:
 def _relay_all(publisher: OutboxPublisher, batch_size: int = 100):
     totals = []
     while True:
-        with transaction() as session, driver_cursor(session) as cursor:
-            result = relay_pending_outbox(cursor, publisher.send_batch, batch_size)
+        result = _relay_once(publisher, batch_size)
         totals.append(result)
         if result.claimed == 0 or result.refused_by_the_broker:
             return totals
+
+
+def _relay_once(publisher: OutboxPublisher, batch_size: int):
+    """One batch relayed, in a transaction of its own."""
+    with transaction() as session, driver_cursor(session) as cursor:
+        return relay_pending_outbox(cursor, publisher.send_batch, batch_size)
 
 
 def _outbox_rows_for(order_ids) -> list[OutboxMessage]:
@@ -250,11 +255,6 @@ def _due_now(order_ids) -> None:
         cursor.execute("UPDATE outbox_messages SET next_attempt_at = now()"
                        " WHERE correlation_id = ANY(%s) AND next_attempt_at IS NOT NULL",
                        ([str(order_id) for order_id in order_ids],))
-
-
-def _relay_once(publisher: OutboxPublisher, batch_size: int):
-    with transaction() as session, driver_cursor(session) as cursor:
-        return relay_pending_outbox(cursor, publisher.send_batch, batch_size)
 
 
 def test_rows_the_broker_refuses_wait_for_their_next_try_and_the_rows_behind_them_go_on(
