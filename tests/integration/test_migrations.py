@@ -332,11 +332,11 @@ def test_upgrade_refuses_a_postgresql_older_than_the_shop_runs_on(infrastructure
 
 
 def test_databases_made_for_the_shop_are_migrated_though_its_user_may_not_enter_postgres(
-        tmp_path):
+        server_dir):
     """An administrator created the database, owned by the shop's user, on a server that keeps
     everyone else out of its `postgres` database: `upgrade` needs nothing more. (On an embedded
     server of the test's own, since the change to `postgres` is server-wide.)"""
-    base, server = start_embedded_postgres(tmp_path, free_port())
+    base, server = start_embedded_postgres(server_dir, free_port())
     try:
         admin = psycopg2.connect(f"{base}/postgres")
         admin.autocommit = True
