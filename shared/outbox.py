@@ -79,20 +79,28 @@ RELAY_SELECT = """
 SELECT id, topic, key, message_id::text, type, request_id, envelope::text FROM outbox_messages"""
 # The oldest rows that may go: not parked, not waiting to be tried again, and not behind a row
 # with their topic and key that is (a row without a key has no order to keep). Such rows were
-# refused, and have an index of their own (attempts > 0), empty but for them, in which each row
-# read is looked up: OFFSET 0 keeps the check a lookup, whatever the table's statistics say. (As
-# a join planned on statistics taken while no row was refused, it compared each row read with
-# every refused row: with 20,000 refused, a read of 5,000 rows took 3.7 s instead of 13 ms. The
-# lookups cost a read of 5,000 rows 1.5 ms while none is refused.) While refused rows wait, a
-# read walks over them and the rows behind them: 1.3 s a read with a million.
+# refused, and have an index of their own (attempts > 0), empty but for them. The read first asks
+# that index, once, whether any row there is parked or waiting: mostly none is, and then no row
+# read is looked up at all (PostgreSQL evaluates the arms of an OR in order, and the question,
+# which names no row of the read, is answered once for the statement, as its InitPlan). Only while
+# one is does each row read get looked up there: OFFSET 0 keeps that check a lookup, whatever the
+# table's statistics say. (As a join planned on statistics taken while no row was refused, it
+# compared each row read with every refused row: with 20,000 refused, a read of 5,000 rows took
+# 3.7 s instead of 13 ms. The lookups cost a read of 5,000 rows about 4 ms, a third of it, which
+# the question saves while none is refused.) While refused rows wait, a read walks over them and
+# the rows behind them: 1.3 s a read with a million.
 CLAIM_ROWS = RELAY_SELECT + """ AS waiting
 WHERE parked_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-  AND NOT EXISTS (
-    SELECT FROM outbox_messages AS refused
-    WHERE refused.attempts > 0 AND refused.topic = waiting.topic
-          AND refused.key = waiting.key AND refused.id < waiting.id
-          AND (refused.parked_at IS NOT NULL OR refused.next_attempt_at > now())
-    OFFSET 0)
+  AND (NOT EXISTS (
+         SELECT FROM outbox_messages AS refused
+         WHERE refused.attempts > 0
+               AND (refused.parked_at IS NOT NULL OR refused.next_attempt_at > now()))
+       OR NOT EXISTS (
+         SELECT FROM outbox_messages AS refused
+         WHERE refused.attempts > 0 AND refused.topic = waiting.topic
+               AND refused.key = waiting.key AND refused.id < waiting.id
+               AND (refused.parked_at IS NOT NULL OR refused.next_attempt_at > now())
+         OFFSET 0))
 ORDER BY id LIMIT %(batch_size)s"""
 
 # How long a row the broker refused waits before it is tried again: this long after its first
