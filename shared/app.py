@@ -88,6 +88,8 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
         # Bound per app (not on the shared Blueprint object), so any number of apps can be built.
         app.before_request_funcs.setdefault(blueprint.name, []).append(authenticate)
     app.register_blueprint(health_blueprint)
+    from shared.health_document import document_health  # (it imports what imports this module)
+    document_health(api, next(app.url_map.iter_rules(endpoint="health.health")))
     app.register_blueprint(Blueprint("swagger_ui_assets", __name__, static_folder=swagger_ui_path,
                                      static_url_path=SWAGGER_UI_ASSETS))
     register_error_handlers(app)

@@ -7,9 +7,13 @@ import io
 import re
 import uuid
 
+from openapi_schema_validator import OAS30ReadValidator, validate
+
 from shared.app import MAX_REQUEST_BYTES
 
 ERROR_SCHEMA = {"$ref": "#/components/schemas/Error"}
+# Every app's, in its document; its answers are checked against it in test_openapi_documents.py.
+HEALTH = ("get", "/health")
 
 
 def operations(spec: dict) -> set[tuple[str, str]]:
@@ -56,6 +60,19 @@ def assert_documented(spec: dict, method: str, path: str, answer) -> tuple[int, 
     if "Retry-After" in answer.headers:
         assert "Retry-After" in documented[status].get("headers", {}), (method, path, status)
     return status, code
+
+
+def assert_answered_as_documented(spec: dict, method: str, path: str, answer) -> int:
+    """That `answer`, which the operation `method path` gave, is one it documents: its status one
+    the operation gives, its body holding to the schema given for that status (no field or value
+    the schema does not name, none it requires missing). Returns its status."""
+    responses = spec["paths"][path][method]["responses"]
+    assert str(answer.status_code) in responses, (method, path, answer.status_code)
+    schema = responses[str(answer.status_code)]["content"][answer.mimetype]["schema"]
+    # (the schema's references read in the document's components)
+    validate(answer.get_json(), {**schema, "components": spec["components"]},
+             cls=OAS30ReadValidator)
+    return answer.status_code
 
 
 def asked(client, method: str, path: str, body=None, headers=None, **kwargs):

@@ -36,7 +36,7 @@ from shared.db import db, driver_dsn, transaction
 from shared.inbox import ReceivedEvent, StoredMessage
 from shared.money import MAX_BALANCE
 from tests.network_tools import HoldingProxy, WebSocketClient
-from tests.openapi_tools import (ERROR_SCHEMA, assert_default_error_described,
+from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_described,
                                  assert_documented, asked, codes_named, documented_answers,
                                  documented_errors, operations, with_a_body_in_chunks)
 from tests.polling import wait_for
@@ -444,9 +444,10 @@ SHOP = [operation for operation in SIGNED_IN if "/notifications" not in operatio
 
 def test_each_gateway_operation_documents_its_error_statuses_in_the_error_shape(gateway):
     spec = gateway.get("/docs/openapi.json").get_json()
-    # Every operation, in the table; and the socket, whose handshake's answers its own test checks
-    # against the document (test_the_socket_url_answers_only_a_websocket_handshake_it_can_take).
-    assert operations(spec) == {*GATEWAY_OPERATIONS, ("get", notifications.SOCKET_PATH)}
+    # Every operation, in the table; the socket, whose handshake's answers its own test checks
+    # against the document (test_the_socket_url_answers_only_a_websocket_handshake_it_can_take);
+    # and /health, every app's (test_openapi_documents.py).
+    assert operations(spec) == {*GATEWAY_OPERATIONS, ("get", notifications.SOCKET_PATH), HEALTH}
     assert_default_error_described(spec)
     for (method, path), (_, statuses) in GATEWAY_OPERATIONS.items():
         documented = documented_errors(spec, method, path)

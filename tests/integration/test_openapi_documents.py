@@ -1,11 +1,19 @@
-"""The OpenAPI document each app serves, as a client reads it: valid OpenAPI 3.0."""
+"""The OpenAPI document each app serves, as a client reads it: valid OpenAPI 3.0, and what it says
+of what every app serves alike (`GET /health`) as the app answers."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 from openapi_spec_validator import OpenAPIV30SpecValidator, validate
 
 import gateway_app
+import orders_app
+import payments_app
+from devstack.infra import free_port
+from tests.openapi_tools import (HEALTH, assert_answered_as_documented, assert_documented,
+                                 with_a_body_in_chunks)
 
 # Where every app serves its document (and its Swagger UI reads it).
 DOCUMENT_URL = "/docs/openapi.json"
@@ -15,6 +23,15 @@ DOCUMENT_URL = "/docs/openapi.json"
 def apps(orders_flask_app, payments_flask_app, settings):
     return {"orders": orders_flask_app, "payments": payments_flask_app,
             "gateway": gateway_app.create_app(settings=settings)}
+
+
+def _reaching_nothing(service: str, settings):
+    """`service`'s app with its database, Redis and the broker all unreachable."""
+    package = {"orders": orders_app, "payments": payments_app, "gateway": gateway_app}[service]
+    return package.create_app(settings=dataclasses.replace(
+        settings, redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",
+        **{f"{service}_database_url": f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"}))
 
 
 def _served_document(app) -> dict:
@@ -28,3 +45,24 @@ def test_each_app_serves_a_valid_openapi_3_0_document(apps):
         document = _served_document(app)
         assert document["openapi"].startswith("3.0."), service
         validate(document, cls=OpenAPIV30SpecValidator)  # (raises, saying what is wrong)
+
+
+def test_every_app_answers_health_as_its_document_says(apps, settings):
+    """GET /health asked of each app, without credentials: with all it checks reachable, with
+    nothing reachable, and with a body over the size limit. Each answer is one the document
+    gives, its body holding to the schema given for its status (every field and check named,
+    with a value it names), and the document gives no status it was not seen to answer."""
+    method, path = HEALTH
+    for service, app in apps.items():
+        document = _served_document(app)
+        assert document["paths"][path][method]["security"] == [], service  # public
+        healthy = app.test_client().get(path)
+        degraded = _reaching_nothing(service, settings).test_client().get(path)
+        too_large = with_a_body_in_chunks(app.test_client(), method, path, {})
+        assert (healthy.status_code, degraded.status_code) == (200, 503), service
+        assert set(degraded.get_json()["checks"].values()) == {"unreachable"}, service
+        seen = {assert_answered_as_documented(document, method, path, answer)
+                for answer in (healthy, degraded, too_large)}
+        assert_documented(document, method, path, too_large)  # (its code named)
+        assert seen == {int(status) for status in document["paths"][path][method]["responses"]
+                        if status != "default"}, service
