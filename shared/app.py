@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 
 from flask import Blueprint, Flask, request
 from flask_smorest import Api
+from flask_smorest.pagination import PAGINATION_HEADER, PaginationMetadataSchema
 from swagger_ui_bundle import swagger_ui_path
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -22,7 +23,7 @@ from shared.request_context import configure_logging, install_request_ids
 
 class ShopApi(Api):
     """flask-smorest's Api, its OpenAPI document describing errors as they are answered (each
-    operation's own: shared.documented_errors)."""
+    operation's own: shared.documented_errors), and giving no component no operation uses."""
 
     ERROR_SCHEMA = ErrorSchema
     # Every operation's "default" response: what any request can be answered besides what its
@@ -39,6 +40,17 @@ class ShopApi(Api):
         self.spec.components.response(self.DEFAULT_ERROR_RESPONSE_NAME, {
             "description": self.DEFAULT_ERROR_DESCRIPTION,
             "content": {"application/json": {"schema": self.ERROR_SCHEMA}}}, lazy=True)
+
+    def _register_pagination_header(self):
+        # flask-smorest registers its X-Pagination header lazily, to be in a document only if an
+        # operation paginates with it (none does: the lists page with cursors of their own); but
+        # apispec turns the header's schema into a reference as it registers it, which put that
+        # schema, PaginationMetadata, in every document, used by none. Written out in the header
+        # instead, it comes with the header or not at all.
+        self.spec.components.header("PAGINATION", {
+            **PAGINATION_HEADER,
+            "schema": self.ma_plugin.converter.schema2jsonschema(PaginationMetadataSchema)},
+            lazy=True)
 
 # Swagger UI's scripts and styles are served by the service itself (from the swagger-ui-bundle
 # package), so the docs work on a machine with no way out to a CDN.

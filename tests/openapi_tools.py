@@ -22,6 +22,34 @@ def operations(spec: dict) -> set[tuple[str, str]]:
             if method in {"get", "put", "post", "delete", "patch", "head", "options"}}
 
 
+def unused_components(spec: dict) -> set[tuple[str, str]]:
+    """The components (kind, name) the document gives that no operation uses, however indirectly:
+    referred to from nowhere but themselves, or a security scheme no requirement names."""
+    referred, to_read = set(), list(_references({**spec, "components": {}}))
+    while to_read:
+        reference = to_read.pop()  # "#/components/<kind>/<name>"
+        if reference not in referred:
+            referred.add(reference)
+            kind, name = reference.split("/")[2:]
+            to_read += _references(spec["components"][kind][name])
+    requirements = [*spec.get("security", []), *(
+        requirement for item in spec["paths"].values() for operation in item.values()
+        if isinstance(operation, dict) for requirement in operation.get("security", []))]
+    used = {tuple(reference.split("/")[2:]) for reference in referred} | {
+        ("securitySchemes", name) for requirement in requirements for name in requirement}
+    return {(kind, name) for kind, named in spec["components"].items() for name in named} - used
+
+
+def _references(node) -> list[str]:
+    """Every `$ref` in `node`, at any depth."""
+    if isinstance(node, dict):
+        return [reference for key, value in node.items()
+                for reference in ([value] if key == "$ref" else _references(value))]
+    if isinstance(node, list):
+        return [reference for value in node for reference in _references(value)]
+    return []
+
+
 def assert_default_error_described(spec: dict) -> None:
     """That every operation's `default` response (shared.app.ShopApi) names what it can carry."""
     assert "`INTERNAL_ERROR`" in spec["components"]["responses"]["DEFAULT_ERROR"]["description"]

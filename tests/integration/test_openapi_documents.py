@@ -13,7 +13,7 @@ import orders_app
 import payments_app
 from devstack.infra import free_port
 from tests.openapi_tools import (HEALTH, assert_answered_as_documented, assert_documented,
-                                 with_a_body_in_chunks)
+                                 unused_components, with_a_body_in_chunks)
 
 # Where every app serves its document (and its Swagger UI reads it).
 DOCUMENT_URL = "/docs/openapi.json"
@@ -45,6 +45,12 @@ def test_each_app_serves_a_valid_openapi_3_0_document(apps):
         document = _served_document(app)
         assert document["openapi"].startswith("3.0."), service
         validate(document, cls=OpenAPIV30SpecValidator)  # (raises, saying what is wrong)
+
+
+def test_no_document_gives_a_component_no_operation_uses(apps):
+    """(flask-smorest's PaginationMetadata was in all three: shared.app.ShopApi.)"""
+    for service, app in apps.items():
+        assert unused_components(_served_document(app)) == set(), service
 
 
 def test_every_app_answers_health_as_its_document_says(apps, settings):
