@@ -3,18 +3,28 @@ Idempotency-Key through, with the caller's identity signed by the gateway and th
 
 A service that cannot be reached answers 503, one too slow 504, one that fails (or refuses the
 gateway's signed identity, or answers what is no answer of its API: not JSON, a redirect) 502:
-always the usual JSON error, never a hang and never a stack trace.
+always the usual JSON error, never a hang and never a stack trace. "Too slow" is one deadline for
+the whole call (UPSTREAM_TIMEOUT_SECONDS, as over gRPC), its connection, its answer's headers and
+its body, each read waiting only for what is left of it: a read timeout alone starts again with
+each byte, so an answer dripping a byte a second held the gateway's thread, and its client, for
+as long as it dripped. The connection of an answer cut off is closed, never pooled.
 A service that answers 503 itself, with the usual JSON error (its database unavailable, say), is
 relayed as it is, Retry-After included.
 """
 
 from __future__ import annotations
 
+import http.client
+import io
 import logging
 import threading
+import time
 
 import requests
 from flask import Response, current_app, g, request
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from webargs.flaskparser import is_json_request
 
@@ -31,10 +41,85 @@ FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Retry-After")
 _sessions = threading.local()
 
 
+class _Call(threading.local):
+    """The call this thread is making: each thread has a session of its own (below), so the
+    connections of its pools carry this thread's calls only."""
+
+    deadline: float | None = None  # time.monotonic() by which the whole answer is read
+
+
+_call = _Call()
+
+
+class _ReadAgainstTheDeadline(io.RawIOBase):
+    """An answer's reads off its connection's socket, each waiting at most for what is left of
+    the call's deadline (TimeoutError once it has passed), where each waited the read timeout."""
+
+    def __init__(self, raw: io.RawIOBase, sock):
+        super().__init__()
+        self._raw, self._sock = raw, sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int | None:
+        if _call.deadline is not None:
+            left = _call.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the call's deadline has passed")
+            self._sock.settimeout(left)
+        return self._raw.readinto(buffer)
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _AnswerAgainstTheDeadline(http.client.HTTPResponse):
+    """http.client's answer (status line, headers, body: urllib3 reads it all through this),
+    reading against the call's deadline."""
+
+    def __init__(self, sock, *args, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        # The socket's own file, unread yet, taken from its buffer and read through the deadline.
+        self.fp = io.BufferedReader(_ReadAgainstTheDeadline(self.fp.detach(), sock))
+
+
+class _Connection(HTTPConnection):
+    response_class = _AnswerAgainstTheDeadline
+
+
+class _TLSConnection(HTTPSConnection):
+    response_class = _AnswerAgainstTheDeadline
+
+
+class _Pool(HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+class _Adapter(HTTPAdapter):
+    """requests' adapter, its pools making the connections above."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+
+
 def _http() -> requests.Session:
     # One pooled session per thread: requests' Session is not meant to be shared across threads.
     if not hasattr(_sessions, "session"):
-        _sessions.session = requests.Session()
+        session = requests.Session()
+        for scheme in ("http://", "https://"):
+            session.mount(scheme, _Adapter())
+        _sessions.session = session
     return _sessions.session
 
 
@@ -64,6 +149,7 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
     # string as typed, "%35" or an escape that is none ("%zz"), would reach the service as
     # something else ("%2535": requests quotes every "%" again once one is not an escape).
     query = list(request.args.items(multi=True))
+    _call.deadline = time.monotonic() + settings.upstream_timeout_seconds
     try:
         upstream = _http().request(
             request.method, f"{base}{path}", params=query, data=body, headers=headers,
@@ -71,7 +157,8 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
             timeout=(CONNECT_TIMEOUT_SECONDS, settings.upstream_timeout_seconds))
     except requests.ConnectionError as exc:
         if exc.args and isinstance(exc.args[0], ReadTimeoutError):
-            # Its answer begun, and its body stalled (requests calls that a connection error).
+            # Its answer begun, and its body stalled or too slow to come whole by the deadline
+            # (requests calls that a connection error).
             log.warning("%s timed out in the middle of its answer", service)
             raise UpstreamTimeout.of(service) from None
         if exc.args and isinstance(exc.args[0], ProtocolError):
@@ -82,12 +169,14 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
         # Refused, unresolvable, or no connection in time.
         log.warning("%s unreachable: %s", service, exc)
         raise ServiceUnavailable.of(service) from None
-    except requests.Timeout:  # connected, but no answer in time
+    except requests.Timeout:  # connected, but no answer (or not its headers) in time
         log.warning("%s timed out", service)
         raise UpstreamTimeout.of(service) from None
     except requests.RequestException as exc:  # an answer broken off (its worker killed, say)
         log.warning("%s answered brokenly: %r", service, exc)
         raise BadGateway.of(service) from None
+    finally:
+        _call.deadline = None
     if upstream.status_code >= 500 and not _unavailable_for_now(upstream):
         log.error("%s answered %s: %s", service, upstream.status_code, upstream.text[:500])
         raise BadGateway.of(service)

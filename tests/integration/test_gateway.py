@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import http.server
 import json
+import select
 import socket
 import threading
 import time
@@ -356,6 +357,71 @@ def test_what_is_no_answer_of_the_services_api_is_never_relayed(settings, upstre
         answer = client.get("/api/orders", headers=auth)
         assert answer.status_code == status
         assert answer.get_json()["error"]["code"] == code
+    finally:
+        served.close()
+
+
+DRIP_SECONDS = 0.8  # between two bytes of a dripping answer: less than any read timeout here
+
+
+class _DrippingHandler(_SlowHandler):
+    """Answers its first GET with a short answer of which it sends the start at once, then drips
+    a few bytes (from `server.drip_from`: in the headers, or in the body) one every DRIP_SECONDS,
+    then sends the rest: a read timeout, which each byte restarts, never runs out. A later GET is
+    answered at once. Notes the connection each GET came on, and sets `server.hung_up` when the
+    client closes the one it drips on before the drip is done."""
+
+    BODY = b'{"items": [], "next_cursor": null}'
+    ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY))
+    DRIPPED = 6  # bytes: 4.8 s of dripping
+
+    def do_GET(self):
+        self.server.connections.append(self.client_address)
+        if len(self.server.connections) > 1:
+            self.wfile.write(self.ANSWER)
+            return
+        start = {"headers": self.ANSWER.index(b"\r\n") + 2,
+                 "body": self.ANSWER.index(b"\r\n\r\n") + 4}[self.server.drip_from]
+        self.wfile.write(self.ANSWER[:start])
+        for at in range(start, start + self.DRIPPED):
+            self.wfile.write(self.ANSWER[at:at + 1])
+            try:
+                readable, _, _ = select.select([self.connection], [], [], DRIP_SECONDS)
+                hung_up = bool(readable) and self.connection.recv(1) == b""
+            except OSError:  # reset
+                hung_up = True
+            if hung_up:
+                self.server.hung_up.set()
+                return
+        self.wfile.write(self.ANSWER[start + self.DRIPPED:])
+
+
+@pytest.mark.parametrize("drip_from", ["headers", "body"])
+def test_an_answer_that_drips_is_cut_off_at_the_deadline_with_504(settings, upstreams,
+                                                                   drip_from):
+    """One deadline for the whole call, the answer's headers and body included, where the read
+    timeout (restarted by each byte) let an answer dripping a byte every 0.8 s hold the gateway's
+    thread, and its client, for as long as it dripped; the half-read connection is closed, not
+    pooled (a next call would have read the rest of the drip as its answer)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DrippingHandler)
+    server.drip_from, server.connections, server.hung_up = drip_from, [], threading.Event()
+    served = _Served(server)
+    deadline = 1.5
+    try:
+        client = _gateway(settings, orders_service_url=served.url,
+                          upstream_timeout_seconds=deadline)
+        _, auth = _sign_up(client)
+        started = time.monotonic()
+        answer = client.get("/api/orders", headers=auth)
+        took = time.monotonic() - started
+        assert answer.status_code == 504, f"{answer.status_code} after {took:.1f} s"
+        assert answer.get_json()["error"]["code"] == "UPSTREAM_TIMEOUT"
+        assert deadline <= took < deadline + 0.5  # not once the drip is done (4.8 s)
+        wait_for(server.hung_up.is_set, timeout=1, what="the dripping connection closed")
+        again = client.get("/api/orders", headers=auth)
+        assert again.status_code == 200 and again.get_json() == json.loads(_DrippingHandler.BODY)
+        assert server.connections[1] != server.connections[0]
     finally:
         served.close()
 
