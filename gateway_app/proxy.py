@@ -10,6 +10,15 @@ each byte, so an answer dripping a byte a second held the gateway's thread, and 
 as long as it dripped. The connection of an answer cut off is closed, never pooled.
 A service that answers 503 itself, with the usual JSON error (its database unavailable, say), is
 relayed as it is, Retry-After included.
+
+Connections are kept alive and pooled, and a service closes one idle past its keep-alive (2 s,
+gunicorn's default) whenever it likes: just as the gateway sends a request on it, say, and the
+request then fails before a byte of an answer comes, though the service has most likely not seen
+it. A request that fails so on a connection that carried one before is sent once more, on a new
+connection, within the same deadline, where that is safe: a GET, or a POST with an
+Idempotency-Key (the service answers a repeat with the first answer). A POST without one is a
+502, as is a request closed without an answer on a connection made for it, or after a byte of
+one: the service may have carried it out.
 """
 
 from __future__ import annotations
@@ -46,6 +55,12 @@ class _Call(threading.local):
     connections of its pools carry this thread's calls only."""
 
     deadline: float | None = None  # time.monotonic() by which the whole answer is read
+    kept_alive = False  # its request went on a connection that had carried one before
+    answered = False  # a byte of an answer to it came
+
+    def begin(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.kept_alive = self.answered = False
 
 
 _call = _Call()
@@ -68,7 +83,10 @@ class _ReadAgainstTheDeadline(io.RawIOBase):
             if left <= 0:
                 raise TimeoutError("the call's deadline has passed")
             self._sock.settimeout(left)
-        return self._raw.readinto(buffer)
+        received = self._raw.readinto(buffer)
+        if received:
+            _call.answered = True
+        return received
 
     def fileno(self) -> int:
         return self._raw.fileno()
@@ -89,12 +107,31 @@ class _AnswerAgainstTheDeadline(http.client.HTTPResponse):
         self.fp = io.BufferedReader(_ReadAgainstTheDeadline(self.fp.detach(), sock))
 
 
-class _Connection(HTTPConnection):
+class _TellingIfKeptAlive:
+    """A connection telling the call whether its request went on a socket that had carried one
+    before (kept alive, from the pool) or on one made for it."""
+
     response_class = _AnswerAgainstTheDeadline
+    _carried = 0  # requests sent on its socket
+
+    def connect(self) -> None:
+        super().connect()
+        self._carried = 0
+
+    def request(self, *args, **kwargs) -> None:
+        # (Over HTTP a connection made for the request connects inside super().request.)
+        _call.kept_alive = self.sock is not None and self._carried > 0
+        _call.answered = False
+        super().request(*args, **kwargs)
+        self._carried += 1
 
 
-class _TLSConnection(HTTPSConnection):
-    response_class = _AnswerAgainstTheDeadline
+class _Connection(_TellingIfKeptAlive, HTTPConnection):
+    pass
+
+
+class _TLSConnection(_TellingIfKeptAlive, HTTPSConnection):
+    pass
 
 
 class _Pool(HTTPConnectionPool):
@@ -149,9 +186,10 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
     # string as typed, "%35" or an escape that is none ("%zz"), would reach the service as
     # something else ("%2535": requests quotes every "%" again once one is not an escape).
     query = list(request.args.items(multi=True))
-    _call.deadline = time.monotonic() + settings.upstream_timeout_seconds
+    _call.begin(settings.upstream_timeout_seconds)
     try:
-        upstream = _http().request(
+        upstream = _sent(
+            service, request.method == "GET" or key is not None,
             request.method, f"{base}{path}", params=query, data=body, headers=headers,
             allow_redirects=False,
             timeout=(CONNECT_TIMEOUT_SECONDS, settings.upstream_timeout_seconds))
@@ -191,6 +229,24 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
         if name in upstream.headers:
             response.headers[name] = upstream.headers[name]
     return response
+
+
+def _sent(service: str, safe_to_repeat: bool, method: str, url: str,
+          **kwargs) -> requests.Response:
+    """The request sent, and its answer; sent once more, on a new connection, when a kept-alive
+    connection it went on was closed before a byte of an answer came, if it is `safe_to_repeat`
+    (within the same deadline)."""
+    try:
+        return _http().request(method, url, **kwargs)
+    except requests.ConnectionError as exc:
+        if not (safe_to_repeat and exc.args and isinstance(exc.args[0], ProtocolError)
+                and _call.kept_alive and not _call.answered):
+            raise
+        # urllib3 has closed that connection, and the thread's pool holds no other (one call at
+        # a time), so the next request connects afresh.
+        log.info("%s closed a kept-alive connection without answering (%r): sending the request"
+                 " again on a new one", service, exc)
+    return _http().request(method, url, **kwargs)
 
 
 def _an_answer_of_the_api(upstream: requests.Response) -> bool:

@@ -426,6 +426,121 @@ def test_an_answer_that_drips_is_cut_off_at_the_deadline_with_504(settings, upst
         served.close()
 
 
+class _DroppingHandler(http.server.BaseHTTPRequestHandler):
+    """Keeps its connections alive (HTTP/1.1) and answers each request at once, but for those
+    `server.drops(on_connection, on_server)` picks (the request's count on its connection, and on
+    the server, from 1) with what it sends of an answer, b"" for nothing, as gunicorn closes a
+    kept-alive connection past its keep-alive as a request comes on it, never seeing the request:
+    it reads them whole, sends that and closes their connection. Notes each request received, and
+    each answered: its method, client port (its connection) and Idempotency-Key."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 10  # the thread of a connection left idle ends
+    BODY = b'{"items": [], "next_cursor": null}'
+
+    def setup(self):
+        super().setup()
+        self.on_connection = 0
+
+    def do_GET(self):
+        self._answer(200)
+
+    def do_POST(self):
+        self._answer(202)
+
+    def _answer(self, status: int) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.on_connection += 1
+        request = (self.command, self.client_address[1], self.headers.get("Idempotency-Key"))
+        with self.server.lock:
+            self.server.received.append(request)
+            sent = self.server.drops(self.on_connection, len(self.server.received))
+            if sent is not None:
+                self.wfile.write(sent)
+                self.close_connection = True
+                return
+            self.server.answered.append(request)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.BODY)))
+        self.end_headers()
+        self.wfile.write(self.BODY)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def _dropping(settings, drops) -> Iterator[tuple[object, http.server.ThreadingHTTPServer]]:
+    """A gateway (its client) whose orders service is a _DroppingHandler dropping `drops`."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DroppingHandler)
+    server.drops, server.lock, server.received, server.answered = \
+        drops, threading.Lock(), [], []
+    served = _Served(server)
+    try:
+        yield _gateway(settings, orders_service_url=served.url), server
+    finally:
+        served.close()
+
+
+def _kept_alive_dropped(on_connection: int, on_server: int) -> bytes | None:
+    return b"" if on_connection > 1 else None
+
+
+@pytest.mark.parametrize("method, key, status", [
+    ("GET", None, 200), ("POST", "retry-me", 202), ("POST", None, 502),
+], ids=["a GET", "a POST with an Idempotency-Key", "a POST without one"])
+def test_a_request_whose_kept_alive_connection_closed_unanswered_is_sent_again_if_safe(
+        settings, upstreams, method, key, status):
+    """A pooled connection the service closed as the gateway sent a request on it (the service's
+    keep-alive ran out just then) failed the request with a 502, though the service never saw
+    it; sent again on a new connection where that is safe, a GET or a POST whose key the service
+    deduplicates, it is answered as any other. A POST without a key is not: 502, as it was (a
+    connection closed without an answer can have carried it out, for all the gateway knows)."""
+    with _dropping(settings, _kept_alive_dropped) as (client, server):
+        _, auth = _sign_up(client)
+        assert client.get("/api/orders", headers=auth).status_code == 200  # kept alive
+        [(_, kept_alive, _)] = server.answered
+        headers = {**auth, **({"Idempotency-Key": key} if key else {})}
+        answer = client.open("/api/orders", method=method, headers=headers,
+                             json={"amount": "1.00"} if method == "POST" else None)
+        assert answer.status_code == status, answer.get_json()
+        called = server.received[1:]
+        assert called[0] == (method, kept_alive, key)  # dropped
+        if status == 502:
+            assert answer.get_json()["error"]["code"] == "BAD_GATEWAY"
+            assert called == [(method, kept_alive, key)] and len(server.answered) == 1
+        else:
+            assert answer.get_json() == json.loads(_DroppingHandler.BODY)
+            [(again, on, with_key)] = called[1:]  # sent once more, and seen once
+            assert (again, with_key) == (method, key) and on != kept_alive
+            assert server.answered[1:] == called[1:]
+
+
+@pytest.mark.parametrize("drops, calls_before, tries", [
+    (lambda on_connection, on_server: b"", 0, 1),
+    (lambda on_connection, on_server: b"" if on_server > 1 else None, 1, 2),
+    (lambda on_connection, on_server: b"HTTP/1.1 2" if on_connection > 1 else None, 1, 1),
+], ids=["on a connection made for it", "on the new connection of a second try",
+        "on a kept-alive connection, its answer begun"])
+def test_a_request_whose_new_connection_closed_or_answer_broke_off_is_not_sent_again(
+        settings, upstreams, drops, calls_before, tries):
+    """Closed without an answer on a connection made for it, or after the first bytes of one, a
+    GET may have been carried out (and its failure is no kept-alive connection's): 502, and not
+    sent again (nor a second time, once sent again after a kept-alive connection was closed on
+    it)."""
+    with _dropping(settings, drops) as (client, server):
+        _, auth = _sign_up(client)
+        for _ in range(calls_before):
+            assert client.get("/api/orders", headers=auth).status_code == 200
+        answer = client.get("/api/orders", headers=auth)
+        assert answer.status_code == 502
+        assert answer.get_json()["error"]["code"] == "BAD_GATEWAY"
+        sent = server.received[calls_before:]
+        assert len(sent) == tries, sent
+        assert len({port for _, port, _ in sent}) == tries  # each on a new connection
+
+
 def test_past_the_rate_limit_a_user_gets_429_with_retry_after(settings, upstreams, gateway,
                                                               monkeypatch):
     # Windows of an hour: the test's requests must not straddle two, as a minute's can.
