@@ -1,0 +1,179 @@
+"""Calling the services over HTTP: one pooled requests session per thread, one deadline for the
+whole of each call, and a request that a kept-alive connection was closed on sent once more where
+that is safe.
+
+"Too slow" is one deadline for the whole call (UPSTREAM_TIMEOUT_SECONDS, as over gRPC), its
+connection, its answer's headers and its body, each read waiting only for what is left of it: a
+read timeout alone starts again with each byte, so an answer dripping a byte a second held the
+gateway's thread, and its client, for as long as it dripped. The connection of an answer cut off
+is closed, never pooled.
+
+Connections are kept alive and pooled, and a service closes one idle past its keep-alive (2 s,
+gunicorn's default) whenever it likes: just as the gateway sends a request on it, say, and the
+request then fails before a byte of an answer comes, though the service has most likely not seen
+it. A request that fails so on a connection that carried one before is sent once more, on a new
+connection, within the same deadline, where that is safe: a GET, or a POST with an
+Idempotency-Key (the service answers a repeat with the first answer). A POST without one fails,
+as does a request closed without an answer on a connection made for it, or after a byte of one:
+the service may have carried it out.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import logging
+import threading
+import time
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ProtocolError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_SECONDS = 1.0
+
+_sessions = threading.local()
+
+
+class _Call(threading.local):
+    """The call this thread is making: each thread has a session of its own (below), so the
+    connections of its pools carry this thread's calls only."""
+
+    deadline: float | None = None  # time.monotonic() by which the whole answer is read
+    kept_alive = False  # its request went on a connection that had carried one before
+    answered = False  # a byte of an answer to it came
+
+    def begin(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.kept_alive = self.answered = False
+
+
+_call = _Call()
+
+
+class _ReadAgainstTheDeadline(io.RawIOBase):
+    """An answer's reads off its connection's socket, each waiting at most for what is left of
+    the call's deadline (TimeoutError once it has passed), where each waited the read timeout."""
+
+    def __init__(self, raw: io.RawIOBase, sock):
+        super().__init__()
+        self._raw, self._sock = raw, sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int | None:
+        if _call.deadline is not None:
+            left = _call.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the call's deadline has passed")
+            self._sock.settimeout(left)
+        received = self._raw.readinto(buffer)
+        if received:
+            _call.answered = True
+        return received
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _AnswerAgainstTheDeadline(http.client.HTTPResponse):
+    """http.client's answer (status line, headers, body: urllib3 reads it all through this),
+    reading against the call's deadline."""
+
+    def __init__(self, sock, *args, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        # The socket's own file, unread yet, taken from its buffer and read through the deadline.
+        self.fp = io.BufferedReader(_ReadAgainstTheDeadline(self.fp.detach(), sock))
+
+
+class _TellingIfKeptAlive:
+    """A connection telling the call whether its request went on a socket that had carried one
+    before (kept alive, from the pool) or on one made for it."""
+
+    response_class = _AnswerAgainstTheDeadline
+    _carried = 0  # requests sent on its socket
+
+    def connect(self) -> None:
+        super().connect()
+        self._carried = 0
+
+    def request(self, *args, **kwargs) -> None:
+        # (Over HTTP a connection made for the request connects inside super().request.)
+        _call.kept_alive = self.sock is not None and self._carried > 0
+        _call.answered = False
+        super().request(*args, **kwargs)
+        self._carried += 1
+
+
+class _Connection(_TellingIfKeptAlive, HTTPConnection):
+    pass
+
+
+class _TLSConnection(_TellingIfKeptAlive, HTTPSConnection):
+    pass
+
+
+class _Pool(HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
+class _Adapter(HTTPAdapter):
+    """requests' adapter, its pools making the connections above."""
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+
+
+def _http() -> requests.Session:
+    # One pooled session per thread: requests' Session is not meant to be shared across threads.
+    if not hasattr(_sessions, "session"):
+        session = requests.Session()
+        for scheme in ("http://", "https://"):
+            session.mount(scheme, _Adapter())
+        _sessions.session = session
+    return _sessions.session
+
+
+def send(service: str, method: str, url: str, *, deadline_seconds: float, safe_to_repeat: bool,
+         **kwargs) -> requests.Response:
+    """The request sent to `service`, and its whole answer, within `deadline_seconds` (else
+    requests' Timeout, or its ConnectionError around urllib3's ReadTimeoutError once the answer
+    has begun); sent once more, on a new connection, when a kept-alive connection it went on was
+    closed before a byte of an answer came, if it is `safe_to_repeat` (within the same deadline).
+    `kwargs` go to requests."""
+    _call.begin(deadline_seconds)
+    try:
+        return _sent(service, method, url, safe_to_repeat,
+                     timeout=(CONNECT_TIMEOUT_SECONDS, deadline_seconds), **kwargs)
+    finally:
+        _call.deadline = None
+
+
+def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
+          **kwargs) -> requests.Response:
+    try:
+        return _http().request(method, url, **kwargs)
+    except requests.ConnectionError as exc:
+        if not (safe_to_repeat and exc.args and isinstance(exc.args[0], ProtocolError)
+                and _call.kept_alive and not _call.answered):
+            raise
+        # urllib3 has closed that connection, and the thread's pool holds no other (one call at
+        # a time), so the next request connects afresh.
+        log.info("%s closed a kept-alive connection without answering (%r): sending the request"
+                 " again on a new one", service, exc)
+    return _http().request(method, url, **kwargs)
