@@ -59,7 +59,7 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
         upstream = send(
             service, request.method, f"{base}{path}",
             deadline_seconds=settings.upstream_timeout_seconds,
-            safe_to_repeat=request.method == "GET" or key is not None,
+            safe_to_repeat=request.method in ("GET", "HEAD") or key is not None,
             params=query, data=body, headers=headers, allow_redirects=False)
     except requests.ConnectionError as exc:
         if exc.args and isinstance(exc.args[0], ReadTimeoutError):

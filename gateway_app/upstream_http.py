@@ -11,11 +11,12 @@ is closed, never pooled.
 Connections are kept alive and pooled, and a service closes one idle past its keep-alive (2 s,
 gunicorn's default) whenever it likes: just as the gateway sends a request on it, say, and the
 request then fails before a byte of an answer comes, though the service has most likely not seen
-it. A request that fails so on a connection that carried one before is sent once more, on a new
-connection, within the same deadline, where that is safe: a GET, or a POST with an
-Idempotency-Key (the service answers a repeat with the first answer). A POST without one fails,
-as does a request closed without an answer on a connection made for it, or after a byte of one:
-the service may have carried it out.
+it. A request that fails so, at once, on a connection that carried one before is sent once more,
+on a new connection, within what is left of the deadline, where that is safe: a GET (or HEAD), or
+a POST with an Idempotency-Key (the service answers a repeat with the first answer). A POST
+without one fails, as does a request closed without an answer on a connection made for it, after
+a byte of one, or only after a while (the service held it first): the service may have carried it
+out. The connections are the services' own, never through a proxy the environment names.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ from urllib3.exceptions import ProtocolError
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 1.0
+# A kept-alive connection the service had closed before the request came on it fails the request
+# at once (the close was there first). One that fails later was closed after the service may have
+# read the request (held it, then died): that request is not sent again.
+CLOSED_AT_ONCE_SECONDS = 0.1
+# The least of the call's deadline left that is worth a second try.
+SECOND_TRY_NEEDS_SECONDS = 0.05
 
 _sessions = threading.local()
 
@@ -45,6 +52,7 @@ class _Call(threading.local):
 
     deadline: float | None = None  # time.monotonic() by which the whole answer is read
     kept_alive = False  # its request went on a connection that had carried one before
+    sent_at = 0.0  # time.monotonic() when its request was sent
     answered = False  # a byte of an answer to it came
 
     def begin(self, seconds: float) -> None:
@@ -93,6 +101,8 @@ class _AnswerAgainstTheDeadline(http.client.HTTPResponse):
     def __init__(self, sock, *args, **kwargs):
         super().__init__(sock, *args, **kwargs)
         # The socket's own file, unread yet, taken from its buffer and read through the deadline.
+        # (http.client makes `fp` as sock.makefile("rb") and reads nothing of it in __init__: the
+        # versions pinned do; the drip tests fail if that changes.)
         self.fp = io.BufferedReader(_ReadAgainstTheDeadline(self.fp.detach(), sock))
 
 
@@ -112,6 +122,7 @@ class _TellingIfKeptAlive:
         _call.kept_alive = self.sock is not None and self._carried > 0
         _call.answered = False
         super().request(*args, **kwargs)
+        _call.sent_at = time.monotonic()
         self._carried += 1
 
 
@@ -143,6 +154,9 @@ def _http() -> requests.Session:
     # One pooled session per thread: requests' Session is not meant to be shared across threads.
     if not hasattr(_sessions, "session"):
         session = requests.Session()
+        # The services are reached directly, whatever proxy the environment names: through one,
+        # requests would make its connections with urllib3's own classes, not those above.
+        session.trust_env = False
         for scheme in ("http://", "https://"):
             session.mount(scheme, _Adapter())
         _sessions.session = session
@@ -159,7 +173,8 @@ def send(service: str, method: str, url: str, *, deadline_seconds: float, safe_t
     _call.begin(deadline_seconds)
     try:
         return _sent(service, method, url, safe_to_repeat,
-                     timeout=(CONNECT_TIMEOUT_SECONDS, deadline_seconds), **kwargs)
+                     timeout=(min(CONNECT_TIMEOUT_SECONDS, deadline_seconds), deadline_seconds),
+                     **kwargs)
     finally:
         _call.deadline = None
 
@@ -169,11 +184,16 @@ def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
     try:
         return _http().request(method, url, **kwargs)
     except requests.ConnectionError as exc:
+        failed_at = time.monotonic()
+        left = _call.deadline - failed_at
         if not (safe_to_repeat and exc.args and isinstance(exc.args[0], ProtocolError)
-                and _call.kept_alive and not _call.answered):
+                and _call.kept_alive and not _call.answered
+                and failed_at - _call.sent_at < CLOSED_AT_ONCE_SECONDS
+                and left > SECOND_TRY_NEEDS_SECONDS):
             raise
         # urllib3 has closed that connection, and the thread's pool holds no other (one call at
-        # a time), so the next request connects afresh.
+        # a time), so the next request connects afresh, within what is left of the deadline.
         log.info("%s closed a kept-alive connection without answering (%r): sending the request"
                  " again on a new one", service, exc)
-    return _http().request(method, url, **kwargs)
+    return _http().request(method, url, **{
+        **kwargs, "timeout": (min(CONNECT_TIMEOUT_SECONDS, left), left)})

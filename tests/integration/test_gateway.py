@@ -517,18 +517,27 @@ def test_a_request_whose_kept_alive_connection_closed_unanswered_is_sent_again_i
             assert server.answered[1:] == called[1:]
 
 
+def _kept_alive_held_then_dropped(on_connection: int, on_server: int) -> bytes | None:
+    if on_connection == 1:
+        return None
+    time.sleep(0.3)  # (the service read the request, and held it: then its worker died, say)
+    return b""
+
+
 @pytest.mark.parametrize("drops, calls_before, tries", [
     (lambda on_connection, on_server: b"", 0, 1),
     (lambda on_connection, on_server: b"" if on_server > 1 else None, 1, 2),
     (lambda on_connection, on_server: b"HTTP/1.1 2" if on_connection > 1 else None, 1, 1),
+    (_kept_alive_held_then_dropped, 1, 1),
 ], ids=["on a connection made for it", "on the new connection of a second try",
-        "on a kept-alive connection, its answer begun"])
+        "on a kept-alive connection, its answer begun",
+        "on a kept-alive connection, not at once"])
 def test_a_request_whose_new_connection_closed_or_answer_broke_off_is_not_sent_again(
         settings, upstreams, drops, calls_before, tries):
-    """Closed without an answer on a connection made for it, or after the first bytes of one, a
-    GET may have been carried out (and its failure is no kept-alive connection's): 502, and not
-    sent again (nor a second time, once sent again after a kept-alive connection was closed on
-    it)."""
+    """Closed without an answer on a connection made for it, after the first bytes of one, or
+    only after the service held it a while, a GET may have been carried out (and its failure is
+    no kept-alive connection's): 502, and not sent again (nor a second time, once sent again after
+    a kept-alive connection was closed on it)."""
     with _dropping(settings, drops) as (client, server):
         _, auth = _sign_up(client)
         for _ in range(calls_before):
@@ -539,6 +548,49 @@ def test_a_request_whose_new_connection_closed_or_answer_broke_off_is_not_sent_a
         sent = server.received[calls_before:]
         assert len(sent) == tries, sent
         assert len({port for _, port, _ in sent}) == tries  # each on a new connection
+
+
+def test_the_services_are_called_directly_whatever_proxy_the_environment_names(
+        settings, upstreams, monkeypatch):
+    """Through a proxy, requests would make its connections with urllib3's own classes: no
+    deadline for the whole call, no second try. (Here the proxy named answers nothing.)"""
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with _dropping(settings, lambda on_connection, on_server: None) as (client, server):
+        _, auth = _sign_up(client)
+        assert client.get("/api/orders", headers=auth).status_code == 200
+        assert len(server.answered) == 1
+
+
+def test_a_deadline_shorter_than_the_connect_timeout_holds_for_the_connect_too(
+        settings, upstreams):
+    """A service whose connections hang as they are made (its listen queue full): unreachable,
+    503, at the deadline (0.5 s here), not at the connect timeout's 1 s."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = []  # connections the listener never accepts, until one can no longer be made
+    try:
+        while True:
+            try:
+                queued.append(socket.create_connection(("127.0.0.1", port), timeout=0.2))
+            except OSError:
+                break
+        client = _gateway(settings, orders_service_url=f"http://127.0.0.1:{port}",
+                          upstream_timeout_seconds=0.5)
+        _, auth = _sign_up(client)
+        started = time.monotonic()
+        answer = client.get("/api/orders", headers=auth)
+        took = time.monotonic() - started
+        assert answer.status_code == 503, answer.get_json()
+        assert took < 0.9, f"{took:.2f} s"  # (1 s before)
+    finally:
+        for connection in queued:
+            connection.close()
+        listener.close()
 
 
 def test_past_the_rate_limit_a_user_gets_429_with_retry_after(settings, upstreams, gateway,
