@@ -10,7 +10,8 @@ from orders_app.schemas import (GET_ORDER_ERRORS, LIST_ORDERS_ERRORS, PLACE_ORDE
                                 PlaceOrderSchema)
 from shared.documented_errors import SERVICE_OPERATION_ERRORS
 from shared.http_api import Blueprint
-from shared.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotency_key_from_request
+from shared.idempotency import (IDEMPOTENCY_KEY_PARAMETER, REPLAYED_RESPONSE_HEADERS,
+                                idempotency_key_from_request)
 
 blueprint = Blueprint("orders", __name__, url_prefix="/orders", description="Place and read orders",
                       errors=SERVICE_OPERATION_ERRORS)
@@ -19,7 +20,7 @@ blueprint = Blueprint("orders", __name__, url_prefix="/orders", description="Pla
 @blueprint.post("")
 @blueprint.arguments(PlaceOrderSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
-@blueprint.response(202, OrderSchema)
+@blueprint.response(202, OrderSchema, headers=REPLAYED_RESPONSE_HEADERS)
 @blueprint.errors(*PLACE_ORDER_ERRORS)
 def place_order(args):
     """Place an order; its payment is asked for asynchronously."""

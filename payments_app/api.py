@@ -9,7 +9,8 @@ from payments_app.schemas import (BALANCE_ERRORS, DEPOSIT_ERRORS, OPEN_ACCOUNT_E
                                   AccountSchema, DepositSchema, EmptySchema)
 from shared.documented_errors import SERVICE_OPERATION_ERRORS
 from shared.http_api import Blueprint
-from shared.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotency_key_from_request
+from shared.idempotency import (IDEMPOTENCY_KEY_PARAMETER, REPLAYED_RESPONSE_HEADERS,
+                                idempotency_key_from_request)
 
 blueprint = Blueprint("accounts", __name__, url_prefix="/accounts",
                       description="Accounts, deposits and balances",
@@ -28,7 +29,7 @@ def open_account(_args):
 @blueprint.post("/deposit")
 @blueprint.arguments(DepositSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
-@blueprint.response(200, AccountSchema)
+@blueprint.response(200, AccountSchema, headers=REPLAYED_RESPONSE_HEADERS)
 @blueprint.errors(*DEPOSIT_ERRORS)
 def deposit(args):
     """Top up the caller's account."""

@@ -1,6 +1,7 @@
 """Serving a service's operations over gRPC, next to its HTTP API and calling the same endpoint
 functions: identity from gateway-signed call metadata, the request id bound for the call, errors
-turned into gRPC status codes that carry the HTTP status, code and details the HTTP API would give.
+turned into gRPC status codes that carry the HTTP status, code and details the HTTP API would give,
+and a replayed answer marked in the trailers as the HTTP API marks it in a header.
 
     python -m shared.grpc_server orders      # listens on ORDERS_GRPC_BIND, with reflection
 """
@@ -29,7 +30,7 @@ from marshmallow import ValidationError
 from shared.config import get_settings
 from shared.db import CallerGaveUp, caller_waits_until
 from shared.errors import DATABASE_ERRORS, ApiError, database_error
-from shared.idempotency import checked_idempotency_key
+from shared.idempotency import answer_was_replayed, checked_idempotency_key
 from shared.identity import authenticated_user_id
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, request_id_bound,
                                     sane_request_id)
@@ -41,6 +42,9 @@ HTTP_STATUS_KEY = "hseshop-http-status"
 ERROR_CODE_KEY = "hseshop-error-code"
 ERROR_DETAILS_KEY = "hseshop-error-details"
 RETRY_AFTER_KEY = "hseshop-retry-after"  # only when the HTTP answer would carry Retry-After
+# Trailing metadata of a call answered with a replay (shared.idempotency), "true": where the HTTP
+# answer carries Idempotent-Replayed: true.
+REPLAYED_KEY = "hseshop-idempotent-replayed"
 
 # Keepalive between the gateway's channels and these servers. A connection to a service that went
 # silent (its host gone without a word, as when a container is replaced and its address with it)
@@ -157,7 +161,10 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
             if isinstance(request, UndecodableRequest):
                 raise ApiError("The request is not a valid message of its type.",
                                code="MALFORMED_REQUEST", details={"message": [request.error]})
-            return operation(user_id)
+            reply = operation(user_id)
+            if answer_was_replayed():
+                context.set_trailing_metadata(((REPLAYED_KEY, "true"),))
+            return reply
         except ValidationError as exc:
             _abort(context, ApiError("The request is not valid.", status=422,
                                      code="VALIDATION_ERROR", details={location: exc.messages}))

@@ -1,6 +1,11 @@
 """`Idempotency-Key` support for POST endpoints: a retry with the same key and body gets the first
 response back and changes nothing; the same key with a different body is refused with a 422.
 
+A replayed answer says so: `answer_was_replayed()` tells the transport, which answers it with
+`Idempotent-Replayed: true` (REPLAYED_HEADER, as Stripe names it; in a gRPC call's trailers), so
+that a client can tell a retry's answer from a fresh one (did the money move now, or the first
+time?). A fresh answer has no such header.
+
 The key is recorded in the same transaction as the work it guards, so a request that fails leaves
 no key behind, and two concurrent requests with one key run one after the other (the second waits
 on the first one's insert and then reads its stored response). A key is kept for
@@ -16,13 +21,14 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from flask import request
+from flask import Response as HttpResponse
+from flask import g, request
 from sqlalchemy import DateTime, Index, Integer, String, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.cache import invalidate_after_commit
-from shared.db import db
+from shared.db import after_commit, db
 from shared.errors import ApiError, Unprocessable
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -35,6 +41,16 @@ IDEMPOTENCY_KEY_PARAMETER = {
     "description": "A retry with the same key and body within a day returns the first response;"
                    f" 1 to {MAX_KEY_LENGTH} printable ASCII characters (400"
                    " INVALID_IDEMPOTENCY_KEY otherwise)."}
+
+REPLAYED_HEADER = "Idempotent-Replayed"
+# The header as the OpenAPI documents of those routes describe it, on their success response.
+REPLAYED_RESPONSE_HEADERS = {REPLAYED_HEADER: {
+    "description": f"`true` when this is the answer to an earlier request with the same"
+                   f" {IDEMPOTENCY_HEADER} and body, replayed: nothing was done this time."
+                   " Absent from a fresh answer.",
+    "schema": {"type": "string", "enum": ["true"]}}}
+# Where the answer of the request (or gRPC call) under way is marked replayed: its app context.
+_REPLAYED_MARK = "hseshop_idempotent_replayed"
 
 
 class IdempotencyKey(db.Model):
@@ -89,6 +105,7 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
     after the commit (its use case registers that); a replay invalidates it again. The first
     request's invalidation is lost when its commit's answer is (a 503 for a commit that went
     through), and the retry that finds the change must not leave the reads cached from before it.
+    A replay marks the answer replayed once its transaction has committed (answer_was_replayed).
     """
     if key is None:
         return respond()
@@ -109,6 +126,7 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
                 code="IDEMPOTENCY_KEY_REUSED",
             )
         invalidate_after_commit(session, invalidates)
+        after_commit(session, _mark_replayed)  # (a commit that fails answers an error instead)
         return earlier.response_body, earlier.response_status
     body, status = respond()
     session.execute(
@@ -118,6 +136,25 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
         .values(response_status=status, response_body=body)
     )
     return body, status
+
+
+def _mark_replayed() -> None:
+    setattr(g, _REPLAYED_MARK, True)
+
+
+def answer_was_replayed() -> bool:
+    """Whether the answer of the request (or gRPC call) under way is one `run_idempotently`
+    replayed, its transaction committed; the mark is taken off as it is read, so that a later
+    request in the same app context (a test's) is not taken for a replay."""
+    return bool(g.pop(_REPLAYED_MARK, False))
+
+
+def say_if_replayed(response: HttpResponse) -> HttpResponse:
+    """An HTTP answer marked `Idempotent-Replayed: true` if it was replayed (every app's
+    after_request: shared.app)."""
+    if answer_was_replayed():
+        response.headers[REPLAYED_HEADER] = "true"
+    return response
 
 
 def _claim(session: Session, user_id: str, endpoint: str, key: str, request_hash: str) -> bool:

@@ -1,5 +1,6 @@
-"""Reading an OpenAPI document as a client does (the errors each operation says it can answer, and
-whether an answer it gave is one of them), and asking its operations by their documented paths."""
+"""Reading an OpenAPI document as a client does (the errors each operation says it can answer, the
+headers it says its answers carry, and whether an answer it gave is one of them), and asking its
+operations by their documented paths."""
 
 from __future__ import annotations
 
@@ -85,8 +86,7 @@ def assert_documented(spec: dict, method: str, path: str, answer) -> tuple[int, 
     assert status in documented, (method, path, status, code)
     assert documented[status]["content"]["application/json"]["schema"] == ERROR_SCHEMA
     assert code in codes_named(documented[status]), (method, path, status, code)
-    if "Retry-After" in answer.headers:
-        assert "Retry-After" in documented[status].get("headers", {}), (method, path, status)
+    assert_headers_documented(spec, method, path, answer)
     return status, code
 
 
@@ -101,6 +101,27 @@ def assert_answered_as_documented(spec: dict, method: str, path: str, answer) ->
     validate(answer.get_json(), {**schema, "components": spec["components"]},
              cls=OAS30ReadValidator)
     return answer.status_code
+
+
+# The headers an answer carries only where its operation's document gives them for its status
+# (the others are every answer's: Content-Type, X-Request-ID).
+DOCUMENTED_HEADERS = ("Retry-After", "Idempotent-Replayed")
+
+
+def assert_headers_documented(spec: dict, method: str, path: str, answer) -> None:
+    """That each of DOCUMENTED_HEADERS that `answer`, an answer of the operation `method path`,
+    carries is documented for its status."""
+    response = spec["paths"][path][method]["responses"].get(str(answer.status_code), {})
+    for name in DOCUMENTED_HEADERS:
+        if name in answer.headers:
+            assert name in response.get("headers", {}), (method, path, answer.status_code, name)
+
+
+def responses_documenting(spec: dict, header: str) -> set[tuple[str, str, int]]:
+    """Each response (method, path, status) whose document gives `header`."""
+    return {(method, path, int(status)) for method, path in operations(spec)
+            for status, response in spec["paths"][path][method]["responses"].items()
+            if header in response.get("headers", {})}
 
 
 def asked(client, method: str, path: str, body=None, headers=None, **kwargs):

@@ -21,13 +21,15 @@ from payments_app.models import Account
 from shared.config import ENVIRONMENT, get_settings
 from shared.contracts import FAILURE_REASONS
 from shared.db import db, transaction
+from shared.idempotency import REPLAYED_HEADER
 from shared.internal_auth import identity_headers
 from shared.kafka import broker_reachable
 from shared.money import MAX_BALANCE
 from shared.outbox import OutboxMessage
 from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_described,
-                                 assert_documented, asked, codes_named, documented_answers,
-                                 documented_errors, operations, with_a_body_in_chunks)
+                                 assert_documented, assert_headers_documented, asked, codes_named,
+                                 documented_answers, documented_errors, operations,
+                                 responses_documenting, with_a_body_in_chunks)
 from tests.postgres_tools import (account_row_held, no_connection_free,
                                   second_waiting_on_the_first, terminate_backend)
 
@@ -416,8 +418,55 @@ def test_a_deposit_sent_again_while_the_first_is_in_flight_waits_for_it_and_repl
 
     assert answers["first"].status_code == answers["second"].status_code == 200
     assert answers["first"].get_json() == answers["second"].get_json()
+    assert REPLAYED_HEADER not in answers["first"].headers
+    assert answers["second"].headers.get(REPLAYED_HEADER) == "true"
     with payments_flask_app.app_context():
         assert db.session.get(Account, user_id).balance == Decimal("25.00")
+
+
+# The operations that honour an Idempotency-Key (by service, method and path as documented): a
+# body, the status it is answered with, and another body.
+KEYED_OPERATIONS = {
+    ("orders", "post", "/orders"): ({"amount": "7.50", "description": "pen"}, 202,
+                                    {"amount": "7.51", "description": "pen"}),
+    ("payments", "post", "/accounts/deposit"): ({"amount": "25"}, 200, {"amount": "26"}),
+}
+
+
+@pytest.mark.parametrize("service, method, path", KEYED_OPERATIONS)
+def test_a_replayed_answer_says_so_and_a_fresh_one_does_not(orders_http, payments_http, user_id,
+                                                           service, method, path):
+    """`Idempotent-Replayed: true` on the answer to a repeat with the same key and body (the first
+    answer's status and body, the work done once), and on no other: not on the first answer, nor
+    on the 422 for the key reused with another body; as the service's document gives it."""
+    client = {"orders": orders_http, "payments": payments_http}[service]
+    body, status, other = KEYED_OPERATIONS[service, method, path]
+    assert payments_http.post("/accounts", headers=_as(user_id)).status_code == 201
+    keyed = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
+    first = asked(client, method, path, body, headers=keyed)
+    again = asked(client, method, path, body, headers=keyed)
+    reused = asked(client, method, path, other, headers=keyed)
+
+    assert first.status_code == status and REPLAYED_HEADER not in first.headers
+    assert again.headers.get(REPLAYED_HEADER) == "true"
+    assert (again.status_code, again.get_json()) == (status, first.get_json())
+    assert _assert_error(reused, 422)["code"] == "IDEMPOTENCY_KEY_REUSED"
+    assert REPLAYED_HEADER not in reused.headers
+    unkeyed = asked(client, method, path, body, headers=_as(user_id))
+    assert unkeyed.status_code == status and REPLAYED_HEADER not in unkeyed.headers
+    spec = client.get("/docs/openapi.json").get_json()
+    for answer in (first, again, reused, unkeyed):
+        assert_headers_documented(spec, method, path, answer)
+
+
+def test_the_replayed_header_is_documented_where_answers_are_replayed_and_nowhere_else(
+        orders_http, payments_http):
+    """On the success response of each operation that honours a key, none other."""
+    for service, client in (("orders", orders_http), ("payments", payments_http)):
+        spec = client.get("/docs/openapi.json").get_json()
+        assert responses_documenting(spec, REPLAYED_HEADER) == {
+            (method, path, status) for (owner, method, path), (_, status, _) in
+            KEYED_OPERATIONS.items() if owner == service}, service
 
 
 @pytest.mark.parametrize("service", ["orders", "payments"])
