@@ -1,5 +1,6 @@
 """Routing /api/... to the service that owns it, passing method, body, query, status and the
-Idempotency-Key through, with the caller's identity signed by the gateway and the request id.
+Idempotency-Key through (and a replayed answer's Idempotent-Replayed back), with the caller's
+identity signed by the gateway and the request id.
 
 A service that cannot be reached answers 503, one too slow 504 (one deadline for the whole call,
 gateway_app/upstream_http.py), one that fails (or refuses the gateway's signed identity, or answers
@@ -20,13 +21,13 @@ from webargs.flaskparser import is_json_request
 
 from gateway_app.upstream_http import send
 from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
-from shared.idempotency import IDEMPOTENCY_HEADER, idempotency_key_from_request
+from shared.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, idempotency_key_from_request
 from shared.internal_auth import identity_headers
 from shared.request_context import REQUEST_ID_HEADER, current_request_id
 
 log = logging.getLogger(__name__)
 
-FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Retry-After")
+FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Retry-After", REPLAYED_HEADER)
 
 
 def forward(service: str, path: str, idempotent: bool = False) -> Response:

@@ -19,7 +19,8 @@ from payments_app.schemas import (BALANCE_ERRORS, DEPOSIT_ERRORS, OPEN_ACCOUNT_E
 from shared.documented_errors import (BAD_GATEWAY, DATABASE_UNAVAILABLE_OR_BUSY,
                                       SERVICE_UNAVAILABLE, UPSTREAM_TIMEOUT)
 from shared.http_api import Blueprint
-from shared.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotency_key_from_request
+from shared.idempotency import (IDEMPOTENCY_KEY_PARAMETER, REPLAYED_RESPONSE_HEADERS,
+                                idempotency_key_from_request)
 from shared.money import format_amount
 
 # What a call to a service can end in, over either transport: the service failing, unreachable
@@ -38,13 +39,14 @@ def _over_http() -> bool:
 
 
 def _grpc(service: str, method: str, body: dict[str, Any], status: int):
-    return jsonify(upstream_grpc.call(service, method, body)), status
+    reply, headers = upstream_grpc.call(service, method, body)
+    return jsonify(reply), status, headers
 
 
 @blueprint.post("/orders")
 @blueprint.arguments(PlaceOrderSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
-@blueprint.response(202, OrderSchema,
+@blueprint.response(202, OrderSchema, headers=REPLAYED_RESPONSE_HEADERS,
                     description="Accepted; the payment is asked for asynchronously")
 @blueprint.errors(*PLACE_ORDER_ERRORS)
 def place_order(args):
@@ -95,7 +97,7 @@ def open_account(_args):
 @blueprint.post("/accounts/deposit")
 @blueprint.arguments(DepositSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
-@blueprint.response(200, AccountSchema)
+@blueprint.response(200, AccountSchema, headers=REPLAYED_RESPONSE_HEADERS)
 @blueprint.errors(*DEPOSIT_ERRORS)
 def deposit(args):
     """Top up the signed-in user's account."""

@@ -1,7 +1,7 @@
 """Calling the services over gRPC: one channel per service per process (a connection gone silent
 found out by keepalive pings), the caller's identity and request id in the call metadata, a
 deadline on every call, and gRPC failures mapped back to the HTTP errors the services' HTTP APIs
-would have given."""
+would have given (a replayed answer's mark too: Idempotent-Replayed)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from flask import current_app, g
 from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.grpc_messages import to_body, to_message
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
-                                RETRY_AFTER_KEY, channel_options)
+                                REPLAYED_KEY, RETRY_AFTER_KEY, channel_options)
+from shared.idempotency import REPLAYED_HEADER
 from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc, payments_pb2, payments_pb2_grpc
 from shared.request_context import REQUEST_ID_HEADER, current_request_id
@@ -46,19 +47,24 @@ def _stub(service: str):
         return _stubs[(service, target)]
 
 
-def call(service: str, method: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Call `method` of `service` with a request built from `body`; the reply as a JSON body."""
+def call(service: str, method: str,
+         body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Call `method` of `service` with a request built from `body`: the reply as a JSON body, and
+    the headers the HTTP API would have answered it with beside its Content-Type (what the
+    reply's trailers say: Idempotent-Replayed)."""
     settings = current_app.extensions["hseshop.settings"]
     metadata = [(name.lower(), value) for name, value in
                 identity_headers(g.user_id, settings.internal_auth_secret).items()]
     metadata.append((REQUEST_ID_HEADER.lower(), current_request_id() or ""))
     request = to_message(REQUEST_TYPES[(service, method)], body)
     try:
-        reply = getattr(_stub(service), method)(
+        reply, answered = getattr(_stub(service), method).with_call(
             request, metadata=metadata, timeout=settings.upstream_timeout_seconds)
     except grpc.RpcError as exc:
         raise _http_error(service, exc) from None
-    return to_body(reply)
+    trailers = dict(answered.trailing_metadata() or ())
+    return to_body(reply), ({REPLAYED_HEADER: "true"} if trailers.get(REPLAYED_KEY) == "true"
+                            else {})
 
 
 def _http_error(service: str, exc: grpc.RpcError) -> ApiError:

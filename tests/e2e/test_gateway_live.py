@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from simple_websocket import ConnectionClosed
 
 from gateway_app.notifications import SOCKET_RECHECK_SECONDS
+from shared.idempotency import REPLAYED_HEADER
 from tests.e2e.gateway_client import GatewayClient
 from tests.network_tools import WebSocketClient
 from tests.polling import wait_for
@@ -21,6 +22,39 @@ def second_gateway(stack):
     process, url = stack.start_gateway_instance("gateway-2")
     yield url
     process.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway_over_http(stack):
+    """A gateway instance that reaches the services over HTTP (the stack's own uses gRPC)."""
+    process, url = stack.start_gateway_instance("gateway-http",
+                                                {"GATEWAY_UPSTREAM_TRANSPORT": "http"})
+    yield url
+    process.stop()
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_a_retried_top_up_and_order_are_answered_as_replays(stack, gateway_over_http, transport):
+    """Through the front door, over either transport: a repeat with the same key and body gets the
+    first answer with `Idempotent-Replayed: true`, and the money moved once; the first answer,
+    and the 422 for the key reused with another body, carry no such header."""
+    shopper = GatewayClient(stack.gateway_url if transport == "grpc" else gateway_over_http)
+    shopper.api("POST", "/accounts", 201)
+    for path, body, status, other in (
+            ("/accounts/deposit", {"amount": "40"}, 200, {"amount": "41"}),
+            ("/orders", {"amount": "5"}, 202, {"amount": "6"})):
+        key = {"Idempotency-Key": f"{transport}-{uuid.uuid4()}"}
+        first, again, reused = [
+            shopper.http.post(f"{shopper.url}/api{path}", json=sent, headers=key, timeout=10)
+            for sent in (body, body, other)]
+        assert first.status_code == status and REPLAYED_HEADER not in first.headers, path
+        assert again.headers.get(REPLAYED_HEADER) == "true", path
+        assert (again.status_code, again.json()) == (status, first.json()), path
+        assert reused.status_code == 422, path
+        assert reused.json()["error"]["code"] == "IDEMPOTENCY_KEY_REUSED", path
+        assert REPLAYED_HEADER not in reused.headers, path
+    assert shopper.api("GET", "/accounts/balance", 200)["balance"] in ("40.00", "35.00")
+    assert len(shopper.api("GET", "/orders", 200)["items"]) == 1
 
 
 def test_a_shopper_signs_up_tops_up_orders_and_is_told_the_moment_it_finishes(stack):

@@ -34,12 +34,14 @@ from payments_app.models import Account
 from shared.app import MAX_REQUEST_BYTES
 from shared.contracts import ORDER_STATUS_CHANGED, new_event
 from shared.db import db, driver_dsn, transaction
+from shared.idempotency import REPLAYED_HEADER
 from shared.inbox import ReceivedEvent, StoredMessage
 from shared.money import MAX_BALANCE
 from tests.network_tools import HoldingProxy, WebSocketClient
 from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_described,
-                                 assert_documented, asked, codes_named, documented_answers,
-                                 documented_errors, operations, with_a_body_in_chunks)
+                                 assert_documented, assert_headers_documented, asked, codes_named,
+                                 documented_answers, documented_errors, operations,
+                                 responses_documenting, with_a_body_in_chunks)
 from tests.polling import wait_for
 from tests.postgres_tools import no_connection_free
 
@@ -251,6 +253,47 @@ def test_requests_pass_through_with_method_body_query_status_and_idempotency_key
     assert bad.status_code == 422 and bad.get_json()["error"]["code"] == "VALIDATION_ERROR"
     missing = gateway.get(f"/api/orders/{uuid.uuid4()}", headers=auth)
     assert missing.status_code == 404
+
+
+# The operations that honour an Idempotency-Key (by method and path as documented): a body, the
+# status it is answered with, and another body.
+KEYED_OPERATIONS = {
+    ("post", "/api/orders"): ({"amount": "5", "description": "pen"}, 202,
+                              {"amount": "6", "description": "pen"}),
+    ("post", "/api/accounts/deposit"): ({"amount": "40"}, 200, {"amount": "41"}),
+}
+
+
+def assert_replays_said_so(client) -> None:
+    """Through the gateway `client`, for each operation that honours a key: the answer to a repeat
+    with the same key and body is the first's, status and body, with `Idempotent-Replayed: true`;
+    the first answer, the 422 for the key reused with another body and an answer without a key
+    carry no such header; each answer's headers as the gateway's document gives them. (Both
+    transports: tests/integration/test_grpc.py asks over gRPC.)"""
+    spec = client.get("/docs/openapi.json").get_json()
+    _, auth = _sign_up(client)
+    assert client.post("/api/accounts", headers=auth).status_code == 201
+    for (method, path), (body, status, other) in KEYED_OPERATIONS.items():
+        keyed = {**auth, "Idempotency-Key": str(uuid.uuid4())}
+        first = asked(client, method, path, body, headers=keyed)
+        again = asked(client, method, path, body, headers=keyed)
+        reused = asked(client, method, path, other, headers=keyed)
+        unkeyed = asked(client, method, path, body, headers=auth)
+        assert first.status_code == status and REPLAYED_HEADER not in first.headers, path
+        assert again.headers.get(REPLAYED_HEADER) == "true", path
+        assert (again.status_code, again.get_json()) == (status, first.get_json()), path
+        assert reused.status_code == 422, path
+        assert reused.get_json()["error"]["code"] == "IDEMPOTENCY_KEY_REUSED", path
+        assert REPLAYED_HEADER not in reused.headers, path
+        assert unkeyed.status_code == status and REPLAYED_HEADER not in unkeyed.headers, path
+        for answer in (first, again, reused, unkeyed):
+            assert_headers_documented(spec, method, path, answer)
+    assert responses_documenting(spec, REPLAYED_HEADER) == {
+        (method, path, status) for (method, path), (_, status, _) in KEYED_OPERATIONS.items()}
+
+
+def test_a_replayed_answer_is_said_to_be_one_through_the_gateway_over_http(gateway):
+    assert_replays_said_so(gateway)
 
 
 def test_odd_client_headers_are_refused_where_they_count_and_ignored_elsewhere(gateway):

@@ -30,6 +30,7 @@ from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_K
                                 channel_options)
 from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc
+from tests.integration.test_gateway import assert_replays_said_so
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
 from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
@@ -123,6 +124,12 @@ def test_every_public_endpoint_answers_the_same_over_grpc_as_over_http(
     over_http = _story(_gateway(settings, upstreams, grpc_targets, "http"))
     assert over_grpc == over_http
     assert "ACCOUNT_EXISTS" in over_grpc and "IDEMPOTENCY_KEY_REUSED" in over_grpc
+
+
+def test_a_replayed_answer_is_said_to_be_one_through_the_gateway_over_grpc(
+        settings, upstreams, grpc_targets):  # noqa: F811
+    """The service marks the reply in its trailers; the gateway answers Idempotent-Replayed."""
+    assert_replays_said_so(_gateway(settings, upstreams, grpc_targets, "grpc"))
 
 
 class _SlowOrders(orders_pb2_grpc.OrdersServicer):
