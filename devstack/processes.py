@@ -9,8 +9,10 @@ import signal
 import subprocess
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+from devstack.leftovers import RunRecord
 
 
 def run_as(user: str | None) -> dict:
@@ -47,6 +49,7 @@ class ManagedProcess:
         self.stop_signal = stop_signal
         self._popen: subprocess.Popen | None = None
         self._stopped_on_purpose = False
+        self.on_start: Callable[[ManagedProcess], None] | None = None  # (ProcessGroup's)
 
     def start(self) -> ManagedProcess:
         """Start the process; a restart appends to the log the first start truncated."""
@@ -66,6 +69,8 @@ class ManagedProcess:
                 **run_as(self.user),
             )
         self._stopped_on_purpose = False
+        if self.on_start is not None:
+            self.on_start(self)
         return self
 
     @property
@@ -119,10 +124,14 @@ class ManagedProcess:
 class ProcessGroup:
     """The processes a program started: stopped in reverse order at exit, on SIGTERM, Ctrl-C or
     the terminal's hangup (each child runs in a session of its own, out of the terminal's reach:
-    closing the terminal must stop them too, unless the program was started to ignore it)."""
+    closing the terminal must stop them too, unless the program was started to ignore it). With
+    a `record` (begun), each process is written down in it as it starts, and the record ended once
+    all are stopped: a program killed outright (SIGKILL) could stop none, and the next to begin the
+    record stops them (devstack.leftovers)."""
 
-    def __init__(self, handle_signals: bool = True):
+    def __init__(self, handle_signals: bool = True, record: RunRecord | None = None):
         self._processes: list[ManagedProcess] = []
+        self._record = record
         atexit.register(self.stop_all)
         if handle_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -150,7 +159,14 @@ class ProcessGroup:
 
     def add(self, process: ManagedProcess) -> ManagedProcess:
         self._processes.append(process)
+        if self._record is not None:
+            process.on_start = self._note
+            if process.alive():  # (started before it was added: an embedded server found)
+                self._note(process)
         return process
+
+    def _note(self, process: ManagedProcess) -> None:
+        self._record.note(process.pid, process.stop_signal, process.name)
 
     def start(self, process: ManagedProcess) -> ManagedProcess:
         self.add(process)
@@ -160,3 +176,5 @@ class ProcessGroup:
         # Popping one at a time keeps a second Ctrl-C, arriving mid-stop, from stopping one twice.
         while self._processes:
             self._processes.pop().stop(timeout)
+        if self._record is not None:
+            self._record.end()

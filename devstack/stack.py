@@ -12,6 +12,7 @@ from pathlib import Path
 import requests
 
 from devstack import infra
+from devstack.leftovers import RunRecord
 from devstack.processes import ManagedProcess, ProcessGroup
 # Each has its own database, web app and Celery worker (with its Kafka consumer).
 from shared.config import GRPC_SERVICES, SERVICES
@@ -34,6 +35,8 @@ MIGRATIONS_TIMEOUT_SECONDS = GIVE_WAY_FOR_SECONDS + 60
 # row locks another batch holds, on a core), so more threads than cores keep batches from queueing
 # behind each other; each holds one pooled connection while it runs (shared/db.py pools 20).
 WORKER_THREADS = 16
+# The list of the processes a run has started, in its folder (devstack.leftovers).
+RUN_RECORD = "processes"
 
 
 def gunicorn_argv(port: int, app: str, threads: int = API_THREADS) -> list[str]:
@@ -131,7 +134,12 @@ class Stack:
 
     def start(self, timeout: float = 60) -> Stack:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        self._group = ProcessGroup()
+        record = RunRecord(self.run_dir / RUN_RECORD)
+        left = record.begin()
+        if left:
+            print(f"[devstack] stopped what a run killed before left running in {self.run_dir}:"
+                  f" {', '.join(left)}", file=sys.stderr, flush=True)
+        self._group = ProcessGroup(record=record)
         try:
             self._check_ports_free()
             postgres_base, redis_base = self.servers or self._find_or_start_servers()

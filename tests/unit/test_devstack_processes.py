@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from devstack.infra import free_port, port_open, wait_until
+from devstack.leftovers import RunRecord, started_at
 from devstack.logs import LogFollower
 from devstack.processes import ManagedProcess, ProcessGroup
 from devstack.stack import Stack
@@ -274,3 +275,78 @@ def test_a_make_run_that_cannot_start_leaves_the_running_ones_settings_file(tmp_
     with pytest.raises(RuntimeError, match="ports already in use"):
         make_run.run()
     assert running_ones.read_text() == "REDIS_URL=redis://127.0.0.1:40001/0\n"
+
+
+# A program that begins a run record in its folder, starts two processes under it (one with a
+# child of its own, in its group), prints their pids, then "ready", and waits.
+RECORDED_RUN = textwrap.dedent(
+    """
+    import os, time
+    from devstack.leftovers import RunRecord
+    from devstack.processes import ManagedProcess, ProcessGroup
+    record = RunRecord("processes")
+    record.begin()
+    group = ProcessGroup(record=record)
+    for name, script in (("alone", "exec sleep 300"),
+                         ("parent", "sleep 300 & echo $! > child.pid; wait")):
+        process = ManagedProcess(name, ["sh", "-c", script], os.environ, name + ".log", ".")
+        group.start(process)
+        print(process.pid, flush=True)
+    while not os.path.exists("child.pid") or not open("child.pid").read().strip():
+        time.sleep(0.01)
+    print(open("child.pid").read().strip(), flush=True)
+    print("ready", flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def _recorded_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    run = subprocess.Popen([sys.executable, "-c", RECORDED_RUN], cwd=tmp_path,
+                           stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    pids = [int(run.stdout.readline()) for _ in range(3)]
+    assert run.stdout.readline().strip() == "ready"
+    return run, pids
+
+
+def test_what_a_run_killed_outright_left_running_the_next_run_in_its_folder_stops(tmp_path):
+    run, pids = _recorded_run(tmp_path)
+    run.kill()  # (SIGKILL: no chance to stop anything)
+    run.wait(10)
+    assert not any(gone(pid) for pid in pids)  # left running
+
+    record = RunRecord(tmp_path / "processes")
+    assert sorted(record.begin()) == ["alone", "parent"]
+
+    wait_until(lambda: all(gone(pid) for pid in pids), 5, 0.02, "what was left to end")
+    record.end()
+    assert not (tmp_path / "processes").exists()
+
+
+def test_the_record_of_a_run_still_running_is_left_alone_and_ended_by_it_as_it_stops(tmp_path):
+    run, pids = _recorded_run(tmp_path)
+    try:
+        with pytest.raises(RuntimeError, match=f"another run \\(pid {run.pid}\\)"):
+            RunRecord(tmp_path / "processes").begin()
+        assert not any(gone(pid) for pid in pids)
+    finally:
+        run.terminate()
+        run.wait(10)
+    assert all(gone(pid) for pid in pids)
+    assert not (tmp_path / "processes").exists()
+
+
+def test_a_pid_since_given_to_another_process_is_not_taken_for_one_left(tmp_path):
+    """A record names each process by its pid and the moment it started: a pid of a process
+    that has ended may be another's by the next run."""
+    other = _shell(tmp_path, "exec sleep 300").start()
+    record = tmp_path / "processes"
+    record.write_text(f"{os.getpid()} 1 0 run\n"  # (started at another moment: gone)
+                      f"{other.pid} {started_at(other.pid) - 1} {signal.SIGTERM} broker\n")
+    try:
+        assert RunRecord(record).begin() == []
+        assert other.alive()
+        assert record.read_text().split()[0] == str(os.getpid())  # this run's record now
+    finally:
+        other.stop()
