@@ -314,14 +314,19 @@ def test_what_a_run_killed_outright_left_running_the_next_run_in_its_folder_stop
     run, pids = _recorded_run(tmp_path)
     run.kill()  # (SIGKILL: no chance to stop anything)
     run.wait(10)
-    assert not any(gone(pid) for pid in pids)  # left running
+    try:
+        assert not any(gone(pid) for pid in pids)  # left running
 
-    record = RunRecord(tmp_path / "processes")
-    assert sorted(record.begin()) == ["alone", "parent"]
+        record = RunRecord(tmp_path / "processes")
+        assert sorted(record.begin()) == ["alone", "parent"]
 
-    wait_until(lambda: all(gone(pid) for pid in pids), 5, 0.02, "what was left to end")
-    record.end()
-    assert not (tmp_path / "processes").exists()
+        wait_until(lambda: all(gone(pid) for pid in pids), 5, 0.02, "what was left to end")
+        record.end()
+        assert not (tmp_path / "processes").exists()
+    finally:  # (what the test leaves, if it fails)
+        for pid in pids:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_the_record_of_a_run_still_running_is_left_alone_and_ended_by_it_as_it_stops(tmp_path):
