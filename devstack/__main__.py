@@ -16,7 +16,11 @@ def run() -> int:
     env_file = REPO_ROOT / ".run" / "env"
     wrote_env_file = False  # (a run that could not start leaves a running one's file alone)
     try:
-        stack.start()
+        try:
+            stack.start()
+        except (RuntimeError, TimeoutError) as exc:  # (each says what kept it from starting)
+            print(f"[devstack] could not start: {exc}", file=sys.stderr, flush=True)
+            return 1
         stack.write_env_file(env_file)
         wrote_env_file = True
         print_urls(stack, env_file)
