@@ -17,7 +17,7 @@ from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTime
 from shared.grpc_messages import to_body, to_message
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
                                 REPLAYED_KEY, RETRY_AFTER_KEY, channel_options)
-from shared.idempotency import REPLAYED_HEADER
+from shared.idempotency import REPLAYED, REPLAYED_HEADER
 from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc, payments_pb2, payments_pb2_grpc
 from shared.request_context import REQUEST_ID_HEADER, current_request_id
@@ -63,7 +63,7 @@ def call(service: str, method: str,
     except grpc.RpcError as exc:
         raise _http_error(service, exc) from None
     trailers = dict(answered.trailing_metadata() or ())
-    return to_body(reply), ({REPLAYED_HEADER: "true"} if trailers.get(REPLAYED_KEY) == "true"
+    return to_body(reply), ({REPLAYED_HEADER: REPLAYED} if trailers.get(REPLAYED_KEY) == REPLAYED
                             else {})
 
 

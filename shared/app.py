@@ -17,7 +17,7 @@ from shared.config import Settings, get_settings
 from shared.db import init_database
 from shared.errors import ErrorSchema, register_error_handlers
 from shared.health import health_blueprint
-from shared.idempotency import say_if_replayed
+from shared.idempotency import forget_replayed_mark, say_if_replayed
 from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
 from shared.request_context import configure_logging, install_request_ids
@@ -110,6 +110,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     configure_logging()
     install_request_ids(app)
     app.before_request(refuse_an_unsized_body_over_the_limit)  # (its 413 logged with its id)
+    app.before_request(forget_replayed_mark)
     app.after_request(say_if_replayed)  # Idempotent-Replayed: true on a replayed answer
     return app
 

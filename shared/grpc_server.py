@@ -30,7 +30,7 @@ from marshmallow import ValidationError
 from shared.config import get_settings
 from shared.db import CallerGaveUp, caller_waits_until
 from shared.errors import DATABASE_ERRORS, ApiError, database_error
-from shared.idempotency import answer_was_replayed, checked_idempotency_key
+from shared.idempotency import REPLAYED, checked_idempotency_key, take_replayed_mark
 from shared.identity import authenticated_user_id
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, request_id_bound,
                                     sane_request_id)
@@ -42,7 +42,7 @@ HTTP_STATUS_KEY = "hseshop-http-status"
 ERROR_CODE_KEY = "hseshop-error-code"
 ERROR_DETAILS_KEY = "hseshop-error-details"
 RETRY_AFTER_KEY = "hseshop-retry-after"  # only when the HTTP answer would carry Retry-After
-# Trailing metadata of a call answered with a replay (shared.idempotency), "true": where the HTTP
+# Trailing metadata of a call answered with a replay (shared.idempotency), REPLAYED: where the HTTP
 # answer carries Idempotent-Replayed: true.
 REPLAYED_KEY = "hseshop-idempotent-replayed"
 
@@ -162,8 +162,8 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
                 raise ApiError("The request is not a valid message of its type.",
                                code="MALFORMED_REQUEST", details={"message": [request.error]})
             reply = operation(user_id)
-            if answer_was_replayed():
-                context.set_trailing_metadata(((REPLAYED_KEY, "true"),))
+            if take_replayed_mark():
+                context.set_trailing_metadata(((REPLAYED_KEY, REPLAYED),))
             return reply
         except ValidationError as exc:
             _abort(context, ApiError("The request is not valid.", status=422,

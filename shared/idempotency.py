@@ -1,7 +1,7 @@
 """`Idempotency-Key` support for POST endpoints: a retry with the same key and body gets the first
 response back and changes nothing; the same key with a different body is refused with a 422.
 
-A replayed answer says so: `answer_was_replayed()` tells the transport, which answers it with
+A replayed answer says so: `take_replayed_mark()` tells the transport, which answers it with
 `Idempotent-Replayed: true` (REPLAYED_HEADER, as Stripe names it; in a gRPC call's trailers), so
 that a client can tell a retry's answer from a fresh one (did the money move now, or the first
 time?). A fresh answer has no such header.
@@ -43,12 +43,13 @@ IDEMPOTENCY_KEY_PARAMETER = {
                    " INVALID_IDEMPOTENCY_KEY otherwise)."}
 
 REPLAYED_HEADER = "Idempotent-Replayed"
+REPLAYED = "true"  # its value (and that of the gRPC trailer that carries it)
 # The header as the OpenAPI documents of those routes describe it, on their success response.
 REPLAYED_RESPONSE_HEADERS = {REPLAYED_HEADER: {
     "description": f"`true` when this is the answer to an earlier request with the same"
                    f" {IDEMPOTENCY_HEADER} and body, replayed: nothing was done this time."
                    " Absent from a fresh answer.",
-    "schema": {"type": "string", "enum": ["true"]}}}
+    "schema": {"type": "string", "enum": [REPLAYED]}}}
 # Where the answer of the request (or gRPC call) under way is marked replayed: its app context.
 _REPLAYED_MARK = "hseshop_idempotent_replayed"
 
@@ -105,7 +106,7 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
     after the commit (its use case registers that); a replay invalidates it again. The first
     request's invalidation is lost when its commit's answer is (a 503 for a commit that went
     through), and the retry that finds the change must not leave the reads cached from before it.
-    A replay marks the answer replayed once its transaction has committed (answer_was_replayed).
+    A replay marks the answer replayed once its transaction has committed (take_replayed_mark).
     """
     if key is None:
         return respond()
@@ -142,18 +143,25 @@ def _mark_replayed() -> None:
     setattr(g, _REPLAYED_MARK, True)
 
 
-def answer_was_replayed() -> bool:
+def take_replayed_mark() -> bool:
     """Whether the answer of the request (or gRPC call) under way is one `run_idempotently`
-    replayed, its transaction committed; the mark is taken off as it is read, so that a later
-    request in the same app context (a test's) is not taken for a replay."""
+    replayed, its transaction committed; the mark is taken off, so that a later request in the
+    same app context (a test's, or a command's) is not taken for a replay."""
     return bool(g.pop(_REPLAYED_MARK, False))
+
+
+def forget_replayed_mark() -> None:
+    """Every app's before_request (shared.app): a mark no transport took (a use case run in an app
+    context that requests then share, a test's) is not this request's. (A gRPC call gets an app
+    context of its own.)"""
+    g.pop(_REPLAYED_MARK, None)
 
 
 def say_if_replayed(response: HttpResponse) -> HttpResponse:
     """An HTTP answer marked `Idempotent-Replayed: true` if it was replayed (every app's
     after_request: shared.app)."""
-    if answer_was_replayed():
-        response.headers[REPLAYED_HEADER] = "true"
+    if take_replayed_mark():
+        response.headers[REPLAYED_HEADER] = REPLAYED
     return response
 
 
