@@ -13,10 +13,11 @@ from swagger_ui_bundle import swagger_ui_path
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from shared.cache import CACHE_EXTENSION, VersionedCache
-from shared.config import Settings, get_settings
+from shared.config import MAX_REQUEST_BYTES, Settings, get_settings
 from shared.db import init_database
 from shared.errors import ErrorSchema, register_error_handlers
 from shared.health import health_blueprint
+from shared.health_document import document_health
 from shared.idempotency import forget_replayed_mark, say_if_replayed
 from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
@@ -57,9 +58,6 @@ class ShopApi(Api):
 # Swagger UI's scripts and styles are served by the service itself (from the swagger-ui-bundle
 # package), so the docs work on a machine with no way out to a CDN.
 SWAGGER_UI_ASSETS = "/docs/swagger-ui-assets"
-# The largest request body any app takes (the biggest the API needs is a few kilobytes): a bigger
-# one is refused with 413 before it is read, instead of held in memory to be refused once parsed.
-MAX_REQUEST_BYTES = 64 * 1024
 
 
 def create_service_app(service: str, *, title: str, blueprints: Iterable[Blueprint],
@@ -102,8 +100,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
         # Bound per app (not on the shared Blueprint object), so any number of apps can be built.
         app.before_request_funcs.setdefault(blueprint.name, []).append(authenticate)
     app.register_blueprint(health_blueprint)
-    from shared.health_document import document_health  # (it imports what imports this module)
-    document_health(api, next(app.url_map.iter_rules(endpoint="health.health")))
+    document_health(api, next(app.url_map.iter_rules(endpoint="health.health")), service)
     app.register_blueprint(Blueprint("swagger_ui_assets", __name__, static_folder=swagger_ui_path,
                                      static_url_path=SWAGGER_UI_ASSETS))
     register_error_handlers(app)

@@ -13,6 +13,10 @@ from urllib.parse import urlsplit
 
 # Everything with its own database, outbox and inbox: the two domain services and the gateway.
 SERVICES = ("orders", "payments", "gateway")
+# The largest request body any app takes (the biggest the API needs is a few kilobytes): a bigger
+# one is refused with 413 before it is read, instead of held in memory to be refused once parsed
+# (shared.app).
+MAX_REQUEST_BYTES = 64 * 1024
 # The services the gateway calls, over gRPC (each serves gRPC next to its HTTP API) or HTTP.
 GRPC_SERVICES = ("orders", "payments")
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from shared.app import MAX_REQUEST_BYTES
+from shared.config import MAX_REQUEST_BYTES
 from shared.errors import ErrorSchema
 from shared.idempotency import IDEMPOTENCY_HEADER, MAX_KEY_LENGTH
 from shared.internal_auth import USER_ID_HEADER
