@@ -49,14 +49,6 @@ TOPIC_CHECK_TIMEOUT_SECONDS = 2.0
 # worker, comes back after the sit-out).
 STEP_DOWN_AFTER_SECONDS = 60.0
 SIT_OUT_SECONDS = 10.0
-# A read that finds nothing to send yet walks over every row that waits (refused rows, and the rows
-# of their keys behind them: shared.outbox.CLAIM_ROWS), 1.3 s a read with a million, as through a
-# long broker outage. After one slower than SLOW_READ_SECONDS that found nothing, the leader reads
-# again only once SLOW_READS_SHARE of the time since has gone into reading, whatever commits
-# notify it meanwhile: a growing backlog then costs the database a fifth of a core, not a whole
-# one (each commit of an order would wake it for another walk). A quick read is never held back.
-SLOW_READ_SECONDS = 0.05
-SLOW_READS_SHARE = 0.2
 # While rows are parked (shared.outbox), the leader says so this often, and as it starts to lead:
 # the later rows of their keys wait behind them, and a one-off log line is easily missed.
 PARKED_REMINDER_SECONDS = 300.0
@@ -125,7 +117,7 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
         if started >= next_reminder:
             _remind_of_parked_rows(service, leader)
             next_reminder = started + PARKED_REMINDER_SECONDS
-        just_sent, refused, empty_read = _send_waiting_rows(service, settings, leader, publisher)
+        just_sent, refused = _send_waiting_rows(service, settings, leader, publisher)
         sent += just_sent
         deleted_since_vacuum += just_sent
         if just_sent:
@@ -142,8 +134,6 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
             with leader.cursor() as cursor:
                 vacuum_outbox(cursor)
             deleted_since_vacuum = 0
-        if not just_sent and empty_read > SLOW_READ_SECONDS:
-            _stopping.wait(empty_read * (1 / SLOW_READS_SHARE - 1))
         leader.wait(RECHECK_SECONDS)
     log.info("%s outbox relay stopping with its worker", service)
     return sent
@@ -170,24 +160,19 @@ def _step_down(service: str, refused_for: float) -> None:
 
 
 def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
-                       publisher: OutboxPublisher) -> tuple[int, bool, float]:
+                       publisher: OutboxPublisher) -> tuple[int, bool]:
     """Send batch after batch until none is left or the broker takes none of a batch; returns how
-    many rows were sent, whether the broker refused a batch whole, and how long the last read took
-    if it found nothing to send (else 0). The rows it refused wait
+    many rows were sent and whether the broker refused a batch whole. The rows it refused wait
     for their next try (shared.outbox), and the next read passes over them, so a batch it took in
     part is followed by the next; the refusals are logged, and the topics checked, once a call.
     (Messages too large ever to be sent say nothing about the broker: they are parked, and the
     next read passes over them too.)"""
     sent = refused = 0
     refused_whole = False
-    empty_read = 0.0
     while not _stopping.is_set():
-        started = time.monotonic()
         with leader.cursor() as cursor:
             result = relay_pending_outbox(cursor, publisher.send_batch,
                                           settings.outbox_relay_batch_size)
-        if not result.claimed:  # (a read alone, then: nothing was sent)
-            empty_read = time.monotonic() - started
         sent += result.sent
         if result.parked:
             log.error("%s outbox: parked %d message(s) too large to be sent; the later rows of"
@@ -205,7 +190,7 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
     if refused:
         log.warning("%s outbox: %d rows not acknowledged by the broker; each is tried again"
                     " after its wait", service, refused)
-    return sent, refused_whole, empty_read
+    return sent, refused_whole
 
 
 def _recreate_topics(settings, service: str) -> None:

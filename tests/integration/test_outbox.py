@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -782,66 +781,6 @@ def test_the_relay_task_leads_sends_what_commits_and_stops_with_the_worker(
             _wait_until_sent([order_id])
         assert _messages_of(settings, [order_id])
     assert sent_by_leader and sent_by_leader[0] >= 1
-
-
-def test_a_leader_whose_reads_walk_a_backlog_that_cannot_go_yet_reads_a_fifth_of_the_time(
-        orders_flask_app, monkeypatch):
-    """Through a long broker outage every read walks the rows that wait (a refused row, and here
-    100,000 rows of its key behind it), and every commit notifies the leader: it read again at
-    each, a core's worth of the database's time; after a slow read that sent nothing it waits
-    until reading is a fifth of its time (SLOW_READS_SHARE)."""
-    from tasks import relay
-
-    reads: list[float] = []  # how long each read of the leader took
-    read = relay.relay_pending_outbox
-
-    def timed(*args, **kwargs):
-        started = time.monotonic()
-        try:
-            return read(*args, **kwargs)
-        finally:
-            reads.append(time.monotonic() - started)
-
-    monkeypatch.setattr(relay, "relay_pending_outbox", timed)
-    _outbox_statement(orders_flask_app,
-                      "INSERT INTO outbox_messages (message_id, topic, key, type, envelope,"
-                      " attempts, next_attempt_at) VALUES (gen_random_uuid(), 'behind', 'k', 'X',"
-                      " '{}', 1, now() + interval '1 hour');"
-                      " INSERT INTO outbox_messages (message_id, topic, key, type, envelope)"
-                      " SELECT gen_random_uuid(), 'behind', 'k', 'X', '{}'"
-                      " FROM generate_series(1, 100000); ANALYZE outbox_messages")
-    committing = threading.Event()
-
-    def commit_a_row_of_the_key_every_20_ms():  # (each commit notifies the leader)
-        while not committing.wait(0.02):
-            _outbox_statement(orders_flask_app,
-                              "INSERT INTO outbox_messages (message_id, topic, key, type,"
-                              " envelope) VALUES (gen_random_uuid(), 'behind', 'k', 'X', '{}')")
-
-    try:
-        with _relay_task_leading([]):
-            wait_for(lambda: reads, timeout=10, what="the leader's first read")
-            committer = threading.Thread(target=commit_a_row_of_the_key_every_20_ms)
-            committer.start()
-            try:
-                started, counted = time.monotonic(), len(reads)
-                wait_for(lambda: len(reads) >= counted + 5, timeout=30,
-                         what="five reads more")  # (the leader's pace over them is measured)
-                reading = sum(reads[counted:]) / (time.monotonic() - started)
-            finally:
-                committing.set()
-                committer.join(10)
-        assert min(reads[counted:]) > relay.SLOW_READ_SECONDS  # (the walks are slow ones)
-        assert reading < 0.35, f"{reading:.0%} of the time reading"
-    finally:
-        _outbox_statement(orders_flask_app, "DELETE FROM outbox_messages WHERE topic = 'behind'")
-
-
-def _outbox_statement(app, statement: str) -> None:
-    """Run `statement` in a transaction of its own, committed (and so notifying the leader of the
-    rows it inserts)."""
-    with app.app_context(), transaction() as session, driver_cursor(session) as cursor:
-        cursor.execute(statement)
 
 
 def _outbox_vacuums() -> int:
