@@ -81,9 +81,12 @@ class Blueprint(flask_smorest.Blueprint):
 
 def _takes_query_parameters(view) -> bool:
     """Whether the view declares query arguments (`arguments(..., location="query")`, or
-    "querystring", webargs' other name for it)."""
-    declared = getattr(view, "_apidoc", {}).get("arguments", {}).get("parameters", [])
-    return any(parameter.get("in") in ("query", "querystring") for parameter in declared)
+    "querystring", webargs' other name for it), or pages with flask-smorest's `paginate` (whose
+    page and page_size are query parameters)."""
+    documented = getattr(view, "_apidoc", {})
+    declared = documented.get("arguments", {}).get("parameters", [])
+    return "pagination" in documented or any(
+        parameter.get("in") in ("query", "querystring") for parameter in declared)
 
 
 def _refusing_query_parameters(view):

@@ -1,5 +1,6 @@
-"""shared.app.ShopApi's document where an operation uses what no HseShop operation does:
-flask-smorest's own pagination, whose header ShopApi registers in its own way."""
+"""shared.app.ShopApi and shared.http_api.Blueprint where an operation uses what no HseShop
+operation does yet: flask-smorest's own pagination, whose header ShopApi registers in its own way
+and whose page parameters the Blueprint must not refuse."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from marshmallow import Schema, fields
 from openapi_spec_validator import OpenAPIV30SpecValidator, validate
 
 from shared.app import ShopApi
+from shared.http_api import Blueprint as ShopBlueprint
 
 
 class ThingSchema(Schema):
@@ -36,3 +38,32 @@ def test_an_operation_paginated_by_flask_smorest_documents_its_pagination_header
     schema = document["components"]["headers"]["PAGINATION"]["schema"]
     assert {"total", "page", "next_page"} <= set(schema["properties"])
     validate(document, cls=OpenAPIV30SpecValidator)
+
+
+def test_an_operation_paginated_by_flask_smorest_takes_its_page_parameters():
+    """The project's Blueprint refuses query parameters on a route that declares none; a route
+    paged by flask-smorest declares page and page_size through `paginate`, not `arguments`."""
+    app = Flask(__name__)
+    app.config.update(API_TITLE="Things", API_VERSION="1", OPENAPI_VERSION="3.0.3")
+    api = ShopApi(app)
+    blueprint = ShopBlueprint("things", __name__)
+
+    @blueprint.get("/things")
+    @blueprint.response(200, ThingSchema(many=True))
+    @blueprint.paginate()
+    def things(pagination_parameters):
+        pagination_parameters.item_count = 3
+        return [{"name": "a"}, {"name": "b"}, {"name": "c"}][
+            pagination_parameters.first_item:pagination_parameters.last_item + 1]
+
+    @blueprint.get("/plain")
+    @blueprint.response(200, ThingSchema(many=True))
+    def plain():
+        return []
+
+    api.register_blueprint(blueprint)
+    client = app.test_client()
+    paged = client.get("/things?page=2&page_size=2")
+    assert paged.status_code == 200, paged.get_json()
+    assert paged.get_json() == [{"name": "c"}]
+    assert client.get("/plain?page=2").status_code == 422  # (a route that takes none)
