@@ -5,21 +5,23 @@ and whose page parameters the Blueprint must not refuse."""
 from __future__ import annotations
 
 from flask import Flask
-from flask_smorest import Blueprint
 from marshmallow import Schema, fields
 from openapi_spec_validator import OpenAPIV30SpecValidator, validate
 
 from shared.app import ShopApi
-from shared.http_api import Blueprint as ShopBlueprint
+from shared.http_api import Blueprint
 
 
 class ThingSchema(Schema):
     name = fields.String()
 
 
-def test_an_operation_paginated_by_flask_smorest_documents_its_pagination_header():
-    """ShopApi writes the X-Pagination header's schema out in it, so that PaginationMetadata is
-    in no document whose operations do not paginate: one that does still documents the header."""
+THINGS = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
+
+
+def _things_app() -> tuple[Flask, ShopApi]:
+    """An app on ShopApi and the project's Blueprint with a route paged by flask-smorest
+    (/things) and one that takes no query parameter (/plain)."""
     app = Flask(__name__)
     app.config.update(API_TITLE="Things", API_VERSION="1", OPENAPI_VERSION="3.0.3")
     api = ShopApi(app)
@@ -29,9 +31,22 @@ def test_an_operation_paginated_by_flask_smorest_documents_its_pagination_header
     @blueprint.response(200, ThingSchema(many=True))
     @blueprint.paginate()
     def things(pagination_parameters):
+        pagination_parameters.item_count = len(THINGS)
+        return THINGS[pagination_parameters.first_item:pagination_parameters.last_item + 1]
+
+    @blueprint.get("/plain")
+    @blueprint.response(200, ThingSchema(many=True))
+    def plain():
         return []
 
     api.register_blueprint(blueprint)
+    return app, api
+
+
+def test_an_operation_paginated_by_flask_smorest_documents_its_pagination_header():
+    """ShopApi writes the X-Pagination header's schema out in it, so that PaginationMetadata is
+    in no document whose operations do not paginate: one that does still documents the header."""
+    _, api = _things_app()
     document = api.spec.to_dict()
     header = document["paths"]["/things"]["get"]["responses"]["200"]["headers"]["X-Pagination"]
     assert header == {"$ref": "#/components/headers/PAGINATION"}
@@ -43,25 +58,7 @@ def test_an_operation_paginated_by_flask_smorest_documents_its_pagination_header
 def test_an_operation_paginated_by_flask_smorest_takes_its_page_parameters():
     """The project's Blueprint refuses query parameters on a route that declares none; a route
     paged by flask-smorest declares page and page_size through `paginate`, not `arguments`."""
-    app = Flask(__name__)
-    app.config.update(API_TITLE="Things", API_VERSION="1", OPENAPI_VERSION="3.0.3")
-    api = ShopApi(app)
-    blueprint = ShopBlueprint("things", __name__)
-
-    @blueprint.get("/things")
-    @blueprint.response(200, ThingSchema(many=True))
-    @blueprint.paginate()
-    def things(pagination_parameters):
-        pagination_parameters.item_count = 3
-        return [{"name": "a"}, {"name": "b"}, {"name": "c"}][
-            pagination_parameters.first_item:pagination_parameters.last_item + 1]
-
-    @blueprint.get("/plain")
-    @blueprint.response(200, ThingSchema(many=True))
-    def plain():
-        return []
-
-    api.register_blueprint(blueprint)
+    app, _ = _things_app()
     client = app.test_client()
     paged = client.get("/things?page=2&page_size=2")
     assert paged.status_code == 200, paged.get_json()
