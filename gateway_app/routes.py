@@ -15,10 +15,10 @@ from orders_app.schemas import (GET_ORDER_ERRORS, LIST_ORDERS_ERRORS, PLACE_ORDE
                                 ListOrdersQuerySchema, OrderPageSchema, OrderSchema,
                                 PlaceOrderSchema, order_id_from_path)
 from payments_app.schemas import (BALANCE_ERRORS, DEPOSIT_ERRORS, OPEN_ACCOUNT_ERRORS,
-                                  AccountSchema, DepositSchema, EmptySchema)
+                                  AccountSchema, DepositSchema)
 from shared.documented_errors import (BAD_GATEWAY, DATABASE_UNAVAILABLE_OR_BUSY,
                                       SERVICE_UNAVAILABLE, UPSTREAM_TIMEOUT)
-from shared.http_api import Blueprint
+from shared.http_api import Blueprint, EmptySchema
 from shared.idempotency import (IDEMPOTENCY_KEY_PARAMETER, REPLAYED_RESPONSE_HEADERS,
                                 idempotency_key_from_request)
 from shared.money import format_amount

@@ -6,9 +6,9 @@ from flask import g, jsonify
 
 from payments_app import endpoints
 from payments_app.schemas import (BALANCE_ERRORS, DEPOSIT_ERRORS, OPEN_ACCOUNT_ERRORS,
-                                  AccountSchema, DepositSchema, EmptySchema)
+                                  AccountSchema, DepositSchema)
 from shared.documented_errors import SERVICE_OPERATION_ERRORS
-from shared.http_api import Blueprint
+from shared.http_api import Blueprint, EmptySchema
 from shared.idempotency import (IDEMPOTENCY_KEY_PARAMETER, REPLAYED_RESPONSE_HEADERS,
                                 idempotency_key_from_request)
 

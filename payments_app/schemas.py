@@ -18,11 +18,6 @@ DEPOSIT_ERRORS = (ACCOUNT_NOT_FOUND, BALANCE_LIMIT_EXCEEDED, *IDEMPOTENCY_ERRORS
 BALANCE_ERRORS = (ACCOUNT_NOT_FOUND,)
 
 
-class EmptySchema(Schema):
-    class Meta:
-        unknown = RAISE
-
-
 class DepositSchema(Schema):
     class Meta:
         unknown = RAISE

@@ -12,12 +12,20 @@ from functools import wraps
 
 import flask
 import flask_smorest
+import marshmallow
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 
 from shared.documented_errors import (BODY_TOO_LARGE, MALFORMED_REQUEST, VALIDATION_ERROR,
                                      DocumentedError, error_responses)
 from shared.jsonio import loads_strict
+
+
+class EmptySchema(marshmallow.Schema):
+    """The body of an operation that takes none: nothing, or an empty JSON object."""
+
+    class Meta:
+        unknown = marshmallow.RAISE
 
 
 class StrictJSONParser(FlaskParser):
