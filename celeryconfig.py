@@ -84,3 +84,9 @@ beat_schedule["prune-gateway-notifications"] = {
     "args": ("gateway",),
     "options": {"expires": PRUNE_RETAINED_EVERY.total_seconds()},
 }
+beat_schedule["prune-gateway-signed-out-tokens"] = {
+    "task": "hseshop.prune_signed_out_tokens",
+    "schedule": PRUNE_RETAINED_EVERY,
+    "args": ("gateway",),
+    "options": {"expires": PRUNE_RETAINED_EVERY.total_seconds()},
+}

@@ -1,4 +1,5 @@
-"""Signing up and signing in, and the bearer-token check every other /api route goes through.
+"""Signing up, signing in and signing out, and the bearer-token check every other /api route goes
+through.
 
 The gateway alone decides who the caller is: whatever `X-User-ID` a client sends is ignored, and
 the services hear only the identity the gateway signs for them.
@@ -18,23 +19,29 @@ from sqlalchemy.dialects.postgresql import insert
 from gateway_app.models import User
 from gateway_app.passwords import hash_password, verify_password
 from gateway_app.ratelimit import RATE_LIMITED
+from gateway_app.sign_out import SIGNED_OUT, is_signed_out, sign_out
 from gateway_app.tokens import InvalidToken, VerifiedToken, issue_token, verify_token
 from shared.db import db, transaction
 from shared.documented_errors import DATABASE_UNAVAILABLE_OR_BUSY, DocumentedError
 from shared.errors import Conflict, Unauthorized
 from shared.fields import Text, UserId
-from shared.http_api import Blueprint
+from shared.http_api import Blueprint, EmptySchema
 
 MISSING_TOKEN = DocumentedError(401, "MISSING_TOKEN", "no `Authorization: Bearer <token>` header")
 INVALID_TOKEN = DocumentedError(401, "INVALID_TOKEN", "the token is not one the gateway issued")
 TOKEN_EXPIRED = DocumentedError(401, "TOKEN_EXPIRED", "the token has expired: sign in again")
-# What every route behind authenticate_bearer can answer for it.
-SIGNED_IN_ERRORS = (MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED, RATE_LIMITED)
+TOKEN_SIGNED_OUT = DocumentedError(401, "TOKEN_SIGNED_OUT",
+                                   "the token has been signed out: sign in again")
+# What every route behind authenticate_bearer can answer for it (the database: asked whether the
+# token has been signed out).
+SIGNED_IN_ERRORS = (MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED, TOKEN_SIGNED_OUT, RATE_LIMITED,
+                    *DATABASE_UNAVAILABLE_OR_BUSY)
 USERNAME_TAKEN = DocumentedError(409, "USERNAME_TAKEN", "another user has this username")
 INVALID_CREDENTIALS = DocumentedError(401, "INVALID_CREDENTIALS",
                                       "no user has this username and password")
 
-blueprint = Blueprint("auth", __name__, url_prefix="/api/auth", description="Sign up and sign in",
+blueprint = Blueprint("auth", __name__, url_prefix="/api/auth",
+                      description="Sign up, sign in and sign out",
                       errors=(RATE_LIMITED, *DATABASE_UNAVAILABLE_OR_BUSY))
 
 RATE_LIMITER = "hseshop.rate_limiter"
@@ -101,6 +108,23 @@ def login(args):
     return jsonify(_session_body(user))
 
 
+@blueprint.post("/logout")
+@blueprint.arguments(EmptySchema, required=False)
+@blueprint.response(204, description="Signed out: the token is refused from now on (401"
+                    " `TOKEN_SIGNED_OUT`), by every gateway instance, and the notification sockets"
+                    " opened with it are closed (1008). A token signed out before: the same.")
+@blueprint.errors(MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED)
+def logout(_args):
+    """Sign out: the bearer token is refused from now on."""
+    token = _bearer_token(request.headers.get("Authorization", ""))
+    try:
+        verified = verify_token(token, current_app.extensions["hseshop.settings"].auth_token_secret)
+    except InvalidToken as exc:
+        raise Unauthorized(str(exc), code=exc.code) from None
+    sign_out(verified)
+    return "", 204
+
+
 @functools.cache
 def _hash_no_password_matches() -> str:
     """What an unknown name's password is checked against: made once per process, so that
@@ -120,11 +144,15 @@ def authenticate_bearer() -> None:
 
 
 def bearer_user_id(authorization: str) -> str:
+    return user_id_from_token_or_401(_bearer_token(authorization))
+
+
+def _bearer_token(authorization: str) -> str:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Sign in and send `Authorization: Bearer <token>`.",
                            code="MISSING_TOKEN")
-    return user_id_from_token_or_401(token.strip())
+    return token.strip()
 
 
 def user_id_from_token_or_401(token: str) -> str:
@@ -140,8 +168,12 @@ def socket_token(token: str) -> VerifiedToken:
 
 
 def verified_token_or_401(token: str) -> VerifiedToken:
+    """The token, verified and not signed out; a 401 otherwise."""
     try:
         settings = current_app.extensions["hseshop.settings"]
-        return verify_token(token, settings.auth_token_secret)
+        verified = verify_token(token, settings.auth_token_secret)
     except InvalidToken as exc:
         raise Unauthorized(str(exc), code=exc.code) from None
+    if is_signed_out(verified):
+        raise Unauthorized(SIGNED_OUT, code="TOKEN_SIGNED_OUT")
+    return verified

@@ -1,11 +1,12 @@
-"""The gateway's tables: the people who can sign in, and the notifications they are owed."""
+"""The gateway's tables: the people who can sign in, the tokens they have signed out, and the
+notifications they are owed."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Index, String, func
+from sqlalchemy import BigInteger, DateTime, Index, LargeBinary, String, func
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -19,6 +20,18 @@ class User(db.Model):
     username: Mapped[str] = mapped_column(String(64), unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class SignedOutToken(db.Model):
+    """A token signed out before it expired: refused from then on (gateway_app/sign_out.py), and
+    forgotten a while after it has expired, when it is refused as expired anyway."""
+
+    __tablename__ = "signed_out_tokens"
+
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_signed_out_tokens_expires_at", "expires_at"),)
 
 
 class Notification(db.Model):

@@ -21,7 +21,7 @@ from collections import Counter
 from datetime import datetime
 
 import redis
-from flask import current_app, g, jsonify, request
+from flask import g, jsonify, request
 from flask_sock import Sock
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from psycopg2.extras import Json, execute_values
@@ -40,11 +40,14 @@ from gateway_app import tokens
 from gateway_app.auth import SIGNED_IN_ERRORS
 from gateway_app.models import Notification
 from gateway_app.ratelimit import RateLimited
+from gateway_app.sign_out import SIGNED_OUT, is_signed_out
 from gateway_app.socket_document import document_socket
+from gateway_app.user_channels import REDIS_EXTENSION, channel  # noqa: F401  (the app sets it)
+from gateway_app.user_channels import redis_client as _redis
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
 from shared.documented_errors import DATABASE_UNAVAILABLE_OR_BUSY
-from shared.errors import ApiError
+from shared.errors import DATABASE_ERRORS, ApiError
 from shared.fields import WholeNumber
 from shared.http_api import Blueprint
 from shared.inbox import Handler, ReceivedEvent
@@ -52,7 +55,6 @@ from shared.jsonio import dumps_exact
 
 log = logging.getLogger(__name__)
 
-REDIS_EXTENSION = "hseshop.gateway_redis"
 REPLAY_LIMIT = 500
 SOCKET_POLL_SECONDS = 0.25
 # An open socket reads the table this often even when Redis has not woken it: a publish lost after
@@ -84,20 +86,13 @@ SOCKET_MAX_MESSAGE_BYTES = 1024
 # connection is shut down (end_the_socket).
 SOCKET_CLOSE_ANSWER_SECONDS = 2.0
 SOCKET_PATH = "/api/notifications/ws"
+# How a socket is closed when Redis or the database fails it: the page reconnects.
+UNAVAILABLE = (1011, "notifications unavailable; reconnect")
 SOCKET_ENDPOINT = "notifications_socket"
 
 blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications",
                       description="What happened to the signed-in user's orders",
                       errors=(*SIGNED_IN_ERRORS, *DATABASE_UNAVAILABLE_OR_BUSY))
-
-
-def channel(user_id: str) -> str:
-    prefix = current_app.extensions["hseshop.settings"].redis_key_prefix
-    return f"{prefix}:notifications:{user_id}"
-
-
-def _redis() -> redis.Redis:
-    return current_app.extensions[REDIS_EXTENSION]
 
 
 # --- receiving: the inbox handler ----------------------------------------------------------------
@@ -281,7 +276,7 @@ def _serve_socket(ws, opening: SocketOpening, slots: SocketSlots) -> None:
         _close(ws, 1013, "too many open notification sockets; try again later")
         return
     try:
-        stream_notifications(ws, opening.token.user_id, opening.after, opening.token.expires_at)
+        stream_notifications(ws, opening.token, opening.after)
     finally:
         slots.give_back(opening.token.user_id)
 
@@ -324,6 +319,9 @@ def _socket_opening(authenticate, args) -> SocketOpening:
         after = _after_from(args)
     except RateLimited as exc:
         return SocketOpening(refusal=(1013, str(exc)[:120]))
+    except DATABASE_ERRORS as exc:  # (asked whether the token has been signed out)
+        log.warning("refused a notification socket: the database is unavailable: %s", exc)
+        return SocketOpening(refusal=UNAVAILABLE)
     except Exception as exc:
         return SocketOpening(refusal=(1008, str(exc)[:120]))
     if after is None:
@@ -397,18 +395,24 @@ def drop_when_the_peer_vanishes(connection: socket.socket) -> None:
                               SOCKET_UNACKNOWLEDGED_MS)
 
 
-def stream_notifications(ws, user_id: str, after: int, token_expires_at: float) -> None:
-    """Send the user's notifications after the id `after`, then each one live, until the page goes,
-    or its token expires (then closed with 1008: the page signs in again, then reconnects)."""
+def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
+    """Send the token's user's notifications after the id `after`, then each one live, until the
+    page goes, or its token expires or is signed out (then closed with 1008: the page signs in
+    again, then reconnects)."""
+    user_id = token.user_id
     pubsub = _redis().pubsub()
     try:
         _subscribe(pubsub, channel(user_id))
         # The table is read once subscribed: nothing committed before the subscription is missed.
         last_sent = _send_newer(ws, user_id, after)
         recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
-        while time.time() < token_expires_at:
+        while time.time() < token.expires_at:
             woken = _is_a_publish(pubsub.get_message(timeout=SOCKET_POLL_SECONDS))
             if woken or time.monotonic() >= recheck_at:
+                # (A wake-up may say that one of the user's tokens has been signed out.)
+                if is_signed_out(token):
+                    _close(ws, 1008, SIGNED_OUT)
+                    return
                 last_sent = _send_newer(ws, user_id, last_sent)
                 recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
             while ws.receive(timeout=0) is not None:  # raises ConnectionClosed once it has gone
@@ -420,12 +424,12 @@ def stream_notifications(ws, user_id: str, after: int, token_expires_at: float) 
         pass
     except (redis.RedisError, SQLAlchemyError) as exc:
         log.warning("notification stream for %s lost Redis or the database: %s", user_id, exc)
-        _close(ws, 1011, "notifications unavailable; reconnect")
+        _close(ws, *UNAVAILABLE)
     except Exception:
         # A mistake in the code: closed as any failure is. Left to go up, it would have Flask
         # answer a 500 on a connection that is a WebSocket since its 101.
         log.exception("notification stream for %s failed", user_id)
-        _close(ws, 1011, "notifications unavailable; reconnect")
+        _close(ws, *UNAVAILABLE)
     finally:
         pubsub.close()
 

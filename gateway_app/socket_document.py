@@ -25,7 +25,7 @@ answered. The page sends nothing (what it sends is dropped).
 
 The token goes in the query (a browser's WebSocket cannot send headers). A socket is closed with:
 - 1008 when the token is refused, when `after` is no notification id, and when the token expires
-  (sign in again, then reconnect);
+  or is signed out (`POST /api/auth/logout`; sign in again, then reconnect);
 - 1013 past the user's rate limit or its socket limits: reconnect later;
 - 1011 when the gateway loses Redis or its database: reconnect."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -29,8 +31,10 @@ class IssuedToken:
 def issue_token(user_id: str, username: str, secret: str, ttl_seconds: int,
                 now: float | None = None) -> IssuedToken:
     issued_at = int(time.time() if now is None else now)
+    # `jti` makes each token its own, so that signing one out signs out no other: two sign-ins of
+    # a user in the same second would otherwise be the same token.
     claims = {"sub": user_id, "username": username, "iss": ISSUER, "iat": issued_at,
-              "exp": issued_at + ttl_seconds}
+              "exp": issued_at + ttl_seconds, "jti": secrets.token_urlsafe(16)}
     return IssuedToken(jwt.encode(claims, secret, algorithm=ALGORITHM), ttl_seconds)
 
 
@@ -38,6 +42,13 @@ def issue_token(user_id: str, username: str, secret: str, ttl_seconds: int,
 class VerifiedToken:
     user_id: str
     expires_at: float  # seconds since the epoch
+    digest: bytes  # what a signed-out token is remembered by (token_digest)
+
+
+def token_digest(token: str) -> bytes:
+    """The SHA-256 of a token: a signed-out token is remembered by it (gateway_app/sign_out.py),
+    so that what is kept could not be used as a token by whoever reads it."""
+    return hashlib.sha256(token.encode()).digest()
 
 
 def verify_token(token: str, secret: str) -> VerifiedToken:
@@ -52,4 +63,4 @@ def verify_token(token: str, secret: str) -> VerifiedToken:
         raise InvalidToken(EXPIRED, "TOKEN_EXPIRED") from None
     except jwt.PyJWTError:
         raise InvalidToken("The token is not valid.", "INVALID_TOKEN") from None
-    return VerifiedToken(claims["sub"], float(claims["exp"]))
+    return VerifiedToken(claims["sub"], float(claims["exp"]), token_digest(token))

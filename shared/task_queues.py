@@ -16,7 +16,8 @@ QUEUES_UNREACHABLE = (KombuOperationalError, OSError)
 
 # The tasks beat sends; every other HseShop task is an inbox handler's.
 BEAT_TASKS = frozenset({"hseshop.relay_outbox", "hseshop.sweep_inbox", "hseshop.prune_inbox",
-                        "hseshop.prune_idempotency_keys", "hseshop.prune_notifications"})
+                        "hseshop.prune_idempotency_keys", "hseshop.prune_notifications",
+                        "hseshop.prune_signed_out_tokens"})
 
 
 def handler_queue(service: str) -> str:

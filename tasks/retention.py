@@ -1,6 +1,6 @@
 """Pruners that beat runs, each deleting what is kept past its retention in short transactions:
-idempotency keys in every service's database, notifications in the gateway's. (The inbox's
-pruner is with the inbox's tasks, tasks/inbox.py.)"""
+idempotency keys in every service's database, notifications and signed-out tokens in the
+gateway's. (The inbox's pruner is with the inbox's tasks, tasks/inbox.py.)"""
 
 from __future__ import annotations
 
@@ -60,3 +60,13 @@ def prune_notifications(service: str) -> int:
     settings = current_app.extensions["hseshop.settings"]
     return prune_in_transactions(service, "old notifications", prune_old_notifications,
                                  settings.notification_retention_seconds)
+
+
+@app.task(name="hseshop.prune_signed_out_tokens", base=ServiceTask, ignore_result=True)
+def prune_signed_out_tokens(service: str) -> int:
+    """Forget the signed-out tokens that expired over FORGOTTEN_AFTER_EXPIRY_SECONDS ago (`service`
+    is the gateway, as for prune_notifications)."""
+    from gateway_app.sign_out import FORGOTTEN_AFTER_EXPIRY_SECONDS, prune_expired_sign_outs
+
+    return prune_in_transactions(service, "expired signed-out tokens", prune_expired_sign_outs,
+                                 FORGOTTEN_AFTER_EXPIRY_SECONDS)

@@ -214,6 +214,27 @@
     }, Math.min(session.expiresAt - Date.now(), 2 ** 31 - 1));
   }
 
+  // The sign-out button: the gateway is told, and refuses the token from then on. The page signs
+  // out at once, without waiting for its answer, and says so if it could not be told (the token
+  // then works until it expires).
+  function onSignOut() {
+    const token = session && session.token;
+    signOut();
+    clearMessage();
+    if (!token) return;
+    fetch("/api/auth/logout", {
+      method: "POST", keepalive: true, headers: { Authorization: `Bearer ${token}` },
+    }).then((response) => {
+      // 401: the gateway refuses the token already (expired, or signed out in another tab).
+      if (!response.ok && response.status !== 401) throw new Error(`HTTP ${response.status}`);
+    }).catch(() => {
+      if (!session) {
+        showMessage("Signed out on this page, but the shop could not be told: the session stays"
+                    + " valid until it expires.");
+      }
+    });
+  }
+
   function signOut() {
     session = null;
     sessionStorage.removeItem(SESSION_KEY);
@@ -681,7 +702,7 @@
 
   function start() {
     $("auth-form").addEventListener("submit", onAuthSubmit);
-    $("sign-out").addEventListener("click", () => { signOut(); clearMessage(); });
+    $("sign-out").addEventListener("click", onSignOut);
     $("open-account").addEventListener("click", onOpenAccount);
     $("topup-form").addEventListener("submit", onTopUp);
     $("order-form").addEventListener("submit", onPlaceOrder);

@@ -16,6 +16,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from devstack.stack import REPO_ROOT
 from tests.e2e.gateway_client import GatewayClient
+from tests.polling import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -325,8 +326,17 @@ def test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_or
     assert page.order_ids() == [order]
     page.fill("order-description", "typed, never sent")  # not left for whoever signs in next
 
+    token = browser.execute_script(
+        "return JSON.parse(sessionStorage.getItem('hseshop.session')).token")
     page.element("sign-out").click()
     page.wait_until(lambda: page.visible("auth-section"), what="the sign-in form")
+    # The gateway was told: the page's token is refused from now on.
+    wait_for(lambda: requests.get(f"{stack.gateway_url}/api/notifications/newest", timeout=5,
+                                  headers={"Authorization": f"Bearer {token}"}).status_code == 401,
+             timeout=10, what="the signed-out token to be refused")
+    refused = requests.get(f"{stack.gateway_url}/api/notifications/newest", timeout=5,
+                           headers={"Authorization": f"Bearer {token}"})
+    assert refused.json()["error"]["code"] == "TOKEN_SIGNED_OUT"
     assert [page.element(field).get_attribute("value") for field in (
         "order-amount", "order-description", "topup-amount")] == ["", "", ""]
     page.fill("username", username)

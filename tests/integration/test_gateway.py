@@ -29,7 +29,7 @@ import orders_app
 import payments_app
 from devstack.infra import free_port
 from gateway_app import notifications
-from gateway_app.tokens import issue_token
+from gateway_app.tokens import VerifiedToken, issue_token, token_digest
 from payments_app.models import Account
 from shared.app import MAX_REQUEST_BYTES
 from shared.contracts import ORDER_STATUS_CHANGED, new_event
@@ -710,8 +710,10 @@ GATEWAY_OPERATIONS = {
     ("get", "/api/notifications/newest"): (None, {401, 413, 422, 429, 503}),
     ("post", "/api/auth/register"): (_CREDENTIALS, {400, 409, 413, 422, 429, 503}),
     ("post", "/api/auth/login"): (_CREDENTIALS, {400, 401, 413, 422, 429, 503}),
+    ("post", "/api/auth/logout"): (None, {400, 401, 413, 422, 429, 503}),
 }
 SIGNED_IN = [operation for operation in GATEWAY_OPERATIONS if "/auth/" not in operation[1]]
+LOG_OUT = ("post", "/api/auth/logout")
 SHOP = [operation for operation in SIGNED_IN if "/notifications" not in operation[1]]
 
 
@@ -731,8 +733,10 @@ def test_each_gateway_operation_documents_its_error_statuses_in_the_error_shape(
         assert set(documented[429]["headers"]) == {"Retry-After"}, (method, path)
         assert set(documented[503]["headers"]) == {"Retry-After"}, (method, path)
     for method, path in SIGNED_IN:
-        assert {"MISSING_TOKEN", "INVALID_TOKEN", "TOKEN_EXPIRED"} == codes_named(
-            documented_errors(spec, method, path)[401]), (method, path)
+        assert {"MISSING_TOKEN", "INVALID_TOKEN", "TOKEN_EXPIRED", "TOKEN_SIGNED_OUT"} == (
+            codes_named(documented_errors(spec, method, path)[401])), (method, path)
+    assert {"MISSING_TOKEN", "INVALID_TOKEN", "TOKEN_EXPIRED"} == codes_named(
+        documented_errors(spec, *LOG_OUT)[401])
 
 
 class _SlowToAnyHandler(_SlowHandler):
@@ -781,8 +785,11 @@ def test_every_error_a_gateway_operation_answers_is_documented_for_it_and_none_o
 
     # Refused by the gateway itself, before any work.
     expired = _token(settings, now=time.time() - 2 * settings.auth_token_ttl_seconds)
+    signed_out = _token(settings)
+    assert gateway.post("/api/auth/logout", headers=signed_out).status_code == 204
     for headers in ({}, {"Authorization": "Bearer not-a-token"}, expired):
-        kept(_each_asked(gateway, SIGNED_IN, headers))
+        kept(_each_asked(gateway, [*SIGNED_IN, LOG_OUT], headers))
+    kept(_each_asked(gateway, SIGNED_IN, signed_out))
     auth = _token(settings)
     for method, path in GATEWAY_OPERATIONS:
         answers[method, path] += [
@@ -1114,27 +1121,31 @@ class RecordingSocket:
 
 
 @contextmanager
-def _socket_streaming(app, user: str, token_ttl: float = 3600) -> Iterator[RecordingSocket]:
+def _socket_streaming(app, user: str, token_ttl: float = 3600,
+                      token: VerifiedToken | None = None) -> Iterator[RecordingSocket]:
     """`user`'s notification stream running into a RecordingSocket, in a thread, once it listens
     on Redis; inside the app's context. Closed and joined on the way out."""
-    with _streaming_in_a_thread(app, user, None, token_ttl) as socket, app.app_context():
+    with _streaming_in_a_thread(app, user, None, token_ttl, token) as socket, app.app_context():
         wait_for(lambda: notifications._redis().pubsub_numsub(
             notifications.channel(user))[0][1] == 1, timeout=10, what="the socket to listen")
         yield socket
 
 
 @contextmanager
-def _streaming_in_a_thread(app, user: str, after: int | None,
-                           token_ttl: float = 3600) -> Iterator[RecordingSocket]:
+def _streaming_in_a_thread(app, user: str, after: int | None, token_ttl: float = 3600,
+                           token: VerifiedToken | None = None) -> Iterator[RecordingSocket]:
     """`user`'s notification stream after the id `after` (None: the newest) running into a
-    RecordingSocket, in a thread, from now; closed, and its thread ended, on the way out."""
+    RecordingSocket, in a thread, from now; closed, and its thread ended, on the way out. Its
+    token is `token`, or one of `user`'s expiring in `token_ttl` seconds."""
     socket = RecordingSocket()
+    token = token or VerifiedToken(user, time.time() + token_ttl,
+                                   token_digest(uuid.uuid4().hex))
 
     def stream():
         with app.app_context():
             notifications.stream_notifications(
-                socket, user, notifications.newest_notification_id(user) if after is None
-                else after, time.time() + token_ttl)
+                socket, token, notifications.newest_notification_id(user) if after is None
+                else after)
 
     streaming = threading.Thread(target=stream)
     streaming.start()
@@ -1249,6 +1260,29 @@ def test_a_socket_is_closed_when_its_token_expires(settings, gateway):
     with _socket_streaming(app, user, token_ttl=3.0) as socket:
         wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
         assert socket.close_reason == 1008
+
+
+def test_a_socket_is_closed_when_its_token_is_signed_out_and_no_other_is(settings, gateway,
+                                                                         monkeypatch):
+    """Signing out wakes the user's sockets: the one opened with that token closes with 1008, at
+    once (its re-read of the table is put off past the test), and one opened with the user's
+    other token goes on streaming."""
+    monkeypatch.setattr(notifications, "SOCKET_RECHECK_SECONDS", 3600)
+    app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
+    leaving, staying = (issue_token(user, "someone", settings.auth_token_secret, 600).access_token
+                        for _ in range(2))
+    with (_socket_streaming(app, user, token=VerifiedToken(user, time.time() + 600,
+                                                           token_digest(leaving))) as closing,
+          _socket_streaming(app, user, token=VerifiedToken(user, time.time() + 600,
+                                                           token_digest(staying))) as open_one):
+        assert gateway.post("/api/auth/logout",
+                            headers={"Authorization": f"Bearer {leaving}"}).status_code == 204
+        wait_for(closing.closing.is_set, timeout=10, what="the signed-out socket to close")
+        assert closing.close_reason == 1008
+        with transaction() as session:
+            notifications.on_order_status_changes(session, _status_changes(user))
+        wait_for(lambda: open_one.sent, timeout=10, what="the other socket to send")
+        assert not open_one.closing.is_set()
 
 
 @pytest.mark.parametrize("failure", [

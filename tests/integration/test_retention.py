@@ -1,20 +1,25 @@
-"""What is kept for a while is pruned by beat once its retention is over: idempotency keys (a day)
-and the gateway's notifications (30 days), in short transactions."""
+"""What is kept for a while is pruned by beat once its retention is over: idempotency keys (a day),
+the gateway's notifications (30 days) and its signed-out tokens (once expired), in short
+transactions."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from sqlalchemy import func, select, text
 
 import celeryconfig
 from gateway_app import notifications
-from gateway_app.models import Notification
+from gateway_app.models import Notification, SignedOutToken
+from gateway_app.sign_out import FORGOTTEN_AFTER_EXPIRY_SECONDS, sign_out
+from gateway_app.tokens import VerifiedToken
 from shared import idempotency
 from shared.config import SERVICES
 from shared.db import db, transaction
 from shared.idempotency import IdempotencyKey, run_idempotently
-from tasks.retention import prune_idempotency_keys, prune_notifications
+from tasks.retention import (prune_idempotency_keys, prune_notifications,
+                             prune_signed_out_tokens)
 from tasks.services import service_app
 from tests.integration.test_gateway import _status_changes
 
@@ -88,7 +93,26 @@ def test_old_notifications_are_pruned_oldest_first(settings, monkeypatch):
     assert left == kept[3:] and oldest == kept[3]
 
 
-def test_beat_prunes_every_services_keys_and_the_gateways_notifications(settings):
+def test_signed_out_tokens_are_forgotten_a_while_after_they_expire(settings):
+    """Expired, a token is refused as expired: its sign-out is kept only for a gateway whose clock
+    runs behind, FORGOTTEN_AFTER_EXPIRY_SECONDS."""
+    now = time.time()
+    expired_at = {"long ago": now - FORGOTTEN_AFTER_EXPIRY_SECONDS - 60,
+                  "just now": now - 60, "not yet": now + 600}
+    digests = {name: uuid.uuid4().bytes * 2 for name in expired_at}
+    with service_app("gateway").app_context():
+        for name, expires_at in expired_at.items():
+            sign_out(VerifiedToken(f"usr_{name}", expires_at, digests[name]))
+
+    assert prune_signed_out_tokens.apply(args=("gateway",)).get() >= 1
+    with service_app("gateway").app_context():
+        kept = set(db.session.scalars(select(SignedOutToken.digest).where(
+            SignedOutToken.digest.in_(digests.values()))))
+    assert kept == {digests["just now"], digests["not yet"]}
+
+
+def test_beat_prunes_every_services_keys_and_the_gateways_notifications_and_sign_outs(settings):
     scheduled = {(entry["task"], entry["args"]) for entry in celeryconfig.beat_schedule.values()}
     assert {(prune_idempotency_keys.name, (service,)) for service in SERVICES} <= scheduled
     assert (prune_notifications.name, ("gateway",)) in scheduled
+    assert (prune_signed_out_tokens.name, ("gateway",)) in scheduled

@@ -1,0 +1,61 @@
+"""Signing a token out before it expires (`POST /api/auth/logout`): the token is remembered, by its
+digest, in the gateway's database, which every gateway instance asks before it takes a token, so a
+token signed out on one is refused by all of them, at once, and after any restart.
+
+A signed-out token is kept until a while after it has expired (FORGOTTEN_AFTER_EXPIRY_SECONDS): it
+is refused as expired from then on. The while covers a gateway instance whose clock runs behind
+the one that prunes: it still takes the token as unexpired, and must still find it signed out.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from gateway_app.models import SignedOutToken
+from gateway_app.tokens import VerifiedToken
+from gateway_app.user_channels import wake_sockets
+from shared.db import after_commit, db, transaction
+
+FORGOTTEN_AFTER_EXPIRY_SECONDS = 300.0
+SIGNED_OUT = "The token has been signed out; sign in again."
+
+
+def sign_out(token: VerifiedToken) -> None:
+    """Remember `token` as signed out (a token signed out before stays so: nothing changes), then
+    wake the user's open sockets, which close if theirs was that token."""
+    with transaction() as session:
+        after_commit(session, lambda: wake_sockets(token.user_id))
+        session.execute(
+            insert(SignedOutToken)
+            .values(digest=token.digest,
+                    expires_at=datetime.fromtimestamp(token.expires_at, timezone.utc))
+            .on_conflict_do_nothing(index_elements=[SignedOutToken.digest]))
+
+
+def is_signed_out(token: VerifiedToken) -> bool:
+    """Whether `token` has been signed out. One lookup by primary key, outside any transaction
+    (no BEGIN and ROLLBACK around it), on a connection given back to the pool at once: the request
+    that asks goes on to call a service, and must not hold a connection while it waits for that."""
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        return connection.execute(_SIGNED_OUT, {"digest": token.digest}).first() is not None
+
+
+_SIGNED_OUT = text("SELECT FROM signed_out_tokens WHERE digest = :digest")
+
+
+def prune_expired_sign_outs(session: Session, cutoff: datetime, limit: int) -> int:
+    """Forget up to `limit` signed-out tokens that expired before `cutoff`, the earliest first;
+    returns how many (the caller repeats, a transaction each, until fewer than `limit`)."""
+    return session.execute(_PRUNE, {"cutoff": cutoff, "limit": limit}).rowcount
+
+
+_PRUNE = text("""
+DELETE FROM signed_out_tokens
+WHERE digest = ANY(ARRAY(
+          SELECT digest FROM signed_out_tokens WHERE expires_at < :cutoff
+          ORDER BY expires_at LIMIT :limit))
+  AND expires_at < :cutoff""")

@@ -1,0 +1,36 @@
+"""Each user's Redis pub/sub channel, which wakes that user's open notification sockets on every
+gateway instance: when a notification has been kept for them (gateway_app/notifications.py), and
+when one of their tokens is signed out (gateway_app/sign_out.py). A socket takes whatever comes as
+a wake-up, then reads what is true (the notifications table, whether its token is signed out):
+nothing is lost with a message that never arrives but time, until its next look."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import current_app
+
+log = logging.getLogger(__name__)
+
+REDIS_EXTENSION = "hseshop.gateway_redis"
+# What a wake-up that carries no notification says.
+WAKE_UP = "wake-up"
+
+
+def redis_client() -> redis.Redis:
+    return current_app.extensions[REDIS_EXTENSION]
+
+
+def channel(user_id: str) -> str:
+    prefix = current_app.extensions["hseshop.settings"].redis_key_prefix
+    return f"{prefix}:notifications:{user_id}"
+
+
+def wake_sockets(user_id: str) -> None:
+    """Wake the user's open sockets, on every gateway instance (with Redis down: at their next
+    look, a few seconds on)."""
+    try:
+        redis_client().publish(channel(user_id), WAKE_UP)
+    except redis.RedisError as exc:
+        log.warning("could not wake the sockets of %s: %s", user_id, exc)

@@ -1,0 +1,120 @@
+"""Signing out (`POST /api/auth/logout`): the token is refused from then on by every gateway
+instance, no other token is, and a gateway that cannot ask its database whether a token has been
+signed out lets nobody through."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import time
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+
+import gateway_app
+from devstack.infra import free_port
+from gateway_app import notifications
+from gateway_app.models import SignedOutToken
+from gateway_app.tokens import issue_token, token_digest
+from shared.db import db
+
+NEWEST = "/api/notifications/newest"  # a signed-in route the gateway answers itself
+
+
+@pytest.fixture(scope="module")
+def gateways(settings):
+    """Two gateway instances on one database, as compose could run them."""
+    return [gateway_app.create_app(settings=settings).test_client() for _ in range(2)]
+
+
+def _bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _signed_in(client, username: str, register: bool) -> str:
+    response = client.post(f"/api/auth/{'register' if register else 'login'}",
+                           json={"username": username, "password": "correct horse"})
+    assert response.status_code in (200, 201), response.get_json()
+    return response.get_json()["access_token"]
+
+
+def _error_code(response) -> str:
+    return response.get_json()["error"]["code"]
+
+
+def _kept(app, *tokens: str) -> int:
+    with app.app_context():
+        return db.session.scalar(select(func.count()).select_from(SignedOutToken).where(
+            SignedOutToken.digest.in_([token_digest(token) for token in tokens])))
+
+
+def test_a_signed_out_token_is_refused_by_every_gateway_and_no_other_token_is(gateways):
+    first, second = gateways
+    username = f"leaver-{uuid.uuid4().hex[:8]}"
+    leaving, staying = _signed_in(first, username, True), _signed_in(first, username, False)
+    assert first.get(NEWEST, headers=_bearer(leaving)).status_code == 200
+
+    signed_out = first.post("/api/auth/logout", headers=_bearer(leaving))
+    assert (signed_out.status_code, signed_out.data) == (204, b"")
+
+    for gateway in gateways:
+        refused = gateway.get(NEWEST, headers=_bearer(leaving))
+        assert (refused.status_code, _error_code(refused)) == (401, "TOKEN_SIGNED_OUT")
+        assert gateway.get(NEWEST, headers=_bearer(staying)).status_code == 200
+    again = second.post("/api/auth/logout", headers=_bearer(leaving))
+    assert again.status_code == 204
+    assert _kept(first.application, leaving, staying) == 1
+
+
+def test_tokens_issued_in_one_second_are_signed_out_one_at_a_time(settings, gateways):
+    """Two sign-ins of a user in the same second are two tokens, not one."""
+    gateway, _ = gateways
+    now = time.time()
+    one, other = (issue_token(f"usr_{uuid.uuid4().hex[:16]}", "twin", settings.auth_token_secret,
+                              600, now=now).access_token for _ in range(2))
+    assert gateway.post("/api/auth/logout", headers=_bearer(one)).status_code == 204
+    assert gateway.get(NEWEST, headers=_bearer(other)).status_code == 200
+
+
+@pytest.mark.parametrize("authorization, code", [
+    (None, "MISSING_TOKEN"), ("Bearer not-a-token", "INVALID_TOKEN"), ("expired", "TOKEN_EXPIRED"),
+])
+def test_signing_out_takes_only_a_token_the_gateway_would_take(settings, gateways,
+                                                              authorization, code):
+    gateway, _ = gateways
+    if authorization == "expired":
+        authorization = "Bearer " + issue_token(
+            "usr_gone", "gone", settings.auth_token_secret, 60, now=time.time() - 3600).access_token
+    headers = {"Authorization": authorization} if authorization else {}
+    refused = gateway.post("/api/auth/logout", headers=headers)
+    assert (refused.status_code, _error_code(refused)) == (401, code)
+    if authorization:
+        assert _kept(gateway.application, authorization.removeprefix("Bearer ")) == 0
+
+
+def test_a_gateway_that_cannot_ask_its_database_lets_no_token_through(settings):
+    """Whether the token has been signed out cannot be known: 503, and the service is never
+    called (a listener standing for it, over HTTP, is never connected to)."""
+    with socket.create_server(("127.0.0.1", 0)) as service:
+        service.setblocking(False)
+        unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/gateway"
+        gateway = gateway_app.create_app(settings=dataclasses.replace(
+            settings, gateway_database_url=unreachable, gateway_upstream_transport="http",
+            payments_service_url=f"http://127.0.0.1:{service.getsockname()[1]}")).test_client()
+        token = issue_token("usr_someone", "someone", settings.auth_token_secret, 600)
+        refused = gateway.get("/api/accounts/balance", headers=_bearer(token.access_token))
+        assert (refused.status_code, _error_code(refused)) == (503, "DATABASE_UNAVAILABLE")
+        with pytest.raises(BlockingIOError):
+            service.accept()
+
+
+def test_a_socket_whose_token_cannot_be_checked_is_closed_for_the_page_to_reconnect():
+    """Not refused as a bad token (1008, and the page would ask whether to sign in again): the
+    database is away, and the page reconnects later (1011)."""
+    def database_away(token):
+        raise OperationalError("SELECT", {}, Exception("the database went away"))
+
+    opening = notifications._socket_opening(database_away, {"access_token": "anything"})
+    assert opening.refusal == notifications.UNAVAILABLE
