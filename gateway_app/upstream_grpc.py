@@ -62,16 +62,23 @@ def call(service: str, method: str,
             request, metadata=metadata, timeout=settings.upstream_timeout_seconds)
     except grpc.RpcError as exc:
         raise _http_error(service, exc) from None
-    trailers = dict(answered.trailing_metadata() or ())
-    return to_body(reply), ({REPLAYED_HEADER: REPLAYED} if trailers.get(REPLAYED_KEY) == REPLAYED
-                            else {})
+    return to_body(reply), ({REPLAYED_HEADER: REPLAYED}
+                            if _trailers(answered).get(REPLAYED_KEY) == REPLAYED else {})
+
+
+def _trailers(rpc) -> dict[str, str]:
+    """The trailing metadata of a call replied to or failed (its grpc.Call, or its RpcError), by
+    key: what the service said beside its reply or of its failure (nothing: empty)."""
+    return dict(rpc.trailing_metadata() or ())
 
 
 def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
     """The service's own answer, as its HTTP API would have given it (in the trailers: a 503
     DATABASE_BUSY with its Retry-After comes as UNAVAILABLE too), or what the call's failure
-    says of the service (unreachable, too slow, refusing the gateway's identity)."""
-    trailers = dict(exc.trailing_metadata() or ())
+    says of the service (unreachable, too slow, refusing the gateway's identity). Never marked
+    Idempotent-Replayed: no error is a replay (a request that fails leaves no key behind, so its
+    repeat runs afresh, shared/idempotency.py; a key reused with another body is a fresh 422)."""
+    trailers = _trailers(exc)
     if HTTP_STATUS_KEY in trailers:
         status = int(trailers[HTTP_STATUS_KEY])
         if status == 401:
