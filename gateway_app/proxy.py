@@ -76,7 +76,7 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
         # Refused, unresolvable, or no connection in time.
         log.warning("%s unreachable: %s", service, exc)
         raise ServiceUnavailable.of(service) from None
-    except requests.Timeout:  # connected, but no answer (or not its headers) in time
+    except requests.Timeout:  # connected, but the request not taken or no answer's head in time
         log.warning("%s timed out", service)
         raise UpstreamTimeout.of(service) from None
     except requests.RequestException as exc:  # an answer broken off (its worker killed, say)

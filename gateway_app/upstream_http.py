@@ -3,10 +3,11 @@ whole of each call, and a request that a kept-alive connection was closed on sen
 that is safe.
 
 "Too slow" is one deadline for the whole call (UPSTREAM_TIMEOUT_SECONDS, as over gRPC), its
-connection, its answer's headers and its body, each read waiting only for what is left of it: a
-read timeout alone starts again with each byte, so an answer dripping a byte a second held the
-gateway's thread, and its client, for as long as it dripped. The connection of an answer cut off
-is closed, never pooled.
+connection, the sending of its request, its answer's headers and its body, each send and each read
+waiting only for what is left of it: a read timeout alone starts again with each byte, so an
+answer dripping a byte a second held the gateway's thread, and its client, for as long as it
+dripped; and a send waited the connect timeout, whatever was left. The connection of a request or
+an answer cut off is closed, never pooled.
 
 Connections are kept alive and pooled, and a service closes one idle past its keep-alive (2 s,
 gunicorn's default) whenever it likes: just as the gateway sends a request on it, say, and the
@@ -31,7 +32,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ProtocolError
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,16 @@ class _Call(threading.local):
         self.deadline = time.monotonic() + seconds
         self.kept_alive = self.answered = False
 
+    def seconds_left(self) -> float | None:
+        """What is left of the deadline (None: no call under way); TimeoutError once it has
+        passed."""
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the call's deadline has passed")
+        return left
+
 
 _call = _Call()
 
@@ -75,10 +86,8 @@ class _ReadAgainstTheDeadline(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int | None:
-        if _call.deadline is not None:
-            left = _call.deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("the call's deadline has passed")
+        left = _call.seconds_left()
+        if left is not None:
             self._sock.settimeout(left)
         received = self._raw.readinto(buffer)
         if received:
@@ -106,9 +115,18 @@ class _AnswerAgainstTheDeadline(http.client.HTTPResponse):
         self.fp = io.BufferedReader(_ReadAgainstTheDeadline(self.fp.detach(), sock))
 
 
+class _NotSentInTime(ReadTimeoutError):
+    """The request not sent whole in time (what was left of the deadline, or the connect timeout
+    where that was less): the service took too little of it, its buffers full. A read timeout to
+    urllib3, which closes the connection, and to requests (its ReadTimeout), as an answer not
+    begun in time is: the same 504 (gateway_app/proxy.py). A send timed out was urllib3's
+    ProtocolError, a 502, as if the service had closed the connection."""
+
+
 class _TellingIfKeptAlive:
     """A connection telling the call whether its request went on a socket that had carried one
-    before (kept alive, from the pool) or on one made for it."""
+    before (kept alive, from the pool) or on one made for it, and sending the request against the
+    call's deadline."""
 
     response_class = _AnswerAgainstTheDeadline
     _carried = 0  # requests sent on its socket
@@ -121,9 +139,24 @@ class _TellingIfKeptAlive:
         # (Over HTTP a connection made for the request connects inside super().request.)
         _call.kept_alive = self.sock is not None and self._carried > 0
         _call.answered = False
-        super().request(*args, **kwargs)
+        try:
+            super().request(*args, **kwargs)
+        except TimeoutError as exc:  # a send's (urllib3 raises its own for a connect's)
+            raise _NotSentInTime(None, None, f"Sending the request timed out. ({exc})") from exc
         _call.sent_at = time.monotonic()
         self._carried += 1
+
+    def send(self, data) -> None:
+        """http.client's send (of the request line and headers, then of the body), waiting at
+        most for what is left of the deadline, and no longer than it did: the socket's timeout
+        as urllib3 sends with it, the connect timeout. (sendall holds to a timeout for all it
+        sends, not for each piece.)"""
+        if self.sock is None:
+            self.connect()  # (as http.client's own send does, first)
+        left = _call.seconds_left()
+        if left is not None:
+            self.sock.settimeout(left if self.timeout is None else min(left, self.timeout))
+        super().send(data)
 
 
 class _Connection(_TellingIfKeptAlive, HTTPConnection):

@@ -1,6 +1,6 @@
 """Network tools for the tests: a TCP proxy whose connections can go silent or be cut on demand, one
-that holds what its clients send until told to carry it, a WebSocket client that reads every frame
-it is sent, and an HTTP answer read off a socket."""
+that holds what its clients send until told to carry it, a server that never reads what it is
+sent, a WebSocket client that reads every frame it is sent, and an HTTP answer read off a socket."""
 
 from __future__ import annotations
 
@@ -175,6 +175,48 @@ class HoldingProxy:
             pass
         _shut(source)  # one way ended: the connection with it, and the other way's thread
         _shut(sink)
+
+
+class NeverReadingServer:
+    """A TCP server on loopback that accepts connections and reads nothing from them, with a
+    receive buffer as small as the kernel allows: a service that does not read what it is sent
+    (its workers all stuck, say), on whose connections a client's sends wait once the buffers
+    between them are full. `read_until_closed()` reads at last, for a test to see the client
+    close its connection."""
+
+    RECEIVE_BUFFER_BYTES = 1  # (Linux makes it its least, about 2 KiB)
+
+    def __init__(self):
+        self._listener = socket.socket()
+        # Set before listen(): the connections accepted take it (their window is agreed as they
+        # are made).
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RECEIVE_BUFFER_BYTES)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen()
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def read_until_closed(self, connection: socket.socket, timeout: float) -> bytes:
+        """All that was sent on `connection`, read to the client's close (TimeoutError if nothing
+        more comes for `timeout`, the connection still open)."""
+        connection.settimeout(timeout)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+        return received
+
+    def close(self) -> None:
+        for sock in (self._listener, *self.accepted):
+            _shut(sock)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            self.accepted.append(connection)
 
 
 def _shut(sock: socket.socket) -> None:

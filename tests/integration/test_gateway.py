@@ -37,7 +37,7 @@ from shared.db import db, driver_dsn, transaction
 from shared.idempotency import REPLAYED_HEADER
 from shared.inbox import ReceivedEvent, StoredMessage
 from shared.money import MAX_BALANCE
-from tests.network_tools import HoldingProxy, WebSocketClient
+from tests.network_tools import HoldingProxy, NeverReadingServer, WebSocketClient
 from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_described,
                                  assert_documented, assert_headers_documented, asked, codes_named,
                                  documented_answers, documented_errors, operations,
@@ -631,6 +631,50 @@ def test_a_deadline_shorter_than_the_connect_timeout_holds_for_the_connect_too(
         for connection in queued:
             connection.close()
         listener.close()
+
+
+def test_a_request_the_service_does_not_read_is_cut_off_at_the_deadline_with_504(
+        settings, upstreams, monkeypatch):
+    """A service that reads nothing (its buffers full): the request's send waits only for what is
+    left of the deadline, and the call ends as one whose answer is too slow does, 504
+    UPSTREAM_TIMEOUT, the connection closed, not pooled. A send timed out was a 502, as if the
+    service had closed the connection, and each send waited the connect timeout (1 s, or the
+    deadline under it), whatever was left: here, once the connection took 0.4 s of 0.5, 0.9 s.
+
+    The gateway's connections get a send buffer of 8 KiB (setsockopt doubles the 4 KiB asked
+    for), as over a network: over loopback Linux gives a connection's about 4 MB at once, which
+    no body the gateway takes (64 KiB at most) fills."""
+    from gateway_app import upstream_http
+
+    new_conn = upstream_http._Connection._new_conn
+
+    def made_slowly_with_a_small_send_buffer(connection):
+        sock = new_conn(connection)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        time.sleep(0.4)  # (a service far away, say)
+        return sock
+
+    monkeypatch.setattr(upstream_http._Connection, "_new_conn",
+                        made_slowly_with_a_small_send_buffer)
+    server = NeverReadingServer()
+    deadline = 0.5
+    try:
+        client = _gateway(settings, payments_service_url=server.url,
+                          upstream_timeout_seconds=deadline)
+        _, auth = _sign_up(client)
+        body = b'{"amount": "1"' + b" " * (MAX_REQUEST_BYTES - 100) + b"}"  # (JSON, spaces)
+        started = time.monotonic()
+        answer = client.post("/api/accounts/deposit", data=body, headers=auth,
+                             content_type="application/json")
+        took = time.monotonic() - started
+        assert answer.status_code == 504, f"{answer.get_json()} after {took:.2f} s"
+        assert answer.get_json()["error"]["code"] == "UPSTREAM_TIMEOUT"
+        assert took < deadline + 0.25, f"{took:.2f} s"
+        [connection] = server.accepted
+        sent = server.read_until_closed(connection, timeout=2)
+        assert sent.startswith(b"POST /accounts/deposit ") and len(sent) < len(body)
+    finally:
+        server.close()
 
 
 def test_past_the_rate_limit_a_user_gets_429_with_retry_after(settings, upstreams, gateway,
