@@ -7,9 +7,11 @@ the services hear only the identity the gateway signs for them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import secrets
 import uuid
+from collections.abc import Iterator
 
 from flask import current_app, g, jsonify, request
 from marshmallow import RAISE, Schema, fields, validate
@@ -45,6 +47,10 @@ blueprint = Blueprint("auth", __name__, url_prefix="/api/auth",
                       errors=(RATE_LIMITED, *DATABASE_UNAVAILABLE_OR_BUSY))
 
 RATE_LIMITER = "hseshop.rate_limiter"
+# Attempts to sign in under one username a minute, from any address: beyond them, 429 before the
+# password is checked. Guessing one user's password from many addresses is limited so; the user's
+# own sign-ins need a few at most.
+SIGN_INS_PER_USERNAME = 10
 
 
 class CredentialsSchema(Schema):
@@ -100,6 +106,8 @@ def register(args):
 @blueprint.errors(INVALID_CREDENTIALS)
 def login(args):
     """Exchange a username and password for a bearer token."""
+    current_app.extensions[RATE_LIMITER].check(f"sign-in:{args['username']}",
+                                               limit=SIGN_INS_PER_USERNAME)
     user = db.session.scalars(select(User).where(User.username == args["username"])).one_or_none()
     # An unknown name is checked against a hash too, so the answer takes as long either way.
     stored = user.password_hash if user else _hash_no_password_matches()
@@ -139,8 +147,21 @@ def limit_by_address() -> None:
 
 def authenticate_bearer() -> None:
     """`before_request` for the rest of /api: the bearer token decides the user, then the limit."""
-    g.user_id = bearer_user_id(request.headers.get("Authorization", ""))
+    with counted_by_address_if_refused():
+        g.user_id = bearer_user_id(request.headers.get("Authorization", ""))
     current_app.extensions[RATE_LIMITER].check(f"user:{g.user_id}")
+
+
+@contextlib.contextmanager
+def counted_by_address_if_refused() -> Iterator[None]:
+    """A request whose token is refused counts against its address's limit, as signing in does:
+    past it, the answer is 429, not 401 (each refusal costs the gateway a signature checked, and
+    the database asked, as often as a client cares to ask)."""
+    try:
+        yield
+    except Unauthorized:
+        limit_by_address()
+        raise
 
 
 def bearer_user_id(authorization: str) -> str:
@@ -162,7 +183,8 @@ def user_id_from_token_or_401(token: str) -> str:
 def socket_token(token: str) -> VerifiedToken:
     """A notification socket's token, verified, its opening counted against its user's rate
     limit as any other /api request is (the socket's route is outside the /api blueprint)."""
-    verified = verified_token_or_401(token)
+    with counted_by_address_if_refused():
+        verified = verified_token_or_401(token)
     current_app.extensions[RATE_LIMITER].check(f"user:{verified.user_id}")
     return verified
 

@@ -1,6 +1,6 @@
-"""Per-caller rate limiting in Redis: a fixed one-minute window per user (or per address before
-sign-in). Past the limit the caller gets a 429 with Retry-After; with Redis down nobody is
-limited."""
+"""Per-caller rate limiting in Redis: a fixed one-minute window per user (or per address, for a
+request that signs up or in, or whose token is refused), and per username for signing in. Past
+the limit the caller gets a 429 with Retry-After; with Redis down nobody is limited."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 WINDOW_SECONDS = 60
 
 RATE_LIMITED = DocumentedError(
-    429, "RATE_LIMITED", "too many requests this minute: the user's, or, signing up or in, the "
-    "address's", retry_after=True)
+    429, "RATE_LIMITED", "too many requests this minute: the user's, or, signing up or in or with "
+    "a token refused, the address's, or attempts to sign in under the username",
+    retry_after=True)
 
 
 class RateLimited(ApiError):
@@ -40,8 +41,9 @@ class RateLimiter:
         self._limit = limit_per_window
         self._key_prefix = key_prefix
 
-    def check(self, subject: str, now: float | None = None) -> None:
-        """Count one request by `subject`; raise RateLimited when it is over the limit."""
+    def check(self, subject: str, now: float | None = None, limit: int | None = None) -> None:
+        """Count one request by `subject`; raise RateLimited when it is over the limit (`limit`
+        requests a window, or the limiter's own)."""
         now = time.time() if now is None else now
         window = int(now // WINDOW_SECONDS)
         key = f"{self._key_prefix}:ratelimit:{subject}:{window}"
@@ -53,5 +55,5 @@ class RateLimiter:
         except redis.RedisError as exc:
             log.warning("rate limiter unavailable, letting %s through: %s", subject, exc)
             return
-        if count > self._limit:
+        if count > (self._limit if limit is None else limit):
             raise RateLimited(max(1, math.ceil((window + 1) * WINDOW_SECONDS - now)))

@@ -28,6 +28,7 @@ import gateway_app
 import orders_app
 import payments_app
 from devstack.infra import free_port
+from gateway_app import auth as gateway_auth
 from gateway_app import notifications
 from gateway_app.tokens import VerifiedToken, issue_token, token_digest
 from payments_app.models import Account
@@ -691,6 +692,58 @@ def test_past_the_rate_limit_a_user_gets_429_with_retry_after(settings, upstream
     assert limited.get_json()["error"]["code"] == "RATE_LIMITED"
     _, other = _sign_up(gateway)  # another user has a budget of their own
     assert client.get("/api/orders", headers=other).status_code == 200
+
+
+def _from_an_address_of_its_own() -> dict:
+    """A test client's request's keywords that make it come from an address no other test uses:
+    its limit is counted apart."""
+    return {"environ_base": {"REMOTE_ADDR": f"10.{uuid.uuid4().int % 250}.{time.time_ns() % 250}"
+                                            f".{uuid.uuid4().int % 250 + 1}"}}
+
+
+def test_requests_whose_token_is_refused_count_against_their_address(settings, gateway,
+                                                                     monkeypatch):
+    """Past the address's limit they are 429, not 401, whatever the token, and a socket's opening
+    is refused with 1013; a valid token from that address is the user's to count."""
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    client = _gateway(settings, rate_limit_per_minute=3)
+    address = _from_an_address_of_its_own()
+    expired = _token(settings, now=time.time() - 2 * settings.auth_token_ttl_seconds)
+    refused = [client.get("/api/notifications/newest", headers=headers, **address)
+               for headers in ({}, {"Authorization": "Bearer not-a-token"}, expired, expired)]
+    assert [response.status_code for response in refused] == [401, 401, 401, 429]
+    assert refused[-1].get_json()["error"]["code"] == "RATE_LIMITED"
+    with client.application.test_request_context(**address):
+        opening = notifications._socket_opening(gateway_auth.socket_token,
+                                                {"access_token": "bad"})
+    assert opening.refusal[0] == 1013
+    assert client.get("/api/notifications/newest", headers=_token(settings),
+                      **address).status_code == 200
+
+
+def test_sign_ins_under_one_username_are_limited_from_any_address(gateway, monkeypatch):
+    """Guessing one user's password from many addresses: past SIGN_INS_PER_USERNAME attempts a
+    window, 429, the right password too, and before any password is checked; other usernames
+    are not held up."""
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    monkeypatch.setattr(gateway_auth, "SIGN_INS_PER_USERNAME", 3)
+    username, other = f"guessed-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
+    for name in (username, other):
+        _sign_up(gateway, name)
+
+    def sign_in(name: str, password: str):
+        return gateway.post("/api/auth/login", json={"username": name, "password": password},
+                            **_from_an_address_of_its_own())
+
+    guesses = [sign_in(username, f"guess number {n}").status_code for n in range(3)]
+    assert guesses == [401] * 3
+    hashes = []
+    monkeypatch.setattr(gateway_auth, "verify_password",
+                        lambda *args: hashes.append(args) or True)
+    limited = sign_in(username, "correct horse")
+    assert (limited.status_code, limited.get_json()["error"]["code"]) == (429, "RATE_LIMITED")
+    assert hashes == [] and 1 <= int(limited.headers["Retry-After"]) <= 3600
+    assert sign_in(other, "correct horse").status_code == 200
 
 
 def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_ui(gateway):
