@@ -26,7 +26,7 @@ DOCS_CONFIG = {
 def create_app(settings: Settings | None = None) -> Flask:
     import redis
 
-    from gateway_app import auth, models, notifications, routes, web  # noqa: F401
+    from gateway_app import auth, models, notifications, routes, user_channels, web  # noqa: F401
     from gateway_app.ratelimit import RateLimiter
     from shared.app import create_service_app
 
@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # A read gives up after 2 s (a Redis host gone silent would otherwise hold the thread that
     # publishes a notification for as long as TCP waits); the sockets' pubsub reads pass their own
     # shorter timeout.
-    app.extensions[notifications.REDIS_EXTENSION] = redis.Redis.from_url(
+    app.extensions[user_channels.REDIS_EXTENSION] = redis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=1, socket_timeout=2, socket_keepalive=True,
         health_check_interval=30)
     app.extensions["hseshop.api"].register_blueprint(auth.blueprint)

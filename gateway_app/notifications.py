@@ -42,12 +42,10 @@ from gateway_app.models import Notification
 from gateway_app.ratelimit import RateLimited
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out
 from gateway_app.socket_document import document_socket
-from gateway_app.user_channels import REDIS_EXTENSION, channel  # noqa: F401  (the app sets it)
-from gateway_app.user_channels import redis_client as _redis
+from gateway_app.user_channels import channel, redis_client
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
-from shared.documented_errors import DATABASE_UNAVAILABLE_OR_BUSY
-from shared.errors import DATABASE_ERRORS, ApiError
+from shared.errors import ApiError
 from shared.fields import WholeNumber
 from shared.http_api import Blueprint
 from shared.inbox import Handler, ReceivedEvent
@@ -92,7 +90,7 @@ SOCKET_ENDPOINT = "notifications_socket"
 
 blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications",
                       description="What happened to the signed-in user's orders",
-                      errors=(*SIGNED_IN_ERRORS, *DATABASE_UNAVAILABLE_OR_BUSY))
+                      errors=SIGNED_IN_ERRORS)
 
 
 # --- receiving: the inbox handler ----------------------------------------------------------------
@@ -145,7 +143,7 @@ def _publish(items: list[tuple[str, dict]]) -> None:
     """Publish each (user id, notification) to its user's channel, oldest first, in one round
     trip."""
     try:
-        pipeline = _redis().pipeline(transaction=False)
+        pipeline = redis_client().pipeline(transaction=False)
         for user_id, item in items:
             pipeline.publish(channel(user_id), dumps_exact(item))
         pipeline.execute()
@@ -319,8 +317,8 @@ def _socket_opening(authenticate, args) -> SocketOpening:
         after = _after_from(args)
     except RateLimited as exc:
         return SocketOpening(refusal=(1013, str(exc)[:120]))
-    except DATABASE_ERRORS as exc:  # (asked whether the token has been signed out)
-        log.warning("refused a notification socket: the database is unavailable: %s", exc)
+    except SQLAlchemyError as exc:  # (asked whether the token has been signed out)
+        log.warning("refused a notification socket: the database failed: %s", exc)
         return SocketOpening(refusal=UNAVAILABLE)
     except Exception as exc:
         return SocketOpening(refusal=(1008, str(exc)[:120]))
@@ -400,10 +398,14 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
     page goes, or its token expires or is signed out (then closed with 1008: the page signs in
     again, then reconnects)."""
     user_id = token.user_id
-    pubsub = _redis().pubsub()
+    pubsub = redis_client().pubsub()
     try:
         _subscribe(pubsub, channel(user_id))
-        # The table is read once subscribed: nothing committed before the subscription is missed.
+        # The token, and then the table, are read once subscribed: a sign-out, or a notification,
+        # committed before the subscription is not missed.
+        if is_signed_out(token):
+            _close(ws, 1008, SIGNED_OUT)
+            return
         last_sent = _send_newer(ws, user_id, after)
         recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
         while time.time() < token.expires_at:

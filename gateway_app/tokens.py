@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -42,13 +43,17 @@ def issue_token(user_id: str, username: str, secret: str, ttl_seconds: int,
 class VerifiedToken:
     user_id: str
     expires_at: float  # seconds since the epoch
-    digest: bytes  # what a signed-out token is remembered by (token_digest)
+    digest: bytes  # what a signed-out token is remembered by (claims_digest)
 
 
-def token_digest(token: str) -> bytes:
-    """The SHA-256 of a token: a signed-out token is remembered by it (gateway_app/sign_out.py),
-    so that what is kept could not be used as a token by whoever reads it."""
-    return hashlib.sha256(token.encode()).digest()
+def claims_digest(claims: dict) -> bytes:
+    """What a token is known by once verified, a signed-out one remembered by it
+    (gateway_app/sign_out.py): the SHA-256 of its claims, not of the string sent. One token can
+    be written several ways that all verify (PyJWT takes a signature with a `=` after it, say),
+    and a sign-out kept under one of them would let the others through. Each token's claims are
+    its own (its `jti`), and what is kept is no token whoever reads it."""
+    return hashlib.sha256(json.dumps(claims, sort_keys=True, separators=(",", ":")).encode()
+                          ).digest()
 
 
 def verify_token(token: str, secret: str) -> VerifiedToken:
@@ -63,4 +68,4 @@ def verify_token(token: str, secret: str) -> VerifiedToken:
         raise InvalidToken(EXPIRED, "TOKEN_EXPIRED") from None
     except jwt.PyJWTError:
         raise InvalidToken("The token is not valid.", "INVALID_TOKEN") from None
-    return VerifiedToken(claims["sub"], float(claims["exp"]), token_digest(token))
+    return VerifiedToken(claims["sub"], float(claims["exp"]), claims_digest(claims))

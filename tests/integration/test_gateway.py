@@ -29,8 +29,8 @@ import orders_app
 import payments_app
 from devstack.infra import free_port
 from gateway_app import auth as gateway_auth
-from gateway_app import notifications
-from gateway_app.tokens import VerifiedToken, issue_token, token_digest
+from gateway_app import notifications, user_channels
+from gateway_app.tokens import VerifiedToken, issue_token, verify_token
 from payments_app.models import Account
 from shared.app import MAX_REQUEST_BYTES
 from shared.contracts import ORDER_STATUS_CHANGED, new_event
@@ -996,8 +996,8 @@ def _status_changes(*users: str) -> list[ReceivedEvent]:
 def _subscribed_to(users: list[str]):
     """A Redis subscription to the users' notification channels, its confirmations read (a read
     meant for a message would otherwise get one of them, never the message)."""
-    pubsub = notifications._redis().pubsub()
-    pubsub.subscribe(*(notifications.channel(user) for user in users))
+    pubsub = user_channels.redis_client().pubsub()
+    pubsub.subscribe(*(user_channels.channel(user) for user in users))
     for _ in users:
         confirmed = wait_for(lambda: pubsub.get_message(timeout=0.1), timeout=5,
                              what="the subscriptions confirmed")
@@ -1029,7 +1029,7 @@ def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(setting
         assert pubsub.get_message(timeout=0.5) is None  # the repeat published nothing
         pubsub.close()
         kept = notifications.notifications_after(users[0], 0, 10)
-        channels = [notifications.channel(user) for user in (users[0], users[1], users[0])]
+        channels = [user_channels.channel(user) for user in (users[0], users[1], users[0])]
     assert [item["payload"]["order_id"] for item in kept] == [
         events[0].payload["order_id"], events[2].payload["order_id"]]
     assert [channel for channel, _data in published] == channels
@@ -1223,8 +1223,8 @@ def _socket_streaming(app, user: str, token_ttl: float = 3600,
     """`user`'s notification stream running into a RecordingSocket, in a thread, once it listens
     on Redis; inside the app's context. Closed and joined on the way out."""
     with _streaming_in_a_thread(app, user, None, token_ttl, token) as socket, app.app_context():
-        wait_for(lambda: notifications._redis().pubsub_numsub(
-            notifications.channel(user))[0][1] == 1, timeout=10, what="the socket to listen")
+        wait_for(lambda: user_channels.redis_client().pubsub_numsub(
+            user_channels.channel(user))[0][1] == 1, timeout=10, what="the socket to listen")
         yield socket
 
 
@@ -1235,8 +1235,7 @@ def _streaming_in_a_thread(app, user: str, after: int | None, token_ttl: float =
     RecordingSocket, in a thread, from now; closed, and its thread ended, on the way out. Its
     token is `token`, or one of `user`'s expiring in `token_ttl` seconds."""
     socket = RecordingSocket()
-    token = token or VerifiedToken(user, time.time() + token_ttl,
-                                   token_digest(uuid.uuid4().hex))
+    token = token or VerifiedToken(user, time.time() + token_ttl, uuid.uuid4().bytes * 2)
 
     def stream():
         with app.app_context():
@@ -1327,8 +1326,8 @@ def _streaming_with_its_subscribe_held_up(settings, app, user: str, monkeypatch)
     redis_address = settings.redis_url.split("//", 1)[1].split("/", 1)[0]
     proxy = HoldingProxy(redis_address, marker=b"SUBSCRIBE")
     subscriber = redis.Redis.from_url(settings.redis_url.replace(redis_address, proxy.address))
-    monkeypatch.setattr(notifications, "_redis", lambda: _SubscribingThrough(
-        subscriber, app.extensions[notifications.REDIS_EXTENSION]))
+    monkeypatch.setattr(notifications, "redis_client", lambda: _SubscribingThrough(
+        subscriber, app.extensions[user_channels.REDIS_EXTENSION]))
     try:
         with _streaming_in_a_thread(app, user, 0) as socket:
             try:
@@ -1368,10 +1367,9 @@ def test_a_socket_is_closed_when_its_token_is_signed_out_and_no_other_is(setting
     app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
     leaving, staying = (issue_token(user, "someone", settings.auth_token_secret, 600).access_token
                         for _ in range(2))
-    with (_socket_streaming(app, user, token=VerifiedToken(user, time.time() + 600,
-                                                           token_digest(leaving))) as closing,
-          _socket_streaming(app, user, token=VerifiedToken(user, time.time() + 600,
-                                                           token_digest(staying))) as open_one):
+    secret = settings.auth_token_secret
+    with (_socket_streaming(app, user, token=verify_token(leaving, secret)) as closing,
+          _socket_streaming(app, user, token=verify_token(staying, secret)) as open_one):
         assert gateway.post("/api/auth/logout",
                             headers={"Authorization": f"Bearer {leaving}"}).status_code == 204
         wait_for(closing.closing.is_set, timeout=10, what="the signed-out socket to close")
@@ -1380,6 +1378,25 @@ def test_a_socket_is_closed_when_its_token_is_signed_out_and_no_other_is(setting
             notifications.on_order_status_changes(session, _status_changes(user))
         wait_for(lambda: open_one.sent, timeout=10, what="the other socket to send")
         assert not open_one.closing.is_set()
+
+
+def test_a_socket_whose_token_is_signed_out_as_it_opens_sends_nothing_and_closes(
+        settings, gateway, monkeypatch):
+    """Signed out between the handshake's check and the socket's subscription (the wake-up then
+    missed): the socket reads the token again once subscribed, before the table, and closes
+    (its re-read of the table is put off past the test)."""
+    monkeypatch.setattr(notifications, "SOCKET_RECHECK_SECONDS", 3600)
+    app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
+    token = issue_token(user, "someone", settings.auth_token_secret, 600).access_token
+    with app.app_context(), transaction() as session:
+        notifications.on_order_status_changes(session, _status_changes(user))
+    assert gateway.post("/api/auth/logout",
+                        headers={"Authorization": f"Bearer {token}"}).status_code == 204
+    with _streaming_in_a_thread(app, user, 0, token=verify_token(token,
+                                                                 settings.auth_token_secret)) \
+            as socket:
+        wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
+    assert (socket.close_reason, socket.sent) == (1008, [])
 
 
 @pytest.mark.parametrize("failure", [
@@ -1659,6 +1676,6 @@ def test_a_socket_asked_for_what_is_no_notification_id_is_refused(settings, upst
 def test_the_notifications_redis_client_gives_up_on_a_silent_redis(gateway):
     """It publishes each notification after its commit: a Redis host gone silent must cost that
     thread 2 s, not as long as TCP waits."""
-    client = gateway.application.extensions[notifications.REDIS_EXTENSION]
+    client = gateway.application.extensions[user_channels.REDIS_EXTENSION]
     options = client.connection_pool.connection_kwargs
     assert options["socket_timeout"] == 2 and options["socket_keepalive"]

@@ -9,16 +9,17 @@ import socket
 import time
 import uuid
 
+import psycopg2
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 import gateway_app
 from devstack.infra import free_port
-from gateway_app import notifications
+from gateway_app import notifications, sign_out
 from gateway_app.models import SignedOutToken
-from gateway_app.tokens import issue_token, token_digest
-from shared.db import db
+from gateway_app.tokens import issue_token, verify_token
+from shared.db import db, driver_dsn
 
 NEWEST = "/api/notifications/newest"  # a signed-in route the gateway answers itself
 
@@ -45,9 +46,14 @@ def _error_code(response) -> str:
 
 
 def _kept(app, *tokens: str) -> int:
+    """How many of `tokens` are kept as signed out (all of them, with none given)."""
+    secret = app.extensions["hseshop.settings"].auth_token_secret
     with app.app_context():
-        return db.session.scalar(select(func.count()).select_from(SignedOutToken).where(
-            SignedOutToken.digest.in_([token_digest(token) for token in tokens])))
+        query = select(func.count()).select_from(SignedOutToken)
+        if tokens:
+            query = query.where(SignedOutToken.digest.in_(
+                [verify_token(token, secret).digest for token in tokens]))
+        return db.session.scalar(query)
 
 
 def test_a_signed_out_token_is_refused_by_every_gateway_and_no_other_token_is(gateways):
@@ -66,14 +72,17 @@ def test_a_signed_out_token_is_refused_by_every_gateway_and_no_other_token_is(ga
     again = second.post("/api/auth/logout", headers=_bearer(leaving))
     assert again.status_code == 204
     assert _kept(first.application, leaving, staying) == 1
+    # The same token written another way that verifies too is the same token, and signed out.
+    rewritten = first.get(NEWEST, headers=_bearer(leaving + "="))
+    assert (rewritten.status_code, _error_code(rewritten)) == (401, "TOKEN_SIGNED_OUT")
 
 
 def test_tokens_issued_in_one_second_are_signed_out_one_at_a_time(settings, gateways):
     """Two sign-ins of a user in the same second are two tokens, not one."""
     gateway, _ = gateways
-    now = time.time()
-    one, other = (issue_token(f"usr_{uuid.uuid4().hex[:16]}", "twin", settings.auth_token_secret,
-                              600, now=now).access_token for _ in range(2))
+    now, user_id = time.time(), f"usr_{uuid.uuid4().hex[:16]}"
+    one, other = (issue_token(user_id, "twin", settings.auth_token_secret, 600,
+                              now=now).access_token for _ in range(2))
     assert gateway.post("/api/auth/logout", headers=_bearer(one)).status_code == 204
     assert gateway.get(NEWEST, headers=_bearer(other)).status_code == 200
 
@@ -88,10 +97,10 @@ def test_signing_out_takes_only_a_token_the_gateway_would_take(settings, gateway
         authorization = "Bearer " + issue_token(
             "usr_gone", "gone", settings.auth_token_secret, 60, now=time.time() - 3600).access_token
     headers = {"Authorization": authorization} if authorization else {}
+    kept_before = _kept(gateway.application)
     refused = gateway.post("/api/auth/logout", headers=headers)
     assert (refused.status_code, _error_code(refused)) == (401, code)
-    if authorization:
-        assert _kept(gateway.application, authorization.removeprefix("Bearer ")) == 0
+    assert _kept(gateway.application) == kept_before
 
 
 def test_a_gateway_that_cannot_ask_its_database_lets_no_token_through(settings):
@@ -108,6 +117,28 @@ def test_a_gateway_that_cannot_ask_its_database_lets_no_token_through(settings):
         assert (refused.status_code, _error_code(refused)) == (503, "DATABASE_UNAVAILABLE")
         with pytest.raises(BlockingIOError):
             service.accept()
+
+
+def test_asking_whether_a_token_was_signed_out_waits_no_longer_than_its_limit(settings, gateways,
+                                                                           monkeypatch):
+    """Held up (the table locked, as a migration may), the lookup gives up after LOOKUP_LIMIT:
+    503 DATABASE_BUSY, where the session's own limits would hold the request 2 s for the lock,
+    30 s for a statement."""
+    monkeypatch.setattr(sign_out, "LOOKUP_LIMIT", "200ms")
+    gateway, _ = gateways
+    token = issue_token("usr_someone", "someone", settings.auth_token_secret, 600).access_token
+    locker = psycopg2.connect(driver_dsn(settings.database_url("gateway")))
+    try:
+        with locker.cursor() as cursor:
+            cursor.execute("LOCK TABLE signed_out_tokens IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        busy = gateway.get(NEWEST, headers=_bearer(token))
+        waited = time.monotonic() - started
+    finally:
+        locker.close()
+    assert (busy.status_code, _error_code(busy)) == (503, "DATABASE_BUSY")
+    assert waited < 1.5
+    assert gateway.get(NEWEST, headers=_bearer(token)).status_code == 200  # the limits were its own
 
 
 def test_a_socket_whose_token_cannot_be_checked_is_closed_for_the_page_to_reconnect():
