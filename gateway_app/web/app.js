@@ -98,7 +98,11 @@
 
   // --- HTTP -------------------------------------------------------------------------------------
 
-  async function api(method, path, { body, idempotencyKey, anonymous = false } = {}) {
+  // The answer's body; with `replayMark`, {body, replayed}: whether the gateway answered a repeat
+  // of an earlier request under the same Idempotency-Key (Idempotent-Replayed: nothing was done
+  // this time).
+  async function api(method, path,
+                     { body, idempotencyKey, anonymous = false, replayMark = false } = {}) {
     const headers = { Accept: "application/json" };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     if (!anonymous && session) headers.Authorization = `Bearer ${session.token}`;
@@ -120,7 +124,10 @@
     }
     const ended = endedSession(sentFor, anonymous);
     if (ended) throw ended;
-    if (response.ok) return data;
+    if (response.ok) {
+      if (!replayMark) return data;
+      return { body: data, replayed: response.headers.get("Idempotent-Replayed") === "true" };
+    }
     const info = (data && data.error) || {};
     const error = new ApiError(response.status, info.code || `HTTP_${response.status}`,
                                info.message || response.statusText
@@ -215,24 +222,37 @@
   }
 
   // The sign-out button: the gateway is told, and refuses the token from then on. The page signs
-  // out at once, without waiting for its answer, and says so if it could not be told (the token
-  // then works until it expires).
+  // out at once, without waiting for its answer; the page keeps the token to tell it again a few
+  // times if it could not be told, later each time (never sooner than a Retry-After says), then
+  // says so (the token works until it expires).
+  const SIGN_OUT_RETRIES_MS = [1000, 4000];
+
   function onSignOut() {
     const token = session && session.token;
     signOut();
     clearMessage();
-    if (!token) return;
-    fetch("/api/auth/logout", {
-      method: "POST", keepalive: true, headers: { Authorization: `Bearer ${token}` },
-    }).then((response) => {
+    if (token) tellTheGatewayOfSignOut(token, 0);
+  }
+
+  async function tellTheGatewayOfSignOut(token, retried) {
+    let waitMs = SIGN_OUT_RETRIES_MS[retried];
+    try {
+      const response = await fetch("/api/auth/logout", {
+        method: "POST", keepalive: true, headers: { Authorization: `Bearer ${token}` },
+      });
       // 401: the gateway refuses the token already (expired, or signed out in another tab).
-      if (!response.ok && response.status !== 401) throw new Error(`HTTP ${response.status}`);
-    }).catch(() => {
-      if (!session) {
-        showMessage("Signed out on this page, but the shop could not be told: the session stays"
-                    + " valid until it expires.");
-      }
-    });
+      if (response.ok || response.status === 401) return;
+      const retryAfter = Number(response.headers.get("Retry-After"));
+      if (retryAfter > 0) waitMs = Math.max(waitMs || 0, retryAfter * 1000);
+    } catch (exc) {
+      // no answer: told again below
+    }
+    if (retried < SIGN_OUT_RETRIES_MS.length) {
+      setTimeout(() => tellTheGatewayOfSignOut(token, retried + 1), waitMs);
+    } else if (!session) {
+      showMessage("Signed out on this page, but the shop could not be told: the session stays"
+                  + " valid until it expires.");
+    }
   }
 
   function signOut() {
@@ -431,10 +451,11 @@
       return;
     }
     await whileBusy($("topup-submit"), async () => {
-      let account;
+      let answer;
       try {
-        account = await api("POST", "/api/accounts/deposit", {
+        answer = await api("POST", "/api/accounts/deposit", {
           body: { amount }, idempotencyKey: keyFor("deposit", { amount: sameAmount(amount) }),
+          replayMark: true,
         });
       } catch (error) {
         if (!outcomeUnknown(error)) throw error;
@@ -447,9 +468,11 @@
         return;
       }
       delete pendingKeys.deposit;
-      showAnsweredAccount(account);
+      showAnsweredAccount(answer.body);
       $("topup-amount").value = "";
-      showMessage(`Topped up ${amount}.`, "info");
+      showMessage(answer.replayed
+        ? `The top-up of ${amount} had gone through already; it was not counted again.`
+        : `Topped up ${amount}.`, "info");
       // The answer to a retried top-up is the first one's, its balance as it stood then.
       refreshBalance().catch(report);
     });

@@ -308,8 +308,29 @@ def test_a_page_that_missed_orders_catches_up_once_and_no_sooner_than_it_was_tol
     assert balances and min(balances) >= 8000 - 5, (balances, reads)
 
 
+# Played by the browser itself: the page's first attempt to tell the gateway of a sign-out gets
+# no answer (the network drops it).
+FIRST_SIGN_OUT_LOST = """
+const realFetch = window.fetch.bind(window);
+window.hseshopSignOutsLost = 0;
+window.fetch = async (input, init) => {
+  const url = typeof input === "string" ? input : input.url;
+  if (new URL(url, location.href).pathname === "/api/auth/logout"
+      && window.hseshopSignOutsLost === 0) {
+    window.hseshopSignOutsLost += 1;
+    throw new TypeError("Failed to fetch");
+  }
+  return realFetch(input, init);
+};
+"""
+
+
 def test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_orders(
         stack, browser):
+    """Signing out tells the gateway, which refuses the page's token from then on: told again
+    when the first attempt got no answer."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": FIRST_SIGN_OUT_LOST})
     page = ShopPage(browser, f"{stack.gateway_url}/").open()
     username = f"web_{uuid.uuid4().hex[:12]}"
     page.sign_up(username, PASSWORD)
@@ -337,6 +358,8 @@ def test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_or
     refused = requests.get(f"{stack.gateway_url}/api/notifications/newest", timeout=5,
                            headers={"Authorization": f"Bearer {token}"})
     assert refused.json()["error"]["code"] == "TOKEN_SIGNED_OUT"
+    assert browser.execute_script("return window.hseshopSignOutsLost;") == 1
+    assert not page.visible("message")
     assert [page.element(field).get_attribute("value") for field in (
         "order-amount", "order-description", "topup-amount")] == ["", "", ""]
     page.fill("username", username)
@@ -381,7 +404,8 @@ window.fetch = async (input, init) => {
 
 def test_a_top_up_and_an_order_whose_answers_were_lost_count_once(stack, browser):
     """The top-up's answer lost: the page says it may have gone through and shows the balance as
-    it is; the same amount typed another way is a retry, not a second top-up. The order's answer
+    it is; the same amount typed another way is a retry, not a second top-up, and said to be one
+    (the gateway's Idempotent-Replayed); a new amount is a new top-up. The order's answer
     lost: pressing again with the same form is a retry, answered with the order already shown,
     not a second one; pressing once more places another. An amount typed with a decimal comma (a
     phone's keypad in a comma locale) is read as a point."""
@@ -392,8 +416,11 @@ def test_a_top_up_and_an_order_whose_answers_were_lost_count_once(stack, browser
                     what="the page to say the top-up may have gone through")
     page.wait_until(lambda: page.text("balance") == "112.50", what="the balance read again")
     page.top_up("12.5")
-    page.wait_until(lambda: page.text("message") == "Topped up 12.5.", what="the retry answered")
-    assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "112.50"
+    page.wait_until(lambda: page.text("message") == "The top-up of 12.5 had gone through already;"
+                    " it was not counted again.", what="the retry answered as a repeat")
+    page.top_up("1")
+    page.wait_until(lambda: page.text("message") == "Topped up 1.", what="a new top-up")
+    assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "113.50"
 
     page.fill("order-amount", "10")
     page.element("order-submit").click()
@@ -410,5 +437,5 @@ def test_a_top_up_and_an_order_whose_answers_were_lost_count_once(stack, browser
     page.wait_until(lambda: len(page.order_ids()) == 2, timeout=LIVE_DEADLINE,
                     what="a second order")
     assert len(shopper.api("GET", "/orders", 200)["items"]) == 2
-    page.wait_until(lambda: page.text("balance") == "92.50", timeout=LIVE_DEADLINE,
+    page.wait_until(lambda: page.text("balance") == "93.50", timeout=LIVE_DEADLINE,
                     what="both orders paid, once each")
