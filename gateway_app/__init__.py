@@ -33,7 +33,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = create_service_app(SERVICE, title="HseShop", settings=settings,
                              config=DOCS_CONFIG,
                              blueprints=[routes.blueprint, notifications.blueprint],
-                             authenticate=auth.authenticate_bearer)
+                             authenticate=auth.authenticate_bearer,
+                             takes_caller_deadlines=False)
     settings = app.extensions["hseshop.settings"]
     app.extensions[auth.RATE_LIMITER] = RateLimiter(
         settings.redis_url, settings.rate_limit_per_minute, settings.redis_key_prefix)

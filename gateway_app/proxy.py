@@ -20,6 +20,7 @@ from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from webargs.flaskparser import is_json_request
 
 from gateway_app.upstream_http import send
+from shared.caller_deadline import timeout_headers
 from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, idempotency_key_from_request
 from shared.internal_auth import identity_headers
@@ -52,6 +53,8 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
     if body:
         headers["Content-Type"] = "application/json"
     headers[REQUEST_ID_HEADER] = current_request_id() or ""
+    # Past it the service commits nothing, as over gRPC: the client has been answered 504 by then.
+    headers.update(timeout_headers(settings.upstream_timeout_seconds))
     # The query as the gateway read it (and the gRPC transport passes it on), encoded afresh: the
     # string as typed, "%35" or an escape that is none ("%zz"), would reach the service as
     # something else ("%2535": requests quotes every "%" again once one is not an escape).

@@ -7,6 +7,7 @@ from flask import g, jsonify
 from payments_app import endpoints
 from payments_app.schemas import (BALANCE_ERRORS, DEPOSIT_ERRORS, OPEN_ACCOUNT_ERRORS,
                                   AccountSchema, DepositSchema)
+from shared.caller_deadline import CALLER_GAVE_UP, TIMEOUT_PARAMETER
 from shared.documented_errors import SERVICE_OPERATION_ERRORS
 from shared.http_api import Blueprint, EmptySchema
 from shared.idempotency import (IDEMPOTENCY_KEY_PARAMETER, REPLAYED_RESPONSE_HEADERS,
@@ -19,8 +20,9 @@ blueprint = Blueprint("accounts", __name__, url_prefix="/accounts",
 
 @blueprint.post("")
 @blueprint.arguments(EmptySchema, required=False)
+@blueprint.doc(parameters=[TIMEOUT_PARAMETER])
 @blueprint.response(201, AccountSchema)
-@blueprint.errors(*OPEN_ACCOUNT_ERRORS)
+@blueprint.errors(*OPEN_ACCOUNT_ERRORS, CALLER_GAVE_UP)
 def open_account(_args):
     """Open the caller's account (one per user), with a zero balance."""
     return jsonify(endpoints.open_account(g.user_id)), 201
@@ -28,9 +30,9 @@ def open_account(_args):
 
 @blueprint.post("/deposit")
 @blueprint.arguments(DepositSchema)
-@blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
+@blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER, TIMEOUT_PARAMETER])
 @blueprint.response(200, AccountSchema, headers=REPLAYED_RESPONSE_HEADERS)
-@blueprint.errors(*DEPOSIT_ERRORS)
+@blueprint.errors(*DEPOSIT_ERRORS, CALLER_GAVE_UP)
 def deposit(args):
     """Top up the caller's account."""
     return jsonify(endpoints.deposit(g.user_id, args, idempotency_key_from_request()))

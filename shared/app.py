@@ -13,6 +13,7 @@ from swagger_ui_bundle import swagger_ui_path
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from shared.cache import CACHE_EXTENSION, VersionedCache
+from shared.caller_deadline import take_caller_deadlines
 from shared.config import MAX_REQUEST_BYTES, Settings, get_settings
 from shared.db import init_database
 from shared.errors import ErrorSchema, register_error_handlers
@@ -62,8 +63,11 @@ SWAGGER_UI_ASSETS = "/docs/swagger-ui-assets"
 
 def create_service_app(service: str, *, title: str, blueprints: Iterable[Blueprint],
                        settings: Settings | None = None, config: dict | None = None,
-                       authenticate: Callable[[], None] = identify_caller) -> Flask:
-    """A web app for `service`; `authenticate` runs before every route of `blueprints`."""
+                       authenticate: Callable[[], None] = identify_caller,
+                       takes_caller_deadlines: bool = True) -> Flask:
+    """A web app for `service`; `authenticate` runs before every route of `blueprints`. A service
+    behind the gateway `takes_caller_deadlines` (shared/caller_deadline.py); the gateway, the
+    public door, takes none from its clients."""
     settings = settings or get_settings()
     # No static folder of Flask's own: the gateway serves its page's files at /static itself.
     app = Flask(service, static_folder=None)
@@ -109,6 +113,8 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     app.before_request(refuse_an_unsized_body_over_the_limit)  # (its 413 logged with its id)
     app.before_request(forget_replayed_mark)
     app.after_request(say_if_replayed)  # Idempotent-Replayed: true on a replayed answer
+    if takes_caller_deadlines:
+        take_caller_deadlines(app)
     return app
 
 

@@ -11,7 +11,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
-from shared.db import cancelled_by_a_limit
+from shared.db import CallerGaveUp, cancelled_by_a_limit
 
 
 class ApiError(Exception):
@@ -133,6 +133,18 @@ class UpstreamTimeout(ApiError):
                    details={"service": service})
 
 
+class CallerDeadlinePassed(ApiError):
+    """The caller stopped waiting (its deadline passed, shared/caller_deadline.py) before the
+    request's work could commit: it was rolled back."""
+
+    status = 504
+    code = "CALLER_GAVE_UP"
+
+    def __init__(self):
+        super().__init__("The caller's deadline passed before the request's work could commit;"
+                         " nothing was changed.")
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict:
     return {"error": {"code": code, "message": message, "details": details or {}}}
 
@@ -196,6 +208,12 @@ def register_error_handlers(app: Flask) -> None:
 
     for error in DATABASE_ERRORS:
         app.register_error_handler(error, _database_unavailable)
+
+    @app.errorhandler(CallerGaveUp)
+    def _caller_gave_up(_exc: CallerGaveUp):
+        app.logger.warning("the caller's deadline passed before the request's work could commit;"
+                           " rolled back")
+        return _api_error(CallerDeadlinePassed())
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

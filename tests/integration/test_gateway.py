@@ -31,6 +31,7 @@ from devstack.infra import free_port
 from gateway_app import auth as gateway_auth
 from gateway_app import notifications, user_channels
 from gateway_app.tokens import VerifiedToken, issue_token, verify_token
+from orders_app.service import PLACING_LOCK_CLASS
 from payments_app.models import Account
 from shared.app import MAX_REQUEST_BYTES
 from shared.contracts import ORDER_STATUS_CHANGED, new_event
@@ -694,6 +695,32 @@ def test_past_the_rate_limit_a_user_gets_429_with_retry_after(settings, upstream
     assert client.get("/api/orders", headers=other).status_code == 200
 
 
+def test_an_order_the_gateway_gave_up_on_over_http_is_not_placed_after_all(settings, upstreams,
+                                                                           gateway):
+    """Over HTTP as over gRPC, the service is told how long the gateway waits, and commits
+    nothing after: an order without an Idempotency-Key held up past the gateway's 504 (its user's
+    placing lock held elsewhere), then let go, is rolled back, so that the client's retry is the
+    only order placed."""
+    impatient = _gateway(settings, orders_service_url=upstreams["orders"].url,
+                         payments_service_url=upstreams["payments"].url,
+                         upstream_timeout_seconds=0.5)
+    user_id, auth = _sign_up(impatient)
+    holder = psycopg2.connect(driver_dsn(settings.orders_database_url))
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                           (PLACING_LOCK_CLASS, user_id))
+        given_up = impatient.post("/api/orders", json={"amount": "1.00"}, headers=auth)
+        assert (given_up.status_code, given_up.get_json()["error"]["code"]) == (
+            504, "UPSTREAM_TIMEOUT")
+        assert _waiting_for_advisory_locks(settings, "orders") == 1  # the order, still waiting
+    finally:
+        holder.close()
+    # The retry waits for the lock behind the first request, which has by then rolled back.
+    assert gateway.post("/api/orders", json={"amount": "1.00"}, headers=auth).status_code == 202
+    assert len(gateway.get("/api/orders", headers=auth).get_json()["items"]) == 1
+
+
 def _from_an_address_of_its_own() -> dict:
     """A test client's request's keywords that make it come from an address no other test uses:
     its limit is counted apart."""
@@ -1187,8 +1214,8 @@ def _users_whose_lock_keys_sort_the_other_way(settings) -> tuple[str, str]:
     return first, second
 
 
-def _waiting_for_advisory_locks(settings) -> int:
-    with psycopg2.connect(driver_dsn(settings.gateway_database_url)) as connection:
+def _waiting_for_advisory_locks(settings, service: str = "gateway") -> int:
+    with psycopg2.connect(driver_dsn(settings.database_url(service))) as connection:
         with connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
                            " AND NOT granted AND database = (SELECT oid FROM pg_database"

@@ -11,6 +11,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import func, select, text
 
+import gateway_app
 import orders_app
 import payments_app
 import shared.db
@@ -18,6 +19,7 @@ import shared.health
 from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
+from shared.caller_deadline import LONGEST_TIMEOUT_MS, TIMEOUT_HEADER
 from shared.config import ENVIRONMENT, get_settings
 from shared.contracts import FAILURE_REASONS
 from shared.db import db, transaction
@@ -560,12 +562,12 @@ def test_each_service_serves_its_openapi_document_and_swagger_ui(orders_http, pa
 # Each operation of the services' APIs (by service, method and path as documented), with a body
 # it takes, and the error statuses its document gives.
 SERVICE_OPERATIONS = {
-    ("orders", "post", "/orders"): ({"amount": "1.00"}, {400, 401, 413, 422, 503}),
+    ("orders", "post", "/orders"): ({"amount": "1.00"}, {400, 401, 413, 422, 503, 504}),
     ("orders", "get", "/orders"): (None, {400, 401, 413, 422, 503}),
     ("orders", "get", "/orders/{order_id}"): (None, {401, 404, 413, 422, 503}),
-    ("payments", "post", "/accounts"): (None, {400, 401, 409, 413, 422, 503}),
+    ("payments", "post", "/accounts"): (None, {400, 401, 409, 413, 422, 503, 504}),
     ("payments", "post", "/accounts/deposit"): ({"amount": "1.00"},
-                                                {400, 401, 404, 413, 422, 503}),
+                                                {400, 401, 404, 413, 422, 503, 504}),
     ("payments", "get", "/accounts/balance"): (None, {401, 404, 413, 422, 503}),
 }
 
@@ -677,10 +679,47 @@ def test_every_error_a_service_operation_answers_is_documented_for_it_and_none_o
         db.session.commit()
     answers["payments", "post", "/accounts/deposit"].append(
         payments.post("/accounts/deposit", json={"amount": "1.00"}, headers=_as(user_id)))
+    # The caller gone by the time the work would commit.
+    gone, opened = _as(user_id, **{TIMEOUT_HEADER: "0"}), f"user-{uuid.uuid4().hex[:12]}"
+    payments.post("/accounts", headers=_as(opened))
+    answers["orders", "post", "/orders"].append(
+        orders.post("/orders", json={"amount": "1.00"}, headers=gone))
+    answers["payments", "post", "/accounts"].append(
+        payments.post("/accounts", headers=_as(f"user-{uuid.uuid4().hex[:12]}",
+                                               **{TIMEOUT_HEADER: "0"})))
+    answers["payments", "post", "/accounts/deposit"].append(
+        payments.post("/accounts/deposit", json={"amount": "1.00"},
+                      headers=_as(opened, **{TIMEOUT_HEADER: "0"})))
 
     for (service, method, path), given in answers.items():
         seen = {assert_documented(specs[service], method, path, answer) for answer in given}
         assert seen == documented_answers(specs[service], method, path), (method, path)
+
+
+@pytest.mark.parametrize("given, placed", [
+    ("0", False), ("60000", True), ("-1", True), ("1e3", True), ("٠", True),
+    (str(LONGEST_TIMEOUT_MS + 1), True),
+], ids=["run out", "a minute", "negative", "not digits", "not ASCII", "too long"])
+def test_a_service_commits_nothing_once_the_time_its_caller_gave_has_run_out(
+        orders_http, user_id, given, placed):
+    """X-Gateway-Timeout-Ms, as the gateway sends it: once it has run out, 504 CALLER_GAVE_UP and
+    no order; one that is no whole number of milliseconds up to an hour is no deadline."""
+    answer = orders_http.post("/orders", json={"amount": "1.00"},
+                              headers=_as(user_id, **{TIMEOUT_HEADER: given}))
+    listed = orders_http.get("/orders", headers=_as(user_id)).get_json()["items"]
+    if placed:
+        assert answer.status_code == 202 and len(listed) == 1
+    else:
+        assert (answer.status_code, answer.get_json()["error"]["code"]) == (504, "CALLER_GAVE_UP")
+        assert listed == []
+
+
+def test_the_gateway_takes_no_deadline_from_its_clients(settings):
+    """The public door: a client's X-Gateway-Timeout-Ms changes nothing there."""
+    gateway = gateway_app.create_app(settings=settings).test_client()
+    signed_up = gateway.post("/api/auth/register", headers={TIMEOUT_HEADER: "0"}, json={
+        "username": f"user-{uuid.uuid4().hex[:10]}", "password": "correct horse"})
+    assert signed_up.status_code == 201
 
 
 def test_with_its_database_unreachable_a_service_answers_503_not_500(settings, user_id):
