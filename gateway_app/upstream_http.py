@@ -53,12 +53,16 @@ class _Call(threading.local):
 
     deadline: float | None = None  # time.monotonic() by which the whole answer is read
     kept_alive = False  # its request went on a connection that had carried one before
-    sent_at = 0.0  # time.monotonic() when its request was sent
+    # time.monotonic() when the sending of its request began (None: not yet): set before the
+    # send, which can fail unseen (urllib3 takes a broken pipe or a reset there for a service that
+    # answered early, and reads on), not after it
+    sent_at: float | None = None
     answered = False  # a byte of an answer to it came
 
     def begin(self, seconds: float) -> None:
         self.deadline = time.monotonic() + seconds
         self.kept_alive = self.answered = False
+        self.sent_at = None
 
     def seconds_left(self) -> float | None:
         """What is left of the deadline (None: no call under way); TimeoutError once it has
@@ -139,11 +143,11 @@ class _TellingIfKeptAlive:
         # (Over HTTP a connection made for the request connects inside super().request.)
         _call.kept_alive = self.sock is not None and self._carried > 0
         _call.answered = False
+        _call.sent_at = time.monotonic()
         try:
             super().request(*args, **kwargs)
         except TimeoutError as exc:  # a send's (urllib3 raises its own for a connect's)
             raise _NotSentInTime(None, None, f"Sending the request timed out. ({exc})") from exc
-        _call.sent_at = time.monotonic()
         self._carried += 1
 
     def send(self, data) -> None:
@@ -220,7 +224,7 @@ def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
         failed_at = time.monotonic()
         left = _call.deadline - failed_at
         if not (safe_to_repeat and exc.args and isinstance(exc.args[0], ProtocolError)
-                and _call.kept_alive and not _call.answered
+                and _call.kept_alive and not _call.answered and _call.sent_at is not None
                 and failed_at - _call.sent_at < CLOSED_AT_ONCE_SECONDS
                 and left > SECOND_TRY_NEEDS_SECONDS):
             raise

@@ -29,7 +29,7 @@ import orders_app
 import payments_app
 from devstack.infra import free_port
 from gateway_app import auth as gateway_auth
-from gateway_app import notifications, user_channels
+from gateway_app import notifications, upstream_http, user_channels
 from gateway_app.tokens import VerifiedToken, issue_token, verify_token
 from orders_app.service import PLACING_LOCK_CLASS
 from payments_app.models import Account
@@ -468,13 +468,20 @@ def test_an_answer_that_drips_is_cut_off_at_the_deadline_with_504(settings, upst
         served.close()
 
 
+# What a _DroppingHandler's `drops` returns for a request whose connection it closes as soon as
+# the request's head is read, its body unread: the close resets the connection, its sender's
+# sending of the rest broken off.
+_CLOSED_UNREAD = object()
+
+
 class _DroppingHandler(http.server.BaseHTTPRequestHandler):
     """Keeps its connections alive (HTTP/1.1) and answers each request at once, but for those
     `server.drops(on_connection, on_server)` picks (the request's count on its connection, and on
     the server, from 1) with what it sends of an answer, b"" for nothing, as gunicorn closes a
     kept-alive connection past its keep-alive as a request comes on it, never seeing the request:
-    it reads them whole, sends that and closes their connection. Notes each request received, and
-    each answered: its method, client port (its connection) and Idempotency-Key."""
+    it reads them whole, sends that and closes their connection (or closes it at once, the body
+    unread, for _CLOSED_UNREAD). Notes each request received, and each answered: its method,
+    client port (its connection) and Idempotency-Key."""
 
     protocol_version = "HTTP/1.1"
     timeout = 10  # the thread of a connection left idle ends
@@ -491,17 +498,21 @@ class _DroppingHandler(http.server.BaseHTTPRequestHandler):
         self._answer(202)
 
     def _answer(self, status: int) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.on_connection += 1
         request = (self.command, self.client_address[1], self.headers.get("Idempotency-Key"))
         with self.server.lock:
             self.server.received.append(request)
             sent = self.server.drops(self.on_connection, len(self.server.received))
-            if sent is not None:
-                self.wfile.write(sent)
-                self.close_connection = True
-                return
-            self.server.answered.append(request)
+            if sent is None:
+                self.server.answered.append(request)
+        if sent is _CLOSED_UNREAD:
+            self.close_connection = True
+            return
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if sent is not None:
+            self.wfile.write(sent)
+            self.close_connection = True
+            return
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(self.BODY)))
@@ -513,9 +524,16 @@ class _DroppingHandler(http.server.BaseHTTPRequestHandler):
 
 
 @contextmanager
-def _dropping(settings, drops) -> Iterator[tuple[object, http.server.ThreadingHTTPServer]]:
-    """A gateway (its client) whose orders service is a _DroppingHandler dropping `drops`."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DroppingHandler)
+def _dropping(settings, drops, receive_buffer_bytes: int | None = None
+              ) -> Iterator[tuple[object, http.server.ThreadingHTTPServer]]:
+    """A gateway (its client) whose orders service is a _DroppingHandler dropping `drops`, its
+    connections' receive buffers `receive_buffer_bytes` where given (else the kernel's)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DroppingHandler,
+                                             bind_and_activate=False)
+    if receive_buffer_bytes is not None:  # (before listen(): the connections accepted take it)
+        server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
+    server.server_bind()
+    server.server_activate()
     server.drops, server.lock, server.received, server.answered = \
         drops, threading.Lock(), [], []
     served = _Served(server)
@@ -557,6 +575,41 @@ def test_a_request_whose_kept_alive_connection_closed_unanswered_is_sent_again_i
             [(again, on, with_key)] = called[1:]  # sent once more, and seen once
             assert (again, with_key) == (method, key) and on != kept_alive
             assert server.answered[1:] == called[1:]
+
+
+def test_a_keyed_post_whose_kept_alive_connection_closed_as_its_body_went_is_sent_again(
+        settings, upstreams, monkeypatch):
+    """A kept-alive connection the service closed as the request came on it, its head read, its
+    body not: the body's send is broken off (urllib3 takes that for a service that answered
+    early, and reads on), then the read finds the connection closed, no answer. A POST with an
+    Idempotency-Key is sent again on a new connection, as for a close before the request came:
+    the request failed at once, though its send had not ended. The time it was sent at was taken
+    once its send had ended, so a send broken off left the previous call's: measured from that,
+    the failure was no longer "at once", a 502.
+
+    The gateway's send buffer is small, and the service's receive buffer the least, so that the
+    body (60 KiB) is still being sent when the service closes."""
+    _with_a_small_send_buffer(monkeypatch)
+    with _dropping(settings, _kept_alive_closed_unread,
+                   receive_buffer_bytes=NeverReadingServer.RECEIVE_BUFFER_BYTES
+                   ) as (client, server):
+        _, auth = _sign_up(client)
+        assert client.get("/api/orders", headers=auth).status_code == 200  # kept alive
+        [(_, kept_alive, _)] = server.answered
+        # (The connection idle a while, as one is before its keep-alive runs out.)
+        time.sleep(2 * upstream_http.CLOSED_AT_ONCE_SECONDS)
+        body = b'{"amount": "1.00"' + b" " * (MAX_REQUEST_BYTES - 4096) + b"}"  # (JSON, spaces)
+        answer = client.post("/api/orders", data=body, content_type="application/json",
+                             headers={**auth, "Idempotency-Key": "retry-me"})
+        assert answer.status_code == 202, answer.get_json()
+        [dropped, again] = server.received[1:]
+        assert dropped == ("POST", kept_alive, "retry-me")
+        assert again[::2] == ("POST", "retry-me") and again[1] != kept_alive
+        assert server.answered[1:] == [again]
+
+
+def _kept_alive_closed_unread(on_connection: int, on_server: int) -> object:
+    return _CLOSED_UNREAD if on_connection > 1 else None
 
 
 def _kept_alive_held_then_dropped(on_connection: int, on_server: int) -> bytes | None:
@@ -635,6 +688,22 @@ def test_a_deadline_shorter_than_the_connect_timeout_holds_for_the_connect_too(
         listener.close()
 
 
+def _with_a_small_send_buffer(monkeypatch, connecting_seconds: float = 0.0) -> None:
+    """The gateway's connections to the services (over HTTP) get a send buffer of 8 KiB
+    (setsockopt doubles the 4 KiB asked for), as over a network: over loopback Linux gives a
+    connection's about 4 MB at once, which no body the gateway takes (64 KiB at most) fills. Each
+    takes `connecting_seconds` to make."""
+    new_conn = upstream_http._Connection._new_conn
+
+    def made_with_a_small_send_buffer(connection):
+        sock = new_conn(connection)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        time.sleep(connecting_seconds)
+        return sock
+
+    monkeypatch.setattr(upstream_http._Connection, "_new_conn", made_with_a_small_send_buffer)
+
+
 def test_a_request_the_service_does_not_read_is_cut_off_at_the_deadline_with_504(
         settings, upstreams, monkeypatch):
     """A service that reads nothing (its buffers full): the request's send waits only for what is
@@ -642,22 +711,8 @@ def test_a_request_the_service_does_not_read_is_cut_off_at_the_deadline_with_504
     UPSTREAM_TIMEOUT, the connection closed, not pooled. A send timed out was a 502, as if the
     service had closed the connection, and each send waited the connect timeout (1 s, or the
     deadline under it), whatever was left: here, once the connection took 0.4 s of 0.5, 0.9 s.
-
-    The gateway's connections get a send buffer of 8 KiB (setsockopt doubles the 4 KiB asked
-    for), as over a network: over loopback Linux gives a connection's about 4 MB at once, which
-    no body the gateway takes (64 KiB at most) fills."""
-    from gateway_app import upstream_http
-
-    new_conn = upstream_http._Connection._new_conn
-
-    def made_slowly_with_a_small_send_buffer(connection):
-        sock = new_conn(connection)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        time.sleep(0.4)  # (a service far away, say)
-        return sock
-
-    monkeypatch.setattr(upstream_http._Connection, "_new_conn",
-                        made_slowly_with_a_small_send_buffer)
+    (The gateway's send buffer is small, as over a network: _with_a_small_send_buffer.)"""
+    _with_a_small_send_buffer(monkeypatch, connecting_seconds=0.4)  # (a service far away, say)
     server = NeverReadingServer()
     deadline = 0.5
     try:
