@@ -4,10 +4,11 @@ that is safe.
 
 "Too slow" is one deadline for the whole call (UPSTREAM_TIMEOUT_SECONDS, as over gRPC), its
 connection, the sending of its request, its answer's headers and its body, each send and each read
-waiting only for what is left of it: a read timeout alone starts again with each byte, so an
-answer dripping a byte a second held the gateway's thread, and its client, for as long as it
-dripped; and a send waited the connect timeout, whatever was left. The connection of a request or
-an answer cut off is closed, never pooled.
+waiting only for what is left of it (each send whole over plain HTTP, each piece of one over TLS:
+_TellingIfKeptAlive.send): a read timeout alone starts again with each byte, so an answer dripping a
+byte a second held the gateway's thread, and its client, for as long as it dripped; and a send
+waited the connect timeout, whatever was left. The connection of a request or an answer cut off is
+closed, never pooled.
 
 Connections are kept alive and pooled, and a service closes one idle past its keep-alive (2 s,
 gunicorn's default) whenever it likes: just as the gateway sends a request on it, say, and the
@@ -153,8 +154,11 @@ class _TellingIfKeptAlive:
     def send(self, data) -> None:
         """http.client's send (of the request line and headers, then of the body), waiting at
         most for what is left of the deadline, and no longer than it did: the socket's timeout
-        as urllib3 sends with it, the connect timeout. (sendall holds to a timeout for all it
-        sends, not for each piece.)"""
+        as urllib3 sends with it, the connect timeout. Over plain HTTP, as the services are
+        called, that holds for all it sends: a socket's sendall holds to one timeout for all of
+        it, not for each piece. Over TLS it holds for each piece only: ssl's sendall sends a
+        piece at a time, each waiting the whole timeout afresh, so a send can outlast the
+        deadline there."""
         if self.sock is None:
             self.connect()  # (as http.client's own send does, first)
         left = _call.seconds_left()
