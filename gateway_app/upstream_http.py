@@ -127,6 +127,11 @@ class _NotSentInTime(ReadTimeoutError):
     begun in time is: the same 504 (gateway_app/proxy.py). A send timed out was urllib3's
     ProtocolError, a 502, as if the service had closed the connection."""
 
+    def __init__(self, pool, url: str | None, message: str):
+        super().__init__(pool, url, message)
+        if pool is None:  # (raised by a connection, which knows no pool: not "None: ...")
+            self.args = (message,)
+
 
 class _TellingIfKeptAlive:
     """A connection telling the call whether its request went on a socket that had carried one
@@ -148,7 +153,8 @@ class _TellingIfKeptAlive:
         try:
             super().request(*args, **kwargs)
         except TimeoutError as exc:  # a send's (urllib3 raises its own for a connect's)
-            raise _NotSentInTime(None, None, f"Sending the request timed out. ({exc})") from exc
+            raise _NotSentInTime(None, None, f"Sending the request to {self.host}:{self.port}"
+                                 f" did not end in time ({exc}).") from exc
         self._carried += 1
 
     def send(self, data) -> None:
