@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 
 import simple_websocket
 
@@ -52,7 +53,7 @@ class SilencingProxy:
         self._carried: list[socket.socket] = []  # both ends of each connection carried
         self._refusing = False
         self._accepting = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        _accept_each(self._listener, self._accepted, until=self._closed)
 
     def cut(self) -> None:
         """Every connection carried so far is closed, and each one made until `restore()` is
@@ -88,30 +89,25 @@ class SilencingProxy:
         for sock in self._sockets:
             sock.close()
 
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._accepting:
-                refused = self._refusing
-            if refused:
+    def _accepted(self, client: socket.socket) -> None:
+        with self._accepting:
+            refused = self._refusing
+        if refused:
+            client.close()
+            return
+        upstream = socket.create_connection(self._target)
+        self._sockets += [client, upstream]
+        with self._accepting:
+            if self._refusing:  # cut while connecting
                 client.close()
-                continue
-            upstream = socket.create_connection(self._target)
-            self._sockets += [client, upstream]
-            with self._accepting:
-                if self._refusing:  # cut while connecting
-                    client.close()
-                    upstream.close()
-                    continue
-                self._carried += [client, upstream]
-                for source, sink in ((client, upstream), (upstream, client)):
-                    carrier = threading.Thread(target=self._carry, args=(source, sink, self._era),
-                                               daemon=True)
-                    carrier.start()
-                    self._carriers.append(carrier)
+                upstream.close()
+                return
+            self._carried += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                carrier = threading.Thread(target=self._carry, args=(source, sink, self._era),
+                                           daemon=True)
+                carrier.start()
+                self._carriers.append(carrier)
 
     def _carry(self, source: socket.socket, sink: socket.socket, era: int) -> None:
         source.settimeout(0.1)
@@ -141,7 +137,7 @@ class HoldingProxy:
         self.held = threading.Event()
         self._released = threading.Event()
         self._sockets = [self._listener]
-        threading.Thread(target=self._accept, daemon=True).start()
+        _accept_each(self._listener, self._accepted)
 
     def release(self) -> None:
         self._released.set()
@@ -152,17 +148,11 @@ class HoldingProxy:
         for sock in self._sockets:
             _shut(sock)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self._target)
-            self._sockets += [client, upstream]
-            for source, sink, holding in ((client, upstream, True), (upstream, client, False)):
-                threading.Thread(target=self._carry, args=(source, sink, holding),
-                                 daemon=True).start()
+    def _accepted(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self._target)
+        self._sockets += [client, upstream]
+        for source, sink, holding in ((client, upstream, True), (upstream, client, False)):
+            threading.Thread(target=self._carry, args=(source, sink, holding), daemon=True).start()
 
     def _carry(self, source: socket.socket, sink: socket.socket, holding: bool) -> None:
         try:
@@ -195,7 +185,7 @@ class NeverReadingServer:
         self._listener.listen()
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self.accepted: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        _accept_each(self._listener, self.accepted.append)
 
     def read_until_closed(self, connection: socket.socket, timeout: float) -> bytes:
         """All that was sent on `connection`, read to the client's close (TimeoutError if nothing
@@ -210,13 +200,21 @@ class NeverReadingServer:
         for sock in (self._listener, *self.accepted):
             _shut(sock)
 
-    def _accept(self) -> None:
-        while True:
+
+def _accept_each(listener: socket.socket, accepted: Callable[[socket.socket], None],
+                 until: threading.Event | None = None) -> None:
+    """The connections made to `listener` accepted in a thread started here, each handed to
+    `accepted` in it, until the listener is closed (or `until` is set, seen after a connection)."""
+
+    def accept() -> None:
+        while until is None or not until.is_set():
             try:
-                connection, _ = self._listener.accept()
+                connection, _ = listener.accept()
             except OSError:  # closed
                 return
-            self.accepted.append(connection)
+            accepted(connection)
+
+    threading.Thread(target=accept, daemon=True).start()
 
 
 def _shut(sock: socket.socket) -> None:
