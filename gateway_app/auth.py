@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import insert
 from gateway_app.models import User
 from gateway_app.passwords import hash_password, verify_password
 from gateway_app.ratelimit import RATE_LIMITED
-from gateway_app.sign_out import SIGNED_OUT, is_signed_out, sign_out
+from gateway_app.sign_out import SIGNED_OUT, is_signed_out, sign_out, sign_out_everywhere
 from gateway_app.tokens import InvalidToken, VerifiedToken, issue_token, verify_token
 from shared.db import db, transaction
 from shared.documented_errors import DATABASE_UNAVAILABLE_OR_BUSY, DocumentedError
@@ -73,7 +73,7 @@ class SessionSchema(Schema):
 def _session_body(user: User) -> dict:
     settings = current_app.extensions["hseshop.settings"]
     token = issue_token(user.id, user.username, settings.auth_token_secret,
-                        settings.auth_token_ttl_seconds)
+                        settings.auth_token_ttl_seconds, generation=user.token_generation)
     return {"user_id": user.id, "username": user.username, "access_token": token.access_token,
             "token_type": "Bearer", "expires_in": token.expires_in}
 
@@ -130,6 +130,20 @@ def logout(_args):
     except InvalidToken as exc:
         raise Unauthorized(str(exc), code=exc.code) from None
     sign_out(verified)
+    return "", 204
+
+
+@blueprint.post("/logout/everywhere")
+@blueprint.arguments(EmptySchema, required=False)
+@blueprint.response(204, description="Signed out everywhere: every token of the user issued until"
+                    " now is refused (401 `TOKEN_SIGNED_OUT`), this one too, by every gateway"
+                    " instance, and every notification socket of theirs is closed (1008). Signing"
+                    " in again gives a token that is taken.")
+@blueprint.errors(*SIGNED_IN_ERRORS)
+def logout_everywhere(_args):
+    """Sign out everywhere: every token of the user is refused from now on."""
+    token = verified_token_or_401(_bearer_token(request.headers.get("Authorization", "")))
+    sign_out_everywhere(token)
     return "", 204
 
 

@@ -1,6 +1,9 @@
 """Signing a token out before it expires (`POST /api/auth/logout`): the token is remembered, by its
 digest, in the gateway's database, which every gateway instance asks before it takes a token, so a
-token signed out on one is refused by all of them, at once, and after any restart.
+token signed out on one is refused by all of them, at once, and after any restart. Signing out
+everywhere (`POST /api/auth/logout/everywhere`) moves the user's generation of tokens on: every
+token issued before, of an earlier generation, is refused the same way, and those issued after
+are taken.
 
 A signed-out token is kept until a while after it has expired (FORGOTTEN_AFTER_EXPIRY_SECONDS): it
 is refused as expired from then on. The while covers a gateway instance whose clock runs behind
@@ -11,11 +14,11 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import text
+from sqlalchemy import text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from gateway_app.models import SignedOutToken
+from gateway_app.models import SignedOutToken, User
 from gateway_app.tokens import VerifiedToken
 from gateway_app.user_channels import wake_sockets
 from shared.db import after_commit, db, transaction
@@ -36,14 +39,25 @@ def sign_out(token: VerifiedToken) -> None:
             .on_conflict_do_nothing(index_elements=[SignedOutToken.digest]))
 
 
+def sign_out_everywhere(token: VerifiedToken) -> None:
+    """Refuse every token of the user issued until now, then wake their open sockets, which all
+    close."""
+    with transaction() as session:
+        after_commit(session, lambda: wake_sockets(token.user_id))
+        session.execute(update(User).where(User.id == token.user_id)
+                        .values(token_generation=User.token_generation + 1))
+
+
 def is_signed_out(token: VerifiedToken) -> bool:
-    """Whether `token` has been signed out: a lookup by primary key, given LOOKUP_LIMIT to wait
+    """Whether `token` has been signed out, itself or everywhere: two lookups by primary key in one
+    statement, given LOOKUP_LIMIT to wait
     for a lock or to answer (a DATABASE_BUSY then, not the request held for the session's 30 s),
     on a connection given back to the pool at once: the request that asks goes on to call a
     service, and must not hold a connection while it waits for that."""
     with db.engine.connect() as connection:
-        return connection.exec_driver_sql(
-            _SIGNED_OUT, {"digest": token.digest, "limit": LOOKUP_LIMIT}).first() is not None
+        return connection.exec_driver_sql(_SIGNED_OUT, {
+            "digest": token.digest, "user_id": token.user_id, "generation": token.generation,
+            "limit": LOOKUP_LIMIT}).scalar()
 
 
 # Asking whether a token has been signed out comes before every signed-in request: it may take
@@ -54,7 +68,9 @@ LOOKUP_LIMIT = "1s"
 _SIGNED_OUT = """
 SELECT set_config('lock_timeout', %(limit)s, true),
        set_config('statement_timeout', %(limit)s, true);
-SELECT FROM signed_out_tokens WHERE digest = %(digest)s"""
+SELECT EXISTS (SELECT FROM signed_out_tokens WHERE digest = %(digest)s)
+       OR EXISTS (SELECT FROM users
+                  WHERE id = %(user_id)s AND token_generation > %(generation)s)"""
 
 
 def prune_expired_sign_outs(session: Session, cutoff: datetime, limit: int) -> int:

@@ -30,12 +30,14 @@ class IssuedToken:
 
 
 def issue_token(user_id: str, username: str, secret: str, ttl_seconds: int,
-                now: float | None = None) -> IssuedToken:
+                now: float | None = None, generation: int = 0) -> IssuedToken:
+    """A token for the user, of their tokens' `generation` (gateway_app/sign_out.py: signing out
+    everywhere moves it on, and the tokens of the generations before are refused)."""
     issued_at = int(time.time() if now is None else now)
     # `jti` makes each token its own, so that signing one out signs out no other: two sign-ins of
     # a user in the same second would otherwise be the same token.
     claims = {"sub": user_id, "username": username, "iss": ISSUER, "iat": issued_at,
-              "exp": issued_at + ttl_seconds, "jti": secrets.token_urlsafe(16)}
+              "exp": issued_at + ttl_seconds, "jti": secrets.token_urlsafe(16), "gen": generation}
     return IssuedToken(jwt.encode(claims, secret, algorithm=ALGORITHM), ttl_seconds)
 
 
@@ -44,6 +46,7 @@ class VerifiedToken:
     user_id: str
     expires_at: float  # seconds since the epoch
     digest: bytes  # what a signed-out token is remembered by (claims_digest)
+    generation: int = 0  # of the user's tokens (issue_token)
 
 
 def claims_digest(claims: dict) -> bytes:
@@ -68,4 +71,6 @@ def verify_token(token: str, secret: str) -> VerifiedToken:
         raise InvalidToken(EXPIRED, "TOKEN_EXPIRED") from None
     except jwt.PyJWTError:
         raise InvalidToken("The token is not valid.", "INVALID_TOKEN") from None
-    return VerifiedToken(claims["sub"], float(claims["exp"]), claims_digest(claims))
+    # (No `gen` in a token issued before there were generations: the first.)
+    return VerifiedToken(claims["sub"], float(claims["exp"]), claims_digest(claims),
+                         claims.get("gen", 0))

@@ -891,9 +891,11 @@ GATEWAY_OPERATIONS = {
     ("post", "/api/auth/register"): (_CREDENTIALS, {400, 409, 413, 422, 429, 503}),
     ("post", "/api/auth/login"): (_CREDENTIALS, {400, 401, 413, 422, 429, 503}),
     ("post", "/api/auth/logout"): (None, {400, 401, 413, 422, 429, 503}),
+    ("post", "/api/auth/logout/everywhere"): (None, {400, 401, 413, 422, 429, 503}),
 }
 SIGNED_IN = [operation for operation in GATEWAY_OPERATIONS if "/auth/" not in operation[1]]
 LOG_OUT = ("post", "/api/auth/logout")
+LOG_OUT_EVERYWHERE = ("post", "/api/auth/logout/everywhere")
 SHOP = [operation for operation in SIGNED_IN if "/notifications" not in operation[1]]
 
 
@@ -917,6 +919,8 @@ def test_each_gateway_operation_documents_its_error_statuses_in_the_error_shape(
             codes_named(documented_errors(spec, method, path)[401])), (method, path)
     assert {"MISSING_TOKEN", "INVALID_TOKEN", "TOKEN_EXPIRED"} == codes_named(
         documented_errors(spec, *LOG_OUT)[401])
+    assert {"MISSING_TOKEN", "INVALID_TOKEN", "TOKEN_EXPIRED", "TOKEN_SIGNED_OUT"} == codes_named(
+        documented_errors(spec, *LOG_OUT_EVERYWHERE)[401])
 
 
 class _SlowToAnyHandler(_SlowHandler):
@@ -968,8 +972,8 @@ def test_every_error_a_gateway_operation_answers_is_documented_for_it_and_none_o
     signed_out = _token(settings)
     assert gateway.post("/api/auth/logout", headers=signed_out).status_code == 204
     for headers in ({}, {"Authorization": "Bearer not-a-token"}, expired):
-        kept(_each_asked(gateway, [*SIGNED_IN, LOG_OUT], headers))
-    kept(_each_asked(gateway, SIGNED_IN, signed_out))
+        kept(_each_asked(gateway, [*SIGNED_IN, LOG_OUT, LOG_OUT_EVERYWHERE], headers))
+    kept(_each_asked(gateway, [*SIGNED_IN, LOG_OUT_EVERYWHERE], signed_out))
     auth = _token(settings)
     for method, path in GATEWAY_OPERATIONS:
         answers[method, path] += [
@@ -1480,6 +1484,24 @@ def test_a_socket_whose_token_is_signed_out_as_it_opens_sends_nothing_and_closes
             as socket:
         wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
     assert (socket.close_reason, socket.sent) == (1008, [])
+
+
+def test_signing_out_everywhere_closes_every_socket_of_the_user(settings, gateway, monkeypatch):
+    """At once (their re-reads of the table put off past the test): the sockets opened with the
+    user's two tokens both close with 1008."""
+    monkeypatch.setattr(notifications, "SOCKET_RECHECK_SECONDS", 3600)
+    username = f"user-{uuid.uuid4().hex[:10]}"
+    user_id, auth = _sign_up(gateway, username)
+    other = gateway.post("/api/auth/login", json={"username": username,
+                                                  "password": "correct horse"})
+    tokens = [auth["Authorization"].removeprefix("Bearer "), other.get_json()["access_token"]]
+    app, secret = gateway.application, settings.auth_token_secret
+    with (_socket_streaming(app, user_id, token=verify_token(tokens[0], secret)) as one,
+          _socket_streaming(app, user_id, token=verify_token(tokens[1], secret)) as another):
+        assert gateway.post("/api/auth/logout/everywhere", headers=auth).status_code == 204
+        for socket in (one, another):
+            wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
+            assert socket.close_reason == 1008
 
 
 @pytest.mark.parametrize("failure", [

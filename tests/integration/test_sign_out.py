@@ -9,6 +9,7 @@ import socket
 import time
 import uuid
 
+import jwt
 import psycopg2
 import pytest
 from sqlalchemy import func, select
@@ -149,3 +150,32 @@ def test_a_socket_whose_token_cannot_be_checked_is_closed_for_the_page_to_reconn
 
     opening = notifications._socket_opening(database_away, {"access_token": "anything"})
     assert opening.refusal == notifications.UNAVAILABLE
+
+
+def test_signing_out_everywhere_refuses_every_token_of_the_user_issued_until_then(settings,
+                                                                                gateways):
+    """Two devices and a token issued before tokens had generations: one call refuses them all,
+    on every gateway instance, and no other user's; signing in again gives a token that is
+    taken."""
+    first, second = gateways
+    username = f"everywhere-{uuid.uuid4().hex[:8]}"
+    phone, laptop = _signed_in(first, username, True), _signed_in(first, username, False)
+    user_id = verify_token(phone, settings.auth_token_secret).user_id
+    older = jwt.encode({"sub": user_id, "username": username, "iss": "hseshop-gateway",
+                        "iat": int(time.time()), "exp": int(time.time()) + 600},
+                       settings.auth_token_secret, algorithm="HS256")
+    someone_else = _signed_in(first, f"bystander-{uuid.uuid4().hex[:8]}", True)
+    assert first.get(NEWEST, headers=_bearer(older)).status_code == 200
+
+    signed_out = second.post("/api/auth/logout/everywhere", headers=_bearer(phone))
+    assert (signed_out.status_code, signed_out.data) == (204, b"")
+
+    for gateway in gateways:
+        for token in (phone, laptop, older):
+            refused = gateway.get(NEWEST, headers=_bearer(token))
+            assert (refused.status_code, _error_code(refused)) == (401, "TOKEN_SIGNED_OUT")
+        assert gateway.get(NEWEST, headers=_bearer(someone_else)).status_code == 200
+    again = second.post("/api/auth/logout/everywhere", headers=_bearer(laptop))
+    assert (again.status_code, _error_code(again)) == (401, "TOKEN_SIGNED_OUT")
+    fresh = _signed_in(second, username, False)
+    assert first.get(NEWEST, headers=_bearer(fresh)).status_code == 200

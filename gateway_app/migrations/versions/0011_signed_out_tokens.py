@@ -1,5 +1,6 @@
 """Tokens signed out before they expire (POST /api/auth/logout), refused until they do
-(gateway_app/sign_out.py), and pruned by when they expire.
+(gateway_app/sign_out.py), and pruned by when they expire; and each user's generation of tokens,
+which signing out everywhere moves on (POST /api/auth/logout/everywhere).
 
 Revision ID: 0011
 """
@@ -18,7 +19,10 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_index("ix_signed_out_tokens_expires_at", "signed_out_tokens", ["expires_at"])
+    op.add_column("users", sa.Column("token_generation", sa.Integer, nullable=False,
+                                     server_default=sa.text("0")))
 
 
 def downgrade() -> None:
+    op.drop_column("users", "token_generation")
     op.drop_table("signed_out_tokens")
