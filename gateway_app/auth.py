@@ -7,11 +7,9 @@ the services hear only the identity the gateway signs for them.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import secrets
 import uuid
-from collections.abc import Iterator
 
 from flask import current_app, g, jsonify, request
 from marshmallow import RAISE, Schema, fields, validate
@@ -161,21 +159,8 @@ def limit_by_address() -> None:
 
 def authenticate_bearer() -> None:
     """`before_request` for the rest of /api: the bearer token decides the user, then the limit."""
-    with counted_by_address_if_refused():
-        g.user_id = bearer_user_id(request.headers.get("Authorization", ""))
+    g.user_id = bearer_user_id(request.headers.get("Authorization", ""))
     current_app.extensions[RATE_LIMITER].check(f"user:{g.user_id}")
-
-
-@contextlib.contextmanager
-def counted_by_address_if_refused() -> Iterator[None]:
-    """A request whose token is refused counts against its address's limit, as signing in does:
-    past it, the answer is 429, not 401 (each refusal costs the gateway a signature checked, and
-    the database asked, as often as a client cares to ask)."""
-    try:
-        yield
-    except Unauthorized:
-        limit_by_address()
-        raise
 
 
 def bearer_user_id(authorization: str) -> str:
@@ -197,8 +182,7 @@ def user_id_from_token_or_401(token: str) -> str:
 def socket_token(token: str) -> VerifiedToken:
     """A notification socket's token, verified, its opening counted against its user's rate
     limit as any other /api request is (the socket's route is outside the /api blueprint)."""
-    with counted_by_address_if_refused():
-        verified = verified_token_or_401(token)
+    verified = verified_token_or_401(token)
     current_app.extensions[RATE_LIMITER].check(f"user:{verified.user_id}")
     return verified
 

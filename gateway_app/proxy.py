@@ -20,7 +20,7 @@ from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from webargs.flaskparser import is_json_request
 
 from gateway_app.upstream_http import send
-from shared.caller_deadline import timeout_headers
+from shared.caller_deadline import deadline_headers
 from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, idempotency_key_from_request
 from shared.internal_auth import identity_headers
@@ -54,7 +54,7 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
         headers["Content-Type"] = "application/json"
     headers[REQUEST_ID_HEADER] = current_request_id() or ""
     # Past it the service commits nothing, as over gRPC: the client has been answered 504 by then.
-    headers.update(timeout_headers(settings.upstream_timeout_seconds))
+    headers.update(deadline_headers(settings.upstream_timeout_seconds))
     # The query as the gateway read it (and the gRPC transport passes it on), encoded afresh: the
     # string as typed, "%35" or an escape that is none ("%zz"), would reach the service as
     # something else ("%2535": requests quotes every "%" again once one is not an escape).
@@ -85,6 +85,9 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
     except requests.RequestException as exc:  # an answer broken off (its worker killed, say)
         log.warning("%s answered brokenly: %r", service, exc)
         raise BadGateway.of(service) from None
+    if upstream.status_code == 504:  # (its work rolled back: this answer came too late to count)
+        log.warning("%s answered too late: %s", service, upstream.text[:500])
+        raise UpstreamTimeout.of(service)
     if upstream.status_code >= 500 and not _unavailable_for_now(upstream):
         log.error("%s answered %s: %s", service, upstream.status_code, upstream.text[:500])
         raise BadGateway.of(service)

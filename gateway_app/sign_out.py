@@ -64,7 +64,7 @@ def is_signed_out(token: VerifiedToken) -> bool:
 # no more than a small part of what a call to a service is given (UPSTREAM_TIMEOUT_SECONDS, 5 s).
 LOOKUP_LIMIT = "1s"
 # The limits are the transaction's only (set_config's `true`: SET LOCAL), and travel with the
-# lookup in one round trip.
+# lookup in one statement.
 _SIGNED_OUT = """
 SELECT set_config('lock_timeout', %(limit)s, true),
        set_config('statement_timeout', %(limit)s, true);

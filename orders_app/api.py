@@ -8,7 +8,7 @@ from orders_app import endpoints
 from orders_app.schemas import (GET_ORDER_ERRORS, LIST_ORDERS_ERRORS, PLACE_ORDER_ERRORS,
                                 ListOrdersQuerySchema, OrderPageSchema, OrderSchema,
                                 PlaceOrderSchema)
-from shared.caller_deadline import CALLER_GAVE_UP, TIMEOUT_PARAMETER
+from shared.caller_deadline import CALLER_GAVE_UP, DEADLINE_PARAMETER
 from shared.documented_errors import SERVICE_OPERATION_ERRORS
 from shared.http_api import Blueprint
 from shared.idempotency import (IDEMPOTENCY_KEY_PARAMETER, REPLAYED_RESPONSE_HEADERS,
@@ -20,7 +20,7 @@ blueprint = Blueprint("orders", __name__, url_prefix="/orders", description="Pla
 
 @blueprint.post("")
 @blueprint.arguments(PlaceOrderSchema)
-@blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER, TIMEOUT_PARAMETER])
+@blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER, DEADLINE_PARAMETER])
 @blueprint.response(202, OrderSchema, headers=REPLAYED_RESPONSE_HEADERS)
 @blueprint.errors(*PLACE_ORDER_ERRORS, CALLER_GAVE_UP)
 def place_order(args):

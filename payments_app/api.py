@@ -7,7 +7,7 @@ from flask import g, jsonify
 from payments_app import endpoints
 from payments_app.schemas import (BALANCE_ERRORS, DEPOSIT_ERRORS, OPEN_ACCOUNT_ERRORS,
                                   AccountSchema, DepositSchema)
-from shared.caller_deadline import CALLER_GAVE_UP, TIMEOUT_PARAMETER
+from shared.caller_deadline import CALLER_GAVE_UP, DEADLINE_PARAMETER
 from shared.documented_errors import SERVICE_OPERATION_ERRORS
 from shared.http_api import Blueprint, EmptySchema
 from shared.idempotency import (IDEMPOTENCY_KEY_PARAMETER, REPLAYED_RESPONSE_HEADERS,
@@ -20,7 +20,7 @@ blueprint = Blueprint("accounts", __name__, url_prefix="/accounts",
 
 @blueprint.post("")
 @blueprint.arguments(EmptySchema, required=False)
-@blueprint.doc(parameters=[TIMEOUT_PARAMETER])
+@blueprint.doc(parameters=[DEADLINE_PARAMETER])
 @blueprint.response(201, AccountSchema)
 @blueprint.errors(*OPEN_ACCOUNT_ERRORS, CALLER_GAVE_UP)
 def open_account(_args):
@@ -30,7 +30,7 @@ def open_account(_args):
 
 @blueprint.post("/deposit")
 @blueprint.arguments(DepositSchema)
-@blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER, TIMEOUT_PARAMETER])
+@blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER, DEADLINE_PARAMETER])
 @blueprint.response(200, AccountSchema, headers=REPLAYED_RESPONSE_HEADERS)
 @blueprint.errors(*DEPOSIT_ERRORS, CALLER_GAVE_UP)
 def deposit(args):

@@ -1,16 +1,23 @@
-"""How long the gateway waits for a service's answer, told to the service over HTTP as a gRPC call
-tells it by itself (its deadline, shared/grpc_server.py): `X-Gateway-Timeout-Ms`, the milliseconds
-from the moment the service reads the request. Past it, the service commits nothing
-(shared.db.transaction rolls back) and answers 504 CALLER_GAVE_UP (shared.errors): the gateway
-has answered its client 504 by then, and a request that client retries (an order placed without
-an Idempotency-Key) must not find the first one done as well.
+"""When the gateway stops waiting for a service's answer, told to the service over HTTP as a gRPC
+call tells it by itself (its deadline, shared/grpc_server.py): `X-Gateway-Deadline`, a moment in
+seconds since the epoch. Past it, the service commits nothing (shared.db.transaction rolls back)
+and answers 504 CALLER_GAVE_UP (shared.errors): the gateway has answered its client 504 by then,
+and a request that client retries (an order placed without an Idempotency-Key) must not find the
+first one done as well.
 
-Not signed, as the identity is: a caller that gives a service a shorter time only has its own
+A moment, not a number of seconds: the request may wait before the service reads it (for a
+server thread, in a backlog), and that wait is the caller's too; and a request the gateway sends
+again (upstream_http.py) carries the same moment. It holds as far as the clocks of the gateway's
+and the service's hosts agree, as the identity's signature does (shared.internal_auth), and
+within one host exactly.
+
+Not signed, as the identity is: a caller that gives a service an earlier moment only has its own
 request refused sooner, and one that gives none (a direct call) is waited for as before."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 
 from flask import Flask, request
@@ -18,26 +25,27 @@ from flask import Flask, request
 from shared.db import caller_waits_until
 from shared.documented_errors import DocumentedError
 
-TIMEOUT_HEADER = "X-Gateway-Timeout-Ms"
-LONGEST_TIMEOUT_MS = 3_600_000  # more is taken as none
+DEADLINE_HEADER = "X-Gateway-Deadline"
+# A deadline further off than this is taken as none (a clock far off, or no deadline meant).
+FURTHEST_DEADLINE_SECONDS = 3600.0
+_DEADLINE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,6})?")
 _BOUND = "hseshop.caller_deadline"
 
-
 # The header as the OpenAPI documents of the operations that commit work describe it, and the
-# error they answer once it has run out.
-TIMEOUT_PARAMETER = {
-    "in": "header", "name": TIMEOUT_HEADER, "required": False,
-    "schema": {"type": "integer", "minimum": 0, "maximum": LONGEST_TIMEOUT_MS},
-    "description": "Set by the gateway: how many milliseconds from now it waits for the answer."
-                   " Past them nothing is committed (504 CALLER_GAVE_UP)."}
+# error they answer once its moment has passed.
+DEADLINE_PARAMETER = {
+    "in": "header", "name": DEADLINE_HEADER, "required": False,
+    "schema": {"type": "string", "pattern": f"^{_DEADLINE.pattern}$", "example": "1733380000.250"},
+    "description": "Set by the gateway: when it stops waiting for the answer, in seconds since the"
+                   " epoch. Past it nothing is committed (504 CALLER_GAVE_UP)."}
 CALLER_GAVE_UP = DocumentedError(
-    504, "CALLER_GAVE_UP", f"the time the caller gave ({TIMEOUT_HEADER}) ran out before the work "
-    "could commit; nothing was changed")
+    504, "CALLER_GAVE_UP", f"the moment the caller gave ({DEADLINE_HEADER}) passed before the "
+    "request's work could commit; it was rolled back")
 
 
-def timeout_headers(seconds: float) -> dict[str, str]:
-    """The header that tells a service how long it is waited for."""
-    return {TIMEOUT_HEADER: str(max(0, int(seconds * 1000)))}
+def deadline_headers(seconds_from_now: float) -> dict[str, str]:
+    """The header that tells a service when its caller stops waiting."""
+    return {DEADLINE_HEADER: f"{time.time() + seconds_from_now:.3f}"}
 
 
 def take_caller_deadlines(app: Flask) -> None:
@@ -45,7 +53,7 @@ def take_caller_deadlines(app: Flask) -> None:
 
     @app.before_request
     def _bind_the_deadline() -> None:
-        deadline = _deadline_given(request.headers.get(TIMEOUT_HEADER))
+        deadline = _deadline_given(request.headers.get(DEADLINE_HEADER))
         if deadline is not None:
             bound = contextlib.ExitStack()
             bound.enter_context(caller_waits_until(deadline))
@@ -60,9 +68,9 @@ def take_caller_deadlines(app: Flask) -> None:
 
 def _deadline_given(header: str | None) -> float | None:
     """The time.monotonic() by which the caller stops waiting; None for no (usable) header."""
-    if header is None or not header.isascii() or not header.isdigit():
+    if header is None or not _DEADLINE.fullmatch(header):
         return None
-    milliseconds = int(header)
-    if milliseconds > LONGEST_TIMEOUT_MS:
+    left = float(header) - time.time()
+    if left > FURTHEST_DEADLINE_SECONDS:
         return None
-    return time.monotonic() + milliseconds / 1000
+    return time.monotonic() + left

@@ -142,7 +142,7 @@ class CallerDeadlinePassed(ApiError):
 
     def __init__(self):
         super().__init__("The caller's deadline passed before the request's work could commit;"
-                         " nothing was changed.")
+                         " that work was rolled back.")
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict:

@@ -81,6 +81,19 @@ class _FailingHandler(_SlowHandler):
         self.wfile.write(b"Traceback (most recent call last): secret internals")
 
 
+class _GaveUpOnHandler(_SlowHandler):
+    """Answers as a service does whose caller's deadline passed before its work could commit."""
+
+    def do_POST(self):
+        body = json.dumps({"error": {"code": "CALLER_GAVE_UP", "message": "rolled back",
+                                     "details": {}}}).encode()
+        self.send_response(504)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 class _BrokenOffHandler(_SlowHandler):
     """Answers 200 and breaks its body off half way, as a service whose worker is killed does."""
 
@@ -777,31 +790,48 @@ def test_an_order_the_gateway_gave_up_on_over_http_is_not_placed_after_all(setti
     assert len(gateway.get("/api/orders", headers=auth).get_json()["items"]) == 1
 
 
+def test_an_order_held_on_its_way_past_the_gateways_deadline_is_not_placed(settings, upstreams,
+                                                                          gateway):
+    """The deadline is a moment, not a span from when the service reads the request: an order
+    that reaches the service only after the gateway's 504 (held on the way, as in a backlog
+    waiting for a server thread) is rolled back, not given a fresh 0.5 s."""
+    orders, answered = orders_app.create_app(settings=settings), threading.Event()
+    orders.teardown_request(lambda _exc: answered.set())
+    with _served(orders) as orders_url:
+        holding = HoldingProxy(orders_url.removeprefix("http://"), marker=b"POST /orders")
+        try:
+            impatient = _gateway(settings, orders_service_url=f"http://{holding.address}",
+                                 payments_service_url=upstreams["payments"].url,
+                                 upstream_timeout_seconds=0.5)
+            _, auth = _sign_up(impatient)
+            given_up = impatient.post("/api/orders", json={"amount": "1.00"}, headers=auth)
+            assert given_up.status_code == 504 and holding.held.is_set()
+            holding.release()
+            assert answered.wait(10), "the service never answered the order"
+        finally:
+            holding.close()
+    assert gateway.get("/api/orders", headers=auth).get_json()["items"] == []
+
+
+def test_a_service_answering_that_it_rolled_back_for_the_deadline_is_a_504(settings, upstreams):
+    """Its CALLER_GAVE_UP, should it come back in time, is what it means for the client: too
+    slow, the request not carried out (not a 502: the service did not fail)."""
+    rolled_back = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GaveUpOnHandler))
+    try:
+        client = _gateway(settings, orders_service_url=rolled_back.url,
+                          payments_service_url=upstreams["payments"].url)
+        _, auth = _sign_up(client)
+        answer = client.post("/api/orders", json={"amount": "1.00"}, headers=auth)
+    finally:
+        rolled_back.close()
+    assert (answer.status_code, answer.get_json()["error"]["code"]) == (504, "UPSTREAM_TIMEOUT")
+
+
 def _from_an_address_of_its_own() -> dict:
     """A test client's request's keywords that make it come from an address no other test uses:
     its limit is counted apart."""
     return {"environ_base": {"REMOTE_ADDR": f"10.{uuid.uuid4().int % 250}.{time.time_ns() % 250}"
                                             f".{uuid.uuid4().int % 250 + 1}"}}
-
-
-def test_requests_whose_token_is_refused_count_against_their_address(settings, gateway,
-                                                                     monkeypatch):
-    """Past the address's limit they are 429, not 401, whatever the token, and a socket's opening
-    is refused with 1013; a valid token from that address is the user's to count."""
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
-    client = _gateway(settings, rate_limit_per_minute=3)
-    address = _from_an_address_of_its_own()
-    expired = _token(settings, now=time.time() - 2 * settings.auth_token_ttl_seconds)
-    refused = [client.get("/api/notifications/newest", headers=headers, **address)
-               for headers in ({}, {"Authorization": "Bearer not-a-token"}, expired, expired)]
-    assert [response.status_code for response in refused] == [401, 401, 401, 429]
-    assert refused[-1].get_json()["error"]["code"] == "RATE_LIMITED"
-    with client.application.test_request_context(**address):
-        opening = notifications._socket_opening(gateway_auth.socket_token,
-                                                {"access_token": "bad"})
-    assert opening.refusal[0] == 1013
-    assert client.get("/api/notifications/newest", headers=_token(settings),
-                      **address).status_code == 200
 
 
 def test_sign_ins_under_one_username_are_limited_from_any_address(gateway, monkeypatch):
