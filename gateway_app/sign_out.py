@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import text, update
+from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from gateway_app.models import SignedOutToken, User
 from gateway_app.tokens import VerifiedToken
 from gateway_app.user_channels import wake_sockets
-from shared.db import after_commit, db, transaction
+from shared.db import after_commit, db, delete_oldest_before, transaction
 
 FORGOTTEN_AFTER_EXPIRY_SECONDS = 300.0
 SIGNED_OUT = "The token has been signed out; sign in again."
@@ -76,12 +76,6 @@ SELECT EXISTS (SELECT FROM signed_out_tokens WHERE digest = %(digest)s)
 def prune_expired_sign_outs(session: Session, cutoff: datetime, limit: int) -> int:
     """Forget up to `limit` signed-out tokens that expired before `cutoff`, the earliest first;
     returns how many (the caller repeats, a transaction each, until fewer than `limit`)."""
-    return session.execute(_PRUNE, {"cutoff": cutoff, "limit": limit}).rowcount
-
-
-_PRUNE = text("""
-DELETE FROM signed_out_tokens
-WHERE digest = ANY(ARRAY(
-          SELECT digest FROM signed_out_tokens WHERE expires_at < :cutoff
-          ORDER BY expires_at LIMIT :limit))
-  AND expires_at < :cutoff""")
+    # (Found through ix_signed_out_tokens_expires_at.)
+    return delete_oldest_before(session, table="signed_out_tokens", column="expires_at",
+                                cutoff=cutoff, limit=limit)

@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from datetime import datetime
 from typing import TypeVar
 
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from psycopg2.extensions import make_dsn
-from sqlalchemy import MetaData, event
+from sqlalchemy import MetaData, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session
@@ -267,3 +268,18 @@ def ping_connections_after_idle(engine: Engine) -> None:
             engine.dialect.do_ping(dbapi_connection)
         except engine.dialect.loaded_dbapi.Error as exc:
             raise DisconnectionError(f"a pooled connection is gone: {exc}") from exc
+
+
+def delete_oldest_before(session: Session, *, table: str, column: str, cutoff: datetime,
+                         limit: int) -> int:
+    """Delete up to `limit` rows of `table` whose `column` (a time, indexed) is before `cutoff`,
+    oldest first; returns how many. For a pruner, which repeats it, a transaction each, until it
+    deletes fewer (tasks/retention.py). The rows are found through the index of `column` and
+    deleted by their physical place (ctid): by a key instead, the planner could join a scan of the
+    whole table to the keys. The condition is checked again on the rows reached: a row updated
+    meanwhile is reached in its new version, which the inner query never saw."""
+    return session.execute(text(f"""
+DELETE FROM {table}
+WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE {column} < :cutoff
+                       ORDER BY {column} LIMIT :limit))
+  AND {column} < :cutoff"""), {"cutoff": cutoff, "limit": limit}).rowcount

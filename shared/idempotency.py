@@ -23,12 +23,12 @@ from typing import Any
 
 from flask import Response as HttpResponse
 from flask import g, request
-from sqlalchemy import DateTime, Index, Integer, String, func, select, text, update
+from sqlalchemy import DateTime, Index, Integer, String, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.cache import invalidate_after_commit
-from shared.db import after_commit, db
+from shared.db import after_commit, db, delete_oldest_before
 from shared.errors import ApiError, Unprocessable
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -179,13 +179,6 @@ def _claim(session: Session, user_id: str, endpoint: str, key: str, request_hash
 def prune_expired_keys(session: Session, cutoff: datetime, limit: int) -> int:
     """Delete up to `limit` keys recorded before `cutoff`, oldest first; returns how many (the
     caller repeats, a transaction each, until fewer than `limit`)."""
-    return session.execute(_PRUNE, {"cutoff": cutoff, "limit": limit}).rowcount
-
-
-# By their physical place, found through ix_idempotency_keys_created_at (as shared.inbox prunes).
-_PRUNE = text("""
-DELETE FROM idempotency_keys
-WHERE ctid = ANY(ARRAY(
-          SELECT ctid FROM idempotency_keys WHERE created_at < :cutoff
-          ORDER BY created_at LIMIT :limit))
-  AND created_at < :cutoff""")
+    # (Found through ix_idempotency_keys_created_at.)
+    return delete_oldest_before(session, table="idempotency_keys", column="created_at",
+                                cutoff=cutoff, limit=limit)
