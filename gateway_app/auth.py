@@ -136,7 +136,9 @@ def logout(_args):
 @blueprint.response(204, description="Signed out everywhere: every token of the user issued until"
                     " now is refused (401 `TOKEN_SIGNED_OUT`), this one too, by every gateway"
                     " instance, and every notification socket of theirs is closed (1008). Signing"
-                    " in again gives a token that is taken.")
+                    " in again gives a token that is taken (one issued as this call commits may"
+                    " be refused: sign in again). Sent again with the same token: 401"
+                    " `TOKEN_SIGNED_OUT`, as any call with it.")
 @blueprint.errors(*SIGNED_IN_ERRORS)
 def logout_everywhere(_args):
     """Sign out everywhere: every token of the user is refused from now on."""

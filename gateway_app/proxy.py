@@ -85,7 +85,9 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
     except requests.RequestException as exc:  # an answer broken off (its worker killed, say)
         log.warning("%s answered brokenly: %r", service, exc)
         raise BadGateway.of(service) from None
-    if upstream.status_code == 504:  # (its work rolled back: this answer came too late to count)
+    # (CALLER_GAVE_UP: the service rolled its work back, and this answer came too late to count;
+    # or whatever stands in front of the service timed out.)
+    if upstream.status_code == 504:
         log.warning("%s answered too late: %s", service, upstream.text[:500])
         raise UpstreamTimeout.of(service)
     if upstream.status_code >= 500 and not _unavailable_for_now(upstream):

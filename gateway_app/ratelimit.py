@@ -1,6 +1,6 @@
-"""Per-caller rate limiting in Redis: a fixed one-minute window per user (or per address before
-sign-in), and per username for signing in. Past the limit the caller gets a 429 with
-Retry-After; with Redis down nobody is limited."""
+"""Per-caller rate limiting in Redis: a fixed one-minute window per user (or per address for
+/api/auth: signing up, in and out), and per username for signing in. Past the limit the caller
+gets a 429 with Retry-After; with Redis down nobody is limited."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 WINDOW_SECONDS = 60
 
 RATE_LIMITED = DocumentedError(
-    429, "RATE_LIMITED", "too many requests this minute: the user's, or, signing up or in, the "
-    "address's, or attempts to sign in under the username",
+    429, "RATE_LIMITED", "too many requests this minute: the user's, or, signing up, in or out, "
+    "the address's, or attempts to sign in under the username",
     retry_after=True)
 
 

@@ -57,14 +57,15 @@ def is_signed_out(token: VerifiedToken) -> bool:
     with db.engine.connect() as connection:
         return connection.exec_driver_sql(_SIGNED_OUT, {
             "digest": token.digest, "user_id": token.user_id, "generation": token.generation,
-            "limit": LOOKUP_LIMIT}).scalar()
+            "limit": LOOKUP_LIMIT}).scalar() is True
 
 
 # Asking whether a token has been signed out comes before every signed-in request: it may take
 # no more than a small part of what a call to a service is given (UPSTREAM_TIMEOUT_SECONDS, 5 s).
 LOOKUP_LIMIT = "1s"
-# The limits are the transaction's only (set_config's `true`: SET LOCAL), and travel with the
-# lookup in one statement.
+# The limits are the transaction's only (set_config's `true`: SET LOCAL), and are sent with the
+# lookup, two statements in one string. (A token of a user the gateway has no row of is taken:
+# no user is ever deleted.)
 _SIGNED_OUT = """
 SELECT set_config('lock_timeout', %(limit)s, true),
        set_config('statement_timeout', %(limit)s, true);

@@ -72,5 +72,7 @@ def verify_token(token: str, secret: str) -> VerifiedToken:
     except jwt.PyJWTError:
         raise InvalidToken("The token is not valid.", "INVALID_TOKEN") from None
     # (No `gen` in a token issued before there were generations: the first.)
-    return VerifiedToken(claims["sub"], float(claims["exp"]), claims_digest(claims),
-                         claims.get("gen", 0))
+    generation = claims.get("gen", 0)
+    if type(generation) is not int:  # (a bool is an int to isinstance)
+        raise InvalidToken("The token is not valid.", "INVALID_TOKEN")
+    return VerifiedToken(claims["sub"], float(claims["exp"]), claims_digest(claims), generation)

@@ -8,8 +8,10 @@ first one done as well.
 A moment, not a number of seconds: the request may wait before the service reads it (for a
 server thread, in a backlog), and that wait is the caller's too; and a request the gateway sends
 again (upstream_http.py) carries the same moment. It holds as far as the clocks of the gateway's
-and the service's hosts agree, as the identity's signature does (shared.internal_auth), and
-within one host exactly.
+and the service's hosts agree, and they must agree to well under UPSTREAM_TIMEOUT_SECONDS (one
+host's: exactly): a service whose clock runs ahead refuses every write as too late, one whose
+clock runs behind commits some after the gateway's 504. A request that arrives with its moment
+passed is logged (a backlog, or clocks that disagree).
 
 Not signed, as the identity is: a caller that gives a service an earlier moment only has its own
 request refused sooner, and one that gives none (a direct call) is waited for as before."""
@@ -17,6 +19,7 @@ request refused sooner, and one that gives none (a direct call) is waited for as
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
 
@@ -24,6 +27,8 @@ from flask import Flask, request
 
 from shared.db import caller_waits_until
 from shared.documented_errors import DocumentedError
+
+log = logging.getLogger(__name__)
 
 DEADLINE_HEADER = "X-Gateway-Deadline"
 # A deadline further off than this is taken as none (a clock far off, or no deadline meant).
@@ -73,4 +78,8 @@ def _deadline_given(header: str | None) -> float | None:
     left = float(header) - time.time()
     if left > FURTHEST_DEADLINE_SECONDS:
         return None
+    if left <= 0:
+        log.warning("a request came %.3f s after its caller's deadline (a backlog, or the clocks"
+                    " of the caller's and this host disagree): its work will not be committed",
+                    -left)
     return time.monotonic() + left

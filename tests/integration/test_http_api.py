@@ -702,9 +702,10 @@ def test_every_error_a_service_operation_answers_is_documented_for_it_and_none_o
 ], ids=["just passed", "long passed", "a minute on", "hours on: none", "negative",
         "not decimal", "not ASCII", "5,000 digits"])
 def test_a_service_commits_nothing_once_the_moment_its_caller_gave_has_passed(
-        orders_http, user_id, seconds_from_now, placed):
-    """X-Gateway-Deadline, as the gateway sends it: once passed, 504 CALLER_GAVE_UP and no order;
-    one that is no moment in seconds since the epoch, or one hours off, is no deadline."""
+        orders_http, user_id, seconds_from_now, placed, caplog):
+    """X-Gateway-Deadline, as the gateway sends it: once passed, 504 CALLER_GAVE_UP and no order,
+    and a request that came after it is logged (a backlog, or clocks that disagree); one that is
+    no moment in seconds since the epoch, or one hours off, is no deadline."""
     given = (seconds_from_now if isinstance(seconds_from_now, str)
              else deadline_headers(seconds_from_now)[DEADLINE_HEADER])
     answer = orders_http.post("/orders", json={"amount": "1.00"},
@@ -714,7 +715,7 @@ def test_a_service_commits_nothing_once_the_moment_its_caller_gave_has_passed(
         assert answer.status_code == 202 and len(listed) == 1
     else:
         assert (answer.status_code, answer.get_json()["error"]["code"]) == (504, "CALLER_GAVE_UP")
-        assert listed == []
+        assert listed == [] and "after its caller's deadline" in caplog.text
 
 
 def test_the_gateway_takes_no_deadline_from_its_clients(settings):

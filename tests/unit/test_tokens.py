@@ -44,3 +44,14 @@ def test_each_token_is_its_own_and_is_known_by_its_claims():
     claims = jwt.decode(one, SECRET, algorithms=["HS256"], options={"verify_exp": False})
     assert verify_token(one, SECRET).digest == claims_digest(claims) == verify_token(
         one + "=", SECRET).digest
+
+
+@pytest.mark.parametrize("generation", [None, True, 0.5, "0", [1]])
+def test_a_token_whose_generation_is_no_whole_number_is_refused(generation):
+    """Signed, but not as the gateway signs: a generation the check could not compare (null would
+    make it no check at all) is no generation."""
+    claims = {"sub": "usr_1", "username": "ann", "iss": "hseshop-gateway",
+              "iat": int(time.time()), "exp": int(time.time()) + 60, "gen": generation}
+    with pytest.raises(InvalidToken) as refused:
+        verify_token(jwt.encode(claims, SECRET, algorithm="HS256"), SECRET)
+    assert refused.value.code == "INVALID_TOKEN"
