@@ -122,12 +122,7 @@ def login(args):
 @blueprint.errors(MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED)
 def logout(_args):
     """Sign out: the bearer token is refused from now on."""
-    token = _bearer_token(request.headers.get("Authorization", ""))
-    try:
-        verified = verify_token(token, current_app.extensions["hseshop.settings"].auth_token_secret)
-    except InvalidToken as exc:
-        raise Unauthorized(str(exc), code=exc.code) from None
-    sign_out(verified)
+    sign_out(signed_token_or_401(_bearer_token(request.headers.get("Authorization", ""))))
     return "", 204
 
 
@@ -155,7 +150,7 @@ def _hash_no_password_matches() -> str:
 
 
 def limit_by_address() -> None:
-    """`before_request` for sign-up and sign-in: limit per client address."""
+    """`before_request` for /api/auth (signing up, in and out): limit per client address."""
     current_app.extensions[RATE_LIMITER].check(f"addr:{request.remote_addr}")
 
 
@@ -191,11 +186,15 @@ def socket_token(token: str) -> VerifiedToken:
 
 def verified_token_or_401(token: str) -> VerifiedToken:
     """The token, verified and not signed out; a 401 otherwise."""
-    try:
-        settings = current_app.extensions["hseshop.settings"]
-        verified = verify_token(token, settings.auth_token_secret)
-    except InvalidToken as exc:
-        raise Unauthorized(str(exc), code=exc.code) from None
+    verified = signed_token_or_401(token)
     if is_signed_out(verified):
         raise Unauthorized(SIGNED_OUT, code="TOKEN_SIGNED_OUT")
     return verified
+
+
+def signed_token_or_401(token: str) -> VerifiedToken:
+    """The token, its signature, issuer and expiry checked (signed out or not); a 401 otherwise."""
+    try:
+        return verify_token(token, current_app.extensions["hseshop.settings"].auth_token_secret)
+    except InvalidToken as exc:
+        raise Unauthorized(str(exc), code=exc.code) from None

@@ -50,10 +50,9 @@ def sign_out_everywhere(token: VerifiedToken) -> None:
 
 def is_signed_out(token: VerifiedToken) -> bool:
     """Whether `token` has been signed out, itself or everywhere: two lookups by primary key in one
-    statement, given LOOKUP_LIMIT to wait
-    for a lock or to answer (a DATABASE_BUSY then, not the request held for the session's 30 s),
-    on a connection given back to the pool at once: the request that asks goes on to call a
-    service, and must not hold a connection while it waits for that."""
+    query, given LOOKUP_LIMIT to wait for a lock or to answer (a DATABASE_BUSY then, not the
+    request held for the session's 30 s), on a connection given back to the pool at once: the
+    request that asks goes on to call a service, and must not hold a connection meanwhile."""
     with db.engine.connect() as connection:
         return connection.exec_driver_sql(_SIGNED_OUT, {
             "digest": token.digest, "user_id": token.user_id, "generation": token.generation,
