@@ -255,6 +255,16 @@
     }
   }
 
+  // Signing out everywhere (a lost phone): the page waits for the gateway, and stays signed in if
+  // it was not done, so that it can be asked again.
+  async function onSignOutEverywhere() {
+    await whileBusy($("sign-out-everywhere"), async () => {
+      await api("POST", "/api/auth/logout/everywhere");
+      signOut();
+      showMessage("Signed out on every device and page.", "info");
+    });
+  }
+
   function signOut() {
     session = null;
     sessionStorage.removeItem(SESSION_KEY);
@@ -726,6 +736,7 @@
   function start() {
     $("auth-form").addEventListener("submit", onAuthSubmit);
     $("sign-out").addEventListener("click", onSignOut);
+    $("sign-out-everywhere").addEventListener("click", onSignOutEverywhere);
     $("open-account").addEventListener("click", onOpenAccount);
     $("topup-form").addEventListener("submit", onTopUp);
     $("order-form").addEventListener("submit", onPlaceOrder);

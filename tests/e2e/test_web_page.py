@@ -376,6 +376,20 @@ def test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_or
     assert page.visible("no-account")
 
 
+def test_signing_out_everywhere_from_the_page_signs_out_the_users_other_devices(stack, browser):
+    """A lost phone: from the page, every token of the user is refused, the phone's too, and the
+    page is signed out and says so."""
+    phone = GatewayClient(stack.gateway_url)  # signed up there: the phone's token
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    page.sign_in(phone.username, "a long password")
+    page.element("sign-out-everywhere").click()
+    page.wait_until(lambda: page.visible("auth-section")
+                    and "Signed out on every device" in page.text("message"),
+                    what="the page signed out, saying so")
+    refused = phone.http.get(f"{stack.gateway_url}/api/accounts/balance", timeout=10)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (401, "TOKEN_SIGNED_OUT")
+
+
 # Played by the browser itself: the first top-up and the first order reach the gateway, which
 # carries them out, but their answers are lost on the way back (the network drops); the rest is
 # real.
