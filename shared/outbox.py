@@ -30,6 +30,7 @@ Inserting rows wakes the relay: a trigger notifies OUTBOX_CHANNEL (see shared/re
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -90,10 +91,12 @@ SELECT id, topic, key, message_id::text, type, request_id, envelope::text FROM o
 # which the first look saves while the index is empty; bounded, it costs no more than they do when
 # the index is not: after a long outage a million refused rows may all be due, none waiting, and a
 # look at all of them took 110 ms a read.) While refused rows wait, a read walks over them and the
-# rows behind them: 1.3 s a read with a million.
+# rows behind them: 1.3 s a read with a million; so after a slow read that found all it could send,
+# the leader reads again only once something may have changed for those rows (tasks/relay.py:
+# _StandingBacklog, with newer_row_may_go and first_refused_row_due_in below).
 REFUSED_LOOKED_AT = 1000
-CLAIM_ROWS = RELAY_SELECT + f""" AS waiting
-WHERE parked_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+# (The condition on its own, `waiting` being the row: _NEWER_ROW_MAY_GO asks it too.)
+_MAY_GO = f"""parked_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now())
   AND ((SELECT count(*) <= {REFUSED_LOOKED_AT}
                AND count(*) FILTER (WHERE parked_at IS NOT NULL OR next_attempt_at > now()) = 0
         FROM (SELECT parked_at, next_attempt_at FROM outbox_messages
@@ -103,7 +106,9 @@ WHERE parked_at IS NULL AND (next_attempt_at IS NULL OR next_attempt_at <= now()
          WHERE refused.attempts > 0 AND refused.topic = waiting.topic
                AND refused.key = waiting.key AND refused.id < waiting.id
                AND (refused.parked_at IS NOT NULL OR refused.next_attempt_at > now())
-         OFFSET 0))
+         OFFSET 0))"""
+CLAIM_ROWS = RELAY_SELECT + f""" AS waiting
+WHERE {_MAY_GO}
 ORDER BY id LIMIT %(batch_size)s"""
 
 # How long a row the broker refused waits before it is tried again: this long after its first
@@ -196,6 +201,7 @@ class RelayResult:
     failed: int = 0
     held: int = 0  # of the failed, those refused for what the message is (see Refusal)
     parked: int = 0  # of the held, those parked (the rest were behind them)
+    read_seconds: float = 0.0  # how long the read took (CLAIM_ROWS and its rows fetched)
 
     @property
     def refused_by_the_broker(self) -> int:
@@ -218,10 +224,12 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
     delete takes two) and no transaction around them; it runs at every wake-up, thousands of rows
     a second.
     """
+    started = time.monotonic()
     cursor.execute(CLAIM_ROWS, {"batch_size": batch_size})
     rows: list[RelayRow] = cursor.fetchall()
+    read_seconds = time.monotonic() - started
     if not rows:
-        return RelayResult()
+        return RelayResult(read_seconds=read_seconds)
     refused = send_batch(rows)
     sent_ids = [row[0] for row in rows if row[0] not in refused]
     if sent_ids:
@@ -236,7 +244,8 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
                                    "longest_wait": LONGEST_RETRY_AFTER_SECONDS})
     return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused),
                        held=sum(refusal.held for refusal in refused.values()),
-                       parked=sum(refusal.park for refusal in refused.values()))
+                       parked=sum(refusal.park for refusal in refused.values()),
+                       read_seconds=read_seconds)
 
 
 def vacuum_outbox(cursor) -> None:
@@ -306,6 +315,44 @@ def refused_rows_wait(cursor) -> bool:
     cursor.execute("SELECT EXISTS (SELECT FROM outbox_messages"
                    " WHERE attempts > 0 AND next_attempt_at IS NOT NULL)")
     return cursor.fetchone()[0]
+
+
+# For the leader while its reads walk a standing backlog (tasks/relay.py: _StandingBacklog).
+
+def newest_row_id(cursor) -> int:
+    """The id of the newest row there is (0 with none), read off the end of the primary key."""
+    cursor.execute("SELECT coalesce(max(id), 0) FROM outbox_messages")
+    return cursor.fetchone()[0]
+
+
+def newer_row_may_go(cursor, newest_id: int) -> bool:
+    """Whether a row newer than `newest_id` may go, by CLAIM_ROWS's own condition: a walk of the
+    rows after it only, which stops at the first that may."""
+    cursor.execute(_NEWER_ROW_MAY_GO, {"newest_id": newest_id})
+    return cursor.fetchone()[0]
+
+
+_NEWER_ROW_MAY_GO = f"""
+SELECT EXISTS (SELECT FROM outbox_messages AS waiting WHERE id > %(newest_id)s AND {_MAY_GO})"""
+
+
+def first_refused_row_due_in(cursor) -> float | None:
+    """In how many seconds (0 or fewer: now) the first refused row that holds rows back may be
+    tried again; None if none waits for its next try. Only the first refused row of each topic and
+    key counts (and every refused row without a key): the later ones of its key, though their own
+    wait may end sooner (a row's wait doubles with its own refusals), may not go before it. Read
+    off the refused rows' index, all of it (parked rows and their keys wait for an operator)."""
+    cursor.execute(_FIRST_REFUSED_ROW_DUE_IN)
+    return cursor.fetchone()[0]
+
+
+_FIRST_REFUSED_ROW_DUE_IN = """
+SELECT extract(epoch FROM min(next_attempt_at) - now())::float FROM (
+    (SELECT DISTINCT ON (topic, key) parked_at, next_attempt_at FROM outbox_messages
+     WHERE attempts > 0 AND key IS NOT NULL ORDER BY topic, key, id)
+    UNION ALL
+    SELECT parked_at, next_attempt_at FROM outbox_messages WHERE attempts > 0 AND key IS NULL
+) AS first_of_their_key WHERE parked_at IS NULL"""
 
 
 def count_parked_outbox_messages(cursor) -> int:

@@ -8,6 +8,20 @@ matters when no leader is alive (its worker died, its database connection broke)
 takes over within one interval. A row waits for the relay only as long as its commit takes to
 notify, never for a poll.
 
+Through an outage of some keys (a topic the relay may not write to, a partition whose broker is
+lost) the rows the broker refused wait for their next try, the later rows of their keys behind
+them, and a read walks over all of them to find the rows that may go: 1.3 s a read with a million
+(shared.outbox.CLAIM_ROWS). That read stays the only one that chooses rows to send, but after one
+slower than SLOW_WALK_SECONDS that found all it could send, the leader reads again only once
+something may have changed for the rows it left (_StandingBacklog): at each wake-up it first asks
+whether a row newer than the newest it knew of may go (a walk of the new rows only), and reads
+again at once if one may, once the first refused row that holds rows back may be tried again, and
+in any case WALK_AT_LEAST_EVERY_SECONDS after the last read. A row of a sound key committed
+meanwhile is sent at the wake-up its commit brings, as ever; a row committed late under a lower id
+than the newest known (its id taken before, its commit after), and the rows an operator hands back
+or whose parked row it discards (tasks/parked.py), wait for that last read at worst. A quick read
+changes nothing: the leader reads at every wake-up, with no other statement.
+
 A leader that the broker refuses for long steps down (STEP_DOWN_AFTER_SECONDS), so that a worker
 whose own way to the broker is broken does not hold the lead while others could relay.
 """
@@ -23,8 +37,9 @@ from celery.signals import worker_shutting_down
 from flask import current_app
 
 from shared.kafka import OutboxPublisher, ensure_topics
-from shared.outbox import (count_parked_outbox_messages, refused_rows_wait, relay_pending_outbox,
-                           vacuum_outbox)
+from shared.outbox import (count_parked_outbox_messages, first_refused_row_due_in,
+                           newer_row_may_go, newest_row_id, refused_rows_wait,
+                           relay_pending_outbox, vacuum_outbox)
 from shared.relay_leader import RelayLeaderConnection
 from tasks.celery_app import app
 from tasks.services import ServiceTask
@@ -49,6 +64,13 @@ TOPIC_CHECK_TIMEOUT_SECONDS = 2.0
 # worker, comes back after the sit-out).
 STEP_DOWN_AFTER_SECONDS = 60.0
 SIT_OUT_SECONDS = 10.0
+# A read slower than this that found all it could send (fewer rows than a batch) walked over a
+# backlog that cannot go yet: the leader reads again only once something may have changed for it
+# (_StandingBacklog), and at least this often, well within the leader session's idle timeout
+# (shared.relay_leader.LEADER_IDLE_TIMEOUT_SECONDS; the leader's question at each wake-up is a
+# statement too, so the session never idles meanwhile).
+SLOW_WALK_SECONDS = 0.05
+WALK_AT_LEAST_EVERY_SECONDS = 10.0
 # While rows are parked (shared.outbox), the leader says so this often, and as it starts to lead:
 # the later rows of their keys wait behind them, and a one-off log line is easily missed.
 PARKED_REMINDER_SECONDS = 300.0
@@ -112,12 +134,24 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
     sent = deleted_since_vacuum = 0
     refused_since = None  # when the broker began refusing every batch, if it does
     next_reminder = 0.0  # of parked rows: at once
+    walked_slowly = False  # whether the last read was a slow one that found all it could send
+    backlog: _StandingBacklog | None = None  # what such a read left, while nothing changed for it
     while not _stopping.is_set():
         started = time.monotonic()
         if started >= next_reminder:
             _remind_of_parked_rows(service, leader)
             next_reminder = started + PARKED_REMINDER_SECONDS
-        just_sent, refused = _send_waiting_rows(service, settings, leader, publisher)
+        if backlog is not None and not backlog.read_again(leader):
+            just_sent, refused = 0, False  # as a read that found nothing would have
+        else:
+            # The newest row before the read, so that a row the read could not see (committed
+            # as it ran) is newer; asked only while reads are slow.
+            newest_id = _newest_row_id(leader) if walked_slowly else None
+            just_sent, refused, walked_slowly = _send_waiting_rows(service, settings, leader,
+                                                                   publisher)
+            backlog = None
+            if walked_slowly and newest_id is not None:
+                backlog = _StandingBacklog(leader, newest_id, read_at=started)
         sent += just_sent
         deleted_since_vacuum += just_sent
         if just_sent:
@@ -137,6 +171,38 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
         leader.wait(RECHECK_SECONDS)
     log.info("%s outbox relay stopping with its worker", service)
     return sent
+
+
+class _StandingBacklog:
+    """What a slow read that found all it could send left behind: rows that may not go yet (refused
+    ones waiting for their next try, parked ones, and the later rows of their keys), and nothing
+    newer than `newest_id` that the read did not see. Until one of them may go, reading them
+    again finds nothing, so the leader reads again only when `read_again()` says so."""
+
+    def __init__(self, leader: RelayLeaderConnection, newest_id: int, read_at: float):
+        self.newest_id = newest_id  # the newest row's id as the read began (before its snapshot)
+        self.read_at = read_at  # when it began (time.monotonic)
+        with leader.cursor() as cursor:
+            due_in = first_refused_row_due_in(cursor)
+        # When the first refused row holding rows back may be tried again (time.monotonic).
+        self.due_at = None if due_in is None else time.monotonic() + due_in
+
+    def read_again(self, leader: RelayLeaderConnection) -> bool:
+        """Whether to read again now: a row newer than the newest known may go, the first refused
+        row's wait is over, or WALK_AT_LEAST_EVERY_SECONDS have passed since the read (for the
+        rows that may go that no question here finds: one committed late under a lower id, or
+        handed back by an operator)."""
+        now = time.monotonic()
+        if (now - self.read_at >= WALK_AT_LEAST_EVERY_SECONDS
+                or (self.due_at is not None and now >= self.due_at)):
+            return True
+        with leader.cursor() as cursor:
+            return newer_row_may_go(cursor, self.newest_id)
+
+
+def _newest_row_id(leader: RelayLeaderConnection) -> int:
+    with leader.cursor() as cursor:
+        return newest_row_id(cursor)
 
 
 def _remind_of_parked_rows(service: str, leader: RelayLeaderConnection) -> None:
@@ -160,20 +226,24 @@ def _step_down(service: str, refused_for: float) -> None:
 
 
 def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
-                       publisher: OutboxPublisher) -> tuple[int, bool]:
+                       publisher: OutboxPublisher) -> tuple[int, bool, bool]:
     """Send batch after batch until none is left or the broker takes none of a batch; returns how
-    many rows were sent and whether the broker refused a batch whole. The rows it refused wait
+    many rows were sent, whether the broker refused a batch whole, and whether the last read was
+    slower than SLOW_WALK_SECONDS and found all it could send (fewer rows than a batch, of which
+    the broker may have refused some, now waiting). The rows it refused wait
     for their next try (shared.outbox), and the next read passes over them, so a batch it took in
     part is followed by the next; the refusals are logged, and the topics checked, once a call.
     (Messages too large ever to be sent say nothing about the broker: they are parked, and the
     next read passes over them too.)"""
     sent = refused = 0
-    refused_whole = False
+    refused_whole = walked_slowly = False
     while not _stopping.is_set():
         with leader.cursor() as cursor:
             result = relay_pending_outbox(cursor, publisher.send_batch,
                                           settings.outbox_relay_batch_size)
         sent += result.sent
+        walked_slowly = (result.read_seconds >= SLOW_WALK_SECONDS
+                         and result.claimed < settings.outbox_relay_batch_size)
         if result.parked:
             log.error("%s outbox: parked %d message(s) too large to be sent; the later rows of"
                       " their keys wait behind them (python -m tasks.parked list %s --outbox)",
@@ -190,7 +260,7 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
     if refused:
         log.warning("%s outbox: %d rows not acknowledged by the broker; each is tried again"
                     " after its wait", service, refused)
-    return sent, refused_whole
+    return sent, refused_whole, walked_slowly
 
 
 def _recreate_topics(settings, service: str) -> None:

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -518,6 +519,12 @@ class _RecordingCursor:
     def __getattr__(self, name: str):
         return getattr(self._cursor, name)
 
+    def __enter__(self) -> _RecordingCursor:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._cursor.close()
+
 
 @pytest.mark.parametrize("unsent", ["committed late", "refused"])
 def test_a_row_among_a_batchs_rows_that_was_not_sent_is_not_deleted(in_orders, settings,
@@ -800,6 +807,227 @@ def test_the_relay_task_leads_sends_what_commits_and_stops_with_the_worker(
             _wait_until_sent([order_id])
         assert _messages_of(settings, [order_id])
     assert sent_by_leader and sent_by_leader[0] >= 1
+
+
+@dataclasses.dataclass
+class _LeadersPace:
+    """When the leading relay's reads began, and when it woke (time.monotonic)."""
+
+    reads: list[float] = dataclasses.field(default_factory=list)
+    wake_ups: list[float] = dataclasses.field(default_factory=list)
+
+    def wait_for_wake_ups(self, count: int) -> None:
+        """Until the leader has woken `count` times more (and done what it does then)."""
+        woken = len(self.wake_ups) + count + 1  # (the one after: what the last woke to is done)
+        wait_for(lambda: len(self.wake_ups) >= woken, timeout=10 + 2 * count,
+                 what=f"the leader to wake {count} times")
+
+
+def _paced(monkeypatch) -> _LeadersPace:
+    """Have the relay task's reads and wake-ups recorded."""
+    from tasks import relay
+
+    pace = _LeadersPace()
+    read, wait = relay.relay_pending_outbox, RelayLeaderConnection.wait
+
+    def timed_read(*args, **kwargs):
+        pace.reads.append(time.monotonic())
+        return read(*args, **kwargs)
+
+    def timed_wait(self, timeout: float) -> bool:
+        woken = wait(self, timeout)
+        pace.wake_ups.append(time.monotonic())
+        return woken
+
+    monkeypatch.setattr(relay, "relay_pending_outbox", timed_read)
+    monkeypatch.setattr(RelayLeaderConnection, "wait", timed_wait)
+    return pace
+
+
+STANDING = "standing"  # the topic of a backlog that cannot go (no relay writes to it)
+
+
+@contextmanager
+def _leading_over_a_standing_backlog(orders_flask_app, settings, monkeypatch,
+                                     read_at_least_every: float = 60.0) -> Iterator[_LeadersPace]:
+    """The relay task leading over a backlog that cannot go yet: a row of key 'k' the broker
+    refused, waiting an hour for its next try, the later rows of its key behind it (one of them
+    refused too, its own wait over: it may not go before the first). Every read counts as slow
+    (SLOW_WALK_SECONDS 0, where 1.3 s a read takes a million rows waiting); the block begins once
+    the leader has read twice (the second read, the newest row known, leaves the backlog
+    standing), and ends with the leader."""
+    from tasks import relay
+
+    monkeypatch.setattr(relay, "SLOW_WALK_SECONDS", 0.0)
+    monkeypatch.setattr(relay, "WALK_AT_LEAST_EVERY_SECONDS", read_at_least_every)
+    pace = _paced(monkeypatch)
+    with orders_flask_app.app_context():
+        _relay_all(OutboxPublisher(settings))  # whatever earlier tests left behind
+    _outbox_statement(orders_flask_app, f"""
+        INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,
+                                     next_attempt_at)
+        VALUES (gen_random_uuid(), '{STANDING}', 'k', 'X', '{{}}', 1, now() + interval '1 hour'),
+               (gen_random_uuid(), '{STANDING}', 'k', 'X', '{{}}', 0, NULL),
+               (gen_random_uuid(), '{STANDING}', 'k', 'X', '{{}}', 1, now() - interval '1 s'),
+               (gen_random_uuid(), '{STANDING}', 'k', 'X', '{{}}', 0, NULL)""")
+    try:
+        with _relay_task_leading([]):
+            wait_for(lambda: len(pace.reads) >= 2, timeout=10, what="the leader's second read")
+            pace.wait_for_wake_ups(0)
+            yield pace
+    finally:
+        _outbox_statement(orders_flask_app,
+                          f"DELETE FROM outbox_messages WHERE topic = '{STANDING}'")
+
+
+def _outbox_statement(app, statement: str, params=None) -> None:
+    """Run `statement` in a transaction of its own, committed (and so notifying the leader of the
+    rows it inserts)."""
+    with app.app_context(), transaction() as session, driver_cursor(session) as cursor:
+        cursor.execute(statement, params)
+
+
+def test_a_leader_over_a_standing_backlog_reads_again_for_a_new_row_that_may_go(
+        orders_flask_app, settings, user_id, monkeypatch):
+    """Through an outage of some keys every read walks the rows that cannot go yet (1.3 s with a
+    million), and every commit woke the leader to walk them again. Now a wake-up asks first
+    whether a row newer than the newest known may go: for rows of a stuck key, none does, and
+    the leader does not read; a row of a sound key is read, and sent, at the wake-up its commit
+    brings."""
+    with _leading_over_a_standing_backlog(orders_flask_app, settings, monkeypatch) as pace:
+        reads = len(pace.reads)
+        for _ in range(3):  # each commit wakes the leader
+            _outbox_statement(orders_flask_app,
+                              "INSERT INTO outbox_messages (message_id, topic, key, type, envelope)"
+                              f" VALUES (gen_random_uuid(), '{STANDING}', 'k', 'X', '{{}}')")
+            pace.wait_for_wake_ups(1)
+        pace.wait_for_wake_ups(1)  # (and a wake-up with no commit)
+        assert len(pace.reads) == reads
+
+        with orders_flask_app.app_context():
+            committed_at = time.monotonic()
+            order_id = _place(user_id).id
+            _wait_until_sent([order_id])
+        pace.wait_for_wake_ups(2)
+        (read_at,) = pace.reads[reads:]  # the one read, at the wake-up the commit brought
+        assert read_at - committed_at < 1.0
+
+
+def test_a_leader_over_a_standing_backlog_reads_again_when_a_refused_rows_wait_is_over(
+        orders_flask_app, settings, user_id, monkeypatch):
+    """A refused row is tried again once its wait is over, as ever, though nothing new may go:
+    the leader reads then, and not before. (The refused row behind the stuck key's first, its
+    own wait over, does not count: it may not go before the first.)"""
+    with orders_flask_app.app_context():
+        order_id = _place(user_id).id  # refused, and waiting for its next try, 6 s from now
+        _outbox_statement(orders_flask_app,
+                          "UPDATE outbox_messages SET attempts = 1, last_error = 'refused',"
+                          " next_attempt_at = now() + interval '6 seconds'"
+                          " WHERE correlation_id = %s", (str(order_id),))
+        due_at = time.monotonic() + 6
+    try:
+        with _leading_over_a_standing_backlog(orders_flask_app, settings, monkeypatch) as pace:
+            reads = len(pace.reads)
+            assert time.monotonic() < due_at - 1, "the leader took too long to start"
+            with orders_flask_app.app_context():
+                _wait_until_sent([order_id])
+            pace.wait_for_wake_ups(2)
+            (read_at,) = pace.reads[reads:]
+            assert read_at > due_at - 0.2
+        assert _messages_of(settings, [order_id])
+    finally:
+        with orders_flask_app.app_context():
+            _delete_outbox_rows_of([order_id])
+
+
+def test_a_leader_over_a_standing_backlog_reads_it_again_after_a_while_in_any_case(
+        orders_flask_app, settings, user_id, monkeypatch):
+    """What no question finds between reads is read WALK_AT_LEAST_EVERY_SECONDS after the last
+    read at worst: here a row committed late under a lower id than the newest the leader knew
+    of (it stands for a transaction that took its id before and committed after), with a later
+    row of its key, also lower; they go in order. A late row with a row of its key newer than
+    the newest known goes at once, the new one after it: a read chooses both."""
+    read_at_least_every = 5.0
+    with orders_flask_app.app_context(), transaction() as session, \
+            driver_cursor(session) as cursor:
+        cursor.execute("INSERT INTO outbox_messages (message_id, topic, type, envelope)"
+                       " SELECT gen_random_uuid(), 'placeholder', 'X', '{}'"
+                       " FROM generate_series(1, 3) RETURNING id")
+        low_ids = sorted(row_id for (row_id,) in cursor.fetchall())
+        cursor.execute("DELETE FROM outbox_messages WHERE topic = 'placeholder'")
+    late = [uuid.uuid4() for _ in low_ids]
+
+    def commit_late(row_id: int, correlation_id: uuid.UUID) -> None:
+        envelope = json.dumps({"correlation_id": str(correlation_id), "payload": {}})
+        _outbox_statement(orders_flask_app,
+                          "INSERT INTO outbox_messages (id, message_id, topic, key, type,"
+                          " correlation_id, envelope) VALUES (%s, gen_random_uuid(), %s, %s,"
+                          " 'Late', %s, %s)",
+                          (row_id, settings.topic_payment_requested, user_id,
+                           str(correlation_id), envelope))
+
+    try:
+        with _leading_over_a_standing_backlog(orders_flask_app, settings, monkeypatch,
+                                              read_at_least_every) as pace:
+            last_read = pace.reads[-1]
+            commit_late(low_ids[0], late[0])
+            commit_late(low_ids[1], late[1])
+            pace.wait_for_wake_ups(1)
+            with orders_flask_app.app_context():
+                assert time.monotonic() < last_read + read_at_least_every
+                assert len(_outbox_rows_for(late[:2])) == 2  # not read yet
+                _wait_until_sent(late[:2])
+            next_read = next(read_at for read_at in pace.reads if read_at > last_read)
+            assert next_read > last_read + read_at_least_every - 0.2
+
+            commit_late(low_ids[2], late[2])
+            with orders_flask_app.app_context():
+                newer = _place(user_id).id
+                _wait_until_sent([late[2], newer])
+        assert [json.loads(m.value())["correlation_id"]
+                for m in _messages_of(settings, [*late, newer])] == [*map(str, late), str(newer)]
+    finally:
+        with orders_flask_app.app_context():
+            _delete_outbox_rows_of(late)
+
+
+def test_a_leader_whose_reads_are_quick_makes_no_other_statement_as_it_wakes(
+        orders_flask_app, user_id, monkeypatch):
+    """Reads quicker than SLOW_WALK_SECONDS (1 s here, for a loaded machine: what counts is that
+    a quick read costs nothing more) leave the leader as it was: a read at every wake-up, and a
+    delete for the rows it sent, with no other statement."""
+    from tasks import relay
+
+    monkeypatch.setattr(relay, "SLOW_WALK_SECONDS", 1.0)
+    pace = _paced(monkeypatch)
+    statements: list[str | None] = []  # None for each wake-up
+    cursor, wait = RelayLeaderConnection.cursor, RelayLeaderConnection.wait
+
+    def recorded_cursor(self):
+        recording = _RecordingCursor(cursor(self))
+        recording.statements = statements
+        return recording
+
+    def marked_wait(self, timeout: float) -> bool:
+        woken = wait(self, timeout)
+        statements.append(None)
+        return woken
+
+    monkeypatch.setattr(RelayLeaderConnection, "cursor", recorded_cursor)
+    monkeypatch.setattr(RelayLeaderConnection, "wait", marked_wait)
+    with _relay_task_leading([]), orders_flask_app.app_context():
+        pace.wait_for_wake_ups(1)
+        order_id = _place(user_id).id
+        _wait_until_sent([order_id])
+        pace.wait_for_wake_ups(2)  # (one of them with no commit)
+    wake_ups: list[tuple[str, ...]] = []  # what the leader ran at each, after the first
+    for statement in statements[statements.index(None):]:
+        if statement is None:
+            wake_ups.append(())
+        else:
+            wake_ups[-1] += ("read" if statement == CLAIM_ROWS else statement.split()[0],)
+    assert set(wake_ups[:-1]) <= {("read",), ("read", "WITH"), ("read", "WITH", "DELETE")}
+    assert {("read",), ("read", "WITH")} <= set(wake_ups), wake_ups  # (a wake-up sent the row)
 
 
 def _outbox_vacuums() -> int:
