@@ -319,6 +319,12 @@ def refused_rows_wait(cursor) -> bool:
 
 # For the leader while its reads walk a standing backlog (tasks/relay.py: _StandingBacklog).
 
+def rows_were_refused(cursor) -> bool:
+    """Whether any row the broker refused is still there (read off the refused rows' index)."""
+    cursor.execute("SELECT EXISTS (SELECT FROM outbox_messages WHERE attempts > 0)")
+    return cursor.fetchone()[0]
+
+
 def newest_row_id(cursor) -> int:
     """The id of the newest row there is (0 with none), read off the end of the primary key."""
     cursor.execute("SELECT coalesce(max(id), 0) FROM outbox_messages")

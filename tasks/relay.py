@@ -12,15 +12,17 @@ Through an outage of some keys (a topic the relay may not write to, a partition 
 lost) the rows the broker refused wait for their next try, the later rows of their keys behind
 them, and a read walks over all of them to find the rows that may go: 1.3 s a read with a million
 (shared.outbox.CLAIM_ROWS). That read stays the only one that chooses rows to send, but after one
-slower than SLOW_WALK_SECONDS that found all it could send, the leader reads again only once
-something may have changed for the rows it left (_StandingBacklog): at each wake-up it first asks
-whether a row newer than the newest it knew of may go (a walk of the new rows only), and reads
-again at once if one may, once the first refused row that holds rows back may be tried again, and
-in any case WALK_AT_LEAST_EVERY_SECONDS after the last read. A row of a sound key committed
-meanwhile is sent at the wake-up its commit brings, as ever; a row committed late under a lower id
-than the newest known (its id taken before, its commit after), and the rows an operator hands back
-or whose parked row it discards (tasks/parked.py), wait for that last read at worst. A quick read
-changes nothing: the leader reads at every wake-up, with no other statement.
+slower than SLOW_WALK_SECONDS that found all it could send while refused rows are there, the
+leader reads again only once something may have changed for the rows it left (_StandingBacklog):
+at each wake-up it first asks whether a row newer than the newest it knew of may go (a walk of the
+new rows only), and reads again at once if one may, once the first refused row that holds rows
+back may be tried again (WALK_FOR_A_DUE_ROW_AT_MOST_EVERY_SECONDS after the last read at the
+soonest), and in any case WALK_AT_LEAST_EVERY_SECONDS after the last read. A row of a sound key
+committed meanwhile is sent at the wake-up its commit brings, as ever; a row committed late under
+a lower id than the newest known (its id taken before, its commit after), and the rows an
+operator hands back or whose parked row it discards (tasks/parked.py), wait for that last read at
+worst. A quick read, or a slow one with no refused row there (a busy database), changes nothing:
+the leader reads at every wake-up, with no other statement.
 
 A leader that the broker refuses for long steps down (STEP_DOWN_AFTER_SECONDS), so that a worker
 whose own way to the broker is broken does not hold the lead while others could relay.
@@ -39,7 +41,7 @@ from flask import current_app
 from shared.kafka import OutboxPublisher, ensure_topics
 from shared.outbox import (count_parked_outbox_messages, first_refused_row_due_in,
                            newer_row_may_go, newest_row_id, refused_rows_wait,
-                           relay_pending_outbox, vacuum_outbox)
+                           relay_pending_outbox, rows_were_refused, vacuum_outbox)
 from shared.relay_leader import RelayLeaderConnection
 from tasks.celery_app import app
 from tasks.services import ServiceTask
@@ -71,6 +73,11 @@ SIT_OUT_SECONDS = 10.0
 # statement too, so the session never idles meanwhile).
 SLOW_WALK_SECONDS = 0.05
 WALK_AT_LEAST_EVERY_SECONDS = 10.0
+# Meanwhile, a refused row whose wait is over is read this long after the last read at the
+# soonest: the first refused rows of many keys, refused at different moments, have their waits
+# (up to 30 s, shared.outbox.LONGEST_RETRY_AFTER_SECONDS) end all through the half minute, and
+# reading for each would read at nearly every wake-up again.
+WALK_FOR_A_DUE_ROW_AT_MOST_EVERY_SECONDS = 5.0
 # While rows are parked (shared.outbox), the leader says so this often, and as it starts to lead:
 # the later rows of their keys wait behind them, and a one-off log line is easily missed.
 PARKED_REMINDER_SECONDS = 300.0
@@ -150,7 +157,7 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
             just_sent, refused, walked_slowly = _send_waiting_rows(service, settings, leader,
                                                                    publisher)
             backlog = None
-            if walked_slowly and newest_id is not None:
+            if walked_slowly and newest_id is not None and _rows_were_refused(leader):
                 backlog = _StandingBacklog(leader, newest_id, read_at=started)
         sent += just_sent
         deleted_since_vacuum += just_sent
@@ -184,8 +191,9 @@ class _StandingBacklog:
         self.read_at = read_at  # when it began (time.monotonic)
         with leader.cursor() as cursor:
             due_in = first_refused_row_due_in(cursor)
-        # When the first refused row holding rows back may be tried again (time.monotonic).
-        self.due_at = None if due_in is None else time.monotonic() + due_in
+        # When to read for the first refused row holding rows back, its wait over (time.monotonic).
+        self.due_at = None if due_in is None else max(
+            time.monotonic() + due_in, read_at + WALK_FOR_A_DUE_ROW_AT_MOST_EVERY_SECONDS)
 
     def read_again(self, leader: RelayLeaderConnection) -> bool:
         """Whether to read again now: a row newer than the newest known may go, the first refused
@@ -203,6 +211,15 @@ class _StandingBacklog:
 def _newest_row_id(leader: RelayLeaderConnection) -> int:
     with leader.cursor() as cursor:
         return newest_row_id(cursor)
+
+
+def _rows_were_refused(leader: RelayLeaderConnection) -> bool:
+    """Whether refused rows (waiting, parked, or held behind a parked one) can be what a slow read
+    walked over. With none, the read was slow for another reason (a busy database, big rows), and
+    nothing stands: the leader reads at every wake-up, as a row committed late under a lower id
+    would otherwise wait WALK_AT_LEAST_EVERY_SECONDS for it."""
+    with leader.cursor() as cursor:
+        return rows_were_refused(cursor)
 
 
 def _remind_of_parked_rows(service: str, leader: RelayLeaderConnection) -> None:

@@ -991,6 +991,56 @@ def test_a_leader_over_a_standing_backlog_reads_it_again_after_a_while_in_any_ca
             _delete_outbox_rows_of(late)
 
 
+def test_a_leader_over_a_standing_backlog_reads_for_many_keys_waits_ending_at_most_every_5_s(
+        orders_flask_app, settings, monkeypatch):
+    """Many stuck keys, refused at different moments, have their first rows' waits end all
+    through the half minute: the leader reads for them WALK_FOR_A_DUE_ROW_AT_MOST_EVERY_SECONDS
+    (5 s) apart at the soonest, not at nearly every wake-up."""
+    from tasks import relay
+
+    _outbox_statement(orders_flask_app, f"""
+        INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,
+                                     next_attempt_at)
+        SELECT gen_random_uuid(), '{STANDING}', 'due-' || n, 'X', '{{}}', 10,
+               now() + make_interval(secs => 3 + 0.5 * n)
+        FROM generate_series(1, 12) AS n""")  # (their waits end 0.5 s apart, 3.5 to 9 s on)
+    with _leading_over_a_standing_backlog(orders_flask_app, settings, monkeypatch) as pace:
+        reads = len(pace.reads)
+        pace.wait_for_wake_ups(8)
+        between = [later - earlier for earlier, later
+                   in zip(pace.reads[reads - 1:], pace.reads[reads:])]
+    assert between and min(between) >= relay.WALK_FOR_A_DUE_ROW_AT_MOST_EVERY_SECONDS - 0.2, (
+        between)
+
+
+def test_a_leader_whose_slow_reads_walk_over_no_refused_row_reads_at_every_wake_up(
+        orders_flask_app, settings, user_id, monkeypatch):
+    """Reads slow for another reason (a busy database, big rows), with no refused row there:
+    nothing stands, and a row committed late under a lower id than the newest the leader knew of
+    goes at the wake-up its commit brings, not at the read WALK_AT_LEAST_EVERY_SECONDS on."""
+    from tasks import relay
+
+    monkeypatch.setattr(relay, "SLOW_WALK_SECONDS", 0.0)
+    monkeypatch.setattr(relay, "WALK_AT_LEAST_EVERY_SECONDS", 60.0)
+    pace = _paced(monkeypatch)
+    with orders_flask_app.app_context():
+        _relay_all(OutboxPublisher(settings))  # whatever earlier tests left behind
+        with transaction() as session, driver_cursor(session) as cursor:
+            cursor.execute("SELECT nextval(pg_get_serial_sequence('outbox_messages', 'id'))")
+            (low_id,) = cursor.fetchone()
+    late = uuid.uuid4()
+    with _relay_task_leading([]), orders_flask_app.app_context():
+        wait_for(lambda: len(pace.reads) >= 2, timeout=10, what="the leader's second read")
+        _place(user_id)  # a row newer than the late one, read and sent first
+        pace.wait_for_wake_ups(1)
+        _outbox_statement(orders_flask_app,
+                          "INSERT INTO outbox_messages (id, message_id, topic, key, type,"
+                          " correlation_id, envelope) VALUES (%s, gen_random_uuid(), %s, %s,"
+                          " 'Late', %s, '{}')",
+                          (low_id, settings.topic_payment_requested, user_id, str(late)))
+        _wait_until_sent([late])
+
+
 def test_a_leader_whose_reads_are_quick_makes_no_other_statement_as_it_wakes(
         orders_flask_app, user_id, monkeypatch):
     """Reads quicker than SLOW_WALK_SECONDS (1 s here, for a loaded machine: what counts is that
