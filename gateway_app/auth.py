@@ -122,7 +122,7 @@ def login(args):
 @blueprint.errors(MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED)
 def logout(_args):
     """Sign out: the bearer token is refused from now on."""
-    sign_out(signed_token_or_401(_bearer_token(request.headers.get("Authorization", ""))))
+    sign_out(signed_token_or_401(_bearer_token()))
     return "", 204
 
 
@@ -137,8 +137,7 @@ def logout(_args):
 @blueprint.errors(*SIGNED_IN_ERRORS)
 def logout_everywhere(_args):
     """Sign out everywhere: every token of the user is refused from now on."""
-    token = verified_token_or_401(_bearer_token(request.headers.get("Authorization", "")))
-    sign_out_everywhere(token)
+    sign_out_everywhere(verified_token_or_401(_bearer_token()))
     return "", 204
 
 
@@ -156,24 +155,17 @@ def limit_by_address() -> None:
 
 def authenticate_bearer() -> None:
     """`before_request` for the rest of /api: the bearer token decides the user, then the limit."""
-    g.user_id = bearer_user_id(request.headers.get("Authorization", ""))
+    g.user_id = verified_token_or_401(_bearer_token()).user_id
     current_app.extensions[RATE_LIMITER].check(f"user:{g.user_id}")
 
 
-def bearer_user_id(authorization: str) -> str:
-    return user_id_from_token_or_401(_bearer_token(authorization))
-
-
-def _bearer_token(authorization: str) -> str:
-    scheme, _, token = authorization.partition(" ")
+def _bearer_token() -> str:
+    """The request's `Authorization: Bearer <token>` token; a 401 MISSING_TOKEN without one."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Sign in and send `Authorization: Bearer <token>`.",
                            code="MISSING_TOKEN")
     return token.strip()
-
-
-def user_id_from_token_or_401(token: str) -> str:
-    return verified_token_or_401(token).user_id
 
 
 def socket_token(token: str) -> VerifiedToken:
