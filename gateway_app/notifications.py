@@ -42,7 +42,7 @@ from gateway_app.models import Notification
 from gateway_app.ratelimit import RateLimited
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out
 from gateway_app.socket_document import document_socket
-from gateway_app.user_channels import channel, redis_client
+from gateway_app.user_channels import channel, publish, redis_client
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
 from shared.errors import ApiError
@@ -142,13 +142,8 @@ RETURNING id, message_id::text, created_at"""
 def _publish(items: list[tuple[str, dict]]) -> None:
     """Publish each (user id, notification) to its user's channel, oldest first, in one round
     trip."""
-    try:
-        pipeline = redis_client().pipeline(transaction=False)
-        for user_id, item in items:
-            pipeline.publish(channel(user_id), dumps_exact(item))
-        pipeline.execute()
-    except redis.RedisError as exc:  # open pages catch up from the table when they reconnect
-        log.warning("could not publish %d notifications: %s", len(items), exc)
+    publish([(user_id, dumps_exact(item)) for user_id, item in items],
+            what=f"{len(items)} notifications")
 
 
 MESSAGE_HANDLERS: dict[str, Handler] = {ORDER_STATUS_CHANGED: on_order_status_changes}
@@ -401,17 +396,13 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
     pubsub = redis_client().pubsub()
     try:
         _subscribe(pubsub, channel(user_id))
-        # The token, and then the table, are read once subscribed: a sign-out, or a notification,
-        # committed before the subscription is not missed.
-        if is_signed_out(token):
-            _close(ws, 1008, SIGNED_OUT)
-            return
-        last_sent = _send_newer(ws, user_id, after)
-        recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
+        # The token, and then the table, are read at once once subscribed (a sign-out, or a
+        # notification, committed before the subscription is not missed), then at each wake-up
+        # (one may say that one of the user's tokens has been signed out) and every
+        # SOCKET_RECHECK_SECONDS.
+        last_sent, woken, recheck_at = after, True, 0.0
         while time.time() < token.expires_at:
-            woken = _is_a_publish(pubsub.get_message(timeout=SOCKET_POLL_SECONDS))
             if woken or time.monotonic() >= recheck_at:
-                # (A wake-up may say that one of the user's tokens has been signed out.)
                 if is_signed_out(token):
                     _close(ws, 1008, SIGNED_OUT)
                     return
@@ -419,6 +410,7 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
                 recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
             while ws.receive(timeout=0) is not None:  # raises ConnectionClosed once it has gone
                 pass  # the page has nothing to say: drop it
+            woken = _is_a_publish(pubsub.get_message(timeout=SOCKET_POLL_SECONDS))
         _close(ws, 1008, tokens.EXPIRED)
     except (ConnectionClosed, LocalProtocolError, OSError):
         # The page has gone (LocalProtocolError: its close crossed a send or ours; OSError: its

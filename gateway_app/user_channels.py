@@ -30,7 +30,16 @@ def channel(user_id: str) -> str:
 def wake_sockets(user_id: str) -> None:
     """Wake the user's open sockets, on every gateway instance (with Redis down: at their next
     look, a few seconds on)."""
+    publish([(user_id, WAKE_UP)], what=f"a wake-up of the sockets of {user_id}")
+
+
+def publish(messages: list[tuple[str, str]], what: str) -> None:
+    """Publish each (user id, message) to its user's channel, in order, in one round trip. With
+    Redis down, `what` was not published is logged: the sockets catch up at their next look."""
     try:
-        redis_client().publish(channel(user_id), WAKE_UP)
+        pipeline = redis_client().pipeline(transaction=False)
+        for user_id, message in messages:
+            pipeline.publish(channel(user_id), message)
+        pipeline.execute()
     except redis.RedisError as exc:
-        log.warning("could not wake the sockets of %s: %s", user_id, exc)
+        log.warning("could not publish %s: %s", what, exc)
