@@ -11,6 +11,8 @@ its means to relay at the same moment, and each batch costs no pooled session an
 from __future__ import annotations
 
 import select
+from collections.abc import Callable
+from typing import TypeVar
 
 import psycopg2
 
@@ -24,6 +26,8 @@ RELAY_LEADER_LOCK_KEY = 0x0B0C5E1B
 # without closing it (its process paused, its host gone), and PostgreSQL ends it, lock and all, so
 # another relay can lead; otherwise the lock would stay until TCP gave up on the host, hours on.
 LEADER_IDLE_TIMEOUT_SECONDS = 30.0
+
+T = TypeVar("T")
 
 
 class RelayLeaderConnection:
@@ -79,6 +83,11 @@ class RelayLeaderConnection:
         """A cursor of the leader's connection (autocommit); use it in a `with` block, which
         closes it. (Notifications that arrive meanwhile are kept for the next wait().)"""
         return self._connection.cursor()
+
+    def ask(self, question: Callable[..., T], *args) -> T:
+        """`question(cursor, *args)` (one of shared.outbox's), on a cursor of its own."""
+        with self.cursor() as cursor:
+            return question(cursor, *args)
 
     def close(self) -> None:
         self._connection.close()  # the lock and the LISTEN end with the session

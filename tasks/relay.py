@@ -153,11 +153,15 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
         else:
             # The newest row before the read, so that a row the read could not see (committed
             # as it ran) is newer; asked only while reads are slow.
-            newest_id = _newest_row_id(leader) if walked_slowly else None
+            newest_id = leader.ask(newest_row_id) if walked_slowly else None
             just_sent, refused, walked_slowly = _send_waiting_rows(service, settings, leader,
                                                                    publisher)
             backlog = None
-            if walked_slowly and newest_id is not None and _rows_were_refused(leader):
+            # With no refused row there (waiting, parked, or held behind a parked one), a slow read
+            # was slow for another reason (a busy database, big rows), and nothing stands: the
+            # leader reads at every wake-up, as a row committed late under a lower id would
+            # otherwise wait WALK_AT_LEAST_EVERY_SECONDS for it.
+            if walked_slowly and newest_id is not None and leader.ask(rows_were_refused):
                 backlog = _StandingBacklog(leader, newest_id, read_at=started)
         sent += just_sent
         deleted_since_vacuum += just_sent
@@ -165,15 +169,14 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
             refused_since = None
         elif refused:
             refused_since = started if refused_since is None else refused_since
-        elif refused_since is not None and not _refused_rows_wait(leader):
+        elif refused_since is not None and not leader.ask(refused_rows_wait):
             refused_since = None  # nothing refused is left to send
         if (refused_since is not None
                 and time.monotonic() - refused_since >= STEP_DOWN_AFTER_SECONDS):
             _step_down(service, time.monotonic() - refused_since)
             return sent
         if deleted_since_vacuum >= VACUUM_AFTER_ROWS:
-            with leader.cursor() as cursor:
-                vacuum_outbox(cursor)
+            leader.ask(vacuum_outbox)
             deleted_since_vacuum = 0
         leader.wait(RECHECK_SECONDS)
     log.info("%s outbox relay stopping with its worker", service)
@@ -189,8 +192,7 @@ class _StandingBacklog:
     def __init__(self, leader: RelayLeaderConnection, newest_id: int, read_at: float):
         self.newest_id = newest_id  # the newest row's id as the read began (before its snapshot)
         self.read_at = read_at  # when it began (time.monotonic)
-        with leader.cursor() as cursor:
-            due_in = first_refused_row_due_in(cursor)
+        due_in = leader.ask(first_refused_row_due_in)
         # When to read for the first refused row holding rows back, its wait over (time.monotonic).
         self.due_at = None if due_in is None else max(
             time.monotonic() + due_in, read_at + WALK_FOR_A_DUE_ROW_AT_MOST_EVERY_SECONDS)
@@ -204,35 +206,14 @@ class _StandingBacklog:
         if (now - self.read_at >= WALK_AT_LEAST_EVERY_SECONDS
                 or (self.due_at is not None and now >= self.due_at)):
             return True
-        with leader.cursor() as cursor:
-            return newer_row_may_go(cursor, self.newest_id)
-
-
-def _newest_row_id(leader: RelayLeaderConnection) -> int:
-    with leader.cursor() as cursor:
-        return newest_row_id(cursor)
-
-
-def _rows_were_refused(leader: RelayLeaderConnection) -> bool:
-    """Whether refused rows (waiting, parked, or held behind a parked one) can be what a slow read
-    walked over. With none, the read was slow for another reason (a busy database, big rows), and
-    nothing stands: the leader reads at every wake-up, as a row committed late under a lower id
-    would otherwise wait WALK_AT_LEAST_EVERY_SECONDS for it."""
-    with leader.cursor() as cursor:
-        return rows_were_refused(cursor)
+        return leader.ask(newer_row_may_go, self.newest_id)
 
 
 def _remind_of_parked_rows(service: str, leader: RelayLeaderConnection) -> None:
-    with leader.cursor() as cursor:
-        parked = count_parked_outbox_messages(cursor)
+    parked = leader.ask(count_parked_outbox_messages)
     if parked:
         log.error("%s outbox: %d message(s) parked, the later rows of their keys waiting behind"
                   " them (python -m tasks.parked list %s --outbox)", service, parked, service)
-
-
-def _refused_rows_wait(leader: RelayLeaderConnection) -> bool:
-    with leader.cursor() as cursor:
-        return refused_rows_wait(cursor)
 
 
 def _step_down(service: str, refused_for: float) -> None:
