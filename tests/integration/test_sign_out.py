@@ -12,7 +12,7 @@ import uuid
 import jwt
 import psycopg2
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
 
 import gateway_app
@@ -140,6 +140,35 @@ def test_asking_whether_a_token_was_signed_out_waits_no_longer_than_its_limit(se
     assert (busy.status_code, _error_code(busy)) == (503, "DATABASE_BUSY")
     assert waited < 1.5
     assert gateway.get(NEWEST, headers=_bearer(token)).status_code == 200  # the limits were its own
+
+
+def test_asking_whether_a_token_was_signed_out_is_one_round_trip_in_autocommit(settings,
+                                                                            gateways):
+    """The lookup and its limits go as one string in autocommit (no BEGIN, no ROLLBACK, no SET to
+    put the connection back), and the connection goes back to the pool in transactions: the next
+    request's writes are a transaction again."""
+    gateway, _ = gateways
+    with gateway.application.app_context():
+        engine = db.engine
+    token = issue_token("usr_someone", "someone", settings.auth_token_secret, 600).access_token
+    sent: list[tuple[str, bool]] = []
+
+    def _executing(connection, cursor, statement, parameters, context, executemany):
+        sent.append((statement, connection.connection.dbapi_connection.autocommit))
+
+    event.listen(engine, "before_cursor_execute", _executing)
+    try:
+        assert gateway.get(NEWEST, headers=_bearer(token)).status_code == 200
+    finally:
+        event.remove(engine, "before_cursor_execute", _executing)
+    lookups = [autocommit for statement, autocommit in sent if "signed_out_tokens" in statement]
+    assert lookups == [True]
+    pooled = [engine.connect() for _ in range(engine.pool.checkedin())]
+    try:
+        assert pooled and not any(c.connection.dbapi_connection.autocommit for c in pooled)
+    finally:
+        for connection in pooled:
+            connection.close()
 
 
 def test_a_socket_whose_token_cannot_be_checked_is_closed_for_the_page_to_reconnect():
