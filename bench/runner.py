@@ -33,13 +33,7 @@ def run_benchmark(stack: Stack, plan: BenchPlan, workdir: Path, say=lambda messa
         # holds on each fetch, so its CPU per order grows with all it has taken (Apache Kafka's
         # does not): at 50 orders/s it spent 3.3-4.4 ms of CPU per order on fresh stacks, and
         # 9.5-11.6 ms in the runs that came after the capacity run.
-        say("warming up...")
-        warm_up(stack, plan, users, workdir)
-        results["latency"] = []
-        for rate in plan.latency_rates:
-            _settle(stack, plan, results, f"latency at {rate:g}/s")
-            say(f"latency at {rate:g} orders/s...")
-            results["latency"].append(measure_latency(stack, plan, users, workdir, rate))
+        results["latency"] = measure_latencies(stack, plan, users, workdir, results, say)
         _settle(stack, plan, results, "intake")
         say("order intake against the bare baseline...")
         results["intake"] = measure_intake(stack, plan, users, workdir, extra_processes)
@@ -53,6 +47,19 @@ def run_benchmark(stack: Stack, plan: BenchPlan, workdir: Path, say=lambda messa
     results["peak_rss_mb"] = memory.peaks_mb()
     results["machine"]["python_loop_ms"]["end"] = python_loop_ms()
     return results
+
+
+def measure_latencies(stack: Stack, plan: BenchPlan, users: list[str], workdir: Path,
+                      results: dict, say=lambda message: None) -> list[dict]:
+    """The warm-up, then the latency at each of the plan's rates, the shop settled before each."""
+    say("warming up...")
+    warm_up(stack, plan, users, workdir)
+    latencies = []
+    for rate in plan.latency_rates:
+        _settle(stack, plan, results, f"latency at {rate:g}/s")
+        say(f"latency at {rate:g} orders/s...")
+        latencies.append(measure_latency(stack, plan, users, workdir, rate))
+    return latencies
 
 
 def _settle(stack: Stack, plan: BenchPlan, results: dict, before: str) -> None:

@@ -7,6 +7,7 @@ import json
 
 from confluent_kafka.admin import AdminClient
 
+from bench.latency_only import latency_line
 from bench.plan import SMOKE
 from bench.relay_speed import relay_speed_topic
 from bench.report import write_gateway_transports_report, write_report
@@ -79,3 +80,15 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
     # `python -m bench.gateway_transports` writes the same section as a report of its own.
     _, alone = write_gateway_transports_report(results, tmp_path / "alone")
     assert "| GET /api/accounts/balance | HTTP |" in alone.read_text()
+
+
+def test_the_latency_runs_alone_give_a_line_of_their_figures(stack, tmp_path):
+    """`python -m bench.latency_only`, for interleaved runs of two versions of the code."""
+    line = latency_line(stack, SMOKE, "this code", tmp_path / "load")
+    assert line["label"] == "this code" and line["unsettled_before"] == []
+    assert [row["offered_rate"] for row in line["latency"]] == list(SMOKE.latency_rates)
+    for row in line["latency"]:
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert 0 <= row["offered_final_within_1s"] <= row["final_within_1s"] <= 1
+        assert row["hops_p50_ms"] and row["cpu_ms_per_order"]
+    json.dumps(line)
