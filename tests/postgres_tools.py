@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import psycopg2
 
-from shared.db import POOL_MAX_CONNECTIONS, db, driver_dsn
+from shared.db import db, driver_dsn
 from tests.polling import wait_for
 
 
@@ -39,19 +39,20 @@ def account_row_held(database_url: str, user_id: str) -> Iterator[int]:
 
 
 @contextmanager
-def no_connection_free(app, monkeypatch) -> Iterator[None]:
-    """Every connection the Flask `app`'s pool can make taken, and a request's wait for one cut
-    to 0.3 s: its requests time out waiting (DATABASE_BUSY). The app's pool is emptied after."""
+def no_connection_free(app) -> Iterator[None]:
+    """The Flask `app`'s pool with no connection to give, and a request's wait for one cut to
+    0.3 s: its requests time out waiting (DATABASE_BUSY). No connection is opened for it: the pool
+    is emptied and counts every connection it may open as open. The pool is as before after."""
     with app.app_context():
-        monkeypatch.setattr(db.engine.pool, "_timeout", 0.3)  # (30 s, SQLAlchemy's default)
-        taken = [db.engine.connect() for _ in range(POOL_MAX_CONNECTIONS)]
+        pool = db.engine.pool
+    pool.dispose()  # no idle connection to hand out
+    timeout, overflow = pool._timeout, pool._overflow
+    pool._timeout = 0.3  # (30 s, SQLAlchemy's default)
+    pool._overflow = pool._max_overflow  # every connection it may open (its size and overflow)
     try:
         yield
     finally:
-        for connection in taken:
-            connection.close()
-        with app.app_context():
-            db.engine.dispose()
+        pool._timeout, pool._overflow = timeout, overflow
 
 
 def other_sessions(cursor, condition: str, *params) -> int:

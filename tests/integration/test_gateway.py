@@ -985,7 +985,7 @@ def _served(app) -> Iterator[str]:
 
 
 def test_every_error_a_gateway_operation_answers_is_documented_for_it_and_none_other(
-        settings, upstreams, gateway, payments_flask_app, monkeypatch):
+        settings, upstreams, gateway, payments_flask_app):
     """Each operation asked in every way it can fail, through gateways whose services (or whose
     own database) fail each way: every error it answers (status, code and Retry-After) is
     documented for it, and it documents none it was not seen to answer. (Over HTTP: the gRPC
@@ -1039,12 +1039,12 @@ def test_every_error_a_gateway_operation_answers_is_documented_for_it_and_none_o
                          GATEWAY_OPERATIONS, _token(settings)))
     own = _gateway(settings, orders_service_url=upstreams["orders"].url,
                    payments_service_url=upstreams["payments"].url)
-    with no_connection_free(own.application, monkeypatch):
+    with no_connection_free(own.application):
         kept(_each_asked(own, [operation for operation in GATEWAY_OPERATIONS
                                if operation not in SHOP], _token(settings)))
     for package, paths in ((orders_app, "/api/orders"), (payments_app, "/api/accounts")):
         busy = package.create_app(settings=settings)
-        with no_connection_free(busy, monkeypatch), _served(busy) as url:
+        with no_connection_free(busy), _served(busy) as url:
             kept(_each_asked(_gateway(settings, orders_service_url=url, payments_service_url=url),
                              [operation for operation in SHOP if operation[1].startswith(paths)],
                              _token(settings)))

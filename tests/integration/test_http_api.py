@@ -620,7 +620,7 @@ def _refused_in_every_way_every_operation_can_be(client, method: str, path: str,
 
 
 def test_every_error_a_service_operation_answers_is_documented_for_it_and_none_other(
-        orders_flask_app, payments_flask_app, settings, monkeypatch):
+        orders_flask_app, payments_flask_app, settings):
     """Each operation asked in every way it can fail: every error it answers (status, code and
     Retry-After) is documented for it, and it documents none it was not seen to answer, so the
     document cannot drift from the behaviour either way."""
@@ -643,7 +643,7 @@ def test_every_error_a_service_operation_answers_is_documented_for_it_and_none_o
     for service in ("orders", "payments"):
         busy = {"orders": orders_app, "payments": payments_app}[service].create_app(
             settings=settings)
-        with no_connection_free(busy, monkeypatch):
+        with no_connection_free(busy):
             for (owner, method, path), (body, _) in SERVICE_OPERATIONS.items():
                 if owner == service:
                     answers[owner, method, path].append(asked(
