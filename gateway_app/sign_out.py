@@ -69,16 +69,17 @@ def is_signed_out(token: VerifiedToken) -> bool:
 
 @contextmanager
 def _in_autocommit(dbapi_connection) -> Iterator[None]:
-    """The pooled psycopg2 connection in autocommit for the block, then in transactions again (the
-    attribute alone, which sends nothing: SQLAlchemy's isolation_level option, on its way back,
-    sends a SET, the round trip saved). A connection that broke is left as it is: the pool drops
-    it, and the block's error is the one raised."""
+    """The pooled psycopg2 connection in autocommit for the block, then as it was (in transactions:
+    the attribute alone, which sends nothing; SQLAlchemy's isolation_level option, on its way
+    back, sends a SET, the round trip saved). A connection that broke is left as it is: the pool
+    drops it, and the block's error is the one raised."""
+    was = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
     try:
         yield
     finally:
         if not dbapi_connection.closed:
-            dbapi_connection.autocommit = False
+            dbapi_connection.autocommit = was
 
 
 # Asking whether a token has been signed out comes before every signed-in request: it may take

@@ -42,9 +42,12 @@ def account_row_held(database_url: str, user_id: str) -> Iterator[int]:
 def no_connection_free(app) -> Iterator[None]:
     """The Flask `app`'s pool with no connection to give, and a request's wait for one cut to
     0.3 s: its requests time out waiting (DATABASE_BUSY). No connection is opened for it: the pool
-    is emptied and counts every connection it may open as open. The pool is as before after."""
+    is emptied and counts every connection it may open as open, which holds only while none is
+    out (one checked in would be handed out again): for an app none of whose requests is under
+    way. The pool is as before after."""
     with app.app_context():
         pool = db.engine.pool
+    assert pool.checkedout() == 0, "a connection of the app is out"
     pool.dispose()  # no idle connection to hand out
     timeout, overflow = pool._timeout, pool._overflow
     pool._timeout = 0.3  # (30 s, SQLAlchemy's default)

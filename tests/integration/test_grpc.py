@@ -34,6 +34,7 @@ from tests.integration.test_gateway import assert_replays_said_so
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
 from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
+from tests.postgres_tools import no_connection_free
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -516,21 +517,14 @@ def test_a_request_held_up_by_a_lock_is_503_busy_over_both_transports(
 
 
 def test_a_service_whose_pool_has_no_connection_free_is_503_busy_over_both_transports(
-        settings, upstreams, grpc_targets, monkeypatch):  # noqa: F811
+        settings, upstreams, grpc_targets):  # noqa: F811
     """Nothing ran, as for a lock waited on too long: DATABASE_BUSY with Retry-After, where it was
     a 500 (a 502 through the gateway, which says the request may have been carried out)."""
     import orders_app
-    from shared.db import POOL_MAX_CONNECTIONS, db
 
     app = orders_app.create_app(settings=settings)
-    with app.app_context():
-        monkeypatch.setattr(db.engine.pool, "_timeout", 0.3)  # (30 s, SQLAlchemy's default)
-        taken = [db.engine.connect() for _ in range(POOL_MAX_CONNECTIONS)]
-    try:
+    with no_connection_free(app):
         answers = _orders_list_over_both_transports(settings, upstreams, grpc_targets, app)
-    finally:
-        for connection in taken:
-            connection.close()
     for transport, answer in answers.items():
         assert answer.status_code == 503, transport
         assert answer.get_json()["error"]["code"] == "DATABASE_BUSY", transport

@@ -140,6 +140,18 @@ def test_asking_whether_a_token_was_signed_out_waits_no_longer_than_its_limit(se
     assert (busy.status_code, _error_code(busy)) == (503, "DATABASE_BUSY")
     assert waited < 1.5
     assert gateway.get(NEWEST, headers=_bearer(token)).status_code == 200  # the limits were its own
+    # The connection of the lookup that failed is back in the pool as it was: in transactions,
+    # with the session's limits.
+    with gateway.application.app_context():
+        engine = db.engine
+    pooled = [engine.connect() for _ in range(engine.pool.checkedin())]
+    try:
+        for connection in pooled:
+            assert connection.connection.dbapi_connection.autocommit is False
+            assert connection.exec_driver_sql("SHOW lock_timeout").scalar() != "200ms"
+    finally:
+        for connection in pooled:
+            connection.close()
 
 
 def test_asking_whether_a_token_was_signed_out_is_one_round_trip_in_autocommit(settings,
