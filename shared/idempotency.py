@@ -1,6 +1,12 @@
 """`Idempotency-Key` support for POST endpoints: a retry with the same key and body gets the first
 response back and changes nothing; the same key with a different body is refused with a 422.
 
+The first response's body is kept as the JSON text it was answered with (`response_body`, text
+written by the app's JSON provider: shared.jsonio.WrittenBody), and a replay over HTTP answers that
+text as it is: the first answer's body byte for byte, its keys in their order (jsonb, which kept it
+before, orders an object's keys by their length) and its amounts and dates as they were written. A
+gRPC replay replies with the values read from it.
+
 A replayed answer says so: `take_replayed_mark()` tells the transport, which answers it with
 `Idempotent-Replayed: true` (REPLAYED_HEADER, as Stripe names it; in a gRPC call's trailers), so
 that a client can tell a retry's answer from a fresh one (did the money move now, or the first
@@ -22,14 +28,15 @@ from datetime import datetime
 from typing import Any
 
 from flask import Response as HttpResponse
-from flask import g, request
-from sqlalchemy import DateTime, Index, Integer, String, func, select, update
-from sqlalchemy.dialects.postgresql import JSONB, insert
+from flask import current_app, g, request
+from sqlalchemy import DateTime, Index, Integer, String, Text, func, select, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.cache import invalidate_after_commit
 from shared.db import after_commit, db, delete_oldest_before
 from shared.errors import ApiError, Unprocessable
+from shared.jsonio import WrittenBody
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
@@ -62,7 +69,8 @@ class IdempotencyKey(db.Model):
     key: Mapped[str] = mapped_column(String(MAX_KEY_LENGTH), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64))
     response_status: Mapped[int | None] = mapped_column(Integer)
-    response_body: Mapped[Any | None] = mapped_column(JSONB)
+    # The first answer's body, as the JSON text it was answered with (a replay's text).
+    response_body: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
@@ -107,6 +115,9 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
     request's invalidation is lost when its commit's answer is (a 503 for a commit that went
     through), and the retry that finds the change must not leave the reads cached from before it.
     A replay marks the answer replayed once its transaction has committed (take_replayed_mark).
+
+    With a key, the body answered, the first time as on a replay, is a WrittenBody: the app's
+    JSON provider answers it with the text kept, the same each time.
     """
     if key is None:
         return respond()
@@ -128,15 +139,16 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
             )
         invalidate_after_commit(session, invalidates)
         after_commit(session, _mark_replayed)  # (a commit that fails answers an error instead)
-        return earlier.response_body, earlier.response_status
+        return WrittenBody.read(earlier.response_body), earlier.response_status
     body, status = respond()
+    written = current_app.json.written(body)
     session.execute(
         update(IdempotencyKey)
         .where(IdempotencyKey.user_id == user_id, IdempotencyKey.endpoint == endpoint,
                IdempotencyKey.key == key)
-        .values(response_status=status, response_body=body)
+        .values(response_status=status, response_body=written.text)
     )
-    return body, status
+    return written, status
 
 
 def _mark_replayed() -> None:

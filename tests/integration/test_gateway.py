@@ -282,10 +282,10 @@ KEYED_OPERATIONS = {
 
 def assert_replays_said_so(client) -> None:
     """Through the gateway `client`, for each operation that honours a key: the answer to a repeat
-    with the same key and body is the first's, status and body, with `Idempotent-Replayed: true`;
-    the first answer, the 422 for the key reused with another body and an answer without a key
-    carry no such header; each answer's headers as the gateway's document gives them. (Both
-    transports: tests/integration/test_grpc.py asks over gRPC.)"""
+    with the same key and body is the first's, status and body (its very text), with
+    `Idempotent-Replayed: true`; the first answer, the 422 for the key reused with another body
+    and an answer without a key carry no such header; each answer's headers as the gateway's
+    document gives them. (Both transports: tests/integration/test_grpc.py asks over gRPC.)"""
     spec = client.get("/docs/openapi.json").get_json()
     _, auth = _sign_up(client)
     assert client.post("/api/accounts", headers=auth).status_code == 201
@@ -296,7 +296,7 @@ def assert_replays_said_so(client) -> None:
         reused = asked(client, method, path, other, headers=keyed)
         unkeyed = asked(client, method, path, body, headers=auth)
         assert_only_the_repeat_said_replayed(path, status, first, again, reused,
-                                             lambda answer: answer.get_json())
+                                             lambda answer: answer.get_data())
         assert unkeyed.status_code == status and REPLAYED_HEADER not in unkeyed.headers, path
         for answer in (first, again, reused, unkeyed):
             assert_headers_documented(spec, method, path, answer)

@@ -440,8 +440,9 @@ KEYED_OPERATIONS = {
 def test_a_replayed_answer_says_so_and_a_fresh_one_does_not(orders_http, payments_http, user_id,
                                                            service, method, path):
     """`Idempotent-Replayed: true` on the answer to a repeat with the same key and body (the first
-    answer's status and body, the work done once), and on no other: not on the first answer, nor
-    on the 422 for the key reused with another body; as the service's document gives it."""
+    answer's status and body, its very text, the work done once), and on no other: not on the
+    first answer, nor on the 422 for the key reused with another body; as the service's document
+    gives it."""
     client = {"orders": orders_http, "payments": payments_http}[service]
     body, status, other = KEYED_OPERATIONS[service, method, path]
     assert payments_http.post("/accounts", headers=_as(user_id)).status_code == 201
@@ -451,7 +452,7 @@ def test_a_replayed_answer_says_so_and_a_fresh_one_does_not(orders_http, payment
     reused = asked(client, method, path, other, headers=keyed)
 
     assert_only_the_repeat_said_replayed(path, status, first, again, reused,
-                                         lambda answer: answer.get_json())
+                                         lambda answer: answer.get_data())
     _assert_error(reused, 422)
     unkeyed = asked(client, method, path, body, headers=_as(user_id))
     assert unkeyed.status_code == status and REPLAYED_HEADER not in unkeyed.headers

@@ -12,10 +12,13 @@ import psycopg2
 import pytest
 import sqlalchemy as sa
 from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 
 from devstack.infra import free_port, start_embedded_postgres
 from shared.config import SERVICES, load_settings
 from shared.db import SESSION_LIMITS, driver_dsn
+from shared.idempotency import IdempotencyKey
 from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, ServerTooOld,
                                alembic_config, ensure_database, upgrade)
 from shared.outbox import CLAIM_ROWS
@@ -88,6 +91,67 @@ def test_every_services_idempotency_keys_are_indexed_by_age_for_pruning(infrastr
     command.downgrade(config, "0007" if service == "gateway" else "0008")
     assert _index_valid(url, "ix_idempotency_keys_created_at") is None
     command.upgrade(config, "head")
+
+
+# A first answer as jsonb kept it before revision 0012 (every service's): its keys reordered.
+ANSWER_KEPT_AS_JSONB = {"id": "6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11", "user_id": "u-1",
+                        "amount": "10.50", "description": "caf\u00e9 \u2713", "reason": None,
+                        "created_at": "2026-11-26T12:00:00.500000+00:00"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_idempotent_answers_kept_as_jsonb_survive_the_text_migration_and_back(infrastructure,
+                                                                             service):
+    """Revision 0012 (every service's) keeps a first answer's body as the text it was answered
+    with: a body kept as jsonb before becomes jsonb's text of it, every value as it was (its keys'
+    first order was lost already); the table is then as shared.idempotency's model says; the
+    downgrade makes it jsonb again, the body's values kept."""
+    url = _database_url(infrastructure, "answers-as-written", service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    command.upgrade(config, "0011")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("INSERT INTO idempotency_keys (user_id, endpoint, key, request_hash,"
+                       " response_status, response_body) VALUES ('u-1', 'POST /orders', 'k-1',"
+                       " 'hash', 202, %s)", (json.dumps(ANSWER_KEPT_AS_JSONB),))
+    connection.close()
+
+    command.upgrade(config, "head")
+    kept, kind = _answer_kept(url)
+    assert kind == "text" and json.loads(kept) == ANSWER_KEPT_AS_JSONB
+    assert '"amount": "10.50"' in kept  # (jsonb's spacing)
+    assert _idempotency_keys_drift(url) == []
+    command.downgrade(config, "0011")
+    kept, kind = _answer_kept(url)
+    assert kind == "jsonb" and json.loads(kept) == ANSWER_KEPT_AS_JSONB
+    command.upgrade(config, "head")
+
+
+def _answer_kept(url: str) -> tuple[str, str]:
+    """The one idempotency key's response body as text, and its column's type."""
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT response_body::text, pg_typeof(response_body)::text"
+                       " FROM idempotency_keys")
+        (row,) = cursor.fetchall()
+    connection.close()
+    return row
+
+
+def _idempotency_keys_drift(url: str) -> list:
+    """What Alembic finds to change in the idempotency_keys table of the database at `url` to make
+    it as shared.idempotency's model declares it (its columns' types compared too)."""
+    def in_the_table(item, name, type_, reflected, compare_to) -> bool:
+        table = name if type_ == "table" else getattr(getattr(item, "table", None), "name", None)
+        return table == IdempotencyKey.__tablename__
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={
+                "compare_type": True, "include_object": in_the_table})
+            return compare_metadata(context, IdempotencyKey.metadata)
+    finally:
+        engine.dispose()
 
 
 def _read(url: str, column: str) -> dict:
