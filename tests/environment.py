@@ -12,7 +12,7 @@ REDIS_KEYS_OF_THE_RUN = f"test.{RUN_ID}."
 
 # Redis database numbers per layer; what keeps runs apart is REDIS_KEY_PREFIX (Celery's queues
 # included), so two runs at once never take each other's tasks.
-REDIS_DB = {"integration": 14, "e2e": 13, "redis-outage": 12}
+REDIS_DB = {"integration": 14, "e2e": 13, "redis-outage": 12, "database-drop": 10}
 
 
 @dataclass(frozen=True)

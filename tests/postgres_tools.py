@@ -1,17 +1,19 @@
-"""PostgreSQL for tests: ending a connection from the server's side, as a restart would, a
-transaction stalled holding an account's row, an app's pool with no connection free, what the
-other sessions are doing, waiting for some of them to wait on a lock, and two transactions made to
-meet on one."""
+"""PostgreSQL for tests: ending a connection from the server's side, or every one of a database's
+at once, as a restart would, a transaction stalled holding an account's row, an app's pool with no
+connection free, what the other sessions are doing, waiting for some of them to wait on a lock,
+and two transactions made to meet on one."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import psycopg2
 
 from shared.db import db, driver_dsn
+from shared.relay_leader import RELAY_LEADER_LOCK_KEY
 from tests.polling import wait_for
 
 
@@ -23,10 +25,40 @@ def terminate_backend(database_url: str, pid: int) -> None:
     admin.close()
 
 
+@dataclass(frozen=True)
+class EndedSession:
+    """A session `end_every_session` ended, as it was then."""
+
+    pid: int
+    query: str  # the last statement it ran (or runs)
+    led_the_relay: bool  # it held the relay leader's lock (shared/relay_leader.py)
+
+
+def end_every_session(database_url: str) -> list[EndedSession]:
+    """Have the database end every client session connected to it but the caller's own, at once,
+    as a restart or a failover ends them (other databases' sessions are left alone); returns what
+    they were."""
+    with psycopg2.connect(driver_dsn(database_url)) as admin, admin.cursor() as cursor:
+        # (A bigint advisory key is shown as its high half in classid, its low half in objid.)
+        cursor.execute(f"""
+SELECT pid, query, EXISTS (SELECT FROM pg_locks WHERE pg_locks.pid = activity.pid
+                           AND locktype = 'advisory' AND granted AND objsubid = 1
+                           AND classid = {RELAY_LEADER_LOCK_KEY >> 32}
+                           AND objid = {RELAY_LEADER_LOCK_KEY & 0xFFFFFFFF}),
+       pg_terminate_backend(pid)
+FROM pg_stat_activity AS activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+  AND backend_type = 'client backend'""")
+        ended = [EndedSession(pid, query, led) for pid, query, led, _ in cursor.fetchall()]
+    admin.close()
+    return ended
+
+
 @contextmanager
 def account_row_held(database_url: str, user_id: str) -> Iterator[int]:
     """A transaction of another session holding `user_id`'s account row locked, as one stalled
-    would; yields its backend's pid, and rolls back when the block ends."""
+    would; yields its backend's pid, and rolls back when the block ends (unless the block had
+    the database end the session, lock and all)."""
     holder = psycopg2.connect(driver_dsn(database_url))
     try:
         with holder.cursor() as cursor:
@@ -34,7 +66,10 @@ def account_row_held(database_url: str, user_id: str) -> Iterator[int]:
                            (user_id,))
             yield cursor.fetchone()[0]
     finally:
-        holder.rollback()
+        try:
+            holder.rollback()
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            pass  # ended by the server: its transaction with it
         holder.close()
 
 

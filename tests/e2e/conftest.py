@@ -43,9 +43,15 @@ def shopper(stack):
 
 
 def _database(stack, service: str):
-    engine = sa.create_engine(_psycopg2(stack.env[f"{service.upper()}_DATABASE_URL"]))
+    engine = database_engine(stack, service)
     yield engine
     engine.dispose()
+
+
+def database_engine(stack, service: str, **options) -> sa.Engine:
+    """An engine on the `stack`'s database of `service`, for a test to read what the shop wrote
+    (`options` as sqlalchemy.create_engine's); the caller disposes of it."""
+    return sa.create_engine(_psycopg2(stack.env[f"{service.upper()}_DATABASE_URL"]), **options)
 
 
 @pytest.fixture(scope="package")

@@ -46,9 +46,34 @@ class ShopClient:
                         200)["balance"]
 
     def place_order(self, amount, description: str = "") -> dict:
-        return self._ok(self.http.post(f"{self.orders_url}/orders",
-                                       json={"amount": amount, "description": description},
-                                       timeout=10), 202)
+        return self._ok(self._post_order(amount, description), 202)
+
+    def place_order_until_taken(self, amount, key: str, timeout: float = 30.0
+                                ) -> tuple[dict, list[str]]:
+        """Place an order as a careful client does: asked again with the same Idempotency-Key
+        while the service answers 503 (its database away a moment) or cannot be reached, until
+        it is taken (202). Returns the order, and what each refused try was told."""
+        refusals: list[str] = []
+
+        def taken() -> dict | None:
+            try:
+                response = self._post_order(amount, "", key)
+            except requests.ConnectionError as exc:
+                refusals.append(type(exc).__name__)
+                return None
+            if response.status_code == 503:
+                refusals.append(response.json()["error"]["code"])
+                return None
+            return self._ok(response, 202)
+
+        order = wait_for(taken, timeout=timeout, interval=0.1,
+                         what=f"the order of key {key} to be taken")
+        return order, refusals
+
+    def _post_order(self, amount, description: str, key: str | None = None) -> requests.Response:
+        headers = {"Idempotency-Key": key} if key else {}
+        return self.http.post(f"{self.orders_url}/orders", headers=headers, timeout=10,
+                              json={"amount": amount, "description": description})
 
     def order(self, order_id: str) -> dict:
         return self._ok(self.http.get(f"{self.orders_url}/orders/{order_id}", timeout=10), 200)
