@@ -6,7 +6,8 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, LargeBinary, String, func, text
+from sqlalchemy import (BigInteger, DateTime, Index, Integer, LargeBinary, String, UniqueConstraint,
+                        func, text)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -17,12 +18,15 @@ class User(db.Model):
     __tablename__ = "users"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    username: Mapped[str] = mapped_column(String(64), unique=True)
+    username: Mapped[str] = mapped_column(String(64))
     password_hash: Mapped[str] = mapped_column(String(255))
     # Of the user's tokens: signing out everywhere moves it on, and every token of an earlier one
     # is refused (gateway_app/sign_out.py).
     token_generation: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    # Under the name PostgreSQL gave it, as the first migration made it.
+    __table_args__ = (UniqueConstraint("username", name="users_username_key"),)
 
 
 class SignedOutToken(db.Model):
@@ -44,12 +48,13 @@ class Notification(db.Model):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     user_id: Mapped[str] = mapped_column(String(64))
-    message_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), unique=True)
+    message_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
     type: Mapped[str] = mapped_column(String(100))
     payload: Mapped[dict] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
-    __table_args__ = (Index("ix_notifications_user_id", "user_id", "id"),)
+    __table_args__ = (Index("ix_notifications_user_id", "user_id", "id"),
+                      UniqueConstraint("message_id", name="notifications_message_id_key"))
 
     def to_json(self) -> dict:
         return {"id": self.id, "type": self.type, "payload": self.payload,

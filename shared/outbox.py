@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from psycopg2.extras import execute_values
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, String, Text, func, text
+from sqlalchemy import (JSON, BigInteger, DateTime, Index, Integer, String, Text, UniqueConstraint,
+                        func, text)
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -55,7 +56,7 @@ class OutboxMessage(db.Model):
     __tablename__ = "outbox_messages"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    message_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), unique=True)
+    message_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
     topic: Mapped[str] = mapped_column(String(249))
     key: Mapped[str | None] = mapped_column(String(255))
     type: Mapped[str] = mapped_column(String(100))
@@ -71,6 +72,16 @@ class OutboxMessage(db.Model):
     # Set when the message is too large ever to be sent: then neither it nor the later rows with
     # its topic and key are relayed until an operator replays or discards it (tasks/parked.py).
     parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    # As the migrations made them (shared/migration_steps.py): the unique constraint under the
+    # name PostgreSQL gave it, and the refused rows' index, which the relay's read looks rows up in
+    # (CLAIM_ROWS).
+    __table_args__ = (
+        UniqueConstraint("message_id", name="outbox_messages_message_id_key"),
+        Index("ix_outbox_messages_refused", "topic", "key", "id",
+              postgresql_where=text("attempts > 0"),
+              postgresql_include=["parked_at", "next_attempt_at"]),
+    )
 
 
 _WRITTEN_TOGETHER = "hseshop.outbox_rows_written_together"

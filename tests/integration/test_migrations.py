@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -17,8 +18,7 @@ from alembic.migration import MigrationContext
 
 from devstack.infra import free_port, start_embedded_postgres
 from shared.config import SERVICES, load_settings
-from shared.db import SESSION_LIMITS, driver_dsn
-from shared.idempotency import IdempotencyKey
+from shared.db import SESSION_LIMITS, db, driver_dsn
 from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, ServerTooOld,
                                alembic_config, ensure_database, upgrade)
 from shared.outbox import CLAIM_ROWS
@@ -93,6 +93,17 @@ def test_every_services_idempotency_keys_are_indexed_by_age_for_pruning(infrastr
     command.upgrade(config, "head")
 
 
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_services_migrated_database_is_as_its_models_declare_it(infrastructure, service):
+    """Migrations and models agree: no table, column (and its type), index or constraint that one
+    has and the other has not, and none under another name (the models name the constraints the
+    first migrations left to PostgreSQL as PostgreSQL named them)."""
+    url = _database_url(infrastructure, "as-declared", service)
+    ensure_database(url)
+    command.upgrade(alembic_config(service, url), "head")
+    assert _drift(service, url) == []
+
+
 # A first answer as jsonb kept it before revision 0012 (every service's): its keys reordered.
 ANSWER_KEPT_AS_JSONB = {"id": "6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11", "user_id": "u-1",
                         "amount": "10.50", "description": "caf\u00e9 \u2713", "reason": None,
@@ -120,7 +131,7 @@ def test_idempotent_answers_kept_as_jsonb_survive_the_text_migration_and_back(in
     kept, kind = _answer_kept(url)
     assert kind == "text" and json.loads(kept) == ANSWER_KEPT_AS_JSONB
     assert '"amount": "10.50"' in kept  # (jsonb's spacing)
-    assert _idempotency_keys_drift(url) == []
+    assert _drift(service, url) == []
     command.downgrade(config, "0011")
     kept, kind = _answer_kept(url)
     assert kind == "jsonb" and json.loads(kept) == ANSWER_KEPT_AS_JSONB
@@ -137,19 +148,26 @@ def _answer_kept(url: str) -> tuple[str, str]:
     return row
 
 
-def _idempotency_keys_drift(url: str) -> list:
-    """What Alembic finds to change in the idempotency_keys table of the database at `url` to make
-    it as shared.idempotency's model declares it (its columns' types compared too)."""
-    def in_the_table(item, name, type_, reflected, compare_to) -> bool:
+def _drift(service: str, url: str) -> list:
+    """What Alembic finds to change in the database at `url`, migrated, to make it as the
+    service's models declare it (its own models' tables and shared/'s; column types compared
+    too): nothing, when its migrations and its models agree."""
+    for module in ("shared.outbox", "shared.inbox", "shared.idempotency",
+                   *(f"{app}_app.models" for app in SERVICES)):  # every model declared
+        importlib.import_module(module)
+    tables = {mapper.local_table.name for mapper in db.Model.registry.mappers
+              if mapper.class_.__module__.startswith(("shared.", f"{service}_app."))}
+
+    def of_the_service(item, name, type_, reflected, compare_to) -> bool:
         table = name if type_ == "table" else getattr(getattr(item, "table", None), "name", None)
-        return table == IdempotencyKey.__tablename__
+        return table in tables or (reflected and type_ == "table" and name != "alembic_version")
 
     engine = sa.create_engine(url)
     try:
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={
-                "compare_type": True, "include_object": in_the_table})
-            return compare_metadata(context, IdempotencyKey.metadata)
+                "compare_type": True, "include_object": of_the_service})
+            return compare_metadata(context, db.metadata)
     finally:
         engine.dispose()
 
