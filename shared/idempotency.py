@@ -1,11 +1,14 @@
 """`Idempotency-Key` support for POST endpoints: a retry with the same key and body gets the first
 response back and changes nothing; the same key with a different body is refused with a 422.
 
-The first response's body is kept as the JSON text it was answered with (`response_body`, text
-written by the app's JSON provider: shared.jsonio.WrittenBody), and a replay over HTTP answers that
-text as it is: the first answer's body byte for byte, its keys in their order (jsonb, which kept it
-before, orders an object's keys by their length) and its amounts and dates as they were written. A
-gRPC replay replies with the values read from it.
+The first response's body is kept as the JSON text it was answered with (`response_text`), which a
+replay reads back into the same values in the same order: its answer is the first one's, byte for
+byte (the bodies hold strings, whole numbers and nulls, as the schemas dump them, which read back
+as they were; jsonb, which kept the body alone before, orders an object's keys by their length).
+The body is kept as jsonb as well (`response_body`), for the processes of the release before
+this one, which read only that during an upgrade, and is read from there for the keys they kept.
+A later release writes only the text and drops that column, once every key kept has its text (a
+day on: IDEMPOTENCY_KEY_RETENTION_SECONDS), rather than rewrite the table under its lock.
 
 A replayed answer says so: `take_replayed_mark()` tells the transport, which answers it with
 `Idempotent-Replayed: true` (REPLAYED_HEADER, as Stripe names it; in a gRPC call's trailers), so
@@ -30,13 +33,13 @@ from typing import Any
 from flask import Response as HttpResponse
 from flask import current_app, g, request
 from sqlalchemy import DateTime, Index, Integer, String, Text, func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.cache import invalidate_after_commit
 from shared.db import after_commit, db, delete_oldest_before
 from shared.errors import ApiError, Unprocessable
-from shared.jsonio import WrittenBody
+from shared.jsonio import loads_strict
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
@@ -69,8 +72,10 @@ class IdempotencyKey(db.Model):
     key: Mapped[str] = mapped_column(String(MAX_KEY_LENGTH), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64))
     response_status: Mapped[int | None] = mapped_column(Integer)
-    # The first answer's body, as the JSON text it was answered with (a replay's text).
-    response_body: Mapped[str | None] = mapped_column(Text)
+    # The first answer's body: as the JSON text it was answered with, and as jsonb (for the
+    # release before, which reads only that; see the module's docstring).
+    response_text: Mapped[str | None] = mapped_column(Text)
+    response_body: Mapped[Any | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
@@ -115,9 +120,6 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
     request's invalidation is lost when its commit's answer is (a 503 for a commit that went
     through), and the retry that finds the change must not leave the reads cached from before it.
     A replay marks the answer replayed once its transaction has committed (take_replayed_mark).
-
-    With a key, the body answered, the first time as on a replay, is a WrittenBody: the app's
-    JSON provider answers it with the text kept, the same each time.
     """
     if key is None:
         return respond()
@@ -139,16 +141,24 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
             )
         invalidate_after_commit(session, invalidates)
         after_commit(session, _mark_replayed)  # (a commit that fails answers an error instead)
-        return WrittenBody.read(earlier.response_body), earlier.response_status
+        return _answered_body(earlier), earlier.response_status
     body, status = respond()
-    written = current_app.json.written(body)
     session.execute(
         update(IdempotencyKey)
         .where(IdempotencyKey.user_id == user_id, IdempotencyKey.endpoint == endpoint,
                IdempotencyKey.key == key)
-        .values(response_status=status, response_body=written.text)
+        .values(response_status=status, response_text=current_app.json.dumps(body),
+                response_body=body)
     )
-    return written, status
+    return body, status
+
+
+def _answered_body(kept: IdempotencyKey) -> Any:
+    """The body of the answer `kept`: read from its text, its keys in their order (a JSON object
+    read into a dict keeps it); jsonb's values for a key the release before kept."""
+    if kept.response_text is None:
+        return kept.response_body
+    return loads_strict(kept.response_text)
 
 
 def _mark_replayed() -> None:

@@ -1,6 +1,5 @@
 """JSON for the HTTP APIs: numbers are read as `Decimal` (never float), NaN and Infinity are
-refused, Decimals, UUIDs and datetimes are written in their wire forms, and a body written once
-(WrittenBody: an idempotent request's answer) is answered with the very text it was written as."""
+refused, and Decimals, UUIDs and datetimes are written in their wire forms."""
 
 from __future__ import annotations
 
@@ -43,36 +42,8 @@ def dumps_exact(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-class WrittenBody(dict):
-    """A JSON object body together with the text it was written as (`text`), which the apps' JSON
-    provider answers as it is: an idempotent request's answer (shared.idempotency), so that a
-    replay is the first answer's text byte for byte, its keys in their order and its numbers and
-    strings as they were written. Its values are the body's, for a transport that takes values
-    rather than text (a gRPC method's reply)."""
-
-    def __init__(self, values: dict[str, Any], text: str):
-        super().__init__(values)
-        self.text = text
-
-    @classmethod
-    def read(cls, text: str) -> WrittenBody:
-        """The body `text` was written for (numbers as Decimals, as loads_strict reads them)."""
-        return cls(loads_strict(text), text)
-
-
 class StrictDecimalJSONProvider(DefaultJSONProvider):
     sort_keys = False
-
-    def written(self, body: dict[str, Any]) -> WrittenBody:
-        """`body` with the JSON text this provider answers it with (compact, as `response` writes
-        out of debug mode), to be kept and answered again as it is."""
-        return WrittenBody(body, self.dumps(body, separators=(",", ":")))
-
-    def dumps(self, obj, **kwargs):
-        # A body written already is its own text, however `response` would lay it out.
-        if isinstance(obj, WrittenBody):
-            return obj.text
-        return super().dumps(obj, **kwargs)
 
     def loads(self, s, **kwargs):
         if kwargs:

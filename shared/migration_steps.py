@@ -149,20 +149,17 @@ def drop_idempotency_keys_age_index() -> None:
     op.drop_index("ix_idempotency_keys_created_at", "idempotency_keys", if_exists=True)
 
 
-def keep_idempotent_answers_as_written() -> None:
-    """Idempotency keys keep the first answer's body as the JSON text it was answered with (text,
-    which a replay answers as it is: shared.idempotency), not as jsonb, which keeps the values but
-    orders an object's keys by their length: a replay came in another order than the first answer.
-    The bodies kept already become jsonb's text of them: their values, with jsonb's order of keys
-    and its spacing (the order they were answered in was lost as they were stored). The table is
-    rewritten, under its lock: it holds the keys of a day (IDEMPOTENCY_KEY_RETENTION_SECONDS)."""
-    op.alter_column("idempotency_keys", "response_body", type_=sa.Text,
-                    postgresql_using="response_body::text")
+def add_idempotent_answer_texts() -> None:
+    """Idempotency keys keep the first answer's body as the JSON text it was answered with too
+    (`response_text`), which a replay reads back in its order (shared.idempotency); jsonb, which
+    kept it alone, orders an object's keys by their length. A column added, nullable and without
+    a default: no rewrite of the table, which the running shop goes on writing. The jsonb column
+    stays for the release before, during the upgrade (see shared/idempotency.py)."""
+    op.add_column("idempotency_keys", sa.Column("response_text", sa.Text), if_not_exists=True)
 
 
-def keep_idempotent_answers_as_jsonb() -> None:
-    op.alter_column("idempotency_keys", "response_body", type_=pg.JSONB,
-                    postgresql_using="response_body::jsonb")
+def drop_idempotent_answer_texts() -> None:
+    op.drop_column("idempotency_keys", "response_text")
 
 
 def add_outbox_parking() -> None:

@@ -461,6 +461,33 @@ def test_a_replayed_answer_says_so_and_a_fresh_one_does_not(orders_http, payment
         assert_headers_documented(spec, method, path, answer)
 
 
+@pytest.mark.parametrize("service, method, path", KEYED_OPERATIONS)
+def test_a_key_the_release_before_kept_is_replayed_from_its_jsonb(
+        orders_flask_app, payments_flask_app, orders_http, payments_http, user_id, service,
+        method, path):
+    """A key kept by the release before 0012 (its answer in jsonb only, no text) still replays its
+    first answer: the same status and values, said replayed, the work done once."""
+    client = {"orders": orders_http, "payments": payments_http}[service]
+    app = {"orders": orders_flask_app, "payments": payments_flask_app}[service]
+    body, status, _ = KEYED_OPERATIONS[service, method, path]
+    assert payments_http.post("/accounts", headers=_as(user_id)).status_code == 201
+    key = str(uuid.uuid4())
+    keyed = _as(user_id, **{"Idempotency-Key": key})
+    first = asked(client, method, path, body, headers=keyed)
+    with app.app_context():
+        db.session.execute(text("UPDATE idempotency_keys SET response_text = NULL"
+                                " WHERE key = :key"), {"key": key})
+        db.session.commit()
+    again = asked(client, method, path, body, headers=keyed)
+    assert (again.status_code, again.get_json()) == (status, first.get_json())
+    assert again.headers.get(REPLAYED_HEADER) == REPLAYED
+    if service == "orders":
+        assert len(orders_http.get("/orders", headers=_as(user_id)).get_json()["items"]) == 1
+    else:
+        balance = payments_http.get("/accounts/balance", headers=_as(user_id)).get_json()
+        assert balance["balance"] == "25.00"
+
+
 def test_a_replay_no_transport_answered_is_not_taken_for_the_next_requests(orders_flask_app,
                                                                            user_id):
     """A use case run in an app context that requests then share (as here, or a command's) marks
