@@ -133,7 +133,8 @@ class OutboxPublisher:
         in its delivery report, holds nothing of this batch back: the rows after it may already
         be on their way; the later reads hold back its key, shared.outbox.CLAIM_ROWS. The rows
         of a record batch it refuses as too large are each sent again alone, to
-        learn which is: `_send_each_alone`.)
+        learn which is: `_send_each_alone`.) A refusal says whether the broker answered with it
+        (`Refusal.answered`: `_answered`), or gave no answer at all (a message timed out).
         """
         producer = self._get_producer()
         deadline = time.monotonic() + FLUSH_TIMEOUT_S
@@ -173,7 +174,7 @@ class OutboxPublisher:
             if _too_large(err) and not unanswered:
                 in_batches_too_large.append(row)
                 continue
-            refused[row[0]] = Refusal(f"{err.name()}: {err.str()}")
+            refused[row[0]] = Refusal(f"{err.name()}: {err.str()}", answered=_answered(err))
             failed_fatally = failed_fatally or _is_fatal(err)
         if in_batches_too_large:
             alone, producer_sound = self._send_each_alone(producer, in_batches_too_large, deadline)
@@ -201,11 +202,14 @@ class OutboxPublisher:
         for row in rows:
             row_id, topic, key = row[:3]
             refusal = held_back.get((topic, key))
+            # (Rows not sent alone were answered all the same: their record batch was refused.)
             if refusal is None and not sound:
                 refusal = Refusal("in a record batch refused as too large; not sent alone: the "
-                                  "producer left a message unanswered and is replaced")
+                                  "producer left a message unanswered and is replaced",
+                                  answered=True)
             elif refusal is None and deadline - time.monotonic() < ALONE_NEEDS_S:
-                refusal = Refusal("in a record batch refused as too large; not sent alone in time")
+                refusal = Refusal("in a record batch refused as too large; not sent alone in time",
+                                  answered=True)
             if refusal:
                 refused[row_id] = refusal
                 continue
@@ -245,7 +249,7 @@ def _refuse(refused: dict[int, Refusal], held_back: dict[tuple[str, str], Refusa
     order to keep)."""
     row_id, topic, key = row[:3]
     never = _too_large(error)
-    refused[row_id] = Refusal(why, held=never, park=never)
+    refused[row_id] = Refusal(why, held=never, park=never, answered=_answered(error))
     if key is not None:
         held_back[(topic, key)] = Refusal(f"held back behind a refused message: {detail}",
                                           held=never)
@@ -255,6 +259,21 @@ def _too_large(error: KafkaError) -> bool:
     """Whether `error` refuses a message for its size: the producer's limit or the topic's, the
     same answer every time it is sent."""
     return error.code() == KafkaError.MSG_SIZE_TOO_LARGE
+
+
+def _answered(error: KafkaError) -> bool:
+    """Whether `error` is the broker's answer about the message or its topic, which says that the
+    producer reaches the broker: one of the broker's own error codes (librdkafka's "Broker: ..."
+    errors, UNKNOWN and up: an authorization it refused, an invalid topic or record, a record too
+    large), or librdkafka's own word, from the broker's metadata, that the topic or partition does
+    not exist (_UNKNOWN_TOPIC, _UNKNOWN_PARTITION). librdkafka's other errors, all below UNKNOWN
+    ("Local: ..."), are its own: a message with no answer in time (_MSG_TIMED_OUT), a broken or
+    refused connection (_TRANSPORT, _ALL_BROKERS_DOWN, _RESOLVE), a producer in a fatal state."""
+    code = error.code()
+    return code >= KafkaError.UNKNOWN or code in _NO_SUCH_TOPIC_OR_PARTITION
+
+
+_NO_SUCH_TOPIC_OR_PARTITION = frozenset({KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION})
 
 
 def _is_fatal(error: KafkaError) -> bool:

@@ -198,11 +198,17 @@ class Refusal:
     nothing follows about the broker. `park`: the row's own message is too large ever to be sent;
     it is parked rather than tried again (a row held back behind it is `held` only, and goes as
     soon as the parked row is replayed and sent, or discarded). Every other refusal counts against
-    the broker, and the row is tried again after its wait (FIRST_RETRY_AFTER_SECONDS)."""
+    the broker, and the row is tried again after its wait (FIRST_RETRY_AFTER_SECONDS).
+    `answered`: of those, the broker reached refused the row itself, for its topic or its record
+    (a topic the relay may not write to or that does not exist, an invalid record), so the relay's
+    way to the broker is sound; a refusal without an answer (no acknowledgement in time, a broken
+    connection) may be the relay's own way to the broker failing, and only those count towards
+    the leader stepping down (tasks/relay.py)."""
 
     error: str
     held: bool = False
     park: bool = False
+    answered: bool = False
 
 
 @dataclass(frozen=True)
@@ -212,12 +218,19 @@ class RelayResult:
     failed: int = 0
     held: int = 0  # of the failed, those refused for what the message is (see Refusal)
     parked: int = 0  # of the held, those parked (the rest were behind them)
+    answered: int = 0  # of the others, those the broker refused with an answer (see Refusal)
     read_seconds: float = 0.0  # how long the read took (CLAIM_ROWS and its rows fetched)
 
     @property
     def refused_by_the_broker(self) -> int:
         """Failed rows a broker was asked for (refused, or no answer in time)."""
         return self.failed - self.held
+
+    @property
+    def unanswered(self) -> bool:
+        """Whether the broker took none of the batch and answered for none of it: the only kind of
+        batch that says the relay may not reach the broker (see Refusal)."""
+        return bool(self.refused_by_the_broker) and not self.sent and not self.answered
 
 
 # Publishes rows and waits for the broker's answers: returns why each row the broker did not
@@ -256,6 +269,8 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
     return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused),
                        held=sum(refusal.held for refusal in refused.values()),
                        parked=sum(refusal.park for refusal in refused.values()),
+                       answered=sum(refusal.answered and not refusal.held
+                                    for refusal in refused.values()),
                        read_seconds=read_seconds)
 
 

@@ -88,7 +88,8 @@ def test_a_failed_delivery_refuses_its_own_row_only(publisher):
     rows = _rows(3)
     publisher._get_producer().fail = {
         rows[1][6]: KafkaError(KafkaError.NOT_ENOUGH_REPLICAS, "replicas down")}
-    assert publisher.send_batch(rows) == {2: Refusal("NOT_ENOUGH_REPLICAS: replicas down")}
+    assert publisher.send_batch(rows) == {
+        2: Refusal("NOT_ENOUGH_REPLICAS: replicas down", answered=True)}
     assert len(StandInProducer.made) == 1  # an ordinary refusal keeps the producer
 
 
@@ -135,6 +136,30 @@ def test_a_message_refused_for_the_brokers_state_is_tried_again_not_parked(publi
     assert refused[2].error.startswith("held back")  # behind the first: the same key
     assert producer.produced == []
     assert not any(r.park or r.held for r in refused.values())
+    assert refused[1].answered and not refused[2].answered  # (the second was never tried)
+
+
+@pytest.mark.parametrize("code", [KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.TOPIC_EXCEPTION,
+                                  KafkaError.INVALID_RECORD, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                                  KafkaError.UNKNOWN, KafkaError._UNKNOWN_TOPIC])
+def test_a_message_the_broker_refuses_for_its_topic_or_record_is_refused_with_an_answer(
+        publisher, code):
+    """The broker's own error codes (and librdkafka's word, from the broker's metadata, that the
+    topic does not exist) say that the producer reaches it: a leader does not step down over
+    them (tasks/relay.py)."""
+    rows = _rows(2)
+    publisher._get_producer().fail = {rows[0][6]: KafkaError(code, "refused")}
+    refused = publisher.send_batch(rows)
+    assert set(refused) == {1} and refused[1].answered and not refused[1].held
+
+
+@pytest.mark.parametrize("code", [KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT,
+                                  KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE])
+def test_a_message_with_no_answer_from_the_broker_is_refused_without_one(publisher, code):
+    rows = _rows(2)
+    publisher._get_producer().fail = {row[6]: KafkaError(code, "no answer") for row in rows}
+    refused = publisher.send_batch(rows)
+    assert set(refused) == {1, 2} and not any(r.answered or r.held for r in refused.values())
 
 
 def test_a_message_the_broker_refuses_as_too_large_is_parked(publisher):
@@ -176,6 +201,7 @@ def test_rows_of_a_batch_refused_as_too_large_wait_once_the_time_is_up(publisher
     assert set(refused) == {1, 2, 3}
     assert not any(r.park or r.held for r in refused.values())  # tried again later, in a batch
     assert "not sent alone in time" in refused[1].error
+    assert all(r.answered for r in refused.values())  # (their batch was: refused as too large)
 
 
 def test_a_message_without_a_key_the_producer_will_not_take_holds_nothing_back(publisher):
