@@ -24,8 +24,10 @@ operator hands back or whose parked row it discards (tasks/parked.py), wait for 
 worst. A quick read, or a slow one with no refused row there (a busy database), changes nothing:
 the leader reads at every wake-up, with no other statement.
 
-A leader that the broker refuses for long steps down (STEP_DOWN_AFTER_SECONDS), so that a worker
-whose own way to the broker is broken does not hold the lead while others could relay.
+A leader that has had no answer from the broker for long steps down (STEP_DOWN_AFTER_SECONDS), so
+that a worker whose own way to the broker is broken does not hold the lead while others could
+relay. A row the broker refuses for what it is (its topic, its record) is an answer: a leader
+with nothing else to send goes on leading, and retrying that row, however long it is refused.
 """
 
 from __future__ import annotations
@@ -58,12 +60,15 @@ VACUUM_AFTER_ROWS = 1000
 # How long the leader gives each of the topic check's two broker calls after a refused batch.
 TOPIC_CHECK_TIMEOUT_SECONDS = 2.0
 
-# A leader whose every batch the broker has refused for this long, while rows waited (refused rows
-# waiting for their next try count: shared.outbox.FIRST_RETRY_AFTER_SECONDS), steps down: it
-# closes its connection, and the lock with it, and this process takes no lead of that outbox for
-# SIT_OUT_SECONDS, so that beat's next runs find a relay in another worker, whose way to the
-# broker may be sound. Where the broker is down for all, the lead just moves on (or, with one
-# worker, comes back after the sit-out).
+# A leader whose every batch has had no answer from the broker for this long (no row taken, none
+# refused by the broker for its topic or record: shared.outbox.Refusal.answered), while rows
+# waited (refused rows waiting for their next try count: shared.outbox.FIRST_RETRY_AFTER_SECONDS),
+# steps down: it closes its connection, and the lock with it, and this process takes no lead of
+# that outbox for SIT_OUT_SECONDS, so that beat's next runs find a relay in another worker, whose
+# way to the broker may be sound. Where the broker is down for all, the lead just moves on (or,
+# with one worker, comes back after the sit-out). A row the broker answers with a refusal (a topic
+# the relay may not write to, say) says that this worker reaches it: another would be refused the
+# same, and a leader stepping down over it would only keep the rows committed meanwhile waiting.
 STEP_DOWN_AFTER_SECONDS = 60.0
 SIT_OUT_SECONDS = 10.0
 # A read slower than this that found all it could send (fewer rows than a batch) walked over a
@@ -139,7 +144,7 @@ def relay_outbox(service: str) -> int:
 def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
     publisher = _publisher()
     sent = deleted_since_vacuum = 0
-    refused_since = None  # when the broker began refusing every batch, if it does
+    unanswered_since = None  # when the broker stopped answering every batch, if it has
     next_reminder = 0.0  # of parked rows: at once
     walked_slowly = False  # whether the last read was a slow one that found all it could send
     backlog: _StandingBacklog | None = None  # what such a read left, while nothing changed for it
@@ -149,13 +154,14 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
             _remind_of_parked_rows(service, leader)
             next_reminder = started + PARKED_REMINDER_SECONDS
         if backlog is not None and not backlog.read_again(leader):
-            just_sent, refused = 0, False  # as a read that found nothing would have
+            just_sent = answered = 0  # as a read that found nothing would have
+            unanswered = False
         else:
             # The newest row before the read, so that a row the read could not see (committed
             # as it ran) is newer; asked only while reads are slow.
             newest_id = leader.ask(newest_row_id) if walked_slowly else None
-            just_sent, refused, walked_slowly = _send_waiting_rows(service, settings, leader,
-                                                                   publisher)
+            just_sent, answered, unanswered, walked_slowly = _send_waiting_rows(
+                service, settings, leader, publisher)
             backlog = None
             # With no refused row there (waiting, parked, or held behind a parked one), a slow read
             # was slow for another reason (a busy database, big rows), and nothing stands: the
@@ -165,15 +171,15 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
                 backlog = _StandingBacklog(leader, newest_id, read_at=started)
         sent += just_sent
         deleted_since_vacuum += just_sent
-        if just_sent:
-            refused_since = None
-        elif refused:
-            refused_since = started if refused_since is None else refused_since
-        elif refused_since is not None and not leader.ask(refused_rows_wait):
-            refused_since = None  # nothing refused is left to send
-        if (refused_since is not None
-                and time.monotonic() - refused_since >= STEP_DOWN_AFTER_SECONDS):
-            _step_down(service, time.monotonic() - refused_since)
+        if just_sent or answered:  # the broker took a row or answered for one: it is reached
+            unanswered_since = None
+        elif unanswered:
+            unanswered_since = started if unanswered_since is None else unanswered_since
+        elif unanswered_since is not None and not leader.ask(refused_rows_wait):
+            unanswered_since = None  # nothing refused is left to send
+        if (unanswered_since is not None
+                and time.monotonic() - unanswered_since >= STEP_DOWN_AFTER_SECONDS):
+            _step_down(service, time.monotonic() - unanswered_since)
             return sent
         if deleted_since_vacuum >= VACUUM_AFTER_ROWS:
             leader.ask(vacuum_outbox)
@@ -216,30 +222,32 @@ def _remind_of_parked_rows(service: str, leader: RelayLeaderConnection) -> None:
                   " them (python -m tasks.parked list %s --outbox)", service, parked, service)
 
 
-def _step_down(service: str, refused_for: float) -> None:
-    log.warning("%s outbox: the broker has refused every batch for %.0f s; stepping down so that"
-                " a relay in another worker can lead", service, refused_for)
+def _step_down(service: str, unanswered_for: float) -> None:
+    log.warning("%s outbox: no batch has had an answer from the broker for %.0f s; stepping down"
+                " so that a relay in another worker can lead", service, unanswered_for)
     with _leading_lock:
         _sitting_out[service] = time.monotonic() + SIT_OUT_SECONDS
 
 
 def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
-                       publisher: OutboxPublisher) -> tuple[int, bool, bool]:
+                       publisher: OutboxPublisher) -> tuple[int, int, bool, bool]:
     """Send batch after batch until none is left or the broker takes none of a batch; returns how
-    many rows were sent, whether the broker refused a batch whole, and whether the last read was
-    slower than SLOW_WALK_SECONDS and found all it could send (fewer rows than a batch, of which
-    the broker may have refused some, now waiting). The rows it refused wait
+    many rows were sent, how many the broker refused with an answer (shared.outbox.Refusal),
+    whether it left a batch whole without an answer (it took none, answered for none), and whether
+    the last read was slower than SLOW_WALK_SECONDS and found all it could send (fewer rows than a
+    batch, of which the broker may have refused some, now waiting). The rows it refused wait
     for their next try (shared.outbox), and the next read passes over them, so a batch it took in
     part is followed by the next; the refusals are logged, and the topics checked, once a call.
     (Messages too large ever to be sent say nothing about the broker: they are parked, and the
     next read passes over them too.)"""
-    sent = refused = 0
-    refused_whole = walked_slowly = False
+    sent = refused = answered = 0
+    unanswered = walked_slowly = False
     while not _stopping.is_set():
         with leader.cursor() as cursor:
             result = relay_pending_outbox(cursor, publisher.send_batch,
                                           settings.outbox_relay_batch_size)
         sent += result.sent
+        answered += result.answered
         walked_slowly = (result.read_seconds >= SLOW_WALK_SECONDS
                          and result.claimed < settings.outbox_relay_batch_size)
         if result.parked:
@@ -251,14 +259,14 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                 _recreate_topics(settings, service)
             refused += result.refused_by_the_broker
             if not result.sent:
-                refused_whole = True
+                unanswered = result.unanswered
                 break
         if result.claimed < settings.outbox_relay_batch_size:
             break
     if refused:
         log.warning("%s outbox: %d rows not acknowledged by the broker; each is tried again"
                     " after its wait", service, refused)
-    return sent, refused_whole, walked_slowly
+    return sent, answered, unanswered, walked_slowly
 
 
 def _recreate_topics(settings, service: str) -> None:

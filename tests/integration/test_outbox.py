@@ -1251,27 +1251,36 @@ def _waiting_long(monkeypatch) -> None:
 @pytest.mark.parametrize("refused_before", [False, True])
 def test_a_leader_whose_refused_rows_wait_for_their_next_try_still_steps_down(
         orders_flask_app, settings, user_id, monkeypatch, refused_before):
-    """Refused rows waiting for their next try are rows waiting: a leader whose every batch the
-    broker refused steps down after STEP_DOWN_AFTER_SECONDS, though its reads in between find
-    nothing to send yet; rows refused before it led (by a leader that stepped down, say) count
-    as any."""
+    """Refused rows waiting for their next try are rows waiting: a leader whose every batch had
+    no answer from the broker (here: a port nothing listens on, messages timing out after 0.3 s)
+    steps down after STEP_DOWN_AFTER_SECONDS, though its reads in between find nothing to send
+    yet; rows refused before it led (by a leader that stepped down, say) count as any."""
     from tasks import relay
 
     monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 2.0)
+    monkeypatch.setattr(relay, "TOPIC_CHECK_TIMEOUT_SECONDS", 0.2)
     _waiting_long(monkeypatch)
     with orders_flask_app.app_context():
         _relay_all(OutboxPublisher(settings))
         order_id = _place(user_id).id
-        _send_to(REFUSED_TOPIC, [order_id])
         if refused_before:
             with transaction() as session, driver_cursor(session) as cursor:
                 cursor.execute("UPDATE outbox_messages SET attempts = 3, next_attempt_at = now()"
                                " WHERE correlation_id = %s", (str(order_id),))
+    monkeypatch.setattr("shared.kafka.MESSAGE_TIMEOUT_MS", 300)  # (read as its producer is made)
+    cut_off = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    service_app("orders").extensions[relay._PUBLISHER] = OutboxPublisher(cut_off)
     led = []
     try:
+        started = time.monotonic()
         run = _relay_run_in_a_thread(led)
         run.join(30)
         assert led == [0] and "orders" in relay._sitting_out  # it led, sent nothing, stepped down
+        assert time.monotonic() - started >= 2.0
+        with orders_flask_app.app_context():
+            (row,) = _outbox_rows_for([order_id])
+            assert "_MSG_TIMED_OUT" in row.last_error
+            assert row.attempts == (4 if refused_before else 1)  # refused once, then it waited
     finally:
         relay._stop_leading()
         run.join(30)
@@ -1280,3 +1289,40 @@ def test_a_leader_whose_refused_rows_wait_for_their_next_try_still_steps_down(
         service_app("orders").extensions.pop(relay._PUBLISHER, None)
         with orders_flask_app.app_context():
             _delete_outbox_rows_of([order_id])
+
+
+def test_a_leader_the_broker_refuses_a_lone_row_for_its_topic_goes_on_leading(
+        orders_flask_app, settings, user_id, monkeypatch):
+    """A row the broker refuses for what it is (here a topic it will take no message for, as it
+    would one the relay may not write to), with no other row to send: every batch is refused
+    whole, but with the broker's answer, so this worker reaches it and another would fare no
+    better. The leader goes on leading, and trying the row, however long, and a row committed
+    meanwhile goes at once (it stepped down at its second refusal here, and each time it came
+    back after its sit-out, the rows committed meanwhile waiting for it)."""
+    from tasks import relay
+
+    monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 0.5)
+    monkeypatch.setattr("shared.outbox.FIRST_RETRY_AFTER_SECONDS", 0.2)
+    monkeypatch.setattr("shared.outbox.LONGEST_RETRY_AFTER_SECONDS", 0.2)
+    with orders_flask_app.app_context():
+        _relay_all(OutboxPublisher(settings))  # whatever earlier tests left behind
+        refused_id = _place(user_id).id
+        _send_to(REFUSED_TOPIC, [refused_id])
+    try:
+        with _relay_task_leading([]), orders_flask_app.app_context():
+            def refused_again_and_again() -> bool:  # at each wake-up, a second apart
+                assert "orders" not in relay._sitting_out, "the leader stepped down"
+                db.session.rollback()
+                (row,) = _outbox_rows_for([refused_id])
+                return row.attempts >= 3
+
+            wait_for(refused_again_and_again, timeout=20, what="the row refused three times")
+            later_id = _place(f"{user_id}-other").id
+            _wait_until_sent([later_id])  # (deleted once the broker acknowledged it)
+            assert "orders" in relay._leading and "orders" not in relay._sitting_out
+            (row,) = _outbox_rows_for([refused_id])
+            assert "Invalid topic" in row.last_error
+    finally:
+        relay._sitting_out.pop("orders", None)
+        with orders_flask_app.app_context():
+            _delete_outbox_rows_of([refused_id])
