@@ -1326,3 +1326,61 @@ def test_a_leader_the_broker_refuses_a_lone_row_for_its_topic_goes_on_leading(
         relay._sitting_out.pop("orders", None)
         with orders_flask_app.app_context():
             _delete_outbox_rows_of([refused_id])
+
+
+class _PublisherToSwitch:
+    """Sends through `publisher`, which a test may replace while a leader uses it."""
+
+    def __init__(self, publisher: OutboxPublisher):
+        self.publisher = publisher
+
+    def send_batch(self, rows):
+        return self.publisher.send_batch(rows)
+
+
+def test_a_leader_that_had_no_answer_for_a_while_counts_afresh_once_the_broker_answers(
+        orders_flask_app, settings, user_id, monkeypatch):
+    """A leader cut off for a moment begins to count towards stepping down; once the broker
+    answers again, though only to refuse a lone row for its topic, this worker reaches it: the
+    count ends, and the leader goes on leading past STEP_DOWN_AFTER_SECONDS, however often the
+    row is refused meanwhile (and waits for its next try, which kept a count going before)."""
+    from tasks import relay
+
+    monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 3.0)
+    monkeypatch.setattr(relay, "TOPIC_CHECK_TIMEOUT_SECONDS", 0.2)
+    monkeypatch.setattr("shared.outbox.FIRST_RETRY_AFTER_SECONDS", 0.2)
+    monkeypatch.setattr("shared.outbox.LONGEST_RETRY_AFTER_SECONDS", 0.2)
+    with orders_flask_app.app_context():
+        _relay_all(OutboxPublisher(settings))  # whatever earlier tests left behind
+        refused_id = _place(user_id).id
+        _send_to(REFUSED_TOPIC, [refused_id])
+    monkeypatch.setattr("shared.kafka.MESSAGE_TIMEOUT_MS", 300)  # (read as its producer is made)
+    cut_off = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    switch = _PublisherToSwitch(OutboxPublisher(cut_off))
+    worker_app = service_app("orders")
+    worker_app.extensions[relay._PUBLISHER] = switch
+    try:
+        with _relay_task_leading([]), orders_flask_app.app_context():
+            def last_error() -> str:
+                db.session.rollback()
+                (row,) = _outbox_rows_for([refused_id])
+                return row.last_error or ""
+
+            wait_for(lambda: "_MSG_TIMED_OUT" in last_error(), timeout=20,
+                     what="the row refused with no answer")
+            switch.publisher = OutboxPublisher(settings)  # the way to the broker mended
+            answered_since = time.monotonic()
+            wait_for(lambda: "Invalid topic" in last_error(), timeout=20,
+                     what="the row refused by the broker")
+
+            def led_past_the_step_down() -> bool:
+                assert "orders" not in relay._sitting_out, "the leader stepped down"
+                return time.monotonic() - answered_since > relay.STEP_DOWN_AFTER_SECONDS + 1.5
+
+            wait_for(led_past_the_step_down, timeout=20, what="the leader to lead on")
+            assert "orders" in relay._leading and "Invalid topic" in last_error()
+    finally:
+        relay._sitting_out.pop("orders", None)
+        worker_app.extensions.pop(relay._PUBLISHER, None)
+        with orders_flask_app.app_context():
+            _delete_outbox_rows_of([refused_id])
