@@ -1291,6 +1291,18 @@ def test_a_leader_whose_refused_rows_wait_for_their_next_try_still_steps_down(
             _delete_outbox_rows_of([order_id])
 
 
+def _a_lone_row_of_the_refused_topic(app, settings, user_id: str, monkeypatch):
+    """The id of the order whose outbox row, the only one, goes to REFUSED_TOPIC, and is tried
+    again 0.2 s after each refusal (at the leader's next wake-up)."""
+    monkeypatch.setattr("shared.outbox.FIRST_RETRY_AFTER_SECONDS", 0.2)
+    monkeypatch.setattr("shared.outbox.LONGEST_RETRY_AFTER_SECONDS", 0.2)
+    with app.app_context():
+        _relay_all(OutboxPublisher(settings))  # whatever earlier tests left behind
+        refused_id = _place(user_id).id
+        _send_to(REFUSED_TOPIC, [refused_id])
+    return refused_id
+
+
 def test_a_leader_the_broker_refuses_a_lone_row_for_its_topic_goes_on_leading(
         orders_flask_app, settings, user_id, monkeypatch):
     """A row the broker refuses for what it is (here a topic it will take no message for, as it
@@ -1302,12 +1314,8 @@ def test_a_leader_the_broker_refuses_a_lone_row_for_its_topic_goes_on_leading(
     from tasks import relay
 
     monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 0.5)
-    monkeypatch.setattr("shared.outbox.FIRST_RETRY_AFTER_SECONDS", 0.2)
-    monkeypatch.setattr("shared.outbox.LONGEST_RETRY_AFTER_SECONDS", 0.2)
-    with orders_flask_app.app_context():
-        _relay_all(OutboxPublisher(settings))  # whatever earlier tests left behind
-        refused_id = _place(user_id).id
-        _send_to(REFUSED_TOPIC, [refused_id])
+    refused_id = _a_lone_row_of_the_refused_topic(orders_flask_app, settings, user_id,
+                                                  monkeypatch)
     try:
         with _relay_task_leading([]), orders_flask_app.app_context():
             def refused_again_and_again() -> bool:  # at each wake-up, a second apart
@@ -1348,12 +1356,8 @@ def test_a_leader_that_had_no_answer_for_a_while_counts_afresh_once_the_broker_a
 
     monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 3.0)
     monkeypatch.setattr(relay, "TOPIC_CHECK_TIMEOUT_SECONDS", 0.2)
-    monkeypatch.setattr("shared.outbox.FIRST_RETRY_AFTER_SECONDS", 0.2)
-    monkeypatch.setattr("shared.outbox.LONGEST_RETRY_AFTER_SECONDS", 0.2)
-    with orders_flask_app.app_context():
-        _relay_all(OutboxPublisher(settings))  # whatever earlier tests left behind
-        refused_id = _place(user_id).id
-        _send_to(REFUSED_TOPIC, [refused_id])
+    refused_id = _a_lone_row_of_the_refused_topic(orders_flask_app, settings, user_id,
+                                                  monkeypatch)
     monkeypatch.setattr("shared.kafka.MESSAGE_TIMEOUT_MS", 300)  # (read as its producer is made)
     cut_off = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
     switch = _PublisherToSwitch(OutboxPublisher(cut_off))
