@@ -250,9 +250,9 @@ def _refuse(refused: dict[int, Refusal], held_back: dict[tuple[str, str], Refusa
     row_id, topic, key = row[:3]
     never = _too_large(error)
     refused[row_id] = Refusal(why, held=never, park=never, answered=_answered(error))
-    if key is not None:
+    if key is not None:  # (answered, as the row it waits behind: for the leader's count)
         held_back[(topic, key)] = Refusal(f"held back behind a refused message: {detail}",
-                                          held=never)
+                                          held=never, answered=_answered(error))
 
 
 def _too_large(error: KafkaError) -> bool:
@@ -268,7 +268,10 @@ def _answered(error: KafkaError) -> bool:
     large), or librdkafka's own word, from the broker's metadata, that the topic or partition does
     not exist (_UNKNOWN_TOPIC, _UNKNOWN_PARTITION). librdkafka's other errors, all below UNKNOWN
     ("Local: ..."), are its own: a message with no answer in time (_MSG_TIMED_OUT), a broken or
-    refused connection (_TRANSPORT, _ALL_BROKERS_DOWN, _RESOLVE), a producer in a fatal state."""
+    refused connection (_TRANSPORT, _ALL_BROKERS_DOWN, _RESOLVE), a producer in a fatal state.
+    (The broker's answers that a partition's leader is out of reach, NOT_LEADER_OR_FOLLOWER,
+    LEADER_NOT_AVAILABLE, NOT_ENOUGH_REPLICAS, REQUEST_TIMED_OUT, librdkafka retries until the
+    message times out: they come as _MSG_TIMED_OUT, with no answer.)"""
     code = error.code()
     return code >= KafkaError.UNKNOWN or code in _NO_SUCH_TOPIC_OR_PARTITION
 

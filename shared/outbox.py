@@ -228,9 +228,17 @@ class RelayResult:
 
     @property
     def unanswered(self) -> bool:
-        """Whether the broker took none of the batch and answered for none of it: the only kind of
-        batch that says the relay may not reach the broker (see Refusal)."""
-        return bool(self.refused_by_the_broker) and not self.sent and not self.answered
+        """Whether the broker took none of the batch and left rows of it without an answer: the
+        only kind of batch that says the relay may not reach the broker (see Refusal). A row it
+        answered for beside them says nothing for the others: one broker of several may answer
+        while the partitions' leaders are out of reach."""
+        return not self.sent and self.refused_by_the_broker > self.answered
+
+    @property
+    def all_answered(self) -> bool:
+        """Whether the broker answered for every row of the batch it did not take (none of them
+        timed out): the relay reaches it."""
+        return bool(self.refused_by_the_broker) and self.refused_by_the_broker == self.answered
 
 
 # Publishes rows and waits for the broker's answers: returns why each row the broker did not

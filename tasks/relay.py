@@ -60,8 +60,9 @@ VACUUM_AFTER_ROWS = 1000
 # How long the leader gives each of the topic check's two broker calls after a refused batch.
 TOPIC_CHECK_TIMEOUT_SECONDS = 2.0
 
-# A leader whose every batch has had no answer from the broker for this long (no row taken, none
-# refused by the broker for its topic or record: shared.outbox.Refusal.answered), while rows
+# A leader whose every batch has had rows without an answer from the broker for this long (no row
+# taken; a row refused by the broker for its topic or record, shared.outbox.Refusal.answered,
+# beside rows with no answer, does not stop the count), while rows
 # waited (refused rows waiting for their next try count: shared.outbox.FIRST_RETRY_AFTER_SECONDS),
 # steps down: it closes its connection, and the lock with it, and this process takes no lead of
 # that outbox for SIT_OUT_SECONDS, so that beat's next runs find a relay in another worker, whose
@@ -154,8 +155,8 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
             _remind_of_parked_rows(service, leader)
             next_reminder = started + PARKED_REMINDER_SECONDS
         if backlog is not None and not backlog.read_again(leader):
-            just_sent = answered = 0  # as a read that found nothing would have
-            unanswered = False
+            just_sent = 0  # as a read that found nothing would have
+            answered = unanswered = False
         else:
             # The newest row before the read, so that a row the read could not see (committed
             # as it ran) is newer; asked only while reads are slow.
@@ -171,7 +172,7 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
                 backlog = _StandingBacklog(leader, newest_id, read_at=started)
         sent += just_sent
         deleted_since_vacuum += just_sent
-        if just_sent or answered:  # the broker took a row or answered for one: it is reached
+        if just_sent or answered:  # the broker took a row, or answered for each it did not
             unanswered_since = None
         elif unanswered:
             unanswered_since = started if unanswered_since is None else unanswered_since
@@ -230,24 +231,24 @@ def _step_down(service: str, unanswered_for: float) -> None:
 
 
 def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
-                       publisher: OutboxPublisher) -> tuple[int, int, bool, bool]:
+                       publisher: OutboxPublisher) -> tuple[int, bool, bool, bool]:
     """Send batch after batch until none is left or the broker takes none of a batch; returns how
-    many rows were sent, how many the broker refused with an answer (shared.outbox.Refusal),
-    whether it left a batch whole without an answer (it took none, answered for none), and whether
+    many rows were sent, whether the broker answered for every row of the last batch it refused
+    (shared.outbox.Refusal), whether it took none of a batch and left rows of it without an
+    answer, and whether
     the last read was slower than SLOW_WALK_SECONDS and found all it could send (fewer rows than a
     batch, of which the broker may have refused some, now waiting). The rows it refused wait
     for their next try (shared.outbox), and the next read passes over them, so a batch it took in
     part is followed by the next; the refusals are logged, and the topics checked, once a call.
     (Messages too large ever to be sent say nothing about the broker: they are parked, and the
     next read passes over them too.)"""
-    sent = refused = answered = 0
-    unanswered = walked_slowly = False
+    sent = refused = 0
+    answered = unanswered = walked_slowly = False
     while not _stopping.is_set():
         with leader.cursor() as cursor:
             result = relay_pending_outbox(cursor, publisher.send_batch,
                                           settings.outbox_relay_batch_size)
         sent += result.sent
-        answered += result.answered
         walked_slowly = (result.read_seconds >= SLOW_WALK_SECONDS
                          and result.claimed < settings.outbox_relay_batch_size)
         if result.parked:
@@ -258,6 +259,7 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
             if not refused:
                 _recreate_topics(settings, service)
             refused += result.refused_by_the_broker
+            answered = result.all_answered
             if not result.sent:
                 unanswered = result.unanswered
                 break

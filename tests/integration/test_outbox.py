@@ -1337,6 +1337,45 @@ def test_a_leader_the_broker_refuses_a_lone_row_for_its_topic_goes_on_leading(
             _delete_outbox_rows_of([refused_id])
 
 
+class _PartlyCutOff:
+    """A worker's way to a broker that answers for a topic it has no partition of (REFUSED_TOPIC),
+    while every other message, for partitions whose leaders are out of its reach, times out."""
+
+    def send_batch(self, rows):
+        return {row[0]: Refusal("TOPIC_EXCEPTION: Broker: Invalid topic", answered=True)
+                if row[1] == REFUSED_TOPIC
+                else Refusal("_MSG_TIMED_OUT: Local: Message timed out") for row in rows}
+
+
+def test_a_leader_answered_for_one_row_while_the_others_time_out_still_steps_down(
+        orders_flask_app, settings, user_id, monkeypatch):
+    """The broker's answer for a row of a refused topic says nothing for the rows beside it that
+    had none: a leader whose batches take nothing and leave rows without an answer steps down
+    after STEP_DOWN_AFTER_SECONDS, though a row refused for good is among them at every try."""
+    from tasks import relay
+
+    monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 2.0)
+    monkeypatch.setattr(relay, "TOPIC_CHECK_TIMEOUT_SECONDS", 0.2)
+    refused_id = _a_lone_row_of_the_refused_topic(orders_flask_app, settings, user_id,
+                                                  monkeypatch)
+    with orders_flask_app.app_context():
+        order_id = _place(f"{user_id}-other").id
+    service_app("orders").extensions[relay._PUBLISHER] = _PartlyCutOff()
+    led = []
+    try:
+        run = _relay_run_in_a_thread(led)
+        run.join(30)
+        assert led == [0] and "orders" in relay._sitting_out  # it led, sent nothing, stepped down
+    finally:
+        relay._stop_leading()
+        run.join(30)
+        relay._stopping.clear()
+        relay._sitting_out.pop("orders", None)
+        service_app("orders").extensions.pop(relay._PUBLISHER, None)
+        with orders_flask_app.app_context():
+            _delete_outbox_rows_of([refused_id, order_id])
+
+
 class _PublisherToSwitch:
     """Sends through `publisher`, which a test may replace while a leader uses it."""
 
