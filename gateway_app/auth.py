@@ -107,6 +107,11 @@ def login(args):
     current_app.extensions[RATE_LIMITER].check(f"sign-in:{args['username']}",
                                                limit=SIGN_INS_PER_USERNAME)
     user = db.session.scalars(select(User).where(User.username == args["username"])).one_or_none()
+    # The read's connection back to the pool before the password is checked (scrypt: some 60 ms
+    # of CPU): a burst of sign-ins would otherwise hold every connection of the process, and
+    # every signed-in request waits for one (whether its token was signed out). The user's row,
+    # read whole, stays readable.
+    db.session.close()
     # An unknown name is checked against a hash too, so the answer takes as long either way.
     stored = user.password_hash if user else _hash_no_password_matches()
     if not verify_password(args["password"], stored) or user is None:

@@ -859,6 +859,26 @@ def test_sign_ins_under_one_username_are_limited_from_any_address(gateway, monke
     assert sign_in(other, "correct horse").status_code == 200
 
 
+def test_a_sign_in_holds_no_database_connection_while_its_password_is_checked(gateway,
+                                                                              monkeypatch):
+    """The password's hash (scrypt, tens of milliseconds) is checked with the user's row read and
+    its connection back in the pool: sign-ins in a burst leave the connections to the requests
+    that need them."""
+    username = f"pooled-{uuid.uuid4().hex[:8]}"
+    _sign_up(gateway, username)
+    with gateway.application.app_context():
+        pool = db.engine.pool
+    checked_out_while_hashing = []
+    verify = gateway_auth.verify_password
+    monkeypatch.setattr(gateway_auth, "verify_password", lambda *args: (
+        checked_out_while_hashing.append(pool.checkedout()) or verify(*args)))
+    signed_in = gateway.post("/api/auth/login", json={"username": username,
+                                                      "password": "correct horse"},
+                             **_from_an_address_of_its_own())
+    assert signed_in.status_code == 200 and signed_in.get_json()["username"] == username
+    assert checked_out_while_hashing == [0]
+
+
 def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_ui(gateway):
     spec = gateway.get("/docs/openapi.json").get_json()
     assert {"/api/orders", "/api/orders/{order_id}", "/api/accounts", "/api/accounts/deposit",
