@@ -42,7 +42,7 @@ from gateway_app.models import Notification
 from gateway_app.ratelimit import RateLimited
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out
 from gateway_app.socket_document import document_socket
-from gateway_app.user_channels import channel, publish, redis_client
+from gateway_app.user_channels import channel, channel_listener, publish
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
 from shared.errors import ApiError
@@ -54,12 +54,15 @@ from shared.jsonio import dumps_exact
 log = logging.getLogger(__name__)
 
 REPLAY_LIMIT = 500
-SOCKET_POLL_SECONDS = 0.25
+# A socket waits for its wake-up this long at most before it drops what its page has sent, and
+# notices that its page has gone (a wait, on the process's one subscriber, costs nothing).
+SOCKET_DRAIN_SECONDS = 1.0
 # An open socket reads the table this often even when Redis has not woken it: a publish lost after
 # the commit (Redis down a moment, the worker killed in between) is then late, never missing.
 SOCKET_RECHECK_SECONDS = 5.0
 # How long a socket waits for Redis to confirm its subscription before it reads the table (then it
-# is closed with 1011, as when Redis is lost, and the page reconnects).
+# is closed with 1011, as when Redis is lost, and the page reconnects): the table is read only once
+# it is confirmed, so that a notification committed after the read wakes the socket.
 SUBSCRIBE_TIMEOUT_SECONDS = 2.0
 # Each open socket holds one of the gateway process's threads (32, as make run and compose start
 # it) for as long as it stays open. A user gets a few (pages in several tabs), and all sockets
@@ -393,24 +396,23 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
     page goes, or its token expires or is signed out (then closed with 1008: the page signs in
     again, then reconnects)."""
     user_id = token.user_id
-    pubsub = redis_client().pubsub()
     try:
-        _subscribe(pubsub, channel(user_id))
-        # The token, and then the table, are read at once once subscribed (a sign-out, or a
-        # notification, committed before the subscription is not missed), then at each wake-up
-        # (one may say that one of the user's tokens has been signed out) and every
-        # SOCKET_RECHECK_SECONDS.
-        last_sent, woken, recheck_at = after, True, 0.0
-        while time.time() < token.expires_at:
-            if woken or time.monotonic() >= recheck_at:
-                if is_signed_out(token):
-                    _close(ws, 1008, SIGNED_OUT)
-                    return
-                last_sent = _send_newer(ws, user_id, last_sent)
-                recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
-            while ws.receive(timeout=0) is not None:  # raises ConnectionClosed once it has gone
-                pass  # the page has nothing to say: drop it
-            woken = _is_a_publish(pubsub.get_message(timeout=SOCKET_POLL_SECONDS))
+        with channel_listener().listening(channel(user_id), SUBSCRIBE_TIMEOUT_SECONDS) as waiter:
+            # The token, and then the table, are read at once once subscribed (a sign-out, or a
+            # notification, committed before the subscription is not missed), then at each
+            # wake-up (one may say that one of the user's tokens has been signed out) and every
+            # SOCKET_RECHECK_SECONDS.
+            last_sent, woken, recheck_at = after, True, 0.0
+            while time.time() < token.expires_at:
+                if woken or time.monotonic() >= recheck_at:
+                    if is_signed_out(token):
+                        _close(ws, 1008, SIGNED_OUT)
+                        return
+                    last_sent = _send_newer(ws, user_id, last_sent)
+                    recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
+                while ws.receive(timeout=0) is not None:  # raises ConnectionClosed once gone
+                    pass  # the page has nothing to say: drop it
+                woken = waiter.wait(SOCKET_DRAIN_SECONDS)
         _close(ws, 1008, tokens.EXPIRED)
     except (ConnectionClosed, LocalProtocolError, OSError):
         # The page has gone (LocalProtocolError: its close crossed a send or ours; OSError: its
@@ -424,26 +426,6 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
         # answer a 500 on a connection that is a WebSocket since its 101.
         log.exception("notification stream for %s failed", user_id)
         _close(ws, *UNAVAILABLE)
-    finally:
-        pubsub.close()
-
-
-def _subscribe(pubsub, name: str) -> None:
-    """Subscribe to `name`, and wait until Redis confirms it: from then on what is published there
-    reaches this socket. (Sent and not yet confirmed, a subscription misses what is published
-    meanwhile: a notification committed after the table's read would wait for the next re-read.)
-    """
-    pubsub.subscribe(name)
-    deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_SECONDS
-    while (left := deadline - time.monotonic()) > 0:
-        message = pubsub.get_message(timeout=left)
-        if message is not None and message["type"] == "subscribe":
-            return
-    raise redis.TimeoutError(f"Redis did not confirm the subscription to {name} in time")
-
-
-def _is_a_publish(message: dict | None) -> bool:
-    return message is not None and message["type"] == "message"
 
 
 def _send_newer(ws, user_id: str, last_sent: int) -> int:

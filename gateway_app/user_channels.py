@@ -11,15 +11,23 @@ import logging
 import redis
 from flask import current_app
 
+from gateway_app.channel_listener import ChannelListener
+
 log = logging.getLogger(__name__)
 
 REDIS_EXTENSION = "hseshop.gateway_redis"
+# The process's one subscriber, which the sockets wait on (gateway_app/channel_listener.py).
+LISTENER_EXTENSION = "hseshop.gateway_channel_listener"
 # What a wake-up that carries no notification says.
 WAKE_UP = "wake-up"
 
 
 def redis_client() -> redis.Redis:
     return current_app.extensions[REDIS_EXTENSION]
+
+
+def channel_listener() -> ChannelListener:
+    return current_app.extensions[LISTENER_EXTENSION]
 
 
 def channel(user_id: str) -> str:

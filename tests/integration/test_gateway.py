@@ -12,10 +12,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from decimal import Decimal
+from urllib.parse import urlsplit
 
+import psutil
 import psycopg2
 import pytest
 import redis
@@ -29,7 +31,8 @@ import orders_app
 import payments_app
 from devstack.infra import free_port
 from gateway_app import auth as gateway_auth
-from gateway_app import notifications, upstream_http, user_channels
+from gateway_app import channel_listener, notifications, upstream_http, user_channels
+from gateway_app.channel_listener import ChannelListener
 from gateway_app.tokens import VerifiedToken, issue_token, verify_token
 from orders_app.service import PLACING_LOCK_CLASS
 from payments_app.models import Account
@@ -39,7 +42,8 @@ from shared.db import db, driver_dsn, transaction
 from shared.idempotency import REPLAYED_HEADER
 from shared.inbox import ReceivedEvent, StoredMessage
 from shared.money import MAX_BALANCE
-from tests.network_tools import HoldingProxy, NeverReadingServer, WebSocketClient
+from tests.network_tools import (HoldingProxy, NeverReadingServer, SilencingProxy,
+                                 WebSocketClient)
 from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_described,
                                  assert_documented, assert_headers_documented, asked, codes_named,
                                  documented_answers, documented_errors, operations,
@@ -1340,11 +1344,14 @@ class RecordingSocket:
         self.sent: list[dict] = []
         self.closing = threading.Event()
         self.close_reason = None
+        # Set once the stream drains the page's frames: it has been subscribed and read the table.
+        self.listening = threading.Event()
 
     def send(self, text: str) -> None:
         self.sent.append(json.loads(text))
 
     def receive(self, timeout=None):
+        self.listening.set()
         if self.closing.is_set():
             raise ConnectionClosed()
 
@@ -1358,10 +1365,10 @@ class RecordingSocket:
 def _socket_streaming(app, user: str, token_ttl: float = 3600,
                       token: VerifiedToken | None = None) -> Iterator[RecordingSocket]:
     """`user`'s notification stream running into a RecordingSocket, in a thread, once it listens
-    on Redis; inside the app's context. Closed and joined on the way out."""
+    on Redis (and has read the table once); inside the app's context. Closed and joined on the way
+    out."""
     with _streaming_in_a_thread(app, user, None, token_ttl, token) as socket, app.app_context():
-        wait_for(lambda: user_channels.redis_client().pubsub_numsub(
-            user_channels.channel(user))[0][1] == 1, timeout=10, what="the socket to listen")
+        wait_for(socket.listening.is_set, timeout=10, what="the socket to listen")
         yield socket
 
 
@@ -1416,19 +1423,6 @@ def test_a_socket_sends_what_the_table_holds_after_its_last_id_whatever_was_publ
     assert [item["id"] for item in socket.sent] == [item["id"] for item in kept[1:]]
 
 
-class _SubscribingThrough:
-    """A Redis client whose subscriptions go through `subscriber`, and all else to `client`."""
-
-    def __init__(self, subscriber: redis.Redis, client: redis.Redis):
-        self._subscriber, self._client = subscriber, client
-
-    def pubsub(self, **options):
-        return self._subscriber.pubsub(**options)
-
-    def __getattr__(self, name: str):
-        return getattr(self._client, name)
-
-
 def test_a_socket_reads_the_table_once_redis_has_confirmed_its_subscription(
         settings, gateway, monkeypatch):
     """A notification committed after the socket asked Redis to subscribe it, and published
@@ -1458,13 +1452,13 @@ def test_a_socket_whose_subscription_redis_does_not_confirm_is_closed_with_1011(
 @contextmanager
 def _streaming_with_its_subscribe_held_up(settings, app, user: str, monkeypatch):
     """`user`'s notification stream running into a RecordingSocket, in a thread, its Redis
-    SUBSCRIBE held up on its way by a HoldingProxy (until the proxy's `release()`); yields both
-    once the SUBSCRIBE is held."""
+    SUBSCRIBE held up on its way by a HoldingProxy (until the proxy's `release()`): the app's
+    subscriber reaches Redis through the proxy; yields both once the SUBSCRIBE is held."""
     redis_address = settings.redis_url.split("//", 1)[1].split("/", 1)[0]
     proxy = HoldingProxy(redis_address, marker=b"SUBSCRIBE")
     subscriber = redis.Redis.from_url(settings.redis_url.replace(redis_address, proxy.address))
-    monkeypatch.setattr(notifications, "redis_client", lambda: _SubscribingThrough(
-        subscriber, app.extensions[user_channels.REDIS_EXTENSION]))
+    monkeypatch.setitem(app.extensions, user_channels.LISTENER_EXTENSION,
+                        ChannelListener(subscriber))
     try:
         with _streaming_in_a_thread(app, user, 0) as socket:
             try:
@@ -1552,6 +1546,104 @@ def test_signing_out_everywhere_closes_every_socket_of_the_user(settings, gatewa
         for socket in (one, another):
             wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
             assert socket.close_reason == 1008
+
+
+def test_the_sockets_of_several_users_share_one_redis_subscriber(settings, gateway):
+    """Two sockets each of three users, in one process: one Redis pub/sub connection between
+    them (not one each), and each user's notification reaches both of theirs and no one else."""
+    app, users = gateway.application, [f"user-{uuid.uuid4().hex[:10]}" for _ in range(3)]
+    subscribers_before = _subscribed_connections_of_this_process(settings)
+    with ExitStack() as sockets_open:
+        sockets = {user: [sockets_open.enter_context(_socket_streaming(app, user))
+                          for _ in range(2)] for user in users}
+        assert _subscribed_connections_of_this_process(settings) == subscribers_before + 1
+        for user in users:
+            with transaction() as session:
+                notifications.on_order_status_changes(session, _status_changes(user))
+        for user in users:
+            for socket in sockets[user]:
+                wait_for(lambda: socket.sent, timeout=10, what="the user's notification")
+                assert [item["payload"]["user_id"] for item in socket.sent] == [user]
+
+
+def test_a_users_channel_is_subscribed_once_for_all_their_sockets_and_left_with_the_last(
+        settings, gateway):
+    """The first of a user's sockets subscribes their channel and the last to close
+    unsubscribes it, while another user's socket keeps the process's subscriber open."""
+    app = gateway.application
+    user, other = (f"user-{uuid.uuid4().hex[:10]}" for _ in range(2))
+
+    def subscribers(of: str) -> int:
+        return user_channels.redis_client().pubsub_numsub(user_channels.channel(of))[0][1]
+
+    with _socket_streaming(app, other):
+        with _socket_streaming(app, user):
+            with _socket_streaming(app, user):
+                assert subscribers(user) == 1
+            assert subscribers(user) == 1
+        wait_for(lambda: subscribers(user) == 0, timeout=10, what="the channel unsubscribed")
+        assert subscribers(other) == 1
+
+
+def test_redis_lost_closes_every_socket_of_the_process_with_1011_and_a_later_one_works(
+        settings, upstreams, monkeypatch):
+    """Redis cut off: every socket waiting on the process's subscriber is closed for its page to
+    reconnect; once Redis is back, a socket opened then gets a connection of its own and is woken
+    (its re-read of the table put off past the test)."""
+    monkeypatch.setattr(notifications, "SOCKET_RECHECK_SECONDS", 3600)
+    users = [f"user-{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    with _gateway_reaching_redis_through_a_proxy(settings, upstreams) as (app, redis_proxy):
+        with (_socket_streaming(app, users[0]) as one, _socket_streaming(app, users[0]) as two,
+              _socket_streaming(app, users[1]) as three):
+            redis_proxy.cut()
+            for socket in (one, two, three):
+                wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
+                assert socket.close_reason == 1011
+        redis_proxy.restore()
+        with _socket_streaming(app, users[1]) as later:
+            with transaction() as session:
+                notifications.on_order_status_changes(session, _status_changes(users[1]))
+            wait_for(lambda: later.sent, timeout=10, what="the notification")
+
+
+def test_a_redis_gone_silent_closes_the_sockets_with_1011_once_a_ping_goes_unanswered(
+        settings, upstreams, monkeypatch):
+    """No close, no reset: the subscriber PINGs its quiet connection, and takes an unanswered
+    PING for Redis lost (here after 0.5 s quiet and 0.5 s more), where a socket would otherwise
+    wait, believing itself subscribed, for as long as TCP does."""
+    monkeypatch.setattr(channel_listener, "PING_WHEN_QUIET_SECONDS", 0.5)
+    with _gateway_reaching_redis_through_a_proxy(settings, upstreams) as (app, redis_proxy):
+        with _socket_streaming(app, f"user-{uuid.uuid4().hex[:10]}") as socket:
+            redis_proxy.silence()
+            wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
+            assert socket.close_reason == 1011
+
+
+@contextmanager
+def _gateway_reaching_redis_through_a_proxy(settings, upstreams):
+    """A gateway app whose Redis is reached through a SilencingProxy: (app, proxy)."""
+    redis_url = urlsplit(settings.redis_url)
+    proxy = SilencingProxy(f"{redis_url.hostname}:{redis_url.port or 6379}")
+    try:
+        yield _gateway(settings, orders_service_url=upstreams["orders"].url,
+                       payments_service_url=upstreams["payments"].url,
+                       redis_url=redis_url._replace(netloc=proxy.address).geturl()).application, \
+            proxy
+    finally:
+        proxy.close()
+
+
+def _subscribed_connections_of_this_process(settings) -> int:
+    """How many of this process's Redis connections are subscribed to a channel (CLIENT LIST)."""
+    redis_port = urlsplit(settings.redis_url).port or 6379
+    ports = {connection.laddr.port for connection in psutil.Process().net_connections("tcp")
+             if connection.raddr and connection.raddr.port == redis_port}
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        return sum(1 for listed in client.client_list()
+                   if int(listed["addr"].rsplit(":", 1)[1]) in ports and int(listed["sub"]) > 0)
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("failure", [
