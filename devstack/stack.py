@@ -22,8 +22,9 @@ from shared.task_queues import worker_queues
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORTS = {"gateway": 8000, "orders": 8001, "payments": 8002, "broker": 9092,
                  "flower": 5555, "orders-grpc": 50051, "payments-grpc": 50052}
-# The gateway holds one thread per open WebSocket, so it gets more of them.
-GATEWAY_THREADS = 32
+# The gateway holds one thread per open WebSocket (up to gateway_app.notifications'
+# SOCKETS_PER_PROCESS), and 8 more for HTTP.
+GATEWAY_THREADS = 200
 # gunicorn's worker processes and threads per API (the benchmark serves its baseline the same way).
 API_WORKERS = 2
 API_THREADS = 4

@@ -64,12 +64,14 @@ SOCKET_RECHECK_SECONDS = 5.0
 # is closed with 1011, as when Redis is lost, and the page reconnects): the table is read only once
 # it is confirmed, so that a notification committed after the read wakes the socket.
 SUBSCRIBE_TIMEOUT_SECONDS = 2.0
-# Each open socket holds one of the gateway process's threads (32, as make run and compose start
-# it) for as long as it stays open. A user gets a few (pages in several tabs), and all sockets
-# together leave threads for the API; past either limit a socket is closed at once with 1013 (try
-# again later), and the page reconnects later as after any close.
+# Each open socket holds one of the gateway process's threads (200, as make run and compose start
+# it) for as long as it stays open, and a registration on the process's one Redis subscriber. A
+# user gets a few (pages in several tabs), and all sockets together leave 8 threads for the API;
+# past either limit a socket is closed at once with 1013 (try again later), and the page
+# reconnects later as after any close. (Idle, 200 sockets on two processes cost them 5.6% of a
+# core, mostly the sockets' rechecks of the table, and 2 Redis connections: README.)
 SOCKETS_PER_USER = 5
-SOCKETS_PER_PROCESS = 24
+SOCKETS_PER_PROCESS = 192
 # A page that vanished without closing (a laptop asleep, a network gone) must not keep its thread
 # and its slot until TCP gives up, hours on: the kernel probes a socket quiet this long, drops it
 # after three probes unanswered 10 s apart, and the stream then ends. (Not WebSocket pings: with

@@ -22,7 +22,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from sqlalchemy.engine import make_url
 
-from devstack.stack import GUNICORN_WORKER_CLASS
+from devstack.stack import GATEWAY_THREADS, GUNICORN_WORKER_CLASS
+from gateway_app.notifications import SOCKETS_PER_PROCESS
 from shared.config import ENVIRONMENT, SERVICES
 from shared.task_queues import worker_queues
 from shared.db import POOL_MAX_CONNECTIONS
@@ -290,6 +291,13 @@ def test_the_gateway_is_the_only_api_published_and_admin_uis_stay_on_loopback():
     assert published_ports.pop(gateway) == [("0.0.0.0", 8000, 8000)]
     assert published_ports == {"flower": [("127.0.0.1", 5555, 5555)],
                                "kafka-ui": [("127.0.0.1", 8080, 8080)]}
+
+
+def test_the_gateway_has_a_thread_for_each_socket_it_keeps_and_threads_for_http_beside():
+    gateway, = GATEWAY
+    argv = command(ALL_SERVICES[gateway])
+    assert int(argv[argv.index("--threads") + 1]) == GATEWAY_THREADS
+    assert GATEWAY_THREADS - SOCKETS_PER_PROCESS >= 8
 
 
 def test_workers_can_be_scaled():
