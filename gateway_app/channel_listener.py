@@ -97,33 +97,44 @@ class ChannelListener:
     def listening(self, name: str, subscribe_timeout: float) -> Iterator[Waiter]:
         """A Waiter on the channel `name`, once Redis has confirmed its subscription (within
         `subscribe_timeout` seconds, or redis.TimeoutError); unregistered on the way out."""
-        waiter = self._register(name)
+        waiter = self._register(name, subscribe_timeout)
         try:
             waiter.wait_until_subscribed(subscribe_timeout)
             yield waiter
         finally:
             self._unregister(waiter)
 
-    def _register(self, name: str) -> Waiter:
-        with self._lock:
-            pubsub, fresh = self._pubsub, self._pubsub is None
-            if fresh:
-                pubsub = self._pubsub = self._client.pubsub()
-            subscription = self._subscriptions.get(name)
-            if subscription is None:
-                subscription = self._subscriptions[name] = _Subscription()
-                self._unconfirmed.setdefault(name, collections.deque()).append(subscription)
-                try:
-                    pubsub.subscribe(name)
-                except redis.RedisError as exc:
-                    self._lose_locked(pubsub, exc)
-                    raise SubscriberLost(f"could not subscribe to {name}: {exc}") from exc
-            if fresh:  # (its connection made by the SUBSCRIBE: the thread has something to read)
-                threading.Thread(target=self._read, args=(pubsub,), daemon=True,
-                                 name="notification-listener").start()
-            waiter = Waiter(name, subscription)
-            subscription.waiters.add(waiter)
-            return waiter
+    def _register(self, name: str, timeout: float) -> Waiter:
+        # The lock is held while a fresh connection is made and a SUBSCRIBE sent: against a Redis
+        # that takes connections and answers nothing, the sockets arriving meanwhile would each
+        # wait their turn to fail, 2 s apart (socket_timeout), the last of 192 for minutes; each
+        # gives up once its subscription's time is up instead, as it would unconfirmed.
+        if not self._lock.acquire(timeout=timeout):
+            raise redis.TimeoutError(f"the subscription to {name} could not be sent in time")
+        try:
+            return self._register_locked(name)
+        finally:
+            self._lock.release()
+
+    def _register_locked(self, name: str) -> Waiter:
+        pubsub, fresh = self._pubsub, self._pubsub is None
+        if fresh:
+            pubsub = self._pubsub = self._client.pubsub()
+        subscription = self._subscriptions.get(name)
+        if subscription is None:
+            subscription = self._subscriptions[name] = _Subscription()
+            self._unconfirmed.setdefault(name, collections.deque()).append(subscription)
+            try:
+                pubsub.subscribe(name)
+            except redis.RedisError as exc:
+                self._lose_locked(pubsub, exc)
+                raise SubscriberLost(f"could not subscribe to {name}: {exc}") from exc
+        if fresh:  # (its connection made by the SUBSCRIBE: the thread has something to read)
+            threading.Thread(target=self._read, args=(pubsub,), daemon=True,
+                             name="notification-listener").start()
+        waiter = Waiter(name, subscription)
+        subscription.waiters.add(waiter)
+        return waiter
 
     def _unregister(self, waiter: Waiter) -> None:
         with self._lock:
@@ -155,7 +166,11 @@ class ChannelListener:
                         self._take(message)
                         continue
                     if not self._subscriptions:
-                        self._pubsub = None
+                        # (A SUBSCRIBE Redis never confirmed, its socket gone, is forgotten with
+                        # the connection: left queued, it would take the confirmation of the
+                        # channel's next subscription on the next connection, and every socket
+                        # of that user after it would wait for the one before.)
+                        self._pubsub, self._unconfirmed = None, {}
                         pubsub.close()
                         return
                 if pinged:

@@ -5,15 +5,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 import secrets
+import threading
 
 _N, _R, _P = 2**14, 8, 1  # about 16 MiB and tens of milliseconds per hash
 _KEY_LENGTH = 32
+# How many hashes a process computes at once, the others waiting their turn (as they would for a
+# core): scrypt takes 16 MiB and a core's while, and lets go of the GIL, and the gateway's 200
+# threads (most of them for notification sockets) would let a burst of sign-ups hash 200 at once,
+# over 3 GiB a process.
+HASHES_AT_ONCE = os.cpu_count() or 2
+_hashing = threading.BoundedSemaphore(HASHES_AT_ONCE)
 
 
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
-    key = hashlib.scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, dklen=_KEY_LENGTH)
+    key = _scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, dklen=_KEY_LENGTH)
     return "$".join(["scrypt", str(_N), str(_R), str(_P), _b64(salt), _b64(key)])
 
 
@@ -23,11 +31,16 @@ def verify_password(password: str, stored: str) -> bool:
         if scheme != "scrypt":
             return False
         expected = base64.b64decode(key)
-        actual = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n),
-                                r=int(r), p=int(p), dklen=len(expected))
+        actual = _scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r),
+                         p=int(p), dklen=len(expected))
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(actual, expected)
+
+
+def _scrypt(password: bytes, **parameters) -> bytes:
+    with _hashing:
+        return hashlib.scrypt(password, **parameters)
 
 
 def _b64(raw: bytes) -> str:

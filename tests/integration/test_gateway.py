@@ -21,6 +21,8 @@ import psutil
 import psycopg2
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from simple_websocket import ConnectionClosed
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
@@ -1617,6 +1619,71 @@ def test_a_redis_gone_silent_closes_the_sockets_with_1011_once_a_ping_goes_unans
             redis_proxy.silence()
             wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
             assert socket.close_reason == 1011
+
+
+def test_a_quiet_redis_that_answers_the_subscribers_pings_keeps_the_sockets_open(
+        gateway, monkeypatch):
+    """Nothing published for ten quiet spells (0.2 s here): the subscriber PINGs after each,
+    Redis answers, and the socket stays open and is woken as before."""
+    monkeypatch.setattr(channel_listener, "PING_WHEN_QUIET_SECONDS", 0.2)
+    app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
+    with _socket_streaming(app, user) as socket:
+        quiet_until = time.monotonic() + 2.0
+        while time.monotonic() < quiet_until:
+            assert not socket.closing.is_set(), "a quiet Redis taken for lost"
+            time.sleep(0.05)
+        with transaction() as session:
+            notifications.on_order_status_changes(session, _status_changes(user))
+        wait_for(lambda: socket.sent, timeout=10, what="the notification")
+
+
+def test_a_subscription_redis_never_confirmed_is_forgotten_with_the_subscribers_connection(
+        settings, gateway, monkeypatch):
+    """A socket whose SUBSCRIBE Redis did not confirm closes (1011), and the process's
+    subscriber, left with no socket, stops; the same user's next socket, on a fresh connection,
+    is confirmed and woken (the SUBSCRIBE left unconfirmed took its confirmation, and each
+    socket of that user after it waited for the one before's, closed 1011 one after another)."""
+    monkeypatch.setattr(notifications, "SUBSCRIBE_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(channel_listener, "PING_WHEN_QUIET_SECONDS", 0.5)
+    app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
+    with _streaming_with_its_subscribe_held_up(settings, app, user, monkeypatch) as (socket,
+                                                                                      proxy):
+        wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
+        assert socket.close_reason == 1011
+        listener = app.extensions[user_channels.LISTENER_EXTENSION]
+        wait_for(lambda: listener._pubsub is None, timeout=10, what="the subscriber to stop")
+        proxy.release()
+        with _socket_streaming(app, user) as later:
+            with transaction() as session:
+                notifications.on_order_status_changes(session, _status_changes(user))
+            wait_for(lambda: later.sent, timeout=10, what="the notification")
+
+
+def test_sockets_opened_together_on_a_redis_that_answers_nothing_each_give_up_in_their_time(
+        gateway, monkeypatch):
+    """A Redis that takes connections and answers nothing: the first socket's connection waits
+    its read timeout (2 s) for the handshake, and the sockets that came with it give up once their
+    subscription's time (0.5 s here) is up, each closed 1011, where they waited their turn to
+    fail, 2 s apart."""
+    monkeypatch.setattr(notifications, "SUBSCRIBE_TIMEOUT_SECONDS", 0.5)
+    app, silent = gateway.application, NeverReadingServer()
+    client = redis.Redis.from_url(silent.url.replace("http://", "redis://"), socket_timeout=2,
+                                  socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    monkeypatch.setitem(app.extensions, user_channels.LISTENER_EXTENSION,
+                        ChannelListener(client))
+    started = time.monotonic()
+    try:
+        with ExitStack() as streams:
+            sockets = [streams.enter_context(
+                _streaming_in_a_thread(app, f"user-{uuid.uuid4().hex[:10]}", 0))
+                for _ in range(4)]
+            for socket in sockets:
+                wait_for(socket.closing.is_set, timeout=15, what="the socket to close")
+            assert [socket.close_reason for socket in sockets] == [1011] * 4
+            assert time.monotonic() - started < 4.5  # (in turn: 8 s)
+    finally:
+        client.close()
+        silent.close()
 
 
 @contextmanager
