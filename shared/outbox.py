@@ -218,7 +218,10 @@ class RelayResult:
     failed: int = 0
     held: int = 0  # of the failed, those refused for what the message is (see Refusal)
     parked: int = 0  # of the held, those parked (the rest were behind them)
-    answered: int = 0  # of the others, those the broker refused with an answer (see Refusal)
+    # Of the others, the rows the broker refused with an answer, and those it left without one
+    # (see Refusal): for the leader's count towards stepping down (tasks/relay.py).
+    answered_ids: frozenset[int] = frozenset()
+    unanswered_ids: frozenset[int] = frozenset()
     read_seconds: float = 0.0  # how long the read took (CLAIM_ROWS and its rows fetched)
 
     @property
@@ -232,13 +235,7 @@ class RelayResult:
         only kind of batch that says the relay may not reach the broker (see Refusal). A row it
         answered for beside them says nothing for the others: one broker of several may answer
         while the partitions' leaders are out of reach."""
-        return not self.sent and self.refused_by_the_broker > self.answered
-
-    @property
-    def all_answered(self) -> bool:
-        """Whether the broker answered for every row of the batch it did not take (none of them
-        timed out): the relay reaches it."""
-        return bool(self.refused_by_the_broker) and self.refused_by_the_broker == self.answered
+        return not self.sent and bool(self.unanswered_ids)
 
 
 # Publishes rows and waits for the broker's answers: returns why each row the broker did not
@@ -277,8 +274,10 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
     return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused),
                        held=sum(refusal.held for refusal in refused.values()),
                        parked=sum(refusal.park for refusal in refused.values()),
-                       answered=sum(refusal.answered and not refusal.held
-                                    for refusal in refused.values()),
+                       answered_ids=frozenset(row_id for row_id, refusal in refused.items()
+                                              if refusal.answered and not refusal.held),
+                       unanswered_ids=frozenset(row_id for row_id, refusal in refused.items()
+                                                if not refusal.answered and not refusal.held),
                        read_seconds=read_seconds)
 
 

@@ -146,6 +146,9 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
     publisher = _publisher()
     sent = deleted_since_vacuum = 0
     unanswered_since = None  # when the broker stopped answering every batch, if it has
+    # The rows the broker left without an answer at their last try, which wait to be tried again:
+    # while one does, a batch of others it answered for says nothing of it.
+    left_unanswered: set[int] = set()
     next_reminder = 0.0  # of parked rows: at once
     walked_slowly = False  # whether the last read was a slow one that found all it could send
     backlog: _StandingBacklog | None = None  # what such a read left, while nothing changed for it
@@ -156,13 +159,14 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
             next_reminder = started + PARKED_REMINDER_SECONDS
         if backlog is not None and not backlog.read_again(leader):
             just_sent = 0  # as a read that found nothing would have
-            answered = unanswered = False
+            answered, unanswered = frozenset(), False
         else:
             # The newest row before the read, so that a row the read could not see (committed
             # as it ran) is newer; asked only while reads are slow.
             newest_id = leader.ask(newest_row_id) if walked_slowly else None
-            just_sent, answered, unanswered, walked_slowly = _send_waiting_rows(
+            just_sent, answered, left, unanswered, walked_slowly = _send_waiting_rows(
                 service, settings, leader, publisher)
+            left_unanswered = (left_unanswered - answered) | left
             backlog = None
             # With no refused row there (waiting, parked, or held behind a parked one), a slow read
             # was slow for another reason (a busy database, big rows), and nothing stands: the
@@ -172,12 +176,17 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
                 backlog = _StandingBacklog(leader, newest_id, read_at=started)
         sent += just_sent
         deleted_since_vacuum += just_sent
-        if just_sent or answered:  # the broker took a row, or answered for each it did not
+        if just_sent or (answered and not left_unanswered):
+            # The broker took a row, or answered for every row it refused, none left unanswered
+            # waiting: it is reached. (A row left unanswered that still cannot go is so again at
+            # its next try.)
             unanswered_since = None
+            left_unanswered.clear()
         elif unanswered:
             unanswered_since = started if unanswered_since is None else unanswered_since
         elif unanswered_since is not None and not leader.ask(refused_rows_wait):
             unanswered_since = None  # nothing refused is left to send
+            left_unanswered.clear()
         if (unanswered_since is not None
                 and time.monotonic() - unanswered_since >= STEP_DOWN_AFTER_SECONDS):
             _step_down(service, time.monotonic() - unanswered_since)
@@ -230,10 +239,11 @@ def _step_down(service: str, unanswered_for: float) -> None:
         _sitting_out[service] = time.monotonic() + SIT_OUT_SECONDS
 
 
-def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
-                       publisher: OutboxPublisher) -> tuple[int, bool, bool, bool]:
+def _send_waiting_rows(
+    service: str, settings, leader: RelayLeaderConnection, publisher: OutboxPublisher,
+) -> tuple[int, frozenset[int], frozenset[int], bool, bool]:
     """Send batch after batch until none is left or the broker takes none of a batch; returns how
-    many rows were sent, whether the broker answered for every row of the last batch it refused
+    many rows were sent, the rows the broker refused with an answer and those it left without one
     (shared.outbox.Refusal), whether it took none of a batch and left rows of it without an
     answer, and whether
     the last read was slower than SLOW_WALK_SECONDS and found all it could send (fewer rows than a
@@ -243,12 +253,15 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
     (Messages too large ever to be sent say nothing about the broker: they are parked, and the
     next read passes over them too.)"""
     sent = refused = 0
-    answered = unanswered = walked_slowly = False
+    answered: frozenset[int] = frozenset()
+    left: frozenset[int] = frozenset()
+    unanswered = walked_slowly = False
     while not _stopping.is_set():
         with leader.cursor() as cursor:
             result = relay_pending_outbox(cursor, publisher.send_batch,
                                           settings.outbox_relay_batch_size)
         sent += result.sent
+        answered, left = answered | result.answered_ids, left | result.unanswered_ids
         walked_slowly = (result.read_seconds >= SLOW_WALK_SECONDS
                          and result.claimed < settings.outbox_relay_batch_size)
         if result.parked:
@@ -259,7 +272,6 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
             if not refused:
                 _recreate_topics(settings, service)
             refused += result.refused_by_the_broker
-            answered = result.all_answered
             if not result.sent:
                 unanswered = result.unanswered
                 break
@@ -268,7 +280,7 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
     if refused:
         log.warning("%s outbox: %d rows not acknowledged by the broker; each is tried again"
                     " after its wait", service, refused)
-    return sent, answered, unanswered, walked_slowly
+    return sent, answered, left, unanswered, walked_slowly
 
 
 def _recreate_topics(settings, service: str) -> None:

@@ -1243,6 +1243,26 @@ def test_a_leader_the_broker_keeps_refusing_steps_down_for_another_to_lead(
         _wait_until_sent([order_id])  # its sit-out cleared, it leads and sends
 
 
+@contextmanager
+def _leading_through(publisher) -> Iterator[tuple[threading.Thread, list]]:
+    """relay_outbox for orders run in a thread (as _relay_run_in_a_thread), its worker sending
+    through `publisher`: yields the run and the list what it returns goes to; on the way out the
+    run is stopped and joined, and the worker is as it was (no sit-out, its own publisher)."""
+    from tasks import relay
+
+    service_app("orders").extensions[relay._PUBLISHER] = publisher
+    led: list = []
+    run = _relay_run_in_a_thread(led)
+    try:
+        yield run, led
+    finally:
+        relay._stop_leading()
+        run.join(30)
+        relay._stopping.clear()
+        relay._sitting_out.pop("orders", None)
+        service_app("orders").extensions.pop(relay._PUBLISHER, None)
+
+
 def _waiting_long(monkeypatch) -> None:
     """Have a refused row wait five minutes for its next try."""
     monkeypatch.setattr("shared.outbox.FIRST_RETRY_AFTER_SECONDS", 300.0)
@@ -1270,24 +1290,17 @@ def test_a_leader_whose_refused_rows_wait_for_their_next_try_still_steps_down(
                                " WHERE correlation_id = %s", (str(order_id),))
     monkeypatch.setattr("shared.kafka.MESSAGE_TIMEOUT_MS", 300)  # (read as its producer is made)
     cut_off = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
-    service_app("orders").extensions[relay._PUBLISHER] = OutboxPublisher(cut_off)
-    led = []
+    started = time.monotonic()
     try:
-        started = time.monotonic()
-        run = _relay_run_in_a_thread(led)
-        run.join(30)
-        assert led == [0] and "orders" in relay._sitting_out  # it led, sent nothing, stepped down
+        with _leading_through(OutboxPublisher(cut_off)) as (run, led):
+            run.join(30)
+            assert led == [0] and "orders" in relay._sitting_out  # it led, sent none, stepped down
         assert time.monotonic() - started >= 2.0
         with orders_flask_app.app_context():
             (row,) = _outbox_rows_for([order_id])
             assert "_MSG_TIMED_OUT" in row.last_error
             assert row.attempts == (4 if refused_before else 1)  # refused once, then it waited
     finally:
-        relay._stop_leading()
-        run.join(30)
-        relay._stopping.clear()
-        relay._sitting_out.pop("orders", None)
-        service_app("orders").extensions.pop(relay._PUBLISHER, None)
         with orders_flask_app.app_context():
             _delete_outbox_rows_of([order_id])
 
@@ -1347,33 +1360,46 @@ class _PartlyCutOff:
                 else Refusal("_MSG_TIMED_OUT: Local: Message timed out") for row in rows}
 
 
+@pytest.mark.parametrize("batches", ["together", "apart"])
 def test_a_leader_answered_for_one_row_while_the_others_time_out_still_steps_down(
-        orders_flask_app, settings, user_id, monkeypatch):
-    """The broker's answer for a row of a refused topic says nothing for the rows beside it that
-    had none: a leader whose batches take nothing and leave rows without an answer steps down
-    after STEP_DOWN_AFTER_SECONDS, though a row refused for good is among them at every try."""
+        orders_flask_app, settings, user_id, monkeypatch, batches):
+    """The broker's answer for a row of a refused topic says nothing for the rows that had none:
+    a leader whose batches take nothing and leave rows without an answer steps down after
+    STEP_DOWN_AFTER_SECONDS, though a row refused for good is tried all the while, in their
+    batches or, its waits out of step with theirs, in batches of its own that the broker
+    answers for whole (the leader counted afresh at each of those, and led for ever)."""
     from tasks import relay
 
-    monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 2.0)
+    monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 4.0)
     monkeypatch.setattr(relay, "TOPIC_CHECK_TIMEOUT_SECONDS", 0.2)
     refused_id = _a_lone_row_of_the_refused_topic(orders_flask_app, settings, user_id,
                                                   monkeypatch)
-    with orders_flask_app.app_context():
-        order_id = _place(f"{user_id}-other").id
-    service_app("orders").extensions[relay._PUBLISHER] = _PartlyCutOff()
-    led = []
-    try:
-        run = _relay_run_in_a_thread(led)
-        run.join(30)
-        assert led == [0] and "orders" in relay._sitting_out  # it led, sent nothing, stepped down
-    finally:
-        relay._stop_leading()
-        run.join(30)
-        relay._stopping.clear()
-        relay._sitting_out.pop("orders", None)
-        service_app("orders").extensions.pop(relay._PUBLISHER, None)
+    order_ids = []
+    if batches == "apart":  # each row waits 1.5 s between its tries, the second 0.7 s behind
+        monkeypatch.setattr("shared.outbox.FIRST_RETRY_AFTER_SECONDS", 1.5)
+        monkeypatch.setattr("shared.outbox.LONGEST_RETRY_AFTER_SECONDS", 1.5)
+    else:
         with orders_flask_app.app_context():
-            _delete_outbox_rows_of([refused_id, order_id])
+            order_ids.append(_place(f"{user_id}-other").id)
+    try:
+        with _leading_through(_PartlyCutOff()) as (run, led):
+            if batches == "apart":
+                with orders_flask_app.app_context():
+                    wait_for(lambda: _attempts(refused_id) >= 1, timeout=10,
+                             what="the refused topic's row answered")
+                    time.sleep(0.7)  # (out of step with it: the point of the test)
+                    order_ids.append(_place(f"{user_id}-other").id)
+            run.join(30)
+            assert led == [0] and "orders" in relay._sitting_out  # it led, sent none, stepped down
+    finally:
+        with orders_flask_app.app_context():
+            _delete_outbox_rows_of([refused_id, *order_ids])
+
+
+def _attempts(order_id) -> int:
+    db.session.rollback()
+    (row,) = _outbox_rows_for([order_id])
+    return row.attempts
 
 
 class _PublisherToSwitch:
