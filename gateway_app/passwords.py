@@ -14,8 +14,9 @@ _KEY_LENGTH = 32
 # How many hashes a process computes at once, the others waiting their turn (as they would for a
 # core): scrypt takes 16 MiB and a core's while, and lets go of the GIL, and the gateway's 200
 # threads (most of them for notification sockets) would let a burst of sign-ups hash 200 at once,
-# over 3 GiB a process.
-HASHES_AT_ONCE = os.cpu_count() or 2
+# over 3 GiB a process. The cores it may run on (its affinity), four at most: a container's CPU
+# quota is not among what it can see, and on a large host that would be many.
+HASHES_AT_ONCE = min(len(os.sched_getaffinity(0)), 4)
 _hashing = threading.BoundedSemaphore(HASHES_AT_ONCE)
 
 

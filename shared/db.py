@@ -100,10 +100,16 @@ def _sqlstate(exc: BaseException) -> str | None:
 # work with the database, up to this; docker-compose.yml's PostgreSQL takes them all).
 POOL_SIZE = 10
 POOL_MAX_CONNECTIONS = 20
+# How long a thread waits for a connection when all are out, before its request answers 503
+# DATABASE_BUSY (a handler's try fails, and is retried): as long as it may wait for a lock
+# (SESSION_LIMITS). SQLAlchemy's 30 s would hold a request long past the gateway's 5 s wait for it,
+# and the gateway's 200 threads (its notification sockets') can all want one of its 20 at once.
+POOL_WAIT_SECONDS = 2
 
 db = SQLAlchemy(
     metadata=MetaData(naming_convention=NAMING_CONVENTION),
     engine_options={"pool_size": POOL_SIZE, "max_overflow": POOL_MAX_CONNECTIONS - POOL_SIZE,
+                    "pool_timeout": POOL_WAIT_SECONDS,
                     "connect_args": CONNECTION_TIMEOUTS},
 )
 

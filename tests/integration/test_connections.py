@@ -8,8 +8,8 @@ from __future__ import annotations
 import psycopg2
 import sqlalchemy as sa
 
-from shared.db import (CONNECTION_TIMEOUTS, SESSION_LIMITS, db, driver_dsn, limit_sessions,
-                       session_options)
+from shared.db import (CONNECTION_TIMEOUTS, POOL_WAIT_SECONDS, SESSION_LIMITS, db, driver_dsn,
+                       limit_sessions, session_options)
 from shared.relay_leader import RelayLeaderConnection
 
 EXPECTED = {**{name: str(value) for name, value in CONNECTION_TIMEOUTS.items()},
@@ -38,6 +38,12 @@ def test_pooled_connections_give_up_on_a_silent_database(in_payments):
         assert _timeouts(pooled) == EXPECTED
     finally:
         db.session.rollback()
+
+
+def test_a_request_waits_for_a_pooled_connection_no_longer_than_for_a_lock(in_payments):
+    """Every connection of the pool out, the next checkout gives up after POOL_WAIT_SECONDS (the
+    API's 503 DATABASE_BUSY; tests/postgres_tools.py: no_connection_free), not SQLAlchemy's 30 s."""
+    assert db.engine.pool.timeout() == POOL_WAIT_SECONDS
 
 
 def test_the_consumers_and_the_relay_leaders_own_connections_do_too(settings, payments_inbox):
