@@ -16,7 +16,8 @@ _KEY_LENGTH = 32
 # threads (most of them for notification sockets) would let a burst of sign-ups hash 200 at once,
 # over 3 GiB a process. The cores it may run on (its affinity), four at most: a container's CPU
 # quota is not among what it can see, and on a large host that would be many.
-HASHES_AT_ONCE = min(len(os.sched_getaffinity(0)), 4)
+HASHES_AT_ONCE = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                     else os.cpu_count() or 2, 4)  # (Linux has the affinity; macOS does not)
 _hashing = threading.BoundedSemaphore(HASHES_AT_ONCE)
 
 

@@ -218,8 +218,10 @@ class RelayResult:
     failed: int = 0
     held: int = 0  # of the failed, those refused for what the message is (see Refusal)
     parked: int = 0  # of the held, those parked (the rest were behind them)
-    # Of the others, the rows the broker refused with an answer, and those it left without one
-    # (see Refusal): for the leader's count towards stepping down (tasks/relay.py).
+    # For the leader's count towards stepping down (tasks/relay.py): the rows read, and of those
+    # refused for the broker's sake, the ones it refused with an answer and those it left without
+    # one (see Refusal).
+    claimed_ids: frozenset[int] = frozenset()
     answered_ids: frozenset[int] = frozenset()
     unanswered_ids: frozenset[int] = frozenset()
     read_seconds: float = 0.0  # how long the read took (CLAIM_ROWS and its rows fetched)
@@ -274,6 +276,7 @@ def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> Rela
     return RelayResult(claimed=len(rows), sent=len(sent_ids), failed=len(refused),
                        held=sum(refusal.held for refusal in refused.values()),
                        parked=sum(refusal.park for refusal in refused.values()),
+                       claimed_ids=frozenset(row[0] for row in rows),
                        answered_ids=frozenset(row_id for row_id, refusal in refused.items()
                                               if refusal.answered and not refusal.held),
                        unanswered_ids=frozenset(row_id for row_id, refusal in refused.items()

@@ -159,14 +159,13 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
             next_reminder = started + PARKED_REMINDER_SECONDS
         if backlog is not None and not backlog.read_again(leader):
             just_sent = 0  # as a read that found nothing would have
-            answered, unanswered = frozenset(), False
+            answered = unanswered = False
         else:
             # The newest row before the read, so that a row the read could not see (committed
             # as it ran) is newer; asked only while reads are slow.
             newest_id = leader.ask(newest_row_id) if walked_slowly else None
-            just_sent, answered, left, unanswered, walked_slowly = _send_waiting_rows(
-                service, settings, leader, publisher)
-            left_unanswered = (left_unanswered - answered) | left
+            just_sent, answered, unanswered, walked_slowly = _send_waiting_rows(
+                service, settings, leader, publisher, left_unanswered)
             backlog = None
             # With no refused row there (waiting, parked, or held behind a parked one), a slow read
             # was slow for another reason (a busy database, big rows), and nothing stands: the
@@ -239,29 +238,29 @@ def _step_down(service: str, unanswered_for: float) -> None:
         _sitting_out[service] = time.monotonic() + SIT_OUT_SECONDS
 
 
-def _send_waiting_rows(
-    service: str, settings, leader: RelayLeaderConnection, publisher: OutboxPublisher,
-) -> tuple[int, frozenset[int], frozenset[int], bool, bool]:
+def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
+                       publisher: OutboxPublisher, left_unanswered: set[int],
+                       ) -> tuple[int, bool, bool, bool]:
     """Send batch after batch until none is left or the broker takes none of a batch; returns how
-    many rows were sent, the rows the broker refused with an answer and those it left without one
-    (shared.outbox.Refusal), whether it took none of a batch and left rows of it without an
-    answer, and whether
+    many rows were sent, whether the broker refused any with an answer (shared.outbox.Refusal),
+    whether it took none of a batch and left rows of it without an answer, and whether
     the last read was slower than SLOW_WALK_SECONDS and found all it could send (fewer rows than a
     batch, of which the broker may have refused some, now waiting). The rows it refused wait
     for their next try (shared.outbox), and the next read passes over them, so a batch it took in
     part is followed by the next; the refusals are logged, and the topics checked, once a call.
     (Messages too large ever to be sent say nothing about the broker: they are parked, and the
-    next read passes over them too.)"""
+    next read passes over them too.) `left_unanswered` becomes the rows left without an answer at
+    their last try, of those it held and those read now."""
     sent = refused = 0
-    answered: frozenset[int] = frozenset()
-    left: frozenset[int] = frozenset()
-    unanswered = walked_slowly = False
+    answered = unanswered = walked_slowly = False
     while not _stopping.is_set():
         with leader.cursor() as cursor:
             result = relay_pending_outbox(cursor, publisher.send_batch,
                                           settings.outbox_relay_batch_size)
         sent += result.sent
-        answered, left = answered | result.answered_ids, left | result.unanswered_ids
+        answered = answered or bool(result.answered_ids)
+        left_unanswered -= result.claimed_ids  # (sent, answered, parked or held now)
+        left_unanswered |= result.unanswered_ids
         walked_slowly = (result.read_seconds >= SLOW_WALK_SECONDS
                          and result.claimed < settings.outbox_relay_batch_size)
         if result.parked:
@@ -280,7 +279,7 @@ def _send_waiting_rows(
     if refused:
         log.warning("%s outbox: %d rows not acknowledged by the broker; each is tried again"
                     " after its wait", service, refused)
-    return sent, answered, left, unanswered, walked_slowly
+    return sent, answered, unanswered, walked_slowly
 
 
 def _recreate_topics(settings, service: str) -> None:

@@ -1396,6 +1396,57 @@ def test_a_leader_answered_for_one_row_while_the_others_time_out_still_steps_dow
             _delete_outbox_rows_of([refused_id, *order_ids])
 
 
+class _TimedOutThenTooLarge:
+    """The broker answers for REFUSED_TOPIC's rows; another row has no answer at its first try
+    (a moment's outage) and is found too large ever to be sent at its second."""
+
+    def __init__(self):
+        self.tries: Counter = Counter()
+
+    def send_batch(self, rows):
+        refused = {}
+        for row in rows:
+            self.tries[row[0]] += 1
+            if row[1] == REFUSED_TOPIC:
+                refused[row[0]] = Refusal("TOPIC_EXCEPTION: Broker: Invalid topic", answered=True)
+            elif self.tries[row[0]] == 1:
+                refused[row[0]] = Refusal("_MSG_TIMED_OUT: Local: Message timed out")
+            else:
+                refused[row[0]] = Refusal("MSG_SIZE_TOO_LARGE", held=True, park=True)
+        return refused
+
+
+def test_a_row_left_unanswered_then_parked_leaves_the_count_to_the_brokers_answers(
+        orders_flask_app, settings, user_id, monkeypatch):
+    """A row the broker left without an answer, then parked at its next try (too large), waits
+    no more: a leader with only a row refused for good left, which the broker answers for, ends
+    its count and goes on leading (the parked row, still counted as waiting unanswered, kept the
+    count going, and it stepped down)."""
+    from tasks import relay
+
+    monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 2.0)
+    monkeypatch.setattr(relay, "TOPIC_CHECK_TIMEOUT_SECONDS", 0.2)
+    refused_id = _a_lone_row_of_the_refused_topic(orders_flask_app, settings, user_id,
+                                                  monkeypatch)
+    with orders_flask_app.app_context():
+        parked_id = _place(f"{user_id}-other").id
+    try:
+        with _leading_through(_TimedOutThenTooLarge()), orders_flask_app.app_context():
+            def parked() -> bool:
+                db.session.rollback()
+                (row,) = _outbox_rows_for([parked_id])
+                return row.parked_at is not None
+
+            wait_for(parked, timeout=10, what="the other row parked")
+            leading_until = time.monotonic() + relay.STEP_DOWN_AFTER_SECONDS + 1.5
+            while time.monotonic() < leading_until:
+                assert "orders" not in relay._sitting_out, "the leader stepped down"
+                time.sleep(0.1)
+    finally:
+        with orders_flask_app.app_context():
+            _delete_outbox_rows_of([refused_id, parked_id])
+
+
 def _attempts(order_id) -> int:
     db.session.rollback()
     (row,) = _outbox_rows_for([order_id])
