@@ -61,15 +61,15 @@ VACUUM_AFTER_ROWS = 1000
 TOPIC_CHECK_TIMEOUT_SECONDS = 2.0
 
 # A leader whose every batch has had rows without an answer from the broker for this long (no row
-# taken; a row refused by the broker for its topic or record, shared.outbox.Refusal.answered,
-# beside rows with no answer, does not stop the count), while rows
-# waited (refused rows waiting for their next try count: shared.outbox.FIRST_RETRY_AFTER_SECONDS),
-# steps down: it closes its connection, and the lock with it, and this process takes no lead of
-# that outbox for SIT_OUT_SECONDS, so that beat's next runs find a relay in another worker, whose
-# way to the broker may be sound. Where the broker is down for all, the lead just moves on (or,
-# with one worker, comes back after the sit-out). A row the broker answers with a refusal (a topic
-# the relay may not write to, say) says that this worker reaches it: another would be refused the
-# same, and a leader stepping down over it would only keep the rows committed meanwhile waiting.
+# taken; a row refused by the broker for its topic or record, shared.outbox.Refusal.answered, does
+# not end the count while a row left without an answer waits), while rows waited (refused rows
+# waiting for their next try count: shared.outbox.FIRST_RETRY_AFTER_SECONDS), steps down: it closes
+# its connection, and the lock with it, and this process takes no lead of that outbox for
+# SIT_OUT_SECONDS, so that beat's next runs find a relay in another worker, whose way to the broker
+# may be sound. Where the broker is down for all, the lead just moves on (or, with one worker, comes
+# back after the sit-out). A row the broker answers with a refusal (a topic the relay may not write
+# to, say) says that this worker reaches it: another would be refused the same, and a leader
+# stepping down over it would only keep the rows committed meanwhile waiting.
 STEP_DOWN_AFTER_SECONDS = 60.0
 SIT_OUT_SECONDS = 10.0
 # A read slower than this that found all it could send (fewer rows than a batch) walked over a
