@@ -25,11 +25,9 @@ DOCS_CONFIG = {
 
 def create_app(settings: Settings | None = None) -> Flask:
     import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
 
     from gateway_app import auth, models, notifications, routes, user_channels, web  # noqa: F401
-    from gateway_app.channel_listener import ChannelListener
+    from gateway_app.channel_listener import ChannelListener, subscriber_client
     from gateway_app.ratelimit import RateLimiter
     from shared.app import create_service_app
 
@@ -47,11 +45,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings.redis_url, socket_connect_timeout=1, socket_timeout=2, socket_keepalive=True,
         health_check_interval=30)
     # The sockets' subscriber: no connection, no thread until the first socket opens (gunicorn
-    # forks its workers after create_app). It reads with timeouts of its own and PINGs a quiet
-    # connection itself; a failure is not retried, for the sockets to be told.
-    app.extensions[user_channels.LISTENER_EXTENSION] = ChannelListener(redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=1, socket_timeout=2, socket_keepalive=True,
-        retry=Retry(NoBackoff(), 0)))
+    # forks its workers after create_app).
+    app.extensions[user_channels.LISTENER_EXTENSION] = ChannelListener(
+        subscriber_client(settings.redis_url))
     app.extensions["hseshop.api"].register_blueprint(auth.blueprint)
     app.before_request_funcs.setdefault(auth.blueprint.name, []).append(auth.limit_by_address)
     notifications.register_socket(app, auth.socket_token)

@@ -15,6 +15,8 @@ import threading
 from collections.abc import Iterator
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,15 @@ log = logging.getLogger(__name__)
 # within twice this, and every socket is told. (redis-py's own health check, sent from whichever
 # thread reads or writes next, would cross the subscriptions the sockets send.)
 PING_WHEN_QUIET_SECONDS = 10.0
+
+
+def subscriber_client(redis_url: str) -> redis.Redis:
+    """The Redis client a ChannelListener subscribes with: it gives up on a connection after 1 s
+    and on a read after 2 s, and retries nothing, so that a failure reaches the sockets (redis-py
+    would reconnect and resubscribe behind their backs, and what was published meanwhile would
+    wake no one until a recheck). Its health check is the listener's own PING."""
+    return redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=2,
+                                socket_keepalive=True, retry=Retry(NoBackoff(), 0))
 
 
 class SubscriberLost(redis.ConnectionError):
@@ -82,9 +93,8 @@ class ChannelListener:
     end once none has been registered for PING_WHEN_QUIET_SECONDS, or when Redis is lost."""
 
     def __init__(self, client: redis.Redis):
-        # A client of the listener's own, so the subscriber is never one of the app's pooled
-        # connections, built to fail rather than reconnect behind the sockets' backs (redis-py
-        # would resubscribe, and what was published meanwhile would wake no one until a recheck).
+        # A client of the listener's own (subscriber_client), so the subscriber is never one of
+        # the app's pooled connections.
         self._client = client
         self._lock = threading.Lock()
         self._pubsub: redis.client.PubSub | None = None

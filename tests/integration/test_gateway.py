@@ -21,8 +21,6 @@ import psutil
 import psycopg2
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from simple_websocket import ConnectionClosed
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
@@ -34,7 +32,7 @@ import payments_app
 from devstack.infra import free_port
 from gateway_app import auth as gateway_auth
 from gateway_app import channel_listener, notifications, upstream_http, user_channels
-from gateway_app.channel_listener import ChannelListener
+from gateway_app.channel_listener import ChannelListener, subscriber_client
 from gateway_app.tokens import VerifiedToken, issue_token, verify_token
 from orders_app.service import PLACING_LOCK_CLASS
 from payments_app.models import Account
@@ -1458,7 +1456,7 @@ def _streaming_with_its_subscribe_held_up(settings, app, user: str, monkeypatch)
     subscriber reaches Redis through the proxy; yields both once the SUBSCRIBE is held."""
     redis_address = settings.redis_url.split("//", 1)[1].split("/", 1)[0]
     proxy = HoldingProxy(redis_address, marker=b"SUBSCRIBE")
-    subscriber = redis.Redis.from_url(settings.redis_url.replace(redis_address, proxy.address))
+    subscriber = subscriber_client(settings.redis_url.replace(redis_address, proxy.address))
     monkeypatch.setitem(app.extensions, user_channels.LISTENER_EXTENSION,
                         ChannelListener(subscriber))
     try:
@@ -1667,8 +1665,7 @@ def test_sockets_opened_together_on_a_redis_that_answers_nothing_each_give_up_in
     fail, 2 s apart."""
     monkeypatch.setattr(notifications, "SUBSCRIBE_TIMEOUT_SECONDS", 0.5)
     app, silent = gateway.application, NeverReadingServer()
-    client = redis.Redis.from_url(silent.url.replace("http://", "redis://"), socket_timeout=2,
-                                  socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    client = subscriber_client(silent.url.replace("http://", "redis://"))
     monkeypatch.setitem(app.extensions, user_channels.LISTENER_EXTENSION,
                         ChannelListener(client))
     started = time.monotonic()
