@@ -254,9 +254,8 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
     sent = refused = 0
     answered = unanswered = walked_slowly = False
     while not _stopping.is_set():
-        with leader.cursor() as cursor:
-            result = relay_pending_outbox(cursor, publisher.send_batch,
-                                          settings.outbox_relay_batch_size)
+        result = leader.ask(relay_pending_outbox, publisher.send_batch,
+                            settings.outbox_relay_batch_size)
         sent += result.sent
         answered = answered or bool(result.answered_ids)
         left_unanswered -= result.claimed_ids  # (sent, answered, parked or held now)

@@ -85,7 +85,7 @@ def no_connection_free(app) -> Iterator[None]:
     assert pool.checkedout() == 0, "a connection of the app is out"
     pool.dispose()  # no idle connection to hand out
     timeout, overflow = pool._timeout, pool._overflow
-    pool._timeout = 0.3  # (30 s, SQLAlchemy's default)
+    pool._timeout = 0.3  # (shared.db.POOL_WAIT_SECONDS otherwise)
     pool._overflow = pool._max_overflow  # every connection it may open (its size and overflow)
     try:
         yield
