@@ -4,6 +4,15 @@ payload of each event type.
 Value: UTF-8 JSON `{"message_id", "type", "version", "occurred_at", "correlation_id", "payload"}`.
 Key: the user id, so that one user's messages stay in order. Headers: `message_id` and `type`,
 and `request_id` when an API request (its X-Request-ID) led to the message.
+
+A tolerant reader, a strict writer. During a rolling upgrade one service's new version runs before
+the other's, and a field added to an envelope or a payload is backward compatible: a reader takes
+a message with fields it does not know and drops them (they are not in the loaded payload, so the
+inbox stores, and a handler, a notification page included, sees only the fields the reader's
+contract declares), while every field it knows is checked as strictly as ever (required, types,
+amounts, the envelope's version). What a reader cannot take (a type it does not know, a known
+field it refuses, another envelope version) is still refused. The shop itself writes only what
+its contract declares: new_event refuses a payload with a field more.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from shared.fields import Amount, Text, UserId
 from shared.jsonio import loads_strict
@@ -48,10 +57,15 @@ class PayloadRefused(MalformedMessage):
         self.envelope = envelope
 
 
-class PaymentRequestedSchema(Schema):
-    class Meta:
-        unknown = RAISE
+class ContractSchema(Schema):
+    """A schema of the contract, as a reader loads it: fields it does not know are dropped, not
+    refused (a newer producer's additive fields: the module's docstring)."""
 
+    class Meta:
+        unknown = EXCLUDE
+
+
+class PaymentRequestedSchema(ContractSchema):
     order_id = fields.UUID(required=True)
     user_id = UserId(required=True)
     amount = Amount(required=True)
@@ -65,11 +79,8 @@ class PaymentFailedSchema(PaymentRequestedSchema):
     reason = fields.String(required=True, validate=validate.OneOf(FAILURE_REASONS))
 
 
-class OrderStatusChangedSchema(Schema):
+class OrderStatusChangedSchema(ContractSchema):
     """An order reached a new status; the gateway tells its owner's open pages."""
-
-    class Meta:
-        unknown = RAISE
 
     order_id = fields.UUID(required=True)
     user_id = UserId(required=True)
@@ -80,7 +91,7 @@ class OrderStatusChangedSchema(Schema):
     updated_at = fields.AwareDateTime(required=True, format="iso")
 
 
-PAYLOAD_SCHEMAS: dict[str, Schema] = {
+PAYLOAD_SCHEMAS: dict[str, ContractSchema] = {
     PAYMENT_REQUESTED: PaymentRequestedSchema(),
     PAYMENT_SUCCEEDED: PaymentSucceededSchema(),
     PAYMENT_FAILED: PaymentFailedSchema(),
@@ -88,10 +99,7 @@ PAYLOAD_SCHEMAS: dict[str, Schema] = {
 }
 
 
-class EnvelopeSchema(Schema):
-    class Meta:
-        unknown = RAISE
-
+class EnvelopeSchema(ContractSchema):
     message_id = fields.UUID(required=True)
     # Any type: one this reader does not know is refused with its payload (PayloadRefused). At
     # most what the inbox's column holds.
@@ -141,13 +149,25 @@ class Envelope:
 
 
 def new_event(event_type: str, payload: dict[str, Any], correlation_id: str | None) -> Envelope:
-    """A new event, its payload checked against the contract before it is ever written."""
+    """A new event, its payload checked against the contract before it is ever written: a field
+    the contract does not declare is refused too (the dump would drop it unsaid, and the readers,
+    tolerant, would never say either)."""
+    undeclared = payload.keys() - declared_fields(event_type)
+    if undeclared:
+        raise MalformedMessage(f"{event_type} payload has fields its contract does not declare: "
+                               f"{sorted(undeclared)}")
     wire_payload = PAYLOAD_SCHEMAS[event_type].dump(payload)
     errors = PAYLOAD_SCHEMAS[event_type].validate(wire_payload)
     if errors:
         raise MalformedMessage(f"{event_type} payload breaks the contract: {errors}")
     return Envelope(type=event_type, payload=payload, correlation_id=correlation_id,
                     wire_payload=wire_payload)
+
+
+def declared_fields(event_type: str) -> frozenset[str]:
+    """The payload fields the contract of a type this reader knows declares, as written."""
+    return frozenset(field.data_key or name
+                     for name, field in PAYLOAD_SCHEMAS[event_type].load_fields.items())
 
 
 def wire_text(envelope_json: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from enum import Enum
@@ -30,7 +30,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, Session, defer, mapped_column
 
 from shared.contracts import (PAYLOAD_SCHEMAS, Envelope, MalformedMessage, PayloadRefused,
-                              decode)
+                              declared_fields, decode)
 from shared.db import db, driver_cursor, held_up_by_a_lock
 from shared.jsonio import dumps_exact
 from shared.outbox import outbox_rows_written_together
@@ -498,6 +498,12 @@ def _ready_to_handle(message: StoredMessage,
         payload = PAYLOAD_SCHEMAS[message.type].load(message.payload)
     except Exception as exc:  # stored before the contract changed, or edited by hand
         return f"payload breaks the contract: {exc}"
+    declared = declared_fields(message.type)
+    if not message.payload.keys() <= declared:
+        # Stored as sent (parked, refused, then replayed): the handler sees, as with any message
+        # the consumer stored, only the fields the contract declares (shared/contracts.py).
+        message = replace(message, payload={
+            name: value for name, value in message.payload.items() if name in declared})
     return handler, ReceivedEvent(payload, message)
 
 

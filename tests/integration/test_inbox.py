@@ -13,15 +13,15 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from marshmallow import fields
+from marshmallow import fields, validate
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from shared.contracts import (PAYLOAD_SCHEMAS, PAYMENT_REQUESTED, PaymentRequestedSchema, encode,
-                              new_event)
+from shared.contracts import (FAILURE_REASONS, PAYLOAD_SCHEMAS, PAYMENT_FAILED, PAYMENT_REQUESTED,
+                              PaymentFailedSchema, encode, new_event)
 from shared.db import db, transaction
 from shared.inbox import (ConsumedRecord, InboxMessage, Outcome, PermanentMessageError,
-                          claim_stalled_messages, inbox_row, note_try_begun,
+                          ReceivedEvent, claim_stalled_messages, inbox_row, note_try_begun,
                           process_inbox_message, record_failed_attempt, unpark_messages)
 from tasks.services import service_app
 from tests.postgres_tools import terminate_backend
@@ -396,45 +396,55 @@ def _from_a_newer_producer(user_id: str, as_written: dict[str, bytes] | None = N
     return _record(value), body
 
 
-class _PaymentRequestedWithChannel(PaymentRequestedSchema):
-    """The contract as an upgraded reader has it: a field the newer producer began to send."""
+class _PaymentFailedWithCardExpired(PaymentFailedSchema):
+    """The contract as an upgraded reader has it: a reason the newer producer began to send."""
 
-    channel = fields.String()
+    reason = fields.String(required=True,
+                           validate=validate.OneOf((*FAILURE_REASONS, "CARD_EXPIRED")))
 
 
-def _replayed_once_the_channel_is_known(message_id: uuid.UUID,
-                                        monkeypatch) -> tuple[dict, list[dict]]:
-    """Upgrade this reader's contract (_PaymentRequestedWithChannel) and replay the parked
-    message; returns handlers that note each payload they are handed, and the list they note in."""
-    monkeypatch.setitem(PAYLOAD_SCHEMAS, PAYMENT_REQUESTED, _PaymentRequestedWithChannel())
+def _replayed_once_the_reason_is_known(message_id: uuid.UUID,
+                                       monkeypatch) -> tuple[dict, list[ReceivedEvent]]:
+    """Upgrade this reader's contract (_PaymentFailedWithCardExpired) and replay the parked
+    message; returns handlers that note each event they are handed, and the list they note in."""
+    monkeypatch.setitem(PAYLOAD_SCHEMAS, PAYMENT_FAILED, _PaymentFailedWithCardExpired())
     assert unpark_messages(db.session, [message_id]) == [message_id]
     db.session.commit()
-    seen: list[dict] = []
-    handlers = {PAYMENT_REQUESTED: lambda session, events: seen.extend(e.payload for e in events)}
+    seen: list[ReceivedEvent] = []
+    handlers = {PAYMENT_FAILED: lambda session, events: seen.extend(events)}
     return handlers, seen
+
+
+def _failed_payment_with_a_new_reason(user_id: str, **payload_changes) -> dict:
+    body = json.loads(_request_record(user_id)[0].value)
+    return body["payload"] | {"reason": "CARD_EXPIRED"} | payload_changes
 
 
 def test_a_message_from_a_newer_producer_is_kept_with_its_payload_and_handled_once_known(
         in_payments, payments_inbox, user_id, monkeypatch):
-    """A payload with a field this service does not know yet (its producer upgraded first) is
+    """A payload with a value this service does not know yet (its producer upgraded first) is
     parked under its own id with its payload as sent, not as raw text that can never be handled
     (its offset is committed: Kafka will not deliver it again). Replayed once this service knows
-    the field, it is handled, once."""
-    body = json.loads(_request_record(user_id)[0].value)
-    record, body = _from_a_newer_producer(user_id, payload=body["payload"] | {"channel": "app"})
+    the value, it is handled, once; a field its contract still does not declare, kept with the
+    payload as sent, reaches the handler neither in the payload nor in the message."""
+    payload = _failed_payment_with_a_new_reason(user_id, currency="EUR")
+    record, body = _from_a_newer_producer(user_id, type=PAYMENT_FAILED, payload=payload)
     message_id = uuid.UUID(body["message_id"])
     assert payments_inbox([record]) == []  # parked, not dispatched
     assert payments_inbox([record]) == []  # delivered again: the same row
     row = _row(message_id)
     assert row.parked_at is not None and row.raw_value is None
-    assert (row.type, row.payload) == (PAYMENT_REQUESTED, body["payload"])
+    assert (row.type, row.payload) == (PAYMENT_FAILED, body["payload"])
     assert "payload breaks the contract" in row.last_error
 
-    handlers, seen = _replayed_once_the_channel_is_known(message_id, monkeypatch)
+    handlers, seen = _replayed_once_the_reason_is_known(message_id, monkeypatch)
     for _ in range(2):
         with transaction() as session:
             process_inbox_message(session, message_id, handlers)
-    assert [payload["channel"] for payload in seen] == ["app"]
+    assert [event.payload["reason"] for event in seen] == ["CARD_EXPIRED"]
+    assert "currency" not in seen[0].payload
+    assert seen[0].message.payload == {name: value for name, value in payload.items()
+                                       if name != "currency"}
 
 
 def test_a_message_of_a_type_not_known_yet_is_kept_to_be_replayed(in_payments, payments_inbox,
@@ -466,16 +476,15 @@ def test_a_refused_payloads_decimal_amount_is_read_back_as_sent_when_replayed(
         in_payments, payments_inbox, user_id, monkeypatch):
     """An amount of 10.50 sent as a JSON number (the contract takes one) is read back as the
     Decimal it was, not a float, which the contract refuses: the replay is handled, not parked."""
-    body = json.loads(_request_record(user_id)[0].value)
-    payload = body["payload"] | {"amount": "__AMOUNT__", "channel": "app"}
-    record, body = _from_a_newer_producer(user_id, payload=payload,
+    payload = _failed_payment_with_a_new_reason(user_id, amount="__AMOUNT__")
+    record, body = _from_a_newer_producer(user_id, type=PAYMENT_FAILED, payload=payload,
                                           as_written={"__AMOUNT__": b"10.50"})
     message_id = uuid.UUID(body["message_id"])
     assert payments_inbox([record]) == []
-    handlers, seen = _replayed_once_the_channel_is_known(message_id, monkeypatch)
+    handlers, seen = _replayed_once_the_reason_is_known(message_id, monkeypatch)
     with transaction() as session:
         assert process_inbox_message(session, message_id, handlers) == Outcome.PROCESSED
-    assert seen[0]["amount"] == Decimal("10.50")
+    assert seen[0].payload["amount"] == Decimal("10.50")
 
 
 def test_a_refused_payloads_numbers_are_kept_as_long_as_they_were_sent(in_payments,

@@ -393,6 +393,35 @@ def test_a_request_delivered_again_after_its_row_was_pruned_changes_nothing(
     assert results == 1  # the first decision's result only (no relay runs here)
 
 
+def test_a_request_with_a_field_a_newer_orders_service_added_is_paid_once_not_parked(
+        settings, payments_inbox, user_id):
+    """A rolling upgrade: orders' new version adds an optional field to PaymentRequested before
+    payments knows it. Stored by the inbox and handled by payments' own handler, the request is
+    paid, once however often it is delivered, rather than parked until payments is upgraded."""
+    from payments_app import service as payments
+    from payments_app.models import Account, Payment
+
+    with service_app("payments").app_context(), transaction() as session:
+        payments.open_account(session, user_id=user_id)
+        payments.deposit(session, user_id=user_id, amount=Decimal("10"))
+    order_id = uuid.uuid4()
+    body = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": user_id,
+                                         "amount": Decimal("3.00")}, str(order_id)).to_json()
+    body["payload"]["currency"] = "EUR"
+    record = ConsumedRecord("task-test", 0, 0, user_id.encode(), encode(body), {})
+    message_id = uuid.UUID(body["message_id"])
+    assert payments_inbox([record]) == [message_id]
+    assert payments_inbox([record]) == []  # delivered again: the same row
+    for _ in range(2):
+        handle_inbox_batch.apply(args=("payments", [str(message_id)]))
+    row = _row(message_id)
+    assert row.processed_at is not None and row.parked_at is None and row.last_error is None
+    assert "currency" not in row.payload  # stored as the reader's contract has it
+    with service_app("payments").app_context():
+        assert db.session.get(Account, user_id).balance == Decimal("7.00")
+        assert db.session.query(Payment).filter_by(order_id=order_id).count() == 1
+
+
 def _received_ago(message_id, age: timedelta, handed_over_as_long_ago: bool = False,
                   tried_since: bool = False) -> None:
     """Stored `age` ago; if so asked, last handed over as long ago, and a try of a task of its own
