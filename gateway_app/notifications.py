@@ -12,7 +12,6 @@ the messages were published in."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import socket
 import threading
@@ -21,7 +20,7 @@ from collections import Counter
 from datetime import datetime
 
 import redis
-from flask import g, jsonify, request
+from flask import current_app, g, jsonify, request
 from flask_sock import Sock
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from psycopg2.extras import Json, execute_values
@@ -194,7 +193,11 @@ def notifications_after(user_id: str, after: int, limit: int) -> list[dict]:
 @blueprint.response(200, NotificationPageSchema)
 def list_notifications(args):
     """Notifications newer than `after`, oldest first (what a page missed while away)."""
-    return jsonify({"items": notifications_after(g.user_id, args["after"], args["limit"])})
+    # Written as the socket and the publish write them: a number in a payload (a replayed one's
+    # amount of 10.50, say) as the number it is, where the app's JSON writes a Decimal as text.
+    return current_app.response_class(
+        dumps_exact({"items": notifications_after(g.user_id, args["after"], args["limit"])}),
+        mimetype="application/json")
 
 
 @blueprint.get("/newest")
@@ -436,7 +439,7 @@ def _send_newer(ws, user_id: str, last_sent: int) -> int:
         items = notifications_after(user_id, last_sent, REPLAY_LIMIT)
         db.session.rollback()  # the socket stays open for long: hold no connection between reads
         for item in items:
-            ws.send(json.dumps(item))
+            ws.send(dumps_exact(item))
             last_sent = item["id"]
         if len(items) < REPLAY_LIMIT:
             return last_sent

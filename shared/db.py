@@ -25,6 +25,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session
 
+from shared.jsonio import loads_strict
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -110,7 +112,12 @@ db = SQLAlchemy(
     metadata=MetaData(naming_convention=NAMING_CONVENTION),
     engine_options={"pool_size": POOL_SIZE, "max_overflow": POOL_MAX_CONNECTIONS - POOL_SIZE,
                     "pool_timeout": POOL_WAIT_SECONDS,
-                    "connect_args": CONNECTION_TIMEOUTS},
+                    "connect_args": CONNECTION_TIMEOUTS,
+                    # json and jsonb read back with their numbers as Decimals, never floats (an
+                    # amount of 10.50 kept as a number would come back 10.5): SQLAlchemy's
+                    # psycopg2 dialect registers it as each connection's json and jsonb caster,
+                    # so it holds for the ORM's JSONB columns and driver cursors alike.
+                    "json_deserializer": loads_strict},
 )
 
 _AFTER_COMMIT = "hseshop.after_commit"

@@ -12,7 +12,6 @@ messages behind them.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -22,7 +21,6 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any
 
-from psycopg2.extensions import new_type, register_type
 from psycopg2.extras import Json, execute_values
 from sqlalchemy import (BigInteger, Boolean, DateTime, Index, Integer, String, Text, false, func,
                         select, text, update)
@@ -268,15 +266,6 @@ class _JsonText(Json):
         return obj
 
 
-# An inbox row's payload as lock_in_order reads it: numbers with a point as Decimals, as the
-# consumer read them (psycopg2's own reading makes them floats). Valid payloads hold none (amounts
-# are strings); a refused payload replayed may (_jsonb_text).
-_JSONB_OID = 3802
-_JSONB_WITH_DECIMALS = new_type(
-    (_JSONB_OID,), "JSONB_WITH_DECIMALS",
-    lambda text, cursor: None if text is None else json.loads(text, parse_float=Decimal))
-
-
 def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     """Insert the records not seen before with one statement on a driver cursor (atomic on its
     own, so the consumer runs it in autocommit: shared/inbox_consumer.py); return the ids of the
@@ -346,8 +335,9 @@ def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[Stored
     by key) cannot deadlock each other, and a batch handles one key's messages in the order they
     were sent (two batches handled at once can still commit one key's messages in either order).
     """
+    # (A payload's numbers with a point read back as Decimals, as the consumer read them: shared.db.
+    # Valid payloads hold none, amounts being strings; a refused payload replayed may: _jsonb_text.)
     with driver_cursor(session) as cursor:
-        register_type(_JSONB_WITH_DECIMALS, cursor)
         cursor.execute(_LOCK_IN_ORDER, ([str(message_id) for message_id in message_ids],))
         return [StoredMessage(uuid.UUID(message_id), *rest) for message_id, *rest in cursor]
 

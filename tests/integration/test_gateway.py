@@ -10,6 +10,7 @@ import select
 import socket
 import threading
 import time
+import types
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -1198,6 +1199,25 @@ def test_a_status_change_replayed_with_a_numeric_amount_is_kept_and_published(se
         (kept,) = notifications.notifications_after(user, 0, 10)
     assert '"amount":10.50' in published["data"].decode()
     assert kept["payload"]["amount"] == 10.5
+
+
+def test_a_notification_kept_with_a_numeric_amount_is_caught_up_with_that_number(gateway):
+    """jsonb's numbers are read back as the Decimals they are (shared.db), never floats: a page
+    catching up, over HTTP or its socket, gets 10.50 as it was kept, where it got 10.5."""
+    user, auth = _sign_up(gateway)
+    (received,) = _status_changes(user)
+    wire = received.message.payload | {"amount": Decimal("10.50")}
+    replayed = dataclasses.replace(received, message=dataclasses.replace(received.message,
+                                                                         payload=wire))
+    sent: list[str] = []
+    with gateway.application.app_context():
+        with transaction() as session:
+            notifications.on_order_status_changes(session, [replayed])
+        notifications._send_newer(types.SimpleNamespace(send=sent.append), user, 0)
+    response = gateway.get("/api/notifications", headers=auth)
+    assert response.status_code == 200
+    assert '"amount":10.50' in response.get_data(as_text=True)
+    assert len(sent) == 1 and '"amount":10.50' in sent[0]
 
 
 def test_the_newest_notification_id_is_one_read_whatever_a_user_has(settings, gateway):
