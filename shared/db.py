@@ -5,11 +5,15 @@ business row and the outbox row it causes are committed together or not at all, 
 Work that must wait for the commit (invalidating cached reads, say) is registered with
 `after_commit`. `driver_cursor` runs the busiest statements straight on the driver. Pooled
 connections are pinged before use only after they sat idle (`init_database` sets that up).
+`connection_lost` tells a database connection lost or refused (a restart, a failover), which the
+shop gets over by itself, from any other error.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -19,6 +23,7 @@ from typing import TypeVar
 
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
+from psycopg2 import OperationalError as DriverOperationalError
 from psycopg2.extensions import make_dsn
 from sqlalchemy import MetaData, event, text
 from sqlalchemy.engine import Engine, make_url
@@ -96,6 +101,100 @@ def held_up_by_a_lock(exc: BaseException) -> bool:
 
 def _sqlstate(exc: BaseException) -> str | None:
     return getattr(getattr(exc, "orig", exc), "pgcode", None)
+
+
+# The SQLSTATEs of a session the server ends or will not start for a while, as it shuts down,
+# restarts or is promoted: admin_shutdown ("terminating connection due to administrator command",
+# also what pg_terminate_backend says), crash_shutdown, cannot_connect_now ("the database system is
+# starting up", "... shutting down", "... in recovery mode"); and class 08, connection_exception.
+_SERVER_GOING_AWAY = ("57P01", "57P02", "57P03")
+_CONNECTION_EXCEPTION_CLASS = "08"
+# psycopg2 gives no SQLSTATE for an error libpq met connecting, nor for a connection that closed
+# under a statement: its message alone tells a server that refused the session with a reason
+# ("FATAL:  database ... does not exist", "... password authentication failed", "sorry, too many
+# clients already": a fault to fix, not an outage to wait out) from one gone or going away.
+_SERVER_REFUSED = "FATAL:"
+_SERVER_GOING_AWAY_WORDS = ("the database system is", "terminating connection")
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` (the driver's error, or SQLAlchemy's around it) is a database connection lost
+    or that could not be made because the server is away: ended by the server (a restart, a
+    failover, pg_terminate_backend), broken, refused, timed out, or the server starting up or
+    shutting down. The shop connects again by itself (a pool replaces its connections, a relay's
+    next run leads, a consumer's next step stores), so such an error is an outage to wait out, not
+    a fault. A server that refuses the session for a reason of its own (a wrong database or
+    password, no connection slot left), or a statement that failed on a sound connection, is not
+    one."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True  # (SQLAlchemy's dialect knows a broken connection, and dropped it)
+    driver_error = getattr(exc, "orig", exc)
+    if not isinstance(driver_error, DriverOperationalError):
+        return False
+    sqlstate = driver_error.pgcode
+    if sqlstate is not None:
+        return (sqlstate in _SERVER_GOING_AWAY
+                or sqlstate.startswith(_CONNECTION_EXCEPTION_CLASS))
+    message = str(driver_error)
+    return (_SERVER_REFUSED not in message
+            or any(words in message for words in _SERVER_GOING_AWAY_WORDS))
+
+
+def lost_connection_in_a_line(exc: BaseException) -> str:
+    """What the driver said of a lost connection (`connection_lost`), on one line: its message's
+    first, where libpq adds hints on more ("This probably means the server terminated ...")."""
+    driver_error = getattr(exc, "orig", exc)
+    first_line = str(driver_error).strip().partition("\n")[0]
+    return f"{type(driver_error).__name__}: {first_line}"
+
+
+# While one database connection stays lost, what tries again and again says so this often.
+OUTAGE_REMINDER_SECONDS = 60.0
+
+
+class DatabaseOutageLog:
+    """Tells the log of one loop that retries (a consumer's steps, say) that its database
+    connection is lost, once as the outage begins and then every `remind_every` seconds while it
+    lasts, never once per failed try: one WARNING line each, without a traceback (the shop gets
+    over it by itself); and, at INFO, that it is back. (Tries in several threads may share one.)"""
+
+    def __init__(self, logger: logging.Logger, what: str,
+                 remind_every: float = OUTAGE_REMINDER_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        self._logger, self._what = logger, what
+        self._remind_every, self._clock = remind_every, clock
+        self._lock = threading.Lock()
+        self._lost_since: float | None = None
+        self._said_at = 0.0
+        self._failed_tries = 0
+
+    def lost(self, exc: BaseException) -> None:
+        """A try failed on a lost connection (`connection_lost(exc)`)."""
+        with self._lock:
+            self._note_lost(exc)
+
+    def _note_lost(self, exc: BaseException) -> None:
+        now = self._clock()
+        self._failed_tries += 1
+        if self._lost_since is None:
+            self._lost_since = self._said_at = now
+            self._logger.warning("%s lost its database connection (%s); retrying until it is back",
+                                 self._what, lost_connection_in_a_line(exc))
+        elif now - self._said_at >= self._remind_every:
+            self._said_at = now
+            self._logger.warning("%s: database connection still lost after %.0f s, %d tries (%s);"
+                                 " retrying", self._what, now - self._lost_since,
+                                 self._failed_tries, lost_connection_in_a_line(exc))
+
+    def back(self) -> None:
+        """A try worked with the database: the outage, if there was one, is over."""
+        with self._lock:
+            if self._lost_since is None:
+                return
+            self._logger.info("%s: database connection back after %.0f s, %d failed tries",
+                              self._what, self._clock() - self._lost_since, self._failed_tries)
+            self._lost_since = None
+            self._failed_tries = 0
 
 
 # A process's pool: the connections it keeps, and the most it opens at once (its threads that

@@ -7,6 +7,10 @@ the same reason the consumer neither waits for the broker to confirm an offset c
 lost costs a re-read, never a message) nor commits after every batch: it commits what it has
 stored at most once per COMMIT_INTERVAL_SECONDS (as Kafka's own auto-commit does, every five
 seconds by default), when it stops, and when the group takes partitions away from it.
+
+A step that fails is retried a second later. One that failed on a lost database connection (a
+restart, a failover) is an outage the consumer waits out, not a fault: it is said once as it
+begins, then once a minute while it lasts, not for each step (shared.db.DatabaseOutageLog).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import psycopg2
 from confluent_kafka import (TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException,
                              TopicPartition)
 
+from shared.db import DatabaseOutageLog, connection_lost
 from shared.inbox import ConsumedRecord, insert_records
 from shared.task_queues import QUEUES_UNREACHABLE
 
@@ -108,7 +113,7 @@ class InboxConsumer:
     def __init__(self, consumer: Consumer, topics: list[str], store_batch: StoreBatch,
                  dispatch: Dispatch, batch_size: int = 500, poll_timeout: float = 0.2,
                  commit_interval: float = COMMIT_INTERVAL_SECONDS,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, name: str = "the inbox consumer"):
         self._consumer = consumer
         self._topics = topics
         self._store_batch = store_batch
@@ -129,6 +134,7 @@ class InboxConsumer:
         # still assigned reads its skipped records again soon, not at the next rebalance.
         self._rewinds_due: dict[tuple[str, int], int] = {}
         self._committed_at = clock()
+        self._database_outage = DatabaseOutageLog(log, name, clock=clock)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -139,9 +145,13 @@ class InboxConsumer:
                                      on_revoke=self._commit_revoked, on_lost=self._forget_lost)
             while not self._stopping.is_set():
                 try:
-                    self.run_once()
-                except Exception:
-                    log.exception("inbox consumer step failed; retrying")
+                    if self.run_once():  # (records stored: the database is there)
+                        self._database_outage.back()
+                except Exception as exc:
+                    if connection_lost(exc):
+                        self._database_outage.lost(exc)
+                    else:
+                        log.exception("inbox consumer step failed; retrying")
                     self._stopping.wait(1.0)
         finally:
             try:

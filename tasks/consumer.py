@@ -90,6 +90,7 @@ def build_inbox_consumer(service: str) -> tuple[InboxConsumer, StoreOnOwnConnect
         topics,
         store_batch=store,
         dispatch=lambda message_ids: dispatch_inbox_messages(service, message_ids),
+        name=f"the {service} inbox consumer",
     )
     return consumer, store
 

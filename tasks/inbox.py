@@ -3,7 +3,8 @@ a stored batch, and the task handles its messages many to a transaction (with a 
 handler once one of them fails); a message whose first try fails goes to a task of its own that
 retries it with backoff and parks it after the last attempt; the sweeper dispatches again the
 messages whose handling was lost (a try of a task of their own that began and came to nothing
-counting as an attempt); and the pruner deletes the rows of messages stored and handled (or
+counting as an attempt; a sweep that loses its database connection says so once per outage, and
+the next sweep tries again); and the pruner deletes the rows of messages stored and handled (or
 discarded) long ago."""
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from datetime import timedelta
 
 from flask import current_app
 
-from shared.db import held_up_by_a_lock, transaction
+from shared.config import SERVICES
+from shared.db import DatabaseOutageLog, connection_lost, held_up_by_a_lock, transaction
 from shared.inbox import (Outcome, claim_stalled_messages, handle_locked_message,
                           handle_locked_messages_at_once, lock_in_order, note_try_begun,
                           process_inbox_message, prune_handled_messages, record_failed_attempt)
@@ -34,6 +36,9 @@ HANDLED_PER_TRANSACTION = 50
 # with its dispatch not lost at all, and sweeping it would add its batch to the backlog once more,
 # sweep after sweep. So while tasks wait in the queue, the sweeper takes only messages this old.
 SWEEP_MIN_AGE_WHILE_QUEUED = timedelta(minutes=5)
+# What this process's sweeps have said of each service database's outage.
+_SWEEPS_DATABASE_OUTAGE = {service: DatabaseOutageLog(log, f"the {service} inbox sweeper")
+                           for service in SERVICES}
 
 
 # A failed try is retried after a random wait up to 1, 2, 4, then 8 s, and never up to the sweep's
@@ -159,6 +164,21 @@ def sweep_inbox(service: str) -> int:
     a crash loop another message can be parked with the one to blame, for `tasks.parked replay`.)
     While tasks wait, a message's own dispatch may wait among them: nothing is counted, and the
     messages go in batches, not to swell that backlog."""
+    outage = _SWEEPS_DATABASE_OUTAGE[service]
+    try:
+        swept = _sweep(service)
+    except Exception as exc:
+        # The next sweep, a beat interval on, tries again: raised, Celery would log the lost
+        # connection as unexpected, traceback and all, at every beat while the database is away.
+        if not connection_lost(exc):
+            raise
+        outage.lost(exc)
+        return 0
+    outage.back()
+    return swept
+
+
+def _sweep(service: str) -> int:
     settings = current_app.extensions["hseshop.settings"]
     min_age = timedelta(seconds=settings.inbox_sweep_min_age_seconds)
     backlog = tasks_waiting(handler_queue(service))

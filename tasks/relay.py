@@ -24,6 +24,10 @@ operator hands back or whose parked row it discards (tasks/parked.py), wait for 
 worst. A quick read, or a slow one with no refused row there (a busy database), changes nothing:
 the leader reads at every wake-up, with no other statement.
 
+A leader that loses its database connection (a restart, a failover) loses its lock with it: the
+run ends, saying so in one warning, and beat's next run leads once the database is back. While it
+is away, each run says it could not connect once per outage, not at every beat (DatabaseOutageLog).
+
 A leader that has had no answer from the broker for long steps down (STEP_DOWN_AFTER_SECONDS), so
 that a worker whose own way to the broker is broken does not hold the lead while others could
 relay. A row the broker refuses for what it is (its topic, its record) is an answer: a leader
@@ -40,6 +44,8 @@ from celery import bootsteps
 from celery.signals import worker_shutting_down
 from flask import current_app
 
+from shared.config import SERVICES
+from shared.db import DatabaseOutageLog, connection_lost
 from shared.kafka import OutboxPublisher, ensure_topics
 from shared.outbox import (count_parked_outbox_messages, first_refused_row_due_in,
                            newer_row_may_go, newest_row_id, refused_rows_wait,
@@ -92,6 +98,9 @@ _stopping = threading.Event()
 _leading: set[str] = set()  # services whose relay this process leads
 _sitting_out: dict[str, float] = {}  # service -> until when (time.monotonic) this process does not
 _leading_lock = threading.Lock()
+# What this process's runs have said of each service database's outage.
+_DATABASE_OUTAGES = {service: DatabaseOutageLog(log, f"the {service} outbox relay")
+                     for service in SERVICES}
 
 
 @worker_shutting_down.connect
@@ -131,12 +140,21 @@ def relay_outbox(service: str) -> int:
             return 0
         _leading.add(service)
     try:
+        outage = _DATABASE_OUTAGES[service]
         settings = current_app.extensions["hseshop.settings"]
         with RelayLeaderConnection(settings.database_url(service)) as leader:
+            outage.back()
             if not leader.lead():
                 return 0
             log.info("leading the %s outbox relay", service)
             return _lead(service, settings, leader)
+    except Exception as exc:
+        # A lost connection is the outage this task is built to ride out (beat's next run leads
+        # again): raised, Celery would log it as unexpected, traceback and all, at every beat.
+        if not connection_lost(exc):
+            raise
+        outage.lost(exc)
+        return 0
     finally:
         with _leading_lock:
             _leading.discard(service)

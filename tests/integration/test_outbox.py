@@ -1192,7 +1192,7 @@ def test_a_leader_whose_session_the_database_ends_stops_leading_and_the_next_run
         terminate_backend(settings.database_url("orders"), leader_pid)
         run.join(10)
         assert not run.is_alive() and "orders" not in relay._leading
-        assert outcome[0].failed()  # (on the connection the server ended)
+        assert outcome[0].get() == 0  # (its lost connection said in a warning, not raised)
     finally:
         watcher.close()
         relay._stop_leading()
