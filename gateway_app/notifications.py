@@ -102,7 +102,8 @@ blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications"
 def on_order_status_changes(session: Session, events: list[ReceivedEvent]) -> None:
     """Keep the notifications (one INSERT for the run; a message seen before is kept once), then
     publish the new ones once the transaction has committed."""
-    # The payload as the inbox stored it: already its wire form.
+    # The payload as the inbox stored it: its wire form, but for a parked payload replayed, whose
+    # numbers (an amount of 10.50, say) are kept as the numbers they were sent as.
     rows = {str(event.message.message_id): (event.payload["user_id"], event.message.type,
                                             event.message.payload)
             for event in events}

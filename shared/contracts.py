@@ -12,7 +12,10 @@ inbox stores, and a handler, a notification page included, sees only the fields 
 contract declares), while every field it knows is checked as strictly as ever (required, types,
 amounts, the envelope's version). What a reader cannot take (a type it does not know, a known
 field it refuses, another envelope version) is still refused. The shop itself writes only what
-its contract declares: new_event refuses a payload with a field more.
+its contract declares: new_event refuses a payload with a field more. So a field may be added
+only where a reader that drops it still does what the message asks: one that changes what a
+known field means (a currency beside `amount`, say) needs a new type or envelope version, which
+readers that do not know it refuse.
 """
 
 from __future__ import annotations
@@ -152,7 +155,7 @@ def new_event(event_type: str, payload: dict[str, Any], correlation_id: str | No
     """A new event, its payload checked against the contract before it is ever written: a field
     the contract does not declare is refused too (the dump would drop it unsaid, and the readers,
     tolerant, would never say either)."""
-    undeclared = payload.keys() - declared_fields(event_type)
+    undeclared = payload.keys() - PAYLOAD_SCHEMAS[event_type].dump_fields.keys()
     if undeclared:
         raise MalformedMessage(f"{event_type} payload has fields its contract does not declare: "
                                f"{sorted(undeclared)}")

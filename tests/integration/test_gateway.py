@@ -1198,7 +1198,8 @@ def test_a_status_change_replayed_with_a_numeric_amount_is_kept_and_published(se
         pubsub.close()
         (kept,) = notifications.notifications_after(user, 0, 10)
     assert '"amount":10.50' in published["data"].decode()
-    assert kept["payload"]["amount"] == 10.5
+    assert kept["payload"]["amount"] == Decimal("10.50")
+    assert isinstance(kept["payload"]["amount"], Decimal)  # (10.5 == Decimal("10.50") too)
 
 
 def test_a_notification_kept_with_a_numeric_amount_is_caught_up_with_that_number(gateway):

@@ -427,7 +427,7 @@ def test_a_message_from_a_newer_producer_is_kept_with_its_payload_and_handled_on
     (its offset is committed: Kafka will not deliver it again). Replayed once this service knows
     the value, it is handled, once; a field its contract still does not declare, kept with the
     payload as sent, reaches the handler neither in the payload nor in the message."""
-    payload = _failed_payment_with_a_new_reason(user_id, currency="EUR")
+    payload = _failed_payment_with_a_new_reason(user_id, channel="web")
     record, body = _from_a_newer_producer(user_id, type=PAYMENT_FAILED, payload=payload)
     message_id = uuid.UUID(body["message_id"])
     assert payments_inbox([record]) == []  # parked, not dispatched
@@ -442,9 +442,9 @@ def test_a_message_from_a_newer_producer_is_kept_with_its_payload_and_handled_on
         with transaction() as session:
             process_inbox_message(session, message_id, handlers)
     assert [event.payload["reason"] for event in seen] == ["CARD_EXPIRED"]
-    assert "currency" not in seen[0].payload
+    assert "channel" not in seen[0].payload
     assert seen[0].message.payload == {name: value for name, value in payload.items()
-                                       if name != "currency"}
+                                       if name != "channel"}
 
 
 def test_a_message_of_a_type_not_known_yet_is_kept_to_be_replayed(in_payments, payments_inbox,
@@ -469,7 +469,8 @@ def test_a_refused_payload_keeps_its_numbers_and_its_text_as_sent(in_payments, p
     assert payments_inbox([record, good]) == [good_id]
     row = _row(uuid.UUID(body["message_id"]))
     assert row.parked_at is not None and row.raw_value is None
-    assert row.payload == payload | {"fee": 0.5}
+    assert row.payload == payload | {"fee": Decimal("0.5")}
+    assert isinstance(row.payload["fee"], Decimal)  # (0.5 == Decimal("0.5") too)
 
 
 def test_a_refused_payloads_decimal_amount_is_read_back_as_sent_when_replayed(

@@ -407,7 +407,7 @@ def test_a_request_with_a_field_a_newer_orders_service_added_is_paid_once_not_pa
     order_id = uuid.uuid4()
     body = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": user_id,
                                          "amount": Decimal("3.00")}, str(order_id)).to_json()
-    body["payload"]["currency"] = "EUR"
+    body["payload"]["channel"] = "web"
     record = ConsumedRecord("task-test", 0, 0, user_id.encode(), encode(body), {})
     message_id = uuid.UUID(body["message_id"])
     assert payments_inbox([record]) == [message_id]
@@ -416,7 +416,7 @@ def test_a_request_with_a_field_a_newer_orders_service_added_is_paid_once_not_pa
         handle_inbox_batch.apply(args=("payments", [str(message_id)]))
     row = _row(message_id)
     assert row.processed_at is not None and row.parked_at is None and row.last_error is None
-    assert "currency" not in row.payload  # stored as the reader's contract has it
+    assert "channel" not in row.payload  # stored as the reader's contract has it
     with service_app("payments").app_context():
         assert db.session.get(Account, user_id).balance == Decimal("7.00")
         assert db.session.query(Payment).filter_by(order_id=order_id).count() == 1

@@ -98,7 +98,7 @@ def test_a_field_a_newer_producer_added_to_the_payload_is_taken_and_dropped():
     """A rolling upgrade: the producer's new version adds an optional field before its readers
     know it. The message is read (not parked), and the field goes no further than the reader."""
     body = json.loads(_wire())
-    body["payload"]["currency"] = "EUR"
+    body["payload"]["channel"] = "web"
     decoded = decode(json.dumps(body).encode())
     assert set(decoded.payload) == set(decoded.payload_json()) == {"order_id", "user_id", "amount"}
     assert decoded.payload["amount"] == Decimal("30.00")
@@ -110,9 +110,9 @@ def test_a_field_a_newer_producer_added_to_the_envelope_is_taken():
 
 
 @pytest.mark.parametrize("payload_changes", [
-    {"amount": "ten", "currency": "EUR"},
-    {"amount": None, "currency": "EUR"},
-    {"order_id": 7, "currency": "EUR"},
+    {"amount": "ten", "channel": "web"},
+    {"amount": None, "channel": "web"},
+    {"order_id": 7, "channel": "web"},
 ])
 def test_a_known_field_is_still_refused_beside_an_unknown_one(payload_changes):
     body = json.loads(_wire())
@@ -123,12 +123,12 @@ def test_a_known_field_is_still_refused_beside_an_unknown_one(payload_changes):
 
 def test_a_reason_a_reader_does_not_know_is_still_refused():
     body = json.loads(_wire(type=PAYMENT_FAILED))
-    body["payload"] |= {"reason": "CARD_EXPIRED", "currency": "EUR"}
+    body["payload"] |= {"reason": "CARD_EXPIRED", "channel": "web"}
     with pytest.raises(PayloadRefused):
         decode(json.dumps(body).encode())
 
 
 def test_the_shop_never_writes_a_field_its_contract_does_not_declare():
-    with pytest.raises(MalformedMessage, match=r"does not declare: \['currency'\]"):
+    with pytest.raises(MalformedMessage, match=r"does not declare: \['channel'\]"):
         new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": "alice",
-                                      "amount": Decimal("30.00"), "currency": "EUR"}, None)
+                                      "amount": Decimal("30.00"), "channel": "web"}, None)
