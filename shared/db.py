@@ -106,9 +106,11 @@ def _sqlstate(exc: BaseException) -> str | None:
 # The SQLSTATEs of a session the server ends or will not start for a while, as it shuts down,
 # restarts or is promoted: admin_shutdown ("terminating connection due to administrator command",
 # also what pg_terminate_backend says), crash_shutdown, cannot_connect_now ("the database system is
-# starting up", "... shutting down", "... in recovery mode"); and class 08, connection_exception.
+# starting up", "... shutting down", "... in recovery mode"); and class 08, connection_exception,
+# but for its protocol_violation, a fault of the client's or the server's, not an outage.
 _SERVER_GOING_AWAY = ("57P01", "57P02", "57P03")
 _CONNECTION_EXCEPTION_CLASS = "08"
+_PROTOCOL_VIOLATION = "08P01"
 # psycopg2 gives no SQLSTATE for an error libpq met connecting, nor for a connection that closed
 # under a statement: its message alone tells a server that refused the session with a reason
 # ("FATAL:  database ... does not exist", "... password authentication failed", "sorry, too many
@@ -125,7 +127,10 @@ def connection_lost(exc: BaseException) -> bool:
     next run leads, a consumer's next step stores), so such an error is an outage to wait out, not
     a fault. A server that refuses the session for a reason of its own (a wrong database or
     password, no connection slot left), or a statement that failed on a sound connection, is not
-    one."""
+    one. Knowingly counted as lost, for libpq says no more of them than of a server gone: a host
+    name that does not resolve (a typo, or a name moving in a failover), a server without the SSL
+    asked for, and a session the server ended for an idle timeout (the relay leader's, say: a
+    leader stalled for that long shows as its connection lost)."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True  # (SQLAlchemy's dialect knows a broken connection, and dropped it)
     driver_error = getattr(exc, "orig", exc)
@@ -134,7 +139,8 @@ def connection_lost(exc: BaseException) -> bool:
     sqlstate = driver_error.pgcode
     if sqlstate is not None:
         return (sqlstate in _SERVER_GOING_AWAY
-                or sqlstate.startswith(_CONNECTION_EXCEPTION_CLASS))
+                or (sqlstate.startswith(_CONNECTION_EXCEPTION_CLASS)
+                    and sqlstate != _PROTOCOL_VIOLATION))
     message = str(driver_error)
     return (_SERVER_REFUSED not in message
             or any(words in message for words in _SERVER_GOING_AWAY_WORDS))
@@ -150,6 +156,11 @@ def lost_connection_in_a_line(exc: BaseException) -> str:
 
 # While one database connection stays lost, what tries again and again says so this often.
 OUTAGE_REMINDER_SECONDS = 60.0
+# A try failing on a lost connection this long after the last one that did begins a new outage,
+# though no try worked in between to say the last was over (a consumer whose partitions were
+# taken away stores nothing, and so never says it is back; the relay and the sweeper try every few
+# seconds, a consumer every second, while one lasts).
+NEW_OUTAGE_AFTER_SECONDS = 30.0
 
 
 class DatabaseOutageLog:
@@ -165,7 +176,7 @@ class DatabaseOutageLog:
         self._remind_every, self._clock = remind_every, clock
         self._lock = threading.Lock()
         self._lost_since: float | None = None
-        self._said_at = 0.0
+        self._said_at = self._last_lost_at = 0.0
         self._failed_tries = 0
 
     def lost(self, exc: BaseException) -> None:
@@ -175,6 +186,10 @@ class DatabaseOutageLog:
 
     def _note_lost(self, exc: BaseException) -> None:
         now = self._clock()
+        if self._lost_since is not None and now - self._last_lost_at >= NEW_OUTAGE_AFTER_SECONDS:
+            self._lost_since = None  # (the last one ended unsaid: no try worked since)
+            self._failed_tries = 0
+        self._last_lost_at = now
         self._failed_tries += 1
         if self._lost_since is None:
             self._lost_since = self._said_at = now

@@ -133,7 +133,8 @@ def _publisher() -> OutboxPublisher:
 @app.task(name="hseshop.relay_outbox", base=ServiceTask, ignore_result=True)
 def relay_outbox(service: str) -> int:
     """Lead this service's relay until the worker stops, unless a relay already leads it; returns
-    the number of rows sent."""
+    the number of rows sent (0 when its database connection was lost: those it sent before are
+    not counted)."""
     with _leading_lock:
         if (service in _leading or _stopping.is_set()
                 or time.monotonic() < _sitting_out.get(service, 0.0)):
