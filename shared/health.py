@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -11,21 +12,30 @@ from flask import Blueprint, current_app, jsonify
 from sqlalchemy import text
 
 from shared.config import Settings
-from shared.db import db
+from shared.db import DatabaseOutageLog, connection_lost, db
 from shared.kafka import broker_reachable
 
+log = logging.getLogger(__name__)
 health_blueprint = Blueprint("health", __name__)
+# A probe asks every few seconds, and a round of checks runs once a second at most: while the
+# database is away (a restart, a failover), that is said as it begins, once a minute while it
+# lasts and as it ends (shared.db), not in a traceback a second. Any other error keeps its own.
+_DATABASE_OUTAGE = DatabaseOutageLog(log, "health")
 
 
 def _database_ok() -> bool:
     try:
         db.session.execute(text("SELECT 1"))
-        return True
-    except Exception:
-        current_app.logger.warning("health: database unreachable", exc_info=True)
+    except Exception as exc:
+        if connection_lost(exc):
+            _DATABASE_OUTAGE.lost(exc)
+        else:
+            current_app.logger.warning("health: database unreachable", exc_info=True)
         return False
     finally:
         db.session.rollback()
+    _DATABASE_OUTAGE.back()
+    return True
 
 
 def redis_answers(url: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -563,6 +564,22 @@ def test_health_requests_at_once_share_one_round_of_checks(settings, monkeypatch
     assert [answer.status_code for answer in answers] == [503] * 4
     assert {answer.get_json()["checks"]["broker"] for answer in answers} == {"unreachable"}
     assert len(broker_checks) == 1
+
+
+def test_health_says_a_database_away_once_not_a_traceback_a_round(settings, monkeypatch, caplog):
+    """A probe asks every few seconds: a database away (a restart, a failover) is one warning as
+    it begins, without a traceback (shared.db.DatabaseOutageLog), not one with a traceback for
+    every round of checks."""
+    monkeypatch.setattr(shared.health, "_DATABASE_OUTAGE",
+                        shared.db.DatabaseOutageLog(shared.health.log, "health"))
+    away = f"postgresql://postgres@127.0.0.1:{free_port()}/orders"
+    shop = orders_app.create_app(settings=dataclasses.replace(settings, orders_database_url=away))
+    caplog.set_level(logging.INFO)
+    with shop.app_context():
+        assert [shared.health._database_ok() for _ in range(3)] == [False] * 3
+    said = [record for record in caplog.records if "database" in record.getMessage()]
+    assert [(record.levelno, record.exc_info) for record in said] == [(logging.WARNING, None)]
+    assert said[0].getMessage().startswith("health lost its database connection (")
 
 
 def test_each_service_serves_its_openapi_document_and_swagger_ui(orders_http, payments_http):
