@@ -22,7 +22,7 @@ from shared.cache import invalidate_after_commit
 from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, new_event
 from shared.db import driver_cursor
 from shared.errors import ApiError, NotFound
-from shared.outbox import add_outbox_message
+from shared.outbox import add_outbox_message, outbox_message_statement
 
 
 def place_order(session: Session, *, user_id: str, amount: Decimal, description: str) -> Order:
@@ -39,16 +39,19 @@ def place_order(session: Session, *, user_id: str, amount: Decimal, description:
     """
     row = {"id": uuid.uuid4(), "user_id": user_id, "amount": amount, "description": description,
            "status": NEW, "reason": None}
-    with driver_cursor(session) as cursor:
-        cursor.execute(_INSERT_ORDER, row | {"id": str(row["id"])})
-        row["created_at"], row["updated_at"] = cursor.fetchone()
     event = new_event(
         PAYMENT_REQUESTED,
         {"order_id": row["id"], "user_id": user_id, "amount": amount},
         correlation_id=str(row["id"]),
     )
     settings = current_app.extensions["hseshop.settings"]
-    add_outbox_message(session, topic=settings.topic_payment_requested, key=user_id, event=event)
+    # The event's row goes in the round trip of the order's, after the user's lock is taken.
+    add_event, event_parameters = outbox_message_statement(
+        session, topic=settings.topic_payment_requested, key=user_id, event=event)
+    with driver_cursor(session) as cursor:
+        cursor.execute(_TAKE_PLACING_LOCK + add_event + _INSERT_ORDER,
+                       row | {"id": str(row["id"])} | event_parameters)
+        row["created_at"], row["updated_at"] = cursor.fetchone()
     invalidate_after_commit(session, orders_cache_namespace(user_id))
     return Order(**row)
 
@@ -56,11 +59,14 @@ def place_order(session: Session, *, user_id: str, amount: Decimal, description:
 # The first key of the per-user lock place_order takes (the second is a hash of the user id); an
 # arbitrary constant.
 PLACING_LOCK_CLASS = 0x0D3E
-# One round trip: the user's lock, then the order, timed once the lock is held (clock_timestamp(),
-# not the transaction's start), so that one user's orders are listed newest first in the order
-# they were placed in, as they are paid in.
-_INSERT_ORDER = f"""
+# One round trip: the user's lock, then (the event's row between them) the order, timed once the
+# lock is held (clock_timestamp(), not the transaction's start), so that one user's orders are
+# listed newest first in the order they were placed in, as they are paid in. (psycopg2's cursor
+# holds the last statement's rows: the order's.)
+_TAKE_PLACING_LOCK = f"""
 SELECT pg_advisory_xact_lock({PLACING_LOCK_CLASS}, hashtext(%(user_id)s));
+"""
+_INSERT_ORDER = """
 INSERT INTO orders (id, user_id, amount, description, status, reason, created_at, updated_at)
 SELECT %(id)s, %(user_id)s, %(amount)s, %(description)s, %(status)s, %(reason)s, placed_at,
        placed_at

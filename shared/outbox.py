@@ -145,14 +145,28 @@ def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelop
     A plain INSERT on the driver (shared.db.driver_cursor): every order writes several of these,
     and nothing reads the row back in the transaction that writes it.
     """
+    statement, parameters = outbox_message_statement(session, topic=topic, key=key, event=event,
+                                                     request_id=request_id)
+    if statement:
+        with driver_cursor(session) as cursor:
+            cursor.execute(statement, parameters)
+
+
+def outbox_message_statement(session: Session, *, topic: str, key: str, event: Envelope,
+                             request_id: str | None = None) -> tuple[str, dict[str, object]]:
+    """`add_outbox_message`, for a caller that sends the row's INSERT in the round trip of a
+    statement of its own (placing an order: the user's lock and the order's INSERT), one round
+    trip fewer: the INSERT as SQL, ending in ";", for the caller to put before its own statement
+    in one `execute`, and its named parameters (each name starts with "outbox_"), to be merged
+    with the caller's. "" and no parameters when the rows of the block are written together
+    (outbox_rows_written_together): the row has been added to them."""
     row = (str(event.message_id), topic, key, event.type, event.correlation_id, event.to_wire(),
            request_id or current_request_id(), event.occurred_at)
     written_together = session.info.get(_WRITTEN_TOGETHER)
     if written_together is not None:
         written_together.append(row)
-        return
-    with driver_cursor(session) as cursor:
-        cursor.execute(_INSERT_OUTBOX_MESSAGE, row)
+        return "", {}
+    return _INSERT_OUTBOX_MESSAGE, dict(zip(_OUTBOX_PARAMETERS, row))
 
 
 @contextmanager
@@ -178,8 +192,12 @@ _INSERT_OUTBOX_MESSAGES = """
 INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, envelope, request_id,
                              created_at)
 VALUES %s"""
-# The same, for one row passed as it is to cursor.execute.
-_INSERT_OUTBOX_MESSAGE = _INSERT_OUTBOX_MESSAGES % "(%s, %s, %s, %s, %s, %s, %s, %s)"
+# The same, for one row, its values named (the names a caller's own parameters may sit beside).
+_OUTBOX_PARAMETERS = ("outbox_message_id", "outbox_topic", "outbox_key", "outbox_type",
+                      "outbox_correlation_id", "outbox_envelope", "outbox_request_id",
+                      "outbox_created_at")
+_INSERT_OUTBOX_MESSAGE = _INSERT_OUTBOX_MESSAGES.strip() % (
+    "(" + ", ".join(f"%({name})s" for name in _OUTBOX_PARAMETERS) + ");")
 
 
 def relay_headers(message_id: str, event_type: str, request_id: str | None) -> dict[str, str]:
