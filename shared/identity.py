@@ -8,14 +8,14 @@ from flask import current_app, g, request
 
 from shared.errors import Unauthorized
 from shared.fields import USER_ID_PATTERN, USER_ID_RULE
-from shared.internal_auth import USER_ID_HEADER, InvalidIdentity, verified_user_id
+from shared.internal_auth import (USER_ID_HEADER, InvalidIdentity, header_value,
+                                  verified_user_id)
 
 
 def authenticated_user_id(headers: Mapping[str, str], secret: str) -> str:
     """The user id the gateway signed into `headers` (an HTTP request's, or a gRPC call's
     metadata); 401 when it is missing, malformed or not signed by the gateway."""
-    # (Flask's headers are case-blind; gRPC metadata keys are lower case.)
-    user_id = headers.get(USER_ID_HEADER, headers.get(USER_ID_HEADER.lower()))
+    user_id = header_value(headers, USER_ID_HEADER)
     if user_id is None:
         raise Unauthorized(f"The {USER_ID_HEADER} header is required.", code="MISSING_USER_ID")
     if not USER_ID_PATTERN.fullmatch(user_id):

@@ -35,13 +35,20 @@ def identity_headers(user_id: str, secret: str, now: float | None = None) -> dic
             SIGNATURE_HEADER: _signature(secret, user_id, timestamp)}
 
 
+def header_value(headers: Mapping[str, str], name: str) -> str | None:
+    """The value of the header `name` in an HTTP request's headers (which Flask looks up whatever
+    the case) or a gRPC call's metadata (whose keys are lower case), or None. Looked up by name:
+    going through all of a request's headers (Werkzeug builds each name from the WSGI environ's
+    key) cost a request more than the rest of the check, the HMAC included (6 µs against 4)."""
+    value = headers.get(name)
+    return headers.get(name.lower()) if value is None else value
+
+
 def verified_user_id(headers: Mapping[str, str], secret: str, now: float | None = None) -> str:
     """The user id the gateway vouched for; raise InvalidIdentity otherwise."""
-    # HTTP header names are case-insensitive and gRPC metadata keys are lower case.
-    lowered = {name.lower(): value for name, value in headers.items()}
-    user_id = lowered.get(USER_ID_HEADER.lower())
-    timestamp = lowered.get(TIMESTAMP_HEADER.lower())
-    signature = lowered.get(SIGNATURE_HEADER.lower())
+    user_id = header_value(headers, USER_ID_HEADER)
+    timestamp = header_value(headers, TIMESTAMP_HEADER)
+    signature = header_value(headers, SIGNATURE_HEADER)
     if not user_id or not timestamp or not signature:
         raise InvalidIdentity("the request carries no gateway-signed identity")
     try:
