@@ -1,6 +1,7 @@
 """Per-caller rate limiting in Redis: a fixed one-minute window per user (or per address for
-/api/auth: signing up, in and out), and per username for signing in. Past the limit the caller
-gets a 429 with Retry-After; with Redis down nobody is limited."""
+/api/auth: signing up, in and out), per username and address for signing in, and per username for
+failed sign-ins. Past the limit the caller gets a 429 with Retry-After; with Redis down nobody is
+limited."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ WINDOW_SECONDS = 60
 
 RATE_LIMITED = DocumentedError(
     429, "RATE_LIMITED", "too many requests this minute: the user's, or, signing up, in or out, "
-    "the address's, or attempts to sign in under the username",
+    "the address's, or attempts to sign in under the username from the address, or failed "
+    "attempts to sign in under the username from any address",
     retry_after=True)
 
 
@@ -35,6 +37,10 @@ class RateLimited(ApiError):
 
 
 class RateLimiter:
+    """Counts per subject in fixed windows: `check` counts a request and refuses it past the
+    limit; `refuse_if_reached` and `count` do the two apart, for what counts only once its outcome
+    is known (a failed sign-in)."""
+
     def __init__(self, redis_url: str, limit_per_window: int, key_prefix: str):
         self._client = redis.Redis.from_url(redis_url, socket_timeout=0.25,
                                             socket_connect_timeout=0.25)
@@ -45,8 +51,26 @@ class RateLimiter:
         """Count one request by `subject`; raise RateLimited when it is over the limit (`limit`
         requests a window, or the limiter's own)."""
         now = time.time() if now is None else now
-        window = int(now // WINDOW_SECONDS)
-        key = f"{self._key_prefix}:ratelimit:{subject}:{window}"
+        count = self.count(subject, now)
+        if count is not None and count > (self._limit if limit is None else limit):
+            raise RateLimited(_retry_after(now))
+
+    def refuse_if_reached(self, subject: str, limit: int, now: float | None = None) -> None:
+        """Raise RateLimited when `subject` has been counted `limit` times this window already;
+        count nothing."""
+        now = time.time() if now is None else now
+        try:
+            count = int(self._client.get(self._key(subject, now)) or 0)
+        except redis.RedisError as exc:
+            log.warning("rate limiter unavailable, letting %s through: %s", subject, exc)
+            return
+        if count >= limit:
+            raise RateLimited(_retry_after(now))
+
+    def count(self, subject: str, now: float | None = None) -> int | None:
+        """Count one event of `subject` this window, refusing nothing: how many so far, this one
+        too (None with Redis down)."""
+        key = self._key(subject, time.time() if now is None else now)
         try:
             pipe = self._client.pipeline(transaction=False)
             pipe.incr(key)
@@ -54,6 +78,13 @@ class RateLimiter:
             count, _ = pipe.execute()
         except redis.RedisError as exc:
             log.warning("rate limiter unavailable, letting %s through: %s", subject, exc)
-            return
-        if count > (self._limit if limit is None else limit):
-            raise RateLimited(max(1, math.ceil((window + 1) * WINDOW_SECONDS - now)))
+            return None
+        return count
+
+    def _key(self, subject: str, now: float) -> str:
+        return f"{self._key_prefix}:ratelimit:{subject}:{int(now // WINDOW_SECONDS)}"
+
+
+def _retry_after(now: float) -> int:
+    """Seconds until the window `now` is in ends (1 at least)."""
+    return max(1, math.ceil((int(now // WINDOW_SECONDS) + 1) * WINDOW_SECONDS - now))

@@ -839,29 +839,57 @@ def _from_an_address_of_its_own() -> dict:
                                             f".{uuid.uuid4().int % 250 + 1}"}}
 
 
-def test_sign_ins_under_one_username_are_limited_from_any_address(gateway, monkeypatch):
-    """Guessing one user's password from many addresses: past SIGN_INS_PER_USERNAME attempts a
-    window, 429, the right password too, and before any password is checked; other usernames
-    are not held up."""
+def _sign_in(client, username: str, password: str, address: dict | None = None):
+    """POST /api/auth/login from `address` (test client keywords; one of its own by default)."""
+    return client.post("/api/auth/login", json={"username": username, "password": password},
+                       **(address or _from_an_address_of_its_own()))
+
+
+def test_a_strangers_attempts_from_one_address_are_held_there_and_keep_no_one_else_out(
+        gateway, monkeypatch):
+    """Past SIGN_INS_PER_USERNAME_AND_ADDRESS attempts under a username from one address, 429
+    from that address, the right password too; the user signs in from another."""
     monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
-    monkeypatch.setattr(gateway_auth, "SIGN_INS_PER_USERNAME", 3)
+    username = f"targeted-{uuid.uuid4().hex[:8]}"
+    _sign_up(gateway, username)
+    strangers = _from_an_address_of_its_own()
+    guesses = [_sign_in(gateway, username, f"guess number {n}", strangers).status_code
+               for n in range(12)]
+    assert guesses == [401] * 10 + [429] * 2
+    held = _sign_in(gateway, username, "correct horse", strangers)
+    assert (held.status_code, held.get_json()["error"]["code"]) == (429, "RATE_LIMITED")
+    assert 1 <= int(held.headers["Retry-After"]) == held.get_json()["error"]["details"][
+        "retry_after"] <= 3600
+    assert _sign_in(gateway, username, "correct horse").status_code == 200
+
+
+def test_failed_sign_ins_under_a_username_from_many_addresses_are_capped_right_ones_not(
+        gateway, monkeypatch):
+    """Guessing one user's password from many addresses: once FAILED_SIGN_INS_PER_USERNAME
+    attempts have failed in a window, 429, the right password too, before any password is
+    checked; sign-ins with the right password do not count; other usernames are not held up."""
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    monkeypatch.setattr(gateway_auth, "FAILED_SIGN_INS_PER_USERNAME", 3)
     username, other = f"guessed-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
     for name in (username, other):
         _sign_up(gateway, name)
-
-    def sign_in(name: str, password: str):
-        return gateway.post("/api/auth/login", json={"username": name, "password": password},
-                            **_from_an_address_of_its_own())
-
-    guesses = [sign_in(username, f"guess number {n}").status_code for n in range(3)]
-    assert guesses == [401] * 3
     hashes = []
+    verify = gateway_auth.verify_password
     monkeypatch.setattr(gateway_auth, "verify_password",
-                        lambda *args: hashes.append(args) or True)
-    limited = sign_in(username, "correct horse")
+                        lambda *args: hashes.append(args) or verify(*args))
+
+    assert [_sign_in(gateway, username, "correct horse").status_code
+            for _ in range(4)] == [200] * 4
+    guesses = [_sign_in(gateway, username, f"guess number {n}").status_code for n in range(2)]
+    assert guesses == [401] * 2
+    assert _sign_in(gateway, username, "correct horse").status_code == 200
+    assert _sign_in(gateway, username, "guess number 2").status_code == 401
+    hashes.clear()
+    limited = _sign_in(gateway, username, "correct horse")
     assert (limited.status_code, limited.get_json()["error"]["code"]) == (429, "RATE_LIMITED")
     assert hashes == [] and 1 <= int(limited.headers["Retry-After"]) <= 3600
-    assert sign_in(other, "correct horse").status_code == 200
+    assert _sign_in(gateway, username, "guess number 3").status_code == 429 and hashes == []
+    assert _sign_in(gateway, other, "correct horse").status_code == 200
 
 
 def test_a_sign_in_holds_no_database_connection_while_its_password_is_checked(gateway,
@@ -877,9 +905,7 @@ def test_a_sign_in_holds_no_database_connection_while_its_password_is_checked(ga
     verify = gateway_auth.verify_password
     monkeypatch.setattr(gateway_auth, "verify_password", lambda *args: (
         checked_out_while_hashing.append(pool.checkedout()) or verify(*args)))
-    signed_in = gateway.post("/api/auth/login", json={"username": username,
-                                                      "password": "correct horse"},
-                             **_from_an_address_of_its_own())
+    signed_in = _sign_in(gateway, username, "correct horse")
     assert signed_in.status_code == 200 and signed_in.get_json()["username"] == username
     assert checked_out_while_hashing == [0]
 
@@ -1118,7 +1144,11 @@ def test_with_redis_down_the_gateway_still_signs_in_and_serves_the_api(settings,
     client = _gateway(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0",
                       orders_service_url=upstreams["orders"].url,
                       payments_service_url=upstreams["payments"].url, rate_limit_per_minute=1)
-    _, auth = _sign_up(client)  # the per-address limit cannot be counted, so it lets us in
+    username = f"unlimited-{uuid.uuid4().hex[:8]}"
+    _, auth = _sign_up(client, username)  # the per-address limit cannot be counted: it lets us in
+    # Nor can attempts to sign in be counted, nor failed ones asked about.
+    assert _sign_in(client, username, "wrong password").status_code == 401
+    assert _sign_in(client, username, "correct horse").status_code == 200
     assert client.post("/api/accounts", headers=auth).status_code == 201
     assert [client.get("/api/accounts/balance", headers=auth).status_code for _ in range(3)] == \
         [200, 200, 200]
