@@ -128,6 +128,10 @@ def login(args):
     if not verify_password(args["password"], stored) or user is None:
         limiter.count(f"failed-sign-in:{username}")
         raise Unauthorized("Wrong username or password.", code="INVALID_CREDENTIALS")
+    # Read again, by primary key, for the generation of tokens as it is now: a sign-out everywhere
+    # committed while the password was checked would otherwise refuse the token at once.
+    user = db.session.get(User, user.id)
+    db.session.close()
     return jsonify(_session_body(user))
 
 
@@ -147,10 +151,12 @@ def logout(_args):
 @blueprint.arguments(EmptySchema, required=False)
 @blueprint.response(204, description="Signed out everywhere: every token of the user issued until"
                     " now is refused (401 `TOKEN_SIGNED_OUT`), this one too, by every gateway"
-                    " instance, and every notification socket of theirs is closed (1008). Signing"
-                    " in again gives a token that is taken (one issued as this call commits may"
-                    " be refused: sign in again). Sent again with the same token: 401"
-                    " `TOKEN_SIGNED_OUT`, as any call with it.")
+                    " instance, and every notification socket of theirs is closed (1008). A"
+                    " sign-in whose password check ends after this call commits gives a token that"
+                    " is taken; one that had checked the password and read the user before, its"
+                    " answer still on its way, gives a token issued until now, refused (sign in"
+                    " again). Sent again with the same token: 401 `TOKEN_SIGNED_OUT`, as any call"
+                    " with it.")
 @blueprint.errors(*SIGNED_IN_ERRORS)
 def logout_everywhere(_args):
     """Sign out everywhere: every token of the user is refused from now on."""

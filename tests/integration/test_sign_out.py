@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 
 import gateway_app
 from devstack.infra import free_port
-from gateway_app import notifications, sign_out
+from gateway_app import auth, notifications, sign_out
 from gateway_app.models import SignedOutToken
 from gateway_app.tokens import issue_token, verify_token
 from shared.db import db, driver_dsn
@@ -219,4 +219,25 @@ def test_signing_out_everywhere_refuses_every_token_of_the_user_issued_until_the
     again = second.post("/api/auth/logout/everywhere", headers=_bearer(laptop))
     assert (again.status_code, _error_code(again)) == (401, "TOKEN_SIGNED_OUT")
     fresh = _signed_in(second, username, False)
+    assert first.get(NEWEST, headers=_bearer(fresh)).status_code == 200
+
+
+def test_a_sign_in_whose_password_check_ends_after_signing_out_everywhere_gets_a_taken_token(
+        settings, gateways, monkeypatch):
+    """The user's generation of tokens moves on while the sign-in checks the password (as another
+    request's commit would, in a session of its own): the token the sign-in gives is of the new
+    generation, and taken."""
+    first, _ = gateways
+    username = f"racing-{uuid.uuid4().hex[:8]}"
+    lost_phone = verify_token(_signed_in(first, username, True), settings.auth_token_secret)
+    verify = auth.verify_password
+
+    def checked_as_everywhere_commits(*args) -> bool:
+        with first.application.app_context():
+            sign_out.sign_out_everywhere(lost_phone)
+        return verify(*args)
+
+    monkeypatch.setattr(auth, "verify_password", checked_as_everywhere_commits)
+    fresh = _signed_in(first, username, False)
+    assert verify_token(fresh, settings.auth_token_secret).generation == lost_phone.generation + 1
     assert first.get(NEWEST, headers=_bearer(fresh)).status_code == 200
