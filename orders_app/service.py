@@ -61,7 +61,10 @@ def place_order(session: Session, *, user_id: str, amount: Decimal,
         correlation_id=str(row["id"]),
     )
     settings = current_app.extensions["hseshop.settings"]
-    # The event's row goes in the round trip of the order's, after the user's lock is taken.
+    # The event's row goes in the round trip of the order's, after the user's lock is taken (its
+    # id, the order it is sent in, is taken then). The event is made before, so its occurred_at is
+    # when the request got here, up to the lock's wait (2 s) before the order's created_at, which
+    # is taken once the lock is held: it says when the order was asked for, not when it was kept.
     add_event, event_parameters = outbox_message_statement(
         session, topic=settings.topic_payment_requested, key=user_id, event=event)
     with driver_cursor(session) as cursor:

@@ -261,6 +261,36 @@ def test_an_order_is_timed_once_its_users_placing_lock_is_held(orders_http, orde
     assert datetime.fromisoformat(placed["order"]["created_at"]) > released["at"]
 
 
+def test_an_order_waiting_on_its_users_placing_lock_takes_its_event_row_after_the_one_ahead(
+        orders_http, orders_flask_app, settings, user_id):
+    """The PaymentRequested row is written in the round trip of the lock and the order (one trip
+    fewer), but after the lock: an order waiting on it gets the later outbox id, the order the
+    relay sends in, though it began first."""
+    from orders_app.service import PLACING_LOCK_CLASS, place_order
+
+    placed = {}
+
+    def placing_ahead(hold):
+        with orders_flask_app.app_context(), transaction() as session:
+            session.execute(text("SELECT pg_advisory_xact_lock(:lock_class, hashtext(:user_id))"),
+                            {"lock_class": PLACING_LOCK_CLASS, "user_id": user_id})
+            hold()
+            placed["ahead"] = str(place_order(session, user_id=user_id, amount=Decimal("1.00"),
+                                              description="ahead").id)
+
+    def placing():
+        placed["waiting"] = orders_http.post("/orders", json={"amount": 1},
+                                             headers=_as(user_id)).get_json()["id"]
+
+    second_waiting_on_the_first(settings.database_url("orders"), placing_ahead, placing,
+                                what="the order waiting on its user's placing lock")
+    with orders_flask_app.app_context():
+        sent_in = db.session.scalars(select(OutboxMessage.correlation_id)
+                                     .where(OutboxMessage.key == user_id)
+                                     .order_by(OutboxMessage.id)).all()
+    assert sent_in == [placed["ahead"], placed["waiting"]]
+
+
 @pytest.mark.parametrize("query", ["limit=0", "limit=201", "limit=abc", "cursor=%%%",
                                    "cursor=bm9wZQ", "limt=5", "limit=5&unknown=1",
                                    # what int() reads and no client means: not ASCII digits

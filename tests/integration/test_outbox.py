@@ -39,7 +39,7 @@ from tests.postgres_tools import other_sessions, terminate_backend
 from tests.polling import wait_for
 
 
-def _place(user_id: str, amount: str = "30.00") -> Order:
+def _place(user_id: str, amount: str = "30.00") -> service.PlacedOrder:
     with transaction() as session:
         return service.place_order(session, user_id=user_id, amount=Decimal(amount),
                                    description="")
