@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import time
 import uuid
 
 from flask import current_app, g, jsonify, request
@@ -18,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from gateway_app.models import User
 from gateway_app.passwords import hash_password, verify_password
-from gateway_app.ratelimit import RATE_LIMITED
+from gateway_app.ratelimit import RATE_LIMITED, address_subject
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out, sign_out, sign_out_everywhere
 from gateway_app.tokens import InvalidToken, VerifiedToken, issue_token, verify_token
 from shared.db import db, transaction
@@ -54,8 +55,9 @@ SIGN_INS_PER_USERNAME_AND_ADDRESS = 10
 # addresses. Right passwords are not counted, and one address adds at most
 # SIGN_INS_PER_USERNAME_AND_ADDRESS: keeping the user out takes five addresses at once, every
 # minute. Higher would take more, and let more guesses through (50 a minute is 72,000 a day at
-# one user, against 14,400 when every attempt counted at 10). Attempts in flight together are all
-# let through before any of them is counted: a burst can pass the cap by as many.
+# one user, against 14,400 when every attempt counted at 10). Each attempt is counted as it begins
+# and given back once its password proves right, so a burst gets no more verdicts than the cap.
+# (An address is an IPv6 one's /64: ratelimit.address_subject.)
 FAILED_SIGN_INS_PER_USERNAME = 50
 
 
@@ -114,24 +116,35 @@ def login(args):
     """Exchange a username and password for a bearer token."""
     limiter, username = current_app.extensions[RATE_LIMITER], args["username"]
     # (A username has no colon: the address after it cannot be mistaken for part of it.)
-    limiter.check(f"sign-in:{username}:{request.remote_addr}",
+    limiter.check(f"sign-in:{username}:{address_subject(request.remote_addr)}",
                   limit=SIGN_INS_PER_USERNAME_AND_ADDRESS)
-    limiter.refuse_if_reached(f"failed-sign-in:{username}", limit=FAILED_SIGN_INS_PER_USERNAME)
-    user = db.session.scalars(select(User).where(User.username == username)).one_or_none()
-    # The read's connection back to the pool before the password is checked (scrypt: some 60 ms
-    # of CPU): a burst of sign-ins would otherwise hold every connection of the process, and
-    # every signed-in request waits for one (whether its token was signed out). The user's row,
-    # read whole, stays readable.
-    db.session.close()
-    # An unknown name is checked against a hash too, so the answer takes as long either way.
-    stored = user.password_hash if user else _hash_no_password_matches()
-    if not verify_password(args["password"], stored) or user is None:
-        limiter.count(f"failed-sign-in:{username}")
+    # Counted as failed before the password is checked, and given back once it proves right: so
+    # sign-ins under way at once are counted as they begin, and a burst of them gets no more
+    # verdicts than the cap (counted once failed, each would have found the count as it was).
+    failed, began = f"failed-sign-in:{username}", time.time()
+    limiter.check(failed, limit=FAILED_SIGN_INS_PER_USERNAME, now=began)
+    wrong = False
+    try:
+        user = db.session.scalars(select(User).where(User.username == username)).one_or_none()
+        # The read's connection back to the pool before the password is checked (scrypt: some
+        # 60 ms of CPU): a burst of sign-ins would otherwise hold every connection of the process,
+        # and every signed-in request waits for one (whether its token was signed out). The
+        # user's row, read whole, stays readable.
+        db.session.close()
+        # An unknown name is checked against a hash too, so the answer takes as long either way.
+        stored = user.password_hash if user else _hash_no_password_matches()
+        wrong = not verify_password(args["password"], stored) or user is None
+        if not wrong:
+            # Read again, by primary key, for the generation of tokens as it is now: a sign-out
+            # everywhere committed while the password was checked would otherwise refuse the
+            # token at once.
+            user = db.session.get(User, user.id)
+            db.session.close()
+    finally:
+        if not wrong:  # (the password right, or never known to be wrong: a database error)
+            limiter.give_back(failed, began)
+    if wrong or user is None:  # (None: the user's row gone meanwhile)
         raise Unauthorized("Wrong username or password.", code="INVALID_CREDENTIALS")
-    # Read again, by primary key, for the generation of tokens as it is now: a sign-out everywhere
-    # committed while the password was checked would otherwise refuse the token at once.
-    user = db.session.get(User, user.id)
-    db.session.close()
     return jsonify(_session_body(user))
 
 
@@ -173,7 +186,7 @@ def _hash_no_password_matches() -> str:
 
 def limit_by_address() -> None:
     """`before_request` for /api/auth (signing up, in and out): limit per client address."""
-    current_app.extensions[RATE_LIMITER].check(f"addr:{request.remote_addr}")
+    current_app.extensions[RATE_LIMITER].check(f"addr:{address_subject(request.remote_addr)}")
 
 
 def authenticate_bearer() -> None:

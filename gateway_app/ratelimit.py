@@ -5,6 +5,7 @@ limited."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import time
@@ -36,10 +37,23 @@ class RateLimited(ApiError):
         self.retry_after = retry_after
 
 
+def address_subject(address: str | None) -> str:
+    """A client's address as the limits count it: an IPv4 address whole, an IPv6 one by its /64,
+    the block one subscriber is given and can take any address of (counted whole, a client would
+    have as many limits as it cares to take addresses)."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return str(address)
+    if ip.version == 6 and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 class RateLimiter:
     """Counts per subject in fixed windows: `check` counts a request and refuses it past the
-    limit; `refuse_if_reached` and `count` do the two apart, for what counts only once its outcome
-    is known (a failed sign-in)."""
+    limit; `give_back` takes one counted back, for what is counted before its outcome is known
+    and turns out not to count (a sign-in whose password was right)."""
 
     def __init__(self, redis_url: str, limit_per_window: int, key_prefix: str):
         self._client = redis.Redis.from_url(redis_url, socket_timeout=0.25,
@@ -55,17 +69,17 @@ class RateLimiter:
         if count is not None and count > (self._limit if limit is None else limit):
             raise RateLimited(_retry_after(now))
 
-    def refuse_if_reached(self, subject: str, limit: int, now: float | None = None) -> None:
-        """Raise RateLimited when `subject` has been counted `limit` times this window already;
-        count nothing."""
-        now = time.time() if now is None else now
+    def give_back(self, subject: str, now: float) -> None:
+        """Take back one count of `subject` made by `check` at `now` (its window's, whichever
+        window it is now)."""
+        key = self._key(subject, now)
         try:
-            count = int(self._client.get(self._key(subject, now)) or 0)
+            pipe = self._client.pipeline(transaction=False)
+            pipe.decr(key)
+            pipe.expire(key, WINDOW_SECONDS + 1)
+            pipe.execute()
         except redis.RedisError as exc:
-            log.warning("rate limiter unavailable, letting %s through: %s", subject, exc)
-            return
-        if count >= limit:
-            raise RateLimited(_retry_after(now))
+            log.warning("rate limiter unavailable, %s not given back: %s", subject, exc)
 
     def count(self, subject: str, now: float | None = None) -> int | None:
         """Count one event of `subject` this window, refusing nothing: how many so far, this one

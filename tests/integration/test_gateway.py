@@ -13,6 +13,7 @@ import time
 import types
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -23,6 +24,7 @@ import psycopg2
 import pytest
 import redis
 from simple_websocket import ConnectionClosed
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from werkzeug.serving import make_server
@@ -890,6 +892,78 @@ def test_failed_sign_ins_under_a_username_from_many_addresses_are_capped_right_o
     assert hashes == [] and 1 <= int(limited.headers["Retry-After"]) <= 3600
     assert _sign_in(gateway, username, "guess number 3").status_code == 429 and hashes == []
     assert _sign_in(gateway, other, "correct horse").status_code == 200
+
+
+def test_wrong_passwords_sent_at_once_get_no_more_verdicts_than_the_cap(gateway, monkeypatch):
+    """Sign-ins under way together are counted as they begin: of a burst of wrong passwords from
+    many addresses, all of them past the limit's check before any password is found wrong, the
+    cap's number have their password checked and the rest are 429."""
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    monkeypatch.setattr(gateway_auth, "FAILED_SIGN_INS_PER_USERNAME", 3)
+    username = f"burst-{uuid.uuid4().hex[:8]}"
+    _sign_up(gateway, username)
+    burst, settled = 8, threading.Condition()
+    checking, refused = [], []
+    verify = gateway_auth.verify_password
+
+    def verify_once_every_other_is_checked_or_refused(*args):
+        with settled:
+            checking.append(args)
+            settled.notify_all()
+            assert settled.wait_for(lambda: len(checking) + len(refused) == burst, timeout=10)
+        return verify(*args)
+
+    def guess(n):
+        status = _sign_in(gateway.application.test_client(), username,
+                          f"guess number {n}").status_code
+        if status == 429:
+            with settled:
+                refused.append(n)
+                settled.notify_all()
+        return status
+
+    monkeypatch.setattr(gateway_auth, "verify_password",
+                        verify_once_every_other_is_checked_or_refused)
+    with ThreadPoolExecutor(burst) as pool:
+        answers = sorted(pool.map(guess, range(burst)))
+    assert answers == [401] * 3 + [429] * 5 and len(checking) == 3
+
+
+def test_an_unknown_username_counts_as_a_failed_sign_in(gateway, monkeypatch):
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    monkeypatch.setattr(gateway_auth, "FAILED_SIGN_INS_PER_USERNAME", 3)
+    nobody = f"nobody-{uuid.uuid4().hex[:8]}"
+    assert [_sign_in(gateway, nobody, "correct horse").status_code
+            for _ in range(5)] == [401] * 3 + [429] * 2
+
+
+def test_a_user_gone_while_their_password_was_checked_is_no_500(gateway, monkeypatch):
+    username = f"gone-{uuid.uuid4().hex[:8]}"
+    _sign_up(gateway, username)
+    verify = gateway_auth.verify_password
+
+    def verify_then_delete(*args):
+        with gateway.application.app_context(), transaction() as session:
+            session.execute(text("DELETE FROM users WHERE username = :name"), {"name": username})
+        return verify(*args)
+
+    monkeypatch.setattr(gateway_auth, "verify_password", verify_then_delete)
+    answer = _sign_in(gateway, username, "correct horse")
+    assert (answer.status_code, answer.get_json()["error"]["code"]) == (401,
+                                                                         "INVALID_CREDENTIALS")
+
+
+def test_the_addresses_of_one_ipv6_64_share_their_sign_in_limit(gateway, monkeypatch):
+    """A subscriber is given a /64 and can take any address of it: counted per address, a guesser
+    would have a limit per address it takes."""
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    username = f"six-{uuid.uuid4().hex[:8]}"
+    _sign_up(gateway, username)
+    block = f"2001:db8:{uuid.uuid4().int % 0xFFFF:x}:{uuid.uuid4().int % 0xFFFF:x}"
+    answers = [_sign_in(gateway, username, f"guess number {n}",
+                        {"environ_base": {"REMOTE_ADDR": f"{block}::{n + 1:x}"}}).status_code
+               for n in range(11)]
+    assert answers == [401] * 10 + [429]
 
 
 def test_a_sign_in_holds_no_database_connection_while_its_password_is_checked(gateway,
