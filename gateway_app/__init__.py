@@ -25,6 +25,7 @@ DOCS_CONFIG = {
 
 def create_app(settings: Settings | None = None) -> Flask:
     import redis
+    from werkzeug.middleware.proxy_fix import ProxyFix
 
     from gateway_app import auth, models, notifications, routes, user_channels, web  # noqa: F401
     from gateway_app.channel_listener import ChannelListener, subscriber_client
@@ -52,6 +53,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.before_request_funcs.setdefault(auth.blueprint.name, []).append(auth.limit_by_address)
     notifications.register_socket(app, auth.socket_token)
     app.register_blueprint(web.blueprint)
+    if settings.gateway_trusted_proxy_hops:
+        # The address the limits count is the client's, not the proxy's, which every client
+        # would share: the one our outermost proxy wrote into X-Forwarded-For, however many
+        # entries a client put before it. Only that header is trusted (x_proto's default is 1).
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.gateway_trusted_proxy_hops,
+                                x_proto=0)
     return app
 
 

@@ -68,6 +68,12 @@ ENVIRONMENT: dict[str, str] = {
     "AUTH_TOKEN_SECRET": "dev-only-token-secret-change-me-in-production",
     "AUTH_TOKEN_TTL_SECONDS": "3600",
     "RATE_LIMIT_PER_MINUTE": "300",
+    # How many proxies of our own (a load balancer, an ingress) stand in front of the gateway, each
+    # adding the address it was reached from to X-Forwarded-For: the client's address, which the
+    # per-address limits count, is the one the outermost of them added. 0: none, the header is
+    # ignored (a client could write any address in it). It must be the number of proxies we
+    # control: one more and a client picks its own address.
+    "GATEWAY_TRUSTED_PROXY_HOPS": "0",
     "CACHE_TTL_SECONDS": "60",
     # gRPC: where each service listens, where the gateway reaches it, and which way the gateway
     # talks to the services ("grpc" or "http").
@@ -111,6 +117,7 @@ class Settings:
     auth_token_secret: str
     auth_token_ttl_seconds: int
     rate_limit_per_minute: int
+    gateway_trusted_proxy_hops: int
     cache_ttl_seconds: int
     orders_grpc_bind: str
     payments_grpc_bind: str
@@ -169,6 +176,8 @@ FORMS = {
     **{f"{service.upper()}_SERVICE_URL": (_http_url, "an http:// or https:// URL")
        for service in GRPC_SERVICES},
 }
+# The numbers for which 0 means none (the rest are sizes, counts and lengths of time above 0).
+ZERO_MEANS_NONE = ("GATEWAY_TRUSTED_PROXY_HOPS",)
 # The settings that sign: set but empty (a deployment's missing secret, say) is refused, not read
 # as unset, which would have the shop sign with the dev-only default written above for all to see.
 SECRETS = ("INTERNAL_AUTH_SECRET", "AUTH_TOKEN_SECRET")
@@ -180,8 +189,9 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     A value a setting cannot take is refused here, naming its variable (a ValueError): every
     number is a size, a count or a length of time, above 0 (a batch size of 0 had the relay leader
     read nothing forever while holding its lead, an interval of 0 had beat send tasks without a
-    pause, a negative retention pruned idempotency keys a minute old). An empty variable means its
-    default, but for the secrets (SECRETS).
+    pause, a negative retention pruned idempotency keys a minute old), or 0 or above for those
+    where 0 means none (ZERO_MEANS_NONE). An empty variable means its default, but for the secrets
+    (SECRETS).
     """
     environ = os.environ if environ is None else environ
     for name in SECRETS:
@@ -209,8 +219,10 @@ def _setting(name: str, kind: str, raw: str) -> str | int | float:
     except ValueError:
         expected = "a whole number" if kind == "int" else "a number"
         raise ValueError(f"{name}={raw!r}: expected {expected}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}={raw!r}: expected a number above 0")
+    zero_allowed = name in ZERO_MEANS_NONE
+    if not (math.isfinite(value) and (value > 0 or (zero_allowed and value == 0))):
+        raise ValueError(f"{name}={raw!r}: expected a number "
+                         + ("of 0 or above" if zero_allowed else "above 0"))
     return value
 
 

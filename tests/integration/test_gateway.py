@@ -834,11 +834,15 @@ def test_a_service_answering_that_it_rolled_back_for_the_deadline_is_a_504(setti
     assert (answer.status_code, answer.get_json()["error"]["code"]) == (504, "UPSTREAM_TIMEOUT")
 
 
+def _an_address() -> str:
+    """An IPv4 address no other test uses: its limits are counted apart."""
+    return f"10.{uuid.uuid4().int % 250}.{time.time_ns() % 250}.{uuid.uuid4().int % 250 + 1}"
+
+
 def _from_an_address_of_its_own() -> dict:
     """A test client's request's keywords that make it come from an address no other test uses:
     its limit is counted apart."""
-    return {"environ_base": {"REMOTE_ADDR": f"10.{uuid.uuid4().int % 250}.{time.time_ns() % 250}"
-                                            f".{uuid.uuid4().int % 250 + 1}"}}
+    return {"environ_base": {"REMOTE_ADDR": _an_address()}}
 
 
 def _sign_in(client, username: str, password: str, address: dict | None = None):
@@ -964,6 +968,72 @@ def test_the_addresses_of_one_ipv6_64_share_their_sign_in_limit(gateway, monkeyp
                         {"environ_base": {"REMOTE_ADDR": f"{block}::{n + 1:x}"}}).status_code
                for n in range(11)]
     assert answers == [401] * 10 + [429]
+
+
+def _signing_out_from(client, proxy: str, forwarded_for: str) -> int:
+    """POST /api/auth/logout, tokenless (401 after the per-address limit), from `proxy`'s address
+    with `forwarded_for` as its X-Forwarded-For: the status."""
+    return client.post("/api/auth/logout", headers={"X-Forwarded-For": forwarded_for},
+                       environ_base={"REMOTE_ADDR": proxy}).status_code
+
+
+def _behind_proxies(settings, upstreams, hops: int, monkeypatch):
+    """A gateway trusting `hops` proxies, 3 requests an address a window (of an hour: a test's
+    requests must not straddle two)."""
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    return _gateway(settings, orders_service_url=upstreams["orders"].url,
+                    payments_service_url=upstreams["payments"].url, rate_limit_per_minute=3,
+                    gateway_trusted_proxy_hops=hops)
+
+
+def test_trusting_no_proxy_a_client_is_limited_by_its_own_address_whatever_it_forwards(
+        settings, upstreams, monkeypatch):
+    """GATEWAY_TRUSTED_PROXY_HOPS=0: X-Forwarded-For is the client's own writing, ignored; a new
+    address in it each time does not get a client more requests."""
+    client, address = _behind_proxies(settings, upstreams, 0, monkeypatch), _an_address()
+    assert [_signing_out_from(client, address, _an_address())
+            for _ in range(4)] == [401] * 3 + [429]
+
+
+def test_behind_a_trusted_proxy_clients_are_limited_apart_by_the_address_it_forwarded(
+        settings, upstreams, monkeypatch):
+    """GATEWAY_TRUSTED_PROXY_HOPS=1: two clients behind one load balancer (one address) are each
+    limited by their own, the one it adds to X-Forwarded-For; not all together by its."""
+    client, proxy = _behind_proxies(settings, upstreams, 1, monkeypatch), _an_address()
+    busy, other = _an_address(), _an_address()
+    assert [_signing_out_from(client, proxy, busy) for _ in range(4)] == [401] * 3 + [429]
+    assert _signing_out_from(client, proxy, other) == 401
+
+
+def test_addresses_a_client_writes_before_the_trusted_proxys_are_ignored(settings, upstreams,
+                                                                         monkeypatch):
+    """GATEWAY_TRUSTED_PROXY_HOPS=1: "spoofed, 203.0.113.7" is 203.0.113.7's request (the proxy
+    appended that one), whichever of the proxy's nodes it came through; 203.0.113.7 written by a
+    client, the proxy appending another, is not."""
+    client, client_address = _behind_proxies(settings, upstreams, 1, monkeypatch), "203.0.113.7"
+    assert [_signing_out_from(client, _an_address(), client_address)
+            for _ in range(3)] == [401] * 3
+    assert _signing_out_from(client, _an_address(), f"spoofed, {client_address}") == 429
+    assert _signing_out_from(client, _an_address(), f"{_an_address()}, {client_address}") == 429
+    assert _signing_out_from(client, _an_address(), f"{client_address}, {_an_address()}") == 401
+
+
+def test_behind_a_trusted_proxy_sign_ins_under_a_username_are_limited_per_client(
+        settings, upstreams, monkeypatch):
+    """The sign-in limit per username and address counts each client behind the proxy apart: a
+    stranger's guesses there keep the user, behind the same proxy, from nothing."""
+    monkeypatch.setattr(gateway_auth, "SIGN_INS_PER_USERNAME_AND_ADDRESS", 2)
+    client = _gateway(settings, orders_service_url=upstreams["orders"].url,
+                      payments_service_url=upstreams["payments"].url,
+                      gateway_trusted_proxy_hops=1)
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    username, proxy = f"proxied-{uuid.uuid4().hex[:8]}", _an_address()
+    _sign_up(client, username)
+    stranger, user = ({"headers": {"X-Forwarded-For": _an_address()},
+                       "environ_base": {"REMOTE_ADDR": proxy}} for _ in range(2))
+    assert [_sign_in(client, username, f"guess number {n}", stranger).status_code
+            for n in range(3)] == [401, 401, 429]
+    assert _sign_in(client, username, "correct horse", user).status_code == 200
 
 
 def test_a_sign_in_holds_no_database_connection_while_its_password_is_checked(gateway,

@@ -47,6 +47,9 @@ def test_the_forms_a_grpc_target_or_a_service_url_may_take_are_taken():
     ("PAYMENTS_GRPC_TARGET", "payments-grpc", "host:port"),
     ("PAYMENTS_GRPC_BIND", "0.0.0.0:70000", "host:port"),
     ("ORDERS_SERVICE_URL", "orders:8001", "an http:// or https:// URL"),
+    ("GATEWAY_TRUSTED_PROXY_HOPS", "-1", "of 0 or above"),
+    ("GATEWAY_TRUSTED_PROXY_HOPS", "x", "a whole number"),
+    ("GATEWAY_TRUSTED_PROXY_HOPS", "1.5", "a whole number"),
 ])
 def test_a_value_a_setting_cannot_take_is_refused_naming_its_variable(variable, value, expected):
     """At start-up, before anything runs on it: each number is a size, a count or a length of
@@ -54,6 +57,14 @@ def test_a_value_a_setting_cannot_take_is_refused_naming_its_variable(variable, 
     with pytest.raises(ValueError, match=expected) as refused:
         load_settings({variable: value})
     assert str(refused.value).startswith(f"{variable}={value!r}")
+
+
+def test_zero_trusted_proxies_is_taken_the_default_and_a_number_above_it_too():
+    """0 proxies in front of the gateway is a count like any other, and the default: no address
+    forwarded is believed."""
+    assert load_settings({}).gateway_trusted_proxy_hops == 0
+    assert load_settings({"GATEWAY_TRUSTED_PROXY_HOPS": "0"}).gateway_trusted_proxy_hops == 0
+    assert load_settings({"GATEWAY_TRUSTED_PROXY_HOPS": "2"}).gateway_trusted_proxy_hops == 2
 
 
 @pytest.mark.parametrize("secret", ["INTERNAL_AUTH_SECRET", "AUTH_TOKEN_SECRET"])
