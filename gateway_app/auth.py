@@ -122,7 +122,7 @@ def login(args):
     # sign-ins under way at once are counted as they begin, and a burst of them gets no more
     # verdicts than the cap (counted once failed, each would have found the count as it was).
     failed, began = f"failed-sign-in:{username}", time.time()
-    limiter.check(failed, limit=FAILED_SIGN_INS_PER_USERNAME, now=began)
+    counted = limiter.check(failed, limit=FAILED_SIGN_INS_PER_USERNAME, now=began)
     wrong = False
     try:
         user = db.session.scalars(select(User).where(User.username == username)).one_or_none()
@@ -141,7 +141,7 @@ def login(args):
             user = db.session.get(User, user.id)
             db.session.close()
     finally:
-        if not wrong:  # (the password right, or never known to be wrong: a database error)
+        if counted and not wrong:  # (the password right, or never found wrong: a database error)
             limiter.give_back(failed, began)
     if wrong or user is None:  # (None: the user's row gone meanwhile)
         raise Unauthorized("Wrong username or password.", code="INVALID_CREDENTIALS")

@@ -38,14 +38,24 @@ class RateLimited(ApiError):
 
 
 def address_subject(address: str | None) -> str:
-    """A client's address as the limits count it: an IPv4 address whole, an IPv6 one by its /64,
-    the block one subscriber is given and can take any address of (counted whole, a client would
-    have as many limits as it cares to take addresses)."""
+    """A client's address as the limits count it: an IPv4 address whole (written as one, or
+    mapped into IPv6 by a dual-stack socket), an IPv6 one by its /64, the smallest block one
+    subscriber is given and can take any address of (counted whole, a client would have as many
+    limits as it cares to take addresses). A port a proxy wrote after it (`1.2.3.4:5678`,
+    `[2001:db8::1]:5678`: each connection's, else a limit of its own) is left out."""
+    text = str(address or "")
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):  # [IPv6]:port
+        text = host[1:-1]
+    elif colon and port.isdigit() and host.count(":") == 0:  # IPv4:port
+        text = host
     try:
-        ip = ipaddress.ip_address(address or "")
+        ip = ipaddress.ip_address(text.split("%", 1)[0])  # (without an IPv6 zone: fe80::1%eth0)
     except ValueError:
-        return str(address)
-    if ip.version == 6 and ip.ipv4_mapped is None:
+        return text
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 6:
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)
 
@@ -61,13 +71,15 @@ class RateLimiter:
         self._limit = limit_per_window
         self._key_prefix = key_prefix
 
-    def check(self, subject: str, now: float | None = None, limit: int | None = None) -> None:
+    def check(self, subject: str, now: float | None = None, limit: int | None = None) -> bool:
         """Count one request by `subject`; raise RateLimited when it is over the limit (`limit`
-        requests a window, or the limiter's own)."""
+        requests a window, or the limiter's own). Whether it was counted (not with Redis away:
+        then nothing is to be given back)."""
         now = time.time() if now is None else now
         count = self.count(subject, now)
         if count is not None and count > (self._limit if limit is None else limit):
             raise RateLimited(_retry_after(now))
+        return count is not None
 
     def give_back(self, subject: str, now: float) -> None:
         """Take back one count of `subject` made by `check` at `now` (its window's, whichever

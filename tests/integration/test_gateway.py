@@ -933,6 +933,26 @@ def test_wrong_passwords_sent_at_once_get_no_more_verdicts_than_the_cap(gateway,
     assert answers == [401] * 3 + [429] * 5 and len(checking) == 3
 
 
+def test_a_sign_in_the_database_failed_is_not_counted_as_failed(gateway, monkeypatch):
+    """Counted as failed as it begins, a sign-in is given back when no verdict came (its database
+    lost meanwhile: 503), so an outage does not use up the user's cap."""
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    monkeypatch.setattr(gateway_auth, "FAILED_SIGN_INS_PER_USERNAME", 3)
+    username = f"outage-{uuid.uuid4().hex[:8]}"
+    _sign_up(gateway, username)
+
+    class _ReadingDropsTheConnection:
+        def where(self, *_conditions):
+            return text("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    with monkeypatch.context() as dropping:
+        dropping.setattr(gateway_auth, "select", lambda *_columns: _ReadingDropsTheConnection())
+        assert [_sign_in(gateway, username, "correct horse").status_code
+                for _ in range(5)] == [503] * 5
+    assert [_sign_in(gateway, username, f"guess number {n}").status_code
+            for n in range(4)] == [401] * 3 + [429]
+
+
 def test_an_unknown_username_counts_as_a_failed_sign_in(gateway, monkeypatch):
     monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
     monkeypatch.setattr(gateway_auth, "FAILED_SIGN_INS_PER_USERNAME", 3)
