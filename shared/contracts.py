@@ -21,6 +21,8 @@ readers that do not know it refuse.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +32,8 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from shared.fields import Amount, Text, UserId
 from shared.jsonio import loads_strict
+
+log = logging.getLogger(__name__)
 
 PAYMENT_REQUESTED = "PaymentRequested"
 PAYMENT_SUCCEEDED = "PaymentSucceeded"
@@ -167,6 +171,29 @@ def new_event(event_type: str, payload: dict[str, Any], correlation_id: str | No
                     wire_payload=wire_payload)
 
 
+# The fields a reader dropped, said once per process for each type and set of them (at most this
+# many sets: a producer writing a new field name into every message is said so far, not for ever).
+DROPPED_FIELDS_SAID_AT_MOST = 256
+_dropped_fields_said: set[tuple[str, frozenset[str], frozenset[str]]] = set()
+_dropped_fields_lock = threading.Lock()
+
+
+def _say_fields_dropped(event_type: str, in_envelope: set[str], in_payload: set[str]) -> None:
+    """Say that the reader dropped fields it does not know, once for each kind: during a rolling
+    upgrade the operator sees which fields a newer producer writes that this reader drops (and can
+    tell one it must not drop: the module's docstring), not a line for every message."""
+    if not (in_envelope or in_payload):
+        return
+    seen = (event_type, frozenset(in_envelope), frozenset(in_payload))
+    with _dropped_fields_lock:
+        if seen in _dropped_fields_said or len(_dropped_fields_said) >= DROPPED_FIELDS_SAID_AT_MOST:
+            return
+        _dropped_fields_said.add(seen)
+    log.info("%s messages carry fields this reader does not know, read without them: in the"
+             " envelope %s, in the payload %s", event_type, sorted(in_envelope) or "none",
+             sorted(in_payload) or "none")
+
+
 def declared_fields(event_type: str) -> frozenset[str]:
     """The payload fields the contract of a type this reader knows declares, as written."""
     return frozenset(field.data_key or name
@@ -204,6 +231,8 @@ def decode(value: bytes | None) -> Envelope:
     except ValidationError as exc:
         raise PayloadRefused(f"{envelope['type']} payload breaks the contract: {exc.messages}",
                              envelope) from None
+    _say_fields_dropped(envelope["type"], raw.keys() - _ENVELOPE_SCHEMA.load_fields.keys(),
+                        envelope["payload"].keys() - declared_fields(envelope["type"]))
     return Envelope(
         type=envelope["type"],
         payload=payload,

@@ -1,9 +1,11 @@
 import json
+import logging
 import uuid
 from decimal import Decimal
 
 import pytest
 
+from shared import contracts
 from shared.contracts import (PAYMENT_FAILED, PAYMENT_REQUESTED, MalformedMessage, PayloadRefused,
                               decode, encode, new_event)
 
@@ -102,6 +104,21 @@ def test_a_field_a_newer_producer_added_to_the_payload_is_taken_and_dropped():
     decoded = decode(json.dumps(body).encode())
     assert set(decoded.payload) == set(decoded.payload_json()) == {"order_id", "user_id", "amount"}
     assert decoded.payload["amount"] == Decimal("30.00")
+
+
+def test_the_fields_a_reader_drops_are_said_once_for_each_kind(caplog, monkeypatch):
+    """During a rolling upgrade the operator sees which fields a newer producer writes that this
+    reader drops, once, not for every message."""
+    monkeypatch.setattr(contracts, "_dropped_fields_said", set())
+    caplog.set_level(logging.INFO, logger="shared.contracts")
+    body = json.loads(_wire(trace={"id": 1}))
+    body["payload"]["channel"] = "web"
+    for _ in range(3):
+        decode(json.dumps(body).encode())
+    decode(_wire())  # (nothing dropped: nothing said)
+    assert [record.getMessage() for record in caplog.records] == [
+        "PaymentRequested messages carry fields this reader does not know, read without them:"
+        " in the envelope ['trace'], in the payload ['channel']"]
 
 
 def test_a_field_a_newer_producer_added_to_the_envelope_is_taken():
