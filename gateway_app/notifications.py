@@ -102,10 +102,10 @@ blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications"
 def on_order_status_changes(session: Session, events: list[ReceivedEvent]) -> None:
     """Keep the notifications (one INSERT for the run; a message seen before is kept once), then
     publish the new ones once the transaction has committed."""
-    # The payload as the inbox stored it: its wire form, but for a parked payload replayed, whose
-    # numbers (an amount of 10.50, say) are kept as the numbers they were sent as.
+    # The payload in its wire form, whatever form the inbox stored it in (a parked payload
+    # replayed is kept as it was sent): a page gets one form of each event type.
     rows = {str(event.message.message_id): (event.payload["user_id"], event.message.type,
-                                            event.message.payload)
+                                            event.wire_payload())
             for event in events}
     with driver_cursor(session) as cursor:
         cursor.execute(_LOCK_USERS, {"lock_class": NOTIFICATIONS_LOCK_CLASS,

@@ -117,6 +117,13 @@ class ReceivedEvent:
     payload: dict[str, Any]
     message: StoredMessage
 
+    def wire_payload(self) -> dict[str, Any]:
+        """The payload in its contract's wire form (amounts as strings of two decimals, ids as
+        written), whatever form it was stored in: the consumer stores it so, but a payload parked
+        as a newer producer sent it, then replayed, is kept as it came (a number for an amount,
+        an id in capitals)."""
+        return PAYLOAD_SCHEMAS[self.message.type].dump(self.payload)
+
 
 # A handler gets a run of messages of the types it is registered for, in the order they are to be
 # handled (by Kafka key, then by their place in the partition), and handles them all in the

@@ -40,10 +40,11 @@ from gateway_app.tokens import VerifiedToken, issue_token, verify_token
 from orders_app.service import PLACING_LOCK_CLASS
 from payments_app.models import Account
 from shared.app import MAX_REQUEST_BYTES
-from shared.contracts import ORDER_STATUS_CHANGED, new_event
+from shared.contracts import ORDER_STATUS_CHANGED, PAYLOAD_SCHEMAS, new_event
 from shared.db import db, driver_dsn, transaction
 from shared.idempotency import REPLAYED_HEADER
 from shared.inbox import ReceivedEvent, StoredMessage
+from shared.jsonio import dumps_exact
 from shared.money import MAX_BALANCE
 from tests.network_tools import (HoldingProxy, NeverReadingServer, SilencingProxy,
                                  WebSocketClient)
@@ -1373,15 +1374,18 @@ def test_a_run_of_status_changes_is_kept_once_and_published_oldest_first(setting
     assert ids == sorted(ids)
 
 
-def test_a_status_change_replayed_with_a_numeric_amount_is_kept_and_published(settings, gateway):
-    """A message parked with its payload as sent (its producer newer than the gateway) holds its
-    numbers as Decimals when replayed (shared/inbox.py): kept and published as the numbers they
-    are, where json.dumps refused them."""
+def test_a_status_change_replayed_as_its_producer_sent_it_is_kept_and_published_as_any(
+        settings, gateway):
+    """A message parked with its payload as a newer producer sent it (an amount as a number, an id
+    in capitals, a time in another form), then replayed, reaches the pages in the contract's wire
+    form, as every other of its type: a page compares ids and shows amounts as one form."""
     user = f"user-{uuid.uuid4().hex[:10]}"
     (received,) = _status_changes(user)
-    wire = received.message.payload | {"amount": Decimal("10.50")}
-    replayed = dataclasses.replace(received, message=dataclasses.replace(received.message,
-                                                                         payload=wire))
+    as_sent = received.message.payload | {
+        "amount": Decimal("10.5"), "order_id": received.message.payload["order_id"].upper(),
+        "updated_at": received.message.payload["updated_at"].replace("+00:00", "Z")}
+    replayed = ReceivedEvent(PAYLOAD_SCHEMAS[ORDER_STATUS_CHANGED].load(as_sent),
+                             dataclasses.replace(received.message, payload=as_sent))
     app = gateway.application
     with app.app_context():
         pubsub = _subscribed_to([user])
@@ -1391,23 +1395,26 @@ def test_a_status_change_replayed_with_a_numeric_amount_is_kept_and_published(se
                              what="the notification published")
         pubsub.close()
         (kept,) = notifications.notifications_after(user, 0, 10)
-    assert '"amount":10.50' in published["data"].decode()
-    assert kept["payload"]["amount"] == Decimal("10.50")
-    assert isinstance(kept["payload"]["amount"], Decimal)  # (10.5 == Decimal("10.50") too)
+    as_written = received.message.payload | {"amount": "10.50"}
+    assert json.loads(published["data"])["payload"] == as_written  # (the id lower case)
+    assert kept["payload"] == as_written
 
 
 def test_a_notification_kept_with_a_numeric_amount_is_caught_up_with_that_number(gateway):
     """jsonb's numbers are read back as the Decimals they are (shared.db), never floats: a page
-    catching up, over HTTP or its socket, gets 10.50 as it was kept, where it got 10.5."""
+    catching up, over HTTP or its socket, on a notification an earlier release kept with a number
+    (a replayed payload's, as sent) gets 10.50 as it was kept, where it got 10.5."""
     user, auth = _sign_up(gateway)
     (received,) = _status_changes(user)
-    wire = received.message.payload | {"amount": Decimal("10.50")}
-    replayed = dataclasses.replace(received, message=dataclasses.replace(received.message,
-                                                                         payload=wire))
+    as_kept = received.message.payload | {"amount": Decimal("10.50")}
     sent: list[str] = []
     with gateway.application.app_context():
         with transaction() as session:
-            notifications.on_order_status_changes(session, [replayed])
+            session.execute(text(
+                "INSERT INTO notifications (user_id, message_id, type, payload)"
+                " VALUES (:user_id, :message_id, :type, CAST(:payload AS jsonb))"),
+                {"user_id": user, "message_id": received.message.message_id,
+                 "type": ORDER_STATUS_CHANGED, "payload": dumps_exact(as_kept)})
         notifications._send_newer(types.SimpleNamespace(send=sent.append), user, 0)
     response = gateway.get("/api/notifications", headers=auth)
     assert response.status_code == 200
