@@ -50,7 +50,7 @@ def address_subject(address: str | None) -> str:
     elif colon and port.isdigit() and host.count(":") == 0:  # IPv4:port
         text = host
     try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])  # (without an IPv6 zone: fe80::1%eth0)
+        ip = ipaddress.ip_address(text)  # (an IPv6 zone, fe80::1%eth0, is dropped by the /64)
     except ValueError:
         return text
     if ip.version == 6 and ip.ipv4_mapped is not None:
@@ -76,7 +76,7 @@ class RateLimiter:
         requests a window, or the limiter's own). Whether it was counted (not with Redis away:
         then nothing is to be given back)."""
         now = time.time() if now is None else now
-        count = self.count(subject, now)
+        count = self._count(subject, now)
         if count is not None and count > (self._limit if limit is None else limit):
             raise RateLimited(_retry_after(now))
         return count is not None
@@ -93,10 +93,10 @@ class RateLimiter:
         except redis.RedisError as exc:
             log.warning("rate limiter unavailable, %s not given back: %s", subject, exc)
 
-    def count(self, subject: str, now: float | None = None) -> int | None:
-        """Count one event of `subject` this window, refusing nothing: how many so far, this one
-        too (None with Redis down)."""
-        key = self._key(subject, time.time() if now is None else now)
+    def _count(self, subject: str, now: float) -> int | None:
+        """Count one event of `subject` this window: how many so far, this one too (None with
+        Redis down)."""
+        key = self._key(subject, now)
         try:
             pipe = self._client.pipeline(transaction=False)
             pipe.incr(key)

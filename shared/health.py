@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 health_blueprint = Blueprint("health", __name__)
 # A probe asks every few seconds, and a round of checks runs once a second at most: while the
 # database is away (a restart, a failover), that is said as it begins, once a minute while it
-# lasts and as it ends (shared.db), not in a traceback a second. Any other error keeps its own.
-_DATABASE_OUTAGE = DatabaseOutageLog(log, "health")
+# lasts and as it ends (shared.db), not in a traceback a second, per app (named after it). Any
+# other error keeps its own.
+_DATABASE_OUTAGE = "hseshop.health_database_outage"
 
 
 def _database_ok() -> bool:
@@ -28,13 +29,13 @@ def _database_ok() -> bool:
         db.session.execute(text("SELECT 1"))
     except Exception as exc:
         if connection_lost(exc):
-            _DATABASE_OUTAGE.lost(exc)
+            current_app.extensions[_DATABASE_OUTAGE].lost(exc)
         else:
             current_app.logger.warning("health: database unreachable", exc_info=True)
         return False
     finally:
         db.session.rollback()
-    _DATABASE_OUTAGE.back()
+    current_app.extensions[_DATABASE_OUTAGE].back()
     return True
 
 
@@ -104,6 +105,8 @@ def _run_checks() -> dict[str, bool]:
 @health_blueprint.record_once
 def _share_checks(state) -> None:
     state.app.extensions[_CHECKS] = SharedChecks()
+    state.app.extensions[_DATABASE_OUTAGE] = DatabaseOutageLog(log, f"the {state.app.name} health"
+                                                                    " check")
 
 
 @health_blueprint.get("/health")
