@@ -184,6 +184,14 @@ class DatabaseOutageLog:
         with self._lock:
             self._note_lost(exc)
 
+    def said_if_lost(self, exc: BaseException) -> bool:
+        """Whether a try failed on a lost connection (`connection_lost(exc)`), said so if it did
+        (`lost`); any other error is the caller's to raise or log as it would."""
+        if not connection_lost(exc):
+            return False
+        self.lost(exc)
+        return True
+
     def _note_lost(self, exc: BaseException) -> None:
         now = self._clock()
         if self._lost_since is not None and now - self._last_lost_at >= NEW_OUTAGE_AFTER_SECONDS:

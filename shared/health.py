@@ -12,7 +12,7 @@ from flask import Blueprint, current_app, jsonify
 from sqlalchemy import text
 
 from shared.config import Settings
-from shared.db import DatabaseOutageLog, connection_lost, db
+from shared.db import DatabaseOutageLog, db
 from shared.kafka import broker_reachable
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,7 @@ def _database_ok() -> bool:
     try:
         db.session.execute(text("SELECT 1"))
     except Exception as exc:
-        if connection_lost(exc):
-            current_app.extensions[_DATABASE_OUTAGE].lost(exc)
-        else:
+        if not current_app.extensions[_DATABASE_OUTAGE].said_if_lost(exc):
             current_app.logger.warning("health: database unreachable", exc_info=True)
         return False
     finally:

@@ -26,7 +26,7 @@ import psycopg2
 from confluent_kafka import (TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException,
                              TopicPartition)
 
-from shared.db import DatabaseOutageLog, connection_lost
+from shared.db import DatabaseOutageLog
 from shared.inbox import ConsumedRecord, insert_records
 from shared.task_queues import QUEUES_UNREACHABLE
 
@@ -148,9 +148,7 @@ class InboxConsumer:
                     if self.run_once():  # (records stored: the database is there)
                         self._database_outage.back()
                 except Exception as exc:
-                    if connection_lost(exc):
-                        self._database_outage.lost(exc)
-                    else:
+                    if not self._database_outage.said_if_lost(exc):
                         log.exception("inbox consumer step failed; retrying")
                     self._stopping.wait(1.0)
         finally:

@@ -17,7 +17,7 @@ from datetime import timedelta
 from flask import current_app
 
 from shared.config import SERVICES
-from shared.db import DatabaseOutageLog, connection_lost, held_up_by_a_lock, transaction
+from shared.db import DatabaseOutageLog, held_up_by_a_lock, transaction
 from shared.inbox import (Outcome, claim_stalled_messages, handle_locked_message,
                           handle_locked_messages_at_once, lock_in_order, note_try_begun,
                           process_inbox_message, prune_handled_messages, record_failed_attempt)
@@ -170,9 +170,8 @@ def sweep_inbox(service: str) -> int:
     except Exception as exc:
         # The next sweep, a beat interval on, tries again: raised, Celery would log the lost
         # connection as unexpected, traceback and all, at every beat while the database is away.
-        if not connection_lost(exc):
+        if not outage.said_if_lost(exc):
             raise
-        outage.lost(exc)
         return 0
     outage.back()
     return swept

@@ -45,7 +45,7 @@ from celery.signals import worker_shutting_down
 from flask import current_app
 
 from shared.config import SERVICES
-from shared.db import DatabaseOutageLog, connection_lost
+from shared.db import DatabaseOutageLog
 from shared.kafka import OutboxPublisher, ensure_topics
 from shared.outbox import (count_parked_outbox_messages, first_refused_row_due_in,
                            newer_row_may_go, newest_row_id, refused_rows_wait,
@@ -152,9 +152,8 @@ def relay_outbox(service: str) -> int:
     except Exception as exc:
         # A lost connection is the outage this task is built to ride out (beat's next run leads
         # again): raised, Celery would log it as unexpected, traceback and all, at every beat.
-        if not connection_lost(exc):
+        if not outage.said_if_lost(exc):
             raise
-        outage.lost(exc)
         return 0
     finally:
         with _leading_lock:
