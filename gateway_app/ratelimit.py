@@ -76,7 +76,7 @@ class RateLimiter:
         requests a window, or the limiter's own). Whether it was counted (not with Redis away:
         then nothing is to be given back)."""
         now = time.time() if now is None else now
-        count = self._count(subject, now)
+        count = self._add(subject, now, 1, unavailable="letting %s through")
         if count is not None and count > (self._limit if limit is None else limit):
             raise RateLimited(_retry_after(now))
         return count is not None
@@ -84,26 +84,20 @@ class RateLimiter:
     def give_back(self, subject: str, now: float) -> None:
         """Take back one count of `subject` made by `check` at `now` (its window's, whichever
         window it is now)."""
-        key = self._key(subject, now)
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            pipe.decr(key)
-            pipe.expire(key, WINDOW_SECONDS + 1)
-            pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("rate limiter unavailable, %s not given back: %s", subject, exc)
+        self._add(subject, now, -1, unavailable="%s not given back")
 
-    def _count(self, subject: str, now: float) -> int | None:
-        """Count one event of `subject` this window: how many so far, this one too (None with
-        Redis down)."""
+    def _add(self, subject: str, now: float, amount: int, unavailable: str) -> int | None:
+        """Add `amount` to the count of `subject` in the window of `now`, its key expiring with
+        the window: the count it makes (None with Redis down, said as `unavailable` says, its %s
+        the subject)."""
         key = self._key(subject, now)
         try:
             pipe = self._client.pipeline(transaction=False)
-            pipe.incr(key)
+            pipe.incrby(key, amount)
             pipe.expire(key, WINDOW_SECONDS + 1)
             count, _ = pipe.execute()
         except redis.RedisError as exc:
-            log.warning("rate limiter unavailable, letting %s through: %s", subject, exc)
+            log.warning("rate limiter unavailable, " + unavailable + ": %s", subject, exc)
             return None
         return count
 
