@@ -20,6 +20,7 @@ readers that do not know it refuse.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -194,8 +195,10 @@ def _say_fields_dropped(event_type: str, in_envelope: set[str], in_payload: set[
              sorted(in_payload) or "none")
 
 
+@functools.cache
 def declared_fields(event_type: str) -> frozenset[str]:
-    """The payload fields the contract of a type this reader knows declares, as written."""
+    """The payload fields the contract of a type this reader knows declares, as written (asked
+    for each message read and each handled: the contracts do not change in a process)."""
     return frozenset(field.data_key or name
                      for name, field in PAYLOAD_SCHEMAS[event_type].load_fields.items())
 
