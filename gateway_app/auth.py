@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import secrets
-import time
 import uuid
 
 from flask import current_app, g, jsonify, request
@@ -118,13 +117,10 @@ def login(args):
     # (A username has no colon: the address after it cannot be mistaken for part of it.)
     limiter.check(f"sign-in:{username}:{address_subject(request.remote_addr)}",
                   limit=SIGN_INS_PER_USERNAME_AND_ADDRESS)
-    # Counted as failed before the password is checked, and given back once it proves right: so
-    # sign-ins under way at once are counted as they begin, and a burst of them gets no more
-    # verdicts than the cap (counted once failed, each would have found the count as it was).
-    failed, began = f"failed-sign-in:{username}", time.time()
-    counted = limiter.check(failed, limit=FAILED_SIGN_INS_PER_USERNAME, now=began)
-    wrong = False
-    try:
+    # Counted as failed before the password is checked, and given back unless it proves wrong
+    # (RateLimiter.failure_reserved: a burst gets no more verdicts than the cap).
+    with limiter.failure_reserved(f"failed-sign-in:{username}",
+                                  limit=FAILED_SIGN_INS_PER_USERNAME) as failure:
         user = db.session.scalars(select(User).where(User.username == username)).one_or_none()
         # The read's connection back to the pool before the password is checked (scrypt: some
         # 60 ms of CPU): a burst of sign-ins would otherwise hold every connection of the process,
@@ -134,15 +130,14 @@ def login(args):
         # An unknown name is checked against a hash too, so the answer takes as long either way.
         stored = user.password_hash if user else _hash_no_password_matches()
         wrong = not verify_password(args["password"], stored) or user is None
-        if not wrong:
+        if wrong:
+            failure.confirm()
+        else:
             # Read again, by primary key, for the generation of tokens as it is now: a sign-out
             # everywhere committed while the password was checked would otherwise refuse the
             # token at once.
             user = db.session.get(User, user.id)
             db.session.close()
-    finally:
-        if counted and not wrong:  # (the password right, or never found wrong: a database error)
-            limiter.give_back(failed, began)
     if wrong or user is None:  # (None: the user's row gone meanwhile)
         raise Unauthorized("Wrong username or password.", code="INVALID_CREDENTIALS")
     return jsonify(_session_body(user))

@@ -5,10 +5,12 @@ limited."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
 import time
+from collections.abc import Iterator
 
 import redis
 
@@ -62,8 +64,8 @@ def address_subject(address: str | None) -> str:
 
 class RateLimiter:
     """Counts per subject in fixed windows: `check` counts a request and refuses it past the
-    limit; `give_back` takes one counted back, for what is counted before its outcome is known
-    and turns out not to count (a sign-in whose password was right)."""
+    limit; `failure_reserved` counts a failure before its outcome is known and takes it back if
+    it turns out not to be one (a sign-in whose password was right)."""
 
     def __init__(self, redis_url: str, limit_per_window: int, key_prefix: str):
         self._client = redis.Redis.from_url(redis_url, socket_timeout=0.25,
@@ -81,10 +83,24 @@ class RateLimiter:
             raise RateLimited(_retry_after(now))
         return count is not None
 
-    def give_back(self, subject: str, now: float) -> None:
-        """Take back one count of `subject` made by `check` at `now` (its window's, whichever
-        window it is now)."""
-        self._add(subject, now, -1, unavailable="%s not given back")
+    @contextlib.contextmanager
+    def failure_reserved(self, subject: str, limit: int | None = None
+                         ) -> Iterator[ReservedFailure]:
+        """Count a failure by `subject` as the block begins (RateLimited, past `limit`, before it
+        runs), and give it back as the block ends unless it was confirmed: the attempt right, or
+        never found wrong (it raised, a database error say). Counted as failed before the
+        outcome is known, attempts under way at once are counted as they begin, and a burst of
+        them gets no more verdicts than the cap (counted once failed, each would have found the
+        count as it was)."""
+        began = time.time()
+        counted = self.check(subject, now=began, limit=limit)
+        failure = ReservedFailure()
+        try:
+            yield failure
+        finally:
+            if counted and not failure.confirmed:  # (Redis away as it counted: nothing to give)
+                # In the window it was counted in, whichever window it is now.
+                self._add(subject, began, -1, unavailable="%s not given back")
 
     def _add(self, subject: str, now: float, amount: int, unavailable: str) -> int | None:
         """Add `amount` to the count of `subject` in the window of `now`, its key expiring with
@@ -103,6 +119,17 @@ class RateLimiter:
 
     def _key(self, subject: str, now: float) -> str:
         return f"{self._key_prefix}:ratelimit:{subject}:{int(now // WINDOW_SECONDS)}"
+
+
+class ReservedFailure:
+    """A failure counted before its outcome is known (RateLimiter.failure_reserved): given back
+    as its block ends unless `confirm`ed."""
+
+    confirmed = False
+
+    def confirm(self) -> None:
+        """It failed: the count stays."""
+        self.confirmed = True
 
 
 def _retry_after(now: float) -> int:
