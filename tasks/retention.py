@@ -1,6 +1,8 @@
 """Pruners that beat runs, each deleting what is kept past its retention in short transactions:
 idempotency keys in every service's database, notifications and signed-out tokens in the
-gateway's. (The inbox's pruner is with the inbox's tasks, tasks/inbox.py.)"""
+gateway's. (The inbox's pruner is with the inbox's tasks, tasks/inbox.py, and runs here too.) A
+pruner that loses its database connection says so once per outage (DatabaseOutageLog), and the
+next run prunes the rest."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from flask import current_app
 from sqlalchemy.orm import Session
 
-from shared.db import transaction
+from shared.db import DatabaseOutageLog, transaction
 from shared.idempotency import prune_expired_keys
 from tasks.celery_app import app
 from tasks.services import ServiceTask
@@ -24,20 +26,35 @@ PRUNED_PER_TRANSACTION = 10_000
 
 Prune = Callable[[Session, datetime, int], int]
 
+# What this process's runs of each pruner (a service, and what it prunes there) have said of its
+# database's outage.
+_DATABASE_OUTAGES: dict[tuple[str, str], DatabaseOutageLog] = {}
+
 
 def prune_in_transactions(service: str, what: str, prune: Prune,
                           retention_seconds: float) -> int:
     """Run `prune` (session, cutoff, limit -> rows deleted) for what was kept over
     `retention_seconds` ago, a transaction of PRUNED_PER_TRANSACTION rows at a time, until it
-    deletes fewer; logs and returns how many rows it deleted in all."""
+    deletes fewer; logs and returns how many rows it deleted in all. A lost database connection
+    ends the run with what it had deleted, said once per outage; any other error is raised."""
+    outage = _DATABASE_OUTAGES.setdefault(
+        (service, what), DatabaseOutageLog(log, f"the {service} pruner of {what}"))
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=retention_seconds)
     pruned = 0
-    while True:
-        with transaction() as session:
-            deleted = prune(session, cutoff, PRUNED_PER_TRANSACTION)
-        pruned += deleted
-        if deleted < PRUNED_PER_TRANSACTION:
-            break
+    try:
+        while True:
+            with transaction() as session:
+                deleted = prune(session, cutoff, PRUNED_PER_TRANSACTION)
+            pruned += deleted
+            if deleted < PRUNED_PER_TRANSACTION:
+                break
+    except Exception as exc:
+        # The next run, beat's next interval on, prunes the rest: raised, Celery would log the
+        # lost connection as unexpected, traceback and all, at every run while the database is away.
+        if not outage.said_if_lost(exc):
+            raise
+    else:
+        outage.back()
     if pruned:
         log.info("%s: pruned %d %s", service, pruned, what)
     return pruned

@@ -1,7 +1,7 @@
 """A lost database connection (PostgreSQL restarted or failed over: every session ended at once)
 is an outage the shop waits out by itself, so what meets one says so in one WARNING line without
-a traceback, raises nothing into Celery, and tries again: the relay's task, the inbox sweeper and
-the inbox consumer. Any other error keeps its ERROR and traceback."""
+a traceback, raises nothing into Celery, and tries again: the relay's task, the inbox sweeper, the
+inbox consumer and the pruners. Any other error keeps its ERROR and traceback."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ from shared.db import connection_lost, db, driver_dsn, transaction
 from shared.inbox import ConsumedRecord
 from shared.inbox_consumer import InboxConsumer, StoreOnOwnConnection
 from shared.kafka import build_consumer, new_topic
-from tasks.inbox import sweep_inbox
+from tasks.inbox import prune_inbox, sweep_inbox
+from tasks.retention import (prune_idempotency_keys, prune_in_transactions, prune_notifications,
+                             prune_signed_out_tokens)
+from tasks.services import service_app
 from tests.polling import wait_for
 from tests.postgres_tools import end_every_session, terminate_backend
 
@@ -102,6 +105,32 @@ def test_a_sweep_whose_database_ended_every_session_warns_once_and_the_next_swee
     _assert_said_once_without_a_traceback(caplog)
     sweep_inbox("payments")  # on a new connection
     assert any("back after" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("pruner, service", [
+    (prune_inbox, "payments"), (prune_idempotency_keys, "orders"),
+    (prune_notifications, "gateway"), (prune_signed_out_tokens, "gateway")])
+def test_a_pruner_whose_database_ended_every_session_warns_once_and_the_next_prunes(
+        settings, monkeypatch, caplog, pruner, service):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(shared.db, "IDLE_PING_SECONDS", 3600.0)  # (as for the sweep's, above)
+    pruner(service)  # (its pool holds a connection now)
+    end_every_session(settings.database_url(service))
+    assert pruner(service) == 0  # returned, not raised into Celery
+    _assert_said_once_without_a_traceback(caplog)
+    pruner(service)  # on a new connection
+    assert any("back after" in r.getMessage() for r in caplog.records)
+
+
+def test_a_prune_failing_for_another_reason_raises(settings):
+    """A statement cancelled on a sound connection is no lost connection: raised into Celery,
+    which logs it with its traceback."""
+    def too_slow(session, cutoff, limit) -> int:
+        session.execute(sa.text("SET LOCAL statement_timeout = 1"))
+        return session.execute(sa.text("SELECT pg_sleep(1)")).rowcount
+
+    with service_app("orders").app_context(), pytest.raises(sa.exc.OperationalError):
+        prune_in_transactions("orders", "test rows", too_slow, 60)
 
 
 def _payment_request() -> tuple[bytes, dict[str, str]]:
