@@ -4,7 +4,7 @@ and prunes them."""
 
 from datetime import timedelta
 
-from shared.config import SERVICES, get_settings
+from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, get_settings
 
 _settings = get_settings()
 
@@ -72,6 +72,7 @@ for _service in SERVICES:
         "args": (_service,),
         "options": {"expires": _settings.inbox_prune_interval_seconds},
     }
+for _service in SERVICES_KEEPING_IDEMPOTENCY_KEYS:
     beat_schedule[f"prune-{_service}-idempotency-keys"] = {
         "task": "hseshop.prune_idempotency_keys",
         "schedule": PRUNE_RETAINED_EVERY,

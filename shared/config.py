@@ -19,6 +19,9 @@ SERVICES = ("orders", "payments", "gateway")
 MAX_REQUEST_BYTES = 64 * 1024
 # The services the gateway calls, over gRPC (each serves gRPC next to its HTTP API) or HTTP.
 GRPC_SERVICES = ("orders", "payments")
+# The services that keep idempotency keys (shared/idempotency.py), whose APIs honour them: the
+# gateway passes a request's Idempotency-Key on to them and keeps none.
+SERVICES_KEEPING_IDEMPOTENCY_KEYS = ("orders", "payments")
 
 # Environment variable -> default that works on a developer's machine.
 ENVIRONMENT: dict[str, str] = {

@@ -1,5 +1,7 @@
 """`Idempotency-Key` support for POST endpoints: a retry with the same key and body gets the first
-response back and changes nothing; the same key with a different body is refused with a 422.
+response back and changes nothing; the same key with a different body is refused with a 422. The
+orders and payments services keep the keys (SERVICES_KEEPING_IDEMPOTENCY_KEYS); the gateway checks
+a key and passes it on to them, and keeps none.
 
 The first response's body is kept as the JSON text it was answered with (`response_text`), which a
 replay reads back into the same values in the same order: its answer is the first one's, byte for

@@ -1,5 +1,5 @@
 """Migration steps every service's database runs (orders, payments, gateway): the outbox, inbox
-and idempotency-key tables.
+and idempotency-key tables (the gateway's idempotency keys since dropped: it keeps none).
 
 Written out here (not derived from the models) so that a revision keeps meaning what it meant
 when it was written.
@@ -56,6 +56,11 @@ def create_messaging_tables() -> None:
     )
     op.create_index("ix_inbox_messages_pending", "inbox_messages", ["received_at"],
                     postgresql_where=sa.text("processed_at IS NULL AND parked_at IS NULL"))
+    _create_idempotency_keys_table()
+
+
+def _create_idempotency_keys_table() -> None:
+    """The idempotency keys' table as the first revision made it."""
     op.create_table(
         "idempotency_keys",
         sa.Column("user_id", sa.String(64), primary_key=True),
@@ -160,6 +165,23 @@ def add_idempotent_answer_texts() -> None:
 
 def drop_idempotent_answer_texts() -> None:
     op.drop_column("idempotency_keys", "response_text")
+
+
+def drop_idempotency_keys() -> None:
+    """The idempotency keys' table, and its index, dropped from a database whose service keeps
+    none (the gateway's: it passes the key on to the services that keep it). In the revision's
+    transaction, under the migration's lock_timeout: nothing writes the table, but a pruner of the
+    release before may be deleting nothing from it for a moment."""
+    op.drop_table("idempotency_keys")
+
+
+def recreate_idempotency_keys() -> None:
+    """The idempotency keys' table as the revisions before `drop_idempotency_keys` left it: with
+    its answers' texts, indexed by age. Empty, so the index is built in the revision's
+    transaction, not concurrently: a downgrade that fails leaves no table behind."""
+    _create_idempotency_keys_table()
+    add_idempotent_answer_texts()
+    op.create_index("ix_idempotency_keys_created_at", "idempotency_keys", ["created_at"])
 
 
 def add_outbox_parking() -> None:

@@ -1,6 +1,6 @@
 """Pruners that beat runs, each deleting what is kept past its retention in short transactions:
-idempotency keys in every service's database, notifications and signed-out tokens in the
-gateway's. (The inbox's pruner is with the inbox's tasks, tasks/inbox.py, and runs here too.) A
+idempotency keys in the orders and payments databases, notifications and signed-out tokens in
+the gateway's. (The inbox's pruner is with the inbox's tasks, tasks/inbox.py, and runs here too.) A
 pruner that loses its database connection says so once per outage (DatabaseOutageLog), and the
 next run prunes the rest."""
 
@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 from flask import current_app
 from sqlalchemy.orm import Session
 
+from shared.config import SERVICES_KEEPING_IDEMPOTENCY_KEYS
 from shared.db import DatabaseOutageLog, transaction
 from shared.idempotency import prune_expired_keys
 from tasks.celery_app import app
@@ -62,7 +63,12 @@ def prune_in_transactions(service: str, what: str, prune: Prune,
 
 @app.task(name="hseshop.prune_idempotency_keys", base=ServiceTask, ignore_result=True)
 def prune_idempotency_keys(service: str) -> int:
-    """Delete the service's idempotency keys recorded over IDEMPOTENCY_KEY_RETENTION_SECONDS ago."""
+    """Delete the service's idempotency keys recorded over IDEMPOTENCY_KEY_RETENTION_SECONDS ago.
+    The gateway keeps none (its table is dropped: gateway revision 0013), and beat prunes it no
+    more; one run for it that a beat of the release before sent, during the upgrade, does
+    nothing."""
+    if service not in SERVICES_KEEPING_IDEMPOTENCY_KEYS:
+        return 0
     settings = current_app.extensions["hseshop.settings"]
     return prune_in_transactions(service, "expired idempotency keys", prune_expired_keys,
                                  settings.idempotency_key_retention_seconds)

@@ -17,8 +17,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from devstack.infra import free_port, start_embedded_postgres
-from shared.config import SERVICES, load_settings
+from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, load_settings
 from shared.db import SESSION_LIMITS, db, driver_dsn
+from shared.idempotency import IdempotencyKey
 from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, ServerTooOld,
                                alembic_config, ensure_database, upgrade)
 from shared.outbox import CLAIM_ROWS
@@ -79,18 +80,37 @@ def test_every_services_outbox_holds_what_the_relay_reads(infrastructure, servic
     connection.close()
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_every_services_idempotency_keys_are_indexed_by_age_for_pruning(infrastructure, service):
-    """Beat prunes every database's expired idempotency keys, found by an index of their age
-    (orders' and payments' revision 0009, the gateway's 0008); its downgrade drops it."""
+@pytest.mark.parametrize("service", SERVICES_KEEPING_IDEMPOTENCY_KEYS)
+def test_the_services_idempotency_keys_are_indexed_by_age_for_pruning(infrastructure, service):
+    """Beat prunes the expired idempotency keys of the services that keep them, found by an index
+    of their age (revision 0009); its downgrade drops it."""
     url = _database_url(infrastructure, "key-ages", service)
     ensure_database(url)
     config = alembic_config(service, url)
     command.upgrade(config, "head")
     assert _index_valid(url, "ix_idempotency_keys_created_at")
-    command.downgrade(config, "0007" if service == "gateway" else "0008")
+    command.downgrade(config, "0008")
     assert _index_valid(url, "ix_idempotency_keys_created_at") is None
     command.upgrade(config, "head")
+
+
+def test_the_gateway_keeps_no_idempotency_keys_and_its_downgrade_makes_their_table_again(
+        infrastructure):
+    """The gateway passes the key on to the services: revision 0013 drops the table its first
+    revision made with the outbox and inbox (indexed by age in 0008, with the answers' texts in
+    0012); the downgrade makes it again as 0012 left it, and 0012's own downgrade finds it so."""
+    url = _database_url(infrastructure, "no-keys", "gateway")
+    ensure_database(url)
+    config = alembic_config("gateway", url)
+    command.upgrade(config, "head")
+    assert not _table_exists(url, "idempotency_keys")
+    command.downgrade(config, "0012")
+    # (The table as the services that keep keys declare it, the model of 0012 on.)
+    assert _drift("orders", url, only=IdempotencyKey.__tablename__) == []
+    assert _index_valid(url, "ix_idempotency_keys_created_at")
+    command.downgrade(config, "0011")
+    command.upgrade(config, "head")
+    assert not _table_exists(url, "idempotency_keys")
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -110,12 +130,12 @@ ANSWER_KEPT_AS_JSONB = {"id": "6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11", "user_id":
                         "created_at": "2026-11-26T12:00:00.500000+00:00"}
 
 
-@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("service", SERVICES_KEEPING_IDEMPOTENCY_KEYS)
 def test_idempotent_answers_kept_as_jsonb_stay_through_the_text_column_and_back(infrastructure,
                                                                                service):
-    """Revision 0012 (every service's) adds the column of the answers' texts beside their jsonb,
-    which a key kept before keeps, and is then as the service's models say; the downgrade drops
-    that column, the jsonb kept."""
+    """Revision 0012 (every service's; the gateway's table, never written to, is dropped after
+    it) adds the column of the answers' texts beside their jsonb, which a key kept before keeps,
+    and is then as the service's models say; the downgrade drops that column, the jsonb kept."""
     url = _database_url(infrastructure, "answers-as-written", service)
     ensure_database(url)
     config = alembic_config(service, url)
@@ -146,28 +166,47 @@ def _answer_kept(url: str, column: str):
     return row[0]
 
 
-def _drift(service: str, url: str) -> list:
+def _drift(service: str, url: str, only: str | None = None) -> list:
     """What Alembic finds to change in the database at `url`, migrated, to make it as the
-    service's models declare it (its own models' tables and shared/'s; column types compared
-    too): nothing, when its migrations and its models agree."""
-    for module in ("shared.outbox", "shared.inbox", "shared.idempotency",
-                   *(f"{app}_app.models" for app in SERVICES)):  # every model declared
-        importlib.import_module(module)
-    tables = {mapper.local_table.name for mapper in db.Model.registry.mappers
-              if mapper.class_.__module__.startswith(("shared.", f"{service}_app."))}
+    service's models declare it (its own models' tables and shared/'s, but the idempotency keys'
+    for a service that keeps none; column types compared too), or only its table `only`:
+    nothing, when its migrations and its models agree. A table of the database that the service
+    declares none of is found too, whoever else declares it."""
+    declared = sa.MetaData(naming_convention=db.metadata.naming_convention)
+    for table in _tables_declared(service):
+        if only in (None, table.name):
+            table.to_metadata(declared)
 
-    def of_the_service(item, name, type_, reflected, compare_to) -> bool:
-        table = name if type_ == "table" else getattr(getattr(item, "table", None), "name", None)
-        return table in tables or (reflected and type_ == "table" and name != "alembic_version")
+    def compared(item, name, type_, reflected, compare_to) -> bool:
+        return type_ != "table" or (name != "alembic_version" and only in (None, name))
 
     engine = sa.create_engine(url)
     try:
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={
-                "compare_type": True, "include_object": of_the_service})
-            return compare_metadata(context, db.metadata)
+                "compare_type": True, "include_object": compared})
+            return compare_metadata(context, declared)
     finally:
         engine.dispose()
+
+
+def _tables_declared(service: str) -> list[sa.Table]:
+    """The tables the service's database has, as its models and shared/'s declare them."""
+    for module in ("shared.outbox", "shared.inbox", "shared.idempotency",
+                   *(f"{app}_app.models" for app in SERVICES)):  # every model declared
+        importlib.import_module(module)
+    keeps_keys = service in SERVICES_KEEPING_IDEMPOTENCY_KEYS
+    return [mapper.local_table for mapper in db.Model.registry.mappers
+            if mapper.class_.__module__.startswith(("shared.", f"{service}_app."))
+            and (keeps_keys or mapper.class_ is not IdempotencyKey)]
+
+
+def _table_exists(url: str, name: str) -> bool:
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))
+        (exists,) = cursor.fetchone()
+    connection.close()
+    return exists
 
 
 def _read(url: str, column: str) -> dict:
