@@ -87,8 +87,9 @@ class RateLimiter:
     def failure_reserved(self, subject: str, limit: int | None = None
                          ) -> Iterator[ReservedFailure]:
         """Count a failure by `subject` as the block begins (RateLimited, past `limit`, before it
-        runs), and give it back as the block ends unless it was confirmed: the attempt right, or
-        never found wrong (it raised, a database error say). Counted as failed before the
+        runs), and give it back as the block ends unless the block `confirm`ed it a failure: so
+        it is given back for an attempt found right, and for one never found wrong (the block
+        raised, a database error say). Counted as failed before the
         outcome is known, attempts under way at once are counted as they begin, and a burst of
         them gets no more verdicts than the cap (counted once failed, each would have found the
         count as it was)."""

@@ -171,7 +171,8 @@ def drop_idempotency_keys() -> None:
     """The idempotency keys' table, and its index, dropped from a database whose service keeps
     none (the gateway's: it passes the key on to the services that keep it). In the revision's
     transaction, under the migration's lock_timeout: nothing writes the table, but a pruner of the
-    release before may be deleting nothing from it for a moment."""
+    release before may be deleting nothing from it for a moment. (Until the workers of the release
+    before are replaced, their hourly pruning of it fails, an ERROR each time and nothing else.)"""
     op.drop_table("idempotency_keys")
 
 

@@ -206,7 +206,7 @@ def tasks_waiting(queue: str) -> int:
 @app.task(name="hseshop.prune_inbox", base=ServiceTask, ignore_result=True)
 def prune_inbox(service: str) -> int:
     """Delete the inbox rows of messages stored and handled over INBOX_RETENTION_SECONDS ago, in
-    short transactions, a lost database connection said once per outage (tasks/retention.py)."""
+    short transactions, a lost database connection said in a line (tasks/retention.py)."""
     settings = current_app.extensions["hseshop.settings"]
     return prune_in_transactions(service, "handled inbox messages", prune_handled_messages,
                                  settings.inbox_retention_seconds)

@@ -1,8 +1,7 @@
 """Pruners that beat runs, each deleting what is kept past its retention in short transactions:
 idempotency keys in the orders and payments databases, notifications and signed-out tokens in
 the gateway's. (The inbox's pruner is with the inbox's tasks, tasks/inbox.py, and runs here too.) A
-pruner that loses its database connection says so once per outage (DatabaseOutageLog), and the
-next run prunes the rest."""
+pruner that loses its database connection says so in a line, and the next run prunes the rest."""
 
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from flask import current_app
 from sqlalchemy.orm import Session
 
 from shared.config import SERVICES_KEEPING_IDEMPOTENCY_KEYS
-from shared.db import DatabaseOutageLog, transaction
+from shared.db import connection_lost, lost_connection_in_a_line, transaction
 from shared.idempotency import prune_expired_keys
 from tasks.celery_app import app
 from tasks.services import ServiceTask
@@ -27,19 +26,12 @@ PRUNED_PER_TRANSACTION = 10_000
 
 Prune = Callable[[Session, datetime, int], int]
 
-# What this process's runs of each pruner (a service, and what it prunes there) have said of its
-# database's outage.
-_DATABASE_OUTAGES: dict[tuple[str, str], DatabaseOutageLog] = {}
-
-
 def prune_in_transactions(service: str, what: str, prune: Prune,
                           retention_seconds: float) -> int:
     """Run `prune` (session, cutoff, limit -> rows deleted) for what was kept over
     `retention_seconds` ago, a transaction of PRUNED_PER_TRANSACTION rows at a time, until it
     deletes fewer; logs and returns how many rows it deleted in all. A lost database connection
-    ends the run with what it had deleted, said once per outage; any other error is raised."""
-    outage = _DATABASE_OUTAGES.setdefault(
-        (service, what), DatabaseOutageLog(log, f"the {service} pruner of {what}"))
+    ends the run with what it had deleted, in one WARNING line; any other error is raised."""
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=retention_seconds)
     pruned = 0
     try:
@@ -51,11 +43,13 @@ def prune_in_transactions(service: str, what: str, prune: Prune,
                 break
     except Exception as exc:
         # The next run, beat's next interval on, prunes the rest: raised, Celery would log the
-        # lost connection as unexpected, traceback and all, at every run while the database is away.
-        if not outage.said_if_lost(exc):
+        # lost connection as unexpected, traceback and all. A line per run (runs are 10 minutes
+        # to an hour apart, an outage seldom spans two), not DatabaseOutageLog's once per outage,
+        # which tells an outage's end by the next try that works: here, a run an hour later.
+        if not connection_lost(exc):
             raise
-    else:
-        outage.back()
+        log.warning("the %s pruner of %s lost its database connection (%s); the next run prunes"
+                    " the rest", service, what, lost_connection_in_a_line(exc))
     if pruned:
         log.info("%s: pruned %d %s", service, pruned, what)
     return pruned

@@ -15,7 +15,6 @@ from gateway_app.models import Notification, SignedOutToken
 from gateway_app.sign_out import FORGOTTEN_AFTER_EXPIRY_SECONDS, sign_out
 from gateway_app.tokens import VerifiedToken
 from shared import idempotency
-from shared.config import SERVICES_KEEPING_IDEMPOTENCY_KEYS
 from shared.db import db, transaction
 from shared.idempotency import IdempotencyKey, run_idempotently
 from tasks.retention import (prune_idempotency_keys, prune_notifications,
@@ -115,7 +114,6 @@ def test_beat_prunes_the_services_keys_and_the_gateways_notifications_and_sign_o
     scheduled = {(entry["task"], entry["args"]) for entry in celeryconfig.beat_schedule.values()}
     pruned_keys = {args for task, args in scheduled if task == prune_idempotency_keys.name}
     assert pruned_keys == {("orders",), ("payments",)}  # the gateway keeps none
-    assert set(SERVICES_KEEPING_IDEMPOTENCY_KEYS) == {"orders", "payments"}
     assert (prune_notifications.name, ("gateway",)) in scheduled
     assert (prune_signed_out_tokens.name, ("gateway",)) in scheduled
 
