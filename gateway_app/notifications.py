@@ -47,7 +47,7 @@ from shared.db import after_commit, db, driver_cursor
 from shared.errors import ApiError
 from shared.fields import WholeNumber
 from shared.http_api import Blueprint
-from shared.inbox import Handler, ReceivedEvent
+from shared.inbox.handling import Handler, ReceivedEvent
 from shared.jsonio import dumps_exact
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 
 from orders_app.service import PaymentResult, UnknownOrder, apply_payment_results
 from shared.contracts import PAYMENT_FAILED, PAYMENT_SUCCEEDED
-from shared.inbox import Handler, PermanentMessageError, ReceivedEvent
+from shared.inbox.handling import Handler, PermanentMessageError, ReceivedEvent
 
 
 def on_payment_results(session: Session, events: list[ReceivedEvent]) -> None:

@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 
 from payments_app.service import PaymentRequest, take_payments
 from shared.contracts import PAYMENT_REQUESTED
-from shared.inbox import Handler, ReceivedEvent
+from shared.inbox.handling import Handler, ReceivedEvent
 
 
 def on_payment_requests(session: Session, events: list[ReceivedEvent]) -> None:

@@ -53,7 +53,7 @@ ENVIRONMENT: dict[str, str] = {
     "INBOX_MAX_ATTEMPTS": "5",
     # Inbox rows are deleted once stored and handled (or discarded) this long ago (7 days, Kafka's
     # default retention), by a pruner beat runs every INBOX_PRUNE_INTERVAL_SECONDS
-    # (shared.inbox.prune_handled_messages).
+    # (shared.inbox.pruning.prune_handled_messages).
     "INBOX_RETENTION_SECONDS": "604800",
     "INBOX_PRUNE_INTERVAL_SECONDS": "600",
     # Idempotency keys are kept a day (a client retries within that; the key is then free again),

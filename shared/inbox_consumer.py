@@ -27,7 +27,7 @@ from confluent_kafka import (TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafk
                              TopicPartition)
 
 from shared.db import DatabaseOutageLog
-from shared.inbox import ConsumedRecord, insert_records
+from shared.inbox.storing import ConsumedRecord, insert_records
 from shared.task_queues import QUEUES_UNREACHABLE
 
 log = logging.getLogger(__name__)

@@ -127,9 +127,9 @@ def _drop_if_invalid(name: str) -> None:
 
 def index_handled_inbox_rows() -> None:
     """The handled inbox rows by when they were stored, for pruning the old ones (shared.inbox.
-    prune_handled_messages) without reading the table. Only handled rows: the entry is written by
-    the update that marks a message processed, which is never a HOT update (the pending index's
-    condition names `processed_at`) and so writes index entries anyway. A BRIN index on
+    pruning.prune_handled_messages) without reading the table. Only handled rows: the entry is
+    written by the update that marks a message processed, which is never a HOT update (the pending
+    index's condition names `processed_at`) and so writes index entries anyway. A BRIN index on
     `received_at` would cost less to keep, but finds nothing once pruned pages take new rows.
     Built concurrently: the inbox is the biggest table, and the consumers go on storing
     meanwhile."""

@@ -42,7 +42,7 @@ def _set_up_worker_logging(logger, **kwargs):
     # WARNING and above.
     for name in ("celery.app.trace", "celery.worker.strategy"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # Handlers log the request id of the message they handle (bound by shared.inbox).
+    # Handlers log the request id of the message they handle (bound by shared.inbox.handling).
     for handler in logger.handlers:
         log_with_request_ids(handler)
 

@@ -18,9 +18,11 @@ from flask import current_app
 
 from shared.config import SERVICES
 from shared.db import DatabaseOutageLog, held_up_by_a_lock, transaction
-from shared.inbox import (Outcome, claim_stalled_messages, handle_locked_message,
-                          handle_locked_messages_at_once, lock_in_order, note_try_begun,
-                          process_inbox_message, prune_handled_messages, record_failed_attempt)
+from shared.inbox.handling import (Outcome, handle_locked_message, handle_locked_messages_at_once,
+                                   lock_in_order, note_try_begun, process_inbox_message,
+                                   record_failed_attempt)
+from shared.inbox.pruning import prune_handled_messages
+from shared.inbox.sweeping import claim_stalled_messages
 from shared.task_queues import handler_queue
 from tasks.celery_app import app
 from tasks.retention import prune_in_transactions
@@ -158,10 +160,11 @@ def sweep_inbox(service: str) -> int:
     With no task waiting in the queue, each message goes to a task of its own, which notes as it
     begins that a try has begun: one whose handling crashes the worker then takes no batch of
     others down with it, again and again, and each such try that came to nothing counts as an
-    attempt when it is handed over next (shared.inbox), parked at the limit. A task that never
-    began (prefetched by a busy worker, or lost with one that crashed for another message's sake)
-    counts nothing. (One that was running on another of a crashing worker's threads counts too: in
-    a crash loop another message can be parked with the one to blame, for `tasks.parked replay`.)
+    attempt when it is handed over next (shared.inbox.sweeping), parked at the limit. A task that
+    never began (prefetched by a busy worker, or lost with one that crashed for another message's
+    sake) counts nothing. (One that was running on another of a crashing worker's threads counts
+    too: in a crash loop another message can be parked with the one to blame, for
+    `tasks.parked replay`.)
     While tasks wait, a message's own dispatch may wait among them: nothing is counted, and the
     messages go in batches, not to swell that backlog."""
     outage = _SWEEPS_DATABASE_OUTAGE[service]

@@ -31,7 +31,7 @@ import uuid
 
 from shared.config import SERVICES
 from shared.db import transaction
-from shared.inbox import discard_parked_messages, parked_messages, unpark_messages
+from shared.inbox.parked import discard_parked_messages, parked_messages, unpark_messages
 from shared.outbox import (discard_parked_outbox_messages, parked_outbox_messages,
                            unpark_outbox_messages)
 from shared.task_queues import QUEUES_UNREACHABLE

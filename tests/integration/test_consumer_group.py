@@ -16,7 +16,7 @@ from confluent_kafka.admin import AdminClient
 
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import driver_dsn
-from shared.inbox import ConsumedRecord
+from shared.inbox.storing import ConsumedRecord
 from shared.inbox_consumer import InboxConsumer, StoreOnOwnConnection
 from shared.kafka import build_consumer, new_topic
 from tests.polling import wait_for

@@ -21,7 +21,7 @@ from devstack.infra import free_port
 from orders_app import service as orders
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import connection_lost, db, driver_dsn, transaction
-from shared.inbox import ConsumedRecord
+from shared.inbox.storing import ConsumedRecord
 from shared.inbox_consumer import InboxConsumer, StoreOnOwnConnection
 from shared.kafka import build_consumer, new_topic
 from tasks.inbox import prune_inbox, sweep_inbox

@@ -43,7 +43,7 @@ from shared.app import MAX_REQUEST_BYTES
 from shared.contracts import ORDER_STATUS_CHANGED, PAYLOAD_SCHEMAS, new_event
 from shared.db import db, driver_dsn, transaction
 from shared.idempotency import REPLAYED_HEADER
-from shared.inbox import ReceivedEvent, StoredMessage
+from shared.inbox.handling import ReceivedEvent, StoredMessage
 from shared.jsonio import dumps_exact
 from shared.money import MAX_BALANCE
 from tests.network_tools import (HoldingProxy, NeverReadingServer, SilencingProxy,

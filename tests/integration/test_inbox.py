@@ -20,9 +20,12 @@ from sqlalchemy.orm import Session
 from shared.contracts import (FAILURE_REASONS, PAYLOAD_SCHEMAS, PAYMENT_FAILED, PAYMENT_REQUESTED,
                               PaymentFailedSchema, encode, new_event)
 from shared.db import db, transaction
-from shared.inbox import (ConsumedRecord, InboxMessage, Outcome, PermanentMessageError,
-                          ReceivedEvent, claim_stalled_messages, inbox_row, note_try_begun,
-                          process_inbox_message, record_failed_attempt, unpark_messages)
+from shared.inbox.handling import (Outcome, PermanentMessageError, ReceivedEvent, note_try_begun,
+                                   process_inbox_message, record_failed_attempt)
+from shared.inbox.model import InboxMessage
+from shared.inbox.parked import unpark_messages
+from shared.inbox.storing import ConsumedRecord, inbox_row
+from shared.inbox.sweeping import claim_stalled_messages
 from tasks.services import service_app
 from tests.postgres_tools import terminate_backend
 

@@ -17,7 +17,9 @@ import shared.db
 from shared.config import SERVICES
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, driver_dsn, transaction
-from shared.inbox import ConsumedRecord, InboxMessage, PermanentMessageError
+from shared.inbox.handling import PermanentMessageError
+from shared.inbox.model import InboxMessage
+from shared.inbox.storing import ConsumedRecord
 from shared.outbox import OutboxMessage
 from tasks.celery_app import app as celery_app
 from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, retry_countdown,
@@ -64,7 +66,7 @@ def test_a_handler_that_keeps_failing_is_retried_then_parked(settings, payments_
 def test_a_task_of_its_own_notes_its_try_begun_before_the_handler_runs(
         settings, payments_inbox, monkeypatch, user_id):
     """Committed before the handler runs, so that a try whose worker dies in the handler is on
-    record for the sweeper (which counts it: shared.inbox.claim_stalled_messages)."""
+    record for the sweeper (which counts it: shared.inbox.sweeping.claim_stalled_messages)."""
     seen = []
 
     def looking(session, events):
@@ -696,7 +698,7 @@ def test_a_message_stored_long_ago_and_discarded_now_keeps_its_row_a_retention(
 
 
 def test_a_record_never_parsed_is_not_replayed(settings, payments_inbox):
-    from shared.inbox import unpark_messages
+    from shared.inbox.parked import unpark_messages
 
     offset = uuid.uuid4().int % 10**9
     assert payments_inbox([ConsumedRecord("task-test", 7, offset, None, b"{broken", {})]) == []

@@ -196,7 +196,7 @@ def _drift(service: str, url: str, only: str | None = None) -> list:
 
 def _tables_declared(service: str) -> list[sa.Table]:
     """The tables the service's database has, as its models and shared/'s declare them."""
-    for module in ("shared.outbox", "shared.inbox", "shared.idempotency",
+    for module in ("shared.outbox", "shared.inbox.model", "shared.idempotency",
                    *(f"{app}_app.models" for app in SERVICES)):  # every model declared
         importlib.import_module(module)
     keeps_keys = service in SERVICES_KEEPING_IDEMPOTENCY_KEYS

@@ -80,7 +80,7 @@ def test_values_that_break_the_contract_are_malformed(value):
 ])
 def test_a_well_formed_envelope_whose_payload_is_refused_keeps_its_id_and_payload(changes, why):
     """What a producer newer than its reader sends: the reader refuses it, but can say which
-    message it was and what it held (shared/inbox.py keeps it to be replayed)."""
+    message it was and what it held (shared/inbox/storing.py keeps it to be replayed)."""
     body = json.loads(_wire(**changes))
     with pytest.raises(PayloadRefused, match=why) as refused:
         decode(json.dumps(body).encode())

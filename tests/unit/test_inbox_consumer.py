@@ -9,7 +9,7 @@ from confluent_kafka import (TIMESTAMP_CREATE_TIME, TIMESTAMP_LOG_APPEND_TIME,
 
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from shared.inbox import ConsumedRecord
+from shared.inbox.storing import ConsumedRecord
 from shared.inbox_consumer import (InboxConsumer, first_offsets, next_offsets, record_timestamp,
                                    to_record)
 

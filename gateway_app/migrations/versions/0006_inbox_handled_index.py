@@ -1,5 +1,5 @@
-"""Old handled inbox rows are pruned (shared.inbox.prune_handled_messages), found by an index of
-the handled rows by when they were stored.
+"""Old handled inbox rows are pruned (shared.inbox.pruning.prune_handled_messages), found by an
+index of the handled rows by when they were stored.
 
 Revision ID: 0006
 """

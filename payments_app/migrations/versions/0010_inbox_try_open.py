@@ -1,6 +1,6 @@
 """Inbox rows say whether a try of their message, by a task of its own, has begun and not ended
 (`try_open`): the sweeper counts such a try, lost with its worker, as an attempt, and no handing
-over that no try took up (shared.inbox.claim_stalled_messages).
+over that no try took up (shared.inbox.sweeping.claim_stalled_messages).
 
 Revision ID: 0010
 """

@@ -1,0 +1,300 @@
+"""Stored messages handled, each once: locked in order, handled, failed tries counted, parked."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.contracts import PAYLOAD_SCHEMAS, declared_fields
+from shared.db import driver_cursor, held_up_by_a_lock
+from shared.inbox.model import InboxMessage, _now
+from shared.outbox import outbox_rows_written_together
+from shared.request_context import request_id_bound
+
+log = logging.getLogger(__name__)
+
+
+class PermanentMessageError(Exception):
+    """The message can never succeed (it names an unknown order, say): park it without retrying."""
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """What handling needs of a stored message whose row the caller's transaction has locked."""
+
+    message_id: uuid.UUID
+    type: str | None
+    correlation_id: str | None
+    request_id: str | None
+    payload: dict[str, Any] | None  # as stored: JSON, not yet loaded by its contract's schema
+    done: bool  # processed or parked already
+
+
+@dataclass(frozen=True)
+class ReceivedEvent:
+    """A stored message as its handler gets it: the payload, loaded by its contract's schema, and
+    the message (id, type, correlation and request ids)."""
+
+    payload: dict[str, Any]
+    message: StoredMessage
+
+    def wire_payload(self) -> dict[str, Any]:
+        """The payload in its contract's wire form (amounts as strings of two decimals, ids as
+        written), whatever form it was stored in: the consumer stores it so, but a payload parked
+        as a newer producer sent it, then replayed, is kept as it came (a number for an amount,
+        an id in capitals)."""
+        return PAYLOAD_SCHEMAS[self.message.type].dump(self.payload)
+
+
+# A handler gets a run of messages of the types it is registered for, in the order they are to be
+# handled (by Kafka key, then by their place in the partition), and handles them all in the
+# caller's transaction, set-based where it can: a run costs its statements once, not once per
+# message. When a batch is retried message by message, each run holds one message.
+Handler = Callable[[Session, list[ReceivedEvent]], None]
+
+
+class Outcome(Enum):
+    PROCESSED = "processed"
+    ALREADY_DONE = "already_done"
+    PARKED = "parked"
+    MISSING = "missing"
+
+
+
+def process_inbox_message(
+    session: Session, message_id: uuid.UUID, handlers: dict[str, Handler]
+) -> Outcome:
+    """Handle one stored message in the caller's transaction, at most once.
+
+    The row is locked first, so two workers handed the same id run one after the other and the
+    second finds it already processed. The handler's effects, any outbox rows it writes and the
+    processed mark commit together.
+    """
+    locked = lock_in_order(session, [message_id])
+    if not locked:
+        return Outcome.MISSING
+    return handle_locked_message(session, locked[0], handlers)
+
+
+def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[StoredMessage]:
+    """Lock and load the messages, sorted by Kafka key, then by their place in the partition.
+
+    Handlers lock what belongs to a key (a user's account, say). Batches handled at the same time
+    that take their locks in one global order (these rows first, then what the handlers lock, key
+    by key) cannot deadlock each other, and a batch handles one key's messages in the order they
+    were sent (two batches handled at once can still commit one key's messages in either order).
+    """
+    # (A payload's numbers with a point read back as Decimals, as the consumer read them: shared.db.
+    # Valid payloads hold none, amounts being strings; a refused payload replayed may: _jsonb_text.)
+    with driver_cursor(session) as cursor:
+        cursor.execute(_LOCK_IN_ORDER, ([str(message_id) for message_id in message_ids],))
+        return [StoredMessage(uuid.UUID(message_id), *rest) for message_id, *rest in cursor]
+
+
+# One array parameter (`= ANY`), not an IN list, whatever the batch size.
+_LOCK_IN_ORDER = """
+SELECT message_id::text, type, correlation_id, request_id, payload,
+       processed_at IS NOT NULL OR parked_at IS NOT NULL
+FROM inbox_messages
+WHERE message_id = ANY(%s::uuid[])
+ORDER BY key, topic, partition, "offset"
+FOR UPDATE"""
+
+
+def handle_locked_message(session: Session, message: StoredMessage,
+                          handlers: dict[str, Handler], max_attempts: int | None = None) -> Outcome:
+    """Handle a message whose row the caller's transaction has locked.
+
+    The handler runs in a savepoint: when it raises, what it wrote is undone, the attempt stays
+    counted on the row, with its error, and the exception goes on to the caller (who retries the
+    message later); a PermanentMessageError parks the message instead. With `max_attempts` (for a
+    caller that commits the count: a batch handling its messages one by one), a failure that uses
+    the message's last attempt parks it too, rather than leave it to be tried once more.
+    """
+    if message.done:
+        return Outcome.ALREADY_DONE
+    ready = _ready_to_handle(message, handlers)
+    if isinstance(ready, str):
+        _park(session, {message.message_id: ready})
+        return Outcome.PARKED
+    handler, event = ready
+    try:
+        with session.begin_nested(), request_id_bound(message.request_id):
+            handler(session, [event])
+            log.info("handled %s %s", message.type, message.message_id)
+    except PermanentMessageError as exc:
+        _park(session, {message.message_id: str(exc)})
+        return Outcome.PARKED
+    except Exception as exc:
+        # A try held up by another session's lock is no fault of the message's: it counts none
+        # of its attempts, but is noted, so that the sweeper leaves the message to its retry.
+        if held_up_by_a_lock(exc):
+            with driver_cursor(session) as cursor:
+                cursor.execute(_NOTE_TRY, {"message_id": str(message.message_id), "now": _now()})
+            raise
+        if _count_failed_attempt(session, message.message_id, repr(exc), max_attempts):
+            return Outcome.PARKED
+        raise
+    _mark_processed(session, [message.message_id])
+    return Outcome.PROCESSED
+
+
+def _count_failed_attempt(session: Session, message_id: uuid.UUID, error: str,
+                          max_attempts: int | None) -> bool:
+    """Count a failed try of a message the transaction has locked, with its error; park it when
+    that was its last attempt (of `max_attempts`, if given). Returns True when it is parked."""
+    with driver_cursor(session) as cursor:
+        cursor.execute(_COUNT_ATTEMPT, {"message_id": str(message_id), "now": _now(),
+                                        "error": error[:2000], "max_attempts": max_attempts})
+        attempts, parked = cursor.fetchone()
+    if parked:
+        log.error("parked inbox message %s after %d attempts: %s", message_id, attempts, error)
+    return parked
+
+
+def handle_locked_messages_at_once(session: Session, messages: list[StoredMessage],
+                                   handlers: dict[str, Handler]) -> None:
+    """Handle messages whose rows the caller's transaction has locked, with no savepoints, and mark
+    them processed with one UPDATE at the end; the outbox rows they write go in one INSERT.
+
+    Consecutive messages with the same handler go to it as one run. Nothing can be undone on its
+    own here: any exception, PermanentMessageError included, goes to the caller, whose transaction
+    must then roll back as a whole (and may handle the messages one by one with
+    handle_locked_message). In exchange a run costs its handler's statements and no more.
+    """
+    runs: list[tuple[Handler, list[ReceivedEvent]]] = []
+    unusable: dict[uuid.UUID, str] = {}
+    for message in messages:
+        if message.done:
+            continue
+        ready = _ready_to_handle(message, handlers)
+        if isinstance(ready, str):
+            unusable[message.message_id] = ready
+            continue
+        handler, event = ready
+        if runs and runs[-1][0] is handler:
+            runs[-1][1].append(event)
+        else:
+            runs.append((handler, [event]))
+    processed: list[uuid.UUID] = []
+    with outbox_rows_written_together(session):
+        for handler, events in runs:
+            handler(session, events)
+            for event in events:
+                with request_id_bound(event.message.request_id):
+                    log.info("handled %s %s", event.message.type, event.message.message_id)
+                processed.append(event.message.message_id)
+    if unusable:
+        _park(session, unusable)
+    if processed:
+        _mark_processed(session, processed)
+
+
+def _mark_processed(session: Session, message_ids: list[uuid.UUID]) -> None:
+    with driver_cursor(session) as cursor:
+        cursor.execute(_MARK_PROCESSED, {"message_ids": [str(m) for m in message_ids],
+                                         "now": _now()})
+
+
+_MARK_PROCESSED = """
+UPDATE inbox_messages
+SET attempts = attempts + 1, last_attempt_at = %(now)s, processed_at = %(now)s, last_error = NULL
+WHERE message_id = ANY(%(message_ids)s::uuid[])"""
+# (`attempts` on the right of SET is the count before this try.)
+_COUNT_ATTEMPT = """
+UPDATE inbox_messages
+SET attempts = attempts + 1, last_attempt_at = %(now)s, last_error = %(error)s,
+    parked_at = CASE WHEN attempts + 1 >= %(max_attempts)s THEN %(now)s END
+WHERE message_id = %(message_id)s::uuid
+RETURNING attempts, parked_at IS NOT NULL"""
+_NOTE_TRY = ("UPDATE inbox_messages SET last_attempt_at = %(now)s"
+             " WHERE message_id = %(message_id)s::uuid")
+
+
+def _park(session: Session, reasons: dict[uuid.UUID, str]) -> None:
+    """Park messages whose rows the transaction has locked, each with its reason."""
+    with driver_cursor(session) as cursor:
+        for message_id, reason in reasons.items():
+            cursor.execute(_PARK, {"message_id": str(message_id), "reason": reason[:2000],
+                                   "now": _now()})
+            log.error("parked inbox message %s: %s", message_id, reason)
+
+
+_PARK = """
+UPDATE inbox_messages
+SET attempts = attempts + 1, last_attempt_at = %(now)s, parked_at = %(now)s, last_error = %(reason)s
+WHERE message_id = %(message_id)s::uuid"""
+
+
+def _ready_to_handle(message: StoredMessage,
+                     handlers: dict[str, Handler]) -> tuple[Handler, ReceivedEvent] | str:
+    """The message's handler and the event to give it, or why the message must be parked: it has
+    no handler, or a payload that breaks its contract."""
+    handler = handlers.get(message.type)
+    if handler is None:
+        return f"no handler for message type {message.type!r}"
+    try:
+        payload = PAYLOAD_SCHEMAS[message.type].load(message.payload)
+    except Exception as exc:  # stored before the contract changed, or edited by hand
+        return f"payload breaks the contract: {exc}"
+    declared = declared_fields(message.type)
+    if not message.payload.keys() <= declared:
+        # Stored as sent (parked, refused, then replayed): the handler sees, as with any message
+        # the consumer stored, only the fields the contract declares (shared/contracts.py).
+        message = replace(message, payload={
+            name: value for name, value in message.payload.items() if name in declared})
+    return handler, ReceivedEvent(payload, message)
+
+
+def note_try_begun(session: Session, message_id: uuid.UUID) -> None:
+    """Note, in a transaction of its own committed before the try, that a try of the message
+    begins (`try_open`, and `last_attempt_at`): should the try never end (its worker crashes, or
+    hangs), the sweeper, handing the message over again, counts it as an attempt; a failure
+    recorded (record_failed_attempt) ends it. Nothing is noted while another handler holds the
+    row: that one is at work on it."""
+    with driver_cursor(session) as cursor:
+        cursor.execute(_NOTE_TRY_BEGUN, {"message_id": str(message_id), "now": _now()})
+
+
+_NOTE_TRY_BEGUN = """
+UPDATE inbox_messages SET try_open = true, last_attempt_at = %(now)s
+WHERE message_id = (SELECT message_id FROM inbox_messages
+                    WHERE message_id = %(message_id)s::uuid
+                          AND processed_at IS NULL AND parked_at IS NULL
+                    FOR UPDATE SKIP LOCKED)"""
+
+
+def record_failed_attempt(
+    session: Session, message_id: uuid.UUID, error: str, max_attempts: int,
+    counted: bool = True,
+) -> bool:
+    """Note a failed try in its own transaction, as one of the message's attempts unless not
+    `counted` (held up by another session's lock: then its error replaces none the message's own
+    tries left, which an operator reading a parked message wants to see); park the message once
+    it has used them all.
+
+    Returns True when the message is now parked.
+    """
+    message = session.scalars(
+        select(InboxMessage).where(InboxMessage.message_id == message_id).with_for_update()
+    ).one_or_none()
+    if message is None or message.processed_at is not None or message.parked_at is not None:
+        return False
+    message.attempts += 1 if counted else 0
+    message.last_attempt_at = _now()
+    message.try_open = False
+    if counted or message.last_error is None:  # (a lock waited on says nothing of the message)
+        message.last_error = error[:2000]
+    if counted and message.attempts >= max_attempts:
+        message.parked_at = _now()
+        log.error("parked inbox message %s after %d attempts: %s",
+                  message_id, message.attempts, error)
+        return True
+    return False

@@ -1,0 +1,56 @@
+"""The inbox's table: a row for each message consumed, kept until it is handled and pruned."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import (BigInteger, Boolean, DateTime, Index, Integer, String, Text, false, func,
+                        text)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.db import db
+
+
+class InboxMessage(db.Model):
+    __tablename__ = "inbox_messages"
+
+    message_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(249))
+    partition: Mapped[int] = mapped_column(Integer)
+    offset: Mapped[int] = mapped_column(BigInteger)
+    key: Mapped[str | None] = mapped_column(String(255))
+    type: Mapped[str | None] = mapped_column(String(100))
+    correlation_id: Mapped[str | None] = mapped_column(String(100))
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    payload: Mapped[dict | None] = mapped_column(JSONB)
+    raw_value: Mapped[str | None] = mapped_column(Text)
+    # The Kafka record's timestamp: when the sending relay produced it (None if it has none).
+    produced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                  server_default=func.now())
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # When a try last began (in a task of its own: note_try_begun) or ended, the sweeper last
+    # handed the message over again, or a replay made it as new.
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A try by a task of its own has begun and not ended (a failure recorded, or counted lost).
+    try_open: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index(
+            "ix_inbox_messages_pending",
+            "received_at",
+            postgresql_where=text("processed_at IS NULL AND parked_at IS NULL"),
+        ),
+        # For pruning old handled rows (prune_handled_messages).
+        Index("ix_inbox_messages_handled", "received_at",
+              postgresql_where=text("processed_at IS NOT NULL")),
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

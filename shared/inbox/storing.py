@@ -1,0 +1,210 @@
+"""Records consumed from Kafka stored as inbox rows, once each (unparseable ones parked)."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from psycopg2.extras import Json, execute_values
+
+from shared.contracts import Envelope, MalformedMessage, PayloadRefused, decode
+from shared.inbox.model import _now
+from shared.jsonio import dumps_exact
+from shared.request_context import REQUEST_ID_KAFKA_HEADER
+
+# Ids for records that cannot be parsed: derived from where they sit in Kafka, so a redelivery of
+# the same record maps to the same inbox row.
+_POSITION_NAMESPACE = uuid.UUID("6f1d1b38-5a53-4a5e-9a57-2a1f5c3e7b11")
+
+
+@dataclass(frozen=True)
+class ConsumedRecord:
+    """One Kafka record, as the consumer saw it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+    timestamp: datetime | None = None  # the record's timestamp, if it has one
+
+
+def _position_id(record: ConsumedRecord) -> uuid.UUID:
+    """The id a record that cannot be parsed is parked under: its position, and a digest of its
+    value, so that the record read again is the same row, and another record at the same position
+    (a topic deleted and made again starts its offsets at 0) is a row of its own. Not its
+    `message_id` header: nothing of such a record can be trusted, and parked under a valid
+    message's id it would make the inbox drop that message as a repeat."""
+    digest = hashlib.sha256(record.value or b"").hexdigest()
+    return uuid.uuid5(_POSITION_NAMESPACE,
+                      f"{record.topic}:{record.partition}:{record.offset}:{digest}")
+
+
+def _storable_text(raw: bytes | str | None, limit: int | None = None) -> str | None:
+    """Text from a record as PostgreSQL's text can hold it: bytes that are not UTF-8, a NUL
+    character and an unpaired surrogate become replacement characters (the last two would fail
+    the batch's insert, and with it every later poll of the partition)."""
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = text.replace("\x00", "\ufffd")
+    text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")  # a surrogate: U+FFFD
+    return text[:limit]
+
+
+def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
+    """The inbox row for a record: a parsed event; a parked one, its type or payload refused; or
+    a parked row holding the raw value."""
+    row = {
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "key": _storable_text(record.key, 255),
+        "request_id": _storable_text(record.headers.get(REQUEST_ID_KAFKA_HEADER) or None, 128),
+        "produced_at": record.timestamp,
+    }
+    try:
+        envelope: Envelope = decode(record.value)
+    except PayloadRefused as exc:
+        try:
+            payload = _JsonText(_jsonb_text(exc.envelope["payload"],
+                                            numbers_printed_at_most=4 * len(record.value)))
+        except (ValueError, RecursionError):  # (RecursionError: nested deeper than it is written)
+            return _parked_raw(row, record, exc)
+        # Parked under its own id with its payload as sent: once this service knows its type or
+        # its payload's new form, a replay hands it to its handler, which reads the payload again
+        # (_ready_to_handle). Its offset is committed all the same, so kept only as a raw value,
+        # it could never be handled: an order paid for by a newer payments service, say, would
+        # stay NEW for ever.
+        return row | {
+            "message_id": exc.envelope["message_id"],
+            "type": exc.envelope["type"],
+            "correlation_id": exc.envelope["correlation_id"],
+            "payload": payload,
+            "parked_at": _now(),
+            "last_error": _storable_text(str(exc), 2000),
+        }
+    except MalformedMessage as exc:
+        return _parked_raw(row, record, exc)
+    return row | {
+        "message_id": envelope.message_id,
+        "type": envelope.type,
+        "correlation_id": envelope.correlation_id,
+        "payload": envelope.payload_json(),
+    }
+
+
+def _parked_raw(row: dict[str, Any], record: ConsumedRecord,
+                exc: MalformedMessage) -> dict[str, Any]:
+    """A record that cannot be handled as it is, parked as the text it came as."""
+    return row | {
+        "message_id": _position_id(record),
+        "raw_value": _storable_text(record.value),
+        "parked_at": _now(),
+        "last_error": _storable_text(str(exc), 2000),
+    }
+
+
+# The most a number in a refused payload may hold, in digits and in its exponent: PostgreSQL's
+# numeric reads an exponent of at most 1000 (a record's text is parked raw past that).
+_LONGEST_NUMBER = 1000
+
+
+def _jsonb_text(value: Any, numbers_printed_at_most: int) -> str:
+    """`value`, a JSON value as the consumer read it (shared.jsonio: a number with a point or an
+    exponent a Decimal), as JSON text that jsonb takes, its numbers exact and as long as they were
+    sent (a handler reading them again gets the Decimal that was sent: an amount of 10.50 read
+    back as a float would break its contract); a ValueError for what would fail the batch's
+    insert: a string or key with a NUL character or an unpaired surrogate, or a number past
+    numeric's reach; or for numbers PostgreSQL would print back longer, all told, than
+    `numbers_printed_at_most` characters (it prints 1e1000 in full: a record of them read back, by
+    a replay or a listing, would be a hundred times its size). (A RecursionError: nested deeper
+    than it can be checked.)"""
+    if _printed_length_of_numbers(value) > numbers_printed_at_most:
+        raise ValueError("numbers that PostgreSQL would print back far longer than they came")
+    return dumps_exact(value)
+
+
+def _printed_length_of_numbers(value: Any) -> int:
+    """How long PostgreSQL prints back the numbers in `value`, all told (in full, never with an
+    exponent); a ValueError for what jsonb cannot take (see _jsonb_text)."""
+    if isinstance(value, Decimal):
+        digits, exponent = value.as_tuple()[1:]
+        if max(len(digits), abs(exponent), abs(value.adjusted())) > _LONGEST_NUMBER:
+            raise ValueError("a number past numeric's reach")
+        return max(len(digits), value.adjusted() + 1) + max(0, -exponent) + 2
+    if isinstance(value, int) and not isinstance(value, bool):
+        if len(str(abs(value))) > _LONGEST_NUMBER:
+            raise ValueError("a number past numeric's reach")
+        return len(str(value))
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("a NUL character")
+        value.encode("utf-8")  # an unpaired surrogate: a UnicodeEncodeError, a ValueError
+        return 0
+    if isinstance(value, list):
+        return sum(_printed_length_of_numbers(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_printed_length_of_numbers(key) + _printed_length_of_numbers(item)
+                   for key, item in value.items())
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"not a JSON value: {type(value).__name__}")
+    return 0
+
+
+class _JsonText(Json):
+    """JSON already written, for psycopg2 to pass on as it is."""
+
+    def dumps(self, obj: str) -> str:
+        return obj
+
+
+def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
+    """Insert the records not seen before with one statement on a driver cursor (atomic on its
+    own, so the consumer runs it in autocommit: shared/inbox_consumer.py); return the ids of the
+    new ones that await handling."""
+    if not records:
+        return []
+    rows: dict[uuid.UUID, dict[str, Any]] = {}
+    for record in records:
+        row = inbox_row(record)
+        rows.setdefault(row["message_id"], row)  # a repeat inside one batch is stored once
+    values = [(str(row["message_id"]), row["topic"], row["partition"], row["offset"], row["key"],
+               row.get("type"), row.get("correlation_id"), row["request_id"],
+               _as_json(row.get("payload")), row.get("raw_value"),
+               row.get("parked_at"), row.get("last_error"), row["produced_at"])
+              for row in rows.values()]
+    inserted = execute_values(cursor, _STORE, values, template=_STORED_ROW, page_size=len(values),
+                              fetch=True)
+    return [uuid.UUID(message_id) for message_id, parked in inserted if not parked]
+
+
+def _as_json(payload: dict[str, Any] | Json | None) -> Json | None:
+    return payload if payload is None or isinstance(payload, Json) else Json(payload)
+
+
+# The inbox's statements go straight to the driver, as every message passes through them: the
+# consumer stores on a psycopg2 connection of its own, the handlers run theirs on a
+# shared.db.driver_cursor.
+# A record already stored is passed over by a read of the stored ids, which never waits, before the
+# insert: an insert meeting a row that a handler's transaction has marked and not yet committed
+# waits for it (up to lock_timeout, 2 s, then the whole batch failed and was read again, until the
+# handler committed). ON CONFLICT is for two consumers storing one new record at once.
+_STORE = """
+INSERT INTO inbox_messages (message_id, topic, partition, "offset", key, type, correlation_id,
+                            request_id, payload, raw_value, parked_at, last_error, produced_at)
+SELECT * FROM (VALUES %s) AS received (message_id, topic, partition, "offset", key, type,
+                                        correlation_id, request_id, payload, raw_value, parked_at,
+                                        last_error, produced_at)
+WHERE NOT EXISTS (SELECT FROM inbox_messages AS stored
+                  WHERE stored.message_id = received.message_id)
+ON CONFLICT (message_id) DO NOTHING
+RETURNING message_id::text, parked_at IS NOT NULL"""
+# (Typed: the values of a VALUES list read as text where they are not numbers.)
+_STORED_ROW = ("(%s::uuid, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s::timestamptz, %s,"
+               " %s::timestamptz)")
