@@ -19,7 +19,7 @@ from bench.shop import service_cursor
 from devstack.stack import Stack
 from shared.config import load_settings
 from shared.kafka import FLUSH_TIMEOUT_S, ensure_topics, producer_config
-from shared.outbox import RELAY_SELECT, relay_headers
+from shared.outbox.relaying import RELAY_SELECT, relay_headers
 
 INSERT_ROWS = """
 INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, envelope, created_at)

@@ -22,7 +22,7 @@ from shared.cache import invalidate_after_commit
 from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, new_event
 from shared.db import driver_cursor
 from shared.errors import ApiError, NotFound
-from shared.outbox import add_outbox_message, outbox_message_statement
+from shared.outbox.writing import add_outbox_message, outbox_message_statement
 
 
 @dataclass(frozen=True, slots=True)

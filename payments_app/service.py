@@ -24,7 +24,7 @@ from shared.contracts import (INSUFFICIENT_FUNDS, NO_ACCOUNT, PAYMENT_FAILED, PA
 from shared.db import driver_cursor
 from shared.errors import Conflict, NotFound, Unprocessable
 from shared.money import MAX_BALANCE
-from shared.outbox import add_outbox_message
+from shared.outbox.writing import add_outbox_message
 
 
 def open_account(session: Session, *, user_id: str) -> Account:

@@ -10,7 +10,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shared.config import Settings
-from shared.outbox import Refusal, RelayRow, relay_headers
+from shared.outbox.relaying import Refusal, RelayRow, relay_headers
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,8 @@ class OutboxPublisher:
         longer has, say), retried later, and holds back the rows of its key the same way; a fatal
         producer error holds back every row after it. (A message the broker refuses later,
         in its delivery report, holds nothing of this batch back: the rows after it may already
-        be on their way; the later reads hold back its key, shared.outbox.CLAIM_ROWS. The rows
-        of a record batch it refuses as too large are each sent again alone, to
+        be on their way; the later reads hold back its key, shared.outbox.relaying.CLAIM_ROWS. The
+        rows of a record batch it refuses as too large are each sent again alone, to
         learn which is: `_send_each_alone`.) A refusal says whether the broker answered with it
         (`Refusal.answered`: `_answered`), or gave no answer at all (a message timed out).
         """

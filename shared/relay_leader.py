@@ -17,7 +17,7 @@ from typing import TypeVar
 import psycopg2
 
 from shared.db import driver_dsn
-from shared.outbox import OUTBOX_CHANNEL
+from shared.outbox.writing import OUTBOX_CHANNEL
 
 # An arbitrary constant: the key of the advisory lock that makes one relay per database the leader.
 RELAY_LEADER_LOCK_KEY = 0x0B0C5E1B
@@ -55,8 +55,8 @@ class RelayLeaderConnection:
             # This connection runs the relay's statements only, all of them by id.
             cursor.execute("SET enable_seqscan = off")
             # The read's cost, as the planner estimates it, grows with the rows it may have to
-            # walk past (refused ones waiting, shared.outbox.CLAIM_ROWS), and past jit_above_cost
-            # PostgreSQL compiles it first: 80 ms a read that otherwise takes 16.
+            # walk past (refused ones waiting, shared.outbox.relaying.CLAIM_ROWS), and past
+            # jit_above_cost PostgreSQL compiles it first: 80 ms a read that otherwise takes 16.
             cursor.execute("SET jit = off")
 
     def lead(self) -> bool:
@@ -85,7 +85,7 @@ class RelayLeaderConnection:
         return self._connection.cursor()
 
     def ask(self, question: Callable[..., T], *args) -> T:
-        """`question(cursor, *args)` (one of shared.outbox's), on a cursor of its own."""
+        """`question(cursor, *args)` (one of shared.outbox.relaying's), on a cursor of its own."""
         with self.cursor() as cursor:
             return question(cursor, *args)
 

@@ -32,8 +32,8 @@ import uuid
 from shared.config import SERVICES
 from shared.db import transaction
 from shared.inbox.parked import discard_parked_messages, parked_messages, unpark_messages
-from shared.outbox import (discard_parked_outbox_messages, parked_outbox_messages,
-                           unpark_outbox_messages)
+from shared.outbox.parked import (discard_parked_outbox_messages, parked_outbox_messages,
+                                  unpark_outbox_messages)
 from shared.task_queues import QUEUES_UNREACHABLE
 from tasks.inbox import dispatch_inbox_messages
 from tasks.services import service_app

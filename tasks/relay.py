@@ -11,9 +11,9 @@ notify, never for a poll.
 Through an outage of some keys (a topic the relay may not write to, a partition whose broker is
 lost) the rows the broker refused wait for their next try, the later rows of their keys behind
 them, and a read walks over all of them to find the rows that may go: 1.3 s a read with a million
-(shared.outbox.CLAIM_ROWS). That read stays the only one that chooses rows to send, but after one
-slower than SLOW_WALK_SECONDS that found all it could send while refused rows are there, the
-leader reads again only once something may have changed for the rows it left (_StandingBacklog):
+(shared.outbox.relaying.CLAIM_ROWS). That read stays the only one that chooses rows to send, but
+after one slower than SLOW_WALK_SECONDS that found all it could send while refused rows are there,
+the leader reads again only once something may have changed for the rows it left (_StandingBacklog):
 at each wake-up it first asks whether a row newer than the newest it knew of may go (a walk of the
 new rows only), and reads again at once if one may, once the first refused row that holds rows
 back may be tried again (WALK_FOR_A_DUE_ROW_AT_MOST_EVERY_SECONDS after the last read at the
@@ -47,9 +47,9 @@ from flask import current_app
 from shared.config import SERVICES
 from shared.db import DatabaseOutageLog
 from shared.kafka import OutboxPublisher, ensure_topics
-from shared.outbox import (count_parked_outbox_messages, first_refused_row_due_in,
-                           newer_row_may_go, newest_row_id, refused_rows_wait,
-                           relay_pending_outbox, rows_were_refused, vacuum_outbox)
+from shared.outbox.relaying import (count_parked_outbox_messages, first_refused_row_due_in,
+                                    newer_row_may_go, newest_row_id, refused_rows_wait,
+                                    relay_pending_outbox, rows_were_refused, vacuum_outbox)
 from shared.relay_leader import RelayLeaderConnection
 from tasks.celery_app import app
 from tasks.services import ServiceTask
@@ -61,21 +61,22 @@ _PUBLISHER = "hseshop.outbox_publisher"
 # makes good a notification lost with a connection.
 RECHECK_SECONDS = 1.0
 # The leader vacuums the outbox once it has deleted this many rows since it last did
-# (shared.outbox.vacuum_outbox), between one wake-up's sending and its next wait.
+# (shared.outbox.relaying.vacuum_outbox), between one wake-up's sending and its next wait.
 VACUUM_AFTER_ROWS = 1000
 # How long the leader gives each of the topic check's two broker calls after a refused batch.
 TOPIC_CHECK_TIMEOUT_SECONDS = 2.0
 
 # A leader whose every batch has had rows without an answer from the broker for this long (no row
-# taken; a row refused by the broker for its topic or record, shared.outbox.Refusal.answered, does
-# not end the count while a row left without an answer waits), while rows waited (refused rows
-# waiting for their next try count: shared.outbox.FIRST_RETRY_AFTER_SECONDS), steps down: it closes
-# its connection, and the lock with it, and this process takes no lead of that outbox for
-# SIT_OUT_SECONDS, so that beat's next runs find a relay in another worker, whose way to the broker
-# may be sound. Where the broker is down for all, the lead just moves on (or, with one worker, comes
-# back after the sit-out). A row the broker answers with a refusal (a topic the relay may not write
-# to, say) says that this worker reaches it: another would be refused the same, and a leader
-# stepping down over it would only keep the rows committed meanwhile waiting.
+# taken; a row refused by the broker for its topic or record,
+# shared.outbox.relaying.Refusal.answered, does not end the count while a row left without an answer
+# waits), while rows waited (refused rows waiting for their next try count:
+# shared.outbox.relaying.FIRST_RETRY_AFTER_SECONDS), steps down: it closes its connection, and the
+# lock with it, and this process takes no lead of that outbox for SIT_OUT_SECONDS, so that beat's
+# next runs find a relay in another worker, whose way to the broker may be sound. Where the broker
+# is down for all, the lead just moves on (or, with one worker, comes back after the sit-out). A row
+# the broker answers with a refusal (a topic the relay may not write to, say) says that this worker
+# reaches it: another would be refused the same, and a leader stepping down over it would only keep
+# the rows committed meanwhile waiting.
 STEP_DOWN_AFTER_SECONDS = 60.0
 SIT_OUT_SECONDS = 10.0
 # A read slower than this that found all it could send (fewer rows than a batch) walked over a
@@ -87,11 +88,11 @@ SLOW_WALK_SECONDS = 0.05
 WALK_AT_LEAST_EVERY_SECONDS = 10.0
 # Meanwhile, a refused row whose wait is over is read this long after the last read at the
 # soonest: the first refused rows of many keys, refused at different moments, have their waits
-# (up to 30 s, shared.outbox.LONGEST_RETRY_AFTER_SECONDS) end all through the half minute, and
-# reading for each would read at nearly every wake-up again.
+# (up to 30 s, shared.outbox.relaying.LONGEST_RETRY_AFTER_SECONDS) end all through the half
+# minute, and reading for each would read at nearly every wake-up again.
 WALK_FOR_A_DUE_ROW_AT_MOST_EVERY_SECONDS = 5.0
-# While rows are parked (shared.outbox), the leader says so this often, and as it starts to lead:
-# the later rows of their keys wait behind them, and a one-off log line is easily missed.
+# While rows are parked (shared.outbox.relaying), the leader says so this often, and as it starts to
+# lead: the later rows of their keys wait behind them, and a one-off log line is easily missed.
 PARKED_REMINDER_SECONDS = 300.0
 
 _stopping = threading.Event()
@@ -260,15 +261,15 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                        publisher: OutboxPublisher, left_unanswered: set[int],
                        ) -> tuple[int, bool, bool, bool]:
     """Send batch after batch until none is left or the broker takes none of a batch; returns how
-    many rows were sent, whether the broker refused any with an answer (shared.outbox.Refusal),
-    whether it took none of a batch and left rows of it without an answer, and whether
-    the last read was slower than SLOW_WALK_SECONDS and found all it could send (fewer rows than a
-    batch, of which the broker may have refused some, now waiting). The rows it refused wait
-    for their next try (shared.outbox), and the next read passes over them, so a batch it took in
-    part is followed by the next; the refusals are logged, and the topics checked, once a call.
-    (Messages too large ever to be sent say nothing about the broker: they are parked, and the
-    next read passes over them too.) `left_unanswered` becomes the rows left without an answer at
-    their last try, of those it held and those read now."""
+    many rows were sent, whether the broker refused any with an answer
+    (shared.outbox.relaying.Refusal), whether it took none of a batch and left rows of it without an
+    answer, and whether the last read was slower than SLOW_WALK_SECONDS and found all it could send
+    (fewer rows than a batch, of which the broker may have refused some, now waiting). The rows it
+    refused wait for their next try (shared.outbox.relaying), and the next read passes over them, so
+    a batch it took in part is followed by the next; the refusals are logged, and the topics
+    checked, once a call. (Messages too large ever to be sent say nothing about the broker: they are
+    parked, and the next read passes over them too.) `left_unanswered` becomes the rows left without
+    an answer at their last try, of those it held and those read now."""
     sent = refused = 0
     answered = unanswered = walked_slowly = False
     while not _stopping.is_set():

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from shared.contracts import PAYLOAD_SCHEMAS, declared_fields
 from shared.db import driver_cursor, held_up_by_a_lock
 from shared.inbox.model import InboxMessage, _now
-from shared.outbox import outbox_rows_written_together
+from shared.outbox.writing import outbox_rows_written_together
 from shared.request_context import request_id_bound
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from shared.idempotency import REPLAYED, REPLAYED_HEADER
 from shared.internal_auth import identity_headers
 from shared.kafka import broker_reachable
 from shared.money import MAX_BALANCE
-from shared.outbox import OutboxMessage
+from shared.outbox.writing import OutboxMessage
 from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_described,
                                  assert_documented, assert_headers_documented, asked, codes_named,
                                  documented_answers, documented_errors, operations,

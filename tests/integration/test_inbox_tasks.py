@@ -20,7 +20,7 @@ from shared.db import db, driver_dsn, transaction
 from shared.inbox.handling import PermanentMessageError
 from shared.inbox.model import InboxMessage
 from shared.inbox.storing import ConsumedRecord
-from shared.outbox import OutboxMessage
+from shared.outbox.writing import OutboxMessage
 from tasks.celery_app import app as celery_app
 from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, retry_countdown,
                          sweep_inbox, tasks_waiting)

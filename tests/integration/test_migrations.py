@@ -22,7 +22,7 @@ from shared.db import SESSION_LIMITS, db, driver_dsn
 from shared.idempotency import IdempotencyKey
 from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, ServerTooOld,
                                alembic_config, ensure_database, upgrade)
-from shared.outbox import CLAIM_ROWS
+from shared.outbox.relaying import CLAIM_ROWS
 from tests.environment import database_name
 from tests.polling import wait_for
 from tests.postgres_tools import other_sessions
@@ -196,7 +196,7 @@ def _drift(service: str, url: str, only: str | None = None) -> list:
 
 def _tables_declared(service: str) -> list[sa.Table]:
     """The tables the service's database has, as its models and shared/'s declare them."""
-    for module in ("shared.outbox", "shared.inbox.model", "shared.idempotency",
+    for module in ("shared.outbox.writing", "shared.inbox.model", "shared.idempotency",
                    *(f"{app}_app.models" for app in SERVICES)):  # every model declared
         importlib.import_module(module)
     keeps_keys = service in SERVICES_KEEPING_IDEMPOTENCY_KEYS

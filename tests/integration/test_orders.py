@@ -11,7 +11,7 @@ from sqlalchemy import select
 from orders_app import service
 from orders_app.models import Order
 from shared.db import db, transaction
-from shared.outbox import OutboxMessage
+from shared.outbox.writing import OutboxMessage
 
 
 def _placed(user_id: str, count: int) -> list[uuid.UUID]:

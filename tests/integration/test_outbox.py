@@ -28,9 +28,9 @@ from shared.contracts import PAYMENT_REQUESTED, new_event
 from shared.db import db, driver_cursor, driver_dsn, transaction
 from shared.kafka import OutboxPublisher
 from shared.task_queues import worker_queues
-from shared.outbox import (CLAIM_ROWS, FIRST_RETRY_AFTER_SECONDS, REFUSED_LOOKED_AT,
-                           OutboxMessage, Refusal, add_outbox_message,
-                           outbox_rows_written_together, relay_pending_outbox, vacuum_outbox)
+from shared.outbox.relaying import (CLAIM_ROWS, FIRST_RETRY_AFTER_SECONDS, REFUSED_LOOKED_AT,
+                                    Refusal, relay_pending_outbox, vacuum_outbox)
+from shared.outbox.writing import OutboxMessage, add_outbox_message, outbox_rows_written_together
 from shared.relay_leader import RelayLeaderConnection
 from shared.request_context import request_id_bound
 from tasks.services import service_app
@@ -264,7 +264,8 @@ def test_rows_the_broker_refuses_wait_for_their_next_try_and_the_rows_behind_the
     """Refused rows at the head of the table, a batch of them and more, do not stop the relay:
     each waits for its next try, longer after each refusal, and the next read passes over it,
     so that the rows of other keys behind it go out meanwhile."""
-    monkeypatch.setattr("shared.outbox.FIRST_RETRY_AFTER_SECONDS", 10.0)  # (a loaded machine)
+    # (a loaded machine)
+    monkeypatch.setattr("shared.outbox.relaying.FIRST_RETRY_AFTER_SECONDS", 10.0)
     publisher = OutboxPublisher(settings)
     _relay_all(publisher)  # whatever earlier tests left behind
     refused = [_place(f"{user_id}-{n}", "1.00").id for n in range(3)]
@@ -531,8 +532,8 @@ class _RecordingCursor:
 def test_a_row_among_a_batchs_rows_that_was_not_sent_is_not_deleted(in_orders, settings,
                                                                       user_id, unsent):
     """The relay deletes the rows sent by walking the primary key from the first to the last
-    (shared.outbox._delete_rows): a row between them that was not sent stays. Committed late
-    (its id taken before the rows after it were committed, its commit while the batch was out,
+    (shared.outbox.relaying._delete_rows): a row between them that was not sent stays. Committed
+    late (its id taken before the rows after it were committed, its commit while the batch was out,
     after the read), it was read by no relay yet; refused, it is tried again."""
     publisher = OutboxPublisher(settings)
     _relay_all(publisher)  # whatever earlier tests left behind
@@ -1265,8 +1266,8 @@ def _leading_through(publisher) -> Iterator[tuple[threading.Thread, list]]:
 
 def _waiting_long(monkeypatch) -> None:
     """Have a refused row wait five minutes for its next try."""
-    monkeypatch.setattr("shared.outbox.FIRST_RETRY_AFTER_SECONDS", 300.0)
-    monkeypatch.setattr("shared.outbox.LONGEST_RETRY_AFTER_SECONDS", 300.0)
+    monkeypatch.setattr("shared.outbox.relaying.FIRST_RETRY_AFTER_SECONDS", 300.0)
+    monkeypatch.setattr("shared.outbox.relaying.LONGEST_RETRY_AFTER_SECONDS", 300.0)
 
 
 @pytest.mark.parametrize("refused_before", [False, True])
@@ -1308,8 +1309,8 @@ def test_a_leader_whose_refused_rows_wait_for_their_next_try_still_steps_down(
 def _a_lone_row_of_the_refused_topic(app, settings, user_id: str, monkeypatch):
     """The id of the order whose outbox row, the only one, goes to REFUSED_TOPIC, and is tried
     again 0.2 s after each refusal (at the leader's next wake-up)."""
-    monkeypatch.setattr("shared.outbox.FIRST_RETRY_AFTER_SECONDS", 0.2)
-    monkeypatch.setattr("shared.outbox.LONGEST_RETRY_AFTER_SECONDS", 0.2)
+    monkeypatch.setattr("shared.outbox.relaying.FIRST_RETRY_AFTER_SECONDS", 0.2)
+    monkeypatch.setattr("shared.outbox.relaying.LONGEST_RETRY_AFTER_SECONDS", 0.2)
     with app.app_context():
         _relay_all(OutboxPublisher(settings))  # whatever earlier tests left behind
         refused_id = _place(user_id).id
@@ -1376,8 +1377,8 @@ def test_a_leader_answered_for_one_row_while_the_others_time_out_still_steps_dow
                                                   monkeypatch)
     order_ids = []
     if batches == "apart":  # each row waits 1.5 s between its tries, the second 0.7 s behind
-        monkeypatch.setattr("shared.outbox.FIRST_RETRY_AFTER_SECONDS", 1.5)
-        monkeypatch.setattr("shared.outbox.LONGEST_RETRY_AFTER_SECONDS", 1.5)
+        monkeypatch.setattr("shared.outbox.relaying.FIRST_RETRY_AFTER_SECONDS", 1.5)
+        monkeypatch.setattr("shared.outbox.relaying.LONGEST_RETRY_AFTER_SECONDS", 1.5)
     else:
         with orders_flask_app.app_context():
             order_ids.append(_place(f"{user_id}-other").id)

@@ -14,7 +14,7 @@ from payments_app import service
 from payments_app.models import Account, Payment
 from shared.db import db, driver_dsn, transaction
 from shared.errors import NotFound
-from shared.outbox import OutboxMessage
+from shared.outbox.writing import OutboxMessage
 from tests.postgres_tools import second_waiting_on_the_first
 
 

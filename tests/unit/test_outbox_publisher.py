@@ -11,7 +11,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from shared import kafka
 from shared.config import load_settings
-from shared.outbox import Refusal
+from shared.outbox.relaying import Refusal
 
 
 class FailedDelivery:

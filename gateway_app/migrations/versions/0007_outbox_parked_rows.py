@@ -1,5 +1,5 @@
 """Outbox rows whose message is too large ever to be sent are parked, and hold back only the
-later rows with their topic and key (shared.outbox.CLAIM_ROWS).
+later rows with their topic and key (shared.outbox.relaying.CLAIM_ROWS).
 
 Revision ID: 0007
 """

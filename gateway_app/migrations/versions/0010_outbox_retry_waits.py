@@ -1,6 +1,6 @@
 """Outbox rows the broker refused wait longer after each refusal before they are tried again, and
 hold back the later rows with their topic and key until they are sent, so that refused rows at the
-head of the table no longer stop the relay (shared.outbox.CLAIM_ROWS).
+head of the table no longer stop the relay (shared.outbox.relaying.CLAIM_ROWS).
 
 Revision ID: 0010
 """

@@ -1,90 +1,14 @@
-"""The transactional outbox: events are written as rows in the same transaction as the business
-change that causes them, and a relay later publishes them to Kafka and deletes them.
-
-One relay sends a database's rows: the leader, which holds a session advisory lock on a connection
-of its own (shared/relay_leader.py) and relays on it, so no row locks are needed, and two relays
-overtake each other only as far as the batch in flight when a leader loses its lock (its session
-ended by the server, say): the next leader reads and sends those rows again while the first is
-still sending them, and each arrives twice, its first copy in order; the consumers drop the
-repeats by message id. The first leader fails as it goes to delete them, having no connection.
-
-A row is deleted only once the broker has acknowledged it (Kafka is then its record); a row the
-broker refused stays, counts the attempt, records the error and is tried again after a wait that
-doubles with each refusal (FIRST_RETRY_AFTER_SECONDS up to LONGEST_RETRY_AFTER_SECONDS), and
-meanwhile the later rows with its topic and key wait behind it (they must not overtake it), while
-every other row goes on: refused rows at the head of the table, however many (a topic the relay
-may not write to, a partition whose broker is lost), hold up their keys, not the relay. A row
-whose message is too large ever to be sent (over the producer's `message.max.bytes` or the
-topic's `max.message.bytes`) is parked instead: it is not tried again, and the later rows with its
-topic and key wait behind it until an operator sends it again or discards it (`python -m
-tasks.parked ... --outbox`). A leader that dies between sending and deleting leaves its rows to
-be sent again by the next one (consumers drop the repeats by message id). Rows that are gone
-never need skipping, so the table holds the backlog and nothing else, however long the shop has
-run.
-
-A row keeps its message exactly as it goes to Kafka (`envelope`, the event serialised once, by
-its writer), so relaying a row is reading strings and handing them to the producer.
-
-Inserting rows wakes the relay: a trigger notifies OUTBOX_CHANNEL (see shared/relay_leader.py).
-"""
+"""The relay's side: outbox rows read in order, sent, deleted; refused ones retried or parked."""
 
 from __future__ import annotations
 
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 
-from psycopg2.extras import execute_values
-from sqlalchemy import (JSON, BigInteger, DateTime, Index, Integer, String, Text, UniqueConstraint,
-                        func, text)
-from sqlalchemy.dialects.postgresql import UUID
-from sqlalchemy.orm import Mapped, Session, mapped_column
-
-from shared.contracts import Envelope
-from shared.db import db, driver_cursor, limit_lifted
-from shared.request_context import REQUEST_ID_KAFKA_HEADER, current_request_id
-
-# Notified by the trigger on outbox_messages (shared/migration_steps.py) as inserts commit.
-OUTBOX_CHANNEL = "outbox_messages"
-
-
-class OutboxMessage(db.Model):
-    __tablename__ = "outbox_messages"
-
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    message_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
-    topic: Mapped[str] = mapped_column(String(249))
-    key: Mapped[str | None] = mapped_column(String(255))
-    type: Mapped[str] = mapped_column(String(100))
-    correlation_id: Mapped[str | None] = mapped_column(String(100))
-    # The whole message value as the relay sends it: JSON text, kept as written (type `json`).
-    envelope: Mapped[dict] = mapped_column(JSON)
-    request_id: Mapped[str | None] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
-    last_error: Mapped[str | None] = mapped_column(Text)
-    # Set when the broker refused the row: it is not tried again before then.
-    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # Set when the message is too large ever to be sent: then neither it nor the later rows with
-    # its topic and key are relayed until an operator replays or discards it (tasks/parked.py).
-    parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-
-    # As the migrations made them (shared/migration_steps.py): the unique constraint under the
-    # name PostgreSQL gave it, and the refused rows' index, which the relay's read looks rows up in
-    # (CLAIM_ROWS).
-    __table_args__ = (
-        UniqueConstraint("message_id", name="outbox_messages_message_id_key"),
-        Index("ix_outbox_messages_refused", "topic", "key", "id",
-              postgresql_where=text("attempts > 0"),
-              postgresql_include=["parked_at", "next_attempt_at"]),
-    )
-
-
-_WRITTEN_TOGETHER = "hseshop.outbox_rows_written_together"
+from shared.db import limit_lifted
+from shared.request_context import REQUEST_ID_KAFKA_HEADER
 
 # What the relay reads of a row, as plain tuples (see RelayRow); the envelope as text, not parsed.
 RELAY_SELECT = """
@@ -133,71 +57,6 @@ LONGEST_RETRY_AFTER_SECONDS = 30.0
 
 # (id, topic, key, message_id, type, request_id, envelope): a row as RELAY_SELECT reads it.
 RelayRow = tuple[int, str, str | None, str, str, str | None, str]
-
-
-def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelope,
-                       request_id: str | None = None) -> None:
-    """Write `event` to the outbox in the caller's transaction; its commit wakes the relay.
-
-    The event carries `request_id` on to its consumers: the id of the request it answers (an inbox
-    handler passes the one its message came with), by default the request being served.
-
-    A plain INSERT on the driver (shared.db.driver_cursor): every order writes several of these,
-    and nothing reads the row back in the transaction that writes it.
-    """
-    statement, parameters = outbox_message_statement(session, topic=topic, key=key, event=event,
-                                                     request_id=request_id)
-    if statement:
-        with driver_cursor(session) as cursor:
-            cursor.execute(statement, parameters)
-
-
-def outbox_message_statement(session: Session, *, topic: str, key: str, event: Envelope,
-                             request_id: str | None = None) -> tuple[str, dict[str, object]]:
-    """`add_outbox_message`, for a caller that sends the row's INSERT in the round trip of a
-    statement of its own (placing an order: the user's lock and the order's INSERT), one round
-    trip fewer: the INSERT as SQL, ending in ";", for the caller to put before its own statement
-    in one `execute`, and its named parameters (each name starts with "outbox_"), to be merged
-    with the caller's. "" and no parameters when the rows of the block are written together
-    (outbox_rows_written_together): the row has been added to them."""
-    row = (str(event.message_id), topic, key, event.type, event.correlation_id, event.to_wire(),
-           request_id or current_request_id(), event.occurred_at)
-    written_together = session.info.get(_WRITTEN_TOGETHER)
-    if written_together is not None:
-        written_together.append(row)
-        return "", {}
-    return _INSERT_OUTBOX_MESSAGE, dict(zip(_OUTBOX_PARAMETERS, row))
-
-
-@contextmanager
-def outbox_rows_written_together(session: Session) -> Iterator[None]:
-    """Outbox rows added in the block are written by one INSERT as it ends (and not at all if it
-    raises), in the order they were added.
-
-    For a caller that runs many use cases in one transaction with no savepoints, as an inbox batch
-    does: a savepoint rolled back inside the block would not take its rows back.
-    """
-    rows: list[tuple] = []
-    session.info[_WRITTEN_TOGETHER] = rows
-    try:
-        yield
-    finally:
-        session.info.pop(_WRITTEN_TOGETHER, None)
-    if rows:
-        with driver_cursor(session) as cursor:
-            execute_values(cursor, _INSERT_OUTBOX_MESSAGES, rows, page_size=len(rows))
-
-
-_INSERT_OUTBOX_MESSAGES = """
-INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, envelope, request_id,
-                             created_at)
-VALUES %s"""
-# The same, for one row, its values named (the names a caller's own parameters may sit beside).
-_OUTBOX_PARAMETERS = ("outbox_message_id", "outbox_topic", "outbox_key", "outbox_type",
-                      "outbox_correlation_id", "outbox_envelope", "outbox_request_id",
-                      "outbox_created_at")
-_INSERT_OUTBOX_MESSAGE = _INSERT_OUTBOX_MESSAGES.strip() % (
-    "(" + ", ".join(f"%({name})s" for name in _OUTBOX_PARAMETERS) + ");")
 
 
 def relay_headers(message_id: str, event_type: str, request_id: str | None) -> dict[str, str]:
@@ -420,68 +279,3 @@ def count_parked_outbox_messages(cursor) -> int:
     index)."""
     cursor.execute(f"SELECT count(*) FROM outbox_messages WHERE {_PARKED_ROWS}")
     return cursor.fetchone()[0]
-
-
-# For an operator (tasks/parked.py): the parked rows, and handing them back or deleting them.
-
-@dataclass(frozen=True)
-class ParkedOutboxMessage:
-    message_id: uuid.UUID
-    topic: str
-    key: str | None
-    type: str
-    parked_at: datetime
-    attempts: int
-    last_error: str | None
-    waiting_behind: int  # later rows with its topic and key, which the relay holds back
-
-
-def parked_outbox_messages(session: Session, limit: int) -> list[ParkedOutboxMessage]:
-    """The most recently parked rows, newest first, each with how many rows wait behind it (counted
-    by reading the table: for an operator, not the relay)."""
-    rows = session.execute(_PARKED, {"limit": limit}).all()
-    return [ParkedOutboxMessage(*row) for row in rows]
-
-
-_PARKED = text("""
-SELECT message_id, topic, key, type, parked_at, attempts, last_error,
-       (SELECT count(*) FROM outbox_messages AS behind
-        WHERE behind.topic = parked.topic AND behind.key = parked.key AND behind.id > parked.id
-              AND behind.parked_at IS NULL)
-FROM outbox_messages AS parked WHERE """ + _PARKED_ROWS + """
-ORDER BY parked_at DESC, id DESC LIMIT :limit""")
-
-
-def unpark_outbox_messages(session: Session,
-                           message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
-    """Hand parked rows (every one when `message_ids` is None) back to the relay, to be sent
-    again in their place, before the rows behind them (once what made the message too large is
-    mended; one still too large is parked again); returns their ids. The relay is woken as the
-    caller's transaction commits."""
-    return _change_parked_rows(session, _UNPARK, message_ids)
-
-
-def discard_parked_outbox_messages(session: Session,
-                                   message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
-    """Delete parked rows (every one when `message_ids` is None), never to be sent, so that the
-    rows behind them go; returns their ids. The relay is woken as the caller's transaction
-    commits."""
-    return _change_parked_rows(session, _DISCARD, message_ids)
-
-
-def _change_parked_rows(session: Session, statement: str,
-                        message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
-    """Run `statement` on the parked rows named (every one when `message_ids` is None); returns
-    their ids, and has the relay woken when the transaction commits."""
-    if message_ids is None:
-        chosen, params = "", {}
-    else:
-        chosen, params = " AND message_id = ANY(:message_ids)", {"message_ids": message_ids}
-    ids = list(session.scalars(text(statement + chosen + " RETURNING message_id"), params))
-    if ids:
-        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": OUTBOX_CHANNEL})
-    return ids
-
-
-_UNPARK = f"UPDATE outbox_messages SET parked_at = NULL WHERE {_PARKED_ROWS}"
-_DISCARD = f"DELETE FROM outbox_messages WHERE {_PARKED_ROWS}"
