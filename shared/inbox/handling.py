@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from shared.contracts import PAYLOAD_SCHEMAS, declared_fields
 from shared.db import driver_cursor, held_up_by_a_lock
-from shared.inbox.model import InboxMessage, _now
+from shared.inbox.model import InboxMessage, utc_now
 from shared.outbox.writing import outbox_rows_written_together
 from shared.request_context import request_id_bound
 
@@ -137,7 +137,7 @@ def handle_locked_message(session: Session, message: StoredMessage,
         # of its attempts, but is noted, so that the sweeper leaves the message to its retry.
         if held_up_by_a_lock(exc):
             with driver_cursor(session) as cursor:
-                cursor.execute(_NOTE_TRY, {"message_id": str(message.message_id), "now": _now()})
+                cursor.execute(_NOTE_TRY, {"message_id": str(message.message_id), "now": utc_now()})
             raise
         if _count_failed_attempt(session, message.message_id, repr(exc), max_attempts):
             return Outcome.PARKED
@@ -151,7 +151,7 @@ def _count_failed_attempt(session: Session, message_id: uuid.UUID, error: str,
     """Count a failed try of a message the transaction has locked, with its error; park it when
     that was its last attempt (of `max_attempts`, if given). Returns True when it is parked."""
     with driver_cursor(session) as cursor:
-        cursor.execute(_COUNT_ATTEMPT, {"message_id": str(message_id), "now": _now(),
+        cursor.execute(_COUNT_ATTEMPT, {"message_id": str(message_id), "now": utc_now(),
                                         "error": error[:2000], "max_attempts": max_attempts})
         attempts, parked = cursor.fetchone()
     if parked:
@@ -200,7 +200,7 @@ def handle_locked_messages_at_once(session: Session, messages: list[StoredMessag
 def _mark_processed(session: Session, message_ids: list[uuid.UUID]) -> None:
     with driver_cursor(session) as cursor:
         cursor.execute(_MARK_PROCESSED, {"message_ids": [str(m) for m in message_ids],
-                                         "now": _now()})
+                                         "now": utc_now()})
 
 
 _MARK_PROCESSED = """
@@ -223,7 +223,7 @@ def _park(session: Session, reasons: dict[uuid.UUID, str]) -> None:
     with driver_cursor(session) as cursor:
         for message_id, reason in reasons.items():
             cursor.execute(_PARK, {"message_id": str(message_id), "reason": reason[:2000],
-                                   "now": _now()})
+                                   "now": utc_now()})
             log.error("parked inbox message %s: %s", message_id, reason)
 
 
@@ -260,7 +260,7 @@ def note_try_begun(session: Session, message_id: uuid.UUID) -> None:
     recorded (record_failed_attempt) ends it. Nothing is noted while another handler holds the
     row: that one is at work on it."""
     with driver_cursor(session) as cursor:
-        cursor.execute(_NOTE_TRY_BEGUN, {"message_id": str(message_id), "now": _now()})
+        cursor.execute(_NOTE_TRY_BEGUN, {"message_id": str(message_id), "now": utc_now()})
 
 
 _NOTE_TRY_BEGUN = """
@@ -288,12 +288,12 @@ def record_failed_attempt(
     if message is None or message.processed_at is not None or message.parked_at is not None:
         return False
     message.attempts += 1 if counted else 0
-    message.last_attempt_at = _now()
+    message.last_attempt_at = utc_now()
     message.try_open = False
     if counted or message.last_error is None:  # (a lock waited on says nothing of the message)
         message.last_error = error[:2000]
     if counted and message.attempts >= max_attempts:
-        message.parked_at = _now()
+        message.parked_at = utc_now()
         log.error("parked inbox message %s after %d attempts: %s",
                   message_id, message.attempts, error)
         return True

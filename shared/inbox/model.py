@@ -52,5 +52,5 @@ class InboxMessage(db.Model):
     )
 
 
-def _now() -> datetime:
+def utc_now() -> datetime:
     return datetime.now(timezone.utc)

@@ -7,7 +7,7 @@ import uuid
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, defer
 
-from shared.inbox.model import InboxMessage, _now
+from shared.inbox.model import InboxMessage, utc_now
 
 
 def parked_messages(session: Session, limit: int) -> list[InboxMessage]:
@@ -27,7 +27,7 @@ def unpark_messages(session: Session, message_ids: list[uuid.UUID] | None) -> li
     parsed holds no event to hand a handler, and stays parked.
     """
     return _update_parked(session, message_ids, InboxMessage.payload.is_not(None),
-                          parked_at=None, attempts=0, last_attempt_at=_now(), try_open=False)
+                          parked_at=None, attempts=0, last_attempt_at=utc_now(), try_open=False)
 
 
 def discard_parked_messages(session: Session,
@@ -39,7 +39,7 @@ def discard_parked_messages(session: Session,
     should Kafka deliver it again, is dropped as a repeat; it is pruned a retention after the
     discard (prune_handled_messages).
     """
-    return _update_parked(session, message_ids, parked_at=None, processed_at=_now(),
+    return _update_parked(session, message_ids, parked_at=None, processed_at=utc_now(),
                           last_error="discarded by an operator; parked for: "
                           + func.coalesce(InboxMessage.last_error, ""))
 

@@ -12,7 +12,7 @@ from typing import Any
 from psycopg2.extras import Json, execute_values
 
 from shared.contracts import Envelope, MalformedMessage, PayloadRefused, decode
-from shared.inbox.model import _now
+from shared.inbox.model import utc_now
 from shared.jsonio import dumps_exact
 from shared.request_context import REQUEST_ID_KAFKA_HEADER
 
@@ -86,7 +86,7 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
             "type": exc.envelope["type"],
             "correlation_id": exc.envelope["correlation_id"],
             "payload": payload,
-            "parked_at": _now(),
+            "parked_at": utc_now(),
             "last_error": _storable_text(str(exc), 2000),
         }
     except MalformedMessage as exc:
@@ -105,7 +105,7 @@ def _parked_raw(row: dict[str, Any], record: ConsumedRecord,
     return row | {
         "message_id": _position_id(record),
         "raw_value": _storable_text(record.value),
-        "parked_at": _now(),
+        "parked_at": utc_now(),
         "last_error": _storable_text(str(exc), 2000),
     }
 

@@ -10,7 +10,7 @@ from datetime import timedelta
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from shared.inbox.model import _now
+from shared.inbox.model import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
     message's sake. Without `max_attempts` (while dispatched tasks wait in the queue), nothing is
     counted, and an open try stays on record for a later sweep.
     """
-    now = _now()
+    now = utc_now()
     claimed = session.execute(_CLAIM_STALLED, {
         "cutoff": now - min_age, "now": now, "limit": limit,
         "counting": 1 if max_attempts else 0, "max_attempts": max_attempts or 0,

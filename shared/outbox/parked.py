@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from shared.outbox.relaying import _PARKED_ROWS
+from shared.outbox.relaying import PARKED_ROWS
 from shared.outbox.writing import OUTBOX_CHANNEL
 
 
@@ -39,7 +39,7 @@ SELECT message_id, topic, key, type, parked_at, attempts, last_error,
        (SELECT count(*) FROM outbox_messages AS behind
         WHERE behind.topic = parked.topic AND behind.key = parked.key AND behind.id > parked.id
               AND behind.parked_at IS NULL)
-FROM outbox_messages AS parked WHERE """ + _PARKED_ROWS + """
+FROM outbox_messages AS parked WHERE """ + PARKED_ROWS + """
 ORDER BY parked_at DESC, id DESC LIMIT :limit""")
 
 
@@ -74,5 +74,5 @@ def _change_parked_rows(session: Session, statement: str,
     return ids
 
 
-_UNPARK = f"UPDATE outbox_messages SET parked_at = NULL WHERE {_PARKED_ROWS}"
-_DISCARD = f"DELETE FROM outbox_messages WHERE {_PARKED_ROWS}"
+_UNPARK = f"UPDATE outbox_messages SET parked_at = NULL WHERE {PARKED_ROWS}"
+_DISCARD = f"DELETE FROM outbox_messages WHERE {PARKED_ROWS}"

@@ -220,7 +220,7 @@ _PARK = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(err
 
 # The parked rows, as a condition that the refused rows' index answers (a parked row counted an
 # attempt as it was parked).
-_PARKED_ROWS = "attempts > 0 AND parked_at IS NOT NULL"
+PARKED_ROWS = "attempts > 0 AND parked_at IS NOT NULL"
 
 
 def refused_rows_wait(cursor) -> bool:
@@ -277,5 +277,5 @@ SELECT extract(epoch FROM min(next_attempt_at) - now())::float FROM (
 def count_parked_outbox_messages(cursor) -> int:
     """How many rows are parked: for the relay to remind of them (read off the refused rows'
     index)."""
-    cursor.execute(f"SELECT count(*) FROM outbox_messages WHERE {_PARKED_ROWS}")
+    cursor.execute(f"SELECT count(*) FROM outbox_messages WHERE {PARKED_ROWS}")
     return cursor.fetchone()[0]
