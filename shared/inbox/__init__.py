@@ -14,7 +14,8 @@ The modules, each with one job:
 - storing: records consumed from Kafka stored as rows, once each (the consumer's side).
 - handling: stored messages handled, each once, in the caller's transaction; failed tries counted,
   and messages parked when they cannot succeed (the handler tasks' side).
-- sweeping: messages whose dispatch or try was lost, claimed to be handed over again.
+- sweeping: messages whose dispatch or try was lost, claimed to be handed over again (or parked,
+  their lost tries at the limit).
 - parked: parked messages listed, handed back to be handled, or discarded (the operator's side).
 - pruning: the rows of messages handled long ago deleted.
 """

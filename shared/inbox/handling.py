@@ -91,13 +91,16 @@ def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[Stored
     by key) cannot deadlock each other, and a batch handles one key's messages in the order they
     were sent (two batches handled at once can still commit one key's messages in either order).
     """
-    # (A payload's numbers with a point read back as Decimals, as the consumer read them: shared.db.
-    # Valid payloads hold none, amounts being strings; a refused payload replayed may: _jsonb_text.)
+    # (A payload's numbers with a point read back as Decimals, as the consumer read them:
+    # shared.db. Valid payloads hold none, amounts being strings; a refused payload replayed may:
+    # storing._jsonb_text.)
     with driver_cursor(session) as cursor:
         cursor.execute(_LOCK_IN_ORDER, ([str(message_id) for message_id in message_ids],))
         return [StoredMessage(uuid.UUID(message_id), *rest) for message_id, *rest in cursor]
 
 
+# Like the consumer's (storing), the handlers' statements go straight to the driver, on a
+# shared.db.driver_cursor: every message passes through them.
 # One array parameter (`= ANY`), not an IN list, whatever the batch size.
 _LOCK_IN_ORDER = """
 SELECT message_id::text, type, correlation_id, request_id, payload,

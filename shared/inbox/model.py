@@ -53,4 +53,5 @@ class InboxMessage(db.Model):
 
 
 def utc_now() -> datetime:
+    """Now, in UTC: the time the inbox's modules write into its rows."""
     return datetime.now(timezone.utc)

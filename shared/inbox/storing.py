@@ -78,9 +78,9 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
             return _parked_raw(row, record, exc)
         # Parked under its own id with its payload as sent: once this service knows its type or
         # its payload's new form, a replay hands it to its handler, which reads the payload again
-        # (_ready_to_handle). Its offset is committed all the same, so kept only as a raw value,
-        # it could never be handled: an order paid for by a newer payments service, say, would
-        # stay NEW for ever.
+        # (handling._ready_to_handle). Its offset is committed all the same, so kept only as a
+        # raw value, it could never be handled: an order paid for by a newer payments service,
+        # say, would stay NEW for ever.
         return row | {
             "message_id": exc.envelope["message_id"],
             "type": exc.envelope["type"],
@@ -189,8 +189,8 @@ def _as_json(payload: dict[str, Any] | Json | None) -> Json | None:
 
 
 # The inbox's statements go straight to the driver, as every message passes through them: the
-# consumer stores on a psycopg2 connection of its own, the handlers run theirs on a
-# shared.db.driver_cursor.
+# consumer stores on a psycopg2 connection of its own (the handlers' are on a driver_cursor:
+# handling).
 # A record already stored is passed over by a read of the stored ids, which never waits, before the
 # insert: an insert meeting a row that a handler's transaction has marked and not yet committed
 # waits for it (up to lock_timeout, 2 s, then the whole batch failed and was read again, until the

@@ -1,4 +1,5 @@
-"""The sweeper's claim of stalled messages (their dispatch or try lost), to hand them over again."""
+"""The sweeper's claim of stalled messages (their dispatch or try lost), to hand them over again,
+or to park them once their lost tries reach the limit."""
 
 from __future__ import annotations
 

@@ -13,8 +13,6 @@ from shared.outbox.relaying import PARKED_ROWS
 from shared.outbox.writing import OUTBOX_CHANNEL
 
 
-# For an operator (tasks/parked.py): the parked rows, and handing them back or deleting them.
-
 @dataclass(frozen=True)
 class ParkedOutboxMessage:
     message_id: uuid.UUID
