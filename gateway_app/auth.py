@@ -55,8 +55,8 @@ SIGN_INS_PER_USERNAME_AND_ADDRESS = 10
 # SIGN_INS_PER_USERNAME_AND_ADDRESS: keeping the user out takes five addresses at once, every
 # minute. Higher would take more, and let more guesses through (50 a minute is 72,000 a day at
 # one user, against 14,400 when every attempt counted at 10). Each attempt is counted as it begins
-# and given back once its password proves right, so a burst gets no more verdicts than the cap.
-# (An address is an IPv6 one's /64: ratelimit.address_subject.)
+# and given back once its password proves right (RateLimiter.failure_reserved). (An address is
+# an IPv6 one's /64: ratelimit.address_subject.)
 FAILED_SIGN_INS_PER_USERNAME = 50
 
 
@@ -117,8 +117,7 @@ def login(args):
     # (A username has no colon: the address after it cannot be mistaken for part of it.)
     limiter.check(f"sign-in:{username}:{address_subject(request.remote_addr)}",
                   limit=SIGN_INS_PER_USERNAME_AND_ADDRESS)
-    # Counted as failed before the password is checked, and given back unless it proves wrong
-    # (RateLimiter.failure_reserved: a burst gets no more verdicts than the cap).
+    # Counted as failed before the password is checked, and given back unless it proves wrong.
     with limiter.failure_reserved(f"failed-sign-in:{username}",
                                   limit=FAILED_SIGN_INS_PER_USERNAME) as failure:
         user = db.session.scalars(select(User).where(User.username == username)).one_or_none()

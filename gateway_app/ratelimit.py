@@ -89,10 +89,9 @@ class RateLimiter:
         """Count a failure by `subject` as the block begins (RateLimited, past `limit`, before it
         runs), and give it back as the block ends unless the block `confirm`ed it a failure: so
         it is given back for an attempt found right, and for one never found wrong (the block
-        raised, a database error say). Counted as failed before the
-        outcome is known, attempts under way at once are counted as they begin, and a burst of
-        them gets no more verdicts than the cap (counted once failed, each would have found the
-        count as it was)."""
+        raised, a database error say). Counted as failed before the outcome is known, attempts
+        under way at once are counted as they begin, and a burst of them gets no more verdicts
+        than the cap (counted once failed, each would have found the count as it was)."""
         began = time.time()
         counted = self.check(subject, now=began, limit=limit)
         failure = ReservedFailure()

@@ -1,7 +1,8 @@
 """Pruners that beat runs, each deleting what is kept past its retention in short transactions:
 idempotency keys in the orders and payments databases, notifications and signed-out tokens in
-the gateway's. (The inbox's pruner is with the inbox's tasks, tasks/inbox.py, and runs here too.) A
-pruner that loses its database connection says so in a line, and the next run prunes the rest."""
+the gateway's. (The inbox's pruner is with the inbox's tasks, tasks/inbox.py, and prunes through
+prune_in_transactions too.) A pruner that loses its database connection says so in a line, and
+the next run prunes the rest."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def prune_in_transactions(service: str, what: str, prune: Prune,
 def prune_idempotency_keys(service: str) -> int:
     """Delete the service's idempotency keys recorded over IDEMPOTENCY_KEY_RETENTION_SECONDS ago.
     The gateway keeps none (its table is dropped: gateway revision 0013), and beat prunes it no
-    more; one run for it that a beat of the release before sent, during the upgrade, does
+    more; a run for it that a beat of the release before still sends, during the upgrade, does
     nothing."""
     if service not in SERVICES_KEEPING_IDEMPOTENCY_KEYS:
         return 0

@@ -46,7 +46,7 @@ class InboxMessage(db.Model):
             "received_at",
             postgresql_where=text("processed_at IS NULL AND parked_at IS NULL"),
         ),
-        # For pruning old handled rows (prune_handled_messages).
+        # For pruning old handled rows (pruning.prune_handled_messages).
         Index("ix_inbox_messages_handled", "received_at",
               postgresql_where=text("processed_at IS NOT NULL")),
     )

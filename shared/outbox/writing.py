@@ -44,7 +44,7 @@ class OutboxMessage(db.Model):
 
     # As the migrations made them (shared/migration_steps.py): the unique constraint under the
     # name PostgreSQL gave it, and the refused rows' index, which the relay's read looks rows up in
-    # (CLAIM_ROWS).
+    # (relaying.CLAIM_ROWS).
     __table_args__ = (
         UniqueConstraint("message_id", name="outbox_messages_message_id_key"),
         Index("ix_outbox_messages_refused", "topic", "key", "id",
