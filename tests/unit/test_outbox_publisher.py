@@ -42,15 +42,24 @@ class StandInProducer:
         self.fail: dict[str, KafkaError] = {}
         self.topic_limit: int | None = None
         self.left_queued = 0
+        self.queue_full_for = 0  # produce calls turned away, as by a full local queue
+        self.polls = 0
         StandInProducer.made.append(self)
 
     def produce(self, topic, value, key, headers):
+        if self.queue_full_for:
+            self.queue_full_for -= 1
+            raise BufferError("Local: Queue full")
         if len(self.produced) == self.refuse_at:
             raise KafkaException(KafkaError(KafkaError._STATE, "producer fenced", fatal=True))
         if value in self.too_large:
             raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"))
         self.produced.append(value)
         self.unflushed.append(value)
+
+    def poll(self, timeout):
+        self.polls += 1
+        return 0
 
     def flush(self, timeout):
         batch, self.unflushed = self.unflushed, []
@@ -91,6 +100,20 @@ def test_a_failed_delivery_refuses_its_own_row_only(publisher):
     assert publisher.send_batch(rows) == {
         2: Refusal("INVALID_RECORD: invalid record", answered=True)}
     assert len(StandInProducer.made) == 1  # an ordinary refusal keeps the producer
+
+
+def test_a_row_a_full_local_queue_turns_away_waits_for_room_and_goes_in_its_turn(publisher):
+    producer = publisher._get_producer()
+    rows = _rows(3)
+    producer.queue_full_for = 2
+    assert publisher.send_batch(rows) == {}
+    assert producer.produced == [row[6] for row in rows]
+    assert producer.polls == 2  # (a poll, to let deliveries drain, before each try again)
+    # Refused once there is room: refused as any row, holding back the rows of its key.
+    producer.queue_full_for, producer.too_large = 1, {rows[0][6]}
+    refused = publisher.send_batch(rows)
+    assert refused[1].park and refused[2].held and refused[3].held
+    assert len(StandInProducer.made) == 1
 
 
 def test_rows_the_producer_would_not_take_are_refused_and_a_fatal_error_replaces_it(publisher):
