@@ -18,7 +18,7 @@ from flask import current_app
 
 from shared.config import SERVICES
 from shared.db import DatabaseOutageLog, held_up_by_a_lock, transaction
-from shared.inbox.handling import (Outcome, handle_locked_message, handle_locked_messages_at_once,
+from shared.inbox.handling import (handle_locked_message, handle_locked_messages_at_once,
                                    lock_in_order, note_try_begun, process_inbox_message,
                                    record_failed_attempt)
 from shared.inbox.pruning import prune_handled_messages
@@ -60,27 +60,32 @@ def retry_countdown(retries: int, sweep_min_age_seconds: float) -> float:
 @app.task(name="hseshop.handle_inbox_message", base=ServiceTask, bind=True, ignore_result=True,
           max_retries=None)  # the inbox row counts the attempts and parks the message at the limit
 def handle_inbox_message(self, service: str, message_id: str) -> str:
+    """Handle one stored message, its try noted as begun first (note_try_begun); a try that fails
+    is recorded and retried with backoff, unless that parked the message, or the sweeper, taking
+    the try for lost meanwhile, has handed the message over again (record_failed_attempt)."""
     handlers = service_package(service).message_handlers()
     settings = current_app.extensions["hseshop.settings"]
     message = uuid.UUID(message_id)
+    try_began_at = None
     try:
         with transaction() as session:
-            note_try_begun(session, message)
+            try_began_at = note_try_begun(session, message)
         with transaction() as session:
             outcome = process_inbox_message(session, message, handlers)
     except Exception as exc:
         log.warning("%s inbox: handling %s failed: %r", service, message_id, exc)
         try:
             with transaction() as session:
-                parked = record_failed_attempt(session, message, repr(exc),
-                                               settings.inbox_max_attempts,
-                                               counted=not held_up_by_a_lock(exc))
+                ended = record_failed_attempt(session, message, repr(exc),
+                                              settings.inbox_max_attempts,
+                                              counted=not held_up_by_a_lock(exc),
+                                              try_began_at=try_began_at)
         except Exception as noting:  # (the sweeper makes good a try left unnoted)
             log.warning("%s inbox: could not note the failed try of %s: %r",
                         service, message_id, noting)
-            parked = False
-        if parked:
-            return Outcome.PARKED.value
+            ended = None
+        if ended is not None:  # parked, or handed over again: no retry of its own
+            return ended.value
         raise self.retry(exc=exc, countdown=retry_countdown(
             self.request.retries, settings.inbox_sweep_min_age_seconds)) from exc
     return outcome.value

@@ -6,6 +6,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import Enum
 from typing import Any
 
@@ -65,7 +66,7 @@ class Outcome(Enum):
     ALREADY_DONE = "already_done"
     PARKED = "parked"
     MISSING = "missing"
-
+    HANDED_OVER = "handed_over"  # a failed try's message, handed over again by the sweeper
 
 
 def process_inbox_message(
@@ -256,14 +257,18 @@ def _ready_to_handle(message: StoredMessage,
     return handler, ReceivedEvent(payload, message)
 
 
-def note_try_begun(session: Session, message_id: uuid.UUID) -> None:
+def note_try_begun(session: Session, message_id: uuid.UUID) -> datetime | None:
     """Note, in a transaction of its own committed before the try, that a try of the message
     begins (`try_open`, and `last_attempt_at`): should the try never end (its worker crashes, or
     hangs), the sweeper, handing the message over again, counts it as an attempt; a failure
     recorded (record_failed_attempt) ends it. Nothing is noted while another handler holds the
-    row: that one is at work on it."""
+    row (that one is at work on it), nor of a message processed or parked.
+
+    Returns when the try began, as noted (for record_failed_attempt), or None if it was not."""
     with driver_cursor(session) as cursor:
         cursor.execute(_NOTE_TRY_BEGUN, {"message_id": str(message_id), "now": utc_now()})
+        noted = cursor.fetchone()
+    return noted[0] if noted else None
 
 
 _NOTE_TRY_BEGUN = """
@@ -271,33 +276,45 @@ UPDATE inbox_messages SET try_open = true, last_attempt_at = %(now)s
 WHERE message_id = (SELECT message_id FROM inbox_messages
                     WHERE message_id = %(message_id)s::uuid
                           AND processed_at IS NULL AND parked_at IS NULL
-                    FOR UPDATE SKIP LOCKED)"""
+                    FOR UPDATE SKIP LOCKED)
+RETURNING last_attempt_at"""
 
 
 def record_failed_attempt(
     session: Session, message_id: uuid.UUID, error: str, max_attempts: int,
-    counted: bool = True,
-) -> bool:
+    counted: bool = True, try_began_at: datetime | None = None,
+) -> Outcome | None:
     """Note a failed try in its own transaction, as one of the message's attempts unless not
     `counted` (held up by another session's lock: then its error replaces none the message's own
     tries left, which an operator reading a parked message wants to see); park the message once
     it has used them all.
 
-    Returns True when the message is now parked.
+    A try noted as begun (`try_began_at`, from note_try_begun) that ran past the sweep's minimum
+    age can find itself closed since by the sweeper, which took it for lost between the try's
+    rollback and this record: counted it, and handed the message over again. It is not counted
+    twice then, only its error kept, and the message is left to that handing over.
+
+    Returns Outcome.PARKED when the message is now parked, Outcome.HANDED_OVER when the sweeper
+    has handed it over again, and None when the caller is to retry it.
     """
     message = session.scalars(
         select(InboxMessage).where(InboxMessage.message_id == message_id).with_for_update()
     ).one_or_none()
     if message is None or message.processed_at is not None or message.parked_at is not None:
-        return False
+        return None
+    if counted or message.last_error is None:  # (a lock waited on says nothing of the message)
+        message.last_error = error[:2000]
+    # The try closed, and the time it wrote overwritten, by another since: the sweeper. Its
+    # count and its mark of the handing over stand.
+    if (try_began_at is not None and not message.try_open
+            and message.last_attempt_at != try_began_at):
+        return Outcome.HANDED_OVER
     message.attempts += 1 if counted else 0
     message.last_attempt_at = utc_now()
     message.try_open = False
-    if counted or message.last_error is None:  # (a lock waited on says nothing of the message)
-        message.last_error = error[:2000]
     if counted and message.attempts >= max_attempts:
         message.parked_at = utc_now()
         log.error("parked inbox message %s after %d attempts: %s",
                   message_id, message.attempts, error)
-        return True
-    return False
+        return Outcome.PARKED
+    return None

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -114,7 +114,7 @@ def test_a_failing_handler_leaves_no_effect_and_the_message_is_parked_after_the_
                 process_inbox_message(session, message_id, {PAYMENT_REQUESTED: failing})
         with transaction() as session:
             parked.append(record_failed_attempt(session, message_id, "downstream broken", 3))
-    assert parked == [False, False, True]
+    assert parked == [None, None, Outcome.PARKED]
     row = _row(message_id)
     assert row.attempts == 3 and row.parked_at is not None and row.processed_at is None
     assert row.last_error == "downstream broken"
@@ -156,10 +156,10 @@ def _claimed(session, min_age: timedelta, max_attempts: int | None = 5) -> dict:
             for stalled in claim_stalled_messages(session, min_age, max_attempts)}
 
 
-def _try_begun(message_id) -> None:
+def _try_begun(message_id) -> datetime | None:
     """What a task of the message's own does as it begins (and then, here, its worker dies)."""
     with transaction() as session:
-        note_try_begun(session, message_id)
+        return note_try_begun(session, message_id)
 
 
 def test_a_message_whose_tries_come_to_nothing_as_often_as_it_may_be_tried_is_parked(
@@ -222,12 +222,42 @@ def test_a_try_that_recorded_its_failure_is_not_counted_again(in_payments, payme
     record, message_id = _request_record(user_id)
     payments_inbox([record])
     for counted, attempts in ((True, 1), (False, 1)):
-        _try_begun(message_id)
+        try_began_at = _try_begun(message_id)
         with transaction() as session:
-            record_failed_attempt(session, message_id, "OperationalError('lock timeout')",
-                                  max_attempts=4, counted=counted)
+            assert record_failed_attempt(session, message_id, "OperationalError('lock timeout')",
+                                         max_attempts=4, counted=counted,
+                                         try_began_at=try_began_at) is None
         with transaction() as session:
             assert _claimed(session, timedelta(seconds=-1), max_attempts=4)[message_id] == attempts
+
+
+def test_a_failed_try_the_sweeper_took_for_lost_meanwhile_is_counted_once_and_left_to_it(
+        in_payments, payments_inbox, user_id):
+    """A try that ran past the sweep's minimum age and failed: between its rollback and the
+    record of its failure, a sweep can find it open, count it as lost and hand the message over
+    again. The record then counts it no more (else the message is parked after half its tries),
+    keeps its error, and leaves the message to that handing over (a retry of the task's own
+    would hand it out twice)."""
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    try_began_at = _try_begun(message_id)
+    assert try_began_at == _row(message_id).last_attempt_at
+
+    def failing(session, events):
+        raise RuntimeError("statement timeout")
+
+    with pytest.raises(RuntimeError):
+        with transaction() as session:
+            process_inbox_message(session, message_id, {PAYMENT_REQUESTED: failing})
+    with transaction() as session:
+        assert _claimed(session, timedelta(seconds=-1), max_attempts=4)[message_id] == 1
+    with transaction() as session:
+        assert record_failed_attempt(session, message_id, "RuntimeError('statement timeout')",
+                                     max_attempts=4,
+                                     try_began_at=try_began_at) == Outcome.HANDED_OVER
+    row = _row(message_id)
+    assert row.attempts == 1 and not row.try_open and row.parked_at is None
+    assert row.last_error == "RuntimeError('statement timeout')"
 
 
 def test_a_try_held_up_by_a_lock_keeps_the_error_of_the_last_try_that_failed(
@@ -280,16 +310,16 @@ def test_a_try_begins_only_of_a_message_still_waiting_and_no_handler_holds(
     record, message_id = _request_record(user_id)
     payments_inbox([record])
     with _held_by_a_handler(message_id) as beginning:
-        note_try_begun(beginning, message_id)  # (not waiting for the lock)
+        assert note_try_begun(beginning, message_id) is None  # (not waiting for the lock)
         beginning.commit()
     assert not _row(message_id).try_open
-    _try_begun(message_id)
+    assert _try_begun(message_id) is not None
     assert _row(message_id).try_open
     with transaction() as session:
         process_inbox_message(session, message_id, {PAYMENT_REQUESTED: lambda *_: None})
     row = _row(message_id)
     assert row.processed_at is not None
-    _try_begun(message_id)  # (a late task of a message handled meanwhile)
+    assert _try_begun(message_id) is None  # (a late task of a message handled meanwhile)
     assert _row(message_id).last_attempt_at == row.last_attempt_at
 
 

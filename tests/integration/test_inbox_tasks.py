@@ -11,15 +11,17 @@ import psycopg2
 import pytest
 from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import case, func, select, text, update
+from sqlalchemy.orm import Session
 
 import payments_app
 import shared.db
 from shared.config import SERVICES
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, driver_dsn, transaction
-from shared.inbox.handling import PermanentMessageError
+from shared.inbox.handling import PermanentMessageError, record_failed_attempt
 from shared.inbox.model import InboxMessage
 from shared.inbox.storing import ConsumedRecord
+from shared.inbox.sweeping import claim_stalled_messages
 from shared.outbox.writing import OutboxMessage
 from tasks.celery_app import app as celery_app
 from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, retry_countdown,
@@ -303,6 +305,37 @@ def test_a_handler_whose_statement_runs_too_long_uses_its_attempts_and_is_parked
     handle_inbox_message.apply(args=("payments", str(message_id)))
     row = _row(message_id)
     assert row.parked_at is not None and row.attempts == settings.inbox_max_attempts
+    assert "statement timeout" in row.last_error
+
+
+def test_a_failed_try_the_sweeper_hands_over_meanwhile_is_left_to_it_not_retried(
+        settings, payments_inbox, monkeypatch, user_id):
+    """A try that ran past the sweep's minimum age and failed, found open by a sweep between its
+    rollback and the record of its failure, and so counted as lost and handed over again: the
+    task counts it no more and leaves the message to the sweeper's handing over (a retry of its
+    own would hand it out twice)."""
+    import tasks.inbox
+
+    calls, swept = [], []
+
+    def failing(session, events):
+        calls.append(events[0].message.message_id)
+        raise ConnectionError("statement timeout")
+
+    def recorded_after_a_sweep(*args, **kwargs):
+        with db.engine.connect() as other, Session(bind=other) as sweeping:
+            swept.extend(stalled.message_id for stalled in claim_stalled_messages(
+                sweeping, timedelta(seconds=-1), settings.inbox_max_attempts))
+            sweeping.commit()
+        return record_failed_attempt(*args, **kwargs)
+
+    monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: failing})
+    monkeypatch.setattr(tasks.inbox, "record_failed_attempt", recorded_after_a_sweep)
+    message_id = _stored_request(payments_inbox, user_id)
+    assert handle_inbox_message.apply(args=("payments", str(message_id))).get() == "handed_over"
+    assert calls == [message_id] and message_id in swept
+    row = _row(message_id)
+    assert row.attempts == 1 and row.parked_at is None
     assert "statement timeout" in row.last_error
 
 
