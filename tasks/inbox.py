@@ -61,15 +61,16 @@ def retry_countdown(retries: int, sweep_min_age_seconds: float) -> float:
           max_retries=None)  # the inbox row counts the attempts and parks the message at the limit
 def handle_inbox_message(self, service: str, message_id: str) -> str:
     """Handle one stored message, its try noted as begun first (note_try_begun); a try that fails
-    is recorded and retried with backoff, unless that parked the message, or the sweeper, taking
-    the try for lost meanwhile, has handed the message over again (record_failed_attempt)."""
+    is recorded and retried with backoff, unless the message is parked, or was handed over again
+    meanwhile (the sweeper took the try for lost: record_failed_attempt)."""
     handlers = service_package(service).message_handlers()
     settings = current_app.extensions["hseshop.settings"]
     message = uuid.UUID(message_id)
     try_began_at = None
     try:
         with transaction() as session:
-            try_began_at = note_try_begun(session, message)
+            noted = note_try_begun(session, message)
+        try_began_at = noted  # (once committed: a note never committed began no try)
         with transaction() as session:
             outcome = process_inbox_message(session, message, handlers)
     except Exception as exc:

@@ -66,7 +66,8 @@ class Outcome(Enum):
     ALREADY_DONE = "already_done"
     PARKED = "parked"
     MISSING = "missing"
-    HANDED_OVER = "handed_over"  # a failed try's message, handed over again by the sweeper
+    # A failed try's message, handed over again since (by the sweeper, or to another task of it).
+    HANDED_OVER = "handed_over"
 
 
 def process_inbox_message(
@@ -290,24 +291,33 @@ def record_failed_attempt(
     it has used them all.
 
     A try noted as begun (`try_began_at`, from note_try_begun) that ran past the sweep's minimum
-    age can find itself closed since by the sweeper, which took it for lost between the try's
-    rollback and this record: counted it, and handed the message over again. It is not counted
-    twice then, only its error kept, and the message is left to that handing over.
+    age can find itself closed since by another: mostly the sweeper, which took it for lost
+    between the try's rollback and this record, counted it and handed the message over again
+    (else another task of the message, which goes on with it). It is not counted twice then, only
+    its error kept, and the message is left to that handing over; or, if the sweeper parked it
+    for that lost try, the error is added to the one it parked it with.
 
-    Returns Outcome.PARKED when the message is now parked, Outcome.HANDED_OVER when the sweeper
-    has handed it over again, and None when the caller is to retry it.
+    Returns Outcome.PARKED when the message is now parked, Outcome.HANDED_OVER when it was handed
+    over again meanwhile, and None when the caller is to retry it.
     """
     message = session.scalars(
         select(InboxMessage).where(InboxMessage.message_id == message_id).with_for_update()
     ).one_or_none()
-    if message is None or message.processed_at is not None or message.parked_at is not None:
+    if message is None or message.processed_at is not None:
         return None
+    # The try closed, and the time it wrote overwritten, by another since. Its count and its
+    # mark of the handing over stand.
+    closed_since = (try_began_at is not None and not message.try_open
+                    and message.last_attempt_at != try_began_at)
+    if message.parked_at is not None:
+        if not closed_since:
+            return None
+        message.last_error = "; ".join(filter(None, [message.last_error,
+                                                     f"last try: {error}"]))[:2000]
+        return Outcome.PARKED
     if counted or message.last_error is None:  # (a lock waited on says nothing of the message)
         message.last_error = error[:2000]
-    # The try closed, and the time it wrote overwritten, by another since: the sweeper. Its
-    # count and its mark of the handing over stand.
-    if (try_began_at is not None and not message.try_open
-            and message.last_attempt_at != try_began_at):
+    if closed_since:
         return Outcome.HANDED_OVER
     message.attempts += 1 if counted else 0
     message.last_attempt_at = utc_now()

@@ -260,6 +260,26 @@ def test_a_failed_try_the_sweeper_took_for_lost_meanwhile_is_counted_once_and_le
     assert row.last_error == "RuntimeError('statement timeout')"
 
 
+def test_a_failed_try_the_sweeper_parked_for_meanwhile_adds_its_error_to_the_parked_one(
+        in_payments, payments_inbox, user_id):
+    """As above, the lost try the sweep counts being the message's last: the sweep parks it, and
+    the record adds the try's own error to what the sweep parked it with (its real cause, for the
+    operator), and tells the task not to retry it."""
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    try_began_at = _try_begun(message_id)
+    with transaction() as session:
+        assert message_id not in _claimed(session, timedelta(seconds=-1), max_attempts=1)
+    with transaction() as session:
+        assert record_failed_attempt(session, message_id, "RuntimeError('statement timeout')",
+                                     max_attempts=1,
+                                     try_began_at=try_began_at) == Outcome.PARKED
+    row = _row(message_id)
+    assert row.attempts == 1 and row.parked_at is not None
+    assert row.last_error.startswith("tried 1 times and never handled")
+    assert row.last_error.endswith("; last try: RuntimeError('statement timeout')")
+
+
 def test_a_try_held_up_by_a_lock_keeps_the_error_of_the_last_try_that_failed(
         in_payments, payments_inbox, user_id):
     record, message_id = _request_record(user_id)
