@@ -208,14 +208,20 @@ def _mark_processed(session: Session, message_ids: list[uuid.UUID]) -> None:
                                          "now": utc_now()})
 
 
+# Marking processed, counting a failure and parking (_PARK) each end a try of the message, and so
+# close its open try (`try_open`: note_try_begun) in the same statement, whichever task noted it:
+# a try of another task's that failed and has yet to record it then finds it closed since
+# (record_failed_attempt), and leaves the message to this one. (A try held up by a lock, _NOTE_TRY,
+# counts nothing and leaves an open try open.)
 _MARK_PROCESSED = """
 UPDATE inbox_messages
-SET attempts = attempts + 1, last_attempt_at = %(now)s, processed_at = %(now)s, last_error = NULL
+SET attempts = attempts + 1, last_attempt_at = %(now)s, processed_at = %(now)s, last_error = NULL,
+    try_open = false
 WHERE message_id = ANY(%(message_ids)s::uuid[])"""
 # (`attempts` on the right of SET is the count before this try.)
 _COUNT_ATTEMPT = """
 UPDATE inbox_messages
-SET attempts = attempts + 1, last_attempt_at = %(now)s, last_error = %(error)s,
+SET attempts = attempts + 1, last_attempt_at = %(now)s, last_error = %(error)s, try_open = false,
     parked_at = CASE WHEN attempts + 1 >= %(max_attempts)s THEN %(now)s END
 WHERE message_id = %(message_id)s::uuid
 RETURNING attempts, parked_at IS NOT NULL"""
@@ -234,7 +240,8 @@ def _park(session: Session, reasons: dict[uuid.UUID, str]) -> None:
 
 _PARK = """
 UPDATE inbox_messages
-SET attempts = attempts + 1, last_attempt_at = %(now)s, parked_at = %(now)s, last_error = %(reason)s
+SET attempts = attempts + 1, last_attempt_at = %(now)s, parked_at = %(now)s,
+    last_error = %(reason)s, try_open = false
 WHERE message_id = %(message_id)s::uuid"""
 
 
@@ -261,9 +268,10 @@ def _ready_to_handle(message: StoredMessage,
 def note_try_begun(session: Session, message_id: uuid.UUID) -> datetime | None:
     """Note, in a transaction of its own committed before the try, that a try of the message
     begins (`try_open`, and `last_attempt_at`): should the try never end (its worker crashes, or
-    hangs), the sweeper, handing the message over again, counts it as an attempt; a failure
-    recorded (record_failed_attempt) ends it. Nothing is noted while another handler holds the
-    row (that one is at work on it), nor of a message processed or parked.
+    hangs), the sweeper, handing the message over again, counts it as an attempt. Its end, or
+    that of another handler's try of the message, closes it: the message processed or parked, or
+    a failure recorded (record_failed_attempt) or counted. Nothing is noted while another handler
+    holds the row (that one is at work on it), nor of a message processed or parked.
 
     Returns when the try began, as noted (for record_failed_attempt), or None if it was not."""
     with driver_cursor(session) as cursor:
@@ -293,9 +301,10 @@ def record_failed_attempt(
     A try noted as begun (`try_began_at`, from note_try_begun) that ran past the sweep's minimum
     age can find itself closed since by another: mostly the sweeper, which took it for lost
     between the try's rollback and this record, counted it and handed the message over again
-    (else another task of the message, which goes on with it). It is not counted twice then, only
-    its error kept, and the message is left to that handing over; or, if the sweeper parked it
-    for that lost try, the error is added to the one it parked it with.
+    (else another task of the message, whose own try ended meanwhile, and which goes on with it).
+    It is not counted twice then, only its error kept, and the message is left to that handing
+    over; or, if the message was parked meanwhile (by the sweeper, for that lost try, or by
+    another task), the error is added to the one it was parked with.
 
     Returns Outcome.PARKED when the message is now parked, Outcome.HANDED_OVER when it was handed
     over again meanwhile, and None when the caller is to retry it.

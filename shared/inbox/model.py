@@ -36,7 +36,9 @@ class InboxMessage(db.Model):
     # When a try last began (in a task of its own: note_try_begun) or ended, the sweeper last
     # handed the message over again, or a replay made it as new.
     last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # A try by a task of its own has begun and not ended (a failure recorded, or counted lost).
+    # A try by a task of its own has begun (note_try_begun) and not ended. Closed, by whichever
+    # task or sweep does it, in the statement that marks the message processed or parked, records
+    # or counts a failure, or counts the try lost (and by a replay, which makes the row as new).
     try_open: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     last_error: Mapped[str | None] = mapped_column(Text)
 

@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 from shared.contracts import (FAILURE_REASONS, PAYLOAD_SCHEMAS, PAYMENT_FAILED, PAYMENT_REQUESTED,
                               PaymentFailedSchema, encode, new_event)
 from shared.db import db, transaction
-from shared.inbox.handling import (Outcome, PermanentMessageError, ReceivedEvent, note_try_begun,
+from shared.inbox.handling import (Outcome, PermanentMessageError, ReceivedEvent,
+                                   handle_locked_message, lock_in_order, note_try_begun,
                                    process_inbox_message, record_failed_attempt)
 from shared.inbox.model import InboxMessage
 from shared.inbox.parked import unpark_messages
@@ -341,6 +342,89 @@ def test_a_try_begins_only_of_a_message_still_waiting_and_no_handler_holds(
     assert row.processed_at is not None
     assert _try_begun(message_id) is None  # (a late task of a message handled meanwhile)
     assert _row(message_id).last_attempt_at == row.last_attempt_at
+
+
+def _failing(session, events):
+    raise RuntimeError("downstream broken")
+
+
+def _refusing(session, events):
+    raise PermanentMessageError("unknown order")
+
+
+def test_a_try_that_handles_its_message_closes_itself(in_payments, payments_inbox, user_id):
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    _try_begun(message_id)
+    with transaction() as session:
+        assert process_inbox_message(session, message_id,
+                                     {PAYMENT_REQUESTED: lambda *_: None}) == Outcome.PROCESSED
+    row = _row(message_id)
+    assert row.processed_at is not None and not row.try_open
+
+
+@pytest.mark.parametrize("handlers", [{PAYMENT_REQUESTED: _refusing}, {}],
+                         ids=["a permanent error", "no handler"])
+def test_a_try_that_parks_its_message_closes_itself(in_payments, payments_inbox, user_id,
+                                                    handlers):
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    _try_begun(message_id)
+    with transaction() as session:
+        assert process_inbox_message(session, message_id, handlers) == Outcome.PARKED
+    row = _row(message_id)
+    assert row.parked_at is not None and not row.try_open
+
+
+@pytest.mark.parametrize("max_attempts", [1, 5], ids=["its last attempt", "one of five"])
+def test_a_failed_try_counted_where_it_failed_closes_itself(in_payments, payments_inbox, user_id,
+                                                            max_attempts):
+    """As a batch handling its messages one by one counts a failure, and parks the message when it
+    used its last attempt."""
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    _try_begun(message_id)
+    with transaction() as session:
+        (message,) = lock_in_order(session, [message_id])
+        try:
+            outcome = handle_locked_message(session, message, {PAYMENT_REQUESTED: _failing},
+                                            max_attempts)
+        except RuntimeError:
+            outcome = None  # (counted, and left to a retry)
+    assert outcome == (Outcome.PARKED if max_attempts == 1 else None)
+    row = _row(message_id)
+    assert row.attempts == 1 and not row.try_open
+    assert (row.parked_at is not None) == (max_attempts == 1)
+
+
+def test_a_batch_handling_its_messages_one_by_one_closes_their_open_tries(
+        in_payments, payments_inbox, settings, user_id):
+    """Its first run fails whole on the permanent error, and the run one message per savepoint
+    processes, parks or counts each: all of them end a try."""
+    from tasks.inbox import _handle_in_one_transaction
+
+    records = [_request_record(user_id) for _ in range(4)]
+    payments_inbox([record for record, _ in records])
+    good, refused, last_try, retried = (message_id for _, message_id in records)
+    with transaction() as session:
+        session.execute(text("UPDATE inbox_messages SET attempts = :attempts"
+                             " WHERE message_id = :id"),
+                        {"attempts": settings.inbox_max_attempts - 1, "id": last_try})
+    for message_id in (good, refused, last_try, retried):
+        _try_begun(message_id)
+    failures = {refused: _refusing, last_try: _failing, retried: _failing}
+
+    def handle(session, events):
+        for event in events:
+            failures.get(event.message.message_id, lambda *_: None)(session, [event])
+
+    assert _handle_in_one_transaction("payments", [good, refused, last_try, retried],
+                                      {PAYMENT_REQUESTED: handle}) == [retried]
+    rows = {message_id: _row(message_id) for message_id in (good, refused, last_try, retried)}
+    assert rows[good].processed_at is not None
+    assert rows[refused].parked_at is not None and rows[last_try].parked_at is not None
+    assert rows[retried].parked_at is None and rows[retried].attempts == 1
+    assert [message_id for message_id, row in rows.items() if row.try_open] == []
 
 
 def test_the_sweeper_leaves_a_message_a_handler_holds(in_payments, payments_inbox, user_id):
