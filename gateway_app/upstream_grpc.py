@@ -75,9 +75,10 @@ def _trailers(rpc) -> dict[str, str]:
 def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
     """The service's own answer, as its HTTP API would have given it (in the trailers: a 503
     DATABASE_BUSY with its Retry-After comes as UNAVAILABLE too), or what the call's failure
-    says of the service (unreachable, too slow, refusing the gateway's identity). Never marked
-    Idempotent-Replayed: no error is a replay (a request that fails leaves no key behind, so its
-    repeat runs afresh, shared/idempotency.py; a key reused with another body is a fresh 422)."""
+    says of the service as the HTTP transport says it (unreachable, broken off once the call was
+    sent, too slow, refusing the gateway's identity). Never marked Idempotent-Replayed: no error
+    is a replay (a request that fails leaves no key behind, so its repeat runs afresh,
+    shared/idempotency.py; a key reused with another body is a fresh 422)."""
     trailers = _trailers(exc)
     if HTTP_STATUS_KEY in trailers:
         status = int(trailers[HTTP_STATUS_KEY])
@@ -90,9 +91,15 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
     # Said in the log as the HTTP transport says it (gateway_app/proxy.py): the call may never
     # have reached the service, whose log then holds nothing of it.
     code = exc.code()
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code == grpc.StatusCode.UNAVAILABLE and _never_sent(exc):
         log.warning("%s unreachable: %s", service, exc.details())
         return ServiceUnavailable.of(service)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        # Sent, and the connection it went on broke before the reply ("Socket closed", a reset,
+        # a GOAWAY's "Cancelling all calls": the service's process killed or stopped, say): the
+        # request may have been carried out, which "unavailable" would deny.
+        log.warning("%s closed the connection without answering: %s", service, exc.details())
+        return BadGateway.of(service)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         log.warning("%s timed out: %s", service, exc.details())
         return UpstreamTimeout.of(service)
@@ -100,3 +107,17 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
         return BadGateway.identity_refused(service, exc.details())
     log.error("%s call failed: %s %s", service, code, exc.details())
     return BadGateway.of(service)
+
+
+# How grpc-core's details begin for a call it never sent: no connection to the service could be
+# made (refused, or closed before its HTTP/2 handshake ended) or its name resolved. A call that
+# fails so has had no attempt sent: grpc-core retries on its own (transparently, gRFC A6) only
+# what the service never processed, and reports an attempt that went out as the connection's own
+# failure. Anything else is taken as sent: a wrong 502 says "may have been carried out" of a
+# request that was not, a wrong 503 would deny one that was.
+_NEVER_SENT_DETAILS = ("failed to connect to all addresses", "errors resolving")
+
+
+def _never_sent(exc: grpc.RpcError) -> bool:
+    """True if the failed call never left the gateway (an UNAVAILABLE of grpc's own)."""
+    return (exc.details() or "").startswith(_NEVER_SENT_DETAILS)

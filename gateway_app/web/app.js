@@ -436,13 +436,13 @@
     return /^\d{1,10},\d{1,2}$/.test(typed) ? typed.replace(",", ".") : typed;
   }
 
-  // A failure after which the request may still have been carried out: no answer at all, the
-  // gateway's 502 or 504, or its 503 for a service it lost (over gRPC, a connection lost after
-  // the request went is told apart from one never made by nothing). A service's own 503
+  // A failure after which the request may still have been carried out: no answer at all, or the
+  // gateway's 502 or 504. Its 503 is for a service it never sent the request to (a connection
+  // lost after the request went is a 502, over either transport); a service's own 503
   // (DATABASE_BUSY) did nothing.
   function outcomeUnknown(error) {
     return error instanceof ApiError && error.code !== "SESSION_ENDED"
-      && ([0, 502, 504].includes(error.status) || error.code === "SERVICE_UNAVAILABLE");
+      && [0, 502, 504].includes(error.status);
   }
 
   // An amount as the shop reads it, for telling one form's contents from another's: "12.5"

@@ -393,8 +393,8 @@ def test_signing_out_everywhere_from_the_page_signs_out_the_users_other_devices(
 # Played by the browser itself: the first top-up and the first order reach the gateway, which
 # carries them out, but their answers are lost on the way back (the network drops); the rest is
 # real.
-# The first top-up's answer replaced by the 503 the gateway gives for a service it lost (over gRPC
-# that may follow the service's commit), the first order's lost on the way.
+# The first top-up's answer replaced by the 502 the gateway gives for a service whose connection
+# broke after the request went (it may have been carried out), the first order's lost on the way.
 FIRST_ANSWERS_LOST = """
 const realFetch = window.fetch.bind(window);
 const lost = new Set();
@@ -407,9 +407,9 @@ window.fetch = async (input, init) => {
       && !lost.has(path)) {
     lost.add(path);
     if (path === "/api/orders") throw new TypeError("Failed to fetch");
-    return new Response(JSON.stringify({error: {code: "SERVICE_UNAVAILABLE",
-      message: "The payments service is unavailable; try again shortly.", details: {}}}),
-      {status: 503, headers: {"Content-Type": "application/json"}});
+    return new Response(JSON.stringify({error: {code: "BAD_GATEWAY",
+      message: "The payments service failed to answer.", details: {}}}),
+      {status: 502, headers: {"Content-Type": "application/json"}});
   }
   return response;
 };
@@ -453,3 +453,36 @@ def test_a_top_up_and_an_order_whose_answers_were_lost_count_once(stack, browser
     assert len(shopper.api("GET", "/orders", 200)["items"]) == 2
     page.wait_until(lambda: page.text("balance") == "93.50", timeout=LIVE_DEADLINE,
                     what="both orders paid, once each")
+
+
+# Played by the browser itself: the first top-up answered with the gateway's 503 for a service it
+# could not reach, never sent to it; the rest is real.
+FIRST_TOP_UP_NEVER_SENT = """
+const realFetch = window.fetch.bind(window);
+let refused = false;
+window.fetch = (input, init) => {
+  const url = typeof input === "string" ? input : input.url;
+  const path = new URL(url, location.href).pathname;
+  if (path === "/api/accounts/deposit" && !refused) {
+    refused = true;
+    return Promise.resolve(new Response(JSON.stringify({error: {code: "SERVICE_UNAVAILABLE",
+      message: "The payments service is unavailable; try again shortly.", details: {}}}),
+      {status: 503, headers: {"Content-Type": "application/json"}}));
+  }
+  return realFetch(input, init);
+};
+"""
+
+
+def test_a_top_up_the_gateway_never_sent_is_not_said_to_have_maybe_gone_through(stack, browser):
+    """The gateway's 503 SERVICE_UNAVAILABLE is for a service it never sent the request to (a
+    connection broken after it went is a 502, over gRPC too): the page says the shop is not
+    answering, not that the top-up may have gone through, and pressing again tops up once."""
+    page, shopper = _live_page_of_a_shopper_with_100(stack, browser, FIRST_TOP_UP_NEVER_SENT)
+    page.top_up("5")
+    page.wait_until(lambda: "not answering right now" in page.text("message"),
+                    what="the page to say the shop is not answering")
+    assert "may have gone through" not in page.text("message")
+    page.top_up("5")
+    page.wait_until(lambda: page.text("message") == "Topped up 5.", what="the top-up")
+    assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "105.00"

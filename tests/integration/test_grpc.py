@@ -1,12 +1,14 @@
 """gRPC between the gateway and the services: the same answers as HTTP for every public endpoint,
-deadlines and outages mapped to 504/503, calls without the gateway's signature refused, reflection
-on, and the generated code current."""
+deadlines and outages mapped to 504/503 (a call broken off once sent to 502), calls without the
+gateway's signature refused, reflection on, and the generated code current."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +16,9 @@ import threading
 import time
 import uuid
 from concurrent import futures
+from contextlib import ExitStack
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -32,7 +36,7 @@ from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc
 from tests.integration.test_gateway import assert_replays_said_so
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
-from tests.network_tools import SilencingProxy
+from tests.network_tools import HoldingProxy, SilencingProxy
 from tests.polling import wait_for
 from tests.postgres_tools import no_connection_free
 
@@ -165,6 +169,68 @@ def test_a_deadline_exceeded_is_504_and_a_service_down_is_503(settings, upstream
         assert said == {"orders timed out", "payments unreachable"}
     finally:
         slow.stop(grace=None)
+
+
+def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, upstreams,  # noqa: F811
+                                                                       grpc_targets, tmp_path,
+                                                                       caplog):
+    """The orders service's process, serving gRPC as it is run, killed (SIGKILL) once it has
+    placed the order and before it replies: the call was sent, and carried out, so the gateway
+    answers 502 (the request may have been carried out), as the HTTP transport does for a
+    connection closed without an answer, not 503 "unavailable", which denies it. The kill comes
+    while the service bumps the orders' cache version after its commit (its Redis reached through
+    a proxy that holds that command)."""
+    import psycopg2
+
+    from shared.db import driver_dsn
+
+    redis_url = urlsplit(settings.redis_url)
+    bind = f"127.0.0.1:{free_port()}"
+    with ExitStack() as cleanup:
+        client = _gateway(settings, upstreams, grpc_targets, "grpc", orders_grpc_target=bind)
+        session = client.post("/api/auth/register", json={
+            "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+        user_id = session["user_id"]
+        redis = HoldingProxy(f"{redis_url.hostname}:{redis_url.port or 6379}",
+                             marker=f"version:orders:{user_id}".encode())
+        cleanup.callback(redis.close)
+        with open(tmp_path / "orders-grpc.log", "wb") as log:
+            service = subprocess.Popen(
+                [sys.executable, "-m", "shared.grpc_server", "orders"], cwd=REPO_ROOT,
+                stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "ORDERS_GRPC_BIND": bind,
+                     "REDIS_URL": redis_url._replace(netloc=redis.address).geturl()})
+        cleanup.callback(service.wait)
+        cleanup.callback(service.kill)
+        wait_for(lambda: _accepts_connections(bind), timeout=30, what="the orders gRPC server")
+
+        def kill_once_committed():
+            if redis.held.wait(timeout=30):
+                service.kill()
+
+        killer = threading.Thread(target=kill_once_committed, daemon=True)
+        killer.start()
+        answer = client.post("/api/orders", json={"amount": "3", "description": "once"},
+                             headers={"Authorization": f"Bearer {session['access_token']}"})
+        killer.join()
+        assert redis.held.is_set() and service.wait(timeout=10) == -signal.SIGKILL
+        assert answer.status_code == 502, answer.get_json()
+        assert answer.get_json()["error"]["code"] == "BAD_GATEWAY"
+        assert "orders closed the connection without answering" in caplog.text
+        placed = psycopg2.connect(driver_dsn(settings.database_url("orders")))
+        cleanup.callback(placed.close)
+        with placed.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM orders WHERE user_id = %s", (user_id,))
+            assert cursor.fetchone() == (1,)
+
+
+def _accepts_connections(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def test_a_connection_to_a_service_gone_silent_is_dropped_and_made_afresh(
