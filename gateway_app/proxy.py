@@ -103,6 +103,10 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
     for name in FORWARDED_RESPONSE_HEADERS:
         if name in upstream.headers:
             response.headers[name] = upstream.headers[name]
+    if request.method == "HEAD" and "Content-Length" in upstream.headers:
+        # The GET's length, as the service (and the gRPC transport, which runs the GET) answers a
+        # HEAD: the answer's empty body would have set it to 0.
+        response.headers["Content-Length"] = upstream.headers["Content-Length"]
     return response
 
 
