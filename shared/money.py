@@ -19,6 +19,12 @@ _NUMERIC_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
                            r"|[+-]?(?:nan|inf|infinity)", re.ASCII | re.IGNORECASE)
 
 
+# What may surround an amount in a string: JSON's own whitespace (space, tab, CR, LF). Not
+# str.strip()'s, which takes every Unicode space (a no-break space, an ideographic one) and the
+# ASCII separators \x1c-\x1f too: an amount is a string in ASCII.
+_SURROUNDING_SPACE = " \t\r\n"
+
+
 class InvalidAmount(ValueError):
     """The value is not an acceptable amount; the message says why."""
 
@@ -29,7 +35,7 @@ def parse_amount(value: object) -> Decimal:
         # Floats never get here from our JSON decoder (it yields Decimal); refuse them if they do,
         # so binary rounding can never leak into money.
         raise InvalidAmount("must be a number or a numeric string")
-    text = value.strip() if isinstance(value, str) else value
+    text = value.strip(_SURROUNDING_SPACE) if isinstance(value, str) else value
     if isinstance(text, str) and not _NUMERIC_TEXT.fullmatch(text):
         raise InvalidAmount("must be a number or a numeric string")
     try:

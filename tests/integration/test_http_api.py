@@ -380,7 +380,9 @@ def test_no_account_is_404_for_balance_and_deposit(payments_http, user_id):
 
 @pytest.mark.parametrize("body", ['{"amount": 0}', '{"amount": -1}', '{"amount": "1.234"}',
                                   '{"amount": NaN}', '{}', '{"amount": 1, "x": 2}', "{",
-                                  '{"amount": 1000000000.01}'])
+                                  '{"amount": 1000000000.01}',
+                                  # Spaces around it that are not JSON's: no amount in ASCII.
+                                  '{"amount": "\\u00a05"}', '{"amount": "\\u001c5\\u001f"}'])
 def test_a_bad_deposit_is_4xx_and_changes_nothing(payments_http, payments_flask_app, user_id, body):
     payments_http.post("/accounts", headers=_as(user_id))
     response = payments_http.post("/accounts/deposit", data=body, content_type="application/json",

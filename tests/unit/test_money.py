@@ -12,6 +12,7 @@ from shared.money import InvalidAmount, format_amount, parse_amount
     (Decimal("12.5"), Decimal("12.50")),
     (7, Decimal("7.00")),
     (" 1.10 ", Decimal("1.10")),
+    ("\t\r\n5 \n", Decimal("5.00")),  # JSON's whitespace around it
     ("1000000000.00", Decimal("1000000000.00")),
     ("1E+2", Decimal("100.00")),
 ])
@@ -34,6 +35,13 @@ def test_valid_amounts_become_exact_cents(given, expected):
     ("٣", "number"),  # an Arabic-Indic three: Decimal() reads it, an amount must not
     ("５", "number"),
     ("1_000", "number"),
+    # Spaces str.strip() takes, and an amount is not surrounded by: Unicode's, ASCII separators.
+    ("\u00a05", "number"),
+    ("5\u2003", "number"),
+    ("\u30005\u3000", "number"),
+    ("\x855", "number"),
+    ("\x1c5\x1f", "number"),
+    ("\x0b5\x0c", "number"),
     ("", "number"),
     (True, "number"),
     (None, "number"),
