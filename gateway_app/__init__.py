@@ -27,7 +27,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     import redis
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from gateway_app import auth, models, notifications, routes, user_channels, web  # noqa: F401
+    from gateway_app import (auth, models, notifications, routes, sign_out,  # noqa: F401
+                             user_channels, web)
     from gateway_app.channel_listener import ChannelListener, subscriber_client
     from gateway_app.ratelimit import RateLimiter
     from shared.app import create_service_app
@@ -40,6 +41,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = app.extensions["hseshop.settings"]
     app.extensions[auth.RATE_LIMITER] = RateLimiter(
         settings.redis_url, settings.rate_limit_per_minute, settings.redis_key_prefix)
+    # This process's own (gunicorn forks its workers after create_app: each has its own copy).
+    app.extensions[sign_out.REMEMBERED] = sign_out.RememberedSignOuts()
     # A read gives up after 2 s (a Redis host gone silent would otherwise hold the thread that
     # publishes a notification for as long as TCP waits).
     app.extensions[user_channels.REDIS_EXTENSION] = redis.Redis.from_url(

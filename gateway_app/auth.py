@@ -19,7 +19,8 @@ from sqlalchemy.dialects.postgresql import insert
 from gateway_app.models import User
 from gateway_app.passwords import hash_password, verify_password
 from gateway_app.ratelimit import RATE_LIMITED, address_subject
-from gateway_app.sign_out import SIGNED_OUT, is_signed_out, sign_out, sign_out_everywhere
+from gateway_app.sign_out import (REMEMBERED, SIGNED_OUT, is_signed_out, sign_out,
+                                  sign_out_everywhere)
 from gateway_app.tokens import InvalidToken, VerifiedToken, issue_token, verify_token
 from shared.db import db, transaction
 from shared.documented_errors import DATABASE_UNAVAILABLE_OR_BUSY, DocumentedError
@@ -184,9 +185,9 @@ def limit_by_address() -> None:
 
 
 def authenticate_bearer() -> None:
-    """`before_request` for the rest of /api: the bearer token decides the user, then the limit."""
-    g.user_id = verified_token_or_401(_bearer_token()).user_id
-    current_app.extensions[RATE_LIMITER].check(f"user:{g.user_id}")
+    """`before_request` for the rest of /api: the bearer token decides the user, whose limit the
+    request counts against (verified_token_or_401)."""
+    g.user_id = verified_token_or_401(_bearer_token(), limited=True).user_id
 
 
 def _bearer_token() -> str:
@@ -201,15 +202,27 @@ def _bearer_token() -> str:
 def socket_token(token: str) -> VerifiedToken:
     """A notification socket's token, verified, its opening counted against its user's rate
     limit as any other /api request is (the socket's route is outside the /api blueprint)."""
-    verified = verified_token_or_401(token)
-    current_app.extensions[RATE_LIMITER].check(f"user:{verified.user_id}")
-    return verified
+    return verified_token_or_401(token, limited=True)
 
 
-def verified_token_or_401(token: str) -> VerifiedToken:
-    """The token, verified and not signed out; a 401 otherwise."""
+def verified_token_or_401(token: str, limited: bool = False) -> VerifiedToken:
+    """The token, verified and not signed out; a 401 otherwise. `limited`: the request is counted
+    against the user's rate limit too (a 429 past it).
+
+    What costs nothing comes first: the signature and expiry, then this process's memory of the
+    tokens it found signed out. Then the limit, then the database: past the limit a request asks
+    the database nothing (a flood of them would hold the pool's connections, every signed-in
+    request waiting for one). A signed-out token is counted against its user's limit the first
+    time this process meets it, at most, and is refused from then on before the limit and the
+    database both: used again and again, it costs neither, nor uses up its user's limit."""
     verified = signed_token_or_401(token)
+    remembered = current_app.extensions[REMEMBERED]
+    if remembered.known(verified):
+        raise Unauthorized(SIGNED_OUT, code="TOKEN_SIGNED_OUT")
+    if limited:
+        current_app.extensions[RATE_LIMITER].check(f"user:{verified.user_id}")
     if is_signed_out(verified):
+        remembered.remember(verified)
         raise Unauthorized(SIGNED_OUT, code="TOKEN_SIGNED_OUT")
     return verified
 

@@ -8,10 +8,15 @@ are taken.
 A signed-out token is kept until a while after it has expired (FORGOTTEN_AFTER_EXPIRY_SECONDS): it
 is refused as expired from then on. The while covers a gateway instance whose clock runs behind
 the one that prunes: it still takes the token as unexpired, and must still find it signed out.
+
+Each gateway process also remembers the tokens it has found signed out (RememberedSignOuts), and
+refuses them again without asking the database.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -65,6 +70,48 @@ def is_signed_out(token: VerifiedToken) -> bool:
             return connection.exec_driver_sql(_SIGNED_OUT, {
                 "digest": token.digest, "user_id": token.user_id, "generation": token.generation,
                 "limit": LOOKUP_LIMIT}).scalar() is True
+
+
+# Where create_app keeps the process's RememberedSignOuts.
+REMEMBERED = "hseshop.remembered_sign_outs"
+# How many signed-out tokens a process remembers: some 150 bytes each (a digest, its place), 600 KB.
+# Far more than the tokens a process sees signed out and used again while they last; one pushed
+# out by a flood of others is asked of the database again, once.
+REMEMBERED_SIGN_OUTS = 4096
+
+
+class RememberedSignOuts:
+    """The digests of the tokens this process has found signed out, at most `size` of them, the
+    least recently refused forgotten first: such a token is refused again without a lookup (and
+    before it is counted against its user's rate limit: gateway_app/auth.py).
+
+    Never wrong, however long a digest is kept: a sign-out is never undone (a signed-out token's
+    row is kept until after the token has expired, and a user's generation only moves on), and a
+    digest is one token's (its claims, `jti` and all), so no token that is taken is known by it.
+    One kept past its token's expiry is never asked about (the token is refused as expired before)
+    and is pushed out in its turn. A lock: a gunicorn process serves requests on many threads."""
+
+    def __init__(self, size: int = REMEMBERED_SIGN_OUTS):
+        self._size = size
+        self._digests: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def known(self, token: VerifiedToken) -> bool:
+        """Whether `token` was found signed out here (not forgotten since)."""
+        with self._lock:
+            if token.digest not in self._digests:
+                return False
+            self._digests.move_to_end(token.digest)
+            return True
+
+    def remember(self, token: VerifiedToken) -> None:
+        """`token` was found signed out: remember it, forgetting the least recently refused past
+        `size`."""
+        with self._lock:
+            self._digests[token.digest] = None
+            self._digests.move_to_end(token.digest)
+            while len(self._digests) > self._size:
+                self._digests.popitem(last=False)
 
 
 @contextmanager

@@ -24,7 +24,8 @@ import psycopg2
 import pytest
 import redis
 from simple_websocket import ConnectionClosed
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from werkzeug.serving import make_server
@@ -2132,6 +2133,38 @@ def test_opening_sockets_counts_against_the_users_rate_limit(settings, upstreams
             assert opened
             opened.close()
         assert _refused(url, code=1013)
+
+
+def test_a_signed_out_tokens_sockets_ask_the_database_once_and_keep_its_user_in(
+        settings, upstreams, gateway, monkeypatch):
+    """Opened again and again with a token signed out (on another instance), a socket is closed
+    with 1008 each time, the database asked the first time only (the process remembers), and
+    the openings do not use up the user's limit: a socket with their other token still opens."""
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    user = f"usr_{uuid.uuid4().hex[:16]}"
+    lookups: list[str] = []
+
+    def _executing(connection, cursor, statement, parameters, context, executemany):
+        if "signed_out_tokens" in statement:
+            lookups.append(statement)
+
+    with _served_gateway_socket_path(settings, upstreams, "leaver", user=user,
+                                     rate_limit_per_minute=2) as (base, path):
+        url = base.replace("http://", "ws://") + path
+        leaving = path.partition("access_token=")[2]
+        assert gateway.post("/api/auth/logout",
+                            headers={"Authorization": f"Bearer {leaving}"}).status_code == 204
+        # (Every engine's: the served gateway's is out of reach; only lookups are counted.)
+        event.listen(Engine, "before_cursor_execute", _executing)
+        try:
+            assert all(_refused(url, code=1008) for _ in range(6))
+        finally:
+            event.remove(Engine, "before_cursor_execute", _executing)
+        assert len(lookups) == 1
+        staying = issue_token(user, "leaver", settings.auth_token_secret, 600).access_token
+        opened = _stays_open(url.replace(leaving, staying))
+        assert opened
+        opened.close()
 
 
 def test_what_a_page_sends_on_its_socket_is_dropped_and_a_big_frame_closes_it(settings,

@@ -8,6 +8,8 @@ import dataclasses
 import socket
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import jwt
 import psycopg2
@@ -241,3 +243,78 @@ def test_a_sign_in_whose_password_check_ends_after_signing_out_everywhere_gets_a
     fresh = _signed_in(first, username, False)
     assert verify_token(fresh, settings.auth_token_secret).generation == lost_phone.generation + 1
     assert first.get(NEWEST, headers=_bearer(fresh)).status_code == 200
+
+
+@contextmanager
+def _lookups_counted(app) -> Iterator[list[str]]:
+    """The statements asking `app`'s database whether a token was signed out, as they are sent."""
+    with app.app_context():
+        engine = db.engine
+    sent: list[str] = []
+
+    def _executing(connection, cursor, statement, parameters, context, executemany):
+        if "signed_out_tokens" in statement:
+            sent.append(statement)
+
+    event.listen(engine, "before_cursor_execute", _executing)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", _executing)
+
+
+def _limited(settings, monkeypatch, per_minute: int):
+    """A gateway instance on the shared database allowing each user `per_minute` requests (in
+    windows of an hour: the test's requests must not straddle two, as a minute's can)."""
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    return gateway_app.create_app(
+        settings=dataclasses.replace(settings, rate_limit_per_minute=per_minute)).test_client()
+
+
+def test_past_the_rate_limit_a_request_asks_the_database_nothing(settings, monkeypatch):
+    """The limit comes before the lookup: a flood of requests past it holds none of the pool's
+    connections (each one asking would: DATABASE_BUSY for everybody)."""
+    gateway = _limited(settings, monkeypatch, per_minute=3)
+    token = issue_token(f"usr_{uuid.uuid4().hex[:16]}", "flooder", settings.auth_token_secret,
+                        600).access_token
+    with _lookups_counted(gateway.application) as lookups:
+        answers = [gateway.get(NEWEST, headers=_bearer(token)) for _ in range(10)]
+    assert [answer.status_code for answer in answers] == [200] * 3 + [429] * 7
+    assert {_error_code(answer) for answer in answers[3:]} == {"RATE_LIMITED"}
+    assert len(lookups) == 3
+
+
+@pytest.mark.parametrize("everywhere", [False, True], ids=["signed out", "everywhere"])
+def test_a_signed_out_token_used_again_asks_the_database_once_per_process(
+        settings, gateways, monkeypatch, everywhere):
+    """Found signed out once, a token is remembered by the process that found it, and refused
+    from then on with no lookup and without counting against its user's limit; the user's tokens
+    that are taken still are (signed out everywhere: the one signed in after)."""
+    signing_out, _ = gateways
+    gateway = _limited(settings, monkeypatch, per_minute=3)
+    username = f"remembered-{uuid.uuid4().hex[:8]}"
+    leaving = _signed_in(signing_out, username, True)
+    if everywhere:
+        assert signing_out.post("/api/auth/logout/everywhere",
+                                headers=_bearer(leaving)).status_code == 204
+    else:
+        staying = _signed_in(signing_out, username, False)
+        assert signing_out.post("/api/auth/logout", headers=_bearer(leaving)).status_code == 204
+    if everywhere:
+        staying = _signed_in(signing_out, username, False)
+
+    with _lookups_counted(gateway.application) as lookups:
+        refused = [gateway.get(NEWEST, headers=_bearer(leaving)) for _ in range(20)]
+        # Written another way, the same token: remembered too.
+        refused.append(gateway.get(NEWEST, headers=_bearer(leaving + "=")))
+    assert {(answer.status_code, _error_code(answer)) for answer in refused} == {
+        (401, "TOKEN_SIGNED_OUT")}
+    assert len(lookups) == 1
+    # Twenty-one uses cost the user one request of their three at most.
+    assert [gateway.get(NEWEST, headers=_bearer(staying)).status_code for _ in range(2)] == \
+        [200, 200]
+    # Another process (another instance) has not found it yet: it asks, once, as well.
+    with _lookups_counted(signing_out.application) as lookups:
+        for _ in range(3):
+            assert signing_out.get(NEWEST, headers=_bearer(leaving)).status_code == 401
+    assert len(lookups) == 1
