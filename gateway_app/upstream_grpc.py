@@ -115,7 +115,9 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
 # what the service never processed, and reports an attempt that went out as the connection's own
 # failure. Anything else is taken as sent: a wrong 502 says "may have been carried out" of a
 # request that was not, a wrong 503 would deny one that was.
-_NEVER_SENT_DETAILS = ("failed to connect to all addresses", "errors resolving")
+_NEVER_SENT_DETAILS = ("failed to connect to all addresses", "errors resolving",
+                       # (pick_first's, the name resolved to no address at all)
+                       "empty address list", "address list must not be empty")
 
 
 def _never_sent(exc: grpc.RpcError) -> bool:

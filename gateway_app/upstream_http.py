@@ -231,6 +231,7 @@ def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
     try:
         return _http().request(method, url, **kwargs)
     except requests.ConnectionError as exc:
+        first_failure = exc
         failed_at = time.monotonic()
         left = _call.deadline - failed_at
         if not (safe_to_repeat and exc.args and isinstance(exc.args[0], ProtocolError)
@@ -242,5 +243,13 @@ def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
         # a time), so the next request connects afresh, within what is left of the deadline.
         log.info("%s closed a kept-alive connection without answering (%r): sending the request"
                  " again on a new one", service, exc)
-    return _http().request(method, url, **{
-        **kwargs, "timeout": (min(CONNECT_TIMEOUT_SECONDS, left), left)})
+    try:
+        return _http().request(method, url, **{
+            **kwargs, "timeout": (min(CONNECT_TIMEOUT_SECONDS, left), left)})
+    except requests.ConnectionError as again:
+        if again.args and isinstance(again.args[0], (ProtocolError, ReadTimeoutError)):
+            raise
+        # No new connection (refused, or none in time): the service may have read the first
+        # send and died carrying it out, so that first failure is the one to answer for (a 502,
+        # "may have been carried out"), not this one's "unavailable", which would deny it.
+        raise first_failure from again

@@ -599,6 +599,38 @@ def test_a_request_whose_kept_alive_connection_closed_unanswered_is_sent_again_i
             assert server.answered[1:] == called[1:]
 
 
+def test_a_keyed_post_sent_again_to_a_service_gone_meanwhile_is_a_502_not_a_503(
+        settings, upstreams):
+    """A keyed POST whose kept-alive connection closed unanswered is sent again on a new one (as
+    above); when that new connection is refused, the service having read the POST and died, say,
+    the answer is the first failure's: a 502 (the request may have been carried out), not the
+    refusal's 503, which would deny it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received = []
+
+    def serve_a_get_then_die_on_the_post():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            body = _DroppingHandler.BODY
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            received.append(connection.recv(65536))  # the POST: carried out, for all one knows
+            listener.close()  # (before the connection: the POST's second send finds no service)
+
+    server = threading.Thread(target=serve_a_get_then_die_on_the_post, daemon=True)
+    server.start()
+    client = _gateway(settings, orders_service_url=f"http://127.0.0.1:{listener.getsockname()[1]}")
+    _, auth = _sign_up(client)
+    assert client.get("/api/orders", headers=auth).status_code == 200  # kept alive
+    answer = client.post("/api/orders", json={"amount": "1.00"},
+                         headers={**auth, "Idempotency-Key": "sent-once"})
+    server.join(timeout=5)
+    assert received and received[0].startswith(b"POST ")
+    assert answer.status_code == 502, answer.get_json()
+    assert answer.get_json()["error"]["code"] == "BAD_GATEWAY"
+
+
 def test_a_keyed_post_whose_kept_alive_connection_closed_as_its_body_went_is_sent_again(
         settings, upstreams, monkeypatch):
     """A kept-alive connection the service closed as the request came on it, its head read, its
