@@ -61,8 +61,9 @@ def retry_countdown(retries: int, sweep_min_age_seconds: float) -> float:
           max_retries=None)  # the inbox row counts the attempts and parks the message at the limit
 def handle_inbox_message(self, service: str, message_id: str) -> str:
     """Handle one stored message, its try noted as begun first (note_try_begun); a try that fails
-    is recorded and retried with backoff, unless the message is parked, or was handed over again
-    meanwhile (the sweeper took the try for lost: record_failed_attempt)."""
+    is recorded and retried with backoff, unless the message is parked, or another goes on with it
+    (the sweeper took the try for lost, or another task's try of it ended meanwhile:
+    record_failed_attempt)."""
     handlers = service_package(service).message_handlers()
     settings = current_app.extensions["hseshop.settings"]
     message = uuid.UUID(message_id)

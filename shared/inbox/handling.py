@@ -298,13 +298,14 @@ def record_failed_attempt(
     tries left, which an operator reading a parked message wants to see); park the message once
     it has used them all.
 
-    A try noted as begun (`try_began_at`, from note_try_begun) that ran past the sweep's minimum
-    age can find itself closed since by another: mostly the sweeper, which took it for lost
-    between the try's rollback and this record, counted it and handed the message over again
-    (else another task of the message, whose own try ended meanwhile, and which goes on with it).
-    It is not counted twice then, only its error kept, and the message is left to that handing
-    over; or, if the message was parked meanwhile (by the sweeper, for that lost try, or by
-    another task), the error is added to the one it was parked with.
+    A try noted as begun (`try_began_at`, from note_try_begun) can find itself closed since by
+    another, between the try's rollback and this record: the sweeper, which took it for lost
+    (once it ran past the sweep's minimum age), counted it and handed the message over again; or
+    another task of the message (a batch handling it one by one, say), whose own try of it ended
+    meanwhile, counted if it failed, and which goes on with it. It is not counted twice then, only
+    its error kept, and the message is left to that other; or, if the message was parked
+    meanwhile (by the sweeper, for that lost try, or by another task), the error is added to the
+    one it was parked with.
 
     Returns Outcome.PARKED when the message is now parked, Outcome.HANDED_OVER when it was handed
     over again meanwhile, and None when the caller is to retry it.

@@ -261,6 +261,31 @@ def test_a_failed_try_the_sweeper_took_for_lost_meanwhile_is_counted_once_and_le
     assert row.last_error == "RuntimeError('statement timeout')"
 
 
+def test_a_failed_try_a_batch_counted_its_own_of_meanwhile_is_left_to_the_batch(
+        in_payments, payments_inbox, settings, user_id):
+    """Between a task's failed try and its record, a batch handling the message one by one fails
+    it too, counts its own try (closing the task's) and hands the message to a task of its own:
+    the first task's record keeps its error, counts nothing and leaves the message to the batch's
+    (else two tasks would go on retrying it)."""
+    from tasks.inbox import _handle_in_one_transaction
+
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    try_began_at = _try_begun(message_id)
+    with pytest.raises(RuntimeError):
+        with transaction() as session:
+            process_inbox_message(session, message_id, {PAYMENT_REQUESTED: _failing})
+    assert _handle_in_one_transaction("payments", [message_id],
+                                      {PAYMENT_REQUESTED: _failing}) == [message_id]
+    with transaction() as session:
+        assert record_failed_attempt(session, message_id, "RuntimeError('the task's own')",
+                                     settings.inbox_max_attempts,
+                                     try_began_at=try_began_at) == Outcome.HANDED_OVER
+    row = _row(message_id)
+    assert row.attempts == 1 and not row.try_open and row.parked_at is None
+    assert row.last_error == "RuntimeError('the task's own')"
+
+
 def test_a_failed_try_the_sweeper_parked_for_meanwhile_adds_its_error_to_the_parked_one(
         in_payments, payments_inbox, user_id):
     """As above, the lost try the sweep counts being the message's last: the sweep parks it, and
