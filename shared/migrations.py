@@ -1,8 +1,9 @@
 """Schema migrations (Alembic) for each service (orders, payments, gateway): create its database if
-missing, then upgrade.
+missing, then upgrade (or, by hand, downgrade).
 
     python -m shared.migrations upgrade orders
     python -m shared.migrations upgrade payments
+    python -m shared.migrations downgrade gateway 0012
 
 Each service keeps its revisions in `<service>_app/migrations/versions`; an advisory lock lets
 several processes start at once without running the same migration twice. Each revision runs in a
@@ -12,6 +13,13 @@ shared.migration_steps); the lock is held by the session for the whole upgrade.
 
 A revision's statement waits at most MIGRATION_LIMITS' lock_timeout for a lock the running shop
 holds; the revision is then rolled back, and `upgrade` tries it again after a pause.
+
+Rolling back: a database a later release migrated is at a revision this release does not know.
+Each release's revisions leave a schema the release before runs on (it runs on during a rolling
+upgrade), so `upgrade` leaves such a schema as it is, says so, and returns: the release before
+starts. Revisions are numbered in order (0001, 0002, ...), which is how it tells a later release's
+revision (numbered past this release's head) from one that is no revision of the service's at all,
+which it refuses.
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from psycopg2.errors import DeadlockDetected
 from sqlalchemy.engine import make_url
 
@@ -57,6 +68,15 @@ MINIMUM_SERVER_VERSION_NUM = 140000
 
 class ServerTooOld(RuntimeError):
     pass
+
+
+class DatabaseUnreachable(RuntimeError):
+    pass
+
+
+class UnknownRevision(RuntimeError):
+    """The database is at a revision that is neither this release's nor, by its number, a later
+    release's."""
 
 
 def ensure_database(url: str) -> None:
@@ -117,18 +137,82 @@ def migration_engine(url: str) -> sa.Engine:
 
 
 def upgrade(service: str, revision: str = "head") -> None:
+    """Upgrade the service's database to `revision`; when a later release has migrated it, leave
+    it as it is (see the module's docstring)."""
+    def upgrade_to(config: Config, conn: sa.Connection) -> None:
+        if _left_by_a_later_release(service, config, conn):
+            return
+        _giving_way_to_locks(conn, lambda: command.upgrade(config, revision))
+
+    _migrate(service, upgrade_to)
+
+
+def downgrade(service: str, revision: str) -> None:
+    """Downgrade the service's database to `revision`, as the release that knows its revisions
+    (this one, or a later one) may before an earlier release is started on it."""
+    _migrate(service, lambda config, conn: _giving_way_to_locks(
+        conn, lambda: command.downgrade(config, revision)))
+
+
+def _migrate(service: str, run: Callable[[Config, sa.Connection], None]) -> None:
+    """Run `run` on a connection to the service's database (made if missing), holding the
+    database's migration lock."""
     url = get_settings().database_url(service)
-    ensure_database(url)
     engine = migration_engine(url)
     try:
-        with engine.connect() as conn:
+        with _connect(service, url, engine) as conn:
             _refuse_a_server_too_old(conn)
             _take_migration_lock(conn)
             config = alembic_config(service, url)
             config.attributes["connection"] = conn
-            _giving_way_to_locks(conn, lambda: command.upgrade(config, revision))
+            run(config, conn)
     finally:
         engine.dispose()
+
+
+def _connect(service: str, url: str, engine: sa.Engine) -> sa.Connection:
+    try:
+        ensure_database(url)
+        return engine.connect()
+    except sa.exc.OperationalError as exc:
+        # The driver's first line says why (refused, no such host, password refused); the rest
+        # is hints. The URL without its password, so that the log may show it.
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+        shown = make_url(url).render_as_string(hide_password=True)
+        raise DatabaseUnreachable(
+            f"cannot connect to the {service} database ({shown}): {reason}") from exc
+
+
+def _left_by_a_later_release(service: str, config: Config, conn: sa.Connection) -> bool:
+    """Whether the database is at a revision of a later release, said in a WARNING; refuses a
+    revision that is neither this release's nor numbered past its head. Read under the migration
+    lock: a later release's `upgrade` may be running."""
+    current = MigrationContext.configure(conn).get_current_heads()
+    conn.commit()  # (no transaction left open: each revision runs in one of its own)
+    script = ScriptDirectory.from_config(config)
+    known = {script_revision.revision for script_revision in script.walk_revisions()}
+    unknown = [revision for revision in current if revision not in known]
+    if not unknown:
+        return False
+    head = script.get_current_head()
+    if not all(_numbered_past(rev, head) for rev in unknown):
+        raise UnknownRevision(
+            f"the {service} database is at revision {', '.join(unknown)}, which is no revision of"
+            f" the {service} service's, this release's (up to {head}) or a later one's (numbered"
+            f" past {head}): is this the {service} database?")
+    log.warning(
+        "the %s database is at revision %s, which this release (up to %s) does not know: a later"
+        " release's. Its schema is left as it is: each release's revisions leave one that the"
+        " release just before it runs on, no older one. If this release is further back, stop it"
+        " and downgrade the database with the later release's image first"
+        " (python -m shared.migrations downgrade %s %s)",
+        service, ", ".join(unknown), head, service, head)
+    return True
+
+
+def _numbered_past(revision: str, head: str) -> bool:
+    return (revision.isascii() and revision.isdigit() and head.isascii() and head.isdigit()
+            and int(revision) > int(head))
 
 
 def _refuse_a_server_too_old(conn: sa.Connection) -> None:
@@ -205,12 +289,22 @@ def _run_revisions(context, connection: sa.Connection) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shared.migrations")
-    parser.add_argument("action", choices=["upgrade"])
+    parser.add_argument("action", choices=["upgrade", "downgrade"])
     parser.add_argument("service", choices=SERVICES)
-    parser.add_argument("revision", nargs="?", default="head")
+    parser.add_argument("revision", nargs="?", help="upgrade: head unless given; downgrade: needed")
     args = parser.parse_args(argv)
+    if args.action == "downgrade" and args.revision is None:
+        parser.error("downgrade needs the revision to go down to")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    upgrade(args.service, args.revision)
+    try:
+        if args.action == "upgrade":
+            upgrade(args.service, args.revision or "head")
+        else:
+            downgrade(args.service, args.revision)
+    except (DatabaseUnreachable, ServerTooOld, UnknownRevision, CommandError) as exc:
+        # What the operator must put right, in a line; anything else keeps its traceback.
+        log.error("%s", " ".join(str(exc).split()))
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from devstack.infra import free_port, start_embedded_postgres
 from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, load_settings
@@ -472,6 +473,108 @@ def test_upgrade_refuses_a_postgresql_older_than_the_shop_runs_on(infrastructure
     monkeypatch.setattr(shared.migrations, "MINIMUM_SERVER_VERSION_NUM", version)
     upgrade("orders")
     assert _index_valid(url, "ix_outbox_messages_refused")
+
+
+def _migrate_by_hand(service: str, url: str, *arguments: str) -> subprocess.CompletedProcess:
+    """`python -m shared.migrations <arguments>` for the service's database at `url`, as its
+    `*-migrate` container runs it."""
+    env = {**os.environ, f"{service.upper()}_DATABASE_URL": url.replace("+psycopg2", "")}
+    return subprocess.run([sys.executable, "-m", "shared.migrations", *arguments], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _schema(url: str) -> dict[str, dict]:
+    """Every table of the database's, as _table_definition reads it."""
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        tables = sorted(table for (table,) in cursor.fetchall())
+    connection.close()
+    return {table: _table_definition(url, table) for table in tables}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_release_before_starts_on_a_database_a_later_release_migrated(infrastructure,
+                                                                           service):
+    """Rolled back, a release's `*-migrate` finds the database at a revision it does not know,
+    numbered past its head: a later release's. It says so in a WARNING and exits 0, the schema
+    and its version left as they are, so that the APIs and workers waiting for it start (each
+    release's revisions leave a schema the release before runs on). Before, Alembic's "Can't
+    locate revision" made it exit 1, and nothing started."""
+    url = _database_url(infrastructure, "rolled-back", service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    command.upgrade(config, "head")
+    head = ScriptDirectory.from_config(config).get_current_head()
+    later = f"{int(head) + 1:04d}"
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("UPDATE alembic_version SET version_num = %s", (later,))
+    connection.close()
+    schema = _schema(url)
+
+    migrating = _migrate_by_hand(service, url, "upgrade", service)
+    assert migrating.returncode == 0, migrating.stderr
+    warnings = [line for line in migrating.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, migrating.stderr
+    assert (f"the {service} database is at revision {later}, which this release (up to {head})"
+            " does not know: a later release's") in warnings[0]
+    assert f"python -m shared.migrations downgrade {service} {head}" in warnings[0]
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == later
+    assert _schema(url) == schema
+
+    # What the warning says to do before starting a release further back: the later release
+    # (here this one, its database at its head again) downgrades it.
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("UPDATE alembic_version SET version_num = %s", (head,))
+    connection.close()
+    below = f"{int(head) - 1:04d}"
+    migrating = _migrate_by_hand(service, url, "downgrade", service, below)
+    assert migrating.returncode == 0, migrating.stderr
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == below
+
+
+def test_a_database_behind_this_release_is_upgraded_as_before(infrastructure):
+    url = _database_url(infrastructure, "behind", "gateway")
+    ensure_database(url)
+    command.upgrade(alembic_config("gateway", url), "0012")
+    migrating = _migrate_by_hand("gateway", url, "upgrade", "gateway")
+    assert migrating.returncode == 0, migrating.stderr
+    assert "Running upgrade 0012 -> 0013" in migrating.stderr
+    assert "WARNING" not in migrating.stderr
+    assert not _table_exists(url, "idempotency_keys")
+
+
+def test_a_revision_that_is_no_release_of_the_services_is_refused_in_one_line(infrastructure):
+    """A revision neither this release's nor numbered past its head (revisions are numbered in
+    order: tests/unit/test_migration_revisions.py) is no later release's: the migration exits 1
+    with one line saying so, and changes nothing."""
+    url = _database_url(infrastructure, "not-ours", "orders")
+    ensure_database(url)
+    command.upgrade(alembic_config("orders", url), "head")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("UPDATE alembic_version SET version_num = 'ae10f3c2b9d1'")
+    connection.close()
+    schema = _schema(url)
+    migrating = _migrate_by_hand("orders", url, "upgrade", "orders")
+    assert migrating.returncode == 1
+    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
+    assert len(errors) == 1, migrating.stderr
+    assert errors[0].startswith("ERROR"), migrating.stderr
+    assert ("the orders database is at revision ae10f3c2b9d1, which is no revision of the orders"
+            " service's") in errors[0], migrating.stderr
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == "ae10f3c2b9d1"
+    assert _schema(url) == schema
+
+
+def test_a_migration_that_cannot_reach_its_database_says_so_in_one_line():
+    """No traceback for the operator to read through: what it tried (its password hidden) and
+    what the driver answered."""
+    url = f"postgresql+psycopg2://shop:not-to-be-shown@127.0.0.1:{free_port()}/hseshop_orders"
+    migrating = _migrate_by_hand("orders", url, "upgrade", "orders")
+    assert migrating.returncode == 1
+    assert migrating.stdout == ""
+    (line,) = migrating.stderr.splitlines()
+    assert line.startswith("ERROR") and "cannot connect to the orders database" in line, line
+    assert "Connection refused" in line and "not-to-be-shown" not in line, line
 
 
 def test_databases_made_for_the_shop_are_migrated_though_its_user_may_not_enter_postgres(
