@@ -142,6 +142,21 @@ def drop_inbox_handled_index() -> None:
     op.drop_index("ix_inbox_messages_handled", "inbox_messages", if_exists=True)
 
 
+def index_parked_inbox_rows() -> None:
+    """The parked inbox rows in the order they were parked, for an operator's `python -m
+    tasks.parked` (shared.inbox.parked): its list, and its replay or discard of them all, a batch
+    a transaction, read the parked rows alone, not the whole inbox. The entry is written as a
+    message is parked or stored parked, which updates `parked_at`, named by the pending index's
+    condition too (no HOT update there either). Built concurrently, as the handled rows' index."""
+    create_index_concurrently("ix_inbox_messages_parked", "inbox_messages",
+                              ["parked_at", "message_id"], "parked_at IS NOT NULL")
+
+
+def drop_inbox_parked_index() -> None:
+    # In the revision's transaction, with its version: a downgrade that fails leaves the index.
+    op.drop_index("ix_inbox_messages_parked", "inbox_messages", if_exists=True)
+
+
 def index_idempotency_keys_by_age() -> None:
     """Idempotency keys by when they were recorded, for pruning the expired ones (shared.
     idempotency.prune_expired_keys). Built concurrently: the APIs record keys meanwhile."""

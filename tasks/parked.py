@@ -15,6 +15,10 @@ like a new message, and still at most once: its handler runs under a lock on its
 marks it processed in the same transaction. A record that could not even be parsed holds no event
 to hand a handler, and stays parked. Discarding marks it processed without handling it, so that
 Kafka delivering it again changes nothing; its row is pruned a retention after the discard.
+With --all, the inbox messages parked as the command begins are replayed (each transaction's
+dispatched as it commits) or discarded CHANGED_PER_TRANSACTION a transaction, oldest parked first;
+should the database fail part way, the command says how many went through, and run again it takes
+up the rest.
 
 With --outbox they are outbox rows whose message is too large to be sent (over the producer's
 `message.max.bytes` or the topic's `max.message.bytes`): the relay holds back the later rows with
@@ -28,10 +32,16 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg2
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from shared.config import SERVICES
-from shared.db import transaction
-from shared.inbox.parked import discard_parked_messages, parked_messages, unpark_messages
+from shared.db import cancelled_by_a_limit, connection_lost, held_up_by_a_lock, transaction
+from shared.inbox.parked import (discard_parked_messages, last_parked, parked_batch,
+                                 parked_messages, unpark_messages)
 from shared.outbox.parked import (discard_parked_outbox_messages, parked_outbox_messages,
                                   unpark_outbox_messages)
 from shared.task_queues import QUEUES_UNREACHABLE
@@ -65,32 +75,79 @@ def _one_line(error: str | None) -> str:
     return (error or "").replace("\n", " ")[:200]
 
 
+# The parked inbox messages `replay --all` or `discard --all` changes in one transaction: each
+# transaction short (a few million parked in one statement ran past SESSION_LIMITS'
+# statement_timeout and changed nothing), and one that fails leaves those before it done.
+CHANGED_PER_TRANSACTION = 5_000
+
+
 def replay(service: str, message_ids: list[uuid.UUID] | None,
-           outbox: bool = False) -> list[uuid.UUID]:
+           outbox: bool = False) -> Iterator[list[uuid.UUID]]:
     """Unpark the messages (every replayable one when `message_ids` is None) and hand them back:
-    inbox messages dispatched to be handled, outbox rows to the relay; returns the ids replayed."""
+    inbox messages dispatched to be handled, a transaction's at a time as it commits, outbox rows
+    to the relay; yields the ids each transaction replayed, once it has committed."""
     with service_app(service).app_context():
         if outbox:  # the commit wakes the relay
             with transaction() as session:
-                return unpark_outbox_messages(session, message_ids)
-        with transaction() as session:
-            replayed = unpark_messages(session, message_ids)
-        try:
-            dispatch_inbox_messages(service, replayed)
-        except QUEUES_UNREACHABLE as exc:
-            # They are unparked all the same (a second replay would call them not parked): the
-            # sweeper hands them over, as it does any message left waiting, once Redis is back.
-            print(f"the task queue is unreachable ({exc}): the sweeper will hand the messages"
-                  " over to be handled once it is back", file=sys.stderr)
-    return replayed
+                replayed = unpark_outbox_messages(session, message_ids)
+            yield replayed
+            return
+        queues_reachable = True
+        for replayed in _changed_in_transactions(unpark_messages, message_ids):
+            if queues_reachable:
+                queues_reachable = _dispatched(service, replayed)
+            yield replayed
+
+
+def _dispatched(service: str, message_ids: list[uuid.UUID]) -> bool:
+    """Dispatch the replayed messages to be handled; whether the task queue could be reached."""
+    try:
+        dispatch_inbox_messages(service, message_ids)
+    except QUEUES_UNREACHABLE as exc:
+        # They are unparked all the same (a second replay would call them not parked): the
+        # sweeper hands them over, as it does any message left waiting, once Redis is back.
+        print(f"the task queue is unreachable ({exc}): the sweeper will hand the messages"
+              " over to be handled once it is back", file=sys.stderr)
+        return False
+    return True
 
 
 def discard(service: str, message_ids: list[uuid.UUID] | None,
-            outbox: bool = False) -> list[uuid.UUID]:
-    """Give up on parked messages (every one when `message_ids` is None); returns their ids."""
-    discard_parked = discard_parked_outbox_messages if outbox else discard_parked_messages
-    with service_app(service).app_context(), transaction() as session:
-        return discard_parked(session, message_ids)
+            outbox: bool = False) -> Iterator[list[uuid.UUID]]:
+    """Give up on parked messages (every one when `message_ids` is None); yields the ids each
+    transaction discarded, once it has committed."""
+    with service_app(service).app_context():
+        if outbox:
+            with transaction() as session:
+                discarded = discard_parked_outbox_messages(session, message_ids)
+            yield discarded
+            return
+        yield from _changed_in_transactions(discard_parked_messages, message_ids)
+
+
+def _changed_in_transactions(change: Callable[[Session, list[uuid.UUID]], list[uuid.UUID]],
+                             message_ids: list[uuid.UUID] | None) -> Iterator[list[uuid.UUID]]:
+    """Run `change` on the parked inbox messages named, in one transaction, or, when
+    `message_ids` is None, on every one parked as it begins, CHANGED_PER_TRANSACTION at a time in
+    the order they were parked; yields the ids each transaction changed, as it commits. Those
+    parked once it has begun are left alone: a replayed message that is parked again at once is
+    not taken up again and again."""
+    if message_ids is not None:
+        with transaction() as session:
+            changed = change(session, message_ids)
+        yield changed
+        return
+    with transaction() as session:
+        through = last_parked(session)
+    after = None
+    while through is not None:
+        with transaction() as session:
+            batch = parked_batch(session, through, after, CHANGED_PER_TRANSACTION)
+            changed = change(session, [place.message_id for place in batch])
+        yield changed
+        if len(batch) < CHANGED_PER_TRANSACTION:
+            return
+        after = batch[-1]
 
 
 # The most rows `list` shows at once (a limit past PostgreSQL's bigint would end in a traceback).
@@ -140,21 +197,55 @@ def main(argv: list[str] | None = None) -> int:
     # `orders` and no ids before it, and then had no place for the ids.
     args = parser.parse_args([arg for arg in argv if arg != "--outbox"])
     args.outbox = "--outbox" in argv  # (no abbreviations: `--out` is an error, not the inbox)
+    box = "outbox" if args.outbox else "inbox"
     if args.command == "list":
-        list_parked(args.service, args.limit, args.outbox)
+        try:
+            list_parked(args.service, args.limit, args.outbox)
+        except _DATABASE_FAILURES as exc:
+            print(f"{args.service} {box}: nothing listed: {_failure_in_a_line(exc)}",
+                  file=sys.stderr)
+            return 1
         return 0
     if bool(args.message_ids) == args.all:
         command_parsers[args.command].error("name the messages, or give --all")
     act = replay if args.command == "replay" else discard
-    done = act(args.service, None if args.all else args.message_ids, args.outbox)
-    box = "outbox" if args.outbox else "inbox"
-    print(f"{args.service} {box}: {len(done)} message(s) {_OUTCOMES[args.command, args.outbox]}")
+    outcome = f"{args.service} {box}: {{}} message(s) {_OUTCOMES[args.command, args.outbox]}"
+    done: list[uuid.UUID] = []
+    try:
+        for changed in act(args.service, None if args.all else args.message_ids, args.outbox):
+            done.extend(changed)
+    except _DATABASE_FAILURES as exc:
+        # Each transaction that committed stays done, its messages no longer parked: the same
+        # command again takes up the rest.
+        print(f"{outcome.format(len(done))} before the database failed, the rest left as they"
+              f" were (run it again for them): {_failure_in_a_line(exc)}", file=sys.stderr)
+        return 1
+    print(outcome.format(len(done)))
     left = [message_id for message_id in args.message_ids if message_id not in done]
     for message_id in left:
         print(f"{message_id}: not {args.command}ed (not parked, unknown"
               f"{'' if args.outbox or args.command == 'discard' else ', or never parsed'})",
               file=sys.stderr)
     return 1 if left else 0
+
+
+# What the database may answer an operator's command with: unreachable, a parked row locked by
+# another session past SESSION_LIMITS' lock_timeout, a statement past its statement_timeout.
+_DATABASE_FAILURES = (SQLAlchemyError, psycopg2.Error)
+
+
+def _failure_in_a_line(exc: BaseException) -> str:
+    """What the database said, on one line, and what it means for the command."""
+    driver_error = getattr(exc, "orig", None) or exc
+    first_line = str(driver_error).strip().partition("\n")[0]  # (libpq adds hints on more)
+    said = f"{type(driver_error).__name__}: {first_line}"
+    if connection_lost(exc):
+        return f"the database was out of reach ({said})"
+    if held_up_by_a_lock(exc):
+        return f"a parked message was locked by another session for too long ({said})"
+    if cancelled_by_a_limit(exc):
+        return f"a statement ran too long ({said})"
+    return said
 
 
 if __name__ == "__main__":

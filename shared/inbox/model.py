@@ -51,6 +51,10 @@ class InboxMessage(db.Model):
         # For pruning old handled rows (pruning.prune_handled_messages).
         Index("ix_inbox_messages_handled", "received_at",
               postgresql_where=text("processed_at IS NOT NULL")),
+        # For an operator's parked messages (parked.parked_messages, parked_batch), in the order
+        # they were parked.
+        Index("ix_inbox_messages_parked", "parked_at", "message_id",
+              postgresql_where=text("parked_at IS NOT NULL")),
     )
 
 

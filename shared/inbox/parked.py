@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session, defer
 
 from shared.inbox.model import InboxMessage, utc_now
+
+# The order the parked messages are read in, newest first for `list`, oldest first for every one
+# in batches: the order of the index of the parked rows alone (ix_inbox_messages_parked), so that
+# neither reads the rest of the inbox.
+_PARKED_ORDER = (InboxMessage.parked_at, InboxMessage.message_id)
+
+
+@dataclass(frozen=True)
+class ParkedPlace:
+    """A parked message's place in the order the messages were parked (ties by message id)."""
+    parked_at: datetime
+    message_id: uuid.UUID
 
 
 def parked_messages(session: Session, limit: int) -> list[InboxMessage]:
@@ -15,12 +29,40 @@ def parked_messages(session: Session, limit: int) -> list[InboxMessage]:
     return list(session.scalars(
         select(InboxMessage).where(InboxMessage.parked_at.is_not(None))
         .options(defer(InboxMessage.payload), defer(InboxMessage.raw_value))  # (not listed)
-        .order_by(InboxMessage.parked_at.desc()).limit(limit)))
+        .order_by(*(column.desc() for column in _PARKED_ORDER)).limit(limit)))
 
 
-def unpark_messages(session: Session, message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
-    """Clear the park, and the attempts, of parked messages that hold an event (of all of them when
-    `message_ids` is None), so that they are handled again as if new; returns their ids.
+def last_parked(session: Session) -> ParkedPlace | None:
+    """The place of the message parked last (None while none is)."""
+    row = session.execute(select(*_PARKED_ORDER).where(InboxMessage.parked_at.is_not(None))
+                          .order_by(*(column.desc() for column in _PARKED_ORDER))
+                          .limit(1)).one_or_none()
+    return row and ParkedPlace(*row)
+
+
+def parked_batch(session: Session, through: ParkedPlace, after: ParkedPlace | None,
+                 size: int) -> list[ParkedPlace]:
+    """The places of the first `size` parked messages after `after` (from the first when None),
+    and up to `through`, in the order they were parked: one transaction's share of them all, read
+    from the index of the parked rows. Those that the change made of them passes over (a record
+    never parsed, which a replay leaves parked) are counted in the batch all the same, so that no
+    later batch reads them again."""
+    place = tuple_(*_PARKED_ORDER)
+    query = (select(*_PARKED_ORDER)
+             .where(InboxMessage.parked_at.is_not(None), place <= tuple_(*_values(through)))
+             .order_by(*_PARKED_ORDER).limit(size))
+    if after is not None:
+        query = query.where(place > tuple_(*_values(after)))
+    return [ParkedPlace(*row) for row in session.execute(query)]
+
+
+def _values(place: ParkedPlace) -> tuple[datetime, uuid.UUID]:
+    return place.parked_at, place.message_id
+
+
+def unpark_messages(session: Session, message_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """Clear the park, and the attempts, of those of the messages that are parked and hold an
+    event, so that they are handled again as if new; returns their ids.
 
     The caller dispatches them. Their last attempt counts from now, so the sweeper leaves them to
     that dispatch for a while and takes them up only if it was lost. A record that could not be
@@ -30,10 +72,8 @@ def unpark_messages(session: Session, message_ids: list[uuid.UUID] | None) -> li
                           parked_at=None, attempts=0, last_attempt_at=utc_now(), try_open=False)
 
 
-def discard_parked_messages(session: Session,
-                            message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
-    """Give up on parked messages (every one when `message_ids` is None), never to be handled;
-    returns their ids.
+def discard_parked_messages(session: Session, message_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """Give up on those of the messages that are parked, never to be handled; returns their ids.
 
     The row stays, marked processed with the error that parked it kept, so that the message,
     should Kafka deliver it again, is dropped as a repeat; it is pruned a retention after the
@@ -44,12 +84,12 @@ def discard_parked_messages(session: Session,
                           + func.coalesce(InboxMessage.last_error, ""))
 
 
-def _update_parked(session: Session, message_ids: list[uuid.UUID] | None, *conditions,
+def _update_parked(session: Session, message_ids: list[uuid.UUID], *conditions,
                    **values) -> list[uuid.UUID]:
-    """Set `values` on the parked messages named (every one when `message_ids` is None) that meet
-    `conditions`; returns their ids."""
-    query = (update(InboxMessage).where(InboxMessage.parked_at.is_not(None), *conditions)
+    """Set `values` on those of the messages that are parked and meet `conditions`; returns their
+    ids."""
+    query = (update(InboxMessage)
+             .where(InboxMessage.message_id.in_(message_ids), InboxMessage.parked_at.is_not(None),
+                    *conditions)
              .values(**values).returning(InboxMessage.message_id))
-    if message_ids is not None:
-        query = query.where(InboxMessage.message_id.in_(message_ids))
     return list(session.scalars(query.execution_options(synchronize_session=False)))

@@ -3,6 +3,9 @@ limit, the pruner of old rows, and parked messages replayed by an operator."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -15,11 +18,13 @@ from sqlalchemy.orm import Session
 
 import payments_app
 import shared.db
+from devstack.infra import free_port
+from devstack.stack import REPO_ROOT
 from shared.config import SERVICES
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, driver_dsn, transaction
 from shared.inbox.handling import PermanentMessageError, record_failed_attempt
-from shared.inbox.model import InboxMessage
+from shared.inbox.model import InboxMessage, utc_now
 from shared.inbox.storing import ConsumedRecord
 from shared.inbox.sweeping import claim_stalled_messages
 from shared.outbox.writing import OutboxMessage
@@ -738,6 +743,106 @@ def test_a_record_never_parsed_is_not_replayed(settings, payments_inbox):
     with service_app("payments").app_context():
         (unparsed,) = db.session.scalars(select(InboxMessage.message_id).where(
             InboxMessage.partition == 7, InboxMessage.offset == offset)).all()
-        assert unpark_messages(db.session, [unparsed]) == []
-        assert unparsed not in unpark_messages(db.session, None)  # every replayable one
-        db.session.rollback()  # leave the others parked
+        assert unpark_messages(db.session, [unparsed]) == []  # (--all: test_replay_all_...)
+        db.session.rollback()
+
+
+def _parked_first(message_ids: list[uuid.UUID]) -> None:
+    """Park the messages a day before any other parked, one a second in the order given: the
+    oldest parked, taken first by --all before any other test's."""
+    with service_app("payments").app_context(), transaction() as session:
+        first = session.scalar(select(func.min(InboxMessage.parked_at))) or utc_now()
+        for position, message_id in enumerate(message_ids):
+            session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
+                            .values(parked_at=first - timedelta(days=1, seconds=-position),
+                                    last_error="ledger closed"))
+
+
+def _parked_row_held(database_url: str, message_id: uuid.UUID):
+    """Another session's transaction holding the message's inbox row locked; roll it back."""
+    holder = psycopg2.connect(driver_dsn(database_url))
+    with holder.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM inbox_messages WHERE message_id = %s FOR UPDATE",
+                       (message_id,))
+    return holder
+
+
+@pytest.mark.parametrize("command", ["replay", "discard"])
+def test_all_parked_messages_go_a_batch_a_transaction_and_a_failure_leaves_the_batches_done(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id, capsys, command):
+    """`replay --all` / `discard --all` change the parked messages CHANGED_PER_TRANSACTION a
+    transaction, oldest parked first (a few million in one statement ran past the statement
+    timeout and changed nothing), each replayed batch dispatched as it commits. One that fails (a
+    row held locked past the lock timeout) leaves the batches before it done, says how many in a
+    line, and the command run again takes up the rest. A record never parsed stays parked under
+    replay --all, counted in its batch all the same."""
+    from tasks import parked
+
+    monkeypatch.setattr(parked, "CHANGED_PER_TRANSACTION", 10)
+    requests = [_stored_request(payments_inbox, user_id) for _ in range(24)]
+    offset = uuid.uuid4().int % 10**9
+    assert payments_inbox([ConsumedRecord("task-test", 9, offset, None, b"{broken", {})]) == []
+    with service_app("payments").app_context():
+        (unparsed,) = db.session.scalars(select(InboxMessage.message_id).where(
+            InboxMessage.partition == 9, InboxMessage.offset == offset)).all()
+    in_order = requests[:4] + [unparsed] + requests[4:]  # the unparsed one in the first batch
+    _parked_first(in_order)
+    changed_first = 9 if command == "replay" else 10
+
+    holder = _parked_row_held(settings.database_url("payments"), in_order[14])  # (2nd batch)
+    try:
+        assert parked.main([command, "payments", "--all"]) == 1
+    finally:
+        holder.rollback()
+        holder.close()
+    said = capsys.readouterr()
+    outcome = "handed back to be handled" if command == "replay" else "discarded"
+    assert said.out == ""
+    assert said.err.count("\n") == 1 and "Traceback" not in said.err
+    assert said.err.startswith(f"payments inbox: {changed_first} message(s) {outcome} before the"
+                               " database failed")
+    assert "run it again" in said.err and "locked by another session" in said.err
+    still_parked = [m for m in in_order if _row(m).parked_at is not None]
+    assert still_parked == ([unparsed] if command == "replay" else []) + in_order[10:]
+
+    assert parked.main([command, "payments", "--all"]) == 0
+    said = capsys.readouterr()
+    assert said.err == "" and f"message(s) {outcome}" in said.out
+    for message_id in in_order:
+        row = _row(message_id)
+        assert (row.parked_at is not None) == (command == "replay" and message_id == unparsed)
+        assert (row.processed_at is not None) == (command == "discard")
+    if command == "replay":
+        dispatched = _dispatched_batches()
+        carried = [ids & set(map(str, requests)) for ids in dispatched]
+        # A dispatch a batch: the first run's (the record never parsed passed over), then the
+        # second run's two (that record, still parked, in its first).
+        assert sorted(len(ids) for ids in carried if ids) == [6, 9, 9]
+        assert set().union(*carried) == set(map(str, requests))
+
+
+def _dispatched_batches(queue: str = "payments") -> list[set[str]]:
+    """Takes every task off the queue: the message ids each carries."""
+    batches = []
+    with celery_app.pool.acquire(block=True) as connection:
+        while (task := connection.default_channel.basic_get(queue, no_ack=True)) is not None:
+            args, _, _ = task.decode()
+            batches.append(set(args[1] if isinstance(args[1], list) else [args[1]]))
+    return batches
+
+
+@pytest.mark.parametrize("argv", [["list", "payments"], ["replay", "payments", "--all"],
+                                  ["discard", "payments", str(uuid.uuid4())]])
+def test_the_operators_command_says_in_a_line_that_the_database_could_not_be_reached(
+        settings, argv):
+    """No traceback: one line on stderr, saying nothing was done, and exit code 1."""
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/hseshop_payments"
+    ran = subprocess.run([sys.executable, "-m", "tasks.parked", *argv],
+                         env=os.environ | {"PAYMENTS_DATABASE_URL": unreachable},
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 1, ran.stderr
+    assert ran.stdout == ""
+    assert ran.stderr.count("\n") == 1, ran.stderr
+    assert "the database was out of reach" in ran.stderr
+    assert ran.stderr.startswith("payments inbox: nothing listed" if argv[0] == "list"
+                                 else "payments inbox: 0 message(s)")

@@ -16,11 +16,13 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy.orm import Session
 
 from devstack.infra import free_port, start_embedded_postgres
 from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, load_settings
 from shared.db import SESSION_LIMITS, db, driver_dsn
 from shared.idempotency import IdempotencyKey
+from shared.inbox.parked import last_parked, parked_batch, parked_messages
 from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, ServerTooOld,
                                alembic_config, ensure_database, upgrade)
 from shared.outbox.relaying import CLAIM_ROWS
@@ -128,6 +130,52 @@ def test_every_services_migrated_database_is_as_its_models_declare_it(infrastruc
     ensure_database(url)
     command.upgrade(alembic_config(service, url), "head")
     assert _drift(service, url) == []
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_an_operators_parked_messages_are_read_through_an_index_of_the_parked_rows(
+        infrastructure, service):
+    """`python -m tasks.parked list`, and --all's batches, read the parked inbox rows through an
+    index of them alone (every inbox's revision after 0012, the gateway's after 0013), not the
+    whole inbox (a few million rows: a statement ran past the statement timeout); the revision's
+    downgrade drops it."""
+    url = _database_url(infrastructure, "parked-index", service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    command.upgrade(config, "head")
+    assert _index_valid(url, "ix_inbox_messages_parked")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("INSERT INTO inbox_messages (message_id, topic, partition, \"offset\","
+                       " processed_at, parked_at) SELECT gen_random_uuid(), 'topic', 0, n,"
+                       " CASE WHEN n % 200 <> 0 THEN now() END,"
+                       " CASE WHEN n % 200 = 0 THEN now() - n * interval '1 second' END"
+                       " FROM generate_series(1, 20000) AS n")
+        cursor.execute("ANALYZE inbox_messages")
+    connection.close()
+
+    engine = sa.create_engine(url)
+    statements = []
+    sa.event.listen(engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, parameters, context, many:
+                    statements.append((statement, parameters)))
+    try:
+        with Session(engine) as session:
+            assert len(parked_messages(session, 50)) == 50
+            through = last_parked(session)
+            first = parked_batch(session, through, None, 60)
+            assert len(first) == 60 and len(parked_batch(session, through, first[-1], 60)) == 40
+        read = list(statements)
+        assert len(read) == 4
+        with engine.connect() as connection:
+            for statement, parameters in read:
+                plan = "\n".join(connection.exec_driver_sql(f"EXPLAIN {statement}", parameters)
+                                 .scalars())
+                assert "ix_inbox_messages_parked" in plan and "Seq Scan" not in plan, plan
+    finally:
+        engine.dispose()
+    command.downgrade(config, "-1")
+    assert _index_valid(url, "ix_inbox_messages_parked") is None
+    command.upgrade(config, "head")
 
 
 # A first answer as the release before kept it, in jsonb only (every service's).
