@@ -294,6 +294,10 @@ class Stack:
                 f"migrations for {service} exited with code {result.returncode}; "
                 f"{log_path}:\n{log_path.read_text()}"
             )
+        # (A database a later release migrated, say: the shop starts, and should not silently.)
+        for line in log_path.read_text().splitlines():
+            if line.startswith("WARNING"):
+                self._say(f"migrations for {service}: {line}")
 
     def _app_processes(self) -> list[ManagedProcess]:
         host = infra.LOCALHOST

@@ -74,6 +74,10 @@ class DatabaseUnreachable(RuntimeError):
     pass
 
 
+class NotTheServicesDatabase(RuntimeError):
+    """The database holds another service's schema (a URL pointed at the wrong one)."""
+
+
 class UnknownRevision(RuntimeError):
     """The database is at a revision that is neither this release's nor, by its number, a later
     release's."""
@@ -144,7 +148,7 @@ def upgrade(service: str, revision: str = "head") -> None:
             return
         _giving_way_to_locks(conn, lambda: command.upgrade(config, revision))
 
-    _migrate(service, upgrade_to)
+    _migrate(service, upgrade_to, create_if_missing=True)
 
 
 def downgrade(service: str, revision: str) -> None:
@@ -154,15 +158,18 @@ def downgrade(service: str, revision: str) -> None:
         conn, lambda: command.downgrade(config, revision)))
 
 
-def _migrate(service: str, run: Callable[[Config, sa.Connection], None]) -> None:
-    """Run `run` on a connection to the service's database (made if missing), holding the
-    database's migration lock."""
+def _migrate(service: str, run: Callable[[Config, sa.Connection], None],
+             create_if_missing: bool = False) -> None:
+    """Run `run` on a connection to the service's database (made if missing, when asked: an
+    upgrade, not a downgrade, which a mistyped name would otherwise leave behind), holding the
+    database's migration lock, once it is known to be the service's."""
     url = get_settings().database_url(service)
     engine = migration_engine(url)
     try:
-        with _connect(service, url, engine) as conn:
+        with _connect(service, url, engine, create_if_missing) as conn:
             _refuse_a_server_too_old(conn)
             _take_migration_lock(conn)
+            _refuse_another_services_database(service, conn)
             config = alembic_config(service, url)
             config.attributes["connection"] = conn
             run(config, conn)
@@ -170,9 +177,11 @@ def _migrate(service: str, run: Callable[[Config, sa.Connection], None]) -> None
         engine.dispose()
 
 
-def _connect(service: str, url: str, engine: sa.Engine) -> sa.Connection:
+def _connect(service: str, url: str, engine: sa.Engine,
+             create_if_missing: bool) -> sa.Connection:
     try:
-        ensure_database(url)
+        if create_if_missing:
+            ensure_database(url)
         return engine.connect()
     except sa.exc.OperationalError as exc:
         # The driver's first line says why (refused, no such host, password refused); the rest
@@ -181,6 +190,24 @@ def _connect(service: str, url: str, engine: sa.Engine) -> sa.Connection:
         shown = make_url(url).render_as_string(hide_password=True)
         raise DatabaseUnreachable(
             f"cannot connect to the {service} database ({shown}): {reason}") from exc
+
+
+# A table each service's first revision makes and no other service has: a database at some
+# revision without it is another service's (the revisions of all three are numbered alike, so
+# the number alone could pass another's for a later release's, or for this one's).
+_OWN_TABLES = {"orders": "orders", "payments": "accounts", "gateway": "users"}
+
+
+def _refuse_another_services_database(service: str, conn: sa.Connection) -> None:
+    versioned, own = conn.execute(
+        sa.text("SELECT to_regclass('alembic_version') IS NOT NULL, to_regclass(:own) IS NOT NULL"),
+        {"own": _OWN_TABLES[service]}).one()
+    migrated = versioned and conn.scalar(sa.text("SELECT EXISTS (SELECT FROM alembic_version)"))
+    conn.commit()  # (no transaction left open: each revision runs in one of its own)
+    if migrated and not own:
+        raise NotTheServicesDatabase(
+            f"the database named for {service} ({conn.engine.url.database}) has been migrated but"
+            f" has no {_OWN_TABLES[service]} table: it is another service's; nothing was changed")
 
 
 def _left_by_a_later_release(service: str, config: Config, conn: sa.Connection) -> bool:
@@ -301,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
             upgrade(args.service, args.revision or "head")
         else:
             downgrade(args.service, args.revision)
-    except (DatabaseUnreachable, ServerTooOld, UnknownRevision, CommandError) as exc:
+    except (DatabaseUnreachable, ServerTooOld, NotTheServicesDatabase, UnknownRevision,
+            CommandError) as exc:
         # What the operator must put right, in a line; anything else keeps its traceback.
         log.error("%s", " ".join(str(exc).split()))
         raise SystemExit(1) from None

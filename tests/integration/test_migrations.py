@@ -613,6 +613,37 @@ def test_a_revision_that_is_no_release_of_the_services_is_refused_in_one_line(in
     assert _schema(url) == schema
 
 
+@pytest.mark.parametrize("service, owner", [("orders", "gateway"), ("orders", "payments"),
+                                            ("payments", "orders"), ("gateway", "orders")])
+def test_a_migration_pointed_at_another_services_database_is_refused_in_one_line(
+        infrastructure, service, owner):
+    """A URL naming another service's database: every service's revisions are numbered alike, so
+    the revision alone passed the gateway's (past orders' head) for a later release's, and the
+    orders service started on the gateway's tables; or, at one revision, upgraded nothing and
+    started on payments'. Refused in one line, nothing changed, whichever the revision."""
+    url = _database_url(infrastructure, f"{owner}-not-{service}", owner)
+    ensure_database(url)
+    command.upgrade(alembic_config(owner, url), "head")
+    schema = _schema(url)
+    migrating = _migrate_by_hand(service, url, "upgrade", service)
+    assert migrating.returncode == 1
+    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
+    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
+    assert "it is another service's; nothing was changed" in errors[0], errors[0]
+    assert _schema(url) == schema
+
+
+def test_a_downgrade_of_a_database_that_is_not_there_makes_none(infrastructure):
+    """Only an upgrade makes its database: a downgrade with a mistyped name left an empty one
+    behind."""
+    url = _database_url(infrastructure, "mistyped", "gateway")
+    migrating = _migrate_by_hand("gateway", url, "downgrade", "gateway", "0012")
+    assert migrating.returncode == 1
+    name = url.rsplit("/", 1)[1]
+    assert _scalar(f"{infrastructure.postgres_base}/postgres",
+                   "SELECT count(*) FROM pg_database WHERE datname = %s", name) == 0
+
+
 def test_a_migration_that_cannot_reach_its_database_says_so_in_one_line():
     """No traceback for the operator to read through: what it tried (its password hidden) and
     what the driver answered."""
