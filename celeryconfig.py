@@ -5,12 +5,14 @@ and prunes them."""
 from datetime import timedelta
 
 from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, get_settings
+from tasks.redis_transport import TRANSPORT_PATH
 
 _settings = get_settings()
 
 broker_url = _settings.celery_broker_url
-# Kombu's Redis transport, keeping one client per channel (tasks/redis_transport.py).
-broker_transport = "tasks.redis_transport:Transport"
+# Kombu's Redis transport, keeping one client per channel (tasks/redis_transport.py); the app's
+# connections still give the broker's URL as redis:// (tasks/celery_app.py), for Flower.
+broker_transport = TRANSPORT_PATH
 broker_connection_retry_on_startup = True
 task_ignore_result = True
 result_backend = None

@@ -5,12 +5,21 @@ import logging
 import sys
 
 from celery import Celery
+from celery.app.amqp import AMQP
 from celery.signals import after_setup_logger, worker_init
 from click import Option
 
 from shared.request_context import log_with_request_ids
+from tasks import redis_transport
 
-app = Celery("hseshop", include=["tasks.relay", "tasks.inbox", "tasks.retention"])
+
+class _AMQP(AMQP):
+    # The app's broker connections name the shop's transport `redis` in their URL, so that Flower
+    # reads the queue lengths (tasks/redis_transport.py).
+    Connection = redis_transport.Connection
+
+
+app = Celery("hseshop", amqp=_AMQP, include=["tasks.relay", "tasks.inbox", "tasks.retention"])
 app.config_from_object("celeryconfig")
 
 app.user_options["worker"].add(

@@ -8,12 +8,18 @@ channel. A client is only the pool and that table (redis-py clients may be share
 so a channel keeps the one it built, and builds another only when kombu has given the channel a new
 pool (after a disconnect). The clients kombu keeps for consuming (BRPOP, pub/sub) are untouched.
 
-Celery uses it through `broker_transport` in celeryconfig.py; the broker URL is unchanged.
+Celery uses it through `broker_transport` in celeryconfig.py; the broker URL is unchanged, and the
+app's connections (`Connection`, below) still give it as a `redis://` URL.
 """
 
 from __future__ import annotations
 
+import kombu
+from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
+
+# What celeryconfig.py's broker_transport names.
+TRANSPORT_PATH = f"{__name__}:Transport"
 
 
 class Channel(kombu_redis.Channel):
@@ -31,3 +37,16 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class Connection(kombu.Connection):
+    """A kombu connection that gives its URL (`as_uri`, `info`) with this transport as `redis`.
+
+    By default the transport's path would be the URL's scheme, `tasks.redis_transport:Transport://`,
+    which no URL parser reads: Flower, which picks its broker client (the queue lengths of its
+    Broker page) from that scheme, answered 404, "'redis' broker is not supported". Kombu names
+    py-amqp's transport `amqp` in the same way. The transport in use is not changed: a clone of the
+    connection keeps this one.
+    """
+
+    resolve_aliases = {**kombu_connection.resolve_aliases, TRANSPORT_PATH: "redis"}
