@@ -130,20 +130,22 @@ class ManagedProcess:
 class ProcessGroup:
     """The processes a program started: stopped in reverse order at exit, on SIGTERM, Ctrl-C or
     the terminal's hangup (each child runs in a session of its own, out of the terminal's reach:
-    closing the terminal must stop them too, unless the program was started to ignore it). With
-    a `record` (begun), each process is written down in it as it starts, and the record ended once
-    all are stopped: a program killed outright (SIGKILL) could stop none, and the next to begin the
-    record stops them (devstack.leftovers)."""
+    closing the terminal must stop them too; a signal the program was started to ignore, it
+    goes on ignoring). With a `record` (begun), each process is written down in it as it starts,
+    and the record ended once all are stopped: a program killed outright (SIGKILL) could stop none,
+    and the next to begin the record stops them (devstack.leftovers)."""
 
     def __init__(self, handle_signals: bool = True, record: RunRecord | None = None):
         self._processes: list[ManagedProcess] = []
         self._record = record
         atexit.register(self.stop_all)
         if handle_signals and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._chain_handler(signum)
-            if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # (not under nohup)
-                self._chain_handler(signal.SIGHUP)
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                # A signal the program was started to ignore stays ignored: SIGHUP under nohup,
+                # SIGINT in a job a non-interactive shell started in the background (`... &`).
+                # Handling it would stop every process and leave the program running, silent.
+                if signal.getsignal(signum) != signal.SIG_IGN:
+                    self._chain_handler(signum)
 
     def _chain_handler(self, signum: int) -> None:
         previous = signal.getsignal(signum)
@@ -152,9 +154,9 @@ class ProcessGroup:
             self.stop_all()
             if callable(previous):
                 previous(received, frame)
-            elif received == signal.SIGINT and previous != signal.SIG_IGN:
+            elif received == signal.SIGINT:
                 raise KeyboardInterrupt
-            elif previous != signal.SIG_IGN:
+            else:
                 raise SystemExit(128 + received)
 
         signal.signal(signum, handler)

@@ -132,6 +132,50 @@ def test_ctrl_c_sigterm_or_a_hangup_stops_every_process_the_program_started(tmp_
     assert all(gone(pid) for pid in children)
 
 
+def test_a_program_started_ignoring_ctrl_c_goes_on_ignoring_it(tmp_path):
+    """As a job a non-interactive shell starts in the background (`python -m devstack run &`):
+    SIGINT to its process group stops nothing, where it once stopped every process silently and
+    left the program running. SIGTERM still stops them all."""
+    program = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        from devstack.processes import ManagedProcess, ProcessGroup
+        group = ProcessGroup()
+        process = ManagedProcess("child", ["sleep", "300"], os.environ, "child.log", ".")
+        group.start(process)
+        # Python runs the handlers of signals pending together in the signals' order: once this
+        # one has answered, a SIGINT sent before it has been handled, if it was to be.
+        signal.signal(signal.SIGUSR1, lambda *_: print("usr1", flush=True))
+        print(process.pid, flush=True)
+        while True:
+            time.sleep(300)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", program],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        child = int(parent.stdout.readline())
+
+        parent.send_signal(signal.SIGINT)
+        parent.send_signal(signal.SIGUSR1)
+        assert parent.stdout.readline().strip() == "usr1"
+        assert parent.poll() is None and not gone(child)
+
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(10) == 128 + signal.SIGTERM
+        assert gone(child)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
 def test_wait_until_names_what_it_waited_for():
     with pytest.raises(TimeoutError, match="the moon to rise"):
         wait_until(lambda: False, timeout=0.2, interval=0.05, what="the moon to rise")
