@@ -32,12 +32,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     from gateway_app.channel_listener import ChannelListener, subscriber_client
     from gateway_app.ratelimit import RateLimiter
     from shared.app import create_service_app
+    from shared.config import SECRETS
 
     app = create_service_app(SERVICE, title="HseShop", settings=settings,
                              config=DOCS_CONFIG,
                              blueprints=[routes.blueprint, notifications.blueprint],
                              authenticate=auth.authenticate_bearer,
-                             takes_caller_deadlines=False)
+                             takes_caller_deadlines=False,
+                             secrets=SECRETS)  # (it signs identities and users' tokens)
     settings = app.extensions["hseshop.settings"]
     app.extensions[auth.RATE_LIMITER] = RateLimiter(
         settings.redis_url, settings.rate_limit_per_minute, settings.redis_key_prefix)

@@ -4,6 +4,7 @@ replayed answer."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 from flask import Blueprint, Flask, request
@@ -14,7 +15,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from shared.cache import CACHE_EXTENSION, VersionedCache
 from shared.caller_deadline import take_caller_deadlines
-from shared.config import MAX_REQUEST_BYTES, Settings, get_settings
+from shared.config import MAX_REQUEST_BYTES, Settings, get_settings, published_secrets
 from shared.db import init_database
 from shared.errors import ErrorSchema, register_error_handlers
 from shared.health import health_blueprint
@@ -23,6 +24,8 @@ from shared.idempotency import forget_replayed_mark, say_if_replayed
 from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
 from shared.request_context import configure_logging, install_request_ids
+
+log = logging.getLogger(__name__)
 
 
 class ShopApi(Api):
@@ -64,10 +67,12 @@ SWAGGER_UI_ASSETS = "/docs/swagger-ui-assets"
 def create_service_app(service: str, *, title: str, blueprints: Iterable[Blueprint],
                        settings: Settings | None = None, config: dict | None = None,
                        authenticate: Callable[[], None] = identify_caller,
-                       takes_caller_deadlines: bool = True) -> Flask:
+                       takes_caller_deadlines: bool = True,
+                       secrets: Iterable[str] = ("INTERNAL_AUTH_SECRET",)) -> Flask:
     """A web app for `service`; `authenticate` runs before every route of `blueprints`. A service
     behind the gateway `takes_caller_deadlines` (shared/caller_deadline.py); the gateway, the
-    public door, takes none from its clients."""
+    public door, takes none from its clients. `secrets` are those the service signs or trusts
+    with (shared.config.SECRETS): the services behind the gateway, the gateway's identities."""
     settings = settings or get_settings()
     # No static folder of Flask's own: the gateway serves its page's files at /static itself.
     app = Flask(service, static_folder=None)
@@ -109,6 +114,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
                                      static_url_path=SWAGGER_UI_ASSETS))
     register_error_handlers(app)
     configure_logging()
+    warn_of_published_secrets(service, settings, secrets)
     install_request_ids(app)
     app.before_request(refuse_an_unsized_body_over_the_limit)  # (its 413 logged with its id)
     app.before_request(forget_replayed_mark)
@@ -116,6 +122,20 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     if takes_caller_deadlines:
         take_caller_deadlines(app)
     return app
+
+
+def warn_of_published_secrets(service: str, settings: Settings, secrets: Iterable[str]) -> None:
+    """One WARNING if the service signs or trusts with a secret whose value is published with the
+    code (a default, or deploy/compose.env's placeholder): anyone could sign in as any user, or
+    as the gateway. It starts all the same (a fresh clone's `docker compose up` must work)."""
+    published = published_secrets(settings, secrets)
+    if published:
+        one = len(published) == 1
+        log.warning("%s: %s %s published with the code, so anyone can sign what this service"
+                    " trusts; set %s (README: Deploying)", service, " and ".join(published),
+                    "is the placeholder" if one else "are the placeholders",
+                    "it to a random value of your own" if one else "them to random values of your"
+                    " own")
 
 
 def refuse_an_unsized_body_over_the_limit() -> None:

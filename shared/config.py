@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from urllib.parse import urlsplit
@@ -184,6 +185,21 @@ ZERO_MEANS_NONE = ("GATEWAY_TRUSTED_PROXY_HOPS",)
 # The settings that sign: set but empty (a deployment's missing secret, say) is refused, not read
 # as unset, which would have the shop sign with the dev-only default written above for all to see.
 SECRETS = ("INTERNAL_AUTH_SECRET", "AUTH_TOKEN_SECRET")
+# The secrets' values published with the code, which anyone can sign with: the defaults above and
+# deploy/compose.env's placeholders (tests/unit/test_published_secrets.py keeps them in step). A
+# service signing or trusting with one says so in a WARNING as it starts (shared/app.py), and
+# starts: `docker compose up` on a fresh clone must work.
+PUBLISHED_SECRETS = {
+    "INTERNAL_AUTH_SECRET": (ENVIRONMENT["INTERNAL_AUTH_SECRET"],
+                             "dev-only-internal-secret-replace-me"),
+    "AUTH_TOKEN_SECRET": (ENVIRONMENT["AUTH_TOKEN_SECRET"], "dev-only-token-secret-replace-me"),
+}
+
+
+def published_secrets(settings: Settings, names: Iterable[str] = SECRETS) -> list[str]:
+    """Those of the secrets `names` that `settings` holds at a value published with the code."""
+    return [name for name in names
+            if getattr(settings, name.lower()) in PUBLISHED_SECRETS[name]]
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
