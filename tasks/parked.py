@@ -131,7 +131,10 @@ def _changed_in_transactions(change: Callable[[Session, list[uuid.UUID]], list[u
     `message_ids` is None, on every one parked as it begins, CHANGED_PER_TRANSACTION at a time in
     the order they were parked; yields the ids each transaction changed, as it commits. Those
     parked once it has begun are left alone: a replayed message that is parked again at once is
-    not taken up again and again."""
+    not taken up again and again. (Bounded by the last parked as it began, and also by the ids it
+    has taken: `parked_at` comes from the clock of the process that parked the row, and a message
+    parked again by one whose clock runs ahead can sort before that bound, after the batch that
+    took it.)"""
     if message_ids is not None:
         with transaction() as session:
             changed = change(session, message_ids)
@@ -140,10 +143,13 @@ def _changed_in_transactions(change: Callable[[Session, list[uuid.UUID]], list[u
     with transaction() as session:
         through = last_parked(session)
     after = None
+    taken: set[uuid.UUID] = set()
     while through is not None:
         with transaction() as session:
             batch = parked_batch(session, through, after, CHANGED_PER_TRANSACTION)
-            changed = change(session, [place.message_id for place in batch])
+            ids = [place.message_id for place in batch if place.message_id not in taken]
+            changed = change(session, ids)
+        taken.update(ids)
         yield changed
         if len(batch) < CHANGED_PER_TRANSACTION:
             return
@@ -216,10 +222,15 @@ def main(argv: list[str] | None = None) -> int:
             done.extend(changed)
     except _DATABASE_FAILURES as exc:
         # Each transaction that committed stays done, its messages no longer parked: the same
-        # command again takes up the rest.
-        print(f"{outcome.format(len(done))} before the database failed, the rest left as they"
-              f" were (run it again for them): {_failure_in_a_line(exc)}", file=sys.stderr)
+        # command again takes up the rest. (One whose COMMIT was cut off may have committed
+        # uncounted; its replays, never dispatched, go to the sweeper.)
+        print(f"{outcome.format(len(done))} before the database failed; run it again for the"
+              f" rest: {_failure_in_a_line(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{outcome.format(len(done))} before it was interrupted; run it again for the"
+              " rest", file=sys.stderr)
+        return 130
     print(outcome.format(len(done)))
     left = [message_id for message_id in args.message_ids if message_id not in done]
     for message_id in left:

@@ -821,6 +821,44 @@ def test_all_parked_messages_go_a_batch_a_transaction_and_a_failure_leaves_the_b
         assert set().union(*carried) == set(map(str, requests))
 
 
+def test_replay_all_takes_each_message_once_though_one_parked_it_again_with_a_clock_ahead(
+        payments_inbox, payments_queue, monkeypatch, user_id, capsys):
+    """`parked_at` is the clock of the process that parked the row: with one running 20 s ahead
+    (the last parked, the run's bound, parked by it), messages replayed and parked again at once
+    by a worker whose clock is right sort before the bound, after the batch that took them. They
+    are not taken up again: each message is handed back once, and counted once."""
+    from tasks import parked
+
+    monkeypatch.setattr(parked, "CHANGED_PER_TRANSACTION", 10)
+    requests = [_stored_request(payments_inbox, user_id) for _ in range(25)]
+    _parked_first(requests[:-1])
+    with service_app("payments").app_context(), transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id == requests[-1])
+                        .values(parked_at=utc_now() + timedelta(seconds=20)))
+    handed_back: list[uuid.UUID] = []
+    dispatched = parked._dispatched
+
+    def parked_again_at_once(service, message_ids):  # (a handler that fails for good)
+        handed_back.extend(message_ids)
+        with service_app("payments").app_context(), transaction() as session:
+            session.execute(update(InboxMessage).where(InboxMessage.message_id.in_(message_ids))
+                            .values(parked_at=utc_now(), last_error="ledger still closed"))
+        return dispatched(service, message_ids)
+
+    monkeypatch.setattr(parked, "_dispatched", parked_again_at_once)
+    try:
+        assert parked.main(["replay", "payments", "--all"]) == 0
+        assert len(handed_back) == len(set(handed_back))
+        assert set(requests) <= set(handed_back)
+        assert capsys.readouterr().out == (f"payments inbox: {len(handed_back)} message(s)"
+                                           " handed back to be handled\n")
+    finally:  # (no other test's --all to take them up)
+        with service_app("payments").app_context(), transaction() as session:
+            session.execute(update(InboxMessage).where(InboxMessage.message_id.in_(requests))
+                            .values(parked_at=None, processed_at=utc_now()))
+        _dispatched_batches()
+
+
 def _dispatched_batches(queue: str = "payments") -> list[set[str]]:
     """Takes every task off the queue: the message ids each carries."""
     batches = []
