@@ -1,5 +1,5 @@
 """The one Celery app, configured from `celeryconfig`, with the inbox consumer and the relays' stop
-as worker steps."""
+as worker steps, and the alive file for a worker's healthcheck as a consumer step."""
 
 import logging
 import sys
@@ -11,6 +11,7 @@ from click import Option
 
 from shared.request_context import log_with_request_ids
 from tasks import redis_transport
+from tasks.alive import AliveFileStep, alive_file_option
 
 
 class _AMQP(AMQP):
@@ -31,6 +32,7 @@ app.user_options["worker"].add(
              "gateway).",
     )
 )
+app.user_options["worker"].add(alive_file_option())
 
 
 def _install_worker_steps() -> None:
@@ -39,6 +41,7 @@ def _install_worker_steps() -> None:
 
     app.steps["worker"].add(InboxConsumerStep)
     app.steps["worker"].add(StopLeadingStep)
+    app.steps["consumer"].add(AliveFileStep)
 
 
 _install_worker_steps()

@@ -3,7 +3,8 @@ the orders consumer in a thread beside its task pool, and stops it when the work
 
 A worker whose consumer thread ends on its own (its app could not be made, its Kafka client could
 not subscribe or close) would go on running tasks while its service's messages pile up unread,
-and its healthcheck, a ping answered by the main thread, would not tell. So it stops instead,
+and its healthcheck, the age of a file the worker's event loop renews (tasks/alive.py), would not
+tell. So it stops instead,
 with exit code 70 (EX_SOFTWARE), for its supervisor (compose's `restart: unless-stopped`) to
 start it again."""
 

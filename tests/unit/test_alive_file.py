@@ -1,0 +1,110 @@
+"""The worker's alive file (tasks/alive.py), with a real Celery worker on the local Redis: renewed
+while the worker's event loop runs, left to age while the loop is stuck, gone once the worker
+stops; and docker-compose.yml's worker healthcheck reads it as the step writes it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tasks.alive import ALIVE_WITHIN_SECONDS
+from tests.polling import wait_for
+from tests.unit.test_compose_config import worker_alive_check
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RENEW_EVERY = 0.2
+STALL_AFTER, STALL_FOR = 2.0, 3.0
+
+# A worker of its own app, with the shop's step and option, whose event loop a timer of its own
+# holds up for STALL_FOR seconds, STALL_AFTER seconds after the consumer starts.
+_WORKER = f"""
+import sys, time
+from celery import Celery, bootsteps
+from tasks import alive
+
+alive.RENEW_EVERY_SECONDS = {RENEW_EVERY}
+app = Celery("alive-test", broker="redis://127.0.0.1:6379/0")
+app.conf.task_default_queue = sys.argv[2]
+app.user_options["worker"].add(alive.alive_file_option())
+app.steps["consumer"].add(alive.AliveFileStep)
+
+
+class StallTheLoop(bootsteps.StartStopStep):
+    requires = {{"tasks.alive:AliveFileStep"}}
+
+    def start(self, c):
+        c.timer.call_after({STALL_AFTER}, lambda: time.sleep({STALL_FOR}))
+
+
+app.steps["consumer"].add(StallTheLoop)
+app.worker_main(["worker", "-P", "threads", "-c", "1", "--without-gossip", "--without-mingle",
+                 "--without-heartbeat", "-l", "WARNING", "--alive-file", sys.argv[1]])
+"""
+
+
+@pytest.fixture
+def worker(tmp_path):
+    path = tmp_path / "worker-alive"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, str(path), f"alive-test-{uuid.uuid4().hex}"],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        yield process, path
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+
+
+def _renewals(path: Path, seconds: float) -> list[float]:
+    """The file's modification times seen over `seconds`, each change once."""
+    seen: list[float] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        mtime = path.stat().st_mtime if path.exists() else None
+        if mtime is not None and (not seen or mtime != seen[-1]):
+            seen.append(mtime)
+        time.sleep(0.02)
+    return seen
+
+
+def test_the_event_loop_renews_the_file_stops_while_stuck_and_removes_it_at_shutdown(worker):
+    process, path = worker
+    wait_for(path.exists, timeout=20, what="the worker to write its alive file")
+    started = time.monotonic()
+    seen = _renewals(path, STALL_AFTER + STALL_FOR + 1.5)
+    gaps = [later - earlier for earlier, later in zip(seen, seen[1:])]
+    # Renewed every RENEW_EVERY s, except while the loop was held up: a timer thread of its own
+    # would have gone on renewing it.
+    assert len(seen) >= 8, seen
+    assert max(gaps) >= STALL_FOR - 0.5, gaps
+    assert sorted(gaps)[len(gaps) // 2] < 4 * RENEW_EVERY, gaps
+    assert time.monotonic() - started < STALL_AFTER + STALL_FOR + 10
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(20) == 0, process.stdout.read()
+    assert not path.exists()
+
+
+def test_the_compose_healthcheck_passes_on_a_fresh_file_and_fails_on_a_stale_or_missing_one(
+        tmp_path):
+    path = tmp_path / "worker-alive"
+    check = worker_alive_check()
+
+    def healthy() -> bool:
+        argv = [arg.replace(check.path, str(path)) for arg in check.argv]
+        return subprocess.run(argv, timeout=30).returncode == 0
+
+    assert not healthy()
+    path.touch()
+    assert healthy()
+    stale = time.time() - ALIVE_WITHIN_SECONDS - 1
+    os.utime(path, (stale, stale))
+    assert not healthy()
