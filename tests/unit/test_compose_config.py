@@ -320,6 +320,13 @@ def test_healthchecks_that_start_a_client_run_once_a_minute_and_often_while_star
         assert _seconds(check["start_period"]) >= 30, name
 
 
+def test_every_containers_log_is_rotated():
+    for name, service in ALL_SERVICES.items():
+        logging = service.get("logging", {})
+        assert logging.get("driver") == "json-file", name
+        assert {"max-size", "max-file"} <= set(logging.get("options", {})), name
+
+
 def test_apis_and_workers_start_after_their_migration_and_the_gateway_after_all_of_them():
     gateway, = GATEWAY
     for service_name in SERVICES:
