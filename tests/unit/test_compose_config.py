@@ -158,6 +158,14 @@ def test_the_settings_point_at_the_bundled_postgres_redis_and_kafka():
     assert env["KAFKA_TOPIC_REPLICATION_FACTOR"] == kafka["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"]
 
 
+def test_the_lone_broker_syncs_before_it_acknowledges():
+    kafka = ALL_SERVICES["kafka"]["environment"]
+    # No replica holds a message the relay deletes once acknowledged: the broker's disk must.
+    env = read_env_file(COMPOSE_FILE.parent / "deploy" / "compose.env")
+    assert env["KAFKA_TOPIC_REPLICATION_FACTOR"] == "1"
+    assert kafka["KAFKA_LOG_FLUSH_INTERVAL_MESSAGES"] == "1"
+
+
 def test_postgres_creates_the_database_of_every_service_on_first_start():
     env = read_env_file(COMPOSE_FILE.parent / "deploy" / "compose.env")
     wanted = {make_url(env[name]).database
