@@ -63,7 +63,8 @@ RECHECK_SECONDS = 1.0
 # The leader vacuums the outbox once it has deleted this many rows since it last did
 # (shared.outbox.relaying.vacuum_outbox), between one wake-up's sending and its next wait.
 VACUUM_AFTER_ROWS = 1000
-# How long the leader gives each of the topic check's two broker calls after a refused batch.
+# How long the leader gives each of the topic check's two broker calls, as it starts to lead and
+# after a refused batch.
 TOPIC_CHECK_TIMEOUT_SECONDS = 2.0
 
 # A leader whose every batch has had rows without an answer from the broker for this long (no row
@@ -162,6 +163,10 @@ def relay_outbox(service: str) -> int:
 
 
 def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
+    # The topics first, made as the shop makes them (a broker that creates a topic a producer
+    # names gives it its own defaults, and docker-compose.yml's creates none): a consumer that
+    # subscribed before they existed finds them at its next metadata refresh, within seconds.
+    _ensure_topics(settings, service)
     publisher = _publisher()
     sent = deleted_since_vacuum = 0
     unanswered_since = None  # when the broker stopped answering every batch, if it has
@@ -287,7 +292,7 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
                       service, result.parked, service)
         if result.refused_by_the_broker:
             if not refused:
-                _recreate_topics(settings, service)
+                _ensure_topics(settings, service)
             refused += result.refused_by_the_broker
             if not result.sent:
                 unanswered = result.unanswered
@@ -300,9 +305,10 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
     return sent, answered, unanswered, walked_slowly
 
 
-def _recreate_topics(settings, service: str) -> None:
-    # A broker that lost its topics (a fresh in-memory one, say) refuses every message until they
-    # are back; creating them again costs nothing when they exist.
+def _ensure_topics(settings, service: str) -> None:
+    # As the leader starts, and when the broker refuses rows: a broker that lost its topics (a
+    # fresh in-memory one, say) refuses every message until they are back. Creating them again
+    # costs nothing when they exist.
     try:
         ensure_topics(settings, settings.topics(), timeout=TOPIC_CHECK_TIMEOUT_SECONDS)
     except Exception as exc:  # broker still down: the next run tries again

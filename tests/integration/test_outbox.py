@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+from confluent_kafka.admin import AdminClient
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
@@ -809,6 +810,22 @@ def test_the_relay_task_leads_sends_what_commits_and_stops_with_the_worker(
             _wait_until_sent([order_id])
         assert _messages_of(settings, [order_id])
     assert sent_by_leader and sent_by_leader[0] >= 1
+
+
+def test_the_relay_makes_the_topics_as_it_starts_to_lead_before_any_row_names_them(
+        settings, monkeypatch):
+    """docker-compose.yml's broker creates no topic a producer names: the leader makes every
+    topic of the shop (ensure_topics: KAFKA_TOPIC_PARTITIONS partitions) as it starts, not only
+    once the broker has refused a row, so that a consumer subscribed before finds them."""
+    topic = f"{settings.topic_order_status_changed}-{uuid.uuid4().hex[:8]}"
+    fresh = dataclasses.replace(settings, topic_order_status_changed=topic)
+    monkeypatch.setitem(service_app("orders").extensions, "hseshop.settings", fresh)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    assert fresh.topic_order_status_changed not in admin.list_topics(timeout=5).topics
+    with _relay_task_leading([]):
+        made = wait_for(lambda: admin.list_topics(timeout=5).topics.get(
+            fresh.topic_order_status_changed), timeout=10, what="the leader to make the topic")
+        assert len(made.partitions) == settings.kafka_topic_partitions
 
 
 @dataclasses.dataclass

@@ -152,10 +152,16 @@ def test_the_settings_point_at_the_bundled_postgres_redis_and_kafka():
     assert make_url(env["REDIS_URL"]).host == "redis"
     kafka = ALL_SERVICES["kafka"]["environment"]
     assert f"PLAINTEXT://{env['KAFKA_BOOTSTRAP_SERVERS']}" in kafka["KAFKA_ADVERTISED_LISTENERS"]
-    # Topics a producer creates by naming them get as many partitions as ensure_topics gives.
-    assert kafka["KAFKA_NUM_PARTITIONS"] == env["KAFKA_TOPIC_PARTITIONS"]
     # One broker: no topic can have more replicas than that.
     assert env["KAFKA_TOPIC_REPLICATION_FACTOR"] == kafka["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"]
+
+
+def test_the_broker_creates_no_topic_a_producer_names():
+    """The shop makes its topics (ensure_topics: the workers', and each relay's as it starts to
+    lead); one a producer named first would get the broker's defaults instead."""
+    kafka = ALL_SERVICES["kafka"]["environment"]
+    assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert "KAFKA_NUM_PARTITIONS" not in kafka  # (used by nothing else, left to drift)
 
 
 def test_the_lone_broker_syncs_before_it_acknowledges():
