@@ -1,4 +1,4 @@
-"""The worker's alive file (tasks/alive.py), with a real Celery worker on the local Redis: renewed
+"""The worker's alive file (tasks/alive.py), with a real Celery worker on the run's Redis: renewed
 while the worker's event loop runs, left to age while the loop is stuck, gone once the worker
 stops; and docker-compose.yml's worker healthcheck reads it as the step writes it."""
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tasks.alive import ALIVE_WITHIN_SECONDS
+from tests.environment import REDIS_DB, REDIS_KEYS_OF_THE_RUN
 from tests.polling import wait_for
 from tests.unit.test_compose_config import worker_alive_check
 
@@ -30,8 +31,9 @@ from celery import Celery, bootsteps
 from tasks import alive
 
 alive.RENEW_EVERY_SECONDS = {RENEW_EVERY}
-app = Celery("alive-test", broker="redis://127.0.0.1:6379/0")
+app = Celery("alive-test", broker=sys.argv[3])
 app.conf.task_default_queue = sys.argv[2]
+app.conf.broker_transport_options = {{"global_keyprefix": sys.argv[4]}}  # (the run's keys)
 app.user_options["worker"].add(alive.alive_file_option())
 app.steps["consumer"].add(alive.AliveFileStep)
 
@@ -50,10 +52,12 @@ app.worker_main(["worker", "-P", "threads", "-c", "1", "--without-gossip", "--wi
 
 
 @pytest.fixture
-def worker(tmp_path):
+def worker(tmp_path, infrastructure):
     path = tmp_path / "worker-alive"
+    broker = f"{infrastructure.redis_base}/{REDIS_DB['integration']}"
     process = subprocess.Popen(
-        [sys.executable, "-c", _WORKER, str(path), f"alive-test-{uuid.uuid4().hex}"],
+        [sys.executable, "-c", _WORKER, str(path), f"alive-test-{uuid.uuid4().hex}", broker,
+         f"{REDIS_KEYS_OF_THE_RUN}alive-test:"],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
