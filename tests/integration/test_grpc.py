@@ -561,16 +561,22 @@ def test_a_gateway_whose_signature_the_services_refuse_answers_502_not_401(
         caplog.clear()
 
 
+def _signed_up_with_an_account(client) -> tuple[dict, dict[str, str]]:
+    """A new user signed up through the gateway, with an account: the session and its header."""
+    session = client.post("/api/auth/register", json={
+        "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+    auth = {"Authorization": f"Bearer {session['access_token']}"}
+    assert client.post("/api/accounts", headers=auth).status_code == 201
+    return session, auth
+
+
 def test_a_head_is_answered_with_its_gets_headers_over_both_transports(
         settings, upstreams, grpc_targets):  # noqa: F811
     """Its length among them, as the service answers it: over HTTP the gateway's answer, built
     from the service's empty body, said Content-Length: 0."""
     for transport in ("grpc", "http"):
         client = _gateway(settings, upstreams, grpc_targets, transport)
-        session = client.post("/api/auth/register", json={
-            "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
-        auth = {"Authorization": f"Bearer {session['access_token']}"}
-        assert client.post("/api/accounts", headers=auth).status_code == 201
+        _, auth = _signed_up_with_an_account(client)
         for path in ("/api/accounts/balance", "/api/orders", f"/api/orders/{uuid.uuid4()}"):
             got, head = client.get(path, headers=auth), client.head(path, headers=auth)
             assert (head.status_code, head.data) == (got.status_code, b""), (transport, path)
@@ -587,10 +593,7 @@ def test_a_request_held_up_by_a_lock_is_503_busy_over_both_transports(
 
     for transport in ("grpc", "http"):
         client = _gateway(settings, upstreams, grpc_targets, transport)
-        session = client.post("/api/auth/register", json={
-            "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
-        auth = {"Authorization": f"Bearer {session['access_token']}"}
-        assert client.post("/api/accounts", headers=auth).status_code == 201
+        session, auth = _signed_up_with_an_account(client)
         with account_row_held(settings.database_url("payments"), session["user_id"]):
             answer = client.post("/api/accounts/deposit", json={"amount": "5"}, headers=auth)
         assert answer.status_code == 503, transport

@@ -116,13 +116,7 @@ def test_ctrl_c_sigterm_or_a_hangup_stops_every_process_the_program_started(tmp_
         time.sleep(300)
         """
     )
-    parent = subprocess.Popen(
-        [sys.executable, "-c", program],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
+    parent = _started(program, tmp_path)
     children = [int(parent.stdout.readline()) for _ in range(2)]
     assert parent.stdout.readline().strip() == "ready"
 
@@ -130,6 +124,12 @@ def test_ctrl_c_sigterm_or_a_hangup_stops_every_process_the_program_started(tmp_
 
     assert parent.wait(10) == exit_code
     assert all(gone(pid) for pid in children)
+
+
+def _started(program: str, cwd, **popen) -> subprocess.Popen:
+    """`program` run by this Python, importing the repository's modules, its stdout read."""
+    return subprocess.Popen([sys.executable, "-c", program], cwd=cwd, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, **popen)
 
 
 def test_a_program_started_ignoring_ctrl_c_goes_on_ignoring_it(tmp_path):
@@ -151,14 +151,8 @@ def test_a_program_started_ignoring_ctrl_c_goes_on_ignoring_it(tmp_path):
             time.sleep(300)
         """
     )
-    parent = subprocess.Popen(
-        [sys.executable, "-c", program],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    )
+    parent = _started(program, tmp_path,
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         child = int(parent.stdout.readline())
 
