@@ -50,3 +50,8 @@ class Connection(kombu.Connection):
     """
 
     resolve_aliases = {**kombu_connection.resolve_aliases, TRANSPORT_PATH: "redis"}
+
+    def __reduce__(self):
+        # A copy pickled or deep-copied is rebuilt from the connection's info(), which now names
+        # the stock `redis` transport: from the info with this transport kept instead.
+        return self.__class__, tuple(dict(self._info(resolve=False)).values()), None

@@ -4,6 +4,8 @@ through."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 import threading
 import uuid
 from urllib.parse import urlsplit
@@ -19,6 +21,15 @@ from tests.network_tools import SilencingProxy
 def test_celery_publishes_through_the_shops_transport():
     with app.connection_for_write() as connection:
         assert isinstance(connection.transport, Transport)
+
+
+def test_a_connection_copied_keeps_the_shops_transport_though_its_url_says_redis():
+    """Its URL names the transport `redis`, for Flower; a copy is rebuilt from that info, and
+    would have come back on kombu's own Redis transport."""
+    with app.connection_for_write() as connection:
+        assert connection.as_uri().startswith("redis://")
+        for copied in (copy.deepcopy(connection), pickle.loads(pickle.dumps(connection))):
+            assert isinstance(copied.transport, Transport)
 
 
 def test_a_channel_keeps_its_command_client_until_its_pool_is_replaced(settings):
