@@ -43,6 +43,10 @@ class AliveFileStep(bootsteps.StartStopStep):
         super().__init__(c, **kwargs)
         self.path = Path(alive_file) if alive_file else None
         self.renewal = None
+        if self.path is not None:
+            # One left by a worker killed outright (SIGKILL, the OOM killer: no stop) in a
+            # container restarted with its /tmp would read this one as healthy while it starts.
+            self.path.unlink(missing_ok=True)
 
     def include_if(self, c) -> bool:
         return self.path is not None

@@ -10,10 +10,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from devstack.infra import free_port
 from tasks.alive import ALIVE_WITHIN_SECONDS
 from tests.environment import REDIS_DB, REDIS_KEYS_OF_THE_RUN
 from tests.polling import wait_for
@@ -51,21 +54,36 @@ app.worker_main(["worker", "-P", "threads", "-c", "1", "--without-gossip", "--wi
 """
 
 
-@pytest.fixture
-def worker(tmp_path, infrastructure):
-    path = tmp_path / "worker-alive"
-    broker = f"{infrastructure.redis_base}/{REDIS_DB['integration']}"
+@contextmanager
+def _worker_running(path: Path, broker: str) -> Iterator[subprocess.Popen]:
     process = subprocess.Popen(
         [sys.executable, "-c", _WORKER, str(path), f"alive-test-{uuid.uuid4().hex}", broker,
          f"{REDIS_KEYS_OF_THE_RUN}alive-test:"],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        yield process, path
+        yield process
     finally:
         if process.poll() is None:
             process.kill()
         process.wait(10)
+
+
+@pytest.fixture
+def worker(tmp_path, infrastructure):
+    path = tmp_path / "worker-alive"
+    with _worker_running(path, f"{infrastructure.redis_base}/{REDIS_DB['integration']}") as process:
+        yield process, path
+
+
+def test_a_file_left_by_a_worker_killed_outright_is_gone_as_the_next_one_starts(tmp_path):
+    """Killed outright (SIGKILL, the OOM killer), a worker leaves its file; restarted in the same
+    container, the next one, starting (here, never reaching its broker), must not read healthy
+    on it."""
+    path = tmp_path / "worker-alive"
+    path.touch()
+    with _worker_running(path, f"redis://127.0.0.1:{free_port()}/0"):
+        wait_for(lambda: not path.exists(), timeout=20, what="the old alive file to go")
 
 
 def _renewals(path: Path, seconds: float) -> list[float]:
