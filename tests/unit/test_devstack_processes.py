@@ -127,9 +127,17 @@ def test_ctrl_c_sigterm_or_a_hangup_stops_every_process_the_program_started(tmp_
 
 
 def _started(program: str, cwd, **popen) -> subprocess.Popen:
-    """`program` run by this Python, importing the repository's modules, its stdout read."""
+    """`program` run by this Python, importing the repository's modules, its stdout read; its
+    SIGINT and SIGHUP as a terminal's job gets them, whatever this run was started with (pytest
+    under nohup, or in a background job, would pass them on ignored)."""
+    popen.setdefault("preexec_fn", _signals_as_in_a_terminal)
     return subprocess.Popen([sys.executable, "-c", program], cwd=cwd, stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, **popen)
+
+
+def _signals_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def test_a_program_started_ignoring_ctrl_c_goes_on_ignoring_it(tmp_path):
