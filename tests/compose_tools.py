@@ -1,0 +1,79 @@
+"""docker-compose.yml and its env files read as Compose reads them, for the tests that check the
+file (tests/unit/test_compose_config.py) and those that run what it runs. The file is read on
+first use, not at import."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+from shared.config import SERVICES
+from shared.task_queues import worker_queues
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+
+
+@functools.cache
+def load_compose() -> dict:
+    # PyYAML resolves the `<<: *anchor` merges the file uses, as Compose does.
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def compose_services() -> dict[str, dict]:
+    return load_compose()["services"]
+
+
+def hseshop_services() -> dict[str, dict]:
+    """The HseShop processes: the services built from this repository (the rest are stock
+    images)."""
+    return {name: service for name, service in compose_services().items() if "build" in service}
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            values[name.strip()] = value.strip()
+    return values
+
+
+def command(service: dict) -> list[str]:
+    argv = service.get("command", [])
+    return shlex.split(argv) if isinstance(argv, str) else [str(arg) for arg in argv]
+
+
+def workers_of(service_name: str) -> list[str]:
+    return [name for name, service in hseshop_services().items()
+            if command(service)[:4] == ["celery", "-A", "tasks", "worker"]
+            and f"--consume {service_name}" in " ".join(command(service))
+            and f"-Q {worker_queues(service_name)} " in " ".join(command(service))]
+
+
+@dataclasses.dataclass(frozen=True)
+class AliveCheck:
+    """The workers' healthcheck, run here: `argv` (this interpreter for `python`), reading the
+    alive file at `path`."""
+
+    argv: list[str]
+    path: str
+
+
+def worker_alive_check() -> AliveCheck:
+    services = compose_services()
+    workers = [services[name] for service_name in SERVICES for name in workers_of(service_name)]
+    tests = {json.dumps(worker["healthcheck"]["test"]) for worker in workers}
+    assert len(tests) == 1, tests
+    kind, program, *args = workers[0]["healthcheck"]["test"]
+    assert (kind, program) == ("CMD", "python")
+    paths = {command(worker)[command(worker).index("--alive-file") + 1] for worker in workers}
+    assert len(paths) == 1, paths
+    return AliveCheck([sys.executable, *args], paths.pop())
