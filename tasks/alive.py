@@ -4,9 +4,10 @@ loop renews every few seconds while the worker consumes its queues.
 `celery inspect ping`, the healthcheck before, starts a whole Celery client each time (about a
 CPU-second) to ask the worker over Redis. Reading a file's age costs next to nothing, and still
 means what the ping meant: the renewal is a timer of the consumer's event loop (with the Redis
-broker the worker runs one: its timers fire from the loop that reads the queues), so a loop that
-is stuck, or a worker that lost Redis (its consumer's steps stopped while it reconnects), leaves
-the file to age, and the healthcheck fails once it is older than ALIVE_WITHIN_SECONDS.
+broker the worker runs one: its timers fire from the loop that reads the queues). A worker that
+lost Redis (its consumer's steps stopped while it reconnects) removes the file at once; a loop
+that is stuck leaves it to age, and the healthcheck fails once it is older than
+ALIVE_WITHIN_SECONDS; a file left by a worker killed outright is removed as the next one starts.
 
 Started with `--alive-file PATH`; without it, the step does nothing.
 """
