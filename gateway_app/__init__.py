@@ -43,15 +43,16 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = app.extensions["hseshop.settings"]
     app.extensions[auth.RATE_LIMITER] = RateLimiter(
         settings.redis_url, settings.rate_limit_per_minute, settings.redis_key_prefix)
-    # This process's own (gunicorn forks its workers after create_app: each has its own copy).
+    # This process's own: each gunicorn worker is a process that builds its own app (create_app
+    # runs in the worker after the fork, without --preload), and no memory is shared between them.
     app.extensions[sign_out.REMEMBERED] = sign_out.RememberedSignOuts()
     # A read gives up after 2 s (a Redis host gone silent would otherwise hold the thread that
     # publishes a notification for as long as TCP waits).
     app.extensions[user_channels.REDIS_EXTENSION] = redis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=1, socket_timeout=2, socket_keepalive=True,
         health_check_interval=30)
-    # The sockets' subscriber: no connection, no thread until the first socket opens (gunicorn
-    # forks its workers after create_app).
+    # The sockets' subscriber: no connection, no thread until the first socket opens (none in a
+    # process that keeps no socket, and none that a fork would drop were the app built before it).
     app.extensions[user_channels.LISTENER_EXTENSION] = ChannelListener(
         subscriber_client(settings.redis_url))
     app.extensions["hseshop.api"].register_blueprint(auth.blueprint)
