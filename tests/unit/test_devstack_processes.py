@@ -126,24 +126,26 @@ def test_ctrl_c_sigterm_or_a_hangup_stops_every_process_the_program_started(tmp_
     assert all(gone(pid) for pid in children)
 
 
-def _started(program: str, cwd, **popen) -> subprocess.Popen:
+def _started(program: str, cwd, ignoring_ctrl_c: bool = False) -> subprocess.Popen:
     """`program` run by this Python, importing the repository's modules, its stdout read; its
-    SIGINT and SIGHUP as a terminal's job gets them, whatever this run was started with (pytest
-    under nohup, or in a background job, would pass them on ignored)."""
-    popen.setdefault("preexec_fn", _signals_as_in_a_terminal)
+    SIGHUP as a terminal's job gets it, and its SIGINT too unless `ignoring_ctrl_c` (then ignored,
+    as a background job of a non-interactive shell gets it), whatever this run was started with
+    (pytest under nohup, or in a background job, would pass them on ignored)."""
+    sigint = signal.SIG_IGN if ignoring_ctrl_c else signal.SIG_DFL
+
+    def signals_as_given() -> None:
+        signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
     return subprocess.Popen([sys.executable, "-c", program], cwd=cwd, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, **popen)
-
-
-def _signals_as_in_a_terminal() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                            preexec_fn=signals_as_given)
 
 
 def test_a_program_started_ignoring_ctrl_c_goes_on_ignoring_it(tmp_path):
-    """As a job a non-interactive shell starts in the background (`python -m devstack run &`):
-    SIGINT to its process group stops nothing, where it once stopped every process silently and
-    left the program running. SIGTERM still stops them all."""
+    """As a job a non-interactive shell starts in the background (`python -m devstack run &`),
+    whose SIGINT is ignored: a SIGINT sent to the program stops nothing, where it once stopped
+    every process silently and left the program running. SIGTERM still stops them all."""
     program = textwrap.dedent(
         """
         import os, signal, sys, time
@@ -159,8 +161,7 @@ def test_a_program_started_ignoring_ctrl_c_goes_on_ignoring_it(tmp_path):
             time.sleep(300)
         """
     )
-    parent = _started(program, tmp_path,
-                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    parent = _started(program, tmp_path, ignoring_ctrl_c=True)
     try:
         child = int(parent.stdout.readline())
 
