@@ -1,7 +1,7 @@
 """PostgreSQL for tests: ending a connection from the server's side, or every one of a database's
 at once, as a restart would, a transaction stalled holding an account's row, an app's pool with no
 connection free, what the other sessions are doing, waiting for some of them to wait on a lock,
-and two transactions made to meet on one."""
+two transactions made to meet on one, and the sign-out lookups an engine sends."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg2
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from shared.db import db, driver_dsn
 from shared.relay_leader import RELAY_LEADER_LOCK_KEY
@@ -136,3 +138,20 @@ def second_waiting_on_the_first(database_url: str, first: Callable[[Callable[[],
         let_go.set()
         for thread in threads:
             thread.join(30)
+
+
+@contextmanager
+def sign_out_lookups(engine: Engine | type[Engine]) -> Iterator[list[str]]:
+    """The statements asking whether a token was signed out that `engine` sends (Engine itself:
+    that every engine sends), as they are sent."""
+    sent: list[str] = []
+
+    def _executing(connection, cursor, statement, parameters, context, executemany):
+        if "signed_out_tokens" in statement:
+            sent.append(statement)
+
+    event.listen(engine, "before_cursor_execute", _executing)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", _executing)

@@ -24,7 +24,7 @@ import psycopg2
 import pytest
 import redis
 from simple_websocket import ConnectionClosed
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
@@ -54,7 +54,7 @@ from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_desc
                                  documented_answers, documented_errors, operations,
                                  responses_documenting, with_a_body_in_chunks)
 from tests.polling import wait_for
-from tests.postgres_tools import no_connection_free
+from tests.postgres_tools import no_connection_free, sign_out_lookups
 from tests.replay_tools import assert_only_the_repeat_said_replayed
 
 
@@ -2174,12 +2174,6 @@ def test_a_signed_out_tokens_sockets_ask_the_database_once_and_keep_its_user_in(
     the openings do not use up the user's limit: a socket with their other token still opens."""
     monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
     user = f"usr_{uuid.uuid4().hex[:16]}"
-    lookups: list[str] = []
-
-    def _executing(connection, cursor, statement, parameters, context, executemany):
-        if "signed_out_tokens" in statement:
-            lookups.append(statement)
-
     with _served_gateway_socket_path(settings, upstreams, "leaver", user=user,
                                      rate_limit_per_minute=2) as (base, path):
         url = base.replace("http://", "ws://") + path
@@ -2187,11 +2181,8 @@ def test_a_signed_out_tokens_sockets_ask_the_database_once_and_keep_its_user_in(
         assert gateway.post("/api/auth/logout",
                             headers={"Authorization": f"Bearer {leaving}"}).status_code == 204
         # (Every engine's: the served gateway's is out of reach; only lookups are counted.)
-        event.listen(Engine, "before_cursor_execute", _executing)
-        try:
+        with sign_out_lookups(Engine) as lookups:
             assert all(_refused(url, code=1008) for _ in range(6))
-        finally:
-            event.remove(Engine, "before_cursor_execute", _executing)
         assert len(lookups) == 1
         staying = issue_token(user, "leaver", settings.auth_token_secret, 600).access_token
         opened = _stays_open(url.replace(leaving, staying))

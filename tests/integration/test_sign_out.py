@@ -8,8 +8,6 @@ import dataclasses
 import socket
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import jwt
 import psycopg2
@@ -23,6 +21,7 @@ from gateway_app import auth, notifications, sign_out
 from gateway_app.models import SignedOutToken
 from gateway_app.tokens import issue_token, verify_token
 from shared.db import db, driver_dsn
+from tests.postgres_tools import sign_out_lookups
 
 NEWEST = "/api/notifications/newest"  # a signed-in route the gateway answers itself
 
@@ -162,8 +161,7 @@ def test_asking_whether_a_token_was_signed_out_is_one_round_trip_in_autocommit(s
     put the connection back), and the connection goes back to the pool in transactions: the next
     request's writes are a transaction again."""
     gateway, _ = gateways
-    with gateway.application.app_context():
-        engine = db.engine
+    engine = _engine_of(gateway.application)
     token = issue_token("usr_someone", "someone", settings.auth_token_secret, 600).access_token
     sent: list[tuple[str, bool]] = []
 
@@ -245,22 +243,9 @@ def test_a_sign_in_whose_password_check_ends_after_signing_out_everywhere_gets_a
     assert first.get(NEWEST, headers=_bearer(fresh)).status_code == 200
 
 
-@contextmanager
-def _lookups_counted(app) -> Iterator[list[str]]:
-    """The statements asking `app`'s database whether a token was signed out, as they are sent."""
+def _engine_of(app):
     with app.app_context():
-        engine = db.engine
-    sent: list[str] = []
-
-    def _executing(connection, cursor, statement, parameters, context, executemany):
-        if "signed_out_tokens" in statement:
-            sent.append(statement)
-
-    event.listen(engine, "before_cursor_execute", _executing)
-    try:
-        yield sent
-    finally:
-        event.remove(engine, "before_cursor_execute", _executing)
+        return db.engine
 
 
 def _limited(settings, monkeypatch, per_minute: int):
@@ -277,7 +262,7 @@ def test_past_the_rate_limit_a_request_asks_the_database_nothing(settings, monke
     gateway = _limited(settings, monkeypatch, per_minute=3)
     token = issue_token(f"usr_{uuid.uuid4().hex[:16]}", "flooder", settings.auth_token_secret,
                         600).access_token
-    with _lookups_counted(gateway.application) as lookups:
+    with sign_out_lookups(_engine_of(gateway.application)) as lookups:
         answers = [gateway.get(NEWEST, headers=_bearer(token)) for _ in range(10)]
     assert [answer.status_code for answer in answers] == [200] * 3 + [429] * 7
     assert {_error_code(answer) for answer in answers[3:]} == {"RATE_LIMITED"}
@@ -303,7 +288,7 @@ def test_a_signed_out_token_used_again_asks_the_database_once_per_process(
     if everywhere:
         staying = _signed_in(signing_out, username, False)
 
-    with _lookups_counted(gateway.application) as lookups:
+    with sign_out_lookups(_engine_of(gateway.application)) as lookups:
         refused = [gateway.get(NEWEST, headers=_bearer(leaving)) for _ in range(20)]
         # Written another way, the same token: remembered too.
         refused.append(gateway.get(NEWEST, headers=_bearer(leaving + "=")))
@@ -314,7 +299,7 @@ def test_a_signed_out_token_used_again_asks_the_database_once_per_process(
     assert [gateway.get(NEWEST, headers=_bearer(staying)).status_code for _ in range(2)] == \
         [200, 200]
     # Another process (another instance) has not found it yet: it asks, once, as well.
-    with _lookups_counted(signing_out.application) as lookups:
+    with sign_out_lookups(_engine_of(signing_out.application)) as lookups:
         for _ in range(3):
             assert signing_out.get(NEWEST, headers=_bearer(leaving)).status_code == 401
     assert len(lookups) == 1
