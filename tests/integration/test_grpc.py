@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from werkzeug.serving import make_server
 
 import gateway_app
-from devstack.infra import free_port
+from devstack.infra import free_port, port_open
 from shared import grpc_server
 from shared.config import ENVIRONMENT
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY, build_server,
@@ -185,11 +185,11 @@ def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, 
     from shared.db import driver_dsn
 
     redis_url = urlsplit(settings.redis_url)
-    bind = f"127.0.0.1:{free_port()}"
+    port = free_port()
+    bind = f"127.0.0.1:{port}"
     with ExitStack() as cleanup:
         client = _gateway(settings, upstreams, grpc_targets, "grpc", orders_grpc_target=bind)
-        session = client.post("/api/auth/register", json={
-            "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+        session, auth = _signed_up_with_an_account(client)
         user_id = session["user_id"]
         redis = HoldingProxy(f"{redis_url.hostname}:{redis_url.port or 6379}",
                              marker=f"version:orders:{user_id}".encode())
@@ -202,7 +202,7 @@ def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, 
                      "REDIS_URL": redis_url._replace(netloc=redis.address).geturl()})
         cleanup.callback(service.wait)
         cleanup.callback(service.kill)
-        wait_for(lambda: _accepts_connections(bind), timeout=30, what="the orders gRPC server")
+        wait_for(lambda: port_open("127.0.0.1", port), timeout=30, what="the orders gRPC server")
 
         def kill_once_committed():
             if redis.held.wait(timeout=30):
@@ -211,7 +211,7 @@ def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, 
         killer = threading.Thread(target=kill_once_committed, daemon=True)
         killer.start()
         answer = client.post("/api/orders", json={"amount": "3", "description": "once"},
-                             headers={"Authorization": f"Bearer {session['access_token']}"})
+                             headers=auth)
         killer.join()
         assert redis.held.is_set() and service.wait(timeout=10) == -signal.SIGKILL
         assert answer.status_code == 502, answer.get_json()
@@ -222,15 +222,6 @@ def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, 
         with placed.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM orders WHERE user_id = %s", (user_id,))
             assert cursor.fetchone() == (1,)
-
-
-def _accepts_connections(address: str) -> bool:
-    host, port = address.rsplit(":", 1)
-    try:
-        socket.create_connection((host, int(port)), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 def test_a_connection_to_a_service_gone_silent_is_dropped_and_made_afresh(
