@@ -6,7 +6,8 @@ Work that must wait for the commit (invalidating cached reads, say) is registere
 `after_commit`. `driver_cursor` runs the busiest statements straight on the driver. Pooled
 connections are pinged before use only after they sat idle (`init_database` sets that up).
 `connection_lost` tells a database connection lost or refused (a restart, a failover), which the
-shop gets over by itself, from any other error.
+shop gets over by itself, from any other error; `failure_in_a_line` says an error in a line, as
+the operator's commands (shared.migrations, tasks.parked) say it.
 """
 
 from __future__ import annotations
@@ -146,12 +147,29 @@ def connection_lost(exc: BaseException) -> bool:
             or any(words in message for words in _SERVER_GOING_AWAY_WORDS))
 
 
-def lost_connection_in_a_line(exc: BaseException) -> str:
-    """What the driver said of a lost connection (`connection_lost`), on one line: its message's
-    first, where libpq adds hints on more ("This probably means the server terminated ...")."""
-    driver_error = getattr(exc, "orig", exc)
+def said_in_a_line(exc: BaseException) -> str:
+    """What the database (or the driver, for one it could not reach) said of `exc`, on one line:
+    its message's first, where libpq adds hints on more ("This probably means the server
+    terminated ...")."""
+    driver_error = getattr(exc, "orig", None) or exc
     first_line = str(driver_error).strip().partition("\n")[0]
     return f"{type(driver_error).__name__}: {first_line}"
+
+
+def failure_in_a_line(exc: BaseException, url: str | None = None) -> str:
+    """What the database said of `exc` on one line, and what it means, for an operator's command:
+    the database out of reach, a row locked by another session too long, a statement run too
+    long; naming the database by `url`, its password hidden, when given."""
+    said = said_in_a_line(exc)
+    database = ("the database" if url is None
+                else f"the database at {make_url(url).render_as_string(hide_password=True)}")
+    if connection_lost(exc):
+        return f"{database} was out of reach ({said})"
+    if held_up_by_a_lock(exc):
+        return f"a row was locked by another session for too long ({said})"
+    if cancelled_by_a_limit(exc):
+        return f"a statement ran too long ({said})"
+    return f"{database} answered {said}"
 
 
 # While one database connection stays lost, what tries again and again says so this often.
@@ -202,12 +220,12 @@ class DatabaseOutageLog:
         if self._lost_since is None:
             self._lost_since = self._said_at = now
             self._logger.warning("%s lost its database connection (%s); retrying until it is back",
-                                 self._what, lost_connection_in_a_line(exc))
+                                 self._what, said_in_a_line(exc))
         elif now - self._said_at >= self._remind_every:
             self._said_at = now
             self._logger.warning("%s: database connection still lost after %.0f s, %d tries (%s);"
                                  " retrying", self._what, now - self._lost_since,
-                                 self._failed_tries, lost_connection_in_a_line(exc))
+                                 self._failed_tries, said_in_a_line(exc))
 
     def back(self) -> None:
         """A try worked with the database: the outage, if there was one, is over."""

@@ -40,9 +40,11 @@ from psycopg2.errors import DeadlockDetected
 from sqlalchemy.engine import make_url
 
 from shared.config import SERVICES, get_settings
-from shared.db import CONNECTION_TIMEOUTS, held_up_by_a_lock, limit_sessions
+from shared.db import CONNECTION_TIMEOUTS, failure_in_a_line, held_up_by_a_lock, limit_sessions
 
-log = logging.getLogger(__name__)
+# By its name, not __name__: run as `python -m shared.migrations`, that is `__main__`, which its
+# log lines (devstack echoes them on the terminal) would show.
+log = logging.getLogger("shared.migrations")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIGRATION_LOCK_KEY = 0x5EED_0001
@@ -184,12 +186,10 @@ def _connect(service: str, url: str, engine: sa.Engine,
             ensure_database(url)
         return engine.connect()
     except sa.exc.OperationalError as exc:
-        # The driver's first line says why (refused, no such host, password refused); the rest
-        # is hints. The URL without its password, so that the log may show it.
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
-        shown = make_url(url).render_as_string(hide_password=True)
+        # In a line, as tasks.parked says it: the driver's first line says why (refused, no such
+        # host, password refused), the rest is hints; the URL without its password, for the log.
         raise DatabaseUnreachable(
-            f"cannot connect to the {service} database ({shown}): {reason}") from exc
+            f"{service}: nothing migrated: {failure_in_a_line(exc, url)}") from exc
 
 
 # A table each service's first revision makes and no other service has: a database at some

@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from shared.config import SERVICES
-from shared.db import cancelled_by_a_limit, connection_lost, held_up_by_a_lock, transaction
+from shared.db import failure_in_a_line, transaction
 from shared.inbox.parked import (discard_parked_messages, last_parked, parked_batch,
                                  parked_messages, unpark_messages)
 from shared.outbox.parked import (discard_parked_outbox_messages, parked_outbox_messages,
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             list_parked(args.service, args.limit, args.outbox)
         except _DATABASE_FAILURES as exc:
-            print(f"{args.service} {box}: nothing listed: {_failure_in_a_line(exc)}",
+            print(f"{args.service} {box}: nothing listed: {failure_in_a_line(exc)}",
                   file=sys.stderr)
             return 1
         return 0
@@ -224,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         # Each transaction that committed stays done, its messages no longer parked: the same
         # command again takes up the rest. (One whose COMMIT was cut off may have committed
         # uncounted; its replays, never dispatched, go to the sweeper.)
-        print(f"{outcome.format(len(done))} before the database failed; run it again for the"
-              f" rest: {_failure_in_a_line(exc)}", file=sys.stderr)
+        print(f"{args.service} {box}: nothing {_OUTCOMES[args.command, args.outbox]}"
+              if not done else f"{outcome.format(len(done))} before the database failed; run it"
+              " again for the rest", f": {failure_in_a_line(exc)}", sep="", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # (At least: a batch committed as the interrupt came is not counted, its replays, never
@@ -245,20 +246,6 @@ def main(argv: list[str] | None = None) -> int:
 # What the database may answer an operator's command with: unreachable, a parked row locked by
 # another session past SESSION_LIMITS' lock_timeout, a statement past its statement_timeout.
 _DATABASE_FAILURES = (SQLAlchemyError, psycopg2.Error)
-
-
-def _failure_in_a_line(exc: BaseException) -> str:
-    """What the database said, on one line, and what it means for the command."""
-    driver_error = getattr(exc, "orig", None) or exc
-    first_line = str(driver_error).strip().partition("\n")[0]  # (libpq adds hints on more)
-    said = f"{type(driver_error).__name__}: {first_line}"
-    if connection_lost(exc):
-        return f"the database was out of reach ({said})"
-    if held_up_by_a_lock(exc):
-        return f"a parked message was locked by another session for too long ({said})"
-    if cancelled_by_a_limit(exc):
-        return f"a statement ran too long ({said})"
-    return said
 
 
 if __name__ == "__main__":

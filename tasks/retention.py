@@ -14,7 +14,7 @@ from flask import current_app
 from sqlalchemy.orm import Session
 
 from shared.config import SERVICES_KEEPING_IDEMPOTENCY_KEYS
-from shared.db import connection_lost, lost_connection_in_a_line, transaction
+from shared.db import connection_lost, said_in_a_line, transaction
 from shared.idempotency import prune_expired_keys
 from tasks.celery_app import app
 from tasks.services import ServiceTask
@@ -50,7 +50,7 @@ def prune_in_transactions(service: str, what: str, prune: Prune,
         if not connection_lost(exc):
             raise
         log.warning("the %s pruner of %s lost its database connection (%s); the next run prunes"
-                    " the rest", service, what, lost_connection_in_a_line(exc))
+                    " the rest", service, what, said_in_a_line(exc))
     if pruned:
         log.info("%s: pruned %d %s", service, pruned, what)
     return pruned
