@@ -85,16 +85,12 @@ def replay(service: str, message_ids: list[uuid.UUID] | None,
            outbox: bool = False) -> Iterator[list[uuid.UUID]]:
     """Unpark the messages (every replayable one when `message_ids` is None) and hand them back:
     inbox messages dispatched to be handled, a transaction's at a time as it commits, outbox rows
-    to the relay; yields the ids each transaction replayed, once it has committed."""
+    to the relay (the commit wakes it); yields the ids each transaction replayed, once it has
+    committed."""
     with service_app(service).app_context():
-        if outbox:  # the commit wakes the relay
-            with transaction() as session:
-                replayed = unpark_outbox_messages(session, message_ids)
-            yield replayed
-            return
         queues_reachable = True
-        for replayed in _changed_in_transactions(unpark_messages, message_ids):
-            if queues_reachable:
+        for replayed in _changed(unpark_messages, unpark_outbox_messages, message_ids, outbox):
+            if not outbox and queues_reachable:
                 queues_reachable = _dispatched(service, replayed)
             yield replayed
 
@@ -117,29 +113,34 @@ def discard(service: str, message_ids: list[uuid.UUID] | None,
     """Give up on parked messages (every one when `message_ids` is None); yields the ids each
     transaction discarded, once it has committed."""
     with service_app(service).app_context():
-        if outbox:
-            with transaction() as session:
-                discarded = discard_parked_outbox_messages(session, message_ids)
-            yield discarded
-            return
-        yield from _changed_in_transactions(discard_parked_messages, message_ids)
+        yield from _changed(discard_parked_messages, discard_parked_outbox_messages, message_ids,
+                            outbox)
 
 
-def _changed_in_transactions(change: Callable[[Session, list[uuid.UUID]], list[uuid.UUID]],
-                             message_ids: list[uuid.UUID] | None) -> Iterator[list[uuid.UUID]]:
-    """Run `change` on the parked inbox messages named, in one transaction, or, when
-    `message_ids` is None, on every one parked as it begins, CHANGED_PER_TRANSACTION at a time in
-    the order they were parked; yields the ids each transaction changed, as it commits. Those
-    parked once it has begun are left alone: a replayed message that is parked again at once is
-    not taken up again and again. (Bounded by the last parked as it began, and also by the ids it
-    has taken: `parked_at` comes from the clock of the process that parked the row, and a message
-    parked again by one whose clock runs ahead can sort before that bound, after the batch that
-    took it.)"""
-    if message_ids is not None:
-        with transaction() as session:
-            changed = change(session, message_ids)
-        yield changed
+_Change = Callable[[Session, list[uuid.UUID] | None], list[uuid.UUID]]
+
+
+def _changed(inbox_change: _Change, outbox_change: _Change, message_ids: list[uuid.UUID] | None,
+             outbox: bool) -> Iterator[list[uuid.UUID]]:
+    """Run the change on the messages named, or on the outbox's every parked row when
+    `message_ids` is None, in one transaction; on every parked inbox message in batches
+    (`_all_changed_in_transactions`). Yields the ids each transaction changed, as it commits."""
+    if message_ids is None and not outbox:
+        yield from _all_changed_in_transactions(inbox_change)
         return
+    with transaction() as session:
+        changed = (outbox_change if outbox else inbox_change)(session, message_ids)
+    yield changed
+
+
+def _all_changed_in_transactions(change: _Change) -> Iterator[list[uuid.UUID]]:
+    """Run `change` on every parked inbox message parked as it begins, CHANGED_PER_TRANSACTION at
+    a time in the order they were parked; yields the ids each transaction changed, as it commits.
+    Those parked once it has begun are left alone: a replayed message that is parked again at
+    once is not taken up again and again. (Bounded by the last parked as it began, and also by the
+    ids it has taken: `parked_at` comes from the clock of the process that parked the row, and a
+    message parked again by one whose clock runs ahead can sort before that bound, after the batch
+    that took it.)"""
     with transaction() as session:
         through = last_parked(session)
     after = None
