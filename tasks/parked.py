@@ -89,7 +89,9 @@ def replay(service: str, message_ids: list[uuid.UUID] | None,
     committed."""
     with service_app(service).app_context():
         queues_reachable = True
-        for replayed in _changed(unpark_messages, unpark_outbox_messages, message_ids, outbox):
+        # (A replayed inbox message may be parked again at once, and come back under --all.)
+        for replayed in _changed(unpark_messages, unpark_outbox_messages, message_ids, outbox,
+                                 may_come_back=True):
             if not outbox and queues_reachable:
                 queues_reachable = _dispatched(service, replayed)
             yield replayed
@@ -113,44 +115,49 @@ def discard(service: str, message_ids: list[uuid.UUID] | None,
     """Give up on parked messages (every one when `message_ids` is None); yields the ids each
     transaction discarded, once it has committed."""
     with service_app(service).app_context():
+        # (A discarded message is processed: it is never parked again.)
         yield from _changed(discard_parked_messages, discard_parked_outbox_messages, message_ids,
-                            outbox)
+                            outbox, may_come_back=False)
 
 
 _Change = Callable[[Session, list[uuid.UUID] | None], list[uuid.UUID]]
 
 
 def _changed(inbox_change: _Change, outbox_change: _Change, message_ids: list[uuid.UUID] | None,
-             outbox: bool) -> Iterator[list[uuid.UUID]]:
+             outbox: bool, may_come_back: bool) -> Iterator[list[uuid.UUID]]:
     """Run the change on the messages named, or on the outbox's every parked row when
     `message_ids` is None, in one transaction; on every parked inbox message in batches
     (`_all_changed_in_transactions`). Yields the ids each transaction changed, as it commits."""
     if message_ids is None and not outbox:
-        yield from _all_changed_in_transactions(inbox_change)
+        yield from _all_changed_in_transactions(inbox_change, may_come_back)
         return
     with transaction() as session:
         changed = (outbox_change if outbox else inbox_change)(session, message_ids)
     yield changed
 
 
-def _all_changed_in_transactions(change: _Change) -> Iterator[list[uuid.UUID]]:
+def _all_changed_in_transactions(change: _Change,
+                                 may_come_back: bool) -> Iterator[list[uuid.UUID]]:
     """Run `change` on every parked inbox message parked as it begins, CHANGED_PER_TRANSACTION at
     a time in the order they were parked; yields the ids each transaction changed, as it commits.
     Those parked once it has begun are left alone: a replayed message that is parked again at
-    once is not taken up again and again. (Bounded by the last parked as it began, and also by the
-    ids it has taken: `parked_at` comes from the clock of the process that parked the row, and a
-    message parked again by one whose clock runs ahead can sort before that bound, after the batch
-    that took it.)"""
+    once is not taken up again and again. (Bounded by the last parked as it began, and also, when
+    a changed message `may_come_back` parked again, by the ids it has taken: `parked_at` comes
+    from the clock of the process that parked the row, and a message parked again by one whose
+    clock runs ahead can sort before that bound, after the batch that took it.)"""
     with transaction() as session:
         through = last_parked(session)
     after = None
-    taken: set[uuid.UUID] = set()
+    # As ints, not UUID objects: about 90 bytes a message, for any number parked (a replayed
+    # message parked again may sort anywhere up to `through`, so none can be forgotten).
+    taken: set[int] = set()
     while through is not None:
         with transaction() as session:
             batch = parked_batch(session, through, after, CHANGED_PER_TRANSACTION)
-            ids = [place.message_id for place in batch if place.message_id not in taken]
+            ids = [place.message_id for place in batch if place.message_id.int not in taken]
             changed = change(session, ids)
-        taken.update(ids)
+        if may_come_back:
+            taken.update(message_id.int for message_id in ids)
         yield changed
         if len(batch) < CHANGED_PER_TRANSACTION:
             return
@@ -217,25 +224,28 @@ def main(argv: list[str] | None = None) -> int:
         command_parsers[args.command].error("name the messages, or give --all")
     act = replay if args.command == "replay" else discard
     outcome = f"{args.service} {box}: {{}} message(s) {_OUTCOMES[args.command, args.outbox]}"
-    done: list[uuid.UUID] = []
+    # Under --all a count alone: the ids changed are kept only when named, to say which were not.
+    count, done = 0, set[uuid.UUID]()
     try:
         for changed in act(args.service, None if args.all else args.message_ids, args.outbox):
-            done.extend(changed)
+            count += len(changed)
+            if not args.all:
+                done.update(changed)
     except _DATABASE_FAILURES as exc:
         # Each transaction that committed stays done, its messages no longer parked: the same
         # command again takes up the rest. (One whose COMMIT was cut off may have committed
         # uncounted; its replays, never dispatched, go to the sweeper.)
         print(f"{args.service} {box}: nothing {_OUTCOMES[args.command, args.outbox]}"
-              if not done else f"{outcome.format(len(done))} before the database failed; run it"
+              if count == 0 else f"{outcome.format(count)} before the database failed; run it"
               " again for the rest", f": {failure_in_a_line(exc)}", sep="", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # (At least: a batch committed as the interrupt came is not counted, its replays, never
         # dispatched, left to the sweeper.)
-        print(f"{outcome.format(f'at least {len(done)}')} before it was interrupted; run it again"
+        print(f"{outcome.format(f'at least {count}')} before it was interrupted; run it again"
               " for the rest", file=sys.stderr)
         return 130
-    print(outcome.format(len(done)))
+    print(outcome.format(count))
     left = [message_id for message_id in args.message_ids if message_id not in done]
     for message_id in left:
         print(f"{message_id}: not {args.command}ed (not parked, unknown"
