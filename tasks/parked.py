@@ -17,7 +17,9 @@ to hand a handler, and stays parked. Discarding marks it processed without handl
 Kafka delivering it again changes nothing; its row is pruned a retention after the discard.
 With --all, the inbox messages parked as the command begins are replayed (each transaction's
 dispatched as it commits) or discarded CHANGED_PER_TRANSACTION a transaction, oldest parked first;
-should the database fail part way, the command says how many went through, and run again it takes
+should the database fail part way, the command says how many went through and exits 1;
+interrupted (Ctrl-C), it says that at least so many went through (a batch committing as the
+interrupt came goes uncounted, its replays left to the sweeper) and exits 130. Run again, it takes
 up the rest.
 
 With --outbox they are outbox rows whose message is too large to be sent (over the producer's

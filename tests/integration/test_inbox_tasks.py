@@ -743,7 +743,7 @@ def test_a_record_never_parsed_is_not_replayed(settings, payments_inbox):
     with service_app("payments").app_context():
         (unparsed,) = db.session.scalars(select(InboxMessage.message_id).where(
             InboxMessage.partition == 7, InboxMessage.offset == offset)).all()
-        assert unpark_messages(db.session, [unparsed]) == []  # (--all: test_replay_all_...)
+        assert unpark_messages(db.session, [unparsed]) == []  # (--all: test_all_parked_...)
         db.session.rollback()
 
 
