@@ -27,17 +27,20 @@ class ParkedPlace:
 def parked_messages(session: Session, limit: int) -> list[InboxMessage]:
     """The most recently parked messages, newest first."""
     return list(session.scalars(
-        select(InboxMessage).where(InboxMessage.parked_at.is_not(None))
+        _newest_parked_first(InboxMessage)
         .options(defer(InboxMessage.payload), defer(InboxMessage.raw_value))  # (not listed)
-        .order_by(*(column.desc() for column in _PARKED_ORDER)).limit(limit)))
+        .limit(limit)))
 
 
 def last_parked(session: Session) -> ParkedPlace | None:
     """The place of the message parked last (None while none is)."""
-    row = session.execute(select(*_PARKED_ORDER).where(InboxMessage.parked_at.is_not(None))
-                          .order_by(*(column.desc() for column in _PARKED_ORDER))
-                          .limit(1)).one_or_none()
+    row = session.execute(_newest_parked_first(*_PARKED_ORDER).limit(1)).one_or_none()
     return row and ParkedPlace(*row)
+
+
+def _newest_parked_first(*columns):
+    return (select(*columns).where(InboxMessage.parked_at.is_not(None))
+            .order_by(*(column.desc() for column in _PARKED_ORDER)))
 
 
 def parked_batch(session: Session, through: ParkedPlace, after: ParkedPlace | None,
