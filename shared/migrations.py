@@ -199,10 +199,9 @@ _OWN_TABLES = {"orders": "orders", "payments": "accounts", "gateway": "users"}
 
 
 def _refuse_another_services_database(service: str, conn: sa.Connection) -> None:
-    versioned, own = conn.execute(
-        sa.text("SELECT to_regclass('alembic_version') IS NOT NULL, to_regclass(:own) IS NOT NULL"),
-        {"own": _OWN_TABLES[service]}).one()
-    migrated = versioned and conn.scalar(sa.text("SELECT EXISTS (SELECT FROM alembic_version)"))
+    migrated = bool(MigrationContext.configure(conn).get_current_heads())
+    own = conn.scalar(sa.text("SELECT to_regclass(:own) IS NOT NULL"),
+                      {"own": _OWN_TABLES[service]})
     conn.commit()  # (no transaction left open: each revision runs in one of its own)
     if migrated and not own:
         raise NotTheServicesDatabase(
