@@ -237,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         # Each transaction that committed stays done, its messages no longer parked: the same
         # command again takes up the rest. (One whose COMMIT was cut off may have committed
         # uncounted; its replays, never dispatched, go to the sweeper.)
-        print(f"{args.service} {box}: nothing {_OUTCOMES[args.command, args.outbox]}"
-              if count == 0 else f"{outcome.format(count)} before the database failed; run it"
-              " again for the rest", f": {failure_in_a_line(exc)}", sep="", file=sys.stderr)
+        so_far = (f"{args.service} {box}: nothing {_OUTCOMES[args.command, args.outbox]}"
+                  if count == 0 else
+                  f"{outcome.format(count)} before the database failed; run it again for the rest")
+        print(f"{so_far}: {failure_in_a_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # (At least: a batch committed as the interrupt came is not counted, its replays, never
