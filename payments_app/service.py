@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -103,6 +104,21 @@ def take_payments(session: Session, requests: list[PaymentRequest]) -> list[Paym
     an account the lock alone would do (nobody can be deciding their orders meanwhile); for one
     without, two transactions can decide the same order at once, and the second's insert waits
     for the first's and goes in as nothing.
+
+    A decision lost so may have taken something from a balance: the first transaction decided the
+    order NO_ACCOUNT, holding no lock; if the account was opened in between, the second, holding
+    its lock, may have decided it SUCCEEDED and the user's later orders against a balance short by
+    its amount. So when a decision that succeeded did not go in (and only then: one statement more
+    at most), the decisions that went in are made again, in turn, against the balances as locked,
+    and those that change are corrected in their rows before anything is debited or announced.
+    That is what the call would have decided had its read of the decided orders found the lost
+    ones, as a second call would (the insert waited for their commit); and they took nothing from
+    a balance this transaction holds (one whose transaction held the account's lock committed
+    before this one took it, and was read). It is mended here, in place, rather than with a
+    savepoint before each insert (a statement more for every batch), a lock per user for those
+    without an account (taken by every batch, and by opening an account), or an error for the
+    inbox to retry the batch with (the whole batch again, message by message, and the answer's
+    being right left to how the inbox retries).
     """
     if not requests:
         return []
@@ -112,24 +128,57 @@ def take_payments(session: Session, requests: list[PaymentRequest]) -> list[Paym
         cursor.execute(_DECIDED, ([str(request.order_id) for request in requests],))
         decided = {uuid.UUID(order_id) for (order_id,) in cursor}
     deciding: dict[uuid.UUID, PaymentRequest] = {}  # the request each new decision answers
-    rows = []
     for request in requests:
-        if request.order_id in decided or request.order_id in deciding:
-            continue
-        deciding[request.order_id] = request
-        status, reason = _decide(balances.get(request.user_id), request.amount)
-        if status == SUCCEEDED:
-            balances[request.user_id] -= request.amount
-        rows.append((str(request.order_id), request.user_id, request.amount, status, reason))
-    if not rows:
+        if request.order_id not in decided:
+            deciding.setdefault(request.order_id, request)
+    if not deciding:
         return []
+    decisions = _decided_in_turn(deciding.values(), balances)
+    rows = [(str(order_id), request.user_id, request.amount, *decisions[order_id])
+            for order_id, request in deciding.items()]
     with driver_cursor(session) as cursor:
         inserted = execute_values(cursor, _INSERT_PAYMENTS, rows, page_size=len(rows), fetch=True)
     decided_now = {payment.order_id: payment for payment in map(_payment_of, inserted)}
+    if len(decided_now) < len(deciding) and any(
+            decisions[order_id][0] == SUCCEEDED and order_id not in decided_now
+            for order_id in deciding):
+        _decide_again(session, [request for order_id, request in deciding.items()
+                                if order_id in decided_now], balances, decided_now)
     payments = [decided_now[order_id] for order_id in deciding if order_id in decided_now]
     _debit(session, [payment for payment in payments if payment.status == SUCCEEDED])
     _announce_decisions(session, payments, deciding)
     return payments
+
+
+def _decided_in_turn(requests: Iterable[PaymentRequest],
+                     balances: dict[str, Decimal]) -> dict[uuid.UUID, tuple[str, str | None]]:
+    """Each request's decision (status, reason), each against the balance that `balances` (left
+    as they are) and the requests before it leave."""
+    left = dict(balances)
+    decisions = {}
+    for request in requests:
+        status, reason = decisions[request.order_id] = _decide(left.get(request.user_id),
+                                                                request.amount)
+        if status == SUCCEEDED:
+            left[request.user_id] -= request.amount
+    return decisions
+
+
+def _decide_again(session: Session, went_in: list[PaymentRequest], balances: dict[str, Decimal],
+                  payments: dict[uuid.UUID, Payment]) -> None:
+    """Decide again, in turn, the requests whose decisions went in (`payments`, by order id),
+    without the ones that were lost, and correct, in the table and in `payments`, those that
+    change."""
+    changed = [(str(order_id), status, reason)
+               for order_id, (status, reason) in _decided_in_turn(went_in, balances).items()
+               if (status, reason) != (payments[order_id].status, payments[order_id].reason)]
+    if not changed:
+        return
+    order_ids, statuses, reasons = map(list, zip(*changed))
+    with driver_cursor(session) as cursor:
+        cursor.execute(_CORRECT_DECISIONS, {"order_ids": order_ids, "statuses": statuses,
+                                            "reasons": reasons})
+        payments.update((payment.order_id, payment) for payment in map(_payment_of, cursor))
 
 
 def _payment_of(row: tuple) -> Payment:
@@ -185,6 +234,13 @@ _INSERT_PAYMENTS = """
 INSERT INTO payments (order_id, user_id, amount, status, reason) VALUES %s
 ON CONFLICT DO NOTHING
 RETURNING order_id::text, user_id, amount, status, reason, created_at"""
+# Only when a decision was lost to another transaction's (take_payments).
+_CORRECT_DECISIONS = """
+UPDATE payments SET status = decisions.status, reason = decisions.reason
+FROM unnest(%(order_ids)s::uuid[], %(statuses)s::text[], %(reasons)s::text[])
+     AS decisions (order_id, status, reason)
+WHERE payments.order_id = decisions.order_id
+RETURNING payments.order_id::text, user_id, amount, payments.status, payments.reason, created_at"""
 _DEBIT = """
 UPDATE accounts SET balance = accounts.balance - debits.amount, updated_at = %(debited_at)s
 FROM unnest(%(users)s::text[], %(amounts)s::numeric[]) AS debits (user_id, amount)

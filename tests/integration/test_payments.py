@@ -78,6 +78,56 @@ def test_an_order_of_a_user_without_an_account_decided_twice_at_once_is_answered
             OutboxMessage.correlation_id == str(order_id))) == 1
 
 
+def test_a_decision_lost_to_another_transaction_takes_nothing_from_the_orders_after_it(
+        payments_flask_app, settings, user_id):
+    """The first transaction decides order A with no account to lock (NO_ACCOUNT) and holds
+    before its commit; the account is opened meanwhile with 40. The second decides A (30), B (35)
+    and C (10): against 40 less A's 30 it would refuse B and pay C, but its insert waits for the
+    first's A, and A goes in as nothing. B and C are to be decided against the balance as it is:
+    B pays, leaving 5, and C is refused."""
+    order_a, order_b, order_c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    taken = {}
+
+    def request(order_id, amount):
+        return service.PaymentRequest(order_id=order_id, user_id=user_id, amount=Decimal(amount),
+                                      correlation_id=str(order_id))
+
+    def first(hold):
+        with payments_flask_app.app_context(), transaction() as session:
+            taken["first"] = service.take_payments(session, [request(order_a, "30")])
+            with psycopg2.connect(driver_dsn(settings.database_url("payments"))) as opener, \
+                    opener.cursor() as cursor:
+                cursor.execute("INSERT INTO accounts (user_id, balance) VALUES (%s, 40)",
+                               (user_id,))
+            opener.close()
+            hold()
+
+    def second():
+        with payments_flask_app.app_context(), transaction() as session:
+            taken["second"] = service.take_payments(session, [
+                request(order_a, "30"), request(order_b, "35"), request(order_c, "10")])
+
+    second_waiting_on_the_first(settings.database_url("payments"), first, second,
+                                what="the second's insert waiting on the first's decision of A")
+
+    assert [(p.order_id, p.reason) for p in taken["first"]] == [(order_a, "NO_ACCOUNT")]
+    assert [(p.order_id, p.status, p.reason) for p in taken["second"]] == [
+        (order_b, "SUCCEEDED", None), (order_c, "FAILED", "INSUFFICIENT_FUNDS")]
+    with payments_flask_app.app_context():
+        assert _balance(user_id) == Decimal("5.00")
+        decisions = db.session.execute(select(Payment.order_id, Payment.status, Payment.reason)
+                                       .where(Payment.user_id == user_id)).all()
+        assert sorted(decisions) == sorted([(order_a, "FAILED", "NO_ACCOUNT"),
+                                            (order_b, "SUCCEEDED", None),
+                                            (order_c, "FAILED", "INSUFFICIENT_FUNDS")])
+        answers = db.session.execute(select(OutboxMessage.correlation_id, OutboxMessage.type)
+                                     .where(OutboxMessage.correlation_id.in_(
+                                         [str(order_a), str(order_b), str(order_c)]))).all()
+        assert sorted(answers) == sorted([(str(order_a), "PaymentFailed"),
+                                          (str(order_b), "PaymentSucceeded"),
+                                          (str(order_c), "PaymentFailed")])
+
+
 def test_refusals_say_why_and_change_no_balance(in_payments, user_id):
     _open_with(user_id, "10")
     poor = _take(uuid.uuid4(), user_id, "10.01")
