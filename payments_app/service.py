@@ -105,20 +105,12 @@ def take_payments(session: Session, requests: list[PaymentRequest]) -> list[Paym
     without, two transactions can decide the same order at once, and the second's insert waits
     for the first's and goes in as nothing.
 
-    A decision lost so may have taken something from a balance: the first transaction decided the
-    order NO_ACCOUNT, holding no lock; if the account was opened in between, the second, holding
-    its lock, may have decided it SUCCEEDED and the user's later orders against a balance short by
-    its amount. So when a decision that succeeded did not go in (and only then: one statement more
-    at most), the decisions that went in are made again, in turn, against the balances as locked,
-    and those that change are corrected in their rows before anything is debited or announced.
-    That is what the call would have decided had its read of the decided orders found the lost
-    ones, as a second call would (the insert waited for their commit); and they took nothing from
-    a balance this transaction holds (one whose transaction held the account's lock committed
-    before this one took it, and was read). It is mended here, in place, rather than with a
-    savepoint before each insert (a statement more for every batch), a lock per user for those
-    without an account (taken by every batch, and by opening an account), or an error for the
-    inbox to retry the batch with (the whole batch again, message by message, and the answer's
-    being right left to how the inbox retries).
+    Such a lost decision was made NO_ACCOUNT by a transaction that held no account lock. If the
+    account was opened meanwhile, this one may have decided the same order SUCCEEDED and the
+    user's later orders against a balance short by its amount. So, only when a success did not go
+    in (one statement more), the decisions that did go in are made again against the balances as
+    locked, and the rows that change are corrected before anything is debited or announced: what
+    a second call would decide, now that the lost decisions have committed.
     """
     if not requests:
         return []
@@ -133,52 +125,57 @@ def take_payments(session: Session, requests: list[PaymentRequest]) -> list[Paym
             deciding.setdefault(request.order_id, request)
     if not deciding:
         return []
-    decisions = _decided_in_turn(deciding.values(), balances)
+    decisions = _decide_in_turn(deciding.values(), balances)
     rows = [(str(order_id), request.user_id, request.amount, *decisions[order_id])
             for order_id, request in deciding.items()]
     with driver_cursor(session) as cursor:
         inserted = execute_values(cursor, _INSERT_PAYMENTS, rows, page_size=len(rows), fetch=True)
     decided_now = {payment.order_id: payment for payment in map(_payment_of, inserted)}
-    if len(decided_now) < len(deciding) and any(
-            decisions[order_id][0] == SUCCEEDED and order_id not in decided_now
-            for order_id in deciding):
-        _decide_again(session, [request for order_id, request in deciding.items()
-                                if order_id in decided_now], balances, decided_now)
+    if _lost_a_success(decisions, decided_now):
+        went_in = [request for order_id, request in deciding.items() if order_id in decided_now]
+        decided_now = _decided_again(session, went_in, balances, decided_now)
     payments = [decided_now[order_id] for order_id in deciding if order_id in decided_now]
     _debit(session, [payment for payment in payments if payment.status == SUCCEEDED])
     _announce_decisions(session, payments, deciding)
     return payments
 
 
-def _decided_in_turn(requests: Iterable[PaymentRequest],
-                     balances: dict[str, Decimal]) -> dict[uuid.UUID, tuple[str, str | None]]:
+def _decide_in_turn(requests: Iterable[PaymentRequest],
+                    balances: dict[str, Decimal]) -> dict[uuid.UUID, tuple[str, str | None]]:
     """Each request's decision (status, reason), each against the balance that `balances` (left
     as they are) and the requests before it leave."""
     left = dict(balances)
     decisions = {}
     for request in requests:
-        status, reason = decisions[request.order_id] = _decide(left.get(request.user_id),
-                                                                request.amount)
+        status, reason = _decide(left.get(request.user_id), request.amount)
+        decisions[request.order_id] = (status, reason)
         if status == SUCCEEDED:
             left[request.user_id] -= request.amount
     return decisions
 
 
-def _decide_again(session: Session, went_in: list[PaymentRequest], balances: dict[str, Decimal],
-                  payments: dict[uuid.UUID, Payment]) -> None:
-    """Decide again, in turn, the requests whose decisions went in (`payments`, by order id),
-    without the ones that were lost, and correct, in the table and in `payments`, those that
-    change."""
+def _lost_a_success(decisions: dict[uuid.UUID, tuple[str, str | None]],
+                    went_in: dict[uuid.UUID, Payment]) -> bool:
+    """Whether a decision to debit did not go in (another transaction's decision did)."""
+    return any(status == SUCCEEDED and order_id not in went_in
+               for order_id, (status, _reason) in decisions.items())
+
+
+def _decided_again(session: Session, went_in: list[PaymentRequest], balances: dict[str, Decimal],
+                   payments: dict[uuid.UUID, Payment]) -> dict[uuid.UUID, Payment]:
+    """`payments` (the decisions that went in, by order id) decided again, in turn, without the
+    lost ones; those that change are corrected in the table too."""
     changed = [(str(order_id), status, reason)
-               for order_id, (status, reason) in _decided_in_turn(went_in, balances).items()
+               for order_id, (status, reason) in _decide_in_turn(went_in, balances).items()
                if (status, reason) != (payments[order_id].status, payments[order_id].reason)]
     if not changed:
-        return
+        return payments
     order_ids, statuses, reasons = map(list, zip(*changed))
     with driver_cursor(session) as cursor:
         cursor.execute(_CORRECT_DECISIONS, {"order_ids": order_ids, "statuses": statuses,
                                             "reasons": reasons})
-        payments.update((payment.order_id, payment) for payment in map(_payment_of, cursor))
+        corrected = {payment.order_id: payment for payment in map(_payment_of, cursor)}
+    return {**payments, **corrected}
 
 
 def _payment_of(row: tuple) -> Payment:
