@@ -46,7 +46,7 @@ from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
 from shared.errors import ApiError
 from shared.fields import WholeNumber
-from shared.http_api import Blueprint
+from shared.http_api import Blueprint, given_more_than_once
 from shared.inbox.handling import Handler, ReceivedEvent
 from shared.jsonio import dumps_exact
 
@@ -315,7 +315,15 @@ class SocketOpening:
     refusal: tuple[int, str] | None = None
 
 
+# The socket's query parameters (gateway_app/socket_document.py), each taken once: given twice, it
+# is refused as the API's routes refuse one (shared.http_api), not read first-value-wins.
+SOCKET_PARAMETERS = ("access_token", "after")
+
+
 def _socket_opening(authenticate, args) -> SocketOpening:
+    repeated = given_more_than_once(args, SOCKET_PARAMETERS)
+    if repeated:
+        return SocketOpening(refusal=(1008, f"`{repeated[0]}` given more than once"))
     try:
         token = authenticate(args.get("access_token", ""))
         after = _after_from(args)

@@ -24,8 +24,9 @@ that id, then each one as it happens; without it, each one from the moment the h
 answered. The page sends nothing (what it sends is dropped).
 
 The token goes in the query (a browser's WebSocket cannot send headers). A socket is closed with:
-- 1008 when the token is refused, when `after` is no notification id, and when the token expires
-  or is signed out (`POST /api/auth/logout`; sign in again, then reconnect);
+- 1008 when the token is refused, when `after` is no notification id, when either is given more
+  than once, and when the token expires or is signed out (`POST /api/auth/logout`; sign in
+  again, then reconnect);
 - 1013 past the user's rate limit or its socket limits: reconnect later;
 - 1011 when the gateway loses Redis or its database: reconnect."""
 

@@ -34,8 +34,9 @@ INVALID_IDEMPOTENCY_KEY = DocumentedError(
 BODY_TOO_LARGE = DocumentedError(413, "REQUEST_ENTITY_TOO_LARGE",
                                  f"the body is over {MAX_REQUEST_BYTES // 1024} KiB")
 VALIDATION_ERROR = DocumentedError(
-    422, "VALIDATION_ERROR", "the body or the query does not hold to the operation's schema, or "
-    "has a field it does not take (`details`: the messages by location and field)")
+    422, "VALIDATION_ERROR", "the body or the query does not hold to the operation's schema, "
+    "has a field it does not take, or gives a query parameter more than once (`details`: the "
+    "messages by location and field)")
 IDEMPOTENCY_KEY_REUSED = DocumentedError(
     422, "IDEMPOTENCY_KEY_REUSED", f"the {IDEMPOTENCY_HEADER} was used with another body")
 DATABASE_UNAVAILABLE = DocumentedError(

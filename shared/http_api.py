@@ -1,12 +1,13 @@
 """The flask-smorest Blueprint every HseShop API uses: request bodies are parsed by our strict JSON
 reader (amounts arrive as Decimal, NaN/Infinity are refused as malformed JSON), query parameters
-are held to their schema as bodies are (a route that takes none refuses any), each route parses
-with one schema instance made when the route is declared, and each route's OpenAPI document gives
-the errors it can answer (shared.documented_errors)."""
+are held to their schema as bodies are (a route that takes none refuses any, and one given more
+than once is refused, not read first-value-wins), each route parses with one schema instance made
+when the route is declared, and each route's OpenAPI document gives the errors it can answer
+(shared.documented_errors)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from copy import deepcopy
 from functools import wraps
 
@@ -15,6 +16,7 @@ import flask_smorest
 import marshmallow
 from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
+from werkzeug.datastructures import MultiDict
 
 from shared.documented_errors import (BODY_TOO_LARGE, MALFORMED_REQUEST, VALIDATION_ERROR,
                                      DocumentedError, error_responses)
@@ -28,7 +30,34 @@ class EmptySchema(marshmallow.Schema):
         unknown = marshmallow.RAISE
 
 
-class StrictJSONParser(FlaskParser):
+# What a query parameter given more than once is refused with: `?limit=1&limit=x` is ambiguous,
+# and webargs would read its first value.
+GIVEN_MORE_THAN_ONCE = "Given more than once."
+
+
+def given_more_than_once(args: MultiDict, names: Collection[str]) -> list[str]:
+    """Those of `names` that the query `args` gives more than once, in the query's order."""
+    return [name for name in args if name in names and len(args.getlist(name)) > 1]
+
+
+class OnceEachParser(FlaskParser):
+    """webargs' parser for Flask, refusing a query parameter given more than once where its field
+    takes one value (a List's may repeat): a ValidationError, which webargs answers with a 422
+    under "query", as any query that does not hold to its schema."""
+
+    def load_querystring(self, req: flask.Request, schema: marshmallow.Schema):
+        # A parameter the schema does not know is left to the schema (refused as unknown, or
+        # dropped), however often it is given.
+        query = super().load_querystring(req, schema)
+        single_valued = {field.data_key or name for name, field in schema.load_fields.items()
+                         } - query.multiple_keys
+        repeated = given_more_than_once(req.args, single_valued)
+        if repeated:
+            raise marshmallow.ValidationError({name: [GIVEN_MORE_THAN_ONCE] for name in repeated})
+        return query
+
+
+class StrictJSONParser(OnceEachParser):
     # A query parameter the route does not know is refused as an unknown body field is (the
     # schemas say `unknown = RAISE`; webargs would otherwise drop unknown query parameters).
     DEFAULT_UNKNOWN_BY_LOCATION = {**FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION,
@@ -47,6 +76,9 @@ class Blueprint(flask_smorest.Blueprint):
     to the route's schema or cannot be read."""
 
     ARGUMENTS_PARSER = StrictJSONParser()
+    # What flask-smorest's `paginate` reads page and page_size with (a parser of its own, which
+    # passes over the route's other parameters): each taken once too.
+    PAGINATION_ARGUMENTS_PARSER = OnceEachParser()
 
     def __init__(self, *args, errors: Iterable[DocumentedError] = (), **kwargs):
         super().__init__(*args, **kwargs)

@@ -2262,6 +2262,19 @@ def test_a_socket_asked_for_what_is_no_notification_id_is_refused(settings, upst
         socket.close()
 
 
+def test_a_socket_given_a_parameter_more_than_once_is_refused(settings, upstreams):
+    """As the API's routes refuse one (a 422 there, 1008 here as for any parameter refused), not
+    read first-value-wins: `after=0&after=1` opened a socket streaming after 0."""
+    with _served_gateway_socket_path(settings, upstreams, "twice") as (base, path):
+        url = base.replace("http://", "ws://") + path
+        assert _refused(f"{url}&after=0&after=1", code=1008)
+        token = path.split("access_token=")[1]
+        assert _refused(f"{url}&access_token={token}", code=1008)
+        socket = _stays_open(f"{url}&after=0")
+        assert socket
+        socket.close()
+
+
 def test_the_notifications_redis_client_gives_up_on_a_silent_redis(gateway):
     """It publishes each notification after its commit: a Redis host gone silent must cost that
     thread 2 s, not as long as TCP waits."""

@@ -575,6 +575,27 @@ def test_a_head_is_answered_with_its_gets_headers_over_both_transports(
             assert head.headers["Content-Type"] == got.headers["Content-Type"], (transport, path)
 
 
+def test_a_query_parameter_given_more_than_once_is_a_422_naming_it_over_both_transports(
+        settings, upstreams, grpc_targets):  # noqa: F811
+    """Whichever value comes first (`?limit=1&limit=x` was a page of one, `?limit=x&limit=1` a
+    422): refused as the services refuse it, the same over either transport."""
+    answers = {}
+    for transport in ("grpc", "http"):
+        client = _gateway(settings, upstreams, grpc_targets, transport)
+        _, auth = _signed_up_with_an_account(client)
+        for path, name in (("/api/orders?limit=1&limit=x", "limit"),
+                           ("/api/orders?limit=x&limit=1", "limit"),
+                           ("/api/orders?cursor=a&limit=5&cursor=b", "cursor"),
+                           ("/api/notifications?after=0&after=1", "after")):
+            answer = client.get(path, headers=auth)
+            assert answer.status_code == 422, (transport, path, answer.get_json())
+            assert answer.get_json()["error"]["code"] == "VALIDATION_ERROR", (transport, path)
+            assert answer.get_json()["error"]["details"] == {
+                "query": {name: ["Given more than once."]}}, (transport, path)
+            answers.setdefault(path, []).append(answer.get_json())
+    assert all(over_grpc == over_http for over_grpc, over_http in answers.values())
+
+
 def test_a_request_held_up_by_a_lock_is_503_busy_over_both_transports(
         settings, upstreams, grpc_targets):  # noqa: F811
     """A deposit held up by a stalled transaction on its account (shared.db.SESSION_LIMITS)

@@ -173,6 +173,19 @@ def test_a_method_a_route_does_not_take_is_a_405_that_says_which_it_does(orders_
     assert "GET" in response.headers["Allow"] and "DELETE" not in response.headers["Allow"]
 
 
+@pytest.mark.parametrize("query, name", [
+    ("limit=1&limit=x", "limit"), ("limit=x&limit=1", "limit"), ("limit=5&limit=5", "limit"),
+    ("cursor=a&limit=5&cursor=b", "cursor")])
+def test_a_query_parameter_given_more_than_once_is_a_422_naming_it(orders_http, user_id, query,
+                                                                    name):
+    """Ambiguous, whichever value comes first: not read first-value-wins (`?limit=1&limit=x` was
+    a page of one, `?limit=x&limit=1` a 422), but refused as a query that does not hold to its
+    schema is."""
+    error = _assert_error(orders_http.get(f"/orders?{query}", headers=_as(user_id)), 422)
+    assert error["code"] == "VALIDATION_ERROR"
+    assert error["details"] == {"query": {name: ["Given more than once."]}}
+
+
 def _forged(user_id="mallory", secret="not-the-secret", **changes):
     return {**identity_headers(user_id, secret), **changes}
 

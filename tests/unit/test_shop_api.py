@@ -1,6 +1,7 @@
 """shared.app.ShopApi and shared.http_api.Blueprint where an operation uses what no HseShop
 operation does yet: flask-smorest's own pagination, whose header ShopApi registers in its own way
-and whose page parameters the Blueprint must not refuse."""
+and whose page parameters the Blueprint must not refuse, and a query parameter that takes a list,
+which alone may be given more than once."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from shared.http_api import Blueprint
 
 class ThingSchema(Schema):
     name = fields.String()
+
+
+class ThingsNamedSchema(Schema):
+    name = fields.List(fields.String())
+    limit = fields.Integer()
 
 
 THINGS = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
@@ -33,6 +39,12 @@ def _things_app() -> tuple[Flask, ShopApi]:
     def things(pagination_parameters):
         pagination_parameters.item_count = len(THINGS)
         return THINGS[pagination_parameters.first_item:pagination_parameters.last_item + 1]
+
+    @blueprint.get("/named")
+    @blueprint.arguments(ThingsNamedSchema, location="query")
+    @blueprint.response(200, ThingSchema(many=True))
+    def named(args):
+        return [thing for thing in THINGS if thing["name"] in args["name"]][:args.get("limit")]
 
     @blueprint.get("/plain")
     @blueprint.response(200, ThingSchema(many=True))
@@ -64,3 +76,22 @@ def test_an_operation_paginated_by_flask_smorest_takes_its_page_parameters():
     assert paged.status_code == 200, paged.get_json()
     assert paged.get_json() == [{"name": "c"}]
     assert client.get("/plain?page=2").status_code == 422  # (a route that takes none)
+
+
+def test_only_a_query_parameter_that_takes_a_list_may_be_given_more_than_once():
+    """Any other given twice is refused (a 422 naming it), whichever value comes first, flask-
+    smorest's own page parameters too; not read first-value-wins."""
+    app, _ = _things_app()
+    client = app.test_client()
+    assert client.get("/named?name=a&name=c").get_json() == [{"name": "a"}, {"name": "c"}]
+    for query, name in (("name=a&limit=1&limit=x", "limit"), ("name=a&limit=x&limit=1", "limit"),
+                        ("limit=2&name=a&limit=2", "limit")):
+        refused = client.get(f"/named?{query}")
+        assert refused.status_code == 422, query
+        assert refused.get_json()["errors"] == {"query": {name: ["Given more than once."]}}
+    paged_twice = client.get("/things?page=1&page=2")
+    assert paged_twice.status_code == 422
+    assert paged_twice.get_json()["errors"] == {"query": {"page": ["Given more than once."]}}
+    # One the route does not know is refused as unknown, however often it is given.
+    assert client.get("/named?x=1&x=2").get_json()["errors"] == {
+        "query": {"x": ["Unknown field."]}}
