@@ -1,13 +1,13 @@
 """The application factory every HseShop web app builds on: configuration, database, JSON, errors,
-request ids, OpenAPI with Swagger UI, health, the cache, caller identity and the header of a
-replayed answer."""
+request ids, OpenAPI with Swagger UI, health, the cache, caller identity, the header of a
+replayed answer and the answer to an OPTIONS."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
 
-from flask import Blueprint, Flask, request
+from flask import Blueprint, Flask, Response, request
 from flask_smorest import Api
 from flask_smorest.pagination import PAGINATION_HEADER, PaginationMetadataSchema
 from swagger_ui_bundle import swagger_ui_path
@@ -59,6 +59,19 @@ class ShopApi(Api):
             "schema": self.ma_plugin.converter.schema2jsonschema(PaginationMetadataSchema)},
             lazy=True)
 
+
+class ShopFlask(Flask):
+    """Flask, answering the OPTIONS it answers by itself (for every route) as a JSON API does:
+    204 No Content with the path's methods in `Allow`, where Flask's is a 200 with an empty
+    text/html body."""
+
+    def make_default_options_response(self) -> Response:
+        response = super().make_default_options_response()  # (its Allow: the URL map's methods)
+        response.status_code = 204
+        del response.headers["Content-Type"]  # (no body, so no type of one)
+        return response
+
+
 # Swagger UI's scripts and styles are served by the service itself (from the swagger-ui-bundle
 # package), so the docs work on a machine with no way out to a CDN.
 SWAGGER_UI_ASSETS = "/docs/swagger-ui-assets"
@@ -75,7 +88,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     with (shared.config.SECRETS): the services behind the gateway, the gateway's identities."""
     settings = settings or get_settings()
     # No static folder of Flask's own: the gateway serves its page's files at /static itself.
-    app = Flask(service, static_folder=None)
+    app = ShopFlask(service, static_folder=None)
     # A path with "//" in it is matched as it is written (a 404 where nothing is there), not
     # redirected by Werkzeug with an HTML page that no error handler sees.
     app.url_map.merge_slashes = False

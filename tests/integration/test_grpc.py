@@ -596,6 +596,31 @@ def test_a_query_parameter_given_more_than_once_is_a_422_naming_it_over_both_tra
     assert all(over_grpc == over_http for over_grpc, over_http in answers.values())
 
 
+def test_an_options_is_a_204_that_says_which_methods_the_path_takes_over_both_transports(
+        settings, upstreams, grpc_targets):  # noqa: F811
+    """Answered by the gateway itself, as a JSON API answers it: no content, so no text/html type
+    (Flask's own: a 200 with an empty text/html body), and Allow as a 405's. (Signed in: an
+    OPTIONS under /api is checked as any request there.)"""
+    for transport in ("grpc", "http"):
+        client = _gateway(settings, upstreams, grpc_targets, transport)
+        _, auth = _signed_up_with_an_account(client)
+        for path, allowed in (("/api/orders", "GET, HEAD, OPTIONS, POST"),
+                              (f"/api/orders/{uuid.uuid4()}", "GET, HEAD, OPTIONS"),
+                              ("/api/accounts", "OPTIONS, POST"),
+                              ("/api/accounts/deposit", "OPTIONS, POST"),
+                              ("/api/accounts/balance", "GET, HEAD, OPTIONS"),
+                              ("/api/notifications", "GET, HEAD, OPTIONS"),
+                              ("/api/auth/login", "OPTIONS, POST"),
+                              ("/health", "GET, HEAD, OPTIONS"),
+                              ("/docs/openapi.json", "GET, HEAD, OPTIONS"),
+                              ("/", "GET, HEAD, OPTIONS")):
+            answer = client.options(path, headers=auth)
+            assert (answer.status_code, answer.data) == (204, b""), (transport, path)
+            assert "Content-Type" not in answer.headers, (transport, path)
+            assert sorted(answer.headers["Allow"].split(", ")) == allowed.split(", "), (
+                transport, path)
+
+
 def test_a_request_held_up_by_a_lock_is_503_busy_over_both_transports(
         settings, upstreams, grpc_targets):  # noqa: F811
     """A deposit held up by a stalled transaction on its account (shared.db.SESSION_LIMITS)

@@ -186,6 +186,23 @@ def test_a_query_parameter_given_more_than_once_is_a_422_naming_it(orders_http, 
     assert error["details"] == {"query": {name: ["Given more than once."]}}
 
 
+def test_an_options_is_a_204_that_says_which_methods_the_path_takes(orders_http, payments_http,
+                                                                   user_id):
+    """As a JSON API answers it: no content, so no text/html type (Flask's own: a 200 with an
+    empty text/html body), and Allow as a 405's."""
+    for client, path, allowed in (
+            (orders_http, "/orders", "GET, HEAD, OPTIONS, POST"),
+            (orders_http, f"/orders/{uuid.uuid4()}", "GET, HEAD, OPTIONS"),
+            (orders_http, "/health", "GET, HEAD, OPTIONS"),
+            (payments_http, "/accounts", "OPTIONS, POST"),
+            (payments_http, "/accounts/deposit", "OPTIONS, POST"),
+            (payments_http, "/accounts/balance", "GET, HEAD, OPTIONS")):
+        response = client.options(path, headers=_as(user_id))
+        assert (response.status_code, response.data) == (204, b""), (path, response.data)
+        assert "Content-Type" not in response.headers, path
+        assert sorted(response.headers["Allow"].split(", ")) == allowed.split(", "), path
+
+
 def _forged(user_id="mallory", secret="not-the-secret", **changes):
     return {**identity_headers(user_id, secret), **changes}
 
