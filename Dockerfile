@@ -9,7 +9,8 @@
 #                                                                   not writable)
 #   celery -A tasks flower
 #   python -m shared.migrations upgrade orders                      (and payments, gateway)
-# Settings come from the environment: every variable of shared/config.py (deploy/compose.env).
+# Settings come from the environment: every variable of shared/config.py (deploy/compose.env),
+# a process's database URL that of its own service alone (deploy/orders.env, ...).
 FROM python:3.11-slim
 
 # PYTHONPATH: the code, on the import path of every process. A console script starts with its own

