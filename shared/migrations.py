@@ -40,7 +40,8 @@ from psycopg2.errors import DeadlockDetected
 from sqlalchemy.engine import make_url
 
 from shared.config import SERVICES, get_settings
-from shared.db import CONNECTION_TIMEOUTS, failure_in_a_line, held_up_by_a_lock, limit_sessions
+from shared.db import (CONNECTION_TIMEOUTS, failure_in_a_line, held_up_by_a_lock, limit_sessions,
+                       said_in_a_line)
 
 # By its name, not __name__: run as `python -m shared.migrations`, that is `__main__`, which its
 # log lines (devstack echoes them on the terminal) would show.
@@ -62,6 +63,7 @@ MIGRATION_LIMITS = {"lock_timeout": "1s"}
 GIVE_WAY_FOR_SECONDS = 300.0
 LONGEST_PAUSE_SECONDS = 10.0
 _DATABASE_EXISTS_CODES = {"42P04", "23505"}  # duplicate_database, unique_violation
+_INSUFFICIENT_PRIVILEGE = "42501"
 # The oldest PostgreSQL the shop runs on (as server_version_num): the relay leader's connection
 # sets `idle_session_timeout` (shared/relay_leader.py), which came with 14. On 12 or 13 no relay
 # could ever lead while everything else looked healthy, so `upgrade` refuses such a server.
@@ -190,6 +192,17 @@ def _connect(service: str, url: str, engine: sa.Engine,
         # host, password refused), the rest is hints; the URL without its password, for the log.
         raise DatabaseUnreachable(
             f"{service}: nothing migrated: {failure_in_a_line(exc, url)}") from exc
+    except sa.exc.ProgrammingError as exc:
+        # A role without CREATEDB, as each service's is in docker-compose.yml, whose database was
+        # not made for it (or was dropped since).
+        if getattr(exc.orig, "pgcode", None) != _INSUFFICIENT_PRIVILEGE:
+            raise
+        target = make_url(url)
+        raise DatabaseUnreachable(
+            f"{service}: nothing migrated: there is no database {target.database} and"
+            f" {target.username} may not create one ({said_in_a_line(exc)}): make it first, owned"
+            f" by {target.username} (deploy/postgres-init/01-service-databases.sh makes each"
+            " service's)") from exc
 
 
 # A table each service's first revision makes and no other service has: a database at some

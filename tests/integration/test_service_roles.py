@@ -219,3 +219,20 @@ def test_a_database_an_earlier_release_made_as_the_superuser_is_handed_to_the_se
         assert migrated.returncode == 0, migrated.stdout + migrated.stderr
         assert _owners_in(service_databases.as_superuser(service)) == {made.role}
 
+
+def test_a_services_migration_whose_database_is_missing_says_in_a_line_to_make_it(
+        service_databases):
+    """The services' roles may not create databases (the init script makes them): a `*-migrate`
+    whose database is gone says so, and what to do, in a line, not in a traceback."""
+    service_databases.run_init_script()
+    _as_superuser(service_databases.server,
+                  f'DROP DATABASE "{service_databases["orders"].database}" WITH (FORCE)')
+    migrated = _migrate_as(service_databases.as_role("orders", "orders"), "orders")
+    assert migrated.returncode == 1
+    (line,) = migrated.stderr.splitlines()
+    assert line == (
+        f"ERROR shared.migrations: orders: nothing migrated: there is no database"
+        f" {service_databases['orders'].database} and {service_databases['orders'].role} may not"
+        " create one (InsufficientPrivilege: permission denied to create database): make it"
+        f" first, owned by {service_databases['orders'].role}"
+        " (deploy/postgres-init/01-service-databases.sh makes each service's)")
