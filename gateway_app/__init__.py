@@ -23,7 +23,8 @@ DOCS_CONFIG = {
 }
 
 
-def create_app(settings: Settings | None = None) -> Flask:
+def create_app(settings: Settings | None = None, *, serves_requests: bool = True) -> Flask:
+    """The gateway's app; one not `serves_requests` is a worker's or a tool's (shared.app)."""
     import redis
     from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -39,7 +40,8 @@ def create_app(settings: Settings | None = None) -> Flask:
                              blueprints=[routes.blueprint, notifications.blueprint],
                              authenticate=auth.authenticate_bearer,
                              takes_caller_deadlines=False,
-                             secrets=SECRETS)  # (it signs identities and users' tokens)
+                             secrets=SECRETS,  # (it signs identities and users' tokens)
+                             serves_requests=serves_requests)
     settings = app.extensions["hseshop.settings"]
     app.extensions[auth.RATE_LIMITER] = RateLimiter(
         settings.redis_url, settings.rate_limit_per_minute, settings.redis_key_prefix)

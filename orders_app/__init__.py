@@ -10,13 +10,14 @@ from shared.config import Settings
 SERVICE = "orders"
 
 
-def create_app(settings: Settings | None = None) -> Flask:
+def create_app(settings: Settings | None = None, *, serves_requests: bool = True) -> Flask:
+    """The service's app; one not `serves_requests` is a worker's or a tool's (shared.app)."""
     from orders_app import models  # noqa: F401  (register the tables)
     from orders_app.api import blueprint
     from shared.app import create_service_app
 
     return create_service_app(SERVICE, title="HseShop Orders", blueprints=[blueprint],
-                              settings=settings)
+                              settings=settings, serves_requests=serves_requests)
 
 
 def subscribed_topics(settings: Settings) -> list[str]:

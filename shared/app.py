@@ -81,11 +81,14 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
                        settings: Settings | None = None, config: dict | None = None,
                        authenticate: Callable[[], None] = identify_caller,
                        takes_caller_deadlines: bool = True,
-                       secrets: Iterable[str] = ("INTERNAL_AUTH_SECRET",)) -> Flask:
+                       secrets: Iterable[str] = ("INTERNAL_AUTH_SECRET",),
+                       serves_requests: bool = True) -> Flask:
     """A web app for `service`; `authenticate` runs before every route of `blueprints`. A service
     behind the gateway `takes_caller_deadlines` (shared/caller_deadline.py); the gateway, the
     public door, takes none from its clients. `secrets` are those the service signs or trusts
-    with (shared.config.SECRETS): the services behind the gateway, the gateway's identities."""
+    with (shared.config.SECRETS): the services behind the gateway, the gateway's identities.
+    An app built only for its app context (workers' tasks, the operator's commands:
+    `serves_requests` false) signs and verifies nothing, so says nothing of the secrets."""
     settings = settings or get_settings()
     # No static folder of Flask's own: the gateway serves its page's files at /static itself.
     app = ShopFlask(service, static_folder=None)
@@ -127,7 +130,8 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
                                      static_url_path=SWAGGER_UI_ASSETS))
     register_error_handlers(app)
     configure_logging()
-    warn_of_published_secrets(service, settings, secrets)
+    if serves_requests:
+        warn_of_published_secrets(service, settings, secrets)
     install_request_ids(app)
     app.before_request(refuse_an_unsized_body_over_the_limit)  # (its 413 logged with its id)
     app.before_request(forget_replayed_mark)

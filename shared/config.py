@@ -187,8 +187,8 @@ ZERO_MEANS_NONE = ("GATEWAY_TRUSTED_PROXY_HOPS",)
 SECRETS = ("INTERNAL_AUTH_SECRET", "AUTH_TOKEN_SECRET")
 # The secrets' values published with the code, which anyone can sign with: the defaults above and
 # deploy/compose.env's placeholders (tests/unit/test_published_secrets.py keeps them in step). A
-# service signing or trusting with one says so in a WARNING as it starts (shared/app.py), and
-# starts: `docker compose up` on a fresh clone must work.
+# process signing or verifying with one (an API, a gRPC server; no worker) says so in a WARNING as
+# it starts (shared/app.py), and starts: `docker compose up` on a fresh clone must work.
 PUBLISHED_SECRETS = {
     "INTERNAL_AUTH_SECRET": (ENVIRONMENT["INTERNAL_AUTH_SECRET"],
                              "dev-only-internal-secret-replace-me"),

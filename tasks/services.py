@@ -23,10 +23,12 @@ def service_package(service: str) -> ModuleType:
 
 
 def service_app(service: str) -> Flask:
-    """The service's Flask app as workers use it, built on first use in this process."""
+    """The service's Flask app as workers and the operator's commands use it, for its app
+    context only, built on first use in this process. It serves no request, so signs and verifies
+    nothing: no warning of a published secret from a process that does not use it."""
     with _apps_lock:
         if service not in _apps:
-            _apps[service] = service_package(service).create_app()
+            _apps[service] = service_package(service).create_app(serves_requests=False)
         return _apps[service]
 
 
