@@ -6,8 +6,8 @@ import uuid
 
 import requests
 
-from shared.config import ENVIRONMENT
 from shared.internal_auth import identity_headers
+from tests.environment import TEST_SECRETS
 from tests.polling import wait_for
 
 FINAL_STATUSES = ("FINISHED", "CANCELLED")
@@ -26,7 +26,7 @@ class GatewayIdentity(requests.auth.AuthBase):
 
 class ShopClient:
     def __init__(self, orders_url: str, payments_url: str, user_id: str | None = None,
-                 internal_auth_secret: str = ENVIRONMENT["INTERNAL_AUTH_SECRET"]):
+                 internal_auth_secret: str = TEST_SECRETS["INTERNAL_AUTH_SECRET"]):
         self.orders_url = orders_url
         self.payments_url = payments_url
         self.user_id = user_id or f"shopper-{uuid.uuid4().hex[:12]}"

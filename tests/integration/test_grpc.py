@@ -29,13 +29,13 @@ from werkzeug.serving import make_server
 import gateway_app
 from devstack.infra import free_port, port_open
 from shared import grpc_server
-from shared.config import ENVIRONMENT
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY, build_server,
                                 channel_options)
 from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc
 from tests.integration.test_gateway import assert_replays_said_so
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
+from tests.environment import TEST_SECRETS
 from tests.network_tools import HoldingProxy, SilencingProxy
 from tests.polling import wait_for
 from tests.postgres_tools import no_connection_free
@@ -291,7 +291,7 @@ def _signed(user_id: str, secret: str) -> tuple[tuple[str, str], ...]:
     ((), "MISSING_USER_ID"),
     ((("x-user-id", "alice"),), "UNTRUSTED_IDENTITY"),
     (_signed("alice", "not the gateway's secret at all"), "UNTRUSTED_IDENTITY"),
-    (_signed("a b", ENVIRONMENT["INTERNAL_AUTH_SECRET"]), "INVALID_USER_ID"),  # signed, malformed
+    (_signed("a b", TEST_SECRETS["INTERNAL_AUTH_SECRET"]), "INVALID_USER_ID"),  # signed, malformed
 ])
 def test_a_call_without_valid_gateway_metadata_is_refused_as_http_refuses_it(grpc_targets,
                                                                              metadata, code):
@@ -317,7 +317,7 @@ def test_bytes_that_are_no_request_are_refused_as_http_refuses_a_body_it_cannot_
     answered INTERNAL, before any check."""
     call = grpc.insecure_channel(grpc_targets["orders"]).unary_unary(
         "/hseshop.orders.v1.Orders/PlaceOrder")  # bytes in and out, as they are
-    metadata = _signed("alice", ENVIRONMENT["INTERNAL_AUTH_SECRET"]) if signed else ()
+    metadata = _signed("alice", TEST_SECRETS["INTERNAL_AUTH_SECRET"]) if signed else ()
     with pytest.raises(grpc.RpcError) as refused:
         call(UNDECODABLE_PLACE_ORDER, metadata=metadata, timeout=5)
     assert refused.value.code() == status
@@ -332,7 +332,7 @@ def test_an_amount_left_out_or_a_limit_out_of_range_is_refused_as_http_refuses_i
     list's bad limit is filed under "query", as the HTTP API reads it there."""
     from shared.protos import payments_pb2, payments_pb2_grpc
 
-    metadata = _signed("alice", ENVIRONMENT["INTERNAL_AUTH_SECRET"])
+    metadata = _signed("alice", TEST_SECRETS["INTERNAL_AUTH_SECRET"])
     over_http = {
         "orders": orders_flask_app.test_client().post(
             "/orders", json={"description": "x"}, headers=dict(metadata)),
@@ -371,7 +371,7 @@ def test_an_empty_idempotency_key_is_refused_by_each_service_as_over_http(
     gRPC the field is `optional`, so that an empty key sent is told from none)."""
     from shared.protos import payments_pb2, payments_pb2_grpc
 
-    metadata = _signed(f"empty-key-{uuid.uuid4().hex[:8]}", ENVIRONMENT["INTERNAL_AUTH_SECRET"])
+    metadata = _signed(f"empty-key-{uuid.uuid4().hex[:8]}", TEST_SECRETS["INTERNAL_AUTH_SECRET"])
     with_key = {**dict(metadata), "Idempotency-Key": ""}
     over_http = [
         orders_flask_app.test_client().post("/orders", json={"amount": "1"}, headers=with_key),
@@ -419,7 +419,7 @@ def test_an_order_whose_caller_gave_up_by_its_deadline_is_not_placed(settings, g
                            (PLACING_LOCK_CLASS, user))
         with pytest.raises(grpc.RpcError) as gave_up:
             stub.PlaceOrder(orders_pb2.PlaceOrderRequest(amount="1"), timeout=0.5,
-                            metadata=_signed(user, ENVIRONMENT["INTERNAL_AUTH_SECRET"]))
+                            metadata=_signed(user, TEST_SECRETS["INTERNAL_AUTH_SECRET"]))
         assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         with watcher.cursor() as cursor:
             def held_up_call():

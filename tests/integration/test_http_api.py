@@ -21,7 +21,7 @@ from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
 from shared.caller_deadline import DEADLINE_HEADER, deadline_headers
-from shared.config import ENVIRONMENT, get_settings
+from shared.config import get_settings
 from shared.contracts import FAILURE_REASONS
 from shared.db import db, transaction
 from shared.idempotency import REPLAYED, REPLAYED_HEADER
@@ -29,6 +29,7 @@ from shared.internal_auth import identity_headers
 from shared.kafka import broker_reachable
 from shared.money import MAX_BALANCE
 from shared.outbox.writing import OutboxMessage
+from tests.environment import TEST_SECRETS
 from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_described,
                                  assert_documented, assert_headers_documented, asked, codes_named,
                                  documented_answers, documented_errors, operations,
@@ -211,9 +212,9 @@ def _forged(user_id="mallory", secret="not-the-secret", **changes):
     {}, {"X-User-ID": ""}, {"X-User-ID": "a b"}, {"X-User-ID": "x" * 65}, {"X-User-ID": "ü"},
     {"X-User-ID": "alice"},  # no gateway signature at all
     _forged(),  # signed with the wrong secret
-    _forged(secret=ENVIRONMENT["INTERNAL_AUTH_SECRET"], **{"X-User-ID": "alice"}),  # re-labelled
-    _forged(secret=ENVIRONMENT["INTERNAL_AUTH_SECRET"], **{"X-Gateway-Timestamp": "0"}),  # stale
-    _forged(secret=ENVIRONMENT["INTERNAL_AUTH_SECRET"], **{"X-Gateway-Signature": "é" * 64}),
+    _forged(secret=TEST_SECRETS["INTERNAL_AUTH_SECRET"], **{"X-User-ID": "alice"}),  # re-labelled
+    _forged(secret=TEST_SECRETS["INTERNAL_AUTH_SECRET"], **{"X-Gateway-Timestamp": "0"}),  # stale
+    _forged(secret=TEST_SECRETS["INTERNAL_AUTH_SECRET"], **{"X-Gateway-Signature": "é" * 64}),
 ])
 def test_a_caller_without_a_valid_gateway_signed_user_id_gets_401(orders_http, payments_http,
                                                                   headers):
