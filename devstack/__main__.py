@@ -7,13 +7,18 @@ import sys
 import time
 from pathlib import Path
 
+from devstack.local_secrets import SECRETS_FILE, secrets_to_hand_out
 from devstack.logs import LogFollower
 from devstack.stack import REPO_ROOT, Stack
 
 
 def run() -> int:
-    stack = Stack(REPO_ROOT / ".run", with_flower=True, quiet=False)
-    env_file = REPO_ROOT / ".run" / "env"
+    run_dir = REPO_ROOT / ".run"
+    # The checkout's own secrets, the same every run (devstack.local_secrets), not the published
+    # defaults: no process signs with what anyone can read in the code.
+    stack = Stack(run_dir, env_overrides=secrets_to_hand_out(run_dir / SECRETS_FILE),
+                  with_flower=True, quiet=False)
+    env_file = run_dir / "env"
     wrote_env_file = False  # (a run that could not start leaves a running one's file alone)
     try:
         try:

@@ -13,6 +13,7 @@ import requests
 
 from devstack import infra
 from devstack.leftovers import RunRecord
+from devstack.local_secrets import write_owner_only
 from devstack.processes import ManagedProcess, ProcessGroup
 # Each has its own database, web app and Celery worker (with its Kafka consumer).
 from shared.config import GRPC_SERVICES, SERVICES
@@ -121,11 +122,10 @@ class Stack:
     def write_env_file(self, path: str | os.PathLike) -> Path:
         """Write `env` as shell assignments, for a tool run beside the stack (`set -a; . <path>;
         set +a`, then `python -m tasks.parked ...`): the stack may run embedded servers on ports
-        of its own, which the settings' defaults do not name."""
-        path = Path(path)
-        path.write_text("".join(f"{name}={shlex.quote(value)}\n"
-                                for name, value in sorted(self.env.items())))
-        return path
+        of its own, which the settings' defaults do not name. Readable by its owner only: the
+        settings may hold the secrets (`make run`'s own: devstack.local_secrets)."""
+        return write_owner_only(path, "".join(f"{name}={shlex.quote(value)}\n"
+                                              for name, value in sorted(self.env.items())))
 
     @property
     def processes(self) -> list[ManagedProcess]:
