@@ -14,6 +14,7 @@ import psycopg2
 import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import OperationalError
+from werkzeug.datastructures import MultiDict
 
 import gateway_app
 from devstack.infra import free_port
@@ -189,7 +190,7 @@ def test_a_socket_whose_token_cannot_be_checked_is_closed_for_the_page_to_reconn
     def database_away(token):
         raise OperationalError("SELECT", {}, Exception("the database went away"))
 
-    opening = notifications._socket_opening(database_away, {"access_token": "anything"})
+    opening = notifications._socket_opening(database_away, MultiDict({"access_token": "anything"}))
     assert opening.refusal == notifications.UNAVAILABLE
 
 
