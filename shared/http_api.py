@@ -53,7 +53,11 @@ class OnceEachParser(FlaskParser):
                          } - query.multiple_keys
         repeated = given_more_than_once(req.args, single_valued)
         if repeated:
-            raise marshmallow.ValidationError({name: [GIVEN_MORE_THAN_ONCE] for name in repeated})
+            # With whatever else is wrong with the query (read on each one's first value), as the
+            # schema reports every field at once.
+            errors = schema.validate(query)
+            errors.update((name, [GIVEN_MORE_THAN_ONCE]) for name in repeated)
+            raise marshmallow.ValidationError(errors)
         return query
 
 
