@@ -17,7 +17,7 @@ from shared.cache import CACHE_EXTENSION, VersionedCache
 from shared.caller_deadline import take_caller_deadlines
 from shared.config import MAX_REQUEST_BYTES, Settings, get_settings, published_secrets
 from shared.db import init_database
-from shared.errors import ErrorSchema, register_error_handlers
+from shared.errors import ErrorSchema, register_error_handlers, sorted_methods
 from shared.health import health_blueprint
 from shared.health_document import document_health
 from shared.idempotency import forget_replayed_mark, say_if_replayed
@@ -69,7 +69,9 @@ class ShopFlask(Flask):
         response = super().make_default_options_response()  # (its Allow: the URL map's methods)
         response.status_code = 204
         del response.headers["Content-Type"]  # (no body, so no type of one)
+        response.headers["Allow"] = sorted_methods(response.headers["Allow"])
         return response
+
 
 
 # Swagger UI's scripts and styles are served by the service itself (from the swagger-ui-bundle

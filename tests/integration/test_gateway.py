@@ -2119,9 +2119,10 @@ def test_an_open_socket_is_probed_so_that_a_vanished_page_frees_its_slot(setting
         page.close()
 
 
-def _refused(url, code: int = 1013) -> bool:
-    """Whether the gateway closes a socket to `url` with `code` (1013: try again later) before
-    sending anything; waits for the close up to a deadline (a busy machine can take its time).
+def _refused(url, code: int = 1013, reason: str | None = None) -> bool:
+    """Whether the gateway closes a socket to `url` with `code` (1013: try again later), and
+    `reason` if given, before sending anything; waits for the close up to a deadline (a busy
+    machine can take its time).
 
     Read off the wire with wsproto: simple_websocket's client takes only the handshake's answer
     from its first read, so a close frame in the same packet was lost, and the socket seemed
@@ -2145,7 +2146,7 @@ def _refused(url, code: int = 1013) -> bool:
             connection.receive_data(data or None)
             for event in connection.events():
                 if isinstance(event, CloseConnection):
-                    return event.code == code
+                    return event.code == code and reason in (None, event.reason)
                 if not isinstance(event, AcceptConnection):
                     return False  # a message, or the handshake refused
             if not data:
@@ -2269,7 +2270,11 @@ def test_a_socket_given_a_parameter_more_than_once_is_refused(settings, upstream
         url = base.replace("http://", "ws://") + path
         assert _refused(f"{url}&after=0&after=1", code=1008)
         token = path.split("access_token=")[1]
-        assert _refused(f"{url}&access_token={token}", code=1008)
+        assert _refused(f"{url}&access_token={token}", code=1008,
+                        reason="`access_token` given more than once")
+        # Before the token is looked at: the same refusal for tokens that are no good.
+        assert _refused(url.replace(token, "garbage") + "&access_token=garbage", code=1008,
+                        reason="`access_token` given more than once")
         socket = _stays_open(f"{url}&after=0")
         assert socket
         socket.close()
