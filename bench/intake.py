@@ -92,7 +92,8 @@ def _drive(stack: Stack, plan: BenchPlan, url: str, server: ManagedProcess, user
            out: Path) -> dict:
     before = read_cpu(lambda: [server])
     report = offer_load(LoadSpec(url=url, users=users, duration=plan.intake_seconds,
-                                 concurrency=plan.intake_concurrency), out.with_suffix(".json"))
+                                 concurrency=plan.intake_concurrency), out.with_suffix(".json"),
+                        stack.env)
     server_seconds = (read_cpu(lambda: [server]).seconds_by_process[server.name]
                       - before.seconds_by_process[server.name])
     drained = wait_until_final(stack, report["order_ids"], plan.drain_timeout)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -49,8 +49,9 @@ class LoadSpec:
     expect_status: int = 202
 
 
-def offer_load(spec: LoadSpec, out: Path, env: dict | None = None) -> dict:
-    """Run the generator in its own process and return its report."""
+def offer_load(spec: LoadSpec, out: Path, stack_env: Mapping[str, str] | None = None) -> dict:
+    """Run the generator in its own process and return its report. Sending as the gateway (not
+    with bearer tokens), it signs with the secret the services check: `stack_env`'s."""
     argv = [sys.executable, "-m", "bench.load", "--url", spec.url, "--users", ",".join(spec.users),
             "--duration", str(spec.duration), "--concurrency", str(spec.concurrency),
             "--method", spec.method, "--auth", spec.auth,
@@ -59,7 +60,8 @@ def offer_load(spec: LoadSpec, out: Path, env: dict | None = None) -> dict:
         argv += ["--rate", str(spec.rate)]
     if spec.body is not None:
         argv += ["--body", spec.body]
-    subprocess.run(argv, check=True, timeout=spec.duration + 120, env=env,
+    subprocess.run(argv, check=True, timeout=spec.duration + 120,
+                   env={**os.environ, **(stack_env or {})},
                    cwd=Path(__file__).resolve().parent.parent)
     return json.loads(out.read_text())
 

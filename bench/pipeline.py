@@ -91,4 +91,4 @@ def measure_latency(stack: Stack, plan: BenchPlan, users: list[str], workdir: Pa
 def _offer(stack: Stack, users: list[str], rate: float, seconds: float, out: Path) -> dict:
     return offer_load(LoadSpec(url=f"{stack.orders_url}/orders", users=users, duration=seconds,
                                rate=rate, concurrency=OPEN_LOOP_CONCURRENCY),
-                      out.with_suffix(".json"))
+                      out.with_suffix(".json"), stack.env)
