@@ -46,9 +46,9 @@
   // then read once more: a burst of notifications costs two reads), {overtaken} when a write's
   // answer has been shown since (its answer, older, is then not shown).
   let balanceRead = null;
-  // One Idempotency-Key per intended action: a retry of the same form contents reuses it, so a
-  // double click or a retry after a lost response counts once.
-  const pendingKeys = {};
+  // The Idempotency-Keys of the signed-in user's attempts whose outcome is not known yet:
+  // {username, actions: {action: Map(form's contents -> key)}}, read from sessionStorage.
+  let pendingKeys = null;
 
   // --- messages ---------------------------------------------------------------------------------
 
@@ -167,12 +167,96 @@
     return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
   }
 
-  function keyFor(action, contents) {
+  // --- Idempotency-Keys -------------------------------------------------------------------------
+
+  // Each attempt of a form ("deposit", "order") goes out under the key of its contents (as the shop
+  // reads them), kept until an answer settles the attempt: pressing again with the same contents,
+  // whatever was sent in between and across a reload, retries it under that key, and the shop
+  // carries it out once. Kept in this tab's sessionStorage under the user's name (the newest
+  // PENDING_KEYS_KEPT of each form), and forgotten on sign-out.
+  const PENDING_KEYS_PREFIX = "hseshop.pending-keys.";  // and the user's name
+  const PENDING_KEYS_KEPT = 20;
+
+  async function sendOnce(action, contents, path, body) {
     const fingerprint = JSON.stringify(contents);
-    const pending = pendingKeys[action];
-    if (pending && pending.fingerprint === fingerprint) return pending.key;
-    pendingKeys[action] = { fingerprint, key: randomKey() };
-    return pendingKeys[action].key;
+    const idempotencyKey = keyFor(action, fingerprint);
+    try {
+      const answer = await api("POST", path, { body, idempotencyKey, replayMark: true });
+      forgetKey(action, fingerprint);
+      return answer;
+    } catch (error) {
+      if (settles(error)) forgetKey(action, fingerprint);
+      throw error;
+    }
+  }
+
+  // A refusal of what was sent (a 4xx, but a 429's "not now"): the same contents under the same
+  // key are refused so again, since one carried out under it is answered with its replay. A lost
+  // answer, a 503 or a 429 settles nothing: an earlier attempt under the key may have gone through.
+  function settles(error) {
+    return error instanceof ApiError && error.status >= 400 && error.status < 500
+      && error.status !== 429;
+  }
+
+  function keyFor(action, fingerprint) {
+    const keys = pendingKeysOf(action);
+    const key = keys.get(fingerprint) || randomKey();
+    keys.delete(fingerprint);  // (set again below: the newest is kept longest)
+    keys.set(fingerprint, key);
+    while (keys.size > PENDING_KEYS_KEPT) keys.delete(keys.keys().next().value);
+    savePendingKeys();  // before it is sent: a reload while it is under way keeps it
+    return key;
+  }
+
+  function forgetKey(action, fingerprint) {
+    if (!session) return;  // signed out meanwhile: forgotten already
+    pendingKeysOf(action).delete(fingerprint);
+    savePendingKeys();
+  }
+
+  function pendingKeysOf(action) {
+    if (!pendingKeys || pendingKeys.username !== session.username) {
+      pendingKeys = { username: session.username, actions: storedPendingKeys(session.username) };
+    }
+    if (!pendingKeys.actions[action]) pendingKeys.actions[action] = new Map();
+    return pendingKeys.actions[action];
+  }
+
+  function storedPendingKeys(username) {
+    const actions = {};
+    try {
+      const saved = JSON.parse(sessionStorage.getItem(PENDING_KEYS_PREFIX + username)) || {};
+      Object.entries(saved).forEach(([action, entries]) => {
+        if (!Array.isArray(entries)) return;
+        const valid = entries.filter((entry) => Array.isArray(entry) && entry.length === 2
+          && entry.every((part) => typeof part === "string"));
+        actions[action] = new Map(valid.slice(-PENDING_KEYS_KEPT));
+      });
+    } catch (exc) {
+      // unreadable keys are the same as none
+    }
+    return actions;
+  }
+
+  function savePendingKeys() {
+    const saved = {};
+    Object.entries(pendingKeys.actions).forEach(([action, keys]) => {
+      if (keys.size) saved[action] = [...keys];
+    });
+    const name = PENDING_KEYS_PREFIX + pendingKeys.username;
+    try {
+      if (Object.keys(saved).length) sessionStorage.setItem(name, JSON.stringify(saved));
+      else sessionStorage.removeItem(name);
+    } catch (exc) {
+      // storage full or refused: the keys are kept on this page only
+    }
+  }
+
+  // Signed out (or the session saved is over): no key kept in this tab is anyone's any more.
+  function forgetPendingKeys() {
+    pendingKeys = null;
+    Object.keys(sessionStorage).filter((name) => name.startsWith(PENDING_KEYS_PREFIX))
+      .forEach((name) => sessionStorage.removeItem(name));
   }
 
   // Runs a form's request with its submit buttons disabled, so one click sends one request.
@@ -199,6 +283,7 @@
       // an unreadable saved session is the same as none
     }
     sessionStorage.removeItem(SESSION_KEY);
+    forgetPendingKeys();
     return null;
   }
 
@@ -280,7 +365,7 @@
     lastNotificationId = 0;
     balanceRead = null;
     // What was typed or pending is this user's: the next one starts with empty forms and new keys.
-    Object.keys(pendingKeys).forEach((action) => { delete pendingKeys[action]; });
+    forgetPendingKeys();
     ["topup-amount", "order-amount", "order-description", "password"].forEach((id) => {
       $(id).value = "";
     });
@@ -463,10 +548,8 @@
     await whileBusy($("topup-submit"), async () => {
       let answer;
       try {
-        answer = await api("POST", "/api/accounts/deposit", {
-          body: { amount }, idempotencyKey: keyFor("deposit", { amount: sameAmount(amount) }),
-          replayMark: true,
-        });
+        answer = await sendOnce("deposit", { amount: sameAmount(amount) },
+                                "/api/accounts/deposit", { amount });
       } catch (error) {
         if (!outcomeUnknown(error)) throw error;
         // It may have gone through: show the balance as it is now, and say what pressing again
@@ -477,7 +560,6 @@
                     + "retries that top-up; it is never counted twice.");
         return;
       }
-      delete pendingKeys.deposit;
       showAnsweredAccount(answer.body);
       $("topup-amount").value = "";
       showMessage(answer.replayed
@@ -580,18 +662,26 @@
       return;
     }
     await whileBusy($("order-submit"), async () => {
-      const shownBefore = new Set(orders.keys());
-      const order = await api("POST", "/api/orders", {
-        body: { amount, description },
-        idempotencyKey: keyFor("order", { amount: sameAmount(amount), description }),
-      });
-      delete pendingKeys.order;
+      let answer;
+      try {
+        answer = await sendOnce("order", { amount: sameAmount(amount), description },
+                                "/api/orders", { amount, description });
+      } catch (error) {
+        if (!outcomeUnknown(error)) throw error;
+        // It may have been placed: read the orders again, and say what pressing again does (the
+        // same order, under the same key: never placed twice).
+        loadOrders().catch(reportAndCatchUp);
+        showMessage(`${describeError(error)} The order for ${amount} may have been placed: the `
+                    + "orders below are read again. Pressing Place order again with the same "
+                    + "amount and description retries that order; it is never placed twice.");
+        return;
+      }
+      const order = answer.body;
       rememberOrder(order);
       renderOrders();
-      if (shownBefore.has(order.id)) {
-        // The answer to a retry of an order that went through though its answer was lost, and is
-        // shown already (a new order's id cannot be known before it is asked for). Its key is
-        // dropped: pressing again places another.
+      if (answer.replayed) {
+        // The answer to a retry of an order that went through though its answer was lost (the
+        // gateway's Idempotent-Replayed). Its key is dropped: pressing again places another.
         showMessage(`That order for ${order.amount} was placed already (shown below). Press `
                     + "Place order again to place another.", "info");
         return;

@@ -486,3 +486,111 @@ def test_a_top_up_the_gateway_never_sent_is_not_said_to_have_maybe_gone_through(
     page.top_up("5")
     page.wait_until(lambda: page.text("message") == "Topped up 5.", what="the top-up")
     assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "105.00"
+
+
+# Played by the browser itself: while window.hseshopAnswersToLose is above 0, the answer to each
+# top-up or order is lost on its way back (the network drops it; one a time, counted down, and
+# counted up in window.hseshopAnswersLost), after the request reached the shop, which carried it
+# out. The rest is real. (Run again on a reload: none lost until the test says so again.)
+ANSWERS_LOST_WHEN_TOLD = """
+const realFetch = window.fetch.bind(window);
+window.hseshopAnswersToLose = 0;
+window.hseshopAnswersLost = 0;
+window.fetch = async (input, init) => {
+  const url = typeof input === "string" ? input : input.url;
+  const path = new URL(url, location.href).pathname;
+  const method = (init && init.method) || "GET";
+  const response = await realFetch(input, init);
+  if (method === "POST" && ["/api/orders", "/api/accounts/deposit"].includes(path)
+      && window.hseshopAnswersToLose > 0) {
+    window.hseshopAnswersToLose -= 1;
+    window.hseshopAnswersLost += 1;
+    throw new TypeError("Failed to fetch");
+  }
+  return response;
+};
+"""
+PENDING_KEYS_STORED = ("return Object.keys(sessionStorage)"
+                       ".filter((name) => name.startsWith('hseshop.pending-keys.'));")
+
+
+def _answer_lost(page: ShopPage, press, said: str) -> None:
+    """Presses (`press`) with the next answer lost, and waits until the page says `said`."""
+    lost = page.driver.execute_script(
+        "window.hseshopAnswersToLose = 1; return window.hseshopAnswersLost;")
+    press()
+    page.wait_until(lambda: page.driver.execute_script("return window.hseshopAnswersLost;")
+                    == lost + 1 and said in page.text("message"), what=f"the page to say {said}")
+
+
+def _order(page: ShopPage, amount: str, description: str):
+    def press() -> None:
+        page.fill("order-amount", amount)
+        page.fill("order-description", description)
+        page.element("order-submit").click()
+    return press
+
+
+def test_a_lost_top_up_or_order_retried_after_others_is_carried_out_once(stack, browser):
+    """Each attempt whose answer was lost keeps its key, whatever is sent after it: top up 100
+    (lost), 50 (lost), then 100 again (typed "100.00") is a retry of the first, said to have gone
+    through already, and the balance is 250.00, not 350.00; the same for 50. An order of "a book"
+    (lost, and said to have maybe been placed), "a book!" (lost), then "a book" again is a retry:
+    two orders, not three."""
+    page, shopper = _live_page_of_a_shopper_with_100(stack, browser, ANSWERS_LOST_WHEN_TOLD)
+
+    _answer_lost(page, lambda: page.top_up("100"), "The top-up of 100 may have gone through")
+    _answer_lost(page, lambda: page.top_up("50"), "The top-up of 50 may have gone through")
+    page.top_up("100.00")
+    page.wait_until(lambda: page.text("message") == "The top-up of 100.00 had gone through"
+                    " already; it was not counted again.", what="the first top-up retried")
+    page.top_up("50")
+    page.wait_until(lambda: page.text("message") == "The top-up of 50 had gone through already;"
+                    " it was not counted again.", what="the second top-up retried")
+    assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "250.00"
+
+    maybe_placed = ("The order for 10 may have been placed: the orders below are read again."
+                    " Pressing Place order again with the same amount and description retries"
+                    " that order; it is never placed twice.")
+    _answer_lost(page, _order(page, "10", "a book"), maybe_placed)
+    assert "Cannot reach the shop" in page.text("message")
+    _answer_lost(page, _order(page, "10", "a book!"), maybe_placed)
+    _order(page, "10", "a book")()
+    page.wait_until(lambda: "That order for 10.00 was placed already" in page.text("message"),
+                    what="the first order retried")
+    placed = shopper.api("GET", "/orders", 200)["items"]
+    assert sorted(order["description"] for order in placed) == ["a book", "a book!"]
+    page.wait_until(lambda: len(page.order_ids()) == 2, what="both orders shown")
+
+
+def test_a_lost_top_up_or_order_retried_after_a_reload_is_carried_out_once(stack, browser):
+    """The keys of attempts whose answers were lost outlive a reload of the page (kept in the
+    tab's sessionStorage): the same top-up and the same order pressed again after it are retries.
+    Signing out forgets the keys kept."""
+    page, shopper = _live_page_of_a_shopper_with_100(stack, browser, ANSWERS_LOST_WHEN_TOLD)
+    _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20 may have gone through")
+    _answer_lost(page, _order(page, "5", "pen"), "The order for 5 may have been placed")
+
+    browser.refresh()
+    page.wait_until(lambda: page.visible("shop-section") and page.visible("topup-form"),
+                    what="the shop after the reload")
+    page.top_up("20")
+    page.wait_until(lambda: page.text("message") == "The top-up of 20 had gone through already;"
+                    " it was not counted again.", what="the top-up retried")
+    _order(page, "5", "pen")()
+    page.wait_until(lambda: "That order for 5.00 was placed already" in page.text("message"),
+                    what="the order retried")
+    assert [order["description"] for order in shopper.api("GET", "/orders", 200)["items"]] == [
+        "pen"]
+    # 100 and 20 topped up, 5 paid: once each.
+    page.wait_until(lambda: page.text("balance") == "115.00", timeout=LIVE_DEADLINE,
+                    what="the order paid")
+    assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "115.00"
+    assert browser.execute_script(PENDING_KEYS_STORED) == []  # both settled
+
+    _answer_lost(page, lambda: page.top_up("7"), "The top-up of 7 may have gone through")
+    assert browser.execute_script(PENDING_KEYS_STORED) == [
+        f"hseshop.pending-keys.{shopper.username}"]
+    page.element("sign-out").click()
+    page.wait_until(lambda: page.visible("auth-section"), what="the sign-in form")
+    assert browser.execute_script(PENDING_KEYS_STORED) == []
