@@ -11,13 +11,13 @@ from flask import Blueprint, Flask, Response, request
 from flask_smorest import Api
 from flask_smorest.pagination import PAGINATION_HEADER, PaginationMetadataSchema
 from swagger_ui_bundle import swagger_ui_path
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from shared.cache import CACHE_EXTENSION, VersionedCache
 from shared.caller_deadline import take_caller_deadlines
 from shared.config import MAX_REQUEST_BYTES, Settings, get_settings, published_secrets
 from shared.db import init_database
-from shared.errors import ErrorSchema, register_error_handlers, sorted_methods
+from shared.errors import ErrorSchema, UnreadableBody, register_error_handlers, sorted_methods
 from shared.health import health_blueprint
 from shared.health_document import document_health
 from shared.idempotency import forget_replayed_mark, say_if_replayed
@@ -37,8 +37,8 @@ class ShopApi(Api):
     # operation documents.
     DEFAULT_ERROR_DESCRIPTION = (
         "Any other error: `INTERNAL_ERROR` (500), a failure nobody foresaw; and, before the "
-        "request reaches an operation, what the web server answers for one it cannot read: "
-        "`BAD_REQUEST` (400: a malformed request line or header), `REQUEST_URI_TOO_LONG` (414), "
+        "request reaches an operation, the answer to one that cannot be read: `BAD_REQUEST` "
+        "(400: a malformed request line, header or chunked body), `REQUEST_URI_TOO_LONG` (414), "
         "`REQUEST_HEADER_FIELDS_TOO_LARGE` (431).")
 
     def _register_responses(self):
@@ -161,9 +161,21 @@ def refuse_an_unsized_body_over_the_limit() -> None:
     """A 413 for a body sent in chunks, with no Content-Length, that goes on past
     MAX_REQUEST_BYTES. Werkzeug reads such a body up to the limit and stops there without a word,
     so the app would have parsed its first 64 KiB (a 400 for JSON cut off, or a request made of a
-    body's beginning); one with a Content-Length over the limit is refused as it arrives."""
+    body's beginning); one with a Content-Length over the limit is refused as it arrives.
+
+    A body that cannot be read as chunks (a chunk size that is no number, a chunk longer than it
+    says) is a 400 BAD_REQUEST, the connection's last answer. gunicorn's reader raises an error of
+    its own for it, which Werkzeug passes on (it makes a 400 only of the socket's errors) and which
+    is caught here as any error of the reading, not by name: the apps run without gunicorn too."""
     if request.content_length is None and "chunked" in request.headers.get(
             "Transfer-Encoding", "").lower():
-        read = request.get_data(cache=True)  # (up to the limit)
-        if len(read) >= MAX_REQUEST_BYTES and request.environ["wsgi.input"].read(1):
+        try:
+            read = request.get_data(cache=True)  # (up to the limit)
+            goes_on = len(read) >= MAX_REQUEST_BYTES and request.environ["wsgi.input"].read(1)
+        except HTTPException:  # (Werkzeug's own answers: a 413, the client gone)
+            raise
+        except Exception as exc:  # (the server's reader refused the body)
+            log.warning("a request body that could not be read: %s", exc)
+            raise UnreadableBody(str(exc)) from None
+        if goes_on:
             raise RequestEntityTooLarge()

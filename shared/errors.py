@@ -52,6 +52,16 @@ class Unauthorized(ApiError):
     code = "UNAUTHORIZED"
 
 
+class UnreadableBody(ApiError):
+    """A request body the web server could not read: a chunk of it malformed (gunicorn's chunked
+    reader refusing it), say. Where the next request on the connection would start is then
+    unknown, so this answer is the connection's last."""
+
+    def __init__(self, why: str):
+        super().__init__(f"The request body could not be read: {why}",
+                         headers={"Connection": "close"})
+
+
 class BadGateway(ApiError):
     """A service behind the gateway failed to answer."""
 

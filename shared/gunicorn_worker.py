@@ -9,6 +9,11 @@ header with 400, and an app that raised past Flask with 500. gunicorn writes tha
 `gunicorn.util.write_error`, which it has no setting or hook for, so loading this worker class
 (`-k shared.gunicorn_worker.JsonErrorsThreadWorker`) replaces that function with
 `write_json_error`, in the master and so in every worker it forks.
+
+It also makes the answer to a request whose body could not be read (a malformed chunk, which the
+app answers 400) say `Connection: close`: gunicorn closes the connection after it then (where the
+next request starts is unknown), but its answer said keep-alive, and it drops a Connection header
+the app sets.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import json
 
 from gunicorn import util
+from gunicorn.http.message import Request
+from gunicorn.http.parser import RequestParser
 from gunicorn.workers.gthread import ThreadWorker
 from werkzeug.http import HTTP_STATUS_CODES
 
@@ -43,6 +50,18 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
 
 
 util.write_error = write_json_error
+
+
+class RequestClosedOnceItsBodyFailed(Request):
+    """gunicorn's HTTP/1 request, which asks for its connection to be closed once reading its body
+    raised (gunicorn's Body marks itself `failed`): what gunicorn does after the answer then
+    anyway (Parser.finish_body), and now also what the answer's Connection header says."""
+
+    def should_close(self) -> bool:
+        return getattr(self.body, "failed", False) or super().should_close()
+
+
+RequestParser.mesg_class = RequestClosedOnceItsBodyFailed
 
 
 class JsonErrorsThreadWorker(ThreadWorker):

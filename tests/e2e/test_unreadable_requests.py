@@ -1,16 +1,18 @@
 """Requests gunicorn cannot read, answered before any app sees them: in the shop's JSON error
 shape, as every other bad request is (shared/gunicorn_worker.py), not as gunicorn's HTML page; and
-requests Werkzeug would misread or redirect (shared/app.py)."""
+requests Werkzeug would misread or redirect, or whose body cannot be read (shared/app.py)."""
 
 from __future__ import annotations
 
 import json
 import socket
+import uuid
 from urllib.parse import urlsplit
 
 import pytest
 
 from tests.network_tools import http_answer_read_off
+from tests.polling import wait_for
 
 LONGEST_REQUEST_LINE = 4094  # gunicorn's limit_request_line
 LONGEST_HEADER_FIELD = 8190  # its limit_request_field_size
@@ -65,6 +67,43 @@ def test_a_malformed_header_gets_a_json_400_that_names_it(stack):
     answer = raw_exchange(stack.gateway_url, get_with("/api/orders", "Bad Header: <b>x</b>"))
     error = assert_json_error(answer, 400, "BAD_REQUEST")
     assert "Bad Header" in error["message"]
+
+
+# Chunked bodies gunicorn's reader refuses as the app reads them (shared/app.py).
+MALFORMED_CHUNKS = {
+    "a chunk size that is no number": b"zz\r\n",
+    "a chunk longer than it says": b"3\r\nabcdef\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("server, path", [("gateway", "/health"), ("gateway", "/api/orders"),
+                                          ("orders", "/orders"), ("payments", "/health")])
+@pytest.mark.parametrize("chunks", MALFORMED_CHUNKS.values(), ids=MALFORMED_CHUNKS)
+def test_a_malformed_chunked_body_gets_a_json_400_and_the_connection_closed(stack, server, path,
+                                                                           chunks):
+    """Not a 500 with a traceback logged (and Connection: keep-alive, though gunicorn closed the
+    connection): a client error, logged as one, before any sign-in is asked for. The request sent
+    behind it on the connection gets no answer: where it starts is unknown."""
+    request_id = uuid.uuid4().hex
+    log = stack.logs_dir / f"{server}-api.log"
+    logged_before = log.stat().st_size
+    malformed = get_with(path, "Transfer-Encoding: chunked", f"X-Request-ID: {request_id}")
+    answer = raw_exchange(getattr(stack, f"{server}_url"), malformed + chunks + get_with("/health"))
+    error = assert_json_error(answer, 400, "BAD_REQUEST")  # (one answer: its length the body's)
+    assert error["message"].startswith("The request body could not be read: ")
+    assert answer[1]["Connection"] == "close"
+
+    def logged_since() -> str | None:
+        with open(log, "rb") as written:
+            written.seek(logged_before)
+            text = written.read().decode("utf-8", "replace")
+        return text if f"[request_id={request_id}] GET {path} -> 400" in text else None
+
+    logged = wait_for(logged_since, timeout=10, what=f"the request's line in {log.name}")
+    ours = [line for line in logged.splitlines() if f"[request_id={request_id}]" in line]
+    assert any(" WARNING " in line and "could not be read" in line for line in ours), ours
+    assert not any(" ERROR " in line for line in ours), ours
+    assert "Traceback" not in logged
 
 
 def test_a_request_line_within_the_limit_still_reaches_the_app(stack):

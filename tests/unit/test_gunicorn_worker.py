@@ -4,11 +4,15 @@ tests/e2e/test_unreadable_requests.py sends such requests to the running shop.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 
 import gunicorn.util
 import pytest
+from gunicorn.config import Config
+from gunicorn.http.errors import ParseException
+from gunicorn.http.parser import RequestParser
 
 from shared.errors import INTERNAL_ERROR
 from shared.gunicorn_worker import write_json_error
@@ -53,6 +57,19 @@ def test_an_app_that_failed_past_flask_answers_as_any_unexpected_error():
 
 def test_loading_the_worker_class_puts_it_in_place_of_gunicorns_html_page():
     assert gunicorn.util.write_error is write_json_error
+
+
+@pytest.mark.parametrize("chunks, closed", [(b"zz\r\n", True),
+                                            (b"3\r\nabcdef\r\n0\r\n\r\n", True),
+                                            (b"3\r\nabc\r\n0\r\n\r\n", False)])
+def test_a_request_whose_body_could_not_be_read_asks_for_its_connection_closed(chunks, closed):
+    """So that the answer says `Connection: close`, as gunicorn then closes it anyway."""
+    head = b"GET /health HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    request = next(RequestParser(Config(), [head + chunks], ("127.0.0.1", 1)))
+    assert not request.should_close()
+    with contextlib.suppress(ParseException):  # (the malformed chunks')
+        request.body.read()
+    assert request.should_close() is closed
 
 
 @pytest.mark.parametrize("closed_by_the_request", [True, False])
