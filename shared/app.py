@@ -39,7 +39,9 @@ class ShopApi(Api):
         "Any other error: `INTERNAL_ERROR` (500), a failure nobody foresaw; and, before the "
         "request reaches an operation, the answer to one that cannot be read: `BAD_REQUEST` "
         "(400: a malformed request line, header or chunked body), `REQUEST_URI_TOO_LONG` (414), "
-        "`REQUEST_HEADER_FIELDS_TOO_LARGE` (431).")
+        "`EXPECTATION_FAILED` (417: an `Expect` other than `100-continue`), "
+        "`REQUEST_HEADER_FIELDS_TOO_LARGE` (431), `NOT_IMPLEMENTED` (501: a `Transfer-Encoding` "
+        "the server does not know).")
 
     def _register_responses(self):
         super()._register_responses()

@@ -5,7 +5,8 @@ gunicorn answers some requests itself, before any app sees them (gunicorn/worker
 `Worker.handle_error`): a request line longer than `limit_request_line` (4094 bytes) with 414, more
 than `limit_request_fields` header fields (100) or a header line longer than
 `limit_request_field_size` (8190 bytes, its line end counted) with 431, a malformed request line or
-header with 400, and an app that raised past Flask with 500. gunicorn writes that answer with
+header with 400, an `Expect` other than `100-continue` with 417, a `Transfer-Encoding` it does not
+know with 501, and an app that raised past Flask with 500. gunicorn writes that answer with
 `gunicorn.util.write_error`, which it has no setting or hook for, so loading this worker class
 (`-k shared.gunicorn_worker.JsonErrorsThreadWorker`) replaces that function with
 `write_json_error`, in the master and so in every worker it forks.

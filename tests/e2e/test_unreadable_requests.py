@@ -69,6 +69,17 @@ def test_a_malformed_header_gets_a_json_400_that_names_it(stack):
     assert "Bad Header" in error["message"]
 
 
+def test_an_expectation_gunicorn_cannot_meet_gets_a_json_417(stack):
+    answer = raw_exchange(stack.gateway_url, get_with("/health", "Expect: foo"))
+    error = assert_json_error(answer, 417, "EXPECTATION_FAILED")
+    assert "foo" in error["message"]
+
+
+def test_a_transfer_coding_gunicorn_does_not_know_gets_a_json_501(stack):
+    answer = raw_exchange(stack.gateway_url, get_with("/health", "Transfer-Encoding: foo"))
+    assert_json_error(answer, 501, "NOT_IMPLEMENTED")
+
+
 # Chunked bodies gunicorn's reader refuses as the app reads them (shared/app.py).
 MALFORMED_CHUNKS = {
     "a chunk size that is no number": b"zz\r\n",
