@@ -13,6 +13,8 @@ database unavailable, say), is relayed as it is, Retry-After included.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import requests
 from flask import Response, current_app, g, request
@@ -31,15 +33,17 @@ log = logging.getLogger(__name__)
 FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Retry-After", REPLAYED_HEADER)
 
 
-def forward(service: str, path: str, idempotent: bool = False) -> Response:
+def forward(service: str, path: str, idempotent: bool = False,
+            query: Mapping[str, Any] | None = None) -> Response:
     """Send the current request to `service` at `path` and relay its answer; `idempotent` for
-    the routes that honour an Idempotency-Key.
+    the routes that honour an Idempotency-Key, `query` the query parameters of a route that takes
+    some, as the gateway parsed them.
 
     Of the client's request only what the gRPC transport passes on goes too, so that both answer
-    alike: the key where it counts (checked here, as the gRPC route checks it), and a JSON body,
-    which the gateway has already parsed, with its type; a body of another type, which the
-    gateway's parsing passed over, stays behind. (Nothing else a client sends can then make a
-    header that HTTP cannot carry.)"""
+    alike: the key where it counts (checked here, as the gRPC route checks it), the query as
+    parsed (not as the client wrote it), and a JSON body, which the gateway has already parsed,
+    with its type; a body of another type, which the gateway's parsing passed over, stays behind.
+    (Nothing else a client sends can then make a header that HTTP cannot carry.)"""
     settings = current_app.extensions["hseshop.settings"]
     base = {"orders": settings.orders_service_url,
             "payments": settings.payments_service_url}[service]
@@ -55,16 +59,17 @@ def forward(service: str, path: str, idempotent: bool = False) -> Response:
     headers[REQUEST_ID_HEADER] = current_request_id() or ""
     # Past it the service commits nothing, as over gRPC: the client has been answered 504 by then.
     headers.update(deadline_headers(settings.upstream_timeout_seconds))
-    # The query as the gateway read it (and the gRPC transport passes it on), encoded afresh: the
-    # string as typed, "%35" or an escape that is none ("%zz"), would reach the service as
-    # something else ("%2535": requests quotes every "%" again once one is not an escape).
-    query = list(request.args.items(multi=True))
+    # The values the gateway parsed, as the gRPC transport passes them on (defaults included, a
+    # None left out), encoded afresh: the string as typed, "%35" or an escape that is none
+    # ("%zz"), would reach the service as something else ("%2535": requests quotes every "%" again
+    # once one is not an escape).
+    params = {name: value for name, value in (query or {}).items() if value is not None}
     try:
         upstream = send(
             service, request.method, f"{base}{path}",
             deadline_seconds=settings.upstream_timeout_seconds,
             safe_to_repeat=request.method in ("GET", "HEAD") or key is not None,
-            params=query, data=body, headers=headers, allow_redirects=False)
+            params=params, data=body, headers=headers, allow_redirects=False)
     except requests.ConnectionError as exc:
         if exc.args and isinstance(exc.args[0], ReadTimeoutError):
             # Its answer begun, and its body stalled or too slow to come whole by the deadline

@@ -65,7 +65,7 @@ def place_order(args):
 def list_orders(args):
     """The signed-in user's orders, newest first, a page at a time."""
     if _over_http():
-        return forward("orders", "/orders")
+        return forward("orders", "/orders", query=args)
     return _grpc("orders", "ListOrders", args, 200)
 
 

@@ -425,6 +425,38 @@ def test_what_is_no_answer_of_the_services_api_is_never_relayed(settings, upstre
         served.close()
 
 
+class _PageAskedHandler(_SlowHandler):
+    """Answers a GET with an empty page of orders, keeping what it was asked (the server's
+    `asked`: each request's path and query, as sent)."""
+
+    def do_GET(self):
+        self.server.asked.append(self.path)
+        body = b'{"items": [], "next_cursor": null}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_the_query_is_sent_on_as_the_gateway_parsed_it_as_grpc_passes_it(settings, upstreams):
+    """Its values, not the string the client wrote (which the gateway never read past its parse):
+    a number as the number, a default as the default, a string quoted afresh."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PageAskedHandler)
+    server.asked = []
+    served = _Served(server)
+    try:
+        client = _gateway(settings, orders_service_url=served.url)
+        _, auth = _sign_up(client)
+        for query in ("?limit=007&cursor=%zz", ""):
+            assert client.get(f"/api/orders{query}", headers=auth).status_code == 200, query
+        assert [(urlsplit(asked).path, sorted(urlsplit(asked).query.split("&")))
+                for asked in server.asked] == [("/orders", ["cursor=%25zz", "limit=7"]),
+                                               ("/orders", ["limit=50"])]
+    finally:
+        served.close()
+
+
 DRIP_SECONDS = 0.8  # between two bytes of a dripping answer: less than any read timeout here
 
 
