@@ -56,10 +56,13 @@ app.worker_main(["worker", "-P", "threads", "-c", "1", "--without-gossip", "--wi
 
 @contextmanager
 def _worker_running(path: Path, broker: str) -> Iterator[subprocess.Popen]:
+    # Celery takes CELERY_BROKER_URL, which the layer's `settings` set, over the app's broker: a
+    # worker meant never to reach its broker reached the run's once another test had used them.
+    env = {name: value for name, value in os.environ.items() if name != "CELERY_BROKER_URL"}
     process = subprocess.Popen(
         [sys.executable, "-c", _WORKER, str(path), f"alive-test-{uuid.uuid4().hex}", broker,
          f"{REDIS_KEYS_OF_THE_RUN}alive-test:"],
-        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=REPO_ROOT, env={**env, "PYTHONPATH": str(REPO_ROOT)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         yield process
