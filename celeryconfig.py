@@ -5,6 +5,7 @@ and prunes them."""
 from datetime import timedelta
 
 from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, get_settings
+from tasks.alive import RENEW_EVERY_SECONDS
 from tasks.redis_transport import TRANSPORT_PATH
 
 _settings = get_settings()
@@ -25,6 +26,11 @@ task_default_queue = "default"
 task_routes = ("tasks.routing.route_to_service_queue",)
 # Beat sends no task to a queue already holding a few unread (tasks/beat.py).
 beat_scheduler = "tasks.beat:BoundedScheduler"
+# Beat's scheduler ticks when an entry is due, and at least this often (Celery's default is every
+# 5 minutes): each tick renews beat's alive file (tasks/alive.py), so its healthcheck's bound holds
+# whatever the schedule's periods (the relay's every OUTBOX_RELAY_INTERVAL_SECONDS, a pruner's
+# hourly).
+beat_max_loop_interval = RENEW_EVERY_SECONDS
 broker_transport_options = {
     # Redis keeps no copy of a task once a worker has taken it. What must not be lost is not the
     # task but the work, and that is in PostgreSQL: the sweeper dispatches again every inbox message

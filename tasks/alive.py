@@ -1,15 +1,24 @@
-"""A worker's sign of life for its healthcheck: a file whose modification time the worker's event
-loop renews every few seconds while the worker consumes its queues.
+"""A Celery process's sign of life for its healthcheck: a file whose modification time the process
+renews while it does its work: a worker's consumer event loop every few seconds, beat's scheduler
+at each of its ticks.
 
 `celery inspect ping`, the healthcheck before, starts a whole Celery client each time (about a
-CPU-second) to ask the worker over Redis. Reading a file's age costs next to nothing, and still
-means what the ping meant: the renewal is a timer of the consumer's event loop (with the Redis
-broker the worker runs one: its timers fire from the loop that reads the queues). A worker that
-lost Redis (its consumer's steps stopped while it reconnects) removes the file at once; a loop
-that is stuck leaves it to age, and the healthcheck fails once it is older than
-ALIVE_WITHIN_SECONDS; a file left by a worker killed outright is removed as the next one starts.
+CPU-second) to ask the process over Redis. Reading a file's age costs next to nothing, and means
+more than the ping did:
 
-Started with `--alive-file PATH`; without it, the step does nothing.
+- A worker renews it from a timer of the consumer's event loop (with the Redis broker the worker
+  runs one: its timers fire from the loop that reads the queues). A worker that lost Redis (its
+  consumer's steps stopped while it reconnects) removes the file at once; a loop that is stuck
+  leaves it to age.
+- Beat renews it at the end of each pass of its scheduler (`tick`, which sends what is due). Beat
+  is no worker: its only sign of life is that its scheduler goes round. It ticks whenever an entry
+  of its schedule is due, and at least every beat_max_loop_interval (celeryconfig.py:
+  RENEW_EVERY_SECONDS, below) whatever the schedule holds; a tick held up (on a Redis that does
+  not answer, say) leaves the file to age, and beat removes it as it stops.
+
+Either way the healthcheck fails once the file is gone or older than ALIVE_WITHIN_SECONDS, and a
+file left by a process killed outright is removed as the next one starts. Started with
+`--alive-file PATH` (a worker's or beat's option); without it, nothing is written.
 """
 
 from __future__ import annotations
@@ -18,55 +27,105 @@ import logging
 from pathlib import Path
 
 from celery import bootsteps
+from celery.beat import Scheduler
 from click import Option
 
 log = logging.getLogger(__name__)
 
 RENEW_EVERY_SECONDS = 5.0
-# How old the file may be for the worker to count as alive (docker-compose.yml's healthchecks):
+# How old the file may be for the process to count as alive (docker-compose.yml's healthchecks):
 # several renewals missed, not one late.
 ALIVE_WITHIN_SECONDS = 30
 
-
-def alive_file_option() -> Option:
-    return Option(["--alive-file"], default=None,
-                  help="Renew this file's modification time every few seconds from the worker's "
-                       "event loop, for a healthcheck to read its age.")
+# Where beat's `--alive-file` leaves its path for the scheduler (beat passes its scheduler no
+# option of its own): a setting of the app's, as the option is read.
+BEAT_ALIVE_FILE_SETTING = "hseshop_beat_alive_file"
 
 
-class AliveFileStep(bootsteps.StartStopStep):
-    """A consumer step: renews the alive file from the consumer's timer while the consumer runs
-    (after its queues are consumed), and removes it as the consumer stops."""
+class AliveFile:
+    """The file at `path`: one left by a process killed outright (SIGKILL, the OOM killer: no
+    stop) is removed at once, since a container restarted with its /tmp would read the next
+    process healthy on it while that one starts."""
 
-    requires = {"celery.worker.consumer.tasks:Tasks"}
-
-    def __init__(self, c, alive_file=None, **kwargs):
-        super().__init__(c, **kwargs)
-        self.path = Path(alive_file) if alive_file else None
-        self.renewal = None
-        if self.path is not None:
-            # One left by a worker killed outright (SIGKILL, the OOM killer: no stop) in a
-            # container restarted with its /tmp would read this one as healthy while it starts.
-            self.path.unlink(missing_ok=True)
-
-    def include_if(self, c) -> bool:
-        return self.path is not None
-
-    def start(self, c) -> None:
-        self.renew()
-        self.renewal = c.timer.call_repeatedly(RENEW_EVERY_SECONDS, self.renew)
-
-    def stop(self, c) -> None:
-        if self.renewal is not None:
-            self.renewal.cancel()
-            self.renewal = None
-        # Gone at once rather than left to age: a worker reconnecting to Redis is not working.
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
         self.path.unlink(missing_ok=True)
-
-    shutdown = terminate = stop
 
     def renew(self) -> None:
         try:
             self.path.touch()  # (an existing file's times set to now)
         except OSError as exc:  # a full or read-only disk: the healthcheck will say so
             log.warning("could not renew the alive file %s: %s", self.path, exc)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def alive_file_option(renewed_by: str, callback=None) -> Option:
+    return Option(["--alive-file"], default=None, callback=callback,
+                  help=f"Renew this file's modification time from {renewed_by}, for a "
+                       "healthcheck to read its age.")
+
+
+def worker_alive_file_option() -> Option:
+    return alive_file_option("the worker's event loop, every few seconds")
+
+
+def beat_alive_file_option() -> Option:
+    return alive_file_option("beat's scheduler, at each of its ticks",
+                             callback=_keep_for_beats_scheduler)
+
+
+def _keep_for_beats_scheduler(ctx, param, value):
+    if value:
+        ctx.obj.app.conf[BEAT_ALIVE_FILE_SETTING] = value
+    return value
+
+
+class AliveFileStep(bootsteps.StartStopStep):
+    """A worker's consumer step: renews the alive file from the consumer's timer while the
+    consumer runs (after its queues are consumed), and removes it as the consumer stops."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, c, alive_file=None, **kwargs):
+        super().__init__(c, **kwargs)
+        self.file = AliveFile(alive_file) if alive_file else None
+        self.renewal = None
+
+    def include_if(self, c) -> bool:
+        return self.file is not None
+
+    def start(self, c) -> None:
+        self.file.renew()
+        self.renewal = c.timer.call_repeatedly(RENEW_EVERY_SECONDS, self.file.renew)
+
+    def stop(self, c) -> None:
+        if self.renewal is not None:
+            self.renewal.cancel()
+            self.renewal = None
+        # Gone at once rather than left to age: a worker reconnecting to Redis is not working.
+        self.file.remove()
+
+    shutdown = terminate = stop
+
+
+class AliveFileScheduler(Scheduler):
+    """Beat's scheduler (to be mixed in before Celery's PersistentScheduler): renews the alive
+    file after each tick, and removes it as beat stops (`close`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        path = self.app.conf.get(BEAT_ALIVE_FILE_SETTING)
+        self.alive_file = AliveFile(path) if path else None
+
+    def tick(self, *args, **kwargs):
+        interval = super().tick(*args, **kwargs)
+        if self.alive_file is not None:
+            self.alive_file.renew()
+        return interval
+
+    def close(self) -> None:
+        super().close()
+        if self.alive_file is not None:
+            self.alive_file.remove()

@@ -12,6 +12,8 @@ of due times, by the wall clock: after a step back of an hour (a clock set right
 restored), every entry would wait out the hour before it ran again, the relay's lead and the
 sweeper with them. A last run later than now can only mean such a step, so the whole schedule is
 moved back by as much.
+
+And it renews beat's alive file at each tick, for its healthcheck (tasks/alive.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 from celery.beat import PersistentScheduler
 from celery.utils.time import maybe_make_aware
 
+from tasks.alive import AliveFileScheduler
 from tasks.inbox import tasks_waiting
 from tasks.routing import route_to_service_queue
 
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 BACKLOG_LIMIT = 10
 
 
-class BoundedScheduler(PersistentScheduler):
+class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
     def tick(self, *args, **kwargs):
         self._follow_the_clock_back()
         return super().tick(*args, **kwargs)

@@ -1,5 +1,6 @@
 """The one Celery app, configured from `celeryconfig`, with the inbox consumer and the relays' stop
-as worker steps, and the alive file for a worker's healthcheck as a consumer step."""
+as worker steps, and the alive file for a worker's healthcheck as a consumer step (beat's scheduler,
+tasks/beat.py, renews its own)."""
 
 import logging
 import sys
@@ -11,7 +12,7 @@ from click import Option
 
 from shared.request_context import log_with_request_ids
 from tasks import redis_transport
-from tasks.alive import AliveFileStep, alive_file_option
+from tasks.alive import AliveFileStep, beat_alive_file_option, worker_alive_file_option
 
 
 class _AMQP(AMQP):
@@ -32,7 +33,8 @@ app.user_options["worker"].add(
              "gateway).",
     )
 )
-app.user_options["worker"].add(alive_file_option())
+app.user_options["worker"].add(worker_alive_file_option())
+app.user_options["beat"].add(beat_alive_file_option())
 
 
 def _install_worker_steps() -> None:

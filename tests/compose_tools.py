@@ -86,22 +86,32 @@ def workers_of(service_name: str) -> list[str]:
             and f"-Q {worker_queues(service_name)} " in " ".join(command(service))]
 
 
+def beats() -> list[str]:
+    return [name for name, service in hseshop_services().items()
+            if command(service)[:4] == ["celery", "-A", "tasks", "beat"]]
+
+
 @dataclasses.dataclass(frozen=True)
 class AliveCheck:
-    """The workers' healthcheck, run here: `argv` (this interpreter for `python`), reading the
-    alive file at `path`."""
+    """The healthcheck of the workers and beat, one for all, run here: `argv` (this interpreter
+    for `python`), reading the alive file at `path`."""
 
     argv: list[str]
     path: str
 
 
-def worker_alive_check() -> AliveCheck:
-    services = compose_services()
-    workers = [services[name] for service_name in SERVICES for name in workers_of(service_name)]
-    tests = {json.dumps(worker["healthcheck"]["test"]) for worker in workers}
-    assert len(tests) == 1, tests
-    kind, program, *args = workers[0]["healthcheck"]["test"]
+def alive_file_processes() -> list[str]:
+    """The compose services whose healthcheck reads an alive file: the workers and beat."""
+    return [name for service_name in SERVICES for name in workers_of(service_name)] + beats()
+
+
+def alive_file_check() -> AliveCheck:
+    processes = [compose_services()[name] for name in alive_file_processes()]
+    checks = {json.dumps(process["healthcheck"], sort_keys=True) for process in processes}
+    assert len(checks) == 1, checks
+    kind, program, *args = processes[0]["healthcheck"]["test"]
     assert (kind, program) == ("CMD", "python")
-    paths = {command(worker)[command(worker).index("--alive-file") + 1] for worker in workers}
+    paths = {command(process)[command(process).index("--alive-file") + 1]
+             for process in processes}
     assert len(paths) == 1, paths
     return AliveCheck([sys.executable, *args], paths.pop())

@@ -1,6 +1,9 @@
-"""The worker's alive file (tasks/alive.py), with a real Celery worker on the run's Redis: renewed
-while the worker's event loop runs, left to age while the loop is stuck, gone once the worker
-stops; and docker-compose.yml's worker healthcheck reads it as the step writes it."""
+"""The alive file (tasks/alive.py) on the run's Redis. A real Celery worker's: renewed while the
+worker's event loop runs, left to age while the loop is stuck, gone once the worker stops. Real
+celery beat's, with the shop's config: renewed at each tick of its scheduler, though nothing in
+its schedule falls due, and gone once beat stops; docker-compose.yml's healthcheck reads it as
+beat writes it.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from devstack.infra import free_port
-from tasks.alive import ALIVE_WITHIN_SECONDS
-from tests.compose_tools import worker_alive_check
+from tasks.alive import RENEW_EVERY_SECONDS
+from tests.compose_tools import alive_file_check
 from tests.environment import REDIS_DB, REDIS_KEYS_OF_THE_RUN
 from tests.polling import wait_for
 
@@ -37,7 +40,7 @@ alive.RENEW_EVERY_SECONDS = {RENEW_EVERY}
 app = Celery("alive-test", broker=sys.argv[3])
 app.conf.task_default_queue = sys.argv[2]
 app.conf.broker_transport_options = {{"global_keyprefix": sys.argv[4]}}  # (the run's keys)
-app.user_options["worker"].add(alive.alive_file_option())
+app.user_options["worker"].add(alive.worker_alive_file_option())
 app.steps["consumer"].add(alive.AliveFileStep)
 
 
@@ -118,18 +121,45 @@ def test_the_event_loop_renews_the_file_stops_while_stuck_and_removes_it_at_shut
     assert not path.exists()
 
 
-def test_the_compose_healthcheck_passes_on_a_fresh_file_and_fails_on_a_stale_or_missing_one(
-        tmp_path):
-    path = tmp_path / "worker-alive"
-    check = worker_alive_check()
+def _compose_healthcheck_passes(path: Path) -> bool:
+    check = alive_file_check()
+    argv = [arg.replace(check.path, str(path)) for arg in check.argv]
+    return subprocess.run(argv, timeout=30).returncode == 0
 
-    def healthy() -> bool:
-        argv = [arg.replace(check.path, str(path)) for arg in check.argv]
-        return subprocess.run(argv, timeout=30).returncode == 0
 
-    assert not healthy()
-    path.touch()
-    assert healthy()
-    stale = time.time() - ALIVE_WITHIN_SECONDS - 1
-    os.utime(path, (stale, stale))
-    assert not healthy()
+def test_beat_renews_its_file_at_each_tick_with_nothing_due_and_removes_it_as_it_stops(
+        settings, tmp_path):
+    """Beat as compose runs it, with the shop's config, every entry of its schedule a minute or
+    more apart: nothing falls due while the test watches, and its scheduler still ticks (at least
+    every beat_max_loop_interval), renewing the file each time."""
+    path = tmp_path / "alive"
+    # A file left by a beat killed outright, just now: the next one removes it as it starts (the
+    # one it writes is empty).
+    path.write_text("left by a beat killed outright")
+    log_path = tmp_path / "beat.log"
+    env = {**os.environ, "OUTBOX_RELAY_INTERVAL_SECONDS": "60",
+           "INBOX_SWEEP_INTERVAL_SECONDS": "60"}
+    with open(log_path, "w") as log_file:
+        beat = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tasks", "beat", "-l", "WARNING",
+             "-s", str(tmp_path / "schedule"), "--alive-file", str(path)],
+            cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+            stderr=subprocess.STDOUT)
+    try:
+        def renewed_by_beat() -> bool:
+            assert beat.poll() is None, log_path.read_text()
+            return path.exists() and path.stat().st_size == 0
+
+        wait_for(renewed_by_beat, timeout=30, what="beat to write its alive file")
+        seen = _renewals(path, 2 * RENEW_EVERY_SECONDS + 1.5)
+        gaps = [later - earlier for earlier, later in zip(seen, seen[1:])]
+        assert len(seen) >= 3, (seen, log_path.read_text())
+        assert max(gaps) < RENEW_EVERY_SECONDS + 1, gaps
+        assert _compose_healthcheck_passes(path)
+        beat.send_signal(signal.SIGTERM)
+        assert beat.wait(20) == 0, log_path.read_text()
+        assert not path.exists()
+    finally:
+        if beat.poll() is None:
+            beat.kill()
+            beat.wait(10)

@@ -14,9 +14,11 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from celery.beat import Service
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from sqlalchemy.engine import make_url
@@ -28,9 +30,10 @@ from shared.task_queues import worker_queues
 from shared.db import POOL_MAX_CONNECTIONS
 from shared.grpc_server import SERVER_THREADS
 from tasks.alive import ALIVE_WITHIN_SECONDS
-from tests.compose_tools import (COMPOSE_FILE, REPO_ROOT, command, compose_services,
-                                 hseshop_services, load_compose, read_env_file, resolved_compose,
-                                 service_of, workers_of, worker_alive_check)
+from tasks.celery_app import app as celery_app
+from tests.compose_tools import (COMPOSE_FILE, REPO_ROOT, alive_file_check, alive_file_processes,
+                                 beats, command, compose_services, hseshop_services, load_compose,
+                                 read_env_file, resolved_compose, service_of, workers_of)
 
 DEPENDENCY_CONDITIONS = {"service_healthy", "service_completed_successfully"}
 
@@ -286,16 +289,49 @@ def test_every_long_running_service_has_a_healthcheck_and_one_shots_do_not_resta
             assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
 
 
-def test_a_workers_healthcheck_reads_the_file_its_event_loop_renews():
+def test_the_workers_and_beats_healthcheck_reads_the_file_they_renew():
     """Not `celery inspect ping`: a Celery client started for each check, a CPU-second every 10 s
-    for each worker (tests/integration/test_alive_file.py runs the check on a real worker's
-    file)."""
-    check = worker_alive_check()
+    for each worker (tests/integration/test_alive_file.py runs the check on a real worker's and a
+    real beat's file). Beat's was that ping, once a minute: since an engine before Docker 25
+    ignores start_interval, beat read healthy up to a minute late."""
+    check = alive_file_check()  # (the same check, timing and file for all)
     assert check.path in " ".join(check.argv)
     assert f"> {ALIVE_WITHIN_SECONDS})" in check.argv[-1]
-    for service_name in SERVICES:
-        for name in workers_of(service_name):
-            assert "celery" not in json.dumps(ALL_SERVICES[name]["healthcheck"]["test"]), name
+    for name in alive_file_processes():
+        assert "celery" not in json.dumps(ALL_SERVICES[name]["healthcheck"]["test"]), name
+
+
+def test_the_alive_file_healthcheck_passes_on_a_fresh_file_and_fails_on_a_stale_or_missing_one(
+        tmp_path):
+    path = tmp_path / "alive"
+    check = alive_file_check()
+
+    def healthy() -> bool:
+        argv = [arg.replace(check.path, str(path)) for arg in check.argv]
+        return subprocess.run(argv, timeout=30).returncode == 0
+
+    assert not healthy()
+    path.touch()
+    assert healthy()
+    stale = time.time() - ALIVE_WITHIN_SECONDS - 1
+    os.utime(path, (stale, stale))
+    assert not healthy()
+
+
+def test_beat_ticks_several_times_within_its_healthchecks_bound_whatever_its_schedule(tmp_path):
+    """Beat renews its file at each tick of its scheduler, and ticks when an entry of its schedule
+    is due or after its longest sleep (beat_max_loop_interval, or --max-interval), whichever comes
+    first. Its entries' periods come from the environment (the relay's every
+    OUTBOX_RELAY_INTERVAL_SECONDS) or are an hour long; Celery's longest sleep is 5 minutes by
+    default, so the bound holds only if the longest sleep is well within it."""
+    (beat,) = [command(ALL_SERVICES[name]) for name in beats()]
+    max_interval = (int(beat[beat.index("--max-interval") + 1])
+                    if "--max-interval" in beat else None)
+    service = Service(app=celery_app, max_interval=max_interval,  # as `celery beat` makes it
+                      scheduler_cls=celery_app.conf.beat_scheduler,
+                      schedule_filename=str(tmp_path / "schedule"))
+    longest_sleep = service.get_scheduler(lazy=True).max_interval
+    assert 3 * longest_sleep <= ALIVE_WITHIN_SECONDS, longest_sleep
 
 
 def _seconds(duration: str) -> int:
