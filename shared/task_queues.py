@@ -1,7 +1,7 @@
-"""The Celery queues of a service, named once for the router (tasks/routing.py) and for whatever
-starts workers (devstack, docker-compose.yml): the inbox's handler tasks go to `<service>`, the
-tasks beat sends (the relay's lead, the sweeper, the pruners) to `<service>.control`, and each
-worker of the service consumes both.
+"""The Celery queues of a service, named once for the router (tasks/routing.py), for whatever
+starts workers (devstack, docker-compose.yml) and for celeryconfig's task_queues: the inbox's
+handler tasks go to `<service>`, the tasks beat sends (the relay's lead, the sweeper, the pruners)
+to `<service>.control`, and each worker of the service consumes both.
 
 Apart, so that a backlog of handler tasks holds up none of beat's: in one queue, a relay task
 waited behind every batch sent before it and expired there, and a relay leader lost during a
@@ -28,6 +28,11 @@ def control_queue(service: str) -> str:
     return f"{service}.control"
 
 
+def queues_of(service: str) -> tuple[str, str]:
+    """Both queues of a service, beat's first."""
+    return control_queue(service), handler_queue(service)
+
+
 def worker_queues(service: str) -> str:
     """The `-Q` of a service's workers: both its queues, beat's first."""
-    return f"{control_queue(service)},{handler_queue(service)}"
+    return ",".join(queues_of(service))

@@ -1,5 +1,6 @@
 """Flower, run as `make run` and compose run it, against the real Redis: its Broker page reads the
-lengths of the shop's queues, under the shop's key prefix (tasks/redis_transport.py)."""
+lengths of the shop's queues, under the shop's key prefix (tasks/redis_transport.py), and names
+every one of them whichever workers are up (celeryconfig.py's task_queues, flowerconfig.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,21 @@ import re
 import subprocess
 import sys
 import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from devstack.infra import LOCALHOST, free_port
+from shared.config import SERVICES
+from shared.task_queues import queues_of
 from tasks.celery_app import app as celery_app
 from tests.polling import wait_for
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 QUEUE = "default"  # Celery's task_default_queue: nothing reads it, so what is sent there stays
 TASKS_SENT = 3
+SHOP_QUEUES = {name for service in SERVICES for name in queues_of(service)}
 
 
 def _queue_rows(page: str) -> dict[str, int]:
@@ -28,40 +36,91 @@ def _purge() -> None:
         connection.default_channel.queue_purge(QUEUE)
 
 
+def _celery(*args: str, log_path: Path) -> subprocess.Popen:
+    """`celery -A tasks ...` in a process of its own, configured from this layer's environment, as
+    devstack runs it."""
+    with open(log_path, "w") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *args],
+                                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextmanager
+def _flower(tmp_path: Path) -> Iterator[Callable[[], dict[str, int]]]:
+    """Flower running; yields a reader of its Broker page's queue table."""
+    port = free_port()
+    log_path = tmp_path / "flower.log"
+    flower = _celery("flower", f"--port={port}", f"--address={LOCALHOST}", log_path=log_path)
+
+    def page_or_none():
+        try:
+            with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/broker",
+                                        timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+        except OSError:  # not listening yet
+            assert flower.poll() is None, log_path.read_text()
+            return None
+
+    def queue_rows() -> dict[str, int]:
+        status, page = wait_for(page_or_none, timeout=60, interval=0.2,
+                                what="Flower to answer")
+        assert status == 200, log_path.read_text()
+        return _queue_rows(page)
+
+    try:
+        yield queue_rows
+    finally:
+        _stop(flower)
+
+
 def test_flowers_broker_page_shows_the_queues_under_the_shops_prefix(settings, tmp_path):
     _purge()
     for _ in range(TASKS_SENT):
         celery_app.send_task("hseshop.flower_test", queue=QUEUE)
-    port = free_port()
-    log_path = tmp_path / "flower.log"
-    with open(log_path, "w") as log_file:
-        # In a process of its own, configured from this layer's environment, as devstack runs it.
-        flower = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={port}",
-             f"--address={LOCALHOST}"],
-            cwd=Path(__file__).parents[2], stdin=subprocess.DEVNULL, stdout=log_file,
-            stderr=subprocess.STDOUT)
     try:
-        def page_or_none():
-            try:
-                with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/broker",
-                                            timeout=5) as response:
-                    return response.status, response.read().decode()
-            except urllib.error.HTTPError as error:
-                return error.code, error.read().decode()
-            except OSError:  # not listening yet
-                assert flower.poll() is None, log_path.read_text()
-                return None
-
-        status, page = wait_for(page_or_none, timeout=60, interval=0.2,
-                                what="Flower to answer")
-        assert status == 200, log_path.read_text()
-        assert _queue_rows(page) == {QUEUE: TASKS_SENT}, page
+        with _flower(tmp_path) as queue_rows:
+            assert queue_rows()[QUEUE] == TASKS_SENT
     finally:
-        flower.terminate()
-        try:
-            flower.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            flower.kill()
-            flower.wait()
         _purge()
+
+
+def test_with_no_worker_up_the_broker_page_names_every_shop_queue(settings, tmp_path):
+    with _flower(tmp_path) as queue_rows:
+        assert SHOP_QUEUES <= set(queue_rows())
+
+
+def test_with_a_worker_up_the_broker_page_names_the_queues_no_worker_reads_too(
+        settings, tmp_path):
+    """Flower names the queues the workers it knows consume, and the app's declared ones only
+    while it knows none: a service whose workers are all down, others' up, is shown all the
+    same. (The worker here reads a queue of its own, not a shop's: every shop queue is one no
+    worker reads.)"""
+    name = f"flower-test-{uuid.uuid4().hex[:8]}"
+    node = f"{name}@localhost"
+    worker = _celery("worker", "-Q", name, "-n", node, "-P", "threads", "-c", "1",
+                     "--without-gossip", "--without-mingle", "-l", "WARNING",
+                     log_path=tmp_path / "worker.log")
+    try:
+        wait_for(lambda: celery_app.control.ping(destination=[node], timeout=0.5), timeout=60,
+                 what="the worker to answer")
+        with _flower(tmp_path) as queue_rows:
+            def once_the_workers_queue_is_named():
+                rows = queue_rows()
+                return rows if name in rows else None
+
+            rows = wait_for(once_the_workers_queue_is_named, timeout=30, interval=0.5,
+                            what="Flower to name the worker's queue")
+            assert SHOP_QUEUES <= set(rows), rows
+    finally:
+        _stop(worker)
