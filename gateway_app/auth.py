@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from gateway_app.models import User
 from gateway_app.passwords import hash_password, verify_password
-from gateway_app.ratelimit import RATE_LIMITED, address_subject
+from gateway_app.ratelimit import RATE_LIMITED, client_address
 from gateway_app.sign_out import (REMEMBERED, SIGNED_OUT, is_signed_out, sign_out,
                                   sign_out_everywhere)
 from gateway_app.tokens import InvalidToken, VerifiedToken, issue_token, verify_token
@@ -116,7 +116,7 @@ def login(args):
     """Exchange a username and password for a bearer token."""
     limiter, username = current_app.extensions[RATE_LIMITER], args["username"]
     # (A username has no colon: the address after it cannot be mistaken for part of it.)
-    limiter.check(f"sign-in:{username}:{address_subject(request.remote_addr)}",
+    limiter.check(f"sign-in:{username}:{client_address()}",
                   limit=SIGN_INS_PER_USERNAME_AND_ADDRESS)
     # Counted as failed before the password is checked, and given back unless it proves wrong.
     with limiter.failure_reserved(f"failed-sign-in:{username}",
@@ -181,7 +181,7 @@ def _hash_no_password_matches() -> str:
 
 def limit_by_address() -> None:
     """`before_request` for /api/auth (signing up, in and out): limit per client address."""
-    current_app.extensions[RATE_LIMITER].check(f"addr:{address_subject(request.remote_addr)}")
+    current_app.extensions[RATE_LIMITER].check(f"addr:{client_address()}")
 
 
 def authenticate_bearer() -> None:

@@ -38,7 +38,7 @@ from wsproto.utilities import LocalProtocolError, ProtocolError
 from gateway_app import tokens
 from gateway_app.auth import SIGNED_IN_ERRORS
 from gateway_app.models import Notification
-from gateway_app.ratelimit import RateLimited
+from gateway_app.ratelimit import RateLimited, client_address
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out
 from gateway_app.socket_document import document_socket
 from gateway_app.user_channels import channel, channel_listener, publish
@@ -65,10 +65,12 @@ SOCKET_RECHECK_SECONDS = 5.0
 SUBSCRIBE_TIMEOUT_SECONDS = 2.0
 # Each open socket holds one of the gateway process's threads (200, as make run and compose start
 # it) for as long as it stays open, and a registration on the process's one Redis subscriber. A
-# user gets a few (pages in several tabs), and all sockets together leave 8 threads for the API;
-# past either limit a socket is closed at once with 1013 (try again later), and the page
-# reconnects later as after any close. (Idle, 200 sockets on two processes cost them 5.6% of a
-# core, mostly the sockets' rechecks of the table, and 2 Redis connections: README.)
+# user gets a few (pages in several tabs), a client address GATEWAY_SOCKETS_PER_ADDRESS (signing
+# up is cheap: without it one address's users took every slot), and all sockets together leave 8
+# threads for the API; past any limit a socket is closed at once with 1013 (try again later), and
+# the page reads the orders itself and reconnects later, as after any close. (Idle, 200 sockets on
+# two processes cost them 5.6% of a core, mostly the sockets' rechecks of the table, and 2 Redis
+# connections: README.)
 SOCKETS_PER_USER = 5
 SOCKETS_PER_PROCESS = 192
 # A page that vanished without closing (a laptop asleep, a network gone) must not keep its thread
@@ -213,25 +215,33 @@ def newest_notification():
 # --- pushing over WebSocket -----------------------------------------------------------------------
 
 class SocketSlots:
-    """The open sockets of this process, per user and in all, within their limits."""
+    """The open sockets of this process, per user, per client address and in all, within their
+    limits."""
 
-    def __init__(self, per_user: int, in_all: int):
-        self._per_user, self._in_all = per_user, in_all
-        self._open: Counter = Counter()
+    def __init__(self, per_user: int, per_address: int, in_all: int):
+        self._per_user, self._per_address, self._in_all = per_user, per_address, in_all
+        self._users: Counter = Counter()
+        self._addresses: Counter = Counter()
         self._lock = threading.Lock()
 
-    def take(self, user_id: str) -> bool:
+    def take(self, user_id: str, address: str) -> bool:
+        """A slot for a socket of `user_id` from `address` (as ratelimit.client_address counts
+        it), unless that would pass a limit."""
         with self._lock:
-            if self._open[user_id] >= self._per_user or self._open.total() >= self._in_all:
+            if (self._users[user_id] >= self._per_user
+                    or self._addresses[address] >= self._per_address
+                    or self._users.total() >= self._in_all):
                 return False
-            self._open[user_id] += 1
+            self._users[user_id] += 1
+            self._addresses[address] += 1
             return True
 
-    def give_back(self, user_id: str) -> None:
+    def give_back(self, user_id: str, address: str) -> None:
         with self._lock:
-            self._open[user_id] -= 1
-            if self._open[user_id] <= 0:
-                del self._open[user_id]
+            for held, key in ((self._users, user_id), (self._addresses, address)):
+                held[key] -= 1
+                if held[key] <= 0:
+                    del held[key]
 
 
 def register_socket(app, authenticate) -> None:
@@ -239,10 +249,12 @@ def register_socket(app, authenticate) -> None:
     notifications. With `after`, first everything newer than that id, then each one live; without
     it, each one kept from the moment the handshake is answered. The socket is closed with 1008
     when the token is refused, when `after` is no notification id and when the token expires; with
-    1013 (try again later) past the user's rate limit or its socket limits."""
+    1013 (try again later) past the user's rate limit or its socket limits, or its address's."""
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": SOCKET_MAX_MESSAGE_BYTES}
     sock = Sock(app)
-    slots = SocketSlots(SOCKETS_PER_USER, SOCKETS_PER_PROCESS)
+    slots = SocketSlots(SOCKETS_PER_USER,
+                        app.extensions["hseshop.settings"].gateway_sockets_per_address,
+                        SOCKETS_PER_PROCESS)
 
     @app.before_request
     def before_the_handshake() -> None:
@@ -258,7 +270,7 @@ def register_socket(app, authenticate) -> None:
     @sock.route(SOCKET_PATH, endpoint=SOCKET_ENDPOINT)
     def notifications_socket(ws):
         try:
-            _serve_socket(ws, g.socket_opening, slots)
+            _serve_socket(ws, g.socket_opening, slots, client_address())
         finally:
             end_the_socket(ws)
 
@@ -266,7 +278,7 @@ def register_socket(app, authenticate) -> None:
                     next(app.url_map.iter_rules(endpoint=SOCKET_ENDPOINT)))
 
 
-def _serve_socket(ws, opening: SocketOpening, slots: SocketSlots) -> None:
+def _serve_socket(ws, opening: SocketOpening, slots: SocketSlots, address: str) -> None:
     try:
         drop_when_the_peer_vanishes(ws.sock)
     except OSError:  # the page closed it at once: simple_websocket's reader has closed it
@@ -274,13 +286,13 @@ def _serve_socket(ws, opening: SocketOpening, slots: SocketSlots) -> None:
     if opening.refusal:
         _close(ws, *opening.refusal)
         return
-    if not slots.take(opening.token.user_id):
+    if not slots.take(opening.token.user_id, address):
         _close(ws, 1013, "too many open notification sockets; try again later")
         return
     try:
         stream_notifications(ws, opening.token, opening.after)
     finally:
-        slots.give_back(opening.token.user_id)
+        slots.give_back(opening.token.user_id, address)
 
 
 def _close(ws, code: int | None = None, message: str | None = None) -> None:

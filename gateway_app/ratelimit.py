@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import redis
+from flask import request
 
 from shared.documented_errors import DocumentedError
 from shared.errors import ApiError
@@ -60,6 +61,13 @@ def address_subject(address: str | None) -> str:
     if ip.version == 6:
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)
+
+
+def client_address() -> str:
+    """The request's client address as the limits count it (address_subject): the address its
+    connection comes from, or the one our trusted proxies forwarded (GATEWAY_TRUSTED_PROXY_HOPS:
+    ProxyFix has written it in before the app sees the request)."""
+    return address_subject(request.remote_addr)
 
 
 class RateLimiter:

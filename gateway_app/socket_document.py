@@ -27,7 +27,7 @@ The token goes in the query (a browser's WebSocket cannot send headers). A socke
 - 1008 when the token is refused, when `after` is no notification id, when either is given more
   than once, and when the token expires or is signed out (`POST /api/auth/logout`; sign in
   again, then reconnect);
-- 1013 past the user's rate limit or its socket limits: reconnect later;
+- 1013 past the user's rate limit or its socket limits, or its address's: reconnect later;
 - 1011 when the gateway loses Redis or its database: reconnect."""
 
 

@@ -78,6 +78,11 @@ ENVIRONMENT: dict[str, str] = {
     # ignored (a client could write any address in it). It must be the number of proxies we
     # control: one more and a client picks its own address.
     "GATEWAY_TRUSTED_PROXY_HOPS": "0",
+    # Notification sockets a gateway process keeps open from one client address (as the
+    # per-address rate limits count it: an IPv6 address by its /64), beside its 5 per user and 192
+    # in all: one address signing up many users cannot take every slot, and close everyone
+    # else's. Clients behind one NAT share it: past it their pages read the orders themselves.
+    "GATEWAY_SOCKETS_PER_ADDRESS": "20",
     "CACHE_TTL_SECONDS": "60",
     # gRPC: where each service listens, where the gateway reaches it, and which way the gateway
     # talks to the services ("grpc" or "http").
@@ -122,6 +127,7 @@ class Settings:
     auth_token_ttl_seconds: int
     rate_limit_per_minute: int
     gateway_trusted_proxy_hops: int
+    gateway_sockets_per_address: int
     cache_ttl_seconds: int
     orders_grpc_bind: str
     payments_grpc_bind: str

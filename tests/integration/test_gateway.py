@@ -2027,13 +2027,17 @@ def _served_gateway_socket_path(settings, upstreams, name: str, user: str | None
                       payments_service_url=upstreams["payments"].url, **changes)
     served = _Served(make_server("127.0.0.1", 0, client.application, threaded=True))
     try:
-        # A token as signing in issues it (signing up would count against the address's limit).
-        token = issue_token(user or f"usr_{uuid.uuid4().hex[:16]}",
-                            f"{name}-{uuid.uuid4().hex[:8]}", settings.auth_token_secret,
-                            settings.auth_token_ttl_seconds)
-        yield served.url, f"/api/notifications/ws?access_token={token.access_token}"
+        yield served.url, _socket_path(settings, name, user)
     finally:
         served.close()
+
+
+def _socket_path(settings, name: str, user: str | None = None) -> str:
+    """The notification socket path of `user` (a new one by default), with a token as signing in
+    issues it (signing up would count against the address's limit)."""
+    token = issue_token(user or f"usr_{uuid.uuid4().hex[:16]}", f"{name}-{uuid.uuid4().hex[:8]}",
+                        settings.auth_token_secret, settings.auth_token_ttl_seconds)
+    return f"/api/notifications/ws?access_token={token.access_token}"
 
 
 def test_a_socket_opened_without_after_sends_all_kept_once_its_handshake_is_answered(
@@ -2078,6 +2082,52 @@ def test_a_user_past_the_socket_limit_is_refused_at_once(settings, upstreams, mo
             socket.close()
 
 
+def test_one_address_past_its_socket_limit_is_refused_and_keeps_no_one_else_out(
+        settings, upstreams):
+    """Signing up is cheap: one address's many users took every slot of a process, and everyone
+    else's sockets were refused. Past GATEWAY_SOCKETS_PER_ADDRESS, whichever user it is for, a
+    socket from the address is closed at once (1013); one from another address is taken, and a
+    closed one frees its address's slot. The address is the one the per-address rate limits
+    count: behind a trusted proxy the one it forwarded, an IPv6 one by its /64."""
+    with _served_gateway_socket_path(settings, upstreams, "crowd", gateway_sockets_per_address=2,
+                                     gateway_trusted_proxy_hops=1) as (base, _):
+        def url() -> str:  # a socket of a user of its own
+            return base.replace("http://", "ws://") + _socket_path(settings, "crowd")
+
+        block = f"2001:db8:{uuid.uuid4().int % 0xFFFF:x}:{uuid.uuid4().int % 0xFFFF:x}"
+        crowd = {"X-Forwarded-For": f"{block}::1"}
+        held = [_stays_open(url(), headers=crowd) for _ in range(2)]
+        assert all(held)
+        assert _refused(url(), headers=crowd)
+        assert _refused(url(), headers={"X-Forwarded-For": f"{block}::2"})  # the same /64
+        # Another client behind the same proxy, and the proxy's own address, are counted apart.
+        others = [_stays_open(url(), headers={"X-Forwarded-For": _an_address()}),
+                  _stays_open(url())]
+        assert all(others)
+        held.pop().close()
+        again = wait_for(lambda: _stays_open(url(), headers=crowd), timeout=10,
+                         what="the address's freed slot")
+        for socket in [again, *held, *others]:
+            socket.close()
+
+
+def test_with_no_proxy_trusted_sockets_are_counted_by_the_connections_address(settings,
+                                                                              upstreams):
+    """GATEWAY_TRUSTED_PROXY_HOPS=0: an X-Forwarded-For is the client's own writing, and a new
+    address in it each time gets it no more sockets."""
+    with _served_gateway_socket_path(settings, upstreams, "forger",
+                                     gateway_sockets_per_address=2) as (base, _):
+        def url() -> str:
+            return base.replace("http://", "ws://") + _socket_path(settings, "forger")
+
+        held = [_stays_open(url(), headers={"X-Forwarded-For": _an_address()})
+                for _ in range(2)]
+        assert all(held)
+        assert _refused(url(), headers={"X-Forwarded-For": _an_address()})
+        for socket in held:
+            socket.close()
+
+
 def test_a_refused_socket_whose_page_stays_silent_frees_its_reader_and_connection(
         settings, upstreams):
     """simple_websocket reads each socket on a thread of its own, waiting in recv() for the page.
@@ -2112,10 +2162,10 @@ def test_a_refused_socket_whose_page_stays_silent_frees_its_reader_and_connectio
             page.close()
 
 
-def _stays_open(url):
-    """A socket to `url` if the gateway keeps it open for a second, else None (long enough for
-    the gateway to have taken its slot, on a busy machine too)."""
-    socket = WebSocketClient.connect(url)
+def _stays_open(url, headers: dict | None = None):
+    """A socket to `url` (its handshake with `headers`) if the gateway keeps it open for a second,
+    else None (long enough for the gateway to have taken its slot, on a busy machine too)."""
+    socket = WebSocketClient.connect(url, headers=headers)
     try:
         socket.receive(timeout=1)
     except ConnectionClosed:
@@ -2151,10 +2201,11 @@ def test_an_open_socket_is_probed_so_that_a_vanished_page_frees_its_slot(setting
         page.close()
 
 
-def _refused(url, code: int = 1013, reason: str | None = None) -> bool:
-    """Whether the gateway closes a socket to `url` with `code` (1013: try again later), and
-    `reason` if given, before sending anything; waits for the close up to a deadline (a busy
-    machine can take its time).
+def _refused(url, code: int = 1013, reason: str | None = None,
+             headers: dict | None = None) -> bool:
+    """Whether the gateway closes a socket to `url` (its handshake with `headers`) with `code`
+    (1013: try again later), and `reason` if given, before sending anything; waits for the close
+    up to a deadline (a busy machine can take its time).
 
     Read off the wire with wsproto: simple_websocket's client takes only the handshake's answer
     from its first read, so a close frame in the same packet was lost, and the socket seemed
@@ -2169,7 +2220,8 @@ def _refused(url, code: int = 1013, reason: str | None = None) -> bool:
     connection = WSConnection(ConnectionType.CLIENT)
     with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
         sock.sendall(connection.send(Request(host=address.netloc,
-                                             target=f"{address.path}?{address.query}")))
+                                             target=f"{address.path}?{address.query}",
+                                             extra_headers=list((headers or {}).items()))))
         while True:
             try:
                 data = sock.recv(65536)
