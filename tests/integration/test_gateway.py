@@ -29,6 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from werkzeug.serving import make_server
+from wsproto.frame_protocol import CloseReason
 
 import gateway_app
 import orders_app
@@ -2169,6 +2170,10 @@ def _stays_open(url, headers: dict | None = None):
     try:
         socket.receive(timeout=1)
     except ConnectionClosed:
+        return None
+    if socket.close_reason != CloseReason.NO_STATUS_RCVD:
+        # Its close came with the handshake's answer: read, but the connection still open
+        # (WebSocketClient) until the gateway shuts it down.
         return None
     return socket
 
