@@ -8,9 +8,14 @@
   const ORDERS_PAGE = 50;
   const RECONNECT_FIRST_MS = 500;
   const RECONNECT_MAX_MS = 10000;
-  // A socket counts as having worked (and the next reconnect starts from the shortest wait) once
-  // it has stayed open this long: the gateway may open one and close it at once (1013, too many).
+  // A socket counts as having worked (the next reconnect starts from the shortest wait, and the
+  // page's own reads stop) once it has stayed open this long: the gateway may open one and close it
+  // at once (1013, too many).
   const SOCKET_WORKED_MS = 5000;
+  // While its socket has not worked (refused, as with 1013 or 1011, or reconnecting), the page
+  // reads the first page of orders and the balance itself this often: the gateway may refuse
+  // sockets for long (its slots taken, Redis away) while its API answers.
+  const POLL_MS = 10000;
   const AMOUNT = /^\d{1,10}(\.\d{1,2})?$/;
   const MAX_AMOUNT = 1000000000;  // the services' largest amount, 1,000,000,000.00
 
@@ -36,12 +41,15 @@
   let socket = null;
   let reconnectTimer = null;
   let reconnectDelay = RECONNECT_FIRST_MS;
+  let poll = null;  // {timer}: the page's own reads while its socket has not worked (pollOrders)
   let expiryTimer = null;
   let loadTimer = null;
   // The catch-up after a read that failed (catchUpSoon): its timer, and when it is due.
   let catchUpTimer = null;
   let catchUpDueAt = 0;
-  let catchUpMessage = null;  // the error it was called for, as shown
+  // The error a failed read showed (as shown), which the next read of the orders and the balance
+  // through makes good.
+  let catchUpMessage = null;
   // The balance read in flight: {again} when the balance may have changed since it was sent (it is
   // then read once more: a burst of notifications costs two reads), {overtaken} when a write's
   // answer has been shown since (its answer, older, is then not shown).
@@ -358,6 +366,7 @@
     loadTimer = null;
     clearTimeout(catchUpTimer);
     catchUpTimer = null;
+    stopPolling();
     closeSocket();
     orders.clear();
     nextCursor = null;
@@ -715,11 +724,12 @@
     const ws = new WebSocket(`${scheme}//${location.host}/api/notifications/ws?${query}`);
     socket = ws;
     setLive("connecting");
-    let openedAt = null;
     ws.onopen = () => {
       if (socket !== ws) return;
-      openedAt = Date.now();
       setLive("live");
+      setTimeout(() => {
+        if (socket === ws) onSocketWorked();
+      }, SOCKET_WORKED_MS);
     };
     ws.onmessage = (event) => {
       if (socket !== ws) return;
@@ -734,16 +744,43 @@
     ws.onclose = (event) => {
       if (socket !== ws) return;
       socket = null;
-      if (openedAt !== null && Date.now() - openedAt >= SOCKET_WORKED_MS) {
-        reconnectDelay = RECONNECT_FIRST_MS;
-      }
       if (!session) return;
       setLive("reconnecting");
       // 1008: the gateway refused the socket (its token refused or expired); an API call tells
       // whether the token has expired (and then shows the sign-in form) before trying again.
       if (event.code === 1008) refreshBalance().catch(report);
+      pollOrders();
       scheduleReconnect();
     };
+  }
+
+  // The socket has stayed open SOCKET_WORKED_MS: the page's own reads stop. What changed while
+  // it had none, its socket sends first (it was opened `after` the last notification seen).
+  function onSocketWorked() {
+    reconnectDelay = RECONNECT_FIRST_MS;
+    stopPolling();
+  }
+
+  // Until a socket works, reads the first page of orders and the balance every POLL_MS, never
+  // sooner than an answer asked (its Retry-After), so that a paid order shows as paid however
+  // long the gateway refuses the socket; reconnecting goes on meanwhile, with its backoff.
+  function pollOrders() {
+    if (poll || !session) return;
+    const current = { timer: null };
+    poll = current;
+    const readIn = (delay) => {
+      current.timer = setTimeout(async () => {
+        const failed = await readOrdersAndBalance();
+        failed.forEach(reportFailedRead);
+        if (poll === current) readIn(Math.max(POLL_MS, ...failed.map(retryAfterMs)));
+      }, delay);
+    };
+    readIn(POLL_MS);
+  }
+
+  function stopPolling() {
+    if (poll) clearTimeout(poll.timer);
+    poll = null;
   }
 
   function scheduleReconnect() {
@@ -794,10 +831,26 @@
   }
 
   function reportAndCatchUp(error) {
+    reportFailedRead(error);
+    if (!error.handled) catchUpSoon(retryAfterMs(error));
+  }
+
+  // Shows what a read failed with, as what the next read of the orders and the balance through
+  // makes good (readOrdersAndBalance then clears it).
+  function reportFailedRead(error) {
     report(error);
-    if (error.handled) return;
-    catchUpMessage = $("message").textContent;
-    catchUpSoon(retryAfterMs(error));
+    if (!error.handled) catchUpMessage = $("message").textContent;
+  }
+
+  // Reads the first page of orders and the balance again, at once (a catch-up's read or a poll's),
+  // and clears what a failed read showed once both are through; the failures.
+  async function readOrdersAndBalance() {
+    const reads = await Promise.allSettled([loadOrders(), refreshBalance()]);
+    const failed = reads.filter((read) => read.status === "rejected").map((read) => read.reason);
+    if (!failed.length && !$("message").hidden && $("message").textContent === catchUpMessage) {
+      clearMessage();  // what it reported is made good
+    }
+    return failed;
   }
 
   // Reads the first page of orders and the balance again, once: in 5 s, and never sooner than
@@ -812,12 +865,7 @@
     catchUpTimer = setTimeout(async () => {
       catchUpTimer = null;
       // Both reads' failures count: the later Retry-After of the two decides the next catch-up.
-      const reads = await Promise.allSettled([loadOrders(), refreshBalance()]);
-      const failed = reads.filter((read) => read.status === "rejected");
-      if (!failed.length && !$("message").hidden && $("message").textContent === catchUpMessage) {
-        clearMessage();  // what it reported is made good
-      }
-      failed.forEach((read) => reportAndCatchUp(read.reason));
+      (await readOrdersAndBalance()).forEach(reportAndCatchUp);
     }, dueAt - Date.now());
   }
 

@@ -3,7 +3,9 @@ orders, and watches each order's badge turn FINISHED or CANCELLED without reload
 
 from __future__ import annotations
 
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,12 @@ from selenium.common.exceptions import NoSuchElementException, StaleElementRefer
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+from simple_websocket import ConnectionClosed
+from wsproto.frame_protocol import CloseReason
 
-from devstack.stack import REPO_ROOT
-from tests.e2e.gateway_client import GatewayClient
+from devstack.stack import API_WORKERS, REPO_ROOT
+from gateway_app.notifications import SOCKETS_PER_USER
+from tests.e2e.gateway_client import GatewayClient, Listener
 from tests.polling import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -594,3 +599,113 @@ def test_a_lost_top_up_or_order_retried_after_a_reload_is_carried_out_once(stack
     page.element("sign-out").click()
     page.wait_until(lambda: page.visible("auth-section"), what="the sign-in form")
     assert browser.execute_script(PENDING_KEYS_STORED) == []
+
+
+# The page's poll while its socket is refused (app.js POLL_MS), and how long a socket must stay open
+# for the page to take it as working (SOCKET_WORKED_MS), in seconds.
+POLL_SECONDS = 10
+SOCKET_WORKED_SECONDS = 5
+
+# Played by the browser itself: the page's reads (path, when) and its sockets (when each opened,
+# when it closed and with what code) are recorded; everything is real.
+READS_AND_SOCKETS_RECORDED = """
+window.hseshopReads = [];
+window.hseshopSockets = [];
+const realFetch = window.fetch.bind(window);
+window.fetch = (input, init) => {
+  const url = typeof input === "string" ? input : input.url;
+  window.hseshopReads.push({path: new URL(url, location.href).pathname, at: performance.now()});
+  return realFetch(input, init);
+};
+const RealWebSocket = window.WebSocket;
+window.WebSocket = class extends RealWebSocket {
+  constructor(...args) {
+    super(...args);
+    const socket = {opened: null, closed: null, code: null};
+    window.hseshopSockets.push(socket);
+    this.addEventListener("open", () => { socket.opened = performance.now(); });
+    this.addEventListener("close", (event) => {
+      socket.closed = performance.now();
+      socket.code = event.code;
+    });
+  }
+};
+"""
+
+
+def _every_socket_slot_of(shopper: GatewayClient) -> list[Listener]:
+    """Sockets of `shopper` held open in every slot the gateway has for them (SOCKETS_PER_USER in
+    each of its processes, whichever a connection lands in): it refuses the next with 1013."""
+    def kept_open(_) -> Listener | None:
+        listener = shopper.listen()
+        try:
+            listener.next(timeout=2)  # a refused one is closed at once
+        except ConnectionClosed:
+            return None
+        if listener.socket.close_reason != CloseReason.NO_STATUS_RCVD:
+            # Its close came with the handshake's answer: read, but the connection still open
+            # (tests/network_tools.py WebSocketClient) until the gateway shuts it down.
+            listener.close()
+            return None
+        return listener
+
+    wanted, held = API_WORKERS * SOCKETS_PER_USER, []
+    deadline = time.monotonic() + 60
+    while len(held) < wanted:
+        assert time.monotonic() < deadline, f"only {len(held)} of {wanted} sockets kept open"
+        with ThreadPoolExecutor(wanted) as pool:
+            held += [listener for listener in pool.map(kept_open, range(wanted - len(held)))
+                     if listener]
+    return held
+
+
+def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(stack, browser):
+    """The gateway refuses the page's socket (1013, every slot taken) for as long as it likes,
+    while its API answers: the page reads the first page of orders and the balance itself every
+    POLL_SECONDS, so an order paid meanwhile shows as paid, and the balance what it left. Once a
+    socket works again, the page stops reading by itself."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": READS_AND_SOCKETS_RECORDED})
+    shopper = GatewayClient(stack.gateway_url)
+    shopper.open_account_with("100")
+    held = _every_socket_slot_of(shopper)
+    try:
+        page = ShopPage(browser, f"{stack.gateway_url}/").open()
+        page.sign_in(shopper.username, "a long password")
+        page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
+        page.wait_until(lambda: any(socket["code"] == 1013 for socket in
+                                    browser.execute_script("return window.hseshopSockets;")),
+                        what="the page's socket refused with 1013")
+        order = shopper.place_order("30")["id"]
+        shopper.wait_until_final(order)
+        page.wait_until(lambda: order in page.order_ids()
+                        and page.badge(order).get_attribute("data-status") == "FINISHED",
+                        timeout=POLL_SECONDS + 5, what="the paid order read by the page's poll")
+        page.wait_until(lambda: page.text("balance") == "70.00", what="the balance it left")
+    finally:
+        for listener in held:
+            listener.close()
+
+    def working_since() -> float | None:
+        """When the page's socket that has stayed open SOCKET_WORKED_SECONDS opened."""
+        sockets, now = browser.execute_script(
+            "return [window.hseshopSockets, performance.now()];")
+        last = sockets[-1]
+        if last["opened"] is None or last["closed"] is not None:
+            return None
+        return last["opened"] if now - last["opened"] > SOCKET_WORKED_SECONDS * 1000 else None
+
+    # (Reconnecting backs off to 10 s at most between attempts.)
+    opened = page.wait_until(working_since, timeout=15 + SOCKET_WORKED_SECONDS + 5,
+                             what="a socket of the page working again")
+    worked = opened + SOCKET_WORKED_SECONDS * 1000
+    # A poll would read the orders within POLL_SECONDS of any moment: none comes after it worked.
+    page.wait_until(lambda: browser.execute_script("return performance.now();")
+                    > worked + (POLL_SECONDS + 2) * 1000, timeout=POLL_SECONDS + 5,
+                    what="a poll's time to pass")
+    reads = browser.execute_script("return window.hseshopReads;")
+    listed = [read["at"] for read in reads if read["path"] == "/api/orders"]
+    assert not [at for at in listed if at > worked + 50], (worked, listed)
+    # While refused, the page read the orders no more often than every POLL_SECONDS.
+    assert all(later - earlier >= POLL_SECONDS * 1000 - 5
+               for earlier, later in zip(listed, listed[1:])), listed
