@@ -11,11 +11,14 @@ a message with fields it does not know and drops them (they are not in the loade
 inbox stores, and a handler, a notification page included, sees only the fields the reader's
 contract declares), while every field it knows is checked as strictly as ever (required, types,
 amounts, the envelope's version). What a reader cannot take (a type it does not know, a known
-field it refuses, another envelope version) is still refused. The shop itself writes only what
-its contract declares: new_event refuses a payload with a field more. So a field may be added
-only where a reader that drops it still does what the message asks: one that changes what a
-known field means (a currency beside `amount`, say) needs a new type or envelope version, which
-readers that do not know it refuse.
+field it refuses, an envelope version it does not know) is still refused, and kept with its id,
+type, version and payload to be read again once the reader knows better (PayloadRefused). The shop
+itself writes only what its contract declares: new_event refuses a payload with a field more. So
+a field may be added only where a reader that drops it still does what the message asks: one that
+changes what a known field means (a currency beside `amount`, say) needs a new type or envelope
+version, which readers that do not know it refuse and keep. An envelope of any version carries
+`message_id`, `type`, `version` and `payload` (and `correlation_id`, if it has one) as version 1
+does: they are what a reader that does not know the version needs to keep the message.
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ PAYMENT_FAILED = "PaymentFailed"
 ORDER_STATUS_CHANGED = "OrderStatusChanged"
 
 ENVELOPE_VERSION = 1
+# The envelope versions this reader knows: a message of another is refused with its payload
+# (PayloadRefused), kept to be replayed once the reader knows it (knows_envelope_version).
+KNOWN_ENVELOPE_VERSIONS = frozenset({ENVELOPE_VERSION})
+# The highest version an envelope may name: the most the inbox's column (smallint) holds.
+HIGHEST_ENVELOPE_VERSION = 32767
 
 # Why a payment was refused; orders copy it onto the cancelled order.
 NO_ACCOUNT = "NO_ACCOUNT"
@@ -54,11 +62,12 @@ class MalformedMessage(ValueError):
 
 
 class PayloadRefused(MalformedMessage):
-    """A well-formed envelope whose type this reader does not know, or whose payload breaks its
-    type's contract, as this reader has it: most likely sent by a producer newer than the reader
-    (a rolling upgrade, one service's new version running before the other's). `envelope` holds
-    the envelope's fields, the payload as sent: kept with the message's own id, the message can
-    be handed back once the reader knows better (python -m tasks.parked replay)."""
+    """A well-formed envelope of a version this reader does not know, or of a type it does not
+    know, or whose payload breaks its type's contract, as this reader has it: most likely sent by
+    a producer newer than the reader (a rolling upgrade, one service's new version running before
+    the other's). `envelope` holds the envelope's fields (its version among them), the payload as
+    sent: kept with the message's own id, the message can be handed back once the reader knows
+    better (python -m tasks.parked replay)."""
 
     def __init__(self, reason: str, envelope: dict[str, Any]):
         super().__init__(reason)
@@ -107,19 +116,33 @@ PAYLOAD_SCHEMAS: dict[str, ContractSchema] = {
 }
 
 
-class EnvelopeSchema(ContractSchema):
+class EnvelopeOfAnyVersionSchema(ContractSchema):
+    """An envelope as a reader reads one of a version it does not know: what every version
+    carries, enough to keep the message under its own id with its type, version and payload, to
+    be handed back once the reader knows the version. The rest may have changed with the version,
+    and is not read."""
+
     message_id = fields.UUID(required=True)
     # Any type: one this reader does not know is refused with its payload (PayloadRefused). At
     # most what the inbox's column holds.
     type = Text(required=True, validate=validate.Length(min=1, max=100))
-    version = fields.Integer(required=True, strict=True, validate=validate.Equal(ENVELOPE_VERSION))
-    occurred_at = fields.AwareDateTime(required=True, format="iso")
+    # Any version: one this reader does not know is refused with its payload (PayloadRefused).
+    version = fields.Integer(required=True, strict=True,
+                             validate=validate.Range(min=1, max=HIGHEST_ENVELOPE_VERSION))
     # At most what the inbox's column holds: a longer one would fail the batch's insert.
-    correlation_id = Text(required=True, allow_none=True, validate=validate.Length(max=100))
+    correlation_id = Text(load_default=None, allow_none=True, validate=validate.Length(max=100))
     payload = fields.Dict(required=True)
 
 
+class EnvelopeSchema(EnvelopeOfAnyVersionSchema):
+    """An envelope of a version this reader knows, every field of it required."""
+
+    occurred_at = fields.AwareDateTime(required=True, format="iso")
+    correlation_id = Text(required=True, allow_none=True, validate=validate.Length(max=100))
+
+
 _ENVELOPE_SCHEMA = EnvelopeSchema()
+_ENVELOPE_OF_ANY_VERSION_SCHEMA = EnvelopeOfAnyVersionSchema()
 
 
 @dataclass(frozen=True)
@@ -213,8 +236,22 @@ def encode(envelope_json: dict[str, Any]) -> bytes:
     return wire_text(envelope_json).encode("utf-8")
 
 
+def knows_envelope_version(version: int | None) -> bool:
+    """Whether this reader knows the envelope version (asked as a message is read, and again as
+    a stored one is handled: a message kept for a version the reader did not know is handled only
+    once it does)."""
+    return version in KNOWN_ENVELOPE_VERSIONS
+
+
+def _of_a_known_version(raw: dict[str, Any]) -> bool:
+    version = raw.get("version")
+    return type(version) is int and knows_envelope_version(version)
+
+
 def decode(value: bytes | None) -> Envelope:
-    """Parse and validate a message value; raise MalformedMessage if it breaks the contract."""
+    """Parse and validate a message value; raise MalformedMessage if it breaks the contract
+    (PayloadRefused if it is a well-formed envelope this reader cannot take, of a version or a
+    type it does not know or with a payload it refuses)."""
     if value is None:
         raise MalformedMessage("message has no value")
     try:
@@ -223,10 +260,15 @@ def decode(value: bytes | None) -> Envelope:
         raise MalformedMessage(f"value is not UTF-8 JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise MalformedMessage("value is not a JSON object")
+    schema = _ENVELOPE_SCHEMA if _of_a_known_version(raw) else _ENVELOPE_OF_ANY_VERSION_SCHEMA
     try:
-        envelope = _ENVELOPE_SCHEMA.load(raw)
+        envelope = schema.load(raw)
     except ValidationError as exc:
         raise MalformedMessage(f"message breaks the contract: {exc.messages}") from None
+    if not knows_envelope_version(envelope["version"]):
+        raise PayloadRefused(f"envelope version {envelope['version']} is not one this reader"
+                             f" knows ({', '.join(map(str, sorted(KNOWN_ENVELOPE_VERSIONS)))})",
+                             envelope)
     if envelope["type"] not in PAYLOAD_SCHEMAS:
         raise PayloadRefused(f"unknown message type {envelope['type']!r}", envelope)
     try:

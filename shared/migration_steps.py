@@ -99,6 +99,19 @@ def drop_inbox_produced_at() -> None:
     op.drop_column("inbox_messages", "produced_at")
 
 
+def add_inbox_envelope_version() -> None:
+    # (A constant default: PostgreSQL adds the column without rewriting the table, and the rows
+    # there, as the release before goes on writing them, are of version 1. That release reads no
+    # version: rolled back to, it would replay a message kept for a version it does not know as
+    # one of version 1, so such messages wait for the release that knows their version.)
+    op.add_column("inbox_messages", sa.Column("envelope_version", sa.SmallInteger,
+                                              server_default=sa.text("1")))
+
+
+def drop_inbox_envelope_version() -> None:
+    op.drop_column("inbox_messages", "envelope_version")
+
+
 def create_index_concurrently(name: str, table: str, columns: list[str],
                               where: str | None = None, include: list[str] | None = None) -> None:
     """Build an index without blocking the table's writers for the build (CREATE INDEX

@@ -8,8 +8,9 @@ or give up on them.
 
 By default these are inbox messages. An inbox message is parked after INBOX_MAX_ATTEMPTS failed
 tries, or at once when it cannot succeed as things stand (an unknown order, a payload that breaks
-its contract or a type the service does not know, as a newer version of its producer may send until
-the service is upgraded too, no handler for its type, a record that could not be parsed). Replaying
+its contract, a type or an envelope version the service does not know, as a newer version of its
+producer may send until the service is upgraded too, no handler for its type, a record that could
+not be parsed). Replaying
 clears its park and its attempts and dispatches it to the service's worker, where it is handled
 like a new message, and still at most once: its handler runs under a lock on its inbox row and
 marks it processed in the same transaction. A record that could not even be parsed holds no event

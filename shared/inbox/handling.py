@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.contracts import PAYLOAD_SCHEMAS, declared_fields
+from shared.contracts import PAYLOAD_SCHEMAS, declared_fields, knows_envelope_version
 from shared.db import driver_cursor, held_up_by_a_lock
 from shared.inbox.model import InboxMessage, utc_now
 from shared.outbox.writing import outbox_rows_written_together
@@ -36,12 +36,13 @@ class StoredMessage:
     request_id: str | None
     payload: dict[str, Any] | None  # as stored: JSON, not yet loaded by its contract's schema
     done: bool  # processed or parked already
+    envelope_version: int | None  # (None: a record never parsed)
 
 
 @dataclass(frozen=True)
 class ReceivedEvent:
     """A stored message as its handler gets it: the payload, loaded by its contract's schema, and
-    the message (id, type, correlation and request ids)."""
+    the message (id, type, envelope version, correlation and request ids)."""
 
     payload: dict[str, Any]
     message: StoredMessage
@@ -106,7 +107,7 @@ def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[Stored
 # One array parameter (`= ANY`), not an IN list, whatever the batch size.
 _LOCK_IN_ORDER = """
 SELECT message_id::text, type, correlation_id, request_id, payload,
-       processed_at IS NOT NULL OR parked_at IS NOT NULL
+       processed_at IS NOT NULL OR parked_at IS NOT NULL, envelope_version
 FROM inbox_messages
 WHERE message_id = ANY(%s::uuid[])
 ORDER BY key, topic, partition, "offset"
@@ -247,8 +248,11 @@ WHERE message_id = %(message_id)s::uuid"""
 
 def _ready_to_handle(message: StoredMessage,
                      handlers: dict[str, Handler]) -> tuple[Handler, ReceivedEvent] | str:
-    """The message's handler and the event to give it, or why the message must be parked: it has
-    no handler, or a payload that breaks its contract."""
+    """The message's handler and the event to give it, or why the message must be parked: an
+    envelope version this reader does not know (kept so, then replayed before the reader's
+    upgrade), no handler, or a payload that breaks its contract."""
+    if not knows_envelope_version(message.envelope_version):
+        return f"envelope version {message.envelope_version} is not one this reader knows"
     handler = handlers.get(message.type)
     if handler is None:
         return f"no handler for message type {message.type!r}"

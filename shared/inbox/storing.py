@@ -58,8 +58,8 @@ def _storable_text(raw: bytes | str | None, limit: int | None = None) -> str | N
 
 
 def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
-    """The inbox row for a record: a parsed event; a parked one, its type or payload refused; or
-    a parked row holding the raw value."""
+    """The inbox row for a record: a parsed event; a parked one, its envelope version, its type or
+    its payload refused; or a parked row holding the raw value."""
     row = {
         "topic": record.topic,
         "partition": record.partition,
@@ -76,14 +76,15 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
                                             numbers_printed_at_most=4 * len(record.value)))
         except (ValueError, RecursionError):  # (RecursionError: nested deeper than it is written)
             return _parked_raw(row, record, exc)
-        # Parked under its own id with its payload as sent: once this service knows its type or
-        # its payload's new form, a replay hands it to its handler, which reads the payload again
-        # (handling._ready_to_handle). Its offset is committed all the same, so kept only as a
-        # raw value, it could never be handled: an order paid for by a newer payments service,
-        # say, would stay NEW for ever.
+        # Parked under its own id with its version and its payload as sent: once this service
+        # knows its envelope version, its type or its payload's new form, a replay hands it to
+        # its handler, which reads the payload again (handling._ready_to_handle). Its offset is
+        # committed all the same, so kept only as a raw value, it could never be handled: an
+        # order paid for by a newer payments service, say, would stay NEW for ever.
         return row | {
             "message_id": exc.envelope["message_id"],
             "type": exc.envelope["type"],
+            "envelope_version": exc.envelope["version"],
             "correlation_id": exc.envelope["correlation_id"],
             "payload": payload,
             "parked_at": utc_now(),
@@ -94,6 +95,7 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
     return row | {
         "message_id": envelope.message_id,
         "type": envelope.type,
+        "envelope_version": envelope.version,
         "correlation_id": envelope.correlation_id,
         "payload": envelope.payload_json(),
     }
@@ -175,8 +177,8 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
         row = inbox_row(record)
         rows.setdefault(row["message_id"], row)  # a repeat inside one batch is stored once
     values = [(str(row["message_id"]), row["topic"], row["partition"], row["offset"], row["key"],
-               row.get("type"), row.get("correlation_id"), row["request_id"],
-               _as_json(row.get("payload")), row.get("raw_value"),
+               row.get("type"), row.get("envelope_version"), row.get("correlation_id"),
+               row["request_id"], _as_json(row.get("payload")), row.get("raw_value"),
                row.get("parked_at"), row.get("last_error"), row["produced_at"])
               for row in rows.values()]
     inserted = execute_values(cursor, _STORE, values, template=_STORED_ROW, page_size=len(values),
@@ -196,15 +198,16 @@ def _as_json(payload: dict[str, Any] | Json | None) -> Json | None:
 # waits for it (up to lock_timeout, 2 s, then the whole batch failed and was read again, until the
 # handler committed). ON CONFLICT is for two consumers storing one new record at once.
 _STORE = """
-INSERT INTO inbox_messages (message_id, topic, partition, "offset", key, type, correlation_id,
-                            request_id, payload, raw_value, parked_at, last_error, produced_at)
+INSERT INTO inbox_messages (message_id, topic, partition, "offset", key, type, envelope_version,
+                            correlation_id, request_id, payload, raw_value, parked_at, last_error,
+                            produced_at)
 SELECT * FROM (VALUES %s) AS received (message_id, topic, partition, "offset", key, type,
-                                        correlation_id, request_id, payload, raw_value, parked_at,
-                                        last_error, produced_at)
+                                        envelope_version, correlation_id, request_id, payload,
+                                        raw_value, parked_at, last_error, produced_at)
 WHERE NOT EXISTS (SELECT FROM inbox_messages AS stored
                   WHERE stored.message_id = received.message_id)
 ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id::text, parked_at IS NOT NULL"""
 # (Typed: the values of a VALUES list read as text where they are not numbers.)
-_STORED_ROW = ("(%s::uuid, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s::timestamptz, %s,"
-               " %s::timestamptz)")
+_STORED_ROW = ("(%s::uuid, %s, %s, %s, %s, %s, %s::smallint, %s, %s, %s::jsonb, %s,"
+               " %s::timestamptz, %s, %s::timestamptz)")

@@ -1392,7 +1392,8 @@ def _status_changes(*users: str) -> list[ReceivedEvent]:
         "status": "FINISHED", "reason": None, "updated_at": datetime.now(timezone.utc)}, None)
         for user in users]
     return [ReceivedEvent(event.payload, StoredMessage(event.message_id, event.type, None, None,
-                                                       event.payload_json(), done=False))
+                                                       event.payload_json(), done=False,
+                                                       envelope_version=event.version))
             for event in events]
 
 

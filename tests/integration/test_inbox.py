@@ -17,6 +17,7 @@ from marshmallow import fields, validate
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from shared import contracts
 from shared.contracts import (FAILURE_REASONS, PAYLOAD_SCHEMAS, PAYMENT_FAILED, PAYMENT_REQUESTED,
                               PaymentFailedSchema, encode, new_event)
 from shared.db import db, transaction
@@ -618,6 +619,60 @@ def test_a_message_of_a_type_not_known_yet_is_kept_to_be_replayed(in_payments, p
     assert row.payload == body["payload"] and "unknown message type" in row.last_error
     assert unpark_messages(db.session, [row.message_id]) == [row.message_id]  # replayable
     db.session.rollback()
+
+
+def _of_envelope_version_2(user_id: str) -> tuple[ConsumedRecord, dict]:
+    """A PaymentRequested in an envelope of version 2, as a producer newer than this reader might
+    send it: the rest of its envelope changed too (a field renamed, one more)."""
+    body = json.loads(_request_record(user_id)[0].value)
+    body["sent_at"] = body.pop("occurred_at")
+    body |= {"version": 2, "trace": "t-1"}
+    return _record(encode(body)), body
+
+
+def test_a_message_of_an_envelope_version_not_known_yet_is_kept_and_handled_once_known(
+        in_payments, payments_inbox, user_id, monkeypatch):
+    """A message whose envelope version this service does not know yet (its producer upgraded
+    first) is parked under its own id with its version and its payload, not as raw text under its
+    position (its offset is committed: Kafka will not deliver it again). Replayed before this
+    service knows the version, it is parked again, not handled as a version it is not; replayed
+    once it knows it, it is handled, once."""
+    record, body = _of_envelope_version_2(user_id)
+    message_id = uuid.UUID(body["message_id"])
+    assert payments_inbox([record]) == []  # parked, not dispatched
+    assert payments_inbox([record]) == []  # delivered again: the same row
+    row = _row(message_id)
+    assert row.parked_at is not None and row.raw_value is None
+    assert (row.type, row.envelope_version, row.payload) == (PAYMENT_REQUESTED, 2, body["payload"])
+    assert row.correlation_id == body["correlation_id"]
+    assert "envelope version 2 is not one this reader knows" in row.last_error
+
+    seen: list[ReceivedEvent] = []
+    handlers = {PAYMENT_REQUESTED: lambda session, events: seen.extend(events)}
+    assert unpark_messages(db.session, [message_id]) == [message_id]
+    db.session.commit()
+    with transaction() as session:
+        assert process_inbox_message(session, message_id, handlers) == Outcome.PARKED
+    assert seen == []
+    assert "envelope version 2 is not one this reader knows" in _row(message_id).last_error
+
+    monkeypatch.setattr(contracts, "KNOWN_ENVELOPE_VERSIONS", frozenset({1, 2}))  # upgraded
+    assert unpark_messages(db.session, [message_id]) == [message_id]
+    db.session.commit()
+    for _ in range(2):
+        with transaction() as session:
+            process_inbox_message(session, message_id, handlers)
+    assert [event.message.message_id for event in seen] == [message_id]
+    assert seen[0].message.envelope_version == 2
+    assert seen[0].payload == {"order_id": uuid.UUID(body["payload"]["order_id"]),
+                               "user_id": user_id, "amount": Decimal("1.00")}
+    assert _row(message_id).processed_at is not None
+
+
+def test_a_message_of_a_known_envelope_version_keeps_it(in_payments, payments_inbox, user_id):
+    record, message_id = _request_record(user_id)
+    assert payments_inbox([record]) == [message_id]
+    assert _row(message_id).envelope_version == 1
 
 
 def test_a_refused_payload_keeps_its_numbers_and_its_text_as_sent(in_payments, payments_inbox,

@@ -173,8 +173,34 @@ def test_an_operators_parked_messages_are_read_through_an_index_of_the_parked_ro
                 assert "ix_inbox_messages_parked" in plan and "Seq Scan" not in plan, plan
     finally:
         engine.dispose()
-    command.downgrade(config, "-1")
+    command.downgrade(config, "0013" if service == "gateway" else "0012")
     assert _index_valid(url, "ix_inbox_messages_parked") is None
+    command.upgrade(config, "head")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_inbox_rows_keep_their_envelope_version_those_of_before_version_1(infrastructure,
+                                                                            service):
+    """Every inbox keeps its messages' envelope version (orders' and payments' revision 0014, the
+    gateway's 0015): the rows stored before, and those the release before goes on storing
+    without it, are of version 1; the downgrade drops the column."""
+    url = _database_url(infrastructure, "envelope-version", service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    before = "0014" if service == "gateway" else "0013"
+    command.upgrade(config, before)
+    inbox_before = _table_definition(url, "inbox_messages")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        _inbox_row(cursor)
+    connection.close()
+    command.upgrade(config, "head")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        _inbox_row(cursor)  # as the release before stores it
+    connection.close()
+    assert _scalar(url, "SELECT array_agg(DISTINCT envelope_version) FROM inbox_messages") == [1]
+    assert _scalar(url, "SELECT count(*) FROM inbox_messages") == 2
+    command.downgrade(config, before)
+    assert _table_definition(url, "inbox_messages") == inbox_before
     command.upgrade(config, "head")
 
 

@@ -62,6 +62,7 @@ def _wire(**changes):
     b'{"amount": NaN}',
     _wire(type="Unknown"),
     _wire(version=2),
+    _wire(version="1"),
     _wire(message_id="not-a-uuid"),
     _wire(occurred_at="yesterday"),
     _wire(payload={"order_id": str(uuid.uuid4()), "user_id": "a", "amount": "1.001"}),
@@ -90,10 +91,43 @@ def test_a_well_formed_envelope_whose_payload_is_refused_keeps_its_id_and_payloa
 
 
 def test_an_envelope_that_breaks_its_own_contract_is_not_kept_by_its_id():
-    for value in (_wire(version=2), _wire(version=2, extra="field"), _wire(type="")):
+    for value in (_wire(version="2"), _wire(version=0), _wire(version=2**15), _wire(version=True),
+                  _wire(version=2.0), _wire(version=[2]), _wire(version=None), _wire(type=""),
+                  _wire(version=2, message_id="not-a-uuid"), _wire(version=2, payload=[1]),
+                  _wire(occurred_at="yesterday")):
         with pytest.raises(MalformedMessage) as refused:
             decode(value)
         assert not isinstance(refused.value, PayloadRefused)
+
+
+def test_an_envelope_of_a_version_the_reader_does_not_know_is_refused_and_kept_by_its_id():
+    """What a producer newer than its reader sends once the envelope changes: the reader refuses
+    it, but keeps what every version carries (its id, type, version and payload), whatever else
+    the new version changed, so that it can be read again once the reader knows the version."""
+    body = json.loads(_wire(version=2, extra="field"))
+    body["sent_at"] = body.pop("occurred_at")
+    with pytest.raises(PayloadRefused, match="envelope version 2 is not one this reader knows"
+                                             r" \(1\)") as refused:
+        decode(json.dumps(body).encode())
+    envelope = refused.value.envelope
+    assert str(envelope["message_id"]) == body["message_id"]
+    assert (envelope["type"], envelope["version"], envelope["payload"],
+            envelope["correlation_id"]) == (body["type"], 2, body["payload"], "order-1")
+
+    del body["correlation_id"]
+    with pytest.raises(PayloadRefused) as refused:
+        decode(json.dumps(body | {"type": "PaymentRefunded"}).encode())
+    assert refused.value.envelope["correlation_id"] is None
+
+
+def test_an_envelope_version_the_reader_has_come_to_know_is_read(monkeypatch):
+    monkeypatch.setattr(contracts, "KNOWN_ENVELOPE_VERSIONS", frozenset({1, 2}))
+    decoded = decode(_wire(version=2))
+    assert decoded.version == 2 and decoded.type == PAYMENT_REQUESTED
+    body = json.loads(_wire(version=2))
+    del body["occurred_at"]
+    with pytest.raises(MalformedMessage, match="occurred_at"):  # all of a version it knows
+        decode(json.dumps(body).encode())
 
 
 def test_a_field_a_newer_producer_added_to_the_payload_is_taken_and_dropped():
