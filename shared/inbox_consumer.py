@@ -6,7 +6,10 @@ before the offset commit means those records are read again and the inbox drops 
 the same reason the consumer neither waits for the broker to confirm an offset commit (one that is
 lost costs a re-read, never a message) nor commits after every batch: it commits what it has
 stored at most once per COMMIT_INTERVAL_SECONDS (as Kafka's own auto-commit does, every five
-seconds by default), when it stops, and when the group takes partitions away from it.
+seconds by default), when it stops, and when the group takes partitions away from it. The
+broker's answer comes later, through the client's on_commit (note_commit_result): an offset whose
+commit failed is said and committed again with the next, unless a later one has been stored or
+sent since, or its partition taken away.
 
 A step that fails is retried a second later. One that failed on a lost database connection (a
 restart, a failover) is an outage the consumer waits out, not a fault: it is said once as it
@@ -125,6 +128,10 @@ class InboxConsumer:
         self._stopping = threading.Event()
         # Per partition, the offset to commit: one past the last record stored in the inbox.
         self._stored: dict[tuple[str, int], int] = {}
+        # Per partition, the offset of the last asynchronous commit sent, while its answer has
+        # not come (note_commit_result). Dropped as the partition is revoked or lost: a failed
+        # commit of before must not be committed again over what a new owner committed since.
+        self._committing: dict[tuple[str, int], int] = {}
         # Partitions revoked or lost and not assigned again: records of theirs still in hand (a
         # batch polled before the rebalance, stored after it) commit nothing, or this consumer
         # would commit an older offset over the one their new owner committed.
@@ -203,8 +210,50 @@ class InboxConsumer:
             del self._stored[(offset.topic, offset.partition)]
         try:
             self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
-        except KafkaException as exc:  # the records are read again, and the inbox drops them
+        except KafkaException as exc:
+            # Committed again with the next commit; or, when waited for (the partitions taken
+            # away, or the consumer stopping), never: the records are read again, and the inbox
+            # drops them.
             log.warning("consumer: could not commit offsets: %s", exc)
+            if asynchronous:
+                self._put_back(offsets)
+            return
+        if asynchronous:
+            self._committing.update(((o.topic, o.partition), o.offset) for o in offsets)
+
+    def note_commit_result(self, error: KafkaError | None,
+                           partitions: list[TopicPartition]) -> None:
+        """The broker's answer to an asynchronous offset commit: the consumer's `on_commit`,
+        which the client calls from poll() (or consume, or close) on this consumer's thread, for
+        asynchronous commits only. A failure is said in a line, and each offset that failed is
+        put back to be committed with the next commit, unless superseded since: a later offset
+        of its partition stored or sent, or the partition revoked or lost."""
+        # (_NO_OFFSET: there was nothing to commit, which is no failure.)
+        failed_all = error is not None and error.code() != KafkaError._NO_OFFSET
+        failed, put_back = [], []
+        for partition in partitions:
+            where = (partition.topic, partition.partition)
+            answered = self._committing.get(where) == partition.offset
+            if answered:
+                del self._committing[where]
+            if not (failed_all or partition.error is not None):
+                continue
+            failed.append(partition)
+            if answered and where not in self._stored:
+                put_back.append(partition)
+        if not failed:
+            return
+        self._put_back(put_back)
+        log.warning("consumer: could not commit %s: %s; %s", _positions(failed),
+                    (error if failed_all else failed[0].error).str(),
+                    f"to be committed again: {_positions(put_back)}" if put_back else
+                    "none to commit again (superseded, or the partition taken away since)")
+
+    def _put_back(self, offsets: list[TopicPartition]) -> None:
+        """Offsets whose commit failed, to be committed with the next (a later one stored since
+        goes in their place)."""
+        for offset in offsets:
+            self._stored.setdefault((offset.topic, offset.partition), offset.offset)
 
     def _note_assigned(self, consumer, partitions: list[TopicPartition]) -> None:
         # (Each starts from its committed offset: no rewind of before is due.)
@@ -216,6 +265,7 @@ class InboxConsumer:
         self.commit_stored(asynchronous=False, partitions=partitions)
         self._given_up.update((p.topic, p.partition) for p in partitions)
         self._drop_rewinds_due(partitions)
+        self._drop_commits_unanswered(partitions)
 
     def _forget_lost(self, consumer, partitions: list[TopicPartition]) -> None:
         # Lost, not handed over: another consumer may own them already, and a commit would fail.
@@ -223,10 +273,15 @@ class InboxConsumer:
             self._stored.pop((partition.topic, partition.partition), None)
         self._given_up.update((p.topic, p.partition) for p in partitions)
         self._drop_rewinds_due(partitions)
+        self._drop_commits_unanswered(partitions)
 
     def _drop_rewinds_due(self, partitions: list[TopicPartition]) -> None:
         for partition in partitions:
             self._rewinds_due.pop((partition.topic, partition.partition), None)
+
+    def _drop_commits_unanswered(self, partitions: list[TopicPartition]) -> None:
+        for partition in partitions:
+            self._committing.pop((partition.topic, partition.partition), None)
 
     def poll(self) -> list[ConsumedRecord]:
         # Wait for the first message only; then take whatever else is already here, so a lone
@@ -277,6 +332,10 @@ class InboxConsumer:
             log.info("consumer: rewound %s [%d] to %d at last", topic, partition, offset)
             del self._rewinds_due[(topic, partition)]
             self._given_up.discard((topic, partition))
+
+
+def _positions(offsets: list[TopicPartition]) -> str:
+    return ", ".join(f"{o.topic} [{o.partition}] at {o.offset}" for o in offsets)
 
 
 class StoreOnOwnConnection:

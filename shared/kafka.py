@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shared.config import Settings
@@ -35,8 +36,14 @@ def producer_config(settings: Settings) -> dict:
     }
 
 
-def consumer_config(settings: Settings, group_id: str) -> dict:
-    return {
+# A consumer's on_commit: the result of each asynchronous offset commit (the error, None on
+# success; the partitions with their offsets and, where one failed, its error), called from its
+# poll() on the thread that polls.
+OnCommit = Callable[[KafkaError | None, list[TopicPartition]], None]
+
+
+def consumer_config(settings: Settings, group_id: str, on_commit: OnCommit | None = None) -> dict:
+    config = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
         "group.id": group_id,
         "enable.auto.commit": False,
@@ -51,10 +58,14 @@ def consumer_config(settings: Settings, group_id: str) -> dict:
         # what shared/inbox_consumer.py's commits and rewinds rest on.
         "partition.assignment.strategy": "range,roundrobin",
     }
+    if on_commit is not None:
+        config["on_commit"] = on_commit
+    return config
 
 
-def build_consumer(settings: Settings, group_id: str) -> Consumer:
-    return Consumer(consumer_config(settings, group_id))
+def build_consumer(settings: Settings, group_id: str,
+                   on_commit: OnCommit | None = None) -> Consumer:
+    return Consumer(consumer_config(settings, group_id, on_commit))
 
 
 def ensure_topics(settings: Settings, topics: list[str], timeout: float = 5.0) -> None:

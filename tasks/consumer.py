@@ -86,8 +86,12 @@ def build_inbox_consumer(service: str) -> tuple[InboxConsumer, StoreOnOwnConnect
     except Exception as exc:  # the consumer subscribes anyway and picks the topics up later
         log.warning("could not check the %s topics: %s", service, exc)
     store = StoreOnOwnConnection(driver_dsn(settings.database_url(service)))
+
+    def on_commit(error, partitions):  # (called from the consumer's poll: once it is made)
+        consumer.note_commit_result(error, partitions)
+
     consumer = InboxConsumer(
-        build_consumer(settings, settings.consumer_group(service)),
+        build_consumer(settings, settings.consumer_group(service), on_commit=on_commit),
         topics,
         store_batch=store,
         dispatch=lambda message_ids: dispatch_inbox_messages(service, message_ids),

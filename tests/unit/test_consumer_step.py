@@ -104,3 +104,22 @@ def test_stopping_the_worker_sets_the_flag_its_main_loop_checks(monkeypatch):
     with pytest.raises(WorkerShutdown) as raised:
         state.maybe_shutdown()
     assert raised.value.code == EX_SOFTWARE
+
+
+def test_the_answers_to_the_consumers_offset_commits_reach_it(monkeypatch):
+    """A confluent-kafka consumer takes its on_commit as it is made: the one the step builds is
+    given one that hands each answer to the InboxConsumer it runs."""
+    made = {}
+
+    def build_consumer(settings, group, on_commit):
+        made["on_commit"] = on_commit
+        return _KafkaConsumer(subscribe_fails=False)
+
+    monkeypatch.setattr(consumer_step, "build_consumer", build_consumer)
+    monkeypatch.setattr(consumer_step, "ensure_topics", lambda settings, topics: None)
+    consumer, _ = consumer_step.build_inbox_consumer("payments")
+    answers = []
+    monkeypatch.setattr(consumer, "note_commit_result",
+                        lambda error, partitions: answers.append((error, partitions)))
+    made["on_commit"]("an error", ["partitions"])
+    assert answers == [("an error", ["partitions"])]

@@ -1,7 +1,9 @@
 """The consume pipeline's commit point, with a stand-in Kafka consumer (pure logic, no I/O)."""
 
+import logging
 import uuid
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import pytest
 from confluent_kafka import (TIMESTAMP_CREATE_TIME, TIMESTAMP_LOG_APPEND_TIME,
@@ -298,6 +300,133 @@ def test_stopping_commits_what_is_stored_and_waits_for_the_answer():
     inbox = InboxConsumer(consumer, ["t"], store_then_stop, lambda ids: None, clock=FakeClock())
     inbox.run()
     assert calls == [("commit and wait", [("t", 0, 5)]), ("close",)]
+
+
+# A commit's answer as the client's on_commit gives it: the broker refused the request.
+TIMED_OUT = KafkaError(KafkaError.REQUEST_TIMED_OUT)
+
+
+def _offsets(*positions):
+    return [TopicPartition(t, p, o) for t, p, o in positions]
+
+
+def _commit_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "could not commit" in r.getMessage()]
+
+
+def test_an_offset_whose_commit_failed_is_said_and_committed_again_with_the_next(caplog):
+    """The answer to an asynchronous commit comes later, through on_commit: a failure is said in
+    a line, and its offsets, dropped from what waits to be committed as the commit was sent, are
+    committed again, until one goes through."""
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls)
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
+                          commit_interval=0)
+    inbox.run_once()
+    inbox.note_commit_result(TIMED_OUT, _offsets(("t", 0, 5), ("t", 1, 8)))
+    (warning,) = _commit_warnings(caplog)
+    assert warning == ("consumer: could not commit t [0] at 5, t [1] at 8: Broker: Request timed"
+                       " out; to be committed again: t [0] at 5, t [1] at 8")
+    inbox.run_once()
+    assert calls == [("commit", [("t", 0, 5), ("t", 1, 8)])] * 2
+    inbox.note_commit_result(None, _offsets(("t", 0, 5), ("t", 1, 8)))
+    inbox.run_once()
+    assert len(calls) == 2 and len(_commit_warnings(caplog)) == 1
+
+
+def test_a_failed_commit_superseded_since_by_a_later_offset_is_not_committed_again(caplog):
+    """Partition 0's failed offset has a later one sent since, partition 1's a later one stored
+    since: either goes in its place, and the older is not put back (it would be committed over
+    the later one)."""
+    calls, clock = [], FakeClock()
+    consumer = FakeConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls)
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None, clock=clock)
+    clock.now += 1
+    inbox.run_once()  # sends 5 and 8
+    consumer.messages = [FakeMessage("t", 0, 5)]
+    clock.now += 1
+    inbox.run_once()  # sends 6
+    consumer.messages = [FakeMessage("t", 1, 8)]
+    inbox.run_once()  # stores 9, its interval not over
+    inbox.note_commit_result(TIMED_OUT, _offsets(("t", 0, 5), ("t", 1, 8)))
+    assert _commit_warnings(caplog)[0].endswith(
+        "none to commit again (superseded, or the partition taken away since)")
+    clock.now += 1
+    inbox.run_once()
+    assert calls == [("commit", [("t", 0, 5), ("t", 1, 8)]), ("commit", [("t", 0, 6)]),
+                     ("commit", [("t", 1, 9)])]
+    inbox.note_commit_result(TIMED_OUT, _offsets(("t", 0, 6)))  # the later one fails too
+    clock.now += 1
+    inbox.run_once()
+    assert calls[-1] == ("commit", [("t", 0, 6)])
+
+
+@pytest.mark.parametrize("taken_away", ["revoked and given back", "lost"])
+def test_a_failed_commit_of_a_partition_taken_away_since_is_not_committed_again(caplog,
+                                                                              taken_away):
+    """Revoked or lost after the commit was sent, the partition may have had another owner, who
+    committed further: the older offset committed again would have records read again."""
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 9)], calls)
+
+    def store(records):
+        if records[0].partition == 1:
+            inbox.stop()
+            if taken_away == "lost":
+                consumer.on_lost(consumer, [TopicPartition("t", 0)])
+            else:
+                consumer.on_revoke(consumer, [TopicPartition("t", 0)])
+                consumer.on_assign(consumer, [TopicPartition("t", 0)])
+            inbox.note_commit_result(TIMED_OUT, _offsets(("t", 0, 5)))
+        return []
+
+    inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None, batch_size=1,
+                          commit_interval=0)
+    inbox.run()
+    assert calls == [("commit", [("t", 0, 5)]), ("commit", [("t", 1, 10)]), ("close",)]
+    assert len(_commit_warnings(caplog)) == 1
+
+
+def test_only_the_partitions_whose_commit_failed_are_committed_again(caplog):
+    """A request that went through with an error for some of its partitions (each a
+    TopicPartition whose `error` is set, the request's None); and no offset to commit
+    (_NO_OFFSET) is no failure."""
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls)
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
+                          commit_interval=0)
+    inbox.run_once()
+    inbox.note_commit_result(KafkaError(KafkaError._NO_OFFSET), [])
+    assert _commit_warnings(caplog) == []
+    refused = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+    inbox.note_commit_result(None, [TopicPartition("t", 0, 5),
+                                    SimpleNamespace(topic="t", partition=1, offset=8,
+                                                    error=refused)])
+    assert _commit_warnings(caplog) == [
+        "consumer: could not commit t [1] at 8: Broker: Unknown topic or partition; to be"
+        " committed again: t [1] at 8"]
+    inbox.run_once()
+    assert calls[-1] == ("commit", [("t", 1, 8)])
+
+
+def test_an_offset_commit_refused_as_it_is_sent_is_committed_again_with_the_next():
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 0, 4)], calls)
+    refusals = iter([True])
+
+    def commit(offsets, asynchronous):
+        if next(refusals, False):
+            raise KafkaException(KafkaError(KafkaError._STATE, "not in the group yet"))
+        calls.append(("commit", sorted((o.topic, o.partition, o.offset) for o in offsets)))
+
+    consumer.commit = commit
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
+                          commit_interval=0)
+    inbox.run_once()
+    assert calls == []
+    inbox.run_once()
+    assert calls == [("commit", [("t", 0, 5)])]
 
 
 def test_topic_partition_is_what_confluent_kafka_expects():
