@@ -159,6 +159,12 @@ def warn_of_published_secrets(service: str, settings: Settings, secrets: Iterabl
                     " own")
 
 
+def _the_readers_refusal(exc: Exception) -> bool:
+    """Whether `exc` is the web server's reader refusing a body: gunicorn's parse errors, or the
+    socket's."""
+    return isinstance(exc, OSError) or type(exc).__module__.startswith("gunicorn.http")
+
+
 def refuse_an_unsized_body_over_the_limit() -> None:
     """A 413 for a body sent in chunks, with no Content-Length, that goes on past
     MAX_REQUEST_BYTES. Werkzeug reads such a body up to the limit and stops there without a word,
@@ -167,8 +173,10 @@ def refuse_an_unsized_body_over_the_limit() -> None:
 
     A body that cannot be read as chunks (a chunk size that is no number, a chunk longer than it
     says) is a 400 BAD_REQUEST, the connection's last answer. gunicorn's reader raises an error of
-    its own for it, which Werkzeug passes on (it makes a 400 only of the socket's errors) and which
-    is caught here as any error of the reading, not by name: the apps run without gunicorn too."""
+    its own for it, which Werkzeug passes on (it makes a 400 only of the socket's errors); it is
+    told here by its module (the apps run without gunicorn too), and named by its class alone: its
+    text can hold the body itself (a password sent unframed), which neither the log nor the answer
+    repeats. Any other error stays an unexpected one (a 500, with its traceback)."""
     if request.content_length is None and "chunked" in request.headers.get(
             "Transfer-Encoding", "").lower():
         try:
@@ -176,8 +184,10 @@ def refuse_an_unsized_body_over_the_limit() -> None:
             goes_on = len(read) >= MAX_REQUEST_BYTES and request.environ["wsgi.input"].read(1)
         except HTTPException:  # (Werkzeug's own answers: a 413, the client gone)
             raise
-        except Exception as exc:  # (the server's reader refused the body)
-            log.warning("a request body that could not be read: %s", exc)
-            raise UnreadableBody(str(exc)) from None
+        except Exception as exc:
+            if not _the_readers_refusal(exc):
+                raise
+            log.warning("a request body that could not be read: %s", type(exc).__name__)
+            raise UnreadableBody(type(exc).__name__) from None
         if goes_on:
             raise RequestEntityTooLarge()

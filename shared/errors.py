@@ -57,8 +57,8 @@ class UnreadableBody(ApiError):
     reader refusing it), say. Where the next request on the connection would start is then
     unknown, so this answer is the connection's last."""
 
-    def __init__(self, why: str):
-        super().__init__(f"The request body could not be read: {why}",
+    def __init__(self, refusal: str):
+        super().__init__(f"The request body could not be read ({refusal}).",
                          headers={"Connection": "close"})
 
 
