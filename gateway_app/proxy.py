@@ -63,6 +63,9 @@ def forward(service: str, path: str, idempotent: bool = False,
     # None left out), encoded afresh: the string as typed, "%35" or an escape that is none
     # ("%zz"), would reach the service as something else ("%2535": requests quotes every "%" again
     # once one is not an escape).
+    if query is None and request.args:
+        # A route that takes none refuses a query before this; one that takes some passes it.
+        raise RuntimeError(f"{request.path}: a query, and none passed on as parsed (query=)")
     params = {name: value for name, value in (query or {}).items() if value is not None}
     try:
         upstream = send(

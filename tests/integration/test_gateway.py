@@ -458,6 +458,19 @@ def test_the_query_is_sent_on_as_the_gateway_parsed_it_as_grpc_passes_it(setting
         served.close()
 
 
+def test_a_query_not_passed_on_as_parsed_is_a_fault_not_dropped(settings):
+    """A route that took a query and did not hand it to `forward` would send none: said loudly."""
+    from flask import g
+
+    from gateway_app.proxy import forward
+
+    app = _gateway(settings).application
+    with app.test_request_context("/api/orders?limit=5"), \
+            pytest.raises(RuntimeError, match="query"):
+        g.user_id = "someone"  # (signed in)
+        forward("orders", "/orders")
+
+
 DRIP_SECONDS = 0.8  # between two bytes of a dripping answer: less than any read timeout here
 
 
