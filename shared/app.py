@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable
 from flask import Blueprint, Flask, Response, request
 from flask_smorest import Api
 from flask_smorest.pagination import PAGINATION_HEADER, PaginationMetadataSchema
-from swagger_ui_bundle import swagger_ui_path
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from shared.cache import CACHE_EXTENSION, VersionedCache
@@ -24,11 +23,12 @@ from shared.idempotency import forget_replayed_mark, say_if_replayed
 from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
 from shared.request_context import configure_logging, install_request_ids
+from shared.swagger_ui import SWAGGER_UI_ASSETS, SwaggerUiPage, serve_swagger_ui_files
 
 log = logging.getLogger(__name__)
 
 
-class ShopApi(Api):
+class ShopApi(SwaggerUiPage, Api):
     """flask-smorest's Api, its OpenAPI document describing errors as they are answered (each
     operation's own: shared.documented_errors), and giving no component no operation uses."""
 
@@ -73,12 +73,6 @@ class ShopFlask(Flask):
         del response.headers["Content-Type"]  # (no body, so no type of one)
         response.headers["Allow"] = sorted_methods(response.headers["Allow"])
         return response
-
-
-
-# Swagger UI's scripts and styles are served by the service itself (from the swagger-ui-bundle
-# package), so the docs work on a machine with no way out to a CDN.
-SWAGGER_UI_ASSETS = "/docs/swagger-ui-assets"
 
 
 def create_service_app(service: str, *, title: str, blueprints: Iterable[Blueprint],
@@ -130,8 +124,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
         app.before_request_funcs.setdefault(blueprint.name, []).append(authenticate)
     app.register_blueprint(health_blueprint)
     document_health(api, next(app.url_map.iter_rules(endpoint="health.health")), service)
-    app.register_blueprint(Blueprint("swagger_ui_assets", __name__, static_folder=swagger_ui_path,
-                                     static_url_path=SWAGGER_UI_ASSETS))
+    serve_swagger_ui_files(app)
     register_error_handlers(app)
     configure_logging()
     if serves_requests:

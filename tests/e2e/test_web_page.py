@@ -1,5 +1,6 @@
 """The web shop page in a real headless Chromium: a person signs up, opens an account, tops up,
-orders, and watches each order's badge turn FINISHED or CANCELLED without reloading the page."""
+orders, and watches each order's badge turn FINISHED or CANCELLED without reloading the page. And
+the docs, Swagger UI, under the same policy as the page."""
 
 from __future__ import annotations
 
@@ -709,3 +710,30 @@ def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(
     # While refused, the page read the orders no more often than every POLL_SECONDS.
     assert all(later - earlier >= POLL_SECONDS * 1000 - 5
                for earlier, later in zip(listed, listed[1:])), listed
+
+
+def test_swagger_ui_runs_under_the_pages_policy_and_tries_an_order_out(stack, browser):
+    """The docs (the gateway's at /docs, a service's at /docs/swagger-ui) answered with the
+    shop page's headers (tests/integration/test_openapi_documents.py): Swagger UI shows every
+    operation of the document, "Try it out" fills in an order, and Execute reaches the gateway
+    (401 without a token); the policy stopped nothing Swagger UI does."""
+    wait = WebDriverWait(browser, PAGE_DEADLINE, poll_frequency=0.1)
+    for base, docs in ((stack.orders_url, "/docs/swagger-ui"), (stack.gateway_url, "/docs")):
+        document = requests.get(f"{base}/docs/openapi.json", timeout=10).json()
+        operations = sum(method != "parameters" for item in document["paths"].values()
+                         for method in item)
+        browser.get(f"{base}{docs}")
+        wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".opblock"))
+                   == operations)
+    # (the gateway's, the last opened)
+    operation = browser.find_element(By.ID, "operations-shop-post_api_orders")
+    operation.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait.until(lambda _: operation.find_element(By.CSS_SELECTOR, ".try-out__btn")).click()
+    wait.until(lambda _: operation.find_element(By.CSS_SELECTOR, "textarea.body-param__text"))
+    operation.find_element(By.CSS_SELECTOR, ".execute").click()
+    status = wait.until(lambda _: operation.find_element(
+        By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status"))
+    assert status.text.startswith("401"), status.text
+    console = [entry["message"] for entry in browser.get_log("browser")]
+    refused = [message for message in console if "Content Security Policy" in message]
+    assert not refused, refused

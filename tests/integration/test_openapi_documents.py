@@ -1,9 +1,11 @@
 """The OpenAPI document each app serves, as a client reads it: valid OpenAPI 3.0, and what it says
-of what every app serves alike (`GET /health`) as the app answers."""
+of what every app serves alike (`GET /health`) as the app answers; and the Swagger UI each app
+serves it with."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 from openapi_spec_validator import OpenAPIV30SpecValidator, validate
@@ -15,8 +17,10 @@ from devstack.infra import free_port
 from tests.openapi_tools import (HEALTH, assert_answered_as_documented, assert_documented,
                                  unused_components, with_a_body_in_chunks)
 
-# Where every app serves its document (and its Swagger UI reads it).
+# Where every app serves its document (and its Swagger UI reads it), and its Swagger UI.
 DOCUMENT_URL = "/docs/openapi.json"
+SWAGGER_UI_URL = {"orders": "/docs/swagger-ui", "payments": "/docs/swagger-ui", "gateway": "/docs"}
+SWAGGER_UI_FILES = "/docs/swagger-ui-assets"
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +76,37 @@ def test_every_app_answers_health_as_its_document_says(apps, settings):
         assert_documented(document, method, path, too_large)  # (its code named)
         assert seen == {int(status) for status in document["paths"][path][method]["responses"]
                         if status != "default"}, service
+
+def _answered_as_a_page_of_the_shop(answer) -> bool:
+    """Whether `answer` comes with the headers of the shop's web page (gateway_app/web.py): only
+    the origin's own files run and are reached, no site may frame it, no type is sniffed."""
+    policy = answer.headers.get("Content-Security-Policy", "")
+    return ("default-src 'self'" in policy and "frame-ancestors 'none'" in policy
+            and "'unsafe-inline'" not in policy and answer.headers.get("X-Frame-Options") == "DENY"
+            and answer.headers.get("X-Content-Type-Options") == "nosniff")
+
+
+def test_each_app_serves_swagger_ui_with_the_files_it_loads_alone_none_to_be_framed(apps):
+    """The page (no inline script), each file it loads and the document it reads come with the
+    shop's page headers; the rest of the vendor's folder is a 404: its stock index.html loaded
+    and rendered https://petstore.swagger.io/v2/swagger.json on the app's origin. (The page works
+    under its policy: tests/e2e/test_web_page.py, in Chromium.)"""
+    for service, app in apps.items():
+        client = app.test_client()
+        page = client.get(SWAGGER_UI_URL[service])
+        assert page.status_code == 200 and _answered_as_a_page_of_the_shop(page), service
+        html = page.get_data(as_text=True)
+        assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", html) == [], service  # none inline
+        loaded = re.findall(r'(?:src|href)="(/[^"]*)"', html)
+        assert f"{SWAGGER_UI_FILES}/swagger-ui-bundle.js" in loaded, service
+        for url in (*loaded, DOCUMENT_URL):
+            answer = client.get(url)
+            assert answer.status_code == 200, (service, url)
+            assert _answered_as_a_page_of_the_shop(answer), (service, url)
+        for unused in ("index.html", "swagger-initializer.js", "oauth2-redirect.html",
+                       "swagger-ui.js", "swagger-ui-bundle.js.map", "favicon-32x32.png",
+                       "nested/index.html"):
+            answer = client.get(f"{SWAGGER_UI_FILES}/{unused}")
+            assert answer.status_code == 404, (service, unused)
+            assert answer.get_json()["error"]["code"] == "NOT_FOUND", (service, unused)
+
