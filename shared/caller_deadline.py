@@ -37,12 +37,14 @@ _DEADLINE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,6})?")
 _BOUND = "hseshop.caller_deadline"
 
 # The header as the OpenAPI documents of the operations that commit work describe it, and the
-# error they answer once its moment has passed.
+# error they answer once its moment has passed. No example: any moment written in the document
+# passes, and Swagger UI's "Try it out" would send it with every request (each refused 504).
 DEADLINE_PARAMETER = {
     "in": "header", "name": DEADLINE_HEADER, "required": False,
-    "schema": {"type": "string", "pattern": f"^{_DEADLINE.pattern}$", "example": "1733380000.250"},
-    "description": "Set by the gateway: when it stops waiting for the answer, in seconds since the"
-                   " epoch. Past it nothing is committed (504 CALLER_GAVE_UP)."}
+    "schema": {"type": "string", "pattern": f"^{_DEADLINE.pattern}$"},
+    "description": "Set by the gateway: the moment it stops waiting for the answer, in seconds "
+                   "since the epoch (up to 6 decimals). Past it nothing is committed (504 "
+                   "CALLER_GAVE_UP): leave it out when calling the service yourself."}
 CALLER_GAVE_UP = DocumentedError(
     504, "CALLER_GAVE_UP", f"the moment the caller gave ({DEADLINE_HEADER}) passed before the "
     "request's work could commit; it was rolled back")

@@ -834,6 +834,49 @@ def test_a_service_commits_nothing_once_the_moment_its_caller_gave_has_passed(
         assert listed == [] and "after its caller's deadline" in caplog.text
 
 
+def _as_swagger_ui_fills_it_in(spec: dict, method: str, path: str) -> tuple[dict, dict | None]:
+    """The headers and the body that Swagger UI's "Try it out" fills in for the operation: each
+    header parameter's example, and in the body each field's example or default."""
+    operation = spec["paths"][path][method]
+    headers = _given({parameter["name"]: parameter.get("example", _example(parameter["schema"]))
+                      for parameter in operation.get("parameters", [])
+                      if parameter.get("in") == "header"})
+    if "requestBody" not in operation:
+        return headers, None
+    body = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    fields = spec["components"]["schemas"][body.rpartition("/")[2]]["properties"]
+    return headers, _given({name: _example(field) for name, field in fields.items()})
+
+
+def _example(schema: dict):
+    """A value's example as Swagger UI takes it: its own, else its first form's (of a oneOf),
+    else its default; None for none."""
+    for described in (schema, *schema.get("oneOf", [])[:1]):
+        if "example" in described:
+            return described["example"]
+    return schema.get("default")
+
+
+def _given(values: dict) -> dict:
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def test_what_swagger_ui_fills_in_on_try_it_out_is_carried_out(orders_http, payments_http,
+                                                                 user_id):
+    """Each operation that commits work, asked with what "Try it out" fills in from the services'
+    documents, in the order a person tries them: the account opened, topped up, an order placed.
+    (The gateway's deadline had an example, a moment long past, which Swagger UI sent with each:
+    every one was refused 504 CALLER_GAVE_UP.)"""
+    clients = {"orders": orders_http, "payments": payments_http}
+    for service, path, status in (("payments", "/accounts", 201),
+                                  ("payments", "/accounts/deposit", 200),
+                                  ("orders", "/orders", 202)):
+        spec = clients[service].get("/docs/openapi.json").get_json()
+        headers, body = _as_swagger_ui_fills_it_in(spec, "post", path)
+        answer = clients[service].post(path, json=body, headers=_as(user_id, **headers))
+        assert answer.status_code == status, (path, headers, body, answer.get_json())
+
+
 def test_the_gateway_takes_no_deadline_from_its_clients(settings):
     """The public door: a client's X-Gateway-Deadline changes nothing there."""
     gateway = gateway_app.create_app(settings=settings).test_client()
