@@ -34,7 +34,7 @@ class PlaceOrderSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    amount = Amount(required=True, metadata={"example": "30.00"})
+    amount = Amount(required=True, example="30.00")
     description = Text(load_default="", validate=validate.Length(max=500))
 
 

@@ -22,7 +22,7 @@ class DepositSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    amount = Amount(required=True, metadata={"example": "100.00"})
+    amount = Amount(required=True, example="100.00")
 
 
 class AccountSchema(Schema):

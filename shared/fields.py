@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 from marshmallow import ValidationError, fields, validate
 
-from shared.money import MAX_AMOUNT, InvalidAmount, format_amount, parse_amount
+from shared.money import (CENT, MAX_AMOUNT, PLAIN_AMOUNT, InvalidAmount, format_amount,
+                          parse_amount)
 
 # Portable as it is written (the OpenAPI document shows it to clients), and always used with
 # fullmatch: `re.match` would let `$` match before a final newline.
@@ -39,19 +41,28 @@ class WholeNumber(fields.Integer):
 class Amount(fields.Field):
     """Money in, as a JSON number or string; money out, as a string with two decimals."""
 
-    # How the OpenAPI document describes it (apispec copies these from a field's metadata).
+    # How the OpenAPI document describes it (apispec copies these from a field's metadata): what
+    # parse_amount takes, no more, so that nothing a client builds from the document is refused.
+    # A string in its plain form only (parse_amount reads a sign, an exponent, zeros before the
+    # digits, spaces around them too); a number as JSON Schema can bound it.
     DOCUMENTED = {
-        "description": "Money: a JSON number or a string of ASCII digits, above 0, at most 2 "
-                       f"decimals, at most {MAX_AMOUNT}; answered as a string with 2 decimals.",
+        "description": "Money: a string of ASCII digits, as `\"30.00\"`, or a JSON number; above"
+                       f" 0, at most 2 decimals, at most {MAX_AMOUNT}; answered as a string with 2"
+                       " decimals.",
         "oneOf": [
-            {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,2})?$"},
+            {"type": "string", "pattern": f"^{PLAIN_AMOUNT.pattern}$"},
             {"type": "number", "exclusiveMinimum": True, "minimum": 0,
-             "maximum": int(MAX_AMOUNT)},
+             "maximum": int(MAX_AMOUNT), "multipleOf": float(CENT)},
         ],
     }
 
-    def __init__(self, **kwargs):
-        kwargs["metadata"] = {**self.DOCUMENTED, **kwargs.get("metadata", {})}
+    def __init__(self, *, example: str | None = None, **kwargs):
+        documented = copy.deepcopy(self.DOCUMENTED)
+        if example is not None:
+            # In the string's form, not the field's: Swagger UI shows that one, and fills it in
+            # on "Try it out", as it is, where it writes the field's as a number ("amount": 30).
+            documented["oneOf"][0]["example"] = example
+        kwargs["metadata"] = {**documented, **kwargs.get("metadata", {})}
         super().__init__(**kwargs)
 
     def _deserialize(self, value, attr, data, **kwargs):
@@ -75,7 +86,13 @@ class Text(fields.String):
     and, unless `stored=False` (a password, which is only hashed), no NUL character (PostgreSQL's
     text cannot hold one)."""
 
+    # How the OpenAPI documents describe stored text: no NUL (ECMA-262 reads `\u0000` as Python's
+    # re does). An unpaired surrogate they cannot refuse without refusing every paired one too.
+    DOCUMENTED_STORED = {"pattern": r"^[^\u0000]*$"}
+
     def __init__(self, *args, stored: bool = True, **kwargs):
+        if stored:
+            kwargs["metadata"] = {**self.DOCUMENTED_STORED, **kwargs.get("metadata", {})}
         super().__init__(*args, **kwargs)
         self.stored = stored
 

@@ -25,6 +25,14 @@ _NUMERIC_TEXT = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _SURROUNDING_SPACE = " \t\r\n"
 
 
+# An amount parse_amount takes, as the OpenAPI documents give it (shared.fields.Amount): ASCII
+# digits with no zero before them, at most 2 decimals, above 0 and at most MAX_AMOUNT (written out
+# for that maximum, as JSON Schema cannot compare a string's value: tests/unit/test_money.py holds
+# the two together), in a regular expression any client's engine reads as ours does.
+PLAIN_AMOUNT = re.compile(r"(?:[1-9][0-9]{0,8}(?:\.[0-9]{1,2})?|0\.(?:0[1-9]|[1-9][0-9]?)"
+                          r"|1000000000(?:\.00?)?)")
+
+
 class InvalidAmount(ValueError):
     """The value is not an acceptable amount; the message says why."""
 

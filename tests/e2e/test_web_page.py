@@ -4,6 +4,7 @@ the docs, Swagger UI, under the same policy as the page."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -712,11 +713,13 @@ def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(
                for earlier, later in zip(listed, listed[1:])), listed
 
 
-def test_swagger_ui_runs_under_the_pages_policy_and_tries_an_order_out(stack, browser):
+def test_swagger_ui_runs_under_the_pages_policy_and_tries_an_order_out_with_a_string_amount(
+        stack, browser):
     """The docs (the gateway's at /docs, a service's at /docs/swagger-ui) answered with the
     shop page's headers (tests/integration/test_openapi_documents.py): Swagger UI shows every
-    operation of the document, "Try it out" fills in an order, and Execute reaches the gateway
-    (401 without a token); the policy stopped nothing Swagger UI does."""
+    operation of the document, "Try it out" fills in an order's amount as the string README
+    promises ("30.00"; it filled in 30), and Execute reaches the gateway (401 without a token);
+    the policy stopped nothing Swagger UI does."""
     wait = WebDriverWait(browser, PAGE_DEADLINE, poll_frequency=0.1)
     for base, docs in ((stack.orders_url, "/docs/swagger-ui"), (stack.gateway_url, "/docs")):
         document = requests.get(f"{base}/docs/openapi.json", timeout=10).json()
@@ -729,7 +732,9 @@ def test_swagger_ui_runs_under_the_pages_policy_and_tries_an_order_out(stack, br
     operation = browser.find_element(By.ID, "operations-shop-post_api_orders")
     operation.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
     wait.until(lambda _: operation.find_element(By.CSS_SELECTOR, ".try-out__btn")).click()
-    wait.until(lambda _: operation.find_element(By.CSS_SELECTOR, "textarea.body-param__text"))
+    body = wait.until(lambda _: operation.find_element(By.CSS_SELECTOR,
+                                                       "textarea.body-param__text"))
+    assert json.loads(body.get_attribute("value")) == {"amount": "30.00", "description": ""}
     operation.find_element(By.CSS_SELECTOR, ".execute").click()
     status = wait.until(lambda _: operation.find_element(
         By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status"))

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import http.server
 import json
+import re
 import select
 import socket
 import threading
@@ -23,6 +24,7 @@ import psutil
 import psycopg2
 import pytest
 import redis
+from openapi_schema_validator import OAS30Validator
 from simple_websocket import ConnectionClosed
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -1169,10 +1171,14 @@ def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_
     refused = gateway.get("/api/orders").get_json()  # no token
     assert set(refused) == {"error"} and set(refused["error"]) == {"code", "message", "details"}
     # Amounts and the Idempotency-Key are documented as the services check them (schemathesis
-    # against the running shop found most requests built from the document refused).
+    # against the running shop found most requests built from the document refused):
+    # test_an_order_the_document_allows_is_one_the_shop_takes.
     amount = schemas["PlaceOrder"]["properties"]["amount"]
     assert [branch["type"] for branch in amount["oneOf"]] == ["string", "number"]
     assert amount["oneOf"][1]["maximum"] == 1_000_000_000
+    # Shown, and filled in by Swagger UI's "Try it out", in the plain form README gives (as the
+    # field's example, it was shown as a number: tests/e2e/test_web_page.py).
+    assert "example" not in amount and amount["oneOf"][0]["example"] == "30.00"
     key = next(parameter for parameter in spec["paths"]["/api/orders"]["post"]["parameters"]
                if parameter["name"] == "Idempotency-Key")
     assert key["schema"]["maxLength"] == 255 and "pattern" in key["schema"]
@@ -1198,6 +1204,52 @@ def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_
         "^[A-Za-z0-9_.-]{1,64}$"
     page = gateway.get("/docs")
     assert page.status_code == 200 and b"swagger-ui-bundle.js" in page.data
+
+
+# Amounts a client may write for an order, each as the JSON it sends: the plain forms near every
+# bound (0, 1 cent, 2 decimals, 1,000,000,000.00, 10 integer digits), numbers, and forms the
+# services read but the document leaves out (a sign, an exponent, zeros before the digits).
+AMOUNTS_WRITTEN = [
+    *(f'"{text}"' for text in (
+        "0", "0.00", "0.0", "0.001", "0.01", "0.1", "0.10", "0.5", "0.99", "1", "1.5", "30.00",
+        "999999999.99", "1000000000", "1000000000.0", "1000000000.00", "1000000000.01",
+        "1000000001", "9999999999", "12345678901", "1.", ".5", "1.000", "007", "+1", "1e2",
+        "-1", " 1", "")),
+    "0", "0.0", "0.001", "1e-7", "0.01", "0.07", "0.5", "1", "30", "30.55", "999999999.99",
+    "1000000000", "1000000000.00", "1000000000.01", "1e9", "1e10", "-1", "1.005"]
+# The plain forms, as written in a string: the document gives every one the services take.
+PLAIN_FORM = re.compile(r'"(0|[1-9][0-9]*)(\.[0-9]{1,2})?"')
+
+
+def test_an_order_the_document_allows_is_one_the_shop_takes(gateway):
+    """An order whose body holds to the document's PlaceOrder schema is placed, never refused 422:
+    amounts of 0, of more than 1,000,000,000.00, with a third decimal, a description holding a
+    NUL were all allowed by it. And the document allows every plain-form amount (a string) and
+    every number that the shop takes: it says what the shop checks, no more and no less."""
+    spec = gateway.get("/docs/openapi.json").get_json()
+    schema = {"$ref": "#/components/schemas/PlaceOrder", "components": spec["components"]}
+    _, auth = _sign_up(gateway)
+
+    def allowed(body: str) -> bool:
+        # (its numbers read exactly, as the document's are: 0.07 is a multiple of 0.01)
+        return OAS30Validator(schema).is_valid(json.loads(body, parse_float=Decimal))
+
+    def taken(body: str) -> bool:
+        answer = gateway.post("/api/orders", data=body, content_type="application/json",
+                              headers=auth)
+        assert answer.status_code in (202, 422), answer.get_json()
+        return answer.status_code == 202
+
+    for written in AMOUNTS_WRITTEN:
+        body = f'{{"amount": {written}}}'
+        allowed_it, took_it = allowed(body), taken(body)
+        assert took_it or not allowed_it, f"the document allows {written}, which is refused"
+        if PLAIN_FORM.fullmatch(written) or not written.startswith('"'):
+            assert allowed_it or not took_it, f"the shop takes {written}, the document not"
+    for description in ("\\u0000", "a\\u0000b", "x" * 501):
+        body = f'{{"amount": "1.00", "description": "{description}"}}'
+        assert not allowed(body) and not taken(body), description
+    assert allowed('{"amount": "1.00", "description": "a book, 30 \\u20ac"}')
 
 
 # Each operation of the gateway's document (by method and path as documented), with a body it

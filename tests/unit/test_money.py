@@ -3,7 +3,7 @@ from decimal import Decimal
 
 import pytest
 
-from shared.money import InvalidAmount, format_amount, parse_amount
+from shared.money import PLAIN_AMOUNT, InvalidAmount, format_amount, parse_amount
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -70,3 +70,27 @@ def test_amounts_are_written_with_exactly_two_decimals():
     assert format_amount(Decimal("70")) == "70.00"
     assert format_amount(Decimal("0.5")) == "0.50"
     assert format_amount(Decimal("1000000000.00")) == "1000000000.00"
+
+
+def _taken(text: str) -> bool:
+    try:
+        parse_amount(text)
+    except InvalidAmount:
+        return False
+    return True
+
+
+def test_the_plain_form_the_documents_give_is_every_plain_amount_parse_amount_takes():
+    """PLAIN_AMOUNT (the OpenAPI documents' pattern for an amount in a string) matches exactly
+    the amounts in their plain form, digits with no zero before them and at most 2 decimals, that
+    parse_amount takes: none it refuses ("0", "0.00", "12345678901", "1000000000.01"), and none
+    left out, at every bound."""
+    integer_parts = [*map(str, range(0, 12)), "99", "100", "999999999", "1000000000",
+                     "1000000001", "1999999999", "9999999999", "10000000000", "12345678901"]
+    decimals = ["", *(f".{cents}" for cents in ("0", "1", "5", "9", "00", "01", "09", "10",
+                                                    "50", "99"))]
+    written = [integer + decimal for integer in integer_parts for decimal in decimals]
+    for text in written:
+        assert (PLAIN_AMOUNT.fullmatch(text) is not None) is _taken(text), text
+    for beyond_the_plain_form in ("007", "1.", ".5", "1.000", "+1", "1e2", " 1"):
+        assert _taken(beyond_the_plain_form) and not PLAIN_AMOUNT.fullmatch(beyond_the_plain_form)
