@@ -23,6 +23,7 @@ from shared.idempotency import forget_replayed_mark, say_if_replayed
 from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
 from shared.request_context import configure_logging, install_request_ids
+from shared.request_id_document import RequestIdDocumented
 from shared.swagger_ui import SWAGGER_UI_ASSETS, SwaggerUiPage, serve_swagger_ui_files
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class ShopApi(SwaggerUiPage, Api):
             **PAGINATION_HEADER,
             "schema": self.ma_plugin.converter.schema2jsonschema(PaginationMetadataSchema)},
             lazy=True)
+
+    def _init_spec(self, *, extra_plugins=(), **options):
+        # X-Request-ID, which every app takes and every answer carries, in every document.
+        super()._init_spec(extra_plugins=[*extra_plugins, RequestIdDocumented()], **options)
 
 
 class ShopFlask(Flask):

@@ -15,7 +15,7 @@ from flask import Flask, request
 
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_KAFKA_HEADER = "request_id"
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 # What a logged path cannot hold as it is: a control character (a newline decoded from %0A, say)
 # is written escaped, so a request cannot add a line of its own making to the log.
 _ESCAPED_IN_LOGS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
@@ -29,7 +29,7 @@ def current_request_id() -> str | None:
 
 def sane_request_id(candidate: str | None) -> str:
     """The caller's id when it is sane, else a new one."""
-    if candidate and _SANE_REQUEST_ID.fullmatch(candidate):
+    if candidate and SANE_REQUEST_ID.fullmatch(candidate):
         return candidate
     return uuid.uuid4().hex
 

@@ -1289,8 +1289,8 @@ def test_each_gateway_operation_documents_its_error_statuses_in_the_error_shape(
         for status, response in documented.items():
             assert response["content"]["application/json"]["schema"] == ERROR_SCHEMA
             assert codes_named(response), (method, path, status)  # the codes it carries
-        assert set(documented[429]["headers"]) == {"Retry-After"}, (method, path)
-        assert set(documented[503]["headers"]) == {"Retry-After"}, (method, path)
+        assert set(documented[429]["headers"]) == {"Retry-After", "X-Request-ID"}, (method, path)
+        assert set(documented[503]["headers"]) == {"Retry-After", "X-Request-ID"}, (method, path)
     for method, path in SIGNED_IN:
         assert {"MISSING_TOKEN", "INVALID_TOKEN", "TOKEN_EXPIRED", "TOKEN_SIGNED_OUT"} == (
             codes_named(documented_errors(spec, method, path)[401])), (method, path)

@@ -702,7 +702,7 @@ def test_each_service_operation_documents_its_error_statuses_in_the_error_shape(
         for status, response in documented.items():
             assert response["content"]["application/json"]["schema"] == ERROR_SCHEMA
             assert codes_named(response), (method, path, status)  # the codes it carries
-        assert set(documented[503]["headers"]) == {"Retry-After"}, (method, path)
+        assert set(documented[503]["headers"]) == {"Retry-After", "X-Request-ID"}, (method, path)
         assert codes_named(documented[401]) == {"MISSING_USER_ID", "INVALID_USER_ID",
                                                 "UNTRUSTED_IDENTITY"}, (method, path)
 

@@ -1,6 +1,6 @@
 """The OpenAPI document each app serves, as a client reads it: valid OpenAPI 3.0, and what it says
-of what every app serves alike (`GET /health`) as the app answers; and the Swagger UI each app
-serves it with."""
+of what every app serves alike (`GET /health`, the `X-Request-ID` of every request) as the app
+answers; and the Swagger UI each app serves it with."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import dataclasses
 import re
 
 import pytest
+from openapi_schema_validator import OAS30Validator
+from openapi_schema_validator import validate as validate_value
 from openapi_spec_validator import OpenAPIV30SpecValidator, validate
 
 import gateway_app
 import orders_app
 import payments_app
 from devstack.infra import free_port
+from shared.request_context import REQUEST_ID_HEADER
 from tests.openapi_tools import (HEALTH, assert_answered_as_documented, assert_documented,
                                  unused_components, with_a_body_in_chunks)
 
@@ -109,4 +112,38 @@ def test_each_app_serves_swagger_ui_with_the_files_it_loads_alone_none_to_be_fra
             answer = client.get(f"{SWAGGER_UI_FILES}/{unused}")
             assert answer.status_code == 404, (service, unused)
             assert answer.get_json()["error"]["code"] == "NOT_FOUND", (service, unused)
+
+def _response(document: dict, response: dict) -> dict:
+    """A response of the document, a reference to one of its components read there."""
+    reference = response.get("$ref")
+    return document["components"]["responses"][reference.rpartition("/")[2]] if reference \
+        else response
+
+
+def test_every_path_and_response_of_each_document_gives_the_request_id(apps):
+    """X-Request-ID, which every app reads (kept when sane, else replaced) and every answer of
+    its carries, is given once among each document's components, as a parameter and as a header,
+    and referred to by every path and by every response but a WebSocket's 101 (answered by the
+    socket's own code, without it). The header's schema holds for an id kept and for one made."""
+    parameter_ref = {"$ref": "#/components/parameters/REQUEST_ID"}
+    header_ref = {"$ref": "#/components/headers/REQUEST_ID"}
+    for service, app in apps.items():
+        document = _served_document(app)
+        parameter = document["components"]["parameters"]["REQUEST_ID"]
+        assert (parameter["name"], parameter["in"], parameter["required"]) == (
+            REQUEST_ID_HEADER, "header", False), service
+        for path, item in document["paths"].items():
+            assert parameter_ref in item["parameters"], (service, path)
+            for method, operation in item.items():
+                for status, response in (operation["responses"].items()
+                                         if method != "parameters" else ()):
+                    headers = _response(document, response).get("headers", {})
+                    assert headers.get(REQUEST_ID_HEADER) == (
+                        None if status.startswith("1") else header_ref), (service, path, status)
+        header = document["components"]["headers"]["REQUEST_ID"]
+        for sent in ("kept-1234.5:6", "not kept: a space"):
+            answer = app.test_client().get("/health", headers={REQUEST_ID_HEADER: sent})
+            given = answer.headers[REQUEST_ID_HEADER]
+            assert (given == sent) is (" " not in sent), (service, sent, given)
+            validate_value(given, header["schema"], cls=OAS30Validator)
 
