@@ -275,7 +275,8 @@ def register_socket(app, authenticate) -> None:
             end_the_socket(ws)
 
     document_socket(app.extensions["hseshop.api"],
-                    next(app.url_map.iter_rules(endpoint=SOCKET_ENDPOINT)))
+                    next(app.url_map.iter_rules(endpoint=SOCKET_ENDPOINT)),
+                    SOCKET_MAX_MESSAGE_BYTES)
 
 
 def _serve_socket(ws, opening: SocketOpening, slots: SocketSlots, address: str) -> None:

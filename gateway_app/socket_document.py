@@ -21,22 +21,26 @@ _DESCRIPTION = """\
 Open with a WebSocket handshake. Each message the socket then sends is one notification, JSON, as
 `GET /api/notifications` lists them (`Notification`): with `after`, first every one newer than
 that id, then each one as it happens; without it, each one from the moment the handshake is
-answered. The page sends nothing (what it sends is dropped).
+answered. The page sends nothing: what it sends is read and dropped, but for a message too
+long (1009, below).
 
 The token goes in the query (a browser's WebSocket cannot send headers). A socket is closed with:
 - 1008 when the token is refused, when `after` is no notification id, when either is given more
   than once, and when the token expires or is signed out (`POST /api/auth/logout`; sign in
   again, then reconnect);
 - 1013 past the user's rate limit or its socket limits, or its address's: reconnect later;
-- 1011 when the gateway loses Redis or its database: reconnect."""
+- 1011 when the gateway loses Redis or its database: reconnect;
+- 1009 when the page sends a message over {max_message:,} characters (bytes, if binary), in one
+  frame or several."""
 
 
-def document_socket(api, rule) -> None:
-    """Put the socket the URL rule `rule` serves in `api`'s OpenAPI document."""
+def document_socket(api, rule, max_message: int) -> None:
+    """Put the socket the URL rule `rule` serves in `api`'s OpenAPI document; a message from the
+    page over `max_message` characters closes it."""
     api.spec.path(rule=rule, parameters=[], operations={"get": {
         "tags": ["notifications"],
         "summary": "The signed-in user's notifications, live, over a WebSocket",
-        "description": _DESCRIPTION,
+        "description": _DESCRIPTION.format(max_message=max_message),
         "security": [],  # (its token is a query parameter)
         "parameters": [
             {"name": "access_token", "in": "query", "required": True,

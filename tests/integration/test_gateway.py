@@ -2347,7 +2347,11 @@ def test_a_signed_out_tokens_sockets_ask_the_database_once_and_keep_its_user_in(
 
 
 def test_what_a_page_sends_on_its_socket_is_dropped_and_a_big_frame_closes_it(settings,
-                                                                            upstreams):
+                                                                            upstreams, gateway):
+    """As the gateway's document says (it said only that what the page sends is dropped)."""
+    said = gateway.get("/docs/openapi.json").get_json()["paths"][notifications.SOCKET_PATH]
+    assert (f"1009 when the page sends a message over "
+            f"{notifications.SOCKET_MAX_MESSAGE_BYTES:,} characters") in said["get"]["description"]
     with _served_gateway_socket_path(settings, upstreams, "talker") as (base, path):
         socket = _stays_open(base.replace("http://", "ws://") + path)
         assert socket
