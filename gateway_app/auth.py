@@ -71,11 +71,12 @@ class CredentialsSchema(Schema):
 
 
 class SessionSchema(Schema):
-    user_id = fields.String()
-    username = fields.String()
-    access_token = fields.String()
-    token_type = fields.String(metadata={"example": "Bearer"})
-    expires_in = fields.Integer(metadata={"description": "seconds"})
+    # (an answer: every field always sent, as orders_app.schemas' are)
+    user_id = fields.String(required=True)
+    username = fields.String(required=True)
+    access_token = fields.String(required=True)
+    token_type = fields.String(required=True, metadata={"example": "Bearer"})
+    expires_in = fields.Integer(required=True, metadata={"description": "seconds"})
 
 
 def _session_body(user: User) -> dict:

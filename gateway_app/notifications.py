@@ -166,19 +166,23 @@ class NotificationQuerySchema(Schema):
     limit = WholeNumber(load_default=100, validate=validate.Range(min=1, max=REPLAY_LIMIT))
 
 
+# The answers (every field always sent, as orders_app.schemas' are), written out by
+# Notification.to_json: these describe them in the OpenAPI document.
 class NotificationSchema(Schema):
-    id = fields.Integer()
-    type = fields.String()
-    payload = fields.Dict()
-    created_at = fields.String()
+    id = fields.Integer(required=True)
+    # (the types the gateway keeps: those it handles)
+    type = fields.String(required=True, metadata={"enum": list(MESSAGE_HANDLERS)})
+    payload = fields.Dict(required=True)
+    created_at = fields.DateTime(required=True, format="iso")
 
 
 class NotificationPageSchema(Schema):
-    items = fields.List(fields.Nested(NotificationSchema))
+    items = fields.List(fields.Nested(NotificationSchema), required=True)
 
 
 class NewestNotificationSchema(Schema):
-    id = fields.Integer(metadata={"description": "The newest notification's id, 0 for none"})
+    id = fields.Integer(required=True,
+                        metadata={"description": "The newest notification's id, 0 for none"})
 
 
 def notifications_after(user_id: str, after: int, limit: int) -> list[dict]:

@@ -38,21 +38,24 @@ class PlaceOrderSchema(Schema):
     description = Text(load_default="", validate=validate.Length(max=500))
 
 
+# The answers' schemas only ever dump, and every field is always sent: `required` says so in the
+# OpenAPI documents (a client generated from them need not take each field as optional).
 class OrderSchema(Schema):
-    id = fields.UUID()
-    user_id = fields.String()
-    amount = Amount.answered()
-    description = fields.String()
-    status = fields.String(metadata={"enum": list(STATUSES)})
+    id = fields.UUID(required=True)
+    user_id = fields.String(required=True)
+    amount = Amount.answered(required=True)
+    description = fields.String(required=True)
+    status = fields.String(required=True, metadata={"enum": list(STATUSES)})
     # Why a CANCELLED order was (null otherwise): the reasons a payment fails for.
-    reason = fields.String(allow_none=True, metadata={"enum": [*FAILURE_REASONS, None]})
-    created_at = fields.DateTime(format="iso")
-    updated_at = fields.DateTime(format="iso")
+    reason = fields.String(required=True, allow_none=True,
+                           metadata={"enum": [*FAILURE_REASONS, None]})
+    created_at = fields.DateTime(required=True, format="iso")
+    updated_at = fields.DateTime(required=True, format="iso")
 
 
 class OrderPageSchema(Schema):
-    items = fields.List(fields.Nested(OrderSchema))
-    next_cursor = fields.String(allow_none=True)
+    items = fields.List(fields.Nested(OrderSchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
 
 
 class ListOrdersQuerySchema(Schema):

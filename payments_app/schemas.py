@@ -26,5 +26,6 @@ class DepositSchema(Schema):
 
 
 class AccountSchema(Schema):
-    user_id = fields.String()
-    balance = Amount.answered(f"A string with 2 decimals, at most {MAX_BALANCE}")
+    # (an answer: every field always sent, as orders_app.schemas' are)
+    user_id = fields.String(required=True)
+    balance = Amount.answered(f"A string with 2 decimals, at most {MAX_BALANCE}", required=True)

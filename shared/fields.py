@@ -75,10 +75,11 @@ class Amount(fields.Field):
         return None if value is None else format_amount(value)
 
     @classmethod
-    def answered(cls, description: str = "A string with 2 decimals") -> Amount:
+    def answered(cls, description: str = "A string with 2 decimals", **kwargs) -> Amount:
         """An amount only ever answered, documented as what goes out: a string, never a number."""
         return cls(metadata={"description": description,
-                             "oneOf": [{"type": "string", "pattern": r"^[0-9]+\.[0-9]{2}$"}]})
+                             "oneOf": [{"type": "string", "pattern": r"^[0-9]+\.[0-9]{2}$"}]},
+                   **kwargs)
 
 
 class Text(fields.String):

@@ -52,10 +52,11 @@ from shared.jsonio import dumps_exact
 from shared.money import MAX_BALANCE
 from tests.network_tools import (HoldingProxy, NeverReadingServer, SilencingProxy,
                                  WebSocketClient)
-from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_described,
-                                 assert_documented, assert_headers_documented, asked, codes_named,
-                                 documented_answers, documented_errors, operations,
-                                 responses_documenting, with_a_body_in_chunks)
+from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_answered_as_documented,
+                                 assert_default_error_described, assert_documented,
+                                 assert_headers_documented, asked, codes_named, documented_answers,
+                                 documented_errors, operations, responses_documenting,
+                                 with_a_body_in_chunks)
 from tests.polling import wait_for
 from tests.postgres_tools import no_connection_free, sign_out_lookups
 from tests.replay_tools import assert_only_the_repeat_said_replayed
@@ -1187,6 +1188,10 @@ def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_
         assert schemas[schema]["properties"][field]["oneOf"] == [
             {"type": "string", "pattern": r"^[0-9]+\.[0-9]{2}$"}], schema
     assert spec["paths"]["/api/accounts"]["post"]["requestBody"]["required"] is False
+    # A notification is one of the types the gateway keeps, stamped as every time is.
+    notification = schemas["Notification"]["properties"]
+    assert notification["type"]["enum"] == [ORDER_STATUS_CHANGED]
+    assert notification["created_at"] == {"type": "string", "format": "date-time"}
     default = spec["components"]["responses"]["DEFAULT_ERROR"]["content"]["application/json"]
     assert default["schema"] == {"$ref": "#/components/schemas/Error"}
     for path in spec["paths"].values():
@@ -1551,6 +1556,8 @@ def test_a_notification_kept_with_a_numeric_amount_is_caught_up_with_that_number
     response = gateway.get("/api/notifications", headers=auth)
     assert response.status_code == 200
     assert '"amount":10.50' in response.get_data(as_text=True)
+    spec = gateway.get("/docs/openapi.json").get_json()  # (every field it requires, each given)
+    assert_answered_as_documented(spec, "get", "/api/notifications", response)
     assert len(sent) == 1 and '"amount":10.50' in sent[0]
 
 

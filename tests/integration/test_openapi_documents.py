@@ -80,6 +80,7 @@ def test_every_app_answers_health_as_its_document_says(apps, settings):
         assert seen == {int(status) for status in document["paths"][path][method]["responses"]
                         if status != "default"}, service
 
+
 def _answered_as_a_page_of_the_shop(answer) -> bool:
     """Whether `answer` comes with the headers of the shop's web page (gateway_app/web.py): only
     the origin's own files run and are reached, no site may frame it, no type is sniffed."""
@@ -112,6 +113,7 @@ def test_each_app_serves_swagger_ui_with_the_files_it_loads_alone_none_to_be_fra
             answer = client.get(f"{SWAGGER_UI_FILES}/{unused}")
             assert answer.status_code == 404, (service, unused)
             assert answer.get_json()["error"]["code"] == "NOT_FOUND", (service, unused)
+
 
 def _response(document: dict, response: dict) -> dict:
     """A response of the document, a reference to one of its components read there."""
@@ -147,3 +149,37 @@ def test_every_path_and_response_of_each_document_gives_the_request_id(apps):
             assert (given == sent) is (" " not in sent), (service, sent, given)
             validate_value(given, header["schema"], cls=OAS30Validator)
 
+
+def _component_schemas_answered(document: dict) -> set[str]:
+    """The component schemas a success response of the document gives, however deeply."""
+    named, to_read = set(), [media["schema"] for item in document["paths"].values()
+                             for method, operation in item.items() if method != "parameters"
+                             for status, response in operation["responses"].items()
+                             if status.startswith("2")
+                             for media in response.get("content", {}).values()]
+    while to_read:
+        schema = to_read.pop()
+        reference = schema.get("$ref")
+        if reference:
+            name = reference.rpartition("/")[2]
+            if name not in named:
+                named.add(name)
+                to_read.append(document["components"]["schemas"][name])
+            continue
+        to_read += [*schema.get("properties", {}).values(), *schema.get("oneOf", []),
+                    *([schema["items"]] if "items" in schema else [])]
+    return named
+
+
+def test_every_schema_of_a_success_answer_requires_every_field_it_gives(apps):
+    """Every field of an answer is always sent (null where it may be): a client generated from
+    the document need not take each as optional (an Order, an Account, a Session, a
+    Notification and the pages of them gave no `required`)."""
+    for service, app in apps.items():
+        document = _served_document(app)
+        answered = _component_schemas_answered(document)
+        assert answered, service
+        for name in answered:
+            schema = document["components"]["schemas"][name]
+            assert sorted(schema.get("required", [])) == sorted(schema["properties"]), (
+                service, name)
