@@ -184,45 +184,64 @@
   // PENDING_KEYS_KEPT of each form), and forgotten on sign-out.
   const PENDING_KEYS_PREFIX = "hseshop.pending-keys.";  // and the user's name
   const PENDING_KEYS_KEPT = 20;
+  // A key as randomKey makes it: what is read back from storage is checked against it.
+  const KEY_PATTERN = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
-  async function sendOnce(action, contents, path, body) {
+  // What a failed attempt tells of itself (attemptOutcome).
+  const SETTLED = "settled";            // refused for what it holds: its key is done with
+  const UNKNOWN = "unknown";            // it may have been carried out: its key is kept
+  const NOTHING_DONE = "nothing done";  // not this time, but an earlier one under its key may
+                                        // have been: its key is kept
+
+  // Sends a form's request under the key of the attempt with its contents (recordAttempt), and
+  // forgets the attempt when the answer settles it; the answer as api() gives it with replayMark.
+  async function sendUnderAttemptKey(action, contents, path, body) {
     const fingerprint = JSON.stringify(contents);
-    const idempotencyKey = keyFor(action, fingerprint);
+    const idempotencyKey = recordAttempt(action, fingerprint);
     try {
       const answer = await api("POST", path, { body, idempotencyKey, replayMark: true });
-      forgetKey(action, fingerprint);
+      forgetAttempt(action, fingerprint);
       return answer;
     } catch (error) {
-      if (settles(error)) forgetKey(action, fingerprint);
+      if (attemptOutcome(error) === SETTLED) forgetAttempt(action, fingerprint);
       throw error;
     }
   }
 
-  // A refusal of what was sent (a 4xx, but a 429's "not now"): the same contents under the same
-  // key are refused so again, since one carried out under it is answered with its replay. A lost
-  // answer, a 503 or a 429 settles nothing: an earlier attempt under the key may have gone through.
-  function settles(error) {
-    return error instanceof ApiError && error.status >= 400 && error.status < 500
-      && error.status !== 429;
+  // SETTLED: a 4xx refusal of what was sent; the same contents under the same key are refused so
+  // again, since one carried out under it is answered with its replay. UNKNOWN: no answer, a
+  // session ended before its answer came (api() has it handled: nobody here is told), or the
+  // gateway's 502 or 504. NOTHING_DONE: a 429, a 503 (the gateway's is for a service it never
+  // sent the request to: a connection lost after it went is a 502, over either transport; a
+  // service's own, DATABASE_BUSY, did nothing), or an error before it was sent.
+  function attemptOutcome(error) {
+    if (!(error instanceof ApiError)) return NOTHING_DONE;
+    if (error.status === 429) return NOTHING_DONE;
+    if (error.status >= 400 && error.status < 500) return SETTLED;
+    return [0, 502, 504].includes(error.status) ? UNKNOWN : NOTHING_DONE;
   }
 
-  function keyFor(action, fingerprint) {
-    const keys = pendingKeysOf(action);
-    const key = keys.get(fingerprint) || randomKey();
-    keys.delete(fingerprint);  // (set again below: the newest is kept longest)
-    keys.set(fingerprint, key);
-    while (keys.size > PENDING_KEYS_KEPT) keys.delete(keys.keys().next().value);
-    savePendingKeys();  // before it is sent: a reload while it is under way keeps it
+  // The key an attempt with these contents goes out under: the pending one's, or a new one. The
+  // attempt becomes the form's newest (the oldest past PENDING_KEYS_KEPT is dropped), and is saved
+  // before it is sent: a reload while it is under way keeps it.
+  function recordAttempt(action, fingerprint) {
+    const attempts = pendingAttemptsOf(action);
+    const key = attempts.get(fingerprint) || randomKey();
+    attempts.delete(fingerprint);  // (set again below: the newest is kept longest)
+    attempts.set(fingerprint, key);
+    while (attempts.size > PENDING_KEYS_KEPT) attempts.delete(attempts.keys().next().value);
+    savePendingKeys();
     return key;
   }
 
-  function forgetKey(action, fingerprint) {
+  function forgetAttempt(action, fingerprint) {
     if (!session) return;  // signed out meanwhile: forgotten already
-    pendingKeysOf(action).delete(fingerprint);
+    pendingAttemptsOf(action).delete(fingerprint);
     savePendingKeys();
   }
 
-  function pendingKeysOf(action) {
+  // The signed-in user's pending attempts of the form `action`: its contents -> key, oldest first.
+  function pendingAttemptsOf(action) {
     if (!pendingKeys || pendingKeys.username !== session.username) {
       pendingKeys = { username: session.username, actions: storedPendingKeys(session.username) };
     }
@@ -236,9 +255,8 @@
       const saved = JSON.parse(sessionStorage.getItem(PENDING_KEYS_PREFIX + username)) || {};
       Object.entries(saved).forEach(([action, entries]) => {
         if (!Array.isArray(entries)) return;
-        const valid = entries.filter((entry) => Array.isArray(entry) && entry.length === 2
-          && entry.every((part) => typeof part === "string"));
-        actions[action] = new Map(valid.slice(-PENDING_KEYS_KEPT));
+        const valid = entries.filter(storedAttempt).slice(-PENDING_KEYS_KEPT);
+        actions[action] = new Map(valid);
       });
     } catch (exc) {
       // unreadable keys are the same as none
@@ -246,10 +264,16 @@
     return actions;
   }
 
+  // An attempt as savePendingKeys saves it, [contents, key], its key one randomKey makes.
+  function storedAttempt(entry) {
+    return Array.isArray(entry) && entry.length === 2 && typeof entry[0] === "string"
+      && typeof entry[1] === "string" && KEY_PATTERN.test(entry[1]);
+  }
+
   function savePendingKeys() {
     const saved = {};
-    Object.entries(pendingKeys.actions).forEach(([action, keys]) => {
-      if (keys.size) saved[action] = [...keys];
+    Object.entries(pendingKeys.actions).forEach(([action, attempts]) => {
+      if (attempts.size) saved[action] = [...attempts];
     });
     const name = PENDING_KEYS_PREFIX + pendingKeys.username;
     try {
@@ -530,15 +554,6 @@
     return /^\d{1,10},\d{1,2}$/.test(typed) ? typed.replace(",", ".") : typed;
   }
 
-  // A failure after which the request may still have been carried out: no answer at all, or the
-  // gateway's 502 or 504. Its 503 is for a service it never sent the request to (a connection
-  // lost after the request went is a 502, over either transport); a service's own 503
-  // (DATABASE_BUSY) did nothing.
-  function outcomeUnknown(error) {
-    return error instanceof ApiError && error.code !== "SESSION_ENDED"
-      && [0, 502, 504].includes(error.status);
-  }
-
   // An amount as the shop reads it, for telling one form's contents from another's: "12.5"
   // retyped as "12.50" is the same top-up, retried under the same key. (Exact: a valid amount
   // has at most 10 digits before its point and 2 after.)
@@ -557,10 +572,10 @@
     await whileBusy($("topup-submit"), async () => {
       let answer;
       try {
-        answer = await sendOnce("deposit", { amount: sameAmount(amount) },
-                                "/api/accounts/deposit", { amount });
+        answer = await sendUnderAttemptKey("deposit", { amount: sameAmount(amount) },
+                                           "/api/accounts/deposit", { amount });
       } catch (error) {
-        if (!outcomeUnknown(error)) throw error;
+        if (error.handled || attemptOutcome(error) !== UNKNOWN) throw error;
         // It may have gone through: show the balance as it is now, and say what pressing again
         // does (the same top-up, under the same key: never counted twice).
         refreshBalance().catch(reportAndCatchUp);
@@ -673,10 +688,10 @@
     await whileBusy($("order-submit"), async () => {
       let answer;
       try {
-        answer = await sendOnce("order", { amount: sameAmount(amount), description },
-                                "/api/orders", { amount, description });
+        answer = await sendUnderAttemptKey("order", { amount: sameAmount(amount), description },
+                                           "/api/orders", { amount, description });
       } catch (error) {
-        if (!outcomeUnknown(error)) throw error;
+        if (error.handled || attemptOutcome(error) !== UNKNOWN) throw error;
         // It may have been placed: read the orders again, and say what pressing again does (the
         // same order, under the same key: never placed twice).
         loadOrders().catch(reportAndCatchUp);
