@@ -181,9 +181,15 @@
   // reads them), kept until an answer settles the attempt: pressing again with the same contents,
   // whatever was sent in between and across a reload, retries it under that key, and the shop
   // carries it out once. Kept in this tab's sessionStorage under the user's name (the newest
-  // PENDING_KEYS_KEPT of each form), and forgotten on sign-out.
+  // PENDING_KEYS_KEPT of each form, each with the time it was made), across the session's expiry
+  // and a token refused: the services keep a key for the user, whatever the token, so the same
+  // user signed in again in the tab retries under it. Forgotten on the sign-out buttons, when
+  // another user signs in in the tab, and PENDING_KEY_LIFE_MS after it was made.
   const PENDING_KEYS_PREFIX = "hseshop.pending-keys.";  // and the user's name
   const PENDING_KEYS_KEPT = 20;
+  // Well within the day the services keep a key (IDEMPOTENCY_KEY_RETENTION_SECONDS, which the page
+  // cannot read): a retry under a key they have pruned is carried out as a new request anyway.
+  const PENDING_KEY_LIFE_MS = 12 * 60 * 60 * 1000;
   // A key as randomKey makes it: what is read back from storage is checked against it.
   const KEY_PATTERN = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
@@ -211,12 +217,13 @@
   // SETTLED: a 4xx refusal of what was sent; the same contents under the same key are refused so
   // again, since one carried out under it is answered with its replay. UNKNOWN: no answer, a
   // session ended before its answer came (api() has it handled: nobody here is told), or the
-  // gateway's 502 or 504. NOTHING_DONE: a 429, a 503 (the gateway's is for a service it never
-  // sent the request to: a connection lost after it went is a 502, over either transport; a
-  // service's own, DATABASE_BUSY, did nothing), or an error before it was sent.
+  // gateway's 502 or 504. NOTHING_DONE: a 429 or a 401 (the token refused: the user may sign in
+  // again and retry), a 503 (the gateway's is for a service it never sent the request to: a
+  // connection lost after it went is a 502, over either transport; a service's own,
+  // DATABASE_BUSY, did nothing), or an error before it was sent.
   function attemptOutcome(error) {
     if (!(error instanceof ApiError)) return NOTHING_DONE;
-    if (error.status === 429) return NOTHING_DONE;
+    if ([401, 429].includes(error.status)) return NOTHING_DONE;
     if (error.status >= 400 && error.status < 500) return SETTLED;
     return [0, 502, 504].includes(error.status) ? UNKNOWN : NOTHING_DONE;
   }
@@ -226,27 +233,37 @@
   // before it is sent: a reload while it is under way keeps it.
   function recordAttempt(action, fingerprint) {
     const attempts = pendingAttemptsOf(action);
-    const key = attempts.get(fingerprint) || randomKey();
+    const attempt = attempts.get(fingerprint) || { key: randomKey(), madeAt: Date.now() };
     attempts.delete(fingerprint);  // (set again below: the newest is kept longest)
-    attempts.set(fingerprint, key);
+    attempts.set(fingerprint, attempt);
     while (attempts.size > PENDING_KEYS_KEPT) attempts.delete(attempts.keys().next().value);
     savePendingKeys();
-    return key;
+    return attempt.key;
   }
 
+  // (Only ever for the signed-in user: api() answers for the session it was sent for alone.)
   function forgetAttempt(action, fingerprint) {
-    if (!session) return;  // signed out meanwhile: forgotten already
     pendingAttemptsOf(action).delete(fingerprint);
     savePendingKeys();
   }
 
-  // The signed-in user's pending attempts of the form `action`: its contents -> key, oldest first.
+  // The signed-in user's pending attempts of the form `action`: its contents -> {key, madeAt},
+  // oldest first, none made over PENDING_KEY_LIFE_MS ago.
   function pendingAttemptsOf(action) {
     if (!pendingKeys || pendingKeys.username !== session.username) {
       pendingKeys = { username: session.username, actions: storedPendingKeys(session.username) };
     }
-    if (!pendingKeys.actions[action]) pendingKeys.actions[action] = new Map();
-    return pendingKeys.actions[action];
+    const attempts = pendingKeys.actions[action] || new Map();
+    pendingKeys.actions[action] = attempts;
+    attempts.forEach((attempt, fingerprint) => {
+      if (!recentlyMade(attempt.madeAt)) attempts.delete(fingerprint);
+    });
+    return attempts;
+  }
+
+  // Made within PENDING_KEY_LIFE_MS of now, either way: a clock set back does not drop a key.
+  function recentlyMade(madeAt) {
+    return Number.isFinite(madeAt) && Math.abs(Date.now() - madeAt) < PENDING_KEY_LIFE_MS;
   }
 
   function storedPendingKeys(username) {
@@ -256,7 +273,8 @@
       Object.entries(saved).forEach(([action, entries]) => {
         if (!Array.isArray(entries)) return;
         const valid = entries.filter(storedAttempt).slice(-PENDING_KEYS_KEPT);
-        actions[action] = new Map(valid);
+        actions[action] = new Map(valid.map(([fingerprint, key, madeAt]) =>
+          [fingerprint, { key, madeAt }]));
       });
     } catch (exc) {
       // unreadable keys are the same as none
@@ -264,16 +282,19 @@
     return actions;
   }
 
-  // An attempt as savePendingKeys saves it, [contents, key], its key one randomKey makes.
+  // An attempt as savePendingKeys saves it, [contents, key, made at], its key one randomKey makes.
   function storedAttempt(entry) {
-    return Array.isArray(entry) && entry.length === 2 && typeof entry[0] === "string"
-      && typeof entry[1] === "string" && KEY_PATTERN.test(entry[1]);
+    return Array.isArray(entry) && entry.length === 3 && typeof entry[0] === "string"
+      && typeof entry[1] === "string" && KEY_PATTERN.test(entry[1]) && recentlyMade(entry[2]);
   }
 
   function savePendingKeys() {
     const saved = {};
     Object.entries(pendingKeys.actions).forEach(([action, attempts]) => {
-      if (attempts.size) saved[action] = [...attempts];
+      if (attempts.size) {
+        saved[action] = Array.from(attempts, ([fingerprint, { key, madeAt }]) =>
+          [fingerprint, key, madeAt]);
+      }
     });
     const name = PENDING_KEYS_PREFIX + pendingKeys.username;
     try {
@@ -284,10 +305,13 @@
     }
   }
 
-  // Signed out (or the session saved is over): no key kept in this tab is anyone's any more.
-  function forgetPendingKeys() {
-    pendingKeys = null;
-    Object.keys(sessionStorage).filter((name) => name.startsWith(PENDING_KEYS_PREFIX))
+  // Forgets the keys this tab keeps, but those of `keptFor` (a user's name): all of them on the
+  // sign-out buttons, another user's when one signs in in the tab.
+  function forgetPendingKeys(keptFor = null) {
+    if (pendingKeys && pendingKeys.username !== keptFor) pendingKeys = null;
+    const kept = keptFor === null ? null : PENDING_KEYS_PREFIX + keptFor;
+    Object.keys(sessionStorage)
+      .filter((name) => name.startsWith(PENDING_KEYS_PREFIX) && name !== kept)
       .forEach((name) => sessionStorage.removeItem(name));
   }
 
@@ -315,7 +339,6 @@
       // an unreadable saved session is the same as none
     }
     sessionStorage.removeItem(SESSION_KEY);
-    forgetPendingKeys();
     return null;
   }
 
@@ -326,6 +349,7 @@
       expiresAt: Date.now() + body.expires_in * 1000,
     };
     sessionStorage.setItem(SESSION_KEY, JSON.stringify(session));
+    forgetPendingKeys(session.username);  // another user's, kept since a sign-out of theirs
     enterShop();
   }
 
@@ -347,6 +371,7 @@
   function onSignOut() {
     const token = session && session.token;
     signOut();
+    forgetPendingKeys();
     clearMessage();
     if (token) tellTheGatewayOfSignOut(token, 0);
   }
@@ -378,6 +403,7 @@
     await whileBusy($("sign-out-everywhere"), async () => {
       await api("POST", "/api/auth/logout/everywhere");
       signOut();
+      forgetPendingKeys();
       showMessage("Signed out on every device and page.", "info");
     });
   }
@@ -397,8 +423,8 @@
     olderPagesShown = false;
     lastNotificationId = 0;
     balanceRead = null;
-    // What was typed or pending is this user's: the next one starts with empty forms and new keys.
-    forgetPendingKeys();
+    // What was typed is this user's: the next one starts with empty forms. (The keys of their
+    // pending attempts are kept for their next sign-in in this tab: forgetPendingKeys.)
     ["topup-amount", "order-amount", "order-description", "password"].forEach((id) => {
       $(id).value = "";
     });

@@ -742,3 +742,81 @@ def test_swagger_ui_runs_under_the_pages_policy_and_tries_an_order_out_with_a_st
     console = [entry["message"] for entry in browser.get_log("browser")]
     refused = [message for message in console if "Content Security Policy" in message]
     assert not refused, refused
+
+
+SAVED_SESSION_EXPIRED = """
+const saved = JSON.parse(sessionStorage.getItem("hseshop.session"));
+saved.expiresAt = Date.now() - 1000;
+sessionStorage.setItem("hseshop.session", JSON.stringify(saved));
+"""
+
+
+def _session_expired_and_page_reloaded(page: ShopPage) -> None:
+    """The page's session over (its saved expiry passed), and the page reloaded: it shows the
+    sign-in form."""
+    page.driver.execute_script(SAVED_SESSION_EXPIRED)
+    page.driver.refresh()
+    page.wait_until(lambda: page.visible("auth-section"),
+                    what="the sign-in form after the session expired")
+
+
+def test_a_lost_top_up_or_order_retried_once_its_user_signed_in_again_is_carried_out_once(
+        stack, browser):
+    """The keys of attempts whose answers were lost outlive the session (the services keep a key
+    for the user, whatever the token): the same user signed in again in the tab, after the
+    session expired or after a request was refused for its token (401), retries under them."""
+    page, shopper = _live_page_of_a_shopper_with_100(stack, browser, ANSWERS_LOST_WHEN_TOLD)
+    _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20 may have gone through")
+
+    _session_expired_and_page_reloaded(page)
+    page.sign_in(shopper.username, "a long password")
+    page.wait_until(lambda: page.visible("topup-form"), what="the top-up form")
+    page.top_up("20")
+    page.wait_until(lambda: page.text("message") == "The top-up of 20 had gone through already;"
+                    " it was not counted again.", what="the top-up retried")
+    assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "120.00"
+
+    _answer_lost(page, _order(page, "5", "pen"), "The order for 5 may have been placed")
+    token = browser.execute_script(
+        "return JSON.parse(sessionStorage.getItem('hseshop.session')).token")
+    # Signed out elsewhere: the gateway closes the page's socket, and refuses its next request.
+    signed_out = requests.post(f"{stack.gateway_url}/api/auth/logout", timeout=10,
+                               headers={"Authorization": f"Bearer {token}"})
+    assert signed_out.status_code == 204, signed_out.text
+    page.wait_until(lambda: page.visible("auth-section")
+                    and "Please sign in again" in page.text("message"), timeout=LIVE_DEADLINE,
+                    what="the page signed out by the refused token")
+    page.sign_in(shopper.username, "a long password")
+    _order(page, "5", "pen")()
+    page.wait_until(lambda: "That order for 5.00 was placed already" in page.text("message"),
+                    what="the order retried")
+    assert [order["description"] for order in shopper.api("GET", "/orders", 200)["items"]] == [
+        "pen"]
+
+
+def test_a_users_kept_keys_are_forgotten_when_another_user_signs_in_in_the_tab(stack, browser):
+    """What the forms of a user whose session expired held is kept for their next sign-in, and
+    forgotten when another user signs in in the tab: the same contents are a new attempt for the
+    other, and for the first signed in again after them."""
+    page, first = _live_page_of_a_shopper_with_100(stack, browser, ANSWERS_LOST_WHEN_TOLD)
+    _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20 may have gone through")
+    _session_expired_and_page_reloaded(page)
+    assert browser.execute_script(PENDING_KEYS_STORED) == [
+        f"hseshop.pending-keys.{first.username}"]
+
+    second = GatewayClient(stack.gateway_url)
+    second.open_account_with("100")
+    page.sign_in(second.username, "a long password")
+    assert browser.execute_script(PENDING_KEYS_STORED) == []
+    page.wait_until(lambda: page.visible("topup-form"), what="the top-up form")
+    page.top_up("20")
+    page.wait_until(lambda: page.text("message") == "Topped up 20.", what="the second's top-up")
+    assert second.api("GET", "/accounts/balance", 200)["balance"] == "120.00"
+
+    _session_expired_and_page_reloaded(page)
+    page.sign_in(first.username, "a long password")
+    page.wait_until(lambda: page.visible("topup-form"), what="the top-up form")
+    page.top_up("20")
+    page.wait_until(lambda: page.text("message") == "Topped up 20.", what="a new top-up")
+    assert first.api("GET", "/accounts/balance", 200)["balance"] == "140.00"
+
