@@ -215,17 +215,21 @@
   }
 
   // SETTLED: a 4xx refusal of what was sent; the same contents under the same key are refused so
-  // again, since one carried out under it is answered with its replay. UNKNOWN: no answer, a
-  // session ended before its answer came (api() has it handled: nobody here is told), or the
-  // gateway's 502 or 504. NOTHING_DONE: a 429 or a 401 (the token refused: the user may sign in
-  // again and retry), a 503 (the gateway's is for a service it never sent the request to: a
-  // connection lost after it went is a 502, over either transport; a service's own,
-  // DATABASE_BUSY, did nothing), or an error before it was sent.
+  // again, since one carried out under it is answered with its replay. NOTHING_DONE: a 429 or a
+  // 401 (the token refused: the user may sign in again and retry), the gateway's 503
+  // SERVICE_UNAVAILABLE (for a service it never sent the request to: a connection lost after it
+  // went is a 502, over either transport), a service's 503 DATABASE_BUSY (rolled back whole), or
+  // an error before it was sent. UNKNOWN: no answer, a session ended before its answer came
+  // (api() has it handled: nobody here is told), or any other 5xx: the gateway's 502 or 504, a
+  // service's 503 DATABASE_UNAVAILABLE (a commit whose connection was lost may have gone through).
   function attemptOutcome(error) {
     if (!(error instanceof ApiError)) return NOTHING_DONE;
     if ([401, 429].includes(error.status)) return NOTHING_DONE;
     if (error.status >= 400 && error.status < 500) return SETTLED;
-    return [0, 502, 504].includes(error.status) ? UNKNOWN : NOTHING_DONE;
+    if (error.status === 503 && ["SERVICE_UNAVAILABLE", "DATABASE_BUSY"].includes(error.code)) {
+      return NOTHING_DONE;
+    }
+    return UNKNOWN;
   }
 
   // The key an attempt with these contents goes out under: the pending one's, or a new one. The

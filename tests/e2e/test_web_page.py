@@ -820,3 +820,41 @@ def test_a_users_kept_keys_are_forgotten_when_another_user_signs_in_in_the_tab(s
     page.wait_until(lambda: page.text("message") == "Topped up 20.", what="a new top-up")
     assert first.api("GET", "/accounts/balance", 200)["balance"] == "140.00"
 
+
+# Played by the browser itself: the first top-up reaches the shop, which carries it out, and its
+# answer is a service's 503 DATABASE_UNAVAILABLE (its commit went through as its connection was
+# lost); the rest is real.
+FIRST_TOP_UP_ANSWERED_DATABASE_UNAVAILABLE = """
+const realFetch = window.fetch.bind(window);
+let answered = false;
+window.fetch = async (input, init) => {
+  const url = typeof input === "string" ? input : input.url;
+  const path = new URL(url, location.href).pathname;
+  const response = await realFetch(input, init);
+  if (path === "/api/accounts/deposit" && !answered) {
+    answered = true;
+    return new Response(JSON.stringify({error: {code: "DATABASE_UNAVAILABLE",
+      message: "The service cannot reach its database just now; try again shortly.",
+      details: {}}}),
+      {status: 503, headers: {"Content-Type": "application/json", "Retry-After": "1"}});
+  }
+  return response;
+};
+"""
+
+
+def test_a_top_up_answered_database_unavailable_is_said_to_have_maybe_gone_through(stack,
+                                                                                   browser):
+    """A service's 503 DATABASE_UNAVAILABLE may follow a commit that went through: the page
+    says the top-up may have gone through and reads the balance again; pressing again retries
+    it, counted once."""
+    page, shopper = _live_page_of_a_shopper_with_100(
+        stack, browser, FIRST_TOP_UP_ANSWERED_DATABASE_UNAVAILABLE)
+    page.top_up("5")
+    page.wait_until(lambda: "The top-up of 5 may have gone through" in page.text("message"),
+                    what="the page to say the top-up may have gone through")
+    page.wait_until(lambda: page.text("balance") == "105.00", what="the balance read again")
+    page.top_up("5")
+    page.wait_until(lambda: page.text("message") == "The top-up of 5 had gone through already;"
+                    " it was not counted again.", what="the top-up retried")
+    assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "105.00"
