@@ -305,7 +305,10 @@
       if (Object.keys(saved).length) sessionStorage.setItem(name, JSON.stringify(saved));
       else sessionStorage.removeItem(name);
     } catch (exc) {
-      // storage full or refused: the keys are kept on this page only
+      // Storage full or refused: the keys are kept on this page only. What was saved before goes:
+      // out of date, it may hold a settled key, under which a new attempt with its contents would
+      // be taken, after a reload, for a replay of the settled one.
+      sessionStorage.removeItem(name);
     }
   }
 

@@ -821,6 +821,51 @@ def test_a_users_kept_keys_are_forgotten_when_another_user_signs_in_in_the_tab(s
     assert first.api("GET", "/accounts/balance", 200)["balance"] == "140.00"
 
 
+# Fills the tab's sessionStorage to the last character it takes (a filler item as long as it can
+# be); whether one more is refused.
+FILL_SESSION_STORAGE = """
+let low = 0;
+let high = 16 * 1024 * 1024;
+while (low < high) {
+  const length = Math.ceil((low + high) / 2);
+  try {
+    sessionStorage.setItem("filler", "x".repeat(length));
+    low = length;
+  } catch (exc) {
+    high = length - 1;
+  }
+}
+try {
+  sessionStorage.setItem("filler", "x".repeat(low + 1));
+  return false;
+} catch (exc) {
+  return true;
+}
+"""
+
+
+def test_keys_the_full_storage_could_not_save_leave_no_settled_key_behind(stack, browser):
+    """The tab's storage full: a lost top-up's key cannot be saved, and what was saved before (the
+    key of a lost top-up of 20) goes with it, rather than stay as it was: once that top-up is
+    retried and settled, a new top-up of 20 after a reload is a new one, not taken for a replay
+    under the settled key."""
+    page, shopper = _live_page_of_a_shopper_with_100(stack, browser, ANSWERS_LOST_WHEN_TOLD)
+    _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20 may have gone through")
+    assert browser.execute_script(FILL_SESSION_STORAGE), "the storage is not full"
+    _answer_lost(page, lambda: page.top_up("1000"), "The top-up of 1000 may have gone through")
+    page.top_up("20")
+    page.wait_until(lambda: page.text("message") == "The top-up of 20 had gone through already;"
+                    " it was not counted again.", what="the top-up retried")
+
+    browser.execute_script("sessionStorage.removeItem('filler');")
+    browser.refresh()
+    page.wait_until(lambda: page.visible("shop-section") and page.visible("topup-form"),
+                    what="the shop after the reload")
+    page.top_up("20")
+    page.wait_until(lambda: page.text("message") == "Topped up 20.", what="a new top-up")
+    assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "1140.00"
+
+
 # Played by the browser itself: the first top-up reaches the shop, which carries it out, and its
 # answer is a service's 503 DATABASE_UNAVAILABLE (its commit went through as its connection was
 # lost); the rest is real.
