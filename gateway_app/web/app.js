@@ -54,8 +54,9 @@
   // then read once more: a burst of notifications costs two reads), {overtaken} when a write's
   // answer has been shown since (its answer, older, is then not shown).
   let balanceRead = null;
-  // The Idempotency-Keys of the signed-in user's attempts whose outcome is not known yet:
-  // {username, actions: {action: Map(form's contents -> key)}}, read from sessionStorage.
+  // The Idempotency-Keys of a user's attempts whose outcome is not known yet (the signed-in
+  // user's, or the last one's, kept for their next sign-in): {username, actions: {action:
+  // Map(form's contents -> {key, madeAt})}}, read from sessionStorage.
   let pendingKeys = null;
 
   // --- messages ---------------------------------------------------------------------------------
