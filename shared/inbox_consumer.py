@@ -128,10 +128,13 @@ class InboxConsumer:
         self._stopping = threading.Event()
         # Per partition, the offset to commit: one past the last record stored in the inbox.
         self._stored: dict[tuple[str, int], int] = {}
-        # Per partition, the offset of the last asynchronous commit sent, while its answer has
-        # not come (note_commit_result). Dropped as the partition is revoked or lost: a failed
-        # commit of before must not be committed again over what a new owner committed since.
-        self._committing: dict[tuple[str, int], int] = {}
+        # Per partition, the highest offset sent in a commit, asynchronous or waited for: a failed
+        # one below it is not put back (note_commit_result), or it would be committed after it
+        # and move the group's position back (the answer to an asynchronous commit can come after
+        # a later commit waited for: close() serves it, then revokes). Dropped as the partition is
+        # revoked or lost: a failed commit of before must not be committed again over what a new
+        # owner committed since.
+        self._highest_sent: dict[tuple[str, int], int] = {}
         # Partitions revoked or lost and not assigned again: records of theirs still in hand (a
         # batch polled before the rebalance, stored after it) commit nothing, or this consumer
         # would commit an older offset over the one their new owner committed.
@@ -207,7 +210,9 @@ class InboxConsumer:
         if not offsets:
             return
         for offset in offsets:
-            del self._stored[(offset.topic, offset.partition)]
+            where = (offset.topic, offset.partition)
+            del self._stored[where]
+            self._highest_sent[where] = max(offset.offset, self._highest_sent.get(where, -1))
         try:
             self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
         except KafkaException as exc:
@@ -217,9 +222,6 @@ class InboxConsumer:
             log.warning("consumer: could not commit offsets: %s", exc)
             if asynchronous:
                 self._put_back(offsets)
-            return
-        if asynchronous:
-            self._committing.update(((o.topic, o.partition), o.offset) for o in offsets)
 
     def note_commit_result(self, error: KafkaError | None,
                            partitions: list[TopicPartition]) -> None:
@@ -227,19 +229,16 @@ class InboxConsumer:
         which the client calls from poll() (or consume, or close) on this consumer's thread, for
         asynchronous commits only. A failure is said in a line, and each offset that failed is
         put back to be committed with the next commit, unless superseded since: a later offset
-        of its partition stored or sent, or the partition revoked or lost."""
+        of its partition stored, or sent in any commit (one waited for too), or the partition
+        revoked or lost."""
         # (_NO_OFFSET: there was nothing to commit, which is no failure.)
         failed_all = error is not None and error.code() != KafkaError._NO_OFFSET
         failed, put_back = [], []
         for partition in partitions:
-            where = (partition.topic, partition.partition)
-            answered = self._committing.get(where) == partition.offset
-            if answered:
-                del self._committing[where]
             if not (failed_all or partition.error is not None):
                 continue
             failed.append(partition)
-            if answered and where not in self._stored:
+            if not self._superseded(partition):
                 put_back.append(partition)
         if not failed:
             return
@@ -249,11 +248,18 @@ class InboxConsumer:
                     f"to be committed again: {_positions(put_back)}" if put_back else
                     "none to commit again (superseded, or the partition taken away since)")
 
+    def _superseded(self, offset: TopicPartition) -> bool:
+        """Whether an offset whose commit failed has been superseded since: a later one of its
+        partition stored, or sent, or the partition revoked or lost (nothing sent since)."""
+        where = (offset.topic, offset.partition)
+        highest_sent = self._highest_sent.get(where)
+        return where in self._stored or highest_sent is None or offset.offset < highest_sent
+
     def _put_back(self, offsets: list[TopicPartition]) -> None:
-        """Offsets whose commit failed, to be committed with the next (a later one stored since
-        goes in their place)."""
+        """Offsets whose commit failed and that nothing has superseded, to be committed with the
+        next."""
         for offset in offsets:
-            self._stored.setdefault((offset.topic, offset.partition), offset.offset)
+            self._stored[(offset.topic, offset.partition)] = offset.offset
 
     def _note_assigned(self, consumer, partitions: list[TopicPartition]) -> None:
         # (Each starts from its committed offset: no rewind of before is due.)
@@ -265,7 +271,7 @@ class InboxConsumer:
         self.commit_stored(asynchronous=False, partitions=partitions)
         self._given_up.update((p.topic, p.partition) for p in partitions)
         self._drop_rewinds_due(partitions)
-        self._drop_commits_unanswered(partitions)
+        self._drop_commits_sent(partitions)
 
     def _forget_lost(self, consumer, partitions: list[TopicPartition]) -> None:
         # Lost, not handed over: another consumer may own them already, and a commit would fail.
@@ -273,15 +279,15 @@ class InboxConsumer:
             self._stored.pop((partition.topic, partition.partition), None)
         self._given_up.update((p.topic, p.partition) for p in partitions)
         self._drop_rewinds_due(partitions)
-        self._drop_commits_unanswered(partitions)
+        self._drop_commits_sent(partitions)
 
     def _drop_rewinds_due(self, partitions: list[TopicPartition]) -> None:
         for partition in partitions:
             self._rewinds_due.pop((partition.topic, partition.partition), None)
 
-    def _drop_commits_unanswered(self, partitions: list[TopicPartition]) -> None:
+    def _drop_commits_sent(self, partitions: list[TopicPartition]) -> None:
         for partition in partitions:
-            self._committing.pop((partition.topic, partition.partition), None)
+            self._highest_sent.pop((partition.topic, partition.partition), None)
 
     def poll(self) -> list[ConsumedRecord]:
         # Wait for the first message only; then take whatever else is already here, so a lone

@@ -388,6 +388,31 @@ def test_a_failed_commit_of_a_partition_taken_away_since_is_not_committed_again(
     assert len(_commit_warnings(caplog)) == 1
 
 
+def test_a_failed_commit_answered_as_the_consumer_closes_is_not_committed_over_the_last():
+    """confluent-kafka's close() serves the answers still queued, then revokes the partitions:
+    the answer to an asynchronous commit (5) that failed comes after the commit waited for as the
+    consumer stopped (6). Put back, the older offset would be committed as the partition is
+    revoked, over the later one, moving the group's position back."""
+    calls, clock = [], FakeClock()
+    consumer = FakeConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 0, 5)], calls)
+
+    def store(records):
+        if records[0].offset == 5:
+            inbox.stop()
+        return []
+
+    def close():
+        inbox.note_commit_result(TIMED_OUT, _offsets(("t", 0, 5)))
+        consumer.on_revoke(consumer, [TopicPartition("t", 0)])
+        calls.append(("close",))
+
+    consumer.close = close
+    inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None, batch_size=1, clock=clock)
+    clock.now += 1  # 4 stored, its interval over: 5 sent; 5 stored, within the next: 6 waits
+    inbox.run()
+    assert calls == [("commit", [("t", 0, 5)]), ("commit and wait", [("t", 0, 6)]), ("close",)]
+
+
 def test_only_the_partitions_whose_commit_failed_are_committed_again(caplog):
     """A request that went through with an error for some of its partitions (each a
     TopicPartition whose `error` is set, the request's None); and no offset to commit
