@@ -231,20 +231,18 @@ class InboxConsumer:
         put back to be committed with the next commit, unless superseded since: a later offset
         of its partition stored, or sent in any commit (one waited for too), or the partition
         revoked or lost."""
-        # (_NO_OFFSET: there was nothing to commit, which is no failure.)
-        failed_all = error is not None and error.code() != KafkaError._NO_OFFSET
-        failed, put_back = [], []
-        for partition in partitions:
-            if not (failed_all or partition.error is not None):
-                continue
-            failed.append(partition)
-            if not self._superseded(partition):
-                put_back.append(partition)
+        # A partition's own error, where any has one, says which failed: librdkafka then gives
+        # the request one of theirs as its error too, the partitions that went through among
+        # those it answers for. (_NO_OFFSET: there was nothing to commit, which is no failure.)
+        failed = [partition for partition in partitions if partition.error is not None]
+        said = failed[0].error if failed else error
+        if not failed and error is not None and error.code() != KafkaError._NO_OFFSET:
+            failed = list(partitions)
         if not failed:
             return
+        put_back = [partition for partition in failed if not self._superseded(partition)]
         self._put_back(put_back)
-        log.warning("consumer: could not commit %s: %s; %s", _positions(failed),
-                    (error if failed_all else failed[0].error).str(),
+        log.warning("consumer: could not commit %s: %s; %s", _positions(failed), said.str(),
                     f"to be committed again: {_positions(put_back)}" if put_back else
                     "none to commit again (superseded, or the partition taken away since)")
 

@@ -414,9 +414,10 @@ def test_a_failed_commit_answered_as_the_consumer_closes_is_not_committed_over_t
 
 
 def test_only_the_partitions_whose_commit_failed_are_committed_again(caplog):
-    """A request that went through with an error for some of its partitions (each a
-    TopicPartition whose `error` is set, the request's None); and no offset to commit
-    (_NO_OFFSET) is no failure."""
+    """A request that went through with an error for some of its partitions: librdkafka
+    (rd_kafka_handle_OffsetCommit) gives each that failed its `error`, and the request one of
+    theirs too, though partition 0 went through; and no offset to commit (_NO_OFFSET) is no
+    failure."""
     calls = []
     consumer = FakeConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls)
     inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
@@ -425,9 +426,9 @@ def test_only_the_partitions_whose_commit_failed_are_committed_again(caplog):
     inbox.note_commit_result(KafkaError(KafkaError._NO_OFFSET), [])
     assert _commit_warnings(caplog) == []
     refused = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
-    inbox.note_commit_result(None, [TopicPartition("t", 0, 5),
-                                    SimpleNamespace(topic="t", partition=1, offset=8,
-                                                    error=refused)])
+    inbox.note_commit_result(refused, [TopicPartition("t", 0, 5),
+                                       SimpleNamespace(topic="t", partition=1, offset=8,
+                                                       error=refused)])
     assert _commit_warnings(caplog) == [
         "consumer: could not commit t [1] at 8: Broker: Unknown topic or partition; to be"
         " committed again: t [1] at 8"]
