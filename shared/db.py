@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session
 
 from shared.jsonio import loads_strict
+from shared.outage_log import OUTAGE_REMINDER_SECONDS, OutageLog, OutageWords
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -172,35 +172,26 @@ def failure_in_a_line(exc: BaseException, url: str | None = None) -> str:
     return f"{database} answered {said}"
 
 
-# While one database connection stays lost, what tries again and again says so this often.
-OUTAGE_REMINDER_SECONDS = 60.0
-# A try failing on a lost connection this long after the last one that did begins a new outage,
-# though no try worked in between to say the last was over (a consumer whose partitions were
-# taken away stores nothing, and so never says it is back; the relay and the sweeper try every few
-# seconds, a consumer every second, while one lasts).
-NEW_OUTAGE_AFTER_SECONDS = 30.0
+_DATABASE_OUTAGE_WORDS = OutageWords(
+    begun="%(what)s lost its database connection (%(said)s); retrying until it is back",
+    still="%(what)s: database connection still lost after %(seconds).0f s, %(tries)d tries"
+          " (%(said)s); retrying",
+    over="%(what)s: database connection back after %(seconds).0f s, %(tries)d failed tries")
 
 
-class DatabaseOutageLog:
+class DatabaseOutageLog(OutageLog):
     """Tells the log of one loop that retries (a consumer's steps, say) that its database
-    connection is lost, once as the outage begins and then every `remind_every` seconds while it
-    lasts, never once per failed try: one WARNING line each, without a traceback (the shop gets
-    over it by itself); and, at INFO, that it is back. (Tries in several threads may share one.)"""
+    connection is lost: as an OutageLog does, once as the outage begins, then once a reminder's
+    interval on, and at INFO that it is back."""
 
     def __init__(self, logger: logging.Logger, what: str,
                  remind_every: float = OUTAGE_REMINDER_SECONDS,
                  clock: Callable[[], float] = time.monotonic):
-        self._logger, self._what = logger, what
-        self._remind_every, self._clock = remind_every, clock
-        self._lock = threading.Lock()
-        self._lost_since: float | None = None
-        self._said_at = self._last_lost_at = 0.0
-        self._failed_tries = 0
+        super().__init__(logger, what, _DATABASE_OUTAGE_WORDS, remind_every, clock)
 
     def lost(self, exc: BaseException) -> None:
         """A try failed on a lost connection (`connection_lost(exc)`)."""
-        with self._lock:
-            self._note_lost(exc)
+        self.failed(said_in_a_line(exc))
 
     def said_if_lost(self, exc: BaseException) -> bool:
         """Whether a try failed on a lost connection (`connection_lost(exc)`), said so if it did
@@ -209,33 +200,6 @@ class DatabaseOutageLog:
             return False
         self.lost(exc)
         return True
-
-    def _note_lost(self, exc: BaseException) -> None:
-        now = self._clock()
-        if self._lost_since is not None and now - self._last_lost_at >= NEW_OUTAGE_AFTER_SECONDS:
-            self._lost_since = None  # (the last one ended unsaid: no try worked since)
-            self._failed_tries = 0
-        self._last_lost_at = now
-        self._failed_tries += 1
-        if self._lost_since is None:
-            self._lost_since = self._said_at = now
-            self._logger.warning("%s lost its database connection (%s); retrying until it is back",
-                                 self._what, said_in_a_line(exc))
-        elif now - self._said_at >= self._remind_every:
-            self._said_at = now
-            self._logger.warning("%s: database connection still lost after %.0f s, %d tries (%s);"
-                                 " retrying", self._what, now - self._lost_since,
-                                 self._failed_tries, said_in_a_line(exc))
-
-    def back(self) -> None:
-        """A try worked with the database: the outage, if there was one, is over."""
-        with self._lock:
-            if self._lost_since is None:
-                return
-            self._logger.info("%s: database connection back after %.0f s, %d failed tries",
-                              self._what, self._clock() - self._lost_since, self._failed_tries)
-            self._lost_since = None
-            self._failed_tries = 0
 
 
 # A process's pool: the connections it keeps, and the most it opens at once (its threads that

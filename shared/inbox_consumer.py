@@ -8,8 +8,9 @@ lost costs a re-read, never a message) nor commits after every batch: it commits
 stored at most once per COMMIT_INTERVAL_SECONDS (as Kafka's own auto-commit does, every five
 seconds by default), when it stops, and when the group takes partitions away from it. The
 broker's answer comes later, through the client's on_commit (note_commit_result): an offset whose
-commit failed is said and committed again with the next, unless a later one has been stored or
-sent since, or its partition taken away.
+commit failed is committed again with the next, unless a later one has been stored or sent since,
+or its partition taken away. Failed commits are said as an outage is (a coordinator away fails
+one a second): once as they begin, then once a minute while they last (shared.outage_log).
 
 A step that fails is retried a second later. One that failed on a lost database connection (a
 restart, a failover) is an outage the consumer waits out, not a fault: it is said once as it
@@ -31,6 +32,7 @@ from confluent_kafka import (TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, Kafk
 
 from shared.db import DatabaseOutageLog
 from shared.inbox.storing import ConsumedRecord, insert_records
+from shared.outage_log import OutageLog, OutageWords
 from shared.task_queues import QUEUES_UNREACHABLE
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,13 @@ COMMIT_INTERVAL_SECONDS = 1.0
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+# A coordinator away fails every commit, one a second: said as it begins, then once a minute.
+_FAILED_COMMITS_WORDS = OutageWords(
+    begun="%(what)s could not commit %(said)s",
+    still="%(what)s: offset commits still failing after %(seconds).0f s, %(tries)d failed (the"
+          " last could not commit %(said)s)",
+    over="%(what)s: offset commits go through again after %(seconds).0f s, %(tries)d failed")
 
 
 def to_record(message) -> ConsumedRecord:
@@ -145,6 +154,7 @@ class InboxConsumer:
         self._rewinds_due: dict[tuple[str, int], int] = {}
         self._committed_at = clock()
         self._database_outage = DatabaseOutageLog(log, name, clock=clock)
+        self._failed_commits = OutageLog(log, name, _FAILED_COMMITS_WORDS, clock=clock)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -217,20 +227,22 @@ class InboxConsumer:
             self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
         except KafkaException as exc:
             # Committed again with the next commit; or, when waited for (the partitions taken
-            # away, or the consumer stopping), never: the records are read again, and the inbox
-            # drops them.
-            log.warning("consumer: could not commit offsets: %s", exc)
+            # away, or the consumer stopping: once, so said each time), never: the records are
+            # read again, and the inbox drops them.
             if asynchronous:
                 self._put_back(offsets)
+                self._say_commit_failed(offsets, exc.args[0], offsets)
+            else:
+                log.warning("consumer: could not commit offsets: %s", exc)
 
     def note_commit_result(self, error: KafkaError | None,
                            partitions: list[TopicPartition]) -> None:
         """The broker's answer to an asynchronous offset commit: the consumer's `on_commit`,
         which the client calls from poll() (or consume, or close) on this consumer's thread, for
-        asynchronous commits only. A failure is said in a line, and each offset that failed is
-        put back to be committed with the next commit, unless superseded since: a later offset
-        of its partition stored, or sent in any commit (one waited for too), or the partition
-        revoked or lost."""
+        asynchronous commits only. A failure is said (as an outage is: _FAILED_COMMITS_WORDS),
+        and each offset that failed is put back to be committed with the next commit, unless
+        superseded since: a later offset of its partition stored, or sent in any commit (one
+        waited for too), or the partition revoked or lost."""
         # A partition's own error, where any has one, says which failed: librdkafka then gives
         # the request one of theirs as its error too, the partitions that went through among
         # those it answers for. (_NO_OFFSET: there was nothing to commit, which is no failure.)
@@ -239,12 +251,19 @@ class InboxConsumer:
         if not failed and error is not None and error.code() != KafkaError._NO_OFFSET:
             failed = list(partitions)
         if not failed:
+            if error is None:
+                self._failed_commits.back()
             return
         put_back = [partition for partition in failed if not self._superseded(partition)]
         self._put_back(put_back)
-        log.warning("consumer: could not commit %s: %s; %s", _positions(failed), said.str(),
-                    f"to be committed again: {_positions(put_back)}" if put_back else
-                    "none to commit again (superseded, or the partition taken away since)")
+        self._say_commit_failed(failed, said, put_back)
+
+    def _say_commit_failed(self, failed: list[TopicPartition], error: KafkaError,
+                           put_back: list[TopicPartition]) -> None:
+        self._failed_commits.failed(
+            f"{_positions(failed)}: {error.str()}; "
+            + (f"to be committed again: {_positions(put_back)}" if put_back else
+               "none to commit again (superseded, or the partition taken away since)"))
 
     def _superseded(self, offset: TopicPartition) -> bool:
         """Whether an offset whose commit failed has been superseded since: a later one of its

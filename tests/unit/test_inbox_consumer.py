@@ -326,8 +326,8 @@ def test_an_offset_whose_commit_failed_is_said_and_committed_again_with_the_next
     inbox.run_once()
     inbox.note_commit_result(TIMED_OUT, _offsets(("t", 0, 5), ("t", 1, 8)))
     (warning,) = _commit_warnings(caplog)
-    assert warning == ("consumer: could not commit t [0] at 5, t [1] at 8: Broker: Request timed"
-                       " out; to be committed again: t [0] at 5, t [1] at 8")
+    assert warning == ("the inbox consumer could not commit t [0] at 5, t [1] at 8: Broker:"
+                       " Request timed out; to be committed again: t [0] at 5, t [1] at 8")
     inbox.run_once()
     assert calls == [("commit", [("t", 0, 5), ("t", 1, 8)])] * 2
     inbox.note_commit_result(None, _offsets(("t", 0, 5), ("t", 1, 8)))
@@ -430,10 +430,37 @@ def test_only_the_partitions_whose_commit_failed_are_committed_again(caplog):
                                        SimpleNamespace(topic="t", partition=1, offset=8,
                                                        error=refused)])
     assert _commit_warnings(caplog) == [
-        "consumer: could not commit t [1] at 8: Broker: Unknown topic or partition; to be"
-        " committed again: t [1] at 8"]
+        "the inbox consumer could not commit t [1] at 8: Broker: Unknown topic or partition; to"
+        " be committed again: t [1] at 8"]
     inbox.run_once()
     assert calls[-1] == ("commit", [("t", 1, 8)])
+
+
+def test_commits_failing_while_the_coordinator_is_away_are_said_once_then_once_a_minute(caplog):
+    """A commit a second, each failing while the group's coordinator is away: said as the failures
+    begin, then once a minute while they last (as a lost database connection is:
+    shared.outage_log), not in a line each; and at INFO once a commit goes through again."""
+    caplog.set_level(logging.INFO)
+    calls, clock = [], FakeClock()
+    consumer = FakeConsumer([], calls)
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
+                          commit_interval=0, clock=clock)
+    for offset in range(5, 70):
+        consumer.messages = [FakeMessage("t", 0, offset - 1)]
+        inbox.run_once()
+        inbox.note_commit_result(TIMED_OUT, _offsets(("t", 0, offset)))
+        clock.now += 1
+    inbox.run_once()
+    inbox.note_commit_result(None, _offsets(("t", 0, 69)))
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "the inbox consumer could not commit t [0] at 5: Broker: Request timed"
+                          " out; to be committed again: t [0] at 5"),
+        (logging.WARNING, "the inbox consumer: offset commits still failing after 60 s, 61 failed"
+                          " (the last could not commit t [0] at 65: Broker: Request timed out; to"
+                          " be committed again: t [0] at 65)"),
+        (logging.INFO, "the inbox consumer: offset commits go through again after 65 s, 65"
+                       " failed")]
+    assert calls[-1] == ("commit", [("t", 0, 69)])
 
 
 def test_an_offset_commit_refused_as_it_is_sent_is_committed_again_with_the_next():
