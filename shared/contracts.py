@@ -11,14 +11,15 @@ a message with fields it does not know and drops them (they are not in the loade
 inbox stores, and a handler, a notification page included, sees only the fields the reader's
 contract declares), while every field it knows is checked as strictly as ever (required, types,
 amounts, the envelope's version). What a reader cannot take (a type it does not know, a known
-field it refuses, an envelope version it does not know) is still refused, and kept with its id,
-type, version and payload to be read again once the reader knows better (PayloadRefused). The shop
-itself writes only what its contract declares: new_event refuses a payload with a field more. So
-a field may be added only where a reader that drops it still does what the message asks: one that
-changes what a known field means (a currency beside `amount`, say) needs a new type or envelope
-version, which readers that do not know it refuse and keep. An envelope of any version carries
-`message_id`, `type`, `version` and `payload` (and `correlation_id`, if it has one) as version 1
-does: they are what a reader that does not know the version needs to keep the message.
+field it refuses, an envelope version it does not know) is still refused, and kept with its id
+and type, and its payload (of a version it does not know, its whole text), to be read again once
+the reader knows better (PayloadRefused). The shop itself writes only what its contract declares:
+new_event refuses a payload with a field more. So a field may be added only where a reader that
+drops it still does what the message asks: one that changes what a known field means (a currency
+beside `amount`, say) needs a new type or envelope version, which readers that do not know it
+refuse and keep. An envelope of any version carries `message_id`, `type`, `version` and `payload`
+(and `correlation_id`, if it has one) as version 1 does: they are what a reader that does not know
+the version needs to keep the message.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ PAYMENT_FAILED = "PaymentFailed"
 ORDER_STATUS_CHANGED = "OrderStatusChanged"
 
 ENVELOPE_VERSION = 1
-# The envelope versions this reader knows: a message of another is refused with its payload
-# (PayloadRefused), kept to be replayed once the reader knows it (knows_envelope_version).
+# The envelope versions this reader knows: a message of another is refused (PayloadRefused), kept
+# as its text to be read again once the reader knows it (knows_envelope_version).
 KNOWN_ENVELOPE_VERSIONS = frozenset({ENVELOPE_VERSION})
 # The highest version an envelope may name: the most the inbox's column (smallint) holds.
 HIGHEST_ENVELOPE_VERSION = 32767
@@ -66,8 +67,8 @@ class PayloadRefused(MalformedMessage):
     know, or whose payload breaks its type's contract, as this reader has it: most likely sent by
     a producer newer than the reader (a rolling upgrade, one service's new version running before
     the other's). `envelope` holds the envelope's fields (its version among them), the payload as
-    sent: kept with the message's own id, the message can be handed back once the reader knows
-    better (python -m tasks.parked replay)."""
+    sent: kept with the message's own id (of a version the reader does not know, as its text), the
+    message can be handed back once the reader knows better (python -m tasks.parked replay)."""
 
     def __init__(self, reason: str, envelope: dict[str, Any]):
         super().__init__(reason)
@@ -118,15 +119,15 @@ PAYLOAD_SCHEMAS: dict[str, ContractSchema] = {
 
 class EnvelopeOfAnyVersionSchema(ContractSchema):
     """An envelope as a reader reads one of a version it does not know: what every version
-    carries, enough to keep the message under its own id with its type, version and payload, to
-    be handed back once the reader knows the version. The rest may have changed with the version,
-    and is not read."""
+    carries, enough to keep the message (its text) under its own id with its type and version, to
+    be read again, whole, once the reader knows the version. The rest may have changed with the
+    version, and is not read."""
 
     message_id = fields.UUID(required=True)
     # Any type: one this reader does not know is refused with its payload (PayloadRefused). At
     # most what the inbox's column holds.
     type = Text(required=True, validate=validate.Length(min=1, max=100))
-    # Any version: one this reader does not know is refused with its payload (PayloadRefused).
+    # Any version: one this reader does not know is refused (PayloadRefused), and kept.
     version = fields.Integer(required=True, strict=True,
                              validate=validate.Range(min=1, max=HIGHEST_ENVELOPE_VERSION))
     # At most what the inbox's column holds: a longer one would fail the batch's insert.

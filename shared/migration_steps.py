@@ -102,8 +102,8 @@ def drop_inbox_produced_at() -> None:
 def add_inbox_envelope_version() -> None:
     # (A constant default: PostgreSQL adds the column without rewriting the table, and the rows
     # there, as the release before goes on writing them, are of version 1. That release reads no
-    # version: rolled back to, it would replay a message kept for a version it does not know as
-    # one of version 1, so such messages wait for the release that knows their version.)
+    # version, and replays only rows with a payload: a message this one keeps for a version it
+    # does not know is kept as its text, without one, and stays parked if it is rolled back to.)
     op.add_column("inbox_messages", sa.Column("envelope_version", sa.SmallInteger,
                                               server_default=sa.text("1")))
 

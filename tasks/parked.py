@@ -10,18 +10,18 @@ By default these are inbox messages. An inbox message is parked after INBOX_MAX_
 tries, or at once when it cannot succeed as things stand (an unknown order, a payload that breaks
 its contract, a type or an envelope version the service does not know, as a newer version of its
 producer may send until the service is upgraded too, no handler for its type, a record that could
-not be parsed). Replaying
-clears its park and its attempts and dispatches it to the service's worker, where it is handled
-like a new message, and still at most once: its handler runs under a lock on its inbox row and
-marks it processed in the same transaction. A record that could not even be parsed holds no event
-to hand a handler, and stays parked. Discarding marks it processed without handling it, so that
-Kafka delivering it again changes nothing; its row is pruned a retention after the discard.
-With --all, the inbox messages parked as the command begins are replayed (each transaction's
-dispatched as it commits) or discarded CHANGED_PER_TRANSACTION a transaction, oldest parked first;
-should the database fail part way, the command says how many went through and exits 1;
-interrupted (Ctrl-C), it says that at least so many went through (a batch committing as the
-interrupt came goes uncounted, its replays left to the sweeper) and exits 130. Run again, it takes
-up the rest.
+not be parsed). Replaying clears its park and its attempts and dispatches it to the service's
+worker, where it is handled like a new message, and still at most once: its handler runs under a
+lock on its inbox row and marks it processed in the same transaction. A message kept as its text,
+its envelope version unknown as it came, is read again as a new message is, whole, and parked again
+if that read refuses it. A record that could not even be parsed holds no event to hand a handler,
+and stays parked. Discarding marks it processed without handling it, so that Kafka delivering it
+again changes nothing; its row is pruned a retention after the discard. With --all, the inbox
+messages parked as the command begins are replayed (each transaction's dispatched as it commits) or
+discarded CHANGED_PER_TRANSACTION a transaction, oldest parked first; should the database fail part
+way, the command says how many went through and exits 1; interrupted (Ctrl-C), it says that at least
+so many went through (a batch committing as the interrupt came goes uncounted, its replays left to
+the sweeper) and exits 130. Run again, it takes up the rest.
 
 With --outbox they are outbox rows whose message is too large to be sent (over the producer's
 `message.max.bytes` or the topic's `max.message.bytes`): the relay holds back the later rows with

@@ -13,7 +13,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.contracts import PAYLOAD_SCHEMAS, declared_fields, knows_envelope_version
+from shared.contracts import (PAYLOAD_SCHEMAS, MalformedMessage, declared_fields, decode,
+                              knows_envelope_version)
 from shared.db import driver_cursor, held_up_by_a_lock
 from shared.inbox.model import InboxMessage, utc_now
 from shared.outbox.writing import outbox_rows_written_together
@@ -37,6 +38,9 @@ class StoredMessage:
     payload: dict[str, Any] | None  # as stored: JSON, not yet loaded by its contract's schema
     done: bool  # processed or parked already
     envelope_version: int | None  # (None: a record never parsed)
+    # The message's text, kept where its envelope was not read whole as it was stored (a version
+    # this reader did not know, or garbage): read again, as a fresh read would, before handling.
+    raw_value: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[Stored
 # One array parameter (`= ANY`), not an IN list, whatever the batch size.
 _LOCK_IN_ORDER = """
 SELECT message_id::text, type, correlation_id, request_id, payload,
-       processed_at IS NOT NULL OR parked_at IS NOT NULL, envelope_version
+       processed_at IS NOT NULL OR parked_at IS NOT NULL, envelope_version, raw_value
 FROM inbox_messages
 WHERE message_id = ANY(%s::uuid[])
 ORDER BY key, topic, partition, "offset"
@@ -249,8 +253,17 @@ WHERE message_id = %(message_id)s::uuid"""
 def _ready_to_handle(message: StoredMessage,
                      handlers: dict[str, Handler]) -> tuple[Handler, ReceivedEvent] | str:
     """The message's handler and the event to give it, or why the message must be parked: an
-    envelope version this reader does not know (kept so, then replayed before the reader's
-    upgrade), no handler, or a payload that breaks its contract."""
+    envelope a fresh read of its text would refuse (a version this reader did not know as it was
+    stored, kept as its text, then replayed), an envelope version this reader does not know, no
+    handler, or a payload that breaks its contract."""
+    if message.raw_value is not None:
+        # Never looser than a fresh read: the whole envelope read, as the consumer reads one.
+        try:
+            envelope = decode(message.raw_value.encode("utf-8"))
+        except MalformedMessage as exc:
+            return str(exc)
+        message = replace(message, envelope_version=envelope.version,
+                          payload=envelope.payload_json())
     if not knows_envelope_version(message.envelope_version):
         return f"envelope version {message.envelope_version} is not one this reader knows"
     handler = handlers.get(message.type)

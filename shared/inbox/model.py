@@ -22,10 +22,12 @@ class InboxMessage(db.Model):
     offset: Mapped[int] = mapped_column(BigInteger)
     key: Mapped[str | None] = mapped_column(String(255))
     type: Mapped[str | None] = mapped_column(String(100))
-    # The envelope's version, which handling checks again: a message kept because this reader did
-    # not know its version is handled once the reader knows it. None for a record never parsed;
-    # 1 by default, as the rows stored before the column was, and those a release before this one
-    # writes, all are.
+    # The envelope's version. A message of a version this reader did not know is kept as its text
+    # (raw_value) under its own id, and read again whole by the replay that hands it on
+    # (handling._ready_to_handle); the version is checked again for the rest, so that a message
+    # read whole by a release that knew its version is not handled by one that does not (a
+    # rollback). None for a record never parsed; 1 by default, as the rows stored before the
+    # column was, and those a release before this one writes, all are.
     envelope_version: Mapped[int | None] = mapped_column(SmallInteger, server_default=text("1"))
     correlation_id: Mapped[str | None] = mapped_column(String(100))
     request_id: Mapped[str | None] = mapped_column(String(128))

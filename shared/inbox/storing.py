@@ -11,7 +11,8 @@ from typing import Any
 
 from psycopg2.extras import Json, execute_values
 
-from shared.contracts import Envelope, MalformedMessage, PayloadRefused, decode
+from shared.contracts import (Envelope, MalformedMessage, PayloadRefused, decode,
+                              knows_envelope_version)
 from shared.inbox.model import utc_now
 from shared.jsonio import dumps_exact
 from shared.request_context import REQUEST_ID_KAFKA_HEADER
@@ -58,8 +59,8 @@ def _storable_text(raw: bytes | str | None, limit: int | None = None) -> str | N
 
 
 def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
-    """The inbox row for a record: a parsed event; a parked one, its envelope version, its type or
-    its payload refused; or a parked row holding the raw value."""
+    """The inbox row for a record: a parsed event; a parked one, its type or its payload refused,
+    or its envelope version, kept as its text; or a parked row holding the raw value."""
     row = {
         "topic": record.topic,
         "partition": record.partition,
@@ -71,16 +72,18 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
     try:
         envelope: Envelope = decode(record.value)
     except PayloadRefused as exc:
+        if not knows_envelope_version(exc.envelope["version"]):
+            return _kept_as_text(row, record, exc)
         try:
             payload = _JsonText(_jsonb_text(exc.envelope["payload"],
                                             numbers_printed_at_most=4 * len(record.value)))
         except (ValueError, RecursionError):  # (RecursionError: nested deeper than it is written)
             return _parked_raw(row, record, exc)
-        # Parked under its own id with its version and its payload as sent: once this service
-        # knows its envelope version, its type or its payload's new form, a replay hands it to
-        # its handler, which reads the payload again (handling._ready_to_handle). Its offset is
-        # committed all the same, so kept only as a raw value, it could never be handled: an
-        # order paid for by a newer payments service, say, would stay NEW for ever.
+        # Parked under its own id with its payload as sent: once this service knows its type or
+        # its payload's new form, a replay hands it to its handler, which reads the payload again
+        # (handling._ready_to_handle). Its offset is committed all the same, so kept only as a
+        # raw value under its position, it could never be handled: an order paid for by a newer
+        # payments service, say, would stay NEW for ever.
         return row | {
             "message_id": exc.envelope["message_id"],
             "type": exc.envelope["type"],
@@ -98,6 +101,25 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
         "envelope_version": envelope.version,
         "correlation_id": envelope.correlation_id,
         "payload": envelope.payload_json(),
+    }
+
+
+def _kept_as_text(row: dict[str, Any], record: ConsumedRecord,
+                  exc: PayloadRefused) -> dict[str, Any]:
+    """A message of an envelope version this reader does not know, parked under its own id with
+    its type and version, and its text as it came (UTF-8 JSON, which PostgreSQL's text holds as it
+    is). Only what every version carries was read of it: once the service knows the version, a
+    replay reads the text again as a fresh read would, whole (handling._ready_to_handle). No
+    payload: a release that reads no version (the one before envelope_version) replays only rows
+    with one, and would hand it to its handler as version 1."""
+    return row | {
+        "message_id": exc.envelope["message_id"],
+        "type": exc.envelope["type"],
+        "envelope_version": exc.envelope["version"],
+        "correlation_id": exc.envelope["correlation_id"],
+        "raw_value": record.value.decode("utf-8"),
+        "parked_at": utc_now(),
+        "last_error": _storable_text(str(exc), 2000),
     }
 
 

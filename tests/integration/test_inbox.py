@@ -623,50 +623,86 @@ def test_a_message_of_a_type_not_known_yet_is_kept_to_be_replayed(in_payments, p
 
 def _of_envelope_version_2(user_id: str) -> tuple[ConsumedRecord, dict]:
     """A PaymentRequested in an envelope of version 2, as a producer newer than this reader might
-    send it: the rest of its envelope changed too (a field renamed, one more)."""
-    body = json.loads(_request_record(user_id)[0].value)
-    body["sent_at"] = body.pop("occurred_at")
-    body |= {"version": 2, "trace": "t-1"}
+    send it, with a field more in its envelope."""
+    body = json.loads(_request_record(user_id)[0].value) | {"version": 2, "trace": "t-1"}
     return _record(encode(body)), body
+
+
+def _upgraded_to_envelope_version_2(monkeypatch) -> None:
+    """This reader as its upgrade has it: knowing envelope version 2, whose envelope is version
+    1's with fields it may drop."""
+    monkeypatch.setattr(contracts, "KNOWN_ENVELOPE_VERSIONS", frozenset({1, 2}))
+
+
+def _replayed(message_id: uuid.UUID, handlers) -> Outcome:
+    assert unpark_messages(db.session, [message_id]) == [message_id]
+    db.session.commit()
+    with transaction() as session:
+        return process_inbox_message(session, message_id, handlers)
 
 
 def test_a_message_of_an_envelope_version_not_known_yet_is_kept_and_handled_once_known(
         in_payments, payments_inbox, user_id, monkeypatch):
     """A message whose envelope version this service does not know yet (its producer upgraded
-    first) is parked under its own id with its version and its payload, not as raw text under its
-    position (its offset is committed: Kafka will not deliver it again). Replayed before this
-    service knows the version, it is parked again, not handled as a version it is not; replayed
-    once it knows it, it is handled, once."""
+    first) is parked under its own id with its version and its text as it came, not as raw text
+    under its position (its offset is committed: Kafka will not deliver it again), and with no
+    payload, which the release before envelope_version would replay as version 1. Replayed before
+    this service knows the version, it is parked again, not handled as a version it is not, even
+    with its row's version gone back to 1 (the column dropped by a downgrade and made again);
+    replayed once it knows it, it is read whole and handled, once."""
     record, body = _of_envelope_version_2(user_id)
     message_id = uuid.UUID(body["message_id"])
     assert payments_inbox([record]) == []  # parked, not dispatched
     assert payments_inbox([record]) == []  # delivered again: the same row
     row = _row(message_id)
-    assert row.parked_at is not None and row.raw_value is None
-    assert (row.type, row.envelope_version, row.payload) == (PAYMENT_REQUESTED, 2, body["payload"])
+    assert row.parked_at is not None and row.payload is None
+    assert (row.type, row.envelope_version, row.raw_value) == (PAYMENT_REQUESTED, 2,
+                                                               record.value.decode())
     assert row.correlation_id == body["correlation_id"]
     assert "envelope version 2 is not one this reader knows" in row.last_error
 
     seen: list[ReceivedEvent] = []
     handlers = {PAYMENT_REQUESTED: lambda session, events: seen.extend(events)}
-    assert unpark_messages(db.session, [message_id]) == [message_id]
-    db.session.commit()
-    with transaction() as session:
-        assert process_inbox_message(session, message_id, handlers) == Outcome.PARKED
+    assert _replayed(message_id, handlers) == Outcome.PARKED
+    db.session.execute(text("UPDATE inbox_messages SET envelope_version = 1"
+                            " WHERE message_id = :id"), {"id": message_id})
+    assert _replayed(message_id, handlers) == Outcome.PARKED
     assert seen == []
     assert "envelope version 2 is not one this reader knows" in _row(message_id).last_error
 
-    monkeypatch.setattr(contracts, "KNOWN_ENVELOPE_VERSIONS", frozenset({1, 2}))  # upgraded
-    assert unpark_messages(db.session, [message_id]) == [message_id]
-    db.session.commit()
-    for _ in range(2):
-        with transaction() as session:
-            process_inbox_message(session, message_id, handlers)
+    _upgraded_to_envelope_version_2(monkeypatch)
+    assert _replayed(message_id, handlers) == Outcome.PROCESSED
+    with transaction() as session:
+        assert process_inbox_message(session, message_id, handlers) == Outcome.ALREADY_DONE
     assert [event.message.message_id for event in seen] == [message_id]
     assert seen[0].message.envelope_version == 2
     assert seen[0].payload == {"order_id": uuid.UUID(body["payload"]["order_id"]),
                                "user_id": user_id, "amount": Decimal("1.00")}
+    assert seen[0].message.payload == body["payload"]
     assert _row(message_id).processed_at is not None
+
+
+def test_a_replay_of_a_kept_message_refuses_what_a_fresh_read_of_it_would(
+        in_payments, payments_inbox, user_id, monkeypatch):
+    """Kept while its version was unknown, a message was read only as far as what every version
+    carries. Once the version is known, its replay reads it whole, as the consumer reads a new
+    message: a version-2 envelope that breaks version 2's contract as this reader has it (a field
+    it requires renamed) is parked again, with the reason a fresh read gives, never handed to its
+    handler."""
+    record, body = _of_envelope_version_2(user_id)
+    body["sent_at"] = body.pop("occurred_at")
+    record = _record(encode(body))
+    message_id = uuid.UUID(body["message_id"])
+    assert payments_inbox([record]) == []
+    seen: list[ReceivedEvent] = []
+    handlers = {PAYMENT_REQUESTED: lambda session, events: seen.extend(events)}
+
+    _upgraded_to_envelope_version_2(monkeypatch)
+    assert _replayed(message_id, handlers) == Outcome.PARKED
+    assert seen == []
+    row = _row(message_id)
+    assert row.parked_at is not None and "occurred_at" in row.last_error
+    assert row.last_error == inbox_row(record)["last_error"]  # as a fresh read refuses it
 
 
 def test_a_message_of_a_known_envelope_version_keeps_it(in_payments, payments_inbox, user_id):
