@@ -108,7 +108,28 @@ def add_inbox_envelope_version() -> None:
                                               server_default=sa.text("1")))
 
 
+class DowngradeRefused(RuntimeError):
+    """A downgrade that would leave the release before rows it would mishandle; nothing was
+    changed."""
+
+
 def drop_inbox_envelope_version() -> None:
+    """Refused while a message of an envelope version other than 1 that holds a payload awaits
+    handling or lies parked (read whole by a release that knew its version, or parked for its type
+    or payload): the release before reads every message as version 1, and would hand it to its
+    handler as such. One kept as its text, its version unknown as it came, holds no payload: that
+    release leaves it parked, and a later one reads its version from its text again."""
+    # (The lock the drop takes, taken first: no row is stored between the count and the drop.)
+    op.execute("LOCK TABLE inbox_messages IN ACCESS EXCLUSIVE MODE")
+    waiting = op.get_bind().scalar(sa.text(
+        "SELECT count(*) FROM inbox_messages WHERE processed_at IS NULL AND envelope_version <> 1"
+        " AND payload IS NOT NULL"))
+    if waiting:
+        raise DowngradeRefused(
+            f"{waiting} inbox message(s) of an envelope version other than 1 await handling or lie"
+            " parked with their payload: the release before reads every message as version 1 and"
+            " would hand them to their handlers so. Let them be handled first, or give up on them"
+            " (python -m tasks.parked list/discard), then downgrade again; nothing was changed")
     op.drop_column("inbox_messages", "envelope_version")
 
 

@@ -42,6 +42,7 @@ from sqlalchemy.engine import make_url
 from shared.config import SERVICES, get_settings
 from shared.db import (CONNECTION_TIMEOUTS, failure_in_a_line, held_up_by_a_lock, limit_sessions,
                        said_in_a_line)
+from shared.migration_steps import DowngradeRefused
 
 # By its name, not __name__: run as `python -m shared.migrations`, that is `__main__`, which its
 # log lines (devstack echoes them on the terminal) would show.
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             downgrade(args.service, args.revision)
     except (DatabaseUnreachable, ServerTooOld, NotTheServicesDatabase, UnknownRevision,
-            CommandError) as exc:
+            DowngradeRefused, CommandError) as exc:
         # What the operator must put right, in a line; anything else keeps its traceback.
         log.error("%s", " ".join(str(exc).split()))
         raise SystemExit(1) from None

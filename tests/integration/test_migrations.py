@@ -204,6 +204,50 @@ def test_inbox_rows_keep_their_envelope_version_those_of_before_version_1(infras
     command.upgrade(config, "head")
 
 
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_envelope_versions_downgrade_waits_for_the_messages_the_release_before_would_misread(
+        infrastructure, service):
+    """The release before reads every message as version 1. A message of version 2 holding its
+    payload (parked for its type, say, by a release that knew the version) would go to its handler
+    so, after a replay, and the downgrade would have the column say 1 of it once made again: it
+    is refused, in one line, nothing changed, until the message is handled or given up on. A
+    message kept as its text, its version unknown as it came, holds no payload: that release
+    leaves it parked, and it does not hold the downgrade up."""
+    url = _database_url(infrastructure, "envelope-version-down", service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    command.upgrade(config, "head")
+    before = "0014" if service == "gateway" else "0013"
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO inbox_messages (message_id, topic, partition, \"offset\", type,"
+            " envelope_version, payload, raw_value, parked_at) VALUES"
+            " ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11', 'topic', 0, 0, 'PaymentRefunded', 2,"
+            "  '{}', NULL, now()),"
+            " ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a12', 'topic', 0, 1, 'PaymentRequested', 2,"
+            "  NULL, '{\"version\": 2}', now())")
+    connection.close()
+    schema = _schema(url)
+
+    migrating = _migrate_by_hand(service, url, "downgrade", service, before)
+    assert migrating.returncode == 1, migrating.stderr
+    errors = [line for line in migrating.stderr.splitlines()
+              if line.startswith(("ERROR", "WARNING", "Traceback"))]
+    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
+    assert ("1 inbox message(s) of an envelope version other than 1 await handling or lie parked"
+            " with their payload") in errors[0]
+    assert _schema(url) == schema
+
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("UPDATE inbox_messages SET parked_at = NULL, processed_at = now()"
+                       " WHERE payload IS NOT NULL")  # (given up on: discarded)
+    connection.close()
+    migrating = _migrate_by_hand(service, url, "downgrade", service, before)
+    assert migrating.returncode == 0, migrating.stderr
+    assert _scalar(url, "SELECT count(*) FROM inbox_messages WHERE raw_value IS NOT NULL") == 1
+    command.upgrade(config, "head")
+
+
 # A first answer as the release before kept it, in jsonb only (every service's).
 ANSWER_KEPT_AS_JSONB = {"id": "6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11", "user_id": "u-1",
                         "amount": "10.50", "description": "caf\u00e9 \u2713", "reason": None,

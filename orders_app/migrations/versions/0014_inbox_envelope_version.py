@@ -1,6 +1,8 @@
 """Inbox rows keep their message's envelope version (`envelope_version`): a message of a version
-the service does not know is kept under its own id with its payload, not as raw text, and handled
-once a replay finds the service knows the version (shared.contracts.KNOWN_ENVELOPE_VERSIONS).
+the service does not know is kept under its own id with its version and its text, and read again,
+whole, by a replay once the service knows the version (shared.contracts.KNOWN_ENVELOPE_VERSIONS).
+The downgrade is refused while a message of another version with a payload is left unhandled
+(shared.migration_steps.drop_inbox_envelope_version).
 
 Revision ID: 0014
 """
