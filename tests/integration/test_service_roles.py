@@ -70,7 +70,7 @@ class ServiceDatabases(dict[str, ServiceDatabase]):
         embedded server's psql; fails the test if it fails."""
         env = {**os.environ, "POSTGRES_USER": self.server.username, "PGHOST": self.server.host,
                "PGPORT": str(self.server.port or 5432),
-               "PATH": f"{postgres_binaries(None).parent}{os.pathsep}{os.environ['PATH']}"}
+               "PATH": f"{postgres_binaries(None)}{os.pathsep}{os.environ['PATH']}"}
         for made in self.values():
             env.update(made.settings())
         result = subprocess.run([str(INIT_SCRIPT)], env=env, capture_output=True, text=True,
