@@ -7,11 +7,14 @@
 # The postgres image runs it on its first start (an empty data volume), as POSTGRES_USER. It is
 # idempotent, so it may be run again at any time with the settings of deploy/postgres.env:
 #     docker compose exec postgres /docker-entrypoint-initdb.d/01-service-databases.sh
-# It makes what is missing, sets each role's password to the one given (so a new one replaces
-# the old), and hands a database made before the roles (by an earlier release, the superuser's)
-# over to its service's role, with everything in it. For each of ORDERS, PAYMENTS and GATEWAY it
-# reads <SERVICE>_DB_NAME, <SERVICE>_DB_USER and <SERVICE>_DB_PASSWORD, and it connects with psql
-# as POSTGRES_USER (PGHOST, PGPORT, PGPASSWORD as psql reads them): it serves another server too.
+# It makes what is missing (a role with no power but to log in), sets each role's password to the
+# one given (so a new one replaces the old), and hands a database made before the roles (by an
+# earlier release, the superuser's) over to its service's role, with everything in it. For each
+# of ORDERS, PAYMENTS and GATEWAY it reads <SERVICE>_DB_NAME, <SERVICE>_DB_USER and
+# <SERVICE>_DB_PASSWORD, and it connects with psql as POSTGRES_USER (PGHOST, PGPORT, PGPASSWORD as
+# psql reads them): it serves another server too, run as a superuser or as an administrator with
+# CREATEROLE and CREATEDB (a managed server's), which it makes a member of each service's role so
+# as to act on its database.
 set -eo pipefail
 
 SERVICES=(ORDERS PAYMENTS GATEWAY)
@@ -23,8 +26,8 @@ run_sql() {  # run_sql DATABASE [psql option...] < SQL
         --dbname "$database" "$@"
 }
 
-# A role or a database shared by two services would let each into the other's data, and a
-# service's role that is the superuser would lose its superuser's powers below: refused.
+# A role or a database shared by two services would let each into the other's data, and the
+# role the script runs as is no service's: refused.
 roles=() databases=()
 for service in "${SERVICES[@]}"; do
     user_variable=${service}_DB_USER name_variable=${service}_DB_NAME
@@ -46,6 +49,22 @@ for service in "${SERVICES[@]}"; do
     roles+=("$role") databases+=("$database")
 done
 
+# A service's role that is a superuser (made so by hand, or named after another administrator's)
+# would give its service the whole server: refused before anything is changed. A role the script
+# makes has no power but to log in (CREATE ROLE's defaults), and one it finds is left as it is:
+# only a superuser may take SUPERUSER, REPLICATION or BYPASSRLS away, and a managed server's
+# administrator is none.
+for role in "${roles[@]}"; do
+    superuser=$(run_sql postgres --tuples-only --no-align -v role="$role" <<'SQL'
+SELECT rolsuper FROM pg_roles WHERE rolname = :'role';
+SQL
+    )
+    if [ "$superuser" = t ]; then
+        echo "role $role is a superuser: a service's role must not be; nothing was changed" >&2
+        false
+    fi
+done
+
 for service in "${SERVICES[@]}"; do
     user_variable=${service}_DB_USER name_variable=${service}_DB_NAME
     password_variable=${service}_DB_PASSWORD
@@ -53,10 +72,20 @@ for service in "${SERVICES[@]}"; do
     password=${!password_variable:?$password_variable is not set}
 
     run_sql postgres -v role="$role" -v password="$password" -v database="$database" <<'SQL'
-SELECT format('CREATE ROLE %I', :'role')
- WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') \gexec
-ALTER ROLE :"role" WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
-    PASSWORD :'password';
+SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') AS role_exists \gset
+\if :role_exists
+ALTER ROLE :"role" PASSWORD :'password';
+\else
+CREATE ROLE :"role" LOGIN PASSWORD :'password';
+\endif
+-- An administrator that is no superuser may make a database its role's, and reach into it, only
+-- as a member of that role (PostgreSQL 16 on: one that may SET ROLE to it and inherits its
+-- rights, which the membership it gets with a role it makes does not give).
+SELECT NOT rolsuper AND NOT pg_has_role(current_user, :'role', 'USAGE') AS join_role
+  FROM pg_roles WHERE rolname = current_user \gset
+\if :join_role
+GRANT :"role" TO CURRENT_USER;
+\endif
 SELECT format('CREATE DATABASE %I OWNER %I', :'database', :'role')
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'database') \gexec
 ALTER DATABASE :"database" OWNER TO :"role";

@@ -54,6 +54,15 @@ class ServiceDatabases(dict[str, ServiceDatabase]):
     def __init__(self, server: URL, made: dict[str, ServiceDatabase]):
         super().__init__(made)
         self.server = server  # the superuser's, no database
+        self.administrators: list[str] = []  # roles the test made to run the script as
+
+    def make_administrator(self, *attributes: str) -> str:
+        """A login role of the test's own with `attributes` (CREATEROLE, ...), dropped after the
+        test with the services' roles."""
+        name = self["orders"].role.removesuffix("_orders") + f"_admin{len(self.administrators)}"
+        _as_superuser(self.server, f'CREATE ROLE "{name}" LOGIN {" ".join(attributes)}')
+        self.administrators.append(name)
+        return name
 
     def as_role(self, role_of: str, database_of: str) -> URL:
         """The URL that connects as `role_of`'s role, with its password, to `database_of`'s
@@ -65,17 +74,20 @@ class ServiceDatabases(dict[str, ServiceDatabase]):
     def as_superuser(self, service: str) -> URL:
         return self.server.set(database=self[service].database)
 
-    def run_init_script(self) -> subprocess.CompletedProcess:
-        """The script as the postgres image runs it (executed, as POSTGRES_USER), with the
-        embedded server's psql; fails the test if it fails."""
-        env = {**os.environ, "POSTGRES_USER": self.server.username, "PGHOST": self.server.host,
-               "PGPORT": str(self.server.port or 5432),
+    def run_init_script(self, as_user: str | None = None,
+                        check: bool = True) -> subprocess.CompletedProcess:
+        """The script as the postgres image runs it (executed, as POSTGRES_USER: the server's
+        superuser unless `as_user`), with the embedded server's psql; fails the test if it fails,
+        when `check`."""
+        env = {**os.environ, "POSTGRES_USER": as_user or self.server.username,
+               "PGHOST": self.server.host, "PGPORT": str(self.server.port or 5432),
                "PATH": f"{postgres_binaries(None)}{os.pathsep}{os.environ['PATH']}"}
         for made in self.values():
             env.update(made.settings())
         result = subprocess.run([str(INIT_SCRIPT)], env=env, capture_output=True, text=True,
                                 timeout=60)
-        assert result.returncode == 0, result.stderr
+        if check:
+            assert result.returncode == 0, result.stderr
         return result
 
 
@@ -83,7 +95,7 @@ class ServiceDatabases(dict[str, ServiceDatabase]):
 def service_databases(infrastructure) -> Iterator[ServiceDatabases]:
     """Each service's role, password and database, named for this test alone, none made yet;
     every one the test made is dropped after it, the databases first (a role owning one cannot
-    be dropped)."""
+    be dropped), the administrators it made last."""
     tag = uuid.uuid4().hex[:6]
     made = ServiceDatabases(make_url(infrastructure.postgres_base), {
         service: ServiceDatabase(service, role=f"hseshop_test_{RUN_ID}_{tag}_{service}",
@@ -97,7 +109,8 @@ def service_databases(infrastructure) -> Iterator[ServiceDatabases]:
         _as_superuser(made.server,
                       *(f'DROP DATABASE IF EXISTS "{each.database}" WITH (FORCE)'
                         for each in made.values()),
-                      *(f'DROP ROLE IF EXISTS "{each.role}"' for each in made.values()))
+                      *(f'DROP ROLE IF EXISTS "{each.role}"' for each in made.values()),
+                      *(f'DROP ROLE IF EXISTS "{name}"' for name in made.administrators))
 
 
 def _as_superuser(server: URL, *statements: str) -> None:
@@ -195,6 +208,62 @@ def test_each_services_role_owns_its_database_and_may_not_connect_to_anothers(
                 _connect(service_databases.as_role(service, other)).close()
 
 
+def _roles_powers(server: URL, role: str) -> tuple[bool, ...]:
+    return _one(server.set(database="postgres"),
+                "SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolreplication,"
+                " rolbypassrls FROM pg_roles WHERE rolname = %s", role)
+
+
+def _made_by_an_earlier_release(service_databases: ServiceDatabases, as_user: URL) -> None:
+    """Each service's database as a release before the service roles left it: made and migrated
+    (to 0005) by the one role the shop then connected as, `as_user`, which owns it all."""
+    for service, made in service_databases.items():
+        url = as_user.set(drivername="postgresql+psycopg2", database=made.database)
+        ensure_database(url.render_as_string(hide_password=False))
+        command.upgrade(alembic_config(service, url.render_as_string(hide_password=False)),
+                        "0005")
+
+
+def test_an_administrator_that_is_no_superuser_runs_it_as_on_a_managed_server(
+        service_databases):
+    """A managed PostgreSQL gives no superuser, but an administrator that may create roles and
+    databases: the script runs as it, over databases an earlier release made as it too, and
+    again; each role is made with no power but to log in, and the administrator takes none away
+    (it may not: "must be superuser to alter superuser roles")."""
+    administrator = service_databases.make_administrator("CREATEROLE", "CREATEDB")
+    _made_by_an_earlier_release(service_databases,
+                                service_databases.server.set(username=administrator))
+    service_databases.run_init_script(as_user=administrator)
+    for service, made in list(service_databases.items()):
+        service_databases[service] = dataclasses.replace(made, password=made.password + " new")
+    service_databases.run_init_script(as_user=administrator)
+
+    server = service_databases.server
+    for service, made in service_databases.items():
+        assert _roles_powers(server, made.role) == (True, False, False, False, False, False)
+        assert _password_is(server, made.role, made.password)
+        assert _owners_in(service_databases.as_superuser(service)) == {made.role}
+        migrated = _migrate_as(service_databases.as_role(service, service), service)
+        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+
+
+def test_a_services_role_that_is_a_superuser_is_refused_and_nothing_is_changed(
+        service_databases):
+    """Named after a superuser (another administrator's role, say): the script would have taken
+    its powers away, or given them to a service; it changes nothing, and says why."""
+    payments = service_databases["payments"].role
+    _as_superuser(service_databases.server, f'CREATE ROLE "{payments}" SUPERUSER')
+    result = service_databases.run_init_script(check=False)
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"role {payments} is a superuser: a service's role must"
+                                     " not be; nothing was changed")
+    assert _roles_powers(service_databases.server, payments)[1] is True
+    assert _one(service_databases.server.set(database="postgres"),
+                "SELECT count(*) FROM pg_roles WHERE rolname = %s",
+                service_databases["orders"].role) == (0,)
+
+
 def test_each_services_migrations_run_as_its_own_role(service_databases):
     service_databases.run_init_script()
     for service, made in service_databases.items():
@@ -207,11 +276,7 @@ def test_a_database_an_earlier_release_made_as_the_superuser_is_handed_to_the_se
         service_databases):
     """A volume from before the service roles: every database and all in it the superuser's.
     Run on it, the script hands each over with its tables, and the role migrates it on."""
-    for service in SERVICES:
-        url = service_databases.as_superuser(service).set(drivername="postgresql+psycopg2")
-        ensure_database(url.render_as_string(hide_password=False))
-        command.upgrade(alembic_config(service, url.render_as_string(hide_password=False)),
-                        "0005")
+    _made_by_an_earlier_release(service_databases, service_databases.server)
     service_databases.run_init_script()
     for service, made in service_databases.items():
         assert _owners_in(service_databases.as_superuser(service)) == {made.role}
