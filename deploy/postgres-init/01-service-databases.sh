@@ -15,6 +15,13 @@
 # psql reads them): it serves another server too, run as a superuser or as an administrator with
 # CREATEROLE and CREATEDB (a managed server's), which it makes a member of each service's role so
 # as to act on its database.
+#
+# The passwords reach psql in its environment (read with \getenv: psql 15 or later), never on a
+# command line, which any user of the machine may read (ps, /proc/<pid>/cmdline). The server
+# receives them in the statements that set them: run as a superuser, the script keeps those out
+# of the server's log (log_statement, log_min_error_statement and the like, set for its own
+# sessions); an administrator that is no superuser may not, and a server that logs DDL
+# (log_statement = 'ddl' or 'all') then logs them.
 set -eo pipefail
 
 SERVICES=(ORDERS PAYMENTS GATEWAY)
@@ -26,17 +33,25 @@ run_sql() {  # run_sql DATABASE [psql option...] < SQL
         --dbname "$database" "$@"
 }
 
+psql_major=$(psql --version | sed -E 's/^[^0-9]*([0-9]+).*$/\1/')
+if [ "$psql_major" -lt 15 ]; then
+    echo "$(psql --version): psql 15 or later is needed (\\getenv)" >&2
+    false
+fi
+
 # A role or a database shared by two services would let each into the other's data, and the
 # role the script runs as is no service's: refused.
 roles=() databases=()
 for service in "${SERVICES[@]}"; do
     user_variable=${service}_DB_USER name_variable=${service}_DB_NAME
+    password_variable=${service}_DB_PASSWORD
     role=${!user_variable:?$user_variable is not set}
     database=${!name_variable:?$name_variable is not set}
+    : "${!password_variable:?$password_variable is not set}"
     for taken in "${POSTGRES_USER:?}" "${roles[@]}"; do
         if [ "$role" = "$taken" ]; then
-            echo "$user_variable=$role: each service needs a role of its own, neither the" \
-                 "superuser nor another service's" >&2
+            echo "$user_variable=$role: each service needs a role of its own, neither" \
+                 "POSTGRES_USER nor another service's" >&2
             false
         fi
     done
@@ -69,9 +84,22 @@ for service in "${SERVICES[@]}"; do
     user_variable=${service}_DB_USER name_variable=${service}_DB_NAME
     password_variable=${service}_DB_PASSWORD
     role=${!user_variable} database=${!name_variable}
-    password=${!password_variable:?$password_variable is not set}
 
-    run_sql postgres -v role="$role" -v password="$password" -v database="$database" <<'SQL'
+    # (The password is in two of the statements below as the server receives them.)
+    run_sql postgres -v role="$role" -v database="$database" \
+        -v password_variable="$password_variable" <<'SQL'
+\getenv password :password_variable
+DO $$
+BEGIN
+    SET log_statement = 'none';
+    SET log_min_error_statement = 'panic';
+    SET log_min_duration_statement = -1;
+    SET log_min_duration_sample = -1;
+    SET log_transaction_sample_rate = 0;
+EXCEPTION WHEN insufficient_privilege THEN
+    NULL;  -- (no superuser: the server logs as it is set to)
+END
+$$;
 SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') AS role_exists \gset
 \if :role_exists
 ALTER ROLE :"role" PASSWORD :'password';

@@ -3,6 +3,8 @@ through psql, against the test server, with names of the test's own: each servic
 database and may not connect to another's, migrates it as the compose `*-migrate` job does, and
 the script runs again over what it made, or over databases an earlier release made as the
 superuser. Roles belong to the whole server: each test drops those it made, with their databases.
+The test server lets every role in without a password; what needs one asked for runs on a server
+of this module's own that asks, as the compose file's does (`password_server`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.engine import URL, make_url
 
-from devstack.infra import postgres_binaries
+from devstack.infra import free_port, logs_dir, postgres_binaries, start_embedded_postgres
 from shared.config import SERVICES
 from shared.migrations import alembic_config, ensure_database
 from tests.environment import RUN_ID, database_name
@@ -74,14 +77,14 @@ class ServiceDatabases(dict[str, ServiceDatabase]):
     def as_superuser(self, service: str) -> URL:
         return self.server.set(database=self[service].database)
 
-    def run_init_script(self, as_user: str | None = None,
-                        check: bool = True) -> subprocess.CompletedProcess:
+    def run_init_script(self, as_user: str | None = None, check: bool = True,
+                        psql_dir: Path | None = None) -> subprocess.CompletedProcess:
         """The script as the postgres image runs it (executed, as POSTGRES_USER: the server's
-        superuser unless `as_user`), with the embedded server's psql; fails the test if it fails,
-        when `check`."""
+        superuser unless `as_user`), with the embedded server's psql (or the one in `psql_dir`);
+        fails the test if it fails, when `check`."""
         env = {**os.environ, "POSTGRES_USER": as_user or self.server.username,
                "PGHOST": self.server.host, "PGPORT": str(self.server.port or 5432),
-               "PATH": f"{postgres_binaries(None)}{os.pathsep}{os.environ['PATH']}"}
+               "PATH": f"{psql_dir or postgres_binaries(None)}{os.pathsep}{os.environ['PATH']}"}
         for made in self.values():
             env.update(made.settings())
         result = subprocess.run([str(INIT_SCRIPT)], env=env, capture_output=True, text=True,
@@ -93,11 +96,52 @@ class ServiceDatabases(dict[str, ServiceDatabase]):
 
 @pytest.fixture
 def service_databases(infrastructure) -> Iterator[ServiceDatabases]:
-    """Each service's role, password and database, named for this test alone, none made yet;
-    every one the test made is dropped after it, the databases first (a role owning one cannot
-    be dropped), the administrators it made last."""
+    with _service_databases_on(make_url(infrastructure.postgres_base)) as made:
+        yield made
+
+
+@dataclass(frozen=True)
+class PasswordServer:
+    url: URL  # its superuser's, `postgres`, let in without a password; no database
+    log: Path  # what the server logs, every statement
+
+
+@pytest.fixture(scope="module")
+def password_server(tmp_path_factory) -> Iterator[PasswordServer]:
+    """A PostgreSQL of the module's own (the embedded wheel's) that asks every role but its
+    superuser for its password (scram-sha-256, as the postgres image's does) and logs every
+    statement it receives."""
+    run_dir = tmp_path_factory.mktemp("password-server")
+    port = free_port()
+    url_base, process = start_embedded_postgres(run_dir, port)
+    try:
+        (run_dir / "postgres" / "pg_hba.conf").write_text(
+            "host all postgres 127.0.0.1/32 trust\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n")
+        _as_superuser(make_url(url_base), "ALTER SYSTEM SET log_statement = 'all'")
+    finally:
+        process.stop()
+    # Started again on its data, with both read as it starts.
+    url_base, process = start_embedded_postgres(run_dir, port)
+    try:
+        yield PasswordServer(make_url(url_base), logs_dir(run_dir) / "postgres.log")
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def service_databases_asking_passwords(password_server) -> Iterator[ServiceDatabases]:
+    with _service_databases_on(password_server.url) as made:
+        yield made
+
+
+@contextmanager
+def _service_databases_on(server: URL) -> Iterator[ServiceDatabases]:
+    """Each service's role, password and database on `server`, named for this test alone, none
+    made yet; every one the test made is dropped after it, the databases first (a role owning one
+    cannot be dropped), the administrators it made last."""
     tag = uuid.uuid4().hex[:6]
-    made = ServiceDatabases(make_url(infrastructure.postgres_base), {
+    made = ServiceDatabases(server, {
         service: ServiceDatabase(service, role=f"hseshop_test_{RUN_ID}_{tag}_{service}",
                                  # (a quote and a space: the script passes it to SQL as it is)
                                  password=f"{service}-{tag} it's",
@@ -262,6 +306,35 @@ def test_a_services_role_that_is_a_superuser_is_refused_and_nothing_is_changed(
     assert _one(service_databases.server.set(database="postgres"),
                 "SELECT count(*) FROM pg_roles WHERE rolname = %s",
                 service_databases["orders"].role) == (0,)
+
+
+def test_no_password_is_on_a_command_line(service_databases, tmp_path):
+    """Any user of the machine may read a process's command line (ps, /proc/<pid>/cmdline): each
+    psql the script runs is given the passwords in its environment instead."""
+    calls = tmp_path / "psql-calls"
+    (tmp_path / "psql").write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$*" >> "{calls}"\n'
+        f'exec "{postgres_binaries(None) / "psql"}" "$@"\n')
+    (tmp_path / "psql").chmod(0o755)
+    service_databases.run_init_script(psql_dir=tmp_path)
+
+    command_lines = calls.read_text()
+    assert "--dbname" in command_lines  # (the script ran its psql through the one above)
+    for made in service_databases.values():
+        assert made.password not in command_lines
+
+
+def test_no_password_is_in_the_servers_log(service_databases_asking_passwords, password_server):
+    """The server logs every statement it receives; the script, run as its superuser, keeps
+    those of its own sessions out, so the passwords in them are not written there."""
+    service_databases_asking_passwords.run_init_script()
+
+    logged = password_server.log.read_text(errors="replace")
+    assert "statement: " in logged  # (it logs statements: the test's own, at least)
+    for made in service_databases_asking_passwords.values():
+        for written in (made.password, made.password.replace("'", "''")):
+            assert written not in logged
 
 
 def test_each_services_migrations_run_as_its_own_role(service_databases):
