@@ -124,9 +124,13 @@ SQL
 
     # What the database holds already and another role made (the superuser, before there were
     # service roles) becomes the role's: its migrations alter those tables, its processes use
-    # them. (REASSIGN OWNED cannot: it refuses the bootstrap superuser, POSTGRES_USER here.)
-    run_sql "$database" -v role="$role" <<'SQL'
+    # them. (REASSIGN OWNED cannot: it refuses the bootstrap superuser, POSTGRES_USER here.) Each
+    # change of owner waits at most 5 s for its table's lock, which a shop still running on the
+    # database holds (an earlier release's, as its containers are replaced): queued for it, it
+    # would hold up everything after it on the table; then nothing is handed over.
+    run_sql "$database" -v role="$role" -v SHOW_CONTEXT=never <<'SQL'
 SELECT set_config('hseshop.database_owner', :'role', false) \g /dev/null
+SET lock_timeout = '5s';
 DO $$
 DECLARE
     owner text := current_setting('hseshop.database_owner');
@@ -154,6 +158,10 @@ BEGIN
     LOOP
         EXECUTE statement;
     END LOOP;
+EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+    RAISE EXCEPTION 'database %: nothing handed over to role %: a session using it held a lock'
+        ' too long (%): stop the HseShop processes that use it first (docker compose stop), then'
+        ' run this again', current_database(), owner, SQLERRM;
 END
 $$;
 SQL

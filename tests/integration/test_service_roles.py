@@ -16,6 +16,7 @@ import hmac
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -356,6 +357,36 @@ def test_a_database_an_earlier_release_made_as_the_superuser_is_handed_to_the_se
         migrated = _migrate_as(service_databases.as_role(service, service), service)
         assert migrated.returncode == 0, migrated.stdout + migrated.stderr
         assert _owners_in(service_databases.as_superuser(service)) == {made.role}
+
+
+def test_the_hand_over_gives_way_to_a_shop_still_running_and_says_to_stop_it(
+        service_databases):
+    """An earlier release still running on its databases holds its tables' locks: the hand-over
+    waits at most 5 s for one, not for ever (queued for it, it held up every statement after it
+    on the table), hands nothing over, and says in a line to stop the shop first."""
+    _made_by_an_earlier_release(service_databases, service_databases.server)
+    orders = service_databases.as_superuser("orders")
+    still_running = _connect(orders)
+    try:
+        with still_running.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM orders")  # (its lock held till the end)
+        started = time.monotonic()
+        result = service_databases.run_init_script(check=False)
+        assert 5 <= time.monotonic() - started < 30
+    finally:
+        still_running.close()
+
+    assert result.returncode == 3
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"ERROR:  database {service_databases['orders'].database}: nothing"
+                           f" handed over to role {service_databases['orders'].role}: a session"
+                           " using it held a lock too long (canceling statement due to lock"
+                           " timeout)")
+    assert line.endswith("stop the HseShop processes that use it first (docker compose stop),"
+                         " then run this again")
+    assert _owners_in(orders) == {orders.username}
+    service_databases.run_init_script()  # (once it is stopped)
+    assert _owners_in(orders) == {service_databases["orders"].role}
 
 
 def test_a_services_migration_whose_database_is_missing_says_in_a_line_to_make_it(
