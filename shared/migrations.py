@@ -65,6 +65,13 @@ GIVE_WAY_FOR_SECONDS = 300.0
 LONGEST_PAUSE_SECONDS = 10.0
 _DATABASE_EXISTS_CODES = {"42P04", "23505"}  # duplicate_database, unique_violation
 _INSUFFICIENT_PRIVILEGE = "42501"
+# libpq's words for a password the server refused (psycopg2 gives no SQLSTATE for an error met
+# connecting), and where the compose file's roles get theirs.
+_PASSWORD_REFUSED = "password authentication failed"
+_PASSWORD_SET_BY_THE_SCRIPT = (
+    ": the role's password is the one deploy/postgres-init/01-service-databases.sh sets from"
+    " {variable}_DB_PASSWORD (deploy/postgres.env; the compose service postgres-roles runs it at"
+    " every `docker compose up`), and {variable}_DATABASE_URL must hold the same")
 # The oldest PostgreSQL the shop runs on (as server_version_num): the relay leader's connection
 # sets `idle_session_timeout` (shared/relay_leader.py), which came with 14. On 12 or 13 no relay
 # could ever lead while everything else looked healthy, so `upgrade` refuses such a server.
@@ -192,7 +199,9 @@ def _connect(service: str, url: str, engine: sa.Engine,
         # In a line, as tasks.parked says it: the driver's first line says why (refused, no such
         # host, password refused), the rest is hints; the URL without its password, for the log.
         raise DatabaseUnreachable(
-            f"{service}: nothing migrated: {failure_in_a_line(exc, url)}") from exc
+            f"{service}: nothing migrated: {failure_in_a_line(exc, url)}"
+            + (_PASSWORD_SET_BY_THE_SCRIPT.format(variable=service.upper())
+               if _PASSWORD_REFUSED in str(exc) else "")) from exc
     except sa.exc.ProgrammingError as exc:
         # A role without CREATEDB, as each service's is in docker-compose.yml, whose database was
         # not made for it (or was dropped since).

@@ -4,15 +4,17 @@
 # revoked from PUBLIC). The shop's processes connect as their service's role; the superuser
 # (POSTGRES_USER) runs only this.
 #
-# The postgres image runs it on its first start (an empty data volume), as POSTGRES_USER. It is
-# idempotent, so it may be run again at any time with the settings of deploy/postgres.env:
-#     docker compose exec postgres /docker-entrypoint-initdb.d/01-service-databases.sh
+# docker-compose.yml's one-shot `postgres-roles` runs it at every `docker compose up`, once the
+# `postgres` service is healthy and before any service's migration, with the settings of
+# deploy/postgres.env: on a new data volume, on one it has run on before (it is idempotent), and on
+# one an earlier release made. To run it alone: `docker compose run --rm postgres-roles`.
 # It makes what is missing (a role with no power but to log in), sets each role's password to the
 # one given (so a new one replaces the old), and hands a database made before the roles (by an
 # earlier release, the superuser's) over to its service's role, with everything in it. For each
 # of ORDERS, PAYMENTS and GATEWAY it reads <SERVICE>_DB_NAME, <SERVICE>_DB_USER and
 # <SERVICE>_DB_PASSWORD, and it connects with psql as POSTGRES_USER (PGHOST, PGPORT, PGPASSWORD as
-# psql reads them): it serves another server too, run as a superuser or as an administrator with
+# psql reads them, PGPASSWORD taken from POSTGRES_PASSWORD when unset, as the postgres image's
+# entrypoint does): it serves another server too, run as a superuser or as an administrator with
 # CREATEROLE and CREATEDB (a managed server's), which it makes a member of each service's role so
 # as to act on its database.
 #
@@ -26,10 +28,14 @@ set -eo pipefail
 
 SERVICES=(ORDERS PAYMENTS GATEWAY)
 
+if [ -z "${PGPASSWORD+set}" ] && [ -n "${POSTGRES_PASSWORD:-}" ]; then
+    export PGPASSWORD=$POSTGRES_PASSWORD
+fi
+
 run_sql() {  # run_sql DATABASE [psql option...] < SQL
     local database=$1
     shift
-    psql -v ON_ERROR_STOP=1 --no-psqlrc --quiet --username "${POSTGRES_USER:?}" \
+    psql -v ON_ERROR_STOP=1 --no-psqlrc --quiet --no-password --username "${POSTGRES_USER:?}" \
         --dbname "$database" "$@"
 }
 

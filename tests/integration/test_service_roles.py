@@ -1,10 +1,11 @@
-"""The bundled PostgreSQL's init script (deploy/postgres-init/01-service-databases.sh) run for real,
-through psql, against the test server, with names of the test's own: each service's role owns its
-database and may not connect to another's, migrates it as the compose `*-migrate` job does, and
-the script runs again over what it made, or over databases an earlier release made as the
-superuser. Roles belong to the whole server: each test drops those it made, with their databases.
-The test server lets every role in without a password; what needs one asked for runs on a server
-of this module's own that asks, as the compose file's does (`password_server`).
+"""The script that makes each service's role and database (deploy/postgres-init/
+01-service-databases.sh, compose's postgres-roles) run for real, through psql, against the test
+server, with names of the test's own: each service's role owns its database and may not connect
+to another's, migrates it as the compose `*-migrate` job does, and the script runs again over what
+it made, or over databases an earlier release made as the superuser. Roles belong to the whole
+server: each test drops those it made, with their databases. The test server lets every role in
+without a password; what needs one asked for runs on a server of this module's own that asks, as
+the compose file's does (`password_server`).
 """
 
 from __future__ import annotations
@@ -78,14 +79,20 @@ class ServiceDatabases(dict[str, ServiceDatabase]):
     def as_superuser(self, service: str) -> URL:
         return self.server.set(database=self[service].database)
 
-    def run_init_script(self, as_user: str | None = None, check: bool = True,
+    def run_init_script(self, as_user: str | None = None, password: str | None = None,
+                        check: bool = True,
                         psql_dir: Path | None = None) -> subprocess.CompletedProcess:
-        """The script as the postgres image runs it (executed, as POSTGRES_USER: the server's
-        superuser unless `as_user`), with the embedded server's psql (or the one in `psql_dir`);
-        fails the test if it fails, when `check`."""
-        env = {**os.environ, "POSTGRES_USER": as_user or self.server.username,
-               "PGHOST": self.server.host, "PGPORT": str(self.server.port or 5432),
-               "PATH": f"{psql_dir or postgres_binaries(None)}{os.pathsep}{os.environ['PATH']}"}
+        """The script as compose's postgres-roles runs it (executed, as POSTGRES_USER: the
+        server's superuser unless `as_user`, its password POSTGRES_PASSWORD if given, no
+        PGPASSWORD), with the embedded server's psql (or the one in `psql_dir`); fails the test
+        if it fails, when `check`."""
+        env = {name: value for name, value in os.environ.items()
+               if name not in ("PGPASSWORD", "POSTGRES_PASSWORD")}
+        env.update({"POSTGRES_USER": as_user or self.server.username,
+                    "PGHOST": self.server.host, "PGPORT": str(self.server.port or 5432),
+                    "PATH": f"{psql_dir or postgres_binaries(None)}{os.pathsep}{env['PATH']}"})
+        if password is not None:
+            env["POSTGRES_PASSWORD"] = password
         for made in self.values():
             env.update(made.settings())
         result = subprocess.run([str(INIT_SCRIPT)], env=env, capture_output=True, text=True,
@@ -336,6 +343,37 @@ def test_no_password_is_in_the_servers_log(service_databases_asking_passwords, p
     for made in service_databases_asking_passwords.values():
         for written in (made.password, made.password.replace("'", "''")):
             assert written not in logged
+
+
+def test_it_signs_in_with_postgres_password_as_compose_runs_it(
+        service_databases_asking_passwords):
+    """postgres-roles gets the superuser's password as the postgres container does,
+    POSTGRES_PASSWORD (deploy/postgres.env), and no PGPASSWORD."""
+    databases = service_databases_asking_passwords
+    superuser = databases.make_administrator("SUPERUSER", "PASSWORD 'its own, ok'")
+    databases.run_init_script(as_user=superuser, password="its own, ok")
+    for service, made in databases.items():
+        assert _one(databases.as_role(service, service), "SELECT current_user") == (made.role,)
+
+
+def test_a_migration_whose_password_is_refused_names_the_script_that_sets_it(
+        service_databases_asking_passwords):
+    """A URL whose password is not the role's (changed in deploy/postgres.env and not in the
+    service's URL, say): `*-migrate` says where the role's is set, in its one line."""
+    databases = service_databases_asking_passwords
+    databases.run_init_script()
+    wrong = databases.as_role("orders", "orders").set(password="not its password")
+    migrated = _migrate_as(wrong, "orders")
+
+    assert migrated.returncode == 1
+    (line,) = migrated.stderr.splitlines()
+    assert f'password authentication failed for user "{databases["orders"].role}"' in line
+    assert line.endswith(
+        ": the role's password is the one deploy/postgres-init/01-service-databases.sh sets from"
+        " ORDERS_DB_PASSWORD (deploy/postgres.env; the compose service postgres-roles runs it at"
+        " every `docker compose up`), and ORDERS_DATABASE_URL must hold the same")
+    migrated = _migrate_as(databases.as_role("orders", "orders"), "orders")  # (with its own)
+    assert migrated.returncode == 0, migrated.stderr
 
 
 def test_each_services_migrations_run_as_its_own_role(service_databases):

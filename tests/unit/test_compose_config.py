@@ -89,6 +89,17 @@ def migrations_of(service_name: str) -> list[str]:
             if command(service) == ["python", "-m", "shared.migrations", "upgrade", service_name]]
 
 
+INIT_SCRIPT = REPO_ROOT / "deploy" / "postgres-init" / "01-service-databases.sh"
+
+
+def roles_job() -> str:
+    """The one-shot compose service that runs the script making each service's role and
+    database."""
+    (name,) = [name for name, service in ALL_SERVICES.items()
+               if command(service) and command(service)[0].endswith(f"/{INIT_SCRIPT.name}")]
+    return name
+
+
 # --- settings ---------------------------------------------------------------------------------
 
 
@@ -146,13 +157,13 @@ def test_the_lone_broker_syncs_before_it_acknowledges():
 
 
 def test_each_services_processes_connect_to_its_database_as_its_own_role_and_no_other():
-    """Each service's database belongs to a role of its own, which the postgres container's init
-    script makes from its <SERVICE>_DB_* (tests/integration/test_service_roles.py runs it): every
+    """Each service's database belongs to a role of its own, which the roles job's script makes
+    from its <SERVICE>_DB_* (tests/integration/test_service_roles.py runs it): every
     process of the service connects as that role, with its password, to that database, and has
     no URL of another's, nor the superuser's password. Read as Compose v2 resolves the env files
     (`docker-compose config`)."""
     resolved = resolved_compose()["services"]
-    postgres = resolved["postgres"]["environment"]
+    postgres = resolved[roles_job()]["environment"]
     for name, service in HSESHOP.items():
         env = resolved[name]["environment"]
         service_name = service_of(service)
@@ -168,7 +179,7 @@ def test_each_services_processes_connect_to_its_database_as_its_own_role_and_no_
 
 
 def test_no_two_services_share_a_role_a_password_or_a_database_and_none_is_the_superuser():
-    postgres = resolved_compose()["services"]["postgres"]["environment"]
+    postgres = resolved_compose()["services"][roles_job()]["environment"]
     for part in ("USER", "PASSWORD", "NAME"):
         values = {postgres[f"{service_name.upper()}_DB_{part}"] for service_name in SERVICES}
         assert len(values) == len(SERVICES), part
@@ -176,15 +187,30 @@ def test_no_two_services_share_a_role_a_password_or_a_database_and_none_is_the_s
     assert postgres["POSTGRES_USER"] not in roles
 
 
-def test_postgres_makes_every_services_role_and_database_on_first_start():
-    init_dirs = [volume.split(":")[0] for volume in ALL_SERVICES["postgres"]["volumes"]
-                 if ":/docker-entrypoint-initdb.d" in volume]
-    assert len(init_dirs) == 1
-    (script,) = (COMPOSE_FILE.parent / init_dirs[0]).iterdir()
-    # Executable, the image's entrypoint runs it in a shell of its own (else it sources it).
-    assert script.suffix == ".sh" and os.access(script, os.X_OK)
-    made = re.search(r"^SERVICES=\((.*)\)$", script.read_text(), re.MULTILINE).group(1).split()
+def test_every_up_makes_each_services_role_and_database_before_any_migration():
+    """Not only on an empty volume, as the postgres image's init scripts run: on one an earlier
+    release made, without the roles, every `*-migrate` was refused ("password authentication
+    failed") and nothing started. A one-shot of the postgres image runs the script at every
+    `up`, as the superuser, over the network (tests/integration/test_service_roles.py runs it)."""
+    name = roles_job()
+    job = ALL_SERVICES[name]
+    postgres = ALL_SERVICES["postgres"]
+    assert job["image"] == postgres["image"]
+    assert job["env_file"] == postgres["env_file"] == "deploy/postgres.env"
+    assert job["environment"]["PGHOST"] == "postgres"
+    assert job["restart"] == "no"
+    assert job["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    (mount,) = job["volumes"]
+    source, target, mode = mount.split(":")
+    assert (COMPOSE_FILE.parent / source).resolve() == INIT_SCRIPT.parent and mode == "ro"
+    assert command(job) == [f"{target}/{INIT_SCRIPT.name}"]
+    assert os.access(INIT_SCRIPT, os.X_OK)
+    made = re.search(r"^SERVICES=\((.*)\)$", INIT_SCRIPT.read_text(), re.MULTILINE).group(1).split()
     assert made == [service_name.upper() for service_name in SERVICES]
+    for service_name in SERVICES:
+        (migration,) = migrations_of(service_name)
+        assert ALL_SERVICES[migration]["depends_on"] == {
+            name: {"condition": "service_completed_successfully"}}, migration
 
 
 # --- processes and start order ----------------------------------------------------------------
@@ -282,6 +308,7 @@ def test_every_dependency_waits_for_health_or_successful_completion():
 
 def test_every_long_running_service_has_a_healthcheck_and_one_shots_do_not_restart():
     one_shots = {name for service_name in SERVICES for name in migrations_of(service_name)}
+    one_shots.add(roles_job())
     for name, service in ALL_SERVICES.items():
         if name in one_shots:
             assert service.get("restart") == "no", name
