@@ -145,8 +145,8 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
 
 def warn_of_published_secrets(service: str, settings: Settings, secrets: Iterable[str]) -> None:
     """One WARNING if the service signs or trusts with a secret whose value is published with the
-    code (a default, or deploy/compose.env's placeholder): anyone could sign in as any user, or
-    as the gateway. It starts all the same (a fresh clone's `docker compose up` must work)."""
+    code (a default, or a placeholder in deploy/): anyone could sign in as any user, or as the
+    gateway. It starts all the same (a fresh clone's `docker compose up` must work)."""
     published = published_secrets(settings, secrets)
     if published:
         one = len(published) == 1

@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 
 from devstack.stack import GATEWAY_THREADS, GUNICORN_WORKER_CLASS
 from gateway_app.notifications import SOCKETS_PER_PROCESS
-from shared.config import ENVIRONMENT, SERVICES
+from shared.config import ENVIRONMENT, SECRETS, SERVICES
 from shared.task_queues import worker_queues
 from shared.db import POOL_MAX_CONNECTIONS
 from shared.grpc_server import SERVER_THREADS
@@ -46,11 +46,15 @@ ALL_SERVICES: dict[str, dict] = compose_services()
 DATABASE_URLS = {service_name: f"{service_name.upper()}_DATABASE_URL" for service_name in SERVICES}
 
 
+def env_files(service: dict) -> list[str]:
+    listed = service.get("env_file", [])
+    return [listed] if isinstance(listed, str) else listed
+
+
 def container_env(service: dict) -> dict[str, str]:
     """What a container's environment gets from Compose: its env files, then `environment`."""
-    env_files = service.get("env_file", [])
     env: dict[str, str] = {}
-    for path in [env_files] if isinstance(env_files, str) else env_files:
+    for path in env_files(service):
         env.update(read_env_file(COMPOSE_FILE.parent / path))
     environment = service.get("environment", {})
     if isinstance(environment, list):
@@ -106,21 +110,55 @@ def roles_job() -> str:
 # --- settings ---------------------------------------------------------------------------------
 
 
+def serves_requests(service: dict) -> bool:
+    """Whether the process answers requests (an HTTP API or a gRPC server), and so signs or
+    verifies identities: built with create_app(serves_requests=True)."""
+    argv = command(service)
+    return argv[0] == "gunicorn" or argv[:3] == ["python", "-m", "shared.grpc_server"]
+
+
+def secrets_for(service: dict) -> set[str]:
+    """The secrets a process signs or verifies with: AUTH_TOKEN_SECRET, which mints any user's
+    token, the gateway's; INTERNAL_AUTH_SECRET, which signs identities (the gateway) and verifies
+    them (the services' APIs and gRPC servers), those that serve requests. Given to the gateway's
+    containers all, as its database URL is (deploy/gateway.env), and to no other."""
+    return ({"AUTH_TOKEN_SECRET"} if service_of(service) == "gateway" else set()) | (
+        {"INTERNAL_AUTH_SECRET"} if serves_requests(service) else set())
+
+
 def test_every_hseshop_process_gets_exactly_the_settings_of_shared_config():
     # Every process builds the same Settings (load_settings reads each name in ENVIRONMENT), so each
     # needs all of them: one left out would quietly fall back to its 127.0.0.1 default, and a name
     # the code does not know is a typo or a leftover. But for the database URLs: a process gets its
-    # own service's alone (beat and Flower none), the others left at defaults that reach nothing.
+    # own service's alone (beat and Flower none), the others left at defaults that reach nothing;
+    # and for the secrets, which only those that use them get (secrets_for).
     assert HSESHOP and GATEWAY, "no HseShop services (or no gateway) found in docker-compose.yml"
     wrong = {}
     for name, service in sorted(HSESHOP.items()):
         env = set(container_env(service))
         wanted = set(ENVIRONMENT) - {url for service_name, url in DATABASE_URLS.items()
                                      if service_name != service_of(service)}
-        missing, unknown = wanted - env, env - wanted
-        if missing or unknown:
-            wrong[name] = {"missing": sorted(missing), "unknown to shared.config": sorted(unknown)}
+        wanted -= set(SECRETS) - secrets_for(service)
+        missing, unwanted = wanted - env, env - wanted
+        if missing or unwanted:
+            wrong[name] = {"missing": sorted(missing), "unwanted": sorted(unwanted)}
     assert wrong == {}
+
+
+def test_each_secret_goes_only_to_the_processes_that_sign_or_verify_with_it():
+    """Every container had both: a worker's, beat's or Flower's could mint any user's token
+    (AUTH_TOKEN_SECRET) or pass for the gateway (INTERNAL_AUTH_SECRET). Read as Compose v2 reads
+    the env files; each secret is in one file alone, so the gateway and the services cannot be
+    given two different ones."""
+    signers = {name for name, service in HSESHOP.items() if secrets_for(service)}
+    assert signers >= GATEWAY | {api_of(service_name) for service_name in SERVICES}
+    for name, service in HSESHOP.items():
+        env = resolved_environment(name)
+        assert {secret for secret in SECRETS if secret in env} == secrets_for(service), name
+    for secret in SECRETS:
+        homes = {path for service in HSESHOP.values() for path in env_files(service)
+                 if secret in read_env_file(COMPOSE_FILE.parent / path)}
+        assert len(homes) == 1, (secret, homes)
 
 
 def test_the_gateway_is_told_where_each_service_api_listens():

@@ -1,6 +1,7 @@
-"""A service signing or trusting with a secret published with the code (a default, or
-deploy/compose.env's placeholder) says so in one WARNING as it starts, and starts all the same; a
-process that signs and verifies nothing with it (a worker, the operator's commands) says nothing."""
+"""A service signing or trusting with a secret published with the code (a default, or the
+placeholder of deploy/gateway.env or deploy/internal-auth.env) says so in one WARNING as it starts,
+and starts all the same; a process that signs and verifies nothing with it (a worker, the
+operator's commands) says nothing."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from tests.compose_tools import read_env_file
 from tests.polling import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-COMPOSE_ENV = REPO_ROOT / "deploy" / "compose.env"
+# Where docker-compose.yml's containers get each secret (tests/unit/test_compose_config.py).
+SECRETS_ENV = {"INTERNAL_AUTH_SECRET": REPO_ROOT / "deploy" / "internal-auth.env",
+               "AUTH_TOKEN_SECRET": REPO_ROOT / "deploy" / "gateway.env"}
 OWN_SECRETS = {"INTERNAL_AUTH_SECRET": "d4c1f0e9" * 8, "AUTH_TOKEN_SECRET": "7a3b9e21" * 8}
 # A process's environment with the secrets at their defaults, published with the code (whatever
 # the test run set them to).
@@ -36,8 +39,8 @@ def _warnings(caplog) -> list[str]:
 
 @pytest.mark.parametrize("environ", [
     {},  # the code's defaults
-    {name: read_env_file(COMPOSE_ENV)[name] for name in SECRETS},  # compose.env's placeholders
-], ids=["defaults", "compose.env"])
+    {name: read_env_file(SECRETS_ENV[name])[name] for name in SECRETS},  # the placeholders
+], ids=["defaults", "deploy placeholders"])
 @pytest.mark.parametrize("package, named", [
     (orders_app, ["INTERNAL_AUTH_SECRET"]), (payments_app, ["INTERNAL_AUTH_SECRET"]),
     (gateway_app, ["INTERNAL_AUTH_SECRET", "AUTH_TOKEN_SECRET"])])
