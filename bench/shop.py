@@ -1,9 +1,10 @@
 """The shop the benchmark drives: its own stack on free ports with its own database, topic, group
-and Redis names (as the tests isolate theirs), the shoppers it seeds, and reads of its databases
-(the orders' times, the work still owed)."""
+and Redis names (as the tests isolate theirs) and secrets, the shoppers it seeds, and reads of its
+databases (the orders' times, the work still owed)."""
 
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 import uuid
@@ -16,8 +17,9 @@ import psycopg2
 import requests
 
 from devstack.infra import forget_redis_keys, free_port
+from devstack.local_secrets import SECRET_BYTES
 from devstack.stack import DEFAULT_PORTS, REPO_ROOT, Stack
-from shared.config import SERVICES, load_settings
+from shared.config import SECRETS, SERVICES, load_settings
 from shared.internal_auth import identity_headers
 
 RUN_ID = uuid.uuid4().hex[:8]
@@ -27,9 +29,12 @@ FINAL_STATUSES = ("FINISHED", "CANCELLED")
 
 
 def bench_stack() -> Stack:
-    """An unstarted, quiet stack whose names are all this run's own."""
+    """An unstarted, quiet stack whose names are all this run's own, and so are the secrets it
+    signs with, made for it: with those published with the code, its APIs warned of them (and
+    the generator and the seeding sign with the stack's environment)."""
     prefix = f"bench.{RUN_ID}"
     env = {
+        **{name: secrets.token_urlsafe(SECRET_BYTES) for name in SECRETS},
         "ORDERS_DATABASE_URL": f"{{postgres}}/hseshop_bench_{RUN_ID}_orders",
         "PAYMENTS_DATABASE_URL": f"{{postgres}}/hseshop_bench_{RUN_ID}_payments",
         "GATEWAY_DATABASE_URL": f"{{postgres}}/hseshop_bench_{RUN_ID}_gateway",
