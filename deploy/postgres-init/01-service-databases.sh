@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Each service's own PostgreSQL role and database: the role logs in with its own password and owns
-# its service's database, and no other role but a superuser may connect to that database (CONNECT
-# revoked from PUBLIC). The shop's processes connect as their service's role; the superuser
-# (POSTGRES_USER) runs only this.
+# its service's database, and no other role but a superuser (or the administrator that runs this,
+# where it is none) may connect to that database (CONNECT revoked from PUBLIC). The shop's
+# processes connect as their service's role; the superuser (POSTGRES_USER) runs only this.
 #
 # docker-compose.yml's one-shot `postgres-roles` runs it at every `docker compose up`, once the
 # `postgres` service is healthy and before any service's migration, with the settings of
@@ -72,9 +72,9 @@ done
 
 # A service's role that is a superuser (made so by hand, or named after another administrator's)
 # would give its service the whole server: refused before anything is changed. A role the script
-# makes has no power but to log in (CREATE ROLE's defaults), and one it finds is left as it is:
-# only a superuser may take SUPERUSER, REPLICATION or BYPASSRLS away, and a managed server's
-# administrator is none.
+# makes has no power but to log in (CREATE ROLE's defaults); one it finds is given its password
+# and nothing else: only a superuser may take SUPERUSER, REPLICATION or BYPASSRLS away, and a
+# managed server's administrator is none.
 for role in "${roles[@]}"; do
     superuser=$(run_sql postgres --tuples-only --no-align -v role="$role" <<'SQL'
 SELECT rolsuper FROM pg_roles WHERE rolname = :'role';
