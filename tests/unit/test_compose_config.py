@@ -118,10 +118,10 @@ def serves_requests(service: dict) -> bool:
 
 
 def secrets_for(service: dict) -> set[str]:
-    """The secrets a process signs or verifies with: AUTH_TOKEN_SECRET, which mints any user's
-    token, the gateway's; INTERNAL_AUTH_SECRET, which signs identities (the gateway) and verifies
-    them (the services' APIs and gRPC servers), those that serve requests. Given to the gateway's
-    containers all, as its database URL is (deploy/gateway.env), and to no other."""
+    """The secrets a process gets: AUTH_TOKEN_SECRET, which mints any user's token, the gateway's
+    containers alone (deploy/gateway.env, with its database URL), though only its API signs with
+    it; INTERNAL_AUTH_SECRET, which signs identities (the gateway) and verifies them (the
+    services' APIs and gRPC servers), those that serve requests alone."""
     return ({"AUTH_TOKEN_SECRET"} if service_of(service) == "gateway" else set()) | (
         {"INTERNAL_AUTH_SECRET"} if serves_requests(service) else set())
 
