@@ -38,6 +38,12 @@ def server_dir() -> Iterator[Path]:
     yield from _a_folder_another_user_can_enter()
 
 
+@pytest.fixture(scope="module")
+def module_server_dir() -> Iterator[Path]:
+    """As server_dir, for a server a whole test module shares."""
+    yield from _a_folder_another_user_can_enter()
+
+
 def _a_folder_another_user_can_enter() -> Iterator[Path]:
     """A new folder outside pytest's temporary root, removed after use (its server stopped).
 

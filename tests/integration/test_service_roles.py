@@ -115,11 +115,12 @@ class PasswordServer:
 
 
 @pytest.fixture(scope="module")
-def password_server(tmp_path_factory) -> Iterator[PasswordServer]:
+def password_server(module_server_dir) -> Iterator[PasswordServer]:
     """A PostgreSQL of the module's own (the embedded wheel's) that asks every role but its
     superuser for its password (scram-sha-256, as the postgres image's does) and logs every
-    statement it receives."""
-    run_dir = tmp_path_factory.mktemp("password-server")
+    statement it receives. Its data is outside pytest's temporary root, which another run may
+    close to the server's user (conftest._a_folder_another_user_can_enter)."""
+    run_dir = module_server_dir
     port = free_port()
     url_base, process = start_embedded_postgres(run_dir, port)
     try:
