@@ -7,7 +7,7 @@ import re
 
 from marshmallow import ValidationError, fields, validate
 
-from shared.money import (CENT, MAX_AMOUNT, PLAIN_AMOUNT, InvalidAmount, format_amount,
+from shared.money import (MAX_AMOUNT, PLAIN_AMOUNT, InvalidAmount, format_amount,
                           parse_amount)
 
 # Portable as it is written (the OpenAPI document shows it to clients), and always used with
@@ -44,15 +44,18 @@ class Amount(fields.Field):
     # How the OpenAPI document describes it (apispec copies these from a field's metadata): what
     # parse_amount takes, no more, so that nothing a client builds from the document is refused.
     # A string in its plain form only (parse_amount reads a sign, an exponent, zeros before the
-    # digits, spaces around them too); a number as JSON Schema can bound it.
+    # digits, spaces around them too); a number as JSON Schema can bound it, but for its decimals:
+    # a `multipleOf: 0.01` is checked in floating point by the usual validators (jsonschema, ajv),
+    # which then refuse 0.07 (0.07 / 0.01 is 7.000000000000001) and one cent value in nine. The
+    # description says it; a number with a third decimal is a 422.
     DOCUMENTED = {
-        "description": "Money: a string of ASCII digits, as `\"30.00\"`, or a JSON number; above"
-                       f" 0, at most 2 decimals, at most {MAX_AMOUNT}; answered as a string with 2"
-                       " decimals.",
+        "description": "Money: a string in plain decimal form, as `\"30.00\"`, or a JSON number;"
+                       f" above 0, at most 2 decimals (a number's too, which the schema leaves"
+                       f" unchecked), at most {MAX_AMOUNT}; answered as a string with 2 decimals.",
         "oneOf": [
             {"type": "string", "pattern": f"^{PLAIN_AMOUNT.pattern}$"},
             {"type": "number", "exclusiveMinimum": True, "minimum": 0,
-             "maximum": int(MAX_AMOUNT), "multipleOf": float(CENT)},
+             "maximum": int(MAX_AMOUNT)},
         ],
     }
 
