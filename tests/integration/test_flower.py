@@ -18,6 +18,7 @@ from shared.config import SERVICES
 from shared.task_queues import queues_of
 from tasks.celery_app import app as celery_app
 from tests.polling import wait_for
+from tests.process_tools import stop
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUEUE = "default"  # Celery's task_default_queue: nothing reads it, so what is sent there stays
@@ -43,15 +44,6 @@ def _celery(*args: str, log_path: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *args],
                                 cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @contextmanager
@@ -81,7 +73,7 @@ def _flower(tmp_path: Path) -> Iterator[Callable[[], dict[str, int]]]:
     try:
         yield queue_rows
     finally:
-        _stop(flower)
+        stop(flower)
 
 
 def test_flowers_broker_page_shows_the_queues_under_the_shops_prefix(settings, tmp_path):
@@ -123,4 +115,4 @@ def test_with_a_worker_up_the_broker_page_names_the_queues_no_worker_reads_too(
                             what="Flower to name the worker's queue")
             assert SHOP_QUEUES <= set(rows), rows
     finally:
-        _stop(worker)
+        stop(worker)
