@@ -1,11 +1,12 @@
 """Handling inbox messages in Celery: the consumer dispatches a task for every 50 new messages of
 a stored batch, and the task handles its messages many to a transaction (with a savepoint per
 handler once one of them fails); a message whose first try fails goes to a task of its own that
-retries it with backoff and parks it after the last attempt; the sweeper dispatches again the
-messages whose handling was lost (a try of a task of their own that began and came to nothing
-counting as an attempt; a sweep that loses its database connection says so once per outage, and
-the next sweep tries again); and the pruner deletes the rows of messages stored and handled (or
-discarded) long ago."""
+retries it with backoff and parks it after the last attempt; a batch that cannot reach its
+database is retried whole, and a message's own task then leaves the message to the sweeper, each
+saying so once per outage; the sweeper dispatches again the messages whose handling was lost (a
+try of a task of their own that began and came to nothing counting as an attempt; a sweep that
+loses its database connection says so once per outage, and the next sweep tries again); and the
+pruner deletes the rows of messages stored and handled (or discarded) long ago."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from datetime import timedelta
 from flask import current_app
 
 from shared.config import SERVICES
-from shared.db import DatabaseOutageLog, held_up_by_a_lock, transaction
+from shared.db import DatabaseOutageLog, connection_lost, held_up_by_a_lock, transaction
 from shared.inbox.handling import (handle_locked_message, handle_locked_messages_at_once,
                                    lock_in_order, note_try_begun, process_inbox_message,
                                    record_failed_attempt)
@@ -41,6 +42,12 @@ SWEEP_MIN_AGE_WHILE_QUEUED = timedelta(minutes=5)
 # What this process's sweeps have said of each service database's outage.
 _SWEEPS_DATABASE_OUTAGE = {service: DatabaseOutageLog(log, f"the {service} inbox sweeper")
                            for service in SERVICES}
+# What this process's handlers (batches and tasks of a message's own) have said of it: a line as
+# an outage begins, not two for every try of every message.
+_HANDLERS_DATABASE_OUTAGE = {service: DatabaseOutageLog(log, f"the {service} inbox handlers")
+                             for service in SERVICES}
+# What a message's own task returns when it left the message to the sweeper, its database away.
+LEFT_TO_THE_SWEEPER = "left_to_the_sweeper"
 
 
 # A failed try is retried after a random wait up to 1, 2, 4, then 8 s, and never up to the sweep's
@@ -63,9 +70,13 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
     """Handle one stored message, its try noted as begun first (note_try_begun); a try that fails
     is recorded and retried with backoff, unless the message is parked, or another goes on with it
     (the sweeper took the try for lost, or another task's try of it ended meanwhile:
-    record_failed_attempt)."""
+    record_failed_attempt). A try whose failure cannot be recorded, the database away, is said
+    once per outage and left to the sweeper, which hands the message over once the database is
+    back (counting the try as an attempt if it was noted as begun): retried here, every message
+    caught by the outage would fail again and again, a pair of warnings each time."""
     handlers = service_package(service).message_handlers()
     settings = current_app.extensions["hseshop.settings"]
+    outage = _HANDLERS_DATABASE_OUTAGE[service]
     message = uuid.UUID(message_id)
     try_began_at = None
     try:
@@ -75,7 +86,8 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
         with transaction() as session:
             outcome = process_inbox_message(session, message, handlers)
     except Exception as exc:
-        log.warning("%s inbox: handling %s failed: %r", service, message_id, exc)
+        if not outage.said_if_lost(exc):
+            log.warning("%s inbox: handling %s failed: %r", service, message_id, exc)
         try:
             with transaction() as session:
                 ended = record_failed_attempt(session, message, repr(exc),
@@ -83,13 +95,18 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
                                               counted=not held_up_by_a_lock(exc),
                                               try_began_at=try_began_at)
         except Exception as noting:  # (the sweeper makes good a try left unnoted)
+            if outage.said_if_lost(noting):
+                return LEFT_TO_THE_SWEEPER
             log.warning("%s inbox: could not note the failed try of %s: %r",
                         service, message_id, noting)
             ended = None
+        else:
+            outage.back()
         if ended is not None:  # parked, or handed over again: no retry of its own
             return ended.value
         raise self.retry(exc=exc, countdown=retry_countdown(
             self.request.retries, settings.inbox_sweep_min_age_seconds)) from exc
+    outage.back()
     return outcome.value
 
 
@@ -108,11 +125,27 @@ def dispatch_inbox_messages(service: str, message_ids: list[uuid.UUID]) -> None:
                                        argsrepr=f"({service!r}, <{len(chunk)} message ids>)")
 
 
-@app.task(name="hseshop.handle_inbox_batch", base=ServiceTask, ignore_result=True)
-def handle_inbox_batch(service: str, message_ids: list[str]) -> int:
-    """Handle stored messages in one transaction; hand each that fails to its own retrying task."""
+@app.task(name="hseshop.handle_inbox_batch", base=ServiceTask, bind=True, ignore_result=True,
+          max_retries=None)  # (retried only while its database is away)
+def handle_inbox_batch(self, service: str, message_ids: list[str]) -> int:
+    """Handle stored messages in one transaction; hand each that fails to its own retrying task.
+
+    A batch that cannot reach its database is retried whole, with backoff, until it can, and the
+    outage said once: its messages fail for no fault of their own, and kept together they are
+    handled in their keys' order once the database is back (handed to tasks of their own, each
+    retried after its own random wait, they were handled in any order)."""
     handlers = service_package(service).message_handlers()
-    failed = _handle_in_one_transaction(service, [uuid.UUID(m) for m in message_ids], handlers)
+    outage = _HANDLERS_DATABASE_OUTAGE[service]
+    try:
+        failed = _handle_in_one_transaction(service, [uuid.UUID(m) for m in message_ids],
+                                            handlers)
+    except Exception as exc:
+        if not outage.said_if_lost(exc):
+            raise
+        settings = current_app.extensions["hseshop.settings"]
+        raise self.retry(exc=exc, countdown=retry_countdown(
+            self.request.retries, settings.inbox_sweep_min_age_seconds)) from exc
+    outage.back()
     for message_id in failed:
         handle_inbox_message.apply_async((service, str(message_id)))
     return len(message_ids) - len(failed)
@@ -120,27 +153,32 @@ def handle_inbox_batch(service: str, message_ids: list[str]) -> int:
 
 def _handle_in_one_transaction(service: str, message_ids: list[uuid.UUID],
                                handlers) -> list[uuid.UUID]:
-    """Handle the messages in one transaction; returns the ones left to retry.
+    """Handle the messages in one transaction; returns the ones left to retry, and raises what
+    the database's connection lost or refused raised (the batch to be retried whole).
 
     Handlers seldom fail, so the batch first runs with no savepoints at all and marks its messages
     processed with one statement (the savepoint's two round trips and the row's flushes were most
     of what a message cost). If any message fails, that transaction rolls back whole and the
-    batch runs again with a savepoint per handler, so only the failing messages are left over.
+    batch runs again with a savepoint per handler, so only the failing messages are left over. (A
+    connection the database dropped, in a restart, say, fails the first run alone: the second
+    runs on a new one.)
     """
     try:
         with transaction() as session:
             handle_locked_messages_at_once(session, lock_in_order(session, message_ids), handlers)
         return []
     except Exception as exc:
-        log.info("%s inbox: a message of a batch of %d failed (%r); handling them again one by one",
-                 service, len(message_ids), exc)
+        if not _HANDLERS_DATABASE_OUTAGE[service].said_if_lost(exc):
+            log.info("%s inbox: a message of a batch of %d failed (%r); handling them again one"
+                     " by one", service, len(message_ids), exc)
     return _handle_each_in_a_savepoint(service, message_ids, handlers)
 
 
 def _handle_each_in_a_savepoint(service: str, message_ids: list[uuid.UUID],
                                 handlers) -> list[uuid.UUID]:
     """Handle the messages in one transaction, each in a savepoint; returns the ones that failed,
-    each with the try counted (but those that used their last attempt: they are parked)."""
+    each with the try counted (but those that used their last attempt: they are parked). A lost
+    connection is raised: no message's fault, it leaves none to a task of its own."""
     max_attempts = current_app.extensions["hseshop.settings"].inbox_max_attempts
     failed: list[uuid.UUID] = []
     try:
@@ -149,10 +187,14 @@ def _handle_each_in_a_savepoint(service: str, message_ids: list[uuid.UUID],
                 try:
                     handle_locked_message(session, message, handlers, max_attempts)
                 except Exception as exc:
+                    if connection_lost(exc):
+                        raise  # (no fault of the message's, and the transaction is lost)
                     log.info("%s inbox: %s failed on its first try (%r); retrying in a task",
                              service, message.message_id, exc)
                     failed.append(message.message_id)
     except Exception as exc:
+        if connection_lost(exc):
+            raise
         log.warning("%s inbox: committing %d handled messages failed (%r); retrying each in a task",
                     service, len(message_ids), exc)
         return list(message_ids)

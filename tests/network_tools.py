@@ -52,6 +52,7 @@ class SilencingProxy:
         self._carriers: list[threading.Thread] = []
         self._carried: list[socket.socket] = []  # both ends of each connection carried
         self._refusing = False
+        self._refused = 0
         self._accepting = threading.Lock()
         _accept_each(self._listener, self._accepted, until=self._closed)
 
@@ -84,6 +85,11 @@ class SilencingProxy:
         """How many connections were made through the proxy."""
         return len(self._carriers) // 2
 
+    def connections_refused(self) -> int:
+        """How many connections were closed as they were accepted, the service cut off."""
+        with self._accepting:
+            return self._refused
+
     def close(self) -> None:
         self._closed.set()
         for sock in self._sockets:
@@ -92,6 +98,7 @@ class SilencingProxy:
     def _accepted(self, client: socket.socket) -> None:
         with self._accepting:
             refused = self._refusing
+            self._refused += refused
         if refused:
             client.close()
             return
@@ -99,6 +106,7 @@ class SilencingProxy:
         self._sockets += [client, upstream]
         with self._accepting:
             if self._refusing:  # cut while connecting
+                self._refused += 1
                 client.close()
                 upstream.close()
                 return
