@@ -68,42 +68,42 @@ task_send_sent_event = False
 # Idempotency keys and notifications are kept for a day or more: pruning them hourly is enough.
 PRUNE_RETAINED_EVERY = timedelta(hours=1)
 
+# Beat's tasks carry no `expires`: Celery makes it a moment on beat's clock, which each worker
+# compares with its own, so with beat's host a few seconds behind the workers' (the relay's bound
+# was 8 s) every relay task arrived expired and was dropped unrun, and a leader lost was never
+# replaced. A stale one costs nothing: a relay run finds the leader and returns (or leads, if none
+# does), a sweep or a prune finds little to do; and beat sends none to a queue already holding
+# BACKLOG_LIMIT unread (tasks/beat.py), so no more than that wait for a worker coming back.
 beat_schedule = {}
 for _service in SERVICES:
     beat_schedule[f"relay-{_service}-outbox"] = {
         "task": "hseshop.relay_outbox",
         "schedule": timedelta(seconds=_settings.outbox_relay_interval_seconds),
         "args": (_service,),
-        "options": {"expires": max(_settings.outbox_relay_interval_seconds * 4, 2.0)},
     }
     beat_schedule[f"sweep-{_service}-inbox"] = {
         "task": "hseshop.sweep_inbox",
         "schedule": timedelta(seconds=_settings.inbox_sweep_interval_seconds),
         "args": (_service,),
-        "options": {"expires": _settings.inbox_sweep_interval_seconds * 4},
     }
     beat_schedule[f"prune-{_service}-inbox"] = {
         "task": "hseshop.prune_inbox",
         "schedule": timedelta(seconds=_settings.inbox_prune_interval_seconds),
         "args": (_service,),
-        "options": {"expires": _settings.inbox_prune_interval_seconds},
     }
 for _service in SERVICES_KEEPING_IDEMPOTENCY_KEYS:
     beat_schedule[f"prune-{_service}-idempotency-keys"] = {
         "task": "hseshop.prune_idempotency_keys",
         "schedule": PRUNE_RETAINED_EVERY,
         "args": (_service,),
-        "options": {"expires": PRUNE_RETAINED_EVERY.total_seconds()},
     }
 beat_schedule["prune-gateway-notifications"] = {
     "task": "hseshop.prune_notifications",
     "schedule": PRUNE_RETAINED_EVERY,
     "args": ("gateway",),
-    "options": {"expires": PRUNE_RETAINED_EVERY.total_seconds()},
 }
 beat_schedule["prune-gateway-signed-out-tokens"] = {
     "task": "hseshop.prune_signed_out_tokens",
     "schedule": PRUNE_RETAINED_EVERY,
     "args": ("gateway",),
-    "options": {"expires": PRUNE_RETAINED_EVERY.total_seconds()},
 }

@@ -3,8 +3,9 @@
 Beat sends its tasks (the relay's lead, the sweeper, the pruners) every second or two, whether or
 not a worker reads them. With none reading (a service's workers stopped, or waiting on a migration
 that failed), Redis would keep every one: the Redis transport has no expiry per message, a task's
-`expires` is looked at only by the worker that takes it, and the queue would grow by some 7 MB an
-hour, for a worker to drain, stale, when it came back. Each of these tasks only asks for what the
+`expires` is looked at only by the worker that takes it (and beat's carry none, celeryconfig.py:
+the worker reads it on a clock of its own), and the queue would grow by some 7 MB an hour, for a
+worker to drain, stale, when it came back. Each of these tasks only asks for what the
 next one asks for again, so one not sent loses nothing.
 
 It also follows the wall clock back. Celery's scheduler keeps each entry's last run, and its heap

@@ -1,6 +1,7 @@
 """Beat's scheduler sends no task to a queue a few of its tasks already wait in, unread: with a
-service's workers away, Redis would otherwise keep every one beat sends; and it follows the wall
-clock back (tasks/beat.py)."""
+service's workers away, Redis would otherwise keep every one beat sends; it follows the wall clock
+back (tasks/beat.py); and what it sends is run by a worker whose clock is ahead of beat's
+(celeryconfig.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import time
 from datetime import timedelta
 
 import pytest
+from celery.beat import ScheduleEntry
 from celery.schedules import schedule
+from celery.worker.request import Request
 
+import celeryconfig
 from shared.task_queues import control_queue
 from tasks.beat import BACKLOG_LIMIT, BoundedScheduler
 from tasks.celery_app import app as celery_app
@@ -34,7 +38,7 @@ def test_beat_stops_adding_to_a_control_queue_no_worker_reads(control_queue_unre
     scheduler = BoundedScheduler(app=celery_app, schedule_filename=str(tmp_path / "schedule"),
                                  lazy=True)
     entry = scheduler.Entry(name="relay-payments-outbox", task="hseshop.relay_outbox",
-                            args=("payments",), options={"expires": 8},
+                            args=("payments",),
                             schedule=schedule(timedelta(seconds=2)), app=celery_app)
     for _ in range(BACKLOG_LIMIT + 5):
         scheduler.apply_entry(entry)
@@ -73,3 +77,28 @@ def test_beat_goes_on_after_the_wall_clock_went_back(tmp_path):
     assert "relay-orders-outbox" in sent
     assert "prune-gateway-notifications" not in sent
     assert pruning_due_in == pytest.approx(20 * 60, abs=30)  # its spacing kept
+
+
+def test_a_worker_whose_clock_is_ahead_of_beats_runs_every_task_beat_sends(
+        control_queue_unread, tmp_path, monkeypatch):
+    """Celery stamps a task's `expires` as a moment on the sender's clock, and the worker that
+    takes it compares that with its own (Request.maybe_expire): with beat's host a few seconds
+    behind the workers', a relay task that expired 8 s on arrived expired, was dropped unrun, and
+    a leader lost was never replaced. Beat's clock here is an hour behind this worker's."""
+    beats_clock = celery_app.now
+    monkeypatch.setattr(celery_app, "now", lambda: beats_clock() - timedelta(hours=1))
+    scheduler = BoundedScheduler(app=celery_app, schedule_filename=str(tmp_path / "schedule"),
+                                 lazy=True)
+    sent = {name: entry["task"] for name, entry in celeryconfig.beat_schedule.items()
+            if entry["args"] == ("payments",)}
+    assert "hseshop.relay_outbox" in sent.values()
+    for name, entry in celeryconfig.beat_schedule.items():
+        if name in sent:
+            scheduler.apply_entry(ScheduleEntry(name=name, app=celery_app, **entry))
+
+    taken = {}
+    with celery_app.pool.acquire(block=True) as connection:  # as a worker takes them
+        while (message := connection.default_channel.basic_get(QUEUE, no_ack=True)) is not None:
+            request = Request(message, app=celery_app)
+            taken[request.name] = request.maybe_expire()
+    assert taken == {task: None for task in sent.values()}  # none expired
