@@ -11,7 +11,7 @@
 #   python -m shared.migrations upgrade orders                      (and payments, gateway)
 # Settings come from the environment: every variable of shared/config.py (deploy/compose.env),
 # a process's database URL that of its own service alone (deploy/orders.env, ...), and a secret
-# only to a process that signs or verifies with it (deploy/gateway.env, deploy/internal-auth.env).
+# only to a process that signs or verifies with it (deploy/token-signing.env, internal-auth.env).
 FROM python:3.11-slim
 
 # PYTHONPATH: the code, on the import path of every process. A console script starts with its own

@@ -192,7 +192,7 @@ ZERO_MEANS_NONE = ("GATEWAY_TRUSTED_PROXY_HOPS",)
 # as unset, which would have the shop sign with the dev-only default written above for all to see.
 SECRETS = ("INTERNAL_AUTH_SECRET", "AUTH_TOKEN_SECRET")
 # The secrets' values published with the code, which anyone can sign with: the defaults above and
-# the placeholders of deploy/gateway.env and deploy/internal-auth.env
+# the placeholders of deploy/token-signing.env and deploy/internal-auth.env
 # (tests/unit/test_published_secrets.py keeps them in step). A process signing or verifying with
 # one (an API, a gRPC server; no worker) says so in a WARNING as it starts (shared/app.py), and
 # starts: `docker compose up` on a fresh clone must work. docker-compose.yml gives a secret only to

@@ -119,11 +119,12 @@ def serves_requests(service: dict) -> bool:
 
 def secrets_for(service: dict) -> set[str]:
     """The secrets a process gets: AUTH_TOKEN_SECRET, which mints any user's token, the gateway's
-    containers alone (deploy/gateway.env, with its database URL), though only its API signs with
-    it; INTERNAL_AUTH_SECRET, which signs identities (the gateway) and verifies them (the
-    services' APIs and gRPC servers), those that serve requests alone."""
-    return ({"AUTH_TOKEN_SECRET"} if service_of(service) == "gateway" else set()) | (
-        {"INTERNAL_AUTH_SECRET"} if serves_requests(service) else set())
+    API alone (deploy/token-signing.env), which signs with it; INTERNAL_AUTH_SECRET, which signs
+    identities (the gateway) and verifies them (the services' APIs and gRPC servers), those that
+    serve requests alone."""
+    serving = serves_requests(service)
+    return ({"AUTH_TOKEN_SECRET"} if serving and service_of(service) == "gateway" else set()) | (
+        {"INTERNAL_AUTH_SECRET"} if serving else set())
 
 
 def test_every_hseshop_process_gets_exactly_the_settings_of_shared_config():

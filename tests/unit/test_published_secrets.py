@@ -1,6 +1,6 @@
 """A service signing or trusting with a secret published with the code (a default, or the
-placeholder of deploy/gateway.env or deploy/internal-auth.env) says so in one WARNING as it starts,
-and starts all the same; a process that signs and verifies nothing with it (a worker, the
+placeholder of deploy/token-signing.env or deploy/internal-auth.env) says so in one WARNING as it
+starts, and starts all the same; a process that signs and verifies nothing with it (a worker, the
 operator's commands) says nothing."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.polling import wait_for
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Where docker-compose.yml's containers get each secret (tests/unit/test_compose_config.py).
 SECRETS_ENV = {"INTERNAL_AUTH_SECRET": REPO_ROOT / "deploy" / "internal-auth.env",
-               "AUTH_TOKEN_SECRET": REPO_ROOT / "deploy" / "gateway.env"}
+               "AUTH_TOKEN_SECRET": REPO_ROOT / "deploy" / "token-signing.env"}
 OWN_SECRETS = {"INTERNAL_AUTH_SECRET": "d4c1f0e9" * 8, "AUTH_TOKEN_SECRET": "7a3b9e21" * 8}
 # A process's environment with the secrets at their defaults, published with the code (whatever
 # the test run set them to).
