@@ -42,7 +42,8 @@ class ShopApi(SwaggerUiPage, Api):
         "(400: a malformed request line, header or chunked body), `REQUEST_URI_TOO_LONG` (414), "
         "`EXPECTATION_FAILED` (417: an `Expect` other than `100-continue`), "
         "`REQUEST_HEADER_FIELDS_TOO_LARGE` (431), `NOT_IMPLEMENTED` (501: a `Transfer-Encoding` "
-        "the server does not know).")
+        "the server does not know); the web server answers these last four, and 400s for a "
+        "request line or header, itself, without `X-Request-ID`.")
 
     def _register_responses(self):
         super()._register_responses()

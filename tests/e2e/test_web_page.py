@@ -427,9 +427,9 @@ def test_a_top_up_and_an_order_whose_answers_were_lost_count_once(stack, browser
     """The top-up's answer lost: the page says it may have gone through and shows the balance as
     it is; the same amount typed another way is a retry, not a second top-up, and said to be one
     (the gateway's Idempotent-Replayed); a new amount is a new top-up. The order's answer
-    lost: pressing again with the same form is a retry, answered with the order already shown,
-    not a second one; pressing once more places another. An amount typed with a decimal comma (a
-    phone's keypad in a comma locale) is read as a point."""
+    lost: pressing again with the same form is a retry (the gateway's Idempotent-Replayed: placed
+    already), not a second one; pressing once more places another. An amount typed with a
+    decimal comma (a phone's keypad in a comma locale) is read as a point."""
     page, shopper = _live_page_of_a_shopper_with_100(stack, browser, FIRST_ANSWERS_LOST)
 
     page.top_up("12,50")
