@@ -10,11 +10,12 @@ more than the ping did:
   runs one: its timers fire from the loop that reads the queues). A worker that lost Redis (its
   consumer's steps stopped while it reconnects) removes the file at once; a loop that is stuck
   leaves it to age.
-- Beat renews it at the end of each pass of its scheduler (`tick`, which sends what is due). Beat
-  is no worker: its only sign of life is that its scheduler goes round. It ticks whenever an entry
-  of its schedule is due, and at least every beat_max_loop_interval (celeryconfig.py:
-  RENEW_EVERY_SECONDS, below) whatever the schedule holds; a tick held up (on a Redis that does
-  not answer, say) leaves the file to age, and beat removes it as it stops.
+- Beat renews it at the end of each pass of its scheduler (`tick`, which sends what is due), while
+  it reaches Redis. Beat is no worker: its signs of life are that its scheduler goes round and
+  that what it sends gets sent. It ticks whenever an entry of its schedule is due, and at least
+  every beat_max_loop_interval (celeryconfig.py: RENEW_EVERY_SECONDS, below) whatever the
+  schedule holds; from a send that failed (Redis gone, or not answering) to the next that works,
+  and through a tick held up, the file is left to age, and beat removes it as it stops.
 
 Either way the healthcheck fails once the file is gone or older than ALIVE_WITHIN_SECONDS, and a
 file left by a process killed outright is removed as the next one starts. Started with
@@ -112,16 +113,35 @@ class AliveFileStep(bootsteps.StartStopStep):
 
 class AliveFileScheduler(Scheduler):
     """Beat's scheduler (to be mixed in before Celery's PersistentScheduler): renews the alive
-    file after each tick, and removes it as beat stops (`close`)."""
+    file after each tick while beat reaches its broker, and removes it as beat stops (`close`).
+
+    Celery's scheduler logs a send that failed ("Message Error") and goes on ticking, so a tick
+    alone says nothing of Redis: through an outage beat would go on ticking, and renewing. Whether
+    beat reaches its broker is what its last send (or a subclass's other call to the broker,
+    `note_broker_reached`) found, and stays so over the ticks that send nothing, until the next
+    one: the file ages from a failed send to the next that works."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         path = self.app.conf.get(BEAT_ALIVE_FILE_SETTING)
         self.alive_file = AliveFile(path) if path else None
+        self.broker_reached = True
+
+    def note_broker_reached(self, reached: bool) -> None:
+        self.broker_reached = reached
+
+    def apply_async(self, entry, producer=None, advance=True, **kwargs):
+        try:
+            result = super().apply_async(entry, producer=producer, advance=advance, **kwargs)
+        except Exception:
+            self.note_broker_reached(False)
+            raise
+        self.note_broker_reached(True)
+        return result
 
     def tick(self, *args, **kwargs):
         interval = super().tick(*args, **kwargs)
-        if self.alive_file is not None:
+        if self.alive_file is not None and self.broker_reached:
             self.alive_file.renew()
         return interval
 

@@ -14,7 +14,8 @@ restored), every entry would wait out the hour before it ran again, the relay's 
 sweeper with them. A last run later than now can only mean such a step, so the whole schedule is
 moved back by as much.
 
-And it renews beat's alive file at each tick, for its healthcheck (tasks/alive.py).
+And it renews beat's alive file at each tick while it reaches Redis, for its healthcheck
+(tasks/alive.py).
 """
 
 from __future__ import annotations
@@ -59,17 +60,21 @@ class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
     def apply_entry(self, entry, producer=None):
         queue = (route_to_service_queue(entry.task, entry.args, entry.kwargs, entry.options)
                  or {}).get("queue")
-        if queue is not None and _waiting(queue) >= BACKLOG_LIMIT:
+        if queue is not None and self._waiting(queue) >= BACKLOG_LIMIT:
             log.warning("not sending %s: %d or more tasks already wait in %s, unread (are its"
                         " workers running?)", entry.name, BACKLOG_LIMIT, queue)
             return
         super().apply_entry(entry, producer=producer)
 
-
-def _waiting(queue: str) -> int:
-    """How many tasks wait in `queue`; 0 when Redis cannot say (the send then fails as it would)."""
-    try:
-        return tasks_waiting(queue)
-    except Exception as exc:
-        log.debug("cannot count the tasks waiting in %s: %r", queue, exc)
-        return 0
+    def _waiting(self, queue: str) -> int:
+        """How many tasks wait in `queue`; 0 when Redis cannot say (the send then fails as it
+        would). Either way the answer, or its absence, tells the alive file whether beat reaches
+        Redis: a task not sent for the backlog is no failure."""
+        try:
+            waiting = tasks_waiting(queue)
+        except Exception as exc:
+            log.debug("cannot count the tasks waiting in %s: %r", queue, exc)
+            self.note_broker_reached(False)
+            return 0
+        self.note_broker_reached(True)
+        return waiting

@@ -1,8 +1,9 @@
 """The alive file (tasks/alive.py) on the run's Redis. A real Celery worker's: renewed while the
 worker's event loop runs, left to age while the loop is stuck, gone once the worker stops. Real
 celery beat's, with the shop's config: renewed at each tick of its scheduler, though nothing in
-its schedule falls due, and gone once beat stops; docker-compose.yml's healthcheck reads it as
-beat writes it.
+its schedule falls due, left to age while its sends fail (Redis out of reach) and renewed once they
+work again, and gone once beat stops; docker-compose.yml's healthcheck reads it as beat writes
+it.
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+from redis import Redis
 
 from devstack.infra import free_port
-from tasks.alive import RENEW_EVERY_SECONDS
+from shared.config import SERVICES
+from shared.task_queues import control_queue
+from tasks.alive import ALIVE_WITHIN_SECONDS, RENEW_EVERY_SECONDS
 from tests.compose_tools import alive_file_check
 from tests.environment import REDIS_DB, REDIS_KEYS_OF_THE_RUN
+from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -127,6 +133,37 @@ def _compose_healthcheck_passes(path: Path) -> bool:
     return subprocess.run(argv, timeout=30).returncode == 0
 
 
+@contextmanager
+def _beat_running(path: Path, tmp_path: Path,
+                  **env: str) -> Iterator[tuple[subprocess.Popen, Callable[[], str]]]:
+    """`celery -A tasks beat --alive-file path` as compose runs it, with the shop's config and
+    these settings over the layer's; yields it and a reader of its log. Killed if still running
+    after."""
+    log_path = tmp_path / "beat.log"
+    with open(log_path, "w") as log_file:
+        beat = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tasks", "beat", "-l", "WARNING",
+             "-s", str(tmp_path / "schedule"), "--alive-file", str(path)],
+            cwd=REPO_ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=log_file,
+            stderr=subprocess.STDOUT)
+    try:
+        yield beat, log_path.read_text
+    finally:
+        if beat.poll() is None:
+            beat.kill()
+            beat.wait(10)
+
+
+def _renewed_by(beat: subprocess.Popen, path: Path, log: Callable[[], str]) -> bool:
+    """Whether beat, still running, has written its file (an empty one)."""
+    assert beat.poll() is None, log()
+    return path.exists() and path.stat().st_size == 0
+
+
+def _age(path: Path) -> float:
+    return time.time() - path.stat().st_mtime
+
+
 def test_beat_renews_its_file_at_each_tick_with_nothing_due_and_removes_it_as_it_stops(
         settings, tmp_path):
     """Beat as compose runs it, with the shop's config, every entry of its schedule a minute or
@@ -136,30 +173,49 @@ def test_beat_renews_its_file_at_each_tick_with_nothing_due_and_removes_it_as_it
     # A file left by a beat killed outright, just now: the next one removes it as it starts (the
     # one it writes is empty).
     path.write_text("left by a beat killed outright")
-    log_path = tmp_path / "beat.log"
-    env = {**os.environ, "OUTBOX_RELAY_INTERVAL_SECONDS": "60",
-           "INBOX_SWEEP_INTERVAL_SECONDS": "60"}
-    with open(log_path, "w") as log_file:
-        beat = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "beat", "-l", "WARNING",
-             "-s", str(tmp_path / "schedule"), "--alive-file", str(path)],
-            cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-            stderr=subprocess.STDOUT)
-    try:
-        def renewed_by_beat() -> bool:
-            assert beat.poll() is None, log_path.read_text()
-            return path.exists() and path.stat().st_size == 0
-
-        wait_for(renewed_by_beat, timeout=30, what="beat to write its alive file")
+    with _beat_running(path, tmp_path, OUTBOX_RELAY_INTERVAL_SECONDS="60",
+                       INBOX_SWEEP_INTERVAL_SECONDS="60") as (beat, log):
+        wait_for(lambda: _renewed_by(beat, path, log), timeout=30,
+                 what="beat to write its alive file")
         seen = _renewals(path, 2 * RENEW_EVERY_SECONDS + 1.5)
         gaps = [later - earlier for earlier, later in zip(seen, seen[1:])]
-        assert len(seen) >= 3, (seen, log_path.read_text())
+        assert len(seen) >= 3, (seen, log())
         assert max(gaps) < RENEW_EVERY_SECONDS + 1, gaps
         assert _compose_healthcheck_passes(path)
         beat.send_signal(signal.SIGTERM)
-        assert beat.wait(20) == 0, log_path.read_text()
+        assert beat.wait(20) == 0, log()
         assert not path.exists()
+
+
+def test_beat_leaves_its_file_to_age_while_its_sends_fail_and_renews_it_once_they_work(
+        settings, tmp_path):
+    """Celery's scheduler logs a send that failed and ticks on: beat reaching Redis through a
+    proxy that is then cut must still go unhealthy (its file older than the healthcheck's bound),
+    and healthy again once Redis is back. (Its relay and sweeper sent every second or two, to
+    queues under a prefix of its own.)"""
+    broker = urlsplit(settings.celery_broker_url)
+    proxy = SilencingProxy(f"{broker.hostname}:{broker.port or 6379}")
+    prefix = f"{REDIS_KEYS_OF_THE_RUN}alive-beat-{uuid.uuid4().hex[:8]}"
+    redis = Redis.from_url(settings.celery_broker_url)
+    # (each queue's list under celeryconfig's global_keyprefix)
+    queue_keys = [f"{prefix}:celery:{control_queue(service)}" for service in SERVICES]
+    path = tmp_path / "alive"
+    try:
+        with _beat_running(path, tmp_path, REDIS_KEY_PREFIX=prefix,
+                           CELERY_BROKER_URL=broker._replace(netloc=proxy.address).geturl(),
+                           ) as (beat, log):
+            # Cut once beat's sends work: before, a beat still connecting is held up, not failing.
+            wait_for(lambda: _renewed_by(beat, path, log) and all(map(redis.llen, queue_keys)),
+                     timeout=30, what="beat to send a task to each control queue")
+            proxy.cut()
+            wait_for(lambda: _renewed_by(beat, path, log) and _age(path) > ALIVE_WITHIN_SECONDS,
+                     timeout=ALIVE_WITHIN_SECONDS + 15, interval=0.5,
+                     what="the file to age past the healthcheck's bound, Redis out of reach")
+            assert not _compose_healthcheck_passes(path)
+            proxy.restore()
+            wait_for(lambda: _renewed_by(beat, path, log) and _age(path) < RENEW_EVERY_SECONDS,
+                     timeout=30, interval=0.2, what="beat to renew its file, Redis back")
+            assert _compose_healthcheck_passes(path)
     finally:
-        if beat.poll() is None:
-            beat.kill()
-            beat.wait(10)
+        proxy.close()
+        redis.close()
