@@ -146,6 +146,10 @@ class AliveFileScheduler(Scheduler):
         return interval
 
     def close(self) -> None:
-        super().close()
-        if self.alive_file is not None:
-            self.alive_file.remove()
+        # Gone even if closing fails (the schedule's last sync, say): a beat that stops is not
+        # alive.
+        try:
+            super().close()
+        finally:
+            if self.alive_file is not None:
+                self.alive_file.remove()
