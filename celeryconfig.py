@@ -4,10 +4,7 @@ and prunes them."""
 
 from datetime import timedelta
 
-from kombu import Exchange, Queue
-
 from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, get_settings
-from shared.task_queues import queues_of
 from tasks.alive import RENEW_EVERY_SECONDS
 from tasks.redis_transport import TRANSPORT_PATH
 
@@ -26,12 +23,10 @@ result_expires = None
 
 worker_prefetch_multiplier = 4
 task_default_queue = "default"
+# The shop's queues are made as a task is first routed to each, and not declared here (task_queues):
+# a worker started without -Q would consume them all, and `celery purge` empty them. Flower names
+# them itself (flowerconfig.py).
 task_routes = ("tasks.routing.route_to_service_queue",)
-# The shop's queues, declared as Celery would make each the first time a task is routed to it (a
-# direct exchange of its own name), so that what lists queues reads them here: Flower's Broker page
-# shows every one, whichever workers are up (flowerconfig.py).
-task_queues = [Queue(name, Exchange(name), routing_key=name)
-               for service in SERVICES for name in queues_of(service)]
 # Beat sends no task to a queue already holding a few unread (tasks/beat.py).
 beat_scheduler = "tasks.beat:BoundedScheduler"
 # Beat's scheduler ticks when an entry is due, and at least this often (Celery's default is every

@@ -6,19 +6,25 @@ Flower's Broker page (and its /api/queues/length) shows the lengths of the queue
 knows consume, and the app's own (task_default_queue and task_queues) only while it knows none:
 a service whose workers were all down as Flower started would be missing from the page just as its
 backlog grew. Flower has no option for it, so its one method that names the queues
-(`BaseHandler.get_active_queue_names`) is given every queue the app declares (celeryconfig.py's
-task_queues: each service's two), and any other a worker consumes.
+(`BaseHandler.get_active_queue_names`) is given every shop queue (shared/task_queues.py: each
+service's two), the default queue, and any other a worker consumes.
+
+The shop's queues are named here, not declared on the app (celeryconfig's task_queues): a worker
+started without -Q consumes every queue the app declares, and `celery purge` empties them.
 """
 
 from flower.views import BaseHandler
 
+from shared.config import SERVICES
+from shared.task_queues import queues_of
+
+_SHOP_QUEUES = frozenset(name for service in SERVICES for name in queues_of(service))
 _workers_queue_names = BaseHandler.get_active_queue_names
 
 
-def _declared_and_workers_queue_names(handler: BaseHandler) -> list[str]:
-    conf = handler.capp.conf
-    declared = {conf.task_default_queue} | {queue.name for queue in conf.task_queues or ()}
-    return sorted(declared | set(_workers_queue_names(handler)))
+def _shop_and_workers_queue_names(handler: BaseHandler) -> list[str]:
+    named = _SHOP_QUEUES | {handler.capp.conf.task_default_queue}
+    return sorted(named | set(_workers_queue_names(handler)))
 
 
-BaseHandler.get_active_queue_names = _declared_and_workers_queue_names
+BaseHandler.get_active_queue_names = _shop_and_workers_queue_names

@@ -1,7 +1,7 @@
 """The Celery queues of a service, named once for the router (tasks/routing.py), for whatever
-starts workers (devstack, docker-compose.yml) and for celeryconfig's task_queues: the inbox's
-handler tasks go to `<service>`, the tasks beat sends (the relay's lead, the sweeper, the pruners)
-to `<service>.control`, and each worker of the service consumes both.
+starts workers (devstack, docker-compose.yml) and for Flower's Broker page (flowerconfig.py): the
+inbox's handler tasks go to `<service>`, the tasks beat sends (the relay's lead, the sweeper, the
+pruners) to `<service>.control`, and each worker of the service consumes both.
 
 Apart, so that a backlog of handler tasks holds up none of beat's: in one queue, a relay task
 waited behind every batch sent before it and expired there, and a relay leader lost during a

@@ -1,6 +1,7 @@
 """Flower, run as `make run` and compose run it, against the real Redis: its Broker page reads the
 lengths of the shop's queues, under the shop's key prefix (tasks/redis_transport.py), and names
-every one of them whichever workers are up (celeryconfig.py's task_queues, flowerconfig.py)."""
+every one of them whichever workers are up (flowerconfig.py), though the app declares none of
+them: a worker started without -Q reads the default queue alone."""
 
 from __future__ import annotations
 
@@ -44,6 +45,20 @@ def _celery(*args: str, log_path: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *args],
                                 cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT)
+
+
+@contextmanager
+def _worker(tmp_path: Path, node: str, *queues: str) -> Iterator[subprocess.Popen]:
+    """A worker named `node` answering (of the queues given as `-Q`, if any)."""
+    worker = _celery("worker", *(("-Q", ",".join(queues)) if queues else ()), "-n", node,
+                     "-P", "threads", "-c", "1", "--without-gossip", "--without-mingle",
+                     "-l", "WARNING", log_path=tmp_path / "worker.log")
+    try:
+        wait_for(lambda: celery_app.control.ping(destination=[node], timeout=0.5), timeout=60,
+                 what="the worker to answer")
+        yield worker
+    finally:
+        stop(worker)
 
 
 @contextmanager
@@ -94,25 +109,26 @@ def test_with_no_worker_up_the_broker_page_names_every_shop_queue(settings, tmp_
 
 def test_with_a_worker_up_the_broker_page_names_the_queues_no_worker_reads_too(
         settings, tmp_path):
-    """Flower names the queues the workers it knows consume, and the app's declared ones only
-    while it knows none: a service whose workers are all down, others' up, is shown all the
-    same. (The worker here reads a queue of its own, not a shop's: every shop queue is one no
-    worker reads.)"""
+    """Flower itself names the queues the workers it knows consume, and the app's own (the
+    default queue) only while it knows none: a service whose workers are all down, others' up, is
+    shown all the same. (The worker here reads a queue of its own, not a shop's: every shop queue
+    is one no worker reads.)"""
     name = f"flower-test-{uuid.uuid4().hex[:8]}"
-    node = f"{name}@localhost"
-    worker = _celery("worker", "-Q", name, "-n", node, "-P", "threads", "-c", "1",
-                     "--without-gossip", "--without-mingle", "-l", "WARNING",
-                     log_path=tmp_path / "worker.log")
-    try:
-        wait_for(lambda: celery_app.control.ping(destination=[node], timeout=0.5), timeout=60,
-                 what="the worker to answer")
-        with _flower(tmp_path) as queue_rows:
-            def once_the_workers_queue_is_named():
-                rows = queue_rows()
-                return rows if name in rows else None
+    with _worker(tmp_path, f"{name}@localhost", name), _flower(tmp_path) as queue_rows:
+        def once_the_workers_queue_is_named():
+            rows = queue_rows()
+            return rows if name in rows else None
 
-            rows = wait_for(once_the_workers_queue_is_named, timeout=30, interval=0.5,
-                            what="Flower to name the worker's queue")
-            assert SHOP_QUEUES <= set(rows), rows
-    finally:
-        stop(worker)
+        rows = wait_for(once_the_workers_queue_is_named, timeout=30, interval=0.5,
+                        what="Flower to name the worker's queue")
+        assert SHOP_QUEUES <= set(rows), rows
+
+
+def test_a_worker_started_without_queues_reads_the_default_queue_alone(settings, tmp_path):
+    """The app declares no shop queue (Flower names them itself): a worker started without -Q
+    would otherwise take every service's tasks, with its own service's database URL alone, and
+    `celery purge` would empty every queue."""
+    node = f"flower-test-{uuid.uuid4().hex[:8]}@localhost"
+    with _worker(tmp_path, node):
+        replies = celery_app.control.inspect(destination=[node], timeout=5).active_queues()
+        assert [queue["name"] for queue in replies[node]] == [QUEUE], replies
