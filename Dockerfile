@@ -5,9 +5,11 @@
 #   python -m shared.grpc_server orders                             (and payments)
 #   celery -A tasks worker -Q orders.control,orders -n orders@%h -P threads -c 16 --consume orders
 #                                                                   (and payments, gateway)
-#   celery -A tasks beat -s /tmp/celerybeat-schedule                (exactly one; -s: /app is
-#                                                                   not writable)
-#   celery -A tasks flower
+#   celery -A tasks beat -s /tmp/celerybeat-schedule --alive-file /tmp/alive
+#                                                                   (exactly one; -s: /app is
+#                                                                   not writable; --alive-file:
+#                                                                   what its healthcheck reads)
+#   celery -A tasks flower --conf=/app/flowerconfig.py
 #   python -m shared.migrations upgrade orders                      (and payments, gateway)
 # Settings come from the environment: every variable of shared/config.py (deploy/compose.env),
 # a process's database URL that of its own service alone (deploy/orders.env, ...), and a secret

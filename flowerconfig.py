@@ -1,6 +1,5 @@
-"""Flower's configuration file: `celery -A tasks flower` runs flowerconfig.py from its working
-directory as it starts (Flower's `--conf`, this name by default), before it serves a page; nothing
-else reads it.
+"""Flower's configuration file, given to `celery -A tasks flower` as `--conf` (docker-compose.yml,
+devstack): Flower runs it as it starts, before it serves a page; nothing else reads it.
 
 Flower's Broker page (and its /api/queues/length) shows the lengths of the queues the workers it
 knows consume, and the app's own (task_default_queue and task_queues) only while it knows none:

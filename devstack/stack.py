@@ -21,6 +21,7 @@ from shared.migrations import GIVE_WAY_FOR_SECONDS
 from shared.task_queues import worker_queues
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+FLOWER_CONFIG = REPO_ROOT / "flowerconfig.py"
 DEFAULT_PORTS = {"gateway": 8000, "orders": 8001, "payments": 8002, "broker": 9092,
                  "flower": 5555, "orders-grpc": 50051, "payments-grpc": 50052}
 # The gateway holds one thread per open WebSocket (up to gateway_app.notifications'
@@ -52,6 +53,14 @@ def gunicorn_argv(port: int, app: str, threads: int = API_THREADS) -> list[str]:
         "--no-control-socket",
         app,
     ]
+
+
+def flower_argv(port: int) -> list[str]:
+    """The `python -m` arguments that run Flower, given its configuration file by its absolute
+    path: by default Flower reads flowerconfig.py from its working directory, and goes on without
+    it, unsaid, when it is not there (a file named by --conf must be there)."""
+    return [*"celery -A tasks flower".split(), f"--conf={FLOWER_CONFIG}", f"--port={port}",
+            f"--address={infra.LOCALHOST}"]
 
 
 class Stack:
@@ -300,7 +309,6 @@ class Stack:
                 self._say(f"migrations for {service}: {line}")
 
     def _app_processes(self) -> list[ManagedProcess]:
-        host = infra.LOCALHOST
         commands = {}
         for service in SERVICES:
             commands[f"{service}-api"] = gunicorn_argv(
@@ -320,11 +328,7 @@ class Stack:
             str(self.run_dir / "celerybeat-schedule"),
         ]
         if self.with_flower:
-            commands["flower"] = [
-                *"celery -A tasks flower".split(),
-                f"--port={self.ports['flower']}",
-                f"--address={host}",
-            ]
+            commands["flower"] = flower_argv(self.ports["flower"])
         env = self._process_env()
         return [
             ManagedProcess(

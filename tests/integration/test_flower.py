@@ -1,10 +1,12 @@
 """Flower, run as `make run` and compose run it, against the real Redis: its Broker page reads the
 lengths of the shop's queues, under the shop's key prefix (tasks/redis_transport.py), and names
-every one of them whichever workers are up (flowerconfig.py), though the app declares none of
-them: a worker started without -Q reads the default queue alone."""
+every one of them whichever workers are up (flowerconfig.py, given by its path wherever Flower
+starts), though the app declares none of them: a worker started without -Q reads the default queue
+alone."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from devstack.infra import LOCALHOST, free_port
+from devstack.stack import flower_argv
 from shared.config import SERVICES
 from shared.task_queues import queues_of
 from tasks.celery_app import app as celery_app
@@ -63,10 +66,15 @@ def _worker(tmp_path: Path, node: str, *queues: str) -> Iterator[subprocess.Pope
 
 @contextmanager
 def _flower(tmp_path: Path) -> Iterator[Callable[[], dict[str, int]]]:
-    """Flower running; yields a reader of its Broker page's queue table."""
+    """Flower running as devstack runs it, but started in a directory of its own (not where its
+    configuration file is); yields a reader of its Broker page's queue table."""
     port = free_port()
     log_path = tmp_path / "flower.log"
-    flower = _celery("flower", f"--port={port}", f"--address={LOCALHOST}", log_path=log_path)
+    with open(log_path, "w") as log_file:
+        flower = subprocess.Popen([sys.executable, "-m", *flower_argv(port)], cwd=tmp_path,
+                                  env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                                  stdin=subprocess.DEVNULL, stdout=log_file,
+                                  stderr=subprocess.STDOUT)
 
     def page_or_none():
         try:

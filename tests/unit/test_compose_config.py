@@ -343,17 +343,49 @@ def test_the_dockerfile_lists_every_kind_of_process_compose_runs():
     assert {_kind(command(service)) for service in HSESHOP.values()} <= listed
 
 
+def _image_workdir() -> Path:
+    return Path(re.search(r"^WORKDIR (\S+)$", (REPO_ROOT / "Dockerfile").read_text(),
+                          re.MULTILINE).group(1))
+
+
+def _commands_of(kind: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The command of the one process of this kind, in the Dockerfile's header and in compose."""
+    (listed,) = [argv for argv in _dockerfile_header_commands() if _kind(argv) == kind]
+    (composed,) = [command(service) for service in HSESHOP.values()
+                   if _kind(command(service)) == kind]
+    return listed, composed
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of option `name` in `argv`, given as `name value` or `name=value`."""
+    for i, arg in enumerate(argv):
+        if arg == name:
+            return argv[i + 1]
+        if arg.startswith(f"{name}="):
+            return arg.removeprefix(f"{name}=")
+    return None
+
+
 def test_the_dockerfiles_beat_command_keeps_its_schedule_where_it_may_write():
     """The image's working directory belongs to root and its processes do not: beat, left to keep
     its schedule file there, fails to open it and exits, and no relay is ever sent to lead."""
-    workdir = re.search(r"^WORKDIR (\S+)$", (REPO_ROOT / "Dockerfile").read_text(),
-                        re.MULTILINE).group(1)
-    (beat,) = [argv for argv in _dockerfile_header_commands() if _kind(argv) == ("celery", "beat")]
-    (compose_beat,) = [command(service) for service in HSESHOP.values()
-                       if _kind(command(service)) == ("celery", "beat")]
-    schedule = beat[beat.index("-s") + 1]
-    assert schedule == compose_beat[compose_beat.index("-s") + 1]
-    assert Path(schedule).is_absolute() and not Path(schedule).is_relative_to(workdir)
+    beat, compose_beat = _commands_of(("celery", "beat"))
+    schedule = _option(beat, "-s")
+    assert schedule == _option(compose_beat, "-s")
+    assert Path(schedule).is_absolute() and not Path(schedule).is_relative_to(_image_workdir())
+
+
+def test_the_dockerfiles_beat_command_renews_the_file_its_healthcheck_reads():
+    beat, _ = _commands_of(("celery", "beat"))
+    assert _option(beat, "--alive-file") == alive_file_check().path
+
+
+def test_flower_is_given_its_configuration_file_by_its_path_in_the_image():
+    """Flower reads flowerconfig.py from its working directory unless given --conf, and goes on
+    without it, unsaid, where it is missing (its Broker page then leaves out the queues of a
+    service whose workers are all down); a file named by --conf must be there."""
+    for argv in _commands_of(("celery", "flower")):
+        assert _option(argv, "--conf") == str(_image_workdir() / "flowerconfig.py"), argv
 
 
 def test_every_http_api_runs_the_worker_that_answers_unreadable_requests_in_json():
@@ -551,8 +583,8 @@ def test_the_image_context_holds_every_package_a_process_runs():
     needed = {"requirements/base.txt", "requirements/constraints.txt", "celeryconfig.py"}
     for service in HSESHOP.values():
         argv = command(service)
-        if argv[:4] == ["celery", "-A", "tasks", "flower"]:
-            needed.add("flowerconfig.py")  # read from the working directory, the image's /app
+        if (conf := _option(argv, "--conf")) is not None:  # Flower's, in the image's WORKDIR
+            needed.add(str(Path(conf).relative_to(_image_workdir())))
         needed |= {arg.split(":")[0] for arg in argv if arg.endswith(":create_app()")}
         needed |= {argv[i + 1].split(".")[0] for i, arg in enumerate(argv) if arg in ("-A", "-m")}
     assert needed <= included

@@ -279,6 +279,17 @@ def test_make_run_prints_every_address_the_shop_serves(tmp_path, capsys):
         assert address in printed, address
 
 
+def test_flower_is_given_its_configuration_file_by_its_absolute_path(tmp_path):
+    """Flower reads flowerconfig.py from its working directory unless given --conf, and goes on
+    without it, unsaid, where it is missing; a file named by --conf must be there."""
+    stack = Stack(tmp_path, with_flower=True)
+    stack._env = stack._build_env("postgresql://postgres@127.0.0.1:5432", "redis://127.0.0.1:6379")
+    (flower,) = [process for process in stack._app_processes() if process.name == "flower"]
+    (conf,) = [arg.removeprefix("--conf=") for arg in flower.argv if arg.startswith("--conf=")]
+    assert Path(conf).is_absolute() and Path(conf) == REPO_ROOT / "flowerconfig.py"
+    assert Path(conf).is_file()
+
+
 def test_free_port_never_gives_a_port_twice_though_the_system_may(monkeypatch):
     picks = iter([41001, 41001, 41002, 41001, 41003])
 
