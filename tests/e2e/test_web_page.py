@@ -423,6 +423,21 @@ window.fetch = async (input, init) => {
 """
 
 
+def _top_up_maybe_through_then_retried(page: ShopPage, amount: str, balance: str,
+                                       retyped: str | None = None) -> None:
+    """Tops up `amount`, whose answer the page cannot trust: it says the top-up may have gone
+    through and shows the balance read again (`balance`); then the same amount (typed as
+    `retyped`) again, answered as a repeat, not counted again."""
+    page.top_up(amount)
+    page.wait_until(lambda: "may have gone through" in page.text("message"),
+                    what="the page to say the top-up may have gone through")
+    page.wait_until(lambda: page.text("balance") == balance, what="the balance read again")
+    retried = retyped or amount
+    page.top_up(retried)
+    page.wait_until(lambda: page.text("message") == f"The top-up of {retried} had gone through"
+                    " already; it was not counted again.", what="the top-up retried")
+
+
 def test_a_top_up_and_an_order_whose_answers_were_lost_count_once(stack, browser):
     """The top-up's answer lost: the page says it may have gone through and shows the balance as
     it is; the same amount typed another way is a retry, not a second top-up, and said to be one
@@ -432,13 +447,7 @@ def test_a_top_up_and_an_order_whose_answers_were_lost_count_once(stack, browser
     decimal comma (a phone's keypad in a comma locale) is read as a point."""
     page, shopper = _live_page_of_a_shopper_with_100(stack, browser, FIRST_ANSWERS_LOST)
 
-    page.top_up("12,50")
-    page.wait_until(lambda: "may have gone through" in page.text("message"),
-                    what="the page to say the top-up may have gone through")
-    page.wait_until(lambda: page.text("balance") == "112.50", what="the balance read again")
-    page.top_up("12.5")
-    page.wait_until(lambda: page.text("message") == "The top-up of 12.5 had gone through already;"
-                    " it was not counted again.", what="the retry answered as a repeat")
+    _top_up_maybe_through_then_retried(page, "12,50", "112.50", retyped="12.5")
     page.top_up("1")
     page.wait_until(lambda: page.text("message") == "Topped up 1.", what="a new top-up")
     assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "113.50"
@@ -895,11 +904,5 @@ def test_a_top_up_answered_database_unavailable_is_said_to_have_maybe_gone_throu
     it, counted once."""
     page, shopper = _live_page_of_a_shopper_with_100(
         stack, browser, FIRST_TOP_UP_ANSWERED_DATABASE_UNAVAILABLE)
-    page.top_up("5")
-    page.wait_until(lambda: "The top-up of 5 may have gone through" in page.text("message"),
-                    what="the page to say the top-up may have gone through")
-    page.wait_until(lambda: page.text("balance") == "105.00", what="the balance read again")
-    page.top_up("5")
-    page.wait_until(lambda: page.text("message") == "The top-up of 5 had gone through already;"
-                    " it was not counted again.", what="the top-up retried")
+    _top_up_maybe_through_then_retried(page, "5", "105.00")
     assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "105.00"
