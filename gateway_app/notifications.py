@@ -36,7 +36,7 @@ from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import LocalProtocolError, ProtocolError
 
 from gateway_app import tokens
-from gateway_app.auth import SIGNED_IN_ERRORS
+from gateway_app.auth import RATE_LIMITER, SIGNED_IN_ERRORS
 from gateway_app.models import Notification
 from gateway_app.ratelimit import RateLimited, client_address
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out
@@ -87,8 +87,11 @@ SOCKET_UNACKNOWLEDGED_MS = (SOCKET_KEEPALIVE_IDLE_SECONDS + 3 * 10) * 1000
 # arrives is read and dropped at every turn of the stream, never kept.
 SOCKET_MAX_MESSAGE_BYTES = 1024
 # How long a page has, once its socket is closed by the gateway, to answer the close before its
-# connection is shut down (end_the_socket).
-SOCKET_CLOSE_ANSWER_SECONDS = 2.0
+# connection is shut down (end_the_socket), holding the socket's server thread and its reader
+# meanwhile. A browser answers as the close arrives, a round trip; one slower still has had the
+# close, code and reason, before the shutdown, which comes after it on the connection (a close
+# answered late meets a connection gone: RFC 6455 7.1.1 has the server end TCP first anyway).
+SOCKET_CLOSE_ANSWER_SECONDS = 0.5
 SOCKET_PATH = "/api/notifications/ws"
 # How a socket is closed when Redis or the database fails it: the page reconnects.
 UNAVAILABLE = (1011, "notifications unavailable; reconnect")
@@ -253,7 +256,8 @@ def register_socket(app, authenticate) -> None:
     notifications. With `after`, first everything newer than that id, then each one live; without
     it, each one kept from the moment the handshake is answered. The socket is closed with 1008
     when the token is refused, when `after` is no notification id and when the token expires; with
-    1013 (try again later) past the user's rate limit or its socket limits, or its address's."""
+    1013 (try again later) past the user's rate limit or its socket limits, or its address's. A
+    handshake past its address's limit of handshakes is answered 429 instead, not upgraded."""
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": SOCKET_MAX_MESSAGE_BYTES}
     sock = Sock(app)
     slots = SocketSlots(SOCKETS_PER_USER,
@@ -269,6 +273,7 @@ def register_socket(app, authenticate) -> None:
                            headers={"Upgrade": "websocket"})
         if request.endpoint == SOCKET_ENDPOINT:
             _refuse_a_handshake_we_cannot_take()
+            _count_the_handshake_against_its_address()
             g.socket_opening = _socket_opening(authenticate, request.args)
 
     @sock.route(SOCKET_PATH, endpoint=SOCKET_ENDPOINT)
@@ -371,6 +376,20 @@ def _refuse_a_handshake_we_cannot_take() -> None:
     if not _handshake_answered_in_memory(request.environ):
         raise ApiError("The WebSocket handshake cannot be answered (its Host header, say, or an "
                        "extension's parameters).", code="BAD_WEBSOCKET_HANDSHAKE")
+
+
+def _count_the_handshake_against_its_address() -> None:
+    """Count the handshake against its client address's handshakes a minute
+    (GATEWAY_SOCKET_HANDSHAKES_PER_ADDRESS), before its token is read: past them, a 429 with
+    Retry-After, not upgraded. Each socket upgraded holds a server thread (and simple_websocket's
+    reader) until it ends, a refused one until its close is answered or
+    SOCKET_CLOSE_ANSWER_SECONDS pass: refused with 1008 after the upgrade, as a token that is no
+    token is, a silent client's handshakes held as many threads as it sent, counted against no
+    one. A 429 holds none; a browser reads no more of it than that its socket closed (1006), and
+    its page reads the orders itself and reconnects later, as after any close."""
+    current_app.extensions[RATE_LIMITER].check(
+        f"socket-handshakes:{client_address()}",
+        limit=current_app.extensions["hseshop.settings"].gateway_socket_handshakes_per_address)
 
 
 def _handshake_answered_in_memory(environ) -> bool:

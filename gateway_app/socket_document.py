@@ -14,8 +14,11 @@ WEBSOCKET_VERSION = DocumentedError(
 BAD_WEBSOCKET_HANDSHAKE = DocumentedError(
     400, "BAD_WEBSOCKET_HANDSHAKE", "a handshake without its key, or one that cannot be "
     "answered (its Host header, an extension's parameters)")
+HANDSHAKES_LIMITED = DocumentedError(
+    429, "RATE_LIMITED", "too many socket handshakes this minute from the client's address",
+    retry_after=True)
 SOCKET_ERRORS = (WEBSOCKET_REQUIRED, WEBSOCKET_VERSION, BAD_WEBSOCKET_HANDSHAKE, BODY_TOO_LARGE,
-                 *DATABASE_UNAVAILABLE_OR_BUSY)
+                 HANDSHAKES_LIMITED, *DATABASE_UNAVAILABLE_OR_BUSY)
 
 _DESCRIPTION = """\
 Open with a WebSocket handshake. Each message the socket then sends is one notification, JSON, as
@@ -31,7 +34,10 @@ The token goes in the query (a browser's WebSocket cannot send headers). A socke
 - 1013 past the user's rate limit or its socket limits, or its address's: reconnect later;
 - 1011 when the gateway loses Redis or its database: reconnect;
 - 1009 when the page sends a message over {max_message:,} characters (bytes, if binary), in one
-  frame or several."""
+  frame or several.
+
+A handshake past its client address's handshakes this minute is answered 429 `RATE_LIMITED` (with
+Retry-After), before its token is read, and never upgraded."""
 
 
 def document_socket(api, rule, max_message: int) -> None:

@@ -83,6 +83,11 @@ ENVIRONMENT: dict[str, str] = {
     # in all: one address signing up many users cannot take every slot, and close everyone
     # else's. Clients behind one NAT share it: past it their pages read the orders themselves.
     "GATEWAY_SOCKETS_PER_ADDRESS": "20",
+    # Notification socket handshakes a minute from one client address (counted as above), all the
+    # gateway's processes together, before the token is read: past them a handshake is answered
+    # 429, not upgraded. Each one upgraded holds a server thread until its socket ends, a refused
+    # one (a garbage token) for the close's answer: without it one address held every thread.
+    "GATEWAY_SOCKET_HANDSHAKES_PER_ADDRESS": "60",
     "CACHE_TTL_SECONDS": "60",
     # gRPC: where each service listens, where the gateway reaches it, and which way the gateway
     # talks to the services ("grpc" or "http").
@@ -128,6 +133,7 @@ class Settings:
     rate_limit_per_minute: int
     gateway_trusted_proxy_hops: int
     gateway_sockets_per_address: int
+    gateway_socket_handshakes_per_address: int
     cache_ttl_seconds: int
     orders_grpc_bind: str
     payments_grpc_bind: str

@@ -31,6 +31,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from werkzeug.serving import make_server
+from werkzeug.wrappers import Response
 from wsproto.frame_protocol import CloseReason
 
 import gateway_app
@@ -2238,6 +2239,91 @@ def test_a_refused_socket_whose_page_stays_silent_frees_its_reader_and_connectio
             assert page.recv(4096) == b""  # and its connection closed
         finally:
             page.close()
+
+
+def test_silent_handshakes_past_their_addresss_limit_are_answered_429_and_hold_no_thread(
+        settings, upstreams, gateway):
+    """A token that is no token is refused after the upgrade (1008), and each refusal held a
+    server thread and simple_websocket's reader until its close was answered: 50 silent
+    handshakes with access_token=garbage from one address, counted against no limit, raised the
+    gateway's threads from 4 to 104. Handshakes are counted per client address before the token
+    is read: past GATEWAY_SOCKET_HANDSHAKES_PER_ADDRESS a minute, each is answered 429 (with
+    Retry-After, as the socket's document says) and never upgraded, and the threads the address
+    holds stay bounded. Another address is counted apart."""
+    limit, sent = 5, 50
+    with _served_gateway_socket_path(settings, upstreams, "flood", gateway_trusted_proxy_hops=1,
+                                     gateway_socket_handshakes_per_address=limit) as (base, _):
+        host, port = base.removeprefix("http://").split(":")
+
+        def silent_handshake(address: str) -> socket.socket:
+            page = socket.create_connection((host, int(port)), timeout=10)
+            page.sendall(f"GET /api/notifications/ws?access_token=garbage HTTP/1.1\r\n"
+                         f"Host: {host}:{port}\r\nUpgrade: websocket\r\n"
+                         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         f"Sec-WebSocket-Version: 13\r\nX-Forwarded-For: {address}\r\n\r\n"
+                         .encode())
+            return page
+
+        flood, before = _an_address(), threading.active_count()
+        pages = []
+        try:
+            pages += [silent_handshake(flood) for _ in range(sent)]
+            answers = [_answer_to_a_silent_handshake(page) for page in pages]
+            # Each page answered, and silent: the threads its handshake still holds.
+            held = threading.active_count() - before
+            wait_for(lambda: threading.active_count() <= before, timeout=10,
+                     what="the refused sockets' threads to end")
+        finally:
+            for page in pages:
+                page.close()
+        upgraded = [answer for answer in answers if answer.startswith(b"HTTP/1.1 101")]
+        assert len(upgraded) == limit
+        assert all(_close_code_after_the_upgrade(answer) == 1008 for answer in upgraded)
+        limited = [_http_answer(answer) for answer in answers if answer not in upgraded]
+        assert len(limited) == sent - limit
+        assert {answer.status_code for answer in limited} == {429}
+        assert all(1 <= int(answer.headers["Retry-After"]) <= 60 for answer in limited)
+        assert_documented(gateway.get("/docs/openapi.json").get_json(), "get",
+                          notifications.SOCKET_PATH, limited[0])
+        # Upgraded, a thread serving it and its reader, each (a few of those answered 429 may
+        # not have ended yet): without the limit, two for each handshake.
+        assert held <= 2 * limit + 5, (before, held)
+        other = silent_handshake(_an_address())
+        try:
+            assert _close_code_after_the_upgrade(_answer_to_a_silent_handshake(other)) == 1008
+        finally:
+            other.close()
+
+
+def _answer_to_a_silent_handshake(page: socket.socket) -> bytes:
+    """What the gateway sends a page that says nothing after its handshake: the 101 and the
+    close frame's code, or an HTTP answer to the end of its connection."""
+    received = b""
+    while True:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 101") and len(rest) >= 4:
+            return received
+        chunk = page.recv(65536)
+        if not chunk:
+            return received
+        received += chunk
+
+
+def _close_code_after_the_upgrade(answer: bytes) -> int | None:
+    """The code of the close frame that follows the 101 in `answer` (a server's frame, unmasked,
+    its payload under 126 bytes), None if it is something else."""
+    head, _, frame = answer.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101") or frame[:1] != b"\x88":
+        return None
+    return int.from_bytes(frame[2:4], "big")
+
+
+def _http_answer(answer: bytes):
+    """An HTTP answer read off the wire as a response the OpenAPI tools read."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    return Response(body, status=int(status_line.split()[1]),
+                    headers=[line.split(": ", 1) for line in lines])
 
 
 def _stays_open(url, headers: dict | None = None):
