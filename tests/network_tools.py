@@ -134,16 +134,21 @@ class SilencingProxy:
 class HoldingProxy:
     """A TCP proxy to `target` that holds what its clients send, from the first piece that holds
     `marker` on, until `release()` (`held` is set once it holds something), and carries the rest,
-    and every answer, as it comes: a server that has not yet read what it was sent."""
+    and every answer, as it comes: a server that has not yet read what it was sent. With
+    `each_connection`, only a connection whose first piece holds `marker` is held, and it is not
+    even made to the target until then: a client's request stuck on its way, the others'
+    carried."""
 
-    def __init__(self, target: str, marker: bytes):
+    def __init__(self, target: str, marker: bytes, each_connection: bool = False):
         self._marker = marker
+        self._each_connection = each_connection
         host, port = target.rsplit(":", 1)
         self._target = (host, int(port))
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self.held = threading.Event()
         self._released = threading.Event()
+        self._closed = threading.Event()
         self._sockets = [self._listener]
         _accept_each(self._listener, self._accepted)
 
@@ -152,15 +157,40 @@ class HoldingProxy:
 
     def close(self) -> None:
         """Close every connection, and the listener, ending the threads that carry them."""
+        self._closed.set()
         self._released.set()
         for sock in self._sockets:
             _shut(sock)
 
     def _accepted(self, client: socket.socket) -> None:
+        self._sockets.append(client)
+        if self._each_connection:
+            threading.Thread(target=self._carry_once_seen, args=(client,), daemon=True).start()
+        else:
+            self._carry_both_ways(client, b"", holding=True)
+
+    def _carry_once_seen(self, client: socket.socket) -> None:
+        """A connection's first piece read: held there if it holds the marker, then carried."""
+        try:
+            first = client.recv(65536)
+        except OSError:
+            return
+        if self._marker in first:
+            self.held.set()
+            self._released.wait()
+        if first and not self._closed.is_set():
+            self._carry_both_ways(client, first, holding=False)
+        else:
+            _shut(client)
+
+    def _carry_both_ways(self, client: socket.socket, first: bytes, holding: bool) -> None:
+        """Connect to the target, send it `first`, and carry all else both ways (what the client
+        sends held, if `holding`, from the marker on)."""
         upstream = socket.create_connection(self._target)
-        self._sockets += [client, upstream]
-        for source, sink, holding in ((client, upstream, True), (upstream, client, False)):
-            threading.Thread(target=self._carry, args=(source, sink, holding), daemon=True).start()
+        self._sockets.append(upstream)
+        upstream.sendall(first)
+        for source, sink, holds in ((client, upstream, holding), (upstream, client, False)):
+            threading.Thread(target=self._carry, args=(source, sink, holds), daemon=True).start()
 
     def _carry(self, source: socket.socket, sink: socket.socket, holding: bool) -> None:
         try:

@@ -12,9 +12,11 @@
   // page's own reads stop) once it has stayed open this long: the gateway may open one and close it
   // at once (1013, too many).
   const SOCKET_WORKED_MS = 5000;
-  // While its socket has not worked (refused, as with 1013 or 1011, or reconnecting), the page
-  // reads the first page of orders and the balance itself this often: the gateway may refuse
-  // sockets for long (its slots taken, Redis away) while its API answers.
+  // While its socket has not worked (connecting, refused, as with 1013 or 1011, or reconnecting),
+  // the page reads the first page of orders and the balance itself about this often (jittered, as
+  // the reconnects are: pages whose sockets one gateway process closed at once, as it does when it
+  // loses Redis, would otherwise read in step), but not while its tab is hidden: the gateway may
+  // refuse sockets for long (its slots taken, Redis away) while its API answers.
   const POLL_MS = 10000;
   const AMOUNT = /^\d{1,10}(\.\d{1,2})?$/;
   const MAX_AMOUNT = 1000000000;  // the services' largest amount, 1,000,000,000.00
@@ -41,7 +43,8 @@
   let socket = null;
   let reconnectTimer = null;
   let reconnectDelay = RECONNECT_FIRST_MS;
-  let poll = null;  // {timer}: the page's own reads while its socket has not worked (pollOrders)
+  // The page's own reads while its socket has not worked (pollOrders): {timer, reading}.
+  let poll = null;
   let expiryTimer = null;
   let loadTimer = null;
   // The catch-up after a read that failed (catchUpSoon): its timer, and when it is due.
@@ -766,6 +769,8 @@
     if (!session || socket) return;
     clearTimeout(reconnectTimer);
     reconnectTimer = null;
+    // Until the socket works, the page reads the orders itself: one stuck connecting never closes.
+    pollOrders();
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const query = new URLSearchParams({
       access_token: session.token, after: String(lastNotificationId),
@@ -810,21 +815,32 @@
     stopPolling();
   }
 
-  // Until a socket works, reads the first page of orders and the balance every POLL_MS, never
-  // sooner than an answer asked (its Retry-After), so that a paid order shows as paid however
-  // long the gateway refuses the socket; reconnecting goes on meanwhile, with its backoff.
+  // Until a socket works, reads the first page of orders and the balance about every POLL_MS,
+  // never sooner than an answer asked (its Retry-After), so that a paid order shows as paid
+  // however long the gateway refuses the socket; reconnecting goes on meanwhile, with its backoff.
+  // A tick while the tab is hidden reads nothing; the tab shown again reads at once.
   function pollOrders() {
     if (poll || !session) return;
-    const current = { timer: null };
-    poll = current;
-    const readIn = (delay) => {
-      current.timer = setTimeout(async () => {
-        const failed = await readOrdersAndBalance();
-        failed.forEach(reportFailedRead);
-        if (poll === current) readIn(Math.max(POLL_MS, ...failed.map(retryAfterMs)));
-      }, delay);
-    };
-    readIn(POLL_MS);
+    poll = { timer: null, reading: false };
+    pollIn(jittered(POLL_MS));
+  }
+
+  // The poll's next read in `delay` ms.
+  function pollIn(delay) {
+    const current = poll;
+    clearTimeout(current.timer);
+    current.timer = setTimeout(async () => {
+      if (poll !== current) return;
+      if (document.hidden) {
+        pollIn(jittered(POLL_MS));
+        return;
+      }
+      current.reading = true;
+      const failed = await readOrdersAndBalance();
+      current.reading = false;
+      failed.forEach(reportFailedRead);
+      if (poll === current) pollIn(Math.max(jittered(POLL_MS), ...failed.map(retryAfterMs)));
+    }, delay);
   }
 
   function stopPolling() {
@@ -832,10 +848,24 @@
     poll = null;
   }
 
+  // The tab shown again, its socket still not working: what it missed while hidden, read at once.
+  function onVisibilityChange() {
+    if (!document.hidden && poll && !poll.reading) pollIn(0);
+  }
+
+  // `ms` give or take a quarter, so that pages do not act in step.
+  function jittered(ms) {
+    return ms * (0.75 + Math.random() / 2);
+  }
+
   function scheduleReconnect() {
     if (reconnectTimer || !session) return;
-    const delay = reconnectDelay * (0.75 + Math.random() / 2);
+    const delay = jittered(reconnectDelay);
     reconnectDelay = Math.min(reconnectDelay * 2, RECONNECT_MAX_MS);
+    reconnectIn(delay);
+  }
+
+  function reconnectIn(delay) {
     reconnectTimer = setTimeout(() => {
       reconnectTimer = null;
       connectSocket();
@@ -928,6 +958,7 @@
     $("topup-form").addEventListener("submit", onTopUp);
     $("order-form").addEventListener("submit", onPlaceOrder);
     $("orders-more").addEventListener("click", onShowMore);
+    document.addEventListener("visibilitychange", onVisibilityChange);
     // A network that went away and came back can leave the socket dead without a close: the page
     // would show "live" and hear nothing. Open a new one (it catches up from the last id seen).
     window.addEventListener("online", () => {

@@ -9,6 +9,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -23,6 +24,7 @@ from wsproto.frame_protocol import CloseReason
 from devstack.stack import API_WORKERS, REPO_ROOT
 from gateway_app.notifications import SOCKETS_PER_USER
 from tests.e2e.gateway_client import GatewayClient, Listener
+from tests.network_tools import HoldingProxy
 from tests.polling import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -612,13 +614,15 @@ def test_a_lost_top_up_or_order_retried_after_a_reload_is_carried_out_once(stack
     assert browser.execute_script(PENDING_KEYS_STORED) == []
 
 
-# The page's poll while its socket is refused (app.js POLL_MS), and how long a socket must stay open
-# for the page to take it as working (SOCKET_WORKED_MS), in seconds.
+# The page's poll while its socket has not worked (app.js POLL_MS), the soonest and the latest its
+# jitter puts each read, and how long a socket must stay open for the page to take it as working
+# (SOCKET_WORKED_MS), in seconds.
 POLL_SECONDS = 10
+POLL_SOONEST, POLL_LATEST = 0.75 * POLL_SECONDS, 1.25 * POLL_SECONDS
 SOCKET_WORKED_SECONDS = 5
 
-# Played by the browser itself: the page's reads (path, when) and its sockets (when each opened,
-# when it closed and with what code) are recorded; everything is real.
+# Played by the browser itself: the page's reads (path, when) and its sockets (when each was made,
+# opened, closed and with what code) are recorded; everything is real.
 READS_AND_SOCKETS_RECORDED = """
 window.hseshopReads = [];
 window.hseshopSockets = [];
@@ -632,7 +636,7 @@ const RealWebSocket = window.WebSocket;
 window.WebSocket = class extends RealWebSocket {
   constructor(...args) {
     super(...args);
-    const socket = {opened: null, closed: null, code: null};
+    const socket = {created: performance.now(), opened: null, closed: null, code: null};
     window.hseshopSockets.push(socket);
     this.addEventListener("open", () => { socket.opened = performance.now(); });
     this.addEventListener("close", (event) => {
@@ -673,8 +677,8 @@ def _every_socket_slot_of(shopper: GatewayClient) -> list[Listener]:
 def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(stack, browser):
     """The gateway refuses the page's socket (1013, every slot taken) for as long as it likes,
     while its API answers: the page reads the first page of orders and the balance itself every
-    POLL_SECONDS, so an order paid meanwhile shows as paid, and the balance what it left. Once a
-    socket works again, the page stops reading by itself."""
+    POLL_SECONDS or so, so an order paid meanwhile shows as paid, and the balance what it left.
+    Once a socket works again, the page stops reading by itself."""
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                             {"source": READS_AND_SOCKETS_RECORDED})
     shopper = GatewayClient(stack.gateway_url)
@@ -691,7 +695,7 @@ def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(
         shopper.wait_until_final(order)
         page.wait_until(lambda: order in page.order_ids()
                         and page.badge(order).get_attribute("data-status") == "FINISHED",
-                        timeout=POLL_SECONDS + 5, what="the paid order read by the page's poll")
+                        timeout=POLL_LATEST + 5, what="the paid order read by the page's poll")
         page.wait_until(lambda: page.text("balance") == "70.00", what="the balance it left")
     finally:
         for listener in held:
@@ -710,16 +714,68 @@ def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(
     opened = page.wait_until(working_since, timeout=15 + SOCKET_WORKED_SECONDS + 5,
                              what="a socket of the page working again")
     worked = opened + SOCKET_WORKED_SECONDS * 1000
-    # A poll would read the orders within POLL_SECONDS of any moment: none comes after it worked.
+    # A poll would read the orders within POLL_LATEST of any moment: none comes after it worked.
     page.wait_until(lambda: browser.execute_script("return performance.now();")
-                    > worked + (POLL_SECONDS + 2) * 1000, timeout=POLL_SECONDS + 5,
+                    > worked + (POLL_LATEST + 2) * 1000, timeout=POLL_LATEST + 5,
                     what="a poll's time to pass")
     reads = browser.execute_script("return window.hseshopReads;")
     listed = [read["at"] for read in reads if read["path"] == "/api/orders"]
     assert not [at for at in listed if at > worked + 50], (worked, listed)
-    # While refused, the page read the orders no more often than every POLL_SECONDS.
-    assert all(later - earlier >= POLL_SECONDS * 1000 - 5
+    # While refused, the page read the orders no more often than every POLL_SOONEST.
+    assert all(later - earlier >= POLL_SOONEST * 1000 - 5
                for earlier, later in zip(listed, listed[1:])), listed
+
+
+# Played by the browser itself: each time the page's tab is hidden or shown, and when.
+VISIBILITY_RECORDED = """
+window.hseshopVisibility = [];
+document.addEventListener("visibilitychange", () => {
+  window.hseshopVisibility.push({hidden: document.hidden, at: performance.now()});
+});
+"""
+
+
+def test_a_page_whose_socket_is_stuck_connecting_reads_its_orders_but_not_while_hidden(
+        stack, browser):
+    """A socket stuck connecting (its handshake held on its way to the gateway) never closes, and
+    the page's own reads began only once one closed: a paid order showed as NEW for as long.
+    They begin as the socket is opened. And a hidden tab reads nothing: the poll's read that falls
+    due while it is hidden is skipped, and the tab shown again reads at once."""
+    for script in (READS_AND_SOCKETS_RECORDED, VISIBILITY_RECORDED):
+        browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
+    shopper = GatewayClient(stack.gateway_url)
+    shopper.open_account_with("100")
+    proxy = HoldingProxy(urlsplit(stack.gateway_url).netloc,
+                         marker=b"GET /api/notifications/ws", each_connection=True)
+    try:
+        page = ShopPage(browser, f"http://{proxy.address}/").open()
+        page.sign_in(shopper.username, "a long password")
+        page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
+        wait_for(proxy.held.is_set, timeout=PAGE_DEADLINE, what="the socket's handshake, held")
+        shop_tab = browser.current_window_handle
+        browser.switch_to.new_window("tab")  # the shop's tab hidden behind it
+        hidden_since = time.monotonic()
+        order = shopper.place_order("30")["id"]
+        shopper.wait_until_final(order)
+        # (The poll's first read falls due within POLL_LATEST of the socket's opening, before.)
+        wait_for(lambda: time.monotonic() > hidden_since + POLL_LATEST + 1,
+                 timeout=POLL_LATEST + 5, what="the poll's first read to fall due")
+        browser.switch_to.window(shop_tab)
+        page.wait_until(lambda: order in page.order_ids()
+                        and page.badge(order).get_attribute("data-status") == "FINISHED",
+                        what="the paid order read as the tab was shown")
+        sockets, visibility, reads = browser.execute_script(
+            "return [window.hseshopSockets, window.hseshopVisibility, window.hseshopReads];")
+    finally:
+        proxy.close()
+    assert len(sockets) == 1 and sockets[0]["opened"] is None, sockets  # connecting throughout
+    (hidden, shown) = visibility
+    assert hidden["hidden"] and not shown["hidden"], visibility
+    assert hidden["at"] < sockets[0]["created"] + POLL_SOONEST * 1000, (sockets, visibility)
+    assert shown["at"] > sockets[0]["created"] + POLL_LATEST * 1000, (sockets, visibility)
+    listed = [read["at"] for read in reads if read["path"] == "/api/orders"]
+    assert not [at for at in listed if hidden["at"] < at < shown["at"]], (visibility, listed)
+    assert [at for at in listed if shown["at"] < at < shown["at"] + 1000], (visibility, listed)
 
 
 def test_swagger_ui_runs_under_the_pages_policy_and_tries_an_order_out_with_a_string_amount(
