@@ -18,6 +18,8 @@
   // loses Redis, would otherwise read in step), but not while its tab is hidden: the gateway may
   // refuse sockets for long (its slots taken, Redis away) while its API answers.
   const POLL_MS = 10000;
+  // The wait a rate-limited socket's close (1013) names, as the gateway words it.
+  const TRY_AGAIN_IN = /try again in (\d+) s/i;
   const AMOUNT = /^\d{1,10}(\.\d{1,2})?$/;
   const MAX_AMOUNT = 1000000000;  // the services' largest amount, 1,000,000,000.00
 
@@ -45,6 +47,10 @@
   let reconnectDelay = RECONNECT_FIRST_MS;
   // The page's own reads while its socket has not worked (pollOrders): {timer, reading}.
   let poll = null;
+  // No read is sent and no socket opened before this time (as Date.now() counts it): the gateway
+  // asked for the pause, in a 429's Retry-After or a rate-limited 1013's "try again in N s". Its
+  // limit is the user's, which every read and socket counts against alike.
+  let notBefore = 0;
   let expiryTimer = null;
   let loadTimer = null;
   // The catch-up after a read that failed (catchUpSoon): its timer, and when it is due.
@@ -119,6 +125,7 @@
     if (body !== undefined) headers["Content-Type"] = "application/json";
     if (!anonymous && session) headers.Authorization = `Bearer ${session.token}`;
     if (idempotencyKey) headers["Idempotency-Key"] = idempotencyKey;
+    if (method === "GET" && !anonymous && pauseLeftMs() > 0) throw pausedRead();
     const sentFor = session;
     let response;
     try {
@@ -146,6 +153,10 @@
                                  || `The request failed (HTTP ${response.status}).`,
                                info.details);
     error.retryAfter = response.headers.get("Retry-After");
+    // The user's limit (/api/auth counts the address's instead).
+    if (response.status === 429 && !anonymous && !path.startsWith("/api/auth/")) {
+      pauseFor(retryAfterMs(error));
+    }
     if (response.status === 401 && !anonymous) {
       signOut();
       showMessage(error.code === "TOKEN_EXPIRED"
@@ -154,6 +165,23 @@
       error.handled = true;
     }
     throw error;
+  }
+
+  // Puts every read and socket off for `ms` from now, or longer if asked already.
+  function pauseFor(ms) {
+    notBefore = Math.max(notBefore, Date.now() + ms);
+  }
+
+  // How long every read and socket is still put off (0: not).
+  function pauseLeftMs() {
+    return Math.max(0, notBefore - Date.now());
+  }
+
+  // A read refused on the page, unsent, as the gateway would refuse it, before notBefore.
+  function pausedRead() {
+    const error = new ApiError(429, "RATE_LIMITED", "Too many requests.");
+    error.retryAfter = String(Math.ceil(pauseLeftMs() / 1000));
+    return error;
   }
 
   // A request asked for a session that has ended since (signed out, perhaps another user signed
@@ -429,6 +457,7 @@
     catchUpTimer = null;
     stopPolling();
     closeSocket();
+    notBefore = 0;  // (the user's limit: the next one's is their own)
     orders.clear();
     nextCursor = null;
     olderPagesShown = false;
@@ -479,7 +508,7 @@
         // Backing off, but never sooner than the gateway asked (a 429's Retry-After, say: a
         // request before then is refused again, and counted).
         const backoff = Math.min(RECONNECT_FIRST_MS * 2 ** (attempt + 1), RECONNECT_MAX_MS);
-        const delay = Math.max(backoff, retryAfterMs(error));
+        const delay = Math.max(backoff, retryAfterMs(error), pauseLeftMs());
         loadTimer = setTimeout(() => loadShop(attempt + 1), delay);
       }
     }
@@ -771,6 +800,11 @@
     reconnectTimer = null;
     // Until the socket works, the page reads the orders itself: one stuck connecting never closes.
     pollOrders();
+    if (pauseLeftMs() > 0) {
+      setLive("reconnecting");
+      reconnectIn(pauseLeftMs());  // (opened now, it would be refused, and counted)
+      return;
+    }
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const query = new URLSearchParams({
       access_token: session.token, after: String(lastNotificationId),
@@ -800,6 +834,9 @@
       socket = null;
       if (!session) return;
       setLive("reconnecting");
+      // 1013 past the user's rate limit names the wait: no read or socket before then.
+      const tryAgainIn = event.code === 1013 && TRY_AGAIN_IN.exec(event.reason || "");
+      if (tryAgainIn) pauseFor(Number(tryAgainIn[1]) * 1000);
       // 1008: the gateway refused the socket (its token refused or expired); an API call tells
       // whether the token has expired (and then shows the sign-in form) before trying again.
       if (event.code === 1008) refreshBalance().catch(report);
@@ -816,16 +853,16 @@
   }
 
   // Until a socket works, reads the first page of orders and the balance about every POLL_MS,
-  // never sooner than an answer asked (its Retry-After), so that a paid order shows as paid
-  // however long the gateway refuses the socket; reconnecting goes on meanwhile, with its backoff.
-  // A tick while the tab is hidden reads nothing; the tab shown again reads at once.
+  // never sooner than an answer asked (its Retry-After, and notBefore), so that a paid order shows
+  // as paid however long the gateway refuses the socket; reconnecting goes on meanwhile, with its
+  // backoff. A tick while the tab is hidden reads nothing; the tab shown again reads at once.
   function pollOrders() {
     if (poll || !session) return;
     poll = { timer: null, reading: false };
     pollIn(jittered(POLL_MS));
   }
 
-  // The poll's next read in `delay` ms.
+  // The poll's next read in `delay` ms, or once notBefore has passed.
   function pollIn(delay) {
     const current = poll;
     clearTimeout(current.timer);
@@ -835,12 +872,16 @@
         pollIn(jittered(POLL_MS));
         return;
       }
+      if (pauseLeftMs() > 0) {  // asked for since this read was set
+        pollIn(0);
+        return;
+      }
       current.reading = true;
       const failed = await readOrdersAndBalance();
       current.reading = false;
       failed.forEach(reportFailedRead);
       if (poll === current) pollIn(Math.max(jittered(POLL_MS), ...failed.map(retryAfterMs)));
-    }, delay);
+    }, Math.max(delay, pauseLeftMs()));
   }
 
   function stopPolling() {
@@ -862,7 +903,7 @@
     if (reconnectTimer || !session) return;
     const delay = jittered(reconnectDelay);
     reconnectDelay = Math.min(reconnectDelay * 2, RECONNECT_MAX_MS);
-    reconnectIn(delay);
+    reconnectIn(Math.max(delay, pauseLeftMs()));
   }
 
   function reconnectIn(delay) {
@@ -937,7 +978,7 @@
   // again, and counted). A later call can put the catch-up off, never bring it forward.
   function catchUpSoon(retryAfter = 0) {
     if (!session) return;
-    const dueAt = Date.now() + Math.max(RECONNECT_MAX_MS / 2, retryAfter);
+    const dueAt = Date.now() + Math.max(RECONNECT_MAX_MS / 2, retryAfter, pauseLeftMs());
     if (catchUpTimer && dueAt <= catchUpDueAt) return;
     clearTimeout(catchUpTimer);
     catchUpDueAt = dueAt;
