@@ -47,13 +47,15 @@
   let reconnectDelay = RECONNECT_FIRST_MS;
   // The page's own reads while its socket has not worked (pollOrders): {timer, reading}.
   let poll = null;
-  // No read is sent and no socket opened before this time (as Date.now() counts it): the gateway
+  // No read is sent and no socket opened before this time (as performance.now() counts it, which
+  // a wall clock set back does not stretch): the gateway
   // asked for the pause, in a 429's Retry-After or a rate-limited 1013's "try again in N s". Its
   // limit is the user's, which every read and socket counts against alike.
   let notBefore = 0;
   let expiryTimer = null;
   let loadTimer = null;
-  // The catch-up after a read that failed (catchUpSoon): its timer, and when it is due.
+  // The catch-up after a read that failed (catchUpSoon): its timer, and when it is due (as
+  // performance.now() counts it).
   let catchUpTimer = null;
   let catchUpDueAt = 0;
   // The error a failed read showed (as shown), which the next read of the orders and the balance
@@ -169,12 +171,12 @@
 
   // Puts every read and socket off for `ms` from now, or longer if asked already.
   function pauseFor(ms) {
-    notBefore = Math.max(notBefore, Date.now() + ms);
+    notBefore = Math.max(notBefore, performance.now() + ms);
   }
 
   // How long every read and socket is still put off (0: not).
   function pauseLeftMs() {
-    return Math.max(0, notBefore - Date.now());
+    return Math.max(0, notBefore - performance.now());
   }
 
   // A read refused on the page, unsent, as the gateway would refuse it, before notBefore.
@@ -182,6 +184,14 @@
     const error = new ApiError(429, "RATE_LIMITED", "Too many requests.");
     error.retryAfter = String(Math.ceil(pauseLeftMs() / 1000));
     return error;
+  }
+
+  // A failed read that follows a write (its balance or orders read again): refused for the rate
+  // limit (by the gateway, or on the page before notBefore), it says nothing, so that the write's
+  // own message stays, and is left to the catch-up; any other failure is reported and caught up.
+  function followUpReadFailed(error) {
+    if (error.code === "RATE_LIMITED" && !error.handled) catchUpSoon(retryAfterMs(error));
+    else reportAndCatchUp(error);
   }
 
   // A request asked for a session that has ended since (signed out, perhaps another user signed
@@ -644,7 +654,7 @@
         if (error.handled || attemptOutcome(error) !== UNKNOWN) throw error;
         // It may have gone through: show the balance as it is now, and say what pressing again
         // does (the same top-up, under the same key: never counted twice).
-        refreshBalance().catch(reportAndCatchUp);
+        refreshBalance().catch(followUpReadFailed);
         showMessage(`${describeError(error)} The top-up of ${amount} may have gone through: the `
                     + "balance above is read again. Pressing Top up again with the same amount "
                     + "retries that top-up; it is never counted twice.");
@@ -656,7 +666,7 @@
         ? `The top-up of ${amount} had gone through already; it was not counted again.`
         : `Topped up ${amount}.`, "info");
       // The answer to a retried top-up is the first one's, its balance as it stood then.
-      refreshBalance().catch(report);
+      refreshBalance().catch(followUpReadFailed);
     });
   }
 
@@ -760,7 +770,7 @@
         if (error.handled || attemptOutcome(error) !== UNKNOWN) throw error;
         // It may have been placed: read the orders again, and say what pressing again does (the
         // same order, under the same key: never placed twice).
-        loadOrders().catch(reportAndCatchUp);
+        loadOrders().catch(followUpReadFailed);
         showMessage(`${describeError(error)} The order for ${amount} may have been placed: the `
                     + "orders below are read again. Pressing Place order again with the same "
                     + "amount and description retries that order; it is never placed twice.");
@@ -978,7 +988,7 @@
   // again, and counted). A later call can put the catch-up off, never bring it forward.
   function catchUpSoon(retryAfter = 0) {
     if (!session) return;
-    const dueAt = Date.now() + Math.max(RECONNECT_MAX_MS / 2, retryAfter, pauseLeftMs());
+    const dueAt = performance.now() + Math.max(RECONNECT_MAX_MS / 2, retryAfter, pauseLeftMs());
     if (catchUpTimer && dueAt <= catchUpDueAt) return;
     clearTimeout(catchUpTimer);
     catchUpDueAt = dueAt;
@@ -986,7 +996,7 @@
       catchUpTimer = null;
       // Both reads' failures count: the later Retry-After of the two decides the next catch-up.
       (await readOrdersAndBalance()).forEach(reportAndCatchUp);
-    }, dueAt - Date.now());
+    }, dueAt - performance.now());
   }
 
   // --- start ------------------------------------------------------------------------------------

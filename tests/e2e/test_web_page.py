@@ -726,6 +726,70 @@ def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(
                for earlier, later in zip(listed, listed[1:])), listed
 
 
+
+# Played by the browser itself, over READS_AND_SOCKETS_RECORDED: once armed
+# (window.hseshopRefuseNextRead), the page's next read is answered as the gateway answers a user
+# past the rate limit, Retry-After RETRY_AFTER_SECONDS, and when it was is kept
+# (window.hseshopRefusedAt); the rest is real.
+RETRY_AFTER_SECONDS = 6
+NEXT_READ_RATE_LIMITED = """
+window.hseshopRefuseNextRead = false;
+window.hseshopRefusedAt = null;
+const recordedFetch = window.fetch;
+window.fetch = (input, init) => {
+  if (window.hseshopRefuseNextRead && (!init || !init.method || init.method === "GET")) {
+    window.hseshopRefuseNextRead = false;
+    window.hseshopRefusedAt = performance.now();
+    const body = {error: {code: "RATE_LIMITED", message: "Too many requests.", details: {}}};
+    return Promise.resolve(new Response(JSON.stringify(body), {status: 429, headers: {
+      "Content-Type": "application/json", "Retry-After": "%d"}}));
+  }
+  return recordedFetch(input, init);
+};
+""" % RETRY_AFTER_SECONDS
+
+
+def test_a_page_told_to_wait_reads_nothing_and_opens_no_socket_until_then(stack, browser):
+    """The balance's read after a top-up is answered 429, Retry-After RETRY_AFTER_SECONDS: until
+    then the page sends no read (the next top-up's read is refused on the page, unsent) and opens
+    no socket (the network back, it would open one at once), and says nothing of either (each
+    top-up's own message stays); then it reads the orders and the balance again, and opens it."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": READS_AND_SOCKETS_RECORDED})
+    page, _shopper = _live_page_of_a_shopper_with_100(stack, browser, NEXT_READ_RATE_LIMITED)
+    browser.execute_script("window.hseshopRefuseNextRead = true;")
+    page.top_up("5")
+    page.wait_until(lambda: browser.execute_script("return window.hseshopRefusedAt;") is not None,
+                    what="the top-up's read of the balance, refused")
+    page.wait_until(lambda: page.text("message") == "Topped up 5.", what="the top-up's message")
+    page.top_up("7")  # (during the pause)
+    page.wait_until(lambda: page.text("balance") == "112.00", what="the second top-up's answer")
+    assert page.text("message") == "Topped up 7."
+    sockets_before = len(browser.execute_script("return window.hseshopSockets;"))
+    browser.execute_script('window.dispatchEvent(new Event("online"));')  # a new socket, now
+
+    refused_at = browser.execute_script("return window.hseshopRefusedAt;")
+    ends = refused_at + RETRY_AFTER_SECONDS * 1000
+
+    def sockets_and_reads_after_the_pause():
+        sockets, reads = browser.execute_script(
+            "return [window.hseshopSockets, window.hseshopReads];")
+        listed = [read for read in reads if read["at"] > ends - 5
+                  and read["path"] in ("/api/orders", "/api/accounts/balance")]
+        return (sockets, reads) if len(sockets) > sockets_before and len(listed) >= 2 else None
+
+    sockets, reads = page.wait_until(sockets_and_reads_after_the_pause,
+                                     timeout=RETRY_AFTER_SECONDS + 5,
+                                     what="the page reading again, and its socket opened")
+    # (Timers' own rounding: 5 ms.)
+    assert not [read for read in reads if refused_at < read["at"] < ends - 5
+                and read["path"] != "/api/accounts/deposit"], (refused_at, reads)
+    assert all(socket["created"] > ends - 5 for socket in sockets[sockets_before:]), (
+        refused_at, sockets)
+    assert page.text("message") == "Topped up 7."
+    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
+                    what="the page's socket open again")
+
 # Played by the browser itself: each time the page's tab is hidden or shown, and when.
 VISIBILITY_RECORDED = """
 window.hseshopVisibility = [];
