@@ -8,6 +8,11 @@
   const ORDERS_PAGE = 50;
   const RECONNECT_FIRST_MS = 500;
   const RECONNECT_MAX_MS = 10000;
+  // A socket turned away (closed 1013, too many, or never opened: a handshake refused 429 is, to
+  // the page, a socket closed 1006) backs off to this at most: the pages an address's sockets
+  // were refused to would otherwise spend its handshakes a minute between them (the page reads
+  // its orders itself meanwhile).
+  const RECONNECT_TURNED_AWAY_MAX_MS = 30000;
   // A socket counts as having worked (the next reconnect starts from the shortest wait, and the
   // page's own reads stop) once it has stayed open this long: the gateway may open one and close it
   // at once (1013, too many).
@@ -45,6 +50,8 @@
   let socket = null;
   let reconnectTimer = null;
   let reconnectDelay = RECONNECT_FIRST_MS;
+  // A reconnect that fell due while the tab was hidden: made when it is shown again.
+  let reconnectWhenShown = false;
   // The page's own reads while its socket has not worked (pollOrders): {timer, reading}.
   let poll = null;
   // No read is sent and no socket opened before this time (as performance.now() counts it, which
@@ -822,8 +829,10 @@
     const ws = new WebSocket(`${scheme}//${location.host}/api/notifications/ws?${query}`);
     socket = ws;
     setLive("connecting");
+    let opened = false;
     ws.onopen = () => {
       if (socket !== ws) return;
+      opened = true;
       setLive("live");
       setTimeout(() => {
         if (socket === ws) onSocketWorked();
@@ -851,7 +860,8 @@
       // whether the token has expired (and then shows the sign-in form) before trying again.
       if (event.code === 1008) refreshBalance().catch(report);
       pollOrders();
-      scheduleReconnect();
+      const turnedAway = !opened || event.code === 1013;
+      scheduleReconnect(turnedAway ? RECONNECT_TURNED_AWAY_MAX_MS : RECONNECT_MAX_MS);
     };
   }
 
@@ -899,9 +909,15 @@
     poll = null;
   }
 
-  // The tab shown again, its socket still not working: what it missed while hidden, read at once.
+  // The tab shown again, its socket still not working: what it missed while hidden, read at once,
+  // and the reconnect that fell due meanwhile made.
   function onVisibilityChange() {
-    if (!document.hidden && poll && !poll.reading) pollIn(0);
+    if (document.hidden) return;
+    if (poll && !poll.reading) pollIn(0);
+    if (reconnectWhenShown) {
+      reconnectWhenShown = false;
+      connectSocket();
+    }
   }
 
   // `ms` give or take a quarter, so that pages do not act in step.
@@ -909,16 +925,23 @@
     return ms * (0.75 + Math.random() / 2);
   }
 
-  function scheduleReconnect() {
+  // Backing off, each wait twice the last, up to `maxMs`.
+  function scheduleReconnect(maxMs) {
     if (reconnectTimer || !session) return;
     const delay = jittered(reconnectDelay);
-    reconnectDelay = Math.min(reconnectDelay * 2, RECONNECT_MAX_MS);
+    reconnectDelay = Math.min(reconnectDelay * 2, maxMs);
     reconnectIn(Math.max(delay, pauseLeftMs()));
   }
 
+  // Reconnects in `delay` ms, or, the tab hidden then, once it is shown again (no one is looking,
+  // and each handshake counts against the address's).
   function reconnectIn(delay) {
     reconnectTimer = setTimeout(() => {
       reconnectTimer = null;
+      if (document.hidden) {
+        reconnectWhenShown = true;
+        return;
+      }
       connectSocket();
     }, delay);
   }
@@ -926,6 +949,7 @@
   function closeSocket() {
     clearTimeout(reconnectTimer);
     reconnectTimer = null;
+    reconnectWhenShown = false;
     reconnectDelay = RECONNECT_FIRST_MS;
     if (socket) {
       const ws = socket;

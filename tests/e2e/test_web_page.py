@@ -620,6 +620,9 @@ def test_a_lost_top_up_or_order_retried_after_a_reload_is_carried_out_once(stack
 POLL_SECONDS = 10
 POLL_SOONEST, POLL_LATEST = 0.75 * POLL_SECONDS, 1.25 * POLL_SECONDS
 SOCKET_WORKED_SECONDS = 5
+# The longest a page waits to reconnect a socket turned away (app.js RECONNECT_TURNED_AWAY_MAX_MS),
+# its jitter's latest.
+RECONNECT_TURNED_AWAY_LATEST = 1.25 * 30
 
 # Played by the browser itself: the page's reads (path, when) and its sockets (when each was made,
 # opened, closed and with what code) are recorded; everything is real.
@@ -710,8 +713,9 @@ def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(
             return None
         return last["opened"] if now - last["opened"] > SOCKET_WORKED_SECONDS * 1000 else None
 
-    # (Reconnecting backs off to 10 s at most between attempts.)
-    opened = page.wait_until(working_since, timeout=15 + SOCKET_WORKED_SECONDS + 5,
+    # (Reconnecting after 1013 backs off to 30 s at most between attempts.)
+    opened = page.wait_until(working_since,
+                             timeout=RECONNECT_TURNED_AWAY_LATEST + SOCKET_WORKED_SECONDS + 5,
                              what="a socket of the page working again")
     worked = opened + SOCKET_WORKED_SECONDS * 1000
     # A poll would read the orders within POLL_LATEST of any moment: none comes after it worked.
