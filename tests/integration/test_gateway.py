@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from decimal import Decimal
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import psutil
@@ -2375,8 +2376,16 @@ def test_an_open_socket_is_probed_so_that_a_vanished_page_frees_its_slot(setting
 def _refused(url, code: int = 1013, reason: str | None = None,
              headers: dict | None = None) -> bool:
     """Whether the gateway closes a socket to `url` (its handshake with `headers`) with `code`
-    (1013: try again later), and `reason` if given, before sending anything; waits for the close
-    up to a deadline (a busy machine can take its time).
+    (1013: try again later), and `reason` if given, before sending anything."""
+    close = _close_before_anything(url, headers)
+    return close is not None and close[0] == code and reason in (None, close[1])
+
+
+def _close_before_anything(url, headers: dict | None = None) -> tuple[int, str] | None:
+    """The code and reason the gateway closes a socket to `url` (its handshake with `headers`)
+    with before sending anything, or None (something sent, the handshake refused, the socket
+    still open or gone without a close); waits for the close up to a deadline (a busy machine can
+    take its time).
 
     Read off the wire with wsproto: simple_websocket's client takes only the handshake's answer
     from its first read, so a close frame in the same packet was lost, and the socket seemed
@@ -2397,20 +2406,22 @@ def _refused(url, code: int = 1013, reason: str | None = None,
             try:
                 data = sock.recv(65536)
             except TimeoutError:
-                return False  # still open
+                return None  # still open
             connection.receive_data(data or None)
             for event in connection.events():
                 if isinstance(event, CloseConnection):
-                    return event.code == code and reason in (None, event.reason)
+                    return event.code, event.reason
                 if not isinstance(event, AcceptConnection):
-                    return False  # a message, or the handshake refused
+                    return None  # a message, or the handshake refused
             if not data:
-                return False  # gone without a close frame
+                return None  # gone without a close frame
 
 
 def test_opening_sockets_counts_against_the_users_rate_limit(settings, upstreams, monkeypatch):
     """The socket's route is outside the /api blueprint that counts requests: opening one is
-    counted all the same, and past the limit a socket is closed at once with 1013."""
+    counted all the same, and past the limit a socket is closed at once with 1013, its reason
+    naming the wait as the page reads it (app.js TRY_AGAIN_IN), which waits that long before it
+    reads or opens one again."""
     # Windows of an hour: the test's few seconds must not straddle two (a minute's did, 1 in 20).
     monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
     with _served_gateway_socket_path(settings, upstreams, "opener",
@@ -2420,7 +2431,19 @@ def test_opening_sockets_counts_against_the_users_rate_limit(settings, upstreams
             opened = _stays_open(url)
             assert opened
             opened.close()
-        assert _refused(url, code=1013)
+        close = _close_before_anything(url)
+    assert close is not None and close[0] == 1013, close
+    wait = _pages_try_again_in().search(close[1])
+    assert wait and 0 < int(wait[1]) <= 3600, close
+
+
+def _pages_try_again_in() -> re.Pattern:
+    """The page's TRY_AGAIN_IN (gateway_app/web/app.js), a regular expression literal whose
+    source Python reads alike, with its flags."""
+    script = (Path(gateway_app.__file__).parent / "web" / "app.js").read_text()
+    literal = re.search(r"const TRY_AGAIN_IN = /(.+)/([a-z]*);", script)
+    assert literal, "app.js defines TRY_AGAIN_IN no more"
+    return re.compile(literal[1], re.IGNORECASE if "i" in literal[2] else 0)
 
 
 def test_a_signed_out_tokens_sockets_ask_the_database_once_and_keep_its_user_in(
