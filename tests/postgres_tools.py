@@ -1,7 +1,8 @@
 """PostgreSQL for tests: ending a connection from the server's side, or every one of a database's
-at once, as a restart would, a transaction stalled holding an account's row, an app's pool with no
-connection free, what the other sessions are doing, waiting for some of them to wait on a lock,
-two transactions made to meet on one, and the sign-out lookups an engine sends."""
+at once, as a restart would, or each one waiting on a lock a session holds, a transaction
+stalled holding an account's row, an app's pool with no connection free, what the other sessions
+are doing, waiting for some of them to wait on a lock, two transactions made to meet on one, and
+the sign-out lookups an engine sends."""
 
 from __future__ import annotations
 
@@ -114,6 +115,33 @@ def wait_for_sessions_waiting_on_a_lock(database_url: str, *, count: int = 1, ti
                      timeout=timeout, interval=0.01, what=what)
     finally:
         watcher.close()
+
+
+@contextmanager
+def sessions_waiting_on_it_ended(database_url: str, holder_pid: int) -> Iterator[list[int]]:
+    """While the block runs, every session that waits on a lock the session of backend
+    `holder_pid` holds is ended as it is seen waiting, as a backend crashing on the row it reads
+    would end; yields the pids of those ended so far."""
+    ended: list[int] = []
+    stop = threading.Event()
+    ender = psycopg2.connect(driver_dsn(database_url))
+    ender.autocommit = True
+
+    def end_those_waiting() -> None:
+        with ender.cursor() as cursor:
+            while not stop.wait(0.02):
+                cursor.execute("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
+                               " WHERE %s = ANY(pg_blocking_pids(pid))", (holder_pid,))
+                ended.extend(pid for pid, _ in cursor.fetchall())
+
+    thread = threading.Thread(target=end_those_waiting, daemon=True)
+    thread.start()
+    try:
+        yield ended
+    finally:
+        stop.set()
+        thread.join(10)
+        ender.close()
 
 
 def second_waiting_on_the_first(database_url: str, first: Callable[[Callable[[], None]], None],
