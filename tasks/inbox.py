@@ -1,12 +1,14 @@
-"""Handling inbox messages in Celery: the consumer dispatches a task for every 50 new messages of
-a stored batch, and the task handles its messages many to a transaction (with a savepoint per
-handler once one of them fails); a message whose first try fails goes to a task of its own that
-retries it with backoff and parks it after the last attempt; a batch that cannot reach its
-database is retried whole, and a message's own task then leaves the message to the sweeper, each
-saying so once per outage; the sweeper dispatches again the messages whose handling was lost (a
-try of a task of their own that began and came to nothing counting as an attempt; a sweep that
-loses its database connection says so once per outage, and the next sweep tries again); and the
-pruner deletes the rows of messages stored and handled (or discarded) long ago."""
+"""Handling inbox messages in Celery: the consumer dispatches a task for every 50 new messages of a
+stored batch, and the task handles its messages many to a transaction (with a savepoint per handler
+once one of them fails); a message whose first try fails goes to a task of its own that retries it
+with backoff and parks it after the last attempt; a batch that cannot reach its database is retried
+whole (but for the message whose handler ran as the connection was lost, which goes to a task of its
+own, and unless its tries keep losing the connections they made), and a message's own task then
+leaves the message to the sweeper, each saying so once per outage; the sweeper dispatches again the
+messages whose handling was lost (a try of a task of their own that began and came to nothing
+counting as an attempt; a sweep that loses its database connection says so once per outage, and the
+next sweep tries again); and the pruner deletes the rows of messages stored and handled (or
+discarded) long ago."""
 
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ from datetime import timedelta
 from flask import current_app
 
 from shared.config import SERVICES
-from shared.db import DatabaseOutageLog, connection_lost, held_up_by_a_lock, transaction
-from shared.inbox.handling import (handle_locked_message, handle_locked_messages_at_once,
-                                   lock_in_order, note_try_begun, process_inbox_message,
-                                   record_failed_attempt)
+from shared.db import (DatabaseOutageLog, connection_lost, held_up_by_a_lock, said_in_a_line,
+                       transaction)
+from shared.inbox.handling import (ConnectionLostInHandler, handle_locked_message,
+                                   handle_locked_messages_at_once, lock_in_order, note_try_begun,
+                                   process_inbox_message, record_failed_attempt)
 from shared.inbox.pruning import prune_handled_messages
 from shared.inbox.sweeping import claim_stalled_messages
 from shared.task_queues import handler_queue
@@ -119,42 +122,101 @@ def dispatch_inbox_messages(service: str, message_ids: list[uuid.UUID]) -> None:
     """
     for start in range(0, len(message_ids), HANDLED_PER_TRANSACTION):
         chunk = message_ids[start:start + HANDLED_PER_TRANSACTION]
-        # argsrepr: what Flower and the logs show of the task's arguments; without it Celery
-        # writes a safe repr of every id into each task message.
         handle_inbox_batch.apply_async((service, [str(message_id) for message_id in chunk]),
-                                       argsrepr=f"({service!r}, <{len(chunk)} message ids>)")
+                                       argsrepr=_batch_argsrepr(service, chunk))
+
+
+def _batch_argsrepr(service: str, message_ids: list) -> str:
+    """What Flower and the logs show of a batch task's arguments, its sending and its retries
+    alike: without it Celery writes a safe repr of every id into each task message."""
+    return f"({service!r}, <{len(message_ids)} message ids>)"
+
+
+# How many of a batch's tries may lose a database connection they had made, outside any handler
+# (as its rows are locked, or marked processed, or as it commits), before the batch is split as
+# for a failing message: an outage loses one try so at most (the one under way as it begins; the
+# tries after it cannot connect at all, and the batch waits them out whole, however many), but
+# something in the batch that ends the session reading it (a corrupt row, say) would lose every
+# try, for ever.
+TRIES_LOST_ONCE_CONNECTED_LIMIT = 3
+
+
+class BatchCutOff(Exception):
+    """A batch's try could not reach its database: `error`, the lost or refused connection's, and
+    where it happened (`connected`: whether the try had made its connection; `handling`: the
+    message whose handler was running, if one was)."""
+
+    def __init__(self, error: BaseException, connected: bool,
+                 handling: uuid.UUID | None = None):
+        super().__init__(said_in_a_line(error))
+        self.error, self.connected, self.handling = error, connected, handling
 
 
 @app.task(name="hseshop.handle_inbox_batch", base=ServiceTask, bind=True, ignore_result=True,
           max_retries=None)  # (retried only while its database is away)
-def handle_inbox_batch(self, service: str, message_ids: list[str]) -> int:
+def handle_inbox_batch(self, service: str, message_ids: list[str],
+                       tries_lost_once_connected: int = 0) -> int:
     """Handle stored messages in one transaction; hand each that fails to its own retrying task.
 
-    A batch that cannot reach its database is retried whole, with backoff, until it can, and the
-    outage said once: its messages fail for no fault of their own, and kept together they are
-    handled in their keys' order once the database is back (handed to tasks of their own, each
-    retried after its own random wait, they were handled in any order)."""
+    A batch that cannot reach its database is retried, with backoff, until it can, and the outage
+    said once: its messages fail for no fault of their own, and kept together they are handled in
+    their keys' order once the database is back (handed to tasks of their own, each retried after
+    its own random wait, they were handled in any order). Where the connection was lost decides
+    what goes on (_after_cut_off)."""
     handlers = service_package(service).message_handlers()
     outage = _HANDLERS_DATABASE_OUTAGE[service]
     try:
         failed = _handle_in_one_transaction(service, [uuid.UUID(m) for m in message_ids],
                                             handlers)
-    except Exception as exc:
-        if not outage.said_if_lost(exc):
-            raise
-        settings = current_app.extensions["hseshop.settings"]
-        raise self.retry(exc=exc, countdown=retry_countdown(
-            self.request.retries, settings.inbox_sweep_min_age_seconds)) from exc
+    except BatchCutOff as cut_off:
+        outage.lost(cut_off.error)
+        return _after_cut_off(self, service, message_ids, cut_off, tries_lost_once_connected)
     outage.back()
     for message_id in failed:
         handle_inbox_message.apply_async((service, str(message_id)))
     return len(message_ids) - len(failed)
 
 
+def _after_cut_off(task, service: str, message_ids: list[str], cut_off: BatchCutOff,
+                   tries_lost_once_connected: int) -> int:
+    """What a batch whose try could not reach its database does next.
+
+    Lost while a message's handler ran, the message goes to a task of its own, where its tries
+    count (one whose handling ends its own session ends parked, not retrying its batch for ever),
+    and the rest of the batch is retried whole. Lost anywhere else, or not made at all, the whole
+    batch is retried; but once TRIES_LOST_ONCE_CONNECTED_LIMIT of its tries have lost a connection
+    they had made, each message goes to a task of its own, as when the batch fails."""
+    if cut_off.handling is not None:
+        handed_on = str(cut_off.handling)
+        message_ids = [message_id for message_id in message_ids if message_id != handed_on]
+        log.info("%s inbox: the database connection was lost while %s was handled; it goes to a"
+                 " task of its own, the %d others of its batch are tried again together",
+                 service, handed_on, len(message_ids))
+        handle_inbox_message.apply_async((service, handed_on))
+        if not message_ids:
+            return 0
+    elif cut_off.connected:
+        tries_lost_once_connected += 1
+        if tries_lost_once_connected >= TRIES_LOST_ONCE_CONNECTED_LIMIT:
+            log.warning("%s inbox: %d tries of a batch of %d lost the database connection they had"
+                        " made (%s); retrying each in a task", service,
+                        tries_lost_once_connected, len(message_ids), cut_off)
+            for message_id in message_ids:
+                handle_inbox_message.apply_async((service, message_id))
+            return 0
+    settings = current_app.extensions["hseshop.settings"]
+    raise task.retry(
+        args=(service, message_ids),
+        kwargs={"tries_lost_once_connected": tries_lost_once_connected},
+        exc=cut_off.error, argsrepr=_batch_argsrepr(service, message_ids),
+        countdown=retry_countdown(task.request.retries, settings.inbox_sweep_min_age_seconds),
+    ) from cut_off.error
+
+
 def _handle_in_one_transaction(service: str, message_ids: list[uuid.UUID],
                                handlers) -> list[uuid.UUID]:
-    """Handle the messages in one transaction; returns the ones left to retry, and raises what
-    the database's connection lost or refused raised (the batch to be retried whole).
+    """Handle the messages in one transaction; returns the ones left to retry, and raises
+    BatchCutOff when the database's connection was lost or refused.
 
     Handlers seldom fail, so the batch first runs with no savepoints at all and marks its messages
     processed with one statement (the savepoint's two round trips and the row's flushes were most
@@ -178,23 +240,30 @@ def _handle_each_in_a_savepoint(service: str, message_ids: list[uuid.UUID],
                                 handlers) -> list[uuid.UUID]:
     """Handle the messages in one transaction, each in a savepoint; returns the ones that failed,
     each with the try counted (but those that used their last attempt: they are parked). A lost
-    connection is raised: no message's fault, it leaves none to a task of its own."""
+    connection leaves no message to a task of its own here: it is raised as BatchCutOff, saying
+    where it was lost (connecting or once connected, and under which message's handler, if under
+    one), for the batch to go on from there."""
     max_attempts = current_app.extensions["hseshop.settings"].inbox_max_attempts
     failed: list[uuid.UUID] = []
+    connected = False
     try:
         with transaction() as session:
+            session.connection()  # (connecting apart: a try that cannot is an outage's)
+            connected = True
             for message in lock_in_order(session, message_ids):
                 try:
                     handle_locked_message(session, message, handlers, max_attempts)
                 except Exception as exc:
-                    if connection_lost(exc):
-                        raise  # (no fault of the message's, and the transaction is lost)
+                    if isinstance(exc, ConnectionLostInHandler) or connection_lost(exc):
+                        raise  # (the transaction is lost)
                     log.info("%s inbox: %s failed on its first try (%r); retrying in a task",
                              service, message.message_id, exc)
                     failed.append(message.message_id)
+    except ConnectionLostInHandler as lost:
+        raise BatchCutOff(lost.error, connected, handling=lost.message_id) from lost
     except Exception as exc:
         if connection_lost(exc):
-            raise
+            raise BatchCutOff(exc, connected) from exc
         log.warning("%s inbox: committing %d handled messages failed (%r); retrying each in a task",
                     service, len(message_ids), exc)
         return list(message_ids)

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from shared.contracts import (PAYLOAD_SCHEMAS, MalformedMessage, declared_fields, decode,
                               knows_envelope_version)
-from shared.db import driver_cursor, held_up_by_a_lock
+from shared.db import connection_lost, driver_cursor, held_up_by_a_lock, said_in_a_line
 from shared.inbox.model import InboxMessage, utc_now
 from shared.outbox.writing import outbox_rows_written_together
 from shared.request_context import request_id_bound
@@ -25,6 +25,21 @@ log = logging.getLogger(__name__)
 
 class PermanentMessageError(Exception):
     """The message can never succeed (it names an unknown order, say): park it without retrying."""
+
+
+class ConnectionLostInHandler(Exception):
+    """The database connection was lost while a message's handler ran, once its savepoint was
+    made and up to its release or rollback: an outage's doing, or the handler's own (one that ends
+    its session, or hangs until PostgreSQL ends it), which look the same. The transaction is lost
+    with it, and nothing of the try could be written (a message's own task records it on a fresh
+    connection). Raised from the driver's error, which the session hides behind its own from then
+    on (PendingRollbackError: its transaction is gone)."""
+
+    def __init__(self, message_id: uuid.UUID, error: BaseException):
+        super().__init__(f"the database connection was lost while the handler of {message_id}"
+                         f" ran ({said_in_a_line(error)})")
+        self.message_id = message_id
+        self.error = error  # the lost connection's, the driver's or SQLAlchemy's around it
 
 
 @dataclass(frozen=True)
@@ -126,7 +141,10 @@ def handle_locked_message(session: Session, message: StoredMessage,
     counted on the row, with its error, and the exception goes on to the caller (who retries the
     message later); a PermanentMessageError parks the message instead. With `max_attempts` (for a
     caller that commits the count: a batch handling its messages one by one), a failure that uses
-    the message's last attempt parks it too, rather than leave it to be tried once more.
+    the message's last attempt parks it too, rather than leave it to be tried once more. A
+    connection lost while the handler runs counts nothing, and is raised as
+    ConnectionLostInHandler, so that the caller knows whose try it lost (one lost elsewhere, as
+    the savepoint begins or as the message is marked processed, is raised as it came).
     """
     if message.done:
         return Outcome.ALREADY_DONE
@@ -135,14 +153,21 @@ def handle_locked_message(session: Session, message: StoredMessage,
         _park(session, {message.message_id: ready})
         return Outcome.PARKED
     handler, event = ready
+    savepoint = session.begin_nested()
+    # (The savepoint made now, not with the handler's first statement, as SQLAlchemy would: a
+    # connection lost before the handler began is not the handler's loss.)
+    session.connection()
     try:
-        with session.begin_nested(), request_id_bound(message.request_id):
+        with savepoint, request_id_bound(message.request_id):
             handler(session, [event])
             log.info("handled %s %s", message.type, message.message_id)
     except PermanentMessageError as exc:
         _park(session, {message.message_id: str(exc)})
         return Outcome.PARKED
     except Exception as exc:
+        lost = _connection_lost_on_the_way(exc)
+        if lost is not None:  # (nothing more can be done on the lost transaction)
+            raise ConnectionLostInHandler(message.message_id, lost) from exc
         # A try held up by another session's lock is no fault of the message's: it counts none
         # of its attempts, but is noted, so that the sweeper leaves the message to its retry.
         if held_up_by_a_lock(exc):
@@ -154,6 +179,19 @@ def handle_locked_message(session: Session, message: StoredMessage,
         raise
     _mark_processed(session, [message.message_id])
     return Outcome.PROCESSED
+
+
+def _connection_lost_on_the_way(exc: BaseException | None) -> BaseException | None:
+    """The first error of a lost connection that `exc` was raised from or while handling, or is,
+    if any: once the connection is gone, the savepoint's rollback or release fails in turn, and a
+    handler may catch the error and raise its own."""
+    lost, seen = None, set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if connection_lost(exc):
+            lost = exc
+        exc = exc.__cause__ or exc.__context__
+    return lost
 
 
 def _count_failed_attempt(session: Session, message_id: uuid.UUID, error: str,

@@ -3,7 +3,10 @@ handlers meet is an outage to wait out, no fault of the messages. A batch says s
 per try and per message), stays one batch and is tried again whole, so that once the database is
 back its messages are handled once each, every key's in the order they were sent; a message's task
 of its own says so once too, and leaves the message to the sweeper, which hands it over once the
-database is back.
+database is back. Where the connection was lost decides the rest: under a handler (which may have
+ended its own session: that message is parked in the end), the handler's message goes alone and
+the rest of the batch stays whole; lost again and again once made, outside any handler, the batch
+is split after a few tries.
 
 No beat runs here: nothing but the worker's own tasks handles the batch, and the test sweeps."""
 
@@ -24,15 +27,17 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from payments_app import service as payments
-from shared.contracts import PAYMENT_REQUESTED, encode, new_event
+from shared.contracts import PAYMENT_REQUESTED, decode, encode, new_event
 from shared.db import driver_dsn, transaction
 from shared.inbox.storing import ConsumedRecord
 from shared.task_queues import handler_queue
 from tasks.celery_app import app as celery_app
-from tasks.inbox import handle_inbox_batch, handle_inbox_message, sweep_inbox
+from tasks.inbox import (TRIES_LOST_ONCE_CONNECTED_LIMIT, handle_inbox_batch, handle_inbox_message,
+                         sweep_inbox)
 from tasks.services import service_app
 from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
+from tests.postgres_tools import sessions_waiting_on_it_ended
 from tests.process_tools import stop
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -69,16 +74,26 @@ class WorkerLog:
 
 
 @contextmanager
-def _payments_worker(settings, database: SilencingProxy, tmp_path: Path) -> Iterator[WorkerLog]:
-    """A payments worker taking the handlers' queue, reaching its database through `database`."""
+def _payments_worker(settings, database: SilencingProxy | None, tmp_path: Path,
+                     test_parts: Path | None = None) -> Iterator[WorkerLog]:
+    """A payments worker taking the handlers' queue, reaching its database through `database`
+    (or straight: the proxy does not pass on a connection the server closes, and a worker behind
+    it would wait for ever on a session ended from the server's side); with `test_parts`, its
+    handler plays the parts the test gives messages there
+    (tests/payments_worker_with_test_handlers.py)."""
     _purge()
-    url = make_url(settings.database_url("payments")).set(
-        host="127.0.0.1", port=int(database.address.rsplit(":", 1)[1]))
+    url = make_url(settings.database_url("payments"))
+    if database is not None:
+        url = url.set(host="127.0.0.1", port=int(database.address.rsplit(":", 1)[1]))
     env = {**os.environ, "PAYMENTS_DATABASE_URL": url.render_as_string(hide_password=False)}
+    module = "celery"
+    if test_parts is not None:
+        env["HSESHOP_TEST_HANDLERS_DIR"] = str(test_parts)
+        module = "tests.payments_worker_with_test_handlers"
     log = WorkerLog(tmp_path / "worker.log")
     with open(log.path, "w") as log_file:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-Q", QUEUE,
+            [sys.executable, "-m", module, "-A", "tasks", "worker", "-Q", QUEUE,
              "-n", f"outage-{uuid.uuid4().hex[:8]}@localhost", "-P", "threads", "-c", "16",
              "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"],
             cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
@@ -111,6 +126,19 @@ def _payment_requests(users: list[str], each: int) -> tuple[list[ConsumedRecord]
                                       {}))
         order_ids.append(str(order_id))
     return records, order_ids
+
+
+def _message_id_of(record: ConsumedRecord) -> uuid.UUID:
+    return decode(record.value).message_id
+
+
+def _test_parts(tmp_path: Path, parts: dict[uuid.UUID, str]) -> Path:
+    """A directory giving each message its part in the test's handler."""
+    directory = tmp_path / "parts"
+    directory.mkdir()
+    for message_id, part in parts.items():
+        (directory / f"{message_id}.{part}").touch()
+    return directory
 
 
 def _accounts_of(users: list[str]) -> None:
@@ -219,5 +247,155 @@ def test_a_messages_own_task_cut_off_from_its_database_says_so_once_and_leaves_i
 
     (warning,) = _warnings(said_during_the_outage)
     assert f"the payments inbox handlers {LOST}" in warning
+    assert _handled(settings, message_ids) == {"processed": len(message_ids), "parked": 0,
+                                               "waiting": 0, "most_attempts": 1}
+
+
+def _swept_and_handled(settings, message_ids: list[uuid.UUID]):
+    """A probe for wait_for: sweeps (here the test's, on the database itself), and tells whether
+    the messages are all handled."""
+    def probe() -> bool:
+        sweep_inbox.apply(args=("payments",)).get()
+        return _all_processed(settings, message_ids)
+
+    return probe
+
+
+def test_a_connection_lost_under_a_handler_sends_its_message_alone_and_keeps_the_rest_together(
+        settings, payments_inbox, payments_database, user_id, tmp_path):
+    """The outage begins in the batch's second run (one message failed the first), while a later
+    message's handler runs: the loss may be that handler's doing, so its message goes to a task of
+    its own (which, its database away, leaves it to the sweeper), and the rest of the batch is
+    retried whole, not split. Once the database is back each is handled once, at its first try
+    that went through, and every user's in the order sent (the message left alone is its user's
+    last: handled after the rest of its batch, it keeps its user's order). Before, the session's
+    PendingRollbackError failed that message and every later one, and the batch went to tasks of
+    their own, one by one."""
+    users = [f"{user_id}-{n}" for n in range(USERS)]
+    _accounts_of(users)
+    records, order_ids = _payment_requests(users, 3)
+    fails_once = _message_id_of(records[0])  # the first user's first
+    lost_under = _message_id_of(records[2 * USERS + 2])  # the third user's last
+    parts = _test_parts(tmp_path, {fails_once: "fails-once", lost_under: "waits"})
+    with _payments_worker(settings, payments_database, tmp_path, parts) as log:
+        message_ids = payments_inbox(records)
+        assert len(message_ids) == len(records)
+        handle_inbox_batch.apply_async(("payments", [str(m) for m in message_ids]))
+        wait_for((parts / f"{lost_under}.waiting").exists, timeout=60,
+                 what="the batch's second run to come to the handler the outage will catch")
+        log.mark()
+        payments_database.cut()
+        (parts / f"{lost_under}.go").touch()
+        # The message's own task tried twice; the rest of the batch, two connections a try.
+        wait_for(lambda: payments_database.connections_refused() >= 10, timeout=60,
+                 what="the rest of the batch to be tried again and again")
+        said_during_the_outage = log.lines_since_the_mark()
+        payments_database.restore()
+        the_rest = [m for m in message_ids if m != lost_under]
+        wait_for(lambda: _all_processed(settings, the_rest), timeout=30,
+                 what="the rest of the batch, retried whole, to be handled once the database is"
+                      " back")
+        wait_for(_swept_and_handled(settings, message_ids), timeout=60, interval=0.5,
+                 what="the sweeper to hand over the message left alone, and the worker to"
+                      " handle it")
+
+    (warning,) = _warnings(said_during_the_outage)
+    assert f"the payments inbox handlers {LOST}" in warning
+    assert not any("in a task" in line for line in said_during_the_outage)
+    (alone,) = [line for line in said_during_the_outage if "goes to a task of its own" in line]
+    assert str(lost_under) in alone
+    assert len(said_during_the_outage) <= 3
+    for user in users:
+        sent = order_ids[users.index(user)::USERS]
+        assert _answered_in_turn(settings, sent) == sent, user
+    assert _handled(settings, message_ids) == {"processed": len(message_ids), "parked": 0,
+                                               "waiting": 0, "most_attempts": 1}
+    ((succeeded,),) = _query(settings, "SELECT count(*) FROM payments WHERE status = 'SUCCEEDED'"
+                                       " AND order_id = ANY(%s::uuid[])", order_ids)
+    assert succeeded == len(order_ids)
+
+
+def test_a_message_whose_handler_ends_its_own_session_is_parked_and_its_batch_handled(
+        settings, payments_inbox, user_id, tmp_path):
+    """A handler that ends its database session (as one crashing its backend, or hung until
+    PostgreSQL ends it, does) loses its batch's connection as an outage would. Its message goes to
+    a task of its own, where each try counts, and is parked at INBOX_MAX_ATTEMPTS; the batch's
+    other messages are handled at their first try. Were every connection lost under a handler an
+    outage, the batch would be retried whole, for ever."""
+    users = [f"{user_id}-{n}" for n in range(USERS)]
+    _accounts_of(users)
+    records, _ = _payment_requests(users, 2)
+    ends_its_session = _message_id_of(records[USERS + 1])
+    parts = _test_parts(tmp_path, {ends_its_session: "ends-its-session"})
+    with _payments_worker(settings, None, tmp_path, parts) as log:
+        log.mark()
+        message_ids = payments_inbox(records)
+        handle_inbox_batch.apply_async(("payments", [str(m) for m in message_ids]))
+        wait_for(lambda: _handled(settings, message_ids)["waiting"] == 1
+                 and _handled(settings, [ends_its_session])["parked"] == 1,
+                 timeout=60, what="the other messages handled, and the one that ends its"
+                                  " session parked")
+        said = log.lines_since_the_mark()
+
+    others = [m for m in message_ids if m != ends_its_session]
+    assert _handled(settings, others) == {"processed": len(others), "parked": 0, "waiting": 0,
+                                          "most_attempts": 1}
+    ((attempts, last_error),) = _query(
+        settings, "SELECT attempts, last_error FROM inbox_messages WHERE message_id = %s",
+        str(ends_its_session))
+    assert attempts == settings.inbox_max_attempts
+    assert "connection was lost while the handler" in last_error
+    assert not any("retrying each in a task" in line for line in said)
+
+
+@contextmanager
+def _inbox_row_held(settings, message_id: uuid.UUID) -> Iterator[int]:
+    """Another session's transaction holding the message's inbox row locked; yields its
+    backend's pid."""
+    holder = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid() FROM inbox_messages WHERE message_id = %s"
+                           " FOR UPDATE", (str(message_id),))
+            yield cursor.fetchone()[0]
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_a_batch_whose_tries_keep_losing_the_connections_they_made_is_split(
+        settings, payments_inbox, user_id, tmp_path):
+    """Something in a batch that ends the session reading it outside any handler (a corrupt row
+    whose backend crashes as the batch locks it, say; here each session waiting on a row the test
+    holds is ended) loses every try of the batch after it connected. After
+    TRIES_LOST_ONCE_CONNECTED_LIMIT of them the batch is split as for a failing message: the other
+    messages are handled at their first try, and the one to blame waits for the sweeper, not
+    retrying its batch for ever."""
+    users = [f"{user_id}-{n}" for n in range(USERS)]
+    _accounts_of(users)
+    records, _ = _payment_requests(users, 2)
+    to_blame = _message_id_of(records[3])
+    with _payments_worker(settings, None, tmp_path) as log:
+        log.mark()
+        message_ids = payments_inbox(records)
+        others = [m for m in message_ids if m != to_blame]
+        with _inbox_row_held(settings, to_blame) as holder, \
+                sessions_waiting_on_it_ended(settings.database_url("payments"), holder) as ended:
+            handle_inbox_batch.apply_async(("payments", [str(m) for m in message_ids]))
+            wait_for(lambda: _all_processed(settings, others), timeout=60,
+                     what="the batch to be split and its other messages handled")
+            # The message's own task lost its try's session, then its record's, and left the
+            # message to the sweeper: let be before that, it would record the try as failed.
+            wait_for(lambda: len(ended) >= 2 * TRIES_LOST_ONCE_CONNECTED_LIMIT + 2, timeout=30,
+                     what="the task of the message to blame to give it up")
+        said = log.lines_since_the_mark()
+        wait_for(_swept_and_handled(settings, message_ids), timeout=60, interval=0.5,
+                 what="the sweeper to hand over the message to blame, once let be")
+
+    # Each try of the batch lost two sessions (its first run's and its second's) before the split,
+    # and the message's own task two.
+    assert len(ended) == 2 * TRIES_LOST_ONCE_CONNECTED_LIMIT + 2
+    (split,) = [line for line in said if "in a task" in line]
+    assert f"{TRIES_LOST_ONCE_CONNECTED_LIMIT} tries of a batch of {len(message_ids)}" in split
     assert _handled(settings, message_ids) == {"processed": len(message_ids), "parked": 0,
                                                "waiting": 0, "most_attempts": 1}

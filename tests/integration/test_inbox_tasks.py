@@ -262,6 +262,59 @@ def test_a_batch_survives_the_database_dropping_the_workers_connection(settings,
     assert all(_row(m).processed_at is not None for m in batch)
 
 
+def test_a_batch_whose_connection_is_lost_under_a_handler_hands_its_message_on_and_retries_the_rest(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id):
+    """The connection lost while a message's handler runs may be its doing: that message goes to a
+    task of its own, and the rest of the batch is retried whole, the retry showing no ids in the
+    logs and Flower (argsrepr, as a dispatch), with no try of it counted."""
+    take_payments = payments_app.message_handlers()[PAYMENT_REQUESTED]
+    first, ends_its_session, last = (_stored_request(payments_inbox, user_id, key=user_id)
+                                     for _ in range(3))
+
+    def ending_its_session(session, events):
+        if any(event.message.message_id == ends_its_session for event in events):
+            session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        take_payments(session, events)
+
+    monkeypatch.setattr(payments_app, "message_handlers",
+                        lambda: {PAYMENT_REQUESTED: ending_its_session})
+    batch = [str(first), str(ends_its_session), str(last)]
+    _run_as_a_worker_runs_it(handle_inbox_batch, ("payments", batch))
+    sent = _tasks_sent()
+    assert sent[0] == (handle_inbox_message.name, ["payments", str(ends_its_session)])
+    name, args, kwargs, argsrepr = sent[1]
+    assert (name, args) == (handle_inbox_batch.name, ["payments", [str(first), str(last)]])
+    assert kwargs == {"tries_lost_once_connected": 0}
+    assert argsrepr == "('payments', <2 message ids>)"
+    for message_id in (first, ends_its_session, last):
+        row = _row(message_id)
+        assert row.processed_at is None and row.attempts == 0
+
+
+def _run_as_a_worker_runs_it(task, args: tuple) -> None:
+    """Run `task` here as a worker runs one it took from its queue: its retry is sent to the queue,
+    where Task.apply (eager) runs it at once."""
+    from celery.app.trace import build_tracer
+
+    task_id = str(uuid.uuid4())
+    build_tracer(task.name, task, app=celery_app)(
+        task_id, args, {}, {"id": task_id, "task": task.name, "retries": 0, "is_eager": False,
+                            "delivery_info": {}})
+
+
+def _tasks_sent(queue: str = "payments") -> list[tuple]:
+    """Takes every task off the queue: its name and arguments, and the arguments' repr it carries
+    for a batch."""
+    sent = []
+    with celery_app.pool.acquire(block=True) as connection:
+        while (task := connection.default_channel.basic_get(queue, no_ack=True)) is not None:
+            args, kwargs, _ = task.decode()
+            name = task.headers["task"]
+            sent.append((name, args) if name == handle_inbox_message.name
+                        else (name, args, kwargs, task.headers["argsrepr"]))
+    return sent
+
+
 def test_a_handler_held_up_by_a_stalled_lock_is_retried_without_using_its_attempts(
         settings, payments_inbox, user_id):
     """A transaction stalled holding the user's account (here, another session's) holds the
