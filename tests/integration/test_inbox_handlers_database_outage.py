@@ -182,6 +182,20 @@ def _answered_in_turn(settings, order_ids: list[str]) -> list[str]:
         order_ids)]
 
 
+def _assert_each_paid_once_in_turn(settings, users: list[str], order_ids: list[str],
+                                   message_ids: list[uuid.UUID]) -> None:
+    """Every request paid, once, each user's answered in the order sent, and each handled at its
+    one try that went through: no try that met the outage counted."""
+    for user in users:
+        sent = order_ids[users.index(user)::USERS]
+        assert _answered_in_turn(settings, sent) == sent, user
+    assert _handled(settings, message_ids) == {"processed": len(message_ids), "parked": 0,
+                                               "waiting": 0, "most_attempts": 1}
+    ((succeeded,),) = _query(settings, "SELECT count(*) FROM payments WHERE status = 'SUCCEEDED'"
+                                       " AND order_id = ANY(%s::uuid[])", order_ids)
+    assert succeeded == len(order_ids)
+
+
 def _warnings(lines: list[str]) -> list[str]:
     return [line for line in lines if WARNING_OR_WORSE.search(line)]
 
@@ -207,15 +221,7 @@ def test_a_batch_cut_off_from_its_database_says_so_once_and_is_handled_in_order_
     (warning,) = _warnings(said_during_the_outage)
     assert f"the payments inbox handlers {LOST}" in warning
     assert len(said_during_the_outage) <= 3  # (the warning, and no line for each try)
-    for user in users:
-        sent = order_ids[users.index(user)::USERS]
-        assert _answered_in_turn(settings, sent) == sent, user
-    # Each handled at its one try that went through: no try that met the outage counted.
-    assert _handled(settings, message_ids) == {"processed": len(message_ids), "parked": 0,
-                                               "waiting": 0, "most_attempts": 1}
-    ((succeeded,),) = _query(settings, "SELECT count(*) FROM payments WHERE status = 'SUCCEEDED'"
-                                       " AND order_id = ANY(%s::uuid[])", order_ids)
-    assert succeeded == len(order_ids)
+    _assert_each_paid_once_in_turn(settings, users, order_ids, message_ids)
     assert any("database connection back after" in line for line in log.lines_since_the_mark())
 
 
@@ -305,14 +311,7 @@ def test_a_connection_lost_under_a_handler_sends_its_message_alone_and_keeps_the
     (alone,) = [line for line in said_during_the_outage if "goes to a task of its own" in line]
     assert str(lost_under) in alone
     assert len(said_during_the_outage) <= 3
-    for user in users:
-        sent = order_ids[users.index(user)::USERS]
-        assert _answered_in_turn(settings, sent) == sent, user
-    assert _handled(settings, message_ids) == {"processed": len(message_ids), "parked": 0,
-                                               "waiting": 0, "most_attempts": 1}
-    ((succeeded,),) = _query(settings, "SELECT count(*) FROM payments WHERE status = 'SUCCEEDED'"
-                                       " AND order_id = ANY(%s::uuid[])", order_ids)
-    assert succeeded == len(order_ids)
+    _assert_each_paid_once_in_turn(settings, users, order_ids, message_ids)
 
 
 def test_a_message_whose_handler_ends_its_own_session_is_parked_and_its_batch_handled(
