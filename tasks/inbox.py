@@ -2,8 +2,8 @@
 stored batch, and the task handles its messages many to a transaction (with a savepoint per handler
 once one of them fails); a message whose first try fails goes to a task of its own that retries it
 with backoff and parks it after the last attempt; a batch that cannot reach its database is retried
-whole (but for the message whose handler ran as the connection was lost, which goes to a task of its
-own, and unless its tries keep losing the connections they made), and a message's own task then
+whole (unless its tries keep losing the connections they made, under one message's handler, which
+then goes to a task of its own, or outside any), and a message's own task then
 leaves the message to the sweeper, each saying so once per outage; the sweeper dispatches again the
 messages whose handling was lost (a try of a task of their own that began and came to nothing
 counting as an attempt; a sweep that loses its database connection says so once per outage, and the
@@ -139,6 +139,11 @@ def _batch_argsrepr(service: str, message_ids: list) -> str:
 # something in the batch that ends the session reading it (a corrupt row, say) would lose every
 # try, for ever.
 TRIES_LOST_ONCE_CONNECTED_LIMIT = 3
+# How many of a batch's tries may lose the connection while the same message's handler ran before
+# that message goes to a task of its own (where its tries count) and the rest is retried without
+# it: a handler that ends its own session does so at every try, an outage seldom twice under the
+# same message. Till then the message stays in its batch, handled in its key's order.
+TRIES_LOST_UNDER_ONE_HANDLER_LIMIT = 2
 
 
 class BatchCutOff(Exception):
@@ -155,7 +160,8 @@ class BatchCutOff(Exception):
 @app.task(name="hseshop.handle_inbox_batch", base=ServiceTask, bind=True, ignore_result=True,
           max_retries=None)  # (retried only while its database is away)
 def handle_inbox_batch(self, service: str, message_ids: list[str],
-                       tries_lost_once_connected: int = 0) -> int:
+                       tries_lost_once_connected: int = 0,
+                       lost_under: dict[str, int] | None = None) -> int:
     """Handle stored messages in one transaction; hand each that fails to its own retrying task.
 
     A batch that cannot reach its database is retried, with backoff, until it can, and the outage
@@ -170,7 +176,8 @@ def handle_inbox_batch(self, service: str, message_ids: list[str],
                                             handlers)
     except BatchCutOff as cut_off:
         outage.lost(cut_off.error)
-        return _after_cut_off(self, service, message_ids, cut_off, tries_lost_once_connected)
+        return _after_cut_off(self, service, message_ids, cut_off, tries_lost_once_connected,
+                              dict(lost_under or {}))
     outage.back()
     for message_id in failed:
         handle_inbox_message.apply_async((service, str(message_id)))
@@ -178,23 +185,33 @@ def handle_inbox_batch(self, service: str, message_ids: list[str],
 
 
 def _after_cut_off(task, service: str, message_ids: list[str], cut_off: BatchCutOff,
-                   tries_lost_once_connected: int) -> int:
+                   tries_lost_once_connected: int, lost_under: dict[str, int]) -> int:
     """What a batch whose try could not reach its database does next.
 
-    Lost while a message's handler ran, the message goes to a task of its own, where its tries
-    count (one whose handling ends its own session ends parked, not retrying its batch for ever),
-    and the rest of the batch is retried whole. Lost anywhere else, or not made at all, the whole
-    batch is retried; but once TRIES_LOST_ONCE_CONNECTED_LIMIT of its tries have lost a connection
-    they had made, each message goes to a task of its own, as when the batch fails."""
+    Lost while a message's handler ran, the whole batch is retried, that message in it (sent
+    alone at once, it could be handled before the earlier messages of its key, which wait for
+    the retry), its loss counted in `lost_under`; at the TRIES_LOST_UNDER_ONE_HANDLER_LIMIT-th
+    loss under it, the message goes to a task of its own, where its tries count (one whose
+    handling ends its own session ends parked, not retrying its batch for ever), and the rest is
+    retried without it. Lost anywhere else, or not made at all, the whole batch is retried; but
+    once TRIES_LOST_ONCE_CONNECTED_LIMIT of its tries have lost a connection they had made, each
+    message goes to a task of its own, as when the batch fails."""
     if cut_off.handling is not None:
-        handed_on = str(cut_off.handling)
-        message_ids = [message_id for message_id in message_ids if message_id != handed_on]
-        log.info("%s inbox: the database connection was lost while %s was handled; it goes to a"
-                 " task of its own, the %d others of its batch are tried again together",
-                 service, handed_on, len(message_ids))
-        handle_inbox_message.apply_async((service, handed_on))
-        if not message_ids:
-            return 0
+        handling = str(cut_off.handling)
+        lost_under[handling] = lost_under.get(handling, 0) + 1
+        if lost_under[handling] < TRIES_LOST_UNDER_ONE_HANDLER_LIMIT:
+            log.info("%s inbox: the database connection was lost while %s was handled; its batch"
+                     " of %d is tried again whole", service, handling, len(message_ids))
+        else:
+            del lost_under[handling]
+            message_ids = [message_id for message_id in message_ids if message_id != handling]
+            log.info("%s inbox: the database connection was lost %d times while %s was handled;"
+                     " it goes to a task of its own, the %d others of its batch are tried again"
+                     " together", service, TRIES_LOST_UNDER_ONE_HANDLER_LIMIT, handling,
+                     len(message_ids))
+            handle_inbox_message.apply_async((service, handling))
+            if not message_ids:
+                return 0
     elif cut_off.connected:
         tries_lost_once_connected += 1
         if tries_lost_once_connected >= TRIES_LOST_ONCE_CONNECTED_LIMIT:
@@ -205,9 +222,12 @@ def _after_cut_off(task, service: str, message_ids: list[str], cut_off: BatchCut
                 handle_inbox_message.apply_async((service, message_id))
             return 0
     settings = current_app.extensions["hseshop.settings"]
+    # (`lost_under` sent only when it counts a loss: a worker of before it refuses the retry.)
+    kwargs = {"tries_lost_once_connected": tries_lost_once_connected}
+    if lost_under:
+        kwargs["lost_under"] = lost_under
     raise task.retry(
-        args=(service, message_ids),
-        kwargs={"tries_lost_once_connected": tries_lost_once_connected},
+        args=(service, message_ids), kwargs=kwargs,
         exc=cut_off.error, argsrepr=_batch_argsrepr(service, message_ids),
         countdown=retry_countdown(task.request.retries, settings.inbox_sweep_min_age_seconds),
     ) from cut_off.error

@@ -7,6 +7,8 @@ after the message id and the part:
 - `<id>.waits`: the first time the message is handled alone (in its batch's second run, a
   savepoint each), the handler says so by a file `<id>.waiting`, and waits for `<id>.go` before
   going on (the test meanwhile cuts the database off, say);
+- `<id>.ends-its-session-once`: the first time the message is handled alone, its handler ends its
+  own database session, once (a backend killed, the database there again at once);
 - `<id>.ends-its-session`: every try of the message ends its own database session, as a handler
   that crashes its backend, or hangs until PostgreSQL ends it, would.
 
@@ -45,6 +47,8 @@ def _with_the_tests_parts(take_payments, directory: Path):
         for event in events:
             message_id = str(event.message.message_id)
             if (directory / f"{message_id}.ends-its-session").exists():
+                session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+            if len(events) == 1 and first_time(message_id, "ends-its-session-once"):
                 session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
             if first_time(message_id, "fails-once"):
                 raise RuntimeError(f"{message_id} fails its first try, as the test asked")

@@ -3,10 +3,11 @@ handlers meet is an outage to wait out, no fault of the messages. A batch says s
 per try and per message), stays one batch and is tried again whole, so that once the database is
 back its messages are handled once each, every key's in the order they were sent; a message's task
 of its own says so once too, and leaves the message to the sweeper, which hands it over once the
-database is back. Where the connection was lost decides the rest: under a handler (which may have
-ended its own session: that message is parked in the end), the handler's message goes alone and
-the rest of the batch stays whole; lost again and again once made, outside any handler, the batch
-is split after a few tries.
+database is back. Where the connection was lost decides the rest: under a handler, the batch is
+retried whole, that message in it, unless the connection was lost under it before (the handler may
+end its own session: that message is parked in the end), when it goes alone and the rest of the
+batch stays whole; lost again and again once made, outside any handler, the batch is split after a
+few tries.
 
 No beat runs here: nothing but the worker's own tasks handles the batch, and the test sweeps."""
 
@@ -267,16 +268,14 @@ def _swept_and_handled(settings, message_ids: list[uuid.UUID]):
     return probe
 
 
-def test_a_connection_lost_under_a_handler_sends_its_message_alone_and_keeps_the_rest_together(
+def test_a_connection_lost_under_a_handler_keeps_its_batch_together(
         settings, payments_inbox, payments_database, user_id, tmp_path):
     """The outage begins in the batch's second run (one message failed the first), while a later
-    message's handler runs: the loss may be that handler's doing, so its message goes to a task of
-    its own (which, its database away, leaves it to the sweeper), and the rest of the batch is
-    retried whole, not split. Once the database is back each is handled once, at its first try
-    that went through, and every user's in the order sent (the message left alone is its user's
-    last: handled after the rest of its batch, it keeps its user's order). Before, the session's
-    PendingRollbackError failed that message and every later one, and the batch went to tasks of
-    their own, one by one."""
+    message's handler runs: the loss may be that handler's doing, but a first one is taken for an
+    outage's, and the batch is retried whole, that message in it, not split. Once the database is
+    back each is handled once, at its first try that went through, and every user's in the order
+    sent. Before, the session's PendingRollbackError failed that message and every later one, and
+    the batch went to tasks of their own, one by one."""
     users = [f"{user_id}-{n}" for n in range(USERS)]
     _accounts_of(users)
     records, order_ids = _payment_requests(users, 3)
@@ -292,35 +291,53 @@ def test_a_connection_lost_under_a_handler_sends_its_message_alone_and_keeps_the
         log.mark()
         payments_database.cut()
         (parts / f"{lost_under}.go").touch()
-        # The message's own task tried twice; the rest of the batch, two connections a try.
+        # Two connections a try of the batch.
         wait_for(lambda: payments_database.connections_refused() >= 10, timeout=60,
-                 what="the rest of the batch to be tried again and again")
+                 what="the batch to be tried again and again")
         said_during_the_outage = log.lines_since_the_mark()
         payments_database.restore()
-        the_rest = [m for m in message_ids if m != lost_under]
-        wait_for(lambda: _all_processed(settings, the_rest), timeout=30,
-                 what="the rest of the batch, retried whole, to be handled once the database is"
-                      " back")
-        wait_for(_swept_and_handled(settings, message_ids), timeout=60, interval=0.5,
-                 what="the sweeper to hand over the message left alone, and the worker to"
-                      " handle it")
+        wait_for(lambda: _all_processed(settings, message_ids), timeout=30,
+                 what="the batch, retried whole, to be handled once the database is back")
 
     (warning,) = _warnings(said_during_the_outage)
     assert f"the payments inbox handlers {LOST}" in warning
-    assert not any("in a task" in line for line in said_during_the_outage)
-    (alone,) = [line for line in said_during_the_outage if "goes to a task of its own" in line]
-    assert str(lost_under) in alone
+    assert not any("in a task" in line or "task of its own" in line
+                   for line in said_during_the_outage)
+    (kept,) = [line for line in said_during_the_outage if "tried again whole" in line]
+    assert str(lost_under) in kept
     assert len(said_during_the_outage) <= 3
+    _assert_each_paid_once_in_turn(settings, users, order_ids, message_ids)
+
+
+def test_a_connection_lost_once_under_a_handler_keeps_its_keys_order_with_the_database_back_at_once(
+        settings, payments_inbox, user_id, tmp_path):
+    """The connection lost once under a message's handler, the database there again at once (one
+    backend killed, say), and the message not its user's last: the batch retried whole keeps the
+    user's order. Sent alone to a task of its own at once, the message was handled before its
+    user's earlier one, which waited for the rest of the batch's retry."""
+    users = [f"{user_id}-{n}" for n in range(USERS)]
+    _accounts_of(users)
+    records, order_ids = _payment_requests(users, 3)
+    fails_once = _message_id_of(records[0])  # the first user's first
+    lost_under = _message_id_of(records[USERS + 2])  # the third user's second of three
+    parts = _test_parts(tmp_path, {fails_once: "fails-once", lost_under: "ends-its-session-once"})
+    with _payments_worker(settings, None, tmp_path, parts):
+        message_ids = payments_inbox(records)
+        handle_inbox_batch.apply_async(("payments", [str(m) for m in message_ids]))
+        wait_for(lambda: _all_processed(settings, message_ids), timeout=60,
+                 what="the batch, retried whole, to be handled")
+
     _assert_each_paid_once_in_turn(settings, users, order_ids, message_ids)
 
 
 def test_a_message_whose_handler_ends_its_own_session_is_parked_and_its_batch_handled(
         settings, payments_inbox, user_id, tmp_path):
     """A handler that ends its database session (as one crashing its backend, or hung until
-    PostgreSQL ends it, does) loses its batch's connection as an outage would. Its message goes to
-    a task of its own, where each try counts, and is parked at INBOX_MAX_ATTEMPTS; the batch's
-    other messages are handled at their first try. Were every connection lost under a handler an
-    outage, the batch would be retried whole, for ever."""
+    PostgreSQL ends it, does) loses its batch's connection as an outage would. Lost under it a
+    second time (TRIES_LOST_UNDER_ONE_HANDLER_LIMIT), its message goes to a task of its own, where
+    each try counts, and is parked at INBOX_MAX_ATTEMPTS; the batch's other messages are handled at
+    their first try. Were every connection lost under a handler an outage, the batch would be
+    retried whole, for ever."""
     users = [f"{user_id}-{n}" for n in range(USERS)]
     _accounts_of(users)
     records, _ = _payment_requests(users, 2)

@@ -262,11 +262,13 @@ def test_a_batch_survives_the_database_dropping_the_workers_connection(settings,
     assert all(_row(m).processed_at is not None for m in batch)
 
 
-def test_a_batch_whose_connection_is_lost_under_a_handler_hands_its_message_on_and_retries_the_rest(
+def test_a_batch_whose_connection_is_lost_under_a_handler_twice_hands_its_message_on(
         settings, payments_inbox, payments_queue, monkeypatch, user_id):
-    """The connection lost while a message's handler runs may be its doing: that message goes to a
-    task of its own, and the rest of the batch is retried whole, the retry showing no ids in the
-    logs and Flower (argsrepr, as a dispatch), with no try of it counted."""
+    """The connection lost while a message's handler runs may be an outage's doing or the
+    handler's: the whole batch is retried, that message in it (its key's order kept), the loss
+    counted in the retry's kwargs; lost under it again, the message goes to a task of its own and
+    the rest of the batch is retried whole. Each retry shows no ids in the logs and Flower
+    (argsrepr, as a dispatch), and no try of it is counted."""
     take_payments = payments_app.message_handlers()[PAYMENT_REQUESTED]
     first, ends_its_session, last = (_stored_request(payments_inbox, user_id, key=user_id)
                                      for _ in range(3))
@@ -280,6 +282,12 @@ def test_a_batch_whose_connection_is_lost_under_a_handler_hands_its_message_on_a
                         lambda: {PAYMENT_REQUESTED: ending_its_session})
     batch = [str(first), str(ends_its_session), str(last)]
     _run_as_a_worker_runs_it(handle_inbox_batch, ("payments", batch))
+    ((name, args, kwargs, argsrepr),) = _tasks_sent()
+    assert (name, args) == (handle_inbox_batch.name, ["payments", batch])
+    assert kwargs == {"tries_lost_once_connected": 0, "lost_under": {str(ends_its_session): 1}}
+    assert argsrepr == "('payments', <3 message ids>)"
+
+    _run_as_a_worker_runs_it(handle_inbox_batch, tuple(args), kwargs, retries=1)
     sent = _tasks_sent()
     assert sent[0] == (handle_inbox_message.name, ["payments", str(ends_its_session)])
     name, args, kwargs, argsrepr = sent[1]
@@ -291,15 +299,16 @@ def test_a_batch_whose_connection_is_lost_under_a_handler_hands_its_message_on_a
         assert row.processed_at is None and row.attempts == 0
 
 
-def _run_as_a_worker_runs_it(task, args: tuple) -> None:
+def _run_as_a_worker_runs_it(task, args: tuple, kwargs: dict | None = None,
+                             retries: int = 0) -> None:
     """Run `task` here as a worker runs one it took from its queue: its retry is sent to the queue,
     where Task.apply (eager) runs it at once."""
     from celery.app.trace import build_tracer
 
     task_id = str(uuid.uuid4())
     build_tracer(task.name, task, app=celery_app)(
-        task_id, args, {}, {"id": task_id, "task": task.name, "retries": 0, "is_eager": False,
-                            "delivery_info": {}})
+        task_id, args, kwargs or {}, {"id": task_id, "task": task.name, "retries": retries,
+                                      "is_eager": False, "delivery_info": {}})
 
 
 def _tasks_sent(queue: str = "payments") -> list[tuple]:
