@@ -89,7 +89,8 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
         with transaction() as session:
             outcome = process_inbox_message(session, message, handlers)
     except Exception as exc:
-        if not outage.said_if_lost(exc):
+        lost = exc.error if isinstance(exc, ConnectionLostInHandler) else exc
+        if not outage.said_if_lost(lost):
             log.warning("%s inbox: handling %s failed: %r", service, message_id, exc)
         try:
             with transaction() as session:
