@@ -201,6 +201,31 @@ def _warnings(lines: list[str]) -> list[str]:
     return [line for line in lines if WARNING_OR_WORSE.search(line)]
 
 
+def _batch_retried_through_the_outage(settings, database: SilencingProxy, log,
+                                      message_ids: list[uuid.UUID], refused: int,
+                                      handled_within: float) -> list[str]:
+    """Waits for the batch's tries to meet the cut `database` `refused` times, restores it, and
+    waits up to `handled_within` seconds for every message to be handled; returns what the worker
+    logged from `log`'s mark to the restore: the outage as the batch said it."""
+    wait_for(lambda: database.connections_refused() >= refused, timeout=60,
+             what="the batch to be tried again and again")
+    said_during_the_outage = log.lines_since_the_mark()
+    database.restore()
+    wait_for(lambda: _all_processed(settings, message_ids), timeout=handled_within,
+             what="the batch, retried whole, to be handled once the database is back")
+    return said_during_the_outage
+
+
+def _swept_and_handled(settings, message_ids: list[uuid.UUID]):
+    """A probe for wait_for: sweeps (here the test's, on the database itself), and tells whether
+    the messages are all handled."""
+    def probe() -> bool:
+        sweep_inbox.apply(args=("payments",)).get()
+        return _all_processed(settings, message_ids)
+
+    return probe
+
+
 def test_a_batch_cut_off_from_its_database_says_so_once_and_is_handled_in_order_once_back(
         settings, payments_inbox, payments_database, user_id, tmp_path):
     users = [f"{user_id}-{n}" for n in range(USERS)]
@@ -212,12 +237,9 @@ def test_a_batch_cut_off_from_its_database_says_so_once_and_is_handled_in_order_
         message_ids = payments_inbox(records)
         assert len(message_ids) == len(records)
         handle_inbox_batch.apply_async(("payments", [str(m) for m in message_ids]))
-        wait_for(lambda: payments_database.connections_refused() >= REFUSED_DURING_THE_OUTAGE,
-                 timeout=60, what="the batch to be tried again and again")
-        said_during_the_outage = log.lines_since_the_mark()
-        payments_database.restore()
-        wait_for(lambda: _all_processed(settings, message_ids), timeout=60,
-                 what="every message to be handled once the database is back")
+        said_during_the_outage = _batch_retried_through_the_outage(
+            settings, payments_database, log, message_ids, refused=REFUSED_DURING_THE_OUTAGE,
+            handled_within=60)
 
     (warning,) = _warnings(said_during_the_outage)
     assert f"the payments inbox handlers {LOST}" in warning
@@ -242,30 +264,15 @@ def test_a_messages_own_task_cut_off_from_its_database_says_so_once_and_leaves_i
                  timeout=60, what="each task to try its message")
         said_during_the_outage = log.lines_since_the_mark()
         payments_database.restore()
-
         # Nothing of those tries could be recorded: once the messages have waited the sweep's
-        # minimum age, a sweep (here the test's, on the database itself) hands them over.
-        def swept_and_handled() -> bool:
-            sweep_inbox.apply(args=("payments",)).get()
-            return _all_processed(settings, message_ids)
-
-        wait_for(swept_and_handled, timeout=60, interval=0.5,
+        # minimum age, a sweep hands them over.
+        wait_for(_swept_and_handled(settings, message_ids), timeout=60, interval=0.5,
                  what="the sweeper to hand the messages over and the worker to handle them")
 
     (warning,) = _warnings(said_during_the_outage)
     assert f"the payments inbox handlers {LOST}" in warning
     assert _handled(settings, message_ids) == {"processed": len(message_ids), "parked": 0,
                                                "waiting": 0, "most_attempts": 1}
-
-
-def _swept_and_handled(settings, message_ids: list[uuid.UUID]):
-    """A probe for wait_for: sweeps (here the test's, on the database itself), and tells whether
-    the messages are all handled."""
-    def probe() -> bool:
-        sweep_inbox.apply(args=("payments",)).get()
-        return _all_processed(settings, message_ids)
-
-    return probe
 
 
 def test_a_connection_lost_under_a_handler_keeps_its_batch_together(
@@ -292,12 +299,8 @@ def test_a_connection_lost_under_a_handler_keeps_its_batch_together(
         payments_database.cut()
         (parts / f"{lost_under}.go").touch()
         # Two connections a try of the batch.
-        wait_for(lambda: payments_database.connections_refused() >= 10, timeout=60,
-                 what="the batch to be tried again and again")
-        said_during_the_outage = log.lines_since_the_mark()
-        payments_database.restore()
-        wait_for(lambda: _all_processed(settings, message_ids), timeout=30,
-                 what="the batch, retried whole, to be handled once the database is back")
+        said_during_the_outage = _batch_retried_through_the_outage(
+            settings, payments_database, log, message_ids, refused=10, handled_within=30)
 
     (warning,) = _warnings(said_during_the_outage)
     assert f"the payments inbox handlers {LOST}" in warning
