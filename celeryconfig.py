@@ -1,19 +1,22 @@
 """Celery configuration: Redis as the broker, two queues per service (shared/task_queues.py), and
 the beat schedule that keeps a relay leading for each outbox (tasks/relay.py), sweeps the inboxes
-and prunes them."""
+and prunes them.
+
+Settings only: tasks/celery_app.py reads it as it builds the Celery app, so it imports nothing from
+the tasks package (which would build the app while Celery loads its config); what it shares with
+the tasks is in shared/celery_settings.py."""
 
 from datetime import timedelta
 
+from shared.celery_settings import ALIVE_FILE_RENEW_EVERY_SECONDS, REDIS_TRANSPORT_PATH
 from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, get_settings
-from tasks.alive import RENEW_EVERY_SECONDS
-from tasks.redis_transport import TRANSPORT_PATH
 
 _settings = get_settings()
 
 broker_url = _settings.celery_broker_url
 # Kombu's Redis transport, keeping one client per channel (tasks/redis_transport.py); the app's
 # connections still give the broker's URL as redis:// (tasks/celery_app.py), for Flower.
-broker_transport = TRANSPORT_PATH
+broker_transport = REDIS_TRANSPORT_PATH
 broker_connection_retry_on_startup = True
 task_ignore_result = True
 result_backend = None
@@ -33,7 +36,7 @@ beat_scheduler = "tasks.beat:BoundedScheduler"
 # 5 minutes): each tick renews beat's alive file (tasks/alive.py), so its healthcheck's bound holds
 # whatever the schedule's periods (the relay's every OUTBOX_RELAY_INTERVAL_SECONDS, a pruner's
 # hourly).
-beat_max_loop_interval = RENEW_EVERY_SECONDS
+beat_max_loop_interval = ALIVE_FILE_RENEW_EVERY_SECONDS
 broker_transport_options = {
     # Redis keeps no copy of a task once a worker has taken it. What must not be lost is not the
     # task but the work, and that is in PostgreSQL: the sweeper dispatches again every inbox message

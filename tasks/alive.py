@@ -13,7 +13,7 @@ more than the ping did:
 - Beat renews it at the end of each pass of its scheduler (`tick`, which sends what is due), while
   it reaches Redis. Beat is no worker: its signs of life are that its scheduler goes round and
   that what it sends gets sent. It ticks whenever an entry of its schedule is due, and at least
-  every beat_max_loop_interval (celeryconfig.py: RENEW_EVERY_SECONDS, below) whatever the
+  every beat_max_loop_interval (celeryconfig.py: ALIVE_FILE_RENEW_EVERY_SECONDS) whatever the
   schedule holds; from a send that failed (Redis gone, or not answering) to the next that works,
   and through a tick held up, the file is left to age, and beat removes it as it stops.
 
@@ -31,9 +31,10 @@ from celery import bootsteps
 from celery.beat import Scheduler
 from click import Option
 
+from shared.celery_settings import ALIVE_FILE_RENEW_EVERY_SECONDS
+
 log = logging.getLogger(__name__)
 
-RENEW_EVERY_SECONDS = 5.0
 # How old the file may be for the process to count as alive (docker-compose.yml's healthchecks):
 # several renewals missed, not one late.
 ALIVE_WITHIN_SECONDS = 30
@@ -99,7 +100,7 @@ class AliveFileStep(bootsteps.StartStopStep):
 
     def start(self, c) -> None:
         self.file.renew()
-        self.renewal = c.timer.call_repeatedly(RENEW_EVERY_SECONDS, self.file.renew)
+        self.renewal = c.timer.call_repeatedly(ALIVE_FILE_RENEW_EVERY_SECONDS, self.file.renew)
 
     def stop(self, c) -> None:
         if self.renewal is not None:

@@ -8,7 +8,8 @@ channel. A client is only the pool and that table (redis-py clients may be share
 so a channel keeps the one it built, and builds another only when kombu has given the channel a new
 pool (after a disconnect). The clients kombu keeps for consuming (BRPOP, pub/sub) are untouched.
 
-Celery uses it through `broker_transport` in celeryconfig.py; the broker URL is unchanged, and the
+Celery uses it through `broker_transport` in celeryconfig.py (by its path,
+shared/celery_settings.py's REDIS_TRANSPORT_PATH); the broker URL is unchanged, and the
 app's connections (`Connection`, below) still give it as a `redis://` URL.
 """
 
@@ -18,8 +19,7 @@ import kombu
 from kombu import connection as kombu_connection
 from kombu.transport import redis as kombu_redis
 
-# What celeryconfig.py's broker_transport names.
-TRANSPORT_PATH = f"{__name__}:Transport"
+from shared.celery_settings import REDIS_TRANSPORT_PATH
 
 
 class Channel(kombu_redis.Channel):
@@ -49,7 +49,7 @@ class Connection(kombu.Connection):
     connection keeps this one.
     """
 
-    resolve_aliases = {**kombu_connection.resolve_aliases, TRANSPORT_PATH: "redis"}
+    resolve_aliases = {**kombu_connection.resolve_aliases, REDIS_TRANSPORT_PATH: "redis"}
 
     def __reduce__(self):
         # A copy pickled or deep-copied is rebuilt from the connection's info(), which now names

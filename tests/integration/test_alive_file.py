@@ -25,7 +25,8 @@ from redis import Redis
 from devstack.infra import free_port
 from shared.config import SERVICES
 from shared.task_queues import control_queue
-from tasks.alive import ALIVE_WITHIN_SECONDS, RENEW_EVERY_SECONDS
+from shared.celery_settings import ALIVE_FILE_RENEW_EVERY_SECONDS
+from tasks.alive import ALIVE_WITHIN_SECONDS
 from tests.compose_tools import alive_file_check
 from tests.environment import REDIS_DB, REDIS_KEYS_OF_THE_RUN
 from tests.network_tools import SilencingProxy
@@ -42,7 +43,7 @@ import sys, time
 from celery import Celery, bootsteps
 from tasks import alive
 
-alive.RENEW_EVERY_SECONDS = {RENEW_EVERY}
+alive.ALIVE_FILE_RENEW_EVERY_SECONDS = {RENEW_EVERY}
 app = Celery("alive-test", broker=sys.argv[3])
 app.conf.task_default_queue = sys.argv[2]
 app.conf.broker_transport_options = {{"global_keyprefix": sys.argv[4]}}  # (the run's keys)
@@ -177,10 +178,10 @@ def test_beat_renews_its_file_at_each_tick_with_nothing_due_and_removes_it_as_it
                        INBOX_SWEEP_INTERVAL_SECONDS="60") as (beat, log):
         wait_for(lambda: _renewed_by(beat, path, log), timeout=30,
                  what="beat to write its alive file")
-        seen = _renewals(path, 2 * RENEW_EVERY_SECONDS + 1.5)
+        seen = _renewals(path, 2 * ALIVE_FILE_RENEW_EVERY_SECONDS + 1.5)
         gaps = [later - earlier for earlier, later in zip(seen, seen[1:])]
         assert len(seen) >= 3, (seen, log())
-        assert max(gaps) < RENEW_EVERY_SECONDS + 1, gaps
+        assert max(gaps) < ALIVE_FILE_RENEW_EVERY_SECONDS + 1, gaps
         assert _compose_healthcheck_passes(path)
         beat.send_signal(signal.SIGTERM)
         assert beat.wait(20) == 0, log()
@@ -213,7 +214,8 @@ def test_beat_leaves_its_file_to_age_while_its_sends_fail_and_renews_it_once_the
                      what="the file to age past the healthcheck's bound, Redis out of reach")
             assert not _compose_healthcheck_passes(path)
             proxy.restore()
-            wait_for(lambda: _renewed_by(beat, path, log) and _age(path) < RENEW_EVERY_SECONDS,
+            wait_for(lambda: (_renewed_by(beat, path, log)
+                              and _age(path) < ALIVE_FILE_RENEW_EVERY_SECONDS),
                      timeout=30, interval=0.2, what="beat to renew its file, Redis back")
             assert _compose_healthcheck_passes(path)
     finally:

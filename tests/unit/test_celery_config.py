@@ -1,0 +1,32 @@
+"""celeryconfig.py is settings only: Celery imports it while the app is being built
+(tasks/celery_app.py), so importing it must build no app, which importing anything under `tasks`
+does (tasks/__init__.py). What it shares with the tasks is in shared/celery_settings.py."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kombu.utils.imports import symbol_by_name
+
+import celeryconfig
+from shared.celery_settings import REDIS_TRANSPORT_PATH
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_importing_celeryconfig_imports_nothing_of_the_tasks_package():
+    imported = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, celeryconfig; print(sorted(name for name in sys.modules"
+         " if name == 'tasks' or name.startswith('tasks.')))"],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True,
+        text=True, check=True)
+    assert imported.stdout.strip() == "[]", imported.stdout
+
+
+def test_the_broker_transport_celeryconfig_names_is_the_shops():
+    from tasks.redis_transport import Transport
+
+    assert celeryconfig.broker_transport == REDIS_TRANSPORT_PATH
+    assert symbol_by_name(REDIS_TRANSPORT_PATH) is Transport
