@@ -23,8 +23,10 @@ DOCS_CONFIG = {
 }
 
 
-def create_app(settings: Settings | None = None, *, serves_requests: bool = True) -> Flask:
-    """The gateway's app; one not `serves_requests` is a worker's or a tool's (shared.app)."""
+def create_app(settings: Settings | None = None, *,
+               warns_of_published_secrets: bool = True) -> Flask:
+    """The gateway's app; a worker's or a tool's, which serves no request, is built without
+    `warns_of_published_secrets` (shared.app)."""
     import redis
     from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -41,7 +43,7 @@ def create_app(settings: Settings | None = None, *, serves_requests: bool = True
                              authenticate=auth.authenticate_bearer,
                              takes_caller_deadlines=False,
                              secrets=SECRETS,  # (it signs identities and users' tokens)
-                             serves_requests=serves_requests)
+                             warns_of_published_secrets=warns_of_published_secrets)
     settings = app.extensions["hseshop.settings"]
     app.extensions[auth.RATE_LIMITER] = RateLimiter(
         settings.redis_url, settings.rate_limit_per_minute, settings.redis_key_prefix)

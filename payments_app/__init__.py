@@ -10,14 +10,17 @@ from shared.config import Settings
 SERVICE = "payments"
 
 
-def create_app(settings: Settings | None = None, *, serves_requests: bool = True) -> Flask:
-    """The service's app; one not `serves_requests` is a worker's or a tool's (shared.app)."""
+def create_app(settings: Settings | None = None, *,
+               warns_of_published_secrets: bool = True) -> Flask:
+    """The service's app; a worker's or a tool's, which serves no request, is built without
+    `warns_of_published_secrets` (shared.app)."""
     from payments_app import models  # noqa: F401  (register the tables)
     from payments_app.api import blueprint
     from shared.app import create_service_app
 
     return create_service_app(SERVICE, title="HseShop Payments", blueprints=[blueprint],
-                              settings=settings, serves_requests=serves_requests)
+                              settings=settings,
+                              warns_of_published_secrets=warns_of_published_secrets)
 
 
 def subscribed_topics(settings: Settings) -> list[str]:

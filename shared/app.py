@@ -86,13 +86,14 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
                        authenticate: Callable[[], None] = identify_caller,
                        takes_caller_deadlines: bool = True,
                        secrets: Iterable[str] = ("INTERNAL_AUTH_SECRET",),
-                       serves_requests: bool = True) -> Flask:
+                       warns_of_published_secrets: bool = True) -> Flask:
     """A web app for `service`; `authenticate` runs before every route of `blueprints`. A service
     behind the gateway `takes_caller_deadlines` (shared/caller_deadline.py); the gateway, the
     public door, takes none from its clients. `secrets` are those the service signs or trusts
     with (shared.config.SECRETS): the services behind the gateway, the gateway's identities.
-    An app built only for its app context (workers' tasks, the operator's commands:
-    `serves_requests` false) signs and verifies nothing, so says nothing of the secrets."""
+    An app that serves requests `warns_of_published_secrets` (warn_of_published_secrets); one
+    built only for its app context (workers' tasks, the operator's commands) signs and verifies
+    nothing, so is built with it false and says nothing of the secrets."""
     settings = settings or get_settings()
     # No static folder of Flask's own: the gateway serves its page's files at /static itself.
     app = ShopFlask(service, static_folder=None)
@@ -133,7 +134,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     serve_swagger_ui_files(app)
     register_error_handlers(app)
     configure_logging()
-    if serves_requests:
+    if warns_of_published_secrets:
         warn_of_published_secrets(service, settings, secrets)
     install_request_ids(app)
     app.before_request(refuse_an_unsized_body_over_the_limit)  # (its 413 logged with its id)

@@ -28,7 +28,7 @@ def service_app(service: str) -> Flask:
     nothing: no warning of a published secret from a process that does not use it."""
     with _apps_lock:
         if service not in _apps:
-            _apps[service] = service_package(service).create_app(serves_requests=False)
+            _apps[service] = service_package(service).create_app(warns_of_published_secrets=False)
         return _apps[service]
 
 

@@ -112,7 +112,8 @@ def roles_job() -> str:
 
 def serves_requests(service: dict) -> bool:
     """Whether the process answers requests (an HTTP API or a gRPC server), and so signs or
-    verifies identities: built with create_app(serves_requests=True)."""
+    verifies identities, and warns if it does so with a published secret (create_app's
+    warns_of_published_secrets, as workers' and tools' apps are not)."""
     argv = command(service)
     return argv[0] == "gunicorn" or argv[:3] == ["python", "-m", "shared.grpc_server"]
 

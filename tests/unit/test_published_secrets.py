@@ -74,7 +74,7 @@ def test_an_app_built_for_workers_and_tools_says_nothing_of_the_secrets(caplog, 
     """Built for its app context only (tasks.services), an app serves no request: it signs and
     verifies nothing."""
     caplog.set_level(logging.INFO)
-    package.create_app(load_settings({}), serves_requests=False)
+    package.create_app(load_settings({}), warns_of_published_secrets=False)
     assert _warnings(caplog) == []
 
 
