@@ -137,7 +137,8 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     if warns_of_published_secrets:
         warn_of_published_secrets(service, settings, secrets)
     install_request_ids(app)
-    app.before_request(refuse_an_unsized_body_over_the_limit)  # (its 413 logged with its id)
+    # (after the request's id is set: its 413 and 400 are logged with it)
+    app.before_request(refuse_a_chunked_body_unreadable_or_over_the_limit)
     app.before_request(forget_replayed_mark)
     app.after_request(say_if_replayed)  # Idempotent-Replayed: true on a replayed answer
     if takes_caller_deadlines:
@@ -165,9 +166,11 @@ def _the_readers_refusal(exc: Exception) -> bool:
     return isinstance(exc, OSError) or type(exc).__module__.startswith("gunicorn.http")
 
 
-def refuse_an_unsized_body_over_the_limit() -> None:
-    """A 413 for a body sent in chunks, with no Content-Length, that goes on past
-    MAX_REQUEST_BYTES. Werkzeug reads such a body up to the limit and stops there without a word,
+def refuse_a_chunked_body_unreadable_or_over_the_limit() -> None:
+    """A body sent in chunks, with no Content-Length, read before any view or sign-in: a 413 if it
+    goes on past MAX_REQUEST_BYTES, a 400 if it cannot be read as chunks.
+
+    Over the limit: Werkzeug reads such a body up to the limit and stops there without a word,
     so the app would have parsed its first 64 KiB (a 400 for JSON cut off, or a request made of a
     body's beginning); one with a Content-Length over the limit is refused as it arrives.
 
