@@ -79,10 +79,12 @@ class Blueprint(flask_smorest.Blueprint):
     over the size limit (any app's, shared.app), and a query, or a JSON body, that does not hold
     to the route's schema or cannot be read."""
 
-    ARGUMENTS_PARSER = StrictJSONParser()
-    # What flask-smorest's `paginate` reads page and page_size with (a parser of its own, which
-    # passes over the route's other parameters): each taken once too.
-    PAGINATION_ARGUMENTS_PARSER = OnceEachParser()
+    # One parser for every query a route reads, so that each parameter is taken once wherever it
+    # is read: flask-smorest looks it up under two names, one for the route's declared arguments
+    # and one for `paginate`'s page and page_size (whose schema passes over the route's other
+    # parameters). No shop route pages with `paginate` (the lists page with cursors of their own);
+    # one that came to would still be held to the rule.
+    ARGUMENTS_PARSER = PAGINATION_ARGUMENTS_PARSER = StrictJSONParser()
 
     def __init__(self, *args, errors: Iterable[DocumentedError] = (), **kwargs):
         super().__init__(*args, **kwargs)
