@@ -41,7 +41,7 @@ INIT_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "postgres-init" /
 
 @dataclass(frozen=True)
 class ServiceDatabase:
-    """A service's role, its password and its database, as deploy/postgres.env names them."""
+    """A service's role, its password and its database, as deploy/service-roles.env names them."""
 
     service: str
     role: str
@@ -359,7 +359,7 @@ def test_it_signs_in_with_postgres_password_as_compose_runs_it(
 
 def test_a_migration_whose_password_is_refused_names_the_script_that_sets_it(
         service_databases_asking_passwords):
-    """A URL whose password is not the role's (changed in deploy/postgres.env and not in the
+    """A URL whose password is not the role's (changed in deploy/service-roles.env and not in the
     service's URL, say): `*-migrate` says where the role's is set, in its one line."""
     databases = service_databases_asking_passwords
     databases.run_init_script()
@@ -371,8 +371,8 @@ def test_a_migration_whose_password_is_refused_names_the_script_that_sets_it(
     assert f'password authentication failed for user "{databases["orders"].role}"' in line
     assert line.endswith(
         ": the role's password is the one deploy/postgres-init/01-service-databases.sh sets from"
-        " ORDERS_DB_PASSWORD (deploy/postgres.env; the compose service postgres-roles runs it at"
-        " every `docker compose up`), and ORDERS_DATABASE_URL must hold the same")
+        " ORDERS_DB_PASSWORD (deploy/service-roles.env; the compose service postgres-roles runs it"
+        " at every `docker compose up`), and ORDERS_DATABASE_URL must hold the same")
     migrated = _migrate_as(databases.as_role("orders", "orders"), "orders")  # (with its own)
     assert migrated.returncode == 0, migrated.stderr
 

@@ -211,11 +211,11 @@ def compose_with_passwords_of_any_character(tmp_path) -> Path:
     """A copy of the compose file and its env files, with PASSWORDS_OF_ANY_CHARACTER."""
     shutil.copy(COMPOSE_FILE, tmp_path)
     shutil.copytree(COMPOSE_FILE.parent / "deploy", tmp_path / "deploy")
-    postgres_env = tmp_path / "deploy" / "postgres.env"
+    roles_env = tmp_path / "deploy" / "service-roles.env"
     for prefix, password in PASSWORDS_OF_ANY_CHARACTER.items():
-        postgres_env.write_text(re.sub(rf"^{prefix}_DB_PASSWORD=.*$",
-                                       f"{prefix}_DB_PASSWORD='{password}'",
-                                       postgres_env.read_text(), flags=re.MULTILINE))
+        roles_env.write_text(re.sub(rf"^{prefix}_DB_PASSWORD=.*$",
+                                    f"{prefix}_DB_PASSWORD='{password}'",
+                                    roles_env.read_text(), flags=re.MULTILINE))
         service_env = tmp_path / "deploy" / f"{prefix.lower()}.env"
         service_env.write_text(re.sub(rf"^({prefix}_DATABASE_URL=postgresql://\w+:)[^@]*@",
                                       lambda found: found.group(1) + quote(password, safe="") + "@",
@@ -260,6 +260,21 @@ def test_no_two_services_share_a_role_a_password_or_a_database_and_none_is_the_s
     assert postgres["POSTGRES_USER"] not in roles
 
 
+def test_the_postgres_server_gets_its_superuser_and_no_services_role_or_password():
+    """The services' roles' passwords (their <SERVICE>_DB_*) are the roles job's alone: the
+    server's container, whose environment any process in it and `docker inspect` read, needs
+    only the superuser it makes on the first start. Read as Compose v2 resolves the env files."""
+    roles = resolved_environment(roles_job())
+    server = resolved_environment("postgres")
+    assert set(server) == {"POSTGRES_USER", "POSTGRES_PASSWORD"}
+    assert {name: roles[name] for name in server} == server
+    service_settings = {name for name in roles if re.fullmatch(r"[A-Z]+_DB_[A-Z]+", name)}
+    assert service_settings == {f"{service_name.upper()}_DB_{part}" for service_name in SERVICES
+                                for part in ("USER", "PASSWORD", "NAME")}
+    for name in service_settings:
+        assert roles[name] not in server.values(), name
+
+
 def test_every_up_makes_each_services_role_and_database_before_any_migration():
     """Not only on an empty volume, as the postgres image's init scripts run: on one an earlier
     release made, without the roles, every `*-migrate` was refused ("password authentication
@@ -269,7 +284,8 @@ def test_every_up_makes_each_services_role_and_database_before_any_migration():
     job = ALL_SERVICES[name]
     postgres = ALL_SERVICES["postgres"]
     assert job["image"] == postgres["image"]
-    assert job["env_file"] == postgres["env_file"] == "deploy/postgres.env"
+    assert job["env_file"] == [postgres["env_file"], "deploy/service-roles.env"]
+    assert postgres["env_file"] == "deploy/postgres.env"
     assert job["environment"]["PGHOST"] == "postgres"
     assert job["restart"] == "no"
     assert job["depends_on"] == {"postgres": {"condition": "service_healthy"}}
