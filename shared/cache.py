@@ -1,12 +1,20 @@
 """A read-through cache in Redis that does not serve a value older than the reader's own last
-write, but for one case: a version bump that fails twice (below) leaves the old values readable
-until they expire, CACHE_TTL_SECONDS at most.
+write, but for two cases: a version bump Redis took and lost (a failover), and one kept for later
+(below) by a process that ends before Redis answers again, leave the old values readable until they
+expire, CACHE_TTL_SECONDS at most.
 
 Every cached value belongs to a namespace (one user's balance, one user's orders) with a version: a
 random token. A write replaces the version once its transaction has committed; a read uses a
 cached value only if it was stored under the current version. A reader that raced a write
 therefore stores its value under the old version, where nobody will use it. Redis being down costs
 only speed: reads go to the database, and nothing fails.
+
+A bump that could not be made, tried twice (Redis restarting, which keeps its keys under
+compose's `--appendonly yes`, or cut off from the writer), is not given up: the writer's process
+keeps its namespaces, reads them from the database meanwhile, and tries the bump again every
+UNBUMPED_RETRY_SECONDS on a thread of its own, so that the other processes serve the values from
+before it for that long at most once Redis answers. Given up, the value cached before the write
+came back with Redis and was served, to the writer too, until it expired.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +41,10 @@ _VERSION_TTL_SECONDS = 7 * 24 * 3600
 # A bump that fails (a blip, a connection gone silent past the 0.25 s timeout) is tried once more,
 # on a new connection: redis-py drops a connection that failed.
 _BUMP_TRIES = 2
+# How often a process tries again the bumps it could not make (VersionedCache._unbumped), while it
+# has any: how long, at most, another process can serve a value from before them once Redis
+# answers again.
+UNBUMPED_RETRY_SECONDS = 0.2
 
 
 class VersionedCache:
@@ -39,6 +53,11 @@ class VersionedCache:
                                             socket_connect_timeout=0.25)
         self._ttl = ttl_seconds
         self._prefix = prefix
+        # The namespaces whose bump failed, to be made once Redis answers (_retry_the_unbumped),
+        # each with how many times it was kept.
+        self._unbumped: dict[str, int] = {}
+        self._unbumped_lock = threading.Lock()
+        self._retrying: threading.Thread | None = None
 
     def _keys(self, namespace: str, key: str) -> tuple[str, str]:
         return (f"{self._prefix}:version:{namespace}",
@@ -47,6 +66,8 @@ class VersionedCache:
     def read(self, namespace: str, key: str, load: Callable[[], Any]) -> Any:
         """The cached value, or `load()`'s (JSON-serialisable) result, stored for next time."""
         version_key, value_key = self._keys(namespace, key)
+        if namespace in self._unbumped:  # (its cached values may be older than a write)
+            return load()
         try:
             version, cached = self._client.mget(version_key, value_key)
         except redis.RedisError as exc:
@@ -77,10 +98,41 @@ class VersionedCache:
                     log.warning("cache: invalidating %s failed, trying again: %s",
                                 ", ".join(namespaces), exc)
                     continue
-                # Values already cached expire within the TTL; said here because it is the one
-                # way a reader could see something older than a write.
-                log.error("cache unavailable, could not invalidate %s: %s",
-                          ", ".join(namespaces), exc)
+                log.error("cache unavailable, could not invalidate %s (to be done once it"
+                          " answers): %s", ", ".join(namespaces), exc)
+                self._keep_unbumped(namespaces)
+
+    def _keep_unbumped(self, namespaces: tuple[str, ...]) -> None:
+        """Keep `namespaces` to be bumped once Redis answers, tried again on a thread of this
+        process's (one started afresh after a fork: a parent's thread is not the child's)."""
+        with self._unbumped_lock:
+            for namespace in namespaces:
+                self._unbumped[namespace] = self._unbumped.get(namespace, 0) + 1
+            if self._retrying is None or not self._retrying.is_alive():
+                self._retrying = threading.Thread(target=self._retry_the_unbumped,
+                                                  name="cache-unbumped", daemon=True)
+                self._retrying.start()
+
+    def _retry_the_unbumped(self) -> None:
+        """Until none is left, bump the namespaces kept (not under the lock: a write failing its
+        own bump meanwhile does not wait for Redis twice); each is forgotten unless a write kept
+        it again while it was bumped, which that bump may have come before."""
+        while True:
+            time.sleep(UNBUMPED_RETRY_SECONDS)
+            with self._unbumped_lock:
+                kept = dict(self._unbumped)
+                if not kept:
+                    self._retrying = None
+                    return
+            try:
+                self._bump(tuple(sorted(kept)))
+            except redis.RedisError:
+                continue
+            with self._unbumped_lock:
+                for namespace, times in kept.items():
+                    if self._unbumped.get(namespace) == times:
+                        del self._unbumped[namespace]
+            log.warning("cache: invalidated %s once it answered again", ", ".join(sorted(kept)))
 
     def _bump(self, namespaces: tuple[str, ...]) -> None:
         if len(namespaces) == 1:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from urllib.parse import urlsplit
 
@@ -19,6 +21,7 @@ from shared.config import get_settings
 from shared.db import transaction
 from shared.internal_auth import identity_headers
 from tests.network_tools import SilencingProxy
+from tests.polling import wait_for
 
 
 def _as(user_id):
@@ -63,6 +66,55 @@ def test_a_version_bump_on_a_connection_gone_silent_is_made_again_on_a_new_one(s
         assert cache.read("user", "balance", lambda: "after") == "after"
     finally:
         proxy.close()
+
+
+@contextmanager
+def _redis_through_a_proxy(settings) -> Iterator[tuple[str, SilencingProxy]]:
+    """The session's Redis URL, but through a proxy the test can cut."""
+    url = urlsplit(settings.redis_url)
+    proxy = SilencingProxy(f"{url.hostname}:{url.port or 6379}")
+    try:
+        yield url._replace(netloc=proxy.address).geturl(), proxy
+    finally:
+        proxy.close()
+
+
+def test_a_write_whose_bump_found_redis_gone_is_not_read_stale_once_redis_is_back(
+        settings, user_id):
+    """Redis restarted (compose's keeps its keys: --appendonly yes) or cut off from the writer as
+    a top-up commits: both tries of its bump fail. Once Redis answers again, the balance cached
+    before is the writer's no more (it was, until it expired, when the bump was given up)."""
+    with _redis_through_a_proxy(settings) as (redis_url, redis):
+        client = payments_app.create_app(
+            settings=dataclasses.replace(settings, redis_url=redis_url)).test_client()
+        client.post("/accounts", headers=_as(user_id))
+        client.post("/accounts/deposit", json={"amount": 10}, headers=_as(user_id))
+        assert client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == \
+            "10.00"  # (cached)
+        redis.cut()
+        topped_up = client.post("/accounts/deposit", json={"amount": 5}, headers=_as(user_id))
+        assert topped_up.get_json()["balance"] == "15.00"
+        redis.restore()
+        assert client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == \
+            "15.00"
+
+
+def test_a_bump_that_found_redis_gone_is_made_once_it_answers_for_every_process(settings):
+    """Another process (another cache, its own connections) is served the value from before the
+    write only until the writer's process makes the bump it kept: at once as Redis answers."""
+    prefix = f"test-{uuid.uuid4().hex[:6]}"
+    reader = VersionedCache(settings.redis_url, 60, prefix=prefix)
+    assert reader.read("user", "balance", lambda: "before") == "before"
+    with _redis_through_a_proxy(settings) as (redis_url, redis):
+        writer = VersionedCache(redis_url, 60, prefix=prefix)
+        redis.cut()
+        writer.invalidate("user")  # (both tries refused)
+        assert writer.read("user", "balance", lambda: "after") == "after"  # (from the database)
+        redis.restore()
+        wait_for(lambda: reader.read("user", "balance", lambda: "after") == "after",
+                 timeout=2, what="the bump kept for later made")
+        wait_for(lambda: writer.read("user", "balance", lambda: None) == "after", timeout=2,
+                 what="the writer reading from the cache again")
 
 
 def test_a_value_read_before_a_write_and_stored_after_it_is_never_served(cache):
