@@ -1,4 +1,11 @@
-"""Password hashing with scrypt (memory-hard, salted per password), from the standard library."""
+"""Password hashing with scrypt (memory-hard, salted per password), from the standard library.
+
+A password is hashed and checked in its Unicode NFKC form (as NIST SP 800-63B asks): "é" typed as
+one character on one device and as "e" with a combining accent on another, or a full-width "ａ"
+from an input method, are the same password. A hash made before (of the password as it was sent)
+still checks: a password whose form differs is checked as it was sent too, when its form is not
+the hash's.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import hmac
 import os
 import secrets
 import threading
+import unicodedata
 
 _N, _R, _P = 2**14, 8, 1  # about 16 MiB and tens of milliseconds per hash
 _KEY_LENGTH = 32
@@ -23,11 +31,24 @@ _hashing = threading.BoundedSemaphore(HASHES_AT_ONCE)
 
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
-    key = _scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, dklen=_KEY_LENGTH)
+    key = _scrypt(_normalised(password).encode(), salt=salt, n=_N, r=_R, p=_P,
+                  dklen=_KEY_LENGTH)
     return "$".join(["scrypt", str(_N), str(_R), str(_P), _b64(salt), _b64(key)])
 
 
 def verify_password(password: str, stored: str) -> bool:
+    """Whether `password` is the one `stored` was made of: in its NFKC form, or, for a hash made
+    before passwords were normalised, as sent (a second hash, for a password not in its NFKC form
+    alone: what it costs depends on what is sent, never on whether its user exists)."""
+    normalised = _normalised(password)
+    return _checks(normalised, stored) or (normalised != password and _checks(password, stored))
+
+
+def _normalised(password: str) -> str:
+    return unicodedata.normalize("NFKC", password)
+
+
+def _checks(password: str, stored: str) -> bool:
     try:
         scheme, n, r, p, salt, key = stored.split("$")
         if scheme != "scrypt":

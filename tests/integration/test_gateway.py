@@ -259,6 +259,18 @@ def test_signing_in_under_an_unknown_name_costs_one_hash_as_under_a_known_one(ga
     assert costs[0] == costs[2] == 1  # (the first unknown name makes the process's one hash)
 
 
+def test_a_password_signs_in_whichever_unicode_form_it_is_typed_in(gateway):
+    """"é" as one character (typed on one device) or as "e" and a combining accent (another), the
+    same password: NFKC, as NIST SP 800-63B asks."""
+    username = f"accented-{uuid.uuid4().hex[:8]}"
+    signed_up = gateway.post("/api/auth/register", json={"username": username,
+                                                         "password": "caf\u00e9 horse"})
+    assert signed_up.status_code == 201
+    login = gateway.post("/api/auth/login", json={"username": username,
+                                                  "password": "cafe\u0301 horse"})
+    assert login.status_code == 200, login.get_json()
+
+
 def test_a_body_over_the_size_limit_is_refused_with_413_unread(gateway):
     response = gateway.post("/api/auth/login", content_type="application/json",
                             data=b'{"username": "' + b"x" * (MAX_REQUEST_BYTES + 1) + b'"}')

@@ -16,6 +16,21 @@ def test_a_password_checks_against_its_hash_and_no_other_does():
     assert not passwords.verify_password("correct horse", "not a hash")
 
 
+def test_a_password_checks_in_any_unicode_form_of_it_and_a_hash_from_before_still_checks():
+    composed, decomposed, full_width = "caf\u00e9 horse", "cafe\u0301 horse", "\uff43af\u00e9 horse"
+    stored = passwords.hash_password(composed)
+    assert passwords.verify_password(decomposed, stored)
+    assert passwords.verify_password(full_width, stored)
+    assert not passwords.verify_password("cafe horse", stored)
+    # A hash made before passwords were normalised: of the password as it was sent.
+    salt = b"0123456789abcdef"
+    key = passwords.hashlib.scrypt(decomposed.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+    from_before = "$".join(["scrypt", "16384", "8", "1", passwords._b64(salt),
+                            passwords._b64(key)])
+    assert passwords.verify_password(decomposed, from_before)
+    assert not passwords.verify_password("cafe horse", from_before)
+
+
 def test_threads_hashing_at_once_take_turns_past_hashes_at_once(monkeypatch):
     hashing, most = 0, 0
     counting = threading.Lock()
