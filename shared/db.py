@@ -6,8 +6,9 @@ Work that must wait for the commit (invalidating cached reads, say) is registere
 `after_commit`. `driver_cursor` runs the busiest statements straight on the driver. Pooled
 connections are pinged before use only after they sat idle (`init_database` sets that up).
 `connection_lost` tells a database connection lost or refused (a restart, a failover), which the
-shop gets over by itself, from any other error; `failure_in_a_line` says an error in a line, as
-the operator's commands (shared.migrations, tasks.parked) say it.
+shop gets over by itself, from any other error, and `connection_lost_on` whether a connection was
+lost, though whoever met the error caught it; `failure_in_a_line` says an error in a line, as the
+operator's commands (shared.migrations, tasks.parked) say it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from flask_sqlalchemy import SQLAlchemy
 from psycopg2 import OperationalError as DriverOperationalError
 from psycopg2.extensions import make_dsn
 from sqlalchemy import MetaData, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session
 
@@ -301,15 +302,54 @@ def driver_cursor(session: Session) -> Iterator:
     """
     connection = session.connection()
     dbapi = connection.dialect.loaded_dbapi
-    cursor = connection.connection.cursor()
+    dbapi_connection = connection.connection.dbapi_connection
+    cursor = dbapi_connection.cursor()
     try:
         yield cursor
     except dbapi.Error as exc:
         # Raised as SQLAlchemy raises its own (the APIs answer an OperationalError with a 503). A
-        # broken connection is found out by the rollback that follows (see transaction()).
-        raise DBAPIError.instance(None, None, exc, dbapi.Error) from exc
+        # broken connection is found out by the rollback that follows (see transaction()), and
+        # noted on the connection now, as SQLAlchemy's own statements note theirs
+        # (note_connections_lost): whoever catches the error cannot hide it.
+        error = DBAPIError.instance(None, None, exc, dbapi.Error)
+        _note_if_lost(connection, error,
+                      connection.dialect.is_disconnect(exc, dbapi_connection, cursor))
+        raise error from exc
     finally:
         cursor.close()
+
+
+# Where a connection keeps the first lost-connection error it met (shared.inbox.handling reads it
+# after a handler: a handler may catch the error, and the session then raises its own). Kept on
+# the connection itself, which serves one transaction of a session and goes with it: not in a
+# weak mapping, whose errors' tracebacks, holding the connection, would keep it for ever.
+_LOST_WITH = "_hseshop_lost_with"
+
+
+def note_connections_lost(engine: Engine) -> None:
+    """Note on each of the engine's connections the first error with which it was lost
+    (`connection_lost_on`), whoever then catches that error: SQLAlchemy's own statements here
+    (`handle_error`: its dialect's `is_disconnect`, or `connection_lost`), driver_cursor's in
+    driver_cursor."""
+
+    @event.listens_for(engine, "handle_error")
+    def _noting_a_lost_connection(context: ExceptionContext) -> None:
+        if context.connection is not None:  # (None: it failed to connect, so lost nothing)
+            _note_if_lost(context.connection,
+                          context.sqlalchemy_exception or context.original_exception,
+                          context.is_disconnect)
+
+
+def _note_if_lost(connection: Connection, error: BaseException, is_disconnect: bool) -> None:
+    if (is_disconnect or connection_lost(error)) and connection_lost_on(connection) is None:
+        setattr(connection, _LOST_WITH, error)
+
+
+def connection_lost_on(connection: Connection) -> BaseException | None:
+    """The error with which `connection` was lost (the first, if it met several: the ones after
+    it say only that it is closed), or None while it has not been, as far as SQLAlchemy's
+    statements and driver_cursor's saw (a bare driver cursor's errors are not seen)."""
+    return getattr(connection, _LOST_WITH, None)
 
 
 def driver_dsn(database_url: str) -> str:
@@ -330,12 +370,13 @@ _CHECKED_IN_AT = "hseshop.checked_in_at"
 
 def init_database(app: Flask) -> None:
     """Set the database extension up for `app` (its SQLALCHEMY_DATABASE_URI configured), with
-    pooled connections pinged only after they sat idle."""
+    pooled connections pinged only after they sat idle, and each lost connection noted."""
     db.init_app(app)
     with app.app_context():
         limit_sessions(db.engine)
         read_times_in_utc(db.engine)
         ping_connections_after_idle(db.engine)
+        note_connections_lost(db.engine)
 
 
 def limit_sessions(engine: Engine, limits: Mapping[str, str] = SESSION_LIMITS) -> None:

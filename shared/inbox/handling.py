@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session
 
 from shared.contracts import (PAYLOAD_SCHEMAS, MalformedMessage, declared_fields, decode,
                               knows_envelope_version)
-from shared.db import connection_lost, driver_cursor, held_up_by_a_lock, said_in_a_line
+from shared.db import (connection_lost, connection_lost_on, driver_cursor, held_up_by_a_lock,
+                       said_in_a_line)
 from shared.inbox.model import InboxMessage, utc_now
 from shared.outbox.writing import outbox_rows_written_together
 from shared.request_context import request_id_bound
@@ -32,8 +33,10 @@ class ConnectionLostInHandler(Exception):
     made and up to its release or rollback: an outage's doing, or the handler's own (one that ends
     its session, or hangs until PostgreSQL ends it), which look the same. The transaction is lost
     with it, and nothing of the try could be written (a message's own task records it on a fresh
-    connection). Raised from the driver's error, which the session hides behind its own from then
-    on (PendingRollbackError: its transaction is gone)."""
+    connection). Told by the error the connection was noted lost with (shared.db:
+    connection_lost_on), whatever the handler then did: let it out, caught it and raised its own
+    (a PermanentMessageError, say), ran on into the session's own (PendingRollbackError: its
+    transaction is gone), or returned as if it had handled the message."""
 
     def __init__(self, message_id: uuid.UUID, error: BaseException):
         super().__init__(f"the database connection was lost while the handler of {message_id}"
@@ -142,9 +145,10 @@ def handle_locked_message(session: Session, message: StoredMessage,
     message later); a PermanentMessageError parks the message instead. With `max_attempts` (for a
     caller that commits the count: a batch handling its messages one by one), a failure that uses
     the message's last attempt parks it too, rather than leave it to be tried once more. A
-    connection lost while the handler runs counts nothing, and is raised as
-    ConnectionLostInHandler, so that the caller knows whose try it lost (one lost elsewhere, as
-    the savepoint begins or as the message is marked processed, is raised as it came).
+    connection lost while the handler runs counts nothing, parks nothing, and is raised as
+    ConnectionLostInHandler, so that the caller knows whose try it lost, even where the handler
+    caught the error and raised a PermanentMessageError or returned (one lost elsewhere, as the
+    savepoint begins or as the message is marked processed, is raised as it came).
     """
     if message.done:
         return Outcome.ALREADY_DONE
@@ -156,18 +160,19 @@ def handle_locked_message(session: Session, message: StoredMessage,
     savepoint = session.begin_nested()
     # (The savepoint made now, not with the handler's first statement, as SQLAlchemy would: a
     # connection lost before the handler began is not the handler's loss.)
-    session.connection()
+    connection = session.connection()
     try:
         with savepoint, request_id_bound(message.request_id):
             handler(session, [event])
-            log.info("handled %s %s", message.type, message.message_id)
-    except PermanentMessageError as exc:
-        _park(session, {message.message_id: str(exc)})
-        return Outcome.PARKED
     except Exception as exc:
-        lost = _connection_lost_on_the_way(exc)
+        # Lost, whatever the handler made of it: it may have caught the driver's error and
+        # raised its own (a PermanentMessageError, say), or run on into the session's.
+        lost = connection_lost_on(connection) or _connection_lost_on_the_way(exc)
         if lost is not None:  # (nothing more can be done on the lost transaction)
             raise ConnectionLostInHandler(message.message_id, lost) from exc
+        if isinstance(exc, PermanentMessageError):
+            _park(session, {message.message_id: str(exc)})
+            return Outcome.PARKED
         # A try held up by another session's lock is no fault of the message's: it counts none
         # of its attempts, but is noted, so that the sweeper leaves the message to its retry.
         if held_up_by_a_lock(exc):
@@ -177,14 +182,19 @@ def handle_locked_message(session: Session, message: StoredMessage,
         if _count_failed_attempt(session, message.message_id, repr(exc), max_attempts):
             return Outcome.PARKED
         raise
+    lost = connection_lost_on(connection)
+    if lost is not None:  # (the handler caught the error, and its savepoint's release said nothing)
+        raise ConnectionLostInHandler(message.message_id, lost)
+    with request_id_bound(message.request_id):
+        log.info("handled %s %s", message.type, message.message_id)
     _mark_processed(session, [message.message_id])
     return Outcome.PROCESSED
 
 
 def _connection_lost_on_the_way(exc: BaseException | None) -> BaseException | None:
     """The first error of a lost connection that `exc` was raised from or while handling, or is,
-    if any: once the connection is gone, the savepoint's rollback or release fails in turn, and a
-    handler may catch the error and raise its own."""
+    if any: for a loss no statement of SQLAlchemy's or driver_cursor's met, and so not noted on
+    the connection (a handler's bare driver cursor's, let out)."""
     lost, seen = None, set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))

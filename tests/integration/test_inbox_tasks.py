@@ -14,6 +14,7 @@ import psycopg2
 import pytest
 from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import case, func, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 import payments_app
@@ -297,6 +298,97 @@ def test_a_batch_whose_connection_is_lost_under_a_handler_twice_hands_its_messag
     for message_id in (first, ends_its_session, last):
         row = _row(message_id)
         assert row.processed_at is None and row.attempts == 0
+
+
+def _ending_its_session_by_a_statement(session) -> None:
+    session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+
+def _ending_its_session_by_a_driver_cursor(session) -> None:
+    with shared.db.driver_cursor(session) as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+
+def _refusing_the_message(session) -> None:
+    raise PermanentMessageError("the ledger said no")  # (raised afresh: no lost error behind it)
+
+
+def _returning(session) -> None:
+    pass
+
+
+def _running_another_statement(session) -> None:
+    session.execute(text("SELECT 1"))  # the session's own error, PendingRollbackError, let out
+
+
+@pytest.mark.parametrize("ends_its_session", [_ending_its_session_by_a_statement,
+                                              _ending_its_session_by_a_driver_cursor],
+                         ids=["by a statement", "by a driver cursor"])
+@pytest.mark.parametrize("then", [_refusing_the_message, _returning, _running_another_statement],
+                         ids=["refuses the message", "returns", "runs another statement"])
+def test_a_connection_lost_under_a_handler_that_catches_its_error_keeps_its_batch_together(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id, ends_its_session, then):
+    """A handler that catches the lost connection's error itself, then refuses the message
+    (PermanentMessageError), returns as if it had handled it, or runs on into the session's own
+    error, hides nothing: the connection was noted lost where the error was met, and the batch is
+    retried whole, the loss counted under that message, as for a handler that let the error out.
+    Before, the message was taken for a bad one (refused: parked, or tried to be, on the lost
+    transaction) and the batch split into tasks of their own, one by one."""
+    take_payments = payments_app.message_handlers()[PAYMENT_REQUESTED]
+    first, loses_it, last = (_stored_request(payments_inbox, user_id, key=user_id)
+                             for _ in range(3))
+
+    def catching_the_error(session, events):
+        if any(event.message.message_id == loses_it for event in events):
+            try:
+                ends_its_session(session)
+            except DBAPIError:
+                pass
+            else:
+                raise AssertionError("the session was not ended")
+            then(session)
+            return
+        take_payments(session, events)
+
+    monkeypatch.setattr(payments_app, "message_handlers",
+                        lambda: {PAYMENT_REQUESTED: catching_the_error})
+    batch = [str(first), str(loses_it), str(last)]
+    _run_as_a_worker_runs_it(handle_inbox_batch, ("payments", batch))
+    ((name, args, kwargs, _),) = _tasks_sent()
+    assert (name, args) == (handle_inbox_batch.name, ["payments", batch])
+    assert kwargs == {"tries_lost_once_connected": 0, "lost_under": {str(loses_it): 1}}
+    for message_id in (first, loses_it, last):
+        row = _row(message_id)
+        assert (row.processed_at, row.parked_at, row.attempts) == (None, None, 0)
+
+
+@pytest.mark.parametrize("ends_its_session", [_ending_its_session_by_a_statement,
+                                              _ending_its_session_by_a_driver_cursor],
+                         ids=["by a statement", "by a driver cursor"])
+def test_a_messages_own_task_whose_handler_catches_the_lost_connections_error_retries_it(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id, ends_its_session):
+    """A message's own task: its handler catches the lost connection's error and refuses the
+    message; the try is a connection lost under its handler (recorded on a fresh connection and
+    retried, as any such try: a handler ending its own session must end parked), not a refusal
+    that parks the message at once; and its error is the one the connection was lost with, not
+    what the statements after it met ("connection already closed")."""
+    message_id = _stored_request(payments_inbox, user_id)
+
+    def catching_the_error(session, events):
+        try:
+            ends_its_session(session)
+        except DBAPIError:
+            pass
+        _refusing_the_message(session)
+
+    monkeypatch.setattr(payments_app, "message_handlers",
+                        lambda: {PAYMENT_REQUESTED: catching_the_error})
+    _run_as_a_worker_runs_it(handle_inbox_message, ("payments", str(message_id)))
+    assert _tasks_sent() == [(handle_inbox_message.name, ["payments", str(message_id)])]
+    row = _row(message_id)
+    assert (row.processed_at, row.parked_at, row.attempts) == (None, None, 1)
+    assert "connection was lost while the handler" in row.last_error
+    assert "connection already closed" not in row.last_error
 
 
 def _run_as_a_worker_runs_it(task, args: tuple, kwargs: dict | None = None,
