@@ -1,5 +1,6 @@
 """Where tasks find a service: its package, its Flask app (one per process), its handlers, and a
-task base class that runs each task inside the app context of the service it names."""
+task base class that runs each task inside the app context of the service it names (and, as
+IgnoresNewerKwargs, drops the keyword arguments a newer release sends that it does not take)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import importlib
 import threading
 from types import ModuleType
 
-from celery import Task
 from flask import Flask
 
 from shared.config import SERVICES
+from tasks.newer_kwargs import IgnoresNewerKwargs
 
 _apps: dict[str, Flask] = {}
 _apps_lock = threading.Lock()
@@ -32,8 +33,9 @@ def service_app(service: str) -> Flask:
         return _apps[service]
 
 
-class ServiceTask(Task):
-    """Runs the task body inside the app context of the service named by its first argument."""
+class ServiceTask(IgnoresNewerKwargs):
+    """Runs the task body inside the app context of the service named by its first argument; a
+    keyword argument the body does not take (sent by a newer release) is dropped and said."""
 
     abstract = True
 

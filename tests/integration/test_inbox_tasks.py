@@ -391,6 +391,26 @@ def test_a_messages_own_task_whose_handler_catches_the_lost_connections_error_re
     assert "connection already closed" not in row.last_error
 
 
+def test_a_batch_sent_by_a_newer_release_with_an_argument_this_one_does_not_take_is_handled(
+        settings, payments_inbox, payments_queue, user_id, caplog):
+    """A rolling deploy: a newer release's worker retries a batch with a keyword argument this
+    release does not know. It is handled, the argument dropped and said, not refused with a
+    TypeError and left to the sweeper (tasks/newer_kwargs.py)."""
+    from payments_app import service as payments
+
+    with service_app("payments").app_context(), transaction() as session:
+        payments.open_account(session, user_id=user_id)
+        payments.deposit(session, user_id=user_id, amount=Decimal("10"))
+    batch = [_stored_request(payments_inbox, user_id, key=user_id) for _ in range(2)]
+    _run_as_a_worker_runs_it(handle_inbox_batch, ("payments", [str(m) for m in batch]),
+                             {"tries_lost_once_connected": 1, "lost_under": {},
+                              "added_by_a_newer_release": {"any": "thing"}}, retries=1)
+    assert all(_row(m).processed_at is not None for m in batch)
+    assert _tasks_sent() == []
+    assert any("added_by_a_newer_release" in record.getMessage()
+               and record.levelname == "WARNING" for record in caplog.records)
+
+
 def _run_as_a_worker_runs_it(task, args: tuple, kwargs: dict | None = None,
                              retries: int = 0) -> None:
     """Run `task` here as a worker runs one it took from its queue: its retry is sent to the queue,
