@@ -209,24 +209,45 @@ def test_a_shopper_sees_orders_finish_and_cancel_live_without_reloading(stack, b
     assert shot.is_file() and shot.stat().st_size > 0
 
 
+# What every script below that plays the page's fetch runs it in (see _fetch_played).
+FETCH_PLAYED = """
+(() => {
+  const realFetch = window.fetch.bind(window);
+  // An answer as the gateway words a refusal: {"error": {"code", "message", "details"}}.
+  const refusal = (status, code, message, headers = {}) => new Response(
+    JSON.stringify({error: {code, message, details: {}}}),
+    {status, headers: {"Content-Type": "application/json", ...headers}});
+  %(before)s
+  window.fetch = async (input, init) => {
+    const url = typeof input === "string" ? input : input.url;
+    const path = new URL(url, location.href).pathname;
+    const method = (init && init.method) || "GET";
+    %(answer)s
+  };
+})();
+"""
+
+
+def _fetch_played(answer: str, before: str = "") -> str:
+    """A script for the browser to run before the page's own, that plays the page's fetch:
+    `answer` is the body of an async function of each request (`input`, `init`, its `path` and
+    `method`) that answers it, `realFetch(input, init)` sending it on and `refusal(status, code,
+    message, headers)` making a refusal as the gateway words one; `before` runs once, first. Each
+    script keeps its names to itself: one played over another (over READS_AND_SOCKETS_RECORDED,
+    say) sends on through the other's."""
+    return FETCH_PLAYED % {"before": before, "answer": answer}
+
+
 # Played by the browser itself, before the page's scripts run: the gateway's answer to a user
 # past the rate limit (as tests/integration/test_gateway.py sees it), for the page's first read.
-FIRST_READ_RATE_LIMITED = """
-window.hseshopNewestReads = [];
-const realFetch = window.fetch.bind(window);
-window.fetch = (input, init) => {
-  const url = typeof input === "string" ? input : input.url;
-  if (url.includes("/api/notifications/newest")) {
-    window.hseshopNewestReads.push(performance.now());
-    if (window.hseshopNewestReads.length === 1) {
-      const body = {error: {code: "RATE_LIMITED", message: "Too many requests.", details: {}}};
-      return Promise.resolve(new Response(JSON.stringify(body), {status: 429, headers: {
-        "Content-Type": "application/json", "Retry-After": "3"}}));
+FIRST_READ_RATE_LIMITED = _fetch_played(before="window.hseshopNewestReads = [];", answer="""
+    if (path === "/api/notifications/newest") {
+      window.hseshopNewestReads.push(performance.now());
+      if (window.hseshopNewestReads.length === 1) {
+        return refusal(429, "RATE_LIMITED", "Too many requests.", {"Retry-After": "3"});
+      }
     }
-  }
-  return realFetch(input, init);
-};
-"""
+    return realFetch(input, init);""")
 
 
 def test_a_page_told_to_wait_loads_the_shop_no_sooner_than_it_was_told(stack, browser):
@@ -246,26 +267,17 @@ def test_a_page_told_to_wait_loads_the_shop_no_sooner_than_it_was_told(stack, br
 # Played by the browser itself: the page's reads of single orders (those a notification names that
 # the page does not know) are refused, the first as a service unavailable a moment (no Retry-After),
 # every later one as a rate limit with Retry-After 8; the rest is real. Every read is recorded.
-ORDER_READS_REFUSED = """
-window.hseshopReads = [];
-const realFetch = window.fetch.bind(window);
-window.fetch = (input, init) => {
-  const url = typeof input === "string" ? input : input.url;
-  const path = new URL(url, location.href).pathname;
-  const at = performance.now();
-  if (/^\\/api\\/orders\\/[^/]+$/.test(path)) {
-    const first = !window.hseshopReads.some((read) => read.refused);
-    window.hseshopReads.push({path, at, refused: true});
-    const [status, code, headers] = first ? [503, "SERVICE_UNAVAILABLE", {}]
-                                          : [429, "RATE_LIMITED", {"Retry-After": "8"}];
-    const body = {error: {code, message: "Not now.", details: {}}};
-    return Promise.resolve(new Response(JSON.stringify(body), {status, headers: {
-      "Content-Type": "application/json", ...headers}}));
-  }
-  window.hseshopReads.push({path, at, refused: false});
-  return realFetch(input, init);
-};
-"""
+ORDER_READS_REFUSED = _fetch_played(before="window.hseshopReads = [];", answer="""
+    const at = performance.now();
+    if (/^\\/api\\/orders\\/[^/]+$/.test(path)) {
+      const first = !window.hseshopReads.some((read) => read.refused);
+      window.hseshopReads.push({path, at, refused: true});
+      const [status, code, headers] = first ? [503, "SERVICE_UNAVAILABLE", {}]
+                                            : [429, "RATE_LIMITED", {"Retry-After": "8"}];
+      return refusal(status, code, "Not now.", headers);
+    }
+    window.hseshopReads.push({path, at, refused: false});
+    return realFetch(input, init);""")
 
 
 def _live_page_of_a_shopper_with_100(stack, browser, played: str) -> tuple[ShopPage,
@@ -319,19 +331,12 @@ def test_a_page_that_missed_orders_catches_up_once_and_no_sooner_than_it_was_tol
 
 # Played by the browser itself: the page's first attempt to tell the gateway of a sign-out gets
 # no answer (the network drops it).
-FIRST_SIGN_OUT_LOST = """
-const realFetch = window.fetch.bind(window);
-window.hseshopSignOutsLost = 0;
-window.fetch = async (input, init) => {
-  const url = typeof input === "string" ? input : input.url;
-  if (new URL(url, location.href).pathname === "/api/auth/logout"
-      && window.hseshopSignOutsLost === 0) {
-    window.hseshopSignOutsLost += 1;
-    throw new TypeError("Failed to fetch");
-  }
-  return realFetch(input, init);
-};
-"""
+FIRST_SIGN_OUT_LOST = _fetch_played(before="window.hseshopSignOutsLost = 0;", answer="""
+    if (path === "/api/auth/logout" && window.hseshopSignOutsLost === 0) {
+      window.hseshopSignOutsLost += 1;
+      throw new TypeError("Failed to fetch");
+    }
+    return realFetch(input, init);""")
 
 
 def test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_orders(
@@ -404,25 +409,15 @@ def test_signing_out_everywhere_from_the_page_signs_out_the_users_other_devices(
 # real.
 # The first top-up's answer replaced by the 502 the gateway gives for a service whose connection
 # broke after the request went (it may have been carried out), the first order's lost on the way.
-FIRST_ANSWERS_LOST = """
-const realFetch = window.fetch.bind(window);
-const lost = new Set();
-window.fetch = async (input, init) => {
-  const url = typeof input === "string" ? input : input.url;
-  const path = new URL(url, location.href).pathname;
-  const method = (init && init.method) || "GET";
-  const response = await realFetch(input, init);
-  if (method === "POST" && ["/api/orders", "/api/accounts/deposit"].includes(path)
-      && !lost.has(path)) {
-    lost.add(path);
-    if (path === "/api/orders") throw new TypeError("Failed to fetch");
-    return new Response(JSON.stringify({error: {code: "BAD_GATEWAY",
-      message: "The payments service failed to answer.", details: {}}}),
-      {status: 502, headers: {"Content-Type": "application/json"}});
-  }
-  return response;
-};
-"""
+FIRST_ANSWERS_LOST = _fetch_played(before="const lost = new Set();", answer="""
+    const response = await realFetch(input, init);
+    if (method === "POST" && ["/api/orders", "/api/accounts/deposit"].includes(path)
+        && !lost.has(path)) {
+      lost.add(path);
+      if (path === "/api/orders") throw new TypeError("Failed to fetch");
+      return refusal(502, "BAD_GATEWAY", "The payments service failed to answer.");
+    }
+    return response;""")
 
 
 def _top_up_maybe_through_then_retried(page: ShopPage, amount: str, balance: str,
@@ -475,21 +470,13 @@ def test_a_top_up_and_an_order_whose_answers_were_lost_count_once(stack, browser
 
 # Played by the browser itself: the first top-up answered with the gateway's 503 for a service it
 # could not reach, never sent to it; the rest is real.
-FIRST_TOP_UP_NEVER_SENT = """
-const realFetch = window.fetch.bind(window);
-let refused = false;
-window.fetch = (input, init) => {
-  const url = typeof input === "string" ? input : input.url;
-  const path = new URL(url, location.href).pathname;
-  if (path === "/api/accounts/deposit" && !refused) {
-    refused = true;
-    return Promise.resolve(new Response(JSON.stringify({error: {code: "SERVICE_UNAVAILABLE",
-      message: "The payments service is unavailable; try again shortly.", details: {}}}),
-      {status: 503, headers: {"Content-Type": "application/json"}}));
-  }
-  return realFetch(input, init);
-};
-"""
+FIRST_TOP_UP_NEVER_SENT = _fetch_played(before="let refused = false;", answer="""
+    if (path === "/api/accounts/deposit" && !refused) {
+      refused = true;
+      return refusal(503, "SERVICE_UNAVAILABLE",
+                     "The payments service is unavailable; try again shortly.");
+    }
+    return realFetch(input, init);""")
 
 
 def test_a_top_up_the_gateway_never_sent_is_not_said_to_have_maybe_gone_through(stack, browser):
@@ -510,24 +497,16 @@ def test_a_top_up_the_gateway_never_sent_is_not_said_to_have_maybe_gone_through(
 # top-up or order is lost on its way back (the network drops it; one a time, counted down, and
 # counted up in window.hseshopAnswersLost), after the request reached the shop, which carried it
 # out. The rest is real. (Run again on a reload: none lost until the test says so again.)
-ANSWERS_LOST_WHEN_TOLD = """
-const realFetch = window.fetch.bind(window);
-window.hseshopAnswersToLose = 0;
-window.hseshopAnswersLost = 0;
-window.fetch = async (input, init) => {
-  const url = typeof input === "string" ? input : input.url;
-  const path = new URL(url, location.href).pathname;
-  const method = (init && init.method) || "GET";
-  const response = await realFetch(input, init);
-  if (method === "POST" && ["/api/orders", "/api/accounts/deposit"].includes(path)
-      && window.hseshopAnswersToLose > 0) {
-    window.hseshopAnswersToLose -= 1;
-    window.hseshopAnswersLost += 1;
-    throw new TypeError("Failed to fetch");
-  }
-  return response;
-};
-"""
+ANSWERS_LOST_WHEN_TOLD = _fetch_played(
+    before="window.hseshopAnswersToLose = 0; window.hseshopAnswersLost = 0;", answer="""
+    const response = await realFetch(input, init);
+    if (method === "POST" && ["/api/orders", "/api/accounts/deposit"].includes(path)
+        && window.hseshopAnswersToLose > 0) {
+      window.hseshopAnswersToLose -= 1;
+      window.hseshopAnswersLost += 1;
+      throw new TypeError("Failed to fetch");
+    }
+    return response;""")
 PENDING_KEYS_STORED = ("return Object.keys(sessionStorage)"
                        ".filter((name) => name.startsWith('hseshop.pending-keys.'));")
 
@@ -626,15 +605,10 @@ RECONNECT_TURNED_AWAY_LATEST = 1.25 * 30
 
 # Played by the browser itself: the page's reads (path, when) and its sockets (when each was made,
 # opened, closed and with what code) are recorded; everything is real.
-READS_AND_SOCKETS_RECORDED = """
-window.hseshopReads = [];
+READS_AND_SOCKETS_RECORDED = _fetch_played(before="window.hseshopReads = [];", answer="""
+    window.hseshopReads.push({path, at: performance.now()});
+    return realFetch(input, init);""") + """
 window.hseshopSockets = [];
-const realFetch = window.fetch.bind(window);
-window.fetch = (input, init) => {
-  const url = typeof input === "string" ? input : input.url;
-  window.hseshopReads.push({path: new URL(url, location.href).pathname, at: performance.now()});
-  return realFetch(input, init);
-};
 const RealWebSocket = window.WebSocket;
 window.WebSocket = class extends RealWebSocket {
   constructor(...args) {
@@ -736,21 +710,15 @@ def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(
 # past the rate limit, Retry-After RETRY_AFTER_SECONDS, and when it was is kept
 # (window.hseshopRefusedAt); the rest is real.
 RETRY_AFTER_SECONDS = 6
-NEXT_READ_RATE_LIMITED = """
-window.hseshopRefuseNextRead = false;
-window.hseshopRefusedAt = null;
-const recordedFetch = window.fetch;
-window.fetch = (input, init) => {
-  if (window.hseshopRefuseNextRead && (!init || !init.method || init.method === "GET")) {
-    window.hseshopRefuseNextRead = false;
-    window.hseshopRefusedAt = performance.now();
-    const body = {error: {code: "RATE_LIMITED", message: "Too many requests.", details: {}}};
-    return Promise.resolve(new Response(JSON.stringify(body), {status: 429, headers: {
-      "Content-Type": "application/json", "Retry-After": "%d"}}));
-  }
-  return recordedFetch(input, init);
-};
-""" % RETRY_AFTER_SECONDS
+NEXT_READ_RATE_LIMITED = _fetch_played(
+    before="window.hseshopRefuseNextRead = false; window.hseshopRefusedAt = null;", answer="""
+    if (window.hseshopRefuseNextRead && method === "GET") {
+      window.hseshopRefuseNextRead = false;
+      window.hseshopRefusedAt = performance.now();
+      return refusal(429, "RATE_LIMITED", "Too many requests.",
+                     {"Retry-After": "%d"});
+    }
+    return realFetch(input, init);""" % RETRY_AFTER_SECONDS)
 
 
 def test_a_page_told_to_wait_reads_nothing_and_opens_no_socket_until_then(stack, browser):
@@ -1002,23 +970,16 @@ def test_keys_the_full_storage_could_not_save_leave_no_settled_key_behind(stack,
 # Played by the browser itself: the first top-up reaches the shop, which carries it out, and its
 # answer is a service's 503 DATABASE_UNAVAILABLE (its commit went through as its connection was
 # lost); the rest is real.
-FIRST_TOP_UP_ANSWERED_DATABASE_UNAVAILABLE = """
-const realFetch = window.fetch.bind(window);
-let answered = false;
-window.fetch = async (input, init) => {
-  const url = typeof input === "string" ? input : input.url;
-  const path = new URL(url, location.href).pathname;
-  const response = await realFetch(input, init);
-  if (path === "/api/accounts/deposit" && !answered) {
-    answered = true;
-    return new Response(JSON.stringify({error: {code: "DATABASE_UNAVAILABLE",
-      message: "The service cannot reach its database just now; try again shortly.",
-      details: {}}}),
-      {status: 503, headers: {"Content-Type": "application/json", "Retry-After": "1"}});
-  }
-  return response;
-};
-"""
+FIRST_TOP_UP_ANSWERED_DATABASE_UNAVAILABLE = _fetch_played(before="let answered = false;",
+                                                          answer="""
+    const response = await realFetch(input, init);
+    if (path === "/api/accounts/deposit" && !answered) {
+      answered = true;
+      return refusal(503, "DATABASE_UNAVAILABLE",
+                     "The service cannot reach its database just now; try again shortly.",
+                     {"Retry-After": "1"});
+    }
+    return response;""")
 
 
 def test_a_top_up_answered_database_unavailable_is_said_to_have_maybe_gone_through(stack,
