@@ -193,12 +193,19 @@
     return error;
   }
 
-  // A failed read that follows a write (its balance or orders read again): refused for the rate
-  // limit (by the gateway, or on the page before notBefore), it says nothing, so that the write's
-  // own message stays, and is left to the catch-up; any other failure is reported and caught up.
-  function followUpReadFailed(error) {
-    if (error.code === "RATE_LIMITED" && !error.handled) catchUpSoon(retryAfterMs(error));
+  // A failed read the page made of itself, not at a click of the user's (the balance or orders
+  // read again after a write or a notification, a catch-up's): refused for the rate limit (by the
+  // gateway, or on the page before notBefore), it says nothing, so that the message shown (a
+  // write's own, say) stays, and is left to the catch-up, due once the pause is over; any other
+  // failure is reported and caught up.
+  function backgroundReadFailed(error) {
+    if (rateLimited(error)) catchUpSoon(retryAfterMs(error));
     else reportAndCatchUp(error);
+  }
+
+  // Refused for the user's rate limit, by the gateway or on the page (pausedRead).
+  function rateLimited(error) {
+    return error.code === "RATE_LIMITED" && !error.handled;
   }
 
   // A request asked for a session that has ended since (signed out, perhaps another user signed
@@ -661,7 +668,7 @@
         if (error.handled || attemptOutcome(error) !== UNKNOWN) throw error;
         // It may have gone through: show the balance as it is now, and say what pressing again
         // does (the same top-up, under the same key: never counted twice).
-        refreshBalance().catch(followUpReadFailed);
+        refreshBalance().catch(backgroundReadFailed);
         showMessage(`${describeError(error)} The top-up of ${amount} may have gone through: the `
                     + "balance above is read again. Pressing Top up again with the same amount "
                     + "retries that top-up; it is never counted twice.");
@@ -673,7 +680,7 @@
         ? `The top-up of ${amount} had gone through already; it was not counted again.`
         : `Topped up ${amount}.`, "info");
       // The answer to a retried top-up is the first one's, its balance as it stood then.
-      refreshBalance().catch(followUpReadFailed);
+      refreshBalance().catch(backgroundReadFailed);
     });
   }
 
@@ -777,7 +784,7 @@
         if (error.handled || attemptOutcome(error) !== UNKNOWN) throw error;
         // It may have been placed: read the orders again, and say what pressing again does (the
         // same order, under the same key: never placed twice).
-        loadOrders().catch(followUpReadFailed);
+        loadOrders().catch(backgroundReadFailed);
         showMessage(`${describeError(error)} The order for ${amount} may have been placed: the `
                     + "orders below are read again. Pressing Place order again with the same "
                     + "amount and description retries that order; it is never placed twice.");
@@ -899,7 +906,8 @@
       current.reading = true;
       const failed = await readOrdersAndBalance();
       current.reading = false;
-      failed.forEach(reportFailedRead);
+      // (One refused for the rate limit is said nothing of: the next read waits for the pause.)
+      failed.filter((error) => !rateLimited(error)).forEach(reportFailedRead);
       if (poll === current) pollIn(Math.max(jittered(POLL_MS), ...failed.map(retryAfterMs)));
     }, Math.max(delay, pauseLeftMs()));
   }
@@ -978,10 +986,10 @@
     } catch (error) {
       // The change is not lost with the order that could not be read (a 429, a network blip):
       // the first page of orders is read again shortly, every status as it stands then.
-      reportAndCatchUp(error);
+      backgroundReadFailed(error);
       return;
     }
-    refreshBalance().catch(reportAndCatchUp);  // a FINISHED order has just been paid
+    refreshBalance().catch(backgroundReadFailed);  // a FINISHED order has just been paid
   }
 
   function reportAndCatchUp(error) {
@@ -1019,7 +1027,7 @@
     catchUpTimer = setTimeout(async () => {
       catchUpTimer = null;
       // Both reads' failures count: the later Retry-After of the two decides the next catch-up.
-      (await readOrdersAndBalance()).forEach(reportAndCatchUp);
+      (await readOrdersAndBalance()).forEach(backgroundReadFailed);
     }, dueAt - performance.now());
   }
 

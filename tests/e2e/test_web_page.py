@@ -604,7 +604,8 @@ SOCKET_WORKED_SECONDS = 5
 RECONNECT_TURNED_AWAY_LATEST = 1.25 * 30
 
 # Played by the browser itself: the page's reads (path, when) and its sockets (when each was made,
-# opened, closed and with what code) are recorded; everything is real.
+# opened, closed and with what code, and when each message came) are recorded; everything is
+# real.
 READS_AND_SOCKETS_RECORDED = _fetch_played(before="window.hseshopReads = [];", answer="""
     window.hseshopReads.push({path, at: performance.now()});
     return realFetch(input, init);""") + """
@@ -613,9 +614,11 @@ const RealWebSocket = window.WebSocket;
 window.WebSocket = class extends RealWebSocket {
   constructor(...args) {
     super(...args);
-    const socket = {created: performance.now(), opened: null, closed: null, code: null};
+    const socket = {created: performance.now(), opened: null, closed: null, code: null,
+                    messages: []};
     window.hseshopSockets.push(socket);
     this.addEventListener("open", () => { socket.opened = performance.now(); });
+    this.addEventListener("message", () => { socket.messages.push(performance.now()); });
     this.addEventListener("close", (event) => {
       socket.closed = performance.now();
       socket.code = event.code;
@@ -707,18 +710,19 @@ def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(
 
 # Played by the browser itself, over READS_AND_SOCKETS_RECORDED: once armed
 # (window.hseshopRefuseNextRead), the page's next read is answered as the gateway answers a user
-# past the rate limit, Retry-After RETRY_AFTER_SECONDS, and when it was is kept
-# (window.hseshopRefusedAt); the rest is real.
+# past the rate limit, Retry-After RETRY_AFTER_SECONDS (or window.hseshopRetryAfter, if the test
+# sets it), and when it was is kept (window.hseshopRefusedAt); the rest is real.
 RETRY_AFTER_SECONDS = 6
 NEXT_READ_RATE_LIMITED = _fetch_played(
-    before="window.hseshopRefuseNextRead = false; window.hseshopRefusedAt = null;", answer="""
+    before="window.hseshopRefuseNextRead = false; window.hseshopRefusedAt = null;"
+           " window.hseshopRetryAfter = %d;" % RETRY_AFTER_SECONDS, answer="""
     if (window.hseshopRefuseNextRead && method === "GET") {
       window.hseshopRefuseNextRead = false;
       window.hseshopRefusedAt = performance.now();
       return refusal(429, "RATE_LIMITED", "Too many requests.",
-                     {"Retry-After": "%d"});
+                     {"Retry-After": String(window.hseshopRetryAfter)});
     }
-    return realFetch(input, init);""" % RETRY_AFTER_SECONDS)
+    return realFetch(input, init);""")
 
 
 def test_a_page_told_to_wait_reads_nothing_and_opens_no_socket_until_then(stack, browser):
@@ -761,6 +765,60 @@ def test_a_page_told_to_wait_reads_nothing_and_opens_no_socket_until_then(stack,
     assert page.text("message") == "Topped up 7."
     page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
                     what="the page's socket open again")
+
+
+def _refused_next_read(browser, retry_after: int) -> None:
+    """Arms NEXT_READ_RATE_LIMITED: the page's next read refused, Retry-After `retry_after`."""
+    browser.execute_script("window.hseshopRetryAfter = arguments[0];"
+                           " window.hseshopRefuseNextRead = true;", retry_after)
+
+
+def _refused_at(page: ShopPage, since: float | None = None) -> float:
+    """When NEXT_READ_RATE_LIMITED refused the page's read (one after `since`), once it has."""
+    def refused() -> float | None:
+        at = page.driver.execute_script("return window.hseshopRefusedAt;")
+        return at if at is not None and (since is None or at > since) else None
+    return page.wait_until(refused, timeout=LIVE_DEADLINE, what="the page's read, refused")
+
+
+def test_reads_a_notification_and_the_catch_up_make_while_the_page_waits_say_nothing(stack,
+                                                                                      browser):
+    """The balance's read after a top-up is answered 429, Retry-After 10: an order placed
+    elsewhere is paid meanwhile, and the read of it its notification makes, refused on the page,
+    unsent, says nothing (the top-up's own message stays: the catch-up reads it once the pause is
+    over); nor does the catch-up's read, refused by the gateway in turn (Retry-After 3). The
+    catch-up after that shows the order paid and the balance it left."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": READS_AND_SOCKETS_RECORDED})
+    page, elsewhere = _live_page_of_a_shopper_with_100(stack, browser, NEXT_READ_RATE_LIMITED)
+    pause_seconds = 10
+    _refused_next_read(browser, pause_seconds)
+    page.top_up("5")
+    refused_at = _refused_at(page)
+    page.wait_until(lambda: page.text("message") == "Topped up 5.", what="the top-up's message")
+    ends = refused_at + pause_seconds * 1000
+    _refused_next_read(browser, 3)  # the next read sent: the catch-up's, once the pause is over
+    (socket,) = browser.execute_script("return window.hseshopSockets;")
+
+    order = elsewhere.place_order("30")["id"]
+    told_at = page.wait_until(
+        lambda: (messages := browser.execute_script(
+            "return window.hseshopSockets[0].messages;")[len(socket["messages"]):]) and messages[0],
+        timeout=LIVE_DEADLINE, what="the paid order's notification")
+    assert told_at < ends - 1000, "the notification came after the pause: nothing was tried"
+    time.sleep(0.5)  # (the order's read is refused on the page at once)
+    assert page.text("message") == "Topped up 5."
+
+    again_at = _refused_at(page, since=refused_at)  # the catch-up's
+    assert again_at > ends - 5, (refused_at, again_at)  # (timers' own rounding)
+    page.wait_for_status(order, "FINISHED")
+    page.wait_until(lambda: page.text("balance") == "75.00", timeout=LIVE_DEADLINE,
+                    what="the balance the order left")
+    assert page.text("message") == "Topped up 5."
+    reads = browser.execute_script("return window.hseshopReads;")
+    assert not [read for read in reads if refused_at < read["at"] < ends - 5
+                and read["path"] != "/api/accounts/deposit"], (refused_at, reads)
+
 
 # Played by the browser itself: each time the page's tab is hidden or shown, and when.
 VISIBILITY_RECORDED = """
@@ -812,6 +870,38 @@ def test_a_page_whose_socket_is_stuck_connecting_reads_its_orders_but_not_while_
     listed = [read["at"] for read in reads if read["path"] == "/api/orders"]
     assert not [at for at in listed if hidden["at"] < at < shown["at"]], (visibility, listed)
     assert [at for at in listed if shown["at"] < at < shown["at"] + 1000], (visibility, listed)
+
+
+def test_a_read_of_the_pages_poll_refused_for_the_rate_limit_says_nothing(stack, browser):
+    """The page's socket stuck connecting, it reads its orders itself: its poll's read answered
+    429, Retry-After RETRY_AFTER_SECONDS, says nothing (the user asked for no read), and the poll
+    reads again no sooner than it was told, an order paid meanwhile then shown paid."""
+    for script in (READS_AND_SOCKETS_RECORDED, NEXT_READ_RATE_LIMITED):
+        browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
+    shopper = GatewayClient(stack.gateway_url)
+    shopper.open_account_with("100")
+    proxy = HoldingProxy(urlsplit(stack.gateway_url).netloc,
+                         marker=b"GET /api/notifications/ws", each_connection=True)
+    try:
+        page = ShopPage(browser, f"http://{proxy.address}/").open()
+        page.sign_in(shopper.username, "a long password")
+        page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
+        wait_for(proxy.held.is_set, timeout=PAGE_DEADLINE, what="the socket's handshake, held")
+        _refused_next_read(browser, RETRY_AFTER_SECONDS)
+        refused_at = _refused_at(page)  # (the poll's first, within POLL_LATEST)
+        order = shopper.place_order("30")["id"]
+        time.sleep(0.5)
+        assert not page.visible("message"), page.text("message")
+        page.wait_until(lambda: order in page.order_ids()
+                        and page.badge(order).get_attribute("data-status") == "FINISHED",
+                        timeout=POLL_LATEST + 5, what="the paid order read by the page's poll")
+        assert not page.visible("message"), page.text("message")
+        reads = browser.execute_script("return window.hseshopReads;")
+    finally:
+        proxy.close()
+    ends = refused_at + RETRY_AFTER_SECONDS * 1000
+    assert not [read for read in reads if refused_at < read["at"] < ends - 5
+                and read["path"] == "/api/orders"], (refused_at, reads)
 
 
 def test_swagger_ui_runs_under_the_pages_policy_and_tries_an_order_out_with_a_string_amount(
