@@ -628,7 +628,10 @@
         showMessage("Your account is open.", "info");
       } catch (error) {
         if (error.code !== "ACCOUNT_EXISTS") throw error;
-        await refreshBalance();
+        // Opened already (in another tab, say): said, and its balance read as the page's other
+        // reads are, put off quietly while the page is paused for the rate limit.
+        showMessage(ERROR_TEXT.ACCOUNT_EXISTS, "info");
+        await refreshBalance().catch(backgroundReadFailed);
       }
     });
   }

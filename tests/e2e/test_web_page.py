@@ -820,6 +820,36 @@ def test_reads_a_notification_and_the_catch_up_make_while_the_page_waits_say_not
                 and read["path"] != "/api/accounts/deposit"], (refused_at, reads)
 
 
+def test_opening_an_account_opened_already_while_the_page_waits_shows_it_after_the_wait(
+        stack, browser):
+    """An account opened elsewhere, the page paused (the balance's read after an order's
+    notification answered 429): Open account is answered ACCOUNT_EXISTS, and the read of the
+    balance that follows, refused on the page, says nothing of the limit (the page says the
+    account exists) and is made once the pause is over, the account then shown."""
+    for script in (READS_AND_SOCKETS_RECORDED, NEXT_READ_RATE_LIMITED):
+        browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
+    shopper = GatewayClient(stack.gateway_url)
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    page.sign_in(shopper.username, "a long password")
+    page.wait_until(lambda: page.visible("open-account"), what="the open-account button")
+    shopper.api("POST", "/accounts", 201)
+    _refused_next_read(browser, RETRY_AFTER_SECONDS)
+    order = page.place_order("5", "a pen")
+    page.wait_for_status(order, "CANCELLED")  # (the account empty)
+    refused_at = _refused_at(page)
+    ends = refused_at + RETRY_AFTER_SECONDS * 1000
+    page.element("open-account").click()
+    page.wait_until(lambda: page.text("message") == "You already have an account.",
+                    what="the page to say the account exists")
+    assert browser.execute_script("return performance.now();") < ends - 1000, "pressed too late"
+    page.wait_until(lambda: page.visible("topup-form") and page.text("balance") == "0.00",
+                    timeout=RETRY_AFTER_SECONDS + 5, what="the account shown after the pause")
+    assert page.text("message") == "You already have an account."
+    reads = browser.execute_script("return window.hseshopReads;")
+    assert not [read for read in reads if refused_at < read["at"] < ends - 5
+                and read["path"] != "/api/accounts"], (refused_at, reads)
+
+
 # Played by the browser itself: each time the page's tab is hidden or shown, and when.
 VISIBILITY_RECORDED = """
 window.hseshopVisibility = [];
