@@ -52,7 +52,8 @@ IDEMPOTENCY_KEY_PARAMETER = {
                "pattern": r"^[\x20-\x7E]+$"},
     "description": "A retry with the same key and body within a day returns the first response;"
                    f" 1 to {MAX_KEY_LENGTH} printable ASCII characters (400"
-                   " INVALID_IDEMPOTENCY_KEY otherwise)."}
+                   " INVALID_IDEMPOTENCY_KEY otherwise). A key is the caller's and this"
+                   " operation's: the same key on another keyed operation is a request of its own."}
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 REPLAYED = "true"  # its value (and that of the gRPC trailer that carries it)
