@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from bench.shop import service_cursor
+from bench.shop import RELAY_SPEED_TOPIC, service_cursor
 from devstack.stack import Stack
 from shared.config import load_settings
 from shared.kafka import FLUSH_TIMEOUT_S, ensure_topics, producer_config
@@ -37,7 +37,7 @@ FROM (SELECT gen_random_uuid() AS message_id, gen_random_uuid() AS order_id,
 
 def relay_speed_topic(settings) -> str:
     """The measurement's own topic, in the stack's namespace."""
-    return f"{settings.kafka_consumer_group_prefix}.relay-speed"
+    return f"{settings.kafka_consumer_group_prefix}.{RELAY_SPEED_TOPIC}"
 
 
 def measure_relay_speed(stack: Stack, rows: int, rounds: int, timeout: float = 600) -> dict:

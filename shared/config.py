@@ -45,6 +45,10 @@ ENVIRONMENT: dict[str, str] = {
     # Rows the relay reads and sends at a time: each batch pays a fixed set of round trips (its
     # read and its delete).
     "OUTBOX_RELAY_BATCH_SIZE": "5000",
+    # Topics, comma-separated, that the relay sends outbox rows to besides the TOPIC_* ones: a
+    # tool's own (the benchmark's relay-speed topic). A row naming any other topic is parked, not
+    # sent (shared.kafka.OutboxPublisher).
+    "OUTBOX_EXTRA_TOPICS": "",
     # How often beat checks that a relay leads each outbox (commits wake the leader themselves), so
     # the longest a dead leader goes unreplaced. Each check is a task through Redis: at 0.5 s beat
     # and the workers spent about 5% of a core on them, at 2 s about 1.5%.
@@ -114,6 +118,7 @@ class Settings:
     topic_payment_requested: str
     topic_payment_results: str
     outbox_relay_batch_size: int
+    outbox_extra_topics: str
     outbox_relay_interval_seconds: float
     inbox_sweep_interval_seconds: float
     inbox_sweep_min_age_seconds: float
@@ -157,6 +162,11 @@ class Settings:
         """Every topic the shop uses."""
         return [self.topic_payment_requested, self.topic_payment_results,
                 self.topic_order_status_changed]
+
+    def relayed_topics(self) -> list[str]:
+        """The topics the relay sends outbox rows to: the shop's, and OUTBOX_EXTRA_TOPICS."""
+        extra = [topic.strip() for topic in self.outbox_extra_topics.split(",")]
+        return self.topics() + [topic for topic in extra if topic]
 
     def consumer_group(self, service: str) -> str:
         return f"{self.kafka_consumer_group_prefix}.{service}"

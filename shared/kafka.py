@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -114,10 +114,20 @@ class OutboxPublisher:
     rebuilt after a fatal error, as librdkafka requires. The producer reports failed deliveries
     only: a row is acknowledged when the producer has flushed with no failure reported for it, so
     the hundred thousand successes of a busy minute cost no callback each.
+
+    It sends only to `topics`, by default the shop's (its TOPIC_* settings, and
+    OUTBOX_EXTRA_TOPICS): a row naming
+    another was written under a setting since renamed (rows wait in the outbox across a release),
+    and sent as it is it would go where no consumer of the shop reads (a broker creating topics
+    on first use takes it, and the message is lost to the shop) or, topics not created on first
+    use, time out, for ever, every try holding up its whole batch for the producer's message
+    timeout. It is parked instead (UNKNOWN_TOPIC_ERROR), for an operator to send on to the topic
+    it is meant for (`python -m tasks.parked replay SERVICE --outbox --to-topic TOPIC`).
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, topics: Collection[str] | None = None):
         self._settings = settings
+        self._topics = frozenset(settings.relayed_topics() if topics is None else topics)
         self._producer: Producer | None = None
         # message value -> why the broker did not take it, filled by the delivery callback (a
         # value names its row: it holds the message id; reports of failures carry no headers).
@@ -134,8 +144,9 @@ class OutboxPublisher:
         """Produce `rows` and wait until each has an answer; returns why each row the broker did
         not acknowledge was refused.
 
-        A message the producer itself will never take (one over its `message.max.bytes`) comes
-        back as one to park (`Refusal.park`), and holds back the rows after it with its topic and
+        A message the producer itself will never take (one over its `message.max.bytes`), or that
+        names a topic not among `topics` (never produced), comes back as one to park
+        (`Refusal.park`), and holds back the rows after it with its topic and
         key, which must not overtake it, and no others: one row that can never be sent stops its
         key, not the relay (a row without a key has no order to keep, and holds nothing back).
         Any other refusal at produce time is the broker's to answer for (a topic its metadata no
@@ -159,6 +170,10 @@ class OutboxPublisher:
             refusal = fatal or held_back.get((topic, key))
             if refusal:
                 refused[row_id] = refusal
+                continue
+            if topic not in self._topics:
+                _refuse_for_good(refused, held_back, row, UNKNOWN_TOPIC_ERROR.format(
+                    topic=topic, topics=", ".join(sorted(self._topics))))
                 continue
             try:
                 self._produce(producer, row)
@@ -251,6 +266,22 @@ class OutboxPublisher:
                 return
             except BufferError:
                 producer.poll(0.1)  # the local queue is full: let deliveries drain first
+
+
+# Why a row naming a topic that is not the shop's is parked (OutboxPublisher), as its last_error.
+UNKNOWN_TOPIC_ERROR = ("not sent: its topic {topic!r} is none of the shop's ({topics}: the TOPIC_*"
+                       " settings; renamed since the row was written?); send it on with"
+                       " `python -m tasks.parked replay SERVICE --outbox --to-topic TOPIC ID`")
+
+
+def _refuse_for_good(refused: dict[int, Refusal], held_back: dict[tuple[str, str], Refusal],
+                     row: RelayRow, why: str) -> None:
+    """Note `row` parked, never produced, for `why`, and hold back the rows after it with its
+    topic and key (a row without a key holds nothing back)."""
+    row_id, topic, key = row[:3]
+    refused[row_id] = Refusal(why, held=True, park=True)
+    if key is not None:
+        held_back[(topic, key)] = Refusal(f"held back behind a parked message: {why}", held=True)
 
 
 def _refuse(refused: dict[int, Refusal], held_back: dict[tuple[str, str], Refusal],

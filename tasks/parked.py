@@ -5,6 +5,7 @@ or give up on them.
     python -m tasks.parked replay payments ID [ID ...]   # or --all
     python -m tasks.parked discard payments ID [ID ...]  # or --all
     python -m tasks.parked list orders --outbox          # the same for the outbox
+    python -m tasks.parked replay orders --outbox --to-topic TOPIC ID [ID ...]  # or --all
 
 By default these are inbox messages. An inbox message is parked after INBOX_MAX_ATTEMPTS failed
 tries, or at once when it cannot succeed as things stand (an unknown order, a payload that breaks
@@ -24,15 +25,20 @@ so many went through (a batch committing as the interrupt came goes uncounted, i
 the sweeper) and exits 130. Run again, it takes up the rest.
 
 With --outbox they are outbox rows whose message is too large to be sent (over the producer's
-`message.max.bytes` or the topic's `max.message.bytes`): the relay holds back the later rows with
-their topic and key behind them, and `list` says how many. Replaying hands one back to the relay,
-to be sent in its place before them (it is parked again if it is still too large); discarding
-deletes it, never to be sent, and the rows behind it go.
+`message.max.bytes` or the topic's `max.message.bytes`), or that name a topic none of the shop's
+TOPIC_* settings names (written before such a setting was renamed): the relay holds back the later
+rows with their topic and key behind them, and `list` says how many. Replaying hands one back to the
+relay, to be sent in its place before them (it is parked again if it is still too large, or its
+topic still not the shop's); with --to-topic (one of the shop's topics), a row parked for its topic
+is sent there instead, and the rows waiting behind it with it (under --all, the rows of one such
+topic: name the rows when they name several). Discarding deletes it, never to be sent, and the rows
+behind it go.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -46,6 +52,7 @@ from shared.db import failure_in_a_line, transaction
 from shared.inbox.parked import (discard_parked_messages, last_parked, parked_batch,
                                  parked_messages, unpark_messages)
 from shared.outbox.parked import (discard_parked_outbox_messages, parked_outbox_messages,
+                                  parked_topics_not_the_shops, redirect_parked_outbox_messages,
                                   unpark_outbox_messages)
 from shared.task_queues import QUEUES_UNREACHABLE
 from tasks.inbox import dispatch_inbox_messages
@@ -84,16 +91,24 @@ def _one_line(error: str | None) -> str:
 CHANGED_PER_TRANSACTION = 5_000
 
 
-def replay(service: str, message_ids: list[uuid.UUID] | None,
-           outbox: bool = False) -> Iterator[list[uuid.UUID]]:
+def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = False,
+           to_topic: str | None = None,
+           from_topic: str | None = None) -> Iterator[list[uuid.UUID]]:
     """Unpark the messages (every replayable one when `message_ids` is None) and hand them back:
     inbox messages dispatched to be handled, a transaction's at a time as it commits, outbox rows
-    to the relay (the commit wakes it); yields the ids each transaction replayed, once it has
-    committed."""
-    with service_app(service).app_context():
+    to the relay (the commit wakes it); with `to_topic`, only outbox rows parked for a topic that
+    is not the shop's (and is `from_topic`, when given), sent to `to_topic` instead with the rows
+    waiting behind them. Yields the ids each transaction replayed, once it has committed."""
+    app = service_app(service)
+    outbox_change: _Change = unpark_outbox_messages
+    if to_topic is not None:
+        outbox_change = functools.partial(
+            redirect_parked_outbox_messages, topic=to_topic, from_topic=from_topic,
+            shop_topics=app.extensions["hseshop.settings"].relayed_topics())
+    with app.app_context():
         queues_reachable = True
         # (A replayed inbox message may be parked again at once, and come back under --all.)
-        for replayed in _changed(unpark_messages, unpark_outbox_messages, message_ids, outbox,
+        for replayed in _changed(unpark_messages, outbox_change, message_ids, outbox,
                                  may_come_back=True):
             if not outbox and queues_reachable:
                 queues_reachable = _dispatched(service, replayed)
@@ -195,6 +210,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         if command == "list":
             command_parser.add_argument("--limit", type=_list_limit, default=50)
         else:
+            if command == "replay":
+                command_parser.add_argument(
+                    "--to-topic", metavar="TOPIC",
+                    help="with --outbox: send rows parked for a topic that is not the shop's to"
+                         " TOPIC, one of its topics, with the rows waiting behind them")
             command_parser.add_argument("message_ids", nargs="*", type=uuid.UUID,
                                         metavar="MESSAGE_ID")
             command_parser.add_argument("--all", action="store_true",
@@ -210,9 +230,10 @@ _OUTCOMES = {("replay", False): "handed back to be handled",
 def main(argv: list[str] | None = None) -> int:
     parser, command_parsers = _parser()
     argv = sys.argv[1:] if argv is None else argv
-    # --outbox may come anywhere: argparse, given `replay orders --outbox ID`, would have taken
-    # `orders` and no ids before it, and then had no place for the ids.
-    args = parser.parse_args([arg for arg in argv if arg != "--outbox"])
+    # --outbox may come anywhere, and --to-topic TOPIC too: argparse, given `replay orders
+    # --outbox ID`, would have taken `orders` and no ids before it, and then had no place for the
+    # ids. (--outbox is left out, --to-topic put last.)
+    args = parser.parse_args(_to_topic_last([arg for arg in argv if arg != "--outbox"]))
     args.outbox = "--outbox" in argv  # (no abbreviations: `--out` is an error, not the inbox)
     box = "outbox" if args.outbox else "inbox"
     if args.command == "list":
@@ -225,8 +246,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if bool(args.message_ids) == args.all:
         command_parsers[args.command].error("name the messages, or give --all")
-    act = replay if args.command == "replay" else discard
+    to_topic, from_topic = getattr(args, "to_topic", None), None
+    if to_topic is not None:
+        try:
+            refused, from_topic = _topic_to_send_on_from(args.service, to_topic, args.outbox,
+                                                         args.all)
+        except _DATABASE_FAILURES as exc:
+            print(f"{args.service} {box}: nothing {_OUTCOMES[args.command, args.outbox]}:"
+                  f" {failure_in_a_line(exc)}", file=sys.stderr)
+            return 1
+        if refused:
+            command_parsers[args.command].error(refused)
+    act = (functools.partial(replay, to_topic=to_topic, from_topic=from_topic)
+           if args.command == "replay" else discard)
     outcome = f"{args.service} {box}: {{}} message(s) {_OUTCOMES[args.command, args.outbox]}"
+    if to_topic is not None:
+        outcome += f" to {to_topic}"
     # Under --all a count alone: the ids changed are kept only when named, to say which were not.
     count, done = 0, set[uuid.UUID]()
     try:
@@ -251,11 +286,50 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(outcome.format(count))
     left = [message_id for message_id in args.message_ids if message_id not in done]
+    why = ("not parked, unknown" + (", or never parsed" if not args.outbox
+                                    and args.command == "replay" else "")
+           + (", or parked for its size, its topic the shop's" if to_topic else ""))
     for message_id in left:
-        print(f"{message_id}: not {args.command}ed (not parked, unknown"
-              f"{'' if args.outbox or args.command == 'discard' else ', or never parsed'})",
-              file=sys.stderr)
+        print(f"{message_id}: not {args.command}ed ({why})", file=sys.stderr)
     return 1 if left else 0
+
+
+def _to_topic_last(argv: list[str]) -> list[str]:
+    """`argv` with --to-topic and its value (the next argument, or after `=`) moved to its end."""
+    rest, moved = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--to-topic":
+            moved += [arg, *[value for value in [next(args, None)] if value is not None]]
+        else:
+            (moved if arg.startswith("--to-topic=") else rest).append(arg)
+    return rest + moved
+
+
+def _topic_to_send_on_from(service: str, to_topic: str, outbox: bool,
+                           every_one: bool) -> tuple[str | None, str | None]:
+    """For `replay --to-topic`: why it cannot go as asked (None if it can), and under --all the
+    one topic, not the shop's, whose parked rows it sends on. The rows to send on are the outbox's,
+    to one of the shop's topics, and under --all of one topic (the rows of two renamed settings
+    must not end on one topic: a row parked for another topic after this reads them is left
+    parked). Reading which topics parked rows name may fail as the database does
+    (_DATABASE_FAILURES)."""
+    if not outbox:
+        return "--to-topic is for outbox rows: give --outbox", None
+    shop_topics = service_app(service).extensions["hseshop.settings"].relayed_topics()
+    if to_topic not in shop_topics:
+        return f"{to_topic!r} is none of the shop's topics: {', '.join(shop_topics)}", None
+    if not every_one:
+        return None, None
+    with service_app(service).app_context(), transaction() as session:
+        parked_topics = parked_topics_not_the_shops(session, shop_topics)
+    if len(parked_topics) > 1:
+        return (f"parked rows name {len(parked_topics)} topics that are not the shop's"
+                f" ({', '.join(parked_topics)}): name the rows to send to {to_topic}"
+                f" (list {service} --outbox shows them)"), None
+    # (With none, `to_topic`, one of the shop's, which no row parked for its topic names: a row
+    # parked after this read is left parked, whatever its topic.)
+    return None, parked_topics[0] if parked_topics else to_topic
 
 
 # What the database may answer an operator's command with: unreachable, a parked row locked by

@@ -272,8 +272,9 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
     (fewer rows than a batch, of which the broker may have refused some, now waiting). The rows it
     refused wait for their next try (shared.outbox.relaying), and the next read passes over them, so
     a batch it took in part is followed by the next; the refusals are logged, and the topics
-    checked, once a call. (Messages too large ever to be sent say nothing about the broker: they are
-    parked, and the next read passes over them too.) `left_unanswered` becomes the rows left without
+    checked, once a call. (Messages that can never be sent as they are, too large or to a topic that
+    is not the shop's, say nothing about the broker: they are parked, and the next read passes over
+    them too.) `left_unanswered` becomes the rows left without
     an answer at their last try, of those it held and those read now."""
     sent = refused = 0
     answered = unanswered = walked_slowly = False
@@ -287,9 +288,10 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
         walked_slowly = (result.read_seconds >= SLOW_WALK_SECONDS
                          and result.claimed < settings.outbox_relay_batch_size)
         if result.parked:
-            log.error("%s outbox: parked %d message(s) too large to be sent; the later rows of"
-                      " their keys wait behind them (python -m tasks.parked list %s --outbox)",
-                      service, result.parked, service)
+            log.error("%s outbox: parked %d message(s) that cannot be sent as they are (too"
+                      " large, or to a topic that is not the shop's: each one's error says); the"
+                      " later rows of their keys wait behind them (python -m tasks.parked list %s"
+                      " --outbox)", service, result.parked, service)
         if result.refused_by_the_broker:
             if not refused:
                 _ensure_topics(settings, service)

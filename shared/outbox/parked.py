@@ -50,6 +50,34 @@ def unpark_outbox_messages(session: Session,
     return _change_parked_rows(session, _UNPARK, message_ids)
 
 
+def redirect_parked_outbox_messages(session: Session, message_ids: list[uuid.UUID] | None,
+                                    topic: str, shop_topics: list[str],
+                                    from_topic: str | None = None) -> list[uuid.UUID]:
+    """Hand rows parked for a topic that is not among `shop_topics` (every one when `message_ids`
+    is None; only those of `from_topic` when given) back to the relay to be sent to `topic`
+    instead, each with the rows waiting behind it (its old topic and key, written after it), so
+    that those go on after it, in their order, rather than each be parked in turn; returns the
+    parked rows' ids. (A row parked for its size is left alone: its topic is the shop's.) The relay
+    is woken as the caller's transaction commits."""
+    chosen, params = "", {"topic": topic, "shop_topics": list(shop_topics)}
+    if message_ids is not None:
+        chosen, params["message_ids"] = " AND message_id = ANY(:message_ids)", message_ids
+    if from_topic is not None:
+        chosen, params["from_topic"] = chosen + " AND topic = :from_topic", from_topic
+    ids = list(session.scalars(text(_REDIRECT.format(chosen=chosen)), params))
+    if ids:
+        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": OUTBOX_CHANNEL})
+    return ids
+
+
+def parked_topics_not_the_shops(session: Session, shop_topics: list[str]) -> list[str]:
+    """The topics not among `shop_topics` that parked rows name (for `replay --all --to-topic`,
+    which sends the rows of one such topic on)."""
+    return list(session.scalars(text(
+        f"SELECT DISTINCT topic FROM outbox_messages WHERE {PARKED_ROWS}"
+        " AND topic <> ALL(:shop_topics) ORDER BY topic"), {"shop_topics": list(shop_topics)}))
+
+
 def discard_parked_outbox_messages(session: Session,
                                    message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
     """Delete parked rows (every one when `message_ids` is None), never to be sent, so that the
@@ -72,5 +100,19 @@ def _change_parked_rows(session: Session, statement: str,
     return ids
 
 
+# The rows behind and the parked rows are apart (the ones not parked, the others parked): the two
+# updates of one statement never meet on a row.
+_REDIRECT = """
+WITH chosen AS (
+    SELECT id, topic, key FROM outbox_messages
+    WHERE """ + PARKED_ROWS + """ AND topic <> ALL(:shop_topics){chosen}
+    FOR UPDATE),
+behind AS (
+    UPDATE outbox_messages AS later SET topic = :topic FROM chosen
+    WHERE later.topic = chosen.topic AND later.key = chosen.key AND later.id > chosen.id
+          AND later.parked_at IS NULL)
+UPDATE outbox_messages AS parked SET topic = :topic, parked_at = NULL FROM chosen
+WHERE parked.id = chosen.id
+RETURNING parked.message_id"""
 _UNPARK = f"UPDATE outbox_messages SET parked_at = NULL WHERE {PARKED_ROWS}"
 _DISCARD = f"DELETE FROM outbox_messages WHERE {PARKED_ROWS}"

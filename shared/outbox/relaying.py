@@ -71,9 +71,10 @@ def relay_headers(message_id: str, event_type: str, request_id: str | None) -> d
 @dataclass(frozen=True)
 class Refusal:
     """Why a row was not acknowledged. `held`: refused for what the message is, not for the
-    broker's state (a message too large ever to be sent, or a row held back behind one), so
-    nothing follows about the broker. `park`: the row's own message is too large ever to be sent;
-    it is parked rather than tried again (a row held back behind it is `held` only, and goes as
+    broker's state (a message too large ever to be sent, one naming a topic that is not the
+    shop's, or a row held back behind one), so nothing follows about the broker. `park`: the row's
+    own message can never be sent as it is (too large, or to a topic that is not the shop's); it
+    is parked rather than tried again (a row held back behind it is `held` only, and goes as
     soon as the parked row is replayed and sent, or discarded). Every other refusal counts against
     the broker, and the row is tried again after its wait (FIRST_RETRY_AFTER_SECONDS).
     `answered`: of those, the broker reached refused the row itself, for its topic or its record

@@ -239,9 +239,148 @@ def test_a_parked_outbox_row_replayed_once_mended_goes_out_before_the_rows_behin
         _delete_outbox_rows_of([first.id, *behind_it])
 
 
+def _renamed_away(settings) -> str:
+    """A topic the shop no longer names: its setting renamed since rows were written to it."""
+    return f"{settings.topic_payment_requested}-before-its-rename-{uuid.uuid4().hex[:8]}"
+
+
+def _parked_rows_for_their_topic(settings, user_id: str):
+    """Orders whose outbox rows name a topic the shop does not use, relayed: a first one of a
+    user's, parked, two after it of the same key, waiting behind it, and a row of no key, parked
+    too; yields (old topic, parked order, the orders behind it, the keyless one)."""
+    publisher = OutboxPublisher(settings)
+    _relay_all(publisher)  # whatever earlier tests left behind
+    old_topic = _renamed_away(settings)
+    first = _place(user_id, "1.00").id
+    behind = [_place(user_id, amount).id for amount in ("2.00", "3.00")]
+    keyless = _place(f"{user_id}-keyless", "4.00").id
+    _send_to(old_topic, [first, *behind])
+    with transaction() as session, driver_cursor(session) as cursor:
+        cursor.execute("UPDATE outbox_messages SET topic = %s, key = NULL WHERE correlation_id"
+                       " = %s", (old_topic, str(keyless)))
+    _relay_all(publisher)
+    db.session.rollback()
+    return old_topic, first, behind, keyless
+
+
+def test_a_row_naming_a_topic_the_shop_does_not_use_is_parked_not_sent_and_holds_back_its_key(
+        in_orders, settings, user_id):
+    """A row written under a TOPIC_* setting since renamed is parked, never produced (sent, it
+    went to a topic no consumer of the shop reads, the broker creating it; with topics not made
+    on first use it timed out, every try holding up its batch, for ever), with its reason; the
+    rows of its key wait behind it, and every other row goes at once."""
+    publisher = OutboxPublisher(settings)
+    _relay_all(publisher)
+    old_topic = _renamed_away(settings)
+    first = _place(user_id, "1.00").id
+    behind = _place(user_id, "2.00").id
+    other = _place(f"{user_id}-other", "5.00").id
+    _send_to(old_topic, [first, behind])
+    try:
+        started = time.monotonic()
+        results = _relay_all(publisher)
+        assert time.monotonic() - started < 2  # (no message timeout waited for)
+        assert sum(result.parked for result in results) == 1
+        assert sum(result.refused_by_the_broker for result in results) == 0
+        db.session.rollback()
+        assert _outbox_rows_for([other]) == [] and _messages_of(settings, [other])
+        parked, waiting = _outbox_rows_for([first, behind])
+        assert parked.parked_at is not None and parked.topic == old_topic
+        assert f"its topic {old_topic!r} is none of the shop's" in parked.last_error
+        assert "--to-topic" in parked.last_error
+        assert waiting.parked_at is None and "held back behind" in waiting.last_error
+        assert sum(result.claimed for result in _relay_all(publisher)) == 0  # not tried again
+        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        assert old_topic not in admin.list_topics(timeout=5).topics  # nothing produced to it
+    finally:
+        _delete_outbox_rows_of([first, behind, other])
+
+
+def test_an_operator_sends_rows_parked_for_their_topic_on_to_one_of_the_shops(
+        in_orders, settings, user_id, capsys):
+    """python -m tasks.parked replay orders --outbox --to-topic TOPIC: a row parked for a topic
+    that is not the shop's goes to TOPIC, and the rows of its key waiting behind it with it, in
+    their order (not each parked in turn); a row of no key, named, alike. A topic that is not
+    the shop's, or --to-topic without --outbox, is refused in a line, nothing changed."""
+    from tasks import parked
+
+    old_topic, first, behind, keyless = _parked_rows_for_their_topic(settings, user_id)
+    try:
+        rows = {row.correlation_id: row for row in _outbox_rows_for([first, *behind, keyless])}
+        (first_id, keyless_id) = (rows[str(first)].message_id, rows[str(keyless)].message_id)
+        assert rows[str(keyless)].parked_at is not None
+        assert parked.main(["list", "orders", "--outbox"]) == 0
+        assert f"{first_id}  PaymentRequested  {old_topic}" in capsys.readouterr().out
+
+        for wrong, said in ((["--outbox", "--to-topic", old_topic], "none of the shop's topics"),
+                            (["--to-topic", settings.topic_payment_requested], "give --outbox")):
+            with pytest.raises(SystemExit) as exited:
+                parked.main(["replay", "orders", *wrong, str(first_id)])
+            assert exited.value.code == 2 and said in capsys.readouterr().err
+        db.session.rollback()
+        assert _outbox_rows_for([first])[0].parked_at is not None  # nothing changed
+
+        to = settings.topic_payment_requested
+        assert parked.main(["replay", "orders", "--outbox", "--to-topic", to, str(first_id),
+                            str(keyless_id)]) == 0
+        assert capsys.readouterr().out.strip() == (
+            f"orders outbox: 2 message(s) handed back to be sent to {to}")
+        assert sum(result.parked for result in _relay_all(OutboxPublisher(settings))) == 0
+        db.session.rollback()
+        assert _outbox_rows_for([first, *behind, keyless]) == []
+        messages = _messages_of(settings, [first, *behind, keyless])
+        mine = [json.loads(m.value())["payload"]["amount"] for m in messages
+                if m.key() == user_id.encode()]
+        assert mine == ["1.00", "2.00", "3.00"]
+    finally:
+        _delete_outbox_rows_of([first, *behind, keyless])
+
+
+def test_replay_all_to_a_topic_sends_on_the_rows_of_one_topic_not_the_shops_only(
+        in_orders, settings, user_id, capsys):
+    """--all --to-topic takes the rows parked for one topic that is not the shop's; with rows
+    parked for two such topics it is refused, naming them (the rows of two renamed settings
+    must not end on one topic), and a row parked for its size is never sent on so."""
+    from tasks import parked
+
+    old_topic, first, behind, keyless = _parked_rows_for_their_topic(settings, user_id)
+    other_user = f"{user_id}-two"
+    other_old_topic, *other_orders = _parked_rows_for_their_topic(settings, other_user)
+    other_ids = [other_orders[0], *other_orders[1], other_orders[2]]
+    too_large = _place(f"{user_id}-large").id
+    _make_too_large(too_large)
+    _relay_all(OutboxPublisher(settings))
+    to = settings.topic_payment_requested
+    try:
+        with pytest.raises(SystemExit) as exited:
+            parked.main(["replay", "orders", "--outbox", "--all", "--to-topic", to])
+        assert exited.value.code == 2
+        assert old_topic in capsys.readouterr().err
+        _delete_outbox_rows_of(other_ids)
+
+        assert parked.main(["replay", "orders", "--outbox", "--all", "--to-topic", to]) == 0
+        assert capsys.readouterr().out.strip() == (
+            f"orders outbox: 2 message(s) handed back to be sent to {to}")
+        _relay_all(OutboxPublisher(settings))
+        db.session.rollback()
+        assert _outbox_rows_for([first, *behind, keyless]) == []
+        (large,) = _outbox_rows_for([too_large])
+        assert large.parked_at is not None and large.attempts == 1  # left alone
+        assert other_old_topic != old_topic
+    finally:
+        _delete_outbox_rows_of([first, *behind, keyless, *other_ids, too_large])
+
+
 # A topic name the broker refuses every message for ("Broker: Invalid topic"), at once: as it would
-# a topic the relay may not write to.
+# a topic the relay may not write to. A relay sends only to the shop's topics (a row naming another
+# is parked, not produced): _refusing_publisher's takes it for one of them.
 REFUSED_TOPIC = "no topic can be named this!"
+
+
+def _refusing_publisher(settings) -> OutboxPublisher:
+    """A publisher that sends to REFUSED_TOPIC as to one of the shop's topics, for the broker to
+    refuse."""
+    return OutboxPublisher(settings, topics=[*settings.topics(), REFUSED_TOPIC])
 
 
 def _send_to(topic: str, order_ids, key: str | None = None) -> None:
@@ -267,7 +406,7 @@ def test_rows_the_broker_refuses_wait_for_their_next_try_and_the_rows_behind_the
     so that the rows of other keys behind it go out meanwhile."""
     # (a loaded machine)
     monkeypatch.setattr("shared.outbox.relaying.FIRST_RETRY_AFTER_SECONDS", 10.0)
-    publisher = OutboxPublisher(settings)
+    publisher = _refusing_publisher(settings)
     _relay_all(publisher)  # whatever earlier tests left behind
     refused = [_place(f"{user_id}-{n}", "1.00").id for n in range(3)]
     healthy = _place(user_id, "2.00").id
@@ -300,7 +439,7 @@ def test_the_later_rows_of_a_refused_rows_key_wait_with_it_and_then_go_with_it_i
     """A row the broker refused holds back the later rows with its topic and key while it waits
     for its next try (they must not overtake it), however many reads pass meanwhile; once its
     time has come, they are read with it, and go in order."""
-    publisher = OutboxPublisher(settings)
+    publisher = _refusing_publisher(settings)
     _relay_all(publisher)
     first, *behind = [_place(user_id, amount).id for amount in ("1.00", "2.00", "3.00")]
     same_key = str(first)
@@ -1348,6 +1487,7 @@ def test_a_leader_the_broker_refuses_a_lone_row_for_its_topic_goes_on_leading(
     monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 0.5)
     refused_id = _a_lone_row_of_the_refused_topic(orders_flask_app, settings, user_id,
                                                   monkeypatch)
+    service_app("orders").extensions[relay._PUBLISHER] = _refusing_publisher(settings)
     try:
         with _relay_task_leading([]), orders_flask_app.app_context():
             def refused_again_and_again() -> bool:  # at each wake-up, a second apart
@@ -1495,7 +1635,7 @@ def test_a_leader_that_had_no_answer_for_a_while_counts_afresh_once_the_broker_a
                                                   monkeypatch)
     monkeypatch.setattr("shared.kafka.MESSAGE_TIMEOUT_MS", 300)  # (read as its producer is made)
     cut_off = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
-    switch = _PublisherToSwitch(OutboxPublisher(cut_off))
+    switch = _PublisherToSwitch(_refusing_publisher(cut_off))
     worker_app = service_app("orders")
     worker_app.extensions[relay._PUBLISHER] = switch
     try:
@@ -1507,7 +1647,7 @@ def test_a_leader_that_had_no_answer_for_a_while_counts_afresh_once_the_broker_a
 
             wait_for(lambda: "_MSG_TIMED_OUT" in last_error(), timeout=20,
                      what="the row refused with no answer")
-            switch.publisher = OutboxPublisher(settings)  # the way to the broker mended
+            switch.publisher = _refusing_publisher(settings)  # the way to the broker mended
             answered_since = time.monotonic()
             wait_for(lambda: "Invalid topic" in last_error(), timeout=20,
                      what="the row refused by the broker")

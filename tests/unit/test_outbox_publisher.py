@@ -83,7 +83,7 @@ def _rows(count: int) -> list[tuple]:
 def publisher(monkeypatch):
     StandInProducer.made.clear()
     monkeypatch.setattr(kafka, "Producer", StandInProducer)
-    return kafka.OutboxPublisher(load_settings({}))
+    return kafka.OutboxPublisher(load_settings({}), topics=["topic"])
 
 
 def test_rows_with_no_failure_reported_are_acknowledged(publisher):
@@ -288,3 +288,15 @@ def test_the_relay_is_told_to_stop_however_its_worker_stops():
             assert relay._stopping.is_set(), stopping
     finally:
         relay._stopping.clear()
+
+
+def test_a_row_naming_a_topic_not_among_the_publishers_is_parked_unproduced_and_holds_its_key(
+        publisher):
+    rows = _rows(3)
+    rows[0] = (1, "renamed-away", "key", *rows[0][3:])
+    rows[1] = (2, "renamed-away", "key", *rows[1][3:])
+    refused = publisher.send_batch(rows)
+    assert refused[1].park and "'renamed-away' is none of the shop's" in refused[1].error
+    assert refused[2].held and not refused[2].park  # behind it, its topic and key
+    assert 3 not in refused  # another topic's row goes
+    assert publisher._get_producer().produced == [rows[2][6]]
