@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -182,6 +184,10 @@ def _all_changed_in_transactions(change: _Change,
         after = batch[-1]
 
 
+# What `list` exits with when its reader goes before it is done, as a command ended by SIGPIPE
+# does in a shell (Python ignores the signal, and raises BrokenPipeError instead).
+SIGPIPE_EXIT = 128 + signal.SIGPIPE
+
 # The most rows `list` shows at once (a limit past PostgreSQL's bigint would end in a traceback).
 MAX_LISTED = 10_000
 
@@ -243,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.service} {box}: nothing listed: {failure_in_a_line(exc)}",
                   file=sys.stderr)
             return 1
+        except BrokenPipeError:
+            # Its reader gone (`| head`): an end, not a traceback. The output goes nowhere from
+            # here, so that Python's own flush of it as it exits does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return SIGPIPE_EXIT
         return 0
     if bool(args.message_ids) == args.all:
         command_parsers[args.command].error("name the messages, or give --all")
