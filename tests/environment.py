@@ -6,6 +6,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from bench.shop import RELAY_SPEED_TOPIC
+
 RUN_ID = uuid.uuid4().hex[:8]
 # What every Redis key the run writes starts with (each layer's REDIS_KEY_PREFIX is under it).
 REDIS_KEYS_OF_THE_RUN = f"test.{RUN_ID}."
@@ -49,6 +51,10 @@ def service_env(infra: Infrastructure, layer: str, **overrides: str) -> dict[str
         "TOPIC_PAYMENT_REQUESTED": f"{prefix}.orders.payment-requested",
         "TOPIC_PAYMENT_RESULTS": f"{prefix}.payments.payment-results",
         "TOPIC_ORDER_STATUS_CHANGED": f"{prefix}.orders.order-status-changed",
+        # The benchmark's relay-speed topic (bench.relay_speed), which its smoke run
+        # (tests/e2e/test_bench_smoke.py) has this stack's relay send rows to: the relay parks a row
+        # of a topic it is not told of.
+        "OUTBOX_EXTRA_TOPICS": f"{prefix}.{RELAY_SPEED_TOPIC}",
         "INBOX_SWEEP_MIN_AGE_SECONDS": "3",
         "INBOX_SWEEP_INTERVAL_SECONDS": "1",
         "INBOX_MAX_ATTEMPTS": "5",
