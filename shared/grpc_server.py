@@ -60,16 +60,25 @@ PINGS_ACCEPTED_EVERY_MS = 10_000
 # few minutes down would stay unreachable for up to two more. A connection attempt a second to a
 # service of the same deployment costs next to nothing.
 RECONNECT_BACKOFF_MS = (500, 1000)  # the first wait, and the longest
+# How long a channel tries to connect (TCP, then the server's HTTP/2 SETTINGS) before it gives up
+# and fails the calls waiting for it as unreachable (UNAVAILABLE, "failed to connect to all
+# addresses": a 503), as the HTTP transport's connect timeout does (gateway_app/upstream_http.py).
+# gRPC's own is 20 s: a service whose host answers nothing (gone with its address, cut off, its
+# listen queue full) held every call to its deadline, a 504 "may still have taken effect" for a
+# call never sent, for as long as each attempt lasted.
+CONNECT_TIMEOUT_MS = 1000
 
 
 def channel_options() -> list[tuple[str, int]]:
-    """The options of a channel to these servers: keepalive as they accept it, and reconnecting
-    within RECONNECT_BACKOFF_MS. (gRPC core holds a ping back for min_time_between_pings, five
-    minutes unless set, once none answered, and drops the connection after ping_timeout, not
-    keepalive_timeout: both are set here.)"""
+    """The options of a channel to these servers: keepalive as they accept it, reconnecting
+    within RECONNECT_BACKOFF_MS, and each connection made within CONNECT_TIMEOUT_MS (gRPC core
+    reads that from min_reconnect_backoff_ms, its minimum connect timeout). (gRPC core holds a
+    ping back for min_time_between_pings, five minutes unless set, once none answered, and drops
+    the connection after ping_timeout, not keepalive_timeout: both are set here.)"""
     first_wait_ms, longest_wait_ms = RECONNECT_BACKOFF_MS
     return [("grpc.initial_reconnect_backoff_ms", first_wait_ms),
             ("grpc.max_reconnect_backoff_ms", longest_wait_ms),
+            ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
             ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -283,6 +283,40 @@ def test_a_channel_tries_a_service_it_cannot_reach_again_every_second_at_most():
     assert len(tries) >= 6 and max(waits) < 1.5, waits
 
 
+def test_a_service_whose_host_answers_nothing_is_503_within_a_second_over_both_transports(
+        settings, upstreams, grpc_targets):  # noqa: F811
+    """Its connections hang as they are made (its listen queue full, as a host gone silent or cut
+    off drops them): unreachable, 503, once the 1 s connect timeout is up, over gRPC as over HTTP.
+    gRPC's own connect timeout is 20 s: every call waited out its deadline, and was answered 504
+    "may still have taken effect" though it was never sent."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    target = f"127.0.0.1:{listener.getsockname()[1]}"
+    queued = []  # connections the listener never accepts, until one can no longer be made
+    try:
+        while True:
+            try:
+                queued.append(socket.create_connection(listener.getsockname(), timeout=0.2))
+            except OSError:
+                break
+        for transport in ("grpc", "http"):
+            client = _gateway(settings, upstreams, grpc_targets, transport,
+                              upstream_timeout_seconds=3.0, orders_service_url=f"http://{target}",
+                              orders_grpc_target=target)
+            _, auth = _signed_up_with_an_account(client)
+            started = time.monotonic()
+            answer = client.get("/api/orders", headers=auth)
+            took = time.monotonic() - started
+            assert answer.status_code == 503, (transport, answer.get_json())
+            assert answer.get_json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+            assert took < 2.0, f"{transport}: {took:.2f} s"  # (3 s, a 504, over gRPC before)
+    finally:
+        for connection in queued:
+            connection.close()
+        listener.close()
+
+
 def _signed(user_id: str, secret: str) -> tuple[tuple[str, str], ...]:
     return tuple((name.lower(), value) for name, value in identity_headers(user_id, secret).items())
 
