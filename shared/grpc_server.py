@@ -32,8 +32,8 @@ from shared.db import CallerGaveUp, caller_waits_until
 from shared.errors import DATABASE_ERRORS, ApiError, database_error
 from shared.idempotency import REPLAYED, checked_idempotency_key, take_replayed_mark
 from shared.identity import authenticated_user_id
-from shared.request_context import (REQUEST_ID_HEADER, configure_logging, request_id_bound,
-                                    sane_request_id)
+from shared.request_context import (REQUEST_ID_HEADER, configure_logging, escaped_in_logs,
+                                    given_request_id_if_sane, request_id_bound, sane_request_id)
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +206,15 @@ def _abort(context: grpc.ServicerContext, error: ApiError) -> None:
 
 
 class CallLogInterceptor(grpc.ServerInterceptor):
-    """One log line per call, with the request id the gateway sent: the gRPC access log."""
+    """One log line per call, as it arrives (before its identity is checked, on the server's own
+    thread), with the request id the gateway sent: the gRPC access log. What the caller wrote is
+    logged as the HTTP access log logs it: the method with its control characters escaped (a
+    line break in it wrote a log line of the caller's making), and the id only if it is sane."""
 
     def intercept_service(self, continuation, handler_call_details):
         metadata = dict(handler_call_details.invocation_metadata or ())
-        with request_id_bound(metadata.get(REQUEST_ID_HEADER.lower())):
-            log.info("gRPC %s", handler_call_details.method)
+        with request_id_bound(given_request_id_if_sane(metadata.get(REQUEST_ID_HEADER.lower()))):
+            log.info("gRPC %s", escaped_in_logs(handler_call_details.method))
         return continuation(handler_call_details)
 
 

@@ -16,8 +16,8 @@ from flask import Flask, request
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_KAFKA_HEADER = "request_id"
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
-# What a logged path cannot hold as it is: a control character (a newline decoded from %0A, say)
-# is written escaped, so a request cannot add a line of its own making to the log.
+# What a logged path (or gRPC method) cannot hold as it is: a control character (a newline decoded
+# from %0A, say) is written escaped, so a request cannot add a line of its own making to the log.
 _ESCAPED_IN_LOGS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
 
 _current: ContextVar[str | None] = ContextVar("hseshop_request_id", default=None)
@@ -29,9 +29,17 @@ def current_request_id() -> str | None:
 
 def sane_request_id(candidate: str | None) -> str:
     """The caller's id when it is sane, else a new one."""
-    if candidate and SANE_REQUEST_ID.fullmatch(candidate):
-        return candidate
-    return uuid.uuid4().hex
+    return given_request_id_if_sane(candidate) or uuid.uuid4().hex
+
+
+def given_request_id_if_sane(candidate: str | None) -> str | None:
+    """The caller's id when it is sane, else None."""
+    return candidate if candidate and SANE_REQUEST_ID.fullmatch(candidate) else None
+
+
+def escaped_in_logs(text: str) -> str:
+    """`text` as a log line may hold it, what a client wrote: its control characters escaped."""
+    return text.translate(_ESCAPED_IN_LOGS)
 
 
 @contextmanager
@@ -85,7 +93,7 @@ def install_request_ids(app: Flask) -> None:
         request_id = _current.get()
         if request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
-        log.info("%s %s -> %s", request.method, request.path.translate(_ESCAPED_IN_LOGS),
+        log.info("%s %s -> %s", request.method, escaped_in_logs(request.path),
                  response.status_code)
         return response
 

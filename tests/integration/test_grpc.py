@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -33,6 +34,7 @@ from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_K
                                 channel_options)
 from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc
+from shared.request_context import current_request_id
 from tests.integration.test_gateway import assert_replays_said_so
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
 from tests.environment import TEST_SECRETS
@@ -479,6 +481,33 @@ def test_an_order_whose_caller_gave_up_by_its_deadline_is_not_placed(settings, g
     finally:
         holder.close()
         watcher.close()
+
+
+def test_a_calls_access_log_line_holds_no_line_break_nor_an_id_that_is_not_sane(grpc_targets):
+    """As the HTTP access log: a method with a line break in it (logged as the call arrives, before
+    any check) wrote a line of the caller's making, and an id of any length was bound to it."""
+    said = []
+
+    class _Said(logging.Handler):
+        def emit(self, record):
+            said.append((record.getMessage(), current_request_id()))
+
+    logger = logging.getLogger(grpc_server.__name__)
+    handler, level = _Said(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        channel = grpc.insecure_channel(grpc_targets["orders"])
+        forged = "2026-01-01 00:00:00,000 INFO orders [request_id=-] a line of the caller's"
+        for method, request_id in ((f"/x\n{forged}", "r" * 300), ("/\x1b[2Jx", "sane-id-1")):
+            with pytest.raises(grpc.RpcError) as refused:
+                channel.unary_unary(method)(b"", metadata=((("x-request-id", request_id),)),
+                                            timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert said == [(f"gRPC /x\\x0a{forged}", None), ("gRPC /\\x1b[2Jx", "sane-id-1")]
 
 
 def test_server_reflection_lists_each_service(grpc_targets):
