@@ -5,18 +5,24 @@ answers; and the Swagger UI each app serves it with."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import http.client
 import re
+from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import pytest
 from openapi_schema_validator import OAS30Validator
 from openapi_schema_validator import validate as validate_value
 from openapi_spec_validator import OpenAPIV30SpecValidator, validate
+from werkzeug.serving import make_server
 
 import gateway_app
 import orders_app
 import payments_app
 from devstack.infra import free_port
 from shared.request_context import REQUEST_ID_HEADER
+from shared.swagger_ui import PAGE_FILES
 from tests.openapi_tools import (HEALTH, assert_answered_as_documented, assert_documented,
                                  unused_components, with_a_body_in_chunks)
 
@@ -183,3 +189,76 @@ def test_every_schema_of_a_success_answer_requires_every_field_it_gives(apps):
             schema = document["components"]["schemas"][name]
             assert sorted(schema.get("required", [])) == sorted(schema["properties"]), (
                 service, name)
+
+
+@pytest.fixture(scope="module")
+def served(apps):
+    """Each app over real HTTP, on a free loopback port."""
+    from tests.integration.test_gateway import _Served
+
+    servers = {service: _Served(make_server("127.0.0.1", 0, app, threaded=True))
+               for service, app in apps.items()}
+    yield servers
+    for server in servers.values():
+        server.close()
+
+
+def _over_http(url: str, path: str, method: str = "GET", **headers: str):
+    """`method path` asked of the server at `url` with exactly `headers` (http.client adds
+    Host, and Accept-Encoding: identity unless told one), the answer's body as it came."""
+    connection = http.client.HTTPConnection(urlsplit(url).netloc, timeout=10)
+    try:
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in headers.items():
+            connection.putheader(name.replace("_", "-"), value)
+        connection.endheaders()
+        answer = connection.getresponse()
+        return answer.status, answer.headers, answer.read()
+    finally:
+        connection.close()
+
+
+def test_swagger_ui_files_go_gzipped_to_a_client_that_takes_gzip_as_they_are_to_one_that_not(
+        served, monkeypatch):
+    """Each file the page loads, asked over HTTP: gzipped (`Content-Encoding: gzip`, its
+    Content-Length the gzipped size) to a client whose Accept-Encoding takes gzip, as it is on
+    disk to one that asks for none, refuses gzip or takes only another; `Vary: Accept-Encoding`
+    and an ETag of its own form either way, each form's revalidated to a 304 and not the other's,
+    a HEAD answered with its GET's length. Compressed once, not for each request (the bundle,
+    about a megabyte, went out whole to every browser)."""
+    takes_gzip = ("gzip", "gzip, deflate, br", "br;q=1.0, gzip;q=0.5", "*")
+    takes_no_gzip = (None, "identity", "gzip;q=0", "br", "deflate, br")
+    monkeypatch.setattr(gzip, "compress", None)  # (compressed as the apps were built)
+    for service, server in served.items():
+        for name in PAGE_FILES:
+            path = f"{SWAGGER_UI_FILES}/{name}"
+            on_disk = (PAGE_FILES[name] / name).read_bytes()
+            forms = {}
+            for accepted in (*takes_gzip, *takes_no_gzip):
+                headers = {} if accepted is None else {"Accept-Encoding": accepted}
+                status, given, body = _over_http(server.url, path, **headers)
+                gzipped = accepted in takes_gzip
+                assert status == 200, (service, name, accepted)
+                assert given.get("Content-Encoding") == ("gzip" if gzipped else None), (
+                    service, name, accepted)
+                assert (gzip.decompress(body) if gzipped else body) == on_disk, (name, accepted)
+                assert int(given["Content-Length"]) == len(body), (service, name, accepted)
+                assert "Accept-Encoding" in given["Vary"], (service, name, accepted)
+                assert given["Content-Type"].startswith(("text/javascript", "text/css")), name
+                assert _answered_as_a_page_of_the_shop(SimpleNamespace(headers=given)), name
+                forms.setdefault(gzipped, set()).add((given["ETag"], len(body)))
+            (gzipped_form,), (plain_form,) = forms[True], forms[False]  # (one of each)
+            assert gzipped_form[0] != plain_form[0], (service, name)
+            if name == "swagger-ui-bundle.js":
+                assert gzipped_form[1] < len(on_disk) / 2, (service, gzipped_form)
+            for accepted, form, status in (("gzip", gzipped_form, 304), ("gzip", plain_form, 200),
+                                           ("identity", plain_form, 304),
+                                           ("identity", gzipped_form, 200)):
+                got, given, body = _over_http(server.url, path, Accept_Encoding=accepted,
+                                              If_None_Match=form[0])
+                assert (got, len(body)) == (status, 0 if status == 304 else len(body)), (
+                    service, name, accepted, form)
+                assert given.get("Content-Encoding") == ("gzip" if accepted == "gzip"
+                                                         and status == 200 else None)
+            got, given, body = _over_http(server.url, path, "HEAD", Accept_Encoding="gzip")
+            assert (got, body, int(given["Content-Length"])) == (200, b"", gzipped_form[1])
