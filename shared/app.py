@@ -24,7 +24,7 @@ from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
 from shared.request_context import configure_logging, install_request_ids
 from shared.request_id_document import RequestIdDocumented
-from shared.swagger_ui import SWAGGER_UI_ASSETS, SwaggerUiPage, serve_swagger_ui_files
+from shared.swagger_ui import SwaggerUiPage, serve_swagger_ui_files
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,6 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
         OPENAPI_URL_PREFIX="/docs",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/swagger-ui",
-        OPENAPI_SWAGGER_UI_URL=f"{SWAGGER_UI_ASSETS}/",
         API_SPEC_OPTIONS={"components": {"securitySchemes": {
             "UserId": {"type": "apiKey", "in": "header", "name": "X-User-ID",
                        "description": "Set by the gateway, with X-Gateway-Timestamp and "

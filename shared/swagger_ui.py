@@ -30,10 +30,20 @@ PAGE_FILES = {"swagger-ui-bundle.js": Path(swagger_ui_path),
 
 
 class SwaggerUiPage:
-    """For flask-smorest's Api: its Swagger UI page (OPENAPI_SWAGGER_UI_PATH) is ours, which
-    starts Swagger UI from a file, not an inline script as flask-smorest's own page does (so
-    OPENAPI_SWAGGER_UI_CONFIG is not read: start-swagger-ui.js configures it); the page and the
-    document (OPENAPI_JSON_PATH) come with the page headers."""
+    """For flask-smorest's Api: its Swagger UI page is ours, served at OPENAPI_SWAGGER_UI_PATH
+    (none when that is None), which starts Swagger UI from a file, not an inline script as
+    flask-smorest's own page does (so neither OPENAPI_SWAGGER_UI_URL, the address of
+    flask-smorest's scripts, nor OPENAPI_SWAGGER_UI_CONFIG is read: start-swagger-ui.js
+    configures it); the page and the document (OPENAPI_JSON_PATH) come with the page headers."""
+
+    def _register_swagger_ui_rule(self, blueprint):
+        # flask-smorest's serves its page only if OPENAPI_SWAGGER_UI_URL is set too, the address
+        # of a CDN's copy of Swagger UI that its page loads; ours loads the app's own files.
+        path = self.config.get("OPENAPI_SWAGGER_UI_PATH")
+        if path is not None:
+            blueprint.add_url_rule(path if path.startswith("/") else f"/{path}",
+                                   endpoint="openapi_swagger_ui",
+                                   view_func=self._openapi_swagger_ui)
 
     def _openapi_swagger_ui(self):
         spec_url = url_for(f"{self._make_doc_blueprint_name()}.openapi_json")

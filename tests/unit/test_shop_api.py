@@ -95,3 +95,17 @@ def test_only_a_query_parameter_that_takes_a_list_may_be_given_more_than_once():
     # One the route does not know is refused as unknown, however often it is given.
     assert client.get("/named?x=1&x=2").get_json()["errors"] == {
         "query": {"x": ["Unknown field."]}}
+
+
+def test_the_swagger_ui_page_is_served_where_its_path_says_and_only_when_it_names_one():
+    """ShopApi's page loads the app's own files: it is served at OPENAPI_SWAGGER_UI_PATH with no
+    OPENAPI_SWAGGER_UI_URL (flask-smorest's address of a CDN's copy, which the shop set only to
+    have the page served at all), and not served when the path is None."""
+    for path, status in (("/ui", 200), (None, 404)):
+        app = Flask(__name__)
+        app.config.update(API_TITLE="Things", API_VERSION="1", OPENAPI_VERSION="3.0.3",
+                          OPENAPI_URL_PREFIX="/docs", OPENAPI_SWAGGER_UI_PATH=path)
+        ShopApi(app)
+        page = app.test_client().get("/docs/ui")
+        assert page.status_code == status, path
+        assert (b"/docs/swagger-ui-assets/swagger-ui-bundle.js" in page.data) is (status == 200)
