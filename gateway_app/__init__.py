@@ -13,6 +13,7 @@ DOCS_CONFIG = {
     "OPENAPI_URL_PREFIX": "/",
     "OPENAPI_JSON_PATH": "docs/openapi.json",
     "OPENAPI_SWAGGER_UI_PATH": "/docs",
+    "SWAGGER_UI_TRY_IT_OUT": True,  # (the public API: a person signs in with Authorize)
     "API_SPEC_OPTIONS": {
         "info": {"description": "Sign up or sign in under /api/auth, then send the token as "
                                 "`Authorization: Bearer <token>`."},

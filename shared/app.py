@@ -28,6 +28,14 @@ from shared.swagger_ui import SwaggerUiPage, serve_swagger_ui_files
 
 log = logging.getLogger(__name__)
 
+# A service's document's description (the gateway's has its own: gateway_app.DOCS_CONFIG).
+BEHIND_THE_GATEWAY = (
+    "This service's own API, behind the gateway. Its operations, but `GET /health`, take only "
+    "calls the gateway signs (`X-User-ID` with `X-Gateway-Timestamp` and "
+    "`X-Gateway-Signature`, made with a secret only the gateway holds) and refuse any other "
+    "with 401, so this page cannot try them out. The public API is the gateway's: its "
+    "document, and a Swagger UI that tries it out, are at the gateway's `/docs`.")
+
 
 class ShopApi(SwaggerUiPage, Api):
     """flask-smorest's Api, its OpenAPI document describing errors as they are answered (each
@@ -110,10 +118,15 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
         OPENAPI_URL_PREFIX="/docs",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/swagger-ui",
-        API_SPEC_OPTIONS={"components": {"securitySchemes": {
-            "UserId": {"type": "apiKey", "in": "header", "name": "X-User-ID",
-                       "description": "Set by the gateway, with X-Gateway-Timestamp and "
-                                      "X-Gateway-Signature; the service refuses it otherwise."}}},
+        # A service's routes take only calls the gateway signs, which nobody using its page can
+        # make: its page tries none out, and its document says where the public API is.
+        SWAGGER_UI_TRY_IT_OUT=False,
+        API_SPEC_OPTIONS={
+            "info": {"description": BEHIND_THE_GATEWAY},
+            "components": {"securitySchemes": {"UserId": {
+                "type": "apiKey", "in": "header", "name": "X-User-ID",
+                "description": "Set by the gateway, with X-Gateway-Timestamp and "
+                               "X-Gateway-Signature; the service refuses it otherwise."}}},
             "security": [{"UserId": []}]},
     )
     app.config.update(config or {})

@@ -34,7 +34,12 @@ class SwaggerUiPage:
     (none when that is None), which starts Swagger UI from a file, not an inline script as
     flask-smorest's own page does (so neither OPENAPI_SWAGGER_UI_URL, the address of
     flask-smorest's scripts, nor OPENAPI_SWAGGER_UI_CONFIG is read: start-swagger-ui.js
-    configures it); the page and the document (OPENAPI_JSON_PATH) come with the page headers."""
+    configures it); the page and the document (OPENAPI_JSON_PATH) come with the page headers.
+
+    SWAGGER_UI_TRY_IT_OUT says whether its "Try it out" sends requests (else Swagger UI's
+    supportedSubmitMethods is empty): a page whose operations refuse every call a person can
+    make (a service's, which take only the gateway's signature) offers none, rather than a
+    button always answered 401."""
 
     def _register_swagger_ui_rule(self, blueprint):
         # flask-smorest's serves its page only if OPENAPI_SWAGGER_UI_URL is set too, the address
@@ -49,7 +54,8 @@ class SwaggerUiPage:
         spec_url = url_for(f"{self._make_doc_blueprint_name()}.openapi_json")
         page = render_template_string((_OWN_FILES / "page.html").read_text(),
                                       title=self.spec.title, assets=SWAGGER_UI_ASSETS,
-                                      spec_url=spec_url)
+                                      spec_url=spec_url,
+                                      try_it_out=bool(self.config.get("SWAGGER_UI_TRY_IT_OUT")))
         return with_page_headers(make_response(page))
 
     def _openapi_json(self):

@@ -937,10 +937,11 @@ def test_a_read_of_the_pages_poll_refused_for_the_rate_limit_says_nothing(stack,
 def test_swagger_ui_runs_under_the_pages_policy_and_tries_an_order_out_with_a_string_amount(
         stack, browser):
     """The docs (the gateway's at /docs, a service's at /docs/swagger-ui) answered with the
-    shop page's headers (tests/integration/test_openapi_documents.py): Swagger UI shows every
-    operation of the document, "Try it out" fills in an order's amount as the string README
-    promises ("30.00"; it filled in 30), and Execute reaches the gateway (401 without a token);
-    the policy stopped nothing Swagger UI does."""
+    shop page's headers (tests/integration/test_openapi_documents.py), its files gzipped:
+    Swagger UI shows every operation of the document; a service's offers no "Try it out" (its
+    operations take only the gateway's signature), the gateway's fills in an order's amount as
+    the string README promises ("30.00"; it filled in 30), and Execute reaches the gateway (401
+    without a token); the policy stopped nothing Swagger UI does."""
     wait = WebDriverWait(browser, PAGE_DEADLINE, poll_frequency=0.1)
     for base, docs in ((stack.orders_url, "/docs/swagger-ui"), (stack.gateway_url, "/docs")):
         document = requests.get(f"{base}/docs/openapi.json", timeout=10).json()
@@ -949,6 +950,15 @@ def test_swagger_ui_runs_under_the_pages_policy_and_tries_an_order_out_with_a_st
         browser.get(f"{base}{docs}")
         wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".opblock"))
                    == operations)
+        bundle = browser.execute_script(
+            "return performance.getEntriesByType('resource').find("
+            "  entry => entry.name.endsWith('/swagger-ui-bundle.js'));")
+        assert bundle["encodedBodySize"] < bundle["decodedBodySize"] / 2, bundle  # (gzipped)
+        if base == stack.orders_url:
+            operation = browser.find_element(By.ID, "operations-orders-post_orders")
+            operation.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+            wait.until(lambda _: operation.find_elements(By.CSS_SELECTOR, ".opblock-body"))
+            assert operation.find_elements(By.CSS_SELECTOR, ".try-out__btn") == []
     # (the gateway's, the last opened)
     operation = browser.find_element(By.ID, "operations-shop-post_api_orders")
     operation.find_element(By.CSS_SELECTOR, ".opblock-summary").click()

@@ -8,6 +8,7 @@ import dataclasses
 import gzip
 import http.client
 import re
+import uuid
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
@@ -24,7 +25,7 @@ from devstack.infra import free_port
 from shared.request_context import REQUEST_ID_HEADER
 from shared.swagger_ui import PAGE_FILES
 from tests.openapi_tools import (HEALTH, assert_answered_as_documented, assert_documented,
-                                 unused_components, with_a_body_in_chunks)
+                                 operations, unused_components, with_a_body_in_chunks)
 
 # Where every app serves its document (and its Swagger UI reads it), and its Swagger UI.
 DOCUMENT_URL = "/docs/openapi.json"
@@ -262,3 +263,29 @@ def test_swagger_ui_files_go_gzipped_to_a_client_that_takes_gzip_as_they_are_to_
                                                          and status == 200 else None)
             got, given, body = _over_http(server.url, path, "HEAD", Accept_Encoding="gzip")
             assert (got, body, int(given["Content-Length"])) == (200, b"", gzipped_form[1])
+
+
+def test_a_services_swagger_ui_tries_nothing_out_and_its_document_sends_people_to_the_gateway(
+        apps):
+    """A service's operations (but /health) take only calls the gateway signs: asked as its
+    Swagger UI asks them, with the X-User-ID its Authorize button takes, each is refused 401.
+    So its page offers no "Try it out" (supportedSubmitMethods: [], start-swagger-ui.js), and
+    its document says so and where the public API is; the gateway's page tries its own out.
+    (Swagger UI showing no button: tests/e2e/test_web_page.py.)"""
+    for service, app in apps.items():
+        client = app.test_client()
+        document = _served_document(app)
+        page = client.get(SWAGGER_UI_URL[service]).get_data(as_text=True)
+        tries_out = service == "gateway"
+        assert f'data-try-it-out="{"true" if tries_out else "false"}"' in page, service
+        if tries_out:
+            continue
+        description = document["info"]["description"]
+        assert "gateway's `/docs`" in description and "401" in description, service
+        for method, path in operations(document) - {HEALTH}:
+            answer = client.open(path.format(order_id=uuid.uuid4()), method=method.upper(),
+                                 headers={"X-User-ID": "user-1"}, json={})
+            assert (answer.status_code, answer.get_json()["error"]["code"]) == (
+                401, "UNTRUSTED_IDENTITY"), (service, method, path)
+    starts = apps["orders"].test_client().get(f"{SWAGGER_UI_FILES}/start-swagger-ui.js")
+    assert "supportedSubmitMethods = []" in starts.get_data(as_text=True)
