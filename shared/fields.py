@@ -91,12 +91,24 @@ class Text(fields.String):
     text cannot hold one)."""
 
     # How the OpenAPI documents describe stored text: no NUL (ECMA-262 reads `\u0000` as Python's
-    # re does). An unpaired surrogate they cannot refuse without refusing every paired one too.
+    # re does). An unpaired surrogate they cannot refuse without refusing every paired one too (a
+    # pattern matches code points in one reader, UTF-16 units in another): each such field's
+    # description says it instead.
     DOCUMENTED_STORED = {"pattern": r"^[^\u0000]*$"}
+    # What a pattern cannot say, said in words: in the field's description.
+    SURROGATES_REFUSED = (
+        "A string holding an unpaired UTF-16 surrogate (one of `\\ud800` to `\\udfff` escaped "
+        "in the JSON, not as half of a high-low pair) is refused with 422 `VALIDATION_ERROR`: "
+        "it is no Unicode text, and no JSON Schema pattern can refuse it.")
+    DESCRIBED_STORED = "Text, with no NUL character (`\\u0000`)."
 
     def __init__(self, *args, stored: bool = True, **kwargs):
-        if stored:
-            kwargs["metadata"] = {**self.DOCUMENTED_STORED, **kwargs.get("metadata", {})}
+        metadata = kwargs.get("metadata", {})
+        described = " ".join(filter(None, (metadata.get("description"),
+                                           self.DESCRIBED_STORED if stored else None,
+                                           self.SURROGATES_REFUSED)))
+        kwargs["metadata"] = {**(self.DOCUMENTED_STORED if stored else {}), **metadata,
+                              "description": described}
         super().__init__(*args, **kwargs)
         self.stored = stored
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import http.client
+import json
 import re
 import uuid
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ import gateway_app
 import orders_app
 import payments_app
 from devstack.infra import free_port
+from shared.internal_auth import identity_headers
 from shared.request_context import REQUEST_ID_HEADER
 from shared.swagger_ui import PAGE_FILES
 from tests.openapi_tools import (HEALTH, assert_answered_as_documented, assert_documented,
@@ -289,3 +291,60 @@ def test_a_services_swagger_ui_tries_nothing_out_and_its_document_sends_people_t
                 401, "UNTRUSTED_IDENTITY"), (service, method, path)
     starts = apps["orders"].test_client().get(f"{SWAGGER_UI_FILES}/start-swagger-ui.js")
     assert "supportedSubmitMethods = []" in starts.get_data(as_text=True)
+
+
+# A body each operation that takes one takes, by its schema's name in the documents.
+BODIES = {"PlaceOrder": lambda: {"amount": "1.00"}, "Deposit": lambda: {"amount": "1.00"},
+          "Empty": dict, "Credentials": lambda: {"username": f"user-{uuid.uuid4().hex[:10]}",
+                                                 "password": "long password"}}
+UNPAIRED, PAIRED = "\ud800", "\ud83d\ude00"  # (a high surrogate alone; U+1F600 as JSON pairs it)
+
+
+def _signed_in_as_each_app_takes_it(service: str, app, settings) -> dict:
+    """Headers of a signed-in user's request to `service`'s app: the gateway's bearer token, the
+    identity the gateway signs for a service."""
+    if service != "gateway":
+        return identity_headers(f"user-{uuid.uuid4().hex[:10]}", settings.internal_auth_secret)
+    signed_up = app.test_client().post("/api/auth/register", json=BODIES["Credentials"]())
+    return {"Authorization": f"Bearer {signed_up.get_json()['access_token']}"}
+
+
+def test_text_whose_schema_lets_an_unpaired_surrogate_through_says_it_is_refused_and_is(
+        apps, settings):
+    """Each string field of a request body whose schema lets a lone UTF-16 surrogate through (no
+    pattern can refuse it without refusing the pairs, as ECMA-262 and Python read one) says in
+    its description that it is refused, and it is, asked with the JSON escape `\\ud800` alone:
+    422 VALIDATION_ERROR naming the field; the same text with a pair (an emoji) is not refused
+    for it."""
+    described = set()
+    for service, app in apps.items():
+        document = _served_document(app)
+        components = document["components"]
+        headers = _signed_in_as_each_app_takes_it(service, app, settings)
+        for method, path in sorted(operations(document)):
+            operation = document["paths"][path][method]
+            if "requestBody" not in operation:
+                continue
+            name = operation["requestBody"]["content"]["application/json"]["schema"][
+                "$ref"].rpartition("/")[2]
+            for field, schema in components["schemas"][name].get("properties", {}).items():
+                text = "x" * schema.get("minLength", 0)
+                if not OAS30Validator({**schema, "components": components}).is_valid(
+                        text + UNPAIRED):
+                    continue
+                described.add((service, name, field))
+                assert "unpaired UTF-16 surrogate" in schema.get("description", ""), (
+                    service, name, field)
+                for written, refused in ((text + UNPAIRED, True), (text + PAIRED, False)):
+                    body = json.dumps({**BODIES[name](), field: written})  # (\\u escapes)
+                    answer = app.test_client().open(path, method=method.upper(), data=body,
+                                                    content_type="application/json",
+                                                    headers=headers)
+                    error = (answer.get_json() or {}).get("error", {})
+                    assert (answer.status_code == 422 and error["code"] == "VALIDATION_ERROR"
+                            and field in error["details"]["json"]) is refused, (
+                        service, path, field, written, answer.get_json())
+    assert described >= {("gateway", "PlaceOrder", "description"),
+                         ("gateway", "Credentials", "password"),
+                         ("orders", "PlaceOrder", "description")}
+
