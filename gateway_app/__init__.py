@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None, *,
     from gateway_app import (auth, models, notifications, routes, sign_out,  # noqa: F401
                              user_channels, web)
     from gateway_app.channel_listener import ChannelListener, subscriber_client
+    from gateway_app.notification_document import document_notifications
     from gateway_app.ratelimit import RateLimiter
     from shared.app import create_service_app
     from shared.config import SECRETS
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, *,
     app.extensions["hseshop.api"].register_blueprint(auth.blueprint)
     app.before_request_funcs.setdefault(auth.blueprint.name, []).append(auth.limit_by_address)
     notifications.register_socket(app, auth.socket_token)
+    document_notifications(app.extensions["hseshop.api"], notifications.MESSAGE_HANDLERS)
     app.register_blueprint(web.blueprint)
     if settings.gateway_trusted_proxy_hops:
         # The address the limits count is the client's, not the proxy's, which every client

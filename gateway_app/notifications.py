@@ -38,6 +38,7 @@ from wsproto.utilities import LocalProtocolError, ProtocolError
 from gateway_app import tokens
 from gateway_app.auth import RATE_LIMITER, SIGNED_IN_ERRORS
 from gateway_app.models import Notification
+from gateway_app.notification_document import NOTIFICATION_PAGE
 from gateway_app.ratelimit import RateLimited, client_address
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out
 from gateway_app.socket_document import document_socket
@@ -169,20 +170,6 @@ class NotificationQuerySchema(Schema):
     limit = WholeNumber(load_default=100, validate=validate.Range(min=1, max=REPLAY_LIMIT))
 
 
-# The answers (every field always sent, as orders_app.schemas' are), written out by
-# Notification.to_json: these describe them in the OpenAPI document.
-class NotificationSchema(Schema):
-    id = fields.Integer(required=True)
-    # (the types the gateway keeps: those it handles)
-    type = fields.String(required=True, metadata={"enum": list(MESSAGE_HANDLERS)})
-    payload = fields.Dict(required=True)
-    created_at = fields.DateTime(required=True, format="iso")
-
-
-class NotificationPageSchema(Schema):
-    items = fields.List(fields.Nested(NotificationSchema), required=True)
-
-
 class NewestNotificationSchema(Schema):
     id = fields.Integer(required=True,
                         metadata={"description": "The newest notification's id, 0 for none"})
@@ -200,7 +187,7 @@ def notifications_after(user_id: str, after: int, limit: int) -> list[dict]:
 
 @blueprint.get("")
 @blueprint.arguments(NotificationQuerySchema, location="query")
-@blueprint.response(200, NotificationPageSchema)
+@blueprint.response(200, NOTIFICATION_PAGE)  # (notification_document.py)
 def list_notifications(args):
     """Notifications newer than `after`, oldest first (what a page missed while away)."""
     # Written as the socket and the publish write them: a number in a payload (a replayed one's

@@ -25,7 +25,7 @@ import psutil
 import psycopg2
 import pytest
 import redis
-from openapi_schema_validator import OAS30Validator
+from openapi_schema_validator import OAS30Validator, oas30_format_checker
 from simple_websocket import ConnectionClosed
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -46,7 +46,7 @@ from gateway_app.tokens import VerifiedToken, issue_token, verify_token
 from orders_app.service import PLACING_LOCK_CLASS
 from payments_app.models import Account
 from shared.app import MAX_REQUEST_BYTES
-from shared.contracts import ORDER_STATUS_CHANGED, PAYLOAD_SCHEMAS, new_event
+from shared.contracts import ORDER_STATUS_CHANGED, PAYLOAD_SCHEMAS, declared_fields, new_event
 from shared.db import db, driver_dsn, transaction
 from shared.idempotency import REPLAYED_HEADER
 from shared.inbox.handling import ReceivedEvent, StoredMessage
@@ -1202,8 +1202,11 @@ def test_the_gateway_serves_one_openapi_document_for_the_public_api_and_swagger_
         assert schemas[schema]["properties"][field]["oneOf"] == [
             {"type": "string", "pattern": r"^[0-9]+\.[0-9]{2}$"}], schema
     assert spec["paths"]["/api/accounts"]["post"]["requestBody"]["required"] is False
-    # A notification is one of the types the gateway keeps, stamped as every time is.
-    notification = schemas["Notification"]["properties"]
+    # A notification is one of the types the gateway keeps, told by its type, stamped as every
+    # time is (its payload's shape: test_a_notifications_payload_is_documented_as_its_type_has_it).
+    assert schemas["Notification"]["discriminator"]["propertyName"] == "type"
+    (notification,) = (schemas[reference["$ref"].rpartition("/")[2]]["properties"]
+                       for reference in schemas["Notification"]["oneOf"])
     assert notification["type"]["enum"] == [ORDER_STATUS_CHANGED]
     assert notification["created_at"] == {"type": "string", "format": "date-time"}
     default = spec["components"]["responses"]["DEFAULT_ERROR"]["content"]["application/json"]
@@ -1577,6 +1580,61 @@ def test_a_notification_kept_with_a_numeric_amount_is_caught_up_with_that_number
     spec = gateway.get("/docs/openapi.json").get_json()  # (every field it requires, each given)
     assert_answered_as_documented(spec, "get", "/api/notifications", response)
     assert len(sent) == 1 and '"amount":10.50' in sent[0]
+
+
+def _status_change(user: str, status: str, reason: str | None) -> ReceivedEvent:
+    """An OrderStatusChanged event of `user`'s order reaching `status` (with `reason`)."""
+    (received,) = _status_changes(user)
+    payload = received.payload | {"status": status, "reason": reason}
+    return dataclasses.replace(received, payload=payload, message=dataclasses.replace(
+        received.message, payload=PAYLOAD_SCHEMAS[ORDER_STATUS_CHANGED].dump(payload)))
+
+
+def test_a_notifications_payload_is_documented_as_its_type_has_it(gateway):
+    """The document gives a notification of each type the gateway keeps, told by its `type`, its
+    payload holding exactly the fields of the type's contract, each as the gateway writes it: the
+    notifications of an order paid, cancelled and new, caught up over HTTP and over the socket,
+    hold to it, and a payload that is not one the gateway writes does not (the payload was any
+    object at all)."""
+    user, auth = _sign_up(gateway)
+    spec = gateway.get("/docs/openapi.json").get_json()
+    schemas = spec["components"]["schemas"]
+    notification = schemas["Notification"]
+    kinds = {kind: schemas[reference.rpartition("/")[2]]
+             for kind, reference in notification["discriminator"]["mapping"].items()}
+    assert notification["discriminator"]["propertyName"] == "type"
+    assert set(kinds) == set(notifications.MESSAGE_HANDLERS)
+    assert notification["oneOf"] == [{"$ref": notification["discriminator"]["mapping"][kind]}
+                                     for kind in kinds]
+    for kind, schema in kinds.items():
+        assert schema["properties"]["type"]["enum"] == [kind]
+        payload = schemas[schema["properties"]["payload"]["$ref"].rpartition("/")[2]]
+        assert set(payload["required"]) == set(payload["properties"]) == declared_fields(kind)
+    with gateway.application.app_context():
+        with transaction() as session:
+            notifications.on_order_status_changes(session, [
+                _status_change(user, "FINISHED", None),
+                _status_change(user, "CANCELLED", "INSUFFICIENT_FUNDS"),
+                _status_change(user, "NEW", None)])
+        sent: list[str] = []
+        notifications._send_newer(types.SimpleNamespace(send=sent.append), user, 0)
+    answer = gateway.get("/api/notifications", headers=auth)
+    assert_answered_as_documented(spec, "get", "/api/notifications", answer)
+    items = answer.get_json()["items"]
+    assert [(item["payload"]["status"], item["payload"]["reason"]) for item in items] == [
+        ("FINISHED", None), ("CANCELLED", "INSUFFICIENT_FUNDS"), ("NEW", None)]
+    assert [json.loads(text) for text in sent] == items  # (the socket's, as listed)
+    documented = OAS30Validator({**notification, "components": spec["components"]},
+                                format_checker=oas30_format_checker)
+    assert all(documented.is_valid(item) for item in items)
+    paid = items[0]
+    for changed in ({"amount": "ten"}, {"amount": "1.5"}, {"status": "PAID"},
+                    {"reason": "LOST"}, {"order_id": 7}, {"updated_at": "yesterday"}):
+        assert not documented.is_valid({**paid, "payload": paid["payload"] | changed}), changed
+    for missing in declared_fields(ORDER_STATUS_CHANGED):
+        payload = {name: value for name, value in paid["payload"].items() if name != missing}
+        assert not documented.is_valid({**paid, "payload": payload}), missing
+    assert not documented.is_valid({**paid, "type": "OrderPlaced"})
 
 
 def test_the_newest_notification_id_is_one_read_whatever_a_user_has(settings, gateway):

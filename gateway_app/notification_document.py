@@ -1,0 +1,63 @@
+"""The notifications in the gateway's OpenAPI document: one schema for each type of event the
+gateway keeps, its payload as the gateway writes it (the event's contract, shared/contracts.py, in
+its wire form), told apart by `type` (`Notification`: a oneOf with a discriminator, which
+marshmallow cannot say, so written here)."""
+
+from __future__ import annotations
+
+from marshmallow import Schema, fields
+
+from shared.contracts import ORDER_STATUS_CHANGED, OrderStatusChangedSchema
+from shared.fields import Amount
+
+NOTIFICATION = {"$ref": "#/components/schemas/Notification"}
+NOTIFICATION_PAGE = {"$ref": "#/components/schemas/NotificationPage"}
+
+
+class OrderStatusChangedPayloadSchema(OrderStatusChangedSchema):
+    """OrderStatusChanged's payload as a notification carries it: the contract's fields, dumped
+    (ReceivedEvent.wire_payload)."""
+
+    # Dumped, a string with 2 decimals; a notification kept before the gateway dumped payloads
+    # (f90dee0) from a payload parked and replayed holds it as the number its producer sent.
+    amount = Amount(required=True, metadata={
+        "description": "A string with 2 decimals; a JSON number in a notification kept before "
+                       "the gateway wrote payloads in their contract's form, from a message "
+                       "parked and replayed as its producer sent it",
+        "oneOf": [{"type": "string", "pattern": r"^[0-9]+\.[0-9]{2}$"}, {"type": "number"}]})
+
+
+# Each type of event the gateway keeps as notifications (gateway_app.notifications'
+# MESSAGE_HANDLERS), and its payload as a notification carries it.
+PAYLOADS: dict[str, type[Schema]] = {ORDER_STATUS_CHANGED: OrderStatusChangedPayloadSchema}
+
+
+def _notification_schema(event_type: str) -> type[Schema]:
+    """A notification of `event_type`, every field always sent (Notification.to_json)."""
+    return Schema.from_dict({
+        "id": fields.Integer(required=True),
+        "type": fields.String(required=True, metadata={"enum": [event_type]}),
+        "payload": fields.Nested(PAYLOADS[event_type], required=True),
+        "created_at": fields.DateTime(required=True, format="iso"),
+    }, name=f"{event_type}NotificationSchema")
+
+
+def document_notifications(api, kept_types) -> None:
+    """Put the notifications of `kept_types` (each one PAYLOADS documents) in `api`'s document:
+    a schema for each, `Notification` (any one of them, by its `type`) and `NotificationPage`."""
+    missing = set(kept_types) - PAYLOADS.keys()
+    if missing:  # (a type kept with no payload documented: its notifications would be refused)
+        raise ValueError(f"no payload documented for notifications of {sorted(missing)}")
+    mapping = {}
+    for event_type in kept_types:
+        name = f"{event_type}Notification"
+        api.spec.components.schema(name, schema=_notification_schema(event_type))
+        mapping[event_type] = f"#/components/schemas/{name}"
+    api.spec.components.schema("Notification", {
+        "description": "What happened to one of the user's orders: its `type` says which kind "
+                       "of event, and so the shape of its `payload`.",
+        "oneOf": [{"$ref": reference} for reference in mapping.values()],
+        "discriminator": {"propertyName": "type", "mapping": mapping}})
+    api.spec.components.schema("NotificationPage", {
+        "type": "object", "required": ["items"],
+        "properties": {"items": {"type": "array", "items": NOTIFICATION}}})
