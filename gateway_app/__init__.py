@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None, *,
         subscriber_client(settings.redis_url))
     app.extensions["hseshop.api"].register_blueprint(auth.blueprint)
     app.before_request_funcs.setdefault(auth.blueprint.name, []).append(auth.limit_by_address)
-    notifications.register_socket(app, auth.socket_token)
+    notifications.register_socket(app, auth.socket_token, auth.socket_ticket_token)
     document_notifications(app.extensions["hseshop.api"], notifications.MESSAGE_HANDLERS)
     app.register_blueprint(web.blueprint)
     if settings.gateway_trusted_proxy_hops:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import time
 import uuid
 
 from flask import current_app, g, jsonify, request
@@ -21,7 +22,8 @@ from gateway_app.passwords import hash_password, verify_password
 from gateway_app.ratelimit import RATE_LIMITED, client_address
 from gateway_app.sign_out import (REMEMBERED, SIGNED_OUT, is_signed_out, sign_out,
                                   sign_out_everywhere)
-from gateway_app.tokens import InvalidToken, VerifiedToken, issue_token, verify_token
+from gateway_app.socket_tickets import redeem_ticket
+from gateway_app.tokens import EXPIRED, InvalidToken, VerifiedToken, issue_token, verify_token
 from shared.db import db, transaction
 from shared.documented_errors import DATABASE_UNAVAILABLE_OR_BUSY, DocumentedError
 from shared.errors import Conflict, Unauthorized
@@ -188,7 +190,8 @@ def limit_by_address() -> None:
 def authenticate_bearer() -> None:
     """`before_request` for the rest of /api: the bearer token decides the user, whose limit the
     request counts against (verified_token_or_401)."""
-    g.user_id = verified_token_or_401(_bearer_token(), limited=True).user_id
+    g.token = verified_token_or_401(_bearer_token(), limited=True)
+    g.user_id = g.token.user_id
 
 
 def _bearer_token() -> str:
@@ -206,6 +209,17 @@ def socket_token(token: str) -> VerifiedToken:
     return verified_token_or_401(token, limited=True)
 
 
+def socket_ticket_token(ticket: str) -> VerifiedToken:
+    """A notification socket's ticket, redeemed (gateway_app/socket_tickets.py): the token it was
+    asked for with, unexpired and not signed out; a 401 otherwise (UnknownTicket for a ticket
+    unknown, used or expired). Not counted against the user's rate limit: asking for the ticket
+    was, as opening a socket with the token is."""
+    verified = redeem_ticket(ticket)
+    if verified.expires_at <= time.time():
+        raise Unauthorized(EXPIRED, code="TOKEN_EXPIRED")
+    return signed_in_or_401(verified)
+
+
 def verified_token_or_401(token: str, limited: bool = False) -> VerifiedToken:
     """The token, verified and not signed out; a 401 otherwise. `limited`: the request is counted
     against the user's rate limit too (a 429 past it).
@@ -216,7 +230,12 @@ def verified_token_or_401(token: str, limited: bool = False) -> VerifiedToken:
     request waiting for one). A signed-out token is counted against its user's limit the first
     time this process meets it, at most, and is refused from then on before the limit and the
     database both: used again and again, it costs neither, nor uses up its user's limit."""
-    verified = signed_token_or_401(token)
+    return signed_in_or_401(signed_token_or_401(token), limited)
+
+
+def signed_in_or_401(verified: VerifiedToken, limited: bool = False) -> VerifiedToken:
+    """A token verified already, not signed out (its limit counted if `limited`), in the order
+    verified_token_or_401 says; a 401 otherwise."""
     remembered = current_app.extensions[REMEMBERED]
     if remembered.known(verified):
         raise Unauthorized(SIGNED_OUT, code="TOKEN_SIGNED_OUT")

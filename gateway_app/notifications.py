@@ -42,12 +42,14 @@ from gateway_app.notification_document import NOTIFICATION_PAGE
 from gateway_app.ratelimit import RateLimited, client_address
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out
 from gateway_app.socket_document import document_socket
+from gateway_app.socket_tickets import TICKET_TTL_SECONDS, issue_ticket
 from gateway_app.user_channels import channel, channel_listener, publish
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
+from shared.documented_errors import DocumentedError
 from shared.errors import ApiError
 from shared.fields import WholeNumber
-from shared.http_api import Blueprint, given_more_than_once
+from shared.http_api import Blueprint, EmptySchema, given_more_than_once
 from shared.inbox.handling import Handler, ReceivedEvent
 from shared.jsonio import dumps_exact
 
@@ -206,6 +208,64 @@ def newest_notification():
     return jsonify({"id": newest_notification_id(g.user_id)})
 
 
+# --- the socket's tickets -------------------------------------------------------------------------
+
+TICKETS_UNAVAILABLE = DocumentedError(
+    503, "NOTIFICATIONS_UNAVAILABLE", "the gateway cannot reach Redis, which keeps the tickets "
+    "(and which a socket needs too): read the orders meanwhile, and ask again later",
+    retry_after=True)
+HANDSHAKES_SPENT = DocumentedError(
+    429, "SOCKET_HANDSHAKES_LIMITED", "the client's address has had its socket handshakes this "
+    "minute: a socket opened now would be refused (429, which a browser cannot read); open it "
+    "after Retry-After", retry_after=True)
+# How long a page is asked to wait, Redis away, before it asks for a ticket again.
+TICKETS_UNAVAILABLE_RETRY_AFTER = 5
+
+
+class SocketTicketSchema(Schema):
+    # (an answer: every field always sent)
+    ticket = fields.String(required=True, metadata={
+        "description": "Open the socket with it, once: `GET /api/notifications/ws?ticket=...`"})
+    expires_in = fields.Integer(required=True, metadata={
+        "description": f"seconds: {TICKET_TTL_SECONDS} at most, less when the token expires "
+                       "sooner"})
+
+
+@blueprint.post("/tickets")
+@blueprint.arguments(EmptySchema, required=False)
+@blueprint.response(201, SocketTicketSchema, description="A ticket for one notification socket")
+@blueprint.errors(HANDSHAKES_SPENT, TICKETS_UNAVAILABLE)
+def socket_ticket(_args):
+    """A ticket to open the notification socket with, once, within `expires_in` seconds, and only
+    while this token stays signed in: so that the bearer token is never written in a URL (which
+    proxies log). Counted against the user's rate limit as every request is; the socket opened
+    with it is not counted again."""
+    _refuse_a_ticket_its_handshake_would_be_refused()
+    try:
+        issued = issue_ticket(g.token)
+    except redis.RedisError as exc:
+        log.warning("no socket ticket for %s: Redis is unavailable: %s", g.user_id, exc)
+        raise ApiError("Live notifications are unavailable just now; try again later.",
+                       code=TICKETS_UNAVAILABLE.code, status=TICKETS_UNAVAILABLE.status,
+                       headers={"Retry-After": str(TICKETS_UNAVAILABLE_RETRY_AFTER)}) from None
+    return jsonify({"ticket": issued.ticket, "expires_in": issued.expires_in}), 201
+
+
+def _refuse_a_ticket_its_handshake_would_be_refused() -> None:
+    """A ticket is refused, 429 with Retry-After, while its client address has no socket
+    handshake left this minute: the handshake would be answered 429, of which a browser learns
+    only that its socket closed (1006), not how long to wait; this answer it reads. Nothing is
+    counted (the handshake is), so a handshake can still be refused past a ticket given at once
+    by another page at the same address."""
+    wait = current_app.extensions[RATE_LIMITER].wait_when_spent(
+        _handshakes_subject(),
+        current_app.extensions["hseshop.settings"].gateway_socket_handshakes_per_address)
+    if wait is not None:
+        raise ApiError(f"Too many socket handshakes from your address; try again in {wait} s.",
+                       code=HANDSHAKES_SPENT.code, status=HANDSHAKES_SPENT.status,
+                       details={"retry_after": wait}, headers={"Retry-After": str(wait)})
+
+
 # --- pushing over WebSocket -----------------------------------------------------------------------
 
 class SocketSlots:
@@ -238,13 +298,15 @@ class SocketSlots:
                     del held[key]
 
 
-def register_socket(app, authenticate) -> None:
-    """`GET /api/notifications/ws?access_token=...&after=<id>`: a WebSocket of the user's
-    notifications. With `after`, first everything newer than that id, then each one live; without
-    it, each one kept from the moment the handshake is answered. The socket is closed with 1008
-    when the token is refused, when `after` is no notification id and when the token expires; with
-    1013 (try again later) past the user's rate limit or its socket limits, or its address's. A
-    handshake past its address's limit of handshakes is answered 429 instead, not upgraded."""
+def register_socket(app, authenticate, redeem) -> None:
+    """`GET /api/notifications/ws?ticket=...&after=<id>` (or `?access_token=...`, as clients of
+    before open it): a WebSocket of the user's notifications. `redeem` takes a ticket
+    (POST /api/notifications/tickets) for its token, `authenticate` a token. With `after`, first
+    everything newer than that id, then each one live; without it, each one kept from the moment
+    the handshake is answered. The socket is closed with 1008 when the ticket or token is refused,
+    when `after` is no notification id and when the token expires; with 1013 (try again later)
+    past the user's rate limit or its socket limits, or its address's. A handshake past its
+    address's limit of handshakes is answered 429 instead, not upgraded."""
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": SOCKET_MAX_MESSAGE_BYTES}
     sock = Sock(app)
     slots = SocketSlots(SOCKETS_PER_USER,
@@ -261,7 +323,7 @@ def register_socket(app, authenticate) -> None:
         if request.endpoint == SOCKET_ENDPOINT:
             _refuse_a_handshake_we_cannot_take()
             _count_the_handshake_against_its_address()
-            g.socket_opening = _socket_opening(authenticate, request.args)
+            g.socket_opening = _socket_opening(authenticate, redeem, request.args)
 
     @sock.route(SOCKET_PATH, endpoint=SOCKET_ENDPOINT)
     def notifications_socket(ws):
@@ -326,20 +388,27 @@ class SocketOpening:
 
 # The socket's query parameters (gateway_app/socket_document.py), each taken once: given twice, it
 # is refused as the API's routes refuse one (shared.http_api), not read first-value-wins.
-SOCKET_PARAMETERS = ("access_token", "after")
+SOCKET_PARAMETERS = ("ticket", "access_token", "after")
 
 
-def _socket_opening(authenticate, args) -> SocketOpening:
+def _socket_opening(authenticate, redeem, args) -> SocketOpening:
     repeated = given_more_than_once(args, SOCKET_PARAMETERS)
     if repeated:
         return SocketOpening(refusal=(1008, f"`{repeated[0]}` given more than once"))
+    if "ticket" in args and "access_token" in args:
+        return SocketOpening(refusal=(1008, "give `ticket` or `access_token`, not both"))
     try:
-        token = authenticate(args.get("access_token", ""))
+        # (A ticket is taken before `after` is read: refused for it, it is spent all the same.)
+        token = (redeem(args["ticket"]) if "ticket" in args
+                 else authenticate(args.get("access_token", "")))
         after = _after_from(args)
     except RateLimited as exc:
         return SocketOpening(refusal=(1013, str(exc)[:120]))
     except SQLAlchemyError as exc:  # (asked whether the token has been signed out)
         log.warning("refused a notification socket: the database failed: %s", exc)
+        return SocketOpening(refusal=UNAVAILABLE)
+    except redis.RedisError as exc:  # (its ticket, asked for; the stream would need Redis too)
+        log.warning("refused a notification socket: Redis failed: %s", exc)
         return SocketOpening(refusal=UNAVAILABLE)
     except Exception as exc:
         return SocketOpening(refusal=(1008, str(exc)[:120]))
@@ -373,10 +442,16 @@ def _count_the_handshake_against_its_address() -> None:
     SOCKET_CLOSE_ANSWER_SECONDS pass: refused with 1008 after the upgrade, as a token that is no
     token is, a silent client's handshakes held as many threads as it sent, counted against no
     one. A 429 holds none; a browser reads no more of it than that its socket closed (1006), and
-    its page reads the orders itself and reconnects later, as after any close."""
+    its page reads the orders itself and reconnects later, as after any close (a page that asks for
+    a ticket first is told the wait by the ticket's refusal: socket_ticket)."""
     current_app.extensions[RATE_LIMITER].check(
-        f"socket-handshakes:{client_address()}",
+        _handshakes_subject(),
         limit=current_app.extensions["hseshop.settings"].gateway_socket_handshakes_per_address)
+
+
+def _handshakes_subject() -> str:
+    """What the request's client address's socket handshakes are counted under."""
+    return f"socket-handshakes:{client_address()}"
 
 
 def _handshake_answered_in_memory(environ) -> bool:

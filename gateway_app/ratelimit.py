@@ -91,6 +91,19 @@ class RateLimiter:
             raise RateLimited(_retry_after(now))
         return count is not None
 
+    def wait_when_spent(self, subject: str, limit: int, now: float | None = None) -> int | None:
+        """Without counting anything: the seconds until `subject` may be counted again if it has
+        had its `limit` this window already, else None (and with Redis away, which lets it
+        through). A request that leads to another one counted (a socket's ticket, its handshake)
+        can be refused, with the wait, where the other's refusal would not be read."""
+        now = time.time() if now is None else now
+        try:
+            count = self._client.get(self._key(subject, now))
+        except redis.RedisError as exc:
+            log.warning("rate limiter unavailable, not asked about %s: %s", subject, exc)
+            return None
+        return _retry_after(now) if int(count or 0) >= limit else None
+
     @contextlib.contextmanager
     def failure_reserved(self, subject: str, limit: int | None = None
                          ) -> Iterator[ReservedFailure]:

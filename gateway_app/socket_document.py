@@ -27,17 +27,27 @@ that id, then each one as it happens; without it, each one from the moment the h
 answered. The page sends nothing: what it sends is read and dropped, but for a message too
 long (1009, below).
 
-The token goes in the query (a browser's WebSocket cannot send headers). A socket is closed with:
-- 1008 when the token is refused, when `after` is no notification id, when either is given more
-  than once, and when the token expires or is signed out (`POST /api/auth/logout`; sign in
-  again, then reconnect);
-- 1013 past the user's rate limit or its socket limits, or its address's: reconnect later;
+A browser's WebSocket cannot send headers: open it with a `ticket` from
+`POST /api/notifications/tickets` (asked for with the bearer token, good for this one socket
+within its `expires_in` seconds, on any gateway instance), one for each (re)connect. The bearer
+token itself in the query (`access_token`) is still taken, for clients of before, but is
+discouraged: a URL is written into the access logs of the proxies on its way, the token valid
+for hours there. Give one of the two, not both. A socket is closed with:
+- 1008 when the ticket is unknown, used or expired (ask for another), when the token (the
+  ticket's, or `access_token`) is refused, when `after` is no notification id, when a parameter
+  is given more than once or both `ticket` and `access_token` are, and when the token expires or
+  is signed out (`POST /api/auth/logout`; sign in again, then reconnect): a ticket does not
+  outlive its token's expiry, nor open a socket once its token is signed out;
+- 1013 past the user's rate limit (opened with `access_token`: a ticket was counted when asked
+  for) or its socket limits, or its address's: reconnect later;
 - 1011 when the gateway loses Redis or its database: reconnect;
 - 1009 when the page sends a message over {max_message:,} characters (bytes, if binary), in one
   frame or several.
 
 A handshake past its client address's handshakes this minute is answered 429 `RATE_LIMITED` (with
-Retry-After), before its token is read, and never upgraded."""
+Retry-After), before its ticket or token is read, and never upgraded: a browser learns only that
+its socket closed (1006), but the ticket was refused before (429 `SOCKET_HANDSHAKES_LIMITED`,
+with Retry-After) unless another page of the address took the last handshake meanwhile."""
 
 
 def document_socket(api, rule, max_message: int) -> None:
@@ -47,10 +57,18 @@ def document_socket(api, rule, max_message: int) -> None:
         "tags": ["notifications"],
         "summary": "The signed-in user's notifications, live, over a WebSocket",
         "description": _DESCRIPTION.format(max_message=max_message),
-        "security": [],  # (its token is a query parameter)
+        "security": [],  # (its ticket, or its token, is a query parameter)
         "parameters": [
-            {"name": "access_token", "in": "query", "required": True,
-             "description": "The bearer token signing in gave", "schema": {"type": "string"}},
+            {"name": "ticket", "in": "query", "required": False,
+             "description": "A ticket from `POST /api/notifications/tickets`: good for one "
+                            "socket, within its `expires_in` seconds (the way to connect; give "
+                            "it or `access_token`)",
+             "schema": {"type": "string"}},
+            {"name": "access_token", "in": "query", "required": False, "deprecated": True,
+             "description": "The bearer token signing in gave, for clients of before: "
+                            "discouraged, a URL being written into proxies' access logs (give "
+                            "it or `ticket`)",
+             "schema": {"type": "string"}},
             {"name": "after", "in": "query", "required": False,
              "description": "Send every notification newer than this id first",
              "schema": {"type": "integer", "minimum": 0}},

@@ -1281,6 +1281,7 @@ def test_an_order_the_document_allows_is_one_the_shop_takes(gateway):
 # Each operation of the gateway's document (by method and path as documented), with a body it
 # takes, and the error statuses it documents.
 _CREDENTIALS = {"username": "nobody-at-all", "password": "long password"}
+TICKETS = "/api/notifications/tickets"
 GATEWAY_OPERATIONS = {
     ("post", "/api/orders"): ({"amount": "1.00"}, {400, 401, 413, 422, 429, 502, 503, 504}),
     ("get", "/api/orders"): (None, {400, 401, 413, 422, 429, 502, 503, 504}),
@@ -1291,6 +1292,7 @@ GATEWAY_OPERATIONS = {
     ("get", "/api/accounts/balance"): (None, {401, 404, 413, 422, 429, 502, 503, 504}),
     ("get", "/api/notifications"): (None, {401, 413, 422, 429, 503}),
     ("get", "/api/notifications/newest"): (None, {401, 413, 422, 429, 503}),
+    ("post", TICKETS): (None, {400, 401, 413, 422, 429, 503}),
     ("post", "/api/auth/register"): (_CREDENTIALS, {400, 409, 413, 422, 429, 503}),
     ("post", "/api/auth/login"): (_CREDENTIALS, {400, 401, 413, 422, 429, 503}),
     ("post", "/api/auth/logout"): (None, {400, 401, 413, 422, 429, 503}),
@@ -1450,6 +1452,11 @@ def test_every_error_a_gateway_operation_answers_is_documented_for_it_and_none_o
         db.session.commit()
     answers["post", "/api/accounts/deposit"].append(
         gateway.post("/api/accounts/deposit", json={"amount": "1.00"}, headers=auth))
+    # A socket's ticket refused for its address's handshakes, and with Redis away.
+    for changes in ({"gateway_socket_handshakes_per_address": 0},
+                    {"redis_url": f"redis://127.0.0.1:{free_port()}/0"}):
+        answers["post", TICKETS].append(
+            _gateway(settings, **changes).post(TICKETS, headers=auth))
     username = f"taken-{uuid.uuid4().hex[:8]}"
     _sign_up(gateway, username)
     answers["post", "/api/auth/register"].append(gateway.post(
@@ -2173,11 +2180,19 @@ def _served_gateway_socket_path(settings, upstreams, name: str, user: str | None
     """A gateway served on a loopback port in this process (its socket limits as the test has
     set them, its settings with `changes`), and the notification socket path of `user` (a new
     one by default): (base URL, path)."""
+    with _served_gateway(settings, upstreams, **changes) as (_, base):
+        yield base, _socket_path(settings, name, user)
+
+
+@contextmanager
+def _served_gateway(settings, upstreams, **changes) -> Iterator[tuple[object, str]]:
+    """A gateway served on a loopback port in this process (its settings with `changes`): its
+    test client (the same app), and its base URL."""
     client = _gateway(settings, orders_service_url=upstreams["orders"].url,
                       payments_service_url=upstreams["payments"].url, **changes)
     served = _Served(make_server("127.0.0.1", 0, client.application, threaded=True))
     try:
-        yield served.url, _socket_path(settings, name, user)
+        yield client, served.url
     finally:
         served.close()
 
@@ -2638,3 +2653,141 @@ def test_the_notifications_redis_client_gives_up_on_a_silent_redis(gateway):
     client = gateway.application.extensions[user_channels.REDIS_EXTENSION]
     options = client.connection_pool.connection_kwargs
     assert options["socket_timeout"] == 2 and options["socket_keepalive"]
+
+
+def _ticket(client, auth: dict, headers: dict | None = None) -> str:
+    answer = client.post(TICKETS, headers={**auth, **(headers or {})})
+    assert answer.status_code == 201, answer.get_json()
+    body = answer.get_json()
+    assert set(body) == {"ticket", "expires_in"} and body["expires_in"] == 30, body
+    return body["ticket"]
+
+
+def _ticket_url(base: str, ticket: str) -> str:
+    return f"{base.replace('http://', 'ws://')}/api/notifications/ws?ticket={ticket}"
+
+
+def test_a_ticket_from_one_gateway_instance_opens_one_socket_on_another_once(
+        settings, upstreams, gateway):
+    """The page asks for a ticket, with its token in a header, then opens its socket with the
+    ticket in the URL, never the token: on another instance sharing Redis too. The ticket opens
+    one socket, once, whatever the handshakes that bring it at once; Redis keeps it by its digest
+    only, for 30 s at most."""
+    user, auth = _sign_up(gateway)
+    with _served_gateway(settings, upstreams) as (_, other):
+        ticket = _ticket(gateway, auth)
+        prefix = settings.redis_key_prefix
+        kept = redis.Redis.from_url(settings.redis_url)
+        keys = kept.keys(f"{prefix}:socket-ticket:*")
+        assert keys and not [key for key in keys if ticket.encode() in key]
+        assert all(0 < kept.pttl(key) <= 30_000 for key in keys)
+        socket = _stays_open(_ticket_url(other, ticket))
+        assert socket
+        try:
+            with gateway.application.app_context(), transaction() as session:
+                notifications.on_order_status_changes(session, _status_changes(user))
+            sent = json.loads(socket.receive(timeout=10) or "null")
+            assert sent and sent["payload"]["user_id"] == user
+            assert _refused(_ticket_url(other, ticket), code=1008,
+                            reason="The ticket is unknown, used or expired; ask for another.")
+        finally:
+            socket.close()
+        racing = _ticket(gateway, auth)
+        with ThreadPoolExecutor(4) as pool:
+            opened = list(pool.map(lambda _: _stays_open(_ticket_url(other, racing)), range(4)))
+        assert len([socket for socket in opened if socket]) == 1, opened
+        for socket in opened:
+            if socket:
+                socket.close()
+        assert _refused(_ticket_url(other, "made-up"), code=1008)
+
+
+def test_a_ticket_escapes_no_sign_out_and_outlives_no_token(settings, upstreams, gateway):
+    """A ticket opens a socket only while the token it was asked for with is signed in: signed
+    out (itself, or everywhere) after the ticket was given, on whichever instance, the ticket
+    opens none (1008, signed out); and it lasts no longer than the token does."""
+    with _served_gateway(settings, upstreams) as (_, other):
+        for logout in ("/api/auth/logout", "/api/auth/logout/everywhere"):
+            _, auth = _sign_up(gateway)
+            ticket = _ticket(gateway, auth)
+            assert gateway.post(logout, headers=auth).status_code == 204
+            assert _refused(_ticket_url(other, ticket), code=1008,
+                            reason="The token has been signed out; sign in again."), logout
+        user = f"usr_{uuid.uuid4().hex[:16]}"
+        soon = issue_token(user, "brief", settings.auth_token_secret, 2).access_token
+        answer = gateway.post(TICKETS, headers={"Authorization": f"Bearer {soon}"})
+        assert answer.status_code == 201 and answer.get_json()["expires_in"] <= 2
+        time.sleep(2.5)
+        assert _refused(_ticket_url(other, answer.get_json()["ticket"]), code=1008)
+
+
+def test_a_socket_takes_a_ticket_or_a_token_not_both_nor_a_ticket_twice(settings, upstreams,
+                                                                          gateway):
+    """As for any parameter, and the token in the URL still works (clients of before)."""
+    _, auth = _sign_up(gateway)
+    token = auth["Authorization"].partition(" ")[2]
+    with _served_gateway(settings, upstreams) as (_, base):
+        url = _ticket_url(base, _ticket(gateway, auth))
+        assert _refused(f"{url}&access_token={token}", code=1008,
+                        reason="give `ticket` or `access_token`, not both")
+        assert _refused(f"{url}&ticket=x", code=1008, reason="`ticket` given more than once")
+        old_way = _stays_open(url.replace("ticket=", "x=") + f"&access_token={token}")
+        assert old_way
+        old_way.close()
+
+
+def test_with_redis_down_a_ticket_is_refused_503_and_a_socket_closed_1011(settings, upstreams):
+    """The ticket cannot be kept, nor a socket opened with one (nor would its stream work): said
+    as such, never a 500; the page reads its orders itself meanwhile."""
+    with _served_gateway(settings, upstreams,
+                         redis_url=f"redis://127.0.0.1:{free_port()}/0") as (client, base):
+        _, auth = _sign_up(client)
+        refused = client.post(TICKETS, headers=auth)
+        assert refused.status_code == 503, refused.get_json()
+        assert refused.get_json()["error"]["code"] == "NOTIFICATIONS_UNAVAILABLE"
+        assert refused.headers["Retry-After"] == "5"
+        assert _refused(_ticket_url(base, "any"), code=1011)
+
+
+def test_a_ticket_is_refused_429_with_retry_after_once_its_addresss_handshakes_are_spent(
+        settings, upstreams, monkeypatch):
+    """A handshake past its address's handshakes is answered 429, which a browser reads only as
+    a socket closed (1006): the ticket asked for before it is refused instead, with the wait,
+    which the page reads. Nothing is counted by asking (the handshakes are), and another
+    address, behind the same trusted proxy, is given its ticket."""
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    with _served_gateway(settings, upstreams, gateway_socket_handshakes_per_address=2,
+                         gateway_trusted_proxy_hops=1) as (client, base):
+        _, auth = _sign_up(client)
+        address = {"X-Forwarded-For": _an_address()}
+        for _ in range(2):
+            socket = _stays_open(_ticket_url(base, _ticket(client, auth, address)),
+                                 headers=address)
+            assert socket
+            socket.close()
+        refused = client.post(TICKETS, headers={**auth, **address})
+        assert refused.status_code == 429, refused.get_json()
+        assert refused.get_json()["error"]["code"] == "SOCKET_HANDSHAKES_LIMITED"
+        assert 0 < int(refused.headers["Retry-After"]) <= 3600
+        assert refused.get_json()["error"]["details"] == {
+            "retry_after": int(refused.headers["Retry-After"])}
+        _ticket(client, auth, {"X-Forwarded-For": _an_address()})
+
+
+def test_the_documents_give_the_ticket_as_the_way_to_open_the_socket(gateway):
+    spec = gateway.get("/docs/openapi.json").get_json()
+    issued = spec["paths"][TICKETS]["post"]
+    answer = issued["responses"]["201"]["content"]["application/json"]["schema"]
+    schema = spec["components"]["schemas"][answer["$ref"].rpartition("/")[2]]
+    assert set(schema["required"]) == {"ticket", "expires_in"}
+    assert "security" not in issued  # (the bearer token, as every signed-in operation)
+    assert codes_named(documented_errors(spec, "post", TICKETS)[429]) == {
+        "RATE_LIMITED", "SOCKET_HANDSHAKES_LIMITED"}
+    assert "NOTIFICATIONS_UNAVAILABLE" in codes_named(
+        documented_errors(spec, "post", TICKETS)[503])
+    socket = spec["paths"][notifications.SOCKET_PATH]["get"]
+    parameters = {parameter["name"]: parameter for parameter in socket["parameters"]}
+    assert not parameters["ticket"]["required"] and "deprecated" not in parameters["ticket"]
+    assert parameters["access_token"]["deprecated"] is True
+    assert not parameters["access_token"]["required"]
+    assert "POST /api/notifications/tickets" in socket["description"]

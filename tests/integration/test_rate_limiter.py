@@ -9,7 +9,7 @@ import uuid
 import pytest
 import redis
 
-from devstack.infra import forget_redis_keys
+from devstack.infra import forget_redis_keys, free_port
 from gateway_app import ratelimit
 from gateway_app.ratelimit import RateLimited, RateLimiter
 from tests.environment import REDIS_DB, REDIS_KEYS_OF_THE_RUN
@@ -85,3 +85,21 @@ def test_a_reserved_failure_is_given_back_in_the_window_it_was_counted_in(
     with limiter.failure_reserved(SUBJECT, limit=3):
         now[0] += 1
     assert _counts(redis_url, key_prefix) == [0]
+
+
+def test_asking_whether_a_subject_has_spent_its_limit_counts_nothing(limiter, redis_url,
+                                                                     key_prefix):
+    """wait_when_spent: the wait to the window's end once `limit` are counted, None before, and
+    nothing counted by asking; with Redis away, None (it lets everyone through)."""
+    now = 10 * ratelimit.WINDOW_SECONDS + 15
+    assert limiter.wait_when_spent(SUBJECT, limit=2, now=now) is None
+    limiter.check(SUBJECT, now=now, limit=2)
+    assert limiter.wait_when_spent(SUBJECT, limit=2, now=now) is None
+    limiter.check(SUBJECT, now=now, limit=2)
+    assert limiter.wait_when_spent(SUBJECT, limit=2, now=now) == ratelimit.WINDOW_SECONDS - 15
+    # A limit of none (the next window, nothing counted in it): spent all the same.
+    assert limiter.wait_when_spent(SUBJECT, limit=0, now=now + ratelimit.WINDOW_SECONDS) == \
+        ratelimit.WINDOW_SECONDS - 15
+    assert _counts(redis_url, key_prefix) == [2]
+    away = RateLimiter(f"redis://127.0.0.1:{free_port()}/0", 100, key_prefix)
+    assert away.wait_when_spent(SUBJECT, limit=0) is None
