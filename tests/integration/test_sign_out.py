@@ -186,12 +186,14 @@ def test_asking_whether_a_token_was_signed_out_is_one_round_trip_in_autocommit(s
 
 def test_a_socket_whose_token_cannot_be_checked_is_closed_for_the_page_to_reconnect():
     """Not refused as a bad token (1008, and the page would ask whether to sign in again): the
-    database is away, and the page reconnects later (1011)."""
-    def database_away(token):
+    database is away, and the page reconnects later (1011); opened with a ticket, whose token is
+    asked about as it is redeemed, the same."""
+    def database_away(token_or_ticket):
         raise OperationalError("SELECT", {}, Exception("the database went away"))
 
-    opening = notifications._socket_opening(database_away, MultiDict({"access_token": "anything"}))
-    assert opening.refusal == notifications.UNAVAILABLE
+    for asked in ({"access_token": "anything"}, {"ticket": "anything"}):
+        opening = notifications._socket_opening(database_away, database_away, MultiDict(asked))
+        assert opening.refusal == notifications.UNAVAILABLE, asked
 
 
 def test_signing_out_everywhere_refuses_every_token_of_the_user_issued_until_then(settings,
