@@ -48,6 +48,8 @@
   let olderPagesShown = false;   // "Show older orders" was used: a reload of page 1 keeps the cursor
   let lastNotificationId = 0;
   let socket = null;
+  // The ticket asked for the next socket, while its answer is awaited (connectSocket): {}.
+  let ticketAsked = null;
   let reconnectTimer = null;
   let reconnectDelay = RECONNECT_FIRST_MS;
   // A reconnect that fell due while the tab was hidden: made when it is shown again.
@@ -162,8 +164,10 @@
                                  || `The request failed (HTTP ${response.status}).`,
                                info.details);
     error.retryAfter = response.headers.get("Retry-After");
-    // The user's limit (/api/auth counts the address's instead).
-    if (response.status === 429 && !anonymous && !path.startsWith("/api/auth/")) {
+    // The user's limit (/api/auth counts the address's instead, and so does a socket ticket
+    // refused for the address's socket handshakes: it puts off the socket only, connectSocket).
+    if (response.status === 429 && !anonymous && !path.startsWith("/api/auth/")
+        && error.code !== "SOCKET_HANDSHAKES_LIMITED") {
       pauseFor(retryAfterMs(error));
     }
     if (response.status === 401 && !anonymous) {
@@ -821,8 +825,10 @@
     $("live-status").textContent = state;
   }
 
+  // Each socket is opened with a ticket of its own, asked for just before (a ticket is good for
+  // one socket, for some seconds): the token is never written in a URL, where proxies log it.
   function connectSocket() {
-    if (!session || socket) return;
+    if (!session || socket || ticketAsked) return;
     clearTimeout(reconnectTimer);
     reconnectTimer = null;
     // Until the socket works, the page reads the orders itself: one stuck connecting never closes.
@@ -832,10 +838,35 @@
       reconnectIn(pauseLeftMs());  // (opened now, it would be refused, and counted)
       return;
     }
-    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const query = new URLSearchParams({
-      access_token: session.token, after: String(lastNotificationId),
+    setLive("connecting");
+    const asked = {};
+    ticketAsked = asked;
+    api("POST", "/api/notifications/tickets").then((answer) => {
+      if (ticketAsked !== asked) return;  // (signed out, or the socket closed, meanwhile)
+      ticketAsked = null;
+      openSocket(answer.ticket);
+    }, (error) => {
+      if (ticketAsked !== asked) return;
+      ticketAsked = null;
+      noTicket(error);
     });
+  }
+
+  // No ticket was given: no socket is tried (the page goes on reading its orders itself, as for
+  // any socket that does not work), and the next ticket is asked for later. Refused for its
+  // address's socket handshakes (SOCKET_HANDSHAKES_LIMITED), its Retry-After puts off the socket
+  // only (a handshake now would be refused 429, which a page cannot read); the user's rate limit
+  // has put off every read and socket already (api). Redis away (503 NOTIFICATIONS_UNAVAILABLE),
+  // no socket would work either, with a ticket or with the token in its URL: the page polls.
+  function noTicket(error) {
+    if (error.handled || !session) return;  // (a 401: signed out)
+    setLive("reconnecting");
+    scheduleReconnect(RECONNECT_TURNED_AWAY_MAX_MS, retryAfterMs(error));
+  }
+
+  function openSocket(ticket) {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const query = new URLSearchParams({ ticket, after: String(lastNotificationId) });
     const ws = new WebSocket(`${scheme}//${location.host}/api/notifications/ws?${query}`);
     socket = ws;
     setLive("connecting");
@@ -866,8 +897,9 @@
       // 1013 past the user's rate limit names the wait: no read or socket before then.
       const tryAgainIn = event.code === 1013 && TRY_AGAIN_IN.exec(event.reason || "");
       if (tryAgainIn) pauseFor(Number(tryAgainIn[1]) * 1000);
-      // 1008: the gateway refused the socket (its token refused or expired); an API call tells
-      // whether the token has expired (and then shows the sign-in form) before trying again.
+      // 1008: the gateway refused the socket (its ticket or token refused, or expired); an API
+      // call tells whether the token has expired (and then shows the sign-in form) before trying
+      // again (the next ticket's request would tell it too, but reads count the same).
       if (event.code === 1008) refreshBalance().catch(report);
       pollOrders();
       const turnedAway = !opened || event.code === 1013;
@@ -936,12 +968,12 @@
     return ms * (0.75 + Math.random() / 2);
   }
 
-  // Backing off, each wait twice the last, up to `maxMs`.
-  function scheduleReconnect(maxMs) {
+  // Backing off, each wait twice the last, up to `maxMs`, and `atLeastMs` at least.
+  function scheduleReconnect(maxMs, atLeastMs = 0) {
     if (reconnectTimer || !session) return;
     const delay = jittered(reconnectDelay);
     reconnectDelay = Math.min(reconnectDelay * 2, maxMs);
-    reconnectIn(Math.max(delay, pauseLeftMs()));
+    reconnectIn(Math.max(delay, atLeastMs, pauseLeftMs()));
   }
 
   // Reconnects in `delay` ms, or, the tab hidden then, once it is shown again (no one is looking,
@@ -962,6 +994,7 @@
     reconnectTimer = null;
     reconnectWhenShown = false;
     reconnectDelay = RECONNECT_FIRST_MS;
+    ticketAsked = null;
     if (socket) {
       const ws = socket;
       socket = null;

@@ -9,7 +9,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -848,6 +848,77 @@ def test_opening_an_account_opened_already_while_the_page_waits_shows_it_after_t
     reads = browser.execute_script("return window.hseshopReads;")
     assert not [read for read in reads if refused_at < read["at"] < ends - 5
                 and read["path"] != "/api/accounts"], (refused_at, reads)
+
+# Played by the browser itself, over READS_AND_SOCKETS_RECORDED: the page's first request for a
+# socket ticket is answered as the gateway answers one whose address has spent its socket
+# handshakes, Retry-After HANDSHAKES_RETRY_AFTER_SECONDS, its second as with Redis away (503,
+# Retry-After 5); the rest are real. When each was asked, and each socket's URL, are kept.
+HANDSHAKES_RETRY_AFTER_SECONDS = 6
+TICKETS_REFUSED_FIRST = _fetch_played(before="""
+    window.hseshopTickets = [];
+    window.hseshopSocketUrls = [];
+    const UrlRecordedWebSocket = window.WebSocket;
+    window.WebSocket = class extends UrlRecordedWebSocket {
+      constructor(url, ...rest) {
+        super(url, ...rest);
+        window.hseshopSocketUrls.push(String(url));
+      }
+    };""", answer="""
+    if (path === "/api/notifications/tickets") {
+      const asked = window.hseshopTickets.length;
+      window.hseshopTickets.push(performance.now());
+      const refusals = [[429, "SOCKET_HANDSHAKES_LIMITED", "%d"],
+                        [503, "NOTIFICATIONS_UNAVAILABLE", "5"]];
+      if (asked < refusals.length) {
+        const [status, code, retryAfter] = refusals[asked];
+        return refusal(status, code, "Not now.", {"Retry-After": retryAfter});
+      }
+    }
+    return realFetch(input, init);""" % HANDSHAKES_RETRY_AFTER_SECONDS)
+
+
+def test_a_page_opens_each_socket_with_a_ticket_of_its_own_and_waits_as_a_refusal_says(
+        stack, browser):
+    """The token is never written in a socket's URL (proxies log URLs): each (re)connect asks for
+    a ticket and opens its socket with it. A ticket refused for the address's socket handshakes
+    (429 SOCKET_HANDSHAKES_LIMITED) puts off the socket until its Retry-After, where a handshake
+    refused 429 would have told the page nothing, but not the page's reads (the user's own limit
+    is not spent: a top-up's read of the balance goes at once); one refused with Redis away (503)
+    is asked for again later, no socket tried meanwhile."""
+    for script in (READS_AND_SOCKETS_RECORDED, TICKETS_REFUSED_FIRST):
+        browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
+    shopper = GatewayClient(stack.gateway_url)
+    shopper.open_account_with("100")
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    page.sign_in(shopper.username, "a long password")
+    page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
+    page.wait_until(lambda: browser.execute_script("return window.hseshopTickets.length;"),
+                    what="the first ticket asked for")
+    page.top_up("5")
+    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
+                    timeout=HANDSHAKES_RETRY_AFTER_SECONDS + 5 + 10, what="the page's socket open")
+    assert page.text("balance") == "105.00"
+    browser.execute_script('window.dispatchEvent(new Event("online"));')  # a new socket, now
+
+    def reconnected():
+        urls = browser.execute_script("return window.hseshopSocketUrls;")
+        live = page.element("live-status").get_attribute("data-state") == "live"
+        return urls if len(urls) == 2 and live else None
+
+    urls = page.wait_until(reconnected, what="the page's socket opened again")
+    tickets, sockets, reads = browser.execute_script(
+        "return [window.hseshopTickets, window.hseshopSockets, window.hseshopReads];")
+    assert len(tickets) == 4, tickets  # two refused, one for each socket
+    refused_at, ends = tickets[0], tickets[0] + HANDSHAKES_RETRY_AFTER_SECONDS * 1000
+    # (Timers' own rounding: 5 ms.)
+    assert tickets[1] > ends - 5 and tickets[2] > tickets[1] + 5000 - 5, tickets
+    assert len(sockets) == 2 and sockets[0]["created"] > tickets[2], (tickets, sockets)
+    assert [read for read in reads if refused_at < read["at"] < ends
+            and read["path"] == "/api/accounts/balance"], (refused_at, reads)
+    given = [parse_qs(urlsplit(url).query) for url in urls]
+    assert all(set(query) == {"ticket", "after"} for query in given), urls
+    assert given[0]["ticket"] != given[1]["ticket"]
+    assert shopper.token not in " ".join(urls)
 
 
 # Played by the browser itself: each time the page's tab is hidden or shown, and when.
