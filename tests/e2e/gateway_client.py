@@ -37,9 +37,17 @@ class GatewayClient:
         return wait_for(lambda: (o := self.api("GET", f"/orders/{order_id}", 200))["status"]
                         != "NEW" and o, timeout=timeout, what=f"order {order_id} to settle")
 
-    def listen(self, after: int | None = None, gateway_url: str | None = None) -> "Listener":
+    def listen(self, after: int | None = None, gateway_url: str | None = None,
+               by_token: bool = False) -> "Listener":
+        """A notification socket on `gateway_url` (the client's own by default), opened as the
+        page opens it, with a ticket asked of the client's own gateway (any instance takes it);
+        `by_token`: with the token in its URL, as clients of before open it."""
         base = (gateway_url or self.url).replace("http://", "ws://", 1)
-        query = f"access_token={self.token}" + ("" if after is None else f"&after={after}")
+        if by_token:
+            query = f"access_token={self.token}"
+        else:
+            query = f"ticket={self.api('POST', '/notifications/tickets', 201)['ticket']}"
+        query += "" if after is None else f"&after={after}"
         return Listener(WebSocketClient.connect(f"{base}/api/notifications/ws?{query}"))
 
     @staticmethod

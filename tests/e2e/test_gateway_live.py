@@ -71,18 +71,21 @@ def test_a_shopper_signs_up_tops_up_orders_and_is_told_the_moment_it_finishes(st
 
 
 def test_a_page_on_either_gateway_instance_gets_its_notifications(stack, second_gateway):
+    """Each socket opened with a ticket asked of the first instance (the second takes it: they
+    share Redis), or with the token in its URL, as clients of before."""
     shopper = GatewayClient(stack.gateway_url)
     shopper.open_account_with(10)
-    on_first, on_second = shopper.listen(), shopper.listen(gateway_url=second_gateway)
+    listeners = [shopper.listen(), shopper.listen(gateway_url=second_gateway),
+                 shopper.listen(gateway_url=second_gateway, by_token=True)]
     try:
         order = shopper.place_order(50)  # more than the balance
-        for listener in (on_first, on_second):
+        for listener in listeners:
             event = listener.next_for(order["id"])
             assert (event["payload"]["status"], event["payload"]["reason"]) == \
                 ("CANCELLED", "INSUFFICIENT_FUNDS")
     finally:
-        on_first.close()
-        on_second.close()
+        for listener in listeners:
+            listener.close()
 
 
 def test_a_page_that_reconnects_catches_up_on_what_it_missed(stack):
