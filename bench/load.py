@@ -91,20 +91,23 @@ class _Schedule:
         return max(0, math.ceil(self._rate * (self.end - self.start)) - sent) if self._rate else 0
 
 
-def _caller_headers(auth: str) -> Callable[[str], dict[str, str]]:
-    """The headers that make a request come from one of `LoadSpec.users`."""
+def _caller_headers(auth: str, method: str, target: str,
+                    body: bytes | None) -> Callable[[str], dict[str, str]]:
+    """The headers that make the request `method target` with `body` come from one of
+    `LoadSpec.users`."""
     if auth == "bearer":
         return lambda token: {"Authorization": f"Bearer {token}"}
-    # The services trust only identities the gateway signed; the generator signs as it would.
+    # The services trust only identities the gateway signed, for the request sent; the generator
+    # signs each as it would.
     secret = load_settings().internal_auth_secret
-    return lambda user_id: identity_headers(user_id, secret)
+    return lambda user_id: identity_headers(user_id, secret, method, target, body or b"")
 
 
 def _send_requests(schedule: _Schedule, spec: LoadSpec, worker: int, results: list):
-    caller_headers = _caller_headers(spec.auth)
     body = None if spec.body is None else spec.body.encode()
     content_headers = {} if body is None else {"Content-Type": "application/json"}
     parts = urlsplit(spec.url)
+    caller_headers = _caller_headers(spec.auth, spec.method, parts.path, body)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     users = spec.users
     user_turn = itertools.cycle(users[worker % len(users):] + users[:worker % len(users)])

@@ -20,7 +20,7 @@ from devstack.infra import forget_redis_keys, free_port
 from devstack.local_secrets import SECRET_BYTES
 from devstack.stack import DEFAULT_PORTS, REPO_ROOT, Stack
 from shared.config import SECRETS, SERVICES, load_settings
-from shared.internal_auth import identity_headers
+from shared.internal_auth import SignedAs
 
 RUN_ID = uuid.uuid4().hex[:8]
 # Redis database number of the benchmark's Celery queues (`make run` uses 0, the tests 12 to 14).
@@ -97,11 +97,10 @@ def seed_shoppers(stack: Stack, count: int, balance: str = "1000000") -> list[st
     secret = load_settings(stack.env).internal_auth_secret
     with requests.Session() as http:
         for user in users:
-            headers = identity_headers(user, secret)
-            http.post(f"{stack.payments_url}/accounts", headers=headers, timeout=10
+            http.post(f"{stack.payments_url}/accounts", auth=SignedAs(user, secret), timeout=10
                       ).raise_for_status()
             http.post(f"{stack.payments_url}/accounts/deposit", json={"amount": balance},
-                      headers=headers, timeout=10).raise_for_status()
+                      auth=SignedAs(user, secret), timeout=10).raise_for_status()
     return users
 
 

@@ -25,7 +25,7 @@ from gateway_app.upstream_http import send
 from shared.caller_deadline import deadline_headers
 from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, idempotency_key_from_request
-from shared.internal_auth import identity_headers
+from shared.internal_auth import SignedAs
 from shared.request_context import REQUEST_ID_HEADER, current_request_id
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def forward(service: str, path: str, idempotent: bool = False,
     settings = current_app.extensions["hseshop.settings"]
     base = {"orders": settings.orders_service_url,
             "payments": settings.payments_service_url}[service]
-    headers = identity_headers(g.user_id, settings.internal_auth_secret)
+    headers: dict[str, str] = {}
     key = idempotency_key_from_request() if idempotent else None
     if key:
         headers[IDEMPOTENCY_HEADER] = key
@@ -72,7 +72,10 @@ def forward(service: str, path: str, idempotent: bool = False,
             service, request.method, f"{base}{path}",
             deadline_seconds=settings.upstream_timeout_seconds,
             safe_to_repeat=request.method in ("GET", "HEAD") or key is not None,
-            params=params, data=body, headers=headers, allow_redirects=False)
+            params=params, data=body, headers=headers, allow_redirects=False,
+            # Signed as each try is sent (a resend's timestamp its own), for its method, path and
+            # query as sent, and body.
+            auth=SignedAs(g.user_id, settings.internal_auth_secret))
     except requests.ConnectionError as exc:
         if exc.args and isinstance(exc.args[0], ReadTimeoutError):
             # Its answer begun, and its body stalled or too slow to come whole by the deadline

@@ -18,13 +18,15 @@ from shared.grpc_messages import to_body, to_message
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
                                 REPLAYED_KEY, RETRY_AFTER_KEY, channel_options)
 from shared.idempotency import REPLAYED, REPLAYED_HEADER
-from shared.internal_auth import identity_headers
+from shared.internal_auth import grpc_identity_metadata
 from shared.protos import orders_pb2, orders_pb2_grpc, payments_pb2, payments_pb2_grpc
 from shared.request_context import REQUEST_ID_HEADER, current_request_id
 
 log = logging.getLogger(__name__)
 
 STUBS = {"orders": orders_pb2_grpc.OrdersStub, "payments": payments_pb2_grpc.PaymentsStub}
+SERVICE_NAMES = {"orders": orders_pb2.DESCRIPTOR.services_by_name["Orders"].full_name,
+                 "payments": payments_pb2.DESCRIPTOR.services_by_name["Payments"].full_name}
 REQUEST_TYPES = {
     ("orders", "PlaceOrder"): orders_pb2.PlaceOrderRequest,
     ("orders", "ListOrders"): orders_pb2.ListOrdersRequest,
@@ -53,10 +55,13 @@ def call(service: str, method: str,
     the headers the HTTP API would have answered it with beside its Content-Type (what the
     reply's trailers say: Idempotent-Replayed)."""
     settings = current_app.extensions["hseshop.settings"]
-    metadata = [(name.lower(), value) for name, value in
-                identity_headers(g.user_id, settings.internal_auth_secret).items()]
-    metadata.append((REQUEST_ID_HEADER.lower(), current_request_id() or ""))
     request = to_message(REQUEST_TYPES[(service, method)], body)
+    # Signed for this method and this message's bytes, which the stub sends as serialized here:
+    # a message serializes to the same bytes each time (its fields in their numbers' order).
+    metadata = grpc_identity_metadata(g.user_id, settings.internal_auth_secret,
+                                      f"/{SERVICE_NAMES[service]}/{method}",
+                                      request.SerializeToString())
+    metadata.append((REQUEST_ID_HEADER.lower(), current_request_id() or ""))
     try:
         reply, answered = getattr(_stub(service), method).with_call(
             request, metadata=metadata, timeout=settings.upstream_timeout_seconds)

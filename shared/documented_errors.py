@@ -50,8 +50,12 @@ DATABASE_BUSY = DocumentedError(
 MISSING_USER_ID = DocumentedError(401, "MISSING_USER_ID", f"no {USER_ID_HEADER} header")
 INVALID_USER_ID = DocumentedError(401, "INVALID_USER_ID", f"the {USER_ID_HEADER} is no user id")
 UNTRUSTED_IDENTITY = DocumentedError(
-    401, "UNTRUSTED_IDENTITY", f"the {USER_ID_HEADER} is not signed by the gateway, or its "
-    "signature has expired")
+    401, "UNTRUSTED_IDENTITY", f"the {USER_ID_HEADER} is not signed by the gateway for this "
+    "request (its method, path and query, and body), or its signature has expired or is dated "
+    "ahead")
+SIGNATURE_VERSION_MISMATCH = DocumentedError(
+    401, "SIGNATURE_VERSION_MISMATCH", "the gateway's signature is of another release's format: "
+    "the gateway and the service are deployed apart")
 
 # What the gateway answers when the service it calls fails it.
 BAD_GATEWAY = DocumentedError(
@@ -67,7 +71,7 @@ DATABASE_UNAVAILABLE_OR_BUSY = (DATABASE_UNAVAILABLE, DATABASE_BUSY)
 # What every operation of a service's own API can answer besides what every route can
 # (shared.http_api): its caller's identity is checked first, and each uses the database.
 SERVICE_OPERATION_ERRORS = (MISSING_USER_ID, INVALID_USER_ID, UNTRUSTED_IDENTITY,
-                            *DATABASE_UNAVAILABLE_OR_BUSY)
+                            SIGNATURE_VERSION_MISMATCH, *DATABASE_UNAVAILABLE_OR_BUSY)
 # What the operations that honour an Idempotency-Key can answer for it.
 IDEMPOTENCY_ERRORS = (INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED)
 

@@ -78,8 +78,9 @@ class BadGateway(ApiError):
         the caller's, whose token the gateway has checked. Passed on as a 401, it would tell
         every caller their token is bad (the page signs out); the operator is told instead."""
         logging.getLogger(__name__).error(
-            "the %s service refused the gateway's signed identity (%s): do the two share "
-            "INTERNAL_AUTH_SECRET, and are their clocks within a minute?", service, why)
+            "the %s service refused the gateway's signed identity (%s): are the two of one "
+            "release (deployed together), do they share INTERNAL_AUTH_SECRET, and is the "
+            "gateway's clock neither a minute behind the service's nor 5 s ahead?", service, why)
         return cls.of(service)
 
 

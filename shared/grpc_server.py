@@ -9,6 +9,7 @@ and a replayed answer marked in the trailers as the HTTP API marks it in a heade
 from __future__ import annotations
 
 import argparse
+import contextvars
 import importlib
 import json
 import logging
@@ -32,6 +33,7 @@ from shared.db import CallerGaveUp, caller_waits_until
 from shared.errors import DATABASE_ERRORS, ApiError, database_error
 from shared.idempotency import REPLAYED, checked_idempotency_key, take_replayed_mark
 from shared.identity import authenticated_user_id
+from shared.internal_auth import GRPC_METHOD
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, escaped_in_logs,
                                     given_request_id_if_sane, request_id_bound, sane_request_id)
 
@@ -111,17 +113,34 @@ class UndecodableRequest:
     error: str
 
 
+@dataclass(frozen=True)
+class _Received:
+    """A call's request as it came, for the gateway's signature (shared.internal_auth), which is
+    over the method called and the request's bytes as sent: `request` the message parsed from
+    `raw` (or an UndecodableRequest)."""
+
+    request: Any
+    raw: bytes
+
+
+# What the gateway signed of the call being served (its method's full name, its request's bytes),
+# set by add_servicer's behaviours for serve_call's check of the caller's signature.
+_being_served: contextvars.ContextVar[tuple[str, bytes]] = contextvars.ContextVar(
+    "hseshop_grpc_call_signed")
+
+
 def add_servicer(server: grpc.Server, servicer: Any, messages: ModuleType, service: str) -> str:
     """Register `servicer`'s methods of `service` (described in the `messages` module, protoc's
     *_pb2), as protoc's add_*Servicer_to_server does, but for how requests are parsed: bytes that
     are no request of the method's type reach it as an UndecodableRequest, which serve_call
     answers with 400 MALFORMED_REQUEST once the caller's identity is checked, as the HTTP API
-    answers a body it cannot read; gRPC's own parse answered INTERNAL, before any check. Returns
-    the service's full name."""
+    answers a body it cannot read; gRPC's own parse answered INTERNAL, before any check. The
+    request's bytes and the method's full name are kept for serve_call, which checks the caller's
+    signature against them. Returns the service's full name."""
     descriptor = messages.DESCRIPTOR.services_by_name[service]
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
+            _serving(getattr(servicer, method.name), f"/{descriptor.full_name}/{method.name}"),
             request_deserializer=_parsed_leniently(getattr(messages, method.input_type.name)),
             response_serializer=getattr(messages, method.output_type.name).SerializeToString)
         for method in descriptor.methods}
@@ -131,14 +150,28 @@ def add_servicer(server: grpc.Server, servicer: Any, messages: ModuleType, servi
     return descriptor.full_name
 
 
-def _parsed_leniently(request_type) -> Callable[[bytes], Any]:
-    def parse(raw: bytes):
+def _parsed_leniently(request_type) -> Callable[[bytes], _Received]:
+    def parse(raw: bytes) -> _Received:
         try:
-            return request_type.FromString(raw)
+            return _Received(request_type.FromString(raw), raw)
         except DecodeError as exc:
-            return UndecodableRequest(str(exc))
+            return _Received(UndecodableRequest(str(exc)), raw)
 
     return parse
+
+
+def _serving(behaviour: Callable[[Any, grpc.ServicerContext], Any],
+             full_method: str) -> Callable[[_Received, grpc.ServicerContext], Any]:
+    """`behaviour` (a servicer's method) given the request parsed, with what came for it kept for
+    serve_call while it runs."""
+    def serve(received: _Received, context: grpc.ServicerContext) -> Any:
+        token = _being_served.set((full_method, received.raw))
+        try:
+            return behaviour(received.request, context)
+        finally:
+            _being_served.reset(token)
+
+    return serve
 
 
 def given(request: Any, *names: str) -> dict[str, Any]:
@@ -166,7 +199,8 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
     with app.app_context(), request_id_bound(request_id), caller_waits_until(deadline):
         try:
             secret = app.extensions["hseshop.settings"].internal_auth_secret
-            user_id = authenticated_user_id(metadata, secret)
+            full_method, raw = _being_served.get()  # (set for a method add_servicer's only)
+            user_id = authenticated_user_id(metadata, secret, GRPC_METHOD, full_method, raw)
             if isinstance(request, UndecodableRequest):
                 raise ApiError("The request is not a valid message of its type.",
                                code="MALFORMED_REQUEST", details={"message": [request.error]})

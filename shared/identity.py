@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from flask import current_app, g, request
 
@@ -12,9 +12,11 @@ from shared.internal_auth import (USER_ID_HEADER, InvalidIdentity, header_value,
                                   verified_user_id)
 
 
-def authenticated_user_id(headers: Mapping[str, str], secret: str) -> str:
+def authenticated_user_id(headers: Mapping[str, str], secret: str, method: str, target: str,
+                          body: bytes | Callable[[], bytes]) -> str:
     """The user id the gateway signed into `headers` (an HTTP request's, or a gRPC call's
-    metadata); 401 when it is missing, malformed or not signed by the gateway."""
+    metadata) for the request `method target` with `body` (shared.internal_auth); 401 when it is
+    missing, malformed, or not signed by the gateway for this request."""
     user_id = header_value(headers, USER_ID_HEADER)
     if user_id is None:
         raise Unauthorized(f"The {USER_ID_HEADER} header is required.", code="MISSING_USER_ID")
@@ -24,15 +26,26 @@ def authenticated_user_id(headers: Mapping[str, str], secret: str) -> str:
             code="INVALID_USER_ID",
         )
     try:
-        return verified_user_id(headers, secret)
+        return verified_user_id(headers, secret, method, target, body)
     except InvalidIdentity as exc:
-        raise Unauthorized(f"Identity refused: {exc}.", code="UNTRUSTED_IDENTITY") from None
+        raise Unauthorized(f"Identity refused: {exc}.", code=exc.code) from None
+
+
+def request_target() -> str:
+    """The current request's path and query exactly as its request line gave them, which the
+    gateway signed: gunicorn and Werkzeug (its server and its test client) both hand it over as
+    RAW_URI (REQUEST_URI too). Not request.path: that is decoded ("%2F" a "/")."""
+    environ = request.environ
+    return environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
 
 
 def require_user_id() -> str:
-    """The caller's user id; 401 when it is missing, malformed or not signed by the gateway."""
+    """The caller's user id; 401 when it is missing, malformed or not signed by the gateway for
+    this request: its method, target and body (read once the headers pass every other check, up
+    to MAX_CONTENT_LENGTH, and kept for the view)."""
     secret = current_app.extensions["hseshop.settings"].internal_auth_secret
-    g.user_id = authenticated_user_id(request.headers, secret)
+    g.user_id = authenticated_user_id(request.headers, secret, request.method, request_target(),
+                                      lambda: request.get_data(cache=True))
     return g.user_id
 
 

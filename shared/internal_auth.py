@@ -1,9 +1,30 @@
-"""Identity between the gateway and the services: the gateway signs the user id it decided on with
-a secret only it and the services know, and the services accept no identity without that signature.
+"""Identity between the gateway and the services: the gateway signs the user id it decided on,
+together with the request it sends for them, with a secret only it and the services know, and the
+services accept no identity without that signature, nor one signed for another request.
 
-Headers: `X-User-ID`, `X-Gateway-Timestamp` (Unix seconds) and `X-Gateway-Signature`
-(hex HMAC-SHA256 of "<user_id>|<timestamp>" under INTERNAL_AUTH_SECRET). A signature older than
-MAX_SKEW_SECONDS is refused, so a captured header set is of little use for long.
+Headers (or gRPC metadata, in lower case): `X-User-ID`, `X-Gateway-Timestamp` (Unix seconds) and
+`X-Gateway-Signature`: "v2=" and the hex HMAC-SHA256, under INTERNAL_AUTH_SECRET, of these lines:
+
+    hseshop-identity-v2, the user id, the timestamp, the method, the target, the body's SHA-256
+
+where, over HTTP, the method is the request's and the target its path and query exactly as sent
+on the request line (what the service's server hands over as RAW_URI), and, over gRPC, the method
+is GRPC_METHOD, the target the call's full method name ("/hseshop.orders.v1.Orders/PlaceOrder") and
+the body the request message's serialized bytes. So headers captured off one request (a balance
+read) vouch for that request alone: not for a deposit, another order, another query or another
+body, over either transport.
+
+What stays possible is that same request sent again within the window: a signature is accepted up
+to MAX_AGE_SECONDS after its timestamp (the gateway's resends, a busy service's queue) and no more
+than MAX_AHEAD_SECONDS before it (the hosts' clocks apart, which NTP keeps far closer): the window
+a captured request can be repeated in, whose repeats the keyed POSTs answer with their first
+answer anyway. There is no store of signatures seen.
+
+The "v2" is the format's version: a service of this release refuses the signature of a gateway of
+the one before (unversioned, over the user id and timestamp alone) with SIGNATURE_VERSION_MISMATCH,
+and a service of before refuses this one's as not the gateway's (its UNTRUSTED_IDENTITY): a 401
+either way, which the gateway answers as a 502 and logs. Gateway and services are deployed
+together (README: Deploying).
 """
 
 from __future__ import annotations
@@ -11,28 +32,79 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 USER_ID_HEADER = "X-User-ID"
 TIMESTAMP_HEADER = "X-Gateway-Timestamp"
 SIGNATURE_HEADER = "X-Gateway-Signature"
-MAX_SKEW_SECONDS = 60
+SIGNATURE_VERSION = "v2"
+MAX_AGE_SECONDS = 60
+MAX_AHEAD_SECONDS = 5
+# The method a gRPC call is signed with: no HTTP method, so that no HTTP request's signature is a
+# gRPC call's (whose targets, full method names, could otherwise be paths too).
+GRPC_METHOD = "GRPC"
+
+_PREFIX = f"{SIGNATURE_VERSION}="
+_CONTEXT = f"hseshop-identity-{SIGNATURE_VERSION}"
+_EMPTY_BODY_DIGEST = hashlib.sha256(b"").hexdigest()
 
 
 class InvalidIdentity(ValueError):
-    """The identity headers are missing, malformed, stale or not signed by the gateway."""
+    """The identity headers are missing, malformed, stale or not signed by the gateway for this
+    request. `code`: the error code a service answers it with."""
+
+    code = "UNTRUSTED_IDENTITY"
 
 
-def _signature(secret: str, user_id: str, timestamp: str) -> str:
-    message = f"{user_id}|{timestamp}".encode()
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+class SignatureVersionMismatch(InvalidIdentity):
+    """Signed in a format other than this release's: the gateway and the service are of different
+    releases (deployed apart), not a forgery to be told apart from others."""
+
+    code = "SIGNATURE_VERSION_MISMATCH"
 
 
-def identity_headers(user_id: str, secret: str, now: float | None = None) -> dict[str, str]:
-    """The headers (or gRPC metadata) that vouch for `user_id`."""
+def _signature(secret: str, user_id: str, timestamp: str, method: str, target: str,
+               body: bytes) -> str:
+    digest = hashlib.sha256(body).hexdigest() if body else _EMPTY_BODY_DIGEST
+    message = "\n".join((_CONTEXT, user_id, timestamp, method, target, digest))
+    mac = hmac.new(secret.encode(), message.encode("utf-8", "surrogatepass"), hashlib.sha256)
+    return _PREFIX + mac.hexdigest()
+
+
+def identity_headers(user_id: str, secret: str, method: str, target: str, body: bytes = b"",
+                     now: float | None = None) -> dict[str, str]:
+    """The headers (or gRPC metadata) that vouch for `user_id` sending the request `method
+    target` with `body` (over gRPC: GRPC_METHOD, the full method name and the message's bytes),
+    and no other."""
     timestamp = str(int(time.time() if now is None else now))
     return {USER_ID_HEADER: user_id, TIMESTAMP_HEADER: timestamp,
-            SIGNATURE_HEADER: _signature(secret, user_id, timestamp)}
+            SIGNATURE_HEADER: _signature(secret, user_id, timestamp, method, target, body)}
+
+
+def grpc_identity_metadata(user_id: str, secret: str, full_method: str, request: bytes,
+                           now: float | None = None) -> list[tuple[str, str]]:
+    """The call metadata that vouches for `user_id` calling `full_method` with the serialized
+    message `request`."""
+    return [(name.lower(), value) for name, value in
+            identity_headers(user_id, secret, GRPC_METHOD, full_method, request, now).items()]
+
+
+class SignedAs:
+    """A requests `auth` that signs each request as the gateway does, as it is sent (each try of
+    one sent again signed afresh): `session.get(url, auth=SignedAs(user_id, secret))`. Its target
+    is the prepared request's path and query, which requests sends as they are (already quoted),
+    and its body what requests sends: bytes, or none."""
+
+    def __init__(self, user_id: str, secret: str):
+        self.user_id, self.secret = user_id, secret
+
+    def __call__(self, prepared):
+        body = prepared.body or b""
+        if not isinstance(body, bytes):  # (a str, sent encoded; a file or a generator, streamed)
+            raise TypeError("a signed request's body is given as bytes")
+        prepared.headers.update(identity_headers(self.user_id, self.secret, prepared.method,
+                                                 prepared.path_url, body))
+        return prepared
 
 
 def header_value(headers: Mapping[str, str], name: str) -> str | None:
@@ -44,21 +116,34 @@ def header_value(headers: Mapping[str, str], name: str) -> str | None:
     return headers.get(name.lower()) if value is None else value
 
 
-def verified_user_id(headers: Mapping[str, str], secret: str, now: float | None = None) -> str:
-    """The user id the gateway vouched for; raise InvalidIdentity otherwise."""
+def verified_user_id(headers: Mapping[str, str], secret: str, method: str, target: str,
+                     body: bytes | Callable[[], bytes] = b"", now: float | None = None) -> str:
+    """The user id the gateway vouched for, for the request `method target` with `body` as the
+    service received it; raise InvalidIdentity otherwise. `body` may be a function that reads
+    it: called only for headers that pass every other check, so that a request with no identity
+    is refused unread, as before its body was signed."""
     user_id = header_value(headers, USER_ID_HEADER)
     timestamp = header_value(headers, TIMESTAMP_HEADER)
     signature = header_value(headers, SIGNATURE_HEADER)
     if not user_id or not timestamp or not signature:
         raise InvalidIdentity("the request carries no gateway-signed identity")
-    try:
-        age = abs((time.time() if now is None else now) - int(timestamp))
-    except (ValueError, OverflowError):  # (a number too large for a float overflows)
-        raise InvalidIdentity("the identity timestamp is not a number") from None
-    if age > MAX_SKEW_SECONDS:
+    if not signature.startswith(_PREFIX):
+        raise SignatureVersionMismatch(
+            f"the identity signature is not of this release's format ({SIGNATURE_VERSION}): "
+            "the gateway and the service are of different releases")
+    # Digits only (int() takes signs, spaces and "_" too, none of which the gateway writes), and
+    # few enough for a time (int() refuses over 4,300, a float overflows past 308: a 500 each).
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+        raise InvalidIdentity("the identity timestamp is not a number of seconds")
+    ahead = int(timestamp) - (time.time() if now is None else now)
+    if ahead < -MAX_AGE_SECONDS:
         raise InvalidIdentity("the identity signature has expired")
+    if ahead > MAX_AHEAD_SECONDS:
+        raise InvalidIdentity("the identity signature is dated in the future")
     # As bytes: compare_digest refuses str with characters beyond ASCII (a TypeError, not a 401).
-    expected = _signature(secret, user_id, timestamp).encode()
+    if callable(body):
+        body = body()
+    expected = _signature(secret, user_id, timestamp, method, target, body).encode()
     if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected):
-        raise InvalidIdentity("the identity signature is not the gateway's")
+        raise InvalidIdentity("the identity signature is not the gateway's for this request")
     return user_id

@@ -19,6 +19,13 @@ from devstack.infra import (ensure_postgres, ensure_redis, forget_redis_keys, fr
                             start_broker)
 from tests.environment import REDIS_DB, REDIS_KEYS_OF_THE_RUN, RUN_ID, Infrastructure
 from tests.signals_end_the_run import pytest_configure  # noqa: F401  (a hook: pytest finds it here)
+from tests.signed_requests import use_gateway_signed_clients
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gateway_signed_test_clients() -> None:
+    """A test calls a service as the gateway would with `client.get(path, signed_as=user_id)`."""
+    use_gateway_signed_clients()
 
 
 @pytest.fixture(scope="session")

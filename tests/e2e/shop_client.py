@@ -6,22 +6,11 @@ import uuid
 
 import requests
 
-from shared.internal_auth import identity_headers
+from shared.internal_auth import SignedAs
 from tests.environment import TEST_SECRETS
 from tests.polling import wait_for
 
 FINAL_STATUSES = ("FINISHED", "CANCELLED")
-
-
-class GatewayIdentity(requests.auth.AuthBase):
-    """Signs each request as the gateway would, for tests that call a service directly."""
-
-    def __init__(self, user_id: str, secret: str):
-        self.user_id, self.secret = user_id, secret
-
-    def __call__(self, request):
-        request.headers.update(identity_headers(self.user_id, self.secret))
-        return request
 
 
 class ShopClient:
@@ -31,7 +20,7 @@ class ShopClient:
         self.payments_url = payments_url
         self.user_id = user_id or f"shopper-{uuid.uuid4().hex[:12]}"
         self.http = requests.Session()
-        self.http.auth = GatewayIdentity(self.user_id, internal_auth_secret)
+        self.http.auth = SignedAs(self.user_id, internal_auth_secret)
 
     def open_account(self) -> dict:
         return self._ok(self.http.post(f"{self.payments_url}/accounts", timeout=10), 201)

@@ -17,15 +17,9 @@ from devstack.infra import free_port
 from orders_app import service as orders
 from payments_app import service as payments
 from shared.cache import CACHE_EXTENSION, VersionedCache, invalidate_after_commit
-from shared.config import get_settings
 from shared.db import transaction
-from shared.internal_auth import identity_headers
 from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
-
-
-def _as(user_id):
-    return identity_headers(user_id, get_settings().internal_auth_secret)
 
 
 @pytest.fixture
@@ -87,15 +81,15 @@ def test_a_write_whose_bump_found_redis_gone_is_not_read_stale_once_redis_is_bac
     with _redis_through_a_proxy(settings) as (redis_url, redis):
         client = payments_app.create_app(
             settings=dataclasses.replace(settings, redis_url=redis_url)).test_client()
-        client.post("/accounts", headers=_as(user_id))
-        client.post("/accounts/deposit", json={"amount": 10}, headers=_as(user_id))
-        assert client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == \
+        client.post("/accounts", signed_as=user_id)
+        client.post("/accounts/deposit", json={"amount": 10}, signed_as=user_id)
+        assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == \
             "10.00"  # (cached)
         redis.cut()
-        topped_up = client.post("/accounts/deposit", json={"amount": 5}, headers=_as(user_id))
+        topped_up = client.post("/accounts/deposit", json={"amount": 5}, signed_as=user_id)
         assert topped_up.get_json()["balance"] == "15.00"
         redis.restore()
-        assert client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == \
+        assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == \
             "15.00"
 
 
@@ -130,33 +124,33 @@ def test_a_value_read_before_a_write_and_stored_after_it_is_never_served(cache):
 def test_each_payment_write_path_invalidates_the_cached_balance(
         payments_flask_app, user_id):
     client = payments_flask_app.test_client()
-    client.post("/accounts", headers=_as(user_id))
-    client.post("/accounts/deposit", json={"amount": 50}, headers=_as(user_id))
-    assert client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == "50.00"
-    client.post("/accounts/deposit", json={"amount": 5}, headers=_as(user_id))
-    assert client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == "55.00"
+    client.post("/accounts", signed_as=user_id)
+    client.post("/accounts/deposit", json={"amount": 50}, signed_as=user_id)
+    assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == "50.00"
+    client.post("/accounts/deposit", json={"amount": 5}, signed_as=user_id)
+    assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == "55.00"
     with payments_flask_app.app_context():
         with transaction() as session:
             payments.take_payments(session, [payments.PaymentRequest(
                 order_id=uuid.uuid4(), user_id=user_id, amount=Decimal("15"))])
-    assert client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == "40.00"
+    assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == "40.00"
 
 
 def test_placing_and_settling_orders_invalidate_the_cached_orders(orders_flask_app, user_id):
     client = orders_flask_app.test_client()
-    assert client.get("/orders", headers=_as(user_id)).get_json()["items"] == []
-    order = client.post("/orders", json={"amount": 3}, headers=_as(user_id)).get_json()
-    assert [o["id"] for o in client.get("/orders", headers=_as(user_id)).get_json()["items"]] == \
+    assert client.get("/orders", signed_as=user_id).get_json()["items"] == []
+    order = client.post("/orders", json={"amount": 3}, signed_as=user_id).get_json()
+    assert [o["id"] for o in client.get("/orders", signed_as=user_id).get_json()["items"]] == \
         [order["id"]]
-    assert client.get(f"/orders/{order['id']}", headers=_as(user_id)).get_json()["status"] == "NEW"
+    assert client.get(f"/orders/{order['id']}", signed_as=user_id).get_json()["status"] == "NEW"
     with orders_flask_app.app_context():
         with transaction() as session:
             orders.apply_payment_results(session, [orders.PaymentResult(
                 order_id=uuid.UUID(order["id"]), user_id=user_id, succeeded=False,
                 reason="NO_ACCOUNT")])
-    settled = client.get(f"/orders/{order['id']}", headers=_as(user_id)).get_json()
+    settled = client.get(f"/orders/{order['id']}", signed_as=user_id).get_json()
     assert (settled["status"], settled["reason"]) == ("CANCELLED", "NO_ACCOUNT")
-    listed = client.get("/orders", headers=_as(user_id)).get_json()["items"]
+    listed = client.get("/orders", signed_as=user_id).get_json()["items"]
     assert listed[0]["status"] == "CANCELLED"
 
 
@@ -165,12 +159,12 @@ def test_with_redis_down_reads_and_writes_still_work(settings, user_id):
     pay = payments_app.create_app(settings=no_redis)
     shop = orders_app.create_app(settings=no_redis)
     pay_client, shop_client = pay.test_client(), shop.test_client()
-    assert pay_client.post("/accounts", headers=_as(user_id)).status_code == 201
+    assert pay_client.post("/accounts", signed_as=user_id).status_code == 201
     assert pay_client.post("/accounts/deposit", json={"amount": 9},
-                           headers=_as(user_id)).status_code == 200
-    assert pay_client.get("/accounts/balance", headers=_as(user_id)).get_json()["balance"] == "9.00"
-    order = shop_client.post("/orders", json={"amount": 1}, headers=_as(user_id))
+                           signed_as=user_id).status_code == 200
+    assert pay_client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == "9.00"
+    order = shop_client.post("/orders", json={"amount": 1}, signed_as=user_id)
     assert order.status_code == 202
     assert shop_client.get(f"/orders/{order.get_json()['id']}",
-                           headers=_as(user_id)).status_code == 200
+                           signed_as=user_id).status_code == 200
     assert shop_client.get("/health").status_code == 503  # and it says so

@@ -32,13 +32,12 @@ from devstack.infra import free_port, port_open
 from shared import grpc_server
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY, build_server,
                                 channel_options)
-from shared.internal_auth import identity_headers
 from shared.protos import orders_pb2, orders_pb2_grpc
 from shared.request_context import current_request_id
 from tests.integration.test_gateway import assert_replays_said_so
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
-from tests.environment import TEST_SECRETS
 from tests.network_tools import HoldingProxy, SilencingProxy
+from tests.signed_requests import grpc_signed
 from tests.polling import wait_for
 from tests.postgres_tools import no_connection_free
 
@@ -319,15 +318,17 @@ def test_a_service_whose_host_answers_nothing_is_503_within_a_second_over_both_t
         listener.close()
 
 
-def _signed(user_id: str, secret: str) -> tuple[tuple[str, str], ...]:
-    return tuple((name.lower(), value) for name, value in identity_headers(user_id, secret).items())
+ORDERS = "/hseshop.orders.v1.Orders"
+PAYMENTS = "/hseshop.payments.v1.Payments"
 
 
 @pytest.mark.parametrize("metadata, code", [
     ((), "MISSING_USER_ID"),
     ((("x-user-id", "alice"),), "UNTRUSTED_IDENTITY"),
-    (_signed("alice", "not the gateway's secret at all"), "UNTRUSTED_IDENTITY"),
-    (_signed("a b", TEST_SECRETS["INTERNAL_AUTH_SECRET"]), "INVALID_USER_ID"),  # signed, malformed
+    (grpc_signed("alice", f"{ORDERS}/ListOrders", orders_pb2.ListOrdersRequest(),
+                 secret="not the gateway's secret at all"), "UNTRUSTED_IDENTITY"),
+    (grpc_signed("a b", f"{ORDERS}/ListOrders", orders_pb2.ListOrdersRequest()),
+     "INVALID_USER_ID"),  # signed, malformed
 ])
 def test_a_call_without_valid_gateway_metadata_is_refused_as_http_refuses_it(grpc_targets,
                                                                              metadata, code):
@@ -337,6 +338,34 @@ def test_a_call_without_valid_gateway_metadata_is_refused_as_http_refuses_it(grp
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     trailers = dict(refused.value.trailing_metadata())
     assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == ("401", code)
+
+
+def test_metadata_signed_for_one_call_is_refused_on_another(grpc_targets):
+    """Captured off a balance read, the metadata vouches for that call alone: not for a deposit
+    (another method), nor a deposit's for another amount (another message). It did for any."""
+    from shared.protos import payments_pb2, payments_pb2_grpc
+
+    user_id = f"bound-{uuid.uuid4().hex[:8]}"
+    payments = payments_pb2_grpc.PaymentsStub(grpc.insecure_channel(grpc_targets["payments"]))
+    opening, reading = payments_pb2.OpenAccountRequest(), payments_pb2.GetBalanceRequest()
+    payments.OpenAccount(opening, timeout=5,
+                         metadata=grpc_signed(user_id, f"{PAYMENTS}/OpenAccount", opening))
+    read = grpc_signed(user_id, f"{PAYMENTS}/GetBalance", reading)
+    assert payments.GetBalance(reading, metadata=read, timeout=5).balance == "0.00"  # its own
+    deposit = payments_pb2.DepositRequest(amount="1.00")
+    signed_deposit = grpc_signed(user_id, f"{PAYMENTS}/Deposit", deposit)
+    for call in (lambda: payments.Deposit(deposit, metadata=read, timeout=5),
+                 lambda: payments.OpenAccount(opening, metadata=read, timeout=5),  # (both empty)
+                 lambda: payments.Deposit(payments_pb2.DepositRequest(amount="9999.00"),
+                                          metadata=signed_deposit, timeout=5)):
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        trailers = dict(refused.value.trailing_metadata())
+        assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == (
+            "401", "UNTRUSTED_IDENTITY")
+    assert payments.GetBalance(reading, metadata=read, timeout=5).balance == "0.00"
+    assert payments.Deposit(deposit, metadata=signed_deposit, timeout=5).balance == "1.00"
 
 
 # A PlaceOrderRequest whose description (field 2) holds the byte 0xff: no UTF-8 string.
@@ -352,8 +381,9 @@ def test_bytes_that_are_no_request_are_refused_as_http_refuses_a_body_it_cannot_
     """After the caller's identity, as the HTTP API checks it first too; gRPC's own parse
     answered INTERNAL, before any check."""
     call = grpc.insecure_channel(grpc_targets["orders"]).unary_unary(
-        "/hseshop.orders.v1.Orders/PlaceOrder")  # bytes in and out, as they are
-    metadata = _signed("alice", TEST_SECRETS["INTERNAL_AUTH_SECRET"]) if signed else ()
+        f"{ORDERS}/PlaceOrder")  # bytes in and out, as they are
+    metadata = (grpc_signed("alice", f"{ORDERS}/PlaceOrder", UNDECODABLE_PLACE_ORDER) if signed
+                else ())
     with pytest.raises(grpc.RpcError) as refused:
         call(UNDECODABLE_PLACE_ORDER, metadata=metadata, timeout=5)
     assert refused.value.code() == status
@@ -368,26 +398,28 @@ def test_an_amount_left_out_or_a_limit_out_of_range_is_refused_as_http_refuses_i
     list's bad limit is filed under "query", as the HTTP API reads it there."""
     from shared.protos import payments_pb2, payments_pb2_grpc
 
-    metadata = _signed("alice", TEST_SECRETS["INTERNAL_AUTH_SECRET"])
     over_http = {
         "orders": orders_flask_app.test_client().post(
-            "/orders", json={"description": "x"}, headers=dict(metadata)),
+            "/orders", json={"description": "x"}, signed_as="alice"),
         "payments": payments_flask_app.test_client().post(
-            "/accounts/deposit", json={}, headers=dict(metadata)),
+            "/accounts/deposit", json={}, signed_as="alice"),
     }
+    place, deposit = orders_pb2.PlaceOrderRequest(description="x"), payments_pb2.DepositRequest()
     calls = {
         "orders": lambda: orders_pb2_grpc.OrdersStub(grpc.insecure_channel(
-            grpc_targets["orders"])).PlaceOrder(orders_pb2.PlaceOrderRequest(description="x"),
-                                                metadata=metadata, timeout=5),
+            grpc_targets["orders"])).PlaceOrder(
+                place, metadata=grpc_signed("alice", f"{ORDERS}/PlaceOrder", place), timeout=5),
         "payments": lambda: payments_pb2_grpc.PaymentsStub(grpc.insecure_channel(
-            grpc_targets["payments"])).Deposit(payments_pb2.DepositRequest(),
-                                               metadata=metadata, timeout=5),
+            grpc_targets["payments"])).Deposit(
+                deposit, metadata=grpc_signed("alice", f"{PAYMENTS}/Deposit", deposit),
+                timeout=5),
     }
     over_http["orders-list"] = orders_flask_app.test_client().get(
-        "/orders?limit=0", headers=dict(metadata))
+        "/orders?limit=0", signed_as="alice")
+    listing = orders_pb2.ListOrdersRequest(limit=0)
     calls["orders-list"] = lambda: orders_pb2_grpc.OrdersStub(grpc.insecure_channel(
-        grpc_targets["orders"])).ListOrders(orders_pb2.ListOrdersRequest(limit=0),
-                                            metadata=metadata, timeout=5)
+        grpc_targets["orders"])).ListOrders(
+            listing, metadata=grpc_signed("alice", f"{ORDERS}/ListOrders", listing), timeout=5)
     for service, call in calls.items():
         with pytest.raises(grpc.RpcError) as refused:
             call()
@@ -407,20 +439,22 @@ def test_an_empty_idempotency_key_is_refused_by_each_service_as_over_http(
     gRPC the field is `optional`, so that an empty key sent is told from none)."""
     from shared.protos import payments_pb2, payments_pb2_grpc
 
-    metadata = _signed(f"empty-key-{uuid.uuid4().hex[:8]}", TEST_SECRETS["INTERNAL_AUTH_SECRET"])
-    with_key = {**dict(metadata), "Idempotency-Key": ""}
+    user_id, with_key = f"empty-key-{uuid.uuid4().hex[:8]}", {"Idempotency-Key": ""}
     over_http = [
-        orders_flask_app.test_client().post("/orders", json={"amount": "1"}, headers=with_key),
+        orders_flask_app.test_client().post("/orders", json={"amount": "1"}, signed_as=user_id,
+                                            headers=with_key),
         payments_flask_app.test_client().post("/accounts/deposit", json={"amount": "1"},
-                                              headers=with_key),
+                                              signed_as=user_id, headers=with_key),
     ]
     orders = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
     payments = payments_pb2_grpc.PaymentsStub(grpc.insecure_channel(grpc_targets["payments"]))
+    place = orders_pb2.PlaceOrderRequest(amount="1", idempotency_key="")
+    deposit = payments_pb2.DepositRequest(amount="1", idempotency_key="")
     calls = [
-        lambda: orders.PlaceOrder(orders_pb2.PlaceOrderRequest(amount="1", idempotency_key=""),
-                                  metadata=metadata, timeout=5),
-        lambda: payments.Deposit(payments_pb2.DepositRequest(amount="1", idempotency_key=""),
-                                 metadata=metadata, timeout=5),
+        lambda: orders.PlaceOrder(place, timeout=5, metadata=grpc_signed(
+            user_id, f"{ORDERS}/PlaceOrder", place)),
+        lambda: payments.Deposit(deposit, timeout=5, metadata=grpc_signed(
+            user_id, f"{PAYMENTS}/Deposit", deposit)),
     ]
     for response, call in zip(over_http, calls):
         assert response.status_code == 400
@@ -430,7 +464,7 @@ def test_an_empty_idempotency_key_is_refused_by_each_service_as_over_http(
         trailers = dict(refused.value.trailing_metadata())
         assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == (
             "400", "INVALID_IDEMPOTENCY_KEY")
-    orders_placed = orders_flask_app.test_client().get("/orders", headers=dict(metadata))
+    orders_placed = orders_flask_app.test_client().get("/orders", signed_as=user_id)
     assert orders_placed.get_json()["items"] == []
 
 
@@ -454,8 +488,9 @@ def test_an_order_whose_caller_gave_up_by_its_deadline_is_not_placed(settings, g
             cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
                            (PLACING_LOCK_CLASS, user))
         with pytest.raises(grpc.RpcError) as gave_up:
-            stub.PlaceOrder(orders_pb2.PlaceOrderRequest(amount="1"), timeout=0.5,
-                            metadata=_signed(user, TEST_SECRETS["INTERNAL_AUTH_SECRET"]))
+            place = orders_pb2.PlaceOrderRequest(amount="1")
+            stub.PlaceOrder(place, timeout=0.5,
+                            metadata=grpc_signed(user, f"{ORDERS}/PlaceOrder", place))
         assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         with watcher.cursor() as cursor:
             def held_up_call():
@@ -544,8 +579,8 @@ def test_with_its_database_unreachable_a_grpc_service_answers_503(settings):
     server.start()
     try:
         stub = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(bind))
-        metadata = tuple((k.lower(), v) for k, v in
-                         identity_headers("alice", settings.internal_auth_secret).items())
+        metadata = grpc_signed("alice", f"{ORDERS}/ListOrders", orders_pb2.ListOrdersRequest(),
+                               settings.internal_auth_secret)
         with pytest.raises(grpc.RpcError) as refused:
             stub.ListOrders(orders_pb2.ListOrdersRequest(), metadata=metadata, timeout=10)
         trailers = dict(refused.value.trailing_metadata())

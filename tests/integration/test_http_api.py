@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -21,7 +24,6 @@ from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
 from shared.caller_deadline import DEADLINE_HEADER, deadline_headers
-from shared.config import get_settings
 from shared.contracts import FAILURE_REASONS
 from shared.db import db, transaction
 from shared.idempotency import REPLAYED, REPLAYED_HEADER
@@ -49,11 +51,6 @@ def payments_http(payments_flask_app):
     return payments_flask_app.test_client()
 
 
-def _as(user_id, **headers):
-    """Headers of a request the gateway forwards for `user_id`."""
-    return {**identity_headers(user_id, get_settings().internal_auth_secret), **headers}
-
-
 def _assert_error(response, status):
     assert response.status_code == status, response.get_data(as_text=True)
     error = response.get_json()["error"]
@@ -70,13 +67,13 @@ def _order_writes(app, user_id) -> tuple[int, int]:
 
 def test_placing_an_order_answers_202_with_the_new_order(orders_http, user_id):
     response = orders_http.post("/orders", json={"amount": 30, "description": "book"},
-                                headers=_as(user_id))
+                                signed_as=user_id)
     assert response.status_code == 202
     order = response.get_json()
     assert order["status"] == "NEW" and order["amount"] == "30.00"
     assert order["user_id"] == user_id and order["description"] == "book"
     assert set(order) >= {"id", "created_at", "updated_at"}
-    fetched = orders_http.get(f"/orders/{order['id']}", headers=_as(user_id)).get_json()
+    fetched = orders_http.get(f"/orders/{order['id']}", signed_as=user_id).get_json()
     assert fetched == order
 
 
@@ -87,9 +84,9 @@ def test_an_order_reads_back_in_utc_as_its_answer_gave_it(settings, user_id, mon
     shop = orders_app.create_app(settings=settings)
     try:
         client = shop.test_client()
-        order = client.post("/orders", json={"amount": "30"}, headers=_as(user_id)).get_json()
-        fetched = client.get(f"/orders/{order['id']}", headers=_as(user_id)).get_json()
-        listed = client.get("/orders", headers=_as(user_id)).get_json()["items"]
+        order = client.post("/orders", json={"amount": "30"}, signed_as=user_id).get_json()
+        fetched = client.get(f"/orders/{order['id']}", signed_as=user_id).get_json()
+        listed = client.get("/orders", signed_as=user_id).get_json()["items"]
     finally:
         with shop.app_context():
             db.engine.dispose()
@@ -131,7 +128,7 @@ BAD_ORDER_BODIES = [
 def test_a_bad_order_gets_a_clear_4xx_and_writes_nothing(
         orders_http, orders_flask_app, user_id, body, content_type, statuses):
     response = orders_http.post("/orders", data=body, content_type=content_type,
-                                headers=_as(user_id))
+                                signed_as=user_id)
     error = _assert_error(response, response.status_code)
     assert response.status_code in statuses, error
     assert _order_writes(orders_flask_app, user_id) == (0, 0)
@@ -142,12 +139,12 @@ def test_a_query_parameter_a_route_does_not_take_is_refused_and_writes_nothing(
     """Every route refuses what it does not know, as the README says: a query parameter on a
     route that takes none (`?amount=` beside the body, say) is a 422 naming it, before any work."""
     refused = [
-        orders_http.post("/orders?amount=999", json={"amount": "1.00"}, headers=_as(user_id)),
-        orders_http.get(f"/orders/{uuid.uuid4()}?expand=1", headers=_as(user_id)),
-        payments_http.post("/accounts?x=1", json={}, headers=_as(user_id)),
+        orders_http.post("/orders?amount=999", json={"amount": "1.00"}, signed_as=user_id),
+        orders_http.get(f"/orders/{uuid.uuid4()}?expand=1", signed_as=user_id),
+        payments_http.post("/accounts?x=1", json={}, signed_as=user_id),
         payments_http.post("/accounts/deposit?amount=5", json={"amount": "1.00"},
-                           headers=_as(user_id)),
-        payments_http.get("/accounts/balance?foo=1&amount=5", headers=_as(user_id)),
+                           signed_as=user_id),
+        payments_http.get("/accounts/balance?foo=1&amount=5", signed_as=user_id),
     ]
     for response in refused:
         error = _assert_error(response, 422)
@@ -158,15 +155,15 @@ def test_a_query_parameter_a_route_does_not_take_is_refused_and_writes_nothing(
     with payments_flask_app.app_context():
         assert db.session.scalar(select(func.count()).where(Account.user_id == user_id)) == 0
     # A route that takes query parameters holds them to its schema, as before.
-    _assert_error(orders_http.get("/orders?limit=5&unknown=1", headers=_as(user_id)), 422)
-    assert orders_http.get("/orders?limit=5", headers=_as(user_id)).status_code == 200
+    _assert_error(orders_http.get("/orders?limit=5&unknown=1", signed_as=user_id), 422)
+    assert orders_http.get("/orders?limit=5", signed_as=user_id).status_code == 200
 
 
 def test_a_method_a_route_does_not_take_is_a_405_that_says_which_it_does(orders_http,
                                                                          payments_http, user_id):
     """With the usual error body, and Allow as HTTP asks of a 405."""
-    for response in (orders_http.put("/orders", headers=_as(user_id)),
-                     payments_http.delete("/accounts/balance", headers=_as(user_id))):
+    for response in (orders_http.put("/orders", signed_as=user_id),
+                     payments_http.delete("/accounts/balance", signed_as=user_id)):
         error = _assert_error(response, 405)
         assert error["code"] == "METHOD_NOT_ALLOWED"
         assert response.content_type == "application/json"
@@ -183,7 +180,7 @@ def test_a_query_parameter_given_more_than_once_is_a_422_naming_it(orders_http, 
     """Ambiguous, whichever value comes first: not read first-value-wins (`?limit=1&limit=x` was
     a page of one, `?limit=x&limit=1` a 422), but refused as a query that does not hold to its
     schema is."""
-    error = _assert_error(orders_http.get(f"/orders?{query}", headers=_as(user_id)), 422)
+    error = _assert_error(orders_http.get(f"/orders?{query}", signed_as=user_id), 422)
     assert error["code"] == "VALIDATION_ERROR"
     assert error["details"] == {"query": {name: ["Given more than once."]}}
 
@@ -191,7 +188,7 @@ def test_a_query_parameter_given_more_than_once_is_a_422_naming_it(orders_http, 
 def test_a_repeated_query_parameter_is_refused_with_whatever_else_is_wrong_with_the_query(
         orders_http, user_id):
     """Every field's fault at once, as a query given each parameter once gets them."""
-    response = orders_http.get("/orders?limit=1&limit=2&x=1&cursor=zz", headers=_as(user_id))
+    response = orders_http.get("/orders?limit=1&limit=2&x=1&cursor=zz", signed_as=user_id)
     details = _assert_error(response, 422)["details"]["query"]
     assert details["limit"] == ["Given more than once."]
     assert details["x"] == ["Unknown field."]
@@ -208,40 +205,95 @@ def test_an_options_is_a_204_that_says_which_methods_the_path_takes(orders_http,
             (payments_http, "/accounts", "OPTIONS, POST"),
             (payments_http, "/accounts/deposit", "OPTIONS, POST"),
             (payments_http, "/accounts/balance", "GET, HEAD, OPTIONS")):
-        response = client.options(path, headers=_as(user_id))
+        response = client.options(path, signed_as=user_id)
         assert (response.status_code, response.data) == (204, b""), (path, response.data)
         assert "Content-Type" not in response.headers, path
         assert response.headers["Allow"] == allowed, path  # (sorted, as a 405's)
 
 
-def _forged(user_id="mallory", secret="not-the-secret", **changes):
-    return {**identity_headers(user_id, secret), **changes}
-
-
-@pytest.mark.parametrize("headers", [
-    {}, {"X-User-ID": ""}, {"X-User-ID": "a b"}, {"X-User-ID": "x" * 65}, {"X-User-ID": "ü"},
-    {"X-User-ID": "alice"},  # no gateway signature at all
-    _forged(),  # signed with the wrong secret
-    _forged(secret=TEST_SECRETS["INTERNAL_AUTH_SECRET"], **{"X-User-ID": "alice"}),  # re-labelled
-    _forged(secret=TEST_SECRETS["INTERNAL_AUTH_SECRET"], **{"X-Gateway-Timestamp": "0"}),  # stale
-    _forged(secret=TEST_SECRETS["INTERNAL_AUTH_SECRET"], **{"X-Gateway-Signature": "é" * 64}),
+@pytest.mark.parametrize("identity", [
+    {}, {"headers": {"X-User-ID": ""}}, {"headers": {"X-User-ID": "a b"}},
+    {"headers": {"X-User-ID": "x" * 65}}, {"headers": {"X-User-ID": "ü"}},
+    {"headers": {"X-User-ID": "alice"}},  # no gateway signature at all
+    {"signed_as": "mallory", "signed_with": "not-the-secret"},  # signed with the wrong secret
+    {"signed_as": "mallory", "headers": {"X-User-ID": "alice"}},  # re-labelled
+    {"signed_as": "mallory", "headers": {"X-Gateway-Timestamp": "0"}},  # stale
+    {"signed_as": "mallory", "headers": {"X-Gateway-Signature": "é" * 64}},
 ])
 def test_a_caller_without_a_valid_gateway_signed_user_id_gets_401(orders_http, payments_http,
-                                                                  headers):
-    _assert_error(orders_http.post("/orders", json={"amount": 1}, headers=headers), 401)
-    _assert_error(orders_http.get("/orders", headers=headers), 401)
-    _assert_error(payments_http.post("/accounts", headers=headers), 401)
-    _assert_error(payments_http.get("/accounts/balance", headers=headers), 401)
+                                                                  identity):
+    _assert_error(orders_http.post("/orders", json={"amount": 1}, **identity), 401)
+    _assert_error(orders_http.get("/orders", **identity), 401)
+    _assert_error(payments_http.post("/accounts", **identity), 401)
+    _assert_error(payments_http.get("/accounts/balance", **identity), 401)
+
+
+def _signed_for(user_id, method, target, body=b"", now=None):
+    """The identity headers the gateway sends with the request `method target` and `body`."""
+    return identity_headers(user_id, TEST_SECRETS["INTERNAL_AUTH_SECRET"], method, target, body,
+                            now=now)
+
+
+def test_headers_signed_for_one_request_are_refused_on_any_other(orders_http, payments_http,
+                                                                 user_id):
+    """Captured off a balance read (or a deposit, a list), the headers vouch for that request
+    alone: not for a deposit, another query or another body. They did for any operation."""
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    read = _signed_for(user_id, "GET", "/accounts/balance")
+    assert payments_http.get("/accounts/balance", headers=read).status_code == 200  # its own
+    deposit = b'{"amount": "1.00"}'
+    signed_deposit = _signed_for(user_id, "POST", "/accounts/deposit", deposit)
+    listing = _signed_for(user_id, "GET", "/orders?limit=1")
+    assert orders_http.get("/orders?limit=1", headers=listing).status_code == 200
+    for refused in (
+            # another path (and method)
+            payments_http.post("/accounts/deposit", data=deposit, headers=read,
+                               content_type="application/json"),
+            # another method, same path: a list's headers placing an order
+            orders_http.post("/orders", headers=_signed_for(user_id, "GET", "/orders")),
+            # another query
+            orders_http.get("/orders?limit=200", headers=listing),
+            orders_http.get("/orders", headers=listing),
+            # another body
+            payments_http.post("/accounts/deposit", data=b'{"amount": "9999.00"}',
+                               headers=signed_deposit, content_type="application/json")):
+        assert _assert_error(refused, 401)["code"] == "UNTRUSTED_IDENTITY"
+    assert payments_http.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == \
+        "0.00"
+    assert payments_http.post("/accounts/deposit", data=deposit, headers=signed_deposit,
+                              content_type="application/json").status_code == 200
+
+
+def test_headers_dated_more_than_a_few_seconds_ahead_are_refused(payments_http, user_id):
+    """Accepted up to a minute ahead before: a captured set was good for two."""
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    now = time.time()
+    assert payments_http.get("/accounts/balance", headers=_signed_for(
+        user_id, "GET", "/accounts/balance", now=now + 2)).status_code == 200
+    ahead = payments_http.get("/accounts/balance", headers=_signed_for(
+        user_id, "GET", "/accounts/balance", now=now + 30))
+    assert "dated in the future" in _assert_error(ahead, 401)["message"]
+
+
+def test_a_signature_of_the_release_before_is_refused_with_a_code_of_its_own(payments_http,
+                                                                             user_id):
+    """A gateway not deployed with the service: a 401 that says so, not a 500."""
+    timestamp = str(int(time.time()))
+    old = hmac.new(TEST_SECRETS["INTERNAL_AUTH_SECRET"].encode(), f"{user_id}|{timestamp}".encode(),
+                   hashlib.sha256).hexdigest()
+    refused = payments_http.post("/accounts", headers={
+        "X-User-ID": user_id, "X-Gateway-Timestamp": timestamp, "X-Gateway-Signature": old})
+    assert _assert_error(refused, 401)["code"] == "SIGNATURE_VERSION_MISMATCH"
 
 
 def test_someone_elses_order_and_a_malformed_id_are_404(orders_http, user_id):
-    order = orders_http.post("/orders", json={"amount": 1}, headers=_as(user_id)).get_json()
-    _assert_error(orders_http.get(f"/orders/{order['id']}", headers=_as(user_id + "x")), 404)
-    _assert_error(orders_http.get("/orders/not-a-uuid", headers=_as(user_id)), 404)
+    order = orders_http.post("/orders", json={"amount": 1}, signed_as=user_id).get_json()
+    _assert_error(orders_http.get(f"/orders/{order['id']}", signed_as=user_id + "x"), 404)
+    _assert_error(orders_http.get("/orders/not-a-uuid", signed_as=user_id), 404)
 
 
 def test_orders_are_listed_newest_first_page_by_page(orders_http, user_id):
-    placed = [orders_http.post("/orders", json={"amount": n}, headers=_as(user_id)).get_json()["id"]
+    placed = [orders_http.post("/orders", json={"amount": n}, signed_as=user_id).get_json()["id"]
               for n in range(1, 6)]
     assert sum(_pages(orders_http, user_id, limit=2), []) == list(reversed(placed))
 
@@ -251,7 +303,7 @@ def _pages(orders_http, user_id, limit: int) -> list[list[str]]:
     pages, cursor = [], None
     while True:
         query = {"limit": limit} | ({"cursor": cursor} if cursor else {})
-        page = orders_http.get("/orders", query_string=query, headers=_as(user_id)).get_json()
+        page = orders_http.get("/orders", query_string=query, signed_as=user_id).get_json()
         pages.append([item["id"] for item in page["items"]])
         cursor = page["next_cursor"]
         if cursor is None:
@@ -261,7 +313,7 @@ def _pages(orders_http, user_id, limit: int) -> list[list[str]]:
 def test_orders_placed_at_the_same_moment_are_each_listed_once(orders_http, orders_flask_app,
                                                               user_id):
     """Ordered by id among themselves, across the pages' boundaries."""
-    placed = [orders_http.post("/orders", json={"amount": 1}, headers=_as(user_id)).get_json()["id"]
+    placed = [orders_http.post("/orders", json={"amount": 1}, signed_as=user_id).get_json()["id"]
               for _ in range(7)]
     with orders_flask_app.app_context():
         db.session.execute(text("UPDATE orders SET created_at = '2026-01-01T00:00:00Z'"
@@ -274,7 +326,7 @@ def test_orders_placed_at_the_same_moment_are_each_listed_once(orders_http, orde
 
 def test_a_page_that_holds_the_last_order_has_no_next_cursor(orders_http, user_id):
     for _ in range(2):
-        orders_http.post("/orders", json={"amount": 1}, headers=_as(user_id))
+        orders_http.post("/orders", json={"amount": 1}, signed_as=user_id)
     assert [len(page) for page in _pages(orders_http, user_id, limit=2)] == [2]
 
 
@@ -295,7 +347,7 @@ def test_an_order_is_timed_once_its_users_placing_lock_is_held(orders_http, orde
 
     def placing():
         placed["order"] = orders_http.post("/orders", json={"amount": 1},
-                                           headers=_as(user_id)).get_json()
+                                           signed_as=user_id).get_json()
 
     second_waiting_on_the_first(settings.database_url("orders"), placing_ahead, placing,
                                 what="the order waiting on its user's placing lock")
@@ -321,7 +373,7 @@ def test_an_order_waiting_on_its_users_placing_lock_takes_its_event_row_after_th
 
     def placing():
         placed["waiting"] = orders_http.post("/orders", json={"amount": 1},
-                                             headers=_as(user_id)).get_json()["id"]
+                                             signed_as=user_id).get_json()["id"]
 
     second_waiting_on_the_first(settings.database_url("orders"), placing_ahead, placing,
                                 what="the order waiting on its user's placing lock")
@@ -337,7 +389,7 @@ def test_an_order_waiting_on_its_users_placing_lock_takes_its_event_row_after_th
                                    # what int() reads and no client means: not ASCII digits
                                    "limit=%D9%A5", "limit=1_0", "limit=%2B5", "limit=%205"])
 def test_bad_list_queries_are_4xx(orders_http, user_id, query):
-    response = orders_http.get(f"/orders?{query}", headers=_as(user_id))
+    response = orders_http.get(f"/orders?{query}", signed_as=user_id)
     assert response.status_code in (400, 422)
     _assert_error(response, response.status_code)
 
@@ -352,48 +404,48 @@ def test_bad_list_queries_are_4xx(orders_http, user_id, query):
      400),
 ])
 def test_a_crafted_cursor_is_a_400_or_a_page_never_a_500(orders_http, user_id, cursor, status):
-    response = orders_http.get(f"/orders?cursor={cursor}", headers=_as(user_id))
+    response = orders_http.get(f"/orders?cursor={cursor}", signed_as=user_id)
     assert response.status_code == status, response.get_data(as_text=True)
 
 
 def test_the_cursor_none_is_refused_whatever_the_cache_holds(orders_http, user_id):
-    assert orders_http.get("/orders", headers=_as(user_id)).status_code == 200  # cached now
-    _assert_error(orders_http.get("/orders?cursor=None", headers=_as(user_id)), 400)
+    assert orders_http.get("/orders", signed_as=user_id).status_code == 200  # cached now
+    _assert_error(orders_http.get("/orders?cursor=None", signed_as=user_id), 400)
 
 
 def test_default_page_size_is_50(orders_http, user_id):
-    assert orders_http.get("/orders", headers=_as(user_id)).get_json() == {
+    assert orders_http.get("/orders", signed_as=user_id).get_json() == {
         "items": [], "next_cursor": None}
     for _ in range(51):
         assert _placed(orders_http, user_id, "1.00") == 202
-    page = orders_http.get("/orders", headers=_as(user_id)).get_json()
+    page = orders_http.get("/orders", signed_as=user_id).get_json()
     assert len(page["items"]) == 50 and page["next_cursor"] is not None
 
 
 def test_a_retried_order_with_the_same_idempotency_key_is_placed_once(
         orders_http, orders_flask_app, user_id):
-    headers = _as(user_id, **{"Idempotency-Key": "retry-1"})
-    first = orders_http.post("/orders", json={"amount": "7.5"}, headers=headers)
-    again = orders_http.post("/orders", json={"amount": 7.50}, headers=headers)
+    headers = {"Idempotency-Key": "retry-1"}
+    first = orders_http.post("/orders", json={"amount": "7.5"}, signed_as=user_id, headers=headers)
+    again = orders_http.post("/orders", json={"amount": 7.50}, signed_as=user_id, headers=headers)
     assert first.status_code == again.status_code == 202
     assert again.get_json() == first.get_json()
     assert _order_writes(orders_flask_app, user_id) == (1, 1)
-    other = orders_http.post("/orders", json={"amount": 8}, headers=headers)
+    other = orders_http.post("/orders", json={"amount": 8}, signed_as=user_id, headers=headers)
     assert _assert_error(other, 422)["code"] == "IDEMPOTENCY_KEY_REUSED"
     assert _order_writes(orders_flask_app, user_id) == (1, 1)
 
 
 def test_accounts_open_once_deposit_and_report_the_balance(payments_http, user_id):
-    created = payments_http.post("/accounts", headers=_as(user_id))
+    created = payments_http.post("/accounts", signed_as=user_id)
     assert created.status_code == 201
     assert created.get_json() == {"user_id": user_id, "balance": "0.00"}
-    assert _assert_error(payments_http.post("/accounts", headers=_as(user_id)), 409)["code"] == \
+    assert _assert_error(payments_http.post("/accounts", signed_as=user_id), 409)["code"] == \
         "ACCOUNT_EXISTS"
     deposited = payments_http.post("/accounts/deposit", json={"amount": "100"},
-                                   headers=_as(user_id))
+                                   signed_as=user_id)
     assert deposited.status_code == 200
     assert deposited.get_json() == {"user_id": user_id, "balance": "100.00"}
-    balance = payments_http.get("/accounts/balance", headers=_as(user_id))
+    balance = payments_http.get("/accounts/balance", signed_as=user_id)
     assert balance.status_code == 200
     assert balance.get_json() == {"user_id": user_id, "balance": "100.00"}
 
@@ -403,20 +455,22 @@ def test_a_request_held_up_by_a_lock_is_a_503_that_changed_nothing(payments_http
     """A transaction that stalls holding the account's row (here, another session's) holds a
     deposit up for shared.db.SESSION_LIMITS' lock_timeout, not for ever: the deposit answers 503
     DATABASE_BUSY, and changed nothing, as its retry under the same key shows."""
-    assert payments_http.post("/accounts", headers=_as(user_id)).status_code == 201
-    headers = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
     with account_row_held(settings.database_url("payments"), user_id):
-        held_up = payments_http.post("/accounts/deposit", json={"amount": "5"}, headers=headers)
+        held_up = payments_http.post("/accounts/deposit", json={"amount": "5"},
+                                     signed_as=user_id, headers=headers)
         assert _assert_error(held_up, 503)["code"] == "DATABASE_BUSY"
         assert held_up.headers["Retry-After"] == "1"
-    retried = payments_http.post("/accounts/deposit", json={"amount": "5"}, headers=headers)
+    retried = payments_http.post("/accounts/deposit", json={"amount": "5"}, signed_as=user_id,
+                                 headers=headers)
     assert retried.status_code == 200 and retried.get_json()["balance"] == "5.00"
 
 
 def test_no_account_is_404_for_balance_and_deposit(payments_http, user_id):
-    _assert_error(payments_http.get("/accounts/balance", headers=_as(user_id)), 404)
+    _assert_error(payments_http.get("/accounts/balance", signed_as=user_id), 404)
     _assert_error(payments_http.post("/accounts/deposit", json={"amount": 1},
-                                      headers=_as(user_id)), 404)
+                                      signed_as=user_id), 404)
 
 
 @pytest.mark.parametrize("body", ['{"amount": 0}', '{"amount": -1}', '{"amount": "1.234"}',
@@ -425,9 +479,9 @@ def test_no_account_is_404_for_balance_and_deposit(payments_http, user_id):
                                   # Spaces around it that are not JSON's: no amount in ASCII.
                                   '{"amount": "\\u00a05"}', '{"amount": "\\u001c5\\u001f"}'])
 def test_a_bad_deposit_is_4xx_and_changes_nothing(payments_http, payments_flask_app, user_id, body):
-    payments_http.post("/accounts", headers=_as(user_id))
+    payments_http.post("/accounts", signed_as=user_id)
     response = payments_http.post("/accounts/deposit", data=body, content_type="application/json",
-                                  headers=_as(user_id))
+                                  signed_as=user_id)
     assert response.status_code in (400, 422)
     _assert_error(response, response.status_code)
     with payments_flask_app.app_context():
@@ -438,27 +492,28 @@ def test_a_deposit_past_the_balance_limit_is_422_and_changes_nothing(payments_ht
                                                                     payments_flask_app, user_id):
     from shared.money import MAX_BALANCE
 
-    payments_http.post("/accounts", headers=_as(user_id))
+    payments_http.post("/accounts", signed_as=user_id)
     with payments_flask_app.app_context():
         db.session.get(Account, user_id).balance = MAX_BALANCE - 1
         db.session.commit()
     refused = payments_http.post("/accounts/deposit", json={"amount": "1.01"},
-                                 headers=_as(user_id))
+                                 signed_as=user_id)
     assert _assert_error(refused, 422)["code"] == "BALANCE_LIMIT_EXCEEDED"
     to_the_limit = payments_http.post("/accounts/deposit", json={"amount": "1"},
-                                      headers=_as(user_id))
+                                      signed_as=user_id)
     assert to_the_limit.get_json()["balance"] == str(MAX_BALANCE)
 
 
 def test_a_retried_deposit_with_the_same_key_counts_once(payments_http, payments_flask_app,
                                                          user_id):
-    payments_http.post("/accounts", headers=_as(user_id))
-    headers = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
+    payments_http.post("/accounts", signed_as=user_id)
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
     for _ in range(3):
-        response = payments_http.post("/accounts/deposit", json={"amount": 25}, headers=headers)
+        response = payments_http.post("/accounts/deposit", json={"amount": 25},
+                                      signed_as=user_id, headers=headers)
         assert response.get_json()["balance"] == "25.00"
     assert _assert_error(payments_http.post("/accounts/deposit", json={"amount": 26},
-                                            headers=headers), 422)["code"] == \
+                                            signed_as=user_id, headers=headers), 422)["code"] == \
         "IDEMPOTENCY_KEY_REUSED"
     with payments_flask_app.app_context():  # the account's own, not only the answer replayed
         assert db.session.get(Account, user_id).balance == Decimal("25.00")
@@ -470,13 +525,13 @@ def test_a_deposit_sent_again_while_the_first_is_in_flight_waits_for_it_and_repl
     (shared/idempotency.py); the deposit is made once."""
     from payments_app import service as payments
 
-    payments_flask_app.test_client().post("/accounts", headers=_as(user_id))
-    headers = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
+    payments_flask_app.test_client().post("/accounts", signed_as=user_id)
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
     answers = {}
 
     def send(name):
         answers[name] = payments_flask_app.test_client().post(
-            "/accounts/deposit", json={"amount": "25"}, headers=headers)
+            "/accounts/deposit", json={"amount": "25"}, signed_as=user_id, headers=headers)
 
     def first(hold):
         real_deposit = payments.deposit
@@ -519,16 +574,16 @@ def test_a_replayed_answer_says_so_and_a_fresh_one_does_not(orders_http, payment
     gives it."""
     client = {"orders": orders_http, "payments": payments_http}[service]
     body, status, other = KEYED_OPERATIONS[service, method, path]
-    assert payments_http.post("/accounts", headers=_as(user_id)).status_code == 201
-    keyed = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
-    first = asked(client, method, path, body, headers=keyed)
-    again = asked(client, method, path, body, headers=keyed)
-    reused = asked(client, method, path, other, headers=keyed)
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    keyed = {"Idempotency-Key": str(uuid.uuid4())}
+    first = asked(client, method, path, body, signed_as=user_id, headers=keyed)
+    again = asked(client, method, path, body, signed_as=user_id, headers=keyed)
+    reused = asked(client, method, path, other, signed_as=user_id, headers=keyed)
 
     assert_only_the_repeat_said_replayed(path, status, first, again, reused,
                                          lambda answer: answer.get_data())
     _assert_error(reused, 422)
-    unkeyed = asked(client, method, path, body, headers=_as(user_id))
+    unkeyed = asked(client, method, path, body, signed_as=user_id)
     assert unkeyed.status_code == status and REPLAYED_HEADER not in unkeyed.headers
     spec = client.get("/docs/openapi.json").get_json()
     for answer in (first, again, reused, unkeyed):
@@ -544,21 +599,21 @@ def test_a_key_the_release_before_kept_is_replayed_from_its_jsonb(
     client = {"orders": orders_http, "payments": payments_http}[service]
     app = {"orders": orders_flask_app, "payments": payments_flask_app}[service]
     body, status, _ = KEYED_OPERATIONS[service, method, path]
-    assert payments_http.post("/accounts", headers=_as(user_id)).status_code == 201
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
     key = str(uuid.uuid4())
-    keyed = _as(user_id, **{"Idempotency-Key": key})
-    first = asked(client, method, path, body, headers=keyed)
+    keyed = {"Idempotency-Key": key}
+    first = asked(client, method, path, body, signed_as=user_id, headers=keyed)
     with app.app_context():
         db.session.execute(text("UPDATE idempotency_keys SET response_text = NULL"
                                 " WHERE key = :key"), {"key": key})
         db.session.commit()
-    again = asked(client, method, path, body, headers=keyed)
+    again = asked(client, method, path, body, signed_as=user_id, headers=keyed)
     assert (again.status_code, again.get_json()) == (status, first.get_json())
     assert again.headers.get(REPLAYED_HEADER) == REPLAYED
     if service == "orders":
-        assert len(orders_http.get("/orders", headers=_as(user_id)).get_json()["items"]) == 1
+        assert len(orders_http.get("/orders", signed_as=user_id).get_json()["items"]) == 1
     else:
-        balance = payments_http.get("/accounts/balance", headers=_as(user_id)).get_json()
+        balance = payments_http.get("/accounts/balance", signed_as=user_id).get_json()
         assert balance["balance"] == "25.00"
 
 
@@ -573,7 +628,7 @@ def test_a_replay_no_transport_answered_is_not_taken_for_the_next_requests(order
         for _ in range(2):  # (the second a replay)
             endpoints.place_order(user_id, args, idempotency_key="in-the-context")
         fresh = orders_flask_app.test_client().post(
-            "/orders", json={"amount": "4.00"}, headers=_as(user_id))
+            "/orders", json={"amount": "4.00"}, signed_as=user_id)
     assert fresh.status_code == 202 and REPLAYED_HEADER not in fresh.headers
 
 
@@ -600,17 +655,19 @@ def test_a_replay_refreshes_the_cached_reads_the_first_request_changed(
         "payments": (payments_http, ("/accounts/deposit", {"amount": "5"}), "/accounts/balance",
                      lambda body: body["balance"] == "5.00"),
     }[service]
-    payments_http.post("/accounts", headers=_as(user_id))
-    assert client.get(read, headers=_as(user_id)).status_code == 200  # cached now
-    headers = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
+    payments_http.post("/accounts", signed_as=user_id)
+    assert client.get(read, signed_as=user_id).status_code == 200  # cached now
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
     with monkeypatch.context() as lost:
         lost.setattr(VersionedCache, "invalidate", lambda self, *namespaces: None)
-        assert client.post(post[0], json=post[1], headers=headers).status_code in (200, 202)
-    assert not fresh(client.get(read, headers=_as(user_id)).get_json())  # (the loss, as it was)
+        assert client.post(post[0], json=post[1], signed_as=user_id,
+                           headers=headers).status_code in (200, 202)
+    assert not fresh(client.get(read, signed_as=user_id).get_json())  # (the loss, as it was)
 
-    assert client.post(post[0], json=post[1], headers=headers).status_code in (200, 202)
+    assert client.post(post[0], json=post[1], signed_as=user_id,
+                       headers=headers).status_code in (200, 202)
 
-    assert fresh(client.get(read, headers=_as(user_id)).get_json())
+    assert fresh(client.get(read, signed_as=user_id).get_json())
 
 
 def test_health_reports_each_dependency(orders_http, payments_http):
@@ -727,10 +784,10 @@ def _refused_in_every_way_every_operation_can_be(client, method: str, path: str,
     answers = [asked(client, method, path, body, headers={}),
                asked(client, method, path, body, headers={"X-User-ID": "a b"}),
                asked(client, method, path, body, headers={"X-User-ID": user_id}),  # unsigned
-               with_a_body_in_chunks(client, method, path, _as(user_id)),
-               asked(client, method, f"{path}?unknown=1", body, headers=_as(user_id))]
+               with_a_body_in_chunks(client, method, path, signed_as=user_id),
+               asked(client, method, f"{path}?unknown=1", body, signed_as=user_id)]
     if method == "post":
-        answers.append(asked(client, method, path, headers=_as(user_id), data="{",
+        answers.append(asked(client, method, path, signed_as=user_id, data="{",
                               content_type="application/json"))
     return answers
 
@@ -755,7 +812,7 @@ def test_every_error_a_service_operation_answers_is_documented_for_it_and_none_o
         answers[service, method, path] += [
             *_refused_in_every_way_every_operation_can_be(client, method, path, body),
             asked(without_database[service].test_client(), method, path, body,
-                   headers=_as(f"user-{uuid.uuid4().hex[:12]}"))]
+                   signed_as=f"user-{uuid.uuid4().hex[:12]}")]
     for service in ("orders", "payments"):
         busy = {"orders": orders_app, "payments": payments_app}[service].create_app(
             settings=settings)
@@ -764,48 +821,49 @@ def test_every_error_a_service_operation_answers_is_documented_for_it_and_none_o
                 if owner == service:
                     answers[owner, method, path].append(asked(
                         busy.test_client(), method, path, body,
-                        headers=_as(f"user-{uuid.uuid4().hex[:12]}")))
+                        signed_as=f"user-{uuid.uuid4().hex[:12]}"))
     # What each operation refuses of its own.
     orders, payments = apps["orders"].test_client(), apps["payments"].test_client()
     user_id = f"user-{uuid.uuid4().hex[:12]}"
-    keyed = _as(user_id, **{"Idempotency-Key": str(uuid.uuid4())})
-    orders.post("/orders", json={"amount": "1.00"}, headers=keyed)
+    keyed = {"Idempotency-Key": str(uuid.uuid4())}
+    orders.post("/orders", json={"amount": "1.00"}, signed_as=user_id, headers=keyed)
     answers["orders", "post", "/orders"] += [
-        orders.post("/orders", json={"amount": "2.00"}, headers=keyed),
+        orders.post("/orders", json={"amount": "2.00"}, signed_as=user_id, headers=keyed),
         orders.post("/orders", json={"amount": "1.00"},
-                    headers=_as(user_id, **{"Idempotency-Key": ""}))]
+                    signed_as=user_id, headers={"Idempotency-Key": ""})]
     answers["orders", "get", "/orders"].append(
-        orders.get("/orders?cursor=abc", headers=_as(user_id)))
+        orders.get("/orders?cursor=abc", signed_as=user_id))
     answers["orders", "get", "/orders/{order_id}"].append(
-        orders.get(f"/orders/{uuid.uuid4()}", headers=_as(user_id)))
+        orders.get(f"/orders/{uuid.uuid4()}", signed_as=user_id))
     answers["payments", "get", "/accounts/balance"].append(
-        payments.get("/accounts/balance", headers=_as(user_id)))
+        payments.get("/accounts/balance", signed_as=user_id))
     answers["payments", "post", "/accounts/deposit"].append(
-        payments.post("/accounts/deposit", json={"amount": "1.00"}, headers=_as(user_id)))
-    payments.post("/accounts", headers=_as(user_id))
-    payments.post("/accounts/deposit", json={"amount": "1.00"}, headers=keyed)
+        payments.post("/accounts/deposit", json={"amount": "1.00"}, signed_as=user_id))
+    payments.post("/accounts", signed_as=user_id)
+    payments.post("/accounts/deposit", json={"amount": "1.00"}, signed_as=user_id, headers=keyed)
     answers["payments", "post", "/accounts"].append(
-        payments.post("/accounts", headers=_as(user_id)))
+        payments.post("/accounts", signed_as=user_id))
     answers["payments", "post", "/accounts/deposit"] += [
-        payments.post("/accounts/deposit", json={"amount": "2.00"}, headers=keyed),
+        payments.post("/accounts/deposit", json={"amount": "2.00"}, signed_as=user_id,
+                      headers=keyed),
         payments.post("/accounts/deposit", json={"amount": "1.00"},
-                      headers=_as(user_id, **{"Idempotency-Key": ""}))]
+                      signed_as=user_id, headers={"Idempotency-Key": ""})]
     with apps["payments"].app_context():
         db.session.get(Account, user_id).balance = MAX_BALANCE
         db.session.commit()
     answers["payments", "post", "/accounts/deposit"].append(
-        payments.post("/accounts/deposit", json={"amount": "1.00"}, headers=_as(user_id)))
+        payments.post("/accounts/deposit", json={"amount": "1.00"}, signed_as=user_id))
     # The caller gone by the time the work would commit.
-    gone, opened = _as(user_id, **{DEADLINE_HEADER: "0"}), f"user-{uuid.uuid4().hex[:12]}"
-    payments.post("/accounts", headers=_as(opened))
+    gone, opened = {DEADLINE_HEADER: "0"}, f"user-{uuid.uuid4().hex[:12]}"
+    payments.post("/accounts", signed_as=opened)
     answers["orders", "post", "/orders"].append(
-        orders.post("/orders", json={"amount": "1.00"}, headers=gone))
+        orders.post("/orders", json={"amount": "1.00"}, signed_as=user_id, headers=gone))
     answers["payments", "post", "/accounts"].append(
-        payments.post("/accounts", headers=_as(f"user-{uuid.uuid4().hex[:12]}",
-                                               **{DEADLINE_HEADER: "0"})))
+        payments.post("/accounts", signed_as=f"user-{uuid.uuid4().hex[:12]}",
+                      headers={DEADLINE_HEADER: "0"}))
     answers["payments", "post", "/accounts/deposit"].append(
         payments.post("/accounts/deposit", json={"amount": "1.00"},
-                      headers=_as(opened, **{DEADLINE_HEADER: "0"})))
+                      signed_as=opened, headers={DEADLINE_HEADER: "0"}))
 
     for (service, method, path), given in answers.items():
         seen = {assert_documented(specs[service], method, path, answer) for answer in given}
@@ -825,8 +883,8 @@ def test_a_service_commits_nothing_once_the_moment_its_caller_gave_has_passed(
     given = (seconds_from_now if isinstance(seconds_from_now, str)
              else deadline_headers(seconds_from_now)[DEADLINE_HEADER])
     answer = orders_http.post("/orders", json={"amount": "1.00"},
-                              headers=_as(user_id, **{DEADLINE_HEADER: given}))
-    listed = orders_http.get("/orders", headers=_as(user_id)).get_json()["items"]
+                              signed_as=user_id, headers={DEADLINE_HEADER: given})
+    listed = orders_http.get("/orders", signed_as=user_id).get_json()["items"]
     if placed:
         assert answer.status_code == 202 and len(listed) == 1
     else:
@@ -873,7 +931,7 @@ def test_what_swagger_ui_fills_in_on_try_it_out_is_carried_out(orders_http, paym
                                   ("orders", "/orders", 202)):
         spec = clients[service].get("/docs/openapi.json").get_json()
         headers, body = _as_swagger_ui_fills_it_in(spec, "post", path)
-        answer = clients[service].post(path, json=body, headers=_as(user_id, **headers))
+        answer = clients[service].post(path, json=body, signed_as=user_id, headers=headers)
         assert answer.status_code == status, (path, headers, body, answer.get_json())
 
 
@@ -889,7 +947,7 @@ def test_with_its_database_unreachable_a_service_answers_503_not_500(settings, u
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
     shop = orders_app.create_app(settings=dataclasses.replace(settings,
                                                               orders_database_url=unreachable))
-    response = shop.test_client().post("/orders", json={"amount": "1.00"}, headers=_as(user_id))
+    response = shop.test_client().post("/orders", json={"amount": "1.00"}, signed_as=user_id)
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "1"
     assert response.get_json()["error"]["code"] == "DATABASE_UNAVAILABLE"
@@ -913,7 +971,7 @@ def _drop_pooled_connection(app) -> None:
 
 def _placed(orders_http, user_id, amount: str) -> int:
     """The status POST /orders answers with."""
-    return orders_http.post("/orders", json={"amount": amount}, headers=_as(user_id)).status_code
+    return orders_http.post("/orders", json={"amount": amount}, signed_as=user_id).status_code
 
 
 def test_after_the_database_drops_an_idle_connection_the_next_request_still_succeeds(
@@ -952,7 +1010,7 @@ def test_a_connection_that_breaks_in_use_is_a_503_and_is_not_used_again(
     _one_pooled_connection(orders_flask_app)
     assert _placed(orders_http, user_id, "1.00") == 202
     _drop_pooled_connection(orders_flask_app)
-    failed = orders_http.post("/orders", json={"amount": "2.00"}, headers=_as(user_id))
+    failed = orders_http.post("/orders", json={"amount": "2.00"}, signed_as=user_id)
     assert _assert_error(failed, 503)["code"] == "DATABASE_UNAVAILABLE"
     assert failed.headers["Retry-After"] == "1"
     assert _placed(orders_http, user_id, "3.00") == 202

@@ -80,7 +80,7 @@ def test_every_app_answers_health_as_its_document_says(apps, settings):
         assert document["paths"][path][method]["security"] == [], service  # public
         healthy = app.test_client().get(path)
         degraded = _reaching_nothing(service, settings).test_client().get(path)
-        too_large = with_a_body_in_chunks(app.test_client(), method, path, {})
+        too_large = with_a_body_in_chunks(app.test_client(), method, path)
         assert (healthy.status_code, degraded.status_code) == (200, 503), service
         assert set(degraded.get_json()["checks"].values()) == {"unreachable"}, service
         seen = {assert_answered_as_documented(document, method, path, answer)

@@ -2,19 +2,100 @@
 
 from __future__ import annotations
 
-import pytest
+import hashlib
+import hmac
+import time
 
-from shared.internal_auth import InvalidIdentity, identity_headers, verified_user_id
+import pytest
+import requests
+
+from shared.internal_auth import (MAX_AGE_SECONDS, MAX_AHEAD_SECONDS, InvalidIdentity, SignedAs,
+                                  SignatureVersionMismatch, grpc_identity_metadata,
+                                  identity_headers, verified_user_id)
 
 SECRET = "a secret only the gateway and the services know"
+DEPOSIT = ("POST", "/accounts/deposit", b'{"amount": "10.00"}')
 
 
-def test_the_gateways_signature_vouches_for_its_user():
-    assert verified_user_id(identity_headers("usr_1", SECRET), SECRET) == "usr_1"
+def test_the_gateways_signature_vouches_for_its_user_on_the_request_it_signed():
+    assert verified_user_id(identity_headers("usr_1", SECRET, *DEPOSIT), SECRET,
+                            *DEPOSIT) == "usr_1"
 
 
-@pytest.mark.parametrize("timestamp", ["soon", "9" * 400])  # the second overflowed a float: a 500
+@pytest.mark.parametrize("sent", [
+    ("GET", "/accounts/deposit", DEPOSIT[2]),  # another method
+    ("POST", "/accounts", DEPOSIT[2]),  # another path
+    ("POST", "/accounts/deposit?x=1", DEPOSIT[2]),  # another query
+    ("POST", "/accounts/deposit", b'{"amount": "99999.00"}'),  # another body
+    ("POST", "/accounts/deposit", b""),  # no body
+])
+def test_a_signature_for_one_request_vouches_for_no_other(sent):
+    with pytest.raises(InvalidIdentity, match="not the gateway's for this request"):
+        verified_user_id(identity_headers("usr_1", SECRET, *DEPOSIT), SECRET, *sent)
+
+
+def test_a_grpc_calls_signature_is_for_its_method_and_message_alone():
+    method, message = "/hseshop.payments.v1.Payments/Deposit", b"\x0a\x0510.00"
+    metadata = dict(grpc_identity_metadata("usr_1", SECRET, method, message))
+    assert verified_user_id(metadata, SECRET, "GRPC", method, message) == "usr_1"
+    for sent in (("GRPC", "/hseshop.payments.v1.Payments/GetBalance", message),
+                 ("GRPC", method, b"\x0a\x0599.00"),
+                 ("POST", method, message)):  # (no HTTP request's either)
+        with pytest.raises(InvalidIdentity):
+            verified_user_id(metadata, SECRET, *sent)
+
+
+@pytest.mark.parametrize("timestamp", ["soon", "9" * 400, "-5", " 12", "1_700_000_000", "١٢"])
 def test_a_timestamp_that_is_no_time_is_refused(timestamp):
-    headers = {**identity_headers("usr_1", SECRET), "X-Gateway-Timestamp": timestamp}
+    headers = {**identity_headers("usr_1", SECRET, *DEPOSIT), "X-Gateway-Timestamp": timestamp}
     with pytest.raises(InvalidIdentity, match="not a number"):
-        verified_user_id(headers, SECRET)
+        verified_user_id(headers, SECRET, *DEPOSIT)
+
+
+def test_a_signature_is_taken_a_minute_after_its_time_and_a_few_seconds_before_it():
+    now = time.time()
+    for signed_at in (now - MAX_AGE_SECONDS + 1, now + MAX_AHEAD_SECONDS - 1):
+        headers = identity_headers("usr_1", SECRET, *DEPOSIT, now=signed_at)
+        assert verified_user_id(headers, SECRET, *DEPOSIT, now=now) == "usr_1"
+    with pytest.raises(InvalidIdentity, match="expired"):
+        verified_user_id(identity_headers("usr_1", SECRET, *DEPOSIT, now=now - MAX_AGE_SECONDS - 2),
+                         SECRET, *DEPOSIT, now=now)
+
+
+@pytest.mark.parametrize("ahead", [MAX_AHEAD_SECONDS + 2, 30, 59])
+def test_a_signature_dated_more_than_a_few_seconds_ahead_is_refused(ahead):
+    now = time.time()
+    headers = identity_headers("usr_1", SECRET, *DEPOSIT, now=now + ahead)
+    with pytest.raises(InvalidIdentity, match="dated in the future"):
+        verified_user_id(headers, SECRET, *DEPOSIT, now=now)
+
+
+def test_the_signature_of_a_gateway_of_the_release_before_is_refused_as_of_another_version():
+    """Over "<user_id>|<timestamp>" alone, unprefixed: gateway and service deployed apart."""
+    timestamp = str(int(time.time()))
+    old = hmac.new(SECRET.encode(), f"usr_1|{timestamp}".encode(), hashlib.sha256).hexdigest()
+    headers = {"X-User-ID": "usr_1", "X-Gateway-Timestamp": timestamp, "X-Gateway-Signature": old}
+    with pytest.raises(SignatureVersionMismatch, match="different releases") as refused:
+        verified_user_id(headers, SECRET, *DEPOSIT)
+    assert refused.value.code == "SIGNATURE_VERSION_MISMATCH"
+
+
+def test_a_body_is_read_only_for_headers_that_pass_every_other_check():
+    def unread():
+        raise AssertionError("the body was read")
+
+    with pytest.raises(InvalidIdentity, match="expired"):
+        verified_user_id(identity_headers("usr_1", SECRET, *DEPOSIT, now=0), SECRET, "POST",
+                         "/accounts/deposit", unread)
+    method, target, body = DEPOSIT
+    assert verified_user_id(identity_headers("usr_1", SECRET, *DEPOSIT), SECRET, method, target,
+                            lambda: body) == "usr_1"
+
+
+def test_requests_signed_as_a_user_are_signed_for_what_requests_sends():
+    prepared = requests.Request(
+        "POST", "http://payments:8002/accounts/deposit", params={"note": "a b/ü"},
+        json={"amount": "10.00"}, auth=SignedAs("usr_1", SECRET)).prepare()
+    assert prepared.path_url == "/accounts/deposit?note=a+b%2F%C3%BC"
+    assert verified_user_id(prepared.headers, SECRET, "POST", prepared.path_url,
+                            prepared.body) == "usr_1"

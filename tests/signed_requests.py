@@ -1,0 +1,51 @@
+"""Calling a service directly as the gateway does, which signs each request it sends for its
+method, path and query, and body (shared.internal_auth): Flask's test client given `signed_as`,
+and gRPC call metadata for one call's method and message."""
+
+from __future__ import annotations
+
+import io
+
+from flask import Flask
+from flask.testing import FlaskClient
+
+from shared.internal_auth import grpc_identity_metadata, identity_headers
+from tests.environment import TEST_SECRETS
+
+
+class GatewaySignedClient(FlaskClient):
+    """A Flask test client whose requests can be sent as the gateway sends them for a user:
+    `client.post("/orders", json=body, signed_as=user_id)`, signed once built (its method,
+    RAW_URI and body as the app will read them) with the app's own INTERNAL_AUTH_SECRET, or with
+    `signed_with`. An identity header the request is given itself is sent instead of the one
+    signed (a test's tampering with it)."""
+
+    def open(self, *args, signed_as: str | None = None, signed_with: str | None = None,
+             buffered: bool = False, follow_redirects: bool = False, **kwargs):
+        if signed_as is None:
+            return super().open(*args, buffered=buffered, follow_redirects=follow_redirects,
+                                **kwargs)
+        request = self._request_from_builder_args(args, kwargs)
+        environ = request.environ
+        body = environ["wsgi.input"].read()
+        environ["wsgi.input"] = io.BytesIO(body)  # (read again by the app)
+        secret = signed_with or self.application.extensions["hseshop.settings"].internal_auth_secret
+        signed = identity_headers(signed_as, secret, environ["REQUEST_METHOD"],
+                                  environ["RAW_URI"], body)
+        for name, value in signed.items():
+            environ.setdefault(f"HTTP_{name.upper().replace('-', '_')}", value)
+        return super().open(request, buffered=buffered, follow_redirects=follow_redirects)
+
+
+def use_gateway_signed_clients() -> None:
+    """Every Flask app's test_client() a GatewaySignedClient (one without `signed_as` sends what
+    it always did): the tests build the services' apps in many places."""
+    Flask.test_client_class = GatewaySignedClient
+
+
+def grpc_signed(user_id: str, full_method: str, request,
+                secret: str = TEST_SECRETS["INTERNAL_AUTH_SECRET"]) -> tuple[tuple[str, str], ...]:
+    """The metadata the gateway sends with a call of `full_method` (its "/package.Service/Method")
+    for `user_id`: `request` a message, or the bytes sent as they are."""
+    raw = request if isinstance(request, bytes) else request.SerializeToString()
+    return tuple(grpc_identity_metadata(user_id, secret, full_method, raw))
