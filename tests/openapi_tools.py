@@ -130,13 +130,14 @@ def asked(client, method: str, path: str, body=None, headers=None, **kwargs):
                        headers=headers or {}, **kwargs)
 
 
-def with_a_body_in_chunks(client, method: str, path: str, **kwargs):
+def with_a_body_in_chunks(client, method: str, path: str, headers: dict | None = None,
+                          **kwargs):
     """The operation `method path` asked with a JSON body over the size limit sent in chunks: no
     Content-Length, its stream ending where the body does (as gunicorn hands such a body over).
-    `kwargs` go to the client (signed_as=)."""
+    `kwargs` go to the client (a service's: signed_as=)."""
     body = b'{"description": "' + b"x" * MAX_REQUEST_BYTES + b'"}'
     return client.open(path.format(order_id=uuid.uuid4()), method=method.upper(),
                        input_stream=io.BytesIO(body),
                        environ_overrides={"wsgi.input_terminated": True},
-                       headers={"Content-Type": "application/json",
+                       headers={**(headers or {}), "Content-Type": "application/json",
                                 "Transfer-Encoding": "chunked"}, **kwargs)

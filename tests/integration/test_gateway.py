@@ -50,8 +50,10 @@ from shared.contracts import ORDER_STATUS_CHANGED, PAYLOAD_SCHEMAS, declared_fie
 from shared.db import db, driver_dsn, transaction
 from shared.idempotency import REPLAYED_HEADER
 from shared.inbox.handling import ReceivedEvent, StoredMessage
+from shared.internal_auth import InvalidIdentity, verified_user_id
 from shared.jsonio import dumps_exact
 from shared.money import MAX_BALANCE
+from tests.environment import TEST_SECRETS
 from tests.network_tools import (HoldingProxy, NeverReadingServer, SilencingProxy,
                                  WebSocketClient)
 from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_answered_as_documented,
@@ -566,7 +568,8 @@ class _DroppingHandler(http.server.BaseHTTPRequestHandler):
     kept-alive connection past its keep-alive as a request comes on it, never seeing the request:
     it reads them whole, sends that and closes their connection (or closes it at once, the body
     unread, for _CLOSED_UNREAD). Notes each request received, and each answered: its method,
-    client port (its connection) and Idempotency-Key."""
+    client port (its connection) and Idempotency-Key. Answers 401, as a service does, a request
+    the gateway's signature is not for (a request sent again must be signed for as sent)."""
 
     protocol_version = "HTTP/1.1"
     timeout = 10  # the thread of a connection left idle ends
@@ -593,11 +596,16 @@ class _DroppingHandler(http.server.BaseHTTPRequestHandler):
         if sent is _CLOSED_UNREAD:
             self.close_connection = True
             return
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if sent is not None:
             self.wfile.write(sent)
             self.close_connection = True
             return
+        try:
+            verified_user_id(self.headers, TEST_SECRETS["INTERNAL_AUTH_SECRET"], self.command,
+                             self.path, body)
+        except InvalidIdentity:
+            status = 401
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(self.BODY)))

@@ -761,7 +761,8 @@ def test_each_service_operation_documents_its_error_statuses_in_the_error_shape(
             assert codes_named(response), (method, path, status)  # the codes it carries
         assert set(documented[503]["headers"]) == {"Retry-After", "X-Request-ID"}, (method, path)
         assert codes_named(documented[401]) == {"MISSING_USER_ID", "INVALID_USER_ID",
-                                                "UNTRUSTED_IDENTITY"}, (method, path)
+                                                "UNTRUSTED_IDENTITY",
+                                                "SIGNATURE_VERSION_MISMATCH"}, (method, path)
 
 
 def test_errors_declared_above_a_routes_decorator_are_refused_not_left_out():
@@ -784,6 +785,9 @@ def _refused_in_every_way_every_operation_can_be(client, method: str, path: str,
     answers = [asked(client, method, path, body, headers={}),
                asked(client, method, path, body, headers={"X-User-ID": "a b"}),
                asked(client, method, path, body, headers={"X-User-ID": user_id}),  # unsigned
+               # signed as a gateway of the release before signed (SIGNATURE_VERSION_MISMATCH)
+               asked(client, method, path, body, signed_as=user_id,
+                     headers={"X-Gateway-Signature": "0" * 64}),
                with_a_body_in_chunks(client, method, path, signed_as=user_id),
                asked(client, method, f"{path}?unknown=1", body, signed_as=user_id)]
     if method == "post":
