@@ -126,7 +126,9 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
             "components": {"securitySchemes": {"UserId": {
                 "type": "apiKey", "in": "header", "name": "X-User-ID",
                 "description": "Set by the gateway, with X-Gateway-Timestamp and "
-                               "X-Gateway-Signature; the service refuses it otherwise."}}},
+                               "X-Gateway-Signature, signed for the request it comes with (its "
+                               "method, path and query, and body); the service refuses it "
+                               "otherwise."}}},
             "security": [{"UserId": []}]},
     )
     app.config.update(config or {})
