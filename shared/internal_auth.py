@@ -93,15 +93,17 @@ class SignedAs:
     """A requests `auth` that signs each request as the gateway does, as it is sent (each try of
     one sent again signed afresh): `session.get(url, auth=SignedAs(user_id, secret))`. Its target
     is the prepared request's path and query, which requests sends as they are (already quoted),
-    and its body what requests sends: bytes, or none."""
+    and its body what requests sends: bytes, or a str as http.client encodes it (ISO-8859-1)."""
 
     def __init__(self, user_id: str, secret: str):
         self.user_id, self.secret = user_id, secret
 
     def __call__(self, prepared):
         body = prepared.body or b""
-        if not isinstance(body, bytes):  # (a str, sent encoded; a file or a generator, streamed)
-            raise TypeError("a signed request's body is given as bytes")
+        if isinstance(body, str):
+            body = body.encode("iso-8859-1")
+        if not isinstance(body, bytes):  # (a file or a generator, streamed: not read here)
+            raise TypeError("a signed request's body is given as bytes or a str")
         prepared.headers.update(identity_headers(self.user_id, self.secret, prepared.method,
                                                  prepared.path_url, body))
         return prepared

@@ -99,3 +99,10 @@ def test_requests_signed_as_a_user_are_signed_for_what_requests_sends():
     assert prepared.path_url == "/accounts/deposit?note=a+b%2F%C3%BC"
     assert verified_user_id(prepared.headers, SECRET, "POST", prepared.path_url,
                             prepared.body) == "usr_1"
+
+
+def test_a_body_given_as_a_str_is_signed_as_http_client_sends_it():
+    prepared = requests.Request("POST", "http://orders:8001/orders", data="{é",
+                                auth=SignedAs("usr_1", SECRET)).prepare()
+    assert verified_user_id(prepared.headers, SECRET, "POST", "/orders",
+                            "{é".encode("iso-8859-1")) == "usr_1"
