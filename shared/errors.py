@@ -12,6 +12,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 from shared.db import CallerGaveUp, cancelled_by_a_limit
+from shared.internal_auth import MAX_AGE_SECONDS, MAX_AHEAD_SECONDS
 
 
 class ApiError(Exception):
@@ -80,7 +81,8 @@ class BadGateway(ApiError):
         logging.getLogger(__name__).error(
             "the %s service refused the gateway's signed identity (%s): are the two of one "
             "release (deployed together), do they share INTERNAL_AUTH_SECRET, and is the "
-            "gateway's clock neither a minute behind the service's nor 5 s ahead?", service, why)
+            "gateway's clock neither %d s behind the service's nor %d s ahead?", service, why,
+            MAX_AGE_SECONDS, MAX_AHEAD_SECONDS)
         return cls.of(service)
 
 
