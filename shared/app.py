@@ -145,7 +145,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
         app.before_request_funcs.setdefault(blueprint.name, []).append(authenticate)
     app.register_blueprint(health_blueprint)
     document_health(api, next(app.url_map.iter_rules(endpoint="health.health")), service)
-    serve_swagger_ui_files(app, read_now=serves_requests)
+    serve_swagger_ui_files(app)
     register_error_handlers(app)
     configure_logging()
     if warns_of_published_secrets:
