@@ -23,7 +23,6 @@ import gateway_app
 import orders_app
 import payments_app
 from devstack.infra import free_port
-from shared.internal_auth import identity_headers
 from shared.request_context import REQUEST_ID_HEADER
 from shared.swagger_ui import PAGE_FILES
 from tests.openapi_tools import (HEALTH, assert_answered_as_documented, assert_documented,
@@ -303,13 +302,14 @@ BODIES = {"PlaceOrder": lambda: {"amount": "1.00"}, "Deposit": lambda: {"amount"
 UNPAIRED, PAIRED = "\ud800", "\ud83d\ude00"  # (a high surrogate alone; U+1F600 as JSON pairs it)
 
 
-def _signed_in_as_each_app_takes_it(service: str, app, settings) -> dict:
-    """Headers of a signed-in user's request to `service`'s app: the gateway's bearer token, the
-    identity the gateway signs for a service."""
+def _signed_in_as_each_app_takes_it(service: str, app) -> dict:
+    """The test client's arguments for a signed-in user's request to `service`'s app: the
+    gateway's bearer token, or the identity the gateway signs for a service's (signed for each
+    request: tests/signed_requests.py)."""
     if service != "gateway":
-        return identity_headers(f"user-{uuid.uuid4().hex[:10]}", settings.internal_auth_secret)
+        return {"signed_as": f"user-{uuid.uuid4().hex[:10]}"}
     signed_up = app.test_client().post("/api/auth/register", json=BODIES["Credentials"]())
-    return {"Authorization": f"Bearer {signed_up.get_json()['access_token']}"}
+    return {"headers": {"Authorization": f"Bearer {signed_up.get_json()['access_token']}"}}
 
 
 def test_text_whose_schema_lets_an_unpaired_surrogate_through_says_it_is_refused_and_is(
@@ -323,7 +323,7 @@ def test_text_whose_schema_lets_an_unpaired_surrogate_through_says_it_is_refused
     for service, app in apps.items():
         document = _served_document(app)
         components = document["components"]
-        headers = _signed_in_as_each_app_takes_it(service, app, settings)
+        signed_in = _signed_in_as_each_app_takes_it(service, app)
         for method, path in sorted(operations(document)):
             operation = document["paths"][path][method]
             if "requestBody" not in operation:
@@ -342,7 +342,7 @@ def test_text_whose_schema_lets_an_unpaired_surrogate_through_says_it_is_refused
                     body = json.dumps({**BODIES[name](), field: written})  # (\\u escapes)
                     answer = app.test_client().open(path, method=method.upper(), data=body,
                                                     content_type="application/json",
-                                                    headers=headers)
+                                                    **signed_in)
                     error = (answer.get_json() or {}).get("error", {})
                     assert (answer.status_code == 422 and error["code"] == "VALIDATION_ERROR"
                             and field in error["details"]["json"]) is refused, (
