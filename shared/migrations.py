@@ -70,8 +70,9 @@ _INSUFFICIENT_PRIVILEGE = "42501"
 _PASSWORD_REFUSED = "password authentication failed"
 _PASSWORD_SET_BY_THE_SCRIPT = (
     ": the role's password is the one deploy/postgres-init/01-service-databases.sh sets from"
-    " {variable}_DB_PASSWORD (deploy/service-roles.env; the compose service postgres-roles runs it"
-    " at every `docker compose up`), and {variable}_DATABASE_URL must hold the same")
+    " {variable}_DB_PASSWORD (deploy/service-roles.env, or deploy/postgres.env where the release"
+    " before kept it, which then wins; the compose service postgres-roles runs it at every"
+    " `docker compose up`), and {variable}_DATABASE_URL must hold the same")
 # The oldest PostgreSQL the shop runs on (as server_version_num): the relay leader's connection
 # sets `idle_session_timeout` (shared/relay_leader.py), which came with 14. On 12 or 13 no relay
 # could ever lead while everything else looked healthy, so `upgrade` refuses such a server.

@@ -7,7 +7,7 @@
 # docker-compose.yml's one-shot `postgres-roles` runs it at every `docker compose up`, once the
 # `postgres` service is healthy and before any service's migration, with the superuser of
 # deploy/postgres.env and the roles of deploy/service-roles.env (the postgres server gets the
-# first alone): on a new data volume, on one it has run on before (it is idempotent), and on one
+# first alone; a role's variable the release before left in deploy/postgres.env wins): on a new data volume, on one it has run on before (it is idempotent), and on one
 # an earlier release made. To run it alone: `docker compose run --rm postgres-roles`.
 # It makes what is missing (a role with no power but to log in), sets each role's password to the
 # one given (so a new one replaces the old), and hands a database made before the roles (by an

@@ -371,8 +371,9 @@ def test_a_migration_whose_password_is_refused_names_the_script_that_sets_it(
     assert f'password authentication failed for user "{databases["orders"].role}"' in line
     assert line.endswith(
         ": the role's password is the one deploy/postgres-init/01-service-databases.sh sets from"
-        " ORDERS_DB_PASSWORD (deploy/service-roles.env; the compose service postgres-roles runs it"
-        " at every `docker compose up`), and ORDERS_DATABASE_URL must hold the same")
+        " ORDERS_DB_PASSWORD (deploy/service-roles.env, or deploy/postgres.env where the release"
+        " before kept it, which then wins; the compose service postgres-roles runs it at every"
+        " `docker compose up`), and ORDERS_DATABASE_URL must hold the same")
     migrated = _migrate_as(databases.as_role("orders", "orders"), "orders")  # (with its own)
     assert migrated.returncode == 0, migrated.stderr
 

@@ -275,6 +275,25 @@ def test_the_postgres_server_gets_its_superuser_and_no_services_role_or_password
         assert roles[name] not in server.values(), name
 
 
+def test_role_passwords_the_release_before_kept_in_postgres_env_are_the_ones_the_roles_get(
+        tmp_path):
+    """The release before kept each service's <SERVICE>_DB_* in deploy/postgres.env. Upgraded with
+    them still there, the roles job gets those, not deploy/service-roles.env's published ones: the
+    script would set each role's password to one published with the code (and every `*-migrate`,
+    its URL holding the real one, be refused). Read as Compose v2 resolves the env files."""
+    shutil.copy(COMPOSE_FILE, tmp_path)
+    shutil.copytree(COMPOSE_FILE.parent / "deploy", tmp_path / "deploy")
+    kept = {f"{service_name.upper()}_DB_PASSWORD": f"{service_name}-real-password"
+            for service_name in SERVICES}
+    postgres_env = tmp_path / "deploy" / "postgres.env"
+    postgres_env.write_text(postgres_env.read_text() + "".join(
+        f"{name}={password}\n" for name, password in kept.items()))
+    roles = resolved_environment(roles_job(), tmp_path / COMPOSE_FILE.name)
+    assert {name: roles[name] for name in kept} == kept
+    shipped = read_env_file(COMPOSE_FILE.parent / "deploy" / "service-roles.env")
+    assert all(shipped[name].startswith("dev-only-") for name in kept)  # (what it would get)
+
+
 def test_every_up_makes_each_services_role_and_database_before_any_migration():
     """Not only on an empty volume, as the postgres image's init scripts run: on one an earlier
     release made, without the roles, every `*-migrate` was refused ("password authentication
@@ -284,7 +303,7 @@ def test_every_up_makes_each_services_role_and_database_before_any_migration():
     job = ALL_SERVICES[name]
     postgres = ALL_SERVICES["postgres"]
     assert job["image"] == postgres["image"]
-    assert job["env_file"] == [postgres["env_file"], "deploy/service-roles.env"]
+    assert job["env_file"] == ["deploy/service-roles.env", postgres["env_file"]]
     assert postgres["env_file"] == "deploy/postgres.env"
     assert job["environment"]["PGHOST"] == "postgres"
     assert job["restart"] == "no"
