@@ -13,12 +13,12 @@ import time
 import uuid
 
 from flask import current_app, g, jsonify, request
-from marshmallow import RAISE, Schema, fields, validate
-from sqlalchemy import select
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from gateway_app.models import User
-from gateway_app.passwords import hash_password, verify_password
+from gateway_app.passwords import hash_password, needs_rehash, normalised, verify_password
 from gateway_app.ratelimit import RATE_LIMITED, client_address
 from gateway_app.sign_out import (REMEMBERED, SIGNED_OUT, is_signed_out, sign_out,
                                   sign_out_everywhere)
@@ -63,13 +63,45 @@ SIGN_INS_PER_USERNAME_AND_ADDRESS = 10
 FAILED_SIGN_INS_PER_USERNAME = 50
 
 
+class PasswordLength(validate.Length):
+    """8 to 128 characters of the password's NFKC form, the one it is hashed and checked in
+    (gateway_app.passwords): counted as sent, "e\u0301" * 4 (8) signed up, hashed as "é" * 4, and
+    its user was refused signing in with "é" * 4 (4). `as_sent_too` (signing in): or 8 to 128 as
+    sent, as lengths were counted before, so that nobody who signed up then is refused now."""
+
+    def __init__(self, as_sent_too: bool = False):
+        super().__init__(min=8, max=128)
+        self.as_sent_too = as_sent_too
+
+    def __call__(self, value: str) -> str:
+        if self.as_sent_too:
+            try:
+                return super().__call__(value)
+            except ValidationError:
+                pass
+        super().__call__(normalised(value))
+        return value  # (as sent: a hash made before passwords were normalised may be of it)
+
+
+_PASSWORD_DESCRIPTION = ("8 to 128 characters (Unicode code points) in its NFKC form, which it is"
+                         " hashed and checked in: an \"é\" typed as an \"e\" and a combining"
+                         " accent counts one.")
+
+
 class CredentialsSchema(Schema):
     class Meta:
         unknown = RAISE
 
     username = UserId(required=True)
-    password = Text(required=True, stored=False, validate=validate.Length(min=8, max=128),
-                    load_only=True)
+    password = Text(required=True, stored=False, validate=PasswordLength(), load_only=True,
+                    metadata={"description": _PASSWORD_DESCRIPTION})
+
+
+class SignInCredentialsSchema(CredentialsSchema):
+    password = Text(required=True, stored=False, validate=PasswordLength(as_sent_too=True),
+                    load_only=True, metadata={"description": (
+                        f"{_PASSWORD_DESCRIPTION} A password set before passwords were"
+                        " normalised may be 8 to 128 characters as typed instead.")})
 
 
 class SessionSchema(Schema):
@@ -112,7 +144,7 @@ def register(args):
 
 @blueprint.post("/login")
 @blueprint.doc(security=[])  # (takes no token: the document's default asks for one)
-@blueprint.arguments(CredentialsSchema)
+@blueprint.arguments(SignInCredentialsSchema)
 @blueprint.response(200, SessionSchema)
 @blueprint.errors(INVALID_CREDENTIALS)
 def login(args):
@@ -136,11 +168,20 @@ def login(args):
         if wrong:
             failure.confirm()
         else:
-            # Read again, by primary key, for the generation of tokens as it is now: a sign-out
-            # everywhere committed while the password was checked would otherwise refuse the
-            # token at once.
-            user = db.session.get(User, user.id)
-            db.session.close()
+            # A hash that may be of the password as sent is replaced with one of its NFKC form
+            # (made before a connection is taken), so that it costs no second hash again.
+            rehashed = hash_password(args["password"]) if needs_rehash(stored) else None
+            with transaction() as session:
+                if rehashed is not None:  # (unless another sign-in has replaced it meanwhile)
+                    session.execute(update(User).where(User.id == user.id,
+                                                       User.password_hash == stored)
+                                    .values(password_hash=rehashed))
+                # Read again, by primary key, for the generation of tokens as it is now: a
+                # sign-out everywhere committed while the password was checked would otherwise
+                # refuse the token at once.
+                user = session.get(User, user.id)
+                if user is not None:
+                    session.expunge(user)  # (read whole: the commit does not expire it)
     if wrong or user is None:  # (None: the user's row gone meanwhile)
         raise Unauthorized("Wrong username or password.", code="INVALID_CREDENTIALS")
     return jsonify(_session_body(user))

@@ -2,9 +2,11 @@
 
 A password is hashed and checked in its Unicode NFKC form (as NIST SP 800-63B asks): "é" typed as
 one character on one device and as "e" with a combining accent on another, or a full-width "ａ"
-from an input method, are the same password. A hash made before (of the password as it was sent)
-still checks: a password whose form differs is checked as it was sent too, when its form is not
-the hash's.
+from an input method, are the same password. Such a hash is marked so (its scheme is
+`scrypt-nfkc`). One unmarked (`scrypt`) was made before that mark: of the NFKC form, or, before
+passwords were normalised, of the password as it was sent; a password whose form differs is
+checked as sent too against such a hash alone, and a sign-in it lets through replaces it with a
+marked one (needs_rehash), so that a wrong password costs that second hash only until then.
 """
 
 from __future__ import annotations
@@ -29,29 +31,47 @@ HASHES_AT_ONCE = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffin
 _hashing = threading.BoundedSemaphore(HASHES_AT_ONCE)
 
 
+# The scheme of a hash of the password's NFKC form, and of one made before that was marked (of the
+# NFKC form or of the password as sent: which, the hash does not say).
+NORMALISED_SCHEME, UNMARKED_SCHEME = "scrypt-nfkc", "scrypt"
+
+
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
-    key = _scrypt(_normalised(password).encode(), salt=salt, n=_N, r=_R, p=_P,
+    key = _scrypt(normalised(password).encode(), salt=salt, n=_N, r=_R, p=_P,
                   dklen=_KEY_LENGTH)
-    return "$".join(["scrypt", str(_N), str(_R), str(_P), _b64(salt), _b64(key)])
+    return "$".join([NORMALISED_SCHEME, str(_N), str(_R), str(_P), _b64(salt), _b64(key)])
 
 
 def verify_password(password: str, stored: str) -> bool:
-    """Whether `password` is the one `stored` was made of: in its NFKC form, or, for a hash made
-    before passwords were normalised, as sent (a second hash, for a password not in its NFKC form
-    alone: what it costs depends on what is sent, never on whether its user exists)."""
-    normalised = _normalised(password)
-    return _checks(normalised, stored) or (normalised != password and _checks(password, stored))
+    """Whether `password` is the one `stored` was made of: in its NFKC form, or, for an unmarked
+    hash (needs_rehash), as sent too (a second hash, for a password not in its NFKC form alone:
+    what it costs depends on what is sent and the user's hash, never on whether its user
+    exists: an unknown name's is a marked one, as a user's is once signed in)."""
+    form = normalised(password)
+    return _checks(form, stored) or (
+        form != password and _scheme(stored) == UNMARKED_SCHEME and _checks(password, stored))
 
 
-def _normalised(password: str) -> str:
+def needs_rehash(stored: str) -> bool:
+    """Whether a hash a password was verified against should be replaced with hash_password's:
+    an unmarked one, which may be of the password as sent."""
+    return _scheme(stored) != NORMALISED_SCHEME
+
+
+def normalised(password: str) -> str:
+    """The form a password is hashed and checked in, and its length counted (gateway_app.auth)."""
     return unicodedata.normalize("NFKC", password)
+
+
+def _scheme(stored: str) -> str:
+    return stored.partition("$")[0]
 
 
 def _checks(password: str, stored: str) -> bool:
     try:
         scheme, n, r, p, salt, key = stored.split("$")
-        if scheme != "scrypt":
+        if scheme not in (NORMALISED_SCHEME, UNMARKED_SCHEME):
             return False
         expected = base64.b64decode(key)
         actual = _scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r),

@@ -548,6 +548,14 @@
     return Number.isFinite(seconds) && seconds > 0 ? seconds * 1000 : 0;
   }
 
+  // Whether the gateway takes the password's length (gateway_app/auth.py, PasswordLength): 8 to
+  // 128 characters (code points, not UTF-16 units) of its NFKC form, the one it is hashed in, or,
+  // signing in, as typed (a password set before the gateway normalised them was counted so).
+  function passwordLengthFits(password, mode) {
+    const fits = (text) => [...text].length >= 8 && [...text].length <= 128;
+    return fits(password.normalize("NFKC")) || (mode === "login" && fits(password));
+  }
+
   async function onAuthSubmit(event) {
     event.preventDefault();
     const mode = event.submitter && event.submitter.value === "register" ? "register" : "login";
@@ -557,8 +565,7 @@
       showMessage("Username: 1 to 64 letters, digits, underscores, dots or hyphens.");
       return;
     }
-    const characters = [...password].length;  // as the gateway counts them, not UTF-16 units
-    if (characters < 8 || characters > 128) {
+    if (!passwordLengthFits(password, mode)) {
       showMessage("Password: 8 to 128 characters.");
       return;
     }

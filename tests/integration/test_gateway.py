@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import http.server
@@ -271,6 +272,66 @@ def test_a_password_signs_in_whichever_unicode_form_it_is_typed_in(gateway):
     login = gateway.post("/api/auth/login", json={"username": username,
                                                   "password": "cafe\u0301 horse"})
     assert login.status_code == 200, login.get_json()
+
+
+def test_a_passwords_length_is_counted_in_its_nfkc_form_signing_up_and_in(gateway):
+    """8 to 128 characters of the form it is hashed in: "e\u0301" * 4 is "é" * 4 (4), refused to
+    sign up as typed either way (it was taken decomposed, and its user then refused signing in
+    as they typed it composed); "\ufdfa", one character whose NFKC form is 18, is taken. (Signing
+    in takes 8 to 128 as sent too: test_a_password_set_before_normalising_signs_in_...)"""
+    for path, short in (("/api/auth/register", "e\u0301" * 4),
+                        ("/api/auth/register", "\u00e9" * 4), ("/api/auth/login", "\u00e9" * 4)):
+        refused = gateway.post(path, json={"username": f"short-{uuid.uuid4().hex[:8]}",
+                                           "password": short})
+        assert refused.status_code == 422, (path, short, refused.get_json())
+        assert "password" in refused.get_json()["error"]["details"]["json"]
+    username = f"ligature-{uuid.uuid4().hex[:8]}"
+    signed_up = gateway.post("/api/auth/register", json={"username": username,
+                                                         "password": "\ufdfa"})
+    assert signed_up.status_code == 201, signed_up.get_json()
+    assert _sign_in(gateway, username, "\ufdfa").status_code == 200
+
+
+def _hash_from_before(gateway, username: str, password: str) -> None:
+    """Give the user the hash a release before the NFKC mark made: scheme `scrypt`, of `password`
+    as given (the password as sent, before passwords were normalised)."""
+    salt = b"0123456789abcdef"
+    key = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+    stored = "$".join(["scrypt", "16384", "8", "1", base64.b64encode(salt).decode(),
+                       base64.b64encode(key).decode()])
+    with gateway.application.app_context(), transaction() as session:
+        session.execute(text("UPDATE users SET password_hash = :stored WHERE username = :name"),
+                        {"stored": stored, "name": username})
+
+
+def _password_hash_of(gateway, username: str) -> str:
+    with gateway.application.app_context(), transaction() as session:
+        return session.execute(text("SELECT password_hash FROM users WHERE username = :name"),
+                               {"name": username}).scalar_one()
+
+
+def test_a_hash_from_before_normalising_is_replaced_as_its_user_signs_in(gateway):
+    """Made of the password as sent (decomposed): signing in with it replaces the hash with one of
+    its NFKC form, marked so, after which the password signs in typed in any form, and a wrong
+    one costs one hash."""
+    username = f"before-{uuid.uuid4().hex[:8]}"
+    _sign_up(gateway, username)
+    _hash_from_before(gateway, username, "cafe\u0301 horse")
+    assert _sign_in(gateway, username, "caf\u00e9 horse").status_code == 401  # (not yet)
+    assert _sign_in(gateway, username, "cafe\u0301 horse").status_code == 200
+    assert _password_hash_of(gateway, username).startswith("scrypt-nfkc$")
+    assert _sign_in(gateway, username, "caf\u00e9 horse").status_code == 200
+
+
+def test_a_password_set_before_normalising_signs_in_though_its_nfkc_form_is_short(gateway):
+    """Set when lengths were counted as sent, "e\u0301" * 4 (8) may not be refused for its NFKC
+    form's 4: its user could never sign in again."""
+    username = f"counted-{uuid.uuid4().hex[:8]}"
+    _sign_up(gateway, username)
+    _hash_from_before(gateway, username, "e\u0301" * 4)
+    assert _sign_in(gateway, username, "e\u0301" * 4).status_code == 200
+    assert _password_hash_of(gateway, username).startswith("scrypt-nfkc$")
+    assert _sign_in(gateway, username, "e\u0301" * 4).status_code == 200
 
 
 def test_a_body_over_the_size_limit_is_refused_with_413_unread(gateway):

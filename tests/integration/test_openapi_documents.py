@@ -299,6 +299,7 @@ def test_a_services_swagger_ui_tries_nothing_out_and_its_document_sends_people_t
 BODIES = {"PlaceOrder": lambda: {"amount": "1.00"}, "Deposit": lambda: {"amount": "1.00"},
           "Empty": dict, "Credentials": lambda: {"username": f"user-{uuid.uuid4().hex[:10]}",
                                                  "password": "long password"}}
+BODIES["SignInCredentials"] = BODIES["Credentials"]
 UNPAIRED, PAIRED = "\ud800", "\ud83d\ude00"  # (a high surrogate alone; U+1F600 as JSON pairs it)
 
 
@@ -349,4 +350,5 @@ def test_text_whose_schema_lets_an_unpaired_surrogate_through_says_it_is_refused
                         service, path, field, written, answer.get_json())
     assert described >= {("gateway", "PlaceOrder", "description"),
                          ("gateway", "Credentials", "password"),
+                         ("gateway", "SignInCredentials", "password"),
                          ("orders", "PlaceOrder", "description")}
