@@ -12,9 +12,14 @@ only speed: reads go to the database, and nothing fails.
 A bump that could not be made, tried twice (Redis restarting, which keeps its keys under
 compose's `--appendonly yes`, or cut off from the writer), is not given up: the writer's process
 keeps its namespaces, reads them from the database meanwhile, and tries the bump again every
-UNBUMPED_RETRY_SECONDS on a thread of its own, so that the other processes serve the values from
-before it for that long at most once Redis answers. Given up, the value cached before the write
-came back with Redis and was served, to the writer too, until it expired.
+UNBUMPED_RETRY_SECONDS on a thread of its own. Given up, the value cached before the write came
+back with Redis and was served, to the writer too, until it expired. The other processes serve
+the values from before the write as long as they reach Redis and the writer's process does not:
+for the whole of a partition that cuts off the writer alone (until those values expire), and,
+once the writer's process reaches Redis again, for the time its next try takes to be made: up to
+UNBUMPED_RETRY_SECONDS when Redis refused connections meanwhile, and about 0.45 s or more when
+packets were dropped (a try under way as Redis comes back waits out the client's 0.25 s timeout,
+then the pause before the next).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -42,9 +48,12 @@ _VERSION_TTL_SECONDS = 7 * 24 * 3600
 # on a new connection: redis-py drops a connection that failed.
 _BUMP_TRIES = 2
 # How often a process tries again the bumps it could not make (VersionedCache._unbumped), while it
-# has any: how long, at most, another process can serve a value from before them once Redis
-# answers again.
+# has any (the module's docstring says how long another process may serve a value from before them).
 UNBUMPED_RETRY_SECONDS = 0.2
+# How often, while it keeps namespaces, the process says that their reads go to the database.
+UNBUMPED_WARNING_SECONDS = 60.0
+# How many of the namespaces a log line names (a process may keep hundreds of thousands).
+_NAMED_IN_A_LOG_LINE = 5
 
 
 class VersionedCache:
@@ -53,11 +62,30 @@ class VersionedCache:
                                             socket_connect_timeout=0.25)
         self._ttl = ttl_seconds
         self._prefix = prefix
+        self._start_without_unbumped()
+        _forgotten_in_forked_children(self)
+
+    def _start_without_unbumped(self) -> None:
         # The namespaces whose bump failed, to be made once Redis answers (_retry_the_unbumped),
         # each with how many times it was kept.
         self._unbumped: dict[str, int] = {}
         self._unbumped_lock = threading.Lock()
         self._retrying: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child starts with no namespace kept, a lock of its own (the parent's may have
+        been held as it forked, by a thread the child does not have) and no retrying thread: the
+        parent's process, whose writes they were, goes on making those bumps."""
+        self._start_without_unbumped()
+
+    def close(self) -> None:
+        """Stop trying again the bumps kept (they are given up) and close the connections."""
+        self._closed.set()
+        retrying = self._retrying
+        if retrying is not None:
+            retrying.join()
+        self._client.close()
 
     def _keys(self, namespace: str, key: str) -> tuple[str, str]:
         return (f"{self._prefix}:version:{namespace}",
@@ -104,21 +132,23 @@ class VersionedCache:
 
     def _keep_unbumped(self, namespaces: tuple[str, ...]) -> None:
         """Keep `namespaces` to be bumped once Redis answers, tried again on a thread of this
-        process's (one started afresh after a fork: a parent's thread is not the child's)."""
+        process's (a forked child forgets them: _after_fork_in_child)."""
         with self._unbumped_lock:
             for namespace in namespaces:
                 self._unbumped[namespace] = self._unbumped.get(namespace, 0) + 1
-            if self._retrying is None or not self._retrying.is_alive():
+            if (self._retrying is None or not self._retrying.is_alive()) and \
+                    not self._closed.is_set():
                 self._retrying = threading.Thread(target=self._retry_the_unbumped,
                                                   name="cache-unbumped", daemon=True)
                 self._retrying.start()
 
     def _retry_the_unbumped(self) -> None:
-        """Until none is left, bump the namespaces kept (not under the lock: a write failing its
-        own bump meanwhile does not wait for Redis twice); each is forgotten unless a write kept
-        it again while it was bumped, which that bump may have come before."""
-        while True:
-            time.sleep(UNBUMPED_RETRY_SECONDS)
+        """Until none is left (or the cache is closed), bump the namespaces kept (not under the
+        lock: a write failing its own bump meanwhile does not wait for Redis twice); each is
+        forgotten unless a write kept it again while it was bumped, which that bump may have come
+        before. Now and then, while some are kept, say that their reads go to the database."""
+        warned = time.monotonic()
+        while not self._closed.wait(UNBUMPED_RETRY_SECONDS):
             with self._unbumped_lock:
                 kept = dict(self._unbumped)
                 if not kept:
@@ -126,13 +156,17 @@ class VersionedCache:
                     return
             try:
                 self._bump(tuple(sorted(kept)))
-            except redis.RedisError:
+            except redis.RedisError as exc:
+                if time.monotonic() - warned >= UNBUMPED_WARNING_SECONDS:
+                    warned = time.monotonic()
+                    log.warning("cache still unavailable, reading %s from the database until"
+                                " their invalidation is made: %s", _some(kept), exc)
                 continue
             with self._unbumped_lock:
                 for namespace, times in kept.items():
                     if self._unbumped.get(namespace) == times:
                         del self._unbumped[namespace]
-            log.warning("cache: invalidated %s once it answered again", ", ".join(sorted(kept)))
+            log.warning("cache: invalidated %s once it answered again", _some(kept))
 
     def _bump(self, namespaces: tuple[str, ...]) -> None:
         if len(namespaces) == 1:
@@ -147,6 +181,38 @@ class VersionedCache:
 
 def _new_version() -> str:
     return os.urandom(8).hex()
+
+
+def _some(namespaces: Iterable[str]) -> str:
+    """How many namespaces, and a few of them, for a log line."""
+    names = sorted(namespaces)
+    named = ", ".join(names[:_NAMED_IN_A_LOG_LINE])
+    more = len(names) - _NAMED_IN_A_LOG_LINE
+    return f"{len(names)} namespace(s) ({named}{f' and {more} more' if more > 0 else ''})"
+
+
+# The caches of the process, each told when the process forks (os.register_at_fork), in the child.
+_CACHES: weakref.WeakSet[VersionedCache] = weakref.WeakSet()
+_CACHES_LOCK = threading.Lock()
+_fork_hook_registered = False
+
+
+def _forgotten_in_forked_children(cache: VersionedCache) -> None:
+    """Have `cache` start afresh in a forked child (VersionedCache._after_fork_in_child); the
+    hook is registered as the first cache is made, not as the module is imported."""
+    global _fork_hook_registered
+    with _CACHES_LOCK:
+        _CACHES.add(cache)
+        if not _fork_hook_registered and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+            _fork_hook_registered = True
+
+
+def _after_fork_in_child() -> None:
+    global _CACHES_LOCK
+    _CACHES_LOCK = threading.Lock()  # (the parent's may have been held as it forked)
+    for cache in list(_CACHES):
+        cache._after_fork_in_child()
 
 
 def app_cache() -> VersionedCache:

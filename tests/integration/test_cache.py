@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,15 +18,33 @@ import payments_app
 from devstack.infra import free_port
 from orders_app import service as orders
 from payments_app import service as payments
+from payments_app.service import balance_cache_namespace
+from shared import cache as cache_module
 from shared.cache import CACHE_EXTENSION, VersionedCache, invalidate_after_commit
 from shared.db import transaction
 from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
 
 
+def _prefix(settings) -> str:
+    """A test's own key prefix, under the run's (which the session's cleanup forgets)."""
+    return f"{settings.redis_key_prefix}:cache-test-{uuid.uuid4().hex[:6]}"
+
+
+@contextmanager
+def _closed_after(*caches: VersionedCache) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for made in caches:
+            made.close()
+
+
 @pytest.fixture
 def cache(settings):
-    return VersionedCache(settings.redis_url, 60, prefix=f"test-{uuid.uuid4().hex[:6]}")
+    made = VersionedCache(settings.redis_url, 60, prefix=_prefix(settings))
+    with _closed_after(made):
+        yield made
 
 
 def test_a_transaction_bumps_every_namespace_it_invalidated_once_it_commits(
@@ -53,11 +73,12 @@ def test_a_version_bump_on_a_connection_gone_silent_is_made_again_on_a_new_one(s
     proxy = SilencingProxy(f"{url.hostname}:{url.port or 6379}")
     try:
         cache = VersionedCache(url._replace(netloc=proxy.address).geturl(), 60,
-                               prefix=f"test-{uuid.uuid4().hex[:6]}")
-        assert cache.read("user", "balance", lambda: "before") == "before"
-        proxy.silence()
-        cache.invalidate("user")
-        assert cache.read("user", "balance", lambda: "after") == "after"
+                               prefix=_prefix(settings))
+        with _closed_after(cache):
+            assert cache.read("user", "balance", lambda: "before") == "before"
+            proxy.silence()
+            cache.invalidate("user")
+            assert cache.read("user", "balance", lambda: "after") == "after"
     finally:
         proxy.close()
 
@@ -77,29 +98,39 @@ def test_a_write_whose_bump_found_redis_gone_is_not_read_stale_once_redis_is_bac
         settings, user_id):
     """Redis restarted (compose's keeps its keys: --appendonly yes) or cut off from the writer as
     a top-up commits: both tries of its bump fail. Once Redis answers again, the balance cached
-    before is the writer's no more (it was, until it expired, when the bump was given up)."""
+    before is the writer's no more (it was, until it expired, when the bump was given up), nor
+    another process's: the bump kept is made."""
     with _redis_through_a_proxy(settings) as (redis_url, redis):
-        client = payments_app.create_app(
-            settings=dataclasses.replace(settings, redis_url=redis_url)).test_client()
-        client.post("/accounts", signed_as=user_id)
-        client.post("/accounts/deposit", json={"amount": 10}, signed_as=user_id)
-        assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == \
-            "10.00"  # (cached)
-        redis.cut()
-        topped_up = client.post("/accounts/deposit", json={"amount": 5}, signed_as=user_id)
-        assert topped_up.get_json()["balance"] == "15.00"
-        redis.restore()
-        assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == \
-            "15.00"
+        app = payments_app.create_app(settings=dataclasses.replace(settings, redis_url=redis_url))
+        writer = app.extensions[CACHE_EXTENSION]
+        with _closed_after(writer):
+            client = app.test_client()
+            client.post("/accounts", signed_as=user_id)
+            client.post("/accounts/deposit", json={"amount": 10}, signed_as=user_id)
+            assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == \
+                "10.00"  # (cached)
+            redis.cut()
+            topped_up = client.post("/accounts/deposit", json={"amount": 5}, signed_as=user_id)
+            assert topped_up.get_json()["balance"] == "15.00"
+            redis.restore()
+            assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == \
+                "15.00"
+            wait_for(lambda: not writer._unbumped, timeout=2, what="the bump kept for later made")
+        # Another process (its own cache, straight to Redis) finds the value from before the
+        # top-up stored under a version that is not the current one.
+        reader = VersionedCache(settings.redis_url, 60, prefix=writer._prefix)
+        with _closed_after(reader):
+            assert reader.read(balance_cache_namespace(user_id), "account",
+                               lambda: "from the database") == "from the database"
 
 
 def test_a_bump_that_found_redis_gone_is_made_once_it_answers_for_every_process(settings):
     """Another process (another cache, its own connections) is served the value from before the
     write only until the writer's process makes the bump it kept: at once as Redis answers."""
-    prefix = f"test-{uuid.uuid4().hex[:6]}"
+    prefix = _prefix(settings)
     reader = VersionedCache(settings.redis_url, 60, prefix=prefix)
     assert reader.read("user", "balance", lambda: "before") == "before"
-    with _redis_through_a_proxy(settings) as (redis_url, redis):
+    with _redis_through_a_proxy(settings) as (redis_url, redis), _closed_after(reader):
         writer = VersionedCache(redis_url, 60, prefix=prefix)
         redis.cut()
         writer.invalidate("user")  # (both tries refused)
@@ -109,6 +140,68 @@ def test_a_bump_that_found_redis_gone_is_made_once_it_answers_for_every_process(
                  timeout=2, what="the bump kept for later made")
         wait_for(lambda: writer.read("user", "balance", lambda: None) == "after", timeout=2,
                  what="the writer reading from the cache again")
+        writer.close()
+
+
+def test_closing_a_cache_stops_its_thread_trying_the_bumps_kept(settings):
+    with _redis_through_a_proxy(settings) as (redis_url, redis):
+        cache = VersionedCache(redis_url, 60, prefix=_prefix(settings))
+        redis.cut()
+        cache.invalidate("user")
+        retrying = cache._retrying
+        assert retrying is not None and retrying.is_alive()
+        cache.close()
+        assert not retrying.is_alive()
+
+
+def test_kept_bumps_are_logged_by_their_number_and_a_few_names_and_now_and_then_while_kept(
+        settings, caplog, monkeypatch):
+    """A process may keep hundreds of thousands of namespaces: its log lines name five, and say
+    how many; while they are kept it says now and then that their reads go to the database."""
+    monkeypatch.setattr(cache_module, "UNBUMPED_WARNING_SECONDS", 0.5)
+    names = [f"user-{number:02}" for number in range(20)]
+    caplog.set_level(logging.WARNING, logger=cache_module.__name__)
+    with _redis_through_a_proxy(settings) as (redis_url, redis):
+        cache = VersionedCache(redis_url, 60, prefix=_prefix(settings))
+        with _closed_after(cache):
+            redis.cut()
+            cache.invalidate(*names)
+            wait_for(lambda: any("still unavailable" in record.getMessage()
+                                 for record in caplog.records), timeout=3,
+                     what="the warning that the kept namespaces are read from the database")
+            redis.restore()
+            wait_for(lambda: not cache._unbumped, timeout=3, what="the bumps kept made")
+    (still,) = {record.getMessage().partition(":")[0] for record in caplog.records
+                if "still unavailable" in record.getMessage()}
+    assert still.startswith("cache still unavailable, reading 20 namespace(s) (user-00, user-01,"
+                            " user-02, user-03, user-04 and 15 more)"), still
+    (made,) = [record.getMessage() for record in caplog.records
+               if "once it answered again" in record.getMessage()]
+    assert made == ("cache: invalidated 20 namespace(s) (user-00, user-01, user-02, user-03,"
+                    " user-04 and 15 more) once it answered again")
+
+
+def test_a_forked_child_starts_with_no_bump_kept_and_a_lock_of_its_own(settings):
+    """Forked while the parent held the lock of its kept bumps (its retrying thread, say), the
+    child would wait for it for ever, and read the parent's kept namespaces from the database
+    with no thread of its own to make their bumps."""
+    with _redis_through_a_proxy(settings) as (redis_url, redis):
+        cache = VersionedCache(redis_url, 60, prefix=_prefix(settings))
+        with _closed_after(cache):
+            redis.cut()
+            cache.invalidate("user")
+            with cache._unbumped_lock:
+                child = os.fork()
+                if child == 0:  # (the child: says by its exit status, and leaves at once)
+                    fine = False
+                    try:
+                        fine = (cache._unbumped_lock.acquire(timeout=2) and not cache._unbumped
+                                and cache._retrying is None)
+                    finally:
+                        os._exit(0 if fine else 1)
+            _, status = os.waitpid(child, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert cache._unbumped == {"user": 1}  # (the parent's kept)
 
 
 def test_a_value_read_before_a_write_and_stored_after_it_is_never_served(cache):
