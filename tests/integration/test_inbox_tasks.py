@@ -33,6 +33,7 @@ from tasks.celery_app import app as celery_app
 from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, retry_countdown,
                          sweep_inbox, tasks_waiting)
 from tasks.services import service_app
+from tests.celery_tools import worker_optimizations
 from tests.polling import wait_for
 from tests.postgres_tools import (account_row_held, terminate_backend,
                                   wait_for_sessions_waiting_on_a_lock)
@@ -411,28 +412,53 @@ def test_a_batch_sent_by_a_newer_release_with_an_argument_this_one_does_not_take
                and record.levelname == "WARNING" for record in caplog.records)
 
 
+def test_a_messages_own_task_sent_by_a_newer_release_is_retried_with_the_arguments_it_takes(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id):
+    """A rolling deploy: a message's own task carries a keyword argument this release does not
+    take, and its try fails. In a worker the body runs under the request as sent (Celery's stack
+    protection), and its retry, sent from that request with the newer argument, was refused with
+    a TypeError and lost (a Reject, not requeued): the message was left to the sweeper. It is
+    sent with the arguments this release takes."""
+    message_id = _stored_request(payments_inbox, user_id)
+
+    def failing(session, events):
+        raise RuntimeError("the ledger is busy")
+
+    monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: failing})
+    _run_as_a_worker_runs_it(handle_inbox_message, ("payments", str(message_id)),
+                             {"added_by_a_newer_release": True})
+    assert _tasks_sent(with_kwargs=True) == [
+        (handle_inbox_message.name, ["payments", str(message_id)], {})]
+    row = _row(message_id)
+    assert (row.processed_at, row.parked_at, row.attempts) == (None, None, 1)
+
+
 def _run_as_a_worker_runs_it(task, args: tuple, kwargs: dict | None = None,
                              retries: int = 0) -> None:
-    """Run `task` here as a worker runs one it took from its queue: its retry is sent to the queue,
-    where Task.apply (eager) runs it at once."""
+    """Run `task` here as a worker runs one it took from its queue, under the optimisations a
+    worker process installs (its stack protection runs a task's body under the tracer's request
+    alone): its retry is sent to the queue, where no worker takes it."""
     from celery.app.trace import build_tracer
 
     task_id = str(uuid.uuid4())
-    build_tracer(task.name, task, app=celery_app)(
-        task_id, args, kwargs or {}, {"id": task_id, "task": task.name, "retries": retries,
-                                      "is_eager": False, "delivery_info": {}})
+    with worker_optimizations(celery_app):
+        build_tracer(task.name, task, app=celery_app)(
+            task_id, args, kwargs or {}, {"id": task_id, "task": task.name, "retries": retries,
+                                          "is_eager": False, "delivery_info": {}})
 
 
-def _tasks_sent(queue: str = "payments") -> list[tuple]:
-    """Takes every task off the queue: its name and arguments, and the arguments' repr it carries
-    for a batch."""
+def _tasks_sent(queue: str = "payments", with_kwargs: bool = False) -> list[tuple]:
+    """Takes every task off the queue: its name and arguments (and keyword arguments, for a
+    message's own task `with_kwargs`), and the arguments' repr it carries for a batch."""
     sent = []
     with celery_app.pool.acquire(block=True) as connection:
         while (task := connection.default_channel.basic_get(queue, no_ack=True)) is not None:
             args, kwargs, _ = task.decode()
             name = task.headers["task"]
-            sent.append((name, args) if name == handle_inbox_message.name
-                        else (name, args, kwargs, task.headers["argsrepr"]))
+            if name != handle_inbox_message.name:
+                sent.append((name, args, kwargs, task.headers["argsrepr"]))
+            else:
+                sent.append((name, args, kwargs) if with_kwargs else (name, args))
     return sent
 
 
