@@ -310,27 +310,31 @@ def driver_cursor(session: Session) -> Iterator:
         # Raised as SQLAlchemy raises its own (the APIs answer an OperationalError with a 503). A
         # broken connection is found out by the rollback that follows (see transaction()), and
         # noted on the connection now, as SQLAlchemy's own statements note theirs
-        # (note_connections_lost): whoever catches the error cannot hide it.
+        # (note_connections_lost): whoever catches the error cannot hide it. Noted when the
+        # driver's connection is closed, not when the dialect's is_disconnect says so: that
+        # matches words, and takes a bug on a sound connection ("cursor already closed", a
+        # statement on a cursor the caller closed) for a loss. (On a statement of its own that
+        # SQLAlchemy so takes for one, it invalidates the connection: lost then indeed.)
         error = DBAPIError.instance(None, None, exc, dbapi.Error)
-        _note_if_lost(connection, error,
-                      connection.dialect.is_disconnect(exc, dbapi_connection, cursor))
+        _note_if_lost(connection, error, bool(dbapi_connection.closed))
         raise error from exc
     finally:
         cursor.close()
 
 
-# Where a connection keeps the first lost-connection error it met (shared.inbox.handling reads it
-# after a handler: a handler may catch the error, and the session then raises its own). Kept on
-# the connection itself, which serves one transaction of a session and goes with it: not in a
-# weak mapping, whose errors' tracebacks, holding the connection, would keep it for ever.
+# Where a connection keeps the first lost-connection error it met, with the driver connection it
+# was met on (shared.inbox.handling reads it after a handler: a handler may catch the error, and
+# the session then raises its own). Kept on the connection itself, which serves one transaction of
+# a session and goes with it: not in a weak mapping, whose errors' tracebacks, holding the
+# connection, would keep it for ever.
 _LOST_WITH = "_hseshop_lost_with"
 
 
 def note_connections_lost(engine: Engine) -> None:
     """Note on each of the engine's connections the first error with which it was lost
     (`connection_lost_on`), whoever then catches that error: SQLAlchemy's own statements here
-    (`handle_error`: its dialect's `is_disconnect`, or `connection_lost`), driver_cursor's in
-    driver_cursor."""
+    (`handle_error`: its dialect's `is_disconnect`, on which SQLAlchemy invalidates the connection,
+    or `connection_lost`), driver_cursor's in driver_cursor."""
 
     @event.listens_for(engine, "handle_error")
     def _noting_a_lost_connection(context: ExceptionContext) -> None:
@@ -340,16 +344,38 @@ def note_connections_lost(engine: Engine) -> None:
                           context.is_disconnect)
 
 
-def _note_if_lost(connection: Connection, error: BaseException, is_disconnect: bool) -> None:
-    if (is_disconnect or connection_lost(error)) and connection_lost_on(connection) is None:
-        setattr(connection, _LOST_WITH, error)
+def _note_if_lost(connection: Connection, error: BaseException, broken: bool) -> None:
+    if (broken or connection_lost(error)) and connection_lost_on(connection) is None:
+        setattr(connection, _LOST_WITH, (_driver_connection_of(connection), error))
 
 
 def connection_lost_on(connection: Connection) -> BaseException | None:
     """The error with which `connection` was lost (the first, if it met several: the ones after
     it say only that it is closed), or None while it has not been, as far as SQLAlchemy's
-    statements and driver_cursor's saw (a bare driver cursor's errors are not seen)."""
-    return getattr(connection, _LOST_WITH, None)
+    statements and driver_cursor's saw (a bare driver cursor's errors are not seen).
+
+    A note holds while the driver connection it was met on is closed, or the connection has none
+    (SQLAlchemy invalidated it). It is dropped once the connection is on another driver connection
+    (one of an `engine.connect()`, or a Session bound to one, invalidated, rolled back and
+    connected again: a fresh start), or once the one it was met on is found open (a statement or
+    a savepoint's release went through on it since: whatever the error was, not its loss)."""
+    noted = getattr(connection, _LOST_WITH, None)
+    if noted is None:
+        return None
+    lost_on, error = noted
+    now_on = _driver_connection_of(connection)
+    if now_on is None or (now_on is lost_on and now_on.closed):
+        return error
+    delattr(connection, _LOST_WITH)
+    return None
+
+
+def _driver_connection_of(connection: Connection):
+    """The driver's connection `connection` is on, or None while it has none (invalidated, and
+    not connected again yet; or closed), found without connecting again."""
+    if connection.invalidated or connection.closed:
+        return None
+    return connection.connection.dbapi_connection
 
 
 def driver_dsn(database_url: str) -> str:

@@ -182,8 +182,11 @@ def handle_locked_message(session: Session, message: StoredMessage,
         if _count_failed_attempt(session, message.message_id, repr(exc), max_attempts):
             return Outcome.PARKED
         raise
+    # (The handler caught the error, and its savepoint's release said nothing, SQLAlchemy having
+    # invalidated the connection. A note the release went through after is no loss: a statement
+    # the handler ran on a cursor it had closed, say. connection_lost_on drops it.)
     lost = connection_lost_on(connection)
-    if lost is not None:  # (the handler caught the error, and its savepoint's release said nothing)
+    if lost is not None:
         raise ConnectionLostInHandler(message.message_id, lost)
     with request_id_bound(message.request_id):
         log.info("handled %s %s", message.type, message.message_id)

@@ -392,6 +392,106 @@ def test_a_messages_own_task_whose_handler_catches_the_lost_connections_error_re
     assert "connection already closed" not in row.last_error
 
 
+def _executing_on_a_cursor_it_closed(session) -> None:
+    """A handler's bug on a sound connection: psycopg2's "cursor already closed", which
+    SQLAlchemy's dialect takes for a disconnection by its words."""
+    with shared.db.driver_cursor(session) as cursor:
+        cursor.close()
+        cursor.execute("SELECT 1")
+
+
+def _bug_let_out(session, user_id) -> None:
+    _executing_on_a_cursor_it_closed(session)
+
+
+def _bug_caught_then_returning(session, user_id) -> None:
+    try:
+        _executing_on_a_cursor_it_closed(session)
+    except DBAPIError:
+        pass
+    else:
+        raise AssertionError("the closed cursor ran a statement")
+
+
+def _statement_timeout_let_out(session, user_id) -> None:
+    with shared.db.driver_cursor(session) as cursor:
+        cursor.execute("SET LOCAL statement_timeout = '50ms'")
+        cursor.execute("SELECT pg_sleep(2)")
+
+
+def _lock_timeout_caught_then_refusing(session, user_id) -> None:
+    try:
+        with shared.db.driver_cursor(session) as cursor:
+            cursor.execute("SET LOCAL lock_timeout = '50ms'")
+            cursor.execute("SELECT 1 FROM accounts WHERE user_id = %s FOR UPDATE", (user_id,))
+    except DBAPIError as exc:
+        raise PermanentMessageError("the account is held elsewhere") from exc
+    raise AssertionError("the account was not held")
+
+
+@pytest.mark.parametrize("meeting_an_error, outcome, error", [
+    (_bug_let_out, "retried", "cursor already closed"),
+    (_bug_caught_then_returning, "processed", None),
+    (_statement_timeout_let_out, "retried", "canceling statement due to statement timeout"),
+    (_lock_timeout_caught_then_refusing, "parked", "the account is held elsewhere"),
+], ids=["a closed cursor's error let out", "a closed cursor's error caught, then returning",
+        "a statement timeout let out", "a lock timeout caught, then refusing the message"])
+def test_an_error_on_a_sound_connection_under_a_handler_is_no_lost_connection(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id, caplog,
+        meeting_an_error, outcome, error):
+    """A message's own task whose handler meets an error the connection goes on after: the try
+    takes the path of that error (a failure counted and retried, the message handled, or parked
+    when refused), not that of a connection lost under the handler, with an outage said. Before,
+    the closed cursor's error was noted as the connection's loss (the dialect's is_disconnect
+    matches its words), whether the handler let it out or caught it."""
+    from payments_app import service as payments
+
+    with service_app("payments").app_context(), transaction() as session:
+        payments.open_account(session, user_id=user_id)
+    message_id = _stored_request(payments_inbox, user_id)
+    monkeypatch.setattr(payments_app, "message_handlers", lambda: {
+        PAYMENT_REQUESTED: lambda session, events: meeting_an_error(session, user_id)})
+    with account_row_held(settings.payments_database_url, user_id):
+        _run_as_a_worker_runs_it(handle_inbox_message, ("payments", str(message_id)))
+    row = _row(message_id)
+    if outcome == "processed":
+        assert (row.processed_at is not None, row.parked_at, row.attempts) == (True, None, 1)
+    elif outcome == "parked":
+        assert (row.processed_at, row.parked_at is not None, row.attempts) == (None, True, 1)
+    else:
+        assert (row.processed_at, row.parked_at, row.attempts) == (None, None, 1)
+    assert error is None or error in row.last_error
+    assert "connection was lost" not in (row.last_error or "")
+    assert _tasks_sent() == ([(handle_inbox_message.name, ["payments", str(message_id)])]
+                             if outcome == "retried" else [])
+    assert not any("lost its database connection" in record.getMessage()
+                   for record in caplog.records)
+
+
+def test_a_batch_whose_handler_runs_a_statement_on_a_cursor_it_closed_hands_its_message_on(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id, caplog):
+    """A handler's bug on a sound connection fails its message's first try, which goes to a task
+    of its own, the rest of the batch handled: the batch is not retried whole, the loss counted
+    under the message, with an outage said in a WARNING line, as it was when the closed cursor's
+    error was taken for a lost connection."""
+    first, buggy, last = (_stored_request(payments_inbox, user_id, key=user_id) for _ in range(3))
+
+    def buggy_for_one(session, events):
+        if any(event.message.message_id == buggy for event in events):
+            _executing_on_a_cursor_it_closed(session)
+
+    monkeypatch.setattr(payments_app, "message_handlers",
+                        lambda: {PAYMENT_REQUESTED: buggy_for_one})
+    _run_as_a_worker_runs_it(handle_inbox_batch, ("payments", [str(first), str(buggy), str(last)]))
+    assert _tasks_sent() == [(handle_inbox_message.name, ["payments", str(buggy)])]
+    assert all(_row(message_id).processed_at is not None for message_id in (first, last))
+    row = _row(buggy)
+    assert (row.processed_at, row.parked_at, row.attempts) == (None, None, 1)
+    assert "cursor already closed" in row.last_error
+    assert not any("lost its database connection" in record.getMessage()
+                   for record in caplog.records)
+
+
 def test_a_batch_sent_by_a_newer_release_with_an_argument_this_one_does_not_take_is_handled(
         settings, payments_inbox, payments_queue, user_id, caplog):
     """A rolling deploy: a newer release's worker retries a batch with a keyword argument this
