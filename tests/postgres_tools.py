@@ -1,8 +1,8 @@
 """PostgreSQL for tests: ending a connection from the server's side, or every one of a database's
 at once, as a restart would, or each one waiting on a lock a session holds, a transaction
 stalled holding an account's row, an app's pool with no connection free, what the other sessions
-are doing, waiting for some of them to wait on a lock, two transactions made to meet on one, and
-the sign-out lookups an engine sends."""
+are doing, waiting for some of them to wait on a lock, two transactions made to meet on one, the
+sign-out lookups an engine sends, and a session ending its own connection."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg2
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
-from shared.db import db, driver_dsn
+from shared.db import db, driver_cursor, driver_dsn
 from shared.relay_leader import RELAY_LEADER_LOCK_KEY
 from tests.polling import wait_for
 
@@ -183,3 +184,14 @@ def sign_out_lookups(engine: Engine | type[Engine]) -> Iterator[list[str]]:
         yield sent
     finally:
         event.remove(engine, "before_cursor_execute", _executing)
+
+
+def ending_its_session_by_a_statement(session: Session) -> None:
+    """The session's connection ended by the server under one of SQLAlchemy's statements."""
+    session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+
+def ending_its_session_by_a_driver_cursor(session: Session) -> None:
+    """The session's connection ended by the server under a statement of a driver_cursor's."""
+    with driver_cursor(session) as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")

@@ -10,23 +10,16 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from shared.db import connection_lost_on, db, driver_cursor
-
-
-def _ending_its_session_by_a_statement(session: Session) -> None:
-    session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
-
-
-def _ending_its_session_by_a_driver_cursor(session: Session) -> None:
-    with driver_cursor(session) as cursor:
-        cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+from tests.postgres_tools import (ending_its_session_by_a_driver_cursor,
+                                  ending_its_session_by_a_statement)
 
 
 def _backend_pid(session: Session) -> int:
     return session.execute(text("SELECT pg_backend_pid()")).scalar_one()
 
 
-@pytest.mark.parametrize("ends_its_session", [_ending_its_session_by_a_statement,
-                                              _ending_its_session_by_a_driver_cursor],
+@pytest.mark.parametrize("ends_its_session", [ending_its_session_by_a_statement,
+                                              ending_its_session_by_a_driver_cursor],
                          ids=["by a statement", "by a driver cursor"])
 def test_a_connection_lost_then_connected_again_starts_with_no_loss_noted(in_payments,
                                                                          ends_its_session):

@@ -35,7 +35,8 @@ from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, 
 from tasks.services import service_app
 from tests.celery_tools import worker_optimizations
 from tests.polling import wait_for
-from tests.postgres_tools import (account_row_held, terminate_backend,
+from tests.postgres_tools import (account_row_held, ending_its_session_by_a_driver_cursor,
+                                  ending_its_session_by_a_statement, terminate_backend,
                                   wait_for_sessions_waiting_on_a_lock)
 
 
@@ -301,15 +302,6 @@ def test_a_batch_whose_connection_is_lost_under_a_handler_twice_hands_its_messag
         assert row.processed_at is None and row.attempts == 0
 
 
-def _ending_its_session_by_a_statement(session) -> None:
-    session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
-
-
-def _ending_its_session_by_a_driver_cursor(session) -> None:
-    with shared.db.driver_cursor(session) as cursor:
-        cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
-
-
 def _refusing_the_message(session) -> None:
     raise PermanentMessageError("the ledger said no")  # (raised afresh: no lost error behind it)
 
@@ -322,8 +314,8 @@ def _running_another_statement(session) -> None:
     session.execute(text("SELECT 1"))  # the session's own error, PendingRollbackError, let out
 
 
-@pytest.mark.parametrize("ends_its_session", [_ending_its_session_by_a_statement,
-                                              _ending_its_session_by_a_driver_cursor],
+@pytest.mark.parametrize("ends_its_session", [ending_its_session_by_a_statement,
+                                              ending_its_session_by_a_driver_cursor],
                          ids=["by a statement", "by a driver cursor"])
 @pytest.mark.parametrize("then", [_refusing_the_message, _returning, _running_another_statement],
                          ids=["refuses the message", "returns", "runs another statement"])
@@ -363,8 +355,8 @@ def test_a_connection_lost_under_a_handler_that_catches_its_error_keeps_its_batc
         assert (row.processed_at, row.parked_at, row.attempts) == (None, None, 0)
 
 
-@pytest.mark.parametrize("ends_its_session", [_ending_its_session_by_a_statement,
-                                              _ending_its_session_by_a_driver_cursor],
+@pytest.mark.parametrize("ends_its_session", [ending_its_session_by_a_statement,
+                                              ending_its_session_by_a_driver_cursor],
                          ids=["by a statement", "by a driver cursor"])
 def test_a_messages_own_task_whose_handler_catches_the_lost_connections_error_retries_it(
         settings, payments_inbox, payments_queue, monkeypatch, user_id, ends_its_session):
