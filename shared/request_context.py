@@ -17,8 +17,12 @@ REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_KAFKA_HEADER = "request_id"
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 # What a logged path (or gRPC method) cannot hold as it is: a control character (a newline decoded
-# from %0A, say) is written escaped, so a request cannot add a line of its own making to the log.
-_ESCAPED_IN_LOGS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
+# from %0A, say; C0, DEL, or C1, U+0080 to U+009F, whose NEL U+0085 some readers break lines at)
+# and the Unicode line and paragraph separators (U+2028, U+2029: a line break to a reader that
+# splits lines as Python's str.splitlines does, or to a log viewer) are written escaped, so a
+# request cannot add a line of its own making to the log.
+_ESCAPED_IN_LOGS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))} | {
+    code: f"\\u{code:04x}" for code in (0x2028, 0x2029)}
 
 _current: ContextVar[str | None] = ContextVar("hseshop_request_id", default=None)
 

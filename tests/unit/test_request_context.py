@@ -7,7 +7,7 @@ import logging
 import pytest
 from flask import Flask
 
-from shared.request_context import install_request_ids, sane_request_id
+from shared.request_context import escaped_in_logs, install_request_ids, sane_request_id
 
 
 @pytest.mark.parametrize("candidate", ["click-123456", "a.b:c_d-e" * 3])
@@ -28,3 +28,24 @@ def test_a_request_is_logged_on_one_line_whatever_its_path_holds(caplog):
         app.test_client().get("/x%0A2026-12-04 12:00:00 INFO forged%0D%7F")
     [line] = [record.getMessage() for record in caplog.records]
     assert line == r"GET /x\x0a2026-12-04 12:00:00 INFO forged\x0d\x7f -> 404"
+
+
+def test_c1_controls_and_the_unicode_line_separators_are_escaped_in_a_logged_line():
+    """C1 controls (NEL, U+0085, among them) and U+2028/U+2029 break a line for str.splitlines
+    and for log viewers as C0's do: each is written escaped, and the text around them (a
+    no-break space too) is kept."""
+    breaking = "".join(map(chr, (*range(0x80, 0xA0), 0x2028, 0x2029)))
+    escaped = escaped_in_logs(f"/a{breaking}é\u00a0b")
+    assert escaped.splitlines() == [escaped]
+    assert escaped == ("/a" + "".join(f"\\x{code:02x}" for code in range(0x80, 0xA0))
+                       + "\\u2028\\u2029é\u00a0b")
+
+
+def test_a_request_path_holding_nel_or_a_line_separator_is_logged_on_one_line(caplog):
+    app = Flask("logged")
+    install_request_ids(app)
+    with caplog.at_level(logging.INFO, logger="hseshop.logged.http"):
+        app.test_client().get("/x%C2%852026-12-04 INFO forged%E2%80%A8%E2%80%A9")
+    [line] = [record.getMessage() for record in caplog.records]
+    assert line.splitlines() == [line]
+    assert line == r"GET /x\x852026-12-04 INFO forged\u2028\u2029 -> 404"
