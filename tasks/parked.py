@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         try:
             list_parked(args.service, args.limit, args.outbox)
+            # Its last lines, still in the buffer, written here: at the interpreter's exit, a
+            # reader gone by then is a BrokenPipeError this cannot catch (exit 120, said).
+            sys.stdout.flush()
         except _DATABASE_FAILURES as exc:
             print(f"{args.service} {box}: nothing listed: {failure_in_a_line(exc)}",
                   file=sys.stderr)
