@@ -269,6 +269,36 @@ def test_swagger_ui_files_go_gzipped_to_a_client_that_takes_gzip_as_they_are_to_
             assert (got, body, int(given["Content-Length"])) == (200, b"", gzipped_form[1])
 
 
+def test_a_range_of_a_swagger_ui_file_is_sent_only_if_range_names_its_forms_strong_etag(served):
+    """A client holding bytes 0-99 of one form resumes with `Range: bytes=100-` and If-Range:
+    it is sent the rest (206) only when If-Range is that form's ETag, strong, and the form it
+    asks for now is the same; with the other form's ETag, a weak ETag or a date (which both forms
+    share: the file's) it is sent the whole form it asks for (200), never the bytes from 100 of a
+    form it does not hold (plain bytes 0-99 then gzip from 100: garbage). Without If-Range, the
+    range is sent."""
+    name = "swagger-ui-bundle.js"
+    path = f"{SWAGGER_UI_FILES}/{name}"
+    for service, server in served.items():
+        _, plain, plain_body = _over_http(server.url, path)
+        _, gzipped, gzipped_body = _over_http(server.url, path, Accept_Encoding="gzip")
+        forms = {"identity": (plain["ETag"], plain_body), "gzip": (gzipped["ETag"], gzipped_body)}
+        for accepted, (etag, body) in forms.items():
+            other_etag = forms["gzip" if accepted == "identity" else "identity"][0]
+            for if_range, sent in ((None, 206), (etag, 206), (other_etag, 200),
+                                   (f"W/{etag}", 200), (f"W/{other_etag}", 200),
+                                   (plain["Last-Modified"], 200)):
+                headers = {"Accept_Encoding": accepted, "Range": "bytes=100-"}
+                if if_range is not None:
+                    headers["If_Range"] = if_range
+                status, given, got = _over_http(server.url, path, **headers)
+                assert (status, got) == (sent, body[100:] if sent == 206 else body), (
+                    service, accepted, if_range)
+                assert given.get("Content-Encoding") == (
+                    "gzip" if accepted == "gzip" else None), (service, accepted, if_range)
+                assert given.get("Content-Range") == (
+                    f"bytes 100-{len(body) - 1}/{len(body)}" if sent == 206 else None)
+
+
 def test_a_services_swagger_ui_tries_nothing_out_and_its_document_sends_people_to_the_gateway(
         apps):
     """A service's operations (but /health) take only calls the gateway signs: asked as its
