@@ -79,6 +79,11 @@ def subscribed_topics(settings: Settings) -> list[str]:
     return [settings.topic_order_status_changed]
 
 
+def published_events(settings: Settings) -> dict[str, frozenset[str]]:
+    """The topics this service writes outbox rows to: none (it reads notifications only)."""
+    return {}
+
+
 def message_handlers():
     from gateway_app.notifications import MESSAGE_HANDLERS
 

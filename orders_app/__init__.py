@@ -27,6 +27,16 @@ def subscribed_topics(settings: Settings) -> list[str]:
     return [settings.topic_payment_results]
 
 
+def published_events(settings: Settings) -> dict[str, frozenset[str]]:
+    """The topics this service writes outbox rows to, each with the types of the events it
+    writes there (an operator's `replay --to-topic` sends a parked row only where its type
+    goes: tasks/parked.py)."""
+    from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED
+
+    return {settings.topic_payment_requested: frozenset({PAYMENT_REQUESTED}),
+            settings.topic_order_status_changed: frozenset({ORDER_STATUS_CHANGED})}
+
+
 def message_handlers():
     from orders_app.handlers import MESSAGE_HANDLERS
 

@@ -27,6 +27,15 @@ def subscribed_topics(settings: Settings) -> list[str]:
     return [settings.topic_payment_requested]
 
 
+def published_events(settings: Settings) -> dict[str, frozenset[str]]:
+    """The topics this service writes outbox rows to, each with the types of the events it
+    writes there (an operator's `replay --to-topic` sends a parked row only where its type
+    goes: tasks/parked.py)."""
+    from shared.contracts import PAYMENT_FAILED, PAYMENT_SUCCEEDED
+
+    return {settings.topic_payment_results: frozenset({PAYMENT_SUCCEEDED, PAYMENT_FAILED})}
+
+
 def message_handlers():
     from payments_app.handlers import MESSAGE_HANDLERS
 

@@ -11,7 +11,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shared.config import Settings
-from shared.outbox.relaying import Refusal, RelayRow, relay_headers
+from shared.outbox.relaying import UNKNOWN_TOPIC_ERROR_BEGINS, Refusal, RelayRow, relay_headers
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,16 @@ class OutboxPublisher:
     and sent as it is it would go where no consumer of the shop reads (a broker creating topics
     on first use takes it, and the message is lost to the shop) or, topics not created on first
     use, time out, for ever, every try holding up its whole batch for the producer's message
-    timeout. It is parked instead (UNKNOWN_TOPIC_ERROR), for an operator to send on to the topic
-    it is meant for (`python -m tasks.parked replay SERVICE --outbox --to-topic TOPIC`).
+    timeout. It is parked instead (UNKNOWN_TOPIC_ERROR, naming `service`, whose outbox it reads),
+    for an operator to send on to the topic it is meant for (`python -m tasks.parked replay
+    SERVICE --outbox --to-topic TOPIC`), or, a newer release's row that a relay of the release
+    before parked in a rolling upgrade, to hand back once the relays know its topic (`replay
+    SERVICE --outbox`).
     """
 
-    def __init__(self, settings: Settings, topics: Collection[str] | None = None):
+    def __init__(self, settings: Settings, service: str, topics: Collection[str] | None = None):
         self._settings = settings
+        self._service = service
         self._topics = frozenset(settings.relayed_topics() if topics is None else topics)
         self._producer: Producer | None = None
         # message value -> why the broker did not take it, filled by the delivery callback (a
@@ -173,7 +177,7 @@ class OutboxPublisher:
                 continue
             if topic not in self._topics:
                 _refuse_for_good(refused, held_back, row, UNKNOWN_TOPIC_ERROR.format(
-                    topic=topic, topics=", ".join(sorted(self._topics))))
+                    topic=topic, service=self._service, topics=", ".join(sorted(self._topics))))
                 continue
             try:
                 self._produce(producer, row)
@@ -268,10 +272,16 @@ class OutboxPublisher:
                 producer.poll(0.1)  # the local queue is full: let deliveries drain first
 
 
-# Why a row naming a topic that is not the shop's is parked (OutboxPublisher), as its last_error.
-UNKNOWN_TOPIC_ERROR = ("not sent: its topic {topic!r} is none of the shop's ({topics}: the TOPIC_*"
-                       " settings; renamed since the row was written?); send it on with"
-                       " `python -m tasks.parked replay SERVICE --outbox --to-topic TOPIC ID`")
+# Why a row naming a topic that is not the shop's is parked (OutboxPublisher), as its last_error:
+# both ways out, first (`list` shows an error's first 200 characters). A row written before its
+# topic's setting was renamed is sent on to the new name; a newer release's row, parked by a relay
+# of the release before during a rolling upgrade, is handed back as it is once the relays are
+# upgraded (its topic then the shop's, `--to-topic` refuses it: tasks/parked.py).
+UNKNOWN_TOPIC_ERROR = (UNKNOWN_TOPIC_ERROR_BEGINS + " {topic!r} is none of this relay's: renamed"
+                       " since the row was written? `python -m tasks.parked replay {service}"
+                       " --outbox --to-topic TOPIC ID`; a newer release's? once every relay is"
+                       " upgraded, `python -m tasks.parked replay {service} --outbox ID` (this"
+                       " relay's topics, its TOPIC_* settings and OUTBOX_EXTRA_TOPICS: {topics})")
 
 
 def _refuse_for_good(refused: dict[int, Refusal], held_back: dict[tuple[str, str], Refusal],

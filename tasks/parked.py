@@ -29,10 +29,14 @@ With --outbox they are outbox rows whose message is too large to be sent (over t
 TOPIC_* settings names (written before such a setting was renamed): the relay holds back the later
 rows with their topic and key behind them, and `list` says how many. Replaying hands one back to the
 relay, to be sent in its place before them (it is parked again if it is still too large, or its
-topic still not the shop's); with --to-topic (one of the shop's topics), a row parked for its topic
-is sent there instead, and the rows waiting behind it with it (under --all, the rows of one such
-topic: name the rows when they name several). Discarding deletes it, never to be sent, and the rows
-behind it go.
+topic still not the shop's): so a newer release's row, parked by a relay of the release before in a
+rolling upgrade, once the relays know its topic. With --to-topic (a topic the service writes, and
+every row sent on of a type it writes there), a row parked for a topic that is not the shop's is
+sent there instead, and the rows waiting behind it with it, in their order (under --all, the rows
+of one such topic: name the rows when they name several); on that topic they come after the rows
+of their keys written to it under its name meanwhile, which the relay, holding rows back by topic
+and key, did not hold behind them. A row whose topic is the shop's is refused so, and said to be
+replayed without it. Discarding deletes it, never to be sent, and the rows behind it go.
 """
 
 from __future__ import annotations
@@ -53,12 +57,13 @@ from shared.config import SERVICES
 from shared.db import failure_in_a_line, transaction
 from shared.inbox.parked import (discard_parked_messages, last_parked, parked_batch,
                                  parked_messages, unpark_messages)
-from shared.outbox.parked import (discard_parked_outbox_messages, parked_outbox_messages,
-                                  parked_topics_not_the_shops, redirect_parked_outbox_messages,
-                                  unpark_outbox_messages)
+from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
+                                  parked_outbox_messages, parked_topics_not_the_shops,
+                                  redirect_parked_outbox_messages, unpark_outbox_messages,
+                                  why_not_sent_on)
 from shared.task_queues import QUEUES_UNREACHABLE
 from tasks.inbox import dispatch_inbox_messages
-from tasks.services import service_app
+from tasks.services import service_app, service_package
 
 
 def list_parked(service: str, limit: int, outbox: bool = False) -> None:
@@ -100,13 +105,18 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
     inbox messages dispatched to be handled, a transaction's at a time as it commits, outbox rows
     to the relay (the commit wakes it); with `to_topic`, only outbox rows parked for a topic that
     is not the shop's (and is `from_topic`, when given), sent to `to_topic` instead with the rows
-    waiting behind them. Yields the ids each transaction replayed, once it has committed."""
+    waiting behind them, provided every one of them is of a type the service writes there (else
+    NotOfTheTopic, nothing changed). Yields the ids each transaction replayed, once it has
+    committed."""
     app = service_app(service)
     outbox_change: _Change = unpark_outbox_messages
     if to_topic is not None:
+        settings = app.extensions["hseshop.settings"]
         outbox_change = functools.partial(
             redirect_parked_outbox_messages, topic=to_topic, from_topic=from_topic,
-            shop_topics=app.extensions["hseshop.settings"].relayed_topics())
+            shop_topics=settings.relayed_topics(),
+            event_types=service_package(service).published_events(settings).get(
+                to_topic, frozenset()))
     with app.app_context():
         queues_reachable = True
         # (A replayed inbox message may be parked again at once, and come back under --all.)
@@ -220,7 +230,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                 command_parser.add_argument(
                     "--to-topic", metavar="TOPIC",
                     help="with --outbox: send rows parked for a topic that is not the shop's to"
-                         " TOPIC, one of its topics, with the rows waiting behind them")
+                         " TOPIC, a topic the service writes their events to, with the rows"
+                         " waiting behind them, in their order; on TOPIC they come after the"
+                         " rows of their keys already written to it under its name (held back"
+                         " by topic and key, those were not held behind them)")
             command_parser.add_argument("message_ids", nargs="*", type=uuid.UUID,
                                         metavar="MESSAGE_ID")
             command_parser.add_argument("--all", action="store_true",
@@ -275,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
            if args.command == "replay" else discard)
     outcome = f"{args.service} {box}: {{}} message(s) {_OUTCOMES[args.command, args.outbox]}"
     if to_topic is not None:
-        outcome += f" to {to_topic}"
+        outcome += (f" to {to_topic}, with the rows behind them in their order, after the rows of"
+                    " their keys sent to it under its name while they were parked")
     # Under --all a count alone: the ids changed are kept only when named, to say which were not.
     count, done = 0, set[uuid.UUID]()
     try:
@@ -292,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{outcome.format(count)} before the database failed; run it again for the rest")
         print(f"{so_far}: {failure_in_a_line(exc)}", file=sys.stderr)
         return 1
+    except NotOfTheTopic as exc:
+        command_parsers[args.command].error(str(exc))
     except KeyboardInterrupt:
         # (At least: a batch committed as the interrupt came is not counted, its replays, never
         # dispatched, left to the sweeper.)
@@ -301,11 +317,23 @@ def main(argv: list[str] | None = None) -> int:
     print(outcome.format(count))
     left = [message_id for message_id in args.message_ids if message_id not in done]
     why = ("not parked, unknown" + (", or never parsed" if not args.outbox
-                                    and args.command == "replay" else "")
-           + (", or parked for its size, its topic the shop's" if to_topic else ""))
+                                    and args.command == "replay" else ""))
+    whys = _why_not_sent_on(args.service, left) if to_topic is not None and left else {}
     for message_id in left:
-        print(f"{message_id}: not {args.command}ed ({why})", file=sys.stderr)
+        print(f"{message_id}: not {args.command}ed ({whys.get(message_id, why)})",
+              file=sys.stderr)
     return 1 if left else 0
+
+
+def _why_not_sent_on(service: str, message_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """Why `replay --to-topic` did not send on the rows named: each row's own reason (none if
+    the database fails now: the general one stands)."""
+    shop_topics = service_app(service).extensions["hseshop.settings"].relayed_topics()
+    try:
+        with service_app(service).app_context(), transaction() as session:
+            return why_not_sent_on(session, message_ids, shop_topics)
+    except _DATABASE_FAILURES:
+        return {}
 
 
 def _to_topic_last(argv: list[str]) -> list[str]:
@@ -324,15 +352,20 @@ def _topic_to_send_on_from(service: str, to_topic: str, outbox: bool,
                            every_one: bool) -> tuple[str | None, str | None]:
     """For `replay --to-topic`: why it cannot go as asked (None if it can), and under --all the
     one topic, not the shop's, whose parked rows it sends on. The rows to send on are the outbox's,
-    to one of the shop's topics, and under --all of one topic (the rows of two renamed settings
+    to a topic the service writes to, and under --all of one topic (the rows of two renamed settings
     must not end on one topic: a row parked for another topic after this reads them is left
     parked). Reading which topics parked rows name may fail as the database does
     (_DATABASE_FAILURES)."""
     if not outbox:
         return "--to-topic is for outbox rows: give --outbox", None
-    shop_topics = service_app(service).extensions["hseshop.settings"].relayed_topics()
-    if to_topic not in shop_topics:
-        return f"{to_topic!r} is none of the shop's topics: {', '.join(shop_topics)}", None
+    settings = service_app(service).extensions["hseshop.settings"]
+    shop_topics = settings.relayed_topics()
+    written = service_package(service).published_events(settings)
+    if to_topic not in written:
+        # (Not any of the shop's: one the service reads itself would hand its own consumers
+        # events they never take; the type of each row sent on is checked as it is.)
+        return (f"{to_topic!r} is none of the topics {service} writes to:"
+                f" {', '.join(written) or 'it writes to none'}"), None
     if not every_one:
         return None, None
     with service_app(service).app_context(), transaction() as session:

@@ -125,10 +125,10 @@ class StopLeadingStep(bootsteps.StartStopStep):
         _stop_leading()
 
 
-def _publisher() -> OutboxPublisher:
+def _publisher(service: str) -> OutboxPublisher:
     extensions = current_app.extensions
     if _PUBLISHER not in extensions:
-        extensions[_PUBLISHER] = OutboxPublisher(extensions["hseshop.settings"])
+        extensions[_PUBLISHER] = OutboxPublisher(extensions["hseshop.settings"], service)
     return extensions[_PUBLISHER]
 
 
@@ -167,7 +167,7 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
     # names gives it its own defaults, and docker-compose.yml's creates none): a consumer that
     # subscribed before they existed finds them at its next metadata refresh, within seconds.
     _ensure_topics(settings, service)
-    publisher = _publisher()
+    publisher = _publisher(service)
     sent = deleted_since_vacuum = 0
     unanswered_since = None  # when the broker stopped answering every batch, if it has
     # The rows the broker left without an answer at their last try, which wait to be tried again:

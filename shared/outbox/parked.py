@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from shared.outbox.relaying import PARKED_ROWS
+from shared.outbox.relaying import PARKED_ROWS, UNKNOWN_TOPIC_ERROR_BEGINS
 from shared.outbox.writing import OUTBOX_CHANNEL
 
 
@@ -50,24 +50,67 @@ def unpark_outbox_messages(session: Session,
     return _change_parked_rows(session, _UNPARK, message_ids)
 
 
+class NotOfTheTopic(Exception):
+    """Rows to be sent on to a topic hold events of types that do not go there: nothing is."""
+
+    def __init__(self, topic: str, event_types: list[str]):
+        super().__init__(f"rows to be sent on to {topic} hold {', '.join(event_types)} events,"
+                         f" which do not go there: name the rows of its events only")
+        self.event_types = event_types
+
+
 def redirect_parked_outbox_messages(session: Session, message_ids: list[uuid.UUID] | None,
                                     topic: str, shop_topics: list[str],
+                                    event_types: frozenset[str],
                                     from_topic: str | None = None) -> list[uuid.UUID]:
     """Hand rows parked for a topic that is not among `shop_topics` (every one when `message_ids`
     is None; only those of `from_topic` when given) back to the relay to be sent to `topic`
     instead, each with the rows waiting behind it (its old topic and key, written after it), so
     that those go on after it, in their order, rather than each be parked in turn; returns the
-    parked rows' ids. (A row parked for its size is left alone: its topic is the shop's.) The relay
-    is woken as the caller's transaction commits."""
-    chosen, params = "", {"topic": topic, "shop_topics": list(shop_topics)}
+    parked rows' ids. (A row parked for its size is left alone: its topic is the shop's.) Raises
+    NotOfTheTopic, changing nothing, if any of those rows is of a type not among `event_types`,
+    the ones that go to `topic`: a service's rows sent on to a topic it reads itself, or to
+    another of its own, would hand its consumers events they never take. The relay is woken as
+    the caller's transaction commits."""
+    chosen, params = "", {"topic": topic, "shop_topics": list(shop_topics),
+                          "event_types": sorted(event_types)}
     if message_ids is not None:
         chosen, params["message_ids"] = " AND message_id = ANY(:message_ids)", message_ids
     if from_topic is not None:
         chosen, params["from_topic"] = chosen + " AND topic = :from_topic", from_topic
-    ids = list(session.scalars(text(_REDIRECT.format(chosen=chosen)), params))
+    stray = list(session.scalars(text(_CHOSEN.format(chosen=chosen) + _OF_OTHER_TYPES), params))
+    if stray:
+        raise NotOfTheTopic(topic, stray)
+    ids = list(session.scalars(text(_CHOSEN.format(chosen=chosen) + _REDIRECT), params))
     if ids:
         session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": OUTBOX_CHANNEL})
     return ids
+
+
+def why_not_sent_on(session: Session, message_ids: list[uuid.UUID],
+                    shop_topics: list[str]) -> dict[uuid.UUID, str]:
+    """Why `replay --to-topic` sent none of the rows `message_ids` on, each in a few words with
+    what to do instead (for an operator: after redirect_parked_outbox_messages left them)."""
+    rows = {row.message_id: row for row in session.execute(text(
+        "SELECT message_id, topic, parked_at, last_error FROM outbox_messages"
+        " WHERE message_id = ANY(:message_ids)"), {"message_ids": message_ids})}
+    why = {}
+    for message_id in message_ids:
+        row = rows.get(message_id)
+        if row is None:
+            why[message_id] = "no such outbox row: sent, discarded, or never written"
+        elif row.parked_at is None:
+            why[message_id] = "not parked"
+        elif row.topic not in shop_topics:
+            why[message_id] = f"still parked for {row.topic} (parked as it ran?): run it again"
+        elif (row.last_error or "").startswith(UNKNOWN_TOPIC_ERROR_BEGINS):
+            # (A newer release's row, parked by a relay of the release before in a rolling upgrade.)
+            why[message_id] = (f"parked for a topic that is now the shop's ({row.topic}): replay"
+                               " it without --to-topic")
+        else:
+            why[message_id] = (f"parked for its size, its topic the shop's ({row.topic}): replay"
+                               " it without --to-topic once what made it too large is mended")
+    return why
 
 
 def parked_topics_not_the_shops(session: Session, shop_topics: list[str]) -> list[str]:
@@ -100,13 +143,24 @@ def _change_parked_rows(session: Session, statement: str,
     return ids
 
 
+# The parked rows to send on (each statement below follows it), locked until the transaction ends.
+_CHOSEN = """
+WITH chosen AS (
+    SELECT id, topic, key, type FROM outbox_messages
+    WHERE """ + PARKED_ROWS + """ AND topic <> ALL(:shop_topics){chosen}
+    FOR UPDATE)"""
+# The types, of those rows and the rows waiting behind them, that do not go to the topic.
+_OF_OTHER_TYPES = """
+SELECT DISTINCT type FROM (
+    SELECT type FROM chosen
+    UNION ALL
+    SELECT later.type FROM outbox_messages AS later JOIN chosen
+        ON later.topic = chosen.topic AND later.key = chosen.key AND later.id > chosen.id
+           AND later.parked_at IS NULL) AS sent_on
+WHERE type <> ALL(:event_types) ORDER BY type"""
 # The rows behind and the parked rows are apart (the ones not parked, the others parked): the two
 # updates of one statement never meet on a row.
-_REDIRECT = """
-WITH chosen AS (
-    SELECT id, topic, key FROM outbox_messages
-    WHERE """ + PARKED_ROWS + """ AND topic <> ALL(:shop_topics){chosen}
-    FOR UPDATE),
+_REDIRECT = """,
 behind AS (
     UPDATE outbox_messages AS later SET topic = :topic FROM chosen
     WHERE later.topic = chosen.topic AND later.key = chosen.key AND later.id > chosen.id

@@ -99,7 +99,7 @@ def test_relay_publishes_the_envelope_with_key_and_headers_and_deletes_the_rows(
     with request_id_bound("request-of-the-second"):
         orders.append(_place(user_id, "2.50"))
     orders.append(_place(user_id, "3.00"))
-    sent = sum(r.sent for r in _relay_all(OutboxPublisher(settings)))
+    sent = sum(r.sent for r in _relay_all(OutboxPublisher(settings, "orders")))
 
     assert _outbox_rows_for([o.id for o in orders]) == []
     assert sent >= 3
@@ -140,7 +140,7 @@ def test_a_message_no_broker_can_take_is_parked_and_holds_back_its_key_and_no_ot
     """A row too large for the broker is refused by the producer at once: it is parked and not
     tried again, the rows behind it with its key wait (they must not overtake it), however many
     there are, and every other key's rows go out."""
-    publisher = OutboxPublisher(settings)
+    publisher = OutboxPublisher(settings, "orders")
     _relay_all(publisher)  # whatever earlier tests left behind
     stuck_user = f"{user_id}-stuck"
     too_large = _place(stuck_user, "1.00")
@@ -177,7 +177,7 @@ def test_an_operator_replays_or_discards_a_parked_outbox_row(in_orders, settings
     rows behind it go out in their order."""
     from tasks import parked
 
-    publisher = OutboxPublisher(settings)
+    publisher = OutboxPublisher(settings, "orders")
     _relay_all(publisher)
     too_large = _place(user_id, "1.00")
     behind_it = [_place(user_id, amount).id for amount in ("2.00", "3.00")]
@@ -214,7 +214,7 @@ def test_a_parked_outbox_row_replayed_once_mended_goes_out_before_the_rows_behin
         in_orders, settings, user_id):
     from tasks import parked
 
-    publisher = OutboxPublisher(settings)
+    publisher = OutboxPublisher(settings, "orders")
     _relay_all(publisher)
     first = _place(user_id, "1.00")
     behind_it = [_place(user_id, amount).id for amount in ("2.00", "3.00")]
@@ -248,7 +248,7 @@ def _parked_rows_for_their_topic(settings, user_id: str):
     """Orders whose outbox rows name a topic the shop does not use, relayed: a first one of a
     user's, parked, two after it of the same key, waiting behind it, and a row of no key, parked
     too; yields (old topic, parked order, the orders behind it, the keyless one)."""
-    publisher = OutboxPublisher(settings)
+    publisher = OutboxPublisher(settings, "orders")
     _relay_all(publisher)  # whatever earlier tests left behind
     old_topic = _renamed_away(settings)
     first = _place(user_id, "1.00").id
@@ -269,7 +269,7 @@ def test_a_row_naming_a_topic_the_shop_does_not_use_is_parked_not_sent_and_holds
     went to a topic no consumer of the shop reads, the broker creating it; with topics not made
     on first use it timed out, every try holding up its batch, for ever), with its reason; the
     rows of its key wait behind it, and every other row goes at once."""
-    publisher = OutboxPublisher(settings)
+    publisher = OutboxPublisher(settings, "orders")
     _relay_all(publisher)
     old_topic = _renamed_away(settings)
     first = _place(user_id, "1.00").id
@@ -286,8 +286,8 @@ def test_a_row_naming_a_topic_the_shop_does_not_use_is_parked_not_sent_and_holds
         assert _outbox_rows_for([other]) == [] and _messages_of(settings, [other])
         parked, waiting = _outbox_rows_for([first, behind])
         assert parked.parked_at is not None and parked.topic == old_topic
-        assert f"its topic {old_topic!r} is none of the shop's" in parked.last_error
-        assert "--to-topic" in parked.last_error
+        assert f"its topic {old_topic!r} is none of this relay's" in parked.last_error
+        assert "replay orders --outbox --to-topic TOPIC ID" in parked.last_error
         assert waiting.parked_at is None and "held back behind" in waiting.last_error
         assert sum(result.claimed for result in _relay_all(publisher)) == 0  # not tried again
         admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
@@ -312,7 +312,7 @@ def test_an_operator_sends_rows_parked_for_their_topic_on_to_one_of_the_shops(
         assert parked.main(["list", "orders", "--outbox"]) == 0
         assert f"{first_id}  PaymentRequested  {old_topic}" in capsys.readouterr().out
 
-        for wrong, said in ((["--outbox", "--to-topic", old_topic], "none of the shop's topics"),
+        for wrong, said in ((["--outbox", "--to-topic", old_topic], "topics orders writes to"),
                             (["--to-topic", settings.topic_payment_requested], "give --outbox")):
             with pytest.raises(SystemExit) as exited:
                 parked.main(["replay", "orders", *wrong, str(first_id)])
@@ -324,8 +324,8 @@ def test_an_operator_sends_rows_parked_for_their_topic_on_to_one_of_the_shops(
         assert parked.main(["replay", "orders", "--outbox", "--to-topic", to, str(first_id),
                             str(keyless_id)]) == 0
         assert capsys.readouterr().out.strip() == (
-            f"orders outbox: 2 message(s) handed back to be sent to {to}")
-        assert sum(result.parked for result in _relay_all(OutboxPublisher(settings))) == 0
+            f"orders outbox: 2 message(s) handed back to be sent to {to}{SENT_ON_IN_ORDER}")
+        assert sum(result.parked for result in _relay_all(OutboxPublisher(settings, "orders"))) == 0
         db.session.rollback()
         assert _outbox_rows_for([first, *behind, keyless]) == []
         messages = _messages_of(settings, [first, *behind, keyless])
@@ -334,6 +334,98 @@ def test_an_operator_sends_rows_parked_for_their_topic_on_to_one_of_the_shops(
         assert mine == ["1.00", "2.00", "3.00"]
     finally:
         _delete_outbox_rows_of([first, *behind, keyless])
+
+
+# What `replay --to-topic` says of the order its rows arrive in (README: Outbox relay).
+SENT_ON_IN_ORDER = (", with the rows behind them in their order, after the rows of their keys sent"
+                    " to it under its name while they were parked")
+
+
+def test_rows_are_sent_on_only_to_a_topic_their_service_writes_their_events_to(
+        in_orders, settings, user_id, capsys):
+    """--to-topic takes a topic the service writes to, and rows (the named ones, or under --all
+    those of the old topic, and the rows behind them) of the events it writes there: orders' rows
+    sent on to payments' results, which orders reads itself, or a PaymentRequested to orders'
+    status changes, would hand consumers events they never take. Refused in a line, exit 2,
+    nothing changed; then sent where they go."""
+    from tasks import parked
+
+    old_topic, first, behind, keyless = _parked_rows_for_their_topic(settings, user_id)
+    try:
+        rows = {row.correlation_id: row for row in _outbox_rows_for([first, *behind, keyless])}
+        first_id = str(rows[str(first)].message_id)
+        for asked, said in (
+                ([settings.topic_payment_results, first_id],
+                 f"{settings.topic_payment_results!r} is none of the topics orders writes to"),
+                ([settings.topic_payment_results, "--all"], "none of the topics orders writes"),
+                ([settings.topic_order_status_changed, first_id],
+                 f"rows to be sent on to {settings.topic_order_status_changed} hold"
+                 " PaymentRequested events, which do not go there"),
+                ([settings.topic_order_status_changed, "--all"], "hold PaymentRequested events")):
+            with pytest.raises(SystemExit) as exited:
+                parked.main(["replay", "orders", "--outbox", "--to-topic", *asked])
+            assert exited.value.code == 2 and said in capsys.readouterr().err, asked
+        with pytest.raises(SystemExit) as exited:
+            parked.main(["replay", "payments", "--outbox", "--to-topic",
+                         settings.topic_payment_requested, first_id])
+        assert exited.value.code == 2 and "none of the topics payments writes to" in (
+            capsys.readouterr().err)
+        db.session.rollback()
+        assert [(row.topic, row.parked_at is not None)
+                for row in _outbox_rows_for([first, *behind])] == [
+            (old_topic, True), (old_topic, False), (old_topic, False)]  # nothing changed
+
+        assert parked.main(["replay", "orders", "--outbox", "--to-topic",
+                            settings.topic_payment_requested, first_id]) == 0
+        _relay_all(OutboxPublisher(settings, "orders"))
+        db.session.rollback()
+        assert _outbox_rows_for([first, *behind]) == []
+    finally:
+        _delete_outbox_rows_of([first, *behind, keyless])
+
+
+def test_a_newer_releases_row_parked_by_a_relay_of_the_release_before_is_replayed_as_it_is(
+        in_orders, settings, user_id, capsys):
+    """In a rolling upgrade a relay of the release before, which does not know a topic the new
+    release writes to, parks its rows, telling the operator both ways out for this service (not
+    a SERVICE to fill in). Once the relays know it, the topic is the shop's: `--to-topic` refuses
+    the row saying so, and to replay it without; plain `replay --outbox` hands it back, and it
+    goes to its topic, the rows behind it after it, in order."""
+    from tasks import parked
+
+    publisher = OutboxPublisher(settings, "orders")
+    _relay_all(publisher)
+    new_topic = settings.topic_payment_requested
+    release_before = OutboxPublisher(settings, "orders", topics=[
+        topic for topic in settings.relayed_topics() if topic != new_topic])
+    orders = [_place(user_id, amount).id for amount in ("1.00", "2.00", "3.00")]
+    try:
+        assert sum(result.parked for result in _relay_all(release_before)) == 1
+        db.session.rollback()
+        first, *_ = _outbox_rows_for(orders)
+        assert first.parked_at is not None and first.topic == new_topic
+        assert "replay orders --outbox --to-topic TOPIC ID" in first.last_error
+        assert "upgraded, `python -m tasks.parked replay orders --outbox ID`" in first.last_error
+
+        assert parked.main(["replay", "orders", "--outbox", "--to-topic", new_topic,
+                            str(first.message_id)]) == 1
+        said = capsys.readouterr()
+        assert said.err.strip() == (
+            f"{first.message_id}: not replayed (parked for a topic that is now the shop's"
+            f" ({new_topic}): replay it without --to-topic)")
+        assert parked.main(["replay", "orders", "--outbox", "--to-topic", new_topic,
+                            str(uuid.uuid4())]) == 1
+        assert "no such outbox row" in capsys.readouterr().err
+
+        assert parked.main(["replay", "orders", "--outbox", str(first.message_id)]) == 0
+        assert sum(result.parked for result in _relay_all(publisher)) == 0
+        db.session.rollback()
+        assert _outbox_rows_for(orders) == []
+        amounts = [json.loads(m.value())["payload"]["amount"]
+                   for m in _messages_of(settings, orders) if m.key() == user_id.encode()]
+        assert amounts == ["1.00", "2.00", "3.00"]
+    finally:
+        _delete_outbox_rows_of(orders)
 
 
 def test_replay_all_to_a_topic_sends_on_the_rows_of_one_topic_not_the_shops_only(
@@ -349,7 +441,7 @@ def test_replay_all_to_a_topic_sends_on_the_rows_of_one_topic_not_the_shops_only
     other_ids = [other_orders[0], *other_orders[1], other_orders[2]]
     too_large = _place(f"{user_id}-large").id
     _make_too_large(too_large)
-    _relay_all(OutboxPublisher(settings))
+    _relay_all(OutboxPublisher(settings, "orders"))
     to = settings.topic_payment_requested
     try:
         with pytest.raises(SystemExit) as exited:
@@ -360,8 +452,8 @@ def test_replay_all_to_a_topic_sends_on_the_rows_of_one_topic_not_the_shops_only
 
         assert parked.main(["replay", "orders", "--outbox", "--all", "--to-topic", to]) == 0
         assert capsys.readouterr().out.strip() == (
-            f"orders outbox: 2 message(s) handed back to be sent to {to}")
-        _relay_all(OutboxPublisher(settings))
+            f"orders outbox: 2 message(s) handed back to be sent to {to}{SENT_ON_IN_ORDER}")
+        _relay_all(OutboxPublisher(settings, "orders"))
         db.session.rollback()
         assert _outbox_rows_for([first, *behind, keyless]) == []
         (large,) = _outbox_rows_for([too_large])
@@ -380,7 +472,7 @@ REFUSED_TOPIC = "no topic can be named this!"
 def _refusing_publisher(settings) -> OutboxPublisher:
     """A publisher that sends to REFUSED_TOPIC as to one of the shop's topics, for the broker to
     refuse."""
-    return OutboxPublisher(settings, topics=[*settings.topics(), REFUSED_TOPIC])
+    return OutboxPublisher(settings, "orders", topics=[*settings.topics(), REFUSED_TOPIC])
 
 
 def _send_to(topic: str, order_ids, key: str | None = None) -> None:
@@ -503,10 +595,10 @@ def test_the_leader_reminds_of_parked_rows_as_it_starts_and_then_every_while(
         orders_flask_app, settings, user_id, monkeypatch, caplog):
     monkeypatch.setattr("tasks.relay.PARKED_REMINDER_SECONDS", 0.2)
     with orders_flask_app.app_context():
-        _relay_all(OutboxPublisher(settings))
+        _relay_all(OutboxPublisher(settings, "orders"))
         order_id = _place(user_id).id
         _make_too_large(order_id)
-        _relay_all(OutboxPublisher(settings))  # parked, before the leader starts
+        _relay_all(OutboxPublisher(settings, "orders"))  # parked, before the leader starts
     try:
         with _relay_task_leading([]):
             def reminded_twice() -> bool:
@@ -564,7 +656,7 @@ def test_with_the_broker_down_rows_pile_up_with_their_error_and_go_out_when_it_i
 
 def _rows_pile_up_and_go_out(broker, port: int, settings, user_id: str) -> None:
     own_settings = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{port}")
-    publisher = OutboxPublisher(own_settings)
+    publisher = OutboxPublisher(own_settings, "orders")
     _relay_all(publisher)  # whatever earlier tests left behind
     broker.stop()
     try:
@@ -595,14 +687,14 @@ def _rows_pile_up_and_go_out(broker, port: int, settings, user_id: str) -> None:
 def test_relays_taking_turns_to_lead_send_each_row_once(orders_flask_app, settings, user_id):
     """Four relays, each leading for one batch at a time while the others fail to lead."""
     with orders_flask_app.app_context():
-        _relay_all(OutboxPublisher(settings))
+        _relay_all(OutboxPublisher(settings, "orders"))
         order_ids = [_place(user_id, "1.00").id for _ in range(60)]
     url = settings.database_url("orders")
     nothing_left = threading.Event()
     sent_counts = []
 
     def relay_in_thread():
-        publisher, sent = OutboxPublisher(settings), 0
+        publisher, sent = OutboxPublisher(settings, "orders"), 0
         while not nothing_left.is_set():
             with RelayLeaderConnection(url) as leader:
                 if not leader.lead():
@@ -625,7 +717,7 @@ def test_relays_taking_turns_to_lead_send_each_row_once(orders_flask_app, settin
         assert sum(sent_counts) == 60
         # Each sent once: read up to an order sent after them all, on their partition (one user).
         marker = _place(user_id, "1.00").id
-        _relay_all(OutboxPublisher(settings))
+        _relay_all(OutboxPublisher(settings, "orders"))
     sent = Counter(json.loads(m.value())["correlation_id"]
                    for m in _messages_of(settings, [*order_ids, marker], read_past=True))
     assert {str(order_id): sent[str(order_id)] for order_id in order_ids} == {
@@ -634,7 +726,7 @@ def test_relays_taking_turns_to_lead_send_each_row_once(orders_flask_app, settin
 
 def test_a_batch_sent_whole_is_deleted_by_one_walk_along_the_primary_key(in_orders, settings,
                                                                          user_id):
-    publisher = OutboxPublisher(settings)
+    publisher = OutboxPublisher(settings, "orders")
     _relay_all(publisher)  # whatever earlier tests left behind
     order_ids = [_place(user_id, "1.00").id for _ in range(5)]
     with transaction() as session, driver_cursor(session) as cursor:
@@ -675,7 +767,7 @@ def test_a_row_among_a_batchs_rows_that_was_not_sent_is_not_deleted(in_orders, s
     (shared.outbox.relaying._delete_rows): a row between them that was not sent stays. Committed
     late (its id taken before the rows after it were committed, its commit while the batch was out,
     after the read), it was read by no relay yet; refused, it is tried again."""
-    publisher = OutboxPublisher(settings)
+    publisher = OutboxPublisher(settings, "orders")
     _relay_all(publisher)  # whatever earlier tests left behind
     before = [_place(user_id, "1.00").id for _ in range(20)]
     late_session = Session(db.engine)
@@ -725,7 +817,7 @@ def test_one_users_orders_placed_at_once_go_out_in_the_order_their_rows_were_wri
     PaymentRequested row cannot commit, and a relay cannot send it, ahead of the first's, which
     has the lower id. Without the lock, the relay run meanwhile sent the second alone, first."""
     url = settings.database_url("orders")
-    publisher = OutboxPublisher(settings)
+    publisher = OutboxPublisher(settings, "orders")
     second: dict[str, object] = {}
 
     def place_the_second():
@@ -790,7 +882,7 @@ def test_the_leader_relays_on_its_own_connection(in_orders, settings, user_id):
         assert leader.lead()
         with leader.cursor() as cursor:
             _place(user_id)  # commits, and notifies, while the leader relays
-            relay_pending_outbox(cursor, OutboxPublisher(settings).send_batch, 10_000)
+            relay_pending_outbox(cursor, OutboxPublisher(settings, "orders").send_batch, 10_000)
         db.session.rollback()
         assert _outbox_rows_for([order.id]) == []
         assert leader.wait(5)
@@ -1020,7 +1112,7 @@ def _leading_over_a_standing_backlog(orders_flask_app, settings, monkeypatch,
     monkeypatch.setattr(relay, "WALK_AT_LEAST_EVERY_SECONDS", read_at_least_every)
     pace = _paced(monkeypatch)
     with orders_flask_app.app_context():
-        _relay_all(OutboxPublisher(settings))  # whatever earlier tests left behind
+        _relay_all(OutboxPublisher(settings, "orders"))  # whatever earlier tests left behind
     _outbox_statement(orders_flask_app, f"""
         INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,
                                      next_attempt_at)
@@ -1182,7 +1274,7 @@ def test_a_leader_whose_slow_reads_walk_over_no_refused_row_reads_at_every_wake_
     monkeypatch.setattr(relay, "WALK_AT_LEAST_EVERY_SECONDS", 60.0)
     pace = _paced(monkeypatch)
     with orders_flask_app.app_context():
-        _relay_all(OutboxPublisher(settings))  # whatever earlier tests left behind
+        _relay_all(OutboxPublisher(settings, "orders"))  # whatever earlier tests left behind
         with transaction() as session, driver_cursor(session) as cursor:
             cursor.execute("SELECT nextval(pg_get_serial_sequence('outbox_messages', 'id'))")
             (low_id,) = cursor.fetchone()
@@ -1371,7 +1463,7 @@ def test_a_leader_the_broker_keeps_refusing_steps_down_for_another_to_lead(
     monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 0.5)
     cut_off = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
     worker_app = service_app("orders")
-    worker_app.extensions[relay._PUBLISHER] = OutboxPublisher(cut_off)
+    worker_app.extensions[relay._PUBLISHER] = OutboxPublisher(cut_off, "orders")
     with orders_flask_app.app_context():
         order_id = _place(user_id).id
     first, second = [], []
@@ -1439,7 +1531,7 @@ def test_a_leader_whose_refused_rows_wait_for_their_next_try_still_steps_down(
     monkeypatch.setattr(relay, "TOPIC_CHECK_TIMEOUT_SECONDS", 0.2)
     _waiting_long(monkeypatch)
     with orders_flask_app.app_context():
-        _relay_all(OutboxPublisher(settings))
+        _relay_all(OutboxPublisher(settings, "orders"))
         order_id = _place(user_id).id
         if refused_before:
             with transaction() as session, driver_cursor(session) as cursor:
@@ -1449,7 +1541,7 @@ def test_a_leader_whose_refused_rows_wait_for_their_next_try_still_steps_down(
     cut_off = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
     started = time.monotonic()
     try:
-        with _leading_through(OutboxPublisher(cut_off)) as (run, led):
+        with _leading_through(OutboxPublisher(cut_off, "orders")) as (run, led):
             run.join(30)
             assert led == [0] and "orders" in relay._sitting_out  # it led, sent none, stepped down
         assert time.monotonic() - started >= 2.0
@@ -1468,7 +1560,7 @@ def _a_lone_row_of_the_refused_topic(app, settings, user_id: str, monkeypatch):
     monkeypatch.setattr("shared.outbox.relaying.FIRST_RETRY_AFTER_SECONDS", 0.2)
     monkeypatch.setattr("shared.outbox.relaying.LONGEST_RETRY_AFTER_SECONDS", 0.2)
     with app.app_context():
-        _relay_all(OutboxPublisher(settings))  # whatever earlier tests left behind
+        _relay_all(OutboxPublisher(settings, "orders"))  # whatever earlier tests left behind
         refused_id = _place(user_id).id
         _send_to(REFUSED_TOPIC, [refused_id])
     return refused_id

@@ -83,7 +83,7 @@ def _rows(count: int) -> list[tuple]:
 def publisher(monkeypatch):
     StandInProducer.made.clear()
     monkeypatch.setattr(kafka, "Producer", StandInProducer)
-    return kafka.OutboxPublisher(load_settings({}), topics=["topic"])
+    return kafka.OutboxPublisher(load_settings({}), "orders", topics=["topic"])
 
 
 def test_rows_with_no_failure_reported_are_acknowledged(publisher):
@@ -296,7 +296,13 @@ def test_a_row_naming_a_topic_not_among_the_publishers_is_parked_unproduced_and_
     rows[0] = (1, "renamed-away", "key", *rows[0][3:])
     rows[1] = (2, "renamed-away", "key", *rows[1][3:])
     refused = publisher.send_batch(rows)
-    assert refused[1].park and "'renamed-away' is none of the shop's" in refused[1].error
+    assert refused[1].park and "'renamed-away' is none of this relay's" in refused[1].error
+    # Both ways out, for the service whose outbox it is (not a SERVICE to fill in), within the
+    # 200 characters `list` shows: renamed since, or a newer release's row.
+    shown = refused[1].error[:200]
+    assert "python -m tasks.parked replay orders --outbox --to-topic TOPIC ID" in shown
+    assert "once every relay is upgraded, `python -m tasks.parked replay orders --outbox ID`" in (
+        refused[1].error) and "SERVICE" not in refused[1].error
     assert refused[2].held and not refused[2].park  # behind it, its topic and key
     assert 3 not in refused  # another topic's row goes
     assert publisher._get_producer().produced == [rows[2][6]]
