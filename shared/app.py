@@ -127,8 +127,8 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
                 "type": "apiKey", "in": "header", "name": "X-User-ID",
                 "description": "Set by the gateway, with X-Gateway-Timestamp and "
                                "X-Gateway-Signature, signed for the request it comes with (its "
-                               "method, path and query, and body); the service refuses it "
-                               "otherwise."}}},
+                               "method, path and query, body, Idempotency-Key and "
+                               "X-Gateway-Deadline); the service refuses it otherwise."}}},
             "security": [{"UserId": []}]},
     )
     app.config.update(config or {})

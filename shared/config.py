@@ -188,9 +188,17 @@ def _grpc_address(raw: str) -> bool:
                                                   "ipv6:", "vsock:"))
 
 
-def _http_url(raw: str) -> bool:
-    url = urlsplit(raw)
-    return url.scheme in ("http", "https") and bool(url.hostname)
+def _service_root(raw: str) -> bool:
+    """http(s)://host[:port], a trailing "/" aside: the gateway appends the route's path ("/orders")
+    and signs the path it sends, which a service URL with a path of its own would change
+    ("//orders", which one server collapses to "/orders" and another keeps: a 401 on one)."""
+    try:
+        url = urlsplit(raw)
+        url.port  # (a port that is no number raises here)
+    except ValueError:
+        return False
+    return (url.scheme in ("http", "https") and bool(url.hostname) and url.path in ("", "/")
+            and not url.query and not url.fragment and not raw.endswith(("?", "#")))
 
 
 # The settings with a form of their own, and what it is. A value of another form would come to
@@ -199,9 +207,13 @@ def _http_url(raw: str) -> bool:
 FORMS = {
     **{f"{service.upper()}_GRPC_{role}": (_grpc_address, "host:port")
        for service in GRPC_SERVICES for role in ("TARGET", "BIND")},
-    **{f"{service.upper()}_SERVICE_URL": (_http_url, "an http:// or https:// URL")
+    **{f"{service.upper()}_SERVICE_URL": (
+        _service_root, "an http:// or https:// URL of a host and port, with no path")
        for service in GRPC_SERVICES},
 }
+# The settings written one way, whatever way they are given: a service URL's trailing "/".
+NORMALISED = {f"{service.upper()}_SERVICE_URL": lambda raw: raw.removesuffix("/")
+              for service in GRPC_SERVICES}
 # The numbers for which 0 means none (the rest are sizes, counts and lengths of time above 0).
 ZERO_MEANS_NONE = ("GATEWAY_TRUSTED_PROXY_HOPS",)
 # The settings that sign: set but empty (a deployment's missing secret, say) is refused, not read
@@ -256,7 +268,7 @@ def _setting(name: str, kind: str, raw: str) -> str | int | float:
             raise ValueError(f"{name}={raw!r}: expected one of {', '.join(CHOICES[name])}")
         if name in FORMS and not FORMS[name][0](raw):
             raise ValueError(f"{name}={raw!r}: expected {FORMS[name][1]}")
-        return raw
+        return NORMALISED[name](raw) if name in NORMALISED else raw
     try:
         value = int(raw) if kind == "int" else float(raw)
     except ValueError:

@@ -5,32 +5,48 @@ services accept no identity without that signature, nor one signed for another r
 Headers (or gRPC metadata, in lower case): `X-User-ID`, `X-Gateway-Timestamp` (Unix seconds) and
 `X-Gateway-Signature`: "v2=" and the hex HMAC-SHA256, under INTERNAL_AUTH_SECRET, of these lines:
 
-    hseshop-identity-v2, the user id, the timestamp, the method, the target, the body's SHA-256
+    hseshop-identity-v2, the user id, the timestamp, the method, the target, the body's SHA-256,
+    the Idempotency-Key, the X-Gateway-Deadline
 
-where, over HTTP, the method is the request's and the target its path and query exactly as sent
-on the request line (what the service's server hands over as RAW_URI), and, over gRPC, the method
-is GRPC_METHOD, the target the call's full method name ("/hseshop.orders.v1.Orders/PlaceOrder") and
-the body the request message's serialized bytes. So headers captured off one request (a balance
+where, over HTTP, the method is the request's, the target its path and query exactly as sent on
+the request line (what the service's server hands over as RAW_URI), and the last two lines the
+values of those headers as sent, each empty when the request has none; over gRPC the method is
+GRPC_METHOD, the target the call's full method name ("/hseshop.orders.v1.Orders/PlaceOrder"), the
+body the request message's serialized bytes, and the last two lines are empty (the key is a field
+of the message, and the deadline the call's own). So headers captured off one request (a balance
 read) vouch for that request alone: not for a deposit, another order, another query or another
-body, over either transport.
+body, over either transport; nor, over HTTP, for the same deposit with another Idempotency-Key or
+none (each a new deposit), or with another deadline (later: committed after the gateway's 504).
+The gateway signs each try as it sends it; a resend carries the same key and the same deadline (a
+moment, shared/caller_deadline.py), signed afresh with its own timestamp.
 
 What stays possible is that same request sent again within the window: a signature is accepted up
 to MAX_AGE_SECONDS after its timestamp (the gateway's resends, a busy service's queue) and no more
 than MAX_AHEAD_SECONDS before it (the hosts' clocks apart, which NTP keeps far closer): the window
 a captured request can be repeated in, whose repeats the keyed POSTs answer with their first
-answer anyway. There is no store of signatures seen.
+answer anyway (an unkeyed POST, an order placed, is carried out again). There is no store of
+signatures seen.
 
 The "v2" is the format's version: a service of this release refuses the signature of a gateway of
-the one before (unversioned, over the user id and timestamp alone) with SIGNATURE_VERSION_MISMATCH,
-and a service of before refuses this one's as not the gateway's (its UNTRUSTED_IDENTITY): a 401
-either way, which the gateway answers as a 502 and logs. Gateway and services are deployed
-together (README: Deploying).
+the one before (unversioned: 64 hex digits over the user id and timestamp alone) with
+SIGNATURE_VERSION_MISMATCH, and a service of before refuses this one's as not the gateway's (its
+UNTRUSTED_IDENTITY): a 401 either way, which the gateway answers as a 502 and logs. Any other
+signature that is not "v2=" is a forgery or garbage to this release, UNTRUSTED_IDENTITY. Gateway
+and services are deployed together (README: Deploying).
+
+A request is refused without its body read when its identity headers fail every check but the
+signature's own (missing, malformed, stale; `body` below may be a function, called last), with
+one exception: a service reads a chunked body (no Content-Length) before any view or check, to
+refuse one that is unreadable or over the limit (shared.app's
+refuse_a_chunked_body_unreadable_or_over_the_limit), so such a body is read, up to the limit,
+whatever its headers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Callable, Mapping
 
@@ -43,10 +59,18 @@ MAX_AHEAD_SECONDS = 5
 # The method a gRPC call is signed with: no HTTP method, so that no HTTP request's signature is a
 # gRPC call's (whose targets, full method names, could otherwise be paths too).
 GRPC_METHOD = "GRPC"
+# The headers of an HTTP request whose values are signed with it (shared.idempotency's
+# IDEMPOTENCY_HEADER and shared.caller_deadline's DEADLINE_HEADER, named here so that this module
+# needs no Flask nor database; tests/unit/test_internal_auth.py keeps them in step).
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+DEADLINE_HEADER = "X-Gateway-Deadline"
+SIGNED_HEADERS = (IDEMPOTENCY_KEY_HEADER, DEADLINE_HEADER)
 
 _PREFIX = f"{SIGNATURE_VERSION}="
 _CONTEXT = f"hseshop-identity-{SIGNATURE_VERSION}"
 _EMPTY_BODY_DIGEST = hashlib.sha256(b"").hexdigest()
+# The signature of the release before: the bare hex HMAC-SHA256 of "<user id>|<timestamp>".
+_PREVIOUS_FORMAT = re.compile(r"[0-9a-f]{64}")
 
 
 class InvalidIdentity(ValueError):
@@ -64,21 +88,33 @@ class SignatureVersionMismatch(InvalidIdentity):
 
 
 def _signature(secret: str, user_id: str, timestamp: str, method: str, target: str,
-               body: bytes) -> str:
+               body: bytes, signed_header_values: tuple[str, ...]) -> str:
     digest = hashlib.sha256(body).hexdigest() if body else _EMPTY_BODY_DIGEST
-    message = "\n".join((_CONTEXT, user_id, timestamp, method, target, digest))
+    message = "\n".join((_CONTEXT, user_id, timestamp, method, target, digest,
+                         *signed_header_values))
     mac = hmac.new(secret.encode(), message.encode("utf-8", "surrogatepass"), hashlib.sha256)
     return _PREFIX + mac.hexdigest()
 
 
+def _signed_header_values(method: str, headers: Mapping[str, str]) -> tuple[str, ...]:
+    """The values of SIGNED_HEADERS in an HTTP request's `headers`, each "" when it has none; all
+    "" for a gRPC call (GRPC_METHOD), whose key is in its message and whose deadline is its own."""
+    if method == GRPC_METHOD:
+        return ("",) * len(SIGNED_HEADERS)
+    return tuple(header_value(headers, name) or "" for name in SIGNED_HEADERS)
+
+
 def identity_headers(user_id: str, secret: str, method: str, target: str, body: bytes = b"",
-                     now: float | None = None) -> dict[str, str]:
+                     now: float | None = None, *,
+                     sent_with: Mapping[str, str] | None = None) -> dict[str, str]:
     """The headers (or gRPC metadata) that vouch for `user_id` sending the request `method
-    target` with `body` (over gRPC: GRPC_METHOD, the full method name and the message's bytes),
-    and no other."""
+    target` with `body` and, over HTTP, the Idempotency-Key and X-Gateway-Deadline of the headers
+    it is `sent_with` (none: neither), and no other (over gRPC: GRPC_METHOD, the full method name
+    and the message's bytes)."""
     timestamp = str(int(time.time() if now is None else now))
+    signed = _signed_header_values(method, sent_with or {})
     return {USER_ID_HEADER: user_id, TIMESTAMP_HEADER: timestamp,
-            SIGNATURE_HEADER: _signature(secret, user_id, timestamp, method, target, body)}
+            SIGNATURE_HEADER: _signature(secret, user_id, timestamp, method, target, body, signed)}
 
 
 def grpc_identity_metadata(user_id: str, secret: str, full_method: str, request: bytes,
@@ -86,14 +122,15 @@ def grpc_identity_metadata(user_id: str, secret: str, full_method: str, request:
     """The call metadata that vouches for `user_id` calling `full_method` with the serialized
     message `request`."""
     return [(name.lower(), value) for name, value in
-            identity_headers(user_id, secret, GRPC_METHOD, full_method, request, now).items()]
+            identity_headers(user_id, secret, GRPC_METHOD, full_method, request, now=now).items()]
 
 
 class SignedAs:
     """A requests `auth` that signs each request as the gateway does, as it is sent (each try of
     one sent again signed afresh): `session.get(url, auth=SignedAs(user_id, secret))`. Its target
     is the prepared request's path and query, which requests sends as they are (already quoted),
-    and its body what requests sends: bytes, or a str as http.client encodes it (ISO-8859-1)."""
+    its body what requests sends: bytes, or a str as http.client encodes it (ISO-8859-1), and its
+    Idempotency-Key and X-Gateway-Deadline those of its headers (set before it is signed)."""
 
     def __init__(self, user_id: str, secret: str):
         self.user_id, self.secret = user_id, secret
@@ -105,7 +142,8 @@ class SignedAs:
         if not isinstance(body, bytes):  # (a file or a generator, streamed: not read here)
             raise TypeError("a signed request's body is given as bytes or a str")
         prepared.headers.update(identity_headers(self.user_id, self.secret, prepared.method,
-                                                 prepared.path_url, body))
+                                                 prepared.path_url, body,
+                                                 sent_with=prepared.headers))
         return prepared
 
 
@@ -120,19 +158,22 @@ def header_value(headers: Mapping[str, str], name: str) -> str | None:
 
 def verified_user_id(headers: Mapping[str, str], secret: str, method: str, target: str,
                      body: bytes | Callable[[], bytes] = b"", now: float | None = None) -> str:
-    """The user id the gateway vouched for, for the request `method target` with `body` as the
-    service received it; raise InvalidIdentity otherwise. `body` may be a function that reads
-    it: called only for headers that pass every other check, so that a request with no identity
-    is refused unread, as before its body was signed."""
+    """The user id the gateway vouched for, for the request `method target` with `body` and (over
+    HTTP) the Idempotency-Key and X-Gateway-Deadline of its `headers`, as the service received
+    it; raise InvalidIdentity otherwise. `body` may be a function that reads it: called only for
+    headers that pass every other check, so that this check reads no body of a request with no
+    identity (a chunked one is read before it all the same: see the module's docstring)."""
     user_id = header_value(headers, USER_ID_HEADER)
     timestamp = header_value(headers, TIMESTAMP_HEADER)
     signature = header_value(headers, SIGNATURE_HEADER)
     if not user_id or not timestamp or not signature:
         raise InvalidIdentity("the request carries no gateway-signed identity")
     if not signature.startswith(_PREFIX):
-        raise SignatureVersionMismatch(
-            f"the identity signature is not of this release's format ({SIGNATURE_VERSION}): "
-            "the gateway and the service are of different releases")
+        if _PREVIOUS_FORMAT.fullmatch(signature):
+            raise SignatureVersionMismatch(
+                f"the identity signature is of the release before's format, not this one's "
+                f"({SIGNATURE_VERSION}): the gateway and the service are of different releases")
+        raise InvalidIdentity("the identity signature is of no format this service knows")
     # Digits only (int() takes signs, spaces and "_" too, none of which the gateway writes), and
     # few enough for a time (int() refuses over 4,300, a float overflows past 308: a 500 each).
     if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
@@ -145,7 +186,8 @@ def verified_user_id(headers: Mapping[str, str], secret: str, method: str, targe
     # As bytes: compare_digest refuses str with characters beyond ASCII (a TypeError, not a 401).
     if callable(body):
         body = body()
-    expected = _signature(secret, user_id, timestamp, method, target, body).encode()
+    expected = _signature(secret, user_id, timestamp, method, target, body,
+                          _signed_header_values(method, headers)).encode()
     if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected):
         raise InvalidIdentity("the identity signature is not the gateway's for this request")
     return user_id

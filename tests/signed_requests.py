@@ -1,6 +1,6 @@
 """Calling a service directly as the gateway does, which signs each request it sends for its
-method, path and query, and body (shared.internal_auth): Flask's test client given `signed_as`,
-and gRPC call metadata for one call's method and message."""
+method, path and query, body, Idempotency-Key and deadline (shared.internal_auth): Flask's test
+client given `signed_as`, and gRPC call metadata for one call's method and message."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import io
 from flask import Flask
 from flask.testing import FlaskClient
 
-from shared.internal_auth import grpc_identity_metadata, identity_headers
+from shared.internal_auth import SIGNED_HEADERS, grpc_identity_metadata, identity_headers
 from tests.environment import TEST_SECRETS
 
 
 class GatewaySignedClient(FlaskClient):
     """A Flask test client whose requests can be sent as the gateway sends them for a user:
     `client.post("/orders", json=body, signed_as=user_id)`, signed once built (its method,
-    RAW_URI and body as the app will read them) with the app's own INTERNAL_AUTH_SECRET, or with
-    `signed_with`. An identity header the request is given itself is sent instead of the one
-    signed (a test's tampering with it)."""
+    RAW_URI, body, Idempotency-Key and X-Gateway-Deadline as the app will read them) with the
+    app's own INTERNAL_AUTH_SECRET, or with `signed_with`. An identity header the request is
+    given itself is sent instead of the one signed (a test's tampering with it)."""
 
     def open(self, *args, signed_as: str | None = None, signed_with: str | None = None,
              buffered: bool = False, follow_redirects: bool = False, **kwargs):
@@ -30,8 +30,10 @@ class GatewaySignedClient(FlaskClient):
         body = environ["wsgi.input"].read()
         environ["wsgi.input"] = io.BytesIO(body)  # (read again by the app)
         secret = signed_with or self.application.extensions["hseshop.settings"].internal_auth_secret
+        sent_with = {name: environ[key] for name in SIGNED_HEADERS
+                     if (key := f"HTTP_{name.upper().replace('-', '_')}") in environ}
         signed = identity_headers(signed_as, secret, environ["REQUEST_METHOD"],
-                                  environ["RAW_URI"], body)
+                                  environ["RAW_URI"], body, sent_with=sent_with)
         for name, value in signed.items():
             environ.setdefault(f"HTTP_{name.upper().replace('-', '_')}", value)
         return super().open(request, buffered=buffered, follow_redirects=follow_redirects)

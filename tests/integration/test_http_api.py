@@ -228,10 +228,12 @@ def test_a_caller_without_a_valid_gateway_signed_user_id_gets_401(orders_http, p
     _assert_error(payments_http.get("/accounts/balance", **identity), 401)
 
 
-def _signed_for(user_id, method, target, body=b"", now=None):
-    """The identity headers the gateway sends with the request `method target` and `body`."""
-    return identity_headers(user_id, TEST_SECRETS["INTERNAL_AUTH_SECRET"], method, target, body,
-                            now=now)
+def _signed_for(user_id, method, target, body=b"", now=None, sent_with=None):
+    """The identity headers the gateway sends with the request `method target` and `body` (and
+    the Idempotency-Key and X-Gateway-Deadline of `sent_with`, sent with them)."""
+    return {**(sent_with or {}), **identity_headers(
+        user_id, TEST_SECRETS["INTERNAL_AUTH_SECRET"], method, target, body, now=now,
+        sent_with=sent_with)}
 
 
 def test_headers_signed_for_one_request_are_refused_on_any_other(orders_http, payments_http,
@@ -264,6 +266,31 @@ def test_headers_signed_for_one_request_are_refused_on_any_other(orders_http, pa
                               content_type="application/json").status_code == 200
 
 
+def test_a_signed_deposit_captured_is_no_new_deposit_with_another_key_none_or_another_deadline(
+        payments_http, user_id):
+    """The key and the deadline were not signed: the same signed deposit sent again within the
+    minute with a new key (or none) was a new deposit each time (10, 20, 30, 40), and with a later
+    deadline one committed after the gateway's 504."""
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    deposit = b'{"amount": "10.00"}'
+    sent_with = {"Idempotency-Key": f"deposit-{uuid.uuid4()}", **deadline_headers(30)}
+    signed = _signed_for(user_id, "POST", "/accounts/deposit", deposit, sent_with=sent_with)
+
+    def sent(headers):
+        return payments_http.post("/accounts/deposit", data=deposit, headers=headers,
+                                  content_type="application/json")
+
+    assert sent(signed).status_code == 200
+    no_key = {name: value for name, value in signed.items() if name != "Idempotency-Key"}
+    no_deadline = {name: value for name, value in signed.items() if name != DEADLINE_HEADER}
+    for replayed in ({**signed, "Idempotency-Key": f"deposit-{uuid.uuid4()}"}, no_key,
+                     {**signed, DEADLINE_HEADER: f"{time.time() + 3000:.3f}"}, no_deadline):
+        assert _assert_error(sent(replayed), 401)["code"] == "UNTRUSTED_IDENTITY"
+    assert sent(signed).headers.get(REPLAYED_HEADER) == REPLAYED  # the same request: its answer
+    assert payments_http.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == \
+        "10.00"
+
+
 def test_headers_dated_more_than_a_few_seconds_ahead_are_refused(payments_http, user_id):
     """Accepted up to a minute ahead before: a captured set was good for two."""
     assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
@@ -284,6 +311,11 @@ def test_a_signature_of_the_release_before_is_refused_with_a_code_of_its_own(pay
     refused = payments_http.post("/accounts", headers={
         "X-User-ID": user_id, "X-Gateway-Timestamp": timestamp, "X-Gateway-Signature": old})
     assert _assert_error(refused, 401)["code"] == "SIGNATURE_VERSION_MISMATCH"
+    # Of no release's format (garbage, a version to come): not the gateway's, whatever its version.
+    for unknown in ("garbage", "v3=" + old):
+        refused = payments_http.post("/accounts", headers={
+            "X-User-ID": user_id, "X-Gateway-Timestamp": timestamp, "X-Gateway-Signature": unknown})
+        assert _assert_error(refused, 401)["code"] == "UNTRUSTED_IDENTITY"
 
 
 def test_someone_elses_order_and_a_malformed_id_are_404(orders_http, user_id):

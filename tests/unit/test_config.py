@@ -30,6 +30,15 @@ def test_the_forms_a_grpc_target_or_a_service_url_may_take_are_taken():
     assert settings.payments_grpc_target == "[::1]:50052"
 
 
+def test_a_service_urls_trailing_slash_is_dropped():
+    """The gateway appends "/orders": it sent "//orders", which Werkzeug's server collapses to
+    "/orders" and gunicorn keeps (the signature then for another path: every call a 401)."""
+    settings = load_settings({"ORDERS_SERVICE_URL": "http://orders:8001/",
+                              "PAYMENTS_SERVICE_URL": "https://payments.internal"})
+    assert settings.orders_service_url == "http://orders:8001"
+    assert settings.payments_service_url == "https://payments.internal"
+
+
 @pytest.mark.parametrize("variable, value, expected", [
     ("OUTBOX_RELAY_BATCH_SIZE", "0", "above 0"),
     ("OUTBOX_RELAY_INTERVAL_SECONDS", "-2", "above 0"),
@@ -47,6 +56,10 @@ def test_the_forms_a_grpc_target_or_a_service_url_may_take_are_taken():
     ("PAYMENTS_GRPC_TARGET", "payments-grpc", "host:port"),
     ("PAYMENTS_GRPC_BIND", "0.0.0.0:70000", "host:port"),
     ("ORDERS_SERVICE_URL", "orders:8001", "an http:// or https:// URL"),
+    ("ORDERS_SERVICE_URL", "http://orders:8001/api", "with no path"),
+    ("PAYMENTS_SERVICE_URL", "http://payments:8002//", "with no path"),
+    ("PAYMENTS_SERVICE_URL", "http://payments:8002/?x=1", "with no path"),
+    ("PAYMENTS_SERVICE_URL", "http://payments:port", "with no path"),
     ("GATEWAY_TRUSTED_PROXY_HOPS", "-1", "of 0 or above"),
     ("GATEWAY_TRUSTED_PROXY_HOPS", "x", "a whole number"),
     ("GATEWAY_TRUSTED_PROXY_HOPS", "1.5", "a whole number"),

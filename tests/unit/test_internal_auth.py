@@ -9,9 +9,11 @@ import time
 import pytest
 import requests
 
-from shared.internal_auth import (MAX_AGE_SECONDS, MAX_AHEAD_SECONDS, InvalidIdentity, SignedAs,
-                                  SignatureVersionMismatch, grpc_identity_metadata,
-                                  identity_headers, verified_user_id)
+from shared.caller_deadline import DEADLINE_HEADER
+from shared.idempotency import IDEMPOTENCY_HEADER
+from shared.internal_auth import (MAX_AGE_SECONDS, MAX_AHEAD_SECONDS, SIGNED_HEADERS,
+                                  InvalidIdentity, SignedAs, SignatureVersionMismatch,
+                                  grpc_identity_metadata, identity_headers, verified_user_id)
 
 SECRET = "a secret only the gateway and the services know"
 DEPOSIT = ("POST", "/accounts/deposit", b'{"amount": "10.00"}')
@@ -32,6 +34,35 @@ def test_the_gateways_signature_vouches_for_its_user_on_the_request_it_signed():
 def test_a_signature_for_one_request_vouches_for_no_other(sent):
     with pytest.raises(InvalidIdentity, match="not the gateway's for this request"):
         verified_user_id(identity_headers("usr_1", SECRET, *DEPOSIT), SECRET, *sent)
+
+
+KEYED = {"Idempotency-Key": "deposit-1", "X-Gateway-Deadline": "1900000000.250"}
+
+
+def test_the_signed_headers_are_the_ones_the_services_read():
+    assert SIGNED_HEADERS == (IDEMPOTENCY_HEADER, DEADLINE_HEADER)
+
+
+@pytest.mark.parametrize("sent_with", [
+    {**KEYED, "Idempotency-Key": "deposit-2"},  # another key: another deposit
+    {"X-Gateway-Deadline": KEYED["X-Gateway-Deadline"]},  # no key: a deposit each time
+    {**KEYED, "X-Gateway-Deadline": "1900000060.250"},  # another deadline
+    {"Idempotency-Key": KEYED["Idempotency-Key"]},  # no deadline
+    {},
+])
+def test_a_signature_is_for_its_requests_idempotency_key_and_deadline_alone(sent_with):
+    signed = identity_headers("usr_1", SECRET, *DEPOSIT, sent_with=KEYED)
+    assert verified_user_id({**signed, **KEYED}, SECRET, *DEPOSIT) == "usr_1"
+    with pytest.raises(InvalidIdentity, match="not the gateway's for this request"):
+        verified_user_id({**signed, **sent_with}, SECRET, *DEPOSIT)
+
+
+def test_a_request_sent_without_a_key_or_deadline_is_signed_for_none():
+    signed = identity_headers("usr_1", SECRET, *DEPOSIT)
+    assert verified_user_id(signed, SECRET, *DEPOSIT) == "usr_1"
+    for added in ({"Idempotency-Key": "deposit-9"}, {"X-Gateway-Deadline": "1900000000.250"}):
+        with pytest.raises(InvalidIdentity, match="not the gateway's for this request"):
+            verified_user_id({**signed, **added}, SECRET, *DEPOSIT)
 
 
 def test_a_grpc_calls_signature_is_for_its_method_and_message_alone():
@@ -80,6 +111,15 @@ def test_the_signature_of_a_gateway_of_the_release_before_is_refused_as_of_anoth
     assert refused.value.code == "SIGNATURE_VERSION_MISMATCH"
 
 
+@pytest.mark.parametrize("signature", ["garbage", "v3=" + "0" * 64, "V2=" + "0" * 64, "0" * 63,
+                                       "0" * 65, "A" * 64, "=" + "0" * 64])
+def test_a_signature_of_no_known_format_is_untrusted_not_of_another_version(signature):
+    headers = {**identity_headers("usr_1", SECRET, *DEPOSIT), "X-Gateway-Signature": signature}
+    with pytest.raises(InvalidIdentity, match="no format") as refused:
+        verified_user_id(headers, SECRET, *DEPOSIT)
+    assert refused.value.code == "UNTRUSTED_IDENTITY"
+
+
 def test_a_body_is_read_only_for_headers_that_pass_every_other_check():
     def unread():
         raise AssertionError("the body was read")
@@ -99,6 +139,14 @@ def test_requests_signed_as_a_user_are_signed_for_what_requests_sends():
     assert prepared.path_url == "/accounts/deposit?note=a+b%2F%C3%BC"
     assert verified_user_id(prepared.headers, SECRET, "POST", prepared.path_url,
                             prepared.body) == "usr_1"
+
+
+def test_requests_signed_as_a_user_are_signed_with_their_key_and_deadline():
+    prepared = requests.Request("POST", "http://payments:8002/accounts/deposit", headers=KEYED,
+                                data=DEPOSIT[2], auth=SignedAs("usr_1", SECRET)).prepare()
+    assert verified_user_id(prepared.headers, SECRET, *DEPOSIT) == "usr_1"
+    with pytest.raises(InvalidIdentity):
+        verified_user_id({**prepared.headers, "Idempotency-Key": "deposit-2"}, SECRET, *DEPOSIT)
 
 
 def test_a_body_given_as_a_str_is_signed_as_http_client_sends_it():
