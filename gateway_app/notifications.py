@@ -42,12 +42,13 @@ from gateway_app.notification_document import NOTIFICATION_PAGE
 from gateway_app.ratelimit import RateLimited, client_address
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out
 from gateway_app.socket_document import document_socket
-from gateway_app.socket_tickets import TICKET_TTL_SECONDS, issue_ticket
+from gateway_app.socket_tickets import (TICKET_TTL_SECONDS, TokenExpiresTooSoon, issue_ticket,
+                                        spend_tickets)
 from gateway_app.user_channels import channel, channel_listener, publish
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
 from shared.documented_errors import DocumentedError
-from shared.errors import ApiError
+from shared.errors import ApiError, Unauthorized
 from shared.fields import WholeNumber
 from shared.http_api import Blueprint, EmptySchema, given_more_than_once
 from shared.inbox.handling import Handler, ReceivedEvent
@@ -227,8 +228,9 @@ class SocketTicketSchema(Schema):
     ticket = fields.String(required=True, metadata={
         "description": "Open the socket with it, once: `GET /api/notifications/ws?ticket=...`"})
     expires_in = fields.Integer(required=True, metadata={
-        "description": f"seconds: {TICKET_TTL_SECONDS} at most, less when the token expires "
-                       "sooner"})
+        "description": f"whole seconds, rounded down: {TICKET_TTL_SECONDS} at most, less when "
+                       "the token expires sooner (a token with less than a second left is "
+                       "refused 401 TOKEN_EXPIRED)"})
 
 
 @blueprint.post("/tickets")
@@ -243,6 +245,8 @@ def socket_ticket(_args):
     _refuse_a_ticket_its_handshake_would_be_refused()
     try:
         issued = issue_ticket(g.token)
+    except TokenExpiresTooSoon:  # (expired since it was checked, or about to)
+        raise Unauthorized(tokens.EXPIRED, code="TOKEN_EXPIRED") from None
     except redis.RedisError as exc:
         log.warning("no socket ticket for %s: Redis is unavailable: %s", g.user_id, exc)
         raise ApiError("Live notifications are unavailable just now; try again later.",
@@ -317,12 +321,17 @@ def register_socket(app, authenticate, redeem) -> None:
     def before_the_handshake() -> None:
         if request.path == SOCKET_PATH and isinstance(request.routing_exception,
                                                       WebsocketMismatch):
+            _spend_the_tickets_given(request.args)
             raise ApiError("This URL is a WebSocket: open it with a WebSocket handshake"
                            " (`Upgrade: websocket`).", code="WEBSOCKET_REQUIRED", status=426,
                            headers={"Upgrade": "websocket"})
         if request.endpoint == SOCKET_ENDPOINT:
-            _refuse_a_handshake_we_cannot_take()
-            _count_the_handshake_against_its_address()
+            try:
+                _refuse_a_handshake_we_cannot_take()
+                _count_the_handshake_against_its_address()
+            except ApiError:  # (a 400, a 426, the address's 429)
+                _spend_the_tickets_given(request.args)
+                raise
             g.socket_opening = _socket_opening(authenticate, redeem, request.args)
 
     @sock.route(SOCKET_PATH, endpoint=SOCKET_ENDPOINT)
@@ -394,8 +403,10 @@ SOCKET_PARAMETERS = ("ticket", "access_token", "after")
 def _socket_opening(authenticate, redeem, args) -> SocketOpening:
     repeated = given_more_than_once(args, SOCKET_PARAMETERS)
     if repeated:
+        _spend_the_tickets_given(args)
         return SocketOpening(refusal=(1008, f"`{repeated[0]}` given more than once"))
     if "ticket" in args and "access_token" in args:
+        _spend_the_tickets_given(args)
         return SocketOpening(refusal=(1008, "give `ticket` or `access_token`, not both"))
     try:
         # (A ticket is taken before `after` is read: refused for it, it is spent all the same.)
@@ -417,6 +428,17 @@ def _socket_opening(authenticate, redeem, args) -> SocketOpening:
         # causes once it is (an order placed) comes after this id, however late the stream starts.
         after = newest_notification_id(token.user_id)
     return SocketOpening(token=token, after=after)
+
+
+def _spend_the_tickets_given(args) -> None:
+    """The tickets of a handshake refused before one is redeemed, spent all the same: whoever has
+    its URL (a proxy's access log) could otherwise open a socket with one for the rest of its
+    TICKET_TTL_SECONDS. With Redis away, no ticket opens a socket anyway: the refusal is answered
+    as it is."""
+    try:
+        spend_tickets(args.getlist("ticket"))
+    except redis.RedisError as exc:
+        log.warning("could not spend the tickets of a refused socket handshake: %s", exc)
 
 
 def _refuse_a_handshake_we_cannot_take() -> None:

@@ -47,7 +47,12 @@ for hours there. Give one of the two, not both. A socket is closed with:
 A handshake past its client address's handshakes this minute is answered 429 `RATE_LIMITED` (with
 Retry-After), before its ticket or token is read, and never upgraded: a browser learns only that
 its socket closed (1006), but the ticket was refused before (429 `SOCKET_HANDSHAKES_LIMITED`,
-with Retry-After) unless another page of the address took the last handshake meanwhile."""
+with Retry-After) unless another page of the address took the last handshake meanwhile.
+
+A ticket is spent by any handshake that brings it, whether or not it opens a socket: one
+refused before the ticket is read (that 429, a 400 or 426 for a handshake the gateway cannot
+take, a 1008 for a parameter given twice or both `ticket` and `access_token`) spends it too, so
+ask for a new ticket for each try."""
 
 
 def document_socket(api, rule, max_message: int) -> None:

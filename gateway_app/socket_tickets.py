@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -37,6 +36,11 @@ class UnknownTicket(ValueError):
         super().__init__("The ticket is unknown, used or expired; ask for another.")
 
 
+class TokenExpiresTooSoon(ValueError):
+    """The token has less than a second left (or none): a ticket for it would be spent before
+    a page could use it, and its `expires_in`, whole seconds, could not say how soon."""
+
+
 @dataclass(frozen=True)
 class IssuedTicket:
     ticket: str
@@ -45,14 +49,18 @@ class IssuedTicket:
 
 def issue_ticket(token: VerifiedToken, now: float | None = None) -> IssuedTicket:
     """A new ticket for `token`'s socket, kept for TICKET_TTL_SECONDS or until the token expires,
-    whichever comes first (redis.RedisError with Redis away)."""
+    whichever comes first, its `expires_in` the whole seconds it lasts, rounded down (a page told
+    30 s of a ticket with 29.2 left could come too late); TokenExpiresTooSoon for a token with
+    less than a second left, redis.RedisError with Redis away."""
     now = time.time() if now is None else now
-    lasts_ms = max(1, min(TICKET_TTL_SECONDS * 1000, int((token.expires_at - now) * 1000)))
+    lasts_ms = min(TICKET_TTL_SECONDS * 1000, int((token.expires_at - now) * 1000))
+    if lasts_ms < 1000:
+        raise TokenExpiresTooSoon()
     ticket = secrets.token_urlsafe(32)
     held = json.dumps({"user_id": token.user_id, "expires_at": token.expires_at,
                        "digest": token.digest.hex(), "generation": token.generation})
     redis_client().set(_key(ticket), held, px=lasts_ms)
-    return IssuedTicket(ticket, math.ceil(lasts_ms / 1000))
+    return IssuedTicket(ticket, lasts_ms // 1000)
 
 
 def redeem_ticket(ticket: str) -> VerifiedToken:
@@ -64,6 +72,14 @@ def redeem_ticket(ticket: str) -> VerifiedToken:
     fields = json.loads(held)
     return VerifiedToken(fields["user_id"], float(fields["expires_at"]),
                          bytes.fromhex(fields["digest"]), int(fields["generation"]))
+
+
+def spend_tickets(tickets: list[str]) -> None:
+    """Forget `tickets`, unredeemed (redis.RedisError with Redis away): those of a handshake
+    refused before they are redeemed, whose URL, in a proxy's log, would otherwise open a socket
+    for the rest of their time."""
+    if tickets:
+        redis_client().delete(*(_key(ticket) for ticket in tickets))
 
 
 def _key(ticket: str) -> str:

@@ -41,7 +41,8 @@ import orders_app
 import payments_app
 from devstack.infra import free_port
 from gateway_app import auth as gateway_auth
-from gateway_app import channel_listener, notifications, upstream_http, user_channels
+from gateway_app import (channel_listener, notifications, socket_tickets, upstream_http,
+                         user_channels)
 from gateway_app.channel_listener import ChannelListener, subscriber_client
 from gateway_app.tokens import VerifiedToken, issue_token, verify_token
 from orders_app.service import PLACING_LOCK_CLASS
@@ -2841,6 +2842,127 @@ def test_a_ticket_is_refused_429_with_retry_after_once_its_addresss_handshakes_a
         assert refused.get_json()["error"]["details"] == {
             "retry_after": int(refused.headers["Retry-After"])}
         _ticket(client, auth, {"X-Forwarded-For": _an_address()})
+
+
+def _ticket_kept(settings, ticket: str) -> bool:
+    """Whether Redis still holds `ticket` (by its digest), unredeemed."""
+    digest = hashlib.sha256(ticket.encode()).hexdigest()
+    return bool(redis.Redis.from_url(settings.redis_url).exists(
+        f"{settings.redis_key_prefix}:socket-ticket:{digest}"))
+
+
+def test_a_ticket_brought_to_a_handshake_refused_before_it_is_redeemed_is_spent(
+        settings, upstreams, gateway, monkeypatch):
+    """Refused before the ticket was read (no upgrade asked for, a version or a handshake the
+    gateway cannot take, the address's handshakes spent, a parameter given twice or with the
+    token), a handshake left its ticket unspent: whoever had the URL (a proxy's log) could open a
+    socket with it for the rest of its 30 s."""
+    _, auth = _sign_up(gateway)
+    token = auth["Authorization"].partition(" ")[2]
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket"}
+    key = {"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    for headers, status in (({}, 426), ({**upgrade, "Sec-WebSocket-Version": "8", **key}, 426),
+                            ({**upgrade, "Sec-WebSocket-Version": "13"}, 400)):
+        ticket = _ticket(gateway, auth)
+        assert _ticket_kept(settings, ticket)
+        refused = gateway.get(f"/api/notifications/ws?ticket={ticket}", headers=headers)
+        assert refused.status_code == status, refused.get_json()
+        assert not _ticket_kept(settings, ticket), headers
+    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    with _served_gateway(settings, upstreams, gateway_socket_handshakes_per_address=3,
+                         gateway_trusted_proxy_hops=1) as (client, base):
+        address = {"X-Forwarded-For": _an_address()}
+        both, twice = _ticket(client, auth, address), _ticket(client, auth, address)
+        assert _refused(f"{_ticket_url(base, both)}&access_token={token}", code=1008,
+                        headers=address)
+        assert _refused(f"{_ticket_url(base, twice)}&ticket=x", code=1008, headers=address)
+        assert not _ticket_kept(settings, both) and not _ticket_kept(settings, twice)
+        opened = _stays_open(_ticket_url(base, _ticket(client, auth, address)), headers=address)
+        assert opened
+        opened.close()
+        late = _ticket(gateway, auth)  # (asked for elsewhere: this address's are refused now)
+        assert client.post(TICKETS, headers={**auth, **address}).status_code == 429
+        assert _close_before_anything(_ticket_url(base, late), headers=address) is None  # 429
+        assert not _ticket_kept(settings, late)
+
+
+def _streams_started(monkeypatch) -> list:
+    """The users whose notification stream was started from now on: none is streamed (each
+    socket that would stream is closed 1000), so a test tells a socket refused at its ticket's
+    redemption from one that the stream's own checks would close the same way."""
+    started = []
+
+    def recorded(ws, token, after):
+        started.append(token.user_id)
+        ws.close(reason=1000, message="recorded")
+
+    monkeypatch.setattr(notifications, "stream_notifications", recorded)
+    return started
+
+
+def test_a_ticket_whose_token_is_signed_out_opens_no_stream(settings, upstreams, gateway,
+                                                            monkeypatch):
+    """Refused as the ticket is redeemed (1008, signed out), before the socket's stream starts,
+    whose first check would close it with the same 1008: told apart by the stream never begun."""
+    started = _streams_started(monkeypatch)
+    with _served_gateway(settings, upstreams) as (_, base):
+        user, auth = _sign_up(gateway)
+        ticket = _ticket(gateway, auth)
+        assert gateway.post("/api/auth/logout", headers=auth).status_code == 204
+        assert _refused(_ticket_url(base, ticket), code=1008,
+                        reason="The token has been signed out; sign in again.")
+        assert started == []
+        # (a ticket of a token signed in is streamed: the recorder sees it)
+        _, auth = _sign_up(gateway)
+        assert _refused(_ticket_url(base, _ticket(gateway, auth)), code=1000)
+        assert len(started) == 1
+
+
+def test_a_ticket_held_past_its_tokens_expiry_opens_no_stream(settings, upstreams, gateway,
+                                                              monkeypatch):
+    """Redis keeps a ticket no longer than its token lasts, but should it still hold one (a TTL
+    set by hand, clocks apart), redeeming it checks the token's expiry: 1008, expired, the stream
+    never begun."""
+    started = _streams_started(monkeypatch)
+    user, auth = _sign_up(gateway)
+    verified = verify_token(auth["Authorization"].partition(" ")[2], settings.auth_token_secret)
+    ticket = f"expired-{uuid.uuid4().hex}"
+    digest = hashlib.sha256(ticket.encode()).hexdigest()
+    redis.Redis.from_url(settings.redis_url).set(
+        f"{settings.redis_key_prefix}:socket-ticket:{digest}",
+        json.dumps({"user_id": user, "expires_at": time.time() - 5,
+                    "digest": verified.digest.hex(), "generation": verified.generation}), ex=60)
+    with _served_gateway(settings, upstreams) as (_, base):
+        assert _refused(_ticket_url(base, ticket), code=1008,
+                        reason="The token has expired; sign in again.")
+    assert started == []
+
+
+def test_a_tickets_expires_in_is_rounded_down_and_a_token_out_of_time_is_refused_401(
+        settings, gateway, monkeypatch):
+    """29.2 s left was told as 30 (a page could come too late), and a token expiring between its
+    check and the ticket got a 201 with a ticket of a millisecond."""
+    user, auth = _sign_up(gateway)
+    verified = verify_token(auth["Authorization"].partition(" ")[2], settings.auth_token_secret)
+    now = time.time()
+    kept = redis.Redis.from_url(settings.redis_url)
+    with gateway.application.app_context():
+        issued = socket_tickets.issue_ticket(
+            dataclasses.replace(verified, expires_at=now + 29.2), now=now)
+        assert issued.expires_in == 29
+        assert 28_000 < kept.pttl(f"{settings.redis_key_prefix}:socket-ticket:"
+                                  f"{hashlib.sha256(issued.ticket.encode()).hexdigest()}") <= 29_200
+        assert socket_tickets.issue_ticket(
+            dataclasses.replace(verified, expires_at=now + 1.5), now=now).expires_in == 1
+    # Out of time by the moment the ticket is issued (checked, the token had some left):
+    monkeypatch.setattr(socket_tickets, "time", types.SimpleNamespace(
+        time=lambda: verified.expires_at - 0.4))
+    refused = gateway.post(TICKETS, headers=auth)
+    assert refused.status_code == 401, refused.get_json()
+    assert refused.get_json()["error"]["code"] == "TOKEN_EXPIRED"
+    monkeypatch.setattr(socket_tickets, "time", types.SimpleNamespace(
+        time=lambda: verified.expires_at + 1))
+    assert gateway.post(TICKETS, headers=auth).status_code == 401
 
 
 def test_the_documents_give_the_ticket_as_the_way_to_open_the_socket(gateway):
