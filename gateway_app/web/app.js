@@ -17,6 +17,10 @@
   // page's own reads stop) once it has stayed open this long: the gateway may open one and close it
   // at once (1013, too many).
   const SOCKET_WORKED_MS = 5000;
+  // A socket ticket not answered by then is given up on (its request aborted), and asked for
+  // again later, as one refused: a request held for ever (a proxy, a network gone quiet) kept
+  // every later (re)connect from being made.
+  const TICKET_WAIT_MS = 10000;
   // While its socket has not worked (connecting, refused, as with 1013 or 1011, or reconnecting),
   // the page reads the first page of orders and the balance itself about this often (jittered, as
   // the reconnects are: pages whose sockets one gateway process closed at once, as it does when it
@@ -48,7 +52,8 @@
   let olderPagesShown = false;   // "Show older orders" was used: a reload of page 1 keeps the cursor
   let lastNotificationId = 0;
   let socket = null;
-  // The ticket asked for the next socket, while its answer is awaited (connectSocket): {}.
+  // The ticket asked for the next socket, while its answer is awaited (connectSocket):
+  // {controller}, the AbortController of its request.
   let ticketAsked = null;
   let reconnectTimer = null;
   let reconnectDelay = RECONNECT_FIRST_MS;
@@ -131,7 +136,8 @@
   // of an earlier request under the same Idempotency-Key (Idempotent-Replayed: nothing was done
   // this time).
   async function api(method, path,
-                     { body, idempotencyKey, anonymous = false, replayMark = false } = {}) {
+                     { body, idempotencyKey, anonymous = false, replayMark = false,
+                       signal } = {}) {
     const headers = { Accept: "application/json" };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     if (!anonymous && session) headers.Authorization = `Bearer ${session.token}`;
@@ -141,7 +147,7 @@
     let response;
     try {
       response = await fetch(path, {
-        method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+        method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal,
       });
     } catch (exc) {
       throw endedSession(sentFor, anonymous) || new ApiError(0, "NETWORK", exc.message);
@@ -846,17 +852,26 @@
       return;
     }
     setLive("connecting");
-    const asked = {};
+    const asked = { controller: new AbortController() };
     ticketAsked = asked;
-    api("POST", "/api/notifications/tickets").then((answer) => {
-      if (ticketAsked !== asked) return;  // (signed out, or the socket closed, meanwhile)
-      ticketAsked = null;
-      openSocket(answer.ticket);
-    }, (error) => {
-      if (ticketAsked !== asked) return;
-      ticketAsked = null;
-      noTicket(error);
-    });
+    const givenUp = setTimeout(() => asked.controller.abort(), TICKET_WAIT_MS);
+    api("POST", "/api/notifications/tickets", { signal: asked.controller.signal }).then(
+      (answer) => {
+        clearTimeout(givenUp);
+        if (ticketAsked !== asked) return;  // (signed out, or the socket closed, meanwhile)
+        ticketAsked = null;
+        if (!answer || typeof answer.ticket !== "string" || !answer.ticket) {
+          // (a 201 that is no ticket: something in the way answered it, say)
+          noTicket(new ApiError(0, "NO_TICKET", "The gateway gave no ticket."));
+          return;
+        }
+        openSocket(answer.ticket);
+      }, (error) => {
+        clearTimeout(givenUp);
+        if (ticketAsked !== asked) return;
+        ticketAsked = null;
+        noTicket(error);  // (aborted, TICKET_WAIT_MS passed: a NETWORK error)
+      });
   }
 
   // No ticket was given: no socket is tried (the page goes on reading its orders itself, as for
@@ -907,7 +922,8 @@
       // 1008: the gateway refused the socket (its ticket or token refused, or expired); an API
       // call tells whether the token has expired (and then shows the sign-in form) before trying
       // again (the next ticket's request would tell it too, but reads count the same).
-      if (event.code === 1008) refreshBalance().catch(report);
+      // (A read the page makes of itself: refused for the rate limit, it says nothing.)
+      if (event.code === 1008) refreshBalance().catch(backgroundReadFailed);
       pollOrders();
       const turnedAway = !opened || event.code === 1013;
       scheduleReconnect(turnedAway ? RECONNECT_TURNED_AWAY_MAX_MS : RECONNECT_MAX_MS);
@@ -1001,6 +1017,7 @@
     reconnectTimer = null;
     reconnectWhenShown = false;
     reconnectDelay = RECONNECT_FIRST_MS;
+    if (ticketAsked) ticketAsked.controller.abort();
     ticketAsked = null;
     if (socket) {
       const ws = socket;
@@ -1086,9 +1103,11 @@
     $("orders-more").addEventListener("click", onShowMore);
     document.addEventListener("visibilitychange", onVisibilityChange);
     // A network that went away and came back can leave the socket dead without a close: the page
-    // would show "live" and hear nothing. Open a new one (it catches up from the last id seen).
+    // would show "live" and hear nothing; or the request for its ticket held, unanswered. Open a
+    // new one (it catches up from the last id seen).
     window.addEventListener("online", () => {
-      if (!session || (!socket && !reconnectTimer)) return;  // still loading, or signed out
+      // (still loading, or signed out)
+      if (!session || (!socket && !reconnectTimer && !ticketAsked)) return;
       closeSocket();
       connectSocket();
     });

@@ -921,6 +921,63 @@ def test_a_page_opens_each_socket_with_a_ticket_of_its_own_and_waits_as_a_refusa
     assert shopper.token not in " ".join(urls)
 
 
+# Played by the browser itself: the page's first two requests for a socket ticket are held, never
+# answered (failed only when the page aborts them), its third answered 201 with no ticket; the rest
+# are real. When each was asked, and when each held one was aborted, are kept.
+TICKETS_HELD_FIRST = _fetch_played(before="""
+    window.hseshopTickets = [];
+    window.hseshopTicketsAborted = [];""", answer="""
+    if (path === "/api/notifications/tickets") {
+      const asked = window.hseshopTickets.length;
+      window.hseshopTickets.push(performance.now());
+      if (asked < 2) {
+        return new Promise((_, reject) => {
+          const signal = init && init.signal;
+          if (signal) signal.addEventListener("abort", () => {
+            window.hseshopTicketsAborted.push(performance.now());
+            reject(new DOMException("The request was aborted.", "AbortError"));
+          });
+        });
+      }
+      if (asked === 2) {
+        return new Response("{}", {status: 201, headers: {"Content-Type": "application/json"}});
+      }
+    }
+    return realFetch(input, init);""")
+TICKET_WAIT_SECONDS = 10  # app.js TICKET_WAIT_MS
+
+
+def test_a_page_whose_ticket_request_hangs_gives_it_up_and_opens_its_socket_later(
+        stack, browser):
+    """A request for a socket ticket held unanswered (a proxy, a network gone quiet) stopped live
+    updates for good: the page asked for no other ticket while one was awaited, and the `online`
+    event, its way to open a dead socket again, did nothing without a socket. Now the network
+    back online asks for a new ticket at once, a ticket unanswered after TICKET_WAIT_SECONDS is
+    given up on and asked for again, and a 201 with no ticket in it is taken as no ticket: each
+    asked for again later, the socket opened in the end."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": TICKETS_HELD_FIRST})
+    shopper = GatewayClient(stack.gateway_url)
+    shopper.open_account_with("100")
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    page.sign_in(shopper.username, "a long password")
+    page.wait_until(lambda: browser.execute_script("return window.hseshopTickets.length;"),
+                    what="the first ticket asked for")
+    browser.execute_script('window.dispatchEvent(new Event("online"));')
+    page.wait_until(lambda: browser.execute_script("return window.hseshopTickets.length;") >= 2,
+                    what="a new ticket asked for once the network is back")
+    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
+                    timeout=TICKET_WAIT_SECONDS + 20, what="the page's socket open")
+    tickets, aborted = browser.execute_script(
+        "return [window.hseshopTickets, window.hseshopTicketsAborted];")
+    assert len(tickets) == 4 and len(aborted) == 2, (tickets, aborted)
+    assert aborted[0] < tickets[1] < tickets[0] + TICKET_WAIT_SECONDS * 1000, (tickets, aborted)
+    # (Timers' own rounding: 5 ms.)
+    assert aborted[1] > tickets[1] + TICKET_WAIT_SECONDS * 1000 - 5, (tickets, aborted)
+    assert tickets[1] + TICKET_WAIT_SECONDS * 1000 - 5 < tickets[2] < tickets[3], tickets
+    assert page.text("balance") == "100.00"
+
+
 # Played by the browser itself: each time the page's tab is hidden or shown, and when.
 VISIBILITY_RECORDED = """
 window.hseshopVisibility = [];
