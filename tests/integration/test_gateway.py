@@ -2642,6 +2642,62 @@ def test_what_a_page_sends_on_its_socket_is_dropped_and_a_big_frame_closes_it(se
         assert socket.close_reason == 1009  # message too big
 
 
+def test_what_a_page_that_reads_nothing_sends_is_not_kept_while_a_send_to_it_waits(
+        settings, upstreams, gateway, monkeypatch):
+    """A page that reads nothing, its receive window shut, while it sends: the stream waits in a
+    send to it (as long as TCP_USER_TIMEOUT, or for ever for a page that reads a byte now and then)
+    and the socket's reader thread reads on. It kept every message for the stream to drop at its
+    next turn, which did not come: 20,000 messages of 1,000 characters were 20 MB held (some
+    500 MB in 8 s over loopback). None is kept now. (The gateway's send buffer is made small, as
+    the kernel keeps it towards a page that reads nothing over a real network; on loopback it
+    grows to megabytes first.)"""
+    served, sending = [], threading.Event()
+    serve, probe = notifications._serve_socket, notifications.drop_when_the_peer_vanishes
+
+    def serving(ws, *args):
+        send = ws.send
+
+        def sends(text):
+            sending.set()
+            send(text)
+            sending.clear()
+        ws.send = sends
+        served.append(ws)
+        serve(ws, *args)
+
+    def small_send_buffer(connection):
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        probe(connection)
+
+    monkeypatch.setattr(notifications, "_serve_socket", serving)
+    monkeypatch.setattr(notifications, "drop_when_the_peer_vanishes", small_send_buffer)
+    user = f"usr_{uuid.uuid4().hex[:16]}"
+    with gateway.application.app_context(), transaction() as session:
+        notifications.on_order_status_changes(session, _status_changes(*[user] * 300))
+    with _served_gateway_socket_path(settings, upstreams, "deaf", user=user) as (base, path):
+        host, port = base.removeprefix("http://").split(":")
+        page = socket.socket()
+        page.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        page.settimeout(10)
+        try:
+            page.connect((host, int(port)))
+            page.sendall(f"GET {path}&after=0 HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                         "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+            wait_for(lambda: sending.wait(0.5) and time.sleep(0.5) is None and sending.is_set(),
+                     timeout=10, what="a send to the page that reads nothing to wait")
+            text = b"x" * 1000  # a masked text frame (its mask all zeros) of 1,000 characters
+            frame = b"\x81\xfe" + len(text).to_bytes(2, "big") + b"\0\0\0\0" + text
+            for _ in range(20):
+                page.sendall(frame * 1000)
+            time.sleep(0.5)  # (for the reader to take the last of them off the connection)
+            assert sending.is_set(), "the send to the page went through: nothing was held up"
+            assert sum(len(message) for message in served[0].input_buffer) == 0
+        finally:
+            page.close()
+
+
 def test_the_socket_url_answers_only_a_websocket_handshake_it_can_take(gateway):
     """Anything else, with the usual error body and never a 500 (a handshake without its key, of
     another version, without Host or with one that is not ASCII, or with an extension parameter
