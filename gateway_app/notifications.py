@@ -553,16 +553,19 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
         with channel_listener().listening(channel(user_id), SUBSCRIBE_TIMEOUT_SECONDS) as waiter:
             # The token, and then the table, are read at once once subscribed (a sign-out, or a
             # notification, committed before the subscription is not missed), then at each
-            # wake-up (one may say that one of the user's tokens has been signed out) and every
-            # SOCKET_RECHECK_SECONDS.
+            # wake-up (one may say that one of the user's tokens has been signed out), every
+            # SOCKET_RECHECK_SECONDS, and before each page of a long catch-up.
             last_sent, woken, recheck_at = after, True, 0.0
             while time.time() < token.expires_at:
                 if woken or time.monotonic() >= recheck_at:
                     if is_signed_out(token):
                         _close(ws, 1008, SIGNED_OUT)
                         return
-                    last_sent = _send_newer(ws, user_id, last_sent)
+                    last_sent, more = _send_newer(ws, user_id, last_sent)
                     recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
+                    if more:  # the next page, once the token has been read again
+                        woken = True
+                        continue
                 # Raises ConnectionClosed once the page has gone (what it sends is never kept:
                 # drop_what_the_page_sends).
                 ws.receive(timeout=0)
@@ -582,16 +585,18 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
         _close(ws, *UNAVAILABLE)
 
 
-def _send_newer(ws, user_id: str, last_sent: int) -> int:
-    """Send the user's notifications after `last_sent`, oldest first; returns the last id sent."""
-    while True:
-        items = notifications_after(user_id, last_sent, REPLAY_LIMIT)
-        db.session.rollback()  # the socket stays open for long: hold no connection between reads
-        for item in items:
-            ws.send(dumps_exact(item))
-            last_sent = item["id"]
-        if len(items) < REPLAY_LIMIT:
-            return last_sent
+def _send_newer(ws, user_id: str, last_sent: int) -> tuple[int, bool]:
+    """Send a page (REPLAY_LIMIT) of the user's notifications after `last_sent`, oldest first;
+    returns the last id sent, and whether there may be more. A long catch-up goes a page at a
+    time, the token read again before each: sent to a page that reads slowly, it can take days,
+    and the socket of a token signed out or expired meanwhile would have streamed on to the end
+    of the table, whatever was kept as it went."""
+    items = notifications_after(user_id, last_sent, REPLAY_LIMIT)
+    db.session.rollback()  # the socket stays open for long: hold no connection between reads
+    for item in items:
+        ws.send(dumps_exact(item))
+        last_sent = item["id"]
+    return last_sent, len(items) == REPLAY_LIMIT
 
 
 def prune_old_notifications(session: Session, cutoff: datetime, limit: int) -> int:

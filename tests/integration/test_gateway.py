@@ -1888,11 +1888,13 @@ def _socket_streaming(app, user: str, token_ttl: float = 3600,
 
 @contextmanager
 def _streaming_in_a_thread(app, user: str, after: int | None, token_ttl: float = 3600,
-                           token: VerifiedToken | None = None) -> Iterator[RecordingSocket]:
-    """`user`'s notification stream after the id `after` (None: the newest) running into a
-    RecordingSocket, in a thread, from now; closed, and its thread ended, on the way out. Its
-    token is `token`, or one of `user`'s expiring in `token_ttl` seconds."""
-    socket = RecordingSocket()
+                           token: VerifiedToken | None = None,
+                           socket: RecordingSocket | None = None) -> Iterator[RecordingSocket]:
+    """`user`'s notification stream after the id `after` (None: the newest) running into
+    `socket` (a new RecordingSocket by default), in a thread, from now; closed, and its thread
+    ended, on the way out. Its token is `token`, or one of `user`'s expiring in `token_ttl`
+    seconds."""
+    socket = socket or RecordingSocket()
     token = token or VerifiedToken(user, time.time() + token_ttl, uuid.uuid4().bytes * 2)
 
     def stream():
@@ -2023,6 +2025,34 @@ def test_a_socket_is_closed_when_its_token_is_signed_out_and_no_other_is(setting
             notifications.on_order_status_changes(session, _status_changes(user))
         wait_for(lambda: open_one.sent, timeout=10, what="the other socket to send")
         assert not open_one.closing.is_set()
+
+
+def test_a_socket_catching_up_reads_its_token_again_before_each_page_of_the_table(
+        settings, gateway, monkeypatch):
+    """A socket opened `after` a long way back sends what it missed a page of REPLAY_LIMIT at a
+    time, and reads its token again before each: signed out as its first page goes (a page that
+    reads slowly can take days over a long catch-up, TCP_USER_TIMEOUT never ending a connection
+    that acknowledges a byte now and then), it closes with 1008 and sends no more. It sent the
+    table to its end, and whatever was kept meanwhile, before it looked again."""
+    monkeypatch.setattr(notifications, "SOCKET_RECHECK_SECONDS", 3600)
+    app, user = gateway.application, f"user-{uuid.uuid4().hex[:10]}"
+    token = issue_token(user, "someone", settings.auth_token_secret, 600).access_token
+    with app.app_context(), transaction() as session:
+        notifications.on_order_status_changes(
+            session, _status_changes(*[user] * (2 * notifications.REPLAY_LIMIT + 1)))
+
+    class SignedOutAsItsFirstPageGoes(RecordingSocket):
+        def send(self, text: str) -> None:
+            super().send(text)
+            if len(self.sent) == notifications.REPLAY_LIMIT:
+                assert gateway.post("/api/auth/logout", headers={
+                    "Authorization": f"Bearer {token}"}).status_code == 204
+
+    with _streaming_in_a_thread(app, user, 0,
+                                token=verify_token(token, settings.auth_token_secret),
+                                socket=SignedOutAsItsFirstPageGoes()) as socket:
+        wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
+    assert (socket.close_reason, len(socket.sent)) == (1008, notifications.REPLAY_LIMIT)
 
 
 def test_a_socket_whose_token_is_signed_out_as_it_opens_sends_nothing_and_closes(
