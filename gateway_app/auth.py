@@ -14,11 +14,11 @@ import uuid
 
 from flask import current_app, g, jsonify, request
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
 from gateway_app.models import User
-from gateway_app.passwords import hash_password, needs_rehash, normalised, verify_password
+from gateway_app.passwords import hash_password, normalised, verify_password
 from gateway_app.ratelimit import RATE_LIMITED, client_address
 from gateway_app.sign_out import (REMEMBERED, SIGNED_OUT, is_signed_out, sign_out,
                                   sign_out_everywhere)
@@ -168,20 +168,11 @@ def login(args):
         if wrong:
             failure.confirm()
         else:
-            # A hash that may be of the password as sent is replaced with one of its NFKC form
-            # (made before a connection is taken), so that it costs no second hash again.
-            rehashed = hash_password(args["password"]) if needs_rehash(stored) else None
-            with transaction() as session:
-                if rehashed is not None:  # (unless another sign-in has replaced it meanwhile)
-                    session.execute(update(User).where(User.id == user.id,
-                                                       User.password_hash == stored)
-                                    .values(password_hash=rehashed))
-                # Read again, by primary key, for the generation of tokens as it is now: a
-                # sign-out everywhere committed while the password was checked would otherwise
-                # refuse the token at once.
-                user = session.get(User, user.id)
-                if user is not None:
-                    session.expunge(user)  # (read whole: the commit does not expire it)
+            # Read again, by primary key, for the generation of tokens as it is now: a sign-out
+            # everywhere committed while the password was checked would otherwise refuse the
+            # token at once.
+            user = db.session.get(User, user.id)
+            db.session.close()
     if wrong or user is None:  # (None: the user's row gone meanwhile)
         raise Unauthorized("Wrong username or password.", code="INVALID_CREDENTIALS")
     return jsonify(_session_body(user))

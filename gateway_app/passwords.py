@@ -2,11 +2,20 @@
 
 A password is hashed and checked in its Unicode NFKC form (as NIST SP 800-63B asks): "é" typed as
 one character on one device and as "e" with a combining accent on another, or a full-width "ａ"
-from an input method, are the same password. Such a hash is marked so (its scheme is
-`scrypt-nfkc`). One unmarked (`scrypt`) was made before that mark: of the NFKC form, or, before
-passwords were normalised, of the password as it was sent; a password whose form differs is
-checked as sent too against such a hash alone, and a sign-in it lets through replaces it with a
-marked one (needs_rehash), so that a wrong password costs that second hash only until then.
+from an input method, are the same password.
+
+Every hash has the one scheme the release before writes and reads, `scrypt`, with no mark of the
+form it was made of, so that the release before reads the hashes this one leaves (a rollback, or
+both side by side in a rolling upgrade): a hash of the NFKC form is, for a password typed in that
+form (ASCII, say), the one it would have made. It checks the password as sent, though: a user
+whose typed password is not in its NFKC form (rare: a decomposed accent, full-width letters) and
+who signed up on this release cannot sign in on the release before after a rollback.
+
+A hash the release before made is of the password as sent, so a password not in its NFKC form is
+checked as sent too: always, whatever hash it is checked against and whether its NFKC form
+matched, and an unknown name's alike (gateway_app.auth checks it against a hash of its own), so
+that what a sign-in costs, one hash or two, depends only on what was sent, never on whether its
+user exists or which release made their hash.
 """
 
 from __future__ import annotations
@@ -29,34 +38,26 @@ _KEY_LENGTH = 32
 HASHES_AT_ONCE = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                      else os.cpu_count() or 2, 4)  # (Linux has the affinity; macOS does not)
 _hashing = threading.BoundedSemaphore(HASHES_AT_ONCE)
-
-
-# The scheme of a hash of the password's NFKC form, and of one made before that was marked (of the
-# NFKC form or of the password as sent: which, the hash does not say).
-NORMALISED_SCHEME, UNMARKED_SCHEME = "scrypt-nfkc", "scrypt"
+# Every hash's, as the release before writes and reads it (no mark of the form hashed).
+SCHEME = "scrypt"
 
 
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
     key = _scrypt(normalised(password).encode(), salt=salt, n=_N, r=_R, p=_P,
                   dklen=_KEY_LENGTH)
-    return "$".join([NORMALISED_SCHEME, str(_N), str(_R), str(_P), _b64(salt), _b64(key)])
+    return "$".join([SCHEME, str(_N), str(_R), str(_P), _b64(salt), _b64(key)])
 
 
 def verify_password(password: str, stored: str) -> bool:
-    """Whether `password` is the one `stored` was made of: in its NFKC form, or, for an unmarked
-    hash (needs_rehash), as sent too (a second hash, for a password not in its NFKC form alone:
-    what it costs depends on what is sent and the user's hash, never on whether its user
-    exists: an unknown name's is a marked one, as a user's is once signed in)."""
+    """Whether `password` is the one `stored` was made of: in its NFKC form, or as sent (a hash
+    made before passwords were normalised). A password not in its NFKC form costs two hashes,
+    both always computed, one in it costs one: never more or less for whichever hash is stored."""
     form = normalised(password)
-    return _checks(form, stored) or (
-        form != password and _scheme(stored) == UNMARKED_SCHEME and _checks(password, stored))
-
-
-def needs_rehash(stored: str) -> bool:
-    """Whether a hash a password was verified against should be replaced with hash_password's:
-    an unmarked one, which may be of the password as sent."""
-    return _scheme(stored) != NORMALISED_SCHEME
+    checked = [_checks(form, stored)]
+    if form != password:
+        checked.append(_checks(password, stored))
+    return any(checked)
 
 
 def normalised(password: str) -> str:
@@ -64,14 +65,10 @@ def normalised(password: str) -> str:
     return unicodedata.normalize("NFKC", password)
 
 
-def _scheme(stored: str) -> str:
-    return stored.partition("$")[0]
-
-
 def _checks(password: str, stored: str) -> bool:
     try:
         scheme, n, r, p, salt, key = stored.split("$")
-        if scheme not in (NORMALISED_SCHEME, UNMARKED_SCHEME):
+        if scheme != SCHEME:
             return False
         expected = base64.b64decode(key)
         actual = _scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r),

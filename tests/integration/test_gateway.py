@@ -245,22 +245,28 @@ def test_bad_sign_up_input_is_a_4xx(gateway, body):
     assert set(response.get_json()["error"]) == {"code", "message", "details"}
 
 
-def test_signing_in_under_an_unknown_name_costs_one_hash_as_under_a_known_one(gateway,
-                                                                            monkeypatch):
-    """So that the time of the answer does not tell which names are taken."""
-    name = f"known-{uuid.uuid4().hex[:8]}"
+def test_signing_in_costs_as_many_hashes_under_any_name_by_the_form_of_the_password_sent(
+        gateway, monkeypatch):
+    """So that the time of the answer does not tell which names are taken, nor which release
+    made a user's hash: one hash for a password in its NFKC form, two for one not (checked in
+    it and as sent), under a user signed up now, one whose hash the release before made (of the
+    password as sent), and an unknown name, wrong or right."""
+    name, from_before = (f"known-{uuid.uuid4().hex[:8]}", f"before-{uuid.uuid4().hex[:8]}")
     _sign_up(gateway, name)
+    _sign_up(gateway, from_before)
+    _hash_from_before(gateway, from_before, "correct horse")
+    _sign_in(gateway, f"nobody-{uuid.uuid4().hex[:8]}", "x" * 8)  # (makes the process's hash)
     hashes = []
     scrypt = hashlib.scrypt
     monkeypatch.setattr(hashlib, "scrypt", lambda *a, **k: hashes.append(1) or scrypt(*a, **k))
-    costs = []
-    for username in (name, f"nobody-{uuid.uuid4().hex[:8]}", f"nobody-{uuid.uuid4().hex[:8]}"):
-        hashes.clear()
-        response = gateway.post("/api/auth/login", json={"username": username,
-                                                         "password": "not their password"})
-        assert response.status_code == 401
-        costs.append(len(hashes))
-    assert costs[0] == costs[2] == 1  # (the first unknown name makes the process's one hash)
+    for password, cost in (("not their password", 1), ("not their passe\u0301", 2),
+                           ("\uff4eot their password", 2), ("correct horse", 1)):
+        for username in (name, from_before, f"nobody-{uuid.uuid4().hex[:8]}"):
+            hashes.clear()
+            response = _sign_in(gateway, username, password)
+            right = password == "correct horse" and not username.startswith("nobody-")
+            assert response.status_code == (200 if right else 401), (username, password)
+            assert len(hashes) == cost, (username, password, len(hashes))
 
 
 def test_a_password_signs_in_whichever_unicode_form_it_is_typed_in(gateway):
@@ -294,8 +300,8 @@ def test_a_passwords_length_is_counted_in_its_nfkc_form_signing_up_and_in(gatewa
 
 
 def _hash_from_before(gateway, username: str, password: str) -> None:
-    """Give the user the hash a release before the NFKC mark made: scheme `scrypt`, of `password`
-    as given (the password as sent, before passwords were normalised)."""
+    """Give the user the hash the release before made: scheme `scrypt`, of `password` as given
+    (the password as sent, before passwords were normalised)."""
     salt = b"0123456789abcdef"
     key = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
     stored = "$".join(["scrypt", "16384", "8", "1", base64.b64encode(salt).decode(),
@@ -311,17 +317,24 @@ def _password_hash_of(gateway, username: str) -> str:
                                {"name": username}).scalar_one()
 
 
-def test_a_hash_from_before_normalising_is_replaced_as_its_user_signs_in(gateway):
-    """Made of the password as sent (decomposed): signing in with it replaces the hash with one of
-    its NFKC form, marked so, after which the password signs in typed in any form, and a wrong
-    one costs one hash."""
+def test_a_hash_from_before_normalising_signs_its_password_in_as_typed_and_is_kept(gateway):
+    """Made of the password as sent (decomposed), it is checked so, and left as it is (the
+    release before reads it whatever this one does): no hash is ever replaced at sign-in."""
     username = f"before-{uuid.uuid4().hex[:8]}"
     _sign_up(gateway, username)
     _hash_from_before(gateway, username, "cafe\u0301 horse")
-    assert _sign_in(gateway, username, "caf\u00e9 horse").status_code == 401  # (not yet)
+    stored = _password_hash_of(gateway, username)
+    assert _sign_in(gateway, username, "caf\u00e9 horse").status_code == 401
     assert _sign_in(gateway, username, "cafe\u0301 horse").status_code == 200
-    assert _password_hash_of(gateway, username).startswith("scrypt-nfkc$")
-    assert _sign_in(gateway, username, "caf\u00e9 horse").status_code == 200
+    assert _sign_in(gateway, username, "cafe\u0301 horse").status_code == 200
+    assert _password_hash_of(gateway, username) == stored
+
+
+def test_a_new_users_hash_is_of_the_scheme_the_release_before_reads(gateway):
+    username = f"scheme-{uuid.uuid4().hex[:8]}"
+    _sign_up(gateway, username)
+    assert _sign_in(gateway, username, "correct horse").status_code == 200
+    assert _password_hash_of(gateway, username).startswith("scrypt$")
 
 
 def test_a_password_set_before_normalising_signs_in_though_its_nfkc_form_is_short(gateway):
@@ -331,7 +344,6 @@ def test_a_password_set_before_normalising_signs_in_though_its_nfkc_form_is_shor
     _sign_up(gateway, username)
     _hash_from_before(gateway, username, "e\u0301" * 4)
     assert _sign_in(gateway, username, "e\u0301" * 4).status_code == 200
-    assert _password_hash_of(gateway, username).startswith("scrypt-nfkc$")
     assert _sign_in(gateway, username, "e\u0301" * 4).status_code == 200
 
 

@@ -3,6 +3,9 @@ than HASHES_AT_ONCE passwords at a time, however many threads ask."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import threading
 import time
 
@@ -31,12 +34,37 @@ def test_a_password_checks_in_any_unicode_form_of_it_and_a_hash_from_before_stil
     assert not passwords.verify_password("cafe horse", from_before)
 
 
-def _unmarked_hash_of(password: str) -> str:
-    """A hash made before hashes were marked normalised (scheme `scrypt`), of `password` as it is
-    given (as sent, before passwords were normalised)."""
+def _hash_from_before(password: str) -> str:
+    """A hash the release before made: scheme `scrypt`, of `password` as it is given (as sent,
+    before passwords were normalised)."""
     salt = b"0123456789abcdef"
-    key = passwords.hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
-    return "$".join(["scrypt", "16384", "8", "1", passwords._b64(salt), passwords._b64(key)])
+    key = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+    return "$".join(["scrypt", "16384", "8", "1", base64.b64encode(salt).decode(),
+                     base64.b64encode(key).decode()])
+
+
+def _verified_by_the_release_before(password: str, stored: str) -> bool:
+    """verify_password as the release before has it (gateway_app/passwords.py before passwords
+    were normalised): the password as sent, against a `scrypt` hash alone."""
+    try:
+        scheme, n, r, p, salt, key = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.b64decode(key)
+        actual = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n),
+                                r=int(r), p=int(p), dklen=len(expected))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def test_the_release_before_verifies_a_new_hash_of_a_password_typed_in_its_nfkc_form():
+    """Rolled back, or beside this release in a rolling upgrade, the release before signs in the
+    users this one signed up (but for a password typed in another form: checked as sent there)."""
+    for password in ("correct horse", "caf\u00e9 horse"):
+        stored = passwords.hash_password(password)
+        assert _verified_by_the_release_before(password, stored), password
+        assert not _verified_by_the_release_before(password + "!", stored)
 
 
 def _hashes_to_verify(monkeypatch, password: str, stored: str) -> tuple[bool, int]:
@@ -50,23 +78,23 @@ def _hashes_to_verify(monkeypatch, password: str, stored: str) -> tuple[bool, in
     return verdict, len(hashes)
 
 
-def test_a_new_hash_is_marked_normalised_and_a_wrong_password_costs_it_one_hash(monkeypatch):
-    """Only an unmarked hash may be of the password as sent: against a marked one, a wrong
-    password not in its NFKC form is hashed once, not a second time as sent."""
-    stored = passwords.hash_password("caf\u00e9 horse")
-    assert stored.startswith("scrypt-nfkc$") and not passwords.needs_rehash(stored)
-    assert _hashes_to_verify(monkeypatch, "cafe\u0301 house", stored) == (False, 1)
-    assert _hashes_to_verify(monkeypatch, "cafe\u0301 horse", stored) == (True, 1)
-
-
-def test_an_unmarked_hash_checks_the_password_as_sent_too_and_needs_replacing(monkeypatch):
-    from_before = _unmarked_hash_of("cafe\u0301 horse")
-    assert passwords.needs_rehash(from_before)
-    assert _hashes_to_verify(monkeypatch, "cafe\u0301 horse", from_before) == (True, 2)
+def test_what_a_check_costs_depends_on_the_password_sent_alone(monkeypatch):
+    """One hash for a password in its NFKC form, two for one not (its NFKC form and as sent),
+    right or wrong, against a new hash or one the release before made of the password as sent:
+    the time of the answer tells nothing of the user's hash."""
+    decomposed, composed = "cafe\u0301 horse", "caf\u00e9 horse"
+    new, from_before = passwords.hash_password(composed), _hash_from_before(decomposed)
+    assert _hashes_to_verify(monkeypatch, decomposed, new) == (True, 2)
+    assert _hashes_to_verify(monkeypatch, decomposed, from_before) == (True, 2)
+    assert _hashes_to_verify(monkeypatch, "cafe\u0301 house", new) == (False, 2)
     assert _hashes_to_verify(monkeypatch, "cafe\u0301 house", from_before) == (False, 2)
-    # One made of the NFKC form before the mark (which checks first).
-    assert _hashes_to_verify(monkeypatch, "cafe\u0301 horse",
-                             _unmarked_hash_of("caf\u00e9 horse")) == (True, 1)
+    assert _hashes_to_verify(monkeypatch, composed, new) == (True, 1)
+    assert _hashes_to_verify(monkeypatch, composed, from_before) == (False, 1)
+    assert _hashes_to_verify(monkeypatch, "correct horse", new) == (False, 1)
+
+
+def test_every_new_hash_has_the_scheme_the_release_before_reads():
+    assert passwords.hash_password("cafe\u0301 horse").startswith("scrypt$")
 
 
 def test_threads_hashing_at_once_take_turns_past_hashes_at_once(monkeypatch):
