@@ -63,29 +63,38 @@ SIGN_INS_PER_USERNAME_AND_ADDRESS = 10
 FAILED_SIGN_INS_PER_USERNAME = 50
 
 
-class PasswordLength(validate.Length):
+class PasswordLength(validate.Validator):
     """8 to 128 characters of the password's NFKC form, the one it is hashed and checked in
     (gateway_app.passwords): counted as sent, "e\u0301" * 4 (8) signed up, hashed as "é" * 4, and
     its user was refused signing in with "é" * 4 (4). `as_sent_too` (signing in): or 8 to 128 as
-    sent, as lengths were counted before, so that nobody who signed up then is refused now."""
+    sent, as lengths were counted before, so that nobody who signed up then is refused now.
+
+    Not a validate.Length, nor with its `min`, `max` and `equal`, which apispec reads as one: it
+    would give the OpenAPI documents a minLength and maxLength, which count the password as sent,
+    and bodies the gateway takes would not be valid by them (U+FDFA, one character whose NFKC form
+    is 18; "e\u0301" * 100, 200 as sent and 100 in NFKC). The field's description says it in
+    words."""
+
+    error = "Length must be between 8 and 128 characters in its NFKC form."
 
     def __init__(self, as_sent_too: bool = False):
-        super().__init__(min=8, max=128)
+        self._counted = validate.Length(min=8, max=128, error=self.error)
         self.as_sent_too = as_sent_too
 
     def __call__(self, value: str) -> str:
         if self.as_sent_too:
             try:
-                return super().__call__(value)
+                return self._counted(value)
             except ValidationError:
                 pass
-        super().__call__(normalised(value))
+        self._counted(normalised(value))
         return value  # (as sent: a hash made before passwords were normalised may be of it)
 
 
 _PASSWORD_DESCRIPTION = ("8 to 128 characters (Unicode code points) in its NFKC form, which it is"
                          " hashed and checked in: an \"é\" typed as an \"e\" and a combining"
-                         " accent counts one.")
+                         " accent counts one, U+FDFA (one character) 18. (No minLength or"
+                         " maxLength here: they would count the password as typed.)")
 
 
 class CredentialsSchema(Schema):
