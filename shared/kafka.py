@@ -273,15 +273,17 @@ class OutboxPublisher:
 
 
 # Why a row naming a topic that is not the shop's is parked (OutboxPublisher), as its last_error:
-# both ways out, first (`list` shows an error's first 200 characters). A row written before its
-# topic's setting was renamed is sent on to the new name; a newer release's row, parked by a relay
-# of the release before during a rolling upgrade, is handed back as it is once the relays are
-# upgraded (its topic then the shop's, `--to-topic` refuses it: tasks/parked.py).
-UNKNOWN_TOPIC_ERROR = (UNKNOWN_TOPIC_ERROR_BEGINS + " {topic!r} is none of this relay's: renamed"
-                       " since the row was written? `python -m tasks.parked replay {service}"
-                       " --outbox --to-topic TOPIC ID`; a newer release's? once every relay is"
-                       " upgraded, `python -m tasks.parked replay {service} --outbox ID` (this"
-                       " relay's topics, its TOPIC_* settings and OUTBOX_EXTRA_TOPICS: {topics})")
+# both ways out, first, each a whole command however long the topic's name (the topic comes after
+# them): `python -m tasks.parked list` shows an error's first 200 characters (its topic stands in
+# a column of its own). A row written before its topic's setting was renamed is sent on to the new
+# name; a newer release's row, parked by a relay of the release before during a rolling upgrade,
+# is handed back as it is once the relays are upgraded (its topic then the shop's, `--to-topic`
+# refuses it: tasks/parked.py).
+UNKNOWN_TOPIC_ERROR = (UNKNOWN_TOPIC_ERROR_BEGINS + " is unknown. Renamed? python -m tasks.parked"
+                       " replay {service} --outbox --to-topic TOPIC ID. Newer release's? After the"
+                       " upgrade: python -m tasks.parked replay {service} --outbox ID. (Its topic"
+                       " {topic!r}; this relay's, its TOPIC_* settings and OUTBOX_EXTRA_TOPICS:"
+                       " {topics})")
 
 
 def _refuse_for_good(refused: dict[int, Refusal], held_back: dict[tuple[str, str], Refusal],

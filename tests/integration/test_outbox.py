@@ -286,7 +286,8 @@ def test_a_row_naming_a_topic_the_shop_does_not_use_is_parked_not_sent_and_holds
         assert _outbox_rows_for([other]) == [] and _messages_of(settings, [other])
         parked, waiting = _outbox_rows_for([first, behind])
         assert parked.parked_at is not None and parked.topic == old_topic
-        assert f"its topic {old_topic!r} is none of this relay's" in parked.last_error
+        assert parked.last_error.startswith("not sent: its topic is unknown")
+        assert f"(Its topic {old_topic!r};" in parked.last_error
         assert "replay orders --outbox --to-topic TOPIC ID" in parked.last_error
         assert waiting.parked_at is None and "held back behind" in waiting.last_error
         assert sum(result.claimed for result in _relay_all(publisher)) == 0  # not tried again
@@ -405,7 +406,7 @@ def test_a_newer_releases_row_parked_by_a_relay_of_the_release_before_is_replaye
         first, *_ = _outbox_rows_for(orders)
         assert first.parked_at is not None and first.topic == new_topic
         assert "replay orders --outbox --to-topic TOPIC ID" in first.last_error
-        assert "upgraded, `python -m tasks.parked replay orders --outbox ID`" in first.last_error
+        assert "upgrade: python -m tasks.parked replay orders --outbox ID." in first.last_error
 
         assert parked.main(["replay", "orders", "--outbox", "--to-topic", new_topic,
                             str(first.message_id)]) == 1

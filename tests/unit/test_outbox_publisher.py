@@ -10,8 +10,8 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from shared import kafka
-from shared.config import load_settings
-from shared.outbox.relaying import Refusal
+from shared.config import SERVICES, load_settings
+from shared.outbox.relaying import UNKNOWN_TOPIC_ERROR_BEGINS, Refusal
 
 
 class FailedDelivery:
@@ -296,13 +296,30 @@ def test_a_row_naming_a_topic_not_among_the_publishers_is_parked_unproduced_and_
     rows[0] = (1, "renamed-away", "key", *rows[0][3:])
     rows[1] = (2, "renamed-away", "key", *rows[1][3:])
     refused = publisher.send_batch(rows)
-    assert refused[1].park and "'renamed-away' is none of this relay's" in refused[1].error
+    assert refused[1].park and "(Its topic 'renamed-away';" in refused[1].error
     # Both ways out, for the service whose outbox it is (not a SERVICE to fill in), within the
     # 200 characters `list` shows: renamed since, or a newer release's row.
     shown = refused[1].error[:200]
-    assert "python -m tasks.parked replay orders --outbox --to-topic TOPIC ID" in shown
-    assert "once every relay is upgraded, `python -m tasks.parked replay orders --outbox ID`" in (
-        refused[1].error) and "SERVICE" not in refused[1].error
+    assert "Renamed? python -m tasks.parked replay orders --outbox --to-topic TOPIC ID" in shown
+    assert "After the upgrade: python -m tasks.parked replay orders --outbox ID." in shown
+    assert "SERVICE" not in refused[1].error
     assert refused[2].held and not refused[2].park  # behind it, its topic and key
     assert 3 not in refused  # another topic's row goes
     assert publisher._get_producer().produced == [rows[2][6]]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_both_ways_out_of_a_topic_not_the_shops_are_shown_whole_by_list(service):
+    """`python -m tasks.parked list` shows an error's first 200 characters: both commands fit
+    in them, for any service and however long the topic's name (it comes after them)."""
+    from tasks.parked import _one_line
+
+    for topic in ("hseshop.orders.payment-requested", "x" * 300):
+        error = kafka.UNKNOWN_TOPIC_ERROR.format(
+            topic=topic, service=service,
+            topics="hseshop.orders.order-status-changed, hseshop.orders.payment-requested,"
+                   " hseshop.payments.payment-results")
+        shown = _one_line(error)
+        assert error.startswith(UNKNOWN_TOPIC_ERROR_BEGINS)
+        assert f"python -m tasks.parked replay {service} --outbox --to-topic TOPIC ID" in shown
+        assert f"python -m tasks.parked replay {service} --outbox ID." in shown
