@@ -25,11 +25,7 @@ def test_a_password_checks_in_any_unicode_form_of_it_and_a_hash_from_before_stil
     assert passwords.verify_password(decomposed, stored)
     assert passwords.verify_password(full_width, stored)
     assert not passwords.verify_password("cafe horse", stored)
-    # A hash made before passwords were normalised: of the password as it was sent.
-    salt = b"0123456789abcdef"
-    key = passwords.hashlib.scrypt(decomposed.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
-    from_before = "$".join(["scrypt", "16384", "8", "1", passwords._b64(salt),
-                            passwords._b64(key)])
+    from_before = _hash_from_before(decomposed)
     assert passwords.verify_password(decomposed, from_before)
     assert not passwords.verify_password("cafe horse", from_before)
 
