@@ -246,6 +246,22 @@ def add_outbox_parking() -> None:
 
 
 def drop_outbox_parking() -> None:
+    """Refused while an outbox row lies parked (too large ever to be sent, or naming a topic that
+    is not the shop's): the release before parks nothing, reads the outbox oldest first and tries
+    every row it reads, so it would try such a row at every wake-up, holding back the rows of its
+    topic and key behind it (and, once they fill a batch, every row), or send it to a topic
+    nobody reads. The column dropped, nothing would say the row was ever parked."""
+    # (The lock the drop takes, taken first: no row is parked between the count and the drop.)
+    op.execute("LOCK TABLE outbox_messages IN ACCESS EXCLUSIVE MODE")
+    parked = op.get_bind().scalar(sa.text(
+        "SELECT count(*) FROM outbox_messages WHERE parked_at IS NOT NULL"))
+    if parked:
+        raise DowngradeRefused(
+            f"{parked} outbox row(s) lie parked: the release before parks no row, and would try"
+            " them again at every wake-up, holding back the rows of their topic and key. Send them"
+            " on or give up on them first (python -m tasks.parked list/replay/discard SERVICE"
+            " --outbox), then downgrade again; the database stays at the revision that parks"
+            " rows, with the rows as they were")
     op.drop_column("outbox_messages", "parked_at")  # its partial index goes with it
 
 

@@ -248,6 +248,53 @@ def test_the_envelope_versions_downgrade_waits_for_the_messages_the_release_befo
     command.upgrade(config, "head")
 
 
+# Each service's revision that parks outbox rows (parked_at), and the one below it.
+OUTBOX_PARKING = {"orders": ("0008", "0007"), "payments": ("0008", "0007"),
+                  "gateway": ("0007", "0006")}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_outbox_parkings_downgrade_waits_for_the_parked_rows_the_release_before_would_retry(
+        infrastructure, service):
+    """The release before outbox parking parks nothing and reads the outbox oldest first: a row
+    parked as too large ever to be sent would be tried at every wake-up, the rows of its topic and
+    key held behind it (and, once they fill a batch, every row), and nothing would say it was
+    parked. The parking revision's downgrade is refused, in one line, while a row lies parked,
+    the database left at that revision with its rows; once it is given up on, the downgrade goes
+    through."""
+    url = _database_url(infrastructure, "outbox-parking-down", service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    command.upgrade(config, "head")
+    parking, before = OUTBOX_PARKING[service]
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
+            " last_error, parked_at) VALUES ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11', 'topic',"
+            " 'u-1', 'PaymentRequested', '{}', 1, 'too large', now()),"
+            " ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a12', 'topic', 'u-1', 'PaymentRequested', '{}',"
+            " 0, NULL, NULL)")
+    connection.close()
+
+    migrating = _migrate_by_hand(service, url, "downgrade", service, before)
+    assert migrating.returncode == 1, migrating.stderr
+    errors = [line for line in migrating.stderr.splitlines()
+              if line.startswith(("ERROR", "WARNING", "Traceback"))]
+    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
+    assert "1 outbox row(s) lie parked" in errors[0]
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == parking
+    assert _scalar(url, "SELECT count(*) FROM outbox_messages WHERE parked_at IS NOT NULL") == 1
+
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("DELETE FROM outbox_messages WHERE parked_at IS NOT NULL")  # (discarded)
+    connection.close()
+    migrating = _migrate_by_hand(service, url, "downgrade", service, before)
+    assert migrating.returncode == 0, migrating.stderr
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == before
+    assert _scalar(url, "SELECT count(*) FROM outbox_messages") == 1
+    command.upgrade(config, "head")
+
+
 # A first answer as the release before kept it, in jsonb only (every service's).
 ANSWER_KEPT_AS_JSONB = {"id": "6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11", "user_id": "u-1",
                         "amount": "10.50", "description": "caf\u00e9 \u2713", "reason": None,

@@ -1,5 +1,6 @@
 """Outbox rows whose message is too large ever to be sent are parked, and hold back only the
 later rows with their topic and key (shared.outbox.relaying.CLAIM_ROWS).
+The downgrade is refused while a row lies parked (shared.migration_steps.drop_outbox_parking).
 
 Revision ID: 0008
 """
