@@ -4,7 +4,10 @@ set in the environment is theirs."""
 
 from __future__ import annotations
 
+import secrets
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -49,6 +52,33 @@ def test_a_file_loosened_since_is_made_its_owners_only_again(tmp_path):
     secrets = checkout_secrets(path)
     path.chmod(0o644)
     assert checkout_secrets(path) == secrets
+    assert _mode(path) == 0o600
+
+
+def test_two_runs_making_a_fresh_checkouts_secrets_at_once_hand_out_the_ones_kept(tmp_path,
+                                                                                  monkeypatch):
+    """Two `make run`s started at once in a fresh checkout (the second then stops: devstack.
+    leftovers) both find no file and make secrets; the one kept is the one both hand out, where
+    each handed out its own and the later write won, so that the tokens the running one signed
+    were refused after its next restart."""
+    path = tmp_path / SECRETS_FILE
+    both_made_theirs = threading.Barrier(2)
+    waited = threading.local()
+    token_urlsafe = secrets.token_urlsafe
+
+    def made_once_both_have_read(nbytes):
+        if not getattr(waited, "done", False):  # (each run has read the missing file by now)
+            waited.done = True
+            both_made_theirs.wait(timeout=10)
+        return token_urlsafe(nbytes)
+
+    monkeypatch.setattr(secrets, "token_urlsafe", made_once_both_have_read)
+    with ThreadPoolExecutor(2) as runs:
+        handed_out = list(runs.map(checkout_secrets, [path, path]))
+
+    assert handed_out[0] == handed_out[1]
+    monkeypatch.undo()
+    assert checkout_secrets(path) == handed_out[0]
     assert _mode(path) == 0o600
 
 
