@@ -138,19 +138,9 @@ def start_embedded_postgres(
         return running, None
     user = _embedded_postgres_user()
     binaries = postgres_binaries(user)
-    _prepare_pgdata(pgdata, user)
     if not (pgdata / "PG_VERSION").exists():
-        log_path = logs_dir(run_dir) / "initdb.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "wb") as log:
-            initdb = subprocess.run(
-                [binaries / "initdb", "-D", pgdata, "--auth=trust", "--encoding=UTF8",
-                 "--locale=C", "--username=postgres", "--no-sync"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **run_as(user),
-            )
-        if initdb.returncode != 0:
-            raise RuntimeError(f"initdb exited with code {initdb.returncode}; {log_path}:\n"
-                               f"{log_path.read_text(errors='replace')}")
+        _initdb(binaries, pgdata, user, logs_dir(run_dir) / "initdb.log")
+    _prepare_pgdata(pgdata, user)
     argv = [binaries / "postgres", "-D", pgdata, "-h", LOCALHOST, "-p", str(port)]
     # -k "": TCP only, since a socket path under a deep run_dir can exceed the 107-byte limit.
     # fsync=off: local data only, so speed over crash safety.
@@ -177,6 +167,29 @@ def start_embedded_postgres(
         process.stop()
         raise
     return url_base, process
+
+
+def _initdb(binaries: Path, pgdata: Path, user: str | None, log_path: Path) -> None:
+    """Make the cluster in a folder beside `pgdata`, moved into place once initdb has made it
+    whole. Made in place, a run stopped while initdb worked (SIGTERM, the terminal closed:
+    subprocess.run kills initdb) left `pgdata` with its PG_VERSION but no whole cluster, which
+    every later run took for one, and its server failed to start on. A folder a stopped run left
+    half made is made anew."""
+    staging = pgdata.with_name(f".{pgdata.name}.initdb")
+    shutil.rmtree(staging, ignore_errors=True)
+    _prepare_pgdata(staging, user)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        initdb = subprocess.run(
+            [binaries / "initdb", "-D", staging, "--auth=trust", "--encoding=UTF8",
+             "--locale=C", "--username=postgres", "--no-sync"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **run_as(user),
+        )
+    if initdb.returncode != 0:
+        raise RuntimeError(f"initdb exited with code {initdb.returncode}; {log_path}:\n"
+                           f"{log_path.read_text(errors='replace')}")
+    shutil.rmtree(pgdata, ignore_errors=True)  # (no PG_VERSION: never a cluster; empty, mostly)
+    staging.rename(pgdata)
 
 
 def _running_postgres_url(pgdata: Path) -> str | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -33,6 +35,7 @@ from devstack.infra import (
     start_broker,
     _postgres_answers,
     start_embedded_postgres,
+    wait_until,
 )
 
 
@@ -100,6 +103,40 @@ def test_embedded_postgres_starts_answers_and_is_reused_for_the_same_run_dir(
         server.stop()
     assert not server.alive()
     assert not port_open("127.0.0.1", int(url_base.rsplit(":", 1)[1]))
+
+
+def test_an_embedded_postgres_whose_first_start_was_stopped_during_initdb_starts_next_time(
+        server_dir, embedded_only, monkeypatch):
+    """A run stopped while initdb makes the embedded server's cluster (SIGTERM, the terminal
+    closed: subprocess.run kills initdb as the stop's exception passes) leaves no cluster the next
+    run takes for whole: it makes one and starts. (Here initdb is killed as soon as it has written
+    PG_VERSION, and the stop passes as SIGTERM's handler raises it.) Before, the cluster was made
+    in place, and every later run's server failed on the half of it, until .run was removed."""
+    run = subprocess.run
+
+    def stopped_during_initdb(argv, **kwargs):
+        if not str(argv[0]).endswith("initdb"):
+            return run(argv, **kwargs)
+        cluster = Path(argv[argv.index("-D") + 1])
+        initdb = subprocess.Popen(argv, **kwargs)
+        try:
+            wait_until(lambda: (cluster / "PG_VERSION").exists() or initdb.poll() is not None, 30,
+                       interval=0.001, what="initdb to write PG_VERSION")
+        finally:
+            initdb.kill()
+            initdb.wait()
+        raise SystemExit(128 + signal.SIGTERM)
+
+    monkeypatch.setattr(subprocess, "run", stopped_during_initdb)
+    with pytest.raises(SystemExit):
+        start_embedded_postgres(server_dir, free_port())
+    monkeypatch.setattr(subprocess, "run", run)
+
+    url_base, server = start_embedded_postgres(server_dir, free_port(), timeout=15)
+    try:
+        assert _postgres_answers(url_base)
+    finally:
+        server.stop()
 
 
 def test_a_tests_embedded_postgres_starts_though_another_run_makes_pytests_folders_private(
