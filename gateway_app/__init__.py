@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None, *,
 
     from gateway_app import (auth, models, notifications, routes, sign_out,  # noqa: F401
                              user_channels, web)
+    from gateway_app.no_store import keep_api_answers_out_of_caches
     from gateway_app.channel_listener import ChannelListener, subscriber_client
     from gateway_app.notification_document import document_notifications
     from gateway_app.ratelimit import RateLimiter
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None, *,
     notifications.register_socket(app, auth.socket_token, auth.socket_ticket_token)
     document_notifications(app.extensions["hseshop.api"], notifications.MESSAGE_HANDLERS)
     app.register_blueprint(web.blueprint)
+    keep_api_answers_out_of_caches(app)
     if settings.gateway_trusted_proxy_hops:
         # The address the limits count is the client's, not the proxy's, which every client
         # would share: the one our outermost proxy wrote into X-Forwarded-For, however many

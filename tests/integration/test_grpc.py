@@ -138,6 +138,50 @@ def test_a_replayed_answer_is_said_to_be_one_through_the_gateway_over_grpc(
     assert_replays_said_so(_gateway(settings, upstreams, grpc_targets, "grpc"))
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_every_answer_under_the_api_says_no_store_over_either_transport(
+        settings, upstreams, grpc_targets, transport):  # noqa: F811
+    """One user's orders, balance, notifications and tokens, and the errors that speak of them,
+    are kept by no cache on the way (a proxy caching GETs by URL would serve them to the next
+    user); the page and the documents are not the API's, and keep their own headers."""
+    client = _gateway(settings, upstreams, grpc_targets, transport)
+    username = f"no-store-{uuid.uuid4().hex[:8]}"
+    signed_up = client.post("/api/auth/register", json={"username": username,
+                                                        "password": "long password"})
+    auth = {"Authorization": f"Bearer {signed_up.get_json()['access_token']}"}
+    stranger = client.post("/api/auth/register", json={
+        "username": f"{username}-2", "password": "long password"}).get_json()
+    answers = [signed_up, client.post("/api/auth/login", json={"username": username,
+                                                              "password": "long password"})]
+
+    def ask(method, path, **kwargs):
+        answers.append(client.open(path, method=method, headers=auth, **kwargs))
+        return answers[-1]
+
+    ask("GET", "/api/accounts/balance")  # (404: no account yet)
+    ask("POST", "/api/accounts")
+    order = ask("POST", "/api/orders", json={"amount": 1}).get_json()
+    for method in ("GET", "HEAD"):
+        ask(method, "/api/orders?limit=1")
+        ask(method, f"/api/orders/{order['id']}")
+        ask(method, "/api/accounts/balance")
+        ask(method, "/api/notifications?after=0")
+        ask(method, "/api/notifications/newest")
+    ask("GET", "/api/orders?limit=0")
+    ask("GET", "/api/orders/not-an-id")
+    ask("OPTIONS", "/api/orders")
+    ask("POST", "/api/notifications/tickets")
+    answers.append(client.get(f"/api/orders/{order['id']}", headers={
+        "Authorization": f"Bearer {stranger['access_token']}"}))
+    answers.append(client.get("/api/orders"))  # (401)
+    answers.append(client.get("/api/nowhere"))
+    assert [(a.request.method, a.request.path, a.status_code, a.headers.get("Cache-Control"))
+            for a in answers if a.headers.get("Cache-Control") != "no-store"] == []
+    assert {a.status_code for a in answers} >= {200, 201, 202, 204, 401, 404, 422}
+    for path in ("/", "/docs/openapi.json", "/health"):
+        assert "no-store" not in client.get(path).headers.get("Cache-Control", ""), path
+
+
 class _SlowOrders(orders_pb2_grpc.OrdersServicer):
     def ListOrders(self, request, context):
         time.sleep(2)
