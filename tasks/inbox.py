@@ -27,6 +27,7 @@ from shared.inbox.handling import (ConnectionLostInHandler, handle_locked_messag
                                    process_inbox_message, record_failed_attempt)
 from shared.inbox.pruning import prune_handled_messages
 from shared.inbox.sweeping import claim_stalled_messages
+from shared.request_context import request_id_bound
 from shared.task_queues import handler_queue
 from tasks.celery_app import app
 from tasks.retention import prune_in_transactions
@@ -81,31 +82,34 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
     settings = current_app.extensions["hseshop.settings"]
     outage = _HANDLERS_DATABASE_OUTAGE[service]
     message = uuid.UUID(message_id)
-    try_began_at = None
+    begun = None
     try:
         with transaction() as session:
             noted = note_try_begun(session, message)
-        try_began_at = noted  # (once committed: a note never committed began no try)
+        begun = noted  # (once committed: a note never committed began no try)
         with transaction() as session:
             outcome = process_inbox_message(session, message, handlers)
     except Exception as exc:
-        lost = exc.error if isinstance(exc, ConnectionLostInHandler) else exc
-        if not outage.said_if_lost(lost):
-            log.warning("%s inbox: handling %s failed: %r", service, message_id, exc)
-        try:
-            with transaction() as session:
-                ended = record_failed_attempt(session, message, repr(exc),
-                                              settings.inbox_max_attempts,
-                                              counted=not held_up_by_a_lock(exc),
-                                              try_began_at=try_began_at)
-        except Exception as noting:  # (the sweeper makes good a try left unnoted)
-            if outage.said_if_lost(noting):
-                return LEFT_TO_THE_SWEEPER
-            log.warning("%s inbox: could not note the failed try of %s: %r",
-                        service, message_id, noting)
-            ended = None
-        else:
-            outage.back()
+        # (Said with the message's request id, as its handling is: a try not noted, the row
+        # held by another task's try or the database away, says it without.)
+        with request_id_bound(begun.request_id if begun else None):
+            lost = exc.error if isinstance(exc, ConnectionLostInHandler) else exc
+            if not outage.said_if_lost(lost):
+                log.warning("%s inbox: handling %s failed: %r", service, message_id, exc)
+            try:
+                with transaction() as session:
+                    ended = record_failed_attempt(session, message, repr(exc),
+                                                  settings.inbox_max_attempts,
+                                                  counted=not held_up_by_a_lock(exc),
+                                                  try_began_at=begun.at if begun else None)
+            except Exception as noting:  # (the sweeper makes good a try left unnoted)
+                if outage.said_if_lost(noting):
+                    return LEFT_TO_THE_SWEEPER
+                log.warning("%s inbox: could not note the failed try of %s: %r",
+                            service, message_id, noting)
+                ended = None
+            else:
+                outage.back()
         if ended is not None:  # parked, or handed over again: no retry of its own
             return ended.value
         raise self.retry(exc=exc, countdown=retry_countdown(
@@ -277,8 +281,9 @@ def _handle_each_in_a_savepoint(service: str, message_ids: list[uuid.UUID],
                 except Exception as exc:
                     if isinstance(exc, ConnectionLostInHandler) or connection_lost(exc):
                         raise  # (the transaction is lost)
-                    log.info("%s inbox: %s failed on its first try (%r); retrying in a task",
-                             service, message.message_id, exc)
+                    with request_id_bound(message.request_id):
+                        log.info("%s inbox: %s failed on its first try (%r); retrying in a task",
+                                 service, message.message_id, exc)
                     failed.append(message.message_id)
     except ConnectionLostInHandler as lost:
         raise BatchCutOff(lost.error, connected, handling=lost.message_id) from lost

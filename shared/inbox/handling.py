@@ -152,9 +152,18 @@ def handle_locked_message(session: Session, message: StoredMessage,
     """
     if message.done:
         return Outcome.ALREADY_DONE
+    # (Its id bound for all that is said of it, the lines that park it or count its failure
+    # included: they are where the click it was caused by ends.)
+    with request_id_bound(message.request_id):
+        return _handle_with_its_request_id_bound(session, message, handlers, max_attempts)
+
+
+def _handle_with_its_request_id_bound(session: Session, message: StoredMessage,
+                                      handlers: dict[str, Handler],
+                                      max_attempts: int | None) -> Outcome:
     ready = _ready_to_handle(message, handlers)
     if isinstance(ready, str):
-        _park(session, {message.message_id: ready})
+        _park(session, [(message, ready)])
         return Outcome.PARKED
     handler, event = ready
     savepoint = session.begin_nested()
@@ -162,7 +171,7 @@ def handle_locked_message(session: Session, message: StoredMessage,
     # connection lost before the handler began is not the handler's loss.)
     connection = session.connection()
     try:
-        with savepoint, request_id_bound(message.request_id):
+        with savepoint:
             handler(session, [event])
     except Exception as exc:
         # Lost, whatever the handler made of it: it may have caught the driver's error and
@@ -171,7 +180,7 @@ def handle_locked_message(session: Session, message: StoredMessage,
         if lost is not None:  # (nothing more can be done on the lost transaction)
             raise ConnectionLostInHandler(message.message_id, lost) from exc
         if isinstance(exc, PermanentMessageError):
-            _park(session, {message.message_id: str(exc)})
+            _park(session, [(message, str(exc))])
             return Outcome.PARKED
         # A try held up by another session's lock is no fault of the message's: it counts none
         # of its attempts, but is noted, so that the sweeper leaves the message to its retry.
@@ -188,8 +197,7 @@ def handle_locked_message(session: Session, message: StoredMessage,
     lost = connection_lost_on(connection)
     if lost is not None:
         raise ConnectionLostInHandler(message.message_id, lost)
-    with request_id_bound(message.request_id):
-        log.info("handled %s %s", message.type, message.message_id)
+    log.info("handled %s %s", message.type, message.message_id)
     _mark_processed(session, [message.message_id])
     return Outcome.PROCESSED
 
@@ -231,13 +239,13 @@ def handle_locked_messages_at_once(session: Session, messages: list[StoredMessag
     handle_locked_message). In exchange a run costs its handler's statements and no more.
     """
     runs: list[tuple[Handler, list[ReceivedEvent]]] = []
-    unusable: dict[uuid.UUID, str] = {}
+    unusable: list[tuple[StoredMessage, str]] = []
     for message in messages:
         if message.done:
             continue
         ready = _ready_to_handle(message, handlers)
         if isinstance(ready, str):
-            unusable[message.message_id] = ready
+            unusable.append((message, ready))
             continue
         handler, event = ready
         if runs and runs[-1][0] is handler:
@@ -285,13 +293,15 @@ _NOTE_TRY = ("UPDATE inbox_messages SET last_attempt_at = %(now)s"
              " WHERE message_id = %(message_id)s::uuid")
 
 
-def _park(session: Session, reasons: dict[uuid.UUID, str]) -> None:
-    """Park messages whose rows the transaction has locked, each with its reason."""
+def _park(session: Session, reasons: list[tuple[StoredMessage, str]]) -> None:
+    """Park messages whose rows the transaction has locked, each with its reason (said with its
+    request id)."""
     with driver_cursor(session) as cursor:
-        for message_id, reason in reasons.items():
-            cursor.execute(_PARK, {"message_id": str(message_id), "reason": reason[:2000],
-                                   "now": utc_now()})
-            log.error("parked inbox message %s: %s", message_id, reason)
+        for message, reason in reasons:
+            cursor.execute(_PARK, {"message_id": str(message.message_id),
+                                   "reason": reason[:2000], "now": utc_now()})
+            with request_id_bound(message.request_id):
+                log.error("parked inbox message %s: %s", message.message_id, reason)
 
 
 _PARK = """
@@ -333,7 +343,16 @@ def _ready_to_handle(message: StoredMessage,
     return handler, ReceivedEvent(payload, message)
 
 
-def note_try_begun(session: Session, message_id: uuid.UUID) -> datetime | None:
+@dataclass(frozen=True)
+class BegunTry:
+    """A try noted as begun: when (as noted), and the request id of the message it is a try of,
+    which the task trying it says all it says of it with."""
+
+    at: datetime
+    request_id: str | None
+
+
+def note_try_begun(session: Session, message_id: uuid.UUID) -> BegunTry | None:
     """Note, in a transaction of its own committed before the try, that a try of the message
     begins (`try_open`, and `last_attempt_at`): should the try never end (its worker crashes, or
     hangs), the sweeper, handing the message over again, counts it as an attempt. Its end, or
@@ -341,11 +360,12 @@ def note_try_begun(session: Session, message_id: uuid.UUID) -> datetime | None:
     a failure recorded (record_failed_attempt) or counted. Nothing is noted while another handler
     holds the row (that one is at work on it), nor of a message processed or parked.
 
-    Returns when the try began, as noted (for record_failed_attempt), or None if it was not."""
+    Returns when the try began, as noted (its `at` for record_failed_attempt), with the message's
+    request id, or None if it was not noted."""
     with driver_cursor(session) as cursor:
         cursor.execute(_NOTE_TRY_BEGUN, {"message_id": str(message_id), "now": utc_now()})
         noted = cursor.fetchone()
-    return noted[0] if noted else None
+    return BegunTry(*noted) if noted else None
 
 
 _NOTE_TRY_BEGUN = """
@@ -354,7 +374,7 @@ WHERE message_id = (SELECT message_id FROM inbox_messages
                     WHERE message_id = %(message_id)s::uuid
                           AND processed_at IS NULL AND parked_at IS NULL
                     FOR UPDATE SKIP LOCKED)
-RETURNING last_attempt_at"""
+RETURNING last_attempt_at, request_id"""
 
 
 def record_failed_attempt(
@@ -402,7 +422,8 @@ def record_failed_attempt(
     message.try_open = False
     if counted and message.attempts >= max_attempts:
         message.parked_at = utc_now()
-        log.error("parked inbox message %s after %d attempts: %s",
-                  message_id, message.attempts, error)
+        with request_id_bound(message.request_id):
+            log.error("parked inbox message %s after %d attempts: %s",
+                      message_id, message.attempts, error)
         return Outcome.PARKED
     return None

@@ -12,6 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from shared.inbox.model import utc_now
+from shared.request_context import request_id_bound
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,10 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
         "counting": 1 if max_attempts else 0, "max_attempts": max_attempts or 0,
         "gave_up": _GAVE_UP.format(max_attempts)})
     stalled = []
-    for message_id, attempts, parked in claimed:
+    for message_id, attempts, parked, request_id in claimed:
         if parked:
-            log.error("parked inbox message %s: %s", message_id, _GAVE_UP.format(attempts))
+            with request_id_bound(request_id):
+                log.error("parked inbox message %s: %s", message_id, _GAVE_UP.format(attempts))
         else:
             stalled.append(StalledMessage(message_id, attempts))
     return stalled
@@ -86,5 +88,5 @@ claimed AS (
     FROM stalled
     WHERE inbox_messages.message_id = stalled.message_id
     RETURNING inbox_messages.message_id, inbox_messages.received_at, inbox_messages.attempts,
-              inbox_messages.parked_at IS NOT NULL AS parked)
-SELECT message_id, attempts, parked FROM claimed ORDER BY received_at""")
+              inbox_messages.parked_at IS NOT NULL AS parked, inbox_messages.request_id)
+SELECT message_id, attempts, parked, request_id FROM claimed ORDER BY received_at""")

@@ -159,9 +159,11 @@ def _claimed(session, min_age: timedelta, max_attempts: int | None = 5) -> dict:
 
 
 def _try_begun(message_id) -> datetime | None:
-    """What a task of the message's own does as it begins (and then, here, its worker dies)."""
+    """What a task of the message's own does as it begins (and then, here, its worker dies): when
+    its try began, as noted, or None."""
     with transaction() as session:
-        return note_try_begun(session, message_id)
+        begun = note_try_begun(session, message_id)
+    return begun.at if begun else None
 
 
 def test_a_message_whose_tries_come_to_nothing_as_often_as_it_may_be_tried_is_parked(

@@ -3,10 +3,14 @@ limit, the pruner of old rows, and parked messages replayed by an operator."""
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from decimal import Decimal
 
@@ -29,6 +33,7 @@ from shared.inbox.model import InboxMessage, utc_now
 from shared.inbox.storing import ConsumedRecord
 from shared.inbox.sweeping import claim_stalled_messages
 from shared.outbox.writing import OutboxMessage
+from shared.request_context import REQUEST_ID_KAFKA_HEADER, log_with_request_ids
 from tasks.celery_app import app as celery_app
 from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, retry_countdown,
                          sweep_inbox, tasks_waiting)
@@ -41,12 +46,14 @@ from tests.postgres_tools import (account_row_held, ending_its_session_by_a_driv
 
 
 def _stored_request(store, user: str, key: str | None = None,
-                    amount: Decimal = Decimal("1.00")) -> uuid.UUID:
-    """A PaymentRequested of `user` stored in the payments inbox (under Kafka key `key`)."""
+                    amount: Decimal = Decimal("1.00"), request_id: str | None = None) -> uuid.UUID:
+    """A PaymentRequested of `user` stored in the payments inbox (under Kafka key `key`, with
+    `request_id` as its header)."""
     event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user,
                                           "amount": amount}, None)
+    headers = {REQUEST_ID_KAFKA_HEADER: request_id.encode()} if request_id else {}
     store([ConsumedRecord("task-test", 0, 0, key.encode() if key else None,
-                          encode(event.to_json()), {})])
+                          encode(event.to_json()), headers)])
     return event.message_id
 
 
@@ -71,6 +78,57 @@ def test_a_handler_that_keeps_failing_is_retried_then_parked(settings, payments_
     assert row.attempts == settings.inbox_max_attempts
     assert row.parked_at is not None and row.processed_at is None
     assert "ledger unavailable" in row.last_error
+
+
+@contextmanager
+def _lines_logged() -> Iterator[io.StringIO]:
+    """What the process logs meanwhile, as its log handlers write it (with request ids)."""
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    log_with_request_ids(handler)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield written
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+@pytest.mark.parametrize("how", ["its own task, retried until parked", "a batch, parked",
+                                 "the sweeper, its tries lost"])
+def test_every_line_logged_of_a_failing_message_carries_its_request_id(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id, how):
+    """The click's id follows the message to the end, a failed one included: each try's failure,
+    and the line that parks it (its final status), can be found by the id as its handled line
+    can."""
+    request_id = f"click-{uuid.uuid4().hex}"
+
+    def broken(session, events):
+        if how.startswith("a batch"):
+            raise PermanentMessageError("no such ledger")
+        raise ConnectionError("ledger unavailable")
+
+    monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: broken})
+    message_id = _stored_request(payments_inbox, user_id, request_id=request_id)
+    with _lines_logged() as written:
+        if how.startswith("a batch"):
+            handle_inbox_batch.apply(args=("payments", [str(message_id)]))
+        elif how.startswith("the sweeper"):
+            with service_app("payments").app_context(), transaction() as session:
+                session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
+                                .values(attempts=settings.inbox_max_attempts - 1))
+            _received_ago(message_id, timedelta(minutes=1), handed_over_as_long_ago=True,
+                          tried_since=True)
+            sweep_inbox.apply(args=("payments",)).get()
+        else:
+            handle_inbox_message.apply(args=("payments", str(message_id)))
+    assert _row(message_id).parked_at is not None
+    lines = [line for line in written.getvalue().splitlines() if str(message_id) in line]
+    assert any("parked" in line for line in lines), lines
+    assert [line for line in lines if f"[request_id={request_id}]" not in line] == []
 
 
 def test_a_task_of_its_own_notes_its_try_begun_before_the_handler_runs(
