@@ -1,7 +1,8 @@
 """Calling the services over gRPC: one channel per service per process (a connection gone silent
-found out by keepalive pings), the caller's identity and request id in the call metadata, a
-deadline on every call, and gRPC failures mapped back to the HTTP errors the services' HTTP APIs
-would have given (a replayed answer's mark too: Idempotent-Replayed)."""
+found out by keepalive pings), the caller's identity, the gateway's deadline (both signed) and the
+request id in the call metadata, that deadline on every call, and gRPC failures mapped back to the
+HTTP errors the services' HTTP APIs would have given (a replayed answer's mark too:
+Idempotent-Replayed)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import grpc
 from flask import current_app, g
 
+from shared.caller_deadline import deadline_moment
 from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.grpc_messages import to_body, to_message
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
@@ -56,11 +58,14 @@ def call(service: str, method: str,
     reply's trailers say: Idempotent-Replayed)."""
     settings = current_app.extensions["hseshop.settings"]
     request = to_message(REQUEST_TYPES[(service, method)], body)
-    # Signed for this method and this message's bytes, which the stub sends as serialized here:
-    # a message serializes to the same bytes each time (its fields in their numbers' order).
+    # Signed for this method and this message's bytes, which the stub sends as serialized here
+    # (a message serializes to the same bytes each time: its fields in their numbers' order), and
+    # for the moment the gateway stops waiting, which the service keeps to if the call's own
+    # timeout (unsigned: a captured call could be sent again with a longer one) is later.
     metadata = grpc_identity_metadata(g.user_id, settings.internal_auth_secret,
                                       f"/{SERVICE_NAMES[service]}/{method}",
-                                      request.SerializeToString())
+                                      request.SerializeToString(),
+                                      deadline_moment(settings.upstream_timeout_seconds))
     metadata.append((REQUEST_ID_HEADER.lower(), current_request_id() or ""))
     try:
         reply, answered = getattr(_stub(service), method).with_call(

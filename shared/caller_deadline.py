@@ -1,7 +1,7 @@
-"""When the gateway stops waiting for a service's answer, told to the service over HTTP as a gRPC
-call tells it by itself (its deadline, shared/grpc_server.py): `X-Gateway-Deadline`, a moment in
-seconds since the epoch. Past it, the service commits nothing (shared.db.transaction rolls back)
-and answers 504 CALLER_GAVE_UP (shared.errors): the gateway has answered its client 504 by then,
+"""When the gateway stops waiting for a service's answer, told to the service: `X-Gateway-Deadline`,
+a moment in seconds since the epoch, an HTTP header or (in lower case) gRPC call metadata. Past
+it, the service commits nothing (shared.db.transaction rolls back) and answers 504 CALLER_GAVE_UP
+(shared.errors; over gRPC DEADLINE_EXCEEDED): the gateway has answered its client 504 by then,
 and a request that client retries (an order placed without an Idempotency-Key) must not find the
 first one done as well.
 
@@ -13,8 +13,11 @@ host's: exactly): a service whose clock runs ahead refuses every write as too la
 clock runs behind commits some after the gateway's 504. A request that arrives with its moment
 passed is logged (a backlog, or clocks that disagree).
 
-Not signed, as the identity is: a caller that gives a service an earlier moment only has its own
-request refused sooner, and one that gives none (a direct call) is waited for as before."""
+Signed with the identity (shared.internal_auth), so that a captured request sent again cannot
+carry a later moment and commit after the gateway's 504. Over HTTP it may be left out (a direct
+call, waited for as before); a gRPC call must carry it, and the service keeps the earlier of it
+and the call's own deadline (its gRPC timeout, which the caller sets and nobody signs:
+shared/grpc_server.py)."""
 
 from __future__ import annotations
 
@@ -50,9 +53,14 @@ CALLER_GAVE_UP = DocumentedError(
     "request's work could commit; it was rolled back")
 
 
+def deadline_moment(seconds_from_now: float) -> str:
+    """The X-Gateway-Deadline (or gRPC metadata) value `seconds_from_now`."""
+    return f"{time.time() + seconds_from_now:.3f}"
+
+
 def deadline_headers(seconds_from_now: float) -> dict[str, str]:
     """The header that tells a service when its caller stops waiting."""
-    return {DEADLINE_HEADER: f"{time.time() + seconds_from_now:.3f}"}
+    return {DEADLINE_HEADER: deadline_moment(seconds_from_now)}
 
 
 def take_caller_deadlines(app: Flask) -> None:
@@ -60,7 +68,7 @@ def take_caller_deadlines(app: Flask) -> None:
 
     @app.before_request
     def _bind_the_deadline() -> None:
-        deadline = _deadline_given(request.headers.get(DEADLINE_HEADER))
+        deadline = deadline_given(request.headers.get(DEADLINE_HEADER))
         if deadline is not None:
             bound = contextlib.ExitStack()
             bound.enter_context(caller_waits_until(deadline))
@@ -73,8 +81,9 @@ def take_caller_deadlines(app: Flask) -> None:
             bound.close()
 
 
-def _deadline_given(header: str | None) -> float | None:
-    """The time.monotonic() by which the caller stops waiting; None for no (usable) header."""
+def deadline_given(header: str | None) -> float | None:
+    """The time.monotonic() by which the caller stops waiting; None for no (usable) header (or
+    gRPC metadata value)."""
     if header is None or not _DEADLINE.fullmatch(header):
         return None
     left = float(header) - time.time()

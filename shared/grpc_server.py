@@ -1,7 +1,8 @@
 """Serving a service's operations over gRPC, next to its HTTP API and calling the same endpoint
-functions: identity from gateway-signed call metadata, the request id bound for the call, errors
-turned into gRPC status codes that carry the HTTP status, code and details the HTTP API would give,
-and a replayed answer marked in the trailers as the HTTP API marks it in a header.
+functions: identity and deadline from gateway-signed call metadata, the request id bound for the
+call, errors turned into gRPC status codes that carry the HTTP status, code and details the HTTP
+API would give, and a replayed answer marked in the trailers as the HTTP API marks it in a
+header.
 
     python -m shared.grpc_server orders      # listens on ORDERS_GRPC_BIND, with reflection
 """
@@ -28,12 +29,13 @@ from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 from marshmallow import ValidationError
 
+from shared.caller_deadline import deadline_given
 from shared.config import get_settings
 from shared.db import CallerGaveUp, caller_waits_until
 from shared.errors import DATABASE_ERRORS, ApiError, database_error
 from shared.idempotency import REPLAYED, checked_idempotency_key, take_replayed_mark
 from shared.identity import authenticated_user_id
-from shared.internal_auth import GRPC_METHOD
+from shared.internal_auth import DEADLINE_HEADER, GRPC_METHOD, header_value
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, escaped_in_logs,
                                     given_request_id_if_sane, request_id_bound, sane_request_id)
 
@@ -194,8 +196,7 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
     which a validation error's messages are filed, as there."""
     metadata = {key: value for key, value in context.invocation_metadata()}
     request_id = sane_request_id(metadata.get(REQUEST_ID_HEADER.lower()))
-    remaining = context.time_remaining()  # (no deadline set: about 9.2e18 s; None in some grpcio)
-    deadline = None if remaining is None else time.monotonic() + remaining
+    deadline = _earliest_deadline(context, metadata)
     with app.app_context(), request_id_bound(request_id), caller_waits_until(deadline):
         try:
             secret = app.extensions["hseshop.settings"].internal_auth_secret
@@ -223,6 +224,19 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
         except Exception:
             log.exception("unhandled error in a gRPC call [request_id=%s]", request_id)
             context.abort(grpc.StatusCode.INTERNAL, "Something went wrong on our side.")
+
+
+def _earliest_deadline(context: grpc.ServicerContext, metadata: dict[str, str]) -> float | None:
+    """The time.monotonic() by which the call's work commits or rolls back: the earlier of the
+    call's own deadline (its gRPC timeout, which whoever sends the call sets, and nobody signs)
+    and the moment the gateway signed into its metadata (X-Gateway-Deadline in lower case,
+    shared.caller_deadline), so that a captured call sent again with a longer timeout still
+    rolls back once the gateway has answered 504. The signed moment counts only for a call whose
+    identity check, which requires it (shared.internal_auth), passes: nothing runs before that."""
+    remaining = context.time_remaining()  # (no deadline set: about 9.2e18 s; None in some grpcio)
+    deadlines = (None if remaining is None else time.monotonic() + remaining,
+                 deadline_given(header_value(metadata, DEADLINE_HEADER)))
+    return min((deadline for deadline in deadlines if deadline is not None), default=None)
 
 
 def _abort(context: grpc.ServicerContext, error: ApiError) -> None:

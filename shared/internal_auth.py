@@ -12,13 +12,16 @@ where, over HTTP, the method is the request's, the target its path and query exa
 the request line (what the service's server hands over as RAW_URI), and the last two lines the
 values of those headers as sent, each empty when the request has none; over gRPC the method is
 GRPC_METHOD, the target the call's full method name ("/hseshop.orders.v1.Orders/PlaceOrder"), the
-body the request message's serialized bytes, and the last two lines are empty (the key is a field
-of the message, and the deadline the call's own). So headers captured off one request (a balance
-read) vouch for that request alone: not for a deposit, another order, another query or another
-body, over either transport; nor, over HTTP, for the same deposit with another Idempotency-Key or
-none (each a new deposit), or with another deadline (later: committed after the gateway's 504).
-The gateway signs each try as it sends it; a resend carries the same key and the same deadline (a
-moment, shared/caller_deadline.py), signed afresh with its own timestamp.
+body the request message's serialized bytes, the Idempotency-Key line empty (the key is a field
+of the message, signed with it) and the last the call's `x-gateway-deadline` metadata, which a
+call must carry (refused without it): the call's own deadline (its gRPC timeout) is the caller's
+to set, so a captured call sent again with a longer one would otherwise commit after the
+gateway's 504; shared.grpc_server keeps the earlier of the two. So headers captured off one
+request (a balance read) vouch for that request alone: not for a deposit, another order, another
+query or another body, nor with another deadline (later: committed after the gateway's 504), over
+either transport; nor, over HTTP, for the same deposit with another Idempotency-Key or none (each
+a new deposit). The gateway signs each try as it sends it; a resend carries the same key and the
+same deadline (a moment, shared/caller_deadline.py), signed afresh with its own timestamp.
 
 What stays possible is that same request sent again within the window: a signature is accepted up
 to MAX_AGE_SECONDS after its timestamp (the gateway's resends, a busy service's queue) and no more
@@ -59,9 +62,10 @@ MAX_AHEAD_SECONDS = 5
 # The method a gRPC call is signed with: no HTTP method, so that no HTTP request's signature is a
 # gRPC call's (whose targets, full method names, could otherwise be paths too).
 GRPC_METHOD = "GRPC"
-# The headers of an HTTP request whose values are signed with it (shared.idempotency's
-# IDEMPOTENCY_HEADER and shared.caller_deadline's DEADLINE_HEADER, named here so that this module
-# needs no Flask nor database; tests/unit/test_internal_auth.py keeps them in step).
+# The headers of an HTTP request whose values are signed with it, the deadline's (in lower case)
+# a gRPC call's metadata too (shared.idempotency's IDEMPOTENCY_HEADER and shared.caller_deadline's
+# DEADLINE_HEADER, named here so that this module needs no Flask nor database;
+# tests/unit/test_internal_auth.py keeps them in step).
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 DEADLINE_HEADER = "X-Gateway-Deadline"
 SIGNED_HEADERS = (IDEMPOTENCY_KEY_HEADER, DEADLINE_HEADER)
@@ -97,20 +101,20 @@ def _signature(secret: str, user_id: str, timestamp: str, method: str, target: s
 
 
 def _signed_header_values(method: str, headers: Mapping[str, str]) -> tuple[str, ...]:
-    """The values of SIGNED_HEADERS in an HTTP request's `headers`, each "" when it has none; all
-    "" for a gRPC call (GRPC_METHOD), whose key is in its message and whose deadline is its own."""
-    if method == GRPC_METHOD:
-        return ("",) * len(SIGNED_HEADERS)
-    return tuple(header_value(headers, name) or "" for name in SIGNED_HEADERS)
+    """The values of SIGNED_HEADERS in an HTTP request's `headers` (or a gRPC call's metadata),
+    each "" when it has none; the key's "" for a gRPC call (GRPC_METHOD), whose key is in its
+    message."""
+    return tuple("" if method == GRPC_METHOD and name == IDEMPOTENCY_KEY_HEADER
+                 else header_value(headers, name) or "" for name in SIGNED_HEADERS)
 
 
 def identity_headers(user_id: str, secret: str, method: str, target: str, body: bytes = b"",
                      now: float | None = None, *,
                      sent_with: Mapping[str, str] | None = None) -> dict[str, str]:
     """The headers (or gRPC metadata) that vouch for `user_id` sending the request `method
-    target` with `body` and, over HTTP, the Idempotency-Key and X-Gateway-Deadline of the headers
-    it is `sent_with` (none: neither), and no other (over gRPC: GRPC_METHOD, the full method name
-    and the message's bytes)."""
+    target` with `body` and the X-Gateway-Deadline (over HTTP the Idempotency-Key too) of the
+    headers it is `sent_with` (none: neither), and no other (over gRPC: GRPC_METHOD, the full
+    method name and the message's bytes: see grpc_identity_metadata)."""
     timestamp = str(int(time.time() if now is None else now))
     signed = _signed_header_values(method, sent_with or {})
     return {USER_ID_HEADER: user_id, TIMESTAMP_HEADER: timestamp,
@@ -118,11 +122,14 @@ def identity_headers(user_id: str, secret: str, method: str, target: str, body: 
 
 
 def grpc_identity_metadata(user_id: str, secret: str, full_method: str, request: bytes,
-                           now: float | None = None) -> list[tuple[str, str]]:
+                           deadline: str, now: float | None = None) -> list[tuple[str, str]]:
     """The call metadata that vouches for `user_id` calling `full_method` with the serialized
-    message `request`."""
-    return [(name.lower(), value) for name, value in
-            identity_headers(user_id, secret, GRPC_METHOD, full_method, request, now=now).items()]
+    message `request` by `deadline` (an X-Gateway-Deadline's value, shared.caller_deadline),
+    which it carries too."""
+    sent_with = {DEADLINE_HEADER: deadline}
+    signed = identity_headers(user_id, secret, GRPC_METHOD, full_method, request, now=now,
+                              sent_with=sent_with)
+    return [(name.lower(), value) for name, value in {**signed, **sent_with}.items()]
 
 
 class SignedAs:
@@ -158,16 +165,19 @@ def header_value(headers: Mapping[str, str], name: str) -> str | None:
 
 def verified_user_id(headers: Mapping[str, str], secret: str, method: str, target: str,
                      body: bytes | Callable[[], bytes] = b"", now: float | None = None) -> str:
-    """The user id the gateway vouched for, for the request `method target` with `body` and (over
-    HTTP) the Idempotency-Key and X-Gateway-Deadline of its `headers`, as the service received
-    it; raise InvalidIdentity otherwise. `body` may be a function that reads it: called only for
-    headers that pass every other check, so that this check reads no body of a request with no
-    identity (a chunked one is read before it all the same: see the module's docstring)."""
+    """The user id the gateway vouched for, for the request `method target` with `body` and the
+    X-Gateway-Deadline of its `headers` (over HTTP its Idempotency-Key too; over gRPC the
+    deadline is required), as the service received it; raise InvalidIdentity otherwise. `body`
+    may be a function that reads it: called only for headers that pass every other check, so
+    that this check reads no body of a request with no identity (a chunked one is read before it
+    all the same: see the module's docstring)."""
     user_id = header_value(headers, USER_ID_HEADER)
     timestamp = header_value(headers, TIMESTAMP_HEADER)
     signature = header_value(headers, SIGNATURE_HEADER)
     if not user_id or not timestamp or not signature:
         raise InvalidIdentity("the request carries no gateway-signed identity")
+    if method == GRPC_METHOD and not header_value(headers, DEADLINE_HEADER):
+        raise InvalidIdentity("the call carries no gateway-signed deadline")
     if not signature.startswith(_PREFIX):
         if _PREVIOUS_FORMAT.fullmatch(signature):
             raise SignatureVersionMismatch(

@@ -1,6 +1,6 @@
 """Calling a service directly as the gateway does, which signs each request it sends for its
 method, path and query, body, Idempotency-Key and deadline (shared.internal_auth): Flask's test
-client given `signed_as`, and gRPC call metadata for one call's method and message."""
+client given `signed_as`, and gRPC call metadata for one call's method, message and deadline."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import io
 from flask import Flask
 from flask.testing import FlaskClient
 
+from shared.caller_deadline import deadline_moment
 from shared.internal_auth import SIGNED_HEADERS, grpc_identity_metadata, identity_headers
 from tests.environment import TEST_SECRETS
 
@@ -45,9 +46,18 @@ def use_gateway_signed_clients() -> None:
     Flask.test_client_class = GatewaySignedClient
 
 
+# The deadline grpc_signed signs unless told: later than any test's own gRPC timeout, so that the
+# call's timeout is the one that counts.
+GRPC_SIGNED_DEADLINE_SECONDS = 60.0
+
+
 def grpc_signed(user_id: str, full_method: str, request,
-                secret: str = TEST_SECRETS["INTERNAL_AUTH_SECRET"]) -> tuple[tuple[str, str], ...]:
+                secret: str = TEST_SECRETS["INTERNAL_AUTH_SECRET"], *,
+                deadline_seconds: float = GRPC_SIGNED_DEADLINE_SECONDS
+                ) -> tuple[tuple[str, str], ...]:
     """The metadata the gateway sends with a call of `full_method` (its "/package.Service/Method")
-    for `user_id`: `request` a message, or the bytes sent as they are."""
+    for `user_id`, its signed deadline `deadline_seconds` from now: `request` a message, or the
+    bytes sent as they are."""
     raw = request if isinstance(request, bytes) else request.SerializeToString()
-    return tuple(grpc_identity_metadata(user_id, secret, full_method, raw))
+    return tuple(grpc_identity_metadata(user_id, secret, full_method, raw,
+                                        deadline_moment(deadline_seconds)))

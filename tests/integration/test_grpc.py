@@ -512,17 +512,16 @@ def test_an_empty_idempotency_key_is_refused_by_each_service_as_over_http(
     assert orders_placed.get_json()["items"] == []
 
 
-def test_an_order_whose_caller_gave_up_by_its_deadline_is_not_placed(settings, grpc_targets,
-                                                                     caplog):
-    """The gateway gives a call its 5 s, then answers 504 and forgets it: a call held up past its
-    deadline (here on the user's placing lock, held by another session) rolls back instead of
-    placing an order the client was told had failed."""
+def _placed_while_held_up_past_its_deadline(settings, grpc_targets, user: str, metadata,
+                                            place) -> None:
+    """`place` called for `user` with `metadata` and a 0.5 s timeout while another session holds
+    the user's placing lock (the call's own session waits on it), the lock given up once the
+    call has been answered DEADLINE_EXCEEDED, and the call's transaction waited out."""
     import psycopg2
 
     from orders_app.service import PLACING_LOCK_CLASS
     from shared.db import driver_dsn
 
-    user = f"gave-up-{uuid.uuid4().hex[:8]}"
     dsn = driver_dsn(settings.database_url("orders"))
     holder, watcher = psycopg2.connect(dsn), psycopg2.connect(dsn)
     watcher.autocommit = True
@@ -532,9 +531,7 @@ def test_an_order_whose_caller_gave_up_by_its_deadline_is_not_placed(settings, g
             cursor.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
                            (PLACING_LOCK_CLASS, user))
         with pytest.raises(grpc.RpcError) as gave_up:
-            place = orders_pb2.PlaceOrderRequest(amount="1")
-            stub.PlaceOrder(place, timeout=0.5,
-                            metadata=grpc_signed(user, f"{ORDERS}/PlaceOrder", place))
+            stub.PlaceOrder(place, timeout=0.5, metadata=metadata)
         assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         with watcher.cursor() as cursor:
             def held_up_call():
@@ -553,13 +550,77 @@ def test_an_order_whose_caller_gave_up_by_its_deadline_is_not_placed(settings, g
                 return cursor.fetchone() in (None, ("idle",))  # its transaction over, either way
 
             wait_for(call_ended, timeout=10, what="the held-up call's transaction to end")
-            cursor.execute("SELECT count(*) FROM orders WHERE user_id = %s", (user,))
-            assert cursor.fetchone() == (0,)
-        # Rolled back for its deadline, not for a lock it waited too long for.
-        assert "the caller's deadline passed" in caplog.text
     finally:
         holder.close()
         watcher.close()
+
+
+def _orders_placed_by(settings, user: str) -> int:
+    import psycopg2
+
+    from shared.db import driver_dsn
+
+    with psycopg2.connect(driver_dsn(settings.database_url("orders"))) as connection:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM orders WHERE user_id = %s", (user,))
+            return cursor.fetchone()[0]
+
+
+def test_an_order_whose_caller_gave_up_by_its_deadline_is_not_placed(settings, grpc_targets,
+                                                                     caplog):
+    """The gateway gives a call its 5 s, then answers 504 and forgets it: a call held up past its
+    deadline (here on the user's placing lock, held by another session) rolls back instead of
+    placing an order the client was told had failed."""
+    user, place = f"gave-up-{uuid.uuid4().hex[:8]}", orders_pb2.PlaceOrderRequest(amount="1")
+    _placed_while_held_up_past_its_deadline(
+        settings, grpc_targets, user, grpc_signed(user, f"{ORDERS}/PlaceOrder", place), place)
+    assert _orders_placed_by(settings, user) == 0
+    # Rolled back for its deadline, not for a lock it waited too long for.
+    assert "the caller's deadline passed" in caplog.text
+
+
+def test_a_captured_call_sent_again_with_a_longer_timeout_keeps_the_gateways_signed_deadline(
+        settings, grpc_targets, caplog):
+    """A PlaceOrder the gateway gave 0.5 s (signed into its metadata), held up past them on the
+    user's placing lock and rolled back (the gateway's 504), captured and sent again within the
+    signature's minute with a 30 s timeout: the service keeps to the earlier moment, the
+    gateway's, and rolls it back too. It took the call's own timeout alone, which whoever sends
+    the call sets, and placed the order after the gateway had answered 504."""
+    user, place = f"replayed-{uuid.uuid4().hex[:8]}", orders_pb2.PlaceOrderRequest(amount="1")
+    captured = grpc_signed(user, f"{ORDERS}/PlaceOrder", place, deadline_seconds=0.5)
+    _placed_while_held_up_past_its_deadline(settings, grpc_targets, user, captured, place)
+    assert _orders_placed_by(settings, user) == 0
+    stub = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
+    caplog.clear()
+    with pytest.raises(grpc.RpcError) as replayed:
+        stub.PlaceOrder(place, timeout=30, metadata=captured)
+    assert replayed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "the caller's deadline passed" in caplog.text  # the service's rollback, not the timeout
+    assert _orders_placed_by(settings, user) == 0
+
+
+def test_a_call_without_its_signed_deadline_or_with_another_is_refused(grpc_targets):
+    """The gateway's deadline is signed with the call (shared.internal_auth): left out, the call
+    is held to nothing but a timeout whoever sends it sets; changed, a later one is not the
+    gateway's. Both 401 UNTRUSTED_IDENTITY, as a forged signature."""
+    stub = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
+    listing = orders_pb2.ListOrdersRequest()
+    signed = grpc_signed(f"deadline-{uuid.uuid4().hex[:8]}", f"{ORDERS}/ListOrders", listing,
+                         deadline_seconds=5)
+    assert stub.ListOrders(listing, metadata=signed, timeout=5).items == []
+    deadline = dict(signed)["x-gateway-deadline"]
+    without = tuple((name, value) for name, value in signed if name != "x-gateway-deadline")
+    later = tuple((name, f"{float(deadline) + 30:.3f}" if name == "x-gateway-deadline" else value)
+                  for name, value in signed)
+    for metadata, message in ((without, "no gateway-signed deadline"),
+                              (later, "not the gateway's for this request")):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ListOrders(listing, metadata=metadata, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert message in refused.value.details()
+        trailers = dict(refused.value.trailing_metadata())
+        assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == (
+            "401", "UNTRUSTED_IDENTITY")
 
 
 def test_a_calls_access_log_line_holds_no_line_break_nor_an_id_that_is_not_sane(grpc_targets):

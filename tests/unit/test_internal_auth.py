@@ -65,15 +65,45 @@ def test_a_request_sent_without_a_key_or_deadline_is_signed_for_none():
             verified_user_id({**signed, **added}, SECRET, *DEPOSIT)
 
 
+GRPC_DEADLINE = "1900000000.250"
+
+
 def test_a_grpc_calls_signature_is_for_its_method_and_message_alone():
     method, message = "/hseshop.payments.v1.Payments/Deposit", b"\x0a\x0510.00"
-    metadata = dict(grpc_identity_metadata("usr_1", SECRET, method, message))
+    metadata = dict(grpc_identity_metadata("usr_1", SECRET, method, message, GRPC_DEADLINE))
     assert verified_user_id(metadata, SECRET, "GRPC", method, message) == "usr_1"
     for sent in (("GRPC", "/hseshop.payments.v1.Payments/GetBalance", message),
                  ("GRPC", method, b"\x0a\x0599.00"),
                  ("POST", method, message)):  # (no HTTP request's either)
         with pytest.raises(InvalidIdentity):
             verified_user_id(metadata, SECRET, *sent)
+
+
+def test_a_grpc_call_carries_its_signed_deadline_and_is_refused_without_it_or_with_another():
+    """Over gRPC the deadline is the gateway's moment, signed (the call's own timeout is whoever
+    sends it's to set): a captured call sent again with a later one would commit after the
+    gateway's 504, and one with none at all would be held to nothing but its timeout."""
+    method, message = "/hseshop.orders.v1.Orders/PlaceOrder", b"\x0a\x011"
+    metadata = dict(grpc_identity_metadata("usr_1", SECRET, method, message, GRPC_DEADLINE))
+    assert metadata["x-gateway-deadline"] == GRPC_DEADLINE
+    assert verified_user_id(metadata, SECRET, "GRPC", method, message) == "usr_1"
+    for later in ("1900000060.250", "1900000000.251", ""):
+        with pytest.raises(InvalidIdentity) as refused:
+            verified_user_id({**metadata, "x-gateway-deadline": later}, SECRET, "GRPC", method,
+                             message)
+        assert refused.value.code == "UNTRUSTED_IDENTITY"
+    without = {name: value for name, value in metadata.items() if name != "x-gateway-deadline"}
+    with pytest.raises(InvalidIdentity, match="no gateway-signed deadline"):
+        verified_user_id(without, SECRET, "GRPC", method, message)
+
+
+def test_a_grpc_calls_idempotency_key_line_is_empty_whatever_its_metadata_holds():
+    """The key is a field of the message, signed with it: metadata named like the HTTP header
+    neither counts nor is needed."""
+    method, message = "/hseshop.payments.v1.Payments/Deposit", b"\x0a\x0510.00"
+    metadata = dict(grpc_identity_metadata("usr_1", SECRET, method, message, GRPC_DEADLINE))
+    assert verified_user_id({**metadata, "idempotency-key": "deposit-1"}, SECRET, "GRPC", method,
+                            message) == "usr_1"
 
 
 @pytest.mark.parametrize("timestamp", ["soon", "9" * 400, "-5", " 12", "1_700_000_000", "١٢"])
