@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from functools import lru_cache
@@ -201,6 +202,13 @@ def _service_root(raw: str) -> bool:
             and not url.query and not url.fragment and not raw.endswith(("?", "#")))
 
 
+def _first_blank_or_control(raw: str) -> int | None:
+    """Where the first whitespace (Unicode's, a no-break space included) or control or invisible
+    formatting character (a zero-width space, a byte order mark) of `raw` is; None for none."""
+    return next((at for at, char in enumerate(raw)
+                 if char.isspace() or unicodedata.category(char) in ("Cc", "Cf")), None)
+
+
 # The settings with a form of their own, and what it is. A value of another form would come to
 # light only at the first call that uses it: a gRPC target the gateway cannot make sense of
 # answers every call with a 503, "try again shortly", while /health answers 200.
@@ -211,6 +219,11 @@ FORMS = {
         _service_root, "an http:// or https:// URL of a host and port, with no path")
        for service in GRPC_SERVICES},
 }
+# The settings refused with any whitespace or control character in them, anywhere (a service URL:
+# urlsplit drops tabs and line breaks, and takes a space in the host, so that "http://orders:8001\t"
+# or "http://ord ers:8001" passed its form and failed every call with a 502; and a trailing space
+# had "http://orders:8001/ " refused as a URL with a path).
+NO_BLANK_NOR_CONTROL = tuple(f"{service.upper()}_SERVICE_URL" for service in GRPC_SERVICES)
 # The settings written one way, whatever way they are given: a service URL's trailing "/".
 NORMALISED = {f"{service.upper()}_SERVICE_URL": lambda raw: raw.removesuffix("/")
               for service in GRPC_SERVICES}
@@ -266,6 +279,9 @@ def _setting(name: str, kind: str, raw: str) -> str | int | float:
     if kind == "str":
         if name in CHOICES and raw not in CHOICES[name]:
             raise ValueError(f"{name}={raw!r}: expected one of {', '.join(CHOICES[name])}")
+        if name in NO_BLANK_NOR_CONTROL and (at := _first_blank_or_control(raw)) is not None:
+            raise ValueError(f"{name}={raw!r}: expected no whitespace nor control character, and"
+                             f" found {raw[at]!r} at position {at}")
         if name in FORMS and not FORMS[name][0](raw):
             raise ValueError(f"{name}={raw!r}: expected {FORMS[name][1]}")
         return NORMALISED[name](raw) if name in NORMALISED else raw

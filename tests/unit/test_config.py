@@ -72,6 +72,22 @@ def test_a_value_a_setting_cannot_take_is_refused_naming_its_variable(variable, 
     assert str(refused.value).startswith(f"{variable}={value!r}")
 
 
+@pytest.mark.parametrize("value", [
+    "http://orders:8001\t", "http://orders:8001\n", "http://ord ers:8001", "http://orders:8001/ ",
+    " http://orders:8001", "http://orders\r:8001", "http://orders:8001\x00",
+    "http://orders\u00a0:8001", "http://orders\u200b:8001", "http://orders:8001\x85",
+])
+def test_a_service_url_with_whitespace_or_a_control_character_is_refused_saying_so(value):
+    """urlsplit drops tabs and line breaks and takes a space in the host: such a URL passed and
+    failed every call with a 502 (and one with a trailing space after its "/" was refused as
+    having a path)."""
+    for variable in ("ORDERS_SERVICE_URL", "PAYMENTS_SERVICE_URL"):
+        with pytest.raises(ValueError, match="expected no whitespace nor control character"
+                                             ) as refused:
+            load_settings({variable: value})
+        assert str(refused.value).startswith(f"{variable}={value!r}")
+
+
 def test_zero_trusted_proxies_is_taken_the_default_and_a_number_above_it_too():
     """0 proxies in front of the gateway is a count like any other, and the default: no address
     forwarded is believed."""
