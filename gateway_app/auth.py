@@ -76,10 +76,13 @@ class PasswordLength(validate.Validator):
     words."""
 
     error = "Length must be between 8 and 128 characters in its NFKC form."
+    # Signing in, where the length as typed is taken too.
+    error_as_sent_too = "Length must be between 8 and 128 characters, in its NFKC form or as typed."
 
     def __init__(self, as_sent_too: bool = False):
-        self._counted = validate.Length(min=8, max=128, error=self.error)
         self.as_sent_too = as_sent_too
+        self._counted = validate.Length(
+            min=8, max=128, error=self.error_as_sent_too if as_sent_too else self.error)
 
     def __call__(self, value: str) -> str:
         if self.as_sent_too:

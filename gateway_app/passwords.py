@@ -2,7 +2,11 @@
 
 A password is hashed and checked in its Unicode NFKC form (as NIST SP 800-63B asks): "é" typed as
 one character on one device and as "e" with a combining accent on another, or a full-width "ａ"
-from an input method, are the same password.
+from an input method, are the same password, for every user but one kind. A hash made before
+passwords were normalised is of the password as its user typed it: in its NFKC form (ASCII, a
+composed "é"), that is the hash this release would make, and both forms work; in another (a
+decomposed accent, full-width letters), only the form the user first typed works, for good, as
+no hash is remade at sign-in (the release before must be able to read every hash).
 
 Every hash has the one scheme the release before writes and reads, `scrypt`, with no mark of the
 form it was made of, so that the release before reads the hashes this one leaves (a rollback, or

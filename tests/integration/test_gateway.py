@@ -299,6 +299,21 @@ def test_a_passwords_length_is_counted_in_its_nfkc_form_signing_up_and_in(gatewa
     assert _sign_in(gateway, username, "\ufdfa").status_code == 200
 
 
+def test_a_too_short_passwords_message_says_which_lengths_count_signing_up_and_in(gateway):
+    """Signing up counts the NFKC form alone; signing in takes 8 to 128 as typed too, which its
+    message said nothing of ("in its NFKC form" only, where "e\u0301" * 4, 4 in it, is taken)."""
+    said = {}
+    for path in ("/api/auth/register", "/api/auth/login"):
+        refused = gateway.post(path, json={"username": f"said-{uuid.uuid4().hex[:8]}",
+                                           "password": "\u00e9" * 4})
+        assert refused.status_code == 422, refused.get_json()
+        said[path] = refused.get_json()["error"]["details"]["json"]["password"]
+    assert said == {
+        "/api/auth/register": ["Length must be between 8 and 128 characters in its NFKC form."],
+        "/api/auth/login": ["Length must be between 8 and 128 characters, in its NFKC form or as"
+                            " typed."]}
+
+
 def _hash_from_before(gateway, username: str, password: str) -> None:
     """Give the user the hash the release before made: scheme `scrypt`, of `password` as given
     (the password as sent, before passwords were normalised)."""
