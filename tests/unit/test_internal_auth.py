@@ -131,13 +131,16 @@ def test_a_signature_dated_more_than_a_few_seconds_ahead_is_refused(ahead):
         verified_user_id(headers, SECRET, *DEPOSIT, now=now)
 
 
-def test_the_signature_of_a_gateway_of_the_release_before_is_refused_as_of_another_version():
-    """Over "<user_id>|<timestamp>" alone, unprefixed: gateway and service deployed apart."""
+@pytest.mark.parametrize("sent", [DEPOSIT, ("GRPC", "/hseshop.payments.v1.Payments/Deposit",
+                                             b"\x0a\x0510.00")], ids=["http", "grpc"])
+def test_the_signature_of_a_gateway_of_the_release_before_is_refused_as_of_another_version(sent):
+    """Over "<user_id>|<timestamp>" alone, unprefixed: gateway and service deployed apart. Over
+    gRPC too, where that gateway sent no signed deadline: it is the signature that tells."""
     timestamp = str(int(time.time()))
     old = hmac.new(SECRET.encode(), f"usr_1|{timestamp}".encode(), hashlib.sha256).hexdigest()
-    headers = {"X-User-ID": "usr_1", "X-Gateway-Timestamp": timestamp, "X-Gateway-Signature": old}
+    headers = {"x-user-id": "usr_1", "x-gateway-timestamp": timestamp, "x-gateway-signature": old}
     with pytest.raises(SignatureVersionMismatch, match="different releases") as refused:
-        verified_user_id(headers, SECRET, *DEPOSIT)
+        verified_user_id(headers, SECRET, *sent)
     assert refused.value.code == "SIGNATURE_VERSION_MISMATCH"
 
 
