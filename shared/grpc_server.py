@@ -196,8 +196,7 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
     which a validation error's messages are filed, as there."""
     metadata = {key: value for key, value in context.invocation_metadata()}
     request_id = sane_request_id(metadata.get(REQUEST_ID_HEADER.lower()))
-    deadline = _earliest_deadline(context, metadata)
-    with app.app_context(), request_id_bound(request_id), caller_waits_until(deadline):
+    with app.app_context(), request_id_bound(request_id):
         try:
             secret = app.extensions["hseshop.settings"].internal_auth_secret
             full_method, raw = _being_served.get()  # (set for a method add_servicer's only)
@@ -205,7 +204,8 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
             if isinstance(request, UndecodableRequest):
                 raise ApiError("The request is not a valid message of its type.",
                                code="MALFORMED_REQUEST", details={"message": [request.error]})
-            reply = operation(user_id)
+            with caller_waits_until(_earliest_deadline(context, metadata)):
+                reply = operation(user_id)
             if take_replayed_mark():
                 context.set_trailing_metadata(((REPLAYED_KEY, REPLAYED),))
             return reply
@@ -231,8 +231,9 @@ def _earliest_deadline(context: grpc.ServicerContext, metadata: dict[str, str]) 
     call's own deadline (its gRPC timeout, which whoever sends the call sets, and nobody signs)
     and the moment the gateway signed into its metadata (X-Gateway-Deadline in lower case,
     shared.caller_deadline), so that a captured call sent again with a longer timeout still
-    rolls back once the gateway has answered 504. The signed moment counts only for a call whose
-    identity check, which requires it (shared.internal_auth), passes: nothing runs before that."""
+    rolls back once the gateway has answered 504. Read only once the call's identity check, which
+    requires the signed moment (shared.internal_auth), has passed: anyone's call with a moment
+    long past would have the service log that it came after its caller's deadline."""
     remaining = context.time_remaining()  # (no deadline set: about 9.2e18 s; None in some grpcio)
     deadlines = (None if remaining is None else time.monotonic() + remaining,
                  deadline_given(header_value(metadata, DEADLINE_HEADER)))

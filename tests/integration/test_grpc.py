@@ -599,6 +599,27 @@ def test_a_captured_call_sent_again_with_a_longer_timeout_keeps_the_gateways_sig
     assert _orders_placed_by(settings, user) == 0
 
 
+def test_an_unauthenticated_call_with_a_deadline_long_past_logs_nothing_of_it(grpc_targets,
+                                                                            caplog):
+    """The deadline is read once the call's identity is verified: anyone's call with a moment
+    long past, unsigned or signed by no gateway, had the service log that a request came so long
+    after its caller's deadline (its clocks and the caller's disagreeing), a line of the caller's
+    making."""
+    stub = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
+    listing = orders_pb2.ListOrdersRequest()
+    past = (("x-gateway-deadline", f"{time.time() - 3600:.3f}"),)
+    forged = tuple((name, value) for name, value in grpc_signed(
+        f"deadline-{uuid.uuid4().hex[:8]}", f"{ORDERS}/ListOrders", listing, "not the secret")
+        if name != "x-gateway-deadline") + past
+    for metadata in (past, forged):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ListOrders(listing, metadata=metadata, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "caller's deadline" not in caplog.text
+
+
 def test_a_call_without_its_signed_deadline_or_with_another_is_refused(grpc_targets):
     """The gateway's deadline is signed with the call (shared.internal_auth): left out, the call
     is held to nothing but a timeout whoever sends it sets; changed, a later one is not the
