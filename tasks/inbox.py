@@ -90,26 +90,29 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
         with transaction() as session:
             outcome = process_inbox_message(session, message, handlers)
     except Exception as exc:
-        # (Said with the message's request id, as its handling is: a try not noted, the row
-        # held by another task's try or the database away, says it without.)
-        with request_id_bound(begun.request_id if begun else None):
-            lost = exc.error if isinstance(exc, ConnectionLostInHandler) else exc
-            if not outage.said_if_lost(lost):
+        # The message's own lines (its failure, its parking) are said with its request id, as its
+        # handling is (a try not noted, the row held by another task's try or the database away,
+        # says them without); the outage's are the process's, of no one message, and say none.
+        request_id = begun.request_id if begun else None
+        lost = exc.error if isinstance(exc, ConnectionLostInHandler) else exc
+        if not outage.said_if_lost(lost):
+            with request_id_bound(request_id):
                 log.warning("%s inbox: handling %s failed: %r", service, message_id, exc)
-            try:
-                with transaction() as session:
-                    ended = record_failed_attempt(session, message, repr(exc),
-                                                  settings.inbox_max_attempts,
-                                                  counted=not held_up_by_a_lock(exc),
-                                                  try_began_at=begun.at if begun else None)
-            except Exception as noting:  # (the sweeper makes good a try left unnoted)
-                if outage.said_if_lost(noting):
-                    return LEFT_TO_THE_SWEEPER
+        try:
+            with request_id_bound(request_id), transaction() as session:
+                ended = record_failed_attempt(session, message, repr(exc),
+                                              settings.inbox_max_attempts,
+                                              counted=not held_up_by_a_lock(exc),
+                                              try_began_at=begun.at if begun else None)
+        except Exception as noting:  # (the sweeper makes good a try left unnoted)
+            if outage.said_if_lost(noting):
+                return LEFT_TO_THE_SWEEPER
+            with request_id_bound(request_id):
                 log.warning("%s inbox: could not note the failed try of %s: %r",
                             service, message_id, noting)
-                ended = None
-            else:
-                outage.back()
+            ended = None
+        else:
+            outage.back()
         if ended is not None:  # parked, or handed over again: no retry of its own
             return ended.value
         raise self.retry(exc=exc, countdown=retry_countdown(

@@ -131,6 +131,31 @@ def test_every_line_logged_of_a_failing_message_carries_its_request_id(
     assert [line for line in lines if f"[request_id={request_id}]" not in line] == []
 
 
+def test_a_database_outages_lines_carry_no_request_id_of_the_message_that_met_it(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id):
+    """The outage is the process's, not one message's: its lines (that the connection was lost,
+    that it is back), said by a message's own task whose try met it, are written [request_id=-],
+    not with that message's id, which a reader following the click would take for its own
+    trouble (and one following the outage would not find)."""
+    import tasks.inbox
+
+    outage = shared.db.DatabaseOutageLog(tasks.inbox.log, "the payments inbox handlers")
+    monkeypatch.setitem(tasks.inbox._HANDLERS_DATABASE_OUTAGE, "payments", outage)
+    monkeypatch.setattr(payments_app, "message_handlers",
+                        lambda: {PAYMENT_REQUESTED: lambda session, events:
+                                 ending_its_session_by_a_statement(session)})
+    message_id = _stored_request(payments_inbox, user_id,
+                                 request_id=f"click-{uuid.uuid4().hex}")
+    with _lines_logged() as written:
+        _run_as_a_worker_runs_it(handle_inbox_message, ("payments", str(message_id)))
+    assert _tasks_sent() == [(handle_inbox_message.name, ["payments", str(message_id)])]
+    lines = [line for line in written.getvalue().splitlines()
+             if "the payments inbox handlers" in line]
+    assert [("lost its database connection" in line, "connection back" in line)
+            for line in lines] == [(True, False), (False, True)], lines
+    assert [line for line in lines if "[request_id=-]" not in line] == []
+
+
 def test_a_task_of_its_own_notes_its_try_begun_before_the_handler_runs(
         settings, payments_inbox, monkeypatch, user_id):
     """Committed before the handler runs, so that a try whose worker dies in the handler is on
