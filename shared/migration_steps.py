@@ -246,23 +246,39 @@ def add_outbox_parking() -> None:
 
 
 def drop_outbox_parking() -> None:
-    """Refused while an outbox row lies parked (too large ever to be sent, or naming a topic that
-    is not the shop's): the release before parks nothing, reads the outbox oldest first and tries
-    every row it reads, so it would try such a row at every wake-up, holding back the rows of its
-    topic and key behind it (and, once they fill a batch, every row), or send it to a topic
-    nobody reads. The column dropped, nothing would say the row was ever parked."""
-    # (The lock the drop takes, taken first: no row is parked between the count and the drop.)
+    """Refused while an outbox row lies parked (refuse_while_outbox_rows_lie_parked). The same
+    question is asked before any revision of the downgrade goes down (shared.migrations), and
+    again here, under the lock the drop takes, taken first: no row is parked between the count
+    and the drop."""
     op.execute("LOCK TABLE outbox_messages IN ACCESS EXCLUSIVE MODE")
-    parked = op.get_bind().scalar(sa.text(
+    refuse_while_outbox_rows_lie_parked(
+        op.get_bind(), "the database stays at the revision that parks rows, with the rows as they"
+        " were")
+    op.drop_column("outbox_messages", "parked_at")  # its partial index goes with it
+
+
+def refuse_while_outbox_rows_lie_parked(conn: sa.Connection,
+                                        left_as: str = "nothing was downgraded") -> None:
+    """Refuse to take the outbox parking away while a row lies parked (too large ever to be sent,
+    or naming a topic that is not the shop's): the release before parks nothing, reads the outbox
+    oldest first and tries every row it reads, so it would try such a row at every wake-up,
+    holding back the rows of its topic and key behind it (and, once they fill a batch, every row),
+    or send it to a topic nobody reads. The column dropped, nothing would say the row was ever
+    parked. Replaying one is no way through here: it only clears the park, the shop is stopped
+    (a rollback below that revision is one of two releases), and the row, unsent, would be tried
+    by the release before all the same; so the way out said is to discard it, or to replay it and
+    let this release's relay send it on, with the shop still running (parked again if it still
+    cannot be sent)."""
+    parked = conn.scalar(sa.text(
         "SELECT count(*) FROM outbox_messages WHERE parked_at IS NOT NULL"))
     if parked:
         raise DowngradeRefused(
             f"{parked} outbox row(s) lie parked: the release before parks no row, and would try"
-            " them again at every wake-up, holding back the rows of their topic and key. Send them"
-            " on or give up on them first (python -m tasks.parked list/replay/discard SERVICE"
-            " --outbox), then downgrade again; the database stays at the revision that parks"
-            " rows, with the rows as they were")
-    op.drop_column("outbox_messages", "parked_at")  # its partial index goes with it
+            " them again at every wake-up, holding back the rows of their topic and key. Give up"
+            " on them (python -m tasks.parked discard SERVICE --outbox --all; `list` shows them)"
+            " or, with this release's shop running, replay them and let its relay send them on"
+            " (a row still too large, or of a topic not the shop's, is parked again), then stop"
+            f" the shop and downgrade again; {left_as}")
 
 
 def add_outbox_retry_waits() -> None:

@@ -35,6 +35,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from psycopg2.errors import DeadlockDetected
 from sqlalchemy.engine import make_url
@@ -166,9 +167,36 @@ def upgrade(service: str, revision: str = "head") -> None:
 
 def downgrade(service: str, revision: str) -> None:
     """Downgrade the service's database to `revision`, as the release that knows its revisions
-    (this one, or a later one) may before an earlier release is started on it."""
-    _migrate(service, lambda config, conn: _giving_way_to_locks(
-        conn, lambda: command.downgrade(config, revision)))
+    (this one, or a later one) may before an earlier release is started on it; refused, the
+    database untouched, when a revision it goes down through would refuse to."""
+    def downgrade_to(config: Config, conn: sa.Connection) -> None:
+        _refuse_what_a_revision_going_down_would(config, conn, revision)
+        _giving_way_to_locks(conn, lambda: command.downgrade(config, revision))
+
+    _migrate(service, downgrade_to)
+
+
+def _refuse_what_a_revision_going_down_would(config: Config, conn: sa.Connection,
+                                             target: str) -> None:
+    """Ask each revision the downgrade to `target` goes down through whether it would refuse (its
+    module's `refuse_downgrade(conn)`, raising DowngradeRefused), before any goes down: each
+    revision runs in a transaction of its own, so one refusing in the middle of the way left the
+    revisions above it gone down and committed. (It asks again as it goes down, under its
+    table's lock; nothing else migrates between the two, the migration lock held.)"""
+    current = MigrationContext.configure(conn).get_current_heads()
+    conn.commit()
+    script = ScriptDirectory.from_config(config)
+    try:
+        going_down = list(script.iterate_revisions(current, target))
+    except RevisionError:
+        return  # (no way down from here to there: alembic's downgrade says so)
+    try:
+        for script_revision in going_down:
+            refusal = getattr(script_revision.module, "refuse_downgrade", None)
+            if refusal is not None:
+                refusal(conn)
+    finally:
+        conn.rollback()  # (no transaction left open: each revision runs in one of its own)
 
 
 def _migrate(service: str, run: Callable[[Config, sa.Connection], None],

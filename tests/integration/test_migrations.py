@@ -259,9 +259,11 @@ def test_the_outbox_parkings_downgrade_waits_for_the_parked_rows_the_release_bef
     """The release before outbox parking parks nothing and reads the outbox oldest first: a row
     parked as too large ever to be sent would be tried at every wake-up, the rows of its topic and
     key held behind it (and, once they fill a batch, every row), and nothing would say it was
-    parked. The parking revision's downgrade is refused, in one line, while a row lies parked,
-    the database left at that revision with its rows; once it is given up on, the downgrade goes
-    through."""
+    parked. A downgrade through the parking revision is refused, in one line, while a row lies
+    parked, before any revision goes down: the database left as it was, at its head with its
+    rows (the revisions above the parking one went down, each committed, before it refused), and
+    the way out said is to discard the row (a replay, the shop stopped, would only clear its
+    park); once it is given up on, the downgrade goes through."""
     url = _database_url(infrastructure, "outbox-parking-down", service)
     ensure_database(url)
     config = alembic_config(service, url)
@@ -275,6 +277,7 @@ def test_the_outbox_parkings_downgrade_waits_for_the_parked_rows_the_release_bef
             " ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a12', 'topic', 'u-1', 'PaymentRequested', '{}',"
             " 0, NULL, NULL)")
     connection.close()
+    head, schema = _scalar(url, "SELECT version_num FROM alembic_version"), _schema(url)
 
     migrating = _migrate_by_hand(service, url, "downgrade", service, before)
     assert migrating.returncode == 1, migrating.stderr
@@ -282,7 +285,9 @@ def test_the_outbox_parkings_downgrade_waits_for_the_parked_rows_the_release_bef
               if line.startswith(("ERROR", "WARNING", "Traceback"))]
     assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
     assert "1 outbox row(s) lie parked" in errors[0]
-    assert _scalar(url, "SELECT version_num FROM alembic_version") == parking
+    assert "tasks.parked discard" in errors[0] and "nothing was downgraded" in errors[0]
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == head != parking
+    assert _schema(url) == schema
     assert _scalar(url, "SELECT count(*) FROM outbox_messages WHERE parked_at IS NOT NULL") == 1
 
     with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:

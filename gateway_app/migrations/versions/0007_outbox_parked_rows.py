@@ -1,14 +1,17 @@
 """Outbox rows whose message is too large ever to be sent are parked, and hold back only the
 later rows with their topic and key (shared.outbox.relaying.CLAIM_ROWS).
-The downgrade is refused while a row lies parked (shared.migration_steps.drop_outbox_parking).
+The downgrade is refused while a row lies parked (shared.migration_steps.drop_outbox_parking),
+asked before any revision of a downgrade through this one goes down (refuse_downgrade).
 
 Revision ID: 0007
 """
 
-from shared.migration_steps import add_outbox_parking, drop_outbox_parking
+from shared.migration_steps import (add_outbox_parking, drop_outbox_parking,
+                                    refuse_while_outbox_rows_lie_parked)
 
 revision = "0007"
 down_revision = "0006"
+refuse_downgrade = refuse_while_outbox_rows_lie_parked
 
 
 def upgrade() -> None:
