@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -280,16 +281,26 @@ ORDER_READS_REFUSED = _fetch_played(before="window.hseshopReads = [];", answer="
     return realFetch(input, init);""")
 
 
-def _live_page_of_a_shopper_with_100(stack, browser, played: str) -> tuple[ShopPage,
-                                                                             GatewayClient]:
-    """A shopper, signed up with an account of 100, on the page with `played` run before its
-    scripts (played by the browser itself), its balance shown and its socket open."""
-    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": played})
+def _shopper_with_100_on_the_page(stack, browser, *played: str,
+                                  base_url: str | None = None) -> tuple[ShopPage, GatewayClient]:
+    """A shopper, signed up with an account of 100, on the page (at `base_url`, the gateway's
+    unless given) with each of `played` run before its scripts (played by the browser itself),
+    its balance shown."""
+    for script in played:
+        browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
     shopper = GatewayClient(stack.gateway_url)
     shopper.open_account_with("100")
-    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    page = ShopPage(browser, f"{base_url or stack.gateway_url}/").open()
     page.sign_in(shopper.username, "a long password")
     page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
+    return page, shopper
+
+
+def _live_page_of_a_shopper_with_100(stack, browser, played: str) -> tuple[ShopPage,
+                                                                             GatewayClient]:
+    """A shopper with an account of 100 on the page, `played` run before its scripts, its
+    balance shown and its socket open."""
+    page, shopper = _shopper_with_100_on_the_page(stack, browser, played)
     page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
                     what="the page's socket open")
     return page, shopper
@@ -885,13 +896,8 @@ def test_a_page_opens_each_socket_with_a_ticket_of_its_own_and_waits_as_a_refusa
     refused 429 would have told the page nothing, but not the page's reads (the user's own limit
     is not spent: a top-up's read of the balance goes at once); one refused with Redis away (503)
     is asked for again later, no socket tried meanwhile."""
-    for script in (READS_AND_SOCKETS_RECORDED, TICKETS_REFUSED_FIRST):
-        browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
-    shopper = GatewayClient(stack.gateway_url)
-    shopper.open_account_with("100")
-    page = ShopPage(browser, f"{stack.gateway_url}/").open()
-    page.sign_in(shopper.username, "a long password")
-    page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
+    page, shopper = _shopper_with_100_on_the_page(stack, browser, READS_AND_SOCKETS_RECORDED,
+                                                  TICKETS_REFUSED_FIRST)
     page.wait_until(lambda: browser.execute_script("return window.hseshopTickets.length;"),
                     what="the first ticket asked for")
     page.top_up("5")
@@ -987,23 +993,31 @@ document.addEventListener("visibilitychange", () => {
 """
 
 
+@contextmanager
+def _page_whose_socket_is_held_connecting(stack, browser, played: str):
+    """A shopper with an account of 100 on the page, reached through a proxy that holds every
+    socket's handshake on its way to the gateway (the socket connecting for as long), `played`
+    and READS_AND_SOCKETS_RECORDED run before the page's scripts: (the page, the shopper), the
+    balance shown and the handshake held."""
+    proxy = HoldingProxy(urlsplit(stack.gateway_url).netloc,
+                         marker=b"GET /api/notifications/ws", each_connection=True)
+    try:
+        page, shopper = _shopper_with_100_on_the_page(stack, browser, READS_AND_SOCKETS_RECORDED,
+                                                      played, base_url=f"http://{proxy.address}")
+        wait_for(proxy.held.is_set, timeout=PAGE_DEADLINE, what="the socket's handshake, held")
+        yield page, shopper
+    finally:
+        proxy.close()
+
+
 def test_a_page_whose_socket_is_stuck_connecting_reads_its_orders_but_not_while_hidden(
         stack, browser):
     """A socket stuck connecting (its handshake held on its way to the gateway) never closes, and
     the page's own reads began only once one closed: a paid order showed as NEW for as long.
     They begin as the socket is opened. And a hidden tab reads nothing: the poll's read that falls
     due while it is hidden is skipped, and the tab shown again reads at once."""
-    for script in (READS_AND_SOCKETS_RECORDED, VISIBILITY_RECORDED):
-        browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
-    shopper = GatewayClient(stack.gateway_url)
-    shopper.open_account_with("100")
-    proxy = HoldingProxy(urlsplit(stack.gateway_url).netloc,
-                         marker=b"GET /api/notifications/ws", each_connection=True)
-    try:
-        page = ShopPage(browser, f"http://{proxy.address}/").open()
-        page.sign_in(shopper.username, "a long password")
-        page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
-        wait_for(proxy.held.is_set, timeout=PAGE_DEADLINE, what="the socket's handshake, held")
+    with _page_whose_socket_is_held_connecting(stack, browser, VISIBILITY_RECORDED) as (
+            page, shopper):
         shop_tab = browser.current_window_handle
         browser.switch_to.new_window("tab")  # the shop's tab hidden behind it
         hidden_since = time.monotonic()
@@ -1018,8 +1032,6 @@ def test_a_page_whose_socket_is_stuck_connecting_reads_its_orders_but_not_while_
                         what="the paid order read as the tab was shown")
         sockets, visibility, reads = browser.execute_script(
             "return [window.hseshopSockets, window.hseshopVisibility, window.hseshopReads];")
-    finally:
-        proxy.close()
     assert len(sockets) == 1 and sockets[0]["opened"] is None, sockets  # connecting throughout
     (hidden, shown) = visibility
     assert hidden["hidden"] and not shown["hidden"], visibility
@@ -1034,17 +1046,8 @@ def test_a_read_of_the_pages_poll_refused_for_the_rate_limit_says_nothing(stack,
     """The page's socket stuck connecting, it reads its orders itself: its poll's read answered
     429, Retry-After RETRY_AFTER_SECONDS, says nothing (the user asked for no read), and the poll
     reads again no sooner than it was told, an order paid meanwhile then shown paid."""
-    for script in (READS_AND_SOCKETS_RECORDED, NEXT_READ_RATE_LIMITED):
-        browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
-    shopper = GatewayClient(stack.gateway_url)
-    shopper.open_account_with("100")
-    proxy = HoldingProxy(urlsplit(stack.gateway_url).netloc,
-                         marker=b"GET /api/notifications/ws", each_connection=True)
-    try:
-        page = ShopPage(browser, f"http://{proxy.address}/").open()
-        page.sign_in(shopper.username, "a long password")
-        page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
-        wait_for(proxy.held.is_set, timeout=PAGE_DEADLINE, what="the socket's handshake, held")
+    with _page_whose_socket_is_held_connecting(stack, browser, NEXT_READ_RATE_LIMITED) as (
+            page, shopper):
         _refused_next_read(browser, RETRY_AFTER_SECONDS)
         refused_at = _refused_at(page)  # (the poll's first, within POLL_LATEST)
         order = shopper.place_order("30")["id"]
@@ -1055,8 +1058,6 @@ def test_a_read_of_the_pages_poll_refused_for_the_rate_limit_says_nothing(stack,
                         timeout=POLL_LATEST + 5, what="the paid order read by the page's poll")
         assert not page.visible("message"), page.text("message")
         reads = browser.execute_script("return window.hseshopReads;")
-    finally:
-        proxy.close()
     ends = refused_at + RETRY_AFTER_SECONDS * 1000
     assert not [read for read in reads if refused_at < read["at"] < ends - 5
                 and read["path"] == "/api/orders"], (refused_at, reads)
