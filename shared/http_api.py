@@ -1,5 +1,6 @@
 """The flask-smorest Blueprint every HseShop API uses: request bodies are parsed by our strict JSON
-reader (amounts arrive as Decimal, NaN/Infinity are refused as malformed JSON), query parameters
+reader (amounts arrive as Decimal, NaN/Infinity are refused as malformed JSON; a body of another
+Content-Type is refused with 415, not passed over as if none were sent), query parameters
 are held to their schema as bodies are (a route that takes none refuses any, and one given more
 than once is refused, not read first-value-wins), each route parses with one schema instance made
 when the route is declared, and each route's OpenAPI document gives the errors it can answer
@@ -18,8 +19,9 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.datastructures import MultiDict
 
-from shared.documented_errors import (BODY_TOO_LARGE, MALFORMED_REQUEST, VALIDATION_ERROR,
-                                     DocumentedError, error_responses)
+from shared.documented_errors import (BODY_TOO_LARGE, MALFORMED_REQUEST, UNSUPPORTED_MEDIA_TYPE,
+                                     VALIDATION_ERROR, DocumentedError, error_responses)
+from shared.errors import ApiError
 from shared.jsonio import loads_strict
 
 
@@ -69,6 +71,13 @@ class StrictJSONParser(OnceEachParser):
 
     def _raw_load_json(self, req: flask.Request):
         if not is_json_request(req):
+            # A body of another type (a form, text/plain, none named: curl's -d sends a form) was
+            # passed over as if none were sent, and a client that sent the fields was told they
+            # were missing (a 422 "Missing data for required field"), or had them ignored.
+            if req.get_data(cache=True):
+                raise ApiError("The request body must be JSON, sent with Content-Type:"
+                               " application/json.", status=UNSUPPORTED_MEDIA_TYPE.status,
+                               code=UNSUPPORTED_MEDIA_TYPE.code)
             return core.missing
         return loads_strict(req.get_data(cache=True).decode("utf-8"))
 
@@ -157,7 +166,8 @@ def _document_errors(view, errors_of_every_route: tuple[DocumentedError, ...]) -
     documented = getattr(view, "_apidoc", {})
     takes_a_body = any(parameter.get("in") == "json" for parameter in
                        documented.get("arguments", {}).get("parameters", []))
-    errors = [BODY_TOO_LARGE, VALIDATION_ERROR, *([MALFORMED_REQUEST] if takes_a_body else []),
+    errors = [BODY_TOO_LARGE, VALIDATION_ERROR,
+              *([MALFORMED_REQUEST, UNSUPPORTED_MEDIA_TYPE] if takes_a_body else []),
               *errors_of_every_route, *getattr(view, "_documented_errors", ())]
     view._apidoc = documented = deepcopy(documented)
     view._errors_documented = True

@@ -1380,20 +1380,21 @@ def test_an_order_the_document_allows_is_one_the_shop_takes(gateway):
 _CREDENTIALS = {"username": "nobody-at-all", "password": "long password"}
 TICKETS = "/api/notifications/tickets"
 GATEWAY_OPERATIONS = {
-    ("post", "/api/orders"): ({"amount": "1.00"}, {400, 401, 413, 422, 429, 502, 503, 504}),
+    ("post", "/api/orders"): ({"amount": "1.00"},
+                              {400, 401, 413, 415, 422, 429, 502, 503, 504}),
     ("get", "/api/orders"): (None, {400, 401, 413, 422, 429, 502, 503, 504}),
     ("get", "/api/orders/{order_id}"): (None, {401, 404, 413, 422, 429, 502, 503, 504}),
-    ("post", "/api/accounts"): (None, {400, 401, 409, 413, 422, 429, 502, 503, 504}),
+    ("post", "/api/accounts"): (None, {400, 401, 409, 413, 415, 422, 429, 502, 503, 504}),
     ("post", "/api/accounts/deposit"): ({"amount": "1.00"},
-                                        {400, 401, 404, 413, 422, 429, 502, 503, 504}),
+                                        {400, 401, 404, 413, 415, 422, 429, 502, 503, 504}),
     ("get", "/api/accounts/balance"): (None, {401, 404, 413, 422, 429, 502, 503, 504}),
     ("get", "/api/notifications"): (None, {401, 413, 422, 429, 503}),
     ("get", "/api/notifications/newest"): (None, {401, 413, 422, 429, 503}),
-    ("post", TICKETS): (None, {400, 401, 413, 422, 429, 503}),
-    ("post", "/api/auth/register"): (_CREDENTIALS, {400, 409, 413, 422, 429, 503}),
-    ("post", "/api/auth/login"): (_CREDENTIALS, {400, 401, 413, 422, 429, 503}),
-    ("post", "/api/auth/logout"): (None, {400, 401, 413, 422, 429, 503}),
-    ("post", "/api/auth/logout/everywhere"): (None, {400, 401, 413, 422, 429, 503}),
+    ("post", TICKETS): (None, {400, 401, 413, 415, 422, 429, 503}),
+    ("post", "/api/auth/register"): (_CREDENTIALS, {400, 409, 413, 415, 422, 429, 503}),
+    ("post", "/api/auth/login"): (_CREDENTIALS, {400, 401, 413, 415, 422, 429, 503}),
+    ("post", "/api/auth/logout"): (None, {400, 401, 413, 415, 422, 429, 503}),
+    ("post", "/api/auth/logout/everywhere"): (None, {400, 401, 413, 415, 422, 429, 503}),
 }
 SIGNED_IN = [operation for operation in GATEWAY_OPERATIONS if "/auth/" not in operation[1]]
 LOG_OUT = ("post", "/api/auth/logout")
@@ -1483,8 +1484,10 @@ def test_every_error_a_gateway_operation_answers_is_documented_for_it_and_none_o
             asked(gateway, method, f"{path}?unknown=1", GATEWAY_OPERATIONS[method, path][0],
                   headers=auth)]
         if method == "post":
-            answers[method, path].append(asked(gateway, method, path, headers=auth, data="{",
-                                               content_type="application/json"))
+            answers[method, path] += [
+                asked(gateway, method, path, headers=auth, data="{",
+                      content_type="application/json"),
+                asked(gateway, method, path, headers=auth, data="{}", content_type="text/plain")]
     limited = _gateway(settings, orders_service_url=upstreams["orders"].url,
                        payments_service_url=upstreams["payments"].url, rate_limit_per_minute=0)
     kept(_each_asked(limited, GATEWAY_OPERATIONS, auth))

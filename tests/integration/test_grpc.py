@@ -85,6 +85,7 @@ def _story(client) -> list[tuple[int, object]]:
     ask("GET", "/api/accounts/balance", headers=auth)
     ask("POST", "/api/accounts", data="hello", content_type="text/plain", headers=auth)
     ask("POST", "/api/accounts", headers=auth)
+    ask("POST", "/api/accounts", headers=auth)
     ask("POST", "/api/accounts/deposit", json={"amount": "100"}, headers=key)
     ask("POST", "/api/accounts/deposit", json={"amount": 100}, headers=key)
     ask("POST", "/api/accounts/deposit", json={"amount": "101"}, headers=key)
@@ -797,6 +798,40 @@ def test_a_head_is_answered_with_its_gets_headers_over_both_transports(
             assert (head.status_code, head.data) == (got.status_code, b""), (transport, path)
             assert head.headers["Content-Length"] == str(len(got.data)), (transport, path)
             assert head.headers["Content-Type"] == got.headers["Content-Type"], (transport, path)
+
+
+# A body of each route that takes one, as JSON, and what its route answers it sent as such.
+_JSON_BODIES = {"/api/auth/login": ('{"username": "nobody-here", "password": "long password"}',
+                                    401),
+                "/api/accounts": ("{}", 409),
+                "/api/accounts/deposit": ('{"amount": "5"}', 200),
+                "/api/orders": ('{"amount": "5", "description": "pen"}', 202),
+                "/api/notifications/tickets": ("{}", 201)}
+
+
+def test_a_body_that_is_not_json_is_a_415_over_both_transports(
+        settings, upstreams, grpc_targets):  # noqa: F811
+    """The fields sent as a form, as text/plain or with no Content-Type are refused as a body of
+    a type the route does not take, the same over either transport: they were passed over as if
+    no body were sent, a 422 saying each required field was missing (the client had sent them),
+    or a 201 for an account whose form was ignored. A route answers as before without a body."""
+    answers = {}
+    for transport in ("grpc", "http"):
+        client = _gateway(settings, upstreams, grpc_targets, transport)
+        _, auth = _signed_up_with_an_account(client)
+        for path, (body, status) in _JSON_BODIES.items():
+            for content_type in ("text/plain", "application/x-www-form-urlencoded",
+                                 "multipart/form-data; boundary=x", None):
+                refused = client.post(path, data=body, content_type=content_type, headers=auth)
+                assert refused.status_code == 415, (transport, path, content_type,
+                                                    refused.get_json())
+                assert refused.get_json()["error"]["code"] == "UNSUPPORTED_MEDIA_TYPE"
+                answers.setdefault((path, content_type), []).append(refused.get_json())
+            taken = client.post(path, data=body, content_type="application/json", headers=auth)
+            assert taken.status_code == status, (transport, path, taken.get_json())
+        assert client.post("/api/orders", headers=auth).get_json()["error"]["details"] == {
+            "json": {"amount": ["Missing data for required field."]}}, transport
+    assert all(over_grpc == over_http for over_grpc, over_http in answers.values())
 
 
 def test_a_query_parameter_given_more_than_once_is_a_422_naming_it_over_both_transports(

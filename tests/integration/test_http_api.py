@@ -95,7 +95,10 @@ def test_an_order_reads_back_in_utc_as_its_answer_gave_it(settings, user_id, mon
 
 
 BAD_ORDER_BODIES = [
-    ("not json", "text/plain", (400, 422)),
+    ("not json", "text/plain", (415,)),
+    ('{"amount": 1}', "text/plain", (415,)),
+    ("amount=1", "application/x-www-form-urlencoded", (415,)),
+    ('{"amount": 1}', None, (415,)),
     ("{broken", "application/json", (400,)),
     ('{"amount": NaN}', "application/json", (400,)),
     ('{"amount": Infinity}', "application/json", (400,)),
@@ -767,12 +770,12 @@ def test_each_service_serves_its_openapi_document_and_swagger_ui(orders_http, pa
 # Each operation of the services' APIs (by service, method and path as documented), with a body
 # it takes, and the error statuses its document gives.
 SERVICE_OPERATIONS = {
-    ("orders", "post", "/orders"): ({"amount": "1.00"}, {400, 401, 413, 422, 503, 504}),
+    ("orders", "post", "/orders"): ({"amount": "1.00"}, {400, 401, 413, 415, 422, 503, 504}),
     ("orders", "get", "/orders"): (None, {400, 401, 413, 422, 503}),
     ("orders", "get", "/orders/{order_id}"): (None, {401, 404, 413, 422, 503}),
-    ("payments", "post", "/accounts"): (None, {400, 401, 409, 413, 422, 503, 504}),
+    ("payments", "post", "/accounts"): (None, {400, 401, 409, 413, 415, 422, 503, 504}),
     ("payments", "post", "/accounts/deposit"): ({"amount": "1.00"},
-                                                {400, 401, 404, 413, 422, 503, 504}),
+                                                {400, 401, 404, 413, 415, 422, 503, 504}),
     ("payments", "get", "/accounts/balance"): (None, {401, 404, 413, 422, 503}),
 }
 
@@ -823,8 +826,10 @@ def _refused_in_every_way_every_operation_can_be(client, method: str, path: str,
                with_a_body_in_chunks(client, method, path, signed_as=user_id),
                asked(client, method, f"{path}?unknown=1", body, signed_as=user_id)]
     if method == "post":
-        answers.append(asked(client, method, path, signed_as=user_id, data="{",
-                              content_type="application/json"))
+        answers += [asked(client, method, path, signed_as=user_id, data="{",
+                          content_type="application/json"),
+                    asked(client, method, path, signed_as=user_id, data="{}",
+                          content_type="text/plain")]
     return answers
 
 
