@@ -18,12 +18,14 @@ on a new connection, within what is left of the deadline, where that is safe: a 
 a POST with an Idempotency-Key (the service answers a repeat with the first answer). A POST
 without one fails, as does a request closed without an answer on a connection made for it, after
 a byte of one, or only after a while (the service held it first): the service may have carried it
-out. The connections are the services' own, never through a proxy the environment names.
+out. The connections are the services' own, never through a proxy the environment names, and
+carry no cookie (none is kept).
 """
 
 from __future__ import annotations
 
 import http.client
+import http.cookiejar
 import io
 import logging
 import threading
@@ -197,10 +199,24 @@ class _Adapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
 
 
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """Keeps no cookie and sends none: a session carries the calls of every user its thread
+    serves, so a cookie set on the way back from one user's call (a load balancer's sticky
+    session, anything in front of a service) went with every later call, other users' too. The
+    gRPC transport has no such state; the services' APIs set no cookie of their own."""
+
+    def set_ok(self, cookie, request) -> bool:
+        return False
+
+    def return_ok(self, cookie, request) -> bool:
+        return False
+
+
 def _http() -> requests.Session:
     # One pooled session per thread: requests' Session is not meant to be shared across threads.
     if not hasattr(_sessions, "session"):
         session = requests.Session()
+        session.cookies.set_policy(_NoCookies())
         # The services are reached directly, whatever proxy the environment names: through one,
         # requests would make its connections with urllib3's own classes, not those above.
         session.trust_env = False

@@ -873,6 +873,42 @@ def test_the_services_are_called_directly_whatever_proxy_the_environment_names(
         assert len(server.answered) == 1
 
 
+class _SettingCookiesHandler(_SlowHandler):
+    """Answers a GET as the API does, setting a cookie named for its caller (as a load balancer's
+    sticky session, or anything in front of a service, may), and keeps each request's Cookie."""
+
+    cookies_sent: list[str | None] = []
+
+    def do_GET(self):
+        self.cookies_sent.append(self.headers.get("Cookie"))
+        body = b'{"items": [], "next_cursor": null}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Set-Cookie", f"caller={self.headers['X-User-ID']}; Path=/")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_cookie_a_service_sets_is_sent_on_with_no_later_request(settings, upstreams):
+    """The HTTP transport's session (one per gateway thread, every user's calls on it) kept each
+    cookie set on its way back and sent it with every later call, another user's too: what was
+    set for one user's request went with the next user's, as gRPC never does; nor does the client
+    see it."""
+    _SettingCookiesHandler.cookies_sent.clear()
+    service = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SettingCookiesHandler))
+    try:
+        client = _gateway(settings, orders_service_url=service.url,
+                          payments_service_url=upstreams["payments"].url)
+        for _ in range(2):
+            _, auth = _sign_up(client)
+            answer = client.get("/api/orders", headers={**auth, "Cookie": "mine=1"})
+            assert answer.status_code == 200 and "Set-Cookie" not in answer.headers
+    finally:
+        service.close()
+    assert _SettingCookiesHandler.cookies_sent == [None, None]
+
+
 def test_a_deadline_shorter_than_the_connect_timeout_holds_for_the_connect_too(
         settings, upstreams):
     """A service whose connections hang as they are made (its listen queue full): unreachable,
