@@ -139,10 +139,13 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     init_database(app)
     api = ShopApi(app)
     app.extensions["hseshop.api"] = api
+    blueprints = list(blueprints)
     for blueprint in blueprints:
         api.register_blueprint(blueprint)
         # Bound per app (not on the shared Blueprint object), so any number of apps can be built.
         app.before_request_funcs.setdefault(blueprint.name, []).append(authenticate)
+    if takes_caller_deadlines:  # (read once the identity is checked)
+        take_caller_deadlines(app, [blueprint.name for blueprint in blueprints])
     app.register_blueprint(health_blueprint)
     document_health(api, next(app.url_map.iter_rules(endpoint="health.health")), service)
     serve_swagger_ui_files(app)
@@ -155,8 +158,6 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     app.before_request(refuse_a_chunked_body_unreadable_or_over_the_limit)
     app.before_request(forget_replayed_mark)
     app.after_request(say_if_replayed)  # Idempotent-Replayed: true on a replayed answer
-    if takes_caller_deadlines:
-        take_caller_deadlines(app)
     return app
 
 

@@ -933,6 +933,22 @@ def test_a_service_commits_nothing_once_the_moment_its_caller_gave_has_passed(
         assert listed == [] and "after its caller's deadline" in caplog.text
 
 
+def test_a_request_not_the_gateways_with_a_deadline_long_past_logs_nothing_of_it(orders_http,
+                                                                                 caplog):
+    """The deadline is read once the request's identity is verified, as over gRPC: anyone's
+    request to the service with a moment long past, unsigned or signed by no gateway, had it log
+    that a request came so long after its caller's deadline (the clocks disagreeing), a line of
+    the caller's making."""
+    past = {DEADLINE_HEADER: f"{time.time() - 3600:.3f}"}
+    for signing in ({}, {"signed_as": f"user-{uuid.uuid4().hex[:8]}",
+                         "signed_with": "not the secret"}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            answer = orders_http.get("/orders", headers=past, **signing)
+        assert answer.status_code == 401, answer.get_json()
+        assert "caller's deadline" not in caplog.text
+
+
 def _as_swagger_ui_fills_it_in(spec: dict, method: str, path: str) -> tuple[dict, dict | None]:
     """The headers and the body that Swagger UI's "Try it out" fills in for the operation: each
     header parameter's example, and in the body each field's example or default."""
