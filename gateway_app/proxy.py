@@ -42,7 +42,8 @@ def forward(service: str, path: str, idempotent: bool = False,
     Of the client's request only what the gRPC transport passes on goes too, so that both answer
     alike: the key where it counts (checked here, as the gRPC route checks it), the query as
     parsed (not as the client wrote it), and a JSON body, which the gateway has already parsed,
-    with its type; a body of another type, which the gateway's parsing passed over, stays behind.
+    with its type (a body of another type the gateway has answered 415 already, on every route
+    that takes one, before anything is forwarded).
     (Nothing else a client sends can then make a header that HTTP cannot carry.)"""
     settings = current_app.extensions["hseshop.settings"]
     base = {"orders": settings.orders_service_url,

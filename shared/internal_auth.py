@@ -85,8 +85,9 @@ class InvalidIdentity(ValueError):
 
 
 class SignatureVersionMismatch(InvalidIdentity):
-    """Signed in a format other than this release's: the gateway and the service are of different
-    releases (deployed apart), not a forgery to be told apart from others."""
+    """Signed in the release before's format (unversioned, 64 hex digits): the gateway and the
+    service are of different releases (deployed apart), not a forgery to be told apart from
+    others. Any other format not this release's is UNTRUSTED_IDENTITY."""
 
     code = "SIGNATURE_VERSION_MISMATCH"
 

@@ -275,7 +275,8 @@ def refuse_while_outbox_rows_lie_parked(conn: sa.Connection,
         raise DowngradeRefused(
             f"{parked} outbox row(s) lie parked: the release before parks no row, and would try"
             " them again at every wake-up, holding back the rows of their topic and key. Give up"
-            " on them (python -m tasks.parked discard SERVICE --outbox --all; `list` shows them)"
+            " on them (python -m tasks.parked discard SERVICE --outbox --all; `list SERVICE"
+            " --outbox` shows them)"
             " or, with this release's shop running, replay them and let its relay send them on"
             " (a row still too large, or of a topic not the shop's, is parked again), then stop"
             f" the shop and downgrade again; {left_as}")

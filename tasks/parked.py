@@ -25,18 +25,18 @@ so many went through (a batch committing as the interrupt came goes uncounted, i
 the sweeper) and exits 130. Run again, it takes up the rest.
 
 With --outbox they are outbox rows whose message is too large to be sent (over the producer's
-`message.max.bytes` or the topic's `max.message.bytes`), or that name a topic none of the shop's
-TOPIC_* settings names (written before such a setting was renamed): the relay holds back the later
-rows with their topic and key behind them, and `list` says how many. Replaying hands one back to the
-relay, to be sent in its place before them (it is parked again if it is still too large, or its
-topic still not the shop's): so a newer release's row, parked by a relay of the release before in a
-rolling upgrade, once the relays know its topic. With --to-topic (a topic the service writes, and
-every row sent on of a type it writes there), a row parked for a topic that is not the shop's is
-sent there instead, and the rows waiting behind it with it, in their order (under --all, the rows
-of one such topic: name the rows when they name several); on that topic they come after the rows
-of their keys written to it under its name meanwhile, which the relay, holding rows back by topic
-and key, did not hold behind them. A row whose topic is the shop's is refused so, and said to be
-replayed without it. Discarding deletes it, never to be sent, and the rows behind it go.
+`message.max.bytes` or the topic's `max.message.bytes`), or that name a topic none of the relay's
+settings names (TOPIC_*, OUTBOX_EXTRA_TOPICS: written before such a setting was renamed): the relay
+holds back the later rows with their topic and key behind them, and `list` says how many. Replaying
+hands one back to the relay, to be sent in its place before them (it is parked again if it is still
+too large, or its topic still not the shop's): so a newer release's row, parked by a relay of the
+release before in a rolling upgrade, once the relays know its topic. With --to-topic (a topic the
+service writes, and every row sent on of a type it writes there), a row parked for a topic that is
+not the shop's is sent there instead, and the rows waiting behind it with it, in their order (under
+--all, the rows of one such topic: name the rows when they name several); on that topic they come
+after the rows of their keys written to it under its name meanwhile, which the relay, holding rows
+back by topic and key, did not hold behind them. A row whose topic is the shop's is refused so, and
+said to be replayed without it. Discarding deletes it, never to be sent, and the rows behind it go.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from shared.db import failure_in_a_line, transaction
 from shared.inbox.parked import (discard_parked_messages, last_parked, parked_batch,
                                  parked_messages, unpark_messages)
 from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
-                                  parked_outbox_messages, parked_topics_not_the_shops,
+                                  parked_outbox_messages, parked_topics_not_relayed,
                                   redirect_parked_outbox_messages, unpark_outbox_messages,
                                   why_not_sent_on)
 from shared.task_queues import QUEUES_UNREACHABLE
@@ -114,7 +114,7 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
         settings = app.extensions["hseshop.settings"]
         outbox_change = functools.partial(
             redirect_parked_outbox_messages, topic=to_topic, from_topic=from_topic,
-            shop_topics=settings.relayed_topics(),
+            relayed_topics=settings.relayed_topics(),
             event_types=service_package(service).published_events(settings).get(
                 to_topic, frozenset()))
     with app.app_context():
@@ -328,10 +328,10 @@ def main(argv: list[str] | None = None) -> int:
 def _why_not_sent_on(service: str, message_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
     """Why `replay --to-topic` did not send on the rows named: each row's own reason (none if
     the database fails now: the general one stands)."""
-    shop_topics = service_app(service).extensions["hseshop.settings"].relayed_topics()
+    relayed_topics = service_app(service).extensions["hseshop.settings"].relayed_topics()
     try:
         with service_app(service).app_context(), transaction() as session:
-            return why_not_sent_on(session, message_ids, shop_topics)
+            return why_not_sent_on(session, message_ids, relayed_topics)
     except _DATABASE_FAILURES:
         return {}
 
@@ -359,7 +359,7 @@ def _topic_to_send_on_from(service: str, to_topic: str, outbox: bool,
     if not outbox:
         return "--to-topic is for outbox rows: give --outbox", None
     settings = service_app(service).extensions["hseshop.settings"]
-    shop_topics = settings.relayed_topics()
+    relayed_topics = settings.relayed_topics()
     written = service_package(service).published_events(settings)
     if to_topic not in written:
         # (Not any of the shop's: one the service reads itself would hand its own consumers
@@ -369,7 +369,7 @@ def _topic_to_send_on_from(service: str, to_topic: str, outbox: bool,
     if not every_one:
         return None, None
     with service_app(service).app_context(), transaction() as session:
-        parked_topics = parked_topics_not_the_shops(session, shop_topics)
+        parked_topics = parked_topics_not_relayed(session, relayed_topics)
     if len(parked_topics) > 1:
         return (f"parked rows name {len(parked_topics)} topics that are not the shop's"
                 f" ({', '.join(parked_topics)}): name the rows to send to {to_topic}"

@@ -60,10 +60,10 @@ class NotOfTheTopic(Exception):
 
 
 def redirect_parked_outbox_messages(session: Session, message_ids: list[uuid.UUID] | None,
-                                    topic: str, shop_topics: list[str],
+                                    topic: str, relayed_topics: list[str],
                                     event_types: frozenset[str],
                                     from_topic: str | None = None) -> list[uuid.UUID]:
-    """Hand rows parked for a topic that is not among `shop_topics` (every one when `message_ids`
+    """Hand rows parked for a topic that is not among `relayed_topics` (every one when `message_ids`
     is None; only those of `from_topic` when given) back to the relay to be sent to `topic`
     instead, each with the rows waiting behind it (its old topic and key, written after it), so
     that those go on after it, in their order, rather than each be parked in turn; returns the
@@ -72,7 +72,7 @@ def redirect_parked_outbox_messages(session: Session, message_ids: list[uuid.UUI
     the ones that go to `topic`: a service's rows sent on to a topic it reads itself, or to
     another of its own, would hand its consumers events they never take. The relay is woken as
     the caller's transaction commits."""
-    chosen, params = "", {"topic": topic, "shop_topics": list(shop_topics),
+    chosen, params = "", {"topic": topic, "relayed_topics": list(relayed_topics),
                           "event_types": sorted(event_types)}
     if message_ids is not None:
         chosen, params["message_ids"] = " AND message_id = ANY(:message_ids)", message_ids
@@ -88,7 +88,7 @@ def redirect_parked_outbox_messages(session: Session, message_ids: list[uuid.UUI
 
 
 def why_not_sent_on(session: Session, message_ids: list[uuid.UUID],
-                    shop_topics: list[str]) -> dict[uuid.UUID, str]:
+                    relayed_topics: list[str]) -> dict[uuid.UUID, str]:
     """Why `replay --to-topic` sent none of the rows `message_ids` on, each in a few words with
     what to do instead (for an operator: after redirect_parked_outbox_messages left them)."""
     rows = {row.message_id: row for row in session.execute(text(
@@ -101,7 +101,7 @@ def why_not_sent_on(session: Session, message_ids: list[uuid.UUID],
             why[message_id] = "no such outbox row: sent, discarded, or never written"
         elif row.parked_at is None:
             why[message_id] = "not parked"
-        elif row.topic not in shop_topics:
+        elif row.topic not in relayed_topics:
             why[message_id] = f"still parked for {row.topic} (parked as it ran?): run it again"
         elif (row.last_error or "").startswith(UNKNOWN_TOPIC_ERROR_BEGINS):
             # (A newer release's row, parked by a relay of the release before in a rolling upgrade.)
@@ -113,12 +113,13 @@ def why_not_sent_on(session: Session, message_ids: list[uuid.UUID],
     return why
 
 
-def parked_topics_not_the_shops(session: Session, shop_topics: list[str]) -> list[str]:
-    """The topics not among `shop_topics` that parked rows name (for `replay --all --to-topic`,
+def parked_topics_not_relayed(session: Session, relayed_topics: list[str]) -> list[str]:
+    """The topics not among `relayed_topics` that parked rows name (for `replay --all --to-topic`,
     which sends the rows of one such topic on)."""
     return list(session.scalars(text(
         f"SELECT DISTINCT topic FROM outbox_messages WHERE {PARKED_ROWS}"
-        " AND topic <> ALL(:shop_topics) ORDER BY topic"), {"shop_topics": list(shop_topics)}))
+        " AND topic <> ALL(:relayed_topics) ORDER BY topic"),
+        {"relayed_topics": list(relayed_topics)}))
 
 
 def discard_parked_outbox_messages(session: Session,
@@ -147,7 +148,7 @@ def _change_parked_rows(session: Session, statement: str,
 _CHOSEN = """
 WITH chosen AS (
     SELECT id, topic, key, type FROM outbox_messages
-    WHERE """ + PARKED_ROWS + """ AND topic <> ALL(:shop_topics){chosen}
+    WHERE """ + PARKED_ROWS + """ AND topic <> ALL(:relayed_topics){chosen}
     FOR UPDATE)"""
 # The types, of those rows and the rows waiting behind them, that do not go to the topic.
 _OF_OTHER_TYPES = """

@@ -1,5 +1,6 @@
-"""Outbox rows whose message is too large ever to be sent are parked, and hold back only the
-later rows with their topic and key (shared.outbox.relaying.CLAIM_ROWS).
+"""Outbox rows whose message is too large ever to be sent (and, since, those naming a topic the
+relay is not told of) are parked, and hold back only the later rows with their topic and key
+(shared.outbox.relaying.CLAIM_ROWS).
 The downgrade is refused while a row lies parked (shared.migration_steps.drop_outbox_parking),
 asked before any revision of a downgrade through this one goes down (refuse_downgrade).
 
