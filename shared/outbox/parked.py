@@ -72,19 +72,16 @@ def redirect_parked_outbox_messages(session: Session, message_ids: list[uuid.UUI
     the ones that go to `topic`: a service's rows sent on to a topic it reads itself, or to
     another of its own, would hand its consumers events they never take. The relay is woken as
     the caller's transaction commits."""
-    chosen, params = "", {"topic": topic, "relayed_topics": list(relayed_topics),
-                          "event_types": sorted(event_types)}
-    if message_ids is not None:
-        chosen, params["message_ids"] = " AND message_id = ANY(:message_ids)", message_ids
+    chosen, params = _named(message_ids)
+    params.update(topic=topic, relayed_topics=list(relayed_topics),
+                  event_types=sorted(event_types))
     if from_topic is not None:
         chosen, params["from_topic"] = chosen + " AND topic = :from_topic", from_topic
     stray = list(session.scalars(text(_CHOSEN.format(chosen=chosen) + _OF_OTHER_TYPES), params))
     if stray:
         raise NotOfTheTopic(topic, stray)
-    ids = list(session.scalars(text(_CHOSEN.format(chosen=chosen) + _REDIRECT), params))
-    if ids:
-        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": OUTBOX_CHANNEL})
-    return ids
+    return _relay_woken_for(session, list(session.scalars(
+        text(_CHOSEN.format(chosen=chosen) + _REDIRECT), params)))
 
 
 def why_not_sent_on(session: Session, message_ids: list[uuid.UUID],
@@ -134,11 +131,22 @@ def _change_parked_rows(session: Session, statement: str,
                         message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
     """Run `statement` on the parked rows named (every one when `message_ids` is None); returns
     their ids, and has the relay woken when the transaction commits."""
+    chosen, params = _named(message_ids)
+    return _relay_woken_for(session, list(session.scalars(
+        text(statement + chosen + " RETURNING message_id"), params)))
+
+
+def _named(message_ids: list[uuid.UUID] | None) -> tuple[str, dict]:
+    """The condition on the parked rows that picks `message_ids` (every one when None), and its
+    parameters."""
     if message_ids is None:
-        chosen, params = "", {}
-    else:
-        chosen, params = " AND message_id = ANY(:message_ids)", {"message_ids": message_ids}
-    ids = list(session.scalars(text(statement + chosen + " RETURNING message_id"), params))
+        return "", {}
+    return " AND message_id = ANY(:message_ids)", {"message_ids": message_ids}
+
+
+def _relay_woken_for(session: Session, ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """`ids`, the rows handed back or deleted; if any, the relay is woken as the transaction
+    commits (NOTIFY is sent at commit)."""
     if ids:
         session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": OUTBOX_CHANNEL})
     return ids
