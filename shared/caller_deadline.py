@@ -31,10 +31,10 @@ from flask import Flask, request
 
 from shared.db import caller_waits_until
 from shared.documented_errors import DocumentedError
+from shared.internal_auth import DEADLINE_HEADER
 
 log = logging.getLogger(__name__)
 
-DEADLINE_HEADER = "X-Gateway-Deadline"
 # A deadline further off than this is taken as none (a clock far off, or no deadline meant).
 FURTHEST_DEADLINE_SECONDS = 3600.0
 _DEADLINE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,6})?")

@@ -41,9 +41,9 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from shared.cache import invalidate_after_commit
 from shared.db import after_commit, db, delete_oldest_before
 from shared.errors import ApiError, Unprocessable
+from shared.internal_auth import IDEMPOTENCY_KEY_HEADER as IDEMPOTENCY_HEADER
 from shared.jsonio import loads_strict
 
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
 # The header as the OpenAPI documents of the routes that honour it describe it.
 IDEMPOTENCY_KEY_PARAMETER = {

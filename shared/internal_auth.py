@@ -63,9 +63,8 @@ MAX_AHEAD_SECONDS = 5
 # gRPC call's (whose targets, full method names, could otherwise be paths too).
 GRPC_METHOD = "GRPC"
 # The headers of an HTTP request whose values are signed with it, the deadline's (in lower case)
-# a gRPC call's metadata too (shared.idempotency's IDEMPOTENCY_HEADER and shared.caller_deadline's
-# DEADLINE_HEADER, named here so that this module needs no Flask nor database;
-# tests/unit/test_internal_auth.py keeps them in step).
+# a gRPC call's metadata too. Named here, in a module that needs no Flask nor database, and taken
+# from here by shared.idempotency (IDEMPOTENCY_HEADER) and shared.caller_deadline.
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 DEADLINE_HEADER = "X-Gateway-Deadline"
 SIGNED_HEADERS = (IDEMPOTENCY_KEY_HEADER, DEADLINE_HEADER)
