@@ -21,13 +21,20 @@ def test_any_other_is_replaced_by_a_new_one(candidate):
     assert made_up != candidate and sane_request_id(made_up) == made_up
 
 
-def test_a_request_is_logged_on_one_line_whatever_its_path_holds(caplog):
+@pytest.mark.parametrize("path, logged", [
+    ("/x%0A2026-12-04 12:00:00 INFO forged%0D%7F",
+     r"GET /x\x0a2026-12-04 12:00:00 INFO forged\x0d\x7f -> 404"),
+    ("/x%C2%852026-12-04 INFO forged%E2%80%A8%E2%80%A9",
+     r"GET /x\x852026-12-04 INFO forged\u2028\u2029 -> 404"),
+], ids=["C0 controls and DEL", "NEL and the line separators"])
+def test_a_request_is_logged_on_one_line_whatever_its_path_holds(caplog, path, logged):
     app = Flask("logged")
     install_request_ids(app)
     with caplog.at_level(logging.INFO, logger="hseshop.logged.http"):
-        app.test_client().get("/x%0A2026-12-04 12:00:00 INFO forged%0D%7F")
+        app.test_client().get(path)
     [line] = [record.getMessage() for record in caplog.records]
-    assert line == r"GET /x\x0a2026-12-04 12:00:00 INFO forged\x0d\x7f -> 404"
+    assert line.splitlines() == [line]
+    assert line == logged
 
 
 def test_c1_controls_and_the_unicode_line_separators_are_escaped_in_a_logged_line():
@@ -39,13 +46,3 @@ def test_c1_controls_and_the_unicode_line_separators_are_escaped_in_a_logged_lin
     assert escaped.splitlines() == [escaped]
     assert escaped == ("/a" + "".join(f"\\x{code:02x}" for code in range(0x80, 0xA0))
                        + "\\u2028\\u2029é\u00a0b")
-
-
-def test_a_request_path_holding_nel_or_a_line_separator_is_logged_on_one_line(caplog):
-    app = Flask("logged")
-    install_request_ids(app)
-    with caplog.at_level(logging.INFO, logger="hseshop.logged.http"):
-        app.test_client().get("/x%C2%852026-12-04 INFO forged%E2%80%A8%E2%80%A9")
-    [line] = [record.getMessage() for record in caplog.records]
-    assert line.splitlines() == [line]
-    assert line == r"GET /x\x852026-12-04 INFO forged\u2028\u2029 -> 404"
