@@ -42,7 +42,10 @@ from shared.db import after_commit
 log = logging.getLogger(__name__)
 
 CACHE_EXTENSION = "hseshop.cache"
-# Versions outlive every value stored under them, so a lost version can never revive old values.
+# How long a version outlives the values stored under it, and those stored before it: once it
+# expires, a namespace reads as having no version ("0"), which a value stored before the namespace's
+# first write was stored under; so a version lives this long past CACHE_TTL_SECONDS, however long
+# that is, and can never revive old values.
 _VERSION_TTL_SECONDS = 7 * 24 * 3600
 # A bump that fails (a blip, a connection gone silent past the 0.25 s timeout) is tried once more,
 # on a new connection: redis-py drops a connection that failed.
@@ -61,6 +64,7 @@ class VersionedCache:
         self._client = redis.Redis.from_url(redis_url, socket_timeout=0.25,
                                             socket_connect_timeout=0.25)
         self._ttl = ttl_seconds
+        self._version_ttl = ttl_seconds + _VERSION_TTL_SECONDS
         self._prefix = prefix
         self._start_without_unbumped()
         _forgotten_in_forked_children(self)
@@ -171,11 +175,11 @@ class VersionedCache:
     def _bump(self, namespaces: tuple[str, ...]) -> None:
         if len(namespaces) == 1:
             self._client.set(self._keys(namespaces[0], "")[0], _new_version(),
-                             ex=_VERSION_TTL_SECONDS)
+                             ex=self._version_ttl)
             return
         pipe = self._client.pipeline(transaction=False)
         for namespace in namespaces:
-            pipe.set(self._keys(namespace, "")[0], _new_version(), ex=_VERSION_TTL_SECONDS)
+            pipe.set(self._keys(namespace, "")[0], _new_version(), ex=self._version_ttl)
         pipe.execute()
 
 

@@ -214,6 +214,22 @@ def test_a_value_read_before_a_write_and_stored_after_it_is_never_served(cache):
     assert cache.read("ns", "k", lambda: pytest.fail("should be cached now")) == "new"
 
 
+def test_a_value_cached_before_a_write_is_not_served_again_once_the_writes_version_expires(
+        settings, monkeypatch):
+    """However long values are cached (CACHE_TTL_SECONDS past a version's lifetime), the version a
+    write set outlives every value stored before it: a namespace read before its first write has
+    its value stored under no version at all ("0"), which a version expired reads as again."""
+    monkeypatch.setattr(cache_module, "_VERSION_TTL_SECONDS", 1)  # (a week, in the shop)
+    cache = VersionedCache(settings.redis_url, 2, prefix=_prefix(settings))
+    with _closed_after(cache):
+        assert cache.read("user", "balance", lambda: "0.00") == "0.00"
+        cache.invalidate("user")  # (a top-up: the database now says 100.00)
+        version_key = cache._keys("user", "")[0]
+        wait_for(lambda: not cache._client.exists(version_key), timeout=10,
+                 what="the write's version to expire")
+        assert cache.read("user", "balance", lambda: "100.00") == "100.00"
+
+
 def test_each_payment_write_path_invalidates_the_cached_balance(
         payments_flask_app, user_id):
     client = payments_flask_app.test_client()
