@@ -33,9 +33,12 @@ WORKDIR /app
 COPY requirements/base.txt requirements/constraints.txt requirements/
 RUN pip install -r requirements/base.txt
 
-# The code belongs to root and is only readable by the user the processes run as.
+# The code belongs to root and is only readable by the user the processes run as. COPY keeps the
+# modes the files have in the checkout, which a builder's umask sets (077: files only their owner
+# reads, and root alone would read the code; 000: anyone's to write): they are set here instead.
 COPY . .
 RUN python -m compileall -q /app \
+    && chmod -R u=rwX,go=rX /app \
     && groupadd --system --gid 10001 hseshop \
     && useradd --system --uid 10001 --gid hseshop --home-dir /home/hseshop --create-home \
        --shell /usr/sbin/nologin hseshop

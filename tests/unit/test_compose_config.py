@@ -613,9 +613,14 @@ def test_data_lives_in_named_volumes():
 # --- the image --------------------------------------------------------------------------------
 
 
-def test_the_image_context_holds_every_package_a_process_runs():
+def _image_context() -> set[str]:
+    """What .dockerignore (an allowlist) lets into the image's build context."""
     lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
-    included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    return {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+
+
+def test_the_image_context_holds_every_package_a_process_runs():
+    included = _image_context()
     needed = {"requirements/base.txt", "requirements/constraints.txt", "celeryconfig.py"}
     for service in HSESHOP.values():
         argv = command(service)
@@ -624,6 +629,51 @@ def test_the_image_context_holds_every_package_a_process_runs():
         needed |= {arg.split(":")[0] for arg in argv if arg.endswith(":create_app()")}
         needed |= {argv[i + 1].split(".")[0] for i, arg in enumerate(argv) if arg in ("-A", "-m")}
     assert needed <= included
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions, (keyword, arguments), continued lines joined."""
+    text = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    return [(line.split(None, 1)[0], line.split(None, 1)[1].strip()) for line in text.splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o027, 0o000], ids=lambda umask: f"umask {umask:03o}")
+def test_the_images_user_reads_its_code_and_root_alone_writes_it_whatever_the_checkouts_modes(
+        tmp_path, umask):
+    """COPY keeps the modes the files have in the build context. From a checkout made under umask
+    077 or 027 (a hardened host's, say) the code was root's alone, folders 0700 and files 0600 (or
+    0640), and every process of the image, run as its own user, failed as it started ("No module
+    named shared" for each migration, so `docker compose up` stopped there). The image sets the
+    modes itself: its user reads the code and cannot change it (under umask 000 the checkout's
+    files are anyone's to write). Here the Dockerfile's commands between its COPY of the code and
+    its USER are run on a copy of the build context made with such modes."""
+    instructions = _dockerfile_instructions()
+    copied = instructions.index(("COPY", ". ."))
+    user = next(at for at, (keyword, _) in enumerate(instructions) if keyword == "USER")
+    assert copied < user
+    chmods = [shlex.split(part) for keyword, arguments in instructions[copied + 1:user]
+              if keyword == "RUN" for part in arguments.split("&&")
+              if part.strip().startswith("chmod ")]
+    assert chmods, "the code keeps the modes of the checkout the image was built from"
+    workdir = tmp_path / "app"
+    for name in _image_context():
+        source, target = REPO_ROOT / name, workdir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(source, target)
+    for path in [workdir, *workdir.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    for argv in chmods:
+        argv = [str(workdir) if arg == str(_image_workdir()) else arg for arg in argv]
+        assert str(workdir) in argv, argv
+        subprocess.run(argv, check=True, timeout=60)
+    for path in [workdir, *workdir.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        wanted = 0o005 if path.is_dir() else 0o004  # others read (and enter a folder)
+        assert mode & wanted == wanted and mode & 0o022 == 0, (str(path), oct(mode))
 
 
 def _image_env() -> dict[str, str]:
