@@ -321,6 +321,23 @@ def test_every_up_makes_each_services_role_and_database_before_any_migration():
             name: {"condition": "service_completed_successfully"}}, migration
 
 
+def test_what_a_container_runs_from_the_checkout_is_checked_out_with_unix_line_ends():
+    """The roles job runs its script from the checkout itself (a bind mount), in a Linux container.
+    Checked out with CRLF line ends (Git for Windows' default, core.autocrlf), its first line asked
+    for `bash\\r` ("No such file or directory"): postgres-roles exited 127, and no migration, nor
+    anything waiting for one, started. .gitattributes keeps such files LF wherever they are
+    checked out; git says which line ends each file gets."""
+    mounted = [COMPOSE_FILE.parent / mount.split(":")[0]
+               for service in ALL_SERVICES.values() for mount in service.get("volumes", [])
+               if mount.startswith((".", "/"))]
+    assert INIT_SCRIPT.parent in [path.resolve() for path in mounted]
+    files = [str(path.relative_to(REPO_ROOT))
+             for source in mounted for path in [source, *source.rglob("*")] if path.is_file()]
+    attributes = subprocess.run(["git", "check-attr", "eol", "--", *files], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=30, check=True).stdout
+    assert attributes.splitlines() == [f"{path}: eol: lf" for path in files]
+
+
 # --- processes and start order ----------------------------------------------------------------
 
 
