@@ -47,7 +47,8 @@ USER 10001:10001
 
 EXPOSE 8000 8001 8002 5555
 
-# For the default command; docker-compose.yml gives every other process a check of its own.
+# For the default command; docker-compose.yml gives every other long-running process a check of
+# its own, and turns this one off for the migrations, which never answer it.
 HEALTHCHECK --interval=10s --timeout=8s --start-period=30s --retries=5 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8001/health', timeout=5)"]
 
