@@ -326,16 +326,19 @@ def test_what_a_container_runs_from_the_checkout_is_checked_out_with_unix_line_e
     Checked out with CRLF line ends (Git for Windows' default, core.autocrlf), its first line asked
     for `bash\\r` ("No such file or directory"): postgres-roles exited 127, and no migration, nor
     anything waiting for one, started. .gitattributes keeps such files LF wherever they are
-    checked out; git says which line ends each file gets."""
+    checked out, git says (check-attr); and this checkout's files are so: one checked out before
+    the attribute keeps its CRLF until checked out again (README, "A checkout on Windows")."""
     mounted = [COMPOSE_FILE.parent / mount.split(":")[0]
                for service in ALL_SERVICES.values() for mount in service.get("volumes", [])
                if mount.startswith((".", "/"))]
     assert INIT_SCRIPT.parent in [path.resolve() for path in mounted]
-    files = [str(path.relative_to(REPO_ROOT))
-             for source in mounted for path in [source, *source.rglob("*")] if path.is_file()]
-    attributes = subprocess.run(["git", "check-attr", "eol", "--", *files], cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=30, check=True).stdout
-    assert attributes.splitlines() == [f"{path}: eol: lf" for path in files]
+    files = [path for source in mounted for path in [source, *source.rglob("*")] if path.is_file()]
+    assert [str(path) for path in files if b"\r" in path.read_bytes()] == []
+    names = [str(path.relative_to(REPO_ROOT)) for path in files]
+    result = subprocess.run(["git", "check-attr", "eol", "--", *names], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{name}: eol: lf" for name in names]
 
 
 # --- processes and start order ----------------------------------------------------------------
