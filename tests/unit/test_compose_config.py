@@ -321,18 +321,34 @@ def test_every_up_makes_each_services_role_and_database_before_any_migration():
             name: {"condition": "service_completed_successfully"}}, migration
 
 
+def _scripts_in_the_image() -> list[Path]:
+    """The files of the image's build context a container could run as programs: those git
+    records as executable, those starting with a shebang, and shell scripts."""
+    listed = subprocess.run(["git", "ls-files", "--stage", "-z", "--", *sorted(_image_context())],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    scripts = []
+    for entry in filter(None, listed.stdout.split("\0")):
+        mode, path = entry.split(" ", 1)[0], REPO_ROOT / entry.split("\t", 1)[1]
+        if mode == "100755" or path.suffix == ".sh" or path.read_bytes().startswith(b"#!"):
+            scripts.append(path)
+    return scripts
+
+
 def test_what_a_container_runs_from_the_checkout_is_checked_out_with_unix_line_ends():
     """The roles job runs its script from the checkout itself (a bind mount), in a Linux container.
     Checked out with CRLF line ends (Git for Windows' default, core.autocrlf), its first line asked
     for `bash\\r` ("No such file or directory"): postgres-roles exited 127, and no migration, nor
-    anything waiting for one, started. .gitattributes keeps such files LF wherever they are
-    checked out, git says (check-attr); and this checkout's files are so: one checked out before
-    the attribute keeps its CRLF until checked out again (README, "A checkout on Windows")."""
+    anything waiting for one, started. The image's COPY takes a script as checked out, the same.
+    .gitattributes keeps such files LF wherever they are checked out, git says (check-attr); and
+    this checkout's files are so: one checked out before the attribute keeps its CRLF until
+    checked out again (README, "A checkout on Windows")."""
     mounted = [COMPOSE_FILE.parent / mount.split(":")[0]
                for service in ALL_SERVICES.values() for mount in service.get("volumes", [])
                if mount.startswith((".", "/"))]
     assert INIT_SCRIPT.parent in [path.resolve() for path in mounted]
     files = [path for source in mounted for path in [source, *source.rglob("*")] if path.is_file()]
+    files += _scripts_in_the_image()
     assert [str(path) for path in files if b"\r" in path.read_bytes()] == []
     names = [str(path.relative_to(REPO_ROOT)) for path in files]
     result = subprocess.run(["git", "check-attr", "eol", "--", *names], cwd=REPO_ROOT,
