@@ -374,10 +374,17 @@ def test_there_is_exactly_one_beat_and_one_flower():
         assert len(running) == 1, f"{role}: {running}"
 
 
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions, (keyword, arguments), continued lines joined."""
+    text = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    return [(line.split(None, 1)[0], line.split(None, 1)[1].strip()) for line in text.splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
 def dockerfile_command() -> list[str]:
-    """The image's default command, its exec form's lines joined."""
-    text = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", "")
-    return json.loads(re.search(r"^CMD (\[.*\])$", text, re.MULTILINE).group(1))
+    """The image's default command (its exec form)."""
+    return json.loads(next(arguments for keyword, arguments in _dockerfile_instructions()
+                           if keyword == "CMD"))
 
 
 # A command in the Dockerfile's header: the line's text up to its note in brackets, if any.
@@ -416,8 +423,8 @@ def test_the_dockerfile_lists_every_kind_of_process_compose_runs():
 
 
 def _image_workdir() -> Path:
-    return Path(re.search(r"^WORKDIR (\S+)$", (REPO_ROOT / "Dockerfile").read_text(),
-                          re.MULTILINE).group(1))
+    return Path(next(arguments for keyword, arguments in _dockerfile_instructions()
+                     if keyword == "WORKDIR"))
 
 
 def _commands_of(kind: tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -498,8 +505,8 @@ def test_no_one_shot_of_the_image_takes_the_images_healthcheck():
     it, read `health: starting` in `docker compose ps` while it ran (minutes, when a lock held it
     up), then unhealthy, a Python started every 10 s to ask. Read as Compose v2 resolves the
     file."""
-    assert re.search(r"^HEALTHCHECK .*8001/health", (REPO_ROOT / "Dockerfile").read_text()
-                     .replace("\\\n", ""), re.MULTILINE)
+    assert any(keyword == "HEALTHCHECK" and "8001/health" in arguments
+               for keyword, arguments in _dockerfile_instructions())
     one_shots = [name for name, service in HSESHOP.items() if service.get("restart") == "no"]
     assert sorted(one_shots) == sorted(name for service_name in SERVICES
                                        for name in migrations_of(service_name))
@@ -683,13 +690,6 @@ def test_the_image_context_holds_every_package_a_process_runs():
     assert needed <= included
 
 
-def _dockerfile_instructions() -> list[tuple[str, str]]:
-    """The Dockerfile's instructions, (keyword, arguments), continued lines joined."""
-    text = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    return [(line.split(None, 1)[0], line.split(None, 1)[1].strip()) for line in text.splitlines()
-            if line.strip() and not line.startswith("#")]
-
-
 @pytest.mark.parametrize("umask", [0o077, 0o027, 0o000], ids=lambda umask: f"umask {umask:03o}")
 def test_the_images_user_reads_its_code_and_root_alone_writes_it_whatever_the_checkouts_modes(
         tmp_path, umask):
@@ -730,9 +730,8 @@ def test_the_images_user_reads_its_code_and_root_alone_writes_it_whatever_the_ch
 
 def _image_env() -> dict[str, str]:
     """The variables the Dockerfile's ENV instructions set."""
-    dockerfile = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", "")
-    pairs = [word.split("=", 1) for line in dockerfile.splitlines() if line.startswith("ENV ")
-             for word in shlex.split(line[4:])]
+    pairs = [word.split("=", 1) for keyword, arguments in _dockerfile_instructions()
+             if keyword == "ENV" for word in shlex.split(arguments)]
     return dict(pairs)
 
 
@@ -753,9 +752,7 @@ def test_a_worker_launched_as_the_image_launches_it_finds_every_service_package(
     first on the import path, not the working directory (python -P: the same here). Without the
     image's PYTHONPATH, a worker failed as it started, importing its service's package (and the
     gateway, waiting for every worker, never came up); with it, every package is found."""
-    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
-    workdir = re.search(r"^WORKDIR (\S+)$", dockerfile, re.MULTILINE).group(1)
-    assert _image_env()["PYTHONPATH"] == workdir
+    assert _image_env()["PYTHONPATH"] == str(_image_workdir())
     launched = {"env": {key: value for key, value in os.environ.items()
                         if key != "PYTHONPATH"}, "cwd": REPO_ROOT, "capture_output": True,
                 "text": True, "timeout": 60}
@@ -780,8 +777,9 @@ def _names(lines: list[str]) -> set[str]:
 
 
 def test_the_image_installs_only_the_pinned_runtime_dependencies():
-    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
-    assert re.findall(r"pip install (.+)", dockerfile) == ["-r requirements/base.txt"]
+    runs = "\n".join(arguments for keyword, arguments in _dockerfile_instructions()
+                     if keyword == "RUN")
+    assert re.findall(r"pip install (.+)", runs) == ["-r requirements/base.txt"]
     runtime = _requirements("base.txt")
     assert all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[\w.]+", line) for line in runtime), runtime
     assert "-c constraints.txt" in (REPO_ROOT / "requirements" / "base.txt").read_text()
