@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import posixpath
 import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 import pytest
@@ -377,7 +378,8 @@ def test_there_is_exactly_one_beat_and_one_flower():
 def _dockerfile_instructions() -> list[tuple[str, str]]:
     """The Dockerfile's instructions, (keyword, arguments), continued lines joined."""
     text = (REPO_ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    return [(line.split(None, 1)[0], line.split(None, 1)[1].strip()) for line in text.splitlines()
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
+            for line in text.splitlines()
             if line.strip() and not line.startswith("#")]
 
 
@@ -690,6 +692,33 @@ def test_the_image_context_holds_every_package_a_process_runs():
     assert needed <= included
 
 
+def _in_image(path: str) -> PurePosixPath:
+    """Where a path the Dockerfile names lies in the image: a relative one is taken from its
+    WORKDIR."""
+    return PurePosixPath(posixpath.normpath(posixpath.join(_image_workdir(), path)))
+
+
+def _chmods_after_the_last_copy() -> list[list[str]]:
+    """The chmod commands the image runs as root on all it has copied: those of its RUNs after its
+    last COPY or ADD and before its USER (a file a later COPY brings keeps the checkout's mode,
+    and the image's user may not change root's files). Checked first: the Dockerfile has one
+    WORKDIR, and its code's COPY takes the whole build context there."""
+    instructions = _dockerfile_instructions()
+    assert [arguments for keyword, arguments in instructions if keyword == "WORKDIR"] == [
+        str(_image_workdir())], "relative paths are taken here from the Dockerfile's one WORKDIR"
+    copies = [at for at, (keyword, _) in enumerate(instructions) if keyword in ("COPY", "ADD")]
+    # Each COPY's sources and destination, its options (--link, --chown=...) aside.
+    copied = [[word for word in shlex.split(instructions[at][1]) if not word.startswith("--")]
+              for at in copies]
+    assert [words[:-1] for words in copied if _in_image(words[-1]) == _image_workdir()] == [
+        ["."]], "the code's COPY takes the whole build context to WORKDIR, as copied here"
+    user = max(at for at, (keyword, _) in enumerate(instructions) if keyword == "USER")
+    assert copies[-1] < user, "what a COPY or ADD after USER brings keeps the checkout's modes"
+    return [shlex.split(part) for keyword, arguments in instructions[copies[-1] + 1:user]
+            if keyword == "RUN" for part in arguments.split("&&")
+            if part.strip().startswith("chmod ")]
+
+
 @pytest.mark.parametrize("umask", [0o077, 0o027, 0o000], ids=lambda umask: f"umask {umask:03o}")
 def test_the_images_user_reads_its_code_and_root_alone_writes_it_whatever_the_checkouts_modes(
         tmp_path, umask):
@@ -698,17 +727,22 @@ def test_the_images_user_reads_its_code_and_root_alone_writes_it_whatever_the_ch
     0640), and every process of the image, run as its own user, failed as it started ("No module
     named shared" for each migration, so `docker compose up` stopped there). The image sets the
     modes itself: its user reads the code and cannot change it (under umask 000 the checkout's
-    files are anyone's to write). Here the Dockerfile's commands between its COPY of the code and
-    its USER are run on a copy of the build context made with such modes."""
-    instructions = _dockerfile_instructions()
-    copied = instructions.index(("COPY", ". ."))
-    user = next(at for at, (keyword, _) in enumerate(instructions) if keyword == "USER")
-    assert copied < user
-    chmods = [shlex.split(part) for keyword, arguments in instructions[copied + 1:user]
-              if keyword == "RUN" for part in arguments.split("&&")
-              if part.strip().startswith("chmod ")]
-    assert chmods, "the code keeps the modes of the checkout the image was built from"
+    files are anyone's to write). Here the Dockerfile's chmods after its last COPY are run on a
+    copy of the build context made with such modes, each path they name taken to the copy: one
+    outside WORKDIR is refused before any is run."""
+    chmods = _chmods_after_the_last_copy()
+    assert chmods, "no chmod after the last COPY and before USER: the checkout's modes are kept"
     workdir = tmp_path / "app"
+    runs = []
+    for argv in chmods:
+        mode_at = next((at for at, arg in enumerate(argv) if at and not arg.startswith("-")),
+                       len(argv))
+        assert all(re.fullmatch(r"--?[A-Za-z-]+", option) for option in argv[1:mode_at]), argv
+        paths = [_in_image(arg) for arg in argv[mode_at + 1:]]
+        assert paths and all(path.is_relative_to(_image_workdir()) for path in paths), (
+            f"not run here, a chmod of what is not the code: {argv}")
+        runs.append([*argv[:mode_at + 1],
+                     *(str(workdir / path.relative_to(_image_workdir())) for path in paths)])
     for name in _image_context():
         source, target = REPO_ROOT / name, workdir / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -718,9 +752,7 @@ def test_the_images_user_reads_its_code_and_root_alone_writes_it_whatever_the_ch
             shutil.copy(source, target)
     for path in [workdir, *workdir.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    for argv in chmods:
-        argv = [str(workdir) if arg == str(_image_workdir()) else arg for arg in argv]
-        assert str(workdir) in argv, argv
+    for argv in runs:
         subprocess.run(argv, check=True, timeout=60)
     for path in [workdir, *workdir.rglob("*")]:
         mode = path.stat().st_mode & 0o777
