@@ -77,11 +77,15 @@ def redirect_parked_outbox_messages(session: Session, message_ids: list[uuid.UUI
                   event_types=sorted(event_types))
     if from_topic is not None:
         chosen, params["from_topic"] = chosen + " AND topic = :from_topic", from_topic
-    stray = list(session.scalars(text(_CHOSEN.format(chosen=chosen) + _OF_OTHER_TYPES), params))
+    # One statement, so one snapshot: the rows it moves are the rows whose types it checked. (As
+    # a check and then the move, a row of the old topic committed between the two, parked or
+    # waiting behind, was moved unchecked, whatever its type.)
+    outcome = session.execute(text(_REDIRECT_UNLESS_OF_OTHER_TYPES.format(chosen=chosen)),
+                              params).all()
+    stray = sorted(row.stray_type for row in outcome if row.stray_type is not None)
     if stray:
         raise NotOfTheTopic(topic, stray)
-    return _relay_woken_for(session, list(session.scalars(
-        text(_CHOSEN.format(chosen=chosen) + _REDIRECT), params)))
+    return _relay_woken_for(session, [row.message_id for row in outcome])
 
 
 def why_not_sent_on(session: Session, message_ids: list[uuid.UUID],
@@ -152,30 +156,37 @@ def _relay_woken_for(session: Session, ids: list[uuid.UUID]) -> list[uuid.UUID]:
     return ids
 
 
-# The parked rows to send on (each statement below follows it), locked until the transaction ends.
-_CHOSEN = """
+# The parked rows to send on, locked until the transaction ends; the types, of those rows and the
+# rows waiting behind them, that do not go to the topic; and, only when there are none, those rows
+# moved to the topic (the parked ones handed back). It returns the parked rows' ids, or else those
+# types. (Every part reads the table through the statement's one snapshot: a row committed after
+# it is neither checked nor moved. A row the snapshot saw and another transaction changed since
+# is moved only if it still meets the conditions it was checked under.) The rows behind and the
+# parked rows are apart (the ones not parked, the others parked): the two updates never meet on a
+# row.
+_REDIRECT_UNLESS_OF_OTHER_TYPES = """
 WITH chosen AS (
     SELECT id, topic, key, type FROM outbox_messages
     WHERE """ + PARKED_ROWS + """ AND topic <> ALL(:relayed_topics){chosen}
-    FOR UPDATE)"""
-# The types, of those rows and the rows waiting behind them, that do not go to the topic.
-_OF_OTHER_TYPES = """
-SELECT DISTINCT type FROM (
-    SELECT type FROM chosen
-    UNION ALL
-    SELECT later.type FROM outbox_messages AS later JOIN chosen
-        ON later.topic = chosen.topic AND later.key = chosen.key AND later.id > chosen.id
-           AND later.parked_at IS NULL) AS sent_on
-WHERE type <> ALL(:event_types) ORDER BY type"""
-# The rows behind and the parked rows are apart (the ones not parked, the others parked): the two
-# updates of one statement never meet on a row.
-_REDIRECT = """,
+    FOR UPDATE),
+of_other_types AS (
+    SELECT DISTINCT type FROM (
+        SELECT type FROM chosen
+        UNION ALL
+        SELECT later.type FROM outbox_messages AS later JOIN chosen
+            ON later.topic = chosen.topic AND later.key = chosen.key AND later.id > chosen.id
+               AND later.parked_at IS NULL) AS sent_on
+    WHERE type <> ALL(:event_types)),
 behind AS (
     UPDATE outbox_messages AS later SET topic = :topic FROM chosen
     WHERE later.topic = chosen.topic AND later.key = chosen.key AND later.id > chosen.id
-          AND later.parked_at IS NULL)
-UPDATE outbox_messages AS parked SET topic = :topic, parked_at = NULL FROM chosen
-WHERE parked.id = chosen.id
-RETURNING parked.message_id"""
+          AND later.parked_at IS NULL AND NOT EXISTS (SELECT FROM of_other_types)),
+redirected AS (
+    UPDATE outbox_messages AS parked SET topic = :topic, parked_at = NULL FROM chosen
+    WHERE parked.id = chosen.id AND NOT EXISTS (SELECT FROM of_other_types)
+    RETURNING parked.message_id)
+SELECT message_id, NULL AS stray_type FROM redirected
+UNION ALL
+SELECT NULL, type FROM of_other_types"""
 _UNPARK = f"UPDATE outbox_messages SET parked_at = NULL WHERE {PARKED_ROWS}"
 _DISCARD = f"DELETE FROM outbox_messages WHERE {PARKED_ROWS}"

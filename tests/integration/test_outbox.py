@@ -19,13 +19,14 @@ from pathlib import Path
 import psycopg2
 import pytest
 from confluent_kafka.admin import AdminClient
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import delete, event, func, select, text
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from devstack.infra import free_port, start_and_wait_for_broker, start_broker
 from orders_app import service
 from orders_app.models import Order
-from shared.contracts import PAYMENT_REQUESTED, new_event
+from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, new_event
 from shared.db import db, driver_cursor, driver_dsn, transaction
 from shared.kafka import OutboxPublisher
 from shared.task_queues import worker_queues
@@ -462,6 +463,72 @@ def test_replay_all_to_a_topic_sends_on_the_rows_of_one_topic_not_the_shops_only
         assert other_old_topic != old_topic
     finally:
         _delete_outbox_rows_of([first, *behind, keyless, *other_ids, too_large])
+
+
+@pytest.mark.parametrize("committed", ["parked, under --all", "behind a named row"])
+def test_a_row_of_the_old_topic_committed_as_rows_are_sent_on_is_never_moved_unchecked(
+        in_orders, settings, user_id, capsys, committed):
+    """`replay --to-topic` checks the types of the rows it sends on and moves them as one: a row
+    of the old topic and of a type that does not go to TOPIC, committed by another transaction
+    right after the command's first statement (parked by a relay, under --all; or written behind
+    a named row by a process of the release before), is left where it is, not sent on unchecked
+    (as a check and then a move, two statements, the move took it)."""
+    from tasks import parked
+
+    old_topic, first, behind, keyless = _parked_rows_for_their_topic(settings, user_id)
+    rows = {row.correlation_id: row for row in _outbox_rows_for([first, *behind, keyless])}
+    under_all = committed.startswith("parked")
+    like = rows[str(keyless if under_all else behind[-1])].message_id  # parked, or waiting
+    stray = str(uuid.uuid4())
+    to = settings.topic_payment_requested
+    try:
+        with _committed_after_the_first_statement_naming(
+                "WITH chosen AS", settings, like, stray) as inserted:
+            asked = ["--all"] if under_all else [str(rows[str(first)].message_id)]
+            assert parked.main(["replay", "orders", "--outbox", "--to-topic", to, *asked]) == 0
+        assert inserted, "no row committed: the statement looked for was not run"
+        assert capsys.readouterr().out.strip() == (
+            f"orders outbox: {2 if under_all else 1} message(s) handed back to be sent to"
+            f" {to}{SENT_ON_IN_ORDER}")
+        db.session.rollback()
+        (left,) = _outbox_rows_for([stray])
+        assert (left.type, left.topic, left.parked_at is not None) == (
+            ORDER_STATUS_CHANGED, old_topic, under_all)
+    finally:
+        _delete_outbox_rows_of([first, *behind, keyless, stray])
+
+
+@contextmanager
+def _committed_after_the_first_statement_naming(words: str, settings, like: uuid.UUID,
+                                                 correlation_id: str) -> Iterator[list[bool]]:
+    """Within the block, once the first statement of this process holding `words` has run, a row
+    like the row `like` (its topic, key, park) but of ORDER_STATUS_CHANGED events is committed by
+    another connection, its correlation id `correlation_id`; yields a list that then holds True."""
+    inserted: list[bool] = []
+
+    def insert_once(connection, cursor, statement, parameters, context, executemany):
+        if inserted or words not in statement:
+            return
+        other = psycopg2.connect(driver_dsn(settings.database_url("orders")))
+        try:
+            other.autocommit = True  # (the INSERT its own transaction, committed as it ends)
+            with other.cursor() as other_cursor:
+                other_cursor.execute(
+                    "INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id,"
+                    " envelope, attempts, last_error, parked_at)"
+                    " SELECT %s, topic, key, %s, %s, envelope, attempts, last_error, parked_at"
+                    " FROM outbox_messages WHERE message_id = %s",
+                    (str(uuid.uuid4()), ORDER_STATUS_CHANGED, correlation_id, str(like)))
+                assert other_cursor.rowcount == 1
+        finally:
+            other.close()
+        inserted.append(True)
+
+    event.listen(Engine, "after_cursor_execute", insert_once)
+    try:
+        yield inserted
+    finally:
+        event.remove(Engine, "after_cursor_execute", insert_once)
 
 
 # A topic name the broker refuses every message for ("Broker: Invalid topic"), at once: as it would
