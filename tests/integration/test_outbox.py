@@ -24,12 +24,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from devstack.infra import free_port, start_and_wait_for_broker, start_broker
-from orders_app import service
+from orders_app import published_events, service
 from orders_app.models import Order
 from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, new_event
 from shared.db import db, driver_cursor, driver_dsn, transaction
 from shared.kafka import OutboxPublisher
 from shared.task_queues import worker_queues
+from shared.outbox.parked import NotOfTheTopic, redirect_parked_outbox_messages
 from shared.outbox.relaying import (CLAIM_ROWS, FIRST_RETRY_AFTER_SECONDS, REFUSED_LOOKED_AT,
                                     Refusal, relay_pending_outbox, vacuum_outbox)
 from shared.outbox.writing import OutboxMessage, add_outbox_message, outbox_rows_written_together
@@ -37,7 +38,8 @@ from shared.relay_leader import RelayLeaderConnection
 from shared.request_context import request_id_bound
 from tasks.services import service_app
 from tests.kafka_tools import read_topic, read_topic_until
-from tests.postgres_tools import other_sessions, terminate_backend
+from tests.postgres_tools import (other_sessions, terminate_backend,
+                                  wait_for_sessions_waiting_on_a_lock)
 from tests.polling import wait_for
 
 
@@ -509,19 +511,7 @@ def _committed_after_the_first_statement_naming(words: str, settings, like: uuid
     def insert_once(connection, cursor, statement, parameters, context, executemany):
         if inserted or words not in statement:
             return
-        other = psycopg2.connect(driver_dsn(settings.database_url("orders")))
-        try:
-            other.autocommit = True  # (the INSERT its own transaction, committed as it ends)
-            with other.cursor() as other_cursor:
-                other_cursor.execute(
-                    "INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id,"
-                    " envelope, attempts, last_error, parked_at)"
-                    " SELECT %s, topic, key, %s, %s, envelope, attempts, last_error, parked_at"
-                    " FROM outbox_messages WHERE message_id = %s",
-                    (str(uuid.uuid4()), ORDER_STATUS_CHANGED, correlation_id, str(like)))
-                assert other_cursor.rowcount == 1
-        finally:
-            other.close()
+        _commit_a_row_of_another_type_like(settings, like, correlation_id)
         inserted.append(True)
 
     event.listen(Engine, "after_cursor_execute", insert_once)
@@ -529,6 +519,145 @@ def _committed_after_the_first_statement_naming(words: str, settings, like: uuid
         yield inserted
     finally:
         event.remove(Engine, "after_cursor_execute", insert_once)
+
+
+def _commit_a_row_of_another_type_like(settings, like: uuid.UUID, correlation_id: str) -> None:
+    """Commit, on a connection of its own, a row like the row `like` (its topic, key, park) but of
+    ORDER_STATUS_CHANGED events, its correlation id `correlation_id`: as a row written with it
+    (behind it, when `like` is a parked row's or one waiting behind one)."""
+    other = psycopg2.connect(driver_dsn(settings.database_url("orders")))
+    try:
+        other.autocommit = True  # (the INSERT its own transaction, committed as it ends)
+        with other.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id,"
+                " envelope, attempts, last_error, parked_at)"
+                " SELECT %s, topic, key, %s, %s, envelope, attempts, last_error, parked_at"
+                " FROM outbox_messages WHERE message_id = %s",
+                (str(uuid.uuid4()), ORDER_STATUS_CHANGED, correlation_id, str(like)))
+            assert cursor.rowcount == 1
+    finally:
+        other.close()
+
+
+def _outbox_rows_as_read(order_ids) -> list[tuple]:
+    """(correlation id, topic, parked_at, attempts) of the orders' outbox rows, in the order they
+    were written, as db.session's transaction reads them now (no ORM object it holds stands in)."""
+    return [tuple(row) for row in db.session.execute(text(
+        "SELECT correlation_id, topic, parked_at, attempts FROM outbox_messages"
+        " WHERE correlation_id = ANY(:ids) ORDER BY id"),
+        {"ids": [str(order_id) for order_id in order_ids]})]
+
+
+@pytest.mark.parametrize("asked", ["a named row", "--all"])
+def test_rows_are_not_sent_on_when_a_row_waiting_behind_one_is_of_a_type_that_does_not_go_there(
+        in_orders, settings, user_id, capsys, asked):
+    """The rows waiting behind a parked row (its topic and key, written after it) go with it, so
+    their types are checked too: an OrderStatusChanged behind a parked PaymentRequested, sent on
+    to payment-requested, has the command refused, exit 2, naming its type, every row left as it
+    was, the parked one named or under --all."""
+    from tasks import parked
+
+    old_topic, first, behind, keyless = _parked_rows_for_their_topic(settings, user_id)
+    rows = {row.correlation_id: row for row in _outbox_rows_for([first, *behind, keyless])}
+    stray = str(uuid.uuid4())
+    orders = [first, *behind, keyless, stray]
+    to = settings.topic_payment_requested
+    try:
+        _commit_a_row_of_another_type_like(settings, rows[str(behind[-1])].message_id, stray)
+        db.session.rollback()
+        before = _outbox_rows_as_read(orders)
+        assert [(topic, parked_at is not None) for _, topic, parked_at, _ in before] == [
+            (old_topic, True), (old_topic, False), (old_topic, False), (old_topic, True),
+            (old_topic, False)]  # the stray row waits behind the first, not parked
+        with pytest.raises(SystemExit) as exited:
+            parked.main(["replay", "orders", "--outbox", "--to-topic", to,
+                         *(["--all"] if asked == "--all" else [str(rows[str(first)].message_id)])])
+        assert exited.value.code == 2
+        assert (f"rows to be sent on to {to} hold {ORDER_STATUS_CHANGED} events, which do not go"
+                " there") in capsys.readouterr().err
+        db.session.rollback()
+        assert _outbox_rows_as_read(orders) == before
+    finally:
+        _delete_outbox_rows_of(orders)
+
+
+def test_a_redirect_refused_for_a_type_moves_no_row_even_within_its_own_transaction(
+        in_orders, settings, user_id):
+    """redirect_parked_outbox_messages raising NotOfTheTopic has moved no row, not even as its
+    caller's transaction, still open, sees them: neither the parked rows nor the rows waiting
+    behind them (the command rolls back on the refusal; the statement's two updates are each
+    done only when no row is of a type that does not go to the topic)."""
+    _, first, behind, keyless = _parked_rows_for_their_topic(settings, user_id)
+    rows = {row.correlation_id: row for row in _outbox_rows_for([first, *behind, keyless])}
+    stray = str(uuid.uuid4())
+    orders = [first, *behind, keyless, stray]
+    to = settings.topic_payment_requested
+    try:
+        _commit_a_row_of_another_type_like(settings, rows[str(behind[-1])].message_id, stray)
+        db.session.rollback()
+        before = _outbox_rows_as_read(orders)
+        with pytest.raises(NotOfTheTopic) as refused:
+            redirect_parked_outbox_messages(
+                db.session, [rows[str(first)].message_id, rows[str(keyless)].message_id], to,
+                settings.relayed_topics(), published_events(settings)[to])
+        assert refused.value.event_types == [ORDER_STATUS_CHANGED]
+        assert _outbox_rows_as_read(orders) == before  # in the same transaction
+    finally:
+        db.session.rollback()
+        _delete_outbox_rows_of(orders)
+
+
+def test_a_row_committed_behind_a_parked_row_while_the_command_waits_for_its_lock_stays_put(
+        in_orders, settings, user_id, capsys):
+    """`replay --to-topic` waiting for a parked row another transaction holds locked reads the
+    table, once it has the lock, through the snapshot it began with: a row of a type that does
+    not go to TOPIC committed behind the parked row meanwhile is neither checked nor moved, and
+    stays on the old topic; the parked row and the rows behind it as it began go on."""
+    from tasks import parked
+
+    old_topic, first, behind, keyless = _parked_rows_for_their_topic(settings, user_id)
+    rows = {row.correlation_id: row for row in _outbox_rows_for([first, *behind, keyless])}
+    first_id = rows[str(first)].message_id
+    stray = str(uuid.uuid4())
+    to = settings.topic_payment_requested
+    url = settings.database_url("orders")
+    outcome: list = []
+
+    def run_the_command() -> None:
+        try:
+            outcome.append(parked.main(["replay", "orders", "--outbox", "--to-topic", to,
+                                        str(first_id)]))
+        except SystemExit as exited:
+            outcome.append(f"exit {exited.code}")
+
+    holder = psycopg2.connect(driver_dsn(url))
+    command = threading.Thread(target=run_the_command)
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT FROM outbox_messages WHERE message_id = %s FOR UPDATE",
+                           (str(first_id),))
+        command.start()
+        # (What follows, within the command's lock_timeout, SESSION_LIMITS' 2 s: past it, the
+        # command gives up, exit 1.)
+        wait_for_sessions_waiting_on_a_lock(url, timeout=10,
+                                            what="the command to wait for the parked row")
+        _commit_a_row_of_another_type_like(settings, rows[str(behind[-1])].message_id, stray)
+        holder.rollback()
+        command.join(30)
+        assert not command.is_alive() and outcome == [0]
+        assert capsys.readouterr().out.strip() == (
+            f"orders outbox: 1 message(s) handed back to be sent to {to}{SENT_ON_IN_ORDER}")
+        db.session.rollback()
+        assert [(correlation_id, topic, parked_at is not None) for correlation_id, topic,
+                parked_at, _ in _outbox_rows_as_read([first, *behind, keyless, stray])] == [
+            (str(first), to, False), *[(str(order), to, False) for order in behind],
+            (str(keyless), old_topic, True), (stray, old_topic, False)]
+    finally:
+        holder.close()  # (its transaction, if still open, rolled back)
+        if command.is_alive():
+            command.join(30)
+        _delete_outbox_rows_of([first, *behind, keyless, stray])
 
 
 # A topic name the broker refuses every message for ("Broker: Invalid topic"), at once: as it would
