@@ -156,19 +156,22 @@ def _relay_woken_for(session: Session, ids: list[uuid.UUID]) -> list[uuid.UUID]:
     return ids
 
 
-# The parked rows to send on, locked until the transaction ends; the types, of those rows and the
-# rows waiting behind them, that do not go to the topic; and, only when there are none, those rows
-# moved to the topic (the parked ones handed back). It returns the parked rows' ids, or else those
-# types. (Every part reads the table through the statement's one snapshot: a row committed after
-# it is neither checked nor moved. A row the snapshot saw and another transaction changed since
-# is moved only if it still meets the conditions it was checked under.) The rows behind and the
-# parked rows are apart (the ones not parked, the others parked): the two updates never meet on a
-# row.
+# One statement, so one snapshot: the rows it moves are the rows whose types it checked (a row
+# committed after it began is neither checked nor moved; one the snapshot saw and another
+# transaction changed since is moved only if it still meets the conditions it was checked under).
+# The two updates never meet on a row: the rows behind are not parked, the chosen rows are.
+#
+# Its result: a row per parked row handed back (message_id; stray_type NULL), or else a row per
+# type that does not go to the topic (stray_type; message_id NULL); never both kinds, as both
+# updates are done only when there is no such type.
 _REDIRECT_UNLESS_OF_OTHER_TYPES = """
+-- The parked rows to send on, locked until the transaction ends.
 WITH chosen AS (
     SELECT id, topic, key, type FROM outbox_messages
     WHERE """ + PARKED_ROWS + """ AND topic <> ALL(:relayed_topics){chosen}
     FOR UPDATE),
+-- The types that do not go to the topic, of the chosen rows and of the rows waiting behind them
+-- (their topic and key, a later id, not parked).
 of_other_types AS (
     SELECT DISTINCT type FROM (
         SELECT type FROM chosen
@@ -177,14 +180,17 @@ of_other_types AS (
             ON later.topic = chosen.topic AND later.key = chosen.key AND later.id > chosen.id
                AND later.parked_at IS NULL) AS sent_on
     WHERE type <> ALL(:event_types)),
+-- The rows waiting behind, moved to the topic, only if no row is of another type.
 behind AS (
     UPDATE outbox_messages AS later SET topic = :topic FROM chosen
     WHERE later.topic = chosen.topic AND later.key = chosen.key AND later.id > chosen.id
           AND later.parked_at IS NULL AND NOT EXISTS (SELECT FROM of_other_types)),
+-- The chosen rows, moved to the topic and handed back to the relay, on the same condition.
 redirected AS (
     UPDATE outbox_messages AS parked SET topic = :topic, parked_at = NULL FROM chosen
     WHERE parked.id = chosen.id AND NOT EXISTS (SELECT FROM of_other_types)
     RETURNING parked.message_id)
+-- The ids of the rows handed back, or else the types that kept every row where it was.
 SELECT message_id, NULL AS stray_type FROM redirected
 UNION ALL
 SELECT NULL, type FROM of_other_types"""
