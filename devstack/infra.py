@@ -18,6 +18,7 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
+from devstack.postmaster_lock import PostmasterLock, clear_if_stale, postgres_on
 from devstack.processes import ManagedProcess, OnStart, run_as
 from shared.migrations import MINIMUM_SERVER_VERSION_NUM
 
@@ -136,6 +137,8 @@ def start_embedded_postgres(
     if (running := _running_postgres_url(pgdata)) is not None:
         # Left by an earlier call or a crashed run: the data directory is locked to it, so use it.
         return running, None
+    if (what_was_done := clear_if_stale(pgdata, LOCALHOST)) is not None:
+        print(f"[devstack] {what_was_done}", file=sys.stderr, flush=True)
     user = _embedded_postgres_user()
     binaries = postgres_binaries(user)
     if not (pgdata / "PG_VERSION").exists():
@@ -193,13 +196,13 @@ def _initdb(binaries: Path, pgdata: Path, user: str | None, log_path: Path) -> N
 
 
 def _running_postgres_url(pgdata: Path) -> str | None:
-    try:
-        lines = (pgdata / "postmaster.pid").read_text().splitlines()
-        pid, port = int(lines[0]), int(lines[3])
-        os.kill(pid, 0)
-    except (FileNotFoundError, IndexError, ValueError, ProcessLookupError, PermissionError):
+    """The URL base of the server running on pgdata, if one does and answers: the pid its lock
+    file names must be a postgres on pgdata, not merely alive (after a reboot it may be any
+    process's, and the port that file names another server's)."""
+    lock = PostmasterLock.read(pgdata)
+    if lock is None or not postgres_on(lock.pid, pgdata):
         return None
-    url_base = f"postgresql://postgres@{LOCALHOST}:{port}"
+    url_base = f"postgresql://postgres@{LOCALHOST}:{lock.port}"
     return url_base if _postgres_answers(url_base) else None
 
 

@@ -37,6 +37,9 @@ from devstack.infra import (
     start_embedded_postgres,
     wait_until,
 )
+from devstack.postmaster_lock import LOCK_FILE, PostmasterLock, processes_attached_to
+from devstack.processes import run_as
+from tests.process_tools import gone
 
 
 @pytest.fixture
@@ -137,6 +140,171 @@ def test_an_embedded_postgres_whose_first_start_was_stopped_during_initdb_starts
         assert _postgres_answers(url_base)
     finally:
         server.stop()
+
+
+def test_a_lock_file_naming_a_live_process_that_is_no_postgres_is_removed_saying_so(
+        server_dir, embedded_only, capsys):
+    """After a reboot the pid a server's postmaster.pid names (the server gone with no shutdown)
+    may be any process's, the user's own shell, say. PostgreSQL refuses to start while that pid
+    is alive and it may signal it ("lock file "postmaster.pid" already exists"), whatever it is:
+    devstack's server never started again until the file was removed by hand. devstack removes
+    it, as nothing runs on the data directory, and says so in a line. (Here a stopped server's
+    file is put back naming a `sleep` of the server's own user, which it can signal: as root,
+    EMBEDDED_POSTGRES_USER's.)"""
+    lock = server_dir / "postgres" / LOCK_FILE
+    lock_text = _lock_file_of_a_server_gone(server_dir)
+    sleeper = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL,
+                               **run_as(infra._embedded_postgres_user()))
+    try:
+        lock.write_text(_naming(lock_text, pid=sleeper.pid))
+
+        url_base, server = start_embedded_postgres(server_dir, free_port(), timeout=15)
+        try:
+            assert _data_directory(url_base) == str(server_dir / "postgres")
+        finally:
+            server.stop()
+        assert sleeper.poll() is None  # (left running: it was only in the way)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert _lines_about(lock, capsys) == [
+        f"[devstack] removed {lock}, which no server holds: pid {sleeper.pid} is `sleep`, no"
+        f" postgres of that data directory; no process is attached to its shared memory; no"
+        f" server of it listens on port {_line(lock_text, 3)}"]
+
+
+def test_a_lock_file_naming_another_data_directorys_server_is_neither_used_nor_kept(
+        server_dir, embedded_only, capsys):
+    """The pid and port a server's postmaster.pid names may, after a reboot, be another
+    checkout's server (as root, one of EMBEDDED_POSTGRES_USER's too): that server, answering
+    there, was taken for the data directory's own and used, its databases the run's; and its pid,
+    alive, kept the file's own server from starting. The data directory's server is started, the
+    file removed, and the other server left running."""
+    lock = server_dir / "run" / "postgres" / LOCK_FILE
+    lock_text = _lock_file_of_a_server_gone(server_dir / "run")
+    other_base, other = start_embedded_postgres(server_dir / "other", free_port())
+    try:
+        other_port = other_base.rsplit(":", 1)[1]
+        lock.write_text(_naming(lock_text, pid=other.pid, port=other_port))
+
+        url_base, server = start_embedded_postgres(server_dir / "run", free_port(), timeout=15)
+        try:
+            assert server is not None and url_base != other_base
+            assert _data_directory(url_base) == str(server_dir / "run" / "postgres")
+        finally:
+            server.stop()
+        assert _data_directory(other_base) == str(server_dir / "other" / "postgres")
+    finally:
+        other.stop()
+    assert _lines_about(lock, capsys) == [
+        f"[devstack] removed {lock}, which no server holds: pid {other.pid} is `postgres`, no"
+        f" postgres of that data directory; no process is attached to its shared memory; no"
+        f" server of it listens on port {other_port}"]
+
+
+def test_the_lock_file_of_a_server_running_on_the_data_directory_is_left_though_it_is_silent(
+        server_dir, embedded_only, capsys):
+    """A server that runs on the data directory but does not answer (stopped here, busy or
+    starting elsewhere) keeps its postmaster.pid: the start fails, as PostgreSQL refuses, and the
+    server runs on, untouched."""
+    url_base, server = start_embedded_postgres(server_dir, free_port())
+    lock = server_dir / "postgres" / LOCK_FILE
+    lock_text = lock.read_text()
+    try:
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RuntimeError, match='lock file "postmaster.pid" already exists'):
+                start_embedded_postgres(server_dir, free_port(), timeout=15)
+            assert lock.read_text() == lock_text
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert _data_directory(url_base) == str(server_dir / "postgres")
+    finally:
+        server.stop()
+    assert _lines_about(lock, capsys) == [
+        f"[devstack] left {lock} (pid {server.pid}) in place: it is a postgres running on that"
+        " data directory"]
+
+
+def test_the_lock_file_of_a_killed_server_is_left_while_a_backend_of_it_lives_on(
+        server_dir, embedded_only, capsys):
+    """A server killed outright may leave backends running, attached to its shared memory: its
+    postmaster.pid names a pid that is gone, but is kept while one is (PostgreSQL's own check,
+    which removing the file would pass over), and removed once none is."""
+    url_base, server = start_embedded_postgres(server_dir, free_port())
+    lock = server_dir / "postgres" / LOCK_FILE
+    client = psycopg2.connect(f"{url_base}/postgres")
+    try:
+        cursor = client.cursor()
+        cursor.execute("SELECT pg_backend_pid()")
+        (backend,) = cursor.fetchone()
+        os.kill(backend, signal.SIGSTOP)  # (else it would end as its server does)
+        os.kill(server.pid, signal.SIGKILL)
+        wait_until(lambda: server.returncode is not None, 10, what="the server to end")
+        lock_text = lock.read_text()
+        segment = PostmasterLock.read(lock.parent).shared_memory
+        wait_until(lambda: processes_attached_to(segment) == 1, 30,
+                   what="the server's other processes to end with it")
+        try:
+            with pytest.raises(RuntimeError, match="pre-existing shared memory block"):
+                start_embedded_postgres(server_dir, free_port(), timeout=15)
+            assert lock.read_text() == lock_text
+        finally:
+            os.kill(backend, signal.SIGKILL)
+        wait_until(lambda: gone(backend), 10, what="the backend to end")
+    finally:
+        client.close()
+        server.stop()  # (what is left of its group)
+    wait_until(lambda: processes_attached_to(segment) == 0, 30,
+               what="the backend to leave the server's shared memory")
+
+    url_base, restarted = start_embedded_postgres(server_dir, free_port(), timeout=15)
+    restarted.stop()
+    key, shmid = segment
+    assert _lines_about(lock, capsys) == [
+        f"[devstack] left {lock} (pid {server.pid}) in place: its shared memory (key {key}, id"
+        f" {shmid}) is in use still (attached: 1), by a killed server's backends, say",
+        f"[devstack] removed {lock}, which no server holds: pid {server.pid} is not running; no"
+        f" process is attached to its shared memory; no server of it listens on port"
+        f" {_line(lock_text, 3)}"]
+
+
+def _lock_file_of_a_server_gone(run_dir: Path) -> str:
+    """The postmaster.pid of a server started in run_dir, which is stopped (its pid gone, its
+    shared memory and port free, as after a reboot) and has removed the file."""
+    _, server = start_embedded_postgres(run_dir, free_port())
+    try:
+        lock_text = (run_dir / "postgres" / LOCK_FILE).read_text()
+    finally:
+        server.stop()
+    assert not (run_dir / "postgres" / LOCK_FILE).exists()
+    return lock_text
+
+
+def _naming(lock_text: str, pid: int, port: str | None = None) -> str:
+    lines = lock_text.splitlines(keepends=True)
+    lines[0] = f"{pid}\n"
+    if port is not None:
+        lines[3] = f"{port}\n"
+    return "".join(lines)
+
+
+def _line(lock_text: str, number: int) -> str:
+    return lock_text.splitlines()[number].strip()
+
+
+def _data_directory(url_base: str) -> str:
+    connection = psycopg2.connect(f"{url_base}/postgres")
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SHOW data_directory")
+        return cursor.fetchone()[0]
+    finally:
+        connection.close()
+
+
+def _lines_about(lock: Path, capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if str(lock) in line]
 
 
 def test_a_tests_embedded_postgres_starts_though_another_run_makes_pytests_folders_private(

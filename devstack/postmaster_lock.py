@@ -1,0 +1,187 @@
+"""An embedded PostgreSQL's lock file (postmaster.pid): whose it is, and removing one no server
+holds any more.
+
+A server that ends without its shutdown (the machine rebooted, SIGKILL) leaves postmaster.pid in
+its data directory. The next server started there refuses to start ("lock file "postmaster.pid"
+already exists") whenever the pid the file names is alive and the server may signal it
+(kill(pid, 0) succeeding: a process of the server's own user), whatever that process is. After a
+reboot that pid is often another process's: the user's own shell, an editor; as root, where the
+server runs as EMBEDDED_POSTGRES_USER, another checkout's server or one of its backends.
+devstack's server then never started again until someone removed the file by hand.
+
+So devstack removes the file, saying so, when it is certain no server runs on the data directory:
+- the pid it names is gone, or is no postgres on that directory: its program is not `postgres`,
+  or its working directory (where a server moves as it starts) is another, or, where that is not
+  ours to read (root with no CAP_SYS_PTRACE, in a container), its `-D` names another;
+- no process is attached to the System V segment it names (the interlock every process of a
+  server stays attached to, orphaned backends of a killed one too: PostgreSQL's own check);
+- nothing listens on the port it names, or what does is a server of another data directory.
+Whatever cannot be told (another user's process, which the server then passes over itself) is no
+certainty: the file is left, for the server to judge.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from devstack.leftovers import started_at
+
+LOCK_FILE = "postmaster.pid"
+# Its lines (PostgreSQL's LOCK_FILE_LINE_*, counted here from 0).
+_PID_LINE, _PORT_LINE, _SHARED_MEMORY_LINE = 0, 3, 6
+# Every System V shared memory segment: key, shmid, perms, size, cpid, lpid, nattch, ...
+SYSV_SHARED_MEMORY = Path("/proc/sysvipc/shm")
+# A key_t is 32 bits: the file writes it as an unsigned long, /proc as a signed int.
+_KEY_BITS = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class PostmasterLock:
+    """What a data directory's postmaster.pid says, as far as devstack reads it."""
+
+    text: str
+    pid: int
+    port: int
+    shared_memory: tuple[int, int] | None  # (key, shmid) of its System V segment, once made
+
+    @classmethod
+    def read(cls, pgdata: Path) -> PostmasterLock | None:
+        """None with no file, or with one not whole (a server writing it as it starts)."""
+        try:
+            text = (pgdata / LOCK_FILE).read_text()
+            lines = text.splitlines()
+            pid, port = int(lines[_PID_LINE]), int(lines[_PORT_LINE])
+        except (OSError, IndexError, ValueError):
+            return None
+        try:
+            key, shmid = map(int, lines[_SHARED_MEMORY_LINE].split())
+            shared_memory = (key & _KEY_BITS, shmid)
+        except (IndexError, ValueError):
+            shared_memory = None
+        return cls(text, pid, port, shared_memory)
+
+
+def postgres_on(pid: int, pgdata: Path) -> bool | None:
+    """Whether process `pid` is a postgres of data directory `pgdata` (see the module's
+    docstring); None if that cannot be told."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        if started_at(pid) is None or (proc / "comm").read_text().rstrip("\n") != "postgres":
+            return False  # (gone, a zombie: a server no more, though kill(pid, 0) finds it)
+        return os.path.samefile(proc / "cwd", pgdata)
+    except FileNotFoundError:  # (ended meanwhile)
+        return False
+    except PermissionError:
+        pass
+    directory = _data_directory_argument(pid)
+    if directory is None:
+        return None
+    try:
+        return os.path.samefile(directory, pgdata)
+    except FileNotFoundError:
+        return False
+
+
+def _data_directory_argument(pid: int) -> str | None:
+    """The absolute directory `-D` names in the command line of `pid`, if it does."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for flag, value in zip(argv, argv[1:]):
+        directory = value if flag == "-D" else flag[2:] if flag.startswith("-D") else None
+        if directory is not None:
+            return directory if directory.startswith("/") else None
+    return None
+
+
+def clear_if_stale(pgdata: Path, host: str) -> str | None:
+    """Remove pgdata's postmaster.pid if no server holds it (the module's docstring says when it
+    is certain), and return the line that says what was done and why; None with no file."""
+    lock = PostmasterLock.read(pgdata)
+    if lock is None:
+        return None
+    path = pgdata / LOCK_FILE
+    held_because = _held_because(lock, pgdata, host)
+    if held_because is not None:
+        return f"left {path} (pid {lock.pid}) in place: {held_because}"
+    # (A server started meanwhile would have written its own: only the file judged goes.)
+    if PostmasterLock.read(pgdata) != lock:
+        return f"left {path} in place: it changed as it was read"
+    path.unlink(missing_ok=True)
+    return (f"removed {path}, which no server holds: pid {lock.pid} {_what_it_is(lock.pid)}; "
+            f"no process is attached to its shared memory; no server of it listens on port "
+            f"{lock.port}")
+
+
+def _held_because(lock: PostmasterLock, pgdata: Path, host: str) -> str | None:
+    """Why a server may hold `lock` still; None when it is certain none does."""
+    on_it = postgres_on(lock.pid, pgdata)
+    if on_it is None:
+        return "it is another user's postgres, whose data directory is not ours to read"
+    if on_it:
+        return "it is a postgres running on that data directory"
+    if lock.shared_memory is not None:
+        attached = processes_attached_to(lock.shared_memory)
+        if attached is None:
+            return f"{SYSV_SHARED_MEMORY} cannot be read to tell if its shared memory is in use"
+        if attached:
+            key, shmid = lock.shared_memory
+            return (f"its shared memory (key {key}, id {shmid}) is in use still (attached:"
+                    f" {attached}), by a killed server's backends, say")
+    from devstack.infra import port_open  # (infra uses this module: imported once both are)
+
+    if not port_open(host, lock.port):
+        return None
+    served = _data_directory_served_on(host, lock.port)
+    if served is None:
+        return f"something listens on its port {lock.port} and does not say what it serves"
+    if os.path.exists(served) and os.path.samefile(served, pgdata):
+        return f"a server of that data directory answers on its port {lock.port}"
+    return None
+
+
+def _what_it_is(pid: int) -> str:
+    if started_at(pid) is None:
+        return "is not running"
+    try:
+        program = Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
+    except OSError:
+        return "is not running"
+    return f"is `{program}`, no postgres of that data directory"
+
+
+def processes_attached_to(segment: tuple[int, int]) -> int | None:
+    """How many processes are attached to the System V segment (key, shmid): 0 if it is gone,
+    None if that cannot be read."""
+    try:
+        rows = SYSV_SHARED_MEMORY.read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for row in rows:
+        key, shmid, _perms, _size, _cpid, _lpid, attached, *_ = row.split()
+        if (int(key) & _KEY_BITS, int(shmid)) == segment:
+            return int(attached)
+    return 0
+
+
+def _data_directory_served_on(host: str, port: int) -> str | None:
+    """The data directory of the PostgreSQL answering `postgres` on host:port without a password;
+    None if what listens there will not say."""
+    import psycopg2
+
+    try:
+        connection = psycopg2.connect(host=host, port=port, user="postgres", dbname="postgres",
+                                      connect_timeout=2)
+    except psycopg2.Error:
+        return None
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW data_directory")
+            return cursor.fetchone()[0]
+    except psycopg2.Error:
+        return None
+    finally:
+        connection.close()
