@@ -18,6 +18,7 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
+from devstack.ports import port_open
 from devstack.postmaster_lock import PostmasterLock, clear_if_stale, postgres_on
 from devstack.processes import ManagedProcess, OnStart, run_as
 from shared.migrations import MINIMUM_SERVER_VERSION_NUM
@@ -34,14 +35,6 @@ EMBEDDED_POSTGRES_USER = "embedded_postgres"
 # Where, as root, the embedded server's binaries are copied when that user cannot walk down to the
 # wheel's (a checkout in a home only its owner may enter, as root's own is).
 SHARED_POSTGRES_BINARIES_DIR = Path("/var/cache/hseshop")
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 _ports_given: set[int] = set()

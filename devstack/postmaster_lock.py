@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devstack.leftovers import started_at
+from devstack.ports import port_open
 
 LOCK_FILE = "postmaster.pid"
 # Its lines (PostgreSQL's LOCK_FILE_LINE_*, counted here from 0).
@@ -131,8 +132,6 @@ def _held_because(lock: PostmasterLock, pgdata: Path, host: str) -> str | None:
             key, shmid = lock.shared_memory
             return (f"its shared memory (key {key}, id {shmid}) is in use still (attached:"
                     f" {attached}), by a killed server's backends, say")
-    from devstack.infra import port_open  # (infra uses this module: imported once both are)
-
     if not port_open(host, lock.port):
         return None
     served = _data_directory_served_on(host, lock.port)
