@@ -74,15 +74,17 @@ def postgres_on(pid: int, pgdata: Path) -> bool | None:
         return os.path.samefile(proc / "cwd", pgdata)
     except FileNotFoundError:  # (ended meanwhile)
         return False
-    except PermissionError:
+    except OSError:  # (its working directory not ours to read)
         pass
     directory = _data_directory_argument(pid)
     if directory is None:
         return None
     try:
         return os.path.samefile(directory, pgdata)
-    except FileNotFoundError:
+    except FileNotFoundError:  # (pgdata is there: so that is another)
         return False
+    except OSError:  # (under a directory not ours to enter, another user's: which cannot be told)
+        return None
 
 
 def _data_directory_argument(pid: int) -> str | None:

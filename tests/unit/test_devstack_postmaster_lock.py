@@ -3,8 +3,23 @@ whole of it, with real servers: tests/integration/test_devstack_infra.py)."""
 
 from __future__ import annotations
 
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from devstack import postmaster_lock
-from devstack.postmaster_lock import LOCK_FILE, PostmasterLock, processes_attached_to
+from devstack.infra import wait_until
+from devstack.postmaster_lock import (
+    LOCK_FILE,
+    PostmasterLock,
+    clear_if_stale,
+    postgres_on,
+    processes_attached_to,
+)
 
 _PROC_HEADER = ("       key      shmid perms                  size  cpid  lpid nattch   uid   gid"
                 "  cuid  cgid      atime      dtime      ctime                   rss"
@@ -33,3 +48,57 @@ def test_a_segment_whose_key_is_past_2_to_the_31_is_found_though_the_two_write_i
     assert (lock.pid, lock.port) == (4242, 60361)
     assert processes_attached_to(lock.shared_memory) == 3
     assert processes_attached_to((2**32 - 5, 98316)) == 0  # (another id: gone)
+
+
+def test_a_postgres_whose_data_directory_is_not_ours_to_read_is_one_that_cannot_be_told(
+        tmp_path, a_postgres, monkeypatch):
+    """As root with no CAP_SYS_PTRACE (Docker's default), another user's postgres's
+    /proc/<pid>/cwd is not ours to read, and the directory its -D names may be under one we may
+    not enter: the PermissionError of that stat went up through `make run`, which failed. Whether
+    it is a server of the data directory cannot be told, and its file is left."""
+    pid = a_postgres("-D", str(tmp_path / "theirs" / "pgdata"))
+    _write_lock_file(tmp_path, pid)
+    monkeypatch.setattr(os.path, "samefile", _not_ours_to_read)
+
+    assert postgres_on(pid, tmp_path) is None
+    assert clear_if_stale(tmp_path, "127.0.0.1").startswith(f"left {tmp_path / LOCK_FILE} ")
+    assert (tmp_path / LOCK_FILE).exists()
+
+
+@pytest.fixture
+def a_postgres():
+    """Starts a process whose program (comm) is `postgres`, with the arguments given (a Python
+    asleep, renamed), and returns its pid; each is killed after the test."""
+    started = []
+
+    def start(*arguments: str) -> int:
+        process = subprocess.Popen([sys.executable, "-c", _NAMED_POSTGRES, *arguments],
+                                   stdin=subprocess.DEVNULL)
+        started.append(process)
+        wait_until(lambda: Path(f"/proc/{process.pid}/comm").read_text() == "postgres\n", 10,
+                   0.02, "the process to be named postgres")
+        return process.pid
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+_NAMED_POSTGRES = ("import ctypes, time\n"
+                   "ctypes.CDLL(None).prctl(15, b'postgres', 0, 0, 0)  # PR_SET_NAME\n"
+                   "time.sleep(300)\n")
+
+
+def _not_ours_to_read(path, other_path):
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+
+def _write_lock_file(pgdata: Path, pid: int | str, port: int | str = 60361,
+                     segment: tuple[int, int] | None = None) -> None:
+    """A postmaster.pid as a server writes it (with no shared memory line until it has made its
+    segment)."""
+    lines = [pid, pgdata, 1796511385, port, "", "127.0.0.1"]
+    if segment is not None:
+        lines += [f"{segment[0]:9d} {segment[1]:9d}", "ready   "]
+    (pgdata / LOCK_FILE).write_text("".join(f"{line}\n" for line in lines))
