@@ -49,12 +49,16 @@ class PostmasterLock:
 
     @classmethod
     def read(cls, pgdata: Path) -> PostmasterLock | None:
-        """None with no file, or with one not whole (a server writing it as it starts)."""
+        """None with no file, or with one not whole (a server writing it as it starts) or not
+        a server's (left for the server to judge)."""
         try:
             text = (pgdata / LOCK_FILE).read_text()
             lines = text.splitlines()
-            pid, port = int(lines[_PID_LINE]), int(lines[_PORT_LINE])
+            # (`postgres --single` writes its pid negated)
+            pid, port = abs(int(lines[_PID_LINE])), int(lines[_PORT_LINE])
         except (OSError, IndexError, ValueError):
+            return None
+        if pid == 0 or not 1 <= port <= 65535:
             return None
         try:
             key, shmid = map(int, lines[_SHARED_MEMORY_LINE].split())
@@ -113,6 +117,8 @@ def clear_if_stale(pgdata: Path, host: str) -> str | None:
     # (A server started meanwhile would have written its own: only the file judged goes.)
     if PostmasterLock.read(pgdata) != lock:
         return f"left {path} in place: it changed as it was read"
+    # (Nor can one start between that reading and the unlink: runs in one folder, whose servers
+    # alone use its data directory, take turns, RunRecord's lock held by each.)
     path.unlink(missing_ok=True)
     return (f"removed {path}, which no server holds: pid {lock.pid} {_what_it_is(lock.pid)}; "
             f"no process is attached to its shared memory; no server of it listens on port "

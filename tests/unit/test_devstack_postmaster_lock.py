@@ -65,6 +65,26 @@ def test_a_postgres_whose_data_directory_is_not_ours_to_read_is_one_that_cannot_
     assert (tmp_path / LOCK_FILE).exists()
 
 
+def test_the_pid_a_single_user_postgres_writes_negated_is_read_as_its_own(tmp_path):
+    """`postgres --single` writes its pid negated: read as it is, it named no process, and the
+    file of a running single-user server was taken for one no server holds."""
+    _write_lock_file(tmp_path, -4242)
+
+    assert PostmasterLock.read(tmp_path).pid == 4242
+
+
+@pytest.mark.parametrize("port", [0, 65536, 2**70, -5432])
+def test_a_lock_file_naming_no_port_there_can_be_is_left_for_the_server_to_judge(tmp_path, port):
+    """A port no server writes (none is past 65535 or below 1) is no server's file: devstack
+    leaves it to the server to judge. Past a C long, the check of what listens there raised
+    OverflowError, which went up through `make run`."""
+    _write_lock_file(tmp_path, _a_pid_gone(), port=port)
+
+    assert clear_if_stale(tmp_path, "127.0.0.1") is None
+    assert (tmp_path / LOCK_FILE).exists()
+    assert PostmasterLock.read(tmp_path) is None
+
+
 @pytest.fixture
 def a_postgres():
     """Starts a process whose program (comm) is `postgres`, with the arguments given (a Python
@@ -88,6 +108,12 @@ def a_postgres():
 _NAMED_POSTGRES = ("import ctypes, time\n"
                    "ctypes.CDLL(None).prctl(15, b'postgres', 0, 0, 0)  # PR_SET_NAME\n"
                    "time.sleep(300)\n")
+
+
+def _a_pid_gone() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def _not_ours_to_read(path, other_path):
