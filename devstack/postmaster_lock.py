@@ -71,24 +71,43 @@ class PostmasterLock:
 def postgres_on(pid: int, pgdata: Path) -> bool | None:
     """Whether process `pid` is a postgres of data directory `pgdata` (see the module's
     docstring); None if that cannot be told."""
+    return _postgres_on_and_what_it_is(pid, pgdata)[0]
+
+
+def _postgres_on_and_what_it_is(pid: int, pgdata: Path) -> tuple[bool | None, str]:
+    """postgres_on's answer, and what the process is, in words ("pid 42 ...")."""
     proc = Path(f"/proc/{pid}")
+    if started_at(pid) is None:  # (a zombie too: a server no more, though kill(pid, 0) finds it)
+        return False, "is not running"
     try:
-        if started_at(pid) is None or (proc / "comm").read_text().rstrip("\n") != "postgres":
-            return False  # (gone, a zombie: a server no more, though kill(pid, 0) finds it)
-        return os.path.samefile(proc / "cwd", pgdata)
+        program = (proc / "comm").read_text().rstrip("\n")
+    except OSError:  # (ended meanwhile)
+        return False, "is not running"
+    if program != "postgres":
+        return False, f"is `{program}`, no postgres of that data directory"
+    try:
+        return _postgres_on_it(os.path.samefile(proc / "cwd", pgdata))
     except FileNotFoundError:  # (ended meanwhile)
-        return False
-    except OSError:  # (its working directory not ours to read)
+        return False, "is not running"
+    except OSError:  # (not ours to read: as root with no CAP_SYS_PTRACE, in a container)
         pass
     directory = _data_directory_argument(pid)
     if directory is None:
-        return None
+        return None, ("is a postgres whose working directory is not ours to read, and whose"
+                      " command line names no data directory (a backend's does not)")
     try:
-        return os.path.samefile(directory, pgdata)
+        return _postgres_on_it(os.path.samefile(directory, pgdata))
     except FileNotFoundError:  # (pgdata is there: so that is another)
-        return False
-    except OSError:  # (under a directory not ours to enter, another user's: which cannot be told)
-        return None
+        return False, "is a postgres of another data directory"
+    except OSError as error:  # (under a directory not ours to enter)
+        return None, (f"is a postgres whose working directory is not ours to read, nor the data"
+                      f" directory its command line names ({error.strerror})")
+
+
+def _postgres_on_it(same_directory: bool) -> tuple[bool, str]:
+    if same_directory:
+        return True, "is a postgres running on that data directory"
+    return False, "is a postgres of another data directory"
 
 
 def _data_directory_argument(pid: int) -> str | None:
@@ -98,9 +117,13 @@ def _data_directory_argument(pid: int) -> str | None:
     except OSError:
         return None
     for flag, value in zip(argv, argv[1:]):
-        directory = value if flag == "-D" else flag[2:] if flag.startswith("-D") else None
-        if directory is not None:
-            return directory if directory.startswith("/") else None
+        if flag == "-D":
+            directory = value
+        elif flag.startswith("-D"):
+            directory = flag[2:]
+        else:
+            continue
+        return directory if directory.startswith("/") else None
     return None
 
 
@@ -111,53 +134,42 @@ def clear_if_stale(pgdata: Path, host: str) -> str | None:
     if lock is None:
         return None
     path = pgdata / LOCK_FILE
-    held_because = _held_because(lock, pgdata, host)
-    if held_because is not None:
-        return f"left {path} (pid {lock.pid}) in place: {held_because}"
+    held, why = _judged(lock, pgdata, host)
+    if held:
+        return f"left {path} (pid {lock.pid}) in place: {why}"
     # (A server started meanwhile would have written its own: only the file judged goes.)
     if PostmasterLock.read(pgdata) != lock:
         return f"left {path} in place: it changed as it was read"
     # (Nor can one start between that reading and the unlink: runs in one folder, whose servers
     # alone use its data directory, take turns, RunRecord's lock held by each.)
     path.unlink(missing_ok=True)
-    return (f"removed {path}, which no server holds: pid {lock.pid} {_what_it_is(lock.pid)}; "
-            f"no process is attached to its shared memory; no server of it listens on port "
-            f"{lock.port}")
+    return f"removed {path}, which no server holds: {why}"
 
 
-def _held_because(lock: PostmasterLock, pgdata: Path, host: str) -> str | None:
-    """Why a server may hold `lock` still; None when it is certain none does."""
-    on_it = postgres_on(lock.pid, pgdata)
-    if on_it is None:
-        return "it is another user's postgres, whose data directory is not ours to read"
-    if on_it:
-        return "it is a postgres running on that data directory"
+def _judged(lock: PostmasterLock, pgdata: Path, host: str) -> tuple[bool, str]:
+    """Whether a server may hold `lock` still (False only when it is certain none does), and why:
+    what was found, in words."""
+    on_it, what_it_is = _postgres_on_and_what_it_is(lock.pid, pgdata)
+    if on_it is not False:
+        return True, f"it {what_it_is}"
     if lock.shared_memory is not None:
         attached = processes_attached_to(lock.shared_memory)
         if attached is None:
-            return f"{SYSV_SHARED_MEMORY} cannot be read to tell if its shared memory is in use"
+            return True, (f"{SYSV_SHARED_MEMORY} cannot be read to tell if its shared memory is"
+                          f" in use")
         if attached:
             key, shmid = lock.shared_memory
-            return (f"its shared memory (key {key}, id {shmid}) is in use still (attached:"
-                    f" {attached}), by a killed server's backends, say")
-    if not port_open(host, lock.port):
-        return None
-    served = _data_directory_served_on(host, lock.port)
-    if served is None:
-        return f"something listens on its port {lock.port} and does not say what it serves"
-    if os.path.exists(served) and os.path.samefile(served, pgdata):
-        return f"a server of that data directory answers on its port {lock.port}"
-    return None
-
-
-def _what_it_is(pid: int) -> str:
-    if started_at(pid) is None:
-        return "is not running"
-    try:
-        program = Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
-    except OSError:
-        return "is not running"
-    return f"is `{program}`, no postgres of that data directory"
+            return True, (f"its shared memory (key {key}, id {shmid}) is in use still (attached:"
+                          f" {attached}), by a killed server's backends, say")
+    if port_open(host, lock.port):
+        served = _data_directory_served_on(host, lock.port)
+        if served is None:
+            return True, (f"something listens on its port {lock.port} and does not say what it"
+                          f" serves")
+        if os.path.exists(served) and os.path.samefile(served, pgdata):
+            return True, f"a server of that data directory answers on its port {lock.port}"
+    return False, (f"pid {lock.pid} {what_it_is}; no process is attached to its shared memory;"
+                   f" no server of it listens on port {lock.port}")
 
 
 def processes_attached_to(segment: tuple[int, int]) -> int | None:

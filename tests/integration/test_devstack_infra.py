@@ -197,8 +197,8 @@ def test_a_lock_file_naming_another_data_directorys_server_is_neither_used_nor_k
     finally:
         other.stop()
     assert _lines_about(lock, capsys) == [
-        f"[devstack] removed {lock}, which no server holds: pid {other.pid} is `postgres`, no"
-        f" postgres of that data directory; no process is attached to its shared memory; no"
+        f"[devstack] removed {lock}, which no server holds: pid {other.pid} is a postgres of"
+        f" another data directory; no process is attached to its shared memory; no"
         f" server of it listens on port {other_port}"]
 
 
