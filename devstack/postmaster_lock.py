@@ -93,15 +93,17 @@ def _postgres_on_and_what_it_is(pid: int, pgdata: Path) -> tuple[bool | None, st
         pass
     directory = _data_directory_argument(pid)
     if directory is None:
-        return None, ("is a postgres whose working directory is not ours to read, and whose"
-                      " command line names no data directory (a backend's does not)")
+        return None, ("is a postgres whose data directory cannot be told (its working directory"
+                      " is not ours to read, and its command line names none, as a backend's"
+                      " does not)")
     try:
         return _postgres_on_it(os.path.samefile(directory, pgdata))
     except FileNotFoundError:  # (pgdata is there: so that is another)
         return False, "is a postgres of another data directory"
     except OSError as error:  # (under a directory not ours to enter)
-        return None, (f"is a postgres whose working directory is not ours to read, nor the data"
-                      f" directory its command line names ({error.strerror})")
+        return None, (f"is a postgres whose data directory cannot be told (its working directory"
+                      f" is not ours to read, nor the one its command line names:"
+                      f" {error.strerror})")
 
 
 def _postgres_on_it(same_directory: bool) -> tuple[bool, str]:
@@ -150,8 +152,13 @@ def _judged(lock: PostmasterLock, pgdata: Path, host: str) -> tuple[bool, str]:
     """Whether a server may hold `lock` still (False only when it is certain none does), and why:
     what was found, in words."""
     on_it, what_it_is = _postgres_on_and_what_it_is(lock.pid, pgdata)
-    if on_it is not False:
+    if on_it:
         return True, f"it {what_it_is}"
+    # A pid whose data directory cannot be told (a backend's, as root with no CAP_SYS_PTRACE) is
+    # told by the segment the file names: a server running on pgdata wrote this file, and is
+    # attached to that segment, as every process of it is.
+    if on_it is None and lock.shared_memory is None:
+        return True, f"it {what_it_is}, and the file names no shared memory to tell by"
     if lock.shared_memory is not None:
         attached = processes_attached_to(lock.shared_memory)
         if attached is None:

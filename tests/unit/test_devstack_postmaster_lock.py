@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from devstack import postmaster_lock
-from devstack.infra import wait_until
+from devstack.infra import free_port, wait_until
 from devstack.postmaster_lock import (
     LOCK_FILE,
     PostmasterLock,
@@ -85,6 +85,40 @@ def test_a_lock_file_naming_no_port_there_can_be_is_left_for_the_server_to_judge
     assert PostmasterLock.read(tmp_path) is None
 
 
+def test_a_lock_file_naming_a_postgres_whose_data_directory_cannot_be_told_is_judged_by_its_segment(
+        tmp_path, a_postgres, monkeypatch):
+    """As root with no CAP_SYS_PTRACE (Docker's default), a postgres's working directory is not
+    ours to read, and a backend's command line (`postgres: user db ... idle`) names no data
+    directory: a file naming another server's backend was kept, and the server refused to start
+    over it. Whatever the pid is, a server running on the data directory wrote the file and is
+    attached to the segment it names: none attached (98316 here), none runs, and the file goes;
+    one attached, it stays; with no segment named, nothing tells, and it stays."""
+    pid = a_postgres()
+    monkeypatch.setattr(os.path, "samefile", _not_ours_to_read)
+    what_it_is = (f"pid {pid} is a postgres whose data directory cannot be told (its working"
+                  f" directory is not ours to read, and its command line names none, as a"
+                  f" backend's does not)")
+    path, port = tmp_path / LOCK_FILE, free_port()
+    _segments_are(tmp_path, monkeypatch, (5432001, 98315, 1))
+
+    _write_lock_file(tmp_path, pid, port, segment=(5432001, 98316))
+    assert clear_if_stale(tmp_path, "127.0.0.1") == (
+        f"removed {path}, which no server holds: {what_it_is}; no process is attached to its"
+        f" shared memory; no server of it listens on port {port}")
+    assert not path.exists()
+
+    _write_lock_file(tmp_path, pid, port, segment=(5432001, 98315))
+    assert clear_if_stale(tmp_path, "127.0.0.1") == (
+        f"left {path} (pid {pid}) in place: its shared memory (key 5432001, id 98315) is in use"
+        f" still (attached: 1), by a killed server's backends, say")
+
+    _write_lock_file(tmp_path, pid, port)
+    assert clear_if_stale(tmp_path, "127.0.0.1") == (
+        f"left {path} (pid {pid}) in place: it {what_it_is.removeprefix(f'pid {pid} ')}, and the"
+        f" file names no shared memory to tell by")
+    assert path.exists()
+
+
 @pytest.fixture
 def a_postgres():
     """Starts a process whose program (comm) is `postgres`, with the arguments given (a Python
@@ -114,6 +148,15 @@ def _a_pid_gone() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
     return process.pid
+
+
+def _segments_are(tmp_path: Path, monkeypatch, *segments: tuple[int, int, int]) -> None:
+    """/proc/sysvipc/shm lists these segments, (key, shmid, processes attached) each."""
+    listing = tmp_path / "shm"
+    listing.write_text(_PROC_HEADER + "".join(
+        f"{key:10d} {shmid:10d}   600      56  4242  4300 {attached:6d}  1001  1001  1001  1001"
+        f" 1796511385 1796511385 1796511385  4096  0\n" for key, shmid, attached in segments))
+    monkeypatch.setattr(postmaster_lock, "SYSV_SHARED_MEMORY", listing)
 
 
 def _not_ours_to_read(path, other_path):
