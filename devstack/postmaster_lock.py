@@ -10,14 +10,18 @@ server runs as EMBEDDED_POSTGRES_USER, another checkout's server or one of its b
 devstack's server then never started again until someone removed the file by hand.
 
 So devstack removes the file, saying so, when it is certain no server runs on the data directory:
-- the pid it names is gone, or is no postgres on that directory: its program is not `postgres`,
-  or its working directory (where a server moves as it starts) is another, or, where that is not
+- the pid it names is no postgres running there: it is gone, its program is not `postgres`, or
+  its working directory (where a server moves as it starts) is another, or, where that is not
   ours to read (root with no CAP_SYS_PTRACE, in a container), its `-D` names another;
-- no process is attached to the System V segment it names (the interlock every process of a
-  server stays attached to, orphaned backends of a killed one too: PostgreSQL's own check);
-- nothing listens on the port it names, or what does is a server of another data directory.
-Whatever cannot be told (another user's process, which the server then passes over itself) is no
-certainty: the file is left, for the server to judge.
+- and no process is attached to the System V segment it names (the interlock every process of a
+  server stays attached to, orphaned backends of a killed one too: PostgreSQL's own check). A
+  server running there wrote the file, so this alone tells where the pid cannot (a backend's
+  command line names no `-D`), and what listens on the file's port says nothing more (a later
+  run's Redis or broker, say: devstack's ports are the system's picks);
+- or, with no segment named (its server ended before it made one), the pid is no postgres of
+  that directory, and nothing listens on the port it names, or what does is a server of another
+  data directory.
+Whatever cannot be told is no certainty: the file is left, for the server to judge.
 """
 
 from __future__ import annotations
@@ -150,33 +154,48 @@ def clear_if_stale(pgdata: Path, host: str) -> str | None:
 
 def _judged(lock: PostmasterLock, pgdata: Path, host: str) -> tuple[bool, str]:
     """Whether a server may hold `lock` still (False only when it is certain none does), and why:
-    what was found, in words."""
+    what was checked and found, in words."""
     on_it, what_it_is = _postgres_on_and_what_it_is(lock.pid, pgdata)
     if on_it:
         return True, f"it {what_it_is}"
-    # A pid whose data directory cannot be told (a backend's, as root with no CAP_SYS_PTRACE) is
-    # told by the segment the file names: a server running on pgdata wrote this file, and is
-    # attached to that segment, as every process of it is.
-    if on_it is None and lock.shared_memory is None:
-        return True, f"it {what_it_is}, and the file names no shared memory to tell by"
     if lock.shared_memory is not None:
-        attached = processes_attached_to(lock.shared_memory)
-        if attached is None:
-            return True, (f"{SYSV_SHARED_MEMORY} cannot be read to tell if its shared memory is"
-                          f" in use")
-        if attached:
-            key, shmid = lock.shared_memory
-            return True, (f"its shared memory (key {key}, id {shmid}) is in use still (attached:"
-                          f" {attached}), by a killed server's backends, say")
-    if port_open(host, lock.port):
-        served = _data_directory_served_on(host, lock.port)
-        if served is None:
-            return True, (f"something listens on its port {lock.port} and does not say what it"
-                          f" serves")
-        if os.path.exists(served) and os.path.samefile(served, pgdata):
-            return True, f"a server of that data directory answers on its port {lock.port}"
-    return False, (f"pid {lock.pid} {what_it_is}; no process is attached to its shared memory;"
-                   f" no server of it listens on port {lock.port}")
+        return _judged_by_segment(lock, f"pid {lock.pid} {what_it_is}")
+    if on_it is None:
+        return True, f"it {what_it_is}, and the file names no shared memory to tell by"
+    return _judged_by_port(lock, pgdata, host, f"pid {lock.pid} {what_it_is}")
+
+
+def _judged_by_segment(lock: PostmasterLock, pid_found: str) -> tuple[bool, str]:
+    """_judged's answer for a file naming a segment. A server running on the data directory
+    wrote the file, and is attached to the segment it names, as every process of it is: with
+    none attached none runs, whatever the pid is (a postgres whose data directory cannot be told
+    too) and whatever listens on the port (a later run's Redis or broker, say: devstack's ports
+    are the system's picks)."""
+    key, shmid = lock.shared_memory
+    attached = processes_attached_to(lock.shared_memory)
+    if attached is None:
+        return True, f"{SYSV_SHARED_MEMORY} cannot be read to tell if its shared memory is in use"
+    if attached:
+        return True, (f"its shared memory (key {key}, id {shmid}) is in use still (attached:"
+                      f" {attached}), by a killed server's backends, say")
+    return False, (f"{pid_found}; no process is attached to the shared memory it names (key"
+                   f" {key}, id {shmid})")
+
+
+def _judged_by_port(lock: PostmasterLock, pgdata: Path, host: str,
+                    pid_found: str) -> tuple[bool, str]:
+    """_judged's answer for a file naming no segment, and a pid no postgres of the data
+    directory: a server's that ended before it made one, whose port is what is left to tell by."""
+    if not port_open(host, lock.port):
+        return False, (f"{pid_found}; it names no shared memory, and nothing listens on its port"
+                       f" {lock.port}")
+    served = _data_directory_served_on(host, lock.port)
+    if served is None:
+        return True, f"something listens on its port {lock.port} and does not say what it serves"
+    if os.path.exists(served) and os.path.samefile(served, pgdata):
+        return True, f"a server of that data directory answers on its port {lock.port}"
+    return False, (f"{pid_found}; it names no shared memory, and the server on its port"
+                   f" {lock.port} is of another data directory ({served})")
 
 
 def processes_attached_to(segment: tuple[int, int]) -> int | None:

@@ -169,23 +169,26 @@ def test_a_lock_file_naming_a_live_process_that_is_no_postgres_is_removed_saying
         sleeper.wait()
     assert _lines_about(lock, capsys) == [
         f"[devstack] removed {lock}, which no server holds: pid {sleeper.pid} is `sleep`, no"
-        f" postgres of that data directory; no process is attached to its shared memory; no"
-        f" server of it listens on port {_line(lock_text, 3)}"]
+        f" postgres of that data directory; no process is attached to the shared memory it names"
+        f" {_segment(lock_text)}"]
 
 
+@pytest.mark.parametrize("with_segment", [True, False], ids=["with its segment", "none made"])
 def test_a_lock_file_naming_another_data_directorys_server_is_neither_used_nor_kept(
-        server_dir, embedded_only, capsys):
+        server_dir, embedded_only, capsys, with_segment):
     """The pid and port a server's postmaster.pid names may, after a reboot, be another
     checkout's server (as root, one of EMBEDDED_POSTGRES_USER's too): that server, answering
     there, was taken for the data directory's own and used, its databases the run's; and its pid,
     alive, kept the file's own server from starting. The data directory's server is started, the
-    file removed, and the other server left running."""
+    file removed, and the other server left running: the segment the file names free, or, with
+    none named (its server ended before it made one), the server on its port another's."""
     lock = server_dir / "run" / "postgres" / LOCK_FILE
     lock_text = _lock_file_of_a_server_gone(server_dir / "run")
     other_base, other = start_embedded_postgres(server_dir / "other", free_port())
     try:
         other_port = other_base.rsplit(":", 1)[1]
-        lock.write_text(_naming(lock_text, pid=other.pid, port=other_port))
+        lock.write_text(_naming(lock_text, pid=other.pid, port=other_port,
+                                with_segment=with_segment))
 
         url_base, server = start_embedded_postgres(server_dir / "run", free_port(), timeout=15)
         try:
@@ -196,10 +199,13 @@ def test_a_lock_file_naming_another_data_directorys_server_is_neither_used_nor_k
         assert _data_directory(other_base) == str(server_dir / "other" / "postgres")
     finally:
         other.stop()
+    checked = (f"no process is attached to the shared memory it names {_segment(lock_text)}"
+               if with_segment else
+               f"it names no shared memory, and the server on its port {other_port} is of another"
+               f" data directory ({server_dir / 'other' / 'postgres'})")
     assert _lines_about(lock, capsys) == [
         f"[devstack] removed {lock}, which no server holds: pid {other.pid} is a postgres of"
-        f" another data directory; no process is attached to its shared memory; no"
-        f" server of it listens on port {other_port}"]
+        f" another data directory; {checked}"]
 
 
 def test_the_lock_file_of_a_server_running_on_the_data_directory_is_left_though_it_is_silent(
@@ -265,8 +271,7 @@ def test_the_lock_file_of_a_killed_server_is_left_while_a_backend_of_it_lives_on
         f"[devstack] left {lock} (pid {server.pid}) in place: its shared memory (key {key}, id"
         f" {shmid}) is in use still (attached: 1), by a killed server's backends, say",
         f"[devstack] removed {lock}, which no server holds: pid {server.pid} is not running; no"
-        f" process is attached to its shared memory; no server of it listens on port"
-        f" {_line(lock_text, 3)}"]
+        f" process is attached to the shared memory it names (key {key}, id {shmid})"]
 
 
 def _lock_file_of_a_server_gone(run_dir: Path) -> str:
@@ -281,16 +286,18 @@ def _lock_file_of_a_server_gone(run_dir: Path) -> str:
     return lock_text
 
 
-def _naming(lock_text: str, pid: int, port: str | None = None) -> str:
+def _naming(lock_text: str, pid: int, port: str | None = None, with_segment: bool = True) -> str:
+    """The lock file, naming pid (and port); with no segment line if not with_segment."""
     lines = lock_text.splitlines(keepends=True)
     lines[0] = f"{pid}\n"
     if port is not None:
         lines[3] = f"{port}\n"
-    return "".join(lines)
+    return "".join(lines if with_segment else lines[:6])
 
 
-def _line(lock_text: str, number: int) -> str:
-    return lock_text.splitlines()[number].strip()
+def _segment(lock_text: str) -> str:
+    key, shmid = lock_text.splitlines()[6].split()
+    return f"(key {int(key) & 0xFFFFFFFF}, id {shmid})"
 
 
 def _data_directory(url_base: str) -> str:

@@ -1,10 +1,12 @@
-"""devstack.postmaster_lock's reading of a lock file and of the System V segments it names (the
-whole of it, with real servers: tests/integration/test_devstack_infra.py)."""
+"""devstack.postmaster_lock's reading of a lock file and of the System V segments it names, and
+its judging of files whose processes and segments are made up here (the whole of it, with real
+servers: tests/integration/test_devstack_infra.py)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -103,8 +105,8 @@ def test_a_lock_file_naming_a_postgres_whose_data_directory_cannot_be_told_is_ju
 
     _write_lock_file(tmp_path, pid, port, segment=(5432001, 98316))
     assert clear_if_stale(tmp_path, "127.0.0.1") == (
-        f"removed {path}, which no server holds: {what_it_is}; no process is attached to its"
-        f" shared memory; no server of it listens on port {port}")
+        f"removed {path}, which no server holds: {what_it_is}; no process is attached to the"
+        f" shared memory it names (key 5432001, id 98316)")
     assert not path.exists()
 
     _write_lock_file(tmp_path, pid, port, segment=(5432001, 98315))
@@ -117,6 +119,41 @@ def test_a_lock_file_naming_a_postgres_whose_data_directory_cannot_be_told_is_ju
         f"left {path} (pid {pid}) in place: it {what_it_is.removeprefix(f'pid {pid} ')}, and the"
         f" file names no shared memory to tell by")
     assert path.exists()
+
+
+def test_a_lock_file_naming_a_segment_no_process_is_attached_to_goes_whatever_holds_its_port(
+        tmp_path, monkeypatch):
+    """With no process attached to the segment the file names, no server runs on the data
+    directory, whatever listens on the port it names: devstack's ports are the system's picks,
+    and a later run's Redis or broker may have it. Something there that did not say what it
+    serves kept a file the server itself would have passed over."""
+    _segments_are(tmp_path, monkeypatch)
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # (never answers)
+        port = listener.getsockname()[1]
+        pid = _a_pid_gone()
+        _write_lock_file(tmp_path, pid, port, segment=(5432001, 98315))
+
+        assert clear_if_stale(tmp_path, "127.0.0.1") == (
+            f"removed {tmp_path / LOCK_FILE}, which no server holds: pid {pid} is not running; no"
+            f" process is attached to the shared memory it names (key 5432001, id 98315)")
+
+
+def test_a_lock_file_naming_no_segment_is_judged_by_what_listens_on_its_port(
+        tmp_path, monkeypatch):
+    """A file naming no segment (its server ended before it made one) is kept while something
+    listens on its port that does not say what it serves, and goes once nothing does."""
+    path, pid = tmp_path / LOCK_FILE, _a_pid_gone()
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # (never answers)
+        port = listener.getsockname()[1]
+        _write_lock_file(tmp_path, pid, port)
+
+        assert clear_if_stale(tmp_path, "127.0.0.1") == (
+            f"left {path} (pid {pid}) in place: something listens on its port {port} and does not"
+            f" say what it serves")
+
+    assert clear_if_stale(tmp_path, "127.0.0.1") == (
+        f"removed {path}, which no server holds: pid {pid} is not running; it names no shared"
+        f" memory, and nothing listens on its port {port}")
 
 
 @pytest.fixture
