@@ -219,8 +219,7 @@ def test_the_lock_file_of_a_server_running_on_the_data_directory_is_left_though_
     try:
         os.kill(server.pid, signal.SIGSTOP)
         try:
-            with pytest.raises(RuntimeError, match='lock file "postmaster.pid" already exists'):
-                start_embedded_postgres(server_dir, free_port(), timeout=15)
+            _start_refused(server_dir, match='lock file "postmaster.pid" already exists')
             assert lock.read_text() == lock_text
         finally:
             os.kill(server.pid, signal.SIGCONT)
@@ -239,39 +238,52 @@ def test_the_lock_file_of_a_killed_server_is_left_while_a_backend_of_it_lives_on
     which removing the file would pass over), and removed once none is."""
     url_base, server = start_embedded_postgres(server_dir, free_port())
     lock = server_dir / "postgres" / LOCK_FILE
-    client = psycopg2.connect(f"{url_base}/postgres")
-    try:
-        cursor = client.cursor()
-        cursor.execute("SELECT pg_backend_pid()")
-        (backend,) = cursor.fetchone()
-        os.kill(backend, signal.SIGSTOP)  # (else it would end as its server does)
-        os.kill(server.pid, signal.SIGKILL)
-        wait_until(lambda: server.returncode is not None, 10, what="the server to end")
-        lock_text = lock.read_text()
-        segment = PostmasterLock.read(lock.parent).shared_memory
-        wait_until(lambda: processes_attached_to(segment) == 1, 30,
-                   what="the server's other processes to end with it")
-        try:
-            with pytest.raises(RuntimeError, match="pre-existing shared memory block"):
-                start_embedded_postgres(server_dir, free_port(), timeout=15)
-            assert lock.read_text() == lock_text
-        finally:
-            os.kill(backend, signal.SIGKILL)
-        wait_until(lambda: gone(backend), 10, what="the backend to end")
-    finally:
-        client.close()
-        server.stop()  # (what is left of its group)
-    wait_until(lambda: processes_attached_to(segment) == 0, 30,
-               what="the backend to leave the server's shared memory")
-
-    url_base, restarted = start_embedded_postgres(server_dir, free_port(), timeout=15)
-    restarted.stop()
+    lock_text = lock.read_text()
+    segment = PostmasterLock.read(lock.parent).shared_memory
     key, shmid = segment
+    restarted = None
+    try:
+        client = psycopg2.connect(f"{url_base}/postgres")
+        try:
+            cursor = client.cursor()
+            cursor.execute("SELECT pg_backend_pid()")
+            (backend,) = cursor.fetchone()
+            os.kill(backend, signal.SIGSTOP)  # (else it would end as its server does)
+            os.kill(server.pid, signal.SIGKILL)
+            wait_until(lambda: server.returncode is not None, 10, what="the server to end")
+            wait_until(lambda: processes_attached_to(segment) == 1, 30,
+                       what="the server's other processes to end with it")
+            try:
+                _start_refused(server_dir, match="pre-existing shared memory block")
+                assert lock.read_text() == lock_text
+            finally:
+                os.kill(backend, signal.SIGKILL)
+            wait_until(lambda: gone(backend), 10, what="the backend to end")
+        finally:
+            client.close()
+            server.stop()  # (what is left of its group)
+        wait_until(lambda: processes_attached_to(segment) == 0, 30,
+                   what="the backend to leave the server's shared memory")
+
+        url_base, restarted = start_embedded_postgres(server_dir, free_port(), timeout=15)
+        restarted.stop()
+    finally:
+        if restarted is None:  # (a server started there removes the killed one's segment)
+            subprocess.run(["ipcrm", "-m", str(shmid)], stderr=subprocess.DEVNULL, check=False)
     assert _lines_about(lock, capsys) == [
         f"[devstack] left {lock} (pid {server.pid}) in place: its shared memory (key {key}, id"
         f" {shmid}) is in use still (attached: 1), by a killed server's backends, say",
         f"[devstack] removed {lock}, which no server holds: pid {server.pid} is not running; no"
         f" process is attached to the shared memory it names (key {key}, id {shmid})"]
+
+
+def _start_refused(run_dir: Path, match: str) -> None:
+    """Start a server in run_dir, which PostgreSQL must refuse (match: its words); one started
+    after all is stopped, not left running past the test's failure."""
+    with pytest.raises(RuntimeError, match=match):
+        _, started = start_embedded_postgres(run_dir, free_port(), timeout=15)
+        if started is not None:
+            started.stop()
 
 
 def _lock_file_of_a_server_gone(run_dir: Path) -> str:
