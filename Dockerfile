@@ -5,10 +5,12 @@
 #   python -m shared.grpc_server orders                             (and payments)
 #   celery -A tasks worker -Q orders.control,orders -n orders@%h -P threads -c 16 --consume orders
 #                                                                   (and payments, gateway)
-#   celery -A tasks beat -s /tmp/celerybeat-schedule --alive-file /tmp/alive
-#                                                                   (exactly one; -s: /app is
-#                                                                   not writable; --alive-file:
-#                                                                   what its healthcheck reads)
+#   celery -A tasks beat -s /var/lib/hseshop/beat/celerybeat-schedule --alive-file /tmp/alive
+#                                                                   (exactly one; -s: a directory
+#                                                                   its user owns, on a volume
+#                                                                   kept across recreates;
+#                                                                   --alive-file: what its
+#                                                                   healthcheck reads)
 #   celery -A tasks flower --conf=/app/flowerconfig.py
 #   python -m shared.migrations upgrade orders                      (and payments, gateway)
 # Settings come from the environment: every variable of shared/config.py (deploy/compose.env),
@@ -36,12 +38,16 @@ RUN pip install -r requirements/base.txt
 # The code belongs to root and is only readable by the user the processes run as. COPY keeps the
 # modes the files have in the checkout, which a builder's umask sets (077: files only their owner
 # reads, and root alone would read the code; 000: anyone's to write): they are set here instead.
+# Beat's schedule directory is the user's: compose mounts a named volume there, which takes the
+# directory's owner and mode when it is first used (a directory the image lacks would be made
+# root's, and beat, unable to write its schedule, would exit as it started).
 COPY . .
 RUN python -m compileall -q /app \
     && chmod -R u=rwX,go=rX /app \
     && groupadd --system --gid 10001 hseshop \
     && useradd --system --uid 10001 --gid hseshop --home-dir /home/hseshop --create-home \
-       --shell /usr/sbin/nologin hseshop
+       --shell /usr/sbin/nologin hseshop \
+    && install -d -o hseshop -g hseshop -m 0700 /var/lib/hseshop/beat
 
 USER 10001:10001
 

@@ -671,6 +671,27 @@ def test_data_lives_in_named_volumes():
         assert sources and sources[0] in declared, name
 
 
+def _beats_schedule_mount() -> dict:
+    """What is mounted on the directory of beat's schedule file, as Compose resolves it."""
+    (name,) = beats()
+    beat = resolved_compose()["services"][name]
+    directory = posixpath.dirname(_option(beat["command"], "-s"))
+    mounts = [mount for mount in beat.get("volumes", []) if mount["target"] == directory]
+    assert mounts, f"nothing is mounted at {directory}: beat's schedule is the container's own"
+    return mounts[0]
+
+
+def test_beats_schedule_outlives_its_container_on_a_named_volume():
+    """Celery starts a schedule entry it has no record of from now: kept in the container's /tmp,
+    the schedule was lost at each recreate (every deploy), and a beat recreated more often than
+    once an hour never ran the hourly pruners. Its directory is mounted (the shelve file may come
+    as several, .dat, .dir, .bak beside it), from a named volume, writable."""
+    mount = _beats_schedule_mount()
+    assert mount["type"] == "volume" and mount["source"] in resolved_compose().get("volumes", {}), (
+        mount)
+    assert not mount.get("read_only"), mount
+
+
 # --- the image --------------------------------------------------------------------------------
 
 
@@ -758,6 +779,65 @@ def test_the_images_user_reads_its_code_and_root_alone_writes_it_whatever_the_ch
         mode = path.stat().st_mode & 0o777
         wanted = 0o005 if path.is_dir() else 0o004  # others read (and enter a folder)
         assert mode & wanted == wanted and mode & 0o022 == 0, (str(path), oct(mode))
+
+
+def _run_commands_as_root() -> list[list[str]]:
+    """The commands of the Dockerfile's RUNs before its USER (run as root), each split as the shell
+    would (the Dockerfile's RUNs join them with &&)."""
+    instructions = _dockerfile_instructions()
+    user = max(at for at, (keyword, _) in enumerate(instructions) if keyword == "USER")
+    return [shlex.split(part) for keyword, arguments in instructions[:user] if keyword == "RUN"
+            for part in arguments.split("&&")]
+
+
+def _image_ids(program: str, option: str) -> dict[str, str]:
+    """The ids of the users (useradd, --uid) or groups (groupadd, --gid) the image makes, by
+    their names and by the ids themselves."""
+    ids = {}
+    for argv in _run_commands_as_root():
+        if argv[0] == program and (given := _option(argv, option)) is not None:
+            ids[argv[-1]] = ids[given] = given
+    return ids
+
+
+def _directories_made_owned() -> dict[PurePosixPath, tuple[str, str, int]]:
+    """The directories the image makes as root and gives an owner, `install -d -o U -g G [-m M]
+    DIR...`: the owner's and group's ids and the mode (install's default 0755), by directory."""
+    users, groups = _image_ids("useradd", "--uid"), _image_ids("groupadd", "--gid")
+    made = {}
+    for argv in _run_commands_as_root():
+        if argv[0] != "install" or not {"-d", "--directory"} & set(argv):
+            continue
+        given = {"-o": None, "-g": None, "-m": "0755"}
+        directories = []
+        words = iter(argv[1:])
+        for word in words:
+            if word in given:
+                given[word] = next(words)
+            elif not word.startswith("-"):
+                directories.append(_in_image(word))
+        owner, group, mode = given.values()
+        assert re.fullmatch(r"[0-7]{3,4}", mode), f"read here as octal only: {argv}"
+        for directory in directories:
+            made[directory] = (users.get(owner, owner), groups.get(group, group), int(mode, 8))
+    return made
+
+
+def test_the_image_makes_beats_schedule_directory_its_users_own():
+    """A named volume, empty, takes the owner and mode of the image's directory it is mounted on;
+    where the image has none, Docker makes it root's, and beat, run as the image's user, could not
+    write its schedule there: Celery takes the failure for a corrupt file, removes it, fails again
+    and beat exits. So the image makes that very directory, its user's, and lets it write there."""
+    mount = _beats_schedule_mount()
+    (user,) = [arguments for keyword, arguments in _dockerfile_instructions() if keyword == "USER"]
+    uid, _, gid = user.partition(":")
+    made = _directories_made_owned()
+    target = PurePosixPath(mount["target"])
+    assert target in made, f"the image makes no {target} with an owner: {made}"
+    owner, group, mode = made[target]
+    assert owner == _image_ids("useradd", "--uid").get(uid, uid), (made[target], user)
+    assert not gid or group == _image_ids("groupadd", "--gid").get(gid, gid), (made[target], user)
+    assert mode & 0o700 == 0o700, f"its user may not write there: {mode:o}"
 
 
 def _image_env() -> dict[str, str]:
