@@ -5,6 +5,9 @@ missing, then upgrade (or, by hand, downgrade).
     python -m shared.migrations upgrade payments
     python -m shared.migrations downgrade gateway 0012
 
+An upgrade never goes back: one to a revision older than the database's is refused (a downgrade
+goes back).
+
 Each service keeps its revisions in `<service>_app/migrations/versions`; an advisory lock lets
 several processes start at once without running the same migration twice. Each revision runs in a
 transaction of its own, so that one can leave its transaction for a statement that must run
@@ -34,7 +37,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from alembic.script import ScriptDirectory
+from alembic.script import Script, ScriptDirectory
 from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from psycopg2.errors import DeadlockDetected
@@ -97,6 +100,10 @@ class UnknownRevision(RuntimeError):
     release's."""
 
 
+class NotAnUpgrade(RuntimeError):
+    """An upgrade asked for a revision older than the database's: going back is a downgrade's."""
+
+
 def ensure_database(url: str) -> None:
     """Create the database named in `url` when it does not exist yet, looking for it from the
     server's `postgres` database. A server may keep the shop's user out of that one (the shop's
@@ -156,10 +163,12 @@ def migration_engine(url: str) -> sa.Engine:
 
 def upgrade(service: str, revision: str = "head") -> None:
     """Upgrade the service's database to `revision`; when a later release has migrated it, leave
-    it as it is (see the module's docstring)."""
+    it as it is (see the module's docstring). Refused, the database untouched, when `revision` is
+    older than the database's (_refuse_going_back)."""
     def upgrade_to(config: Config, conn: sa.Connection) -> None:
         if _left_by_a_later_release(service, config, conn):
             return
+        _refuse_going_back(service, config, conn, revision)
         _giving_way_to_locks(conn, lambda: command.upgrade(config, revision))
 
     _migrate(service, upgrade_to, create_if_missing=True)
@@ -176,6 +185,30 @@ def downgrade(service: str, revision: str) -> None:
     _migrate(service, downgrade_to)
 
 
+def _revisions_down_to(config: Config, conn: sa.Connection, target: str) -> list[Script]:
+    """The revisions a downgrade from the database's revision to `target` goes down through, the
+    database's first: none when `target` is the database's revision or a later one, or when
+    there is no way down from one to the other (alembic says so, as it runs)."""
+    current = MigrationContext.configure(conn).get_current_heads()
+    conn.commit()  # (no transaction left open: each revision runs in one of its own)
+    try:
+        return list(ScriptDirectory.from_config(config).iterate_revisions(current, target))
+    except RevisionError:
+        return []
+
+
+def _refuse_going_back(service: str, config: Config, conn: sa.Connection, target: str) -> None:
+    """Refuse an upgrade to a revision older than the database's: alembic's upgrade does nothing
+    and succeeds, which told the operator who meant to go back that the database was there."""
+    going_down = _revisions_down_to(config, conn, target)
+    if going_down:
+        raise NotAnUpgrade(
+            f"the {service} database is at revision {going_down[0].revision}, later than"
+            f" {target}: an upgrade never goes back, and nothing was changed. To take the"
+            f" database back to {target}: python -m shared.migrations downgrade {service}"
+            f" {target}")
+
+
 def _refuse_what_a_revision_going_down_would(config: Config, conn: sa.Connection,
                                              target: str) -> None:
     """Ask each revision the downgrade to `target` goes down through whether it would refuse (its
@@ -183,13 +216,7 @@ def _refuse_what_a_revision_going_down_would(config: Config, conn: sa.Connection
     revision runs in a transaction of its own, so one refusing in the middle of the way left the
     revisions above it gone down and committed. (It asks again as it goes down, under its
     table's lock; nothing else migrates between the two, the migration lock held.)"""
-    current = MigrationContext.configure(conn).get_current_heads()
-    conn.commit()
-    script = ScriptDirectory.from_config(config)
-    try:
-        going_down = list(script.iterate_revisions(current, target))
-    except RevisionError:
-        return  # (no way down from here to there: alembic's downgrade says so)
+    going_down = _revisions_down_to(config, conn, target)
     try:
         for script_revision in going_down:
             refusal = getattr(script_revision.module, "refuse_downgrade", None)
@@ -380,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             downgrade(args.service, args.revision)
     except (DatabaseUnreachable, ServerTooOld, NotTheServicesDatabase, UnknownRevision,
-            DowngradeRefused, CommandError) as exc:
+            NotAnUpgrade, DowngradeRefused, CommandError) as exc:
         # What the operator must put right, in a line; anything else keeps its traceback.
         log.error("%s", " ".join(str(exc).split()))
         raise SystemExit(1) from None

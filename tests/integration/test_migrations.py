@@ -713,6 +713,30 @@ def test_a_database_behind_this_release_is_upgraded_as_before(infrastructure):
     assert not _table_exists(url, "idempotency_keys")
 
 
+def test_an_upgrade_to_a_revision_older_than_the_databases_is_refused_in_one_line(infrastructure):
+    """An operator's `upgrade orders 0010` on a database at a later revision did nothing and exited
+    0, as if the database were at 0010: it exits 1 with one line saying the database is later and
+    naming the downgrade that goes back, nothing changed. An upgrade to the database's own
+    revision still does nothing, and succeeds."""
+    url = _database_url(infrastructure, "upgrade-back", "orders")
+    ensure_database(url)
+    command.upgrade(alembic_config("orders", url), "head")
+    head, schema = _scalar(url, "SELECT version_num FROM alembic_version"), _schema(url)
+
+    migrating = _migrate_by_hand("orders", url, "upgrade", "orders", "0010")
+    assert migrating.returncode == 1, migrating.stderr
+    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
+    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
+    assert f"the orders database is at revision {head}, later than 0010" in errors[0]
+    assert "python -m shared.migrations downgrade orders 0010" in errors[0]
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == head
+    assert _schema(url) == schema
+
+    migrating = _migrate_by_hand("orders", url, "upgrade", "orders", head)
+    assert migrating.returncode == 0, migrating.stderr
+    assert all(line.startswith("INFO") for line in migrating.stderr.splitlines()), migrating.stderr
+
+
 def test_a_revision_that_is_no_release_of_the_services_is_refused_in_one_line(infrastructure):
     """A revision neither this release's nor numbered past its head (revisions are numbered in
     order: tests/unit/test_migration_revisions.py) is no later release's: the migration exits 1
