@@ -114,14 +114,26 @@ class DowngradeRefused(RuntimeError):
 
 
 def drop_inbox_envelope_version() -> None:
-    """Refused while a message of an envelope version other than 1 that holds a payload awaits
-    handling or lies parked (read whole by a release that knew its version, or parked for its type
-    or payload): the release before reads every message as version 1, and would hand it to its
-    handler as such. One kept as its text, its version unknown as it came, holds no payload: that
-    release leaves it parked, and a later one reads its version from its text again."""
-    # (The lock the drop takes, taken first: no row is stored between the count and the drop.)
+    """Refused while a message the release before would misread awaits handling
+    (refuse_while_inbox_messages_await_of_another_version). The same question is asked before any
+    revision of the downgrade goes down (shared.migrations), and again here, under the lock the
+    drop takes, taken first: no message is stored between the count and the drop."""
     op.execute("LOCK TABLE inbox_messages IN ACCESS EXCLUSIVE MODE")
-    waiting = op.get_bind().scalar(sa.text(
+    refuse_while_inbox_messages_await_of_another_version(
+        op.get_bind(), "the database stays at the revision that keeps envelope versions, with the"
+        " messages as they were")
+    op.drop_column("inbox_messages", "envelope_version")
+
+
+def refuse_while_inbox_messages_await_of_another_version(
+        conn: sa.Connection, left_as: str = "nothing was downgraded") -> None:
+    """Refuse to take the inbox's envelope versions away while a message of a version other than 1
+    that holds a payload awaits handling or lies parked (read whole by a release that knew its
+    version, or parked for its type or payload): the release before reads every message as
+    version 1, and would hand it to its handler as such. One kept as its text, its version unknown
+    as it came, holds no payload: that release leaves it parked, and a later one reads its version
+    from its text again."""
+    waiting = conn.scalar(sa.text(
         "SELECT count(*) FROM inbox_messages WHERE processed_at IS NULL AND envelope_version <> 1"
         " AND payload IS NOT NULL"))
     if waiting:
@@ -129,8 +141,7 @@ def drop_inbox_envelope_version() -> None:
             f"{waiting} inbox message(s) of an envelope version other than 1 await handling or lie"
             " parked with their payload: the release before reads every message as version 1 and"
             " would hand them to their handlers so. Let them be handled first, or give up on them"
-            " (python -m tasks.parked list/discard), then downgrade again; nothing was changed")
-    op.drop_column("inbox_messages", "envelope_version")
+            f" (python -m tasks.parked list/discard), then downgrade again; {left_as}")
 
 
 def create_index_concurrently(name: str, table: str, columns: list[str],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -23,8 +24,9 @@ from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, load_sett
 from shared.db import SESSION_LIMITS, db, driver_dsn
 from shared.idempotency import IdempotencyKey
 from shared.inbox.parked import last_parked, parked_batch, parked_messages
+from shared.migration_steps import DowngradeRefused
 from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, ServerTooOld,
-                               alembic_config, ensure_database, upgrade)
+                               alembic_config, downgrade, ensure_database, upgrade)
 from shared.outbox.relaying import CLAIM_ROWS
 from tests.environment import database_name
 from tests.polling import wait_for
@@ -246,6 +248,64 @@ def test_the_envelope_versions_downgrade_waits_for_the_messages_the_release_befo
     assert migrating.returncode == 0, migrating.stderr
     assert _scalar(url, "SELECT count(*) FROM inbox_messages WHERE raw_value IS NOT NULL") == 1
     command.upgrade(config, "head")
+
+
+# A later release's revision, above this release's head (a column of its own, dropped going down).
+LATER_REVISION = '''
+import sqlalchemy as sa
+from alembic import op
+
+revision = "{later}"
+down_revision = "{head}"
+
+
+def upgrade() -> None:
+    op.add_column("outbox_messages", sa.Column("later_release", sa.Text))
+
+
+def downgrade() -> None:
+    op.drop_column("outbox_messages", "later_release")
+'''
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_downgrade_through_the_envelope_version_is_refused_before_any_revision_goes_down(
+        infrastructure, service, monkeypatch, tmp_path):
+    """The envelope_version revision is this release's head: a later release's downgrade goes
+    down through its own revisions first, each committed as it goes. Refused only in the
+    envelope_version revision's own step, it left those gone down; it is refused before any
+    revision goes down, the database left at the later release's head with its schema. (Here the
+    later release is this one's revisions and one more, the test's.)"""
+    import shared.migrations
+
+    migrations = tmp_path / f"{service}_app" / "migrations"
+    shutil.copytree(shared.migrations.REPO_ROOT / f"{service}_app" / "migrations", migrations,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    url = _database_url(infrastructure, "envelope-version-later", service)
+    head = ScriptDirectory.from_config(alembic_config(service, url)).get_current_head()
+    later = f"{int(head) + 1:04d}"
+    (migrations / "versions" / f"{later}_later_release.py").write_text(
+        LATER_REVISION.format(later=later, head=head))
+    monkeypatch.setattr(shared.migrations, "REPO_ROOT", tmp_path)
+    settings = load_settings({f"{service.upper()}_DATABASE_URL": url})
+    monkeypatch.setattr(shared.migrations, "get_settings", lambda: settings)
+    upgrade(service)
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO inbox_messages (message_id, topic, partition, \"offset\", type,"
+            " envelope_version, payload, parked_at) VALUES"
+            " ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11', 'topic', 0, 0, 'PaymentRefunded', 2,"
+            "  '{}', now())")
+    connection.close()
+    schema = _schema(url)
+
+    before = "0014" if service == "gateway" else "0013"
+    with pytest.raises(DowngradeRefused) as refused:
+        downgrade(service, before)
+    assert str(refused.value).startswith("1 inbox message(s) of an envelope version other than 1")
+    assert str(refused.value).endswith("nothing was downgraded")
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == later
+    assert _schema(url) == schema
 
 
 # Each service's revision that parks outbox rows (parked_at), and the one below it.
