@@ -5,8 +5,9 @@ missing, then upgrade (or, by hand, downgrade).
     python -m shared.migrations upgrade payments
     python -m shared.migrations downgrade gateway 0012
 
-An upgrade never goes back: one to a revision older than the database's is refused (a downgrade
-goes back).
+An upgrade never goes back: one to a target that alembic reads as a revision older than the
+database's (one named outright, `base`, or one relative to a revision, `head-1`, or to the
+database's, `-1`) is refused (a downgrade goes back).
 
 Each service keeps its revisions in `<service>_app/migrations/versions`; an advisory lock lets
 several processes start at once without running the same migration twice. Each revision runs in a
@@ -163,8 +164,8 @@ def migration_engine(url: str) -> sa.Engine:
 
 def upgrade(service: str, revision: str = "head") -> None:
     """Upgrade the service's database to `revision`; when a later release has migrated it, leave
-    it as it is (see the module's docstring). Refused, the database untouched, when `revision` is
-    older than the database's (_refuse_going_back)."""
+    it as it is (see the module's docstring). Refused, the database untouched, when alembic reads
+    `revision` as older than the database's (_refuse_going_back)."""
     def upgrade_to(config: Config, conn: sa.Connection) -> None:
         if _left_by_a_later_release(service, config, conn):
             return
@@ -187,26 +188,37 @@ def downgrade(service: str, revision: str) -> None:
 
 def _revisions_down_to(config: Config, conn: sa.Connection, target: str) -> list[Script]:
     """The revisions a downgrade from the database's revision to `target` goes down through, the
-    database's first: none when `target` is the database's revision or a later one, or when
-    there is no way down from one to the other (alembic says so, as it runs)."""
+    database's first, `target` read as alembic's downgrade reads it: a revision, `base`, or one
+    relative to a revision (`head-1`, `0010+1`) or to the database's (`-1`). None when `target`
+    is the database's revision or a later one, or when alembic reads no way down to it (it says
+    why itself, as it runs)."""
     current = MigrationContext.configure(conn).get_current_heads()
     conn.commit()  # (no transaction left open: each revision runs in one of its own)
     try:
-        return list(ScriptDirectory.from_config(config).iterate_revisions(current, target))
-    except RevisionError:
+        return list(ScriptDirectory.from_config(config).iterate_revisions(
+            current, target, select_for_downgrade=True))
+    except (RevisionError, AssertionError):
+        # (alembic's revision map asserts on a few malformed targets, `0010@` say, which its
+        # command then meets and answers as it did before this was asked)
         return []
 
 
 def _refuse_going_back(service: str, config: Config, conn: sa.Connection, target: str) -> None:
-    """Refuse an upgrade to a revision older than the database's: alembic's upgrade does nothing
-    and succeeds, which told the operator who meant to go back that the database was there."""
+    """Refuse an upgrade to a target a downgrade would go down to, older than the database's
+    revision: alembic's upgrade does nothing and succeeds, which told the operator who meant to
+    go back that the database was there (and `-1`, which it reads as no upgrade, it refuses in
+    its own words). The downgrade that goes back is named when `target` names its revision
+    outright: not `base`, which drops every table, nor a relative one."""
     going_down = _revisions_down_to(config, conn, target)
-    if going_down:
-        raise NotAnUpgrade(
-            f"the {service} database is at revision {going_down[0].revision}, later than"
-            f" {target}: an upgrade never goes back, and nothing was changed. To take the"
-            f" database back to {target}: python -m shared.migrations downgrade {service}"
-            f" {target}")
+    if not going_down:
+        return
+    back_to = going_down[-1].down_revision or "base"
+    raise NotAnUpgrade(
+        f"the {service} database is at revision {going_down[0].revision}, later than {target}"
+        + ("" if target == back_to else f" ({back_to})")
+        + ": an upgrade never goes back, and nothing was changed"
+        + (f". To take the database back to {target}: python -m shared.migrations downgrade"
+           f" {service} {target}" if target == back_to != "base" else ""))
 
 
 def _refuse_what_a_revision_going_down_would(config: Config, conn: sa.Connection,

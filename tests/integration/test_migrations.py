@@ -713,6 +713,11 @@ def _migrate_by_hand(service: str, url: str, *arguments: str) -> subprocess.Comp
                           capture_output=True, text=True, timeout=120)
 
 
+def _spelt(target: str) -> str:
+    """A revision target spelt for a database's name (a case's own database)."""
+    return target.replace("+", "plus").replace("-", "minus").replace("@", "at")
+
+
 def _schema(url: str) -> dict[str, dict]:
     """Every table of the database's, as _table_definition reads it."""
     with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
@@ -795,6 +800,81 @@ def test_an_upgrade_to_a_revision_older_than_the_databases_is_refused_in_one_lin
     migrating = _migrate_by_hand("orders", url, "upgrade", "orders", head)
     assert migrating.returncode == 0, migrating.stderr
     assert all(line.startswith("INFO") for line in migrating.stderr.splitlines()), migrating.stderr
+
+
+@pytest.mark.parametrize("start, target, back_to", [
+    ("head", "head-1", "0013"), ("head", "0010+1", "0011"), ("head", "base+1", "0001"),
+    ("head", "base", None), ("0010", "-1", "0009")])
+def test_an_upgrade_to_a_relative_revision_or_base_older_than_the_databases_is_refused_in_one_line(
+        infrastructure, start, target, back_to):
+    """A target relative to a revision (`head-1`, `0010+1`) is read as alembic reads it, and
+    refused as one named outright is when that is older than the database's revision; where
+    alembic's upgrade did nothing and exited 0, or, for `-1`, said only that it "didn't produce 1
+    migrations". No downgrade is named for such a target, nor for `base` (which drops every
+    table): the line says which revision the target is."""
+    url = _database_url(infrastructure, f"upgrade-back-{_spelt(target)}", "orders")
+    ensure_database(url)
+    command.upgrade(alembic_config("orders", url), start)
+    current, schema = _scalar(url, "SELECT version_num FROM alembic_version"), _schema(url)
+
+    migrating = _migrate_by_hand("orders", url, "upgrade", "orders", target)
+    assert migrating.returncode == 1, migrating.stderr
+    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
+    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
+    assert (f"the orders database is at revision {current}, later than {target}"
+            + (f" ({back_to})" if back_to else "") + ": an upgrade never goes back") in errors[0]
+    assert "shared.migrations downgrade" not in errors[0]
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == current
+    assert _schema(url) == schema
+
+
+@pytest.mark.parametrize("target, exit_code, answer", [
+    ("@head", 0, None), ("0014@head", 0, None),
+    ("0010@+1", 1, "Relative revision +1 didn't produce 1 migrations"),
+    ("@+1", 1, "Can't locate revision identified by '+1'")],
+    ids=["@head", "0014@head", "0010@+1", "@+1"])
+def test_an_upgrade_to_a_target_of_branch_syntax_is_answered_as_alembic_answers_it(
+        infrastructure, target, exit_code, answer):
+    """Targets of alembic's branch syntax, at the head: the check for an upgrade going back read
+    them as alembic's revision map does not (an AssertionError, a traceback). They are answered
+    as alembic's upgrade answers them: the head's own, doing nothing; the others in a line."""
+    url = _database_url(infrastructure, f"upgrade-{_spelt(target)}", "orders")
+    ensure_database(url)
+    command.upgrade(alembic_config("orders", url), "head")
+    head, schema = _scalar(url, "SELECT version_num FROM alembic_version"), _schema(url)
+
+    migrating = _migrate_by_hand("orders", url, "upgrade", "orders", target)
+    assert migrating.returncode == exit_code, migrating.stderr
+    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
+    assert errors == ([f"ERROR shared.migrations: {answer}"] if answer else []), migrating.stderr
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == head
+    assert _schema(url) == schema
+
+
+def test_a_downgrade_to_a_relative_revision_is_refused_before_any_revision_goes_down(
+        infrastructure):
+    """`downgrade orders 0006+1` is a downgrade to 0007, below the outbox parking revision: its
+    refusal, while a row lies parked, is asked before any revision goes down, as it is for
+    `downgrade orders 0007`. Read as no revision, the target went unasked, and the revisions
+    above the parking one went down, each committed, before the parking one refused."""
+    url = _database_url(infrastructure, "downgrade-relative", "orders")
+    ensure_database(url)
+    command.upgrade(alembic_config("orders", url), "head")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
+            " last_error, parked_at) VALUES ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11', 'topic',"
+            " 'u-1', 'PaymentRequested', '{}', 1, 'too large', now())")
+    connection.close()
+    head, schema = _scalar(url, "SELECT version_num FROM alembic_version"), _schema(url)
+
+    migrating = _migrate_by_hand("orders", url, "downgrade", "orders", "0006+1")
+    assert migrating.returncode == 1, migrating.stderr
+    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
+    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
+    assert "1 outbox row(s) lie parked" in errors[0] and "nothing was downgraded" in errors[0]
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == head
+    assert _schema(url) == schema
 
 
 def test_a_revision_that_is_no_release_of_the_services_is_refused_in_one_line(infrastructure):
