@@ -7,7 +7,8 @@ missing, then upgrade (or, by hand, downgrade).
 
 An upgrade never goes back: one to a target that alembic reads as a revision older than the
 database's (one named outright, `base`, or one relative to a revision, `head-1`, or to the
-database's, `-1`) is refused (a downgrade goes back).
+database's, `-1`) is refused (a downgrade goes back); so, on a database a later release migrated,
+is one to any revision of this release's but its head (below).
 
 Each service keeps its revisions in `<service>_app/migrations/versions`; an advisory lock lets
 several processes start at once without running the same migration twice. Each revision runs in a
@@ -20,10 +21,11 @@ holds; the revision is then rolled back, and `upgrade` tries it again after a pa
 
 Rolling back: a database a later release migrated is at a revision this release does not know.
 Each release's revisions leave a schema the release before runs on (it runs on during a rolling
-upgrade), so `upgrade` leaves such a schema as it is, says so, and returns: the release before
-starts. Revisions are numbered in order (0001, 0002, ...), which is how it tells a later release's
-revision (numbered past this release's head) from one that is no revision of the service's at all,
-which it refuses.
+upgrade), so `upgrade` to this release's head (what `upgrade SERVICE` asks) leaves such a schema
+as it is, says so, and returns: the release before starts; one to another of this release's
+revisions, every one older than the database's, is refused. Revisions are numbered in order (0001,
+0002, ...), which is how it tells a later release's revision (numbered past this release's head)
+from one that is no revision of the service's at all, which it refuses.
 """
 
 from __future__ import annotations
@@ -167,9 +169,12 @@ def upgrade(service: str, revision: str = "head") -> None:
     it as it is (see the module's docstring). Refused, the database untouched, when alembic reads
     `revision` as older than the database's (_refuse_going_back)."""
     def upgrade_to(config: Config, conn: sa.Connection) -> None:
-        if _left_by_a_later_release(service, config, conn):
+        current = _current_revisions(conn)
+        later = _a_later_releases(service, config, current)
+        _refuse_going_back(service, config, current, later, revision)
+        if later:
+            _say_left_as_a_later_release_left_it(service, config, later)
             return
-        _refuse_going_back(service, config, conn, revision)
         _giving_way_to_locks(conn, lambda: command.upgrade(config, revision))
 
     _migrate(service, upgrade_to, create_if_missing=True)
@@ -186,14 +191,21 @@ def downgrade(service: str, revision: str) -> None:
     _migrate(service, downgrade_to)
 
 
-def _revisions_down_to(config: Config, conn: sa.Connection, target: str) -> list[Script]:
-    """The revisions a downgrade from the database's revision to `target` goes down through, the
-    database's first, `target` read as alembic's downgrade reads it: a revision, `base`, or one
-    relative to a revision (`head-1`, `0010+1`) or to the database's (`-1`). None when `target`
-    is the database's revision or a later one, or when alembic reads no way down to it (it says
-    why itself, as it runs)."""
+def _current_revisions(conn: sa.Connection) -> tuple[str, ...]:
+    """The database's revisions (under the migration lock: another release's `upgrade` may be
+    running)."""
     current = MigrationContext.configure(conn).get_current_heads()
     conn.commit()  # (no transaction left open: each revision runs in one of its own)
+    return current
+
+
+def _revisions_down_to(config: Config, current: tuple[str, ...],
+                       target: str) -> list[Script]:
+    """The revisions a downgrade from the `current` revisions to `target` goes down through,
+    `current`'s first, `target` read as alembic's downgrade reads it: a revision, `base`, or one
+    relative to a revision (`head-1`, `0010+1`) or to `current` (`-1`). None when `target` is
+    `current` or a later revision, or when alembic reads no way down to it (it says why itself,
+    as it runs)."""
     try:
         return list(ScriptDirectory.from_config(config).iterate_revisions(
             current, target, select_for_downgrade=True))
@@ -203,22 +215,35 @@ def _revisions_down_to(config: Config, conn: sa.Connection, target: str) -> list
         return []
 
 
-def _refuse_going_back(service: str, config: Config, conn: sa.Connection, target: str) -> None:
+def _refuse_going_back(service: str, config: Config, current: tuple[str, ...],
+                       later: tuple[str, ...], target: str) -> None:
     """Refuse an upgrade to a target a downgrade would go down to, older than the database's
     revision: alembic's upgrade does nothing and succeeds, which told the operator who meant to
     go back that the database was there (and `-1`, which it reads as no upgrade, it refuses in
-    its own words). The downgrade that goes back is named when `target` names its revision
-    outright: not `base`, which drops every table, nor a relative one."""
-    going_down = _revisions_down_to(config, conn, target)
+    its own words). At a `later` release's revision, past every one of this release's, a target
+    is read as from this release's head: any revision of this release's but the head goes back
+    (the head itself, what `upgrade SERVICE` asks, leaves the schema as the later release left
+    it). The downgrade that
+    goes back is named when `target` names its revision outright: not `base`, which drops every
+    table, nor a relative one; at a later release's revision, run with that release's image."""
+    head = ScriptDirectory.from_config(config).get_current_head()
+    going_down = _revisions_down_to(config, (head,) if later else current, target)
     if not going_down:
         return
     back_to = going_down[-1].down_revision or "base"
+    at = f"{', '.join(later)}, a later release's" if later else going_down[0].revision
+    # (What a target relative to the database's revision, `-1`, stands for at a later release's
+    # revision, this release cannot tell.)
+    stands_for = "" if target == back_to or later else f" ({back_to})"
+    downgrade_named = ""
+    if target == back_to != "base":
+        downgrade_named = (
+            f". To take the database back to {target}: python -m shared.migrations downgrade"
+            f" {service} {target}" + (f", run with the later release's image (this one does not"
+                                      f" know revision {', '.join(later)})" if later else ""))
     raise NotAnUpgrade(
-        f"the {service} database is at revision {going_down[0].revision}, later than {target}"
-        + ("" if target == back_to else f" ({back_to})")
-        + ": an upgrade never goes back, and nothing was changed"
-        + (f". To take the database back to {target}: python -m shared.migrations downgrade"
-           f" {service} {target}" if target == back_to != "base" else ""))
+        f"the {service} database is at revision {at}, later than {target}{stands_for}: an upgrade"
+        f" never goes back, and nothing was changed{downgrade_named}")
 
 
 def _refuse_what_a_revision_going_down_would(config: Config, conn: sa.Connection,
@@ -228,7 +253,7 @@ def _refuse_what_a_revision_going_down_would(config: Config, conn: sa.Connection
     revision runs in a transaction of its own, so one refusing in the middle of the way left the
     revisions above it gone down and committed. (It asks again as it goes down, under its
     table's lock; nothing else migrates between the two, the migration lock held.)"""
-    going_down = _revisions_down_to(config, conn, target)
+    going_down = _revisions_down_to(config, _current_revisions(conn), target)
     try:
         for script_revision in going_down:
             refusal = getattr(script_revision.module, "refuse_downgrade", None)
@@ -300,31 +325,33 @@ def _refuse_another_services_database(service: str, conn: sa.Connection) -> None
             f" has no {_OWN_TABLES[service]} table: it is another service's; nothing was changed")
 
 
-def _left_by_a_later_release(service: str, config: Config, conn: sa.Connection) -> bool:
-    """Whether the database is at a revision of a later release, said in a WARNING; refuses a
-    revision that is neither this release's nor numbered past its head. Read under the migration
-    lock: a later release's `upgrade` may be running."""
-    current = MigrationContext.configure(conn).get_current_heads()
-    conn.commit()  # (no transaction left open: each revision runs in one of its own)
+def _a_later_releases(service: str, config: Config,
+                      current: tuple[str, ...]) -> tuple[str, ...]:
+    """The database's revisions this release does not know, a later release's (numbered past its
+    head): none when it knows them all; refuses a revision that is neither this release's nor
+    numbered past its head."""
     script = ScriptDirectory.from_config(config)
     known = {script_revision.revision for script_revision in script.walk_revisions()}
-    unknown = [revision for revision in current if revision not in known]
-    if not unknown:
-        return False
+    unknown = tuple(revision for revision in current if revision not in known)
     head = script.get_current_head()
     if not all(_numbered_past(rev, head) for rev in unknown):
         raise UnknownRevision(
             f"the {service} database is at revision {', '.join(unknown)}, which is no revision of"
             f" the {service} service's, this release's (up to {head}) or a later one's (numbered"
             f" past {head}): is this the {service} database?")
+    return unknown
+
+
+def _say_left_as_a_later_release_left_it(service: str, config: Config,
+                                         later: tuple[str, ...]) -> None:
+    head = ScriptDirectory.from_config(config).get_current_head()
     log.warning(
         "the %s database is at revision %s, which this release (up to %s) does not know: a later"
         " release's. Its schema is left as it is: each release's revisions leave one that the"
         " release just before it runs on, no older one. If this release is further back, stop it"
         " and downgrade the database with the later release's image first"
         " (python -m shared.migrations downgrade %s %s)",
-        service, ", ".join(unknown), head, service, head)
-    return True
+        service, ", ".join(later), head, service, head)
 
 
 def _numbered_past(revision: str, head: str) -> bool:

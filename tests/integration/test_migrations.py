@@ -767,6 +767,44 @@ def test_the_release_before_starts_on_a_database_a_later_release_migrated(infras
     assert _scalar(url, "SELECT version_num FROM alembic_version") == below
 
 
+@pytest.mark.parametrize("target", ["0010", "head-1"])
+def test_an_upgrade_to_an_older_revision_of_a_database_a_later_release_migrated_is_refused(
+        infrastructure, target):
+    """At a later release's revision, past every one of this release's, an upgrade to any target
+    but this release's head goes back: it is refused in one line, nothing changed, naming for a
+    revision named outright the downgrade to run with the later release's image; where it said
+    only the later release's WARNING, and exited 0. To this release's head, named or not (what
+    each `*-migrate` asks), it leaves the schema with that WARNING, and exits 0."""
+    url = _database_url(infrastructure, f"later-back-{_spelt(target)}", "orders")
+    ensure_database(url)
+    config = alembic_config("orders", url)
+    command.upgrade(config, "head")
+    head = ScriptDirectory.from_config(config).get_current_head()
+    later = f"{int(head) + 1:04d}"
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("UPDATE alembic_version SET version_num = %s", (later,))
+    connection.close()
+    schema = _schema(url)
+
+    migrating = _migrate_by_hand("orders", url, "upgrade", "orders", target)
+    assert migrating.returncode == 1, migrating.stderr
+    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
+    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
+    assert (f"the orders database is at revision {later}, a later release's, later than {target}:"
+            " an upgrade never goes back, and nothing was changed") in errors[0]
+    assert (("python -m shared.migrations downgrade orders 0010, run with the later release's"
+             " image") in errors[0]) == (target == "0010")
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == later
+    assert _schema(url) == schema
+
+    migrating = _migrate_by_hand("orders", url, "upgrade", "orders", head)
+    assert migrating.returncode == 0, migrating.stderr
+    said = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
+    assert len(said) == 1 and said[0].startswith("WARNING"), migrating.stderr
+    assert f"the orders database is at revision {later}, which this release" in said[0]
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == later
+
+
 def test_a_database_behind_this_release_is_upgraded_as_before(infrastructure):
     url = _database_url(infrastructure, "behind", "gateway")
     ensure_database(url)
