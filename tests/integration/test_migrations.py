@@ -308,6 +308,37 @@ def test_a_downgrade_through_the_envelope_version_is_refused_before_any_revision
     assert _schema(url) == schema
 
 
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_envelope_versions_own_step_refuses_under_its_lock_what_was_asked_before(
+        infrastructure, service):
+    """The envelope_version revision's own downgrade step asks again, under the inbox's lock,
+    what shared.migrations asks before any revision goes down (a message might be stored in
+    between): run by alembic alone, without that first question, the step refuses, and its
+    revision stays, the inbox as it was."""
+    url = _database_url(infrastructure, "envelope-version-step", service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    command.upgrade(config, "head")
+    head = _scalar(url, "SELECT version_num FROM alembic_version")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO inbox_messages (message_id, topic, partition, \"offset\", type,"
+            " envelope_version, payload, parked_at) VALUES"
+            " ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11', 'topic', 0, 0, 'PaymentRefunded', 2,"
+            "  '{}', now())")
+    connection.close()
+    schema = _schema(url)
+
+    before = "0014" if service == "gateway" else "0013"
+    with pytest.raises(DowngradeRefused) as refused:
+        command.downgrade(config, before)
+    assert str(refused.value).startswith("1 inbox message(s) of an envelope version other than 1")
+    assert str(refused.value).endswith("the database stays at the revision that keeps envelope"
+                                       " versions, with the messages as they were")
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == head
+    assert _schema(url) == schema
+
+
 # Each service's revision that parks outbox rows (parked_at), and the one below it.
 OUTBOX_PARKING = {"orders": ("0008", "0007"), "payments": ("0008", "0007"),
                   "gateway": ("0007", "0006")}
@@ -358,6 +389,36 @@ def test_the_outbox_parkings_downgrade_waits_for_the_parked_rows_the_release_bef
     assert _scalar(url, "SELECT version_num FROM alembic_version") == before
     assert _scalar(url, "SELECT count(*) FROM outbox_messages") == 1
     command.upgrade(config, "head")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_outbox_parkings_own_step_refuses_under_its_lock_what_was_asked_before(
+        infrastructure, service):
+    """The parking revision's own downgrade step asks again, under the outbox's lock, what
+    shared.migrations asks before any revision goes down (a row might be parked in between): run
+    by alembic alone, without that first question, the step refuses, and its revision stays, the
+    outbox as it was."""
+    url = _database_url(infrastructure, "outbox-parking-step", service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    parking, before = OUTBOX_PARKING[service]
+    command.upgrade(config, parking)
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
+            " last_error, parked_at) VALUES ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11', 'topic',"
+            " 'u-1', 'PaymentRequested', '{}', 1, 'too large', now())")
+    connection.close()
+    schema = _schema(url)
+
+    with pytest.raises(DowngradeRefused) as refused:
+        command.downgrade(config, before)
+    assert str(refused.value).startswith("1 outbox row(s) lie parked")
+    assert str(refused.value).endswith("the database stays at the revision that parks rows, with"
+                                       " the rows as they were")
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == parking
+    assert _schema(url) == schema
+    assert _scalar(url, "SELECT count(*) FROM outbox_messages WHERE parked_at IS NOT NULL") == 1
 
 
 # A first answer as the release before kept it, in jsonb only (every service's).
