@@ -140,8 +140,11 @@ def refuse_while_inbox_messages_await_of_another_version(
         raise DowngradeRefused(
             f"{waiting} inbox message(s) of an envelope version other than 1 await handling or lie"
             " parked with their payload: the release before reads every message as version 1 and"
-            " would hand them to their handlers so. Let them be handled first, or give up on them"
-            f" (python -m tasks.parked list/discard), then downgrade again; {left_as}")
+            " would hand them to their handlers so. With this release's shop running, let those"
+            " awaiting handling be handled, and give up on the parked ones (python -m tasks.parked"
+            " discard SERVICE ID [ID ...], or --all for every parked message; `python -m"
+            " tasks.parked list SERVICE` shows them), then stop the shop and downgrade again;"
+            f" {left_as}")
 
 
 def create_index_concurrently(name: str, table: str, columns: list[str],

@@ -238,6 +238,10 @@ def test_the_envelope_versions_downgrade_waits_for_the_messages_the_release_befo
     assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
     assert ("1 inbox message(s) of an envelope version other than 1 await handling or lie parked"
             " with their payload") in errors[0]
+    # The way out, in commands to run, the shop stopped before the downgrade (as the parking's).
+    assert "python -m tasks.parked discard SERVICE ID [ID ...], or --all" in errors[0]
+    assert "python -m tasks.parked list SERVICE` shows them" in errors[0]
+    assert "then stop the shop and downgrade again; nothing was downgraded" in errors[0]
     assert _schema(url) == schema
 
     with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
