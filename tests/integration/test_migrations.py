@@ -180,6 +180,10 @@ def test_an_operators_parked_messages_are_read_through_an_index_of_the_parked_ro
     command.upgrade(config, "head")
 
 
+# Each service's revision below the one that keeps inbox messages' envelope versions.
+BELOW_THE_ENVELOPE_VERSION = {"orders": "0013", "payments": "0013", "gateway": "0014"}
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_inbox_rows_keep_their_envelope_version_those_of_before_version_1(infrastructure,
                                                                             service):
@@ -189,7 +193,7 @@ def test_inbox_rows_keep_their_envelope_version_those_of_before_version_1(infras
     url = _database_url(infrastructure, "envelope-version", service)
     ensure_database(url)
     config = alembic_config(service, url)
-    before = "0014" if service == "gateway" else "0013"
+    before = BELOW_THE_ENVELOPE_VERSION[service]
     command.upgrade(config, before)
     inbox_before = _table_definition(url, "inbox_messages")
     with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
@@ -219,7 +223,7 @@ def test_the_envelope_versions_downgrade_waits_for_the_messages_the_release_befo
     ensure_database(url)
     config = alembic_config(service, url)
     command.upgrade(config, "head")
-    before = "0014" if service == "gateway" else "0013"
+    before = BELOW_THE_ENVELOPE_VERSION[service]
     with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
         cursor.execute(
             "INSERT INTO inbox_messages (message_id, topic, partition, \"offset\", type,"
@@ -294,16 +298,10 @@ def test_a_downgrade_through_the_envelope_version_is_refused_before_any_revision
     settings = load_settings({f"{service.upper()}_DATABASE_URL": url})
     monkeypatch.setattr(shared.migrations, "get_settings", lambda: settings)
     upgrade(service)
-    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO inbox_messages (message_id, topic, partition, \"offset\", type,"
-            " envelope_version, payload, parked_at) VALUES"
-            " ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11', 'topic', 0, 0, 'PaymentRefunded', 2,"
-            "  '{}', now())")
-    connection.close()
+    _park_a_version_2_message_with_its_payload(url)
     schema = _schema(url)
 
-    before = "0014" if service == "gateway" else "0013"
+    before = BELOW_THE_ENVELOPE_VERSION[service]
     with pytest.raises(DowngradeRefused) as refused:
         downgrade(service, before)
     assert str(refused.value).startswith("1 inbox message(s) of an envelope version other than 1")
@@ -324,16 +322,10 @@ def test_the_envelope_versions_own_step_refuses_under_its_lock_what_was_asked_be
     config = alembic_config(service, url)
     command.upgrade(config, "head")
     head = _scalar(url, "SELECT version_num FROM alembic_version")
-    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO inbox_messages (message_id, topic, partition, \"offset\", type,"
-            " envelope_version, payload, parked_at) VALUES"
-            " ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11', 'topic', 0, 0, 'PaymentRefunded', 2,"
-            "  '{}', now())")
-    connection.close()
+    _park_a_version_2_message_with_its_payload(url)
     schema = _schema(url)
 
-    before = "0014" if service == "gateway" else "0013"
+    before = BELOW_THE_ENVELOPE_VERSION[service]
     with pytest.raises(DowngradeRefused) as refused:
         command.downgrade(config, before)
     assert str(refused.value).startswith("1 inbox message(s) of an envelope version other than 1")
@@ -407,12 +399,7 @@ def test_the_outbox_parkings_own_step_refuses_under_its_lock_what_was_asked_befo
     config = alembic_config(service, url)
     parking, before = OUTBOX_PARKING[service]
     command.upgrade(config, parking)
-    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
-            " last_error, parked_at) VALUES ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11', 'topic',"
-            " 'u-1', 'PaymentRequested', '{}', 1, 'too large', now())")
-    connection.close()
+    _park_an_outbox_row(url)
     schema = _schema(url)
 
     with pytest.raises(DowngradeRefused) as refused:
@@ -530,6 +517,28 @@ def _database_url(infrastructure, layer: str, service: str) -> str:
 def _inbox_row(cursor) -> None:
     cursor.execute("INSERT INTO inbox_messages (message_id, topic, partition, \"offset\")"
                    " VALUES (gen_random_uuid(), 'topic', 0, 0)")
+
+
+def _park_a_version_2_message_with_its_payload(url: str) -> None:
+    """An inbox message of envelope version 2, parked with its payload (by a release that knew
+    the version): one the release before the envelope_version revision would misread."""
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO inbox_messages (message_id, topic, partition, \"offset\", type,"
+            " envelope_version, payload, parked_at) VALUES"
+            " ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11', 'topic', 0, 0, 'PaymentRefunded', 2,"
+            "  '{}', now())")
+    connection.close()
+
+
+def _park_an_outbox_row(url: str) -> None:
+    """An outbox row parked as too large ever to be sent."""
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
+            " last_error, parked_at) VALUES ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11', 'topic',"
+            " 'u-1', 'PaymentRequested', '{}', 1, 'too large', now())")
+    connection.close()
 
 
 def _table_definition(url: str, table: str) -> dict[str, list]:
@@ -963,12 +972,7 @@ def test_a_downgrade_to_a_relative_revision_is_refused_before_any_revision_goes_
     url = _database_url(infrastructure, "downgrade-relative", "orders")
     ensure_database(url)
     command.upgrade(alembic_config("orders", url), "head")
-    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
-            " last_error, parked_at) VALUES ('6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11', 'topic',"
-            " 'u-1', 'PaymentRequested', '{}', 1, 'too large', now())")
-    connection.close()
+    _park_an_outbox_row(url)
     head, schema = _scalar(url, "SELECT version_num FROM alembic_version"), _schema(url)
 
     migrating = _migrate_by_hand("orders", url, "downgrade", "orders", "0006+1")
