@@ -223,9 +223,9 @@ def _refuse_going_back(service: str, config: Config, current: tuple[str, ...],
     its own words). At a `later` release's revision, past every one of this release's, a target
     is read as from this release's head: any revision of this release's but the head goes back
     (the head itself, what `upgrade SERVICE` asks, leaves the schema as the later release left
-    it). The downgrade that
-    goes back is named when `target` names its revision outright: not `base`, which drops every
-    table, nor a relative one; at a later release's revision, run with that release's image."""
+    it). The downgrade that goes back is named when `target` names its revision outright: not
+    `base`, which drops every table, nor a relative one; at a later release's revision, run with
+    that release's image."""
     head = ScriptDirectory.from_config(config).get_current_head()
     going_down = _revisions_down_to(config, (head,) if later else current, target)
     if not going_down:
