@@ -12,6 +12,7 @@ from shared.inbox.handling import Handler, PermanentMessageError, ReceivedEvent
 def on_payment_results(session: Session, events: list[ReceivedEvent]) -> None:
     """Settle the orders that PaymentSucceeded and PaymentFailed events answer."""
     results = [PaymentResult(order_id=event.payload["order_id"], user_id=event.payload["user_id"],
+                             amount=event.payload["amount"],
                              succeeded=event.message.type == PAYMENT_SUCCEEDED,
                              reason=event.payload.get("reason"),
                              request_id=event.message.request_id)
@@ -19,7 +20,7 @@ def on_payment_results(session: Session, events: list[ReceivedEvent]) -> None:
     try:
         apply_payment_results(session, results)
     except UnknownOrder as exc:  # not a KeyError of a bug, say: that one is retried
-        raise PermanentMessageError(f"payment result for an unknown order: {exc}") from None
+        raise PermanentMessageError(f"payment result that matches no order: {exc}") from None
 
 
 # One handler for both results, so a batch mixing them is settled in one run.

@@ -154,22 +154,25 @@ class PaymentResult:
 
     order_id: uuid.UUID
     user_id: str
+    amount: Decimal
     succeeded: bool
     reason: str | None = None
     request_id: str | None = None
 
 
 class UnknownOrder(LookupError):
-    """A payment result names an order that does not exist, or not of the user it names."""
+    """A payment result names no order as it stands: none of its id, or one of another user or
+    another amount (what was paid, or refused, is not what the order asks)."""
 
 
 def apply_payment_results(session: Session, results: list[PaymentResult]) -> list[Order]:
     """Move each NEW order to FINISHED or CANCELLED, in the order given; a final order never
     changes again. Returns the orders that changed (detached from the session).
 
-    Raises UnknownOrder, and changes nothing, when an order is not the named user's or does not
-    exist. However many results, two statements: lock the orders (in id order, so batches
-    running at once never deadlock) and settle the ones that change.
+    Raises UnknownOrder, and changes nothing, when an order does not exist, or is not the named
+    user's or not of the amount named (a payment of another amount does not pay it). However
+    many results, two statements: lock the orders (in id order, so batches running at once never
+    deadlock) and settle the ones that change.
     """
     if not results:
         return []
@@ -183,6 +186,9 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
         order = orders.get(result.order_id)
         if order is None or order.user_id != result.user_id:
             raise UnknownOrder(f"no order {result.order_id} of user {result.user_id}")
+        if order.amount != result.amount:
+            raise UnknownOrder(f"order {result.order_id} is of {order.amount}, not"
+                               f" {result.amount}")
         if order.is_final:
             continue
         order.status = FINISHED if result.succeeded else CANCELLED

@@ -255,8 +255,8 @@ def test_placing_and_settling_orders_invalidate_the_cached_orders(orders_flask_a
     with orders_flask_app.app_context():
         with transaction() as session:
             orders.apply_payment_results(session, [orders.PaymentResult(
-                order_id=uuid.UUID(order["id"]), user_id=user_id, succeeded=False,
-                reason="NO_ACCOUNT")])
+                order_id=uuid.UUID(order["id"]), user_id=user_id, amount=Decimal("3.00"),
+                succeeded=False, reason="NO_ACCOUNT")])
     settled = client.get(f"/orders/{order['id']}", signed_as=user_id).get_json()
     assert (settled["status"], settled["reason"]) == ("CANCELLED", "NO_ACCOUNT")
     listed = client.get("/orders", signed_as=user_id).get_json()["items"]

@@ -8,15 +8,24 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import select
 
+import orders_app
 from orders_app import service
 from orders_app.models import Order
-from shared.db import db, transaction
+from shared.contracts import PAYMENT_FAILED, PAYMENT_SUCCEEDED, new_event
+from shared.db import db, driver_dsn, transaction
+from shared.inbox.handling import Outcome, process_inbox_message
+from shared.inbox.model import InboxMessage
+from shared.inbox.storing import ConsumedRecord
+from shared.inbox_consumer import StoreOnOwnConnection
 from shared.outbox.writing import OutboxMessage
+
+
+FIVE = Decimal("5.00")  # (every order _placed's)
 
 
 def _placed(user_id: str, count: int) -> list[uuid.UUID]:
     with transaction() as session:
-        return [service.place_order(session, user_id=user_id, amount=Decimal("5.00"),
+        return [service.place_order(session, user_id=user_id, amount=FIVE,
                                     description="").id for _ in range(count)]
 
 
@@ -29,12 +38,13 @@ def _statuses(order_ids) -> list[tuple[str, str | None]]:
 def test_a_batch_of_results_settles_each_order_once_and_announces_it(in_orders, user_id):
     paid, refused, paid_twice = _placed(user_id, 3)
     results = [
-        service.PaymentResult(order_id=paid, user_id=user_id, succeeded=True,
+        service.PaymentResult(order_id=paid, user_id=user_id, amount=FIVE, succeeded=True,
                               request_id="request-paid"),
-        service.PaymentResult(order_id=refused, user_id=user_id, succeeded=False,
+        service.PaymentResult(order_id=refused, user_id=user_id, amount=FIVE, succeeded=False,
                               reason="INSUFFICIENT_FUNDS", request_id="request-refused"),
-        service.PaymentResult(order_id=paid_twice, user_id=user_id, succeeded=True),
-        service.PaymentResult(order_id=paid_twice, user_id=user_id, succeeded=False,
+        service.PaymentResult(order_id=paid_twice, user_id=user_id, amount=FIVE,
+                              succeeded=True),
+        service.PaymentResult(order_id=paid_twice, user_id=user_id, amount=FIVE, succeeded=False,
                               reason="NO_ACCOUNT"),
     ]
     with transaction() as session:
@@ -58,13 +68,53 @@ def test_a_batch_of_results_settles_each_order_once_and_announces_it(in_orders, 
 
 def test_a_result_for_an_order_that_is_not_the_users_changes_nothing(in_orders, user_id):
     (order_id,) = _placed(user_id, 1)
-    results = [service.PaymentResult(order_id=order_id, user_id=user_id, succeeded=True),
-               service.PaymentResult(order_id=uuid.uuid4(), user_id=user_id, succeeded=True)]
+    results = [service.PaymentResult(order_id=order_id, user_id=user_id, amount=FIVE,
+                                     succeeded=True),
+               service.PaymentResult(order_id=uuid.uuid4(), user_id=user_id, amount=FIVE,
+                                     succeeded=True)]
     with pytest.raises(service.UnknownOrder):
         with transaction() as session:
             service.apply_payment_results(session, results)
     with pytest.raises(service.UnknownOrder):
         with transaction() as session:
             service.apply_payment_results(session, [service.PaymentResult(
-                order_id=order_id, user_id=f"{user_id}-else", succeeded=True)])
+                order_id=order_id, user_id=f"{user_id}-else", amount=FIVE, succeeded=True)])
     assert _statuses([order_id]) == [("NEW", None)]
+
+
+
+@pytest.mark.parametrize("paid", [Decimal("0.01"), Decimal("50.00")])
+def test_a_result_for_another_amount_than_the_orders_is_parked_and_changes_nothing(
+        in_orders, settings, user_id, paid):
+    """A payment of another amount does not pay the order (nor does its refusal say the order's
+    own would fail): the order stays NEW, nothing is announced, the message is parked."""
+    (order_id,) = _placed(user_id, 1)
+    result = {"order_id": order_id, "user_id": user_id, "amount": paid}
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url("orders")))
+    try:  # (stored as the orders inbox consumer stores what it reads)
+        stored = store([
+            _result_record(new_event(PAYMENT_SUCCEEDED, result, None)),
+            _result_record(new_event(PAYMENT_FAILED, result | {"reason": "INSUFFICIENT_FUNDS"},
+                                     None))])
+    finally:
+        store.close()
+    for message_id in stored:
+        with transaction() as session:
+            assert process_inbox_message(session, message_id, orders_app.message_handlers()) \
+                == Outcome.PARKED
+        assert f"{order_id} is of 5.00, not {paid}" in \
+            db.session.get(InboxMessage, message_id).last_error
+    assert _statuses([order_id]) == [("NEW", None)]
+    assert db.session.scalars(select(OutboxMessage.id).where(
+        OutboxMessage.type == "OrderStatusChanged",
+        OutboxMessage.correlation_id == str(order_id))).all() == []
+
+
+_offsets = iter(range(10**9))
+
+
+def _result_record(event) -> ConsumedRecord:
+    """A payment result as the orders inbox consumer reads it from its topic (keyed by user)."""
+    return ConsumedRecord("test-payment-results", 0, next(_offsets),
+                          event.payload["user_id"].encode(), event.to_wire().encode(),
+                          {"message_id": str(event.message_id).encode()})
