@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar, Token
 
 from flask import Flask, request
 
@@ -24,11 +24,14 @@ SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 _ESCAPED_IN_LOGS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))} | {
     code: f"\\u{code:04x}" for code in (0x2028, 0x2029)}
 
-_current: ContextVar[str | None] = ContextVar("hseshop_request_id", default=None)
+# The request id bound, or, while messages of several are handled together, their ids (a tuple):
+# the log's alone, a message written meanwhile answering no one of those requests.
+_current: ContextVar[str | tuple[str, ...] | None] = ContextVar("hseshop_request_id", default=None)
 
 
 def current_request_id() -> str | None:
-    return _current.get()
+    bound = _current.get()
+    return bound if isinstance(bound, str) else None
 
 
 def sane_request_id(candidate: str | None) -> str:
@@ -46,13 +49,36 @@ def escaped_in_logs(text: str) -> str:
     return text.translate(_ESCAPED_IN_LOGS)
 
 
+def request_id_bound(request_id: str | None) -> AbstractContextManager[None]:
+    return _bound(request_id)
+
+
+def request_ids_bound(request_ids: Iterable[str | None]) -> AbstractContextManager[None]:
+    """Bind the request ids of messages handled together (a run of a batch given to its handler
+    at once, a batch that failed): one they all share as request_id_bound does; several for the
+    log alone, each once, comma-separated (a sane id holds no comma), current_request_id() giving
+    none of them."""
+    distinct = list(dict.fromkeys(request_ids))
+    return _bound(distinct[0] if len(distinct) == 1 else tuple(filter(None, distinct)))
+
+
 @contextmanager
-def request_id_bound(request_id: str | None) -> Iterator[None]:
-    token = _current.set(request_id)
+def _bound(bound: str | tuple[str, ...] | None) -> Iterator[None]:
+    token = _current.set(bound)
     try:
         yield
     finally:
         _current.reset(token)
+
+
+def bind_request_id(request_id: str | None) -> Token:
+    """Bind `request_id` until unbind_request_id is given the token: for a span no `with` holds
+    (an HTTP request's, a Celery task's run with the lines Celery writes once its body is done)."""
+    return _current.set(request_id)
+
+
+def unbind_request_id(token: Token) -> None:
+    _current.reset(token)
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [request_id=%(request_id)s] %(message)s"
@@ -62,7 +88,8 @@ class RequestIdLogFilter(logging.Filter):
     """Adds `request_id` to every log record, so formats can show it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = _current.get() or "-"
+        bound = _current.get()
+        record.request_id = (",".join(bound) if isinstance(bound, tuple) else bound) or "-"
         return True
 
 
@@ -89,12 +116,12 @@ def install_request_ids(app: Flask) -> None:
 
     @app.before_request
     def _bind_request_id():
-        request.environ["hseshop.request_id_token"] = _current.set(
+        request.environ["hseshop.request_id_token"] = bind_request_id(
             sane_request_id(request.headers.get(REQUEST_ID_HEADER)))
 
     @app.after_request
     def _echo_request_id(response):
-        request_id = _current.get()
+        request_id = current_request_id()
         if request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
         log.info("%s %s -> %s", request.method, escaped_in_logs(request.path),
@@ -105,4 +132,4 @@ def install_request_ids(app: Flask) -> None:
     def _unbind_request_id(_exc):
         token = request.environ.pop("hseshop.request_id_token", None)
         if token is not None:
-            _current.reset(token)
+            unbind_request_id(token)

@@ -22,12 +22,12 @@ from flask import current_app
 from shared.config import SERVICES
 from shared.db import (DatabaseOutageLog, connection_lost, held_up_by_a_lock, said_in_a_line,
                        transaction)
-from shared.inbox.handling import (ConnectionLostInHandler, handle_locked_message,
+from shared.inbox.handling import (ConnectionLostInHandler, StoredMessage, handle_locked_message,
                                    handle_locked_messages_at_once, lock_in_order, note_try_begun,
                                    process_inbox_message, record_failed_attempt)
 from shared.inbox.pruning import prune_handled_messages
 from shared.inbox.sweeping import claim_stalled_messages
-from shared.request_context import request_id_bound
+from shared.request_context import request_id_bound, request_ids_bound
 from shared.task_queues import handler_queue
 from tasks.celery_app import app
 from tasks.retention import prune_in_transactions
@@ -115,6 +115,7 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
             outage.back()
         if ended is not None:  # parked, or handed over again: no retry of its own
             return ended.value
+        self.bind_request_id_for_the_rest_of_the_run(request_id)  # (Celery's line of the retry)
         raise self.retry(exc=exc, countdown=retry_countdown(
             self.request.retries, settings.inbox_sweep_min_age_seconds)) from exc
     outage.back()
@@ -253,14 +254,19 @@ def _handle_in_one_transaction(service: str, message_ids: list[uuid.UUID],
     connection the database dropped, in a restart, say, fails the first run alone: the second
     runs on a new one.)
     """
+    locked: list[StoredMessage] = []
     try:
         with transaction() as session:
-            handle_locked_messages_at_once(session, lock_in_order(session, message_ids), handlers)
+            locked = lock_in_order(session, message_ids)
+            handle_locked_messages_at_once(session, locked, handlers)
         return []
     except Exception as exc:
         if not _HANDLERS_DATABASE_OUTAGE[service].said_if_lost(exc):
-            log.info("%s inbox: a message of a batch of %d failed (%r); handling them again one"
-                     " by one", service, len(message_ids), exc)
+            # (Said with the request ids of them all, known once they were locked: any of them
+            # may be the one that failed.)
+            with request_ids_bound(message.request_id for message in locked):
+                log.info("%s inbox: a message of a batch of %d failed (%r); handling them again"
+                         " one by one", service, len(message_ids), exc)
     return _handle_each_in_a_savepoint(service, message_ids, handlers)
 
 

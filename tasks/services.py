@@ -1,6 +1,7 @@
 """Where tasks find a service: its package, its Flask app (one per process), its handlers, and a
 task base class that runs each task inside the app context of the service it names (and, as
-IgnoresNewerKwargs, drops the keyword arguments a newer release sends that it does not take)."""
+IgnoresNewerKwargs, drops the keyword arguments a newer release sends that it does not take), and
+can bind a request id for the rest of a task's run."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import importlib
 import threading
 from types import ModuleType
 
+from celery.signals import task_postrun, task_prerun
 from flask import Flask
 
 from shared.config import SERVICES
+from shared.request_context import bind_request_id, unbind_request_id
 from tasks.newer_kwargs import IgnoresNewerKwargs
 
 _apps: dict[str, Flask] = {}
@@ -42,3 +45,25 @@ class ServiceTask(IgnoresNewerKwargs):
     def __call__(self, service: str, *args, **kwargs):
         with service_app(service).app_context():
             return super().__call__(service, *args, **kwargs)
+
+    @staticmethod
+    def bind_request_id_for_the_rest_of_the_run(request_id: str | None) -> None:
+        """Bind `request_id` until the task's run ends, the lines Celery writes of it once the
+        body is done included (a retry's, "Task … retry: Retry in Ns: …", written after the body
+        raised it, out of reach of a `with request_id_bound`)."""
+        bind_request_id(request_id)  # (unbound by _end_the_runs_request_id)
+
+
+# A task's run begins with no request id bound, and what its body bound for the rest of it is
+# unbound as it ends, after Celery's last line of it. (The token kept on the tracer's request:
+# the body may run under a request of its own, Task.__call__'s, gone by then.)
+@task_prerun.connect
+def _begin_the_runs_request_id(task, **_signal):
+    task.request.hseshop_request_id_token = bind_request_id(None)
+
+
+@task_postrun.connect
+def _end_the_runs_request_id(task, **_signal):
+    token = getattr(task.request, "hseshop_request_id_token", None)
+    if token is not None:
+        unbind_request_id(token)

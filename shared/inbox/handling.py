@@ -19,7 +19,7 @@ from shared.db import (connection_lost, connection_lost_on, driver_cursor, held_
                        said_in_a_line)
 from shared.inbox.model import InboxMessage, utc_now
 from shared.outbox.writing import outbox_rows_written_together
-from shared.request_context import request_id_bound
+from shared.request_context import request_id_bound, request_ids_bound
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,9 @@ def handle_locked_messages_at_once(session: Session, messages: list[StoredMessag
     processed: list[uuid.UUID] = []
     with outbox_rows_written_together(session):
         for handler, events in runs:
-            handler(session, events)
+            # (What the handler says of a run is said with its messages' request ids.)
+            with request_ids_bound(event.message.request_id for event in events):
+                handler(session, events)
             for event in events:
                 with request_id_bound(event.message.request_id):
                     log.info("handled %s %s", event.message.type, event.message.message_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -33,7 +34,8 @@ from shared.inbox.model import InboxMessage, utc_now
 from shared.inbox.storing import ConsumedRecord
 from shared.inbox.sweeping import claim_stalled_messages
 from shared.outbox.writing import OutboxMessage
-from shared.request_context import REQUEST_ID_KAFKA_HEADER, log_with_request_ids
+from shared.request_context import (REQUEST_ID_KAFKA_HEADER, current_request_id,
+                                    log_with_request_ids)
 from tasks.celery_app import app as celery_app
 from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, retry_countdown,
                          sweep_inbox, tasks_waiting)
@@ -126,9 +128,75 @@ def test_every_line_logged_of_a_failing_message_carries_its_request_id(
         else:
             handle_inbox_message.apply(args=("payments", str(message_id)))
     assert _row(message_id).parked_at is not None
-    lines = [line for line in written.getvalue().splitlines() if str(message_id) in line]
+    # Its lines: those naming it, and those of its task or batch, which name the task (Celery's
+    # of a retry) or no message (a batch failing).
+    lines = [line for line in written.getvalue().splitlines()
+             if str(message_id) in line or " retry: Retry in " in line
+             or "a message of a batch of" in line]
     assert any("parked" in line for line in lines), lines
+    if how.startswith("its own task"):
+        assert any(" retry: Retry in " in line for line in lines), lines
+    if how.startswith("a batch"):
+        assert any("a message of a batch of 1 failed" in line for line in lines), lines
     assert [line for line in lines if f"[request_id={request_id}]" not in line] == []
+
+
+def test_a_retry_sent_by_a_worker_is_said_with_its_messages_request_id_bound_no_longer(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id):
+    """Celery says the retry once the task's body is done: with the message's request id, which
+    the worker's thread keeps bound no longer than the task's run."""
+    request_id = f"click-{uuid.uuid4().hex}"
+
+    def broken(session, events):
+        raise ConnectionError("ledger unavailable")
+
+    monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: broken})
+    message_id = _stored_request(payments_inbox, user_id, request_id=request_id)
+    with _lines_logged() as written:
+        _run_as_a_worker_runs_it(handle_inbox_message, ("payments", str(message_id)))
+        logging.getLogger("tests.after_the_run").info("the run is over")
+    assert _tasks_sent() == [(handle_inbox_message.name, ["payments", str(message_id)])]
+    lines = written.getvalue().splitlines()
+    [retry] = [line for line in lines if " retry: Retry in " in line]
+    assert f"[request_id={request_id}]" in retry
+    [after] = [line for line in lines if "the run is over" in line]
+    assert "[request_id=-]" in after
+
+
+def _request_ids_on(lines: list[str], saying: str) -> list[list[str]]:
+    """The request ids written on each line saying `saying`, sorted."""
+    return [sorted(re.search(r"\[request_id=(\S+)\]", line)[1].split(","))
+            for line in lines if saying in line]
+
+
+def test_a_batchs_lines_of_several_messages_at_once_carry_the_request_ids_of_them_all(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id):
+    """What a handler says of a run of messages handled at once, and the line saying that their
+    batch failed, carry the ids of all their clicks (comma-separated: a grep for any finds them);
+    a message its handler writes meanwhile answers none of them (it gives the id of its own).
+    Handled again one by one, each message's lines carry its own."""
+    request_ids = sorted(f"click-{uuid.uuid4().hex}" for _ in range(2))
+    message_ids = [_stored_request(payments_inbox, user_id, request_id=request_id)
+                   for request_id in request_ids]
+    said, answering = logging.getLogger("tests.handler"), []
+
+    def refusing_the_second(session, events):
+        said.info("handling a run of %d", len(events))
+        answering.append(current_request_id())
+        if any(event.message.message_id == message_ids[1] for event in events):
+            raise PermanentMessageError("no such ledger")
+
+    monkeypatch.setattr(payments_app, "message_handlers",
+                        lambda: {PAYMENT_REQUESTED: refusing_the_second})
+    with _lines_logged() as written:
+        handle_inbox_batch.apply(args=("payments", [str(m) for m in message_ids]))
+    assert _row(message_ids[0]).processed_at is not None
+    assert _row(message_ids[1]).parked_at is not None
+    lines = written.getvalue().splitlines()
+    assert _request_ids_on(lines, "handling a run of 2") == [request_ids]
+    assert _request_ids_on(lines, "a message of a batch of 2 failed") == [request_ids]
+    assert sorted(_request_ids_on(lines, "handling a run of 1")) == [[r] for r in request_ids]
+    assert answering[0] is None and sorted(answering[1:]) == request_ids
 
 
 def test_a_database_outages_lines_carry_no_request_id_of_the_message_that_met_it(

@@ -7,7 +7,8 @@ import logging
 import pytest
 from flask import Flask
 
-from shared.request_context import escaped_in_logs, install_request_ids, sane_request_id
+from shared.request_context import (RequestIdLogFilter, current_request_id, escaped_in_logs,
+                                    install_request_ids, request_ids_bound, sane_request_id)
 
 
 @pytest.mark.parametrize("candidate", ["click-123456", "a.b:c_d-e" * 3])
@@ -46,3 +47,19 @@ def test_c1_controls_and_the_unicode_line_separators_are_escaped_in_a_logged_lin
     assert escaped.splitlines() == [escaped]
     assert escaped == ("/a" + "".join(f"\\x{code:02x}" for code in range(0x80, 0xA0))
                        + "\\u2028\\u2029é\u00a0b")
+
+
+@pytest.mark.parametrize("request_ids, logged, answered", [
+    (["click-1111", "click-1111"], "click-1111", "click-1111"),
+    (["click-2222", None, "click-1111", "click-2222"], "click-2222,click-1111", None),
+    ([None, None], "-", None),
+], ids=["one shared", "several, one with none", "none"])
+def test_messages_handled_together_log_each_of_their_request_ids_and_answer_one_they_share(
+        request_ids, logged, answered):
+    """A line said of them carries each id once (a grep for any finds it); a message written
+    meanwhile answers their request only if it is the one of them all."""
+    record = logging.makeLogRecord({})
+    with request_ids_bound(request_ids):
+        RequestIdLogFilter().filter(record)
+        assert current_request_id() == answered
+    assert (record.request_id, current_request_id()) == (logged, None)
