@@ -15,7 +15,7 @@ from shared.contracts import (Envelope, MalformedMessage, PayloadRefused, decode
                               knows_envelope_version)
 from shared.inbox.model import utc_now
 from shared.jsonio import dumps_exact
-from shared.request_context import REQUEST_ID_KAFKA_HEADER
+from shared.request_context import REQUEST_ID_KAFKA_HEADER, given_request_id_if_sane
 
 # Ids for records that cannot be parsed: derived from where they sit in Kafka, so a redelivery of
 # the same record maps to the same inbox row.
@@ -58,6 +58,17 @@ def _storable_text(raw: bytes | str | None, limit: int | None = None) -> str | N
     return text[:limit]
 
 
+def _request_id_given(record: ConsumedRecord) -> str | None:
+    """The record's request_id header if it is a sane id (shared.request_context), else none, as
+    for a record without one. Checked once, here, as an HTTP request's X-Request-ID and a gRPC
+    call's are where they come in: the inbox's id is the one its message's lines are logged with
+    and the one the messages its handler writes carry on, so an id of anyone's making (a comma in
+    it, written as two messages' ids are; a bracket and a line break, a log line forged) goes no
+    further. (None, not a new id as HTTP gives: a message starts no action, and one without an id
+    is stored with none.) Not cut to the column's length first: a longer id is no sane one."""
+    return given_request_id_if_sane(_storable_text(record.headers.get(REQUEST_ID_KAFKA_HEADER)))
+
+
 def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
     """The inbox row for a record: a parsed event; a parked one, its type or its payload refused,
     or its envelope version, kept as its text; or a parked row holding the raw value."""
@@ -66,7 +77,7 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
         "partition": record.partition,
         "offset": record.offset,
         "key": _storable_text(record.key, 255),
-        "request_id": _storable_text(record.headers.get(REQUEST_ID_KAFKA_HEADER) or None, 128),
+        "request_id": _request_id_given(record),
         "produced_at": record.timestamp,
     }
     try:

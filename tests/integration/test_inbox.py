@@ -522,6 +522,25 @@ def test_records_that_cannot_be_read_or_stored_as_they_are_are_parked_not_stuck(
                for row in rows)
 
 
+@pytest.mark.parametrize("header, stored", [
+    (b"click-12345678", "click-12345678"),
+    (b"click-aaaa,click-bbbb", None),
+    (b"click-aaaa] forged\n2026-01-01 00:00:00 INFO x [request_id=click-bbbb", None),
+    (b"c" * 129, None),
+    (b"\xffclick-12345678", None),
+], ids=["sane", "a comma", "a bracket and a line break", "longer than 128", "not UTF-8"])
+def test_a_records_request_id_is_stored_only_if_it_is_sane(in_payments, payments_inbox, user_id,
+                                                           header, stored):
+    """As over HTTP and gRPC: an id of anyone's making (a comma in it would be logged as two
+    messages' ids are, a line break would forge a line) is stored as none, and the message is
+    stored and handled all the same."""
+    record, message_id = _request_record(user_id)
+    record = ConsumedRecord(record.topic, record.partition, record.offset, record.key,
+                            record.value, record.headers | {"request_id": header})
+    assert payments_inbox([record]) == [message_id]
+    assert _row(message_id).request_id == stored
+
+
 def test_an_unparseable_record_cannot_take_a_valid_messages_id(in_payments, payments_inbox,
                                                                user_id):
     """A broken record whose headers name a real message's id is parked under its own position,
