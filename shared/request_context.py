@@ -16,11 +16,11 @@ from flask import Flask, request
 REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_KAFKA_HEADER = "request_id"
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
-# What a logged path (or gRPC method) cannot hold as it is: a control character (a newline decoded
-# from %0A, say; C0, DEL, or C1, U+0080 to U+009F, whose NEL U+0085 some readers break lines at)
-# and the Unicode line and paragraph separators (U+2028, U+2029: a line break to a reader that
-# splits lines as Python's str.splitlines does, or to a log viewer) are written escaped, so a
-# request cannot add a line of its own making to the log.
+# What a logged path (a gRPC method, a request id) cannot hold as it is: a control character (a
+# newline decoded from %0A, say; C0, DEL, or C1, U+0080 to U+009F, whose NEL U+0085 some readers
+# break lines at) and the Unicode line and paragraph separators (U+2028, U+2029: a line break to a
+# reader that splits lines as Python's str.splitlines does, or to a log viewer) are written
+# escaped, so a request cannot add a line of its own making to the log.
 _ESCAPED_IN_LOGS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))} | {
     code: f"\\u{code:04x}" for code in (0x2028, 0x2029)}
 
@@ -85,11 +85,14 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [request_id=%(request_id)s] %(m
 
 
 class RequestIdLogFilter(logging.Filter):
-    """Adds `request_id` to every log record, so formats can show it."""
+    """Adds `request_id` to every log record, so formats can show it: escaped as a logged path is
+    (an id is checked where it comes in; one that was not, an inbox row stored before the check,
+    say, still cannot break the line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         bound = _current.get()
-        record.request_id = (",".join(bound) if isinstance(bound, tuple) else bound) or "-"
+        record.request_id = escaped_in_logs(
+            (",".join(bound) if isinstance(bound, tuple) else bound) or "-")
         return True
 
 

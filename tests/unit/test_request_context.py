@@ -8,7 +8,8 @@ import pytest
 from flask import Flask
 
 from shared.request_context import (RequestIdLogFilter, current_request_id, escaped_in_logs,
-                                    install_request_ids, request_ids_bound, sane_request_id)
+                                    install_request_ids, request_id_bound, request_ids_bound,
+                                    sane_request_id)
 
 
 @pytest.mark.parametrize("candidate", ["click-123456", "a.b:c_d-e" * 3])
@@ -63,3 +64,16 @@ def test_messages_handled_together_log_each_of_their_request_ids_and_answer_one_
         RequestIdLogFilter().filter(record)
         assert current_request_id() == answered
     assert (record.request_id, current_request_id()) == (logged, None)
+
+
+@pytest.mark.parametrize("breaking", ["\n", "\x85", "\u2028"], ids=["LF", "NEL", "U+2028"])
+def test_a_bound_request_id_that_would_break_the_line_is_logged_escaped(breaking):
+    """Ids are checked where they come in; one that was not (an inbox row stored before the
+    check) is escaped as a logged path is, alone or among others, so it cannot forge a line."""
+    forged = f"click-1111] forged{breaking}2026-01-01 INFO x [request_id=click-2222"
+    for bound in (request_id_bound(forged), request_ids_bound([forged, "click-3333"])):
+        record = logging.makeLogRecord({})
+        with bound:
+            RequestIdLogFilter().filter(record)
+        assert record.request_id.splitlines() == [record.request_id]
+        assert record.request_id.startswith(escaped_in_logs(forged))
