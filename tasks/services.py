@@ -46,24 +46,30 @@ class ServiceTask(IgnoresNewerKwargs):
         with service_app(service).app_context():
             return super().__call__(service, *args, **kwargs)
 
-    @staticmethod
-    def bind_request_id_for_the_rest_of_the_run(request_id: str | None) -> None:
+    def bind_request_id_for_the_rest_of_the_run(self, request_id: str | None) -> None:
         """Bind `request_id` until the task's run ends, the lines Celery writes of it once the
         body is done included (a retry's, "Task … retry: Retry in Ns: …", written after the body
-        raised it, out of reach of a `with request_id_bound`)."""
-        bind_request_id(request_id)  # (unbound by _end_the_runs_request_id)
+        raised it, out of reach of a `with request_id_bound`). Only in a run Celery's tracer
+        began, which unbinds it as it ends: a task called directly (a test's, a shell's call) has
+        no such run, and bound there the id would stay on the caller's thread."""
+        if hasattr(self.request, _RUNS_TOKEN):  # (the request the body runs under, or a copy)
+            bind_request_id(request_id)  # (unbound by _end_the_runs_request_id)
+
+
+# Where a run's token is kept: on the tracer's request, which Task.__call__ copies into the request
+# it pushes for the body outside a worker (the body may run under that one, gone by the run's end).
+_RUNS_TOKEN = "hseshop_request_id_token"
 
 
 # A task's run begins with no request id bound, and what its body bound for the rest of it is
-# unbound as it ends, after Celery's last line of it. (The token kept on the tracer's request:
-# the body may run under a request of its own, Task.__call__'s, gone by then.)
+# unbound as it ends, after Celery's last line of it.
 @task_prerun.connect
 def _begin_the_runs_request_id(task, **_signal):
-    task.request.hseshop_request_id_token = bind_request_id(None)
+    setattr(task.request, _RUNS_TOKEN, bind_request_id(None))
 
 
 @task_postrun.connect
 def _end_the_runs_request_id(task, **_signal):
-    token = getattr(task.request, "hseshop_request_id_token", None)
+    token = getattr(task.request, _RUNS_TOKEN, None)
     if token is not None:
         unbind_request_id(token)
