@@ -62,13 +62,15 @@ _RUNS_TOKEN = "hseshop_request_id_token"
 
 
 # A task's run begins with no request id bound, and what its body bound for the rest of it is
-# unbound as it ends, after Celery's last line of it.
-@task_prerun.connect
+# unbound as it ends, after Celery's last line of it. (Each connected once a process, however
+# often this module is run: twice, the second end reset a token already used, and the thread was
+# left with none bound where it had had one before the run.)
+@task_prerun.connect(dispatch_uid="hseshop.tasks.services.begin_the_runs_request_id")
 def _begin_the_runs_request_id(task, **_signal):
     setattr(task.request, _RUNS_TOKEN, bind_request_id(None))
 
 
-@task_postrun.connect
+@task_postrun.connect(dispatch_uid="hseshop.tasks.services.end_the_runs_request_id")
 def _end_the_runs_request_id(task, **_signal):
     token = getattr(task.request, _RUNS_TOKEN, None)
     if token is not None:

@@ -1,16 +1,20 @@
 """A task's body binds its message's request id for the rest of its run only in a run Celery's
-tracer began, whose end unbinds it (pure logic: the tracer runs a task of an app of the test's
-own, eagerly, with and without the optimisations a worker process installs, in the app context
-of a bare Flask app: a service's, built here with the settings of no test, would be kept for the
-process by tasks.services)."""
+tracer began, whose end unbinds it, however often tasks.services is imported (pure logic: the
+tracer runs a task of an app of the test's own, eagerly, with and without the optimisations a
+worker process installs, in the app context of a bare Flask app: a service's, built here with the
+settings of no test, would be kept for the process by tasks.services)."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
 from celery import Celery, Task
+from celery.signals import task_postrun, task_prerun
 from flask import Flask
 
 from shared.request_context import current_request_id, request_id_bound
@@ -63,3 +67,29 @@ def test_a_task_called_directly_leaves_its_callers_request_id_bound(retried):
             retried.task("payments")
         assert retried.seen == ["click-of-the-caller"]
         assert current_request_id() == "click-of-the-caller"
+
+
+@pytest.fixture
+def imported_again() -> Iterator[None]:
+    """tasks.services run a second time, under another name (as a module run as a script or
+    found by a second path is), kept alive (its handlers are connected weakly), and its
+    handlers disconnected after, if they were connected."""
+    spec = importlib.util.spec_from_file_location("tasks_services_again", tasks.services.__file__)
+    again = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(again)
+    try:
+        yield
+    finally:
+        task_prerun.disconnect(again._begin_the_runs_request_id)
+        task_postrun.disconnect(again._end_the_runs_request_id)
+
+
+def test_a_second_import_connects_the_runs_handlers_no_second_time(retried, imported_again,
+                                                                    caplog):
+    """Connected twice, the run's second end reset a token the first had used (a handler's
+    error logged), and the caller's thread was left with no id bound."""
+    with request_id_bound("click-of-the-caller"):
+        retried.task.apply(args=("payments",))
+        assert current_request_id() == "click-of-the-caller"
+    assert [record for record in caplog.records if record.levelno >= logging.ERROR
+            and "Signal handler" in record.getMessage()] == []
