@@ -56,8 +56,8 @@ def request_id_bound(request_id: str | None) -> AbstractContextManager[None]:
 def request_ids_bound(request_ids: Iterable[str | None]) -> AbstractContextManager[None]:
     """Bind the request ids of messages handled together (a run of a batch given to its handler
     at once, a batch that failed): one they all share as request_id_bound does; several for the
-    log alone, each once, comma-separated (a sane id holds no comma), current_request_id() giving
-    none of them."""
+    log alone, each once, comma-separated (a sane id holds no comma), the first IDS_NAMED_AT_MOST
+    named and the others counted, current_request_id() giving none of them."""
     distinct = list(dict.fromkeys(request_ids))
     return _bound(distinct[0] if len(distinct) == 1 else tuple(filter(None, distinct)))
 
@@ -83,6 +83,10 @@ def unbind_request_id(token: Token) -> None:
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [request_id=%(request_id)s] %(message)s"
 
+# The most request ids a line of several messages names; the others it counts ("+5-more": no
+# space, the field one word; no sane id begins with "+"), so a line of a large batch stays short.
+IDS_NAMED_AT_MOST = 10
+
 
 class RequestIdLogFilter(logging.Filter):
     """Adds `request_id` to every log record, so formats can show it: escaped as a logged path is
@@ -91,8 +95,10 @@ class RequestIdLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         bound = _current.get()
-        record.request_id = escaped_in_logs(
-            (",".join(bound) if isinstance(bound, tuple) else bound) or "-")
+        if isinstance(bound, tuple):
+            more = len(bound) - IDS_NAMED_AT_MOST
+            bound = ",".join(bound[:IDS_NAMED_AT_MOST] + ((f"+{more}-more",) if more > 0 else ()))
+        record.request_id = escaped_in_logs(bound or "-")
         return True
 
 

@@ -262,9 +262,10 @@ def _handle_in_one_transaction(service: str, message_ids: list[uuid.UUID],
         return []
     except Exception as exc:
         if not _HANDLERS_DATABASE_OUTAGE[service].said_if_lost(exc):
-            # (Said with the request ids of them all, known once they were locked: any of them
-            # may be the one that failed.)
-            with request_ids_bound(message.request_id for message in locked):
+            # (Said with the request ids of those it handled, known once they were locked: any
+            # may be the one that failed. Not those processed or parked before: it passed them.)
+            with request_ids_bound(message.request_id for message in locked
+                                   if not message.done):
                 log.info("%s inbox: a message of a batch of %d failed (%r); handling them again"
                          " one by one", service, len(message_ids), exc)
     return _handle_each_in_a_savepoint(service, message_ids, handlers)

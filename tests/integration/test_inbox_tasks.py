@@ -199,6 +199,29 @@ def test_a_batchs_lines_of_several_messages_at_once_carry_the_request_ids_of_the
     assert answering[0] is None and sorted(answering[1:]) == request_ids
 
 
+def test_a_batchs_failure_line_names_no_request_id_of_a_message_done_before_it(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id):
+    """A message already processed (or parked) when the batch ran was passed over: it cannot be
+    the one that failed, and the line leaves its id out."""
+    request_ids = sorted(f"click-{uuid.uuid4().hex}" for _ in range(3))
+    message_ids = [_stored_request(payments_inbox, user_id, request_id=request_id)
+                   for request_id in request_ids]
+
+    def refusing_the_second(session, events):
+        if any(event.message.message_id == message_ids[1] for event in events):
+            raise PermanentMessageError("no such ledger")
+
+    monkeypatch.setattr(payments_app, "message_handlers",
+                        lambda: {PAYMENT_REQUESTED: refusing_the_second})
+    handle_inbox_message.apply(args=("payments", str(message_ids[0])))
+    assert _row(message_ids[0]).processed_at is not None
+    with _lines_logged() as written:
+        handle_inbox_batch.apply(args=("payments", [str(m) for m in message_ids]))
+    assert _row(message_ids[1]).parked_at is not None
+    assert _request_ids_on(written.getvalue().splitlines(),
+                           "a message of a batch of 3 failed") == [request_ids[1:]]
+
+
 def test_a_database_outages_lines_carry_no_request_id_of_the_message_that_met_it(
         settings, payments_inbox, payments_queue, monkeypatch, user_id):
     """The outage is the process's, not one message's: its lines (that the connection was lost,

@@ -54,11 +54,15 @@ def test_c1_controls_and_the_unicode_line_separators_are_escaped_in_a_logged_lin
     (["click-1111", "click-1111"], "click-1111", "click-1111"),
     (["click-2222", None, "click-1111", "click-2222"], "click-2222,click-1111", None),
     ([None, None], "-", None),
-], ids=["one shared", "several, one with none", "none"])
+    ([f"click-{n:04d}" for n in range(10)], ",".join(f"click-{n:04d}" for n in range(10)), None),
+    ([f"click-{n:04d}" for n in range(13)],
+     ",".join(f"click-{n:04d}" for n in range(10)) + ",+3-more", None),
+], ids=["one shared", "several, one with none", "none", "ten", "thirteen: ten named"])
 def test_messages_handled_together_log_each_of_their_request_ids_and_answer_one_they_share(
         request_ids, logged, answered):
-    """A line said of them carries each id once (a grep for any finds it); a message written
-    meanwhile answers their request only if it is the one of them all."""
+    """A line said of them carries each id once (a grep for any finds it), ten at most and how
+    many more, so it stays short; a message written meanwhile answers their request only if it is
+    the one of them all."""
     record = logging.makeLogRecord({})
     with request_ids_bound(request_ids):
         RequestIdLogFilter().filter(record)
