@@ -183,10 +183,20 @@ def _host_and_port(raw: str) -> bool:
     return bool(host) and "/" not in host and port.isdigit() and 1 <= int(port) <= 65535
 
 
+# gRPC's schemes that name a socket by its path (a file's, or an abstract one), not a host: a path
+# may hold a space ("unix:/run/my shop/orders.sock" binds and connects).
+SOCKET_PATH_SCHEMES = ("unix:", "unix-abstract:")
+
+
 def _grpc_address(raw: str) -> bool:
     """host:port, or a name in one of gRPC's own schemes (dns:///host:port, unix:/path...)."""
-    return _host_and_port(raw) or raw.startswith(("dns:", "unix:", "unix-abstract:", "ipv4:",
-                                                  "ipv6:", "vsock:"))
+    return _host_and_port(raw) or raw.startswith((*SOCKET_PATH_SCHEMES, "dns:", "ipv4:", "ipv6:",
+                                                  "vsock:"))
+
+
+def _grpc_host_part(raw: str) -> str:
+    """What of a gRPC address names a host or an address: all of it, but for a socket's path."""
+    return "" if raw.startswith(SOCKET_PATH_SCHEMES) else raw
 
 
 def _service_root(raw: str) -> bool:
@@ -219,11 +229,18 @@ FORMS = {
         _service_root, "an http:// or https:// URL of a host and port, with no path")
        for service in GRPC_SERVICES},
 }
-# The settings refused with any whitespace or control character in them, anywhere (a service URL:
-# urlsplit drops tabs and line breaks, and takes a space in the host, so that "http://orders:8001\t"
-# or "http://ord ers:8001" passed its form and failed every call with a 502; and a trailing space
-# had "http://orders:8001/ " refused as a URL with a path).
-NO_BLANK_NOR_CONTROL = tuple(f"{service.upper()}_SERVICE_URL" for service in GRPC_SERVICES)
+# The settings refused with a whitespace or control character in them, each with the part of its
+# value that may hold none. A service URL: anywhere, as urlsplit drops tabs and line breaks, and
+# takes a space in the host, so that "http://orders:8001\t" or "http://ord ers:8001" passed its
+# form and failed every call with a 502, and a trailing space had "http://orders:8001/ " refused as
+# a URL with a path. A gRPC address: anywhere but in a socket's path, as "ord ers:50051" or
+# "dns:///orders :50051" passed as host:port, and then a target failed every call with a 503, and
+# a bind failed the gRPC server's start with no word of which setting.
+NO_BLANK_NOR_CONTROL = {
+    **{f"{service.upper()}_SERVICE_URL": lambda raw: raw for service in GRPC_SERVICES},
+    **{f"{service.upper()}_GRPC_{role}": _grpc_host_part
+       for service in GRPC_SERVICES for role in ("TARGET", "BIND")},
+}
 # The settings written one way, whatever way they are given: a service URL's trailing "/".
 NORMALISED = {f"{service.upper()}_SERVICE_URL": lambda raw: raw.removesuffix("/")
               for service in GRPC_SERVICES}
@@ -279,7 +296,8 @@ def _setting(name: str, kind: str, raw: str) -> str | int | float:
     if kind == "str":
         if name in CHOICES and raw not in CHOICES[name]:
             raise ValueError(f"{name}={raw!r}: expected one of {', '.join(CHOICES[name])}")
-        if name in NO_BLANK_NOR_CONTROL and (at := _first_blank_or_control(raw)) is not None:
+        if (name in NO_BLANK_NOR_CONTROL
+                and (at := _first_blank_or_control(NO_BLANK_NOR_CONTROL[name](raw))) is not None):
             raise ValueError(f"{name}={raw!r}: expected no whitespace nor control character, and"
                              f" found {raw[at]!r} at position {at}")
         if name in FORMS and not FORMS[name][0](raw):

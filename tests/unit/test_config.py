@@ -30,6 +30,37 @@ def test_the_forms_a_grpc_target_or_a_service_url_may_take_are_taken():
     assert settings.payments_grpc_target == "[::1]:50052"
 
 
+@pytest.mark.parametrize("value", [
+    "orders-grpc:50051", "127.0.0.1:50051", "[::1]:50051", "dns:///orders-grpc:50051",
+    "dns://127.0.0.53/orders-grpc:50051", "ipv4:127.0.0.1:50051", "unix:/run/hseshop/orders.sock",
+    "unix:/run/my shop/orders grpc.sock", "unix:///run/my shop/orders.sock",
+    "unix-abstract:hseshop orders",
+])
+def test_a_grpc_address_of_any_valid_form_is_taken_a_socket_path_with_spaces_too(value):
+    for role in ("TARGET", "BIND"):
+        settings = load_settings({f"ORDERS_GRPC_{role}": value})
+        assert getattr(settings, f"orders_grpc_{role.lower()}") == value
+
+
+@pytest.mark.parametrize("value, blank", [
+    ("ord ers:50051", " "), ("orders-grpc :50051", " "), (" 127.0.0.1:50051", " "),
+    ("127.0.0.1:50051\n", "\n"), ("[::1]\t:50051", "\t"), ("dns:///orders grpc:50051", " "),
+    ("dns:///orders-grpc:50051 ", " "), ("ipv4:127.0.0.1: 50051", " "),
+    ("orders\u00a0grpc:50051", "\u00a0"), ("orders\u200bgrpc:50051", "\u200b"),
+])
+def test_a_grpc_host_with_whitespace_or_a_control_character_is_refused_at_start_up(value, blank):
+    """Such a host passed as host:port: a target then failed every call with a 503 (while /health
+    answered 200), and a bind failed the gRPC server's start without naming the setting."""
+    for variable in ("ORDERS_GRPC_TARGET", "PAYMENTS_GRPC_TARGET", "ORDERS_GRPC_BIND",
+                     "PAYMENTS_GRPC_BIND"):
+        with pytest.raises(ValueError, match="expected no whitespace nor control character"
+                                             ) as refused:
+            load_settings({variable: value})
+        assert str(refused.value) == (f"{variable}={value!r}: expected no whitespace nor control"
+                                      f" character, and found {blank!r} at position"
+                                      f" {value.index(blank)}")
+
+
 def test_a_service_urls_trailing_slash_is_dropped():
     """The gateway appends "/orders": it sent "//orders", which Werkzeug's server collapses to
     "/orders" and gunicorn keeps (the signature then for another path: every call a 401)."""
