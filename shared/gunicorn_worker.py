@@ -15,6 +15,13 @@ It also makes the answer to a request whose body could not be read (a malformed 
 app answers 400) say `Connection: close`: gunicorn closes the connection after it then (where the
 next request starts is unknown), but its answer said keep-alive, and it drops a Connection header
 the app sets.
+
+It sends a request's `100 Continue` (to `Expect: 100-continue`) as the app first reads the body,
+not as gunicorn hands the request to the app (gunicorn/http/wsgi.py: `create`): an app that
+answers without reading the body (a 413 for a Content-Length over the limit, a 401) answers in
+place of the 100, and the client is spared sending a body that nobody reads. Such an answer says
+`Connection: close`, and the connection is closed after it: the client may send the body or not,
+so where its next request would start is unknown.
 """
 
 from __future__ import annotations
@@ -53,21 +60,52 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
 util.write_error = write_json_error
 
 
-class RequestClosedOnceItsBodyFailed(Request):
-    """gunicorn's HTTP/1 request, which asks for its connection to be closed once reading its body
-    raised (gunicorn's Body marks itself `failed`): what gunicorn does after the answer then
-    anyway (Parser.finish_body), and now also what the answer's Connection header says."""
+class ContinuedOnFirstRead:
+    """A request body's reader (gunicorn's Body reads through one) that sends `100 Continue` before
+    it first reads."""
+
+    CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+    def __init__(self, reader, sock):
+        self.reader = reader
+        self.sock = sock
+        self.continue_owed = True
+
+    def read(self, size: int) -> bytes:
+        if self.continue_owed:
+            self.continue_owed = False
+            util.write(self.sock, self.CONTINUE)
+        return self.reader.read(size)
+
+
+class ShopHttpRequest(Request):
+    """gunicorn's HTTP/1 request, but that its `100 Continue` waits for the app to read the body,
+    and that it asks for its connection to be closed once reading its body raised (gunicorn's Body
+    marks itself `failed`; what gunicorn does after the answer then anyway, Parser.finish_body,
+    and now also what the answer's Connection header says) or while the 100 is still owed (the
+    app answered without reading the body, which the client may or may not send)."""
+
+    def set_body_reader(self) -> None:
+        super().set_body_reader()
+        if self._expected_100_continue:
+            # Owed from now on by the body's first read, and no longer sent by gunicorn's
+            # wsgi.create before the app runs.
+            self._expected_100_continue = False
+            self.body.reader = ContinuedOnFirstRead(self.body.reader, self.unreader.sock)
 
     def should_close(self) -> bool:
-        return getattr(self.body, "failed", False) or super().should_close()
+        return (getattr(self.body, "failed", False)
+                or getattr(getattr(self.body, "reader", None), "continue_owed", False)
+                or super().should_close())
 
 
-RequestParser.mesg_class = RequestClosedOnceItsBodyFailed
+RequestParser.mesg_class = ShopHttpRequest
 
 
 class JsonErrorsThreadWorker(ThreadWorker):
     """gunicorn's threaded worker (what `--threads` above 1 picks); the module, once loaded, makes
-    the answers gunicorn writes itself JSON."""
+    the answers gunicorn writes itself JSON, and defers `100 Continue` to the body's first
+    read."""
 
     def finish_request(self, conn, fs):
         # A connection the request closed itself (a WebSocket's: simple_websocket's reader closes

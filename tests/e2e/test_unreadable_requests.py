@@ -1,6 +1,8 @@
 """Requests gunicorn cannot read, answered before any app sees them: in the shop's JSON error
-shape, as every other bad request is (shared/gunicorn_worker.py), not as gunicorn's HTML page; and
-requests Werkzeug would misread or redirect, or whose body cannot be read (shared/app.py)."""
+shape, as every other bad request is (shared/gunicorn_worker.py), not as gunicorn's HTML page;
+requests Werkzeug would misread or redirect, or whose body cannot be read (shared/app.py); a body
+the app refuses unread, which a client that asked whether to send it is not asked for
+(shared/gunicorn_worker.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from shared.internal_auth import identity_headers
 from tests.network_tools import http_answer_read_off
 from tests.polling import wait_for
 
@@ -145,3 +148,43 @@ def test_a_chunked_body_over_the_limit_gets_a_json_413_not_its_beginning_read(st
 def test_a_path_with_a_double_slash_gets_a_json_404_not_an_html_redirect(stack, server, path):
     answer = raw_exchange(getattr(stack, f"{server}_url"), get_with(path, "Connection: close"))
     assert_json_error(answer, 404, "NOT_FOUND")
+
+
+def post_head(path: str, *header_lines: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: shop.test", "Content-Type: application/json",
+             *header_lines, "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+@pytest.mark.parametrize("server, path", [("gateway", "/api/auth/login"),
+                                          ("orders", "/orders"), ("payments", "/accounts")])
+def test_a_body_over_the_limit_on_expect_100_continue_gets_a_413_and_no_100_first(stack, server,
+                                                                                   path):
+    """gunicorn sent `100 Continue` before the app ran, asking for a body the app then refused
+    unread. Now the 413 is the only answer, and the connection closes after it: the client may
+    send the body or not. (A service reads a body once a signed identity comes with it.)"""
+    identity = ([] if server == "gateway" else
+                [f"{name}: {value}" for name, value in identity_headers(
+                    "someone", stack.env["INTERNAL_AUTH_SECRET"], "POST", path).items()])
+    head = post_head(path, "Content-Length: 70000", "Expect: 100-continue", *identity)
+    answer = raw_exchange(getattr(stack, f"{server}_url"), head)  # (no body sent)
+    assert_json_error(answer, 413, "REQUEST_ENTITY_TOO_LARGE")
+    assert answer[1]["Connection"] == "close"
+
+
+def test_a_body_within_the_limit_on_expect_100_continue_is_asked_for_and_read(stack):
+    """The `100 Continue` comes once the app reads the body, which it then has whole."""
+    body = b'{"username": "nobody-%s", "password": "not the password"}' % uuid.uuid4().hex.encode()
+    head = post_head("/api/auth/login", f"Content-Length: {len(body)}", "Expect: 100-continue",
+                     "Connection: close")
+    parts = urlsplit(stack.gateway_url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as connection:
+        connection.sendall(head)
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n") and (byte := connection.recv(1)):
+            interim += byte
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        connection.sendall(body)
+        answer = http_answer_read_off(connection)
+    assert_json_error(answer, 401, "INVALID_CREDENTIALS")
+

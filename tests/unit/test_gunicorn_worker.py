@@ -72,6 +72,25 @@ def test_a_request_whose_body_could_not_be_read_asks_for_its_connection_closed(c
     assert request.should_close() is closed
 
 
+def test_a_100_continue_is_sent_as_the_body_is_first_read_and_owed_it_closes_the_connection():
+    """Not before the app runs (gunicorn's wsgi.create): an app answering without reading the body
+    answers in place of the 100, and the connection, whose client may send the body or not, is
+    closed after it."""
+    ours, client = socket.socketpair()
+    with ours, client:
+        client.sendall(b"POST /orders HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 2\r\n"
+                       b"Expect: 100-continue\r\n\r\n")
+        request = next(RequestParser(Config(), ours, ("127.0.0.1", 1)))
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing sent yet
+            client.recv(100)
+        assert request.should_close()
+        client.sendall(b"{}")
+        assert request.body.read() == b"{}"
+        assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert not request.should_close()
+
+
 @pytest.mark.parametrize("closed_by_the_request", [True, False])
 def test_a_connection_is_counted_off_once_however_it_was_closed(closed_by_the_request):
     """A WebSocket's connection is closed by its reader thread before the request ends; gunicorn's
