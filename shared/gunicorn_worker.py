@@ -22,6 +22,9 @@ answers without reading the body (a 413 for a Content-Length over the limit, a 4
 place of the 100, and the client is spared sending a body that nobody reads. Such an answer says
 `Connection: close`, and the connection is closed after it: the client may send the body or not,
 so where its next request would start is unknown.
+
+And its answers name no server software: gunicorn writes `Server: gunicorn` into each (not the
+version; it has no setting for it), which only tells a prober what to try.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import json
 
 from gunicorn import util
+from gunicorn.http import wsgi
 from gunicorn.http.message import Request
 from gunicorn.http.parser import RequestParser
 from gunicorn.workers.gthread import ThreadWorker
@@ -102,10 +106,21 @@ class ShopHttpRequest(Request):
 RequestParser.mesg_class = ShopHttpRequest
 
 
+class ResponseNamingNoServer(wsgi.Response):
+    """gunicorn's HTTP/1 answer, without the `Server` header it always writes."""
+
+    def default_headers(self) -> list[str]:
+        return [line for line in super().default_headers() if not line.startswith("Server:")]
+
+
+# (wsgi.create builds each answer of the HTTP/1 worker from this name)
+wsgi.Response = ResponseNamingNoServer
+
+
 class JsonErrorsThreadWorker(ThreadWorker):
     """gunicorn's threaded worker (what `--threads` above 1 picks); the module, once loaded, makes
-    the answers gunicorn writes itself JSON, and defers `100 Continue` to the body's first
-    read."""
+    the answers gunicorn writes itself JSON, defers `100 Continue` to the body's first read, and
+    drops the `Server` header."""
 
     def finish_request(self, conn, fs):
         # A connection the request closed itself (a WebSocket's: simple_websocket's reader closes

@@ -1,8 +1,8 @@
 """Requests gunicorn cannot read, answered before any app sees them: in the shop's JSON error
 shape, as every other bad request is (shared/gunicorn_worker.py), not as gunicorn's HTML page;
 requests Werkzeug would misread or redirect, or whose body cannot be read (shared/app.py); a body
-the app refuses unread, which a client that asked whether to send it is not asked for
-(shared/gunicorn_worker.py)."""
+the app refuses unread, which a client that asked whether to send it is not asked for; and what
+gunicorn writes into every answer (shared/gunicorn_worker.py)."""
 
 from __future__ import annotations
 
@@ -188,3 +188,14 @@ def test_a_body_within_the_limit_on_expect_100_continue_is_asked_for_and_read(st
         answer = http_answer_read_off(connection)
     assert_json_error(answer, 401, "INVALID_CREDENTIALS")
 
+
+@pytest.mark.parametrize("server", ["gateway", "orders", "payments"])
+def test_no_answer_names_the_server_software(stack, server):
+    """gunicorn wrote `Server: gunicorn` into every answer, which only tells a prober what to try:
+    the apps' answers, a 200 and an error alike, name no server."""
+    url = getattr(stack, f"{server}_url")
+    for request, status in ((get_with("/health", "Connection: close"), "200"),
+                            (get_with("/nowhere", "Connection: close"), "404")):
+        status_line, headers, _ = raw_exchange(url, request)
+        assert status_line.split(" ", 2)[1] == status, status_line
+        assert "server" not in {name.lower() for name in headers}, headers
