@@ -184,7 +184,7 @@ def _host_and_port(raw: str) -> bool:
 
 
 # gRPC's schemes that name a socket by its path (a file's, or an abstract one), not a host: a path
-# may hold a space ("unix:/run/my shop/orders.sock" binds and connects).
+# may hold a space within it ("unix:/run/my shop/orders.sock" binds and connects).
 SOCKET_PATH_SCHEMES = ("unix:", "unix-abstract:")
 
 
@@ -192,11 +192,6 @@ def _grpc_address(raw: str) -> bool:
     """host:port, or a name in one of gRPC's own schemes (dns:///host:port, unix:/path...)."""
     return _host_and_port(raw) or raw.startswith((*SOCKET_PATH_SCHEMES, "dns:", "ipv4:", "ipv6:",
                                                   "vsock:"))
-
-
-def _grpc_host_part(raw: str) -> str:
-    """What of a gRPC address names a host or an address: all of it, but for a socket's path."""
-    return "" if raw.startswith(SOCKET_PATH_SCHEMES) else raw
 
 
 def _service_root(raw: str) -> bool:
@@ -212,11 +207,30 @@ def _service_root(raw: str) -> bool:
             and not url.query and not url.fragment and not raw.endswith(("?", "#")))
 
 
+def _blank_or_control(char: str) -> bool:
+    """Whether `char` is whitespace (Unicode's, a no-break space included) or a control or
+    invisible formatting character (a zero-width space, a byte order mark)."""
+    return char.isspace() or unicodedata.category(char) in ("Cc", "Cf")
+
+
 def _first_blank_or_control(raw: str) -> int | None:
-    """Where the first whitespace (Unicode's, a no-break space included) or control or invisible
-    formatting character (a zero-width space, a byte order mark) of `raw` is; None for none."""
+    """Where the first whitespace or control character of `raw` is; None for none."""
+    return next((at for at, char in enumerate(raw) if _blank_or_control(char)), None)
+
+
+def _first_blank_or_control_of_grpc_address(raw: str) -> int | None:
+    r"""Where the first whitespace or control character of a gRPC address is, but for a space
+    within a socket's path (SOCKET_PATH_SCHEMES): a space at either end of the path, a line end
+    ("unix:/run/orders.sock\n", the "\r" an env file written with CRLF line ends leaves) or any
+    other such character in it is refused as it is in a host; None for none."""
+    scheme = next((scheme for scheme in SOCKET_PATH_SCHEMES if raw.startswith(scheme)), "")
+    if not scheme:
+        return _first_blank_or_control(raw)
+    path = raw[len(scheme):]
+    within_the_path = range(len(raw) - len(path.lstrip()), len(raw.rstrip()))
     return next((at for at, char in enumerate(raw)
-                 if char.isspace() or unicodedata.category(char) in ("Cc", "Cf")), None)
+                 if _blank_or_control(char) and not (char == " " and at in within_the_path)),
+                None)
 
 
 # The settings with a form of their own, and what it is. A value of another form would come to
@@ -229,16 +243,17 @@ FORMS = {
         _service_root, "an http:// or https:// URL of a host and port, with no path")
        for service in GRPC_SERVICES},
 }
-# The settings refused with a whitespace or control character in them, each with the part of its
-# value that may hold none. A service URL: anywhere, as urlsplit drops tabs and line breaks, and
-# takes a space in the host, so that "http://orders:8001\t" or "http://ord ers:8001" passed its
-# form and failed every call with a 502, and a trailing space had "http://orders:8001/ " refused as
-# a URL with a path. A gRPC address: anywhere but in a socket's path, as "ord ers:50051" or
-# "dns:///orders :50051" passed as host:port, and then a target failed every call with a 503, and
-# a bind failed the gRPC server's start with no word of which setting.
+# The settings refused with a whitespace or control character in them, each with what finds the
+# first one it refuses. A service URL: anywhere, as urlsplit drops tabs and line breaks, and takes
+# a space in the host, so that "http://orders:8001\t" or "http://ord ers:8001" passed its form and
+# failed every call with a 502, and a trailing space had "http://orders:8001/ " refused as a URL
+# with a path. A gRPC address: anywhere but for a space within a socket's path, as "ord ers:50051"
+# or "dns:///orders :50051" passed as host:port, and then a target failed every call with a 503,
+# and a bind failed the gRPC server's start with no word of which setting; a socket's path with a
+# line end bound or looked for a socket of another name.
 NO_BLANK_NOR_CONTROL = {
-    **{f"{service.upper()}_SERVICE_URL": lambda raw: raw for service in GRPC_SERVICES},
-    **{f"{service.upper()}_GRPC_{role}": _grpc_host_part
+    **{f"{service.upper()}_SERVICE_URL": _first_blank_or_control for service in GRPC_SERVICES},
+    **{f"{service.upper()}_GRPC_{role}": _first_blank_or_control_of_grpc_address
        for service in GRPC_SERVICES for role in ("TARGET", "BIND")},
 }
 # The settings written one way, whatever way they are given: a service URL's trailing "/".
@@ -297,7 +312,7 @@ def _setting(name: str, kind: str, raw: str) -> str | int | float:
         if name in CHOICES and raw not in CHOICES[name]:
             raise ValueError(f"{name}={raw!r}: expected one of {', '.join(CHOICES[name])}")
         if (name in NO_BLANK_NOR_CONTROL
-                and (at := _first_blank_or_control(NO_BLANK_NOR_CONTROL[name](raw))) is not None):
+                and (at := NO_BLANK_NOR_CONTROL[name](raw)) is not None):
             raise ValueError(f"{name}={raw!r}: expected no whitespace nor control character, and"
                              f" found {raw[at]!r} at position {at}")
         if name in FORMS and not FORMS[name][0](raw):

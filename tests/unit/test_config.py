@@ -61,6 +61,25 @@ def test_a_grpc_host_with_whitespace_or_a_control_character_is_refused_at_start_
                                       f" {value.index(blank)}")
 
 
+@pytest.mark.parametrize("value, position", [
+    ("unix:/run/hseshop/orders.sock\n", 29), ("unix:/run/hseshop/orders.sock\r", 29),
+    ("unix:/run/my shop/orders.sock\r\n", 29), ("unix:/run/my shop/orders.sock ", 29),
+    ("unix: /run/my shop/orders.sock", 5), ("unix:/run/my\tshop/orders.sock", 12),
+    ("unix:/run/my\u200bshop/orders.sock", 12), ("unix-abstract:hseshop orders\r", 28),
+    ("unix-abstract: hseshop orders", 14), ("unix-abstract:hseshop orders\n", 28),
+])
+def test_a_socket_path_with_a_control_character_or_whitespace_at_either_end_is_refused(value,
+                                                                                       position):
+    """A space within the path binds and connects; a line end (an env file's "\r" written with
+    CRLF line ends) bound a socket whose name holds it, which no target then named."""
+    for variable in ("ORDERS_GRPC_TARGET", "PAYMENTS_GRPC_BIND"):
+        with pytest.raises(ValueError) as refused:
+            load_settings({variable: value})
+        assert str(refused.value) == (f"{variable}={value!r}: expected no whitespace nor control"
+                                      f" character, and found {value[position]!r} at position"
+                                      f" {position}")
+
+
 def test_a_service_urls_trailing_slash_is_dropped():
     """The gateway appends "/orders": it sent "//orders", which Werkzeug's server collapses to
     "/orders" and gunicorn keeps (the signature then for another path: every call a 401)."""
