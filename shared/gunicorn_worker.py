@@ -7,9 +7,10 @@ than `limit_request_fields` header fields (100) or a header line longer than
 `limit_request_field_size` (8190 bytes, its line end counted) with 431, a malformed request line or
 header with 400, an `Expect` other than `100-continue` with 417, a `Transfer-Encoding` it does not
 know with 501, and an app that raised past Flask with 500. gunicorn writes that answer with
-`gunicorn.util.write_error`, which it has no setting or hook for, so loading this worker class
+`gunicorn.util.write_error`, which it has no setting or hook for, so this worker class
 (`-k shared.gunicorn_worker.JsonErrorsThreadWorker`) replaces that function with
-`write_json_error`, in the master and so in every worker it forks.
+`write_json_error` as its process starts, as it does the other pieces of gunicorn's below
+(GUNICORN_REPLACED).
 
 It also makes the answer to a request whose body could not be read (a malformed chunk, which the
 app answers 400) say `Connection: close`: gunicorn closes the connection after it then (where the
@@ -61,9 +62,6 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     util.write_nonblock(sock, head.encode("latin-1") + payload)
 
 
-util.write_error = write_json_error
-
-
 class ContinuedOnFirstRead:
     """A request body's reader (gunicorn's Body reads through one) that sends `100 Continue` before
     it first reads."""
@@ -82,7 +80,7 @@ class ContinuedOnFirstRead:
         return self.reader.read(size)
 
 
-class ShopHttpRequest(Request):
+class RequestContinuedOnFirstReadClosedOnAFailedBody(Request):
     """gunicorn's HTTP/1 request, but that its `100 Continue` waits for the app to read the body,
     and that it asks for its connection to be closed once reading its body raised (gunicorn's Body
     marks itself `failed`; what gunicorn does after the answer then anyway, Parser.finish_body,
@@ -103,9 +101,6 @@ class ShopHttpRequest(Request):
                 or super().should_close())
 
 
-RequestParser.mesg_class = ShopHttpRequest
-
-
 class ResponseNamingNoServer(wsgi.Response):
     """gunicorn's HTTP/1 answer, without the `Server` header it always writes."""
 
@@ -113,14 +108,29 @@ class ResponseNamingNoServer(wsgi.Response):
         return [line for line in super().default_headers() if not line.startswith("Server:")]
 
 
-# (wsgi.create builds each answer of the HTTP/1 worker from this name)
-wsgi.Response = ResponseNamingNoServer
+# What the worker puts in gunicorn's place as its process starts (JsonErrorsThreadWorker.
+# init_process), each as (owner, name, replacement): the function gunicorn writes the answers it
+# gives itself with, the class its HTTP/1 parser makes each request of, and the name wsgi.create
+# builds each HTTP/1 answer from. gunicorn has no setting nor hook for any of them.
+GUNICORN_REPLACED = (
+    (util, "write_error", write_json_error),
+    (RequestParser, "mesg_class", RequestContinuedOnFirstReadClosedOnAFailedBody),
+    (wsgi, "Response", ResponseNamingNoServer),
+)
 
 
 class JsonErrorsThreadWorker(ThreadWorker):
-    """gunicorn's threaded worker (what `--threads` above 1 picks); the module, once loaded, makes
-    the answers gunicorn writes itself JSON, defers `100 Continue` to the body's first read, and
-    drops the `Server` header."""
+    """gunicorn's threaded worker (what `--threads` above 1 picks), that makes the answers gunicorn
+    writes itself JSON, defers `100 Continue` to the body's first read, and drops the `Server`
+    header."""
+
+    def init_process(self):
+        # In the worker's process, once forked, before super's loads the app and runs the loop that
+        # parses each request: every request gunicorn reads, and every answer it gives itself
+        # (Worker.handle_error), is the worker's. The arbiter reads no request nor answers one.
+        for owner, name, replacement in GUNICORN_REPLACED:
+            setattr(owner, name, replacement)
+        super().init_process()
 
     def finish_request(self, conn, fs):
         # A connection the request closed itself (a WebSocket's: simple_websocket's reader closes

@@ -1,6 +1,7 @@
 """shared/gunicorn_worker.py: the answers gunicorn writes itself, as `write_json_error` writes them
-to a socket given the arguments gunicorn passes (gunicorn/workers/base.py: Worker.handle_error).
-tests/e2e/test_unreadable_requests.py sends such requests to the running shop."""
+to a socket given the arguments gunicorn passes (gunicorn/workers/base.py: Worker.handle_error);
+the requests and answers of the worker's gunicorn, made of a socket; and its worker class's
+process start. tests/e2e/test_unreadable_requests.py sends such requests to the running shop."""
 
 from __future__ import annotations
 
@@ -13,10 +14,23 @@ import pytest
 from gunicorn.config import Config
 from gunicorn.http.errors import ParseException
 from gunicorn.http.parser import RequestParser
+from gunicorn.workers.gthread import ThreadWorker
 
 from shared.errors import INTERNAL_ERROR
-from shared.gunicorn_worker import write_json_error
+from shared.gunicorn_worker import (
+    GUNICORN_REPLACED,
+    JsonErrorsThreadWorker,
+    write_json_error,
+)
 from tests.network_tools import http_answer_read_off
+
+
+@pytest.fixture
+def gunicorn_as_the_worker_runs_it(monkeypatch):
+    """gunicorn's pieces the worker replaces as its process starts, replaced (until the test
+    ends)."""
+    for owner, name, replacement in GUNICORN_REPLACED:
+        monkeypatch.setattr(owner, name, replacement)
 
 
 def written(status: int, reason: str, mesg: str) -> tuple[str, dict[str, str], bytes]:
@@ -55,14 +69,29 @@ def test_an_app_that_failed_past_flask_answers_as_any_unexpected_error():
     assert json.loads(body) == {"error": {"code": code, "message": message, "details": {}}}
 
 
-def test_loading_the_worker_class_puts_it_in_place_of_gunicorns_html_page():
-    assert gunicorn.util.write_error is write_json_error
+def test_the_workers_process_start_replaces_gunicorns_pieces_before_gunicorns_own_start(
+        monkeypatch):
+    """Not as the module is imported (nothing happens at import time), but in each worker process
+    before gunicorn's own init_process loads the app and runs the loop that parses requests;
+    gunicorn's error page (util.write_error) among them."""
+    assert not any(getattr(owner, name) is replacement
+                   for owner, name, replacement in GUNICORN_REPLACED)
+    for owner, name, _ in GUNICORN_REPLACED:
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # (gunicorn's own again after)
+    replaced_as_gunicorns_start_ran = []
+    monkeypatch.setattr(ThreadWorker, "init_process", lambda worker: (
+        replaced_as_gunicorns_start_ran.extend(getattr(owner, name) is replacement
+                                               for owner, name, replacement in GUNICORN_REPLACED)))
+    JsonErrorsThreadWorker.__new__(JsonErrorsThreadWorker).init_process()
+    assert replaced_as_gunicorns_start_ran == [True] * len(GUNICORN_REPLACED)
+    assert (gunicorn.util, "write_error", write_json_error) in GUNICORN_REPLACED
 
 
 @pytest.mark.parametrize("chunks, closed", [(b"zz\r\n", True),
                                             (b"3\r\nabcdef\r\n0\r\n\r\n", True),
                                             (b"3\r\nabc\r\n0\r\n\r\n", False)])
-def test_a_request_whose_body_could_not_be_read_asks_for_its_connection_closed(chunks, closed):
+def test_a_request_whose_body_could_not_be_read_asks_for_its_connection_closed(
+        gunicorn_as_the_worker_runs_it, chunks, closed):
     """So that the answer says `Connection: close`, as gunicorn then closes it anyway."""
     head = b"GET /health HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n"
     request = next(RequestParser(Config(), [head + chunks], ("127.0.0.1", 1)))
@@ -72,7 +101,8 @@ def test_a_request_whose_body_could_not_be_read_asks_for_its_connection_closed(c
     assert request.should_close() is closed
 
 
-def test_a_100_continue_is_sent_as_the_body_is_first_read_and_owed_it_closes_the_connection():
+def test_a_100_continue_is_sent_as_the_body_is_first_read_and_owed_it_closes_the_connection(
+        gunicorn_as_the_worker_runs_it):
     """Not before the app runs (gunicorn's wsgi.create): an app answering without reading the body
     answers in place of the 100, and the connection, whose client may send the body or not, is
     closed after it."""
@@ -98,8 +128,6 @@ def test_a_connection_is_counted_off_once_however_it_was_closed(closed_by_the_re
     from concurrent.futures import Future
 
     from gunicorn.workers.gthread import TConn
-
-    from shared.gunicorn_worker import JsonErrorsThreadWorker
 
     worker = JsonErrorsThreadWorker.__new__(JsonErrorsThreadWorker)  # only what the method uses
     worker.nr_conns, worker.alive = 1, True
