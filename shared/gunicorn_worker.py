@@ -22,7 +22,9 @@ not as gunicorn hands the request to the app (gunicorn/http/wsgi.py: `create`): 
 answers without reading the body (a 413 for a Content-Length over the limit, a 401) answers in
 place of the 100, and the client is spared sending a body that nobody reads. Such an answer says
 `Connection: close`, and the connection is closed after it: the client may send the body or not,
-so where its next request would start is unknown.
+so where its next request would start is unknown. An answer begun before the body is read (a
+streamed one, whose generator reads it later) is the same: the 100 is never sent (it would land
+within the answer), and a read then fails.
 
 And its answers name no server software: gunicorn writes `Server: gunicorn` into each (not the
 version; it has no setting for it), which only tells a prober what to try.
@@ -62,9 +64,14 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     util.write_nonblock(sock, head.encode("latin-1") + payload)
 
 
+class BodyNotAskedFor(Exception):
+    """A request body read once its answer has begun with the body never asked for: its
+    `100 Continue`, owed by the first read, would have landed within the answer."""
+
+
 class ContinuedOnFirstRead:
     """A request body's reader (gunicorn's Body reads through one) that sends `100 Continue` before
-    it first reads."""
+    it first reads, unless the answer began first."""
 
     CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -72,12 +79,20 @@ class ContinuedOnFirstRead:
         self.reader = reader
         self.sock = sock
         self.continue_owed = True
+        self.answered_unasked = False
 
     def read(self, size: int) -> bytes:
+        if self.answered_unasked:
+            raise BodyNotAskedFor("the answer began before the request body was asked for")
         if self.continue_owed:
             self.continue_owed = False
             util.write(self.sock, self.CONTINUE)
         return self.reader.read(size)
+
+    def stop_owing(self) -> None:
+        """The answer begins with the 100 still owed: it is never sent, and a read fails."""
+        self.continue_owed = False
+        self.answered_unasked = True
 
 
 class RequestContinuedOnFirstReadClosedOnAFailedBody(Request):
@@ -95,14 +110,31 @@ class RequestContinuedOnFirstReadClosedOnAFailedBody(Request):
             self._expected_100_continue = False
             self.body.reader = ContinuedOnFirstRead(self.body.reader, self.unreader.sock)
 
+    def answer_begins(self) -> None:
+        """Its answer's headers are being written. A 100 still owed is then never sent (a late
+        read, a streamed answer's, would put it within the answer: it fails instead), and the
+        connection is closed after the answer, whatever a late read did: the client may send the
+        body or not."""
+        reader = self.body.reader
+        if isinstance(reader, ContinuedOnFirstRead) and reader.continue_owed:
+            reader.stop_owing()
+            self.force_close()
+
     def should_close(self) -> bool:
         return (getattr(self.body, "failed", False)
                 or getattr(getattr(self.body, "reader", None), "continue_owed", False)
                 or super().should_close())
 
 
-class ResponseNamingNoServer(wsgi.Response):
-    """gunicorn's HTTP/1 answer, without the `Server` header it always writes."""
+class ResponseNamingNoServerNorAskingForABodyLate(wsgi.Response):
+    """gunicorn's HTTP/1 answer, without the `Server` header it always writes, and that tells its
+    request as it writes its headers (its Connection header decided then) that the answer begins."""
+
+    def send_headers(self) -> None:
+        if not self.headers_sent and isinstance(
+                self.req, RequestContinuedOnFirstReadClosedOnAFailedBody):
+            self.req.answer_begins()
+        super().send_headers()
 
     def default_headers(self) -> list[str]:
         return [line for line in super().default_headers() if not line.startswith("Server:")]
@@ -115,7 +147,7 @@ class ResponseNamingNoServer(wsgi.Response):
 GUNICORN_REPLACED = (
     (util, "write_error", write_json_error),
     (RequestParser, "mesg_class", RequestContinuedOnFirstReadClosedOnAFailedBody),
-    (wsgi, "Response", ResponseNamingNoServer),
+    (wsgi, "Response", ResponseNamingNoServerNorAskingForABodyLate),
 )
 
 

@@ -12,6 +12,7 @@ import socket
 import gunicorn.util
 import pytest
 from gunicorn.config import Config
+from gunicorn.http import wsgi
 from gunicorn.http.errors import ParseException
 from gunicorn.http.parser import RequestParser
 from gunicorn.workers.gthread import ThreadWorker
@@ -19,6 +20,7 @@ from gunicorn.workers.gthread import ThreadWorker
 from shared.errors import INTERNAL_ERROR
 from shared.gunicorn_worker import (
     GUNICORN_REPLACED,
+    BodyNotAskedFor,
     JsonErrorsThreadWorker,
     write_json_error,
 )
@@ -119,6 +121,31 @@ def test_a_100_continue_is_sent_as_the_body_is_first_read_and_owed_it_closes_the
         assert request.body.read() == b"{}"
         assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
         assert not request.should_close()
+
+
+def test_an_answer_begun_with_the_100_owed_never_sends_it_and_closes_the_connection(
+        gunicorn_as_the_worker_runs_it):
+    """A streamed answer whose generator reads the body after the headers went out: its read sent
+    the 100 into the middle of the answer (its chunks), and the connection, though the answer had
+    said `Connection: close`, was kept alive. The read now fails, and the connection is closed."""
+    ours, client = socket.socketpair()
+    with ours, client:
+        client.sendall(b"POST /orders HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 2\r\n"
+                       b"Expect: 100-continue\r\n\r\n")
+        request = next(RequestParser(Config(), ours, ("127.0.0.1", 1)))
+        answer = wsgi.Response(request, ours, Config())
+        answer.start_response("200 OK", [("Content-Type", "text/plain")])
+        answer.write(b"streamed")
+        client.sendall(b"{}")  # (a client that sent the body unasked)
+        with pytest.raises(BodyNotAskedFor):
+            request.body.read()
+        answer.close()
+        assert answer.should_close()
+        ours.shutdown(socket.SHUT_WR)
+        status_line, headers, body = http_answer_read_off(client)
+    assert status_line == "HTTP/1.1 200 OK"
+    assert headers["Connection"] == "close" and headers["Transfer-Encoding"] == "chunked"
+    assert body == b"8\r\nstreamed\r\n0\r\n\r\n"
 
 
 @pytest.mark.parametrize("closed_by_the_request", [True, False])
