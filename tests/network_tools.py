@@ -1,6 +1,7 @@
 """Network tools for the tests: a TCP proxy whose connections can go silent or be cut on demand, one
 that holds what its clients send until told to carry it, a server that never reads what it is
-sent, a WebSocket client that reads every frame it is sent, and an HTTP answer read off a socket."""
+sent, a WebSocket client that reads every frame it is sent, and an HTTP answer read off a socket
+(to the connection's end, or to the answer's on a connection kept open)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,34 @@ def http_answer_read_off(connection: socket.socket) -> tuple[str, dict[str, str]
     while chunk := connection.recv(65536):
         received += chunk
     head, _, body = received.partition(b"\r\n\r\n")
+    return *_http_head_read(head), body
+
+
+def http_answer_read_off_a_kept_connection(
+        connection: socket.socket) -> tuple[str, dict[str, str], bytes]:
+    """An HTTP answer with a Content-Length read off a connection that may stay open after it, as
+    `http_answer_read_off` gives it; the next request can then be sent on the connection."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = connection.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"the connection closed within an answer's head: {received!r}")
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, headers = _http_head_read(head)
+    length = int(headers["Content-Length"])
+    while len(body) < length:
+        chunk = connection.recv(length - len(body))
+        if not chunk:
+            raise ConnectionError(f"the connection closed within an answer's body: {body!r}")
+        body += chunk
+    assert len(body) == length, "more was sent than the answer, unasked"
+    return status_line, headers, body
+
+
+def _http_head_read(head: bytes) -> tuple[str, dict[str, str]]:
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    return status_line, dict(line.split(": ", 1) for line in header_lines), body
+    return status_line, dict(line.split(": ", 1) for line in header_lines)
 
 
 class WebSocketClient(simple_websocket.Client):

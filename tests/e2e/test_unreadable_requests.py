@@ -1,8 +1,9 @@
 """Requests gunicorn cannot read, answered before any app sees them: in the shop's JSON error
 shape, as every other bad request is (shared/gunicorn_worker.py), not as gunicorn's HTML page;
 requests Werkzeug would misread or redirect, or whose body cannot be read (shared/app.py); a body
-the app refuses unread, which a client that asked whether to send it is not asked for; and what
-gunicorn writes into every answer (shared/gunicorn_worker.py)."""
+the app refuses unread, which a client that asked whether to send it is not asked for, and the
+connection of one that was asked for kept; and what gunicorn writes into every answer
+(shared/gunicorn_worker.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from shared.internal_auth import identity_headers
-from tests.network_tools import http_answer_read_off
+from tests.network_tools import http_answer_read_off, http_answer_read_off_a_kept_connection
 from tests.polling import wait_for
 
 LONGEST_REQUEST_LINE = 4094  # gunicorn's limit_request_line
@@ -172,11 +173,12 @@ def test_a_body_over_the_limit_on_expect_100_continue_gets_a_413_and_no_100_firs
     assert answer[1]["Connection"] == "close"
 
 
-def test_a_body_within_the_limit_on_expect_100_continue_is_asked_for_and_read(stack):
-    """The `100 Continue` comes once the app reads the body, which it then has whole."""
+def test_a_body_within_the_limit_on_expect_100_continue_is_asked_for_read_and_kept_alive(stack):
+    """The `100 Continue` comes once the app reads the body, which it then has whole; the body
+    read, the connection is kept alive (only an owed 100 closes it), and the next request sent on
+    it is answered."""
     body = b'{"username": "nobody-%s", "password": "not the password"}' % uuid.uuid4().hex.encode()
-    head = post_head("/api/auth/login", f"Content-Length: {len(body)}", "Expect: 100-continue",
-                     "Connection: close")
+    head = post_head("/api/auth/login", f"Content-Length: {len(body)}", "Expect: 100-continue")
     parts = urlsplit(stack.gateway_url)
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as connection:
         connection.sendall(head)
@@ -185,8 +187,12 @@ def test_a_body_within_the_limit_on_expect_100_continue_is_asked_for_and_read(st
             interim += byte
         assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
         connection.sendall(body)
-        answer = http_answer_read_off(connection)
-    assert_json_error(answer, 401, "INVALID_CREDENTIALS")
+        answer = http_answer_read_off_a_kept_connection(connection)
+        assert_json_error(answer, 401, "INVALID_CREDENTIALS")
+        assert answer[1]["Connection"] == "keep-alive"
+        connection.sendall(get_with("/health", "Connection: close"))
+        status_line, _, _ = http_answer_read_off(connection)
+    assert status_line.split(" ", 2)[1] == "200", status_line
 
 
 @pytest.mark.parametrize("server", ["gateway", "orders", "payments"])
