@@ -24,7 +24,8 @@ place of the 100, and the client is spared sending a body that nobody reads. Suc
 `Connection: close`, and the connection is closed after it: the client may send the body or not,
 so where its next request would start is unknown. An answer begun before the body is read (a
 streamed one, whose generator reads it later) is the same: the 100 is never sent (it would land
-within the answer), and a read then fails.
+within the answer), and a read then fails. A request with no body to ask for (a Content-Length
+of 0, a GET) is sent no 100, and keeps its connection.
 
 And its answers name no server software: gunicorn writes `Server: gunicorn` into each (not the
 version; it has no setting for it), which only tells a prober what to try.
@@ -36,6 +37,7 @@ import json
 
 from gunicorn import util
 from gunicorn.http import wsgi
+from gunicorn.http.body import LengthReader
 from gunicorn.http.message import Request
 from gunicorn.http.parser import RequestParser
 from gunicorn.workers.gthread import ThreadWorker
@@ -105,10 +107,15 @@ class RequestContinuedOnFirstReadClosedOnAFailedBody(Request):
     def set_body_reader(self) -> None:
         super().set_body_reader()
         if self._expected_100_continue:
-            # Owed from now on by the body's first read, and no longer sent by gunicorn's
-            # wsgi.create before the app runs.
+            # No longer sent by gunicorn's wsgi.create before the app runs: owed from now on by the
+            # body's first read, if there is a body to ask for. With none (a Content-Length of 0,
+            # a GET with neither length nor chunks) no 100 is sent (RFC 9110 10.1.1 lets a server
+            # leave it out when the framing says there is no content), and no unread body makes
+            # the connection's next request start at an unknown place.
             self._expected_100_continue = False
-            self.body.reader = ContinuedOnFirstRead(self.body.reader, self.unreader.sock)
+            reader = self.body.reader
+            if not isinstance(reader, LengthReader) or reader.length > 0:
+                self.body.reader = ContinuedOnFirstRead(reader, self.unreader.sock)
 
     def answer_begins(self) -> None:
         """Its answer's headers are being written. A 100 still owed is then never sent (a late

@@ -2,8 +2,8 @@
 shape, as every other bad request is (shared/gunicorn_worker.py), not as gunicorn's HTML page;
 requests Werkzeug would misread or redirect, or whose body cannot be read (shared/app.py); a body
 the app refuses unread, which a client that asked whether to send it is not asked for, and the
-connection of one that was asked for kept; and what gunicorn writes into every answer
-(shared/gunicorn_worker.py)."""
+connection of one that was asked for, or that had none to ask for, kept; and what gunicorn writes
+into every answer (shared/gunicorn_worker.py)."""
 
 from __future__ import annotations
 
@@ -191,6 +191,21 @@ def test_a_body_within_the_limit_on_expect_100_continue_is_asked_for_read_and_ke
         assert_json_error(answer, 401, "INVALID_CREDENTIALS")
         assert answer[1]["Connection"] == "keep-alive"
         connection.sendall(get_with("/health", "Connection: close"))
+        status_line, _, _ = http_answer_read_off(connection)
+    assert status_line.split(" ", 2)[1] == "200", status_line
+
+
+@pytest.mark.parametrize("server, path", [("gateway", "/health"), ("orders", "/health")])
+def test_a_get_on_expect_100_continue_is_sent_no_100_and_kept_alive(stack, server, path):
+    """A GET has no body to ask for: its answer (given without reading one) closed the connection
+    as though the client might still send one."""
+    parts = urlsplit(getattr(stack, f"{server}_url"))
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as connection:
+        connection.sendall(get_with(path, "Expect: 100-continue"))
+        status_line, headers, _ = http_answer_read_off_a_kept_connection(connection)
+        assert status_line.split(" ", 2)[1] == "200", status_line  # (no 100 before it)
+        assert headers["Connection"] == "keep-alive"
+        connection.sendall(get_with(path, "Connection: close"))
         status_line, _, _ = http_answer_read_off(connection)
     assert status_line.split(" ", 2)[1] == "200", status_line
 

@@ -148,6 +148,27 @@ def test_an_answer_begun_with_the_100_owed_never_sends_it_and_closes_the_connect
     assert body == b"8\r\nstreamed\r\n0\r\n\r\n"
 
 
+@pytest.mark.parametrize("head", [
+    b"POST /orders HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 0\r\n",
+    b"GET /health HTTP/1.1\r\nHost: shop.test\r\n",
+    b"HEAD /health HTTP/1.1\r\nHost: shop.test\r\n",
+], ids=["a Content-Length of 0", "a GET", "a HEAD"])
+def test_a_request_with_no_body_to_ask_for_is_sent_no_100_and_keeps_its_connection(
+        gunicorn_as_the_worker_runs_it, head):
+    """A 100 owed for a body that cannot come closed the connection of an answer given without
+    reading it."""
+    ours, client = socket.socketpair()
+    with ours, client:
+        client.sendall(head + b"Expect: 100-continue\r\n\r\n")
+        request = next(RequestParser(Config(), ours, ("127.0.0.1", 1)))
+        wsgi.create(request, ours, ("127.0.0.1", 1), ("127.0.0.1", 8000), Config())
+        assert not request.should_close()
+        assert request.body.read() == b""
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):  # no 100, then or as the body was read
+            client.recv(100)
+
+
 @pytest.mark.parametrize("closed_by_the_request", [True, False])
 def test_a_connection_is_counted_off_once_however_it_was_closed(closed_by_the_request):
     """A WebSocket's connection is closed by its reader thread before the request ends; gunicorn's
