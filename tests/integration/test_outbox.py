@@ -549,6 +549,34 @@ def _outbox_rows_as_read(order_ids) -> list[tuple]:
         {"ids": [str(order_id) for order_id in order_ids]})]
 
 
+@dataclasses.dataclass(frozen=True)
+class StrayBehindParked:
+    """Parked rows for their topic, and a row of another type committed behind the first."""
+
+    rows: dict  # the outbox rows, by order id
+    first: uuid.UUID  # the order whose row is parked first
+    keyless: uuid.UUID  # the order whose parked row has no key
+    orders: list  # every order, the stray row's last
+    before: list  # the orders' rows as read before the test's command (_outbox_rows_as_read)
+
+
+@contextmanager
+def _a_stray_row_behind_parked_ones(settings, user_id: str) -> Iterator[StrayBehindParked]:
+    """An OrderStatusChanged row committed behind the parked rows of _parked_rows_for_their_topic;
+    every row deleted after."""
+    _, first, behind, keyless = _parked_rows_for_their_topic(settings, user_id)
+    rows = {row.correlation_id: row for row in _outbox_rows_for([first, *behind, keyless])}
+    stray = str(uuid.uuid4())
+    orders = [first, *behind, keyless, stray]
+    try:
+        _commit_a_row_of_another_type_like(settings, rows[str(behind[-1])].message_id, stray)
+        db.session.rollback()
+        yield StrayBehindParked(rows, first, keyless, orders, _outbox_rows_as_read(orders))
+    finally:
+        db.session.rollback()
+        _delete_outbox_rows_of(orders)
+
+
 @pytest.mark.parametrize("asked", ["a named row", "--all"])
 def test_rows_are_not_sent_on_when_a_row_waiting_behind_one_is_of_a_type_that_does_not_go_there(
         in_orders, settings, user_id, capsys, asked):
@@ -558,28 +586,21 @@ def test_rows_are_not_sent_on_when_a_row_waiting_behind_one_is_of_a_type_that_do
     was, the parked one named or under --all."""
     from tasks import parked
 
-    old_topic, first, behind, keyless = _parked_rows_for_their_topic(settings, user_id)
-    rows = {row.correlation_id: row for row in _outbox_rows_for([first, *behind, keyless])}
-    stray = str(uuid.uuid4())
-    orders = [first, *behind, keyless, stray]
     to = settings.topic_payment_requested
-    try:
-        _commit_a_row_of_another_type_like(settings, rows[str(behind[-1])].message_id, stray)
-        db.session.rollback()
-        before = _outbox_rows_as_read(orders)
-        assert [(topic, parked_at is not None) for _, topic, parked_at, _ in before] == [
+    with _a_stray_row_behind_parked_ones(settings, user_id) as setup:
+        old_topic = setup.before[0][1]
+        assert [(topic, parked_at is not None) for _, topic, parked_at, _ in setup.before] == [
             (old_topic, True), (old_topic, False), (old_topic, False), (old_topic, True),
             (old_topic, False)]  # the stray row waits behind the first, not parked
+        named = [str(setup.rows[str(setup.first)].message_id)]
         with pytest.raises(SystemExit) as exited:
             parked.main(["replay", "orders", "--outbox", "--to-topic", to,
-                         *(["--all"] if asked == "--all" else [str(rows[str(first)].message_id)])])
+                         *(["--all"] if asked == "--all" else named)])
         assert exited.value.code == 2
         assert (f"rows to be sent on to {to} hold {ORDER_STATUS_CHANGED} events, which do not go"
                 " there") in capsys.readouterr().err
         db.session.rollback()
-        assert _outbox_rows_as_read(orders) == before
-    finally:
-        _delete_outbox_rows_of(orders)
+        assert _outbox_rows_as_read(setup.orders) == setup.before
 
 
 def test_a_redirect_refused_for_a_type_moves_no_row_even_within_its_own_transaction(
@@ -588,24 +609,15 @@ def test_a_redirect_refused_for_a_type_moves_no_row_even_within_its_own_transact
     caller's transaction, still open, sees them: neither the parked rows nor the rows waiting
     behind them (the command rolls back on the refusal; the statement's two updates are each
     done only when no row is of a type that does not go to the topic)."""
-    _, first, behind, keyless = _parked_rows_for_their_topic(settings, user_id)
-    rows = {row.correlation_id: row for row in _outbox_rows_for([first, *behind, keyless])}
-    stray = str(uuid.uuid4())
-    orders = [first, *behind, keyless, stray]
     to = settings.topic_payment_requested
-    try:
-        _commit_a_row_of_another_type_like(settings, rows[str(behind[-1])].message_id, stray)
-        db.session.rollback()
-        before = _outbox_rows_as_read(orders)
+    with _a_stray_row_behind_parked_ones(settings, user_id) as setup:
         with pytest.raises(NotOfTheTopic) as refused:
             redirect_parked_outbox_messages(
-                db.session, [rows[str(first)].message_id, rows[str(keyless)].message_id], to,
-                settings.relayed_topics(), published_events(settings)[to])
+                db.session, [setup.rows[str(order)].message_id
+                             for order in (setup.first, setup.keyless)],
+                to, settings.relayed_topics(), published_events(settings)[to])
         assert refused.value.event_types == [ORDER_STATUS_CHANGED]
-        assert _outbox_rows_as_read(orders) == before  # in the same transaction
-    finally:
-        db.session.rollback()
-        _delete_outbox_rows_of(orders)
+        assert _outbox_rows_as_read(setup.orders) == setup.before  # in the same transaction
 
 
 def test_a_row_committed_behind_a_parked_row_while_the_command_waits_for_its_lock_stays_put(
