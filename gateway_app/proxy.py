@@ -68,11 +68,15 @@ def forward(service: str, path: str, idempotent: bool = False,
         # A route that takes none refuses a query before this; one that takes some passes it.
         raise RuntimeError(f"{request.path}: a query, and none passed on as parsed (query=)")
     params = {name: value for name, value in (query or {}).items() if value is not None}
+    # A HEAD is asked as its GET, as the gRPC transport runs it: the service's HEAD answer has no
+    # body, so its own 503 (with Retry-After) could not be told from a failure's. Flask leaves
+    # the body out of the answer to the client, and keeps its length.
+    method = "GET" if request.method == "HEAD" else request.method
     try:
         upstream = send(
-            service, request.method, f"{base}{path}",
+            service, method, f"{base}{path}",
             deadline_seconds=settings.upstream_timeout_seconds,
-            safe_to_repeat=request.method in ("GET", "HEAD") or key is not None,
+            safe_to_repeat=method == "GET" or key is not None,
             params=params, data=body, headers=headers, allow_redirects=False,
             # Signed as each try is sent (a resend's timestamp its own), for its method, path and
             # query as sent, and body.
@@ -115,10 +119,6 @@ def forward(service: str, path: str, idempotent: bool = False,
     for name in FORWARDED_RESPONSE_HEADERS:
         if name in upstream.headers:
             response.headers[name] = upstream.headers[name]
-    if request.method == "HEAD" and "Content-Length" in upstream.headers:
-        # The GET's length, as the service (and the gRPC transport, which runs the GET) answers a
-        # HEAD: the answer's empty body would have set it to 0.
-        response.headers["Content-Length"] = upstream.headers["Content-Length"]
     return response
 
 

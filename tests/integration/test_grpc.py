@@ -719,9 +719,9 @@ def test_with_its_database_unreachable_a_grpc_service_answers_503(settings):
 
 
 def _orders_list_over_both_transports(settings, upstreams, grpc_targets,  # noqa: F811
-                                      orders) -> dict[str, object]:
-    """A new shopper's GET /api/orders through a gateway over each transport to `orders` (an
-    orders app served here over HTTP and gRPC both): the answers by transport."""
+                                      orders, method: str = "GET") -> dict[str, object]:
+    """A new shopper's GET (or `method`) /api/orders through a gateway over each transport to
+    `orders` (an orders app served here over HTTP and gRPC both): the answers by transport."""
     from tests.integration.test_gateway import _Served
 
     over_http = _Served(make_server("127.0.0.1", 0, orders, threaded=True))
@@ -735,8 +735,9 @@ def _orders_list_over_both_transports(settings, upstreams, grpc_targets,  # noqa
                               orders_service_url=over_http.url, orders_grpc_target=bind)
             session = client.post("/api/auth/register", json={
                 "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
-            answers[transport] = client.get(
-                "/api/orders", headers={"Authorization": f"Bearer {session['access_token']}"})
+            answers[transport] = client.open(
+                "/api/orders", method=method,
+                headers={"Authorization": f"Bearer {session['access_token']}"})
     finally:
         over_grpc.stop(grace=None)
         over_http.close()
@@ -747,16 +748,34 @@ def test_a_service_without_its_database_is_503_with_retry_after_over_both_transp
         settings, upstreams, grpc_targets):  # noqa: F811
     """The service's own answer (DATABASE_UNAVAILABLE, try again in a second) reaches the caller
     through the gateway as it is, whichever transport carries it."""
-    import orders_app
-
-    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
-    app = orders_app.create_app(settings=dataclasses.replace(settings,
-                                                             orders_database_url=unreachable))
-    answers = _orders_list_over_both_transports(settings, upstreams, grpc_targets, app)
+    answers = _orders_list_over_both_transports(settings, upstreams, grpc_targets,
+                                                _orders_without_a_database(settings))
     for transport, answer in answers.items():
         assert answer.status_code == 503, transport
         assert answer.get_json()["error"]["code"] == "DATABASE_UNAVAILABLE", transport
         assert answer.headers.get("Retry-After") == "1", transport
+
+
+def test_a_head_to_a_service_without_its_database_is_its_gets_503_over_both_transports(
+        settings, upstreams, grpc_targets):  # noqa: F811
+    """Status, Retry-After and length, without the body: over HTTP it was a 502, the service's
+    own 503 not told from a failure, its HEAD answer having no body to say which it was."""
+    orders = _orders_without_a_database(settings)
+    got = _orders_list_over_both_transports(settings, upstreams, grpc_targets, orders)
+    for transport, head in _orders_list_over_both_transports(
+            settings, upstreams, grpc_targets, orders, method="HEAD").items():
+        assert (head.status_code, head.data) == (503, b""), transport
+        assert head.headers.get("Retry-After") == "1", transport
+        assert head.headers["Content-Length"] == str(len(got[transport].data)), transport
+
+
+def _orders_without_a_database(settings):
+    """An orders app whose database cannot be reached."""
+    import orders_app
+
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    return orders_app.create_app(settings=dataclasses.replace(settings,
+                                                              orders_database_url=unreachable))
 
 
 def test_a_gateway_whose_signature_the_services_refuse_answers_502_not_401(
