@@ -4,14 +4,16 @@ identity signed by the gateway and the request id.
 
 A service that cannot be reached answers 503, one too slow 504 (one deadline for the whole call,
 gateway_app/upstream_http.py), one that fails (or refuses the gateway's signed identity, or answers
-what is no answer of its API: not JSON, a redirect) 502: always the usual JSON error, never a hang
-and never a stack trace. A request that a kept-alive connection was closed on is sent again where
-that is safe (upstream_http.py). A service that answers 503 itself, with the usual JSON error (its
-database unavailable, say), is relayed as it is, Retry-After included.
+what is no answer of its API: not JSON, an error of another shape, a redirect) 502: always the
+usual JSON error, never a hang and never a stack trace. A request that a kept-alive connection was
+closed on is sent again where that is safe (upstream_http.py). A service that answers 503 itself,
+with the usual JSON error (its database unavailable, say), is relayed as it is, Retry-After
+included.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -123,17 +125,29 @@ def forward(service: str, path: str, idempotent: bool = False,
 
 
 def _an_answer_of_the_api(upstream: requests.Response) -> bool:
-    """JSON, as every answer of the services' APIs is, and no redirect (none of theirs is one):
-    what the gRPC transport would have turned into a reply (or a 502)."""
+    """JSON, as every answer of the services' APIs is, its body as well as its type (one cut
+    short, or none), an error in their shape, and no redirect (none of theirs is one): what the
+    gRPC transport would have turned into a reply (or a 502)."""
     media_type = upstream.headers.get("Content-Type", "").split(";")[0].strip().lower()
-    return media_type == "application/json" and not 300 <= upstream.status_code < 400
+    if media_type != "application/json" or 300 <= upstream.status_code < 400:
+        return False
+    if upstream.status_code >= 400:
+        return _an_error_of_the_api(upstream)
+    try:
+        json.loads(upstream.content)
+    except ValueError:
+        return False
+    return True
 
 
 def _unavailable_for_now(upstream: requests.Response) -> bool:
     """A 503 the service answered itself, as the usual JSON error: it can say when to retry."""
-    if upstream.status_code != 503:
-        return False
+    return upstream.status_code == 503 and _an_error_of_the_api(upstream)
+
+
+def _an_error_of_the_api(upstream: requests.Response) -> bool:
+    """The answer's body is an error as the APIs answer one: {"error": {"code": "...", ...}}."""
     try:
-        return isinstance(upstream.json()["error"]["code"], str)
+        return isinstance(json.loads(upstream.content)["error"]["code"], str)
     except (ValueError, KeyError, TypeError):
         return False

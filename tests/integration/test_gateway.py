@@ -148,6 +148,23 @@ class _NotTheApiHandler(_SlowHandler):
         self.wfile.write(b"<html>It works!</html>")
 
 
+class _JsonInNameOnlyHandler(_SlowHandler):
+    """Answers as JSON what is none (a body cut short by what stands in front of the service, or
+    none at all), or an error of another shape than the API's (an API gateway's "no route")."""
+
+    ANSWERS = {"/garbled": (200, b'{"balance": "10'), "/empty": (200, b""),
+               "/other-shape": (404, b'{"message": "no Route matched with those values"}')}
+
+    def do_GET(self):
+        status, body = next(answer for path, answer in self.ANSWERS.items()
+                            if self.path.startswith(path))
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 class _StalledBodyHandler(_SlowHandler):
     """Answers 200 and stalls in the middle of its body."""
 
@@ -517,11 +534,16 @@ def test_a_service_that_is_down_is_503_and_one_that_is_slow_is_504(settings, ups
     (_NotTheApiHandler, "", 502, "BAD_GATEWAY"),
     (_NotTheApiHandler, "/redirected", 502, "BAD_GATEWAY"),
     (_StalledBodyHandler, "", 504, "UPSTREAM_TIMEOUT"),
-], ids=["not JSON", "a redirect", "its body stalled"])
+    (_JsonInNameOnlyHandler, "/garbled", 502, "BAD_GATEWAY"),
+    (_JsonInNameOnlyHandler, "/empty", 502, "BAD_GATEWAY"),
+    (_JsonInNameOnlyHandler, "/other-shape", 502, "BAD_GATEWAY"),
+], ids=["not JSON", "a redirect", "its body stalled", "JSON cut short", "no body",
+        "an error of another shape"])
 def test_what_is_no_answer_of_the_services_api_is_never_relayed(settings, upstreams, handler,
                                                                 base_path, status, code):
     """As the gRPC transport would answer: a reply that is none is a 502, one too slow a 504
-    (a stalled body was a 503, the service called unreachable though it had answered)."""
+    (a stalled body was a 503, the service called unreachable though it had answered). A body
+    typed JSON that is none, or an error not in the API's shape, was relayed as it came."""
     served = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler))
     try:
         client = _gateway(settings, orders_service_url=served.url + base_path,
