@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +16,10 @@ from shared.contracts import (Envelope, MalformedMessage, PayloadRefused, decode
                               knows_envelope_version)
 from shared.inbox.model import utc_now
 from shared.jsonio import dumps_exact
-from shared.request_context import REQUEST_ID_KAFKA_HEADER, given_request_id_if_sane
+from shared.request_context import (REQUEST_ID_KAFKA_HEADER, given_request_id_if_sane,
+                                    request_id_bound)
+
+log = logging.getLogger(__name__)
 
 # Ids for records that cannot be parsed: derived from where they sit in Kafka, so a redelivery of
 # the same record maps to the same inbox row.
@@ -202,7 +206,7 @@ class _JsonText(Json):
 def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     """Insert the records not seen before with one statement on a driver cursor (atomic on its
     own, so the consumer runs it in autocommit: shared/inbox_consumer.py); return the ids of the
-    new ones that await handling."""
+    new ones that await handling. Each new one parked is said, as a handler's parking is."""
     if not records:
         return []
     rows: dict[uuid.UUID, dict[str, Any]] = {}
@@ -216,7 +220,17 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
               for row in rows.values()]
     inserted = execute_values(cursor, _STORE, values, template=_STORED_ROW, page_size=len(values),
                               fetch=True)
-    return [uuid.UUID(message_id) for message_id, parked in inserted if not parked]
+    new_ids = []
+    for message_id, parked in inserted:
+        if not parked:
+            new_ids.append(uuid.UUID(message_id))
+            continue
+        # (Read again, a record stored before is not inserted, and not said again.)
+        row = rows[uuid.UUID(message_id)]
+        with request_id_bound(row["request_id"]):
+            log.error("parked inbox message %s as it arrived (%s [%d] @ %d): %s", message_id,
+                      row["topic"], row["partition"], row["offset"], row["last_error"])
+    return new_ids
 
 
 def _as_json(payload: dict[str, Any] | Json | None) -> Json | None:

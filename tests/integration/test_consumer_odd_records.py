@@ -1,0 +1,138 @@
+"""What the inbox consumer makes of records other producers write to its topic (a bad deploy, a
+replay tool, kcat), on the Kafka-protocol broker and PostgreSQL: each is stored, parked with its
+reason where it cannot be handled, said so in the log, and committed past, never left to block its
+partition."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+
+import psycopg2
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from shared.contracts import PAYMENT_REQUESTED, encode, new_event
+from shared.db import driver_dsn
+from shared.inbox_consumer import InboxConsumer, StoreOnOwnConnection
+from shared.kafka import build_consumer, new_topic
+from shared.request_context import REQUEST_ID_KAFKA_HEADER, RequestIdLogFilter
+from tests.polling import wait_for
+
+
+@pytest.fixture
+def topic(settings) -> Iterator[str]:
+    """A topic of the test's own, of one partition, deleted with its inbox rows afterwards."""
+    name = f"{settings.kafka_consumer_group_prefix}.odd-records-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    one_partition = dataclasses.replace(settings, kafka_topic_partitions=1)
+    admin.create_topics([new_topic(one_partition, name)])[name].result(15)
+    yield name
+    database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    database.autocommit = True
+    try:
+        with database.cursor() as cursor:  # (the inbox is the run's, shared by its tests)
+            cursor.execute("DELETE FROM inbox_messages WHERE topic = %s", (name,))
+    finally:
+        database.close()
+    admin.delete_topics([name])
+
+
+def _produce(settings, topic: str, values: list[bytes | None],
+             request_id: str | None = None) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                         "enable.idempotence": True})
+    headers = {REQUEST_ID_KAFKA_HEADER: request_id.encode()} if request_id else {}
+    for value in values:
+        producer.produce(topic, value, headers=headers)
+    assert producer.flush(15) == 0
+
+
+@contextmanager
+def _consumed(settings, topic: str, count: int, group: str = "group") -> Iterator[list]:
+    """An inbox consumer of `group` storing `topic` into the payments inbox until the group has
+    committed past the topic's first `count` records; yields the ids it dispatched."""
+    group = f"{topic}.{group}"
+    dispatched: list = []
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
+    consumer = InboxConsumer(build_consumer(settings, group), [topic], store,
+                             dispatch=dispatched.extend)
+    running = threading.Thread(target=consumer.run)
+    running.start()
+    watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group,
+                        "enable.auto.commit": False})
+    try:
+        wait_for(lambda: watcher.committed([TopicPartition(topic, 0)], timeout=10)[0].offset
+                 == count, timeout=30, interval=0.2, what=f"the group's commit past {count}")
+    finally:
+        watcher.close()
+        consumer.stop()
+        running.join(30)
+        store.close()
+    assert not running.is_alive()
+    yield dispatched
+
+
+def _rows(settings, topic: str) -> list[tuple]:
+    """(offset, message id, parked, last error) of each inbox row of `topic`, in offset order."""
+    database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    try:
+        with database.cursor() as cursor:
+            cursor.execute('SELECT "offset", message_id::text, parked_at IS NOT NULL, last_error'
+                           ' FROM inbox_messages WHERE topic = %s ORDER BY "offset"', (topic,))
+            return cursor.fetchall()
+    finally:
+        database.close()
+
+
+def _payment_request(**changes) -> dict:
+    event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": "someone",
+                                          "amount": Decimal("1.00")}, None)
+    return event.to_json() | changes
+
+
+def test_a_record_parked_as_it_arrives_is_said_in_the_log_with_its_reason(settings, topic,
+                                                                          caplog):
+    """A record the consumer parks as it stores it (no value, not JSON, no envelope, a payload
+    that breaks its contract, a type or an envelope version this service does not know) is never
+    handed to a handler and its offset is committed: an operator who learns of parked messages
+    from the log, as of those a handler parks ("parked inbox message ..."), must learn of it
+    there too, once, with its reason and where it sat, and the request id it came with."""
+    caplog.set_level(logging.INFO)
+    caplog.handler.addFilter(RequestIdLogFilter())
+    good = _payment_request()
+    refused = _payment_request()
+    refused["payload"]["amount"] = "1.001"
+    values = [None, b"", b"\xff\xfe", b"not json", b"[1]", encode(refused),
+              encode(_payment_request(type="PaymentRequestedV2")),
+              encode(_payment_request(version=2)), encode(good)]
+    _produce(settings, topic, values, request_id="click-of-the-test")
+    with _consumed(settings, topic, len(values)) as dispatched:
+        pass
+    assert [str(message_id) for message_id in dispatched] == [good["message_id"]]
+    rows = _rows(settings, topic)
+    assert [offset for offset, *_ in rows] == list(range(len(values)))
+    parked = [(message_id, error) for _, message_id, is_parked, error in rows if is_parked]
+    assert len(parked) == len(values) - 1
+    said = [record.getMessage() for record in caplog.records
+            if record.levelno == logging.ERROR and "parked inbox message" in record.getMessage()
+            and record.request_id == "click-of-the-test"]
+    for message_id, error in parked:
+        lines = [line for line in said if message_id in line]
+        assert len(lines) == 1, (message_id, said)
+        assert error in lines[0] and topic in lines[0]
+    assert len(said) == len(parked)
+
+    # Read again (as after a crash before the commit): the rows stored before, not said again.
+    caplog.clear()
+    with _consumed(settings, topic, len(values), group="another-group") as dispatched:
+        pass
+    assert dispatched == [] and _rows(settings, topic) == rows
+    assert not [record for record in caplog.records
+                if "parked inbox message" in record.getMessage()]
