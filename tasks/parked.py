@@ -61,6 +61,7 @@ from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
                                   parked_outbox_messages, parked_topics_not_relayed,
                                   redirect_parked_outbox_messages, unpark_outbox_messages,
                                   why_not_sent_on)
+from shared.request_context import escaped_in_logs
 from shared.task_queues import QUEUES_UNREACHABLE
 from tasks.inbox import dispatch_inbox_messages
 from tasks.services import service_app, service_package
@@ -82,7 +83,9 @@ def _parked_outbox_lines(session, limit: int) -> list[str]:
 
 
 def _parked_inbox_lines(session, limit: int) -> list[str]:
-    return [f"{message.message_id}  {message.type or '(unparsed)'}"
+    # (A type as its producer wrote it, any text of up to 100 characters: escaped, it cannot
+    # break its line, or forge or hide one with a carriage return or a terminal's escapes.)
+    return [f"{message.message_id}  {escaped_in_logs(message.type or '(unparsed)')}"
             f"  {message.topic}[{message.partition}]@{message.offset}"
             f"  parked {message.parked_at.isoformat()}  attempts {message.attempts}"
             f"  {_one_line(message.last_error)}" for message in parked_messages(session, limit)]

@@ -136,3 +136,25 @@ def test_a_record_parked_as_it_arrives_is_said_in_the_log_with_its_reason(settin
     assert dispatched == [] and _rows(settings, topic) == rows
     assert not [record for record in caplog.records
                 if "parked inbox message" in record.getMessage()]
+
+
+def test_a_type_a_producer_made_up_is_listed_on_its_messages_one_line_as_written(
+        settings, topic, capsys):
+    """`python -m tasks.parked list` shows a parked message's type as the producer wrote it,
+    which no contract bounds but in length: its control characters (a line break, a carriage
+    return, a terminal's escape sequence) are shown escaped, so that each message stays on a line
+    of its own and no record can forge a line of the listing, nor hide one."""
+    from tasks import parked
+
+    forged = "PaymentRequested  (unparsed)\n00000000-0000-0000-0000-000000000000\r\x1b[2K"
+    message = _payment_request(type=forged)
+    _produce(settings, topic, [encode(message)])
+    with _consumed(settings, topic, 1):
+        pass
+    assert parked.main(["list", "payments", "--limit", "10000"]) == 0
+    listed = capsys.readouterr().out
+    assert not any(character in listed.rstrip("\n") for character in "\r\x1b")
+    lines = listed.splitlines()
+    [line] = [line for line in lines if line.startswith(message["message_id"])]
+    assert "  (unparsed)\\x0a00000000-0000-0000-0000-000000000000\\x0d\\x1b[2K" in line
+    assert not any(line.startswith("00000000-") for line in lines)
