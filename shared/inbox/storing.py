@@ -206,31 +206,69 @@ class _JsonText(Json):
 def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     """Insert the records not seen before with one statement on a driver cursor (atomic on its
     own, so the consumer runs it in autocommit: shared/inbox_consumer.py); return the ids of the
-    new ones that await handling. Each new one parked is said, as a handler's parking is."""
+    new ones that await handling. Each new one parked is said, as a handler's parking is.
+
+    A record whose message id names a message of another type, stored before or earlier in the
+    batch, is no repeat but another message under a taken id (a producer reusing ids): dropped,
+    it would be lost unsaid, so it is parked under its position instead (_parked_under_a_taken_id,
+    with a statement more, only for a batch that holds a record seen before)."""
     if not records:
         return []
     rows: dict[uuid.UUID, dict[str, Any]] = {}
+    received = []
     for record in records:
         row = inbox_row(record)
         rows.setdefault(row["message_id"], row)  # a repeat inside one batch is stored once
-    values = [(str(row["message_id"]), row["topic"], row["partition"], row["offset"], row["key"],
-               row.get("type"), row.get("envelope_version"), row.get("correlation_id"),
-               row["request_id"], _as_json(row.get("payload")), row.get("raw_value"),
-               row.get("parked_at"), row.get("last_error"), row["produced_at"])
-              for row in rows.values()]
-    inserted = execute_values(cursor, _STORE, values, template=_STORED_ROW, page_size=len(values),
-                              fetch=True)
+        received.append((record, row))
+    inserted = _insert(cursor, list(rows.values()))
+    # The type of the message each id names: the one inserted now, or the one stored before.
+    owners = {message_id: rows[message_id].get("type") for message_id in inserted}
+    seen_before = [str(message_id) for message_id in rows if message_id not in inserted]
+    if seen_before:
+        cursor.execute(_STORED_TYPES, (seen_before,))
+        owners.update((uuid.UUID(message_id), stored_type)
+                      for message_id, stored_type in cursor.fetchall())
+    under_taken_ids = [_parked_under_a_taken_id(record, row, owners[row["message_id"]])
+                       for record, row in received
+                       if owners.get(row["message_id"], row.get("type")) != row.get("type")]
+    if under_taken_ids:
+        rows.update((row["message_id"], row) for row in under_taken_ids)
+        inserted.update(_insert(cursor, under_taken_ids))
     new_ids = []
-    for message_id, parked in inserted:
+    for message_id, parked in inserted.items():
         if not parked:
-            new_ids.append(uuid.UUID(message_id))
+            new_ids.append(message_id)
             continue
         # (Read again, a record stored before is not inserted, and not said again.)
-        row = rows[uuid.UUID(message_id)]
+        row = rows[message_id]
         with request_id_bound(row["request_id"]):
             log.error("parked inbox message %s as it arrived (%s [%d] @ %d): %s", message_id,
                       row["topic"], row["partition"], row["offset"], row["last_error"])
     return new_ids
+
+
+def _insert(cursor, rows: list[dict[str, Any]]) -> dict[uuid.UUID, bool]:
+    """Insert the rows not stored yet; returns whether each inserted is parked, by its id."""
+    values = [(str(row["message_id"]), row["topic"], row["partition"], row["offset"], row["key"],
+               row.get("type"), row.get("envelope_version"), row.get("correlation_id"),
+               row["request_id"], _as_json(row.get("payload")), row.get("raw_value"),
+               row.get("parked_at"), row.get("last_error"), row["produced_at"])
+              for row in rows]
+    inserted = execute_values(cursor, _STORE, values, template=_STORED_ROW, page_size=len(values),
+                              fetch=True)
+    return {uuid.UUID(message_id): parked for message_id, parked in inserted}
+
+
+def _parked_under_a_taken_id(record: ConsumedRecord, row: dict[str, Any],
+                             taken_by: str | None) -> dict[str, Any]:
+    """The row of a record whose message id a message of type `taken_by` has taken: parked as the
+    text it came as, under its position (another record at the same place, read again, is the
+    same row)."""
+    where = {name: row[name] for name in ("topic", "partition", "offset", "key", "request_id",
+                                          "produced_at")}
+    return _parked_raw(where, record, MalformedMessage(
+        f"its message_id {row['message_id']} is that of a {taken_by!r} message already: a"
+        f" {row.get('type')!r} message under it is another message, not a repeat"))
 
 
 def _as_json(payload: dict[str, Any] | Json | None) -> Json | None:
@@ -255,6 +293,10 @@ WHERE NOT EXISTS (SELECT FROM inbox_messages AS stored
                   WHERE stored.message_id = received.message_id)
 ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id::text, parked_at IS NOT NULL"""
+# The types of messages stored before, asked only of the ids of a batch not inserted: a message of
+# another type under one of them is not a repeat (insert_records). A plain read: it never waits.
+_STORED_TYPES = ("SELECT message_id::text, type FROM inbox_messages"
+                 " WHERE message_id = ANY(%s::uuid[])")
 # (Typed: the values of a VALUES list read as text where they are not numbers.)
 _STORED_ROW = ("(%s::uuid, %s, %s, %s, %s, %s, %s::smallint, %s, %s, %s::jsonb, %s,"
                " %s::timestamptz, %s, %s::timestamptz)")

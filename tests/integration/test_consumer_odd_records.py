@@ -158,3 +158,34 @@ def test_a_type_a_producer_made_up_is_listed_on_its_messages_one_line_as_written
     [line] = [line for line in lines if line.startswith(message["message_id"])]
     assert "  (unparsed)\\x0a00000000-0000-0000-0000-000000000000\\x0d\\x1b[2K" in line
     assert not any(line.startswith("00000000-") for line in lines)
+
+
+def test_a_message_under_an_id_another_types_message_took_is_parked_not_dropped_unsaid(
+        settings, topic, caplog):
+    """A message is stored once by its id, a repeat dropped. But one of another type under an id
+    a message already took (a producer reusing ids, a replay tool's template) is no repeat: it is
+    another message, which dropped would be lost unsaid, its offset committed. It is parked under
+    its position with the text it came as and why, and said, whether the message whose id it took
+    came in its batch or before; a true repeat is still dropped."""
+    caplog.set_level(logging.INFO)
+    request = _payment_request()
+    failed = request | {"type": "PaymentFailed",
+                        "payload": request["payload"] | {"reason": "NO_ACCOUNT"}}
+    succeeded = request | {"type": "PaymentSucceeded"}
+    _produce(settings, topic, [encode(request), encode(failed)])
+    with _consumed(settings, topic, 2) as dispatched:
+        pass
+    _produce(settings, topic, [encode(succeeded), encode(request)])
+    with _consumed(settings, topic, 4) as dispatched_after:
+        pass
+    assert [str(message_id) for message_id in dispatched] == [request["message_id"]]
+    assert dispatched_after == []
+    rows = _rows(settings, topic)
+    assert [offset for offset, *_ in rows] == [0, 1, 2]  # the true repeat at 3 dropped
+    assert rows[0][1:3] == (request["message_id"], False)
+    for offset, message_id, is_parked, error in rows[1:]:
+        assert is_parked and message_id != request["message_id"]
+        assert request["message_id"] in error and "PaymentRequested" in error
+        [line] = [record.getMessage() for record in caplog.records
+                  if record.levelno == logging.ERROR and message_id in record.getMessage()]
+        assert error in line
