@@ -10,6 +10,7 @@ import http.client
 import json
 import re
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
@@ -26,12 +27,19 @@ from devstack.infra import free_port
 from shared.request_context import REQUEST_ID_HEADER
 from shared.swagger_ui import PAGE_FILES
 from tests.openapi_tools import (HEALTH, assert_answered_as_documented, assert_documented,
-                                 operations, unused_components, with_a_body_in_chunks)
+                                 documented_answers, operations, unused_components,
+                                 with_a_body_in_chunks)
 
 # Where every app serves its document (and its Swagger UI reads it), and its Swagger UI.
 DOCUMENT_URL = "/docs/openapi.json"
 SWAGGER_UI_URL = {"orders": "/docs/swagger-ui", "payments": "/docs/swagger-ui", "gateway": "/docs"}
 SWAGGER_UI_FILES = "/docs/swagger-ui-assets"
+README = Path(__file__).resolve().parents[2] / "README.md"
+# How README names an error a client gets: its status, then its code ("409 ACCOUNT_EXISTS", or
+# with the code in backticks), a line break between them at most.
+README_ERROR = re.compile(r"\b([45][0-9]{2})\s+`?([A-Z][A-Z_]+[A-Z])\b")
+# How each document's `default` response names the errors any request can get: "`CODE` (status".
+DEFAULT_ERROR = re.compile(r"`([A-Z][A-Z_]+[A-Z])` \(([0-9]{3})")
 
 
 @pytest.fixture(scope="module")
@@ -408,3 +416,21 @@ def test_passwords_the_gateway_takes_are_valid_by_its_document(apps):
             assert answer.status_code == taken, (path, password, answer.get_json())
             assert OAS30Validator(_request_body_schema(document, path)).is_valid(body), (
                 path, len(password))
+
+
+def test_every_error_readme_names_is_given_with_its_status_by_an_apps_document(apps):
+    """What README tells a client it may be answered (a status and its error code) is what an
+    operation of the gateway's or a service's document says it answers, or what every operation
+    may (its `default`): a code renamed, or moved to another status, in the code alone fails here,
+    not in a client's hands."""
+    documented = set()
+    for app in apps.values():
+        document = _served_document(app)
+        for method, path in operations(document):
+            documented |= documented_answers(document, method, path)
+        default = document["components"]["responses"]["DEFAULT_ERROR"]["description"]
+        documented |= {(int(status), code) for code, status in DEFAULT_ERROR.findall(default)}
+    named = {(int(status), code)
+             for status, code in README_ERROR.findall(README.read_text())}
+    assert len(named) > 20  # (README's own form of them, still read)
+    assert named - documented == set()
