@@ -46,7 +46,12 @@ class GatewayClient:
         if by_token:
             query = f"access_token={self.token}"
         else:
-            query = f"ticket={self.api('POST', '/notifications/tickets', 201)['ticket']}"
+            # On a connection of its own: sockets are opened after waits of a couple of seconds,
+            # gunicorn's keep-alive, which may close a kept connection as the POST is sent on it
+            # (a reset, which requests does not retry for a POST).
+            ticket = self.api('POST', '/notifications/tickets', 201,
+                              headers={"Connection": "close"})['ticket']
+            query = f"ticket={ticket}"
         query += "" if after is None else f"&after={after}"
         return Listener(WebSocketClient.connect(f"{base}/api/notifications/ws?{query}"))
 
