@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -161,8 +161,30 @@ class OutboxPublisher:
         rows of a record batch it refuses as too large are each sent again alone, to
         learn which is: `_send_each_alone`.) A refusal says whether the broker answered with it
         (`Refusal.answered`: `_answered`), or gave no answer at all (a message timed out).
+
+        A producer that fails fatally as it sends (an idempotent producer's sequence numbers out
+        of step with the broker's, say) refuses the whole batch, none of it counted as sent, and
+        is replaced: confluent-kafka raises a fatal error from flush() or poll(), rather than
+        passing it to a callback, and cuts their delivery reports short, so that no row of the
+        batch has a definite answer (a row sent before the error goes again: consumers dedup).
         """
         producer = self._get_producer()
+        try:
+            return self._send(producer, rows)
+        except Exception as exc:
+            error = _fatal_error_raised_by(exc)
+            if error is None:
+                raise
+            _let_go_of_frames(exc)
+            log.error("the %s outbox producer failed fatally, and is replaced: %s: %s",
+                      self._service, error.name(), error.str())
+            self._producer = None
+            refusal = Refusal(f"the producer failed fatally: {error.name()}: {error.str()}",
+                              answered=_answered(error))
+            return {row[0]: refusal for row in rows}
+
+    def _send(self, producer: Producer, rows: list[RelayRow]) -> dict[int, Refusal]:
+        """send_batch's work, but for a fatal error raised: see there."""
         deadline = time.monotonic() + FLUSH_TIMEOUT_S
         self._failed.clear()  # late answers about an earlier batch that timed out
         refused: dict[int, Refusal] = {}
@@ -333,9 +355,40 @@ def _answered(error: KafkaError) -> bool:
 _NO_SUCH_TOPIC_OR_PARTITION = frozenset({KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION})
 
 
+def _fatal_error_raised_by(exc: BaseException) -> KafkaError | None:
+    """The producer's fatal error, if `exc` is confluent-kafka's KafkaException for it or was
+    raised because of it: once it has set the exception, a flush() still calls the delivery
+    callback for the messages that failed with it, whose every call then fails with a
+    SystemError, raised in its place (its cause, the KafkaException)."""
+    for raised in _raised_from(exc):
+        error = raised.args[0] if isinstance(raised, KafkaException) and raised.args else None
+        if isinstance(error, KafkaError) and _is_fatal(error):
+            return error
+    return None
+
+
+def _let_go_of_frames(exc: BaseException) -> None:
+    """Drop the tracebacks of `exc` and of the exceptions it was raised from. confluent-kafka
+    keeps a reference to the exceptions a fatal error raises from flush() for ever, and through
+    their tracebacks the frames they passed, which hold the producer: every producer replaced
+    after a fatal error would live on, its threads and connection with it."""
+    for raised in _raised_from(exc):
+        raised.__traceback__ = None
+
+
+def _raised_from(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then the exception it was raised from (its cause, or else its context), and so on."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def _is_fatal(error: KafkaError) -> bool:
-    # A producer in a fatal state answers with the code _FATAL; fatal() is set only on errors
-    # that reach an error callback or the transactional API.
+    # A producer in a fatal state answers with the code _FATAL; fatal() is set only on the error
+    # confluent-kafka raises from flush() or poll() (_fatal_error_raised_by) and the
+    # transactional API's.
     return error.fatal() or error.code() == KafkaError._FATAL
 
 
