@@ -7,21 +7,21 @@ any broker, by its bootstrap address."""
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
+import functools
 
-import confluent_kafka
+import confluent_kafka.cimpl
 
 # Kafka protocol API keys (the requests an error can be pushed for).
 PRODUCE = 0
 INIT_PRODUCER_ID = 22
 
 
+@functools.cache
 def _librdkafka() -> ctypes.CDLL:
-    package = Path(confluent_kafka.__file__).parent
-    found = sorted(package.parent.glob("confluent_kafka.libs/librdkafka*.so*"))
-    if not found:
-        raise RuntimeError(f"no bundled librdkafka next to {package}")
-    lib = ctypes.CDLL(str(found[0]))
+    """The librdkafka confluent-kafka runs on, whatever its name and wherever it is (bundled with
+    the wheel or the system's): a lookup through the handle of confluent-kafka's own extension
+    module searches the libraries that module was linked with as well."""
+    lib = ctypes.CDLL(confluent_kafka.cimpl.__file__)
     lib.rd_kafka_conf_new.restype = ctypes.c_void_p
     lib.rd_kafka_new.restype = ctypes.c_void_p
     lib.rd_kafka_new.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
