@@ -253,6 +253,44 @@ def test_a_producer_in_a_fatal_state_is_replaced(publisher):
     assert len(StandInProducer.made) == 2
 
 
+def _a_bug_in_flush(producer) -> None:
+    def flush(timeout):
+        raise RuntimeError("a bug in flush")
+
+    producer.flush = flush
+
+
+def _a_bug_in_the_delivery_callback(producer) -> None:
+    def report(err, msg):
+        raise RuntimeError("a bug in the delivery callback")
+
+    producer.report = report
+    producer.fail = {_rows(1)[0][6]: KafkaError(KafkaError.INVALID_RECORD, "invalid record")}
+
+
+def _a_system_error_from_an_error_not_fatal(producer) -> None:
+    def flush(timeout):
+        error = KafkaError(KafkaError._MSG_TIMED_OUT, "Local: Message timed out")
+        raise SystemError("a bug") from KafkaException(error)
+
+    producer.flush = flush
+
+
+@pytest.mark.parametrize("break_producer", [
+    _a_bug_in_flush, _a_bug_in_the_delivery_callback, _a_system_error_from_an_error_not_fatal])
+def test_an_error_not_caused_by_a_fatal_one_escapes_and_the_producer_is_kept(
+        publisher, break_producer):
+    """Only a fatal error of the producer's refuses the batch: any other exception is a bug,
+    which a refusal, retried for ever, would hide. A SystemError counts only when confluent-kafka
+    raised it from a fatal error (its cause)."""
+    producer = publisher._get_producer()
+    break_producer(producer)
+    with pytest.raises((RuntimeError, SystemError), match="a bug"):
+        publisher.send_batch(_rows(2))
+    assert publisher._get_producer() is producer
+    assert len(StandInProducer.made) == 1
+
+
 def test_a_flush_that_leaves_messages_unanswered_acknowledges_none(publisher):
     publisher._get_producer().left_queued = 1
     refused = publisher.send_batch(_rows(2))
