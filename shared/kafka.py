@@ -377,12 +377,14 @@ def _let_go_of_frames(exc: BaseException) -> None:
 
 
 def _raised_from(exc: BaseException) -> Iterator[BaseException]:
-    """`exc`, then the exception it was raised from (its cause, or else its context), and so on."""
+    """`exc`, then the exception it was raised from (its cause), and so on. Not its context: an
+    exception raised while a fatal error was being handled (a bug in the handling) was not raised
+    because of it, and must escape rather than count as the fatal error."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__
 
 
 def _is_fatal(error: KafkaError) -> bool:

@@ -276,13 +276,24 @@ def _a_system_error_from_an_error_not_fatal(producer) -> None:
     producer.flush = flush
 
 
+def _a_system_error_while_a_fatal_error_is_handled(producer) -> None:
+    def flush(timeout):
+        try:
+            raise KafkaException(KafkaError(KafkaError._STATE, "producer fenced", fatal=True))
+        except KafkaException:
+            raise SystemError("a bug")  # (its context the fatal error, not its cause)
+
+    producer.flush = flush
+
+
 @pytest.mark.parametrize("break_producer", [
-    _a_bug_in_flush, _a_bug_in_the_delivery_callback, _a_system_error_from_an_error_not_fatal])
+    _a_bug_in_flush, _a_bug_in_the_delivery_callback, _a_system_error_from_an_error_not_fatal,
+    _a_system_error_while_a_fatal_error_is_handled])
 def test_an_error_not_caused_by_a_fatal_one_escapes_and_the_producer_is_kept(
         publisher, break_producer):
     """Only a fatal error of the producer's refuses the batch: any other exception is a bug,
     which a refusal, retried for ever, would hide. A SystemError counts only when confluent-kafka
-    raised it from a fatal error (its cause)."""
+    raised it from a fatal error (its cause), not one raised while a fatal error was handled."""
     producer = publisher._get_producer()
     break_producer(producer)
     with pytest.raises((RuntimeError, SystemError), match="a bug"):
