@@ -154,19 +154,21 @@ class OutboxPublisher:
         key, which must not overtake it, and no others: one row that can never be sent stops its
         key, not the relay (a row without a key has no order to keep, and holds nothing back).
         Any other refusal at produce time is the broker's to answer for (a topic its metadata no
-        longer has, say), retried later, and holds back the rows of its key the same way; a fatal
-        producer error holds back every row after it. (A message the broker refuses later,
-        in its delivery report, holds nothing of this batch back: the rows after it may already
-        be on their way; the later reads hold back its key, shared.outbox.relaying.CLAIM_ROWS. The
-        rows of a record batch it refuses as too large are each sent again alone, to
-        learn which is: `_send_each_alone`.) A refusal says whether the broker answered with it
-        (`Refusal.answered`: `_answered`), or gave no answer at all (a message timed out).
+        longer has, say), retried later, and holds back the rows of its key the same way, unless
+        the producer has failed fatally: that refuses the whole batch (below). (A message the
+        broker refuses later, in its delivery report, holds nothing of this batch back: the rows
+        after it may already be on their way; the later reads hold back its key,
+        shared.outbox.relaying.CLAIM_ROWS. The rows of a record batch it refuses as too large are
+        each sent again alone, to learn which is: `_send_each_alone`.) A refusal says whether the
+        broker answered with it (`Refusal.answered`: `_answered`), or gave no answer at all (a
+        message timed out).
 
         A producer that fails fatally as it sends (an idempotent producer's sequence numbers out
-        of step with the broker's, say) refuses the whole batch, none of it counted as sent, and
-        is replaced: confluent-kafka raises a fatal error from flush() or poll(), rather than
-        passing it to a callback, and cuts their delivery reports short, so that no row of the
-        batch has a definite answer (a row sent before the error goes again: consumers dedup).
+        of step with the broker's, say), or has failed before (its produce() then refuses with
+        _FATAL), refuses the whole batch, none of it counted as sent, and is replaced:
+        confluent-kafka raises a fatal error from flush() or poll(), rather than passing it to a
+        callback, and cuts their delivery reports short, so that no row of the batch has a
+        definite answer (a row sent before the error goes again: consumers dedup).
         """
         producer = self._get_producer()
         try:
@@ -206,7 +208,11 @@ class OutboxPublisher:
             except KafkaException as exc:
                 log.warning("the outbox producer refused a message: %s", exc)
                 error: KafkaError = exc.args[0]
-                if _is_fatal(error):  # (a broker that came back empty, say): retried later
+                if _is_fatal(error):
+                    # Only a fallback: a producer in a fatal state (a broker that came back
+                    # empty, say) refuses with _FATAL, and then its flush() raises the fatal
+                    # error itself, refusing the whole batch (send_batch). Should it not, the
+                    # rows from here on are refused, retried later, and the producer replaced.
                     fatal = refused[row_id] = Refusal(f"not produced: {exc}")
                     continue
                 _refuse(refused, held_back, row, error, f"not produced: {exc}", str(exc))
