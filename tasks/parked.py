@@ -225,7 +225,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             command, help=help_text, allow_abbrev=False)
         command_parser.add_argument("service", choices=SERVICES)
         command_parser.add_argument("--outbox", action="store_true",
-                                    help="outbox rows too large to be sent")
+                                    help="outbox rows parked by the relay: too large to be"
+                                         " sent, or of a topic none of its settings names")
         if command == "list":
             command_parser.add_argument("--limit", type=_list_limit, default=50)
         else:
