@@ -150,7 +150,8 @@ class OutboxPublisher:
 
         A message the producer itself will never take (one over its `message.max.bytes`), or that
         names a topic not among `topics` (never produced), comes back as one to park
-        (`Refusal.park`), and holds back the rows after it with its topic and
+        (`Refusal.park`), as does one the broker refuses for its record, the same answer every
+        time (_RECORD_REFUSED_FOR_GOOD), and holds back the rows after it with its topic and
         key, which must not overtake it, and no others: one row that can never be sent stops its
         key, not the relay (a row without a key has no order to keep, and holds nothing back).
         Any other refusal at produce time is the broker's to answer for (a topic its metadata no
@@ -158,10 +159,10 @@ class OutboxPublisher:
         the producer has failed fatally: that refuses the whole batch (below). (A message the
         broker refuses later, in its delivery report, holds nothing of this batch back: the rows
         after it may already be on their way; the later reads hold back its key,
-        shared.outbox.relaying.CLAIM_ROWS. The rows of a record batch it refuses as too large are
-        each sent again alone, to learn which is: `_send_each_alone`.) A refusal says whether the
-        broker answered with it (`Refusal.answered`: `_answered`), or gave no answer at all (a
-        message timed out).
+        shared.outbox.relaying.CLAIM_ROWS. The rows of a record batch it refuses for a record in
+        it, too large or invalid, are each sent again alone, to learn which it is:
+        `_send_each_alone`.) A refusal says whether the broker answered with it
+        (`Refusal.answered`: `_answered`), or gave no answer at all (a message timed out).
 
         A producer that fails fatally as it sends (an idempotent producer's sequence numbers out
         of step with the broker's, say), or has failed before (its produce() then refuses with
@@ -224,18 +225,18 @@ class OutboxPublisher:
             refused.update((row[0], Refusal("no acknowledgement from the broker in time"))
                            for row in produced)
         failed_fatally = fatal is not None
-        in_batches_too_large: list[RelayRow] = []
+        in_refused_batches: list[tuple[RelayRow, KafkaError]] = []
         for row in produced if self._failed else ():
             err = self._failed.pop(row[6].encode(), None)
             if err is None:
                 continue
-            if _too_large(err) and not unanswered:
-                in_batches_too_large.append(row)
+            if _refuses_the_record(err) and not unanswered:
+                in_refused_batches.append((row, err))
                 continue
             refused[row[0]] = Refusal(f"{err.name()}: {err.str()}", answered=_answered(err))
             failed_fatally = failed_fatally or _is_fatal(err)
-        if in_batches_too_large:
-            alone, producer_sound = self._send_each_alone(producer, in_batches_too_large, deadline)
+        if in_refused_batches:
+            alone, producer_sound = self._send_each_alone(producer, in_refused_batches, deadline)
             refused.update(alone)
             failed_fatally = failed_fatally or not producer_sound
         if failed_fatally or (produced and all(row[0] in refused for row in produced)):
@@ -245,29 +246,30 @@ class OutboxPublisher:
             self._producer = None
         return refused
 
-    def _send_each_alone(self, producer: Producer, rows: list[RelayRow],
+    def _send_each_alone(self, producer: Producer, rows: list[tuple[RelayRow, KafkaError]],
                          deadline: float) -> tuple[dict[int, Refusal], bool]:
         """Send `rows` again one at a time, in order, until `deadline`: the rows of record batches
-        the broker refused as too large (over the topic's max.message.bytes). librdkafka fails
-        every message of such a batch alike, and neither splits nor retries it, so which of them
-        is too large is learnt by sending each alone. One refused alone as too large is parked,
-        and holds back the rows after it with its topic and key (those of its key that were in
-        batches the broker took have gone already); the others go. Returns the rows refused, and
-        whether the producer is still sound (no fatal error, nothing left without an answer)."""
+        the broker refused for a record in them, each with that refusal (_RECORD_REFUSED_FOR_GOOD:
+        over the topic's max.message.bytes, or failing the broker's validation). The broker
+        refuses such a batch whole, and librdkafka fails every message of it alike, neither
+        splitting nor retrying it, so which of them is to blame is learnt by sending each alone.
+        One refused alone so is parked, and holds back the rows after it with its topic and key
+        (those of its key that were in batches the broker took have gone already); the others go.
+        Returns the rows refused, and whether the producer is still sound (no fatal error,
+        nothing left without an answer)."""
         refused: dict[int, Refusal] = {}
         held_back: dict[tuple[str, str], Refusal] = {}
         sound = True
-        for row in rows:
+        for row, batch_error in rows:
             row_id, topic, key = row[:3]
             refusal = held_back.get((topic, key))
             # (Rows not sent alone were answered all the same: their record batch was refused.)
+            in_batch = f"in a record batch refused as {batch_error.name()}"
             if refusal is None and not sound:
-                refusal = Refusal("in a record batch refused as too large; not sent alone: the "
-                                  "producer left a message unanswered and is replaced",
-                                  answered=True)
+                refusal = Refusal(f"{in_batch}; not sent alone: the producer left a message"
+                                  " unanswered and is replaced", answered=True)
             elif refusal is None and deadline - time.monotonic() < ALONE_NEEDS_S:
-                refusal = Refusal("in a record batch refused as too large; not sent alone in time",
-                                  answered=True)
+                refusal = Refusal(f"{in_batch}; not sent alone in time", answered=True)
             if refusal:
                 refused[row_id] = refusal
                 continue
@@ -283,7 +285,8 @@ class OutboxPublisher:
                 err = self._failed.pop(row[6].encode(), None)
             if err is None:
                 continue  # taken
-            _refuse(refused, held_back, row, err, f"{err.name()}: {err.str()}", err.str())
+            why = f"{err.name()}: {err.str()}"  # (the rows held back name it too)
+            _refuse(refused, held_back, row, err, why, why)
             sound = sound and not _is_fatal(err)
         return refused, sound
 
@@ -326,21 +329,50 @@ def _refuse_for_good(refused: dict[int, Refusal], held_back: dict[tuple[str, str
 
 def _refuse(refused: dict[int, Refusal], held_back: dict[tuple[str, str], Refusal],
             row: RelayRow, error: KafkaError, why: str, detail: str) -> None:
-    """Note `row` refused for `error` (parked if it is too large ever to go), and hold back the
-    rows after it with its topic and key, which must not overtake it (a row without a key has no
-    order to keep)."""
+    """Note `row` refused for `error` (parked if the message itself can never go:
+    _RECORD_REFUSED_FOR_GOOD), and hold back the rows after it with its topic and key, which must
+    not overtake it (a row without a key has no order to keep)."""
     row_id, topic, key = row[:3]
-    never = _too_large(error)
+    never = _refuses_the_record(error)
     refused[row_id] = Refusal(why, held=never, park=never, answered=_answered(error))
     if key is not None:  # (answered, as the row it waits behind: for the leader's count)
         held_back[(topic, key)] = Refusal(f"held back behind a refused message: {detail}",
                                           held=never, answered=_answered(error))
 
 
-def _too_large(error: KafkaError) -> bool:
-    """Whether `error` refuses a message for its size: the producer's limit or the topic's, the
-    same answer every time it is sent."""
-    return error.code() == KafkaError.MSG_SIZE_TOO_LARGE
+def _refuses_the_record(error: KafkaError) -> bool:
+    """Whether `error` refuses a message for its own record, the same answer every time it is
+    sent as it is (_RECORD_REFUSED_FOR_GOOD)."""
+    return error.code() in _RECORD_REFUSED_FOR_GOOD
+
+
+# The answers that refuse a message for what its own record is, and will refuse it the same way
+# every time it is sent as it is: it is parked (for an operator to mend, replay or discard) rather
+# than tried again for ever, holding back its key. The broker refuses the whole record batch the
+# record came in (every message of it fails alike: OutboxPublisher._send_each_alone finds the
+# one to blame). Kept to answers about the record alone: one about the broker's state, its
+# clock, the topic's settings or the producer, however it ends, is retried.
+_RECORD_REFUSED_FOR_GOOD = frozenset({
+    # Over the producer's `message.max.bytes` (refused by produce()) or the topic's
+    # `max.message.bytes` (by the broker).
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    # The broker's validation of the record failed (Kafka 2.4 and later, KIP-467): a record
+    # without a key for a compacted topic, one a broker-side schema validation refuses (Tansu's
+    # schema registry answers so), a malformed record. Not retriable in Kafka's own client, nor
+    # retried by librdkafka (which fails the batch at once, as checked against its mock cluster).
+    KafkaError.INVALID_RECORD,
+    # Left out, though the broker answers them about records too:
+    # - CORRUPT_MESSAGE (librdkafka's INVALID_MSG): a record batch failing its CRC check, which a
+    #   batch damaged on its way causes once; retriable in Kafka's client, and librdkafka retries
+    #   it itself (against its mock cluster the batch went at the retry). Brokers before 2.4
+    #   answered a keyless record for a compacted topic so too (since, INVALID_RECORD): there,
+    #   such a row is still retried for ever.
+    # - INVALID_TIMESTAMP: a timestamp outside the topic's message.timestamp.*.max.ms of the
+    #   broker's clock; the relay's records are stamped by librdkafka as they are produced, so
+    #   this is the clocks' skew, mended with them.
+    # - UNSUPPORTED_FOR_MESSAGE_FORMAT, UNSUPPORTED_COMPRESSION_TYPE, RECORD_LIST_TOO_LARGE: the
+    #   topic's or the broker's settings against the producer's record batches, every row alike.
+})
 
 
 def _answered(error: KafkaError) -> bool:

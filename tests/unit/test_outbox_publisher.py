@@ -96,9 +96,9 @@ def test_rows_with_no_failure_reported_are_acknowledged(publisher):
 def test_a_failed_delivery_refuses_its_own_row_only(publisher):
     rows = _rows(3)
     publisher._get_producer().fail = {
-        rows[1][6]: KafkaError(KafkaError.INVALID_RECORD, "invalid record")}
+        rows[1][6]: KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "not authorized")}
     assert publisher.send_batch(rows) == {
-        2: Refusal("INVALID_RECORD: invalid record", answered=True)}
+        2: Refusal("TOPIC_AUTHORIZATION_FAILED: not authorized", answered=True)}
     assert len(StandInProducer.made) == 1  # an ordinary refusal keeps the producer
 
 
@@ -165,13 +165,14 @@ def test_a_message_refused_for_the_brokers_state_is_tried_again_not_parked(publi
 
 
 @pytest.mark.parametrize("code", [KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.TOPIC_EXCEPTION,
-                                  KafkaError.INVALID_RECORD, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                                  KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.INVALID_TIMESTAMP,
                                   KafkaError.UNKNOWN, KafkaError._UNKNOWN_TOPIC])
-def test_a_message_the_broker_refuses_for_its_topic_or_record_is_refused_with_an_answer(
+def test_a_message_the_broker_refuses_for_its_topic_or_state_is_refused_with_an_answer(
         publisher, code):
     """The broker's own error codes (and librdkafka's word, from the broker's metadata, that the
     topic does not exist) say that the producer reaches it: a leader does not step down over
-    them (tasks/relay.py)."""
+    them (tasks/relay.py). Those not about the record alone are tried again, not parked (an
+    invalid timestamp is the clocks' skew, say)."""
     rows = _rows(2)
     publisher._get_producer().fail = {rows[0][6]: KafkaError(code, "refused")}
     refused = publisher.send_batch(rows)
@@ -187,14 +188,17 @@ def test_a_message_with_no_answer_from_the_broker_is_refused_without_one(publish
     assert set(refused) == {1, 2} and not any(r.answered or r.held for r in refused.values())
 
 
-def test_a_message_the_broker_refuses_as_too_large_is_parked(publisher):
-    """Over the topic's max.message.bytes, though under the producer's own limit: the broker
-    answers in the delivery report, and will answer the same every time."""
+@pytest.mark.parametrize("code", [KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD])
+def test_a_message_the_broker_refuses_for_its_record_is_parked(publisher, code):
+    """Over the topic's max.message.bytes, though under the producer's own limit, or failing the
+    broker's validation: the broker answers in the delivery report, and will answer the same
+    every time."""
     rows = _rows(2)
     producer = publisher._get_producer()
-    producer.fail = {rows[0][6]: KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large")}
+    producer.fail = {rows[0][6]: KafkaError(code, "refused")}
     refused = publisher.send_batch(rows)
-    assert set(refused) == {1} and refused[1].park and refused[1].held
+    assert set(refused) == {1} and refused[1].park and refused[1].held and refused[1].answered
+    assert refused[1].error.startswith(KafkaError(code).name())
 
 
 def test_of_a_record_batch_refused_as_too_large_only_the_message_too_large_alone_is_parked(
