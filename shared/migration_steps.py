@@ -274,15 +274,15 @@ def drop_outbox_parking() -> None:
 def refuse_while_outbox_rows_lie_parked(conn: sa.Connection,
                                         left_as: str = "nothing was downgraded") -> None:
     """Refuse to take the outbox parking away while a row lies parked (too large ever to be sent,
-    or naming a topic that is not the shop's): the release before parks nothing, reads the outbox
-    oldest first and tries every row it reads, so it would try such a row at every wake-up,
-    holding back the rows of its topic and key behind it (and, once they fill a batch, every row),
-    or send it to a topic nobody reads. The column dropped, nothing would say the row was ever
-    parked. Replaying one is no way through here: it only clears the park, the shop is stopped
-    (a rollback below that revision is one of two releases), and the row, unsent, would be tried
-    by the release before all the same; so the way out said is to discard it, or to replay it and
-    let this release's relay send it on, with the shop still running (parked again if it still
-    cannot be sent)."""
+    refused by the broker's validation, or naming a topic that is not the shop's): the release
+    before parks nothing, reads the outbox oldest first and tries every row it reads, so it would
+    try such a row at every wake-up, holding back the rows of its topic and key behind it (and,
+    once they fill a batch, every row), or send it to a topic nobody reads. The column dropped,
+    nothing would say the row was ever parked. Replaying one is no way through here: it only clears
+    the park, the shop is stopped (a rollback below that revision is one of two releases), and the
+    row, unsent, would be tried by the release before all the same; so the way out said is to
+    discard it, or to replay it and let this release's relay send it on, with the shop still
+    running (parked again if it still cannot be sent)."""
     parked = conn.scalar(sa.text(
         "SELECT count(*) FROM outbox_messages WHERE parked_at IS NOT NULL"))
     if parked:
@@ -292,8 +292,8 @@ def refuse_while_outbox_rows_lie_parked(conn: sa.Connection,
             " on them (python -m tasks.parked discard SERVICE --outbox --all; `list SERVICE"
             " --outbox` shows them)"
             " or, with this release's shop running, replay them and let its relay send them on"
-            " (a row still too large, or of a topic not the shop's, is parked again), then stop"
-            f" the shop and downgrade again; {left_as}")
+            " (a row the broker still refuses, or of a topic not the shop's, is parked again),"
+            f" then stop the shop and downgrade again; {left_as}")
 
 
 def add_outbox_retry_waits() -> None:

@@ -25,11 +25,13 @@ so many went through (a batch committing as the interrupt came goes uncounted, i
 the sweeper) and exits 130. Run again, it takes up the rest.
 
 With --outbox they are outbox rows whose message is too large to be sent (over the producer's
-`message.max.bytes` or the topic's `max.message.bytes`), or that name a topic none of the relay's
-settings names (TOPIC_*, OUTBOX_EXTRA_TOPICS: written before such a setting was renamed): the relay
-holds back the later rows with their topic and key behind them, and `list` says how many. Replaying
-hands one back to the relay, to be sent in its place before them (it is parked again if it is still
-too large, or its topic still not the shop's): so a newer release's row, parked by a relay of the
+`message.max.bytes` or the topic's `max.message.bytes`), or whose record the broker refuses as
+invalid (INVALID_RECORD: a record without a key for a compacted topic, one its validation fails;
+its error names the broker's answer), or that name a topic none of the relay's settings names
+(TOPIC_*, OUTBOX_EXTRA_TOPICS: written before such a setting was renamed): the relay holds back the
+later rows with their topic and key behind them, and `list` says how many. Replaying hands one back
+to the relay, to be sent in its place before them (it is parked again if the broker still refuses
+it so, or its topic is still not the shop's): so a newer release's row, parked by a relay of the
 release before in a rolling upgrade, once the relays know its topic. With --to-topic (a topic the
 service writes, and every row sent on of a type it writes there), a row parked for a topic that is
 not the shop's is sent there instead, and the rows waiting behind it with it, in their order (under
@@ -226,7 +228,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         command_parser.add_argument("service", choices=SERVICES)
         command_parser.add_argument("--outbox", action="store_true",
                                     help="outbox rows parked by the relay: too large to be"
-                                         " sent, or of a topic none of its settings names")
+                                         " sent, refused by the broker as an invalid record, or"
+                                         " of a topic none of its settings names")
         if command == "list":
             command_parser.add_argument("--limit", type=_list_limit, default=50)
         else:

@@ -272,10 +272,10 @@ def _send_waiting_rows(service: str, settings, leader: RelayLeaderConnection,
     (fewer rows than a batch, of which the broker may have refused some, now waiting). The rows it
     refused wait for their next try (shared.outbox.relaying), and the next read passes over them, so
     a batch it took in part is followed by the next; the refusals are logged, and the topics
-    checked, once a call. (Messages that can never be sent as they are, too large or to a topic that
-    is not the shop's, say nothing about the broker: they are parked, and the next read passes over
-    them too.) `left_unanswered` becomes the rows left without
-    an answer at their last try, of those it held and those read now."""
+    checked, once a call. (Messages that can never be sent as they are, too large, invalid records
+    or to a topic that is not the shop's, say nothing about the broker: they are parked, and the
+    next read passes over them too.) `left_unanswered` becomes the rows left without an answer at
+    their last try, of those it held and those read now."""
     sent = refused = 0
     answered = unanswered = walked_slowly = False
     while not _stopping.is_set():

@@ -12,15 +12,16 @@ A row is deleted only once the broker has acknowledged it (Kafka is then its rec
 broker refused stays, counts the attempt, records the error and is tried again after a wait that
 doubles with each refusal (FIRST_RETRY_AFTER_SECONDS up to LONGEST_RETRY_AFTER_SECONDS), and
 meanwhile the later rows with its topic and key wait behind it (they must not overtake it), while
-every other row goes on: refused rows at the head of the table, however many (a topic the relay
-may not write to, a partition whose broker is lost), hold up their keys, not the relay. A row
-whose message is too large ever to be sent (over the producer's `message.max.bytes` or the
-topic's `max.message.bytes`) is parked instead: it is not tried again, and the later rows with its
-topic and key wait behind it until an operator sends it again or discards it (`python -m
-tasks.parked ... --outbox`). A leader that dies between sending and deleting leaves its rows to
-be sent again by the next one (consumers drop the repeats by message id). Rows that are gone
-never need skipping, so the table holds the backlog and nothing else, however long the shop has
-run.
+every other row goes on: refused rows at the head of the table, however many (a topic the relay may
+not write to, a partition whose broker is lost), hold up their keys, not the relay. A row whose
+message is too large ever to be sent (over the producer's `message.max.bytes` or the topic's
+`max.message.bytes`), or whose record the broker's validation refuses (INVALID_RECORD: a record
+without a key for a compacted topic, say), is parked instead: it is not tried again, and the later
+rows with its topic and key wait behind it until an operator sends it again or discards it
+(`python -m tasks.parked ... --outbox`). A leader that dies between sending and deleting leaves its
+rows to be sent again by the next one (consumers drop the repeats by message id). Rows that are
+gone never need skipping, so the table holds the backlog and nothing else, however long the shop
+has run.
 
 A row keeps its message exactly as it goes to Kafka (`envelope`, the event serialised once, by
 its writer), so relaying a row is reading strings and handing them to the producer.

@@ -44,9 +44,9 @@ ORDER BY parked_at DESC, id DESC LIMIT :limit""")
 def unpark_outbox_messages(session: Session,
                            message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
     """Hand parked rows (every one when `message_ids` is None) back to the relay, to be sent
-    again in their place, before the rows behind them (once what made the message too large is
-    mended; one still too large is parked again); returns their ids. The relay is woken as the
-    caller's transaction commits."""
+    again in their place, before the rows behind them (once what made the broker refuse the
+    message, too large or invalid, is mended; one it still refuses so is parked again); returns
+    their ids. The relay is woken as the caller's transaction commits."""
     return _change_parked_rows(session, _UNPARK, message_ids)
 
 
@@ -67,7 +67,8 @@ def redirect_parked_outbox_messages(session: Session, message_ids: list[uuid.UUI
     is None; only those of `from_topic` when given) back to the relay to be sent to `topic`
     instead, each with the rows waiting behind it (its old topic and key, written after it), so
     that those go on after it, in their order, rather than each be parked in turn; returns the
-    parked rows' ids. (A row parked for its size is left alone: its topic is the shop's.) Raises
+    parked rows' ids. (A row parked for the broker's answer about its record, too large or
+    invalid, is left alone: its topic is the shop's.) Raises
     NotOfTheTopic, changing nothing, if any of those rows is of a type not among `event_types`,
     the ones that go to `topic`: a service's rows sent on to a topic it reads itself, or to
     another of its own, would hand its consumers events they never take. The relay is woken as
@@ -109,8 +110,10 @@ def why_not_sent_on(session: Session, message_ids: list[uuid.UUID],
             why[message_id] = (f"parked for a topic that is now the shop's ({row.topic}): replay"
                                " it without --to-topic")
         else:
-            why[message_id] = (f"parked for its size, its topic the shop's ({row.topic}): replay"
-                               " it without --to-topic once what made it too large is mended")
+            # (Refused by the broker for its record: too large, or invalid; its error says which.)
+            why[message_id] = (f"parked for the broker's answer about it, its topic the shop's"
+                               f" ({row.topic}): replay it without --to-topic once what made the"
+                               " broker refuse it is mended")
     return why
 
 

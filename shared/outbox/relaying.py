@@ -71,15 +71,16 @@ def relay_headers(message_id: str, event_type: str, request_id: str | None) -> d
 @dataclass(frozen=True)
 class Refusal:
     """Why a row was not acknowledged. `held`: refused for what the message is, not for the
-    broker's state (a message too large ever to be sent, one naming a topic that is not the
-    shop's, or a row held back behind one), so nothing follows about the broker. `park`: the row's
-    own message can never be sent as it is (too large, or to a topic that is not the shop's); it
-    is parked rather than tried again (a row held back behind it is `held` only, and goes as
-    soon as the parked row is replayed and sent, or discarded). Every other refusal counts against
-    the broker, and the row is tried again after its wait (FIRST_RETRY_AFTER_SECONDS).
-    `answered`: of those, the broker reached refused the row itself, for its topic or its record
-    (a topic the relay may not write to or that does not exist, an invalid record), so the relay's
-    way to the broker is sound; a refusal without an answer (no acknowledgement in time, a broken
+    broker's state (a message too large ever to be sent, one whose record the broker's validation
+    refuses, one naming a topic that is not the shop's, or a row held back behind one), so
+    nothing follows about the broker. `park`: the row's own message can never be sent as it is
+    (too large, an invalid record, or to a topic that is not the shop's); it is parked rather
+    than tried again (a row held back behind it is `held` only, and goes as soon as the parked
+    row is replayed and sent, or discarded). Every other refusal counts against the broker, and
+    the row is tried again after its wait (FIRST_RETRY_AFTER_SECONDS). `answered`: of those, the
+    broker reached refused the row itself, for its topic or its record (a topic the relay may not
+    write to or that does not exist, a timestamp out of the topic's bounds), so the relay's way
+    to the broker is sound; a refusal without an answer (no acknowledgement in time, a broken
     connection) may be the relay's own way to the broker failing, and only those count towards
     the leader stepping down (tasks/relay.py)."""
 
@@ -125,8 +126,8 @@ SendBatch = Callable[[list[RelayRow]], dict[int, Refusal]]
 
 def relay_pending_outbox(cursor, send_batch: SendBatch, batch_size: int) -> RelayResult:
     """Publish one batch of rows, oldest first, and delete the ones the broker acknowledged;
-    park the ones too large ever to be sent, count an attempt for the others refused (and have
-    the ones the broker refused wait for their next try).
+    park the ones that can never be sent as they are, count an attempt for the others refused
+    (and have the ones the broker refused wait for their next try).
 
     For the database's one relay: the leader passes a driver cursor of its own connection, in
     autocommit, so a batch costs two statements (read, delete; see _delete_rows for when the
@@ -223,7 +224,8 @@ _PARK = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(err
 # attempt as it was parked).
 PARKED_ROWS = "attempts > 0 AND parked_at IS NOT NULL"
 # How the error of a row parked for its topic begins (shared.kafka.UNKNOWN_TOPIC_ERROR), whichever
-# release's relay parked it: tells it from one parked for its size (shared.outbox.parked).
+# release's relay parked it: tells it from one parked for the broker's answer about its record (too
+# large, invalid: shared.outbox.parked).
 UNKNOWN_TOPIC_ERROR_BEGINS = "not sent: its topic"
 
 

@@ -38,7 +38,8 @@ class OutboxMessage(db.Model):
     last_error: Mapped[str | None] = mapped_column(Text)
     # Set when the broker refused the row: it is not tried again before then.
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # Set when the message is too large ever to be sent: then neither it nor the later rows with
+    # Set when the message can never be sent as it is (too large, refused by the broker's
+    # validation, of a topic that is not the shop's): then neither it nor the later rows with
     # its topic and key are relayed until an operator replays or discards it (tasks/parked.py).
     parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
