@@ -208,29 +208,24 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     own, so the consumer runs it in autocommit: shared/inbox_consumer.py); return the ids of the
     new ones that await handling. Each new one parked is said, as a handler's parking is.
 
-    A record whose message id names a message of another type, stored before or earlier in the
-    batch, is no repeat but another message under a taken id (a producer reusing ids): dropped,
-    it would be lost unsaid, so it is parked under its position instead (_parked_under_a_taken_id,
-    with a statement more, only for a batch that holds a record seen before)."""
+    A record under a message id a message is stored under already, before or earlier in the batch,
+    is a repeat only if it is that message again, of its type and payload (a resend, a rebalance, a
+    record read again): one of another type, or of the same type with another payload, is another
+    message under a taken id (a producer reusing ids), which dropped would be lost unsaid; it is
+    parked under its position instead (_parked_under_a_taken_id). The stored messages are read
+    (_STORED_OWNERS) only for a batch whose insert passed over a record, and the parked rows
+    inserted with a statement more only when there are any."""
     if not records:
         return []
+    received = [(record, inbox_row(record)) for record in records]
     rows: dict[uuid.UUID, dict[str, Any]] = {}
-    received = []
-    for record in records:
-        row = inbox_row(record)
+    for _, row in received:
         rows.setdefault(row["message_id"], row)  # a repeat inside one batch is stored once
-        received.append((record, row))
     inserted = _insert(cursor, list(rows.values()))
-    # The type of the message each id names: the one inserted now, or the one stored before.
-    owners = {message_id: rows[message_id].get("type") for message_id in inserted}
-    seen_before = [str(message_id) for message_id in rows if message_id not in inserted]
-    if seen_before:
-        cursor.execute(_STORED_TYPES, (seen_before,))
-        owners.update((uuid.UUID(message_id), stored_type)
-                      for message_id, stored_type in cursor.fetchall())
-    under_taken_ids = [_parked_under_a_taken_id(record, row, owners[row["message_id"]])
-                       for record, row in received
-                       if owners.get(row["message_id"], row.get("type")) != row.get("type")]
+    under_taken_ids = [_parked_under_a_taken_id(record, row, owner_type)
+                       for record, row, owner_type in _under_taken_ids(
+                           cursor, [(record, row) for record, row in received
+                                    if _passed_over(row, rows, inserted)])]
     if under_taken_ids:
         rows.update((row["message_id"], row) for row in under_taken_ids)
         inserted.update(_insert(cursor, under_taken_ids))
@@ -247,6 +242,31 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     return new_ids
 
 
+def _passed_over(row: dict[str, Any], rows: dict[uuid.UUID, dict[str, Any]],
+                 inserted: dict[uuid.UUID, bool]) -> bool:
+    """Whether the record of `row` was not stored by the batch's insert (a repeat in the batch, or
+    its id stored before) and holds an envelope: a record never parsed is parked under an id made
+    of its position and value, so the same id is the same record."""
+    if row.get("type") is None:
+        return False
+    return rows[row["message_id"]] is not row or row["message_id"] not in inserted
+
+
+def _under_taken_ids(cursor, passed_over: list[tuple[ConsumedRecord, dict[str, Any]]]
+                     ) -> list[tuple[ConsumedRecord, dict[str, Any], str | None]]:
+    """Those of the records passed over that are not the message stored under their id again,
+    with the type of that message."""
+    if not passed_over:
+        return []
+    values = [(at, str(row["message_id"]), row["type"], _as_json(row.get("payload")),
+               row.get("raw_value")) for at, (_, row) in enumerate(passed_over)]
+    found = execute_values(cursor, _STORED_OWNERS, values, template=_RECEIVED_ENVELOPE,
+                           page_size=len(values), fetch=True)
+    # (A stored message pruned since the insert passed over it is not read: the record is taken
+    # for a repeat of it, as it was.)
+    return [(*passed_over[at], owner_type) for at, owner_type, another in found if another]
+
+
 def _insert(cursor, rows: list[dict[str, Any]]) -> dict[uuid.UUID, bool]:
     """Insert the rows not stored yet; returns whether each inserted is parked, by its id."""
     values = [(str(row["message_id"]), row["topic"], row["partition"], row["offset"], row["key"],
@@ -261,14 +281,16 @@ def _insert(cursor, rows: list[dict[str, Any]]) -> dict[uuid.UUID, bool]:
 
 def _parked_under_a_taken_id(record: ConsumedRecord, row: dict[str, Any],
                              taken_by: str | None) -> dict[str, Any]:
-    """The row of a record whose message id a message of type `taken_by` has taken: parked as the
-    text it came as, under its position (another record at the same place, read again, is the
-    same row)."""
+    """The row of a record whose message id another message, of type `taken_by`, has taken:
+    parked as the text it came as, under its position (another record at the same place, read
+    again, is the same row)."""
     where = {name: row[name] for name in ("topic", "partition", "offset", "key", "request_id",
                                           "produced_at")}
+    this = (f"a {row['type']!r} message under it" if row["type"] != taken_by
+            else "one of another payload under it")
     return _parked_raw(where, record, MalformedMessage(
-        f"its message_id {row['message_id']} is that of a {taken_by!r} message already: a"
-        f" {row.get('type')!r} message under it is another message, not a repeat"))
+        f"its message_id {row['message_id']} is that of a {taken_by!r} message already: {this}"
+        " is another message, not a repeat"))
 
 
 def _as_json(payload: dict[str, Any] | Json | None) -> Json | None:
@@ -293,10 +315,27 @@ WHERE NOT EXISTS (SELECT FROM inbox_messages AS stored
                   WHERE stored.message_id = received.message_id)
 ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id::text, parked_at IS NOT NULL"""
-# The types of messages stored before, asked only of the ids of a batch not inserted: a message of
-# another type under one of them is not a repeat (insert_records). A plain read: it never waits.
-_STORED_TYPES = ("SELECT message_id::text, type FROM inbox_messages"
-                 " WHERE message_id = ANY(%s::uuid[])")
+# For each record of a batch its insert passed over, the type of the message stored under its id,
+# and whether the record is another message (insert_records): of another type, or of another
+# payload. Payloads are compared by containment either way, not equality: a consumer stores the
+# payload of a message it reads as its contract has it, and in a rolling upgrade the same record
+# read by the release before and the one after can be stored with a field more or less (a field
+# added, which a tolerant reader drops; a payload refused, kept as sent). A message kept as its
+# text (no payload) is compared by its text; one kept as its text and one read whole cannot be
+# compared, and are taken for the same (the same record, read across an upgrade that made its
+# envelope version known). Asked only when the insert passed over a record. A plain read: it
+# never waits.
+_STORED_OWNERS = """
+SELECT received.at, stored.type,
+       stored.type IS DISTINCT FROM received.type
+       OR CASE WHEN stored.payload IS NOT NULL AND received.payload IS NOT NULL
+               THEN NOT (stored.payload @> received.payload OR stored.payload <@ received.payload)
+               WHEN stored.raw_value IS NOT NULL AND received.raw_value IS NOT NULL
+               THEN stored.raw_value <> received.raw_value
+               ELSE false END
+FROM (VALUES %s) AS received (at, message_id, type, payload, raw_value)
+JOIN inbox_messages AS stored ON stored.message_id = received.message_id"""
+_RECEIVED_ENVELOPE = "(%s, %s::uuid, %s, %s::jsonb, %s)"
 # (Typed: the values of a VALUES list read as text where they are not numbers.)
 _STORED_ROW = ("(%s::uuid, %s, %s, %s, %s, %s, %s::smallint, %s, %s, %s::jsonb, %s,"
                " %s::timestamptz, %s, %s::timestamptz)")

@@ -575,6 +575,28 @@ def test_a_message_of_another_type_under_an_id_taken_in_its_batch_is_parked_not_
     assert _row(message_id).parked_at is None
 
 
+def test_a_message_of_another_payload_under_a_taken_id_is_parked_and_a_resend_dropped(
+        in_payments, payments_inbox, user_id):
+    """A message of the same type as the one stored under its id, but of another payload, is no
+    repeat either (a producer reusing ids): parked, in its batch or after it, not dropped unsaid;
+    the message itself sent again (a relay's resend, a record read again: the same payload) is
+    still a repeat, dropped."""
+    record, message_id = _request_record(user_id)
+    body = json.loads(record.value)
+    body["payload"]["amount"] = "2.00"
+    other, later = _record(encode(body)), _record(encode(body))
+    resent = _record(record.value)
+    assert payments_inbox([record, other, resent]) == [message_id]
+    assert payments_inbox([later, resent]) == []
+    parked = db.session.scalars(select(InboxMessage).where(
+        InboxMessage.topic == record.topic,
+        InboxMessage.offset.in_([other.offset, later.offset, resent.offset]))).all()
+    assert sorted(row.offset for row in parked) == [other.offset, later.offset]
+    assert all(row.parked_at is not None and row.message_id != message_id for row in parked)
+    assert all(f"{message_id} is that of a 'PaymentRequested' message already: one of another"
+               " payload" in row.last_error for row in parked)
+
+
 def test_another_unparseable_record_at_a_parked_ones_position_is_parked_too(in_payments,
                                                                             payments_inbox):
     """A topic deleted and made again starts its offsets at 0: a broken record there meets the
@@ -659,6 +681,24 @@ def test_a_message_of_a_type_not_known_yet_is_kept_to_be_replayed(in_payments, p
     assert row.payload == body["payload"] and "unknown message type" in row.last_error
     assert unpark_messages(db.session, [row.message_id]) == [row.message_id]  # replayable
     db.session.rollback()
+
+
+def test_a_message_read_again_by_a_reader_that_knows_more_of_it_is_a_repeat(
+        in_payments, payments_inbox, user_id, monkeypatch):
+    """In a rolling upgrade a record may be stored by one release and read again (a rebalance)
+    by the next, which stores its payload otherwise: a field the first did not know of (kept as
+    sent, in a payload it refused) dropped as its contract has it. It is the same message, a
+    repeat, not one of another payload under its id."""
+    payload = _failed_payment_with_a_new_reason(user_id, channel="web")
+    record, body = _from_a_newer_producer(user_id, type=PAYMENT_FAILED, payload=payload)
+    message_id = uuid.UUID(body["message_id"])
+    assert payments_inbox([record]) == []  # refused: parked with its payload as sent
+    monkeypatch.setitem(PAYLOAD_SCHEMAS, PAYMENT_FAILED, _PaymentFailedWithCardExpired())
+    assert "channel" not in inbox_row(record)["payload"]  # read whole now, stored without it
+    assert payments_inbox([record]) == []
+    assert db.session.scalars(select(InboxMessage.message_id).where(
+        InboxMessage.topic == record.topic, InboxMessage.offset == record.offset)).all() == [
+            message_id]
 
 
 def _of_envelope_version_2(user_id: str) -> tuple[ConsumedRecord, dict]:
