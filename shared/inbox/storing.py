@@ -212,7 +212,7 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     is a repeat only if it is that message again, of its type and payload (a resend, a rebalance, a
     record read again): one of another type, or of the same type with another payload, is another
     message under a taken id (a producer reusing ids), which dropped would be lost unsaid; it is
-    parked under its position instead (_parked_under_a_taken_id). The stored messages are read
+    parked under an id of its own instead (_parked_under_a_taken_id). The stored messages are read
     (_STORED_OWNERS) only for a batch whose insert passed over a record, and the parked rows
     inserted with a statement more only when there are any."""
     if not records:
@@ -281,16 +281,18 @@ def _insert(cursor, rows: list[dict[str, Any]]) -> dict[uuid.UUID, bool]:
 
 def _parked_under_a_taken_id(record: ConsumedRecord, row: dict[str, Any],
                              taken_by: str | None) -> dict[str, Any]:
-    """The row of a record whose message id another message, of type `taken_by`, has taken:
-    parked as the text it came as, under its position (another record at the same place, read
-    again, is the same row)."""
-    where = {name: row[name] for name in ("topic", "partition", "offset", "key", "request_id",
-                                          "produced_at")}
+    """The row of a message under a message id another message, of type `taken_by`, has taken:
+    the message as it came (its type, envelope version, correlation id, request id, and payload,
+    or text if it is kept as its text), parked with why under an id of its own, its position, so
+    that an operator can replay it (handled under that id) or discard it."""
     this = (f"a {row['type']!r} message under it" if row["type"] != taken_by
             else "one of another payload under it")
-    return _parked_raw(where, record, MalformedMessage(
-        f"its message_id {row['message_id']} is that of a {taken_by!r} message already: {this}"
-        " is another message, not a repeat"))
+    why = (f"its message_id {row['message_id']} is that of a {taken_by!r} message already: {this}"
+           " is another message, not a repeat")
+    if row.get("last_error"):  # (parked as it came too: a type or a version not known, say)
+        why = f"{why}; and {row['last_error']}"
+    return row | {"message_id": _position_id(record), "parked_at": utc_now(),
+                  "last_error": _storable_text(why, 2000)}
 
 
 def _as_json(payload: dict[str, Any] | Json | None) -> Json | None:

@@ -559,18 +559,22 @@ def test_an_unparseable_record_cannot_take_a_valid_messages_id(in_payments, paym
 def test_a_message_of_another_type_under_an_id_taken_in_its_batch_is_parked_not_dropped(
         in_payments, payments_inbox, user_id):
     """Two messages of different types under one id in a batch: the first is stored under it, the
-    other, no repeat of it, is parked under its position with why (dropped, it was lost unsaid);
-    a true repeat beside them is still dropped, and the parked one, read again, is the same row."""
+    other, no repeat of it, is parked under an id of its own with why (dropped, it was lost
+    unsaid), as it came, so that it can be replayed; a true repeat beside them is still dropped,
+    and the parked one, read again, is the same row."""
     record, message_id = _request_record(user_id)
     body = json.loads(record.value) | {"type": PAYMENT_FAILED}
     body["payload"]["reason"] = "NO_ACCOUNT"
-    other = _record(encode(body))
+    other = _record(encode(body), {"request_id": b"click-12345678"})
     assert payments_inbox([record, other, record]) == [message_id]
     assert payments_inbox([other]) == []
     parked = db.session.scalars(select(InboxMessage).where(
         InboxMessage.topic == other.topic, InboxMessage.offset == other.offset)).all()
     assert len(parked) == 1 and parked[0].parked_at is not None
-    assert parked[0].message_id != message_id and parked[0].raw_value == other.value.decode()
+    assert parked[0].message_id != message_id and parked[0].raw_value is None
+    assert (parked[0].type, parked[0].envelope_version, parked[0].correlation_id,
+            parked[0].request_id, parked[0].payload) == (PAYMENT_FAILED, 1, body["correlation_id"],
+                                                         "click-12345678", body["payload"])
     assert f"{message_id} is that of a 'PaymentRequested' message already" in parked[0].last_error
     assert _row(message_id).parked_at is None
 

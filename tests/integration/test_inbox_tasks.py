@@ -1102,6 +1102,41 @@ def test_a_parked_request_replayed_once_mended_is_paid_once(settings, payments_i
     assert parked.main(["list", "payments", "--limit", "10000"]) == 0
 
 
+def test_a_message_parked_under_a_taken_id_is_listed_with_its_type_and_replayed_as_its_own(
+        settings, payments_inbox, payments_queue, user_id, capsys):
+    """A request under the message_id of another, stored before (a producer reusing ids), is
+    parked under an id of its own, kept as it came: `list` shows it with its type, and a replay
+    hands it to its handler, under that id, as any parked message."""
+    from payments_app import service as payments
+    from payments_app.models import Account
+    from tasks import parked
+
+    with service_app("payments").app_context(), transaction() as session:
+        payments.open_account(session, user_id=user_id)
+        payments.deposit(session, user_id=user_id, amount=Decimal("10"))
+    first = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
+                                          "amount": Decimal("1.00")}, None)
+    other = first.to_json()
+    other["payload"] = other["payload"] | {"order_id": str(uuid.uuid4()), "amount": "3.00"}
+    offset = uuid.uuid4().int % 10**9
+    assert payments_inbox([
+        ConsumedRecord("task-test", 9, offset, None, encode(first.to_json()), {}),
+        ConsumedRecord("task-test", 9, offset + 1, None, encode(other), {})]) == [first.message_id]
+    with service_app("payments").app_context():
+        (parked_id,) = db.session.scalars(select(InboxMessage.message_id).where(
+            InboxMessage.partition == 9, InboxMessage.offset == offset + 1)).all()
+    assert parked.main(["list", "payments", "--limit", "10000"]) == 0
+    assert f"{parked_id}  PaymentRequested  task-test[9]@{offset + 1}" in capsys.readouterr().out
+
+    assert parked.main(["replay", "payments", str(parked_id)]) == 0
+    assert _dispatches_of(parked_id) == [handle_inbox_batch.name]
+    handle_inbox_batch.apply(args=("payments", [str(parked_id)]))
+    assert _row(parked_id).processed_at is not None and _row(parked_id).parked_at is None
+    assert _row(first.message_id).processed_at is None  # (waiting its own dispatch)
+    with service_app("payments").app_context():
+        assert db.session.get(Account, user_id).balance == Decimal("7.00")
+
+
 def test_a_replayed_message_gets_all_its_tries_again(settings, payments_inbox, monkeypatch,
                                                      user_id):
     """As `python -m tasks.parked replay` promises: its attempts cleared, a message parked after
