@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 # Ids for records that cannot be parsed: derived from where they sit in Kafka, so a redelivery of
 # the same record maps to the same inbox row.
 _POSITION_NAMESPACE = uuid.UUID("6f1d1b38-5a53-4a5e-9a57-2a1f5c3e7b11")
+# Ids for messages under a message_id another message has taken: derived from the message, so that
+# the message sent again, at another offset, maps to the same inbox row.
+_TAKEN_ID_NAMESPACE = uuid.UUID("0b7f3c52-8d2e-4f61-a9c4-5e1d7a2b9f03")
 
 
 @dataclass(frozen=True)
@@ -212,23 +215,24 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     is a repeat only if it is that message again, of its type and payload (a resend, a rebalance, a
     record read again): one of another type, or of the same type with another payload, is another
     message under a taken id (a producer reusing ids), which dropped would be lost unsaid; it is
-    parked under an id of its own instead (_parked_under_a_taken_id). The stored messages are read
-    (_STORED_OWNERS) only for a batch whose insert passed over a record, and the parked rows
-    inserted with a statement more only when there are any."""
+    parked under an id of its own, made of it, instead (_parked_under_a_taken_id). The stored
+    messages are read (_STORED_OWNERS) only for a batch whose insert passed over a record, and the
+    parked rows inserted with a statement more only when there are any."""
     if not records:
         return []
-    received = [(record, inbox_row(record)) for record in records]
+    received = [inbox_row(record) for record in records]
     rows: dict[uuid.UUID, dict[str, Any]] = {}
-    for _, row in received:
+    for row in received:
         rows.setdefault(row["message_id"], row)  # a repeat inside one batch is stored once
     inserted = _insert(cursor, list(rows.values()))
-    under_taken_ids = [_parked_under_a_taken_id(record, row, owner_type)
-                       for record, row, owner_type in _under_taken_ids(
-                           cursor, [(record, row) for record, row in received
-                                    if _passed_over(row, rows, inserted)])]
+    under_taken_ids: dict[uuid.UUID, dict[str, Any]] = {}
+    for row, owner_type in _under_taken_ids(
+            cursor, [row for row in received if _passed_over(row, rows, inserted)]):
+        parked = _parked_under_a_taken_id(row, owner_type)
+        under_taken_ids.setdefault(parked["message_id"], parked)  # (the same message sent twice)
     if under_taken_ids:
-        rows.update((row["message_id"], row) for row in under_taken_ids)
-        inserted.update(_insert(cursor, under_taken_ids))
+        rows.update(under_taken_ids)
+        inserted.update(_insert(cursor, list(under_taken_ids.values())))
     new_ids = []
     for message_id, parked in inserted.items():
         if not parked:
@@ -252,19 +256,19 @@ def _passed_over(row: dict[str, Any], rows: dict[uuid.UUID, dict[str, Any]],
     return rows[row["message_id"]] is not row or row["message_id"] not in inserted
 
 
-def _under_taken_ids(cursor, passed_over: list[tuple[ConsumedRecord, dict[str, Any]]]
-                     ) -> list[tuple[ConsumedRecord, dict[str, Any], str | None]]:
-    """Those of the records passed over that are not the message stored under their id again,
-    with the type of that message."""
+def _under_taken_ids(cursor, passed_over: list[dict[str, Any]]
+                     ) -> list[tuple[dict[str, Any], str | None]]:
+    """Those of the rows passed over that are not the message stored under their id again, with
+    the type of that message."""
     if not passed_over:
         return []
     values = [(at, str(row["message_id"]), row["type"], _as_json(row.get("payload")),
-               row.get("raw_value")) for at, (_, row) in enumerate(passed_over)]
+               row.get("raw_value")) for at, row in enumerate(passed_over)]
     found = execute_values(cursor, _STORED_OWNERS, values, template=_RECEIVED_ENVELOPE,
                            page_size=len(values), fetch=True)
     # (A stored message pruned since the insert passed over it is not read: the record is taken
     # for a repeat of it, as it was.)
-    return [(*passed_over[at], owner_type) for at, owner_type, another in found if another]
+    return [(passed_over[at], owner_type) for at, owner_type, another in found if another]
 
 
 def _insert(cursor, rows: list[dict[str, Any]]) -> dict[uuid.UUID, bool]:
@@ -279,20 +283,32 @@ def _insert(cursor, rows: list[dict[str, Any]]) -> dict[uuid.UUID, bool]:
     return {uuid.UUID(message_id): parked for message_id, parked in inserted}
 
 
-def _parked_under_a_taken_id(record: ConsumedRecord, row: dict[str, Any],
-                             taken_by: str | None) -> dict[str, Any]:
+def _parked_under_a_taken_id(row: dict[str, Any], taken_by: str | None) -> dict[str, Any]:
     """The row of a message under a message id another message, of type `taken_by`, has taken:
     the message as it came (its type, envelope version, correlation id, request id, and payload,
-    or text if it is kept as its text), parked with why under an id of its own, its position, so
-    that an operator can replay it (handled under that id) or discard it."""
+    or text if it is kept as its text), parked with why under an id of its own, so that an
+    operator can replay it (handled under that id) or discard it."""
     this = (f"a {row['type']!r} message under it" if row["type"] != taken_by
             else "one of another payload under it")
     why = (f"its message_id {row['message_id']} is that of a {taken_by!r} message already: {this}"
            " is another message, not a repeat")
     if row.get("last_error"):  # (parked as it came too: a type or a version not known, say)
         why = f"{why}; and {row['last_error']}"
-    return row | {"message_id": _position_id(record), "parked_at": utc_now(),
+    return row | {"message_id": _id_of_its_own(row), "parked_at": utc_now(),
                   "last_error": _storable_text(why, 2000)}
+
+
+def _id_of_its_own(row: dict[str, Any]) -> uuid.UUID:
+    """The id a message under a taken message id is parked under: made of that id, its type and
+    a digest of its payload (or text), not of its position, so that the message sent again (a
+    producer's retry, at another offset) is the same row, parked and said once."""
+    payload = row.get("payload")
+    if payload is None:
+        content = row.get("raw_value") or ""
+    else:
+        content = payload.adapted if isinstance(payload, _JsonText) else dumps_exact(payload)
+    digest = hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()
+    return uuid.uuid5(_TAKEN_ID_NAMESPACE, f"{row['message_id']}:{row['type']}:{digest}")
 
 
 def _as_json(payload: dict[str, Any] | Json | None) -> Json | None:
@@ -336,7 +352,8 @@ SELECT received.at, stored.type,
                THEN stored.raw_value <> received.raw_value
                ELSE false END
 FROM (VALUES %s) AS received (at, message_id, type, payload, raw_value)
-JOIN inbox_messages AS stored ON stored.message_id = received.message_id"""
+JOIN inbox_messages AS stored ON stored.message_id = received.message_id
+ORDER BY received.at"""
 _RECEIVED_ENVELOPE = "(%s, %s::uuid, %s, %s::jsonb, %s)"
 # (Typed: the values of a VALUES list read as text where they are not numbers.)
 _STORED_ROW = ("(%s::uuid, %s, %s, %s, %s, %s, %s::smallint, %s, %s, %s::jsonb, %s,"

@@ -4,6 +4,7 @@ handled."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -588,7 +589,9 @@ def test_a_message_of_another_payload_under_a_taken_id_is_parked_and_a_resend_dr
     record, message_id = _request_record(user_id)
     body = json.loads(record.value)
     body["payload"]["amount"] = "2.00"
-    other, later = _record(encode(body)), _record(encode(body))
+    other = _record(encode(body))
+    body["payload"]["amount"] = "3.00"
+    later = _record(encode(body))
     resent = _record(record.value)
     assert payments_inbox([record, other, resent]) == [message_id]
     assert payments_inbox([later, resent]) == []
@@ -599,6 +602,25 @@ def test_a_message_of_another_payload_under_a_taken_id_is_parked_and_a_resend_dr
     assert all(row.parked_at is not None and row.message_id != message_id for row in parked)
     assert all(f"{message_id} is that of a 'PaymentRequested' message already: one of another"
                " payload" in row.last_error for row in parked)
+
+
+def test_a_message_under_a_taken_id_sent_again_is_parked_and_said_once(
+        in_payments, payments_inbox, user_id, caplog):
+    """A producer retrying a message under a taken id sends it again at another offset: the same
+    message, parked once under the same id of its own, and said once, not once per resend."""
+    record, message_id = _request_record(user_id)
+    body = json.loads(record.value) | {"type": PAYMENT_FAILED}
+    body["payload"]["reason"] = "NO_ACCOUNT"
+    other, retried, retried_later = (_record(encode(body)) for _ in range(3))
+    caplog.set_level(logging.ERROR, logger="shared.inbox.storing")
+    assert payments_inbox([record, other, retried]) == [message_id]
+    assert payments_inbox([retried_later]) == []
+    offsets = [other.offset, retried.offset, retried_later.offset]
+    parked = db.session.scalars(select(InboxMessage).where(
+        InboxMessage.topic == other.topic, InboxMessage.offset.in_(offsets))).all()
+    assert [row.offset for row in parked] == [other.offset]
+    said = [entry.getMessage() for entry in caplog.records if str(message_id) in entry.getMessage()]
+    assert len(said) == 1 and str(parked[0].message_id) in said[0]
 
 
 def test_another_unparseable_record_at_a_parked_ones_position_is_parked_too(in_payments,
