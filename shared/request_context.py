@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar, Token
 
@@ -96,10 +96,15 @@ class RequestIdLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         bound = _current.get()
         if isinstance(bound, tuple):
-            more = len(bound) - IDS_NAMED_AT_MOST
-            bound = ",".join(bound[:IDS_NAMED_AT_MOST] + ((f"+{more}-more",) if more > 0 else ()))
+            bound = named_at_most(bound, ",")
         record.request_id = escaped_in_logs(bound or "-")
         return True
+
+
+def named_at_most(names: Sequence[str], separator: str) -> str:
+    """The first IDS_NAMED_AT_MOST of `names`, and how many others there are ("+3-more")."""
+    more = len(names) - IDS_NAMED_AT_MOST
+    return separator.join([*names[:IDS_NAMED_AT_MOST], *([f"+{more}-more"] if more > 0 else [])])
 
 
 def log_with_request_ids(handler: logging.Handler) -> None:

@@ -17,7 +17,7 @@ from shared.contracts import (Envelope, MalformedMessage, PayloadRefused, decode
 from shared.inbox.model import utc_now
 from shared.jsonio import dumps_exact
 from shared.request_context import (REQUEST_ID_KAFKA_HEADER, given_request_id_if_sane,
-                                    request_id_bound)
+                                    named_at_most, request_ids_bound)
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,8 @@ class _JsonText(Json):
 def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     """Insert the records not seen before with one statement on a driver cursor (atomic on its
     own, so the consumer runs it in autocommit: shared/inbox_consumer.py); return the ids of the
-    new ones that await handling. Each new one parked is said, as a handler's parking is.
+    new ones that await handling. The new ones parked are said, as a handler's parking is, a
+    line for each reason (_say_parked).
 
     A record under a message id a message is stored under already, before or earlier in the batch,
     is a repeat only if it is that message again, of its type and payload (a resend, a rebalance, a
@@ -225,25 +226,40 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     for row in received:
         rows.setdefault(row["message_id"], row)  # a repeat inside one batch is stored once
     inserted = _insert(cursor, list(rows.values()))
+    # (Read again, a record stored before is not inserted, and not said again.)
+    _say_parked([row for message_id, row in rows.items() if inserted.get(message_id)])
     under_taken_ids: dict[uuid.UUID, dict[str, Any]] = {}
     for row, owner_type in _under_taken_ids(
             cursor, [row for row in received if _passed_over(row, rows, inserted)]):
         parked = _parked_under_a_taken_id(row, owner_type)
         under_taken_ids.setdefault(parked["message_id"], parked)  # (the same message sent twice)
     if under_taken_ids:
-        rows.update(under_taken_ids)
-        inserted.update(_insert(cursor, list(under_taken_ids.values())))
-    new_ids = []
-    for message_id, parked in inserted.items():
-        if not parked:
-            new_ids.append(message_id)
-            continue
-        # (Read again, a record stored before is not inserted, and not said again.)
-        row = rows[message_id]
-        with request_id_bound(row["request_id"]):
-            log.error("parked inbox message %s as it arrived (%s [%d] @ %d): %s", message_id,
-                      row["topic"], row["partition"], row["offset"], row["last_error"])
-    return new_ids
+        parked_now = _insert(cursor, list(under_taken_ids.values()))
+        _say_parked([row for message_id, row in under_taken_ids.items()
+                     if message_id in parked_now])
+    return [message_id for message_id, parked in inserted.items() if not parked]
+
+
+def _say_parked(rows: list[dict[str, Any]]) -> None:
+    """Say the rows parked as they arrived in an ERROR line for each reason, with their request
+    ids: naming IDS_NAMED_AT_MOST of them, where they sat, and counting the others, so that a
+    producer flooding a topic with what cannot be handled gives a few lines a batch, not one a
+    record."""
+    by_reason: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_reason.setdefault(row.get("reason_said") or row["last_error"], []).append(row)
+    for reason, parked in by_reason.items():
+        with request_ids_bound(row["request_id"] for row in parked):
+            log.error("parked inbox message(s) as they arrived (%d): %s: %s", len(parked),
+                      named_at_most([_said_where(row) for row in parked], ", "), reason)
+
+
+def _said_where(row: dict[str, Any]) -> str:
+    """A parked row's id as its line names it: where it sat, and the message id it came under
+    if that was taken."""
+    taken = f", under message_id {row['taken_id']}" if "taken_id" in row else ""
+    return (f"{row['message_id']} ({row['topic']} [{row['partition']}] @ {row['offset']}"
+            f"{taken})")
 
 
 def _passed_over(row: dict[str, Any], rows: dict[uuid.UUID, dict[str, Any]],
@@ -290,12 +306,13 @@ def _parked_under_a_taken_id(row: dict[str, Any], taken_by: str | None) -> dict[
     operator can replay it (handled under that id) or discard it."""
     this = (f"a {row['type']!r} message under it" if row["type"] != taken_by
             else "one of another payload under it")
-    why = (f"its message_id {row['message_id']} is that of a {taken_by!r} message already: {this}"
-           " is another message, not a repeat")
+    why = f"is that of a {taken_by!r} message already: {this} is another message, not a repeat"
     if row.get("last_error"):  # (parked as it came too: a type or a version not known, say)
         why = f"{why}; and {row['last_error']}"
+    # (Said, with others alike, naming the id taken beside the message's own: _say_parked.)
     return row | {"message_id": _id_of_its_own(row), "parked_at": utc_now(),
-                  "last_error": _storable_text(why, 2000)}
+                  "last_error": _storable_text(f"its message_id {row['message_id']} {why}", 2000),
+                  "taken_id": row["message_id"], "reason_said": f"its message_id {why}"}
 
 
 def _id_of_its_own(row: dict[str, Any]) -> uuid.UUID:

@@ -623,6 +623,38 @@ def test_a_message_under_a_taken_id_sent_again_is_parked_and_said_once(
     assert len(said) == 1 and str(parked[0].message_id) in said[0]
 
 
+def test_records_parked_as_they_arrive_are_said_a_line_a_reason_naming_ten_at_most(
+        in_payments, payments_inbox, user_id, caplog):
+    """A producer flooding a topic with what cannot be handled (misconfigured, or a replay tool)
+    must not flood the log with a line a record: the records of a batch parked for one reason are
+    said in one ERROR line, naming ten of them, where they sat, and counting the others; those
+    parked for another reason in a line of their own (messages under taken ids, each naming the
+    id it took)."""
+    caplog.set_level(logging.ERROR, logger="shared.inbox.storing")
+    broken = [_record(b"not json") for _ in range(13)]
+    stored = [_request_record(user_id)[0] for _ in range(2)]
+    taking = []
+    for record in stored:
+        body = json.loads(record.value) | {"type": PAYMENT_FAILED}
+        body["payload"]["reason"] = "NO_ACCOUNT"
+        taking.append(_record(encode(body)))
+    payments_inbox(stored)
+    assert payments_inbox([*broken, *taking]) == []
+    said = [entry.getMessage() for entry in caplog.records
+            if "as they arrived" in entry.getMessage()]
+    assert len(said) == 2
+    [flood] = [line for line in said if "not UTF-8 JSON" in line]
+    assert flood.startswith("parked inbox message(s) as they arrived (13): ")
+    assert flood.count(" (test-topic [0] @ ") == 10
+    assert ", +3-more: value is not UTF-8 JSON" in flood
+    [taken] = [line for line in said if line != flood]
+    assert taken.startswith("parked inbox message(s) as they arrived (2): ")
+    assert all(f"under message_id {json.loads(record.value)['message_id']})" in taken
+               for record in stored)
+    assert taken.endswith(": its message_id is that of a 'PaymentRequested' message already: a"
+                          " 'PaymentFailed' message under it is another message, not a repeat")
+
+
 def test_another_unparseable_record_at_a_parked_ones_position_is_parked_too(in_payments,
                                                                             payments_inbox):
     """A topic deleted and made again starts its offsets at 0: a broken record there meets the
