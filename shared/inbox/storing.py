@@ -230,7 +230,7 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     _say_parked([row for message_id, row in rows.items() if inserted.get(message_id)])
     under_taken_ids: dict[uuid.UUID, dict[str, Any]] = {}
     for row, owner_type in _under_taken_ids(
-            cursor, [row for row in received if _passed_over(row, rows, inserted)]):
+            cursor, [row for row in received if _passed_over(row, rows, inserted)], rows):
         parked = _parked_under_a_taken_id(row, owner_type)
         under_taken_ids.setdefault(parked["message_id"], parked)  # (the same message sent twice)
     if under_taken_ids:
@@ -272,18 +272,22 @@ def _passed_over(row: dict[str, Any], rows: dict[uuid.UUID, dict[str, Any]],
     return rows[row["message_id"]] is not row or row["message_id"] not in inserted
 
 
-def _under_taken_ids(cursor, passed_over: list[dict[str, Any]]
+def _under_taken_ids(cursor, passed_over: list[dict[str, Any]],
+                     first_rows: dict[uuid.UUID, dict[str, Any]]
                      ) -> list[tuple[dict[str, Any], str | None]]:
     """Those of the rows passed over that are not the message stored under their id again, with
-    the type of that message."""
+    the type of that message; or, where none is stored now (pruned since the insert passed over
+    it), those that are not the first record of the batch under their id again (`first_rows`)."""
     if not passed_over:
         return []
-    values = [(at, str(row["message_id"]), row["type"], _as_json(row.get("payload")),
-               row.get("raw_value")) for at, row in enumerate(passed_over)]
+    values = []
+    for at, row in enumerate(passed_over):
+        first = first_rows[row["message_id"]]
+        values.append((at, str(row["message_id"]), row["type"], _as_json(row.get("payload")),
+                       row.get("raw_value"), first["type"], _as_json(first.get("payload")),
+                       first.get("raw_value")))
     found = execute_values(cursor, _STORED_OWNERS, values, template=_RECEIVED_ENVELOPE,
                            page_size=len(values), fetch=True)
-    # (A stored message pruned since the insert passed over it is not read: the record is taken
-    # for a repeat of it, as it was.)
     return [(passed_over[at], owner_type) for at, owner_type, another in found if another]
 
 
@@ -358,20 +362,27 @@ RETURNING message_id::text, parked_at IS NOT NULL"""
 # added, which a tolerant reader drops; a payload refused, kept as sent). A message kept as its
 # text (no payload) is compared by its text; one kept as its text and one read whole cannot be
 # compared, and are taken for the same (the same record, read across an upgrade that made its
-# envelope version known). Asked only when the insert passed over a record. A plain read: it
-# never waits.
+# envelope version known). Where no message is stored under the id now (pruned since the insert
+# passed over it), the record is compared with the batch's first under it (first_*): another
+# message beside it in the batch is still no repeat. Asked only when the insert passed over a
+# record. A plain read: it never waits.
 _STORED_OWNERS = """
-SELECT received.at, stored.type,
-       stored.type IS DISTINCT FROM received.type
-       OR CASE WHEN stored.payload IS NOT NULL AND received.payload IS NOT NULL
-               THEN NOT (stored.payload @> received.payload OR stored.payload <@ received.payload)
-               WHEN stored.raw_value IS NOT NULL AND received.raw_value IS NOT NULL
-               THEN stored.raw_value <> received.raw_value
+SELECT received.at, owner.type,
+       owner.type IS DISTINCT FROM received.type
+       OR CASE WHEN owner.payload IS NOT NULL AND received.payload IS NOT NULL
+               THEN NOT (owner.payload @> received.payload OR owner.payload <@ received.payload)
+               WHEN owner.raw_value IS NOT NULL AND received.raw_value IS NOT NULL
+               THEN owner.raw_value <> received.raw_value
                ELSE false END
-FROM (VALUES %s) AS received (at, message_id, type, payload, raw_value)
-JOIN inbox_messages AS stored ON stored.message_id = received.message_id
+FROM (VALUES %s) AS received (at, message_id, type, payload, raw_value, first_type, first_payload,
+                              first_raw_value)
+CROSS JOIN LATERAL (SELECT stored.type, stored.payload, stored.raw_value, 0 AS choice
+                    FROM inbox_messages AS stored WHERE stored.message_id = received.message_id
+                    UNION ALL
+                    SELECT received.first_type, received.first_payload, received.first_raw_value, 1
+                    ORDER BY choice LIMIT 1) AS owner
 ORDER BY received.at"""
-_RECEIVED_ENVELOPE = "(%s, %s::uuid, %s, %s::jsonb, %s)"
+_RECEIVED_ENVELOPE = "(%s, %s::uuid, %s, %s::jsonb, %s, %s, %s::jsonb, %s)"
 # (Typed: the values of a VALUES list read as text where they are not numbers.)
 _STORED_ROW = ("(%s::uuid, %s, %s, %s, %s, %s, %s::smallint, %s, %s, %s::jsonb, %s,"
                " %s::timestamptz, %s, %s::timestamptz)")

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+import psycopg2
 import pytest
 from marshmallow import fields, validate
 from sqlalchemy import select, text
@@ -21,13 +22,14 @@ from sqlalchemy.orm import Session
 from shared import contracts
 from shared.contracts import (FAILURE_REASONS, PAYLOAD_SCHEMAS, PAYMENT_FAILED, PAYMENT_REQUESTED,
                               PaymentFailedSchema, encode, new_event)
-from shared.db import db, transaction
+from shared.db import db, driver_dsn, transaction
 from shared.inbox.handling import (Outcome, PermanentMessageError, ReceivedEvent,
                                    handle_locked_message, lock_in_order, note_try_begun,
                                    process_inbox_message, record_failed_attempt)
 from shared.inbox.model import InboxMessage
 from shared.inbox.parked import unpark_messages
-from shared.inbox.storing import ConsumedRecord, inbox_row
+from shared.inbox import storing
+from shared.inbox.storing import ConsumedRecord, inbox_row, insert_records
 from shared.inbox.sweeping import claim_stalled_messages
 from tasks.services import service_app
 from tests.postgres_tools import terminate_backend
@@ -653,6 +655,53 @@ def test_records_parked_as_they_arrive_are_said_a_line_a_reason_naming_ten_at_mo
                for record in stored)
     assert taken.endswith(": its message_id is that of a 'PaymentRequested' message already: a"
                           " 'PaymentFailed' message under it is another message, not a repeat")
+
+
+# (The statement of insert_records' that reads back the messages stored under the ids it passed
+# over, as execute_values sends it: bytes, its VALUES list filled in.)
+_READ_OF_THE_STORED = storing._STORED_OWNERS.partition("%s")[0].encode()
+
+
+class _PrunedBeforeTheRead(psycopg2.extensions.cursor):
+    """A cursor on which the inbox row of `pruned` is deleted, as the pruner deletes a handled
+    message's row, just before insert_records, its insert done, reads back the messages stored
+    under the ids the insert passed over."""
+
+    pruned: uuid.UUID | None = None
+
+    def execute(self, query, vars=None):
+        if self.pruned is not None and query.startswith(_READ_OF_THE_STORED):
+            super().execute("DELETE FROM inbox_messages WHERE message_id = %s", (self.pruned,))
+            self.pruned = None
+        return super().execute(query, vars)
+
+
+def test_a_message_under_a_taken_id_is_no_repeat_though_the_message_taking_it_is_pruned_meanwhile(
+        in_payments, settings, user_id):
+    """A batch holding a message stored before, sent again, and another message under its id: if
+    the stored one is pruned after the insert passed over both and before they are compared with
+    it, the other is compared with the batch's first message under the id, and parked, not taken
+    for a repeat and dropped."""
+    record, message_id = _request_record(user_id)
+    body = json.loads(record.value) | {"type": PAYMENT_FAILED}
+    body["payload"]["reason"] = "NO_ACCOUNT"
+    other = _record(encode(body))
+    connection = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            assert insert_records(cursor, [record]) == [message_id]
+        with connection.cursor(cursor_factory=_PrunedBeforeTheRead) as cursor:
+            cursor.pruned = str(message_id)
+            assert insert_records(cursor, [_record(record.value), other]) == []
+            assert cursor.pruned is None  # (pruned as the test meant)
+    finally:
+        connection.close()
+    assert _row(message_id) is None
+    parked = db.session.scalars(select(InboxMessage).where(
+        InboxMessage.topic == other.topic, InboxMessage.offset == other.offset)).all()
+    assert [(row.type, row.parked_at is not None) for row in parked] == [(PAYMENT_FAILED, True)]
+    assert f"{message_id} is that of a 'PaymentRequested' message already" in parked[0].last_error
 
 
 def test_another_unparseable_record_at_a_parked_ones_position_is_parked_too(in_payments,
