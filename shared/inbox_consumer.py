@@ -186,7 +186,9 @@ class InboxConsumer:
             try:
                 new_ids = self._store_batch(records)
             except Exception:
-                # Nothing was stored: rewind so the same records come back on the next poll.
+                # Nothing was stored, or only what the batch's first statement stored, which a
+                # read again passes over (insert_records): rewind so the same records come back
+                # on the next poll.
                 self._rewind(first_offsets(records))
                 raise
             for offset in next_offsets(records):
@@ -362,10 +364,11 @@ def _positions(offsets: list[TopicPartition]) -> str:
 
 
 class StoreOnOwnConnection:
-    """A StoreBatch that writes each batch with one INSERT on a PostgreSQL connection of its own,
-    in autocommit.
+    """A StoreBatch that writes each batch on a PostgreSQL connection of its own, in autocommit:
+    with one INSERT, or, for a batch holding a repeat, a read and an INSERT more after it
+    (insert_records, which says what a failure between them leaves to the sweeper).
 
-    The statement is atomic by itself: a transaction around it would add a BEGIN and a COMMIT
+    The one INSERT is atomic by itself: a transaction around it would add a BEGIN and a COMMIT
     round trip and a pooled session for every batch, and nothing else. A connection that fails is
     closed, and the next batch opens a new one.
     """

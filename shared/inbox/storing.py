@@ -207,10 +207,18 @@ class _JsonText(Json):
 
 
 def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
-    """Insert the records not seen before with one statement on a driver cursor (atomic on its
-    own, so the consumer runs it in autocommit: shared/inbox_consumer.py); return the ids of the
-    new ones that await handling. The new ones parked are said, as a handler's parking is, a
-    line for each reason (_say_parked).
+    """Insert the records not seen before on a driver cursor in autocommit (the consumer's:
+    shared/inbox_consumer.py); return the ids of the new ones that await handling. The new ones
+    parked are said, as a handler's parking is, a line for each reason (_say_parked).
+
+    A batch is stored with one statement, atomic on its own, unless that insert passed over a
+    record: then a read of the messages stored under those ids follows, and an insert of the
+    messages under taken ids (below), if any. The three are no one transaction: should the read or
+    the second insert fail, the batch fails and is read again from Kafka, and the new messages the
+    first insert stored, not new then, are not returned again: the sweeper hands them over (after
+    INBOX_SWEEP_MIN_AGE_SECONDS), and those it parked have been said already. (A transaction
+    around every batch would cost its BEGIN and COMMIT on every batch, for the sake of batches that
+    hold a repeat; whether one does is known only once the first insert has committed.)
 
     A record under a message id a message is stored under already, before or earlier in the batch,
     is a repeat only if it is that message again, of its type and payload (a resend, a rebalance, a

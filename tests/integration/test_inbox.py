@@ -476,11 +476,9 @@ def test_raw_value_keeps_what_was_received(in_payments, payments_inbox):
 
 def test_the_consumer_stores_on_a_connection_of_its_own_and_replaces_it_once_lost(
         in_payments, payments_inbox, settings, user_id):
-    """The consumer writes each batch with one statement in autocommit on its own connection. When
+    """The consumer writes each batch in autocommit on a connection of its own. When
     the database drops that connection, the batch fails (the consumer reads it again from Kafka)
     and the next one opens a new connection."""
-    import psycopg2
-
     first, first_id = _request_record(user_id)
     assert payments_inbox([first, first]) == [first_id]
     terminate_backend(settings.payments_database_url, payments_inbox._connection.get_backend_pid())
