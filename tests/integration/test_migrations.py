@@ -325,13 +325,23 @@ def test_the_envelope_versions_own_step_refuses_under_its_lock_what_was_asked_be
     _park_a_version_2_message_with_its_payload(url)
     schema = _schema(url)
 
-    before = BELOW_THE_ENVELOPE_VERSION[service]
+    _assert_its_step_refuses(
+        config, url, BELOW_THE_ENVELOPE_VERSION[service], stays_at=head, schema=schema,
+        begins="1 inbox message(s) of an envelope version other than 1",
+        ends="the database stays at the revision that keeps envelope versions, with the messages"
+             " as they were")
+
+
+def _assert_its_step_refuses(config, url: str, before: str, stays_at: str, schema, begins: str,
+                             ends: str) -> None:
+    """A downgrade to `before` run by alembic alone (no question asked before any revision goes
+    down) is refused by a revision's own step, in words that begin and end so, the database
+    left at `stays_at` with its `schema`."""
     with pytest.raises(DowngradeRefused) as refused:
         command.downgrade(config, before)
-    assert str(refused.value).startswith("1 inbox message(s) of an envelope version other than 1")
-    assert str(refused.value).endswith("the database stays at the revision that keeps envelope"
-                                       " versions, with the messages as they were")
-    assert _scalar(url, "SELECT version_num FROM alembic_version") == head
+    assert str(refused.value).startswith(begins)
+    assert str(refused.value).endswith(ends)
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == stays_at
     assert _schema(url) == schema
 
 
@@ -402,13 +412,10 @@ def test_the_outbox_parkings_own_step_refuses_under_its_lock_what_was_asked_befo
     _park_an_outbox_row(url)
     schema = _schema(url)
 
-    with pytest.raises(DowngradeRefused) as refused:
-        command.downgrade(config, before)
-    assert str(refused.value).startswith("1 outbox row(s) lie parked")
-    assert str(refused.value).endswith("the database stays at the revision that parks rows, with"
-                                       " the rows as they were")
-    assert _scalar(url, "SELECT version_num FROM alembic_version") == parking
-    assert _schema(url) == schema
+    _assert_its_step_refuses(
+        config, url, before, stays_at=parking, schema=schema,
+        begins="1 outbox row(s) lie parked",
+        ends="the database stays at the revision that parks rows, with the rows as they were")
     assert _scalar(url, "SELECT count(*) FROM outbox_messages WHERE parked_at IS NOT NULL") == 1
 
 
