@@ -808,6 +808,20 @@ def _schema(url: str) -> dict[str, dict]:
     return {table: _table_definition(url, table) for table in tables}
 
 
+def _migrated_by_a_later_release(service: str, url: str) -> tuple[str, str]:
+    """The service's database at `url` migrated to this release's head, then marked at the next
+    revision, a later release's: (this release's head, that revision)."""
+    ensure_database(url)
+    config = alembic_config(service, url)
+    command.upgrade(config, "head")
+    head = ScriptDirectory.from_config(config).get_current_head()
+    later = f"{int(head) + 1:04d}"
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("UPDATE alembic_version SET version_num = %s", (later,))
+    connection.close()
+    return head, later
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_the_release_before_starts_on_a_database_a_later_release_migrated(infrastructure,
                                                                            service):
@@ -817,14 +831,7 @@ def test_the_release_before_starts_on_a_database_a_later_release_migrated(infras
     release's revisions leave a schema the release before runs on). Before, Alembic's "Can't
     locate revision" made it exit 1, and nothing started."""
     url = _database_url(infrastructure, "rolled-back", service)
-    ensure_database(url)
-    config = alembic_config(service, url)
-    command.upgrade(config, "head")
-    head = ScriptDirectory.from_config(config).get_current_head()
-    later = f"{int(head) + 1:04d}"
-    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        cursor.execute("UPDATE alembic_version SET version_num = %s", (later,))
-    connection.close()
+    head, later = _migrated_by_a_later_release(service, url)
     schema = _schema(url)
 
     migrating = _migrate_by_hand(service, url, "upgrade", service)
@@ -857,14 +864,7 @@ def test_an_upgrade_to_an_older_revision_of_a_database_a_later_release_migrated_
     only the later release's WARNING, and exited 0. To this release's head, named or not (what
     each `*-migrate` asks), it leaves the schema with that WARNING, and exits 0."""
     url = _database_url(infrastructure, f"later-back-{_spelt(target)}", "orders")
-    ensure_database(url)
-    config = alembic_config("orders", url)
-    command.upgrade(config, "head")
-    head = ScriptDirectory.from_config(config).get_current_head()
-    later = f"{int(head) + 1:04d}"
-    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        cursor.execute("UPDATE alembic_version SET version_num = %s", (later,))
-    connection.close()
+    head, later = _migrated_by_a_later_release("orders", url)
     schema = _schema(url)
 
     migrating = _migrate_by_hand("orders", url, "upgrade", "orders", target)
