@@ -18,7 +18,8 @@ from confluent_kafka.admin import AdminClient
 from bench.shop import RELAY_SPEED_TOPIC, service_cursor
 from devstack.stack import Stack
 from shared.config import load_settings
-from shared.kafka import FLUSH_TIMEOUT_S, ensure_topics, producer_config
+from shared.kafka import ensure_topics, producer_config
+from shared.outbox.publishing import FLUSH_TIMEOUT_S
 from shared.outbox.relaying import RELAY_SELECT, relay_headers
 
 INSERT_ROWS = """

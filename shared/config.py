@@ -48,7 +48,7 @@ ENVIRONMENT: dict[str, str] = {
     "OUTBOX_RELAY_BATCH_SIZE": "5000",
     # Topics, comma-separated, that the relay sends outbox rows to besides the TOPIC_* ones: a
     # tool's own (the benchmark's relay-speed topic). A row naming any other topic is parked, not
-    # sent (shared.kafka.OutboxPublisher).
+    # sent (shared.outbox.publishing.OutboxPublisher).
     "OUTBOX_EXTRA_TOPICS": "",
     # How often beat checks that a relay leads each outbox (commits wake the leader themselves), so
     # the longest a dead leader goes unreplaced. Each check is a task through Redis: at 0.5 s beat

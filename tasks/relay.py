@@ -46,7 +46,8 @@ from flask import current_app
 
 from shared.config import SERVICES
 from shared.db import DatabaseOutageLog
-from shared.kafka import OutboxPublisher, ensure_topics
+from shared.kafka import ensure_topics
+from shared.outbox.publishing import OutboxPublisher
 from shared.outbox.relaying import (count_parked_outbox_messages, first_refused_row_due_in,
                                     newer_row_may_go, newest_row_id, refused_rows_wait,
                                     relay_pending_outbox, rows_were_refused, vacuum_outbox)

@@ -34,5 +34,7 @@ The modules, each with one job:
   transaction (the use cases' side).
 - relaying: rows read in order, sent and deleted; the rows the broker refused counted, made to
   wait or parked (the relay's side).
+- publishing: a batch of rows sent to Kafka with an idempotent producer, and why the broker did
+  not take each row it refused (OutboxPublisher, the relay's sender).
 - parked: parked rows listed, handed back to the relay, or discarded (the operator's side).
 """

@@ -223,9 +223,9 @@ _PARK = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(err
 # The parked rows, as a condition that the refused rows' index answers (a parked row counted an
 # attempt as it was parked).
 PARKED_ROWS = "attempts > 0 AND parked_at IS NOT NULL"
-# How the error of a row parked for its topic begins (shared.kafka.UNKNOWN_TOPIC_ERROR), whichever
-# release's relay parked it: tells it from one parked for the broker's answer about its record (too
-# large, invalid: shared.outbox.parked).
+# How the error of a row parked for its topic begins (shared.outbox.publishing.UNKNOWN_TOPIC_ERROR),
+# whichever release's relay parked it: tells it from one parked for the broker's answer about its
+# record (too large, invalid: shared.outbox.parked).
 UNKNOWN_TOPIC_ERROR_BEGINS = "not sent: its topic"
 
 

@@ -28,9 +28,9 @@ from orders_app import published_events, service
 from orders_app.models import Order
 from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, new_event
 from shared.db import db, driver_cursor, driver_dsn, transaction
-from shared.kafka import OutboxPublisher
 from shared.task_queues import worker_queues
 from shared.outbox.parked import NotOfTheTopic, redirect_parked_outbox_messages
+from shared.outbox.publishing import OutboxPublisher
 from shared.outbox.relaying import (CLAIM_ROWS, FIRST_RETRY_AFTER_SECONDS, REFUSED_LOOKED_AT,
                                     Refusal, relay_pending_outbox, vacuum_outbox)
 from shared.outbox.writing import OutboxMessage, add_outbox_message, outbox_rows_written_together

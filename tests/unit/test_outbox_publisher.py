@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from shared import kafka
 from shared.config import SERVICES, load_settings
+from shared.outbox import publishing
 from shared.outbox.relaying import UNKNOWN_TOPIC_ERROR_BEGINS, Refusal
 
 
@@ -82,8 +82,8 @@ def _rows(count: int) -> list[tuple]:
 @pytest.fixture
 def publisher(monkeypatch):
     StandInProducer.made.clear()
-    monkeypatch.setattr(kafka, "Producer", StandInProducer)
-    return kafka.OutboxPublisher(load_settings({}), "orders", topics=["topic"])
+    monkeypatch.setattr(publishing, "Producer", StandInProducer)
+    return publishing.OutboxPublisher(load_settings({}), "orders", topics=["topic"])
 
 
 def test_rows_with_no_failure_reported_are_acknowledged(publisher):
@@ -225,7 +225,7 @@ def test_rows_of_a_batch_refused_as_too_large_wait_once_the_time_is_up(publisher
     rows = _rows(3)
     producer = publisher._get_producer()
     producer.topic_limit = 0  # every batch refused
-    monkeypatch.setattr(kafka, "FLUSH_TIMEOUT_S", 0.0)  # no time left to send any alone
+    monkeypatch.setattr(publishing, "FLUSH_TIMEOUT_S", 0.0)  # no time left to send any alone
     refused = publisher.send_batch(rows)
     assert set(refused) == {1, 2, 3}
     assert not any(r.park or r.held for r in refused.values())  # tried again later, in a batch
@@ -318,7 +318,7 @@ def test_a_flush_that_leaves_messages_unanswered_acknowledges_none(publisher):
 def test_a_live_relay_leader_is_never_idle_long_enough_to_lose_its_session():
     """The leader's longest idle stretch (a batch waiting on the broker, then its topic check,
     then a wait) stays well under the idle timeout that ends a stalled leader's session."""
-    from shared.kafka import FLUSH_TIMEOUT_S
+    from shared.outbox.publishing import FLUSH_TIMEOUT_S
     from shared.relay_leader import LEADER_IDLE_TIMEOUT_SECONDS
     from tasks.relay import RECHECK_SECONDS, TOPIC_CHECK_TIMEOUT_SECONDS
 
@@ -368,7 +368,7 @@ def test_both_ways_out_of_a_topic_not_the_shops_are_shown_whole_by_list(service)
     from tasks.parked import _one_line
 
     for topic in ("hseshop.orders.payment-requested", "x" * 300):
-        error = kafka.UNKNOWN_TOPIC_ERROR.format(
+        error = publishing.UNKNOWN_TOPIC_ERROR.format(
             topic=topic, service=service,
             topics="hseshop.orders.order-status-changed, hseshop.orders.payment-requested,"
                    " hseshop.payments.payment-results")

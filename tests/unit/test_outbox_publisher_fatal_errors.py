@@ -14,7 +14,7 @@ import pytest
 from confluent_kafka import KafkaError
 
 from shared.config import load_settings
-from shared.kafka import OutboxPublisher
+from shared.outbox.publishing import OutboxPublisher
 from tests.kafka_tools import read_topic
 from tests.librdkafka_mock import INIT_PRODUCER_ID, PRODUCE, MockCluster
 
@@ -54,7 +54,7 @@ def test_a_producer_failed_fatally_refuses_its_batch_says_why_and_is_replaced(
     name = KafkaError(error).name()
 
     cluster.answer_next_requests_with(request_, error)
-    with caplog.at_level(logging.ERROR, logger="shared.kafka"):
+    with caplog.at_level(logging.ERROR, logger="shared.outbox.publishing"):
         refused = publisher.send_batch(batch)
     assert set(refused) == {row[0] for row in batch}
     assert all(name in r.error for r in refused.values())

@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka import KafkaError
 
 from shared.config import load_settings
-from shared.kafka import OutboxPublisher
+from shared.outbox.publishing import OutboxPublisher
 from tests.kafka_tools import read_topic
 from tests.librdkafka_mock import PRODUCE, MockCluster
 
