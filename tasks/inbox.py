@@ -31,6 +31,7 @@ from shared.request_context import request_id_bound, request_ids_bound
 from shared.task_queues import handler_queue
 from tasks.celery_app import app
 from tasks.retention import prune_in_transactions
+from tasks.run_request_id import bind_request_id_for_the_rest_of_the_run
 from tasks.services import ServiceTask, service_package
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
             outage.back()
         if ended is not None:  # parked, or handed over again: no retry of its own
             return ended.value
-        self.bind_request_id_for_the_rest_of_the_run(request_id)  # (Celery's line of the retry)
+        bind_request_id_for_the_rest_of_the_run(self, request_id)  # (Celery's line of the retry)
         raise self.retry(exc=exc, countdown=retry_countdown(
             self.request.retries, settings.inbox_sweep_min_age_seconds)) from exc
     outage.back()

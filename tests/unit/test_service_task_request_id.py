@@ -1,5 +1,5 @@
 """A task's body binds its message's request id for the rest of its run only in a run Celery's
-tracer began, whose end unbinds it, however often tasks.services is imported (pure logic: the
+tracer began, whose end unbinds it, however often tasks.run_request_id is imported (pure logic: the
 tracer runs a task of an app of the test's own, eagerly, with and without the optimisations a
 worker process installs, in the app context of a bare Flask app: a service's, built here with the
 settings of no test, would be kept for the process by tasks.services)."""
@@ -18,7 +18,9 @@ from celery.signals import task_postrun, task_prerun
 from flask import Flask
 
 from shared.request_context import current_request_id, request_id_bound
+import tasks.run_request_id
 import tasks.services
+from tasks.run_request_id import bind_request_id_for_the_rest_of_the_run
 from tasks.services import ServiceTask
 from tests.celery_tools import worker_optimizations
 
@@ -39,7 +41,7 @@ def retried(monkeypatch) -> Retried:
 
     @app.task(name=f"retried-{uuid.uuid4().hex[:8]}", base=ServiceTask, bind=True, max_retries=0)
     def task(self, service: str) -> None:
-        self.bind_request_id_for_the_rest_of_the_run("click-of-the-message")
+        bind_request_id_for_the_rest_of_the_run(self, "click-of-the-message")
         made.seen.append(current_request_id())
         raise self.retry(exc=ConnectionError("ledger unavailable"), countdown=1)
 
@@ -71,10 +73,11 @@ def test_a_task_called_directly_leaves_its_callers_request_id_bound(retried):
 
 @pytest.fixture
 def imported_again() -> Iterator[None]:
-    """tasks.services run a second time, under another name (as a module run as a script or
+    """tasks.run_request_id run a second time, under another name (as a module run as a script or
     found by a second path is), kept alive (its handlers are connected weakly), and its
     handlers disconnected after, if they were connected."""
-    spec = importlib.util.spec_from_file_location("tasks_services_again", tasks.services.__file__)
+    spec = importlib.util.spec_from_file_location("run_request_id_again",
+                                                  tasks.run_request_id.__file__)
     again = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(again)
     try:
