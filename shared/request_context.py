@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar, Token
+from typing import NamedTuple
 
 from flask import Flask, request
 
@@ -24,9 +25,25 @@ SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 _ESCAPED_IN_LOGS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))} | {
     code: f"\\u{code:04x}" for code in (0x2028, 0x2029)}
 
-# The request id bound, or, while messages of several are handled together, their ids (a tuple):
-# the log's alone, a message written meanwhile answering no one of those requests.
-_current: ContextVar[str | tuple[str, ...] | None] = ContextVar("hseshop_request_id", default=None)
+
+class _SeveralRequestIds(NamedTuple):
+    """The request ids of messages handled together that share none: each id once, and how many of
+    the messages came with none."""
+
+    ids: tuple[str, ...]
+    without: int
+
+    def logged(self) -> str:
+        """As a line's one-word field: the ids, the first IDS_NAMED_AT_MOST named and the others
+        counted ("+3-more"), then the messages with none counted ("+2-none")."""
+        return ",".join([named_at_most(self.ids, ","),
+                         *([f"+{self.without}-none"] if self.without else [])])
+
+
+# The request id bound, or, while messages of several (or of one and none) are handled together,
+# their ids: the log's alone, a message written meanwhile answering no one of those requests.
+_current: ContextVar[str | _SeveralRequestIds | None] = ContextVar("hseshop_request_id",
+                                                                  default=None)
 
 
 def current_request_id() -> str | None:
@@ -57,13 +74,18 @@ def request_ids_bound(request_ids: Iterable[str | None]) -> AbstractContextManag
     """Bind the request ids of messages handled together (a run of a batch given to its handler
     at once, a batch that failed): one they all share as request_id_bound does; several for the
     log alone, each once, comma-separated (a sane id holds no comma), the first IDS_NAMED_AT_MOST
-    named and the others counted, current_request_id() giving none of them."""
-    distinct = list(dict.fromkeys(request_ids))
-    return _bound(distinct[0] if len(distinct) == 1 else tuple(filter(None, distinct)))
+    named and the others counted, then how many messages came with none ("+2-none": a run of
+    one id's messages and others without one is not logged as if they all shared it),
+    current_request_id() giving none of them."""
+    given = [request_id or None for request_id in request_ids]
+    distinct = list(dict.fromkeys(given))
+    if len(distinct) == 1:
+        return _bound(distinct[0])
+    return _bound(_SeveralRequestIds(tuple(filter(None, distinct)), given.count(None)))
 
 
 @contextmanager
-def _bound(bound: str | tuple[str, ...] | None) -> Iterator[None]:
+def _bound(bound: str | _SeveralRequestIds | None) -> Iterator[None]:
     token = _current.set(bound)
     try:
         yield
@@ -95,8 +117,8 @@ class RequestIdLogFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         bound = _current.get()
-        if isinstance(bound, tuple):
-            bound = named_at_most(bound, ",")
+        if isinstance(bound, _SeveralRequestIds):
+            bound = bound.logged()
         record.request_id = escaped_in_logs(bound or "-")
         return True
 

@@ -52,17 +52,22 @@ def test_c1_controls_and_the_unicode_line_separators_are_escaped_in_a_logged_lin
 
 @pytest.mark.parametrize("request_ids, logged, answered", [
     (["click-1111", "click-1111"], "click-1111", "click-1111"),
-    (["click-2222", None, "click-1111", "click-2222"], "click-2222,click-1111", None),
+    (["click-2222", None, "click-1111", "click-2222"], "click-2222,click-1111,+1-none", None),
+    (["click-1111", None, "click-1111", None], "click-1111,+2-none", None),
     ([None, None], "-", None),
     ([f"click-{n:04d}" for n in range(10)], ",".join(f"click-{n:04d}" for n in range(10)), None),
     ([f"click-{n:04d}" for n in range(13)],
      ",".join(f"click-{n:04d}" for n in range(10)) + ",+3-more", None),
-], ids=["one shared", "several, one with none", "none", "ten", "thirteen: ten named"])
+    ([None, *(f"click-{n:04d}" for n in range(13))],
+     ",".join(f"click-{n:04d}" for n in range(10)) + ",+3-more,+1-none", None),
+], ids=["one shared", "several, one with none", "one and none", "none", "ten",
+        "thirteen: ten named", "thirteen and none"])
 def test_messages_handled_together_log_each_of_their_request_ids_and_answer_one_they_share(
         request_ids, logged, answered):
     """A line said of them carries each id once (a grep for any finds it), ten at most and how
-    many more, so it stays short; a message written meanwhile answers their request only if it is
-    the one of them all."""
+    many more, so it stays short, and how many came with none, so that a run of one click's
+    messages and others of none is not taken for that click's alone; a message written meanwhile
+    answers their request only if it is the one of them all."""
     record = logging.makeLogRecord({})
     with request_ids_bound(request_ids):
         RequestIdLogFilter().filter(record)
