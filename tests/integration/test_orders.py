@@ -11,7 +11,7 @@ from sqlalchemy import select
 import orders_app
 from orders_app import service
 from orders_app.models import Order
-from shared.contracts import PAYMENT_FAILED, PAYMENT_SUCCEEDED, new_event
+from shared.contracts import PAYMENT_FAILED, PAYMENT_SUCCEEDED, new_event, wire_text
 from shared.db import db, driver_dsn, transaction
 from shared.inbox.handling import Outcome, process_inbox_message
 from shared.inbox.model import InboxMessage
@@ -110,11 +110,45 @@ def test_a_result_for_another_amount_than_the_orders_is_parked_and_changes_nothi
         OutboxMessage.correlation_id == str(order_id))).all() == []
 
 
+@pytest.mark.parametrize("written", [5, "5.0"], ids=["a number", "one decimal"])
+def test_a_result_for_the_orders_amount_written_otherwise_settles_it(in_orders, settings,
+                                                                      user_id, written):
+    """An amount is money, not text: a payment of 5 written `5` or `"5.0"` (not as the shop
+    writes it, `"5.00"`) pays an order of 5.00, through the inbox as the consumer stores it."""
+    (order_id,) = _placed(user_id, 1)
+    event = new_event(PAYMENT_SUCCEEDED, {"order_id": order_id, "user_id": user_id,
+                                          "amount": FIVE}, None)
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url("orders")))
+    try:
+        (message_id,) = store([_result_record(event, amount_written=written)])
+    finally:
+        store.close()
+    with transaction() as session:
+        assert process_inbox_message(session, message_id, orders_app.message_handlers()) \
+            == Outcome.PROCESSED
+    assert _statuses([order_id]) == [("FINISHED", None)]
+
+
+@pytest.mark.parametrize("paid", [Decimal("5"), Decimal("5.0"), Decimal("5.000")], ids=str)
+def test_a_result_of_the_orders_amount_with_other_decimals_settles_it(in_orders, user_id, paid):
+    """The order's amount and the result's are compared as numbers: 5 is 5.00 however many
+    decimals it is given with."""
+    (order_id,) = _placed(user_id, 1)
+    with transaction() as session:
+        service.apply_payment_results(session, [service.PaymentResult(
+            order_id=order_id, user_id=user_id, amount=paid, succeeded=True)])
+    assert _statuses([order_id]) == [("FINISHED", None)]
+
+
 _offsets = iter(range(10**9))
 
 
-def _result_record(event) -> ConsumedRecord:
-    """A payment result as the orders inbox consumer reads it from its topic (keyed by user)."""
+def _result_record(event, amount_written: object = None) -> ConsumedRecord:
+    """A payment result as the orders inbox consumer reads it from its topic (keyed by user); its
+    amount written as `amount_written` is, if given, rather than as the shop writes amounts."""
+    envelope = event.to_json()
+    if amount_written is not None:
+        envelope["payload"] = envelope["payload"] | {"amount": amount_written}
     return ConsumedRecord("test-payment-results", 0, next(_offsets),
-                          event.payload["user_id"].encode(), event.to_wire().encode(),
+                          event.payload["user_id"].encode(), wire_text(envelope).encode(),
                           {"message_id": str(event.message_id).encode()})
