@@ -8,11 +8,12 @@ or give up on them.
     python -m tasks.parked replay orders --outbox --to-topic TOPIC ID [ID ...]  # or --all
 
 By default these are inbox messages. An inbox message is parked after INBOX_MAX_ATTEMPTS failed
-tries, or at once when it cannot succeed as things stand (an unknown order, a payload that breaks
-its contract, a type or an envelope version the service does not know, as a newer version of its
-producer may send until the service is upgraded too, no handler for its type, a message under a
-message_id a message of another type or payload has taken already, as a producer reusing ids sends,
-kept as it came under an id of its own and replayed under it, a record that could not be parsed).
+tries, or at once when it cannot succeed as things stand (an unknown order, a payment result of
+another amount than its order's, a payload that breaks its contract, a type or an envelope version
+the service does not know, as a newer version of its producer may send until the service is upgraded
+too, no handler for its type, a message under a message_id a message of another type or payload has
+taken already, as a producer reusing ids sends, kept as it came under an id of its own and replayed
+under it, a record that could not be parsed).
 Replaying clears its park and its attempts and dispatches it to the service's worker, where it is
 handled like a new message, and still at most once: its handler runs under a lock on its inbox
 row and marks it processed in the same transaction. A message kept as its text,

@@ -82,7 +82,6 @@ def test_a_result_for_an_order_that_is_not_the_users_changes_nothing(in_orders, 
     assert _statuses([order_id]) == [("NEW", None)]
 
 
-
 @pytest.mark.parametrize("paid", [Decimal("0.01"), Decimal("50.00")])
 def test_a_result_for_another_amount_than_the_orders_is_parked_and_changes_nothing(
         in_orders, settings, user_id, paid):
