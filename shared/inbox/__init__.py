@@ -12,6 +12,8 @@ The modules, each with one job:
 
 - model: the inbox_messages table (InboxMessage).
 - storing: records consumed from Kafka stored as rows, once each (the consumer's side).
+- taken_ids: messages under a message id another message has taken told from repeats, and parked
+  under ids of their own (for storing).
 - handling: stored messages handled, each once, in the caller's transaction; failed tries counted,
   and messages parked when they cannot succeed (the handler tasks' side).
 - sweeping: messages whose dispatch or try was lost, claimed to be handed over again (or parked,

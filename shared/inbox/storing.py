@@ -1,4 +1,7 @@
-"""Records consumed from Kafka stored as inbox rows, once each (unparseable ones parked)."""
+"""Records consumed from Kafka stored as inbox rows, once each: what cannot be parsed parked
+under an id made of where it sat, a message this reader cannot take yet parked under its own id,
+and a message under an id another message has taken (shared.inbox.taken_ids tells it from a repeat)
+parked under an id of its own."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from psycopg2.extras import Json, execute_values
 from shared.contracts import (Envelope, MalformedMessage, PayloadRefused, decode,
                               knows_envelope_version)
 from shared.inbox.model import utc_now
+from shared.inbox.taken_ids import parked_under_taken_ids
 from shared.jsonio import dumps_exact
 from shared.request_context import (REQUEST_ID_KAFKA_HEADER, given_request_id_if_sane,
                                     named_at_most, request_ids_bound)
@@ -24,9 +28,6 @@ log = logging.getLogger(__name__)
 # Ids for records that cannot be parsed: derived from where they sit in Kafka, so a redelivery of
 # the same record maps to the same inbox row.
 _POSITION_NAMESPACE = uuid.UUID("6f1d1b38-5a53-4a5e-9a57-2a1f5c3e7b11")
-# Ids for messages under a message_id another message has taken: derived from the message, so that
-# the message sent again, at another offset, maps to the same inbox row.
-_TAKEN_ID_NAMESPACE = uuid.UUID("0b7f3c52-8d2e-4f61-a9c4-5e1d7a2b9f03")
 
 
 @dataclass(frozen=True)
@@ -213,20 +214,15 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
 
     A batch is stored with one statement, atomic on its own, unless that insert passed over a
     record: then a read of the messages stored under those ids follows, and an insert of the
-    messages under taken ids (below), if any. The three are no one transaction: should the read or
-    the second insert fail, the batch fails and is read again from Kafka, and the new messages the
-    first insert stored, not new then, are not returned again: the sweeper hands them over (after
-    INBOX_SWEEP_MIN_AGE_SECONDS), and those it parked have been said already. (A transaction
-    around every batch would cost its BEGIN and COMMIT on every batch, for the sake of batches that
-    hold a repeat; whether one does is known only once the first insert has committed.)
-
-    A record under a message id a message is stored under already, before or earlier in the batch,
-    is a repeat only if it is that message again, of its type and payload (a resend, a rebalance, a
-    record read again): one of another type, or of the same type with another payload, is another
-    message under a taken id (a producer reusing ids), which dropped would be lost unsaid; it is
-    parked under an id of its own, made of it, instead (_parked_under_a_taken_id). The stored
-    messages are read (_STORED_OWNERS) only for a batch whose insert passed over a record, and the
-    parked rows inserted with a statement more only when there are any."""
+    messages under taken ids, if any (shared.inbox.taken_ids: a record under an id a message is
+    stored under already, before or earlier in the batch, that is not that message again, but
+    another, is parked under an id of its own rather than dropped as a repeat). The three are no
+    one transaction: should the read or the second insert fail, the batch fails and is read again
+    from Kafka, and the new messages the first insert stored, not new then, are not returned
+    again: the sweeper hands them over (after INBOX_SWEEP_MIN_AGE_SECONDS), and those it parked
+    have been said already. (A transaction around every batch would cost its BEGIN and COMMIT on
+    every batch, for the sake of batches that hold a repeat; whether one does is known only once
+    the first insert has committed.)"""
     if not records:
         return []
     received = [inbox_row(record) for record in records]
@@ -235,68 +231,37 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
         rows.setdefault(row["message_id"], row)  # a repeat inside one batch is stored once
     inserted = _insert(cursor, list(rows.values()))
     # (Read again, a record stored before is not inserted, and not said again.)
-    _say_parked([row for message_id, row in rows.items() if inserted.get(message_id)])
-    under_taken_ids: dict[uuid.UUID, dict[str, Any]] = {}
-    for row, owner_type in _under_taken_ids(
-            cursor, [row for row in received if _passed_over(row, rows, inserted)], rows):
-        parked = _parked_under_a_taken_id(row, owner_type)
-        under_taken_ids.setdefault(parked["message_id"], parked)  # (the same message sent twice)
+    _say_parked([(row["last_error"], row, None) for message_id, row in rows.items()
+                 if inserted.get(message_id)])
+    under_taken_ids = parked_under_taken_ids(cursor, list(zip(records, received)), inserted)
     if under_taken_ids:
-        parked_now = _insert(cursor, list(under_taken_ids.values()))
-        _say_parked([row for message_id, row in under_taken_ids.items()
-                     if message_id in parked_now])
+        parked_now = _insert(cursor, [parked.row for parked in under_taken_ids])
+        _say_parked([(parked.reason, parked.row, parked.taken_id) for parked in under_taken_ids
+                     if parked.row["message_id"] in parked_now])
     return [message_id for message_id, parked in inserted.items() if not parked]
 
 
-def _say_parked(rows: list[dict[str, Any]]) -> None:
-    """Say the rows parked as they arrived in an ERROR line for each reason, with their request
-    ids: naming IDS_NAMED_AT_MOST of them, where they sat, and counting the others, so that a
-    producer flooding a topic with what cannot be handled gives a few lines a batch, not one a
-    record."""
-    by_reason: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_reason.setdefault(row.get("reason_said") or row["last_error"], []).append(row)
-    for reason, parked in by_reason.items():
-        with request_ids_bound(row["request_id"] for row in parked):
-            log.error("parked inbox message(s) as they arrived (%d): %s: %s", len(parked),
-                      named_at_most([_said_where(row) for row in parked], ", "), reason)
+def _say_parked(parked: list[tuple[str, dict[str, Any], uuid.UUID | None]]) -> None:
+    """Say the rows parked as they arrived, each given with its reason and the taken message id it
+    came under (if it did), in an ERROR line for each reason, with their request ids: naming
+    IDS_NAMED_AT_MOST of them, where they sat, and counting the others, so that a producer
+    flooding a topic with what cannot be handled gives a few lines a batch, not one a record."""
+    by_reason: dict[str, list[tuple[dict[str, Any], uuid.UUID | None]]] = {}
+    for reason, row, taken_id in parked:
+        by_reason.setdefault(reason, []).append((row, taken_id))
+    for reason, rows in by_reason.items():
+        with request_ids_bound(row["request_id"] for row, _ in rows):
+            log.error("parked inbox message(s) as they arrived (%d): %s: %s", len(rows),
+                      named_at_most([_said_where(row, taken_id) for row, taken_id in rows], ", "),
+                      reason)
 
 
-def _said_where(row: dict[str, Any]) -> str:
+def _said_where(row: dict[str, Any], taken_id: uuid.UUID | None) -> str:
     """A parked row's id as its line names it: where it sat, and the message id it came under
     if that was taken."""
-    taken = f", under message_id {row['taken_id']}" if "taken_id" in row else ""
+    taken = f", under message_id {taken_id}" if taken_id is not None else ""
     return (f"{row['message_id']} ({row['topic']} [{row['partition']}] @ {row['offset']}"
             f"{taken})")
-
-
-def _passed_over(row: dict[str, Any], rows: dict[uuid.UUID, dict[str, Any]],
-                 inserted: dict[uuid.UUID, bool]) -> bool:
-    """Whether the record of `row` was not stored by the batch's insert (a repeat in the batch, or
-    its id stored before) and holds an envelope: a record never parsed is parked under an id made
-    of its position and value, so the same id is the same record."""
-    if row.get("type") is None:
-        return False
-    return rows[row["message_id"]] is not row or row["message_id"] not in inserted
-
-
-def _under_taken_ids(cursor, passed_over: list[dict[str, Any]],
-                     first_rows: dict[uuid.UUID, dict[str, Any]]
-                     ) -> list[tuple[dict[str, Any], str | None]]:
-    """Those of the rows passed over that are not the message stored under their id again, with
-    the type of that message; or, where none is stored now (pruned since the insert passed over
-    it), those that are not the first record of the batch under their id again (`first_rows`)."""
-    if not passed_over:
-        return []
-    values = []
-    for at, row in enumerate(passed_over):
-        first = first_rows[row["message_id"]]
-        values.append((at, str(row["message_id"]), row["type"], _as_json(row.get("payload")),
-                       row.get("raw_value"), first["type"], _as_json(first.get("payload")),
-                       first.get("raw_value")))
-    found = execute_values(cursor, _STORED_OWNERS, values, template=_RECEIVED_ENVELOPE,
-                           page_size=len(values), fetch=True)
-    return [(passed_over[at], owner_type) for at, owner_type, another in found if another]
 
 
 def _insert(cursor, rows: list[dict[str, Any]]) -> dict[uuid.UUID, bool]:
@@ -309,35 +274,6 @@ def _insert(cursor, rows: list[dict[str, Any]]) -> dict[uuid.UUID, bool]:
     inserted = execute_values(cursor, _STORE, values, template=_STORED_ROW, page_size=len(values),
                               fetch=True)
     return {uuid.UUID(message_id): parked for message_id, parked in inserted}
-
-
-def _parked_under_a_taken_id(row: dict[str, Any], taken_by: str | None) -> dict[str, Any]:
-    """The row of a message under a message id another message, of type `taken_by`, has taken:
-    the message as it came (its type, envelope version, correlation id, request id, and payload,
-    or text if it is kept as its text), parked with why under an id of its own, so that an
-    operator can replay it (handled under that id) or discard it."""
-    this = (f"a {row['type']!r} message under it" if row["type"] != taken_by
-            else "one of another payload under it")
-    why = f"is that of a {taken_by!r} message already: {this} is another message, not a repeat"
-    if row.get("last_error"):  # (parked as it came too: a type or a version not known, say)
-        why = f"{why}; and {row['last_error']}"
-    # (Said, with others alike, naming the id taken beside the message's own: _say_parked.)
-    return row | {"message_id": _id_of_its_own(row), "parked_at": utc_now(),
-                  "last_error": _storable_text(f"its message_id {row['message_id']} {why}", 2000),
-                  "taken_id": row["message_id"], "reason_said": f"its message_id {why}"}
-
-
-def _id_of_its_own(row: dict[str, Any]) -> uuid.UUID:
-    """The id a message under a taken message id is parked under: made of that id, its type and
-    a digest of its payload (or text), not of its position, so that the message sent again (a
-    producer's retry, at another offset) is the same row, parked and said once."""
-    payload = row.get("payload")
-    if payload is None:
-        content = row.get("raw_value") or ""
-    else:
-        content = payload.adapted if isinstance(payload, _JsonText) else dumps_exact(payload)
-    digest = hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()
-    return uuid.uuid5(_TAKEN_ID_NAMESPACE, f"{row['message_id']}:{row['type']}:{digest}")
 
 
 def _as_json(payload: dict[str, Any] | Json | None) -> Json | None:
@@ -362,35 +298,6 @@ WHERE NOT EXISTS (SELECT FROM inbox_messages AS stored
                   WHERE stored.message_id = received.message_id)
 ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id::text, parked_at IS NOT NULL"""
-# For each record of a batch its insert passed over, the type of the message stored under its id,
-# and whether the record is another message (insert_records): of another type, or of another
-# payload. Payloads are compared by containment either way, not equality: a consumer stores the
-# payload of a message it reads as its contract has it, and in a rolling upgrade the same record
-# read by the release before and the one after can be stored with a field more or less (a field
-# added, which a tolerant reader drops; a payload refused, kept as sent). A message kept as its
-# text (no payload) is compared by its text; one kept as its text and one read whole cannot be
-# compared, and are taken for the same (the same record, read across an upgrade that made its
-# envelope version known). Where no message is stored under the id now (pruned since the insert
-# passed over it), the record is compared with the batch's first under it (first_*): another
-# message beside it in the batch is still no repeat. Asked only when the insert passed over a
-# record. A plain read: it never waits.
-_STORED_OWNERS = """
-SELECT received.at, owner.type,
-       owner.type IS DISTINCT FROM received.type
-       OR CASE WHEN owner.payload IS NOT NULL AND received.payload IS NOT NULL
-               THEN NOT (owner.payload @> received.payload OR owner.payload <@ received.payload)
-               WHEN owner.raw_value IS NOT NULL AND received.raw_value IS NOT NULL
-               THEN owner.raw_value <> received.raw_value
-               ELSE false END
-FROM (VALUES %s) AS received (at, message_id, type, payload, raw_value, first_type, first_payload,
-                              first_raw_value)
-CROSS JOIN LATERAL (SELECT stored.type, stored.payload, stored.raw_value, 0 AS choice
-                    FROM inbox_messages AS stored WHERE stored.message_id = received.message_id
-                    UNION ALL
-                    SELECT received.first_type, received.first_payload, received.first_raw_value, 1
-                    ORDER BY choice LIMIT 1) AS owner
-ORDER BY received.at"""
-_RECEIVED_ENVELOPE = "(%s, %s::uuid, %s, %s::jsonb, %s, %s, %s::jsonb, %s)"
 # (Typed: the values of a VALUES list read as text where they are not numbers.)
 _STORED_ROW = ("(%s::uuid, %s, %s, %s, %s, %s, %s::smallint, %s, %s, %s::jsonb, %s,"
                " %s::timestamptz, %s, %s::timestamptz)")

@@ -28,7 +28,7 @@ from shared.inbox.handling import (Outcome, PermanentMessageError, ReceivedEvent
                                    process_inbox_message, record_failed_attempt)
 from shared.inbox.model import InboxMessage
 from shared.inbox.parked import unpark_messages
-from shared.inbox import storing
+from shared.inbox import taken_ids
 from shared.inbox.storing import ConsumedRecord, inbox_row, insert_records
 from shared.inbox.sweeping import claim_stalled_messages
 from tasks.services import service_app
@@ -55,6 +55,15 @@ def _request_record(user_id: str,
 def _row(message_id) -> InboxMessage:
     db.session.rollback()
     return db.session.get(InboxMessage, message_id)
+
+
+def _stored_at(*records: ConsumedRecord) -> list[InboxMessage]:
+    """The inbox rows of the records at these records' offsets (a record parked under an id of
+    its own keeps its offset)."""
+    db.session.rollback()
+    return db.session.scalars(select(InboxMessage).where(
+        InboxMessage.topic == "test-topic",
+        InboxMessage.offset.in_([record.offset for record in records]))).all()
 
 
 def test_a_message_delivered_twice_is_stored_once(in_payments, payments_inbox, user_id):
@@ -655,11 +664,6 @@ def test_records_parked_as_they_arrive_are_said_a_line_a_reason_naming_ten_at_mo
                           " 'PaymentFailed' message under it is another message, not a repeat")
 
 
-# (The statement of insert_records' that reads back the messages stored under the ids it passed
-# over, as execute_values sends it: bytes, its VALUES list filled in.)
-_READ_OF_THE_STORED = storing._STORED_OWNERS.partition("%s")[0].encode()
-
-
 class _PrunedBeforeTheRead(psycopg2.extensions.cursor):
     """A cursor on which the inbox row of `pruned` is deleted, as the pruner deletes a handled
     message's row, just before insert_records, its insert done, reads back the messages stored
@@ -668,7 +672,7 @@ class _PrunedBeforeTheRead(psycopg2.extensions.cursor):
     pruned: uuid.UUID | None = None
 
     def execute(self, query, vars=None):
-        if self.pruned is not None and query.startswith(_READ_OF_THE_STORED):
+        if self.pruned is not None and query == taken_ids._STORED_MESSAGES:
             super().execute("DELETE FROM inbox_messages WHERE message_id = %s", (self.pruned,))
             self.pruned = None
         return super().execute(query, vars)
@@ -806,6 +810,76 @@ def test_a_message_read_again_by_a_reader_that_knows_more_of_it_is_a_repeat(
             message_id]
 
 
+def test_a_message_read_again_by_a_reader_that_knows_more_of_it_is_a_repeat_in_any_form_sent(
+        in_payments, payments_inbox, user_id, monkeypatch):
+    """A payload refused is kept as sent, one taken is stored in its contract's form (an amount
+    sent as 10.5 as "10.50", a UUID in lower case): a record stored refused by one release and
+    read again by the next, which takes it, is still that message, a repeat, not parked as
+    another (replayed, it would be handled twice)."""
+    payload = _failed_payment_with_a_new_reason(user_id, amount="__AMOUNT__")
+    payload["order_id"] = payload["order_id"].upper()
+    record, body = _from_a_newer_producer(user_id, {"__AMOUNT__": b"10.5"}, type=PAYMENT_FAILED,
+                                          payload=payload)
+    assert payments_inbox([record]) == []  # refused: kept as sent
+    monkeypatch.setitem(PAYLOAD_SCHEMAS, PAYMENT_FAILED, _PaymentFailedWithCardExpired())
+    assert inbox_row(record)["payload"]["amount"] == "10.50"  # taken now, stored otherwise
+    assert payments_inbox([record]) == []
+    assert [row.message_id for row in _stored_at(record)] == [uuid.UUID(body["message_id"])]
+
+
+def test_a_message_read_again_by_a_reader_that_knows_less_of_it_is_a_repeat(
+        in_payments, payments_inbox, user_id, monkeypatch):
+    """The other way round (a partition handed to an instance not upgraded yet, or a rollback):
+    stored in its contract's form by a release that takes it, a record read again by one that
+    refuses it (a reason it does not know) is still a repeat: each field is compared as that
+    release's contract reads it where it can (an amount sent as 10.5 and stored as "10.50"), and
+    a field the first dropped (one its contract does not declare) makes no other message."""
+    payload = _failed_payment_with_a_new_reason(user_id, amount="__AMOUNT__", channel="web")
+    record, body = _from_a_newer_producer(user_id, {"__AMOUNT__": b"10.5"}, type=PAYMENT_FAILED,
+                                          payload=payload)
+    message_id = uuid.UUID(body["message_id"])
+    with monkeypatch.context() as upgraded:
+        upgraded.setitem(PAYLOAD_SCHEMAS, PAYMENT_FAILED, _PaymentFailedWithCardExpired())
+        assert payments_inbox([record]) == [message_id]
+    assert payments_inbox([record]) == []
+    assert [row.message_id for row in _stored_at(record)] == [message_id]
+
+
+def test_a_message_under_a_taken_id_read_again_by_another_release_is_parked_once(
+        in_payments, payments_inbox, user_id, monkeypatch):
+    """The id a message under a taken id is parked under is made of the record as sent, not of
+    its payload as a release stores it (the one before keeps a payload it refuses as sent, a field
+    more; the next drops the field): read again by the next release, it is the same row."""
+    stored, message_id = _request_record(user_id)
+    assert payments_inbox([stored]) == [message_id]
+    payload = _failed_payment_with_a_new_reason(user_id, channel="web")
+    record, _ = _from_a_newer_producer(user_id, type=PAYMENT_FAILED, payload=payload,
+                                       message_id=str(message_id))
+    assert payments_inbox([record]) == []
+    monkeypatch.setitem(PAYLOAD_SCHEMAS, PAYMENT_FAILED, _PaymentFailedWithCardExpired())
+    resent = _record(record.value)
+    assert payments_inbox([resent]) == []
+    parked = _stored_at(record, resent)
+    assert [(row.offset, row.parked_at is not None) for row in parked] == [(record.offset, True)]
+
+
+def test_a_message_missing_a_field_of_the_one_stored_under_its_id_is_parked_not_dropped(
+        in_payments, payments_inbox, user_id):
+    """Storing a message drops no field it was sent with but those its contract does not
+    declare: a payload refused for a field missing (no amount) under the id of a message with the
+    field is another message, parked, not dropped unsaid as that message sent again."""
+    stored, message_id = _request_record(user_id)
+    assert payments_inbox([stored]) == [message_id]
+    body = json.loads(stored.value)
+    del body["payload"]["amount"]
+    other = _record(encode(body))
+    assert payments_inbox([other]) == []
+    [parked] = _stored_at(other)
+    assert parked.parked_at is not None and parked.message_id != message_id
+    assert "one of another payload under it is another message" in parked.last_error
+    assert "payload breaks the contract" in parked.last_error
+
+
 def _of_envelope_version_2(user_id: str) -> tuple[ConsumedRecord, dict]:
     """A PaymentRequested in an envelope of version 2, as a producer newer than this reader might
     send it, with a field more in its envelope."""
@@ -888,6 +962,42 @@ def test_a_replay_of_a_kept_message_refuses_what_a_fresh_read_of_it_would(
     row = _row(message_id)
     assert row.parked_at is not None and "occurred_at" in row.last_error
     assert row.last_error == inbox_row(record)["last_error"]  # as a fresh read refuses it
+
+
+def test_a_message_of_an_envelope_version_not_known_yet_under_a_taken_id_is_parked_not_dropped(
+        in_payments, payments_inbox, user_id):
+    """Kept as its text, a message of an envelope version this reader does not know is compared
+    with the one stored under its id by the payload its text holds: another order's request under
+    a taken id is parked, not dropped unsaid as a repeat."""
+    stored, message_id = _request_record(user_id)
+    assert payments_inbox([stored]) == [message_id]
+    body = _of_envelope_version_2(user_id)[1] | {"message_id": str(message_id)}
+    other = _record(encode(body))
+    assert payments_inbox([other]) == []
+    [parked] = _stored_at(other)
+    assert parked.parked_at is not None and parked.message_id != message_id
+    assert parked.raw_value == other.value.decode()
+    assert "one of another payload under it is another message" in parked.last_error
+
+
+def test_a_message_kept_as_its_text_is_told_from_another_under_its_id_by_the_payload_it_holds(
+        in_payments, payments_inbox, user_id, monkeypatch):
+    """The other way round: stored as its text (its envelope version not known then), a message
+    is compared by the payload its text holds: another order's request under its id is parked,
+    not dropped unsaid; the message itself, read again by a reader that knows its version now,
+    is a repeat."""
+    kept, body = _of_envelope_version_2(user_id)
+    message_id = uuid.UUID(body["message_id"])
+    assert payments_inbox([kept]) == []
+    other, _ = _request_record(user_id, message_id)
+    assert payments_inbox([other]) == []
+    _upgraded_to_envelope_version_2(monkeypatch)
+    assert payments_inbox([kept]) == []
+    parked = {row.offset: row for row in _stored_at(kept, other)}
+    assert sorted(parked) == [kept.offset, other.offset]
+    assert parked[kept.offset].message_id == message_id
+    assert parked[other.offset].message_id != message_id
+    assert parked[other.offset].parked_at is not None
 
 
 def test_a_message_of_a_known_envelope_version_keeps_it(in_payments, payments_inbox, user_id):

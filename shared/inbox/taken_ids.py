@@ -1,0 +1,176 @@
+"""Messages under a message id another message has taken, told from repeats of that message.
+
+Of the records a batch's insert passed over (shared.inbox.storing: a repeat in the batch, or a
+message id stored before), each that holds an envelope is compared with the message stored under
+its id, in one read that follows the insert only then. A repeat is that message sent again (a
+relay's resend, a rebalance, a record read again), and is dropped. Another message, of another type
+or payload (a producer reusing ids, a replay tool's template), is parked under an id of its own,
+kept as it came, for an operator to replay or discard: dropped, it would be lost unsaid.
+
+A repeat must never be parked: replayed, it would be handled twice (the gateway's notifications,
+say, are keyed by message id). And in a rolling upgrade one record may be stored by one release and
+read again by another, which stores it otherwise: a payload one refused is kept as sent (an amount
+of 10.5, a UUID in capitals, a time in Z), where the other stores the contract's form ("10.50",
+lower case, +00:00) and drops the fields it does not declare. So payloads are compared as the
+current contract (shared.contracts) reads them, not as stored (_is_sent_again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from marshmallow import ValidationError
+
+from shared.contracts import PAYLOAD_SCHEMAS, ContractSchema
+from shared.inbox.model import utc_now
+from shared.jsonio import loads_strict
+
+if TYPE_CHECKING:
+    from shared.inbox.storing import ConsumedRecord
+
+# Ids for messages under a message_id another message has taken: derived from the message, so that
+# the message sent again, at another offset, maps to the same inbox row.
+_NAMESPACE = uuid.UUID("0b7f3c52-8d2e-4f61-a9c4-5e1d7a2b9f03")
+
+
+@dataclass(frozen=True)
+class UnderATakenId:
+    """A message under a message id another message has taken, as it is to be parked."""
+
+    row: dict[str, Any]  # its inbox row: as it came, parked with why under an id of its own
+    taken_id: uuid.UUID  # the message id it came under
+    reason: str  # why, without that id: many such messages are said in one line
+
+
+@dataclass(frozen=True)
+class _Message:
+    """A message's type and payload as compared (a JSON object, its numbers Decimals)."""
+
+    type: str | None
+    payload: Any
+
+
+def parked_under_taken_ids(cursor, received: list[tuple[ConsumedRecord, dict[str, Any]]],
+                           inserted: dict[uuid.UUID, bool]) -> list[UnderATakenId]:
+    """Of a batch's records (`received`, each with its inbox row) those its insert passed over
+    (`inserted`: the ids it stored) that are not the message stored under their id again, each
+    once, as they are to be parked. The stored messages are read only if the insert passed over a
+    record that holds an envelope (a record never parsed is parked under an id made of its position
+    and value: the same id is the same record). Where no message is stored under an id now (pruned
+    since the insert passed over it), the records under it are compared with the batch's first."""
+    first: dict[uuid.UUID, tuple[ConsumedRecord, dict[str, Any]]] = {}
+    passed_over = []
+    for record, row in received:
+        first.setdefault(row["message_id"], (record, row))
+        stored_now = first[row["message_id"]][1] is row and row["message_id"] in inserted
+        if row.get("type") is not None and not stored_now:
+            passed_over.append((record, row))
+    if not passed_over:
+        return []
+    stored = _stored_messages(cursor, {row["message_id"] for _, row in passed_over})
+    parked: dict[uuid.UUID, UnderATakenId] = {}
+    for record, row in passed_over:
+        owner = stored.get(row["message_id"]) or _as_sent(*first[row["message_id"]])
+        if not _is_sent_again(owner, _as_sent(record, row)):
+            under = _parked(record, row, owner.type)
+            parked.setdefault(under.row["message_id"], under)  # (the same message sent twice)
+    return list(parked.values())
+
+
+def _stored_messages(cursor, message_ids: set[uuid.UUID]) -> dict[uuid.UUID, _Message]:
+    """The messages stored under these ids, by id: a message kept as its text (of an envelope
+    version not known as it was stored) with the payload its text holds."""
+    cursor.execute(_STORED_MESSAGES, ([str(message_id) for message_id in message_ids],))
+    return {uuid.UUID(message_id): _Message(event_type, _stored_payload(payload, raw_value))
+            for message_id, event_type, payload, raw_value in cursor.fetchall()}
+
+
+def _stored_payload(payload: str | None, raw_value: str | None) -> Any:
+    if payload is not None:
+        return loads_strict(payload)
+    try:
+        return loads_strict(raw_value).get("payload")
+    except (AttributeError, TypeError, ValueError):  # (no envelope: a row edited by hand)
+        return None
+
+
+def _as_sent(record: ConsumedRecord, row: dict[str, Any]) -> _Message:
+    """A record's message as it was sent: its payload as its value holds it (parsed once already,
+    as its row was made)."""
+    return _Message(row["type"], loads_strict(record.value.decode("utf-8"))["payload"])
+
+
+def _is_sent_again(stored: _Message, sent: _Message) -> bool:
+    """Whether `sent`, a record's message as sent, is `stored` sent again: of its type, and with
+    every field of its payload, equal, each as the current contract reads it. Storing a message
+    drops fields (a tolerant reader's: those its release's contract does not declare) and writes
+    others in the contract's form; it adds none, but a default the contract fills in, which the
+    message as sent gets too. So a message missing a field the stored one has is another (a
+    payload refused for a field missing, say), and one with a field more is not (a field a release
+    before did not declare, and dropped)."""
+    if stored.type != sent.type:
+        return False
+    schema = PAYLOAD_SCHEMAS.get(sent.type)
+    stored_fields, sent_fields = _read(stored.payload, schema), _read(sent.payload, schema)
+    if not (isinstance(stored_fields, dict) and isinstance(sent_fields, dict)):
+        return False
+    return all(name in sent_fields and sent_fields[name] == value
+               for name, value in stored_fields.items())
+
+
+def _read(payload: Any, schema: ContractSchema | None) -> Any:
+    """A payload as the contract of its type reads it: loaded, its declared fields only; where it
+    refuses the payload (a value this release does not know, a field missing), each declared field
+    read as its field reads it where it can, else as it is (an amount of 10.5 and one of "10.50"
+    the same, though the reason beside them is refused). Of a type it does not know, as it is."""
+    if schema is None or not isinstance(payload, dict):
+        return payload
+    try:
+        return schema.load(payload)
+    except ValidationError:
+        pass
+    read = {}
+    for name, field in schema.load_fields.items():
+        key = field.data_key or name
+        if key in payload:
+            try:
+                read[name] = field.deserialize(payload[key], key, payload)
+            except ValidationError:
+                read[name] = payload[key]
+    return read
+
+
+def _parked(record: ConsumedRecord, row: dict[str, Any], taken_by: str | None) -> UnderATakenId:
+    """The row of a message under a message id another message, of type `taken_by`, has taken:
+    the message as it came (its type, envelope version, correlation id, request id, and payload,
+    or text if it is kept as its text), parked with why under an id of its own, so that an
+    operator can replay it (handled under that id) or discard it."""
+    this = (f"a {row['type']!r} message under it" if row["type"] != taken_by
+            else "one of another payload under it")
+    why = f"is that of a {taken_by!r} message already: {this} is another message, not a repeat"
+    if row.get("last_error"):  # (parked as it came too: a type or a version not known, say)
+        why = f"{why}; and {row['last_error']}"
+    return UnderATakenId(
+        row=row | {"message_id": _id_of_its_own(record, row["message_id"]),
+                   "parked_at": utc_now(),
+                   "last_error": f"its message_id {row['message_id']} {why}"[:2000]},
+        taken_id=row["message_id"], reason=f"its message_id {why}")
+
+
+def _id_of_its_own(record: ConsumedRecord, message_id: uuid.UUID) -> uuid.UUID:
+    """The id a message under a taken message id is parked under: made of that id and a digest of
+    the record's value, as sent, not of its position, so that the message sent again (a producer's
+    retry, at another offset) is the same row, parked and said once, by whichever release reads
+    it (each stores a payload in its own form)."""
+    digest = hashlib.sha256(record.value).hexdigest()
+    return uuid.uuid5(_NAMESPACE, f"{message_id}:{digest}")
+
+
+# A plain read: it never waits. Payloads as text, so that their numbers are read exact (Decimals:
+# loads_strict), as a record's are.
+_STORED_MESSAGES = """
+SELECT message_id::text, type, payload::text, raw_value
+FROM inbox_messages WHERE message_id = ANY(%s::uuid[])"""
