@@ -12,7 +12,10 @@ say, are keyed by message id). And in a rolling upgrade one record may be stored
 read again by another, which stores it otherwise: a payload one refused is kept as sent (an amount
 of 10.5, a UUID in capitals, a time in Z), where the other stores the contract's form ("10.50",
 lower case, +00:00) and drops the fields it does not declare. So payloads are compared as the
-current contract (shared.contracts) reads them, not as stored (_is_sent_again).
+current contract (shared.contracts) reads them, not as stored (_is_sent_again), and where this
+release cannot read them as a later one may have stored them (a type it does not know, a value
+its contract refuses), the doubt goes to the repeat: such a message under a taken id is lost
+unsaid, as before, rather than a repeat parked to be handled twice.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from shared.jsonio import loads_strict
 if TYPE_CHECKING:
     from shared.inbox.storing import ConsumedRecord
 
+# A payload's value its field refuses (_read).
+_UNREAD = object()
 # Ids for messages under a message_id another message has taken: derived from the message, so that
 # the message sent again, at another offset, maps to the same inbox row.
 _NAMESPACE = uuid.UUID("0b7f3c52-8d2e-4f61-a9c4-5e1d7a2b9f03")
@@ -89,11 +94,11 @@ def _stored_messages(cursor, message_ids: set[uuid.UUID]) -> dict[uuid.UUID, _Me
 
 
 def _stored_payload(payload: str | None, raw_value: str | None) -> Any:
-    if payload is not None:
-        return loads_strict(payload)
+    """None where it cannot be read (a row edited by hand: no envelope, a number past what
+    loads_strict takes), so that the record is parked, not its partition blocked."""
     try:
-        return loads_strict(raw_value).get("payload")
-    except (AttributeError, TypeError, ValueError):  # (no envelope: a row edited by hand)
+        return loads_strict(payload) if payload is not None else loads_strict(raw_value)["payload"]
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -114,19 +119,27 @@ def _is_sent_again(stored: _Message, sent: _Message) -> bool:
     if stored.type != sent.type:
         return False
     schema = PAYLOAD_SCHEMAS.get(sent.type)
+    if schema is None:
+        # Of a type this release does not know, a later release may have stored it in its
+        # contract's form, which this one cannot read the record's in: taken for a repeat, so
+        # never handled twice (another message of such a type under a taken id is lost unsaid).
+        return True
     stored_fields, sent_fields = _read(stored.payload, schema), _read(sent.payload, schema)
     if not (isinstance(stored_fields, dict) and isinstance(sent_fields, dict)):
         return False
-    return all(name in sent_fields and sent_fields[name] == value
+    # A value this release refuses on either side is not compared: a later release may read and
+    # store it in a form this one cannot read the other side's in (a time without a zone, say).
+    return all(name in sent_fields
+               and (_UNREAD in (value, sent_fields[name]) or sent_fields[name] == value)
                for name, value in stored_fields.items())
 
 
-def _read(payload: Any, schema: ContractSchema | None) -> Any:
+def _read(payload: Any, schema: ContractSchema) -> Any:
     """A payload as the contract of its type reads it: loaded, its declared fields only; where it
     refuses the payload (a value this release does not know, a field missing), each declared field
     read as its field reads it where it can, else as it is (an amount of 10.5 and one of "10.50"
-    the same, though the reason beside them is refused). Of a type it does not know, as it is."""
-    if schema is None or not isinstance(payload, dict):
+    the same, though the reason beside them is refused), or _UNREAD where its field refuses it."""
+    if not isinstance(payload, dict):
         return payload
     try:
         return schema.load(payload)
@@ -139,7 +152,7 @@ def _read(payload: Any, schema: ContractSchema | None) -> Any:
             try:
                 read[name] = field.deserialize(payload[key], key, payload)
             except ValidationError:
-                read[name] = payload[key]
+                read[name] = _UNREAD
     return read
 
 
