@@ -18,7 +18,7 @@ from psycopg2.extras import Json, execute_values
 from shared.contracts import (Envelope, MalformedMessage, PayloadRefused, decode,
                               knows_envelope_version)
 from shared.inbox.model import utc_now
-from shared.inbox.taken_ids import parked_under_taken_ids
+from shared.inbox.taken_ids import Received, parked_under_taken_ids
 from shared.jsonio import dumps_exact
 from shared.request_context import (REQUEST_ID_KAFKA_HEADER, given_request_id_if_sane,
                                     named_at_most, request_ids_bound)
@@ -225,15 +225,15 @@ def insert_records(cursor, records: list[ConsumedRecord]) -> list[uuid.UUID]:
     the first insert has committed.)"""
     if not records:
         return []
-    received = [inbox_row(record) for record in records]
-    rows: dict[uuid.UUID, dict[str, Any]] = {}
-    for row in received:
-        rows.setdefault(row["message_id"], row)  # a repeat inside one batch is stored once
-    inserted = _insert(cursor, list(rows.values()))
+    received = [(record, inbox_row(record)) for record in records]
+    first: dict[uuid.UUID, Received] = {}
+    for record, row in received:
+        first.setdefault(row["message_id"], (record, row))  # a repeat inside a batch: stored once
+    inserted = _insert(cursor, [row for _, row in first.values()])
     # (Read again, a record stored before is not inserted, and not said again.)
-    _say_parked([(row["last_error"], row, None) for message_id, row in rows.items()
+    _say_parked([(row["last_error"], row, None) for message_id, (_, row) in first.items()
                  if inserted.get(message_id)])
-    under_taken_ids = parked_under_taken_ids(cursor, list(zip(records, received)), inserted)
+    under_taken_ids = parked_under_taken_ids(cursor, received, first, inserted)
     if under_taken_ids:
         parked_now = _insert(cursor, [parked.row for parked in under_taken_ids])
         _say_parked([(parked.reason, parked.row, parked.taken_id) for parked in under_taken_ids

@@ -41,6 +41,10 @@ _UNREAD = object()
 _NAMESPACE = uuid.UUID("0b7f3c52-8d2e-4f61-a9c4-5e1d7a2b9f03")
 
 
+# A record of a batch, with its inbox row (shared.inbox.storing.inbox_row).
+Received = tuple["ConsumedRecord", dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class UnderATakenId:
     """A message under a message id another message has taken, as it is to be parked."""
@@ -58,21 +62,17 @@ class _Message:
     payload: Any
 
 
-def parked_under_taken_ids(cursor, received: list[tuple[ConsumedRecord, dict[str, Any]]],
+def parked_under_taken_ids(cursor, received: list[Received], first: dict[uuid.UUID, Received],
                            inserted: dict[uuid.UUID, bool]) -> list[UnderATakenId]:
-    """Of a batch's records (`received`, each with its inbox row) those its insert passed over
-    (`inserted`: the ids it stored) that are not the message stored under their id again, each
-    once, as they are to be parked. The stored messages are read only if the insert passed over a
-    record that holds an envelope (a record never parsed is parked under an id made of its position
-    and value: the same id is the same record). Where no message is stored under an id now (pruned
-    since the insert passed over it), the records under it are compared with the batch's first."""
-    first: dict[uuid.UUID, tuple[ConsumedRecord, dict[str, Any]]] = {}
-    passed_over = []
-    for record, row in received:
-        first.setdefault(row["message_id"], (record, row))
-        stored_now = first[row["message_id"]][1] is row and row["message_id"] in inserted
-        if row.get("type") is not None and not stored_now:
-            passed_over.append((record, row))
+    """Of a batch's records (`received`, each with its inbox row; `first`, the first of each id,
+    those the insert was given) those its insert passed over (`inserted`: the ids it stored) that
+    are not the message stored under their id again, each once, as they are to be parked. The
+    stored messages are read only if the insert passed over a record that holds an envelope (a
+    record never parsed is parked under an id made of its position and value: the same id is the
+    same record). Where no message is stored under an id now (pruned since the insert passed over
+    it), the records under it are compared with the batch's first."""
+    passed_over = [(record, row) for record, row in received if row.get("type") is not None
+                   and not _stored_by_the_insert(row, first, inserted)]
     if not passed_over:
         return []
     stored = _stored_messages(cursor, {row["message_id"] for _, row in passed_over})
@@ -83,6 +83,13 @@ def parked_under_taken_ids(cursor, received: list[tuple[ConsumedRecord, dict[str
             under = _parked(record, row, owner.type)
             parked.setdefault(under.row["message_id"], under)  # (the same message sent twice)
     return list(parked.values())
+
+
+def _stored_by_the_insert(row: dict[str, Any], first: dict[uuid.UUID, Received],
+                          inserted: dict[uuid.UUID, bool]) -> bool:
+    """Whether the batch's insert stored `row` itself: its id's first in the batch, an id no
+    message stored before had taken."""
+    return first[row["message_id"]][1] is row and row["message_id"] in inserted
 
 
 def _stored_messages(cursor, message_ids: set[uuid.UUID]) -> dict[uuid.UUID, _Message]:
