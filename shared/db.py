@@ -61,8 +61,16 @@ CONNECTION_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle"
 # shop runs, a pruner's, take well under a second). A transaction left idle 60 s (its process paused
 # or hung between statements) is ended by the server, locks and all. Migrations run under limits of
 # their own (shared/migrations.py: MIGRATION_LIMITS): their statements may rightly run long.
+#
+# And every transaction reads at READ COMMITTED, whatever the database's or role's default says (a
+# managed database may default to REPEATABLE READ): the shop's writes count on each statement
+# seeing what was committed before it began (a payment's decision read after the account's lock is
+# taken, shared by whoever held it before; a deposit's account opened meanwhile). Under a snapshot
+# per transaction those fail with serialization errors under contention, and a handler's failures
+# park its messages. Options the client sends win over ALTER DATABASE and ALTER ROLE settings.
 SESSION_LIMITS = {"lock_timeout": "2s", "statement_timeout": "30s",
-                  "idle_in_transaction_session_timeout": "1min"}
+                  "idle_in_transaction_session_timeout": "1min",
+                  "default_transaction_isolation": "read committed"}
 # The SQLSTATEs of a statement cancelled under SESSION_LIMITS: lock_not_available (lock_timeout)
 # and query_canceled (statement_timeout).
 _LOCK_NOT_AVAILABLE = "55P03"
@@ -73,8 +81,13 @@ def session_options(given: str | None, limits: Mapping[str, str] = SESSION_LIMIT
     """libpq's `options` for a connection: `limits`, then whatever options the database's URL (or
     else PGOPTIONS) gives, which so win over the limits."""
     given = os.environ.get("PGOPTIONS", "") if given is None else given
-    limits_as_options = " ".join(f"-c {name}={value}" for name, value in limits.items())
+    limits_as_options = " ".join(f"-c {name}={_escaped(value)}" for name, value in limits.items())
     return f"{limits_as_options} {given}".strip()
+
+
+def _escaped(value: str) -> str:
+    """`value` as one word of libpq's `options`, which splits at spaces not behind a backslash."""
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
 @contextmanager

@@ -5,6 +5,8 @@ of the APIs and handlers, the inbox consumer's own and the relay leader's."""
 
 from __future__ import annotations
 
+from contextlib import closing
+
 import psycopg2
 import sqlalchemy as sa
 
@@ -73,3 +75,36 @@ def _assert_given_options_won(connection) -> None:
     with connection.cursor() as cursor:
         cursor.execute("SHOW work_mem")
         assert cursor.fetchone()[0] == "8MB"
+
+
+def test_transactions_read_committed_whatever_the_databases_default(settings):
+    """A database (or role) set to REPEATABLE READ by default, as a managed one may be, still has
+    the shop's sessions read each statement's own snapshot (shared.db.SESSION_LIMITS)."""
+    url = settings.database_url("payments")
+    database = sa.engine.make_url(url).database
+    pooled = sa.create_engine(url, connect_args=CONNECTION_TIMEOUTS)
+    limit_sessions(pooled)
+    with closing(psycopg2.connect(driver_dsn(url))) as admin:
+        admin.autocommit = True
+        with admin.cursor() as cursor:
+            cursor.execute(f'ALTER DATABASE "{database}" SET default_transaction_isolation'
+                           " = 'repeatable read'")
+        try:
+            with closing(psycopg2.connect(url.replace("+psycopg2", ""))) as plain:
+                assert _isolation(plain) == "repeatable read"  # (the database's default)
+            with closing(psycopg2.connect(driver_dsn(url))) as own:
+                assert _isolation(own) == "read committed"
+            with pooled.connect() as connection:
+                assert _isolation(connection.connection.driver_connection) == "read committed"
+        finally:
+            pooled.dispose()
+            with admin.cursor() as cursor:
+                cursor.execute(f'ALTER DATABASE "{database}" RESET default_transaction_isolation')
+
+
+def _isolation(connection) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW transaction_isolation")
+        isolation = cursor.fetchone()[0]
+    connection.rollback()
+    return isolation
