@@ -173,6 +173,25 @@ def test_a_body_over_the_limit_on_expect_100_continue_gets_a_413_and_no_100_firs
     assert answer[1]["Connection"] == "close"
 
 
+@pytest.mark.parametrize("body_sent", [True, False], ids=["body sent", "body held back"])
+@pytest.mark.parametrize("server, path", [("gateway", "/api/auth/login"),
+                                          ("orders", "/orders"), ("payments", "/accounts")])
+def test_a_request_sent_behind_a_body_refused_on_expect_100_continue_is_left_to_a_new_connection(
+        stack, server, path, body_sent):
+    """The connection closes after the 413, whether the client sent the body or held it back: a
+    request pipelined behind it is not answered (where it starts is unknown), and the 413 says
+    `Connection: close`, so that the client knows to send that request again on a new connection
+    (RFC 9112 9.3.2), rather than wait for an answer that never comes."""
+    identity = ([] if server == "gateway" else
+                [f"{name}: {value}" for name, value in identity_headers(
+                    "someone", stack.env["INTERNAL_AUTH_SECRET"], "POST", path).items()])
+    head = post_head(path, "Content-Length: 70000", "Expect: 100-continue", *identity)
+    body = b"x" * 70000 if body_sent else b""
+    answer = raw_exchange(getattr(stack, f"{server}_url"), head + body + get_with("/health"))
+    assert_json_error(answer, 413, "REQUEST_ENTITY_TOO_LARGE")  # (one answer: nothing after it)
+    assert answer[1]["Connection"] == "close"
+
+
 def test_a_body_within_the_limit_on_expect_100_continue_is_asked_for_read_and_kept_alive(stack):
     """The `100 Continue` comes once the app reads the body, which it then has whole; the body
     read, the connection is kept alive (only an owed 100 closes it), and the next request sent on
