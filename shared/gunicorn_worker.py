@@ -97,7 +97,7 @@ class ContinuedOnFirstRead:
         self.answered_unasked = True
 
 
-class RequestContinuedOnFirstReadClosedOnAFailedBody(Request):
+class RequestDeferringContinue(Request):
     """gunicorn's HTTP/1 request, but that its `100 Continue` waits for the app to read the body,
     and that it asks for its connection to be closed once reading its body raised (gunicorn's Body
     marks itself `failed`; what gunicorn does after the answer then anyway, Parser.finish_body,
@@ -133,13 +133,12 @@ class RequestContinuedOnFirstReadClosedOnAFailedBody(Request):
                 or super().should_close())
 
 
-class ResponseNamingNoServerNorAskingForABodyLate(wsgi.Response):
+class ResponseNamingNoServer(wsgi.Response):
     """gunicorn's HTTP/1 answer, without the `Server` header it always writes, and that tells its
     request as it writes its headers (its Connection header decided then) that the answer begins."""
 
     def send_headers(self) -> None:
-        if not self.headers_sent and isinstance(
-                self.req, RequestContinuedOnFirstReadClosedOnAFailedBody):
+        if not self.headers_sent and isinstance(self.req, RequestDeferringContinue):
             self.req.answer_begins()
         super().send_headers()
 
@@ -153,8 +152,8 @@ class ResponseNamingNoServerNorAskingForABodyLate(wsgi.Response):
 # builds each HTTP/1 answer from. gunicorn has no setting nor hook for any of them.
 GUNICORN_REPLACED = (
     (util, "write_error", write_json_error),
-    (RequestParser, "mesg_class", RequestContinuedOnFirstReadClosedOnAFailedBody),
-    (wsgi, "Response", ResponseNamingNoServerNorAskingForABodyLate),
+    (RequestParser, "mesg_class", RequestDeferringContinue),
+    (wsgi, "Response", ResponseNamingNoServer),
 )
 
 
