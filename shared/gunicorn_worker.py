@@ -27,8 +27,11 @@ streamed one, whose generator reads it later) is the same: the 100 is never sent
 within the answer), and a read then fails. A request with no body to ask for (a Content-Length
 of 0, a GET) is sent no 100, and keeps its connection.
 
-And its answers name no server software: gunicorn writes `Server: gunicorn` into each (not the
-version; it has no setting for it), which only tells a prober what to try.
+And it names no server software: gunicorn writes `Server: gunicorn` into each answer (not the
+version; it has no setting for it), which only tells a prober what to try, and gives each request's
+WSGI environ a SERVER_SOFTWARE of `gunicorn/<version>`, which an app's page or log could pass on
+with the version. The answers go without the header, and the environ's SERVER_SOFTWARE is empty
+(NO_SERVER_SOFTWARE): the key is there, for an app that reads it, naming nothing.
 """
 
 from __future__ import annotations
@@ -133,6 +136,11 @@ class RequestDeferringContinue(Request):
                 or super().should_close())
 
 
+# What each request's environ says its server software is (gunicorn's wsgi.base_environ: its own
+# `gunicorn/<version>`): nothing, as the answers name no server either.
+NO_SERVER_SOFTWARE = ""
+
+
 class ResponseNamingNoServer(wsgi.Response):
     """gunicorn's HTTP/1 answer, without the `Server` header it always writes, and that tells its
     request as it writes its headers (its Connection header decided then) that the answer begins."""
@@ -148,19 +156,21 @@ class ResponseNamingNoServer(wsgi.Response):
 
 # What the worker puts in gunicorn's place as its process starts (JsonErrorsThreadWorker.
 # init_process), each as (owner, name, replacement): the function gunicorn writes the answers it
-# gives itself with, the class its HTTP/1 parser makes each request of, and the name wsgi.create
-# builds each HTTP/1 answer from. gunicorn has no setting nor hook for any of them.
+# gives itself with, the class its HTTP/1 parser makes each request of, the name wsgi.create
+# builds each HTTP/1 answer from, and the server software wsgi.base_environ writes into each
+# request's environ. gunicorn has no setting nor hook for any of them.
 GUNICORN_REPLACED = (
     (util, "write_error", write_json_error),
     (RequestParser, "mesg_class", RequestDeferringContinue),
     (wsgi, "Response", ResponseNamingNoServer),
+    (wsgi, "SERVER_SOFTWARE", NO_SERVER_SOFTWARE),
 )
 
 
 class JsonErrorsThreadWorker(ThreadWorker):
     """gunicorn's threaded worker (what `--threads` above 1 picks), that makes the answers gunicorn
-    writes itself JSON, defers `100 Continue` to the body's first read, and drops the `Server`
-    header."""
+    writes itself JSON, defers `100 Continue` to the body's first read, and names no server
+    software (no `Server` header, an empty SERVER_SOFTWARE)."""
 
     def init_process(self):
         # In the worker's process, once forked, before super's loads the app and runs the loop that

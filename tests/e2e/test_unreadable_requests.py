@@ -2,18 +2,23 @@
 shape, as every other bad request is (shared/gunicorn_worker.py), not as gunicorn's HTML page;
 requests Werkzeug would misread or redirect, or whose body cannot be read (shared/app.py); a body
 the app refuses unread, which a client that asked whether to send it is not asked for, and the
-connection of one that was asked for, or that had none to ask for, kept; and what gunicorn writes
-into every answer (shared/gunicorn_worker.py)."""
+connection of one that was asked for, or that had none to ask for, kept, and a request sent behind
+it left to a new connection; and what gunicorn writes into every answer and every request's environ
+(shared/gunicorn_worker.py)."""
 
 from __future__ import annotations
 
 import json
 import socket
+import sys
 import uuid
 from urllib.parse import urlsplit
 
 import pytest
 
+from devstack.infra import LOCALHOST, free_port, wait_for_process
+from devstack.processes import ManagedProcess
+from devstack.stack import REPO_ROOT, gunicorn_argv
 from shared.internal_auth import identity_headers
 from tests.network_tools import http_answer_read_off, http_answer_read_off_a_kept_connection
 from tests.polling import wait_for
@@ -157,6 +162,15 @@ def post_head(path: str, *header_lines: str) -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
 
+def signed_identity(stack, server: str, path: str) -> list[str]:
+    """The header lines of a signed identity for a POST to `path` (a service reads a body once
+    one comes with it); none for the gateway."""
+    if server == "gateway":
+        return []
+    return [f"{name}: {value}" for name, value in identity_headers(
+        "someone", stack.env["INTERNAL_AUTH_SECRET"], "POST", path).items()]
+
+
 @pytest.mark.parametrize("server, path", [("gateway", "/api/auth/login"),
                                           ("orders", "/orders"), ("payments", "/accounts")])
 def test_a_body_over_the_limit_on_expect_100_continue_gets_a_413_and_no_100_first(stack, server,
@@ -164,9 +178,7 @@ def test_a_body_over_the_limit_on_expect_100_continue_gets_a_413_and_no_100_firs
     """gunicorn sent `100 Continue` before the app ran, asking for a body the app then refused
     unread. Now the 413 is the only answer, and the connection closes after it: the client may
     send the body or not. (A service reads a body once a signed identity comes with it.)"""
-    identity = ([] if server == "gateway" else
-                [f"{name}: {value}" for name, value in identity_headers(
-                    "someone", stack.env["INTERNAL_AUTH_SECRET"], "POST", path).items()])
+    identity = signed_identity(stack, server, path)
     head = post_head(path, "Content-Length: 70000", "Expect: 100-continue", *identity)
     answer = raw_exchange(getattr(stack, f"{server}_url"), head)  # (no body sent)
     assert_json_error(answer, 413, "REQUEST_ENTITY_TOO_LARGE")
@@ -182,9 +194,7 @@ def test_a_request_sent_behind_a_body_refused_on_expect_100_continue_is_left_to_
     request pipelined behind it is not answered (where it starts is unknown), and the 413 says
     `Connection: close`, so that the client knows to send that request again on a new connection
     (RFC 9112 9.3.2), rather than wait for an answer that never comes."""
-    identity = ([] if server == "gateway" else
-                [f"{name}: {value}" for name, value in identity_headers(
-                    "someone", stack.env["INTERNAL_AUTH_SECRET"], "POST", path).items()])
+    identity = signed_identity(stack, server, path)
     head = post_head(path, "Content-Length: 70000", "Expect: 100-continue", *identity)
     body = b"x" * 70000 if body_sent else b""
     answer = raw_exchange(getattr(stack, f"{server}_url"), head + body + get_with("/health"))
@@ -239,3 +249,37 @@ def test_no_answer_names_the_server_software(stack, server):
         status_line, headers, _ = raw_exchange(url, request)
         assert status_line.split(" ", 2)[1] == status, status_line
         assert "server" not in {name.lower() for name in headers}, headers
+
+
+@pytest.fixture(scope="module")
+def gunicorn_naming_its_server_software(run_dir):
+    """The URL of a gunicorn run as the APIs are (the shop's worker class), serving an app that
+    answers with the SERVER_SOFTWARE its request's environ holds."""
+    port = free_port()
+    argv = gunicorn_argv(port, "tests.e2e.server_software_app:answer_the_server_software")
+    server = ManagedProcess("server-software-app", [sys.executable, "-m", *argv], None,
+                            run_dir / "server-software-app.log", REPO_ROOT).start()
+    try:
+        wait_for_process(server, lambda: _accepts(port), timeout=30,
+                         what="gunicorn to accept connections")
+        yield f"http://{LOCALHOST}:{port}"
+    finally:
+        server.stop()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection((LOCALHOST, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_a_requests_environ_names_no_server_software(gunicorn_naming_its_server_software):
+    """gunicorn wrote `gunicorn/<version>` into every request's environ as SERVER_SOFTWARE (the
+    version, which its `Server` header never said), for an app's page or log to pass on: it is
+    there, for an app that reads it, and empty."""
+    status_line, _, body = raw_exchange(gunicorn_naming_its_server_software,
+                                        get_with("/", "Connection: close"))
+    assert status_line.split(" ", 2)[1] == "200", status_line
+    assert json.loads(body) == {"SERVER_SOFTWARE": ""}
