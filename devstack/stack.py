@@ -42,13 +42,14 @@ WORKER_THREADS = 16
 RUN_RECORD = "processes"
 
 
-def gunicorn_argv(port: int, app: str, threads: int = API_THREADS) -> list[str]:
+def gunicorn_argv(port: int, app: str, threads: int = API_THREADS,
+                  workers: int = API_WORKERS) -> list[str]:
     """The `python -m` arguments that serve the WSGI app `app` as both APIs are served."""
     # --no-control-socket: otherwise every gunicorn master shares ~/.gunicorn/gunicorn.ctl. No
     # access log: the apps log each request themselves, with its request id
     # (shared/request_context.py). The worker class answers what gunicorn cannot read in JSON.
     return [
-        *f"gunicorn -b {infra.LOCALHOST}:{port} -w {API_WORKERS} --threads {threads}".split(),
+        *f"gunicorn -b {infra.LOCALHOST}:{port} -w {workers} --threads {threads}".split(),
         "-k", GUNICORN_WORKER_CLASS,
         "--no-control-socket",
         app,

@@ -31,12 +31,16 @@ And it names no server software: gunicorn writes `Server: gunicorn` into each an
 version; it has no setting for it), which only tells a prober what to try, and gives each request's
 WSGI environ a SERVER_SOFTWARE of `gunicorn/<version>`, which an app's page or log could pass on
 with the version. The answers go without the header, and the environ's SERVER_SOFTWARE is empty
-(NO_SERVER_SOFTWARE): the key is there, for an app that reads it, naming nothing.
+(NO_SERVER_SOFTWARE): the key is there, for an app that reads it, naming nothing. gunicorn's
+arbiter also puts `gunicorn/<version>` in the master's process environment as SERVER_SOFTWARE
+(gunicorn/arbiter.py: `Arbiter.__init__`), which each worker inherits, and each subprocess an app
+starts: the worker takes it out of its own as it starts.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 from gunicorn import util
 from gunicorn.http import wsgi
@@ -170,7 +174,8 @@ GUNICORN_REPLACED = (
 class JsonErrorsThreadWorker(ThreadWorker):
     """gunicorn's threaded worker (what `--threads` above 1 picks), that makes the answers gunicorn
     writes itself JSON, defers `100 Continue` to the body's first read, and names no server
-    software (no `Server` header, an empty SERVER_SOFTWARE)."""
+    software (no `Server` header, an empty SERVER_SOFTWARE in each request's environ, none in the
+    worker's process environment)."""
 
     def init_process(self):
         # In the worker's process, once forked, before super's loads the app and runs the loop that
@@ -178,6 +183,9 @@ class JsonErrorsThreadWorker(ThreadWorker):
         # (Worker.handle_error), is the worker's. The arbiter reads no request nor answers one.
         for owner, name, replacement in GUNICORN_REPLACED:
             setattr(owner, name, replacement)
+        # The arbiter's `gunicorn/<version>`, inherited from the master's environment: gone from
+        # the worker's, and so from that of every subprocess the app starts.
+        os.environ.pop("SERVER_SOFTWARE", None)
         super().init_process()
 
     def finish_request(self, conn, fs):

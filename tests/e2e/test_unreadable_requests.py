@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from devstack.infra import LOCALHOST, free_port, wait_for_process
+from devstack.infra import LOCALHOST, free_port, port_open, wait_for_process
 from devstack.processes import ManagedProcess
 from devstack.stack import REPO_ROOT, gunicorn_argv
 from shared.internal_auth import identity_headers
@@ -253,33 +253,28 @@ def test_no_answer_names_the_server_software(stack, server):
 
 @pytest.fixture(scope="module")
 def gunicorn_naming_its_server_software(run_dir):
-    """The URL of a gunicorn run as the APIs are (the shop's worker class), serving an app that
-    answers with the SERVER_SOFTWARE its request's environ holds."""
+    """The URL of a gunicorn run as the APIs are (the shop's worker class, in a worker forked off
+    its master), but with one worker, serving an app that answers with the SERVER_SOFTWARE its
+    request's environ and its worker's process environment hold."""
     port = free_port()
-    argv = gunicorn_argv(port, "tests.e2e.server_software_app:answer_the_server_software")
+    argv = gunicorn_argv(port, "tests.e2e.server_software_app:answer_the_server_software",
+                         workers=1)
     server = ManagedProcess("server-software-app", [sys.executable, "-m", *argv], None,
                             run_dir / "server-software-app.log", REPO_ROOT).start()
     try:
-        wait_for_process(server, lambda: _accepts(port), timeout=30,
+        wait_for_process(server, lambda: port_open(LOCALHOST, port), timeout=30,
                          what="gunicorn to accept connections")
         yield f"http://{LOCALHOST}:{port}"
     finally:
         server.stop()
 
 
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection((LOCALHOST, port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 def test_a_requests_environ_names_no_server_software(gunicorn_naming_its_server_software):
     """gunicorn wrote `gunicorn/<version>` into every request's environ as SERVER_SOFTWARE (the
     version, which its `Server` header never said), for an app's page or log to pass on: it is
-    there, for an app that reads it, and empty."""
+    there, for an app that reads it, and empty. Its arbiter put the same into the master's process
+    environment, inherited by each worker and whatever the app starts: the worker's has none."""
     status_line, _, body = raw_exchange(gunicorn_naming_its_server_software,
                                         get_with("/", "Connection: close"))
     assert status_line.split(" ", 2)[1] == "200", status_line
-    assert json.loads(body) == {"SERVER_SOFTWARE": ""}
+    assert json.loads(body) == {"environ": "", "process": None}
