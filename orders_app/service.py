@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,6 +24,9 @@ from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, new_event
 from shared.db import driver_cursor
 from shared.errors import ApiError, NotFound
 from shared.outbox.writing import add_outbox_message, outbox_message_statement
+from shared.request_context import request_id_bound
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +173,15 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
     """Move each NEW order to FINISHED or CANCELLED, in the order given; a final order never
     changes again. Returns the orders that changed (detached from the session).
 
+    A result for an order already final is passed over: a repeat of the result that settled it
+    (a redelivery) without a word, another one (a failure for a FINISHED order, say) with a
+    warning, under the result's request id.
+
     Raises UnknownOrder, and changes nothing, when an order does not exist, or is not the named
     user's or not of the amount named (a payment of another amount does not pay it). However
     many results, two statements: lock the orders (in id order, so batches running at once never
-    deadlock) and settle the ones that change.
+    deadlock) and settle the ones that change, each settled order's updated_at taken from the
+    database's clock as its created_at was.
     """
     if not results:
         return []
@@ -181,7 +190,6 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
                                        in sorted({result.order_id for result in results})],))
         orders = {order.id: order for order in (_order_of(row) for row in cursor)}
     settled: list[tuple[Order, str | None]] = []  # each changed order, with its request id
-    now = datetime.now(timezone.utc)
     for result in results:
         order = orders.get(result.order_id)
         if order is None or order.user_id != result.user_id:
@@ -189,11 +197,13 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
         if order.amount != result.amount:
             raise UnknownOrder(f"order {result.order_id} is of {order.amount}, not"
                                f" {result.amount}")
+        status = FINISHED if result.succeeded else CANCELLED
+        reason = None if result.succeeded else result.reason
         if order.is_final:
+            if (order.status, order.reason) != (status, reason):
+                _warn_result_passed_over(order, result)
             continue
-        order.status = FINISHED if result.succeeded else CANCELLED
-        order.reason = None if result.succeeded else result.reason
-        order.updated_at = now
+        order.status, order.reason = status, reason
         settled.append((order, result.request_id))
     if not settled:
         return []
@@ -201,9 +211,10 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
     with driver_cursor(session) as cursor:
         cursor.execute(_SETTLE_ORDERS, {"ids": [str(order.id) for order in changed],
                                         "statuses": [order.status for order in changed],
-                                        "reasons": [order.reason for order in changed],
-                                        "updated_at": now})
+                                        "reasons": [order.reason for order in changed]})
+        updated_at = dict(cursor.fetchall())
     for order, request_id in settled:
+        order.updated_at = updated_at[str(order.id)]
         _announce_status(session, order, request_id)
         invalidate_after_commit(session, orders_cache_namespace(order.user_id))
     return changed
@@ -213,18 +224,32 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
 _LOCK_ORDERS = """
 SELECT id::text, user_id, amount, description, status, reason, created_at, updated_at
 FROM orders WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE"""
-# One row per settled order, from one array per column, however many.
+# One row per settled order, from one array per column, however many. updated_at is the
+# database's clock, as created_at is (a worker's clock may run behind it), read once the orders
+# are locked: clock_timestamp(), not now(), the transaction's start, which may come before the
+# order was placed (a batch's transaction begun before the order's committed), so that
+# updated_at >= created_at.
 _SETTLE_ORDERS = """
-UPDATE orders SET status = settled.status, reason = settled.reason, updated_at = %(updated_at)s
+UPDATE orders SET status = settled.status, reason = settled.reason, updated_at = settled_at
 FROM unnest(%(ids)s::uuid[], %(statuses)s::text[], %(reasons)s::text[])
-     AS settled (id, status, reason)
-WHERE orders.id = settled.id"""
+     AS settled (id, status, reason), clock_timestamp() AS settled_at
+WHERE orders.id = settled.id
+RETURNING orders.id::text, orders.updated_at"""
 
 
 def _order_of(row: tuple) -> Order:
     order_id, user_id, amount, description, status, reason, created_at, updated_at = row
     return Order(id=uuid.UUID(order_id), user_id=user_id, amount=amount, description=description,
                  status=status, reason=reason, created_at=created_at, updated_at=updated_at)
+
+
+def _warn_result_passed_over(order: Order, result: PaymentResult) -> None:
+    """Say that a payment result other than the one an order was settled by is passed over: two
+    results for one order disagree, which operators need to know of."""
+    passed_over = "succeeded" if result.succeeded else f"failed ({result.reason})"
+    with request_id_bound(result.request_id):
+        log.warning("payment result for order %s passed over: the order is already %s, the"
+                    " payment %s", order.id, order.status, passed_over)
 
 
 def _announce_status(session: Session, order: Order, request_id: str | None) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
+from datetime import datetime
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 import orders_app
 from orders_app import service
@@ -18,6 +20,8 @@ from shared.inbox.model import InboxMessage
 from shared.inbox.storing import ConsumedRecord
 from shared.inbox_consumer import StoreOnOwnConnection
 from shared.outbox.writing import OutboxMessage
+from shared.request_context import RequestIdLogFilter
+from tests.clock_tools import AnHourBehind
 
 
 FIVE = Decimal("5.00")  # (every order _placed's)
@@ -137,6 +141,73 @@ def test_a_result_of_the_orders_amount_with_other_decimals_settles_it(in_orders,
         service.apply_payment_results(session, [service.PaymentResult(
             order_id=order_id, user_id=user_id, amount=paid, succeeded=True)])
     assert _statuses([order_id]) == [("FINISHED", None)]
+
+
+def test_a_result_that_contradicts_a_final_order_is_passed_over_with_a_warning(in_orders,
+                                                                                  user_id, caplog):
+    """A result other than the one that settled an order changes nothing, and is said once, with
+    the order's id and status, the result and its request id; a repeat of the settling result
+    (a redelivery) is passed over without a word."""
+    paid, refused = _placed(user_id, 2)
+
+    def results(request_id: str, paid_succeeded: bool) -> list[service.PaymentResult]:
+        return [service.PaymentResult(order_id=paid, user_id=user_id, amount=FIVE,
+                                      succeeded=paid_succeeded, request_id=f"{request_id}-1",
+                                      reason=None if paid_succeeded else "INSUFFICIENT_FUNDS"),
+                service.PaymentResult(order_id=refused, user_id=user_id, amount=FIVE,
+                                      succeeded=not paid_succeeded, request_id=f"{request_id}-2",
+                                      reason="NO_ACCOUNT" if paid_succeeded else None)]
+
+    with transaction() as session:
+        service.apply_payment_results(session, results("request-first", True))
+    caplog.set_level(logging.WARNING, logger="orders_app.service")
+    caplog.handler.addFilter(RequestIdLogFilter())
+    with transaction() as session:  # the same results, delivered again
+        assert service.apply_payment_results(session, results("request-again", True)) == []
+    assert caplog.records == []
+    with transaction() as session:  # the other results
+        assert service.apply_payment_results(session, results("request-other", False)) == []
+    assert [(record.levelname, record.request_id, record.getMessage())
+            for record in caplog.records] == [
+        ("WARNING", "request-other-1", f"payment result for order {paid} passed over: the order"
+                                       " is already FINISHED, the payment failed"
+                                       " (INSUFFICIENT_FUNDS)"),
+        ("WARNING", "request-other-2", f"payment result for order {refused} passed over: the"
+                                       " order is already CANCELLED, the payment succeeded")]
+    assert _statuses([paid, refused]) == [("FINISHED", None), ("CANCELLED", "NO_ACCOUNT")]
+
+
+def _created_and_updated(order_id: uuid.UUID) -> tuple[datetime, datetime]:
+    db.session.rollback()
+    order = db.session.get(Order, order_id)
+    return order.created_at, order.updated_at
+
+
+def test_a_settled_orders_updated_at_is_the_databases_clock_though_the_workers_runs_behind(
+        in_orders, user_id, monkeypatch):
+    """created_at is the database's clock: so is updated_at, whatever the worker's says."""
+    (order_id,) = _placed(user_id, 1)
+    monkeypatch.setattr(service, "datetime", AnHourBehind, raising=False)
+    with transaction() as session:
+        (settled,) = service.apply_payment_results(session, [service.PaymentResult(
+            order_id=order_id, user_id=user_id, amount=FIVE, succeeded=True)])
+    created_at, updated_at = _created_and_updated(order_id)
+    assert created_at <= updated_at == settled.updated_at
+
+
+def test_an_order_placed_after_the_settling_transaction_began_is_updated_after_it_was_created(
+        in_orders, user_id):
+    """updated_at is the moment the order is settled, not its transaction's start (now()): an
+    order placed after a batch's transaction began, and settled in it, was not updated before it
+    was created."""
+    with transaction() as session:
+        session.execute(text("SELECT 1"))  # (the transaction, and its now(), begin here)
+        with in_orders.app_context():  # (a session of its own, which commits first)
+            (order_id,) = _placed(user_id, 1)
+        service.apply_payment_results(session, [service.PaymentResult(
+            order_id=order_id, user_id=user_id, amount=FIVE, succeeded=True)])
+    created_at, updated_at = _created_and_updated(order_id)
+    assert created_at <= updated_at
 
 
 _offsets = iter(range(10**9))
