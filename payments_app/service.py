@@ -9,7 +9,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from decimal import Decimal
 
 from flask import current_app
@@ -68,7 +67,9 @@ def _add_within_limit(session: Session, user_id: str, amount: Decimal) -> bool:
     return session.execute(
         update(Account)
         .where(Account.user_id == user_id, Account.balance <= MAX_BALANCE - amount)
-        .values(balance=Account.balance + amount, updated_at=func.now())
+        # (The moment of the deposit, not its transaction's start, now(): it may come before the
+        # account's opening committed, and updated_at before its created_at.)
+        .values(balance=Account.balance + amount, updated_at=func.clock_timestamp())
         .returning(Account.balance)
     ).first() is not None
 
@@ -199,8 +200,7 @@ def _debit(session: Session, payments: list[Payment]) -> None:
     if not totals:
         return
     with driver_cursor(session) as cursor:
-        cursor.execute(_DEBIT, {"users": list(totals), "amounts": list(totals.values()),
-                                "debited_at": datetime.now(timezone.utc)})
+        cursor.execute(_DEBIT, {"users": list(totals), "amounts": list(totals.values())})
     for user_id in totals:
         invalidate_after_commit(session, balance_cache_namespace(user_id))
 
@@ -238,7 +238,10 @@ FROM unnest(%(order_ids)s::uuid[], %(statuses)s::text[], %(reasons)s::text[])
      AS decisions (order_id, status, reason)
 WHERE payments.order_id = decisions.order_id
 RETURNING payments.order_id::text, user_id, amount, payments.status, payments.reason, created_at"""
+# updated_at is the database's clock, as created_at is (a worker's may run behind it), once the
+# accounts are locked (clock_timestamp(), as a deposit's).
 _DEBIT = """
-UPDATE accounts SET balance = accounts.balance - debits.amount, updated_at = %(debited_at)s
-FROM unnest(%(users)s::text[], %(amounts)s::numeric[]) AS debits (user_id, amount)
+UPDATE accounts SET balance = accounts.balance - debits.amount, updated_at = debited_at
+FROM unnest(%(users)s::text[], %(amounts)s::numeric[]) AS debits (user_id, amount),
+     clock_timestamp() AS debited_at
 WHERE accounts.user_id = debits.user_id"""

@@ -8,13 +8,14 @@ from decimal import Decimal
 
 import psycopg2
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 
 from payments_app import service
 from payments_app.models import Account, Payment
 from shared.db import db, driver_dsn, transaction
 from shared.errors import NotFound
 from shared.outbox.writing import OutboxMessage
+from tests.clock_tools import AnHourBehind
 from tests.postgres_tools import second_waiting_on_the_first
 
 
@@ -159,6 +160,36 @@ def test_a_deposit_racing_the_opening_of_its_account_is_taken_not_refused(in_pay
         event.remove(db.engine, "after_cursor_execute", open_it_once_the_update_has_looked)
         opener.close()
     assert _balance(user_id) == Decimal("5.00")
+
+
+def _created_and_updated(user_id: str) -> tuple:
+    db.session.rollback()
+    account = db.session.get(Account, user_id)
+    return account.created_at, account.updated_at
+
+
+def test_a_debit_sets_updated_at_by_the_databases_clock_though_the_workers_runs_behind(
+        in_payments, user_id, monkeypatch):
+    """created_at is the database's clock: so is updated_at, whatever the worker's says."""
+    _open_with(user_id, "10")
+    monkeypatch.setattr(service, "datetime", AnHourBehind, raising=False)
+    assert _take(uuid.uuid4(), user_id, "3") is not None
+    created_at, updated_at = _created_and_updated(user_id)
+    assert created_at <= updated_at
+
+
+def test_a_deposit_in_a_transaction_begun_before_the_account_was_opened_is_after_it(
+        in_payments, user_id):
+    """updated_at is the moment of the deposit, not its transaction's start (now()): an account
+    opened after that start, and given a deposit in the transaction, was not updated before it
+    was created."""
+    with transaction() as session:
+        session.execute(text("SELECT 1"))  # (the transaction, and its now(), begin here)
+        with in_payments.app_context(), transaction() as opening:  # (a session of its own)
+            service.open_account(opening, user_id=user_id)
+        service.deposit(session, user_id=user_id, amount=Decimal("5"))
+    created_at, updated_at = _created_and_updated(user_id)
+    assert created_at <= updated_at
 
 
 def test_a_deposit_without_an_account_is_not_found(in_payments, user_id):
