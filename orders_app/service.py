@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from orders_app.models import CANCELLED, FINISHED, NEW, Order
 from shared.cache import invalidate_after_commit
 from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, new_event
-from shared.db import driver_cursor
+from shared.db import after_commit, driver_cursor
 from shared.errors import ApiError, NotFound
 from shared.outbox.writing import add_outbox_message, outbox_message_statement
 from shared.request_context import request_id_bound
@@ -175,7 +175,9 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
 
     A result for an order already final is passed over: a repeat of the result that settled it
     (a redelivery) without a word, another one (a failure for a FINISHED order, say) with a
-    warning, under the result's request id.
+    warning, under the result's request id, once the caller's transaction has committed: a try
+    rolled back (another result of the batch unknown, a lost connection), and so made again,
+    says nothing.
 
     Raises UnknownOrder, and changes nothing, when an order does not exist, or is not the named
     user's or not of the amount named (a payment of another amount does not pay it). However
@@ -190,6 +192,7 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
                                        in sorted({result.order_id for result in results})],))
         orders = {order.id: order for order in (_order_of(row) for row in cursor)}
     settled: list[tuple[Order, str | None]] = []  # each changed order, with its request id
+    passed_over: list[tuple[Order, PaymentResult]] = []  # each result that disagrees, its order
     for result in results:
         order = orders.get(result.order_id)
         if order is None or order.user_id != result.user_id:
@@ -201,10 +204,12 @@ def apply_payment_results(session: Session, results: list[PaymentResult]) -> lis
         reason = None if result.succeeded else result.reason
         if order.is_final:
             if (order.status, order.reason) != (status, reason):
-                _warn_result_passed_over(order, result)
+                passed_over.append((order, result))
             continue
         order.status, order.reason = status, reason
         settled.append((order, result.request_id))
+    if passed_over:
+        after_commit(session, lambda: _warn_results_passed_over(passed_over))
     if not settled:
         return []
     changed = [order for order, _request_id in settled]
@@ -243,13 +248,21 @@ def _order_of(row: tuple) -> Order:
                  status=status, reason=reason, created_at=created_at, updated_at=updated_at)
 
 
-def _warn_result_passed_over(order: Order, result: PaymentResult) -> None:
-    """Say that a payment result other than the one an order was settled by is passed over: two
-    results for one order disagree, which operators need to know of."""
-    passed_over = "succeeded" if result.succeeded else f"failed ({result.reason})"
-    with request_id_bound(result.request_id):
-        log.warning("payment result for order %s passed over: the order is already %s, the"
-                    " payment %s", order.id, order.status, passed_over)
+def _warn_results_passed_over(passed_over: list[tuple[Order, PaymentResult]]) -> None:
+    """Say of each payment result other than the one its order was settled by that it was passed
+    over: two results for one order disagree, which operators need to know of."""
+    for order, result in passed_over:
+        held = order.status if order.status == FINISHED else _with_reason(order.status,
+                                                                          order.reason)
+        said = "succeeded" if result.succeeded else _with_reason("failed", result.reason)
+        with request_id_bound(result.request_id):
+            log.warning("payment result for order %s passed over: the order is already %s, this"
+                        " result says %s", order.id, held, said)
+
+
+def _with_reason(outcome: str, reason: str | None) -> str:
+    """"failed (NO_ACCOUNT)", "CANCELLED (NO_ACCOUNT)"; "failed, no reason given"."""
+    return f"{outcome} ({reason})" if reason is not None else f"{outcome}, no reason given"
 
 
 def _announce_status(session: Session, order: Order, request_id: str | None) -> None:

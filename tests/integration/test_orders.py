@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 
@@ -12,6 +13,7 @@ from sqlalchemy import select, text
 
 import orders_app
 from orders_app import service
+from orders_app.handlers import on_payment_results
 from orders_app.models import Order
 from shared.contracts import PAYMENT_FAILED, PAYMENT_SUCCEEDED, new_event, wire_text
 from shared.db import db, driver_dsn, transaction
@@ -20,7 +22,8 @@ from shared.inbox.model import InboxMessage
 from shared.inbox.storing import ConsumedRecord
 from shared.inbox_consumer import StoreOnOwnConnection
 from shared.outbox.writing import OutboxMessage
-from shared.request_context import RequestIdLogFilter
+from shared.request_context import REQUEST_ID_KAFKA_HEADER, RequestIdLogFilter
+from tasks.inbox import handle_inbox_batch
 from tests.clock_tools import AnHourBehind
 
 
@@ -143,38 +146,114 @@ def test_a_result_of_the_orders_amount_with_other_decimals_settles_it(in_orders,
     assert _statuses([order_id]) == [("FINISHED", None)]
 
 
-def test_a_result_that_contradicts_a_final_order_is_passed_over_with_a_warning(in_orders,
-                                                                                  user_id, caplog):
-    """A result other than the one that settled an order changes nothing, and is said once, with
-    the order's id and status, the result and its request id; a repeat of the settling result
-    (a redelivery) is passed over without a word."""
-    paid, refused = _placed(user_id, 2)
+def _succeeded(order_id: uuid.UUID, user_id: str, request_id: str) -> service.PaymentResult:
+    return service.PaymentResult(order_id=order_id, user_id=user_id, amount=FIVE, succeeded=True,
+                                 request_id=request_id)
 
-    def results(request_id: str, paid_succeeded: bool) -> list[service.PaymentResult]:
-        return [service.PaymentResult(order_id=paid, user_id=user_id, amount=FIVE,
-                                      succeeded=paid_succeeded, request_id=f"{request_id}-1",
-                                      reason=None if paid_succeeded else "INSUFFICIENT_FUNDS"),
-                service.PaymentResult(order_id=refused, user_id=user_id, amount=FIVE,
-                                      succeeded=not paid_succeeded, request_id=f"{request_id}-2",
-                                      reason="NO_ACCOUNT" if paid_succeeded else None)]
 
-    with transaction() as session:
-        service.apply_payment_results(session, results("request-first", True))
+def _failed(order_id: uuid.UUID, user_id: str, request_id: str,
+            reason: str | None) -> service.PaymentResult:
+    return service.PaymentResult(order_id=order_id, user_id=user_id, amount=FIVE, succeeded=False,
+                                 reason=reason, request_id=request_id)
+
+
+@pytest.fixture
+def passed_over_warnings(caplog) -> Callable[[], list[tuple[str | None, str]]]:
+    """The warnings orders_app.service has logged so far, each with its request id."""
     caplog.set_level(logging.WARNING, logger="orders_app.service")
     caplog.handler.addFilter(RequestIdLogFilter())
+    return lambda: [(record.request_id, record.getMessage()) for record in caplog.records
+                    if record.name == "orders_app.service" and record.levelname == "WARNING"]
+
+
+def _passed_over(order_id: uuid.UUID, held: str, said: str) -> str:
+    return (f"payment result for order {order_id} passed over: the order is already {held}, this"
+            f" result says {said}")
+
+
+def test_a_result_that_contradicts_a_final_order_is_passed_over_with_a_warning(
+        in_orders, user_id, passed_over_warnings):
+    """A result other than the one that settled an order changes nothing, and is said once, with
+    the order's id, its status and reason, the result and its request id; a repeat of the
+    settling result (a redelivery) is passed over without a word."""
+    paid, refused = _placed(user_id, 2)
+    with transaction() as session:
+        service.apply_payment_results(session, [_succeeded(paid, user_id, "first-1"),
+                                                _failed(refused, user_id, "first-2", "NO_ACCOUNT")])
     with transaction() as session:  # the same results, delivered again
-        assert service.apply_payment_results(session, results("request-again", True)) == []
-    assert caplog.records == []
-    with transaction() as session:  # the other results
-        assert service.apply_payment_results(session, results("request-other", False)) == []
-    assert [(record.levelname, record.request_id, record.getMessage())
-            for record in caplog.records] == [
-        ("WARNING", "request-other-1", f"payment result for order {paid} passed over: the order"
-                                       " is already FINISHED, the payment failed"
-                                       " (INSUFFICIENT_FUNDS)"),
-        ("WARNING", "request-other-2", f"payment result for order {refused} passed over: the"
-                                       " order is already CANCELLED, the payment succeeded")]
+        assert service.apply_payment_results(session, [
+            _succeeded(paid, user_id, "again-1"),
+            _failed(refused, user_id, "again-2", "NO_ACCOUNT")]) == []
+    assert passed_over_warnings() == []
+    with transaction() as session:  # other results
+        assert service.apply_payment_results(session, [
+            _failed(paid, user_id, "other-1", "INSUFFICIENT_FUNDS"),
+            _succeeded(refused, user_id, "other-2"),
+            _failed(refused, user_id, "other-3", "INSUFFICIENT_FUNDS")]) == []
+    assert passed_over_warnings() == [
+        ("other-1", _passed_over(paid, "FINISHED", "failed (INSUFFICIENT_FUNDS)")),
+        ("other-2", _passed_over(refused, "CANCELLED (NO_ACCOUNT)", "succeeded")),
+        ("other-3", _passed_over(refused, "CANCELLED (NO_ACCOUNT)",
+                                 "failed (INSUFFICIENT_FUNDS)"))]
     assert _statuses([paid, refused]) == [("FINISHED", None), ("CANCELLED", "NO_ACCOUNT")]
+
+
+def test_results_that_disagree_within_one_batch_are_passed_over_once_it_commits(
+        in_orders, user_id, passed_over_warnings):
+    """The first result of an order in a batch settles it; a later one that disagrees is passed
+    over with a warning, said once the batch's transaction has committed, not before."""
+    paid, refused, unexplained = _placed(user_id, 3)
+    with transaction() as session:
+        changed = service.apply_payment_results(session, [
+            _succeeded(paid, user_id, "paid-1"),
+            _failed(paid, user_id, "paid-2", "INSUFFICIENT_FUNDS"),
+            _failed(refused, user_id, "refused-1", "NO_ACCOUNT"),
+            _failed(refused, user_id, "refused-2", "NO_ACCOUNT"),  # (a redelivery: no word)
+            _failed(refused, user_id, "refused-3", "INSUFFICIENT_FUNDS"),
+            _failed(unexplained, user_id, "unexplained-1", "NO_ACCOUNT"),
+            _failed(unexplained, user_id, "unexplained-2", None)])
+        assert passed_over_warnings() == []
+    assert [order.id for order in changed] == [paid, refused, unexplained]
+    assert passed_over_warnings() == [
+        ("paid-2", _passed_over(paid, "FINISHED", "failed (INSUFFICIENT_FUNDS)")),
+        ("refused-3", _passed_over(refused, "CANCELLED (NO_ACCOUNT)",
+                                   "failed (INSUFFICIENT_FUNDS)")),
+        ("unexplained-2", _passed_over(unexplained, "CANCELLED (NO_ACCOUNT)",
+                                       "failed, no reason given"))]
+
+
+def test_a_result_passed_over_in_a_batch_rolled_back_and_handled_again_is_said_once(
+        in_orders, settings, user_id, passed_over_warnings, monkeypatch):
+    """A batch of the inbox that fails (another message's result matches no order) is rolled back
+    and handled again one message at a time: a result it passed over is said once, by the run
+    that committed, not by the one rolled back too, though that one had done with it (the failing
+    message went to a handler of its own, in a run after it)."""
+    handlers = orders_app.message_handlers()
+    monkeypatch.setattr(orders_app, "message_handlers", lambda: handlers | {
+        PAYMENT_FAILED: lambda session, events: on_payment_results(session, events)})
+    cancelled, other = _placed(user_id, 2)
+    with transaction() as session:
+        service.apply_payment_results(session, [_failed(cancelled, user_id, "first",
+                                                        "NO_ACCOUNT")])
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url("orders")))
+    try:
+        message_ids = store([
+            _result_record(new_event(PAYMENT_SUCCEEDED, {"order_id": cancelled,
+                                                         "user_id": user_id, "amount": FIVE},
+                                     None), request_id="passed-over"),
+            _result_record(new_event(PAYMENT_FAILED, {"order_id": other, "user_id": user_id,
+                                                      "amount": Decimal("0.01"),
+                                                      "reason": "NO_ACCOUNT"}, None))])
+    finally:
+        store.close()
+    handle_inbox_batch.apply(args=("orders", [str(message_id) for message_id in message_ids]))
+    db.session.rollback()
+    assert [(row.processed_at is not None, row.parked_at is not None) for row in
+            (db.session.get(InboxMessage, message_id) for message_id in message_ids)] == [
+        (True, False), (False, True)]
+    assert passed_over_warnings() == [
+        ("passed-over", _passed_over(cancelled, "CANCELLED (NO_ACCOUNT)", "succeeded"))]
+    assert _statuses([cancelled, other]) == [("CANCELLED", "NO_ACCOUNT"), ("NEW", None)]
 
 
 def _created_and_updated(order_id: uuid.UUID) -> tuple[datetime, datetime]:
@@ -213,12 +292,16 @@ def test_an_order_placed_after_the_settling_transaction_began_is_updated_after_i
 _offsets = iter(range(10**9))
 
 
-def _result_record(event, amount_written: object = None) -> ConsumedRecord:
+def _result_record(event, amount_written: object = None,
+                   request_id: str | None = None) -> ConsumedRecord:
     """A payment result as the orders inbox consumer reads it from its topic (keyed by user); its
-    amount written as `amount_written` is, if given, rather than as the shop writes amounts."""
+    amount written as `amount_written` is, if given, rather than as the shop writes amounts, and
+    `request_id`, if given, in its header."""
     envelope = event.to_json()
     if amount_written is not None:
         envelope["payload"] = envelope["payload"] | {"amount": amount_written}
+    headers = {"message_id": str(event.message_id).encode()}
+    if request_id is not None:
+        headers[REQUEST_ID_KAFKA_HEADER] = request_id.encode()
     return ConsumedRecord("test-payment-results", 0, next(_offsets),
-                          event.payload["user_id"].encode(), wire_text(envelope).encode(),
-                          {"message_id": str(event.message_id).encode()})
+                          event.payload["user_id"].encode(), wire_text(envelope).encode(), headers)
