@@ -11,7 +11,8 @@ repeats by message id. The first leader fails as it goes to delete them, having 
 A row is deleted only once the broker has acknowledged it (Kafka is then its record); a row the
 broker refused stays, counts the attempt, records the error and is tried again after a wait that
 doubles with each refusal (FIRST_RETRY_AFTER_SECONDS up to LONGEST_RETRY_AFTER_SECONDS), and
-meanwhile the later rows with its topic and key wait behind it (they must not overtake it), while
+meanwhile the later rows with its topic and key wait behind it (they must not overtake it; those
+of its own batch that went in a later produce request may have: shared.outbox.publishing), while
 every other row goes on: refused rows at the head of the table, however many (a topic the relay may
 not write to, a partition whose broker is lost), hold up their keys, not the relay. A row whose
 message is too large ever to be sent (over the producer's `message.max.bytes` or the topic's

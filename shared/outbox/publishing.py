@@ -9,6 +9,35 @@ time: _RECORD_REFUSED_FOR_GOOD; a topic not the shop's: UNKNOWN_TOPIC_ERROR) and
 answered at all. A fatal error of the producer, however confluent-kafka raises it, refuses the
 whole batch and replaces the producer, its tracebacks dropped so that the old one is let go.
 
+A key keeps its order across batches, not always within one: a row refused in its delivery report
+may already have been overtaken by the later rows of its key in the same batch. librdkafka sends a
+partition's messages in several produce requests, up to five in flight, and one it fails for good
+(an answer it does not retry: an invalid timestamp or record, a record batch too large, a topic the
+relay may not write to; or its messages timed out) stops none after it: it bumps the producer's
+epoch and sends them on (a real broker refuses those in flight for the gap in the producer's
+sequence numbers, and librdkafka sends them again). The rows in them are acknowledged and
+deleted, and the refused row goes later, after them: consumers see K1, K3, K2. Measured against
+librdkafka's mock cluster (2.16, as confluent-kafka bundles it), with the relay's own settings: a
+batch of 25,000 rows, every hundredth of one key, its second produce request refused as
+INVALID_TIMESTAMP: 188 and 230 rows of the key after its first refused one were written and
+acknowledged, in two runs. With one message a request, the second refused (INVALID_TIMESTAMP,
+INVALID_RECORD, TOPIC_AUTHORIZATION_FAILED), the 1st, 3rd, 4th and 5th were written, and so with
+`max.in.flight=1` too: it only makes the next request wait for the refused one's answer. What
+would keep the order is not set, each for a cost measured or reckoned:
+- `enable.gapless.guarantee` (experimental; not for messages timed out) makes every refusal
+  librdkafka does not retry a fatal error. A real broker refuses the requests after the gap in
+  the producer's sequence numbers (OUT_OF_ORDER_SEQUENCE_NUMBER, librdkafka's INTRODUCTION.md),
+  but the mock cluster checks them for transactional producers only: there, with one message a
+  request, those already in flight were still written and acknowledged before flush() raised the
+  fatal error (OutboxPublisher then refuses the batch whole, and they go again after the refused
+  row: their first copies, which consumers keep, came first all the same). And it costs what the
+  relay promises: a row refused for what it is (an invalid record, one too large, a topic it may
+  not write to) would refuse its whole batch at every try, nothing parked and no other row sent
+  (each is fatal so on the mock; tests/unit/test_outbox_publisher_record_refusals.py fails with
+  it, the batch's five rows all refused, none parked).
+- A key's next row handed to the producer only once the row before it has its answer: sound, but
+  a flush for each row of the busiest key in a batch, many through a backlog (the key is a user).
+
 The relay's reading, counting and deleting of rows is shared.outbox.relaying's; the Kafka clients'
 settings are shared.kafka's."""
 
@@ -86,7 +115,9 @@ class OutboxPublisher:
         longer has, say), retried later, and holds back the rows of its key the same way, unless
         the producer has failed fatally: that refuses the whole batch (below). (A message the
         broker refuses later, in its delivery report, holds nothing of this batch back: the rows
-        after it may already be on their way; the later reads hold back its key,
+        after it may already be on their way, and those of its key in a later produce request
+        are then written before it is tried again, out of its key's order (the module's
+        docstring says why it is left so); the later reads hold back its key,
         shared.outbox.relaying.CLAIM_ROWS. The rows of a record batch it refuses for a record in
         it, too large or invalid, are each sent again alone, to learn which it is:
         `_send_each_alone`.) A refusal says whether the broker answered with it
