@@ -190,6 +190,49 @@ def drop_inbox_handled_index() -> None:
     op.drop_index("ix_inbox_messages_handled", "inbox_messages", if_exists=True)
 
 
+def index_handled_inbox_rows_by_handling() -> None:
+    """The handled inbox rows by when they were handled (or discarded), for pruning (shared.inbox.
+    pruning.prune_handled_messages, which prunes them in that order), in place of
+    index_handled_inbox_rows' index of them by when they were stored: through that one, a message
+    handled late (replayed after a park, or discarded: a backlog of parked messages given up on at
+    once) stayed at the old end of the index for a whole retention after its handling, and every
+    run of the pruner read each such row from the table, and passed over it, before it reached
+    one it could prune. Built concurrently, as that one. (Until its workers are replaced, the
+    release before prunes through this index too, as it can: reading every row it may prune on
+    each of its transactions, and sorting them.)"""
+    create_index_concurrently("ix_inbox_messages_handled_at", "inbox_messages", ["processed_at"],
+                              "processed_at IS NOT NULL")
+    op.drop_index("ix_inbox_messages_handled", "inbox_messages", if_exists=True)
+
+
+def index_handled_inbox_rows_by_storing_again() -> None:
+    """The handled rows' index by when they were stored made again, the one by when they were
+    handled dropped (in the revision's transaction, with its version: a downgrade that fails
+    leaves it)."""
+    index_handled_inbox_rows()
+    op.drop_index("ix_inbox_messages_handled_at", "inbox_messages", if_exists=True)
+
+
+def add_inbox_value_digest() -> None:
+    """Inbox rows keep a digest (SHA-256) of the value of the record they were stored from
+    (`value_digest`), so that the same bytes sent again under a message id are told a repeat
+    exactly (shared.inbox.taken_ids). Nullable and without a default: no rewrite of the table.
+    The rows stored before, and those the release before goes on storing, have none, and a record
+    under their id is told from a repeat as that release tells it."""
+    # IF NOT EXISTS: the revision's index is built outside its transaction, after the column is
+    # committed; a build that failed leaves the column, and the revision runs again.
+    op.add_column("inbox_messages", sa.Column("value_digest", sa.LargeBinary),
+                  if_not_exists=True)
+
+
+def drop_inbox_value_digest() -> None:
+    """Not refused for any row: the release before reads no digest, and tells a record from a
+    repeat of the message stored under its id as it does for the rows stored before the column.
+    A message it took for a repeat there, and this release parked, stays parked, for an
+    operator."""
+    op.drop_column("inbox_messages", "value_digest")
+
+
 def index_parked_inbox_rows() -> None:
     """The parked inbox rows in the order they were parked, for an operator's `python -m
     tasks.parked` (shared.inbox.parked): its list, and its replay or discard of them all, a batch

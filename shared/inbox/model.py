@@ -5,8 +5,8 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import (BigInteger, Boolean, DateTime, Index, Integer, SmallInteger, String, Text,
-                        false, func, text)
+from sqlalchemy import (BigInteger, Boolean, DateTime, Index, Integer, LargeBinary, SmallInteger,
+                        String, Text, false, func, text)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -33,6 +33,10 @@ class InboxMessage(db.Model):
     request_id: Mapped[str | None] = mapped_column(String(128))
     payload: Mapped[dict | None] = mapped_column(JSONB)
     raw_value: Mapped[str | None] = mapped_column(Text)
+    # SHA-256 of the record's value as it came (of no bytes for a record without one): a record
+    # under a message id already stored is a repeat if its value is the same bytes
+    # (taken_ids). None for a row stored before the column was, or by the release before it.
+    value_digest: Mapped[bytes | None] = mapped_column(LargeBinary)
     # The Kafka record's timestamp: when the sending relay produced it (None if it has none).
     produced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
@@ -55,8 +59,9 @@ class InboxMessage(db.Model):
             "received_at",
             postgresql_where=text("processed_at IS NULL AND parked_at IS NULL"),
         ),
-        # For pruning old handled rows (pruning.prune_handled_messages).
-        Index("ix_inbox_messages_handled", "received_at",
+        # For pruning old handled rows (pruning.prune_handled_messages), in the order they were
+        # handled.
+        Index("ix_inbox_messages_handled_at", "processed_at",
               postgresql_where=text("processed_at IS NOT NULL")),
         # For an operator's parked messages (parked.parked_messages, parked_batch), in the order
         # they were parked.

@@ -14,8 +14,9 @@ def prune_handled_messages(session: Session, cutoff: datetime, limit: int) -> in
     `limit`). A message is mostly handled moments after it is stored; one handled late (replayed
     after a park, say) keeps its row a whole retention from its handling, and one discarded
     (discard_parked_messages) from its discard: it was never handled, and no business key would
-    make its coming again a no-op. (Such rows stay at the old end of the index the rows are found
-    by, and each run passes over them until their time comes.)
+    make its coming again a no-op. The rows are found, oldest handled first, through an index of
+    the handled rows by when they were handled, so such rows, however many, are not read until
+    their time comes.
 
     The inbox's own dedup of a message lasts as long as its row. Kafka may deliver a message
     again later than that (it deletes records a segment at a time, so a record can outlive its
@@ -28,15 +29,16 @@ def prune_handled_messages(session: Session, cutoff: datetime, limit: int) -> in
     return result.rowcount
 
 
-# The rows by their physical place (ctid), found through ix_inbox_messages_handled: deleting by id
-# instead let the planner join a whole-table scan to the ids. The condition is checked again on
+# The rows by their physical place (ctid), found through ix_inbox_messages_handled_at: deleting by
+# id instead let the planner join a whole-table scan to the ids. The condition is checked again on
 # the rows reached: a row updated meanwhile is reached in its new version, which the inner query
-# never saw.
+# never saw. (Stored a retention ago is asked too, as before; a row is stored before it is handled,
+# so that holds of nearly every row found, and is no help in finding them.)
 _PRUNE = text("""
 DELETE FROM inbox_messages
 WHERE ctid = ANY(ARRAY(
           SELECT ctid FROM inbox_messages
-          WHERE received_at < :cutoff AND processed_at IS NOT NULL AND processed_at < :cutoff
-          ORDER BY received_at
+          WHERE processed_at IS NOT NULL AND processed_at < :cutoff AND received_at < :cutoff
+          ORDER BY processed_at
           LIMIT :limit))
-  AND received_at < :cutoff AND processed_at IS NOT NULL AND processed_at < :cutoff""")
+  AND processed_at IS NOT NULL AND processed_at < :cutoff AND received_at < :cutoff""")

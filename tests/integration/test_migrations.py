@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from datetime import datetime, timedelta, timezone
 
 import psycopg2
 import pytest
@@ -24,6 +25,7 @@ from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, load_sett
 from shared.db import SESSION_LIMITS, db, driver_dsn
 from shared.idempotency import IdempotencyKey
 from shared.inbox.parked import last_parked, parked_batch, parked_messages
+from shared.inbox.pruning import prune_handled_messages
 from shared.migration_steps import DowngradeRefused
 from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, ServerTooOld,
                                alembic_config, downgrade, ensure_database, upgrade)
@@ -180,7 +182,91 @@ def test_an_operators_parked_messages_are_read_through_an_index_of_the_parked_ro
     command.upgrade(config, "head")
 
 
-# Each service's revision below the one that keeps inbox messages' envelope versions.
+# Each service's revision below the one that keeps inbox rows' value digests (and indexes the
+# handled rows by when they were handled).
+BELOW_THE_VALUE_DIGEST = {"orders": "0014", "payments": "0014", "gateway": "0015"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_inbox_rows_keep_their_values_digest_those_of_before_none(infrastructure, service):
+    """Every inbox keeps the digest of the value each row was stored from (orders' and payments'
+    revision 0015, the gateway's 0016): the rows stored before, and those the release before goes
+    on storing without it, have none (a record under their id is told from a repeat as before:
+    shared.inbox.taken_ids). The downgrade drops the column, and makes the handled rows' index
+    by when they were stored again, in place of the revision's by when they were handled: the
+    inbox as it was."""
+    url = _database_url(infrastructure, "value-digest", service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    before = BELOW_THE_VALUE_DIGEST[service]
+    command.upgrade(config, before)
+    inbox_before = _table_definition(url, "inbox_messages")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        _inbox_row(cursor)
+    connection.close()
+    command.upgrade(config, "head")
+    assert _index_valid(url, "ix_inbox_messages_handled_at")
+    assert _index_valid(url, "ix_inbox_messages_handled") is None
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        _inbox_row(cursor)  # as the release before stores it
+    connection.close()
+    assert _scalar(url, "SELECT count(*) FROM inbox_messages WHERE value_digest IS NULL") == 2
+    command.downgrade(config, before)
+    assert _table_definition(url, "inbox_messages") == inbox_before
+    command.upgrade(config, "head")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_old_handled_inbox_rows_are_pruned_through_an_index_of_when_they_were_handled(
+        infrastructure, service):
+    """The pruner deletes the rows handled (or discarded) and stored a retention ago, oldest
+    handled first, found through an index of the handled rows by when they were handled. Found
+    through the one by when they were stored, the rows of messages handled late (here a backlog
+    of parked messages, stored long ago, discarded an hour ago) were each read from the table and
+    passed over by every transaction of every run, for a whole retention."""
+    url = _database_url(infrastructure, "handled-at-index", service)
+    ensure_database(url)
+    command.upgrade(alembic_config(service, url), "head")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("INSERT INTO inbox_messages (message_id, topic, partition, \"offset\","
+                       " received_at, processed_at) SELECT gen_random_uuid(), 'topic', 0, n,"
+                       " now() - interval '9 days' + n * interval '1 second',"
+                       " CASE WHEN n % 4 = 0 THEN now() - interval '1 hour'"
+                       " ELSE now() - interval '9 days' + n * interval '2 second' END"
+                       " FROM generate_series(1, 20000) AS n")
+        cursor.execute("ANALYZE inbox_messages")
+    connection.close()
+    cutoff = datetime.now(timezone.utc) - timedelta(days=7)
+
+    engine = sa.create_engine(url)
+    statements = []
+    sa.event.listen(engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, parameters, context, many:
+                    statements.append((statement, parameters)))
+    try:
+        with Session(engine) as session:
+            assert prune_handled_messages(session, cutoff, 1000) == 1000
+            session.rollback()
+        [(statement, parameters)] = statements
+        with engine.connect() as connection:
+            plan = "\n".join(connection.exec_driver_sql(
+                f"EXPLAIN (ANALYZE, COSTS OFF) {statement}", parameters).scalars())
+            connection.rollback()
+        assert "Index Scan using ix_inbox_messages_handled_at" in plan, plan
+        assert "Rows Removed by Filter" not in plan and "Seq Scan" not in plan, plan
+        with Session(engine) as session:
+            pruned = [prune_handled_messages(session, cutoff, 10_000) for _ in range(3)]
+            session.commit()
+    finally:
+        engine.dispose()
+    assert pruned == [10_000, 5000, 0]
+    assert _scalar(url, "SELECT count(*) FROM inbox_messages") == 5000
+    assert _scalar(url, "SELECT min(processed_at) > now() - interval '2 hours'"
+                        " FROM inbox_messages")
+
+
+# Each service's revision that keeps inbox messages' envelope versions, and the one below it.
+THE_ENVELOPE_VERSION = {"orders": "0014", "payments": "0014", "gateway": "0015"}
 BELOW_THE_ENVELOPE_VERSION = {"orders": "0013", "payments": "0013", "gateway": "0014"}
 
 
@@ -279,8 +365,8 @@ def downgrade() -> None:
 @pytest.mark.parametrize("service", SERVICES)
 def test_a_downgrade_through_the_envelope_version_is_refused_before_any_revision_goes_down(
         infrastructure, service, monkeypatch, tmp_path):
-    """The envelope_version revision is this release's head: a later release's downgrade goes
-    down through its own revisions first, each committed as it goes. Refused only in the
+    """A downgrade through the envelope_version revision goes down through the revisions above
+    it first (a later release's, and this one's), each committed as it goes. Refused only in the
     envelope_version revision's own step, it left those gone down; it is refused before any
     revision goes down, the database left at the later release's head with its schema. (Here the
     later release is this one's revisions and one more, the test's.)"""
@@ -320,13 +406,13 @@ def test_the_envelope_versions_own_step_refuses_under_its_lock_what_was_asked_be
     url = _database_url(infrastructure, "envelope-version-step", service)
     ensure_database(url)
     config = alembic_config(service, url)
-    command.upgrade(config, "head")
-    head = _scalar(url, "SELECT version_num FROM alembic_version")
+    envelope_version = THE_ENVELOPE_VERSION[service]
+    command.upgrade(config, envelope_version)
     _park_a_version_2_message_with_its_payload(url)
     schema = _schema(url)
 
     _assert_its_step_refuses(
-        config, url, BELOW_THE_ENVELOPE_VERSION[service], stays_at=head, schema=schema,
+        config, url, BELOW_THE_ENVELOPE_VERSION[service], stays_at=envelope_version, schema=schema,
         begins="1 inbox message(s) of an envelope version other than 1",
         ends="the database stays at the revision that keeps envelope versions, with the messages"
              " as they were")
@@ -678,7 +764,7 @@ def test_an_index_build_left_invalid_is_built_anew_when_the_revision_runs_again(
         cursor.execute("UPDATE alembic_version SET version_num = '0006'")
     connection.close()
     assert _index_valid(url, "ix_inbox_messages_handled") is False
-    command.upgrade(config, "head")
+    command.upgrade(config, "0007")
     assert _index_valid(url, "ix_inbox_messages_handled")
     command.downgrade(config, "0006")
     assert _index_valid(url, "ix_inbox_messages_handled") is None
@@ -922,7 +1008,7 @@ def test_an_upgrade_to_a_revision_older_than_the_databases_is_refused_in_one_lin
 
 
 @pytest.mark.parametrize("start, target, back_to", [
-    ("head", "head-1", "0013"), ("head", "0010+1", "0011"), ("head", "base+1", "0001"),
+    ("head", "head-1", "0014"), ("head", "0010+1", "0011"), ("head", "base+1", "0001"),
     ("head", "base", None), ("0010", "-1", "0009")])
 def test_an_upgrade_to_a_relative_revision_or_base_older_than_the_databases_is_refused_in_one_line(
         infrastructure, start, target, back_to):
