@@ -1,7 +1,7 @@
-"""Records consumed from Kafka stored as inbox rows, once each: what cannot be parsed parked
-under an id made of where it sat, a message this reader cannot take yet parked under its own id,
-and a message under an id another message has taken (shared.inbox.taken_ids tells it from a repeat)
-parked under an id of its own."""
+"""Records consumed from Kafka stored as inbox rows, once each, with a digest of their value: what
+cannot be parsed parked under an id made of where it sat, a message this reader cannot take yet
+parked under its own id, and a message under an id another message has taken (shared.inbox.
+taken_ids tells it from a repeat) parked under an id of its own."""
 
 from __future__ import annotations
 
@@ -43,15 +43,19 @@ class ConsumedRecord:
     timestamp: datetime | None = None  # the record's timestamp, if it has one
 
 
-def _position_id(record: ConsumedRecord) -> uuid.UUID:
+def _value_digest(record: ConsumedRecord) -> bytes:
+    """SHA-256 of the record's value as it came (of no bytes, for a record without one)."""
+    return hashlib.sha256(record.value or b"").digest()
+
+
+def _position_id(record: ConsumedRecord, value_digest: bytes) -> uuid.UUID:
     """The id a record that cannot be parsed is parked under: its position, and a digest of its
     value, so that the record read again is the same row, and another record at the same position
     (a topic deleted and made again starts its offsets at 0) is a row of its own. Not its
     `message_id` header: nothing of such a record can be trusted, and parked under a valid
     message's id it would make the inbox drop that message as a repeat."""
-    digest = hashlib.sha256(record.value or b"").hexdigest()
     return uuid.uuid5(_POSITION_NAMESPACE,
-                      f"{record.topic}:{record.partition}:{record.offset}:{digest}")
+                      f"{record.topic}:{record.partition}:{record.offset}:{value_digest.hex()}")
 
 
 def _storable_text(raw: bytes | str | None, limit: int | None = None) -> str | None:
@@ -87,6 +91,7 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
         "key": _storable_text(record.key, 255),
         "request_id": _request_id_given(record),
         "produced_at": record.timestamp,
+        "value_digest": _value_digest(record),
     }
     try:
         envelope: Envelope = decode(record.value)
@@ -146,7 +151,7 @@ def _parked_raw(row: dict[str, Any], record: ConsumedRecord,
                 exc: MalformedMessage) -> dict[str, Any]:
     """A record that cannot be handled as it is, parked as the text it came as."""
     return row | {
-        "message_id": _position_id(record),
+        "message_id": _position_id(record, row["value_digest"]),
         "raw_value": _storable_text(record.value),
         "parked_at": utc_now(),
         "last_error": _storable_text(str(exc), 2000),
@@ -269,7 +274,8 @@ def _insert(cursor, rows: list[dict[str, Any]]) -> dict[uuid.UUID, bool]:
     values = [(str(row["message_id"]), row["topic"], row["partition"], row["offset"], row["key"],
                row.get("type"), row.get("envelope_version"), row.get("correlation_id"),
                row["request_id"], _as_json(row.get("payload")), row.get("raw_value"),
-               row.get("parked_at"), row.get("last_error"), row["produced_at"])
+               row.get("parked_at"), row.get("last_error"), row["produced_at"],
+               row["value_digest"])
               for row in rows]
     inserted = execute_values(cursor, _STORE, values, template=_STORED_ROW, page_size=len(values),
                               fetch=True)
@@ -290,14 +296,15 @@ def _as_json(payload: dict[str, Any] | Json | None) -> Json | None:
 _STORE = """
 INSERT INTO inbox_messages (message_id, topic, partition, "offset", key, type, envelope_version,
                             correlation_id, request_id, payload, raw_value, parked_at, last_error,
-                            produced_at)
+                            produced_at, value_digest)
 SELECT * FROM (VALUES %s) AS received (message_id, topic, partition, "offset", key, type,
                                         envelope_version, correlation_id, request_id, payload,
-                                        raw_value, parked_at, last_error, produced_at)
+                                        raw_value, parked_at, last_error, produced_at,
+                                        value_digest)
 WHERE NOT EXISTS (SELECT FROM inbox_messages AS stored
                   WHERE stored.message_id = received.message_id)
 ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id::text, parked_at IS NOT NULL"""
 # (Typed: the values of a VALUES list read as text where they are not numbers.)
 _STORED_ROW = ("(%s::uuid, %s, %s, %s, %s, %s, %s::smallint, %s, %s, %s::jsonb, %s,"
-               " %s::timestamptz, %s, %s::timestamptz)")
+               " %s::timestamptz, %s, %s::timestamptz, %s::bytea)")

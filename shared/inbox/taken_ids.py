@@ -7,20 +7,31 @@ relay's resend, a rebalance, a record read again), and is dropped. Another messa
 or payload (a producer reusing ids, a replay tool's template), is parked under an id of its own,
 kept as it came, for an operator to replay or discard: dropped, it would be lost unsaid.
 
-A repeat must never be parked: replayed, it would be handled twice (the gateway's notifications,
-say, are keyed by message id). And in a rolling upgrade one record may be stored by one release and
-read again by another, which stores it otherwise: a payload one refused is kept as sent (an amount
-of 10.5, a UUID in capitals, a time in Z), where the other stores the contract's form ("10.50",
-lower case, +00:00) and drops the fields it does not declare. So payloads are compared as the
-current contract (shared.contracts) reads them, not as stored (_is_sent_again), and where this
-release cannot read them as a later one may have stored them (a type it does not know, a value
-its contract refuses), the doubt goes to the repeat: such a message under a taken id is lost
-unsaid, as before, rather than a repeat parked to be handled twice.
+A repeat is nearly always the same bytes: the outbox keeps a message's envelope as it was
+serialised once, and a relay resends that; a record read again is that record. So each row keeps a
+digest of its record's value (`value_digest`), and a record whose value has the digest of the row
+stored under its id is a repeat, whichever release reads it. Other bytes under the id are that
+message only if something serialised it again (a producer other than its relay: a tool sending it
+again, say), and are compared with it as the current contract (shared.contracts) reads both
+(_is_sent_again): of its type, and its payload's declared fields the same, each as the contract
+reads it (an amount of 10.5 and one of "10.50"); a value the contract refuses, and a payload of a
+type this release does not know, as sent. So another message under a taken id is parked, whatever
+this release makes of it, unless it is the same bytes.
+
+A row stored without a digest (before the column was, or by the release before it in a rolling
+upgrade) is judged as it was before the digest, and there the doubt goes to the repeat. A repeat
+must never be parked: replayed, it would be handled twice (the gateway's notifications, say, are
+keyed by message id). And one record may be stored by one release and read again by another, which
+stores it otherwise: a payload one refused is kept as sent (an amount of 10.5, a UUID in capitals,
+a time in Z), where the other stores the contract's form ("10.50", lower case, +00:00) and drops
+the fields it does not declare. So against such a row a field the record has and the row lacks is
+taken for one its release dropped, a value this release refuses on either side is not compared,
+and a message of a type it does not know is a repeat: such a message under a taken id is lost
+unsaid, rather than a repeat parked to be handled twice. (The doubt lasts as long as those rows.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,8 +45,6 @@ from shared.jsonio import loads_strict
 if TYPE_CHECKING:
     from shared.inbox.storing import ConsumedRecord
 
-# A payload's value its field refuses (_read).
-_UNREAD = object()
 # Ids for messages under a message_id another message has taken: derived from the message, so that
 # the message sent again, at another offset, maps to the same inbox row.
 _NAMESPACE = uuid.UUID("0b7f3c52-8d2e-4f61-a9c4-5e1d7a2b9f03")
@@ -56,10 +65,20 @@ class UnderATakenId:
 
 @dataclass(frozen=True)
 class _Message:
-    """A message's type and payload as compared (a JSON object, its numbers Decimals)."""
+    """A message as compared: its type and payload (a JSON object, its numbers Decimals), and the
+    digest of the record's value it was stored from or came as (None for a row stored without
+    one)."""
 
     type: str | None
     payload: Any
+    value_digest: bytes | None
+
+
+@dataclass(frozen=True)
+class _Unread:
+    """A payload's value its field refuses (_read), as sent."""
+
+    value: Any
 
 
 def parked_under_taken_ids(cursor, received: list[Received], first: dict[uuid.UUID, Received],
@@ -80,7 +99,7 @@ def parked_under_taken_ids(cursor, received: list[Received], first: dict[uuid.UU
     for record, row in passed_over:
         owner = stored.get(row["message_id"]) or _as_sent(*first[row["message_id"]])
         if not _is_sent_again(owner, _as_sent(record, row)):
-            under = _parked(record, row, owner.type)
+            under = _parked(row, owner.type)
             parked.setdefault(under.row["message_id"], under)  # (the same message sent twice)
     return list(parked.values())
 
@@ -96,13 +115,15 @@ def _stored_messages(cursor, message_ids: set[uuid.UUID]) -> dict[uuid.UUID, _Me
     """The messages stored under these ids, by id: a message kept as its text (of an envelope
     version not known as it was stored) with the payload its text holds."""
     cursor.execute(_STORED_MESSAGES, ([str(message_id) for message_id in message_ids],))
-    return {uuid.UUID(message_id): _Message(event_type, _stored_payload(payload, raw_value))
-            for message_id, event_type, payload, raw_value in cursor.fetchall()}
+    return {uuid.UUID(message_id): _Message(event_type, _stored_payload(payload, raw_value),
+                                            None if value_digest is None else bytes(value_digest))
+            for message_id, event_type, payload, raw_value, value_digest in cursor.fetchall()}
 
 
 def _stored_payload(payload: str | None, raw_value: str | None) -> Any:
     """None where it cannot be read (a row edited by hand: no envelope, a number past what
-    loads_strict takes), so that the record is parked, not its partition blocked."""
+    loads_strict takes), so that a record of other bytes under its id is parked, not its
+    partition blocked."""
     try:
         return loads_strict(payload) if payload is not None else loads_strict(raw_value)["payload"]
     except (KeyError, TypeError, ValueError):
@@ -112,41 +133,57 @@ def _stored_payload(payload: str | None, raw_value: str | None) -> Any:
 def _as_sent(record: ConsumedRecord, row: dict[str, Any]) -> _Message:
     """A record's message as it was sent: its payload as its value holds it (parsed once already,
     as its row was made)."""
-    return _Message(row["type"], loads_strict(record.value.decode("utf-8"))["payload"])
+    return _Message(row["type"], loads_strict(record.value.decode("utf-8"))["payload"],
+                    row["value_digest"])
 
 
 def _is_sent_again(stored: _Message, sent: _Message) -> bool:
-    """Whether `sent`, a record's message as sent, is `stored` sent again: of its type, and with
-    every field of its payload, equal, each as the current contract reads it. Storing a message
-    drops fields (a tolerant reader's: those its release's contract does not declare) and writes
-    others in the contract's form; it adds none, but a default the contract fills in, which the
-    message as sent gets too. So a message missing a field the stored one has is another (a
-    payload refused for a field missing, say), and one with a field more is not (a field a release
-    before did not declare, and dropped)."""
+    """Whether `sent`, a record's message as sent, is `stored` sent again: the same bytes, or else
+    of its type and with its payload's declared fields the same, each as the current contract
+    reads it (a value it refuses, and a payload of a type it does not know, as sent); against a
+    row stored without a digest, as far as can be told (_is_sent_again_as_far_as_can_be_told)."""
+    if stored.value_digest == sent.value_digest:
+        return True
     if stored.type != sent.type:
         return False
     schema = PAYLOAD_SCHEMAS.get(sent.type)
-    if schema is None:
+    if schema is None and stored.value_digest is None:
         # Of a type this release does not know, a later release may have stored it in its
         # contract's form, which this one cannot read the record's in: taken for a repeat, so
-        # never handled twice (another message of such a type under a taken id is lost unsaid).
+        # never handled twice.
         return True
     stored_fields, sent_fields = _read(stored.payload, schema), _read(sent.payload, schema)
     if not (isinstance(stored_fields, dict) and isinstance(sent_fields, dict)):
         return False
-    # A value this release refuses on either side is not compared: a later release may read and
-    # store it in a form this one cannot read the other side's in (a time without a zone, say).
+    if stored.value_digest is None:
+        return _is_sent_again_as_far_as_can_be_told(stored_fields, sent_fields)
+    return stored_fields == sent_fields
+
+
+def _is_sent_again_as_far_as_can_be_told(stored_fields: dict[str, Any],
+                                         sent_fields: dict[str, Any]) -> bool:
+    """Whether a record's payload, read (`sent_fields`), may be that of a row stored without a
+    digest, read (`stored_fields`), stored by this release or another: every field of the stored
+    one is in the record's, and equal. Storing a message drops fields (a tolerant reader's: those
+    its release's contract does not declare) and writes others in the contract's form; it adds
+    none, but a default the contract fills in, which the message as sent gets too. So a message
+    missing a field the stored one has is another (a payload refused for a field missing, say),
+    and one with a field more is not (a field a release before did not declare, and dropped). A
+    value this release refuses on either side is not compared: a later release may read and store
+    it in a form this one cannot read the other side's in (a time without a zone, say)."""
     return all(name in sent_fields
-               and (_UNREAD in (value, sent_fields[name]) or sent_fields[name] == value)
+               and (isinstance(value, _Unread) or isinstance(sent_fields[name], _Unread)
+                    or sent_fields[name] == value)
                for name, value in stored_fields.items())
 
 
-def _read(payload: Any, schema: ContractSchema) -> Any:
+def _read(payload: Any, schema: ContractSchema | None) -> Any:
     """A payload as the contract of its type reads it: loaded, its declared fields only; where it
     refuses the payload (a value this release does not know, a field missing), each declared field
     read as its field reads it where it can, else as it is (an amount of 10.5 and one of "10.50"
-    the same, though the reason beside them is refused), or _UNREAD where its field refuses it."""
-    if not isinstance(payload, dict):
+    the same, though the reason beside them is refused), or as an _Unread where its field refuses
+    it. A payload of a type this release does not know (no `schema`) as it is."""
+    if schema is None or not isinstance(payload, dict):
         return payload
     try:
         return schema.load(payload)
@@ -159,11 +196,11 @@ def _read(payload: Any, schema: ContractSchema) -> Any:
             try:
                 read[name] = field.deserialize(payload[key], key, payload)
             except ValidationError:
-                read[name] = _UNREAD
+                read[name] = _Unread(payload[key])
     return read
 
 
-def _parked(record: ConsumedRecord, row: dict[str, Any], taken_by: str | None) -> UnderATakenId:
+def _parked(row: dict[str, Any], taken_by: str | None) -> UnderATakenId:
     """The row of a message under a message id another message, of type `taken_by`, has taken:
     the message as it came (its type, envelope version, correlation id, request id, and payload,
     or text if it is kept as its text), parked with why under an id of its own, so that an
@@ -174,23 +211,22 @@ def _parked(record: ConsumedRecord, row: dict[str, Any], taken_by: str | None) -
     if row.get("last_error"):  # (parked as it came too: a type or a version not known, say)
         why = f"{why}; and {row['last_error']}"
     return UnderATakenId(
-        row=row | {"message_id": _id_of_its_own(record, row["message_id"]),
+        row=row | {"message_id": _id_of_its_own(row),
                    "parked_at": utc_now(),
                    "last_error": f"its message_id {row['message_id']} {why}"[:2000]},
         taken_id=row["message_id"], reason=f"its message_id {why}")
 
 
-def _id_of_its_own(record: ConsumedRecord, message_id: uuid.UUID) -> uuid.UUID:
-    """The id a message under a taken message id is parked under: made of that id and a digest of
-    the record's value, as sent, not of its position, so that the message sent again (a producer's
-    retry, at another offset) is the same row, parked and said once, by whichever release reads
-    it (each stores a payload in its own form)."""
-    digest = hashlib.sha256(record.value).hexdigest()
-    return uuid.uuid5(_NAMESPACE, f"{message_id}:{digest}")
+def _id_of_its_own(row: dict[str, Any]) -> uuid.UUID:
+    """The id a message under a taken message id is parked under: made of that id and the digest
+    of the record's value, as sent, not of its position, so that the message sent again (a
+    producer's retry, at another offset) is the same row, parked and said once, by whichever
+    release reads it (each stores a payload in its own form)."""
+    return uuid.uuid5(_NAMESPACE, f"{row['message_id']}:{row['value_digest'].hex()}")
 
 
 # A plain read: it never waits. Payloads as text, so that their numbers are read exact (Decimals:
 # loads_strict), as a record's are.
 _STORED_MESSAGES = """
-SELECT message_id::text, type, payload::text, raw_value
+SELECT message_id::text, type, payload::text, raw_value, value_digest
 FROM inbox_messages WHERE message_id = ANY(%s::uuid[])"""

@@ -53,6 +53,13 @@ def _request_record(user_id: str,
     return record, uuid.UUID(body["message_id"])
 
 
+def _serialised_again(record: ConsumedRecord) -> ConsumedRecord:
+    """The record's message serialised again, as a producer other than its relay might (other
+    bytes: its keys in another order, spaced otherwise), at another offset."""
+    body = json.loads(record.value)
+    return _record(json.dumps(dict(reversed(body.items())), indent=1).encode(), record.headers)
+
+
 def _row(message_id) -> InboxMessage:
     db.session.rollback()
     return db.session.get(InboxMessage, message_id)
@@ -793,8 +800,22 @@ def test_a_message_of_a_type_not_known_yet_is_kept_to_be_replayed(in_payments, p
     db.session.rollback()
 
 
+# A message stored, then its record read again: the row keeping its value's digest, or stored by
+# the release before digests, without one (as the rows stored before it are).
+_WITH_ITS_DIGEST_OR_BY_THE_RELEASE_BEFORE = pytest.mark.parametrize(
+    "digest_kept", [True, False], ids=["with its digest", "stored by the release before"])
+
+
+def _as_the_release_before_stored_it(message_id: uuid.UUID) -> None:
+    """The message's row without the digest of its value, as the release before stores it."""
+    db.session.execute(text("UPDATE inbox_messages SET value_digest = NULL"
+                            " WHERE message_id = :id"), {"id": str(message_id)})
+    db.session.commit()
+
+
+@_WITH_ITS_DIGEST_OR_BY_THE_RELEASE_BEFORE
 def test_a_message_read_again_by_a_reader_that_knows_more_of_it_is_a_repeat(
-        in_payments, payments_inbox, user_id, monkeypatch):
+        in_payments, payments_inbox, user_id, monkeypatch, digest_kept):
     """In a rolling upgrade a record may be stored by one release and read again (a rebalance)
     by the next, which stores its payload otherwise: a field the first did not know of (kept as
     sent, in a payload it refused) dropped as its contract has it. It is the same message, a
@@ -803,6 +824,8 @@ def test_a_message_read_again_by_a_reader_that_knows_more_of_it_is_a_repeat(
     record, body = _from_a_newer_producer(user_id, type=PAYMENT_FAILED, payload=payload)
     message_id = uuid.UUID(body["message_id"])
     assert payments_inbox([record]) == []  # refused: parked with its payload as sent
+    if not digest_kept:
+        _as_the_release_before_stored_it(message_id)
     monkeypatch.setitem(PAYLOAD_SCHEMAS, PAYMENT_FAILED, _PaymentFailedWithCardExpired())
     assert "channel" not in inbox_row(record)["payload"]  # read whole now, stored without it
     assert payments_inbox([record]) == []
@@ -811,8 +834,9 @@ def test_a_message_read_again_by_a_reader_that_knows_more_of_it_is_a_repeat(
             message_id]
 
 
+@_WITH_ITS_DIGEST_OR_BY_THE_RELEASE_BEFORE
 def test_a_message_read_again_by_a_reader_that_knows_more_of_it_is_a_repeat_in_any_form_sent(
-        in_payments, payments_inbox, user_id, monkeypatch):
+        in_payments, payments_inbox, user_id, monkeypatch, digest_kept):
     """A payload refused is kept as sent, one taken is stored in its contract's form (an amount
     sent as 10.5 as "10.50", a UUID in lower case): a record stored refused by one release and
     read again by the next, which takes it, is still that message, a repeat, not parked as
@@ -821,15 +845,19 @@ def test_a_message_read_again_by_a_reader_that_knows_more_of_it_is_a_repeat_in_a
     payload["order_id"] = payload["order_id"].upper()
     record, body = _from_a_newer_producer(user_id, {"__AMOUNT__": b"10.5"}, type=PAYMENT_FAILED,
                                           payload=payload)
+    message_id = uuid.UUID(body["message_id"])
     assert payments_inbox([record]) == []  # refused: kept as sent
+    if not digest_kept:
+        _as_the_release_before_stored_it(message_id)
     monkeypatch.setitem(PAYLOAD_SCHEMAS, PAYMENT_FAILED, _PaymentFailedWithCardExpired())
     assert inbox_row(record)["payload"]["amount"] == "10.50"  # taken now, stored otherwise
     assert payments_inbox([record]) == []
-    assert [row.message_id for row in _stored_at(record)] == [uuid.UUID(body["message_id"])]
+    assert [row.message_id for row in _stored_at(record)] == [message_id]
 
 
+@_WITH_ITS_DIGEST_OR_BY_THE_RELEASE_BEFORE
 def test_a_message_read_again_by_a_reader_that_knows_less_of_it_is_a_repeat(
-        in_payments, payments_inbox, user_id, monkeypatch):
+        in_payments, payments_inbox, user_id, monkeypatch, digest_kept):
     """The other way round (a partition handed to an instance not upgraded yet, or a rollback):
     stored in its contract's form by a release that takes it, a record read again by one that
     refuses it (a reason it does not know) is still a repeat: each field is compared as that
@@ -842,6 +870,8 @@ def test_a_message_read_again_by_a_reader_that_knows_less_of_it_is_a_repeat(
     with monkeypatch.context() as upgraded:
         upgraded.setitem(PAYLOAD_SCHEMAS, PAYMENT_FAILED, _PaymentFailedWithCardExpired())
         assert payments_inbox([record]) == [message_id]
+    if not digest_kept:
+        _as_the_release_before_stored_it(message_id)
     assert payments_inbox([record]) == []
     assert [row.message_id for row in _stored_at(record)] == [message_id]
 
@@ -853,8 +883,9 @@ class _Refund(ContractSchema):
     amount = Amount(required=True)
 
 
+@_WITH_ITS_DIGEST_OR_BY_THE_RELEASE_BEFORE
 def test_a_message_of_a_type_only_a_later_release_knows_read_again_by_this_one_is_a_repeat(
-        in_payments, payments_inbox, user_id, monkeypatch):
+        in_payments, payments_inbox, user_id, monkeypatch, digest_kept):
     """A later release stores a type it knows in its contract's form (an amount sent as 10.5 as
     "10.50", a UUID in lower case); this one, not knowing the type, cannot read the record's
     payload so: the same bytes read again by it (a partition handed back in a rolling upgrade)
@@ -869,6 +900,8 @@ def test_a_message_of_a_type_only_a_later_release_knows_read_again_by_this_one_i
         assert inbox_row(record)["payload"]["amount"] == "10.50"  # stored in its form
         payments_inbox([record])
     contracts.declared_fields.cache_clear()
+    if not digest_kept:
+        _as_the_release_before_stored_it(message_id)
     assert payments_inbox([record]) == []
     assert [row.message_id for row in _stored_at(record)] == [message_id]
 
@@ -876,14 +909,15 @@ def test_a_message_of_a_type_only_a_later_release_knows_read_again_by_this_one_i
 def test_a_message_under_an_id_whose_stored_payload_cannot_be_read_back_is_parked(
         in_payments, payments_inbox, user_id):
     """A stored payload Python cannot read back (a number past loads_strict's digits: a row
-    written by hand, or by a tool) makes the record under its id parked, not its partition
-    blocked by an error on every batch that holds it."""
+    written by hand, or by a tool) makes a record of other bytes under its id parked, not its
+    partition blocked by an error on every batch that holds it. (The same bytes again are a
+    repeat, the payload unread.)"""
     record, message_id = _request_record(user_id)
     assert payments_inbox([record]) == [message_id]
     db.session.execute(text("UPDATE inbox_messages SET payload = ('{\"n\": ' || repeat('9', 5000)"
                             " || '}')::jsonb WHERE message_id = :id"), {"id": str(message_id)})
     db.session.commit()
-    assert payments_inbox([_record(record.value)]) == []
+    assert payments_inbox([_record(record.value), _serialised_again(record)]) == []
     assert db.session.scalar(text(
         "SELECT count(*) FROM inbox_messages WHERE parked_at IS NOT NULL"
         " AND last_error LIKE :taken"), {"taken": f"its message_id {message_id} %"}) == 1
@@ -922,6 +956,69 @@ def test_a_message_missing_a_field_of_the_one_stored_under_its_id_is_parked_not_
     assert parked.parked_at is not None and parked.message_id != message_id
     assert "one of another payload under it is another message" in parked.last_error
     assert "payload breaks the contract" in parked.last_error
+
+
+def _parked_under_its_own_id(stored: ConsumedRecord, message_id: uuid.UUID,
+                             *others: ConsumedRecord) -> list[ConsumedRecord]:
+    """Of records under the id `stored` was stored under, each sent after it, those parked as
+    other messages (under ids of their own): the others were dropped as repeats."""
+    rows = {row.offset: row for row in _stored_at(stored, *others)}
+    assert rows[stored.offset].message_id == message_id
+    parked = [record for record in others if record.offset in rows]
+    assert all(rows[record.offset].parked_at is not None
+               and rows[record.offset].message_id != message_id for record in parked)
+    return parked
+
+
+def test_a_message_of_a_type_this_release_does_not_know_under_a_taken_id_is_parked_not_dropped(
+        in_payments, payments_inbox, user_id):
+    """Under the id of a message of a type this release does not know, another of that type (its
+    payload another) is parked, not dropped unsaid as a repeat: the same bytes again are the
+    repeat, told by their digest, and the message serialised again otherwise (its payload the
+    same as sent) is one too."""
+    stored, body = _from_a_newer_producer(user_id, type="Refund", payload={
+        "order_id": str(uuid.uuid4()), "amount": "10.50"})
+    message_id = uuid.UUID(body["message_id"])
+    assert payments_inbox([stored]) == []  # parked: a type not known yet
+    body["payload"]["amount"] = "20.00"
+    other = _record(encode(body))
+    resent, serialised_again = _record(stored.value), _serialised_again(stored)
+    assert payments_inbox([other, resent, serialised_again]) == []
+    assert _parked_under_its_own_id(stored, message_id, other, resent, serialised_again) == [
+        other]
+
+
+def test_a_message_with_a_value_its_contract_refuses_under_a_taken_id_is_parked_not_dropped(
+        in_payments, payments_inbox, user_id):
+    """Under the id of a message whose payload this release's contract refuses (a reason it does
+    not know), another one, with another value the contract refuses there, is parked, not dropped
+    unsaid as a repeat: a refused value is compared as sent where the message stored keeps the
+    digest of its bytes. The same bytes again, and the message serialised again otherwise, are
+    repeats."""
+    payload = _failed_payment_with_a_new_reason(user_id)
+    stored, body = _from_a_newer_producer(user_id, type=PAYMENT_FAILED, payload=payload)
+    message_id = uuid.UUID(body["message_id"])
+    assert payments_inbox([stored]) == []  # refused: parked with its payload as sent
+    body["payload"]["reason"] = "CARD_STOLEN"
+    other = _record(encode(body))
+    resent, serialised_again = _record(stored.value), _serialised_again(stored)
+    assert payments_inbox([other, resent, serialised_again]) == []
+    assert _parked_under_its_own_id(stored, message_id, other, resent, serialised_again) == [
+        other]
+
+
+def test_a_message_with_a_field_the_one_stored_under_its_id_lacks_is_parked_not_dropped(
+        in_payments, payments_inbox, user_id):
+    """Under the id of a message refused for a field missing (no amount), one with the field is
+    another message, parked, not dropped unsaid as that message sent again: the message stored
+    keeps the digest of its bytes, so it was not stored by a release that dropped the field."""
+    record, message_id = _request_record(user_id)
+    body = json.loads(record.value)
+    del body["payload"]["amount"]
+    stored = _record(encode(body))
+    assert payments_inbox([stored]) == []  # refused: parked with its payload as sent
+    assert payments_inbox([record]) == []
+    assert _parked_under_its_own_id(stored, message_id, record) == [record]
 
 
 def _of_envelope_version_2(user_id: str) -> tuple[ConsumedRecord, dict]:
