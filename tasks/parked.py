@@ -13,7 +13,12 @@ another amount than its order's, a payload that breaks its contract, a type or a
 the service does not know, as a newer version of its producer may send until the service is upgraded
 too, no handler for its type, a message under a message_id a message of another type or payload has
 taken already, as a producer reusing ids sends, kept as it came under an id of its own and replayed
-under it, a record that could not be parsed).
+under it, a record that could not be parsed). One under a taken message_id of the stored one's
+type ("one of another payload under it") may be a repeat all the same, serialised again by a tool,
+where a later release stored the one under that id in its own form: compare the two rows before
+replaying it (psql "$PAYMENTS_DATABASE_URL" -c "SELECT message_id, type, payload, raw_value FROM
+inbox_messages WHERE message_id IN ('TAKEN_ID', 'PARKED_ID')", the taken id in its reason), and
+discard it if it is the same message in another form (10.5 and "10.50", a UUID in capitals).
 Replaying clears its park and its attempts and dispatches it to the service's worker, where it is
 handled like a new message, and still at most once: its handler runs under a lock on its inbox
 row and marks it processed in the same transaction. A message kept as its text,

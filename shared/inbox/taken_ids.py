@@ -16,7 +16,14 @@ again, say), and are compared with it as the current contract (shared.contracts)
 (_is_sent_again): of its type, and its payload's declared fields the same, each as the contract
 reads it (an amount of 10.5 and one of "10.50"); a value the contract refuses, and a payload of a
 type this release does not know, as sent. So another message under a taken id is parked, whatever
-this release makes of it, unless it is the same bytes.
+this release makes of it, unless it is the same bytes. That tells a message serialised again from
+another only where this release stored the row: a later release stores its contract's form
+("10.50", UUIDs in lower case, the fields it does not declare dropped), which this one may not read
+the record's in (a type it does not know, a value it refuses), and then the message serialised
+again is parked as another. Strict all the same: a message parked is seen and can be replayed or
+discarded, one dropped is lost unsaid. The reason of such a parked row (one of the stored one's
+type) says that it may be a repeat, to be compared with the row under its id before it is replayed
+(replayed, a repeat would be handled twice).
 
 A row stored without a digest (before the column was, or by the release before it in a rolling
 upgrade) is judged as it was before the digest, and there the doubt goes to the repeat. A repeat
@@ -205,9 +212,12 @@ def _parked(row: dict[str, Any], taken_by: str | None) -> UnderATakenId:
     the message as it came (its type, envelope version, correlation id, request id, and payload,
     or text if it is kept as its text), parked with why under an id of its own, so that an
     operator can replay it (handled under that id) or discard it."""
-    this = (f"a {row['type']!r} message under it" if row["type"] != taken_by
-            else "one of another payload under it")
-    why = f"is that of a {taken_by!r} message already: {this} is another message, not a repeat"
+    if row["type"] != taken_by:
+        why = (f"is that of a {taken_by!r} message already: a {row['type']!r} message under it"
+               " is another message, not a repeat")
+    else:
+        why = (f"is that of a {taken_by!r} message already: one of another payload under it is"
+               f" another message, not a repeat (or {_MAYBE_A_REPEAT})")
     if row.get("last_error"):  # (parked as it came too: a type or a version not known, say)
         why = f"{why}; and {row['last_error']}"
     return UnderATakenId(
@@ -215,6 +225,12 @@ def _parked(row: dict[str, Any], taken_by: str | None) -> UnderATakenId:
                    "parked_at": utc_now(),
                    "last_error": f"its message_id {row['message_id']} {why}"[:2000]},
         taken_id=row["message_id"], reason=f"its message_id {why}")
+
+
+# What a message of the stored one's type under its id, parked, may be all the same: the other
+# bytes compare unequal with a row a later release stored, in its contract's form.
+_MAYBE_A_REPEAT = ("it may be a repeat serialised again, by a tool, if a later release stored the"
+                   " one under that id: compare their payloads before replaying it")
 
 
 def _id_of_its_own(row: dict[str, Any]) -> uuid.UUID:
