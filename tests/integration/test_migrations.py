@@ -265,6 +265,35 @@ def test_old_handled_inbox_rows_are_pruned_through_an_index_of_when_they_were_ha
                         " FROM inbox_messages")
 
 
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_value_digests_revision_whose_index_build_failed_runs_again(infrastructure, service):
+    """The value digest's revision adds its column, commits it, then builds its index outside
+    any transaction: a build that failed leaves the column behind, unstamped, and an invalid
+    index of the name (here a unique build on handling times two rows share), and the revision
+    runs again, whole."""
+    url = _database_url(infrastructure, "failed-digest-build", service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    command.upgrade(config, BELOW_THE_VALUE_DIGEST[service])
+    connection = psycopg2.connect(driver_dsn(url))
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE inbox_messages ADD COLUMN value_digest bytea")
+        cursor.execute("INSERT INTO inbox_messages (message_id, topic, partition, \"offset\","
+                       " processed_at) SELECT gen_random_uuid(), 'topic', 0, n,"
+                       " '2026-01-01T00:00:00Z' FROM generate_series(1, 2) AS n")
+        with pytest.raises(psycopg2.errors.UniqueViolation):
+            cursor.execute("CREATE UNIQUE INDEX CONCURRENTLY ix_inbox_messages_handled_at"
+                           " ON inbox_messages (processed_at) WHERE processed_at IS NOT NULL")
+    connection.close()
+    assert _index_valid(url, "ix_inbox_messages_handled_at") is False
+    command.upgrade(config, "head")
+    assert _index_valid(url, "ix_inbox_messages_handled_at")
+    assert _index_valid(url, "ix_inbox_messages_handled") is None
+    script_head = ScriptDirectory.from_config(config).get_current_head()
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == script_head
+
+
 # Each service's revision that keeps inbox messages' envelope versions, and the one below it.
 THE_ENVELOPE_VERSION = {"orders": "0014", "payments": "0014", "gateway": "0015"}
 BELOW_THE_ENVELOPE_VERSION = {"orders": "0013", "payments": "0013", "gateway": "0014"}
