@@ -14,6 +14,14 @@ restored), every entry would wait out the hour before it ran again, the relay's 
 sweeper with them. A last run later than now can only mean such a step, so the whole schedule is
 moved back by as much.
 
+It runs an entry it has no record of soon. Celery dates such an entry's last run now, so it is
+first due a whole interval on: with a new schedule file (a fresh volume, `docker compose down -v`,
+a beat recreated without its volume) the pruners would wait an hour for their first run, and a beat
+recreated more often than that would never prune. Such an entry is first due within
+FIRST_RUN_WITHIN instead (or its own interval, if shorter: the relay's lead and the sweeper start as
+they did). An entry the file records keeps its last run, so a beat restarted with its file sends no
+prunes but those that fell due while it was away.
+
 And it renews beat's alive file at each tick while it reaches Redis, for its healthcheck
 (tasks/alive.py).
 """
@@ -21,8 +29,10 @@ And it renews beat's alive file at each tick while it reaches Redis, for its hea
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from celery.beat import PersistentScheduler
+from celery.schedules import schedule
 from celery.utils.time import maybe_make_aware
 
 from tasks.alive import AliveFileScheduler
@@ -33,6 +43,9 @@ log = logging.getLogger(__name__)
 
 # A queue holding this many tasks gets no more from beat until a worker has taken some.
 BACKLOG_LIMIT = 10
+
+# An entry beat has no record of is first due this soon, or after its own interval if shorter.
+FIRST_RUN_WITHIN = timedelta(seconds=10)
 
 
 class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
@@ -57,6 +70,14 @@ class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
             entry.last_run_at = maybe_make_aware(entry.last_run_at) - ahead
         self._heap = None
 
+    def merge_inplace(self, b):
+        """Celery's merge of the configured schedule (`b`) into the one its file recorded, each
+        entry new to it then dated back to be first due within FIRST_RUN_WITHIN."""
+        recorded = set(self.schedule)
+        super().merge_inplace(b)
+        for name in set(self.schedule) - recorded:
+            _run_first_soon(self.schedule[name])
+
     def apply_entry(self, entry, producer=None):
         queue = (route_to_service_queue(entry.task, entry.args, entry.kwargs, entry.options)
                  or {}).get("queue")
@@ -78,3 +99,10 @@ class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
             return 0
         self.note_broker_reached(True)
         return waiting
+
+
+def _run_first_soon(entry) -> None:
+    """Date back the last run Celery gave a new entry (now) by all of its interval but
+    FIRST_RUN_WITHIN. An interval's only: a crontab's first run is at its next time, as it says."""
+    if isinstance(entry.schedule, schedule):
+        entry.last_run_at -= max(entry.schedule.run_every - FIRST_RUN_WITHIN, timedelta(0))

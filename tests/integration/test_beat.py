@@ -1,7 +1,7 @@
 """Beat's scheduler sends no task to a queue a few of its tasks already wait in, unread: with a
 service's workers away, Redis would otherwise keep every one beat sends; it follows the wall clock
-back (tasks/beat.py); and what it sends is run by a worker whose clock is ahead of beat's
-(celeryconfig.py)."""
+back and runs an entry it has no record of soon, not an interval on (tasks/beat.py); and what it
+sends is run by a worker whose clock is ahead of beat's (celeryconfig.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from celery.worker.request import Request
 
 import celeryconfig
 from shared.task_queues import control_queue
-from tasks.beat import BACKLOG_LIMIT, BoundedScheduler
+from tasks.beat import BACKLOG_LIMIT, FIRST_RUN_WITHIN, BoundedScheduler
 from tasks.celery_app import app as celery_app
 from tasks.inbox import tasks_waiting
 
@@ -77,6 +77,63 @@ def test_beat_goes_on_after_the_wall_clock_went_back(tmp_path):
     assert "relay-orders-outbox" in sent
     assert "prune-gateway-notifications" not in sent
     assert pruning_due_in == pytest.approx(20 * 60, abs=30)  # its spacing kept
+
+
+def _due_in(scheduler: BoundedScheduler) -> dict[str, float]:
+    """Each entry's seconds until it is due (0 if it is), as beat's tick reads them."""
+    return {name: 0 if entry.is_due().is_due else entry.is_due().next
+            for name, entry in scheduler.schedule.items()}
+
+
+def test_a_beat_with_a_new_schedule_file_runs_each_pruner_soon(tmp_path):
+    """A fresh volume (a first deploy, `docker compose down -v`): Celery would start each entry an
+    interval from now, the pruners an hour on, and a beat recreated more often never ran them."""
+    scheduler = BoundedScheduler(app=celery_app, schedule_filename=str(tmp_path / "schedule"))
+    try:
+        due_in = _due_in(scheduler)
+        intervals = {name: entry.schedule.run_every.total_seconds()
+                     for name, entry in scheduler.schedule.items()}
+    finally:
+        scheduler.close()
+
+    assert set(due_in) == set(celeryconfig.beat_schedule)
+    assert intervals["prune-gateway-notifications"] == 3600
+    assert due_in["prune-gateway-notifications"] <= FIRST_RUN_WITHIN.total_seconds()
+    for name, interval in intervals.items():  # each within FIRST_RUN_WITHIN, or its interval
+        assert due_in[name] == pytest.approx(
+            min(interval, FIRST_RUN_WITHIN.total_seconds()), abs=2), name
+    # The relay's lead and the sweeper, every few seconds, start an interval on as before.
+    for name in ("relay-orders-outbox", "sweep-payments-inbox"):
+        assert intervals[name] < FIRST_RUN_WITHIN.total_seconds()
+        assert due_in[name] == pytest.approx(intervals[name], abs=1)
+
+
+def test_a_beat_restarted_with_its_schedule_file_keeps_each_entrys_last_run(tmp_path):
+    """Restarted, beat runs each pruner an interval from its last run, not again at once; an entry
+    the file has no record of (new in this release) runs soon."""
+    schedule_file = str(tmp_path / "schedule")
+    before = BoundedScheduler(app=celery_app, schedule_filename=schedule_file)
+    a_minute_ago = celery_app.now() - timedelta(minutes=1)
+    try:
+        for entry in before.schedule.values():  # every entry ran a minute ago...
+            entry.last_run_at = a_minute_ago
+        del before.schedule["prune-gateway-notifications"]  # ...and this one is new
+    finally:
+        before.close()
+
+    scheduler = BoundedScheduler(app=celery_app, schedule_filename=schedule_file)
+    try:
+        due_in = _due_in(scheduler)
+        last_runs = {name: entry.last_run_at for name, entry in scheduler.schedule.items()}
+    finally:
+        scheduler.close()
+
+    assert due_in.pop("prune-gateway-notifications") <= FIRST_RUN_WITHIN.total_seconds()
+    del last_runs["prune-gateway-notifications"]
+    assert last_runs == {name: a_minute_ago for name in last_runs}
+    assert due_in["prune-gateway-signed-out-tokens"] == pytest.approx(59 * 60, abs=5)
+    assert due_in["prune-orders-inbox"] == pytest.approx(
+        celeryconfig.beat_schedule["prune-orders-inbox"]["schedule"].total_seconds() - 60, abs=5)
 
 
 def test_a_worker_whose_clock_is_ahead_of_beats_runs_every_task_beat_sends(
