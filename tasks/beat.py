@@ -14,13 +14,20 @@ restored), every entry would wait out the hour before it ran again, the relay's 
 sweeper with them. A last run later than now can only mean such a step, so the whole schedule is
 moved back by as much.
 
-It runs an entry it has no record of soon. Celery dates such an entry's last run now, so it is
-first due a whole interval on: with a new schedule file (a fresh volume, `docker compose down -v`,
-a beat recreated without its volume) the pruners would wait an hour for their first run, and a beat
-recreated more often than that would never prune. Such an entry is first due within
-FIRST_RUN_WITHIN instead (or its own interval, if shorter: the relay's lead and the sweeper start as
-they did). An entry the file records keeps its last run, so a beat restarted with its file sends no
-prunes but those that fell due while it was away.
+Beat first runs an entry it has no record of within FIRST_RUN_WITHIN (or its own interval, if
+shorter: the relay's lead and the sweeper start as they did). Celery dates such an entry's last run
+now, so it is first due a whole interval on: with a new schedule file (a fresh volume, `docker
+compose down -v`, a beat recreated without its volume; or a file Celery empties itself, corrupt or
+after a change of `timezone` or `enable_utc`) the pruners would wait an hour for their first run,
+and a beat recreated more often than that would never prune; an entry new to a release likewise.
+An entry the file records keeps its last run, so a beat restarted with its file sends no prunes but
+those that fell due while it was away.
+
+An entry not sent for the backlog is tried again as soon. Celery's tick dates an entry's run
+(`reserve`) before it sends it, so a prune not sent would wait out its hour; it gets back the last
+run it had, but due again within FIRST_RUN_WITHIN, not at once: a queue holding BACKLOG_LIMIT tasks
+is no reason to ask again at every tick. The relay's lead and the sweeper, due again within their
+interval anyway, keep Celery's date.
 
 And it renews beat's alive file at each tick while it reaches Redis, for its healthcheck
 (tasks/alive.py).
@@ -44,7 +51,8 @@ log = logging.getLogger(__name__)
 # A queue holding this many tasks gets no more from beat until a worker has taken some.
 BACKLOG_LIMIT = 10
 
-# An entry beat has no record of is first due this soon, or after its own interval if shorter.
+# An entry beat has no record of, or one not sent for the backlog, is due (again) this soon, or
+# after its own interval if shorter.
 FIRST_RUN_WITHIN = timedelta(seconds=10)
 
 
@@ -84,8 +92,25 @@ class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
         if queue is not None and self._waiting(queue) >= BACKLOG_LIMIT:
             log.warning("not sending %s: %d or more tasks already wait in %s, unread (are its"
                         " workers running?)", entry.name, BACKLOG_LIMIT, queue)
+            self._try_again_soon(entry)
             return
         super().apply_entry(entry, producer=producer)
+
+    def _try_again_soon(self, entry) -> None:
+        """Give the entry in the schedule (the one Celery's tick put there as it reserved `entry`:
+        its last run now) `entry`'s last run and run count back, but no further back than to be
+        due again within FIRST_RUN_WITHIN, and have the heap rebuilt: the tick queued its next
+        run an interval on. An entry due as soon anyway is left as Celery dated it."""
+        if not _runs_less_often_than(entry, FIRST_RUN_WITHIN):
+            return
+        reserved = self.schedule.get(entry.name)
+        if reserved is None:
+            return
+        due_again_soon = (maybe_make_aware(self.app.now())
+                          - (entry.schedule.run_every - FIRST_RUN_WITHIN))
+        reserved.last_run_at = max(maybe_make_aware(entry.last_run_at), due_again_soon)
+        reserved.total_run_count = entry.total_run_count
+        self._heap = None
 
     def _waiting(self, queue: str) -> int:
         """How many tasks wait in `queue`; 0 when Redis cannot say (the send then fails as it
@@ -103,6 +128,13 @@ class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
 
 def _run_first_soon(entry) -> None:
     """Date back the last run Celery gave a new entry (now) by all of its interval but
-    FIRST_RUN_WITHIN. An interval's only: a crontab's first run is at its next time, as it says."""
-    if isinstance(entry.schedule, schedule):
-        entry.last_run_at -= max(entry.schedule.run_every - FIRST_RUN_WITHIN, timedelta(0))
+    FIRST_RUN_WITHIN. An interval's only: any other schedule (a crontab, a solar event) is left to
+    its own time, defensively, as the shop has none."""
+    if _runs_less_often_than(entry, FIRST_RUN_WITHIN):
+        entry.last_run_at -= entry.schedule.run_every - FIRST_RUN_WITHIN
+
+
+def _runs_less_often_than(entry, period: timedelta) -> bool:
+    """Whether `entry` runs at an interval (not a crontab's or a solar event's times) longer than
+    `period`."""
+    return isinstance(entry.schedule, schedule) and entry.schedule.run_every > period

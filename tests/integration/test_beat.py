@@ -14,6 +14,7 @@ from celery.schedules import schedule
 from celery.worker.request import Request
 
 import celeryconfig
+import tasks.beat
 from shared.task_queues import control_queue
 from tasks.beat import BACKLOG_LIMIT, FIRST_RUN_WITHIN, BoundedScheduler
 from tasks.celery_app import app as celery_app
@@ -81,13 +82,16 @@ def test_beat_goes_on_after_the_wall_clock_went_back(tmp_path):
 
 def _due_in(scheduler: BoundedScheduler) -> dict[str, float]:
     """Each entry's seconds until it is due (0 if it is), as beat's tick reads them."""
-    return {name: 0 if entry.is_due().is_due else entry.is_due().next
-            for name, entry in scheduler.schedule.items()}
+    states = {name: entry.is_due() for name, entry in scheduler.schedule.items()}
+    return {name: 0 if is_due else next_in for name, (is_due, next_in) in states.items()}
 
 
-def test_a_beat_with_a_new_schedule_file_runs_each_pruner_soon(tmp_path):
+def test_a_beat_with_a_new_schedule_file_runs_each_pruner_soon(tmp_path, monkeypatch):
     """A fresh volume (a first deploy, `docker compose down -v`): Celery would start each entry an
-    interval from now, the pruners an hour on, and a beat recreated more often never ran them."""
+    interval from now, the pruners an hour on, and a beat recreated more often never ran them. One
+    every 2 s (as the relay's lead is by default) starts an interval on, as before."""
+    monkeypatch.setitem(celery_app.conf.beat_schedule, "every-2-s", {
+        "task": "hseshop.relay_outbox", "schedule": timedelta(seconds=2), "args": ("payments",)})
     scheduler = BoundedScheduler(app=celery_app, schedule_filename=str(tmp_path / "schedule"))
     try:
         due_in = _due_in(scheduler)
@@ -96,16 +100,13 @@ def test_a_beat_with_a_new_schedule_file_runs_each_pruner_soon(tmp_path):
     finally:
         scheduler.close()
 
-    assert set(due_in) == set(celeryconfig.beat_schedule)
+    assert set(due_in) == set(celery_app.conf.beat_schedule) >= set(celeryconfig.beat_schedule)
     assert intervals["prune-gateway-notifications"] == 3600
     assert due_in["prune-gateway-notifications"] <= FIRST_RUN_WITHIN.total_seconds()
     for name, interval in intervals.items():  # each within FIRST_RUN_WITHIN, or its interval
         assert due_in[name] == pytest.approx(
-            min(interval, FIRST_RUN_WITHIN.total_seconds()), abs=2), name
-    # The relay's lead and the sweeper, every few seconds, start an interval on as before.
-    for name in ("relay-orders-outbox", "sweep-payments-inbox"):
-        assert intervals[name] < FIRST_RUN_WITHIN.total_seconds()
-        assert due_in[name] == pytest.approx(intervals[name], abs=1)
+            min(interval, FIRST_RUN_WITHIN.total_seconds()), abs=1), name
+    assert due_in["every-2-s"] == pytest.approx(2, abs=1)
 
 
 def test_a_beat_restarted_with_its_schedule_file_keeps_each_entrys_last_run(tmp_path):
@@ -134,6 +135,51 @@ def test_a_beat_restarted_with_its_schedule_file_keeps_each_entrys_last_run(tmp_
     assert due_in["prune-gateway-signed-out-tokens"] == pytest.approx(59 * 60, abs=5)
     assert due_in["prune-orders-inbox"] == pytest.approx(
         celeryconfig.beat_schedule["prune-orders-inbox"]["schedule"].total_seconds() - 60, abs=5)
+
+
+def test_a_pruner_not_sent_for_the_backlog_is_tried_again_soon(control_queue_unread, tmp_path,
+                                                                monkeypatch):
+    """Celery's tick dates an entry's run before it sends it: a prune not sent for the backlog
+    waited out its hour. It is tried again within FIRST_RUN_WITHIN (1 s here), not at once."""
+    monkeypatch.setattr(tasks.beat, "FIRST_RUN_WITHIN", timedelta(seconds=1))
+    tried = []
+
+    class TryRecordingScheduler(BoundedScheduler):
+        def apply_entry(self, entry, producer=None):
+            tried.append(time.monotonic())
+            super().apply_entry(entry, producer=producer)
+
+    scheduler = TryRecordingScheduler(app=celery_app,
+                                      schedule_filename=str(tmp_path / "schedule"))
+    pruner = "prune-payments-inbox"
+    relay = scheduler.Entry(name="relay", task="hseshop.relay_outbox", args=("payments",),
+                            schedule=schedule(timedelta(seconds=2)), app=celery_app)
+    try:
+        for _ in range(BACKLOG_LIMIT):
+            BoundedScheduler.apply_entry(scheduler, relay)
+        for name in set(scheduler.schedule) - {pruner}:
+            del scheduler.schedule[name]
+        interval = scheduler.schedule[pruner].schedule.run_every
+        scheduler.schedule[pruner].last_run_at = celery_app.now() - interval - timedelta(minutes=1)
+        scheduler._heap = None  # (as after a restart: the heap is made from the schedule)
+
+        def tick_until(done) -> None:
+            deadline = time.monotonic() + 5
+            while not done() and time.monotonic() < deadline:
+                time.sleep(min(max(scheduler.tick(), 0), 0.05))
+
+        tick_until(lambda: tried)
+        assert len(tried) == 1 and tasks_waiting(QUEUE) == BACKLOG_LIMIT  # not sent
+        with celery_app.pool.acquire(block=True) as connection:  # a worker takes them all
+            connection.default_channel.queue_purge(QUEUE)
+        tick_until(lambda: tasks_waiting(QUEUE))
+        last_run = scheduler.schedule[pruner].last_run_at
+    finally:
+        scheduler.close()
+
+    assert tasks_waiting(QUEUE) == 1  # the prune, sent
+    assert len(tried) == 2 and tried[1] - tried[0] >= 0.9  # a second later, not at once
+    assert last_run == pytest.approx(celery_app.now(), abs=timedelta(seconds=5))
 
 
 def test_a_worker_whose_clock_is_ahead_of_beats_runs_every_task_beat_sends(
