@@ -64,8 +64,13 @@ def machine_busy_share(before: CpuReading, after: CpuReading) -> float:
 
 
 def _cpu_seconds(process: psutil.Process) -> float:
+    """The CPU time of `process` and of its children it has reaped: a PostgreSQL backend that ends
+    between two readings (a connection closed) takes its time out of the listing, and the
+    postmaster's reaped children's time puts it back, so that a server's total never goes down
+    (it went negative, and out of the report, while other clients' connections ended). A child
+    still running is listed on its own, its time in no parent's yet."""
     try:
         times = process.cpu_times()
     except psutil.Error:
         return 0.0  # it exited between the listing and the read
-    return times.user + times.system
+    return times.user + times.system + times.children_user + times.children_system
