@@ -8,7 +8,7 @@ what is no answer of its API: not JSON, an error of another shape, a redirect) 5
 usual JSON error, never a hang and never a stack trace. A request that a kept-alive connection was
 closed on is sent again where that is safe (upstream_http.py). A service that answers 503 itself,
 with the usual JSON error (its database unavailable, say), is relayed as it is, Retry-After
-included.
+included (unless it is none: then without it).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from flask import Response, current_app, g, request
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from webargs.flaskparser import is_json_request
 
+from gateway_app.upstream_answers import failure_for_status, retry_after_passed_on
 from gateway_app.upstream_http import send
 from shared.caller_deadline import deadline_headers
 from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
@@ -32,7 +33,8 @@ from shared.request_context import REQUEST_ID_HEADER, current_request_id
 
 log = logging.getLogger(__name__)
 
-FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Retry-After", REPLAYED_HEADER)
+# (and its Retry-After, if it is one: gateway_app/upstream_answers.py)
+FORWARDED_RESPONSE_HEADERS = ("Content-Type", REPLAYED_HEADER)
 
 
 def forward(service: str, path: str, idempotent: bool = False,
@@ -103,16 +105,11 @@ def forward(service: str, path: str, idempotent: bool = False,
     except requests.RequestException as exc:  # an answer broken off (its worker killed, say)
         log.warning("%s answered brokenly: %r", service, exc)
         raise BadGateway.of(service) from None
-    # (CALLER_GAVE_UP: the service rolled its work back, and this answer came too late to count;
-    # or whatever stands in front of the service timed out.)
-    if upstream.status_code == 504:
-        log.warning("%s answered too late: %s", service, upstream.text[:500])
-        raise UpstreamTimeout.of(service)
-    if upstream.status_code >= 500 and not _unavailable_for_now(upstream):
-        log.error("%s answered %s: %s", service, upstream.status_code, upstream.text[:500])
-        raise BadGateway.of(service)
-    if upstream.status_code == 401:
-        raise BadGateway.identity_refused(service, upstream.text[:500])
+    failure = failure_for_status(service, upstream.status_code,
+                                 unavailable_for_now=_unavailable_for_now(upstream),
+                                 said=lambda: upstream.text)
+    if failure is not None:
+        raise failure
     if not _an_answer_of_the_api(upstream):  # (a URL that names something else, say)
         log.error("%s answered %s, %s: %s", service, upstream.status_code,
                   upstream.headers.get("Content-Type"), upstream.text[:500])
@@ -121,6 +118,9 @@ def forward(service: str, path: str, idempotent: bool = False,
     for name in FORWARDED_RESPONSE_HEADERS:
         if name in upstream.headers:
             response.headers[name] = upstream.headers[name]
+    retry_after = retry_after_passed_on(service, upstream.headers.get("Retry-After"))
+    if retry_after is not None:
+        response.headers["Retry-After"] = retry_after
     return response
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from typing import Any
 
 import grpc
 from flask import current_app, g
 
+from gateway_app.upstream_answers import failure_for_status, retry_after_passed_on
 from shared.caller_deadline import deadline_moment
 from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.grpc_messages import to_body, to_message
@@ -91,13 +93,7 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
     shared/idempotency.py; a key reused with another body is a fresh 422)."""
     trailers = _trailers(exc)
     if HTTP_STATUS_KEY in trailers:
-        status = int(trailers[HTTP_STATUS_KEY])
-        if status == 401:
-            return BadGateway.identity_refused(service, exc.details())
-        retry_after = trailers.get(RETRY_AFTER_KEY)
-        return ApiError(exc.details(), status=status, code=trailers.get(ERROR_CODE_KEY, "ERROR"),
-                        details=json.loads(trailers.get(ERROR_DETAILS_KEY, "{}")),
-                        headers={"Retry-After": retry_after} if retry_after else None)
+        return _the_services_error(service, exc, trailers)
     # Said in the log as the HTTP transport says it (gateway_app/proxy.py): the call may never
     # have reached the service, whose log then holds nothing of it.
     code = exc.code()
@@ -117,6 +113,38 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
         return BadGateway.identity_refused(service, exc.details())
     log.error("%s call failed: %s %s", service, code, exc.details())
     return BadGateway.of(service)
+
+
+# What the services write in a failed call's trailers (shared/grpc_server.py: _abort): an error
+# status of HTTP's, in its three digits, and a code as shared/errors.py's are.
+_ERROR_STATUS = re.compile(r"[45][0-9]{2}")
+_ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
+def _the_services_error(service: str, exc: grpc.RpcError, trailers: dict[str, str]) -> ApiError:
+    """The error the service said in a failed call's `trailers`, as its HTTP API would have
+    answered it, and as the HTTP transport relays it (gateway_app/upstream_answers.py: a 5xx but
+    its own 503 a 502, a 504 a 504, a Retry-After that is none left out). Trailers that are none
+    the service writes (a status that is no error status, a code that is none, details that are
+    no JSON object) are a 502, as an answer over HTTP that is no answer of the API is."""
+    status, code = trailers[HTTP_STATUS_KEY], trailers.get(ERROR_CODE_KEY, "")
+    try:
+        details = json.loads(trailers.get(ERROR_DETAILS_KEY, "{}"))
+    except (ValueError, RecursionError):  # (JSON nested too deep for Python to read)
+        details = None
+    if not (_ERROR_STATUS.fullmatch(status) and _ERROR_CODE.fullmatch(code)
+            and isinstance(details, dict)):
+        log.error("%s failed a call with trailers that are none of its API's: %r", service,
+                  {key: value[:200] for key, value in trailers.items()})
+        return BadGateway.of(service)
+    # (A 503 in these trailers is the service's own: they say an error of its API.)
+    failure = failure_for_status(service, int(status), unavailable_for_now=True,
+                                 said=exc.details)
+    if failure is not None:
+        return failure
+    retry_after = retry_after_passed_on(service, trailers.get(RETRY_AFTER_KEY))
+    return ApiError(exc.details() or "", status=int(status), code=code, details=details,
+                    headers={"Retry-After": retry_after} if retry_after is not None else None)
 
 
 # How grpc-core's details begin for a call it never sent: no connection to the service could be

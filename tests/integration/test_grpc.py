@@ -5,6 +5,7 @@ gateway's signature refused, reflection on, and the generated code current."""
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import json
 import logging
 import os
@@ -15,11 +16,12 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import uuid
 from concurrent import futures
 from contextlib import ExitStack
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import grpc
 import pytest
@@ -30,8 +32,8 @@ from werkzeug.serving import make_server
 import gateway_app
 from devstack.infra import free_port, port_open
 from shared import grpc_server
-from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY, build_server,
-                                channel_options)
+from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
+                                RETRY_AFTER_KEY, build_server, channel_options)
 from shared.protos import orders_pb2, orders_pb2_grpc
 from shared.request_context import current_request_id
 from tests.integration.test_gateway import assert_replays_said_so
@@ -930,3 +932,121 @@ def test_a_service_whose_pool_has_no_connection_free_is_503_busy_over_both_trans
         assert answer.status_code == 503, transport
         assert answer.get_json()["error"]["code"] == "DATABASE_BUSY", transport
         assert answer.headers.get("Retry-After") == "1", transport
+
+
+class _FailingAsTold(orders_pb2_grpc.OrdersServicer):
+    """Fails every ListOrders with the trailers it is told (`trailers`), as a service of another
+    release, or something else at its address, might."""
+
+    trailers: tuple[tuple[str, str], ...] = ()
+
+    def ListOrders(self, request, context):
+        context.set_trailing_metadata(self.trailers)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "as told")
+
+
+class _AnsweringAsTold(http.server.BaseHTTPRequestHandler):
+    """Answers every GET 503 DATABASE_BUSY with the Retry-After its base path names (quoted)."""
+
+    def do_GET(self):
+        body = json.dumps({"error": {"code": "DATABASE_BUSY", "message": "as told",
+                                     "details": {}}}).encode()
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Retry-After", unquote(self.path.split("/")[1]))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def told_how_to_fail(settings, upstreams, grpc_targets):  # noqa: F811
+    """A gateway reaching orders over gRPC (`client`, with a shopper's `auth`) and over HTTP
+    (`client_over_http`, whose orders URL is set per test), each answered as the test tells it:
+    `servicer.trailers`, and the Retry-After an HTTP service's base path names."""
+    from tests.integration.test_gateway import _Served
+
+    servicer = _FailingAsTold()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    orders_pb2_grpc.add_OrdersServicer_to_server(servicer, server)
+    bind = f"127.0.0.1:{free_port()}"
+    server.add_insecure_port(bind)
+    server.start()
+    over_http = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnsweringAsTold))
+    try:
+        client = _gateway(settings, upstreams, grpc_targets, "grpc", orders_grpc_target=bind)
+        session = client.post("/api/auth/register", json={
+            "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+        yield types.SimpleNamespace(
+            servicer=servicer, client=client, http_url=over_http.url,
+            auth={"Authorization": f"Bearer {session['access_token']}"})
+    finally:
+        over_http.close()
+        server.stop(grace=None)
+
+
+_A_DATE = "Sun, 06 Nov 1994 08:49:37 GMT"
+
+
+@pytest.mark.parametrize("trailers, status, code", [
+    ({HTTP_STATUS_KEY: "not a status"}, 502, "BAD_GATEWAY"),
+    ({HTTP_STATUS_KEY: "600"}, 502, "BAD_GATEWAY"),
+    ({HTTP_STATUS_KEY: "200"}, 502, "BAD_GATEWAY"),
+    ({HTTP_STATUS_KEY: "-404"}, 502, "BAD_GATEWAY"),
+    ({HTTP_STATUS_KEY: "4_04"}, 502, "BAD_GATEWAY"),  # int() reads it as 404
+    ({HTTP_STATUS_KEY: "404.0"}, 502, "BAD_GATEWAY"),
+    ({HTTP_STATUS_KEY: ""}, 502, "BAD_GATEWAY"),
+    ({ERROR_CODE_KEY: None}, 502, "BAD_GATEWAY"),  # no code
+    ({ERROR_CODE_KEY: ""}, 502, "BAD_GATEWAY"),
+    ({ERROR_CODE_KEY: "<b>no code</b>"}, 502, "BAD_GATEWAY"),
+    ({ERROR_DETAILS_KEY: "{"}, 502, "BAD_GATEWAY"),
+    ({ERROR_DETAILS_KEY: "[1]"}, 502, "BAD_GATEWAY"),
+    ({ERROR_DETAILS_KEY: "[" * 3000 + "]" * 3000}, 502, "BAD_GATEWAY"),  # too deep to read
+    ({HTTP_STATUS_KEY: "500", ERROR_CODE_KEY: "INTERNAL_ERROR"}, 502, "BAD_GATEWAY"),
+    ({HTTP_STATUS_KEY: "504", ERROR_CODE_KEY: "CALLER_GAVE_UP"}, 504, "UPSTREAM_TIMEOUT"),
+    ({}, 404, "ORDER_NOT_FOUND"),  # the trailers a service writes, relayed
+], ids=["no number", "600", "200", "negative", "an underscore", "a fraction", "empty",
+        "no code", "an empty code", "no code's form", "details no JSON", "details no object",
+        "details too deep", "a 500", "a 504", "as written"])
+def test_trailers_that_are_none_of_a_services_are_a_502_not_a_500(told_how_to_fail, trailers,
+                                                                  status, code):
+    """As over HTTP (gateway_app/proxy.py), a failed call whose trailers say no error of the
+    API's is the service failing, and a 5xx of its own but a 503 is answered for as over HTTP."""
+    written = {HTTP_STATUS_KEY: "404", ERROR_CODE_KEY: "ORDER_NOT_FOUND",
+               ERROR_DETAILS_KEY: json.dumps({"order_id": "x"}), **trailers}
+    told_how_to_fail.servicer.trailers = tuple(
+        (key, value) for key, value in written.items() if value is not None)
+    answer = told_how_to_fail.client.get("/api/orders", headers=told_how_to_fail.auth)
+    assert (answer.status_code, answer.get_json()["error"]["code"]) == (status, code)
+    if status == 502:
+        assert answer.get_json()["error"]["details"] == {"service": "orders"}
+
+
+@pytest.mark.parametrize("retry_after, passed_on", [
+    ("1", "1"),
+    (_A_DATE, _A_DATE),
+    ("soon", None),
+    ("-1", None),
+    ("1.5", None),
+    ("", None),
+    ("Sunday, 06-Nov-94 08:49:37 GMT", None),
+])
+def test_a_retry_after_that_is_none_is_left_out_of_the_answer_over_both_transports(
+        settings, told_how_to_fail, retry_after, passed_on):
+    """The service's 503 is relayed, with its Retry-After only if it is one (RFC 9110: delay
+    seconds, or an HTTP-date as a sender writes one): over HTTP it was passed on as it came."""
+    told_how_to_fail.servicer.trailers = (
+        (HTTP_STATUS_KEY, "503"), (ERROR_CODE_KEY, "DATABASE_BUSY"),
+        (ERROR_DETAILS_KEY, "{}"), (RETRY_AFTER_KEY, retry_after))
+    over_http = gateway_app.create_app(settings=dataclasses.replace(
+        settings, gateway_upstream_transport="http",
+        orders_service_url=f"{told_how_to_fail.http_url}/{quote(retry_after, safe='')}"))
+    for transport, client in (("grpc", told_how_to_fail.client),
+                              ("http", over_http.test_client())):
+        answer = client.get("/api/orders", headers=told_how_to_fail.auth)
+        assert answer.status_code == 503, transport
+        assert answer.get_json()["error"]["code"] == "DATABASE_BUSY", transport
+        assert answer.headers.get("Retry-After") == passed_on, transport
