@@ -23,7 +23,8 @@ from flask import Response, current_app, g, request
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from webargs.flaskparser import is_json_request
 
-from gateway_app.upstream_answers import failure_for_status, retry_after_passed_on
+from gateway_app.upstream_answers import (UNREADABLE_JSON, failure_for_status,
+                                          retry_after_passed_on)
 from gateway_app.upstream_http import send
 from shared.caller_deadline import deadline_headers
 from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
@@ -135,7 +136,7 @@ def _an_answer_of_the_api(upstream: requests.Response) -> bool:
         return _an_error_of_the_api(upstream)
     try:
         json.loads(upstream.content)
-    except ValueError:
+    except UNREADABLE_JSON:
         return False
     return True
 
@@ -149,5 +150,5 @@ def _an_error_of_the_api(upstream: requests.Response) -> bool:
     """The answer's body is an error as the APIs answer one: {"error": {"code": "...", ...}}."""
     try:
         return isinstance(json.loads(upstream.content)["error"]["code"], str)
-    except (ValueError, KeyError, TypeError):
+    except (*UNREADABLE_JSON, KeyError, TypeError):
         return False

@@ -12,6 +12,10 @@ from shared.errors import ApiError, BadGateway, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
+# What json.loads raises for an answer that is no JSON Python can read: not JSON at all, or JSON
+# nested deeper than its recursion limit (a RecursionError, which is no ValueError).
+UNREADABLE_JSON = (ValueError, RecursionError)
+
 
 def failure_for_status(service: str, status: int, *, unavailable_for_now: bool,
                        said: Callable[[], str | None]) -> ApiError | None:

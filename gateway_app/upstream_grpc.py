@@ -15,7 +15,8 @@ from typing import Any
 import grpc
 from flask import current_app, g
 
-from gateway_app.upstream_answers import failure_for_status, retry_after_passed_on
+from gateway_app.upstream_answers import (UNREADABLE_JSON, failure_for_status,
+                                          retry_after_passed_on)
 from shared.caller_deadline import deadline_moment
 from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.grpc_messages import to_body, to_message
@@ -130,7 +131,7 @@ def _the_services_error(service: str, exc: grpc.RpcError, trailers: dict[str, st
     status, code = trailers[HTTP_STATUS_KEY], trailers.get(ERROR_CODE_KEY, "")
     try:
         details = json.loads(trailers.get(ERROR_DETAILS_KEY, "{}"))
-    except (ValueError, RecursionError):  # (JSON nested too deep for Python to read)
+    except UNREADABLE_JSON:
         details = None
     if not (_ERROR_STATUS.fullmatch(status) and _ERROR_CODE.fullmatch(code)
             and isinstance(details, dict)):

@@ -153,7 +153,10 @@ class _JsonInNameOnlyHandler(_SlowHandler):
     none at all), or an error of another shape than the API's (an API gateway's "no route")."""
 
     ANSWERS = {"/garbled": (200, b'{"balance": "10'), "/empty": (200, b""),
-               "/other-shape": (404, b'{"message": "no Route matched with those values"}')}
+               "/other-shape": (404, b'{"message": "no Route matched with those values"}'),
+               # JSON, nested deeper than Python reads (a RecursionError, not a ValueError)
+               "/deep": (200, b"[" * 3000 + b"]" * 3000),
+               "/deep-error": (404, b"[" * 3000 + b"]" * 3000)}
 
     def do_GET(self):
         status, body = next(answer for path, answer in self.ANSWERS.items()
@@ -537,8 +540,10 @@ def test_a_service_that_is_down_is_503_and_one_that_is_slow_is_504(settings, ups
     (_JsonInNameOnlyHandler, "/garbled", 502, "BAD_GATEWAY"),
     (_JsonInNameOnlyHandler, "/empty", 502, "BAD_GATEWAY"),
     (_JsonInNameOnlyHandler, "/other-shape", 502, "BAD_GATEWAY"),
+    (_JsonInNameOnlyHandler, "/deep", 502, "BAD_GATEWAY"),
+    (_JsonInNameOnlyHandler, "/deep-error", 502, "BAD_GATEWAY"),
 ], ids=["not JSON", "a redirect", "its body stalled", "JSON cut short", "no body",
-        "an error of another shape"])
+        "an error of another shape", "JSON too deep", "an error too deep"])
 def test_what_is_no_answer_of_the_services_api_is_never_relayed(settings, upstreams, handler,
                                                                 base_path, status, code):
     """As the gRPC transport would answer: a reply that is none is a 502, one too slow a 504
