@@ -23,8 +23,8 @@ from flask import Response, current_app, g, request
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from webargs.flaskparser import is_json_request
 
-from gateway_app.upstream_answers import (UNREADABLE_JSON, failure_for_status,
-                                          retry_after_passed_on)
+from gateway_app.upstream_answers import (UNREADABLE_JSON, an_error_of_the_api,
+                                          failure_for_status, retry_after_passed_on)
 from gateway_app.upstream_http import send
 from shared.caller_deadline import deadline_headers
 from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
@@ -147,8 +147,12 @@ def _unavailable_for_now(upstream: requests.Response) -> bool:
 
 
 def _an_error_of_the_api(upstream: requests.Response) -> bool:
-    """The answer's body is an error as the APIs answer one: {"error": {"code": "...", ...}}."""
+    """The answer's body is an error as the APIs answer one, {"error": {"code", "message",
+    "details"}}, each of them as the services write it (upstream_answers.an_error_of_the_api, the
+    check the gRPC transport makes of a failed call's trailers)."""
     try:
-        return isinstance(json.loads(upstream.content)["error"]["code"], str)
+        error = json.loads(upstream.content)["error"]
     except (*UNREADABLE_JSON, KeyError, TypeError):
         return False
+    return isinstance(error, dict) and an_error_of_the_api(
+        error.get("code"), error.get("message"), error.get("details"))

@@ -1,12 +1,15 @@
-"""What the gateway makes of a service's answer, whichever transport carried it: the error
-statuses it answers for itself rather than relay, and a Retry-After passed on only if it is one."""
+"""What the gateway makes of a service's answer, whichever transport carried it: an error of the
+API's and what is none, the error statuses it answers for itself rather than relay, and a
+Retry-After passed on only if it is one, as a number of seconds."""
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from shared.errors import ApiError, BadGateway, UpstreamTimeout
 
@@ -15,6 +18,20 @@ log = logging.getLogger(__name__)
 # What json.loads raises for an answer that is no JSON Python can read: not JSON at all, or JSON
 # nested deeper than its recursion limit (a RecursionError, which is no ValueError).
 UNREADABLE_JSON = (ValueError, RecursionError)
+
+# An error code as the services write one: shared/errors.py's (and code_for's, an HTTP status's
+# name as a code: METHOD_NOT_ALLOWED, IM_A_TEAPOT).
+_ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
+def an_error_of_the_api(code: Any, message: Any, details: Any) -> bool:
+    """True if `code`, `message` and `details` (as read from the JSON body over HTTP, from the
+    trailers over gRPC) are an error as the services write one (shared/errors.py: error_body,
+    and shared/grpc_server.py its trailers): a code of capital letters, digits and underscores,
+    a message that is a string, and details that are a JSON object (for a 422, the messages by
+    location; {} when there are none). Anything else is no answer of the API: a 502."""
+    return (isinstance(code, str) and _ERROR_CODE.fullmatch(code) is not None
+            and isinstance(message, str) and isinstance(details, dict))
 
 
 def failure_for_status(service: str, status: int, *, unavailable_for_now: bool,
@@ -46,31 +63,47 @@ _IMF_FIXDATE = re.compile(
     rf"({'|'.join(_DAY_NAMES)}), ([0-9]{{2}}) ({'|'.join(_MONTHS)}) ([0-9]{{4}})"
     r" ([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT")
 
+# The longest wait the gateway passes on: a day. No service asks for longer, and a client's timer
+# may not hold much more (a browser's setTimeout fires at once past 2**31 - 1 ms, 24.8 days).
+LONGEST_RETRY_AFTER_SECONDS = 86400
+
 
 def retry_after_passed_on(service: str, value: str | None) -> str | None:
-    """A service's Retry-After (`value`; None: it gave none) as the gateway passes it on, its
-    optional whitespace around it dropped; None, and a warning logged, for one that is no
-    Retry-After a sender may write. The answer is relayed without it, as one that says nothing
-    of when to retry: its client was never told to wait a nonsense while."""
+    """A service's Retry-After (`value`; None: it gave none) as the gateway passes it on: as the
+    number of seconds it says, at most LONGEST_RETRY_AFTER_SECONDS (a date, as the whole seconds
+    from now until it, 0 if it has passed: one form for every client to read); None, and a
+    warning logged, for one that is no Retry-After a sender may write. The answer is relayed
+    without it, as one that says nothing of when to retry: its client was never told to wait a
+    nonsense while."""
     if value is None:
         return None
     value = value.strip(" \t")
-    if _DELAY_SECONDS.fullmatch(value) or _an_imf_fixdate(value):
-        return value
-    log.warning("%s answered a Retry-After that is none (%r): not passed on", service, value[:100])
-    return None
+    if _DELAY_SECONDS.fullmatch(value):
+        seconds = int(value)
+    elif (moment := _imf_fixdate(value)) is not None:
+        seconds = max(0, math.ceil((moment - datetime.now(timezone.utc)).total_seconds()))
+    else:
+        log.warning("%s answered a Retry-After that is none (%r): not passed on", service,
+                    value[:100])
+        return None
+    return str(min(seconds, LONGEST_RETRY_AFTER_SECONDS))
 
 
-def _an_imf_fixdate(value: str) -> bool:
-    """True if `value` is an IMF-fixdate of a day that is, on the day of the week it names (its
-    second may be 60, a leap second's)."""
+def _imf_fixdate(value: str) -> datetime | None:
+    """The moment `value` names if it is an IMF-fixdate of a day that is, on the day of the week
+    it names (its second may be 60, a leap second's, at any minute: read as the next minute's
+    first); None if it is none."""
     parts = _IMF_FIXDATE.fullmatch(value)
     if parts is None:
-        return False
+        return None
     day_name, day, month, year, hour, minute, second = parts.groups()
+    if int(second) > 60:
+        return None
     try:
         moment = datetime(int(year), _MONTHS.index(month) + 1, int(day), int(hour), int(minute),
-                          min(int(second), 59))
-    except ValueError:  # (the 30th of February, an hour 24, a year 0000)
-        return False
-    return int(second) <= 60 and _DAY_NAMES[moment.weekday()] == day_name
+                          min(int(second), 59), tzinfo=timezone.utc)
+        if _DAY_NAMES[moment.weekday()] != day_name:
+            return None
+        return moment + timedelta(seconds=int(second) - moment.second)
+    except (ValueError, OverflowError):  # (the 30th of February, an hour 24, a year 0000; the
+        return None                      # leap second that would end the year 9999)

@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 from flask import current_app, g
 
-from gateway_app.upstream_answers import (UNREADABLE_JSON, failure_for_status,
-                                          retry_after_passed_on)
+from gateway_app.upstream_answers import (UNREADABLE_JSON, an_error_of_the_api,
+                                          failure_for_status, retry_after_passed_on)
 from shared.caller_deadline import deadline_moment
 from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.grpc_messages import to_body, to_message
@@ -117,25 +117,26 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
 
 
 # What the services write in a failed call's trailers (shared/grpc_server.py: _abort): an error
-# status of HTTP's, in its three digits, and a code as shared/errors.py's are.
+# status of HTTP's, in its three digits, beside the error's code and details.
 _ERROR_STATUS = re.compile(r"[45][0-9]{2}")
-_ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]*")
 
 
 def _the_services_error(service: str, exc: grpc.RpcError, trailers: dict[str, str]) -> ApiError:
     """The error the service said in a failed call's `trailers`, as its HTTP API would have
     answered it, and as the HTTP transport relays it (gateway_app/upstream_answers.py: a 5xx but
     its own 503 a 502, a 504 a 504, a Retry-After that is none left out). Trailers that are none
-    the service writes (a status that is no error status, a code that is none, details that are
-    no JSON object) are a 502, as an answer over HTTP that is no answer of the API is."""
-    status, code = trailers[HTTP_STATUS_KEY], trailers.get(ERROR_CODE_KEY, "")
+    the service writes (a status that is no error status, or no error of the API's: its code
+    not of shared/errors.py's form, details missing or no JSON object) are a 502, as an answer
+    over HTTP that is no answer of the API is."""
+    status, code = trailers[HTTP_STATUS_KEY], trailers.get(ERROR_CODE_KEY)
+    message = exc.details() or ""
     try:
-        details = json.loads(trailers.get(ERROR_DETAILS_KEY, "{}"))
-    except UNREADABLE_JSON:
+        details = json.loads(trailers[ERROR_DETAILS_KEY])
+    except (*UNREADABLE_JSON, KeyError):
         details = None
-    if not (_ERROR_STATUS.fullmatch(status) and _ERROR_CODE.fullmatch(code)
-            and isinstance(details, dict)):
-        log.error("%s failed a call with trailers that are none of its API's: %r", service,
+    if not (_ERROR_STATUS.fullmatch(status) and an_error_of_the_api(code, message, details)):
+        log.error("%s failed a call (%s %r) with trailers that are none of its API's: %r",
+                  service, exc.code(), message[:200],
                   {key: value[:200] for key, value in trailers.items()})
         return BadGateway.of(service)
     # (A 503 in these trailers is the service's own: they say an error of its API.)
@@ -144,7 +145,7 @@ def _the_services_error(service: str, exc: grpc.RpcError, trailers: dict[str, st
     if failure is not None:
         return failure
     retry_after = retry_after_passed_on(service, trailers.get(RETRY_AFTER_KEY))
-    return ApiError(exc.details() or "", status=int(status), code=code, details=details,
+    return ApiError(message, status=int(status), code=code, details=details,
                     headers={"Retry-After": retry_after} if retry_after is not None else None)
 
 

@@ -44,6 +44,7 @@ from gateway_app import auth as gateway_auth
 from gateway_app import (channel_listener, notifications, socket_tickets, upstream_http,
                          user_channels)
 from gateway_app.channel_listener import ChannelListener, subscriber_client
+from gateway_app.upstream_answers import an_error_of_the_api
 from gateway_app.tokens import VerifiedToken, issue_token, verify_token
 from orders_app.service import PLACING_LOCK_CLASS
 from payments_app.models import Account
@@ -156,7 +157,9 @@ class _JsonInNameOnlyHandler(_SlowHandler):
                "/other-shape": (404, b'{"message": "no Route matched with those values"}'),
                # JSON, nested deeper than Python reads (a RecursionError, not a ValueError)
                "/deep": (200, b"[" * 3000 + b"]" * 3000),
-               "/deep-error": (404, b"[" * 3000 + b"]" * 3000)}
+               "/deep-error": (404, b"[" * 3000 + b"]" * 3000),
+               "/no-message": (404, b'{"error": {"code": "NOT_FOUND", "message": 5,'
+                                    b' "details": {}}}')}
 
     def do_GET(self):
         status, body = next(answer for path, answer in self.ANSWERS.items()
@@ -542,8 +545,9 @@ def test_a_service_that_is_down_is_503_and_one_that_is_slow_is_504(settings, ups
     (_JsonInNameOnlyHandler, "/other-shape", 502, "BAD_GATEWAY"),
     (_JsonInNameOnlyHandler, "/deep", 502, "BAD_GATEWAY"),
     (_JsonInNameOnlyHandler, "/deep-error", 502, "BAD_GATEWAY"),
+    (_JsonInNameOnlyHandler, "/no-message", 502, "BAD_GATEWAY"),
 ], ids=["not JSON", "a redirect", "its body stalled", "JSON cut short", "no body",
-        "an error of another shape", "JSON too deep", "an error too deep"])
+        "an error of another shape", "JSON too deep", "an error too deep", "a message no string"])
 def test_what_is_no_answer_of_the_services_api_is_never_relayed(settings, upstreams, handler,
                                                                 base_path, status, code):
     """As the gRPC transport would answer: a reply that is none is a 502, one too slow a 504
@@ -559,6 +563,26 @@ def test_what_is_no_answer_of_the_services_api_is_never_relayed(settings, upstre
         assert answer.get_json()["error"]["code"] == code
     finally:
         served.close()
+
+
+def test_the_services_own_errors_are_errors_of_the_api(orders_flask_app, payments_flask_app):
+    """What the gateway relays over HTTP (gateway_app/upstream_answers.py: an_error_of_the_api):
+    Flask's own 404 and 405, an identity refused, flask-smorest's 422 and 400 (webargs'
+    messages by location), and the services' own."""
+    orders, payments = orders_flask_app.test_client(), payments_flask_app.test_client()
+    answers = [orders.get("/nowhere"), orders.delete("/orders"), orders.get("/orders"),
+               orders.get("/orders?limit=many", signed_as="usr_x"),
+               orders.post("/orders", data="{", content_type="application/json",
+                           signed_as="usr_x"),
+               orders.get("/orders?cursor=zz", signed_as="usr_x"),
+               orders.get("/orders/ord_none", signed_as="usr_x"),
+               payments.get("/accounts/balance", signed_as=f"usr_{uuid.uuid4().hex}"),
+               payments.post("/accounts/deposit", json={"amount": "lots"}, signed_as="usr_x")]
+    assert [answer.status_code for answer in answers] == [404, 405, 401, 422, 400, 400, 404, 404,
+                                                          422]
+    for answer in answers:
+        error = answer.get_json()["error"]
+        assert an_error_of_the_api(error["code"], error["message"], error["details"]), error
 
 
 class _PageAskedHandler(_SlowHandler):

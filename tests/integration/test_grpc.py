@@ -962,6 +962,18 @@ class _AnsweringAsTold(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _ErringAsTold(_AnsweringAsTold):
+    """Answers every GET 404 with the error its base path names (quoted JSON: {"error": ...})."""
+
+    def do_GET(self):
+        body = json.dumps({"error": json.loads(unquote(self.path.split("/")[1]))}).encode()
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 @pytest.fixture(scope="module")
 def told_how_to_fail(settings, upstreams, grpc_targets):  # noqa: F811
     """A gateway reaching orders over gRPC (`client`, with a shopper's `auth`) and over HTTP
@@ -976,15 +988,18 @@ def told_how_to_fail(settings, upstreams, grpc_targets):  # noqa: F811
     server.add_insecure_port(bind)
     server.start()
     over_http = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnsweringAsTold))
+    erring_over_http = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ErringAsTold))
     try:
         client = _gateway(settings, upstreams, grpc_targets, "grpc", orders_grpc_target=bind)
         session = client.post("/api/auth/register", json={
             "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
         yield types.SimpleNamespace(
             servicer=servicer, client=client, http_url=over_http.url,
+            erring_http_url=erring_over_http.url,
             auth={"Authorization": f"Bearer {session['access_token']}"})
     finally:
         over_http.close()
+        erring_over_http.close()
         server.stop(grace=None)
 
 
@@ -1004,13 +1019,14 @@ _A_DATE = "Sun, 06 Nov 1994 08:49:37 GMT"
     ({ERROR_CODE_KEY: "<b>no code</b>"}, 502, "BAD_GATEWAY"),
     ({ERROR_DETAILS_KEY: "{"}, 502, "BAD_GATEWAY"),
     ({ERROR_DETAILS_KEY: "[1]"}, 502, "BAD_GATEWAY"),
+    ({ERROR_DETAILS_KEY: None}, 502, "BAD_GATEWAY"),  # (a service writes them always, {} or more)
     ({ERROR_DETAILS_KEY: "[" * 3000 + "]" * 3000}, 502, "BAD_GATEWAY"),  # too deep to read
     ({HTTP_STATUS_KEY: "500", ERROR_CODE_KEY: "INTERNAL_ERROR"}, 502, "BAD_GATEWAY"),
     ({HTTP_STATUS_KEY: "504", ERROR_CODE_KEY: "CALLER_GAVE_UP"}, 504, "UPSTREAM_TIMEOUT"),
     ({}, 404, "ORDER_NOT_FOUND"),  # the trailers a service writes, relayed
 ], ids=["no number", "600", "200", "negative", "an underscore", "a fraction", "empty",
         "no code", "an empty code", "no code's form", "details no JSON", "details no object",
-        "details too deep", "a 500", "a 504", "as written"])
+        "no details", "details too deep", "a 500", "a 504", "as written"])
 def test_trailers_that_are_none_of_a_services_are_a_502_not_a_500(told_how_to_fail, trailers,
                                                                   status, code):
     """As over HTTP (gateway_app/proxy.py), a failed call whose trailers say no error of the
@@ -1027,7 +1043,8 @@ def test_trailers_that_are_none_of_a_services_are_a_502_not_a_500(told_how_to_fa
 
 @pytest.mark.parametrize("retry_after, passed_on", [
     ("1", "1"),
-    (_A_DATE, _A_DATE),
+    (_A_DATE, "0"),  # a date, as the seconds until it (passed: none)
+    ("86401", "86400"),  # at most a day
     ("soon", None),
     ("-1", None),
     ("1.5", None),
@@ -1037,7 +1054,8 @@ def test_trailers_that_are_none_of_a_services_are_a_502_not_a_500(told_how_to_fa
 def test_a_retry_after_that_is_none_is_left_out_of_the_answer_over_both_transports(
         settings, told_how_to_fail, retry_after, passed_on):
     """The service's 503 is relayed, with its Retry-After only if it is one (RFC 9110: delay
-    seconds, or an HTTP-date as a sender writes one): over HTTP it was passed on as it came."""
+    seconds, or an HTTP-date as a sender writes one), as at most a day's seconds: over HTTP it
+    was passed on as it came."""
     told_how_to_fail.servicer.trailers = (
         (HTTP_STATUS_KEY, "503"), (ERROR_CODE_KEY, "DATABASE_BUSY"),
         (ERROR_DETAILS_KEY, "{}"), (RETRY_AFTER_KEY, retry_after))
@@ -1050,3 +1068,44 @@ def test_a_retry_after_that_is_none_is_left_out_of_the_answer_over_both_transpor
         assert answer.status_code == 503, transport
         assert answer.get_json()["error"]["code"] == "DATABASE_BUSY", transport
         assert answer.headers.get("Retry-After") == passed_on, transport
+
+
+_LEFT_OUT = object()  # (the code, or the details)
+
+
+@pytest.mark.parametrize("code, details, relayed", [
+    ("ORDER_NOT_FOUND", {"order_id": "x"}, True),
+    ("METHOD_NOT_ALLOWED", {}, True),  # (Flask's own, a code_for of its name)
+    ("VALIDATION_ERROR", {"query": {"limit": ["Not a valid integer."]}}, True),
+    ("<b>no code</b>", {}, False),
+    ("", {}, False),
+    (_LEFT_OUT, {}, False),
+    ("not_found", {}, False),
+    ("ORDER_NOT_FOUND", [1], False),
+    ("ORDER_NOT_FOUND", None, False),
+    ("ORDER_NOT_FOUND", "x", False),
+    ("ORDER_NOT_FOUND", _LEFT_OUT, False),
+], ids=["as written", "Flask's", "a 422's", "markup", "an empty code", "no code", "lower case",
+        "details a list", "details null", "details a string", "no details"])
+def test_an_error_of_the_apis_is_one_thing_over_both_transports(settings, told_how_to_fail, code,
+                                                               details, relayed):
+    """A 404 whose code and details are as the services write them is relayed, any other a 502,
+    over gRPC and over HTTP alike (gateway_app/upstream_answers.py: an_error_of_the_api): over
+    HTTP any string for a code and any details were relayed."""
+    told_how_to_fail.servicer.trailers = (
+        (HTTP_STATUS_KEY, "404"),
+        *(((ERROR_CODE_KEY, code),) if code is not _LEFT_OUT else ()),
+        *(((ERROR_DETAILS_KEY, json.dumps(details)),) if details is not _LEFT_OUT else ()))
+    error = {key: value for key, value in (("code", code), ("message", "as told"),
+                                           ("details", details)) if value is not _LEFT_OUT}
+    over_http = gateway_app.create_app(settings=dataclasses.replace(
+        settings, gateway_upstream_transport="http", orders_service_url=(
+            f"{told_how_to_fail.erring_http_url}/{quote(json.dumps(error), safe='')}")))
+    for transport, client in (("grpc", told_how_to_fail.client),
+                              ("http", over_http.test_client())):
+        answer = client.get("/api/orders", headers=told_how_to_fail.auth).get_json()["error"]
+        if relayed:
+            assert (answer["code"], answer["details"]) == (code, details), transport
+        else:
+            assert (answer["code"], answer["details"]) == ("BAD_GATEWAY", {"service": "orders"}), \
+                transport

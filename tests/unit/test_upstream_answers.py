@@ -1,11 +1,70 @@
 """What the gateway makes of a service's answer over either transport
-(gateway_app.upstream_answers): the statuses it answers for itself, the Retry-After it passes on."""
+(gateway_app.upstream_answers): an error of the API's, the statuses it answers for itself, the
+Retry-After it passes on."""
 
 from __future__ import annotations
 
-import pytest
+from email.utils import formatdate
+import time
 
-from gateway_app.upstream_answers import failure_for_status, retry_after_passed_on
+import pytest
+import werkzeug.exceptions
+
+import orders_app.schemas
+import payments_app.schemas
+import shared.caller_deadline
+import shared.documented_errors
+from gateway_app.upstream_answers import (LONGEST_RETRY_AFTER_SECONDS, an_error_of_the_api,
+                                          failure_for_status, retry_after_passed_on)
+from shared.documented_errors import DocumentedError
+from shared.errors import INTERNAL_ERROR, ApiError, code_for
+from shared.internal_auth import InvalidIdentity
+
+
+def _subclasses(cls):
+    yield cls
+    for subclass in cls.__subclasses__():
+        yield from _subclasses(subclass)
+
+
+def test_every_error_code_the_services_give_is_one_of_the_api():
+    """The codes of their ApiError classes, of the identities they refuse, of every error their
+    OpenAPI documents name, their unforeseen error's, and every HTTP status's name as Flask's
+    own errors (a 404 or 405 of no route) and gunicorn's are answered with."""
+    documented = {error.code for module in (orders_app.schemas, payments_app.schemas,
+                                            shared.documented_errors, shared.caller_deadline)
+                  for error in vars(module).values() if isinstance(error, DocumentedError)}
+    assert {"ORDER_NOT_FOUND", "BALANCE_LIMIT_EXCEEDED", "VALIDATION_ERROR"} <= documented
+    codes = documented | {INTERNAL_ERROR[0]} | {
+        cls.code for base in (ApiError, InvalidIdentity) for cls in _subclasses(base)} | {
+        code_for(cls().name) for cls in vars(werkzeug.exceptions).values()
+        if isinstance(cls, type) and issubclass(cls, werkzeug.exceptions.HTTPException)
+        and cls.code}
+    assert {"METHOD_NOT_ALLOWED", "IM_A_TEAPOT", "SIGNATURE_VERSION_MISMATCH"} <= codes
+    for code in codes:
+        assert an_error_of_the_api(code, "a message", {}), code
+    assert an_error_of_the_api("VALIDATION_ERROR", "The request is not valid.",
+                               {"json": {"amount": ["Not a valid number."]}})
+
+
+# The same cases test_grpc.py puts to both transports, with more.
+@pytest.mark.parametrize("code, message, details", [
+    (None, "m", {}),
+    ("", "m", {}),
+    ("<b>no code</b>", "m", {}),
+    ("not_found", "m", {}),
+    ("1_NOT_FOUND", "m", {}),
+    ("NOT FOUND", "m", {}),
+    ("NOT_FOUND\n", "m", {}),
+    (404, "m", {}),
+    ("NOT_FOUND", None, {}),
+    ("NOT_FOUND", 5, {}),
+    ("NOT_FOUND", "m", None),
+    ("NOT_FOUND", "m", [1]),
+    ("NOT_FOUND", "m", "x"),
+])
+def test_what_is_no_error_of_the_api_is_told_apart(code, message, details):
+    assert not an_error_of_the_api(code, message, details)
 
 
 @pytest.mark.parametrize("value, passed_on", [
@@ -14,8 +73,14 @@ from gateway_app.upstream_answers import failure_for_status, retry_after_passed_
     ("0", "0"),
     ("120", "120"),
     (" 120\t", "120"),  # (a field value's optional whitespace)
-    ("Sun, 06 Nov 1994 08:49:37 GMT", "Sun, 06 Nov 1994 08:49:37 GMT"),
-    ("Wed, 31 Dec 2036 23:59:60 GMT", "Wed, 31 Dec 2036 23:59:60 GMT"),  # a leap second
+    ("86400", "86400"),
+    ("86401", "86400"),  # at most a day
+    ("2147484", "86400"),  # (past what a browser's timer holds, in ms)
+    ("9" * 40, "86400"),
+    ("Sun, 06 Nov 1994 08:49:37 GMT", "0"),  # a date passed: now
+    ("Wed, 31 Dec 2036 23:59:60 GMT", "86400"),  # a leap second (and at most a day)
+    ("Wed, 31 Dec 2036 12:00:60 GMT", "86400"),  # (one at any minute: read as the next's first)
+    ("Fri, 31 Dec 9999 23:59:60 GMT", None),  # past the last moment Python reads
     ("", None),
     ("-1", None),
     ("+1", None),
@@ -39,6 +104,13 @@ from gateway_app.upstream_answers import failure_for_status, retry_after_passed_
 def test_a_retry_after_is_passed_on_only_if_it_is_delay_seconds_or_an_imf_fixdate(value,
                                                                                   passed_on):
     assert retry_after_passed_on("orders", value) == passed_on
+
+
+def test_a_retry_after_date_is_passed_on_as_the_seconds_until_it():
+    """One form for every client to read (the web page reads a number of seconds)."""
+    passed_on = int(retry_after_passed_on("orders", formatdate(time.time() + 600, usegmt=True)))
+    assert 598 <= passed_on <= 601
+    assert LONGEST_RETRY_AFTER_SECONDS == 86400
 
 
 def test_a_retry_after_left_out_is_logged(caplog):
