@@ -457,8 +457,8 @@
       });
       // 401: the gateway refuses the token already (expired, or signed out in another tab).
       if (response.ok || response.status === 401) return;
-      const retryAfter = Number(response.headers.get("Retry-After"));
-      if (retryAfter > 0) waitMs = Math.max(waitMs || 0, retryAfter * 1000);
+      const retryAfter = retryAfterMs({ retryAfter: response.headers.get("Retry-After") });
+      if (retryAfter > 0) waitMs = Math.max(waitMs || 0, retryAfter);
     } catch (exc) {
       // no answer: told again below
     }
@@ -548,10 +548,12 @@
     }
   }
 
-  // How long an answer asked the page to wait before asking again: its Retry-After, in seconds.
+  // How long an answer asked the page to wait before asking again: its Retry-After, in seconds
+  // (the gateway passes on no date, and no more than a day), at most the longest wait setTimeout
+  // keeps (longer, it fires at once).
   function retryAfterMs(error) {
     const seconds = Number(error && error.retryAfter);
-    return Number.isFinite(seconds) && seconds > 0 ? seconds * 1000 : 0;
+    return Number.isFinite(seconds) && seconds > 0 ? Math.min(seconds * 1000, 2 ** 31 - 1) : 0;
   }
 
   // Whether the gateway takes the password's length (gateway_app/auth.py, PasswordLength): 8 to
