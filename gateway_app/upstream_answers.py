@@ -79,7 +79,7 @@ def retry_after_passed_on(service: str, value: str | None) -> str | None:
         return None
     value = value.strip(" \t")
     if _DELAY_SECONDS.fullmatch(value):
-        seconds = int(value)
+        seconds = _delay_seconds(value)
     elif (moment := _imf_fixdate(value)) is not None:
         seconds = max(0, math.ceil((moment - datetime.now(timezone.utc)).total_seconds()))
     else:
@@ -89,10 +89,21 @@ def retry_after_passed_on(service: str, value: str | None) -> str | None:
     return str(min(seconds, LONGEST_RETRY_AFTER_SECONDS))
 
 
+def _delay_seconds(digits: str) -> int:
+    """The number of seconds `digits` (delay-seconds) says, or more than
+    LONGEST_RETRY_AFTER_SECONDS if it says more: int() is never given more digits than that
+    takes (it raises a ValueError past 4300 of them, Python's limit on reading an int)."""
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(LONGEST_RETRY_AFTER_SECONDS)):
+        return LONGEST_RETRY_AFTER_SECONDS + 1
+    return int(significant)
+
+
 def _imf_fixdate(value: str) -> datetime | None:
     """The moment `value` names if it is an IMF-fixdate of a day that is, on the day of the week
     it names (its second may be 60, a leap second's, at any minute: read as the next minute's
-    first); None if it is none."""
+    first; the one that would end the year 9999, past the last moment Python reads, as that last
+    moment, later than the gateway waits); None if it is none."""
     parts = _IMF_FIXDATE.fullmatch(value)
     if parts is None:
         return None
@@ -102,8 +113,11 @@ def _imf_fixdate(value: str) -> datetime | None:
     try:
         moment = datetime(int(year), _MONTHS.index(month) + 1, int(day), int(hour), int(minute),
                           min(int(second), 59), tzinfo=timezone.utc)
-        if _DAY_NAMES[moment.weekday()] != day_name:
-            return None
+    except ValueError:  # (the 30th of February, an hour 24, a year 0000)
+        return None
+    if _DAY_NAMES[moment.weekday()] != day_name:
+        return None
+    try:
         return moment + timedelta(seconds=int(second) - moment.second)
-    except (ValueError, OverflowError):  # (the 30th of February, an hour 24, a year 0000; the
-        return None                      # leap second that would end the year 9999)
+    except OverflowError:  # (the leap second that would end the year 9999)
+        return datetime.max.replace(tzinfo=timezone.utc)

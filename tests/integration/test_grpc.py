@@ -1045,13 +1045,14 @@ def test_trailers_that_are_none_of_a_services_are_a_502_not_a_500(told_how_to_fa
     ("1", "1"),
     (_A_DATE, "0"),  # a date, as the seconds until it (passed: none)
     ("86401", "86400"),  # at most a day
+    ("9" * 4301, "86400"),  # (past the 4300 digits Python's int() reads)
     ("soon", None),
     ("-1", None),
     ("1.5", None),
     ("", None),
     ("Sunday, 06-Nov-94 08:49:37 GMT", None),
 ])
-def test_a_retry_after_that_is_none_is_left_out_of_the_answer_over_both_transports(
+def test_a_retry_after_is_passed_on_as_at_most_a_days_seconds_or_left_out_over_both_transports(
         settings, told_how_to_fail, retry_after, passed_on):
     """The service's 503 is relayed, with its Retry-After only if it is one (RFC 9110: delay
     seconds, or an HTTP-date as a sender writes one), as at most a day's seconds: over HTTP it

@@ -4,12 +4,12 @@ Retry-After it passes on."""
 
 from __future__ import annotations
 
-from email.utils import formatdate
-import time
+from datetime import datetime, timezone
 
 import pytest
 import werkzeug.exceptions
 
+import gateway_app.upstream_answers
 import orders_app.schemas
 import payments_app.schemas
 import shared.caller_deadline
@@ -77,10 +77,12 @@ def test_what_is_no_error_of_the_api_is_told_apart(code, message, details):
     ("86401", "86400"),  # at most a day
     ("2147484", "86400"),  # (past what a browser's timer holds, in ms)
     ("9" * 40, "86400"),
+    ("9" * 4301, "86400"),  # (past the 4300 digits Python's int() reads)
+    ("0" * 5000 + "1", "1"),
     ("Sun, 06 Nov 1994 08:49:37 GMT", "0"),  # a date passed: now
     ("Wed, 31 Dec 2036 23:59:60 GMT", "86400"),  # a leap second (and at most a day)
     ("Wed, 31 Dec 2036 12:00:60 GMT", "86400"),  # (one at any minute: read as the next's first)
-    ("Fri, 31 Dec 9999 23:59:60 GMT", None),  # past the last moment Python reads
+    ("Fri, 31 Dec 9999 23:59:60 GMT", "86400"),  # past the last moment Python reads
     ("", None),
     ("-1", None),
     ("+1", None),
@@ -106,10 +108,25 @@ def test_a_retry_after_is_passed_on_only_if_it_is_delay_seconds_or_an_imf_fixdat
     assert retry_after_passed_on("orders", value) == passed_on
 
 
-def test_a_retry_after_date_is_passed_on_as_the_seconds_until_it():
+class _ClockAt(datetime):
+    """The gateway's clock, stopped half a second before 11:59:51 on Wed, 31 Dec 2036."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2036, 12, 31, 11, 59, 50, 500_000, tzinfo=timezone.utc).astimezone(tz)
+
+
+@pytest.mark.parametrize("value, passed_on", [
+    ("Wed, 31 Dec 2036 12:00:00 GMT", "10"),  # 9.5 s from now: the whole seconds, rounded up
+    ("Wed, 31 Dec 2036 12:00:60 GMT", "70"),  # a leap second: 12:01:00, 69.5 s from now
+    ("Wed, 31 Dec 2036 11:59:50 GMT", "0"),  # half a second ago
+    ("Thu, 01 Jan 2037 11:59:51 GMT", "86400"),  # a day and half a second from now
+])
+def test_a_retry_after_date_is_passed_on_as_the_seconds_until_it(monkeypatch, value,
+                                                                 passed_on):
     """One form for every client to read (the web page reads a number of seconds)."""
-    passed_on = int(retry_after_passed_on("orders", formatdate(time.time() + 600, usegmt=True)))
-    assert 598 <= passed_on <= 601
+    monkeypatch.setattr(gateway_app.upstream_answers, "datetime", _ClockAt)
+    assert retry_after_passed_on("orders", value) == passed_on
     assert LONGEST_RETRY_AFTER_SECONDS == 86400
 
 
