@@ -241,7 +241,9 @@ def _earliest_deadline(context: grpc.ServicerContext, metadata: dict[str, str]) 
 
 
 def _abort(context: grpc.ServicerContext, error: ApiError) -> None:
-    """End the call with what the HTTP API would have answered for `error`, in the trailers."""
+    """End the call with what the HTTP API would have answered for `error`, in the trailers.
+    grpc-core drops a trailer over 16 KiB (the details', for one), and the gateway answers a
+    failure whose details are missing 502: the services' details are far shorter."""
     trailers = [
         (HTTP_STATUS_KEY, str(error.status)),
         (ERROR_CODE_KEY, error.code),
