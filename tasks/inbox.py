@@ -44,6 +44,9 @@ HANDLED_PER_TRANSACTION = 50
 # with its dispatch not lost at all, and sweeping it would add its batch to the backlog once more,
 # sweep after sweep. So while tasks wait in the queue, the sweeper takes only messages this old.
 SWEEP_MIN_AGE_WHILE_QUEUED = timedelta(minutes=5)
+# And one it handed over then waits as long again as it had waited, up to this, before the next
+# (shared.inbox.sweeping): 5, 10, 20, 40 minutes, not a batch more every 5 while the backlog lasts.
+SWEEP_BACKOFF_WHILE_QUEUED_AT_MOST = timedelta(hours=1)
 # What this process's sweeps have said of each service database's outage.
 _SWEEPS_DATABASE_OUTAGE = {service: DatabaseOutageLog(log, f"the {service} inbox sweeper")
                            for service in SERVICES}
@@ -320,8 +323,9 @@ def sweep_inbox(service: str) -> int:
     sake) counts nothing. (One that was running on another of a crashing worker's threads counts
     too: in a crash loop another message can be parked with the one to blame, for
     `tasks.parked replay`.)
-    While tasks wait, a message's own dispatch may wait among them: nothing is counted, and the
-    messages go in batches, not to swell that backlog."""
+    While tasks wait, a message's own dispatch may wait among them: nothing is counted, the
+    messages go in batches, not to swell that backlog, and a message handed over before waits as
+    long again as it had waited before the next (up to SWEEP_BACKOFF_WHILE_QUEUED_AT_MOST)."""
     outage = _SWEEPS_DATABASE_OUTAGE[service]
     try:
         swept = _sweep(service)
@@ -342,8 +346,9 @@ def _sweep(service: str) -> int:
     if backlog:
         min_age = max(min_age, SWEEP_MIN_AGE_WHILE_QUEUED)
     with transaction() as session:
-        stalled = claim_stalled_messages(session, min_age,
-                                         None if backlog else settings.inbox_max_attempts)
+        stalled = claim_stalled_messages(
+            session, min_age, None if backlog else settings.inbox_max_attempts,
+            backoff_at_most=SWEEP_BACKOFF_WHILE_QUEUED_AT_MOST if backlog else None)
     if stalled:
         log.info("%s inbox: re-dispatching %d stalled messages", service, len(stalled))
         if backlog:

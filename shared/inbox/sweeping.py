@@ -1,5 +1,27 @@
 """The sweeper's claim of stalled messages (their dispatch or try lost), to hand them over again,
-or to park them once their lost tries reach the limit."""
+or to park them once their lost tries reach the limit.
+
+While tasks wait in the service's queue, a message's own dispatch may wait among them, and the
+sweeper cannot tell it from a lost one. Handed over every five minutes, each message still waiting
+put a batch more in the queue at every round, lengthening the backlog it waited in (workers down
+ten minutes, then draining for twenty: a message near the end was handed over six times). So while
+tasks wait, a message handed over (or tried) before waits, since, as long again as it had waited
+by then, up to an hour (tasks.inbox's SWEEP_BACKOFF_WHILE_QUEUED_AT_MOST): handed over at 5, 10, 20
+and 40 minutes, its batches grow as the log of the backlog's length, not with it. One whose
+dispatch was truly lost is still handed over, at worst about as late again as it was old (an hour
+late at most), and only while a backlog holds up what comes after it anyway. With no task waiting
+nothing waits longer than the sweep's minimum age: a message's dispatch is then in no queue, and
+a lost try must be counted soon.
+
+What is given up: a message whose task was lost early in a long backlog waits for its next handing
+over, where a sweep every five minutes would have found it sooner. Two other ways were weighed. Not
+handing over at all while tasks wait keeps a lost message for as long as the queue never reads
+empty, which under steady load can be for ever. And a note of each message's last dispatch (in
+`last_attempt_at`, as now, or in Redis) cannot tell a task still in the queue from a lost one:
+only the queue's turnover since the dispatch could, and a Redis list keeps no position of a task.
+Backing off needs no column, no Redis key and no read of the queue but its length, which the sweep
+reads already.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +54,8 @@ class StalledMessage:
 
 
 def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: int | None,
-                           limit: int = SWEPT_PER_RUN) -> list[StalledMessage]:
+                           limit: int = SWEPT_PER_RUN,
+                           backoff_at_most: timedelta | None = None) -> list[StalledMessage]:
     """Messages still waiting to be handled, stored and last tried or handed over (if ever) over
     `min_age` ago: their dispatch was lost, or their try or retries with their worker; oldest
     first. Each is marked handed over now (`last_attempt_at`, as replaying a parked message marks
@@ -48,11 +71,17 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
     from the queue ahead of its turn), or have been lost with a worker that crashed for another
     message's sake. Without `max_attempts` (while dispatched tasks wait in the queue), nothing is
     counted, and an open try stays on record for a later sweep.
+
+    With `backoff_at_most` given (while dispatched tasks wait in the queue too), a message handed
+    over or tried before is taken only once it has waited since as long as it had waited by then
+    (its `last_attempt_at` less its `received_at`), or `backoff_at_most` (a message replayed long
+    after it came), whichever is less: see the module's docstring.
     """
     now = utc_now()
     claimed = session.execute(_CLAIM_STALLED, {
         "cutoff": now - min_age, "now": now, "limit": limit,
         "counting": 1 if max_attempts else 0, "max_attempts": max_attempts or 0,
+        "backoff_at_most": backoff_at_most or timedelta(0),
         "gave_up": _GAVE_UP.format(max_attempts)})
     stalled = []
     for message_id, attempts, parked, request_id in claimed:
@@ -72,7 +101,10 @@ WITH stalled AS (
     SELECT message_id, CASE WHEN :counting = 1 AND try_open THEN 1 ELSE 0 END AS lost
     FROM inbox_messages
     WHERE processed_at IS NULL AND parked_at IS NULL AND received_at < :cutoff
-          AND (last_attempt_at IS NULL OR last_attempt_at < :cutoff)
+          AND (last_attempt_at IS NULL
+               OR (last_attempt_at < :cutoff
+                   AND :now - last_attempt_at >= least(last_attempt_at - received_at,
+                                                      :backoff_at_most)))
     ORDER BY received_at LIMIT :limit
     FOR UPDATE SKIP LOCKED),
 claimed AS (

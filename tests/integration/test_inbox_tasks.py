@@ -1045,6 +1045,66 @@ def test_while_tasks_wait_the_sweeper_counts_no_attempt_and_sends_batches(
         settings.inbox_max_attempts + 1)
 
 
+def test_a_message_waiting_out_an_hours_backlog_is_handed_over_four_times_not_twelve(
+        settings, payments_inbox, payments_queue, user_id):
+    """Workers down, their queue holding the message's batch: a sweep every minute of the hour
+    hands the message over at 5, 11, 23 and 47 minutes (as long again as it had waited each
+    time), where one every 5 minutes added a batch more to the backlog each time."""
+    message_id = _stored_request(payments_inbox, user_id)
+    handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
+    _received_ago(message_id, timedelta(seconds=30))  # (off the minute: no sweep on the edge)
+    for _ in range(60):
+        _a_minute_passes(message_id)
+        sweep_inbox.apply(args=("payments",)).get()
+    assert _dispatches_of(message_id) == [handle_inbox_batch.name] * 4
+    row = _row(message_id)
+    assert row.attempts == 0 and row.parked_at is None
+
+
+def _a_minute_passes(message_id) -> None:
+    """The message's times, as the sweeper sees them, a minute further back."""
+    minute = timedelta(minutes=1)
+    with service_app("payments").app_context(), transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
+                        .values(received_at=InboxMessage.received_at - minute,
+                                last_attempt_at=InboxMessage.last_attempt_at - minute))
+
+
+def test_while_tasks_wait_a_message_handed_over_waits_as_long_again_up_to_an_hour(
+        settings, payments_inbox, payments_queue, user_id):
+    """While tasks wait in the queue, a message handed over 6 minutes ago, after it had waited
+    14, waits; one handed over 11 minutes ago, after it had waited 9, is handed over, and so is
+    one handed over an hour and a minute ago after it had waited days (parked, then replayed).
+    With no task waiting, it waits no longer than the sweep's minimum age."""
+    message_id = _stored_request(payments_inbox, user_id)
+    handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
+    _received_and_handed_over_ago(message_id, timedelta(minutes=20), timedelta(minutes=6))
+    sweep_inbox.apply(args=("payments",)).get()
+    assert _dispatches_of(message_id) == []
+
+    handle_inbox_batch.apply_async(("payments", []))
+    _received_and_handed_over_ago(message_id, timedelta(minutes=20), timedelta(minutes=11))
+    sweep_inbox.apply(args=("payments",)).get()
+    assert _dispatches_of(message_id) == [handle_inbox_batch.name]
+
+    handle_inbox_batch.apply_async(("payments", []))
+    _received_and_handed_over_ago(message_id, timedelta(days=3), timedelta(minutes=61))
+    sweep_inbox.apply(args=("payments",)).get()
+    assert _dispatches_of(message_id) == [handle_inbox_batch.name]
+
+    _received_and_handed_over_ago(message_id, timedelta(minutes=20), timedelta(minutes=1))
+    sweep_inbox.apply(args=("payments",)).get()
+    assert _dispatches_of(message_id) == [handle_inbox_message.name]
+
+
+def _received_and_handed_over_ago(message_id, received: timedelta,
+                                  handed_over: timedelta) -> None:
+    with service_app("payments").app_context(), transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
+                        .values(received_at=func.now() - received,
+                                last_attempt_at=func.now() - handed_over))
+
+
 def test_this_processs_celery_queues_are_the_runs_own(settings):
     """Two runs at once (or a run beside `make run`) never take each other's tasks."""
     prefix = celery_app.conf.broker_transport_options["global_keyprefix"]
