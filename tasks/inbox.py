@@ -18,6 +18,7 @@ import uuid
 from datetime import timedelta
 
 from flask import current_app
+from sqlalchemy.exc import SQLAlchemyError
 
 from shared.config import SERVICES
 from shared.db import (DatabaseOutageLog, connection_lost, held_up_by_a_lock, said_in_a_line,
@@ -26,7 +27,7 @@ from shared.inbox.handling import (ConnectionLostInHandler, StoredMessage, handl
                                    handle_locked_messages_at_once, lock_in_order, note_try_begun,
                                    process_inbox_message, record_failed_attempt)
 from shared.inbox.pruning import prune_handled_messages
-from shared.inbox.sweeping import claim_stalled_messages
+from shared.inbox.sweeping import claim_stalled_messages, unmark_unsent
 from shared.request_context import request_id_bound, request_ids_bound
 from shared.task_queues import handler_queue
 from tasks.celery_app import app
@@ -137,6 +138,40 @@ def dispatch_inbox_messages(service: str, message_ids: list[uuid.UUID]) -> None:
         chunk = message_ids[start:start + HANDLED_PER_TRANSACTION]
         handle_inbox_batch.apply_async((service, [str(message_id) for message_id in chunk]),
                                        argsrepr=_batch_argsrepr(service, chunk))
+
+
+def dispatch_handed_over(service: str, message_ids: list[uuid.UUID],
+                         own_tasks: bool = False) -> None:
+    """Dispatch messages marked handed over (`last_attempt_at`: claimed by the sweeper, or
+    replayed) as `dispatch_inbox_messages` does, or with `own_tasks` each in a task of its own.
+    Should sending fail part way (Redis away), the marks of those not sent are cleared, as far as
+    the database can be reached, before the failure is raised (shared.inbox.sweeping's
+    unmark_unsent): the sweeper takes them at its next sweep, not an hour on."""
+    per_task = 1 if own_tasks else HANDLED_PER_TRANSACTION
+    for start in range(0, len(message_ids), per_task):
+        chunk = message_ids[start:start + per_task]
+        try:
+            if own_tasks:
+                handle_inbox_message.apply_async((service, str(chunk[0])))
+            else:
+                dispatch_inbox_messages(service, chunk)
+        except Exception:
+            left_to_the_next_sweep(service, message_ids[start:])
+            raise
+
+
+def left_to_the_next_sweep(service: str, message_ids: list[uuid.UUID]) -> None:
+    """Unmark messages marked handed over and never sent (unmark_unsent), for the sweeper to take
+    at its next sweep; or say in a line why not (the database away too: the marks stay, and the
+    messages wait out their backoff)."""
+    try:
+        with transaction() as session:
+            unmark_unsent(session, message_ids)
+    except SQLAlchemyError as exc:
+        log.warning("%s inbox: %d messages not dispatched stay marked handed over (%s): while"
+                    " tasks wait, the sweeper may leave them up to %d minutes", service,
+                    len(message_ids), said_in_a_line(exc),
+                    SWEEP_BACKOFF_WHILE_QUEUED_AT_MOST // timedelta(minutes=1))
 
 
 def _batch_argsrepr(service: str, message_ids: list) -> str:
@@ -351,11 +386,8 @@ def _sweep(service: str) -> int:
             backoff_at_most=SWEEP_BACKOFF_WHILE_QUEUED_AT_MOST if backlog else None)
     if stalled:
         log.info("%s inbox: re-dispatching %d stalled messages", service, len(stalled))
-        if backlog:
-            dispatch_inbox_messages(service, [message.message_id for message in stalled])
-        else:
-            for message in stalled:
-                handle_inbox_message.apply_async((service, str(message.message_id)))
+        dispatch_handed_over(service, [message.message_id for message in stalled],
+                             own_tasks=not backlog)
     return len(stalled)
 
 

@@ -30,7 +30,10 @@ messages parked as the command begins are replayed (each transaction's dispatche
 discarded CHANGED_PER_TRANSACTION a transaction, oldest parked first; should the database fail part
 way, the command says how many went through and exits 1; interrupted (Ctrl-C), it says that at least
 so many went through (a batch committing as the interrupt came goes uncounted, its replays left to
-the sweeper) and exits 130. Run again, it takes up the rest.
+the sweeper, which while tasks wait in the service's queue hands them over only an hour on: marked
+handed over, they wait what a message handed over long after it came waits) and exits 130. Run
+again, it takes up the rest. With the task queue out of reach, the messages are replayed all the
+same, and unmarked for the sweeper to hand over at its first sweep once the queue is back.
 
 With --outbox they are outbox rows whose message is too large to be sent (over the producer's
 `message.max.bytes` or the topic's `max.message.bytes`), or whose record the broker refuses as
@@ -73,7 +76,7 @@ from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
                                   why_not_sent_on)
 from shared.request_context import escaped_in_logs
 from shared.task_queues import QUEUES_UNREACHABLE
-from tasks.inbox import dispatch_inbox_messages
+from tasks.inbox import dispatch_handed_over, left_to_the_next_sweep
 from tasks.services import service_app, service_package
 
 
@@ -137,16 +140,20 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
                                  may_come_back=True):
             if not outbox and queues_reachable:
                 queues_reachable = _dispatched(service, replayed)
+            elif not outbox:  # (the queue, found out of reach, not tried again)
+                left_to_the_next_sweep(service, replayed)
             yield replayed
 
 
 def _dispatched(service: str, message_ids: list[uuid.UUID]) -> bool:
     """Dispatch the replayed messages to be handled; whether the task queue could be reached."""
     try:
-        dispatch_inbox_messages(service, message_ids)
+        dispatch_handed_over(service, message_ids)
     except QUEUES_UNREACHABLE as exc:
         # They are unparked all the same (a second replay would call them not parked): the
-        # sweeper hands them over, as it does any message left waiting, once Redis is back.
+        # sweeper hands them over, as it does any message left waiting, once Redis is back (at
+        # its next sweep: those not sent are no longer marked handed over, unless the database
+        # was away too).
         print(f"the task queue is unreachable ({exc}): the sweeper will hand the messages"
               " over to be handled once it is back", file=sys.stderr)
         return False
@@ -315,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     except _DATABASE_FAILURES as exc:
         # Each transaction that committed stays done, its messages no longer parked: the same
         # command again takes up the rest. (One whose COMMIT was cut off may have committed
-        # uncounted; its replays, never dispatched, go to the sweeper.)
+        # uncounted; its replays, never dispatched, go to the sweeper: while tasks wait, an hour
+        # on, as they were marked handed over.)
         so_far = (f"{args.service} {box}: nothing {_OUTCOMES[args.command, args.outbox]}"
                   if count == 0 else
                   f"{outcome.format(count)} before the database failed; run it again for the rest")
@@ -325,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         command_parsers[args.command].error(str(exc))
     except KeyboardInterrupt:
         # (At least: a batch committed as the interrupt came is not counted, its replays, never
-        # dispatched, left to the sweeper.)
+        # dispatched, left to the sweeper: while tasks wait, an hour on, as they were marked.)
         print(f"{outcome.format(f'at least {count}')} before it was interrupted; run it again"
               " for the rest", file=sys.stderr)
         return 130

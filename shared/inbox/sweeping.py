@@ -6,10 +6,14 @@ sweeper cannot tell it from a lost one. Handed over every five minutes, each mes
 put a batch more in the queue at every round, lengthening the backlog it waited in (workers down
 ten minutes, then draining for twenty: a message near the end was handed over six times). So while
 tasks wait, a message handed over (or tried) before waits, since, as long again as it had waited
-by then, up to an hour (tasks.inbox's SWEEP_BACKOFF_WHILE_QUEUED_AT_MOST): handed over at 5, 10, 20
-and 40 minutes, its batches grow as the log of the backlog's length, not with it. One whose
-dispatch was truly lost is still handed over, at worst about as late again as it was old (an hour
-late at most), and only while a backlog holds up what comes after it anyway. With no task waiting
+by then, up to an hour (tasks.inbox's SWEEP_BACKOFF_WHILE_QUEUED_AT_MOST): handed over at 5, 10, 20,
+40 and 80 minutes, its batches grow as the log of the backlog's length, not with it, up to that
+hour (past a backlog of 80 minutes, by one an hour). One whose dispatch was truly lost is still
+handed over, at worst about as late again as it was old (an hour late at most), and only while a
+backlog holds up what comes after it anyway. One marked handed over whose dispatch was never sent
+(Redis away) is unmarked (unmark_unsent), where the database can still be reached, not to wait
+that out for nothing; one left marked (its replay's COMMIT cut off, say, or the database away
+too) waits it out, an hour for a message replayed long after it came. With no task waiting
 nothing waits longer than the sweep's minimum age: a message's dispatch is then in no queue, and
 a lost try must be counted soon.
 
@@ -30,10 +34,10 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import text
+from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
-from shared.inbox.model import utc_now
+from shared.inbox.model import InboxMessage, utc_now
 from shared.request_context import request_id_bound
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,20 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
         else:
             stalled.append(StalledMessage(message_id, attempts))
     return stalled
+
+
+def unmark_unsent(session: Session, message_ids: list[uuid.UUID]) -> None:
+    """Clear the mark of messages marked handed over (by a claim here, or a replay) whose dispatch
+    could not be sent, Redis away: the sweeper then takes them at its next sweep, as it does a
+    message never handed over. Marked, they would wait out what a message handed over earns while
+    tasks wait, an hour for one replayed long after it came, for a dispatch that never went. A
+    message handled, parked or under a try since is left as it is."""
+    session.execute(update(InboxMessage)
+                    .where(InboxMessage.message_id.in_(message_ids),
+                           InboxMessage.processed_at.is_(None), InboxMessage.parked_at.is_(None),
+                           InboxMessage.try_open.is_(False))
+                    .values(last_attempt_at=None)
+                    .execution_options(synchronize_session=False))
 
 
 _GAVE_UP = ("tried {} times and never handled: its handling may crash or hang the worker (its"

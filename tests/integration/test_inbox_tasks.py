@@ -122,7 +122,7 @@ def test_every_line_logged_of_a_failing_message_carries_its_request_id(
             with service_app("payments").app_context(), transaction() as session:
                 session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
                                 .values(attempts=settings.inbox_max_attempts - 1))
-            _received_ago(message_id, timedelta(minutes=1), handed_over_as_long_ago=True,
+            _received_ago(message_id, timedelta(minutes=1), handed_over_ago=timedelta(minutes=1),
                           tried_since=True)
             sweep_inbox.apply(args=("payments",)).get()
         else:
@@ -928,13 +928,13 @@ def test_a_request_with_a_field_a_newer_orders_service_added_is_paid_once_not_pa
         assert db.session.query(Payment).filter_by(order_id=order_id).count() == 1
 
 
-def _received_ago(message_id, age: timedelta, handed_over_as_long_ago: bool = False,
+def _received_ago(message_id, age: timedelta, handed_over_ago: timedelta | None = None,
                   tried_since: bool = False) -> None:
-    """Stored `age` ago; if so asked, last handed over as long ago, and a try of a task of its own
-    begun since, lost with its worker."""
+    """Stored `age` ago; if so asked, last handed over (or tried) `handed_over_ago` ago, and a try
+    of a task of its own begun since, lost with its worker."""
     since = {}
-    if handed_over_as_long_ago:
-        since["last_attempt_at"] = func.now() - age
+    if handed_over_ago is not None:
+        since["last_attempt_at"] = func.now() - handed_over_ago
     if tried_since:
         since["try_open"] = True
     with service_app("payments").app_context(), transaction() as session:
@@ -999,12 +999,12 @@ def test_a_message_whose_handling_is_lost_again_and_again_goes_alone_and_is_park
     the attempt limit."""
     message_id = _stored_request(payments_inbox, user_id)
     for tries in range(1, settings.inbox_max_attempts):
-        _received_ago(message_id, timedelta(minutes=1), handed_over_as_long_ago=True,
+        _received_ago(message_id, timedelta(minutes=1), handed_over_ago=timedelta(minutes=1),
                       tried_since=True)
         sweep_inbox.apply(args=("payments",)).get()
         assert _dispatches_of(message_id) == [handle_inbox_message.name]
         assert _row(message_id).attempts == tries
-    _received_ago(message_id, timedelta(minutes=1), handed_over_as_long_ago=True,
+    _received_ago(message_id, timedelta(minutes=1), handed_over_ago=timedelta(minutes=1),
                   tried_since=True)
     sweep_inbox.apply(args=("payments",)).get()
     assert _dispatches_of(message_id) == []
@@ -1022,7 +1022,7 @@ def test_a_message_whose_tasks_wait_in_a_busy_workers_memory_is_never_counted(
     None of those handings over counts: the message is not parked for tries it never had."""
     message_id = _stored_request(payments_inbox, user_id)
     for _ in range(settings.inbox_max_attempts + 1):
-        _received_ago(message_id, timedelta(minutes=1), handed_over_as_long_ago=True)
+        _received_ago(message_id, timedelta(minutes=1), handed_over_ago=timedelta(minutes=1))
         sweep_inbox.apply(args=("payments",)).get()
         assert _dispatches_of(message_id) == [handle_inbox_message.name]  # (taken, not begun)
     row = _row(message_id)
@@ -1036,7 +1036,7 @@ def test_while_tasks_wait_the_sweeper_counts_no_attempt_and_sends_batches(
     message_id = _stored_request(payments_inbox, user_id)
     handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
     for _ in range(settings.inbox_max_attempts + 1):
-        _received_ago(message_id, timedelta(minutes=6), handed_over_as_long_ago=True,
+        _received_ago(message_id, timedelta(minutes=6), handed_over_ago=timedelta(minutes=6),
                       tried_since=True)
         sweep_inbox.apply(args=("payments",)).get()
     row = _row(message_id)
@@ -1078,31 +1078,85 @@ def test_while_tasks_wait_a_message_handed_over_waits_as_long_again_up_to_an_hou
     With no task waiting, it waits no longer than the sweep's minimum age."""
     message_id = _stored_request(payments_inbox, user_id)
     handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
-    _received_and_handed_over_ago(message_id, timedelta(minutes=20), timedelta(minutes=6))
+    _received_ago(message_id, timedelta(minutes=20), timedelta(minutes=6))
     sweep_inbox.apply(args=("payments",)).get()
     assert _dispatches_of(message_id) == []
 
     handle_inbox_batch.apply_async(("payments", []))
-    _received_and_handed_over_ago(message_id, timedelta(minutes=20), timedelta(minutes=11))
+    _received_ago(message_id, timedelta(minutes=20), timedelta(minutes=11))
     sweep_inbox.apply(args=("payments",)).get()
     assert _dispatches_of(message_id) == [handle_inbox_batch.name]
 
     handle_inbox_batch.apply_async(("payments", []))
-    _received_and_handed_over_ago(message_id, timedelta(days=3), timedelta(minutes=61))
+    _received_ago(message_id, timedelta(days=3), timedelta(minutes=61))
     sweep_inbox.apply(args=("payments",)).get()
     assert _dispatches_of(message_id) == [handle_inbox_batch.name]
 
-    _received_and_handed_over_ago(message_id, timedelta(minutes=20), timedelta(minutes=1))
+    _received_ago(message_id, timedelta(minutes=20), timedelta(minutes=1))
     sweep_inbox.apply(args=("payments",)).get()
     assert _dispatches_of(message_id) == [handle_inbox_message.name]
 
 
-def _received_and_handed_over_ago(message_id, received: timedelta,
-                                  handed_over: timedelta) -> None:
-    with service_app("payments").app_context(), transaction() as session:
-        session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
-                        .values(received_at=func.now() - received,
-                                last_attempt_at=func.now() - handed_over))
+def test_while_tasks_wait_a_message_tried_waits_as_long_again_and_is_counted_once_none_wait(
+        settings, payments_inbox, payments_queue, user_id):
+    """Its last_attempt_at from a try of a task of its own (begun 6 minutes ago, after it had
+    waited 14), the message waits while tasks wait, its try not counted; once none wait it is
+    handed over alone, the try counted as lost."""
+    message_id = _stored_request(payments_inbox, user_id)
+    handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
+    _received_ago(message_id, timedelta(minutes=20), timedelta(minutes=6), tried_since=True)
+    sweep_inbox.apply(args=("payments",)).get()
+    assert _dispatches_of(message_id) == []  # (the backlog taken off the queue with it)
+    row = _row(message_id)
+    assert row.attempts == 0 and row.try_open
+
+    sweep_inbox.apply(args=("payments",)).get()
+    assert _dispatches_of(message_id) == [handle_inbox_message.name]
+    row = _row(message_id)
+    assert row.attempts == 1 and not row.try_open
+
+
+def test_while_tasks_wait_a_message_handed_over_before_it_came_is_taken_at_once(
+        settings, payments_inbox, payments_queue, user_id):
+    """A last_attempt_at before its received_at (the worker's clock behind the database's) is no
+    wait at all: the message is handed over as if never before."""
+    message_id = _stored_request(payments_inbox, user_id)
+    handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
+    _received_ago(message_id, timedelta(minutes=10), timedelta(minutes=11))
+    sweep_inbox.apply(args=("payments",)).get()
+    assert _dispatches_of(message_id) == [handle_inbox_batch.name]
+
+
+def test_a_sweep_whose_dispatch_fails_part_way_unmarks_the_messages_it_did_not_send(
+        settings, payments_inbox, payments_queue, user_id, monkeypatch):
+    """Redis lost as the sweep sent its second batch: the messages of the first stay marked handed
+    over, those of the second are unmarked, and the next sweep takes them while tasks wait, where,
+    replayed days after they came and marked, they would have waited an hour."""
+    import tasks.inbox
+
+    first, second = (_stored_request(payments_inbox, user_id) for _ in range(2))
+    _received_ago(first, timedelta(days=3, minutes=1), timedelta(minutes=61))
+    _received_ago(second, timedelta(days=3), timedelta(minutes=61))
+    handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
+    monkeypatch.setattr(tasks.inbox, "HANDLED_PER_TRANSACTION", 1)
+    send = handle_inbox_batch.apply_async
+    sent = []
+
+    def redis_lost_after_one(args, **options):
+        if sent:
+            raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379.")
+        sent.extend(args[1])
+        return send(args, **options)
+
+    monkeypatch.setattr(handle_inbox_batch, "apply_async", redis_lost_after_one)
+    with pytest.raises(KombuOperationalError):
+        sweep_inbox.apply(args=("payments",)).get()
+    assert sent == [str(first)]
+    assert _handed_over(first) and not _handed_over(second)
+
+    monkeypatch.setattr(handle_inbox_batch, "apply_async", send)
+    sweep_inbox.apply(args=("payments",)).get()  # (the backlog and the first's batch wait)
+    assert _dispatches_of(second) == [handle_inbox_batch.name]
 
 
 def test_this_processs_celery_queues_are_the_runs_own(settings):
@@ -1210,7 +1264,7 @@ def test_a_replayed_message_gets_all_its_tries_again(settings, payments_inbox, m
         raise ConnectionError("down")
 
     monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: down})
-    monkeypatch.setattr(parked, "dispatch_inbox_messages", lambda service, ids: None)
+    monkeypatch.setattr(parked, "dispatch_handed_over", lambda service, ids: None)
     message_id = _stored_request(payments_inbox, user_id)
     for _ in range(2):  # tried, parked, replayed; then tried again
         tries.clear()
@@ -1235,13 +1289,62 @@ def test_a_replay_with_the_task_queue_unreachable_says_so_and_leaves_them_to_the
     def queue_unreachable(service, message_ids):
         raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
-    monkeypatch.setattr(parked, "dispatch_inbox_messages", queue_unreachable)
+    monkeypatch.setattr(parked, "dispatch_handed_over", queue_unreachable)
     assert parked.main(["replay", "payments", str(message_id)]) == 0
     said = capsys.readouterr()
     assert "payments inbox: 1 message(s) handed back to be handled" in said.out
     assert "the sweeper will hand the messages over" in said.err
     row = _row(message_id)
     assert row.parked_at is None and row.processed_at is None  # the sweeper's to hand over
+
+
+def test_a_message_replayed_with_the_task_queue_unreachable_goes_at_the_next_sweep_while_tasks_wait(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id):
+    """Replayed days after it came, with Redis away, the message is unmarked as its dispatch
+    fails: the first sweep once Redis is back hands it over, though tasks wait, where marked
+    handed over it waited an hour (as long as it had waited by then, up to the hour)."""
+    from tasks import parked
+
+    message_id = _stored_request(payments_inbox, user_id)
+    with service_app("payments").app_context(), transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
+                        .values(parked_at=func.now(), last_error="ledger closed",
+                                received_at=func.now() - timedelta(days=3)))
+    send = handle_inbox_batch.apply_async
+
+    def queue_unreachable(args, **options):
+        raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(handle_inbox_batch, "apply_async", queue_unreachable)
+    assert parked.main(["replay", "payments", str(message_id)]) == 0
+    assert not _handed_over(message_id)
+
+    monkeypatch.setattr(handle_inbox_batch, "apply_async", send)  # (Redis back)
+    handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
+    sweep_inbox.apply(args=("payments",)).get()
+    assert _dispatches_of(message_id) == [handle_inbox_batch.name]
+
+
+def test_replay_all_with_the_task_queue_unreachable_unmarks_the_later_transactions_too(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id):
+    """Under --all, the transactions after the one whose dispatch found Redis away are not
+    dispatched at all: their messages are unmarked too, for the sweeper's next sweep."""
+    from tasks import parked
+
+    monkeypatch.setattr(parked, "CHANGED_PER_TRANSACTION", 1)
+    first, second = (_stored_request(payments_inbox, user_id) for _ in range(2))
+    _parked_first([first, second])
+
+    def queue_unreachable(args, **options):
+        raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(handle_inbox_batch, "apply_async", queue_unreachable)
+    replaying = parked.replay("payments", None)
+    try:
+        assert [next(replaying), next(replaying)] == [[first], [second]]
+    finally:
+        replaying.close()  # (no other test's parked messages taken)
+    assert not _handed_over(first) and not _handed_over(second)
 
 
 def test_parked_messages_discarded_are_never_handled_and_their_repeats_are_dropped(
