@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from flask import current_app
 from sqlalchemy.exc import SQLAlchemyError
@@ -26,6 +26,7 @@ from shared.db import (DatabaseOutageLog, connection_lost, held_up_by_a_lock, sa
 from shared.inbox.handling import (ConnectionLostInHandler, StoredMessage, handle_locked_message,
                                    handle_locked_messages_at_once, lock_in_order, note_try_begun,
                                    process_inbox_message, record_failed_attempt)
+from shared.inbox.model import utc_now
 from shared.inbox.pruning import prune_handled_messages
 from shared.inbox.sweeping import claim_stalled_messages, unmark_unsent
 from shared.request_context import request_id_bound, request_ids_bound
@@ -135,40 +136,48 @@ def dispatch_inbox_messages(service: str, message_ids: list[uuid.UUID]) -> None:
     dispatch that is lost (a crash, Redis down) is made good by the sweeper.
     """
     for start in range(0, len(message_ids), HANDLED_PER_TRANSACTION):
-        chunk = message_ids[start:start + HANDLED_PER_TRANSACTION]
-        handle_inbox_batch.apply_async((service, [str(message_id) for message_id in chunk]),
-                                       argsrepr=_batch_argsrepr(service, chunk))
+        _send_batch(service, message_ids[start:start + HANDLED_PER_TRANSACTION])
 
 
-def dispatch_handed_over(service: str, message_ids: list[uuid.UUID],
+def dispatch_handed_over(service: str, message_ids: list[uuid.UUID], marked_at: datetime,
                          own_tasks: bool = False) -> None:
-    """Dispatch messages marked handed over (`last_attempt_at`: claimed by the sweeper, or
-    replayed) as `dispatch_inbox_messages` does, or with `own_tasks` each in a task of its own.
-    Should sending fail part way (Redis away), the marks of those not sent are cleared, as far as
-    the database can be reached, before the failure is raised (shared.inbox.sweeping's
-    unmark_unsent): the sweeper takes them at its next sweep, not an hour on."""
-    per_task = 1 if own_tasks else HANDLED_PER_TRANSACTION
+    """Dispatch messages marked handed over at `marked_at` (`last_attempt_at`: claimed by the
+    sweeper, or replayed) as `dispatch_inbox_messages` does, or with `own_tasks` each in a task of
+    its own. Should sending fail part way (Redis away), the marks of those not sent are cleared,
+    as far as the database can be reached, before the failure is raised
+    (unmark_for_the_next_sweep): the sweeper takes them at its next sweep, not up to an hour
+    on."""
+    per_task, send = ((1, _send_own_task) if own_tasks
+                      else (HANDLED_PER_TRANSACTION, _send_batch))
     for start in range(0, len(message_ids), per_task):
-        chunk = message_ids[start:start + per_task]
         try:
-            if own_tasks:
-                handle_inbox_message.apply_async((service, str(chunk[0])))
-            else:
-                dispatch_inbox_messages(service, chunk)
+            send(service, message_ids[start:start + per_task])
         except Exception:
-            left_to_the_next_sweep(service, message_ids[start:])
+            unmark_for_the_next_sweep(service, message_ids[start:], marked_at)
             raise
 
 
-def left_to_the_next_sweep(service: str, message_ids: list[uuid.UUID]) -> None:
-    """Unmark messages marked handed over and never sent (unmark_unsent), for the sweeper to take
-    at its next sweep; or say in a line why not (the database away too: the marks stay, and the
+def _send_batch(service: str, message_ids: list[uuid.UUID]) -> None:
+    handle_inbox_batch.apply_async((service, [str(message_id) for message_id in message_ids]),
+                                   argsrepr=_batch_argsrepr(service, message_ids))
+
+
+def _send_own_task(service: str, message_ids: list[uuid.UUID]) -> None:
+    (message_id,) = message_ids
+    handle_inbox_message.apply_async((service, str(message_id)))
+
+
+def unmark_for_the_next_sweep(service: str, message_ids: list[uuid.UUID],
+                              marked_at: datetime) -> None:
+    """Unmark messages marked handed over at `marked_at` and never sent (unmark_unsent: those
+    a try or another sweep has touched since keep their mark), for the sweeper to take at its
+    next sweep; or say in a line why not (the database away too: the marks stay, and the
     messages wait out their backoff)."""
     try:
         with transaction() as session:
-            unmark_unsent(session, message_ids)
+            unmark_unsent(session, message_ids, marked_at)
     except SQLAlchemyError as exc:
-        log.warning("%s inbox: %d messages not dispatched stay marked handed over (%s): while"
+        log.warning("%s inbox: %d message(s) not dispatched stay marked handed over (%s): while"
                     " tasks wait, the sweeper may leave them up to %d minutes", service,
                     len(message_ids), said_in_a_line(exc),
                     SWEEP_BACKOFF_WHILE_QUEUED_AT_MOST // timedelta(minutes=1))
@@ -380,13 +389,14 @@ def _sweep(service: str) -> int:
     backlog = tasks_waiting(handler_queue(service))
     if backlog:
         min_age = max(min_age, SWEEP_MIN_AGE_WHILE_QUEUED)
+    now = utc_now()  # (their mark, cleared again should their dispatch fail)
     with transaction() as session:
         stalled = claim_stalled_messages(
             session, min_age, None if backlog else settings.inbox_max_attempts,
-            backoff_at_most=SWEEP_BACKOFF_WHILE_QUEUED_AT_MOST if backlog else None)
+            backoff_at_most=SWEEP_BACKOFF_WHILE_QUEUED_AT_MOST if backlog else None, now=now)
     if stalled:
         log.info("%s inbox: re-dispatching %d stalled messages", service, len(stalled))
-        dispatch_handed_over(service, [message.message_id for message in stalled],
+        dispatch_handed_over(service, [message.message_id for message in stalled], now,
                              own_tasks=not backlog)
     return len(stalled)
 

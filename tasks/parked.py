@@ -61,6 +61,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 import psycopg2
 from sqlalchemy.exc import SQLAlchemyError
@@ -68,6 +69,7 @@ from sqlalchemy.orm import Session
 
 from shared.config import SERVICES
 from shared.db import failure_in_a_line, transaction
+from shared.inbox.model import utc_now
 from shared.inbox.parked import (discard_parked_messages, last_parked, parked_batch,
                                  parked_messages, unpark_messages)
 from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
@@ -76,7 +78,7 @@ from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
                                   why_not_sent_on)
 from shared.request_context import escaped_in_logs
 from shared.task_queues import QUEUES_UNREACHABLE
-from tasks.inbox import dispatch_handed_over, left_to_the_next_sweep
+from tasks.inbox import dispatch_handed_over, unmark_for_the_next_sweep
 from tasks.services import service_app, service_package
 
 
@@ -133,22 +135,32 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
             relayed_topics=settings.relayed_topics(),
             event_types=service_package(service).published_events(settings).get(
                 to_topic, frozenset()))
+    # When the last transaction's replays were marked handed over, for the dispatch that follows
+    # its commit: should it fail, the marks still that one are cleared (unmark_for_the_next_sweep).
+    marked_at = utc_now()
+
+    def unpark_marked(session: Session, message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
+        nonlocal marked_at
+        marked_at = utc_now()
+        return unpark_messages(session, message_ids, marked_at)
+
     with app.app_context():
         queues_reachable = True
         # (A replayed inbox message may be parked again at once, and come back under --all.)
-        for replayed in _changed(unpark_messages, outbox_change, message_ids, outbox,
+        for replayed in _changed(unpark_marked, outbox_change, message_ids, outbox,
                                  may_come_back=True):
             if not outbox and queues_reachable:
-                queues_reachable = _dispatched(service, replayed)
+                queues_reachable = _dispatched(service, replayed, marked_at)
             elif not outbox:  # (the queue, found out of reach, not tried again)
-                left_to_the_next_sweep(service, replayed)
+                unmark_for_the_next_sweep(service, replayed, marked_at)
             yield replayed
 
 
-def _dispatched(service: str, message_ids: list[uuid.UUID]) -> bool:
-    """Dispatch the replayed messages to be handled; whether the task queue could be reached."""
+def _dispatched(service: str, message_ids: list[uuid.UUID], marked_at: datetime) -> bool:
+    """Dispatch the replayed messages (marked handed over at `marked_at`) to be handled; whether
+    the task queue could be reached."""
     try:
-        dispatch_handed_over(service, message_ids)
+        dispatch_handed_over(service, message_ids, marked_at)
     except QUEUES_UNREACHABLE as exc:
         # They are unparked all the same (a second replay would call them not parked): the
         # sweeper hands them over, as it does any message left waiting, once Redis is back (at

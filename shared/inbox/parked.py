@@ -63,18 +63,22 @@ def _values(place: ParkedPlace) -> tuple[datetime, uuid.UUID]:
     return place.parked_at, place.message_id
 
 
-def unpark_messages(session: Session, message_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+def unpark_messages(session: Session, message_ids: list[uuid.UUID],
+                    marked_at: datetime | None = None) -> list[uuid.UUID]:
     """Clear the park, and the attempts, of those of the messages that are parked and hold an
     event (an envelope read as far as its type: with its payload, or kept as its text for a
     version the service did not know), so that they are handled again as if new; returns their
     ids.
 
-    The caller dispatches them. Their last attempt counts from now, so the sweeper leaves them to
-    that dispatch for a while and takes them up only if it was lost. A record that could not be
-    parsed holds no event to hand a handler, and stays parked.
+    The caller dispatches them. They are marked handed over `marked_at` (their last attempt; the
+    clock's now by default: the caller passes it to clear the marks again should the dispatch
+    fail, shared.inbox.sweeping's unmark_unsent), so the sweeper leaves them to that dispatch for
+    a while and takes them up only if it was lost. A record that could not be parsed holds no
+    event to hand a handler, and stays parked.
     """
     return _update_parked(session, message_ids, InboxMessage.type.is_not(None),
-                          parked_at=None, attempts=0, last_attempt_at=utc_now(), try_open=False)
+                          parked_at=None, attempts=0, last_attempt_at=marked_at or utc_now(),
+                          try_open=False)
 
 
 def discard_parked_messages(session: Session, message_ids: list[uuid.UUID]) -> list[uuid.UUID]:

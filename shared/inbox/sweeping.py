@@ -32,12 +32,12 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import text, update
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from shared.inbox.model import InboxMessage, utc_now
+from shared.inbox.model import utc_now
 from shared.request_context import request_id_bound
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,14 @@ class StalledMessage:
 
 def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: int | None,
                            limit: int = SWEPT_PER_RUN,
-                           backoff_at_most: timedelta | None = None) -> list[StalledMessage]:
+                           backoff_at_most: timedelta | None = None,
+                           now: datetime | None = None) -> list[StalledMessage]:
     """Messages still waiting to be handled, stored and last tried or handed over (if ever) over
     `min_age` ago: their dispatch was lost, or their try or retries with their worker; oldest
-    first. Each is marked handed over now (`last_attempt_at`, as replaying a parked message marks
-    it), so it comes back only if this dispatch is lost too. A row a handler holds locked is left
-    to it.
+    first. Each is marked handed over `now` (`last_attempt_at`, as replaying a parked message marks
+    it; the clock's by default: the caller passes it to clear the marks again with unmark_unsent),
+    so it comes back only if this dispatch is lost too. A row a handler holds locked is left to
+    it.
 
     With `max_attempts` given, a try that began (a task of the message's own notes it:
     note_try_begun) and never ended counts as an attempt, once: its handling crashed its worker
@@ -81,7 +83,7 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
     (its `last_attempt_at` less its `received_at`), or `backoff_at_most` (a message replayed long
     after it came), whichever is less: see the module's docstring.
     """
-    now = utc_now()
+    now = now or utc_now()
     claimed = session.execute(_CLAIM_STALLED, {
         "cutoff": now - min_age, "now": now, "limit": limit,
         "counting": 1 if max_attempts else 0, "max_attempts": max_attempts or 0,
@@ -97,19 +99,29 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
     return stalled
 
 
-def unmark_unsent(session: Session, message_ids: list[uuid.UUID]) -> None:
-    """Clear the mark of messages marked handed over (by a claim here, or a replay) whose dispatch
-    could not be sent, Redis away: the sweeper then takes them at its next sweep, as it does a
-    message never handed over. Marked, they would wait out what a message handed over earns while
-    tasks wait, an hour for one replayed long after it came, for a dispatch that never went. A
-    message handled, parked or under a try since is left as it is."""
-    session.execute(update(InboxMessage)
-                    .where(InboxMessage.message_id.in_(message_ids),
-                           InboxMessage.processed_at.is_(None), InboxMessage.parked_at.is_(None),
-                           InboxMessage.try_open.is_(False))
-                    .values(last_attempt_at=None)
-                    .execution_options(synchronize_session=False))
+def unmark_unsent(session: Session, message_ids: list[uuid.UUID], marked_at: datetime) -> None:
+    """Clear the mark of messages marked handed over at `marked_at` (by a claim here, or a replay)
+    whose dispatch could not be sent, Redis away: the sweeper then takes them at its next sweep,
+    as it does a message never handed over. Marked, they would wait out what a message handed
+    over earns while tasks wait, an hour for one replayed long after it came, for a dispatch that
+    never went.
 
+    Only a mark still the one written at `marked_at` is cleared: whatever has touched the message
+    since wrote its own (a try begun, a failure recorded, the message handled or parked, another
+    sweep's claim), and is left as it is: a failed try's retry due in seconds would otherwise be
+    handed over beside it. A row a handler holds locked is left to it."""
+    session.execute(_UNMARK_UNSENT, {"message_ids": [str(m) for m in message_ids],
+                                     "marked_at": marked_at})
+
+
+# (`marked_at` is passed as it was written, a Python datetime: timestamptz keeps its microseconds,
+# so the two compare equal.)
+_UNMARK_UNSENT = text("""
+UPDATE inbox_messages SET last_attempt_at = NULL
+WHERE message_id IN (SELECT message_id FROM inbox_messages
+                     WHERE message_id = ANY(CAST(:message_ids AS uuid[]))
+                           AND last_attempt_at = :marked_at
+                     FOR UPDATE SKIP LOCKED)""")
 
 _GAVE_UP = ("tried {} times and never handled: its handling may crash or hang the worker (its"
             " tries were lost with it)")

@@ -1159,6 +1159,71 @@ def test_a_sweep_whose_dispatch_fails_part_way_unmarks_the_messages_it_did_not_s
     assert _dispatches_of(second) == [handle_inbox_batch.name]
 
 
+def _swept_with_redis_refusing(monkeypatch, meanwhile=lambda session: None) -> None:
+    """A sweep while tasks wait whose dispatch Redis refuses, `meanwhile` run (in a transaction
+    of its own) after the claim and before the refusal."""
+    handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
+    send = handle_inbox_batch.apply_async
+
+    def refused(args, **options):
+        with service_app("payments").app_context(), transaction() as session:
+            meanwhile(session)
+        raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379.")
+
+    monkeypatch.setattr(handle_inbox_batch, "apply_async", refused)
+    with pytest.raises(KombuOperationalError):
+        sweep_inbox.apply(args=("payments",)).get()
+    monkeypatch.setattr(handle_inbox_batch, "apply_async", send)  # (Redis back)
+
+
+def test_a_try_begun_between_the_sweeps_claim_and_its_failed_dispatch_keeps_its_mark(
+        settings, payments_inbox, payments_queue, user_id, monkeypatch):
+    """A task of the message's own begins its try as the sweep's dispatch fails: the unmark
+    leaves the try's mark, which the sweeper counts from (cleared, the try was handed over again
+    under it at the next sweep)."""
+    from shared.inbox.handling import note_try_begun
+
+    message_id = _stored_request(payments_inbox, user_id)
+    _received_ago(message_id, timedelta(days=3), timedelta(minutes=61))
+    begun = []
+    _swept_with_redis_refusing(
+        monkeypatch, lambda session: begun.append(note_try_begun(session, message_id)))
+    row = _row(message_id)
+    assert row.try_open and row.last_attempt_at == begun[0].at
+
+
+def test_a_try_ended_between_the_sweeps_claim_and_its_failed_dispatch_keeps_its_mark(
+        settings, payments_inbox, payments_queue, user_id, monkeypatch):
+    """A try begun before the claim (a task taken early from the queue) fails and records its
+    failure as the sweep's dispatch fails: the unmark leaves the failure's mark, its retry due in
+    seconds; cleared, the next sweep handed the message over beside that retry."""
+    message_id = _stored_request(payments_inbox, user_id)
+    _received_ago(message_id, timedelta(days=3), timedelta(minutes=61), tried_since=True)
+    try_began_at = _row(message_id).last_attempt_at
+    _swept_with_redis_refusing(monkeypatch, lambda session: record_failed_attempt(
+        session, message_id, "RuntimeError('boom')", settings.inbox_max_attempts,
+        try_began_at=try_began_at))
+    row = _row(message_id)
+    assert not row.try_open and row.attempts == 1 and row.last_error == "RuntimeError('boom')"
+    assert row.last_attempt_at > try_began_at
+
+    sweep_inbox.apply(args=("payments",)).get()  # (the backlog waits)
+    assert _dispatches_of(message_id) == []
+
+
+def test_a_lost_try_claimed_while_tasks_wait_is_unmarked_when_its_dispatch_fails(
+        settings, payments_inbox, payments_queue, user_id, monkeypatch):
+    """Claimed while tasks wait, a lost try stays open (counted only once none wait): its
+    dispatch refused, it is unmarked all the same, and the next sweep hands it over."""
+    message_id = _stored_request(payments_inbox, user_id)
+    _received_ago(message_id, timedelta(days=3), timedelta(minutes=61), tried_since=True)
+    _swept_with_redis_refusing(monkeypatch)
+    assert not _handed_over(message_id) and _row(message_id).try_open
+
+    sweep_inbox.apply(args=("payments",)).get()  # (the backlog waits)
+    assert _dispatches_of(message_id) == [handle_inbox_batch.name]
+
+
 def test_this_processs_celery_queues_are_the_runs_own(settings):
     """Two runs at once (or a run beside `make run`) never take each other's tasks."""
     prefix = celery_app.conf.broker_transport_options["global_keyprefix"]
@@ -1264,7 +1329,7 @@ def test_a_replayed_message_gets_all_its_tries_again(settings, payments_inbox, m
         raise ConnectionError("down")
 
     monkeypatch.setattr(payments_app, "message_handlers", lambda: {PAYMENT_REQUESTED: down})
-    monkeypatch.setattr(parked, "dispatch_handed_over", lambda service, ids: None)
+    monkeypatch.setattr(parked, "dispatch_handed_over", lambda service, ids, marked_at: None)
     message_id = _stored_request(payments_inbox, user_id)
     for _ in range(2):  # tried, parked, replayed; then tried again
         tries.clear()
@@ -1286,7 +1351,7 @@ def test_a_replay_with_the_task_queue_unreachable_says_so_and_leaves_them_to_the
         session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
                         .values(parked_at=func.now(), last_error="ledger closed"))
 
-    def queue_unreachable(service, message_ids):
+    def queue_unreachable(service, message_ids, marked_at):
         raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
     monkeypatch.setattr(parked, "dispatch_handed_over", queue_unreachable)
@@ -1502,12 +1567,12 @@ def test_replay_all_takes_each_message_once_though_one_parked_it_again_with_a_cl
     handed_back: list[uuid.UUID] = []
     dispatched = parked._dispatched
 
-    def parked_again_at_once(service, message_ids):  # (a handler that fails for good)
+    def parked_again_at_once(service, message_ids, marked_at):  # (a handler that fails for good)
         handed_back.extend(message_ids)
         with service_app("payments").app_context(), transaction() as session:
             session.execute(update(InboxMessage).where(InboxMessage.message_id.in_(message_ids))
                             .values(parked_at=utc_now(), last_error="ledger still closed"))
-        return dispatched(service, message_ids)
+        return dispatched(service, message_ids, marked_at)
 
     monkeypatch.setattr(parked, "_dispatched", parked_again_at_once)
     try:

@@ -33,7 +33,7 @@ def test_all_parked_keeps_little_a_message(monkeypatch, capsys, command, most_by
 
     held = []
 
-    def changed(session, message_ids):  # (RETURNING's UUIDs, apart from the batch's)
+    def changed(session, message_ids, marked_at=None):  # (RETURNING's UUIDs, not the batch's)
         held.append(tracemalloc.get_traced_memory()[0])
         return [uuid.UUID(str(message_id)) for message_id in message_ids]
 
@@ -45,7 +45,7 @@ def test_all_parked_keeps_little_a_message(monkeypatch, capsys, command, most_by
     monkeypatch.setattr(parked, "parked_batch", parked_batch)
     monkeypatch.setattr(parked, "unpark_messages", changed)
     monkeypatch.setattr(parked, "discard_parked_messages", changed)
-    monkeypatch.setattr(parked, "_dispatched", lambda service, message_ids: True)
+    monkeypatch.setattr(parked, "_dispatched", lambda service, message_ids, marked_at: True)
     tracemalloc.start()
     try:
         assert parked.main([command, "payments", "--all"]) == 0
