@@ -30,7 +30,7 @@ messages parked as the command begins are replayed (each transaction's dispatche
 discarded CHANGED_PER_TRANSACTION a transaction, oldest parked first; should the database fail part
 way, the command says how many went through and exits 1; interrupted (Ctrl-C), it says that at least
 so many went through (a batch committing as the interrupt came goes uncounted, its replays left to
-the sweeper, which while tasks wait in the service's queue hands them over only an hour on: marked
+the sweeper, which while tasks wait in the service's queue hands them over up to an hour on: marked
 handed over, they wait what a message handed over long after it came waits) and exits 130. Run
 again, it takes up the rest. With the task queue out of reach, the messages are replayed all the
 same, and unmarked for the sweeper to hand over at its first sweep once the queue is back.
@@ -334,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     except _DATABASE_FAILURES as exc:
         # Each transaction that committed stays done, its messages no longer parked: the same
         # command again takes up the rest. (One whose COMMIT was cut off may have committed
-        # uncounted; its replays, never dispatched, go to the sweeper: while tasks wait, an hour
-        # on, as they were marked handed over.)
+        # uncounted; its replays, never dispatched, go to the sweeper: while tasks wait, up to an
+        # hour on, as they were marked handed over.)
         so_far = (f"{args.service} {box}: nothing {_OUTCOMES[args.command, args.outbox]}"
                   if count == 0 else
                   f"{outcome.format(count)} before the database failed; run it again for the rest")
@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         command_parsers[args.command].error(str(exc))
     except KeyboardInterrupt:
         # (At least: a batch committed as the interrupt came is not counted, its replays, never
-        # dispatched, left to the sweeper: while tasks wait, an hour on, as they were marked.)
+        # dispatched, left to the sweeper: while tasks wait, up to an hour on, as they were
+        # marked.)
         print(f"{outcome.format(f'at least {count}')} before it was interrupted; run it again"
               " for the rest", file=sys.stderr)
         return 130
