@@ -8,7 +8,9 @@ missing, then upgrade (or, by hand, downgrade).
 An upgrade never goes back: one to a target that alembic reads as a revision older than the
 database's (one named outright, `base`, or one relative to a revision, `head-1`, or to the
 database's, `-1`) is refused (a downgrade goes back); so, on a database a later release migrated,
-is one to any revision of this release's but its head (below).
+is one to any revision of this release's but its head (below). A target alembic cannot read
+(`@`, `0010@`, `head+1`, an empty one) is refused in a line, before anything runs, as alembic
+itself refuses one naming no revision ("Can't locate revision ...").
 
 Each service keeps its revisions in `<service>_app/migrations/versions`; an advisory lock lets
 several processes start at once without running the same migration twice. Each revision runs in a
@@ -107,6 +109,11 @@ class NotAnUpgrade(RuntimeError):
     """An upgrade asked for a revision older than the database's: going back is a downgrade's."""
 
 
+class UnreadableTarget(RuntimeError):
+    """A target alembic's revision map cannot read as any revision (`@`, `0010@`, `head+1`, an
+    empty one): it asserts, where for other unknown targets it says why in a CommandError."""
+
+
 def ensure_database(url: str) -> None:
     """Create the database named in `url` when it does not exist yet, looking for it from the
     server's `postgres` database. A server may keep the shop's user out of that one (the shop's
@@ -171,6 +178,10 @@ def upgrade(service: str, revision: str = "head") -> None:
     def upgrade_to(config: Config, conn: sa.Connection) -> None:
         current = _current_revisions(conn)
         later = _a_later_releases(service, config, current)
+        # (At a later release's revision, which alembic does not know, read from the head.)
+        head = ScriptDirectory.from_config(config).get_current_head()
+        _refuse_an_unreadable_target(service, config, (head,) if later else current, revision,
+                                     downgrading=False)
         _refuse_going_back(service, config, current, later, revision)
         if later:
             _say_left_as_a_later_release_left_it(service, config, later)
@@ -185,6 +196,8 @@ def downgrade(service: str, revision: str) -> None:
     (this one, or a later one) may before an earlier release is started on it; refused, the
     database untouched, when a revision it goes down through would refuse to."""
     def downgrade_to(config: Config, conn: sa.Connection) -> None:
+        _refuse_an_unreadable_target(service, config, _current_revisions(conn), revision,
+                                     downgrading=True)
         _refuse_what_a_revision_going_down_would(config, conn, revision)
         _giving_way_to_locks(conn, lambda: command.downgrade(config, revision))
 
@@ -199,6 +212,29 @@ def _current_revisions(conn: sa.Connection) -> tuple[str, ...]:
     return current
 
 
+def _refuse_an_unreadable_target(service: str, config: Config, current: tuple[str, ...],
+                                 target: str, downgrading: bool) -> None:
+    """Refuse, before anything runs, a target alembic's revision map cannot read: read from the
+    `current` revisions as alembic's upgrade or downgrade reads it, it fails an assertion of the
+    map's (a traceback, once the command had begun) where for any other target it cannot reach
+    it raises a RevisionError, which the command answers in a line of its own (a CommandError:
+    "Can't locate revision identified by ...", "Walked too far"), before any revision runs; those
+    are left to it."""
+    script = ScriptDirectory.from_config(config)
+    try:
+        if downgrading:
+            list(script.iterate_revisions(current, target, select_for_downgrade=True))
+        else:
+            list(script.iterate_revisions(target, current, implicit_base=True))
+    except RevisionError:
+        return
+    except AssertionError:
+        raise UnreadableTarget(
+            f"'{target}' names no revision of the {service} service's as alembic reads a target (a"
+            " revision, head or base, or N revisions up or down from one, +N or -N, as far as"
+            " there are revisions): nothing was changed") from None
+
+
 def _revisions_down_to(config: Config, current: tuple[str, ...],
                        target: str) -> list[Script]:
     """The revisions a downgrade from the `current` revisions to `target` goes down through,
@@ -210,8 +246,9 @@ def _revisions_down_to(config: Config, current: tuple[str, ...],
         return list(ScriptDirectory.from_config(config).iterate_revisions(
             current, target, select_for_downgrade=True))
     except (RevisionError, AssertionError):
-        # (alembic's revision map asserts on a few malformed targets, `0010@` say, which its
-        # command then meets and answers as it did before this was asked)
+        # (alembic's revision map asserts on a few malformed targets, `0010@` say: refused before
+        # this is asked, _refuse_an_unreadable_target, but read here for a downgrade where an
+        # upgrade asks whether it goes back, `head@` still may; the command answers it)
         return []
 
 
@@ -442,11 +479,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.action == "upgrade":
-            upgrade(args.service, args.revision or "head")
+            upgrade(args.service, "head" if args.revision is None else args.revision)
         else:
             downgrade(args.service, args.revision)
     except (DatabaseUnreachable, ServerTooOld, NotTheServicesDatabase, UnknownRevision,
-            NotAnUpgrade, DowngradeRefused, CommandError) as exc:
+            NotAnUpgrade, UnreadableTarget, DowngradeRefused, CommandError) as exc:
         # What the operator must put right, in a line; anything else keeps its traceback.
         log.error("%s", " ".join(str(exc).split()))
         raise SystemExit(1) from None

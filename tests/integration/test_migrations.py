@@ -1085,6 +1085,51 @@ def test_an_upgrade_to_a_target_of_branch_syntax_is_answered_as_alembic_answers_
     assert _schema(url) == schema
 
 
+@pytest.mark.parametrize("action, target, name", [
+    ("upgrade", "@", "at"), ("upgrade", "0010@", "0010at"), ("upgrade", "head+1", "headplus1"),
+    ("upgrade", "head-100", "headminus100"), ("upgrade", "", "empty"),
+    ("downgrade", "@", "at"), ("downgrade", "0010@", "0010at"), ("downgrade", "@@", "atat"),
+    ("downgrade", "", "empty")])
+def test_a_target_alembic_cannot_read_is_refused_in_one_line(infrastructure, action, target,
+                                                             name):
+    """Targets alembic's revision map fails an assertion on, where it answers others naming no
+    revision in a line ("Can't locate revision ..."): the command's traceback escaped, once it
+    had begun (and an empty upgrade target was read as none given, the head). Refused in one
+    line, exit 1, before anything runs: the database left at its revision, its schema as it
+    was."""
+    url = _database_url(infrastructure, f"unreadable-{action}-{name}", "orders")
+    ensure_database(url)
+    command.upgrade(alembic_config("orders", url), "0012")
+    schema = _schema(url)
+
+    migrating = _migrate_by_hand("orders", url, action, "orders", target)
+    assert migrating.returncode == 1, migrating.stderr
+    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
+    assert errors == [f"ERROR shared.migrations: '{target}' names no revision of the orders"
+                      " service's as alembic reads a target (a revision, head or base, or N"
+                      " revisions up or down from one, +N or -N, as far as there are revisions):"
+                      " nothing was changed"], migrating.stderr
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == "0012"
+    assert _schema(url) == schema
+
+
+def test_a_target_alembic_cannot_read_is_refused_at_a_later_releases_revision(infrastructure):
+    """At a later release's revision an upgrade runs no revision, so the target went unread: `@`
+    passed for this release's head, and the migration said the later release's WARNING and
+    exited 0. It is refused as at any other revision."""
+    url = _database_url(infrastructure, "later-unreadable", "orders")
+    _head, later = _migrated_by_a_later_release("orders", url)
+    schema = _schema(url)
+
+    migrating = _migrate_by_hand("orders", url, "upgrade", "orders", "@")
+    assert migrating.returncode == 1, migrating.stderr
+    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
+    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
+    assert "'@' names no revision of the orders service's" in errors[0]
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == later
+    assert _schema(url) == schema
+
+
 def test_a_downgrade_to_a_relative_revision_is_refused_before_any_revision_goes_down(
         infrastructure):
     """`downgrade orders 0006+1` is a downgrade to 0007, below the outbox parking revision: its
