@@ -22,11 +22,29 @@ So devstack removes the file, saying so, when it is certain no server runs on th
   that directory, and nothing listens on the port it names, or what does is a server of another
   data directory.
 Whatever cannot be told is no certainty: the file is left, for the server to judge.
+
+A file not whole, with no pid, or a pid and no port (empty, cut short, or holes of zeros: left by
+a crash of the machine, or of a server, as it was written), is read by none of the rules above,
+which go by its pid, its port and its segment. One with no pid PostgreSQL refuses too ("lock
+file "postmaster.pid" is empty", "bogus data in lock file"; another server may be starting), so
+devstack's server never started again. A server moves to its data directory, makes the file
+empty (only if there is none), and writes its first five lines, the pid and the port among them,
+in one write just after; later it writes it again from its start, whole, never shorter. So a
+file not whole is a server's only in the moment between its making and that first write, or was
+left so by a crash. devstack removes such a file, saying so, only when both tell that no server
+holds it:
+- it was last written NOT_WHOLE_FOR_SECONDS ago or longer (no start stays that long between the
+  two), a time stamp in the future being no such certainty;
+- and no process is a postgres running on the data directory (every process of the machine
+  named `postgres` judged as a file's pid is above: a server paused between the two is one, its
+  working directory the data directory already); one whose data directory cannot be told, or
+  whose program cannot be read, keeps the file.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +58,10 @@ _PID_LINE, _PORT_LINE, _SHARED_MEMORY_LINE = 0, 3, 6
 SYSV_SHARED_MEMORY = Path("/proc/sysvipc/shm")
 # A key_t is 32 bits: the file writes it as an unsigned long, /proc as a signed int.
 _KEY_BITS = 0xFFFFFFFF
+# How long a file not whole must have been left as it is before it may go (the module's
+# docstring): a starting server writes its first lines microseconds after making it, so this is
+# margin for a machine under load.
+NOT_WHOLE_FOR_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -53,8 +75,9 @@ class PostmasterLock:
 
     @classmethod
     def read(cls, pgdata: Path) -> PostmasterLock | None:
-        """None with no file, or with one not whole (a server writing it as it starts) or not
-        a server's (left for the server to judge)."""
+        """None with no file, or with one not whole (a server writing it as it starts, or one
+        ended as it did: clear_if_stale's _clear_if_not_whole) or not a server's (left for the
+        server to judge)."""
         try:
             text = (pgdata / LOCK_FILE).read_text()
             lines = text.splitlines()
@@ -138,7 +161,7 @@ def clear_if_stale(pgdata: Path, host: str) -> str | None:
     is certain), and return the line that says what was done and why; None with no file."""
     lock = PostmasterLock.read(pgdata)
     if lock is None:
-        return None
+        return _clear_if_not_whole(pgdata)
     path = pgdata / LOCK_FILE
     held, why = _judged(lock, pgdata, host)
     if held:
@@ -150,6 +173,79 @@ def clear_if_stale(pgdata: Path, host: str) -> str | None:
     # alone use its data directory, take turns, RunRecord's lock held by each.)
     path.unlink(missing_ok=True)
     return f"removed {path}, which no server holds: {why}"
+
+
+def _clear_if_not_whole(pgdata: Path) -> str | None:
+    """clear_if_stale for a file PostmasterLock.read does not read: removed if it is not whole and
+    no server holds it (the module's docstring), and the line that says so; None with no file, or
+    with one whole but no server's (a port none writes: left for the server to judge)."""
+    path = pgdata / LOCK_FILE
+    try:
+        before = path.stat()
+        text = path.read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    if _whole(text):
+        return None
+    not_whole = f"left {path} in place: it is not whole ({_what_it_holds(text)})"
+    written_ago = time.time() - before.st_mtime
+    if written_ago < NOT_WHOLE_FOR_SECONDS:
+        return (f"{not_whole}, and was written {max(written_ago, 0):.0f} s ago: a server starting"
+                " on that data directory may be writing it")
+    if (holder := _a_postgres_on(pgdata)) is not None:
+        return f"{not_whole}, and pid {holder[0]} {holder[1]}"
+    # (A server started meanwhile would have written it: only the file judged goes.)
+    try:
+        after = path.stat()
+    except FileNotFoundError:
+        return None
+    if (after.st_ino, after.st_mtime_ns, after.st_size) != (
+            before.st_ino, before.st_mtime_ns, before.st_size):
+        return f"left {path} in place: it changed as it was read"
+    path.unlink(missing_ok=True)
+    return (f"removed {path}, which no server holds: it is not whole ({_what_it_holds(text)}),"
+            f" was last written {written_ago:.0f} s ago, and no postgres runs on that data"
+            " directory")
+
+
+def _whole(text: str) -> bool:
+    """Whether a lock file's text holds a pid (not 0) and a port line, as a server's first write
+    does."""
+    lines = text.splitlines()
+    try:
+        return int(lines[_PID_LINE]) != 0 and len(lines) > _PORT_LINE
+    except (IndexError, ValueError):
+        return False
+
+
+def _what_it_holds(text: str) -> str:
+    """What a file not whole holds, in words."""
+    if not text.strip("\0 \n"):
+        return "empty" if not text else "blanks only"
+    try:
+        pid = int(text.splitlines()[_PID_LINE])
+    except ValueError:
+        return "no pid"
+    return f"pid {pid} and no port" if pid else "pid 0"
+
+
+def _a_postgres_on(pgdata: Path) -> tuple[int, str] | None:
+    """A process that is, or may be (it cannot be told), a postgres running on `pgdata`, and what
+    it is in words; None if none is."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().rstrip("\n") != "postgres":
+                continue
+        except (FileNotFoundError, ProcessLookupError):  # (ended meanwhile)
+            continue
+        except OSError as error:
+            return int(entry.name), f"is a process whose program cannot be read ({error.strerror})"
+        on_it, what_it_is = _postgres_on_and_what_it_is(int(entry.name), pgdata)
+        if on_it is not False:
+            return int(entry.name), what_it_is
+    return None
 
 
 def _judged(lock: PostmasterLock, pgdata: Path, host: str) -> tuple[bool, str]:

@@ -7,10 +7,12 @@ PostgreSQL and Redis are running. Nothing here skips: a missing binary or packag
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -275,6 +277,35 @@ def test_the_lock_file_of_a_killed_server_is_left_while_a_backend_of_it_lives_on
         f" {shmid}) is in use still (attached: 1), by a killed server's backends, say",
         f"[devstack] removed {lock}, which no server holds: pid {server.pid} is not running; no"
         f" process is attached to the shared memory it names (key {key}, id {shmid})"]
+
+
+def test_a_lock_file_left_empty_by_a_crash_is_removed_saying_so_once_no_server_can_be_writing_it(
+        server_dir, embedded_only, capsys):
+    """A crash as a server made its postmaster.pid leaves the file empty: PostgreSQL refuses to
+    start over it ("is empty": another server may be starting), and devstack left it, so its
+    server never started again. Written moments ago, it may be a starting server's still, and is
+    left; older, with no postgres running on the data directory, it is removed, saying so."""
+    _lock_file_of_a_server_gone(server_dir)
+    lock = server_dir / "postgres" / LOCK_FILE
+    lock.write_text("")
+
+    _start_refused(server_dir, match='lock file "postmaster.pid" is empty')
+    assert lock.read_text() == ""
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    url_base, server = start_embedded_postgres(server_dir, free_port(), timeout=15)
+    try:
+        assert _data_directory(url_base) == str(server_dir / "postgres")
+    finally:
+        server.stop()
+    left, removed = _lines_about(lock, capsys)
+    assert re.fullmatch(
+        f"\\[devstack\\] left {re.escape(str(lock))} in place: it is not whole \\(empty\\), and was"
+        " written [0-9] s ago: a server starting on that data directory may be writing it", left)
+    assert re.fullmatch(
+        f"\\[devstack\\] removed {re.escape(str(lock))}, which no server holds: it is not whole"
+        " \\(empty\\), was last written 36[0-9][0-9] s ago, and no postgres runs on that data"
+        " directory", removed)
 
 
 def _start_refused(run_dir: Path, match: str) -> None:

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,15 +157,80 @@ def test_a_lock_file_naming_no_segment_is_judged_by_what_listens_on_its_port(
         f" memory, and nothing listens on its port {port}")
 
 
+@pytest.mark.parametrize("text, holds", [
+    ("", "empty"), ("\0" * 96, "blanks only"), ("4242\n/pgdata\n179651", "pid 4242 and no port"),
+    ("42ab", "no pid"), ("0\n/pgdata\n1796511385\n60361\n", "pid 0")],
+    ids=["empty", "zeros", "cut-short", "no-pid", "pid-0"])
+def test_a_lock_file_not_whole_left_a_while_goes_when_no_postgres_runs_on_its_data_directory(
+        tmp_path, text, holds):
+    """A file with no pid, or a pid and no port, left by a crash as it was written: PostgreSQL
+    refuses to start over it ("lock file ... is empty", "bogus data"), and devstack left it, so
+    its server never started again. No server runs on the data directory, and the file was
+    last written longer ago than a starting server's first write takes: it goes."""
+    path = tmp_path / LOCK_FILE
+    path.write_bytes(text.encode())
+    _written_ago(path, 60)
+
+    assert clear_if_stale(tmp_path, "127.0.0.1") == (
+        f"removed {path}, which no server holds: it is not whole ({holds}), was last written 60 s"
+        f" ago, and no postgres runs on that data directory")
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("written_ago", [0, 5, -3600])
+def test_a_lock_file_not_whole_written_moments_ago_is_left_to_the_server_writing_it(
+        tmp_path, written_ago):
+    """A server starting makes the file empty and writes its first lines just after: a file not
+    whole written moments ago (or at a time to come, which tells nothing) may be that server's,
+    and stays."""
+    path = tmp_path / LOCK_FILE
+    path.write_text("")
+    _written_ago(path, written_ago)
+
+    assert clear_if_stale(tmp_path, "127.0.0.1") == (
+        f"left {path} in place: it is not whole (empty), and was written"
+        f" {max(written_ago, 0):.0f} s ago: a server starting on that data directory may be"
+        f" writing it")
+    assert path.exists()
+
+
+def test_a_lock_file_not_whole_stays_while_a_postgres_runs_or_may_run_on_its_data_directory(
+        tmp_path, a_postgres, monkeypatch):
+    """Its pid names no process to judge: any postgres running on the data directory may be its
+    server, and one whose data directory cannot be told may be; either keeps the file."""
+    path = tmp_path / LOCK_FILE
+    path.write_text("")
+    _written_ago(path, 60)
+    pid = a_postgres(cwd=tmp_path)
+
+    assert clear_if_stale(tmp_path, "127.0.0.1") == (
+        f"left {path} in place: it is not whole (empty), and pid {pid} is a postgres running on"
+        f" that data directory")
+    assert path.exists()
+
+    monkeypatch.setattr(os.path, "samefile", _not_ours_to_read)
+    assert clear_if_stale(tmp_path, "127.0.0.1").startswith(
+        f"left {path} in place: it is not whole (empty), and pid ")
+    assert "is a postgres whose data directory cannot be told" in clear_if_stale(
+        tmp_path, "127.0.0.1")
+    assert path.exists()
+
+
+def _written_ago(path: Path, seconds: float) -> None:
+    when = time.time() - seconds
+    os.utime(path, (when, when))
+
+
 @pytest.fixture
 def a_postgres():
     """Starts a process whose program (comm) is `postgres`, with the arguments given (a Python
-    asleep, renamed), and returns its pid; each is killed after the test."""
+    asleep, renamed), in directory `cwd` if given, and returns its pid; each is killed after the
+    test."""
     started = []
 
-    def start(*arguments: str) -> int:
+    def start(*arguments: str, cwd: Path | None = None) -> int:
         process = subprocess.Popen([sys.executable, "-c", _NAMED_POSTGRES, *arguments],
-                                   stdin=subprocess.DEVNULL)
+                                   stdin=subprocess.DEVNULL, cwd=cwd)
         started.append(process)
         wait_until(lambda: Path(f"/proc/{process.pid}/comm").read_text() == "postgres\n", 10,
                    0.02, "the process to be named postgres")
