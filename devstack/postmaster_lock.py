@@ -35,10 +35,15 @@ left so by a crash. devstack removes such a file, saying so, only when both tell
 holds it:
 - it was last written NOT_WHOLE_FOR_SECONDS ago or longer (no start stays that long between the
   two), a time stamp in the future being no such certainty;
-- and no process is a postgres running on the data directory (every process of the machine
-  named `postgres` judged as a file's pid is above: a server paused between the two is one, its
-  working directory the data directory already); one whose data directory cannot be told, or
-  whose program cannot be read, keeps the file.
+- and no process is a postgres running on the data directory (every process of the data
+  directory's owner named `postgres` judged as a file's pid is above: a server paused between
+  the two is one, its working directory the data directory already; another user's is none,
+  PostgreSQL refusing a data directory its user does not own); one whose data directory cannot
+  be told, or whose program cannot be read, keeps the file.
+Between the last look at the file and its removal (microseconds) a server may yet start there and
+make a file of its own, which goes in its place: a second server started on the directory then
+finds the first's shared memory in use, as PostgreSQL checks whatever its lock file says, and
+refuses to start, so that no two run on it.
 """
 
 from __future__ import annotations
@@ -103,15 +108,20 @@ def postgres_on(pid: int, pgdata: Path) -> bool | None:
 
 def _postgres_on_and_what_it_is(pid: int, pgdata: Path) -> tuple[bool | None, str]:
     """postgres_on's answer, and what the process is, in words ("pid 42 ...")."""
-    proc = Path(f"/proc/{pid}")
-    if started_at(pid) is None:  # (a zombie too: a server no more, though kill(pid, 0) finds it)
-        return False, "is not running"
     try:
-        program = (proc / "comm").read_text().rstrip("\n")
+        program = Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
     except OSError:  # (ended meanwhile)
         return False, "is not running"
     if program != "postgres":
         return False, f"is `{program}`, no postgres of that data directory"
+    return _a_postgres_judged(pid, pgdata)
+
+
+def _a_postgres_judged(pid: int, pgdata: Path) -> tuple[bool | None, str]:
+    """_postgres_on_and_what_it_is's answer for a process whose program is `postgres`."""
+    proc = Path(f"/proc/{pid}")
+    if started_at(pid) is None:  # (a zombie too: a server no more, though kill(pid, 0) finds it)
+        return False, "is not running"
     try:
         return _postgres_on_it(os.path.samefile(proc / "cwd", pgdata))
     except FileNotFoundError:  # (ended meanwhile)
@@ -189,9 +199,14 @@ def _clear_if_not_whole(pgdata: Path) -> str | None:
         return None
     not_whole = f"left {path} in place: it is not whole ({_what_it_holds(text)})"
     written_ago = time.time() - before.st_mtime
+    if written_ago < 0:
+        return (f"{not_whole}, and is stamped in the future, which tells nothing of when it was"
+                " written: a server starting on that data directory may be writing it; if none"
+                " is, remove it by hand")
     if written_ago < NOT_WHOLE_FOR_SECONDS:
-        return (f"{not_whole}, and was written {max(written_ago, 0):.0f} s ago: a server starting"
-                " on that data directory may be writing it")
+        return (f"{not_whole}, and was written {written_ago:.0f} s ago: a server starting on that"
+                " data directory may be writing it; if none is, run again after"
+                f" {NOT_WHOLE_FOR_SECONDS:.0f} s")
     if (holder := _a_postgres_on(pgdata)) is not None:
         return f"{not_whole}, and pid {holder[0]} {holder[1]}"
     # (A server started meanwhile would have written it: only the file judged goes.)
@@ -231,18 +246,27 @@ def _what_it_holds(text: str) -> str:
 
 def _a_postgres_on(pgdata: Path) -> tuple[int, str] | None:
     """A process that is, or may be (it cannot be told), a postgres running on `pgdata`, and what
-    it is in words; None if none is."""
+    it is in words; None if none is. Only the processes of the data directory's owner are asked:
+    PostgreSQL refuses to run on a data directory its user does not own (checkDataDir), so
+    another user's postgres (the system's own, say) is none of its, whatever it runs on."""
+    try:
+        owner = pgdata.stat().st_uid
+    except OSError:  # (its file was read just now: every process is asked, should it be so)
+        owner = None
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if (entry / "comm").read_text().rstrip("\n") != "postgres":
+            if owner is not None and entry.stat().st_uid != owner:
                 continue
+            program = (entry / "comm").read_text().rstrip("\n")
         except (FileNotFoundError, ProcessLookupError):  # (ended meanwhile)
             continue
         except OSError as error:
             return int(entry.name), f"is a process whose program cannot be read ({error.strerror})"
-        on_it, what_it_is = _postgres_on_and_what_it_is(int(entry.name), pgdata)
+        if program != "postgres":
+            continue
+        on_it, what_it_is = _a_postgres_judged(int(entry.name), pgdata)
         if on_it is not False:
             return int(entry.name), what_it_is
     return None

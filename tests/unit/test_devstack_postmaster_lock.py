@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -177,20 +178,22 @@ def test_a_lock_file_not_whole_left_a_while_goes_when_no_postgres_runs_on_its_da
     assert not path.exists()
 
 
-@pytest.mark.parametrize("written_ago", [0, 5, -3600])
+@pytest.mark.parametrize("written_ago, said", [
+    (0, "was written 0 s ago"), (5, "was written 5 s ago"),
+    (-3600, "is stamped in the future, which tells nothing of when it was written")])
 def test_a_lock_file_not_whole_written_moments_ago_is_left_to_the_server_writing_it(
-        tmp_path, written_ago):
+        tmp_path, written_ago, said):
     """A server starting makes the file empty and writes its first lines just after: a file not
     whole written moments ago (or at a time to come, which tells nothing) may be that server's,
-    and stays."""
+    and stays, the line saying what to do if none is."""
     path = tmp_path / LOCK_FILE
     path.write_text("")
     _written_ago(path, written_ago)
 
     assert clear_if_stale(tmp_path, "127.0.0.1") == (
-        f"left {path} in place: it is not whole (empty), and was written"
-        f" {max(written_ago, 0):.0f} s ago: a server starting on that data directory may be"
-        f" writing it")
+        f"left {path} in place: it is not whole (empty), and {said}: a server starting on that"
+        " data directory may be writing it; if none is, "
+        + ("remove it by hand" if written_ago < 0 else "run again after 10 s"))
     assert path.exists()
 
 
@@ -216,6 +219,33 @@ def test_a_lock_file_not_whole_stays_while_a_postgres_runs_or_may_run_on_its_dat
     assert path.exists()
 
 
+def test_another_users_postgres_is_none_on_the_data_directory_whatever_it_runs_on(
+        tmp_path, a_postgres, monkeypatch):
+    """A postgres of a user who does not own the data directory (the system's own PostgreSQL, as
+    user postgres) is none of its: PostgreSQL refuses a data directory its user does not own.
+    Where its data directory could not be told (its working directory not ours to read, its
+    backends naming none on their command lines), it kept every file not whole for ever. One of
+    the directory's owner is still asked."""
+    path = tmp_path / LOCK_FILE
+    path.write_text("")
+    _written_ago(path, 60)
+    monkeypatch.setattr(os.path, "samefile", _not_ours_to_read)
+    pid = a_postgres(cwd=Path("/"), uid=pwd.getpwnam("nobody").pw_uid)
+
+    os.chown(tmp_path, pwd.getpwnam("nobody").pw_uid, -1)
+    assert clear_if_stale(tmp_path, "127.0.0.1") == (
+        f"left {path} in place: it is not whole (empty), and pid {pid} is a postgres whose data"
+        " directory cannot be told (its working directory is not ours to read, and its command"
+        " line names none, as a backend's does not)")
+    assert path.exists()
+
+    os.chown(tmp_path, os.getuid(), -1)
+    assert clear_if_stale(tmp_path, "127.0.0.1") == (
+        f"removed {path}, which no server holds: it is not whole (empty), was last written 60 s"
+        " ago, and no postgres runs on that data directory")
+    assert not path.exists()
+
+
 def _written_ago(path: Path, seconds: float) -> None:
     when = time.time() - seconds
     os.utime(path, (when, when))
@@ -224,12 +254,14 @@ def _written_ago(path: Path, seconds: float) -> None:
 @pytest.fixture
 def a_postgres():
     """Starts a process whose program (comm) is `postgres`, with the arguments given (a Python
-    asleep, renamed), in directory `cwd` if given, and returns its pid; each is killed after the
-    test."""
+    asleep, renamed), in directory `cwd` if given, as user `uid` if given, and returns its pid;
+    each is killed after the test."""
     started = []
 
-    def start(*arguments: str, cwd: Path | None = None) -> int:
-        process = subprocess.Popen([sys.executable, "-c", _NAMED_POSTGRES, *arguments],
+    def start(*arguments: str, cwd: Path | None = None, uid: int | None = None) -> int:
+        # (As `uid` once started, its modules loaded: that user may not read their directory.)
+        code = _NAMED_POSTGRES.replace("# (as root)", "" if uid is None else f"os.setuid({uid})")
+        process = subprocess.Popen([sys.executable, "-c", code, *arguments],
                                    stdin=subprocess.DEVNULL, cwd=cwd)
         started.append(process)
         wait_until(lambda: Path(f"/proc/{process.pid}/comm").read_text() == "postgres\n", 10,
@@ -242,7 +274,8 @@ def a_postgres():
         process.wait()
 
 
-_NAMED_POSTGRES = ("import ctypes, time\n"
+_NAMED_POSTGRES = ("import ctypes, os, time\n"
+                   "# (as root)\n"
                    "ctypes.CDLL(None).prctl(15, b'postgres', 0, 0, 0)  # PR_SET_NAME\n"
                    "time.sleep(300)\n")
 
