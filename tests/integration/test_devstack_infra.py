@@ -301,7 +301,8 @@ def test_a_lock_file_left_empty_by_a_crash_is_removed_saying_so_once_no_server_c
     left, removed = _lines_about(lock, capsys)
     assert re.fullmatch(
         f"\\[devstack\\] left {re.escape(str(lock))} in place: it is not whole \\(empty\\), and was"
-        " written [0-9] s ago: a server starting on that data directory may be writing it", left)
+        " written [0-9] s ago: a server starting on that data directory may be writing it; if"
+        " none is, run again after 10 s", left)
     assert re.fullmatch(
         f"\\[devstack\\] removed {re.escape(str(lock))}, which no server holds: it is not whole"
         " \\(empty\\), was last written 36[0-9][0-9] s ago, and no postgres runs on that data"
