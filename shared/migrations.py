@@ -8,9 +8,13 @@ missing, then upgrade (or, by hand, downgrade).
 An upgrade never goes back: one to a target that alembic reads as a revision older than the
 database's (one named outright, `base`, or one relative to a revision, `head-1`, or to the
 database's, `-1`) is refused (a downgrade goes back); so, on a database a later release migrated,
-is one to any revision of this release's but its head (below). A target alembic cannot read
-(`@`, `0010@`, `head+1`, an empty one) is refused in a line, before anything runs, as alembic
-itself refuses one naming no revision ("Can't locate revision ...").
+is one to any revision of this release's but its head (below). A target is read before
+anything runs: a revision, `head`, `heads` or `base`; N revisions up or down from one (`head-1`,
+`0010+1`, `base+1`, landing on a revision: not on base, nor past the head) or from the
+database's (`+1`, `-1`); the head of a revision's branch (`0014@head`, `@head`), or N up or
+down on it (`0010@+1`). Any other (`@`, `@-1`, `0010@`, `base-1`, `head+1`, an empty one) is
+refused in a line, as alembic itself refuses one naming no revision ("Can't locate revision
+..."), which is left to say so.
 
 Each service keeps its revisions in `<service>_app/migrations/versions`; an advisory lock lets
 several processes start at once without running the same migration twice. Each revision runs in a
@@ -110,8 +114,9 @@ class NotAnUpgrade(RuntimeError):
 
 
 class UnreadableTarget(RuntimeError):
-    """A target alembic's revision map cannot read as any revision (`@`, `0010@`, `head+1`, an
-    empty one): it asserts, where for other unknown targets it says why in a CommandError."""
+    """A target that names no revision as the command reads one (`@`, `@-1`, `0010@`, `base-1`,
+    `head+1`, an empty one): alembic's revision map asserts on some, and reads others as a
+    revision they do not name (`base-1` as the head, `@-1` as none to go to)."""
 
 
 def ensure_database(url: str) -> None:
@@ -176,15 +181,15 @@ def upgrade(service: str, revision: str = "head") -> None:
     it as it is (see the module's docstring). Refused, the database untouched, when alembic reads
     `revision` as older than the database's (_refuse_going_back)."""
     def upgrade_to(config: Config, conn: sa.Connection) -> None:
+        script = ScriptDirectory.from_config(config)
         current = _current_revisions(conn)
-        later = _a_later_releases(service, config, current)
+        later = _a_later_releases(service, script, current)
         # (At a later release's revision, which alembic does not know, read from the head.)
-        head = ScriptDirectory.from_config(config).get_current_head()
-        _refuse_an_unreadable_target(service, config, (head,) if later else current, revision,
-                                     downgrading=False)
-        _refuse_going_back(service, config, current, later, revision)
+        starting = (script.get_current_head(),) if later else current
+        _refuse_an_unreadable_target(service, script, starting, revision, downgrading=False)
+        _refuse_going_back(service, script, starting, later, revision)
         if later:
-            _say_left_as_a_later_release_left_it(service, config, later)
+            _say_left_as_a_later_release_left_it(service, script, later)
             return
         _giving_way_to_locks(conn, lambda: command.upgrade(config, revision))
 
@@ -196,9 +201,10 @@ def downgrade(service: str, revision: str) -> None:
     (this one, or a later one) may before an earlier release is started on it; refused, the
     database untouched, when a revision it goes down through would refuse to."""
     def downgrade_to(config: Config, conn: sa.Connection) -> None:
-        _refuse_an_unreadable_target(service, config, _current_revisions(conn), revision,
-                                     downgrading=True)
-        _refuse_what_a_revision_going_down_would(config, conn, revision)
+        script = ScriptDirectory.from_config(config)
+        current = _current_revisions(conn)
+        _refuse_an_unreadable_target(service, script, current, revision, downgrading=True)
+        _refuse_what_a_revision_going_down_would(script, conn, current, revision)
         _giving_way_to_locks(conn, lambda: command.downgrade(config, revision))
 
     _migrate(service, downgrade_to)
@@ -212,15 +218,19 @@ def _current_revisions(conn: sa.Connection) -> tuple[str, ...]:
     return current
 
 
-def _refuse_an_unreadable_target(service: str, config: Config, current: tuple[str, ...],
-                                 target: str, downgrading: bool) -> None:
-    """Refuse, before anything runs, a target alembic's revision map cannot read: read from the
-    `current` revisions as alembic's upgrade or downgrade reads it, it fails an assertion of the
-    map's (a traceback, once the command had begun) where for any other target it cannot reach
-    it raises a RevisionError, which the command answers in a line of its own (a CommandError:
-    "Can't locate revision identified by ...", "Walked too far"), before any revision runs; those
-    are left to it."""
-    script = ScriptDirectory.from_config(config)
+def _refuse_an_unreadable_target(service: str, script: ScriptDirectory,
+                                 current: tuple[str, ...], target: str,
+                                 downgrading: bool) -> None:
+    """Refuse, before anything runs, a target that names no revision as the command reads one
+    (_unreadable, the module's docstring says which are read). One alembic's upgrade or downgrade
+    from the `current` revisions refuses itself, raising a RevisionError (answered in a line of
+    its own, a CommandError: "Can't locate revision identified by ...", "Walked too far"), is
+    left to it; others its revision map fails an assertion on (a traceback, once the command had
+    begun), or reads as a revision they do not name (`base-1` as the head)."""
+    # (Every revision module loaded first, out of the try below: one that fails says so itself.)
+    revisions = [script_revision.revision for script_revision in script.walk_revisions()]
+    if not _unreadable(target, revisions):
+        return
     try:
         if downgrading:
             list(script.iterate_revisions(current, target, select_for_downgrade=True))
@@ -228,43 +238,82 @@ def _refuse_an_unreadable_target(service: str, config: Config, current: tuple[st
             list(script.iterate_revisions(target, current, implicit_base=True))
     except RevisionError:
         return
-    except AssertionError:
-        raise UnreadableTarget(
-            f"'{target}' names no revision of the {service} service's as alembic reads a target (a"
-            " revision, head or base, or N revisions up or down from one, +N or -N, as far as"
-            " there are revisions): nothing was changed") from None
+    except Exception:  # (its map's AssertionError; with python -O, whatever follows instead)
+        pass
+    raise UnreadableTarget(
+        f"'{target}' names no revision of the {service} service's as alembic reads a target (a"
+        " revision, head or base, or N revisions up or down from one, +N or -N, as far as"
+        " there are revisions): nothing was changed")
 
 
-def _revisions_down_to(config: Config, current: tuple[str, ...],
+def _unreadable(target: str, revisions: list[str]) -> bool:
+    """Whether `target` is no target the command reads (the module's docstring), `revisions`
+    being the service's, its head's first: a relative one measured against their number."""
+    branch, at, target_on_it = target.rpartition("@")
+    if at:
+        if target_on_it == "head":
+            return branch != "" and not _a_revision(branch)
+        return not (_a_revision(branch) and _a_relative_step(target_on_it))
+    if target in ("head", "heads", "base") or _a_relative_step(target):
+        return False
+    for sign in "+-":
+        origin, signed, step = target.partition(sign)
+        if signed:
+            break
+    else:
+        return not _a_revision(target)
+    if not _a_step(step) or not (_a_revision(origin) or origin in ("head", "heads", "base")):
+        return True
+    # (Revisions counted from base, 0, to the head: a step lands on one of them, never past the
+    # head, nor on base, which is named outright (alembic's upgrade asserts on `0001-1`).)
+    at_origin = {"base": 0, "head": len(revisions), "heads": len(revisions)}.get(
+        origin, len(revisions) - revisions.index(origin) if origin in revisions else None)
+    if at_origin is None:  # (a revision alembic knows by part of its id: left to it)
+        return False
+    return not 1 <= at_origin + (int(step) if sign == "+" else -int(step)) <= len(revisions)
+
+
+def _a_revision(text: str) -> bool:
+    """Whether `text` may be a revision's id (alembic says itself when no revision has it)."""
+    return text != "" and text not in ("head", "heads", "base") and not any(
+        sign in text for sign in "+-@")
+
+
+def _a_step(text: str) -> bool:
+    return text.isascii() and text.isdigit() and int(text) > 0
+
+
+def _a_relative_step(text: str) -> bool:
+    """Whether `text` is +N or -N, N one or more."""
+    return text.startswith(("+", "-")) and _a_step(text[1:])
+
+
+def _revisions_down_to(script: ScriptDirectory, current: tuple[str, ...],
                        target: str) -> list[Script]:
     """The revisions a downgrade from the `current` revisions to `target` goes down through,
     `current`'s first, `target` read as alembic's downgrade reads it: a revision, `base`, or one
     relative to a revision (`head-1`, `0010+1`) or to `current` (`-1`). None when `target` is
     `current` or a later revision, or when alembic reads no way down to it (it says why itself,
-    as it runs)."""
+    as it runs). (`target` is one _refuse_an_unreadable_target let through.)"""
     try:
-        return list(ScriptDirectory.from_config(config).iterate_revisions(
-            current, target, select_for_downgrade=True))
-    except (RevisionError, AssertionError):
-        # (alembic's revision map asserts on a few malformed targets, `0010@` say: refused before
-        # this is asked, _refuse_an_unreadable_target, but read here for a downgrade where an
-        # upgrade asks whether it goes back, `head@` still may; the command answers it)
+        return list(script.iterate_revisions(current, target, select_for_downgrade=True))
+    except RevisionError:
         return []
 
 
-def _refuse_going_back(service: str, config: Config, current: tuple[str, ...],
+def _refuse_going_back(service: str, script: ScriptDirectory, starting: tuple[str, ...],
                        later: tuple[str, ...], target: str) -> None:
     """Refuse an upgrade to a target a downgrade would go down to, older than the database's
     revision: alembic's upgrade does nothing and succeeds, which told the operator who meant to
     go back that the database was there (and `-1`, which it reads as no upgrade, it refuses in
-    its own words). At a `later` release's revision, past every one of this release's, a target
-    is read as from this release's head: any revision of this release's but the head goes back
+    its own words). The database's revisions are `starting`, but at a `later` release's
+    revision, past every one of this release's, this release's head, which a target is read
+    from: any revision of this release's but the head goes back
     (the head itself, what `upgrade SERVICE` asks, leaves the schema as the later release left
     it). The downgrade that goes back is named when `target` names its revision outright: not
     `base`, which drops every table, nor a relative one; at a later release's revision, run with
     that release's image."""
-    head = ScriptDirectory.from_config(config).get_current_head()
-    going_down = _revisions_down_to(config, (head,) if later else current, target)
+    going_down = _revisions_down_to(script, starting, target)
     if not going_down:
         return
     back_to = going_down[-1].down_revision or "base"
@@ -283,14 +332,14 @@ def _refuse_going_back(service: str, config: Config, current: tuple[str, ...],
         f" never goes back, and nothing was changed{downgrade_named}")
 
 
-def _refuse_what_a_revision_going_down_would(config: Config, conn: sa.Connection,
-                                             target: str) -> None:
+def _refuse_what_a_revision_going_down_would(script: ScriptDirectory, conn: sa.Connection,
+                                             current: tuple[str, ...], target: str) -> None:
     """Ask each revision the downgrade to `target` goes down through whether it would refuse (its
     module's `refuse_downgrade(conn)`, raising DowngradeRefused), before any goes down: each
     revision runs in a transaction of its own, so one refusing in the middle of the way left the
     revisions above it gone down and committed. (It asks again as it goes down, under its
     table's lock; nothing else migrates between the two, the migration lock held.)"""
-    going_down = _revisions_down_to(config, _current_revisions(conn), target)
+    going_down = _revisions_down_to(script, current, target)
     try:
         for script_revision in going_down:
             refusal = getattr(script_revision.module, "refuse_downgrade", None)
@@ -362,12 +411,11 @@ def _refuse_another_services_database(service: str, conn: sa.Connection) -> None
             f" has no {_OWN_TABLES[service]} table: it is another service's; nothing was changed")
 
 
-def _a_later_releases(service: str, config: Config,
+def _a_later_releases(service: str, script: ScriptDirectory,
                       current: tuple[str, ...]) -> tuple[str, ...]:
     """The database's revisions this release does not know, a later release's (numbered past its
     head): none when it knows them all; refuses a revision that is neither this release's nor
     numbered past its head."""
-    script = ScriptDirectory.from_config(config)
     known = {script_revision.revision for script_revision in script.walk_revisions()}
     unknown = tuple(revision for revision in current if revision not in known)
     head = script.get_current_head()
@@ -379,9 +427,9 @@ def _a_later_releases(service: str, config: Config,
     return unknown
 
 
-def _say_left_as_a_later_release_left_it(service: str, config: Config,
+def _say_left_as_a_later_release_left_it(service: str, script: ScriptDirectory,
                                          later: tuple[str, ...]) -> None:
-    head = ScriptDirectory.from_config(config).get_current_head()
+    head = script.get_current_head()
     log.warning(
         "the %s database is at revision %s, which this release (up to %s) does not know: a later"
         " release's. Its schema is left as it is: each release's revisions leave one that the"

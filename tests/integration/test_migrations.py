@@ -1088,15 +1088,19 @@ def test_an_upgrade_to_a_target_of_branch_syntax_is_answered_as_alembic_answers_
 @pytest.mark.parametrize("action, target, name", [
     ("upgrade", "@", "at"), ("upgrade", "0010@", "0010at"), ("upgrade", "head+1", "headplus1"),
     ("upgrade", "head-100", "headminus100"), ("upgrade", "", "empty"),
+    ("upgrade", "0010+100", "0010plus100"), ("upgrade", "base-1", "baseminus1"),
+    ("upgrade", "@-1", "atminus1"),
     ("downgrade", "@", "at"), ("downgrade", "0010@", "0010at"), ("downgrade", "@@", "atat"),
-    ("downgrade", "", "empty")])
+    ("downgrade", "", "empty"), ("downgrade", "base-5", "baseminus5")])
 def test_a_target_alembic_cannot_read_is_refused_in_one_line(infrastructure, action, target,
                                                              name):
-    """Targets alembic's revision map fails an assertion on, where it answers others naming no
-    revision in a line ("Can't locate revision ..."): the command's traceback escaped, once it
-    had begun (and an empty upgrade target was read as none given, the head). Refused in one
-    line, exit 1, before anything runs: the database left at its revision, its schema as it
-    was."""
+    """Targets that name no revision, where alembic answers others naming none in a line ("Can't
+    locate revision ..."): its revision map fails an assertion on some, and the command's
+    traceback escaped, once it had begun (and an empty upgrade target was read as none given,
+    the head); it reads others as a revision they do not name, exit 0: `upgrade base-1` went up
+    to the head, `downgrade base-5` down four revisions from the head, `upgrade @-1` did
+    nothing. Refused in one line, exit 1, before anything runs: the database left at its
+    revision, its schema as it was."""
     url = _database_url(infrastructure, f"unreadable-{action}-{name}", "orders")
     ensure_database(url)
     command.upgrade(alembic_config("orders", url), "0012")
