@@ -10,11 +10,13 @@ database's (one named outright, `base`, or one relative to a revision, `head-1`,
 database's, `-1`) is refused (a downgrade goes back); so, on a database a later release migrated,
 is one to any revision of this release's but its head (below). A target is read before
 anything runs: a revision, `head`, `heads` or `base`; N revisions up or down from one (`head-1`,
-`0010+1`, `base+1`, landing on a revision: not on base, nor past the head) or from the
-database's (`+1`, `-1`); the head of a revision's branch (`0014@head`, `@head`), or N up or
-down on it (`0010@+1`). Any other (`@`, `@-1`, `0010@`, `base-1`, `head+1`, an empty one) is
-refused in a line, as alembic itself refuses one naming no revision ("Can't locate revision
-..."), which is left to say so.
+`0010+1`, `base+1`, landing on a revision, or on base for a downgrade, never past the head) or
+from the database's (`+1`, `-1`); the head of a revision's branch (`0014@head`, `@head`), or N
+up or down on it (`0010@+1`). Any other (`@`, `@-1`, `0010@`, `head@`, `base-1`, `head+1`, an
+empty one) is refused in a line, and so is one alembic cannot follow from the database's
+revision (`0010@-1` on a database without one), in alembic's own line where it refuses it itself
+("Can't locate revision ...", "Relative revision +1 didn't produce 1 migrations"): no target
+ends in a traceback.
 
 Each service keeps its revisions in `<service>_app/migrations/versions`; an advisory lock lets
 several processes start at once without running the same migration twice. Each revision runs in a
@@ -38,8 +40,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -114,9 +118,17 @@ class NotAnUpgrade(RuntimeError):
 
 
 class UnreadableTarget(RuntimeError):
-    """A target that names no revision as the command reads one (`@`, `@-1`, `0010@`, `base-1`,
-    `head+1`, an empty one): alembic's revision map asserts on some, and reads others as a
-    revision they do not name (`base-1` as the head, `@-1` as none to go to)."""
+    """A target that names no revision to go to (`@`, `@-1`, `0010@`, `base-1`, `head+1`, an
+    empty one; `0010@-1` on a database without revisions): alembic's revision map fails an
+    assertion on some, and reads others as a revision they do not name (`base-1` as the head,
+    `@-1` as none to go to)."""
+
+    def __init__(self, service: str, target: str) -> None:
+        super().__init__(
+            f"'{target}' names no revision of the {service} service's to go to (a target is a"
+            " revision, head, heads or base; N up or down from one, as far as there are"
+            " revisions: head-1, 0010+1; +N or -N from the database's revision; REV@head,"
+            " @head, REV@+N or REV@-N): nothing was changed")
 
 
 def ensure_database(url: str) -> None:
@@ -182,13 +194,18 @@ def upgrade(service: str, revision: str = "head") -> None:
     `revision` as older than the database's (_refuse_going_back)."""
     def upgrade_to(config: Config, conn: sa.Connection) -> None:
         script = ScriptDirectory.from_config(config)
+        revisions = _service_revisions(script)
         current = _current_revisions(conn)
         later = _a_later_releases(service, script, current)
         # (At a later release's revision, which alembic does not know, read from the head.)
         starting = (script.get_current_head(),) if later else current
-        _refuse_an_unreadable_target(service, script, starting, revision, downgrading=False)
+        _refuse_an_unreadable_target(service, script, revisions, starting, revision,
+                                     downgrading=False)
         _refuse_going_back(service, script, starting, later, revision)
         if later:
+            # (No upgrade runs to read the target, so it is read here, as at this release's
+            # head: `+1` is refused in alembic's line, "didn't produce 1 migrations".)
+            _read_as_the_command_reads(service, script, starting, revision, downgrading=False)
             _say_left_as_a_later_release_left_it(service, script, later)
             return
         _giving_way_to_locks(conn, lambda: command.upgrade(config, revision))
@@ -202,9 +219,11 @@ def downgrade(service: str, revision: str) -> None:
     database untouched, when a revision it goes down through would refuse to."""
     def downgrade_to(config: Config, conn: sa.Connection) -> None:
         script = ScriptDirectory.from_config(config)
+        revisions = _service_revisions(script)
         current = _current_revisions(conn)
-        _refuse_an_unreadable_target(service, script, current, revision, downgrading=True)
-        _refuse_what_a_revision_going_down_would(script, conn, current, revision)
+        _refuse_an_unreadable_target(service, script, revisions, current, revision,
+                                     downgrading=True)
+        _refuse_what_a_revision_going_down_would(service, script, conn, current, revision)
         _giving_way_to_locks(conn, lambda: command.downgrade(config, revision))
 
     _migrate(service, downgrade_to)
@@ -218,87 +237,116 @@ def _current_revisions(conn: sa.Connection) -> tuple[str, ...]:
     return current
 
 
-def _refuse_an_unreadable_target(service: str, script: ScriptDirectory,
+def _service_revisions(script: ScriptDirectory) -> list[str]:
+    """The service's revisions, its head's first. Every revision module is loaded here, so that
+    one that fails to load says so itself, not as a target alembic could not read (the map is
+    kept for each later reading)."""
+    return [script_revision.revision for script_revision in script.walk_revisions()]
+
+
+def _refuse_an_unreadable_target(service: str, script: ScriptDirectory, revisions: list[str],
                                  current: tuple[str, ...], target: str,
                                  downgrading: bool) -> None:
-    """Refuse, before anything runs, a target that names no revision as the command reads one
-    (_unreadable, the module's docstring says which are read). One alembic's upgrade or downgrade
-    from the `current` revisions refuses itself, raising a RevisionError (answered in a line of
-    its own, a CommandError: "Can't locate revision identified by ...", "Walked too far"), is
-    left to it; others its revision map fails an assertion on (a traceback, once the command had
-    begun), or reads as a revision they do not name (`base-1` as the head)."""
-    # (Every revision module loaded first, out of the try below: one that fails says so itself.)
-    revisions = [script_revision.revision for script_revision in script.walk_revisions()]
-    if not _unreadable(target, revisions):
+    """Refuse, before anything runs, a target that is none the command reads (_readable; the
+    module's docstring says which are), from the `current` revisions, `revisions` being the
+    service's: in alembic's own line (a CommandError) when it refuses it itself, else as an
+    UnreadableTarget, where its revision map failed an assertion on some (a traceback, once the
+    command had begun) and read others as a revision they do not name (`base-1` as the head)."""
+    if _readable(target, revisions, downgrading):
         return
-    try:
-        if downgrading:
-            list(script.iterate_revisions(current, target, select_for_downgrade=True))
-        else:
-            list(script.iterate_revisions(target, current, implicit_base=True))
-    except RevisionError:
-        return
-    except Exception:  # (its map's AssertionError; with python -O, whatever follows instead)
-        pass
-    raise UnreadableTarget(
-        f"'{target}' names no revision of the {service} service's as alembic reads a target (a"
-        " revision, head or base, or N revisions up or down from one, +N or -N, as far as"
-        " there are revisions): nothing was changed")
+    _read_as_the_command_reads(service, script, current, target, downgrading)
+    raise UnreadableTarget(service, target)
 
 
-def _unreadable(target: str, revisions: list[str]) -> bool:
-    """Whether `target` is no target the command reads (the module's docstring), `revisions`
-    being the service's, its head's first: a relative one measured against their number."""
-    branch, at, target_on_it = target.rpartition("@")
-    if at:
-        if target_on_it == "head":
-            return branch != "" and not _a_revision(branch)
-        return not (_a_revision(branch) and _a_relative_step(target_on_it))
-    if target in ("head", "heads", "base") or _a_relative_step(target):
+# A target: an optional branch and `@`, a symbol (a revision, head, heads or base; empty for the
+# database's revision) and an optional step, +N or -N; what alembic's `_relative_destination`
+# reads, each part without an `@`, `+` or `-` of its own.
+_TARGET = re.compile(r"(?:(?P<branch>[^@+-]*)@)?(?P<symbol>[^@+-]*)(?P<step>[+-][1-9][0-9]*)?")
+_NAMED = ("head", "heads", "base")
+
+
+def _readable(target: str, revisions: list[str], downgrading: bool) -> bool:
+    """Whether `target` is one the command reads (the module's docstring), `revisions` being the
+    service's, its head's first."""
+    parts = _TARGET.fullmatch(target)
+    if parts is None:
         return False
-    for sign in "+-":
-        origin, signed, step = target.partition(sign)
-        if signed:
-            break
-    else:
-        return not _a_revision(target)
-    if not _a_step(step) or not (_a_revision(origin) or origin in ("head", "heads", "base")):
+    branch, symbol, step = parts.group("branch", "symbol", "step")
+    if branch is not None:  # REV@head, @head, REV@+N or REV@-N
+        if step is None:
+            return symbol == "head" and (branch == "" or _an_id(branch))
+        return symbol == "" and _an_id(branch)
+    if step is None:  # a revision, head, heads or base
+        return symbol in _NAMED or _an_id(symbol)
+    if symbol == "":  # +N or -N from the database's revision
         return True
-    # (Revisions counted from base, 0, to the head: a step lands on one of them, never past the
-    # head, nor on base, which is named outright (alembic's upgrade asserts on `0001-1`).)
-    at_origin = {"base": 0, "head": len(revisions), "heads": len(revisions)}.get(
-        origin, len(revisions) - revisions.index(origin) if origin in revisions else None)
-    if at_origin is None:  # (a revision alembic knows by part of its id: left to it)
-        return False
-    return not 1 <= at_origin + (int(step) if sign == "+" else -int(step)) <= len(revisions)
+    return ((symbol in _NAMED or _an_id(symbol))
+            and _lands_on_a_revision(symbol, int(step), revisions, downgrading))
 
 
-def _a_revision(text: str) -> bool:
-    """Whether `text` may be a revision's id (alembic says itself when no revision has it)."""
-    return text != "" and text not in ("head", "heads", "base") and not any(
-        sign in text for sign in "+-@")
+def _an_id(text: str) -> bool:
+    """Whether `text` (a part _TARGET reads) may be a revision's id: alembic says itself when no
+    revision has it."""
+    return text != "" and text not in _NAMED
 
 
-def _a_step(text: str) -> bool:
-    return text.isascii() and text.isdigit() and int(text) > 0
+def _lands_on_a_revision(origin: str, step: int, revisions: list[str], downgrading: bool) -> bool:
+    """Whether `step` revisions up or down from `origin` (a revision, head, heads or base) is one
+    of the service's `revisions` (its head's first), counted from base, 0, to the head: never past
+    the head, and on base only for a downgrade (alembic's upgrade fails an assertion on `0001-1`;
+    an upgrade goes to base by its name). An origin alembic knows by part of its id, or that no
+    revision has, is left to it."""
+    if origin in revisions:
+        at_origin = len(revisions) - revisions.index(origin)
+    elif origin == "base":
+        at_origin = 0
+    elif origin in ("head", "heads"):
+        at_origin = len(revisions)
+    else:
+        return True
+    lowest = 0 if downgrading else 1
+    return lowest <= at_origin + step <= len(revisions)
 
 
-def _a_relative_step(text: str) -> bool:
-    """Whether `text` is +N or -N, N one or more."""
-    return text.startswith(("+", "-")) and _a_step(text[1:])
+def _read_as_the_command_reads(service: str, script: ScriptDirectory, current: tuple[str, ...],
+                               target: str, downgrading: bool) -> None:
+    """Read `target` from the `current` revisions as alembic's upgrade or downgrade command reads
+    it (ScriptDirectory's _upgrade_revs or _downgrade_revs, each turning a RevisionError into
+    the CommandError the command raises), raising that CommandError where it refuses it."""
+    with _read_by_alembic(service, target):
+        if downgrading:
+            script._downgrade_revs(target, current)
+        else:
+            script._upgrade_revs(target, current)
 
 
-def _revisions_down_to(script: ScriptDirectory, current: tuple[str, ...],
+@contextmanager
+def _read_by_alembic(service: str, target: str) -> Iterator[None]:
+    """Around alembic's reading of `target`: whatever it raises that is not its refusal of the
+    target (a RevisionError, or the command's CommandError) is the target refused as an
+    UnreadableTarget, in a line. Its revision map fails an assertion on targets it cannot follow
+    (`head@` read as a downgrade's, `0010@-1` from no revision), whatever else follows with python
+    -O. (The revision modules are loaded before, _service_revisions: one that fails says so.)"""
+    try:
+        yield
+    except (RevisionError, CommandError):
+        raise
+    except Exception as exc:
+        raise UnreadableTarget(service, target) from exc
+
+
+def _revisions_down_to(service: str, script: ScriptDirectory, current: tuple[str, ...],
                        target: str) -> list[Script]:
     """The revisions a downgrade from the `current` revisions to `target` goes down through,
     `current`'s first, `target` read as alembic's downgrade reads it: a revision, `base`, or one
     relative to a revision (`head-1`, `0010+1`) or to `current` (`-1`). None when `target` is
     `current` or a later revision, or when alembic reads no way down to it (it says why itself,
-    as it runs). (`target` is one _refuse_an_unreadable_target let through.)"""
-    try:
-        return list(script.iterate_revisions(current, target, select_for_downgrade=True))
-    except RevisionError:
-        return []
+    as it runs); an UnreadableTarget when alembic cannot follow it (_read_by_alembic)."""
+    with _read_by_alembic(service, target):
+        try:
+            return list(script.iterate_revisions(current, target, select_for_downgrade=True))
+        except RevisionError:
+            return []
 
 
 def _refuse_going_back(service: str, script: ScriptDirectory, starting: tuple[str, ...],
@@ -313,7 +361,7 @@ def _refuse_going_back(service: str, script: ScriptDirectory, starting: tuple[st
     it). The downgrade that goes back is named when `target` names its revision outright: not
     `base`, which drops every table, nor a relative one; at a later release's revision, run with
     that release's image."""
-    going_down = _revisions_down_to(script, starting, target)
+    going_down = _revisions_down_to(service, script, starting, target)
     if not going_down:
         return
     back_to = going_down[-1].down_revision or "base"
@@ -332,14 +380,15 @@ def _refuse_going_back(service: str, script: ScriptDirectory, starting: tuple[st
         f" never goes back, and nothing was changed{downgrade_named}")
 
 
-def _refuse_what_a_revision_going_down_would(script: ScriptDirectory, conn: sa.Connection,
-                                             current: tuple[str, ...], target: str) -> None:
+def _refuse_what_a_revision_going_down_would(service: str, script: ScriptDirectory,
+                                             conn: sa.Connection, current: tuple[str, ...],
+                                             target: str) -> None:
     """Ask each revision the downgrade to `target` goes down through whether it would refuse (its
     module's `refuse_downgrade(conn)`, raising DowngradeRefused), before any goes down: each
     revision runs in a transaction of its own, so one refusing in the middle of the way left the
     revisions above it gone down and committed. (It asks again as it goes down, under its
     table's lock; nothing else migrates between the two, the migration lock held.)"""
-    going_down = _revisions_down_to(script, current, target)
+    going_down = _revisions_down_to(service, script, current, target)
     try:
         for script_revision in going_down:
             refusal = getattr(script_revision.module, "refuse_downgrade", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ from shared.inbox.parked import last_parked, parked_batch, parked_messages
 from shared.inbox.pruning import prune_handled_messages
 from shared.migration_steps import DowngradeRefused
 from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, ServerTooOld,
-                               alembic_config, downgrade, ensure_database, upgrade)
+                               alembic_config, downgrade, ensure_database, main, upgrade)
 from shared.outbox.relaying import CLAIM_ROWS
 from tests.environment import database_name
 from tests.polling import wait_for
@@ -1110,28 +1111,134 @@ def test_a_target_alembic_cannot_read_is_refused_in_one_line(infrastructure, act
     assert migrating.returncode == 1, migrating.stderr
     errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
     assert errors == [f"ERROR shared.migrations: '{target}' names no revision of the orders"
-                      " service's as alembic reads a target (a revision, head or base, or N"
-                      " revisions up or down from one, +N or -N, as far as there are revisions):"
-                      " nothing was changed"], migrating.stderr
+                      " service's to go to (a target is a revision, head, heads or base; N up or"
+                      " down from one, as far as there are revisions: head-1, 0010+1; +N or -N"
+                      " from the database's revision; REV@head, @head, REV@+N or REV@-N): nothing"
+                      " was changed"], migrating.stderr
     assert _scalar(url, "SELECT version_num FROM alembic_version") == "0012"
     assert _schema(url) == schema
 
 
-def test_a_target_alembic_cannot_read_is_refused_at_a_later_releases_revision(infrastructure):
+@pytest.mark.parametrize("target, answer", [
+    ("@", "'@' names no revision of the orders service's to go to"),
+    ("+1", "Relative revision +1 didn't produce 1 migrations"),
+    ("@+1", "Can't locate revision identified by '+1'")], ids=["at", "plus1", "atplus1"])
+def test_a_target_alembic_cannot_read_is_refused_at_a_later_releases_revision(infrastructure,
+                                                                              target, answer):
     """At a later release's revision an upgrade runs no revision, so the target went unread: `@`
-    passed for this release's head, and the migration said the later release's WARNING and
-    exited 0. It is refused as at any other revision."""
-    url = _database_url(infrastructure, "later-unreadable", "orders")
+    passed for this release's head, `+1` and `@+1` for none to go to, and the migration said the
+    later release's WARNING and exited 0. Each is refused as at this release's head, in a line."""
+    url = _database_url(infrastructure, f"later-unreadable-{_spelt(target)}", "orders")
     _head, later = _migrated_by_a_later_release("orders", url)
     schema = _schema(url)
 
-    migrating = _migrate_by_hand("orders", url, "upgrade", "orders", "@")
+    migrating = _migrate_by_hand("orders", url, "upgrade", "orders", target)
     assert migrating.returncode == 1, migrating.stderr
     errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
     assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
-    assert "'@' names no revision of the orders service's" in errors[0]
+    assert answer in errors[0]
     assert _scalar(url, "SELECT version_num FROM alembic_version") == later
     assert _schema(url) == schema
+
+
+@pytest.mark.parametrize("target", ["head-14", "0001-1", "-14"])
+def test_a_downgrade_to_a_relative_revision_may_land_on_base(infrastructure, target):
+    """A relative target landing on base, 14 down from the head (0014), is a downgrade to base, as
+    `-14` is: `head-14` and `0001-1` were refused as naming no revision."""
+    url = _database_url(infrastructure, f"down-to-base-{_spelt(target)}", "orders")
+    ensure_database(url)
+    command.upgrade(alembic_config("orders", url), "head")
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == "0014"
+
+    migrating = _migrate_by_hand("orders", url, "downgrade", "orders", target)
+    assert migrating.returncode == 0, migrating.stderr
+    assert "Running downgrade 0001 -> , " in migrating.stderr
+    assert _schema(url) == {"alembic_version": _table_definition(url, "alembic_version")}
+    assert _scalar(url, "SELECT count(*) FROM alembic_version") == 0
+
+
+# Odd targets made of the pieces of alembic's target syntax, in twos and around an `@`: a few
+# are targets (`head`, `0010+1`, `-1`, `@head`), most are not.
+_PIECES = ["", "@", "head", "heads", "base", "0010", "+1", "-1", "+100", "-100", "@@"]
+_ODD_TARGETS = sorted({first + second for first in _PIECES for second in _PIECES}
+                      | {first + "@" + second for first in _PIECES for second in _PIECES}
+                      | {"1@", "head-14", "0001-1", "0010@-1"})
+# Where the database may be: none of the service's tables, its first revision, one in the middle,
+# this release's head, a later release's revision.
+_STARTS = ["empty", "0001", "0007", "head", "later"]
+
+
+@pytest.fixture(scope="module")
+def databases_at(infrastructure):
+    """A database of the orders service's at each of _STARTS, made once: (its URL, the settings
+    naming it, its state as _state reads it)."""
+    made = {}
+
+    def at(start: str) -> tuple[str, object, tuple]:
+        if start not in made:
+            url = _database_url(infrastructure, f"odd-targets-{start}", "orders")
+            _put_at(url, start)
+            made[start] = url, load_settings({"ORDERS_DATABASE_URL": url}), _state(url)
+        return made[start]
+    return at
+
+
+def _put_at(url: str, start: str) -> None:
+    """The database at `url` made anew at `start` (one of _STARTS)."""
+    ensure_database(url)
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    connection.close()
+    if start == "later":
+        _migrated_by_a_later_release("orders", url)
+    elif start != "empty":
+        command.upgrade(alembic_config("orders", url), start)
+
+
+def _state(url: str) -> tuple:
+    """The database's revision (None without an alembic_version table), columns and indexes."""
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('alembic_version') IS NOT NULL")
+        revision = None
+        if cursor.fetchone()[0]:
+            cursor.execute("SELECT array_agg(version_num) FROM alembic_version")
+            revision = cursor.fetchone()[0]
+        cursor.execute("SELECT table_name, column_name, data_type FROM information_schema.columns"
+                       " WHERE table_schema = 'public' ORDER BY 1, 2")
+        columns = cursor.fetchall()
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1")
+        indexes = cursor.fetchall()
+    connection.close()
+    return revision, columns, indexes
+
+
+@pytest.mark.parametrize("target", _ODD_TARGETS)
+@pytest.mark.parametrize("start", _STARTS)
+@pytest.mark.parametrize("action", ["upgrade", "downgrade"])
+def test_no_target_ends_in_a_traceback(databases_at, monkeypatch, caplog, action, start, target):
+    """Whatever the target and wherever the database is, the migration either does what it is
+    asked (exit 0) or refuses in one line (exit 1), nothing changed: alembic's revision map fails
+    assertions on targets it cannot read (`head@` read as a downgrade's, `0010@-1` on a database
+    without revisions), whose tracebacks escaped. (In the process, as `main` runs it, after
+    `--`: argparse takes `-1@` for an option otherwise.)"""
+    import shared.migrations
+
+    url, settings, before = databases_at(start)
+    monkeypatch.setattr(shared.migrations, "get_settings", lambda: settings)
+    try:
+        main([action, "orders", "--", target])
+        exit_code = 0
+    except SystemExit as exc:
+        exit_code = exc.code
+    said = [record for record in caplog.records if record.levelno > logging.INFO]
+    if exit_code == 0:
+        if _state(url) != before:  # (it did what it was asked: put back for the next case)
+            _put_at(url, start)
+        return
+    assert exit_code == 1
+    assert [record.levelno for record in said] == [logging.ERROR], caplog.text
+    assert "\n" not in said[0].getMessage()
+    assert _state(url) == before
 
 
 def test_a_downgrade_to_a_relative_revision_is_refused_before_any_revision_goes_down(
