@@ -1141,14 +1141,18 @@ def test_a_target_alembic_cannot_read_is_refused_at_a_later_releases_revision(in
     assert _schema(url) == schema
 
 
-@pytest.mark.parametrize("target", ["head-14", "0001-1", "-14"])
+@pytest.mark.parametrize("target", ["head-{count}", "0001-1", "-{count}"],
+                         ids=["head-count", "0001-1", "minus-count"])
 def test_a_downgrade_to_a_relative_revision_may_land_on_base(infrastructure, target):
-    """A relative target landing on base, 14 down from the head (0014), is a downgrade to base, as
-    `-14` is: `head-14` and `0001-1` were refused as naming no revision."""
-    url = _database_url(infrastructure, f"down-to-base-{_spelt(target)}", "orders")
+    """A relative target landing on base, as many down from the head as there are revisions, is a
+    downgrade to base, as `-N` is: `head-N` and `0001-1` were refused as naming no revision.
+    (Revisions are numbered in order from 0001, so the head's number is their count.)"""
+    spelt = _spelt(target.format(count="n"))
+    url = _database_url(infrastructure, f"down-to-base-{spelt}", "orders")
     ensure_database(url)
     command.upgrade(alembic_config("orders", url), "head")
-    assert _scalar(url, "SELECT version_num FROM alembic_version") == "0014"
+    head = _scalar(url, "SELECT version_num FROM alembic_version")
+    target = target.format(count=int(head))
 
     migrating = _migrate_by_hand("orders", url, "downgrade", "orders", target)
     assert migrating.returncode == 0, migrating.stderr
