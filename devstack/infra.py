@@ -465,10 +465,13 @@ def broker_process(port: int, run_dir: str | os.PathLike) -> ManagedProcess:
     )
 
 
-def start_broker(port: int, run_dir: str | os.PathLike, timeout: float = 30) -> ManagedProcess:
-    """Start the broker on port and return once a Kafka client can read its metadata."""
+def start_broker(port: int, run_dir: str | os.PathLike, timeout: float = 30,
+                 on_start: OnStart | None = None) -> ManagedProcess:
+    """Start the broker on port and return once a Kafka client can read its metadata
+    (`on_start`: as ensure_postgres's)."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     process = broker_process(port, run_dir)
+    process.on_start = on_start
     start_and_wait_for_broker(process, port, timeout)
     return process
 

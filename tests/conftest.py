@@ -1,7 +1,8 @@
 """Session fixtures: the real PostgreSQL, Redis and Kafka-protocol broker the tests talk to.
 
 Nothing here skips: if a service cannot be reached or started, the fixture raises and every test
-that needs it fails.
+that needs it fails. What the session starts is written down in its folder, for the next session
+to stop should this one be killed outright (tests/session_folders.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import sqlalchemy as sa
 
 from devstack.infra import (ensure_postgres, ensure_redis, forget_redis_keys, free_port,
                             start_broker)
+from devstack.leftovers import RunRecord
 from tests.environment import REDIS_DB, REDIS_KEYS_OF_THE_RUN, RUN_ID, Infrastructure
+from tests.session_folders import begin_session
 from tests.signals_end_the_run import pytest_configure  # noqa: F401  (a hook: pytest finds it here)
 from tests.signed_requests import use_gateway_signed_clients
 
@@ -29,14 +32,31 @@ def gateway_signed_test_clients() -> None:
 
 
 @pytest.fixture(scope="session")
-def run_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp(f"hseshop-{RUN_ID}")
+def session_record() -> Iterator[RunRecord]:
+    """The record of the servers the session starts, in the session's folder (its parent), which
+    a session killed outright leaves for the next to stop (tests/session_folders.py)."""
+    record = begin_session()
+    yield record
+    record.end()  # (after the servers have stopped: the fixtures that start them use it)
 
 
 @pytest.fixture(scope="session")
-def postgres_dir() -> Iterator[Path]:
-    """Where an embedded PostgreSQL of the run keeps its data, should the run start one."""
-    yield from _a_folder_another_user_can_enter()
+def run_dir(session_record) -> Path:
+    """The session's run folder (logs; each stack's own, with its record of its processes)."""
+    folder = session_record.path.parent / f"hseshop-{RUN_ID}"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def postgres_dir(session_record) -> Iterator[Path]:
+    """Where an embedded PostgreSQL of the run keeps its data, should the run start one: out of
+    pytest's temporary root (see _a_folder_another_user_can_enter), removed after use."""
+    folder = session_record.path.parent / "postgres"
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -66,13 +86,16 @@ def _a_folder_another_user_can_enter() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def infrastructure(run_dir, postgres_dir):
-    postgres_base, postgres = ensure_postgres(postgres_dir)
+def infrastructure(run_dir, postgres_dir, session_record):
+    def note(process) -> None:
+        session_record.note(process.pid, process.stop_signal, process.name)
+
+    postgres_base, postgres = ensure_postgres(postgres_dir, on_start=note)
     redis_server = None
     try:
-        redis_url, redis_server = ensure_redis(run_dir)
+        redis_url, redis_server = ensure_redis(run_dir, on_start=note)
         broker_port = free_port()
-        broker = start_broker(broker_port, run_dir)
+        broker = start_broker(broker_port, run_dir, on_start=note)
     except BaseException:  # the servers started before it go too, not left running
         _stop_started(redis_server, postgres)
         raise
