@@ -6,15 +6,21 @@ hangup: tests/signals_end_the_run.py), but not when it is killed with no chance 
 CI job's hard kill): each runs in a session of its own, and outlives it. So a session keeps its
 run folder, its embedded PostgreSQL's data and its record of the servers it starts (`processes`,
 devstack.leftovers' RunRecord, locked while it runs) in a folder of its own under SESSIONS_ROOT,
-named by the session's pid and the moment it started; each stack it starts keeps its own record
-in its run folder, under it. As a session begins, it stops what every record in the folder of a
-session that is gone names, and removes that folder.
+named by the session's pid, the moment it started and its pid namespace; each stack it starts
+keeps its own record in its run folder, under it. As a session begins, once its own record is
+made and locked, it stops what every record in the folder of a session that is gone names, and
+removes that folder.
 
 Several sessions may run at once on one machine (each checkout's, say): a session's folder is
 only ever reaped once its pid no longer runs the process that made it (a pid since given to
-another process does not keep it), and a record another session holds (reaping it first) is
-passed over. The folder of a session that ended as it should is removed by the next, so its logs
-stay until then.
+another process does not keep it), and only by a session of its pid namespace (in a container
+sharing /tmp, say, the host's pids are not to be seen: it would take every one for gone). Two
+sessions beginning at once do not reap one folder together: each claims a folder first by
+renaming it (`.reaping-<its pid>-<its start>-<the folder's name>`), which only one can do; a
+claim whose session is gone is taken over as a session's folder is. A folder is removed only
+once none of its records is left: a record another run still holds, or naming a process that
+outlived its SIGKILL, keeps it, under its own name again, for the next session to try. The folder
+of a session that ended as it should is removed by the next, so its logs stay until then.
 """
 
 from __future__ import annotations
@@ -31,63 +37,112 @@ from devstack.leftovers import RunInTheWay, RunRecord, started_at
 SESSIONS_ROOT = Path(tempfile.gettempdir()) / f"hseshop-tests-{os.getuid()}"
 # The session's record of the servers it starts, in its folder.
 SESSION_RECORD = "processes"
+# A folder a session has claimed to reap: this, its pid and start, then the folder's own name.
+CLAIMED = ".reaping"
 
 
 def begin_session(root: Path = SESSIONS_ROOT) -> RunRecord:
-    """Stop what the sessions that are gone left running, and begin this session's record, in a
-    folder of its own under `root` (its parent the session's folder)."""
+    """Begin this session's record, in a folder of its own under `root` (its parent the session's
+    folder), then stop what the sessions that are gone left running."""
     _make_own_folder(root)
     pid = os.getpid()
-    folder = root / _folder_name(pid, started_at(pid))
+    folder = root / _folder_name(pid, started_at(pid), pid_namespace())
     folder.mkdir()
+    record = RunRecord(folder / SESSION_RECORD)
+    record.begin()
     stopped = reap_sessions_gone(root)
     if stopped:
         print(f"[tests] stopped what a test session killed before left running: "
               f"{', '.join(stopped)}", file=sys.stderr, flush=True)
-    record = RunRecord(folder / SESSION_RECORD)
-    record.begin()
     return record
 
 
-def reap_sessions_gone(root: Path = SESSIONS_ROOT) -> list[str]:
-    """Stop what every record names in the folder of each session under `root` that no longer
-    runs, and remove the folder; the names of what was stopped."""
+def pid_namespace() -> str:
+    """The number of this process's pid namespace (as /proc/self/ns/pid names it: pid:[<n>])."""
+    return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+
+
+def reap_sessions_gone(root: Path = SESSIONS_ROOT, namespace: str | None = None) -> list[str]:
+    """Stop what every record names in the folder of each session of this pid namespace
+    (`namespace`: another's, for a test) under `root` that no longer runs, and remove the
+    folder; the names of what was stopped."""
+    namespace = pid_namespace() if namespace is None else namespace
+    pid = os.getpid()
+    claim_prefix = f"{CLAIMED}-{pid}-{started_at(pid)}-"
     stopped: list[str] = []
     for folder in sorted(root.iterdir()):
-        owner = _owner(folder.name)
-        if owner is None or started_at(owner[0]) == owner[1]:
-            continue  # (not a session's, or its session still runs)
+        claimer, name = _claim(folder.name)
+        owner = _owner(name)
+        if owner is None or owner[2] != namespace or _runs(owner):
+            continue  # (not a session's, another namespace's, or its session still runs)
+        if claimer is not None and _runs(claimer):
+            continue  # (another session, running, reaps it now)
+        claimed = root / f"{claim_prefix}{name}"
         try:
-            stopped += _reaped(folder)
-        except RunInTheWay:
-            continue  # (another session reaps it now)
-        shutil.rmtree(folder, ignore_errors=True)
+            folder.rename(claimed)
+        except FileNotFoundError:
+            continue  # (another session claimed it first)
+        stopped += _reaped(claimed, root / name)
     return stopped
 
 
-def _reaped(folder: Path) -> list[str]:
-    """Stop what the records in `folder` name: its stacks' first, then the session's own."""
-    records = [path for path in folder.rglob(SESSION_RECORD) if path.is_file()]
+def _reaped(claimed: Path, named: Path) -> list[str]:
+    """Stop what the records in the `claimed` folder name, its stacks' first, then the
+    session's own, and remove the folder once none is left; else put it back as `named`."""
+    try:
+        records = [path for path in claimed.rglob(SESSION_RECORD) if path.is_file()]
+    except FileNotFoundError:
+        records = []  # (a part of it gone meanwhile: what is left is looked for below)
     records.sort(key=lambda path: len(path.parts), reverse=True)
     stopped = []
     for path in records:
         record = RunRecord(path)
-        stopped += record.begin()
+        try:
+            stopped += record.begin()
+        except (RunInTheWay, FileNotFoundError):
+            continue  # (left for the next session: the others are stopped all the same)
         record.end()
+    try:
+        left = any(path.is_file() for path in claimed.rglob(SESSION_RECORD))
+    except FileNotFoundError:
+        left = False
+    if not left:
+        shutil.rmtree(claimed, ignore_errors=True)
+        return stopped
+    try:
+        claimed.rename(named)
+    except OSError:
+        pass  # (left claimed: the claim of a session gone, taken over by the next)
     return stopped
 
 
-def _folder_name(pid: int, started: int | None) -> str:
-    return f"session-{pid}-{started}"
+def _folder_name(pid: int, started: int | None, namespace: str) -> str:
+    return f"session-{pid}-{started}-{namespace}"
 
 
-def _owner(name: str) -> tuple[int, int] | None:
-    """The pid, and the moment it started, of the session whose folder is named `name`."""
+def _claim(name: str) -> tuple[tuple[int, int] | None, str]:
+    """The pid and start of the session that claimed the folder named `name` (None if it is not
+    a claim), and the name of the session's folder it was."""
     prefix, _, rest = name.partition("-")
-    pid, _, started = rest.partition("-")
-    if prefix != "session" or not pid.isdigit() or not started.isdigit():
+    pid, _, rest = rest.partition("-")
+    started, _, session_name = rest.partition("-")
+    if prefix != CLAIMED or not pid.isdigit() or not started.isdigit():
+        return None, name
+    return (int(pid), int(started)), session_name
+
+
+def _owner(name: str) -> tuple[int, int, str] | None:
+    """The pid, the moment it started and the pid namespace of the session whose folder is named
+    `name`."""
+    parts = name.split("-")
+    if len(parts) != 4 or parts[0] != "session" or not all(map(str.isdigit, parts[1:])):
         return None
-    return int(pid), int(started)
+    return int(parts[1]), int(parts[2]), parts[3]
+
+
+def _runs(process: tuple[int, int] | tuple[int, int, str]) -> bool:
+    """Whether the process named by its pid and the moment it started still runs."""
+    return started_at(process[0]) == process[1]
 
 
 def _make_own_folder(root: Path) -> None:

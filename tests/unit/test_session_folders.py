@@ -4,17 +4,20 @@ still running is never reaped (tests/session_folders.py)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from devstack.leftovers import started_at
+import pytest
+
+from devstack.leftovers import RunRecord, started_at
 from devstack.processes import ManagedProcess
 from tests.polling import wait_for
 from tests.process_tools import gone
-from tests.session_folders import begin_session, reap_sessions_gone
+from tests.session_folders import begin_session, pid_namespace, reap_sessions_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,13 +88,115 @@ def test_a_session_is_known_by_its_pid_and_the_moment_it_started(tmp_path):
     try:
         worker.start()
         line = f"{worker.pid} {started_at(worker.pid)} {signal.SIGTERM} worker\n"
-        for pid, started in ((live_pid, started_at(live_pid)),
-                             (live_pid, started_at(live_pid) - 1)):
-            (root / f"session-{pid}-{started}").mkdir(parents=True)
-            (root / f"session-{pid}-{started}" / "processes").write_text(line)
+        for started in (started_at(live_pid), started_at(live_pid) - 1):
+            folder = root / _name(live_pid, started)
+            folder.mkdir(parents=True)
+            (folder / "processes").write_text(line)
 
         assert reap_sessions_gone(root) == ["worker"]
         wait_for(lambda: not worker.alive(), timeout=5, what="the worker to end")
-        assert os.listdir(root) == [f"session-{live_pid}-{started_at(live_pid)}"]
+        assert os.listdir(root) == [_name(live_pid, started_at(live_pid))]
     finally:
+        worker.stop()
+
+
+def _name(pid: int, started: int, namespace: str | None = None) -> str:
+    """The name of the folder of the session `pid` started at `started` (in this pid namespace,
+    unless told another)."""
+    return f"session-{pid}-{started}-{namespace or pid_namespace()}"
+
+
+# A session reaping `root` as soon as the file `go` is there; prints what went wrong, if anything.
+REAPER = textwrap.dedent(
+    """
+    import os, sys, traceback
+    from pathlib import Path
+    from tests.session_folders import reap_sessions_gone
+    root, go = Path(sys.argv[1]), Path(sys.argv[2])
+    print("ready", flush=True)
+    while not go.exists():
+        pass
+    try:
+        reap_sessions_gone(root)
+    except BaseException:
+        traceback.print_exc(file=sys.stdout)
+    """
+)
+
+
+def test_two_sessions_beginning_at_once_reap_the_folders_of_those_gone_together(tmp_path):
+    """Each folder is reaped by one of them: the other, finding it taken (renamed, removed),
+    passes on, where it failed on a file the first had removed under it."""
+    root = tmp_path / "sessions"
+    gone_started = started_at(os.getpid()) - 1  # (this pid, another start: a session gone)
+    for round_ in range(15):
+        for number in range(6):
+            folder = root / _name(os.getpid(), gone_started - number)
+            for stack in ("e2e", "broker-outage"):
+                logs = folder / "run" / stack / "logs"
+                logs.mkdir(parents=True)
+                (logs.parent / "processes").write_text("")
+                for log in range(40):
+                    (logs / f"{log}.log").write_text("a line\n")
+            (folder / "processes").write_text("")
+        go = tmp_path / f"go-{round_}"
+        reapers = [subprocess.Popen([sys.executable, "-c", REAPER, str(root), str(go)],
+                                    cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+                                    env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                   for _ in range(2)]
+        for reaper in reapers:
+            assert reaper.stdout.readline().strip() == "ready"
+        go.touch()
+        said = [reaper.communicate(timeout=60)[0] for reaper in reapers]
+        assert said == ["", ""], said[0] or said[1]
+        assert os.listdir(root) == []
+
+
+def test_a_session_in_another_pid_namespace_leaves_this_ones_folders(tmp_path):
+    """There, this namespace's pids are not to be seen (or are others'): it cannot tell a session
+    that runs from one that is gone, so it leaves the folder and what its record names."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare, as root")
+    worker = ManagedProcess("worker", ["sleep", "300"], os.environ, tmp_path / "worker.log")
+    root = tmp_path / "sessions"
+    own = root / _name(os.getpid(), started_at(os.getpid()))  # (this test's: it runs)
+    try:
+        worker.start()
+        own.mkdir(parents=True)
+        (own / "processes").write_text(
+            f"{worker.pid} {started_at(worker.pid)} {signal.SIGTERM} worker\n")
+        subprocess.run(
+            ["unshare", "--fork", "--pid", "--mount-proc", sys.executable, "-c",
+             "import sys; from pathlib import Path; from tests.session_folders import"
+             " begin_session; begin_session(Path(sys.argv[1])).end()", str(root)],
+            cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=True,
+            timeout=60)
+        assert worker.alive()
+        assert own.is_dir() and (own / "processes").read_text()
+        assert reap_sessions_gone(root, namespace="4026500000") == []  # (nor a faked other)
+        assert worker.alive() and own.is_dir()
+    finally:
+        worker.stop()
+
+
+def test_a_record_another_run_holds_keeps_the_folder_not_the_sessions_servers(tmp_path):
+    """A stack's record still held (its run outlived the session) is left, and the folder with
+    it, under its own name, for the next session; the session's own record is handled all the
+    same, its server stopped."""
+    worker = ManagedProcess("worker", ["sleep", "300"], os.environ, tmp_path / "worker.log")
+    root = tmp_path / "sessions"
+    folder = root / _name(os.getpid(), started_at(os.getpid()) - 1)  # (a session gone)
+    stack = RunRecord(folder / "run" / "e2e" / "processes")
+    try:
+        worker.start()
+        stack.begin()  # (held, as a stack's run still running holds it)
+        (folder / "processes").write_text(
+            f"{worker.pid} {started_at(worker.pid)} {signal.SIGTERM} worker\n")
+
+        assert reap_sessions_gone(root) == ["worker"]
+        wait_for(lambda: not worker.alive(), timeout=5, what="the worker to end")
+        assert os.listdir(root) == [folder.name]
+        assert stack.path.is_file()
+    finally:
+        stack.end()
         worker.stop()
