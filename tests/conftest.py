@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from devstack.infra import (ensure_postgres, ensure_redis, forget_redis_keys, free_port,
                             start_broker)
 from devstack.leftovers import RunRecord
+from devstack.processes import ManagedProcess
 from tests.environment import REDIS_DB, REDIS_KEYS_OF_THE_RUN, RUN_ID, Infrastructure
 from tests.session_folders import begin_session
 from tests.signals_end_the_run import pytest_configure  # noqa: F401  (a hook: pytest finds it here)
@@ -38,6 +39,17 @@ def session_record() -> Iterator[RunRecord]:
     record = begin_session()
     yield record
     record.end()  # (after the servers have stopped: the fixtures that start them use it)
+
+
+@pytest.fixture(scope="session")
+def note_started(session_record) -> Callable[[ManagedProcess], None]:
+    """An `on_start` (devstack.infra's) that notes a server started in the session's record: a
+    test starting a server of its own passes it, for the server to be stopped by the next session
+    should this one be killed outright."""
+    def note(process: ManagedProcess) -> None:
+        session_record.note(process.pid, process.stop_signal, process.name)
+
+    return note
 
 
 @pytest.fixture(scope="session")
@@ -86,16 +98,13 @@ def _a_folder_another_user_can_enter() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def infrastructure(run_dir, postgres_dir, session_record):
-    def note(process) -> None:
-        session_record.note(process.pid, process.stop_signal, process.name)
-
-    postgres_base, postgres = ensure_postgres(postgres_dir, on_start=note)
+def infrastructure(run_dir, postgres_dir, note_started):
+    postgres_base, postgres = ensure_postgres(postgres_dir, on_start=note_started)
     redis_server = None
     try:
-        redis_url, redis_server = ensure_redis(run_dir, on_start=note)
+        redis_url, redis_server = ensure_redis(run_dir, on_start=note_started)
         broker_port = free_port()
-        broker = start_broker(broker_port, run_dir, on_start=note)
+        broker = start_broker(broker_port, run_dir, on_start=note_started)
     except BaseException:  # the servers started before it go too, not left running
         _stop_started(redis_server, postgres)
         raise

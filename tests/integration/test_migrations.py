@@ -1361,11 +1361,11 @@ def test_a_migration_that_cannot_reach_its_database_says_so_in_one_line():
 
 
 def test_databases_made_for_the_shop_are_migrated_though_its_user_may_not_enter_postgres(
-        server_dir):
+        server_dir, note_started):
     """An administrator created the database, owned by the shop's user, on a server that keeps
     everyone else out of its `postgres` database: `upgrade` needs nothing more. (On an embedded
     server of the test's own, since the change to `postgres` is server-wide.)"""
-    base, server = start_embedded_postgres(server_dir, free_port())
+    base, server = start_embedded_postgres(server_dir, free_port(), on_start=note_started)
     try:
         admin = psycopg2.connect(f"{base}/postgres")
         admin.autocommit = True

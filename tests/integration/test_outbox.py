@@ -854,9 +854,9 @@ def test_a_worker_shut_down_without_a_signal_ends_its_relay_and_exits(settings, 
 
 
 def test_with_the_broker_down_rows_pile_up_with_their_error_and_go_out_when_it_is_back(
-        in_orders, settings, run_dir, user_id):
+        in_orders, settings, run_dir, note_started, user_id):
     port = free_port()
-    broker = start_broker(port, run_dir / "relay-broker")
+    broker = start_broker(port, run_dir / "relay-broker", on_start=note_started)
     try:
         _rows_pile_up_and_go_out(broker, port, settings, user_id)
     finally:

@@ -115,14 +115,14 @@ class PasswordServer:
 
 
 @pytest.fixture(scope="module")
-def password_server(module_server_dir) -> Iterator[PasswordServer]:
+def password_server(module_server_dir, note_started) -> Iterator[PasswordServer]:
     """A PostgreSQL of the module's own (the embedded wheel's) that asks every role but its
     superuser for its password (scram-sha-256, as the postgres image's does) and logs every
     statement it receives. Its data is outside pytest's temporary root, which another run may
     close to the server's user (conftest._a_folder_another_user_can_enter)."""
     run_dir = module_server_dir
     port = free_port()
-    url_base, process = start_embedded_postgres(run_dir, port)
+    url_base, process = start_embedded_postgres(run_dir, port, on_start=note_started)
     try:
         (run_dir / "postgres" / "pg_hba.conf").write_text(
             "host all postgres 127.0.0.1/32 trust\n"
@@ -131,7 +131,7 @@ def password_server(module_server_dir) -> Iterator[PasswordServer]:
     finally:
         process.stop()
     # Started again on its data, with both read as it starts.
-    url_base, process = start_embedded_postgres(run_dir, port)
+    url_base, process = start_embedded_postgres(run_dir, port, on_start=note_started)
     try:
         yield PasswordServer(make_url(url_base), logs_dir(run_dir) / "postgres.log")
     finally:
