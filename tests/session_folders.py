@@ -6,10 +6,19 @@ hangup: tests/signals_end_the_run.py), but not when it is killed with no chance 
 CI job's hard kill): each runs in a session of its own, and outlives it. So a session keeps its
 run folder, its embedded PostgreSQL's data and its record of the servers it starts (`processes`,
 devstack.leftovers' RunRecord, locked while it runs) in a folder of its own under SESSIONS_ROOT,
-named by the session's pid, the moment it started and its pid namespace; each stack it starts
+named by the session's pid, the moment it started, its pid namespace and the boot it runs in;
+each stack it starts
 keeps its own record in its run folder, under it. As a session begins, once its own record is
 made and locked, it stops what every record in the folder of a session that is gone names, and
 removes that folder.
+
+A pid and a start (clock ticks after boot), and a pid namespace's number (the host's is the same
+every boot), come again after a reboot that keeps /tmp (on disk, as RHEL's): an old record could
+name a new process, and a new session's folder be named as an old one. So a folder is named by
+the boot too (the first 8 hex digits of the kernel's boot_id, random each boot: that an old one's
+matches this boot's is a chance in 4 billion, and even then only a pid and start alike as well
+would do harm), and the folder of another boot is removed without its records read: nothing they
+name can still run.
 
 Several sessions may run at once on one machine (each checkout's, say): a session's folder is
 only ever reaped once its pid no longer runs the process that made it (a pid since given to
@@ -34,6 +43,7 @@ from pathlib import Path
 
 from devstack.leftovers import RunInTheWay, RunRecord, started_at
 
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 SESSIONS_ROOT = Path(tempfile.gettempdir()) / f"hseshop-tests-{os.getuid()}"
 # The session's record of the servers it starts, in its folder.
 SESSION_RECORD = "processes"
@@ -46,7 +56,7 @@ def begin_session(root: Path = SESSIONS_ROOT) -> RunRecord:
     folder), then stop what the sessions that are gone left running."""
     _make_own_folder(root)
     pid = os.getpid()
-    folder = root / _folder_name(pid, started_at(pid), pid_namespace())
+    folder = root / _folder_name(pid, started_at(pid), pid_namespace(), this_boot())
     folder.mkdir()
     record = RunRecord(folder / SESSION_RECORD)
     record.begin()
@@ -62,17 +72,26 @@ def pid_namespace() -> str:
     return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
 
 
+def this_boot() -> str:
+    """The first 8 hex digits of this boot's id (the kernel's boot_id, random each boot)."""
+    return BOOT_ID.read_text().strip()[:8]
+
+
 def reap_sessions_gone(root: Path = SESSIONS_ROOT, namespace: str | None = None) -> list[str]:
     """Stop what every record names in the folder of each session of this pid namespace
     (`namespace`: another's, for a test) under `root` that no longer runs, and remove the
-    folder; the names of what was stopped."""
+    folder; remove every folder of another boot as it is; the names of what was stopped."""
     namespace = pid_namespace() if namespace is None else namespace
+    boot = this_boot()
     pid = os.getpid()
     claim_prefix = f"{CLAIMED}-{pid}-{started_at(pid)}-"
     stopped: list[str] = []
     for folder in sorted(root.iterdir()):
         claimer, name = _claim(folder.name)
         owner = _owner(name)
+        if owner is not None and owner[3] != boot:
+            shutil.rmtree(folder, ignore_errors=True)  # (nothing of another boot runs)
+            continue
         if owner is None or owner[2] != namespace or _runs(owner):
             continue  # (not a session's, another namespace's, or its session still runs)
         if claimer is not None and _runs(claimer):
@@ -116,8 +135,8 @@ def _reaped(claimed: Path, named: Path) -> list[str]:
     return stopped
 
 
-def _folder_name(pid: int, started: int | None, namespace: str) -> str:
-    return f"session-{pid}-{started}-{namespace}"
+def _folder_name(pid: int, started: int | None, namespace: str, boot: str) -> str:
+    return f"session-{pid}-{started}-{namespace}-{boot}"
 
 
 def _claim(name: str) -> tuple[tuple[int, int] | None, str]:
@@ -131,16 +150,16 @@ def _claim(name: str) -> tuple[tuple[int, int] | None, str]:
     return (int(pid), int(started)), session_name
 
 
-def _owner(name: str) -> tuple[int, int, str] | None:
-    """The pid, the moment it started and the pid namespace of the session whose folder is named
-    `name`."""
+def _owner(name: str) -> tuple[int, int, str, str] | None:
+    """The pid, the moment it started, the pid namespace and the boot of the session whose folder
+    is named `name`."""
     parts = name.split("-")
-    if len(parts) != 4 or parts[0] != "session" or not all(map(str.isdigit, parts[1:])):
+    if len(parts) != 5 or parts[0] != "session" or not all(map(str.isdigit, parts[1:4])):
         return None
-    return int(parts[1]), int(parts[2]), parts[3]
+    return int(parts[1]), int(parts[2]), parts[3], parts[4]
 
 
-def _runs(process: tuple[int, int] | tuple[int, int, str]) -> bool:
+def _runs(process: tuple[int, int] | tuple[int, int, str, str]) -> bool:
     """Whether the process named by its pid and the moment it started still runs."""
     return started_at(process[0]) == process[1]
 

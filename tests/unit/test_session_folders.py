@@ -17,7 +17,13 @@ from devstack.leftovers import RunRecord, started_at
 from devstack.processes import ManagedProcess
 from tests.polling import wait_for
 from tests.process_tools import gone
-from tests.session_folders import begin_session, pid_namespace, reap_sessions_gone
+from tests.session_folders import (
+    CLAIMED,
+    begin_session,
+    pid_namespace,
+    reap_sessions_gone,
+    this_boot,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,10 +106,10 @@ def test_a_session_is_known_by_its_pid_and_the_moment_it_started(tmp_path):
         worker.stop()
 
 
-def _name(pid: int, started: int, namespace: str | None = None) -> str:
-    """The name of the folder of the session `pid` started at `started` (in this pid namespace,
-    unless told another)."""
-    return f"session-{pid}-{started}-{namespace or pid_namespace()}"
+def _name(pid: int, started: int, namespace: str | None = None, boot: str | None = None) -> str:
+    """The name of the folder of the session `pid` started at `started` (in this pid namespace
+    and this boot, unless told others)."""
+    return f"session-{pid}-{started}-{namespace or pid_namespace()}-{boot or this_boot()}"
 
 
 # A session reaping `root` as soon as the file `go` is there; prints what went wrong, if anything.
@@ -200,3 +206,55 @@ def test_a_record_another_run_holds_keeps_the_folder_not_the_sessions_servers(tm
     finally:
         stack.end()
         worker.stop()
+
+
+def test_a_folder_of_another_boot_is_removed_and_its_records_not_read(tmp_path):
+    """After a reboot that keeps /tmp, a pid and its start come again: the folder named by this
+    process, but of another boot, is a session's gone with that boot, and what its record names
+    (a process that runs now, as pids and starts come again) is not to be signalled."""
+    worker = ManagedProcess("worker", ["sleep", "300"], os.environ, tmp_path / "worker.log")
+    root = tmp_path / "sessions"
+    other_boot = "0" * 8 if this_boot() != "0" * 8 else "1" * 8
+    pid = os.getpid()
+    folders = [root / _name(pid, started_at(pid), boot=other_boot),  # (named as this one)
+               root / _name(pid, 1, boot=other_boot),  # (as a session that does not run)
+               root / f"{CLAIMED}-{pid}-{started_at(pid)}-{_name(pid, 2, boot=other_boot)}"]
+    try:
+        worker.start()
+        for folder in folders:
+            folder.mkdir(parents=True)
+            (folder / "processes").write_text(
+                f"{worker.pid} {started_at(worker.pid)} {signal.SIGTERM} worker\n")
+
+        record = begin_session(root)  # (its own folder made beside the one named as it)
+        record.end()
+        assert worker.alive()
+        assert os.listdir(root) == [record.path.parent.name]
+    finally:
+        worker.stop()
+
+
+def test_the_claim_of_a_session_gone_is_taken_over_and_a_running_ones_left(tmp_path):
+    """A session killed as it reaped a folder leaves it claimed: the next reaps it. One still
+    reaping it (this test's own process, as the claimer) is left to."""
+    workers = [ManagedProcess(f"worker-{n}", ["sleep", "300"], os.environ,
+                              tmp_path / f"worker-{n}.log") for n in range(2)]
+    root = tmp_path / "sessions"
+    pid = os.getpid()
+    gone_started = started_at(pid) - 1  # (this pid, another start: a session gone)
+    claims = [root / f"{CLAIMED}-{pid}-{claimer}-{_name(pid, gone_started - n)}"
+              for n, claimer in enumerate((gone_started, started_at(pid)))]
+    try:
+        for worker, claim in zip(workers, claims):
+            worker.start()
+            claim.mkdir(parents=True)
+            (claim / "processes").write_text(
+                f"{worker.pid} {started_at(worker.pid)} {signal.SIGTERM} {worker.name}\n")
+
+        assert reap_sessions_gone(root) == ["worker-0"]
+        wait_for(lambda: not workers[0].alive(), timeout=5, what="the worker to end")
+        assert os.listdir(root) == [claims[1].name]
+        assert workers[1].alive()
+    finally:
+        for worker in workers:
+            worker.stop()
