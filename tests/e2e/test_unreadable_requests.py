@@ -252,7 +252,7 @@ def test_no_answer_names_the_server_software(stack, server):
 
 
 @pytest.fixture(scope="module")
-def gunicorn_naming_its_server_software(run_dir):
+def gunicorn_naming_its_server_software(run_dir, note_started):
     """The URL of a gunicorn run as the APIs are (the shop's worker class, in a worker forked off
     its master), but with one worker, serving an app that answers with the SERVER_SOFTWARE its
     request's environ and its worker's process environment hold."""
@@ -260,7 +260,8 @@ def gunicorn_naming_its_server_software(run_dir):
     argv = gunicorn_argv(port, "tests.e2e.server_software_app:answer_the_server_software",
                          workers=1)
     server = ManagedProcess("server-software-app", [sys.executable, "-m", *argv], None,
-                            run_dir / "server-software-app.log", REPO_ROOT).start()
+                            run_dir / "server-software-app.log", REPO_ROOT,
+                            on_start=note_started).start()
     try:
         wait_for_process(server, lambda: port_open(LOCALHOST, port), timeout=30,
                          what="gunicorn to accept connections")
