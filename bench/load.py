@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from bench.stats import latency_summary_ms
+from shared.caller_deadline import deadline_headers
 from shared.config import load_settings
 from shared.internal_auth import identity_headers
 
@@ -98,9 +99,16 @@ def _caller_headers(auth: str, method: str, target: str,
     if auth == "bearer":
         return lambda token: {"Authorization": f"Bearer {token}"}
     # The services trust only identities the gateway signed, for the request sent; the generator
-    # signs each as it would.
-    secret = load_settings().internal_auth_secret
-    return lambda user_id: identity_headers(user_id, secret, method, target, body or b"")
+    # signs each as it would, with the gateway's deadline: without it, a user's orders sent within
+    # a second are signed alike, and the service takes an unkeyed order's signature once.
+    settings = load_settings()
+
+    def signed(user_id: str) -> dict[str, str]:
+        sent_with = deadline_headers(settings.upstream_timeout_seconds)
+        return {**sent_with, **identity_headers(user_id, settings.internal_auth_secret, method,
+                                                target, body or b"", sent_with=sent_with)}
+
+    return signed
 
 
 def _send_requests(schedule: _Schedule, spec: LoadSpec, worker: int, results: list):

@@ -24,6 +24,7 @@ from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
 from shared.request_context import configure_logging, install_request_ids
 from shared.request_id_document import RequestIdDocumented
+from shared.single_use_signatures import SINGLE_USE_SIGNATURES_EXTENSION, SingleUseSignatures
 from shared.swagger_ui import SwaggerUiPage, serve_swagger_ui_files
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     app.extensions["hseshop.service"] = service
     app.extensions[CACHE_EXTENSION] = VersionedCache(settings.redis_url, settings.cache_ttl_seconds,
                                                      prefix=f"{settings.redis_key_prefix}:{service}")
+    app.extensions[SINGLE_USE_SIGNATURES_EXTENSION] = SingleUseSignatures(
+        settings.redis_url, prefix=f"{settings.redis_key_prefix}:{service}")
     init_database(app)
     api = ShopApi(app)
     app.extensions["hseshop.api"] = api

@@ -55,8 +55,12 @@ CALLER_GAVE_UP = DocumentedError(
 
 
 def deadline_moment(seconds_from_now: float) -> str:
-    """The X-Gateway-Deadline (or gRPC metadata) value `seconds_from_now`."""
-    return f"{time.time() + seconds_from_now:.3f}"
+    """The X-Gateway-Deadline (or gRPC metadata) value `seconds_from_now`, to the microsecond:
+    signed with the request, it tells apart two requests of a user that are alike in all else,
+    whose signatures would otherwise be one, which a write without an Idempotency-Key takes once
+    (shared.single_use_signatures): in milliseconds a bench's user sending 100 orders a second
+    sent one of ten alike."""
+    return f"{time.time() + seconds_from_now:.6f}"
 
 
 def deadline_headers(seconds_from_now: float) -> dict[str, str]:

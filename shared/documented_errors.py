@@ -55,7 +55,8 @@ INVALID_USER_ID = DocumentedError(401, "INVALID_USER_ID", f"the {USER_ID_HEADER}
 UNTRUSTED_IDENTITY = DocumentedError(
     401, "UNTRUSTED_IDENTITY", f"the {USER_ID_HEADER} is not signed by the gateway for this "
     "request (its method, path and query, body, Idempotency-Key and X-Gateway-Deadline), or its "
-    "signature is of no format this release knows, has expired or is dated ahead")
+    "signature is of no format this release knows, has expired or is dated ahead, or was used "
+    "before by an order or deposit without an Idempotency-Key")
 SIGNATURE_VERSION_MISMATCH = DocumentedError(
     401, "SIGNATURE_VERSION_MISMATCH", "the gateway's signature is of the release before's format "
     "(64 hex digits, unversioned): the gateway and the service are deployed apart")

@@ -43,6 +43,7 @@ from shared.db import after_commit, db, delete_oldest_before
 from shared.errors import ApiError, Unprocessable
 from shared.internal_auth import IDEMPOTENCY_KEY_HEADER as IDEMPOTENCY_HEADER
 from shared.jsonio import loads_strict
+from shared.single_use_signatures import refuse_a_used_signature
 
 MAX_KEY_LENGTH = 255
 # The header as the OpenAPI documents of the routes that honour it describe it.
@@ -123,8 +124,11 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
     request's invalidation is lost when its commit's answer is (a 503 for a commit that went
     through), and the retry that finds the change must not leave the reads cached from before it.
     A replay marks the answer replayed once its transaction has committed (take_replayed_mark).
+    Without a key, the gateway's signature of the call is taken, once: a captured call sent again
+    is refused 401 (shared.single_use_signatures).
     """
     if key is None:
+        refuse_a_used_signature()
         return respond()
     request_hash = fingerprint(args)
     while not _claim(session, user_id, endpoint, key, request_hash):

@@ -8,8 +8,9 @@ from flask import current_app, g, request
 
 from shared.errors import Unauthorized
 from shared.fields import USER_ID_PATTERN, USER_ID_RULE
-from shared.internal_auth import (USER_ID_HEADER, InvalidIdentity, header_value,
-                                  verified_user_id)
+from shared.internal_auth import (SIGNATURE_HEADER, USER_ID_HEADER, InvalidIdentity,
+                                  header_value, verified_user_id)
+from shared.single_use_signatures import note_verified_signature
 
 
 def authenticated_user_id(headers: Mapping[str, str], secret: str, method: str, target: str,
@@ -17,7 +18,9 @@ def authenticated_user_id(headers: Mapping[str, str], secret: str, method: str, 
     """The user id the gateway signed into `headers` (an HTTP request's, or a gRPC call's
     metadata) for the request `method target` with `body` (and, over HTTP, the Idempotency-Key
     and X-Gateway-Deadline of `headers`: shared.internal_auth); 401 when it is
-    missing, malformed, or not signed by the gateway for this request."""
+    missing, malformed, or not signed by the gateway for this request. The signature verified is
+    kept for the call, whose write without an Idempotency-Key takes it once
+    (shared.single_use_signatures)."""
     user_id = header_value(headers, USER_ID_HEADER)
     if user_id is None:
         raise Unauthorized(f"The {USER_ID_HEADER} header is required.", code="MISSING_USER_ID")
@@ -27,9 +30,11 @@ def authenticated_user_id(headers: Mapping[str, str], secret: str, method: str, 
             code="INVALID_USER_ID",
         )
     try:
-        return verified_user_id(headers, secret, method, target, body)
+        verified = verified_user_id(headers, secret, method, target, body)
     except InvalidIdentity as exc:
         raise Unauthorized(f"Identity refused: {exc}.", code=exc.code) from None
+    note_verified_signature(header_value(headers, SIGNATURE_HEADER))
+    return verified
 
 
 def request_target() -> str:

@@ -10,8 +10,14 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from shared.caller_deadline import deadline_moment
-from shared.internal_auth import SIGNED_HEADERS, grpc_identity_metadata, identity_headers
+from shared.internal_auth import (DEADLINE_HEADER, SIGNED_HEADERS, SignedAs,
+                                  grpc_identity_metadata, identity_headers)
 from tests.environment import TEST_SECRETS
+
+
+# The deadline a request is signed with unless told: later than any test waits for an answer.
+SIGNED_DEADLINE_SECONDS = 60.0
+_DEADLINE_KEY = f"HTTP_{DEADLINE_HEADER.upper().replace('-', '_')}"
 
 
 class GatewaySignedClient(FlaskClient):
@@ -19,7 +25,11 @@ class GatewaySignedClient(FlaskClient):
     `client.post("/orders", json=body, signed_as=user_id)`, signed once built (its method,
     RAW_URI, body, Idempotency-Key and X-Gateway-Deadline as the app will read them) with the
     app's own INTERNAL_AUTH_SECRET, or with `signed_with`. An identity header the request is
-    given itself is sent instead of the one signed (a test's tampering with it)."""
+    given itself is sent instead of the one signed (a test's tampering with it). Like the
+    gateway's, each carries an X-Gateway-Deadline (SIGNED_DEADLINE_SECONDS on) unless it is
+    given one: so two requests alike sent within a second are two signatures, as the gateway's
+    are, not one taken twice (a write without an Idempotency-Key takes its signature once:
+    shared.single_use_signatures)."""
 
     def open(self, *args, signed_as: str | None = None, signed_with: str | None = None,
              buffered: bool = False, follow_redirects: bool = False, **kwargs):
@@ -30,6 +40,7 @@ class GatewaySignedClient(FlaskClient):
         environ = request.environ
         body = environ["wsgi.input"].read()
         environ["wsgi.input"] = io.BytesIO(body)  # (read again by the app)
+        environ.setdefault(_DEADLINE_KEY, deadline_moment(SIGNED_DEADLINE_SECONDS))
         secret = signed_with or self.application.extensions["hseshop.settings"].internal_auth_secret
         sent_with = {name: environ[key] for name in SIGNED_HEADERS
                      if (key := f"HTTP_{name.upper().replace('-', '_')}") in environ}
@@ -40,6 +51,16 @@ class GatewaySignedClient(FlaskClient):
         return super().open(request, buffered=buffered, follow_redirects=follow_redirects)
 
 
+class SignedWithADeadline(SignedAs):
+    """A requests `auth` that signs each request as the gateway sends it, with an
+    X-Gateway-Deadline (SIGNED_DEADLINE_SECONDS on) unless it has one: two requests alike sent
+    within a second are two signatures (see GatewaySignedClient)."""
+
+    def __call__(self, prepared):
+        prepared.headers.setdefault(DEADLINE_HEADER, deadline_moment(SIGNED_DEADLINE_SECONDS))
+        return super().__call__(prepared)
+
+
 def use_gateway_signed_clients() -> None:
     """Every Flask app's test_client() a GatewaySignedClient (one without `signed_as` sends what
     it always did): the tests build the services' apps in many places."""
@@ -48,7 +69,7 @@ def use_gateway_signed_clients() -> None:
 
 # The deadline grpc_signed signs unless told: later than any test's own gRPC timeout, so that the
 # call's timeout is the one that counts.
-GRPC_SIGNED_DEADLINE_SECONDS = 60.0
+GRPC_SIGNED_DEADLINE_SECONDS = SIGNED_DEADLINE_SECONDS
 
 
 def grpc_signed(user_id: str, full_method: str, request,

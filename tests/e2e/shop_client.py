@@ -6,9 +6,9 @@ import uuid
 
 import requests
 
-from shared.internal_auth import SignedAs
 from tests.environment import TEST_SECRETS
 from tests.polling import wait_for
+from tests.signed_requests import SignedWithADeadline
 
 FINAL_STATUSES = ("FINISHED", "CANCELLED")
 
@@ -20,7 +20,7 @@ class ShopClient:
         self.payments_url = payments_url
         self.user_id = user_id or f"shopper-{uuid.uuid4().hex[:12]}"
         self.http = requests.Session()
-        self.http.auth = SignedAs(self.user_id, internal_auth_secret)
+        self.http.auth = SignedWithADeadline(self.user_id, internal_auth_secret)
 
     def open_account(self) -> dict:
         return self._ok(self.http.post(f"{self.payments_url}/accounts", timeout=10), 201)

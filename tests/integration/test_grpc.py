@@ -588,8 +588,10 @@ def test_a_captured_call_sent_again_with_a_longer_timeout_keeps_the_gateways_sig
     user's placing lock and rolled back (the gateway's 504), captured and sent again within the
     signature's minute with a 30 s timeout: the service keeps to the earlier moment, the
     gateway's, and rolls it back too. It took the call's own timeout alone, which whoever sends
-    the call sets, and placed the order after the gateway had answered 504."""
-    user, place = f"replayed-{uuid.uuid4().hex[:8]}", orders_pb2.PlaceOrderRequest(amount="1")
+    the call sets, and placed the order after the gateway had answered 504. (Keyed: an unkeyed
+    call's signature is taken once, so its repeat is refused before its deadline is read.)"""
+    user = f"replayed-{uuid.uuid4().hex[:8]}"
+    place = orders_pb2.PlaceOrderRequest(amount="1", idempotency_key=f"key-{uuid.uuid4().hex}")
     captured = grpc_signed(user, f"{ORDERS}/PlaceOrder", place, deadline_seconds=0.5)
     _placed_while_held_up_past_its_deadline(settings, grpc_targets, user, captured, place)
     assert _orders_placed_by(settings, user) == 0
@@ -600,6 +602,48 @@ def test_a_captured_call_sent_again_with_a_longer_timeout_keeps_the_gateways_sig
     assert replayed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "the caller's deadline passed" in caplog.text  # the service's rollback, not the timeout
     assert _orders_placed_by(settings, user) == 0
+
+
+def test_a_captured_unkeyed_call_sent_again_is_refused_and_done_once(settings, grpc_targets):
+    """A PlaceOrder or a Deposit without an idempotency_key, captured and sent again within its
+    signature's minute, was carried out again (a second order, a second 10.00): its signature is
+    taken once, as over HTTP (shared.single_use_signatures), the repeat refused UNAUTHENTICATED
+    with the trailers of a 401 UNTRUSTED_IDENTITY. A keyed call's repeat is still its first
+    answer, and a read's repeat a read."""
+    from shared.protos import payments_pb2, payments_pb2_grpc
+
+    user = f"captured-{uuid.uuid4().hex[:8]}"
+    orders = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
+    payments = payments_pb2_grpc.PaymentsStub(grpc.insecure_channel(grpc_targets["payments"]))
+    opening = payments_pb2.OpenAccountRequest()
+    payments.OpenAccount(opening, timeout=5,
+                         metadata=grpc_signed(user, f"{PAYMENTS}/OpenAccount", opening))
+    key = f"key-{uuid.uuid4().hex}"
+    for call, name, request, repeat_refused in (
+            (orders.PlaceOrder, f"{ORDERS}/PlaceOrder",
+             orders_pb2.PlaceOrderRequest(amount="3", description="book"), True),
+            (payments.Deposit, f"{PAYMENTS}/Deposit",
+             payments_pb2.DepositRequest(amount="10.00"), True),
+            (payments.Deposit, f"{PAYMENTS}/Deposit",
+             payments_pb2.DepositRequest(amount="10.00", idempotency_key=key), False),
+            (payments.GetBalance, f"{PAYMENTS}/GetBalance",
+             payments_pb2.GetBalanceRequest(), False)):
+        captured = grpc_signed(user, name, request)
+        call(request, metadata=captured, timeout=5)
+        if not repeat_refused:
+            call(request, metadata=captured, timeout=5)
+            continue
+        with pytest.raises(grpc.RpcError) as refused:
+            call(request, metadata=captured, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        trailers = dict(refused.value.trailing_metadata())
+        assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == \
+            ("401", "UNTRUSTED_IDENTITY")
+        assert "used before" in refused.value.details()
+    balance = payments_pb2.GetBalanceRequest()
+    assert payments.GetBalance(balance, timeout=5, metadata=grpc_signed(
+        user, f"{PAYMENTS}/GetBalance", balance)).balance == "20.00"
+    assert _orders_placed_by(settings, user) == 1
 
 
 def test_an_unauthenticated_call_with_a_deadline_long_past_logs_nothing_of_it(grpc_targets,

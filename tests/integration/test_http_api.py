@@ -294,6 +294,57 @@ def test_a_signed_deposit_captured_is_no_new_deposit_with_another_key_none_or_an
         "10.00"
 
 
+def test_a_captured_unkeyed_write_sent_again_is_refused_and_done_once(orders_http, payments_http,
+                                                                     user_id):
+    """An order or a deposit without an Idempotency-Key, captured and sent again within its
+    signature's minute, was carried out again: a second order, a second 10.00. Its signature is
+    taken once now (shared.single_use_signatures); a read's and a keyed write's are not: the
+    gateway sends those again, and a keyed write's repeat is its first answer."""
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    deposit, order = b'{"amount": "10.00"}', b'{"amount": "3.00", "description": "book"}'
+    keyed = {"Idempotency-Key": f"deposit-{uuid.uuid4()}", **deadline_headers(30)}
+    for client, path, body, sent_with, repeat in (
+            (payments_http, "/accounts/deposit", deposit, deadline_headers(30), 401),
+            (orders_http, "/orders", order, deadline_headers(30), 401),
+            (payments_http, "/accounts/deposit", deposit, keyed, 200),
+            (payments_http, "/accounts/balance", b"", deadline_headers(30), 200)):
+        method = "POST" if body else "GET"
+        signed = _signed_for(user_id, method, path, body, sent_with=sent_with)
+        answers = [client.open(path, method=method, data=body, headers=signed,
+                               content_type="application/json" if body else None)
+                   for _ in range(2)]
+        assert answers[0].status_code in (200, 202), answers[0].get_data(as_text=True)
+        assert answers[1].status_code == repeat, (path, answers[1].get_data(as_text=True))
+        if repeat == 401:
+            error = _assert_error(answers[1], 401)
+            assert error["code"] == "UNTRUSTED_IDENTITY" and "used before" in error["message"]
+    assert payments_http.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == \
+        "20.00"  # the unkeyed deposit once, the keyed one once (its repeat a replay)
+    assert _order_writes(orders_http.application, user_id) == (1, 1)
+
+
+def test_with_redis_unreachable_an_unkeyed_write_goes_through_unchecked_and_says_so(
+        settings, user_id, caplog):
+    """A shop takes orders with Redis down: the signature's use cannot be noted, so the write is
+    carried out, and its repeat too, with a WARNING each (as before the check, for as long as
+    Redis is away)."""
+    app = orders_app.create_app(settings=dataclasses.replace(
+        settings, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    client = app.test_client()
+    order = b'{"amount": "3.00"}'
+    signed = _signed_for(user_id, "POST", "/orders", order, sent_with=deadline_headers(30))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            placed = client.post("/orders", data=order, headers=signed,
+                                 content_type="application/json")
+            assert placed.status_code == 202, placed.get_data(as_text=True)
+    taken_as_unused = [record for record in caplog.records
+                       if "taking an unkeyed write's signature as unused" in record.getMessage()]
+    assert len(taken_as_unused) == 2
+    assert all(record.levelno == logging.WARNING for record in taken_as_unused)
+    assert _order_writes(app, user_id) == (2, 2)
+
+
 def test_headers_dated_more_than_a_few_seconds_ahead_are_refused(payments_http, user_id):
     """Accepted up to a minute ahead before: a captured set was good for two."""
     assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
