@@ -108,7 +108,8 @@ def forward(service: str, path: str, idempotent: bool = False,
         raise BadGateway.of(service) from None
     failure = failure_for_status(service, upstream.status_code,
                                  unavailable_for_now=_unavailable_for_now(upstream),
-                                 said=lambda: upstream.text)
+                                 said=lambda: upstream.text,
+                                 error_code=lambda: _error_code(upstream))
     if failure is not None:
         raise failure
     if not _an_answer_of_the_api(upstream):  # (a URL that names something else, say)
@@ -139,6 +140,13 @@ def _an_answer_of_the_api(upstream: requests.Response) -> bool:
     except UNREADABLE_JSON:
         return False
     return True
+
+
+def _error_code(upstream: requests.Response) -> str | None:
+    """The `error.code` of the answer's body, if it is an error of the API's."""
+    if not _an_error_of_the_api(upstream):
+        return None
+    return json.loads(upstream.content)["error"]["code"]
 
 
 def _unavailable_for_now(upstream: requests.Response) -> bool:

@@ -35,13 +35,15 @@ def an_error_of_the_api(code: Any, message: Any, details: Any) -> bool:
 
 
 def failure_for_status(service: str, status: int, *, unavailable_for_now: bool,
-                       said: Callable[[], str | None]) -> ApiError | None:
+                       said: Callable[[], str | None],
+                       error_code: Callable[[], str | None]) -> ApiError | None:
     """What the gateway answers for a service's answer of `status` instead of relaying it (None:
     relayed, as far as its status goes): a 504, for an answer that came too late to count (the
     service's CALLER_GAVE_UP, or whatever stands in front of it timing out); a 502 for any other
     5xx but a 503 that is `unavailable_for_now` (the service's own, in the usual error shape: it
     can say when to retry), and for a 401 (the gateway's signed identity refused). `said` gives
-    the service's body or message, read only for the log."""
+    the service's body or message, read only for the log, and `error_code` its error's code
+    (None: it gave none), read only for a 401's log line."""
     if status == 504:
         log.warning("%s answered too late: %s", service, (said() or "")[:500])
         return UpstreamTimeout.of(service)
@@ -49,7 +51,7 @@ def failure_for_status(service: str, status: int, *, unavailable_for_now: bool,
         log.error("%s answered %s: %s", service, status, (said() or "")[:500])
         return BadGateway.of(service)
     if status == 401:
-        return BadGateway.identity_refused(service, (said() or "")[:500])
+        return BadGateway.identity_refused(service, (said() or "")[:500], error_code())
     return None
 
 

@@ -141,7 +141,7 @@ def _the_services_error(service: str, exc: grpc.RpcError, trailers: dict[str, st
         return BadGateway.of(service)
     # (A 503 in these trailers is the service's own: they say an error of its API.)
     failure = failure_for_status(service, int(status), unavailable_for_now=True,
-                                 said=exc.details)
+                                 said=exc.details, error_code=lambda: code)
     if failure is not None:
         return failure
     retry_after = retry_after_passed_on(service, trailers.get(RETRY_AFTER_KEY))

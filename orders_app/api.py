@@ -9,7 +9,7 @@ from orders_app.schemas import (GET_ORDER_ERRORS, LIST_ORDERS_ERRORS, PLACE_ORDE
                                 ListOrdersQuerySchema, OrderPageSchema, OrderSchema,
                                 PlaceOrderSchema)
 from shared.caller_deadline import CALLER_GAVE_UP, DEADLINE_PARAMETER
-from shared.documented_errors import SERVICE_OPERATION_ERRORS
+from shared.documented_errors import SERVICE_OPERATION_ERRORS, SIGNATURE_USED
 from shared.http_api import Blueprint
 from shared.idempotency import (IDEMPOTENCY_KEY_PARAMETER, REPLAYED_RESPONSE_HEADERS,
                                 idempotency_key_from_request)
@@ -22,7 +22,7 @@ blueprint = Blueprint("orders", __name__, url_prefix="/orders", description="Pla
 @blueprint.arguments(PlaceOrderSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER, DEADLINE_PARAMETER])
 @blueprint.response(202, OrderSchema, headers=REPLAYED_RESPONSE_HEADERS)
-@blueprint.errors(*PLACE_ORDER_ERRORS, CALLER_GAVE_UP)
+@blueprint.errors(*PLACE_ORDER_ERRORS, CALLER_GAVE_UP, SIGNATURE_USED)
 def place_order(args):
     """Place an order; its payment is asked for asynchronously."""
     return jsonify(endpoints.place_order(g.user_id, args, idempotency_key_from_request())), 202

@@ -8,7 +8,7 @@ from payments_app import endpoints
 from payments_app.schemas import (BALANCE_ERRORS, DEPOSIT_ERRORS, OPEN_ACCOUNT_ERRORS,
                                   AccountSchema, DepositSchema)
 from shared.caller_deadline import CALLER_GAVE_UP, DEADLINE_PARAMETER
-from shared.documented_errors import SERVICE_OPERATION_ERRORS
+from shared.documented_errors import SERVICE_OPERATION_ERRORS, SIGNATURE_USED
 from shared.http_api import Blueprint, EmptySchema
 from shared.idempotency import (IDEMPOTENCY_KEY_PARAMETER, REPLAYED_RESPONSE_HEADERS,
                                 idempotency_key_from_request)
@@ -32,7 +32,7 @@ def open_account(_args):
 @blueprint.arguments(DepositSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER, DEADLINE_PARAMETER])
 @blueprint.response(200, AccountSchema, headers=REPLAYED_RESPONSE_HEADERS)
-@blueprint.errors(*DEPOSIT_ERRORS, CALLER_GAVE_UP)
+@blueprint.errors(*DEPOSIT_ERRORS, CALLER_GAVE_UP, SIGNATURE_USED)
 def deposit(args):
     """Top up the caller's account."""
     return jsonify(endpoints.deposit(g.user_id, args, idempotency_key_from_request()))

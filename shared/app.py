@@ -137,8 +137,9 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     app.extensions["hseshop.service"] = service
     app.extensions[CACHE_EXTENSION] = VersionedCache(settings.redis_url, settings.cache_ttl_seconds,
                                                      prefix=f"{settings.redis_key_prefix}:{service}")
-    app.extensions[SINGLE_USE_SIGNATURES_EXTENSION] = SingleUseSignatures(
-        settings.redis_url, prefix=f"{settings.redis_key_prefix}:{service}")
+    if authenticate is identify_caller:  # (a service behind the gateway, which signs its calls)
+        app.extensions[SINGLE_USE_SIGNATURES_EXTENSION] = SingleUseSignatures(
+            settings.redis_url, prefix=f"{settings.redis_key_prefix}:{service}")
     init_database(app)
     api = ShopApi(app)
     app.extensions["hseshop.api"] = api

@@ -53,6 +53,16 @@ class Unauthorized(ApiError):
     code = "UNAUTHORIZED"
 
 
+class SignatureUsed(Unauthorized):
+    """The gateway's signature of an order or deposit without an Idempotency-Key, used before
+    (shared.single_use_signatures)."""
+
+    code = "SIGNATURE_USED"
+
+    def __init__(self):
+        super().__init__("Identity refused: the identity signature has been used before.")
+
+
 class UnreadableBody(ApiError):
     """A request body the web server could not read: a chunk of it malformed (gunicorn's chunked
     reader refusing it), say. Where the next request on the connection would start is then
@@ -74,10 +84,18 @@ class BadGateway(ApiError):
         return cls(f"The {service} service failed to answer.", details={"service": service})
 
     @classmethod
-    def identity_refused(cls, service: str, why: str) -> BadGateway:
-        """A service refused the identity the gateway signed (401): the gateway's fault, never
-        the caller's, whose token the gateway has checked. Passed on as a 401, it would tell
-        every caller their token is bad (the page signs out); the operator is told instead."""
+    def identity_refused(cls, service: str, why: str, code: str | None = None) -> BadGateway:
+        """A service refused the identity the gateway signed (401, its error's `code` if it gave
+        one): the gateway's fault, never the caller's, whose token the gateway has checked.
+        Passed on as a 401, it would tell every caller their token is bad (the page signs out);
+        the operator is told instead. A signature used before (SIGNATURE_USED) is no fault of the
+        release, the secret or the clocks, and is told as what it is."""
+        if code == SignatureUsed.code:
+            logging.getLogger(__name__).error(
+                "the %s service refused the gateway's signed identity (%s): an unkeyed write's "
+                "signature was used twice (a replay, or two identical requests signed in one "
+                "microsecond)", service, why)
+            return cls.of(service)
         logging.getLogger(__name__).error(
             "the %s service refused the gateway's signed identity (%s): are the two of one "
             "release (deployed together), do they share INTERNAL_AUTH_SECRET, and is the "

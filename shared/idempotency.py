@@ -124,9 +124,10 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
     request's invalidation is lost when its commit's answer is (a 503 for a commit that went
     through), and the retry that finds the change must not leave the reads cached from before it.
     A replay marks the answer replayed once its transaction has committed (take_replayed_mark).
-    Without a key, the gateway's signature of the call is taken, once: a captured call sent again
-    is refused 401 (shared.single_use_signatures).
-    """
+    Without a key, the gateway's signature of the call is taken, once, before the work: a
+    captured call sent again is refused 401 SIGNATURE_USED, and so is a try that failed sent
+    again (a signed unkeyed write is one try; retry by signing again: shared.single_use_signatures
+    says why a failure does not give the signature back)."""
     if key is None:
         refuse_a_used_signature()
         return respond()

@@ -26,10 +26,12 @@ same deadline (a moment, shared/caller_deadline.py), signed afresh with its own 
 What stays possible is that same request sent again within the window: a signature is accepted up
 to MAX_AGE_SECONDS after its timestamp (the gateway's resends, a busy service's queue) and no more
 than MAX_AHEAD_SECONDS before it (the hosts' clocks apart, which NTP keeps far closer): the window
-a captured request can be repeated in. A read's repeat reads, a keyed POST's is answered with its
-first answer (the gateway resends only those two), opening an account twice is a 409; a write
-without an Idempotency-Key (an order, a deposit) takes its signature once, in Redis, its repeat
-refused 401 UNTRUSTED_IDENTITY: shared.single_use_signatures, which says what Redis away leaves.
+a captured request can be repeated in (for what the gateway signs, only until the signed
+deadline, past which the work is rolled back: 504 CALLER_GAVE_UP). A read's repeat reads, a
+keyed POST's is answered with its first answer (the gateway resends only those two), opening an
+account twice is a 409; a write without an Idempotency-Key (an order, a deposit) takes its
+signature once, in Redis, its repeat refused 401 SIGNATURE_USED: shared.single_use_signatures,
+which says what Redis away leaves.
 
 The "v2" is the format's version: a service of this release refuses the signature of a gateway of
 the one before (unversioned: 64 hex digits over the user id and timestamp alone) with

@@ -1,7 +1,11 @@
 """A gateway signature that vouches for a write without an Idempotency-Key is accepted once: a
 captured order or deposit sent again within its signature's window (shared.internal_auth) is
-refused 401 UNTRUSTED_IDENTITY, as a signature that is not the gateway's is, where it was carried
-out again.
+refused 401 SIGNATURE_USED, where it was carried out again. That window is short for what the
+gateway signs: its requests carry a signed deadline (UPSTREAM_TIMEOUT_SECONDS, 5 s by default;
+shared.caller_deadline), past which the service's transaction() rolls the work back (504
+CALLER_GAVE_UP), so a repeat could be carried out only within those seconds; the signature's
+whole minute was open only to a request signed without a deadline (over HTTP, a caller signing
+for itself).
 
 Only there: a read changes nothing, a keyed write's repeat is answered with its first answer
 (shared.idempotency) and the gateway sends again only those two (gateway_app/upstream_http.py; a
@@ -13,10 +17,17 @@ microsecond (shared.caller_deadline), differs between two requests it sends, so 
 orders alike, sent one after the other, are two signatures (a caller that signs no deadline signs
 two alike within a second as one).
 
-Redis unreachable (or too slow, past 0.25 s), the write goes through, logged at WARNING: a shop
-takes orders with Redis down, as it reads without the cache, and meanwhile a captured unkeyed
-write can be repeated within its window, as before this check. So can one whose note Redis lost
-(a restart without its appendonly file, a failover).
+A signed unkeyed write is one try; retry by signing again. The use is noted before the work, so a
+first try that fails (a 503, a 504) has used its signature up too, and its repeat is refused. It
+is not taken back when the work is rolled back: a 503 whose commit went through all the same
+(its answer lost) would let the repeat place a second order. The gateway signs each try anew,
+and sends an unkeyed write once.
+
+Redis unreachable (or too slow, past 0.25 s), the write goes through, said at WARNING as the
+outage begins (and once a minute while it lasts) and at INFO once it is over (shared.outage_log),
+not once per write: a shop takes orders with Redis down, as it reads without the cache, and
+meanwhile a captured unkeyed write can be repeated within its window, as before this check. So
+can one whose note Redis lost (a restart without its appendonly file, a failover).
 """
 
 from __future__ import annotations
@@ -27,8 +38,9 @@ import logging
 import redis
 from flask import current_app, g
 
-from shared.errors import Unauthorized
-from shared.internal_auth import InvalidIdentity, MAX_AGE_SECONDS, MAX_AHEAD_SECONDS
+from shared.errors import SignatureUsed
+from shared.internal_auth import MAX_AGE_SECONDS, MAX_AHEAD_SECONDS
+from shared.outage_log import OutageLog, OutageWords
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +51,14 @@ SINGLE_USE_SIGNATURES_EXTENSION = "hseshop.single_use_signatures"
 _KEPT_SECONDS = MAX_AGE_SECONDS + 2 * MAX_AHEAD_SECONDS + 1
 # Where shared.identity leaves the signature of the call under way, once verified.
 _VERIFIED_SIGNATURE = "hseshop_verified_signature"
+# What is said of Redis away (SingleUseSignatures._outage), once an outage, not once a write.
+_REDIS_OUTAGE_WORDS = OutageWords(
+    begun="%(what)s unavailable, taking unkeyed writes' signatures as unused until it answers:"
+          " %(said)s",
+    still="%(what)s still unavailable after %(seconds).0f s (%(tries)d unkeyed writes' signatures"
+          " taken as unused): %(said)s",
+    over="%(what)s available again after %(seconds).0f s (%(tries)d unkeyed writes' signatures"
+         " taken as unused meanwhile)")
 
 
 class SingleUseSignatures:
@@ -48,21 +68,20 @@ class SingleUseSignatures:
         self._client = redis.Redis.from_url(redis_url, socket_timeout=0.25,
                                             socket_connect_timeout=0.25)
         self._prefix = prefix
-
-    def close(self) -> None:
-        self._client.close()
+        self._outage = OutageLog(log, "used signatures", _REDIS_OUTAGE_WORDS)
 
     def first_use(self, signature: str) -> bool:
         """Note a use of `signature`: False when it was used before; True the first time, and
-        when Redis cannot tell (logged)."""
+        when Redis cannot tell (said once an outage: _outage)."""
         digest = hashlib.sha256(signature.encode("utf-8", "replace")).hexdigest()
         try:
-            return bool(self._client.set(f"{self._prefix}:signature-used:{digest}", 1, nx=True,
-                                         ex=_KEPT_SECONDS))
+            first = bool(self._client.set(f"{self._prefix}:signature-used:{digest}", 1, nx=True,
+                                          ex=_KEPT_SECONDS))
         except redis.RedisError as exc:
-            log.warning("used signatures unavailable, taking an unkeyed write's signature as"
-                        " unused: %s", exc)
+            self._outage.failed(str(exc))
             return True
+        self._outage.back()
+        return first
 
 
 def note_verified_signature(signature: str) -> None:
@@ -72,12 +91,11 @@ def note_verified_signature(signature: str) -> None:
 
 
 def refuse_a_used_signature() -> None:
-    """401 UNTRUSTED_IDENTITY when the signature of the call under way was used before: for a
+    """401 SIGNATURE_USED when the signature of the call under way was used before: for a
     write without an Idempotency-Key, over either transport. It is taken off once checked, so that
     a use case run later in the same app context (a test's, a command's) is not checked against
     it; there is none to check for a use case run in-process, with no call."""
     signature = g.pop(_VERIFIED_SIGNATURE, None)
     if signature is not None and \
             not current_app.extensions[SINGLE_USE_SIGNATURES_EXTENSION].first_use(signature):
-        raise Unauthorized("Identity refused: the identity signature has been used before.",
-                           code=InvalidIdentity.code)
+        raise SignatureUsed()

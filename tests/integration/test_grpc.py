@@ -608,7 +608,7 @@ def test_a_captured_unkeyed_call_sent_again_is_refused_and_done_once(settings, g
     """A PlaceOrder or a Deposit without an idempotency_key, captured and sent again within its
     signature's minute, was carried out again (a second order, a second 10.00): its signature is
     taken once, as over HTTP (shared.single_use_signatures), the repeat refused UNAUTHENTICATED
-    with the trailers of a 401 UNTRUSTED_IDENTITY. A keyed call's repeat is still its first
+    with the trailers of a 401 SIGNATURE_USED. A keyed call's repeat is still its first
     answer, and a read's repeat a read."""
     from shared.protos import payments_pb2, payments_pb2_grpc
 
@@ -638,7 +638,7 @@ def test_a_captured_unkeyed_call_sent_again_is_refused_and_done_once(settings, g
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         trailers = dict(refused.value.trailing_metadata())
         assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == \
-            ("401", "UNTRUSTED_IDENTITY")
+            ("401", "SIGNATURE_USED")
         assert "used before" in refused.value.details()
     balance = payments_pb2.GetBalanceRequest()
     assert payments.GetBalance(balance, timeout=5, metadata=grpc_signed(
@@ -840,6 +840,28 @@ def test_a_gateway_whose_signature_the_services_refuse_answers_502_not_401(
         assert answer.get_json()["error"]["code"] == "BAD_GATEWAY", transport
         assert "INTERNAL_AUTH_SECRET" in caplog.text, transport
         caplog.clear()
+
+
+def test_a_gateway_whose_unkeyed_write_is_signed_twice_alike_answers_502_and_says_why(
+        settings, upstreams, grpc_targets, caplog, monkeypatch):  # noqa: F811
+    """Two orders alike without an Idempotency-Key, signed in one microsecond (the gateway's
+    clock held still here), are one signature, which the service takes once: the second is
+    refused 401 SIGNATURE_USED, a 502 to the client, and the gateway's log says what happened,
+    not that the release, INTERNAL_AUTH_SECRET or the clocks are apart."""
+    held = types.SimpleNamespace(time=lambda now=time.time(): now, monotonic=time.monotonic)
+    for module in ("shared.internal_auth", "shared.caller_deadline"):
+        monkeypatch.setattr(f"{module}.time", held)
+    for transport in ("grpc", "http"):
+        client = _gateway(settings, upstreams, grpc_targets, transport)
+        _, auth = _signed_up_with_an_account(client)
+        caplog.clear()
+        answers = [client.post("/api/orders", json={"amount": "2.00"}, headers=auth)
+                   for _ in range(2)]
+        assert answers[0].status_code == 202, (transport, answers[0].get_json())
+        assert answers[1].status_code == 502, (transport, answers[1].get_json())
+        assert answers[1].get_json()["error"]["code"] == "BAD_GATEWAY", transport
+        assert "an unkeyed write's signature was used twice" in caplog.text, transport
+        assert "INTERNAL_AUTH_SECRET" not in caplog.text, transport
 
 
 def _signed_up_with_an_account(client) -> tuple[dict, dict[str, str]]:

@@ -11,6 +11,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import func, select, text
@@ -23,6 +24,7 @@ import shared.health
 from devstack.infra import free_port
 from orders_app.models import Order
 from payments_app.models import Account
+from shared.cache import CACHE_EXTENSION
 from shared.caller_deadline import DEADLINE_HEADER, deadline_headers
 from shared.contracts import FAILURE_REASONS
 from shared.db import db, transaction
@@ -32,6 +34,7 @@ from shared.kafka import broker_reachable
 from shared.money import MAX_BALANCE
 from shared.outbox.writing import OutboxMessage
 from tests.environment import TEST_SECRETS
+from tests.network_tools import SilencingProxy
 from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_described,
                                  assert_documented, assert_headers_documented, asked, codes_named,
                                  documented_answers, documented_errors, operations,
@@ -317,7 +320,7 @@ def test_a_captured_unkeyed_write_sent_again_is_refused_and_done_once(orders_htt
         assert answers[1].status_code == repeat, (path, answers[1].get_data(as_text=True))
         if repeat == 401:
             error = _assert_error(answers[1], 401)
-            assert error["code"] == "UNTRUSTED_IDENTITY" and "used before" in error["message"]
+            assert error["code"] == "SIGNATURE_USED" and "used before" in error["message"]
     assert payments_http.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == \
         "20.00"  # the unkeyed deposit once, the keyed one once (its repeat a replay)
     assert _order_writes(orders_http.application, user_id) == (1, 1)
@@ -326,23 +329,39 @@ def test_a_captured_unkeyed_write_sent_again_is_refused_and_done_once(orders_htt
 def test_with_redis_unreachable_an_unkeyed_write_goes_through_unchecked_and_says_so(
         settings, user_id, caplog):
     """A shop takes orders with Redis down: the signature's use cannot be noted, so the write is
-    carried out, and its repeat too, with a WARNING each (as before the check, for as long as
-    Redis is away)."""
+    carried out, and its repeat too (as before the check, for as long as Redis is away), said at
+    WARNING once as the outage begins, not once a write, and at INFO once Redis answers again,
+    when a repeat is refused once more."""
+    url = urlsplit(settings.redis_url)
+    redis = SilencingProxy(f"{url.hostname}:{url.port or 6379}")
     app = orders_app.create_app(settings=dataclasses.replace(
-        settings, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
-    client = app.test_client()
-    order = b'{"amount": "3.00"}'
-    signed = _signed_for(user_id, "POST", "/orders", order, sent_with=deadline_headers(30))
-    with caplog.at_level(logging.WARNING):
-        for _ in range(2):
-            placed = client.post("/orders", data=order, headers=signed,
-                                 content_type="application/json")
-            assert placed.status_code == 202, placed.get_data(as_text=True)
-    taken_as_unused = [record for record in caplog.records
-                       if "taking an unkeyed write's signature as unused" in record.getMessage()]
-    assert len(taken_as_unused) == 2
-    assert all(record.levelno == logging.WARNING for record in taken_as_unused)
-    assert _order_writes(app, user_id) == (2, 2)
+        settings, redis_url=url._replace(netloc=redis.address).geturl()))
+    try:
+        client = app.test_client()
+
+        def placed(body: bytes, signed: dict[str, str]):
+            return client.post("/orders", data=body, headers=signed,
+                               content_type="application/json")
+
+        order = b'{"amount": "3.00"}'
+        signed = _signed_for(user_id, "POST", "/orders", order, sent_with=deadline_headers(30))
+        redis.cut()
+        with caplog.at_level(logging.INFO, logger="shared.single_use_signatures"):
+            for _ in range(3):
+                assert placed(order, signed).status_code == 202
+            redis.restore()
+            after = _signed_for(user_id, "POST", "/orders", order, sent_with=deadline_headers(30))
+            assert placed(order, after).status_code == 202
+            assert _assert_error(placed(order, after), 401)["code"] == "SIGNATURE_USED"
+    finally:
+        app.extensions[CACHE_EXTENSION].close()  # (its thread trying the bumps kept, stopped)
+        redis.close()
+    said = [(record.levelno, record.getMessage()) for record in caplog.records
+            if record.name == "shared.single_use_signatures"]
+    assert [level for level, _ in said] == [logging.WARNING, logging.INFO], said
+    assert "taking unkeyed writes' signatures as unused" in said[0][1]
+    assert "available again" in said[1][1] and "3 unkeyed writes" in said[1][1]
+    assert _order_writes(app, user_id) == (4, 4)
 
 
 def test_headers_dated_more_than_a_few_seconds_ahead_are_refused(payments_http, user_id):
@@ -846,9 +865,11 @@ def test_each_service_operation_documents_its_error_statuses_in_the_error_shape(
             assert response["content"]["application/json"]["schema"] == ERROR_SCHEMA
             assert codes_named(response), (method, path, status)  # the codes it carries
         assert set(documented[503]["headers"]) == {"Retry-After", "X-Request-ID"}, (method, path)
-        assert codes_named(documented[401]) == {"MISSING_USER_ID", "INVALID_USER_ID",
-                                                "UNTRUSTED_IDENTITY",
-                                                "SIGNATURE_VERSION_MISMATCH"}, (method, path)
+        unkeyed_write = (method, path) in {("post", "/orders"), ("post", "/accounts/deposit")}
+        assert codes_named(documented[401]) == {
+            "MISSING_USER_ID", "INVALID_USER_ID", "UNTRUSTED_IDENTITY",
+            "SIGNATURE_VERSION_MISMATCH", *(["SIGNATURE_USED"] if unkeyed_write else [])}, (
+            method, path)
 
 
 def test_errors_declared_above_a_routes_decorator_are_refused_not_left_out():
@@ -945,6 +966,13 @@ def test_every_error_a_service_operation_answers_is_documented_for_it_and_none_o
         db.session.commit()
     answers["payments", "post", "/accounts/deposit"].append(
         payments.post("/accounts/deposit", json={"amount": "1.00"}, signed_as=user_id))
+    # An unkeyed write's signature used before.
+    body = b'{"amount": "1.00"}'
+    for client, path in ((orders, "/orders"), (payments, "/accounts/deposit")):
+        signed = _signed_for(user_id, "POST", path, body, sent_with=deadline_headers(30))
+        answers[client.application.name, "post", path] += [
+            client.post(path, data=body, headers=signed, content_type="application/json")
+            for _ in range(2)][1:]
     # The caller gone by the time the work would commit.
     gone, opened = {DEADLINE_HEADER: "0"}, f"user-{uuid.uuid4().hex[:12]}"
     payments.post("/accounts", signed_as=opened)

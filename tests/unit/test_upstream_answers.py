@@ -150,5 +150,21 @@ def test_a_retry_after_left_out_is_logged(caplog):
 def test_a_failure_of_the_services_is_answered_for_and_its_own_errors_relayed(
         status, unavailable_for_now, answered):
     failure = failure_for_status("orders", status, unavailable_for_now=unavailable_for_now,
-                                 said=lambda: "what it said")
+                                 said=lambda: "what it said", error_code=lambda: "SOME_CODE")
     assert (failure and (failure.status, failure.code)) == answered
+
+
+def test_a_signature_used_twice_is_logged_as_that_not_as_a_release_secret_or_clock_apart(caplog):
+    """Both 401s are a 502 to the client; the log tells the operator what to look at: for a
+    SIGNATURE_USED, a replay or two identical requests signed in one microsecond, not the
+    release, INTERNAL_AUTH_SECRET or the clocks, which it had suggested."""
+    for code, said, not_said in (
+            ("UNTRUSTED_IDENTITY", "INTERNAL_AUTH_SECRET", "used twice"),
+            ("SIGNATURE_USED", "an unkeyed write's signature was used twice (a replay, or two "
+                               "identical requests signed in one microsecond)",
+             "INTERNAL_AUTH_SECRET")):
+        caplog.clear()
+        failure = failure_for_status("orders", 401, unavailable_for_now=False,
+                                     said=lambda: "what it said", error_code=lambda: code)
+        assert (failure.status, failure.code) == (502, "BAD_GATEWAY")
+        assert said in caplog.text and not_said not in caplog.text, code
