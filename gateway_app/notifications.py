@@ -53,6 +53,7 @@ from shared.fields import WholeNumber
 from shared.http_api import Blueprint, EmptySchema, given_more_than_once
 from shared.inbox.handling import Handler, ReceivedEvent
 from shared.jsonio import dumps_exact
+from shared.process_stopping import stopping
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ SOCKET_CLOSE_ANSWER_SECONDS = 0.5
 SOCKET_PATH = "/api/notifications/ws"
 # How a socket is closed when Redis or the database fails it: the page reconnects.
 UNAVAILABLE = (1011, "notifications unavailable; reconnect")
+# How a socket is closed when its gateway process is told to stop (a deploy, a restart): within
+# SOCKET_DRAIN_SECONDS, where the process would wait for it to gunicorn's graceful_timeout and
+# then drop it unclosed. The page reconnects at once, to a process that is not stopping.
+RESTARTING = (1012, "the gateway is restarting; reconnect")
 SOCKET_ENDPOINT = "notifications_socket"
 
 blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications",
@@ -547,7 +552,7 @@ def drop_when_the_peer_vanishes(connection: socket.socket) -> None:
 def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
     """Send the token's user's notifications after the id `after`, then each one live, until the
     page goes, or its token expires or is signed out (then closed with 1008: the page signs in
-    again, then reconnects)."""
+    again, then reconnects), or the process is told to stop (closed with 1012: RESTARTING)."""
     user_id = token.user_id
     try:
         with channel_listener().listening(channel(user_id), SUBSCRIBE_TIMEOUT_SECONDS) as waiter:
@@ -557,6 +562,9 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
             # SOCKET_RECHECK_SECONDS, and before each page of a long catch-up.
             last_sent, woken, recheck_at = after, True, 0.0
             while time.time() < token.expires_at:
+                if stopping():
+                    _close(ws, *RESTARTING)
+                    return
                 if woken or time.monotonic() >= recheck_at:
                     if is_signed_out(token):
                         _close(ws, 1008, SIGNED_OUT)

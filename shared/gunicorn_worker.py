@@ -35,6 +35,10 @@ with the version. The answers go without the header, and the environ's SERVER_SO
 arbiter also puts `gunicorn/<version>` in the master's process environment as SERVER_SOFTWARE
 (gunicorn/arbiter.py: `Arbiter.__init__`), which each worker inherits, and each subprocess an app
 starts: the worker takes it out of its own as it starts.
+
+Told to stop (SIGTERM), it tells the requests that last to end (shared.process_stopping): the
+gateway's notification sockets are closed with 1012 (service restart), the page reconnecting at
+once, where gunicorn waited for them to its graceful_timeout (30 s), then dropped them unclosed.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from gunicorn.workers.gthread import ThreadWorker
 from werkzeug.http import HTTP_STATUS_CODES
 
 from shared.errors import INTERNAL_ERROR, code_for, error_body
+from shared.process_stopping import stop_requests_that_last
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
@@ -173,9 +178,9 @@ GUNICORN_REPLACED = (
 
 class JsonErrorsThreadWorker(ThreadWorker):
     """gunicorn's threaded worker (what `--threads` above 1 picks), that makes the answers gunicorn
-    writes itself JSON, defers `100 Continue` to the body's first read, and names no server
+    writes itself JSON, defers `100 Continue` to the body's first read, names no server
     software (no `Server` header, an empty SERVER_SOFTWARE in each request's environ, none in the
-    worker's process environment)."""
+    worker's process environment), and, told to stop, tells the requests that last to end."""
 
     def init_process(self):
         # In the worker's process, once forked, before super's loads the app and runs the loop that
@@ -187,6 +192,13 @@ class JsonErrorsThreadWorker(ThreadWorker):
         # the worker's, and so from that of every subprocess the app starts.
         os.environ.pop("SERVER_SOFTWARE", None)
         super().init_process()
+
+    def handle_exit(self, sig, frame):
+        # SIGTERM (a deploy, a restart, the arbiter's reload): gunicorn stops taking connections
+        # and waits up to its graceful_timeout for those open; the requests that last (the
+        # gateway's notification sockets) are told to end, so that it need not wait them out.
+        stop_requests_that_last()
+        super().handle_exit(sig, frame)
 
     def finish_request(self, conn, fs):
         # A connection the request closed itself (a WebSocket's: simple_websocket's reader closes

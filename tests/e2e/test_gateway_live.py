@@ -3,6 +3,7 @@ the right user only, on either of two gateway instances, and catch-up after a re
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -115,6 +116,26 @@ def test_a_page_that_reconnects_catches_up_on_what_it_missed(stack):
     history = shopper.api("GET", f"/notifications?after={seen['id']}", 200)["items"]
     assert [h["id"] for h in history] == [r["id"] for r in replayed]
     assert shopper.api("GET", "/notifications/newest", 200) == {"id": replayed[-1]["id"]}
+
+
+def test_a_gateway_told_to_stop_closes_its_sockets_with_1012_and_stops_at_once(stack):
+    """SIGTERM (a deploy, a restart): each open notification socket is closed with 1012 (service
+    restart), and the gateway stops within seconds, where gunicorn waited for the sockets to its
+    30 s graceful_timeout, then dropped them without a close (the page saw 1006)."""
+    process, url = stack.start_gateway_instance("gateway-stopping")
+    try:
+        shopper = GatewayClient(stack.gateway_url)
+        listener = shopper.listen(gateway_url=url)
+        assert listener.next(timeout=1) is None  # open, and quiet
+        began = time.monotonic()
+        process.stop(timeout=45)  # (past graceful_timeout: what it waited, measured)
+        stopped_in = time.monotonic() - began
+    finally:
+        process.stop()
+    with pytest.raises(ConnectionClosed):
+        listener.next(timeout=5)
+    assert listener.socket.close_reason == 1012, listener.socket.close_message
+    assert stopped_in < 10, stopped_in
 
 
 def test_a_bad_token_cannot_open_the_notification_socket(stack):
