@@ -27,6 +27,10 @@
   // loses Redis, would otherwise read in step), but not while its tab is hidden: the gateway may
   // refuse sockets for long (its slots taken, Redis away) while its API answers.
   const POLL_MS = 10000;
+  // While its socket works, the page reads the balance itself about this often (jittered), and
+  // when its tab is shown or its window focused: deposits, and an account opened, in another tab
+  // or on another device, send no notification.
+  const BALANCE_READ_MS = 60000;
   // The wait a rate-limited socket's close (1013) names, as the gateway words it.
   const TRY_AGAIN_IN = /try again in (\d+) s/i;
   const AMOUNT = /^\d{1,10}(\.\d{1,2})?$/;
@@ -79,6 +83,10 @@
   // then read once more: a burst of notifications costs two reads), {overtaken} when a write's
   // answer has been shown since (its answer, older, is then not shown).
   let balanceRead = null;
+  // The read of the first page of orders for those notifications named that the page did not
+  // know, in flight: {again} when another was named since it was sent (it is then read once
+  // more: a socket back from a long outage replays every notification since, for as many orders).
+  let unknownOrdersRead = null;
   // The Idempotency-Keys of a user's attempts whose outcome is not known yet (the signed-in
   // user's, or the last one's, kept for their next sign-in): {username, actions: {action:
   // Map(form's contents -> {key, madeAt})}}, read from sessionStorage.
@@ -497,6 +505,7 @@
     olderPagesShown = false;
     lastNotificationId = 0;
     balanceRead = null;
+    unknownOrdersRead = null;
     // What was typed is this user's: the next one starts with empty forms. (The keys of their
     // pending attempts are kept for their next sign-in in this tab: forgetPendingKeys.)
     ["topup-amount", "order-amount", "order-description", "password"].forEach((id) => {
@@ -681,6 +690,7 @@
                   + "decimals, e.g. 100 or 12.50.");
       return;
     }
+    const said = sameAmount(amount);  // as the shop writes it: "0012" is 12.00
     await whileBusy($("topup-submit"), async () => {
       let answer;
       try {
@@ -691,7 +701,7 @@
         // It may have gone through: show the balance as it is now, and say what pressing again
         // does (the same top-up, under the same key: never counted twice).
         refreshBalance().catch(backgroundReadFailed);
-        showMessage(`${describeError(error)} The top-up of ${amount} may have gone through: the `
+        showMessage(`${describeError(error)} The top-up of ${said} may have gone through: the `
                     + "balance above is read again. Pressing Top up again with the same amount "
                     + "retries that top-up; it is never counted twice.");
         return;
@@ -699,8 +709,8 @@
       showAnsweredAccount(answer.body);
       $("topup-amount").value = "";
       showMessage(answer.replayed
-        ? `The top-up of ${amount} had gone through already; it was not counted again.`
-        : `Topped up ${amount}.`, "info");
+        ? `The top-up of ${said} had gone through already; it was not counted again.`
+        : `Topped up ${said}.`, "info");
       // The answer to a retried top-up is the first one's, its balance as it stood then.
       refreshBalance().catch(backgroundReadFailed);
     });
@@ -807,9 +817,10 @@
         // It may have been placed: read the orders again, and say what pressing again does (the
         // same order, under the same key: never placed twice).
         loadOrders().catch(backgroundReadFailed);
-        showMessage(`${describeError(error)} The order for ${amount} may have been placed: the `
-                    + "orders below are read again. Pressing Place order again with the same "
-                    + "amount and description retries that order; it is never placed twice.");
+        showMessage(`${describeError(error)} The order for ${sameAmount(amount)} may have been `
+                    + "placed: the orders below are read again. Pressing Place order again with "
+                    + "the same amount and description retries that order; it is never placed "
+                    + "twice.");
         return;
       }
       const order = answer.body;
@@ -926,6 +937,9 @@
       // again (the next ticket's request would tell it too, but reads count the same).
       // (A read the page makes of itself: refused for the rate limit, it says nothing.)
       if (event.code === 1008) refreshBalance().catch(backgroundReadFailed);
+      // 1012 or 1001: its gateway process is stopping (a restart), not failing: another takes the
+      // next socket, tried after the shortest wait, jittered.
+      if (event.code === 1012 || event.code === 1001) reconnectDelay = RECONNECT_FIRST_MS;
       pollOrders();
       const turnedAway = !opened || event.code === 1013;
       scheduleReconnect(turnedAway ? RECONNECT_TURNED_AWAY_MAX_MS : RECONNECT_MAX_MS);
@@ -933,10 +947,12 @@
   }
 
   // The socket has stayed open SOCKET_WORKED_MS: the page's own reads stop. What changed while
-  // it had none, its socket sends first (it was opened `after` the last notification seen).
+  // it had none, its socket sends first (it was opened `after` the last notification seen); what
+  // a failed read of the poll's showed is left to a catch-up (the socket sends no balance).
   function onSocketWorked() {
     reconnectDelay = RECONNECT_FIRST_MS;
     stopPolling();
+    if (failedReadShown()) catchUpSoon();
   }
 
   // Until a socket works, reads the first page of orders and the balance about every POLL_MS,
@@ -977,11 +993,28 @@
     poll = null;
   }
 
-  // The tab shown again, its socket still not working: what it missed while hidden, read at once,
-  // and the reconnect that fell due meanwhile made.
+  // Reads the balance while the socket works and the tab is shown (the poll reads it otherwise),
+  // unless a read of it is under way (the tab shown and the window focused come together).
+  function readBalanceWhileLive() {
+    if (session && socket && !poll && !document.hidden && !balanceRead) {
+      refreshBalance().catch(backgroundReadFailed);
+    }
+  }
+
+  // Reads the balance about every BALANCE_READ_MS while the socket works, for the page's life.
+  function readBalanceNowAndThen() {
+    setTimeout(() => {
+      readBalanceWhileLive();
+      readBalanceNowAndThen();
+    }, jittered(BALANCE_READ_MS));
+  }
+
+  // The tab shown again: its socket still not working, what it missed while hidden, read at once,
+  // and the reconnect that fell due meanwhile made; its socket working, the balance read.
   function onVisibilityChange() {
     if (document.hidden) return;
     if (poll && !poll.reading) pollIn(0);
+    readBalanceWhileLive();
     if (reconnectWhenShown) {
       reconnectWhenShown = false;
       connectSocket();
@@ -1035,14 +1068,15 @@
     if (notification.type !== "OrderStatusChanged") return;
     const change = notification.payload;
     try {
+      // Placed elsewhere (another tab) or not yet answered here: the first page of orders is read
+      // again, once for however many such orders (readUnknownOrders). The change goes over what
+      // it read, which may have been read before it.
+      if (!orders.has(change.order_id)) await readUnknownOrders();
       if (orders.has(change.order_id)) {
         rememberOrder({
           id: change.order_id, status: change.status, reason: change.reason,
           updated_at: change.updated_at,
         });
-      } else {
-        // Placed elsewhere (another tab) or not yet answered here: read the whole order.
-        rememberOrder(await api("GET", `/api/orders/${encodeURIComponent(change.order_id)}`));
       }
       renderOrders();
     } catch (error) {
@@ -1052,6 +1086,28 @@
       return;
     }
     refreshBalance().catch(backgroundReadFailed);  // a FINISHED order has just been paid
+  }
+
+  // Reads the first page of orders, or joins the read in flight, which then reads again: an order
+  // a notification names is in what it reads, however late it was placed.
+  function readUnknownOrders() {
+    if (unknownOrdersRead) {
+      unknownOrdersRead.again = true;
+      return unknownOrdersRead.promise;
+    }
+    const read = { again: false };
+    read.promise = (async () => {
+      try {
+        do {
+          read.again = false;
+          await loadOrders();
+        } while (read.again && unknownOrdersRead === read);
+      } finally {
+        if (unknownOrdersRead === read) unknownOrdersRead = null;
+      }
+    })();
+    unknownOrdersRead = read;
+    return read.promise;
   }
 
   function reportAndCatchUp(error) {
@@ -1071,10 +1127,13 @@
   async function readOrdersAndBalance() {
     const reads = await Promise.allSettled([loadOrders(), refreshBalance()]);
     const failed = reads.filter((read) => read.status === "rejected").map((read) => read.reason);
-    if (!failed.length && !$("message").hidden && $("message").textContent === catchUpMessage) {
-      clearMessage();  // what it reported is made good
-    }
+    if (!failed.length && failedReadShown()) clearMessage();  // what it reported is made good
     return failed;
+  }
+
+  // Whether the message shown is what a failed read reported (reportFailedRead).
+  function failedReadShown() {
+    return !$("message").hidden && $("message").textContent === catchUpMessage;
   }
 
   // Reads the first page of orders and the balance again, once: in 5 s, and never sooner than
@@ -1104,6 +1163,8 @@
     $("order-form").addEventListener("submit", onPlaceOrder);
     $("orders-more").addEventListener("click", onShowMore);
     document.addEventListener("visibilitychange", onVisibilityChange);
+    window.addEventListener("focus", readBalanceWhileLive);
+    readBalanceNowAndThen();
     // A network that went away and came back can leave the socket dead without a close: the page
     // would show "live" and hear nothing; or the request for its ticket held, unanswered. Open a
     // new one (it catches up from the last id seen).

@@ -265,16 +265,17 @@ def test_a_page_told_to_wait_loads_the_shop_no_sooner_than_it_was_told(stack, br
     assert len(reads) == 2 and reads[1] - reads[0] >= 3000, reads
 
 
-# Played by the browser itself: the page's reads of single orders (those a notification names that
-# the page does not know) are refused, the first as a service unavailable a moment (no Retry-After),
-# every later one as a rate limit with Retry-After 8; the rest is real. Every read is recorded.
+# Played by the browser itself: the page's second and third reads of its first page of orders (the
+# first is the shop's load; then those of orders a notification names that the page does not know)
+# are refused, the first as a service unavailable a moment (no Retry-After), the second as a rate
+# limit with Retry-After 8; the rest is real. Every read is recorded.
 ORDER_READS_REFUSED = _fetch_played(before="window.hseshopReads = [];", answer="""
     const at = performance.now();
-    if (/^\\/api\\/orders\\/[^/]+$/.test(path)) {
-      const first = !window.hseshopReads.some((read) => read.refused);
+    const listed = window.hseshopReads.filter((read) => read.path === "/api/orders").length;
+    if (path === "/api/orders" && method === "GET" && [1, 2].includes(listed)) {
       window.hseshopReads.push({path, at, refused: true});
-      const [status, code, headers] = first ? [503, "SERVICE_UNAVAILABLE", {}]
-                                            : [429, "RATE_LIMITED", {"Retry-After": "8"}];
+      const [status, code, headers] = listed === 1 ? [503, "SERVICE_UNAVAILABLE", {}]
+                                                   : [429, "RATE_LIMITED", {"Retry-After": "8"}];
       return refusal(status, code, "Not now.", headers);
     }
     window.hseshopReads.push({path, at, refused: false});
@@ -337,6 +338,8 @@ def test_a_page_that_missed_orders_catches_up_once_and_no_sooner_than_it_was_tol
     lists = [read["at"] - told_at for read in after if read["path"] == "/api/orders"]
     balances = [read["at"] - told_at for read in after if read["path"] == "/api/accounts/balance"]
     assert len(lists) == 1 and lists[0] >= 8000 - 5, (lists, reads)  # (timers' own rounding)
+    # The orders it did not know were read with the first page, not one request each.
+    assert not [read for read in reads if read["path"].startswith("/api/orders/")], reads
     assert balances and min(balances) >= 8000 - 5, (balances, reads)
 
 
@@ -442,7 +445,8 @@ def _top_up_maybe_through_then_retried(page: ShopPage, amount: str, balance: str
     page.wait_until(lambda: page.text("balance") == balance, what="the balance read again")
     retried = retyped or amount
     page.top_up(retried)
-    page.wait_until(lambda: page.text("message") == f"The top-up of {retried} had gone through"
+    said = f"{float(retried.replace(',', '.')):.2f}"  # as the shop writes it
+    page.wait_until(lambda: page.text("message") == f"The top-up of {said} had gone through"
                     " already; it was not counted again.", what="the top-up retried")
 
 
@@ -456,8 +460,8 @@ def test_a_top_up_and_an_order_whose_answers_were_lost_count_once(stack, browser
     page, shopper = _live_page_of_a_shopper_with_100(stack, browser, FIRST_ANSWERS_LOST)
 
     _top_up_maybe_through_then_retried(page, "12,50", "112.50", retyped="12.5")
-    page.top_up("1")
-    page.wait_until(lambda: page.text("message") == "Topped up 1.", what="a new top-up")
+    page.top_up("001")  # said as the shop writes it
+    page.wait_until(lambda: page.text("message") == "Topped up 1.00.", what="a new top-up")
     assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "113.50"
 
     page.fill("order-amount", "10")
@@ -500,7 +504,7 @@ def test_a_top_up_the_gateway_never_sent_is_not_said_to_have_maybe_gone_through(
                     what="the page to say the shop is not answering")
     assert "may have gone through" not in page.text("message")
     page.top_up("5")
-    page.wait_until(lambda: page.text("message") == "Topped up 5.", what="the top-up")
+    page.wait_until(lambda: page.text("message") == "Topped up 5.00.", what="the top-up")
     assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "105.00"
 
 
@@ -547,17 +551,17 @@ def test_a_lost_top_up_or_order_retried_after_others_is_carried_out_once(stack, 
     two orders, not three."""
     page, shopper = _live_page_of_a_shopper_with_100(stack, browser, ANSWERS_LOST_WHEN_TOLD)
 
-    _answer_lost(page, lambda: page.top_up("100"), "The top-up of 100 may have gone through")
-    _answer_lost(page, lambda: page.top_up("50"), "The top-up of 50 may have gone through")
+    _answer_lost(page, lambda: page.top_up("100"), "The top-up of 100.00 may have gone through")
+    _answer_lost(page, lambda: page.top_up("50"), "The top-up of 50.00 may have gone through")
     page.top_up("100.00")
     page.wait_until(lambda: page.text("message") == "The top-up of 100.00 had gone through"
                     " already; it was not counted again.", what="the first top-up retried")
     page.top_up("50")
-    page.wait_until(lambda: page.text("message") == "The top-up of 50 had gone through already;"
+    page.wait_until(lambda: page.text("message") == "The top-up of 50.00 had gone through already;"
                     " it was not counted again.", what="the second top-up retried")
     assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "250.00"
 
-    maybe_placed = ("The order for 10 may have been placed: the orders below are read again."
+    maybe_placed = ("The order for 10.00 may have been placed: the orders below are read again."
                     " Pressing Place order again with the same amount and description retries"
                     " that order; it is never placed twice.")
     _answer_lost(page, _order(page, "10", "a book"), maybe_placed)
@@ -576,14 +580,14 @@ def test_a_lost_top_up_or_order_retried_after_a_reload_is_carried_out_once(stack
     tab's sessionStorage): the same top-up and the same order pressed again after it are retries.
     Signing out forgets the keys kept."""
     page, shopper = _live_page_of_a_shopper_with_100(stack, browser, ANSWERS_LOST_WHEN_TOLD)
-    _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20 may have gone through")
-    _answer_lost(page, _order(page, "5", "pen"), "The order for 5 may have been placed")
+    _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20.00 may have gone through")
+    _answer_lost(page, _order(page, "5", "pen"), "The order for 5.00 may have been placed")
 
     browser.refresh()
     page.wait_until(lambda: page.visible("shop-section") and page.visible("topup-form"),
                     what="the shop after the reload")
     page.top_up("20")
-    page.wait_until(lambda: page.text("message") == "The top-up of 20 had gone through already;"
+    page.wait_until(lambda: page.text("message") == "The top-up of 20.00 had gone through already;"
                     " it was not counted again.", what="the top-up retried")
     _order(page, "5", "pen")()
     page.wait_until(lambda: "That order for 5.00 was placed already" in page.text("message"),
@@ -596,7 +600,7 @@ def test_a_lost_top_up_or_order_retried_after_a_reload_is_carried_out_once(stack
     assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "115.00"
     assert browser.execute_script(PENDING_KEYS_STORED) == []  # both settled
 
-    _answer_lost(page, lambda: page.top_up("7"), "The top-up of 7 may have gone through")
+    _answer_lost(page, lambda: page.top_up("7"), "The top-up of 7.00 may have gone through")
     assert browser.execute_script(PENDING_KEYS_STORED) == [
         f"hseshop.pending-keys.{shopper.username}"]
     page.element("sign-out").click()
@@ -610,6 +614,8 @@ def test_a_lost_top_up_or_order_retried_after_a_reload_is_carried_out_once(stack
 POLL_SECONDS = 10
 POLL_SOONEST, POLL_LATEST = 0.75 * POLL_SECONDS, 1.25 * POLL_SECONDS
 SOCKET_WORKED_SECONDS = 5
+# When a catch-up after a failed read reads again (app.js catchUpSoon: RECONNECT_MAX_MS / 2).
+CATCH_UP_SECONDS = 5
 # The longest a page waits to reconnect a socket turned away (app.js RECONNECT_TURNED_AWAY_MAX_MS),
 # its jitter's latest.
 RECONNECT_TURNED_AWAY_LATEST = 1.25 * 30
@@ -748,10 +754,10 @@ def test_a_page_told_to_wait_reads_nothing_and_opens_no_socket_until_then(stack,
     page.top_up("5")
     page.wait_until(lambda: browser.execute_script("return window.hseshopRefusedAt;") is not None,
                     what="the top-up's read of the balance, refused")
-    page.wait_until(lambda: page.text("message") == "Topped up 5.", what="the top-up's message")
+    page.wait_until(lambda: page.text("message") == "Topped up 5.00.", what="the top-up's message")
     page.top_up("7")  # (during the pause)
     page.wait_until(lambda: page.text("balance") == "112.00", what="the second top-up's answer")
-    assert page.text("message") == "Topped up 7."
+    assert page.text("message") == "Topped up 7.00."
     sockets_before = len(browser.execute_script("return window.hseshopSockets;"))
     browser.execute_script('window.dispatchEvent(new Event("online"));')  # a new socket, now
 
@@ -773,7 +779,7 @@ def test_a_page_told_to_wait_reads_nothing_and_opens_no_socket_until_then(stack,
                 and read["path"] != "/api/accounts/deposit"], (refused_at, reads)
     assert all(socket["created"] > ends - 5 for socket in sockets[sockets_before:]), (
         refused_at, sockets)
-    assert page.text("message") == "Topped up 7."
+    assert page.text("message") == "Topped up 7.00."
     page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
                     what="the page's socket open again")
 
@@ -806,7 +812,7 @@ def test_reads_a_notification_and_the_catch_up_make_while_the_page_waits_say_not
     _refused_next_read(browser, pause_seconds)
     page.top_up("5")
     refused_at = _refused_at(page)
-    page.wait_until(lambda: page.text("message") == "Topped up 5.", what="the top-up's message")
+    page.wait_until(lambda: page.text("message") == "Topped up 5.00.", what="the top-up's message")
     ends = refused_at + pause_seconds * 1000
     _refused_next_read(browser, 3)  # the next read sent: the catch-up's, once the pause is over
     (socket,) = browser.execute_script("return window.hseshopSockets;")
@@ -818,14 +824,14 @@ def test_reads_a_notification_and_the_catch_up_make_while_the_page_waits_say_not
         timeout=LIVE_DEADLINE, what="the paid order's notification")
     assert told_at < ends - 1000, "the notification came after the pause: nothing was tried"
     time.sleep(0.5)  # (the order's read is refused on the page at once)
-    assert page.text("message") == "Topped up 5."
+    assert page.text("message") == "Topped up 5.00."
 
     again_at = _refused_at(page, since=refused_at)  # the catch-up's
     assert again_at > ends - 5, (refused_at, again_at)  # (timers' own rounding)
     page.wait_for_status(order, "FINISHED")
     page.wait_until(lambda: page.text("balance") == "75.00", timeout=LIVE_DEADLINE,
                     what="the balance the order left")
-    assert page.text("message") == "Topped up 5."
+    assert page.text("message") == "Topped up 5.00."
     reads = browser.execute_script("return window.hseshopReads;")
     assert not [read for read in reads if refused_at < read["at"] < ends - 5
                 and read["path"] != "/api/accounts/deposit"], (refused_at, reads)
@@ -996,16 +1002,16 @@ document.addEventListener("visibilitychange", () => {
 @contextmanager
 def _page_whose_socket_is_held_connecting(stack, browser, played: str):
     """A shopper with an account of 100 on the page, reached through a proxy that holds every
-    socket's handshake on its way to the gateway (the socket connecting for as long), `played`
-    and READS_AND_SOCKETS_RECORDED run before the page's scripts: (the page, the shopper), the
-    balance shown and the handshake held."""
+    socket's handshake on its way to the gateway (the socket connecting for as long, or until the
+    proxy is released), `played` and READS_AND_SOCKETS_RECORDED run before the page's scripts:
+    (the page, the shopper, the proxy), the balance shown and the handshake held."""
     proxy = HoldingProxy(urlsplit(stack.gateway_url).netloc,
                          marker=b"GET /api/notifications/ws", each_connection=True)
     try:
         page, shopper = _shopper_with_100_on_the_page(stack, browser, READS_AND_SOCKETS_RECORDED,
                                                       played, base_url=f"http://{proxy.address}")
         wait_for(proxy.held.is_set, timeout=PAGE_DEADLINE, what="the socket's handshake, held")
-        yield page, shopper
+        yield page, shopper, proxy
     finally:
         proxy.close()
 
@@ -1017,7 +1023,7 @@ def test_a_page_whose_socket_is_stuck_connecting_reads_its_orders_but_not_while_
     They begin as the socket is opened. And a hidden tab reads nothing: the poll's read that falls
     due while it is hidden is skipped, and the tab shown again reads at once."""
     with _page_whose_socket_is_held_connecting(stack, browser, VISIBILITY_RECORDED) as (
-            page, shopper):
+            page, shopper, _proxy):
         shop_tab = browser.current_window_handle
         browser.switch_to.new_window("tab")  # the shop's tab hidden behind it
         hidden_since = time.monotonic()
@@ -1047,7 +1053,7 @@ def test_a_read_of_the_pages_poll_refused_for_the_rate_limit_says_nothing(stack,
     429, Retry-After RETRY_AFTER_SECONDS, says nothing (the user asked for no read), and the poll
     reads again no sooner than it was told, an order paid meanwhile then shown paid."""
     with _page_whose_socket_is_held_connecting(stack, browser, NEXT_READ_RATE_LIMITED) as (
-            page, shopper):
+            page, shopper, _proxy):
         _refused_next_read(browser, RETRY_AFTER_SECONDS)
         refused_at = _refused_at(page)  # (the poll's first, within POLL_LATEST)
         order = shopper.place_order("30")["id"]
@@ -1061,6 +1067,59 @@ def test_a_read_of_the_pages_poll_refused_for_the_rate_limit_says_nothing(stack,
     ends = refused_at + RETRY_AFTER_SECONDS * 1000
     assert not [read for read in reads if refused_at < read["at"] < ends - 5
                 and read["path"] == "/api/orders"], (refused_at, reads)
+
+
+# Played by the browser itself: the page's second read of its first page of orders (the first is
+# the shop's load: the second, its socket held connecting, the poll's) is answered as a service
+# unavailable a moment; the rest is real.
+POLLS_FIRST_READ_FAILED = _fetch_played(before="window.hseshopOrderLists = 0;", answer="""
+    if (path === "/api/orders" && method === "GET" && ++window.hseshopOrderLists === 2) {
+      return refusal(503, "SERVICE_UNAVAILABLE", "Not now.");
+    }
+    return realFetch(input, init);""")
+
+
+def test_what_a_failed_read_of_the_pages_poll_showed_goes_once_its_socket_works(stack, browser):
+    """The page's socket stuck connecting, its poll's read fails (503) and says so; the socket
+    then opens, and once it works the poll stops: what the failed read showed is made good by a
+    catch-up (the orders and the balance read again), and goes, where it stayed on screen."""
+    with _page_whose_socket_is_held_connecting(stack, browser, POLLS_FIRST_READ_FAILED) as (
+            page, _shopper, proxy):
+        failed = "Part of the shop is not answering right now. Please try again in a moment."
+        page.wait_until(lambda: page.visible("message") and page.text("message") == failed,
+                        timeout=POLL_LATEST + 5, what="the poll's failed read, said")
+        proxy.release()
+        page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
+                        what="the page's socket open")
+        page.wait_until(lambda: not page.visible("message"),
+                        timeout=SOCKET_WORKED_SECONDS + CATCH_UP_SECONDS + 5,
+                        what="the failed read's message gone")
+
+
+def _socket_working(page: ShopPage) -> None:
+    """Waits until the page's socket has stayed open SOCKET_WORKED_SECONDS: its poll stopped."""
+    def working() -> bool:
+        sockets, now = page.driver.execute_script(
+            "return [window.hseshopSockets, performance.now()];")
+        last = sockets[-1]
+        return (last["opened"] is not None and last["closed"] is None
+                and now - last["opened"] > SOCKET_WORKED_SECONDS * 1000 + 500)
+    page.wait_until(working, timeout=SOCKET_WORKED_SECONDS + 5, what="the page's socket working")
+
+
+def test_a_live_page_reads_the_balance_again_when_shown_or_focused(stack, browser):
+    """Deposits made elsewhere (another tab, another device) send no notification: while its
+    socket works, the page reads the balance again as its window is focused and its tab shown
+    (and every minute or so), where it showed the old one until an order's notification came."""
+    page, elsewhere = _live_page_of_a_shopper_with_100(stack, browser,
+                                                       READS_AND_SOCKETS_RECORDED)
+    _socket_working(page)
+    elsewhere.api("POST", "/accounts/deposit", 200, json={"amount": "5"})
+    browser.execute_script('window.dispatchEvent(new Event("focus"));')
+    page.wait_until(lambda: page.text("balance") == "105.00", what="the balance, on focus")
+    elsewhere.api("POST", "/accounts/deposit", 200, json={"amount": "7"})
+    browser.execute_script('document.dispatchEvent(new Event("visibilitychange"));')
+    page.wait_until(lambda: page.text("balance") == "112.00", what="the balance, tab shown")
 
 
 def test_swagger_ui_runs_under_the_pages_policy_and_tries_an_order_out_with_a_string_amount(
@@ -1126,17 +1185,17 @@ def test_a_lost_top_up_or_order_retried_once_its_user_signed_in_again_is_carried
     for the user, whatever the token): the same user signed in again in the tab, after the
     session expired or after a request was refused for its token (401), retries under them."""
     page, shopper = _live_page_of_a_shopper_with_100(stack, browser, ANSWERS_LOST_WHEN_TOLD)
-    _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20 may have gone through")
+    _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20.00 may have gone through")
 
     _session_expired_and_page_reloaded(page)
     page.sign_in(shopper.username, "a long password")
     page.wait_until(lambda: page.visible("topup-form"), what="the top-up form")
     page.top_up("20")
-    page.wait_until(lambda: page.text("message") == "The top-up of 20 had gone through already;"
+    page.wait_until(lambda: page.text("message") == "The top-up of 20.00 had gone through already;"
                     " it was not counted again.", what="the top-up retried")
     assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "120.00"
 
-    _answer_lost(page, _order(page, "5", "pen"), "The order for 5 may have been placed")
+    _answer_lost(page, _order(page, "5", "pen"), "The order for 5.00 may have been placed")
     token = browser.execute_script(
         "return JSON.parse(sessionStorage.getItem('hseshop.session')).token")
     # Signed out elsewhere: the gateway closes the page's socket, and refuses its next request.
@@ -1159,7 +1218,7 @@ def test_a_users_kept_keys_are_forgotten_when_another_user_signs_in_in_the_tab(s
     forgotten when another user signs in in the tab: the same contents are a new attempt for the
     other, and for the first signed in again after them."""
     page, first = _live_page_of_a_shopper_with_100(stack, browser, ANSWERS_LOST_WHEN_TOLD)
-    _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20 may have gone through")
+    _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20.00 may have gone through")
     _session_expired_and_page_reloaded(page)
     assert browser.execute_script(PENDING_KEYS_STORED) == [
         f"hseshop.pending-keys.{first.username}"]
@@ -1170,14 +1229,14 @@ def test_a_users_kept_keys_are_forgotten_when_another_user_signs_in_in_the_tab(s
     assert browser.execute_script(PENDING_KEYS_STORED) == []
     page.wait_until(lambda: page.visible("topup-form"), what="the top-up form")
     page.top_up("20")
-    page.wait_until(lambda: page.text("message") == "Topped up 20.", what="the second's top-up")
+    page.wait_until(lambda: page.text("message") == "Topped up 20.00.", what="the second's top-up")
     assert second.api("GET", "/accounts/balance", 200)["balance"] == "120.00"
 
     _session_expired_and_page_reloaded(page)
     page.sign_in(first.username, "a long password")
     page.wait_until(lambda: page.visible("topup-form"), what="the top-up form")
     page.top_up("20")
-    page.wait_until(lambda: page.text("message") == "Topped up 20.", what="a new top-up")
+    page.wait_until(lambda: page.text("message") == "Topped up 20.00.", what="a new top-up")
     assert first.api("GET", "/accounts/balance", 200)["balance"] == "140.00"
 
 
@@ -1210,11 +1269,11 @@ def test_keys_the_full_storage_could_not_save_leave_no_settled_key_behind(stack,
     retried and settled, a new top-up of 20 after a reload is a new one, not taken for a replay
     under the settled key."""
     page, shopper = _live_page_of_a_shopper_with_100(stack, browser, ANSWERS_LOST_WHEN_TOLD)
-    _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20 may have gone through")
+    _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20.00 may have gone through")
     assert browser.execute_script(FILL_SESSION_STORAGE), "the storage is not full"
-    _answer_lost(page, lambda: page.top_up("1000"), "The top-up of 1000 may have gone through")
+    _answer_lost(page, lambda: page.top_up("1000"), "The top-up of 1000.00 may have gone through")
     page.top_up("20")
-    page.wait_until(lambda: page.text("message") == "The top-up of 20 had gone through already;"
+    page.wait_until(lambda: page.text("message") == "The top-up of 20.00 had gone through already;"
                     " it was not counted again.", what="the top-up retried")
 
     browser.execute_script("sessionStorage.removeItem('filler');")
@@ -1222,7 +1281,7 @@ def test_keys_the_full_storage_could_not_save_leave_no_settled_key_behind(stack,
     page.wait_until(lambda: page.visible("shop-section") and page.visible("topup-form"),
                     what="the shop after the reload")
     page.top_up("20")
-    page.wait_until(lambda: page.text("message") == "Topped up 20.", what="a new top-up")
+    page.wait_until(lambda: page.text("message") == "Topped up 20.00.", what="a new top-up")
     assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "1140.00"
 
 
