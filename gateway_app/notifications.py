@@ -100,9 +100,10 @@ SOCKET_CLOSE_ANSWER_SECONDS = 0.5
 SOCKET_PATH = "/api/notifications/ws"
 # How a socket is closed when Redis or the database fails it: the page reconnects.
 UNAVAILABLE = (1011, "notifications unavailable; reconnect")
-# How a socket is closed when its gateway process is told to stop (a deploy, a restart): within
-# SOCKET_DRAIN_SECONDS, where the process would wait for it to gunicorn's graceful_timeout and
-# then drop it unclosed. The page reconnects at once, to a process that is not stopping.
+# How a socket is closed when its gateway process stops, told to (a deploy, a restart) or by
+# itself (its worker's max_requests served): at the stream loop's next turn (a quiet socket's
+# within SOCKET_DRAIN_SECONDS), where the process would wait for it to gunicorn's graceful_timeout
+# and then drop it unclosed. The page reconnects at once, to a process that is not stopping.
 RESTARTING = (1012, "the gateway is restarting; reconnect")
 SOCKET_ENDPOINT = "notifications_socket"
 

@@ -36,9 +36,11 @@ arbiter also puts `gunicorn/<version>` in the master's process environment as SE
 (gunicorn/arbiter.py: `Arbiter.__init__`), which each worker inherits, and each subprocess an app
 starts: the worker takes it out of its own as it starts.
 
-Told to stop (SIGTERM), it tells the requests that last to end (shared.process_stopping): the
-gateway's notification sockets are closed with 1012 (service restart), the page reconnecting at
-once, where gunicorn waited for them to its graceful_timeout (30 s), then dropped them unclosed.
+As it stops taking requests, told to (SIGTERM) or by itself (max_requests served, its parent gone,
+--reload seeing a file changed), it tells the requests that last to end
+(shared.process_stopping): the gateway's notification sockets are closed with 1012 (service
+restart), the page reconnecting at once, where gunicorn waited for them to its graceful_timeout
+(30 s), then dropped them unclosed.
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ class JsonErrorsThreadWorker(ThreadWorker):
     """gunicorn's threaded worker (what `--threads` above 1 picks), that makes the answers gunicorn
     writes itself JSON, defers `100 Continue` to the body's first read, names no server
     software (no `Server` header, an empty SERVER_SOFTWARE in each request's environ, none in the
-    worker's process environment), and, told to stop, tells the requests that last to end."""
+    worker's process environment), and, stopping, tells the requests that last to end."""
 
     def init_process(self):
         # In the worker's process, once forked, before super's loads the app and runs the loop that
@@ -199,6 +201,14 @@ class JsonErrorsThreadWorker(ThreadWorker):
         # gateway's notification sockets) are told to end, so that it need not wait them out.
         stop_requests_that_last()
         super().handle_exit(sig, frame)
+
+    def _cap_keepalive(self, deadline):
+        # gthread's run() calls this once, as its loop of taking requests ends, however it ended:
+        # SIGTERM, but also max_requests served, the parent gone, or --reload seeing a file
+        # changed, which end the loop with no signal; and before it waits for the connections
+        # open, up to graceful_timeout. The requests that last are told to end here too.
+        stop_requests_that_last()
+        super()._cap_keepalive(deadline)
 
     def finish_request(self, conn, fs):
         # A connection the request closed itself (a WebSocket's: simple_websocket's reader closes

@@ -7,6 +7,7 @@ import time
 import uuid
 
 import pytest
+import requests
 import sqlalchemy as sa
 from simple_websocket import ConnectionClosed
 
@@ -136,6 +137,27 @@ def test_a_gateway_told_to_stop_closes_its_sockets_with_1012_and_stops_at_once(s
         listener.next(timeout=5)
     assert listener.socket.close_reason == 1012, listener.socket.close_message
     assert stopped_in < 10, stopped_in
+
+
+def test_a_gateway_worker_ending_by_itself_closes_its_sockets_with_1012(stack):
+    """A worker that ends with no SIGTERM (here: max_requests served; its parent gone or --reload
+    alike) closes its open notification sockets with 1012 too, where it held them to gunicorn's
+    30 s graceful_timeout, then dropped them without a close."""
+    process, url = stack.start_gateway_instance(
+        "gateway-recycling", {"GUNICORN_CMD_ARGS": "--max-requests 10"})
+    try:
+        shopper = GatewayClient(stack.gateway_url)
+        listener = shopper.listen(gateway_url=url)
+        assert listener.next(timeout=1) is None  # open, and quiet
+        # Requests until the socket's worker has served its 10, whichever worker takes them.
+        deadline = time.monotonic() + 20
+        with pytest.raises(ConnectionClosed):
+            while time.monotonic() < deadline:
+                requests.get(f"{url}/health", headers={"Connection": "close"}, timeout=5)
+                listener.next(timeout=0.1)
+        assert listener.socket.close_reason == 1012, listener.socket.close_message
+    finally:
+        process.stop()
 
 
 def test_a_bad_token_cannot_open_the_notification_socket(stack):
