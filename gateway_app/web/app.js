@@ -937,9 +937,10 @@
       // again (the next ticket's request would tell it too, but reads count the same).
       // (A read the page makes of itself: refused for the rate limit, it says nothing.)
       if (event.code === 1008) refreshBalance().catch(backgroundReadFailed);
-      // 1012 or 1001: its gateway process is stopping (a restart), not failing: another takes the
-      // next socket, tried after the shortest wait, jittered.
-      if (event.code === 1012 || event.code === 1001) reconnectDelay = RECONNECT_FIRST_MS;
+      // 1012: its gateway process is stopping (a restart), not failing: another takes the next
+      // socket, tried after the shortest wait, jittered. (Not 1001, which the gateway never sends:
+      // a proxy closing each socket so soon after it opens would have the page retry every 0.5 s.)
+      if (event.code === 1012) reconnectDelay = RECONNECT_FIRST_MS;
       pollOrders();
       const turnedAway = !opened || event.code === 1013;
       scheduleReconnect(turnedAway ? RECONNECT_TURNED_AWAY_MAX_MS : RECONNECT_MAX_MS);
@@ -994,9 +995,10 @@
   }
 
   // Reads the balance while the socket works and the tab is shown (the poll reads it otherwise),
-  // unless a read of it is under way (the tab shown and the window focused come together).
+  // unless a read of it is under way (the tab shown and the window focused come together), or the
+  // reads are paused for the rate limit (a read refused so would set one more catch-up).
   function readBalanceWhileLive() {
-    if (session && socket && !poll && !document.hidden && !balanceRead) {
+    if (session && socket && !poll && !document.hidden && !balanceRead && pauseLeftMs() === 0) {
       refreshBalance().catch(backgroundReadFailed);
     }
   }

@@ -1122,6 +1122,44 @@ def test_a_live_page_reads_the_balance_again_when_shown_or_focused(stack, browse
     page.wait_until(lambda: page.text("balance") == "112.00", what="the balance, tab shown")
 
 
+# Played by the browser itself, over READS_AND_SOCKETS_RECORDED: the page's first top-up is
+# answered as the gateway answers a user past the rate limit, Retry-After 3, and when it was is
+# kept (window.hseshopRefusedAt); the rest is real.
+TOP_UP_RATE_LIMITED = _fetch_played(before="window.hseshopRefusedAt = null;", answer="""
+    if (path === "/api/accounts/deposit" && window.hseshopRefusedAt === null) {
+      window.hseshopRefusedAt = performance.now();
+      return refusal(429, "RATE_LIMITED", "Too many requests.", {"Retry-After": "3"});
+    }
+    return realFetch(input, init);""")
+
+
+def test_a_live_page_focused_while_told_to_wait_reads_nothing_then_or_later(stack, browser):
+    """A top-up refused for the rate limit (Retry-After 3) pauses the page's reads, and no
+    catch-up is due (no read was refused): the window focused during the pause reads nothing, not
+    even after it, where its balance's read, refused on the page, set a catch-up of the orders and
+    the balance for after it. Focused after the pause, it reads the balance."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": READS_AND_SOCKETS_RECORDED})
+    page, _shopper = _live_page_of_a_shopper_with_100(stack, browser, TOP_UP_RATE_LIMITED)
+    _socket_working(page)
+    page.top_up("5")
+    refused_at = page.wait_until(
+        lambda: browser.execute_script("return window.hseshopRefusedAt;"),
+        what="the top-up, refused")
+    browser.execute_script('window.dispatchEvent(new Event("focus"));')
+    # Past when a catch-up set by the focus would have read (RECONNECT_MAX_MS / 2 from it).
+    quiet_until = refused_at + 8000
+    page.wait_until(lambda: browser.execute_script("return performance.now();") > quiet_until,
+                    timeout=15, what="the page's clock past the pause and a catch-up's time")
+    reads = browser.execute_script("return window.hseshopReads;")
+    assert not [read for read in reads if read["at"] > refused_at
+                and read["path"] != "/api/accounts/deposit"], (refused_at, reads)
+    browser.execute_script('window.dispatchEvent(new Event("focus"));')
+    page.wait_until(lambda: [read["path"] for read in browser.execute_script(
+        "return window.hseshopReads;") if read["at"] > quiet_until] == ["/api/accounts/balance"],
+        what="the balance read, focused after the pause")
+
+
 def test_swagger_ui_runs_under_the_pages_policy_and_tries_an_order_out_with_a_string_amount(
         stack, browser):
     """The docs (the gateway's at /docs, a service's at /docs/swagger-ui) answered with the
