@@ -7,8 +7,8 @@ gateway_app/upstream_http.py), one that fails (or refuses the gateway's signed i
 what is no answer of its API: not JSON, an error of another shape, a redirect) 502: always the
 usual JSON error, never a hang and never a stack trace. A request that a kept-alive connection was
 closed on is sent again where that is safe (upstream_http.py). A service that answers 503 itself,
-with the usual JSON error (its database unavailable, say), is relayed as it is, Retry-After
-included (unless it is none: then without it).
+with the usual JSON error (its database unavailable, say), is relayed as it is, its Retry-After
+passed on as seconds, 1 to a day's (gateway_app/upstream_answers.py; one that is none, left out).
 """
 
 from __future__ import annotations

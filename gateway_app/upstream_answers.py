@@ -72,8 +72,9 @@ LONGEST_RETRY_AFTER_SECONDS = 86400
 
 def retry_after_passed_on(service: str, value: str | None) -> str | None:
     """A service's Retry-After (`value`; None: it gave none) as the gateway passes it on: as the
-    number of seconds it says, at most LONGEST_RETRY_AFTER_SECONDS (a date, as the whole seconds
-    from now until it, 0 if it has passed: one form for every client to read); None, and a
+    number of seconds it says, at least 1 (as the API documents it: 0, or a date passed, says
+    to try again now) and at most LONGEST_RETRY_AFTER_SECONDS (a date, as the whole seconds from
+    now until it: one form for every client to read); None, and a
     warning logged, for one that is no Retry-After a sender may write. The answer is relayed
     without it, as one that says nothing of when to retry: its client was never told to wait a
     nonsense while."""
@@ -83,12 +84,12 @@ def retry_after_passed_on(service: str, value: str | None) -> str | None:
     if _DELAY_SECONDS.fullmatch(value):
         seconds = _delay_seconds(value)
     elif (moment := _imf_fixdate(value)) is not None:
-        seconds = max(0, math.ceil((moment - datetime.now(timezone.utc)).total_seconds()))
+        seconds = math.ceil((moment - datetime.now(timezone.utc)).total_seconds())
     else:
         log.warning("%s answered a Retry-After that is none (%r): not passed on", service,
                     value[:100])
         return None
-    return str(min(seconds, LONGEST_RETRY_AFTER_SECONDS))
+    return str(min(max(seconds, 1), LONGEST_RETRY_AFTER_SECONDS))
 
 
 def _delay_seconds(digits: str) -> int:

@@ -67,14 +67,9 @@ def use_gateway_signed_clients() -> None:
     Flask.test_client_class = GatewaySignedClient
 
 
-# The deadline grpc_signed signs unless told: later than any test's own gRPC timeout, so that the
-# call's timeout is the one that counts.
-GRPC_SIGNED_DEADLINE_SECONDS = SIGNED_DEADLINE_SECONDS
-
-
 def grpc_signed(user_id: str, full_method: str, request,
                 secret: str = TEST_SECRETS["INTERNAL_AUTH_SECRET"], *,
-                deadline_seconds: float = GRPC_SIGNED_DEADLINE_SECONDS
+                deadline_seconds: float = SIGNED_DEADLINE_SECONDS
                 ) -> tuple[tuple[str, str], ...]:
     """The metadata the gateway sends with a call of `full_method` (its "/package.Service/Method")
     for `user_id`, its signed deadline `deadline_seconds` from now: `request` a message, or the

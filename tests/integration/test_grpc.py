@@ -1109,7 +1109,7 @@ def test_trailers_that_are_none_of_a_services_are_a_502_not_a_500(told_how_to_fa
 
 @pytest.mark.parametrize("retry_after, passed_on", [
     ("1", "1"),
-    (_A_DATE, "0"),  # a date, as the seconds until it (passed: none)
+    (_A_DATE, "1"),  # a date, as the seconds until it (passed: at least 1)
     ("86401", "86400"),  # at most a day
     ("9" * 4301, "86400"),  # (past the 4300 digits Python's int() reads)
     ("soon", None),

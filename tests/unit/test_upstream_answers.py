@@ -70,7 +70,7 @@ def test_what_is_no_error_of_the_api_is_told_apart(code, message, details):
 @pytest.mark.parametrize("value, passed_on", [
     (None, None),
     ("1", "1"),
-    ("0", "0"),
+    ("0", "1"),  # (at least 1, as documented)
     ("120", "120"),
     (" 120\t", "120"),  # (a field value's optional whitespace)
     ("86400", "86400"),
@@ -79,7 +79,7 @@ def test_what_is_no_error_of_the_api_is_told_apart(code, message, details):
     ("9" * 40, "86400"),
     ("9" * 4301, "86400"),  # (past the 4300 digits Python's int() reads)
     ("0" * 5000 + "1", "1"),
-    ("Sun, 06 Nov 1994 08:49:37 GMT", "0"),  # a date passed: now
+    ("Sun, 06 Nov 1994 08:49:37 GMT", "1"),  # a date passed: now (at least 1)
     ("Wed, 31 Dec 2036 23:59:60 GMT", "86400"),  # a leap second (and at most a day)
     ("Wed, 31 Dec 2036 12:00:60 GMT", "86400"),  # (one at any minute: read as the next's first)
     ("Fri, 31 Dec 9999 23:59:60 GMT", "86400"),  # past the last moment Python reads
@@ -119,7 +119,7 @@ class _ClockAt(datetime):
 @pytest.mark.parametrize("value, passed_on", [
     ("Wed, 31 Dec 2036 12:00:00 GMT", "10"),  # 9.5 s from now: the whole seconds, rounded up
     ("Wed, 31 Dec 2036 12:00:60 GMT", "70"),  # a leap second: 12:01:00, 69.5 s from now
-    ("Wed, 31 Dec 2036 11:59:50 GMT", "0"),  # half a second ago
+    ("Wed, 31 Dec 2036 11:59:50 GMT", "1"),  # half a second ago: now (at least 1)
     ("Thu, 01 Jan 2037 11:59:51 GMT", "86400"),  # a day and half a second from now
 ])
 def test_a_retry_after_date_is_passed_on_as_the_seconds_until_it(monkeypatch, value,
