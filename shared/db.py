@@ -62,12 +62,13 @@ CONNECTION_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle"
 # or hung between statements) is ended by the server, locks and all. Migrations run under limits of
 # their own (shared/migrations.py: MIGRATION_LIMITS): their statements may rightly run long.
 #
-# And every transaction reads at READ COMMITTED, whatever the database's or role's default says (a
-# managed database may default to REPEATABLE READ): the shop's writes count on each statement
-# seeing what was committed before it began (a payment's decision read after the account's lock is
-# taken, shared by whoever held it before; a deposit's account opened meanwhile). Under a snapshot
-# per transaction those fail with serialization errors under contention, and a handler's failures
-# park its messages. Options the client sends win over ALTER DATABASE and ALTER ROLE settings.
+# And every transaction reads at READ COMMITTED (the migrations' too: MIGRATION_LIMITS), whatever
+# the database's or role's default says (a managed database may default to REPEATABLE READ): the
+# shop's writes count on each statement seeing what was committed before it began (a payment's
+# decision read after the account's lock is taken, shared by whoever held it before; a deposit's
+# account opened meanwhile). Under a snapshot per transaction those fail with serialization errors
+# under contention, and a handler's failures park its messages. Options the client sends win over
+# ALTER DATABASE and ALTER ROLE settings.
 SESSION_LIMITS = {"lock_timeout": "2s", "statement_timeout": "30s",
                   "idle_in_transaction_session_timeout": "1min",
                   "default_transaction_isolation": "read committed"}

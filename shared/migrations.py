@@ -75,8 +75,11 @@ LOCK_RETRY_SECONDS = 0.5
 # shared/db.py, SESSION_LIMITS), so a later try gets through. Shorter than the shop's own 2 s, so
 # that a shop statement queued behind the change is let through before it gives up itself. An
 # index built CONCURRENTLY waits without a limit (shared/migration_steps.py): its waits hold
-# nobody up.
-MIGRATION_LIMITS = {"lock_timeout": "1s"}
+# nobody up. And its transactions read at READ COMMITTED, as the shop's do (shared/db.py,
+# SESSION_LIMITS), whatever the database's default: a step that locks its table and then counts
+# what it would lose (shared/migration_steps.py) must count what was committed up to its lock, not
+# what its transaction's first statement (alembic's read of the version) saw.
+MIGRATION_LIMITS = {"lock_timeout": "1s", "default_transaction_isolation": "read committed"}
 # How long `upgrade` goes on trying a revision that gives way, and the longest pause between tries.
 GIVE_WAY_FOR_SECONDS = 300.0
 LONGEST_PAUSE_SECONDS = 10.0

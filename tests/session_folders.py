@@ -2,15 +2,14 @@
 down; and what a session killed outright left running, stopped by the next.
 
 A session stops the servers and stacks it started however it is told to end (Ctrl-C, SIGTERM, a
-hangup: tests/signals_end_the_run.py), but not when it is killed with no chance to (SIGKILL, a
-CI job's hard kill): each runs in a session of its own, and outlives it. So a session keeps its
-run folder, its embedded PostgreSQL's data and its record of the servers it starts (`processes`,
+hangup: tests/signals_end_the_run.py), but not when it is killed with no chance to (SIGKILL, a CI
+job's hard kill): each runs in a session of its own, and outlives it. So a session keeps its run
+folder, its embedded PostgreSQL's data and its record of the servers it starts (`processes`,
 devstack.leftovers' RunRecord, locked while it runs) in a folder of its own under SESSIONS_ROOT,
-named by the session's pid, the moment it started, its pid namespace and the boot it runs in;
-each stack it starts
-keeps its own record in its run folder, under it. As a session begins, once its own record is
-made and locked, it stops what every record in the folder of a session that is gone names, and
-removes that folder.
+named by the session's pid, the moment it started, its pid namespace and the boot it runs in; each
+stack it starts keeps its own record in its run folder, under it. As a session begins, once its own
+record is made and locked, it stops what every record in the folder of a session that is gone names,
+and removes that folder.
 
 A pid and a start (clock ticks after boot), and a pid namespace's number (the host's is the same
 every boot), come again after a reboot that keeps /tmp (on disk, as RHEL's): an old record could

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from shared.db import (CONNECTION_TIMEOUTS, POOL_WAIT_SECONDS, SESSION_LIMITS, db, driver_dsn,
                        limit_sessions, session_options)
+from shared.migrations import migration_engine
 from shared.relay_leader import RelayLeaderConnection
 
 EXPECTED = {**{name: str(value) for name, value in CONNECTION_TIMEOUTS.items()},
@@ -79,11 +80,13 @@ def _assert_given_options_won(connection) -> None:
 
 def test_transactions_read_committed_whatever_the_databases_default(settings):
     """A database (or role) set to REPEATABLE READ by default, as a managed one may be, still has
-    the shop's sessions read each statement's own snapshot (shared.db.SESSION_LIMITS)."""
+    the shop's sessions, and the migrations', read each statement's own snapshot
+    (shared.db.SESSION_LIMITS, shared.migrations.MIGRATION_LIMITS)."""
     url = settings.database_url("payments")
     database = sa.engine.make_url(url).database
     pooled = sa.create_engine(url, connect_args=CONNECTION_TIMEOUTS)
     limit_sessions(pooled)
+    migrating = migration_engine(url)
     with closing(psycopg2.connect(driver_dsn(url))) as admin:
         admin.autocommit = True
         with admin.cursor() as cursor:
@@ -96,8 +99,11 @@ def test_transactions_read_committed_whatever_the_databases_default(settings):
                 assert _isolation(own) == "read committed"
             with pooled.connect() as connection:
                 assert _isolation(connection.connection.driver_connection) == "read committed"
+            with migrating.connect() as connection:  # (the migrations' sessions too)
+                assert _isolation(connection.connection.driver_connection) == "read committed"
         finally:
             pooled.dispose()
+            migrating.dispose()
             with admin.cursor() as cursor:
                 cursor.execute(f'ALTER DATABASE "{database}" RESET default_transaction_isolation')
 
