@@ -996,6 +996,17 @@ def _parked_under_its_own_id(stored: ConsumedRecord, message_id: uuid.UUID,
     return parked
 
 
+def _assert_another_parked_and_repeats_dropped(payments_inbox, stored: ConsumedRecord,
+                                               message_id: uuid.UUID, body: dict) -> None:
+    """`body` (`stored`'s, changed) sent under `stored`'s id is parked as another message; the
+    same bytes as `stored` again, and `stored` serialised again, are dropped as repeats."""
+    other = _record(encode(body))
+    resent, serialised_again = _record(stored.value), _serialised_again(stored)
+    assert payments_inbox([other, resent, serialised_again]) == []
+    assert _parked_under_its_own_id(stored, message_id, other, resent, serialised_again) == [
+        other]
+
+
 def test_a_message_of_a_type_this_release_does_not_know_under_a_taken_id_is_parked_not_dropped(
         in_payments, payments_inbox, user_id):
     """Under the id of a message of a type this release does not know, another of that type (its
@@ -1007,11 +1018,7 @@ def test_a_message_of_a_type_this_release_does_not_know_under_a_taken_id_is_park
     message_id = uuid.UUID(body["message_id"])
     assert payments_inbox([stored]) == []  # parked: a type not known yet
     body["payload"]["amount"] = "20.00"
-    other = _record(encode(body))
-    resent, serialised_again = _record(stored.value), _serialised_again(stored)
-    assert payments_inbox([other, resent, serialised_again]) == []
-    assert _parked_under_its_own_id(stored, message_id, other, resent, serialised_again) == [
-        other]
+    _assert_another_parked_and_repeats_dropped(payments_inbox, stored, message_id, body)
 
 
 def test_a_message_with_a_value_its_contract_refuses_under_a_taken_id_is_parked_not_dropped(
@@ -1026,11 +1033,7 @@ def test_a_message_with_a_value_its_contract_refuses_under_a_taken_id_is_parked_
     message_id = uuid.UUID(body["message_id"])
     assert payments_inbox([stored]) == []  # refused: parked with its payload as sent
     body["payload"]["reason"] = "CARD_STOLEN"
-    other = _record(encode(body))
-    resent, serialised_again = _record(stored.value), _serialised_again(stored)
-    assert payments_inbox([other, resent, serialised_again]) == []
-    assert _parked_under_its_own_id(stored, message_id, other, resent, serialised_again) == [
-        other]
+    _assert_another_parked_and_repeats_dropped(payments_inbox, stored, message_id, body)
 
 
 def test_a_message_with_a_field_the_one_stored_under_its_id_lacks_is_parked_not_dropped(
