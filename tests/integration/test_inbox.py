@@ -886,6 +886,23 @@ class _Refund(ContractSchema):
     amount = Amount(required=True)
 
 
+def _refund_stored_by_a_later_release(payments_inbox, user_id: str,
+                                      monkeypatch) -> tuple[ConsumedRecord, uuid.UUID]:
+    """A "Refund" (a type only a later release knows), its amount sent as 10.5 and its order id in
+    upper case, stored by a later release in its contract's form ("10.50", lower case): the record
+    and its message id."""
+    payload = {"order_id": str(uuid.uuid4()).upper(), "amount": "__AMOUNT__"}
+    record, body = _from_a_newer_producer(user_id, {"__AMOUNT__": b"10.5"}, type="Refund",
+                                          payload=payload)
+    with monkeypatch.context() as later:
+        later.setitem(PAYLOAD_SCHEMAS, "Refund", _Refund())
+        contracts.declared_fields.cache_clear()
+        assert inbox_row(record)["payload"]["amount"] == "10.50"  # stored in its form
+        payments_inbox([record])
+    contracts.declared_fields.cache_clear()
+    return record, uuid.UUID(body["message_id"])
+
+
 @_WITH_ITS_DIGEST_OR_BY_THE_RELEASE_BEFORE
 def test_a_message_of_a_type_only_a_later_release_knows_read_again_by_this_one_is_a_repeat(
         in_payments, payments_inbox, user_id, monkeypatch, digest_kept):
@@ -893,16 +910,7 @@ def test_a_message_of_a_type_only_a_later_release_knows_read_again_by_this_one_i
     "10.50", a UUID in lower case); this one, not knowing the type, cannot read the record's
     payload so: the same bytes read again by it (a partition handed back in a rolling upgrade)
     are a repeat, never parked as another message (replayed, it would be handled twice)."""
-    payload = {"order_id": str(uuid.uuid4()).upper(), "amount": "__AMOUNT__"}
-    record, body = _from_a_newer_producer(user_id, {"__AMOUNT__": b"10.5"}, type="Refund",
-                                          payload=payload)
-    message_id = uuid.UUID(body["message_id"])
-    with monkeypatch.context() as later:
-        later.setitem(PAYLOAD_SCHEMAS, "Refund", _Refund())
-        contracts.declared_fields.cache_clear()
-        assert inbox_row(record)["payload"]["amount"] == "10.50"  # stored in its form
-        payments_inbox([record])
-    contracts.declared_fields.cache_clear()
+    record, message_id = _refund_stored_by_a_later_release(payments_inbox, user_id, monkeypatch)
     if not digest_kept:
         _as_the_release_before_stored_it(message_id)
     assert payments_inbox([record]) == []
@@ -916,15 +924,7 @@ def test_a_later_releases_message_serialised_again_is_parked_said_to_be_maybe_a_
     again by a tool (other bytes), cannot be told from another message by this release. It is
     parked, not dropped (a real other message dropped would be lost unsaid), and its reason says
     that it may be a repeat, to be compared with the stored one before it is replayed."""
-    payload = {"order_id": str(uuid.uuid4()).upper(), "amount": "__AMOUNT__"}
-    record, body = _from_a_newer_producer(user_id, {"__AMOUNT__": b"10.5"}, type="Refund",
-                                          payload=payload)
-    message_id = uuid.UUID(body["message_id"])
-    with monkeypatch.context() as later:
-        later.setitem(PAYLOAD_SCHEMAS, "Refund", _Refund())
-        contracts.declared_fields.cache_clear()
-        payments_inbox([record])
-    contracts.declared_fields.cache_clear()
+    record, message_id = _refund_stored_by_a_later_release(payments_inbox, user_id, monkeypatch)
     serialised_again = _serialised_again(record)
     assert payments_inbox([serialised_again]) == []
     [parked] = _stored_at(serialised_again)
