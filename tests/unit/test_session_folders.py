@@ -11,8 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from devstack.leftovers import RunRecord, started_at
 from devstack.processes import ManagedProcess
 from tests.polling import wait_for
@@ -161,8 +159,8 @@ def test_two_sessions_beginning_at_once_reap_the_folders_of_those_gone_together(
 def test_a_session_in_another_pid_namespace_leaves_this_ones_folders(tmp_path):
     """There, this namespace's pids are not to be seen (or are others'): it cannot tell a session
     that runs from one that is gone, so it leaves the folder and what its record names."""
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        pytest.skip("needs unshare, as root")
+    # (It fails, never skips, where it cannot run: as the suite's other tests that need root.)
+    assert shutil.which("unshare") is not None and os.geteuid() == 0, "needs unshare, as root"
     worker = ManagedProcess("worker", ["sleep", "300"], os.environ, tmp_path / "worker.log")
     root = tmp_path / "sessions"
     own = root / _name(os.getpid(), started_at(os.getpid()))  # (this test's: it runs)
