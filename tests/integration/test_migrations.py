@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.orm import Session
@@ -158,11 +159,7 @@ def test_an_operators_parked_messages_are_read_through_an_index_of_the_parked_ro
         cursor.execute("ANALYZE inbox_messages")
     connection.close()
 
-    engine = sa.create_engine(url)
-    statements = []
-    sa.event.listen(engine, "before_cursor_execute",
-                    lambda conn, cursor, statement, parameters, context, many:
-                    statements.append((statement, parameters)))
+    engine, statements = _engine_noting_its_statements(url)
     try:
         with Session(engine) as session:
             assert len(parked_messages(session, 50)) == 50
@@ -196,25 +193,13 @@ def test_inbox_rows_keep_their_values_digest_those_of_before_none(infrastructure
     shared.inbox.taken_ids). The downgrade drops the column, and makes the handled rows' index
     by when they were stored again, in place of the revision's by when they were handled: the
     inbox as it was."""
-    url = _database_url(infrastructure, "value-digest", service)
-    ensure_database(url)
-    config = alembic_config(service, url)
-    before = BELOW_THE_VALUE_DIGEST[service]
-    command.upgrade(config, before)
-    inbox_before = _table_definition(url, "inbox_messages")
-    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        _inbox_row(cursor)
-    connection.close()
-    command.upgrade(config, "head")
+    url, config, inbox_before = _inbox_rows_stored_either_side_of(
+        infrastructure, "value-digest", service, BELOW_THE_VALUE_DIGEST[service])
     assert _index_valid(url, "ix_inbox_messages_handled_at")
     assert _index_valid(url, "ix_inbox_messages_handled") is None
-    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        _inbox_row(cursor)  # as the release before stores it
-    connection.close()
     assert _scalar(url, "SELECT count(*) FROM inbox_messages WHERE value_digest IS NULL") == 2
-    command.downgrade(config, before)
-    assert _table_definition(url, "inbox_messages") == inbox_before
-    command.upgrade(config, "head")
+    _assert_going_down_leaves_the_inbox_as_it_was(url, config, BELOW_THE_VALUE_DIGEST[service],
+                                                  inbox_before)
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -239,11 +224,7 @@ def test_old_handled_inbox_rows_are_pruned_through_an_index_of_when_they_were_ha
     connection.close()
     cutoff = datetime.now(timezone.utc) - timedelta(days=7)
 
-    engine = sa.create_engine(url)
-    statements = []
-    sa.event.listen(engine, "before_cursor_execute",
-                    lambda conn, cursor, statement, parameters, context, many:
-                    statements.append((statement, parameters)))
+    engine, statements = _engine_noting_its_statements(url)
     try:
         with Session(engine) as session:
             assert prune_handled_messages(session, cutoff, 1000) == 1000
@@ -306,24 +287,12 @@ def test_inbox_rows_keep_their_envelope_version_those_of_before_version_1(infras
     """Every inbox keeps its messages' envelope version (orders' and payments' revision 0014, the
     gateway's 0015): the rows stored before, and those the release before goes on storing
     without it, are of version 1; the downgrade drops the column."""
-    url = _database_url(infrastructure, "envelope-version", service)
-    ensure_database(url)
-    config = alembic_config(service, url)
-    before = BELOW_THE_ENVELOPE_VERSION[service]
-    command.upgrade(config, before)
-    inbox_before = _table_definition(url, "inbox_messages")
-    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        _inbox_row(cursor)
-    connection.close()
-    command.upgrade(config, "head")
-    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        _inbox_row(cursor)  # as the release before stores it
-    connection.close()
+    url, config, inbox_before = _inbox_rows_stored_either_side_of(
+        infrastructure, "envelope-version", service, BELOW_THE_ENVELOPE_VERSION[service])
     assert _scalar(url, "SELECT array_agg(DISTINCT envelope_version) FROM inbox_messages") == [1]
     assert _scalar(url, "SELECT count(*) FROM inbox_messages") == 2
-    command.downgrade(config, before)
-    assert _table_definition(url, "inbox_messages") == inbox_before
-    command.upgrade(config, "head")
+    _assert_going_down_leaves_the_inbox_as_it_was(url, config,
+                                                  BELOW_THE_ENVELOPE_VERSION[service], inbox_before)
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -640,6 +609,55 @@ def _database_url(infrastructure, layer: str, service: str) -> str:
 def _inbox_row(cursor) -> None:
     cursor.execute("INSERT INTO inbox_messages (message_id, topic, partition, \"offset\")"
                    " VALUES (gen_random_uuid(), 'topic', 0, 0)")
+
+
+def _inbox_rows_stored_either_side_of(infrastructure, label: str, service: str,
+                                      before: str) -> tuple[str, Config, dict[str, list]]:
+    """A database of `service`'s migrated to `before`, an inbox row stored, then to the head,
+    another stored as the release before stores it (naming only the columns it knows): its URL,
+    its alembic config, and the inbox's definition at `before`."""
+    url = _database_url(infrastructure, label, service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    command.upgrade(config, before)
+    inbox_before = _table_definition(url, "inbox_messages")
+    _store_an_inbox_row(url)
+    command.upgrade(config, "head")
+    _store_an_inbox_row(url)  # as the release before stores it
+    return url, config, inbox_before
+
+
+def _the_one_error_line(migrating: subprocess.CompletedProcess) -> str:
+    """The one line a migration refused with (exit 1, every other line INFO)."""
+    assert migrating.returncode == 1, migrating.stderr
+    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
+    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
+    return errors[0]
+
+
+def _engine_noting_its_statements(url: str) -> tuple[sa.Engine, list[tuple[str, object]]]:
+    """An engine for `url`, and the list each statement it runs goes into with its parameters
+    (for a test to EXPLAIN)."""
+    engine = sa.create_engine(url)
+    statements = []
+    sa.event.listen(engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, parameters, context, many:
+                    statements.append((statement, parameters)))
+    return engine, statements
+
+
+def _store_an_inbox_row(url: str) -> None:
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        _inbox_row(cursor)
+    connection.close()
+
+
+def _assert_going_down_leaves_the_inbox_as_it_was(url: str, config: Config, before: str,
+                                                  inbox_before: dict[str, list]) -> None:
+    """The downgrade to `before` leaves the inbox as it was defined there; then up again."""
+    command.downgrade(config, before)
+    assert _table_definition(url, "inbox_messages") == inbox_before
+    command.upgrade(config, "head")
 
 
 def _park_a_version_2_message_with_its_payload(url: str) -> None:
@@ -984,13 +1002,11 @@ def test_an_upgrade_to_an_older_revision_of_a_database_a_later_release_migrated_
     schema = _schema(url)
 
     migrating = _migrate_by_hand("orders", url, "upgrade", "orders", target)
-    assert migrating.returncode == 1, migrating.stderr
-    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
-    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
+    error = _the_one_error_line(migrating)
     assert (f"the orders database is at revision {later}, a later release's, later than {target}:"
-            " an upgrade never goes back, and nothing was changed") in errors[0]
+            " an upgrade never goes back, and nothing was changed") in error
     assert (("python -m shared.migrations downgrade orders 0010, run with the later release's"
-             " image") in errors[0]) == (target == "0010")
+             " image") in error) == (target == "0010")
     assert _scalar(url, "SELECT version_num FROM alembic_version") == later
     assert _schema(url) == schema
 
@@ -1024,11 +1040,9 @@ def test_an_upgrade_to_a_revision_older_than_the_databases_is_refused_in_one_lin
     head, schema = _scalar(url, "SELECT version_num FROM alembic_version"), _schema(url)
 
     migrating = _migrate_by_hand("orders", url, "upgrade", "orders", "0010")
-    assert migrating.returncode == 1, migrating.stderr
-    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
-    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
-    assert f"the orders database is at revision {head}, later than 0010" in errors[0]
-    assert "python -m shared.migrations downgrade orders 0010" in errors[0]
+    error = _the_one_error_line(migrating)
+    assert f"the orders database is at revision {head}, later than 0010" in error
+    assert "python -m shared.migrations downgrade orders 0010" in error
     assert _scalar(url, "SELECT version_num FROM alembic_version") == head
     assert _schema(url) == schema
 
@@ -1053,12 +1067,10 @@ def test_an_upgrade_to_a_relative_revision_or_base_older_than_the_databases_is_r
     current, schema = _scalar(url, "SELECT version_num FROM alembic_version"), _schema(url)
 
     migrating = _migrate_by_hand("orders", url, "upgrade", "orders", target)
-    assert migrating.returncode == 1, migrating.stderr
-    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
-    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
+    error = _the_one_error_line(migrating)
     assert (f"the orders database is at revision {current}, later than {target}"
-            + (f" ({back_to})" if back_to else "") + ": an upgrade never goes back") in errors[0]
-    assert "shared.migrations downgrade" not in errors[0]
+            + (f" ({back_to})" if back_to else "") + ": an upgrade never goes back") in error
+    assert "shared.migrations downgrade" not in error
     assert _scalar(url, "SELECT version_num FROM alembic_version") == current
     assert _schema(url) == schema
 
@@ -1133,10 +1145,8 @@ def test_a_target_alembic_cannot_read_is_refused_at_a_later_releases_revision(in
     schema = _schema(url)
 
     migrating = _migrate_by_hand("orders", url, "upgrade", "orders", target)
-    assert migrating.returncode == 1, migrating.stderr
-    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
-    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
-    assert answer in errors[0]
+    error = _the_one_error_line(migrating)
+    assert answer in error
     assert _scalar(url, "SELECT version_num FROM alembic_version") == later
     assert _schema(url) == schema
 
@@ -1283,10 +1293,8 @@ def test_a_downgrade_to_a_relative_revision_is_refused_before_any_revision_goes_
     head, schema = _scalar(url, "SELECT version_num FROM alembic_version"), _schema(url)
 
     migrating = _migrate_by_hand("orders", url, "downgrade", "orders", "0006+1")
-    assert migrating.returncode == 1, migrating.stderr
-    errors = [line for line in migrating.stderr.splitlines() if not line.startswith("INFO")]
-    assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
-    assert "1 outbox row(s) lie parked" in errors[0] and "nothing was downgraded" in errors[0]
+    error = _the_one_error_line(migrating)
+    assert "1 outbox row(s) lie parked" in error and "nothing was downgraded" in error
     assert _scalar(url, "SELECT version_num FROM alembic_version") == head
     assert _schema(url) == schema
 
