@@ -257,6 +257,20 @@ def after_commit(session: Session, callback: C) -> C:
     return callback
 
 
+@contextmanager
+def after_commit_undone_if_it_raises(session: Session) -> Iterator[None]:
+    """Forget the callbacks after_commit registers within the block if the block raises: for a
+    savepoint rolled back, whose writes they were about, in a transaction that goes on to commit
+    (a failed try of an inbox message, counted). A callback registered before the block, and added
+    to within it (an invalidation's namespaces), keeps what was added: one invalidation too many."""
+    registered_before = len(session.info.get(_AFTER_COMMIT, []))
+    try:
+        yield
+    except BaseException:
+        del session.info.get(_AFTER_COMMIT, [])[registered_before:]
+        raise
+
+
 class CallerGaveUp(Exception):
     """The work's caller stopped waiting for it (its deadline passed): nothing was committed."""
 

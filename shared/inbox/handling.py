@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 
 from shared.contracts import (PAYLOAD_SCHEMAS, MalformedMessage, declared_fields, decode,
                               knows_envelope_version)
-from shared.db import (connection_lost, connection_lost_on, driver_cursor, held_up_by_a_lock,
-                       said_in_a_line)
+from shared.db import (after_commit_undone_if_it_raises, connection_lost, connection_lost_on,
+                       driver_cursor, held_up_by_a_lock, said_in_a_line)
 from shared.inbox.model import InboxMessage, utc_now
 from shared.outbox.writing import outbox_rows_written_together
 from shared.request_context import request_id_bound, request_ids_bound
@@ -140,7 +140,8 @@ def handle_locked_message(session: Session, message: StoredMessage,
                           handlers: dict[str, Handler], max_attempts: int | None = None) -> Outcome:
     """Handle a message whose row the caller's transaction has locked.
 
-    The handler runs in a savepoint: when it raises, what it wrote is undone, the attempt stays
+    The handler runs in a savepoint: when it raises, what it wrote is undone (and what it asked to
+    be done after the commit, shared.db.after_commit, forgotten), the attempt stays
     counted on the row, with its error, and the exception goes on to the caller (who retries the
     message later); a PermanentMessageError parks the message instead. With `max_attempts` (for a
     caller that commits the count: a batch handling its messages one by one), a failure that uses
@@ -171,7 +172,7 @@ def _handle_with_its_request_id_bound(session: Session, message: StoredMessage,
     # connection lost before the handler began is not the handler's loss.)
     connection = session.connection()
     try:
-        with savepoint:
+        with savepoint, after_commit_undone_if_it_raises(session):
             handler(session, [event])
     except Exception as exc:
         # Lost, whatever the handler made of it: it may have caught the driver's error and

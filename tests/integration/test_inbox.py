@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from shared import contracts
 from shared.contracts import (FAILURE_REASONS, PAYLOAD_SCHEMAS, PAYMENT_FAILED, PAYMENT_REQUESTED,
                               ContractSchema, PaymentFailedSchema, encode, new_event)
-from shared.db import db, driver_dsn, transaction
+from shared.db import after_commit, db, driver_dsn, transaction
 from shared.fields import Amount
 from shared.inbox.handling import (Outcome, PermanentMessageError, ReceivedEvent,
                                    handle_locked_message, lock_in_order, note_try_begun,
@@ -446,6 +446,29 @@ def test_a_failed_try_counted_where_it_failed_closes_itself(in_payments, payment
     row = _row(message_id)
     assert row.attempts == 1 and not row.try_open
     assert (row.parked_at is not None) == (max_attempts == 1)
+
+
+@pytest.mark.parametrize("failure", [_failing, _refusing], ids=["counted", "parked"])
+def test_what_a_failed_try_asked_to_do_after_the_commit_is_not_done(in_payments, payments_inbox,
+                                                                    user_id, failure):
+    """Its savepoint rolled back, a failed try's after_commit callbacks go with its writes, though
+    the transaction commits its count or its parking; those registered before it still run."""
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    done = []
+
+    def asks_then_fails(session, events):
+        after_commit(session, lambda: done.append("the failed try's"))
+        failure(session, events)
+
+    with transaction() as session:
+        after_commit(session, lambda: done.append("the transaction's own"))
+        (message,) = lock_in_order(session, [message_id])
+        with suppress(RuntimeError):
+            handle_locked_message(session, message, {PAYMENT_REQUESTED: asks_then_fails}, 5)
+    assert done == ["the transaction's own"]
+    row = _row(message_id)
+    assert row.attempts == 1 and (row.parked_at is not None) == (failure is _refusing)
 
 
 def test_a_batch_handling_its_messages_one_by_one_closes_their_open_tries(
