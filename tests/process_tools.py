@@ -1,10 +1,57 @@
-"""Process tools for the tests."""
+"""Process tools for the tests: every process a test starts itself (a Celery worker, a gRPC
+server, a command it reads from) is started by start_child, and dies with the test session.
+
+A session stops what it starts however it is told to end, but not when it is killed outright
+(SIGKILL, a CI job's hard kill): a child started with a plain Popen outlived it, a worker
+taking tasks from the queues of whatever ran next. So start_child asks the kernel to kill the
+child as its parent ends (PR_SET_PDEATHSIG, SIGKILL: the session is gone, nothing is left to
+stop it gracefully for). The kernel sends it as the *thread* that forked the child ends, not the
+process: so a child is only started from the main thread, which ends with the process (a test
+starting one from a thread of its own is refused, not left to die with that thread). What the
+child starts in turn is its own to stop: a Celery prefork pool's processes ask for the same
+(celery.concurrency.prefork), and the servers the session starts (devstack's ManagedProcess,
+each leading a process group) are written down for the next session to stop instead
+(tests/session_folders.py).
+"""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import subprocess
+import threading
 
 from devstack.leftovers import started_at
+
+PR_SET_PDEATHSIG = 1  # (linux/prctl.h)
+# (the C library's prctl, looked up once: a child between fork and exec only calls it)
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def start_child(argv, **options) -> subprocess.Popen:
+    """`subprocess.Popen(argv, **options)`, for a child killed as this process ends, however it
+    ends. Refused outside the main thread (see above); a `preexec_fn` given runs after."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("start_child starts a child from the main thread only: the kernel's "
+                           "signal comes as the thread that started it ends")
+    parent, then = os.getpid(), options.pop("preexec_fn", None)
+
+    def dying_with_the_parent() -> None:
+        die_with_parent(parent)
+        if then is not None:
+            then()
+
+    return subprocess.Popen(argv, preexec_fn=dying_with_the_parent, **options)
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process once `parent`, its parent, ends; killed at once if it
+    has already. (Let go of as the process changes user: a child that does, asks again.)"""
+    if _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # (it ended before the kernel was asked: no signal comes)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def gone(pid: int) -> bool:

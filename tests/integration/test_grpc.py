@@ -39,6 +39,7 @@ from shared.request_context import current_request_id
 from tests.integration.test_gateway import assert_replays_said_so
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
 from tests.network_tools import HoldingProxy, SilencingProxy
+from tests.process_tools import start_child
 from tests.signed_requests import grpc_signed
 from tests.polling import wait_for
 from tests.postgres_tools import no_connection_free
@@ -243,7 +244,7 @@ def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, 
                              marker=f"version:orders:{user_id}".encode())
         cleanup.callback(redis.close)
         with open(tmp_path / "orders-grpc.log", "wb") as log:
-            service = subprocess.Popen(
+            service = start_child(
                 [sys.executable, "-m", "shared.grpc_server", "orders"], cwd=REPO_ROOT,
                 stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "ORDERS_GRPC_BIND": bind,

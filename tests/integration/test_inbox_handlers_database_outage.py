@@ -39,7 +39,7 @@ from tasks.services import service_app
 from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
 from tests.postgres_tools import sessions_waiting_on_it_ended
-from tests.process_tools import stop
+from tests.process_tools import start_child, stop
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QUEUE = handler_queue("payments")
@@ -93,7 +93,7 @@ def _payments_worker(settings, database: SilencingProxy | None, tmp_path: Path,
         module = "tests.payments_worker_with_test_handlers"
     log = WorkerLog(tmp_path / "worker.log")
     with open(log.path, "w") as log_file:
-        worker = subprocess.Popen(
+        worker = start_child(
             [sys.executable, "-m", module, "-A", "tasks", "worker", "-Q", QUEUE,
              "-n", f"outage-{uuid.uuid4().hex[:8]}@localhost", "-P", "threads", "-c", "16",
              "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"],

@@ -35,6 +35,7 @@ from shared.outbox.relaying import CLAIM_ROWS
 from tests.environment import database_name
 from tests.polling import wait_for
 from tests.postgres_tools import other_sessions
+from tests.process_tools import start_child
 
 
 def _seconds(timeout: str) -> int:
@@ -775,7 +776,7 @@ def test_a_revision_held_up_by_the_shop_gives_way_and_runs_once_the_lock_is_free
     try:
         with holder.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM outbox_messages")
-        upgrading = subprocess.Popen(
+        upgrading = start_child(
             [sys.executable, "-m", "shared.migrations", "upgrade", "orders"], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         with reader.cursor() as cursor:
@@ -833,7 +834,7 @@ def test_processes_upgrading_one_database_at_once_take_turns(infrastructure):
     try:
         with holder.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
-            upgrading.extend(subprocess.Popen(
+            upgrading.extend(start_child(
                 [sys.executable, "-m", "shared.migrations", "upgrade", "orders"], env=env,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3))
 

@@ -41,6 +41,7 @@ from tests.kafka_tools import read_topic, read_topic_until
 from tests.postgres_tools import (other_sessions, terminate_backend,
                                   wait_for_sessions_waiting_on_a_lock)
 from tests.polling import wait_for
+from tests.process_tools import start_child
 
 
 def _place(user_id: str, amount: str = "30.00") -> service.PlacedOrder:
@@ -830,8 +831,8 @@ def test_a_worker_shut_down_without_a_signal_ends_its_relay_and_exits(settings, 
     def celery(*args: str, **options) -> subprocess.Popen:
         # In processes of their own, configured from this layer's environment (this process's
         # Celery app may have been configured by another layer's tests).
-        return subprocess.Popen([sys.executable, "-m", "celery", "-A", "tasks", *args],
-                                cwd=Path(__file__).parents[2], **options)
+        return start_child([sys.executable, "-m", "celery", "-A", "tasks", *args],
+                           cwd=Path(__file__).parents[2], **options)
 
     with open(log_path, "w") as log_file:
         worker = celery("worker", "-Q", worker_queues("orders"), "-n", node, "-P", "threads",

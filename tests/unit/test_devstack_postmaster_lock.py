@@ -24,7 +24,9 @@ from devstack.postmaster_lock import (
     postgres_on,
     processes_attached_to,
 )
+from tests.process_tools import start_child
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _PROC_HEADER = ("       key      shmid perms                  size  cpid  lpid nattch   uid   gid"
                 "  cuid  cgid      atime      dtime      ctime                   rss"
                 "                  swap\n")
@@ -259,10 +261,12 @@ def a_postgres():
     started = []
 
     def start(*arguments: str, cwd: Path | None = None, uid: int | None = None) -> int:
-        # (As `uid` once started, its modules loaded: that user may not read their directory.)
-        code = _NAMED_POSTGRES.replace("# (as root)", "" if uid is None else f"os.setuid({uid})")
-        process = subprocess.Popen([sys.executable, "-c", code, *arguments],
-                                   stdin=subprocess.DEVNULL, cwd=cwd)
+        # (As `uid` once started, its modules loaded: that user may not read their directory.
+        # Changing user lets go of the kernel's kill as this process ends: asked for again.)
+        code = _NAMED_POSTGRES.replace(
+            "# (as root)", "" if uid is None else f"os.setuid({uid}); die_with_parent(parent)")
+        process = start_child([sys.executable, "-c", code, *arguments], stdin=subprocess.DEVNULL,
+                              cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
         started.append(process)
         wait_until(lambda: Path(f"/proc/{process.pid}/comm").read_text() == "postgres\n", 10,
                    0.02, "the process to be named postgres")
@@ -275,13 +279,15 @@ def a_postgres():
 
 
 _NAMED_POSTGRES = ("import ctypes, os, time\n"
+                   "from tests.process_tools import die_with_parent\n"
+                   "parent = os.getppid()\n"
                    "# (as root)\n"
                    "ctypes.CDLL(None).prctl(15, b'postgres', 0, 0, 0)  # PR_SET_NAME\n"
                    "time.sleep(300)\n")
 
 
 def _a_pid_gone() -> int:
-    process = subprocess.Popen(["true"])
+    process = start_child(["true"])
     process.wait()
     return process.pid
 

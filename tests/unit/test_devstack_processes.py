@@ -20,7 +20,7 @@ from devstack.leftovers import RunInTheWay, RunRecord, started_at
 from devstack.logs import LogFollower
 from devstack.processes import ManagedProcess, ProcessGroup
 from devstack.stack import Stack
-from tests.process_tools import gone
+from tests.process_tools import gone, start_child
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,9 +137,9 @@ def _started(program: str, cwd, ignoring_ctrl_c: bool = False) -> subprocess.Pop
         signal.signal(signal.SIGINT, sigint)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
-    return subprocess.Popen([sys.executable, "-c", program], cwd=cwd, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-                            preexec_fn=signals_as_given)
+    return start_child([sys.executable, "-c", program], cwd=cwd, stdout=subprocess.PIPE,
+                       text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                       preexec_fn=signals_as_given)
 
 
 def test_a_program_started_ignoring_ctrl_c_goes_on_ignoring_it(tmp_path):
@@ -361,9 +361,9 @@ RECORDED_RUN = textwrap.dedent(
 
 
 def _recorded_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
-    run = subprocess.Popen([sys.executable, "-c", RECORDED_RUN], cwd=tmp_path,
-                           stdout=subprocess.PIPE, text=True,
-                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    run = start_child([sys.executable, "-c", RECORDED_RUN], cwd=tmp_path,
+                      stdout=subprocess.PIPE, text=True,
+                      env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     pids = [int(run.stdout.readline()) for _ in range(3)]
     assert run.stdout.readline().strip() == "ready"
     return run, pids

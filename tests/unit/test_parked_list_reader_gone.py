@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from tasks import parked
+from tests.process_tools import start_child
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,6 +33,7 @@ def test_list_whose_reader_goes_ends_as_a_command_ended_by_sigpipe(monkeypatch, 
 _LISTING_STOOD_IN = """
 import sys
 from tasks import parked
+from tests.process_tools import start_child
 parked.list_parked = lambda *args: [print(f"{{n:07d}} " + "a parked message " * 5)
                                     for n in range({lines})]
 sys.exit(parked.main(["list", "orders", "--limit", "10000"]))
@@ -50,7 +52,7 @@ def test_list_whose_reader_goes_while_its_last_lines_wait_in_its_buffer_ends_as_
     environment = {name: value for name, value in os.environ.items()
                    if name != "PYTHONUNBUFFERED"} | {"PYTHONPATH": str(REPO)}
     for _ in range(3):
-        command = subprocess.Popen(
+        command = start_child(
             [sys.executable, "-c", _LISTING_STOOD_IN.format(lines=lines)], cwd=REPO,
             env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         fcntl.fcntl(command.stdout.fileno(), fcntl.F_SETPIPE_SZ, pipe_holds)

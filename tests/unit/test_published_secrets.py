@@ -20,6 +20,7 @@ from devstack.infra import free_port
 from shared.config import PUBLISHED_SECRETS, SECRETS, load_settings
 from tests.compose_tools import read_env_file
 from tests.polling import wait_for
+from tests.process_tools import start_child
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Where docker-compose.yml's containers get each secret (tests/unit/test_compose_config.py).
@@ -84,9 +85,9 @@ def test_a_grpc_server_started_with_a_published_secret_warns_once_in_its_log(tmp
     bind = f"127.0.0.1:{free_port()}"
     log = tmp_path / "orders-grpc.log"
     with open(log, "wb") as output:
-        server = subprocess.Popen([sys.executable, "-m", "shared.grpc_server", "orders"],
-                                  cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT,
-                                  env={**WITH_THE_DEFAULTS, "ORDERS_GRPC_BIND": bind})
+        server = start_child([sys.executable, "-m", "shared.grpc_server", "orders"],
+                             cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT,
+                             env={**WITH_THE_DEFAULTS, "ORDERS_GRPC_BIND": bind})
     try:
         wait_for(lambda: f"listening on {bind}" in log.read_text(), timeout=30,
                  what="the gRPC server to listen")

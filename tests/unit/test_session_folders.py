@@ -14,7 +14,7 @@ from pathlib import Path
 from devstack.leftovers import RunRecord, started_at
 from devstack.processes import ManagedProcess
 from tests.polling import wait_for
-from tests.process_tools import gone
+from tests.process_tools import gone, start_child
 from tests.session_folders import (
     CLAIMED,
     begin_session,
@@ -50,9 +50,9 @@ SESSION = textwrap.dedent(
 
 
 def _session(root: Path) -> tuple[subprocess.Popen, list[int]]:
-    session = subprocess.Popen([sys.executable, "-c", SESSION, str(root)], cwd=REPO_ROOT,
-                               stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    session = start_child([sys.executable, "-c", SESSION, str(root)], cwd=REPO_ROOT,
+                          stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     pids = [int(session.stdout.readline()) for _ in range(2)]
     assert session.stdout.readline().strip() == "ready"
     return session, pids
@@ -144,9 +144,9 @@ def test_two_sessions_beginning_at_once_reap_the_folders_of_those_gone_together(
                     (logs / f"{log}.log").write_text("a line\n")
             (folder / "processes").write_text("")
         go = tmp_path / f"go-{round_}"
-        reapers = [subprocess.Popen([sys.executable, "-c", REAPER, str(root), str(go)],
-                                    cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
-                                    env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        reapers = [start_child([sys.executable, "-c", REAPER, str(root), str(go)],
+                               cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
                    for _ in range(2)]
         for reaper in reapers:
             assert reaper.stdout.readline().strip() == "ready"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.polling import wait_for
-from tests.process_tools import gone
+from tests.process_tools import gone, start_child
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,7 +68,7 @@ def test_a_signal_ends_the_run_and_its_fixtures_stop_what_they_started(tmp_path,
                                                                        stopped_test, started):
     for name, text in _RUN.items():
         (tmp_path / name).write_text(textwrap.dedent(text))
-    run = subprocess.Popen(
+    run = start_child(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", tmp_path,
          "-c", os.devnull, f"test_stopped.py::{stopped_test}", "test_stopped.py::test_never_run"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},

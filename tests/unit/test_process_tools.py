@@ -1,0 +1,62 @@
+"""A child a test starts dies with the test session, even one killed outright
+(tests/process_tools.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from devstack.leftovers import started_at
+from tests.polling import wait_for
+from tests.process_tools import gone, start_child
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# A test session, as far as its children go: it starts one as a test does, prints its pid, waits.
+SESSION = textwrap.dedent(
+    """
+    import time
+    from tests.process_tools import start_child
+    print(start_child(["sleep", "300"]).pid, flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def test_a_child_dies_with_a_session_killed_outright():
+    session = start_child([sys.executable, "-c", SESSION], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    child = int(session.stdout.readline())
+    child_started = started_at(child)
+    try:
+        assert child_started is not None
+        session.kill()
+        session.wait(10)
+        wait_for(lambda: gone(child), timeout=10, what="the child to die with its session")
+    finally:
+        session.kill()
+        session.wait(10)
+        session.stdout.close()
+        if started_at(child) == child_started:  # (left by a failure: not left running)
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_child_is_not_started_from_a_thread_it_would_die_with():
+    refused = []
+
+    def start() -> None:
+        with pytest.raises(RuntimeError, match="main thread") as raised:
+            start_child(["true"])
+        refused.append(raised.value)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join(10)
+    assert refused
