@@ -12,7 +12,10 @@ in that folder takes the lock of a run that is gone and stops what its list name
 A process is named by its pid and the moment it started (/proc/<pid>/stat), so that a pid since
 given to another process is never taken for it; each child leads a process group of its own, and
 the whole group is stopped, as ProcessGroup stops it. A group whose leader has ended is not
-looked for: its leader's pid may be another's by then.
+looked for: its leader's pid may be another's by then. A pid and a start come again after a
+reboot (.run is on disk), so the list begins with the boot it was written in (this_boot), and
+a list of another boot names nothing that runs: nothing of it is signalled. (A list without
+one, written before lists had one, is judged by pids and starts alone.)
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from pathlib import Path
 
 # How long the processes left get to stop on their stop signal before they are killed.
 STOP_TIMEOUT_SECONDS = 10.0
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# A list's first line: this, then the boot it was written in.
+BOOT_LINE = "boot"
 
 
 class RunInTheWay(RuntimeError):
@@ -67,6 +73,11 @@ def started_at(pid: int) -> int | None:
     return None if fields[0] == b"Z" else int(fields[19])
 
 
+def this_boot() -> str:
+    """The first 8 hex digits of this boot's id (the kernel's boot_id, random each boot)."""
+    return BOOT_ID.read_text().strip()[:8]
+
+
 class RunRecord:
     """The list, at `path`, of the processes this run started, locked while the run goes on."""
 
@@ -81,15 +92,13 @@ class RunRecord:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = self._locked()
         try:
-            record.seek(0)
-            left = [process for process in map(RecordedProcess.parse, record)
-                    if process is not None and process.running()]
-            stopped = _stop(left)
+            stopped = _stop(_still_running(record))
         except BaseException:
             record.close()
             raise
         record.seek(0)
         record.truncate()
+        record.write(f"{BOOT_LINE} {this_boot()}\n")
         record.flush()
         self._file = record
         return stopped
@@ -122,12 +131,20 @@ class RunRecord:
         runs (a stop cut short), which the next run then stops."""
         if self._file is None:
             return
-        self._file.seek(0)
-        if not any(process is not None and process.running()
-                   for process in map(RecordedProcess.parse, self._file)):
+        if not _still_running(self._file):
             self.path.unlink(missing_ok=True)
         self._file.close()  # (and the lock with it)
         self._file = None
+
+
+def _still_running(record) -> list[RecordedProcess]:
+    """What the list, open, names that still runs: nothing, if it was written in another boot."""
+    record.seek(0)
+    lines = record.readlines()
+    if lines and lines[0].startswith(f"{BOOT_LINE} ") and lines[0].split()[1:] != [this_boot()]:
+        return []
+    return [process for process in map(RecordedProcess.parse, lines)
+            if process is not None and process.running()]
 
 
 def _stop(left: list[RecordedProcess]) -> list[str]:

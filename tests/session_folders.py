@@ -40,9 +40,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from devstack.leftovers import RunInTheWay, RunRecord, started_at
+from devstack.leftovers import RunInTheWay, RunRecord, started_at, this_boot
 
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 SESSIONS_ROOT = Path(tempfile.gettempdir()) / f"hseshop-tests-{os.getuid()}"
 # The session's record of the servers it starts, in its folder.
 SESSION_RECORD = "processes"
@@ -69,11 +68,6 @@ def begin_session(root: Path = SESSIONS_ROOT) -> RunRecord:
 def pid_namespace() -> str:
     """The number of this process's pid namespace (as /proc/self/ns/pid names it: pid:[<n>])."""
     return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
-
-
-def this_boot() -> str:
-    """The first 8 hex digits of this boot's id (the kernel's boot_id, random each boot)."""
-    return BOOT_ID.read_text().strip()[:8]
 
 
 def reap_sessions_gone(root: Path = SESSIONS_ROOT, namespace: str | None = None) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from devstack.infra import free_port, port_open, wait_until
-from devstack.leftovers import RunInTheWay, RunRecord, started_at
+from devstack.leftovers import RunInTheWay, RunRecord, started_at, this_boot
 from devstack.logs import LogFollower
 from devstack.processes import ManagedProcess, ProcessGroup
 from devstack.stack import Stack
@@ -412,9 +412,34 @@ def test_a_pid_since_given_to_another_process_is_not_taken_for_one_left(tmp_path
     try:
         assert RunRecord(record).begin() == []
         assert other.alive()
-        assert record.read_text() == ""  # this run's list now
+        assert record.read_text() == f"boot {this_boot()}\n"  # this run's list now
     finally:
         other.stop()
+
+
+def test_a_list_of_another_boot_names_nothing_that_runs(tmp_path):
+    """After a reboot (.run kept on disk) a pid and its start come again: what the list of a run
+    of an earlier boot names (here a process that runs now) is not signalled. A list of this
+    boot, or from before lists said their boot, is judged by pid and start as before."""
+    other_boot = "0" * 8 if this_boot() != "0" * 8 else "1" * 8
+    record = tmp_path / "processes"
+    running = _shell(tmp_path, "exec sleep 300").start()
+
+    def naming_it(written_in: str) -> Path:
+        record.write_text(f"{written_in}{running.pid} {started_at(running.pid)} {signal.SIGTERM}"
+                          " broker\n")
+        return record
+
+    try:
+        assert RunRecord(naming_it(f"boot {other_boot}\n")).begin() == []
+        assert running.alive()
+
+        for written_in in (f"boot {this_boot()}\n", ""):
+            assert RunRecord(naming_it(written_in)).begin() == ["broker"]
+            wait_until(lambda: not running.alive(), 15, 0.02, "the broker to be stopped")
+            running.start()
+    finally:
+        running.stop()
 
 
 def test_a_list_whose_process_still_runs_as_the_run_ends_is_kept_for_the_next(tmp_path):

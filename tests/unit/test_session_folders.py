@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from devstack.leftovers import RunRecord, started_at
+from devstack.leftovers import RunRecord, started_at, this_boot
 from devstack.processes import ManagedProcess
 from tests.polling import wait_for
 from tests.process_tools import gone, start_child
@@ -20,7 +20,6 @@ from tests.session_folders import (
     begin_session,
     pid_namespace,
     reap_sessions_gone,
-    this_boot,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
