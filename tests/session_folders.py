@@ -22,7 +22,10 @@ name can still run.
 Several sessions may run at once on one machine (each checkout's, say): a session's folder is
 only ever reaped once its pid no longer runs the process that made it (a pid since given to
 another process does not keep it), and only by a session of its pid namespace (in a container
-sharing /tmp, say, the host's pids are not to be seen: it would take every one for gone). Two
+sharing /tmp, say, the host's pids are not to be seen: it would take every one for gone). The
+folder of a pid namespace that has ended (the container's gone) is removed as it is, as one of
+another boot is: nothing of it runs; but only by a session that sees every namespace running,
+one of the host's (tests/pid_namespaces.py), and so never in a container. Two
 sessions beginning at once do not reap one folder together: each claims a folder first by
 renaming it (`.reaping-<its pid>-<its start>-<the folder's name>`), which only one can do; a
 claim whose session is gone is taken over as a session's folder is. A folder is removed only
@@ -41,6 +44,7 @@ import tempfile
 from pathlib import Path
 
 from devstack.leftovers import RunInTheWay, RunRecord, started_at, this_boot
+from tests.pid_namespaces import pid_namespace, pid_namespaces_running
 
 SESSIONS_ROOT = Path(tempfile.gettempdir()) / f"hseshop-tests-{os.getuid()}"
 # The session's record of the servers it starts, in its folder.
@@ -65,25 +69,26 @@ def begin_session(root: Path = SESSIONS_ROOT) -> RunRecord:
     return record
 
 
-def pid_namespace() -> str:
-    """The number of this process's pid namespace (as /proc/self/ns/pid names it: pid:[<n>])."""
-    return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
-
-
 def reap_sessions_gone(root: Path = SESSIONS_ROOT, namespace: str | None = None) -> list[str]:
     """Stop what every record names in the folder of each session of this pid namespace
     (`namespace`: another's, for a test) under `root` that no longer runs, and remove the
-    folder; remove every folder of another boot as it is; the names of what was stopped."""
+    folder; remove every folder of another boot, or of a pid namespace seen to have ended, as
+    it is; the names of what was stopped."""
     namespace = pid_namespace() if namespace is None else namespace
     boot = this_boot()
     pid = os.getpid()
     claim_prefix = f"{CLAIMED}-{pid}-{started_at(pid)}-"
     stopped: list[str] = []
-    for folder in sorted(root.iterdir()):
+    folders = sorted(root.iterdir())
+    # (looked at once the folders are listed: the namespace of a session that had made one by
+    # then, if it runs still, is seen to)
+    namespaces_running = pid_namespaces_running()
+    for folder in folders:
         claimer, name = _claim(folder.name)
         owner = _owner(name)
-        if owner is not None and owner[3] != boot:
-            shutil.rmtree(folder, ignore_errors=True)  # (nothing of another boot runs)
+        if owner is not None and (owner[3] != boot or (namespaces_running is not None
+                                                       and owner[2] not in namespaces_running)):
+            shutil.rmtree(folder, ignore_errors=True)  # (nothing of it runs)
             continue
         if owner is None or owner[2] != namespace or _runs(owner):
             continue  # (not a session's, another namespace's, or its session still runs)

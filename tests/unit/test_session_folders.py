@@ -13,14 +13,10 @@ from pathlib import Path
 
 from devstack.leftovers import RunRecord, started_at, this_boot
 from devstack.processes import ManagedProcess
+from tests.pid_namespaces import pid_namespace, pid_namespaces_running
 from tests.polling import wait_for
 from tests.process_tools import gone, start_child
-from tests.session_folders import (
-    CLAIMED,
-    begin_session,
-    pid_namespace,
-    reap_sessions_gone,
-)
+from tests.session_folders import CLAIMED, begin_session, reap_sessions_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -179,6 +175,42 @@ def test_a_session_in_another_pid_namespace_leaves_this_ones_folders(tmp_path):
         assert reap_sessions_gone(root, namespace="4026500000") == []  # (nor a faked other)
         assert worker.alive() and own.is_dir()
     finally:
+        worker.stop()
+
+
+def test_the_folder_of_a_pid_namespace_ended_is_removed_and_its_records_not_read(tmp_path):
+    """The folder of a session in a container sharing /tmp is not for a session of the host's
+    namespace to reap by pids; but once that namespace has ended, nothing of it runs: its folder
+    is removed as it is (what its record names, here a process that runs, is not signalled).
+    One of a namespace still running is left."""
+    # (It fails, never skips, where it cannot run: as the suite's other tests that need root.)
+    assert shutil.which("unshare") is not None and os.geteuid() == 0, "needs unshare, as root"
+    assert pid_namespaces_running() is not None, "needs to see every process's pid namespace"
+    worker = ManagedProcess("worker", ["sleep", "300"], os.environ, tmp_path / "worker.log")
+    saying_its_namespace = ["unshare", "--pid", "--fork", "--kill-child", "sh", "-c",
+                            "readlink /proc/self/ns/pid; exec sleep 300"]
+    running = start_child(saying_its_namespace, stdout=subprocess.PIPE, text=True)
+    root = tmp_path / "sessions"
+    try:
+        worker.start()
+        running_namespace = running.stdout.readline().strip()[len("pid:["):-1]
+        ended = subprocess.run(saying_its_namespace[:4] + ["readlink", "/proc/self/ns/pid"],
+                               capture_output=True, text=True, check=True, timeout=60)
+        ended_namespace = ended.stdout.strip()[len("pid:["):-1]
+        folders = [root / _name(1, 1, namespace=namespace)
+                   for namespace in (ended_namespace, running_namespace)]
+        for folder in folders:
+            folder.mkdir(parents=True)
+            (folder / "processes").write_text(
+                f"{worker.pid} {started_at(worker.pid)} {signal.SIGTERM} worker\n")
+
+        assert reap_sessions_gone(root) == []
+        assert worker.alive()
+        assert os.listdir(root) == [folders[1].name]
+    finally:
+        running.kill()
+        running.wait(10)
+        running.stdout.close()
         worker.stop()
 
 
