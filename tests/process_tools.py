@@ -1,17 +1,18 @@
-"""Process tools for the tests: every process a test starts itself (a Celery worker, a gRPC
-server, a command it reads from) is started by start_child, and dies with the test session.
+"""Process tools for the tests: every process a test starts itself and goes on beside (a Celery
+worker, a gRPC server, a command it reads from) is started by start_child, and dies with the
+test session. (A command it only waits for, with subprocess.run, ends by itself.)
 
 A session stops what it starts however it is told to end, but not when it is killed outright
-(SIGKILL, a CI job's hard kill): a child started with a plain Popen outlived it, a worker
-taking tasks from the queues of whatever ran next. So start_child asks the kernel to kill the
-child as its parent ends (PR_SET_PDEATHSIG, SIGKILL: the session is gone, nothing is left to
-stop it gracefully for). The kernel sends it as the *thread* that forked the child ends, not the
-process: so a child is only started from the main thread, which ends with the process (a test
-starting one from a thread of its own is refused, not left to die with that thread). What the
-child starts in turn is its own to stop: a Celery prefork pool's processes ask for the same
-(celery.concurrency.prefork), and the servers the session starts (devstack's ManagedProcess,
-each leading a process group) are written down for the next session to stop instead
-(tests/session_folders.py).
+(SIGKILL, a CI job's hard kill): a child started with a plain Popen outlived it, as an orphan (a
+worker holding its broker's and databases' connections, a server its port, for good). So
+start_child asks the kernel to kill the child as its parent ends (PR_SET_PDEATHSIG, SIGKILL: the
+session is gone, nothing is left to stop it gracefully for). The kernel sends it as the *thread*
+that forked the child ends, not the process: so a child is only started from the main thread,
+which ends with the process (a test starting one from a thread of its own is refused, not left
+to die with that thread). What the child starts in turn is its own to stop: a Celery prefork
+pool's processes ask for the same (celery.concurrency.prefork), and the servers the session
+starts (devstack's ManagedProcess, each leading a process group) are written down for the next
+session to stop instead (tests/session_folders.py).
 """
 
 from __future__ import annotations
