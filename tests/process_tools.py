@@ -26,8 +26,12 @@ import threading
 from devstack.leftovers import started_at
 
 PR_SET_PDEATHSIG = 1  # (linux/prctl.h)
-# (the C library's prctl, looked up once: a child between fork and exec only calls it)
-_LIBC = ctypes.CDLL(None, use_errno=True)
+# The C library's prctl, looked up here, once, so that a child between fork and exec only calls
+# it (a lookup there, ctypes' dlsym and attribute cache, would run in a copy of a process whose
+# other threads may have held their locks as it forked).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+_PRCTL.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_PRCTL.restype = ctypes.c_int
 
 
 def start_child(argv, **options) -> subprocess.Popen:
@@ -49,7 +53,7 @@ def start_child(argv, **options) -> subprocess.Popen:
 def die_with_parent(parent: int) -> None:
     """Have the kernel SIGKILL this process once `parent`, its parent, ends; killed at once if it
     has already. (Let go of as the process changes user: a child that does, asks again.)"""
-    if _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # (it ended before the kernel was asked: no signal comes)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -33,7 +33,6 @@ def test_list_whose_reader_goes_ends_as_a_command_ended_by_sigpipe(monkeypatch, 
 _LISTING_STOOD_IN = """
 import sys
 from tasks import parked
-from tests.process_tools import start_child
 parked.list_parked = lambda *args: [print(f"{{n:07d}} " + "a parked message " * 5)
                                     for n in range({lines})]
 sys.exit(parked.main(["list", "orders", "--limit", "10000"]))
