@@ -25,7 +25,7 @@ from typing import TypeVar
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from psycopg2 import OperationalError as DriverOperationalError
-from psycopg2.extensions import make_dsn
+from psycopg2.extensions import TRANSACTION_STATUS_INERROR, make_dsn
 from sqlalchemy import MetaData, event, text
 from sqlalchemy.engine import Connection, Engine, ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
@@ -271,6 +271,22 @@ def after_commit_undone_if_it_raises(session: Session) -> Iterator[None]:
         raise
 
 
+class TransactionAborted(Exception):
+    """A statement failed in the transaction and its error was caught: the transaction can only be
+    rolled back (to a savepoint, if one was made before), and nothing of it was committed."""
+
+
+def transaction_aborted(connection: Connection) -> bool:
+    """True when a statement failed on the connection's transaction and its error was caught, the
+    transaction (or savepoint) not rolled back since: every statement now fails, and psycopg2
+    answers a COMMIT by rolling back, raising nothing (the server says ROLLBACK)."""
+    if connection.invalidated:  # (lost: said by whatever touches it next)
+        return False
+    dbapi_connection = connection.connection.dbapi_connection
+    return (dbapi_connection is not None
+            and dbapi_connection.info.transaction_status == TRANSACTION_STATUS_INERROR)
+
+
 class CallerGaveUp(Exception):
     """The work's caller stopped waiting for it (its deadline passed): nothing was committed."""
 
@@ -304,6 +320,11 @@ def transaction() -> Iterator[Session]:
         deadline = _caller_waits_until.get()
         if deadline is not None and time.monotonic() >= deadline:
             raise CallerGaveUp()
+        # (Raised, not committed: the "commit" would roll back unsaid, and what was to be done
+        # after it be done for writes that were never kept.)
+        if session.in_transaction() and transaction_aborted(session.connection()):
+            raise TransactionAborted("a statement failed and its error was caught; nothing of"
+                                     " the transaction was committed")
         session.commit()
     except BaseException:
         session.info.pop(_AFTER_COMMIT, None)

@@ -15,8 +15,9 @@ from sqlalchemy.orm import Session
 
 from shared.contracts import (PAYLOAD_SCHEMAS, MalformedMessage, declared_fields, decode,
                               knows_envelope_version)
-from shared.db import (after_commit_undone_if_it_raises, connection_lost, connection_lost_on,
-                       driver_cursor, held_up_by_a_lock, said_in_a_line)
+from shared.db import (TransactionAborted, after_commit_undone_if_it_raises, connection_lost,
+                       connection_lost_on, driver_cursor, held_up_by_a_lock, said_in_a_line,
+                       transaction_aborted)
 from shared.inbox.model import InboxMessage, utc_now
 from shared.outbox.writing import outbox_rows_written_together
 from shared.request_context import request_id_bound, request_ids_bound
@@ -172,8 +173,11 @@ def _handle_with_its_request_id_bound(session: Session, message: StoredMessage,
     # connection lost before the handler began is not the handler's loss.)
     connection = session.connection()
     try:
-        with savepoint, after_commit_undone_if_it_raises(session):
+        with after_commit_undone_if_it_raises(session), savepoint:
             handler(session, [event])
+            if transaction_aborted(connection):
+                raise TransactionAborted(f"the {message.type} handler caught a database error"
+                                         " and returned: what it did is undone")
     except Exception as exc:
         # Lost, whatever the handler made of it: it may have caught the driver's error and
         # raised its own (a PermanentMessageError, say), or run on into the session's.
