@@ -2,7 +2,7 @@ from dataclasses import fields
 
 import pytest
 
-from shared.config import ENVIRONMENT, Settings, load_settings
+from shared.config import ENVIRONMENT, SERVICES, Settings, load_settings
 
 
 def test_every_setting_has_one_environment_variable_with_a_default():
@@ -19,6 +19,21 @@ def test_defaults_work_locally_and_the_environment_overrides_them():
     assert (custom.inbox_max_attempts, custom.topic_payment_results) == (9, "x.results")
     assert custom.outbox_relay_interval_seconds == 0.25
 
+
+
+def test_the_defaults_are_the_ports_and_databases_the_shop_is_known_by():
+    """Where the issues that made the shop put each part (orders on 8001 and gRPC 50051, payments
+    on 8002 and 50052, a database each, the gateway calling them over gRPC), which the devstack,
+    the compose file and the README name too."""
+    defaults = load_settings({})
+    assert [defaults.database_url(service).rsplit("/", 1)[1] for service in SERVICES] == [
+        f"hseshop_{service}" for service in SERVICES]
+    assert (defaults.orders_service_url, defaults.payments_service_url) == (
+        "http://127.0.0.1:8001", "http://127.0.0.1:8002")
+    assert (defaults.orders_grpc_bind, defaults.orders_grpc_target) == ("127.0.0.1:50051",) * 2
+    assert (defaults.payments_grpc_bind, defaults.payments_grpc_target) == (
+        "127.0.0.1:50052",) * 2
+    assert defaults.gateway_upstream_transport == "grpc"
 
 def test_the_forms_a_grpc_target_or_a_service_url_may_take_are_taken():
     settings = load_settings({"ORDERS_GRPC_TARGET": "dns:///orders-grpc:50051",

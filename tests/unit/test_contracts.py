@@ -1,11 +1,15 @@
 import json
 import logging
 import uuid
+from datetime import datetime, timezone
 from decimal import Decimal
 
 import pytest
 
+import orders_app
+import payments_app
 from shared import contracts
+from shared.config import ENVIRONMENT, load_settings
 from shared.contracts import (PAYMENT_FAILED, PAYMENT_REQUESTED, MalformedMessage, PayloadRefused,
                               decode, encode, new_event)
 
@@ -183,3 +187,52 @@ def test_the_shop_never_writes_a_field_its_contract_does_not_declare():
     with pytest.raises(MalformedMessage, match=r"does not declare: \['channel'\]"):
         new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": "alice",
                                       "amount": Decimal("30.00"), "channel": "web"}, None)
+
+
+# The event contract as the issue that made the shop fixed it for readers outside it too (README:
+# Event contract): each type's topic, the variable that renames it, and its payload's fields.
+# Written out, not read from the code, so that a topic or a field renamed there fails here.
+EVENT_CONTRACT = {
+    "PaymentRequested": ("TOPIC_PAYMENT_REQUESTED", "orders.payment-requested",
+                         {"order_id", "user_id", "amount"}),
+    "PaymentSucceeded": ("TOPIC_PAYMENT_RESULTS", "payments.payment-results",
+                         {"order_id", "user_id", "amount"}),
+    "PaymentFailed": ("TOPIC_PAYMENT_RESULTS", "payments.payment-results",
+                      {"order_id", "user_id", "amount", "reason"}),
+    "OrderStatusChanged": ("TOPIC_ORDER_STATUS_CHANGED", "orders.order-status-changed",
+                           {"order_id", "user_id", "amount", "status", "reason", "updated_at"}),
+}
+
+
+def _topic_of_each_event_type(environ: dict[str, str]) -> dict[str, str]:
+    """The topic each event type is written to, as the services that write them say."""
+    settings = load_settings(environ)
+    return {event_type: topic for service in (orders_app, payments_app)
+            for topic, types in service.published_events(settings).items()
+            for event_type in types}
+
+
+def test_each_event_type_goes_to_the_topic_of_the_contract_which_its_variable_renames():
+    assert _topic_of_each_event_type({}) == {
+        event_type: topic for event_type, (_, topic, _) in EVENT_CONTRACT.items()}
+    renamed = {variable: f"renamed.{topic}" for variable, topic, _ in EVENT_CONTRACT.values()}
+    assert _topic_of_each_event_type(renamed) == {
+        event_type: renamed[variable] for event_type, (variable, _, _) in EVENT_CONTRACT.items()}
+    assert {variable: ENVIRONMENT[variable] for variable, _, _ in EVENT_CONTRACT.values()} == {
+        variable: topic for variable, topic, _ in EVENT_CONTRACT.values()}
+
+
+@pytest.mark.parametrize("event_type", EVENT_CONTRACT)
+def test_each_event_type_is_written_with_exactly_the_payload_fields_of_the_contract(event_type):
+    order_id = uuid.uuid4()
+    values = {"order_id": order_id, "user_id": "alice", "amount": Decimal("30.00"),
+              "reason": "NO_ACCOUNT", "status": "CANCELLED",
+              "updated_at": datetime.now(timezone.utc)}
+    fields = EVENT_CONTRACT[event_type][2]
+    event = new_event(event_type, {name: values[name] for name in fields}, str(order_id))
+    body = json.loads(encode(event.to_json()))
+    assert (body["type"], set(body["payload"])) == (event_type, fields)
+    assert body["payload"]["amount"] == "30.00" and body["correlation_id"] == str(order_id)
+    for missing in fields:
+        with pytest.raises(MalformedMessage):
+            new_event(event_type, {name: values[name] for name in fields - {missing}}, None)
