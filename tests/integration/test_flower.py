@@ -6,6 +6,7 @@ alone."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -28,6 +29,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 QUEUE = "default"  # Celery's task_default_queue: nothing reads it, so what is sent there stays
 TASKS_SENT = 3
 SHOP_QUEUES = {name for service in SERVICES for name in queues_of(service)}
+# The most tasks Flower may keep in memory, some 5 KB each (flowerconfig.py's max_tasks).
+TASKS_KEPT_AT_MOST = 10_000
 
 
 def _queue_rows(page: str) -> dict[str, int]:
@@ -65,9 +68,9 @@ def _worker(tmp_path: Path, node: str, *queues: str) -> Iterator[subprocess.Pope
 
 
 @contextmanager
-def _flower(tmp_path: Path) -> Iterator[Callable[[], dict[str, int]]]:
+def _flower(tmp_path: Path) -> Iterator[Callable[[str], str]]:
     """Flower running as devstack runs it, but started in a directory of its own (not where its
-    configuration file is); yields a reader of its Broker page's queue table."""
+    configuration file is); yields a reader of its pages (`/broker`, say), once it answers."""
     port = free_port()
     log_path = tmp_path / "flower.log"
     with open(log_path, "w") as log_file:
@@ -76,9 +79,9 @@ def _flower(tmp_path: Path) -> Iterator[Callable[[], dict[str, int]]]:
                              stdin=subprocess.DEVNULL, stdout=log_file,
                              stderr=subprocess.STDOUT)
 
-    def page_or_none():
+    def page_or_none(path: str):
         try:
-            with urllib.request.urlopen(f"http://{LOCALHOST}:{port}/broker",
+            with urllib.request.urlopen(f"http://{LOCALHOST}:{port}{path}",
                                         timeout=5) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as error:
@@ -87,14 +90,14 @@ def _flower(tmp_path: Path) -> Iterator[Callable[[], dict[str, int]]]:
             assert flower.poll() is None, log_path.read_text()
             return None
 
-    def queue_rows() -> dict[str, int]:
-        status, page = wait_for(page_or_none, timeout=60, interval=0.2,
+    def page(path: str) -> str:
+        status, body = wait_for(lambda: page_or_none(path), timeout=60, interval=0.2,
                                 what="Flower to answer")
         assert status == 200, log_path.read_text()
-        return _queue_rows(page)
+        return body
 
     try:
-        yield queue_rows
+        yield page
     finally:
         stop(flower)
 
@@ -104,15 +107,15 @@ def test_flowers_broker_page_shows_the_queues_under_the_shops_prefix(settings, t
     for _ in range(TASKS_SENT):
         celery_app.send_task("hseshop.flower_test", queue=QUEUE)
     try:
-        with _flower(tmp_path) as queue_rows:
-            assert queue_rows()[QUEUE] == TASKS_SENT
+        with _flower(tmp_path) as page:
+            assert _queue_rows(page("/broker"))[QUEUE] == TASKS_SENT
     finally:
         _purge()
 
 
 def test_with_no_worker_up_the_broker_page_names_every_shop_queue(settings, tmp_path):
-    with _flower(tmp_path) as queue_rows:
-        assert SHOP_QUEUES <= set(queue_rows())
+    with _flower(tmp_path) as page:
+        assert SHOP_QUEUES <= set(_queue_rows(page("/broker")))
 
 
 def test_with_a_worker_up_the_broker_page_names_the_queues_no_worker_reads_too(
@@ -122,9 +125,9 @@ def test_with_a_worker_up_the_broker_page_names_the_queues_no_worker_reads_too(
     shown all the same. (The worker here reads a queue of its own, not a shop's: every shop queue
     is one no worker reads.)"""
     name = f"flower-test-{uuid.uuid4().hex[:8]}"
-    with _worker(tmp_path, f"{name}@localhost", name), _flower(tmp_path) as queue_rows:
+    with _worker(tmp_path, f"{name}@localhost", name), _flower(tmp_path) as page:
         def once_the_workers_queue_is_named():
-            rows = queue_rows()
+            rows = _queue_rows(page("/broker"))
             return rows if name in rows else None
 
         rows = wait_for(once_the_workers_queue_is_named, timeout=30, interval=0.5,
@@ -140,3 +143,36 @@ def test_a_worker_started_without_queues_reads_the_default_queue_alone(settings,
     with _worker(tmp_path, node):
         replies = celery_app.control.inspect(destination=[node], timeout=5).active_queues()
         assert [queue["name"] for queue in replies[node]] == [QUEUE], replies
+
+
+def test_flower_keeps_no_more_than_ten_thousand_tasks_in_memory(settings, tmp_path):
+    """Flower keeps every task it hears of, up to its `max_tasks`: at Flower's default, 100,000,
+    some 5 KB each, it would pass half a GB as the shop runs (beat alone sends two tasks a second).
+    Told of more than TASKS_KEPT_AT_MOST, it keeps no more, the newest."""
+    told = TASKS_KEPT_AT_MOST + 100
+    with _flower(tmp_path) as page, celery_app.events.default_dispatcher(
+            hostname="flower-test@localhost") as dispatcher:
+        def tell(task_id: str, name: str = "hseshop.flower_test") -> None:
+            dispatcher.send("task-received", uuid=task_id, name=name, args="()", kwargs="{}",
+                            retries=0, eta=None)
+
+        def kept(search: str = "") -> tuple[int, int]:
+            """The Tasks page's table: how many tasks it keeps, and how many match `search`."""
+            table = json.loads(page("/tasks/datatable?draw=1&start=0&length=1"
+                                    "&columns[0][data]=name&order[0][column]=0&order[0][dir]=asc"
+                                    f"&search[value]={search}"))
+            return table["recordsTotal"], table["recordsFiltered"]
+
+        def heard_of_a_probe() -> bool:
+            # (Flower hears only of events published once its receiver has subscribed.)
+            tell(uuid.uuid4().hex, name="hseshop.flower_probe")
+            return kept("flower_probe")[1] > 0
+
+        wait_for(heard_of_a_probe, timeout=60, interval=0.5, what="Flower to hear of a task")
+        task_ids = [uuid.uuid4().hex for _ in range(told)]
+        for task_id in task_ids:
+            tell(task_id)
+        wait_for(lambda: kept(task_ids[-1])[1] == 1, timeout=60, interval=0.5,
+                 what="Flower to hear of the last task")
+        assert kept()[0] <= TASKS_KEPT_AT_MOST
+        assert kept(task_ids[0])[1] == 0  # (the oldest is forgotten)
