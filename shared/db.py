@@ -321,7 +321,8 @@ def transaction() -> Iterator[Session]:
         if deadline is not None and time.monotonic() >= deadline:
             raise CallerGaveUp()
         # (Raised, not committed: the "commit" would roll back unsaid, and what was to be done
-        # after it be done for writes that were never kept.)
+        # after it be done for writes that were never kept. A session that began but ran no
+        # statement takes a connection from the pool for this look, which no block does.)
         if session.in_transaction() and transaction_aborted(session.connection()):
             raise TransactionAborted("a statement failed and its error was caught; nothing of"
                                      " the transaction was committed")
