@@ -36,11 +36,12 @@ arbiter also puts `gunicorn/<version>` in the master's process environment as SE
 (gunicorn/arbiter.py: `Arbiter.__init__`), which each worker inherits, and each subprocess an app
 starts: the worker takes it out of its own as it starts.
 
-As it stops taking requests, told to (SIGTERM) or by itself (max_requests served, its parent gone,
---reload seeing a file changed), it tells the requests that last to end
-(shared.process_stopping): the gateway's notification sockets are closed with 1012 (service
-restart), the page reconnecting at once, where gunicorn waited for them to its graceful_timeout
-(30 s), then dropped them unclosed.
+As it stops taking requests, told to (SIGTERM, or SIGINT and SIGQUIT, gunicorn's quick shutdown)
+or by itself (max_requests served, its parent gone, --reload seeing a file changed), it tells the
+requests that last to end (shared.process_stopping): the gateway's notification sockets are closed
+with 1012 (service restart), the page reconnecting at once, where gunicorn waited for them to its
+graceful_timeout (30 s; 2 s for a quick shutdown asked for after SIGTERM), then dropped them
+unclosed.
 """
 
 from __future__ import annotations
@@ -201,6 +202,16 @@ class JsonErrorsThreadWorker(ThreadWorker):
         # gateway's notification sockets) are told to end, so that it need not wait them out.
         stop_requests_that_last()
         super().handle_exit(sig, frame)
+
+    def handle_quit(self, sig, frame):
+        # SIGINT or SIGQUIT (Ctrl-C in the terminal reaches the master and its workers alike; the
+        # arbiter's quick shutdown sends the workers SIGQUIT): gunicorn leaves the requests in
+        # flight to their threads and exits the worker's main thread (sys.exit). The process
+        # ends once they have: a socket that was never told ran on, unheard, until the arbiter
+        # killed the worker (30 s: graceful_timeout, 2 s after SIGTERM) and dropped it unclosed.
+        # Told to end, each closes as on SIGTERM, with 1012, within a turn of its loop.
+        stop_requests_that_last()
+        super().handle_quit(sig, frame)
 
     def _cap_keepalive(self, deadline):
         # gthread's run() calls this once, as its loop of taking requests ends, however it ended:

@@ -3,9 +3,10 @@ notification sockets) end themselves on it, where the server would wait for them
 timeout and then drop them without a word.
 
 Set by the worker the servers run (shared.gunicorn_worker) as it stops taking requests: told to
-stop (SIGTERM: a deploy, a restart), or ending by itself (max_requests served, its parent gone,
-gunicorn's --reload seeing a file changed); never cleared, as the process does not start again. A
-server that does not set it (Flask's own, in tests) never stops a request so.
+stop (SIGTERM: a deploy, a restart; SIGINT or SIGQUIT: a quick shutdown), or ending by itself
+(max_requests served, its parent gone, gunicorn's --reload seeing a file changed); never cleared,
+as the process does not start again. A server that does not set it (Flask's own, in tests) never
+stops a request so.
 
 A plain bool, not a threading.Event: nothing waits on it (the stream loop reads it at each turn),
 and it is set in a signal handler, where an Event's set() could deadlock: it takes a lock that is

@@ -3,6 +3,8 @@ the right user only, on either of two gateway instances, and catch-up after a re
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 
@@ -119,17 +121,27 @@ def test_a_page_that_reconnects_catches_up_on_what_it_missed(stack):
     assert shopper.api("GET", "/notifications/newest", 200) == {"id": replayed[-1]["id"]}
 
 
-def test_a_gateway_told_to_stop_closes_its_sockets_with_1012_and_stops_at_once(stack):
-    """SIGTERM (a deploy, a restart): each open notification socket is closed with 1012 (service
-    restart), and the gateway stops within seconds, where gunicorn waited for the sockets to its
-    30 s graceful_timeout, then dropped them without a close (the page saw 1006)."""
+@pytest.mark.parametrize("signum, send", [
+    (signal.SIGTERM, os.killpg),  # a deploy, a restart
+    (signal.SIGINT, os.killpg),   # Ctrl-C in its terminal: the master and its workers alike
+    (signal.SIGQUIT, os.kill),    # to the master: its quick shutdown sends its workers SIGQUIT
+], ids=["SIGTERM", "SIGINT", "SIGQUIT"])
+def test_a_gateway_told_to_stop_closes_its_sockets_with_1012_and_stops_at_once(stack, signum,
+                                                                              send):
+    """SIGTERM (a deploy, a restart), or gunicorn's quick shutdown (SIGINT, SIGQUIT): each open
+    notification socket is closed with 1012 (service restart), and the gateway stops within
+    seconds, where gunicorn waited for the sockets to its 30 s graceful_timeout (a quick shutdown
+    left them to run on, unheard, as long), then dropped them without a close (the page saw
+    1006)."""
     process, url = stack.start_gateway_instance("gateway-stopping")
     try:
         shopper = GatewayClient(stack.gateway_url)
         listener = shopper.listen(gateway_url=url)
         assert listener.next(timeout=1) is None  # open, and quiet
         began = time.monotonic()
-        process.stop(timeout=45)  # (past graceful_timeout: what it waited, measured)
+        send(process.pid, signum)  # (its own process group, led by the master)
+        # (Past graceful_timeout: what it waited, measured.)
+        wait_for(lambda: not process.alive(), timeout=45, what="the gateway to stop")
         stopped_in = time.monotonic() - began
     finally:
         process.stop()
