@@ -12,7 +12,8 @@ which ends with the process (a test starting one from a thread of its own is ref
 to die with that thread). What the child starts in turn is its own to stop: a Celery prefork
 pool's processes ask for the same (celery.concurrency.prefork), and the servers the session
 starts (devstack's ManagedProcess, each leading a process group) are written down for the next
-session to stop instead (tests/session_folders.py).
+session to stop instead (tests/session_folders.py), but for those
+tests/integration/test_devstack_infra.py starts to try devstack.infra, which outlive it.
 """
 
 from __future__ import annotations

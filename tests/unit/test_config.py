@@ -20,7 +20,6 @@ def test_defaults_work_locally_and_the_environment_overrides_them():
     assert custom.outbox_relay_interval_seconds == 0.25
 
 
-
 def test_the_defaults_are_the_ports_and_databases_the_shop_is_known_by():
     """Where the issues that made the shop put each part (orders on 8001 and gRPC 50051, payments
     on 8002 and 50052, a database each, the gateway calling them over gRPC), which the devstack,
@@ -34,6 +33,7 @@ def test_the_defaults_are_the_ports_and_databases_the_shop_is_known_by():
     assert (defaults.payments_grpc_bind, defaults.payments_grpc_target) == (
         "127.0.0.1:50052",) * 2
     assert defaults.gateway_upstream_transport == "grpc"
+
 
 def test_the_forms_a_grpc_target_or_a_service_url_may_take_are_taken():
     settings = load_settings({"ORDERS_GRPC_TARGET": "dns:///orders-grpc:50051",
