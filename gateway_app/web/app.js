@@ -51,9 +51,18 @@
   // --- state -----------------------------------------------------------------------------------
 
   let session = null;            // {token, username, expiresAt}
+  // The orders shown are every order of the user's from the newest down to where nextCursor
+  // points (all of them, when it is null): a read of the list never leaves a gap among them.
   const orders = new Map();      // order id -> order
   let nextCursor = null;
-  let olderPagesShown = false;   // "Show older orders" was used: a reload of page 1 keeps the cursor
+  // The ids of the orders shown that a read of the list gave (GET /api/orders), as against those
+  // placed on the page and not listed since: a first page read again joins the orders shown only
+  // where it reaches one of these (loadOrders).
+  const listed = new Set();
+  // The reads of the first page of orders asked for, counted, and the number of the last one
+  // shown: an answer that comes after that of a read asked for later is not shown (loadOrders).
+  let firstPagesAsked = 0;
+  let firstPageShown = 0;
   let lastNotificationId = 0;
   let socket = null;
   // The ticket asked for the next socket, while its answer is awaited (connectSocket):
@@ -502,7 +511,7 @@
     notBefore = 0;  // (the user's limit: the next one's is their own)
     orders.clear();
     nextCursor = null;
-    olderPagesShown = false;
+    listed.clear();
     lastNotificationId = 0;
     balanceRead = null;
     unknownOrdersRead = null;
@@ -783,15 +792,57 @@
     $("orders-more").hidden = !nextCursor;
   }
 
+  // Reads the first page of orders (`cursor` null: the shop's load, and every read again after a
+  // change the page missed), or the page after the orders shown (Show older orders), and shows it.
   async function loadOrders(cursor = null) {
     const query = new URLSearchParams({ limit: String(ORDERS_PAGE) });
     if (cursor) query.set("cursor", cursor);
+    const asked = cursor ? 0 : ++firstPagesAsked;
     const page = await api("GET", `/api/orders?${query}`);
-    page.items.forEach(rememberOrder);
-    // A reload of the first page (after a missed change) leaves the older pages shown as they are.
-    if (cursor || !olderPagesShown) nextCursor = page.next_cursor || null;
-    if (cursor) olderPagesShown = true;
+    if (cursor) {
+      // (The list started again from a first page meanwhile: its end is where older ones follow.)
+      if (cursor !== nextCursor) return;
+      nextCursor = page.next_cursor || null;
+    } else {
+      // An answer overtaken by that of a read asked for later is not shown: that one's is newer,
+      // and this one, shown after it, could bring back below it orders it had dropped (and the
+      // gap above them).
+      if (asked < firstPageShown) return;
+      firstPageShown = asked;
+      if (!reachesListedOrders(page)) startListAgainAt(page);
+    }
+    page.items.forEach((order) => {
+      rememberOrder(order);
+      listed.add(order.id);
+    });
     renderOrders();
+  }
+
+  // Whether a first page read again reaches the orders listed before: its oldest is one of them.
+  // Every order placed since is then in it (one user's orders are listed in the order they were
+  // placed in), and the orders shown go on below it as they were, down to where they ended. Not
+  // so at the first read, nor where more orders than a page holds were placed elsewhere (another
+  // tab, the API, another device) since the last read, as while the page's socket was away: the
+  // ones past the page would be missing between it and those shown, for good.
+  function reachesListedOrders(page) {
+    const oldest = page.items[page.items.length - 1];
+    return Boolean(page.next_cursor && oldest && listed.has(oldest.id));
+  }
+
+  // The orders shown start again from this first page, as at the shop's load: those older than
+  // its oldest go (orders missed may lie between), and Show older orders goes on from its end.
+  // (Those newer, placed on the page after the page was read, stay.) A page that is the whole
+  // list (no next_cursor) starts it again so too: it leaves nothing older out.
+  function startListAgainAt(page) {
+    const oldest = page.items[page.items.length - 1];
+    nextCursor = page.next_cursor || null;
+    if (!oldest) return;
+    orders.forEach((order, id) => {
+      if (newestFirst(order, oldest) > 0) {
+        orders.delete(id);
+        listed.delete(id);
+      }
+    });
   }
 
   async function onShowMore() {

@@ -343,6 +343,77 @@ def test_a_page_that_missed_orders_catches_up_once_and_no_sooner_than_it_was_tol
     assert balances and min(balances) >= 8000 - 5, (balances, reads)
 
 
+# Played by the browser itself: while window.hseshopFirstPagesHeld is set, each read of the
+# page's first page of orders is held on its way (a slow link, a socket away), and sent on once the
+# test lets them go (window.hseshopLetFirstPagesGo()); how many were held is kept
+# (window.hseshopFirstPagesHeldCount). The rest is real.
+FIRST_PAGES_HELD = _fetch_played(before="""
+    window.hseshopFirstPagesHeld = false;
+    window.hseshopFirstPagesHeldCount = 0;
+    const heldFirstPages = [];
+    window.hseshopLetFirstPagesGo = () => {
+      window.hseshopFirstPagesHeld = false;
+      heldFirstPages.splice(0).forEach((sendOn) => sendOn());
+    };""", answer="""
+    const firstPage = !new URL(url, location.href).searchParams.has("cursor");
+    if (path === "/api/orders" && method === "GET" && firstPage && window.hseshopFirstPagesHeld) {
+      window.hseshopFirstPagesHeldCount += 1;
+      await new Promise((sendOn) => heldFirstPages.push(sendOn));
+    }
+    return realFetch(input, init);""")
+ORDERS_PAGE = 50  # app.js ORDERS_PAGE, the orders a read of the list gives
+
+
+def _orders_placed_and_settled(shopper: GatewayClient, count: int) -> None:
+    """`count` orders of `shopper`'s, placed, and settled (the shopper has no account: each is
+    cancelled)."""
+    placed = {shopper.place_order("1")["id"] for _ in range(count)}
+
+    def settled() -> bool:
+        listed = shopper.api("GET", "/orders?limit=200", 200)["items"]
+        return all(order["status"] != "NEW" for order in listed if order["id"] in placed)
+    wait_for(settled, timeout=LIVE_DEADLINE + count / 5, interval=1, what="the orders settled")
+
+
+def _every_order_shown_with_show_older_orders(page: ShopPage) -> list[str]:
+    """The orders the page shows once Show older orders has been pressed until it is gone."""
+    while page.visible("orders-more"):
+        shown = len(page.order_ids())
+        page.element("orders-more").click()
+        page.wait_until(lambda: len(page.order_ids()) > shown, what="older orders shown")
+    return page.order_ids()
+
+
+def test_a_page_that_missed_more_orders_than_a_page_holds_shows_them_with_no_gap(stack, browser):
+    """A page shows every one of its shopper's 51 orders (Show older orders pressed once); 51 more
+    are placed elsewhere (another tab, the API, another device) while its reads of them are held
+    on their way, so that the first page it reads again, at their notifications, holds 50 of them.
+    The page then shows the newest orders with no gap, and Show older orders to page on: it showed
+    the 50 above the 51 it had, the oldest new order left out for good, and no Show older orders.
+    Paging on shows every order, newest first."""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": FIRST_PAGES_HELD})
+    shopper = GatewayClient(stack.gateway_url)
+    _orders_placed_and_settled(shopper, ORDERS_PAGE + 1)
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    page.sign_in(shopper.username, "a long password")
+    page.wait_until(lambda: len(page.order_ids()) == ORDERS_PAGE, what="the first page shown")
+    assert len(_every_order_shown_with_show_older_orders(page)) == ORDERS_PAGE + 1
+
+    browser.execute_script("window.hseshopFirstPagesHeld = true;")
+    _orders_placed_and_settled(shopper, ORDERS_PAGE + 1)
+    page.wait_until(lambda: browser.execute_script("return window.hseshopFirstPagesHeldCount;"),
+                    timeout=LIVE_DEADLINE, what="a read of the orders a notification named")
+    browser.execute_script("window.hseshopLetFirstPagesGo();")
+    every = [order["id"] for order in shopper.api("GET", "/orders?limit=200", 200)["items"]]
+    assert len(every) == 2 * (ORDERS_PAGE + 1)
+    page.wait_until(lambda: page.order_ids()[:ORDERS_PAGE] == every[:ORDERS_PAGE],
+                    what="the newest orders read")
+    shown = page.order_ids()
+    assert shown == every[:len(shown)], "a gap among the orders shown"
+    assert page.visible("orders-more")
+    assert _every_order_shown_with_show_older_orders(page) == every
+
+
 # Played by the browser itself: the page's first attempt to tell the gateway of a sign-out gets
 # no answer (the network drops it).
 FIRST_SIGN_OUT_LOST = _fetch_played(before="window.hseshopSignOutsLost = 0;", answer="""
