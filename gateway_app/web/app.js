@@ -56,13 +56,10 @@
   const orders = new Map();      // order id -> order
   let nextCursor = null;
   // The ids of the orders shown that a read of the list gave (GET /api/orders), as against those
-  // placed on the page and not listed since: a first page read again joins the orders shown only
-  // where it reaches one of these (loadOrders).
+  // placed on the page and not listed since: a first page read again is shown only where its
+  // newest order is none older than theirs, and joins the orders shown only where it reaches one
+  // of them (loadOrders).
   const listed = new Set();
-  // The reads of the first page of orders asked for, counted, and the number of the last one
-  // shown: an answer that comes after that of a read asked for later is not shown (loadOrders).
-  let firstPagesAsked = 0;
-  let firstPageShown = 0;
   let lastNotificationId = 0;
   let socket = null;
   // The ticket asked for the next socket, while its answer is awaited (connectSocket):
@@ -797,18 +794,13 @@
   async function loadOrders(cursor = null) {
     const query = new URLSearchParams({ limit: String(ORDERS_PAGE) });
     if (cursor) query.set("cursor", cursor);
-    const asked = cursor ? 0 : ++firstPagesAsked;
     const page = await api("GET", `/api/orders?${query}`);
     if (cursor) {
       // (The list started again from a first page meanwhile: its end is where older ones follow.)
       if (cursor !== nextCursor) return;
       nextCursor = page.next_cursor || null;
     } else {
-      // An answer overtaken by that of a read asked for later is not shown: that one's is newer,
-      // and this one, shown after it, could bring back below it orders it had dropped (and the
-      // gap above them).
-      if (asked < firstPageShown) return;
-      firstPageShown = asked;
+      if (readBeforeListedOrders(page)) return;
       if (!reachesListedOrders(page)) startListAgainAt(page);
     }
     page.items.forEach((order) => {
@@ -816,6 +808,23 @@
       listed.add(order.id);
     });
     renderOrders();
+  }
+
+  // Whether a first page was read from the orders as they stood before those listed were read:
+  // its newest is older than the newest listed (or it has none). The gateway reads the orders when
+  // it handles a read, not when the page asks, so a read asked first (held on a slow link) can
+  // be answered from newer orders than one asked after it, and come first. Shown, such a page
+  // could end the list at its own oldest, below orders the list had started again without (the
+  // orders between missing for good); its statuses are no newer than those shown either.
+  function readBeforeListedOrders(page) {
+    const newestListed = listedOrders()[0];
+    const newest = page.items[0];
+    return Boolean(newestListed && (!newest || newestFirst(newest, newestListed) > 0));
+  }
+
+  // The orders shown that a read of the list gave, newest first.
+  function listedOrders() {
+    return [...orders.values()].filter((order) => listed.has(order.id)).sort(newestFirst);
   }
 
   // Whether a first page read again reaches the orders listed before: its oldest is one of them.

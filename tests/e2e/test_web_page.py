@@ -375,6 +375,22 @@ def _orders_placed_and_settled(shopper: GatewayClient, count: int) -> None:
     wait_for(settled, timeout=LIVE_DEADLINE + count / 5, interval=1, what="the orders settled")
 
 
+def _orders_placed_elsewhere(shopper: GatewayClient, count: int) -> list[str]:
+    """`count` orders of `shopper`'s placed through the API; the ids of all theirs, newest
+    first."""
+    for _ in range(count):
+        shopper.place_order("1")
+    return [order["id"] for order in shopper.api("GET", "/orders?limit=200", 200)["items"]]
+
+
+def _assert_shown_with_no_gap_and_paged_on(page: ShopPage, every: list[str]) -> None:
+    """The page shows the newest of `every` (order ids, newest first) with none missing between,
+    and all of them once Show older orders has been pressed until it is gone."""
+    shown = page.order_ids()
+    assert shown == every[:len(shown)], "a gap among the orders shown"
+    assert _every_order_shown_with_show_older_orders(page) == every
+
+
 def _every_order_shown_with_show_older_orders(page: ShopPage) -> list[str]:
     """The orders the page shows once Show older orders has been pressed until it is gone."""
     while page.visible("orders-more"):
@@ -408,10 +424,71 @@ def test_a_page_that_missed_more_orders_than_a_page_holds_shows_them_with_no_gap
     assert len(every) == 2 * (ORDERS_PAGE + 1)
     page.wait_until(lambda: page.order_ids()[:ORDERS_PAGE] == every[:ORDERS_PAGE],
                     what="the newest orders read")
-    shown = page.order_ids()
-    assert shown == every[:len(shown)], "a gap among the orders shown"
     assert page.visible("orders-more")
-    assert _every_order_shown_with_show_older_orders(page) == every
+    _assert_shown_with_no_gap_and_paged_on(page, every)
+
+
+# Played by the browser itself: the page is never given a socket ticket (as with Redis away), so it
+# reads its orders itself (its poll). Once window.hseshopFirstPagesCrossed is set, its next read of
+# the first page of orders is held on its way to the gateway until the test sends it on
+# (window.hseshopSendFirstRead()), and the answer to the one after it is held on its way back
+# until the test lets it go (window.hseshopAnswerSecondRead()): the first read, asked first, reads
+# the orders after the second. window.hseshopFirstPagesCrossedHeld counts the first held and the
+# second answered. The rest is real.
+FIRST_PAGES_CROSSED = _fetch_played(before="""
+    window.hseshopFirstPagesCrossed = false;
+    window.hseshopFirstPagesCrossedHeld = 0;
+    let crossed = 0;
+    const letGo = [];
+    window.hseshopSendFirstRead = () => letGo[0]();
+    window.hseshopAnswerSecondRead = () => letGo[1]();""", answer="""
+    if (path === "/api/notifications/tickets") {
+      return refusal(503, "NOTIFICATIONS_UNAVAILABLE", "Notifications are unavailable.");
+    }
+    const firstPage = !new URL(url, location.href).searchParams.has("cursor");
+    if (path !== "/api/orders" || method !== "GET" || !firstPage
+        || !window.hseshopFirstPagesCrossed || crossed === 2) {
+      return realFetch(input, init);
+    }
+    const read = crossed++;
+    const letThisGo = new Promise((go) => { letGo[read] = go; });
+    if (read === 0) {
+      window.hseshopFirstPagesCrossedHeld += 1;
+      await letThisGo;
+      return realFetch(input, init);
+    }
+    const answer = await realFetch(input, init);
+    window.hseshopFirstPagesCrossedHeld += 1;
+    await letThisGo;
+    return answer;""")
+
+
+def test_a_first_page_answered_from_older_orders_than_the_page_lists_leaves_no_gap(stack,
+                                                                                   browser):
+    """The gateway reads the orders when it handles a read, not when the page asks: the page's
+    read after an order whose answer was lost is held on its way, its poll's read after it is
+    answered at once, and its answer held; 51 orders are placed elsewhere (the API). The first
+    read, sent on, has the 50 newest: the list starts again from them. The second's answer, from
+    before those 51 were placed, comes after: it is not shown (it ended the list below the lost
+    order with no Show older orders, the order between missing for good). Paging on shows every
+    order, newest first."""
+    page, shopper = _shopper_with_100_on_the_page(stack, browser, ANSWERS_LOST_WHEN_TOLD,
+                                                  FIRST_PAGES_CROSSED)
+    held = "return window.hseshopFirstPagesCrossedHeld;"
+    browser.execute_script("window.hseshopFirstPagesCrossed = true;")
+    _answer_lost(page, _order(page, "1", "lost"), "The order for 1.00 may have been placed")
+    page.wait_until(lambda: browser.execute_script(held) == 2, timeout=POLL_LATEST + PAGE_DEADLINE,
+                    what="the page's read held and its poll's read answered")
+    every = _orders_placed_elsewhere(shopper, ORDERS_PAGE + 1)
+    assert len(every) == ORDERS_PAGE + 2
+    browser.execute_script("window.hseshopSendFirstRead();")
+    page.wait_until(lambda: page.order_ids() == every[:ORDERS_PAGE], what="the newest orders read")
+    browser.execute_script("window.hseshopAnswerSecondRead();")
+    # One more placed is shown by the poll's next read, asked after the second answer came.
+    newest = shopper.place_order("1")["id"]
+    page.wait_until(lambda: page.order_ids()[:1] == [newest], timeout=POLL_LATEST + PAGE_DEADLINE,
+                    what="the poll's next read")
+    _assert_shown_with_no_gap_and_paged_on(page, [newest, *every])
 
 
 # Played by the browser itself: the page's first attempt to tell the gateway of a sign-out gets
