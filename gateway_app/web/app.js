@@ -838,6 +838,14 @@
     return Boolean(page.next_cursor && oldest && listed.has(oldest.id));
   }
 
+  // Whether `order` is older than every order listed while older ones are left to Show older
+  // orders: it belongs where that goes on, not among the orders shown (below them, it would
+  // stand under the orders between, missing).
+  function belowListedOrders(order) {
+    const oldestListed = listedOrders().at(-1);
+    return Boolean(nextCursor && oldestListed && newestFirst(order, oldestListed) > 0);
+  }
+
   // The orders shown start again from this first page, as at the shop's load: those older than
   // its oldest go (orders missed may lie between), and Show older orders goes on from its end.
   // (Those newer, placed on the page after the page was read, stay.) A page that is the whole
@@ -884,18 +892,24 @@
         return;
       }
       const order = answer.body;
-      rememberOrder(order);
+      // (Not shown where Show older orders goes on above it: as where the list started again,
+      // while the answer was on its way, from a first page of orders placed elsewhere meanwhile.)
+      const shown = !belowListedOrders(order);
+      if (shown) rememberOrder(order);
       renderOrders();
+      const amongOlder = "Show older orders shows it";
       if (answer.replayed) {
         // The answer to a retry of an order that went through though its answer was lost (the
         // gateway's Idempotent-Replayed). Its key is dropped: pressing again places another.
-        showMessage(`That order for ${order.amount} was placed already (shown below). Press `
+        showMessage(`That order for ${order.amount} was placed already `
+                    + `(${shown ? "shown below" : amongOlder}). Press `
                     + "Place order again to place another.", "info");
         return;
       }
       $("order-amount").value = "";
       $("order-description").value = "";
-      showMessage(`Order for ${order.amount} placed; its status updates below.`, "info");
+      showMessage(`Order for ${order.amount} placed; `
+                  + `${shown ? "its status updates below" : amongOlder}.`, "info");
     });
   }
 

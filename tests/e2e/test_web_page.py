@@ -343,24 +343,33 @@ def test_a_page_that_missed_orders_catches_up_once_and_no_sooner_than_it_was_tol
     assert balances and min(balances) >= 8000 - 5, (balances, reads)
 
 
-# Played by the browser itself: while window.hseshopFirstPagesHeld is set, each read of the
-# page's first page of orders is held on its way (a slow link, a socket away), and sent on once the
-# test lets them go (window.hseshopLetFirstPagesGo()); how many were held is kept
-# (window.hseshopFirstPagesHeldCount). The rest is real.
-FIRST_PAGES_HELD = _fetch_played(before="""
-    window.hseshopFirstPagesHeld = false;
-    window.hseshopFirstPagesHeldCount = 0;
-    const heldFirstPages = [];
-    window.hseshopLetFirstPagesGo = () => {
-      window.hseshopFirstPagesHeld = false;
-      heldFirstPages.splice(0).forEach((sendOn) => sendOn());
-    };""", answer="""
-    const firstPage = !new URL(url, location.href).searchParams.has("cursor");
-    if (path === "/api/orders" && method === "GET" && firstPage && window.hseshopFirstPagesHeld) {
-      window.hseshopFirstPagesHeldCount += 1;
-      await new Promise((sendOn) => heldFirstPages.push(sendOn));
-    }
-    return realFetch(input, init);""")
+def _held_while_told(name: str, which: str, answers: bool = False) -> str:
+    """A script that plays the page's fetch (_fetch_played): while window.hseshop<name>Held is
+    set, each request `which` is true of (a condition on its `url`, `path` and `method`) is held
+    on its way to the gateway (a slow link, a socket away), or with `answers` its answer on its
+    way back (the request carried out), until the test lets them go
+    (window.hseshopLet<name>Go()); how many were held is kept (window.hseshop<name>HeldCount).
+    The rest is real."""
+    return _fetch_played(before="""
+    window.hseshop%(name)sHeld = false;
+    window.hseshop%(name)sHeldCount = 0;
+    const held = [];
+    window.hseshopLet%(name)sGo = () => {
+      window.hseshop%(name)sHeld = false;
+      held.splice(0).forEach((letGo) => letGo());
+    };""" % {"name": name}, answer="""
+    if (!window.hseshop%(name)sHeld || !(%(which)s)) return realFetch(input, init);
+    const answer = %(answers)s ? await realFetch(input, init) : null;
+    window.hseshop%(name)sHeldCount += 1;
+    await new Promise((letGo) => held.push(letGo));
+    return answer || realFetch(input, init);""" % {
+        "name": name, "which": which, "answers": str(answers).lower()})
+
+
+# Played by the browser itself: the page's reads of its first page of orders, held on their way
+# while the test says so (_held_while_told).
+FIRST_PAGES_HELD = _held_while_told("FirstPages", """path === "/api/orders" && method === "GET"
+    && !new URL(url, location.href).searchParams.has("cursor")""")
 ORDERS_PAGE = 50  # app.js ORDERS_PAGE, the orders a read of the list gives
 
 
@@ -489,6 +498,40 @@ def test_a_first_page_answered_from_older_orders_than_the_page_lists_leaves_no_g
     page.wait_until(lambda: page.order_ids()[:1] == [newest], timeout=POLL_LATEST + PAGE_DEADLINE,
                     what="the poll's next read")
     _assert_shown_with_no_gap_and_paged_on(page, [newest, *every])
+
+
+# Played by the browser itself: the answers to the orders the page places, held on their way back
+# while the test says so (_held_while_told).
+ORDER_ANSWERS_HELD = _held_while_told("OrderAnswers", 'path === "/api/orders" && method === "POST"',
+                                      answers=True)
+
+
+def test_an_order_answered_once_the_list_started_again_above_it_is_left_to_show_older_orders(
+        stack, browser):
+    """An order placed on the page is answered only after 51 more were placed elsewhere (the API)
+    and the page read its first page again (held on its way, as on a slow link, until they were
+    placed): the list started again from the 50 newest, and the order, older than them, is left
+    to Show older orders (shown, it stood under the one placed between, missing). Paging on shows
+    every order, newest first."""
+    page, shopper = _shopper_with_100_on_the_page(stack, browser, FIRST_PAGES_HELD,
+                                                  ORDER_ANSWERS_HELD)
+    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
+                    what="the page's socket open")
+    browser.execute_script(
+        "window.hseshopFirstPagesHeld = true; window.hseshopOrderAnswersHeld = true;")
+    page.fill("order-amount", "1")
+    page.element("order-submit").click()
+    page.wait_until(lambda: browser.execute_script("return window.hseshopOrderAnswersHeldCount;")
+                    and browser.execute_script("return window.hseshopFirstPagesHeldCount;"),
+                    timeout=LIVE_DEADLINE, what="the order placed and a read its notification made")
+    every = _orders_placed_elsewhere(shopper, ORDERS_PAGE + 1)
+    assert len(every) == ORDERS_PAGE + 2
+    browser.execute_script("window.hseshopLetFirstPagesGo();")
+    page.wait_until(lambda: page.order_ids() == every[:ORDERS_PAGE], what="the newest orders read")
+    browser.execute_script("window.hseshopLetOrderAnswersGo();")
+    page.wait_until(lambda: "Order for 1.00 placed" in page.text("message"),
+                    what="the order's answer")
+    _assert_shown_with_no_gap_and_paged_on(page, every)
 
 
 # Played by the browser itself: the page's first attempt to tell the gateway of a sign-out gets
