@@ -800,7 +800,13 @@
       if (cursor !== nextCursor) return;
       nextCursor = page.next_cursor || null;
     } else {
-      if (readBeforeListedOrders(page)) return;
+      if (readBeforeListedOrders(page)) {
+        // (Its statuses are taken for the orders shown all the same: those below the page read
+        // after it were last read before it. A final status never goes back to NEW.)
+        page.items.filter((order) => orders.has(order.id)).forEach(rememberOrder);
+        renderOrders();
+        return;
+      }
       if (!reachesListedOrders(page)) startListAgainAt(page);
     }
     page.items.forEach((order) => {
@@ -815,7 +821,7 @@
   // it handles a read, not when the page asks, so a read asked first (held on a slow link) can
   // be answered from newer orders than one asked after it, and come first. Shown, such a page
   // could end the list at its own oldest, below orders the list had started again without (the
-  // orders between missing for good); its statuses are no newer than those shown either.
+  // orders between missing for good).
   function readBeforeListedOrders(page) {
     const newestListed = listedOrders()[0];
     const newest = page.items[0];

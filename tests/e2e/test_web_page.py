@@ -531,6 +531,7 @@ def test_an_order_answered_once_the_list_started_again_above_it_is_left_to_show_
     browser.execute_script("window.hseshopLetOrderAnswersGo();")
     page.wait_until(lambda: "Order for 1.00 placed" in page.text("message"),
                     what="the order's answer")
+    assert "Show older orders shows it" in page.text("message")
     _assert_shown_with_no_gap_and_paged_on(page, every)
 
 
