@@ -26,7 +26,7 @@ from shared.contracts import (FAILURE_REASONS, PAYLOAD_SCHEMAS, PAYMENT_FAILED, 
                               ContractSchema, PaymentFailedSchema, encode, new_event)
 from shared.db import TransactionAborted, after_commit, db, driver_dsn, transaction
 from shared.fields import Amount
-from shared.inbox.handling import (Outcome, PermanentMessageError, ReceivedEvent,
+from shared.inbox.handling import (Handler, Outcome, PermanentMessageError, ReceivedEvent,
                                    handle_locked_message, lock_in_order, note_try_begun,
                                    process_inbox_message, record_failed_attempt)
 from shared.inbox.model import InboxMessage
@@ -502,14 +502,14 @@ def test_a_batch_handling_its_messages_one_by_one_closes_their_open_tries(
     assert [message_id for message_id, row in rows.items() if row.try_open] == []
 
 
-def _swallowing_a_database_error(session, events):
-    """A handler that runs a statement the database refuses, catches the error and returns."""
-    after_commit(session, lambda: DONE_AFTER_COMMIT.append("the swallowing try's"))
-    with suppress(DBAPIError):
-        session.execute(text("SELECT 1 / 0"))
-
-
-DONE_AFTER_COMMIT: list[str] = []
+def _swallowing_a_database_error(done: list[str]) -> Handler:
+    """A handler that asks for something after the commit (noted in `done` when it runs), runs a
+    statement the database refuses, catches the error and returns."""
+    def handle(session, events):
+        after_commit(session, lambda: done.append("the swallowing try's"))
+        with suppress(DBAPIError):
+            session.execute(text("SELECT 1 / 0"))
+    return handle
 
 
 def test_a_handler_returning_on_a_database_error_it_caught_fails_its_try_and_no_other(
@@ -521,28 +521,29 @@ def test_a_handler_returning_on_a_database_error_it_caught_fails_its_try_and_no_
 
     (good_record, good), (bad_record, bad) = (_request_record(user_id) for _ in range(2))
     payments_inbox([good_record, bad_record])
-    DONE_AFTER_COMMIT.clear()
+    done: list[str] = []
+    swallowing = _swallowing_a_database_error(done)
 
     def handle(session, events):
         for event in events:
             if event.message.message_id == bad:
-                _swallowing_a_database_error(session, [event])
+                swallowing(session, [event])
             else:
-                after_commit(session, lambda: DONE_AFTER_COMMIT.append("the good try's"))
+                after_commit(session, lambda: done.append("the good try's"))
 
     failed = _handle_each_in_a_savepoint("payments", [good, bad], {PAYMENT_REQUESTED: handle})
     assert failed == [bad]
-    assert DONE_AFTER_COMMIT == ["the good try's"]
+    assert done == ["the good try's"]
     assert _row(good).processed_at is not None
     row = _row(bad)
     assert row.processed_at is None and row.attempts == 1 and "TransactionAborted" in row.last_error
 
 
 def test_a_transaction_left_aborted_by_an_error_caught_in_it_is_refused_not_committed(in_payments):
-    DONE_AFTER_COMMIT.clear()
+    done: list[str] = []
     with pytest.raises(TransactionAborted), transaction() as session:
-        _swallowing_a_database_error(session, [])
-    assert DONE_AFTER_COMMIT == []
+        _swallowing_a_database_error(done)(session, [])
+    assert done == []
 
 
 def test_the_sweeper_leaves_a_message_a_handler_holds(in_payments, payments_inbox, user_id):
