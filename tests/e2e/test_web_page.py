@@ -384,6 +384,18 @@ def _orders_placed_and_settled(shopper: GatewayClient, count: int) -> None:
     wait_for(settled, timeout=LIVE_DEADLINE + count / 5, interval=1, what="the orders settled")
 
 
+def _a_page_more_placed_elsewhere_then_read(page, browser, shopper: GatewayClient,
+                                            let_go: str) -> list[str]:
+    """51 orders placed elsewhere (the API) while the page's reads are held, then let go (`let_go`,
+    a script): the ids of all the shopper's orders, newest first, once the page shows the 50
+    newest."""
+    every = _orders_placed_elsewhere(shopper, ORDERS_PAGE + 1)
+    assert len(every) == ORDERS_PAGE + 2
+    browser.execute_script(let_go)
+    page.wait_until(lambda: page.order_ids() == every[:ORDERS_PAGE], what="the newest orders read")
+    return every
+
+
 def _orders_placed_elsewhere(shopper: GatewayClient, count: int) -> list[str]:
     """`count` orders of `shopper`'s placed through the API; the ids of all theirs, newest
     first."""
@@ -488,10 +500,8 @@ def test_a_first_page_answered_from_older_orders_than_the_page_lists_leaves_no_g
     _answer_lost(page, _order(page, "1", "lost"), "The order for 1.00 may have been placed")
     page.wait_until(lambda: browser.execute_script(held) == 2, timeout=POLL_LATEST + PAGE_DEADLINE,
                     what="the page's read held and its poll's read answered")
-    every = _orders_placed_elsewhere(shopper, ORDERS_PAGE + 1)
-    assert len(every) == ORDERS_PAGE + 2
-    browser.execute_script("window.hseshopSendFirstRead();")
-    page.wait_until(lambda: page.order_ids() == every[:ORDERS_PAGE], what="the newest orders read")
+    every = _a_page_more_placed_elsewhere_then_read(page, browser, shopper,
+                                                    "window.hseshopSendFirstRead();")
     browser.execute_script("window.hseshopAnswerSecondRead();")
     # One more placed is shown by the poll's next read, asked after the second answer came.
     newest = shopper.place_order("1")["id"]
@@ -524,10 +534,8 @@ def test_an_order_answered_once_the_list_started_again_above_it_is_left_to_show_
     page.wait_until(lambda: browser.execute_script("return window.hseshopOrderAnswersHeldCount;")
                     and browser.execute_script("return window.hseshopFirstPagesHeldCount;"),
                     timeout=LIVE_DEADLINE, what="the order placed and a read its notification made")
-    every = _orders_placed_elsewhere(shopper, ORDERS_PAGE + 1)
-    assert len(every) == ORDERS_PAGE + 2
-    browser.execute_script("window.hseshopLetFirstPagesGo();")
-    page.wait_until(lambda: page.order_ids() == every[:ORDERS_PAGE], what="the newest orders read")
+    every = _a_page_more_placed_elsewhere_then_read(page, browser, shopper,
+                                                    "window.hseshopLetFirstPagesGo();")
     browser.execute_script("window.hseshopLetOrderAnswersGo();")
     page.wait_until(lambda: "Order for 1.00 placed" in page.text("message"),
                     what="the order's answer")
