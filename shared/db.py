@@ -115,7 +115,7 @@ def held_up_by_a_lock(exc: BaseException) -> bool:
     return _sqlstate(exc) == _LOCK_NOT_AVAILABLE
 
 
-def _sqlstate(exc: BaseException) -> str | None:
+def _sqlstate(exc: BaseException | None) -> str | None:
     return getattr(getattr(exc, "orig", exc), "pgcode", None)
 
 
@@ -273,7 +273,22 @@ def after_commit_undone_if_it_raises(session: Session) -> Iterator[None]:
 
 class TransactionAborted(Exception):
     """A statement failed in the transaction and its error was caught: the transaction can only be
-    rolled back (to a savepoint, if one was made before), and nothing of it was committed."""
+    rolled back (to a savepoint, if one was made before), and nothing of it was committed. Raised
+    from the error caught (its `__cause__`, named in its message), when it was seen
+    (`error_caught_on`)."""
+
+    def __init__(self, what: str, caught: BaseException | None):
+        said = (f"{said_in_a_line(caught)} (SQLSTATE {_sqlstate(caught)})" if caught is not None
+                else "not seen: a statement on a driver cursor of its own, not driver_cursor's")
+        super().__init__(f"{what}: {said}")
+
+
+def refuse_if_aborted(connection: Connection, what: str) -> None:
+    """Raise TransactionAborted, saying `what` and the error caught, from it, when the
+    connection's transaction (or savepoint) is aborted (`transaction_aborted`)."""
+    if transaction_aborted(connection):
+        caught = error_caught_on(connection)
+        raise TransactionAborted(what, caught) from caught
 
 
 def transaction_aborted(connection: Connection) -> bool:
@@ -285,6 +300,57 @@ def transaction_aborted(connection: Connection) -> bool:
     dbapi_connection = connection.connection.dbapi_connection
     return (dbapi_connection is not None
             and dbapi_connection.info.transaction_status == TRANSACTION_STATUS_INERROR)
+
+
+# Where a connection keeps the last error the database raised on it in its transaction (or
+# savepoint) under way, for TransactionAborted to name. Kept on the connection itself, as its lost
+# connection's note is (_LOST_WITH), not in its `info`: that is the pooled driver connection's,
+# which outlives the transaction, holding the error's traceback and all.
+_FAILED_WITH = "_hseshop_failed_with"
+# The SQLSTATE of a statement refused because an earlier one failed (in_failed_sql_transaction),
+# which says nothing of that one.
+_IN_FAILED_TRANSACTION = "25P02"
+
+
+def note_errors_caught(engine: Engine) -> None:
+    """Note on each of the engine's connections the last error the database raised on it
+    (`error_caught_on`), whoever then catches it: SQLAlchemy's own statements' here
+    (`handle_error`), driver_cursor's in driver_cursor. Forgotten as the connection's transaction
+    begins or rolls back, or its savepoint rolls back: the error noted is always one of the
+    transaction (or savepoint) under way."""
+
+    @event.listens_for(engine, "handle_error")
+    def _noting_an_error(context: ExceptionContext) -> None:
+        if context.connection is not None:
+            _note_error(context.connection,
+                        context.sqlalchemy_exception or context.original_exception)
+
+    for ending_or_beginning in ("begin", "rollback", "rollback_savepoint"):
+        event.listen(engine, ending_or_beginning, _forget_the_error)
+
+
+def _note_error(connection: Connection, error: BaseException) -> None:
+    # (Only the server's errors, which alone abort a transaction; not the one that says an
+    # earlier one did.)
+    if _sqlstate(error) not in (None, _IN_FAILED_TRANSACTION):
+        setattr(connection, _FAILED_WITH, error)
+
+
+def _forget_the_error(connection: Connection, *_) -> None:
+    if hasattr(connection, _FAILED_WITH):
+        delattr(connection, _FAILED_WITH)
+
+
+def error_caught_on(connection: Connection) -> BaseException | None:
+    """The last error the database raised on `connection`'s transaction (or savepoint) under way,
+    as raised (SQLAlchemy's, or the driver's where SQLAlchemy raised it so), as far as
+    SQLAlchemy's statements and driver_cursor's saw: the one that aborted it, when it is aborted
+    (`transaction_aborted`). A bare driver cursor's errors are not seen (SQLAlchemy hears nothing
+    of them): with one of those the transaction may be aborted and no error noted, but never one
+    noted from before the transaction, or the savepoint rolled back to, began (unless rolled back
+    to by a ROLLBACK TO SAVEPOINT statement of the caller's own, which SQLAlchemy does not see as
+    one)."""
+    return getattr(connection, _FAILED_WITH, None)
 
 
 class CallerGaveUp(Exception):
@@ -323,9 +389,9 @@ def transaction() -> Iterator[Session]:
         # (Raised, not committed: the "commit" would roll back unsaid, and what was to be done
         # after it be done for writes that were never kept. A session that began but ran no
         # statement takes a connection from the pool for this look, which no block does.)
-        if session.in_transaction() and transaction_aborted(session.connection()):
-            raise TransactionAborted("a statement failed and its error was caught; nothing of"
-                                     " the transaction was committed")
+        if session.in_transaction():
+            refuse_if_aborted(session.connection(), "a statement failed and its error was caught,"
+                              " nothing of the transaction committed")
         session.commit()
     except BaseException:
         session.info.pop(_AFTER_COMMIT, None)
@@ -365,8 +431,10 @@ def driver_cursor(session: Session) -> Iterator:
         # matches words, and takes a bug on a sound connection ("cursor already closed", a
         # statement on a cursor the caller closed) for a loss. (On a statement of its own that
         # SQLAlchemy so takes for one, it invalidates the connection: lost then indeed.)
+        # Its error is noted too, for TransactionAborted to name (note_errors_caught).
         error = DBAPIError.instance(None, None, exc, dbapi.Error)
         _note_if_lost(connection, error, bool(dbapi_connection.closed))
+        _note_error(connection, error)
         raise error from exc
     finally:
         cursor.close()
@@ -446,13 +514,15 @@ _CHECKED_IN_AT = "hseshop.checked_in_at"
 
 def init_database(app: Flask) -> None:
     """Set the database extension up for `app` (its SQLALCHEMY_DATABASE_URI configured), with
-    pooled connections pinged only after they sat idle, and each lost connection noted."""
+    pooled connections pinged only after they sat idle, and each lost connection, and each error
+    the database raised, noted."""
     db.init_app(app)
     with app.app_context():
         limit_sessions(db.engine)
         read_times_in_utc(db.engine)
         ping_connections_after_idle(db.engine)
         note_connections_lost(db.engine)
+        note_errors_caught(db.engine)
 
 
 def limit_sessions(engine: Engine, limits: Mapping[str, str] = SESSION_LIMITS) -> None:

@@ -15,9 +15,8 @@ from sqlalchemy.orm import Session
 
 from shared.contracts import (PAYLOAD_SCHEMAS, MalformedMessage, declared_fields, decode,
                               knows_envelope_version)
-from shared.db import (TransactionAborted, after_commit_undone_if_it_raises, connection_lost,
-                       connection_lost_on, driver_cursor, held_up_by_a_lock, said_in_a_line,
-                       transaction_aborted)
+from shared.db import (after_commit_undone_if_it_raises, connection_lost, connection_lost_on,
+                       driver_cursor, held_up_by_a_lock, refuse_if_aborted, said_in_a_line)
 from shared.inbox.model import InboxMessage, utc_now
 from shared.outbox.writing import outbox_rows_written_together
 from shared.request_context import request_id_bound, request_ids_bound
@@ -143,7 +142,8 @@ def handle_locked_message(session: Session, message: StoredMessage,
 
     The handler runs in a savepoint: when it raises, what it wrote is undone (and what it asked to
     be done after the commit, shared.db.after_commit, forgotten; a handler that returns having
-    caught an error the database raised fails so too, TransactionAborted), the attempt stays
+    caught an error the database raised fails so too, TransactionAborted raised from that error),
+    the attempt stays
     counted on the row, with its error, and the exception goes on to the caller (who retries the
     message later); a PermanentMessageError parks the message instead. With `max_attempts` (for a
     caller that commits the count: a batch handling its messages one by one), a failure that uses
@@ -176,9 +176,8 @@ def _handle_with_its_request_id_bound(session: Session, message: StoredMessage,
     try:
         with after_commit_undone_if_it_raises(session), savepoint:
             handler(session, [event])
-            if transaction_aborted(connection):
-                raise TransactionAborted(f"the {message.type} handler caught a database error"
-                                         " and returned: what it did is undone")
+            refuse_if_aborted(connection, f"the {message.type} handler caught a database error"
+                                          " and returned, what it did undone")
     except Exception as exc:
         # Lost, whatever the handler made of it: it may have caught the driver's error and
         # raised its own (a PermanentMessageError, say), or run on into the session's.

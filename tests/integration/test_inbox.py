@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session
 from shared import contracts
 from shared.contracts import (FAILURE_REASONS, PAYLOAD_SCHEMAS, PAYMENT_FAILED, PAYMENT_REQUESTED,
                               ContractSchema, PaymentFailedSchema, encode, new_event)
-from shared.db import TransactionAborted, after_commit, db, driver_dsn, transaction
+from shared.db import (TransactionAborted, after_commit, db, driver_cursor, driver_dsn,
+                       refuse_if_aborted, transaction)
 from shared.fields import Amount
 from shared.inbox.handling import (Handler, Outcome, PermanentMessageError, ReceivedEvent,
                                    handle_locked_message, lock_in_order, note_try_begun,
@@ -502,21 +503,38 @@ def test_a_batch_handling_its_messages_one_by_one_closes_their_open_tries(
     assert [message_id for message_id, row in rows.items() if row.try_open] == []
 
 
-def _swallowing_a_database_error(done: list[str]) -> Handler:
+def _dividing_by_zero(session: Session) -> None:
+    session.execute(text("SELECT 1 / 0"))
+
+
+def _dividing_by_zero_on_a_driver_cursor(session: Session) -> None:
+    with driver_cursor(session) as cursor:
+        cursor.execute("SELECT 1 / 0")
+
+
+def _swallowing_a_database_error(done: list[str], caught: list[BaseException] | None = None,
+                                 failing=_dividing_by_zero) -> Handler:
     """A handler that asks for something after the commit (noted in `done` when it runs), runs a
-    statement the database refuses, catches the error and returns."""
+    statement the database refuses (`failing`), catches the error (noted in `caught`, if given)
+    and returns."""
     def handle(session, events):
         after_commit(session, lambda: done.append("the swallowing try's"))
-        with suppress(DBAPIError):
-            session.execute(text("SELECT 1 / 0"))
+        try:
+            failing(session)
+        except DBAPIError as exc:
+            (caught if caught is not None else []).append(exc)
     return handle
+
+
+_DIVISION_BY_ZERO = "DivisionByZero: division by zero (SQLSTATE 22012)"
 
 
 def test_a_handler_returning_on_a_database_error_it_caught_fails_its_try_and_no_other(
         in_payments, payments_inbox, user_id):
     """Its savepoint left aborted, the handler's try is counted as failed and undone, callbacks and
     all: the message handled before it in the batch is kept, not rolled back with it by a COMMIT
-    psycopg2 answers with a rollback, and neither left for the sweeper."""
+    psycopg2 answers with a rollback, and neither left for the sweeper. The error recorded names
+    the one the handler caught."""
     from tasks.inbox import _handle_each_in_a_savepoint
 
     (good_record, good), (bad_record, bad) = (_request_record(user_id) for _ in range(2))
@@ -537,13 +555,46 @@ def test_a_handler_returning_on_a_database_error_it_caught_fails_its_try_and_no_
     assert _row(good).processed_at is not None
     row = _row(bad)
     assert row.processed_at is None and row.attempts == 1 and "TransactionAborted" in row.last_error
+    assert _DIVISION_BY_ZERO in row.last_error
 
 
-def test_a_transaction_left_aborted_by_an_error_caught_in_it_is_refused_not_committed(in_payments):
+@pytest.mark.parametrize("failing", [_dividing_by_zero, _dividing_by_zero_on_a_driver_cursor],
+                         ids=["a statement of SQLAlchemy's", "a driver_cursor's"])
+def test_a_transaction_left_aborted_by_an_error_caught_in_it_is_refused_not_committed(
+        in_payments, failing):
+    """Refused with TransactionAborted raised from the error caught, and naming it."""
     done: list[str] = []
-    with pytest.raises(TransactionAborted), transaction() as session:
-        _swallowing_a_database_error(done)(session, [])
+    caught: list[BaseException] = []
+    with pytest.raises(TransactionAborted) as raised, transaction() as session:
+        _swallowing_a_database_error(done, caught, failing)(session, [])
     assert done == []
+    assert len(caught) == 1 and raised.value.__cause__ is caught[0]
+    assert _DIVISION_BY_ZERO in str(raised.value)
+
+
+def _failing_on_a_bare_driver_cursor(connection) -> None:
+    """A statement the database refuses, on a driver cursor SQLAlchemy hears nothing of, caught."""
+    with suppress(psycopg2.Error), connection.connection.dbapi_connection.cursor() as cursor:
+        cursor.execute("SELECT 'not a number'::int")
+
+
+def test_an_error_caught_then_rolled_back_is_never_named_for_a_later_abort(in_payments):
+    """An aborted transaction names the error caught in it (or in its savepoint under way), never
+    one of a savepoint rolled back since, or of an earlier transaction on the same connection:
+    aborted by a statement SQLAlchemy did not see, it says so."""
+    with pytest.raises(TransactionAborted) as raised, transaction() as session:
+        with suppress(DBAPIError), session.begin_nested():
+            session.execute(text("SELECT 1 / 0"))
+        _failing_on_a_bare_driver_cursor(session.connection())
+    assert raised.value.__cause__ is None and "not seen" in str(raised.value)
+    with db.engine.connect() as connection:
+        with suppress(DBAPIError):
+            connection.execute(text("SELECT 1 / 0"))
+        connection.rollback()
+        _failing_on_a_bare_driver_cursor(connection)
+        with pytest.raises(TransactionAborted) as raised:
+            refuse_if_aborted(connection, "aborted")
+        assert raised.value.__cause__ is None
 
 
 def test_the_sweeper_leaves_a_message_a_handler_holds(in_payments, payments_inbox, user_id):
