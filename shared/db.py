@@ -104,8 +104,9 @@ def limit_lifted(execute: Callable[[str], object], limit: str) -> Iterator[None]
 
 
 def cancelled_by_a_limit(exc: BaseException) -> bool:
-    """Whether `exc` (the driver's error, or SQLAlchemy's around it) is a statement the database
-    cancelled under SESSION_LIMITS: held up by another session's lock, or running too long."""
+    """Whether `exc` (the driver's error, or SQLAlchemy's around it, or a TransactionAborted raised
+    from it: caught, and the block went on) is a statement the database cancelled under
+    SESSION_LIMITS: held up by another session's lock, or running too long."""
     return _sqlstate(exc) in (_LOCK_NOT_AVAILABLE, _QUERY_CANCELED)
 
 
@@ -116,6 +117,8 @@ def held_up_by_a_lock(exc: BaseException) -> bool:
 
 
 def _sqlstate(exc: BaseException | None) -> str | None:
+    if isinstance(exc, TransactionAborted):  # (the error caught, that left it aborted)
+        exc = exc.__cause__
     return getattr(getattr(exc, "orig", exc), "pgcode", None)
 
 

@@ -142,8 +142,8 @@ def handle_locked_message(session: Session, message: StoredMessage,
 
     The handler runs in a savepoint: when it raises, what it wrote is undone (and what it asked to
     be done after the commit, shared.db.after_commit, forgotten; a handler that returns having
-    caught an error the database raised fails so too, TransactionAborted raised from that error),
-    the attempt stays
+    caught an error the database raised fails so too, TransactionAborted raised from that error,
+    and counts as that error would: not at all for a lock waited on too long), the attempt stays
     counted on the row, with its error, and the exception goes on to the caller (who retries the
     message later); a PermanentMessageError parks the message instead. With `max_attempts` (for a
     caller that commits the count: a batch handling its messages one by one), a failure that uses

@@ -25,7 +25,7 @@ from shared import contracts
 from shared.contracts import (FAILURE_REASONS, PAYLOAD_SCHEMAS, PAYMENT_FAILED, PAYMENT_REQUESTED,
                               ContractSchema, PaymentFailedSchema, encode, new_event)
 from shared.db import (TransactionAborted, after_commit, db, driver_cursor, driver_dsn,
-                       refuse_if_aborted, transaction)
+                       held_up_by_a_lock, refuse_if_aborted, transaction)
 from shared.fields import Amount
 from shared.inbox.handling import (Handler, Outcome, PermanentMessageError, ReceivedEvent,
                                    handle_locked_message, lock_in_order, note_try_begun,
@@ -556,6 +556,37 @@ def test_a_handler_returning_on_a_database_error_it_caught_fails_its_try_and_no_
     row = _row(bad)
     assert row.processed_at is None and row.attempts == 1 and "TransactionAborted" in row.last_error
     assert _DIVISION_BY_ZERO in row.last_error
+
+
+def test_a_handler_returning_on_a_lock_timeout_it_caught_is_held_up_and_counts_no_attempt(
+        in_payments, payments_inbox, user_id):
+    """As a lock timeout let out: the try is noted (so that the sweeper leaves the message to its
+    retry), not counted, in a batch's one by one run; and a message's own task, which records the
+    failure, is told it was held up (held_up_by_a_lock) and so counts none either."""
+    from tasks.inbox import _handle_each_in_a_savepoint
+
+    (record, message_id), (held_record, held) = (_request_record(user_id) for _ in range(2))
+    payments_inbox([record, held_record])
+
+    def swallowing_a_lock_timeout(session, events):
+        session.execute(text("SET LOCAL lock_timeout = '50ms'"))
+        with suppress(DBAPIError):
+            session.execute(text("SELECT 1 FROM inbox_messages WHERE message_id = :id"
+                                 " FOR UPDATE"), {"id": held})
+
+    handlers = {PAYMENT_REQUESTED: swallowing_a_lock_timeout}
+    with db.engine.connect() as holder:
+        holder.execute(text("SELECT 1 FROM inbox_messages WHERE message_id = :id FOR UPDATE"),
+                       {"id": held})
+        assert _handle_each_in_a_savepoint("payments", [message_id], handlers) == [message_id]
+        with pytest.raises(TransactionAborted) as raised, transaction() as session:
+            process_inbox_message(session, message_id, handlers)
+        holder.rollback()
+    row = _row(message_id)
+    assert row.processed_at is None and row.parked_at is None
+    assert row.attempts == 0 and row.last_attempt_at is not None
+    assert held_up_by_a_lock(raised.value)
+    assert "canceling statement due to lock timeout (SQLSTATE 55P03)" in str(raised.value)
 
 
 @pytest.mark.parametrize("failing", [_dividing_by_zero, _dividing_by_zero_on_a_driver_cursor],
