@@ -376,6 +376,22 @@ def caller_waits_until(deadline: float | None) -> Iterator[None]:
         _caller_waits_until.reset(token)
 
 
+# The root transaction of a session that took a connection, noted as it takes it: SQLAlchemy says
+# so only thus (SessionEvents.after_begin), Session.connection() taking one from the pool to answer.
+_CONNECTED_IN = "hseshop.connected_in"
+
+
+@event.listens_for(Session, "after_begin")
+def _noting_the_connected_transaction(session: Session, transaction, connection) -> None:
+    if transaction.parent is None:  # (a savepoint's connection is its root's)
+        session.info[_CONNECTED_IN] = transaction
+
+
+def _holds_a_connection(session: Session) -> bool:
+    root = session.get_transaction()
+    return root is not None and session.info.get(_CONNECTED_IN) is root
+
+
 @contextmanager
 def transaction() -> Iterator[Session]:
     """One database transaction: commit when the block ends, roll back if it raises, or if the
@@ -390,9 +406,10 @@ def transaction() -> Iterator[Session]:
         if deadline is not None and time.monotonic() >= deadline:
             raise CallerGaveUp()
         # (Raised, not committed: the "commit" would roll back unsaid, and what was to be done
-        # after it be done for writes that were never kept. A session that began but ran no
-        # statement takes a connection from the pool for this look, which no block does.)
-        if session.in_transaction():
+        # after it be done for writes that were never kept. Looked at only when the session's
+        # transaction holds a connection: asked for one, a session that began and ran no
+        # statement would take one from the pool for this look.)
+        if _holds_a_connection(session):
             refuse_if_aborted(session.connection(), "a statement failed and its error was caught,"
                               " nothing of the transaction committed")
         session.commit()

@@ -17,6 +17,7 @@ from decimal import Decimal
 import psycopg2
 import pytest
 from marshmallow import fields, validate
+import sqlalchemy as sa
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -626,6 +627,23 @@ def test_an_error_caught_then_rolled_back_is_never_named_for_a_later_abort(in_pa
         with pytest.raises(TransactionAborted) as raised:
             refuse_if_aborted(connection, "aborted")
         assert raised.value.__cause__ is None
+
+
+def test_a_transaction_that_ran_no_statement_takes_no_connection_to_commit(in_payments):
+    """Its look for a statement failed and caught (TransactionAborted) takes no connection from
+    the pool: there is none to look at."""
+    checkouts = []
+
+    def checked_out(*_):
+        checkouts.append(1)
+
+    sa.event.listen(db.engine, "checkout", checked_out)
+    try:
+        with transaction() as session:
+            session.begin_nested()
+    finally:
+        sa.event.remove(db.engine, "checkout", checked_out)
+    assert checkouts == []
 
 
 def test_the_sweeper_leaves_a_message_a_handler_holds(in_payments, payments_inbox, user_id):
