@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -280,10 +281,12 @@ class TransactionAborted(Exception):
     from the error caught (its `__cause__`, named in its message), when it was seen
     (`error_caught_on`)."""
 
-    def __init__(self, what: str, caught: BaseException | None):
-        said = (f"{said_in_a_line(caught)} (SQLSTATE {_sqlstate(caught)})" if caught is not None
-                else "not seen: a statement on a driver cursor of its own, not driver_cursor's")
-        super().__init__(f"{what}: {said}")
+
+def _aborted_by(caught: BaseException | None) -> str:
+    if caught is None:
+        return ("not seen (raised where SQLAlchemy and driver_cursor saw nothing: on a bare"
+                " driver cursor, or caught within a driver_cursor block)")
+    return f"{said_in_a_line(caught)} (SQLSTATE {_sqlstate(caught)})"
 
 
 def refuse_if_aborted(connection: Connection, what: str) -> None:
@@ -291,7 +294,7 @@ def refuse_if_aborted(connection: Connection, what: str) -> None:
     connection's transaction (or savepoint) is aborted (`transaction_aborted`)."""
     if transaction_aborted(connection):
         caught = error_caught_on(connection)
-        raise TransactionAborted(what, caught) from caught
+        raise TransactionAborted(f"{what}: {_aborted_by(caught)}") from caught
 
 
 def transaction_aborted(connection: Connection) -> bool:
@@ -319,7 +322,7 @@ def note_errors_caught(engine: Engine) -> None:
     """Note on each of the engine's connections the last error the database raised on it
     (`error_caught_on`), whoever then catches it: SQLAlchemy's own statements' here
     (`handle_error`), driver_cursor's in driver_cursor. Forgotten as the connection's transaction
-    begins or rolls back, or its savepoint rolls back: the error noted is always one of the
+    begins or ends, or its savepoint rolls back: the error noted is always one of the
     transaction (or savepoint) under way."""
 
     @event.listens_for(engine, "handle_error")
@@ -328,7 +331,7 @@ def note_errors_caught(engine: Engine) -> None:
             _note_error(context.connection,
                         context.sqlalchemy_exception or context.original_exception)
 
-    for ending_or_beginning in ("begin", "rollback", "rollback_savepoint"):
+    for ending_or_beginning in ("begin", "commit", "rollback", "rollback_savepoint"):
         event.listen(engine, ending_or_beginning, _forget_the_error)
 
 
@@ -384,12 +387,14 @@ _CONNECTED_IN = "hseshop.connected_in"
 @event.listens_for(Session, "after_begin")
 def _noting_the_connected_transaction(session: Session, transaction, connection) -> None:
     if transaction.parent is None:  # (a savepoint's connection is its root's)
-        session.info[_CONNECTED_IN] = transaction
+        # (Weakly: the transaction refers to its session, and once ended is no one's business.)
+        session.info[_CONNECTED_IN] = weakref.ref(transaction)
 
 
 def _holds_a_connection(session: Session) -> bool:
     root = session.get_transaction()
-    return root is not None and session.info.get(_CONNECTED_IN) is root
+    noted = session.info.get(_CONNECTED_IN)
+    return root is not None and noted is not None and noted() is root
 
 
 @contextmanager
@@ -451,7 +456,8 @@ def driver_cursor(session: Session) -> Iterator:
         # matches words, and takes a bug on a sound connection ("cursor already closed", a
         # statement on a cursor the caller closed) for a loss. (On a statement of its own that
         # SQLAlchemy so takes for one, it invalidates the connection: lost then indeed.)
-        # Its error is noted too, for TransactionAborted to name (note_errors_caught).
+        # Its error is noted too, for TransactionAborted to name (note_errors_caught, whose
+        # listeners forget it as the transaction ends: on an engine without them, kept).
         error = DBAPIError.instance(None, None, exc, dbapi.Error)
         _note_if_lost(connection, error, bool(dbapi_connection.closed))
         _note_error(connection, error)

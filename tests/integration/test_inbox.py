@@ -3,12 +3,14 @@ handled."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
@@ -16,8 +18,8 @@ from decimal import Decimal
 
 import psycopg2
 import pytest
-from marshmallow import fields, validate
 import sqlalchemy as sa
+from marshmallow import fields, validate
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -619,14 +621,30 @@ def test_an_error_caught_then_rolled_back_is_never_named_for_a_later_abort(in_pa
             session.execute(text("SELECT 1 / 0"))
         _failing_on_a_bare_driver_cursor(session.connection())
     assert raised.value.__cause__ is None and "not seen" in str(raised.value)
-    with db.engine.connect() as connection:
-        with suppress(DBAPIError):
-            connection.execute(text("SELECT 1 / 0"))
-        connection.rollback()
-        _failing_on_a_bare_driver_cursor(connection)
-        with pytest.raises(TransactionAborted) as raised:
-            refuse_if_aborted(connection, "aborted")
-        assert raised.value.__cause__ is None
+    for ending in ("rollback", "commit"):  # (a commit of an aborted one: psycopg2 rolls back)
+        with db.engine.connect() as connection:
+            with suppress(DBAPIError):
+                connection.execute(text("SELECT 1 / 0"))
+            getattr(connection, ending)()
+            _failing_on_a_bare_driver_cursor(connection)
+            with pytest.raises(TransactionAborted) as raised:
+                refuse_if_aborted(connection, "aborted")
+            assert raised.value.__cause__ is None, ending
+
+
+def test_a_session_that_ran_a_transaction_is_freed_without_the_cycle_collector(in_payments):
+    """What transaction() notes of a session's transaction holds nothing alive: removed, the
+    session goes at once, the transaction, its connection and any error noted on it with it."""
+    gc.disable()
+    try:
+        with transaction() as session:
+            session.execute(text("SELECT 1"))
+        gone = weakref.ref(session)
+        del session
+        db.session.remove()
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_a_transaction_that_ran_no_statement_takes_no_connection_to_commit(in_payments):
