@@ -55,6 +55,16 @@ _FAILED_COMMITS_WORDS = OutageWords(
           " last could not commit %(said)s)",
     over="%(what)s: offset commits go through again after %(seconds).0f s, %(tries)d failed")
 
+# A record batch the client cannot read (compressed with a codec it lacks, or corrupt) is never
+# passed over: the client fetches it again, an error a second or so, and its partition waits there
+# (its records may be messages, and nothing of them can be stored). Said as an outage is: once as
+# it begins, then once a minute, and that it is over once a record after it comes.
+_UNREADABLE_WORDS = OutageWords(
+    begun="%(what)s cannot read %(said)s; the partition waits there, its records never skipped",
+    still="%(what)s: records still unreadable after %(seconds).0f s, %(tries)d tries (the last:"
+          " %(said)s); the partition waits there, its records never skipped",
+    over="%(what)s: the unreadable records are read past after %(seconds).0f s, %(tries)d tries")
+
 
 def to_record(message) -> ConsumedRecord:
     """The record of a polled message. What a producer may have set oddly (headers, timestamp) is
@@ -155,6 +165,10 @@ class InboxConsumer:
         self._committed_at = clock()
         self._database_outage = DatabaseOutageLog(log, name, clock=clock)
         self._failed_commits = OutageLog(log, name, _FAILED_COMMITS_WORDS, clock=clock)
+        # Partitions whose client said it cannot read a record of theirs, until a record of
+        # theirs comes (_UNREADABLE_WORDS).
+        self._unreadable: set[tuple[str, int]] = set()
+        self._unreadable_log = OutageLog(log, name, _UNREADABLE_WORDS, clock=clock)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -321,8 +335,13 @@ class InboxConsumer:
                 error = message.error()
                 if error is None:
                     records.append(to_record(message))
+                    self._read_past_unreadable(message)
                 elif error.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     log.debug("consumer: %s", error)
+                elif _names_a_record(message):
+                    self._unreadable.add((message.topic(), message.partition()))
+                    self._unreadable_log.failed(f"{message.topic()} [{message.partition()}] at"
+                                                f" {message.offset()}: {error.str()}")
                 else:
                     log.warning("consumer error: %s", error)
         except Exception:
@@ -331,6 +350,12 @@ class InboxConsumer:
             self._rewind(first_offsets([to_position(m) for m in messages if m.error() is None]))
             raise
         return records
+
+    def _read_past_unreadable(self, message) -> None:
+        if self._unreadable:
+            self._unreadable.discard((message.topic(), message.partition()))
+            if not self._unreadable:
+                self._unreadable_log.back()
 
     def _rewind(self, positions: list[TopicPartition]) -> None:
         """Seek each partition back to `positions`. One that cannot be commits nothing until its
@@ -357,6 +382,12 @@ class InboxConsumer:
             log.info("consumer: rewound %s [%d] to %d at last", topic, partition, offset)
             del self._rewinds_due[(topic, partition)]
             self._given_up.discard((topic, partition))
+
+
+def _names_a_record(message) -> bool:
+    """Whether a consumer error names where a record sits (one the client could not read)."""
+    partition, offset = message.partition(), message.offset()
+    return partition is not None and partition >= 0 and offset is not None and offset >= 0
 
 
 def _positions(offsets: list[TopicPartition]) -> str:

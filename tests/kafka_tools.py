@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
@@ -49,3 +51,52 @@ def produce(bootstrap: str, topic: str, value: bytes, key: bytes | None = None,
                      on_delivery=lambda err, _msg: errors.append(err))
     producer.flush(15)
     assert errors == [None], f"broker did not acknowledge: {errors}"
+
+
+def produce_unreadable_batch(bootstrap: str, topic: str, records: int) -> None:
+    """A record batch of `records` records to partition 0 of `topic` that no client can read: it
+    says it is gzip-compressed, and its bytes are no gzip stream. Written over Kafka's protocol
+    itself (Produce v3), as a client of another make, or a corrupt one, would: librdkafka writes
+    none such. The broker checks the batch's CRC only, and keeps it."""
+    after_crc = struct.pack(">hiqqqhii", _GZIP, records - 1, 0, 0, -1, -1, -1, records)
+    after_crc += b"\x1f\x8b but no gzip stream"
+    batch = struct.pack(">iBI", 0, 2, _crc32c(after_crc)) + after_crc  # epoch, magic 2, CRC
+    batch = struct.pack(">qi", 0, len(batch)) + batch  # base offset (the broker's), length
+    request = (struct.pack(">hhi", 0, 3, 1) + _string("test")  # Produce v3, correlation id 1
+               + struct.pack(">hhi", -1, -1, 10_000)  # no transactional id, acks=all, timeout
+               + struct.pack(">i", 1) + _string(topic)
+               + struct.pack(">iii", 1, 0, len(batch)) + batch)  # partition 0
+    host, port = bootstrap.split(",")[0].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(struct.pack(">i", len(request)) + request)
+        answer = _received(connection, struct.unpack(">i", _received(connection, 4))[0])
+    # correlation id, 1 topic (its name), 1 partition: its index, then its error code
+    error_code = struct.unpack_from(">h", answer, 4 + 4 + 2 + len(topic.encode()) + 4 + 4)[0]
+    assert error_code == 0, f"the broker refused the batch: error {error_code}"
+
+
+_GZIP = 1
+
+
+def _string(text: str) -> bytes:
+    encoded = text.encode()
+    return struct.pack(">h", len(encoded)) + encoded
+
+
+def _received(connection: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
+        assert chunk, "the broker closed the connection"
+        data += chunk
+    return data
+
+
+def _crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), which a record batch carries."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF

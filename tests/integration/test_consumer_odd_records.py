@@ -1,7 +1,8 @@
 """What the inbox consumer makes of records other producers write to its topic (a bad deploy, a
 replay tool, kcat), on the Kafka-protocol broker and PostgreSQL: each is stored, parked with its
 reason where it cannot be handled, said so in the log, and committed past, never left to block its
-partition."""
+partition; but for a record batch the client cannot read at all, which holds its partition (its
+records may be messages) and is said once."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from decimal import Decimal
 
 import psycopg2
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
@@ -23,6 +24,7 @@ from shared.db import driver_dsn
 from shared.inbox_consumer import InboxConsumer, StoreOnOwnConnection
 from shared.kafka import build_consumer, new_topic
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, RequestIdLogFilter
+from tests.kafka_tools import produce_unreadable_batch
 from tests.polling import wait_for
 
 
@@ -189,3 +191,66 @@ def test_a_message_under_an_id_another_types_message_took_is_parked_not_dropped_
         [line] = [record.getMessage() for record in caplog.records
                   if record.levelno == logging.ERROR and message_id in record.getMessage()]
         assert f"under message_id {request['message_id']})" in line and "not a repeat" in line
+
+
+class _UnreadableCounted:
+    """A consumer that counts the times its polls say a record batch could not be read (each time
+    the client fetched it)."""
+
+    def __init__(self, consumer: Consumer):
+        self._consumer, self.unreadable = consumer, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._consumer, name)
+
+    def poll(self, timeout: float):
+        message = self._consumer.poll(timeout)
+        self._count([message] if message is not None else [])
+        return message
+
+    def consume(self, count: int, timeout: float) -> list:
+        messages = self._consumer.consume(count, timeout)
+        self._count(messages)
+        return messages
+
+    def _count(self, messages: list) -> None:
+        self.unreadable += sum(message.error() is not None
+                               and message.error().code() == KafkaError._BAD_COMPRESSION
+                               for message in messages)
+
+
+def test_a_record_batch_the_client_cannot_read_holds_its_partition_and_is_said_once(
+        settings, topic, caplog):
+    """A record batch the consumer's client cannot read (compressed with a codec it lacks, or
+    corrupt: another client's) is never passed over, its records may be messages: the client
+    fetches it again and again, and the partition waits there, nothing committed past it. That
+    is said as an outage is, once as it begins (then once a minute), naming where it sits; it
+    was a WARNING at every fetch, a second or so apart, for as long as the batch stayed."""
+    caplog.set_level(logging.INFO)
+    _produce(settings, topic, [encode(_payment_request())])
+    produce_unreadable_batch(settings.kafka_bootstrap_servers, topic, records=3)  # at 1 to 3
+    _produce(settings, topic, [encode(_payment_request())])
+    group = f"{topic}.group"
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
+    client = _UnreadableCounted(build_consumer(settings, group))
+    consumer = InboxConsumer(client, [topic], store, dispatch=lambda ids: None)
+    running = threading.Thread(target=consumer.run)
+    running.start()
+    try:
+        wait_for(lambda: client.unreadable >= 4, timeout=30, what="the batch fetched four times")
+    finally:
+        consumer.stop()
+        running.join(30)
+        store.close()
+    assert [offset for offset, *_ in _rows(settings, topic)] == [0]
+    watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group,
+                        "enable.auto.commit": False})
+    try:
+        assert watcher.committed([TopicPartition(topic, 0)], timeout=10)[0].offset == 1
+    finally:
+        watcher.close()
+    said = [record for record in caplog.records if record.levelno >= logging.WARNING
+            and record.name == "shared.inbox_consumer"]
+    assert len(said) == 1, [record.getMessage() for record in said]
+    assert f"cannot read {topic} [0] at 1: " in said[0].getMessage()
+    assert "the partition waits there" in said[0].getMessage()

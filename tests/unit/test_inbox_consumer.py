@@ -463,6 +463,47 @@ def test_commits_failing_while_the_coordinator_is_away_are_said_once_then_once_a
     assert calls[-1] == ("commit", [("t", 0, 69)])
 
 
+class FakeError(FakeMessage):
+    """What the client returns for an error: where it sits, if anywhere (partition None: the
+    client's own, a broker gone, say)."""
+
+    def __init__(self, topic, partition, offset, error):
+        super().__init__(topic, partition, offset)
+        self._error = error
+
+    def error(self):
+        return self._error
+
+
+def test_a_record_batch_the_client_cannot_read_is_said_once_then_once_a_minute(caplog):
+    """The client fetches a record batch it cannot read again and again, an error a second or so,
+    never passing over it: said as the errors begin, then once a minute while they last, and at
+    INFO once a record of its partition comes; not in a line each. The client's other errors
+    (of no record) are said each as before."""
+    caplog.set_level(logging.INFO)
+    calls, clock = [], FakeClock()
+    consumer = FakeConsumer([], calls)
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None, clock=clock)
+    unreadable = KafkaError(KafkaError._BAD_COMPRESSION, "Decompression of message at 7 failed")
+    for _ in range(65):
+        consumer.messages = [FakeError("t", 0, 7, unreadable), FakeMessage("t", 1, 3)]
+        inbox.run_once()
+        clock.now += 1
+    consumer.messages = [FakeError(None, None, None, KafkaError(KafkaError._TRANSPORT)),
+                         FakeMessage("t", 0, 10)]
+    inbox.run_once()
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "the inbox consumer cannot read t [0] at 7: Decompression of message at"
+                          " 7 failed; the partition waits there, its records never skipped"),
+        (logging.WARNING, "the inbox consumer: records still unreadable after 60 s, 61 tries (the"
+                          " last: t [0] at 7: Decompression of message at 7 failed); the"
+                          " partition waits there, its records never skipped"),
+        (logging.WARNING, "consumer error: KafkaError{code=_TRANSPORT,val=-195,str=\"Local:"
+                          " Broker transport failure\"}"),
+        (logging.INFO, "the inbox consumer: the unreadable records are read past after 65 s, 65"
+                       " tries")]
+
+
 def test_an_offset_commit_refused_as_it_is_sent_is_committed_again_with_the_next():
     calls = []
     consumer = FakeConsumer([FakeMessage("t", 0, 4)], calls)
