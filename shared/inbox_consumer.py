@@ -10,7 +10,9 @@ seconds by default), when it stops, and when the group takes partitions away fro
 broker's answer comes later, through the client's on_commit (note_commit_result): an offset whose
 commit failed is committed again with the next, unless a later one has been stored or sent since,
 or its partition taken away. Failed commits are said as an outage is (a coordinator away fails
-one a second): once as they begin, then once a minute while they last (shared.outage_log).
+one a second): once as they begin, then once a minute while they last (shared.outage_log); so is
+each partition held by a record batch the client cannot read, and fetches again and again, never
+past it (shared.unreadable_batches).
 
 A step that fails is retried a second later. One that failed on a lost database connection (a
 restart, a failover) is an outage the consumer waits out, not a fault: it is said once as it
@@ -34,6 +36,7 @@ from shared.db import DatabaseOutageLog
 from shared.inbox.storing import ConsumedRecord, insert_records
 from shared.outage_log import OutageLog, OutageWords
 from shared.task_queues import QUEUES_UNREACHABLE
+from shared.unreadable_batches import UnreadableBatches
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +57,6 @@ _FAILED_COMMITS_WORDS = OutageWords(
     still="%(what)s: offset commits still failing after %(seconds).0f s, %(tries)d failed (the"
           " last could not commit %(said)s)",
     over="%(what)s: offset commits go through again after %(seconds).0f s, %(tries)d failed")
-
-# A record batch the client cannot read (compressed with a codec it lacks, or corrupt) is never
-# passed over: the client fetches it again, an error a second or so, and its partition waits there
-# (its records may be messages, and nothing of them can be stored). Said as an outage is: once as
-# it begins, then once a minute, and that it is over once a record after it comes.
-_UNREADABLE_WORDS = OutageWords(
-    begun="%(what)s cannot read %(said)s; the partition waits there, its records never skipped",
-    still="%(what)s: records still unreadable after %(seconds).0f s, %(tries)d tries (the last:"
-          " %(said)s); the partition waits there, its records never skipped",
-    over="%(what)s: the unreadable records are read past after %(seconds).0f s, %(tries)d tries")
-
 
 def to_record(message) -> ConsumedRecord:
     """The record of a polled message. What a producer may have set oddly (headers, timestamp) is
@@ -165,10 +157,7 @@ class InboxConsumer:
         self._committed_at = clock()
         self._database_outage = DatabaseOutageLog(log, name, clock=clock)
         self._failed_commits = OutageLog(log, name, _FAILED_COMMITS_WORDS, clock=clock)
-        # Partitions whose client said it cannot read a record of theirs, until a record of
-        # theirs comes (_UNREADABLE_WORDS).
-        self._unreadable: set[tuple[str, int]] = set()
-        self._unreadable_log = OutageLog(log, name, _UNREADABLE_WORDS, clock=clock)
+        self._unreadable = UnreadableBatches(log, name, clock=clock)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -305,6 +294,7 @@ class InboxConsumer:
         self._given_up.update((p.topic, p.partition) for p in partitions)
         self._drop_rewinds_due(partitions)
         self._drop_commits_sent(partitions)
+        self._unreadable.forget(partitions)
 
     def _forget_lost(self, consumer, partitions: list[TopicPartition]) -> None:
         # Lost, not handed over: another consumer may own them already, and a commit would fail.
@@ -313,6 +303,7 @@ class InboxConsumer:
         self._given_up.update((p.topic, p.partition) for p in partitions)
         self._drop_rewinds_due(partitions)
         self._drop_commits_sent(partitions)
+        self._unreadable.forget(partitions)
 
     def _drop_rewinds_due(self, partitions: list[TopicPartition]) -> None:
         for partition in partitions:
@@ -335,13 +326,11 @@ class InboxConsumer:
                 error = message.error()
                 if error is None:
                     records.append(to_record(message))
-                    self._read_past_unreadable(message)
+                    self._unreadable.read(records[-1])
                 elif error.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     log.debug("consumer: %s", error)
                 elif _names_a_record(message):
-                    self._unreadable.add((message.topic(), message.partition()))
-                    self._unreadable_log.failed(f"{message.topic()} [{message.partition()}] at"
-                                                f" {message.offset()}: {error.str()}")
+                    self._unreadable.failed(message)
                 else:
                     log.warning("consumer error: %s", error)
         except Exception:
@@ -350,12 +339,6 @@ class InboxConsumer:
             self._rewind(first_offsets([to_position(m) for m in messages if m.error() is None]))
             raise
         return records
-
-    def _read_past_unreadable(self, message) -> None:
-        if self._unreadable:
-            self._unreadable.discard((message.topic(), message.partition()))
-            if not self._unreadable:
-                self._unreadable_log.back()
 
     def _rewind(self, positions: list[TopicPartition]) -> None:
         """Seek each partition back to `positions`. One that cannot be commits nothing until its

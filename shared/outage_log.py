@@ -22,7 +22,8 @@ NEW_OUTAGE_AFTER_SECONDS = 30.0
 @dataclass(frozen=True)
 class OutageWords:
     """What an OutageLog says, as %-templates of `what` (the loop), `said` (the failed try, in a
-    line), `seconds` (since the outage began) and `tries` (failed, so far)."""
+    line; for `over`, what the caller says of the try that worked, if anything), `seconds` (since
+    the outage began) and `tries` (failed, so far)."""
 
     begun: str  # a WARNING
     still: str  # a WARNING, once a reminder's interval on
@@ -62,12 +63,12 @@ class OutageLog:
                 self._said_at = now
                 self._say(logging.WARNING, self._words.still, said, now)
 
-    def back(self) -> None:
-        """A try worked: the outage, if there was one, is over."""
+    def back(self, said: str = "") -> None:
+        """A try worked: the outage, if there was one, is over (`said`: how, for `words.over`)."""
         with self._lock:
             if self._lost_since is None:
                 return
-            self._say(logging.INFO, self._words.over, "", self._clock())
+            self._say(logging.INFO, self._words.over, said, self._clock())
             self._lost_since = None
             self._failed_tries = 0
 

@@ -475,33 +475,120 @@ class FakeError(FakeMessage):
         return self._error
 
 
+_WAITS = "; the partition waits there, its records never skipped"
+
+
+def _said(offset):
+    """What librdkafka says of a gzip batch at `offset` that is no gzip."""
+    return (f"Decompression (codec 0x1) of message at {offset} of 30 bytes failed: Local: Invalid"
+            " compressed data")
+
+
+def _unreadable_at(partition, offset):
+    return FakeError("t", partition, offset,
+                     KafkaError(KafkaError._BAD_COMPRESSION, _said(offset)))
+
+
+def _lines(caplog):
+    return [(record.levelno, record.getMessage()) for record in caplog.records]
+
+
 def test_a_record_batch_the_client_cannot_read_is_said_once_then_once_a_minute(caplog):
     """The client fetches a record batch it cannot read again and again, an error a second or so,
     never passing over it: said as the errors begin, then once a minute while they last, and at
-    INFO once a record of its partition comes; not in a line each. The client's other errors
-    (of no record) are said each as before."""
+    INFO once a record of its partition at or past the batch comes; not in a line each. The
+    client's other errors (of no record) are said each as before."""
     caplog.set_level(logging.INFO)
     calls, clock = [], FakeClock()
     consumer = FakeConsumer([], calls)
     inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None, clock=clock)
-    unreadable = KafkaError(KafkaError._BAD_COMPRESSION, "Decompression of message at 7 failed")
     for _ in range(65):
-        consumer.messages = [FakeError("t", 0, 7, unreadable), FakeMessage("t", 1, 3)]
+        consumer.messages = [_unreadable_at(0, 7), FakeMessage("t", 1, 3)]
         inbox.run_once()
         clock.now += 1
     consumer.messages = [FakeError(None, None, None, KafkaError(KafkaError._TRANSPORT)),
                          FakeMessage("t", 0, 10)]
     inbox.run_once()
-    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
-        (logging.WARNING, "the inbox consumer cannot read t [0] at 7: Decompression of message at"
-                          " 7 failed; the partition waits there, its records never skipped"),
+    assert _lines(caplog) == [
+        (logging.WARNING, f"the inbox consumer cannot read t [0] at 7: {_said(7)}{_WAITS}"),
         (logging.WARNING, "the inbox consumer: records still unreadable after 60 s, 61 tries (the"
-                          " last: t [0] at 7: Decompression of message at 7 failed); the"
-                          " partition waits there, its records never skipped"),
+                          f" last: t [0] at 7: {_said(7)}){_WAITS}"),
         (logging.WARNING, "consumer error: KafkaError{code=_TRANSPORT,val=-195,str=\"Local:"
                           " Broker transport failure\"}"),
-        (logging.INFO, "the inbox consumer: the unreadable records are read past after 65 s, 65"
-                       " tries")]
+        (logging.INFO, "the inbox consumer: records of t [0] are read again from offset 10, after"
+                       " 65 s, 65 unreadable tries")]
+
+
+def test_each_partition_a_record_batch_holds_is_said_of_on_its_own(caplog):
+    """A second partition held by a batch the client cannot read, while the first still is, is
+    said as the first was: its own first line, reminders and end (one log for all said nothing of
+    the second, and its reminders named the last error's partition only)."""
+    caplog.set_level(logging.INFO)
+    clock = FakeClock()
+    consumer = FakeConsumer([], [])
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None, clock=clock)
+    for second in range(75):
+        consumer.messages = [_unreadable_at(0, 7)]
+        if second >= 10:
+            consumer.messages.append(_unreadable_at(1, 4))
+        inbox.run_once()
+        clock.now += 1
+    consumer.messages = [FakeMessage("t", 0, 10), _unreadable_at(1, 4)]
+    inbox.run_once()
+    assert _lines(caplog) == [
+        (logging.WARNING, f"the inbox consumer cannot read t [0] at 7: {_said(7)}{_WAITS}"),
+        (logging.WARNING, f"the inbox consumer cannot read t [1] at 4: {_said(4)}{_WAITS}"),
+        (logging.WARNING, "the inbox consumer: records still unreadable after 60 s, 61 tries (the"
+                          f" last: t [0] at 7: {_said(7)}){_WAITS}"),
+        (logging.WARNING, "the inbox consumer: records still unreadable after 60 s, 61 tries (the"
+                          f" last: t [1] at 4: {_said(4)}){_WAITS}"),
+        (logging.INFO, "the inbox consumer: records of t [0] are read again from offset 10, after"
+                       " 75 s, 75 unreadable tries")]
+
+
+def test_a_record_below_the_batch_read_again_does_not_end_what_its_partition_waits_on(caplog):
+    """A failed insert rewinds the partition, and its records before the batch are read again:
+    that is no record past the batch, and says neither that the partition reads on nor, at the
+    next fetch of the batch, that it waits again (it said both, each second)."""
+    caplog.set_level(logging.INFO)
+    clock = FakeClock()
+    consumer = FakeConsumer([], [])
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None, clock=clock)
+    for _ in range(5):
+        consumer.messages = [FakeMessage("t", 0, 0), _unreadable_at(0, 1)]
+        inbox.run_once()
+        clock.now += 1
+    assert [level for level, _ in _lines(caplog)] == [logging.WARNING]
+    consumer.messages = [FakeMessage("t", 0, 1)]  # the batch read, its cause mended
+    inbox.run_once()
+    assert _lines(caplog)[1:] == [
+        (logging.INFO, "the inbox consumer: records of t [0] are read again from offset 1, after"
+                       " 5 s, 5 unreadable tries")]
+
+
+@pytest.mark.parametrize("taken_away", ["on_revoke", "on_lost"])
+def test_a_partition_taken_away_while_a_batch_holds_it_is_forgotten(caplog, taken_away):
+    """A partition revoked or lost while a batch it cannot read holds it is forgotten: its new
+    owner says so; given back, a record of it says nothing of before, and the batch fetched again
+    is said again from its first line."""
+    caplog.set_level(logging.INFO)
+    clock = FakeClock()
+    consumer = FakeConsumer([], [])
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None, clock=clock)
+    inbox.stop()
+    inbox.run()  # (which subscribes, setting the rebalance callbacks, and returns: stopped)
+    consumer.messages = [_unreadable_at(0, 7)]
+    inbox.run_once()
+    getattr(consumer, taken_away)(consumer, [TopicPartition("t", 0)])
+    clock.now += 10
+    consumer.messages = [_unreadable_at(0, 7)]
+    inbox.run_once()
+    getattr(consumer, taken_away)(consumer, [TopicPartition("t", 0)])
+    consumer.messages = [FakeMessage("t", 0, 9)]
+    inbox.run_once()
+    assert _lines(caplog) == [
+        (logging.WARNING, f"the inbox consumer cannot read t [0] at 7: {_said(7)}{_WAITS}"),
+        (logging.WARNING, f"the inbox consumer cannot read t [0] at 7: {_said(7)}{_WAITS}")]
 
 
 def test_an_offset_commit_refused_as_it_is_sent_is_committed_again_with_the_next():

@@ -1,0 +1,71 @@
+"""What the inbox consumer says of the record batches its Kafka client cannot read: of each
+partition one holds, as an outage is (once as it begins, then once a minute, and once it is over),
+never a line per fetch.
+
+librdkafka never passes over such a batch (its records may be messages): it fetches it again, an
+error a second or so, each naming the batch's first offset, and the partition waits there. That is
+over once a record of the partition at or past that offset comes: the batch itself, its cause
+mended (a codec the client lacked), or the records after it, the group's offset moved past it. A
+record below it is no such sign: one read again after a failed insert rewound the partition, say.
+A partition revoked or lost is forgotten: its new owner says it, and so does this consumer from the
+start, should the partition come back to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import TopicPartition
+
+from shared.inbox.storing import ConsumedRecord
+from shared.outage_log import OutageLog, OutageWords
+
+_WORDS = OutageWords(
+    begun="%(what)s cannot read %(said)s; the partition waits there, its records never skipped",
+    still="%(what)s: records still unreadable after %(seconds).0f s, %(tries)d tries (the last:"
+          " %(said)s); the partition waits there, its records never skipped",
+    over="%(what)s: records of %(said)s, after %(seconds).0f s, %(tries)d unreadable tries")
+
+
+@dataclass
+class _Held:
+    """A partition a batch holds: the batch's first offset, and what says so."""
+
+    offset: int
+    log: OutageLog
+
+
+class UnreadableBatches:
+    """The partitions record batches the client cannot read hold, each said of on its own."""
+
+    def __init__(self, logger: logging.Logger, what: str,
+                 clock: Callable[[], float] = time.monotonic):
+        self._logger, self._what, self._clock = logger, what, clock
+        self._held: dict[tuple[str, int], _Held] = {}
+
+    def failed(self, message) -> None:
+        """The client could not read the record batch at `message`'s offset (an error message)."""
+        where, offset = (message.topic(), message.partition()), message.offset()
+        held = self._held.get(where)
+        if held is None:
+            held = self._held[where] = _Held(offset, OutageLog(self._logger, self._what, _WORDS,
+                                                               clock=self._clock))
+        held.offset = offset
+        held.log.failed(f"{where[0]} [{where[1]}] at {offset}: {message.error().str()}")
+
+    def read(self, record: ConsumedRecord) -> None:
+        """A record was read."""
+        where = (record.topic, record.partition)
+        held = self._held.get(where)
+        if held is not None and record.offset >= held.offset:
+            del self._held[where]
+            held.log.back(f"{record.topic} [{record.partition}] are read again from offset"
+                          f" {record.offset}")
+
+    def forget(self, partitions: list[TopicPartition]) -> None:
+        """`partitions` were revoked or lost."""
+        for partition in partitions:
+            self._held.pop((partition.topic, partition.partition), None)
