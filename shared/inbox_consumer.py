@@ -36,7 +36,7 @@ from shared.db import DatabaseOutageLog
 from shared.inbox.storing import ConsumedRecord, insert_records
 from shared.outage_log import OutageLog, OutageWords
 from shared.task_queues import QUEUES_UNREACHABLE
-from shared.unreadable_batches import UnreadableBatches
+from shared.unreadable_batches import UnreadableBatches, holds_its_partition
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class InboxConsumer:
                     self._unreadable.read(records[-1])
                 elif error.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     log.debug("consumer: %s", error)
-                elif _names_a_record(message):
+                elif holds_its_partition(message):
                     self._unreadable.failed(message)
                 else:
                     log.warning("consumer error: %s", error)
@@ -365,12 +365,6 @@ class InboxConsumer:
             log.info("consumer: rewound %s [%d] to %d at last", topic, partition, offset)
             del self._rewinds_due[(topic, partition)]
             self._given_up.discard((topic, partition))
-
-
-def _names_a_record(message) -> bool:
-    """Whether a consumer error names where a record sits (one the client could not read)."""
-    partition, offset = message.partition(), message.offset()
-    return partition is not None and partition >= 0 and offset is not None and offset >= 0
 
 
 def _positions(offsets: list[TopicPartition]) -> str:

@@ -18,16 +18,36 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
 from shared.inbox.storing import ConsumedRecord
 from shared.outage_log import OutageLog, OutageWords
+
+# The consumer errors of a record batch librdkafka cannot read, and fetches again and again, never
+# past it (its fetcher and rdkafka_msgset_reader.c): the batch's bytes are no stream of its codec
+# (_BAD_COMPRESSION: corrupt), the client has no such codec (_NOT_IMPLEMENTED, said "Decompression
+# (codec 0x..)": the same code said of a batch of a format version it does not know is of one it
+# passes over), both at the batch's first offset; or the broker cannot read its log at the
+# partition's fetch offset (INVALID_MSG: Kafka's CORRUPT_MESSAGE). Not _BAD_MSG, a batch failing
+# its CRC, and only with check.crcs on (the shop leaves it off): librdkafka may read on past it. Nor
+# UNSUPPORTED_COMPRESSION_TYPE: a broker says so to a client fetching zstd with a Fetch version
+# before 10, which librdkafka 2 never sends.
+_HOLDING_CODES = (KafkaError._BAD_COMPRESSION, KafkaError._NOT_IMPLEMENTED, KafkaError.INVALID_MSG)
 
 _WORDS = OutageWords(
     begun="%(what)s cannot read %(said)s; the partition waits there, its records never skipped",
     still="%(what)s: records still unreadable after %(seconds).0f s, %(tries)d tries (the last:"
           " %(said)s); the partition waits there, its records never skipped",
     over="%(what)s: records of %(said)s, after %(seconds).0f s, %(tries)d unreadable tries")
+
+
+def holds_its_partition(message) -> bool:
+    """Whether a consumer error (`message`) is of a record batch the client cannot read, which holds
+    its partition (_HOLDING_CODES)."""
+    error = message.error()
+    return (error.code() in _HOLDING_CODES and message.offset() is not None
+            and (error.code() != KafkaError._NOT_IMPLEMENTED
+                 or error.str().startswith("Decompression")))
 
 
 @dataclass
@@ -47,7 +67,8 @@ class UnreadableBatches:
         self._held: dict[tuple[str, int], _Held] = {}
 
     def failed(self, message) -> None:
-        """The client could not read the record batch at `message`'s offset (an error message)."""
+        """The client could not read the record batch at `message`'s offset (an error message that
+        holds_its_partition)."""
         where, offset = (message.topic(), message.partition()), message.offset()
         held = self._held.get(where)
         if held is None:

@@ -591,6 +591,37 @@ def test_a_partition_taken_away_while_a_batch_holds_it_is_forgotten(caplog, take
         (logging.WARNING, f"the inbox consumer cannot read t [0] at 7: {_said(7)}{_WAITS}")]
 
 
+@pytest.mark.parametrize("code, text, holds", [
+    (KafkaError._BAD_COMPRESSION, _said(5), True),
+    (KafkaError._NOT_IMPLEMENTED, "Decompression (codec 0x5) of message at 5 of 30 bytes failed:"
+                                  " Local: Not implemented", True),
+    (KafkaError.INVALID_MSG, "Fetch from broker 1 failed at 5 (leader epoch 0): Broker: Invalid"
+                             " message", True),
+    # (a batch of a format version librdkafka does not know, which it passes over)
+    (KafkaError._NOT_IMPLEMENTED, "Unsupported Message(Set) MagicByte 3 at offset 5", False),
+    (KafkaError.TOPIC_AUTHORIZATION_FAILED, "Fetch from broker 1 failed: Broker: Topic"
+                                            " authorization failed", False),
+    (KafkaError._BAD_MSG, "MessageSet at offset 5 (30 bytes) failed CRC32C check", False)])
+def test_only_errors_of_a_batch_the_client_cannot_read_say_its_partition_waits(
+        caplog, code, text, holds):
+    """Only an error of a record batch the client cannot read, and fetches again and again, says
+    that its partition waits there, once; any other error of a partition is said each time, as
+    before (not an outage that a record of the partition would end)."""
+    caplog.set_level(logging.INFO)
+    consumer = FakeConsumer([], [])
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
+                          clock=FakeClock())
+    error = KafkaError(code, text)
+    for _ in range(3):
+        consumer.messages = [FakeError("t", 0, 5, error)]
+        inbox.run_once()
+    if holds:
+        assert _lines(caplog) == [
+            (logging.WARNING, f"the inbox consumer cannot read t [0] at 5: {text}{_WAITS}")]
+    else:
+        assert _lines(caplog) == [(logging.WARNING, f"consumer error: {error}")] * 3
+
+
 def test_an_offset_commit_refused_as_it_is_sent_is_committed_again_with_the_next():
     calls = []
     consumer = FakeConsumer([FakeMessage("t", 0, 4)], calls)
