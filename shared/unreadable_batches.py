@@ -34,10 +34,12 @@ from shared.outage_log import OutageLog, OutageWords
 # before 10, which librdkafka 2 never sends.
 _HOLDING_CODES = (KafkaError._BAD_COMPRESSION, KafkaError._NOT_IMPLEMENTED, KafkaError.INVALID_MSG)
 
+_WAITS = ("the partition waits there, its records never skipped (README, Deploying: a record"
+          " batch the workers cannot read)")
 _WORDS = OutageWords(
-    begun="%(what)s cannot read %(said)s; the partition waits there, its records never skipped",
+    begun="%(what)s cannot read %(said)s; " + _WAITS,
     still="%(what)s: records still unreadable after %(seconds).0f s, %(tries)d tries (the last:"
-          " %(said)s); the partition waits there, its records never skipped",
+          " %(said)s); " + _WAITS,
     over="%(what)s: records of %(said)s, after %(seconds).0f s, %(tries)d unreadable tries")
 
 

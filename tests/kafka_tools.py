@@ -56,8 +56,11 @@ def produce(bootstrap: str, topic: str, value: bytes, key: bytes | None = None,
 def produce_unreadable_batch(bootstrap: str, topic: str, records: int) -> None:
     """A record batch of `records` records to partition 0 of `topic` that no client can read: it
     says it is gzip-compressed, and its bytes are no gzip stream. Written over Kafka's protocol
-    itself (Produce v3), as a client of another make, or a corrupt one, would: librdkafka writes
-    none such. The broker checks the batch's CRC only, and keeps it."""
+    itself (Produce v3): librdkafka writes none such. Apache Kafka decompresses a compressed batch
+    as it is produced and would refuse this one; Tansu, the tests' broker, checks only its CRC,
+    and keeps it. On a production broker such a batch comes of a log segment corrupt on disk, or
+    is one whose codec the consumer's client lacks. Sent to the first broker of `bootstrap`, which
+    is taken to lead the partition (the tests' one broker)."""
     after_crc = struct.pack(">hiqqqhii", _GZIP, records - 1, 0, 0, -1, -1, -1, records)
     after_crc += b"\x1f\x8b but no gzip stream"
     batch = struct.pack(">iBI", 0, 2, _crc32c(after_crc)) + after_crc  # epoch, magic 2, CRC

@@ -475,7 +475,8 @@ class FakeError(FakeMessage):
         return self._error
 
 
-_WAITS = "; the partition waits there, its records never skipped"
+_WAITS = ("; the partition waits there, its records never skipped (README, Deploying: a record"
+          " batch the workers cannot read)")
 
 
 def _said(offset):
