@@ -24,15 +24,18 @@ from shared.inbox.storing import ConsumedRecord
 from shared.outage_log import OutageLog, OutageWords
 
 # The consumer errors of a record batch librdkafka cannot read, and fetches again and again, never
-# past it (its fetcher and rdkafka_msgset_reader.c): the batch's bytes are no stream of its codec
-# (_BAD_COMPRESSION: corrupt), the client has no such codec (_NOT_IMPLEMENTED, said "Decompression
-# (codec 0x..)": the same code said of a batch of a format version it does not know is of one it
-# passes over), both at the batch's first offset; or the broker cannot read its log at the
-# partition's fetch offset (INVALID_MSG: Kafka's CORRUPT_MESSAGE). Not _BAD_MSG, a batch failing
-# its CRC, and only with check.crcs on (the shop leaves it off): librdkafka may read on past it. Nor
-# UNSUPPORTED_COMPRESSION_TYPE: a broker says so to a client fetching zstd with a Fetch version
-# before 10, which librdkafka 2 never sends.
-_HOLDING_CODES = (KafkaError._BAD_COMPRESSION, KafkaError._NOT_IMPLEMENTED, KafkaError.INVALID_MSG)
+# past it (its fetcher and rdkafka_msgset_reader.c): any it gives as the batch fails to decompress,
+# said "Decompression (codec 0x..) of message at OFFSET ...", whatever its code (_BAD_COMPRESSION:
+# the bytes are no stream of the codec; _NOT_IMPLEMENTED: the client has no such codec; _BAD_MSG:
+# LZ4 with bytes after its frame; _CRIT_SYS_RESOURCE: an allocation failed), and _BAD_COMPRESSION
+# of any text, each at the batch's first offset; or the broker cannot read its log at the
+# partition's fetch offset (INVALID_MSG: Kafka's CORRUPT_MESSAGE). Not _NOT_IMPLEMENTED of a batch
+# of a format version librdkafka does not know, which it passes over; nor _BAD_MSG of a batch
+# failing its CRC, only with check.crcs on (the shop leaves it off), where librdkafka may read on
+# past it. Nor UNSUPPORTED_COMPRESSION_TYPE: a broker says so to a client fetching zstd with a
+# Fetch version before 10, which librdkafka 2 never sends.
+_HOLDING_CODES = (KafkaError._BAD_COMPRESSION, KafkaError.INVALID_MSG)
+_DECOMPRESSION_FAILED = "Decompression ("
 
 _WAITS = ("the partition waits there, its records never skipped (README, Deploying: a record"
           " batch the workers cannot read)")
@@ -45,11 +48,10 @@ _WORDS = OutageWords(
 
 def holds_its_partition(message) -> bool:
     """Whether a consumer error (`message`) is of a record batch the client cannot read, which holds
-    its partition (_HOLDING_CODES)."""
+    its partition (_HOLDING_CODES, _DECOMPRESSION_FAILED)."""
     error = message.error()
-    return (error.code() in _HOLDING_CODES and message.offset() is not None
-            and (error.code() != KafkaError._NOT_IMPLEMENTED
-                 or error.str().startswith("Decompression")))
+    return message.offset() is not None and (error.code() in _HOLDING_CODES
+                                             or error.str().startswith(_DECOMPRESSION_FAILED))
 
 
 @dataclass

@@ -596,6 +596,11 @@ def test_a_partition_taken_away_while_a_batch_holds_it_is_forgotten(caplog, take
     (KafkaError._BAD_COMPRESSION, _said(5), True),
     (KafkaError._NOT_IMPLEMENTED, "Decompression (codec 0x5) of message at 5 of 30 bytes failed:"
                                   " Local: Not implemented", True),
+    # (LZ4 with bytes after its frame, and an allocation failure: other codes of the same failure)
+    (KafkaError._BAD_MSG, "Decompression (codec 0x3) of message at 5 of 100 bytes failed:"
+                          " Local: Bad message format", True),
+    (KafkaError._CRIT_SYS_RESOURCE, "Decompression (codec 0x1) of message at 5 of 30 bytes failed:"
+                                    " Local: Critical system resource failure", True),
     (KafkaError.INVALID_MSG, "Fetch from broker 1 failed at 5 (leader epoch 0): Broker: Invalid"
                              " message", True),
     # (a batch of a format version librdkafka does not know, which it passes over)
