@@ -287,6 +287,7 @@ class InboxConsumer:
         # (Each starts from its committed offset: no rewind of before is due.)
         self._given_up.difference_update((p.topic, p.partition) for p in partitions)
         self._drop_rewinds_due(partitions)
+        self._unreadable.assigned(partitions)
 
     def _commit_revoked(self, consumer, partitions: list[TopicPartition]) -> None:
         # Before another consumer of the group takes them over, so that it reads on from here.

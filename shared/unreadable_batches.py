@@ -7,8 +7,9 @@ error a second or so, each naming the batch's first offset, and the partition wa
 over once a record of the partition at or past that offset comes: the batch itself, its cause
 mended (a codec the client lacked), or the records after it, the group's offset moved past it. A
 record below it is no such sign: one read again after a failed insert rewound the partition, say.
-A partition revoked or lost is forgotten: its new owner says it, and so does this consumer from the
-start, should the partition come back to it.
+A partition revoked or lost is forgotten, and its errors still in hand (polled before the
+rebalance, handled after it) say nothing until it is assigned again: its new owner says it, and so
+does this consumer from the start, should the partition come back to it.
 """
 
 from __future__ import annotations
@@ -69,11 +70,15 @@ class UnreadableBatches:
                  clock: Callable[[], float] = time.monotonic):
         self._logger, self._what, self._clock = logger, what, clock
         self._held: dict[tuple[str, int], _Held] = {}
+        # Partitions revoked or lost, and not assigned again since.
+        self._gone: set[tuple[str, int]] = set()
 
     def failed(self, message) -> None:
         """The client could not read the record batch at `message`'s offset (an error message that
         holds_its_partition)."""
         where, offset = (message.topic(), message.partition()), message.offset()
+        if where in self._gone:
+            return
         held = self._held.get(where)
         if held is None:
             held = self._held[where] = _Held(offset, OutageLog(self._logger, self._what, _WORDS,
@@ -93,4 +98,10 @@ class UnreadableBatches:
     def forget(self, partitions: list[TopicPartition]) -> None:
         """`partitions` were revoked or lost."""
         for partition in partitions:
-            self._held.pop((partition.topic, partition.partition), None)
+            where = (partition.topic, partition.partition)
+            self._held.pop(where, None)
+            self._gone.add(where)
+
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        """`partitions` were assigned."""
+        self._gone.difference_update((p.topic, p.partition) for p in partitions)

@@ -581,14 +581,46 @@ def test_a_partition_taken_away_while_a_batch_holds_it_is_forgotten(caplog, take
     consumer.messages = [_unreadable_at(0, 7)]
     inbox.run_once()
     getattr(consumer, taken_away)(consumer, [TopicPartition("t", 0)])
+    consumer.on_assign(consumer, [TopicPartition("t", 0)])
     clock.now += 10
     consumer.messages = [_unreadable_at(0, 7)]
     inbox.run_once()
     getattr(consumer, taken_away)(consumer, [TopicPartition("t", 0)])
+    consumer.on_assign(consumer, [TopicPartition("t", 0)])
     consumer.messages = [FakeMessage("t", 0, 9)]
     inbox.run_once()
     assert _lines(caplog) == [
         (logging.WARNING, f"the inbox consumer cannot read t [0] at 7: {_said(7)}{_WAITS}"),
+        (logging.WARNING, f"the inbox consumer cannot read t [0] at 7: {_said(7)}{_WAITS}")]
+
+
+@pytest.mark.parametrize("taken_away", ["on_revoke", "on_lost"])
+def test_an_error_in_hand_of_a_partition_taken_away_as_the_batch_is_polled_says_nothing(
+        caplog, taken_away):
+    """The partition is revoked (or lost) inside consume(), after poll() returned the error of its
+    batch: the error, handled after, names a partition no longer this consumer's and says
+    nothing, and given back, the batch fetched again is said from its first line (the error
+    re-created what was forgotten, and the partition's outage ran on unsaid)."""
+    caplog.set_level(logging.INFO)
+    consumer = FakeConsumer([], [])
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
+                          clock=FakeClock())
+    inbox.stop()
+    inbox.run()  # (which subscribes, setting the rebalance callbacks, and returns: stopped)
+
+    def consume_taking_it_away(n, timeout):
+        getattr(consumer, taken_away)(consumer, [TopicPartition("t", 0)])
+        return []
+
+    consumer.consume = consume_taking_it_away
+    consumer.messages = [_unreadable_at(0, 7)]
+    inbox.run_once()
+    assert _lines(caplog) == []
+    consumer.on_assign(consumer, [TopicPartition("t", 0)])
+    consumer.consume = lambda n, timeout: []
+    consumer.messages = [_unreadable_at(0, 7)]
+    inbox.run_once()
+    assert _lines(caplog) == [
         (logging.WARNING, f"the inbox consumer cannot read t [0] at 7: {_said(7)}{_WAITS}")]
 
 
