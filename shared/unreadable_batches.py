@@ -75,11 +75,17 @@ class UnreadableBatches:
 
     def failed(self, message) -> None:
         """The client could not read the record batch at `message`'s offset (an error message that
-        holds_its_partition)."""
+        holds_its_partition). One past the batch its partition waited at ends that one's outage,
+        and begins its own."""
         where, offset = (message.topic(), message.partition()), message.offset()
         if where in self._gone:
             return
         held = self._held.get(where)
+        if held is not None and offset > held.offset:  # read past it, and held again further on
+            del self._held[where]
+            held.log.back(f"{where[0]} [{where[1]}] are read past offset {held.offset}, up to"
+                          f" another batch it cannot read, at {offset}")
+            held = None
         if held is None:
             held = self._held[where] = _Held(offset, OutageLog(self._logger, self._what, _WORDS,
                                                                clock=self._clock))

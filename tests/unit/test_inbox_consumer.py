@@ -594,6 +594,41 @@ def test_a_partition_taken_away_while_a_batch_holds_it_is_forgotten(caplog, take
         (logging.WARNING, f"the inbox consumer cannot read t [0] at 7: {_said(7)}{_WAITS}")]
 
 
+def test_a_partition_held_again_further_on_ends_the_first_outage_and_says_the_second(caplog):
+    """The partition read past its batch (its cause mended, or the group's offset moved past it)
+    with no record of it read before the next batch it cannot read, further on: the first outage
+    is over, and the second is said from its first line, naming its own offset (it was said as a
+    reminder of the first, the first's offset kept)."""
+    caplog.set_level(logging.INFO)
+    clock = FakeClock()
+    consumer = FakeConsumer([], [])
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None, clock=clock)
+    for offset in (7,) * 5 + (12,) * 60:
+        consumer.messages = [_unreadable_at(0, offset)]
+        inbox.run_once()
+        clock.now += 1
+    consumer.messages = [FakeMessage("t", 0, 10)]  # below the second batch: no sign
+    inbox.run_once()
+    assert _lines(caplog) == [
+        (logging.WARNING, f"the inbox consumer cannot read t [0] at 7: {_said(7)}{_WAITS}"),
+        (logging.INFO, "the inbox consumer: records of t [0] are read past offset 7, up to another"
+                       " batch it cannot read, at 12, after 5 s, 5 unreadable tries"),
+        (logging.WARNING, f"the inbox consumer cannot read t [0] at 12: {_said(12)}{_WAITS}")]
+
+
+def test_an_error_of_a_batch_at_no_offset_is_said_as_any_other_error(caplog):
+    """An error the client gives without an offset (offset() None) holds no partition at a place:
+    said in a WARNING line each, never raising."""
+    consumer = FakeConsumer([], [])
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
+                          clock=FakeClock())
+    error = KafkaError(KafkaError._BAD_COMPRESSION, _said(7))
+    for _ in range(2):
+        consumer.messages = [FakeError("t", 0, None, error)]
+        assert inbox.run_once() == 0
+    assert _lines(caplog) == [(logging.WARNING, f"consumer error: {error}")] * 2
+
+
 @pytest.mark.parametrize("taken_away", ["on_revoke", "on_lost"])
 def test_an_error_in_hand_of_a_partition_taken_away_as_the_batch_is_polled_says_nothing(
         caplog, taken_away):
