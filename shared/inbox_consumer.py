@@ -58,6 +58,7 @@ _FAILED_COMMITS_WORDS = OutageWords(
           " last could not commit %(said)s)",
     over="%(what)s: offset commits go through again after %(seconds).0f s, %(tries)d failed")
 
+
 def to_record(message) -> ConsumedRecord:
     """The record of a polled message. What a producer may have set oddly (headers, timestamp) is
     read so that it cannot raise: a record lost here would be skipped by the next offset commit."""

@@ -668,8 +668,8 @@ def test_an_error_in_hand_of_a_partition_taken_away_as_the_batch_is_polled_says_
                           " Local: Bad message format", True),
     (KafkaError._CRIT_SYS_RESOURCE, "Decompression (codec 0x1) of message at 5 of 30 bytes failed:"
                                     " Local: Critical system resource failure", True),
-    (KafkaError.INVALID_MSG, "Fetch from broker 1 failed at 5 (leader epoch 0): Broker: Invalid"
-                             " message", True),
+    (KafkaError.INVALID_MSG, "Fetch from broker 1 failed at offset 5 (leader epoch 0): Broker:"
+                             " Invalid message", True),
     # (a batch of a format version librdkafka does not know, which it passes over)
     (KafkaError._NOT_IMPLEMENTED, "Unsupported Message(Set) MagicByte 3 at offset 5", False),
     (KafkaError.TOPIC_AUTHORIZATION_FAILED, "Fetch from broker 1 failed: Broker: Topic"
