@@ -13,6 +13,9 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from urllib.parse import urlsplit
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 # Everything with its own database, outbox and inbox: the two domain services and the gateway.
 SERVICES = ("orders", "payments", "gateway")
 # The largest request body any app takes (the biggest the API needs is a few kilobytes): a bigger
@@ -207,6 +210,31 @@ def _service_root(raw: str) -> bool:
             and not url.query and not url.fragment and not raw.endswith(("?", "#")))
 
 
+# The schemes a database's URL may name: PostgreSQL's, with the one driver the shop has
+# (Settings.database_url gives a bare one psycopg2).
+DATABASE_URL_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
+
+
+def _database_url(raw: str) -> bool:
+    """postgresql://user[:password]@host[:port]/database, as SQLAlchemy reads it: another scheme,
+    or a port that is no number, failed only as the first connection was made, in a traceback
+    (an operator's `python -m shared.migrations` or `tasks.parked` too)."""
+    try:
+        url = make_url(raw)  # (a port that is no number raises here)
+    except (ArgumentError, ValueError):
+        return False
+    return url.drivername in DATABASE_URL_SCHEMES
+
+
+def _shown(name: str, raw: str) -> str:
+    """`raw` as an error may show it: a URL's password hidden (a database's URL holds one)."""
+    scheme, sep, rest = raw.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not (name.endswith("_URL") and sep and at and ":" in userinfo):
+        return repr(raw)
+    return repr(f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}")
+
+
 def _blank_or_control(char: str) -> bool:
     """Whether `char` is whitespace (Unicode's, a no-break space included) or a control or
     invisible formatting character (a zero-width space, a byte order mark)."""
@@ -242,6 +270,9 @@ FORMS = {
     **{f"{service.upper()}_SERVICE_URL": (
         _service_root, "an http:// or https:// URL of a host and port, with no path")
        for service in GRPC_SERVICES},
+    **{f"{service.upper()}_DATABASE_URL": (
+        _database_url, "a PostgreSQL URL, postgresql://user:password@host:port/database")
+       for service in SERVICES},
 }
 # The settings refused with a whitespace or control character in them, each with what finds the
 # first one it refuses. A service URL: anywhere, as urlsplit drops tabs and line breaks, and takes
@@ -316,7 +347,7 @@ def _setting(name: str, kind: str, raw: str) -> str | int | float:
             raise ValueError(f"{name}={raw!r}: expected no whitespace nor control character, and"
                              f" found {raw[at]!r} at position {at}")
         if name in FORMS and not FORMS[name][0](raw):
-            raise ValueError(f"{name}={raw!r}: expected {FORMS[name][1]}")
+            raise ValueError(f"{name}={_shown(name, raw)}: expected {FORMS[name][1]}")
         return NORMALISED[name](raw) if name in NORMALISED else raw
     try:
         value = int(raw) if kind == "int" else float(raw)

@@ -578,6 +578,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("downgrade needs the revision to go down to")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        get_settings()  # (a setting of a value it cannot take, a database's URL say, named)
+    except ValueError as exc:
+        log.error("%s: nothing migrated: %s", args.service, exc)
+        raise SystemExit(1) from None
+    try:
         if args.action == "upgrade":
             upgrade(args.service, "head" if args.revision is None else args.revision)
         else:

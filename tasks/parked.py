@@ -67,7 +67,7 @@ import psycopg2
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from shared.config import SERVICES
+from shared.config import SERVICES, get_settings
 from shared.db import failure_in_a_line, transaction
 from shared.inbox.model import utc_now
 from shared.inbox.parked import (discard_parked_messages, last_parked, parked_batch,
@@ -289,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(_to_topic_last([arg for arg in argv if arg != "--outbox"]))
     args.outbox = "--outbox" in argv  # (no abbreviations: `--out` is an error, not the inbox)
     box = "outbox" if args.outbox else "inbox"
+    try:
+        get_settings()  # (a setting of a value it cannot take, a database's URL say, named)
+    except ValueError as exc:
+        print(f"{args.service} {box}: nothing done: {exc}", file=sys.stderr)
+        return 1
     if args.command == "list":
         try:
             list_parked(args.service, args.limit, args.outbox)

@@ -1598,6 +1598,36 @@ def _dispatched_batches(queue: str = "payments") -> list[set[str]]:
     return batches
 
 
+@pytest.mark.parametrize("setting, value, said", [
+    ("PAYMENTS_DATABASE_URL", "postgresql://shop:not-to-be-shown@127.0.0.1:port/hseshop_payments",
+     "PAYMENTS_DATABASE_URL='postgresql://shop:***@127.0.0.1:port/hseshop_payments': expected a"
+     " PostgreSQL URL"),
+    ("PAYMENTS_DATABASE_URL", "mysql://shop@127.0.0.1/hseshop_payments",
+     "PAYMENTS_DATABASE_URL='mysql://shop@127.0.0.1/hseshop_payments': expected a PostgreSQL"
+     " URL"),
+    ("INBOX_MAX_ATTEMPTS", "five", "INBOX_MAX_ATTEMPTS='five': expected a whole number"),
+])
+def test_the_operators_command_given_a_setting_it_cannot_take_names_it_in_a_line(
+        settings, payments_inbox, user_id, setting, value, said):
+    """An operator's mistyped setting (a database's URL of another form, whose password is not
+    shown) is said in a line, not a traceback, and the parked message is left as it was."""
+    from tasks import parked
+
+    message_id = _stored_request(payments_inbox, user_id)
+    _parked_first([message_id])
+    try:
+        ran = subprocess.run([sys.executable, "-m", "tasks.parked", "replay", "payments",
+                              str(message_id)], env=os.environ | {setting: value},
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 1, ran.stderr
+        assert ran.stdout == ""
+        (line,) = ran.stderr.splitlines()
+        assert line.startswith(f"payments inbox: nothing done: {said}"), line
+        assert _row(message_id).parked_at is not None
+    finally:
+        assert parked.main(["discard", "payments", str(message_id)]) == 0
+
+
 @pytest.mark.parametrize("argv", [["list", "payments"], ["replay", "payments", "--all"],
                                   ["discard", "payments", str(uuid.uuid4())]])
 def test_the_operators_command_says_in_a_line_that_the_database_could_not_be_reached(

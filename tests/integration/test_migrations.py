@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import psycopg2
@@ -1370,6 +1371,46 @@ def test_a_migration_that_cannot_reach_its_database_says_so_in_one_line():
     assert "://shop:***@127.0.0.1:" in line, line
     assert "was out of reach (OperationalError: " in line, line
     assert "Connection refused" in line and "not-to-be-shown" not in line, line
+
+
+@pytest.mark.parametrize("setting, value, said", [
+    ("ORDERS_DATABASE_URL", "postgresql://shop:not-to-be-shown@127.0.0.1:port/hseshop_orders",
+     "ORDERS_DATABASE_URL='postgresql://shop:***@127.0.0.1:port/hseshop_orders': expected a"
+     " PostgreSQL URL"),
+    ("ORDERS_DATABASE_URL", "mysql://shop@127.0.0.1/hseshop_orders",
+     "ORDERS_DATABASE_URL='mysql://shop@127.0.0.1/hseshop_orders': expected a PostgreSQL URL"),
+    ("INBOX_MAX_ATTEMPTS", "five", "INBOX_MAX_ATTEMPTS='five': expected a whole number"),
+])
+def test_a_migration_given_a_setting_it_cannot_take_names_it_in_one_line_and_migrates_nothing(
+        infrastructure, setting, value, said):
+    """An operator's mistyped setting (a database's URL of another form, whose password is not
+    shown) is said in a line, not a traceback, and nothing is made or migrated."""
+    name = f"test_setting_{uuid.uuid4().hex[:8]}_orders"
+    server = f"{infrastructure.postgres_base}/postgres"
+    env = {**os.environ, "ORDERS_DATABASE_URL": f"{infrastructure.postgres_base}/{name}",
+           setting: value}
+    try:
+        migrating = subprocess.run(
+            [sys.executable, "-m", "shared.migrations", "upgrade", "orders"], env=env,
+            capture_output=True, text=True, timeout=120)
+        assert migrating.returncode == 1, migrating.stderr
+        assert migrating.stdout == ""
+        assert migrating.stderr.splitlines() == [
+            f"ERROR shared.migrations: orders: nothing migrated: {said}"
+            + (", postgresql://user:password@host:port/database" if "URL" in said else "")]
+        assert _scalar(server, "SELECT count(*) FROM pg_database WHERE datname = %s", name) == 0
+    finally:
+        _drop_database(server, name)
+
+
+def _drop_database(server: str, name: str) -> None:
+    connection = psycopg2.connect(driver_dsn(server))
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    finally:
+        connection.close()
 
 
 def test_databases_made_for_the_shop_are_migrated_though_its_user_may_not_enter_postgres(

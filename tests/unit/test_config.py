@@ -128,6 +128,9 @@ def test_a_service_urls_trailing_slash_is_dropped():
     ("GATEWAY_TRUSTED_PROXY_HOPS", "-1", "of 0 or above"),
     ("GATEWAY_TRUSTED_PROXY_HOPS", "x", "a whole number"),
     ("GATEWAY_TRUSTED_PROXY_HOPS", "1.5", "a whole number"),
+    ("ORDERS_DATABASE_URL", "hseshop_orders", "a PostgreSQL URL"),
+    ("PAYMENTS_DATABASE_URL", "mysql://shop@db/hseshop_payments", "a PostgreSQL URL"),
+    ("GATEWAY_DATABASE_URL", "postgresql://shop@db:port/hseshop_gateway", "a PostgreSQL URL"),
 ])
 def test_a_value_a_setting_cannot_take_is_refused_naming_its_variable(variable, value, expected):
     """At start-up, before anything runs on it: each number is a size, a count or a length of
@@ -169,3 +172,20 @@ def test_an_empty_secret_is_refused_not_replaced_by_the_public_default(secret):
         load_settings({secret: ""})
     assert str(refused.value).startswith(f"{secret}=''")
     assert getattr(load_settings({secret: "s3cret"}), secret.lower()) == "s3cret"
+
+
+@pytest.mark.parametrize("value", ["postgresql://postgres@127.0.0.1:5432/hseshop_orders",
+                                   "postgres://shop:pw@db/orders",
+                                   "postgresql+psycopg2://shop:p%40ss@db:5432/orders",
+                                   "postgresql:///orders?host=/run/postgresql"])
+def test_a_database_url_of_postgresql_is_taken(value):
+    assert load_settings({"ORDERS_DATABASE_URL": value}).orders_database_url == value
+
+
+@pytest.mark.parametrize("value", ["postgresql://shop:s3cret@db:port/orders",
+                                   "mysql://shop:s3cret@db/orders"])
+def test_a_database_url_refused_is_shown_without_its_password(value):
+    with pytest.raises(ValueError, match="a PostgreSQL URL") as refused:
+        load_settings({"ORDERS_DATABASE_URL": value})
+    assert "s3cret" not in str(refused.value)
+    assert "://shop:***@db" in str(refused.value)
