@@ -31,9 +31,10 @@ Rolling back: a database a later release migrated is at a revision this release 
 Each release's revisions leave a schema the release before runs on (it runs on during a rolling
 upgrade), so `upgrade` to this release's head (what `upgrade SERVICE` asks) leaves such a schema
 as it is, says so, and returns: the release before starts; one to another of this release's
-revisions, every one older than the database's, is refused. Revisions are numbered in order (0001,
-0002, ...), which is how it tells a later release's revision (numbered past this release's head)
-from one that is no revision of the service's at all, which it refuses.
+revisions, every one older than the database's, is refused, and so is a downgrade (only the
+later release's revisions can go down: run it with that release's image). Revisions are numbered
+in order (0001, 0002, ...), which is how it tells a later release's revision (numbered past this
+release's head) from one that is no revision of the service's at all, which it refuses.
 """
 
 from __future__ import annotations
@@ -114,6 +115,11 @@ class NotTheServicesDatabase(RuntimeError):
 class UnknownRevision(RuntimeError):
     """The database is at a revision that is neither this release's nor, by its number, a later
     release's."""
+
+
+class ALaterReleasesToGoDown(RuntimeError):
+    """A downgrade of a database at a later release's revision, which only that release's
+    revisions can take down."""
 
 
 class NotAnUpgrade(RuntimeError):
@@ -224,6 +230,7 @@ def downgrade(service: str, revision: str) -> None:
         script = ScriptDirectory.from_config(config)
         revisions = _service_revisions(script)
         current = _current_revisions(conn)
+        _refuse_a_later_releases_revision(service, script, current, revision)
         _refuse_an_unreadable_target(service, script, revisions, current, revision,
                                      downgrading=True)
         _refuse_what_a_revision_going_down_would(service, script, conn, current, revision)
@@ -479,6 +486,20 @@ def _a_later_releases(service: str, script: ScriptDirectory,
     return unknown
 
 
+def _refuse_a_later_releases_revision(service: str, script: ScriptDirectory,
+                                      current: tuple[str, ...], target: str) -> None:
+    """Refuse a downgrade from a later release's revision (or one that is no release's:
+    _a_later_releases), which this release has no revision to take down: alembic said only
+    "Can't locate revision identified by '0017'", as if the database were broken."""
+    later = _a_later_releases(service, script, current)
+    if later:
+        raise ALaterReleasesToGoDown(
+            f"the {service} database is at revision {', '.join(later)}, a later release's, which"
+            f" this release (up to {script.get_current_head()}) does not know, nor how to take it"
+            f" down: run the downgrade with the later release's image (python -m"
+            f" shared.migrations downgrade {service} {target}); nothing was changed")
+
+
 def _say_left_as_a_later_release_left_it(service: str, script: ScriptDirectory,
                                          later: tuple[str, ...]) -> None:
     head = script.get_current_head()
@@ -588,7 +609,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             downgrade(args.service, args.revision)
     except (DatabaseUnreachable, ServerTooOld, NotTheServicesDatabase, UnknownRevision,
-            NotAnUpgrade, UnreadableTarget, DowngradeRefused, CommandError) as exc:
+            NotAnUpgrade, ALaterReleasesToGoDown, UnreadableTarget, DowngradeRefused,
+            CommandError) as exc:
         # What the operator must put right, in a line; anything else keeps its traceback.
         log.error("%s", " ".join(str(exc).split()))
         raise SystemExit(1) from None

@@ -1020,6 +1020,26 @@ def test_an_upgrade_to_an_older_revision_of_a_database_a_later_release_migrated_
     assert _scalar(url, "SELECT version_num FROM alembic_version") == later
 
 
+def test_a_downgrade_of_a_database_a_later_release_migrated_says_to_run_it_with_that_release(
+        infrastructure):
+    """This release has no revision to take a later release's down: the downgrade is refused in
+    one line that says so and names the downgrade to run with the later release's image, nothing
+    changed. Before, alembic's "Can't locate revision identified by '0016'" alone, as if the
+    database were broken."""
+    url = _database_url(infrastructure, "later-down", "orders")
+    head, later = _migrated_by_a_later_release("orders", url)
+    schema = _schema(url)
+
+    migrating = _migrate_by_hand("orders", url, "downgrade", "orders", "0010")
+    assert _the_one_error_line(migrating) == (
+        f"ERROR shared.migrations: the orders database is at revision {later}, a later"
+        f" release's, which this release (up to {head}) does not know, nor how to take it down:"
+        " run the downgrade with the later release's image (python -m shared.migrations"
+        " downgrade orders 0010); nothing was changed")
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == later
+    assert _schema(url) == schema
+
+
 def test_a_database_behind_this_release_is_upgraded_as_before(infrastructure):
     url = _database_url(infrastructure, "behind", "gateway")
     ensure_database(url)
