@@ -8,8 +8,9 @@ import sys
 from celery import Celery
 from celery.app.amqp import AMQP
 from celery.signals import after_setup_logger, worker_init
-from click import Option
+from click import Choice, Option
 
+from shared.config import SERVICES
 from shared.request_context import log_with_request_ids
 from tasks import redis_transport
 from tasks.alive import AliveFileStep, beat_alive_file_option, worker_alive_file_option
@@ -29,6 +30,9 @@ app.user_options["worker"].add(
         ["--consume"],
         multiple=True,
         default=(),
+        # (A name of another service refused in a usage line, before the worker starts: the
+        # consumer step, made once it had, stopped it with a traceback.)
+        type=Choice(SERVICES),
         help="Run the Kafka inbox consumer of this service in the worker (orders, payments or "
              "gateway).",
     )
