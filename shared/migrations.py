@@ -590,10 +590,15 @@ def _run_revisions(context, connection: sa.Connection) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m shared.migrations")
+    parser = argparse.ArgumentParser(
+        prog="python -m shared.migrations", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("action", choices=["upgrade", "downgrade"])
     parser.add_argument("service", choices=SERVICES)
-    parser.add_argument("revision", nargs="?", help="upgrade: head unless given; downgrade: needed")
+    parser.add_argument("revision", nargs="?",
+                        help="the revision to go to (0012, head, head-1, -1, ...): upgrade: head"
+                             " unless given, never one older than the database's; downgrade:"
+                             " needed")
     args = parser.parse_args(argv)
     if args.action == "downgrade" and args.revision is None:
         parser.error("downgrade needs the revision to go down to")

@@ -258,7 +258,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                                          " sent, refused by the broker as an invalid record, or"
                                          " of a topic none of its settings names")
         if command == "list":
-            command_parser.add_argument("--limit", type=_list_limit, default=50)
+            command_parser.add_argument("--limit", type=_list_limit, default=50,
+                                        help=f"how many, newest parked first (1 to {MAX_LISTED};"
+                                             " 50 unless given)")
         else:
             if command == "replay":
                 command_parser.add_argument(
