@@ -285,10 +285,11 @@ _OUTCOMES = {("replay", False): "handed back to be handled",
 def main(argv: list[str] | None = None) -> int:
     parser, command_parsers = _parser()
     argv = sys.argv[1:] if argv is None else argv
-    # --outbox may come anywhere, and --to-topic TOPIC too: argparse, given `replay orders
-    # --outbox ID`, would have taken `orders` and no ids before it, and then had no place for the
-    # ids. (--outbox is left out, --to-topic put last.)
-    args = parser.parse_args(_to_topic_last([arg for arg in argv if arg != "--outbox"]))
+    # --outbox may come anywhere, and --all and --to-topic TOPIC too: argparse, given `replay
+    # orders --outbox ID`, would have taken `orders` and no ids before it, and then had no place
+    # for the ids ("unrecognized arguments: ID", where `--all ID` must say to name the messages
+    # or give --all). (--outbox is left out, --all and --to-topic put last.)
+    args = parser.parse_args(_options_last([arg for arg in argv if arg != "--outbox"]))
     args.outbox = "--outbox" in argv  # (no abbreviations: `--out` is an error, not the inbox)
     box = "outbox" if args.outbox else "inbox"
     try:
@@ -313,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             return SIGPIPE_EXIT
         return 0
     if bool(args.message_ids) == args.all:
-        command_parsers[args.command].error("name the messages, or give --all")
+        command_parsers[args.command].error("name the messages, or give --all"
+                                            + (", not both" if args.all else ""))
     to_topic, from_topic = getattr(args, "to_topic", None), None
     if to_topic is not None:
         try:
@@ -379,16 +381,19 @@ def _why_not_sent_on(service: str, message_ids: list[uuid.UUID]) -> dict[uuid.UU
         return {}
 
 
-def _to_topic_last(argv: list[str]) -> list[str]:
-    """`argv` with --to-topic and its value (the next argument, or after `=`) moved to its end."""
-    rest, moved = [], []
+def _options_last(argv: list[str]) -> list[str]:
+    """`argv` with --all, then --to-topic and its value (the next argument, or after `=`), moved
+    to its end."""
+    rest, every_one, moved = [], [], []
     args = iter(argv)
     for arg in args:
         if arg == "--to-topic":
             moved += [arg, *[value for value in [next(args, None)] if value is not None]]
+        elif arg == "--all":
+            every_one.append(arg)
         else:
             (moved if arg.startswith("--to-topic=") else rest).append(arg)
-    return rest + moved
+    return rest + every_one + moved
 
 
 def _topic_to_send_on_from(service: str, to_topic: str, outbox: bool,

@@ -1628,6 +1628,30 @@ def test_the_operators_command_given_a_setting_it_cannot_take_names_it_in_a_line
         assert parked.main(["discard", "payments", str(message_id)]) == 0
 
 
+@pytest.mark.parametrize("order", ["--all first", "--all last"])
+@pytest.mark.parametrize("command", ["replay", "discard"])
+def test_naming_messages_and_giving_all_is_refused_whichever_comes_first(
+        settings, payments_inbox, user_id, capsys, command, order):
+    """`replay payments --all ID` is refused as `replay payments ID --all` is, saying to name the
+    messages or give --all, not both, and nothing changes. Before, --all first left the ids to the
+    command's parser, which said only "unrecognized arguments: ID"."""
+    from tasks import parked
+
+    message_id = _stored_request(payments_inbox, user_id)
+    _parked_first([message_id])
+    argv = [command, "payments", str(message_id)]
+    argv.insert(2 if order == "--all first" else len(argv), "--all")
+    try:
+        with pytest.raises(SystemExit) as refused:
+            parked.main(argv)
+        assert refused.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"python -m tasks.parked {command}: error: name the messages, or give --all, not both")
+        assert _row(message_id).parked_at is not None and _row(message_id).processed_at is None
+    finally:
+        assert parked.main(["discard", "payments", str(message_id)]) == 0
+
+
 @pytest.mark.parametrize("argv", [["list", "payments"], ["replay", "payments", "--all"],
                                   ["discard", "payments", str(uuid.uuid4())]])
 def test_the_operators_command_says_in_a_line_that_the_database_could_not_be_reached(
