@@ -126,7 +126,8 @@ def drop_inbox_envelope_version() -> None:
 
 
 def refuse_while_inbox_messages_await_of_another_version(
-        conn: sa.Connection, left_as: str = "nothing was downgraded") -> None:
+        conn: sa.Connection, left_as: str = "nothing was downgraded",
+        service: str = "SERVICE") -> None:
     """Refuse to take the inbox's envelope versions away while a message of a version other than 1
     that holds a payload awaits handling or lies parked (read whole by a release that knew its
     version, or parked for its type or payload): the release before reads every message as
@@ -142,8 +143,8 @@ def refuse_while_inbox_messages_await_of_another_version(
             " parked with their payload: the release before reads every message as version 1 and"
             " would hand them to their handlers so. With this release's shop running, let those"
             " awaiting handling be handled, and give up on the parked ones (python -m tasks.parked"
-            " discard SERVICE ID [ID ...], or --all for every parked message; `python -m"
-            " tasks.parked list SERVICE` shows them), then stop the shop and downgrade again;"
+            f" discard {service} ID [ID ...], or --all for every parked message; `python -m"
+            f" tasks.parked list {service}` shows them), then stop the shop and downgrade again;"
             f" {left_as}")
 
 
@@ -315,7 +316,8 @@ def drop_outbox_parking() -> None:
 
 
 def refuse_while_outbox_rows_lie_parked(conn: sa.Connection,
-                                        left_as: str = "nothing was downgraded") -> None:
+                                        left_as: str = "nothing was downgraded",
+                                        service: str = "SERVICE") -> None:
     """Refuse to take the outbox parking away while a row lies parked (too large ever to be sent,
     refused by the broker's validation, or naming a topic that is not the shop's): the release
     before parks nothing, reads the outbox oldest first and tries every row it reads, so it would
@@ -332,7 +334,7 @@ def refuse_while_outbox_rows_lie_parked(conn: sa.Connection,
         raise DowngradeRefused(
             f"{parked} outbox row(s) lie parked: the release before parks no row, and would try"
             " them again at every wake-up, holding back the rows of their topic and key. Give up"
-            " on them (python -m tasks.parked discard SERVICE --outbox --all; `list SERVICE"
+            f" on them (python -m tasks.parked discard {service} --outbox --all; `list {service}"
             " --outbox` shows them)"
             " or, with this release's shop running, replay them and let its relay send them on"
             " (a row the broker still refuses, or of a topic not the shop's, is parked again),"

@@ -394,16 +394,17 @@ def _refuse_what_a_revision_going_down_would(service: str, script: ScriptDirecto
                                              conn: sa.Connection, current: tuple[str, ...],
                                              target: str) -> None:
     """Ask each revision the downgrade to `target` goes down through whether it would refuse (its
-    module's `refuse_downgrade(conn)`, raising DowngradeRefused), before any goes down: each
-    revision runs in a transaction of its own, so one refusing in the middle of the way left the
-    revisions above it gone down and committed. (It asks again as it goes down, under its
+    module's `refuse_downgrade(conn, service=service)`, raising DowngradeRefused, its way out in
+    the service's commands), before any goes down: each revision runs in a transaction of its
+    own, so one refusing in the middle of the way left the revisions above it gone down and
+    committed. (It asks again as it goes down, under its
     table's lock; nothing else migrates between the two, the migration lock held.)"""
     going_down = _revisions_down_to(service, script, current, target)
     try:
         for script_revision in going_down:
             refusal = getattr(script_revision.module, "refuse_downgrade", None)
             if refusal is not None:
-                refusal(conn)
+                refusal(conn, service=service)  # (its way out names the service's commands)
     finally:
         conn.rollback()  # (no transaction left open: each revision runs in one of its own)
 

@@ -330,8 +330,8 @@ def test_the_envelope_versions_downgrade_waits_for_the_messages_the_release_befo
     assert ("1 inbox message(s) of an envelope version other than 1 await handling or lie parked"
             " with their payload") in errors[0]
     # The way out, in commands to run, the shop stopped before the downgrade (as the parking's).
-    assert "python -m tasks.parked discard SERVICE ID [ID ...], or --all" in errors[0]
-    assert "python -m tasks.parked list SERVICE` shows them" in errors[0]
+    assert f"python -m tasks.parked discard {service} ID [ID ...], or --all" in errors[0]
+    assert f"python -m tasks.parked list {service}` shows them" in errors[0]
     assert "then stop the shop and downgrade again; nothing was downgraded" in errors[0]
     assert _schema(url) == schema
 
@@ -469,7 +469,8 @@ def test_the_outbox_parkings_downgrade_waits_for_the_parked_rows_the_release_bef
               if line.startswith(("ERROR", "WARNING", "Traceback"))]
     assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
     assert "1 outbox row(s) lie parked" in errors[0]
-    assert "tasks.parked discard" in errors[0] and "nothing was downgraded" in errors[0]
+    assert (f"(python -m tasks.parked discard {service} --outbox --all; `list {service} --outbox`"
+            " shows them)") in errors[0] and "nothing was downgraded" in errors[0]
     assert _scalar(url, "SELECT version_num FROM alembic_version") == head != parking
     assert _schema(url) == schema
     assert _scalar(url, "SELECT count(*) FROM outbox_messages WHERE parked_at IS NOT NULL") == 1
