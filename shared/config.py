@@ -226,6 +226,21 @@ def _database_url(raw: str) -> bool:
     return url.drivername in DATABASE_URL_SCHEMES
 
 
+def _redis_url(raw: str) -> bool:
+    """redis://[:password@]host[:port][/db] (or rediss://, or unix:///path for a socket), as
+    redis-py reads it: another form failed only as the first connection was made, in a traceback
+    (an operator's `python -m tasks.parked` too)."""
+    try:
+        url = urlsplit(raw)
+        url.port  # (a port that is no number raises here)
+    except ValueError:
+        return False
+    if url.scheme in ("redis", "rediss"):
+        db = url.path.strip("/")
+        return bool(url.hostname) and (db == "" or db.isascii() and db.isdigit())
+    return url.scheme == "unix" and bool(url.path)
+
+
 def _shown(name: str, raw: str) -> str:
     """`raw` as an error may show it: a URL's password hidden (a database's URL holds one)."""
     scheme, sep, rest = raw.partition("://")
@@ -273,6 +288,10 @@ FORMS = {
     **{f"{service.upper()}_DATABASE_URL": (
         _database_url, "a PostgreSQL URL, postgresql://user:password@host:port/database")
        for service in SERVICES},
+    "REDIS_URL": (_redis_url, "a Redis URL, redis://[:password@]host:port/db"),
+    # (Empty: REDIS_URL's.)
+    "CELERY_BROKER_URL": (lambda raw: raw == "" or _redis_url(raw),
+                          "a Redis URL, redis://[:password@]host:port/db"),
 }
 # The settings refused with a whitespace or control character in them, each with what finds the
 # first one it refuses. A service URL: anywhere, as urlsplit drops tabs and line breaks, and takes

@@ -1605,6 +1605,8 @@ def _dispatched_batches(queue: str = "payments") -> list[set[str]]:
     ("PAYMENTS_DATABASE_URL", "mysql://shop@127.0.0.1/hseshop_payments",
      "PAYMENTS_DATABASE_URL='mysql://shop@127.0.0.1/hseshop_payments': expected a PostgreSQL"
      " URL"),
+    ("REDIS_URL", "redis://:not-to-be-shown@127.0.0.1:port/12",
+     "REDIS_URL='redis://:***@127.0.0.1:port/12': expected a Redis URL"),
     ("INBOX_MAX_ATTEMPTS", "five", "INBOX_MAX_ATTEMPTS='five': expected a whole number"),
 ])
 def test_the_operators_command_given_a_setting_it_cannot_take_names_it_in_a_line(
@@ -1623,6 +1625,7 @@ def test_the_operators_command_given_a_setting_it_cannot_take_names_it_in_a_line
         assert ran.stdout == ""
         (line,) = ran.stderr.splitlines()
         assert line.startswith(f"payments inbox: nothing done: {said}"), line
+        assert "not-to-be-shown" not in line
         assert _row(message_id).parked_at is not None
     finally:
         assert parked.main(["discard", "payments", str(message_id)]) == 0

@@ -131,6 +131,10 @@ def test_a_service_urls_trailing_slash_is_dropped():
     ("ORDERS_DATABASE_URL", "hseshop_orders", "a PostgreSQL URL"),
     ("PAYMENTS_DATABASE_URL", "mysql://shop@db/hseshop_payments", "a PostgreSQL URL"),
     ("GATEWAY_DATABASE_URL", "postgresql://shop@db:port/hseshop_gateway", "a PostgreSQL URL"),
+    ("REDIS_URL", "redis:6379", "a Redis URL"),
+    ("REDIS_URL", "redis://redis:6379/zero", "a Redis URL"),
+    ("REDIS_URL", "http://redis:6379/0", "a Redis URL"),
+    ("CELERY_BROKER_URL", "redis://redis:port/0", "a Redis URL"),
 ])
 def test_a_value_a_setting_cannot_take_is_refused_naming_its_variable(variable, value, expected):
     """At start-up, before anything runs on it: each number is a size, a count or a length of
@@ -189,3 +193,18 @@ def test_a_database_url_refused_is_shown_without_its_password(value):
         load_settings({"ORDERS_DATABASE_URL": value})
     assert "s3cret" not in str(refused.value)
     assert "://shop:***@db" in str(refused.value)
+
+
+@pytest.mark.parametrize("value", ["redis://127.0.0.1:6379/0", "redis://:pw@redis:6379/12",
+                                   "rediss://redis.internal", "redis://[::1]:6379",
+                                   "unix:///run/redis/redis.sock?db=2"])
+def test_a_redis_url_is_taken_and_the_celery_broker_is_it_unless_set(value):
+    settings = load_settings({"REDIS_URL": value})
+    assert settings.redis_url == settings.celery_broker_url == value
+    assert load_settings({"CELERY_BROKER_URL": value}).celery_broker_url == value
+
+
+def test_a_redis_url_refused_is_shown_without_its_password():
+    with pytest.raises(ValueError, match="a Redis URL") as refused:
+        load_settings({"REDIS_URL": "redis://:s3cret@redis:6379/twelve"})
+    assert "s3cret" not in str(refused.value) and "redis://:***@redis" in str(refused.value)
