@@ -397,8 +397,8 @@ def _refuse_what_a_revision_going_down_would(service: str, script: ScriptDirecto
     module's `refuse_downgrade(conn, service=service)`, raising DowngradeRefused, its way out in
     the service's commands), before any goes down: each revision runs in a transaction of its
     own, so one refusing in the middle of the way left the revisions above it gone down and
-    committed. (It asks again as it goes down, under its
-    table's lock; nothing else migrates between the two, the migration lock held.)"""
+    committed. (It asks again as it goes down, under its table's lock; nothing else migrates
+    between the two, the migration lock held.)"""
     going_down = _revisions_down_to(service, script, current, target)
     try:
         for script_revision in going_down:
