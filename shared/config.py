@@ -227,17 +227,20 @@ def _database_url(raw: str) -> bool:
 
 
 def _redis_url(raw: str) -> bool:
-    """redis://[:password@]host[:port][/db] (or rediss://, or unix:///path for a socket), as
-    redis-py reads it: another form failed only as the first connection was made, in a traceback
-    (an operator's `python -m tasks.parked` too)."""
+    """redis://[:password@][host][:port][/db] (or rediss://; no host is localhost, for redis-py
+    and kombu alike), or unix:///path for a socket, as redis-py reads it: another form failed only
+    as the first connection was made, in a traceback (an operator's `python -m tasks.parked`
+    too)."""
     try:
         url = urlsplit(raw)
         url.port  # (a port that is no number raises here)
     except ValueError:
         return False
+    if not raw.startswith(f"{url.scheme}://"):  # ("redis:6379": a database 6379 of localhost)
+        return False
     if url.scheme in ("redis", "rediss"):
         db = url.path.strip("/")
-        return bool(url.hostname) and (db == "" or db.isascii() and db.isdigit())
+        return db == "" or db.isascii() and db.isdigit()
     return url.scheme == "unix" and bool(url.path)
 
 

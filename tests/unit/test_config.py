@@ -132,6 +132,7 @@ def test_a_service_urls_trailing_slash_is_dropped():
     ("PAYMENTS_DATABASE_URL", "mysql://shop@db/hseshop_payments", "a PostgreSQL URL"),
     ("GATEWAY_DATABASE_URL", "postgresql://shop@db:port/hseshop_gateway", "a PostgreSQL URL"),
     ("REDIS_URL", "redis:6379", "a Redis URL"),
+    ("REDIS_URL", "redis:/0", "a Redis URL"),
     ("REDIS_URL", "redis://redis:6379/zero", "a Redis URL"),
     ("REDIS_URL", "http://redis:6379/0", "a Redis URL"),
     ("CELERY_BROKER_URL", "redis://redis:port/0", "a Redis URL"),
@@ -197,6 +198,7 @@ def test_a_database_url_refused_is_shown_without_its_password(value):
 
 @pytest.mark.parametrize("value", ["redis://127.0.0.1:6379/0", "redis://:pw@redis:6379/12",
                                    "rediss://redis.internal", "redis://[::1]:6379",
+                                   "redis://", "redis:///0", "redis://:pw@:6380/1",
                                    "unix:///run/redis/redis.sock?db=2"])
 def test_a_redis_url_is_taken_and_the_celery_broker_is_it_unless_set(value):
     settings = load_settings({"REDIS_URL": value})
