@@ -226,22 +226,30 @@ def _database_url(raw: str) -> bool:
     return url.drivername in DATABASE_URL_SCHEMES
 
 
-def _redis_url(raw: str) -> bool:
+def _redis_url(raw: str, schemes: tuple[str, ...] = ("redis", "rediss", "unix")) -> bool:
     """redis://[:password@][host][:port][/db] (or rediss://; no host is localhost, for redis-py
-    and kombu alike), or unix:///path for a socket, as redis-py reads it: another form failed only
-    as the first connection was made, in a traceback (an operator's `python -m tasks.parked`
-    too)."""
+    and kombu alike), or a socket's URL, unix:///path, as redis-py reads it (`schemes`): another
+    form failed only as the first connection was made, in a traceback (an operator's `python -m
+    tasks.parked` too)."""
     try:
         url = urlsplit(raw)
         url.port  # (a port that is no number raises here)
     except ValueError:
         return False
-    if not raw.startswith(f"{url.scheme}://"):  # ("redis:6379": a database 6379 of localhost)
+    # (Without its "//", "redis:6379" is a database 6379 of localhost.)
+    if url.scheme not in schemes or not raw.startswith(f"{url.scheme}://"):
         return False
     if url.scheme in ("redis", "rediss"):
         db = url.path.strip("/")
         return db == "" or db.isascii() and db.isdigit()
-    return url.scheme == "unix" and bool(url.path)
+    return bool(url.path.strip("/"))
+
+
+def _broker_url(raw: str) -> bool:
+    """A Redis URL as kombu, Celery's broker, reads it: redis:// or rediss://, or a socket's,
+    redis+socket:///path (kombu reads unix:///path as 127.0.0.1 and a database named by the
+    path, and a worker failed in a traceback as it connected)."""
+    return _redis_url(raw, ("redis", "rediss", "redis+socket"))
 
 
 def _shown(name: str, raw: str) -> str:
@@ -293,8 +301,9 @@ FORMS = {
        for service in SERVICES},
     "REDIS_URL": (_redis_url, "a Redis URL, redis://[:password@]host:port/db"),
     # (Empty: REDIS_URL's.)
-    "CELERY_BROKER_URL": (lambda raw: raw == "" or _redis_url(raw),
-                          "a Redis URL, redis://[:password@]host:port/db"),
+    "CELERY_BROKER_URL": (lambda raw: raw == "" or _broker_url(raw),
+                          "a Redis URL as Celery reads it, redis://[:password@]host:port/db or"
+                          " redis+socket:///path"),
 }
 # The settings refused with a whitespace or control character in them, each with what finds the
 # first one it refuses. A service URL: anywhere, as urlsplit drops tabs and line breaks, and takes
@@ -356,6 +365,11 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         name = field.name.upper()
         values[field.name] = _setting(name, field.type, environ.get(name) or ENVIRONMENT[name])
     if not values["celery_broker_url"]:
+        if not _broker_url(values["redis_url"]):  # (unix:///path, which kombu cannot read)
+            raise ValueError(
+                f"REDIS_URL={_shown('REDIS_URL', values['redis_url'])}: Celery's broker (with"
+                " CELERY_BROKER_URL unset) cannot take a unix:// URL: set"
+                " CELERY_BROKER_URL=redis+socket:///path as well")
         values["celery_broker_url"] = values["redis_url"]
     return Settings(**values)
 

@@ -198,12 +198,31 @@ def test_a_database_url_refused_is_shown_without_its_password(value):
 
 @pytest.mark.parametrize("value", ["redis://127.0.0.1:6379/0", "redis://:pw@redis:6379/12",
                                    "rediss://redis.internal", "redis://[::1]:6379",
-                                   "redis://", "redis:///0", "redis://:pw@:6380/1",
-                                   "unix:///run/redis/redis.sock?db=2"])
+                                   "redis://", "redis:///0", "redis://:pw@:6380/1"])
 def test_a_redis_url_is_taken_and_the_celery_broker_is_it_unless_set(value):
     settings = load_settings({"REDIS_URL": value})
     assert settings.redis_url == settings.celery_broker_url == value
     assert load_settings({"CELERY_BROKER_URL": value}).celery_broker_url == value
+
+
+def test_a_redis_socket_is_unix_for_redis_and_redis_socket_for_celerys_broker():
+    """kombu, Celery's broker, reads a socket's URL as redis+socket:///path (unix:///path it read
+    as 127.0.0.1 and a database named by the path: a worker failed in a traceback as it
+    connected); redis-py reads only unix:///path."""
+    settings = load_settings({"REDIS_URL": "unix:///run/redis/redis.sock?db=2",
+                              "CELERY_BROKER_URL": "redis+socket:///run/redis/redis.sock"})
+    assert settings.redis_url == "unix:///run/redis/redis.sock?db=2"
+    assert settings.celery_broker_url == "redis+socket:///run/redis/redis.sock"
+    with pytest.raises(ValueError, match="a Redis URL as Celery reads it") as refused:
+        load_settings({"CELERY_BROKER_URL": "unix:///run/redis/redis.sock"})
+    assert str(refused.value).startswith("CELERY_BROKER_URL='unix:///run/redis/redis.sock'")
+    with pytest.raises(ValueError) as refused:  # (the broker being REDIS_URL's)
+        load_settings({"REDIS_URL": "unix://:s3cret@/run/redis/redis.sock"})
+    assert str(refused.value) == (
+        "REDIS_URL='unix://:***@/run/redis/redis.sock': Celery's broker (with CELERY_BROKER_URL"
+        " unset) cannot take a unix:// URL: set CELERY_BROKER_URL=redis+socket:///path as well")
+    with pytest.raises(ValueError, match="a Redis URL"):  # (redis-py reads no redis+socket://)
+        load_settings({"REDIS_URL": "redis+socket:///run/redis/redis.sock"})
 
 
 def test_a_redis_url_refused_is_shown_without_its_password():
