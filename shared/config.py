@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -252,13 +253,19 @@ def _broker_url(raw: str) -> bool:
     return _redis_url(raw, ("redis", "rediss", "redis+socket"))
 
 
+# A URL's password, to hide: what lies between the user's ":" and the last "@" (after a scheme and
+# its slashes, if any: postgresql://, postgresql:/, or none; a password with a ":", "/", "?" or
+# "@" of its own hidden whole), and the value of a query's password (libpq's, redis-py's).
+_PASSWORD_IN_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:/+)?+[^:@]*:).*(@)", re.DOTALL)
+_PASSWORD_IN_QUERY = re.compile(r"([?&][^=&]*password=)[^&]*", re.IGNORECASE)
+
+
 def _shown(name: str, raw: str) -> str:
     """`raw` as an error may show it: a URL's password hidden (a database's URL holds one)."""
-    scheme, sep, rest = raw.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not (name.endswith("_URL") and sep and at and ":" in userinfo):
+    if not name.endswith("_URL"):
         return repr(raw)
-    return repr(f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}")
+    hidden = _PASSWORD_IN_USERINFO.sub(r"\1***\2", raw, count=1)
+    return repr(_PASSWORD_IN_QUERY.sub(r"\1***", hidden))
 
 
 def _blank_or_control(char: str) -> bool:

@@ -187,13 +187,25 @@ def test_a_database_url_of_postgresql_is_taken(value):
     assert load_settings({"ORDERS_DATABASE_URL": value}).orders_database_url == value
 
 
-@pytest.mark.parametrize("value", ["postgresql://shop:s3cret@db:port/orders",
-                                   "mysql://shop:s3cret@db/orders"])
-def test_a_database_url_refused_is_shown_without_its_password(value):
+@pytest.mark.parametrize("value, shown", [
+    ("postgresql://shop:s3cret@db:port/orders", "postgresql://shop:***@db:port/orders"),
+    ("mysql://shop:s3cret@db/orders", "mysql://shop:***@db/orders"),
+    ("shop:s3cret@db:5432/orders", "shop:***@db:5432/orders"),  # (no scheme)
+    ("postgresql:/shop:s3cret@db/orders", "postgresql:/shop:***@db/orders"),  # (one slash)
+    ("postgresql://shop:s3:cr@et@db:port/orders", "postgresql://shop:***@db:port/orders"),
+    ("postgresql://shop@db:port/orders?password=s3cret&sslmode=require",
+     "postgresql://shop@db:port/orders?password=***&sslmode=require"),
+    ("mysql://shop@db/orders?sslmode=require&PASSWORD=s3cret",
+     "mysql://shop@db/orders?sslmode=require&PASSWORD=***"),
+    ("mysql://shop@db:3306/orders", "mysql://shop@db:3306/orders"),  # (no password: as typed)
+])
+def test_a_database_url_refused_is_shown_without_its_password(value, shown):
+    """Whatever lies between the user's ":" and the "@", with a scheme and its "//" or not, and
+    a query's password= (libpq's, redis-py's), is hidden."""
     with pytest.raises(ValueError, match="a PostgreSQL URL") as refused:
         load_settings({"ORDERS_DATABASE_URL": value})
-    assert "s3cret" not in str(refused.value)
-    assert "://shop:***@db" in str(refused.value)
+    assert "s3" not in str(refused.value)
+    assert str(refused.value).startswith(f"ORDERS_DATABASE_URL={shown!r}: ")
 
 
 @pytest.mark.parametrize("value", ["redis://127.0.0.1:6379/0", "redis://:pw@redis:6379/12",
@@ -225,7 +237,12 @@ def test_a_redis_socket_is_unix_for_redis_and_redis_socket_for_celerys_broker():
         load_settings({"REDIS_URL": "redis+socket:///run/redis/redis.sock"})
 
 
-def test_a_redis_url_refused_is_shown_without_its_password():
+@pytest.mark.parametrize("value, shown", [
+    ("redis://:s3cret@redis:6379/twelve", "redis://:***@redis:6379/twelve"),
+    ("redis://redis:6379/twelve?password=s3cret", "redis://redis:6379/twelve?password=***"),
+])
+def test_a_redis_url_refused_is_shown_without_its_password(value, shown):
     with pytest.raises(ValueError, match="a Redis URL") as refused:
-        load_settings({"REDIS_URL": "redis://:s3cret@redis:6379/twelve"})
-    assert "s3cret" not in str(refused.value) and "redis://:***@redis" in str(refused.value)
+        load_settings({"REDIS_URL": value})
+    assert "s3cret" not in str(refused.value)
+    assert str(refused.value).startswith(f"REDIS_URL={shown!r}: ")
