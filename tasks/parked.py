@@ -292,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(_options_last([arg for arg in argv if arg != "--outbox"]))
     args.outbox = "--outbox" in argv  # (no abbreviations: `--out` is an error, not the inbox)
     box = "outbox" if args.outbox else "inbox"
+    if args.command != "list" and bool(args.message_ids) == args.all:
+        command_parsers[args.command].error("name the messages, or give --all"
+                                            + (", not both" if args.all else ""))
+    # (A usage error said first, exit 2, whatever the settings.)
     try:
         get_settings()  # (a setting of a value it cannot take, a database's URL say, named)
     except ValueError as exc:
@@ -313,9 +317,6 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return SIGPIPE_EXIT
         return 0
-    if bool(args.message_ids) == args.all:
-        command_parsers[args.command].error("name the messages, or give --all"
-                                            + (", not both" if args.all else ""))
     to_topic, from_topic = getattr(args, "to_topic", None), None
     if to_topic is not None:
         try:

@@ -1631,6 +1631,20 @@ def test_the_operators_command_given_a_setting_it_cannot_take_names_it_in_a_line
         assert parked.main(["discard", "payments", str(message_id)]) == 0
 
 
+@pytest.mark.parametrize("argv", [["replay", "payments"],
+                                  ["discard", "payments", "--all", str(uuid.uuid4())]])
+def test_the_operators_command_says_its_usage_error_before_a_setting_it_cannot_take(argv):
+    """A command line it cannot take is said as one (exit 2), whatever the settings: before, the
+    setting was said (exit 1), and the usage error only once it was put right."""
+    ran = subprocess.run([sys.executable, "-m", "tasks.parked", *argv],
+                         env=os.environ | {"INBOX_MAX_ATTEMPTS": "five"}, cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 2, ran.stderr
+    assert ran.stderr.splitlines()[-1].startswith(
+        f"python -m tasks.parked {argv[0]}: error: name the messages, or give --all"), ran.stderr
+    assert "INBOX_MAX_ATTEMPTS" not in ran.stderr
+
+
 @pytest.mark.parametrize("order", ["--all first", "--all last"])
 @pytest.mark.parametrize("command", ["replay", "discard"])
 def test_naming_messages_and_giving_all_is_refused_whichever_comes_first(
