@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import sys
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -408,3 +410,18 @@ def _setting(name: str, kind: str, raw: str) -> str | int | float:
 def get_settings() -> Settings:
     """The process-wide settings, read once on first use."""
     return load_settings()
+
+
+def settings_or_exit(prefix: str, log: logging.Logger | None = None) -> Settings:
+    """The process-wide settings, for an operator's command: a value one cannot take is said in a
+    line, `prefix: ...` (`log`'s ERROR, else on stderr; `prefix` says what, and that nothing was
+    done), and the command exits 1, having done nothing."""
+    try:
+        return get_settings()
+    except ValueError as exc:
+        line = f"{prefix}: {exc}"
+        if log is None:
+            print(line, file=sys.stderr)
+        else:
+            log.error("%s", line)
+        raise SystemExit(1) from None

@@ -57,7 +57,7 @@ from alembic.util import CommandError
 from psycopg2.errors import DeadlockDetected
 from sqlalchemy.engine import make_url
 
-from shared.config import SERVICES, get_settings
+from shared.config import SERVICES, get_settings, settings_or_exit
 from shared.db import (CONNECTION_TIMEOUTS, failure_in_a_line, held_up_by_a_lock, limit_sessions,
                        said_in_a_line)
 from shared.migration_steps import DowngradeRefused
@@ -604,11 +604,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.action == "downgrade" and args.revision is None:
         parser.error("downgrade needs the revision to go down to")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        get_settings()  # (a setting of a value it cannot take, a database's URL say, named)
-    except ValueError as exc:
-        log.error("%s: nothing migrated: %s", args.service, exc)
-        raise SystemExit(1) from None
+    settings_or_exit(f"{args.service}: nothing migrated", log)  # (a database's URL, say)
     try:
         if args.action == "upgrade":
             upgrade(args.service, "head" if args.revision is None else args.revision)

@@ -67,7 +67,7 @@ import psycopg2
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from shared.config import SERVICES, get_settings
+from shared.config import SERVICES, settings_or_exit
 from shared.db import failure_in_a_line, transaction
 from shared.inbox.model import utc_now
 from shared.inbox.parked import (discard_parked_messages, last_parked, parked_batch,
@@ -296,11 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         command_parsers[args.command].error("name the messages, or give --all"
                                             + (", not both" if args.all else ""))
     # (A usage error said first, exit 2, whatever the settings.)
-    try:
-        get_settings()  # (a setting of a value it cannot take, a database's URL say, named)
-    except ValueError as exc:
-        print(f"{args.service} {box}: nothing done: {exc}", file=sys.stderr)
-        return 1
+    settings_or_exit(f"{args.service} {box}: nothing done")
     if args.command == "list":
         try:
             list_parked(args.service, args.limit, args.outbox)

@@ -2,7 +2,8 @@ from dataclasses import fields
 
 import pytest
 
-from shared.config import ENVIRONMENT, SERVICES, Settings, load_settings
+from shared.config import (ENVIRONMENT, SERVICES, Settings, get_settings, load_settings,
+                           settings_or_exit)
 
 
 def test_every_setting_has_one_environment_variable_with_a_default():
@@ -246,3 +247,18 @@ def test_a_redis_url_refused_is_shown_without_its_password(value, shown):
         load_settings({"REDIS_URL": value})
     assert "s3cret" not in str(refused.value)
     assert str(refused.value).startswith(f"REDIS_URL={shown!r}: ")
+
+
+def test_an_operators_command_given_a_setting_it_cannot_take_says_it_in_a_line_and_exits_1(
+        monkeypatch, capsys):
+    """shared.migrations' and tasks.parked's one way of saying it (settings_or_exit)."""
+    monkeypatch.setenv("INBOX_MAX_ATTEMPTS", "five")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            settings_or_exit("payments inbox: nothing done")
+        assert exited.value.code == 1
+        assert capsys.readouterr().err == (
+            "payments inbox: nothing done: INBOX_MAX_ATTEMPTS='five': expected a whole number\n")
+    finally:
+        get_settings.cache_clear()
