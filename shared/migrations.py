@@ -491,14 +491,24 @@ def _refuse_a_later_releases_revision(service: str, script: ScriptDirectory,
                                       current: tuple[str, ...], target: str) -> None:
     """Refuse a downgrade from a later release's revision (or one that is no release's:
     _a_later_releases), which this release has no revision to take down: alembic said only
-    "Can't locate revision identified by '0017'", as if the database were broken."""
+    "Can't locate revision identified by '0017'", as if the database were broken. The downgrade
+    to run with the later release's image is named with `target` when it names a revision
+    outright (or `base`): one relative to a revision (`head-1`, `-1`), or `head`, may stand for
+    another there, and the revision is asked for by its number."""
     later = _a_later_releases(service, script, current)
-    if later:
-        raise ALaterReleasesToGoDown(
-            f"the {service} database is at revision {', '.join(later)}, a later release's, which"
-            f" this release (up to {script.get_current_head()}) does not know, nor how to take it"
-            f" down: run the downgrade with the later release's image (python -m"
-            f" shared.migrations downgrade {service} {target}); nothing was changed")
+    if not later:
+        return
+    parts = _TARGET.fullmatch(target)
+    outright = (parts is not None and parts["branch"] is None and parts["step"] is None
+                and (parts["symbol"] == "base" or _an_id(parts["symbol"])))
+    raise ALaterReleasesToGoDown(
+        f"the {service} database is at revision {', '.join(later)}, a later release's, which"
+        f" this release (up to {script.get_current_head()}) does not know, nor how to take it"
+        f" down: run the downgrade with the later release's image (python -m shared.migrations"
+        f" downgrade {service} {target if outright else 'REVISION'}"
+        + ("" if outright else f", the revision by its number, not {target}, which that release"
+                               " reads from revisions of its own")
+        + "); nothing was changed")
 
 
 def _say_left_as_a_later_release_left_it(service: str, script: ScriptDirectory,

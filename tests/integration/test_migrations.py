@@ -1041,6 +1041,28 @@ def test_a_downgrade_of_a_database_a_later_release_migrated_says_to_run_it_with_
     assert _schema(url) == schema
 
 
+@pytest.mark.parametrize("layer, target", [("later-down-head-1", "head-1"),
+                                           ("later-down-minus-1", "-1"),
+                                           ("later-down-head", "head"),
+                                           ("later-down-0010-plus-1", "0010+1")])
+def test_a_downgrade_of_a_database_a_later_release_migrated_to_a_relative_target_asks_its_number(
+        infrastructure, layer, target):
+    """A target read from the revisions (`head-1`, `-1`, `head`) may stand for another on the
+    later release: the line asks for the revision by its number. Before, it named the downgrade
+    with the same target word for word, `head-1` on the later release's image."""
+    url = _database_url(infrastructure, layer, "orders")
+    head, later = _migrated_by_a_later_release("orders", url)
+
+    migrating = _migrate_by_hand("orders", url, "downgrade", "orders", target)
+    assert _the_one_error_line(migrating) == (
+        f"ERROR shared.migrations: the orders database is at revision {later}, a later"
+        f" release's, which this release (up to {head}) does not know, nor how to take it down:"
+        " run the downgrade with the later release's image (python -m shared.migrations"
+        f" downgrade orders REVISION, the revision by its number, not {target}, which that release"
+        " reads from revisions of its own); nothing was changed")
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == later
+
+
 def test_a_database_behind_this_release_is_upgraded_as_before(infrastructure):
     url = _database_url(infrastructure, "behind", "gateway")
     ensure_database(url)
