@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import copy
 import pickle
+import subprocess
 import threading
+import time
 import uuid
 from urllib.parse import urlsplit
 
+import pytest
 from celery import Celery
 from kombu import Connection, Exchange, Queue
+from redis import Redis
 
+from shared.config import load_settings
 from tasks.celery_app import app
 from tasks.redis_transport import Transport
 from tests.network_tools import SilencingProxy
+from tests.process_tools import start_child
 
 
 def test_celery_publishes_through_the_shops_transport():
@@ -87,3 +93,35 @@ def test_a_task_sent_to_a_redis_gone_silent_is_sent_again_on_a_new_connection(se
     finally:
         proxy.close()
         sender.close()
+
+
+def test_the_shops_broker_connection_reaches_a_redis_on_a_unix_socket(tmp_path):
+    """CELERY_BROKER_URL=redis+socket:///path, kombu's form for a socket, is taken and the app's
+    connection carries messages through it (c5fbb12 had refused it at every process's start);
+    unix:///path, which kombu read as 127.0.0.1 and a database named by the path, a worker
+    failing in a traceback as it connected, is refused as the settings are read."""
+    socket_path = tmp_path / "redis.sock"
+    redis_server = start_child(
+        ["redis-server", "--port", "0", "--unixsocket", str(socket_path), "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not socket_path.exists():
+            assert redis_server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        broker_url = load_settings({"CELERY_BROKER_URL": f"redis+socket://{socket_path}"}
+                                   ).celery_broker_url
+        with app.connection_for_write(broker_url) as connection:
+            queue = connection.SimpleQueue(f"socket-test-{uuid.uuid4().hex}")
+            queue.put({"through": "the socket"})
+            message = queue.get(timeout=10)
+            assert message.payload == {"through": "the socket"}
+            message.ack()
+            queue.close()
+        assert Redis(unix_socket_path=str(socket_path)).keys("socket-test-*") == []  # (read)
+        with pytest.raises(ValueError, match="redis\\+socket:///path"):
+            load_settings({"CELERY_BROKER_URL": f"unix://{socket_path}"})
+    finally:
+        redis_server.kill()
+        redis_server.wait(timeout=30)
