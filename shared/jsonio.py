@@ -4,6 +4,7 @@ refused, and Decimals, UUIDs and datetimes are written in their wire forms."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -14,18 +15,39 @@ def _refuse_constant(name: str):
     raise json.JSONDecodeError(f"{name} is not a valid JSON number", name, 0)
 
 
-def loads_strict(text: str | bytes):
+def loads_strict(text: str | bytes, object_pairs_hook: Callable[[list], Any] | None = None):
     """Parse JSON with numbers as Decimal; NaN, Infinity and whatever else cannot be read (nesting
     deeper than Python recurses, an integer longer than it converts, an exponent beyond Decimal's
-    range) raise JSONDecodeError, which the APIs answer with a 400."""
+    range) raise JSONDecodeError, which the APIs answer with a 400. `object_pairs_hook`: as
+    json.loads takes it."""
     try:
-        return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
+        return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant,
+                          object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError:
         raise
     except (RecursionError, ValueError, ArithmeticError) as exc:
         # With the document itself: webargs reads an error on an empty document as "no body".
         doc = text if isinstance(text, str) else text.decode("utf-8", "replace")
         raise json.JSONDecodeError(f"unreadable JSON ({type(exc).__name__})", doc, 0) from None
+
+
+def loads_strict_naming_repeats(text: str | bytes) -> tuple[Any, list[str]]:
+    """loads_strict's value, and the names that an object in it gives more than once (each once,
+    in the order they were first repeated), whose last value the value holds, as json.loads
+    keeps it."""
+    repeated: dict[str, None] = {}
+
+    def each_name_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        taken = dict(pairs)
+        if len(taken) < len(pairs):
+            seen: set[str] = set()
+            for name, _value in pairs:
+                if name in seen:
+                    repeated.setdefault(name)
+                seen.add(name)
+        return taken
+
+    return loads_strict(text, object_pairs_hook=each_name_once), list(repeated)
 
 
 def dumps_exact(value: Any) -> str:

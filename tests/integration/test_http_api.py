@@ -191,6 +191,37 @@ def test_a_query_parameter_given_more_than_once_is_a_422_naming_it(orders_http, 
     assert error["details"] == {"query": {name: ["Given more than once."]}}
 
 
+@pytest.mark.parametrize("body, name", [
+    ('{"amount": "1", "amount": "900"}', "amount"),
+    ('{"amount": "900", "amount": "1"}', "amount"),
+    ('{"amount": "5", "description": "a", "amount": "5"}', "amount"),
+    ('{"description": "a", "amount": "5", "description": "b"}', "description")])
+def test_a_body_giving_a_name_more_than_once_is_a_422_naming_it_and_writes_nothing(
+        orders_http, orders_flask_app, payments_http, user_id, body, name):
+    """Ambiguous as a query parameter given twice is, whichever value comes first: read
+    last-name-wins (`{"amount": "1", "amount": "900"}` an order of 900.00), where another JSON
+    reader on its way may read the first; refused alike, with whatever else is wrong."""
+    error = _assert_error(orders_http.post("/orders", data=body, content_type="application/json",
+                                           signed_as=user_id), 422)
+    assert error["code"] == "VALIDATION_ERROR"
+    assert error["details"] == {"json": {name: ["Given more than once."]}}
+    assert _order_writes(orders_flask_app, user_id) == (0, 0)
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    error = _assert_error(payments_http.post("/accounts/deposit", data=body.replace(
+        name, "amount"), content_type="application/json", signed_as=user_id), 422)
+    assert error["details"]["json"]["amount"] == ["Given more than once."]
+    assert payments_http.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == (
+        "0.00")
+
+
+def test_a_name_given_twice_in_a_body_is_refused_with_whatever_else_is_wrong_with_it(
+        orders_http, user_id):
+    response = orders_http.post("/orders", data='{"amount": "1", "amount": "2", "x": 1}',
+                                content_type="application/json", signed_as=user_id)
+    details = _assert_error(response, 422)["details"]["json"]
+    assert details == {"amount": ["Given more than once."], "x": ["Unknown field."]}
+
+
 def test_a_repeated_query_parameter_is_refused_with_whatever_else_is_wrong_with_the_query(
         orders_http, user_id):
     """Every field's fault at once, as a query given each parameter once gets them."""
