@@ -18,6 +18,7 @@ from flask import (Blueprint, Flask, Response, make_response, render_template_st
                    url_for)
 from swagger_ui_bundle import swagger_ui_path
 from werkzeug.exceptions import NotFound
+from werkzeug.http import parse_range_header
 
 from shared.page_headers import with_page_headers
 
@@ -114,11 +115,35 @@ def answer_with_page_file(name: str) -> Response:
     response.last_modified = file.last_modified
     response.cache_control.no_cache = True  # (revalidated each time, as send_file's were)
     environ = request.environ
-    if "HTTP_RANGE" in environ and not _range_may_be_sent(environ.get("HTTP_IF_RANGE"), form):
+    if "HTTP_RANGE" in environ:
+        answered = (_range_answered(environ["HTTP_RANGE"], len(form.body))
+                    if _range_may_be_sent(environ.get("HTTP_IF_RANGE"), form) else None)
         environ = {key: value for key, value in environ.items()
-                   if key not in ("HTTP_RANGE", "HTTP_IF_RANGE")}  # the whole form: a 200
+                   if key not in ("HTTP_RANGE", "HTTP_IF_RANGE")}  # None: the whole form, a 200
+        if answered is not None:
+            environ["HTTP_RANGE"] = answered
     return response.make_conditional(environ, accept_ranges=True,
                                      complete_length=len(form.body))
+
+
+def _range_answered(asked: str, length: int) -> str | None:
+    """The Range a form `length` bytes long is answered for when `asked` is asked (None: the
+    whole form, a 200), as RFC 9110 (14.1.3, 14.2) has it where Werkzeug answered 416: a range
+    unit other than bytes is ignored (`items=0-9`: MUST), as are several ranges (a server MAY,
+    and Werkzeug sends none of them), and a suffix longer than the form is the whole form
+    (`bytes=-5000` of 765 bytes: 206, bytes 0-764/765). What Werkzeug cannot read (`bytes=5-1`)
+    it answers 416, as a server MAY, and so does a range that starts past the end."""
+    if asked.partition("=")[0].strip().lower() != "bytes":
+        return None
+    parsed = parse_range_header(asked)
+    if parsed is None:
+        return asked
+    if len(parsed.ranges) > 1:
+        return None
+    ((start, end),) = parsed.ranges
+    if end is None and start < 0 and -start > length:
+        return "bytes=0-"
+    return asked
 
 
 def _range_may_be_sent(if_range: str | None, form: FileForm) -> bool:
