@@ -18,8 +18,8 @@ from flask import (Blueprint, Flask, Response, make_response, render_template_st
                    url_for)
 from swagger_ui_bundle import swagger_ui_path
 from werkzeug.exceptions import NotFound
-from werkzeug.http import parse_range_header
 
+from shared.byte_ranges import range_answered
 from shared.page_headers import with_page_headers
 
 SWAGGER_UI_ASSETS = "/docs/swagger-ui-assets"
@@ -102,7 +102,7 @@ def answer_with_page_file(name: str) -> Response:
     """The file `name`, gzipped to a client that accepts it (`Content-Encoding: gzip`), as it is
     to one that does not; either way with `Vary: Accept-Encoding` and its form's ETag, conditional
     and range requests answered as Flask's send_file answers them, but for If-Range
-    (_range_may_be_sent)."""
+    (_range_may_be_sent) and a Range Werkzeug would refuse (shared.byte_ranges)."""
     file = page_file(name)
     gzipped = (request.accept_encodings["gzip"] > 0
                and len(file.gzipped.body) < len(file.plain.body))
@@ -116,7 +116,7 @@ def answer_with_page_file(name: str) -> Response:
     response.cache_control.no_cache = True  # (revalidated each time, as send_file's were)
     environ = request.environ
     if "HTTP_RANGE" in environ:
-        answered = (_range_answered(environ["HTTP_RANGE"], len(form.body))
+        answered = (range_answered(environ["HTTP_RANGE"], len(form.body))
                     if _range_may_be_sent(environ.get("HTTP_IF_RANGE"), form) else None)
         environ = {key: value for key, value in environ.items()
                    if key not in ("HTTP_RANGE", "HTTP_IF_RANGE")}  # None: the whole form, a 200
@@ -124,26 +124,6 @@ def answer_with_page_file(name: str) -> Response:
             environ["HTTP_RANGE"] = answered
     return response.make_conditional(environ, accept_ranges=True,
                                      complete_length=len(form.body))
-
-
-def _range_answered(asked: str, length: int) -> str | None:
-    """The Range a form `length` bytes long is answered for when `asked` is asked (None: the
-    whole form, a 200), as RFC 9110 (14.1.3, 14.2) has it where Werkzeug answered 416: a range
-    unit other than bytes is ignored (`items=0-9`: MUST), as are several ranges (a server MAY,
-    and Werkzeug sends none of them), and a suffix longer than the form is the whole form
-    (`bytes=-5000` of 765 bytes: 206, bytes 0-764/765). What Werkzeug cannot read (`bytes=5-1`)
-    it answers 416, as a server MAY, and so does a range that starts past the end."""
-    if asked.partition("=")[0].strip().lower() != "bytes":
-        return None
-    parsed = parse_range_header(asked)
-    if parsed is None:
-        return asked
-    if len(parsed.ranges) > 1:
-        return None
-    ((start, end),) = parsed.ranges
-    if end is None and start < 0 and -start > length:
-        return "bytes=0-"
-    return asked
 
 
 def _range_may_be_sent(if_range: str | None, form: FileForm) -> bool:

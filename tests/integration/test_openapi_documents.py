@@ -307,14 +307,17 @@ def test_a_range_of_a_swagger_ui_file_is_sent_only_if_range_names_its_forms_stro
                     f"bytes 100-{len(body) - 1}/{len(body)}" if sent == 206 else None)
 
 
-def test_a_range_of_a_swagger_ui_file_is_answered_as_rfc_9110_asks(served):
-    """A suffix longer than the file is the whole file (206, bytes 0-(n-1)/n: RFC 9110 14.1.3),
-    a range unit other than bytes is ignored (MUST, 14.2) and so are two ranges (MAY; the file
-    has them both): a 200 with the whole file, where Werkzeug answered each 416. A range that
-    starts past the end, or that cannot be read, is still a 416, in the usual error body."""
-    path = f"{SWAGGER_UI_FILES}/start-swagger-ui.js"
-    for service, server in served.items():
-        _, _, body = _over_http(server.url, path)
+def test_a_range_of_a_page_file_is_answered_as_rfc_9110_asks(served):
+    """Of each Swagger UI file and of the gateway's page and its files: a suffix longer than the
+    file is the whole file (206, bytes 0-(n-1)/n: RFC 9110 14.1.3), a range unit other than bytes
+    is ignored (MUST, 14.2) and so are two ranges (MAY; the file has them both): a 200 with the
+    whole file, where Werkzeug answered each 416. A range that starts past the end, or that
+    cannot be read, is still a 416, in the usual error body."""
+    files = [(service, f"{SWAGGER_UI_FILES}/start-swagger-ui.js") for service in served]
+    files += [("gateway", path) for path in ("/", "/static/app.js", "/static/style.css")]
+    for service, path in files:
+        url = served[service].url
+        _, _, body = _over_http(url, path)
         length = len(body)
         for asked, status, sent, content_range in (
                 (f"bytes=-{length + 1}", 206, body, f"bytes 0-{length - 1}/{length}"),
@@ -324,12 +327,12 @@ def test_a_range_of_a_swagger_ui_file_is_answered_as_rfc_9110_asks(served):
                 ("items=0-9", 200, body, None),
                 ("bytes=0-0,2-3", 200, body, None),
                 ("bytes=0-9", 206, body[:10], f"bytes 0-9/{length}")):
-            got, given, received = _over_http(server.url, path, Range=asked)
+            got, given, received = _over_http(url, path, Range=asked)
             assert (got, received, given.get("Content-Range")) == (
-                status, sent, content_range), (service, asked)
+                status, sent, content_range), (service, path, asked)
         for asked in (f"bytes={length}-", "bytes=5-1"):
-            got, given, received = _over_http(server.url, path, Range=asked)
-            assert got == 416, (service, asked)
+            got, given, received = _over_http(url, path, Range=asked)
+            assert got == 416, (service, path, asked)
             assert json.loads(received)["error"]["code"] == "REQUESTED_RANGE_NOT_SATISFIABLE"
 
 
