@@ -451,7 +451,11 @@ def _spend_the_tickets_given(args) -> None:
 def _refuse_a_handshake_we_cannot_take() -> None:
     """A WebSocket handshake the socket's code cannot take (RFC 6455 version 13, with its key, and
     one it can answer) is refused with the usual error body, where that code would fail with a
-    500. (A request that asks for no upgrade at all is refused before: 426 WEBSOCKET_REQUIRED.)"""
+    500. (A request that asks for no upgrade at all is refused before: 426 WEBSOCKET_REQUIRED.)
+    A handshake is a GET (RFC 6455, 4.1): a HEAD, which Flask routes with each GET, was upgraded
+    and its socket opened (spending its ticket)."""
+    if request.method != "GET":
+        raise ApiError("A WebSocket handshake is a GET.", code="BAD_WEBSOCKET_HANDSHAKE")
     if request.headers.get("Sec-WebSocket-Version") != "13":
         raise ApiError("This gateway speaks WebSocket version 13.", code="WEBSOCKET_VERSION",
                        status=426, headers={"Sec-WebSocket-Version": "13"})

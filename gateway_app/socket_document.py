@@ -12,8 +12,8 @@ WEBSOCKET_REQUIRED = DocumentedError(
 WEBSOCKET_VERSION = DocumentedError(
     426, "WEBSOCKET_VERSION", "a handshake of a WebSocket version other than 13")
 BAD_WEBSOCKET_HANDSHAKE = DocumentedError(
-    400, "BAD_WEBSOCKET_HANDSHAKE", "a handshake without its key, or one that cannot be "
-    "answered (its Host header, an extension's parameters)")
+    400, "BAD_WEBSOCKET_HANDSHAKE", "a handshake without its key, one that is no GET (a HEAD), "
+    "or one that cannot be answered (its Host header, an extension's parameters)")
 HANDSHAKES_LIMITED = DocumentedError(
     429, "RATE_LIMITED", "too many socket handshakes this minute from the client's address",
     retry_after=True)

@@ -2891,6 +2891,30 @@ def test_the_socket_url_answers_only_a_websocket_handshake_it_can_take(gateway):
          **{"HTTP_" + name.upper().replace("-", "_"): value for name, value in handshake.items()}})
 
 
+def test_a_head_handshake_is_refused_400_not_upgraded_and_spends_its_ticket(settings, upstreams):
+    """A handshake is a GET (RFC 6455, 4.1): a HEAD with every header of one, which Flask routes
+    with the socket's GET, was answered 101 and its socket opened. Refused as any handshake the
+    socket cannot take (400), its ticket spent, as a refused handshake's is."""
+    from urllib.parse import urlsplit
+
+    with _served_gateway(settings, upstreams) as (client, base):
+        _, auth = _sign_up(client)
+        ticket = _ticket(client, auth)
+        address = urlsplit(base)
+        with socket.create_connection((address.hostname, address.port), timeout=10) as head:
+            head.sendall(
+                f"HEAD /api/notifications/ws?ticket={ticket} HTTP/1.1\r\nHost: shop\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = head.recv(4096)
+                assert chunk, answer
+                answer += chunk
+        assert answer.split(b"\r\n", 1)[0].split(b" ", 2)[1] == b"400", answer
+        assert _refused(_ticket_url(base, ticket), code=1008)
+
+
 @pytest.mark.parametrize("after", ["abc", "-1", "1.5", ""])
 def test_a_socket_asked_for_what_is_no_notification_id_is_refused(settings, upstreams, after):
     """`after` is read as the HTTP catch-up reads it: anything but an id is refused (1008), where
