@@ -33,7 +33,7 @@ INVALID_IDEMPOTENCY_KEY = DocumentedError(
     f"the {IDEMPOTENCY_HEADER} is not 1 to {MAX_KEY_LENGTH} printable ASCII characters")
 UNSUPPORTED_MEDIA_TYPE = DocumentedError(
     415, "UNSUPPORTED_MEDIA_TYPE", "a body was sent with a Content-Type other than JSON "
-    "(`application/json`), or with none")
+    "(`application/json`), or with none, or in a Content-Encoding (gzip, say: none is read)")
 BODY_TOO_LARGE = DocumentedError(413, "REQUEST_ENTITY_TOO_LARGE",
                                  f"the body is over {MAX_REQUEST_BYTES // 1024} KiB")
 VALIDATION_ERROR = DocumentedError(

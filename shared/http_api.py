@@ -70,6 +70,13 @@ class StrictJSONParser(OnceEachParser):
                                    "query": None, "querystring": None}
 
     def _raw_load_json(self, req: flask.Request):
+        if req.get_data(cache=True) and _content_coded(req):
+            # Read as it was sent, a body gzipped was "not valid JSON" (a 400), and one that said
+            # it was gzipped but was not was carried out: an order placed from bytes the client
+            # had said were something else. RFC 9110 (15.5.16): a 415 naming the coding taken.
+            raise ApiError("The request body must be sent as it is, with no Content-Encoding.",
+                           status=UNSUPPORTED_MEDIA_TYPE.status, code=UNSUPPORTED_MEDIA_TYPE.code,
+                           headers={"Accept-Encoding": "identity"})
         if not is_json_request(req):
             # A body of another type (a form, text/plain, none named: curl's -d sends a form) was
             # passed over as if none were sent, and a client that sent the fields was told they
@@ -94,6 +101,12 @@ class StrictJSONParser(OnceEachParser):
             errors = schema.validate(exc.value) if isinstance(exc.value, dict) else {}
             errors.update((name, [GIVEN_MORE_THAN_ONCE]) for name in exc.repeated)
             raise marshmallow.ValidationError(errors) from None
+
+
+def _content_coded(req: flask.Request) -> bool:
+    """Whether the request says its body is in a content coding (gzip, say), as none is read."""
+    codings = req.headers.get("Content-Encoding", "").split(",")
+    return any(coding.strip().lower() not in ("", "identity") for coding in codings)
 
 
 class _NamesRepeated(Exception):

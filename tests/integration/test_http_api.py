@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import hmac
 import logging
@@ -220,6 +221,34 @@ def test_a_name_given_twice_in_a_body_is_refused_with_whatever_else_is_wrong_wit
                                 content_type="application/json", signed_as=user_id)
     details = _assert_error(response, 422)["details"]["json"]
     assert details == {"amount": ["Given more than once."], "x": ["Unknown field."]}
+
+
+@pytest.mark.parametrize("coding, gzipped", [
+    ("gzip", False), ("gzip", True), ("br", False), ("identity, gzip", True), ("x-gzip", False)])
+def test_a_body_in_a_content_coding_is_a_415_and_writes_nothing(
+        orders_http, orders_flask_app, payments_http, user_id, coding, gzipped):
+    """No coding is read: a body said to be gzipped was read as it came, "not valid JSON" (a 400)
+    when it was gzipped, and carried out when it was not, an order placed from bytes the client
+    had said were something else. A 415 (RFC 9110 15.5.16: with Accept-Encoding, the codings
+    taken), and nothing written."""
+    body = b'{"amount": "5", "description": "coded"}'
+    sent = gzip.compress(body) if gzipped else body
+    response = orders_http.post("/orders", data=sent, content_type="application/json",
+                                headers={"Content-Encoding": coding}, signed_as=user_id)
+    assert _assert_error(response, 415)["code"] == "UNSUPPORTED_MEDIA_TYPE"
+    assert response.headers["Accept-Encoding"] == "identity"
+    assert _order_writes(orders_flask_app, user_id) == (0, 0)
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    response = payments_http.post("/accounts/deposit", data=sent.replace(b', "description": '
+                                                                         b'"coded"', b""),
+                                  content_type="application/json",
+                                  headers={"Content-Encoding": coding}, signed_as=user_id)
+    assert _assert_error(response, 415)["code"] == "UNSUPPORTED_MEDIA_TYPE"
+    assert payments_http.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == (
+        "0.00")
+    taken = orders_http.post("/orders", data=body, content_type="application/json",
+                             headers={"Content-Encoding": "identity"}, signed_as=user_id)
+    assert taken.status_code == 202, taken.get_json()
 
 
 def test_a_repeated_query_parameter_is_refused_with_whatever_else_is_wrong_with_the_query(
