@@ -32,22 +32,46 @@ def loads_strict(text: str | bytes, object_pairs_hook: Callable[[list], Any] | N
 
 
 def loads_strict_naming_repeats(text: str | bytes) -> tuple[Any, list[str]]:
-    """loads_strict's value, and the names that an object in it gives more than once (each once,
-    in the order they were first repeated), whose last value the value holds, as json.loads
-    keeps it."""
-    repeated: dict[str, None] = {}
+    """loads_strict's value, and where an object in it gives a name more than once: each such
+    name's path, its names and list indexes joined by dots (`"amount"` at the top, `"description.
+    amount"` in the object that is the description, `"0.a"` in an array's first), each once, in
+    the document's order. The value holds the last value of each, as json.loads keeps it."""
+    repeating: list[tuple[dict, list[str]]] = []  # each object that repeats a name, and which
 
     def each_name_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         taken = dict(pairs)
         if len(taken) < len(pairs):
             seen: set[str] = set()
+            repeated: dict[str, None] = {}
             for name, _value in pairs:
                 if name in seen:
                     repeated.setdefault(name)
                 seen.add(name)
+            repeating.append((taken, list(repeated)))
         return taken
 
-    return loads_strict(text, object_pairs_hook=each_name_once), list(repeated)
+    value = loads_strict(text, object_pairs_hook=each_name_once)
+    return value, (_paths_of_repeats(value, repeating) if repeating else [])
+
+
+def _paths_of_repeats(value: Any, repeating: list[tuple[dict, list[str]]]) -> list[str]:
+    """The paths in `value` of the names repeated in each of `repeating`'s objects (one the value
+    no longer holds, a repeated name's earlier value, is passed over: its name is repeated)."""
+    repeated_in = {id(taken): names for taken, names in repeating}  # (`repeating` keeps each)
+    paths: list[str] = []
+    # Walked with a stack of its own, not recursively: the value can be as deep as Python recurses.
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, dict):
+            paths += (path + name for name in repeated_in.get(id(item), ()))
+            children = item.items()
+        elif isinstance(item, list):
+            children = enumerate(item)
+        else:
+            continue
+        stack.extend(reversed([(child, f"{path}{key}.") for key, child in children]))
+    return paths
 
 
 def dumps_exact(value: Any) -> str:

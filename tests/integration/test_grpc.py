@@ -975,16 +975,20 @@ def test_a_body_giving_a_name_more_than_once_is_a_422_naming_it_over_both_transp
     for transport in ("grpc", "http"):
         client = _gateway(settings, upstreams, grpc_targets, transport)
         _, auth = _signed_up_with_an_account(client)
-        for path, body, name in (
-                ("/api/orders", '{"amount": "1", "description": "a", "amount": "900"}', "amount"),
-                ("/api/accounts/deposit", '{"amount": "900", "amount": "1"}', "amount"),
+        for path, body, details in (
+                ("/api/orders", '{"amount": "1", "description": "a", "amount": "900"}',
+                 {"amount": ["Given more than once."]}),
+                ("/api/accounts/deposit", '{"amount": "900", "amount": "1"}',
+                 {"amount": ["Given more than once."]}),
                 ("/api/auth/login", '{"username": "a", "password": "12345678", "username": "b"}',
-                 "username")):
+                 {"username": ["Given more than once."]}),
+                # (a repeat in an object within, at its path: no field `p` is taken)
+                ("/api/auth/login", '{"username": "a", "password": {"p": 1, "p": 2}}',
+                 {"password": ["Not a valid string."], "password.p": ["Given more than once."]})):
             answer = client.post(path, data=body, content_type="application/json", headers=auth)
             assert answer.status_code == 422, (transport, path, answer.get_json())
-            assert answer.get_json()["error"]["details"] == {
-                "json": {name: ["Given more than once."]}}, (transport, path)
-            answers.setdefault(path, []).append(answer.get_json())
+            assert answer.get_json()["error"]["details"] == {"json": details}, (transport, body)
+            answers.setdefault(body, []).append(answer.get_json())
         assert client.get("/api/orders", headers=auth).get_json()["items"] == [], transport
         assert client.get("/api/accounts/balance", headers=auth).get_json()["balance"] == "0.00"
     assert all(over_grpc == over_http for over_grpc, over_http in answers.values())

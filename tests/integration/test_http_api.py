@@ -223,6 +223,21 @@ def test_a_name_given_twice_in_a_body_is_refused_with_whatever_else_is_wrong_wit
     assert details == {"amount": ["Given more than once."], "x": ["Unknown field."]}
 
 
+@pytest.mark.parametrize("body, details", [
+    ('{"amount": "5", "description": {"amount": 1, "amount": 2}}',
+     {"description": ["Not a valid string."], "description.amount": ["Given more than once."]}),
+    ('{"amount": "5", "description": [{"a": 1}, {"b": {"c": 1, "c": 2}}]}',
+     {"description": ["Not a valid string."], "description.1.b.c": ["Given more than once."]})])
+def test_a_name_given_twice_in_a_nested_object_is_named_at_its_path(
+        orders_http, orders_flask_app, user_id, body, details):
+    """Not as the top level's field of that name (`amount` given once was said to be given
+    twice): the path to the object that repeats it, names and indexes joined by dots."""
+    response = orders_http.post("/orders", data=body, content_type="application/json",
+                                signed_as=user_id)
+    assert _assert_error(response, 422)["details"] == {"json": details}
+    assert _order_writes(orders_flask_app, user_id) == (0, 0)
+
+
 @pytest.mark.parametrize("coding, gzipped", [
     ("gzip", False), ("gzip", True), ("br", False), ("identity, gzip", True), ("x-gzip", False)])
 def test_a_body_in_a_content_coding_is_a_415_and_writes_nothing(
