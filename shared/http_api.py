@@ -42,6 +42,21 @@ def given_more_than_once(args: MultiDict, names: Collection[str]) -> list[str]:
     return [name for name in args if name in names and len(args.getlist(name)) > 1]
 
 
+def _refused_as_given_more_than_once(schema: marshmallow.Schema, value,
+                                     repeated: Iterable[str]) -> marshmallow.ValidationError:
+    """The error for `value` (a query, read on each name's first value, or a body, on its last)
+    that gives each of `repeated` more than once: whatever the schema finds wrong with it, as it
+    reports every field at once, with each repeated name's message beside its field's own ("Not a
+    valid integer.", "Unknown field.")."""
+    errors = schema.validate(value)
+    for name in repeated:
+        messages = errors.setdefault(name, [])
+        if isinstance(messages, dict):  # (a nested field's, by its own fields)
+            messages = messages.setdefault("_schema", [])
+        messages.append(GIVEN_MORE_THAN_ONCE)
+    return marshmallow.ValidationError(errors)
+
+
 class OnceEachParser(FlaskParser):
     """webargs' parser for Flask, refusing a query parameter given more than once where its field
     takes one value (a List's may repeat): a ValidationError, which webargs answers with a 422
@@ -55,11 +70,8 @@ class OnceEachParser(FlaskParser):
                          } - query.multiple_keys
         repeated = given_more_than_once(req.args, single_valued)
         if repeated:
-            # With whatever else is wrong with the query (read on each one's first value), as the
-            # schema reports every field at once.
-            errors = schema.validate(query)
-            errors.update((name, [GIVEN_MORE_THAN_ONCE]) for name in repeated)
-            raise marshmallow.ValidationError(errors)
+            # (read on each one's first value)
+            raise _refused_as_given_more_than_once(schema, query, repeated)
         return query
 
 
@@ -100,10 +112,9 @@ class StrictJSONParser(OnceEachParser):
         except _NamesRepeated as exc:
             # Ambiguous as a query parameter given twice is: `{"amount": "1", "amount": "900"}`
             # was read last-name-wins, where another JSON reader on its way (a proxy's, a log's)
-            # may read the first. Refused alike, naming each, with whatever else is wrong.
-            errors = schema.validate(exc.value) if isinstance(exc.value, dict) else {}
-            errors.update((name, [GIVEN_MORE_THAN_ONCE]) for name in exc.repeated)
-            raise marshmallow.ValidationError(errors) from None
+            # may read the first. Refused alike, naming each, with whatever else is wrong (a body
+            # that is no object too: `[{"a": 1, "a": 2}]`, "Invalid input type.").
+            raise _refused_as_given_more_than_once(schema, exc.value, exc.repeated) from None
 
 
 def _content_coded(content_encoding: str | None) -> bool:
