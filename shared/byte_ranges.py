@@ -13,13 +13,19 @@ def range_answered(asked: str, length: int) -> str | None:
     Werkzeug sends none of them), and a suffix longer than the file is the whole file
     (`bytes=-5000` of 765 bytes: 206, bytes 0-764/765). What Werkzeug cannot read (`bytes=5-1`)
     it answers 416, as a server MAY, and so does a range that starts past the end."""
-    if asked.partition("=")[0].strip().lower() != "bytes":
+    unit, _, range_set = asked.partition("=")
+    if unit.strip().lower() != "bytes":
         return None
+    # Several ranges are ignored whatever they are: Werkzeug reads only those in order, apart
+    # (`bytes=-5,0-9`, `bytes=0-9, 5-7` were a 416). An empty element is no range (RFC 9110 5.6.1:
+    # `bytes=0-0,` asks for one).
+    ranges = [element.strip() for element in range_set.split(",") if element.strip()]
+    if len(ranges) > 1:
+        return None
+    asked = f"bytes={ranges[0]}" if ranges else asked
     parsed = parse_range_header(asked)
     if parsed is None:
         return asked
-    if len(parsed.ranges) > 1:
-        return None
     ((start, end),) = parsed.ranges
     if end is None and start < 0 and -start > length:
         return "bytes=0-"
