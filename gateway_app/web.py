@@ -5,33 +5,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, request, send_from_directory
-from werkzeug.security import safe_join
+from flask import Blueprint, Response, request, send_from_directory
 
 from shared.byte_ranges import answer_range_as_rfc_9110
 from shared.page_headers import with_page_headers
 
 PAGE_DIR = Path(__file__).resolve().parent / "web"
 
-blueprint = Blueprint("web", __name__, static_folder=str(PAGE_DIR), static_url_path="/static")
+
+class _PageBlueprint(Blueprint):
+    def send_static_file(self, filename: str) -> Response:
+        return _page_file(filename, max_age=self.get_send_file_max_age(filename))
+
+
+def _page_file(name: str, max_age: int | None = None) -> Response:
+    """The page's file `name` as send_file sends it, but for its Range and If-Range, read as RFC
+    9110 has them (shared.byte_ranges): `bytes=-99999` is the whole file, not a 416, and a range
+    is sent only with no If-Range or the file's strong ETag."""
+    response = send_from_directory(PAGE_DIR, name, max_age=max_age, conditional=False)
+    return answer_range_as_rfc_9110(response, request.environ)
+
+
+blueprint = _PageBlueprint("web", __name__, static_folder=str(PAGE_DIR),
+                           static_url_path="/static")
 
 
 @blueprint.get("/")
 def shop_page():
-    return send_from_directory(PAGE_DIR, "index.html")
-
-
-@blueprint.before_request
-def answer_a_range_as_rfc_9110() -> None:
-    """A Range of the page or of one of its files read as RFC 9110 has it (shared.byte_ranges),
-    before send_file's Werkzeug answers it: `bytes=-99999` is the whole file, not a 416."""
-    if "HTTP_RANGE" not in request.environ:
-        return
-    name = ("index.html" if request.endpoint == "web.shop_page"
-            else (request.view_args or {}).get("filename", ""))
-    path = safe_join(str(PAGE_DIR), name)
-    if path is not None and Path(path).is_file():
-        answer_range_as_rfc_9110(request.environ, Path(path).stat().st_size)
+    return _page_file("index.html")
 
 
 blueprint.after_request(with_page_headers)

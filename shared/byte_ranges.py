@@ -1,9 +1,12 @@
 """A `Range` of a file the shop serves (its web page's, its Swagger UI's) read as RFC 9110 has it,
-before Werkzeug answers it: Werkzeug answered 416 where the RFC asks for the whole file."""
+before Werkzeug answers it: Werkzeug answered 416 where the RFC asks for the whole file, and sent
+a range with an If-Range the RFC does not let it be sent with."""
 
 from __future__ import annotations
 
+from werkzeug.exceptions import RequestedRangeNotSatisfiable
 from werkzeug.http import parse_range_header
+from werkzeug.wrappers import Response
 
 
 def range_answered(asked: str, length: int) -> str | None:
@@ -32,13 +35,31 @@ def range_answered(asked: str, length: int) -> str | None:
     return asked
 
 
-def answer_range_as_rfc_9110(environ: dict, length: int) -> None:
-    """Have a request's environ ask for the range range_answered gives, or none (a 200)."""
-    if "HTTP_RANGE" not in environ:
-        return
-    answered = range_answered(environ["HTTP_RANGE"], length)
-    if answered is None:
-        del environ["HTTP_RANGE"]
-        environ.pop("HTTP_IF_RANGE", None)
-    else:
-        environ["HTTP_RANGE"] = answered
+def range_may_be_sent(if_range: str | None, etag: str | None) -> bool:
+    """Whether a Range request with this If-Range (if any) may be answered with a part of a file
+    whose ETag is `etag`: only if If-Range is that ETag, strong (RFC 9110, 13.1.5). Werkzeug also
+    honours a weak ETag and a date, and a date is the file's, the same for each form of it (the
+    Swagger UI files' plain and gzipped): a client holding the plain bytes 0-99 that resumed
+    taking gzip was sent the gzipped bytes from 100 on."""
+    return if_range is None or (etag is not None and if_range.strip() == f'"{etag}"')
+
+
+def answer_range_as_rfc_9110(response: Response, environ: dict) -> Response:
+    """`response`, a whole file with its (strong) ETag and Content-Length, made conditional for
+    the request of `environ` as Werkzeug makes it (a 304, a 412, a 206 ...), but for its Range:
+    sent only as range_may_be_sent allows (a 200 otherwise), and read as range_answered reads it.
+    The request's environ is left as it is."""
+    length = response.content_length
+    if "HTTP_RANGE" in environ:
+        answered = (range_answered(environ["HTTP_RANGE"], length)
+                    if range_may_be_sent(environ.get("HTTP_IF_RANGE"), response.get_etag()[0])
+                    else None)
+        environ = {key: value for key, value in environ.items()
+                   if key not in ("HTTP_RANGE", "HTTP_IF_RANGE")}  # None: the whole file, a 200
+        if answered is not None:
+            environ["HTTP_RANGE"] = answered
+    try:
+        return response.make_conditional(environ, accept_ranges=True, complete_length=length)
+    except RequestedRangeNotSatisfiable:
+        response.close()  # (a file send_file opened, as send_file closes it)
+        raise

@@ -19,7 +19,7 @@ from flask import (Blueprint, Flask, Response, make_response, render_template_st
 from swagger_ui_bundle import swagger_ui_path
 from werkzeug.exceptions import NotFound
 
-from shared.byte_ranges import range_answered
+from shared.byte_ranges import answer_range_as_rfc_9110
 from shared.page_headers import with_page_headers
 
 SWAGGER_UI_ASSETS = "/docs/swagger-ui-assets"
@@ -101,8 +101,8 @@ def page_file(name: str) -> PageFile:
 def answer_with_page_file(name: str) -> Response:
     """The file `name`, gzipped to a client that accepts it (`Content-Encoding: gzip`), as it is
     to one that does not; either way with `Vary: Accept-Encoding` and its form's ETag, conditional
-    and range requests answered as Flask's send_file answers them, but for If-Range
-    (_range_may_be_sent) and a Range Werkzeug would refuse (shared.byte_ranges)."""
+    and range requests answered as Flask's send_file answers them, but for If-Range and a Range
+    Werkzeug would refuse (shared.byte_ranges)."""
     file = page_file(name)
     gzipped = (request.accept_encodings["gzip"] > 0
                and len(file.gzipped.body) < len(file.plain.body))
@@ -114,24 +114,7 @@ def answer_with_page_file(name: str) -> Response:
     response.set_etag(form.etag)
     response.last_modified = file.last_modified
     response.cache_control.no_cache = True  # (revalidated each time, as send_file's were)
-    environ = request.environ
-    if "HTTP_RANGE" in environ:
-        answered = (range_answered(environ["HTTP_RANGE"], len(form.body))
-                    if _range_may_be_sent(environ.get("HTTP_IF_RANGE"), form) else None)
-        environ = {key: value for key, value in environ.items()
-                   if key not in ("HTTP_RANGE", "HTTP_IF_RANGE")}  # None: the whole form, a 200
-        if answered is not None:
-            environ["HTTP_RANGE"] = answered
-    return response.make_conditional(environ, accept_ranges=True,
-                                     complete_length=len(form.body))
-
-
-def _range_may_be_sent(if_range: str | None, form: FileForm) -> bool:
-    """Whether a Range request with this If-Range (if any) may be answered with a part of `form`:
-    only if If-Range is `form`'s own ETag, strong (RFC 9110, 13.1.5). Werkzeug also honours a
-    weak ETag and a date, and a date is the file's, the same for both forms: a client holding the
-    plain bytes 0-99 that resumed taking gzip was sent the gzipped bytes from 100 on."""
-    return if_range is None or if_range.strip() == f'"{form.etag}"'
+    return answer_range_as_rfc_9110(response, request.environ)
 
 
 def serve_swagger_ui_files(app: Flask) -> None:

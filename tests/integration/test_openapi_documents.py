@@ -307,6 +307,25 @@ def test_a_range_of_a_swagger_ui_file_is_sent_only_if_range_names_its_forms_stro
                     f"bytes 100-{len(body) - 1}/{len(body)}" if sent == 206 else None)
 
 
+def test_a_range_of_the_gateways_page_is_sent_only_if_range_names_its_strong_etag(served):
+    """As a Swagger UI file's: with If-Range, a range of `/` or of a file under `/static/` is
+    sent (206) only if it is the file's ETag, strong; with a weak one, another ETag or a date the
+    whole file (200), where Werkzeug sent the range for a weak ETag and for the file's date. Its
+    other conditions are still answered (If-None-Match: 304)."""
+    url = served["gateway"].url
+    for path in ("/", "/static/app.js"):
+        _, given, body = _over_http(url, path)
+        etag = given["ETag"]
+        for if_range, sent in ((None, 206), (etag, 206), (f"W/{etag}", 200), ('"other"', 200),
+                               (given["Last-Modified"], 200)):
+            headers = {"Range": "bytes=10-"} | ({} if if_range is None else {"If_Range": if_range})
+            status, answered, got = _over_http(url, path, **headers)
+            assert (status, got) == (sent, body[10:] if sent == 206 else body), (path, if_range)
+            assert answered.get("Content-Range") == (
+                f"bytes 10-{len(body) - 1}/{len(body)}" if sent == 206 else None), (path, if_range)
+        assert _over_http(url, path, If_None_Match=etag)[0] == 304, path
+
+
 def test_a_range_of_a_page_file_is_answered_as_rfc_9110_asks(served):
     """Of each Swagger UI file and of the gateway's page and its files: a suffix longer than the
     file is the whole file (206, bytes 0-(n-1)/n: RFC 9110 14.1.3), a range unit other than bytes
