@@ -47,7 +47,7 @@ from gateway_app.socket_tickets import (TICKET_TTL_SECONDS, TokenExpiresTooSoon,
 from gateway_app.user_channels import channel, channel_listener, publish
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
-from shared.documented_errors import DocumentedError
+from shared.documented_errors import RETRY_AFTER, DocumentedError
 from shared.errors import ApiError, Unauthorized
 from shared.fields import WholeNumber
 from shared.http_api import Blueprint, EmptySchema, given_more_than_once
@@ -220,11 +220,11 @@ def newest_notification():
 TICKETS_UNAVAILABLE = DocumentedError(
     503, "NOTIFICATIONS_UNAVAILABLE", "the gateway cannot reach Redis, which keeps the tickets "
     "(and which a socket needs too): read the orders meanwhile, and ask again later",
-    retry_after=True)
+    headers=(RETRY_AFTER,))
 HANDSHAKES_SPENT = DocumentedError(
     429, "SOCKET_HANDSHAKES_LIMITED", "the client's address has had its socket handshakes this "
     "minute: a socket opened now would be refused (429, which a browser cannot read); open it "
-    "after Retry-After", retry_after=True)
+    "after Retry-After", headers=(RETRY_AFTER,))
 # How long a page is asked to wait, Redis away, before it asks for a ticket again.
 TICKETS_UNAVAILABLE_RETRY_AFTER = 5
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import redis
 from flask import request
 
-from shared.documented_errors import DocumentedError
+from shared.documented_errors import RETRY_AFTER, DocumentedError
 from shared.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ RATE_LIMITED = DocumentedError(
     429, "RATE_LIMITED", "too many requests this minute: the user's, or, signing up, in or out, "
     "the address's, or attempts to sign in under the username from the address, or failed "
     "attempts to sign in under the username from any address",
-    retry_after=True)
+    headers=(RETRY_AFTER,))
 
 
 class RateLimited(ApiError):

@@ -4,7 +4,7 @@ instead of switching protocols, and what the socket then carries."""
 
 from __future__ import annotations
 
-from shared.documented_errors import (BODY_TOO_LARGE, DATABASE_UNAVAILABLE_OR_BUSY,
+from shared.documented_errors import (BODY_TOO_LARGE, DATABASE_UNAVAILABLE_OR_BUSY, RETRY_AFTER,
                                       DocumentedError, openapi_error_responses)
 
 WEBSOCKET_REQUIRED = DocumentedError(
@@ -16,7 +16,7 @@ BAD_WEBSOCKET_HANDSHAKE = DocumentedError(
     "or one that cannot be answered (its Host header, an extension's parameters)")
 HANDSHAKES_LIMITED = DocumentedError(
     429, "RATE_LIMITED", "too many socket handshakes this minute from the client's address",
-    retry_after=True)
+    headers=(RETRY_AFTER,))
 SOCKET_ERRORS = (WEBSOCKET_REQUIRED, WEBSOCKET_VERSION, BAD_WEBSOCKET_HANDSHAKE, BODY_TOO_LARGE,
                  HANDSHAKES_LIMITED, *DATABASE_UNAVAILABLE_OR_BUSY)
 

@@ -15,14 +15,26 @@ from shared.idempotency import IDEMPOTENCY_HEADER, MAX_KEY_LENGTH
 from shared.internal_auth import USER_ID_HEADER
 
 
+# The headers an error can be answered with (DocumentedError.headers), as the documents describe
+# them: each its description and schema.
+RETRY_AFTER = "Retry-After"
+ACCEPT_ENCODING = "Accept-Encoding"
+ANSWER_HEADERS = {
+    RETRY_AFTER: ("Seconds to wait before trying again", {"type": "integer", "minimum": 1}),
+    ACCEPT_ENCODING: ("The only content coding a request body is taken in, `identity` (none): sent"
+                      " when the body came in another", {"type": "string", "enum": ["identity"]}),
+}
+
+
 @dataclass(frozen=True)
 class DocumentedError:
-    """An error an operation can answer: its status, its `error.code` and when it is given."""
+    """An error an operation can answer: its status, its `error.code`, when it is given and the
+    headers it is answered with (those of ANSWER_HEADERS)."""
 
     status: int
     code: str
     when: str
-    retry_after: bool = False  # answered with Retry-After
+    headers: tuple[str, ...] = ()
 
 
 MALFORMED_REQUEST = DocumentedError(
@@ -33,7 +45,8 @@ INVALID_IDEMPOTENCY_KEY = DocumentedError(
     f"the {IDEMPOTENCY_HEADER} is not 1 to {MAX_KEY_LENGTH} printable ASCII characters")
 UNSUPPORTED_MEDIA_TYPE = DocumentedError(
     415, "UNSUPPORTED_MEDIA_TYPE", "a body was sent with a Content-Type other than JSON "
-    "(`application/json`), or with none, or in a Content-Encoding (gzip, say: none is read)")
+    "(`application/json`), or with none, or in a Content-Encoding (gzip, say: none is read)",
+    headers=(ACCEPT_ENCODING,))
 BODY_TOO_LARGE = DocumentedError(413, "REQUEST_ENTITY_TOO_LARGE",
                                  f"the body is over {MAX_REQUEST_BYTES // 1024} KiB")
 VALIDATION_ERROR = DocumentedError(
@@ -44,10 +57,10 @@ IDEMPOTENCY_KEY_REUSED = DocumentedError(
     422, "IDEMPOTENCY_KEY_REUSED", f"the {IDEMPOTENCY_HEADER} was used with another body")
 DATABASE_UNAVAILABLE = DocumentedError(
     503, "DATABASE_UNAVAILABLE", "the service cannot reach its database just now",
-    retry_after=True)
+    headers=(RETRY_AFTER,))
 DATABASE_BUSY = DocumentedError(
     503, "DATABASE_BUSY", "the service's database was too busy to finish the request in time; "
-    "nothing was changed", retry_after=True)
+    "nothing was changed", headers=(RETRY_AFTER,))
 
 # The identity a service's every route checks (shared.identity): the gateway's, signed.
 MISSING_USER_ID = DocumentedError(401, "MISSING_USER_ID", f"no {USER_ID_HEADER} header")
@@ -85,7 +98,8 @@ IDEMPOTENCY_ERRORS = (INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED)
 
 def error_responses(errors: Iterable[DocumentedError]) -> dict[int, dict]:
     """The OpenAPI responses of `errors` by status, lowest first (an error named twice counts
-    once): each the error shape, described by the codes it carries, and its Retry-After."""
+    once): each the error shape, described by the codes it carries, and the headers they come
+    with."""
     by_status: dict[int, dict[str, DocumentedError]] = {}
     for error in sorted(errors, key=lambda error: error.status):
         by_status.setdefault(error.status, {}).setdefault(error.code, error)
@@ -110,10 +124,12 @@ def _response(status: int, errors: list[DocumentedError]) -> dict:
                 "description": f"{HTTPStatus(status).phrase}, with `error.code`:\n\n{codes}",
                 # The same codes as data, for a client generated from the document.
                 "x-error-codes": [error.code for error in errors]}
-    waited = [error.code for error in errors if error.retry_after]
-    if waited:
-        which = "" if len(waited) == len(errors) else f" (with {', '.join(waited)})"
-        response["headers"] = {"Retry-After": {
-            "description": f"Seconds to wait before trying again{which}",
-            "schema": {"type": "integer", "minimum": 1}}}
+    headers = {}
+    for name, (description, schema) in ANSWER_HEADERS.items():
+        answered = [error.code for error in errors if name in error.headers]
+        if answered:
+            which = "" if len(answered) == len(errors) else f" (with {', '.join(answered)})"
+            headers[name] = {"description": f"{description}{which}", "schema": schema}
+    if headers:
+        response["headers"] = headers
     return response

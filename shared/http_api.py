@@ -19,8 +19,9 @@ from webargs import core
 from webargs.flaskparser import FlaskParser, is_json_request
 from werkzeug.datastructures import MultiDict
 
-from shared.documented_errors import (BODY_TOO_LARGE, MALFORMED_REQUEST, UNSUPPORTED_MEDIA_TYPE,
-                                     VALIDATION_ERROR, DocumentedError, error_responses)
+from shared.documented_errors import (ACCEPT_ENCODING, BODY_TOO_LARGE, MALFORMED_REQUEST,
+                                     UNSUPPORTED_MEDIA_TYPE, VALIDATION_ERROR, DocumentedError,
+                                     error_responses)
 from shared.errors import ApiError
 from shared.jsonio import loads_strict_naming_repeats
 
@@ -91,7 +92,7 @@ class StrictJSONParser(OnceEachParser):
             # had said were something else. RFC 9110 (15.5.16): a 415 naming the coding taken.
             raise ApiError("The request body must be sent as it is, with no Content-Encoding.",
                            status=UNSUPPORTED_MEDIA_TYPE.status, code=UNSUPPORTED_MEDIA_TYPE.code,
-                           headers={"Accept-Encoding": "identity"})
+                           headers={ACCEPT_ENCODING: "identity"})
         if not is_json_request(req):
             # A body of another type (a form, text/plain, none named: curl's -d sends a form) was
             # passed over as if none were sent, and a client that sent the fields was told they

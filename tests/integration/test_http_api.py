@@ -261,6 +261,8 @@ def test_a_body_in_a_content_coding_is_a_415_and_writes_nothing(
                                 headers={"Content-Encoding": coding}, signed_as=user_id)
     assert _assert_error(response, 415)["code"] == "UNSUPPORTED_MEDIA_TYPE"
     assert response.headers["Accept-Encoding"] == "identity"
+    assert_headers_documented(orders_http.get("/docs/openapi.json").get_json(), "post", "/orders",
+                              response)
     assert _order_writes(orders_flask_app, user_id) == (0, 0)
     assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
     response = payments_http.post("/accounts/deposit", data=sent.replace(b', "description": '
@@ -953,6 +955,9 @@ def test_each_service_operation_documents_its_error_statuses_in_the_error_shape(
             assert response["content"]["application/json"]["schema"] == ERROR_SCHEMA
             assert codes_named(response), (method, path, status)  # the codes it carries
         assert set(documented[503]["headers"]) == {"Retry-After", "X-Request-ID"}, (method, path)
+        if 415 in documented:  # (a body in a Content-Encoding is answered with Accept-Encoding)
+            assert set(documented[415]["headers"]) == {"Accept-Encoding", "X-Request-ID"}, (
+                method, path)
         unkeyed_write = (method, path) in {("post", "/orders"), ("post", "/accounts/deposit")}
         assert codes_named(documented[401]) == {
             "MISSING_USER_ID", "INVALID_USER_ID", "UNTRUSTED_IDENTITY",
