@@ -4,8 +4,8 @@ a range with an If-Range the RFC does not let it be sent with."""
 
 from __future__ import annotations
 
-from werkzeug.exceptions import RequestedRangeNotSatisfiable
-from werkzeug.http import parse_range_header
+from werkzeug.exceptions import PreconditionFailed, RequestedRangeNotSatisfiable
+from werkzeug.http import is_resource_modified, parse_range_header
 from werkzeug.wrappers import Response
 
 
@@ -47,19 +47,27 @@ def range_may_be_sent(if_range: str | None, etag: str | None) -> bool:
 def answer_range_as_rfc_9110(response: Response, environ: dict) -> Response:
     """`response`, a whole file with its (strong) ETag and Content-Length, made conditional for
     the request of `environ` as Werkzeug makes it (a 304, a 412, a 206 ...), but for its Range:
-    sent only as range_may_be_sent allows (a 200 otherwise), and read as range_answered reads it.
-    The request's environ is left as it is."""
+    sent only as range_may_be_sent allows (a 200 otherwise), and read as range_answered reads it;
+    and never where If-None-Match or If-Match answer first (RFC 9110 13.2.2: a 304, a 412, which
+    Werkzeug passed over for a 206). A 412 is raised, to be answered as the app's errors are (it
+    carried the whole file). The request's environ is left as it is."""
     length = response.content_length
     if "HTTP_RANGE" in environ:
         answered = (range_answered(environ["HTTP_RANGE"], length)
                     if range_may_be_sent(environ.get("HTTP_IF_RANGE"), response.get_etag()[0])
+                    and is_resource_modified(environ, response.headers.get("ETag"),
+                                             last_modified=response.headers.get("Last-Modified"))
                     else None)
         environ = {key: value for key, value in environ.items()
                    if key not in ("HTTP_RANGE", "HTTP_IF_RANGE")}  # None: the whole file, a 200
         if answered is not None:
             environ["HTTP_RANGE"] = answered
     try:
-        return response.make_conditional(environ, accept_ranges=True, complete_length=length)
-    except RequestedRangeNotSatisfiable:
+        response = response.make_conditional(environ, accept_ranges=True,
+                                              complete_length=length)
+        if response.status_code == PreconditionFailed.code:
+            raise PreconditionFailed()
+        return response
+    except (RequestedRangeNotSatisfiable, PreconditionFailed):
         response.close()  # (a file send_file opened, as send_file closes it)
         raise

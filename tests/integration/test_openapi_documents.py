@@ -326,6 +326,27 @@ def test_a_range_of_the_gateways_page_is_sent_only_if_range_names_its_strong_eta
         assert _over_http(url, path, If_None_Match=etag)[0] == 304, path
 
 
+def test_a_files_if_none_match_and_if_match_are_answered_before_its_range(served):
+    """Of each Swagger UI file and of the gateway's page and its files: a Range asked with an
+    If-None-Match the file matches is a 304, with an If-Match it does not a 412 (RFC 9110 13.2.2,
+    where Werkzeug sent the range, 206), the 412 in the usual error body, not the file; with
+    conditions that hold, the range is sent."""
+    files = [(service, f"{SWAGGER_UI_FILES}/start-swagger-ui.js") for service in served]
+    files += [("gateway", path) for path in ("/", "/static/app.js")]
+    for service, path in files:
+        url = served[service].url
+        _, given, body = _over_http(url, path)
+        etag, ranged = given["ETag"], {"Range": "bytes=0-3"}
+        assert _over_http(url, path, If_None_Match=etag, **ranged)[0] == 304, (service, path)
+        for headers in ({"If_Match": '"other"'}, {"If_Match": '"other"', **ranged}):
+            status, _, received = _over_http(url, path, **headers)
+            assert status == 412, (service, path, headers)
+            assert json.loads(received)["error"]["code"] == "PRECONDITION_FAILED"
+        for holding in ({"If_None_Match": '"other"'}, {"If_Match": etag}):
+            status, _, received = _over_http(url, path, **holding, **ranged)
+            assert (status, received) == (206, body[:4]), (service, path, holding)
+
+
 def test_a_range_of_a_page_file_is_answered_as_rfc_9110_asks(served):
     """Of each Swagger UI file and of the gateway's page and its files: a suffix longer than the
     file is the whole file (206, bytes 0-(n-1)/n: RFC 9110 14.1.3), a range unit other than bytes
