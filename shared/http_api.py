@@ -54,7 +54,8 @@ def _refused_as_given_more_than_once(schema: marshmallow.Schema, value,
         messages = errors.setdefault(name, [])
         if isinstance(messages, dict):  # (a nested field's, by its own fields)
             messages = messages.setdefault("_schema", [])
-        messages.append(GIVEN_MORE_THAN_ONCE)
+        if GIVEN_MORE_THAN_ONCE not in messages:  # (`a.b` repeated, and `b` in `a`: one name)
+            messages.append(GIVEN_MORE_THAN_ONCE)
     return marshmallow.ValidationError(errors)
 
 

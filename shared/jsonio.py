@@ -31,11 +31,18 @@ def loads_strict(text: str | bytes, object_pairs_hook: Callable[[list], Any] | N
         raise json.JSONDecodeError(f"unreadable JSON ({type(exc).__name__})", doc, 0) from None
 
 
+# Where a name is given more than once, at most so many of them are named (the first met): a body
+# of 64 KiB can repeat names in thousands of objects, and the answer naming each was 1,000 times
+# its size.
+REPEATS_NAMED_AT_MOST = 10
+
+
 def loads_strict_naming_repeats(text: str | bytes) -> tuple[Any, list[str]]:
     """loads_strict's value, and where an object in it gives a name more than once: each such
     name's path, its names and list indexes joined by dots (`"amount"` at the top, `"description.
-    amount"` in the object that is the description, `"0.a"` in an array's first), each once, in
-    the document's order. The value holds the last value of each, as json.loads keeps it."""
+    amount"` in the object that is the description, `"0.a"` in an array's first), depth first,
+    each object's repeated names before what it holds, REPEATS_NAMED_AT_MOST of them at most. The
+    value holds the last value of each, as json.loads keeps it."""
     repeating: list[tuple[dict, list[str]]] = []  # each object that repeats a name, and which
 
     def each_name_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -56,22 +63,37 @@ def loads_strict_naming_repeats(text: str | bytes) -> tuple[Any, list[str]]:
 
 def _paths_of_repeats(value: Any, repeating: list[tuple[dict, list[str]]]) -> list[str]:
     """The paths in `value` of the names repeated in each of `repeating`'s objects (one the value
-    no longer holds, a repeated name's earlier value, is passed over: its name is repeated)."""
+    no longer holds, a repeated name's earlier value, is passed over: its name is repeated), the
+    first REPEATS_NAMED_AT_MOST met."""
     repeated_in = {id(taken): names for taken, names in repeating}  # (`repeating` keeps each)
     paths: list[str] = []
-    # Walked with a stack of its own, not recursively: the value can be as deep as Python recurses.
-    stack: list[tuple[Any, str]] = [(value, "")]
-    while stack:
-        item, path = stack.pop()
+    # Walked with a stack of its own, not recursively (the value can be as deep as Python
+    # recurses), and with each object's or array's place as a link to its parent's, made a path
+    # only for an object that repeats: a path for each item held the body's size squared.
+    stack: list[tuple[Any, tuple | None]] = [(value, None)]
+    while stack and len(paths) < REPEATS_NAMED_AT_MOST:
+        item, place = stack.pop()
         if isinstance(item, dict):
-            paths += (path + name for name in repeated_in.get(id(item), ()))
+            names = repeated_in.get(id(item), ())
+            if names:
+                at = _path_of(place)
+                paths += (at + name for name in names)
             children = item.items()
-        elif isinstance(item, list):
-            children = enumerate(item)
         else:
-            continue
-        stack.extend(reversed([(child, f"{path}{key}.") for key, child in children]))
-    return paths
+            children = enumerate(item)
+        stack.extend(reversed([(child, (place, key)) for key, child in children
+                               if isinstance(child, (dict, list))]))
+    return paths[:REPEATS_NAMED_AT_MOST]
+
+
+def _path_of(place: tuple | None) -> str:
+    """The path, names and indexes each followed by a dot, of an item at `place` (its parent's
+    place and its key in the parent, None at the top)."""
+    keys = []
+    while place is not None:
+        place, key = place
+        keys.append(f"{key}.")
+    return "".join(reversed(keys))
 
 
 def dumps_exact(value: Any) -> str:

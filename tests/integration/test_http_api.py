@@ -224,7 +224,10 @@ def test_a_body_giving_a_name_more_than_once_is_a_422_naming_it_and_writes_nothi
      {"amount": ["must be a number or a numeric string", "Given more than once."]}),
     ('{"amount": "1", "description": "a", "x": 1, "x": 2}',
      {"x": ["Unknown field.", "Given more than once."]}),
-    ('[{"a": 1, "a": 2}]', {"_schema": ["Invalid input type."], "0.a": ["Given more than once."]})])
+    ('[{"a": 1, "a": 2}]', {"_schema": ["Invalid input type."], "0.a": ["Given more than once."]}),
+    # (a name with a dot in it repeated, and the same path repeated within: said once)
+    ('{"amount": "1", "a.b": 1, "a.b": 2, "a": {"b": 1, "b": 2}}',
+     {"a.b": ["Unknown field.", "Given more than once."], "a": ["Unknown field."]})])
 def test_a_name_given_twice_in_a_body_is_refused_with_whatever_else_is_wrong_with_it(
         orders_http, user_id, body, details):
     response = orders_http.post("/orders", data=body, content_type="application/json",

@@ -1,0 +1,44 @@
+"""Where a JSON body gives a name more than once (shared.jsonio.loads_strict_naming_repeats): its
+paths, first met first, a few at most, found without a path for each item the body holds."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+from shared.jsonio import REPEATS_NAMED_AT_MOST, loads_strict_naming_repeats
+
+BODY_LIMIT = 64 * 1024  # (the apps' MAX_CONTENT_LENGTH)
+
+
+def test_each_repeated_name_is_named_at_its_path_depth_first():
+    text = ('{"x": {"c": 1, "c": 2}, "a": 1, "a": 2,'
+            ' "l": [{"d": 1, "d": 2}, 3, [{"e": 1, "e": 2}]]}')
+    value, repeated = loads_strict_naming_repeats(text)
+    assert value == json.loads(text)
+    assert repeated == ["a", "x.c", "l.0.d", "l.2.0.e"]
+    assert loads_strict_naming_repeats('{"a": 1, "b": [1, {"c": 2}]}')[1] == []
+
+
+def test_a_body_repeating_names_in_thousands_of_objects_names_the_first_few():
+    item = '{"a": 1, "a": 1}'
+    text = '{"k": [' + ",".join([item] * ((BODY_LIMIT - 10) // (len(item) + 1))) + "]}"
+    assert len(text) <= BODY_LIMIT
+    _, repeated = loads_strict_naming_repeats(text)
+    assert repeated == [f"k.{index}.a" for index in range(REPEATS_NAMED_AT_MOST)]
+
+
+def test_a_long_name_over_many_items_costs_no_path_for_each_item():
+    """A name of 32,000 characters over 16,000 numbers: a path made for each item took some
+    500 MB for one body of 64 KiB."""
+    name = "k" * 32_000
+    text = '{"username": "a", "username": "b", "' + name + '": [' + ",".join(["0"] * 16_000) + "]}"
+    assert len(text) <= BODY_LIMIT
+    tracemalloc.start()
+    try:
+        _, repeated = loads_strict_naming_repeats(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert repeated == ["username"]
+    assert peak < 8 * 1024 * 1024, peak
