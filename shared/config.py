@@ -324,6 +324,10 @@ FORMS = {
 # line end bound or looked for a socket of another name.
 NO_BLANK_NOR_CONTROL = {
     **{f"{service.upper()}_SERVICE_URL": _first_blank_or_control for service in GRPC_SERVICES},
+    # A database's or Redis's URL alike: one given with a line end (a secret written with `echo`)
+    # or a space in its host passed its form and failed the first connection, in a traceback.
+    **{f"{service.upper()}_DATABASE_URL": _first_blank_or_control for service in SERVICES},
+    "REDIS_URL": _first_blank_or_control, "CELERY_BROKER_URL": _first_blank_or_control,
     **{f"{service.upper()}_GRPC_{role}": _first_blank_or_control_of_grpc_address
        for service in GRPC_SERVICES for role in ("TARGET", "BIND")},
 }
@@ -389,8 +393,8 @@ def _setting(name: str, kind: str, raw: str) -> str | int | float:
             raise ValueError(f"{name}={raw!r}: expected one of {', '.join(CHOICES[name])}")
         if (name in NO_BLANK_NOR_CONTROL
                 and (at := NO_BLANK_NOR_CONTROL[name](raw)) is not None):
-            raise ValueError(f"{name}={raw!r}: expected no whitespace nor control character, and"
-                             f" found {raw[at]!r} at position {at}")
+            raise ValueError(f"{name}={_shown(name, raw)}: expected no whitespace nor control"
+                             f" character, and found {raw[at]!r} at position {at}")
         if name in FORMS and not FORMS[name][0](raw):
             raise ValueError(f"{name}={_shown(name, raw)}: expected {FORMS[name][1]}")
         return NORMALISED[name](raw) if name in NORMALISED else raw

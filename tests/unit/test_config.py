@@ -209,6 +209,23 @@ def test_a_database_url_refused_is_shown_without_its_password(value, shown):
     assert str(refused.value).startswith(f"ORDERS_DATABASE_URL={shown!r}: ")
 
 
+@pytest.mark.parametrize("variable, value, shown", [
+    ("ORDERS_DATABASE_URL", "postgresql://shop:s3cret@db:5432/orders\n",
+     "postgresql://shop:***@db:5432/orders\n"),  # (a secret written with echo)
+    ("PAYMENTS_DATABASE_URL", "postgresql://shop@d b/payments", "postgresql://shop@d b/payments"),
+    ("REDIS_URL", "redis://:s3cret@red is:6379/0", "redis://:***@red is:6379/0"),
+    ("CELERY_BROKER_URL", "redis://redis:6379/0\t", "redis://redis:6379/0\t"),
+])
+def test_a_database_or_redis_url_with_whitespace_or_a_control_character_is_refused(
+        variable, value, shown):
+    """As a service URL is: such a URL passed its form and failed the first connection, in a
+    traceback. Its password hidden."""
+    with pytest.raises(ValueError, match="expected no whitespace nor control character"
+                                         ) as refused:
+        load_settings({variable: value})
+    assert str(refused.value).startswith(f"{variable}={shown!r}: ")
+
+
 @pytest.mark.parametrize("value", ["redis://127.0.0.1:6379/0", "redis://:pw@redis:6379/12",
                                    "rediss://redis.internal", "redis://[::1]:6379",
                                    "redis://", "redis:///0", "redis://:pw@:6380/1"])
