@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from decimal import Decimal
+from itertools import islice
 from typing import Any
 
 from flask.json.provider import DefaultJSONProvider
@@ -35,14 +36,17 @@ def loads_strict(text: str | bytes, object_pairs_hook: Callable[[list], Any] | N
 # of 64 KiB can repeat names in thousands of objects, and the answer naming each was 1,000 times
 # its size.
 REPEATS_NAMED_AT_MOST = 10
+# And a path is named by its last so many characters at most (a name can be 64 KiB long).
+PATH_NAMED_AT_MOST = 200
 
 
 def loads_strict_naming_repeats(text: str | bytes) -> tuple[Any, list[str]]:
     """loads_strict's value, and where an object in it gives a name more than once: each such
     name's path, its names and list indexes joined by dots (`"amount"` at the top, `"description.
     amount"` in the object that is the description, `"0.a"` in an array's first), depth first,
-    each object's repeated names before what it holds, REPEATS_NAMED_AT_MOST of them at most. The
-    value holds the last value of each, as json.loads keeps it."""
+    each object's repeated names before what it holds, REPEATS_NAMED_AT_MOST of them at most, each
+    by its last PATH_NAMED_AT_MOST characters at most ("…" before them). The value holds the last
+    value of each, as json.loads keeps it."""
     repeating: list[tuple[dict, list[str]]] = []  # each object that repeats a name, and which
 
     def each_name_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -77,13 +81,18 @@ def _paths_of_repeats(value: Any, repeating: list[tuple[dict, list[str]]]) -> li
             names = repeated_in.get(id(item), ())
             if names:
                 at = _path_of(place)
-                paths += (at + name for name in names)
+                paths += (_shortened(at + name)
+                          for name in islice(names, REPEATS_NAMED_AT_MOST - len(paths)))
             children = item.items()
         else:
             children = enumerate(item)
         stack.extend(reversed([(child, (place, key)) for key, child in children
                                if isinstance(child, (dict, list))]))
-    return paths[:REPEATS_NAMED_AT_MOST]
+    return paths
+
+
+def _shortened(path: str) -> str:
+    return path if len(path) <= PATH_NAMED_AT_MOST else "…" + path[1 - PATH_NAMED_AT_MOST:]
 
 
 def _path_of(place: tuple | None) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import tracemalloc
 
-from shared.jsonio import REPEATS_NAMED_AT_MOST, loads_strict_naming_repeats
+from shared.jsonio import PATH_NAMED_AT_MOST, REPEATS_NAMED_AT_MOST, loads_strict_naming_repeats
 
 BODY_LIMIT = 64 * 1024  # (the apps' MAX_CONTENT_LENGTH)
 
@@ -41,4 +41,22 @@ def test_a_long_name_over_many_items_costs_no_path_for_each_item():
     finally:
         tracemalloc.stop()
     assert repeated == ["username"]
+    assert peak < 8 * 1024 * 1024, peak
+
+
+def test_one_object_repeating_thousands_of_names_under_a_long_name_names_a_few_shortly():
+    """2,600 names each given twice in an object under a name of 20,000 characters: a path was
+    made for each (58 MB), and each named was 20,000 characters long."""
+    pairs = ",".join(f'"{index}":0,"{index}":0' for index in range(2_600))
+    text = '{"' + "k" * 20_000 + '": {' + pairs + "}}"
+    assert len(text) <= BODY_LIMIT
+    tracemalloc.start()
+    try:
+        _, repeated = loads_strict_naming_repeats(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert repeated == ["…" + ("k" * 20_000 + f".{index}")[1 - PATH_NAMED_AT_MOST:]
+                        for index in range(REPEATS_NAMED_AT_MOST)]
+    assert all(len(path) == PATH_NAMED_AT_MOST for path in repeated)
     assert peak < 8 * 1024 * 1024, peak
