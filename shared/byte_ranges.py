@@ -52,6 +52,9 @@ def answer_range_as_rfc_9110(response: Response, environ: dict) -> Response:
     Werkzeug passed over for a 206). A 412 is raised, to be answered as the app's errors are (it
     carried the whole file). The request's environ is left as it is."""
     length = response.content_length
+    if environ.get("HTTP_IF_MATCH", "").strip() == "*":
+        # (The file is: that holds, RFC 9110 13.1.1; Werkzeug's ETags took "*" for no match.)
+        environ = {key: value for key, value in environ.items() if key != "HTTP_IF_MATCH"}
     if "HTTP_RANGE" in environ:
         answered = (range_answered(environ["HTTP_RANGE"], length)
                     if range_may_be_sent(environ.get("HTTP_IF_RANGE"), response.get_etag()[0])

@@ -342,9 +342,10 @@ def test_a_files_if_none_match_and_if_match_are_answered_before_its_range(served
             status, _, received = _over_http(url, path, **headers)
             assert status == 412, (service, path, headers)
             assert json.loads(received)["error"]["code"] == "PRECONDITION_FAILED"
-        for holding in ({"If_None_Match": '"other"'}, {"If_Match": etag}):
+        for holding in ({"If_None_Match": '"other"'}, {"If_Match": etag}, {"If_Match": "*"}):
             status, _, received = _over_http(url, path, **holding, **ranged)
             assert (status, received) == (206, body[:4]), (service, path, holding)
+            assert _over_http(url, path, **holding)[0] == 200, (service, path, holding)
 
 
 def test_a_range_of_a_page_file_is_answered_as_rfc_9110_asks(served):
