@@ -224,6 +224,12 @@ def test_a_database_or_redis_url_with_whitespace_or_a_control_character_is_refus
                                          ) as refused:
         load_settings({variable: value})
     assert str(refused.value).startswith(f"{variable}={shown!r}: ")
+    assert str(refused.value).endswith("(in a URL, write a space as %20)")
+
+
+def test_a_space_in_a_redis_sockets_path_is_taken_percent_encoded():
+    path = "redis+socket:///run/my%20shop/redis.sock"
+    assert load_settings({"CELERY_BROKER_URL": path}).celery_broker_url == path
 
 
 @pytest.mark.parametrize("value", ["redis://127.0.0.1:6379/0", "redis://:pw@redis:6379/12",
