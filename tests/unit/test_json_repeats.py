@@ -11,6 +11,16 @@ from shared.jsonio import PATH_NAMED_AT_MOST, REPEATS_NAMED_AT_MOST, loads_stric
 BODY_LIMIT = 64 * 1024  # (the apps' MAX_CONTENT_LENGTH)
 
 
+def _repeats_and_peak_memory(text: str) -> tuple[list[str], int]:
+    """The repeats loads_strict_naming_repeats names in `text`, and the most memory it held."""
+    tracemalloc.start()
+    try:
+        _, repeated = loads_strict_naming_repeats(text)
+        return repeated, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_each_repeated_name_is_named_at_its_path_depth_first():
     text = ('{"x": {"c": 1, "c": 2}, "a": 1, "a": 2,'
             ' "l": [{"d": 1, "d": 2}, 3, [{"e": 1, "e": 2}]]}')
@@ -34,12 +44,7 @@ def test_a_long_name_over_many_items_costs_no_path_for_each_item():
     name = "k" * 32_000
     text = '{"username": "a", "username": "b", "' + name + '": [' + ",".join(["0"] * 16_000) + "]}"
     assert len(text) <= BODY_LIMIT
-    tracemalloc.start()
-    try:
-        _, repeated = loads_strict_naming_repeats(text)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    repeated, peak = _repeats_and_peak_memory(text)
     assert repeated == ["username"]
     assert peak < 8 * 1024 * 1024, peak
 
@@ -50,12 +55,7 @@ def test_one_object_repeating_thousands_of_names_under_a_long_name_names_a_few_s
     pairs = ",".join(f'"{index}":0,"{index}":0' for index in range(2_600))
     text = '{"' + "k" * 20_000 + '": {' + pairs + "}}"
     assert len(text) <= BODY_LIMIT
-    tracemalloc.start()
-    try:
-        _, repeated = loads_strict_naming_repeats(text)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    repeated, peak = _repeats_and_peak_memory(text)
     assert repeated == ["…" + ("k" * 20_000 + f".{index}")[1 - PATH_NAMED_AT_MOST:]
                         for index in range(REPEATS_NAMED_AT_MOST)]
     assert all(len(path) == PATH_NAMED_AT_MOST for path in repeated)
