@@ -281,6 +281,14 @@ def _first_blank_or_control(raw: str) -> int | None:
     return next((at for at, char in enumerate(raw) if _blank_or_control(char)), None)
 
 
+def _first_blank_at_an_end_or_control(raw: str) -> int | None:
+    """Where the first whitespace at either end of `raw`, or control or other whitespace character
+    but a space within it, is; None for none."""
+    within = range(len(raw) - len(raw.lstrip()), len(raw.rstrip()))
+    return next((at for at, char in enumerate(raw)
+                 if _blank_or_control(char) and not (char == " " and at in within)), None)
+
+
 def _first_blank_or_control_of_grpc_address(raw: str) -> int | None:
     r"""Where the first whitespace or control character of a gRPC address is, but for a space
     within a socket's path (SOCKET_PATH_SCHEMES): a space at either end of the path, a line end
@@ -314,10 +322,9 @@ FORMS = {
                           "a Redis URL as Celery reads it, redis://[:password@]host:port/db or"
                           " redis+socket:///path"),
 }
-# The URLs of the databases and Redis, which take a space percent-encoded (in a socket's path, a
-# password: redis-py, kombu and SQLAlchemy decode it).
-URLS_SPACED_AS_20 = (*(f"{service.upper()}_DATABASE_URL" for service in SERVICES), "REDIS_URL",
-                     "CELERY_BROKER_URL")
+# The URLs of the databases and Redis.
+DATABASE_AND_REDIS_URLS = (*(f"{service.upper()}_DATABASE_URL" for service in SERVICES),
+                           "REDIS_URL", "CELERY_BROKER_URL")
 # The settings refused with a whitespace or control character in them, each with what finds the
 # first one it refuses. A service URL: anywhere, as urlsplit drops tabs and line breaks, and takes
 # a space in the host, so that "http://orders:8001\t" or "http://ord ers:8001" passed its form and
@@ -328,9 +335,10 @@ URLS_SPACED_AS_20 = (*(f"{service.upper()}_DATABASE_URL" for service in SERVICES
 # line end bound or looked for a socket of another name.
 NO_BLANK_NOR_CONTROL = {
     **{f"{service.upper()}_SERVICE_URL": _first_blank_or_control for service in GRPC_SERVICES},
-    # A database's or Redis's URL alike: one given with a line end (a secret written with `echo`)
-    # or a space in its host passed its form and failed the first connection, in a traceback.
-    **{name: _first_blank_or_control for name in URLS_SPACED_AS_20},
+    # A database's or Redis's URL: at either end (a line end a secret written with `echo` left,
+    # which passed its form and failed the first connection, in a traceback) or a control
+    # character anywhere; a space within is the URL's (SQLAlchemy writes a password's as it is).
+    **{name: _first_blank_at_an_end_or_control for name in DATABASE_AND_REDIS_URLS},
     **{f"{service.upper()}_GRPC_{role}": _first_blank_or_control_of_grpc_address
        for service in GRPC_SERVICES for role in ("TARGET", "BIND")},
 }
@@ -397,9 +405,7 @@ def _setting(name: str, kind: str, raw: str) -> str | int | float:
         if (name in NO_BLANK_NOR_CONTROL
                 and (at := NO_BLANK_NOR_CONTROL[name](raw)) is not None):
             raise ValueError(f"{name}={_shown(name, raw)}: expected no whitespace nor control"
-                             f" character, and found {raw[at]!r} at position {at}"
-                             + (" (in a URL, write a space as %20)" if name in URLS_SPACED_AS_20
-                                else ""))
+                             f" character, and found {raw[at]!r} at position {at}")
         if name in FORMS and not FORMS[name][0](raw):
             raise ValueError(f"{name}={_shown(name, raw)}: expected {FORMS[name][1]}")
         return NORMALISED[name](raw) if name in NORMALISED else raw
