@@ -19,9 +19,10 @@ class _PageBlueprint(Blueprint):
 
 
 def _page_file(name: str, max_age: int | None = None) -> Response:
-    """The page's file `name` as send_file sends it, but for its Range and If-Range, read as RFC
-    9110 has them (shared.byte_ranges): `bytes=-99999` is the whole file, not a 416, and a range
-    is sent only with no If-Range or the file's strong ETag."""
+    """The page's file `name` as send_file sends it, but for its conditions and Range, answered
+    as RFC 9110 orders and reads them (shared.byte_ranges): `bytes=-99999` is the whole file, not
+    a 416, a range is sent only with no If-Range or the file's strong ETag, and If-Match,
+    If-Unmodified-Since, If-None-Match and If-Modified-Since are answered in 13.2.2's order."""
     response = send_from_directory(PAGE_DIR, name, max_age=max_age, conditional=False)
     return answer_range_as_rfc_9110(response, request.environ)
 

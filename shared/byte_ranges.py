@@ -1,12 +1,119 @@
-"""A `Range` of a file the shop serves (its web page's, its Swagger UI's) read as RFC 9110 has it,
-before Werkzeug answers it: Werkzeug answered 416 where the RFC asks for the whole file, and sent
-a range with an If-Range the RFC does not let it be sent with."""
+"""The conditions and `Range` of a file the shop serves (its web page's, its Swagger UI's) read
+and answered in the order RFC 9110 (13.2.2) gives them, before Werkzeug sends the file or its
+range: Werkzeug answered 416 where the RFC asks for the whole file, sent a range with an If-Range
+the RFC does not let it be sent with, let If-Match overrule If-None-Match and If-Modified-Since
+(a 200 where the RFC asks for a 304) and never read If-Unmodified-Since."""
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime
+
 from werkzeug.exceptions import PreconditionFailed, RequestedRangeNotSatisfiable
-from werkzeug.http import is_resource_modified, parse_range_header
+from werkzeug.http import parse_range_header
 from werkzeug.wrappers import Response
+
+# The headers of a request's conditions; answered here, none is left for Werkzeug to answer again.
+CONDITIONS = ("HTTP_IF_MATCH", "HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE",
+              "HTTP_IF_UNMODIFIED_SINCE", "HTTP_IF_RANGE", "HTTP_RANGE")
+
+# An entity-tag of a list (RFC 9110 8.8.3: `W/` is case-sensitive, etagc is any visible
+# character but DQUOTE, or obs-text), and the comma or end after it.
+_ENTITY_TAG = re.compile(r'[ \t]*(W/)?("[\x21\x23-\x7e\x80-\xff]*")[ \t]*(?:,|\Z)')
+_EMPTY_ELEMENTS = re.compile(r"[ \t,]*")
+
+# The three forms of an HTTP-date (RFC 9110 5.6.7), case-sensitive, in GMT.
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTH = "(?P<month>" + "|".join(_MONTHS) + ")"
+_TIME = r"(?P<hour>\d\d):(?P<minute>\d\d):(?P<second>\d\d)"
+_HTTP_DATES = (
+    re.compile(rf"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), (?P<day>\d\d) {_MONTH} (?P<year>\d{{4}}) "
+               rf"{_TIME} GMT"),  # IMF-fixdate
+    re.compile(rf"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), (?P<day>\d\d)-"
+               rf"{_MONTH}-(?P<year>\d\d) {_TIME} GMT"),  # rfc850-date
+    re.compile(rf"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) {_MONTH} (?P<day>[ \d]\d) {_TIME} "
+               r"(?P<year>\d{4})"),  # asctime-date
+)
+
+
+def http_date(value: str, now: datetime | None = None) -> datetime | None:
+    """The time `value` is as an HTTP-date (RFC 9110 5.6.7), None if it is none (a list of
+    dates, another form, a day that is not): If-Modified-Since and If-Unmodified-Since are
+    ignored then (13.1.3, 13.1.4), where Werkzeug read the first of a list, a date of any case or
+    time zone. An rfc850-date's two-digit year is the latest not more than 50 years ahead."""
+    value = value.strip(" \t")
+    for form in _HTTP_DATES:
+        if (found := form.fullmatch(value)) is None:
+            continue
+        year = int(found["year"])
+        if len(found["year"]) == 2:
+            this_year = (now or datetime.now(UTC)).year
+            year += this_year - this_year % 100
+            if year > this_year + 50:
+                year -= 100
+        try:
+            return datetime(year, _MONTHS.index(found["month"]) + 1, int(found["day"]),
+                            int(found["hour"]), int(found["minute"]),
+                            min(int(found["second"]), 59), tzinfo=UTC)  # (60: a leap second)
+        except ValueError:  # (the 30th of February, hour 25)
+            return None
+    return None
+
+
+def entity_tags(value: str) -> list[tuple[bool, str]]:
+    """The entity-tags of an If-Match or If-None-Match list, each (weak, its opaque-tag with its
+    quotes), up to the first element that is none (an unquoted tag, `w/"x"`: none matches)."""
+    tags, at = [], 0
+    while (at := _EMPTY_ELEMENTS.match(value, at).end()) < len(value):
+        if (found := _ENTITY_TAG.match(value, at)) is None:
+            break
+        tags.append((found[1] is not None, found[2]))
+        at = found.end()
+    return tags
+
+
+def _if_match_holds(value: str, etag: tuple[str, bool] | None) -> bool:
+    """RFC 9110 13.1.1: `*` holds for a file that is (Werkzeug's ETags took it for no match),
+    a list if one of its tags is the file's by the strong comparison (neither weak)."""
+    if value.strip(" \t") == "*":
+        return True
+    return etag is not None and not etag[1] and any(
+        not weak and tag == f'"{etag[0]}"' for weak, tag in entity_tags(value))
+
+
+def _if_none_match_holds(value: str, etag: tuple[str, bool] | None) -> bool:
+    """RFC 9110 13.1.2: `*` fails for a file that is, a list if one of its tags is the file's by
+    the weak comparison (either or both weak)."""
+    if value.strip(" \t") == "*":
+        return False
+    return etag is None or all(tag != f'"{etag[0]}"' for _weak, tag in entity_tags(value))
+
+
+def precondition_answer(environ: dict, etag: tuple[str, bool] | None,
+                        last_modified: datetime | None) -> int | None:
+    """The status a request's preconditions answer it with before its method is applied to a
+    file of this `etag` (and whether it is weak) and `last_modified` time: 412, 304 or None (the
+    file, or a range of it), in the order of RFC 9110 13.2.2. If-Match first, or else
+    If-Unmodified-Since (ignored with an If-Match, 13.1.4); then If-None-Match, or else, for a GET
+    or HEAD, If-Modified-Since (ignored with an If-None-Match, 13.1.3); a date that is no
+    HTTP-date ignored, and so is either date for a file that has none."""
+    method = environ.get("REQUEST_METHOD", "GET")
+    if "HTTP_IF_MATCH" in environ:
+        if not _if_match_holds(environ["HTTP_IF_MATCH"], etag):
+            return PreconditionFailed.code
+    elif "HTTP_IF_UNMODIFIED_SINCE" in environ and last_modified is not None:
+        since = http_date(environ["HTTP_IF_UNMODIFIED_SINCE"])
+        if since is not None and last_modified > since:
+            return PreconditionFailed.code
+    if "HTTP_IF_NONE_MATCH" in environ:
+        if not _if_none_match_holds(environ["HTTP_IF_NONE_MATCH"], etag):
+            return 304 if method in ("GET", "HEAD") else PreconditionFailed.code
+    elif ("HTTP_IF_MODIFIED_SINCE" in environ and method in ("GET", "HEAD")
+          and last_modified is not None):
+        since = http_date(environ["HTTP_IF_MODIFIED_SINCE"])
+        if since is not None and last_modified <= since:
+            return 304
+    return None
 
 
 def range_answered(asked: str, length: int) -> str | None:
@@ -45,32 +152,36 @@ def range_may_be_sent(if_range: str | None, etag: str | None) -> bool:
 
 
 def answer_range_as_rfc_9110(response: Response, environ: dict) -> Response:
-    """`response`, a whole file with its (strong) ETag and Content-Length, made conditional for
-    the request of `environ` as Werkzeug makes it (a 304, a 412, a 206 ...), but for its Range:
-    sent only as range_may_be_sent allows (a 200 otherwise), and read as range_answered reads it;
-    and never where If-None-Match or If-Match answer first (RFC 9110 13.2.2: a 304, a 412, which
-    Werkzeug passed over for a 206). A 412 is raised, to be answered as the app's errors are (it
-    carried the whole file). The request's environ is left as it is."""
+    """`response`, a whole file with its ETag, Last-Modified and Content-Length, answered for the
+    request of `environ` as RFC 9110 13.2.2 orders its conditions (precondition_answer): a 412,
+    raised to be answered as the app's errors are (it carried the whole file); a 304 with the
+    headers a 200 would have had but the file's own (ETag, Vary, Cache-Control stay); or else,
+    for a GET, its Range (a HEAD's is ignored, 14.2) sent only as range_may_be_sent allows (the
+    whole file otherwise), read as range_answered reads it, and a part of it sent (206) or a 416
+    raised by Werkzeug. The request's environ is left as it is."""
     length = response.content_length
-    if environ.get("HTTP_IF_MATCH", "").strip() == "*":
-        # (The file is: that holds, RFC 9110 13.1.1; Werkzeug's ETags took "*" for no match.)
-        environ = {key: value for key, value in environ.items() if key != "HTTP_IF_MATCH"}
-    if "HTTP_RANGE" in environ:
-        answered = (range_answered(environ["HTTP_RANGE"], length)
-                    if range_may_be_sent(environ.get("HTTP_IF_RANGE"), response.get_etag()[0])
-                    and is_resource_modified(environ, response.headers.get("ETag"),
-                                             last_modified=response.headers.get("Last-Modified"))
-                    else None)
-        environ = {key: value for key, value in environ.items()
-                   if key not in ("HTTP_RANGE", "HTTP_IF_RANGE")}  # None: the whole file, a 200
-        if answered is not None:
-            environ["HTTP_RANGE"] = answered
-    try:
-        response = response.make_conditional(environ, accept_ranges=True,
-                                              complete_length=length)
-        if response.status_code == PreconditionFailed.code:
-            raise PreconditionFailed()
-        return response
-    except (RequestedRangeNotSatisfiable, PreconditionFailed):
+    etag = response.get_etag()
+    answer = precondition_answer(environ, None if etag[0] is None else etag,
+                                 response.last_modified)
+    if answer == PreconditionFailed.code:
         response.close()  # (a file send_file opened, as send_file closes it)
+        raise PreconditionFailed()
+    method = environ.get("REQUEST_METHOD", "GET")
+    # Werkzeug answers what is left of it: a Range, if any may be sent, and no condition.
+    unconditional = {key: value for key, value in environ.items() if key not in CONDITIONS}
+    if answer is None and method == "GET" and "HTTP_RANGE" in environ and range_may_be_sent(
+            environ.get("HTTP_IF_RANGE"), None if etag[1] else etag[0]):
+        answered = range_answered(environ["HTTP_RANGE"], length)
+        if answered is not None:
+            unconditional["HTTP_RANGE"] = answered
+    try:
+        response = response.make_conditional(unconditional, accept_ranges=True,
+                                              complete_length=length)
+    except RequestedRangeNotSatisfiable:
+        response.close()
         raise
+    if answer == 304:
+        # (Werkzeug leaves out the file's own headers, Content-Type, -Length, -Encoding and
+        # Last-Modified, and the body; the file it no longer sends is closed as the answer is.)
+        response.status_code = 304
+    return response

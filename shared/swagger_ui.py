@@ -100,9 +100,8 @@ def page_file(name: str) -> PageFile:
 
 def answer_with_page_file(name: str) -> Response:
     """The file `name`, gzipped to a client that accepts it (`Content-Encoding: gzip`), as it is
-    to one that does not; either way with `Vary: Accept-Encoding` and its form's ETag, conditional
-    and range requests answered as Flask's send_file answers them, but for If-Range and a Range
-    Werkzeug would refuse (shared.byte_ranges)."""
+    to one that does not; either way with `Vary: Accept-Encoding` and its form's ETag, its
+    conditions and range answered as RFC 9110 orders and reads them (shared.byte_ranges)."""
     file = page_file(name)
     gzipped = (request.accept_encodings["gzip"] > 0
                and len(file.gzipped.body) < len(file.plain.body))

@@ -10,6 +10,7 @@ import http.client
 import json
 import re
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ import pytest
 from openapi_schema_validator import OAS30Validator
 from openapi_schema_validator import validate as validate_value
 from openapi_spec_validator import OpenAPIV30SpecValidator, validate
+from werkzeug.http import http_date, parse_date
 from werkzeug.serving import make_server
 
 import gateway_app
@@ -346,6 +348,88 @@ def test_a_files_if_none_match_and_if_match_are_answered_before_its_range(served
             status, _, received = _over_http(url, path, **holding, **ranged)
             assert (status, received) == (206, body[:4]), (service, path, holding)
             assert _over_http(url, path, **holding)[0] == 200, (service, path, holding)
+
+
+def test_a_files_conditions_are_answered_in_the_order_rfc_9110_gives_them(served):
+    """Of each Swagger UI file and of the gateway's page and its files, a GET's and a HEAD's
+    conditions as RFC 9110 13.2.2 orders them: If-Match (strong) or else If-Unmodified-Since, a 412
+    in the usual error body if it fails; then If-None-Match (weak) or else If-Modified-Since, a
+    304 if it fails. Werkzeug let a matching If-Match overrule If-None-Match and If-Modified-Since
+    (a 200), never read If-Unmodified-Since, and read a list of dates or a date in lower case."""
+    files = [(service, f"{SWAGGER_UI_FILES}/start-swagger-ui.js") for service in served]
+    files += [("gateway", path) for path in ("/", "/static/app.js")]
+    for service, path in files:
+        url = served[service].url
+        _, given, body = _over_http(url, path)
+        etag, modified = given["ETag"], given["Last-Modified"]
+        earlier = http_date(parse_date(modified) - timedelta(days=1))
+        later = http_date(parse_date(modified) + timedelta(days=1))
+        for method in ("GET", "HEAD"):
+            for headers, status in (
+                    ({"If_Match": etag, "If_None_Match": etag}, 304),
+                    ({"If_Match": "*", "If_None_Match": f'"other", W/{etag}'}, 304),
+                    ({"If_Match": etag, "If_Modified_Since": modified}, 304),
+                    ({"If_Match": f'"other", {etag}', "If_Modified_Since": later}, 304),
+                    ({"If_Match": '"other"', "If_None_Match": '"other"'}, 412),
+                    ({"If_Match": f"W/{etag}"}, 412),
+                    ({"If_Match": etag.strip('"')}, 412),  # (an unquoted tag is none)
+                    ({"If_Match": '"other"', "If_None_Match": etag}, 412),
+                    ({"If_Unmodified_Since": earlier}, 412),
+                    ({"If_Unmodified_Since": earlier, "If_None_Match": etag}, 412),
+                    ({"If_Unmodified_Since": earlier, "Range": "bytes=0-3"}, 412),
+                    ({"If_Unmodified_Since": modified}, 200),
+                    ({"If_Unmodified_Since": later, "If_None_Match": etag}, 304),
+                    # (ignored with an If-Match, and where it is no HTTP-date)
+                    ({"If_Unmodified_Since": earlier, "If_Match": etag}, 200),
+                    ({"If_Unmodified_Since": "yesterday"}, 200),
+                    ({"If_Unmodified_Since": f"{later}, {earlier}"}, 200),
+                    ({"If_Unmodified_Since": earlier.lower()}, 200),
+                    ({"If_Modified_Since": modified}, 304),
+                    ({"If_Modified_Since": earlier}, 200),
+                    ({"If_Modified_Since": f"{modified}, {earlier}"}, 200),
+                    ({"If_Modified_Since": modified.lower()}, 200),
+                    ({"If_Modified_Since": modified.replace("GMT", "+0000")}, 200),
+                    ({"If_None_Match": '"other"', "If_Modified_Since": modified}, 200),
+                    ({"If_None_Match": f"W/{etag}"}, 304), ({"If_None_Match": "*"}, 304)):
+                got, answered, received = _over_http(url, path, method, **headers)
+                assert got == status, (service, path, method, headers)
+                if status == 412:
+                    assert method == "HEAD" or json.loads(received)["error"]["code"] == (
+                        "PRECONDITION_FAILED"), (service, path, headers)
+                elif status == 304:
+                    assert received == b"", (service, path, method, headers)
+                    assert answered["ETag"] == etag and answered["Cache-Control"] == (
+                        given["Cache-Control"]) and answered["Date"], (service, path, headers)
+                    assert answered.get("Vary") == given.get("Vary"), (service, path, headers)
+                    assert not {"Content-Type", "Content-Encoding", "Content-Range",
+                                "Last-Modified"} & set(answered), (service, path, headers)
+                    assert answered.get("Content-Length") in (None, "0"), (service, path)
+                else:
+                    assert received == (body if method == "GET" else b""), (service, path)
+                    assert int(answered["Content-Length"]) == len(body), (service, path)
+
+
+def test_a_files_range_is_sent_to_a_get_alone_after_its_conditions(served):
+    """Of each Swagger UI file and of the gateway's page: a GET's range is sent when its
+    conditions hold (If-Unmodified-Since its date, If-Modified-Since before it), a HEAD's is
+    ignored (RFC 9110 14.2: GET is the one method it is defined for), where Werkzeug answered it
+    206."""
+    files = [(service, f"{SWAGGER_UI_FILES}/start-swagger-ui.js") for service in served]
+    files += [("gateway", "/")]
+    for service, path in files:
+        url = served[service].url
+        _, given, body = _over_http(url, path)
+        modified = given["Last-Modified"]
+        earlier = http_date(parse_date(modified) - timedelta(days=1))
+        for headers in ({}, {"If_Unmodified_Since": modified}, {"If_Modified_Since": earlier},
+                        {"If_Match": given["ETag"], "If_Unmodified_Since": earlier}):
+            got, answered, received = _over_http(url, path, Range="bytes=0-3", **headers)
+            assert (got, received, answered["Content-Range"]) == (
+                206, body[:4], f"bytes 0-3/{len(body)}"), (service, path, headers)
+            got, answered, received = _over_http(url, path, "HEAD", Range="bytes=0-3", **headers)
+            assert (got, received, int(answered["Content-Length"])) == (
+                200, b"", len(body)), (service, path, headers)
+            assert "Content-Range" not in answered, (service, path, headers)
 
 
 def test_a_range_of_a_page_file_is_answered_as_rfc_9110_asks(served):
