@@ -227,7 +227,14 @@ def test_a_body_giving_a_name_more_than_once_is_a_422_naming_it_and_writes_nothi
     ('[{"a": 1, "a": 2}]', {"_schema": ["Invalid input type."], "0.a": ["Given more than once."]}),
     # (a name with a dot in it repeated, and the same path repeated within: said once)
     ('{"amount": "1", "a.b": 1, "a.b": 2, "a": {"b": 1, "b": 2}}',
-     {"a.b": ["Unknown field.", "Given more than once."], "a": ["Unknown field."]})])
+     {"a.b": ["Unknown field.", "Given more than once."], "a": ["Unknown field."]}),
+    # (a name given three times, and the same path twice: each named once and counted once
+    # toward the first ten named, where the path met again took the tenth's place)
+    ('{"amount": "1", "amount": "2", "amount": "3", "l": [{"a.b": 1, "a.b": 1, "a": {"b": 1,'
+     ' "b": 1}}, {' + ", ".join(f'"n{index}": 1, "n{index}": 1' for index in range(9)) + "}]}",
+     {"amount": ["Given more than once."], "l": ["Unknown field."],
+      "l.0.a.b": ["Given more than once."]}
+     | {f"l.1.n{index}": ["Given more than once."] for index in range(8)})])
 def test_a_name_given_twice_in_a_body_is_refused_with_whatever_else_is_wrong_with_it(
         orders_http, user_id, body, details):
     response = orders_http.post("/orders", data=body, content_type="application/json",

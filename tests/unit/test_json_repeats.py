@@ -60,3 +60,33 @@ def test_one_object_repeating_thousands_of_names_under_a_long_name_names_a_few_s
                         for index in range(REPEATS_NAMED_AT_MOST)]
     assert all(len(path) == PATH_NAMED_AT_MOST for path in repeated)
     assert peak < 8 * 1024 * 1024, peak
+
+
+def test_a_path_met_again_is_named_once_and_counted_once():
+    """A name given three times, `a.b` repeated beside a repeated `b` in `a`, two long paths
+    whose last characters are the same: each named once, and the first REPEATS_NAMED_AT_MOST
+    named are as many paths (the same path took two of them)."""
+    assert loads_strict_naming_repeats('{"a": 1, "a": 2, "a": 3}')[1] == ["a"]
+    assert loads_strict_naming_repeats(
+        '{"a.b": 1, "a.b": 2, "a": {"b": 1, "b": 2, "b": 3}}')[1] == ["a.b"]
+    long = "k" * PATH_NAMED_AT_MOST
+    assert loads_strict_naming_repeats(
+        f'{{"x{long}": 1, "x{long}": 1, "y{long}": 1, "y{long}": 1}}')[1] == ["…" + long[1:]]
+    names = ",".join(f'"n{index}": 1, "n{index}": 1' for index in range(REPEATS_NAMED_AT_MOST))
+    text = '{"l": [{"a.b": 1, "a.b": 1, "a": {"b": 1, "b": 1}}, {' + names + "}]}"
+    assert loads_strict_naming_repeats(text)[1] == ["l.0.a.b"] + [
+        f"l.1.n{index}" for index in range(REPEATS_NAMED_AT_MOST - 1)]
+
+
+def test_repeats_in_a_repeated_names_earlier_value_are_passed_over_and_those_after_named():
+    """The walk stops once it has met every object the value holds that repeats a name: one in an
+    earlier value of a repeated name (the value does not hold it), however deep in others, is not
+    waited for, nor counted for one that is."""
+    for text, named in (
+            ('{"x": {"a": 1, "a": 2}, "x": [{"b": 1, "b": 1}], "y": [{"c": 1, "c": 1}]}',
+             ["x", "x.0.b", "y.0.c"]),
+            ('{"x": [{"y": {"a": 1, "a": 1}, "y": [{"b": 1, "b": 1}]}], "x": 0,'
+             ' "z": [[], [0], {"c": 1, "c": 1}]}', ["x", "z.2.c"]),
+            ('[{"x": {"a": 1, "a": 1}, "x": {"a": 1, "a": 1}}, {"a": 1, "a": 1}]',
+             ["0.x", "0.x.a", "1.a"])):
+        assert loads_strict_naming_repeats(text)[1] == named, text
