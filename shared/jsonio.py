@@ -37,6 +37,10 @@ def loads_strict(text: str | bytes, object_pairs_hook: Callable[[list], Any] | N
 REPEATS_NAMED_AT_MOST = 10
 # And a path is named by its last so many characters at most (a name can be 64 KiB long).
 PATH_NAMED_AT_MOST = 200
+# And they are of the first so many repeated names met (a path met again, not named, counts too):
+# in a deep chain of objects each repeating a name, every path cut to its last characters is the
+# same, and each was tried, its path made through some 1,000 parents (16 KiB: 50 ms of a core).
+REPEATS_TRIED_AT_MOST = 100
 
 
 def loads_strict_naming_repeats(text: str | bytes) -> tuple[Any, list[str]]:
@@ -45,8 +49,9 @@ def loads_strict_naming_repeats(text: str | bytes) -> tuple[Any, list[str]]:
     amount"` in the object that is the description, `"0.a"` in an array's first), depth first,
     each object's repeated names before what it holds, REPEATS_NAMED_AT_MOST of them at most, each
     by its last PATH_NAMED_AT_MOST characters at most ("…" before them), and each once (a path
-    met again, `a.b` repeated beside a repeated `b` in `a`, is neither named nor counted again).
-    The value holds the last value of each, as json.loads keeps it."""
+    met again, `a.b` repeated beside a repeated `b` in `a`, is neither named nor counted again),
+    of the first REPEATS_TRIED_AT_MOST repeated names met. The value holds the last value of each,
+    as json.loads keeps it."""
     repeating: list[tuple[dict, list[str]]] = []  # each object that repeats a name, and which
 
     def each_name_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -68,20 +73,23 @@ def loads_strict_naming_repeats(text: str | bytes) -> tuple[Any, list[str]]:
 def _paths_of_repeats(value: Any, repeating: list[tuple[dict, list[str]]]) -> list[str]:
     """The paths in `value` of the names repeated in each of `repeating`'s objects (one the value
     no longer holds, a repeated name's earlier value, is passed over: its name is repeated), the
-    first REPEATS_NAMED_AT_MOST met, each once."""
+    first REPEATS_NAMED_AT_MOST met, each once, of the first REPEATS_TRIED_AT_MOST names met."""
     repeated_in = {id(taken): names for taken, names in repeating}  # (`repeating` keeps each)
     paths: list[str] = []
     named: set[str] = set()
+    tried = 0
     for item, place in _places_of(value, repeated_in):
-        names = repeated_in[id(item)]
-        at = _path_of(place)
-        for name in names:
+        at = _end_of_path(place)
+        for name in repeated_in[id(item)]:
             path = _shortened(at, name)
             if path not in named:
                 named.add(path)
                 paths.append(path)
                 if len(paths) == REPEATS_NAMED_AT_MOST:
                     return paths
+            tried += 1
+            if tried == REPEATS_TRIED_AT_MOST:
+                return paths
     return paths
 
 
@@ -122,7 +130,8 @@ def _holds_containers(container: dict | list) -> bool:
 
 def _shortened(at: str, name: str) -> str:
     """The path `at` + `name`, by its last PATH_NAMED_AT_MOST characters at most ("…" first),
-    made without joining a long `at` to each name."""
+    made without joining a long `at` to each name; `at` may be _end_of_path's, a longer one's
+    last PATH_NAMED_AT_MOST + 1 characters (all that is read of it here)."""
     if len(at) + len(name) <= PATH_NAMED_AT_MOST:
         return at + name
     if len(name) >= PATH_NAMED_AT_MOST - 1:
@@ -130,14 +139,20 @@ def _shortened(at: str, name: str) -> str:
     return "…" + at[len(name) + 1 - PATH_NAMED_AT_MOST:] + name
 
 
-def _path_of(place: tuple | None) -> str:
+def _end_of_path(place: tuple | None) -> str:
     """The path, names and indexes each followed by a dot, of an item at `place` (its parent's
-    place and its key in the parent, None at the top)."""
-    keys = []
-    while place is not None:
+    place and its key in the parent, None at the top), by its last PATH_NAMED_AT_MOST + 1
+    characters at most: its parents are looked up only until they give so many, not to the top
+    (a path made whole for each of a deep chain's objects cost the chain's depth squared)."""
+    keys: list[str] = []
+    length = 0  # (of the keys gathered, with their dots)
+    while place is not None and length <= PATH_NAMED_AT_MOST:
         place, key = place
-        keys.append(f"{key}.")
-    return "".join(reversed(keys))
+        keys.append(key := str(key)[-PATH_NAMED_AT_MOST - 1:])  # (a name can be 64 KiB long)
+        length += len(key) + 1
+    keys.reverse()
+    keys.append("")
+    return ".".join(keys)[-PATH_NAMED_AT_MOST - 1:]
 
 
 def dumps_exact(value: Any) -> str:

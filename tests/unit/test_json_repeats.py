@@ -4,9 +4,18 @@ paths, first met first, a few at most, found without a path for each item the bo
 from __future__ import annotations
 
 import json
+import sys
 import tracemalloc
 
-from shared.jsonio import PATH_NAMED_AT_MOST, REPEATS_NAMED_AT_MOST, loads_strict_naming_repeats
+import pytest
+
+import shared.jsonio
+from shared.jsonio import (
+    PATH_NAMED_AT_MOST,
+    REPEATS_NAMED_AT_MOST,
+    REPEATS_TRIED_AT_MOST,
+    loads_strict_naming_repeats,
+)
 
 BODY_LIMIT = 64 * 1024  # (the apps' MAX_CONTENT_LENGTH)
 
@@ -19,6 +28,28 @@ def _repeats_and_peak_memory(text: str) -> tuple[list[str], int]:
         return repeated, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def _repeats_and_steps(text: str) -> tuple[list[str], int]:
+    """The repeats loads_strict_naming_repeats names in `text`, and how many lines of
+    shared.jsonio's Python it ran for them (steps, where a time would be the machine's)."""
+    steps = 0
+
+    def count_lines(_frame, event, _arg):
+        nonlocal steps
+        steps += event == "line"
+        return count_lines
+
+    def in_jsonio(frame, _event, _arg):
+        return count_lines if frame.f_code.co_filename == shared.jsonio.__file__ else None
+
+    tracing = sys.gettrace()
+    sys.settrace(in_jsonio)
+    try:
+        _, repeated = loads_strict_naming_repeats(text)
+    finally:
+        sys.settrace(tracing)
+    return repeated, steps
 
 
 def test_each_repeated_name_is_named_at_its_path_depth_first():
@@ -79,9 +110,10 @@ def test_a_path_met_again_is_named_once_and_counted_once():
 
 
 def test_repeats_in_a_repeated_names_earlier_value_are_passed_over_and_those_after_named():
-    """The walk stops once it has met every object the value holds that repeats a name: one in an
-    earlier value of a repeated name (the value does not hold it), however deep in others, is not
-    waited for, nor counted for one that is."""
+    """A repeated name's earlier value is not in the value json.loads keeps (the last), and the
+    walk goes through that value alone: an object repeating a name in an earlier value, however
+    deep in others, is neither named nor counted toward the REPEATS_NAMED_AT_MOST, and the
+    repeats after it are named."""
     for text, named in (
             ('{"x": {"a": 1, "a": 2}, "x": [{"b": 1, "b": 1}], "y": [{"c": 1, "c": 1}]}',
              ["x", "x.0.b", "y.0.c"]),
@@ -90,3 +122,40 @@ def test_repeats_in_a_repeated_names_earlier_value_are_passed_over_and_those_aft
             ('[{"x": {"a": 1, "a": 1}, "x": {"a": 1, "a": 1}}, {"a": 1, "a": 1}]',
              ["0.x", "0.x.a", "1.a"])):
         assert loads_strict_naming_repeats(text)[1] == named, text
+
+
+# Chains of objects nested 800 deep (the parser reads some 1,000, Python's recursion limit), each
+# object below the first 600 giving a name twice: cut to its last PATH_NAMED_AT_MOST characters,
+# every such path is the same (the one given).
+DEEP_CHAINS = {
+    "names of a character": ('{"k":' * 600 + '{"x":1,"x":1,"k":' * 200 + "0" + "}" * 800,
+                             "…" + ("k." * PATH_NAMED_AT_MOST + "x")[1 - PATH_NAMED_AT_MOST:]),
+    "empty names": ('{"":' * 600 + '{"x":1,"x":1,"":' * 200 + "0" + "}" * 800,
+                    "…" + "." * (PATH_NAMED_AT_MOST - 2) + "x"),
+}
+
+
+@pytest.mark.parametrize(("text", "path"), DEEP_CHAINS.values(), ids=DEEP_CHAINS)
+def test_a_deep_chain_of_objects_repeating_one_path_costs_no_walk_to_the_top_for_each(text, path):
+    """Each object's path was made whole, up through all its parents, to be found the same as
+    the last: the chain's depth squared, some 440,000 steps here (16 KiB of such a chain 1,000
+    deep took 50 ms of a core). Now a path's end is made from no more parents than give its last
+    characters, and no more than REPEATS_TRIED_AT_MOST repeated names are tried: 60,000 to
+    100,000 steps."""
+    repeated, steps = _repeats_and_steps(text)
+    assert repeated == [path]
+    assert steps < 150_000, steps
+
+
+def test_no_more_repeated_names_are_tried_than_a_hundred():
+    """After REPEATS_TRIED_AT_MOST names tried, a path met again each time, the walk stops: a
+    repeat further on is not named (the body is refused for those named)."""
+
+    def chain(repeating_x: int) -> str:
+        return ('{"":' * 300 + '{"x":1,"x":1,"":' * repeating_x + '{"y":1,"y":1}'
+                + "}" * (300 + repeating_x))
+
+    dots = "…" + "." * (PATH_NAMED_AT_MOST - 2)
+    assert loads_strict_naming_repeats(chain(REPEATS_TRIED_AT_MOST))[1] == [dots + "x"]
+    assert loads_strict_naming_repeats(chain(REPEATS_TRIED_AT_MOST - 1))[1] == [
+        dots + "x", dots + "y"]
