@@ -40,21 +40,25 @@ def http_date(value: str, now: datetime | None = None) -> datetime | None:
     """The time `value` is as an HTTP-date (RFC 9110 5.6.7), None if it is none (a list of
     dates, another form, a day that is not): If-Modified-Since and If-Unmodified-Since are
     ignored then (13.1.3, 13.1.4), where Werkzeug read the first of a list, a date of any case or
-    time zone. An rfc850-date's two-digit year is the latest not more than 50 years ahead."""
+    time zone. An rfc850-date's two-digit year makes the latest date not more than 50 years after
+    `now` (the present): the whole date is weighed, not its year alone."""
     value = value.strip(" \t")
     for form in _HTTP_DATES:
         if (found := form.fullmatch(value)) is None:
             continue
         year = int(found["year"])
+        rest = (_MONTHS.index(found["month"]) + 1, int(found["day"]), int(found["hour"]),
+                int(found["minute"]), min(int(found["second"]), 59))  # (60: a leap second)
         if len(found["year"]) == 2:
-            this_year = (now or datetime.now(UTC)).year
-            year += this_year - this_year % 100
-            if year > this_year + 50:
+            now = now or datetime.now(UTC)
+            # (Compared as numbers: now + 50 years is no date on a 29th of February.)
+            latest = (now.year + 50, now.month, now.day, now.hour, now.minute, now.second,
+                      now.microsecond)
+            year = latest[0] - (latest[0] - year) % 100
+            if (year, *rest) > latest:
                 year -= 100
         try:
-            return datetime(year, _MONTHS.index(found["month"]) + 1, int(found["day"]),
-                            int(found["hour"]), int(found["minute"]),
-                            min(int(found["second"]), 59), tzinfo=UTC)  # (60: a leap second)
+            return datetime(year, *rest, tzinfo=UTC)
         except ValueError:  # (the 30th of February, hour 25)
             return None
     return None

@@ -373,6 +373,7 @@ def test_a_files_conditions_are_answered_in_the_order_rfc_9110_gives_them(served
                     ({"If_Match": '"other"', "If_None_Match": '"other"'}, 412),
                     ({"If_Match": f"W/{etag}"}, 412),
                     ({"If_Match": etag.strip('"')}, 412),  # (an unquoted tag is none)
+                    ({"If_Match": ""}, 412),  # (a list of no tag; Werkzeug ignored it)
                     ({"If_Match": '"other"', "If_None_Match": etag}, 412),
                     ({"If_Unmodified_Since": earlier}, 412),
                     ({"If_Unmodified_Since": earlier, "If_None_Match": etag}, 412),

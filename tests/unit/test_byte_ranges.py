@@ -24,9 +24,20 @@ def test_an_http_date_is_one_of_its_three_forms_alone_in_gmt():
     assert http_date(AT) == MODIFIED
     assert http_date("Sunday, 06-Dec-26 11:00:00 GMT", now) == MODIFIED
     assert http_date("Sun Dec  6 11:00:00 2026") == MODIFIED
-    # (an rfc850-date's year is the latest not more than 50 years ahead)
-    assert http_date("Monday, 06-Dec-76 11:00:00 GMT", now).year == 2076
+    # (an rfc850-date's two-digit year makes the latest date not more than 50 years ahead: the
+    # date weighed, not its year alone)
+    assert http_date("Sunday, 06-Dec-76 00:00:00 GMT", now).year == 2076
+    assert http_date("Sunday, 06-Dec-76 00:00:01 GMT", now).year == 1976
+    assert http_date("Monday, 06-Dec-76 11:00:00 GMT", now).year == 1976
+    assert http_date("Saturday, 05-Dec-76 23:59:59 GMT", now).year == 2076
     assert http_date("Monday, 06-Dec-77 11:00:00 GMT", now).year == 1977
+    assert http_date("Monday, 01-Jan-10 00:00:00 GMT", now).year == 2010
+    later = datetime(2090, 1, 1, tzinfo=UTC)
+    assert http_date("Monday, 01-Jan-10 00:00:00 GMT", later).year == 2110
+    assert http_date("Monday, 02-Jan-40 00:00:00 GMT", later).year == 2040
+    assert http_date("Tuesday, 29-Feb-00 00:00:00 GMT", now) == datetime(2000, 2, 29, tzinfo=UTC)
+    leap_day = datetime(2024, 2, 29, tzinfo=UTC)
+    assert http_date("Sunday, 06-Dec-76 00:00:00 GMT", leap_day).year == 1976
     assert http_date("Sun, 06 Dec 2026 23:59:60 GMT") == datetime(2026, 12, 6, 23, 59, 59,
                                                                    tzinfo=UTC)
     for none in (AT.lower(), AT.replace("GMT", "+0000"), f"{AT}, {BEFORE}", "yesterday", "",
@@ -49,6 +60,7 @@ def test_conditions_are_answered_in_rfc_9110s_order():
     assert _answer(if_match='"abc"', etag=("abc", True)) == 412
     assert _answer(if_match="*", etag=None) is None
     assert _answer(if_match='"abc"', etag=None) == 412
+    assert _answer(if_match="") == 412 == _answer(if_match=" , ")  # (a list of no tag)
     assert _answer(if_none_match='W/"abc"') == 304
     assert _answer(if_none_match='"abc"', etag=("abc", True)) == 304
     assert _answer(if_none_match="*") == 304
