@@ -3,9 +3,11 @@ build step."""
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 
 from flask import Blueprint, Response, request, send_from_directory
+from werkzeug.exceptions import NotFound
 
 from shared.byte_ranges import answer_range_as_rfc_9110
 from shared.page_headers import with_page_headers
@@ -15,6 +17,12 @@ PAGE_DIR = Path(__file__).resolve().parent / "web"
 
 class _PageBlueprint(Blueprint):
     def send_static_file(self, filename: str) -> Response:
+        # A file at its own name alone: send_from_directory (Werkzeug's safe_join) normalises
+        # the name it is given, and sent app.js for "app.js/", "./app.js" or "x/../app.js" too
+        # (index.html at "index.html/" a page whose relative links resolved below it). A 404
+        # for them, in the usual error body, as for a file that is not there.
+        if posixpath.normpath(filename) != filename:
+            raise NotFound()
         return _page_file(filename, max_age=self.get_send_file_max_age(filename))
 
 

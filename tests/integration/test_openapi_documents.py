@@ -467,6 +467,29 @@ def test_a_range_of_a_page_file_is_answered_as_rfc_9110_asks(served):
             assert json.loads(received)["error"]["code"] == "REQUESTED_RANGE_NOT_SATISFIABLE"
 
 
+def test_a_page_file_is_served_at_its_own_name_alone_other_forms_of_it_are_404(served):
+    """Over real HTTP: the gateway's page files at `/static/` and every app's Swagger UI files
+    at their names alone; a trailing "/" (or a "./", a "x/..") is a 404 in the usual error body,
+    as for a file that is not there. `/static/app.js/` sent app.js (Werkzeug's safe_join
+    normalises the name it is given), a page whose relative links resolved below it."""
+    asked = [("gateway", "/static", name) for name in ("app.js", "style.css", "index.html")]
+    asked += [(service, SWAGGER_UI_FILES, name) for service in served for name in PAGE_FILES]
+    for service, folder, name in asked:
+        url = served[service].url
+        assert _over_http(url, f"{folder}/{name}")[0] == 200, (service, name)
+        for other in (f"{folder}/{name}/", f"{folder}/./{name}", f"{folder}/x/../{name}",
+                      f"{folder}/{name}/."):
+            status, headers, body = _over_http(url, other)
+            assert (status, headers["Content-Type"]) == (404, "application/json"), (service,
+                                                                                   other)
+            assert json.loads(body)["error"]["code"] == "NOT_FOUND", (service, other)
+    for service, page in SWAGGER_UI_URL.items():
+        for other in (f"{page}/", f"{DOCUMENT_URL}/"):
+            status, headers, body = _over_http(served[service].url, other)
+            assert (status, json.loads(body)["error"]["code"]) == (404, "NOT_FOUND"), (service,
+                                                                                     other)
+
+
 def test_a_services_swagger_ui_tries_nothing_out_and_its_document_sends_people_to_the_gateway(
         apps):
     """A service's operations (but /health) take only calls the gateway signs: asked as its
