@@ -50,11 +50,12 @@ MAX_KEY_LENGTH = 255
 IDEMPOTENCY_KEY_PARAMETER = {
     "in": "header", "name": IDEMPOTENCY_HEADER, "required": False,
     "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH,
-               "pattern": r"^[\x20-\x7E]+$"},
+               "pattern": r"^[\x20-\x2B\x2D-\x7E]+$"},
     "description": "A retry with the same key and body within a day returns the first response;"
-                   f" 1 to {MAX_KEY_LENGTH} printable ASCII characters (400"
-                   " INVALID_IDEMPOTENCY_KEY otherwise). A key is the caller's and this"
-                   " operation's: the same key on another keyed operation is a request of its own."}
+                   f" 1 to {MAX_KEY_LENGTH} printable ASCII characters but a comma, given once"
+                   " (400 INVALID_IDEMPOTENCY_KEY otherwise: the header given twice reaches the"
+                   " server joined by a comma). A key is the caller's and this operation's: the"
+                   " same key on another keyed operation is a request of its own."}
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 REPLAYED = "true"  # its value (and that of the gRPC trailer that carries it)
@@ -92,16 +93,32 @@ def idempotency_key_from_request() -> str | None:
     return checked_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
 
 
+# What the header's lines are joined with when a request gives it more than once: by gunicorn
+# (gunicorn.http.wsgi.create), Werkzeug's server and test client, and any proxy that combines
+# field lines as RFC 9110 5.3 lets it.
+JOINED_BY = ","
+
+
 def checked_idempotency_key(key: str | None) -> str | None:
     """The key as given (None: no key), or a 400 when it is not a usable key. An empty one sent is
-    refused, not read as none: a client whose keys came out empty believes its retries safe."""
+    refused, not read as none: a client whose keys came out empty believes its retries safe.
+
+    A comma is refused in a key: the header given twice ("a" and "b") reaches the app as one value
+    joined by one ("a,b"), and was taken as that key, which neither of the client's was. The WSGI
+    environ holds the joined value alone (the server's lines are gone by then: gunicorn's worker
+    sees them, Werkzeug's server and a proxy in front need not), so a comma is the only trace of a
+    repeat that every server leaves, and a key that holds one is refused as such a repeat would
+    be, whoever joined it; over gRPC (a field of the message) as over HTTP."""
     if key is None:
         return None
     # Printable ASCII, as the gateway's OpenAPI document says (a header's other octets arrive as
     # Latin-1 characters, which a client meaning UTF-8 did not send).
-    if not 1 <= len(key) <= MAX_KEY_LENGTH or not (key.isascii() and key.isprintable()):
+    if (not 1 <= len(key) <= MAX_KEY_LENGTH or not (key.isascii() and key.isprintable())
+            or JOINED_BY in key):
         raise ApiError(
-            f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters.",
+            f"{IDEMPOTENCY_HEADER} must be given once, as 1 to {MAX_KEY_LENGTH} printable ASCII"
+            " characters but a comma (the header given more than once reaches the server joined"
+            " by commas).",
             code="INVALID_IDEMPOTENCY_KEY",
         )
     return key

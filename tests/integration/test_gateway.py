@@ -53,12 +53,12 @@ from shared.contracts import ORDER_STATUS_CHANGED, PAYLOAD_SCHEMAS, declared_fie
 from shared.db import db, driver_dsn, transaction
 from shared.idempotency import REPLAYED_HEADER
 from shared.inbox.handling import ReceivedEvent, StoredMessage
-from shared.internal_auth import InvalidIdentity, verified_user_id
+from shared.internal_auth import InvalidIdentity, identity_headers, verified_user_id
 from shared.jsonio import dumps_exact
 from shared.money import MAX_BALANCE
 from tests.environment import TEST_SECRETS
 from tests.network_tools import (HoldingProxy, NeverReadingServer, SilencingProxy,
-                                 WebSocketClient)
+                                 WebSocketClient, http_answer_read_off)
 from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_answered_as_documented,
                                  assert_default_error_described, assert_documented,
                                  assert_headers_documented, asked, codes_named, documented_answers,
@@ -460,8 +460,9 @@ def test_odd_client_headers_are_refused_where_they_count_and_ignored_elsewhere(g
     assert gateway.post("/api/accounts", headers={**auth, "Idempotency-Key": "\x85key"}
                         ).status_code == 201
     # Not printable; printable but no ASCII; empty (a client whose keys come out empty is told so,
-    # not left to believe its retries safe): as documented.
-    for key in ("\x85key", "caf\xe9", ""):
+    # not left to believe its retries safe); with a comma (what the header given twice is joined
+    # by): as documented.
+    for key in ("\x85key", "caf\xe9", "", "one,two"):
         refused = gateway.post("/api/accounts/deposit", json={"amount": "1"},
                                headers={**auth, "Idempotency-Key": key})
         assert refused.status_code == 400
@@ -469,6 +470,61 @@ def test_odd_client_headers_are_refused_where_they_count_and_ignored_elsewhere(g
     for odd in ({"Accept": "\xa0x"}, {"Content-Type": "\xa0text/plain"},
                 {"Idempotency-Key": "\x85key"}):
         assert gateway.get("/api/orders", headers={**auth, **odd}).status_code == 200, odd
+
+
+def _posted_with_lines(url: str, path: str, body: bytes, *header_lines: str
+                       ) -> tuple[int, dict]:
+    """`POST path` with the JSON `body` sent to the server at `url` with `header_lines` as they
+    are, each a line of its own (a header given twice, two lines, as a client writes it); its
+    status and JSON body."""
+    parts = urlsplit(url)
+    head = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close",
+            "Content-Type: application/json", f"Content-Length: {len(body)}", *header_lines]
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as connection:
+        connection.sendall("\r\n".join([*head, "", ""]).encode("latin-1") + body)
+        status_line, _, answer = http_answer_read_off(connection)
+    return int(status_line.split(" ", 2)[1]), json.loads(answer)
+
+
+def test_an_idempotency_key_given_twice_is_refused_by_the_gateway_and_each_service(gateway,
+                                                                                  upstreams):
+    """Over real HTTP: two Idempotency-Key lines reach the app joined by a comma ("a,b": the
+    server's WSGI environ holds the joined value alone), which was taken as one key, neither
+    of the client's, and the work done under it. Refused 400 INVALID_IDEMPOTENCY_KEY now, by
+    the gateway and by each service (signed for the joined value, as the gateway would sign
+    it), whatever the two lines hold (the same key twice, one empty), and nothing is done."""
+    user_id, auth = _sign_up(gateway)
+    assert gateway.post("/api/accounts", headers=auth).status_code == 201
+    body = b'{"amount": "1.00"}'
+    key = f"key-{uuid.uuid4().hex}"
+    twice = (("Idempotency-Key: " + key, f"Idempotency-Key: other-{uuid.uuid4().hex}"),
+             (f"Idempotency-Key: {key}", f"Idempotency-Key: {key}"),
+             (f"Idempotency-Key: {key}", "Idempotency-Key: "))
+    authorization = f"Authorization: {auth['Authorization']}"
+    with _served(gateway.application) as gateway_url:
+        for lines in twice:
+            for path in ("/api/accounts/deposit", "/api/orders"):
+                status, answer = _posted_with_lines(gateway_url, path, body, authorization,
+                                                    *lines)
+                assert (status, answer["error"]["code"]) == (400, "INVALID_IDEMPOTENCY_KEY"), (
+                    path, lines, answer)
+        for lines in twice:
+            joined = ",".join(line.partition(": ")[2] for line in lines)
+            for service, path in (("payments", "/accounts/deposit"), ("orders", "/orders")):
+                signed = identity_headers(
+                    user_id, TEST_SECRETS["INTERNAL_AUTH_SECRET"], "POST", path, body,
+                    sent_with={"Idempotency-Key": joined})
+                status, answer = _posted_with_lines(
+                    upstreams[service].url, path, body,
+                    *(f"{name}: {value}" for name, value in signed.items()), *lines)
+                assert (status, answer["error"]["code"]) == (400, "INVALID_IDEMPOTENCY_KEY"), (
+                    service, lines, answer)
+        assert gateway.get("/api/accounts/balance", headers=auth).get_json()["balance"] == "0.00"
+        assert gateway.get("/api/orders", headers=auth).get_json()["items"] == []
+        # Given once, the key is taken, over the same real HTTP.
+        status, answer = _posted_with_lines(gateway_url, "/api/accounts/deposit", body,
+                                            authorization, f"Idempotency-Key: {key}")
+        assert (status, answer["balance"]) == (200, "1.00")
 
 
 def test_the_request_id_is_kept_when_sane_and_made_up_otherwise(gateway):
