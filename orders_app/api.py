@@ -30,6 +30,7 @@ def place_order(args):
 
 @blueprint.get("")
 @blueprint.arguments(ListOrdersQuerySchema, location="query")
+@blueprint.doc(parameters=[DEADLINE_PARAMETER])
 @blueprint.response(200, OrderPageSchema)
 @blueprint.errors(*LIST_ORDERS_ERRORS)
 def list_orders(args):
@@ -38,6 +39,7 @@ def list_orders(args):
 
 
 @blueprint.get("/<order_id>")
+@blueprint.doc(parameters=[DEADLINE_PARAMETER])
 @blueprint.response(200, OrderSchema)
 @blueprint.errors(*GET_ORDER_ERRORS)
 def get_order(order_id: str):

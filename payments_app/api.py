@@ -39,6 +39,7 @@ def deposit(args):
 
 
 @blueprint.get("/balance")
+@blueprint.doc(parameters=[DEADLINE_PARAMETER])
 @blueprint.response(200, AccountSchema)
 @blueprint.errors(*BALANCE_ERRORS)
 def balance():

@@ -17,7 +17,15 @@ Signed with the identity (shared.internal_auth), so that a captured request sent
 carry a later moment and commit after the gateway's 504. Over HTTP it may be left out (a direct
 call, waited for as before); a gRPC call must carry it, and the service keeps the earlier of it
 and the call's own deadline (its gRPC timeout, which the caller sets and nobody signs:
-shared/grpc_server.py)."""
+shared/grpc_server.py).
+
+One given that is no moment of its documented form (empty, not digits, too many of them; over
+HTTP the header given twice, which the server joins with a comma) is refused 400
+INVALID_DEADLINE, over gRPC INVALID_ARGUMENT: taken as none, it had the work commit after the
+gateway's 504. Only once the request's identity is verified, as every other look at the deadline:
+the value is signed, so one that is not the gateway's fails the signature first (401, as any
+header tampered with), and a 400 says that the gateway signed a deadline the service cannot read
+(a fault of the gateway's)."""
 
 from __future__ import annotations
 
@@ -30,7 +38,8 @@ from collections.abc import Iterable
 from flask import Flask, request
 
 from shared.db import caller_waits_until
-from shared.documented_errors import DocumentedError
+from shared.documented_errors import INVALID_DEADLINE, DocumentedError
+from shared.errors import ApiError
 from shared.internal_auth import DEADLINE_HEADER
 
 log = logging.getLogger(__name__)
@@ -40,15 +49,19 @@ FURTHEST_DEADLINE_SECONDS = 3600.0
 _DEADLINE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,6})?")
 _BOUND = "hseshop.caller_deadline"
 
-# The header as the OpenAPI documents of the operations that commit work describe it, and the
-# error they answer once its moment has passed. No example: any moment written in the document
-# passes, and Swagger UI's "Try it out" would send it with every request (each refused 504).
+# The header as the OpenAPI documents of a service's operations describe it (the gateway sends it
+# with every call, and each refuses one of another form: INVALID_DEADLINE, documented with every
+# operation's errors), and the error those that commit work answer once its moment has passed.
+# No example: any moment written in the document passes, and Swagger UI's "Try it out" would
+# send it with every request (each refused 504).
 DEADLINE_PARAMETER = {
     "in": "header", "name": DEADLINE_HEADER, "required": False,
     "schema": {"type": "string", "pattern": f"^{_DEADLINE.pattern}$"},
     "description": "Set by the gateway: the moment it stops waiting for the answer, in seconds "
-                   "since the epoch (up to 6 decimals). Past it nothing is committed (504 "
-                   "CALLER_GAVE_UP): leave it out when calling the service yourself."}
+                   "since the epoch (up to 12 digits, and up to 6 decimals). Past it nothing is "
+                   "committed (an operation that commits work answers 504 CALLER_GAVE_UP). "
+                   "Given, it must be of that form, once (400 INVALID_DEADLINE otherwise): leave "
+                   "it out when calling the service yourself."}
 CALLER_GAVE_UP = DocumentedError(
     504, "CALLER_GAVE_UP", f"the moment the caller gave ({DEADLINE_HEADER}) passed before the "
     "request's work could commit; it was rolled back")
@@ -93,10 +106,15 @@ def _unbind_the_deadline(_exc) -> None:
 
 
 def deadline_given(header: str | None) -> float | None:
-    """The time.monotonic() by which the caller stops waiting; None for no (usable) header (or
-    gRPC metadata value)."""
-    if header is None or not _DEADLINE.fullmatch(header):
+    """The time.monotonic() by which the caller stops waiting; None for no header (or gRPC
+    metadata value), or one further off than FURTHEST_DEADLINE_SECONDS. One of another form than
+    DEADLINE_PARAMETER's pattern is refused: ApiError 400 INVALID_DEADLINE."""
+    if header is None:
         return None
+    if not _DEADLINE.fullmatch(header):
+        raise ApiError(f"{DEADLINE_HEADER} must be a moment in seconds since the epoch: up to 12"
+                       " digits, and up to 6 decimals after a point.", code=INVALID_DEADLINE.code,
+                       status=INVALID_DEADLINE.status)
     left = float(header) - time.time()
     if left > FURTHEST_DEADLINE_SECONDS:
         return None

@@ -12,7 +12,7 @@ from http import HTTPStatus
 from shared.config import MAX_REQUEST_BYTES
 from shared.errors import ErrorSchema
 from shared.idempotency import IDEMPOTENCY_HEADER, MAX_KEY_LENGTH
-from shared.internal_auth import USER_ID_HEADER
+from shared.internal_auth import DEADLINE_HEADER, USER_ID_HEADER
 
 
 # The headers an error can be answered with (DocumentedError.headers), as the documents describe
@@ -87,12 +87,19 @@ SERVICE_UNAVAILABLE = DocumentedError(503, "SERVICE_UNAVAILABLE",
 UPSTREAM_TIMEOUT = DocumentedError(
     504, "UPSTREAM_TIMEOUT", "the service took too long to answer (the request may have been "
     "carried out)")
+# The gateway's deadline, which every operation of a service takes (shared.caller_deadline):
+# read once the identity is verified, so only one the gateway signed gets this far.
+INVALID_DEADLINE = DocumentedError(
+    400, "INVALID_DEADLINE", f"the {DEADLINE_HEADER} is no moment in seconds since the epoch "
+    "(up to 12 digits, and up to 6 decimals): empty, not digits, too long, or given twice")
 
 DATABASE_UNAVAILABLE_OR_BUSY = (DATABASE_UNAVAILABLE, DATABASE_BUSY)
 # What every operation of a service's own API can answer besides what every route can
-# (shared.http_api): its caller's identity is checked first, and each uses the database.
+# (shared.http_api): its caller's identity is checked first, then the gateway's deadline, and
+# each uses the database.
 SERVICE_OPERATION_ERRORS = (MISSING_USER_ID, INVALID_USER_ID, UNTRUSTED_IDENTITY,
-                            SIGNATURE_VERSION_MISMATCH, *DATABASE_UNAVAILABLE_OR_BUSY)
+                            SIGNATURE_VERSION_MISMATCH, INVALID_DEADLINE,
+                            *DATABASE_UNAVAILABLE_OR_BUSY)
 # What the operations that honour an Idempotency-Key can answer for it.
 IDEMPOTENCY_ERRORS = (INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED)
 

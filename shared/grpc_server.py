@@ -35,7 +35,7 @@ from shared.db import CallerGaveUp, caller_waits_until
 from shared.errors import DATABASE_ERRORS, ApiError, database_error
 from shared.idempotency import REPLAYED, checked_idempotency_key, take_replayed_mark
 from shared.identity import authenticated_user_id
-from shared.internal_auth import DEADLINE_HEADER, GRPC_METHOD, header_value
+from shared.internal_auth import DEADLINE_HEADER, GRPC_METHOD
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, escaped_in_logs,
                                     given_request_id_if_sane, request_id_bound, sane_request_id)
 
@@ -201,10 +201,13 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
             secret = app.extensions["hseshop.settings"].internal_auth_secret
             full_method, raw = _being_served.get()  # (set for a method add_servicer's only)
             user_id = authenticated_user_id(metadata, secret, GRPC_METHOD, full_method, raw)
+            # (A malformed deadline is a 400 INVALID_DEADLINE, as over HTTP, where it is read
+            # once the identity is verified and before the body is parsed.)
+            deadline = _earliest_deadline(context)
             if isinstance(request, UndecodableRequest):
                 raise ApiError("The request is not a valid message of its type.",
                                code="MALFORMED_REQUEST", details={"message": [request.error]})
-            with caller_waits_until(_earliest_deadline(context, metadata)):
+            with caller_waits_until(deadline):
                 reply = operation(user_id)
             if take_replayed_mark():
                 context.set_trailing_metadata(((REPLAYED_KEY, REPLAYED),))
@@ -226,17 +229,24 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
             context.abort(grpc.StatusCode.INTERNAL, "Something went wrong on our side.")
 
 
-def _earliest_deadline(context: grpc.ServicerContext, metadata: dict[str, str]) -> float | None:
+def _earliest_deadline(context: grpc.ServicerContext) -> float | None:
     """The time.monotonic() by which the call's work commits or rolls back: the earlier of the
     call's own deadline (its gRPC timeout, which whoever sends the call sets, and nobody signs)
     and the moment the gateway signed into its metadata (X-Gateway-Deadline in lower case,
     shared.caller_deadline), so that a captured call sent again with a longer timeout still
     rolls back once the gateway has answered 504. Read only once the call's identity check, which
     requires the signed moment (shared.internal_auth), has passed: anyone's call with a moment
-    long past would have the service log that it came after its caller's deadline."""
+    long past would have the service log that it came after its caller's deadline. A moment of
+    another form than the header's is refused, ApiError 400 INVALID_DEADLINE (INVALID_ARGUMENT),
+    as over HTTP."""
     remaining = context.time_remaining()  # (no deadline set: about 9.2e18 s; None in some grpcio)
+    # Given more than once, its values are joined by a comma, as an HTTP server joins a header
+    # given twice, and so refused for their form as over HTTP (serve_call's mapping of the
+    # metadata, which the signature was checked against, kept the last alone).
+    given = [value for key, value in context.invocation_metadata()
+             if key == DEADLINE_HEADER.lower()]
     deadlines = (None if remaining is None else time.monotonic() + remaining,
-                 deadline_given(header_value(metadata, DEADLINE_HEADER)))
+                 deadline_given(",".join(given) if given else None))
     return min((deadline for deadline in deadlines if deadline is not None), default=None)
 
 

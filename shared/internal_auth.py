@@ -196,7 +196,10 @@ def verified_user_id(headers: Mapping[str, str], secret: str, method: str, targe
         raise InvalidIdentity("the identity signature is dated in the future")
     # (Asked after the signature's format: an older gateway's call, which carries no deadline,
     # is told apart by its signature as over HTTP, SIGNATURE_VERSION_MISMATCH.)
-    if method == GRPC_METHOD and not header_value(headers, DEADLINE_HEADER):
+    # (Left out, that is: one given empty goes on to the signature, which signs it as it would
+    # sign none, and once that holds is refused for its form, 400 INVALID_DEADLINE, as over HTTP:
+    # shared.caller_deadline.)
+    if method == GRPC_METHOD and header_value(headers, DEADLINE_HEADER) is None:
         raise InvalidIdentity("the call carries no gateway-signed deadline")
     # As bytes: compare_digest refuses str with characters beyond ASCII (a TypeError, not a 401).
     if callable(body):

@@ -527,6 +527,30 @@ def test_an_idempotency_key_given_twice_is_refused_by_the_gateway_and_each_servi
         assert (status, answer["balance"]) == (200, "1.00")
 
 
+def test_a_deadline_given_twice_is_refused_by_each_service_once_its_signature_holds(gateway,
+                                                                                   upstreams):
+    """Over real HTTP: two X-Gateway-Deadline lines reach a service joined by a comma, no moment
+    of the documented form: 400 INVALID_DEADLINE when signed as they arrive (the gateway's alone
+    could), a 401 when signed for one of them (the signature is checked first), and nothing is
+    done either way. It was taken as no deadline."""
+    user_id, auth = _sign_up(gateway)
+    assert gateway.post("/api/accounts", headers=auth).status_code == 201
+    body = b'{"amount": "1.00"}'
+    first, second = (f"{time.time() + seconds:.6f}" for seconds in (30, 60))
+    lines = (f"X-Gateway-Deadline: {first}", f"X-Gateway-Deadline: {second}")
+    for service, path in (("payments", "/accounts/deposit"), ("orders", "/orders")):
+        for signed_for, status, code in ((f"{first},{second}", 400, "INVALID_DEADLINE"),
+                                         (first, 401, "UNTRUSTED_IDENTITY")):
+            signed = identity_headers(user_id, TEST_SECRETS["INTERNAL_AUTH_SECRET"], "POST", path,
+                                      body, sent_with={"X-Gateway-Deadline": signed_for})
+            answered, answer = _posted_with_lines(
+                upstreams[service].url, path, body,
+                *(f"{name}: {value}" for name, value in signed.items()), *lines)
+            assert (answered, answer["error"]["code"]) == (status, code), (service, answer)
+    assert gateway.get("/api/accounts/balance", headers=auth).get_json()["balance"] == "0.00"
+    assert gateway.get("/api/orders", headers=auth).get_json()["items"] == []
+
+
 def test_the_request_id_is_kept_when_sane_and_made_up_otherwise(gateway):
     _, auth = _sign_up(gateway)
     kept = gateway.get("/api/orders", headers={**auth, "X-Request-ID": "trace-12345678"})

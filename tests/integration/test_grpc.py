@@ -35,6 +35,7 @@ from devstack.infra import free_port, port_open
 from shared import grpc_server
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
                                 RETRY_AFTER_KEY, build_server, channel_options)
+from shared.internal_auth import DEADLINE_HEADER, grpc_identity_metadata
 from shared.protos import orders_pb2, orders_pb2_grpc
 from shared.request_context import current_request_id
 from tests.integration.test_gateway import assert_replays_said_so
@@ -691,6 +692,60 @@ def test_a_call_without_its_signed_deadline_or_with_another_is_refused(grpc_targ
         trailers = dict(refused.value.trailing_metadata())
         assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == (
             "401", "UNTRUSTED_IDENTITY")
+
+
+# Deadlines of no form the services document, that gRPC metadata can carry (printable ASCII).
+MALFORMED_DEADLINES = {
+    "empty": "", "a word": "soon", "negative": "-1", "an exponent": "1e9", "13 digits": "1" * 13,
+    "7 decimals": "1700000000.1234567", "5,000 digits": "9" * 5000,
+    "two joined": "1700000000,1700000060"}
+
+
+@pytest.mark.parametrize("given", MALFORMED_DEADLINES.values(), ids=MALFORMED_DEADLINES)
+def test_a_signed_deadline_of_no_documented_form_is_refused_as_over_http(grpc_targets, settings,
+                                                                        given):
+    """As over HTTP: a deadline the gateway signed that is of no documented form is refused
+    INVALID_ARGUMENT with the trailers of a 400 INVALID_DEADLINE, after the signature (a
+    deadline not the one signed is a 401), and nothing is done. It was taken as none, the call
+    held to its own timeout alone, which nobody signs; an empty one was refused as missing."""
+    user = f"malformed-{uuid.uuid4().hex[:8]}"
+    stub = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
+    secret = settings.internal_auth_secret
+    for call, name, request in ((stub.PlaceOrder, f"{ORDERS}/PlaceOrder",
+                                 orders_pb2.PlaceOrderRequest(amount="1")),
+                                (stub.ListOrders, f"{ORDERS}/ListOrders",
+                                 orders_pb2.ListOrdersRequest())):
+        signed = grpc_identity_metadata(user, secret, name, request.SerializeToString(), given)
+        signed_for_another = [(key, given if key == DEADLINE_HEADER.lower() else value)
+                              for key, value in grpc_signed(user, name, request)]
+        for metadata, status, code in (
+                (signed, grpc.StatusCode.INVALID_ARGUMENT, ("400", "INVALID_DEADLINE")),
+                (signed_for_another, grpc.StatusCode.UNAUTHENTICATED,
+                 ("401", "UNTRUSTED_IDENTITY"))):
+            with pytest.raises(grpc.RpcError) as refused:
+                call(request, metadata=metadata, timeout=5)
+            assert refused.value.code() == status, (name, refused.value.details())
+            trailers = dict(refused.value.trailing_metadata())
+            assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == code, name
+    assert _orders_placed_by(settings, user) == 0
+
+
+def test_a_deadline_given_twice_in_a_calls_metadata_is_refused_as_over_http(grpc_targets,
+                                                                           settings):
+    """Over HTTP the header given twice reaches the service joined by a comma, refused 400
+    INVALID_DEADLINE; the call's metadata kept the last value alone, signed, and an earlier one
+    sent with it was passed over. Refused alike now, nothing done."""
+    user = f"twice-{uuid.uuid4().hex[:8]}"
+    stub = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
+    place = orders_pb2.PlaceOrderRequest(amount="1")
+    signed = grpc_signed(user, f"{ORDERS}/PlaceOrder", place)
+    twice = ((DEADLINE_HEADER.lower(), f"{time.time() + 30:.6f}"), *signed)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.PlaceOrder(place, metadata=twice, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+    trailers = dict(refused.value.trailing_metadata())
+    assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == ("400", "INVALID_DEADLINE")
+    assert _orders_placed_by(settings, user) == 0
 
 
 def test_a_calls_access_log_line_holds_no_line_break_nor_an_id_that_is_not_sane(grpc_targets):

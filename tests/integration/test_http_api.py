@@ -938,15 +938,15 @@ def test_each_service_serves_its_openapi_document_and_swagger_ui(orders_http, pa
 
 
 # Each operation of the services' APIs (by service, method and path as documented), with a body
-# it takes, and the error statuses its document gives.
+# it takes, and the error statuses its document gives (every one a 400: INVALID_DEADLINE).
 SERVICE_OPERATIONS = {
     ("orders", "post", "/orders"): ({"amount": "1.00"}, {400, 401, 413, 415, 422, 503, 504}),
     ("orders", "get", "/orders"): (None, {400, 401, 413, 422, 503}),
-    ("orders", "get", "/orders/{order_id}"): (None, {401, 404, 413, 422, 503}),
+    ("orders", "get", "/orders/{order_id}"): (None, {400, 401, 404, 413, 422, 503}),
     ("payments", "post", "/accounts"): (None, {400, 401, 409, 413, 415, 422, 503, 504}),
     ("payments", "post", "/accounts/deposit"): ({"amount": "1.00"},
                                                 {400, 401, 404, 413, 415, 422, 503, 504}),
-    ("payments", "get", "/accounts/balance"): (None, {401, 404, 413, 422, 503}),
+    ("payments", "get", "/accounts/balance"): (None, {400, 401, 404, 413, 422, 503}),
 }
 
 
@@ -999,7 +999,10 @@ def _refused_in_every_way_every_operation_can_be(client, method: str, path: str,
                asked(client, method, path, body, signed_as=user_id,
                      headers={"X-Gateway-Signature": "0" * 64}),
                with_a_body_in_chunks(client, method, path, signed_as=user_id),
-               asked(client, method, f"{path}?unknown=1", body, signed_as=user_id)]
+               asked(client, method, f"{path}?unknown=1", body, signed_as=user_id),
+               # a deadline the gateway signed, of no form (INVALID_DEADLINE)
+               asked(client, method, path, body, signed_as=user_id,
+                     headers={DEADLINE_HEADER: "soon"})]
     if method == "post":
         answers += [asked(client, method, path, signed_as=user_id, data="{",
                           content_type="application/json"),
@@ -1094,17 +1097,14 @@ def test_every_error_a_service_operation_answers_is_documented_for_it_and_none_o
 
 
 @pytest.mark.parametrize("seconds_from_now, placed", [
-    (-0.001, False), (-86400, False), (60, True), (7200, True), ("-1", True), ("1e9", True),
-    ("١٧٠٠٠٠٠٠٠٠", True), ("9" * 5000, True),
-], ids=["just passed", "long passed", "a minute on", "hours on: none", "negative",
-        "not decimal", "not ASCII", "5,000 digits"])
+    (-0.001, False), (-86400, False), (60, True), (7200, True),
+], ids=["just passed", "long passed", "a minute on", "hours on: none"])
 def test_a_service_commits_nothing_once_the_moment_its_caller_gave_has_passed(
         orders_http, user_id, seconds_from_now, placed, caplog):
     """X-Gateway-Deadline, as the gateway sends it: once passed, 504 CALLER_GAVE_UP and no order,
-    and a request that came after it is logged (a backlog, or clocks that disagree); one that is
-    no moment in seconds since the epoch, or one hours off, is no deadline."""
-    given = (seconds_from_now if isinstance(seconds_from_now, str)
-             else deadline_headers(seconds_from_now)[DEADLINE_HEADER])
+    and a request that came after it is logged (a backlog, or clocks that disagree); one hours
+    off is no deadline (one of no documented form is refused: below)."""
+    given = deadline_headers(seconds_from_now)[DEADLINE_HEADER]
     answer = orders_http.post("/orders", json={"amount": "1.00"},
                               signed_as=user_id, headers={DEADLINE_HEADER: given})
     listed = orders_http.get("/orders", signed_as=user_id).get_json()["items"]
@@ -1113,6 +1113,45 @@ def test_a_service_commits_nothing_once_the_moment_its_caller_gave_has_passed(
     else:
         assert (answer.status_code, answer.get_json()["error"]["code"]) == (504, "CALLER_GAVE_UP")
         assert listed == [] and "after its caller's deadline" in caplog.text
+
+
+# X-Gateway-Deadlines of no form the services document (up to 12 digits, up to 6 decimals).
+MALFORMED_DEADLINES = {
+    "empty": "", "a word": "soon", "negative": "-1", "an exponent": "1e9",
+    "not ASCII digits": "١٧٠٠٠٠٠٠٠٠", "13 digits": "1" * 13, "7 decimals": "1700000000.1234567",
+    "5,000 digits": "9" * 5000, "a point and no decimals": "1700000000.",
+    "two joined (the header given twice)": "1700000000,1700000060"}
+
+
+@pytest.mark.parametrize("given", MALFORMED_DEADLINES.values(), ids=MALFORMED_DEADLINES)
+def test_a_deadline_of_no_documented_form_is_refused_400_once_its_signature_holds(
+        orders_http, payments_http, user_id, given):
+    """Signed by the gateway, a deadline of no form the documents give is a 400 INVALID_DEADLINE
+    on every operation, and nothing is done: it was taken as none, and the work committed
+    however long after the gateway's 504. Asked after the signature (a 401 first when the
+    deadline is not the one signed, as for any header tampered with): a deadline is the gateway's
+    alone, and nothing of a caller that is not the gateway's is read."""
+    malformed = {DEADLINE_HEADER: given}
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    for answer in (
+            orders_http.post("/orders", json={"amount": "1.00"}, signed_as=user_id,
+                             headers=malformed),
+            orders_http.get("/orders", signed_as=user_id, headers=malformed),
+            payments_http.post("/accounts/deposit", json={"amount": "1.00"}, signed_as=user_id,
+                               headers={**malformed, "Idempotency-Key": str(uuid.uuid4())}),
+            payments_http.get("/accounts/balance", signed_as=user_id, headers=malformed)):
+        error = _assert_error(answer, 400)
+        assert error["code"] == "INVALID_DEADLINE" and DEADLINE_HEADER in error["message"]
+    signed_for_another = _signed_for(user_id, "POST", "/orders", b'{"amount": "1.00"}',
+                                     sent_with=deadline_headers(30))
+    for answer in (
+            orders_http.post("/orders", data=b'{"amount": "1.00"}', content_type="application/json",
+                             headers={**signed_for_another, **malformed}),
+            orders_http.get("/orders", headers=malformed)):
+        assert _assert_error(answer, 401)["code"] in ("UNTRUSTED_IDENTITY", "MISSING_USER_ID")
+    assert orders_http.get("/orders", signed_as=user_id).get_json()["items"] == []
+    assert payments_http.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == \
+        "0.00"
 
 
 def test_a_request_not_the_gateways_with_a_deadline_long_past_logs_nothing_of_it(orders_http,
