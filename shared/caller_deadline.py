@@ -25,7 +25,7 @@ INVALID_DEADLINE, over gRPC INVALID_ARGUMENT: taken as none, it had the work com
 gateway's 504. Only once the request's identity is verified, as every other look at the deadline:
 the value is signed, so one that is not the gateway's fails the signature first (401, as any
 header tampered with), and a 400 says that the gateway signed a deadline the service cannot read
-(a fault of the gateway's)."""
+(a fault of the gateway's, which never writes one: deadline_moment)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from collections.abc import Iterable
 
 from flask import Flask, request
 
+from shared.config import FURTHEST_DEADLINE_SECONDS
 from shared.db import caller_waits_until
 from shared.documented_errors import INVALID_DEADLINE, DocumentedError
 from shared.errors import ApiError
@@ -44,8 +45,8 @@ from shared.internal_auth import DEADLINE_HEADER
 
 log = logging.getLogger(__name__)
 
-# A deadline further off than this is taken as none (a clock far off, or no deadline meant).
-FURTHEST_DEADLINE_SECONDS = 3600.0
+# (A deadline further off than FURTHEST_DEADLINE_SECONDS is taken as none: a clock far off, or no
+# deadline meant. The gateway's UPSTREAM_TIMEOUT_SECONDS is held to it: shared.config.)
 _DEADLINE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,6})?")
 _BOUND = "hseshop.caller_deadline"
 
@@ -72,8 +73,13 @@ def deadline_moment(seconds_from_now: float) -> str:
     signed with the request, it tells apart two requests of a user that are alike in all else,
     whose signatures would otherwise be one, which a write without an Idempotency-Key takes once
     (shared.single_use_signatures): in milliseconds a bench's user sending 100 orders a second
-    sent one of ten alike."""
-    return f"{time.time() + seconds_from_now:.6f}"
+    sent one of ten alike. Never one a service refuses: a ValueError rather than send it
+    (UPSTREAM_TIMEOUT_SECONDS, held to FURTHEST_DEADLINE_SECONDS by shared.config, keeps the
+    moment's 12 digits before its point enough for the next 30,000 years)."""
+    moment = f"{time.time() + seconds_from_now:.6f}"
+    if not _DEADLINE.fullmatch(moment):
+        raise ValueError(f"no deadline a service takes: {moment!r} ({seconds_from_now!r} s on)")
+    return moment
 
 
 def deadline_headers(seconds_from_now: float) -> dict[str, str]:

@@ -347,6 +347,12 @@ NORMALISED = {f"{service.upper()}_SERVICE_URL": lambda raw: raw.removesuffix("/"
               for service in GRPC_SERVICES}
 # The numbers for which 0 means none (the rest are sizes, counts and lengths of time above 0).
 ZERO_MEANS_NONE = ("GATEWAY_TRUSTED_PROXY_HOPS",)
+# A caller's deadline further off than this a service takes as none (shared.caller_deadline: a
+# clock far off, or none meant); and the gateway's, UPSTREAM_TIMEOUT_SECONDS on, is held to it.
+FURTHEST_DEADLINE_SECONDS = 3600.0
+# The numbers with a greatest value: the gateway's deadline for a call (a longer one was taken by
+# the services as none, and one far longer wrote a moment of more digits than they read).
+AT_MOST = {"UPSTREAM_TIMEOUT_SECONDS": FURTHEST_DEADLINE_SECONDS}
 # The settings that sign: set but empty (a deployment's missing secret, say) is refused, not read
 # as unset, which would have the shop sign with the dev-only default written above for all to see.
 SECRETS = ("INTERNAL_AUTH_SECRET", "AUTH_TOKEN_SECRET")
@@ -376,8 +382,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     number is a size, a count or a length of time, above 0 (a batch size of 0 had the relay leader
     read nothing forever while holding its lead, an interval of 0 had beat send tasks without a
     pause, a negative retention pruned idempotency keys a minute old), or 0 or above for those
-    where 0 means none (ZERO_MEANS_NONE). An empty variable means its default, but for the secrets
-    (SECRETS).
+    where 0 means none (ZERO_MEANS_NONE), and for some no more than a greatest value (AT_MOST).
+    An empty variable means its default, but for the secrets (SECRETS).
     """
     environ = os.environ if environ is None else environ
     for name in SECRETS:
@@ -418,6 +424,8 @@ def _setting(name: str, kind: str, raw: str) -> str | int | float:
     if not (math.isfinite(value) and (value > 0 or (zero_allowed and value == 0))):
         raise ValueError(f"{name}={raw!r}: expected a number "
                          + ("of 0 or above" if zero_allowed else "above 0"))
+    if name in AT_MOST and value > AT_MOST[name]:
+        raise ValueError(f"{name}={raw!r}: expected a number no more than {AT_MOST[name]:g}")
     return value
 
 

@@ -112,6 +112,9 @@ def test_a_service_urls_trailing_slash_is_dropped():
     ("IDEMPOTENCY_KEY_RETENTION_SECONDS", "-3600", "above 0"),
     ("INBOX_RETENTION_SECONDS", "nan", "above 0"),
     ("UPSTREAM_TIMEOUT_SECONDS", "inf", "above 0"),
+    # (A deadline further off a service takes as none; one of 1e20 s wrote 21 digits, refused.)
+    ("UPSTREAM_TIMEOUT_SECONDS", "3600.5", "no more than 3600"),
+    ("UPSTREAM_TIMEOUT_SECONDS", "1e20", "no more than 3600"),
     ("INBOX_MAX_ATTEMPTS", "5.0", "a whole number"),
     ("RATE_LIMIT_PER_MINUTE", "lots", "a whole number"),
     ("CACHE_TTL_SECONDS", "0", "above 0"),
@@ -288,3 +291,14 @@ def test_an_operators_command_given_a_setting_it_cannot_take_says_it_in_a_line_a
             "payments inbox: nothing done: INBOX_MAX_ATTEMPTS='five': expected a whole number\n")
     finally:
         get_settings.cache_clear()
+
+
+def test_the_longest_upstream_timeout_taken_gives_a_deadline_the_services_read():
+    """The gateway's deadline is UPSTREAM_TIMEOUT_SECONDS on, written as a moment the services
+    read (shared.caller_deadline), and no further off than they take as one."""
+    from shared.caller_deadline import deadline_given, deadline_moment
+
+    longest = load_settings({"UPSTREAM_TIMEOUT_SECONDS": "3600"}).upstream_timeout_seconds
+    assert deadline_given(deadline_moment(longest)) is not None
+    with pytest.raises(ValueError, match="no deadline a service takes"):
+        deadline_moment(1e20)
