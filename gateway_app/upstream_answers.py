@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from shared.documented_errors import INVALID_DEADLINE
 from shared.errors import ApiError, BadGateway, UpstreamTimeout
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,11 @@ def failure_for_status(service: str, status: int, *, unavailable_for_now: bool,
     relayed, as far as its status goes): a 504, for an answer that came too late to count (the
     service's CALLER_GAVE_UP, or whatever stands in front of it timing out); a 502 for any other
     5xx but a 503 that is `unavailable_for_now` (the service's own, in the usual error shape: it
-    can say when to retry), and for a 401 (the gateway's signed identity refused). `said` gives
-    the service's body or message, read only for the log, and `error_code` its error's code
-    (None: it gave none), read only for a 401's log line."""
+    can say when to retry), for a 401 (the gateway's signed identity refused) and for a 400
+    INVALID_DEADLINE (the deadline the gateway signed refused for its form: the gateway's fault,
+    about a header its client never sent). `said` gives the service's body or message, read only
+    for the log, and `error_code` its error's code (None: it gave none), read only for a 401's
+    log line and a 400's."""
     if status == 504:
         log.warning("%s answered too late: %s", service, (said() or "")[:500])
         return UpstreamTimeout.of(service)
@@ -52,6 +55,10 @@ def failure_for_status(service: str, status: int, *, unavailable_for_now: bool,
         return BadGateway.of(service)
     if status == 401:
         return BadGateway.identity_refused(service, (said() or "")[:500], error_code())
+    if status == 400 and error_code() == INVALID_DEADLINE.code:
+        log.error("%s refused the deadline the gateway signed for its form (%s): are the two of"
+                  " one release (deployed together)?", service, (said() or "")[:500])
+        return BadGateway.of(service)
     return None
 
 

@@ -1249,6 +1249,45 @@ def test_a_retry_after_is_passed_on_as_at_most_a_days_seconds_or_left_out_over_b
 _LEFT_OUT = object()  # (the code, or the details)
 
 
+class _RefusingTheDeadline(_AnsweringAsTold):
+    """Answers every GET as a service answers a deadline the gateway signed of no form it reads."""
+
+    def do_GET(self):
+        body = json.dumps({"error": {"code": "INVALID_DEADLINE", "message": "as told",
+                                     "details": {}}}).encode()
+        self.send_response(400)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_deadline_a_service_refuses_for_its_form_is_a_502_over_both_transports(
+        settings, told_how_to_fail, caplog):
+    """The gateway writes every deadline it signs in the form the services read; one a service
+    refused all the same (a gateway of another release) was relayed as a 400 INVALID_DEADLINE, to
+    a client that sent no such header. The gateway's fault, as an identity refused: a 502, and
+    the operator told."""
+    from tests.integration.test_gateway import _Served
+
+    told_how_to_fail.servicer.trailers = ((HTTP_STATUS_KEY, "400"),
+                                          (ERROR_CODE_KEY, "INVALID_DEADLINE"),
+                                          (ERROR_DETAILS_KEY, "{}"))
+    refusing = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingTheDeadline))
+    try:
+        over_http = gateway_app.create_app(settings=dataclasses.replace(
+            settings, gateway_upstream_transport="http", orders_service_url=refusing.url))
+        for transport, client in (("grpc", told_how_to_fail.client),
+                                  ("http", over_http.test_client())):
+            caplog.clear()
+            answer = client.get("/api/orders", headers=told_how_to_fail.auth)
+            assert answer.status_code == 502, (transport, answer.get_json())
+            assert answer.get_json()["error"]["code"] == "BAD_GATEWAY", transport
+            assert "refused the deadline the gateway signed" in caplog.text, transport
+    finally:
+        refusing.close()
+
+
 @pytest.mark.parametrize("code, details, relayed", [
     ("ORDER_NOT_FOUND", {"order_id": "x"}, True),
     ("METHOD_NOT_ALLOWED", {}, True),  # (Flask's own, a code_for of its name)

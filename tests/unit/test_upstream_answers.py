@@ -168,3 +168,16 @@ def test_a_signature_used_twice_is_logged_as_that_not_as_a_release_secret_or_clo
                                      said=lambda: "what it said", error_code=lambda: code)
         assert (failure.status, failure.code) == (502, "BAD_GATEWAY")
         assert said in caplog.text and not_said not in caplog.text, code
+
+
+def test_a_deadline_the_service_refuses_for_its_form_is_a_502_logged_not_relayed(caplog):
+    """The gateway's client never sent an X-Gateway-Deadline: a 400 INVALID_DEADLINE relayed told
+    it of a header it knows nothing of. The gateway's fault, as a refused identity is: a 502, and
+    the operator told. Any other 400 is relayed."""
+    failure = failure_for_status("orders", 400, unavailable_for_now=False,
+                                 said=lambda: "what it said",
+                                 error_code=lambda: "INVALID_DEADLINE")
+    assert (failure.status, failure.code) == (502, "BAD_GATEWAY")
+    assert "refused the deadline the gateway signed" in caplog.text
+    assert failure_for_status("orders", 400, unavailable_for_now=False, said=lambda: "",
+                              error_code=lambda: "INVALID_IDEMPOTENCY_KEY") is None
