@@ -19,13 +19,14 @@ call, waited for as before); a gRPC call must carry it, and the service keeps th
 and the call's own deadline (its gRPC timeout, which the caller sets and nobody signs:
 shared/grpc_server.py).
 
-One given that is no moment of its documented form (empty, not digits, too many of them; over
-HTTP the header given twice, which the server joins with a comma) is refused 400
-INVALID_DEADLINE, over gRPC INVALID_ARGUMENT: taken as none, it had the work commit after the
-gateway's 504. Only once the request's identity is verified, as every other look at the deadline:
-the value is signed, so one that is not the gateway's fails the signature first (401, as any
-header tampered with), and a 400 says that the gateway signed a deadline the service cannot read
-(a fault of the gateway's, which never writes one: deadline_moment)."""
+One given that is no moment of its documented form (empty, not digits, too many of them; the
+header given twice, which the HTTP server joins with a comma, as shared.grpc_server joins a key
+given twice in a call's metadata) is refused 400 INVALID_DEADLINE, over gRPC INVALID_ARGUMENT:
+taken as none, it had the work commit after the gateway's 504. Only once the request's
+identity is verified, as every other look at the deadline: the value is signed, so one that is
+not the gateway's fails the signature first (401, as any header tampered with, or any value
+added to it, over either transport), and a 400 says that the gateway signed a deadline the
+service cannot read (a fault of the gateway's, which never writes one: deadline_moment)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
 from types import ModuleType
@@ -35,7 +35,7 @@ from shared.db import CallerGaveUp, caller_waits_until
 from shared.errors import DATABASE_ERRORS, ApiError, database_error
 from shared.idempotency import REPLAYED, checked_idempotency_key, take_replayed_mark
 from shared.identity import authenticated_user_id
-from shared.internal_auth import DEADLINE_HEADER, GRPC_METHOD
+from shared.internal_auth import DEADLINE_HEADER, GRPC_METHOD, header_value
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, escaped_in_logs,
                                     given_request_id_if_sane, request_id_bound, sane_request_id)
 
@@ -189,12 +189,26 @@ def idempotency_key_given(request: Any) -> str | None:
     return checked_idempotency_key(given(request, "idempotency_key").get("idempotency_key"))
 
 
+def _metadata_as_headers(metadata: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
+    """A call's metadata by key, the values of a key given more than once joined by a comma, as
+    an HTTP server hands a service a header given twice ("a,b": gunicorn, Werkzeug). The identity
+    is checked against this mapping and the deadline read from it, so both see one value, as over
+    HTTP: an unsigned x-gateway-deadline added to a captured call's changes the value signed, 401
+    UNTRUSTED_IDENTITY (the last value alone was checked, and the joined one then read: 400
+    INVALID_DEADLINE). A "-bin" key's bytes are left out: nothing here reads one."""
+    joined: dict[str, list[str]] = {}
+    for key, value in metadata or ():
+        if isinstance(value, str):
+            joined.setdefault(key, []).append(value)
+    return {key: ",".join(values) for key, values in joined.items()}
+
+
 def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
                operation: Callable[[str], Any], location: str = "json") -> Any:
     """Run `operation(user_id)` for one call of `request`, as an HTTP route runs for one request.
     `location`: where the HTTP API reads what the request holds (its body, or its "query"), under
     which a validation error's messages are filed, as there."""
-    metadata = {key: value for key, value in context.invocation_metadata()}
+    metadata = _metadata_as_headers(context.invocation_metadata())
     request_id = sane_request_id(metadata.get(REQUEST_ID_HEADER.lower()))
     with app.app_context(), request_id_bound(request_id):
         try:
@@ -203,7 +217,7 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
             user_id = authenticated_user_id(metadata, secret, GRPC_METHOD, full_method, raw)
             # (A malformed deadline is a 400 INVALID_DEADLINE, as over HTTP, where it is read
             # once the identity is verified and before the body is parsed.)
-            deadline = _earliest_deadline(context)
+            deadline = _earliest_deadline(context, metadata)
             if isinstance(request, UndecodableRequest):
                 raise ApiError("The request is not a valid message of its type.",
                                code="MALFORMED_REQUEST", details={"message": [request.error]})
@@ -229,7 +243,7 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
             context.abort(grpc.StatusCode.INTERNAL, "Something went wrong on our side.")
 
 
-def _earliest_deadline(context: grpc.ServicerContext) -> float | None:
+def _earliest_deadline(context: grpc.ServicerContext, metadata: dict[str, str]) -> float | None:
     """The time.monotonic() by which the call's work commits or rolls back: the earlier of the
     call's own deadline (its gRPC timeout, which whoever sends the call sets, and nobody signs)
     and the moment the gateway signed into its metadata (X-Gateway-Deadline in lower case,
@@ -238,15 +252,11 @@ def _earliest_deadline(context: grpc.ServicerContext) -> float | None:
     requires the signed moment (shared.internal_auth), has passed: anyone's call with a moment
     long past would have the service log that it came after its caller's deadline. A moment of
     another form than the header's is refused, ApiError 400 INVALID_DEADLINE (INVALID_ARGUMENT),
-    as over HTTP."""
+    as over HTTP. `metadata`: the call's, as _metadata_as_headers gives it, whose deadline the
+    signature was checked against."""
     remaining = context.time_remaining()  # (no deadline set: about 9.2e18 s; None in some grpcio)
-    # Given more than once, its values are joined by a comma, as an HTTP server joins a header
-    # given twice, and so refused for their form as over HTTP (serve_call's mapping of the
-    # metadata, which the signature was checked against, kept the last alone).
-    given = [value for key, value in context.invocation_metadata()
-             if key == DEADLINE_HEADER.lower()]
     deadlines = (None if remaining is None else time.monotonic() + remaining,
-                 deadline_given(",".join(given) if given else None))
+                 deadline_given(header_value(metadata, DEADLINE_HEADER)))
     return min((deadline for deadline in deadlines if deadline is not None), default=None)
 
 
@@ -273,7 +283,7 @@ class CallLogInterceptor(grpc.ServerInterceptor):
     line break in it wrote a log line of the caller's making), and the id only if it is sane."""
 
     def intercept_service(self, continuation, handler_call_details):
-        metadata = dict(handler_call_details.invocation_metadata or ())
+        metadata = _metadata_as_headers(handler_call_details.invocation_metadata)
         with request_id_bound(given_request_id_if_sane(metadata.get(REQUEST_ID_HEADER.lower()))):
             log.info("gRPC %s", escaped_in_logs(handler_call_details.method))
         return continuation(handler_call_details)

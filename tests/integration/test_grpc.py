@@ -730,27 +730,42 @@ def test_a_signed_deadline_of_no_documented_form_is_refused_as_over_http(grpc_ta
     assert _orders_placed_by(settings, user) == 0
 
 
-def test_a_deadline_given_twice_in_a_calls_metadata_is_refused_as_over_http(grpc_targets,
-                                                                           settings):
-    """Over HTTP the header given twice reaches the service joined by a comma, refused 400
-    INVALID_DEADLINE; the call's metadata kept the last value alone, signed, and an earlier one
-    sent with it was passed over. Refused alike now, nothing done."""
+def test_a_deadline_given_twice_in_a_calls_metadata_is_read_joined_as_over_http(grpc_targets,
+                                                                              settings):
+    """As over HTTP, where the header given twice reaches the service joined by a comma: the
+    values joined are what the signature is checked against and the deadline read from. Signed as
+    they arrive joined (the gateway's alone could), 400 INVALID_DEADLINE; a call signed for one
+    deadline with an unsigned one added, in front or behind, a 401 as any metadata tampered with
+    (the last value alone was checked: one added in front passed, and was then read joined, a
+    400). Nothing done either way."""
     user = f"twice-{uuid.uuid4().hex[:8]}"
     stub = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
-    place = orders_pb2.PlaceOrderRequest(amount="1")
-    signed = grpc_signed(user, f"{ORDERS}/PlaceOrder", place)
-    twice = ((DEADLINE_HEADER.lower(), f"{time.time() + 30:.6f}"), *signed)
-    with pytest.raises(grpc.RpcError) as refused:
-        stub.PlaceOrder(place, metadata=twice, timeout=5)
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
-    trailers = dict(refused.value.trailing_metadata())
-    assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == ("400", "INVALID_DEADLINE")
+    name, place = f"{ORDERS}/PlaceOrder", orders_pb2.PlaceOrderRequest(amount="1")
+    key = DEADLINE_HEADER.lower()
+    first, second = (f"{time.time() + seconds:.6f}" for seconds in (30, 60))
+    signed_joined = [item for item in grpc_identity_metadata(
+        user, settings.internal_auth_secret, name, place.SerializeToString(), f"{first},{second}")
+        if item[0] != key]
+    signed_for_one = grpc_signed(user, name, place)
+    for metadata, status, code in (
+            ((*signed_joined, (key, first), (key, second)), grpc.StatusCode.INVALID_ARGUMENT,
+             ("400", "INVALID_DEADLINE")),
+            (((key, "junk"), *signed_for_one), grpc.StatusCode.UNAUTHENTICATED,
+             ("401", "UNTRUSTED_IDENTITY")),
+            ((*signed_for_one, (key, "junk")), grpc.StatusCode.UNAUTHENTICATED,
+             ("401", "UNTRUSTED_IDENTITY"))):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.PlaceOrder(place, metadata=metadata, timeout=5)
+        assert refused.value.code() == status, (metadata, refused.value.details())
+        trailers = dict(refused.value.trailing_metadata())
+        assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == code, metadata
     assert _orders_placed_by(settings, user) == 0
 
 
 def test_a_calls_access_log_line_holds_no_line_break_nor_an_id_that_is_not_sane(grpc_targets):
     """As the HTTP access log: a method with a line break in it (logged as the call arrives, before
-    any check) wrote a line of the caller's making, and an id of any length was bound to it."""
+    any check) wrote a line of the caller's making, and an id of any length was bound to it. An
+    id given twice is joined by a comma, as over HTTP, and so no sane id (the last was taken)."""
     said = []
 
     class _Said(logging.Handler):
@@ -764,15 +779,18 @@ def test_a_calls_access_log_line_holds_no_line_break_nor_an_id_that_is_not_sane(
     try:
         channel = grpc.insecure_channel(grpc_targets["orders"])
         forged = "2026-01-01 00:00:00,000 INFO orders [request_id=-] a line of the caller's"
-        for method, request_id in ((f"/x\n{forged}", "r" * 300), ("/\x1b[2Jx", "sane-id-1")):
+        for method, request_ids in ((f"/x\n{forged}", ("r" * 300,)), ("/\x1b[2Jx", ("sane-id-1",)),
+                                    ("/twice", ("sane-id-1", "sane-id-2"))):
             with pytest.raises(grpc.RpcError) as refused:
-                channel.unary_unary(method)(b"", metadata=((("x-request-id", request_id),)),
-                                            timeout=5)
+                channel.unary_unary(method)(
+                    b"", metadata=tuple(("x-request-id", given) for given in request_ids),
+                    timeout=5)
             assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    assert said == [(f"gRPC /x\\x0a{forged}", None), ("gRPC /\\x1b[2Jx", "sane-id-1")]
+    assert said == [(f"gRPC /x\\x0a{forged}", None), ("gRPC /\\x1b[2Jx", "sane-id-1"),
+                    ("gRPC /twice", None)]
 
 
 def test_server_reflection_lists_each_service(grpc_targets):
