@@ -42,12 +42,17 @@ from shared.config import FURTHEST_DEADLINE_SECONDS
 from shared.db import caller_waits_until
 from shared.documented_errors import INVALID_DEADLINE, DocumentedError
 from shared.errors import ApiError
-from shared.internal_auth import DEADLINE_HEADER
+from shared.internal_auth import DEADLINE_HEADER, MAX_AHEAD_SECONDS
 
 log = logging.getLogger(__name__)
 
-# (A deadline further off than FURTHEST_DEADLINE_SECONDS is taken as none: a clock far off, or no
-# deadline meant. The gateway's UPSTREAM_TIMEOUT_SECONDS is held to it: shared.config.)
+# A deadline further off than this is taken as none (a clock far off, or no deadline meant): the
+# furthest the gateway writes, FURTHEST_DEADLINE_SECONDS on (its UPSTREAM_TIMEOUT_SECONDS is held
+# to it: shared.config), on a clock that may run ahead of this host's as far as the signature
+# takes: MAX_AHEAD_SECONDS, and the second its timestamp drops (whole seconds, truncated), so
+# under 6 s. Held to FURTHEST_DEADLINE_SECONDS alone, the longest timeout's deadline was taken as
+# none by a service whose clock ran a millisecond behind the gateway's.
+FURTHEST_TAKEN_SECONDS = FURTHEST_DEADLINE_SECONDS + MAX_AHEAD_SECONDS + 1
 _DEADLINE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,6})?")
 _BOUND = "hseshop.caller_deadline"
 
@@ -114,7 +119,7 @@ def _unbind_the_deadline(_exc) -> None:
 
 def deadline_given(header: str | None) -> float | None:
     """The time.monotonic() by which the caller stops waiting; None for no header (or gRPC
-    metadata value), or one further off than FURTHEST_DEADLINE_SECONDS. One of another form than
+    metadata value), or one further off than FURTHEST_TAKEN_SECONDS. One of another form than
     DEADLINE_PARAMETER's pattern is refused: ApiError 400 INVALID_DEADLINE."""
     if header is None:
         return None
@@ -123,7 +128,7 @@ def deadline_given(header: str | None) -> float | None:
                        " digits, and up to 6 decimals after a point.", code=INVALID_DEADLINE.code,
                        status=INVALID_DEADLINE.status)
     left = float(header) - time.time()
-    if left > FURTHEST_DEADLINE_SECONDS:
+    if left > FURTHEST_TAKEN_SECONDS:
         return None
     if left <= 0:
         log.warning("a request came %.3f s after its caller's deadline (a backlog, or the clocks"

@@ -347,8 +347,9 @@ NORMALISED = {f"{service.upper()}_SERVICE_URL": lambda raw: raw.removesuffix("/"
               for service in GRPC_SERVICES}
 # The numbers for which 0 means none (the rest are sizes, counts and lengths of time above 0).
 ZERO_MEANS_NONE = ("GATEWAY_TRUSTED_PROXY_HOPS",)
-# A caller's deadline further off than this a service takes as none (shared.caller_deadline: a
-# clock far off, or none meant); and the gateway's, UPSTREAM_TIMEOUT_SECONDS on, is held to it.
+# How far off the gateway's deadline for a call may be (UPSTREAM_TIMEOUT_SECONDS on: AT_MOST): a
+# service takes one further off than this and the clocks' disagreement its signature allows as
+# none (shared.caller_deadline: a clock far off, or none meant).
 FURTHEST_DEADLINE_SECONDS = 3600.0
 # The numbers with a greatest value: the gateway's deadline for a call (a longer one was taken by
 # the services as none, and one far longer wrote a moment of more digits than they read).
