@@ -26,7 +26,10 @@ taken as none, it had the work commit after the gateway's 504. Only once the req
 identity is verified, as every other look at the deadline: the value is signed, so one that is
 not the gateway's fails the signature first (401, as any header tampered with, or any value
 added to it, over either transport), and a 400 says that the gateway signed a deadline the
-service cannot read (a fault of the gateway's, which never writes one: deadline_moment)."""
+service cannot read (a fault of the gateway's, which never writes one: deadline_moment). But for
+an empty one added to a request signed without a deadline, which the signature signs as none
+(shared.internal_auth): it holds, and the request is a 400. Only a direct caller's own request
+can be so replayed: the gateway signs a deadline into every request."""
 
 from __future__ import annotations
 

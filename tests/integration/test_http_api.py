@@ -1154,6 +1154,22 @@ def test_a_deadline_of_no_documented_form_is_refused_400_once_its_signature_hold
         "0.00"
 
 
+def test_an_empty_deadline_added_to_a_request_signed_without_one_holds_its_signature_a_400(
+        orders_http, user_id):
+    """As README says: the signature's line for the deadline is empty when a request has none,
+    so a request signed without one (a direct caller's: the gateway signs a deadline into every
+    request) sent again with an empty header added is a 400 INVALID_DEADLINE, not a 401; added
+    to a request signed with one, the empty header is a 401. Nothing done either way."""
+    body = b'{"amount": "1.00"}'
+    for sent_with, status, code in ((None, 400, "INVALID_DEADLINE"),
+                                    (deadline_headers(30), 401, "UNTRUSTED_IDENTITY")):
+        signed = _signed_for(user_id, "POST", "/orders", body, sent_with=sent_with)
+        answer = orders_http.post("/orders", data=body, content_type="application/json",
+                                  headers={**signed, DEADLINE_HEADER: ""})
+        assert _assert_error(answer, status)["code"] == code
+    assert orders_http.get("/orders", signed_as=user_id).get_json()["items"] == []
+
+
 def test_a_request_not_the_gateways_with_a_deadline_long_past_logs_nothing_of_it(orders_http,
                                                                                  caplog):
     """The deadline is read once the request's identity is verified, as over gRPC: anyone's
