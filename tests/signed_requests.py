@@ -18,6 +18,16 @@ from tests.environment import TEST_SECRETS
 # The deadline a request is signed with unless told: later than any test waits for an answer.
 SIGNED_DEADLINE_SECONDS = 60.0
 _DEADLINE_KEY = f"HTTP_{DEADLINE_HEADER.upper().replace('-', '_')}"
+# X-Gateway-Deadlines of no form the services document (up to 12 digits, up to 6 decimals), which
+# each refuses 400 INVALID_DEADLINE once their signature holds, over HTTP and gRPC alike.
+MALFORMED_DEADLINES = {
+    "empty": "", "a word": "soon", "negative": "-1", "an exponent": "1e9",
+    "not ASCII digits": "١٧٠٠٠٠٠٠٠٠", "13 digits": "1" * 13, "7 decimals": "1700000000.1234567",
+    "5,000 digits": "9" * 5000, "a point and no decimals": "1700000000.",
+    "two joined (the header given twice)": "1700000000,1700000060"}
+# Those gRPC metadata can carry: printable ASCII (grpcio sends no other).
+MALFORMED_DEADLINES_IN_METADATA = {name: given for name, given in MALFORMED_DEADLINES.items()
+                                   if given.isascii()}
 
 
 class GatewaySignedClient(FlaskClient):

@@ -42,7 +42,7 @@ from tests.integration.test_gateway import assert_replays_said_so
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
 from tests.network_tools import HoldingProxy, SilencingProxy
 from tests.process_tools import start_child
-from tests.signed_requests import grpc_signed
+from tests.signed_requests import MALFORMED_DEADLINES_IN_METADATA, grpc_signed
 from tests.polling import wait_for
 from tests.postgres_tools import no_connection_free
 
@@ -694,14 +694,8 @@ def test_a_call_without_its_signed_deadline_or_with_another_is_refused(grpc_targ
             "401", "UNTRUSTED_IDENTITY")
 
 
-# Deadlines of no form the services document, that gRPC metadata can carry (printable ASCII).
-MALFORMED_DEADLINES = {
-    "empty": "", "a word": "soon", "negative": "-1", "an exponent": "1e9", "13 digits": "1" * 13,
-    "7 decimals": "1700000000.1234567", "5,000 digits": "9" * 5000,
-    "two joined": "1700000000,1700000060"}
-
-
-@pytest.mark.parametrize("given", MALFORMED_DEADLINES.values(), ids=MALFORMED_DEADLINES)
+@pytest.mark.parametrize("given", MALFORMED_DEADLINES_IN_METADATA.values(),
+                         ids=MALFORMED_DEADLINES_IN_METADATA)
 def test_a_signed_deadline_of_no_documented_form_is_refused_as_over_http(grpc_targets, settings,
                                                                         given):
     """As over HTTP: a deadline the gateway signed that is of no documented form is refused

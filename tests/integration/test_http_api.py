@@ -43,6 +43,7 @@ from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_desc
 from tests.postgres_tools import (account_row_held, no_connection_free,
                                   second_waiting_on_the_first, terminate_backend)
 from tests.replay_tools import assert_only_the_repeat_said_replayed
+from tests.signed_requests import MALFORMED_DEADLINES
 
 
 @pytest.fixture
@@ -1113,14 +1114,6 @@ def test_a_service_commits_nothing_once_the_moment_its_caller_gave_has_passed(
     else:
         assert (answer.status_code, answer.get_json()["error"]["code"]) == (504, "CALLER_GAVE_UP")
         assert listed == [] and "after its caller's deadline" in caplog.text
-
-
-# X-Gateway-Deadlines of no form the services document (up to 12 digits, up to 6 decimals).
-MALFORMED_DEADLINES = {
-    "empty": "", "a word": "soon", "negative": "-1", "an exponent": "1e9",
-    "not ASCII digits": "١٧٠٠٠٠٠٠٠٠", "13 digits": "1" * 13, "7 decimals": "1700000000.1234567",
-    "5,000 digits": "9" * 5000, "a point and no decimals": "1700000000.",
-    "two joined (the header given twice)": "1700000000,1700000060"}
 
 
 @pytest.mark.parametrize("given", MALFORMED_DEADLINES.values(), ids=MALFORMED_DEADLINES)
