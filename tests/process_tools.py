@@ -14,6 +14,7 @@ pool's processes ask for the same (celery.concurrency.prefork), and the servers 
 starts (devstack's ManagedProcess, each leading a process group) are written down for the next
 session to stop instead (tests/session_folders.py), but for those
 tests/integration/test_devstack_infra.py starts to try devstack.infra, which outlive it.
+served_by_gunicorn serves a WSGI app as the stack serves the APIs, one of those servers.
 """
 
 from __future__ import annotations
@@ -22,9 +23,16 @@ import ctypes
 import os
 import signal
 import subprocess
+import sys
 import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
+from devstack.infra import LOCALHOST, free_port, port_open, wait_for_process
 from devstack.leftovers import started_at
+from devstack.processes import ManagedProcess
+from devstack.stack import REPO_ROOT, gunicorn_argv
 
 PR_SET_PDEATHSIG = 1  # (linux/prctl.h)
 # The C library's prctl, looked up here, once, so that a child between fork and exec only calls
@@ -73,3 +81,23 @@ def stop(process: subprocess.Popen, timeout: float = 20) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@contextmanager
+def served_by_gunicorn(name: str, app: str, run_dir: Path,
+                       note_started: Callable[[ManagedProcess], None],
+                       env: Mapping[str, str] | None = None, **argv_options) -> Iterator[str]:
+    """The URL of a gunicorn serving the WSGI app `app` as the APIs are served (the shop's worker
+    class, in a worker forked off its master: devstack.stack.gunicorn_argv, given
+    `argv_options`), with `env` (this process's by default), logging to `name`.log in `run_dir`;
+    stopped as the block ends."""
+    port = free_port()
+    argv = gunicorn_argv(port, app, **argv_options)
+    server = ManagedProcess(name, [sys.executable, "-m", *argv], env, run_dir / f"{name}.log",
+                            REPO_ROOT, on_start=note_started).start()
+    try:
+        wait_for_process(server, lambda: port_open(LOCALHOST, port), timeout=30,
+                         what="gunicorn to accept connections")
+        yield f"http://{LOCALHOST}:{port}"
+    finally:
+        server.stop()

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import uuid
 from urllib.parse import urlsplit
 
 import pytest
 
-from devstack.infra import LOCALHOST, free_port, port_open, wait_for_process
-from devstack.processes import ManagedProcess
-from devstack.stack import REPO_ROOT, gunicorn_argv
 from shared.internal_auth import identity_headers
 from tests.network_tools import http_answer_read_off, http_answer_read_off_a_kept_connection
+from tests.process_tools import served_by_gunicorn
 from tests.polling import wait_for
 
 LONGEST_REQUEST_LINE = 4094  # gunicorn's limit_request_line
@@ -256,18 +253,10 @@ def gunicorn_naming_its_server_software(run_dir, note_started):
     """The URL of a gunicorn run as the APIs are (the shop's worker class, in a worker forked off
     its master), but with one worker, serving an app that answers with the SERVER_SOFTWARE its
     request's environ and its worker's process environment hold."""
-    port = free_port()
-    argv = gunicorn_argv(port, "tests.e2e.server_software_app:answer_the_server_software",
-                         workers=1)
-    server = ManagedProcess("server-software-app", [sys.executable, "-m", *argv], None,
-                            run_dir / "server-software-app.log", REPO_ROOT,
-                            on_start=note_started).start()
-    try:
-        wait_for_process(server, lambda: port_open(LOCALHOST, port), timeout=30,
-                         what="gunicorn to accept connections")
-        yield f"http://{LOCALHOST}:{port}"
-    finally:
-        server.stop()
+    with served_by_gunicorn("server-software-app",
+                            "tests.e2e.server_software_app:answer_the_server_software", run_dir,
+                            note_started, workers=1) as url:
+        yield url
 
 
 def test_a_requests_environ_names_no_server_software(gunicorn_naming_its_server_software):
