@@ -52,7 +52,9 @@ class ShopApi(SwaggerUiPage, Api):
         "`EXPECTATION_FAILED` (417: an `Expect` other than `100-continue`), "
         "`REQUEST_HEADER_FIELDS_TOO_LARGE` (431), `NOT_IMPLEMENTED` (501: a `Transfer-Encoding` "
         "the server does not know); the web server answers these last four, and 400s for a "
-        "request line or header, itself, without `X-Request-ID`.")
+        "request line or header, itself, without `X-Request-ID`. And `REQUEST_TIMEOUT` (408, the "
+        "connection closed after it): a request whose head or body stopped arriving (the web "
+        "server answers it for a head, itself).")
 
     def _register_responses(self):
         super()._register_responses()

@@ -107,6 +107,14 @@ ENVIRONMENT: dict[str, str] = {
     "ORDERS_GRPC_TARGET": "127.0.0.1:50051",
     "PAYMENTS_GRPC_TARGET": "127.0.0.1:50052",
     "GATEWAY_UPSTREAM_TRANSPORT": "grpc",
+    # How long the web servers (shared/gunicorn_worker.py) wait on a request's client, as nginx's
+    # client_header_timeout and client_body_timeout do: for each read of its head or body, and for
+    # the whole head. Past either the request is answered 408, its connection closed: a client
+    # that sends a byte now and then, or less body than it said, held a server thread (one of a
+    # service worker's 4) for as long as it liked. Not once the answer has begun: a notification
+    # socket reads its page, quiet for minutes, past it.
+    "REQUEST_READ_TIMEOUT_SECONDS": "15",
+    "REQUEST_HEAD_TIMEOUT_SECONDS": "30",
 }
 
 
@@ -152,6 +160,8 @@ class Settings:
     orders_grpc_target: str
     payments_grpc_target: str
     gateway_upstream_transport: str
+    request_read_timeout_seconds: float
+    request_head_timeout_seconds: float
 
     def database_url(self, service: str) -> str:
         """The service's SQLAlchemy URL, always with the psycopg2 driver."""

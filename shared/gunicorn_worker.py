@@ -27,6 +27,24 @@ streamed one, whose generator reads it later) is the same: the 100 is never sent
 within the answer), and a read then fails. A request with no body to ask for (a Content-Length
 of 0, a GET) is sent no 100, and keeps its connection.
 
+It bounds how long a request's client may take to send it, as nginx's client_header_timeout and
+client_body_timeout do (TimedSocketUnreader): each read of a request's head or body waits at most
+REQUEST_READ_TIMEOUT_SECONDS, and the whole head REQUEST_HEAD_TIMEOUT_SECONDS. gunicorn's
+gthread waits off-thread only for a connection's first bytes (and a kept-alive one's next
+request's); after them a thread read the rest with no timeout, so that a client sending its head a
+byte at a time, less body than its Content-Length said, or chunks that never end held one of the
+server's threads (a service's worker has 4) for as long as it liked. A head that stops arriving is
+answered 408 (write_json_error) with `Connection: close`, or, with nothing of the request received
+(the connection readable with no request in it: a TLS record, say), closed unanswered; a body that
+stops arriving fails the app's read (RequestReadTimedOut, Werkzeug's 408, which the apps answer as
+any HTTP error), and the connection is closed after the answer. Once the answer has begun, no 408
+can be given: a read of the body that times out then (a streamed answer's, gunicorn's drain of a
+body left unread, which has a deadline of its own) fails as gunicorn's own reads do, with a
+TimeoutError. The timeout is the socket's only within a read of a request's head or body, never
+left on it: the answer's writes, a streamed answer's included, and a WebSocket's reads of its page
+(the gateway's notification sockets, quiet for minutes, read the socket itself once upgraded)
+never time out.
+
 And it names no server software: gunicorn writes `Server: gunicorn` into each answer (not the
 version; it has no setting for it), which only tells a prober what to try, and gives each request's
 WSGI environ a SERVER_SOFTWARE of `gunicorn/<version>`, which an app's page or log could pass on
@@ -48,15 +66,19 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from gunicorn import util
-from gunicorn.http import wsgi
+from gunicorn.http import parser, wsgi
 from gunicorn.http.body import LengthReader
 from gunicorn.http.message import Request
 from gunicorn.http.parser import RequestParser
+from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import ThreadWorker
+from werkzeug.exceptions import RequestTimeout
 from werkzeug.http import HTTP_STATUS_CODES
 
+from shared.config import get_settings
 from shared.errors import INTERNAL_ERROR, code_for, error_body
 from shared.process_stopping import stop_requests_that_last
 
@@ -79,6 +101,85 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
             f"Content-Length: {len(payload)}\r\n"
             "\r\n")
     util.write_nonblock(sock, head.encode("latin-1") + payload)
+
+
+class RequestReadTimedOut(RequestTimeout):
+    """A request's head or body that stopped arriving before its answer began: a 408. Werkzeug's
+    own 408, so that an app reading the body answers it as any HTTP error (the shop's apps in
+    their JSON shape); not an OSError, which Werkzeug's reader of a body would take for the client
+    gone and make a 400 of. `anything_received`: whether any of the request had come (a head's
+    timeout with nothing received is answered by closing the connection)."""
+
+    def __init__(self, description: str, anything_received: bool = True):
+        super().__init__(description)
+        self.anything_received = anything_received
+
+
+class TimedSocketUnreader(SocketUnreader):
+    """gunicorn's reader of a connection's socket (what its HTTP/1 parser reads a request's head
+    and body through), each read of it given a timeout while a request's head or body is read
+    (RequestDeferringContinue says which): REQUEST_READ_TIMEOUT_SECONDS, and for the head what is
+    left of REQUEST_HEAD_TIMEOUT_SECONDS, counted from its first read. The socket has the timeout
+    for that read alone: whatever else uses it (the answer's writes, a WebSocket) finds it as it
+    was."""
+
+    HEAD, BODY, ANSWERING = "head", "body", "answering"
+
+    def __init__(self, sock, max_chunk=8192):
+        super().__init__(sock, max_chunk)
+        settings = get_settings()
+        self.read_timeout = settings.request_read_timeout_seconds
+        self.head_timeout = settings.request_head_timeout_seconds
+        self.reading = None  # what is being read: HEAD, BODY, or ANSWERING (a body, answered)
+        self.head_deadline = 0.0
+        self.head_received = 0
+
+    def head_begins(self) -> None:
+        self.reading = self.HEAD
+        self.head_deadline = time.monotonic() + self.head_timeout
+        # (a pipelined request may have come, whole or in part, with the one before it)
+        self.head_received = len(self.buf.getvalue())
+
+    def body_begins(self) -> None:
+        self.reading = self.BODY
+
+    def answer_begins(self) -> None:
+        self.reading = self.ANSWERING
+
+    def chunk(self, size_hint=None):
+        if self.reading is None:
+            return super().chunk(size_hint)
+        wait = self.read_timeout
+        if self.reading is self.HEAD:
+            wait = min(wait, self.head_deadline - time.monotonic())
+            if wait <= 0:
+                raise self._timed_out()
+        before = self.sock.gettimeout()
+        if before is not None and before <= wait:
+            # A caller's own, shorter timeout (gunicorn's drain of a body left unread): its
+            # TimeoutError is the caller's to take.
+            return super().chunk(size_hint)
+        self.sock.settimeout(wait)
+        try:
+            data = super().chunk(size_hint)
+        except TimeoutError:
+            if self.reading is self.ANSWERING:
+                raise  # (no 408 can be given: the answer has begun)
+            raise self._timed_out() from None
+        finally:
+            self.sock.settimeout(before)
+        if self.reading is self.HEAD:
+            self.head_received += len(data)
+        return data
+
+    def _timed_out(self) -> RequestReadTimedOut:
+        if self.reading is self.HEAD:
+            return RequestReadTimedOut(
+                f"The request's head did not arrive in time (within {self.head_timeout:g} s, and"
+                f" {self.read_timeout:g} s at most between its parts).",
+                anything_received=self.head_received > 0)
+        return RequestReadTimedOut(
+            f"The request body stopped arriving: nothing of it came for {self.read_timeout:g} s.")
 
 
 class BodyNotAskedFor(Exception):
@@ -117,7 +218,17 @@ class RequestDeferringContinue(Request):
     and that it asks for its connection to be closed once reading its body raised (gunicorn's Body
     marks itself `failed`; what gunicorn does after the answer then anyway, Parser.finish_body,
     and now also what the answer's Connection header says) or while the 100 is still owed (the
-    app answered without reading the body, which the client may or may not send)."""
+    app answered without reading the body, which the client may or may not send). It tells its
+    connection's reader (TimedSocketUnreader) when its head, its body and its answer begin."""
+
+    def parse(self, unreader):
+        timed = isinstance(unreader, TimedSocketUnreader)
+        if timed:
+            unreader.head_begins()
+        unused = super().parse(unreader)
+        if timed:
+            unreader.body_begins()
+        return unused
 
     def set_body_reader(self) -> None:
         super().set_body_reader()
@@ -136,7 +247,9 @@ class RequestDeferringContinue(Request):
         """Its answer's headers are being written. A 100 still owed is then never sent (a late
         read, a streamed answer's, would put it within the answer: it fails instead), and the
         connection is closed after the answer, whatever a late read did: the client may send the
-        body or not."""
+        body or not. A read of the body that times out from now on is no 408."""
+        if isinstance(self.unreader, TimedSocketUnreader):
+            self.unreader.answer_begins()
         reader = self.body.reader
         if isinstance(reader, ContinuedOnFirstRead) and reader.continue_owed:
             reader.stop_owing()
@@ -168,11 +281,13 @@ class ResponseNamingNoServer(wsgi.Response):
 
 # What the worker puts in gunicorn's place as its process starts (JsonErrorsThreadWorker.
 # init_process), each as (owner, name, replacement): the function gunicorn writes the answers it
-# gives itself with, the class its HTTP/1 parser makes each request of, the name wsgi.create
-# builds each HTTP/1 answer from, and the server software wsgi.base_environ writes into each
-# request's environ. gunicorn has no setting nor hook for any of them.
+# gives itself with, the class its HTTP/1 parser reads a connection's socket through, the class it
+# makes each request of, the name wsgi.create builds each HTTP/1 answer from, and the server
+# software wsgi.base_environ writes into each request's environ. gunicorn has no setting nor hook
+# for any of them.
 GUNICORN_REPLACED = (
     (util, "write_error", write_json_error),
+    (parser, "SocketUnreader", TimedSocketUnreader),
     (RequestParser, "mesg_class", RequestDeferringContinue),
     (wsgi, "Response", ResponseNamingNoServer),
     (wsgi, "SERVER_SOFTWARE", NO_SERVER_SOFTWARE),
@@ -181,9 +296,10 @@ GUNICORN_REPLACED = (
 
 class JsonErrorsThreadWorker(ThreadWorker):
     """gunicorn's threaded worker (what `--threads` above 1 picks), that makes the answers gunicorn
-    writes itself JSON, defers `100 Continue` to the body's first read, names no server
-    software (no `Server` header, an empty SERVER_SOFTWARE in each request's environ, none in the
-    worker's process environment), and, stopping, tells the requests that last to end."""
+    writes itself JSON, defers `100 Continue` to the body's first read, times out a request's
+    head or body that stops arriving, names no server software (no `Server` header, an empty
+    SERVER_SOFTWARE in each request's environ, none in the worker's process environment), and,
+    stopping, tells the requests that last to end."""
 
     def init_process(self):
         # In the worker's process, once forked, before super's loads the app and runs the loop that
@@ -194,7 +310,22 @@ class JsonErrorsThreadWorker(ThreadWorker):
         # The arbiter's `gunicorn/<version>`, inherited from the master's environment: gone from
         # the worker's, and so from that of every subprocess the app starts.
         os.environ.pop("SERVER_SOFTWARE", None)
+        get_settings()  # (a timeout it cannot take stops the worker as it starts, not a request)
         super().init_process()
+
+    def handle_error(self, req, client, addr, exc):
+        if not isinstance(exc, RequestReadTimedOut):
+            super().handle_error(req, client, addr, exc)
+            return
+        # A head that stopped arriving (a body's is the app's to answer, unless it let the error
+        # past, as an app other than the shop's may): a client's fault, logged as gunicorn logs
+        # one it could not read, but at INFO (a phone that lost its signal).
+        self.log.info("Request timed out from ip=%s: %s", (addr or ("",))[0], exc.description)
+        if exc.anything_received:
+            try:
+                write_json_error(client, exc.code, exc.name, exc.description)
+            except Exception:
+                self.log.debug("Failed to send error message.")
 
     def handle_exit(self, sig, frame):
         # SIGTERM (a deploy, a restart, the arbiter's reload): gunicorn stops taking connections

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import time
 
 import gunicorn.util
 import pytest
@@ -22,6 +23,7 @@ from shared.gunicorn_worker import (
     GUNICORN_REPLACED,
     BodyNotAskedFor,
     JsonErrorsThreadWorker,
+    RequestReadTimedOut,
     write_json_error,
 )
 from tests.network_tools import http_answer_read_off
@@ -167,6 +169,46 @@ def test_a_request_with_no_body_to_ask_for_is_sent_no_100_and_keeps_its_connecti
         client.setblocking(False)
         with pytest.raises(BlockingIOError):  # no 100, then or as the body was read
             client.recv(100)
+
+
+def test_a_read_of_a_request_leaves_its_socket_without_a_timeout(gunicorn_as_the_worker_runs_it):
+    """The read timeout is the socket's within a read alone: the answer's writes (to a client that
+    reads slowly) and a WebSocket's reads after the upgrade (a page quiet for minutes) find the
+    socket blocking, as gunicorn's thread left it."""
+    ours, client = socket.socketpair()
+    with ours, client:
+        client.sendall(b"POST /orders HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 2\r\n\r\n{}")
+        parser = RequestParser(Config(), ours, ("127.0.0.1", 1))
+        request = next(parser)
+        assert ours.gettimeout() is None
+        assert request.body.read() == b"{}"
+        assert ours.gettimeout() is None
+        client.sendall(b"POST /orders HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 4\r\n\r\n{")
+        request = next(parser)
+        request.unreader.read_timeout = 0.05
+        with pytest.raises(RequestReadTimedOut) as timed_out:  # (the rest never sent)
+            request.body.read()
+        assert ours.gettimeout() is None
+        assert timed_out.value.code == 408 and "0.05 s" in timed_out.value.description
+        assert request.should_close()
+
+
+def test_a_body_read_timing_out_once_the_answer_has_begun_is_no_408(gunicorn_as_the_worker_runs_it):
+    """No 408 can be given then: the read fails as gunicorn's own reads fail, a TimeoutError, and
+    gunicorn's drain of a body left unread gives up on it (the connection is then closed)."""
+    ours, client = socket.socketpair()
+    with ours, client:
+        client.sendall(b"POST /orders HTTP/1.1\r\nHost: shop.test\r\nContent-Length: 4\r\n\r\n{")
+        parser = RequestParser(Config(), ours, ("127.0.0.1", 1))
+        request = next(parser)
+        request.unreader.read_timeout = 0.05
+        answer = wsgi.Response(request, ours, Config())
+        answer.start_response("200 OK", [("Content-Type", "text/plain")])
+        answer.write(b"answered")
+        with pytest.raises(TimeoutError):
+            request.body.read()
+        assert not parser.finish_body(deadline=time.monotonic() + 5)
+        assert ours.gettimeout() is None
 
 
 @pytest.mark.parametrize("closed_by_the_request", [True, False])
