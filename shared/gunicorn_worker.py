@@ -45,6 +45,12 @@ left on it: the answer's writes, a streamed answer's included, and a WebSocket's
 (the gateway's notification sockets, quiet for minutes, read the socket itself once upgraded)
 never time out.
 
+It closes a connection kept no more (its answer said `Connection: close`, or its request could not
+be read) as gunicorn does, its write side first, then what the client still sends read and dropped
+for up to 2 s (RFC 9112 9.6), but with those reads waited on in the worker's poller, not on its
+main thread, which meanwhile accepted nothing: a few clients that went on sending after their
+answer held the whole worker up, 2 s each in turn.
+
 And it names no server software: gunicorn writes `Server: gunicorn` into each answer (not the
 version; it has no setting for it), which only tells a prober what to try, and gives each request's
 WSGI environ a SERVER_SOFTWARE of `gunicorn/<version>`, which an app's page or log could pass on
@@ -64,9 +70,14 @@ unclosed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import selectors
+import socket
 import time
+from collections import deque
+from functools import partial
 
 from gunicorn import util
 from gunicorn.http import parser, wsgi
@@ -297,9 +308,16 @@ GUNICORN_REPLACED = (
 class JsonErrorsThreadWorker(ThreadWorker):
     """gunicorn's threaded worker (what `--threads` above 1 picks), that makes the answers gunicorn
     writes itself JSON, defers `100 Continue` to the body's first read, times out a request's
-    head or body that stops arriving, names no server software (no `Server` header, an empty
-    SERVER_SOFTWARE in each request's environ, none in the worker's process environment), and,
-    stopping, tells the requests that last to end."""
+    head or body that stops arriving, lingers over a closed connection in its poller, names no
+    server software (no `Server` header, an empty SERVER_SOFTWARE in each request's environ, none
+    in the worker's process environment), and, stopping, tells the requests that last to end."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The closed connections whose reads linger (_linger), by when they end, oldest first,
+        # and what each has read so far.
+        self.lingering: deque[tuple[float, socket.socket]] = deque()
+        self.lingering_drained: dict[socket.socket, int] = {}
 
     def init_process(self):
         # In the worker's process, once forked, before super's loads the app and runs the loop that
@@ -360,4 +378,59 @@ class JsonErrorsThreadWorker(ThreadWorker):
         if conn.sock.fileno() == -1:
             self.nr_conns -= 1
             return
+        if not fs.cancelled() and fs.exception() is None and not fs.result():
+            # A connection kept no more (its answer said close, or its request could not be read).
+            self.nr_conns -= 1
+            self._linger(conn.sock)
+            return
         super().finish_request(conn, fs)
+
+    # How long a closed connection's reads linger, and how much of what its client still sends
+    # they read, at most (gunicorn's util.close_graceful's).
+    LINGER_SECONDS = 2.0
+    LINGER_MAX_BYTES = 64 * 1024
+
+    def _linger(self, sock) -> None:
+        """Close `sock` as gunicorn does (RFC 9112 9.6: its write side first, then what the client
+        still sends read and dropped until it closes its own, so that its kernel's reset cannot
+        cut the answer short), but waiting on its reads in the worker's poller. gunicorn waited
+        on them on the worker's main thread (util.close_graceful, up to 2 s), which meanwhile
+        accepted no connection and passed no kept-alive one on: a few clients that went on
+        sending after their answer (a 408's, say) held the whole worker up, 2 s each in turn."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+            self.poller.register(sock, selectors.EVENT_READ, partial(self._linger_read, sock))
+        except (OSError, ValueError, KeyError):
+            util.close(sock)
+            return
+        self.lingering_drained[sock] = 0
+        self.lingering.append((time.monotonic() + self.LINGER_SECONDS, sock))
+
+    def _linger_read(self, sock, _readable) -> None:
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        drained = self.lingering_drained[sock] + len(data)
+        if not data or drained >= self.LINGER_MAX_BYTES:
+            self._end_lingering(sock)
+        else:
+            self.lingering_drained[sock] = drained
+
+    def _end_lingering(self, sock) -> None:
+        del self.lingering_drained[sock]
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            self.poller.unregister(sock)
+        util.close(sock)
+
+    def murder_pending(self):
+        # (run() calls it at each turn of its loops, taking requests and stopping alike)
+        super().murder_pending()
+        now = time.monotonic()
+        while self.lingering and self.lingering[0][0] <= now:
+            _, sock = self.lingering.popleft()
+            if sock in self.lingering_drained:  # (not ended already, by its client's close)
+                self._end_lingering(sock)

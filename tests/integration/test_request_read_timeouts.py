@@ -9,6 +9,7 @@ it was after each read, for the answer's writes too.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -147,6 +148,30 @@ def test_a_body_asked_for_with_100_continue_and_never_sent_gets_a_408(served_gat
     _assert_timed_out((final_line, headers, body))
 
 
+def _answered_while_others_trickle(url: str, trickling: list[socket.socket]) -> tuple[bytes, float]:
+    """What a GET on a new connection is answered, read to the connection's end while each of
+    `trickling` is sent a byte every third of the read timeout (until its connection is closed),
+    and after how long."""
+    with _connected(url) as connection:
+        started = time.monotonic()
+        connection.sendall(_get("/health", "Connection: close"))
+        connection.setblocking(False)
+        received = b""
+        while time.monotonic() - started < ANSWER_WITHIN:
+            for trickler in trickling:
+                with contextlib.suppress(OSError):  # (closed: a trickler no more)
+                    trickler.sendall(b"x")
+            select.select([connection], [], [], READ_TIMEOUT / 3)
+            try:
+                chunk = connection.recv(65536)
+            except BlockingIOError:
+                continue
+            received += chunk
+            if not chunk:
+                break
+        return received, time.monotonic() - started
+
+
 def test_slow_clients_no_longer_hold_every_thread(served_gateway):
     """More trickling clients than the server has threads, each sending its head a byte at a time
     within the read timeout: a request sent after them is answered all the same, once the head
@@ -155,26 +180,23 @@ def test_slow_clients_no_longer_hold_every_thread(served_gateway):
         slow = [held.enter_context(_connected(served_gateway)) for _ in range(THREADS + 2)]
         for connection in slow:
             connection.sendall(b"GET /health HTTP/1.1\r\nHost: shop.test\r\nX-Filler: ")
-        started = time.monotonic()
-        with _connected(served_gateway) as connection:
-            connection.sendall(_get("/health", "Connection: close"))
-            connection.setblocking(False)
-            received = b""
-            while time.monotonic() - started < ANSWER_WITHIN:
-                for trickling in slow:
-                    try:
-                        trickling.sendall(b"x")
-                    except OSError:  # (answered 408 and closed: a trickler no more)
-                        pass
-                select.select([connection], [], [], READ_TIMEOUT / 3)
-                try:
-                    chunk = connection.recv(65536)
-                except BlockingIOError:
-                    continue
-                received += chunk
-                if not chunk:
-                    break
+        received, _ = _answered_while_others_trickle(served_gateway, slow)
     assert received.startswith(b"HTTP/1.1 200 "), received[:200]
+
+
+def test_clients_that_go_on_sending_after_their_answer_hold_nobody_up(served_gateway):
+    """A closed connection's close lingers (what its client still sends is read and dropped, up to
+    2 s), off the worker's poller: on its main thread, as gunicorn lingered, a few such clients
+    held the worker up, accepting nothing, 2 s each in turn."""
+    with ExitStack() as held:
+        answered = [held.enter_context(_connected(served_gateway)) for _ in range(THREADS + 2)]
+        for connection in answered:
+            connection.sendall(_get("/health", "Connection: close"))
+            status_line, _, _ = http_answer_read_off_a_kept_connection(connection)
+            assert status_line.split(" ", 2)[1] == "200", status_line
+        received, waited = _answered_while_others_trickle(served_gateway, answered)
+    assert received.startswith(b"HTTP/1.1 200 "), received[:200]
+    assert waited < 1.5, waited
 
 
 def test_a_kept_alive_connection_quiet_past_the_read_timeout_is_still_served(served_gateway):

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import selectors
 import socket
 import time
+from collections import deque
 
 import gunicorn.util
 import pytest
@@ -211,22 +213,53 @@ def test_a_body_read_timing_out_once_the_answer_has_begun_is_no_408(gunicorn_as_
         assert ours.gettimeout() is None
 
 
-@pytest.mark.parametrize("closed_by_the_request", [True, False])
-def test_a_connection_is_counted_off_once_however_it_was_closed(closed_by_the_request):
-    """A WebSocket's connection is closed by its reader thread before the request ends; gunicorn's
-    own close then failed on it, and its error path counted the connection off again."""
+def _a_worker_and_a_connection_kept_no_more(socket_):
+    """A worker (only what its closing of connections uses), `socket_`'s connection, and the
+    result of a request on it that asked for no keep-alive: for the worker's finish_request."""
     from concurrent.futures import Future
 
     from gunicorn.workers.gthread import TConn
 
-    worker = JsonErrorsThreadWorker.__new__(JsonErrorsThreadWorker)  # only what the method uses
+    worker = JsonErrorsThreadWorker.__new__(JsonErrorsThreadWorker)
     worker.nr_conns, worker.alive = 1, True
-    ours, peer = socket.socketpair()
-    conn = TConn(None, ours, None, None)
+    worker.poller = selectors.DefaultSelector()
+    worker.pending_conns, worker.lingering, worker.lingering_drained = deque(), deque(), {}
     done = Future()
-    done.set_result(False)  # the request asked for no keep-alive
+    done.set_result(False)
+    return worker, TConn(None, socket_, None, None), done
+
+
+@pytest.mark.parametrize("closed_by_the_request", [True, False])
+def test_a_connection_is_counted_off_once_however_it_was_closed(closed_by_the_request):
+    """A WebSocket's connection is closed by its reader thread before the request ends; gunicorn's
+    own close then failed on it, and its error path counted the connection off again."""
+    ours, peer = socket.socketpair()
+    worker, conn, done = _a_worker_and_a_connection_kept_no_more(ours)
     if closed_by_the_request:
         ours.close()
-    peer.close()  # (gunicorn's close lingers for the peer's end)
+    peer.close()  # (a close lingers for the peer's end)
     worker.finish_request(conn, done)
-    assert worker.nr_conns == 0 and ours.fileno() == -1
+    assert worker.nr_conns == 0
+    if not closed_by_the_request:
+        worker.wait_for_and_dispatch_events(timeout=5)  # (the peer's end, read)
+    assert ours.fileno() == -1 and not worker.lingering_drained
+
+
+def test_a_closed_connection_lingers_in_the_poller_not_on_the_workers_thread(monkeypatch):
+    """Its write side shut at once (the client reads the answer's end), then what the client still
+    sends read as it comes, off the worker's poller, until LINGER_SECONDS have passed: gunicorn
+    read it on the worker's main thread, which took no other connection meanwhile, 2 s a close."""
+    monkeypatch.setattr(JsonErrorsThreadWorker, "LINGER_SECONDS", 0.2)
+    ours, peer = socket.socketpair()
+    with peer:
+        worker, conn, done = _a_worker_and_a_connection_kept_no_more(ours)
+        started = time.monotonic()
+        worker.finish_request(conn, done)
+        assert time.monotonic() - started < 0.1 and worker.nr_conns == 0
+        assert peer.recv(10) == b""  # (the write side shut)
+        while ours.fileno() != -1:
+            peer.sendall(b"x")  # (a client that goes on sending)
+            worker.wait_for_and_dispatch_events(timeout=0.05)
+            worker.murder_pending()
+            assert time.monotonic() - started < 5, "the lingering close never ended"
+    assert time.monotonic() - started >= 0.2 and not worker.lingering
