@@ -49,7 +49,8 @@ It closes a connection kept no more (its answer said `Connection: close`, or its
 be read) as gunicorn does, its write side first, then what the client still sends read and dropped
 for up to 2 s (RFC 9112 9.6), but with those reads waited on in the worker's poller, not on its
 main thread, which meanwhile accepted nothing: a few clients that went on sending after their
-answer held the whole worker up, 2 s each in turn.
+answer held the whole worker up, 2 s each in turn. Such a close is one of the worker's connections
+until it ends: worker_connections caps it, and a worker that stops waits for it.
 
 And it names no server software: gunicorn writes `Server: gunicorn` into each answer (not the
 version; it has no setting for it), which only tells a prober what to try, and gives each request's
@@ -379,8 +380,12 @@ class JsonErrorsThreadWorker(ThreadWorker):
             self.nr_conns -= 1
             return
         if not fs.cancelled() and fs.exception() is None and not fs.result():
-            # A connection kept no more (its answer said close, or its request could not be read).
-            self.nr_conns -= 1
+            # A connection kept no more (its answer said close, or its request could not be read):
+            # still counted while its close lingers (_end_lingering counts it off), so that
+            # worker_connections caps the lingering sockets too, and a stopping worker's wait for
+            # its connections (gthread's run: while nr_conns > 0, up to graceful_timeout) waits
+            # their closes out, where it exited with them open and its kernel reset those holding
+            # what their clients still sent.
             self._linger(conn.sock)
             return
         super().finish_request(conn, fs)
@@ -402,6 +407,7 @@ class JsonErrorsThreadWorker(ThreadWorker):
             sock.setblocking(False)
             self.poller.register(sock, selectors.EVENT_READ, partial(self._linger_read, sock))
         except (OSError, ValueError, KeyError):
+            self.nr_conns -= 1
             util.close(sock)
             return
         self.lingering_drained[sock] = 0
@@ -422,6 +428,7 @@ class JsonErrorsThreadWorker(ThreadWorker):
 
     def _end_lingering(self, sock) -> None:
         del self.lingering_drained[sock]
+        self.nr_conns -= 1
         with contextlib.suppress(OSError, ValueError, KeyError):
             self.poller.unregister(sock)
         util.close(sock)

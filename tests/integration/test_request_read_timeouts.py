@@ -199,6 +199,36 @@ def test_clients_that_go_on_sending_after_their_answer_hold_nobody_up(served_gat
     assert waited < 1.5, waited
 
 
+def test_a_stopping_worker_waits_for_its_lingering_closes(settings, run_dir, note_started):
+    """A worker that stops after its answer (here, its max_requests served) waits for the
+    connections it still closes (gthread's stop waits while it counts any open): a client that
+    goes on uploading after a 413 has what it sends read and dropped for the linger's 2 s. A
+    lingering close counted off before it ended let the worker exit at once, and its kernel
+    reset the connection: the client's next sends failed (EPIPE, ECONNRESET)."""
+    env = {**os.environ, "GUNICORN_CMD_ARGS": "--max-requests 1"}
+    with served_by_gunicorn("stopping-gateway", "gateway_app:create_app()", run_dir,
+                            note_started, env, threads=THREADS, workers=1) as url:
+        # (the first worker's app built, and its one request served: the next worker serves the
+        # request below, and stops after it)
+        with _connected(url, timeout=30) as connection:
+            connection.sendall(_get("/health", "Connection: close"))
+            assert http_answer_read_off(connection)[0].split(" ", 2)[1] == "200"
+        with _connected(url, timeout=30) as connection:
+            connection.sendall(_post_head("/api/auth/login", "Content-Length: 10000000"))
+            status_line, _, _ = http_answer_read_off_a_kept_connection(connection)
+            assert status_line.split(" ", 2)[1] == "413", status_line
+            started = time.monotonic()
+            sent = 0
+            while time.monotonic() - started < 1.0:  # (within the linger, under its 64 KiB)
+                try:
+                    connection.sendall(b"x" * 1024)
+                except OSError as exc:
+                    pytest.fail(f"the upload failed {time.monotonic() - started:.2f} s after"
+                                f" the answer, {sent} bytes sent: {exc!r}")
+                sent += 1024
+                time.sleep(0.1)  # (a client uploading, a KiB at a time)
+
+
 def test_a_kept_alive_connection_quiet_past_the_read_timeout_is_still_served(served_gateway):
     """The quiet between two requests is gunicorn's keep-alive (2 s), not a read of a request."""
     with _connected(served_gateway) as connection:
