@@ -362,8 +362,11 @@ ZERO_MEANS_NONE = ("GATEWAY_TRUSTED_PROXY_HOPS",)
 # none (shared.caller_deadline: a clock far off, or none meant).
 FURTHEST_DEADLINE_SECONDS = 3600.0
 # The numbers with a greatest value: the gateway's deadline for a call (a longer one was taken by
-# the services as none, and one far longer wrote a moment of more digits than they read).
-AT_MOST = {"UPSTREAM_TIMEOUT_SECONDS": FURTHEST_DEADLINE_SECONDS}
+# the services as none, and one far longer wrote a moment of more digits than they read); a
+# socket's timeout (socket.settimeout) raises OverflowError past some 9.2e9 s, which made every
+# request's read fail (a 500 for each GET): a day is more than any client is to be waited on.
+AT_MOST = {"UPSTREAM_TIMEOUT_SECONDS": FURTHEST_DEADLINE_SECONDS,
+           "REQUEST_READ_TIMEOUT_SECONDS": 86400, "REQUEST_HEAD_TIMEOUT_SECONDS": 86400}
 # The settings that sign: set but empty (a deployment's missing secret, say) is refused, not read
 # as unset, which would have the shop sign with the dev-only default written above for all to see.
 SECRETS = ("INTERNAL_AUTH_SECRET", "AUTH_TOKEN_SECRET")

@@ -1,3 +1,4 @@
+import socket
 from dataclasses import fields
 
 import pytest
@@ -118,6 +119,10 @@ def test_a_service_urls_trailing_slash_is_dropped():
     ("INBOX_MAX_ATTEMPTS", "5.0", "a whole number"),
     ("RATE_LIMIT_PER_MINUTE", "lots", "a whole number"),
     ("CACHE_TTL_SECONDS", "0", "above 0"),
+    # (a socket's timeout past some 9.2e9 s raises OverflowError: every request's read a 500)
+    ("REQUEST_READ_TIMEOUT_SECONDS", "1e10", "no more than 86400"),
+    ("REQUEST_HEAD_TIMEOUT_SECONDS", "86400.5", "no more than 86400"),
+    ("REQUEST_READ_TIMEOUT_SECONDS", "0", "above 0"),
     ("INBOX_SWEEP_MIN_AGE_SECONDS", "ten", "a number"),
     ("GATEWAY_UPSTREAM_TRANSPORT", "carrier-pigeon", "one of grpc, http"),
     ("ORDERS_GRPC_TARGET", "127.0.0.1:abc", "host:port"),
@@ -302,3 +307,15 @@ def test_the_longest_upstream_timeout_taken_gives_a_deadline_the_services_read()
     assert deadline_given(deadline_moment(longest)) is not None
     with pytest.raises(ValueError, match="no deadline a service takes"):
         deadline_moment(1e20)
+
+
+def test_a_request_read_timeout_of_a_day_is_taken_and_a_socket_takes_it():
+    """The most a request's read timeouts can be (AT_MOST): a socket's timeout past some 9.2e9 s
+    raised OverflowError, every request's read a 500."""
+    settings = load_settings({"REQUEST_READ_TIMEOUT_SECONDS": "86400",
+                              "REQUEST_HEAD_TIMEOUT_SECONDS": "86400"})
+    assert settings.request_read_timeout_seconds == settings.request_head_timeout_seconds == 86400
+    with socket.socket() as socket_:
+        socket_.settimeout(settings.request_read_timeout_seconds)
+        with pytest.raises(OverflowError):  # (what a larger one did)
+            socket_.settimeout(1e10)
