@@ -97,6 +97,10 @@ SOCKET_MAX_MESSAGE_BYTES = 1024
 # close, code and reason, before the shutdown, which comes after it on the connection (a close
 # answered late meets a connection gone: RFC 6455 7.1.1 has the server end TCP first anyway).
 SOCKET_CLOSE_ANSWER_SECONDS = 0.5
+# How long end_the_socket waits, once it has shut the connection down, for simple_websocket's
+# reader to end (it closes the socket as it does, at once: its recv() returns). Bounded all the
+# same: the server thread is not to be held by it.
+SOCKET_READER_END_SECONDS = 2.0
 SOCKET_PATH = "/api/notifications/ws"
 # How a socket is closed when Redis or the database fails it: the page reconnects.
 UNAVAILABLE = (1011, "notifications unavailable; reconnect")
@@ -382,7 +386,13 @@ def end_the_socket(ws) -> None:
     """Close the socket, if the stream has not, and end simple_websocket's reader thread with its
     connection. That thread waits in recv() for the page: a page that neither answers the close
     nor closes (a refused one, say) would hold it and the connection for ever, and closing the
-    connection from this thread does not wake that recv(); shutting it down does."""
+    connection from this thread does not wake that recv(); shutting it down does.
+
+    Returns once the reader has ended, and so closed the socket: the server (shared.
+    gunicorn_worker) sees the connection closed as the request returns and counts it off. Had the
+    reader closed it a moment later, the server would have taken it for one to close itself and
+    left it in its poller, a stale entry under a number the kernel then gave the next connection
+    (whose keep-alive the poller then refused: KeyError)."""
     _close(ws)
     ws.thread.join(SOCKET_CLOSE_ANSWER_SECONDS)
     if ws.thread.is_alive():
@@ -390,6 +400,7 @@ def end_the_socket(ws) -> None:
             ws.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        ws.thread.join(SOCKET_READER_END_SECONDS)
 
 
 @dataclasses.dataclass(frozen=True)
