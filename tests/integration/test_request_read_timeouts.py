@@ -1,11 +1,11 @@
 """How long the web server waits on a request's client (shared/gunicorn_worker.py:
-TimedSocketUnreader): a gateway served by gunicorn with the shop's worker class, as the stack
-serves it but with 4 threads (a service's) and timeouts of a fraction of a second, asked over real
-sockets. A head or body that stops arriving, or a head trickled a byte at a time, is answered 408
-and its connection closed, so that a few slow clients no longer hold every thread; what takes
+TimedSocketUnreader): a gateway served by gunicorn with the shop's worker class, as the stack serves
+it but with 4 threads (a service's) and timeouts of a few seconds at most, asked over real sockets.
+A head or body that stops arriving, or a head trickled a byte at a time, is answered 408 and its
+connection closed, so that a slow client holds a thread no longer than the timeouts; what takes
 longer once answered (a notification socket quiet past the timeouts) and a kept-alive connection
-quiet between requests are left alone. (tests/unit/test_gunicorn_worker.py: the socket is left as
-it was after each read, for the answer's writes too.)"""
+quiet between requests are left alone. (tests/unit/test_gunicorn_worker.py: the socket is left as it
+was after each read, for the answer's writes too.)"""
 
 from __future__ import annotations
 
@@ -34,12 +34,15 @@ from tests.network_tools import (WebSocketClient, http_answer_read_off,
                                  http_answer_read_off_a_kept_connection)
 from tests.process_tools import served_by_gunicorn
 
-READ_TIMEOUT = 0.5  # REQUEST_READ_TIMEOUT_SECONDS of the served gateway
-HEAD_TIMEOUT = 1.5  # its REQUEST_HEAD_TIMEOUT_SECONDS
+# A second or so: the slow clients below send a byte every third of READ_TIMEOUT, which a loaded
+# machine must keep within it.
+READ_TIMEOUT = 1.0  # REQUEST_READ_TIMEOUT_SECONDS of the served gateway
+HEAD_TIMEOUT = 3.0  # its REQUEST_HEAD_TIMEOUT_SECONDS
+KEEPALIVE = 2.0  # gunicorn's keep-alive (its default: the stack sets none)
 THREADS = 4  # a service's (the gateway's 200 would take a long while to fill)
 # Well past either timeout, well within a test's patience: a wait for an answer that, without the
 # timeouts, would never come.
-ANSWER_WITHIN = 8.0
+ANSWER_WITHIN = 10.0
 
 
 @pytest.fixture(scope="module")
@@ -230,12 +233,13 @@ def test_a_stopping_worker_waits_for_its_lingering_closes(settings, run_dir, not
 
 
 def test_a_kept_alive_connection_quiet_past_the_read_timeout_is_still_served(served_gateway):
-    """The quiet between two requests is gunicorn's keep-alive (2 s), not a read of a request."""
+    """The quiet between two requests is gunicorn's keep-alive (2 s), not a read of a request: a
+    quiet past the read timeout, within the keep-alive."""
     with _connected(served_gateway) as connection:
         connection.sendall(_get("/health"))
         status_line, headers, _ = http_answer_read_off_a_kept_connection(connection)
         assert status_line.split(" ", 2)[1] == "200" and headers["Connection"] == "keep-alive"
-        time.sleep(READ_TIMEOUT * 2)  # (what is tested: the quiet)
+        time.sleep((READ_TIMEOUT + KEEPALIVE) / 2)  # (what is tested: the quiet)
         connection.sendall(_get("/health", "Connection: close"))
         status_line, _, _ = http_answer_read_off(connection)
     assert status_line.split(" ", 2)[1] == "200", status_line
