@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from marshmallow import ValidationError
 
 from shared.caller_deadline import deadline_given
-from shared.config import get_settings
+from shared.config import settings_or_exit
 from shared.db import CallerGaveUp, caller_waits_until
 from shared.errors import DATABASE_ERRORS, ApiError, database_error
 from shared.idempotency import REPLAYED, checked_idempotency_key, take_replayed_mark
@@ -39,7 +39,9 @@ from shared.internal_auth import DEADLINE_HEADER, GRPC_METHOD, header_value
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, escaped_in_logs,
                                     given_request_id_if_sane, request_id_bound, sane_request_id)
 
-log = logging.getLogger(__name__)
+# By its name, not __name__: run as `python -m shared.grpc_server`, that is `__main__`, which its
+# log lines would show.
+log = logging.getLogger("shared.grpc_server")
 
 # Trailing metadata of a failed call: what the HTTP API would have answered.
 HTTP_STATUS_KEY = "hseshop-http-status"
@@ -312,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("service", choices=("orders", "payments"))
     args = parser.parse_args(argv)
     configure_logging()
-    settings = get_settings()
+    # (A setting it cannot take said in a line, its password hidden, not a traceback.)
+    settings = settings_or_exit(f"{args.service} gRPC: nothing served", log)
     package = importlib.import_module(f"{args.service}_app")
     bind = getattr(settings, f"{args.service}_grpc_bind")
     server = build_server(args.service, package.create_app(), bind)
