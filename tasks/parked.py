@@ -54,6 +54,11 @@ said to be replayed without it. Discarding deletes it, never to be sent, and the
 
 from __future__ import annotations
 
+# Run as a command: Ctrl-C while the modules below load ends it quietly (shared.quiet_interrupt).
+if __name__ == "__main__":
+    from shared.quiet_interrupt import quiet_while_loading
+    quiet_while_loading()
+
 import argparse
 import functools
 import os
@@ -430,4 +435,5 @@ _DATABASE_FAILURES = (SQLAlchemyError, psycopg2.Error)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from shared.quiet_interrupt import run_main
+    run_main(main)

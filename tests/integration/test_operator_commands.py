@@ -1,16 +1,21 @@
 """How the commands a README procedure runs (`python -m shared.migrations`, `shared.grpc_server`,
 `tasks.parked`, `devstack`) end when they cannot go on: a setting they cannot take, said in a
-line."""
+line; Ctrl-C, whenever it comes, quietly with exit status 130."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import psycopg2
 import pytest
 
+from shared.db import driver_dsn
+from tests.polling import wait_for
 from tests.process_tools import start_child
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +44,84 @@ def test_a_grpc_server_given_a_setting_it_cannot_take_says_it_in_a_line_and_exit
                          f" {said}"), line
 
 
+# Each command, and a module it loads before it does anything (Celery's for tasks.parked, which
+# its package `tasks` loaded before the command's own module ran).
+COMMANDS_LOADING = [
+    (["shared.migrations", "upgrade", "orders"], "sqlalchemy"),
+    (["shared.grpc_server", "orders"], "grpc"),
+    (["tasks.parked", "list", "orders"], "celery"),
+    (["tasks.parked", "replay", "orders", "--all"], "psycopg2"),
+    (["devstack", "run"], "sqlalchemy"),
+]
+
+
+@pytest.mark.parametrize("argv, module", COMMANDS_LOADING)
+def test_ctrl_c_while_a_command_loads_its_modules_ends_it_quietly_with_130(
+        settings, tmp_path, argv, module):
+    """Before, Python's KeyboardInterrupt printed the traceback of the import it cut short."""
+    command = _held_at_the_import_of(module, argv, tmp_path)
+    command.send_signal(signal.SIGINT)
+    out, err = _ended(command)
+    assert (command.returncode, out, err) == (130, "", "")
+
+
+@pytest.mark.parametrize("argv, module", [
+    # As it makes its first connection, the database's name its own (dropped below).
+    (["shared.migrations", "upgrade", "orders"], "psycopg2.extras"),
+    # As it builds its server, its settings read and its app made.
+    (["shared.grpc_server", "orders"], "orders_app.grpc_api"),
+])
+def test_ctrl_c_while_a_command_runs_ends_it_quietly_with_130(settings, infrastructure,
+                                                              tmp_path, argv, module):
+    name = f"test_interrupted_{uuid.uuid4().hex[:8]}_orders"
+    try:
+        command = _held_at_the_import_of(
+            module, argv, tmp_path,
+            ORDERS_DATABASE_URL=f"{infrastructure.postgres_base}/{name}")
+        command.send_signal(signal.SIGINT)
+        out, err = _ended(command)
+        assert command.returncode == 130, err
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert out == ""
+    finally:
+        _drop_database(f"{infrastructure.postgres_base}/postgres", name)
+
+
+def test_a_command_started_with_ctrl_c_ignored_goes_on_ignoring_it(settings, tmp_path):
+    """Started in the background by a script (`&`), or under nohup: SIGINT stays ignored while
+    its modules load, as Python itself leaves it."""
+    command = _held_at_the_import_of(
+        "grpc", ["shared.grpc_server", "orders"], tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        status = Path(f"/proc/{command.pid}/status").read_text()
+        ignored = int(next(line for line in status.splitlines()
+                           if line.startswith("SigIgn:")).split()[1], 16)
+        assert ignored & (1 << (signal.SIGINT - 1))
+    finally:
+        command.kill()
+        command.wait(10)
+
+
+def _held_at_the_import_of(module: str, argv: list[str], tmp_path: Path, preexec_fn=None,
+                           **env: str) -> subprocess.Popen:
+    held = tmp_path / "held"
+    command = start_child(
+        [sys.executable, "-m", *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
+        env={**os.environ, **env, "PYTHONPATH": str(IMPORT_PAUSE),
+             "HSESHOP_TEST_HOLD_IMPORT_OF": module, "HSESHOP_TEST_HELD_FILE": str(held)})
+    try:
+        wait_for(lambda: held.exists() or command.poll() is not None, timeout=60,
+                 what=f"python -m {' '.join(argv)} to import {module}")
+    except AssertionError:
+        command.kill()
+        raise
+    if not held.exists():
+        raise AssertionError(f"ended before it imported {module}: {_ended(command)}")
+    return command
+
+
 def _ended(command: subprocess.Popen) -> tuple[str, str]:
     try:
         return command.communicate(timeout=60)
@@ -46,3 +129,13 @@ def _ended(command: subprocess.Popen) -> tuple[str, str]:
         if command.poll() is None:
             command.kill()
             command.wait(10)
+
+
+def _drop_database(server: str, name: str) -> None:
+    connection = psycopg2.connect(driver_dsn(server))
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    finally:
+        connection.close()
