@@ -24,16 +24,17 @@ handled like a new message, and still at most once: its handler runs under a loc
 row and marks it processed in the same transaction. A message kept as its text,
 its envelope version unknown as it came, is read again as a new message is, whole, and parked again
 if that read refuses it. A record that could not even be parsed holds no event to hand a handler,
-and stays parked. Discarding marks it processed without handling it, so that Kafka delivering it
-again changes nothing; its row is pruned a retention after the discard. With --all, the inbox
-messages parked as the command begins are replayed (each transaction's dispatched as it commits) or
-discarded CHANGED_PER_TRANSACTION a transaction, oldest parked first; should the database fail part
-way, the command says how many went through and exits 1; interrupted (Ctrl-C), it says that at least
-so many went through (a batch committing as the interrupt came goes uncounted, its replays left to
-the sweeper, which while tasks wait in the service's queue hands them over up to an hour on: marked
-handed over, they wait what a message handed over long after it came waits) and exits 130. Run
-again, it takes up the rest. With the task queue out of reach, the messages are replayed all the
-same, and unmarked for the sweeper to hand over at its first sweep once the queue is back.
+and stays parked (`replay --all` says how many it left so). Discarding marks it processed without
+handling it, so that Kafka delivering it again changes nothing; its row is pruned a retention after
+the discard. With --all, the inbox messages parked as the command begins are replayed (each
+transaction's dispatched as it commits) or discarded CHANGED_PER_TRANSACTION a transaction, oldest
+parked first; should the database fail part way, the command says how many went through and exits
+1; interrupted (Ctrl-C), it says that at least so many went through (a batch committing as the
+interrupt came goes uncounted, its replays left to the sweeper, which while tasks wait in the
+service's queue hands them over up to an hour on: marked handed over, they wait what a message
+handed over long after it came waits) and exits 130. Run again, it takes up the rest. With the task
+queue out of reach, the messages are replayed all the same, and unmarked for the sweeper to hand
+over at its first sweep once the queue is back.
 
 With --outbox they are outbox rows whose message is too large to be sent (over the producer's
 `message.max.bytes` or the topic's `max.message.bytes`), or whose record the broker refuses as
@@ -66,6 +67,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg2
@@ -75,8 +77,8 @@ from sqlalchemy.orm import Session
 from shared.config import SERVICES, settings_or_exit
 from shared.db import failure_in_a_line, transaction
 from shared.inbox.model import utc_now
-from shared.inbox.parked import (discard_parked_messages, last_parked, parked_batch,
-                                 parked_messages, unpark_messages)
+from shared.inbox.parked import (discard_parked_messages, last_parked, never_parsed_parked,
+                                 parked_batch, parked_messages, unpark_messages)
 from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
                                   parked_outbox_messages, parked_topics_not_relayed,
                                   redirect_parked_outbox_messages, unpark_outbox_messages,
@@ -121,16 +123,25 @@ def _one_line(error: str | None) -> str:
 CHANGED_PER_TRANSACTION = 5_000
 
 
+@dataclass
+class NeverParsedLeft:
+    """How many records that could not be parsed a replay of inbox messages left parked: they
+    hold no event to hand a handler."""
+    count: int = 0
+
+
 def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = False,
-           to_topic: str | None = None,
-           from_topic: str | None = None) -> Iterator[list[uuid.UUID]]:
+           to_topic: str | None = None, from_topic: str | None = None,
+           never_parsed_left: NeverParsedLeft | None = None) -> Iterator[list[uuid.UUID]]:
     """Unpark the messages (every replayable one when `message_ids` is None) and hand them back:
     inbox messages dispatched to be handled, a transaction's at a time as it commits, outbox rows
     to the relay (the commit wakes it); with `to_topic`, only outbox rows parked for a topic that
     is not the shop's (and is `from_topic`, when given), sent to `to_topic` instead with the rows
     waiting behind them, provided every one of them is of a type the service writes there (else
     NotOfTheTopic, nothing changed). Yields the ids each transaction replayed, once it has
-    committed."""
+    committed. The inbox's records never parsed that it passed over, left parked, are counted
+    in `never_parsed_left`, when given, as each transaction passes them over (before it
+    commits)."""
     app = service_app(service)
     outbox_change: _Change = unpark_outbox_messages
     if to_topic is not None:
@@ -147,7 +158,10 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
     def unpark_marked(session: Session, message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
         nonlocal marked_at
         marked_at = utc_now()
-        return unpark_messages(session, message_ids, marked_at)
+        replayed = unpark_messages(session, message_ids, marked_at)
+        if never_parsed_left is not None and len(replayed) < len(message_ids):
+            never_parsed_left.count += never_parsed_parked(session, message_ids)
+        return replayed
 
     with app.app_context():
         queues_reachable = True
@@ -329,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if refused:
             command_parsers[args.command].error(refused)
-    act = (functools.partial(replay, to_topic=to_topic, from_topic=from_topic)
+    never_parsed_left = NeverParsedLeft()
+    act = (functools.partial(replay, to_topic=to_topic, from_topic=from_topic,
+                             never_parsed_left=never_parsed_left)
            if args.command == "replay" else discard)
     outcome = f"{args.service} {box}: {{}} message(s) {_OUTCOMES[args.command, args.outbox]}"
     if to_topic is not None:
@@ -362,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
               " for the rest", file=sys.stderr)
         return 130
     print(outcome.format(count))
+    if args.all and never_parsed_left.count:
+        # (Named, each is said below: not replayed, "or never parsed".)
+        print(f"{args.service} {box}: {never_parsed_left.count} record(s) never parsed left"
+              f" parked: they hold no event to hand back (list {args.service} shows them as"
+              f" (unparsed); discard {args.service} ID [ID ...] gives up on them)")
     left = [message_id for message_id in args.message_ids if message_id not in done]
     why = ("not parked, unknown" + (", or never parsed" if not args.outbox
                                     and args.command == "replay" else ""))

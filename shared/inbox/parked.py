@@ -81,6 +81,15 @@ def unpark_messages(session: Session, message_ids: list[uuid.UUID],
                           try_open=False)
 
 
+def never_parsed_parked(session: Session, message_ids: list[uuid.UUID]) -> int:
+    """How many of the messages are parked records that could not be parsed, which a replay
+    leaves parked (unpark_messages): by their ids, through the primary key."""
+    return session.scalar(
+        select(func.count()).select_from(InboxMessage)
+        .where(InboxMessage.message_id.in_(message_ids), InboxMessage.parked_at.is_not(None),
+               InboxMessage.type.is_(None)))
+
+
 def discard_parked_messages(session: Session, message_ids: list[uuid.UUID]) -> list[uuid.UUID]:
     """Give up on those of the messages that are parked, never to be handled; returns their ids.
 
