@@ -605,6 +605,26 @@ def _run_revisions(context, connection: sa.Connection) -> None:
         context.run_migrations()
 
 
+class _EachRevisionInALine(logging.Filter):
+    """alembic's lines as the command shows them: each revision it runs in one line, `Running
+    upgrade 0001 -> 0002: ...` and the first paragraph of its docstring, where alembic wrote the
+    paragraph as its file wraps it (the lines after the first with no level or name, taken for
+    lines of their own); and none of its `Context impl PostgresqlImpl.` and `Will assume
+    transactional DDL.`, said again each time it reads the database's revision (three times an
+    upgrade)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str):
+            return True
+        if record.msg == "Running %s" and len(record.args or ()) == 1:
+            step = record.args[0]
+            doc = " ".join((getattr(step, "doc", None) or "").split())
+            record.msg = "Running %s" + (": %s" if doc else "")
+            record.args = (getattr(step, "short_log", step), *([doc] if doc else []))
+            return True
+        return not record.msg.startswith(("Context impl ", "Will assume "))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m shared.migrations", description=__doc__.split("\n\n")[0],
@@ -619,6 +639,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.action == "downgrade" and args.revision is None:
         parser.error("downgrade needs the revision to go down to")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.migration").addFilter(_EachRevisionInALine())
     settings_or_exit(f"{args.service}: nothing migrated", log)  # (a database's URL, say)
     try:
         if args.action == "upgrade":

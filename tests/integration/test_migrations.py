@@ -923,6 +923,33 @@ def test_upgrade_refuses_a_postgresql_older_than_the_shop_runs_on(infrastructure
     assert _index_valid(url, "ix_outbox_messages_refused")
 
 
+@pytest.mark.parametrize("service", SERVICES)
+def test_an_upgrade_and_a_downgrade_by_hand_say_each_revision_once_in_a_line(infrastructure,
+                                                                             service):
+    """Each revision the command runs is said in a line of its own, with the first paragraph of
+    its docstring: alembic wrote the paragraph as its file wraps it, the lines after the first
+    with no level or name (lines of their own to a reader, or to a log's collector), and said
+    "Context impl PostgresqlImpl." and "Will assume transactional DDL." three times over."""
+    url = _database_url(infrastructure, "said-once", service)
+    script = ScriptDirectory.from_config(alembic_config(service, url))
+    revisions = list(reversed(list(script.walk_revisions())))  # (the first first)
+    for arguments, going in [(("upgrade", service), revisions),
+                             (("downgrade", service, revisions[-3].revision),
+                              list(reversed(revisions[-2:])))]:
+        migrating = _migrate_by_hand(service, url, *arguments)
+        assert migrating.returncode == 0, migrating.stderr
+        lines = migrating.stderr.splitlines()
+        said = [line for line in lines if line.startswith("INFO alembic.runtime.migration: ")]
+        assert lines == [line for line in lines if line.startswith("INFO shared.migrations: ")
+                         ] + said, migrating.stderr
+        action = arguments[0]
+        assert said == [
+            f"INFO alembic.runtime.migration: Running {action}"
+            f" {(revision.down_revision or '') if action == 'upgrade' else revision.revision}"
+            f" -> {revision.revision if action == 'upgrade' else revision.down_revision}:"
+            f" {' '.join(revision.doc.split())}" for revision in going]
+
+
 def _migrate_by_hand(service: str, url: str, *arguments: str) -> subprocess.CompletedProcess:
     """`python -m shared.migrations <arguments>` for the service's database at `url`, as its
     `*-migrate` container runs it."""
