@@ -113,6 +113,13 @@ class DowngradeRefused(RuntimeError):
     changed."""
 
 
+def _service_migrated() -> str:
+    """The service whose database the running revision migrates, as shared.migrations'
+    alembic_config names it, for the commands a refusal gives ("SERVICE" under another config)."""
+    config = op.get_context().config
+    return (config.attributes.get("service") if config is not None else None) or "SERVICE"
+
+
 def drop_inbox_envelope_version() -> None:
     """Refused while a message the release before would misread awaits handling
     (refuse_while_inbox_messages_await_of_another_version). The same question is asked before any
@@ -121,7 +128,7 @@ def drop_inbox_envelope_version() -> None:
     op.execute("LOCK TABLE inbox_messages IN ACCESS EXCLUSIVE MODE")
     refuse_while_inbox_messages_await_of_another_version(
         op.get_bind(), "the database stays at the revision that keeps envelope versions, with the"
-        " messages as they were")
+        " messages as they were", service=_service_migrated())
     op.drop_column("inbox_messages", "envelope_version")
 
 
@@ -311,7 +318,7 @@ def drop_outbox_parking() -> None:
     op.execute("LOCK TABLE outbox_messages IN ACCESS EXCLUSIVE MODE")
     refuse_while_outbox_rows_lie_parked(
         op.get_bind(), "the database stays at the revision that parks rows, with the rows as they"
-        " were")
+        " were", service=_service_migrated())
     op.drop_column("outbox_messages", "parked_at")  # its partial index goes with it
 
 

@@ -192,6 +192,8 @@ def alembic_config(service: str, url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(REPO_ROOT / f"{service}_app" / "migrations"))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    # (For a revision's refusal to name the service's commands: shared.migration_steps.)
+    config.attributes["service"] = service
     return config
 
 

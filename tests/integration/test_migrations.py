@@ -416,18 +416,21 @@ def test_the_envelope_versions_own_step_refuses_under_its_lock_what_was_asked_be
         config, url, BELOW_THE_ENVELOPE_VERSION[service], stays_at=envelope_version, schema=schema,
         begins="1 inbox message(s) of an envelope version other than 1",
         ends="the database stays at the revision that keeps envelope versions, with the messages"
-             " as they were")
+             " as they were", service=service)
 
 
 def _assert_its_step_refuses(config, url: str, before: str, stays_at: str, schema, begins: str,
-                             ends: str) -> None:
+                             ends: str, service: str) -> None:
     """A downgrade to `before` run by alembic alone (no question asked before any revision goes
-    down) is refused by a revision's own step, in words that begin and end so, the database
-    left at `stays_at` with its `schema`."""
+    down) is refused by a revision's own step, in words that begin and end so, naming the
+    service's commands (it said `discard SERVICE`), the database left at `stays_at` with its
+    `schema`."""
     with pytest.raises(DowngradeRefused) as refused:
         command.downgrade(config, before)
     assert str(refused.value).startswith(begins)
     assert str(refused.value).endswith(ends)
+    assert f"python -m tasks.parked discard {service} " in str(refused.value)
+    assert "SERVICE" not in str(refused.value)
     assert _scalar(url, "SELECT version_num FROM alembic_version") == stays_at
     assert _schema(url) == schema
 
@@ -503,7 +506,8 @@ def test_the_outbox_parkings_own_step_refuses_under_its_lock_what_was_asked_befo
     _assert_its_step_refuses(
         config, url, before, stays_at=parking, schema=schema,
         begins="1 outbox row(s) lie parked",
-        ends="the database stays at the revision that parks rows, with the rows as they were")
+        ends="the database stays at the revision that parks rows, with the rows as they were",
+        service=service)
     assert _scalar(url, "SELECT count(*) FROM outbox_messages WHERE parked_at IS NOT NULL") == 1
 
 
