@@ -609,22 +609,28 @@ def _run_revisions(context, connection: sa.Connection) -> None:
 
 class _EachRevisionInALine(logging.Filter):
     """alembic's lines as the command shows them: each revision it runs in one line, `Running
-    upgrade 0001 -> 0002: ...` and the first paragraph of its docstring, where alembic wrote the
-    paragraph as its file wraps it (the lines after the first with no level or name, taken for
-    lines of their own); and none of its `Context impl PostgresqlImpl.` and `Will assume
-    transactional DDL.`, said again each time it reads the database's revision (three times an
-    upgrade)."""
+    upgrade 0001 -> 0002: ` (or `base -> 0001`, where alembic says ` -> 0001`) and the first
+    paragraph of its docstring, where alembic wrote the paragraph as its file wraps it (the lines
+    after the first with no level or name, taken for lines of their own); and none of its
+    `Context impl PostgresqlImpl.` and `Will assume transactional DDL.`, said again each time it
+    reads the database's revision (three times an upgrade)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not isinstance(record.msg, str):
             return True
-        if record.msg == "Running %s" and len(record.args or ()) == 1:
+        if (record.msg == "Running %s" and isinstance(record.args, tuple)
+                and len(record.args) == 1 and hasattr(record.args[0], "to_revisions_no_deps")):
             step = record.args[0]
-            doc = " ".join((getattr(step, "doc", None) or "").split())
-            record.msg = "Running %s" + (": %s" if doc else "")
-            record.args = (getattr(step, "short_log", step), *([doc] if doc else []))
+            doc = " ".join((step.doc or "").split())
+            record.msg = "Running %s %s -> %s" + (": %s" if doc else "")
+            record.args = (step.name, _revisions_or_base(step.from_revisions_no_deps),
+                           _revisions_or_base(step.to_revisions_no_deps), *([doc] if doc else []))
             return True
         return not record.msg.startswith(("Context impl ", "Will assume "))
+
+
+def _revisions_or_base(revisions: tuple[str, ...]) -> str:
+    return ", ".join(revisions) or "base"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -949,7 +949,7 @@ def test_an_upgrade_and_a_downgrade_by_hand_say_each_revision_once_in_a_line(inf
         action = arguments[0]
         assert said == [
             f"INFO alembic.runtime.migration: Running {action}"
-            f" {(revision.down_revision or '') if action == 'upgrade' else revision.revision}"
+            f" {(revision.down_revision or 'base') if action == 'upgrade' else revision.revision}"
             f" -> {revision.revision if action == 'upgrade' else revision.down_revision}:"
             f" {' '.join(revision.doc.split())}" for revision in going]
 
@@ -1242,7 +1242,7 @@ def test_a_downgrade_to_a_relative_revision_may_land_on_base(infrastructure, tar
 
     migrating = _migrate_by_hand("orders", url, "downgrade", "orders", target)
     assert migrating.returncode == 0, migrating.stderr
-    assert "Running downgrade 0001 -> , " in migrating.stderr
+    assert "Running downgrade 0001 -> base: " in migrating.stderr
     assert _schema(url) == {"alembic_version": _table_definition(url, "alembic_version")}
     assert _scalar(url, "SELECT count(*) FROM alembic_version") == 0
 
