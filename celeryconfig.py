@@ -9,9 +9,11 @@ the tasks is in shared/celery_settings.py."""
 from datetime import timedelta
 
 from shared.celery_settings import ALIVE_FILE_RENEW_EVERY_SECONDS, REDIS_TRANSPORT_PATH
-from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, get_settings
+from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, settings_or_exit
 
-_settings = get_settings()
+# (A setting a worker, beat or Flower cannot take said in a line, its password hidden, as Celery
+# loads this file: not a traceback.)
+_settings = settings_or_exit("celery: nothing started")
 
 broker_url = _settings.celery_broker_url
 # Kombu's Redis transport, keeping one client per channel (tasks/redis_transport.py); the app's

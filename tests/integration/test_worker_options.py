@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.process_tools import start_child
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -32,3 +34,32 @@ def test_a_worker_told_to_consume_a_service_the_shop_has_not_is_refused_in_a_usa
     assert "Traceback" not in said
     assert ("Error: Invalid value for '--consume': 'shop' is not one of 'orders', 'payments',"
             " 'gateway'.") in said.splitlines(), said
+
+
+@pytest.mark.parametrize("process", [
+    ["worker", "-Q", "options-test", "-P", "threads", "-c", "1", "--without-gossip",
+     "--without-mingle"],
+    ["beat", "-s", "{tmp_path}/celerybeat-schedule"],
+    ["flower", f"--conf={REPO_ROOT / 'flowerconfig.py'}", "--address=127.0.0.1", "--port=0"],
+])
+def test_a_celery_process_given_a_setting_it_cannot_take_says_it_in_a_line_and_exits_1(
+        settings, tmp_path, process):
+    """A worker, beat or Flower says it as the operator's commands do (settings_or_exit), as
+    Celery loads celeryconfig, its password hidden; before, a ValueError's traceback, which showed
+    the URL's password."""
+    started = start_child(
+        [sys.executable, "-m", "celery", "-A", "tasks",
+         *(arg.format(tmp_path=tmp_path) for arg in process)], cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+             "ORDERS_DATABASE_URL": "postgresql://shop:not-to-be-shown@127.0.0.1:port/orders"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, said = started.communicate(timeout=60)
+    finally:
+        if started.poll() is None:
+            started.kill()
+            started.wait(10)
+    assert started.returncode == 1, said
+    assert (out, said.splitlines()) == ("", [
+        "celery: nothing started: ORDERS_DATABASE_URL='postgresql://shop:***@127.0.0.1:port/orders':"
+        " expected a PostgreSQL URL, postgresql://user:password@host:port/database"])
