@@ -76,11 +76,13 @@ import json
 import os
 import selectors
 import socket
+import sys
 import time
 from collections import deque
 from functools import partial
 
 from gunicorn import util
+from gunicorn.arbiter import Arbiter
 from gunicorn.http import parser, wsgi
 from gunicorn.http.body import LengthReader
 from gunicorn.http.message import Request
@@ -329,8 +331,19 @@ class JsonErrorsThreadWorker(ThreadWorker):
         # The arbiter's `gunicorn/<version>`, inherited from the master's environment: gone from
         # the worker's, and so from that of every subprocess the app starts.
         os.environ.pop("SERVER_SOFTWARE", None)
-        get_settings()  # (a timeout it cannot take stops the worker as it starts, not a request)
         super().init_process()
+
+    def load_wsgi(self):
+        # A setting the app cannot take, said in a line (its password hidden), as the operator's
+        # commands say it, where the app's factory raised it in gunicorn's traceback; the worker
+        # exits as one that failed to boot, and the arbiter stops ("Worker failed to boot"),
+        # where an exit of its own would have it start another worker again and again.
+        try:
+            get_settings()
+        except ValueError as exc:
+            self.log.error("%s: nothing served: %s", self.cfg.proc_name, exc)
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
+        super().load_wsgi()
 
     def handle_error(self, req, client, addr, exc):
         if not isinstance(exc, RequestReadTimedOut):

@@ -1,6 +1,6 @@
 """How the commands a README procedure runs (`python -m shared.migrations`, `shared.grpc_server`,
-`tasks.parked`, `devstack`) end when they cannot go on: a setting they cannot take, said in a
-line; Ctrl-C, whenever it comes, quietly with exit status 130."""
+`tasks.parked`, `devstack`, gunicorn) end when they cannot go on: a setting they cannot take, said
+in a line; Ctrl-C, whenever it comes, quietly with exit status 130."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from devstack.infra import free_port
+from devstack.stack import gunicorn_argv
 from shared.db import driver_dsn
 from tests.polling import wait_for
 from tests.process_tools import start_child
@@ -42,6 +44,24 @@ def test_a_grpc_server_given_a_setting_it_cannot_take_says_it_in_a_line_and_exit
     (line,) = err.splitlines()
     assert line.endswith(f" ERROR shared.grpc_server [request_id=-] orders gRPC: nothing served:"
                          f" {said}"), line
+
+
+@pytest.mark.parametrize("app", ["orders_app:create_app()", "gateway_app:create_app()"])
+def test_an_http_server_given_a_setting_it_cannot_take_says_it_in_a_line_and_stops(settings, app):
+    """gunicorn, as `make run` and compose serve the apps: each worker says it in a line, its
+    password hidden, and exits as one that failed to boot, which stops gunicorn (exit 3); before,
+    the app factory's ValueError in gunicorn's traceback."""
+    server = start_child(
+        [sys.executable, "-m", *gunicorn_argv(free_port(), app)], cwd=REPO_ROOT,
+        env={**os.environ, "ORDERS_DATABASE_URL":
+             "postgresql://shop:not-to-be-shown@127.0.0.1:port/hseshop_orders"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = _ended(server)
+    assert server.returncode == 3, err
+    assert "Traceback" not in err and "not-to-be-shown" not in err, err
+    assert "Reason: Worker failed to boot." in err, err
+    assert (f"[ERROR] {app}: nothing served: ORDERS_DATABASE_URL='postgresql://shop:***@127.0.0.1:"
+            "port/hseshop_orders': expected a PostgreSQL URL") in err, err
 
 
 # Each command, and a module it loads before it does anything (Celery's for tasks.parked, which
