@@ -21,6 +21,18 @@ from shared.relay_leader import RELAY_LEADER_LOCK_KEY
 from tests.polling import wait_for
 
 
+def drop_database(server_url: str, name: str) -> None:
+    """Drop the database `name`, if it is there, from the server at `server_url` (a database's URL
+    on it)."""
+    connection = psycopg2.connect(driver_dsn(server_url))
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    finally:
+        connection.close()
+
+
 def terminate_backend(database_url: str, pid: int) -> None:
     """Have the database end the connection served by backend `pid`, and no other."""
     with psycopg2.connect(driver_dsn(database_url)) as admin, admin.cursor() as cursor:

@@ -35,7 +35,7 @@ from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, ServerTooOl
 from shared.outbox.relaying import CLAIM_ROWS
 from tests.environment import database_name
 from tests.polling import wait_for
-from tests.postgres_tools import other_sessions
+from tests.postgres_tools import drop_database, other_sessions
 from tests.process_tools import start_child
 
 
@@ -1474,17 +1474,7 @@ def test_a_migration_given_a_setting_it_cannot_take_names_it_in_one_line_and_mig
             + (", postgresql://user:password@host:port/database" if "URL" in said else "")]
         assert _scalar(server, "SELECT count(*) FROM pg_database WHERE datname = %s", name) == 0
     finally:
-        _drop_database(server, name)
-
-
-def _drop_database(server: str, name: str) -> None:
-    connection = psycopg2.connect(driver_dsn(server))
-    try:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
-    finally:
-        connection.close()
+        drop_database(server, name)
 
 
 def test_databases_made_for_the_shop_are_migrated_though_its_user_may_not_enter_postgres(

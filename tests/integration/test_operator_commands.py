@@ -11,13 +11,12 @@ import sys
 import uuid
 from pathlib import Path
 
-import psycopg2
 import pytest
 
 from devstack.infra import free_port
 from devstack.stack import gunicorn_argv
-from shared.db import driver_dsn
 from tests.polling import wait_for
+from tests.postgres_tools import drop_database
 from tests.process_tools import start_child
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +103,7 @@ def test_ctrl_c_while_a_command_runs_ends_it_quietly_with_130(settings, infrastr
         assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
         assert out == ""
     finally:
-        _drop_database(f"{infrastructure.postgres_base}/postgres", name)
+        drop_database(f"{infrastructure.postgres_base}/postgres", name)
 
 
 def test_a_command_started_with_ctrl_c_ignored_goes_on_ignoring_it(settings, tmp_path):
@@ -149,13 +148,3 @@ def _ended(command: subprocess.Popen) -> tuple[str, str]:
         if command.poll() is None:
             command.kill()
             command.wait(10)
-
-
-def _drop_database(server: str, name: str) -> None:
-    connection = psycopg2.connect(driver_dsn(server))
-    try:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
-    finally:
-        connection.close()
