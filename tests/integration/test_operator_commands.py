@@ -64,13 +64,15 @@ def test_an_http_server_given_a_setting_it_cannot_take_says_it_in_a_line_and_sto
 
 
 # Each command, and a module it loads before it does anything (Celery's for tasks.parked, which
-# its package `tasks` loaded before the command's own module ran).
+# its package `tasks` loaded before the command's own module ran). Those that would serve or start
+# a stack are asked for --help: it loads the same modules, and ends at once should a change ever
+# have it not load the one held.
 COMMANDS_LOADING = [
     (["shared.migrations", "upgrade", "orders"], "sqlalchemy"),
-    (["shared.grpc_server", "orders"], "grpc"),
+    (["shared.grpc_server", "--help"], "grpc"),
     (["tasks.parked", "list", "orders"], "celery"),
-    (["tasks.parked", "replay", "orders", "--all"], "psycopg2"),
-    (["devstack", "run"], "sqlalchemy"),
+    (["tasks.parked", "list", "orders"], "psycopg2"),
+    (["devstack", "--help"], "sqlalchemy"),
 ]
 
 
@@ -95,8 +97,8 @@ def test_ctrl_c_while_a_command_runs_ends_it_quietly_with_130(settings, infrastr
     name = f"test_interrupted_{uuid.uuid4().hex[:8]}_orders"
     try:
         command = _held_at_the_import_of(
-            module, argv, tmp_path,
-            ORDERS_DATABASE_URL=f"{infrastructure.postgres_base}/{name}")
+            module, argv, tmp_path, ORDERS_DATABASE_URL=f"{infrastructure.postgres_base}/{name}",
+            ORDERS_GRPC_BIND=f"127.0.0.1:{free_port()}")
         command.send_signal(signal.SIGINT)
         out, err = _ended(command)
         assert command.returncode == 130, err
@@ -110,7 +112,7 @@ def test_a_command_started_with_ctrl_c_ignored_goes_on_ignoring_it(settings, tmp
     """Started in the background by a script (`&`), or under nohup: SIGINT stays ignored while
     its modules load, as Python itself leaves it."""
     command = _held_at_the_import_of(
-        "grpc", ["shared.grpc_server", "orders"], tmp_path,
+        "grpc", ["shared.grpc_server", "--help"], tmp_path,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         status = Path(f"/proc/{command.pid}/status").read_text()
