@@ -41,16 +41,13 @@ app.user_options["worker"].add(worker_alive_file_option())
 app.user_options["beat"].add(beat_alive_file_option())
 
 
-def _install_worker_steps() -> None:
-    from tasks.consumer import InboxConsumerStep
-    from tasks.relay import StopLeadingStep
-
-    app.steps["worker"].add(InboxConsumerStep)
-    app.steps["worker"].add(StopLeadingStep)
-    app.steps["consumer"].add(AliveFileStep)
-
-
-_install_worker_steps()
+# The worker's steps by name, as Celery names its own (celery.bootsteps.Blueprint.load_step): a
+# worker loads them as it starts, this module long loaded. tasks.relay, which defines its step
+# next to the relay it stops, loads this module for its app: were its step imported here, `import
+# tasks.relay` first (a test, a script) would ask tasks.relay for a step it had not yet defined.
+app.steps["worker"].add("tasks.consumer:InboxConsumerStep")
+app.steps["worker"].add("tasks.relay:StopLeadingStep")
+app.steps["consumer"].add(AliveFileStep)
 
 
 @after_setup_logger.connect
