@@ -127,10 +127,13 @@ def test_a_command_started_with_ctrl_c_ignored_goes_on_ignoring_it(settings, tmp
 def _held_at_the_import_of(module: str, argv: list[str], tmp_path: Path, preexec_fn=None,
                            **env: str) -> subprocess.Popen:
     held = tmp_path / "held"
+    # (IMPORT_PAUSE first, for its sitecustomize to be the one Python imports; the PYTHONPATH the
+    # tests were given after it.)
+    python_path = os.pathsep.join(filter(None, [str(IMPORT_PAUSE), os.environ.get("PYTHONPATH")]))
     command = start_child(
         [sys.executable, "-m", *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
-        env={**os.environ, **env, "PYTHONPATH": str(IMPORT_PAUSE),
+        env={**os.environ, **env, "PYTHONPATH": python_path,
              "HSESHOP_TEST_HOLD_IMPORT_OF": module, "HSESHOP_TEST_HELD_FILE": str(held)})
     try:
         wait_for(lambda: held.exists() or command.poll() is not None, timeout=60,
