@@ -32,9 +32,10 @@ parked first; should the database fail part way, the command says how many went 
 1; interrupted (Ctrl-C), it says that at least so many went through (a batch committing as the
 interrupt came goes uncounted, its replays left to the sweeper, which while tasks wait in the
 service's queue hands them over up to an hour on: marked handed over, they wait what a message
-handed over long after it came waits) and exits 130. Run again, it takes up the rest. With the task
-queue out of reach, the messages are replayed all the same, and unmarked for the sweeper to hand
-over at its first sweep once the queue is back.
+handed over long after it came waits) and dies of SIGINT, as Ctrl-C ends a command (a shell says
+130; a script running it stops). Run again, it takes up the rest. With the task queue out of reach,
+the messages are replayed all the same, and unmarked for the sweeper to hand over at its first
+sweep once the queue is back.
 
 With --outbox they are outbox rows whose message is too large to be sent (over the producer's
 `message.max.bytes` or the topic's `max.message.bytes`), or whose record the broker refuses as
@@ -83,6 +84,7 @@ from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
                                   parked_outbox_messages, parked_topics_not_relayed,
                                   redirect_parked_outbox_messages, unpark_outbox_messages,
                                   why_not_sent_on)
+from shared.quiet_interrupt import INTERRUPTED
 from shared.request_context import escaped_in_logs
 from shared.task_queues import QUEUES_UNREACHABLE
 from tasks.inbox import dispatch_handed_over, unmark_for_the_next_sweep
@@ -376,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         # marked.)
         print(f"{outcome.format(f'at least {count}')} before it was interrupted; run it again"
               " for the rest", file=sys.stderr)
-        return 130
+        return INTERRUPTED  # (run as a command, it dies of SIGINT: shared.quiet_interrupt.run_main)
     print(outcome.format(count))
     if args.all and never_parsed_left.count:
         # (Named, each is said below: not replayed, "or never parsed".)

@@ -1,6 +1,7 @@
 """How the commands a README procedure runs (`python -m shared.migrations`, `shared.grpc_server`,
 `tasks.parked`, `devstack`, gunicorn) end when they cannot go on: a setting they cannot take, said
-in a line; Ctrl-C, whenever it comes, quietly with exit status 130."""
+in a line; Ctrl-C, whenever it comes, quietly, the command dying of SIGINT (a shell's 130), for a
+script running it to stop as it stops for any command Ctrl-C ends."""
 
 from __future__ import annotations
 
@@ -77,13 +78,13 @@ COMMANDS_LOADING = [
 
 
 @pytest.mark.parametrize("argv, module", COMMANDS_LOADING)
-def test_ctrl_c_while_a_command_loads_its_modules_ends_it_quietly_with_130(
+def test_ctrl_c_while_a_command_loads_its_modules_ends_it_quietly_of_sigint(
         settings, tmp_path, argv, module):
     """Before, Python's KeyboardInterrupt printed the traceback of the import it cut short."""
     command = _held_at_the_import_of(module, argv, tmp_path)
     command.send_signal(signal.SIGINT)
     out, err = _ended(command)
-    assert (command.returncode, out, err) == (130, "", "")
+    assert (command.returncode, out, err) == (-signal.SIGINT, "", "")
 
 
 @pytest.mark.parametrize("argv, module", [
@@ -92,8 +93,8 @@ def test_ctrl_c_while_a_command_loads_its_modules_ends_it_quietly_with_130(
     # As it builds its server, its settings read and its app made.
     (["shared.grpc_server", "orders"], "orders_app.grpc_api"),
 ])
-def test_ctrl_c_while_a_command_runs_ends_it_quietly_with_130(settings, infrastructure,
-                                                              tmp_path, argv, module):
+def test_ctrl_c_while_a_command_runs_ends_it_quietly_of_sigint(settings, infrastructure,
+                                                               tmp_path, argv, module):
     name = f"test_interrupted_{uuid.uuid4().hex[:8]}_orders"
     try:
         command = _held_at_the_import_of(
@@ -101,11 +102,44 @@ def test_ctrl_c_while_a_command_runs_ends_it_quietly_with_130(settings, infrastr
             ORDERS_GRPC_BIND=f"127.0.0.1:{free_port()}")
         command.send_signal(signal.SIGINT)
         out, err = _ended(command)
-        assert command.returncode == 130, err
+        assert command.returncode == -signal.SIGINT, err
         assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
         assert out == ""
     finally:
         drop_database(f"{infrastructure.postgres_base}/postgres", name)
+
+
+def test_ctrl_c_while_replay_hands_messages_back_says_how_many_went_and_ends_of_sigint(
+        settings, tmp_path):
+    """tasks.parked takes Ctrl-C its own way as it runs: it says how many went through, then ends
+    as Ctrl-C ends a command (it exited 130). Held as it first builds the service's app, a
+    message's id that nothing parked named: it replays nothing of the run's."""
+    command = _held_at_the_import_of(
+        "orders_app", ["tasks.parked", "replay", "orders", str(uuid.uuid4())], tmp_path)
+    command.send_signal(signal.SIGINT)
+    out, err = _ended(command)
+    assert (command.returncode, out, err) == (
+        -signal.SIGINT, "", "orders inbox: at least 0 message(s) handed back to be handled before"
+        " it was interrupted; run it again for the rest\n")
+
+
+def test_ctrl_c_stops_a_script_running_a_command_as_it_stops_any(settings, tmp_path):
+    """bash, given Ctrl-C (SIGINT to the terminal's process group: itself and the command it
+    waits for), stops only once the command dies of SIGINT: one that exits, 130 or not, is taken
+    to have dealt with it, and the script goes on (`for s in orders payments gateway; do python
+    -m shared.migrations upgrade $s; done` went on to the next service)."""
+    script = f"{sys.executable} -m shared.migrations upgrade orders; echo went on"
+    command = _held_at_the_import_of("sqlalchemy", ["bash", "-c", script], tmp_path,
+                                     run_as_module=False, start_new_session=True)
+    try:
+        os.killpg(command.pid, signal.SIGINT)
+        out, err = _ended(command)
+        assert (command.returncode, out, err) == (-signal.SIGINT, "", "")
+    finally:
+        try:
+            os.killpg(command.pid, signal.SIGKILL)  # (the command too, had the test failed)
+        except ProcessLookupError:
+            pass
 
 
 def test_a_command_started_with_ctrl_c_ignored_goes_on_ignoring_it(settings, tmp_path):
@@ -125,19 +159,23 @@ def test_a_command_started_with_ctrl_c_ignored_goes_on_ignoring_it(settings, tmp
 
 
 def _held_at_the_import_of(module: str, argv: list[str], tmp_path: Path, preexec_fn=None,
+                           run_as_module: bool = True, start_new_session: bool = False,
                            **env: str) -> subprocess.Popen:
+    """`python -m ARGV` (or ARGV, a command that runs Python) held as it is about to import
+    `module`."""
     held = tmp_path / "held"
+    argv = [sys.executable, "-m", *argv] if run_as_module else argv
     # (IMPORT_PAUSE first, for its sitecustomize to be the one Python imports; the PYTHONPATH the
     # tests were given after it.)
     python_path = os.pathsep.join(filter(None, [str(IMPORT_PAUSE), os.environ.get("PYTHONPATH")]))
     command = start_child(
-        [sys.executable, "-m", *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
+        argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=preexec_fn, start_new_session=start_new_session,
         env={**os.environ, **env, "PYTHONPATH": python_path,
              "HSESHOP_TEST_HOLD_IMPORT_OF": module, "HSESHOP_TEST_HELD_FILE": str(held)})
     try:
         wait_for(lambda: held.exists() or command.poll() is not None, timeout=60,
-                 what=f"python -m {' '.join(argv)} to import {module}")
+                 what=f"{' '.join(argv)} to import {module}")
     except AssertionError:
         command.kill()
         raise
