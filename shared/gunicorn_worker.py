@@ -337,11 +337,16 @@ class JsonErrorsThreadWorker(ThreadWorker):
         # A setting the app cannot take, said in a line (its password hidden), as the operator's
         # commands say it, where the app's factory raised it in gunicorn's traceback; the worker
         # exits as one that failed to boot, and the arbiter stops ("Worker failed to boot"),
-        # where an exit of its own would have it start another worker again and again.
+        # where an exit of its own would have it start another worker again and again. The line
+        # names the app as gunicorn was given it (its argument, or `wsgi_app` in a config file),
+        # not the process's name, which --name replaces. With --preload (which no setting here
+        # uses) the master makes the app before any worker starts: this is not reached, and the
+        # factory's ValueError comes in the master's traceback.
         try:
             get_settings()
         except ValueError as exc:
-            self.log.error("%s: nothing served: %s", self.cfg.proc_name, exc)
+            app = getattr(self.app, "app_uri", None) or self.cfg.wsgi_app or "the app"
+            self.log.error("%s: nothing served: %s", app, exc)
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
         super().load_wsgi()
 

@@ -46,13 +46,20 @@ def test_a_grpc_server_given_a_setting_it_cannot_take_says_it_in_a_line_and_exit
                          f" {said}"), line
 
 
-@pytest.mark.parametrize("app", ["orders_app:create_app()", "gateway_app:create_app()"])
-def test_an_http_server_given_a_setting_it_cannot_take_says_it_in_a_line_and_stops(settings, app):
+@pytest.mark.parametrize("app, options", [
+    ("orders_app:create_app()", []),
+    ("gateway_app:create_app()", []),
+    # Named by its app still, whatever a deployment names its processes.
+    ("orders_app:create_app()", ["--name", "hseshop-orders"]),
+])
+def test_an_http_server_given_a_setting_it_cannot_take_says_it_in_a_line_and_stops(
+        settings, app, options):
     """gunicorn, as `make run` and compose serve the apps: each worker says it in a line, its
     password hidden, and exits as one that failed to boot, which stops gunicorn (exit 3); before,
     the app factory's ValueError in gunicorn's traceback."""
+    *argv, given_app = gunicorn_argv(free_port(), app)
     server = start_child(
-        [sys.executable, "-m", *gunicorn_argv(free_port(), app)], cwd=REPO_ROOT,
+        [sys.executable, "-m", *argv, *options, given_app], cwd=REPO_ROOT,
         env={**os.environ, "ORDERS_DATABASE_URL":
              "postgresql://shop:not-to-be-shown@127.0.0.1:port/hseshop_orders"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
