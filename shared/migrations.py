@@ -225,6 +225,7 @@ def upgrade(service: str, revision: str = "head") -> None:
             _say_left_as_a_later_release_left_it(service, script, later)
             return
         _giving_way_to_locks(conn, lambda: command.upgrade(config, revision))
+        _say_if_nothing_was_to_do(service, script, conn, current)
 
     _migrate(service, upgrade_to, create_if_missing=True)
 
@@ -242,8 +243,20 @@ def downgrade(service: str, revision: str) -> None:
                                      downgrading=True)
         _refuse_what_a_revision_going_down_would(service, script, conn, current, revision)
         _giving_way_to_locks(conn, lambda: command.downgrade(config, revision))
+        _say_if_nothing_was_to_do(service, script, conn, current)
 
     _migrate(service, downgrade_to)
+
+
+def _say_if_nothing_was_to_do(service: str, script: ScriptDirectory, conn: sa.Connection,
+                              before: tuple[str, ...]) -> None:
+    """A line where no revision ran, the database at the target already: alembic says nothing
+    then (its lines of context are not shown), and the command would have said nothing at all."""
+    after = _current_revisions(conn)
+    if after == before:
+        at_head = after == (script.get_current_head(),)
+        log.info("%s: the database is at %s already%s: nothing to do", service,
+                 _revisions_or_base(after), ", this release's head" if at_head else "")
 
 
 def _current_revisions(conn: sa.Connection) -> tuple[str, ...]:

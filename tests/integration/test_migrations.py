@@ -954,6 +954,30 @@ def test_an_upgrade_and_a_downgrade_by_hand_say_each_revision_once_in_a_line(inf
             f" {' '.join(revision.doc.split())}" for revision in going]
 
 
+def test_an_upgrade_or_a_downgrade_with_nothing_to_do_says_so_in_a_line(infrastructure):
+    """With no revision to run, alembic says nothing (its lines of context not shown), and the
+    command said nothing at all."""
+    url = _database_url(infrastructure, "nothing-to-do", "orders")
+    script = ScriptDirectory.from_config(alembic_config("orders", url))
+    head = script.get_current_head()
+    below = script.get_revision(head).down_revision
+    for arguments, said in [
+            (("upgrade", "orders"), None),
+            (("upgrade", "orders"), f"{head} already, this release's head"),
+            (("upgrade", "orders", head), f"{head} already, this release's head"),
+            (("downgrade", "orders", below), None),
+            (("downgrade", "orders", below), f"{below} already")]:
+        migrating = _migrate_by_hand("orders", url, *arguments)
+        assert migrating.returncode == 0, migrating.stderr
+        nothing_to_do = [line for line in migrating.stderr.splitlines()
+                         if "nothing to do" in line]
+        if said is None:  # (revisions ran)
+            assert nothing_to_do == [], migrating.stderr
+        else:
+            assert migrating.stderr.splitlines() == [
+                f"INFO shared.migrations: orders: the database is at {said}: nothing to do"]
+
+
 def _migrate_by_hand(service: str, url: str, *arguments: str) -> subprocess.CompletedProcess:
     """`python -m shared.migrations <arguments>` for the service's database at `url`, as its
     `*-migrate` container runs it."""
