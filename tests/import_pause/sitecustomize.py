@@ -1,7 +1,8 @@
 """Holds a Python process as it is about to import one module, for a test to signal it there
 (tests/integration/test_operator_commands.py): on PYTHONPATH, with HSESHOP_TEST_HOLD_IMPORT_OF
 naming the module, and HSESHOP_TEST_HELD_FILE a file made once it is held. It waits there until a
-signal's handler raises (Ctrl-C's) or the test kills it; without the variables, it does nothing."""
+signal ends it (Ctrl-C's, its handler raising or its default action ending the process) or the
+test kills it; without the variables, it does nothing."""
 
 import os
 import sys
