@@ -33,6 +33,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection
 from wsproto.events import Request as WebSocketRequest
 from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, ProtocolError
 
 from gateway_app import tokens
@@ -54,6 +55,7 @@ from shared.http_api import Blueprint, EmptySchema, given_more_than_once
 from shared.inbox.handling import Handler, ReceivedEvent
 from shared.jsonio import dumps_exact
 from shared.process_stopping import stopping
+from shared.request_context import LOGGED_OUTCOME
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +352,7 @@ def register_socket(app, authenticate, redeem) -> None:
             _serve_socket(ws, g.socket_opening, slots, client_address())
         finally:
             end_the_socket(ws)
+            request.environ[LOGGED_OUTCOME] = socket_outcome(ws)
 
     document_socket(app.extensions["hseshop.api"],
                     next(app.url_map.iter_rules(endpoint=SOCKET_ENDPOINT)),
@@ -380,6 +383,21 @@ def _close(ws, code: int | None = None, message: str | None = None) -> None:
         ws.close(reason=code, message=message)
     except (ConnectionClosed, OSError):
         pass
+    else:  # (for the log: socket_outcome)
+        if not hasattr(ws, "hseshop_closed_with"):
+            ws.hseshop_closed_with = code or CloseReason.NORMAL_CLOSURE
+
+
+def socket_outcome(ws) -> str:
+    """What a socket's request line logs: its handshake's 101 (not the 200 of the response
+    flask-sock returns once it has ended, never sent), and who closed it with what code, so that
+    a socket refused after the upgrade (1008, 1013) is told from one served."""
+    closed_with = getattr(ws, "hseshop_closed_with", None)
+    if closed_with is not None:
+        return f"101, closed {int(closed_with)} by the gateway"
+    if ws.close_reason == CloseReason.NO_STATUS_RCVD:
+        return "101, its connection gone without a close"
+    return f"101, closed {int(ws.close_reason)} by the client"
 
 
 def end_the_socket(ws) -> None:

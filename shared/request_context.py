@@ -146,6 +146,12 @@ def configure_logging() -> None:
     root.setLevel(logging.INFO)
 
 
+# What the request's log line says it was answered, where the response Flask holds is not what was
+# sent: a WebSocket's route sets it (flask-sock's response, status 200, is never sent once the
+# handshake has been answered 101).
+LOGGED_OUTCOME = "hseshop.logged_outcome"
+
+
 def install_request_ids(app: Flask) -> None:
     """Bind each request's id for its duration, echo it back, and log one line per request."""
     log = logging.getLogger(f"hseshop.{app.name}.http")
@@ -161,7 +167,7 @@ def install_request_ids(app: Flask) -> None:
         if request_id:
             response.headers[REQUEST_ID_HEADER] = request_id
         log.info("%s %s -> %s", request.method, escaped_in_logs(request.path),
-                 response.status_code)
+                 request.environ.get(LOGGED_OUTCOME, response.status_code))
         return response
 
     @app.teardown_request

@@ -3011,6 +3011,30 @@ def test_a_socket_asked_for_what_is_no_notification_id_is_refused(settings, upst
         socket.close()
 
 
+def test_a_sockets_log_line_says_101_and_who_closed_it_with_what_code(settings, upstreams,
+                                                                       caplog):
+    """A socket's request line was logged "-> 200", the status of the response flask-sock returns
+    once the socket has ended, never sent: a socket refused after its upgrade (1008 here) and one
+    served read alike in the log. It says the 101 sent, and who closed it with what code."""
+    caplog.set_level("INFO", logger="hseshop.gateway.http")
+    with _served_gateway_socket_path(settings, upstreams, "logged") as (base, path):
+        url = base.replace("http://", "ws://") + path
+        assert _refused(f"{url}&after=abc", code=1008)
+        socket = _stays_open(f"{url}&after=0")
+        assert socket
+        socket.close()
+
+        def socket_lines():
+            lines = [record.getMessage() for record in caplog.records
+                     if record.name == "hseshop.gateway.http"
+                     and "/api/notifications/ws" in record.getMessage()]
+            return lines if len(lines) == 2 else None
+
+        lines = wait_for(socket_lines, timeout=10, what="both sockets' request lines")
+    assert lines == ["GET /api/notifications/ws -> 101, closed 1008 by the gateway",
+                     "GET /api/notifications/ws -> 101, closed 1000 by the client"]
+
+
 def test_a_socket_given_a_parameter_more_than_once_is_refused(settings, upstreams):
     """As the API's routes refuse one (a 422 there, 1008 here as for any parameter refused), not
     read first-value-wins: `after=0&after=1` opened a socket streaming after 0."""
