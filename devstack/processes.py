@@ -138,6 +138,9 @@ class ProcessGroup:
     def __init__(self, handle_signals: bool = True, record: RunRecord | None = None):
         self._processes: list[ManagedProcess] = []
         self._record = record
+        # What stop_all calls once it has stopped a process, before it stops the next
+        # (when_stopped).
+        self._when_stopped: dict[int, Callable[[], None]] = {}
         atexit.register(self.stop_all)
         if handle_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -183,9 +186,18 @@ class ProcessGroup:
         self.add(process)
         return process.start()
 
+    def when_stopped(self, process: ManagedProcess, then: Callable[[], None]) -> None:
+        """Have stop_all call `then` once it has stopped `process` (one of the group's), before
+        it stops the processes started before it; a process stopped by itself calls nothing."""
+        self._when_stopped[id(process)] = then
+
     def stop_all(self, timeout: float = 10) -> None:
         # Popping one at a time keeps a second Ctrl-C, arriving mid-stop, from stopping one twice.
         while self._processes:
-            self._processes.pop().stop(timeout)
+            process = self._processes.pop()
+            process.stop(timeout)
+            then = self._when_stopped.pop(id(process), None)
+            if then is not None:
+                then()
         if self._record is not None:
             self._record.end()

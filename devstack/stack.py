@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -40,6 +42,13 @@ MIGRATIONS_TIMEOUT_SECONDS = GIVE_WAY_FOR_SECONDS + 60
 WORKER_THREADS = 16
 # The list of the processes a run has started, in its folder (devstack.leftovers).
 RUN_RECORD = "processes"
+# The first of the processes that take requests to start, and so the last of them stopped: once
+# it is, the run lets the orders in flight settle before it stops the workers
+# (Stack._let_orders_in_flight_settle), for at most SETTLE_SECONDS, done once nothing has been in
+# flight for SETTLE_QUIET_SECONDS.
+FIRST_INTAKE = "orders-grpc"
+SETTLE_SECONDS = 15
+SETTLE_QUIET_SECONDS = 1.0
 
 
 def gunicorn_argv(port: int, app: str, threads: int = API_THREADS,
@@ -164,6 +173,8 @@ class Stack:
             for process in self._app_processes():
                 self._say(f"{process.name}...")
                 self._group.start(process)
+                if process.name == FIRST_INTAKE:
+                    self._group.when_stopped(process, self._let_orders_in_flight_settle)
             self.wait_healthy(timeout)
         except BaseException:
             self.stop()
@@ -310,14 +321,9 @@ class Stack:
                 self._say(f"migrations for {service}: {line}")
 
     def _app_processes(self) -> list[ManagedProcess]:
+        """The shop's processes in the order they start: those that take requests last, so that
+        they are stopped first (ProcessGroup.stop_all), before the workers."""
         commands = {}
-        for service in SERVICES:
-            commands[f"{service}-api"] = gunicorn_argv(
-                self.ports[service], f"{service}_app:create_app()",
-                threads=GATEWAY_THREADS if service == "gateway" else API_THREADS,
-            )
-        for service in GRPC_SERVICES:
-            commands[f"{service}-grpc"] = ["shared.grpc_server", service]
         for service in SERVICES:
             commands[f"{service}-worker"] = [
                 *f"celery -A tasks worker -Q {worker_queues(service)} -n {service}@%h".split(),
@@ -330,6 +336,13 @@ class Stack:
         ]
         if self.with_flower:
             commands["flower"] = flower_argv(self.ports["flower"])
+        for service in GRPC_SERVICES:
+            commands[f"{service}-grpc"] = ["shared.grpc_server", service]
+        for service in SERVICES:
+            commands[f"{service}-api"] = gunicorn_argv(
+                self.ports[service], f"{service}_app:create_app()",
+                threads=GATEWAY_THREADS if service == "gateway" else API_THREADS,
+            )
         env = self._process_env()
         return [
             ManagedProcess(
@@ -372,6 +385,53 @@ class Stack:
     def _url(self, name: str) -> str:
         return f"http://{infra.LOCALHOST}:{self.ports[name]}"
 
+    def _let_orders_in_flight_settle(self) -> None:
+        """Once nothing takes requests any more, wait (up to SETTLE_SECONDS) until no message is
+        in flight: every outbox sent and every inbox handled, for SETTLE_QUIET_SECONDS on end (a
+        message the broker holds is fetched and stored in its inbox well within that). The broker
+        keeps what it holds in memory only: stopped with an order's messages still in it, the run
+        would lose them, the order left NEW for good, or paid without its notification."""
+        workers = [p for p in self._group.processes if p.name.endswith("-worker")]
+        if not workers or not all(worker.alive() for worker in workers):
+            return
+        import psycopg2  # (as devstack.infra: only a stop that waits needs it)
+
+        self._say("waiting for the orders in flight to settle (Ctrl-C again stops at once)...")
+        deadline = time.monotonic() + SETTLE_SECONDS
+        quiet_since = None
+        in_flight = None
+        try:
+            with contextlib.ExitStack() as stack:
+                connections = [stack.enter_context(contextlib.closing(psycopg2.connect(
+                    self._env[f"{service.upper()}_DATABASE_URL"], connect_timeout=2)))
+                    for service in SERVICES]
+                for connection in connections:
+                    connection.autocommit = True
+                while time.monotonic() < deadline:
+                    in_flight = sum(_messages_in_flight(c) for c in connections)
+                    now = time.monotonic()
+                    if in_flight:
+                        quiet_since = None
+                    elif quiet_since is None:
+                        quiet_since = now
+                    elif now - quiet_since >= SETTLE_QUIET_SECONDS:
+                        return
+                    time.sleep(0.1)
+        except psycopg2.Error as exc:
+            self._say(f"could not wait for the orders in flight: {exc}".strip())
+            return
+        self._say(f"stopping with {in_flight} message(s) still in flight after {SETTLE_SECONDS} s")
+
     def _say(self, message: str) -> None:
         if not self.quiet:
             print(f"[devstack] {message}", file=sys.stderr, flush=True)
+
+
+def _messages_in_flight(connection) -> int:
+    """The outbox rows of a service's database yet to be sent and its inbox rows yet to be
+    handled, but the parked (an operator's)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT (SELECT count(*) FROM outbox_messages WHERE parked_at IS NULL)"
+                       " + (SELECT count(*) FROM inbox_messages"
+                       " WHERE processed_at IS NULL AND parked_at IS NULL)")
+        return cursor.fetchone()[0]

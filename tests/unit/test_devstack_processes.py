@@ -97,6 +97,30 @@ def test_group_stops_processes_in_reverse_start_order():
     assert stopped == ["api", "broker", "postgres"]
 
 
+def test_what_the_group_is_told_to_do_once_a_process_is_stopped_comes_before_the_next_stop():
+    """devstack.stack lets the orders in flight settle once the processes taking requests are
+    stopped, before the workers are; a stop_all that finds the process stopped already (a second
+    Ctrl-C) does it no more."""
+    happened = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def stop(self, timeout=10):
+            happened.append(self.name)
+
+    group = ProcessGroup(handle_signals=False)
+    for name in ("worker", "grpc", "api"):
+        group.add(Recorder(name))
+    group.when_stopped(group.processes[1], lambda: happened.append("settled"))
+
+    group.stop_all()
+    group.stop_all()
+
+    assert happened == ["api", "grpc", "settled", "worker"]
+
+
 @pytest.mark.parametrize(
     "signum, exit_code", [(signal.SIGINT, -signal.SIGINT), (signal.SIGTERM, 128 + signal.SIGTERM),
                           (signal.SIGHUP, 128 + signal.SIGHUP)]
