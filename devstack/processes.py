@@ -141,6 +141,10 @@ class ProcessGroup:
         # What stop_all calls once it has stopped a process, before it stops the next
         # (when_stopped).
         self._when_stopped: dict[int, Callable[[], None]] = {}
+        # A stop under way (stop_all), and a signal come during it: what is left is stopped at
+        # once, nothing waited for (the when_stopped hooks skipped).
+        self._stopping = False
+        self._at_once = False
         atexit.register(self.stop_all)
         if handle_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -154,6 +158,8 @@ class ProcessGroup:
         previous = signal.getsignal(signum)
 
         def handler(received, frame):
+            if self._stopping:  # a second Ctrl-C: stop at once (README: Running it locally)
+                self._at_once = True
             self.stop_all()
             if callable(previous):
                 previous(received, frame)
@@ -192,12 +198,21 @@ class ProcessGroup:
         self._when_stopped[id(process)] = then
 
     def stop_all(self, timeout: float = 10) -> None:
+        """Stop every process, the last started first, each process's when_stopped hook called
+        once it is stopped; a signal arriving meanwhile (a second Ctrl-C) has what is left
+        stopped at once, no hook called. Whatever a hook raises, the rest are stopped (and its
+        error goes on up)."""
+        self._stopping = True
         # Popping one at a time keeps a second Ctrl-C, arriving mid-stop, from stopping one twice.
-        while self._processes:
-            process = self._processes.pop()
-            process.stop(timeout)
-            then = self._when_stopped.pop(id(process), None)
-            if then is not None:
-                then()
-        if self._record is not None:
-            self._record.end()
+        try:
+            while self._processes:
+                process = self._processes.pop()
+                process.stop(timeout)
+                then = self._when_stopped.pop(id(process), None)
+                if then is not None and not self._at_once:
+                    then()
+        finally:
+            while self._processes:
+                self._processes.pop().stop(timeout)
+            if self._record is not None:
+                self._record.end()

@@ -121,6 +121,76 @@ def test_what_the_group_is_told_to_do_once_a_process_is_stopped_comes_before_the
     assert happened == ["api", "grpc", "settled", "worker"]
 
 
+def test_what_a_hook_raises_leaves_no_process_running():
+    """The drain's hook failing (any error) still has the workers and the broker stopped."""
+    stopped = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def stop(self, timeout=10):
+            stopped.append(self.name)
+
+    group = ProcessGroup(handle_signals=False)
+    for name in ("broker", "worker", "grpc", "api"):
+        group.add(Recorder(name))
+
+    def failing() -> None:
+        raise RuntimeError("the drain failed")
+
+    group.when_stopped(group.processes[2], failing)
+
+    with pytest.raises(RuntimeError, match="the drain failed"):
+        group.stop_all()
+    assert stopped == ["api", "grpc", "worker", "broker"]
+    assert group.processes == []
+
+
+def test_a_second_ctrl_c_while_the_apis_stop_stops_the_rest_at_once_without_the_drain(tmp_path):
+    """README: a second Ctrl-C stops at once. One arriving while an API is still stopping once
+    ran stop_all again within the first, the drain (devstack.stack's when_stopped hook) and all."""
+    program = textwrap.dedent(
+        """
+        import time
+        from devstack.processes import ProcessGroup
+        group = ProcessGroup()
+
+        class Fake:
+            def __init__(self, name, takes):
+                self.name, self.takes = name, takes
+
+            def stop(self, timeout=10):
+                print("stopping " + self.name, flush=True)
+                time.sleep(self.takes)
+                print("stopped " + self.name, flush=True)
+
+        for name, takes in (("worker", 0), ("grpc", 0), ("api", 3)):
+            group.add(Fake(name, takes))
+        group.when_stopped(group.processes[1],
+                           lambda: (print("draining", flush=True), time.sleep(60)))
+        print("ready", flush=True)
+        time.sleep(300)
+        """
+    )
+    parent = _started(program, tmp_path)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        parent.send_signal(signal.SIGINT)
+        assert parent.stdout.readline().strip() == "stopping api"
+
+        parent.send_signal(signal.SIGINT)
+
+        assert parent.wait(10) == -signal.SIGINT
+        said = parent.stdout.read().split("\n")
+        assert "draining" not in said
+        assert "stopped worker" in said
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
 @pytest.mark.parametrize(
     "signum, exit_code", [(signal.SIGINT, -signal.SIGINT), (signal.SIGTERM, 128 + signal.SIGTERM),
                           (signal.SIGHUP, 128 + signal.SIGHUP)]
