@@ -45,10 +45,15 @@ RUN_RECORD = "processes"
 # The first of the processes that take requests to start, and so the last of them stopped: once
 # it is, the run lets the orders in flight settle before it stops the workers
 # (Stack._let_orders_in_flight_settle), for at most SETTLE_SECONDS, done once nothing has been in
-# flight for SETTLE_QUIET_SECONDS.
+# flight for SETTLE_QUIET_SECONDS: the last hop of an order's (a relay's record read, stored in
+# its inbox and committed; handled, its own outbox row written) shows as in flight all the way,
+# but a quiet window covers a step the counts may miss between two looks.
 FIRST_INTAKE = "orders-grpc"
 SETTLE_SECONDS = 15
-SETTLE_QUIET_SECONDS = 1.0
+SETTLE_QUIET_SECONDS = 2.0
+# The drain's own connections: a lock held, a database slow, cost a look, not the whole stop.
+SETTLE_CONNECT_TIMEOUT_SECONDS = 2
+SETTLE_QUERY_LIMITS = "-c statement_timeout=1000 -c lock_timeout=500"
 
 
 def gunicorn_argv(port: int, app: str, threads: int = API_THREADS,
@@ -387,51 +392,96 @@ class Stack:
 
     def _let_orders_in_flight_settle(self) -> None:
         """Once nothing takes requests any more, wait (up to SETTLE_SECONDS) until no message is
-        in flight: every outbox sent and every inbox handled, for SETTLE_QUIET_SECONDS on end (a
-        message the broker holds is fetched and stored in its inbox well within that). The broker
-        keeps what it holds in memory only: stopped with an order's messages still in it, the run
-        would lose them, the order left NEW for good, or paid without its notification."""
+        in flight, for SETTLE_QUIET_SECONDS on end: no record in the broker that its consumer
+        group has not committed (stored in its inbox), no outbox row the relay may send and no
+        inbox row due to be handled (_in_flight). The broker keeps what it holds in memory only:
+        stopped with an order's messages still in it, the run would lose them, the order left NEW
+        for good, or paid without its notification."""
         workers = [p for p in self._group.processes if p.name.endswith("-worker")]
-        if not workers or not all(worker.alive() for worker in workers):
+        if not workers:
+            return
+        gone = [worker.name for worker in workers if not worker.alive()]
+        if gone:
+            self._say(f"not waiting for the orders in flight: {', '.join(gone)} not running"
+                      " (what the broker holds is lost with it)")
             return
         import psycopg2  # (as devstack.infra: only a stop that waits needs it)
+
+        from shared.db import driver_dsn
 
         self._say("waiting for the orders in flight to settle (Ctrl-C again stops at once)...")
         deadline = time.monotonic() + SETTLE_SECONDS
         quiet_since = None
-        in_flight = None
-        try:
-            with contextlib.ExitStack() as stack:
+        in_flight = error = None
+        with contextlib.ExitStack() as stack:
+            try:
                 connections = [stack.enter_context(contextlib.closing(psycopg2.connect(
-                    self._env[f"{service.upper()}_DATABASE_URL"], connect_timeout=2)))
+                    driver_dsn(self._env[f"{service.upper()}_DATABASE_URL"]),
+                    connect_timeout=SETTLE_CONNECT_TIMEOUT_SECONDS, options=SETTLE_QUERY_LIMITS)))
                     for service in SERVICES]
-                for connection in connections:
-                    connection.autocommit = True
-                while time.monotonic() < deadline:
-                    in_flight = sum(_messages_in_flight(c) for c in connections)
-                    now = time.monotonic()
-                    if in_flight:
-                        quiet_since = None
-                    elif quiet_since is None:
-                        quiet_since = now
-                    elif now - quiet_since >= SETTLE_QUIET_SECONDS:
+            except psycopg2.Error as exc:
+                self._say(f"could not wait for the orders in flight: {exc}".strip())
+                return
+            for connection in connections:
+                connection.autocommit = True
+            consumed = self._consumed_topics()
+            while time.monotonic() < deadline:
+                try:
+                    in_flight, error = self._in_flight(connections, consumed, deadline), None
+                except Exception as exc:  # (psycopg2's, confluent-kafka's: counted again)
+                    in_flight, error = None, exc
+                    if any(connection.closed for connection in connections):
+                        self._say(f"could not wait for the orders in flight: {exc}".strip())
                         return
-                    time.sleep(0.1)
-        except psycopg2.Error as exc:
-            self._say(f"could not wait for the orders in flight: {exc}".strip())
-            return
-        self._say(f"stopping with {in_flight} message(s) still in flight after {SETTLE_SECONDS} s")
+                now = time.monotonic()
+                if in_flight != 0:
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = now
+                elif now - quiet_since >= SETTLE_QUIET_SECONDS:
+                    return
+                time.sleep(0.1)
+        if in_flight is None:
+            self._say(f"stopping after {SETTLE_SECONDS} s, not knowing what is still in flight"
+                      f" ({error or 'the broker did not answer in time'})")
+        elif in_flight:
+            self._say(f"stopping with {in_flight} message(s) still in flight after"
+                      f" {SETTLE_SECONDS} s")
+        else:
+            self._say(f"stopping after {SETTLE_SECONDS} s, nothing in flight but for less than"
+                      f" {SETTLE_QUIET_SECONDS} s on end")
+
+    def _consumed_topics(self) -> dict[str, list[str]]:
+        """The consumer groups the run's workers consume in, each with its topics."""
+        from shared.config import load_settings
+        from tasks.services import service_package
+
+        settings = load_settings(self._process_env())
+        return {settings.consumer_group(service):
+                service_package(service).subscribed_topics(settings) for service in SERVICES}
+
+    def _in_flight(self, connections, consumed: dict[str, list[str]],
+                   deadline: float) -> int | None:
+        """The messages in flight: the outbox rows that may be sent and the inbox rows due to be
+        handled of every service's database, and the records the broker holds that their group
+        has not committed (None if they could not be counted by the `deadline`)."""
+        from shared.inbox.handling import count_messages_due
+        from shared.kafka import records_unread_by
+        from shared.outbox.relaying import count_rows_that_may_go
+
+        in_flight = 0
+        for connection in connections:
+            with connection.cursor() as cursor:
+                in_flight += count_rows_that_may_go(cursor) + count_messages_due(cursor)
+        for group, topics in consumed.items():
+            unread = records_unread_by(self.broker_address, group, topics,
+                                       timeout=min(2.0, max(deadline - time.monotonic(), 0.1)))
+            if unread is None:
+                return None
+            in_flight += unread
+        return in_flight
 
     def _say(self, message: str) -> None:
         if not self.quiet:
             print(f"[devstack] {message}", file=sys.stderr, flush=True)
 
-
-def _messages_in_flight(connection) -> int:
-    """The outbox rows of a service's database yet to be sent and its inbox rows yet to be
-    handled, but the parked (an operator's)."""
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT (SELECT count(*) FROM outbox_messages WHERE parked_at IS NULL)"
-                       " + (SELECT count(*) FROM inbox_messages"
-                       " WHERE processed_at IS NULL AND parked_at IS NULL)")
-        return cursor.fetchone()[0]

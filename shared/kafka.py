@@ -5,9 +5,10 @@ shared.outbox.publishing's."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shared.config import Settings
@@ -61,6 +62,50 @@ def consumer_config(settings: Settings, group_id: str, on_commit: OnCommit | Non
 def build_consumer(settings: Settings, group_id: str,
                    on_commit: OnCommit | None = None) -> Consumer:
     return Consumer(consumer_config(settings, group_id, on_commit))
+
+
+def records_unread_by(bootstrap_servers: str, group_id: str, topics: list[str],
+                      timeout: float = 2.0) -> int | None:
+    """How many records of `topics` the consumer group `group_id` has not committed yet (its lag),
+    or None if they could not all be counted within `timeout`. They are read, from each
+    partition's committed offset (its first, where the group committed none) to its end, not
+    worked out from the high watermark: Tansu 0.6.0 answers a partition's (ListOffsets, a fetch)
+    with its last batch's first offset plus one, short of the batch's other records.
+
+    The probe never joins the group: it asks the group's committed offsets (OffsetFetch) and
+    reads its partitions assigned, not subscribed, commits nothing and, having no member id,
+    sends no LeaveGroup as it closes. So the group's consumers see no rebalance (which Tansu can
+    wedge: README, Running it locally)."""
+    deadline = time.monotonic() + timeout
+    probe = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": group_id,
+                      "enable.auto.commit": False, "enable.partition.eof": True,
+                      "fetch.wait.max.ms": 20, "log_level": 0})
+    try:
+        existing = probe.list_topics(timeout=timeout).topics
+        partitions = [TopicPartition(topic, partition) for topic in topics if topic in existing
+                      for partition in existing[topic].partitions]
+        if not partitions:
+            return 0
+        committed = probe.committed(partitions, timeout=max(deadline - time.monotonic(), 0.1))
+        probe.assign([TopicPartition(p.topic, p.partition,
+                                     p.offset if p.offset >= 0 else OFFSET_BEGINNING)
+                      for p in committed])
+        unread, at_end = 0, set()
+        while len(at_end) < len(partitions):
+            if time.monotonic() >= deadline:
+                return None
+            record = probe.poll(0.05)
+            if record is None:
+                continue
+            if record.error() is None:
+                unread += 1
+            elif record.error().code() == KafkaError._PARTITION_EOF:
+                at_end.add((record.topic(), record.partition()))
+            else:
+                raise KafkaException(record.error())
+        return unread
+    finally:
+        probe.close()
 
 
 def ensure_topics(settings: Settings, topics: list[str], timeout: float = 5.0) -> None:

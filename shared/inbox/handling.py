@@ -384,6 +384,16 @@ WHERE message_id = (SELECT message_id FROM inbox_messages
 RETURNING last_attempt_at, request_id"""
 
 
+def count_messages_due(cursor) -> int:
+    """How many stored messages are yet to be handled and not waiting out a failed try's backoff
+    (a failure recorded, its try closed: record_failed_attempt) nor parked: those never tried,
+    and those in a try now (one held up by a lock included: it records no failure). For
+    devstack's drain at a stop, which waits for these."""
+    cursor.execute("SELECT count(*) FROM inbox_messages WHERE processed_at IS NULL"
+                   " AND parked_at IS NULL AND (try_open OR last_error IS NULL)")
+    return cursor.fetchone()[0]
+
+
 def record_failed_attempt(
     session: Session, message_id: uuid.UUID, error: str, max_attempts: int,
     counted: bool = True, try_began_at: datetime | None = None,

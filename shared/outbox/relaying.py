@@ -280,6 +280,14 @@ SELECT extract(epoch FROM min(next_attempt_at) - now())::float FROM (
 ) AS first_of_their_key WHERE parked_at IS NULL"""
 
 
+def count_rows_that_may_go(cursor) -> int:
+    """How many rows the relay may send now, by CLAIM_ROWS's own condition: neither parked, nor
+    waiting out a refusal, nor behind a row of their topic and key that is (devstack's drain at a
+    stop waits for these, not for rows that cannot go yet)."""
+    cursor.execute(f"SELECT count(*) FROM outbox_messages AS waiting WHERE {_MAY_GO}")
+    return cursor.fetchone()[0]
+
+
 def count_parked_outbox_messages(cursor) -> int:
     """How many rows are parked: for the relay to remind of them (read off the refused rows'
     index)."""
