@@ -1,7 +1,12 @@
 """`make run` stopped while a customer places orders: its broker keeps what it holds in memory
 only, so whatever is still in flight as the workers stop is lost with it. The run stops taking
-orders first, then waits for those taken to settle (every outbox sent, every inbox handled),
-then stops the workers: no order is left NEW for good, none paid without its notification.
+orders first, then waits for those taken to settle (every record its consumers read and stored,
+every outbox sent, every inbox handled), then stops the workers: no order is left NEW for good,
+none paid without its notification.
+
+The payments handlers wait on the customer's account row, which the test holds until the stop is
+past the processes that take requests: the orders taken are still in flight then, left to the
+drain (without it, the workers are stopped with them).
 
 On a stack of its own, stopped by the test."""
 
@@ -9,21 +14,26 @@ from __future__ import annotations
 
 import threading
 
+import psycopg2
 import sqlalchemy as sa
 
+from devstack.stack import FIRST_INTAKE
+from shared.db import driver_dsn
 from tests.e2e.conftest import database_engine, stack_of_its_own
 from tests.e2e.gateway_client import GatewayClient
 from tests.polling import wait_for
+from tests.postgres_tools import account_row_held, other_sessions
 
 LAYER = "stopping"
 # Orders taken before the stop, the customer still placing more as it comes.
-ORDERS_BEFORE_THE_STOP = 40
+ORDERS_BEFORE_THE_STOP = 20
 
 
 def test_a_run_stopped_while_orders_are_placed_leaves_every_order_taken_settled(
         infrastructure, run_dir):
     shop = stack_of_its_own(infrastructure, run_dir, LAYER)
     placing = threading.Event()
+    stopping = threading.Thread(target=shop.stop, name="stopping", daemon=True)
     try:
         shop.start()
         customer = GatewayClient(shop.gateway_url)
@@ -37,13 +47,29 @@ def test_a_run_stopped_while_orders_are_placed_leaves_every_order_taken_settled(
                 except Exception:  # (refused or unanswered: the gateway is stopping)
                     return
 
-        placing.set()
-        placer = threading.Thread(target=place, name="customer", daemon=True)
-        placer.start()
-        wait_for(lambda: len(taken) >= ORDERS_BEFORE_THE_STOP, timeout=60, what="orders taken")
-        shop.stop()
+        payments_database = shop.env["PAYMENTS_DATABASE_URL"]
+        watcher = psycopg2.connect(driver_dsn(payments_database))
+        watcher.autocommit = True
+        try:
+            with account_row_held(payments_database, customer.user_id):
+                placing.set()
+                placer = threading.Thread(target=place, name="customer", daemon=True)
+                placer.start()
+                with watcher.cursor() as cursor:
+                    wait_for(lambda: (len(taken) >= ORDERS_BEFORE_THE_STOP
+                                      and other_sessions(cursor, "wait_event_type = 'Lock'") >= 1),
+                             timeout=60, what="orders taken, a payment waiting on the account")
+                stopping.start()
+                wait_for(lambda: FIRST_INTAKE not in {p.name for p in shop.processes},
+                         timeout=60, interval=0.01, what="the stop past what takes requests")
+        finally:
+            watcher.close()
+        stopping.join(60)
+        assert not stopping.is_alive()
     finally:
         placing.clear()
+        if stopping.is_alive():
+            stopping.join(60)
         shop.stop()
     placer.join(10)
     engines = {service: database_engine(shop, service) for service in ("orders", "gateway")}
