@@ -30,7 +30,7 @@ from psycopg2.extensions import TRANSACTION_STATUS_INERROR, make_dsn
 from sqlalchemy import MetaData, event, text
 from sqlalchemy.engine import Connection, Engine, ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from shared.jsonio import loads_strict
 from shared.outage_log import OUTAGE_REMINDER_SECONDS, OutageLog, OutageWords
@@ -297,6 +297,22 @@ def refuse_if_aborted(connection: Connection, what: str) -> None:
         raise TransactionAborted(f"{what}: {_aborted_by(caught)}") from caught
 
 
+def refuse_if_rolled_back(transaction: SessionTransaction, what: str) -> None:
+    """Raise TransactionAborted, saying `what` and the error caught, from it, when `transaction` (a
+    session's, or a savepoint's) was rolled back under the block: a flush failed in it (an
+    IntegrityError at session.flush(), say) and its error was caught. SQLAlchemy then rolls it
+    back in the database at once (ROLLBACK, or ROLLBACK TO SAVEPOINT), so it is not aborted there
+    (`transaction_aborted`), but what it wrote is gone, and the session takes nothing more in it:
+    a commit raised PendingRollbackError, naming the error only in its text, and a savepoint went
+    on to be released as if its work were done."""
+    if not transaction.is_active:
+        # (SQLAlchemy's own note of the flush's error, which its PendingRollbackError names.)
+        caught = getattr(transaction, "_rollback_exception", None)
+        said = (_aborted_by(caught) if caught is not None
+                else "rolled back within it, no error of a flush noted")
+        raise TransactionAborted(f"{what}: {said}") from caught
+
+
 def transaction_aborted(connection: Connection) -> bool:
     """True when a statement failed on the connection's transaction and its error was caught, the
     transaction (or savepoint) not rolled back since: every statement now fails, and psycopg2
@@ -410,6 +426,12 @@ def transaction() -> Iterator[Session]:
         deadline = _caller_waits_until.get()
         if deadline is not None and time.monotonic() >= deadline:
             raise CallerGaveUp()
+        # (A flush failed under the root, or under a savepoint left open: SQLAlchemy's commit
+        # raised PendingRollbackError, which named the error caught only in its text.)
+        for begun in (session.get_transaction(), session.get_nested_transaction()):
+            if begun is not None:
+                refuse_if_rolled_back(begun, "a flush failed and its error was caught, nothing"
+                                             " of the transaction committed")
         # (Raised, not committed: the "commit" would roll back unsaid, and what was to be done
         # after it be done for writes that were never kept. Looked at only when the session's
         # transaction holds a connection: asked for one, a session that began and ran no

@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session
 from shared.contracts import (PAYLOAD_SCHEMAS, MalformedMessage, declared_fields, decode,
                               knows_envelope_version)
 from shared.db import (after_commit_undone_if_it_raises, connection_lost, connection_lost_on,
-                       driver_cursor, held_up_by_a_lock, refuse_if_aborted, said_in_a_line)
+                       driver_cursor, held_up_by_a_lock, refuse_if_aborted, refuse_if_rolled_back,
+                       said_in_a_line)
 from shared.inbox.model import InboxMessage, utc_now
 from shared.outbox.writing import outbox_rows_written_together
 from shared.request_context import request_id_bound, request_ids_bound
@@ -176,8 +177,11 @@ def _handle_with_its_request_id_bound(session: Session, message: StoredMessage,
     try:
         with after_commit_undone_if_it_raises(session), savepoint:
             handler(session, [event])
-            refuse_if_aborted(connection, f"the {message.type} handler caught a database error"
-                                          " and returned, what it did undone")
+            undone = (f"the {message.type} handler caught a database error and returned, what"
+                      " it did undone")
+            # (Its own savepoint, or one the handler made in it and left open.)
+            refuse_if_rolled_back(session.get_nested_transaction() or savepoint, undone)
+            refuse_if_aborted(connection, undone)
     except Exception as exc:
         # Lost, whatever the handler made of it: it may have caught the driver's error and
         # raised its own (a PermanentMessageError, say), or run on into the session's.

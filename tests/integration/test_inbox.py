@@ -606,6 +606,58 @@ def test_a_transaction_left_aborted_by_an_error_caught_in_it_is_refused_not_comm
     assert _DIVISION_BY_ZERO in str(raised.value)
 
 
+def _flushing_a_row_the_database_refuses(session: Session) -> None:
+    session.add(InboxMessage(message_id=uuid.uuid4()))  # (its topic, and more, NOT NULL)
+    session.flush()
+
+
+_NOT_NULL_VIOLATION = "NotNullViolation: null value in column"
+
+
+def test_a_flush_failure_caught_in_a_transaction_is_refused_naming_its_error(in_payments):
+    """SQLAlchemy rolls the transaction back as its flush fails: the block that catches the error
+    and goes on is refused with TransactionAborted raised from it and naming it, as for a
+    statement's, not with the session's PendingRollbackError."""
+    done: list[str] = []
+    caught: list[BaseException] = []
+    with pytest.raises(TransactionAborted) as raised, transaction() as session:
+        _swallowing_a_database_error(done, caught, _flushing_a_row_the_database_refuses)(
+            session, [])
+    assert done == []
+    assert len(caught) == 1 and raised.value.__cause__ is caught[0]
+    assert "a flush failed and its error was caught" in str(raised.value)
+    assert _NOT_NULL_VIOLATION in str(raised.value) and "(SQLSTATE 23502)" in str(raised.value)
+
+
+def test_a_handler_returning_on_a_flush_failure_it_caught_fails_its_try_naming_it(
+        in_payments, payments_inbox, user_id):
+    """SQLAlchemy rolls the handler's savepoint back as its flush fails, which left the database's
+    transaction sound: the savepoint was then closed as if done, and the message marked processed,
+    what its handler wrote gone. Its try fails, counted, the error recorded naming the flush's;
+    the message handled before it in the batch is kept."""
+    from tasks.inbox import _handle_each_in_a_savepoint
+
+    (good_record, good), (bad_record, bad) = (_request_record(user_id) for _ in range(2))
+    payments_inbox([good_record, bad_record])
+    done: list[str] = []
+    swallowing = _swallowing_a_database_error(done, failing=_flushing_a_row_the_database_refuses)
+
+    def handle(session, events):
+        for event in events:
+            if event.message.message_id == bad:
+                swallowing(session, [event])
+            else:
+                after_commit(session, lambda: done.append("the good try's"))
+
+    failed = _handle_each_in_a_savepoint("payments", [good, bad], {PAYMENT_REQUESTED: handle})
+    assert failed == [bad]
+    assert done == ["the good try's"]
+    assert _row(good).processed_at is not None
+    row = _row(bad)
+    assert row.processed_at is None and row.attempts == 1 and "TransactionAborted" in row.last_error
+    assert _NOT_NULL_VIOLATION in row.last_error
+
+
 def _failing_on_a_bare_driver_cursor(connection) -> None:
     """A statement the database refuses, on a driver cursor SQLAlchemy hears nothing of, caught."""
     with suppress(psycopg2.Error), connection.connection.dbapi_connection.cursor() as cursor:
