@@ -338,8 +338,14 @@ def note_errors_caught(engine: Engine) -> None:
     """Note on each of the engine's connections the last error the database raised on it
     (`error_caught_on`), whoever then catches it: SQLAlchemy's own statements' here
     (`handle_error`), driver_cursor's in driver_cursor. Forgotten as the connection's transaction
-    begins or ends, or its savepoint rolls back: the error noted is always one of the
-    transaction (or savepoint) under way."""
+    begins or ends, or its savepoint rolls back, or a statement goes through after it: the error
+    noted is always one of the transaction (or savepoint) under way, and aborted it.
+
+    A statement that goes through after the error is one that made the transaction sound again
+    (in an aborted transaction PostgreSQL refuses every other): a ROLLBACK TO SAVEPOINT of the
+    caller's own, say, legitimate PostgreSQL, which SQLAlchemy does not see as a rollback. The
+    error it undid is no longer the transaction's: held, it was named for a later abort a bare
+    driver cursor's statement made (and a lock timeout so undone counted that try as held up)."""
 
     @event.listens_for(engine, "handle_error")
     def _noting_an_error(context: ExceptionContext) -> None:
@@ -349,6 +355,7 @@ def note_errors_caught(engine: Engine) -> None:
 
     for ending_or_beginning in ("begin", "commit", "rollback", "rollback_savepoint"):
         event.listen(engine, ending_or_beginning, _forget_the_error)
+    event.listen(engine, "after_cursor_execute", _forget_the_error)
 
 
 def _note_error(connection: Connection, error: BaseException) -> None:
@@ -369,9 +376,9 @@ def error_caught_on(connection: Connection) -> BaseException | None:
     SQLAlchemy's statements and driver_cursor's saw: the one that aborted it, when it is aborted
     (`transaction_aborted`). A bare driver cursor's errors are not seen (SQLAlchemy hears nothing
     of them): with one of those the transaction may be aborted and no error noted, but never one
-    noted from before the transaction, or the savepoint rolled back to, began (unless rolled back
-    to by a ROLLBACK TO SAVEPOINT statement of the caller's own, which SQLAlchemy does not see as
-    one)."""
+    noted from before the transaction, or the savepoint rolled back to, began (rolled back to by
+    SQLAlchemy, or by a ROLLBACK TO SAVEPOINT of the caller's own: note_errors_caught), unless on a
+    bare driver cursor too."""
     return getattr(connection, _FAILED_WITH, None)
 
 
@@ -484,6 +491,12 @@ def driver_cursor(session: Session) -> Iterator:
         _note_if_lost(connection, error, bool(dbapi_connection.closed))
         _note_error(connection, error)
         raise error from exc
+    else:
+        # (An error noted before, which the block's statements undid: a ROLLBACK TO SAVEPOINT of
+        # its own. note_errors_caught forgets it so after a statement of SQLAlchemy's.)
+        if (hasattr(connection, _FAILED_WITH)
+                and dbapi_connection.info.transaction_status != TRANSACTION_STATUS_INERROR):
+            _forget_the_error(connection)
     finally:
         cursor.close()
 

@@ -658,6 +658,31 @@ def test_a_handler_returning_on_a_flush_failure_it_caught_fails_its_try_naming_i
     assert _NOT_NULL_VIOLATION in row.last_error
 
 
+def _running(session: Session, statement: str) -> None:
+    session.execute(text(statement))
+
+
+def _running_on_a_driver_cursor(session: Session, statement: str) -> None:
+    with driver_cursor(session) as cursor:
+        cursor.execute(statement)
+
+
+@pytest.mark.parametrize("rolling_back", [_running, _running_on_a_driver_cursor],
+                         ids=["a statement of SQLAlchemy's", "a driver_cursor's"])
+def test_an_error_rolled_back_to_a_savepoint_by_hand_is_never_named_for_a_later_abort(
+        in_payments, rolling_back):
+    """A ROLLBACK TO SAVEPOINT of the caller's own makes the transaction sound again, as
+    SQLAlchemy's does: the error it undid is not held against a later abort, which SQLAlchemy did
+    not see."""
+    with pytest.raises(TransactionAborted) as raised, transaction() as session:
+        session.execute(text("SAVEPOINT own"))
+        with suppress(DBAPIError):
+            session.execute(text("SELECT 1 / 0"))
+        rolling_back(session, "ROLLBACK TO SAVEPOINT own")
+        _failing_on_a_bare_driver_cursor(session.connection())
+    assert raised.value.__cause__ is None and "not seen" in str(raised.value)
+
+
 def _failing_on_a_bare_driver_cursor(connection) -> None:
     """A statement the database refuses, on a driver cursor SQLAlchemy hears nothing of, caught."""
     with suppress(psycopg2.Error), connection.connection.dbapi_connection.cursor() as cursor:
