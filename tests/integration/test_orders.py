@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import datetime
 from decimal import Decimal
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
 
 import orders_app
 from orders_app import service
@@ -254,6 +256,60 @@ def test_a_result_passed_over_in_a_batch_rolled_back_and_handled_again_is_said_o
     assert passed_over_warnings() == [
         ("passed-over", _passed_over(cancelled, "CANCELLED (NO_ACCOUNT)", "succeeded"))]
     assert _statuses([cancelled, other]) == [("CANCELLED", "NO_ACCOUNT"), ("NEW", None)]
+
+
+def _dividing_by_zero(session) -> None:
+    session.execute(text("SELECT 1 / 0"))
+
+
+def _catching_a_failed_flush(session) -> None:
+    """A flush the database refuses, its error caught: SQLAlchemy rolls the savepoint back."""
+    session.add(Order(id=uuid.uuid4()))  # (its user, amount and more NOT NULL)
+    with suppress(IntegrityError):
+        session.flush()
+
+
+@pytest.mark.parametrize("failing", [_dividing_by_zero, _catching_a_failed_flush],
+                         ids=["a statement's error let out", "a flush's error caught"])
+def test_a_result_passed_over_by_a_try_rolled_back_to_its_savepoint_is_said_once_retried(
+        in_orders, settings, user_id, passed_over_warnings, monkeypatch, failing):
+    """A result's try that fails on a database error after its handler passed it over (its batch
+    handled one message at a time: the message's savepoint rolled back, not the batch) says
+    nothing, though the batch commits the try's count; its retry, which commits, says it once.
+    (A flush's error caught left the try taken for done, undone as it was, and said.)"""
+    handlers = orders_app.message_handlers()
+    tries: list[uuid.UUID] = []
+
+    def failing_its_first_try(session, events):
+        on_payment_results(session, events)
+        tries.extend(event.message.message_id for event in events)
+        if len(tries) == 1:
+            failing(session)
+
+    monkeypatch.setattr(orders_app, "message_handlers",
+                        lambda: handlers | {PAYMENT_SUCCEEDED: failing_its_first_try})
+    (cancelled,) = _placed(user_id, 1)
+    with transaction() as session:
+        service.apply_payment_results(session, [_failed(cancelled, user_id, "first",
+                                                        "NO_ACCOUNT")])
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url("orders")))
+    try:
+        (message_id,) = store([_result_record(
+            new_event(PAYMENT_SUCCEEDED, {"order_id": cancelled, "user_id": user_id,
+                                          "amount": FIVE}, None), request_id="passed-over")])
+    finally:
+        store.close()
+    from tasks.inbox import _handle_each_in_a_savepoint, handle_inbox_message
+
+    assert _handle_each_in_a_savepoint("orders", [message_id],
+                                       orders_app.message_handlers()) == [message_id]
+    db.session.rollback()
+    assert db.session.get(InboxMessage, message_id).attempts == 1  # (the batch committed)
+    assert passed_over_warnings() == []
+    assert handle_inbox_message.apply(args=("orders", str(message_id))).get() == "processed"
+    assert tries == [message_id, message_id]
+    assert passed_over_warnings() == [
+        ("passed-over", _passed_over(cancelled, "CANCELLED (NO_ACCOUNT)", "succeeded"))]
 
 
 def _created_and_updated(order_id: uuid.UUID) -> tuple[datetime, datetime]:
