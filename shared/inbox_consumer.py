@@ -29,8 +29,8 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import psycopg2
-from confluent_kafka import (TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException,
-                             TopicPartition)
+from confluent_kafka import (OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError,
+                             KafkaException, TopicPartition)
 
 from shared.db import DatabaseOutageLog
 from shared.inbox.storing import ConsumedRecord, insert_records
@@ -47,6 +47,9 @@ Dispatch = Callable[[list[uuid.UUID]], None]
 # message (on Tansu about 0.15 ms of the broker's CPU each). At most this much stored work is read
 # again after a crash or a rebalance.
 COMMIT_INTERVAL_SECONDS = 1.0
+# How long a consumer waits for its group's committed offsets, asked only to rewind partitions it
+# had read nothing of, after a consume() that failed.
+_COMMITTED_TIMEOUT_SECONDS = 5.0
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -155,6 +158,11 @@ class InboxConsumer:
         # offset to go back to: the seek is tried again before each poll, so that a partition
         # still assigned reads its skipped records again soon, not at the next rebalance.
         self._rewinds_due: dict[tuple[str, int], int] = {}
+        # Per partition, where this consumer reads on from: one past the last record poll() handed
+        # on, or where it was last rewound to. A consume() that raises has dropped what it took
+        # (_rewind_what_consume_dropped), and each partition goes back here. None for a partition
+        # not read from since it was assigned: that one started from its committed offset.
+        self._reading_from: dict[tuple[str, int], int] = {}
         self._committed_at = clock()
         self._database_outage = DatabaseOutageLog(log, name, clock=clock)
         self._failed_commits = OutageLog(log, name, _FAILED_COMMITS_WORDS, clock=clock)
@@ -196,8 +204,10 @@ class InboxConsumer:
                 self._rewind(first_offsets(records))
                 raise
             for offset in next_offsets(records):
-                if (offset.topic, offset.partition) not in self._given_up:
-                    self._stored[(offset.topic, offset.partition)] = offset.offset
+                where = (offset.topic, offset.partition)
+                self._reading_from[where] = offset.offset
+                if where not in self._given_up:
+                    self._stored[where] = offset.offset
         if self._clock() - self._committed_at >= self._commit_interval:
             self.commit_stored()
         if new_ids:
@@ -308,8 +318,10 @@ class InboxConsumer:
         self._unreadable.forget(partitions)
 
     def _drop_rewinds_due(self, partitions: list[TopicPartition]) -> None:
+        # (And where each was read from: assigned, it starts from its committed offset.)
         for partition in partitions:
             self._rewinds_due.pop((partition.topic, partition.partition), None)
+            self._reading_from.pop((partition.topic, partition.partition), None)
 
     def _drop_commits_sent(self, partitions: list[TopicPartition]) -> None:
         for partition in partitions:
@@ -321,7 +333,12 @@ class InboxConsumer:
         first = self._consumer.poll(self._poll_timeout)
         if first is None:
             return []
-        messages = [first, *self._consumer.consume(self._batch_size - 1, 0)]
+        try:
+            taken = self._consumer.consume(self._batch_size - 1, 0)
+        except Exception:
+            self._rewind_what_consume_dropped(first)
+            raise
+        messages = [first, *taken]
         records = []
         try:
             for message in messages:
@@ -342,12 +359,58 @@ class InboxConsumer:
             raise
         return records
 
+    def _rewind_what_consume_dropped(self, first) -> None:
+        """consume() raised after `first` was polled: a callback the client ran in it raised (an
+        offset commit's answer, a rebalance), or the client failed. confluent-kafka then drops the
+        messages it had taken, of any assigned partition, and the client reads on past them; so
+        each partition goes back to where this consumer reads on from (_reading_from): `first`'s
+        to `first`, and one not read from since it was assigned to its committed offset, asked of
+        the group's coordinator. One whose committed offset cannot be had commits nothing till it
+        is assigned again (as one whose rewind failed), which starts it from there."""
+        where_first = (first.topic(), first.partition())
+        try:
+            assigned = [(p.topic, p.partition) for p in self._consumer.assignment()]
+        except Exception as exc:  # (the client closed, say: nothing more can be read from it)
+            log.warning("consumer: could not list the partitions to rewind after a failed"
+                        " consume: %s", exc)
+            assigned = [where_first]
+        positions, unknown = [], []
+        for where in assigned:
+            offset = self._reading_from.get(where)
+            if where == where_first and first.error() is None:
+                offset = first.offset()
+            if offset is None:
+                unknown.append(TopicPartition(*where))
+            else:
+                positions.append(TopicPartition(*where, offset))
+        if unknown:
+            try:
+                committed = self._consumer.committed(unknown, timeout=_COMMITTED_TIMEOUT_SECONDS)
+            except KafkaException as exc:
+                committed = []
+                unread = [f"{p.topic} [{p.partition}] ({exc.args[0].str()})" for p in unknown]
+            else:
+                unread = [f"{p.topic} [{p.partition}] ({p.error.str()})"
+                          for p in committed if p.error is not None]
+            found = [partition for partition in committed if partition.error is None]
+            # (None committed: it started from its first record, the shop's consumers reading a
+            # partition new to their group from the earliest, shared.kafka.)
+            positions += [TopicPartition(p.topic, p.partition, max(p.offset, OFFSET_BEGINNING))
+                          for p in found]
+            if unread:
+                log.warning("consumer: could not read where to rewind %s after a failed consume:"
+                            " they commit nothing till assigned again", ", ".join(unread))
+                self._given_up.update({(p.topic, p.partition) for p in unknown}
+                                      - {(p.topic, p.partition) for p in found})
+        self._rewind(positions)
+
     def _rewind(self, positions: list[TopicPartition]) -> None:
         """Seek each partition back to `positions`. One that cannot be commits nothing until its
         seek, tried again before each poll, goes through, or until it is assigned again (the next
         rebalance, or the worker's restart), which starts it from its committed offset: either way
         the records it skipped unstored are read again, and never committed over before."""
         for position in positions:
+            self._reading_from[(position.topic, position.partition)] = position.offset
             try:
                 self._consumer.seek(position)
             except KafkaException as exc:
@@ -365,6 +428,7 @@ class InboxConsumer:
             except KafkaException:
                 continue  # (said when it first failed; tried again before the next poll)
             log.info("consumer: rewound %s [%d] to %d at last", topic, partition, offset)
+            self._reading_from[(topic, partition)] = offset
             del self._rewinds_due[(topic, partition)]
             self._given_up.discard((topic, partition))
 

@@ -151,3 +151,64 @@ def test_consumers_joining_and_leaving_a_group_store_every_record_and_commit_onl
             cursor.execute("DELETE FROM inbox_messages WHERE topic = %s", (topic,))
         database.close()
         admin.delete_topics([topic])
+
+
+class _ConsumeFailingOnce:
+    """A client whose first consume() that takes messages raises, and drops them, as
+    confluent-kafka's does when a callback the client runs in it raises (an offset commit's
+    answer, a rebalance's): the client reads on past them. (Forced so: a callback's own raise
+    falls in whichever of poll() and consume() serves its event, as the broker's answers come.)"""
+
+    def __init__(self, consumer: Consumer):
+        self._consumer = consumer
+        self.dropped: list[tuple[int, int]] = []  # (partition, offset) of each record dropped
+
+    def __getattr__(self, name: str):
+        return getattr(self._consumer, name)
+
+    def consume(self, count: int, timeout: float) -> list:
+        messages = self._consumer.consume(count, timeout)
+        if messages and not self.dropped:
+            self.dropped = [(m.partition(), m.offset()) for m in messages if m.error() is None]
+            raise RuntimeError("a callback raised in consume()")
+        return messages
+
+
+def test_a_consume_that_raises_loses_no_record_of_any_partition(settings):
+    """The records a consume() that raised took, of any partition, and the one polled before it,
+    are read again and stored: each partition goes back to where the consumer read on from (its
+    committed offset, here, none read since it was assigned). The polled one was lost, and with
+    it, past the next offset commit, the others for good."""
+    topic = f"{settings.kafka_consumer_group_prefix}.consume-raising-{uuid.uuid4().hex[:8]}"
+    group = f"{topic}.group"
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    partitioned = dataclasses.replace(settings, kafka_topic_partitions=PARTITIONS)
+    admin.create_topics([new_topic(partitioned, topic)])[topic].result(15)
+    # (All there before the consumer starts: its first fetch takes them, the first poll one and
+    # consume() the others.)
+    produced = _produce(settings, topic, 60)
+    client = _ConsumeFailingOnce(build_consumer(settings, group))
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
+    consumer = InboxConsumer(client, [topic], store, dispatch=lambda ids: None)
+    running = threading.Thread(target=consumer.run)
+    running.start()
+    database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    database.autocommit = True
+
+    def all_stored() -> bool:
+        with database.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM inbox_messages WHERE message_id = ANY(%s)",
+                           ([uuid.UUID(m) for m in produced],))
+            return cursor.fetchone()[0] == len(produced)
+
+    try:
+        wait_for(lambda: client.dropped, timeout=30, interval=0.1, what="a consume() raising")
+        wait_for(all_stored, timeout=30, interval=0.2, what="every record stored")
+    finally:
+        consumer.stop()
+        running.join(30)
+        store.close()
+        database.close()
+        admin.delete_topics([topic])
+    assert not running.is_alive()
+    assert len({partition for partition, _ in client.dropped}) > 1, client.dropped

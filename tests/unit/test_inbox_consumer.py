@@ -802,3 +802,69 @@ def test_a_dispatch_that_fails_for_a_mistake_in_the_code_is_raised_as_before():
                           mistaken, commit_interval=0)
     with pytest.raises(TypeError):
         inbox.run_once()
+
+
+class ConsumeRaisingConsumer(FakeConsumer):
+    """A consumer whose consume() takes what it is given, then raises, as confluent-kafka's does
+    when a callback raises in it (the messages dropped); it has `assigned` partitions, and a
+    group whose committed offsets are `committed` (or which cannot be asked: None)."""
+
+    def __init__(self, messages, calls, assigned, committed):
+        super().__init__(messages, calls)
+        self.assigned, self.committed_offsets, self.raising = assigned, committed, False
+
+    def consume(self, n, timeout):
+        taken = super().consume(n, timeout)
+        if self.raising:
+            raise RuntimeError("a callback raised")
+        return taken
+
+    def assignment(self):
+        return [TopicPartition("t", p) for p in self.assigned]
+
+    def committed(self, partitions, timeout):
+        self.calls.append(("committed", sorted(p.partition for p in partitions)))
+        if self.committed_offsets is None:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "coordinator away"))
+        return [TopicPartition(p.topic, p.partition, self.committed_offsets[p.partition])
+                for p in partitions]
+
+
+def _read_on_then_failing_consume(committed) -> tuple[InboxConsumer, ConsumeRaisingConsumer]:
+    calls = []
+    consumer = ConsumeRaisingConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls,
+                                      assigned=[0, 1, 2, 3], committed=committed)
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
+                          commit_interval=0)
+    inbox.run_once()  # (read on past 4 and 7)
+    calls.clear()
+    consumer.raising = True
+    consumer.messages = [FakeMessage("t", 1, 8), FakeMessage("t", 0, 5), FakeMessage("t", 2, 3)]
+    with pytest.raises(RuntimeError):
+        inbox.run_once()
+    return inbox, consumer
+
+
+def test_a_consume_that_raises_rewinds_every_partition_to_where_it_was_read_from():
+    """The message polled before it, and those it took and dropped, of any partition, are read
+    again: each partition rewound to one past the last record handed on, or, none read since it
+    was assigned, to its committed offset (one with none committed to its first record)."""
+    _, consumer = _read_on_then_failing_consume(committed={2: 3, 3: -1001})
+    assert consumer.calls[0] == ("committed", [2, 3])
+    assert sorted(consumer.calls[1:]) == [("seek", ("t", 0, 5)), ("seek", ("t", 1, 8)),
+                                          ("seek", ("t", 2, 3)), ("seek", ("t", 3, -2))]
+
+
+def test_a_partition_whose_committed_offset_cannot_be_had_after_a_raising_consume_commits_nothing(
+        caplog):
+    """Not rewound (its offset unknown), it commits nothing till it is assigned again, which
+    starts it from its committed offset: the records it skipped are read again then."""
+    inbox, consumer = _read_on_then_failing_consume(committed=None)
+    assert sorted(consumer.calls[1:]) == [("seek", ("t", 0, 5)), ("seek", ("t", 1, 8))]
+    assert ("could not read where to rewind t [2] (coordinator away), t [3] (coordinator away)"
+            " after a failed consume: they commit nothing till assigned again") in caplog.text
+    consumer.calls.clear()
+    consumer.raising = False
+    consumer.messages = [FakeMessage("t", 2, 9), FakeMessage("t", 1, 8)]
+    inbox.run_once()
+    assert consumer.calls == [("commit", [("t", 1, 9)])]
