@@ -340,16 +340,20 @@ class InboxConsumer:
             raise
         messages = [first, *taken]
         records = []
+        # (Told of each record only while a batch holds a partition: not once per record else.)
+        telling = self._unreadable.holding()
         try:
             for message in messages:
                 error = message.error()
                 if error is None:
                     records.append(to_record(message))
-                    self._unreadable.read(records[-1])
+                    if telling:
+                        telling = self._unreadable.read(records[-1])
                 elif error.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     log.debug("consumer: %s", error)
                 elif holds_its_partition(message):
                     self._unreadable.failed(message)
+                    telling = self._unreadable.holding()
                 else:
                     log.warning("consumer error: %s", error)
         except Exception:

@@ -89,17 +89,24 @@ class UnreadableBatches:
         if held is None:
             held = self._held[where] = _Held(offset, OutageLog(self._logger, self._what, _WORDS,
                                                                clock=self._clock))
-        held.offset = offset
+        elif offset < held.offset:  # (fetched from further back: rewound, say)
+            held.offset = offset
         held.log.failed(f"{where[0]} [{where[1]}] at {offset}: {message.error().str()}")
 
-    def read(self, record: ConsumedRecord) -> None:
-        """A record was read."""
+    def holding(self) -> bool:
+        """Whether a batch holds any partition: while none does, a record read says nothing, and
+        the consumer need not tell it (`read`), which it would of every record."""
+        return bool(self._held)
+
+    def read(self, record: ConsumedRecord) -> bool:
+        """A record was read; returns whether a batch still holds any partition (`holding`)."""
         where = (record.topic, record.partition)
         held = self._held.get(where)
         if held is not None and record.offset >= held.offset:
             del self._held[where]
             held.log.back(f"{record.topic} [{record.partition}] are read again from offset"
                           f" {record.offset}")
+        return bool(self._held)
 
     def forget(self, partitions: list[TopicPartition]) -> None:
         """`partitions` were revoked or lost."""

@@ -14,6 +14,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from shared.inbox.storing import ConsumedRecord
 from shared.inbox_consumer import (InboxConsumer, first_offsets, next_offsets, record_timestamp,
                                    to_record)
+from shared.unreadable_batches import UnreadableBatches
 
 
 class FakeMessage:
@@ -545,6 +546,34 @@ def test_each_partition_a_record_batch_holds_is_said_of_on_its_own(caplog):
                           f" last: t [1] at 4: {_said(4)}){_WAITS}"),
         (logging.INFO, "the inbox consumer: records of t [0] are read again from offset 10, after"
                        " 75 s, 75 unreadable tries")]
+
+
+def test_records_are_told_to_what_says_of_unreadable_batches_only_while_one_holds_a_partition(
+        monkeypatch, caplog):
+    """Not each record of every batch (the hot path): only those read while a batch the client
+    cannot read holds a partition, till none does; what is said stays as it was."""
+    caplog.set_level(logging.INFO)
+    told = []
+    read = UnreadableBatches.read
+
+    def telling(batches, record):
+        told.append((record.partition, record.offset))
+        return read(batches, record)
+
+    monkeypatch.setattr(UnreadableBatches, "read", telling)
+    consumer = FakeConsumer([FakeMessage("t", 0, 0), FakeMessage("t", 1, 0)], [])
+    inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
+                          clock=FakeClock())
+    inbox.run_once()
+    assert told == []
+    consumer.messages = [FakeMessage("t", 1, 1), _unreadable_at(0, 7), FakeMessage("t", 1, 2),
+                         FakeMessage("t", 0, 7), FakeMessage("t", 1, 3)]
+    inbox.run_once()
+    assert told == [(1, 2), (0, 7)]  # (its hold over at 7)
+    consumer.messages = [FakeMessage("t", 0, 8)]
+    inbox.run_once()
+    assert told == [(1, 2), (0, 7)]
+    assert [level for level, _ in _lines(caplog)] == [logging.WARNING, logging.INFO]
 
 
 def test_a_record_below_the_batch_read_again_does_not_end_what_its_partition_waits_on(caplog):
