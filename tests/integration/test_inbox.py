@@ -515,6 +515,14 @@ def _dividing_by_zero_on_a_driver_cursor(session: Session) -> None:
         cursor.execute("SELECT 1 / 0")
 
 
+def _flushing_a_row_the_database_refuses(session: Session) -> None:
+    session.add(InboxMessage(message_id=uuid.uuid4()))  # (its topic, and more, NOT NULL)
+    session.flush()
+
+
+_NOT_NULL_VIOLATION = "NotNullViolation: null value in column"
+
+
 def _swallowing_a_database_error(done: list[str], caught: list[BaseException] | None = None,
                                  failing=_dividing_by_zero) -> Handler:
     """A handler that asks for something after the commit (noted in `done` when it runs), runs a
@@ -532,18 +540,23 @@ def _swallowing_a_database_error(done: list[str], caught: list[BaseException] | 
 _DIVISION_BY_ZERO = "DivisionByZero: division by zero (SQLSTATE 22012)"
 
 
+@pytest.mark.parametrize("failing, said", [
+    (_dividing_by_zero, _DIVISION_BY_ZERO),
+    (_flushing_a_row_the_database_refuses, _NOT_NULL_VIOLATION)],
+    ids=["a statement's error", "a flush's error"])
 def test_a_handler_returning_on_a_database_error_it_caught_fails_its_try_and_no_other(
-        in_payments, payments_inbox, user_id):
-    """Its savepoint left aborted, the handler's try is counted as failed and undone, callbacks and
-    all: the message handled before it in the batch is kept, not rolled back with it by a COMMIT
-    psycopg2 answers with a rollback, and neither left for the sweeper. The error recorded names
-    the one the handler caught."""
+        in_payments, payments_inbox, user_id, failing, said):
+    """Its savepoint left aborted (or rolled back by SQLAlchemy as its flush failed: closed as if
+    done, the message was marked processed, what its handler wrote gone), the handler's try is
+    counted as failed and undone, callbacks and all: the message handled before it in the batch
+    is kept, not rolled back with it by a COMMIT psycopg2 answers with a rollback, and neither
+    left for the sweeper. The error recorded names the one the handler caught."""
     from tasks.inbox import _handle_each_in_a_savepoint
 
     (good_record, good), (bad_record, bad) = (_request_record(user_id) for _ in range(2))
     payments_inbox([good_record, bad_record])
     done: list[str] = []
-    swallowing = _swallowing_a_database_error(done)
+    swallowing = _swallowing_a_database_error(done, failing=failing)
 
     def handle(session, events):
         for event in events:
@@ -558,7 +571,7 @@ def test_a_handler_returning_on_a_database_error_it_caught_fails_its_try_and_no_
     assert _row(good).processed_at is not None
     row = _row(bad)
     assert row.processed_at is None and row.attempts == 1 and "TransactionAborted" in row.last_error
-    assert _DIVISION_BY_ZERO in row.last_error
+    assert said in row.last_error
 
 
 def test_a_handler_returning_on_a_lock_timeout_it_caught_is_held_up_and_counts_no_attempt(
@@ -606,14 +619,6 @@ def test_a_transaction_left_aborted_by_an_error_caught_in_it_is_refused_not_comm
     assert _DIVISION_BY_ZERO in str(raised.value)
 
 
-def _flushing_a_row_the_database_refuses(session: Session) -> None:
-    session.add(InboxMessage(message_id=uuid.uuid4()))  # (its topic, and more, NOT NULL)
-    session.flush()
-
-
-_NOT_NULL_VIOLATION = "NotNullViolation: null value in column"
-
-
 def test_a_flush_failure_caught_in_a_transaction_is_refused_naming_its_error(in_payments):
     """SQLAlchemy rolls the transaction back as its flush fails: the block that catches the error
     and goes on is refused with TransactionAborted raised from it and naming it, as for a
@@ -627,35 +632,6 @@ def test_a_flush_failure_caught_in_a_transaction_is_refused_naming_its_error(in_
     assert len(caught) == 1 and raised.value.__cause__ is caught[0]
     assert "a flush failed and its error was caught" in str(raised.value)
     assert _NOT_NULL_VIOLATION in str(raised.value) and "(SQLSTATE 23502)" in str(raised.value)
-
-
-def test_a_handler_returning_on_a_flush_failure_it_caught_fails_its_try_naming_it(
-        in_payments, payments_inbox, user_id):
-    """SQLAlchemy rolls the handler's savepoint back as its flush fails, which left the database's
-    transaction sound: the savepoint was then closed as if done, and the message marked processed,
-    what its handler wrote gone. Its try fails, counted, the error recorded naming the flush's;
-    the message handled before it in the batch is kept."""
-    from tasks.inbox import _handle_each_in_a_savepoint
-
-    (good_record, good), (bad_record, bad) = (_request_record(user_id) for _ in range(2))
-    payments_inbox([good_record, bad_record])
-    done: list[str] = []
-    swallowing = _swallowing_a_database_error(done, failing=_flushing_a_row_the_database_refuses)
-
-    def handle(session, events):
-        for event in events:
-            if event.message.message_id == bad:
-                swallowing(session, [event])
-            else:
-                after_commit(session, lambda: done.append("the good try's"))
-
-    failed = _handle_each_in_a_savepoint("payments", [good, bad], {PAYMENT_REQUESTED: handle})
-    assert failed == [bad]
-    assert done == ["the good try's"]
-    assert _row(good).processed_at is not None
-    row = _row(bad)
-    assert row.processed_at is None and row.attempts == 1 and "TransactionAborted" in row.last_error
-    assert _NOT_NULL_VIOLATION in row.last_error
 
 
 def _running(session: Session, statement: str) -> None:
