@@ -48,7 +48,8 @@ Dispatch = Callable[[list[uuid.UUID]], None]
 # again after a crash or a rebalance.
 COMMIT_INTERVAL_SECONDS = 1.0
 # How long a consumer waits for its group's committed offsets, asked only to rewind partitions it
-# had read nothing of, after a consume() that failed.
+# had read nothing of, after a consume() that failed; asked again, when they could not be had, at
+# most this often (each ask holds up the other partitions' reads up to this long).
 _COMMITTED_TIMEOUT_SECONDS = 5.0
 
 
@@ -163,6 +164,15 @@ class InboxConsumer:
         # (_rewind_what_consume_dropped), and each partition goes back here. None for a partition
         # not read from since it was assigned: that one started from its committed offset.
         self._reading_from: dict[tuple[str, int], int] = {}
+        # Partitions a consume() that raised dropped records of whose committed offset, where to
+        # rewind them to, could not be had: asked again before a poll (at most once every
+        # _COMMITTED_TIMEOUT_SECONDS, from _look_up_again_at), and paused till then.
+        self._lookups_due: set[tuple[str, int]] = set()
+        self._look_up_again_at = clock()
+        # Partitions paused till they are rewound (their lookup or their seek due): the client
+        # fetches nothing more of theirs, and poll() hands on nothing it still held, so that no
+        # record past the ones dropped is stored before them.
+        self._paused: set[tuple[str, int]] = set()
         self._committed_at = clock()
         self._database_outage = DatabaseOutageLog(log, name, clock=clock)
         self._failed_commits = OutageLog(log, name, _FAILED_COMMITS_WORDS, clock=clock)
@@ -191,6 +201,7 @@ class InboxConsumer:
 
     def run_once(self) -> int:
         """One pass of the pipeline; returns how many records it stored."""
+        self._look_up_again()
         self._rewind_again()
         records = self.poll()
         new_ids = []
@@ -318,10 +329,19 @@ class InboxConsumer:
         self._unreadable.forget(partitions)
 
     def _drop_rewinds_due(self, partitions: list[TopicPartition]) -> None:
-        # (And where each was read from: assigned, it starts from its committed offset.)
+        # (And where each was read from, and its lookup due: assigned, it starts from its
+        # committed offset. Resumed, should the client keep it paused when it is assigned again.)
+        paused = []
         for partition in partitions:
-            self._rewinds_due.pop((partition.topic, partition.partition), None)
-            self._reading_from.pop((partition.topic, partition.partition), None)
+            where = (partition.topic, partition.partition)
+            self._rewinds_due.pop(where, None)
+            self._reading_from.pop(where, None)
+            self._lookups_due.discard(where)
+            if where in self._paused:
+                self._paused.discard(where)
+                paused.append(TopicPartition(*where))
+        if paused:
+            self._resume(paused)
 
     def _drop_commits_sent(self, partitions: list[TopicPartition]) -> None:
         for partition in partitions:
@@ -336,9 +356,14 @@ class InboxConsumer:
         try:
             taken = self._consumer.consume(self._batch_size - 1, 0)
         except Exception:
-            self._rewind_what_consume_dropped(first)
+            try:
+                self._rewind_what_consume_dropped(first)
+            except Exception:  # (the client closed, say: consume()'s own error is the one raised)
+                log.exception("consumer: could not rewind after a failed consume")
             raise
         messages = [first, *taken]
+        if self._paused:  # (held by the client from before they were paused: read again later)
+            messages = [m for m in messages if (m.topic(), m.partition()) not in self._paused]
         records = []
         # (Told of each record only while a batch holds a partition: not once per record else.)
         telling = self._unreadable.holding()
@@ -369,8 +394,8 @@ class InboxConsumer:
         messages it had taken, of any assigned partition, and the client reads on past them; so
         each partition goes back to where this consumer reads on from (_reading_from): `first`'s
         to `first`, and one not read from since it was assigned to its committed offset, asked of
-        the group's coordinator. One whose committed offset cannot be had commits nothing till it
-        is assigned again (as one whose rewind failed), which starts it from there."""
+        the group's coordinator. One whose committed offset cannot be had is paused, commits
+        nothing, and is asked of again before a later poll (_look_up_again), till rewound."""
         where_first = (first.topic(), first.partition())
         try:
             assigned = [(p.topic, p.partition) for p in self._consumer.assignment()]
@@ -387,26 +412,77 @@ class InboxConsumer:
                 unknown.append(TopicPartition(*where))
             else:
                 positions.append(TopicPartition(*where, offset))
-        if unknown:
-            try:
-                committed = self._consumer.committed(unknown, timeout=_COMMITTED_TIMEOUT_SECONDS)
-            except KafkaException as exc:
-                committed = []
-                unread = [f"{p.topic} [{p.partition}] ({exc.args[0].str()})" for p in unknown]
-            else:
-                unread = [f"{p.topic} [{p.partition}] ({p.error.str()})"
-                          for p in committed if p.error is not None]
-            found = [partition for partition in committed if partition.error is None]
-            # (None committed: it started from its first record, the shop's consumers reading a
-            # partition new to their group from the earliest, shared.kafka.)
-            positions += [TopicPartition(p.topic, p.partition, max(p.offset, OFFSET_BEGINNING))
-                          for p in found]
-            if unread:
-                log.warning("consumer: could not read where to rewind %s after a failed consume:"
-                            " they commit nothing till assigned again", ", ".join(unread))
-                self._given_up.update({(p.topic, p.partition) for p in unknown}
-                                      - {(p.topic, p.partition) for p in found})
+        # (The known ones first: a lookup that fails leaves them rewound.)
         self._rewind(positions)
+        if unknown:
+            self._look_up_and_rewind(unknown)
+
+    def _look_up_and_rewind(self, partitions: list[TopicPartition]) -> None:
+        """Rewind `partitions`, read nothing of since they were assigned, to their committed
+        offsets, asked of the group's coordinator. Those whose offset cannot be had are paused,
+        commit nothing, and are asked again before a later poll (_look_up_again)."""
+        try:
+            committed = self._consumer.committed(partitions, timeout=_COMMITTED_TIMEOUT_SECONDS)
+        except Exception as exc:  # (KafkaException; or the client closed, say)
+            committed = []
+            said = exc.args[0].str() if isinstance(exc, KafkaException) else repr(exc)
+            unread = [f"{p.topic} [{p.partition}] ({said})" for p in partitions]
+        else:
+            unread = [f"{p.topic} [{p.partition}] ({p.error.str()})"
+                      for p in committed if p.error is not None]
+        found = [partition for partition in committed if partition.error is None]
+        missing = ({(p.topic, p.partition) for p in partitions}
+                   - {(p.topic, p.partition) for p in found})
+        if missing:
+            if not missing <= self._lookups_due:  # (said when it first failed)
+                log.warning("consumer: could not read where to rewind %s after a failed consume:"
+                            " paused, nothing of theirs committed, till it is had",
+                            ", ".join(unread))
+            self._lookups_due |= missing
+            self._given_up |= missing
+            self._look_up_again_at = self._clock() + _COMMITTED_TIMEOUT_SECONDS
+            if missing - self._paused:
+                self._pause([TopicPartition(*where) for where in sorted(missing - self._paused)])
+        for partition in found:
+            where = (partition.topic, partition.partition)
+            if where in self._lookups_due:
+                log.info("consumer: read where to rewind %s [%d] to at last", *where)
+            self._lookups_due.discard(where)
+            self._given_up.discard(where)
+        # (None committed: it started from its first record, the shop's consumers reading a
+        # partition new to their group from the earliest, shared.kafka.)
+        self._rewind([TopicPartition(p.topic, p.partition, max(p.offset, OFFSET_BEGINNING))
+                      for p in found])
+        self._resume_rewound()
+
+    def _look_up_again(self) -> None:
+        if self._lookups_due and self._clock() >= self._look_up_again_at:
+            self._look_up_and_rewind([TopicPartition(*where)
+                                      for where in sorted(self._lookups_due)])
+
+    def _pause(self, partitions: list[TopicPartition]) -> None:
+        self._paused.update((p.topic, p.partition) for p in partitions)
+        try:
+            self._consumer.pause(partitions)
+        except Exception as exc:  # (still kept out of what poll() hands on: self._paused)
+            log.warning("consumer: could not pause %s: %s",
+                        ", ".join(f"{p.topic} [{p.partition}]" for p in partitions), exc)
+
+    def _resume_rewound(self) -> None:
+        """Resume the partitions paused till they were rewound that now are."""
+        if not self._paused:
+            return
+        rewound = sorted(self._paused - self._lookups_due - set(self._rewinds_due))
+        if rewound:
+            self._paused.difference_update(rewound)
+            self._resume([TopicPartition(*where) for where in rewound])
+
+    def _resume(self, partitions: list[TopicPartition]) -> None:
+        try:
+            self._consumer.resume(partitions)
+        except Exception as exc:
+            log.warning("consumer: could not resume %s: %s",
+                        ", ".join(f"{p.topic} [{p.partition}]" for p in partitions), exc)
 
     def _rewind(self, positions: list[TopicPartition]) -> None:
         """Seek each partition back to `positions`. One that cannot be commits nothing until its
@@ -435,6 +511,7 @@ class InboxConsumer:
             self._reading_from[(topic, partition)] = offset
             del self._rewinds_due[(topic, partition)]
             self._given_up.discard((topic, partition))
+        self._resume_rewound()
 
 
 def _positions(offsets: list[TopicPartition]) -> str:

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from decimal import Decimal
 
 import psycopg2
-from confluent_kafka import Consumer, Producer, TopicPartition
+import pytest
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
@@ -161,13 +162,27 @@ class _ConsumeFailingOnce:
     whose messages and the one polled before it are of two partitions or more, and passes each
     one's messages through till then: consume(n, 0) takes only what the client holds already, often
     one partition's records, and a raise that lost only the polled message's partition's records
-    would be made good by rewinding that partition alone."""
+    would be made good by rewinding that partition alone.
 
-    def __init__(self, consumer: Consumer):
+    Its first `lookups_failing` committed() raise, as when the group's coordinator is away."""
+
+    def __init__(self, consumer: Consumer, lookups_failing: int = 0):
         self._consumer = consumer
         self._polled = None
         # (partition, offset) of the polled message and of each record the raising consume() took
         self.dropped: list[tuple[int, int]] = []
+        self.lookups_failing, self.lookups_failed = lookups_failing, 0
+        self.paused: list[int] = []  # each partition paused, as it was
+
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list:
+        if self.lookups_failed < self.lookups_failing:
+            self.lookups_failed += 1
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "the coordinator is away"))
+        return self._consumer.committed(partitions, timeout=timeout)
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.paused += [partition.partition for partition in partitions]
+        self._consumer.pause(partitions)
 
     def __getattr__(self, name: str):
         return getattr(self._consumer, name)
@@ -188,11 +203,40 @@ class _ConsumeFailingOnce:
         raise RuntimeError("a callback raised in consume()")
 
 
-def test_a_consume_that_raises_loses_no_record_of_any_partition(settings):
+class _StoringInOrder:
+    """The inbox's store, noting the (partition, offset) of each record it stored, in order."""
+
+    def __init__(self, store: StoreOnOwnConnection):
+        self._store, self.order = store, []
+
+    def __call__(self, records: list[ConsumedRecord]) -> list[uuid.UUID]:
+        new = self._store(records)
+        self.order += [(record.partition, record.offset) for record in records]
+        return new
+
+
+def _stored_before_earlier_ones(order: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The records of `order` first stored after a later record of their partition."""
+    seen, highest, late = set(), {}, []
+    for partition, offset in order:
+        if (partition, offset) not in seen:
+            seen.add((partition, offset))
+            if offset < highest.get(partition, -1):
+                late.append((partition, offset))
+            highest[partition] = max(offset, highest.get(partition, -1))
+    return late
+
+
+@pytest.mark.parametrize("lookup_fails", [False, True], ids=["", "its-lookup-failing-once"])
+def test_a_consume_that_raises_loses_no_record_of_any_partition(settings, lookup_fails):
     """The records a consume() that raised took, of any partition, and the one polled before it,
     are read again and stored: each partition goes back to where the consumer read on from (one
     past the last record it stored, or its committed offset, none read since it was assigned).
-    The polled one was lost, and with it, past the next offset commit, the others for good."""
+    The polled one was lost, and with it, past the next offset commit, the others for good.
+
+    A partition whose committed offset could not be had is paused, and asked of again (5 s
+    later) till it is rewound: its records produced meanwhile are not stored before those
+    dropped (they were, and those dropped only at the next rebalance)."""
     topic = f"{settings.kafka_consumer_group_prefix}.consume-raising-{uuid.uuid4().hex[:8]}"
     group = f"{topic}.group"
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
@@ -201,9 +245,11 @@ def test_a_consume_that_raises_loses_no_record_of_any_partition(settings):
     # (All there before the consumer starts: the client fetches them as its partitions are
     # assigned, and sooner or later a poll's message and what consume() takes next are of two.)
     produced = _produce(settings, topic, 60)
-    client = _ConsumeFailingOnce(build_consumer(settings, group))
+    client = _ConsumeFailingOnce(build_consumer(settings, group),
+                                 lookups_failing=1 if lookup_fails else 0)
     store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
-    consumer = InboxConsumer(client, [topic], store, dispatch=lambda ids: None)
+    storing = _StoringInOrder(store)
+    consumer = InboxConsumer(client, [topic], storing, dispatch=lambda ids: None)
     running = threading.Thread(target=consumer.run)
     running.start()
     database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
@@ -217,6 +263,8 @@ def test_a_consume_that_raises_loses_no_record_of_any_partition(settings):
 
     try:
         wait_for(lambda: client.dropped, timeout=30, interval=0.1, what="a consume() raising")
+        if lookup_fails:
+            produced |= _produce(settings, topic, 60)
         wait_for(all_stored, timeout=30, interval=0.2, what="every record stored")
     finally:
         consumer.stop()
@@ -225,3 +273,7 @@ def test_a_consume_that_raises_loses_no_record_of_any_partition(settings):
         database.close()
         admin.delete_topics([topic])
     assert not running.is_alive()
+    assert _stored_before_earlier_ones(storing.order) == []
+    if lookup_fails:  # (the raise dropped records of a partition not read since assigned)
+        assert client.lookups_failed == 1
+        assert client.paused
