@@ -77,19 +77,23 @@ def test_a_stopped_process_can_be_started_again_and_appends_to_its_log(tmp_path)
     process.stop()
 
 
+class _Recorder:
+    """A process of the group that notes its name in `stopped` as it is stopped."""
+
+    def __init__(self, name: str, stopped: list[str]):
+        self.name = name
+        self.stopped = stopped
+
+    def stop(self, timeout=10):
+        self.stopped.append(self.name)
+
+
 def test_group_stops_processes_in_reverse_start_order():
     stopped = []
 
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def stop(self, timeout=10):
-            stopped.append(self.name)
-
     group = ProcessGroup(handle_signals=False)
     for name in ("postgres", "broker", "api"):
-        group.add(Recorder(name))
+        group.add(_Recorder(name, stopped))
 
     group.stop_all()
     group.stop_all()
@@ -103,16 +107,9 @@ def test_what_the_group_is_told_to_do_once_a_process_is_stopped_comes_before_the
     Ctrl-C) does it no more."""
     happened = []
 
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def stop(self, timeout=10):
-            happened.append(self.name)
-
     group = ProcessGroup(handle_signals=False)
     for name in ("worker", "grpc", "api"):
-        group.add(Recorder(name))
+        group.add(_Recorder(name, happened))
     group.when_stopped(group.processes[1], lambda: happened.append("settled"))
 
     group.stop_all()
@@ -125,16 +122,9 @@ def test_what_a_hook_raises_leaves_no_process_running():
     """The drain's hook failing (any error) still has the workers and the broker stopped."""
     stopped = []
 
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def stop(self, timeout=10):
-            stopped.append(self.name)
-
     group = ProcessGroup(handle_signals=False)
     for name in ("broker", "worker", "grpc", "api"):
-        group.add(Recorder(name))
+        group.add(_Recorder(name, stopped))
 
     def failing() -> None:
         raise RuntimeError("the drain failed")
