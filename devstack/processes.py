@@ -145,6 +145,9 @@ class ProcessGroup:
         # once, nothing waited for (the when_stopped hooks skipped).
         self._stopping = False
         self._at_once = False
+        # The process stop_all is waiting on: a signal that cuts that wait short has it stopped
+        # again, with the rest, so that it is killed if it will not end (its port kept otherwise).
+        self._being_stopped: ManagedProcess | None = None
         atexit.register(self.stop_all)
         if handle_signals and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -203,11 +206,15 @@ class ProcessGroup:
         stopped at once, no hook called. Whatever a hook raises, the rest are stopped (and its
         error goes on up)."""
         self._stopping = True
+        if self._being_stopped is not None:  # (a second Ctrl-C cut the first stop_all's wait)
+            self._processes.append(self._being_stopped)
         # Popping one at a time keeps a second Ctrl-C, arriving mid-stop, from stopping one twice.
         try:
             while self._processes:
                 process = self._processes.pop()
+                self._being_stopped = process
                 process.stop(timeout)
+                self._being_stopped = None
                 then = self._when_stopped.pop(id(process), None)
                 if then is not None and not self._at_once:
                     then()

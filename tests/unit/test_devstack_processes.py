@@ -175,6 +175,7 @@ def test_a_second_ctrl_c_while_the_apis_stop_stops_the_rest_at_once_without_the_
         said = parent.stdout.read().split("\n")
         assert "draining" not in said
         assert "stopped worker" in said
+        assert "stopped api" in said  # (stopped again: the second Ctrl-C cut the first stop short)
     finally:
         if parent.poll() is None:
             parent.kill()
