@@ -178,9 +178,12 @@ class Stack:
             for process in self._app_processes():
                 self._say(f"{process.name}...")
                 self._group.start(process)
+            self.wait_healthy(timeout)
+            # Only a shop that came up can have orders in flight: a start that failed (a service
+            # never healthy) stops at once, with no drain to wait out.
+            for process in self._group.processes:
                 if process.name == FIRST_INTAKE:
                     self._group.when_stopped(process, self._let_orders_in_flight_settle)
-            self.wait_healthy(timeout)
         except BaseException:
             self.stop()
             raise
