@@ -1,7 +1,7 @@
 """What celeryconfig.py and the tasks package both read, kept out of the tasks package: importing
-anything under `tasks` builds the Celery app (tasks/__init__.py), and the app reads celeryconfig as
-it is built, so celeryconfig taking these from `tasks` built the app while Celery loaded its
-config. This module imports nothing."""
+the tasks' modules builds the Celery app (tasks.celery_app, which they import; `tasks.app` too), and
+the app reads celeryconfig as it is built, so celeryconfig taking these from `tasks` built the app
+while Celery loaded its config. This module imports nothing."""
 
 # Kombu's Redis transport as the shop extends it (tasks/redis_transport.py), by the path Celery's
 # `broker_transport` takes: it is imported only once Celery connects to its broker.

@@ -1,6 +1,6 @@
 """celeryconfig.py is settings only: Celery imports it while the app is being built
-(tasks/celery_app.py), so importing it must build no app, which importing anything under `tasks`
-does (tasks/__init__.py). What it shares with the tasks is in shared/celery_settings.py."""
+(tasks/celery_app.py), so importing it must build no app, which importing the tasks' modules does
+(they import tasks.celery_app). What it shares with the tasks is in shared/celery_settings.py."""
 
 import os
 import subprocess
