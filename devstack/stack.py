@@ -403,10 +403,11 @@ class Stack:
         workers = [p for p in self._group.processes if p.name.endswith("-worker")]
         if not workers:
             return
-        gone = [worker.name for worker in workers if not worker.alive()]
+        needed = [*workers, *([self._broker] if self._broker is not None else [])]
+        gone = [process.name for process in needed if not process.alive()]
         if gone:
             self._say(f"not waiting for the orders in flight: {', '.join(gone)} not running"
-                      " (what the broker holds is lost with it)")
+                      " (what the broker still holds is lost)")
             return
         import psycopg2  # (as devstack.infra: only a stop that waits needs it)
 

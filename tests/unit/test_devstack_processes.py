@@ -543,18 +543,26 @@ def test_a_list_whose_process_still_runs_as_the_run_ends_is_kept_for_the_next(tm
         still.stop()
 
 
-def test_a_stop_with_a_worker_dead_says_it_waits_for_nothing(tmp_path, capsys):
-    """The drain cannot settle what a dead worker would have handled: it says so, and waits not."""
+@pytest.mark.parametrize("dead", ["orders-worker", "broker"])
+def test_a_stop_with_a_worker_or_the_broker_dead_says_it_waits_for_nothing(tmp_path, capsys,
+                                                                            dead):
+    """The drain cannot settle what a dead worker would have handled, nor count what a dead
+    broker held (each look would have waited out its timeout, the whole 15 s): it says so, and
+    waits not."""
     shop = Stack(tmp_path, quiet=False)
     shop._group = ProcessGroup(handle_signals=False)
-    for name, command in (("orders-worker", "exit 0"), ("payments-worker", "sleep 60")):
-        shop._group.start(_shell(tmp_path, command, name))
+    for name in ("broker", "orders-worker", "payments-worker"):
+        process = shop._group.start(_shell(tmp_path, "exit 0" if name == dead else "sleep 60",
+                                           name))
+        if name == "broker":
+            shop._broker = process
     try:
-        wait_until(lambda: not shop._group.processes[0].alive(), 5, 0.02, "the worker to exit")
+        wait_until(lambda: not any(p.alive() for p in shop._group.processes if p.name == dead),
+                   5, 0.02, f"the {dead} to exit")
 
         shop._let_orders_in_flight_settle()
     finally:
         shop._group.stop_all()
 
-    assert ("[devstack] not waiting for the orders in flight: orders-worker not running (what the"
-            " broker holds is lost with it)") in capsys.readouterr().err
+    assert (f"[devstack] not waiting for the orders in flight: {dead} not running (what the"
+            " broker still holds is lost)") in capsys.readouterr().err
