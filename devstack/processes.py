@@ -109,6 +109,12 @@ class ManagedProcess:
         # Children the leader left behind (e.g. workers of a killed master) share its group.
         self._signal_group(signal.SIGKILL)
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group, waiting for nothing."""
+        if self._popen is not None:
+            self._stopped_on_purpose = True
+            self._signal_group(signal.SIGKILL)
+
     def _signal_group(self, signum: int) -> None:
         try:
             os.killpg(self._popen.pid, signum)
@@ -161,7 +167,7 @@ class ProcessGroup:
         previous = signal.getsignal(signum)
 
         def handler(received, frame):
-            if self._stopping:  # a second Ctrl-C: stop at once (README: Running it locally)
+            if self._stopping:  # a second Ctrl-C: no drain (README: Running it locally)
                 self._at_once = True
             self.stop_all()
             if callable(previous):
@@ -200,26 +206,33 @@ class ProcessGroup:
         it stops the processes started before it; a process stopped by itself calls nothing."""
         self._when_stopped[id(process)] = then
 
+    def _stop_last(self, timeout: float) -> ManagedProcess:
+        process = self._being_stopped = self._processes[-1]
+        self._processes.pop()
+        process.stop(timeout)
+        self._being_stopped = None
+        return process
+
     def stop_all(self, timeout: float = 10) -> None:
         """Stop every process, the last started first, each process's when_stopped hook called
-        once it is stopped; a signal arriving meanwhile (a second Ctrl-C) has what is left
-        stopped at once, no hook called. Whatever a hook raises, the rest are stopped (and its
-        error goes on up)."""
+        once it is stopped; a signal arriving meanwhile (a second Ctrl-C) has the process being
+        stopped killed and what is left stopped, no hook called. Whatever a hook raises, the rest
+        are stopped (and its error goes on up)."""
         self._stopping = True
-        if self._being_stopped is not None:  # (a second Ctrl-C cut the first stop_all's wait)
-            self._processes.append(self._being_stopped)
-        # Popping one at a time keeps a second Ctrl-C, arriving mid-stop, from stopping one twice.
+        if self._being_stopped is not None:
+            # A second Ctrl-C cut short the first stop_all's wait on it: killed, not waited for
+            # again (that wait, cut short, may hold subprocess's lock on the child).
+            self._being_stopped.kill()
+        # One at a time, each named as it is stopped, so that a second Ctrl-C arriving mid-stop
+        # stops none twice and leaves none running.
         try:
             while self._processes:
-                process = self._processes.pop()
-                self._being_stopped = process
-                process.stop(timeout)
-                self._being_stopped = None
+                process = self._stop_last(timeout)
                 then = self._when_stopped.pop(id(process), None)
                 if then is not None and not self._at_once:
                     then()
         finally:
             while self._processes:
-                self._processes.pop().stop(timeout)
+                self._stop_last(timeout)
             if self._record is not None:
                 self._record.end()

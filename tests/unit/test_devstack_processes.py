@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -155,6 +156,9 @@ def test_a_second_ctrl_c_while_the_apis_stop_stops_the_rest_at_once_without_the_
                 time.sleep(self.takes)
                 print("stopped " + self.name, flush=True)
 
+            def kill(self):
+                print("killed " + self.name, flush=True)
+
         for name, takes in (("worker", 0), ("grpc", 0), ("api", 3)):
             group.add(Fake(name, takes))
         group.when_stopped(group.processes[1],
@@ -175,11 +179,57 @@ def test_a_second_ctrl_c_while_the_apis_stop_stops_the_rest_at_once_without_the_
         said = parent.stdout.read().split("\n")
         assert "draining" not in said
         assert "stopped worker" in said
-        assert "stopped api" in said  # (stopped again: the second Ctrl-C cut the first stop short)
+        assert "killed api" in said  # (the second Ctrl-C cut its stop short: not left running)
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_a_process_whose_stop_a_second_ctrl_c_cuts_short_is_killed_not_left_running(tmp_path):
+    """A real process that will not end on its stop signal (a gunicorn waiting on connections):
+    the second Ctrl-C, coming while the first stop waits on it, had it left running, its port
+    kept; it is killed, not waited for again."""
+    program = textwrap.dedent(
+        f"""
+        import os
+        from pathlib import Path
+        from devstack.processes import ManagedProcess, ProcessGroup
+        TRAPPING = "trap 'echo term' TERM; echo up; while :; do sleep 0.1; done"
+        group = ProcessGroup()
+        folder = Path({str(tmp_path)!r})
+        api = ManagedProcess("api", ["sh", "-c", TRAPPING], os.environ, folder / "api.log", folder)
+        group.start(api)
+        print(api.pid, flush=True)
+        import time
+        time.sleep(300)
+        """
+    )
+    parent = _started(program, tmp_path)
+    try:
+        api_pid = int(parent.stdout.readline())
+        wait_until(lambda: "up" in (tmp_path / "api.log").read_text(), 5, 0.02, "the api")
+        parent.send_signal(signal.SIGINT)
+        wait_until(lambda: "term" in (tmp_path / "api.log").read_text(), 5, 0.02,
+                   "the api's stop signal, the first stop waiting on it")
+        parent.send_signal(signal.SIGINT)
+
+        assert parent.wait(10) == -signal.SIGINT
+        wait_until(lambda: not _running(api_pid), 5, 0.02, "the api killed")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(api_pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize(
