@@ -71,3 +71,11 @@ GIL_SWITCH_INTERVAL_S = 0.001
 @worker_init.connect
 def _switch_threads_sooner(**kwargs):
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+
+
+# The consumer's and the relay's modules load with the app, as they did before their steps were
+# named above: the relay's task is then registered wherever the app is (beat sends a registered
+# task with its own options; a test's worker Request finds it). Modules, no name taken from them:
+# `import tasks.relay` first finds this module's app defined when it gets here.
+import tasks.consumer  # noqa: E402, F401
+import tasks.relay  # noqa: E402, F401
