@@ -308,6 +308,17 @@ GUNICORN_REPLACED = (
 )
 
 
+def _exit_on_a_setting_refused(log, app: str | None) -> None:
+    """Exit as a worker that failed to boot (gunicorn stops on it, where it would start another
+    worker again and again on any other exit) if the shop's settings refuse a value, said in a
+    line naming `app`, its password hidden."""
+    try:
+        get_settings()
+    except ValueError as exc:
+        log.error("%s: nothing served: %s", app or "the app", exc)
+        sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+
 class JsonErrorsThreadWorker(ThreadWorker):
     """gunicorn's threaded worker (what `--threads` above 1 picks), that makes the answers gunicorn
     writes itself JSON, defers `100 Continue` to the body's first read, times out a request's
@@ -333,21 +344,24 @@ class JsonErrorsThreadWorker(ThreadWorker):
         os.environ.pop("SERVER_SOFTWARE", None)
         super().init_process()
 
-    def load_wsgi(self):
+    @classmethod
+    def check_config(cls, cfg, log):
         # A setting the app cannot take, said in a line (its password hidden), as the operator's
-        # commands say it, where the app's factory raised it in gunicorn's traceback; the worker
-        # exits as one that failed to boot, and the arbiter stops ("Worker failed to boot"),
-        # where an exit of its own would have it start another worker again and again. The line
+        # commands say it, where the app's factory raised it in gunicorn's traceback: by the
+        # arbiter, as it checks the worker class before it starts any worker, and it exits as one
+        # whose worker failed to boot (3). Said by each worker instead (load_wsgi, kept for a
+        # setting changed before a reload), two workers failing together had the arbiter's stop
+        # raise HaltServer within its own halt, a traceback and exit 1 (gunicorn 27). The line
         # names the app as gunicorn was given it (its argument, or `wsgi_app` in a config file),
-        # not the process's name, which --name replaces. With --preload (which no setting here
-        # uses) the master makes the app before any worker starts: this is not reached, and the
-        # factory's ValueError comes in the master's traceback.
-        try:
-            get_settings()
-        except ValueError as exc:
-            app = getattr(self.app, "app_uri", None) or self.cfg.wsgi_app or "the app"
-            self.log.error("%s: nothing served: %s", app, exc)
-            sys.exit(Arbiter.WORKER_BOOT_ERROR)
+        # not the process's name, which --name replaces.
+        super().check_config(cfg, log)
+        _exit_on_a_setting_refused(log, cfg.wsgi_app or cfg.default_proc_name)
+
+    def load_wsgi(self):
+        # With --preload (which no setting here uses) the master makes the app before this: the
+        # factory's ValueError comes in the master's traceback, were check_config's line not said.
+        _exit_on_a_setting_refused(self.log,
+                                   getattr(self.app, "app_uri", None) or self.cfg.wsgi_app)
         super().load_wsgi()
 
     def handle_error(self, req, client, addr, exc):
