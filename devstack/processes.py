@@ -223,6 +223,7 @@ class ProcessGroup:
             # A second Ctrl-C cut short the first stop_all's wait on it: killed, not waited for
             # again (that wait, cut short, may hold subprocess's lock on the child).
             self._being_stopped.kill()
+            self._being_stopped = None
         # One at a time, each named as it is stopped, so that a second Ctrl-C arriving mid-stop
         # stops none twice and leaves none running.
         try:

@@ -92,7 +92,7 @@ from gunicorn.workers.gthread import ThreadWorker
 from werkzeug.exceptions import RequestTimeout
 from werkzeug.http import HTTP_STATUS_CODES
 
-from shared.config import get_settings
+from shared.config import get_settings, load_settings
 from shared.errors import INTERNAL_ERROR, code_for, error_body
 from shared.process_stopping import stop_requests_that_last
 
@@ -308,12 +308,12 @@ GUNICORN_REPLACED = (
 )
 
 
-def _exit_on_a_setting_refused(log, app: str | None) -> None:
+def _exit_on_a_setting_refused(log, app: str | None, read=get_settings) -> None:
     """Exit as a worker that failed to boot (gunicorn stops on it, where it would start another
-    worker again and again on any other exit) if the shop's settings refuse a value, said in a
-    line naming `app`, its password hidden."""
+    worker again and again on any other exit) if the shop's settings, as `read` reads them, refuse
+    a value, said in a line naming `app`, its password hidden."""
     try:
-        get_settings()
+        read()
     except ValueError as exc:
         log.error("%s: nothing served: %s", app or "the app", exc)
         sys.exit(Arbiter.WORKER_BOOT_ERROR)
@@ -354,12 +354,13 @@ class JsonErrorsThreadWorker(ThreadWorker):
         # raise HaltServer within its own halt, a traceback and exit 1 (gunicorn 27). The line
         # names the app as gunicorn was given it (its argument, or `wsgi_app` in a config file),
         # not the process's name, which --name replaces.
+        # The master reads them uncached (load_settings), so that each worker reads its own
+        # environment (get_settings), as after a HUP. With --preload (which no setting here uses)
+        # the master makes the app before this: the factory's error comes in its traceback.
         super().check_config(cfg, log)
-        _exit_on_a_setting_refused(log, cfg.wsgi_app or cfg.default_proc_name)
+        _exit_on_a_setting_refused(log, cfg.wsgi_app or cfg.default_proc_name, load_settings)
 
     def load_wsgi(self):
-        # With --preload (which no setting here uses) the master makes the app before this: the
-        # factory's ValueError comes in the master's traceback, were check_config's line not said.
         _exit_on_a_setting_refused(self.log,
                                    getattr(self.app, "app_uri", None) or self.cfg.wsgi_app)
         super().load_wsgi()
