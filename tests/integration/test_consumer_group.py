@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -158,11 +159,14 @@ class _ConsumeFailingOnce:
     """A client whose consume() raises once, and drops what it took, as confluent-kafka's does
     when a callback the client runs in it raises (an offset commit's answer, a rebalance's): the
     client reads on past them. (Forced so: a callback's own raise falls in whichever of poll() and
-    consume() serves its event, as the broker's answers come.) It raises at the first consume()
-    whose messages and the one polled before it are of two partitions or more, and passes each
-    one's messages through till then: consume(n, 0) takes only what the client holds already, often
-    one partition's records, and a raise that lost only the polled message's partition's records
-    would be made good by rewinding that partition alone.
+    consume() serves its event, as the broker's answers come.) Its first consume() takes on,
+    waiting up to 15 s, till its messages and the one polled before it are of two partitions or
+    more, then raises: a raise that lost only the polled message's partition's records would be
+    made good by rewinding that partition alone. (consume(n, 0) takes only what the client holds
+    already, often one partition's records, as each partition's first fetch comes once its offset
+    is had: passed through, a raise waited for the first consume() to find two partitions' records
+    held at once, which never came if each partition's came alone. Raised at the first, it drops
+    records of a partition read nothing of since it was assigned, whose committed offset is asked.)
 
     Its first `lookups_failing` committed() raise, as when the group's coordinator is away."""
 
@@ -195,10 +199,15 @@ class _ConsumeFailingOnce:
         messages = self._consumer.consume(count, timeout)
         if self.dropped:
             return messages
-        unstored = [(m.partition(), m.offset()) for m in [self._polled, *messages]
-                    if m is not None and m.error() is None]
-        if len({partition for partition, _ in unstored}) < 2:
-            return messages
+        deadline = time.monotonic() + 15
+        while True:
+            unstored = [(m.partition(), m.offset()) for m in [self._polled, *messages]
+                        if m is not None and m.error() is None]
+            if len({partition for partition, _ in unstored}) >= 2:
+                break
+            if time.monotonic() >= deadline or len(messages) >= count:
+                raise AssertionError(f"no two partitions' records to drop in 15 s: {unstored}")
+            messages += self._consumer.consume(count - len(messages), 0.1)
         self.dropped = unstored
         raise RuntimeError("a callback raised in consume()")
 
