@@ -413,7 +413,8 @@ class Stack:
 
         from shared.db import driver_dsn
 
-        self._say("waiting for the orders in flight to settle (Ctrl-C again stops at once)...")
+        self._say("waiting for the orders in flight to settle (Ctrl-C again skips this wait,"
+                  " losing them)...")
         deadline = time.monotonic() + SETTLE_SECONDS
         quiet_since = None
         in_flight = error = None

@@ -139,7 +139,7 @@ def test_what_a_hook_raises_leaves_no_process_running():
 
 
 def test_a_second_ctrl_c_while_the_apis_stop_stops_the_rest_at_once_without_the_drain(tmp_path):
-    """README: a second Ctrl-C stops at once. One arriving while an API is still stopping once
+    """README: a second Ctrl-C skips the drain. One arriving while an API is still stopping once
     ran stop_all again within the first, the drain (devstack.stack's when_stopped hook) and all."""
     program = textwrap.dedent(
         """
