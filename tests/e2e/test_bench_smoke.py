@@ -4,6 +4,7 @@ measurement runs and the report has its shape, never how fast anything is."""
 from __future__ import annotations
 
 import json
+import re
 
 from confluent_kafka.admin import AdminClient
 
@@ -58,10 +59,12 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
             row["cpu_ms_per_order"]), row["cpu_ms_per_order"]
     gateway = report["gateway_transports"]
     assert set(gateway["endpoints"]) == {"balance", "order"} and gateway["orders_drained"]
-    for endpoint in gateway["endpoints"].values():
+    for name, endpoint in gateway["endpoints"].items():
         for transport in ("grpc", "http"):
             row = endpoint[transport]
-            assert row["requests"] > 0 and row["errors"] == 0, row
+            assert row["requests"] > 0, (name, transport, row)
+            assert row["errors"] == 0, (name, transport, row["errors"], row["error_kinds"],
+                                        _what_the_gateways_logged_amiss(stack))
             assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
             assert row["generator_cpu_percent"] >= 0
         assert endpoint["grpc_over_http"] > 0
@@ -92,3 +95,11 @@ def test_the_latency_runs_alone_give_a_line_of_their_figures(stack, tmp_path):
         assert 0 <= row["offered_final_within_1s"] <= row["final_within_1s"] <= 1
         assert row["hops_p50_ms"] and row["cpu_ms_per_order"]
     json.dumps(line)
+
+
+def _what_the_gateways_logged_amiss(stack) -> list[str]:
+    """The lines of the benchmark's two gateways' logs that say a request failed or something went
+    wrong: what a failing run (in CI, say, whose logs are gone after it) needs to be read."""
+    amiss = re.compile(r"-> [45][0-9][0-9]\b|WARNING|ERROR|Traceback|closed a kept-alive")
+    return [f"{path.name}: {line}" for path in sorted(stack.logs_dir.glob("gateway-*.log"))
+            for line in path.read_text(errors="replace").splitlines() if amiss.search(line)][-40:]
