@@ -56,6 +56,7 @@ from shared.inbox.handling import ReceivedEvent, StoredMessage
 from shared.internal_auth import InvalidIdentity, identity_headers, verified_user_id
 from shared.jsonio import dumps_exact
 from shared.money import MAX_BALANCE
+from tests.clock_tools import rate_limit_windows_the_test_ends_in
 from tests.environment import TEST_SECRETS
 from tests.network_tools import (HoldingProxy, NeverReadingServer, SilencingProxy,
                                  WebSocketClient, http_answer_read_off)
@@ -1122,8 +1123,8 @@ def test_a_request_the_service_does_not_read_is_cut_off_at_the_deadline_with_504
 
 def test_past_the_rate_limit_a_user_gets_429_with_retry_after(settings, upstreams, gateway,
                                                               monkeypatch):
-    # Windows of an hour: the test's requests must not straddle two, as a minute's can.
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    # Windows the test ends in: its requests must not straddle two, as a minute's can.
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     client = _gateway(settings, orders_service_url=upstreams["orders"].url,
                       payments_service_url=upstreams["payments"].url, rate_limit_per_minute=5)
     _, auth = _sign_up(gateway)  # sign-up is limited per address, and this one is shared
@@ -1220,7 +1221,7 @@ def test_a_strangers_attempts_from_one_address_are_held_there_and_keep_no_one_el
         gateway, monkeypatch):
     """Past SIGN_INS_PER_USERNAME_AND_ADDRESS attempts under a username from one address, 429
     from that address, the right password too; the user signs in from another."""
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     username = f"targeted-{uuid.uuid4().hex[:8]}"
     _sign_up(gateway, username)
     strangers = _from_an_address_of_its_own()
@@ -1239,7 +1240,7 @@ def test_failed_sign_ins_under_a_username_from_many_addresses_are_capped_right_o
     """Guessing one user's password from many addresses: once FAILED_SIGN_INS_PER_USERNAME
     attempts have failed in a window, 429, the right password too, before any password is
     checked; sign-ins with the right password do not count; other usernames are not held up."""
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     monkeypatch.setattr(gateway_auth, "FAILED_SIGN_INS_PER_USERNAME", 3)
     username, other = f"guessed-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
     for name in (username, other):
@@ -1267,7 +1268,7 @@ def test_wrong_passwords_sent_at_once_get_no_more_verdicts_than_the_cap(gateway,
     """Sign-ins under way together are counted as they begin: of a burst of wrong passwords from
     many addresses, all of them past the limit's check before any password is found wrong, the
     cap's number have their password checked and the rest are 429."""
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     monkeypatch.setattr(gateway_auth, "FAILED_SIGN_INS_PER_USERNAME", 3)
     username = f"burst-{uuid.uuid4().hex[:8]}"
     _sign_up(gateway, username)
@@ -1301,7 +1302,7 @@ def test_wrong_passwords_sent_at_once_get_no_more_verdicts_than_the_cap(gateway,
 def test_a_sign_in_the_database_failed_is_not_counted_as_failed(gateway, monkeypatch):
     """Counted as failed as it begins, a sign-in is given back when no verdict came (its database
     lost meanwhile: 503), so an outage does not use up the user's cap."""
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     monkeypatch.setattr(gateway_auth, "FAILED_SIGN_INS_PER_USERNAME", 3)
     username = f"outage-{uuid.uuid4().hex[:8]}"
     _sign_up(gateway, username)
@@ -1319,7 +1320,7 @@ def test_a_sign_in_the_database_failed_is_not_counted_as_failed(gateway, monkeyp
 
 
 def test_an_unknown_username_counts_as_a_failed_sign_in(gateway, monkeypatch):
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     monkeypatch.setattr(gateway_auth, "FAILED_SIGN_INS_PER_USERNAME", 3)
     nobody = f"nobody-{uuid.uuid4().hex[:8]}"
     assert [_sign_in(gateway, nobody, "correct horse").status_code
@@ -1345,7 +1346,7 @@ def test_a_user_gone_while_their_password_was_checked_is_no_500(gateway, monkeyp
 def test_the_addresses_of_one_ipv6_64_share_their_sign_in_limit(gateway, monkeypatch):
     """A subscriber is given a /64 and can take any address of it: counted per address, a guesser
     would have a limit per address it takes."""
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     username = f"six-{uuid.uuid4().hex[:8]}"
     _sign_up(gateway, username)
     block = f"2001:db8:{uuid.uuid4().int % 0xFFFF:x}:{uuid.uuid4().int % 0xFFFF:x}"
@@ -1363,9 +1364,9 @@ def _signing_out_from(client, proxy: str, forwarded_for: str) -> int:
 
 
 def _behind_proxies(settings, upstreams, hops: int, monkeypatch):
-    """A gateway trusting `hops` proxies, 3 requests an address a window (of an hour: a test's
-    requests must not straddle two)."""
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    """A gateway trusting `hops` proxies, 3 requests an address a window (one the test ends in:
+    its requests must not straddle two)."""
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     return _gateway(settings, orders_service_url=upstreams["orders"].url,
                     payments_service_url=upstreams["payments"].url, rate_limit_per_minute=3,
                     gateway_trusted_proxy_hops=hops)
@@ -1411,7 +1412,7 @@ def test_behind_a_trusted_proxy_sign_ins_under_a_username_are_limited_per_client
     client = _gateway(settings, orders_service_url=upstreams["orders"].url,
                       payments_service_url=upstreams["payments"].url,
                       gateway_trusted_proxy_hops=1)
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     username, proxy = f"proxied-{uuid.uuid4().hex[:8]}", _an_address()
     _sign_up(client, username)
     stranger, user = ({"headers": {"X-Forwarded-For": _an_address()},
@@ -2812,8 +2813,8 @@ def test_opening_sockets_counts_against_the_users_rate_limit(settings, upstreams
     counted all the same, and past the limit a socket is closed at once with 1013, its reason
     naming the wait as the page reads it (app.js TRY_AGAIN_IN), which waits that long before it
     reads or opens one again."""
-    # Windows of an hour: the test's few seconds must not straddle two (a minute's did, 1 in 20).
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    # Windows the test ends in: its few seconds must not straddle two (a minute's did, 1 in 20).
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     with _served_gateway_socket_path(settings, upstreams, "opener",
                                      rate_limit_per_minute=2) as (base, path):
         url = base.replace("http://", "ws://") + path
@@ -2841,7 +2842,7 @@ def test_a_signed_out_tokens_sockets_ask_the_database_once_and_keep_its_user_in(
     """Opened again and again with a token signed out (on another instance), a socket is closed
     with 1008 each time, the database asked the first time only (the process remembers), and
     the openings do not use up the user's limit: a socket with their other token still opens."""
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     user = f"usr_{uuid.uuid4().hex[:16]}"
     with _served_gateway_socket_path(settings, upstreams, "leaver", user=user,
                                      rate_limit_per_minute=2) as (base, path):
@@ -3164,7 +3165,7 @@ def test_a_ticket_is_refused_429_with_retry_after_once_its_addresss_handshakes_a
     a socket closed (1006): the ticket asked for before it is refused instead, with the wait,
     which the page reads. Nothing is counted by asking (the handshakes are), and another
     address, behind the same trusted proxy, is given its ticket."""
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     with _served_gateway(settings, upstreams, gateway_socket_handshakes_per_address=2,
                          gateway_trusted_proxy_hops=1) as (client, base):
         _, auth = _sign_up(client)
@@ -3207,7 +3208,7 @@ def test_a_ticket_brought_to_a_handshake_refused_before_it_is_redeemed_is_spent(
         refused = gateway.get(f"/api/notifications/ws?ticket={ticket}", headers=headers)
         assert refused.status_code == status, refused.get_json()
         assert not _ticket_kept(settings, ticket), headers
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     with _served_gateway(settings, upstreams, gateway_socket_handshakes_per_address=3,
                          gateway_trusted_proxy_hops=1) as (client, base):
         address = {"X-Forwarded-For": _an_address()}

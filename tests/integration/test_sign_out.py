@@ -22,6 +22,7 @@ from gateway_app import auth, notifications, sign_out
 from gateway_app.models import SignedOutToken
 from gateway_app.tokens import issue_token, verify_token
 from shared.db import db, driver_dsn
+from tests.clock_tools import rate_limit_windows_the_test_ends_in
 from tests.postgres_tools import sign_out_lookups
 
 NEWEST = "/api/notifications/newest"  # a signed-in route the gateway answers itself
@@ -253,8 +254,8 @@ def _engine_of(app):
 
 def _limited(settings, monkeypatch, per_minute: int):
     """A gateway instance on the shared database allowing each user `per_minute` requests (in
-    windows of an hour: the test's requests must not straddle two, as a minute's can)."""
-    monkeypatch.setattr("gateway_app.ratelimit.WINDOW_SECONDS", 3600)
+    windows the test ends in: its requests must not straddle two, as a minute's can)."""
+    rate_limit_windows_the_test_ends_in(monkeypatch)
     return gateway_app.create_app(
         settings=dataclasses.replace(settings, rate_limit_per_minute=per_minute)).test_client()
 
