@@ -98,8 +98,16 @@ def test_the_latency_runs_alone_give_a_line_of_their_figures(stack, tmp_path):
 
 
 def _what_the_gateways_logged_amiss(stack) -> list[str]:
-    """The lines of the benchmark's two gateways' logs that say a request failed or something went
-    wrong: what a failing run (in CI, say, whose logs are gone after it) needs to be read."""
+    """The lines that say a request failed or something went wrong, of the benchmark's two
+    gateways' logs and of the services' APIs they call (a 503 or a 502 is explained there): what
+    a failing run (in CI, say, whose logs are gone after it) needs to be read. The last 15 of
+    each log."""
     amiss = re.compile(r"-> [45][0-9][0-9]\b|WARNING|ERROR|Traceback|closed a kept-alive")
-    return [f"{path.name}: {line}" for path in sorted(stack.logs_dir.glob("gateway-*.log"))
-            for line in path.read_text(errors="replace").splitlines() if amiss.search(line)][-40:]
+    lines = []
+    for name in ("gateway-grpc", "gateway-http", "orders-api", "orders-grpc", "payments-api",
+                 "payments-grpc"):
+        path = stack.logs_dir / f"{name}.log"
+        if path.exists():
+            lines += [f"{name}: {line}" for line in path.read_text(errors="replace").splitlines()
+                      if amiss.search(line)][-15:]
+    return lines
