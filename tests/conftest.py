@@ -7,6 +7,28 @@ to stop should this one be killed outright (tests/session_folders.py).
 
 from __future__ import annotations
 
+import os
+import sys
+
+# gRPC's fork support off in this process, as gRPC is first imported (it reads the setting then):
+# with it on, gRPC's pthread_atfork handler restarts its threads (pollers, thread pool) in every
+# child forked here; start_child's children are forked, to run its preexec_fn, and then close
+# every file but their pipes before they exec, the poller's epoll among them: a poller thread
+# waiting on it then found it gone ("epoll_wait error: Bad file descriptor") and aborted the child
+# before it could exec (a reaper of tests/unit/test_session_folders.py never said "ready" in a
+# full run, whose integration tests had started gRPC). Nothing here forks to go on without exec
+# using gRPC. The children get the setting they had: the shop's own processes run with theirs.
+if "grpc" in sys.modules:
+    raise RuntimeError("gRPC was imported before tests/conftest.py could turn its fork support off")
+_FORK_SUPPORT_GIVEN = os.environ.get("GRPC_ENABLE_FORK_SUPPORT")
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+import grpc  # noqa: F401  (the setting is read as it is imported)
+
+if _FORK_SUPPORT_GIVEN is None:
+    del os.environ["GRPC_ENABLE_FORK_SUPPORT"]
+else:
+    os.environ["GRPC_ENABLE_FORK_SUPPORT"] = _FORK_SUPPORT_GIVEN
+
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator

@@ -9,10 +9,13 @@ import subprocess
 import sys
 import textwrap
 import threading
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 
+from devstack.infra import free_port
 from devstack.leftovers import started_at
 from tests.polling import wait_for
 from tests.process_tools import gone, start_child
@@ -60,3 +63,29 @@ def test_a_child_is_not_started_from_a_thread_it_would_die_with():
     thread.start()
     thread.join(10)
     assert refused
+
+
+def test_a_child_forked_after_grpc_ran_here_has_no_grpc_threads_before_it_execs(tmp_path):
+    """With gRPC's fork support on, its fork handler started its threads again in each child:
+    between fork and exec, where the child closes its files (gRPC's epoll among them), a poller
+    thread could abort it before it ran what it was started for (tests/conftest.py)."""
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    server.add_insecure_port(f"127.0.0.1:{free_port()}")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{free_port()}")  # (nothing there)
+    said = tmp_path / "threads"
+    try:
+        with pytest.raises(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(channel).result(timeout=0.2)
+
+        def count_threads() -> None:  # (in the child, before it execs)
+            said.write_text(" ".join(sorted(
+                Path(f"/proc/self/task/{task}/comm").read_text().strip()
+                for task in os.listdir("/proc/self/task"))))
+
+        child = start_child(["true"], preexec_fn=count_threads)
+        assert child.wait(10) == 0
+        assert len(said.read_text().split()) == 1, said.read_text()
+    finally:
+        channel.close()
+        server.stop(grace=None)
