@@ -209,7 +209,8 @@ class _ConsumeFailingOnce:
             if len({partition for partition, _ in unstored}) >= 2:
                 break
             if time.monotonic() >= deadline or len(messages) >= count:
-                self.not_raised = f"no two partitions' records to drop in 15 s: {unstored}"
+                self.not_raised = (f"no two partitions' records to drop in {len(messages)}"
+                                   f" records taken (of {count} at most) or 15 s: {unstored}")
                 return messages
             messages += self._consumer.consume(count - len(messages), 0.1)
         self.dropped = unstored
