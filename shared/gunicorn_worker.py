@@ -326,6 +326,8 @@ class JsonErrorsThreadWorker(ThreadWorker):
     server software (no `Server` header, an empty SERVER_SOFTWARE in each request's environ, none
     in the worker's process environment), and, stopping, tells the requests that last to end."""
 
+    quitting = False  # handle_quit under way
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # The closed connections whose reads linger (_linger), by when they end, oldest first,
@@ -393,6 +395,16 @@ class JsonErrorsThreadWorker(ThreadWorker):
         # ends once they have: a socket that was never told ran on, unheard, until the arbiter
         # killed the worker (30 s: graceful_timeout, 2 s after SIGTERM) and dropped it unclosed.
         # Told to end, each closes as on SIGTERM, with 1012, within a turn of its loop.
+        #
+        # Once only: a second such signal runs this handler again inside the first, wherever the
+        # first has got to (Ctrl-C's SIGINT reaches the worker, then the arbiter's SIGQUIT comes
+        # on its heels), and gunicorn's shuts its thread pool down (ThreadPoolExecutor.shutdown),
+        # under a lock that is not reentrant: the second, taking it again inside the first, waited
+        # on itself for good, and the arbiter killed the worker 30 s on (graceful_timeout). The
+        # first goes on to exit the worker all the same.
+        if self.quitting:
+            return
+        self.quitting = True
         stop_requests_that_last()
         super().handle_quit(sig, frame)
 

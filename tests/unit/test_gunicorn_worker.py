@@ -8,9 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import selectors
+import signal
 import socket
+import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import gunicorn.util
 import pytest
@@ -20,6 +23,7 @@ from gunicorn.http.errors import ParseException
 from gunicorn.http.parser import RequestParser
 from gunicorn.workers.gthread import ThreadWorker
 
+from shared import process_stopping
 from shared.errors import INTERNAL_ERROR
 from shared.gunicorn_worker import (
     GUNICORN_REPLACED,
@@ -296,3 +300,43 @@ def test_a_closed_connection_lingers_in_the_poller_not_on_the_workers_thread(mon
             assert time.monotonic() - started < 5, "the lingering close never ended"
     assert time.monotonic() - started >= linger and not worker.lingering
     assert worker.nr_conns == 0
+
+
+def test_a_second_quit_signal_inside_the_first_ones_handling_is_let_be(monkeypatch):
+    """Ctrl-C's SIGINT reaches a worker, then the arbiter's SIGQUIT on its heels, each running
+    handle_quit, the second inside the first: there, inside gunicorn's shutdown of the thread
+    pool, which holds a lock that is not reentrant, the second took it again and waited on itself
+    for good (the arbiter killed the worker 30 s on: graceful_timeout). The second is let be, and
+    the first exits the worker."""
+    # (handle_quit tells this process's requests that last to stop: put back after the test)
+    monkeypatch.setattr(process_stopping, "_stopping", False)
+    worker = JsonErrorsThreadWorker.__new__(JsonErrorsThreadWorker)
+    worker.cfg, worker.alive = Config(), True
+    worker.tpool = ThreadPoolExecutor(1)
+
+    class SecondSignalOnPut:
+        """The pool's queue, the second signal's handler run as shutdown() puts its wake-up, under
+        its lock (a signal's handler runs between any two steps of the main thread)."""
+
+        def __init__(self, queue):
+            self.queue, self.second_returned = queue, False
+
+        def put(self, item):
+            worker.handle_quit(signal.SIGQUIT, None)
+            self.second_returned = True
+            self.queue.put(item)
+
+    queue = worker.tpool._work_queue = SecondSignalOnPut(worker.tpool._work_queue)
+    exited = []
+
+    def first_signal():
+        try:
+            worker.handle_quit(signal.SIGINT, None)
+        except SystemExit:
+            exited.append(True)
+
+    handling = threading.Thread(target=first_signal, daemon=True)  # (held for good, without)
+    handling.start()
+    handling.join(5)
+    assert not handling.is_alive(), "the second signal's handler waited on the first's lock"
+    assert queue.second_returned and exited and not worker.alive
