@@ -13,13 +13,28 @@ closed, never pooled.
 Connections are kept alive and pooled, and a service closes one idle past its keep-alive (2 s,
 gunicorn's default) whenever it likes: just as the gateway sends a request on it, say, and the
 request then fails before a byte of an answer comes, though the service has most likely not seen
-it. A request that fails so, at once, on a connection that carried one before is sent once more,
-on a new connection, within what is left of the deadline, where that is safe: a GET (or HEAD), or
-a POST with an Idempotency-Key (the service answers a repeat with the first answer). A POST
-without one fails, as does a request closed without an answer on a connection made for it, after
-a byte of one, or only after a while (the service held it first): the service may have carried it
-out. The connections are the services' own, never through a proxy the environment names, and
-carry no cookie (none is kept).
+it. A request that fails so, on a connection that carried one before, is sent once more, on a new
+connection, within what is left of the deadline, where that is safe: a GET (or HEAD), or a POST
+with an Idempotency-Key (the service answers a repeat with the first answer, or carries it out once
+if the first was not). A POST without one fails, as does a request closed without an answer on a
+connection made for it (the second try's too), or after a byte of one: the service may have carried
+it out, or is refusing it. The connections are the services' own, never through a proxy the
+environment names, and carry no cookie (none is kept).
+
+How soon the failure came does not count. A close the service made before the request came can
+show late on a slowed host (two busy cores, a pause for the collector: the failure is seen when the
+thread next reads, not when the close came), and a safe GET would be a 502 that a second try
+answers. A request the service read, held and then dropped unanswered (its worker killed, say) may
+have been carried out, but repeating a safe one does nothing its safety does not allow: a read
+reads again, a keyed POST is answered its first answer. Go's net/http Transport retries so (a
+reused connection, no byte of an answer read; a GET, HEAD, OPTIONS or TRACE, or a request with an
+Idempotency-Key), with no timing condition; urllib3's Retry, given reads to retry, repeats an
+idempotent method whatever failed after the send; nginx passes a request it sent on to the next
+server only if it is idempotent (proxy_next_upstream's non_idempotent). A request that itself kills
+the service's worker (a "poison" request) is thus sent twice, no more, for each call (a failure on
+the new connection is never tried again): a timing rule would not spare the likelier kind, one that
+kills it at once, and that bounded cost is taken so that a safe request does not fail at random
+under load.
 """
 
 from __future__ import annotations
@@ -40,10 +55,6 @@ from urllib3.exceptions import ProtocolError, ReadTimeoutError
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 1.0
-# A kept-alive connection the service had closed before the request came on it fails the request
-# at once (the close was there first). One that fails later was closed after the service may have
-# read the request (held it, then died): that request is not sent again.
-CLOSED_AT_ONCE_SECONDS = 0.1
 # The least of the call's deadline left that is worth a second try.
 SECOND_TRY_NEEDS_SECONDS = 0.05
 
@@ -55,17 +66,15 @@ class _Call(threading.local):
     connections of its pools carry this thread's calls only."""
 
     deadline: float | None = None  # time.monotonic() by which the whole answer is read
-    kept_alive = False  # its request went on a connection that had carried one before
-    # time.monotonic() when the sending of its request began (None: not yet): set before the
-    # send, which can fail unseen (urllib3 takes a broken pipe or a reset there for a service that
-    # answered early, and reads on), not after it
-    sent_at: float | None = None
+    # its request went on a connection that had carried one before: set before the send, which
+    # can fail unseen (urllib3 takes a broken pipe or a reset there for a service that answered
+    # early, and reads on)
+    kept_alive = False
     answered = False  # a byte of an answer to it came
 
     def begin(self, seconds: float) -> None:
         self.deadline = time.monotonic() + seconds
         self.kept_alive = self.answered = False
-        self.sent_at = None
 
     def seconds_left(self) -> float | None:
         """What is left of the deadline (None: no call under way); TimeoutError once it has
@@ -151,7 +160,6 @@ class _TellingIfKeptAlive:
         # (Over HTTP a connection made for the request connects inside super().request.)
         _call.kept_alive = self.sock is not None and self._carried > 0
         _call.answered = False
-        _call.sent_at = time.monotonic()
         try:
             super().request(*args, **kwargs)
         except TimeoutError as exc:  # a send's (urllib3 raises its own for a connect's)
@@ -248,11 +256,9 @@ def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
         return _http().request(method, url, **kwargs)
     except requests.ConnectionError as exc:
         first_failure = exc
-        failed_at = time.monotonic()
-        left = _call.deadline - failed_at
+        left = _call.deadline - time.monotonic()
         if not (safe_to_repeat and exc.args and isinstance(exc.args[0], ProtocolError)
-                and _call.kept_alive and not _call.answered and _call.sent_at is not None
-                and failed_at - _call.sent_at < CLOSED_AT_ONCE_SECONDS
+                and _call.kept_alive and not _call.answered
                 and left > SECOND_TRY_NEEDS_SECONDS):
             raise
         # urllib3 has closed that connection, and the thread's pool holds no other (one call at
