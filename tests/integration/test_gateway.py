@@ -2738,6 +2738,16 @@ def _stays_open(url, headers: dict | None = None):
     return socket
 
 
+def _opens(url, headers: dict | None = None) -> bool:
+    """Whether a socket to `url` (its handshake with `headers`) stays open (_stays_open): closed
+    again at once if it does."""
+    socket = _stays_open(url, headers)
+    if socket is None:
+        return False
+    socket.close()
+    return True
+
+
 def test_an_open_socket_is_probed_so_that_a_vanished_page_frees_its_slot(settings, upstreams,
                                                                          monkeypatch):
     """The server side of each open socket has TCP keepalive on, probing after 30 quiet seconds,
@@ -2821,9 +2831,7 @@ def test_opening_sockets_counts_against_the_users_rate_limit(settings, upstreams
                                      rate_limit_per_minute=2) as (base, path):
         url = base.replace("http://", "ws://") + path
         for _ in range(2):
-            opened = _stays_open(url)
-            assert opened
-            opened.close()
+            assert _opens(url)
         close = _close_before_anything(url)
     assert close is not None and close[0] == 1013, close
     wait = _pages_try_again_in().search(close[1])
@@ -2857,9 +2865,7 @@ def test_a_signed_out_tokens_sockets_ask_the_database_once_and_keep_its_user_in(
             assert all(_refused(url, code=1008) for _ in range(6))
         assert len(lookups) == 1
         staying = issue_token(user, "leaver", settings.auth_token_secret, 600).access_token
-        opened = _stays_open(url.replace(leaving, staying))
-        assert opened
-        opened.close()
+        assert _opens(url.replace(leaving, staying))
 
 
 def test_what_a_page_sends_on_its_socket_is_dropped_and_a_big_frame_closes_it(settings,
@@ -3013,9 +3019,7 @@ def test_a_socket_asked_for_what_is_no_notification_id_is_refused(settings, upst
     with _served_gateway_socket_path(settings, upstreams, "after") as (base, path):
         url = base.replace("http://", "ws://") + path
         assert _refused(f"{url}&after={after}", code=1008)
-        socket = _stays_open(f"{url}&after=0")
-        assert socket
-        socket.close()
+        assert _opens(f"{url}&after=0")
 
 
 def test_a_sockets_log_line_says_101_and_who_closed_it_with_what_code(settings, upstreams,
@@ -3027,9 +3031,7 @@ def test_a_sockets_log_line_says_101_and_who_closed_it_with_what_code(settings, 
     with _served_gateway_socket_path(settings, upstreams, "logged") as (base, path):
         url = base.replace("http://", "ws://") + path
         assert _refused(f"{url}&after=abc", code=1008)
-        socket = _stays_open(f"{url}&after=0")
-        assert socket
-        socket.close()
+        assert _opens(f"{url}&after=0")
 
         def socket_lines():
             lines = [record.getMessage() for record in caplog.records
@@ -3054,9 +3056,7 @@ def test_a_socket_given_a_parameter_more_than_once_is_refused(settings, upstream
         # Before the token is looked at: the same refusal for tokens that are no good.
         assert _refused(url.replace(token, "garbage") + "&access_token=garbage", code=1008,
                         reason="`access_token` given more than once")
-        socket = _stays_open(f"{url}&after=0")
-        assert socket
-        socket.close()
+        assert _opens(f"{url}&after=0")
 
 
 def test_the_notifications_redis_client_gives_up_on_a_silent_redis(gateway):
@@ -3143,9 +3143,7 @@ def test_a_socket_takes_a_ticket_or_a_token_not_both_nor_a_ticket_twice(settings
         assert _refused(f"{url}&access_token={token}", code=1008,
                         reason="give `ticket` or `access_token`, not both")
         assert _refused(f"{url}&ticket=x", code=1008, reason="`ticket` given more than once")
-        old_way = _stays_open(url.replace("ticket=", "x=") + f"&access_token={token}")
-        assert old_way
-        old_way.close()
+        assert _opens(url.replace("ticket=", "x=") + f"&access_token={token}")
 
 
 def test_with_redis_down_a_ticket_is_refused_503_and_a_socket_closed_1011(settings, upstreams):
@@ -3173,10 +3171,7 @@ def test_a_ticket_is_refused_429_with_retry_after_once_its_addresss_handshakes_a
         _, auth = _sign_up(client)
         address = {"X-Forwarded-For": _an_address()}
         for _ in range(2):
-            socket = _stays_open(_ticket_url(base, _ticket(client, auth, address)),
-                                 headers=address)
-            assert socket
-            socket.close()
+            assert _opens(_ticket_url(base, _ticket(client, auth, address)), headers=address)
         refused = client.post(TICKETS, headers={**auth, **address})
         assert refused.status_code == 429, refused.get_json()
         assert refused.get_json()["error"]["code"] == "SOCKET_HANDSHAKES_LIMITED"
@@ -3219,9 +3214,7 @@ def test_a_ticket_brought_to_a_handshake_refused_before_it_is_redeemed_is_spent(
                         headers=address)
         assert _refused(f"{_ticket_url(base, twice)}&ticket=x", code=1008, headers=address)
         assert not _ticket_kept(settings, both) and not _ticket_kept(settings, twice)
-        opened = _stays_open(_ticket_url(base, _ticket(client, auth, address)), headers=address)
-        assert opened
-        opened.close()
+        assert _opens(_ticket_url(base, _ticket(client, auth, address)), headers=address)
         late = _ticket(gateway, auth)  # (asked for elsewhere: this address's are refused now)
         assert client.post(TICKETS, headers={**auth, **address}).status_code == 429
         assert _close_before_anything(_ticket_url(base, late), headers=address) is None  # 429
