@@ -842,10 +842,11 @@ class _DroppingHandler(http.server.BaseHTTPRequestHandler):
 
 
 @contextmanager
-def _dropping(settings, drops, receive_buffer_bytes: int | None = None
+def _dropping(settings, drops, receive_buffer_bytes: int | None = None, **changes
               ) -> Iterator[tuple[object, http.server.ThreadingHTTPServer]]:
-    """A gateway (its client) whose orders service is a _DroppingHandler dropping `drops`, its
-    connections' receive buffers `receive_buffer_bytes` where given (else the kernel's)."""
+    """A gateway (its client, its settings `changes`) whose orders service is a _DroppingHandler
+    dropping `drops`, its connections' receive buffers `receive_buffer_bytes` where given (else
+    the kernel's)."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DroppingHandler,
                                              bind_and_activate=False)
     if receive_buffer_bytes is not None:  # (before listen(): the connections accepted take it)
@@ -856,7 +857,7 @@ def _dropping(settings, drops, receive_buffer_bytes: int | None = None
         drops, threading.Lock(), [], []
     served = _Served(server)
     try:
-        yield _gateway(settings, orders_service_url=served.url), server
+        yield _gateway(settings, orders_service_url=served.url, **changes), server
     finally:
         served.close()
 
@@ -905,6 +906,37 @@ def test_a_request_whose_kept_alive_connection_closed_unanswered_is_sent_again_i
             [(again, on, with_key)] = called[1:]  # sent once more, and seen once
             assert (again, with_key) == (method, key) and on != kept_alive
             assert server.answered[1:] == called[1:]
+
+
+@pytest.mark.parametrize("method, key", [("GET", None), ("POST", "held-past-it")],
+                         ids=["a GET", "a POST with an Idempotency-Key"])
+def test_a_safe_request_held_past_the_deadline_on_a_kept_alive_connection_is_not_sent_again(
+        settings, upstreams, method, key):
+    """A safe request the service holds past the deadline on a kept-alive connection is a 504,
+    sent once: the resend above is for a connection closed before a byte of an answer, and a read
+    that timed out has spent the call's deadline (a second try with a deadline of its own would
+    make the call outlast UPSTREAM_TIMEOUT_SECONDS, and send to a service too slow already)."""
+    held_past_it = threading.Event()
+
+    def held_on_a_kept_alive_connection(on_connection: int, on_server: int) -> bytes | None:
+        if on_connection == 1:
+            return None
+        time.sleep(0.7)  # past the gateway's 0.5 s (then its worker died, say)
+        held_past_it.set()
+        return b""
+
+    with _dropping(settings, held_on_a_kept_alive_connection,
+                   upstream_timeout_seconds=0.5) as (client, server):
+        _, auth = _sign_up(client)
+        assert client.get("/api/orders", headers=auth).status_code == 200  # kept alive
+        [(_, kept_alive, _)] = server.answered
+        headers = {**auth, **({"Idempotency-Key": key} if key else {})}
+        answer = client.open("/api/orders", method=method, headers=headers,
+                             json={"amount": "1.00"} if method == "POST" else None)
+        assert answer.status_code == 504, answer.get_json()
+        assert answer.get_json()["error"]["code"] == "UPSTREAM_TIMEOUT"
+        wait_for(held_past_it.is_set, timeout=2, what="the service done holding the request")
+        assert server.received[1:] == [(method, kept_alive, key)]
 
 
 def test_a_keyed_post_sent_again_to_a_service_gone_meanwhile_is_a_502_not_a_503(
