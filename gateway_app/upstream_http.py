@@ -15,11 +15,12 @@ gunicorn's default) whenever it likes: just as the gateway sends a request on it
 request then fails before a byte of an answer comes, though the service has most likely not seen
 it. A request that fails so, on a connection that carried one before, is sent once more, on a new
 connection, within what is left of the deadline, where that is safe: a GET (or HEAD), or a POST
-with an Idempotency-Key (the service answers a repeat with the first answer, or carries it out once
-if the first was not). A POST without one fails, as does a request closed without an answer on a
-connection made for it (the second try's too), or after a byte of one: the service may have carried
-it out, or is refusing it. The connections are the services' own, never through a proxy the
-environment names, and carry no cookie (none is kept).
+with an Idempotency-Key on a route that honours one (POST /api/orders, /api/accounts/deposit: the
+service answers a repeat with the first answer, or carries it out once if the first was not;
+gateway_app/proxy.py passes no key on from any other). A POST without one passed on fails, as does
+a request closed without an answer on a connection made for it (the second try's too), or after a
+byte of one: the service may have carried it out, or is refusing it. The connections are the
+services' own, never through a proxy the environment names, and carry no cookie (none is kept).
 
 How soon the failure came does not count. A close the service made before the request came can
 show late on a slowed host (two busy cores, a pause for the collector: the failure is seen when the

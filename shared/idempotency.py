@@ -15,7 +15,10 @@ day on: IDEMPOTENCY_KEY_RETENTION_SECONDS), rather than rewrite the table under 
 A replayed answer says so: `take_replayed_mark()` tells the transport, which answers it with
 `Idempotent-Replayed: true` (REPLAYED_HEADER, as Stripe names it; in a gRPC call's trailers), so
 that a client can tell a retry's answer from a fresh one (did the money move now, or the first
-time?). A fresh answer has no such header.
+time?). A fresh answer has no such header. The retry need not be the client's: a keyed POST the
+gateway sent again (over HTTP, its kept-alive connection closed unanswered:
+gateway_app/upstream_http.py) is answered "replayed" when the first send of this same request did
+the work, though the client sent it once.
 
 The key is recorded in the same transaction as the work it guards, so a request that fails leaves
 no key behind, and two concurrent requests with one key run one after the other (the second waits
