@@ -14,7 +14,8 @@ one a second): once as they begin, then once a minute while they last (shared.ou
 each partition held by a record batch the client cannot read, and fetches again and again, never
 past it (shared.unreadable_batches).
 
-A step that fails is retried a second later. One that failed on a lost database connection (a
+A step that fails is retried a second later, but for a partition that could not be rewound past
+mending (CannotRewind), which ends the loop. One that failed on a lost database connection (a
 restart, a failover) is an outage the consumer waits out, not a fault: it is said once as it
 begins, then once a minute while it lasts, not for each step (shared.db.DatabaseOutageLog).
 """
@@ -61,6 +62,17 @@ _FAILED_COMMITS_WORDS = OutageWords(
     still="%(what)s: offset commits still failing after %(seconds).0f s, %(tries)d failed (the"
           " last could not commit %(said)s)",
     over="%(what)s: offset commits go through again after %(seconds).0f s, %(tries)d failed")
+
+
+class CannotRewind(Exception):
+    """A partition's seek failed other than Kafka's way (a KafkaException: the client not fetching
+    it just then, sought again before each poll): the client closed under the consumer, or an
+    offset it cannot take, a mistake in the code. No retry mends either, and the records from the
+    rewind's offset on are unstored, the client reading on past them: paused and sought again for
+    ever, the partition would wait while the worker looks well. So the loop ends (run() raises
+    this, after committing what is stored, all of it below them), and the worker stops to be
+    started again (tasks/consumer.py): the group reads the partition on from its committed offset.
+    Nothing is polled after it: a poll could hand on records past those unstored."""
 
 
 def to_record(message) -> ConsumedRecord:
@@ -189,6 +201,8 @@ class InboxConsumer:
                 try:
                     if self.run_once():  # (records stored: the database is there)
                         self._database_outage.back()
+                except CannotRewind:
+                    raise
                 except Exception as exc:
                     if not self._database_outage.said_if_lost(exc):
                         log.exception("inbox consumer step failed; retrying")
@@ -358,8 +372,10 @@ class InboxConsumer:
         except Exception:
             try:
                 self._rewind_what_consume_dropped(first)
-            except Exception:  # (the client closed, say: consume()'s own error is the one raised)
-                log.exception("consumer: could not rewind after a failed consume")
+            except CannotRewind:
+                raise  # (consume()'s own error is its context, in the traceback too)
+            except Exception as exc:  # (a mistake in the code: some partition may be unrewound)
+                raise CannotRewind(f"could not rewind after a failed consume: {exc!r}") from exc
             raise
         messages = [first, *taken]
         if self._paused:  # (held by the client from before they were paused: read again later)
@@ -395,7 +411,8 @@ class InboxConsumer:
         each partition goes back to where this consumer reads on from (_reading_from): `first`'s
         to `first`, and one not read from since it was assigned to its committed offset, asked of
         the group's coordinator. One whose committed offset cannot be had is paused, commits
-        nothing, and is asked of again before a later poll (_look_up_again), till rewound."""
+        nothing, and is asked of again before a later poll (_look_up_again), till rewound. A
+        rewind that fails past mending (CannotRewind), or any mistake here, ends the loop."""
         where_first = (first.topic(), first.partition())
         try:
             assigned = [(p.topic, p.partition) for p in self._consumer.assignment()]
@@ -488,11 +505,12 @@ class InboxConsumer:
         """Seek each partition back to `positions`. One that cannot be commits nothing until its
         seek, tried again before each poll, goes through, or until it is assigned again (the next
         rebalance, or the worker's restart), which starts it from its committed offset: either way
-        the records it skipped unstored are read again, and never committed over before."""
+        the records it skipped unstored are read again, and never committed over before. A seek
+        failing other than Kafka's way raises CannotRewind, which ends the loop."""
         for position in positions:
             self._reading_from[(position.topic, position.partition)] = position.offset
             try:
-                self._consumer.seek(position)
+                self._seek(position)
             except KafkaException as exc:
                 log.warning("consumer: could not rewind %s [%d] to %d: %s", position.topic,
                             position.partition, position.offset, exc)
@@ -501,10 +519,20 @@ class InboxConsumer:
                 self._rewinds_due[where] = min(position.offset,
                                                self._rewinds_due.get(where, position.offset))
 
+    def _seek(self, position: TopicPartition) -> None:
+        """Seek to `position`; a failure other than a KafkaException is raised as CannotRewind."""
+        try:
+            self._consumer.seek(position)
+        except KafkaException:
+            raise
+        except Exception as exc:
+            raise CannotRewind(f"could not rewind {position.topic} [{position.partition}] to"
+                               f" {position.offset}: {exc!r}") from exc
+
     def _rewind_again(self) -> None:
         for (topic, partition), offset in list(self._rewinds_due.items()):
             try:
-                self._consumer.seek(TopicPartition(topic, partition, offset))
+                self._seek(TopicPartition(topic, partition, offset))
             except KafkaException:
                 continue  # (said when it first failed; tried again before the next poll)
             log.info("consumer: rewound %s [%d] to %d at last", topic, partition, offset)

@@ -2,11 +2,11 @@
 the orders consumer in a thread beside its task pool, and stops it when the worker stops.
 
 A worker whose consumer thread ends on its own (its app could not be made, its Kafka client could
-not subscribe or close) would go on running tasks while its service's messages pile up unread,
-and its healthcheck, the age of a file the worker's event loop renews (tasks/alive.py), would not
-tell. So it stops instead,
-with exit code 70 (EX_SOFTWARE), for its supervisor (compose's `restart: unless-stopped`) to
-start it again."""
+not subscribe or close, or rewind a partition: shared.inbox_consumer.CannotRewind) would go on
+running tasks while its service's messages pile up unread, and its healthcheck, the age of a file
+the worker's event loop renews (tasks/alive.py), would not tell. So it stops instead, with exit
+code 70 (EX_SOFTWARE), for its supervisor (compose's `restart: unless-stopped`) to start it
+again."""
 
 from __future__ import annotations
 

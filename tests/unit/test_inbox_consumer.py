@@ -12,8 +12,8 @@ from confluent_kafka import (TIMESTAMP_CREATE_TIME, TIMESTAMP_LOG_APPEND_TIME,
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from shared.inbox.storing import ConsumedRecord
-from shared.inbox_consumer import (InboxConsumer, first_offsets, next_offsets, record_timestamp,
-                                   to_record)
+from shared.inbox_consumer import (CannotRewind, InboxConsumer, first_offsets, next_offsets,
+                                   record_timestamp, to_record)
 from shared.unreadable_batches import UnreadableBatches
 
 
@@ -958,24 +958,13 @@ def test_a_partition_paused_for_its_lookup_is_resumed_and_forgotten_as_it_is_tak
     assert consumer.calls == [("commit", [("t", 2, 1)])]
 
 
-@pytest.mark.parametrize("failing", ["lookup", "seek"])
-def test_a_rewind_failing_other_than_kafka_s_way_rewinds_what_it_can_and_raises_consume_s_error(
-        failing):
+def test_a_lookup_failing_other_than_kafka_s_way_rewinds_what_it_can_and_raises_consume_s_error():
     """The client closed under it, say: the partitions whose positions are known are rewound
     all the same (the polled message's with them), and consume()'s own error is the one raised,
-    not buried under the rewind's."""
+    not buried under the lookup's (the partition left to it is paused, and asked of again)."""
     calls = []
     consumer = ConsumeRaisingConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls,
                                       assigned=[0, 1, 2], committed=RuntimeError("closed"))
-    if failing == "seek":
-        consumer.committed_offsets = {2: 0}
-
-        def seek(position):
-            if position.partition == 2:
-                raise RuntimeError("closed")
-            calls.append(("seek", (position.topic, position.partition, position.offset)))
-
-        consumer.seek = seek
     inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
                           commit_interval=0, clock=FakeClock())
     inbox.run_once()
@@ -986,3 +975,94 @@ def test_a_rewind_failing_other_than_kafka_s_way_rewinds_what_it_can_and_raises_
         inbox.run_once()
     assert sorted(c for c in calls if c[0] == "seek") == [("seek", ("t", 0, 5)),
                                                           ("seek", ("t", 1, 8))]
+    assert calls[-1] == ("pause", [2])
+
+
+def _seek_failing_for(consumer, partition, error):
+    """Make `consumer`'s seek of `partition` raise `error` (noted as a call); stopping `inbox`
+    at the first poll after it, which a consumer carrying on past it would make."""
+    def seek(position):
+        if position.partition == partition:
+            consumer.calls.append(("seek failed", position.partition))
+            raise error
+        consumer.calls.append(("seek", (position.topic, position.partition, position.offset)))
+
+    consumer.seek = seek
+
+
+class _PollNotedAfterAFailedSeek:
+    """A consumer's poll, noted once a seek has failed, and stopping the inbox then: a consumer
+    that carries on past a partition it could not rewind polls again."""
+
+    def __init__(self, consumer):
+        self._poll, self._consumer, self.inbox = consumer.poll, consumer, None
+
+    def __call__(self, timeout):
+        if any(call[0] == "seek failed" for call in self._consumer.calls):
+            self._consumer.calls.append(("poll",))
+            self.inbox.stop()
+        return self._poll(timeout)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("Consumer closed"), TypeError("an offset?"),
+                                   ValueError("an offset?")], ids=["closed", "type", "value"])
+def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_consume_ends_the_loop(error):
+    """A partition whose committed offset was had but whose seek then failed (the client closed,
+    or a mistake in the code: no retry mends either) was left neither rewound nor paused, and read
+    on past the records consume() dropped. The loop ends instead, polling nothing more; it commits
+    what is stored, all below them, and closes (the worker then stops, to be started again, and
+    the group reads the partition on from its committed offset). The partitions whose positions
+    are known were rewound first."""
+    calls = []
+    consumer = ConsumeRaisingConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls,
+                                      assigned=[0, 1, 2], committed={2: 0})
+    _seek_failing_for(consumer, 2, error)
+    consumer.poll = polls = _PollNotedAfterAFailedSeek(consumer)
+
+    def store(records):
+        if not consumer.raising:  # (the next consume() raises, dropping 2's records with it)
+            consumer.raising = True
+            consumer.messages = [FakeMessage("t", 1, 8), FakeMessage("t", 0, 5),
+                                 FakeMessage("t", 2, 3)]
+        return []
+
+    inbox = polls.inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None,
+                                        commit_interval=3600, clock=FakeClock())
+    with pytest.raises(CannotRewind, match=r"t \[2\] to 0") as raised:
+        inbox.run()
+    assert raised.value.__cause__ is error
+    assert "a callback raised" in str(error.__context__)  # (consume()'s own, not buried)
+    assert calls == [("seek", ("t", 0, 5)), ("seek", ("t", 1, 8)), ("committed", [2]),
+                     ("seek failed", 2), ("commit and wait", [("t", 0, 5), ("t", 1, 8)]),
+                     ("close",)]
+
+
+def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_store_or_sought_again_ends_the_loop():
+    """As after a failed consume(): after a failed store, and as a seek Kafka refused is tried
+    again before a poll, the loop ends, nothing polled after it, nor committed past it."""
+    calls = []
+    consumer = FakeConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls)
+    _seek_failing_for(consumer, 0, RuntimeError("Consumer closed"))
+
+    def store(records):
+        raise ConnectionError("database down")
+
+    inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None, commit_interval=0)
+    with pytest.raises(CannotRewind, match=r"t \[0\] to 4"):
+        inbox.run_once()
+    assert calls == [("seek failed", 0)]
+
+    calls.clear()
+    refused = KafkaException(KafkaError(KafkaError._STATE, "partition not fetched"))
+    consumer.messages = [FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)]
+    _seek_failing_for(consumer, 0, refused)
+    inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None, commit_interval=0)
+    with pytest.raises(ConnectionError):
+        inbox.run_once()
+    assert calls == [("seek failed", 0), ("seek", ("t", 1, 7))]  # (0's sought again, below)
+    _seek_failing_for(consumer, 0, TypeError("an offset?"))
+    consumer.messages = [FakeMessage("t", 0, 9)]
+    with pytest.raises(CannotRewind, match=r"t \[0\] to 4"):
+        inbox.run_once()
+    assert calls[2:] == [("seek failed", 0)]
+    assert len(consumer.messages) == 1  # (not polled)
