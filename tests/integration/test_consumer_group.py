@@ -62,8 +62,9 @@ def _consuming(settings, topic: str, group: str) -> Iterator[_FailingNowAndThen]
     assert not running.is_alive()
 
 
-def _produce(settings, topic: str, count: int) -> set[str]:
-    """`count` payment requests, each under a key of its own; returns their message ids."""
+def _produce(settings, topic: str, count: int, partition: int | None = None) -> set[str]:
+    """`count` payment requests, each under a key of its own (to `partition`, if given); returns
+    their message ids."""
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers,
                          "enable.idempotence": True})
     message_ids = set()
@@ -71,7 +72,8 @@ def _produce(settings, topic: str, count: int) -> set[str]:
         event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": "u",
                                               "amount": Decimal("1.00")}, None)
         producer.produce(topic, encode(event.to_json()), str(uuid.uuid4()).encode(),
-                         headers={"message_id": str(event.message_id), "type": event.type})
+                         headers={"message_id": str(event.message_id), "type": event.type},
+                         **({} if partition is None else {"partition": partition}))
         message_ids.add(str(event.message_id))
     assert producer.flush(15) == 0
     return message_ids
@@ -177,9 +179,10 @@ class _ConsumeFailingOnce:
         self.dropped: list[tuple[int, int]] = []
         self.lookups_failing, self.lookups_failed = lookups_failing, 0
         self.paused: list[int] = []  # each partition paused, as it was
-        # Why the first consume() did not raise, if it did not: the test fails on it. (Raised
-        # here, it would be the consumer's: logged, rewound after, consume() called again.)
+        # Why the consume() to raise did not, if it did not: the test fails on it. (Raised here,
+        # it would be the consumer's: logged, rewound after, consume() called again.)
         self.not_raised: str | None = None
+        self.taking_on = threading.Event()  # set as the consume() to raise begins to take on
 
     def committed(self, partitions: list[TopicPartition], timeout: float) -> list:
         if self.lookups_failed < self.lookups_failing:
@@ -200,21 +203,51 @@ class _ConsumeFailingOnce:
 
     def consume(self, count: int, timeout: float) -> list:
         messages = self._consumer.consume(count, timeout)
-        if self.dropped or self.not_raised:
+        if self.dropped or self.not_raised or not self._raises_now():
             return messages
+        self.taking_on.set()
         deadline = time.monotonic() + 15
         while True:
             unstored = [(m.partition(), m.offset()) for m in [self._polled, *messages]
                         if m is not None and m.error() is None]
-            if len({partition for partition, _ in unstored}) >= 2:
+            if self._enough_to_drop(unstored):
                 break
             if time.monotonic() >= deadline or len(messages) >= count:
-                self.not_raised = (f"no two partitions' records to drop in {len(messages)}"
-                                   f" records taken (of {count} at most) or 15 s: {unstored}")
+                self.not_raised = (f"no {self.to_drop} to drop in {len(messages)} records taken"
+                                   f" (of {count} at most) or 15 s: {unstored}")
                 return messages
             messages += self._consumer.consume(count - len(messages), 0.1)
         self.dropped = unstored
         raise RuntimeError("a callback raised in consume()")
+
+    to_drop = "two partitions' records"
+
+    def _raises_now(self) -> bool:
+        """Whether this consume() is the one to raise (once it has taken on enough): the first."""
+        return True
+
+    def _enough_to_drop(self, unstored: list[tuple[int, int]]) -> bool:
+        return len({partition for partition, _ in unstored}) >= 2
+
+
+class _ConsumeFailingPastStored(_ConsumeFailingOnce):
+    """A _ConsumeFailingOnce whose consume() to raise is the first once `armed`, after a poll of
+    partition 1, taking on till it holds records of partition 0 too: those are dropped, and
+    partition 0, read from before, goes back to one past the last record stored of it."""
+
+    to_drop = "records of partition 0"
+
+    def __init__(self, consumer: Consumer):
+        super().__init__(consumer)
+        self.armed = False
+
+    def _raises_now(self) -> bool:
+        polled = self._polled
+        return (self.armed and polled is not None and polled.error() is None
+                and polled.partition() == 1)
+
+    def _enough_to_drop(self, unstored: list[tuple[int, int]]) -> bool:
+        return any(partition == 0 for partition, _ in unstored)
 
 
 class _StoringInOrder:
@@ -293,3 +326,71 @@ def test_a_consume_that_raises_loses_no_record_of_any_partition(settings, lookup
     if lookup_fails:  # (the raise dropped records of a partition not read since assigned)
         assert client.lookups_failed == 1
         assert client.paused
+
+
+def test_a_consume_that_raises_rewinds_a_partition_read_from_to_one_past_its_last_stored_record(
+        settings):
+    """Partition 0's first records stored (none committed: commits an hour apart, so its committed
+    offset is still its first record's), then a consume() after a poll of partition 1 takes records
+    of partition 0 and raises: partition 0 goes back to one past its last stored record, neither to
+    its committed offset (its stored records read and stored again) nor left where the client read
+    on to (the records dropped lost). Every record is stored, each once."""
+    topic = f"{settings.kafka_consumer_group_prefix}.consume-past-stored-{uuid.uuid4().hex[:8]}"
+    group = f"{topic}.group"
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    partitioned = dataclasses.replace(settings, kafka_topic_partitions=PARTITIONS)
+    admin.create_topics([new_topic(partitioned, topic)])[topic].result(15)
+    produced = _produce(settings, topic, 20, partition=0)
+    client = _ConsumeFailingPastStored(build_consumer(settings, group))
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
+    storing = _StoringInOrder(store)
+    consumer = InboxConsumer(client, [topic], storing, dispatch=lambda ids: None,
+                             commit_interval=3600)
+    running = threading.Thread(target=consumer.run)
+    running.start()
+    watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group,
+                        "enable.auto.commit": False})
+    database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    database.autocommit = True
+
+    def all_stored() -> bool:
+        with database.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM inbox_messages WHERE message_id = ANY(%s)",
+                           ([uuid.UUID(m) for m in produced],))
+            return cursor.fetchone()[0] == len(produced)
+
+    try:
+        try:
+            wait_for(lambda: len(storing.order) >= 20, timeout=30, interval=0.1,
+                     what="partition 0's first records stored")
+            assert _committed(watcher, topic) == {}  # (rewound to it, they would be read again)
+            client.armed = True
+            # Partition 1's records alone, so that the next poll is of one of them; then, as its
+            # consume() takes on, partition 0's next, which it drops.
+            produced |= _produce(settings, topic, 20, partition=1)
+            wait_for(lambda: client.taking_on.is_set() or client.not_raised, timeout=30,
+                     interval=0.1, what="a consume() after a poll of partition 1")
+            produced |= _produce(settings, topic, 20, partition=0)
+            wait_for(lambda: client.dropped or client.not_raised, timeout=30, interval=0.1,
+                     what="a consume() raising")
+            assert not client.not_raised, client.not_raised
+            assert (0, 20) in client.dropped  # (the first unstored record of partition 0)
+            wait_for(all_stored, timeout=30, interval=0.2, what="every record stored")
+        finally:
+            consumer.stop()
+            running.join(30)
+            store.close()
+        assert not running.is_alive()
+        expected = {(0, offset) for offset in range(40)} | {(1, offset) for offset in range(20)}
+        repeats = sorted({record for record in storing.order if storing.order.count(record) > 1})
+        assert repeats == [], f"read and stored again: {repeats}"
+        assert set(storing.order) == expected  # none lost
+        with database.cursor() as cursor:
+            assert _stored(cursor, topic) == {0: set(range(40)), 1: set(range(20))}
+        assert _committed(watcher, topic) == {0: 40, 1: 20}  # (as it stopped)
+    finally:
+        watcher.close()
+        with database.cursor() as cursor:  # (the inbox is the run's, shared by its tests)
+            cursor.execute("DELETE FROM inbox_messages WHERE topic = %s", (topic,))
+        database.close()
+        admin.delete_topics([topic])
