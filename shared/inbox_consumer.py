@@ -70,9 +70,10 @@ class CannotRewind(Exception):
     offset it cannot take, a mistake in the code. No retry mends either, and the records from the
     rewind's offset on are unstored, the client reading on past them: paused and sought again for
     ever, the partition would wait while the worker looks well. So the loop ends (run() raises
-    this, after committing what is stored, all of it below them), and the worker stops to be
-    started again (tasks/consumer.py): the group reads the partition on from its committed offset.
-    Nothing is polled after it: a poll could hand on records past those unstored."""
+    this, after committing what is stored if it still can, all of it below them: a closed client
+    cannot, and those records are read again), and the worker stops to be started again
+    (tasks/consumer.py): the group reads the partition on from its committed offset. Nothing is
+    polled after it: a poll could hand on records past those unstored."""
 
 
 def to_record(message) -> ConsumedRecord:
@@ -210,6 +211,9 @@ class InboxConsumer:
         finally:
             try:
                 self.commit_stored(asynchronous=False)
+            except Exception:  # (the client closed, say: the error that ended the loop is raised)
+                log.exception("consumer: could not commit what is stored as it stops; it is read"
+                              " again")
             finally:
                 self._consumer.close()
 

@@ -1006,18 +1006,29 @@ class _PollNotedAfterAFailedSeek:
 
 @pytest.mark.parametrize("error", [RuntimeError("Consumer closed"), TypeError("an offset?"),
                                    ValueError("an offset?")], ids=["closed", "type", "value"])
-def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_consume_ends_the_loop(error):
+def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_consume_ends_the_loop(error,
+                                                                                    caplog):
     """A partition whose committed offset was had but whose seek then failed (the client closed,
     or a mistake in the code: no retry mends either) was left neither rewound nor paused, and read
     on past the records consume() dropped. The loop ends instead, polling nothing more; it commits
-    what is stored, all below them, and closes (the worker then stops, to be started again, and
-    the group reads the partition on from its committed offset). The partitions whose positions
-    are known were rewound first."""
+    what is stored if it still can, all below them, and closes (the worker then stops, to be
+    started again, and the group reads the partition on from its committed offset). The
+    partitions whose positions are known were rewound first. A closed client's commit fails as
+    its seek did (confluent-kafka's RuntimeError): said, and CannotRewind raised all the same."""
     calls = []
     consumer = ConsumeRaisingConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls,
                                       assigned=[0, 1, 2], committed={2: 0})
     _seek_failing_for(consumer, 2, error)
     consumer.poll = polls = _PollNotedAfterAFailedSeek(consumer)
+    closed = isinstance(error, RuntimeError)
+    if closed:
+        commit = consumer.commit
+
+        def commit_closed(offsets, asynchronous):
+            commit(offsets, asynchronous)  # (noted, then failing)
+            raise RuntimeError("Consumer closed")
+
+        consumer.commit = commit_closed
 
     def store(records):
         if not consumer.raising:  # (the next consume() raises, dropping 2's records with it)
@@ -1035,6 +1046,7 @@ def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_consume_ends_the_l
     assert calls == [("seek", ("t", 0, 5)), ("seek", ("t", 1, 8)), ("committed", [2]),
                      ("seek failed", 2), ("commit and wait", [("t", 0, 5), ("t", 1, 8)]),
                      ("close",)]
+    assert ("could not commit what is stored as it stops" in caplog.text) is closed
 
 
 def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_store_or_sought_again_ends_the_loop():
