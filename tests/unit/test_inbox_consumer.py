@@ -991,14 +991,14 @@ def _seek_failing_for(consumer, partition, error):
 
 
 class _PollNotedAfterAFailedSeek:
-    """A consumer's poll, noted once a seek has failed, and stopping the inbox then: a consumer
-    that carries on past a partition it could not rewind polls again."""
+    """A consumer's poll, noted once a seek (or the call named `failed`) has failed, and stopping
+    the inbox then: a consumer that carries on past a partition it could not rewind polls again."""
 
-    def __init__(self, consumer):
-        self._poll, self._consumer, self.inbox = consumer.poll, consumer, None
+    def __init__(self, consumer, failed="seek failed"):
+        self._poll, self._consumer, self.inbox, self._failed = consumer.poll, consumer, None, failed
 
     def __call__(self, timeout):
-        if any(call[0] == "seek failed" for call in self._consumer.calls):
+        if any(call[0] == self._failed for call in self._consumer.calls):
             self._consumer.calls.append(("poll",))
             self.inbox.stop()
         return self._poll(timeout)
@@ -1047,6 +1047,42 @@ def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_consume_ends_the_l
                      ("seek failed", 2), ("commit and wait", [("t", 0, 5), ("t", 1, 8)]),
                      ("close",)]
     assert ("could not commit what is stored as it stops" in caplog.text) is closed
+
+
+def test_a_mistake_in_the_rewind_after_a_failed_consume_ends_the_loop():
+    """Any error in rewinding what a failed consume() dropped but a seek's (a mistake in the
+    code: here the group's committed offsets come back as objects without an error) may leave a
+    partition unrewound, the client reading on past the records dropped: the loop ends as for a
+    seek that fails past mending, nothing polled after it, consume()'s own error kept in the
+    traceback. The partitions whose positions are known were rewound first."""
+    calls = []
+    consumer = ConsumeRaisingConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls,
+                                      assigned=[0, 1, 2], committed={})
+
+    def committed(partitions, timeout):
+        calls.append(("committed oddly", sorted(p.partition for p in partitions)))
+        return [SimpleNamespace(topic=p.topic, partition=p.partition, offset=0)
+                for p in partitions]
+
+    consumer.committed = committed
+    consumer.poll = polls = _PollNotedAfterAFailedSeek(consumer, failed="committed oddly")
+
+    def store(records):
+        if not consumer.raising:  # (the next consume() raises, dropping 2's records with it)
+            consumer.raising = True
+            consumer.messages = [FakeMessage("t", 1, 8), FakeMessage("t", 0, 5),
+                                 FakeMessage("t", 2, 3)]
+        return []
+
+    inbox = polls.inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None,
+                                        commit_interval=3600, clock=FakeClock())
+    with pytest.raises(CannotRewind, match="could not rewind after a failed consume") as raised:
+        inbox.run()
+    mistake = raised.value.__cause__
+    assert isinstance(mistake, AttributeError)
+    assert "a callback raised" in str(mistake.__context__)  # (consume()'s own, not buried)
+    assert calls == [("seek", ("t", 0, 5)), ("seek", ("t", 1, 8)), ("committed oddly", [2]),
+                     ("commit and wait", [("t", 0, 5), ("t", 1, 8)]), ("close",)]
 
 
 def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_store_or_sought_again_ends_the_loop():
