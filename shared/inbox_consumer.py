@@ -170,7 +170,8 @@ class InboxConsumer:
         self._given_up: set[tuple[str, int]] = set()
         # Partitions whose rewind failed (the client not fetching them just then, say), and the
         # offset to go back to: the seek is tried again before each poll, so that a partition
-        # still assigned reads its skipped records again soon, not at the next rebalance.
+        # still assigned reads its skipped records again soon, not at the next rebalance (paused
+        # till then: _paused).
         self._rewinds_due: dict[tuple[str, int], int] = {}
         # Per partition, where this consumer reads on from: one past the last record poll() handed
         # on, or where it was last rewound to. A consume() that raises has dropped what it took
@@ -506,10 +507,11 @@ class InboxConsumer:
                         ", ".join(f"{p.topic} [{p.partition}]" for p in partitions), exc)
 
     def _rewind(self, positions: list[TopicPartition]) -> None:
-        """Seek each partition back to `positions`. One that cannot be commits nothing until its
-        seek, tried again before each poll, goes through, or until it is assigned again (the next
-        rebalance, or the worker's restart), which starts it from its committed offset: either way
-        the records it skipped unstored are read again, and never committed over before. A seek
+        """Seek each partition back to `positions`. One that cannot be is paused, and commits
+        nothing, until its seek, tried again before each poll, goes through (_rewind_again, which
+        resumes it), or until it is assigned again (the next rebalance, or the worker's restart),
+        which starts it from its committed offset: either way the records it skipped unstored are
+        read again, none past them stored before them, and never committed over before. A seek
         failing other than Kafka's way raises CannotRewind, which ends the loop."""
         for position in positions:
             self._reading_from[(position.topic, position.partition)] = position.offset
@@ -522,6 +524,8 @@ class InboxConsumer:
                 self._given_up.add(where)
                 self._rewinds_due[where] = min(position.offset,
                                                self._rewinds_due.get(where, position.offset))
+                if where not in self._paused:  # (the client would read on past the skipped)
+                    self._pause([TopicPartition(*where)])
 
     def _seek(self, position: TopicPartition) -> None:
         """Seek to `position`; a failure other than a KafkaException is raised as CannotRewind."""

@@ -65,6 +65,12 @@ class FakeConsumer:
     def seek(self, position):
         self.calls.append(("seek", (position.topic, position.partition, position.offset)))
 
+    def pause(self, partitions):
+        self.calls.append(("pause", sorted(p.partition for p in partitions)))
+
+    def resume(self, partitions):
+        self.calls.append(("resume", sorted(p.partition for p in partitions)))
+
     def subscribe(self, topics, on_assign, on_revoke, on_lost):
         self.on_assign, self.on_revoke, self.on_lost = on_assign, on_revoke, on_lost
 
@@ -218,7 +224,8 @@ def test_records_in_hand_of_a_partition_taken_away_meanwhile_commit_nothing():
 
 def test_a_partition_that_cannot_be_rewound_commits_nothing_till_it_is_assigned_again():
     """A failed store rewinds each partition of the batch: one no longer fetched refuses the
-    seek, and is not committed past the records it skipped; the others are still rewound."""
+    seek, and is paused, nothing of it stored or committed past the records it skipped, till it
+    is assigned again (from its committed offset, resumed); the others are still rewound."""
     calls = []
     consumer = FakeConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls)
     consumer.consume = lambda n, timeout: [consumer.messages.pop(0)]
@@ -237,17 +244,27 @@ def test_a_partition_that_cannot_be_rewound_commits_nothing_till_it_is_assigned_
                           commit_interval=0)
     with pytest.raises(RuntimeError):
         inbox.run_once()
-    assert calls == [("seek", ("t", 1, 7))]
-    inbox._store_batch = lambda records: []
+    assert calls == [("pause", [0]), ("seek", ("t", 1, 7))]
+    stored = []
+    inbox._store_batch = lambda records: stored.extend(
+        (r.partition, r.offset) for r in records) or []
     consumer.messages = [FakeMessage("t", 0, 9), FakeMessage("t", 1, 7)]
     inbox.run_once()
-    assert calls[-1] == ("commit", [("t", 1, 8)])  # partition 0: nothing, till it is back
+    assert stored == [(1, 7)]  # (0's 9, held by the client from before it was paused: dropped)
+    assert calls[2:] == [("commit", [("t", 1, 8)])]  # partition 0: nothing, till it is back
+    inbox._note_assigned(consumer, [TopicPartition("t", 0)])
+    consumer.messages = [FakeMessage("t", 0, 4), FakeMessage("t", 0, 5)]
+    inbox.run_once()
+    assert stored[1:] == [(0, 4), (0, 5)]
+    assert calls[3:] == [("resume", [0]), ("commit", [("t", 0, 6)])]
 
 
 def test_a_rewind_that_failed_is_tried_again_before_each_poll_till_it_goes_through():
     """A partition still assigned whose seek was refused (the client not fetching it just then)
     does not wait for a rebalance to read its skipped records again: its seek is tried again
-    before the next polls, and once it goes through the partition commits again."""
+    before the next polls, and once it goes through the partition is resumed and commits again.
+    Paused till then, and what the client still held of it dropped unstored, so that no record
+    past the ones it skipped is stored before them."""
     calls = []
     consumer = FakeConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls)
     refusals = iter([True, True, False])  # refused as it fails, and once more after
@@ -271,13 +288,14 @@ def test_a_rewind_that_failed_is_tried_again_before_each_poll_till_it_goes_throu
                           commit_interval=0)
     with pytest.raises(RuntimeError):
         inbox.run_once()
-    consumer.messages = [FakeMessage("t", 0, 9)]  # the client had moved past 4
-    inbox.run_once()  # the seek refused again: 9 is stored, nothing committed for partition 0
-    assert calls == [("seek", ("t", 1, 7))]
+    assert calls == [("pause", [0]), ("seek", ("t", 1, 7))]
+    consumer.messages = [FakeMessage("t", 0, 9)]  # (held by the client from before the pause)
+    inbox.run_once()  # the seek refused again: 9 is not stored, nothing committed
+    assert calls[2:] == []
     consumer.messages = [FakeMessage("t", 0, 4), FakeMessage("t", 0, 5)]  # read from 4 again
     inbox.run_once()
-    assert calls[1:] == [("seek", ("t", 0, 4)), ("commit", [("t", 0, 6)])]
-    assert stored[1:] == [("t", 0, 9), ("t", 0, 4), ("t", 0, 5)]
+    assert calls[2:] == [("seek", ("t", 0, 4)), ("resume", [0]), ("commit", [("t", 0, 6)])]
+    assert stored[1:] == [("t", 0, 4), ("t", 0, 5)]
 
 
 def test_a_partition_given_back_commits_again():
@@ -863,12 +881,6 @@ class ConsumeRaisingConsumer(FakeConsumer):
         return [TopicPartition(p.topic, p.partition, self.committed_offsets[p.partition])
                 for p in partitions]
 
-    def pause(self, partitions):
-        self.calls.append(("pause", sorted(p.partition for p in partitions)))
-
-    def resume(self, partitions):
-        self.calls.append(("resume", sorted(p.partition for p in partitions)))
-
 
 def _read_on_then_failing_consume(committed, clock=None) -> tuple[InboxConsumer,
                                                                   ConsumeRaisingConsumer]:
@@ -1107,10 +1119,10 @@ def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_store_or_sought_ag
     inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None, commit_interval=0)
     with pytest.raises(ConnectionError):
         inbox.run_once()
-    assert calls == [("seek failed", 0), ("seek", ("t", 1, 7))]  # (0's sought again, below)
+    assert calls == [("seek failed", 0), ("pause", [0]), ("seek", ("t", 1, 7))]  # (see below)
     _seek_failing_for(consumer, 0, TypeError("an offset?"))
     consumer.messages = [FakeMessage("t", 0, 9)]
     with pytest.raises(CannotRewind, match=r"t \[0\] to 4"):
         inbox.run_once()
-    assert calls[2:] == [("seek failed", 0)]
+    assert calls[3:] == [("seek failed", 0)]
     assert len(consumer.messages) == 1  # (not polled)
