@@ -99,8 +99,8 @@ def _caller_headers(auth: str, method: str, target: str,
     if auth == "bearer":
         return lambda token: {"Authorization": f"Bearer {token}"}
     # The services trust only identities the gateway signed, for the request sent; the generator
-    # signs each as it would, with the gateway's deadline: without it, a user's orders sent within
-    # a second are signed alike, and the service takes an unkeyed order's signature once.
+    # signs each as it would, with the gateway's deadline and a nonce of its own (each signature
+    # its own: the service takes an unkeyed order's signature once).
     settings = load_settings()
 
     def signed(user_id: str) -> dict[str, str]:

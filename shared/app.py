@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # A service's document's description (the gateway's has its own: gateway_app.DOCS_CONFIG).
 BEHIND_THE_GATEWAY = (
     "This service's own API, behind the gateway. Its operations, but `GET /health`, take only "
-    "calls the gateway signs (`X-User-ID` with `X-Gateway-Timestamp` and "
+    "calls the gateway signs (`X-User-ID` with `X-Gateway-Timestamp`, `X-Gateway-Nonce` and "
     "`X-Gateway-Signature`, made with a secret only the gateway holds) and refuse any other "
     "with 401, so this page cannot try them out. The public API is the gateway's: its "
     "document, and a Swagger UI that tries it out, are at the gateway's `/docs`.")
@@ -128,10 +128,10 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
             "info": {"description": BEHIND_THE_GATEWAY},
             "components": {"securitySchemes": {"UserId": {
                 "type": "apiKey", "in": "header", "name": "X-User-ID",
-                "description": "Set by the gateway, with X-Gateway-Timestamp and "
-                               "X-Gateway-Signature, signed for the request it comes with (its "
-                               "method, path and query, body, Idempotency-Key and "
-                               "X-Gateway-Deadline); the service refuses it otherwise."}}},
+                "description": "Set by the gateway, with X-Gateway-Timestamp, "
+                               "X-Gateway-Nonce and X-Gateway-Signature, signed for the request "
+                               "it comes with (its method, path and query, body, Idempotency-Key "
+                               "and X-Gateway-Deadline); the service refuses it otherwise."}}},
             "security": [{"UserId": []}]},
     )
     app.config.update(config or {})

@@ -68,11 +68,12 @@ MISSING_USER_ID = DocumentedError(401, "MISSING_USER_ID", f"no {USER_ID_HEADER} 
 INVALID_USER_ID = DocumentedError(401, "INVALID_USER_ID", f"the {USER_ID_HEADER} is no user id")
 UNTRUSTED_IDENTITY = DocumentedError(
     401, "UNTRUSTED_IDENTITY", f"the {USER_ID_HEADER} is not signed by the gateway for this "
-    "request (its method, path and query, body, Idempotency-Key and X-Gateway-Deadline), or its "
-    "signature is of no format this release knows, has expired or is dated ahead")
+    "request (its method, path and query, body, Idempotency-Key, X-Gateway-Deadline and "
+    "X-Gateway-Nonce), carries no nonce or one of another form, or its signature is of no format "
+    "this release knows, has expired or is dated ahead")
 SIGNATURE_VERSION_MISMATCH = DocumentedError(
-    401, "SIGNATURE_VERSION_MISMATCH", "the gateway's signature is of the release before's format "
-    "(64 hex digits, unversioned): the gateway and the service are deployed apart")
+    401, "SIGNATURE_VERSION_MISMATCH", "the gateway's signature is of an earlier release's format "
+    "(v2, or 64 hex digits unversioned): the gateway and the service are deployed apart")
 # Only a write that honours an Idempotency-Key, sent without one (shared.single_use_signatures).
 SIGNATURE_USED = DocumentedError(
     401, "SIGNATURE_USED", "sent without an Idempotency-Key, the request's signature was used "

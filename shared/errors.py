@@ -93,8 +93,8 @@ class BadGateway(ApiError):
         if code == SignatureUsed.code:
             logging.getLogger(__name__).error(
                 "the %s service refused the gateway's signed identity (%s): an unkeyed write's "
-                "signature was used twice (a replay, or two identical requests signed in one "
-                "microsecond)", service, why)
+                "signature was used twice (a replay: each request the gateway signs has a nonce "
+                "of its own)", service, why)
             return cls.of(service)
         logging.getLogger(__name__).error(
             "the %s service refused the gateway's signed identity (%s): are the two of one "

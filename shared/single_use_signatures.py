@@ -12,10 +12,12 @@ Only there: a read changes nothing, a keyed write's repeat is answered with its 
 gRPC call only when grpc-core knows the service never saw it), and opening an account twice is a
 409. So the check costs one Redis round trip per unkeyed write, and none elsewhere. Each use is
 noted (SET NX, a digest of the signature) before the work, and kept for as long as the signature
-could be accepted. A signature is for one request at one moment: the gateway's deadline, to the
-microsecond (shared.caller_deadline), differs between two requests it sends, so a user's two
-orders alike, sent one after the other, are two signatures (a caller that signs no deadline signs
-two alike within a second as one).
+could be accepted. Each signature is made once: a random nonce is signed with every request
+(shared.internal_auth), so a user's two orders alike are two signatures however close together
+they are signed, and by however many gateway processes. They were one when signed in the same
+second with the same deadline (a moment to the microsecond, which two gateway processes or
+threads could both write), and the second was refused as a repeat: only a signed request sent
+again is one now.
 
 A signed unkeyed write is one try; retry by signing again. The use is noted before the work, so a
 first try that fails (a 503, a 504) has used its signature up too, and its repeat is refused. It

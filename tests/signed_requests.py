@@ -37,7 +37,7 @@ class GatewaySignedClient(FlaskClient):
     app's own INTERNAL_AUTH_SECRET, or with `signed_with`. An identity header the request is
     given itself is sent instead of the one signed (a test's tampering with it). Like the
     gateway's, each carries an X-Gateway-Deadline (SIGNED_DEADLINE_SECONDS on) unless it is
-    given one: so two requests alike sent within a second are two signatures, as the gateway's
+    given one, and a nonce of its own: two requests alike are two signatures, as the gateway's
     are, not one taken twice (a write without an Idempotency-Key takes its signature once:
     shared.single_use_signatures)."""
 
@@ -63,8 +63,8 @@ class GatewaySignedClient(FlaskClient):
 
 class SignedWithADeadline(SignedAs):
     """A requests `auth` that signs each request as the gateway sends it, with an
-    X-Gateway-Deadline (SIGNED_DEADLINE_SECONDS on) unless it has one: two requests alike sent
-    within a second are two signatures (see GatewaySignedClient)."""
+    X-Gateway-Deadline (SIGNED_DEADLINE_SECONDS on) unless it has one (see
+    GatewaySignedClient)."""
 
     def __call__(self, prepared):
         prepared.headers.setdefault(DEADLINE_HEADER, deadline_moment(SIGNED_DEADLINE_SECONDS))

@@ -694,6 +694,32 @@ def test_a_call_without_its_signed_deadline_or_with_another_is_refused(grpc_targ
             "401", "UNTRUSTED_IDENTITY")
 
 
+def test_a_call_without_its_nonce_with_another_or_with_it_twice_is_refused(grpc_targets,
+                                                                           settings):
+    """Each call the gateway signs carries a nonce of its own (x-gateway-nonce), signed: left
+    out, the signature would be checked as one made without it (one for two orders alike again);
+    another, or one given twice (read joined by a comma, as over HTTP), is not the gateway's.
+    Each 401 UNTRUSTED_IDENTITY, and nothing placed."""
+    user = f"nonce-{uuid.uuid4().hex[:8]}"
+    stub = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
+    name, place = f"{ORDERS}/PlaceOrder", orders_pb2.PlaceOrderRequest(amount="1")
+    signed = grpc_signed(user, name, place)
+    nonce = dict(signed)["x-gateway-nonce"]
+    without = tuple(item for item in signed if item[0] != "x-gateway-nonce")
+    for metadata, message in (
+            (without, "no gateway nonce"),
+            ((*without, ("x-gateway-nonce", "0" * 32)), "not the gateway's for this request"),
+            ((*signed, ("x-gateway-nonce", nonce)), "nonce is not 32 hex digits")):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.PlaceOrder(place, metadata=metadata, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, message
+        assert message in refused.value.details()
+        trailers = dict(refused.value.trailing_metadata())
+        assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == (
+            "401", "UNTRUSTED_IDENTITY")
+    assert _orders_placed_by(settings, user) == 0
+
+
 @pytest.mark.parametrize("given", MALFORMED_DEADLINES_IN_METADATA.values(),
                          ids=MALFORMED_DEADLINES_IN_METADATA)
 def test_a_signed_deadline_of_no_documented_form_is_refused_as_over_http(grpc_targets, settings,
@@ -911,15 +937,28 @@ def test_a_gateway_whose_signature_the_services_refuse_answers_502_not_401(
         caplog.clear()
 
 
-def test_a_gateway_whose_unkeyed_write_is_signed_twice_alike_answers_502_and_says_why(
+def test_a_gateways_two_unkeyed_writes_alike_signed_at_one_moment_are_both_carried_out(
         settings, upstreams, grpc_targets, caplog, monkeypatch):  # noqa: F811
     """Two orders alike without an Idempotency-Key, signed in one microsecond (the gateway's
-    clock held still here), are one signature, which the service takes once: the second is
-    refused 401 SIGNATURE_USED, a 502 to the client, and the gateway's log says what happened,
-    not that the release, INTERNAL_AUTH_SECRET or the clocks are apart."""
+    clock held still here, as two gateway processes may both read it) were one signature, which
+    the service took once: the second was refused 401 SIGNATURE_USED, a 502 to the shopper. Each
+    is signed with a nonce of its own now, and both are placed, over either transport. Were two
+    of them alike all the same (the nonce held too, as a replay is), the second is a 502 and the
+    gateway's log says what happened, not that the release, INTERNAL_AUTH_SECRET or the clocks
+    are apart."""
     held = types.SimpleNamespace(time=lambda now=time.time(): now, monotonic=time.monotonic)
     for module in ("shared.internal_auth", "shared.caller_deadline"):
         monkeypatch.setattr(f"{module}.time", held)
+    for transport in ("grpc", "http"):
+        client = _gateway(settings, upstreams, grpc_targets, transport)
+        session, auth = _signed_up_with_an_account(client)
+        answers = [client.post("/api/orders", json={"amount": "2.00"}, headers=auth)
+                   for _ in range(2)]
+        assert [answer.status_code for answer in answers] == [202, 202], (
+            transport, [answer.get_json() for answer in answers])
+        assert _orders_placed_by(settings, session["user_id"]) == 2, transport
+    monkeypatch.setattr("shared.internal_auth.secrets",
+                        types.SimpleNamespace(token_hex=lambda size: "ab" * size))
     for transport in ("grpc", "http"):
         client = _gateway(settings, upstreams, grpc_targets, transport)
         _, auth = _signed_up_with_an_account(client)

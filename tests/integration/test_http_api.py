@@ -326,6 +326,8 @@ def test_an_options_is_a_204_that_says_which_methods_the_path_takes(orders_http,
     {"signed_as": "mallory", "headers": {"X-User-ID": "alice"}},  # re-labelled
     {"signed_as": "mallory", "headers": {"X-Gateway-Timestamp": "0"}},  # stale
     {"signed_as": "mallory", "headers": {"X-Gateway-Signature": "é" * 64}},
+    {"signed_as": "mallory", "headers": {"X-Gateway-Nonce": "0" * 32}},  # another nonce
+    {"signed_as": "mallory", "headers": {"X-Gateway-Nonce": "é"}},  # no nonce's form
 ])
 def test_a_caller_without_a_valid_gateway_signed_user_id_gets_401(orders_http, payments_http,
                                                                   identity):
@@ -427,6 +429,28 @@ def test_a_captured_unkeyed_write_sent_again_is_refused_and_done_once(orders_htt
     assert _order_writes(orders_http.application, user_id) == (1, 1)
 
 
+def test_two_unkeyed_writes_alike_signed_at_one_moment_are_both_carried_out(orders_http,
+                                                                          payments_http, user_id):
+    """A user's two orders alike without an Idempotency-Key (and two deposits), signed in the same
+    second with the same deadline, as two gateway processes or threads may sign them: they were
+    one signature, the second refused 401 SIGNATURE_USED (a 502 to the shopper). Each signature
+    carries a nonce of its own now, so both are carried out; each sent again is still refused."""
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    now, sent_with = time.time(), deadline_headers(30)
+    for client, path, body in ((orders_http, "/orders", b'{"amount": "3.00"}'),
+                               (payments_http, "/accounts/deposit", b'{"amount": "10.00"}')):
+        signed = [_signed_for(user_id, "POST", path, body, now=now, sent_with=sent_with)
+                  for _ in range(2)]
+        for headers in signed:
+            answer = client.post(path, data=body, headers=headers, content_type="application/json")
+            assert answer.status_code in (200, 202), (path, answer.get_data(as_text=True))
+        repeat = client.post(path, data=body, headers=signed[1], content_type="application/json")
+        assert _assert_error(repeat, 401)["code"] == "SIGNATURE_USED", path
+    assert _order_writes(orders_http.application, user_id) == (2, 2)
+    assert payments_http.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == \
+        "20.00"
+
+
 def test_with_redis_unreachable_an_unkeyed_write_goes_through_unchecked_and_says_so(
         settings, user_id, caplog):
     """A shop takes orders with Redis down: the signature's use cannot be noted, so the write is
@@ -476,17 +500,22 @@ def test_headers_dated_more_than_a_few_seconds_ahead_are_refused(payments_http, 
     assert "dated in the future" in _assert_error(ahead, 401)["message"]
 
 
-def test_a_signature_of_the_release_before_is_refused_with_a_code_of_its_own(payments_http,
-                                                                             user_id):
-    """A gateway not deployed with the service: a 401 that says so, not a 500."""
+def test_a_signature_of_an_earlier_release_is_refused_with_a_code_of_its_own(payments_http,
+                                                                              user_id):
+    """A gateway not deployed with the service: a 401 that says so, not a 500. The release
+    before's (v2: signed without a nonce, which it did not send) and the one before that's."""
     timestamp = str(int(time.time()))
-    old = hmac.new(TEST_SECRETS["INTERNAL_AUTH_SECRET"].encode(), f"{user_id}|{timestamp}".encode(),
-                   hashlib.sha256).hexdigest()
-    refused = payments_http.post("/accounts", headers={
-        "X-User-ID": user_id, "X-Gateway-Timestamp": timestamp, "X-Gateway-Signature": old})
-    assert _assert_error(refused, 401)["code"] == "SIGNATURE_VERSION_MISMATCH"
+    secret = TEST_SECRETS["INTERNAL_AUTH_SECRET"].encode()
+    old = hmac.new(secret, f"{user_id}|{timestamp}".encode(), hashlib.sha256).hexdigest()
+    v2_lines = ("hseshop-identity-v2", user_id, timestamp, "POST", "/accounts",
+                hashlib.sha256(b"").hexdigest(), "", "")
+    v2 = "v2=" + hmac.new(secret, "\n".join(v2_lines).encode(), hashlib.sha256).hexdigest()
+    for earlier in (v2, old):
+        refused = payments_http.post("/accounts", headers={
+            "X-User-ID": user_id, "X-Gateway-Timestamp": timestamp, "X-Gateway-Signature": earlier})
+        assert _assert_error(refused, 401)["code"] == "SIGNATURE_VERSION_MISMATCH", earlier
     # Of no release's format (garbage, a version to come): not the gateway's, whatever its version.
-    for unknown in ("garbage", "v3=" + old):
+    for unknown in ("garbage", "v4=" + old):
         refused = payments_http.post("/accounts", headers={
             "X-User-ID": user_id, "X-Gateway-Timestamp": timestamp, "X-Gateway-Signature": unknown})
         assert _assert_error(refused, 401)["code"] == "UNTRUSTED_IDENTITY"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 
 import pytest
@@ -131,26 +132,110 @@ def test_a_signature_dated_more_than_a_few_seconds_ahead_is_refused(ahead):
         verified_user_id(headers, SECRET, *DEPOSIT, now=now)
 
 
-@pytest.mark.parametrize("sent", [DEPOSIT, ("GRPC", "/hseshop.payments.v1.Payments/Deposit",
-                                             b"\x0a\x0510.00")], ids=["http", "grpc"])
-def test_the_signature_of_a_gateway_of_the_release_before_is_refused_as_of_another_version(sent):
-    """Over "<user_id>|<timestamp>" alone, unprefixed: gateway and service deployed apart. Over
-    gRPC too, where that gateway sent no signed deadline: it is the signature that tells."""
-    timestamp = str(int(time.time()))
+GRPC_DEPOSIT = ("GRPC", "/hseshop.payments.v1.Payments/Deposit", b"\x0a\x0510.00")
+
+
+def _signed_as_the_release_before(sent, timestamp: str) -> dict[str, str]:
+    """The headers a gateway of the release before (v2: the lines of this one's but the nonce,
+    which it did not send) signed `sent` (a method, target and body) with, and a deadline."""
+    method, target, body = sent
+    deadline = "1900000000.250"
+    lines = ("hseshop-identity-v2", "usr_1", timestamp, method, target,
+             hashlib.sha256(body).hexdigest(), "", deadline)
+    mac = hmac.new(SECRET.encode(), "\n".join(lines).encode(), hashlib.sha256).hexdigest()
+    return {"x-user-id": "usr_1", "x-gateway-timestamp": timestamp,
+            "x-gateway-deadline": deadline, "x-gateway-signature": f"v2={mac}"}
+
+
+def _signed_unversioned(sent, timestamp: str) -> dict[str, str]:
+    """The headers of a gateway of the release before that (over "<user_id>|<timestamp>" alone,
+    unprefixed: no deadline, no nonce)."""
     old = hmac.new(SECRET.encode(), f"usr_1|{timestamp}".encode(), hashlib.sha256).hexdigest()
-    headers = {"x-user-id": "usr_1", "x-gateway-timestamp": timestamp, "x-gateway-signature": old}
+    return {"x-user-id": "usr_1", "x-gateway-timestamp": timestamp, "x-gateway-signature": old}
+
+
+@pytest.mark.parametrize("signed", [_signed_as_the_release_before, _signed_unversioned],
+                         ids=["v2", "unversioned"])
+@pytest.mark.parametrize("sent", [DEPOSIT, GRPC_DEPOSIT], ids=["http", "grpc"])
+def test_the_signature_of_a_gateway_of_an_earlier_release_is_refused_as_of_another_version(
+        sent, signed):
+    """Gateway and service deployed apart: the release before's v2 (signed without a nonce, which
+    it does not send) and the one before that's, unprefixed. Over gRPC too, where the oldest
+    gateway sent no signed deadline: it is the signature that tells, before the missing nonce or
+    deadline would."""
+    headers = signed(sent, str(int(time.time())))
     with pytest.raises(SignatureVersionMismatch, match="different releases") as refused:
         verified_user_id(headers, SECRET, *sent)
     assert refused.value.code == "SIGNATURE_VERSION_MISMATCH"
 
 
-@pytest.mark.parametrize("signature", ["garbage", "v3=" + "0" * 64, "V2=" + "0" * 64, "0" * 63,
-                                       "0" * 65, "A" * 64, "=" + "0" * 64])
+@pytest.mark.parametrize("signature", ["garbage", "v4=" + "0" * 64, "V3=" + "0" * 64,
+                                       "V2=" + "0" * 64, "v2=" + "0" * 63, "v2=" + "A" * 64,
+                                       "0" * 63, "0" * 65, "A" * 64, "=" + "0" * 64])
 def test_a_signature_of_no_known_format_is_untrusted_not_of_another_version(signature):
     headers = {**identity_headers("usr_1", SECRET, *DEPOSIT), "X-Gateway-Signature": signature}
     with pytest.raises(InvalidIdentity, match="no format") as refused:
         verified_user_id(headers, SECRET, *DEPOSIT)
     assert refused.value.code == "UNTRUSTED_IDENTITY"
+
+
+# What an unkeyed request is sent with (an order, a deposit as the gateway sends it without a key).
+UNKEYED = {"X-Gateway-Deadline": "1900000000.250"}
+
+
+@pytest.mark.parametrize("sent", [DEPOSIT, GRPC_DEPOSIT], ids=["http", "grpc"])
+def test_two_signatures_of_one_request_at_one_moment_differ_and_both_hold(sent):
+    """A user's two orders alike (no Idempotency-Key) signed in one second with one deadline, by
+    two gateway processes or threads: one signature before, the second order refused as a repeat
+    of the first (SIGNATURE_USED). Each carries a nonce of its own now, signed."""
+    now = time.time()
+    if sent[0] == "GRPC":
+        signed = [dict(grpc_identity_metadata("usr_1", SECRET, sent[1], sent[2], GRPC_DEADLINE,
+                                              now=now)) for _ in range(2)]
+        nonce, signature = "x-gateway-nonce", "x-gateway-signature"
+    else:
+        signed = [{**UNKEYED, **identity_headers("usr_1", SECRET, *sent, now=now,
+                                                   sent_with=UNKEYED)} for _ in range(2)]
+        nonce, signature = "X-Gateway-Nonce", "X-Gateway-Signature"
+    assert signed[0][nonce] != signed[1][nonce]
+    assert signed[0][signature] != signed[1][signature]
+    for headers in signed:
+        assert re.fullmatch("[0-9a-f]{32}", headers[nonce])
+        assert verified_user_id(headers, SECRET, *sent, now=now) == "usr_1"
+
+
+@pytest.mark.parametrize("sent", [DEPOSIT, GRPC_DEPOSIT], ids=["http", "grpc"])
+def test_a_signature_without_its_nonce_or_with_another_is_refused(sent):
+    """Left out, a signature would be checked as one signed without it (one for requests alike
+    again); another of its form is not the one signed; one of no form the gateway writes (a
+    header given twice arrives joined by a comma) is refused for it. Each a 401
+    UNTRUSTED_IDENTITY; the first and last before the body is read."""
+    if sent[0] == "GRPC":
+        signed = dict(grpc_identity_metadata("usr_1", SECRET, sent[1], sent[2], GRPC_DEADLINE))
+        name = "x-gateway-nonce"
+    else:
+        signed = {**UNKEYED, **identity_headers("usr_1", SECRET, *sent, sent_with=UNKEYED)}
+        name = "X-Gateway-Nonce"
+    method, target, body = sent
+    nonce = signed[name]
+    assert verified_user_id(signed, SECRET, *sent) == "usr_1"
+
+    def unread():
+        raise AssertionError("the body was read")
+
+    without = {key: value for key, value in signed.items() if key != name}
+    with pytest.raises(InvalidIdentity, match="no gateway nonce") as refused:
+        verified_user_id(without, SECRET, method, target, unread)
+    assert refused.value.code == "UNTRUSTED_IDENTITY"
+    another = f"{(int(nonce, 16) ^ 1):032x}"
+    with pytest.raises(InvalidIdentity, match="not the gateway's for this request") as refused:
+        verified_user_id({**signed, name: another}, SECRET, *sent)
+    assert refused.value.code == "UNTRUSTED_IDENTITY"
+    for malformed in ("", nonce.upper(), nonce[:-1], nonce + "0", f"{nonce},{nonce}",
+                      f" {nonce}", "g" * 32, "٠" * 32):
+        with pytest.raises(InvalidIdentity, match="nonce is not 32 hex digits") as refused:
+            verified_user_id({**signed, name: malformed}, SECRET, method, target, unread)
+        assert refused.value.code == "UNTRUSTED_IDENTITY", malformed
 
 
 def test_a_body_is_read_only_for_headers_that_pass_every_other_check():

@@ -156,12 +156,12 @@ def test_a_failure_of_the_services_is_answered_for_and_its_own_errors_relayed(
 
 def test_a_signature_used_twice_is_logged_as_that_not_as_a_release_secret_or_clock_apart(caplog):
     """Both 401s are a 502 to the client; the log tells the operator what to look at: for a
-    SIGNATURE_USED, a replay or two identical requests signed in one microsecond, not the
+    SIGNATURE_USED, a replay (each request the gateway signs has a nonce of its own), not the
     release, INTERNAL_AUTH_SECRET or the clocks, which it had suggested."""
     for code, said, not_said in (
             ("UNTRUSTED_IDENTITY", "INTERNAL_AUTH_SECRET", "used twice"),
-            ("SIGNATURE_USED", "an unkeyed write's signature was used twice (a replay, or two "
-                               "identical requests signed in one microsecond)",
+            ("SIGNATURE_USED", "an unkeyed write's signature was used twice (a replay: each "
+                               "request the gateway signs has a nonce of its own)",
              "INTERNAL_AUTH_SECRET")):
         caplog.clear()
         failure = failure_for_status("orders", 401, unavailable_for_now=False,
