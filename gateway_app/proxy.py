@@ -83,8 +83,8 @@ def forward(service: str, path: str, idempotent: bool = False,
             deadline_seconds=settings.upstream_timeout_seconds,
             safe_to_repeat=method == "GET" or key is not None,
             params=params, data=body, headers=headers, allow_redirects=False,
-            # Signed as each try is sent (a resend's timestamp its own), for its method, path and
-            # query as sent, and body.
+            # Signed as each try is sent (a resend's timestamp and nonce its own), for its method,
+            # path and query as sent, body, Idempotency-Key and deadline.
             auth=SignedAs(g.user_id, settings.internal_auth_secret))
     except requests.ConnectionError as exc:
         if exc.args and isinstance(exc.args[0], ReadTimeoutError):

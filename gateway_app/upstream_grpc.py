@@ -64,7 +64,8 @@ def call(service: str, method: str,
     # Signed for this method and this message's bytes, which the stub sends as serialized here
     # (a message serializes to the same bytes each time: its fields in their numbers' order), and
     # for the moment the gateway stops waiting, which the service keeps to if the call's own
-    # timeout (unsigned: a captured call could be sent again with a longer one) is later.
+    # timeout (unsigned: a captured call could be sent again with a longer one) is later; with a
+    # nonce of its own (x-gateway-nonce), so that two calls alike are two signatures.
     metadata = grpc_identity_metadata(g.user_id, settings.internal_auth_secret,
                                       f"/{SERVICE_NAMES[service]}/{method}",
                                       request.SerializeToString(),

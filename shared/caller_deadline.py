@@ -79,10 +79,10 @@ CALLER_GAVE_UP = DocumentedError(
 
 def deadline_moment(seconds_from_now: float) -> str:
     """The X-Gateway-Deadline (or gRPC metadata) value `seconds_from_now`, to the microsecond:
-    signed with the request, it tells apart two requests of a user that are alike in all else,
-    whose signatures would otherwise be one, which a write without an Idempotency-Key takes once
-    (shared.single_use_signatures): in milliseconds a bench's user sending 100 orders a second
-    sent one of ten alike. Never one a service refuses: a ValueError rather than send it
+    the moment the caller stops waiting, signed with the request so that a captured one cannot
+    be sent again with a later moment. It does not tell two requests of a user alike in all else
+    apart (two gateway processes or threads can write the same moment): the nonce signed with
+    each does (shared.internal_auth). Never one a service refuses: a ValueError rather than send it
     (UPSTREAM_TIMEOUT_SECONDS, held to FURTHEST_DEADLINE_SECONDS by shared.config, keeps the
     moment's 12 digits before its point enough for the next 30,000 years)."""
     moment = f"{time.time() + seconds_from_now:.6f}"

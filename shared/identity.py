@@ -16,10 +16,10 @@ from shared.single_use_signatures import note_verified_signature
 def authenticated_user_id(headers: Mapping[str, str], secret: str, method: str, target: str,
                           body: bytes | Callable[[], bytes]) -> str:
     """The user id the gateway signed into `headers` (an HTTP request's, or a gRPC call's
-    metadata) for the request `method target` with `body` (and, over HTTP, the Idempotency-Key
-    and X-Gateway-Deadline of `headers`: shared.internal_auth); 401 when it is
-    missing, malformed, or not signed by the gateway for this request. The signature verified is
-    kept for the call, whose write without an Idempotency-Key takes it once
+    metadata) for the request `method target` with `body` (and the X-Gateway-Deadline and
+    X-Gateway-Nonce of `headers`, over HTTP their Idempotency-Key too: shared.internal_auth); 401
+    when it is missing, malformed, or not signed by the gateway for this request. The signature
+    verified is kept for the call, whose write without an Idempotency-Key takes it once
     (shared.single_use_signatures)."""
     user_id = header_value(headers, USER_ID_HEADER)
     if user_id is None:
@@ -49,7 +49,7 @@ def require_user_id() -> str:
     """The caller's user id; 401 when it is missing, malformed or not signed by the gateway for
     this request: its method, target, body (read once the headers pass every other check, up to
     MAX_CONTENT_LENGTH, and kept for the view; a chunked one was read before this), and its
-    Idempotency-Key and X-Gateway-Deadline headers."""
+    Idempotency-Key, X-Gateway-Deadline and X-Gateway-Nonce headers."""
     secret = current_app.extensions["hseshop.settings"].internal_auth_secret
     g.user_id = authenticated_user_id(request.headers, secret, request.method, request_target(),
                                       lambda: request.get_data(cache=True))

@@ -1,6 +1,7 @@
 """Calling a service directly as the gateway does, which signs each request it sends for its
-method, path and query, body, Idempotency-Key and deadline (shared.internal_auth): Flask's test
-client given `signed_as`, and gRPC call metadata for one call's method, message and deadline."""
+method, path and query, body, Idempotency-Key and deadline, with a nonce of its own
+(shared.internal_auth): Flask's test client given `signed_as`, and gRPC call metadata for one
+call's method, message and deadline."""
 
 from __future__ import annotations
 
@@ -33,13 +34,13 @@ MALFORMED_DEADLINES_IN_METADATA = {name: given for name, given in MALFORMED_DEAD
 class GatewaySignedClient(FlaskClient):
     """A Flask test client whose requests can be sent as the gateway sends them for a user:
     `client.post("/orders", json=body, signed_as=user_id)`, signed once built (its method,
-    RAW_URI, body, Idempotency-Key and X-Gateway-Deadline as the app will read them) with the
-    app's own INTERNAL_AUTH_SECRET, or with `signed_with`. An identity header the request is
-    given itself is sent instead of the one signed (a test's tampering with it). Like the
-    gateway's, each carries an X-Gateway-Deadline (SIGNED_DEADLINE_SECONDS on) unless it is
-    given one, and a nonce of its own: two requests alike are two signatures, as the gateway's
-    are, not one taken twice (a write without an Idempotency-Key takes its signature once:
-    shared.single_use_signatures)."""
+    RAW_URI, body, Idempotency-Key and X-Gateway-Deadline as the app will read them, and its
+    X-Gateway-Nonce) with the app's own INTERNAL_AUTH_SECRET, or with `signed_with`. An identity
+    header the request is given itself is sent instead of the one signed (a test's tampering with
+    it). Like the gateway's, each carries an X-Gateway-Deadline (SIGNED_DEADLINE_SECONDS on)
+    unless it is given one, and a nonce of its own: two requests alike are two signatures, as the
+    gateway's are, not one taken twice (a write without an Idempotency-Key takes its signature
+    once: shared.single_use_signatures)."""
 
     def open(self, *args, signed_as: str | None = None, signed_with: str | None = None,
              buffered: bool = False, follow_redirects: bool = False, **kwargs):

@@ -552,6 +552,35 @@ def test_a_deadline_given_twice_is_refused_by_each_service_once_its_signature_ho
     assert gateway.get("/api/orders", headers=auth).get_json()["items"] == []
 
 
+def test_a_nonce_given_twice_is_refused_by_each_service_for_its_form(gateway, upstreams):
+    """Over real HTTP: two X-Gateway-Nonce lines reach a service joined by a comma, no nonce of
+    the form the gateway writes: 401 UNTRUSTED_IDENTITY for that form, before the signature is
+    checked, whichever line holds the nonce signed (both, the last, the first), and nothing is
+    done. A server that kept one line alone would have the signature hold for it, and the work
+    done under a nonce the gateway never sent alone."""
+    user_id, auth = _sign_up(gateway)
+    assert gateway.post("/api/accounts", headers=auth).status_code == 201
+    body = b'{"amount": "1.00"}'
+    another = uuid.uuid4().hex
+    for service, path in (("payments", "/accounts/deposit"), ("orders", "/orders")):
+        sent_with = {"X-Gateway-Deadline": f"{time.time() + 30:.6f}"}
+        signed = {**sent_with, **identity_headers(
+            user_id, TEST_SECRETS["INTERNAL_AUTH_SECRET"], "POST", path, body,
+            sent_with=sent_with)}
+        nonce = signed.pop("X-Gateway-Nonce")
+        for twice in ((nonce, nonce), (another, nonce), (nonce, another)):
+            answered, answer = _posted_with_lines(
+                upstreams[service].url, path, body,
+                *(f"{name}: {value}" for name, value in signed.items()),
+                *(f"X-Gateway-Nonce: {value}" for value in twice))
+            error = answer.get("error", {})
+            assert (answered, error.get("code")) == (401, "UNTRUSTED_IDENTITY"), (
+                service, twice, answer)
+            assert "nonce is not 32 hex digits" in error["message"], (service, answer)
+    assert gateway.get("/api/accounts/balance", headers=auth).get_json()["balance"] == "0.00"
+    assert gateway.get("/api/orders", headers=auth).get_json()["items"] == []
+
+
 def test_the_request_id_is_kept_when_sane_and_made_up_otherwise(gateway):
     _, auth = _sign_up(gateway)
     kept = gateway.get("/api/orders", headers={**auth, "X-Request-ID": "trace-12345678"})

@@ -339,7 +339,8 @@ def test_a_caller_without_a_valid_gateway_signed_user_id_gets_401(orders_http, p
 
 def _signed_for(user_id, method, target, body=b"", now=None, sent_with=None):
     """The identity headers the gateway sends with the request `method target` and `body` (and
-    the Idempotency-Key and X-Gateway-Deadline of `sent_with`, sent with them)."""
+    the Idempotency-Key and X-Gateway-Deadline of `sent_with`, sent with them), with a nonce of
+    their own."""
     return {**(sent_with or {}), **identity_headers(
         user_id, TEST_SECRETS["INTERNAL_AUTH_SECRET"], method, target, body, now=now,
         sent_with=sent_with)}
