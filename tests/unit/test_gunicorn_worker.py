@@ -1,7 +1,8 @@
 """shared/gunicorn_worker.py: the answers gunicorn writes itself, as `write_json_error` writes them
 to a socket given the arguments gunicorn passes (gunicorn/workers/base.py: Worker.handle_error);
 the requests and answers of the worker's gunicorn, made of a socket; and its worker class's
-process start. tests/e2e/test_unreadable_requests.py sends such requests to the running shop."""
+process start and its checks of the settings. tests/e2e/test_unreadable_requests.py sends such
+requests to the running shop."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+import types
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +26,7 @@ from gunicorn.http.parser import RequestParser
 from gunicorn.workers.gthread import ThreadWorker
 
 from shared import process_stopping
+from shared.config import get_settings
 from shared.errors import INTERNAL_ERROR
 from shared.gunicorn_worker import (
     GUNICORN_REPLACED,
@@ -340,3 +343,41 @@ def test_a_second_quit_signal_inside_the_first_ones_handling_is_let_be(monkeypat
     handling.join(5)
     assert not handling.is_alive(), "the second signal's handler waited on the first's lock"
     assert queue.second_returned and exited and not worker.alive
+
+
+def test_the_arbiters_check_of_the_settings_leaves_each_worker_to_read_its_own(monkeypatch):
+    """The arbiter checks the settings as it checks the worker class, and a worker it forks
+    afterwards (after a HUP, say) checks them again as it loads the app: that check reads the
+    worker's environment, a setting changed since refused. The arbiter's check once cached the
+    settings it read (get_settings), and every worker it forked inherited them, its own check
+    passing whatever its environment said. Here as after a fork: one process, the check cache
+    cleared first (what another test read) and after (the refused value gone)."""
+    cfg = Config()
+    cfg.set("wsgi_app", "orders_app:create_app()")
+    worker = JsonErrorsThreadWorker.__new__(JsonErrorsThreadWorker)
+    # (gunicorn's app, whose wsgi() the worker loads once its check has passed)
+    worker.cfg, worker.log = cfg, _Log()
+    worker.app = types.SimpleNamespace(wsgi=lambda: "the app loaded, the change unseen")
+    get_settings.cache_clear()
+    try:
+        JsonErrorsThreadWorker.check_config(cfg, worker.log)
+        assert worker.log.errors == []
+        monkeypatch.setenv("INBOX_MAX_ATTEMPTS", "five")
+
+        with pytest.raises(SystemExit) as exited:
+            worker.load_wsgi()
+    finally:
+        get_settings.cache_clear()
+    assert exited.value.code == 3  # (gunicorn's WORKER_BOOT_ERROR: the arbiter stops)
+    assert worker.log.errors == ["orders_app:create_app(): nothing served: INBOX_MAX_ATTEMPTS="
+                                 "'five': expected a whole number"]
+
+
+class _Log:
+    """gunicorn's logger as the worker's checks use it: its error lines, kept."""
+
+    def __init__(self):
+        self.errors: list[str] = []
+
+    def error(self, message, *args):
+        self.errors.append(message % args)
