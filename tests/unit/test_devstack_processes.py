@@ -224,6 +224,55 @@ def test_a_process_whose_stop_a_second_ctrl_c_cuts_short_is_killed_not_left_runn
             os.killpg(api_pid, signal.SIGKILL)
 
 
+def test_the_process_a_second_ctrl_c_killed_is_not_killed_again_by_a_later_stop(tmp_path):
+    """The second Ctrl-C kills the process the first stop was waiting on, and the program ends:
+    its exit's stop (atexit) once found it still named as being stopped (the last to stop, no
+    other's stop named another after it) and killed its pid again, by then free for the system to
+    give another process (the killed one reaped)."""
+    program = textwrap.dedent(
+        """
+        import atexit, time
+        # (Registered before the group's, so run after its stop at exit.)
+        atexit.register(lambda: print("exited", flush=True))
+        from devstack.processes import ProcessGroup
+        group = ProcessGroup()
+
+        class Fake:
+            def __init__(self, name):
+                self.name = name
+
+            def stop(self, timeout=10):
+                print("stopping " + self.name, flush=True)
+                time.sleep(60 if self.name == "broker" else 0)
+
+            def kill(self):
+                print("killed " + self.name, flush=True)
+
+        for name in ("broker", "api"):
+            group.add(Fake(name))
+        print("ready", flush=True)
+        time.sleep(300)
+        """
+    )
+    parent = _started(program, tmp_path)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        parent.send_signal(signal.SIGINT)
+        assert parent.stdout.readline().strip() == "stopping api"
+        assert parent.stdout.readline().strip() == "stopping broker"
+
+        parent.send_signal(signal.SIGINT)
+
+        assert parent.wait(10) == -signal.SIGINT
+        said = parent.stdout.read().split("\n")
+        assert said[-2:] == ["exited", ""]  # (the exit's stop came and went)
+        assert said.count("killed broker") == 1, said
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
