@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import signal
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from devstack import infra
 from devstack.infra import free_port, port_open, wait_until
 from devstack.leftovers import RunInTheWay, RunRecord, started_at, this_boot
 from devstack.logs import LogFollower
 from devstack.processes import ManagedProcess, ProcessGroup
-from devstack.stack import Stack
+from devstack.stack import DEFAULT_PORTS, Stack
 from tests.process_tools import gone, start_child
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -665,3 +667,37 @@ def test_a_stop_with_a_worker_or_the_broker_dead_says_it_waits_for_nothing(tmp_p
 
     assert (f"[devstack] not waiting for the orders in flight: {dead} not running (what the"
             " broker still holds is lost)") in capsys.readouterr().err
+
+
+def test_a_start_that_fails_stops_without_waiting_for_orders_in_flight(tmp_path, monkeypatch,
+                                                                       capsys):
+    """Only a shop that came up can have orders in flight: a start whose services never got
+    healthy asked for the drain all the same (as orders-grpc started), and its stop waited out
+    the drain's quiet window, up to 15 s, before it stopped the workers. The shop's processes
+    here are sleeps under their own names, nothing listening on their ports; the broker too, its
+    databases nowhere (what a drain wrongly asked for would try)."""
+    made = []
+
+    def sleeping(name: str) -> ManagedProcess:
+        made.append(_shell(tmp_path, "exec sleep 60", name))
+        return made[-1]
+
+    monkeypatch.setattr("devstack.stack.ProcessGroup",
+                        functools.partial(ProcessGroup, handle_signals=False))
+    monkeypatch.setattr(infra, "broker_process", lambda port, run_dir: sleeping("broker"))
+    monkeypatch.setattr(infra, "start_and_wait_for_broker", lambda broker, port: broker.start())
+    nowhere = f"127.0.0.1:{free_port()}"
+    shop = Stack(tmp_path, ports={name: free_port() for name in DEFAULT_PORTS}, quiet=False,
+                 servers=(f"postgresql://postgres@{nowhere}", f"redis://{nowhere}"))
+    monkeypatch.setattr(shop, "_migrate", lambda service: None)
+    the_shops = shop._app_processes
+    monkeypatch.setattr(shop, "_app_processes",
+                        lambda: [sleeping(process.name) for process in the_shops()])
+
+    with pytest.raises(TimeoutError, match="the APIs to report healthy"):
+        shop.start(timeout=1)
+
+    said = capsys.readouterr().err
+    assert "[devstack] orders-grpc..." in said and "[devstack] orders-worker..." in said
+    assert "in flight" not in said, said
+    assert len(made) > 1 and not [process.name for process in made if process.alive()]
