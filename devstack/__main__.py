@@ -15,6 +15,7 @@ from pathlib import Path
 from devstack.local_secrets import SECRETS_FILE, secrets_to_hand_out
 from devstack.logs import LogFollower
 from devstack.stack import REPO_ROOT, Stack
+from shared.quiet_interrupt import INTERRUPTED
 
 
 def run() -> int:
@@ -41,8 +42,10 @@ def run() -> int:
                 time.sleep(0.2)
             report_deaths(stack, reported)
     except KeyboardInterrupt:
+        # Once all is stopped (below), it dies of SIGINT as the operator's commands do
+        # (run_main), for a script running it (`while make run; do ...; done`) to stop too.
         print("\n[devstack] stopping...", file=sys.stderr, flush=True)
-        return 0
+        return INTERRUPTED
     finally:
         stack.stop()
         if wrote_env_file:

@@ -41,6 +41,7 @@ from shared.errors import DATABASE_ERRORS, ApiError, database_error
 from shared.idempotency import REPLAYED, checked_idempotency_key, take_replayed_mark
 from shared.identity import authenticated_user_id
 from shared.internal_auth import DEADLINE_HEADER, GRPC_METHOD, header_value
+from shared.quiet_interrupt import INTERRUPTED
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, escaped_in_logs,
                                     given_request_id_if_sane, request_id_bound, sane_request_id)
 
@@ -314,7 +315,7 @@ def build_server(service: str, app: Flask, bind: str,
     return server
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int | None:
     parser = argparse.ArgumentParser(prog="python -m shared.grpc_server")
     parser.add_argument("service", choices=("orders", "payments"))
     args = parser.parse_args(argv)
@@ -324,13 +325,24 @@ def main(argv: list[str] | None = None) -> None:
     package = importlib.import_module(f"{args.service}_app")
     bind = getattr(settings, f"{args.service}_grpc_bind")
     server = build_server(args.service, package.create_app(), bind)
+    stopped = threading.Event()
+    received: list[int] = []
+
+    def stop(signum, frame) -> None:
+        received.append(signum)
+        stopped.set()
+
+    # (Taken before it listens: once it says so, a stop signal stops it as below.)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
     server.start()
     log.info("%s gRPC listening on %s", args.service, bind)
-    stopped = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopped.set())
     stopped.wait()
     server.stop(grace=5).wait()
+    log.info("%s gRPC stopped", args.service)
+    # Stopped by Ctrl-C, it then dies of SIGINT as the operator's commands do (run_main), for a
+    # script running it to stop too; stopped by SIGTERM (a deploy, compose), it exits 0.
+    return INTERRUPTED if received[0] == signal.SIGINT else None
 
 
 if __name__ == "__main__":

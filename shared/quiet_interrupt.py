@@ -37,9 +37,10 @@ def quiet_while_loading() -> None:
 
 def run_main(main: Callable[[], int | None]) -> NoReturn:
     """Exit with what `main` returns, Ctrl-C a KeyboardInterrupt again while it runs, which a
-    command may take its own way (tasks.parked says how many messages went through and returns
-    INTERRUPTED, devstack stops what it started); with one that `main` leaves to rise, or
-    INTERRUPTED returned, the process dies of SIGINT, nothing more said."""
+    command may take its own way, returning INTERRUPTED once done (tasks.parked says how many
+    messages went through, devstack stops what it started, a gRPC server stops serving); with one
+    that `main` leaves to rise, or INTERRUPTED returned, the process dies of SIGINT, nothing more
+    said."""
     global _loading
     if _loading:
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -131,6 +131,34 @@ def test_ctrl_c_while_replay_hands_messages_back_says_how_many_went_and_ends_of_
         " it was interrupted; run it again for the rest\n")
 
 
+@pytest.mark.parametrize("signum, returncode", [(signal.SIGINT, -signal.SIGINT),
+                                                 (signal.SIGTERM, 0)])
+def test_a_serving_grpc_server_stops_serving_then_ctrl_c_has_it_die_of_sigint(
+        settings, tmp_path, signum, returncode):
+    """Stopped by Ctrl-C as it serves, the gRPC server stops serving (its calls in flight given
+    5 s), then dies of SIGINT as the other commands Ctrl-C ends, for a script running it to stop
+    too: it exited 0. Stopped by SIGTERM (a deploy, compose), it exits 0, as before."""
+    with open(tmp_path / "grpc.log", "wb") as log:
+        server = start_child([sys.executable, "-m", "shared.grpc_server", "orders"],
+                             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, "ORDERS_GRPC_BIND": f"127.0.0.1:{free_port()}"},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for(lambda: "orders gRPC listening on" in (tmp_path / "grpc.log").read_text()
+                 or server.poll() is not None, timeout=60, what="the gRPC server to listen")
+        server.send_signal(signum)
+
+        assert server.wait(30) == returncode, (tmp_path / "grpc.log").read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+    said = (tmp_path / "grpc.log").read_text()
+    assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
+                                          " stopped"), said
+    assert "Traceback" not in said, said
+
+
 def test_ctrl_c_stops_a_script_running_a_command_as_it_stops_any(settings, tmp_path):
     """bash, given Ctrl-C (SIGINT to the terminal's process group: itself and the command it
     waits for), stops only once the command dies of SIGINT: one that exits, 130 or not, is taken

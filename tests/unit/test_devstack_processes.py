@@ -312,7 +312,7 @@ def test_ctrl_c_sigterm_or_a_hangup_stops_every_process_the_program_started(tmp_
     assert all(gone(pid) for pid in children)
 
 
-def _started(program: str, cwd, ignoring_ctrl_c: bool = False) -> subprocess.Popen:
+def _started(program: str, cwd, ignoring_ctrl_c: bool = False, stderr=None) -> subprocess.Popen:
     """`program` run by this Python, importing the repository's modules, its stdout read; its
     SIGHUP as a terminal's job gets it, and its SIGINT too unless `ignoring_ctrl_c` (then ignored,
     as a background job of a non-interactive shell gets it), whatever this run was started with
@@ -324,7 +324,7 @@ def _started(program: str, cwd, ignoring_ctrl_c: bool = False) -> subprocess.Pop
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
     return start_child([sys.executable, "-c", program], cwd=cwd, stdout=subprocess.PIPE,
-                       text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                       stderr=stderr, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                        preexec_fn=signals_as_given)
 
 
@@ -520,6 +520,53 @@ def test_a_make_run_that_cannot_start_leaves_the_running_ones_settings_file(tmp_
     assert capsys.readouterr().err == (
         "[devstack] could not start: ports already in use; is another stack running?\n")
     assert running_ones.read_text() == "REDIS_URL=redis://127.0.0.1:40001/0\n"
+
+
+def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
+    """`python -m devstack run` (`make run`), Ctrl-C'd once the shop runs, stops what it started
+    and removes its settings file, then dies of SIGINT, as the operator's commands do, for a
+    script running it (`while make run; do ...; done`) to stop too: it exited 0. Its shop here
+    is one sleep, its folder the test's."""
+    program = textwrap.dedent(
+        f"""
+        import os
+        from pathlib import Path
+        import devstack.__main__ as make_run
+        from devstack.processes import ManagedProcess, ProcessGroup
+        from shared.quiet_interrupt import run_main
+
+        class OneSleep(make_run.Stack):
+            def start(self, timeout=60):
+                self._group, self._env = ProcessGroup(), {{}}
+                sleep = ManagedProcess("sleep", ["sleep", "300"], os.environ,
+                                       self.logs_dir / "sleep.log", self.run_dir)
+                print(self._group.start(sleep).pid, flush=True)
+                return self
+
+        make_run.REPO_ROOT, make_run.Stack = Path({str(tmp_path)!r}), OneSleep
+        run_main(lambda: make_run.main(["run"]))
+        """
+    )
+    run, sleep = _started(program, tmp_path, stderr=subprocess.PIPE), None
+    try:
+        sleep = int(run.stdout.readline())
+        while (line := run.stdout.readline()) and line != "Ctrl-C stops everything.\n":
+            pass
+        assert (tmp_path / ".run" / "env").exists()
+
+        run.send_signal(signal.SIGINT)
+
+        out, err = run.communicate(timeout=30)
+        assert run.returncode == -signal.SIGINT, err
+        assert err == "\n[devstack] stopping...\n"
+        assert gone(sleep)
+        assert not (tmp_path / ".run" / "env").exists()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        if sleep is not None and not gone(sleep):  # (what the test leaves, if it fails)
+            os.killpg(sleep, signal.SIGKILL)
 
 
 # A program that begins a run record in its folder, starts two processes under it (one with a
