@@ -43,7 +43,8 @@ def run() -> int:
             report_deaths(stack, reported)
     except KeyboardInterrupt:
         # Once all is stopped (below), it dies of SIGINT as the operator's commands do
-        # (run_main), for a script running it (`while make run; do ...; done`) to stop too.
+        # (run_main), for a script running the command itself (`while python -m devstack run;
+        # do ...; done`) to stop too.
         print("\n[devstack] stopping...", file=sys.stderr, flush=True)
         return INTERRUPTED
     finally:

@@ -525,8 +525,9 @@ def test_a_make_run_that_cannot_start_leaves_the_running_ones_settings_file(tmp_
 def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
     """`python -m devstack run` (`make run`), Ctrl-C'd once the shop runs, stops what it started
     and removes its settings file, then dies of SIGINT, as the operator's commands do, for a
-    script running it (`while make run; do ...; done`) to stop too: it exited 0. Its shop here
-    is one sleep, its folder the test's."""
+    script running the command itself (`while python -m devstack run; do ...; done`) to stop too:
+    it exited 0 (make dies of SIGINT whatever it exits with). Its shop here is one sleep, its
+    folder the test's."""
     program = textwrap.dedent(
         f"""
         import os
