@@ -44,8 +44,7 @@ def run() -> int:
     except KeyboardInterrupt:
         # Once all is stopped (below), it dies of SIGINT as the operator's commands do
         # (run_main), for a script running the command itself (`while python -m devstack run;
-        # do ...; done`) to stop too.
-        print("\n[devstack] stopping...", file=sys.stderr, flush=True)
+        # do ...; done`) to stop too. ("stopping..." was said as the signal came: Stack.)
         return INTERRUPTED
     finally:
         stack.stop()

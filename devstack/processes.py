@@ -141,9 +141,13 @@ class ProcessGroup:
     and the record ended once all are stopped: a program killed outright (SIGKILL) could stop none,
     and the next to begin the record stops them (devstack.leftovers)."""
 
-    def __init__(self, handle_signals: bool = True, record: RunRecord | None = None):
+    def __init__(self, handle_signals: bool = True, record: RunRecord | None = None,
+                 on_signal: Callable[[], None] | None = None):
         self._processes: list[ManagedProcess] = []
         self._record = record
+        # Called as the first stop signal comes, before the stop (which may take seconds: the
+        # drain, a slow process), for the program to say it is stopping while it stops.
+        self._on_signal = on_signal
         # What stop_all calls once it has stopped a process, before it stops the next
         # (when_stopped).
         self._when_stopped: dict[int, Callable[[], None]] = {}
@@ -169,6 +173,8 @@ class ProcessGroup:
         def handler(received, frame):
             if self._stopping:  # a second Ctrl-C: no drain (README: Running it locally)
                 self._at_once = True
+            elif self._on_signal is not None:
+                self._on_signal()
             self.stop_all()
             if callable(previous):
                 previous(received, frame)

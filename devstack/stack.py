@@ -164,7 +164,7 @@ class Stack:
         if left:
             print(f"[devstack] stopped what a run killed before left running in {self.run_dir}:"
                   f" {', '.join(left)}", file=sys.stderr, flush=True)
-        self._group = ProcessGroup(record=record)
+        self._group = ProcessGroup(record=record, on_signal=self._say_stopping)
         try:
             self._check_ports_free()
             postgres_base, redis_base = self.servers or self._find_or_start_servers()
@@ -193,6 +193,13 @@ class Stack:
     def stop(self) -> None:
         if self._group is not None:
             self._group.stop_all()
+
+    def _say_stopping(self) -> None:
+        """Said as Ctrl-C (SIGTERM, a hangup) comes, before the stop it starts, not once it is
+        done (the drain may take seconds). On stderr, as _say: stdout is the log follower's, and
+        a print to it from a signal handler that cut one short would raise (reentrant call)."""
+        if not self.quiet:
+            print("\n[devstack] stopping...", file=sys.stderr, flush=True)
 
     def _find_or_start_servers(self) -> tuple[str, str]:
         """PostgreSQL's and Redis's URL bases: the machine's own, or embedded ones started (and

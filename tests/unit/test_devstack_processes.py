@@ -522,12 +522,9 @@ def test_a_make_run_that_cannot_start_leaves_the_running_ones_settings_file(tmp_
     assert running_ones.read_text() == "REDIS_URL=redis://127.0.0.1:40001/0\n"
 
 
-def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
-    """`python -m devstack run` (`make run`), Ctrl-C'd once the shop runs, stops what it started
-    and removes its settings file, then dies of SIGINT, as the operator's commands do, for a
-    script running the command itself (`while python -m devstack run; do ...; done`) to stop too:
-    it exited 0 (make dies of SIGINT whatever it exits with). Its shop here is one sleep, its
-    folder the test's."""
+def _make_run(tmp_path, shop: list[str]) -> subprocess.Popen:
+    """`python -m devstack run` (run_main), its folder the test's, its shop the one process
+    `shop`, whose pid it prints first; its stderr read too."""
     program = textwrap.dedent(
         f"""
         import os
@@ -536,19 +533,29 @@ def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
         from devstack.processes import ManagedProcess, ProcessGroup
         from shared.quiet_interrupt import run_main
 
-        class OneSleep(make_run.Stack):
-            def start(self, timeout=60):
-                self._group, self._env = ProcessGroup(), {{}}
-                sleep = ManagedProcess("sleep", ["sleep", "300"], os.environ,
-                                       self.logs_dir / "sleep.log", self.run_dir)
-                print(self._group.start(sleep).pid, flush=True)
+        class OneProcess(make_run.Stack):
+            def start(self, timeout=60):  # (its group made as Stack.start makes it)
+                self._group = ProcessGroup(on_signal=self._say_stopping)
+                self._env = {{}}
+                shop = ManagedProcess("shop", {shop!r}, os.environ, self.logs_dir / "shop.log",
+                                      self.run_dir)
+                print(self._group.start(shop).pid, flush=True)
                 return self
 
-        make_run.REPO_ROOT, make_run.Stack = Path({str(tmp_path)!r}), OneSleep
+        make_run.REPO_ROOT, make_run.Stack = Path({str(tmp_path)!r}), OneProcess
         run_main(lambda: make_run.main(["run"]))
         """
     )
-    run, sleep = _started(program, tmp_path, stderr=subprocess.PIPE), None
+    return _started(program, tmp_path, stderr=subprocess.PIPE)
+
+
+def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
+    """`python -m devstack run` (`make run`), Ctrl-C'd once the shop runs, stops what it started
+    and removes its settings file, then dies of SIGINT, as the operator's commands do, for a
+    script running the command itself (`while python -m devstack run; do ...; done`) to stop too:
+    it exited 0 (make dies of SIGINT whatever it exits with). Its shop here is one sleep, its
+    folder the test's."""
+    run, sleep = _make_run(tmp_path, ["sleep", "300"]), None
     try:
         sleep = int(run.stdout.readline())
         while (line := run.stdout.readline()) and line != "Ctrl-C stops everything.\n":
@@ -569,6 +576,49 @@ def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
         if sleep is not None and not gone(sleep):  # (what the test leaves, if it fails)
             os.killpg(sleep, signal.SIGKILL)
 
+
+# A shop process slow to stop: once it holds SIGTERM back (its file "holding", in its folder), a
+# SIGTERM has it wait for the file "go" there before it exits.
+SLOW_TO_STOP = textwrap.dedent(
+    """
+    import os, signal, time
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    open("holding", "w").close()
+    signal.sigwait({signal.SIGTERM})
+    while not os.path.exists("go"):
+        time.sleep(0.05)
+    """
+)
+
+
+def test_make_run_says_it_is_stopping_as_ctrl_c_comes_not_once_it_has_stopped(tmp_path):
+    """"[devstack] stopping..." is said as Ctrl-C comes, on stderr, while the shop is stopping
+    (its drain, a slow process: seconds): it was said once everything had stopped, the operator
+    meanwhile told nothing."""
+    run, shop = _make_run(tmp_path, [sys.executable, "-c", SLOW_TO_STOP]), None
+    try:
+        shop = int(run.stdout.readline())
+        while (line := run.stdout.readline()) and line != "Ctrl-C stops everything.\n":
+            pass
+        wait_until(lambda: (tmp_path / ".run" / "holding").exists(), 10, 0.02,
+                   "the shop to hold SIGTERM back")
+
+        run.send_signal(signal.SIGINT)
+
+        assert run.stderr.readline() == "\n"
+        assert run.stderr.readline() == "[devstack] stopping...\n"
+        assert not gone(shop)  # (still stopping)
+        (tmp_path / ".run" / "go").touch()
+        out, err = run.communicate(timeout=30)
+        assert run.returncode == -signal.SIGINT, err
+        assert err == ""
+        assert gone(shop)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        if shop is not None and not gone(shop):  # (what the test leaves, if it fails)
+            os.killpg(shop, signal.SIGKILL)
 
 # A program that begins a run record in its folder, starts two processes under it (one with a
 # child of its own, in its group), prints their pids, then "ready", and waits.
