@@ -319,12 +319,6 @@ def main(argv: list[str] | None = None) -> int | None:
     parser = argparse.ArgumentParser(prog="python -m shared.grpc_server")
     parser.add_argument("service", choices=("orders", "payments"))
     args = parser.parse_args(argv)
-    configure_logging()
-    # (A setting it cannot take said in a line, its password hidden, not a traceback.)
-    settings = settings_or_exit(f"{args.service} gRPC: nothing served", log)
-    package = importlib.import_module(f"{args.service}_app")
-    bind = getattr(settings, f"{args.service}_grpc_bind")
-    server = build_server(args.service, package.create_app(), bind)
     stopped = threading.Event()
     received: list[int] = []
 
@@ -332,12 +326,23 @@ def main(argv: list[str] | None = None) -> int | None:
         received.append(signum)
         stopped.set()
 
-    # (Taken before it listens: once it says so, a stop signal stops it as below.)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop)
-    server.start()
-    log.info("%s gRPC listening on %s", args.service, bind)
-    stopped.wait()
+    # SIGTERM taken first: build_server's add_insecure_port already listens (a connect succeeds,
+    # which devstack takes for ready), and a SIGTERM before it was taken (or as the settings
+    # were read, the app made) killed it, exit 143, "stopped" never said.
+    signal.signal(signal.SIGTERM, stop)
+    configure_logging()
+    # (A setting it cannot take said in a line, its password hidden, not a traceback.)
+    settings = settings_or_exit(f"{args.service} gRPC: nothing served", log)
+    package = importlib.import_module(f"{args.service}_app")
+    bind = getattr(settings, f"{args.service}_grpc_bind")
+    server = build_server(args.service, package.create_app(), bind)
+    # Ctrl-C taken so once it is about to serve: till then it ends it at once, quietly, nothing
+    # served (run_main), a slow start (the app made) cut short.
+    signal.signal(signal.SIGINT, stop)
+    if not stopped.is_set():  # (a stop signal come before it serves: not started, only stopped)
+        server.start()
+        log.info("%s gRPC listening on %s", args.service, bind)
+        stopped.wait()
     server.stop(grace=5).wait()
     log.info("%s gRPC stopped", args.service)
     # Stopped by Ctrl-C, it then dies of SIGINT as the operator's commands do (run_main), for a

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import uuid
 from pathlib import Path
 
@@ -157,6 +158,71 @@ def test_a_serving_grpc_server_stops_serving_then_ctrl_c_has_it_die_of_sigint(
     assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
                                           " stopped"), said
     assert "Traceback" not in said, said
+
+
+# `python -m shared.grpc_server orders` (run_main), its server given a method /test.Slow/Sleep that
+# says "slow call" and sleeps a minute, its grace `grace` s (when it has a STOP_GRACE), and
+# `before_start` run in build_server, once the server listens, before main starts it.
+SLOW_GRPC_SERVER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import grpc
+    import shared.grpc_server as grpc_server
+    from shared.quiet_interrupt import run_main
+
+    built = grpc_server.build_server
+
+    def slow(request, context):
+        print("slow call", flush=True)
+        time.sleep(60)
+        return b""
+
+    def build_server(*args, **kwargs):
+        server = built(*args, **kwargs)
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "test.Slow", {{"Sleep": grpc.unary_unary_rpc_method_handler(slow)}})])
+        {before_start}
+        return server
+
+    grpc_server.build_server, grpc_server.STOP_GRACE = build_server, {grace}
+    run_main(lambda: grpc_server.main(["orders"]))
+    """
+)
+
+
+def _slow_grpc_server(tmp_path: Path, bind: str, grace: float = 5,
+                      before_start: str = "pass") -> subprocess.Popen:
+    with open(tmp_path / "grpc.log", "wb") as log:
+        return start_child(
+            [sys.executable, "-c", SLOW_GRPC_SERVER.format(grace=grace, before_start=before_start)],
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "ORDERS_GRPC_BIND": bind, "PYTHONPATH": str(REPO_ROOT)})
+
+
+def _stopped(server: subprocess.Popen, timeout: float) -> None:
+    try:
+        server.wait(timeout)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+
+
+def test_a_grpc_server_sigtermed_before_it_starts_stops_saying_so_and_exits_0(settings,
+                                                                             tmp_path):
+    """A SIGTERM as it makes its server (listening already: add_insecure_port binds, and a connect
+    succeeds, which devstack takes for ready) or reads its settings, makes its app, has it stop
+    as one serving would, saying so, exit 0, not started: before, SIGTERM was taken only then,
+    and killed it (exit 143, nothing said). (Ctrl-C then ends it at once, quietly: above.)"""
+    server = _slow_grpc_server(tmp_path, f"127.0.0.1:{free_port()}",
+                               before_start="os.kill(os.getpid(), signal.SIGTERM)")
+    _stopped(server, 60)
+
+    said = (tmp_path / "grpc.log").read_text()
+    assert server.returncode == 0, said
+    assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
+                                          " stopped"), said
+    assert "listening" not in said, said
 
 
 def test_ctrl_c_stops_a_script_running_a_command_as_it_stops_any(settings, tmp_path):
