@@ -10,9 +10,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
+import grpc
 import pytest
 
 from devstack.infra import free_port
@@ -223,6 +225,37 @@ def test_a_grpc_server_sigtermed_before_it_starts_stops_saying_so_and_exits_0(se
     assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
                                           " stopped"), said
     assert "listening" not in said, said
+
+
+def test_a_grpc_server_sigtermed_with_a_call_past_its_grace_exits_once_it_has_stopped(settings,
+                                                                                      tmp_path):
+    """SIGTERM'd with a call in flight that outlasts the grace, the gRPC server says 'stopped'
+    once the grace is out and exits 0 then: before, it went on until the call's handler returned
+    (its thread waited for at exit), here a minute, README's 5 s holding for Ctrl-C only."""
+    bind = f"127.0.0.1:{free_port()}"
+    server, channel, call = _slow_grpc_server(tmp_path, bind, grace=1), None, None
+    try:
+        wait_for(lambda: "orders gRPC listening on" in (tmp_path / "grpc.log").read_text()
+                 or server.poll() is not None, timeout=60, what="the gRPC server to listen")
+        channel = grpc.insecure_channel(bind)
+        # (Held till the end: a call's future collected cancels it.)
+        call = channel.unary_unary("/test.Slow/Sleep").future(b"")
+        wait_for(lambda: "slow call" in (tmp_path / "grpc.log").read_text()
+                 or server.poll() is not None, timeout=30, what="the slow call to be taken")
+
+        server.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _stopped(server, 30)
+    finally:
+        if call is not None:
+            call.cancel()
+        if channel is not None:
+            channel.close()
+    said = (tmp_path / "grpc.log").read_text()
+    assert server.returncode == 0, said
+    assert time.monotonic() - sent < 1 + 5, said  # (its grace, and a margin)
+    assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
+                                          " stopped"), said
 
 
 def test_ctrl_c_stops_a_script_running_a_command_as_it_stops_any(settings, tmp_path):
