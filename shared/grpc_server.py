@@ -326,10 +326,13 @@ def main(argv: list[str] | None = None) -> int | None:
     args = parser.parse_args(argv)
     stopped = threading.Event()
     received: list[int] = []
+    draining: list[grpc.Server] = []  # (the server, once its stop gives calls their grace)
 
     def stop(signum, frame) -> None:
         received.append(signum)
         stopped.set()
+        if draining:  # a second stop signal: the calls in flight cut short, not waited for
+            draining[0].stop(0)
 
     # SIGTERM taken first: build_server's add_insecure_port already listens (a connect succeeds,
     # which devstack takes for ready), and a SIGTERM before it was taken (or as the settings
@@ -348,7 +351,13 @@ def main(argv: list[str] | None = None) -> int | None:
         server.start()
         log.info("%s gRPC listening on %s", args.service, bind)
         stopped.wait()
-    server.stop(grace=STOP_GRACE).wait()
+        log.info("%s gRPC stopping: its calls in flight given %s s (a second Ctrl-C or SIGTERM:"
+                 " none)", args.service, STOP_GRACE)
+    done = server.stop(grace=STOP_GRACE)
+    draining.append(server)
+    if len(received) > 1:  # (a second signal come before: the handler had no server to stop)
+        server.stop(0)
+    done.wait()
     log.info("%s gRPC stopped", args.service)
     # Stopped by Ctrl-C, it then dies of SIGINT as the operator's commands do (run_main), for a
     # script running it to stop too; stopped by SIGTERM (a deploy, compose), it exits 0. Either

@@ -192,12 +192,12 @@ SLOW_GRPC_SERVER = textwrap.dedent(
 )
 
 
-def _slow_grpc_server(tmp_path: Path, bind: str, grace: float = 5,
-                      before_start: str = "pass") -> subprocess.Popen:
+def _slow_grpc_server(tmp_path: Path, bind: str, grace: float = 5, before_start: str = "pass",
+                      preexec_fn=None) -> subprocess.Popen:
     with open(tmp_path / "grpc.log", "wb") as log:
         return start_child(
             [sys.executable, "-c", SLOW_GRPC_SERVER.format(grace=grace, before_start=before_start)],
-            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
             env={**os.environ, "ORDERS_GRPC_BIND": bind, "PYTHONPATH": str(REPO_ROOT)})
 
 
@@ -254,6 +254,41 @@ def test_a_grpc_server_sigtermed_with_a_call_past_its_grace_exits_once_it_has_st
     said = (tmp_path / "grpc.log").read_text()
     assert server.returncode == 0, said
     assert time.monotonic() - sent < 1 + 5, said  # (its grace, and a margin)
+    assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
+                                          " stopped"), said
+
+
+@pytest.mark.parametrize("signum, returncode", [(signal.SIGINT, -signal.SIGINT),
+                                                 (signal.SIGTERM, 0)])
+def test_a_second_stop_signal_has_a_stopping_grpc_server_cut_its_calls_short(
+        settings, tmp_path, signum, returncode):
+    """A second Ctrl-C (SIGTERM) as the gRPC server gives its calls in flight their grace has it
+    cut them short and stop at once: it did nothing, the grace (here 30 s) waited out."""
+    bind = f"127.0.0.1:{free_port()}"
+    server = _slow_grpc_server(tmp_path, bind, grace=30,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    channel = call = None
+    try:
+        wait_for(lambda: "orders gRPC listening on" in (tmp_path / "grpc.log").read_text()
+                 or server.poll() is not None, timeout=60, what="the gRPC server to listen")
+        channel = grpc.insecure_channel(bind)
+        # (Held till the end: a call's future collected cancels it.)
+        call = channel.unary_unary("/test.Slow/Sleep").future(b"")
+        wait_for(lambda: "slow call" in (tmp_path / "grpc.log").read_text()
+                 or server.poll() is not None, timeout=30, what="the slow call to be taken")
+        server.send_signal(signum)
+        wait_for(lambda: "orders gRPC stopping" in (tmp_path / "grpc.log").read_text()
+                 or server.poll() is not None, timeout=30, what="the gRPC server to stop")
+
+        server.send_signal(signum)
+        _stopped(server, 10)
+    finally:
+        if call is not None:
+            call.cancel()
+        if channel is not None:
+            channel.close()
+    said = (tmp_path / "grpc.log").read_text()
+    assert server.returncode == returncode, said
     assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
                                           " stopped"), said
 
