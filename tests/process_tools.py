@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from devstack.infra import LOCALHOST, free_port, port_open, wait_for_process
 from devstack.leftovers import started_at
@@ -66,6 +67,19 @@ def die_with_parent(parent: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # (it ended before the kernel was asked: no signal comes)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def line_within(stream: IO[str], timeout: float, what: str) -> str:
+    """The next line of `stream` (a child's pipe), read by a thread of its own so that a child
+    that never writes it fails the test after `timeout` seconds, not hangs the session. (Left
+    reading, that thread ends once the child, killed as the test fails, closes the pipe.)"""
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not read:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return read[0]
 
 
 def gone(pid: int) -> bool:
