@@ -174,7 +174,15 @@ class ProcessGroup:
             if self._stopping:  # a second Ctrl-C: no drain (README: Running it locally)
                 self._at_once = True
             elif self._on_signal is not None:
-                self._on_signal()
+                # Whatever it raises, the stop goes on: a line said on a pipe whose reader died
+                # of the same Ctrl-C (BrokenPipeError), a terminal gone with the hangup (EIO), a
+                # stream the main thread was writing to (reentrant call) would otherwise skip
+                # the stop and the KeyboardInterrupt, and rise in the main thread, where an
+                # `except OSError` may swallow it: the Ctrl-C lost, the start going on.
+                try:
+                    self._on_signal()
+                except Exception:
+                    pass
             self.stop_all()
             if callable(previous):
                 previous(received, frame)

@@ -196,8 +196,10 @@ class Stack:
 
     def _say_stopping(self) -> None:
         """Said as Ctrl-C (SIGTERM, a hangup) comes, before the stop it starts, not once it is
-        done (the drain may take seconds). On stderr, as _say: stdout is the log follower's, and
-        a print to it from a signal handler that cut one short would raise (reentrant call)."""
+        done (the drain may take seconds). On stderr, as _say, stdout being the log follower's;
+        a print from a signal handler may raise all the same (stderr a pipe whose reader is gone,
+        a terminal closed, a write to stderr the signal cut short: reentrant call), which
+        ProcessGroup takes so that the stop still happens."""
         if not self.quiet:
             print("\n[devstack] stopping...", file=sys.stderr, flush=True)
 

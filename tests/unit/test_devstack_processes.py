@@ -577,6 +577,32 @@ def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
             os.killpg(sleep, signal.SIGKILL)
 
 
+def test_ctrl_c_stops_make_run_even_when_saying_so_fails(tmp_path):
+    """"[devstack] stopping..." said on a stderr that cannot take it (a pipe whose reader died of
+    the same Ctrl-C, `2>&1 | tee`; a terminal closed) keeps nothing from stopping: the shop is
+    stopped and the run dies of SIGINT. The write's BrokenPipeError skipped the stop and the
+    KeyboardInterrupt, and rose in the main thread instead (here: a traceback, exit 1)."""
+    run, sleep = _make_run(tmp_path, ["sleep", "300"]), None
+    try:
+        run.stderr.close()  # (nobody reads it: a write to it raises BrokenPipeError)
+        sleep = int(line_within(run.stdout, 30, "the shop's pid"))
+        while (line := line_within(run.stdout, 30, "the run to start")) and (
+                line != "Ctrl-C stops everything.\n"):
+            pass
+
+        run.send_signal(signal.SIGINT)
+
+        assert run.wait(30) == -signal.SIGINT
+        assert gone(sleep)
+        assert not (tmp_path / ".run" / "env").exists()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        if sleep is not None and not gone(sleep):  # (what the test leaves, if it fails)
+            os.killpg(sleep, signal.SIGKILL)
+
+
 # A shop process slow to stop: once it holds SIGTERM back (its file "holding", in its folder), a
 # SIGTERM has it wait for the file "go" there before it exits.
 SLOW_TO_STOP = textwrap.dedent(
