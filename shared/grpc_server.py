@@ -42,7 +42,7 @@ from shared.errors import DATABASE_ERRORS, ApiError, database_error
 from shared.idempotency import REPLAYED, checked_idempotency_key, take_replayed_mark
 from shared.identity import authenticated_user_id
 from shared.internal_auth import DEADLINE_HEADER, GRPC_METHOD, header_value
-from shared.quiet_interrupt import INTERRUPTED
+from shared.quiet_interrupt import INTERRUPTED, flush_standard_streams
 from shared.request_context import (REQUEST_ID_HEADER, configure_logging, escaped_in_logs,
                                     given_request_id_if_sane, request_id_bound, sane_request_id)
 
@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> int | None:
     if received[0] == signal.SIGINT:
         return INTERRUPTED
     logging.shutdown()  # (what is logged, flushed)
+    flush_standard_streams()  # (and what was printed)
     os._exit(0)
 
 

@@ -54,9 +54,9 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
     sys.exit(status)
 
 
-def _die_of_sigint() -> NoReturn:
-    """End the process as SIGINT's default action ends it (what Python does with a KeyboardInterrupt
-    left to rise, after printing its traceback), what was written flushed first."""
+def flush_standard_streams() -> None:
+    """Write out what sys.stdout and sys.stderr hold, for a process about to end without
+    Python's own exit (a signal's default action, os._exit), which would have flushed them."""
     for stream in (sys.stdout, sys.stderr):
         if stream is None:
             continue
@@ -64,6 +64,12 @@ def _die_of_sigint() -> NoReturn:
             stream.flush()
         except (OSError, ValueError):  # (a closed pipe, a closed stream: nothing more to say)
             pass
+
+
+def _die_of_sigint() -> NoReturn:
+    """End the process as SIGINT's default action ends it (what Python does with a KeyboardInterrupt
+    left to rise, after printing its traceback), what was written flushed first."""
+    flush_standard_streams()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGINT)
     # (Were SIGINT blocked in this thread, it would end the process only once unblocked.)

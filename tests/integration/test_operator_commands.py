@@ -193,12 +193,16 @@ SLOW_GRPC_SERVER = textwrap.dedent(
 
 
 def _slow_grpc_server(tmp_path: Path, bind: str, grace: float = 5, before_start: str = "pass",
-                      preexec_fn=None) -> subprocess.Popen:
+                      preexec_fn=None, buffered: bool = False) -> subprocess.Popen:
+    """`buffered`: its stdout buffered, as Python has it on a file or pipe, whatever
+    PYTHONUNBUFFERED this run was given."""
+    env = {**os.environ, "ORDERS_GRPC_BIND": bind, "PYTHONPATH": str(REPO_ROOT)}
+    if buffered:
+        env.pop("PYTHONUNBUFFERED", None)
     with open(tmp_path / "grpc.log", "wb") as log:
         return start_child(
             [sys.executable, "-c", SLOW_GRPC_SERVER.format(grace=grace, before_start=before_start)],
-            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
-            env={**os.environ, "ORDERS_GRPC_BIND": bind, "PYTHONPATH": str(REPO_ROOT)})
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn, env=env)
 
 
 def _stopped(server: subprocess.Popen, timeout: float) -> None:
@@ -225,6 +229,21 @@ def test_a_grpc_server_sigtermed_before_it_starts_stops_saying_so_and_exits_0(se
     assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
                                           " stopped"), said
     assert "listening" not in said, said
+
+
+def test_a_grpc_server_sigtermed_exits_with_what_it_printed_written(settings, tmp_path):
+    """Its exit on SIGTERM (os._exit, for the calls cut short not to be waited for) writes out
+    what stdout holds, as Python's own exit would: only logging's handlers were flushed, and a
+    line printed to a stdout that is a file or pipe (buffered) was lost."""
+    server = _slow_grpc_server(
+        tmp_path, f"127.0.0.1:{free_port()}",
+        before_start="print('printed, not flushed'); os.kill(os.getpid(), signal.SIGTERM)",
+        buffered=True)
+    _stopped(server, 60)
+
+    said = (tmp_path / "grpc.log").read_text()
+    assert server.returncode == 0, said
+    assert "printed, not flushed" in said, said
 
 
 def test_a_grpc_server_sigtermed_with_a_call_past_its_grace_exits_once_it_has_stopped(settings,
