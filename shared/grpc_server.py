@@ -345,8 +345,11 @@ def main(argv: list[str] | None = None) -> int | None:
     bind = getattr(settings, f"{args.service}_grpc_bind")
     server = build_server(args.service, package.create_app(), bind)
     # Ctrl-C taken so once it is about to serve: till then it ends it at once, quietly, nothing
-    # served (run_main), a slow start (the app made) cut short.
-    signal.signal(signal.SIGINT, stop)
+    # served (run_main), a slow start (the app made) cut short. Ignored, as in a job a script
+    # started in the background (`... &`), it stays ignored (shared.quiet_interrupt), SIGTERM
+    # what stops it.
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        signal.signal(signal.SIGINT, stop)
     if not stopped.is_set():  # (a stop signal come before it serves: not started, only stopped)
         server.start()
         log.info("%s gRPC listening on %s", args.service, bind)

@@ -312,6 +312,37 @@ def test_a_second_stop_signal_has_a_stopping_grpc_server_cut_its_calls_short(
                                           " stopped"), said
 
 
+def test_a_grpc_server_started_with_ctrl_c_ignored_serves_on_through_it(settings, tmp_path):
+    """Started with SIGINT ignored (a job a script started in the background, `... &`), the gRPC
+    server goes on serving through a SIGINT, as its other commands and devstack leave it
+    ignored; SIGTERM stops it, exit 0. It took SIGINT all the same, stopped, and died of it.
+    (The SIGINT is taken before the SIGTERM sent after it, a lower signal pending first.)"""
+    bind = f"127.0.0.1:{free_port()}"
+    server = _slow_grpc_server(tmp_path, bind,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    channel = call = None
+    try:
+        wait_for(lambda: "orders gRPC listening on" in (tmp_path / "grpc.log").read_text()
+                 or server.poll() is not None, timeout=60, what="the gRPC server to listen")
+        server.send_signal(signal.SIGINT)
+        channel = grpc.insecure_channel(bind)
+        # (Held till the end: a call's future collected cancels it.)
+        call = channel.unary_unary("/test.Slow/Sleep").future(b"")
+        wait_for(lambda: "slow call" in (tmp_path / "grpc.log").read_text()
+                 or server.poll() is not None, timeout=30, what="a call taken after the SIGINT")
+
+        server.send_signal(signal.SIGTERM)
+        _stopped(server, 30)
+    finally:
+        if call is not None:
+            call.cancel()
+        if channel is not None:
+            channel.close()
+    said = (tmp_path / "grpc.log").read_text()
+    assert server.returncode == 0, said
+    assert "slow call" in said, said
+
+
 def test_ctrl_c_stops_a_script_running_a_command_as_it_stops_any(settings, tmp_path):
     """bash, given Ctrl-C (SIGINT to the terminal's process group: itself and the command it
     waits for), stops only once the command dies of SIGINT: one that exits, 130 or not, is taken
