@@ -343,24 +343,31 @@ def main(argv: list[str] | None = None) -> int | None:
     settings = settings_or_exit(f"{args.service} gRPC: nothing served", log)
     package = importlib.import_module(f"{args.service}_app")
     bind = getattr(settings, f"{args.service}_grpc_bind")
-    server = build_server(args.service, package.create_app(), bind)
+    # A stop signal come as it read its settings or made its app: nothing more made, nothing
+    # bound (a bind that then failed exited 1 with a traceback, not stopped).
+    server = None
+    if not stopped.is_set():
+        app = package.create_app()
+        if not stopped.is_set():
+            server = build_server(args.service, app, bind)
     # Ctrl-C taken so once it is about to serve: till then it ends it at once, quietly, nothing
     # served (run_main), a slow start (the app made) cut short. Ignored, as in a job a script
     # started in the background (`... &`), it stays ignored (shared.quiet_interrupt), SIGTERM
     # what stops it.
     if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
         signal.signal(signal.SIGINT, stop)
-    if not stopped.is_set():  # (a stop signal come before it serves: not started, only stopped)
-        server.start()
-        log.info("%s gRPC listening on %s", args.service, bind)
-        stopped.wait()
-        log.info("%s gRPC stopping: its calls in flight given %s s (a second Ctrl-C or SIGTERM:"
-                 " none)", args.service, STOP_GRACE)
-    done = server.stop(grace=STOP_GRACE)
-    draining.append(server)
-    if len(received) > 1:  # (a second signal come before: the handler had no server to stop)
-        server.stop(0)
-    done.wait()
+    if server is not None:
+        if not stopped.is_set():  # (a stop signal come before it serves: not started, stopped)
+            server.start()
+            log.info("%s gRPC listening on %s", args.service, bind)
+            stopped.wait()
+            log.info("%s gRPC stopping: its calls in flight given %s s (a second Ctrl-C or"
+                     " SIGTERM: none)", args.service, STOP_GRACE)
+        done = server.stop(grace=STOP_GRACE)
+        draining.append(server)
+        if len(received) > 1:  # (a second signal come before: the handler had no server to stop)
+            server.stop(0)
+        done.wait()
     log.info("%s gRPC stopped", args.service)
     # Stopped by Ctrl-C, it then dies of SIGINT as the operator's commands do (run_main), for a
     # script running it to stop too; stopped by SIGTERM (a deploy, compose), it exits 0. Either

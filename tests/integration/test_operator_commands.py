@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -163,8 +164,9 @@ def test_a_serving_grpc_server_stops_serving_then_ctrl_c_has_it_die_of_sigint(
 
 
 # `python -m shared.grpc_server orders` (run_main), its server given a method /test.Slow/Sleep that
-# says "slow call" and sleeps a minute, its grace `grace` s (when it has a STOP_GRACE), and
-# `before_start` run in build_server, once the server listens, before main starts it.
+# says "slow call" and sleeps a minute, its grace `grace` s (when it has a STOP_GRACE), `app_made`
+# run once its app is made, and `before_start` run in build_server, once the server listens,
+# before main starts it.
 SLOW_GRPC_SERVER = textwrap.dedent(
     """
     import os, signal, sys, time
@@ -172,7 +174,14 @@ SLOW_GRPC_SERVER = textwrap.dedent(
     import shared.grpc_server as grpc_server
     from shared.quiet_interrupt import run_main
 
-    built = grpc_server.build_server
+    import orders_app
+
+    built, made = grpc_server.build_server, orders_app.create_app
+
+    def create_app(*args, **kwargs):
+        app = made(*args, **kwargs)
+        {app_made}
+        return app
 
     def slow(request, context):
         print("slow call", flush=True)
@@ -186,6 +195,7 @@ SLOW_GRPC_SERVER = textwrap.dedent(
         {before_start}
         return server
 
+    orders_app.create_app = create_app
     grpc_server.build_server, grpc_server.STOP_GRACE = build_server, {grace}
     run_main(lambda: grpc_server.main(["orders"]))
     """
@@ -193,7 +203,8 @@ SLOW_GRPC_SERVER = textwrap.dedent(
 
 
 def _slow_grpc_server(tmp_path: Path, bind: str, grace: float = 5, before_start: str = "pass",
-                      preexec_fn=None, buffered: bool = False) -> subprocess.Popen:
+                      preexec_fn=None, buffered: bool = False,
+                      app_made: str = "pass") -> subprocess.Popen:
     """`buffered`: its stdout buffered, as Python has it on a file or pipe, whatever
     PYTHONUNBUFFERED this run was given."""
     env = {**os.environ, "ORDERS_GRPC_BIND": bind, "PYTHONPATH": str(REPO_ROOT)}
@@ -201,7 +212,8 @@ def _slow_grpc_server(tmp_path: Path, bind: str, grace: float = 5, before_start:
         env.pop("PYTHONUNBUFFERED", None)
     with open(tmp_path / "grpc.log", "wb") as log:
         return start_child(
-            [sys.executable, "-c", SLOW_GRPC_SERVER.format(grace=grace, before_start=before_start)],
+            [sys.executable, "-c", SLOW_GRPC_SERVER.format(grace=grace, before_start=before_start,
+                                                        app_made=app_made)],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn, env=env)
 
 
@@ -244,6 +256,25 @@ def test_a_grpc_server_sigtermed_exits_with_what_it_printed_written(settings, tm
     said = (tmp_path / "grpc.log").read_text()
     assert server.returncode == 0, said
     assert "printed, not flushed" in said, said
+
+
+def test_a_grpc_server_sigtermed_as_it_makes_its_app_binds_nothing_and_stops(settings,
+                                                                              tmp_path):
+    """A SIGTERM as it reads its settings or makes its app has it stop there, saying so, exit 0,
+    nothing bound: it went on to bind, and a bind that failed (here its port taken) exited 1
+    with a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = _slow_grpc_server(tmp_path, f"127.0.0.1:{taken.getsockname()[1]}",
+                                   app_made="os.kill(os.getpid(), signal.SIGTERM)")
+        _stopped(server, 60)
+
+    said = (tmp_path / "grpc.log").read_text()
+    assert server.returncode == 0, said
+    assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
+                                          " stopped"), said
+    assert "Traceback" not in said, said
 
 
 def test_a_grpc_server_sigtermed_with_a_call_past_its_grace_exits_once_it_has_stopped(settings,
