@@ -326,13 +326,12 @@ def main(argv: list[str] | None = None) -> int | None:
     args = parser.parse_args(argv)
     stopped = threading.Event()
     received: list[int] = []
-    draining: list[grpc.Server] = []  # (the server, once its stop gives calls their grace)
 
     def stop(signum, frame) -> None:
+        # Only noted: the main thread acts on it (gRPC's stop called from the handler would run
+        # amid whatever the main thread was doing, its own stop for one).
         received.append(signum)
         stopped.set()
-        if draining:  # a second stop signal: the calls in flight cut short, not waited for
-            draining[0].stop(0)
 
     # SIGTERM taken first: build_server's add_insecure_port already listens (a connect succeeds,
     # which devstack takes for ready), and a SIGTERM before it was taken (or as the settings
@@ -364,10 +363,13 @@ def main(argv: list[str] | None = None) -> int | None:
             log.info("%s gRPC stopping: its calls in flight given %s s (a second Ctrl-C or"
                      " SIGTERM: none)", args.service, STOP_GRACE)
         done = server.stop(grace=STOP_GRACE)
-        draining.append(server)
-        if len(received) > 1:  # (a second signal come before: the handler had no server to stop)
+        # A second stop signal, come before the grace began or during it: the calls in flight
+        # cut short, not waited for.
+        while len(received) < 2 and not done.wait(0.1):
+            pass
+        if not done.is_set():
             server.stop(0)
-        done.wait()
+            done.wait()
     log.info("%s gRPC stopped", args.service)
     # Stopped by Ctrl-C, it then dies of SIGINT as the operator's commands do (run_main), for a
     # script running it to stop too; stopped by SIGTERM (a deploy, compose), it exits 0. Either

@@ -165,8 +165,8 @@ def test_a_serving_grpc_server_stops_serving_then_ctrl_c_has_it_die_of_sigint(
 
 # `python -m shared.grpc_server orders` (run_main), its server given a method /test.Slow/Sleep that
 # says "slow call" and sleeps a minute, its grace `grace` s (when it has a STOP_GRACE), `app_made`
-# run once its app is made, and `before_start` run in build_server, once the server listens,
-# before main starts it.
+# run once its app is made, `before_start` run in build_server, once the server listens, before
+# main starts it, and `as_stop_begins` as main stops it with a grace, before the stop begins.
 SLOW_GRPC_SERVER = textwrap.dedent(
     """
     import os, signal, sys, time
@@ -193,6 +193,17 @@ SLOW_GRPC_SERVER = textwrap.dedent(
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
             "test.Slow", {{"Sleep": grpc.unary_unary_rpc_method_handler(slow)}})])
         {before_start}
+        stop_server = server.stop
+
+        def stop(grace):  # (its stop given a grace: `as_stop_begins` run first, "grace begun" said)
+            if grace:
+                {as_stop_begins}
+            done = stop_server(grace)
+            if grace:
+                print("grace begun", flush=True)
+            return done
+
+        server.stop = stop
         return server
 
     orders_app.create_app = create_app
@@ -203,8 +214,8 @@ SLOW_GRPC_SERVER = textwrap.dedent(
 
 
 def _slow_grpc_server(tmp_path: Path, bind: str, grace: float = 5, before_start: str = "pass",
-                      preexec_fn=None, buffered: bool = False,
-                      app_made: str = "pass") -> subprocess.Popen:
+                      preexec_fn=None, buffered: bool = False, app_made: str = "pass",
+                      as_stop_begins: str = "pass") -> subprocess.Popen:
     """`buffered`: its stdout buffered, as Python has it on a file or pipe, whatever
     PYTHONUNBUFFERED this run was given."""
     env = {**os.environ, "ORDERS_GRPC_BIND": bind, "PYTHONPATH": str(REPO_ROOT)}
@@ -213,7 +224,8 @@ def _slow_grpc_server(tmp_path: Path, bind: str, grace: float = 5, before_start:
     with open(tmp_path / "grpc.log", "wb") as log:
         return start_child(
             [sys.executable, "-c", SLOW_GRPC_SERVER.format(grace=grace, before_start=before_start,
-                                                        app_made=app_made)],
+                                                        app_made=app_made,
+                                                        as_stop_begins=as_stop_begins)],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn, env=env)
 
 
@@ -310,12 +322,16 @@ def test_a_grpc_server_sigtermed_with_a_call_past_its_grace_exits_once_it_has_st
 
 @pytest.mark.parametrize("signum, returncode", [(signal.SIGINT, -signal.SIGINT),
                                                  (signal.SIGTERM, 0)])
+@pytest.mark.parametrize("during_its_grace", [False, True])
 def test_a_second_stop_signal_has_a_stopping_grpc_server_cut_its_calls_short(
-        settings, tmp_path, signum, returncode):
+        settings, tmp_path, signum, returncode, during_its_grace):
     """A second Ctrl-C (SIGTERM) as the gRPC server gives its calls in flight their grace has it
-    cut them short and stop at once: it did nothing, the grace (here 30 s) waited out."""
+    cut them short and stop at once: it did nothing, the grace (here 30 s) waited out. Whenever it
+    comes: as the stop begins (sent by the server itself, before gRPC's stop is called), or once
+    the grace has begun (sent from here)."""
     bind = f"127.0.0.1:{free_port()}"
-    server = _slow_grpc_server(tmp_path, bind, grace=30,
+    as_stop_begins = "pass" if during_its_grace else f"os.kill(os.getpid(), {int(signum)})"
+    server = _slow_grpc_server(tmp_path, bind, grace=30, as_stop_begins=as_stop_begins,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     channel = call = None
     try:
@@ -327,10 +343,11 @@ def test_a_second_stop_signal_has_a_stopping_grpc_server_cut_its_calls_short(
         wait_for(lambda: "slow call" in (tmp_path / "grpc.log").read_text()
                  or server.poll() is not None, timeout=30, what="the slow call to be taken")
         server.send_signal(signum)
-        wait_for(lambda: "orders gRPC stopping" in (tmp_path / "grpc.log").read_text()
-                 or server.poll() is not None, timeout=30, what="the gRPC server to stop")
+        if during_its_grace:
+            wait_for(lambda: "grace begun" in (tmp_path / "grpc.log").read_text()
+                     or server.poll() is not None, timeout=30, what="the grace to begin")
+            server.send_signal(signum)
 
-        server.send_signal(signum)
         _stopped(server, 10)
     finally:
         if call is not None:
