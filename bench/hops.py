@@ -21,9 +21,11 @@ HOPS = (
     ("-> in the payments inbox",
      "the producer, Kafka, the payments consumer's fetch, up to its storing transaction"),
     ("-> payment decided",
-     "the payments consumer's dispatch, Celery, the payments handler up to its commit"),
+     "the payments consumer's dispatch, Celery, up to the handler's batch locking the message "
+     "(which marks it processed: the inbox's processed_at)"),
     ("-> result produced",
-     "that commit, waking the payments relay, its read, up to its producer taking it"),
+     "the payments handler and its commit, waking the payments relay, its read, up to its "
+     "producer taking it"),
     ("-> in the orders inbox",
      "the producer, Kafka, the orders consumer's fetch, up to its storing transaction"),
     ("-> final status",

@@ -24,7 +24,8 @@ from shared.config import SERVICES
 from shared.db import (DatabaseOutageLog, connection_lost, held_up_by_a_lock, said_in_a_line,
                        transaction)
 from shared.inbox.handling import (ConnectionLostInHandler, StoredMessage, handle_locked_message,
-                                   handle_locked_messages_at_once, lock_in_order, note_try_begun,
+                                   handle_locked_messages_at_once, lock_in_order,
+                                   lock_in_order_marking_processed, note_try_begun,
                                    process_inbox_message, record_failed_attempt)
 from shared.inbox.model import utc_now
 from shared.inbox.pruning import prune_handled_messages
@@ -296,16 +297,16 @@ def _handle_in_one_transaction(service: str, message_ids: list[uuid.UUID],
     BatchCutOff when the database's connection was lost or refused.
 
     Handlers seldom fail, so the batch first runs with no savepoints at all and marks its messages
-    processed with one statement (the savepoint's two round trips and the row's flushes were most
-    of what a message cost). If any message fails, that transaction rolls back whole and the
-    batch runs again with a savepoint per handler, so only the failing messages are left over. (A
-    connection the database dropped, in a restart, say, fails the first run alone: the second
-    runs on a new one.)
+    processed in the statement that locks them (the savepoint's two round trips and the row's
+    flushes were most of what a message cost). If any message fails, that transaction rolls back
+    whole, the marks with it, and the batch runs again with a savepoint per handler, so only the
+    failing messages are left over. (A connection the database dropped, in a restart, say, fails
+    the first run alone: the second runs on a new one.)
     """
     locked: list[StoredMessage] = []
     try:
         with transaction() as session:
-            locked = lock_in_order(session, message_ids)
+            locked = lock_in_order_marking_processed(session, message_ids)
             handle_locked_messages_at_once(session, locked, handlers)
         return []
     except Exception as exc:

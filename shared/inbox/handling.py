@@ -125,6 +125,21 @@ def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[Stored
         return [StoredMessage(uuid.UUID(message_id), *rest) for message_id, *rest in cursor]
 
 
+def lock_in_order_marking_processed(session: Session,
+                                    message_ids: list[uuid.UUID]) -> list[StoredMessage]:
+    """lock_in_order, and in the same statement every message neither processed nor parked yet
+    marked processed, as handle_locked_messages_at_once needs them: its batch handles them all, or
+    rolls back whole, the marks with it. One statement a batch fewer than marking them after the
+    handlers ran. The
+    messages are returned as they were locked, `done` as before the mark; their rows'
+    processed_at and last_attempt_at say when the batch took them, before their handlers ran."""
+    with driver_cursor(session) as cursor:
+        cursor.execute(_LOCK_IN_ORDER_MARKING_PROCESSED,
+                       {"message_ids": [str(message_id) for message_id in message_ids],
+                        "now": utc_now()})
+        return [StoredMessage(uuid.UUID(message_id), *rest) for message_id, *rest in cursor]
+
+
 # Like the consumer's (storing), the handlers' statements go straight to the driver, on a
 # shared.db.driver_cursor: every message passes through them.
 # One array parameter (`= ANY`), not an IN list, whatever the batch size.
@@ -135,6 +150,31 @@ FROM inbox_messages
 WHERE message_id = ANY(%s::uuid[])
 ORDER BY key, topic, partition, "offset"
 FOR UPDATE"""
+# The rows are locked in the order above (the locking CTE's rows are read once, in that order), and
+# the UPDATE finds each row locked already by this statement: it waits for nothing more. A row
+# another transaction changed before the lock was had is read as that one left it (READ
+# COMMITTED's re-read of a locked row), so one it processed meanwhile is `done` and not marked
+# again. (The SET is _MARK_PROCESSED's.)
+_LOCK_IN_ORDER_MARKING_PROCESSED = """
+WITH locked AS (
+    SELECT message_id, type, correlation_id, request_id, payload,
+           processed_at IS NOT NULL OR parked_at IS NOT NULL AS done, envelope_version, raw_value,
+           key, topic, partition, "offset"
+    FROM inbox_messages
+    WHERE message_id = ANY(%(message_ids)s::uuid[])
+    ORDER BY key, topic, partition, "offset"
+    FOR UPDATE),
+marked AS (
+    UPDATE inbox_messages AS stored
+    SET attempts = attempts + 1, last_attempt_at = %(now)s, processed_at = %(now)s,
+        last_error = NULL, try_open = false
+    FROM locked
+    WHERE stored.message_id = locked.message_id AND NOT locked.done)
+SELECT message_id::text, type, correlation_id, request_id, payload, done, envelope_version,
+       raw_value
+FROM locked
+ORDER BY key, topic, partition, "offset"
+"""
 
 
 def handle_locked_message(session: Session, message: StoredMessage,
@@ -239,8 +279,9 @@ def _count_failed_attempt(session: Session, message_id: uuid.UUID, error: str,
 
 def handle_locked_messages_at_once(session: Session, messages: list[StoredMessage],
                                    handlers: dict[str, Handler]) -> None:
-    """Handle messages whose rows the caller's transaction has locked, with no savepoints, and mark
-    them processed with one UPDATE at the end; the outbox rows they write go in one INSERT.
+    """Handle messages that the caller's transaction has locked and marked processed
+    (lock_in_order_marking_processed), with no savepoints; the outbox rows they write go in one
+    INSERT, and one that cannot be handled is parked, its mark undone.
 
     Consecutive messages with the same handler go to it as one run. Nothing can be undone on its
     own here: any exception, PermanentMessageError included, goes to the caller, whose transaction
@@ -261,7 +302,6 @@ def handle_locked_messages_at_once(session: Session, messages: list[StoredMessag
             runs[-1][1].append(event)
         else:
             runs.append((handler, [event]))
-    processed: list[uuid.UUID] = []
     with outbox_rows_written_together(session):
         for handler, events in runs:
             # (What the handler says of a run is said with its messages' request ids.)
@@ -270,11 +310,8 @@ def handle_locked_messages_at_once(session: Session, messages: list[StoredMessag
             for event in events:
                 with request_id_bound(event.message.request_id):
                     log.info("handled %s %s", event.message.type, event.message.message_id)
-                processed.append(event.message.message_id)
     if unusable:
-        _park(session, unusable)
-    if processed:
-        _mark_processed(session, processed)
+        _park(session, unusable, marked_processed=True)
 
 
 def _mark_processed(session: Session, message_ids: list[uuid.UUID]) -> None:
@@ -304,13 +341,16 @@ _NOTE_TRY = ("UPDATE inbox_messages SET last_attempt_at = %(now)s"
              " WHERE message_id = %(message_id)s::uuid")
 
 
-def _park(session: Session, reasons: list[tuple[StoredMessage, str]]) -> None:
+def _park(session: Session, reasons: list[tuple[StoredMessage, str]],
+          marked_processed: bool = False) -> None:
     """Park messages whose rows the transaction has locked, each with its reason (said with its
-    request id)."""
+    request id); `marked_processed`: locked by lock_in_order_marking_processed, whose mark (its
+    attempt counted) is undone."""
     with driver_cursor(session) as cursor:
         for message, reason in reasons:
-            cursor.execute(_PARK, {"message_id": str(message.message_id),
-                                   "reason": reason[:2000], "now": utc_now()})
+            cursor.execute(_PARK_MARKED if marked_processed else _PARK,
+                           {"message_id": str(message.message_id), "reason": reason[:2000],
+                            "now": utc_now()})
             with request_id_bound(message.request_id):
                 log.error("parked inbox message %s: %s", message.message_id, reason)
 
@@ -319,6 +359,11 @@ _PARK = """
 UPDATE inbox_messages
 SET attempts = attempts + 1, last_attempt_at = %(now)s, parked_at = %(now)s,
     last_error = %(reason)s, try_open = false
+WHERE message_id = %(message_id)s::uuid"""
+# The same for a message marked processed as its batch locked it, the attempt counted then.
+_PARK_MARKED = """
+UPDATE inbox_messages
+SET processed_at = NULL, parked_at = %(now)s, last_error = %(reason)s
 WHERE message_id = %(message_id)s::uuid"""
 
 

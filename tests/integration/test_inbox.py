@@ -506,6 +506,76 @@ def test_a_batch_handling_its_messages_one_by_one_closes_their_open_tries(
     assert [message_id for message_id, row in rows.items() if row.try_open] == []
 
 
+def test_a_batch_handled_at_once_marks_its_messages_processed_in_the_statement_locking_them(
+        in_payments, payments_inbox, user_id):
+    """One statement a batch fewer: its handlers, in its transaction, find their messages marked
+    already, each try counted once and closed, as the commit leaves them."""
+    from tasks.inbox import _handle_in_one_transaction
+
+    records = [_request_record(user_id) for _ in range(3)]
+    payments_inbox([record for record, _ in records])
+    message_ids = [message_id for _, message_id in records]
+    for message_id in message_ids:
+        _try_begun(message_id)
+    seen_marked = []
+
+    def handle(session, events):
+        with driver_cursor(session) as cursor:
+            cursor.execute("SELECT count(*) FROM inbox_messages WHERE message_id = ANY(%s::uuid[])"
+                           " AND processed_at IS NOT NULL AND attempts = 1 AND NOT try_open",
+                           ([str(event.message.message_id) for event in events],))
+            seen_marked.append(cursor.fetchone()[0])
+
+    assert _handle_in_one_transaction("payments", message_ids, {PAYMENT_REQUESTED: handle}) == []
+    assert seen_marked == [3]
+    for row in map(_row, message_ids):
+        assert row.processed_at is not None and row.processed_at == row.last_attempt_at
+        assert row.attempts == 1 and not row.try_open and row.parked_at is None
+
+
+def test_a_message_a_batch_handled_at_once_cannot_handle_is_parked_its_mark_undone(
+        in_payments, payments_inbox, user_id):
+    """Marked processed with the others as the batch locked it, a message with no handler is
+    parked instead, its try counted once."""
+    from tasks.inbox import _handle_in_one_transaction
+
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    assert _handle_in_one_transaction("payments", [message_id], {}) == []
+    row = _row(message_id)
+    assert row.parked_at is not None and row.processed_at is None
+    assert row.attempts == 1 and not row.try_open and row.last_error
+
+
+def test_one_message_in_two_batches_at_once_is_handled_and_counted_once(
+        settings, payments_inbox, user_id):
+    """The batch that waited on the other's lock reads the row as that one left it, processed:
+    it neither handles it nor marks it again."""
+    from tasks.inbox import _handle_in_one_transaction
+
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    calls = []
+
+    def slow(session, events):
+        calls.append(events[0].message.message_id)
+        time.sleep(0.5)
+
+    def handle():
+        with service_app("payments").app_context():
+            _handle_in_one_transaction("payments", [message_id], {PAYMENT_REQUESTED: slow})
+
+    batches = [threading.Thread(target=handle) for _ in range(2)]
+    for batch in batches:
+        batch.start()
+    for batch in batches:
+        batch.join(30)
+    assert calls == [message_id]
+    with service_app("payments").app_context():
+        row = _row(message_id)
+        assert row.attempts == 1 and row.processed_at is not None
+
+
 def _dividing_by_zero(session: Session) -> None:
     session.execute(text("SELECT 1 / 0"))
 
