@@ -94,38 +94,36 @@ def take_payments(session: Session, requests: list[PaymentRequest]) -> list[Paym
     reason. Returns the new payments (detached from the session); an order already decided, under
     whatever message id, gets nothing: no second debit and no second answer.
 
-    However many requests, four statements: lock the accounts named (in user order, so batches
-    running at once never deadlock, and deposits wait their turn), read which orders already have
-    a decision, insert the new decisions, and debit each account its total. The decisions
-    themselves are made in Python, request after request, each against the balance the ones before
-    it left.
+    However many requests, three statements: lock the accounts named (in user order, so batches
+    running at once never deadlock, and deposits wait their turn), insert the decisions, and debit
+    each account its total. The decisions themselves are made in Python, request after request,
+    each against the balance the ones before it left.
 
     What keeps an order to one decision is the insert, keyed by order id: a decision made twice
-    goes in once, and only the decisions that went in are debited and announced. For a user with
-    an account the lock alone would do (nobody can be deciding their orders meanwhile); for one
-    without, two transactions can decide the same order at once, and the second's insert waits
-    for the first's and goes in as nothing.
+    goes in once, and only the decisions that went in are debited and announced. An order decided
+    before (its request handled again under another message id) is decided again here, and its
+    decision goes in as nothing; for a user without an account, two transactions can decide the
+    same order at once, and the second's insert waits for the first's and goes in as nothing.
+    (Orders decided before are not read first: that read cost every batch a statement, for a case
+    the insert and the correction below settle.)
 
-    Such a lost decision was made NO_ACCOUNT by a transaction that held no account lock. If the
-    account was opened meanwhile, this one may have decided the same order SUCCEEDED and the
-    user's later orders against a balance short by its amount. So, only when a success did not go
-    in (one statement more), the decisions that did go in are made again against the balances as
-    locked, and the rows that change are corrected before anything is debited or announced: what
-    a second call would decide, now that the lost decisions have committed.
+    Such a lost decision, if it was a success, was counted against the balance left for the
+    user's later orders: they may have been refused for want of its amount. And one lost to a
+    transaction that held no account lock was made NO_ACCOUNT by it: if the account was opened
+    meanwhile, this one may have decided the same order SUCCEEDED and the user's later orders
+    against a balance short by its amount. So, only when a success did not go in (one statement
+    more, when a decision changes), the decisions that did go in are made again against the
+    balances as locked, and the rows that change are corrected before anything is debited or
+    announced: what the call would have decided without the lost ones.
     """
     if not requests:
         return []
     with driver_cursor(session) as cursor:
         cursor.execute(_LOCK_ACCOUNTS, (sorted({request.user_id for request in requests}),))
         balances: dict[str, Decimal] = dict(cursor.fetchall())
-        cursor.execute(_DECIDED, ([str(request.order_id) for request in requests],))
-        decided = {uuid.UUID(order_id) for (order_id,) in cursor}
-    deciding: dict[uuid.UUID, PaymentRequest] = {}  # the request each new decision answers
+    deciding: dict[uuid.UUID, PaymentRequest] = {}  # the request each decision answers
     for request in requests:
-        if request.order_id not in decided:
-            deciding.setdefault(request.order_id, request)
-    if not deciding:
-        return []
+        deciding.setdefault(request.order_id, request)
     decisions = _decide_in_turn(deciding.values(), balances)
     rows = [(str(order_id), request.user_id, request.amount, *decisions[order_id])
             for order_id, request in deciding.items()]
@@ -225,13 +223,13 @@ def _announce_decisions(session: Session, payments: list[Payment],
 # (shared.db.driver_cursor), each with one array parameter per column however many requests.
 _LOCK_ACCOUNTS = """
 SELECT user_id, balance FROM accounts WHERE user_id = ANY(%s) ORDER BY user_id FOR UPDATE"""
-_DECIDED = "SELECT order_id::text FROM payments WHERE order_id = ANY(%s::uuid[])"
 # One row back per decision that went in (the order id is the key).
 _INSERT_PAYMENTS = """
 INSERT INTO payments (order_id, user_id, amount, status, reason) VALUES %s
 ON CONFLICT DO NOTHING
 RETURNING order_id::text, user_id, amount, status, reason, created_at"""
-# Only when a decision was lost to another transaction's (take_payments).
+# Only when a decision to debit was lost, to an earlier one or another transaction's
+# (take_payments).
 _CORRECT_DECISIONS = """
 UPDATE payments SET status = decisions.status, reason = decisions.reason
 FROM unnest(%(order_ids)s::uuid[], %(statuses)s::text[], %(reasons)s::text[])

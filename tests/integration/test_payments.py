@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from contextlib import contextmanager
 from decimal import Decimal
 
 import psycopg2
@@ -262,6 +263,69 @@ def test_a_batch_is_decided_request_after_request_against_the_running_balance(in
         ("c0", "PaymentSucceeded", "request-0000"), ("c1", "PaymentSucceeded", "request-0001"),
         ("c2", "PaymentFailed", "request-0002"), ("c3", "PaymentSucceeded", "request-0003"),
         ("c4", "PaymentFailed", "request-0004")]
+
+
+class _CountingCursor:
+    """A driver cursor that notes each statement it is given to run, running them all."""
+
+    def __init__(self, cursor, sent: list[str]):
+        self._cursor, self._sent = cursor, sent
+
+    def execute(self, statement, parameters=None):
+        self._sent.append(statement)
+        return self._cursor.execute(statement, parameters)
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
+
+    def __iter__(self):
+        return iter(self._cursor)
+
+
+def test_a_batch_of_new_orders_is_decided_in_three_statements(in_payments, user_id,
+                                                              monkeypatch):
+    """Lock the accounts, insert the decisions, debit: no read of the orders decided before."""
+    _open_with(user_id, "100")
+    sent: list[str] = []
+    driver_cursor = service.driver_cursor
+
+    @contextmanager
+    def counting(session):
+        with driver_cursor(session) as cursor:
+            yield _CountingCursor(cursor, sent)
+
+    monkeypatch.setattr(service, "driver_cursor", counting)
+    requests = [service.PaymentRequest(order_id=uuid.uuid4(), user_id=user_id,
+                                       amount=Decimal("10"), correlation_id="c")
+                for _ in range(3)]
+    with transaction() as session:
+        taken = service.take_payments(session, requests)
+    assert [payment.status for payment in taken] == ["SUCCEEDED"] * 3
+    assert len(sent) == 3, sent
+    assert _balance(user_id) == Decimal("70.00")
+
+
+def test_an_order_decided_before_asked_again_takes_nothing_from_the_users_later_orders(
+        in_payments, user_id):
+    """Asked again ahead of a later order that the balance pays only without it: decided again
+    (a success, counted against the balance), its decision goes in as nothing, and the later
+    order is decided again without it, and paid."""
+    _open_with(user_id, "5")
+    paid_before, later = uuid.uuid4(), uuid.uuid4()
+    assert _take(paid_before, user_id, "5").status == "SUCCEEDED"
+    with transaction() as session:
+        service.deposit(session, user_id=user_id, amount=Decimal("5"))
+    requests = [service.PaymentRequest(order_id=order_id, user_id=user_id, amount=Decimal("5"),
+                                       correlation_id=str(order_id))
+                for order_id in (paid_before, later)]
+    with transaction() as session:
+        taken = service.take_payments(session, requests)
+    assert [(p.order_id, p.status, p.reason) for p in taken] == [(later, "SUCCEEDED", None)]
+    assert _balance(user_id) == Decimal("0.00")
+    answers = db.session.execute(select(OutboxMessage.correlation_id, OutboxMessage.type).where(
+        OutboxMessage.correlation_id.in_([str(paid_before), str(later)]))).all()
+    assert sorted(answers) == sorted([(str(paid_before), "PaymentSucceeded"),
+                                      (str(later), "PaymentSucceeded")])
 
 
 def test_a_batch_charges_an_order_once_however_often_it_asks(in_payments, user_id):
