@@ -20,9 +20,11 @@ HOPS = (
      "the order's commit, waking the orders relay, its read, up to its producer taking it"),
     ("-> in the payments inbox",
      "the producer, Kafka, the payments consumer's fetch, up to its storing transaction"),
-    ("-> payment decided",
-     "the payments consumer's dispatch, Celery, up to the handler's batch locking the message "
-     "(which marks it processed: the inbox's processed_at)"),
+    # (Ended by the payments inbox's processed_at, which the handler's batch sets as it locks the
+    # message, before the payment is decided: the decision's time is the next hop's.)
+    ("-> payment request taken up",
+     "the payments consumer's dispatch, Celery, up to the payments handler's batch locking the "
+     "message (and marking it processed)"),
     ("-> result produced",
      "the payments handler and its commit, waking the payments relay, its read, up to its "
      "producer taking it"),
@@ -47,10 +49,10 @@ def hop_medians_ms(stack: Stack, orders: list[OrderTimes],
     for order in settled:
         if order.order_id not in payments_inbox or order.order_id not in orders_inbox:
             continue
-        request_produced, request_stored, decided_at = payments_inbox[order.order_id]
+        request_produced, request_stored, taken_up_at = payments_inbox[order.order_id]
         result_produced, result_stored, _handled_at = orders_inbox[order.order_id]
         due = datetime.fromtimestamp(due_at[order.order_id], tz=timezone.utc)
-        marks = (due, order.created_at, request_produced, request_stored, decided_at,
+        marks = (due, order.created_at, request_produced, request_stored, taken_up_at,
                  result_produced, result_stored, order.updated_at)
         if any(mark is None for mark in marks):
             continue
