@@ -303,11 +303,12 @@ def _handle_in_one_transaction(service: str, message_ids: list[uuid.UUID],
     failing messages are left over. (A connection the database dropped, in a restart, say, fails
     the first run alone: the second runs on a new one.)
     """
-    locked: list[StoredMessage] = []
+    locked: tuple[StoredMessage, ...] = ()
     try:
         with transaction() as session:
-            locked = lock_in_order_marking_processed(session, message_ids)
-            handle_locked_messages_at_once(session, locked, handlers)
+            batch = lock_in_order_marking_processed(session, message_ids)
+            locked = batch.messages
+            handle_locked_messages_at_once(session, batch, handlers)
         return []
     except Exception as exc:
         if not _HANDLERS_DATABASE_OUTAGE[service].said_if_lost(exc):

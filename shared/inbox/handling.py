@@ -125,19 +125,29 @@ def lock_in_order(session: Session, message_ids: list[uuid.UUID]) -> list[Stored
         return [StoredMessage(uuid.UUID(message_id), *rest) for message_id, *rest in cursor]
 
 
-def lock_in_order_marking_processed(session: Session,
-                                    message_ids: list[uuid.UUID]) -> list[StoredMessage]:
+@dataclass(frozen=True)
+class MarkedBatch:
+    """Messages locked by lock_in_order_marking_processed, marked processed already: what
+    handle_locked_messages_at_once takes, and all it takes. It marks nothing itself, so rows
+    locked by lock_in_order alone, handed to it, would be handled and left unmarked, to be
+    handled again on the next dispatch; this type keeps them from it."""
+
+    messages: tuple[StoredMessage, ...]  # as locked, `done` as before the mark
+
+
+def lock_in_order_marking_processed(session: Session, message_ids: list[uuid.UUID]) -> MarkedBatch:
     """lock_in_order, and in the same statement every message neither processed nor parked yet
     marked processed, as handle_locked_messages_at_once needs them: its batch handles them all, or
     rolls back whole, the marks with it. One statement a batch fewer than marking them after the
-    handlers ran. The
-    messages are returned as they were locked, `done` as before the mark; their rows'
-    processed_at and last_attempt_at say when the batch took them, before their handlers ran."""
+    handlers ran. The messages are returned as they were locked, `done` as before the mark; their
+    rows' processed_at and last_attempt_at say when the batch took them, before their handlers
+    ran."""
     with driver_cursor(session) as cursor:
         cursor.execute(_LOCK_IN_ORDER_MARKING_PROCESSED,
                        {"message_ids": [str(message_id) for message_id in message_ids],
                         "now": utc_now()})
-        return [StoredMessage(uuid.UUID(message_id), *rest) for message_id, *rest in cursor]
+        return MarkedBatch(tuple(StoredMessage(uuid.UUID(message_id), *rest)
+                                 for message_id, *rest in cursor))
 
 
 # Like the consumer's (storing), the handlers' statements go straight to the driver, on a
@@ -277,20 +287,24 @@ def _count_failed_attempt(session: Session, message_id: uuid.UUID, error: str,
     return parked
 
 
-def handle_locked_messages_at_once(session: Session, messages: list[StoredMessage],
+def handle_locked_messages_at_once(session: Session, batch: MarkedBatch,
                                    handlers: dict[str, Handler]) -> None:
     """Handle messages that the caller's transaction has locked and marked processed
-    (lock_in_order_marking_processed), with no savepoints; the outbox rows they write go in one
-    INSERT, and one that cannot be handled is parked, its mark undone.
+    (lock_in_order_marking_processed: nothing else makes a MarkedBatch), with no savepoints; the
+    outbox rows they write go in one INSERT, and one that cannot be handled is parked, its mark
+    undone.
 
     Consecutive messages with the same handler go to it as one run. Nothing can be undone on its
     own here: any exception, PermanentMessageError included, goes to the caller, whose transaction
     must then roll back as a whole (and may handle the messages one by one with
     handle_locked_message). In exchange a run costs its handler's statements and no more.
     """
+    if not isinstance(batch, MarkedBatch):
+        raise TypeError("handle_locked_messages_at_once takes the MarkedBatch of"
+                        f" lock_in_order_marking_processed, not {type(batch).__name__}")
     runs: list[tuple[Handler, list[ReceivedEvent]]] = []
     unusable: list[tuple[StoredMessage, str]] = []
-    for message in messages:
+    for message in batch.messages:
         if message.done:
             continue
         ready = _ready_to_handle(message, handlers)

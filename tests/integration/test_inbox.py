@@ -31,8 +31,9 @@ from shared.db import (TransactionAborted, after_commit, db, driver_cursor, driv
                        held_up_by_a_lock, refuse_if_aborted, transaction)
 from shared.fields import Amount
 from shared.inbox.handling import (Handler, Outcome, PermanentMessageError, ReceivedEvent,
-                                   handle_locked_message, lock_in_order, note_try_begun,
-                                   process_inbox_message, record_failed_attempt)
+                                   handle_locked_message, handle_locked_messages_at_once,
+                                   lock_in_order, note_try_begun, process_inbox_message,
+                                   record_failed_attempt)
 from shared.inbox.model import InboxMessage
 from shared.inbox.parked import unpark_messages
 from shared.inbox import taken_ids
@@ -574,6 +575,19 @@ def test_one_message_in_two_batches_at_once_is_handled_and_counted_once(
     with service_app("payments").app_context():
         row = _row(message_id)
         assert row.attempts == 1 and row.processed_at is not None
+
+
+def test_a_batch_handled_at_once_takes_only_messages_locked_marking_them(
+        in_payments, payments_inbox, user_id):
+    """handle_locked_messages_at_once marks nothing itself: given rows lock_in_order alone locked
+    it would handle them and leave them unmarked, to be handled again. It refuses them."""
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    calls = []
+    with pytest.raises(TypeError, match="MarkedBatch"), transaction() as session:
+        handle_locked_messages_at_once(session, lock_in_order(session, [message_id]),
+                                       {PAYMENT_REQUESTED: lambda _, events: calls.extend(events)})
+    assert calls == [] and _row(message_id).processed_at is None
 
 
 def _dividing_by_zero(session: Session) -> None:
