@@ -40,7 +40,7 @@ from shared.inbox import taken_ids
 from shared.inbox.storing import ConsumedRecord, inbox_row, insert_records
 from shared.inbox.sweeping import claim_stalled_messages
 from tasks.services import service_app
-from tests.postgres_tools import terminate_backend
+from tests.postgres_tools import terminate_backend, wait_for_sessions_waiting_on_a_lock
 
 _offsets = iter(range(10**9))
 
@@ -575,6 +575,47 @@ def test_one_message_in_two_batches_at_once_is_handled_and_counted_once(
     with service_app("payments").app_context():
         row = _row(message_id)
         assert row.attempts == 1 and row.processed_at is not None
+
+
+def test_a_batch_that_waited_on_a_row_another_counted_a_failure_on_counts_its_own_on_top(
+        settings, payments_inbox, user_id):
+    """Another session counts failed tries of a message (not processing it) while the batch waits
+    on its lock: the batch reads the row as that one left it, handles the message, and its attempt
+    goes on top of the ones committed meanwhile."""
+    from tasks.inbox import _handle_in_one_transaction
+
+    database_url = settings.database_url("payments")
+    records = [_request_record(user_id) for _ in range(2)]
+    payments_inbox([record for record, _ in records])
+    message_ids = [message_id for _, message_id in records]
+    counting = psycopg2.connect(driver_dsn(database_url))
+    try:
+        with counting.cursor() as cursor:
+            cursor.execute("UPDATE inbox_messages SET attempts = attempts + 3, last_error = 'x',"
+                           " try_open = true WHERE message_id = %s", (str(message_ids[1]),))
+        calls, left = [], []
+
+        def handle():
+            with service_app("payments").app_context():
+                left.append(_handle_in_one_transaction(
+                    "payments", message_ids,
+                    {PAYMENT_REQUESTED: lambda session, events: calls.extend(
+                        event.message.message_id for event in events)}))
+
+        batch = threading.Thread(target=handle)
+        batch.start()
+        wait_for_sessions_waiting_on_a_lock(database_url, timeout=10,
+                                            what="the batch waiting on the counted row")
+        counting.commit()
+    finally:
+        counting.close()
+    batch.join(30)
+    assert left == [[]]
+    assert sorted(calls) == sorted(message_ids)
+    with service_app("payments").app_context():
+        rows = [(row.attempts, row.processed_at is not None, row.try_open, row.last_error)
+                for row in map(_row, message_ids)]
+    assert rows == [(1, True, False, None), (4, True, False, None)]
 
 
 def test_a_batch_handled_at_once_takes_only_messages_locked_marking_them(
