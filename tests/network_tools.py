@@ -2,7 +2,8 @@
 that holds what its clients send until told to carry it, a server that never reads what it is
 sent, a Redis that says only its version, a WebSocket client that reads every frame it is sent,
 and an HTTP answer read off a socket (to the connection's end, or to the answer's on a connection
-kept open)."""
+kept open). Each server and proxy accepts in a thread of its own (Accepting), which has ended once
+it is closed."""
 
 from __future__ import annotations
 
@@ -76,13 +77,13 @@ class SilencingProxy:
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._era = 0
         self._closed = threading.Event()
-        self._sockets = [self._listener]
+        self._sockets: list[socket.socket] = []
         self._carriers: list[threading.Thread] = []
         self._carried: list[socket.socket] = []  # both ends of each connection carried
         self._refusing = False
         self._refused = 0
         self._accepting = threading.Lock()
-        _accept_each(self._listener, self._accepted, until=self._closed)
+        self.accepting = Accepting(self._listener, self._accepted)
 
     def cut(self) -> None:
         """Every connection carried so far is closed, and each one made until `restore()` is
@@ -119,9 +120,14 @@ class SilencingProxy:
             return self._refused
 
     def close(self) -> None:
+        """Stop accepting, then close every connection carried, and wait for the threads that
+        carried them to end."""
+        self.accepting.close()  # (first: no connection is accepted after the others are closed)
         self._closed.set()
         for sock in self._sockets:
-            sock.close()
+            _shut(sock)
+        for carrier in self._carriers:
+            _joined(carrier)
 
     def _accepted(self, client: socket.socket) -> None:
         with self._accepting:
@@ -177,14 +183,15 @@ class HoldingProxy:
         self.held = threading.Event()
         self._released = threading.Event()
         self._closed = threading.Event()
-        self._sockets = [self._listener]
-        _accept_each(self._listener, self._accepted)
+        self._sockets: list[socket.socket] = []
+        self.accepting = Accepting(self._listener, self._accepted)
 
     def release(self) -> None:
         self._released.set()
 
     def close(self) -> None:
-        """Close every connection, and the listener, ending the threads that carry them."""
+        """Close the listener, then every connection, ending the threads that carry them."""
+        self.accepting.close()
         self._closed.set()
         self._released.set()
         for sock in self._sockets:
@@ -251,7 +258,7 @@ class NeverReadingServer:
         self._listener.listen()
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self.accepted: list[socket.socket] = []
-        _accept_each(self._listener, self.accepted.append)
+        self.accepting = Accepting(self._listener, self.accepted.append)
 
     def read_until_closed(self, connection: socket.socket, timeout: float) -> bytes:
         """All that was sent on `connection`, read to the client's close (TimeoutError if nothing
@@ -263,24 +270,43 @@ class NeverReadingServer:
         return received
 
     def close(self) -> None:
-        for sock in (self._listener, *self.accepted):
+        self.accepting.close()
+        for sock in self.accepted:
             _shut(sock)
 
 
-def _accept_each(listener: socket.socket, accepted: Callable[[socket.socket], None],
-                 until: threading.Event | None = None) -> None:
-    """The connections made to `listener` accepted in a thread started here, each handed to
-    `accepted` in it, until the listener is closed (or `until` is set, seen after a connection)."""
+class Accepting:
+    """The connections made to `listener` accepted in a thread of its own, each handed to
+    `accepted` in it, until `close()`: a test's server or proxy, whose thread is over once it is
+    closed (not left waiting in accept() for the rest of the run)."""
 
-    def accept() -> None:
-        while until is None or not until.is_set():
+    JOIN_LIMIT_S = 5.0
+
+    def __init__(self, listener: socket.socket, accepted: Callable[[socket.socket], None]):
+        self.listener = listener
+        self.thread = threading.Thread(target=self._accept_each, args=(accepted,),
+                                       name=f"accepting on {listener.getsockname()}", daemon=True)
+        self.thread.start()
+
+    def _accept_each(self, accepted: Callable[[socket.socket], None]) -> None:
+        while True:
             try:
-                connection, _ = listener.accept()
-            except OSError:  # closed
+                connection, _ = self.listener.accept()
+            except OSError:  # shut
                 return
             accepted(connection)
 
-    threading.Thread(target=accept, daemon=True).start()
+    def close(self) -> None:
+        """Shut the listener, which wakes the thread in accept() (closing it alone does not, on
+        Linux), and wait for the thread to end: once this returns, nothing more is accepted."""
+        _shut(self.listener)
+        _joined(self.thread)
+
+
+def _joined(thread: threading.Thread) -> None:
+    """Wait for `thread` to end, for Accepting.JOIN_LIMIT_S at most (AssertionError after)."""
+    thread.join(Accepting.JOIN_LIMIT_S)
+    assert not thread.is_alive(), f"{thread.name} still running {Accepting.JOIN_LIMIT_S} s on"
 
 
 def _shut(sock: socket.socket) -> None:
@@ -304,7 +330,7 @@ class RedisOfVersion:
         self.port = self._listener.getsockname()[1]
         self.url = f"redis://127.0.0.1:{self.port}"
         self._connections: list[socket.socket] = []
-        _accept_each(self._listener, self._serve_in_a_thread)
+        self.accepting = Accepting(self._listener, self._serve_in_a_thread)
 
     def _serve_in_a_thread(self, connection: socket.socket) -> None:
         self._connections.append(connection)
@@ -328,7 +354,8 @@ class RedisOfVersion:
         return b"-ERR unknown command\r\n"
 
     def close(self) -> None:
-        for sock in (self._listener, *self._connections):
+        self.accepting.close()
+        for sock in self._connections:
             _shut(sock)
 
 

@@ -42,7 +42,7 @@ from devstack.infra import (
 )
 from devstack.postmaster_lock import LOCK_FILE, PostmasterLock, processes_attached_to
 from devstack.processes import run_as
-from tests.network_tools import RedisOfVersion
+from tests.network_tools import Accepting, RedisOfVersion
 from tests.process_tools import gone, start_child
 
 
@@ -467,13 +467,10 @@ def test_a_listener_on_the_usual_port_that_is_no_usable_server_is_passed_over(se
     import socket
 
     monkeypatch.delenv(FORCE_EMBEDDED_VAR, raising=False)  # (which would skip the ports' probe)
-    import threading
-
     import devstack.infra
 
     decoy = socket.create_server(("127.0.0.1", 0))
-    hanging_up = threading.Thread(target=_hang_up_on_every_caller, args=(decoy,), daemon=True)
-    hanging_up.start()
+    hanging_up = Accepting(decoy, socket.socket.close)
     port = decoy.getsockname()[1]
     monkeypatch.setattr(devstack.infra, "SYSTEM_POSTGRES_PORT", port)
     monkeypatch.setattr(devstack.infra, "SYSTEM_REDIS_PORT", port)
@@ -486,7 +483,7 @@ def test_a_listener_on_the_usual_port_that_is_no_usable_server_is_passed_over(se
         psycopg2.connect(f"{postgres_base}/postgres", connect_timeout=5).close()
         assert redis.Redis.from_url(redis_url).ping()
     finally:
-        decoy.close()
+        hanging_up.close()  # (the listener with it)
         for server in (postgres, redis_server):
             if server is not None:
                 server.stop()
@@ -542,15 +539,6 @@ def test_a_redis_too_old_for_the_shop_is_passed_over(server_dir, monkeypatch):
         new_enough.close()
         if redis_server is not None:
             redis_server.stop()
-
-
-def _hang_up_on_every_caller(listener) -> None:
-    while True:
-        try:
-            caller, _ = listener.accept()
-        except OSError:  # closed: the test is over
-            return
-        caller.close()
 
 
 @pytest.mark.parametrize("ensure", [ensure_postgres, ensure_redis], ids=["postgres", "redis"])

@@ -40,7 +40,7 @@ from shared.protos import orders_pb2, orders_pb2_grpc
 from shared.request_context import current_request_id
 from tests.integration.test_gateway import assert_replays_said_so
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
-from tests.network_tools import HoldingProxy, SilencingProxy
+from tests.network_tools import Accepting, HoldingProxy, SilencingProxy
 from tests.process_tools import start_child
 from tests.signed_requests import MALFORMED_DEADLINES_IN_METADATA, grpc_signed
 from tests.polling import wait_for
@@ -308,16 +308,11 @@ def test_a_channel_tries_a_service_it_cannot_reach_again_every_second_at_most():
     refusing = socket.create_server(("127.0.0.1", 0))  # takes each connection and closes it
     tries = []
 
-    def refuse():
-        while True:
-            try:
-                connection, _ = refusing.accept()
-            except OSError:  # (closed: the test is over)
-                return
-            tries.append(time.monotonic())
-            connection.close()
+    def refuse(connection: socket.socket) -> None:
+        tries.append(time.monotonic())
+        connection.close()
 
-    threading.Thread(target=refuse, daemon=True).start()
+    accepting = Accepting(refusing, refuse)
     channel = grpc.insecure_channel(f"127.0.0.1:{refusing.getsockname()[1]}",
                                     options=channel_options())
     stub = orders_pb2_grpc.OrdersStub(channel)
@@ -329,7 +324,7 @@ def test_a_channel_tries_a_service_it_cannot_reach_again_every_second_at_most():
             time.sleep(0.1)
     finally:
         channel.close()
-        refusing.close()
+        accepting.close()  # (the listener with it)
     waits = [later - earlier for earlier, later in zip(tries, tries[1:])]
     assert len(tries) >= 6 and max(waits) < 1.5, waits
 

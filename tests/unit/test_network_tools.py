@@ -1,0 +1,55 @@
+"""The tests' servers and proxies (tests/network_tools.py) end their threads as they are closed: one
+left waiting in accept() stays for the rest of the run, however many tests make one."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from tests.network_tools import (Accepting, HoldingProxy, NeverReadingServer, RedisOfVersion,
+                                 SilencingProxy)
+from tests.polling import wait_for
+
+
+@pytest.fixture
+def target() -> Iterator[str]:
+    """A listener for the proxies to carry connections to, its own connections held open."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    accepting = Accepting(listener, held.append)
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    accepting.close()  # (the listener with it)
+    for connection in held:
+        connection.close()
+
+
+@pytest.mark.parametrize("make", [
+    lambda target: SilencingProxy(target),
+    lambda target: HoldingProxy(target, b"never sent"),
+    lambda target: NeverReadingServer(),
+    lambda target: RedisOfVersion("7.0.0"),
+], ids=["SilencingProxy", "HoldingProxy", "NeverReadingServer", "RedisOfVersion"])
+def test_a_closed_tool_accepts_no_more_and_its_thread_has_ended(target, make):
+    tool = make(target)
+    address = tool.accepting.listener.getsockname()
+    socket.create_connection(address, timeout=5).close()
+    tool.close()
+    assert not tool.accepting.thread.is_alive()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=5)
+
+
+def test_a_closed_silencing_proxy_has_no_thread_left(target):
+    """Nor any of those that carried its connections."""
+    before = set(threading.enumerate())
+    proxy = SilencingProxy(target)
+    connection = socket.create_connection(proxy.accepting.listener.getsockname(), timeout=5)
+    try:
+        wait_for(lambda: proxy.connections_carried() == 1, timeout=5, what="the proxy to carry it")
+        proxy.close()
+        assert [thread for thread in threading.enumerate() if thread not in before] == []
+    finally:
+        connection.close()
