@@ -932,6 +932,16 @@ def test_health_requests_at_once_share_one_round_of_checks(settings, monkeypatch
     assert len(broker_checks) == 1
 
 
+def test_health_with_the_broker_down_says_so_in_its_answer_not_on_stderr(settings, capfd):
+    """librdkafka's own lines for each refused connect (`%3|...|FAIL|...`), some forty a check,
+    are not printed to the service's stderr: the answer says the broker is unreachable."""
+    no_broker = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    answer = orders_app.create_app(settings=no_broker).test_client().get("/health")
+    assert answer.status_code == 503
+    assert answer.get_json()["checks"]["broker"] == "unreachable"
+    assert "Connection refused" not in capfd.readouterr().err
+
+
 def test_health_says_a_database_away_once_not_a_traceback_a_round(settings, caplog):
     """A probe asks every few seconds: a database away (a restart, a failover) is one warning as
     it begins, without a traceback (shared.db.DatabaseOutageLog), not one with a traceback for
