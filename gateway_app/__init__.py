@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None, *,
     from gateway_app.notification_document import document_notifications
     from gateway_app.ratelimit import RateLimiter
     from shared.app import create_service_app
+    from shared.app_closing import close_with
     from shared.config import SECRETS
 
     app = create_service_app(SERVICE, title="HseShop", settings=settings,
@@ -48,20 +49,23 @@ def create_app(settings: Settings | None = None, *,
                              secrets=SECRETS,  # (it signs identities and users' tokens)
                              warns_of_published_secrets=warns_of_published_secrets)
     settings = app.extensions["hseshop.settings"]
-    app.extensions[auth.RATE_LIMITER] = RateLimiter(
+    limiter = app.extensions[auth.RATE_LIMITER] = RateLimiter(
         settings.redis_url, settings.rate_limit_per_minute, settings.redis_key_prefix)
+    close_with(app, limiter.close)
     # This process's own: each gunicorn worker is a process that builds its own app (create_app
     # runs in the worker after the fork, without --preload), and no memory is shared between them.
     app.extensions[sign_out.REMEMBERED] = sign_out.RememberedSignOuts()
     # A read gives up after 2 s (a Redis host gone silent would otherwise hold the thread that
     # publishes a notification for as long as TCP waits).
-    app.extensions[user_channels.REDIS_EXTENSION] = redis.Redis.from_url(
+    publisher = app.extensions[user_channels.REDIS_EXTENSION] = redis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=1, socket_timeout=2, socket_keepalive=True,
         health_check_interval=30)
+    close_with(app, publisher.close)
     # The sockets' subscriber: no connection, no thread until the first socket opens (none in a
     # process that keeps no socket, and none that a fork would drop were the app built before it).
-    app.extensions[user_channels.LISTENER_EXTENSION] = ChannelListener(
-        subscriber_client(settings.redis_url))
+    subscriber = subscriber_client(settings.redis_url)
+    app.extensions[user_channels.LISTENER_EXTENSION] = ChannelListener(subscriber)
+    close_with(app, subscriber.close)
     app.extensions["hseshop.api"].register_blueprint(auth.blueprint)
     app.before_request_funcs.setdefault(auth.blueprint.name, []).append(auth.limit_by_address)
     notifications.register_socket(app, auth.socket_token, auth.socket_ticket_token)

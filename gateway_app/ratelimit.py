@@ -81,6 +81,9 @@ class RateLimiter:
         self._limit = limit_per_window
         self._key_prefix = key_prefix
 
+    def close(self) -> None:
+        self._client.close()
+
     def check(self, subject: str, now: float | None = None, limit: int | None = None) -> bool:
         """Count one request by `subject`; raise RateLimited when it is over the limit (`limit`
         requests a window, or the limiter's own). Whether it was counted (not with Redis away:

@@ -1,6 +1,7 @@
 """The application factory every HseShop web app builds on: configuration, database, JSON, errors,
 request ids, OpenAPI with Swagger UI, health, the cache, caller identity, the header of a
-replayed answer and the answer to an OPTIONS."""
+replayed answer and the answer to an OPTIONS. What an app opens it names for
+shared.app_closing.close_app to release."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from flask_smorest import Api
 from flask_smorest.pagination import PAGINATION_HEADER, PaginationMetadataSchema
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from shared.app_closing import close_with
 from shared.cache import CACHE_EXTENSION, VersionedCache
 from shared.caller_deadline import take_caller_deadlines
 from shared.config import MAX_REQUEST_BYTES, Settings, get_settings, published_secrets
@@ -137,11 +139,14 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     app.config.update(config or {})
     app.extensions["hseshop.settings"] = settings
     app.extensions["hseshop.service"] = service
-    app.extensions[CACHE_EXTENSION] = VersionedCache(settings.redis_url, settings.cache_ttl_seconds,
-                                                     prefix=f"{settings.redis_key_prefix}:{service}")
+    cache = app.extensions[CACHE_EXTENSION] = VersionedCache(
+        settings.redis_url, settings.cache_ttl_seconds,
+        prefix=f"{settings.redis_key_prefix}:{service}")
+    close_with(app, cache.close)
     if authenticate is identify_caller:  # (a service behind the gateway, which signs its calls)
-        app.extensions[SINGLE_USE_SIGNATURES_EXTENSION] = SingleUseSignatures(
+        signatures = app.extensions[SINGLE_USE_SIGNATURES_EXTENSION] = SingleUseSignatures(
             settings.redis_url, prefix=f"{settings.redis_key_prefix}:{service}")
+        close_with(app, signatures.close)
     init_database(app)
     api = ShopApi(app)
     app.extensions["hseshop.api"] = api

@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection, Engine, ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, SessionTransaction
 
+from shared.app_closing import close_with
 from shared.jsonio import loads_strict
 from shared.outage_log import OUTAGE_REMINDER_SECONDS, OutageLog, OutageWords
 
@@ -584,6 +585,13 @@ def init_database(app: Flask) -> None:
         ping_connections_after_idle(db.engine)
         note_connections_lost(db.engine)
         note_errors_caught(db.engine)
+        engines = list(db.engines.values())
+
+    def dispose() -> None:  # (the connections in the pool closed; one checked out is left be)
+        for engine in engines:
+            engine.dispose()
+
+    close_with(app, dispose)
 
 
 def limit_sessions(engine: Engine, limits: Mapping[str, str] = SESSION_LIMITS) -> None:

@@ -72,6 +72,9 @@ class SingleUseSignatures:
         self._prefix = prefix
         self._outage = OutageLog(log, "used signatures", _REDIS_OUTAGE_WORDS)
 
+    def close(self) -> None:
+        self._client.close()
+
     def first_use(self, signature: str) -> bool:
         """Note a use of `signature`: False when it was used before; True the first time, and
         when Redis cannot tell (said once an outage: _outage)."""

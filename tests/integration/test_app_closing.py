@@ -1,0 +1,52 @@
+"""An app closed (shared.app_closing.close_app) holds no connection open: its database engine's
+pooled connections and its Redis clients' are closed then, not left for the garbage collector."""
+
+from __future__ import annotations
+
+import psycopg2
+import pytest
+import redis
+import sqlalchemy as sa
+
+import gateway_app
+import orders_app
+from gateway_app import user_channels
+from shared.app_closing import close_app
+from shared.db import db, driver_dsn
+from tests.polling import wait_for
+
+
+def _backends(settings, service: str) -> set[int]:
+    """The server processes of the connections open to `service`'s database."""
+    with psycopg2.connect(driver_dsn(settings.database_url(service))) as asking:
+        with asking.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+            pids = {pid for (pid,) in cursor.fetchall()}
+    asking.close()
+    return pids
+
+
+@pytest.mark.parametrize("package", [orders_app, gateway_app], ids=["orders", "gateway"])
+def test_a_closed_app_keeps_no_pooled_database_connection(settings, package):
+    app = package.create_app(settings=settings)
+    service = app.extensions["hseshop.service"]
+    with app.app_context():
+        pooled = db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        db.session.rollback()  # (the connection back in the pool, where it stays)
+    assert pooled in _backends(settings, service)
+    close_app(app)
+    wait_for(lambda: pooled not in _backends(settings, service), timeout=5,
+             what="the app's pooled connection to end")
+
+
+def test_a_closed_gateway_keeps_no_redis_connection(settings):
+    app = gateway_app.create_app(settings=settings)
+    client_id = app.extensions[user_channels.REDIS_EXTENSION].client_id()
+    asking = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert client_id in {int(client["id"]) for client in asking.client_list()}
+        close_app(app)
+        wait_for(lambda: client_id not in {int(client["id"]) for client in asking.client_list()},
+                 timeout=5, what="the gateway's Redis connection to end")
+    finally:
+        asking.close()
