@@ -38,10 +38,12 @@ from urllib.parse import urlsplit
 import pytest
 import sqlalchemy as sa
 
+import shared.app
 from devstack.infra import (ensure_postgres, ensure_redis, forget_redis_keys, free_port,
                             start_broker)
 from devstack.leftovers import RunRecord
 from devstack.processes import ManagedProcess
+from shared.app_closing import close_app
 from tests.environment import REDIS_DB, REDIS_KEYS_OF_THE_RUN, RUN_ID, Infrastructure
 from tests.session_folders import begin_session
 from tests.signals_end_the_run import pytest_configure  # noqa: F401  (a hook: pytest finds it here)
@@ -52,6 +54,39 @@ from tests.signed_requests import use_gateway_signed_clients
 def gateway_signed_test_clients() -> None:
     """A test calls a service as the gateway would with `client.get(path, signed_as=user_id)`."""
     use_gateway_signed_clients()
+
+
+@pytest.fixture(autouse=True)
+def apps_made_are_closed() -> Iterator[None]:
+    """Every app a test builds (each service's create_app builds it with
+    shared.app.create_service_app) is closed once the test is over (shared.app_closing): its
+    pooled database connections and Redis clients would otherwise stay open until the garbage
+    collector came upon the app. (The session's and a module's apps are built before this
+    fixture, which runs after the fixtures of wider scope, and are closed by their own; a
+    service's worker app, which tasks.services keeps for the process once a test has built it, is
+    left open for the tests after it, as a worker's lives as long as the worker: closed, its
+    cache would no longer retry the bumps it failed to make.)"""
+    made = []
+    build = shared.app.create_service_app
+
+    def built_and_kept(*args, **kwargs):
+        app = build(*args, **kwargs)
+        made.append(app)
+        return app
+
+    shared.app.create_service_app = built_and_kept
+    try:
+        yield
+    finally:
+        shared.app.create_service_app = build
+        for app in made:
+            if not _kept_for_the_process(app):
+                close_app(app)
+
+
+def _kept_for_the_process(app) -> bool:
+    services = sys.modules.get("tasks.services")  # (not imported: no worker app was built)
+    return services is not None and any(app is kept for kept in services._apps.values())
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import pytest
 import celeryconfig
 import orders_app
 import payments_app
+from shared.app_closing import close_app
 from shared.config import SERVICES, get_settings, load_settings
 from shared.db import driver_dsn
 from shared.inbox_consumer import StoreOnOwnConnection
@@ -42,12 +43,16 @@ def payments_inbox(settings):
 
 @pytest.fixture(scope="session")
 def orders_flask_app(settings):
-    return orders_app.create_app(settings=settings)
+    app = orders_app.create_app(settings=settings)
+    yield app
+    close_app(app)
 
 
 @pytest.fixture(scope="session")
 def payments_flask_app(settings):
-    return payments_app.create_app(settings=settings)
+    app = payments_app.create_app(settings=settings)
+    yield app
+    close_app(app)
 
 
 @pytest.fixture

@@ -49,6 +49,7 @@ from gateway_app.tokens import VerifiedToken, issue_token, verify_token
 from orders_app.service import PLACING_LOCK_CLASS
 from payments_app.models import Account
 from shared.app import MAX_REQUEST_BYTES
+from shared.app_closing import close_app
 from shared.contracts import ORDER_STATUS_CHANGED, PAYLOAD_SCHEMAS, declared_fields, new_event
 from shared.db import db, driver_dsn, transaction
 from shared.idempotency import REPLAYED_HEADER
@@ -206,9 +207,11 @@ def gateway(settings, upstreams):
     # (Its address's socket handshakes not limited: every test here asks from 127.0.0.1, tickets
     # and handshakes counted together a minute, and a test asking for a ticket late in a busy
     # minute was refused SOCKET_HANDSHAKES_LIMITED. The limit's tests serve gateways of their own.)
-    return _gateway(settings, orders_service_url=upstreams["orders"].url,
-                    payments_service_url=upstreams["payments"].url,
-                    gateway_socket_handshakes_per_address=1_000_000)
+    client = _gateway(settings, orders_service_url=upstreams["orders"].url,
+                      payments_service_url=upstreams["payments"].url,
+                      gateway_socket_handshakes_per_address=1_000_000)
+    yield client
+    close_app(client.application)  # (a module's: see tests/conftest.py's apps_made_are_closed)
 
 
 def _sign_up(client, name=None) -> tuple[str, dict]:

@@ -33,6 +33,7 @@ from werkzeug.serving import make_server
 import gateway_app
 from devstack.infra import free_port, port_open
 from shared import grpc_server
+from shared.app_closing import close_app
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
                                 RETRY_AFTER_KEY, build_server, channel_options)
 from shared.internal_auth import DEADLINE_HEADER, grpc_identity_metadata
@@ -1210,8 +1211,8 @@ def told_how_to_fail(settings, upstreams, grpc_targets):  # noqa: F811
     server.start()
     over_http = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnsweringAsTold))
     erring_over_http = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ErringAsTold))
+    client = _gateway(settings, upstreams, grpc_targets, "grpc", orders_grpc_target=bind)
     try:
-        client = _gateway(settings, upstreams, grpc_targets, "grpc", orders_grpc_target=bind)
         session = client.post("/api/auth/register", json={
             "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
         yield types.SimpleNamespace(
@@ -1219,6 +1220,7 @@ def told_how_to_fail(settings, upstreams, grpc_targets):  # noqa: F811
             erring_http_url=erring_over_http.url,
             auth={"Authorization": f"Bearer {session['access_token']}"})
     finally:
+        close_app(client.application)  # (a module's: see tests/conftest.py's apps_made_are_closed)
         over_http.close()
         erring_over_http.close()
         server.stop(grace=None)

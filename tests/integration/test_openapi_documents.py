@@ -26,6 +26,7 @@ import gateway_app
 import orders_app
 import payments_app
 from devstack.infra import free_port
+from shared.app_closing import close_app
 from shared.request_context import REQUEST_ID_HEADER
 from shared.swagger_ui import PAGE_FILES
 from tests.openapi_tools import (HEALTH, assert_answered_as_documented, assert_documented,
@@ -46,8 +47,9 @@ DEFAULT_ERROR = re.compile(r"`([A-Z][A-Z_]+[A-Z])` \(([0-9]{3})")
 
 @pytest.fixture(scope="module")
 def apps(orders_flask_app, payments_flask_app, settings):
-    return {"orders": orders_flask_app, "payments": payments_flask_app,
-            "gateway": gateway_app.create_app(settings=settings)}
+    gateway = gateway_app.create_app(settings=settings)
+    yield {"orders": orders_flask_app, "payments": payments_flask_app, "gateway": gateway}
+    close_app(gateway)  # (a module's: see tests/conftest.py's apps_made_are_closed)
 
 
 def _reaching_nothing(service: str, settings):

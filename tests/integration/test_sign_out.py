@@ -21,6 +21,7 @@ from devstack.infra import free_port
 from gateway_app import auth, notifications, sign_out
 from gateway_app.models import SignedOutToken
 from gateway_app.tokens import issue_token, verify_token
+from shared.app_closing import close_app
 from shared.db import db, driver_dsn
 from tests.clock_tools import rate_limit_windows_the_test_ends_in
 from tests.postgres_tools import sign_out_lookups
@@ -31,7 +32,10 @@ NEWEST = "/api/notifications/newest"  # a signed-in route the gateway answers it
 @pytest.fixture(scope="module")
 def gateways(settings):
     """Two gateway instances on one database, as compose could run them."""
-    return [gateway_app.create_app(settings=settings).test_client() for _ in range(2)]
+    clients = [gateway_app.create_app(settings=settings).test_client() for _ in range(2)]
+    yield clients
+    for client in clients:  # (a module's: see tests/conftest.py's apps_made_are_closed)
+        close_app(client.application)
 
 
 def _bearer(token: str) -> dict:
