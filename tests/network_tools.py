@@ -145,14 +145,18 @@ class SilencingProxy:
                 upstream.close()
                 return
             self._carried += [client, upstream]
+            # (Set here, not by the carriers: close() may have closed a socket before a carrier
+            # got to it, and settimeout on a closed socket raises in the carrier's thread.)
+            client.settimeout(0.1)
+            upstream.settimeout(0.1)
             for source, sink in ((client, upstream), (upstream, client)):
-                carrier = threading.Thread(target=self._carry, args=(source, sink, self._era),
-                                           daemon=True)
+                carrier = threading.Thread(
+                    target=self._carry, args=(source, sink, self._era), daemon=True,
+                    name=f"carrying for the proxy on {self.address}")
                 carrier.start()
                 self._carriers.append(carrier)
 
     def _carry(self, source: socket.socket, sink: socket.socket, era: int) -> None:
-        source.settimeout(0.1)
         while self._era == era and not self._closed.is_set():
             try:
                 data = source.recv(65536)

@@ -42,14 +42,24 @@ def test_a_closed_tool_accepts_no_more_and_its_thread_has_ended(target, make):
         socket.create_connection(address, timeout=5)
 
 
-def test_a_closed_silencing_proxy_has_no_thread_left(target):
-    """Nor any of those that carried its connections."""
-    before = set(threading.enumerate())
+@pytest.mark.parametrize("another_thread", [False, True], ids=["alone", "another_thread_started"])
+def test_a_closed_silencing_proxy_has_no_thread_left(target, another_thread):
+    """Nor any of those that carried its connections. Its own threads are told by their names,
+    which name its address: a thread something else started meanwhile is none of its business."""
+    unrelated_may_end = threading.Event()
+    unrelated = threading.Thread(target=unrelated_may_end.wait, daemon=True)
     proxy = SilencingProxy(target)
     connection = socket.create_connection(proxy.accepting.listener.getsockname(), timeout=5)
     try:
         wait_for(lambda: proxy.connections_carried() == 1, timeout=5, what="the proxy to carry it")
+        if another_thread:
+            unrelated.start()
+        own = {proxy.accepting.thread.name, f"carrying for the proxy on {proxy.address}"}
+        assert len([thread for thread in threading.enumerate() if thread.name in own]) == 3
         proxy.close()
-        assert [thread for thread in threading.enumerate() if thread not in before] == []
+        assert [thread for thread in threading.enumerate() if thread.name in own] == []
     finally:
         connection.close()
+        unrelated_may_end.set()
+        if another_thread:
+            unrelated.join()
