@@ -33,6 +33,13 @@ def service_app(service: str) -> Flask:
         return _apps[service]
 
 
+def kept_for_the_process(app: Flask) -> bool:
+    """Whether `app` is a service's worker app, kept for the process (service_app): the tests
+    close every app they build but these, which the tests after them use."""
+    with _apps_lock:
+        return any(app is kept for kept in _apps.values())
+
+
 class ServiceTask(IgnoresNewerKwargs):
     """Runs the task body inside the app context of the service named by its first argument; a
     keyword argument the body does not take (sent by a newer release) is dropped and said."""

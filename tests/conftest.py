@@ -86,7 +86,7 @@ def apps_made_are_closed() -> Iterator[None]:
 
 def _kept_for_the_process(app) -> bool:
     services = sys.modules.get("tasks.services")  # (not imported: no worker app was built)
-    return services is not None and any(app is kept for kept in services._apps.values())
+    return services is not None and services.kept_for_the_process(app)
 
 
 @pytest.fixture(scope="session")
