@@ -64,8 +64,9 @@ def create_app(settings: Settings | None = None, *,
     # The sockets' subscriber: no connection, no thread until the first socket opens (none in a
     # process that keeps no socket, and none that a fork would drop were the app built before it).
     subscriber = subscriber_client(settings.redis_url)
-    app.extensions[user_channels.LISTENER_EXTENSION] = ChannelListener(subscriber)
+    listener = app.extensions[user_channels.LISTENER_EXTENSION] = ChannelListener(subscriber)
     close_with(app, subscriber.close)
+    close_with(app, listener.close)  # (before the client's: see ChannelListener.close)
     app.extensions["hseshop.api"].register_blueprint(auth.blueprint)
     app.before_request_funcs.setdefault(auth.blueprint.name, []).append(auth.limit_by_address)
     notifications.register_socket(app, auth.socket_token, auth.socket_ticket_token)

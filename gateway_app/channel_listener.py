@@ -159,6 +159,17 @@ class ChannelListener:
                 except redis.RedisError as exc:
                     self._lose_locked(self._pubsub, exc)
 
+    def close(self) -> None:
+        """End the connection and its thread with the app (shared.app_closing): forgotten first,
+        under the lock, so the thread, its read failing as the connection closes, returns
+        without a word, where the client closed under it had it log a lost Redis and tell every
+        socket so (SubscriberLost)."""
+        with self._lock:
+            pubsub, self._pubsub = self._pubsub, None
+            self._subscriptions, self._unconfirmed = {}, {}
+        if pubsub is not None:
+            pubsub.close()
+
     def _read(self, pubsub: redis.client.PubSub) -> None:
         """The thread: read the connection until it fails, or until no socket is registered."""
         pinged = False

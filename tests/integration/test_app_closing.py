@@ -3,6 +3,10 @@ pooled connections and its Redis clients' are closed then, not left for the garb
 
 from __future__ import annotations
 
+import logging
+import threading
+import uuid
+
 import psycopg2
 import pytest
 import redis
@@ -50,3 +54,21 @@ def test_a_closed_gateway_keeps_no_redis_connection(settings):
                  timeout=5, what="the gateway's Redis connection to end")
     finally:
         asking.close()
+
+
+def test_a_closed_gateway_ends_its_notification_listener_without_a_word(settings, caplog):
+    """Its thread ends, and says no Redis was lost (nor tells a socket so): it is the app that
+    closed the connection under it."""
+    app = gateway_app.create_app(settings=settings)
+    listener = app.extensions[user_channels.LISTENER_EXTENSION]
+    before = set(threading.enumerate())
+    with listener.listening(f"closing-test-{uuid.uuid4().hex}", subscribe_timeout=5):
+        pass  # (its thread stays, its connection quiet, until PING_WHEN_QUIET_SECONDS)
+    [reading] = [thread for thread in threading.enumerate()
+                 if thread not in before and thread.name == "notification-listener"]
+    with caplog.at_level(logging.WARNING, logger="gateway_app.channel_listener"):
+        close_app(app)
+        reading.join(timeout=5)
+    assert not reading.is_alive()
+    assert [record.getMessage() for record in caplog.records
+            if record.name == "gateway_app.channel_listener"] == []
