@@ -14,9 +14,11 @@ import sqlalchemy as sa
 
 import gateway_app
 import orders_app
-from gateway_app import user_channels
+from gateway_app import auth, user_channels
 from shared.app_closing import close_app
+from shared.cache import CACHE_EXTENSION
 from shared.db import db, driver_dsn
+from shared.single_use_signatures import SINGLE_USE_SIGNATURES_EXTENSION
 from tests.polling import wait_for
 
 
@@ -43,15 +45,52 @@ def test_a_closed_app_keeps_no_pooled_database_connection(settings, package):
              what="the app's pooled connection to end")
 
 
-def test_a_closed_gateway_keeps_no_redis_connection(settings):
-    app = gateway_app.create_app(settings=settings)
-    client_id = app.extensions[user_channels.REDIS_EXTENSION].client_id()
+def _redis_ids(asking: redis.Redis, connections) -> set[int]:
+    """The Redis CLIENT IDs of `connections` (redis-py's, connected), found in CLIENT LIST by
+    their local addresses."""
+    addresses = {"%s:%d" % connection._sock.getsockname()[:2] for connection in connections}
+    return {int(client["id"]) for client in asking.client_list() if client["addr"] in addresses}
+
+
+def _pooled(client: redis.Redis) -> list:
+    pool = client.connection_pool
+    return [*pool._available_connections, *pool._in_use_connections]
+
+
+def _open_ids(asking: redis.Redis) -> set[int]:
+    return {int(client["id"]) for client in asking.client_list()}
+
+
+@pytest.mark.parametrize("package", [orders_app, gateway_app], ids=["orders", "gateway"])
+def test_a_closed_app_keeps_no_redis_connection(settings, package):
+    """Each of its Redis clients connected, as serving would: the cache read (every service), the
+    used signatures noted (a service behind the gateway), the rate limiter asked, a notification
+    published and a socket's channel listened to (the gateway); none left open once it is
+    closed."""
+    app = package.create_app(settings=settings)
     asking = redis.Redis.from_url(settings.redis_url)
     try:
-        assert client_id in {int(client["id"]) for client in asking.client_list()}
+        cache = app.extensions[CACHE_EXTENSION]
+        cache.read("closing-test", uuid.uuid4().hex, lambda: 1)
+        clients = {"cache": _pooled(cache._client)}
+        if package is orders_app:
+            signatures = app.extensions[SINGLE_USE_SIGNATURES_EXTENSION]
+            assert signatures.first_use(uuid.uuid4().hex)
+            clients["signatures"] = _pooled(signatures._client)
+        else:
+            limiter = app.extensions[auth.RATE_LIMITER]
+            limiter.check(f"closing-test-{uuid.uuid4().hex}")
+            publisher = app.extensions[user_channels.REDIS_EXTENSION]
+            publisher.ping()
+            listener = app.extensions[user_channels.LISTENER_EXTENSION]
+            with listener.listening(f"closing-test-{uuid.uuid4().hex}", subscribe_timeout=5):
+                clients.update(limiter=_pooled(limiter._client), publisher=_pooled(publisher),
+                               subscriber=[listener._pubsub.connection])
+        ids = {name: _redis_ids(asking, connections) for name, connections in clients.items()}
+        assert all(ids.values()), f"each client connected: {ids}"
         close_app(app)
-        wait_for(lambda: client_id not in {int(client["id"]) for client in asking.client_list()},
-                 timeout=5, what="the gateway's Redis connection to end")
+        wait_for(lambda: not set().union(*ids.values()) & _open_ids(asking), timeout=5,
+                 what=f"the app's Redis connections to end: {ids}")
     finally:
         asking.close()
 
