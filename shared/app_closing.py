@@ -3,7 +3,11 @@
 up, the call that releases them (`close_with`); `close_app` makes those calls, the last part set up
 first. A service's process keeps its app for its life and never calls it; the tests, which build
 apps by the dozen, close each they made, whose pooled connections would otherwise stay open until
-the garbage collector came upon the app (or the run ended)."""
+the garbage collector came upon the app (or the run ended).
+
+An app is not to be used once closed: its Redis clients would connect again at its next request,
+and nothing would release those connections, and its cache no longer tries again the version
+bumps it failed to make (their values could be served stale)."""
 
 from __future__ import annotations
 
