@@ -1211,8 +1211,9 @@ def told_how_to_fail(settings, upstreams, grpc_targets):  # noqa: F811
     server.start()
     over_http = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnsweringAsTold))
     erring_over_http = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ErringAsTold))
-    client = _gateway(settings, upstreams, grpc_targets, "grpc", orders_grpc_target=bind)
+    client = None
     try:
+        client = _gateway(settings, upstreams, grpc_targets, "grpc", orders_grpc_target=bind)
         session = client.post("/api/auth/register", json={
             "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
         yield types.SimpleNamespace(
@@ -1220,10 +1221,11 @@ def told_how_to_fail(settings, upstreams, grpc_targets):  # noqa: F811
             erring_http_url=erring_over_http.url,
             auth={"Authorization": f"Bearer {session['access_token']}"})
     finally:
-        close_app(client.application)  # (a module's: see tests/conftest.py's apps_made_are_closed)
         over_http.close()
         erring_over_http.close()
         server.stop(grace=None)
+        if client is not None:  # (last: a failure to close it leaves no server running)
+            close_app(client.application)  # (a module's: see conftest.py's apps_made_are_closed)
 
 
 _A_DATE = "Sun, 06 Nov 1994 08:49:37 GMT"
