@@ -13,7 +13,8 @@ from sqlalchemy import text
 
 from shared.config import Settings
 from shared.db import DatabaseOutageLog, db
-from shared.kafka import broker_reachable
+from shared.kafka import BROKER_OUTAGE_WORDS, broker_reachable
+from shared.outage_log import OutageLog
 
 log = logging.getLogger(__name__)
 health_blueprint = Blueprint("health", __name__)
@@ -22,6 +23,8 @@ health_blueprint = Blueprint("health", __name__)
 # lasts and as it ends (shared.db), not in a traceback a second, per app (named after it). Any
 # other error keeps its own.
 _DATABASE_OUTAGE = "hseshop.health_database_outage"
+# The broker unreachable is said so too, with librdkafka's reason (its own lines are not logged).
+_BROKER_OUTAGE = "hseshop.health_broker_outage"
 
 
 def _database_ok() -> bool:
@@ -96,7 +99,8 @@ def _run_checks() -> dict[str, bool]:
     return {
         "database": _database_ok(),
         "redis": redis_answers(settings.redis_url),
-        "broker": broker_reachable(settings, timeout=2.0),
+        "broker": broker_reachable(settings, timeout=2.0,
+                                   outage=current_app.extensions[_BROKER_OUTAGE]),
     }
 
 
@@ -105,6 +109,8 @@ def _share_checks(state) -> None:
     state.app.extensions[_CHECKS] = SharedChecks()
     state.app.extensions[_DATABASE_OUTAGE] = DatabaseOutageLog(log, f"the {state.app.name} health"
                                                                     " check")
+    state.app.extensions[_BROKER_OUTAGE] = OutageLog(log, f"the {state.app.name} health check",
+                                                     BROKER_OUTAGE_WORDS)
 
 
 @health_blueprint.get("/health")

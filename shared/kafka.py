@@ -12,6 +12,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shared.config import Settings
+from shared.outage_log import OutageLog, OutageWords
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +138,29 @@ def new_topic(settings: Settings, name: str) -> NewTopic:
                     replication_factor=replicas, config=config)
 
 
-def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:
+# What a health check says of a broker it cannot reach (shared.outage_log): once as the outage
+# begins, once a reminder's interval on, and as it ends, not once a round of checks.
+BROKER_OUTAGE_WORDS = OutageWords(
+    begun="%(what)s cannot reach the broker: %(said)s",
+    still="%(what)s still cannot reach the broker after %(seconds).0f s (%(tries)d rounds of"
+          " checks): %(said)s",
+    over="%(what)s reaches the broker again after %(seconds).0f s")
+
+
+def broker_reachable(settings: Settings, timeout: float = 2.0,
+                     outage: OutageLog | None = None) -> bool:
     """Whether the broker answers a metadata request within `timeout`. Asked by every round of
-    health checks: the answer says it is unreachable, and librdkafka is told to log nothing
-    (`log_level` 0) where it printed a line to stderr for each refused connect, some forty a
-    check with the broker down."""
+    health checks: librdkafka is told to log nothing (`log_level` 0), where it printed a line to
+    stderr for each refused connect, some forty a check with the broker down; why the broker is
+    unreachable (librdkafka's error) is told to `outage` instead, which says it once an outage."""
     try:
         AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers,
                      "log_level": 0}).list_topics(timeout=timeout)
-        return True
-    except KafkaException:
+    except KafkaException as exc:
+        if outage is not None:
+            outage.failed(str(exc))
         return False
+    if outage is not None:
+        outage.back()
+    return True
 

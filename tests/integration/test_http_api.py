@@ -942,6 +942,20 @@ def test_health_with_the_broker_down_says_so_in_its_answer_not_on_stderr(setting
     assert "Connection refused" not in capfd.readouterr().err
 
 
+def test_health_says_once_why_the_broker_is_unreachable(settings, caplog):
+    """librdkafka's own lines are not logged (log_level 0): the check says why itself, once as the
+    outage begins (shared.outage_log), not once a round of checks."""
+    no_broker = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    shop = orders_app.create_app(settings=no_broker)
+    caplog.set_level(logging.INFO, logger="shared.health")
+    with shop.app_context():
+        assert [shared.health._run_checks()["broker"] for _ in range(2)] == [False] * 2
+    said = [record for record in caplog.records if "broker" in record.getMessage()]
+    assert [(record.levelno, record.exc_info) for record in said] == [(logging.WARNING, None)]
+    assert said[0].getMessage().startswith("the orders health check cannot reach the broker: ")
+    assert "KafkaError" in said[0].getMessage()  # (librdkafka's reason, as the exception has it)
+
+
 def test_health_says_a_database_away_once_not_a_traceback_a_round(settings, caplog):
     """A probe asks every few seconds: a database away (a restart, a failover) is one warning as
     it begins, without a traceback (shared.db.DatabaseOutageLog), not one with a traceback for
