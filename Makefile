@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 BENCH_INSTALLED := $(VENV)/.installed-bench
 
-.PHONY: venv python-venv browser run test bench clean protos
+.PHONY: venv python-venv browser run test bench chaos clean protos
 
 venv: $(INSTALLED)
 
@@ -69,6 +69,10 @@ $(BENCH_INSTALLED): $(INSTALLED) requirements/bench.txt
 
 bench: $(BENCH_INSTALLED)
 	$(PY) -m bench
+
+# The chaos soak (README: Chaos soak): CHAOS_SEED, CHAOS_SECONDS, CHAOS_RATE, CHAOS_SCALE pick it.
+chaos: venv
+	$(PY) -m bench.chaos
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache

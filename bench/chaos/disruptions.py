@@ -1,0 +1,146 @@
+"""The disruptions: processes SIGKILLed (and started again) or SIGSTOPped (and SIGCONT'd), one
+every few seconds, from a shuffled deck of every kind so that each kind comes once before any
+comes twice, and a short run still disrupts every process kind."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from bench.chaos.plan import BROKER_PAUSE, ChaosPlan
+from devstack.processes import ManagedProcess
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (a gunicorn master's workers), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                # The name, in parentheses, may hold spaces: the parent's pid follows it.
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+class Disruptor:
+    """Deals the plan's disruptions to the named processes from a thread of its own until
+    stopped; `done` counts those dealt by kind, and `every_kind_dealt` is set once each kind has
+    been dealt at least once."""
+
+    def __init__(self, plan: ChaosPlan, processes: dict[str, ManagedProcess],
+                 say: Callable[[str], None]):
+        self.plan, self.processes, self.say = plan, processes, say
+        self.rng = random.Random(f"disruptions-{plan.seed}")
+        self.done: Counter[str] = Counter()
+        self.every_kind_dealt = threading.Event()
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._resumes: list[threading.Timer] = []
+        self._thread = threading.Thread(target=self._deal, name="chaos-disruptor")
+
+    def start(self) -> Disruptor:
+        self._thread.start()
+        return self
+
+    def wait_for_every_kind(self) -> None:
+        """Return once each kind has been dealt, or the dealing failed (stop() raises why)."""
+        while not self.every_kind_dealt.wait(0.5) and self._thread.is_alive():
+            pass
+
+    def stop(self) -> None:
+        """Stop dealing, and wait for every paused process to be resumed; raise what made the
+        dealing fail, if it did."""
+        self._stop.set()
+        self._thread.join()
+        for timer in self._resumes:
+            timer.join()
+        if self.error is not None:
+            raise RuntimeError("the disruptions failed") from self.error
+
+    def _deal(self) -> None:
+        try:
+            self._deal_until_stopped()
+        except BaseException as exc:  # (raised again by stop())
+            self.error = exc
+
+    def _deal_until_stopped(self) -> None:
+        kinds = self.plan.disruptions()
+        deck: list[str] = []
+        while not self._stop.wait(self.rng.uniform(*self.plan.kill_every)):
+            if not deck:
+                deck = list(kinds)
+                self.rng.shuffle(deck)
+            kind = deck.pop()
+            if self._disrupt(kind):
+                self.done[kind] += 1
+            else:
+                deck.insert(0, kind)  # dealt again once the rest of the deck is
+            if set(self.done) >= set(kinds):
+                self.every_kind_dealt.set()
+
+    def _disrupt(self, kind: str) -> bool:
+        if kind == BROKER_PAUSE:
+            self._pause_broker()
+        elif kind.startswith("pause:"):
+            self._pause(self.processes[kind.removeprefix("pause:")])
+        elif kind.endswith("-child"):
+            return self._kill_a_child(kind, self.processes[kind.removesuffix("-child")])
+        else:
+            self._kill_and_restart(self.processes[kind])
+        return True
+
+    def _pause_broker(self) -> None:
+        """Kafka unanswering for seconds, as a broker in a long GC pause or partitioned away: the
+        thread waits it out, so that no other disruption overlaps it."""
+        broker = self.processes["broker"]
+        seconds = self.rng.uniform(*self.plan.broker_pause_seconds)
+        self.say(f"broker SIGSTOP for {seconds:.1f}s")
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            self._stop.wait(seconds)
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+
+    def _pause(self, process: ManagedProcess) -> None:
+        """A whole process group frozen (its tasks' visibility and its Kafka session time out
+        meanwhile), resumed by a timer while other disruptions go on."""
+        seconds = self.rng.uniform(*self.plan.pause_seconds)
+        pid = process.pid
+        os.killpg(pid, signal.SIGSTOP)
+        self.say(f"SIGSTOP {process.name} for {seconds:.1f}s")
+
+        def resume() -> None:
+            try:
+                os.killpg(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # killed (and started afresh) while paused
+        timer = threading.Timer(seconds, resume)
+        self._resumes.append(timer)
+        timer.start()
+
+    def _kill_a_child(self, kind: str, master: ManagedProcess) -> bool:
+        kids = children(master.pid)
+        if not kids:
+            return False  # its master is forking the one killed last
+        os.kill(self.rng.choice(kids), signal.SIGKILL)
+        self.say(f"SIGKILL {kind}")
+        return True
+
+    def _kill_and_restart(self, process: ManagedProcess) -> None:
+        process.kill()
+        while process.alive():
+            time.sleep(0.02)
+        self.say(f"SIGKILL {process.name}")
+        time.sleep(self.rng.uniform(0, 2))
+        process.start()

@@ -1,0 +1,140 @@
+"""Exactly once, checked in the databases once the shop has settled: every order it accepted is
+final, paid once if FINISHED and never if CANCELLED, each notified once; every balance is what was
+deposited less what was paid; no message is left owed or parked."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from decimal import Decimal
+
+from bench.chaos.load import Ledger, Shopper
+from bench.shop import FINAL_STATUSES, service_cursor
+from devstack.stack import Stack
+from shared.config import SERVICES
+
+_UNFINISHED_ORDERS = "SELECT count(*) FROM orders WHERE status NOT IN %s"
+_OWED = """SELECT (SELECT count(*) FROM outbox_messages),
+                  (SELECT count(*) FROM inbox_messages
+                   WHERE processed_at IS NULL AND parked_at IS NULL)"""
+_LEFT_IN_INBOX = """SELECT message_id, topic, type, parked_at, last_error FROM inbox_messages
+                    WHERE processed_at IS NULL OR parked_at IS NOT NULL"""
+_LEFT_IN_OUTBOX = "SELECT id, topic, correlation_id, parked_at, last_error FROM outbox_messages"
+
+
+def settle(stack: Stack, timeout: float) -> bool:
+    """Wait until every order is final and no service owes a message; False if not by
+    `timeout` (the checks then say what is left)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with service_cursor(stack, "orders") as cursor:
+            cursor.execute(_UNFINISHED_ORDERS, (FINAL_STATUSES,))
+            unfinished = cursor.fetchone()[0]
+        owed = []
+        for service in SERVICES:
+            with service_cursor(stack, service) as cursor:
+                cursor.execute(_OWED)
+                owed.append(cursor.fetchone())
+        if unfinished == 0 and not any(outbox or inbox for outbox, inbox in owed):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+
+
+def check(stack: Stack, shoppers: list[Shopper], ledger: Ledger) -> tuple[list[str], Counter]:
+    """Each invariant broken, as a line saying how; and the orders counted by status."""
+    problems = _messages_left(stack)
+    with service_cursor(stack, "orders") as cursor:
+        cursor.execute("SELECT id::text, user_id, amount, status FROM orders")
+        orders = {row[0]: row[1:] for row in cursor.fetchall()}
+        # (An order answered under two keys would mean a key's stored answer was not its own.)
+        cursor.execute("SELECT response_text::json->>'id', count(*) FROM idempotency_keys"
+                       " WHERE endpoint = 'POST /orders' GROUP BY 1 HAVING count(*) > 1")
+        problems += [f"order {order_id} stored under {n} keys" for order_id, n in cursor]
+    with service_cursor(stack, "payments") as cursor:
+        cursor.execute("SELECT order_id::text, user_id, amount, status FROM payments")
+        payments = {row[0]: row[1:] for row in cursor.fetchall()}
+        cursor.execute("SELECT user_id, balance FROM accounts")
+        balances = dict(cursor.fetchall())
+    with service_cursor(stack, "gateway") as cursor:
+        cursor.execute("SELECT payload->>'order_id', payload->>'status', count(*)"
+                       " FROM notifications GROUP BY 1, 2")
+        notified = defaultdict(list)
+        for order_id, status, n in cursor:
+            notified[order_id] += [status] * n
+    problems += _orders_and_payments(orders, payments, notified, ledger)
+    problems += _balances(orders, payments, balances, shoppers, ledger)
+    return problems, Counter(status for _user, _amount, status in orders.values())
+
+
+def _messages_left(stack: Stack) -> list[str]:
+    """Outbox rows not sent, inbox messages not handled or parked as unhandleable."""
+    problems = []
+    for service in SERVICES:
+        with service_cursor(stack, service) as cursor:
+            cursor.execute(_LEFT_IN_INBOX)
+            problems += [f"{service} inbox left {row}" for row in cursor.fetchall()]
+            cursor.execute(_LEFT_IN_OUTBOX)
+            problems += [f"{service} outbox left {row}" for row in cursor.fetchall()]
+    return problems
+
+
+def _orders_and_payments(orders: dict, payments: dict, notified: dict, ledger: Ledger
+                         ) -> list[str]:
+    problems = []
+    for order_id, (user, amount) in ledger.accepted.items():
+        if order_id not in orders:
+            problems.append(f"accepted order {order_id} ({user}, {amount}) not stored")
+    # An order placed but never acknowledged (its answer lost to a kill) is fine, as many as the
+    # tries that could have placed one.
+    unacknowledged = [order_id for order_id in orders if order_id not in ledger.accepted]
+    if len(unacknowledged) > ledger.ambiguous:
+        problems.append(f"{len(unacknowledged)} orders never acknowledged, more than the"
+                        f" {ledger.ambiguous} tries that may have placed one: {unacknowledged}")
+    for (user, key), order_ids in ledger.keyed.items():
+        if len(order_ids) > 1:
+            problems.append(f"key {key} of {user} placed orders {sorted(order_ids)}")
+    for order_id, (user, amount, status) in orders.items():
+        payment = payments.get(order_id)
+        paid = payment is not None and payment[2] == "SUCCEEDED"
+        if status not in FINAL_STATUSES:
+            problems.append(f"order {order_id} {status}, not final")
+        elif status == "FINISHED" and not paid:
+            problems.append(f"FINISHED order {order_id} not paid: {payment}")
+        elif status == "CANCELLED" and paid:
+            problems.append(f"CANCELLED order {order_id} ({user}, {amount}) paid: {payment}")
+        if payment is not None and payment[:2] != (user, amount):
+            problems.append(f"payment {payment} of order {order_id} not its ({user}, {amount})")
+        if notified.get(order_id, []) != [status]:
+            problems.append(f"order {order_id} {status} notified {notified.get(order_id, [])}")
+    problems += [f"payment {payment} of no order {order_id}"
+                 for order_id, payment in payments.items() if order_id not in orders]
+    return problems
+
+
+def _balances(orders: dict, payments: dict, balances: dict, shoppers: list[Shopper],
+              ledger: Ledger) -> list[str]:
+    """Each shopper's balance is what they deposited less their FINISHED orders, which is less
+    what they were debited."""
+    finished, debited = defaultdict(Decimal), defaultdict(Decimal)
+    for user, amount, status in orders.values():
+        if status == "FINISHED":
+            finished[user] += amount
+    for user, amount, status in payments.values():
+        if status == "SUCCEEDED":
+            debited[user] += amount
+    problems = []
+    for shopper in shoppers:
+        user = shopper.user_id
+        balance, deposited = balances.get(user), ledger.deposited[user]
+        if balance is None and deposited == 0 and not debited[user]:
+            continue  # a late shopper whose account the run's end came before
+        if balance != deposited - finished[user] or balance != deposited - debited[user]:
+            problems.append(
+                f"{user}'s balance {balance} is not deposited {deposited} less FINISHED"
+                f" {finished[user]} (debited {debited[user]}; deposits unconfirmed:"
+                f" {ledger.unconfirmed_deposits.get(user, [])})")
+        if balance is not None and balance < 0:
+            problems.append(f"{user}'s balance {balance} is below zero")
+    return problems

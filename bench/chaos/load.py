@@ -1,0 +1,222 @@
+"""The load: shoppers placing orders (keyed, unkeyed, a key sent again) and deposits, through the
+gateway and straight to the services' APIs, as careful clients do under failures (a keyed request
+asked again until answered), and a ledger of what the shop acknowledged, which the invariants are
+checked against."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import requests
+
+from bench.chaos.plan import ChaosPlan
+from devstack.stack import Stack
+from shared.caller_deadline import deadline_moment
+from shared.config import load_settings
+from shared.internal_auth import DEADLINE_HEADER, SignedAs
+
+OPENING_DEPOSIT = Decimal("100.00")
+# An order's amount is mostly small; one in ten is more than an opening deposit, to be CANCELLED
+# for want of funds unless deposits came first.
+LARGE_ORDER = "150.00"
+# How long a careful client asks again with its key, and waits for one answer.
+RETRY_SECONDS = 30
+DEPOSIT_RETRY_SECONDS = 60
+REQUEST_TIMEOUT = 15
+RETRY_PAUSE = 0.3
+LOAD_THREADS = 24
+
+
+@dataclass(frozen=True)
+class Shopper:
+    user_id: str
+    token: str
+
+
+@dataclass
+class Ledger:
+    """What the shop acknowledged: orders accepted (202) with their user and amount, the orders
+    each idempotency key got, deposits confirmed (200) per user, and the answers counted by
+    kind; `ambiguous` counts tries whose order may have been placed unacknowledged."""
+
+    accepted: dict[str, tuple[str, Decimal]] = field(default_factory=dict)
+    keyed: dict[tuple[str, str], set[str]] = field(default_factory=lambda: defaultdict(set))
+    deposited: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
+    unconfirmed_deposits: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    answers: Counter[str] = field(default_factory=Counter)
+    ambiguous: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Load:
+    """Offers orders and deposits at the plan's rate from a pool of threads, and opens the late
+    shoppers' accounts, until stopped."""
+
+    def __init__(self, plan: ChaosPlan, stack: Stack, say: Callable[[str], None]):
+        self.plan, self.stack, self.say = plan, stack, say
+        self.rng = random.Random(f"load-{plan.seed}")
+        self.gateway = stack.gateway_url
+        self.secret = load_settings(stack.env).internal_auth_secret
+        self.ledger = Ledger()
+        self.shoppers: list[Shopper] = []
+        self._late: list[tuple[Shopper, str]] = []  # with the deposit key each opens with
+        self._keys_to_repeat: list[tuple[Shopper, str, str, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._offer, name="chaos-load"),
+                         threading.Thread(target=self._open_late_accounts, name="chaos-late")]
+
+    def seed_shoppers(self) -> None:
+        """Registered through the gateway; all but the late ones with an account and an opening
+        deposit."""
+        with requests.Session() as http:
+            for n in range(self.plan.users):
+                username = f"chaos{self.plan.seed}-{uuid.uuid4().hex[:8]}"
+                answer = http.post(f"{self.gateway}/api/auth/register", timeout=REQUEST_TIMEOUT,
+                                   json={"username": username, "password": "a long password"})
+                answer.raise_for_status()
+                body = answer.json()
+                shopper = Shopper(body["user_id"], body["access_token"])
+                self.shoppers.append(shopper)
+                self.ledger.deposited[shopper.user_id] = Decimal("0.00")
+                if n >= self.plan.users - self.plan.late_users:
+                    self._late.append((shopper, uuid.uuid4().hex))
+                    continue
+                bearer = {"Authorization": f"Bearer {shopper.token}"}
+                http.post(f"{self.gateway}/api/accounts", headers=bearer,
+                          timeout=REQUEST_TIMEOUT).raise_for_status()
+                http.post(f"{self.gateway}/api/accounts/deposit", headers=bearer,
+                          json={"amount": str(OPENING_DEPOSIT)},
+                          timeout=REQUEST_TIMEOUT).raise_for_status()
+                self.ledger.deposited[shopper.user_id] += OPENING_DEPOSIT
+
+    def start(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> int:
+        """Stop offering, once every request offered is answered or given up; how many were."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+        return self._offered
+
+    # --- the requests ------------------------------------------------------------------------
+
+    def _offer(self) -> None:
+        self._offered = 0
+        with ThreadPoolExecutor(LOAD_THREADS) as pool:
+            start = time.monotonic()
+            while not self._stop.is_set():
+                self._offered += 1
+                pool.submit(self._deposit if self.rng.random() < 0.05 else self._order)
+                time.sleep(max(0.0, start + self._offered / self.plan.rate - time.monotonic()))
+
+    def _post(self, shopper: Shopper, via: str, path: str, body: dict | None, key: str | None
+              ) -> tuple[int | str, requests.Response | None]:
+        """The answer's status and the answer, or the name of the exception that stood for one
+        and None. Through the gateway with the shopper's token, or to the service's API signed as
+        the gateway signs (with a deadline, as it sends one)."""
+        headers = {"Idempotency-Key": key} if key else {}
+        try:
+            if via == "gateway":
+                answer = requests.post(f"{self.gateway}/api{path}", json=body,
+                                       timeout=REQUEST_TIMEOUT, headers={
+                                           **headers, "Authorization": f"Bearer {shopper.token}"})
+            else:
+                base = self.stack.orders_url if path == "/orders" else self.stack.payments_url
+                headers[DEADLINE_HEADER] = deadline_moment(REQUEST_TIMEOUT * 4)
+                answer = requests.post(f"{base}{path}", json=body, headers=headers,
+                                       timeout=REQUEST_TIMEOUT,
+                                       auth=SignedAs(shopper.user_id, self.secret))
+        except requests.RequestException as exc:
+            return type(exc).__name__, None
+        return answer.status_code, answer
+
+    def _order(self) -> None:
+        ledger = self.ledger
+        with ledger.lock:
+            repeat = self._keys_to_repeat and self.rng.random() < 0.1
+            if repeat:
+                shopper, amount, key, via = self.rng.choice(self._keys_to_repeat)
+            else:
+                shopper = self.rng.choice(self.shoppers)
+                amount = (str(Decimal(self.rng.randint(1, 800)) / 100)
+                          if self.rng.random() < 0.9 else LARGE_ORDER)
+                key = uuid.uuid4().hex if self.rng.random() < 0.6 else None
+                via = "gateway" if self.rng.random() < 0.5 else "orders-api"
+        kind = "repeat" if repeat else "keyed" if key else "unkeyed"
+        deadline = time.monotonic() + RETRY_SECONDS
+        while True:
+            status, answer = self._post(shopper, via, "/orders",
+                                        {"amount": amount, "description": "chaos"}, key)
+            with ledger.lock:
+                ledger.answers[f"order {via} {kind} {status}"] += 1
+                if status == 202:
+                    order_id = answer.json()["id"]
+                    ledger.accepted[order_id] = (shopper.user_id, Decimal(amount))
+                    if key:
+                        ledger.keyed[(shopper.user_id, key)].add(order_id)
+                        if not repeat:
+                            self._keys_to_repeat.append((shopper, amount, key, via))
+                    return
+            if key and time.monotonic() < deadline:
+                time.sleep(RETRY_PAUSE)
+                continue  # a careful client asks again with its key
+            if key or not isinstance(status, int) or status in (502, 504):
+                with ledger.lock:
+                    ledger.ambiguous += 1  # placed perhaps, never acknowledged
+            if isinstance(status, int) and status not in (502, 503, 504):
+                self.say(f"order refused {status}: {answer.text[:300]}")
+            return
+
+    def _deposit(self) -> None:
+        with self.ledger.lock:
+            shopper = self.rng.choice(self.shoppers)
+            amount = Decimal(self.rng.randint(100, 3000)) / 100
+            via = "gateway" if self.rng.random() < 0.5 else "payments-api"
+        self._deposit_until_answered(shopper, amount, uuid.uuid4().hex, via)
+
+    def _deposit_until_answered(self, shopper: Shopper, amount: Decimal, key: str, via: str,
+                                patience: float = DEPOSIT_RETRY_SECONDS) -> bool:
+        """A keyed deposit asked again until confirmed; False on a 404 (no account yet) or once
+        out of patience (then noted as unconfirmed: it may have been made)."""
+        deadline = time.monotonic() + patience
+        while True:
+            status, _ = self._post(shopper, via, "/accounts/deposit", {"amount": str(amount)}, key)
+            with self.ledger.lock:
+                self.ledger.answers[f"deposit {via} {status}"] += 1
+                if status == 200:
+                    self.ledger.deposited[shopper.user_id] += amount
+                    return True
+            if status == 404:
+                return False
+            if time.monotonic() > deadline:
+                with self.ledger.lock:
+                    self.ledger.unconfirmed_deposits[shopper.user_id].append((str(amount), status))
+                self.say(f"deposit of {amount} for {shopper.user_id} unconfirmed: {status}")
+                return False
+            time.sleep(RETRY_PAUSE)
+
+    def _open_late_accounts(self) -> None:
+        """Each late shopper's account opened (asked until 201, or 409 once made) and funded, a
+        few seconds apart, while orders for them come and are CANCELLED until it is."""
+        for shopper, key in self._late:
+            if self._stop.wait(self.rng.uniform(1, 8)):
+                return
+            while not self._stop.is_set():
+                status, _ = self._post(shopper, "gateway", "/accounts", None, None)
+                if status in (201, 409):
+                    break
+                time.sleep(RETRY_PAUSE)
+            self._deposit_until_answered(shopper, OPENING_DEPOSIT, key, "gateway",
+                                         patience=float("inf"))
+            self.say(f"late account opened for {shopper.user_id}")

@@ -1,0 +1,39 @@
+"""What one chaos run does: how long, how hard, and which disruptions it deals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Each kind of disruption by name: a SIGKILL of a process's whole group (restarted after), of one
+# gunicorn child of an API (its master forks another), a SIGSTOP of a process's group (SIGCONT'd
+# after a while), or of the Kafka broker.
+KILLS = ("orders-worker", "payments-worker", "gateway-worker", "beat", "orders-grpc",
+         "payments-grpc")
+CHILD_KILLS = ("orders-api-child", "payments-api-child", "gateway-api-child")
+PAUSES = ("pause:orders-worker", "pause:payments-worker", "pause:gateway-worker", "pause:beat")
+BROKER_PAUSE = "broker-pause"
+# The second Celery worker of each service a scaled-out run adds, so that two take the same
+# queues (and the same Kafka consumer group) and a kill leaves the other at work.
+SCALED_OUT = ("orders-worker", "payments-worker")
+
+
+@dataclass(frozen=True)
+class ChaosPlan:
+    seed: int = 1
+    seconds: float = 150
+    rate: float = 40  # orders and deposits offered per second
+    users: int = 30
+    # The last `late_users` open their accounts during the run, so that orders meet a missing
+    # account (CANCELLED) and then a funded one.
+    late_users: int = 6
+    scale_out: bool = True
+    kill_every: tuple[float, float] = (0.5, 2)  # seconds between disruptions, drawn uniformly
+    pause_seconds: tuple[float, float] = (3, 40)
+    broker_pause_seconds: tuple[float, float] = (1, 6)
+    # How long the shop gets, once the load stops, to make every order final and owe nothing.
+    settle_seconds: float = 300
+
+    def disruptions(self) -> tuple[str, ...]:
+        scaled = tuple(f"{name}-2" for name in SCALED_OUT) if self.scale_out else ()
+        return (KILLS + scaled + CHILD_KILLS + PAUSES
+                + tuple(f"pause:{name}" for name in scaled) + (BROKER_PAUSE,))

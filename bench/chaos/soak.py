@@ -1,0 +1,79 @@
+"""One chaos run on a started stack: the load offered while the disruptions are dealt (for the
+plan's seconds, and until every kind has been dealt), every process alive again, the shop left
+to settle, then the invariants checked."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from bench.chaos.disruptions import Disruptor
+from bench.chaos.invariants import check, settle
+from bench.chaos.load import Load
+from bench.chaos.plan import SCALED_OUT, ChaosPlan
+from devstack.processes import ManagedProcess
+from devstack.stack import Stack
+
+
+@dataclass(frozen=True)
+class ChaosResult:
+    seconds: float  # of load: the plan's, or more until each kind of disruption came
+    offered: int
+    accepted: int
+    orders: Counter  # the orders stored, by status
+    disruptions: Counter  # those dealt, by kind
+    answers: Counter  # the shop's answers to the load, by request and status
+    settled: bool
+    problems: list[str]
+
+
+def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> ChaosResult:
+    with scaled_out(stack, SCALED_OUT if plan.scale_out else ()) as processes:
+        load = Load(plan, stack, say)
+        load.seed_shoppers()
+        say(f"{len(load.shoppers)} shoppers, {plan.late_users} of them opening accounts late")
+        disruptor = Disruptor(plan, processes, say).start()
+        load.start()
+        began = time.monotonic()
+        try:
+            time.sleep(plan.seconds)
+            # However short the run, each kind of disruption comes once.
+            disruptor.wait_for_every_kind()
+        finally:
+            try:
+                disruptor.stop()
+            finally:
+                offered = load.stop()
+                seconds = time.monotonic() - began
+        for process in processes.values():
+            if not process.alive():  # killed while the disruptor was stopped
+                say(f"{process.name} not running: started again")
+                process.start()
+        say(f"load over: {offered} offered, {len(load.ledger.accepted)} accepted; settling...")
+        settled = settle(stack, plan.settle_seconds)
+        problems, orders = check(stack, load.shoppers, load.ledger)
+    if not settled:
+        problems.insert(0, f"not settled {plan.settle_seconds:.0f}s after the load")
+    return ChaosResult(seconds, offered, len(load.ledger.accepted), orders, disruptor.done,
+                       load.ledger.answers, settled, problems)
+
+
+@contextmanager
+def scaled_out(stack: Stack, names: tuple[str, ...]) -> Iterator[dict[str, ManagedProcess]]:
+    """The stack's processes by name, with a second Celery worker of each named one (its own
+    node name, log and process group) started for the block and stopped after it."""
+    processes = {process.name: process for process in stack.processes}
+    added = []
+    try:
+        for name in names:
+            worker = processes[name]
+            added.append(ManagedProcess(
+                f"{name}-2", [arg.replace("@%h", "-2@%h") for arg in worker.argv], worker.env,
+                worker.log_path.with_name(f"{name}-2.log"), worker.cwd).start())
+        yield {**processes, **{process.name: process for process in added}}
+    finally:
+        for process in added:
+            process.stop()
