@@ -14,7 +14,8 @@ REDIS_KEYS_OF_THE_RUN = f"test.{RUN_ID}."
 
 # Redis database numbers per layer; what keeps runs apart is REDIS_KEY_PREFIX (Celery's queues
 # included), so two runs at once never take each other's tasks.
-REDIS_DB = {"integration": 14, "e2e": 13, "redis-outage": 12, "stopping": 11, "database-drop": 10}
+REDIS_DB = {"integration": 14, "e2e": 13, "redis-outage": 12, "stopping": 11, "database-drop": 10,
+            "chaos": 9}
 # What every layer's processes sign and verify with: the tests' own, not the secrets published with
 # the code, which a process that uses them warns of (tests/unit/test_published_secrets.py).
 TEST_SECRETS = {"INTERNAL_AUTH_SECRET": "tests-own-internal-secret-4f1c9a7e2b6d",

@@ -142,5 +142,5 @@ class Disruptor:
         while process.alive():
             time.sleep(0.02)
         self.say(f"SIGKILL {process.name}")
-        time.sleep(self.rng.uniform(0, 2))
+        time.sleep(self.rng.uniform(*self.plan.restart_after))
         process.start()

@@ -28,6 +28,7 @@ class ChaosPlan:
     late_users: int = 6
     scale_out: bool = True
     kill_every: tuple[float, float] = (0.5, 2)  # seconds between disruptions, drawn uniformly
+    restart_after: tuple[float, float] = (0, 2)  # seconds a killed process stays down
     pause_seconds: tuple[float, float] = (3, 40)
     broker_pause_seconds: tuple[float, float] = (1, 6)
     # How long the shop gets, once the load stops, to make every order final and owe nothing.
