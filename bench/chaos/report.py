@@ -15,7 +15,7 @@ def report_lines(plan: ChaosPlan, result: ChaosResult) -> list[str]:
     lines = [
         f"chaos seed {plan.seed}: {result.seconds:.0f}s at {plan.rate:g}/s,"
         f" scaled out: {'yes' if plan.scale_out else 'no'}",
-        f"offered {result.offered}, orders accepted {result.accepted};"
+        f"offered {result.offered} (orders and deposits), orders accepted {result.accepted};"
         f" stored {sum(result.orders.values())}: "
         + ", ".join(f"{status} {n}" for status, n in sorted(result.orders.items())),
         f"disruptions {sum(result.disruptions.values())}: {disrupted}",

@@ -49,7 +49,7 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
                 offered = load.stop()
                 seconds = time.monotonic() - began
         for process in processes.values():
-            if not process.alive():  # killed while the disruptor was stopped
+            if not process.alive():  # died of itself (the disruptor starts those it kills)
                 say(f"{process.name} not running: started again")
                 process.start()
         say(f"load over: {offered} offered, {len(load.ledger.accepted)} accepted; settling...")
