@@ -171,6 +171,9 @@ class Load:
             if key and time.monotonic() < deadline:
                 time.sleep(RETRY_PAUSE)
                 continue  # a careful client asks again with its key
+            # A 502 or 504 may have been carried out, as may a try with no answer at all; a 503
+            # says it was not (the gateway's call never sent, or the service's own refusal), and
+            # the invariants hold the shop to that.
             if key or not isinstance(status, int) or status in (502, 504):
                 with ledger.lock:
                     ledger.ambiguous += 1  # placed perhaps, never acknowledged
