@@ -1016,6 +1016,21 @@ class _PollNotedAfterAFailedSeek:
         return self._poll(timeout)
 
 
+def _inbox_whose_second_consume_raises(consumer, polls) -> InboxConsumer:
+    """An inbox over `consumer`, stopped by `polls`, whose first batch stored has the next
+    consume() raise, dropping records of partitions 0, 1 and 2 (2 read for the first time)."""
+    def store(records):
+        if not consumer.raising:
+            consumer.raising = True
+            consumer.messages = [FakeMessage("t", 1, 8), FakeMessage("t", 0, 5),
+                                 FakeMessage("t", 2, 3)]
+        return []
+
+    inbox = polls.inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None,
+                                        commit_interval=3600, clock=FakeClock())
+    return inbox
+
+
 @pytest.mark.parametrize("error", [RuntimeError("Consumer closed"), TypeError("an offset?"),
                                    ValueError("an offset?")], ids=["closed", "type", "value"])
 def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_consume_ends_the_loop(error,
@@ -1042,15 +1057,7 @@ def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_consume_ends_the_l
 
         consumer.commit = commit_closed
 
-    def store(records):
-        if not consumer.raising:  # (the next consume() raises, dropping 2's records with it)
-            consumer.raising = True
-            consumer.messages = [FakeMessage("t", 1, 8), FakeMessage("t", 0, 5),
-                                 FakeMessage("t", 2, 3)]
-        return []
-
-    inbox = polls.inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None,
-                                        commit_interval=3600, clock=FakeClock())
+    inbox = _inbox_whose_second_consume_raises(consumer, polls)
     with pytest.raises(CannotRewind, match=r"t \[2\] to 0") as raised:
         inbox.run()
     assert raised.value.__cause__ is error
@@ -1079,15 +1086,7 @@ def test_a_mistake_in_the_rewind_after_a_failed_consume_ends_the_loop():
     consumer.committed = committed
     consumer.poll = polls = _PollNotedAfterAFailedSeek(consumer, failed="committed oddly")
 
-    def store(records):
-        if not consumer.raising:  # (the next consume() raises, dropping 2's records with it)
-            consumer.raising = True
-            consumer.messages = [FakeMessage("t", 1, 8), FakeMessage("t", 0, 5),
-                                 FakeMessage("t", 2, 3)]
-        return []
-
-    inbox = polls.inbox = InboxConsumer(consumer, ["t"], store, lambda ids: None,
-                                        commit_interval=3600, clock=FakeClock())
+    inbox = _inbox_whose_second_consume_raises(consumer, polls)
     with pytest.raises(CannotRewind, match="could not rewind after a failed consume") as raised:
         inbox.run()
     mistake = raised.value.__cause__
