@@ -549,17 +549,33 @@ def _make_run(tmp_path, shop: list[str]) -> subprocess.Popen:
     return _started(program, tmp_path, stderr=subprocess.PIPE)
 
 
+@contextlib.contextmanager
+def _make_run_ready(tmp_path, shop: list[str]):
+    """A _make_run, given as (run, the shop's pid) once it says Ctrl-C stops everything; killed
+    on the way out if still running, its shop's process group with it if still there (what the
+    test leaves, if it fails)."""
+    run, pid = _make_run(tmp_path, shop), None
+    try:
+        pid = int(line_within(run.stdout, 30, "the shop's pid"))
+        while (line := line_within(run.stdout, 30, "the run to start")) and (
+                line != "Ctrl-C stops everything.\n"):
+            pass
+        yield run, pid
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        if pid is not None and not gone(pid):
+            os.killpg(pid, signal.SIGKILL)
+
+
 def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
     """`python -m devstack run` (`make run`), Ctrl-C'd once the shop runs, stops what it started
     and removes its settings file, then dies of SIGINT, as the operator's commands do, for a
     script running the command itself (`while python -m devstack run; do ...; done`) to stop too:
     it exited 0 (make dies of SIGINT whatever it exits with). Its shop here is one sleep, its
     folder the test's."""
-    run, sleep = _make_run(tmp_path, ["sleep", "300"]), None
-    try:
-        sleep = int(run.stdout.readline())
-        while (line := run.stdout.readline()) and line != "Ctrl-C stops everything.\n":
-            pass
+    with _make_run_ready(tmp_path, ["sleep", "300"]) as (run, sleep):
         assert (tmp_path / ".run" / "env").exists()
 
         run.send_signal(signal.SIGINT)
@@ -569,12 +585,6 @@ def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
         assert err == "\n[devstack] stopping...\n"
         assert gone(sleep)
         assert not (tmp_path / ".run" / "env").exists()
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-        if sleep is not None and not gone(sleep):  # (what the test leaves, if it fails)
-            os.killpg(sleep, signal.SIGKILL)
 
 
 def test_ctrl_c_stops_make_run_even_when_saying_so_fails(tmp_path):
@@ -582,25 +592,14 @@ def test_ctrl_c_stops_make_run_even_when_saying_so_fails(tmp_path):
     the same Ctrl-C, `2>&1 | tee`; a terminal closed) keeps nothing from stopping: the shop is
     stopped and the run dies of SIGINT. The write's BrokenPipeError skipped the stop and the
     KeyboardInterrupt, and rose in the main thread instead (here: a traceback, exit 1)."""
-    run, sleep = _make_run(tmp_path, ["sleep", "300"]), None
-    try:
+    with _make_run_ready(tmp_path, ["sleep", "300"]) as (run, sleep):
         run.stderr.close()  # (nobody reads it: a write to it raises BrokenPipeError)
-        sleep = int(line_within(run.stdout, 30, "the shop's pid"))
-        while (line := line_within(run.stdout, 30, "the run to start")) and (
-                line != "Ctrl-C stops everything.\n"):
-            pass
 
         run.send_signal(signal.SIGINT)
 
         assert run.wait(30) == -signal.SIGINT
         assert gone(sleep)
         assert not (tmp_path / ".run" / "env").exists()
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-        if sleep is not None and not gone(sleep):  # (what the test leaves, if it fails)
-            os.killpg(sleep, signal.SIGKILL)
 
 
 # A shop process slow to stop: once it holds SIGTERM back (its file "holding", in its folder), a
@@ -621,11 +620,7 @@ def test_make_run_says_it_is_stopping_as_ctrl_c_comes_not_once_it_has_stopped(tm
     """"[devstack] stopping..." is said as Ctrl-C comes, on stderr, while the shop is stopping
     (its drain, a slow process: seconds): it was said once everything had stopped, the operator
     meanwhile told nothing."""
-    run, shop = _make_run(tmp_path, [sys.executable, "-c", SLOW_TO_STOP]), None
-    try:
-        shop = int(run.stdout.readline())
-        while (line := run.stdout.readline()) and line != "Ctrl-C stops everything.\n":
-            pass
+    with _make_run_ready(tmp_path, [sys.executable, "-c", SLOW_TO_STOP]) as (run, shop):
         wait_until(lambda: (tmp_path / ".run" / "holding").exists(), 10, 0.02,
                    "the shop to hold SIGTERM back")
 
@@ -639,12 +634,6 @@ def test_make_run_says_it_is_stopping_as_ctrl_c_comes_not_once_it_has_stopped(tm
         assert run.returncode == -signal.SIGINT, err
         assert err == ""
         assert gone(shop)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-        if shop is not None and not gone(shop):  # (what the test leaves, if it fails)
-            os.killpg(shop, signal.SIGKILL)
 
 # A program that begins a run record in its folder, starts two processes under it (one with a
 # child of its own, in its group), prints their pids, then "ready", and waits.
