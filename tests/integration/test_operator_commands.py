@@ -5,6 +5,7 @@ script running it to stop as it stops for any command Ctrl-C ends."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -157,9 +158,7 @@ def test_a_serving_grpc_server_stops_serving_then_ctrl_c_has_it_die_of_sigint(
         if server.poll() is None:
             server.kill()
             server.wait(10)
-    said = (tmp_path / "grpc.log").read_text()
-    assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
-                                          " stopped"), said
+    said = _said_it_stopped(server, tmp_path, returncode)
     assert "Traceback" not in said, said
 
 
@@ -238,6 +237,35 @@ def _stopped(server: subprocess.Popen, timeout: float) -> None:
             server.wait(10)
 
 
+def _listening(server: subprocess.Popen, tmp_path: Path) -> None:
+    wait_for(lambda: "orders gRPC listening on" in (tmp_path / "grpc.log").read_text()
+             or server.poll() is not None, timeout=60, what="the gRPC server to listen")
+
+
+@contextlib.contextmanager
+def _a_slow_call_taken(server: subprocess.Popen, tmp_path: Path, bind: str,
+                       what: str = "the slow call to be taken"):
+    """A call to /test.Slow/Sleep, in flight once the server has taken it, till the block ends
+    (its future held till then: one collected cancels its call)."""
+    with grpc.insecure_channel(bind) as channel:
+        call = channel.unary_unary("/test.Slow/Sleep").future(b"")
+        try:
+            wait_for(lambda: "slow call" in (tmp_path / "grpc.log").read_text()
+                     or server.poll() is not None, timeout=30, what=what)
+            yield
+        finally:
+            call.cancel()
+
+
+def _said_it_stopped(server: subprocess.Popen, tmp_path: Path, returncode: int = 0) -> str:
+    """The gRPC server's log, once it has exited `returncode` saying 'stopped' last."""
+    said = (tmp_path / "grpc.log").read_text()
+    assert server.returncode == returncode, said
+    assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
+                                          " stopped"), said
+    return said
+
+
 def test_a_grpc_server_sigtermed_before_it_starts_stops_saying_so_and_exits_0(settings,
                                                                              tmp_path):
     """A SIGTERM as it makes its server (listening already: add_insecure_port binds, and a connect
@@ -248,10 +276,7 @@ def test_a_grpc_server_sigtermed_before_it_starts_stops_saying_so_and_exits_0(se
                                before_start="os.kill(os.getpid(), signal.SIGTERM)")
     _stopped(server, 60)
 
-    said = (tmp_path / "grpc.log").read_text()
-    assert server.returncode == 0, said
-    assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
-                                          " stopped"), said
+    said = _said_it_stopped(server, tmp_path)
     assert "listening" not in said, said
 
 
@@ -282,10 +307,7 @@ def test_a_grpc_server_sigtermed_as_it_makes_its_app_binds_nothing_and_stops(set
                                    app_made="os.kill(os.getpid(), signal.SIGTERM)")
         _stopped(server, 60)
 
-    said = (tmp_path / "grpc.log").read_text()
-    assert server.returncode == 0, said
-    assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
-                                          " stopped"), said
+    said = _said_it_stopped(server, tmp_path)
     assert "Traceback" not in said, said
 
 
@@ -295,29 +317,14 @@ def test_a_grpc_server_sigtermed_with_a_call_past_its_grace_exits_once_it_has_st
     once the grace is out and exits 0 then: before, it went on until the call's handler returned
     (its thread waited for at exit), here a minute, README's 5 s holding for Ctrl-C only."""
     bind = f"127.0.0.1:{free_port()}"
-    server, channel, call = _slow_grpc_server(tmp_path, bind, grace=1), None, None
-    try:
-        wait_for(lambda: "orders gRPC listening on" in (tmp_path / "grpc.log").read_text()
-                 or server.poll() is not None, timeout=60, what="the gRPC server to listen")
-        channel = grpc.insecure_channel(bind)
-        # (Held till the end: a call's future collected cancels it.)
-        call = channel.unary_unary("/test.Slow/Sleep").future(b"")
-        wait_for(lambda: "slow call" in (tmp_path / "grpc.log").read_text()
-                 or server.poll() is not None, timeout=30, what="the slow call to be taken")
-
+    server = _slow_grpc_server(tmp_path, bind, grace=1)
+    _listening(server, tmp_path)
+    with _a_slow_call_taken(server, tmp_path, bind):
         server.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         _stopped(server, 30)
-    finally:
-        if call is not None:
-            call.cancel()
-        if channel is not None:
-            channel.close()
-    said = (tmp_path / "grpc.log").read_text()
-    assert server.returncode == 0, said
+    said = _said_it_stopped(server, tmp_path)
     assert time.monotonic() - sent < 1 + 5, said  # (its grace, and a margin)
-    assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
-                                          " stopped"), said
 
 
 @pytest.mark.parametrize("signum, returncode", [(signal.SIGINT, -signal.SIGINT),
@@ -333,15 +340,8 @@ def test_a_second_stop_signal_has_a_stopping_grpc_server_cut_its_calls_short(
     as_stop_begins = "pass" if during_its_grace else f"os.kill(os.getpid(), {int(signum)})"
     server = _slow_grpc_server(tmp_path, bind, grace=30, as_stop_begins=as_stop_begins,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    channel = call = None
-    try:
-        wait_for(lambda: "orders gRPC listening on" in (tmp_path / "grpc.log").read_text()
-                 or server.poll() is not None, timeout=60, what="the gRPC server to listen")
-        channel = grpc.insecure_channel(bind)
-        # (Held till the end: a call's future collected cancels it.)
-        call = channel.unary_unary("/test.Slow/Sleep").future(b"")
-        wait_for(lambda: "slow call" in (tmp_path / "grpc.log").read_text()
-                 or server.poll() is not None, timeout=30, what="the slow call to be taken")
+    _listening(server, tmp_path)
+    with _a_slow_call_taken(server, tmp_path, bind):
         server.send_signal(signum)
         if during_its_grace:
             wait_for(lambda: "grace begun" in (tmp_path / "grpc.log").read_text()
@@ -349,15 +349,7 @@ def test_a_second_stop_signal_has_a_stopping_grpc_server_cut_its_calls_short(
             server.send_signal(signum)
 
         _stopped(server, 10)
-    finally:
-        if call is not None:
-            call.cancel()
-        if channel is not None:
-            channel.close()
-    said = (tmp_path / "grpc.log").read_text()
-    assert server.returncode == returncode, said
-    assert said.splitlines()[-1].endswith(" INFO shared.grpc_server [request_id=-] orders gRPC"
-                                          " stopped"), said
+    _said_it_stopped(server, tmp_path, returncode)
 
 
 def test_a_grpc_server_started_with_ctrl_c_ignored_serves_on_through_it(settings, tmp_path):
@@ -368,24 +360,11 @@ def test_a_grpc_server_started_with_ctrl_c_ignored_serves_on_through_it(settings
     bind = f"127.0.0.1:{free_port()}"
     server = _slow_grpc_server(tmp_path, bind,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    channel = call = None
-    try:
-        wait_for(lambda: "orders gRPC listening on" in (tmp_path / "grpc.log").read_text()
-                 or server.poll() is not None, timeout=60, what="the gRPC server to listen")
-        server.send_signal(signal.SIGINT)
-        channel = grpc.insecure_channel(bind)
-        # (Held till the end: a call's future collected cancels it.)
-        call = channel.unary_unary("/test.Slow/Sleep").future(b"")
-        wait_for(lambda: "slow call" in (tmp_path / "grpc.log").read_text()
-                 or server.poll() is not None, timeout=30, what="a call taken after the SIGINT")
-
+    _listening(server, tmp_path)
+    server.send_signal(signal.SIGINT)
+    with _a_slow_call_taken(server, tmp_path, bind, what="a call taken after the SIGINT"):
         server.send_signal(signal.SIGTERM)
         _stopped(server, 30)
-    finally:
-        if call is not None:
-            call.cancel()
-        if channel is not None:
-            channel.close()
     said = (tmp_path / "grpc.log").read_text()
     assert server.returncode == 0, said
     assert "slow call" in said, said
