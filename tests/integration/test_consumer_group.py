@@ -88,6 +88,23 @@ def _stored(cursor, topic: str) -> dict[int, set[int]]:
     return stored
 
 
+def _new_partitioned_topic(settings, name: str) -> tuple[str, AdminClient]:
+    """A topic of its own for a test, `name` and a random suffix, of PARTITIONS partitions; with
+    the admin client that made it, for the test to delete it with."""
+    topic = f"{settings.kafka_consumer_group_prefix}.{name}-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    partitioned = dataclasses.replace(settings, kafka_topic_partitions=PARTITIONS)
+    admin.create_topics([new_topic(partitioned, topic)])[topic].result(15)
+    return topic, admin
+
+
+def _all_in_inbox(database, message_ids: set[str]) -> bool:
+    with database.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM inbox_messages WHERE message_id = ANY(%s)",
+                       ([uuid.UUID(m) for m in message_ids],))
+        return cursor.fetchone()[0] == len(message_ids)
+
+
 def _committed(watcher: Consumer, topic: str) -> dict[int, int]:
     """The group's committed offset of each partition of `topic` that has one."""
     offsets = watcher.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
@@ -100,11 +117,8 @@ def test_consumers_joining_and_leaving_a_group_store_every_record_and_commit_onl
     while records still come, one batch in five failing to store: every record is stored, and at
     every look the group's committed offset of a partition has every record below it in the inbox
     (a commit past them would skip them for good after the next rebalance)."""
-    topic = f"{settings.kafka_consumer_group_prefix}.rebalancing-{uuid.uuid4().hex[:8]}"
+    topic, admin = _new_partitioned_topic(settings, "rebalancing")
     group = f"{topic}.group"
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    partitioned = dataclasses.replace(settings, kafka_topic_partitions=PARTITIONS)
-    admin.create_topics([new_topic(partitioned, topic)])[topic].result(15)
     watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group,
                         "enable.auto.commit": False})
     database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
@@ -122,10 +136,7 @@ def test_consumers_joining_and_leaving_a_group_store_every_record_and_commit_onl
     def all_stored(message_ids: set[str]):
         def probe() -> bool:
             commits_hold_only_stored_records()
-            with database.cursor() as cursor:
-                cursor.execute("SELECT count(*) FROM inbox_messages WHERE message_id = ANY(%s)",
-                               ([uuid.UUID(m) for m in message_ids],))
-                return cursor.fetchone()[0] == len(message_ids)
+            return _all_in_inbox(database, message_ids)
         return probe
 
     try:
@@ -284,11 +295,8 @@ def test_a_consume_that_raises_loses_no_record_of_any_partition(settings, lookup
     A partition whose committed offset could not be had is paused, and asked of again (5 s
     later) till it is rewound: its records produced meanwhile are not stored before those
     dropped (they were, and those dropped only at the next rebalance)."""
-    topic = f"{settings.kafka_consumer_group_prefix}.consume-raising-{uuid.uuid4().hex[:8]}"
+    topic, admin = _new_partitioned_topic(settings, "consume-raising")
     group = f"{topic}.group"
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    partitioned = dataclasses.replace(settings, kafka_topic_partitions=PARTITIONS)
-    admin.create_topics([new_topic(partitioned, topic)])[topic].result(15)
     # (All there before the consumer starts: the client fetches them as its partitions are
     # assigned, and sooner or later a poll's message and what consume() takes next are of two.)
     produced = _produce(settings, topic, 60)
@@ -303,10 +311,7 @@ def test_a_consume_that_raises_loses_no_record_of_any_partition(settings, lookup
     database.autocommit = True
 
     def all_stored() -> bool:
-        with database.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM inbox_messages WHERE message_id = ANY(%s)",
-                           ([uuid.UUID(m) for m in produced],))
-            return cursor.fetchone()[0] == len(produced)
+        return _all_in_inbox(database, produced)
 
     try:
         wait_for(lambda: client.dropped or client.not_raised, timeout=30, interval=0.1,
@@ -335,11 +340,8 @@ def test_a_consume_that_raises_rewinds_a_partition_read_from_to_one_past_its_las
     of partition 0 and raises: partition 0 goes back to one past its last stored record, neither to
     its committed offset (its stored records read and stored again) nor left where the client read
     on to (the records dropped lost). Every record is stored, each once."""
-    topic = f"{settings.kafka_consumer_group_prefix}.consume-past-stored-{uuid.uuid4().hex[:8]}"
+    topic, admin = _new_partitioned_topic(settings, "consume-past-stored")
     group = f"{topic}.group"
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    partitioned = dataclasses.replace(settings, kafka_topic_partitions=PARTITIONS)
-    admin.create_topics([new_topic(partitioned, topic)])[topic].result(15)
     produced = _produce(settings, topic, 20, partition=0)
     client = _ConsumeFailingPastStored(build_consumer(settings, group))
     store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
@@ -354,10 +356,7 @@ def test_a_consume_that_raises_rewinds_a_partition_read_from_to_one_past_its_las
     database.autocommit = True
 
     def all_stored() -> bool:
-        with database.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM inbox_messages WHERE message_id = ANY(%s)",
-                           ([uuid.UUID(m) for m in produced],))
-            return cursor.fetchone()[0] == len(produced)
+        return _all_in_inbox(database, produced)
 
     try:
         try:
