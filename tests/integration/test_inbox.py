@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -355,22 +355,34 @@ def test_one_message_handed_to_two_tasks_at_once_is_handled_once(settings, payme
     makes the second wait and then find it handled."""
     record, message_id = _request_record(user_id)
     payments_inbox([record])
+
+    def handle(handlers):
+        with transaction() as session:
+            process_inbox_message(session, message_id, handlers)
+
+    assert _handled_by_two_at_once(handle) == [message_id]
+
+
+def _handled_by_two_at_once(handle: Callable[[dict], object]) -> list:
+    """The message ids a slow payment-requested handler was called with, `handle` (given the
+    handlers) run by two threads at once in the payments app: the second, waiting on the
+    first's row lock, is to find the message handled."""
     calls = []
 
     def slow(session, events):
         calls.append(events[0].message.message_id)
         time.sleep(0.5)
 
-    def handle():
-        with service_app("payments").app_context(), transaction() as session:
-            process_inbox_message(session, message_id, {PAYMENT_REQUESTED: slow})
+    def run():
+        with service_app("payments").app_context():
+            handle({PAYMENT_REQUESTED: slow})
 
-    tasks = [threading.Thread(target=handle) for _ in range(2)]
-    for task in tasks:
-        task.start()
-    for task in tasks:
-        task.join(30)
-    assert calls == [message_id]
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return calls
 
 
 @contextmanager
@@ -556,22 +568,9 @@ def test_one_message_in_two_batches_at_once_is_handled_and_counted_once(
 
     record, message_id = _request_record(user_id)
     payments_inbox([record])
-    calls = []
-
-    def slow(session, events):
-        calls.append(events[0].message.message_id)
-        time.sleep(0.5)
-
-    def handle():
-        with service_app("payments").app_context():
-            _handle_in_one_transaction("payments", [message_id], {PAYMENT_REQUESTED: slow})
-
-    batches = [threading.Thread(target=handle) for _ in range(2)]
-    for batch in batches:
-        batch.start()
-    for batch in batches:
-        batch.join(30)
-    assert calls == [message_id]
+    assert _handled_by_two_at_once(
+        lambda handlers: _handle_in_one_transaction("payments", [message_id], handlers)
+    ) == [message_id]
     with service_app("payments").app_context():
         row = _row(message_id)
         assert row.attempts == 1 and row.processed_at is not None
