@@ -894,6 +894,25 @@ def _dropping(settings, drops, receive_buffer_bytes: int | None = None, **change
         served.close()
 
 
+def _a_kept_alive_connection(client, server) -> tuple[dict, object]:
+    """A user signed up through the gateway `client` (their auth headers), and the connection to
+    the _dropping `server` a GET of theirs was answered on: kept alive in the gateway's pool."""
+    _, auth = _sign_up(client)
+    assert client.get("/api/orders", headers=auth).status_code == 200
+    [(_, kept_alive, _)] = server.answered
+    return auth, kept_alive
+
+
+def _sent_after_a_kept_alive_get(client, server, method: str, key: str | None):
+    """The answer to a request of /api/orders (`method`, its Idempotency-Key `key` where given)
+    sent by a user whose GET left a connection kept alive; and that connection."""
+    auth, kept_alive = _a_kept_alive_connection(client, server)
+    headers = {**auth, **({"Idempotency-Key": key} if key else {})}
+    answer = client.open("/api/orders", method=method, headers=headers,
+                         json={"amount": "1.00"} if method == "POST" else None)
+    return answer, kept_alive
+
+
 def _kept_alive_dropped(on_connection: int, on_server: int) -> bytes | None:
     return b"" if on_connection > 1 else None
 
@@ -921,12 +940,7 @@ def test_a_request_whose_kept_alive_connection_closed_unanswered_is_sent_again_i
     a safe request held and then dropped does no harm sent again (it was a 502, not sent again,
     when it failed over 0.1 s after its send)."""
     with _dropping(settings, drops) as (client, server):
-        _, auth = _sign_up(client)
-        assert client.get("/api/orders", headers=auth).status_code == 200  # kept alive
-        [(_, kept_alive, _)] = server.answered
-        headers = {**auth, **({"Idempotency-Key": key} if key else {})}
-        answer = client.open("/api/orders", method=method, headers=headers,
-                             json={"amount": "1.00"} if method == "POST" else None)
+        answer, kept_alive = _sent_after_a_kept_alive_get(client, server, method, key)
         assert answer.status_code == status, answer.get_json()
         called = server.received[1:]
         assert called[0] == (method, kept_alive, key)  # dropped
@@ -959,12 +973,7 @@ def test_a_safe_request_held_past_the_deadline_on_a_kept_alive_connection_is_not
 
     with _dropping(settings, held_on_a_kept_alive_connection,
                    upstream_timeout_seconds=0.5) as (client, server):
-        _, auth = _sign_up(client)
-        assert client.get("/api/orders", headers=auth).status_code == 200  # kept alive
-        [(_, kept_alive, _)] = server.answered
-        headers = {**auth, **({"Idempotency-Key": key} if key else {})}
-        answer = client.open("/api/orders", method=method, headers=headers,
-                             json={"amount": "1.00"} if method == "POST" else None)
+        answer, kept_alive = _sent_after_a_kept_alive_get(client, server, method, key)
         assert answer.status_code == 504, answer.get_json()
         assert answer.get_json()["error"]["code"] == "UPSTREAM_TIMEOUT"
         wait_for(held_past_it.is_set, timeout=2, what="the service done holding the request")
@@ -1018,9 +1027,7 @@ def test_a_keyed_post_whose_kept_alive_connection_closed_as_its_body_went_is_sen
     with _dropping(settings, _kept_alive_closed_unread,
                    receive_buffer_bytes=NeverReadingServer.RECEIVE_BUFFER_BYTES
                    ) as (client, server):
-        _, auth = _sign_up(client)
-        assert client.get("/api/orders", headers=auth).status_code == 200  # kept alive
-        [(_, kept_alive, _)] = server.answered
+        auth, kept_alive = _a_kept_alive_connection(client, server)
         body = b'{"amount": "1.00"' + b" " * (MAX_REQUEST_BYTES - 4096) + b"}"  # (JSON, spaces)
         answer = client.post("/api/orders", data=body, content_type="application/json",
                              headers={**auth, "Idempotency-Key": "retry-me"})
