@@ -105,6 +105,15 @@ def _all_in_inbox(database, message_ids: set[str]) -> bool:
         return cursor.fetchone()[0] == len(message_ids)
 
 
+def _cleared_away(topic: str, admin: AdminClient, database) -> None:
+    """The test's topic deleted, and its records' rows in the inbox (the run's, shared by its
+    tests); its database connection closed."""
+    with database.cursor() as cursor:
+        cursor.execute("DELETE FROM inbox_messages WHERE topic = %s", (topic,))
+    database.close()
+    admin.delete_topics([topic])
+
+
 def _committed(watcher: Consumer, topic: str) -> dict[int, int]:
     """The group's committed offset of each partition of `topic` that has one."""
     offsets = watcher.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
@@ -162,10 +171,7 @@ def test_consumers_joining_and_leaving_a_group_store_every_record_and_commit_onl
         assert len(looks) > 10
     finally:
         watcher.close()
-        with database.cursor() as cursor:  # (the inbox is the run's, shared by its tests)
-            cursor.execute("DELETE FROM inbox_messages WHERE topic = %s", (topic,))
-        database.close()
-        admin.delete_topics([topic])
+        _cleared_away(topic, admin, database)
 
 
 class _ConsumeFailingOnce:
@@ -389,7 +395,4 @@ def test_a_consume_that_raises_rewinds_a_partition_read_from_to_one_past_its_las
         assert _committed(watcher, topic) == {0: 40, 1: 20}  # (as it stopped)
     finally:
         watcher.close()
-        with database.cursor() as cursor:  # (the inbox is the run's, shared by its tests)
-            cursor.execute("DELETE FROM inbox_messages WHERE topic = %s", (topic,))
-        database.close()
-        admin.delete_topics([topic])
+        _cleared_away(topic, admin, database)
