@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,20 @@ def test_what_a_hook_raises_leaves_no_process_running():
     assert group.processes == []
 
 
+@contextlib.contextmanager
+def _started_ready(program: str, tmp_path: Path) -> Iterator[subprocess.Popen]:
+    """`program` (_started), given once it says "ready"; killed on the way out if still running
+    (what the test leaves, if it fails)."""
+    parent = _started(program, tmp_path)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        yield parent
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
 def test_a_second_ctrl_c_while_the_apis_stop_stops_the_rest_at_once_without_the_drain(tmp_path):
     """README: a second Ctrl-C skips the drain. One arriving while an API is still stopping once
     ran stop_all again within the first, the drain (devstack.stack's when_stopped hook) and all."""
@@ -169,9 +184,7 @@ def test_a_second_ctrl_c_while_the_apis_stop_stops_the_rest_at_once_without_the_
         time.sleep(300)
         """
     )
-    parent = _started(program, tmp_path)
-    try:
-        assert parent.stdout.readline().strip() == "ready"
+    with _started_ready(program, tmp_path) as parent:
         parent.send_signal(signal.SIGINT)
         assert parent.stdout.readline().strip() == "stopping api"
 
@@ -182,10 +195,6 @@ def test_a_second_ctrl_c_while_the_apis_stop_stops_the_rest_at_once_without_the_
         assert "draining" not in said
         assert "stopped worker" in said
         assert "killed api" in said  # (the second Ctrl-C cut its stop short: not left running)
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
 
 
 def test_a_process_whose_stop_a_second_ctrl_c_cuts_short_is_killed_not_left_running(tmp_path):
@@ -256,9 +265,7 @@ def test_the_process_a_second_ctrl_c_killed_is_not_killed_again_by_a_later_stop(
         time.sleep(300)
         """
     )
-    parent = _started(program, tmp_path)
-    try:
-        assert parent.stdout.readline().strip() == "ready"
+    with _started_ready(program, tmp_path) as parent:
         parent.send_signal(signal.SIGINT)
         assert parent.stdout.readline().strip() == "stopping api"
         assert parent.stdout.readline().strip() == "stopping broker"
@@ -269,10 +276,6 @@ def test_the_process_a_second_ctrl_c_killed_is_not_killed_again_by_a_later_stop(
         said = parent.stdout.read().split("\n")
         assert said[-2:] == ["exited", ""]  # (the exit's stop came and went)
         assert said.count("killed broker") == 1, said
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
 
 
 def _running(pid: int) -> bool:
