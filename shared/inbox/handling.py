@@ -130,7 +130,9 @@ class MarkedBatch:
     """Messages locked by lock_in_order_marking_processed, marked processed already: what
     handle_locked_messages_at_once takes, and all it takes. It marks nothing itself, so rows
     locked by lock_in_order alone, handed to it, would be handled and left unmarked, to be
-    handled again on the next dispatch; this type keeps them from it."""
+    handled again on the next dispatch; this type keeps them from it, as long as only
+    lock_in_order_marking_processed makes one (a MarkedBatch built by hand around other rows
+    would pass the check all the same)."""
 
     messages: tuple[StoredMessage, ...]  # as locked, `done` as before the mark
 
@@ -290,7 +292,7 @@ def _count_failed_attempt(session: Session, message_id: uuid.UUID, error: str,
 def handle_locked_messages_at_once(session: Session, batch: MarkedBatch,
                                    handlers: dict[str, Handler]) -> None:
     """Handle messages that the caller's transaction has locked and marked processed
-    (lock_in_order_marking_processed: nothing else makes a MarkedBatch), with no savepoints; the
+    (lock_in_order_marking_processed, the one maker of a MarkedBatch), with no savepoints; the
     outbox rows they write go in one INSERT, and one that cannot be handled is parked, its mark
     undone.
 
