@@ -20,7 +20,7 @@ from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import driver_dsn
 from shared.inbox.storing import ConsumedRecord
 from shared.inbox_consumer import InboxConsumer, StoreOnOwnConnection
-from shared.kafka import build_consumer, new_topic
+from shared.kafka import build_consumer, consumer_config, new_topic
 from tests.polling import wait_for
 
 PARTITIONS = 3
@@ -268,12 +268,18 @@ class _ConsumeFailingPastStored(_ConsumeFailingOnce):
 
 
 class _StoringInOrder:
-    """The inbox's store, noting the (partition, offset) of each record it stored, in order."""
+    """The inbox's store, noting the (partition, offset) of each record it stored, in order. Its
+    first `failing` batches fail before storing anything (noted in `failed`), as a lost database
+    connection fails them: the consumer rewinds to read them again."""
 
-    def __init__(self, store: StoreOnOwnConnection):
+    def __init__(self, store: StoreOnOwnConnection, failing: int = 0):
         self._store, self.order = store, []
+        self._failing, self.failed = failing, []
 
     def __call__(self, records: list[ConsumedRecord]) -> list[uuid.UUID]:
+        if len(self.failed) < self._failing:
+            self.failed.append([(record.partition, record.offset) for record in records])
+            raise ConnectionError("the inbox's database went away")
         new = self._store(records)
         self.order += [(record.partition, record.offset) for record in records]
         return new
@@ -395,4 +401,110 @@ def test_a_consume_that_raises_rewinds_a_partition_read_from_to_one_past_its_las
         assert _committed(watcher, topic) == {0: 40, 1: 20}  # (as it stopped)
     finally:
         watcher.close()
+        _cleared_away(topic, admin, database)
+
+
+def _offsets_polled(client: Consumer, count: int) -> list[int]:
+    """The offsets of the next `count` records `client` polls, all of partition 0 (its topic's
+    only one holding any), waiting up to 30 s for them."""
+    offsets = []
+
+    def polled_enough() -> bool:
+        message = client.poll(0.1)
+        if message is not None and message.error() is None:
+            assert message.partition() == 0, (message.partition(), message.offset())
+            offsets.append(message.offset())
+        return len(offsets) >= count
+
+    wait_for(polled_enough, timeout=30, interval=0, what=f"{count} records polled")
+    return offsets
+
+
+def test_a_partition_sought_back_while_paused_is_read_on_from_there_once_resumed(settings):
+    """On the real client and broker, a partition read up to offset 10 (its fetches further on,
+    the rest held), then paused, sought back to 3 while paused, and resumed, is read on from 3:
+    neither from 10 nor from where its fetches had got to. shared.inbox_consumer rests on it: a
+    partition whose rewind's seek was refused is paused, sought again while paused, and resumed
+    once that goes through (_rewind_again); a seek that a paused partition ignored would leave the
+    records from the rewind's offset unread till the next rebalance, and those after them stored
+    first."""
+    topic, admin = _new_partitioned_topic(settings, "paused-seek")
+    _produce(settings, topic, 20, partition=0)
+    client = build_consumer(settings, f"{topic}.group")
+    client.subscribe([topic])
+    try:
+        assert _offsets_polled(client, 10) == list(range(10))
+        client.pause([TopicPartition(topic, 0)])
+        client.seek(TopicPartition(topic, 0, 3))
+        client.resume([TopicPartition(topic, 0)])
+        assert _offsets_polled(client, 1) == [3]  # (10, had the seek not taken)
+        assert _offsets_polled(client, 16) == list(range(4, 20))
+    finally:
+        client.close()
+        admin.delete_topics([topic])
+
+
+class _SeekRefusing(Consumer):
+    """The real client, but its first `refusals` seeks raise, as librdkafka's does for a partition
+    it is not fetching just then. Each seek (refused or gone through), pause and resume is noted in
+    `calls`, by partition, as it was."""
+
+    def __init__(self, config: dict, refusals: int):
+        super().__init__(config)
+        self.refusals, self.calls = refusals, []
+
+    def seek(self, partition: TopicPartition) -> None:
+        where = (partition.partition, partition.offset)
+        if self.refusals:
+            self.refusals -= 1
+            self.calls.append(("seek refused", where))
+            raise KafkaException(KafkaError(KafkaError._STATE, "partition not fetched"))
+        super().seek(partition)
+        self.calls.append(("seek", where))
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        super().pause(partitions)
+        self.calls.append(("pause", [partition.partition for partition in partitions]))
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        super().resume(partitions)
+        self.calls.append(("resume", [partition.partition for partition in partitions]))
+
+
+def test_a_partition_whose_rewind_was_refused_is_read_again_from_there_once_sought_while_paused(
+        settings):
+    """A batch of partition 0 fails to store, and its rewind's seek is refused, then refused
+    again before the next poll: the partition is paused (the client read on past the batch, and
+    held more), sought again while paused before each poll till the seek goes through, then
+    resumed. On the real client and broker that seek takes: the partition's records are stored
+    from the failed batch's first on, in order, each once, none skipped (a seek a paused partition
+    ignored would have it read on past the batch's records, unread till the next rebalance)."""
+    topic, admin = _new_partitioned_topic(settings, "refused-rewind")
+    produced = _produce(settings, topic, 20, partition=0)
+    client = _SeekRefusing(consumer_config(settings, f"{topic}.group"), refusals=2)
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
+    storing = _StoringInOrder(store, failing=1)
+    consumer = InboxConsumer(client, [topic], storing, dispatch=lambda ids: None, batch_size=5)
+    running = threading.Thread(target=consumer.run)
+    running.start()
+    database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    database.autocommit = True
+    try:
+        try:
+            # (The last record: the batch's, had the seek not taken, would never come after it.)
+            wait_for(lambda: (0, 19) in storing.order, timeout=30, interval=0.1,
+                     what="partition 0's last record stored")
+        finally:
+            consumer.stop()
+            running.join(30)
+            store.close()
+        assert not running.is_alive()
+        [failed] = storing.failed
+        rewound_to = failed[0][1]
+        assert storing.order == [(0, offset) for offset in range(rewound_to, 20)]
+        assert client.calls[:5] == [("seek refused", (0, rewound_to)), ("pause", [0]),
+                                    ("seek refused", (0, rewound_to)), ("seek", (0, rewound_to)),
+                                    ("resume", [0])]
+        assert _all_in_inbox(database, produced)
+    finally:
         _cleared_away(topic, admin, database)
