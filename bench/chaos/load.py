@@ -41,18 +41,42 @@ class Shopper:
     token: str
 
 
+AMBIGUOUS_STATUSES = (502, 504)
+
+
+@dataclass
+class Request:
+    """One logical order request (a keyed one with all its tries, or a single unkeyed try), known
+    by the tag sent as its order's description: what it sent, every answer its tries got, and
+    the orders the 202s named."""
+
+    user: str
+    amount: Decimal
+    answers: list[int | str] = field(default_factory=list)
+    acknowledged: set[str] = field(default_factory=set)
+
+    @property
+    def ambiguous(self) -> bool:
+        """Whether a try may have placed an order unacknowledged: one with no answer (its
+        exception's name), or a 502 or 504 (the gateway's call sent, its answer lost). A 503
+        says it was not (the gateway's call never sent, or the service's own refusal), unless
+        PostgreSQL failed as it committed, which the soak does not disrupt: the invariants hold
+        the shop to it."""
+        return any(not isinstance(answer, int) or answer in AMBIGUOUS_STATUSES
+                   for answer in self.answers)
+
+
 @dataclass
 class Ledger:
-    """What the shop acknowledged: orders accepted (202) with their user and amount, the orders
-    each idempotency key got, deposits confirmed (200) per user, and the answers counted by
-    kind; `ambiguous` counts tries whose order may have been placed unacknowledged."""
+    """What the shop acknowledged: orders accepted (202) with their user and amount, each order
+    request by its tag (what it sent and got), deposits confirmed (200) per user, and the
+    answers counted by kind."""
 
     accepted: dict[str, tuple[str, Decimal]] = field(default_factory=dict)
-    keyed: dict[tuple[str, str], set[str]] = field(default_factory=lambda: defaultdict(set))
+    requests: dict[str, Request] = field(default_factory=dict)
     deposited: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
     unconfirmed_deposits: dict[str, list] = field(default_factory=lambda: defaultdict(list))
     answers: Counter[str] = field(default_factory=Counter)
-    ambiguous: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -68,7 +92,8 @@ class Load:
         self.ledger = Ledger()
         self.shoppers: list[Shopper] = []
         self._late: list[tuple[Shopper, str]] = []  # with the deposit key each opens with
-        self._keys_to_repeat: list[tuple[Shopper, str, str, str]] = []
+        # Each sent again as it was: the same key, body (its tag among it) and way in.
+        self._keys_to_repeat: list[tuple[Shopper, str, str, str, str]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._offer, name="chaos-load"),
                          threading.Thread(target=self._open_late_accounts, name="chaos-late")]
@@ -146,37 +171,36 @@ class Load:
         with ledger.lock:
             repeat = self._keys_to_repeat and self.rng.random() < 0.1
             if repeat:
-                shopper, amount, key, via = self.rng.choice(self._keys_to_repeat)
+                shopper, amount, key, via, tag = self.rng.choice(self._keys_to_repeat)
             else:
                 shopper = self.rng.choice(self.shoppers)
                 amount = (str(Decimal(self.rng.randint(1, 800)) / 100)
                           if self.rng.random() < 0.9 else LARGE_ORDER)
                 key = uuid.uuid4().hex if self.rng.random() < 0.6 else None
                 via = "gateway" if self.rng.random() < 0.5 else "orders-api"
+                tag = uuid.uuid4().hex
         kind = "repeat" if repeat else "keyed" if key else "unkeyed"
         deadline = time.monotonic() + RETRY_SECONDS
         while True:
+            # An unkeyed request is tried once: a tag of its own. A keyed one keeps its tag over
+            # its tries (and a repeat of its key), so that the orders it placed can be counted.
             status, answer = self._post(shopper, via, "/orders",
-                                        {"amount": amount, "description": "chaos"}, key)
+                                        {"amount": amount, "description": tag}, key)
             with ledger.lock:
                 ledger.answers[f"order {via} {kind} {status}"] += 1
+                request = ledger.requests.setdefault(
+                    tag, Request(shopper.user_id, Decimal(amount)))
+                request.answers.append(status)
                 if status == 202:
                     order_id = answer.json()["id"]
                     ledger.accepted[order_id] = (shopper.user_id, Decimal(amount))
-                    if key:
-                        ledger.keyed[(shopper.user_id, key)].add(order_id)
-                        if not repeat:
-                            self._keys_to_repeat.append((shopper, amount, key, via))
+                    request.acknowledged.add(order_id)
+                    if key and not repeat:
+                        self._keys_to_repeat.append((shopper, amount, key, via, tag))
                     return
             if key and time.monotonic() < deadline:
                 time.sleep(RETRY_PAUSE)
                 continue  # a careful client asks again with its key
-            # A 502 or 504 may have been carried out, as may a try with no answer at all; a 503
-            # says it was not (the gateway's call never sent, or the service's own refusal), and
-            # the invariants hold the shop to that.
-            if key or not isinstance(status, int) or status in (502, 504):
-                with ledger.lock:
-                    ledger.ambiguous += 1  # placed perhaps, never acknowledged
             if isinstance(status, int) and status not in (502, 503, 504):
                 self.say(f"order refused {status}: {answer.text[:300]}")
             return

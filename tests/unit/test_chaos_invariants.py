@@ -1,0 +1,57 @@
+"""The chaos soak's check of the orders its requests placed (bench/chaos/invariants.py), on
+crafted ledgers and rows: an idempotency double hidden among unrelated lost answers is found."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from bench.chaos.invariants import requests_placed
+from bench.chaos.load import Ledger, Request
+
+
+def _ledger(**requests: Request) -> Ledger:
+    ledger = Ledger()
+    ledger.requests.update(requests)
+    for request in requests.values():
+        for order_id in request.acknowledged:
+            ledger.accepted[order_id] = (request.user, request.amount)
+    return ledger
+
+
+def test_a_keyed_retry_placing_a_second_order_is_found_among_unrelated_lost_answers():
+    """Key k's first try committed order A and lost its answer (its API child killed); its retry
+    placed order B, answered 202. Two unkeyed tries timed out and placed nothing: a count of
+    tries that may have placed an order would have excused A."""
+    ledger = _ledger(
+        keyed=Request("u1", Decimal("5.00"), ["ConnectionError", 202], {"B"}),
+        lost1=Request("u2", Decimal("1.00"), ["ReadTimeout"]),
+        lost2=Request("u2", Decimal("2.00"), [504]))
+    orders = {"A": ("u1", Decimal("5.00"), "keyed"), "B": ("u1", Decimal("5.00"), "keyed")}
+    problems = requests_placed(ledger, orders)
+    assert len(problems) == 1 and "request keyed of u1 placed orders ['A', 'B']" in problems[0]
+
+
+def test_an_order_placed_unanswered_by_a_lost_try_is_no_violation():
+    ledger = _ledger(lost=Request("u2", Decimal("1.00"), [502]),
+                     keyed=Request("u1", Decimal("5.00"), ["ReadTimeout", 202], {"A"}))
+    orders = {"L": ("u2", Decimal("1.00"), "lost"), "A": ("u1", Decimal("5.00"), "keyed")}
+    assert requests_placed(ledger, orders) == []
+
+
+def test_an_order_of_a_try_refused_503_or_4xx_is_a_violation():
+    ledger = _ledger(refused=Request("u1", Decimal("1.00"), [503]),
+                     conflict=Request("u1", Decimal("2.00"), [409, 409]))
+    orders = {"R": ("u1", Decimal("1.00"), "refused"), "C": ("u1", Decimal("2.00"), "conflict")}
+    problems = requests_placed(ledger, orders)
+    assert len(problems) == 2 and all("never acknowledged" in line for line in problems)
+
+
+def test_an_acknowledged_order_stored_with_another_user_or_amount_is_a_violation():
+    ledger = _ledger(sent=Request("u1", Decimal("5.00"), [202], {"A"}))
+    problems = requests_placed(ledger, {"A": ("u1", Decimal("50.00"), "sent")})
+    assert problems == ["order A (u1, 50.00) stored for request sent of (u1, 5.00)"]
+
+
+def test_an_order_of_no_request_sent_is_a_violation():
+    problems = requests_placed(Ledger(), {"X": ("u1", Decimal("5.00"), "chaos")})
+    assert problems == ["order X (u1, 5.00) of no request sent: 'chaos'"]
