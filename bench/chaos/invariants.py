@@ -9,37 +9,38 @@ from collections import Counter, defaultdict
 from decimal import Decimal
 
 from bench.chaos.load import Ledger, Shopper
-from bench.shop import FINAL_STATUSES, service_cursor
+from bench.shop import FINAL_STATUSES, service_cursor, wait_until_idle
 from devstack.stack import Stack
 from shared.config import SERVICES
 
-_UNFINISHED_ORDERS = "SELECT count(*) FROM orders WHERE status NOT IN %s"
-_OWED = """SELECT (SELECT count(*) FROM outbox_messages),
-                  (SELECT count(*) FROM inbox_messages
-                   WHERE processed_at IS NULL AND parked_at IS NULL)"""
 _LEFT_IN_INBOX = """SELECT message_id, topic, type, parked_at, last_error FROM inbox_messages
                     WHERE processed_at IS NULL OR parked_at IS NOT NULL"""
 _LEFT_IN_OUTBOX = "SELECT id, topic, correlation_id, parked_at, last_error FROM outbox_messages"
 
 
 def settle(stack: Stack, timeout: float) -> bool:
-    """Wait until every order is final and no service owes a message; False if not by
-    `timeout` (the checks then say what is left)."""
+    """Wait until no service owes a message (bench.shop.wait_until_idle) and every order is final
+    and notified with its status; False if not by `timeout` (the checks then say what is left).
+    Idle is not enough: a status record may be in Kafka still, in no outbox or inbox, for as long
+    as the gateway worker's group takes to rebalance after a kill (its session's seconds)."""
     deadline = time.monotonic() + timeout
-    while True:
-        with service_cursor(stack, "orders") as cursor:
-            cursor.execute(_UNFINISHED_ORDERS, (FINAL_STATUSES,))
-            unfinished = cursor.fetchone()[0]
-        owed = []
-        for service in SERVICES:
-            with service_cursor(stack, service) as cursor:
-                cursor.execute(_OWED)
-                owed.append(cursor.fetchone())
-        if unfinished == 0 and not any(outbox or inbox for outbox, inbox in owed):
+    while wait_until_idle(stack, deadline - time.monotonic()):
+        if _every_order_final_and_notified(stack):
             return True
         if time.monotonic() > deadline:
             return False
-        time.sleep(1)
+        time.sleep(0.25)
+    return False
+
+
+def _every_order_final_and_notified(stack: Stack) -> bool:
+    with service_cursor(stack, "orders") as cursor:
+        cursor.execute("SELECT id::text, status FROM orders")
+        orders = set(cursor.fetchall())
+    with service_cursor(stack, "gateway") as cursor:
+        cursor.execute("SELECT payload->>'order_id', payload->>'status' FROM notifications")
+        notified = set(cursor.fetchall())
+    return all(status in FINAL_STATUSES for _id, status in orders) and orders <= notified
 
 
 def check(stack: Stack, shoppers: list[Shopper], ledger: Ledger) -> tuple[list[str], Counter]:

@@ -1,10 +1,16 @@
 """The chaos soak's check of the orders its requests placed (bench/chaos/invariants.py), on
-crafted ledgers and rows: an idempotency double hidden among unrelated lost answers is found."""
+crafted ledgers and rows: an idempotency double hidden among unrelated lost answers is found;
+and its wait for the shop to settle, on crafted reads of the databases."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from decimal import Decimal
 
+import pytest
+
+import bench.shop
+from bench.chaos import invariants
 from bench.chaos.invariants import requests_placed
 from bench.chaos.load import Ledger, Request
 
@@ -55,3 +61,39 @@ def test_an_acknowledged_order_stored_with_another_user_or_amount_is_a_violation
 def test_an_order_of_no_request_sent_is_a_violation():
     problems = requests_placed(Ledger(), {"X": ("u1", Decimal("5.00"), "chaos")})
     assert problems == ["order X (u1, 5.00) of no request sent: 'chaos'"]
+
+
+class _Databases:
+    """The services' databases as settle() reads them: nothing owed, one FINISHED order, and its
+    notification stored once `notified_after` reads of the notifications have come."""
+
+    def __init__(self, notified_after: float):
+        self.notified_after, self.notification_reads = notified_after, 0
+
+    @contextmanager
+    def cursor(self, _stack, _service):
+        yield self
+
+    def execute(self, sql: str, _params=None) -> None:
+        self.sql = sql
+        if "FROM notifications" in sql:
+            self.notification_reads += 1
+
+    def fetchone(self):
+        return (0,) * self.sql.count("count(*)")  # nothing unfinished, owed or stored
+
+    def fetchall(self):
+        if "FROM notifications" in self.sql:
+            notified = self.notification_reads > self.notified_after
+            return [("A", "FINISHED")] if notified else []
+        return [("A", "FINISHED")]
+
+
+@pytest.mark.parametrize("notified_after, settled", [(1, True), (float("inf"), False)])
+def test_settling_waits_for_every_orders_notification_past_idle(monkeypatch, notified_after,
+                                                                 settled):
+    """A status record in Kafka is in no outbox or inbox: idle, the order not notified yet."""
+    databases = _Databases(notified_after)
+    monkeypatch.setattr(bench.shop, "service_cursor", databases.cursor)
+    monkeypatch.setattr(invariants, "service_cursor", databases.cursor)
+    assert invariants.settle(object(), timeout=3) is settled
