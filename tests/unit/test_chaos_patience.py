@@ -1,0 +1,31 @@
+"""The chaos soak's waits end (bench/chaos): a late shopper's opening deposit the shop never
+confirms is given up and noted."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from bench.chaos import load
+from bench.chaos.load import Ledger, Load, Shopper
+
+
+class _NoWait(random.Random):
+    def uniform(self, a, b):
+        return 0
+
+
+def test_a_late_shoppers_opening_deposit_never_confirmed_is_given_up_and_noted(monkeypatch):
+    monkeypatch.setattr(load, "DEPOSIT_RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(load, "RETRY_PAUSE", 0.01)
+    shopper = Shopper("late-1", "token")
+    shop = Load.__new__(Load)  # (no stack: the shop's answers are _post's below)
+    shop.rng, shop.ledger, shop.say = _NoWait(1), Ledger(), lambda message: None
+    shop._late, shop._stop = [(shopper, "key")], threading.Event()
+    shop._post = lambda shopper, via, path, body, key: (
+        (201, None) if path == "/accounts" else (503, None))
+    opening = threading.Thread(target=shop._open_late_accounts, daemon=True)
+    opening.start()
+    opening.join(10)
+    assert not opening.is_alive()
+    assert shop.ledger.unconfirmed_deposits == {"late-1": [("100.00", 503)]}
