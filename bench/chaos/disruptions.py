@@ -53,10 +53,15 @@ class Disruptor:
         self._thread.start()
         return self
 
-    def wait_for_every_kind(self) -> None:
-        """Return once each kind has been dealt, or the dealing failed (stop() raises why)."""
+    def wait_for_every_kind(self, timeout: float) -> None:
+        """Return once each kind has been dealt, or the dealing failed (stop() raises why); raise
+        if some kind is still not dealt after `timeout` (one that can never be, such as a child
+        of a master that forks none)."""
+        deadline = time.monotonic() + timeout
         while not self.every_kind_dealt.wait(0.5) and self._thread.is_alive():
-            pass
+            if time.monotonic() > deadline:
+                never = sorted(set(self.plan.disruptions()) - set(self.done))
+                raise RuntimeError(f"disruptions never dealt in {timeout:.0f}s: {never}")
 
     def stop(self) -> None:
         """Stop dealing, and wait for every paused process to be resumed; raise what made the

@@ -34,6 +34,13 @@ class ChaosPlan:
     # How long the shop gets, once the load stops, to make every order final and owe nothing.
     settle_seconds: float = 300
 
+    def every_kind_within(self) -> float:
+        """How long dealing each kind once more may take, at most: three passes of the deck at
+        the longest gap, restart and pause of the broker (a kind not dealt when its turn comes,
+        a gunicorn master still forking, goes back under the deck)."""
+        slowest = self.kill_every[1] + self.restart_after[1] + self.broker_pause_seconds[1]
+        return 3 * len(self.disruptions()) * slowest
+
     def disruptions(self) -> tuple[str, ...]:
         scaled = tuple(f"{name}-2" for name in SCALED_OUT) if self.scale_out else ()
         return (KILLS + scaled + CHILD_KILLS + PAUSES

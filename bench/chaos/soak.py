@@ -41,7 +41,7 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
         try:
             time.sleep(plan.seconds)
             # However short the run, each kind of disruption comes once.
-            disruptor.wait_for_every_kind()
+            disruptor.wait_for_every_kind(plan.every_kind_within())
         finally:
             try:
                 disruptor.stop()

@@ -1,13 +1,19 @@
 """The chaos soak's waits end (bench/chaos): a late shopper's opening deposit the shop never
-confirms is given up and noted."""
+confirms is given up and noted, and a kind of disruption that can never be dealt is said, not
+waited for forever."""
 
 from __future__ import annotations
 
 import random
+import subprocess
 import threading
 
+import pytest
+
 from bench.chaos import load
+from bench.chaos.disruptions import Disruptor
 from bench.chaos.load import Ledger, Load, Shopper
+from bench.chaos.plan import ChaosPlan
 
 
 class _NoWait(random.Random):
@@ -29,3 +35,26 @@ def test_a_late_shoppers_opening_deposit_never_confirmed_is_given_up_and_noted(m
     opening.join(10)
     assert not opening.is_alive()
     assert shop.ledger.unconfirmed_deposits == {"late-1": [("100.00", 503)]}
+
+
+class _OneKindPlan(ChaosPlan):
+    def disruptions(self):
+        return ("childless-child",)
+
+
+class _Process:
+    def __init__(self, pid: int):
+        self.pid, self.name = pid, "childless"
+
+
+def test_a_kind_of_disruption_never_dealt_is_said_once_the_wait_is_over():
+    plan = _OneKindPlan(kill_every=(0.01, 0.02))
+    with subprocess.Popen(["sleep", "60"]) as childless:
+        disruptor = Disruptor(plan, {"childless": _Process(childless.pid)}, lambda m: None)
+        disruptor.start()
+        try:
+            with pytest.raises(RuntimeError, match=r"never dealt in 1s: \['childless-child'\]"):
+                disruptor.wait_for_every_kind(timeout=1)
+        finally:
+            disruptor.stop()
+            childless.kill()
