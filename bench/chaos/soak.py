@@ -45,13 +45,12 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
         finally:
             try:
                 disruptor.stop()
+                # Before the load's stop, which waits for its requests' retries: those to a
+                # process down would wait out their patience, and a deposit go unconfirmed.
+                start_the_dead(processes, say)
             finally:
                 offered = load.stop()
                 seconds = time.monotonic() - began
-        for process in processes.values():
-            if not process.alive():  # died of itself (the disruptor starts those it kills)
-                say(f"{process.name} not running: started again")
-                process.start()
         say(f"load over: {offered} offered, {len(load.ledger.accepted)} accepted; settling...")
         settled = settle(stack, plan.settle_seconds)
         problems, orders = check(stack, load.shoppers, load.ledger)
@@ -59,6 +58,14 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
         problems.insert(0, f"not settled {plan.settle_seconds:.0f}s after the load")
     return ChaosResult(seconds, offered, len(load.ledger.accepted), orders, disruptor.done,
                        load.ledger.answers, settled, problems)
+
+
+def start_the_dead(processes: dict[str, ManagedProcess], say: Callable[[str], None]) -> None:
+    """Start again each process that died of itself (the disruptor starts those it kills)."""
+    for process in processes.values():
+        if not process.alive():
+            say(f"{process.name} not running: started again")
+            process.start()
 
 
 @contextmanager
