@@ -155,6 +155,10 @@ class ProcessGroup:
         # once, nothing waited for (the when_stopped hooks skipped).
         self._stopping = False
         self._at_once = False
+        # Held while a process is started again (start_again) and as the stop begins, so that a
+        # thread restarting a process it killed starts none the stop has passed. Reentrant:
+        # stop_all may run in a signal handler of the thread holding it.
+        self._starting_again = threading.RLock()
         # The process stop_all is waiting on: a signal that cuts that wait short has it stopped
         # again, with the rest, so that it is killed if it will not end (its port kept otherwise).
         self._being_stopped: ManagedProcess | None = None
@@ -215,6 +219,15 @@ class ProcessGroup:
         self.add(process)
         return process.start()
 
+    def start_again(self, process: ManagedProcess) -> bool:
+        """Start one of the group's processes again (killed on purpose, or died), unless the group
+        is stopping: then False, the process left stopped (stop_all may have passed it)."""
+        with self._starting_again:
+            if self._stopping or process not in self._processes:
+                return False
+            process.start()
+            return True
+
     def when_stopped(self, process: ManagedProcess, then: Callable[[], None]) -> None:
         """Have stop_all call `then` once it has stopped `process` (one of the group's), before
         it stops the processes started before it; a process stopped by itself calls nothing."""
@@ -232,7 +245,8 @@ class ProcessGroup:
         once it is stopped; a signal arriving meanwhile (a second Ctrl-C) has the process being
         stopped killed and what is left stopped, no hook called. Whatever a hook raises, the rest
         are stopped (and its error goes on up)."""
-        self._stopping = True
+        with self._starting_again:
+            self._stopping = True
         if self._being_stopped is not None:
             # A second Ctrl-C cut short the first stop_all's wait on it: killed, not waited for
             # again (that wait, cut short, may hold subprocess's lock on the child).

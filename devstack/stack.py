@@ -214,6 +214,16 @@ class Stack:
         self._adopt(redis)
         return postgres_base, redis_base
 
+    def start_extra(self, process: ManagedProcess) -> ManagedProcess:
+        """Start one more process as the stack's own: recorded, and stopped with the rest."""
+        if self._group is None:
+            raise RuntimeError("the stack has not been started")
+        return self._group.start(process)
+
+    def start_again(self, process: ManagedProcess) -> bool:
+        """Start one of the stack's processes again, unless the stack is stopping (False)."""
+        return self._group is not None and self._group.start_again(process)
+
     def stop_broker(self) -> None:
         self._require_started().stop()
 

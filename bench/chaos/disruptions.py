@@ -39,8 +39,10 @@ class Disruptor:
     been dealt at least once."""
 
     def __init__(self, plan: ChaosPlan, processes: dict[str, ManagedProcess],
-                 say: Callable[[str], None]):
+                 start_again: Callable[[ManagedProcess], bool], say: Callable[[str], None]):
         self.plan, self.processes, self.say = plan, processes, say
+        # The stack's (Stack.start_again): it starts nothing once the stack is stopping (Ctrl-C).
+        self.start_again = start_again
         self.rng = random.Random(f"disruptions-{plan.seed}")
         self.done: Counter[str] = Counter()
         self.every_kind_dealt = threading.Event()
@@ -147,5 +149,9 @@ class Disruptor:
         while process.alive():
             time.sleep(0.02)
         self.say(f"SIGKILL {process.name}")
-        time.sleep(self.rng.uniform(*self.plan.restart_after))
-        process.start()
+        # Not started again once the run or the stack is stopping: the stack's stop may have
+        # passed it (the run starts again what is down before it settles).
+        if self._stop.wait(self.rng.uniform(*self.plan.restart_after)):
+            return
+        if not self.start_again(process):
+            self.say(f"{process.name} left stopped: the stack is stopping")

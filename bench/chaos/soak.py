@@ -35,7 +35,7 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
         load = Load(plan, stack, say)
         load.seed_shoppers()
         say(f"{len(load.shoppers)} shoppers, {plan.late_users} of them opening accounts late")
-        disruptor = Disruptor(plan, processes, say).start()
+        disruptor = Disruptor(plan, processes, stack.start_again, say).start()
         load.start()
         began = time.monotonic()
         try:
@@ -61,7 +61,8 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
 
 
 def start_the_dead(processes: dict[str, ManagedProcess], say: Callable[[str], None]) -> None:
-    """Start again each process that died of itself (the disruptor starts those it kills)."""
+    """Start again each process down: died of itself, or killed as the disruptions stopped (the
+    disruptor starts again the others it kills)."""
     for process in processes.values():
         if not process.alive():
             say(f"{process.name} not running: started again")
@@ -71,15 +72,16 @@ def start_the_dead(processes: dict[str, ManagedProcess], say: Callable[[str], No
 @contextmanager
 def scaled_out(stack: Stack, names: tuple[str, ...]) -> Iterator[dict[str, ManagedProcess]]:
     """The stack's processes by name, with a second Celery worker of each named one (its own
-    node name, log and process group) started for the block and stopped after it."""
+    node name, log and process group) started for the block, as the stack's own (recorded, and
+    stopped with it on Ctrl-C), and stopped after it."""
     processes = {process.name: process for process in stack.processes}
     added = []
     try:
         for name in names:
             worker = processes[name]
-            added.append(ManagedProcess(
+            added.append(stack.start_extra(ManagedProcess(
                 f"{name}-2", [arg.replace("@%h", "-2@%h") for arg in worker.argv], worker.env,
-                worker.log_path.with_name(f"{name}-2.log"), worker.cwd).start())
+                worker.log_path.with_name(f"{name}-2.log"), worker.cwd)))
         yield {**processes, **{process.name: process for process in added}}
     finally:
         for process in added:

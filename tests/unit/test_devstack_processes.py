@@ -105,6 +105,22 @@ def test_group_stops_processes_in_reverse_start_order():
     assert stopped == ["api", "broker", "postgres"]
 
 
+def test_a_process_is_not_started_again_once_its_group_is_stopping(tmp_path):
+    """bench.chaos's disruptor starts again what it killed, from a thread of its own: once a
+    Ctrl-C's stop has begun, it starts nothing (the stop may have passed it: left running)."""
+    group = ProcessGroup(handle_signals=False)
+    process = group.start(_shell(tmp_path, "sleep 60"))
+    try:
+        process.kill()
+        wait_until(lambda: not process.alive(), 5, 0.02, "the killed process to end")
+        assert group.start_again(process) is True and process.alive()
+        group.stop_all()
+        assert group.start_again(process) is False
+        assert not process.alive()
+    finally:
+        process.stop()
+
+
 def test_what_the_group_is_told_to_do_once_a_process_is_stopped_comes_before_the_next_stop():
     """devstack.stack lets the orders in flight settle once the processes taking requests are
     stopped, before the workers are; a stop_all that finds the process stopped already (a second
