@@ -12,25 +12,18 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import psutil
+
 from bench.chaos.plan import BROKER_PAUSE, ChaosPlan
 from devstack.processes import ManagedProcess
 
 
 def children(pid: int) -> list[int]:
-    """The pids whose parent is `pid` (a gunicorn master's workers), from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                # The name, in parentheses, may hold spaces: the parent's pid follows it.
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
+    """The pids whose parent is `pid` (a gunicorn master's workers); none if it is gone."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 class Disruptor:
