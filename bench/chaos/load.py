@@ -138,11 +138,18 @@ class Load:
 
     def _offer(self) -> None:
         self._offered = 0
+        # Offers waiting for a thread, at most as many again as there are threads: a shop too
+        # slow for the rate slows the offers (the rate is a ceiling), where an unbounded queue
+        # would grow for the whole run and the stop wait for every offer in it.
+        waiting = threading.BoundedSemaphore(LOAD_THREADS * 2)
         with ThreadPoolExecutor(LOAD_THREADS) as pool:
             start = time.monotonic()
             while not self._stop.is_set():
+                if not waiting.acquire(timeout=0.5):
+                    continue
                 self._offered += 1
-                pool.submit(self._deposit if self.rng.random() < 0.05 else self._order)
+                offer = pool.submit(self._deposit if self.rng.random() < 0.05 else self._order)
+                offer.add_done_callback(lambda _offer: waiting.release())
                 time.sleep(max(0.0, start + self._offered / self.plan.rate - time.monotonic()))
 
     def _post(self, shopper: Shopper, via: str, path: str, body: dict | None, key: str | None

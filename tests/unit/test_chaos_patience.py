@@ -1,12 +1,13 @@
 """The chaos soak's waits end (bench/chaos): a late shopper's opening deposit the shop never
-confirms is given up and noted, and a kind of disruption that can never be dealt is said, not
-waited for forever."""
+confirms is given up and noted, a kind of disruption that can never be dealt is said, not waited
+for forever, and offers a slow shop leaves waiting do not pile up."""
 
 from __future__ import annotations
 
 import random
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -59,3 +60,23 @@ def test_a_kind_of_disruption_never_dealt_is_said_once_the_wait_is_over():
         finally:
             disruptor.stop()
             childless.kill()
+
+
+def test_offers_wait_for_a_thread_once_as_many_again_as_the_threads_are_waiting():
+    """A shop too slow for the rate slows the offers: none pile up for the stop to wait out."""
+    answered = threading.Event()
+    shop = Load.__new__(Load)
+    shop.plan, shop.rng, shop._stop = ChaosPlan(rate=1000), random.Random(1), threading.Event()
+    shop._order = shop._deposit = lambda: answered.wait(10)  # every request unanswered
+    offering = threading.Thread(target=shop._offer, daemon=True)
+    offering.start()
+    try:
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline and shop._offered <= 2 * load.LOAD_THREADS:
+            time.sleep(0.01)
+        assert shop._offered == 2 * load.LOAD_THREADS
+    finally:
+        shop._stop.set()
+        answered.set()
+        offering.join(10)
+    assert not offering.is_alive()
