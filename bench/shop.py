@@ -23,7 +23,7 @@ from shared.config import SECRETS, SERVICES, load_settings
 from shared.internal_auth import SignedAs
 
 RUN_ID = uuid.uuid4().hex[:8]
-# Redis database number of the benchmark's Celery queues (`make run` uses 0, the tests' layers 10 to
+# Redis database number of the benchmark's Celery queues (`make run` uses 0, the tests' layers 9 to
 # 14, 11 among them: tests/environment.py's REDIS_DB). Each run keys its queues under a
 # REDIS_KEY_PREFIX of its own, so a number shared takes nothing of another run's.
 REDIS_DB = 11
