@@ -47,7 +47,7 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
                 disruptor.stop()
                 # Before the load's stop, which waits for its requests' retries: those to a
                 # process down would wait out their patience, and a deposit go unconfirmed.
-                start_the_dead(processes, say)
+                start_the_dead(processes, stack.start_again, say)
             finally:
                 offered = load.stop()
                 seconds = time.monotonic() - began
@@ -60,13 +60,18 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
                        load.ledger.answers, settled, problems)
 
 
-def start_the_dead(processes: dict[str, ManagedProcess], say: Callable[[str], None]) -> None:
+def start_the_dead(processes: dict[str, ManagedProcess],
+                   start_again: Callable[[ManagedProcess], bool],
+                   say: Callable[[str], None]) -> None:
     """Start again each process down: died of itself, or killed as the disruptions stopped (the
-    disruptor starts again the others it kills)."""
+    disruptor starts again the others it kills). Through `start_again` (Stack.start_again), which
+    starts nothing once the stack is stopping: this runs as a Ctrl-C's KeyboardInterrupt goes by
+    too, after the stop it came with has stopped every process, and a process started then would
+    be the group's no more, left running with no one to stop it."""
     for process in processes.values():
         if not process.alive():
-            say(f"{process.name} not running: started again")
-            process.start()
+            started = start_again(process)
+            say(f"{process.name} not running: {'started again' if started else 'left stopped'}")
 
 
 @contextmanager

@@ -1,9 +1,10 @@
 """The chaos soak's waits end (bench/chaos): a late shopper's opening deposit the shop never
 confirms is given up and noted, a kind of disruption that can never be dealt is said, not waited
-for forever, and offers a slow shop leaves waiting do not pile up."""
+for forever, offers a slow shop leaves waiting do not pile up, and a stop starts nothing again."""
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import threading
@@ -15,6 +16,8 @@ from bench.chaos import load
 from bench.chaos.disruptions import Disruptor
 from bench.chaos.load import Ledger, Load, Shopper
 from bench.chaos.plan import ChaosPlan
+from bench.chaos.soak import start_the_dead
+from devstack.processes import ManagedProcess, ProcessGroup
 
 
 class _NoWait(random.Random):
@@ -80,3 +83,20 @@ def test_offers_wait_for_a_thread_once_as_many_again_as_the_threads_are_waiting(
         answered.set()
         offering.join(10)
     assert not offering.is_alive()
+
+
+def test_the_dead_are_left_stopped_once_the_stacks_stop_has_begun(tmp_path):
+    """start_the_dead runs as a Ctrl-C's KeyboardInterrupt goes by too, after the stop it came
+    with has stopped every process: it starts none of them again (each would be the group's no
+    more, left running with no one to stop it), and says so."""
+    group = ProcessGroup(handle_signals=False)
+    process = group.start(ManagedProcess("orders-worker", ["sleep", "60"], dict(os.environ),
+                                         tmp_path / "orders-worker.log", tmp_path))
+    said = []
+    try:
+        group.stop_all()
+        start_the_dead({"orders-worker": process}, group.start_again, said.append)
+        assert not process.alive()
+        assert said == ["orders-worker not running: left stopped"]
+    finally:
+        process.stop()
