@@ -12,7 +12,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 
 import requests
@@ -21,6 +21,7 @@ from bench.chaos.plan import ChaosPlan
 from devstack.stack import Stack
 from shared.caller_deadline import deadline_moment
 from shared.config import load_settings
+from shared.idempotency import REPLAYED, REPLAYED_HEADER
 from shared.internal_auth import DEADLINE_HEADER, SignedAs
 
 OPENING_DEPOSIT = Decimal("100.00")
@@ -66,18 +67,43 @@ class Request:
                    for answer in self.answers)
 
 
+@dataclass(frozen=True)
+class UnconfirmedDeposit:
+    """A keyed deposit that went unconfirmed until the load's patience ran out (`last_answer`
+    its last try's): it may have been made. Sent again as it was (its key, amount and way in) once
+    the shop has settled, to learn which (Load.resolve_unconfirmed_deposits)."""
+
+    shopper: Shopper
+    amount: Decimal
+    key: str
+    via: str
+    last_answer: int | str
+
+
 @dataclass
 class Ledger:
     """What the shop acknowledged: orders accepted (202) with their user and amount, each order
-    request by its tag (what it sent and got), deposits confirmed (200) per user, and the
-    answers counted by kind."""
+    request by its tag (what it sent and got), deposits confirmed (200) per user, those not
+    confirmed yet, and the answers counted by kind."""
 
     accepted: dict[str, tuple[str, Decimal]] = field(default_factory=dict)
     requests: dict[str, Request] = field(default_factory=dict)
     deposited: dict[str, Decimal] = field(default_factory=lambda: defaultdict(Decimal))
-    unconfirmed_deposits: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    unconfirmed_deposits: list[UnconfirmedDeposit] = field(default_factory=list)
     answers: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def resolve(self, deposit: UnconfirmedDeposit, status: int | str, replayed: bool
+                ) -> str | None:
+        """Take in what `deposit`'s request sent again after the run was answered: a 200 replayed
+        (Idempotent-Replayed: true, the first answer kept under its key) says an earlier try made
+        it, a fresh 200 that it is made now; either way it counts as deposited, once, and the
+        answer is said ("made before" or "made now"). Any other answer says nothing of the earlier
+        tries (None): the deposit stays unconfirmed."""
+        if status != 200:
+            return None
+        self.deposited[deposit.shopper.user_id] += deposit.amount
+        return "made before" if replayed else "made now"
 
 
 class Load:
@@ -217,28 +243,56 @@ class Load:
             shopper = self.rng.choice(self.shoppers)
             amount = Decimal(self.rng.randint(100, 3000)) / 100
             via = "gateway" if self.rng.random() < 0.5 else "payments-api"
-        self._deposit_until_answered(shopper, amount, uuid.uuid4().hex, via)
+        self._deposit_confirmed(shopper, amount, uuid.uuid4().hex, via)
 
-    def _deposit_until_answered(self, shopper: Shopper, amount: Decimal, key: str, via: str
-                                ) -> bool:
-        """A keyed deposit asked again until confirmed; False on a 404 (no account yet) or once
-        out of patience (then noted as unconfirmed: it may have been made)."""
-        deadline = time.monotonic() + DEPOSIT_RETRY_SECONDS
-        while True:
-            status, _ = self._post(shopper, via, "/accounts/deposit", {"amount": str(amount)}, key)
-            with self.ledger.lock:
-                self.ledger.answers[f"deposit {via} {status}"] += 1
-                if status == 200:
-                    self.ledger.deposited[shopper.user_id] += amount
-                    return True
+    def _deposit_confirmed(self, shopper: Shopper, amount: Decimal, key: str, via: str) -> bool:
+        """A keyed deposit asked until answered; False on a 404 (no account yet) or once out of
+        patience (then noted as unconfirmed: it may have been made)."""
+        status, _ = self._deposit_until_answered(shopper, amount, key, via)
+        with self.ledger.lock:
+            if status == 200:
+                self.ledger.deposited[shopper.user_id] += amount
+                return True
             if status == 404:
                 return False
-            if time.monotonic() > deadline:
-                with self.ledger.lock:
-                    self.ledger.unconfirmed_deposits[shopper.user_id].append((str(amount), status))
-                self.say(f"deposit of {amount} for {shopper.user_id} unconfirmed: {status}")
-                return False
+            self.ledger.unconfirmed_deposits.append(
+                UnconfirmedDeposit(shopper, amount, key, via, status))
+        self.say(f"deposit of {amount} for {shopper.user_id} unconfirmed: {status}")
+        return False
+
+    def _deposit_until_answered(self, shopper: Shopper, amount: Decimal, key: str, via: str
+                                ) -> tuple[int | str, requests.Response | None]:
+        """A keyed deposit asked again until answered 200 or 404, or for DEPOSIT_RETRY_SECONDS;
+        the last try's answer."""
+        deadline = time.monotonic() + DEPOSIT_RETRY_SECONDS
+        while True:
+            status, answer = self._post(shopper, via, "/accounts/deposit",
+                                        {"amount": str(amount)}, key)
+            with self.ledger.lock:
+                self.ledger.answers[f"deposit {via} {status}"] += 1
+            if status in (200, 404) or time.monotonic() > deadline:
+                return status, answer
             time.sleep(RETRY_PAUSE)
+
+    def resolve_unconfirmed_deposits(self) -> None:
+        """Once the load has stopped and the shop settled: each deposit left unconfirmed sent
+        again as it was, under its key, which the shop's idempotency answers with the first try's
+        answer if a try made it, or makes it now (Ledger.resolve). Those the shop answers so
+        count as deposited; any other is left in `unconfirmed_deposits` (the invariants say
+        each: a settled shop answers a deposit)."""
+        unresolved = []
+        for deposit in self.ledger.unconfirmed_deposits:
+            status, answer = self._deposit_until_answered(deposit.shopper, deposit.amount,
+                                                          deposit.key, deposit.via)
+            replayed = answer is not None and answer.headers.get(REPLAYED_HEADER) == REPLAYED
+            with self.ledger.lock:
+                outcome = self.ledger.resolve(deposit, status, replayed)
+                self.ledger.answers[f"deposit sent again: {outcome or 'unconfirmed'}"] += 1
+            if outcome is None:
+                unresolved.append(replace(deposit, last_answer=status))
+            self.say(f"unconfirmed deposit of {deposit.amount} for {deposit.shopper.user_id}"
+                     f" sent again: {outcome or f'still unconfirmed, {status}'}")
+        self.ledger.unconfirmed_deposits = unresolved
 
     def _open_late_accounts(self) -> None:
         """Each late shopper's account opened (asked until 201, or 409 once made) and funded, a
@@ -252,6 +306,6 @@ class Load:
                     break
                 time.sleep(RETRY_PAUSE)
             # As patient as any deposit (the load's stop waits for it): unconfirmed, it is
-            # noted, and the shopper's balance checked against what was confirmed.
-            if self._deposit_until_answered(shopper, OPENING_DEPOSIT, key, "gateway"):
+            # noted, and sent again once the shop has settled.
+            if self._deposit_confirmed(shopper, OPENING_DEPOSIT, key, "gateway"):
                 self.say(f"late account opened for {shopper.user_id}")

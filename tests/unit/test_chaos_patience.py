@@ -9,12 +9,13 @@ import random
 import subprocess
 import threading
 import time
+from decimal import Decimal
 
 import pytest
 
 from bench.chaos import load
 from bench.chaos.disruptions import Disruptor
-from bench.chaos.load import Ledger, Load, Shopper
+from bench.chaos.load import Ledger, Load, Shopper, UnconfirmedDeposit
 from bench.chaos.plan import ChaosPlan
 from bench.chaos.soak import start_the_dead
 from devstack.processes import ManagedProcess, ProcessGroup
@@ -38,7 +39,8 @@ def test_a_late_shoppers_opening_deposit_never_confirmed_is_given_up_and_noted(m
     opening.start()
     opening.join(10)
     assert not opening.is_alive()
-    assert shop.ledger.unconfirmed_deposits == {"late-1": [("100.00", 503)]}
+    assert shop.ledger.unconfirmed_deposits == [
+        UnconfirmedDeposit(shopper, Decimal("100.00"), "key", "gateway", 503)]
 
 
 class _OneKindPlan(ChaosPlan):

@@ -1,0 +1,86 @@
+"""The chaos soak's deposits left unconfirmed (bench/chaos/load.py): each is sent again with its
+key once the shop has settled, and counts as deposited when the shop answers it, replayed (made
+during the run) or fresh (made now); one still unanswered is a violation of its own, never a
+balance that looks wrong."""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+
+from bench.chaos import load
+from bench.chaos.invariants import _balances
+from bench.chaos.load import Ledger, Load, Shopper, UnconfirmedDeposit
+from shared.idempotency import REPLAYED, REPLAYED_HEADER
+
+SHOPPER = Shopper("u1", "token")
+
+
+def _unconfirmed(amount: str, key: str = "k1") -> UnconfirmedDeposit:
+    return UnconfirmedDeposit(SHOPPER, Decimal(amount), key, "gateway", "ReadTimeout")
+
+
+def test_a_deposit_answered_replayed_was_made_before_and_counts_once():
+    ledger = Ledger()
+    assert ledger.resolve(_unconfirmed("12.50"), 200, replayed=True) == "made before"
+    assert ledger.deposited["u1"] == Decimal("12.50")
+
+
+def test_a_deposit_answered_fresh_is_made_now_and_counts_once():
+    ledger = Ledger()
+    assert ledger.resolve(_unconfirmed("12.50"), 200, replayed=False) == "made now"
+    assert ledger.deposited["u1"] == Decimal("12.50")
+
+
+def test_a_deposit_answered_otherwise_stays_unconfirmed():
+    ledger = Ledger()
+    for status in (503, 504, "ConnectionError", 401):
+        assert ledger.resolve(_unconfirmed("12.50"), status, replayed=False) is None
+    assert ledger.deposited["u1"] == 0
+
+
+class _Answer:
+    def __init__(self, replayed: bool):
+        self.headers = {REPLAYED_HEADER: REPLAYED} if replayed else {}
+
+
+def _load_answering(answers: dict[str, list]) -> Load:
+    """A Load without a stack, whose deposit under each key is answered in turn by `answers`
+    (the last answer again once they run out)."""
+    shop = Load.__new__(Load)
+    shop.ledger, shop.say, shop._stop = Ledger(), lambda message: None, threading.Event()
+
+    def post(shopper, via, path, body, key):
+        given = answers[key]
+        status, replayed = given.pop(0) if len(given) > 1 else given[0]
+        return status, _Answer(replayed) if status == 200 else None
+    shop._post = post
+    return shop
+
+
+def test_unconfirmed_deposits_sent_again_count_as_answered_and_leave_none_unconfirmed(
+        monkeypatch):
+    monkeypatch.setattr(load, "RETRY_PAUSE", 0.01)
+    shop = _load_answering({"made-before": [(503, False), (200, True)],
+                            "made-now": [(200, False)]})
+    shop.ledger.deposited["u1"] = Decimal("100.00")
+    shop.ledger.unconfirmed_deposits += [_unconfirmed("10.00", "made-before"),
+                                         _unconfirmed("2.50", "made-now")]
+    shop.resolve_unconfirmed_deposits()
+    assert shop.ledger.unconfirmed_deposits == []
+    assert shop.ledger.deposited["u1"] == Decimal("112.50")
+    # The balance the shop holds (the opening 100.00 and both deposits) is then no violation.
+    assert _balances({}, {}, {"u1": Decimal("112.50")}, [SHOPPER], shop.ledger) == []
+
+
+def test_a_deposit_still_unanswered_after_the_run_is_a_violation_of_its_own(monkeypatch):
+    monkeypatch.setattr(load, "DEPOSIT_RETRY_SECONDS", 0.1)
+    monkeypatch.setattr(load, "RETRY_PAUSE", 0.01)
+    shop = _load_answering({"k1": [("ReadTimeout", False)]})
+    shop.ledger.deposited["u1"] = Decimal("100.00")
+    shop.ledger.unconfirmed_deposits.append(_unconfirmed("10.00"))
+    shop.resolve_unconfirmed_deposits()
+    assert shop.ledger.deposited["u1"] == Decimal("100.00")
+    problems = _balances({}, {}, {"u1": Decimal("100.00")}, [SHOPPER], shop.ledger)
+    assert problems == ["deposit of 10.00 for u1 (key k1, gateway) unconfirmed even once the shop"
+                        " settled: ReadTimeout"]
