@@ -1,6 +1,7 @@
-"""The disruptions: processes SIGKILLed (and started again) or SIGSTOPped (and SIGCONT'd), one
-every few seconds, from a shuffled deck of every kind so that each kind comes once before any
-comes twice, and a short run still disrupts every process kind."""
+"""The disruptions: processes SIGKILLed (and started again) or SIGSTOPped (and SIGCONT'd), or
+payment requests sent again under new message ids, one every few seconds, from a shuffled deck of
+every kind so that each kind comes once before any comes twice, and a short run still deals every
+kind."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections.abc import Callable
 
 import psutil
 
-from bench.chaos.plan import BROKER_PAUSE, ChaosPlan
+from bench.chaos.plan import BROKER_PAUSE, PAYMENT_REQUESTS_RESENT, ChaosPlan
 from devstack.processes import ManagedProcess
 
 
@@ -32,10 +33,14 @@ class Disruptor:
     been dealt at least once."""
 
     def __init__(self, plan: ChaosPlan, processes: dict[str, ManagedProcess],
-                 start_again: Callable[[ManagedProcess], bool], say: Callable[[str], None]):
+                 start_again: Callable[[ManagedProcess], bool],
+                 resend_payment_requests: Callable[[random.Random], int],
+                 say: Callable[[str], None]):
         self.plan, self.processes, self.say = plan, processes, say
         # The stack's (Stack.start_again): it starts nothing once the stack is stopping (Ctrl-C).
         self.start_again = start_again
+        # resent_requests.resend_with_fresh_ids, on the stack's broker and topic: how many sent.
+        self.resend_payment_requests = resend_payment_requests
         self.rng = random.Random(f"disruptions-{plan.seed}")
         self.done: Counter[str] = Counter()
         self.every_kind_dealt = threading.Event()
@@ -92,6 +97,8 @@ class Disruptor:
     def _disrupt(self, kind: str) -> bool:
         if kind == BROKER_PAUSE:
             self._pause_broker()
+        elif kind == PAYMENT_REQUESTS_RESENT:
+            return self._resend_payment_requests()
         elif kind.startswith("pause:"):
             self._pause(self.processes[kind.removeprefix("pause:")])
         elif kind.endswith("-child"):
@@ -111,6 +118,14 @@ class Disruptor:
             self._stop.wait(seconds)
         finally:
             os.kill(broker.pid, signal.SIGCONT)
+
+    def _resend_payment_requests(self) -> bool:
+        """Some payment requests published so far sent again under fresh ids; not dealt (put
+        back under the deck) while none is published yet."""
+        sent = self.resend_payment_requests(self.rng)
+        if sent:
+            self.say(f"{sent} payment requests sent again under new message ids")
+        return sent > 0
 
     def _pause(self, process: ManagedProcess) -> None:
         """A whole process group frozen (its tasks' visibility and its Kafka session time out

@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 # Each kind of disruption by name: a SIGKILL of a process's whole group (restarted after), of one
 # gunicorn child of an API (its master forks another), a SIGSTOP of a process's group (SIGCONT'd
-# after a while), or of the Kafka broker.
+# after a while), or of the Kafka broker; or payment requests published again under new ids.
 KILLS = ("orders-worker", "payments-worker", "gateway-worker", "beat", "orders-grpc",
          "payments-grpc")
 CHILD_KILLS = ("orders-api-child", "payments-api-child", "gateway-api-child")
 PAUSES = ("pause:orders-worker", "pause:payments-worker", "pause:gateway-worker", "pause:beat")
 BROKER_PAUSE = "broker-pause"
+# Payment requests already published sent again under fresh message ids (resent_requests.py).
+PAYMENT_REQUESTS_RESENT = "payment-requests-resent"
 # The second Celery worker of each service a scaled-out run adds, so that two take the same
 # queues (and the same Kafka consumer group) and a kill leaves the other at work.
 SCALED_OUT = ("orders-worker", "payments-worker")
@@ -44,4 +46,5 @@ class ChaosPlan:
     def disruptions(self) -> tuple[str, ...]:
         scaled = tuple(f"{name}-2" for name in SCALED_OUT) if self.scale_out else ()
         return (KILLS + scaled + CHILD_KILLS + PAUSES
-                + tuple(f"pause:{name}" for name in scaled) + (BROKER_PAUSE,))
+                + tuple(f"pause:{name}" for name in scaled) + (BROKER_PAUSE,
+                                                                PAYMENT_REQUESTS_RESENT))

@@ -9,13 +9,16 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from bench.chaos.disruptions import Disruptor
 from bench.chaos.invariants import check, settle
 from bench.chaos.load import Load
 from bench.chaos.plan import SCALED_OUT, ChaosPlan
+from bench.chaos.resent_requests import resend_with_fresh_ids
 from devstack.processes import ManagedProcess
 from devstack.stack import Stack
+from shared.config import load_settings
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,8 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
         load = Load(plan, stack, say)
         load.seed_shoppers()
         say(f"{len(load.shoppers)} shoppers, {plan.late_users} of them opening accounts late")
-        disruptor = Disruptor(plan, processes, stack.start_again, say).start()
+        resend = partial(resend_with_fresh_ids, load_settings(stack.env))
+        disruptor = Disruptor(plan, processes, stack.start_again, resend, say).start()
         load.start()
         began = time.monotonic()
         try:

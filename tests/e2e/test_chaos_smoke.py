@@ -16,7 +16,7 @@ from bench.chaos.soak import run_chaos
 from tests.e2e.conftest import stack_of_its_own
 
 LAYER = "chaos"
-# Each of the 14 kinds once, one every 1.5 to 2 s: some 25 s of load. No second workers (the
+# Each of the 15 kinds once, one every 1.5 to 2 s: some 27 s of load. No second workers (the
 # soak's scale-out): the machine running the suite may have two cores.
 PLAN = ChaosPlan(seed=7, seconds=20, rate=8, users=12, late_users=3, scale_out=False,
                  kill_every=(1.5, 2), restart_after=(0, 0.5), pause_seconds=(2, 8),

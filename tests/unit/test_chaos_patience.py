@@ -57,7 +57,7 @@ def test_a_kind_of_disruption_never_dealt_is_said_once_the_wait_is_over():
     plan = _OneKindPlan(kill_every=(0.01, 0.02))
     with subprocess.Popen(["sleep", "60"]) as childless:
         disruptor = Disruptor(plan, {"childless": _Process(childless.pid)},
-                              lambda process: True, lambda message: None)
+                              lambda process: True, lambda rng: 0, lambda message: None)
         disruptor.start()
         try:
             with pytest.raises(RuntimeError, match=r"never dealt in 1s: \['childless-child'\]"):
