@@ -121,8 +121,11 @@ class Disruptor:
 
     def _resend_payment_requests(self) -> bool:
         """Some payment requests published so far sent again under fresh ids; not dealt (put
-        back under the deck) while none is published yet."""
-        sent = self.resend_payment_requests(self.rng)
+        back under the deck) while none is published yet. The copies are drawn by a generator of
+        their own, seeded by one draw of the disruptor's: how many draws drawing them takes
+        depends on how many were published, which is timing, and the disruptor's own draws (its
+        waits, pauses, restarts, the deck) must be the seed's alone."""
+        sent = self.resend_payment_requests(random.Random(self.rng.getrandbits(64)))
         if sent:
             self.say(f"{sent} payment requests sent again under new message ids")
         return sent > 0

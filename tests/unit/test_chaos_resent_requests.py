@@ -1,13 +1,19 @@
 """The chaos soak's copies of published payment requests (bench/chaos/resent_requests.py): a copy
 is the message the orders relay sent, under a fresh message id, in its envelope and its header
-alike, so that the payments inbox takes it for a message of its own."""
+alike, so that the payments inbox takes it for a message of its own; and drawing the copies leaves
+the disruptor's own draws to the seed."""
 
 from __future__ import annotations
 
 import uuid
 from decimal import Decimal
+from functools import partial
 
+from bench.chaos import resent_requests
+from bench.chaos.disruptions import Disruptor
+from bench.chaos.plan import ChaosPlan
 from bench.chaos.resent_requests import with_a_fresh_id
+from shared.config import load_settings
 from shared.contracts import PAYMENT_REQUESTED, decode, new_event
 from shared.outbox.relaying import relay_headers
 
@@ -29,3 +35,46 @@ def test_a_copy_is_the_relays_message_but_for_a_fresh_message_id_in_envelope_and
         PAYMENT_REQUESTED, decode(value).payload, str(order_id), event.occurred_at)
     # Byte for byte the relay's text but for the id (compact JSON, its keys in their order).
     assert copy.replace(str(copied.message_id).encode(), str(event.message_id).encode()) == value
+
+
+class _Producer:
+    """confluent-kafka's Producer as far as resend_with_fresh_ids uses it, every message
+    acknowledged at the flush."""
+
+    def __init__(self, config: dict):
+        self.on_delivery, self.produced = config["on_delivery"], 0
+
+    def produce(self, topic, value, key, headers):
+        self.produced += 1
+
+    def flush(self, timeout):
+        for _ in range(self.produced):
+            self.on_delivery(None, None)
+
+
+def _published(count: int) -> list:
+    records = []
+    for _ in range(count):
+        order_id = uuid.uuid4()
+        event = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": "u1",
+                                              "amount": Decimal("1.00")}, str(order_id))
+        records.append((str(order_id).encode(), event.to_wire().encode(),
+                        [("message_id", str(event.message_id).encode())]))
+    return records
+
+
+def test_the_disruptors_own_draws_after_a_resend_are_the_same_however_many_were_published(
+        monkeypatch):
+    """How many were published is timing: the seed alone decides the disruptor's later waits,
+    pauses and deck."""
+    monkeypatch.setattr(resent_requests, "Producer", _Producer)
+    states = []
+    for count in (1, 5, resent_requests.COPIES, 300):
+        monkeypatch.setattr(resent_requests, "_published",
+                            lambda settings, topic, count=count: _published(count))
+        resend = partial(resent_requests.resend_with_fresh_ids, load_settings({}))
+        disruptor = Disruptor(ChaosPlan(seed=7), {}, lambda process: True, resend,
+                              lambda message: None)
+        assert disruptor._resend_payment_requests()
+        states.append(disruptor.rng.getstate())
+    assert states == [states[0]] * 4
