@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import psutil
+from confluent_kafka import KafkaException
 
 from bench.chaos.plan import BROKER_PAUSE, PAYMENT_REQUESTS_RESENT, ChaosPlan
 from devstack.processes import ManagedProcess
@@ -124,8 +125,15 @@ class Disruptor:
         back under the deck) while none is published yet. The copies are drawn by a generator of
         their own, seeded by one draw of the disruptor's: how many draws drawing them takes
         depends on how many were published, which is timing, and the disruptor's own draws (its
-        waits, pauses, restarts, the deck) must be the seed's alone."""
-        sent = self.resend_payment_requests(random.Random(self.rng.getrandbits(64)))
+        waits, pauses, restarts, the deck) must be the seed's alone. A broker that fails the
+        reading or the sending (its metadata not answered in time, a read refused) is said, and
+        the kind put back too: the broker is disrupted as well, and the soak goes on."""
+        copies_rng = random.Random(self.rng.getrandbits(64))
+        try:
+            sent = self.resend_payment_requests(copies_rng)
+        except KafkaException as exc:
+            self.say(f"payment requests not sent again: {exc}")
+            return False
         if sent:
             self.say(f"{sent} payment requests sent again under new message ids")
         return sent > 0

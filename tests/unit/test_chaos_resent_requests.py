@@ -1,13 +1,15 @@
 """The chaos soak's copies of published payment requests (bench/chaos/resent_requests.py): a copy
 is the message the orders relay sent, under a fresh message id, in its envelope and its header
-alike, so that the payments inbox takes it for a message of its own; and drawing the copies leaves
-the disruptor's own draws to the seed."""
+alike, so that the payments inbox takes it for a message of its own; drawing the copies leaves the
+disruptor's own draws to the seed, and a broker failing the resend fails no soak."""
 
 from __future__ import annotations
 
 import uuid
 from decimal import Decimal
 from functools import partial
+
+from confluent_kafka import KafkaError, KafkaException
 
 from bench.chaos import resent_requests
 from bench.chaos.disruptions import Disruptor
@@ -78,3 +80,13 @@ def test_the_disruptors_own_draws_after_a_resend_are_the_same_however_many_were_
         assert disruptor._resend_payment_requests()
         states.append(disruptor.rng.getstate())
     assert states == [states[0]] * 4
+
+
+def test_a_broker_failing_the_resend_is_said_and_the_kind_put_back_under_the_deck():
+    def resend(rng):
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "metadata not answered"))
+    said = []
+    disruptor = Disruptor(ChaosPlan(seed=7), {}, lambda process: True, resend, said.append)
+    assert disruptor._resend_payment_requests() is False
+    assert said == ["payment requests not sent again: KafkaError{code=_TIMED_OUT,val=-185,"
+                    'str="metadata not answered"}']
