@@ -98,8 +98,11 @@ class Ledger:
         """Take in what `deposit`'s request sent again after the run was answered: a 200 replayed
         (Idempotent-Replayed: true, the first answer kept under its key) says an earlier try made
         it, a fresh 200 that it is made now; either way it counts as deposited, once, and the
-        answer is said ("made before" or "made now"). Any other answer says nothing of the earlier
-        tries (None): the deposit stays unconfirmed."""
+        answer is said ("made before" or "made now"). A 404 (no account) says no try made it: it
+        counts nothing ("never made"). Any other answer says nothing of the earlier tries (None):
+        the deposit stays unconfirmed."""
+        if status == 404:
+            return "never made"
         if status != 200:
             return None
         self.deposited[deposit.shopper.user_id] += deposit.amount
@@ -277,8 +280,9 @@ class Load:
     def resolve_unconfirmed_deposits(self) -> None:
         """Once the load has stopped and the shop settled: each deposit left unconfirmed sent
         again as it was, under its key, which the shop's idempotency answers with the first try's
-        answer if a try made it, or makes it now (Ledger.resolve). Those the shop answers so
-        count as deposited; any other is left in `unconfirmed_deposits` (the invariants say
+        answer if a try made it, or makes it now, or answers 404 if there is no account to make
+        it in (Ledger.resolve). Those the shop answers so are resolved (counted as deposited, or
+        not, when never made); any other is left in `unconfirmed_deposits` (the invariants say
         each: a settled shop answers a deposit)."""
         unresolved = []
         for deposit in self.ledger.unconfirmed_deposits:

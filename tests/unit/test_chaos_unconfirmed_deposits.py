@@ -32,6 +32,13 @@ def test_a_deposit_answered_fresh_is_made_now_and_counts_once():
     assert ledger.deposited["u1"] == Decimal("12.50")
 
 
+def test_a_deposit_answered_404_was_never_made_and_counts_nothing():
+    """No account: no try of it made it (the account is never closed)."""
+    ledger = Ledger()
+    assert ledger.resolve(_unconfirmed("12.50"), 404, replayed=False) == "never made"
+    assert ledger.deposited["u1"] == 0
+
+
 def test_a_deposit_answered_otherwise_stays_unconfirmed():
     ledger = Ledger()
     for status in (503, 504, "ConnectionError", 401):
