@@ -45,6 +45,13 @@ class Shopper:
 AMBIGUOUS_STATUSES = (502, 504)
 
 
+def transient(status: int | str) -> bool:
+    """Whether a deposit's answer is one a careful client asks again after: none (the name of
+    the exception that stood for one), a 5xx, a 429 or a 408 (the request's reading timed out).
+    Any other (a 422, a 401) is the shop's word on the request, given again to each try."""
+    return isinstance(status, str) or status in (408, 429) or status >= 500
+
+
 @dataclass
 class Request:
     """One logical order request (a keyed one with all its tries, or a single unkeyed try), known
@@ -249,8 +256,9 @@ class Load:
         self._deposit_confirmed(shopper, amount, uuid.uuid4().hex, via)
 
     def _deposit_confirmed(self, shopper: Shopper, amount: Decimal, key: str, via: str) -> bool:
-        """A keyed deposit asked until answered; False on a 404 (no account yet) or once out of
-        patience (then noted as unconfirmed: it may have been made)."""
+        """A keyed deposit asked until answered; False on a 404 (no account yet), or once out of
+        patience (then noted as unconfirmed: it may have been made), or refused otherwise (noted
+        too, to be sent again after the run: the load's deposits are never refused)."""
         status, _ = self._deposit_until_answered(shopper, amount, key, via)
         with self.ledger.lock:
             if status == 200:
@@ -265,15 +273,15 @@ class Load:
 
     def _deposit_until_answered(self, shopper: Shopper, amount: Decimal, key: str, via: str
                                 ) -> tuple[int | str, requests.Response | None]:
-        """A keyed deposit asked again until answered 200 or 404, or for DEPOSIT_RETRY_SECONDS;
-        the last try's answer."""
+        """A keyed deposit asked again while its answer is transient, for DEPOSIT_RETRY_SECONDS
+        at most; the last try's answer."""
         deadline = time.monotonic() + DEPOSIT_RETRY_SECONDS
         while True:
             status, answer = self._post(shopper, via, "/accounts/deposit",
                                         {"amount": str(amount)}, key)
             with self.ledger.lock:
                 self.ledger.answers[f"deposit {via} {status}"] += 1
-            if status in (200, 404) or time.monotonic() > deadline:
+            if not transient(status) or time.monotonic() > deadline:
                 return status, answer
             time.sleep(RETRY_PAUSE)
 

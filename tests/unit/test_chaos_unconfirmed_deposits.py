@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from bench.chaos import load
 from bench.chaos.invariants import _balances
-from bench.chaos.load import Ledger, Load, Shopper, UnconfirmedDeposit
+from bench.chaos.load import Ledger, Load, Shopper, UnconfirmedDeposit, transient
 from shared.idempotency import REPLAYED, REPLAYED_HEADER
 
 SHOPPER = Shopper("u1", "token")
@@ -91,3 +91,22 @@ def test_a_deposit_still_unanswered_after_the_run_is_a_violation_of_its_own(monk
     problems = _balances({}, {}, {"u1": Decimal("100.00")}, [SHOPPER], shop.ledger)
     assert problems == ["deposit of 10.00 for u1 (key k1, gateway) unconfirmed even once the shop"
                         " settled: ReadTimeout"]
+
+
+def test_only_a_transient_answer_is_asked_again():
+    assert all(transient(status) for status in (500, 502, 503, 504, 429, 408, "ConnectionError",
+                                                "ReadTimeout"))
+    assert not any(transient(status) for status in (200, 400, 401, 404, 409, 422))
+
+
+def test_a_deposit_refused_is_not_asked_again_and_is_noted(monkeypatch):
+    monkeypatch.setattr(load, "DEPOSIT_RETRY_SECONDS", 0.5)
+    monkeypatch.setattr(load, "RETRY_PAUSE", 0.01)
+    tries = []
+    shop = _load_answering({"k1": [(422, False)]})
+    answer = shop._post
+    shop._post = lambda *request: tries.append(request) or answer(*request)
+    assert not shop._deposit_confirmed(SHOPPER, Decimal("10.00"), "k1", "gateway")
+    assert len(tries) == 1
+    assert shop.ledger.unconfirmed_deposits == [
+        UnconfirmedDeposit(SHOPPER, Decimal("10.00"), "k1", "gateway", 422)]
