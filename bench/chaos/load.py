@@ -31,6 +31,9 @@ LARGE_ORDER = "150.00"
 # How long a careful client asks again with its key, and waits for one answer.
 RETRY_SECONDS = 30
 DEPOSIT_RETRY_SECONDS = 60
+# How long sending the deposits left unconfirmed again after the run may take in all (a settled
+# shop answers each at once), give or take one request's timeout.
+RESOLVE_SECONDS = 60
 REQUEST_TIMEOUT = 15
 RETRY_PAUSE = 0.3
 LOAD_THREADS = 24
@@ -259,7 +262,8 @@ class Load:
         """A keyed deposit asked until answered; False on a 404 (no account yet), or once out of
         patience (then noted as unconfirmed: it may have been made), or refused otherwise (noted
         too, to be sent again after the run: the load's deposits are never refused)."""
-        status, _ = self._deposit_until_answered(shopper, amount, key, via)
+        status, _ = self._deposit_until_answered(shopper, amount, key, via,
+                                                  time.monotonic() + DEPOSIT_RETRY_SECONDS)
         with self.ledger.lock:
             if status == 200:
                 self.ledger.deposited[shopper.user_id] += amount
@@ -271,11 +275,10 @@ class Load:
         self.say(f"deposit of {amount} for {shopper.user_id} unconfirmed: {status}")
         return False
 
-    def _deposit_until_answered(self, shopper: Shopper, amount: Decimal, key: str, via: str
-                                ) -> tuple[int | str, requests.Response | None]:
-        """A keyed deposit asked again while its answer is transient, for DEPOSIT_RETRY_SECONDS
-        at most; the last try's answer."""
-        deadline = time.monotonic() + DEPOSIT_RETRY_SECONDS
+    def _deposit_until_answered(self, shopper: Shopper, amount: Decimal, key: str, via: str,
+                                deadline: float) -> tuple[int | str, requests.Response | None]:
+        """A keyed deposit asked again while its answer is transient, until the `deadline`
+        (time.monotonic()'s) at most; the last try's answer."""
         while True:
             status, answer = self._post(shopper, via, "/accounts/deposit",
                                         {"amount": str(amount)}, key)
@@ -291,11 +294,18 @@ class Load:
         answer if a try made it, or makes it now, or answers 404 if there is no account to make
         it in (Ledger.resolve). Those the shop answers so are resolved (counted as deposited, or
         not, when never made); any other is left in `unconfirmed_deposits` (the invariants say
-        each: a settled shop answers a deposit)."""
-        unresolved = []
-        for deposit in self.ledger.unconfirmed_deposits:
+        each: a settled shop answers a deposit), as are those not sent again within
+        RESOLVE_SECONDS, the whole step's patience."""
+        deadline = time.monotonic() + RESOLVE_SECONDS
+        deposits, unresolved = self.ledger.unconfirmed_deposits, []
+        for n, deposit in enumerate(deposits):
+            if time.monotonic() > deadline:
+                unresolved += deposits[n:]
+                self.say(f"{len(deposits) - n} unconfirmed deposits not sent again: out of time"
+                         f" ({RESOLVE_SECONDS}s for them all)")
+                break
             status, answer = self._deposit_until_answered(deposit.shopper, deposit.amount,
-                                                          deposit.key, deposit.via)
+                                                          deposit.key, deposit.via, deadline)
             replayed = answer is not None and answer.headers.get(REPLAYED_HEADER) == REPLAYED
             with self.ledger.lock:
                 outcome = self.ledger.resolve(deposit, status, replayed)

@@ -81,7 +81,7 @@ def test_unconfirmed_deposits_sent_again_count_as_answered_and_leave_none_unconf
 
 
 def test_a_deposit_still_unanswered_after_the_run_is_a_violation_of_its_own(monkeypatch):
-    monkeypatch.setattr(load, "DEPOSIT_RETRY_SECONDS", 0.1)
+    monkeypatch.setattr(load, "RESOLVE_SECONDS", 0.1)
     monkeypatch.setattr(load, "RETRY_PAUSE", 0.01)
     shop = _load_answering({"k1": [("ReadTimeout", False)]})
     shop.ledger.deposited["u1"] = Decimal("100.00")
@@ -110,3 +110,33 @@ def test_a_deposit_refused_is_not_asked_again_and_is_noted(monkeypatch):
     assert len(tries) == 1
     assert shop.ledger.unconfirmed_deposits == [
         UnconfirmedDeposit(SHOPPER, Decimal("10.00"), "k1", "gateway", 422)]
+
+
+class _Clock:
+    """time as load.py reads it, each request taking a second and each pause its length."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_sending_the_unconfirmed_deposits_again_takes_one_patience_for_them_all(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(load, "time", clock)
+    shop = _load_answering({key: [("ReadTimeout", False)] for key in ("k1", "k2", "k3")})
+    answer = shop._post
+    shop._post = lambda *request: clock.sleep(1) or answer(*request)
+    said = []
+    shop.say = said.append
+    shop.ledger.unconfirmed_deposits += [_unconfirmed("1.00", key) for key in ("k1", "k2", "k3")]
+    shop.resolve_unconfirmed_deposits()
+    # The deadline passed during k1's tries: one try (a second) and a pause past it at most.
+    assert clock.now <= load.RESOLVE_SECONDS + 1 + load.RETRY_PAUSE
+    assert [deposit.key for deposit in shop.ledger.unconfirmed_deposits] == ["k1", "k2", "k3"]
+    assert said[-1] == (f"2 unconfirmed deposits not sent again: out of time"
+                        f" ({load.RESOLVE_SECONDS}s for them all)")
