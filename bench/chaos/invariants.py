@@ -141,8 +141,8 @@ def _balances(orders: dict, payments: dict, balances: dict, shoppers: list[Shopp
               ledger: Ledger) -> list[str]:
     """Each shopper's balance is what they deposited less their FINISHED orders, which is less
     what they were debited. Deposited as confirmed: each deposit the load left unconfirmed was
-    sent again after the run (Load.resolve_unconfirmed_deposits), and one still unconfirmed is a
-    violation of its own."""
+    sent again after the run if the shop settled, and in time (Load.resolve_unconfirmed_deposits),
+    and one still unconfirmed is a violation of its own."""
     finished, debited = defaultdict(Decimal), defaultdict(Decimal)
     for user, amount, status in orders.values():
         if status == "FINISHED":
@@ -151,7 +151,7 @@ def _balances(orders: dict, payments: dict, balances: dict, shoppers: list[Shopp
         if status == "SUCCEEDED":
             debited[user] += amount
     problems = [f"deposit of {deposit.amount} for {deposit.shopper.user_id} (key {deposit.key},"
-                f" {deposit.via}) unconfirmed even once the shop settled: {deposit.last_answer}"
+                f" {deposit.via}) unconfirmed after the run: {deposit.last_answer}"
                 for deposit in ledger.unconfirmed_deposits]
     for shopper in shoppers:
         user = shopper.user_id

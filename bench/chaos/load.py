@@ -288,16 +288,22 @@ class Load:
                 return status, answer
             time.sleep(RETRY_PAUSE)
 
-    def resolve_unconfirmed_deposits(self) -> None:
+    def resolve_unconfirmed_deposits(self, shop_settled: bool) -> None:
         """Once the load has stopped and the shop settled: each deposit left unconfirmed sent
         again as it was, under its key, which the shop's idempotency answers with the first try's
         answer if a try made it, or makes it now, or answers 404 if there is no account to make
         it in (Ledger.resolve). Those the shop answers so are resolved (counted as deposited, or
         not, when never made); any other is left in `unconfirmed_deposits` (the invariants say
         each: a settled shop answers a deposit), as are those not sent again within
-        RESOLVE_SECONDS, the whole step's patience."""
-        deadline = time.monotonic() + RESOLVE_SECONDS
+        RESOLVE_SECONDS, the whole step's patience. None is sent again to a shop that did not
+        settle (the run's first problem): it would answer them no better than during the run."""
         deposits, unresolved = self.ledger.unconfirmed_deposits, []
+        if not shop_settled:
+            if deposits:
+                self.say(f"{len(deposits)} unconfirmed deposits not sent again: the shop did not"
+                         " settle")
+            return
+        deadline = time.monotonic() + RESOLVE_SECONDS
         for n, deposit in enumerate(deposits):
             if time.monotonic() > deadline:
                 unresolved += deposits[n:]

@@ -1,6 +1,6 @@
 """One chaos run on a started stack: the load offered while the disruptions are dealt (for the
 plan's seconds, and until every kind has been dealt), every process alive again, the shop left
-to settle, the deposits left unconfirmed sent again, then the invariants checked."""
+to settle, the deposits left unconfirmed sent again (if it did), then the invariants checked."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
         say(f"load over: {offered} offered, {len(load.ledger.accepted)} accepted; settling...")
         settled = settle(stack, plan.settle_seconds)
         # A deposit may or may not have been made: its keyed request sent again says which.
-        load.resolve_unconfirmed_deposits()
+        load.resolve_unconfirmed_deposits(settled)
         problems, orders = check(stack, load.shoppers, load.ledger)
     if not settled:
         problems.insert(0, f"not settled {plan.settle_seconds:.0f}s after the load")

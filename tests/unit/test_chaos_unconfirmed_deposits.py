@@ -73,7 +73,7 @@ def test_unconfirmed_deposits_sent_again_count_as_answered_and_leave_none_unconf
     shop.ledger.deposited["u1"] = Decimal("100.00")
     shop.ledger.unconfirmed_deposits += [_unconfirmed("10.00", "made-before"),
                                          _unconfirmed("2.50", "made-now")]
-    shop.resolve_unconfirmed_deposits()
+    shop.resolve_unconfirmed_deposits(shop_settled=True)
     assert shop.ledger.unconfirmed_deposits == []
     assert shop.ledger.deposited["u1"] == Decimal("112.50")
     # The balance the shop holds (the opening 100.00 and both deposits) is then no violation.
@@ -86,11 +86,11 @@ def test_a_deposit_still_unanswered_after_the_run_is_a_violation_of_its_own(monk
     shop = _load_answering({"k1": [("ReadTimeout", False)]})
     shop.ledger.deposited["u1"] = Decimal("100.00")
     shop.ledger.unconfirmed_deposits.append(_unconfirmed("10.00"))
-    shop.resolve_unconfirmed_deposits()
+    shop.resolve_unconfirmed_deposits(shop_settled=True)
     assert shop.ledger.deposited["u1"] == Decimal("100.00")
     problems = _balances({}, {}, {"u1": Decimal("100.00")}, [SHOPPER], shop.ledger)
-    assert problems == ["deposit of 10.00 for u1 (key k1, gateway) unconfirmed even once the shop"
-                        " settled: ReadTimeout"]
+    assert problems == ["deposit of 10.00 for u1 (key k1, gateway) unconfirmed after the run:"
+                        " ReadTimeout"]
 
 
 def test_only_a_transient_answer_is_asked_again():
@@ -134,9 +134,19 @@ def test_sending_the_unconfirmed_deposits_again_takes_one_patience_for_them_all(
     said = []
     shop.say = said.append
     shop.ledger.unconfirmed_deposits += [_unconfirmed("1.00", key) for key in ("k1", "k2", "k3")]
-    shop.resolve_unconfirmed_deposits()
+    shop.resolve_unconfirmed_deposits(shop_settled=True)
     # The deadline passed during k1's tries: one try (a second) and a pause past it at most.
     assert clock.now <= load.RESOLVE_SECONDS + 1 + load.RETRY_PAUSE
     assert [deposit.key for deposit in shop.ledger.unconfirmed_deposits] == ["k1", "k2", "k3"]
     assert said[-1] == (f"2 unconfirmed deposits not sent again: out of time"
                         f" ({load.RESOLVE_SECONDS}s for them all)")
+
+
+def test_no_deposit_is_sent_again_to_a_shop_that_did_not_settle():
+    shop = _load_answering({})  # (a deposit sent would find no answer: a KeyError)
+    said = []
+    shop.say = said.append
+    shop.ledger.unconfirmed_deposits += [_unconfirmed("1.00", "k1"), _unconfirmed("2.00", "k2")]
+    shop.resolve_unconfirmed_deposits(shop_settled=False)
+    assert [deposit.key for deposit in shop.ledger.unconfirmed_deposits] == ["k1", "k2"]
+    assert said == ["2 unconfirmed deposits not sent again: the shop did not settle"]
