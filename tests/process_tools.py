@@ -70,16 +70,33 @@ def die_with_parent(parent: int) -> None:
 
 
 def line_within(stream: IO[str], timeout: float, what: str) -> str:
-    """The next line of `stream` (a child's pipe), read by a thread of its own so that a child
-    that never writes it fails the test after `timeout` seconds, not hangs the session. (Left
-    reading, that thread ends once the child, killed as the test fails, closes the pipe.)"""
+    """The next line of `stream` (a child's pipe, in text) with its newline, or "" at its end
+    (the child closed it), as readline gives them; but a child that never writes the line fails
+    the test after `timeout` seconds, saying what it was waited for as and what of it had come,
+    instead of hanging the session. It is read by a thread of its own, a character at a time (what
+    came is kept as it comes). (Left reading, that thread ends once the child, killed as the test
+    fails, closes the pipe.)"""
     read: list[str] = []
-    reader = threading.Thread(target=lambda: read.append(stream.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not read:
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-    return read[0]
+    failed: list[Exception] = []
+    ended = threading.Event()
+
+    def read_the_line() -> None:
+        try:
+            while (character := stream.read(1)) and character != "\n":
+                read.append(character)
+            read.append(character)
+        except Exception as error:  # (raised again in the caller's thread)
+            failed.append(error)
+        finally:
+            ended.set()
+
+    threading.Thread(target=read_the_line, daemon=True, name=f"reading {what}").start()
+    if not ended.wait(timeout):
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; read of the line "
+                             f"so far: {''.join(read)!r}")
+    if failed:
+        raise failed[0]
+    return "".join(read)
 
 
 def gone(pid: int) -> bool:

@@ -163,7 +163,7 @@ def _started_ready(program: str, tmp_path: Path) -> Iterator[subprocess.Popen]:
     (what the test leaves, if it fails)."""
     parent = _started(program, tmp_path)
     try:
-        assert parent.stdout.readline().strip() == "ready"
+        assert line_within(parent.stdout, 30, '"ready"').strip() == "ready"
         yield parent
     finally:
         if parent.poll() is None:
@@ -202,7 +202,7 @@ def test_a_second_ctrl_c_while_the_apis_stop_stops_the_rest_at_once_without_the_
     )
     with _started_ready(program, tmp_path) as parent:
         parent.send_signal(signal.SIGINT)
-        assert parent.stdout.readline().strip() == "stopping api"
+        assert line_within(parent.stdout, 10, '"stopping api"').strip() == "stopping api"
 
         parent.send_signal(signal.SIGINT)
 
@@ -234,7 +234,7 @@ def test_a_process_whose_stop_a_second_ctrl_c_cuts_short_is_killed_not_left_runn
     )
     parent = _started(program, tmp_path)
     try:
-        api_pid = int(parent.stdout.readline())
+        api_pid = int(line_within(parent.stdout, 30, "the api's pid"))
         wait_until(lambda: "up" in (tmp_path / "api.log").read_text(), 5, 0.02, "the api")
         parent.send_signal(signal.SIGINT)
         wait_until(lambda: "term" in (tmp_path / "api.log").read_text(), 5, 0.02,
@@ -283,8 +283,8 @@ def test_the_process_a_second_ctrl_c_killed_is_not_killed_again_by_a_later_stop(
     )
     with _started_ready(program, tmp_path) as parent:
         parent.send_signal(signal.SIGINT)
-        assert parent.stdout.readline().strip() == "stopping api"
-        assert parent.stdout.readline().strip() == "stopping broker"
+        assert line_within(parent.stdout, 10, '"stopping api"').strip() == "stopping api"
+        assert line_within(parent.stdout, 10, '"stopping broker"').strip() == "stopping broker"
 
         parent.send_signal(signal.SIGINT)
 
@@ -322,8 +322,8 @@ def test_ctrl_c_sigterm_or_a_hangup_stops_every_process_the_program_started(tmp_
         """
     )
     parent = _started(program, tmp_path)
-    children = [int(parent.stdout.readline()) for _ in range(2)]
-    assert parent.stdout.readline().strip() == "ready"
+    children = [int(line_within(parent.stdout, 30, "a child's pid")) for _ in range(2)]
+    assert line_within(parent.stdout, 30, '"ready"').strip() == "ready"
 
     parent.send_signal(signum)
 
@@ -368,11 +368,11 @@ def test_a_program_started_ignoring_ctrl_c_goes_on_ignoring_it(tmp_path):
     )
     parent = _started(program, tmp_path, ignoring_ctrl_c=True)
     try:
-        child = int(parent.stdout.readline())
+        child = int(line_within(parent.stdout, 30, "the child's pid"))
 
         parent.send_signal(signal.SIGINT)
         parent.send_signal(signal.SIGUSR1)
-        assert parent.stdout.readline().strip() == "usr1"
+        assert line_within(parent.stdout, 10, '"usr1"').strip() == "usr1"
         assert parent.poll() is None and not gone(child)
 
         parent.send_signal(signal.SIGTERM)
@@ -682,8 +682,8 @@ def _recorded_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
     run = start_child([sys.executable, "-c", RECORDED_RUN], cwd=tmp_path,
                       stdout=subprocess.PIPE, text=True,
                       env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    pids = [int(run.stdout.readline()) for _ in range(3)]
-    assert run.stdout.readline().strip() == "ready"
+    pids = [int(line_within(run.stdout, 30, "a process's pid")) for _ in range(3)]
+    assert line_within(run.stdout, 30, '"ready"').strip() == "ready"
     return run, pids
 
 

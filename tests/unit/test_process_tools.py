@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 from devstack.infra import free_port
 from devstack.leftovers import started_at
 from tests.polling import wait_for
-from tests.process_tools import gone, start_child
+from tests.process_tools import gone, line_within, start_child
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +38,7 @@ SESSION = textwrap.dedent(
 def test_a_child_dies_with_a_session_killed_outright():
     session = start_child([sys.executable, "-c", SESSION], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    child = int(session.stdout.readline())
+    child = int(line_within(session.stdout, 30, "the child's pid"))
     child_started = started_at(child)
     try:
         assert child_started is not None
@@ -91,3 +92,33 @@ def test_a_child_forked_after_grpc_ran_here_has_no_grpc_threads_before_it_execs(
     finally:
         channel.close()
         server.stop(grace=None)
+
+
+def test_a_line_a_silent_child_never_writes_fails_the_test_in_time_saying_what_had_come():
+    """line_within, where a readline waited for good (the test, and CI, hung): the child wrote
+    half a line, then went silent."""
+    child = start_child(["sh", "-c", "printf 'half a'; exec sleep 300"], stdout=subprocess.PIPE,
+                        text=True)
+    try:
+        began = time.monotonic()
+        with pytest.raises(AssertionError) as failed:
+            line_within(child.stdout, 0.5, '"ready"')
+        assert time.monotonic() - began < 5
+        assert str(failed.value) == ('timed out after 0.5s waiting for "ready"; read of the line '
+                                     "so far: 'half a'")
+    finally:
+        child.kill()
+        child.wait(10)
+        child.stdout.close()
+
+
+def test_a_line_is_read_as_readline_reads_it_the_next_left_for_the_next_read():
+    child = start_child(["printf", "one\\ntwo\\nthree"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert line_within(child.stdout, 10, "the first line") == "one\n"
+        assert line_within(child.stdout, 10, "the second line") == "two\n"
+        assert line_within(child.stdout, 10, "the last, unended") == "three"
+        assert line_within(child.stdout, 10, "the end") == ""
+    finally:
+        child.wait(10)
+        child.stdout.close()

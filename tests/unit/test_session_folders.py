@@ -15,7 +15,7 @@ from devstack.leftovers import RunRecord, started_at, this_boot
 from devstack.processes import ManagedProcess
 from tests.pid_namespaces import pid_namespace, pid_namespaces_running
 from tests.polling import wait_for
-from tests.process_tools import gone, start_child
+from tests.process_tools import gone, line_within, start_child
 from tests.session_folders import CLAIMED, begin_session, reap_sessions_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,8 +48,8 @@ def _session(root: Path) -> tuple[subprocess.Popen, list[int]]:
     session = start_child([sys.executable, "-c", SESSION, str(root)], cwd=REPO_ROOT,
                           stdout=subprocess.PIPE, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    pids = [int(session.stdout.readline()) for _ in range(2)]
-    assert session.stdout.readline().strip() == "ready"
+    pids = [int(line_within(session.stdout, 30, "a server's pid")) for _ in range(2)]
+    assert line_within(session.stdout, 30, '"ready"').strip() == "ready"
     return session, pids
 
 
@@ -144,7 +144,7 @@ def test_two_sessions_beginning_at_once_reap_the_folders_of_those_gone_together(
                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
                    for _ in range(2)]
         for reaper in reapers:
-            assert reaper.stdout.readline().strip() == "ready"
+            assert line_within(reaper.stdout, 30, '"ready"').strip() == "ready"
         go.touch()
         said = [reaper.communicate(timeout=60)[0] for reaper in reapers]
         assert said == ["", ""], said[0] or said[1]
@@ -193,7 +193,8 @@ def test_the_folder_of_a_pid_namespace_ended_is_removed_and_its_records_not_read
     root = tmp_path / "sessions"
     try:
         worker.start()
-        running_namespace = running.stdout.readline().strip()[len("pid:["):-1]
+        running_namespace = line_within(running.stdout, 30, "its pid namespace").strip()[
+            len("pid:["):-1]
         ended = subprocess.run(saying_its_namespace[:4] + ["readlink", "/proc/self/ns/pid"],
                                capture_output=True, text=True, check=True, timeout=60)
         ended_namespace = ended.stdout.strip()[len("pid:["):-1]
