@@ -13,6 +13,13 @@ from collections.abc import Callable
 
 import simple_websocket
 
+# How long a proxy waits for its target to take a connection (loopback's take at once) before it
+# closes its client's, as a real proxy does: a target that never answers (its backlog full, a
+# host gone) held the proxy's thread in connect() for the kernel's SYN retries, two minutes.
+# Less than Accepting.JOIN_LIMIT_S: a proxy may connect in its accepting thread, which close()
+# waits for.
+CONNECT_TIMEOUT_S = 3.0
+
 
 def http_answer_read_off(connection: socket.socket) -> tuple[str, dict[str, str], bytes]:
     """An HTTP answer read to its end (the server closes the connection after it): its status
@@ -136,7 +143,9 @@ class SilencingProxy:
         if refused:
             client.close()
             return
-        upstream = socket.create_connection(self._target)
+        upstream = _connected_for(client, self._target)
+        if upstream is None:
+            return
         self._sockets += [client, upstream]
         with self._accepting:
             if self._refusing:  # cut while connecting
@@ -225,7 +234,9 @@ class HoldingProxy:
     def _carry_both_ways(self, client: socket.socket, first: bytes, holding: bool) -> None:
         """Connect to the target, send it `first`, and carry all else both ways (what the client
         sends held, if `holding`, from the marker on)."""
-        upstream = socket.create_connection(self._target)
+        upstream = _connected_for(client, self._target)
+        if upstream is None:
+            return
         self._sockets.append(upstream)
         upstream.sendall(first)
         for source, sink, holds in ((client, upstream, holding), (upstream, client, False)):
@@ -311,6 +322,19 @@ def _joined(thread: threading.Thread) -> None:
     """Wait for `thread` to end, for Accepting.JOIN_LIMIT_S at most (AssertionError after)."""
     thread.join(Accepting.JOIN_LIMIT_S)
     assert not thread.is_alive(), f"{thread.name} still running {Accepting.JOIN_LIMIT_S} s on"
+
+
+def _connected_for(client: socket.socket, target: tuple[str, int]) -> socket.socket | None:
+    """A connection to `target` for a proxy's `client` (blocking, as accepted ones are); or None,
+    `client`'s connection closed, when the target does not take one within CONNECT_TIMEOUT_S
+    (or refuses it)."""
+    try:
+        upstream = socket.create_connection(target, timeout=CONNECT_TIMEOUT_S)
+    except OSError:
+        _shut(client)
+        return None
+    upstream.settimeout(None)
+    return upstream
 
 
 def _shut(sock: socket.socket) -> None:

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.network_tools import (Accepting, HoldingProxy, NeverReadingServer, RedisOfVersion,
-                                 SilencingProxy)
+from tests.network_tools import (CONNECT_TIMEOUT_S, Accepting, HoldingProxy, NeverReadingServer,
+                                 RedisOfVersion, SilencingProxy)
 from tests.polling import wait_for
 
 
@@ -63,3 +63,43 @@ def test_a_closed_silencing_proxy_has_no_thread_left(target, another_thread):
         unrelated_may_end.set()
         if another_thread:
             unrelated.join()
+
+
+@pytest.fixture
+def unanswering_target() -> Iterator[str]:
+    """A listener that takes no more connections and refuses none: its backlog full (one
+    connection waiting, on Linux, in a backlog of none), the SYNs of the others dropped, as a
+    host gone without a word drops them."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    waiting = socket.create_connection(listener.getsockname(), timeout=5)
+    with pytest.raises(TimeoutError):  # (full)
+        socket.create_connection(listener.getsockname(), timeout=0.5)
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    waiting.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("make", [
+    lambda target: SilencingProxy(target),
+    lambda target: HoldingProxy(target, b"never sent"),
+    lambda target: HoldingProxy(target, b"never sent", each_connection=True),
+], ids=["SilencingProxy", "HoldingProxy", "HoldingProxy_each_connection"])
+def test_a_proxy_whose_target_never_answers_closes_its_clients_connection(unanswering_target,
+                                                                          make):
+    """As a real proxy does, after CONNECT_TIMEOUT_S, where its thread waited in connect() for
+    the kernel's SYN retries (two minutes), the client's connection open all the while (and
+    close() failed waiting for it, where that was its accepting thread)."""
+    proxy = make(unanswering_target)
+    try:
+        with socket.create_connection(proxy.accepting.listener.getsockname(), timeout=5) as client:
+            client.sendall(b"a first piece")  # (HoldingProxy's each_connection connects on it)
+            client.settimeout(CONNECT_TIMEOUT_S + 5)  # (TimeoutError, not closed by then)
+            try:
+                assert client.recv(1) == b""
+            except ConnectionResetError:  # (closed with what it sent unread: as closed)
+                pass
+    finally:
+        proxy.close()
+    assert not proxy.accepting.thread.is_alive()
