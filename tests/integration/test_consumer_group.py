@@ -336,8 +336,7 @@ def test_a_consume_that_raises_loses_no_record_of_any_partition(settings, lookup
         consumer.stop()
         running.join(30)
         store.close()
-        database.close()
-        admin.delete_topics([topic])
+        _cleared_away(topic, admin, database)
     assert not running.is_alive()
     assert _stored_before_earlier_ones(storing.order) == []
     if lookup_fails:  # (the raise dropped records of a partition not read since assigned)
