@@ -20,6 +20,7 @@ served_by_gunicorn serves a WSGI app as the stack serves the APIs, one of those 
 from __future__ import annotations
 
 import ctypes
+import io
 import os
 import signal
 import subprocess
@@ -75,7 +76,10 @@ def line_within(stream: IO[str], timeout: float, what: str) -> str:
     the test after `timeout` seconds, saying what it was waited for as and what of it had come,
     instead of hanging the session. It is read by a thread of its own, a character at a time (what
     came is kept as it comes). (Left reading, that thread ends once the child, killed as the test
-    fails, closes the pipe.)"""
+    fails, closes the pipe.) So a stream whose line did not come in time is not to be read again:
+    that thread would take what comes next."""
+    if not isinstance(stream, io.TextIOBase):  # (a binary pipe's b"\n" would never end a line)
+        raise TypeError(f"line_within reads a pipe opened in text, not {type(stream).__name__}")
     read: list[str] = []
     failed: list[Exception] = []
     ended = threading.Event()

@@ -122,3 +122,15 @@ def test_a_line_is_read_as_readline_reads_it_the_next_left_for_the_next_read():
     finally:
         child.wait(10)
         child.stdout.close()
+
+
+def test_a_pipe_opened_in_binary_is_refused_not_read_to_its_end():
+    """In binary, no character read is "\n": the line would be the whole stream, and the
+    failure a TypeError from joining bytes, not what was awaited."""
+    child = start_child(["printf", "one\\ntwo\\n"], stdout=subprocess.PIPE)
+    try:
+        with pytest.raises(TypeError, match="reads a pipe opened in text, not BufferedReader"):
+            line_within(child.stdout, 10, "the first line")
+    finally:
+        child.wait(10)
+        child.stdout.close()
