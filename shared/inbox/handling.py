@@ -154,6 +154,11 @@ def lock_in_order_marking_processed(session: Session, message_ids: list[uuid.UUI
 
 # Like the consumer's (storing), the handlers' statements go straight to the driver, on a
 # shared.db.driver_cursor: every message passes through them.
+# What marking a message processed sets (its try counted and closed: see _MARK_PROCESSED), one
+# clause for both statements that mark: _MARK_PROCESSED, a message at a time, and the batch's
+# _LOCK_IN_ORDER_MARKING_PROCESSED.
+_SET_PROCESSED = ("SET attempts = attempts + 1, last_attempt_at = %(now)s, processed_at = %(now)s,"
+                  " last_error = NULL, try_open = false")
 # One array parameter (`= ANY`), not an IN list, whatever the batch size.
 _LOCK_IN_ORDER = """
 SELECT message_id::text, type, correlation_id, request_id, payload,
@@ -166,8 +171,8 @@ FOR UPDATE"""
 # the UPDATE finds each row locked already by this statement: it waits for nothing more. A row
 # another transaction changed before the lock was had is read as that one left it (READ
 # COMMITTED's re-read of a locked row), so one it processed meanwhile is `done` and not marked
-# again. (The SET is _MARK_PROCESSED's.)
-_LOCK_IN_ORDER_MARKING_PROCESSED = """
+# again.
+_LOCK_IN_ORDER_MARKING_PROCESSED = f"""
 WITH locked AS (
     SELECT message_id, type, correlation_id, request_id, payload,
            processed_at IS NOT NULL OR parked_at IS NOT NULL AS done, envelope_version, raw_value,
@@ -178,8 +183,7 @@ WITH locked AS (
     FOR UPDATE),
 marked AS (
     UPDATE inbox_messages AS stored
-    SET attempts = attempts + 1, last_attempt_at = %(now)s, processed_at = %(now)s,
-        last_error = NULL, try_open = false
+    {_SET_PROCESSED}
     FROM locked
     WHERE stored.message_id = locked.message_id AND NOT locked.done)
 SELECT message_id::text, type, correlation_id, request_id, payload, done, envelope_version,
@@ -341,10 +345,9 @@ def _mark_processed(session: Session, message_ids: list[uuid.UUID]) -> None:
 # a try of another task's that failed and has yet to record it then finds it closed since
 # (record_failed_attempt), and leaves the message to this one. (A try held up by a lock, _NOTE_TRY,
 # counts nothing and leaves an open try open.)
-_MARK_PROCESSED = """
+_MARK_PROCESSED = f"""
 UPDATE inbox_messages
-SET attempts = attempts + 1, last_attempt_at = %(now)s, processed_at = %(now)s, last_error = NULL,
-    try_open = false
+{_SET_PROCESSED}
 WHERE message_id = ANY(%(message_ids)s::uuid[])"""
 # (`attempts` on the right of SET is the count before this try.)
 _COUNT_ATTEMPT = """
