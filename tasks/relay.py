@@ -44,6 +44,7 @@ from celery import bootsteps
 from celery.signals import worker_shutting_down
 from flask import current_app
 
+from shared.app_closing import close_with
 from shared.config import SERVICES
 from shared.db import DatabaseOutageLog
 from shared.kafka import ensure_topics
@@ -127,10 +128,24 @@ class StopLeadingStep(bootsteps.StartStopStep):
 
 
 def _publisher(service: str) -> OutboxPublisher:
-    extensions = current_app.extensions
-    if _PUBLISHER not in extensions:
-        extensions[_PUBLISHER] = OutboxPublisher(extensions["hseshop.settings"], service)
-    return extensions[_PUBLISHER]
+    """The worker app's publisher, made on first use and closed with the app (close_app)."""
+    app = current_app._get_current_object()
+    if _PUBLISHER not in app.extensions:
+        publisher = OutboxPublisher(app.extensions["hseshop.settings"], service)
+        app.extensions[_PUBLISHER] = publisher
+        close_with(app, publisher.close)
+    return app.extensions[_PUBLISHER]
+
+
+def _release_publisher() -> None:
+    """Close the worker app's publisher as a lead ends, however it ends (its worker stopping, the
+    lead stepped down or its connection lost): a worker app is kept for the process and never
+    closed, and the lead is the publisher's only user, so its producer would otherwise stay, its
+    threads and connections with it, until the process ends. The publisher stays; the next lead
+    sends through a new producer."""
+    publisher = current_app.extensions.get(_PUBLISHER)
+    if publisher is not None:
+        publisher.close()
 
 
 @app.task(name="hseshop.relay_outbox", base=ServiceTask, ignore_result=True)
@@ -151,7 +166,10 @@ def relay_outbox(service: str) -> int:
             if not leader.lead():
                 return 0
             log.info("leading the %s outbox relay", service)
-            return _lead(service, settings, leader)
+            try:
+                return _lead(service, settings, leader)
+            finally:
+                _release_publisher()
     except Exception as exc:
         # A lost connection is the outage this task is built to ride out (beat's next run leads
         # again): raised, Celery would log it as unexpected, traceback and all, at every beat.

@@ -1,12 +1,21 @@
-"""Reading and writing topics directly in tests, as an outside client would."""
+"""Reading and writing topics directly in tests, as an outside client would, and counting this
+process's librdkafka threads, by which a test sees a client released."""
 
 from __future__ import annotations
 
 import socket
 import struct
 import time
+from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+
+def librdkafka_threads() -> int:
+    """This process's librdkafka threads (named rdk:...): every client has some until it is
+    destroyed."""
+    return sum(comm.read_text().startswith("rdk:")
+               for comm in Path("/proc/self/task").glob("*/comm"))
 
 
 def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 20.0) -> list:

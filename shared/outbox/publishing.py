@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 # this so that every message gets a definite answer and none is left queued to be sent twice.
 FLUSH_TIMEOUT_S = MESSAGE_TIMEOUT_MS / 1000 + 5
 
+# OutboxPublisher.close waits at most this long for the reports of the messages it purged, which
+# librdkafka serves at once: a bound for a producer that misbehaves, not a wait.
+CLOSE_TIMEOUT_S = 5.0
+
 # A row sent again alone (OutboxPublisher._send_each_alone) is sent only while this long is left of
 # its batch's time, so that it too gets its definite answer before the batch's time is up.
 ALONE_NEEDS_S = MESSAGE_TIMEOUT_MS / 1000 + 1
@@ -100,6 +104,40 @@ class OutboxPublisher:
                                        "delivery.report.only.error": True,
                                        "on_delivery": _noting_failures_in(self._failed)})
         return self._producer
+
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Release the producer, its threads and connections with it, now (a second call, or one
+        on a publisher that has not sent, does nothing; a publisher that sends again makes a new
+        producer).
+
+        What the producer still holds belongs to a batch that gave up on it (each batch flushes
+        before it returns): its rows stay in the outbox, to be sent again, so it is purged, not
+        waited for. Once the purged messages' reports are served, within `timeout`, the producer
+        is closed (confluent-kafka's close(), which destroys it whatever else still refers to it;
+        called earlier, it would wait for them with no bound). One still holding messages after
+        that is only let go, for its dealloc to destroy it without waiting.
+
+        A producer that fails as it is closed (one failed fatally raises its error) is said in a
+        warning and let go, never raised: its owner closes it as it ends, often on its way out of
+        an error of its own, which this must not hide."""
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        try:
+            producer.purge()
+            left = producer.flush(timeout)
+            if not left:
+                producer.close()
+                return
+            log.warning("the %s outbox producer still held %d message(s) %.0f s after they were"
+                        " purged, and is let go", self._service, left, timeout)
+        except Exception as exc:
+            _let_go_of_frames(exc)  # (confluent-kafka keeps it: its frames hold the producer)
+            error = _fatal_error_raised_by(exc)
+            said = (f"{error.name()}: {error.str()}" if error is not None
+                    else f"{type(exc).__name__}: {exc}")
+            log.warning("the %s outbox producer failed as it was closed, and is let go: %s",
+                        self._service, said)
 
     def send_batch(self, rows: list[RelayRow]) -> dict[int, Refusal]:
         """Produce `rows` and wait until each has an answer; returns why each row the broker did

@@ -1,8 +1,10 @@
 """An app closed (shared.app_closing.close_app) holds no connection open: its database engine's
-pooled connections and its Redis clients' are closed then, not left for the garbage collector."""
+pooled connections, its Redis clients' and its outbox relay's producer are closed then, not left
+for the garbage collector."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import uuid
@@ -19,6 +21,7 @@ from shared.app_closing import close_app
 from shared.cache import CACHE_EXTENSION
 from shared.db import db, driver_dsn
 from shared.single_use_signatures import SINGLE_USE_SIGNATURES_EXTENSION
+from tests.kafka_tools import librdkafka_threads
 from tests.polling import wait_for
 
 
@@ -111,3 +114,18 @@ def test_a_closed_gateway_ends_its_notification_listener_without_a_word(settings
     assert not reading.is_alive()
     assert [record.getMessage() for record in caplog.records
             if record.name == "gateway_app.channel_listener"] == []
+
+
+def test_a_closed_app_keeps_no_outbox_producer(settings):
+    """The relay's publisher in a service's app (tasks.relay, made as it leads there) is closed
+    with the app: its producer destroyed, its threads ended, though the app itself lives on."""
+    from tasks import relay
+
+    app = orders_app.create_app(settings=settings)
+    gc.collect()  # (clients of earlier tests let go)
+    threads_before = librdkafka_threads()
+    with app.app_context():
+        assert relay._publisher("orders").send_batch([]) == {}  # (its producer made)
+    assert librdkafka_threads() > threads_before
+    close_app(app)
+    assert librdkafka_threads() == threads_before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from shared.outbox.writing import OutboxMessage, add_outbox_message, outbox_rows
 from shared.relay_leader import RelayLeaderConnection
 from shared.request_context import request_id_bound
 from tasks.services import service_app
-from tests.kafka_tools import read_topic, read_topic_until
+from tests.kafka_tools import librdkafka_threads, read_topic, read_topic_until
 from tests.postgres_tools import (other_sessions, terminate_backend,
                                   wait_for_sessions_waiting_on_a_lock)
 from tests.polling import wait_for
@@ -1231,6 +1232,36 @@ def _relay_task_leading(sent_by_leader: list) -> Iterator:
     assert not leader.is_alive()
 
 
+def test_a_lead_that_ends_leaves_its_worker_no_producer_running(orders_flask_app, user_id):
+    """A worker's app is kept for the process, never closed: the producer its relay sent through
+    is closed as the lead ends (here, as the worker stops), its threads with it, though the
+    publisher stays for the next lead."""
+    from tasks import relay
+
+    worker_app = service_app("orders")
+    worker_app.extensions.pop(relay._PUBLISHER, None)  # (an earlier test's)
+    gc.collect()  # (clients of earlier tests let go)
+    threads_before = librdkafka_threads()
+    sent_by_leader: list = []
+    leader = _relay_run_in_a_thread(sent_by_leader)
+    try:
+        wait_for(lambda: "orders" in relay._leading, timeout=10, what="the relay to lead")
+        with orders_flask_app.app_context():
+            order_id = _place(user_id).id
+            _wait_until_sent([order_id])
+        assert librdkafka_threads() > threads_before  # (its producer's)
+    finally:
+        relay._stop_leading()
+        leader.join(10)
+        relay._stopping.clear()
+    try:
+        assert not leader.is_alive() and sent_by_leader[0] >= 1
+        assert relay._PUBLISHER in worker_app.extensions
+        assert librdkafka_threads() == threads_before
+    finally:
+        worker_app.extensions.pop(relay._PUBLISHER, None)
+
+
 def _wait_until_sent(order_ids) -> None:
     def sent():
         db.session.rollback()
@@ -1819,6 +1850,9 @@ class _PartlyCutOff:
                 if row[1] == REFUSED_TOPIC
                 else Refusal("_MSG_TIMED_OUT: Local: Message timed out") for row in rows}
 
+    def close(self) -> None:
+        """(It holds no producer to release.)"""
+
 
 @pytest.mark.parametrize("batches", ["together", "apart"])
 def test_a_leader_answered_for_one_row_while_the_others_time_out_still_steps_down(
@@ -1875,6 +1909,9 @@ class _TimedOutThenTooLarge:
                 refused[row[0]] = Refusal("MSG_SIZE_TOO_LARGE", held=True, park=True)
         return refused
 
+    def close(self) -> None:
+        """(It holds no producer to release.)"""
+
 
 def test_a_row_left_unanswered_then_parked_leaves_the_count_to_the_brokers_answers(
         orders_flask_app, settings, user_id, monkeypatch):
@@ -1921,6 +1958,9 @@ class _PublisherToSwitch:
 
     def send_batch(self, rows):
         return self.publisher.send_batch(rows)
+
+    def close(self) -> None:
+        self.publisher.close()
 
 
 def test_a_leader_that_had_no_answer_for_a_while_counts_afresh_once_the_broker_answers(

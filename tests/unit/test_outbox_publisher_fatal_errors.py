@@ -8,15 +8,15 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from shared.config import load_settings
 from shared.outbox.publishing import OutboxPublisher
-from tests.kafka_tools import read_topic
+from tests.kafka_tools import librdkafka_threads, read_topic
 from tests.librdkafka_mock import INIT_PRODUCER_ID, PRODUCE, MockCluster
+from tests.polling import wait_for
 
 TOPIC = "fatal-errors"
 
@@ -72,18 +72,44 @@ def test_a_producer_replaced_after_a_fatal_error_is_let_go_with_its_threads(clus
     """confluent-kafka keeps the exceptions it raises for a fatal error: through their
     tracebacks they would keep every replaced producer, and its threads and connection."""
     gc.collect()  # (producers of earlier tests let go)
-    threads_before = _librdkafka_threads()
+    threads_before = librdkafka_threads()
     publisher = OutboxPublisher(load_settings({"KAFKA_BOOTSTRAP_SERVERS": cluster.bootstrap}),
                                 "orders", topics=[TOPIC])
     for first in (1, 10, 20):
         assert publisher.send_batch(_rows(first, first + 1)) == {}
-        assert _librdkafka_threads() > threads_before  # (the producer's)
+        assert librdkafka_threads() > threads_before  # (the producer's)
         cluster.answer_next_requests_with(PRODUCE, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER)
         assert publisher.send_batch(_rows(first + 2, first + 2))
-        assert _librdkafka_threads() == threads_before
+        assert librdkafka_threads() == threads_before
 
 
-def _librdkafka_threads() -> int:
-    """This process's librdkafka threads (named rdk:...)."""
-    return sum(comm.read_text().startswith("rdk:")
-               for comm in Path("/proc/self/task").glob("*/comm"))
+def test_a_producer_failed_fatally_after_its_last_batch_is_closed_with_a_warning_not_an_error(
+        cluster, caplog):
+    """close() is called as the publisher's owner ends, often on its way out of an error of its
+    own: a producer that failed fatally after its last batch returned (the broker refusing a
+    message that batch gave up on, say; here one produced after it) raises nothing there, its
+    error is said in a warning, and it is let go, threads and all; closing again does nothing."""
+    gc.collect()  # (producers of earlier tests let go)
+    threads_before = librdkafka_threads()
+    publisher = OutboxPublisher(load_settings({"KAFKA_BOOTSTRAP_SERVERS": cluster.bootstrap}),
+                                "orders", topics=[TOPIC])
+    assert publisher.send_batch(_rows(1, 2)) == {}
+    cluster.answer_next_requests_with(PRODUCE, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER)
+    wait_for(lambda: _failed_fatally(publisher._producer), timeout=10,
+             what="the producer to fail fatally")
+    with caplog.at_level(logging.WARNING, logger="shared.outbox.publishing"):
+        publisher.close()
+        publisher.close()
+    (said,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "orders" in said and "OUT_OF_ORDER_SEQUENCE_NUMBER" in said
+    assert librdkafka_threads() == threads_before
+
+
+def _failed_fatally(producer) -> bool:
+    """Whether `producer` is in a fatal state: it then refuses every message with _FATAL (one it
+    takes before is refused with the fatal error)."""
+    try:
+        producer.produce(TOPIC, b"after the batch", key=b"key")
+    except KafkaException as exc:
+        return exc.args[0].code() == KafkaError._FATAL
+    return False
