@@ -138,11 +138,13 @@ def _publisher(service: str) -> OutboxPublisher:
 
 
 def _release_publisher() -> None:
-    """Close the worker app's publisher as a lead ends, however it ends (its worker stopping, the
-    lead stepped down or its connection lost): a worker app is kept for the process and never
-    closed, and the lead is the publisher's only user, so its producer would otherwise stay, its
-    threads and connections with it, until the process ends. The publisher stays; the next lead
-    sends through a new producer."""
+    """Close the worker app's publisher as a lead ends by its worker stopping or by stepping down
+    (the broker answering nothing): a worker app is kept for the process and never closed, and
+    the lead is the publisher's only user, so its producer would otherwise stay, its threads and
+    connections with it, until the process ends. The publisher stays; the next lead sends through
+    a new producer, which waits about 0.5 s for its idempotent producer id before its first batch
+    goes. So a lead that ended with its database connection lost, the broker answering, keeps
+    its producer for the next (called by the leading thread alone, never during a send)."""
     publisher = current_app.extensions.get(_PUBLISHER)
     if publisher is not None:
         publisher.close()
@@ -166,10 +168,9 @@ def relay_outbox(service: str) -> int:
             if not leader.lead():
                 return 0
             log.info("leading the %s outbox relay", service)
-            try:
-                return _lead(service, settings, leader)
-            finally:
-                _release_publisher()
+            sent = _lead(service, settings, leader)
+            _release_publisher()
+            return sent
     except Exception as exc:
         # A lost connection is the outage this task is built to ride out (beat's next run leads
         # again): raised, Celery would log it as unexpected, traceback and all, at every beat.

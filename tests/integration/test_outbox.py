@@ -12,7 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -1262,6 +1262,34 @@ def test_a_lead_that_ends_leaves_its_worker_no_producer_running(orders_flask_app
         worker_app.extensions.pop(relay._PUBLISHER, None)
 
 
+def test_a_lead_that_lost_its_database_keeps_its_producer_for_the_next(
+        orders_flask_app, settings, user_id):
+    """The broker answering, a new producer would only cost the next lead its wait for an
+    idempotent producer id (about 0.5 s) before its first batch: the lead that lost its
+    database connection leaves the producer it sent through running."""
+    from tasks import relay
+
+    worker_app = service_app("orders")
+    worker_app.extensions.pop(relay._PUBLISHER, None)  # (an earlier test's)
+    gc.collect()  # (clients of earlier tests let go)
+    threads_before = librdkafka_threads()
+    outcome: list = []
+    run = _relay_run_in_a_thread(outcome)
+    try:
+        wait_for(lambda: "orders" in relay._leading, timeout=10, what="the relay to lead")
+        with orders_flask_app.app_context():
+            _wait_until_sent([_place(user_id).id])
+        _end_the_leaders_session(settings)
+        run.join(10)
+        assert not run.is_alive() and outcome == [0]
+        assert librdkafka_threads() > threads_before  # (its producer's, still running)
+    finally:
+        relay._stop_leading()
+        run.join(10)
+        relay._stopping.clear()
+        worker_app.extensions.pop(relay._PUBLISHER, None)
+
+
 def _wait_until_sent(order_ids) -> None:
     def sent():
         db.session.rollback()
@@ -1665,12 +1693,28 @@ def test_a_leader_whose_session_the_database_ends_stops_leading_and_the_next_run
     from tasks import relay
 
     outcome = []
-    run = threading.Thread(target=lambda: outcome.append(
-        relay.relay_outbox.apply(args=("orders",))))
-    run.start()
-    watcher = psycopg2.connect(driver_dsn(settings.database_url("orders")))
-    watcher.autocommit = True
+    run = _relay_run_in_a_thread(outcome)
     try:
+        _end_the_leaders_session(settings)
+        run.join(10)
+        assert not run.is_alive() and "orders" not in relay._leading
+        assert outcome[0] == 0  # (its lost connection said in a warning, not raised)
+    finally:
+        relay._stop_leading()
+        run.join(10)
+        relay._stopping.clear()
+    with orders_flask_app.app_context():
+        order_id = _place(user_id).id  # committed while nobody leads
+        with _relay_task_leading([]):
+            _wait_until_sent([order_id])
+
+
+def _end_the_leaders_session(settings) -> None:
+    """End, as an operator's pg_terminate_backend would, the session the orders relay leads by
+    (the one holding the advisory lock), once one does."""
+    with closing(psycopg2.connect(driver_dsn(settings.database_url("orders")))) as watcher:
+        watcher.autocommit = True
+
         def leaders_session():
             with watcher.cursor() as cursor:
                 cursor.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
@@ -1679,19 +1723,7 @@ def test_a_leader_whose_session_the_database_ends_stops_leading_and_the_next_run
                 return cursor.fetchone()
 
         (leader_pid,) = wait_for(leaders_session, timeout=10, what="the relay to take the lead")
-        terminate_backend(settings.database_url("orders"), leader_pid)
-        run.join(10)
-        assert not run.is_alive() and "orders" not in relay._leading
-        assert outcome[0].get() == 0  # (its lost connection said in a warning, not raised)
-    finally:
-        watcher.close()
-        relay._stop_leading()
-        run.join(10)
-        relay._stopping.clear()
-    with orders_flask_app.app_context():
-        order_id = _place(user_id).id  # committed while nobody leads
-        with _relay_task_leading([]):
-            _wait_until_sent([order_id])
+    terminate_backend(settings.database_url("orders"), leader_pid)
 
 
 def test_a_leader_the_broker_keeps_refusing_steps_down_for_another_to_lead(
