@@ -32,10 +32,11 @@ FINAL_STATUSES = ("FINISHED", "CANCELLED")
 RELAY_SPEED_TOPIC = "relay-speed"
 
 
-def bench_stack() -> Stack:
+def bench_stack(own_redis: bool = False) -> Stack:
     """An unstarted, quiet stack whose names are all this run's own, and so are the secrets it
     signs with, made for it: with those published with the code, its APIs warned of them (and
-    the generator and the seeding sign with the stack's environment)."""
+    the generator and the seeding sign with the stack's environment). With `own_redis`, on a
+    Redis of its own (Stack's), which the chaos soak restarts."""
     prefix = f"bench.{RUN_ID}"
     env = {
         **{name: secrets.token_urlsafe(SECRET_BYTES) for name in SECRETS},
@@ -53,7 +54,8 @@ def bench_stack() -> Stack:
         "OUTBOX_EXTRA_TOPICS": f"{prefix}.{RELAY_SPEED_TOPIC}",
     }
     ports = {name: free_port() for name in DEFAULT_PORTS}
-    return Stack(REPO_ROOT / ".run" / "bench", env_overrides=env, ports=ports, quiet=True)
+    return Stack(REPO_ROOT / ".run" / "bench", env_overrides=env, ports=ports, quiet=True,
+                 own_redis=own_redis)
 
 
 def say(message: str) -> None:
@@ -62,9 +64,9 @@ def say(message: str) -> None:
 
 
 @contextmanager
-def running_bench_stack(say=say) -> Iterator[Stack]:
-    """A started bench_stack(), stopped and its data forgotten when the block ends."""
-    stack = bench_stack()
+def running_bench_stack(say=say, own_redis: bool = False) -> Iterator[Stack]:
+    """A started bench_stack(own_redis), stopped and its data forgotten when the block ends."""
+    stack = bench_stack(own_redis)
     say("starting the stack...")
     try:
         stack.start()
@@ -75,7 +77,8 @@ def running_bench_stack(say=say) -> Iterator[Stack]:
 
 
 def forget_stack_data(stack: Stack) -> None:
-    """Drop the run's databases and delete its Redis keys once the stack has stopped."""
+    """Drop the run's databases and delete its Redis keys once the stack has stopped (a Redis of
+    its own stopped with it, keys and all)."""
     try:
         stack.env
     except RuntimeError:
@@ -90,7 +93,8 @@ def forget_stack_data(stack: Stack) -> None:
                 cursor.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
     finally:
         conn.close()
-    forget_redis_keys(stack.env["REDIS_URL"], stack.env["REDIS_KEY_PREFIX"])
+    if not stack.own_redis:
+        forget_redis_keys(stack.env["REDIS_URL"], stack.env["REDIS_KEY_PREFIX"])
 
 
 def seed_shoppers(stack: Stack, count: int, balance: str = "1000000") -> list[str]:

@@ -84,7 +84,9 @@ class Stack:
     Values in env_overrides may contain "{postgres}" and "{redis}", replaced by the URL bases
     found or started at start(), e.g. {"ORDERS_DATABASE_URL": "{postgres}/test_orders_1a2b"} or
     {"REDIS_URL": "{redis}/5"}. A caller that runs PostgreSQL and Redis itself (the tests) passes
-    their URL bases as `servers`: none is looked for or started then.
+    their URL bases as `servers`: none is looked for or started then. With `own_redis`, the stack
+    runs a Redis of its own all the same, on a free port, in place of `servers`' or the machine's
+    (one the chaos soak may kill: its processes' own, no other run's); `own_redis_url` names it.
     """
 
     def __init__(
@@ -95,10 +97,13 @@ class Stack:
         with_flower: bool = False,
         quiet: bool = True,
         servers: tuple[str, str] | None = None,
+        own_redis: bool = False,
     ):
         self.run_dir = Path(run_dir).resolve()
         self.env_overrides = dict(env_overrides or {})
         self.servers = servers  # (PostgreSQL's URL base, Redis's), when given
+        self.own_redis = own_redis
+        self.own_redis_url: str | None = None  # (its URL base, once started)
         self.ports = {**DEFAULT_PORTS, **(ports or {})}
         self.with_flower = with_flower
         self.quiet = quiet
@@ -167,7 +172,7 @@ class Stack:
         self._group = ProcessGroup(record=record, on_signal=self._say_stopping)
         try:
             self._check_ports_free()
-            postgres_base, redis_base = self.servers or self._find_or_start_servers()
+            postgres_base, redis_base = self._find_or_start_servers()
             self._say("broker...")
             self._broker = self._group.add(infra.broker_process(self.ports["broker"], self.run_dir))
             infra.start_and_wait_for_broker(self._broker, self.ports["broker"])
@@ -204,14 +209,25 @@ class Stack:
             print("\n[devstack] stopping...", file=sys.stderr, flush=True)
 
     def _find_or_start_servers(self) -> tuple[str, str]:
-        """PostgreSQL's and Redis's URL bases: the machine's own, or embedded ones started (and
-        stopped with the stack)."""
-        self._say("PostgreSQL...")
-        postgres_base, postgres = infra.ensure_postgres(self.run_dir, on_start=self._group.note)
-        self._adopt(postgres)
-        self._say("Redis...")
-        redis_base, redis = infra.ensure_redis(self.run_dir, on_start=self._group.note)
-        self._adopt(redis)
+        """PostgreSQL's and Redis's URL bases: `servers`', or the machine's own, or embedded ones
+        started (and stopped with the stack); Redis one started for the stack with `own_redis`."""
+        if self.servers is not None:
+            postgres_base, redis_base = self.servers
+        else:
+            self._say("PostgreSQL...")
+            postgres_base, postgres = infra.ensure_postgres(self.run_dir,
+                                                            on_start=self._group.note)
+            self._adopt(postgres)
+        if self.own_redis:
+            self._say("a Redis of its own...")
+            redis_base, redis = infra.start_embedded_redis(self.run_dir, infra.free_port(),
+                                                           on_start=self._group.note)
+            self._adopt(redis)
+            self.own_redis_url = redis_base
+        elif self.servers is None:
+            self._say("Redis...")
+            redis_base, redis = infra.ensure_redis(self.run_dir, on_start=self._group.note)
+            self._adopt(redis)
         return postgres_base, redis_base
 
     def start_extra(self, process: ManagedProcess) -> ManagedProcess:

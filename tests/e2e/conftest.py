@@ -23,18 +23,21 @@ def stack(infrastructure, run_dir):
     shop.stop()
 
 
-def stack_of_its_own(infrastructure, run_dir, layer: str, redis_base: str | None = None) -> Stack:
+def stack_of_its_own(infrastructure, run_dir, layer: str, redis_base: str | None = None,
+                     own_redis: bool = False) -> Stack:
     """The whole shop, not started, on free ports and under the layer's names, with a broker of
     its own (which tests stop), on the session's PostgreSQL and Redis (or the Redis at
-    `redis_base`): none of its own, embedded or not."""
+    `redis_base`): none of its own, embedded or not, but for a Redis of its own with `own_redis`
+    (Stack's: one the test may kill)."""
     redis_base = redis_base or infrastructure.redis_base
-    redis_url = f"{redis_base}/{REDIS_DB[layer]}"
+    # ("{redis}": the stack's own, once started)
+    redis_url = f"{'{redis}' if own_redis else redis_base}/{REDIS_DB[layer]}"
     env = service_env(infrastructure, layer, REDIS_URL=redis_url, CELERY_BROKER_URL=redis_url)
     env.pop("KAFKA_BOOTSTRAP_SERVERS")
     return Stack(run_dir / layer, env_overrides=env,
                  ports={name: free_port() for name in ("gateway", "orders", "payments", "broker",
                                                        "orders-grpc", "payments-grpc")},
-                 servers=(infrastructure.postgres_base, redis_base))
+                 servers=(infrastructure.postgres_base, redis_base), own_redis=own_redis)
 
 
 @pytest.fixture
