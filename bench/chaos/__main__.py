@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = ChaosPlan(seed=args.seed, seconds=args.seconds, rate=args.rate,
                      scale_out=bool(args.scale))
-    with running_bench_stack(say) as stack:
+    with running_bench_stack(say, own_redis=True) as stack:  # (a Redis the soak restarts)
         result = run_chaos(stack, plan, say)
     print("\n".join(report_lines(plan, result)))
     return 1 if result.problems else 0

@@ -1,7 +1,7 @@
-"""The disruptions: processes SIGKILLed (and started again) or SIGSTOPped (and SIGCONT'd), or
-payment requests sent again under new message ids, one every few seconds, from a shuffled deck of
-every kind so that each kind comes once before any comes twice, and a short run still deals every
-kind."""
+"""The disruptions: processes SIGKILLed (and started again) or SIGSTOPped (and SIGCONT'd), the
+stack's own Redis restarted empty, or payment requests sent again under new message ids, one every
+few seconds, from a shuffled deck of every kind so that each kind comes once before any comes
+twice, and a short run still deals every kind."""
 
 from __future__ import annotations
 
@@ -16,8 +16,13 @@ from collections.abc import Callable
 import psutil
 from confluent_kafka import KafkaException
 
-from bench.chaos.plan import BROKER_PAUSE, PAYMENT_REQUESTS_RESENT, ChaosPlan
+from bench.chaos.plan import BROKER_PAUSE, PAYMENT_REQUESTS_RESENT, REDIS_RESTART, ChaosPlan
+from devstack.infra import wait_for_process
 from devstack.processes import ManagedProcess
+from shared.health import redis_answers
+
+# How long Redis, started again, may take to answer before the run fails saying why.
+REDIS_ANSWERS_WITHIN_SECONDS = 15
 
 
 def children(pid: int) -> list[int]:
@@ -36,8 +41,10 @@ class Disruptor:
     def __init__(self, plan: ChaosPlan, processes: dict[str, ManagedProcess],
                  start_again: Callable[[ManagedProcess], bool],
                  resend_payment_requests: Callable[[random.Random], int],
-                 say: Callable[[str], None]):
+                 say: Callable[[str], None], redis_url: str | None = None):
         self.plan, self.processes, self.say = plan, processes, say
+        # The stack's own Redis (Stack.own_redis_url), the process `redis` of `processes`.
+        self.redis_url = redis_url
         # The stack's (Stack.start_again): it starts nothing once the stack is stopping (Ctrl-C).
         self.start_again = start_again
         # resent_requests.resend_with_fresh_ids, on the stack's broker and topic: how many sent.
@@ -100,6 +107,8 @@ class Disruptor:
             self._pause_broker()
         elif kind == PAYMENT_REQUESTS_RESENT:
             return self._resend_payment_requests()
+        elif kind == REDIS_RESTART:
+            self._restart_redis()
         elif kind.startswith("pause:"):
             self._pause(self.processes[kind.removeprefix("pause:")])
         elif kind.endswith("-child"):
@@ -163,14 +172,33 @@ class Disruptor:
         self.say(f"SIGKILL {kind}")
         return True
 
-    def _kill_and_restart(self, process: ManagedProcess) -> None:
+    def _restart_redis(self) -> None:
+        """The stack's own Redis SIGKILLed and, after a pause, started again on its port, empty
+        (it keeps nothing on disk): every queued Celery task, cached read, rate count and
+        signature note gone, and every client's connection broken. Waited for until it answers,
+        so that nothing else is disrupted meanwhile; one that cannot start again (its port taken
+        meanwhile) fails the run, saying why."""
+        if self.redis_url is None:
+            raise RuntimeError(f"{REDIS_RESTART}: the stack runs no Redis of its own")
+        redis = self.processes["redis"]
+        if self._kill_and_restart(redis, self.plan.redis_down_seconds):
+            wait_for_process(redis, lambda: redis_answers(self.redis_url),
+                             REDIS_ANSWERS_WITHIN_SECONDS, "Redis started again to answer")
+            self.say(f"redis started again on {self.redis_url}, empty, answering")
+
+    def _kill_and_restart(self, process: ManagedProcess,
+                          down_for: tuple[float, float] | None = None) -> bool:
+        """SIGKILL the process's group, and start it again after a pause drawn from `down_for`
+        (the plan's restart_after by default); False if it was left stopped."""
         process.kill()
         while process.alive():
             time.sleep(0.02)
         self.say(f"SIGKILL {process.name}")
         # Not started again once the run or the stack is stopping: the stack's stop may have
         # passed it (the run starts again what is down before it settles).
-        if self._stop.wait(self.rng.uniform(*self.plan.restart_after)):
-            return
+        if self._stop.wait(self.rng.uniform(*(down_for or self.plan.restart_after))):
+            return False
         if not self.start_again(process):
             self.say(f"{process.name} left stopped: the stack is stopping")
+            return False
+        return True

@@ -34,12 +34,15 @@ class ChaosResult:
 
 
 def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> ChaosResult:
+    if stack.own_redis_url is None:  # (its Redis is restarted: no other run's may be)
+        raise ValueError("the chaos soak needs a stack with a Redis of its own (own_redis)")
     with scaled_out(stack, SCALED_OUT if plan.scale_out else ()) as processes:
         load = Load(plan, stack, say)
         load.seed_shoppers()
         say(f"{len(load.shoppers)} shoppers, {plan.late_users} of them opening accounts late")
         resend = partial(resend_with_fresh_ids, load_settings(stack.env))
-        disruptor = Disruptor(plan, processes, stack.start_again, resend, say).start()
+        disruptor = Disruptor(plan, processes, stack.start_again, resend, say,
+                              redis_url=stack.own_redis_url).start()
         load.start()
         began = time.monotonic()
         try:

@@ -1,0 +1,47 @@
+"""The chaos soak's Redis restart (bench/chaos/disruptions.py): the stack's own Redis is killed and
+started again on its port after a pause drawn from the disruptor's generator, empty, and answering
+before the next disruption; a stack with no Redis of its own is refused."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import redis
+
+from bench.chaos.disruptions import Disruptor
+from bench.chaos.plan import REDIS_RESTART, ChaosPlan
+from bench.chaos.soak import run_chaos
+from devstack.infra import free_port, start_embedded_redis
+from devstack.processes import ProcessGroup
+
+
+def test_redis_restarted_comes_back_on_its_port_empty_after_a_pause_of_the_seeds_drawing(
+        tmp_path):
+    plan = ChaosPlan(seed=7, redis_down_seconds=(0.1, 0.3))
+    group = ProcessGroup(handle_signals=False)
+    url, server = start_embedded_redis(tmp_path, free_port())
+    group.add(server)
+    said = []
+    try:
+        client = redis.Redis.from_url(url)
+        client.set("queued-task", "1")
+        first_pid = server.pid
+        disruptor = Disruptor(plan, {"redis": server}, group.start_again, lambda rng: 0,
+                              said.append, redis_url=url)
+        assert disruptor._disrupt(REDIS_RESTART)
+        assert server.pid != first_pid and server.alive()
+        assert client.get("queued-task") is None  # (its client reconnects to the same port)
+        client.close()
+    finally:
+        group.stop_all()
+    assert said == ["SIGKILL redis", f"redis started again on {url}, empty, answering"]
+    drawn = random.Random(f"disruptions-{plan.seed}")
+    drawn.uniform(*plan.redis_down_seconds)  # the pause: the one draw it takes
+    assert disruptor.rng.getstate() == drawn.getstate()
+
+
+def test_the_soak_refuses_a_stack_without_a_redis_of_its_own():
+    with pytest.raises(ValueError, match="a Redis of its own"):
+        run_chaos(SimpleNamespace(own_redis_url=None), ChaosPlan(), lambda message: None)
