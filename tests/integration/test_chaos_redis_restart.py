@@ -1,11 +1,13 @@
 """The chaos soak's Redis restart (bench/chaos/disruptions.py): the stack's own Redis is killed and
 started again on its port after a pause drawn from the disruptor's generator, empty, and answering
-before the next disruption; a stack with no Redis of its own is refused."""
+before the next disruption, and never another Redis taken for it; a stack with no Redis of its own
+is refused."""
 
 from __future__ import annotations
 
 import random
 from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -14,7 +16,7 @@ from bench.chaos.disruptions import Disruptor
 from bench.chaos.plan import REDIS_RESTART, ChaosPlan
 from bench.chaos.soak import run_chaos
 from devstack.infra import free_port, start_embedded_redis
-from devstack.processes import ProcessGroup
+from devstack.processes import ManagedProcess, ProcessGroup
 
 
 def test_redis_restarted_comes_back_on_its_port_empty_after_a_pause_of_the_seeds_drawing(
@@ -45,3 +47,56 @@ def test_redis_restarted_comes_back_on_its_port_empty_after_a_pause_of_the_seeds
 def test_the_soak_refuses_a_stack_without_a_redis_of_its_own():
     with pytest.raises(ValueError, match="a Redis of its own"):
         run_chaos(SimpleNamespace(own_redis_url=None), ChaosPlan(), lambda message: None)
+
+
+def _restarting_redis(tmp_path, start_again=None, say=lambda message: None):
+    """A Disruptor of a Redis of its own, on the Redis's group; its URL and its process."""
+    group = ProcessGroup(handle_signals=False)
+    url, server = start_embedded_redis(tmp_path, free_port())
+    group.add(server)
+    disruptor = Disruptor(ChaosPlan(seed=7, redis_down_seconds=(0.1, 0.3)), {"redis": server},
+                          start_again or group.start_again, lambda rng: 0, say, redis_url=url)
+    return disruptor, group, url, server
+
+
+def test_a_redis_that_took_the_port_while_ours_was_down_fails_the_restart_and_ours_is_not_started(
+        tmp_path):
+    others: list[ManagedProcess] = []
+
+    def say(message: str) -> None:
+        if message == "SIGKILL redis":  # (another run's Redis takes the port meanwhile)
+            others.append(start_embedded_redis(tmp_path / "other", port)[1])
+
+    disruptor, group, url, server = _restarting_redis(tmp_path, say=say)
+    port = urlsplit(url).port
+    try:
+        with pytest.raises(RuntimeError, match=f"port {port} is already in use; cannot start"):
+            disruptor._disrupt(REDIS_RESTART)
+        assert not server.alive()
+    finally:
+        group.stop_all()
+        for other in others:
+            other.stop()
+
+
+def test_another_redis_answering_on_the_port_once_ours_is_started_again_fails_the_restart(
+        tmp_path):
+    """Ours started again, but not answering yet (a stand-in that never does), and another run's
+    Redis on the port, taken just after it was found free: the other's answers are not ours."""
+    others: list[ManagedProcess] = []
+
+    def start_again_after_another(process: ManagedProcess) -> bool:
+        others.append(start_embedded_redis(tmp_path / "other", urlsplit(url).port)[1])
+        process.argv = ["sleep", "60"]
+        return group.start_again(process)
+
+    disruptor, group, url, server = _restarting_redis(tmp_path, start_again_after_another)
+    try:
+        with pytest.raises(RuntimeError) as refused:
+            disruptor._disrupt(REDIS_RESTART)
+        assert str(refused.value).startswith(
+            f"another Redis (pid {others[0].pid}) answers on {url}, not redis (pid {server.pid})")
+    finally:
+        group.stop_all()
+        for other in others:
+            other.stop()

@@ -38,6 +38,7 @@ from devstack.infra import (
     start_broker,
     _postgres_answers,
     start_embedded_postgres,
+    start_embedded_redis,
     wait_until,
 )
 from devstack.postmaster_lock import LOCK_FILE, PostmasterLock, processes_attached_to
@@ -567,6 +568,16 @@ def test_embedded_redis_starts_answers_and_keeps_nothing_on_disk(tmp_path, embed
     finally:
         server.stop()
     assert not port_open("127.0.0.1", int(url.rsplit(":", 1)[1]))
+
+
+def test_an_embedded_redis_is_not_started_on_a_port_another_redis_answers_on(tmp_path):
+    """Ours, refused the port, would exit, but the other answering first was taken for it."""
+    url, other = start_embedded_redis(tmp_path / "other", free_port())
+    try:
+        with pytest.raises(RuntimeError, match=r"port \d+ is already in use; cannot start Redis"):
+            start_embedded_redis(tmp_path, int(url.rsplit(":", 1)[1]))
+    finally:
+        other.stop()
 
 
 def test_forgetting_a_runs_redis_keys_deletes_those_and_no_others(infrastructure):
