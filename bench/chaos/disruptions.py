@@ -186,7 +186,15 @@ class Disruptor:
         if not self._kill_and_restart(redis, self.plan.redis_down_seconds,
                                       before_start=lambda: fail_if_port_taken(port, "Redis")):
             return
-        wait_for_redis_of_its_own(redis, self.redis_url, REDIS_ANSWERS_WITHIN_SECONDS)
+        try:
+            wait_for_redis_of_its_own(redis, self.redis_url, REDIS_ANSWERS_WITHIN_SECONDS)
+        except RuntimeError:
+            # Stopped with the stack (Ctrl-C) while it was waited for: no failure of the run's,
+            # and one raised would take the KeyboardInterrupt's place on its way up (run_chaos).
+            if redis.alive() or redis.died():
+                raise
+            self.say(f"{redis.name} left stopped: the stack is stopping")
+            return
         self.say(f"redis started again on {self.redis_url}, empty, answering")
 
     def _kill_and_restart(self, process: ManagedProcess,

@@ -5,7 +5,9 @@ is refused."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
@@ -100,3 +102,37 @@ def test_another_redis_answering_on_the_port_once_ours_is_started_again_fails_th
         group.stop_all()
         for other in others:
             other.stop()
+
+
+def test_a_redis_stopped_with_the_stack_while_waited_for_is_left_stopped_and_fails_nothing(
+        tmp_path):
+    """The stack stopping (Ctrl-C) as Redis starts again stops it on purpose: the run's failure
+    ("redis exited with code 0") took the KeyboardInterrupt's place on its way up."""
+    said: list[str] = []
+
+    def start_again_as_the_stack_stops(process: ManagedProcess) -> bool:
+        started = group.start_again(process)
+        group.stop_all()
+        return started
+
+    disruptor, group, url, server = _restarting_redis(tmp_path, start_again_as_the_stack_stops,
+                                                      said.append)
+    try:
+        assert disruptor._disrupt(REDIS_RESTART)
+    finally:
+        group.stop_all()
+    assert said == ["SIGKILL redis", "redis left stopped: the stack is stopping"]
+
+
+def test_a_redis_that_dies_of_itself_as_it_starts_again_fails_the_restart(tmp_path):
+    def start_again_to_die(process: ManagedProcess) -> bool:
+        started = group.start_again(process)
+        os.kill(process.pid, signal.SIGKILL)
+        return started
+
+    disruptor, group, url, server = _restarting_redis(tmp_path, start_again_to_die)
+    try:
+        with pytest.raises(RuntimeError, match="redis exited with code -9 before"):
+            disruptor._disrupt(REDIS_RESTART)
+    finally:
+        group.stop_all()
