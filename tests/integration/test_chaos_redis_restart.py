@@ -1,7 +1,8 @@
 """The chaos soak's Redis restart (bench/chaos/disruptions.py): the stack's own Redis is killed and
 started again on its port after a pause drawn from the disruptor's generator, empty, and answering
 before the next disruption, and never another Redis taken for it; a stack with no Redis of its own
-is refused."""
+is refused. A stack with one (Stack(own_redis=True), servers given) runs on it, not on servers',
+and leaves nothing running once stopped, the Redis it restarted included."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import redis
 from bench.chaos.disruptions import Disruptor
 from bench.chaos.plan import REDIS_RESTART, ChaosPlan
 from bench.chaos.soak import run_chaos
-from devstack.infra import free_port, start_embedded_redis
+from devstack.infra import free_port, port_open, redis_process_id, start_embedded_redis
 from devstack.processes import ManagedProcess, ProcessGroup
+from devstack.stack import DEFAULT_PORTS, Stack
+from tests.process_tools import gone
 
 
 def test_redis_restarted_comes_back_on_its_port_empty_after_a_pause_of_the_seeds_drawing(
@@ -136,3 +139,37 @@ def test_a_redis_that_dies_of_itself_as_it_starts_again_fails_the_restart(tmp_pa
             disruptor._disrupt(REDIS_RESTART)
     finally:
         group.stop_all()
+
+
+def test_a_stack_with_a_redis_of_its_own_runs_on_it_not_on_servers_and_leaves_none_running(
+        infrastructure, tmp_path, monkeypatch):
+    """Its servers, broker and Redis alone started: no migrations, no apps (nothing they would
+    check here)."""
+    monkeypatch.setattr(Stack, "_migrate", lambda stack, service: None)
+    monkeypatch.setattr(Stack, "_app_processes", lambda stack: [])
+    monkeypatch.setattr(Stack, "wait_healthy", lambda stack, timeout=60: None)
+    shop = Stack(tmp_path, env_overrides={"CELERY_BROKER_URL": "{redis}/5"},
+                 ports={name: free_port() for name in DEFAULT_PORTS},
+                 servers=(infrastructure.postgres_base, infrastructure.redis_base), own_redis=True)
+    shop.start()
+    try:
+        processes = {process.name: process for process in shop.processes}
+        assert sorted(processes) == ["broker", "redis"]
+        own = shop.own_redis_url
+        assert urlsplit(own).port != urlsplit(infrastructure.redis_base).port
+        assert (shop.env["REDIS_URL"], shop.env["CELERY_BROKER_URL"]) == (f"{own}/0", f"{own}/5")
+        redis = processes["redis"]
+        first_pid = redis.pid
+        pids = [process.pid for process in processes.values()]
+        assert redis_process_id(own) == first_pid
+
+        disruptor = Disruptor(ChaosPlan(seed=7, redis_down_seconds=(0.1, 0.3)), processes,
+                              shop.start_again, lambda rng: 0, lambda message: None,
+                              redis_url=own)
+        assert disruptor._disrupt(REDIS_RESTART)
+        pids.append(redis.pid)
+        assert redis_process_id(own) == redis.pid != first_pid
+    finally:
+        shop.stop()
+    assert [pid for pid in pids if not gone(pid)] == []
+    assert not port_open("127.0.0.1", urlsplit(own).port)
