@@ -28,7 +28,9 @@ def stack_of_its_own(infrastructure, run_dir, layer: str, redis_base: str | None
     """The whole shop, not started, on free ports and under the layer's names, with a broker of
     its own (which tests stop), on the session's PostgreSQL and Redis (or the Redis at
     `redis_base`): none of its own, embedded or not, but for a Redis of its own with `own_redis`
-    (Stack's: one the test may kill)."""
+    (Stack's: one the test may kill), which takes no `redis_base` (it would go unused)."""
+    if own_redis and redis_base is not None:
+        raise ValueError("a stack with a Redis of its own (own_redis) takes no redis_base")
     redis_base = redis_base or infrastructure.redis_base
     # ("{redis}": the stack's own, once started)
     redis_url = f"{'{redis}' if own_redis else redis_base}/{REDIS_DB[layer]}"
