@@ -180,12 +180,24 @@ class Blueprint(flask_smorest.Blueprint):
 
         def decorator(view):
             if not isinstance(view, type):
+                _document_parameters_beside_arguments(view)
                 if not _takes_query_parameters(view):
                     view = _refusing_query_parameters(view)
                 _document_errors(view, self.errors_of_every_route)
             return register(view)
 
         return decorator
+
+
+def _document_parameters_beside_arguments(view) -> None:
+    """Move the parameters `doc(parameters=...)` gives `view` (a header: X-Gateway-Deadline,
+    Idempotency-Key) among those its `arguments` document, where flask-smorest put them in their
+    place: the orders service's GET /orders documented its X-Gateway-Deadline and not its query
+    (`limit`, `cursor`)."""
+    documented = getattr(view, "_apidoc", {})
+    if "parameters" in documented.get("manual_doc", {}) and "arguments" in documented:
+        view._apidoc = documented = deepcopy(documented)
+        documented["arguments"]["parameters"] += documented["manual_doc"].pop("parameters")
 
 
 def _takes_query_parameters(view) -> bool:

@@ -23,6 +23,8 @@ class ThingsNamedSchema(Schema):
 
 
 THINGS = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
+NAMING_HEADER = {"in": "header", "name": "X-Naming", "required": False,
+                 "schema": {"type": "string"}}
 
 
 def _things_app() -> tuple[Flask, ShopApi]:
@@ -42,6 +44,7 @@ def _things_app() -> tuple[Flask, ShopApi]:
 
     @blueprint.get("/named")
     @blueprint.arguments(ThingsNamedSchema, location="query")
+    @blueprint.doc(parameters=[NAMING_HEADER])
     @blueprint.response(200, ThingSchema(many=True))
     def named(args):
         return [thing for thing in THINGS if thing["name"] in args["name"]][:args.get("limit")]
@@ -64,6 +67,17 @@ def test_an_operation_paginated_by_flask_smorest_documents_its_pagination_header
     assert header == {"$ref": "#/components/headers/PAGINATION"}
     schema = document["components"]["headers"]["PAGINATION"]["schema"]
     assert {"total", "page", "next_page"} <= set(schema["properties"])
+    validate(document, cls=OpenAPIV30SpecValidator)
+
+
+def test_an_operation_documents_its_query_parameters_beside_those_it_is_documented_with():
+    """A parameter given with `doc(parameters=...)` (a header) is documented beside those of the
+    operation's query schema, not in their place."""
+    _, api = _things_app()
+    document = api.spec.to_dict()
+    parameters = document["paths"]["/named"]["get"]["parameters"]
+    assert {(parameter["in"], parameter["name"]) for parameter in parameters} == {
+        ("query", "name"), ("query", "limit"), ("header", "X-Naming")}
     validate(document, cls=OpenAPIV30SpecValidator)
 
 
