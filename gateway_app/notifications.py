@@ -54,6 +54,7 @@ from shared.fields import WholeNumber
 from shared.http_api import Blueprint, EmptySchema, given_more_than_once
 from shared.inbox.handling import Handler, ReceivedEvent
 from shared.jsonio import dumps_exact
+from shared.operation_links import link
 from shared.process_stopping import stopping
 from shared.request_context import LOGGED_OUTCOME
 
@@ -212,8 +213,18 @@ def list_notifications(args):
         mimetype="application/json")
 
 
+# Where a page goes on from the newest notification's id: everything after it (the operations
+# named by their views: shared.operation_links).
+AFTER_THE_NEWEST_LINKS = {
+    "Socket": link(SOCKET_ENDPOINT, "The socket, sending every notification after this one",
+                   after="$response.body#/id"),
+    "Newer": link("list_notifications", "The notifications kept since this one",
+                  after="$response.body#/id"),
+}
+
+
 @blueprint.get("/newest")
-@blueprint.response(200, NewestNotificationSchema)
+@blueprint.response(200, NewestNotificationSchema, links=AFTER_THE_NEWEST_LINKS)
 def newest_notification():
     """The id of the newest notification kept now (0 for none): a page reads it before it reads
     the orders, then asks the socket for everything `after` it, so no status change falls between
@@ -245,9 +256,14 @@ class SocketTicketSchema(Schema):
                        "refused 401 TOKEN_EXPIRED)"})
 
 
+TICKET_LINKS = {"Socket": link(SOCKET_ENDPOINT, "The socket, opened with this ticket, once",
+                               ticket="$response.body#/ticket")}
+
+
 @blueprint.post("/tickets")
 @blueprint.arguments(EmptySchema, required=False)
-@blueprint.response(201, SocketTicketSchema, description="A ticket for one notification socket")
+@blueprint.response(201, SocketTicketSchema, description="A ticket for one notification socket",
+                    links=TICKET_LINKS)
 @blueprint.errors(HANDSHAKES_SPENT, TICKETS_UNAVAILABLE)
 def socket_ticket(_args):
     """A ticket to open the notification socket with, once, within `expires_in` seconds, and only

@@ -11,11 +11,12 @@ from flask import current_app, jsonify
 from gateway_app import upstream_grpc
 from gateway_app.auth import SIGNED_IN_ERRORS
 from gateway_app.proxy import forward
-from orders_app.schemas import (GET_ORDER_ERRORS, LIST_ORDERS_ERRORS, PLACE_ORDER_ERRORS,
-                                ListOrdersQuerySchema, OrderPageSchema, OrderSchema,
-                                PlaceOrderSchema, order_id_from_path)
+from orders_app.schemas import (GET_ORDER_ERRORS, LIST_ORDERS_ERRORS, ORDER_PAGE_LINKS,
+                                PLACE_ORDER_ERRORS, PLACED_ORDER_LINKS, ListOrdersQuerySchema,
+                                OrderPageSchema, OrderSchema, PlaceOrderSchema,
+                                order_id_from_path)
 from payments_app.schemas import (BALANCE_ERRORS, DEPOSIT_ERRORS, OPEN_ACCOUNT_ERRORS,
-                                  AccountSchema, DepositSchema)
+                                  OPENED_ACCOUNT_LINKS, AccountSchema, DepositSchema)
 from shared.documented_errors import (BAD_GATEWAY, DATABASE_UNAVAILABLE_OR_BUSY,
                                       SERVICE_UNAVAILABLE, UPSTREAM_TIMEOUT)
 from shared.http_api import Blueprint, EmptySchema
@@ -47,7 +48,8 @@ def _grpc(service: str, method: str, body: dict[str, Any], status: int):
 @blueprint.arguments(PlaceOrderSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
 @blueprint.response(202, OrderSchema, headers=REPLAYED_RESPONSE_HEADERS,
-                    description="Accepted; the payment is asked for asynchronously")
+                    description="Accepted; the payment is asked for asynchronously",
+                    links=PLACED_ORDER_LINKS)
 @blueprint.errors(*PLACE_ORDER_ERRORS)
 def place_order(args):
     """Place an order."""
@@ -60,7 +62,7 @@ def place_order(args):
 
 @blueprint.get("/orders")
 @blueprint.arguments(ListOrdersQuerySchema, location="query")
-@blueprint.response(200, OrderPageSchema)
+@blueprint.response(200, OrderPageSchema, links=ORDER_PAGE_LINKS)
 @blueprint.errors(*LIST_ORDERS_ERRORS)
 def list_orders(args):
     """The signed-in user's orders, newest first, a page at a time."""
@@ -85,7 +87,7 @@ def get_order(order_id: str):
 
 @blueprint.post("/accounts")
 @blueprint.arguments(EmptySchema, required=False)
-@blueprint.response(201, AccountSchema)
+@blueprint.response(201, AccountSchema, links=OPENED_ACCOUNT_LINKS)
 @blueprint.errors(*OPEN_ACCOUNT_ERRORS)
 def open_account(_args):
     """Open the signed-in user's account."""

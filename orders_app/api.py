@@ -5,9 +5,9 @@ from __future__ import annotations
 from flask import g, jsonify
 
 from orders_app import endpoints
-from orders_app.schemas import (GET_ORDER_ERRORS, LIST_ORDERS_ERRORS, PLACE_ORDER_ERRORS,
-                                ListOrdersQuerySchema, OrderPageSchema, OrderSchema,
-                                PlaceOrderSchema)
+from orders_app.schemas import (GET_ORDER_ERRORS, LIST_ORDERS_ERRORS, ORDER_PAGE_LINKS,
+                                PLACE_ORDER_ERRORS, PLACED_ORDER_LINKS, ListOrdersQuerySchema,
+                                OrderPageSchema, OrderSchema, PlaceOrderSchema)
 from shared.caller_deadline import CALLER_GAVE_UP, DEADLINE_PARAMETER
 from shared.documented_errors import SERVICE_OPERATION_ERRORS, SIGNATURE_USED
 from shared.http_api import Blueprint
@@ -21,7 +21,8 @@ blueprint = Blueprint("orders", __name__, url_prefix="/orders", description="Pla
 @blueprint.post("")
 @blueprint.arguments(PlaceOrderSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER, DEADLINE_PARAMETER])
-@blueprint.response(202, OrderSchema, headers=REPLAYED_RESPONSE_HEADERS)
+@blueprint.response(202, OrderSchema, headers=REPLAYED_RESPONSE_HEADERS,
+                    links=PLACED_ORDER_LINKS)
 @blueprint.errors(*PLACE_ORDER_ERRORS, CALLER_GAVE_UP, SIGNATURE_USED)
 def place_order(args):
     """Place an order; its payment is asked for asynchronously."""
@@ -31,7 +32,7 @@ def place_order(args):
 @blueprint.get("")
 @blueprint.arguments(ListOrdersQuerySchema, location="query")
 @blueprint.doc(parameters=[DEADLINE_PARAMETER])
-@blueprint.response(200, OrderPageSchema)
+@blueprint.response(200, OrderPageSchema, links=ORDER_PAGE_LINKS)
 @blueprint.errors(*LIST_ORDERS_ERRORS)
 def list_orders(args):
     """The caller's orders, newest first."""

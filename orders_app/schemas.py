@@ -1,5 +1,6 @@
-"""The Orders API's request and response schemas, and the errors of its operations beyond those of
-every request (all also documented by the gateway)."""
+"""The Orders API's request and response schemas, the errors of its operations beyond those of
+every request, and the links from its answers to the operations their fields feed (all also
+documented by the gateway)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from shared.contracts import FAILURE_REASONS
 from shared.documented_errors import IDEMPOTENCY_ERRORS, DocumentedError
 from shared.errors import NotFound
 from shared.fields import Amount, Text, WholeNumber
+from shared.operation_links import link
 
 MAX_PAGE = 200
 
@@ -20,6 +22,13 @@ ORDER_NOT_FOUND = DocumentedError(404, "ORDER_NOT_FOUND", "the caller has no ord
 PLACE_ORDER_ERRORS = IDEMPOTENCY_ERRORS
 LIST_ORDERS_ERRORS = (INVALID_CURSOR,)
 GET_ORDER_ERRORS = (ORDER_NOT_FOUND,)
+# (the operations named as the views of orders_app/api.py and gateway_app/routes.py are)
+PLACED_ORDER_LINKS = {"GetOrder": link(
+    "get_order", "The order placed, read by its `id`: NEW until its payment is taken, then "
+    "FINISHED or CANCELLED", order_id="$response.body#/id")}
+ORDER_PAGE_LINKS = {"NextPage": link(
+    "list_orders", "The next page of orders, older than this one's, while `next_cursor` is not "
+    "null", cursor="$response.body#/next_cursor")}
 
 
 def order_id_from_path(order_id: str) -> uuid.UUID:

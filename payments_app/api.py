@@ -6,7 +6,7 @@ from flask import g, jsonify
 
 from payments_app import endpoints
 from payments_app.schemas import (BALANCE_ERRORS, DEPOSIT_ERRORS, OPEN_ACCOUNT_ERRORS,
-                                  AccountSchema, DepositSchema)
+                                  OPENED_ACCOUNT_LINKS, AccountSchema, DepositSchema)
 from shared.caller_deadline import CALLER_GAVE_UP, DEADLINE_PARAMETER
 from shared.documented_errors import SERVICE_OPERATION_ERRORS, SIGNATURE_USED
 from shared.http_api import Blueprint, EmptySchema
@@ -21,7 +21,7 @@ blueprint = Blueprint("accounts", __name__, url_prefix="/accounts",
 @blueprint.post("")
 @blueprint.arguments(EmptySchema, required=False)
 @blueprint.doc(parameters=[DEADLINE_PARAMETER])
-@blueprint.response(201, AccountSchema)
+@blueprint.response(201, AccountSchema, links=OPENED_ACCOUNT_LINKS)
 @blueprint.errors(*OPEN_ACCOUNT_ERRORS, CALLER_GAVE_UP)
 def open_account(_args):
     """Open the caller's account (one per user), with a zero balance."""

@@ -24,6 +24,7 @@ from shared.health_document import document_health
 from shared.idempotency import forget_replayed_mark, say_if_replayed
 from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
+from shared.operation_links import OperationIdsOfViews
 from shared.request_context import configure_logging, install_request_ids
 from shared.request_id_document import RequestIdDocumented
 from shared.single_use_signatures import SINGLE_USE_SIGNATURES_EXTENSION, SingleUseSignatures
@@ -42,7 +43,8 @@ BEHIND_THE_GATEWAY = (
 
 class ShopApi(SwaggerUiPage, Api):
     """flask-smorest's Api, its OpenAPI document describing errors as they are answered (each
-    operation's own: shared.documented_errors), and giving no component no operation uses."""
+    operation's own: shared.documented_errors), giving no component no operation uses, and
+    naming each operation by its view (shared.operation_links)."""
 
     ERROR_SCHEMA = ErrorSchema
     # Every operation's "default" response: what any request can be answered besides what its
@@ -77,8 +79,10 @@ class ShopApi(SwaggerUiPage, Api):
             lazy=True)
 
     def _init_spec(self, *, extra_plugins=(), **options):
-        # X-Request-ID, which every app takes and every answer carries, in every document.
-        super()._init_spec(extra_plugins=[*extra_plugins, RequestIdDocumented()], **options)
+        # X-Request-ID, which every app takes and every answer carries, in every document; and
+        # each operation's id, which the links between operations name it by.
+        super()._init_spec(extra_plugins=[*extra_plugins, RequestIdDocumented(),
+                                          OperationIdsOfViews()], **options)
 
 
 class ShopFlask(Flask):

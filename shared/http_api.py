@@ -4,7 +4,7 @@ Content-Type is refused with 415, not passed over as if none were sent), query p
 are held to their schema as bodies are (a route that takes none refuses any, and one given more
 than once is refused, not read first-value-wins), each route parses with one schema instance made
 when the route is declared, and each route's OpenAPI document gives the errors it can answer
-(shared.documented_errors)."""
+(shared.documented_errors) and its answers' links to the operations they feed."""
 
 from __future__ import annotations
 
@@ -174,6 +174,22 @@ class Blueprint(flask_smorest.Blueprint):
         if isinstance(schema, type):
             schema = schema()
         return super().arguments(schema, *args, **kwargs)
+
+    def response(self, status_code, schema=None, *, links: dict[str, dict] | None = None,
+                 **kwargs):
+        """flask-smorest's, the response documented with `links` too: for each of its names, the
+        operation a field of this answer feeds (shared.operation_links.link)."""
+        document = super().response(status_code, schema, **kwargs)
+        if not links:
+            return document
+
+        def decorator(view):
+            view = document(view)  # (its document a copy of its own: flask-smorest's wrapper's)
+            responses = view._apidoc["response"]["responses"][status_code]
+            responses[-1] = {**responses[-1], "links": deepcopy(links)}
+            return view
+
+        return decorator
 
     def route(self, rule, *, parameters=None, tags=None, **options):
         register = super().route(rule, parameters=parameters, tags=tags, **options)

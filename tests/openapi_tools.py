@@ -1,6 +1,6 @@
 """Reading an OpenAPI document as a client does (the errors each operation says it can answer, the
-headers it says its answers carry, and whether an answer it gave is one of them), and asking its
-operations by their documented paths."""
+headers it says its answers carry, whether an answer it gave is one of them, and the links from
+its answers to other operations), and asking its operations by their documented paths."""
 
 from __future__ import annotations
 
@@ -122,6 +122,101 @@ def responses_documenting(spec: dict, header: str) -> set[tuple[str, str, int]]:
     return {(method, path, int(status)) for method, path in operations(spec)
             for status, response in spec["paths"][path][method]["responses"].items()
             if header in response.get("headers", {})}
+
+
+# The runtime expressions a link's parameter is given by that link_faults reads: a field of the
+# answer's JSON body, by its JSON pointer.
+RESPONSE_BODY_FIELD = "$response.body#"
+
+
+def links(spec: dict) -> list[tuple[str, str, str, str, dict]]:
+    """Each link of the document: (method, path, status) of the response that gives it, its name,
+    and the link."""
+    return [(method, path, status, name, link) for method, path in sorted(operations(spec))
+            for status, response in spec["paths"][path][method]["responses"].items()
+            for name, link in response.get("links", {}).items()]
+
+
+def operation_of(spec: dict, operation_id: str) -> tuple[str, str] | None:
+    """The operation (method, path) of the document whose operationId is `operation_id`."""
+    return next(((method, path) for method, path in operations(spec)
+                 if spec["paths"][path][method].get("operationId") == operation_id), None)
+
+
+def link_faults(spec: dict) -> list[str]:
+    """What is wrong with each link of the document, so that none can outlive what it names: an
+    operationId no operation has, a parameter its operation does not take, an expression that
+    names no field of the answer it is given in (or one of another kind: RESPONSE_BODY_FIELD
+    alone is read)."""
+    faults = []
+    for method, path, status, name, link in links(spec):
+        where = f"{method.upper()} {path} {status} {name}"
+        target = operation_of(spec, link.get("operationId"))
+        if target is None:
+            faults.append(f"{where}: no operation {link.get('operationId')!r}")
+            continue
+        taken = _parameters_taken(spec, *target)
+        answer = _resolved(spec, spec["paths"][path][method]["responses"][status]).get(
+            "content", {}).get("application/json", {}).get("schema", {})
+        for parameter, expression in link.get("parameters", {}).items():
+            located, _, named = parameter.rpartition(".")
+            if not any(named == given and located in ("", place) for place, given in taken):
+                faults.append(f"{where}: {link['operationId']} takes no {parameter!r}")
+            if not (expression.startswith(RESPONSE_BODY_FIELD) and _field_of(
+                    spec, answer, expression[len(RESPONSE_BODY_FIELD):])):
+                faults.append(f"{where}: {expression!r} names no field of the answer")
+    return faults
+
+
+def _parameters_taken(spec: dict, method: str, path: str) -> set[tuple[str, str]]:
+    """The parameters (in, name) the operation takes: its own and its path's."""
+    item = spec["paths"][path]
+    return {(parameter["in"], parameter["name"]) for parameter in (
+        _resolved(spec, given) for given in [*item.get("parameters", []),
+                                             *item[method].get("parameters", [])])}
+
+
+def _resolved(spec: dict, node: dict) -> dict:
+    """`node`, or what its `$ref` refers to in the document."""
+    while "$ref" in node:
+        kind, name = node["$ref"].split("/")[2:]
+        node = spec["components"][kind][name]
+    return node
+
+
+def _field_of(spec: dict, schema: dict, pointer: str) -> bool:
+    """Whether the JSON pointer `pointer` ("/id", "/items/0/id") names a field a value of
+    `schema` gives."""
+    for token in pointer.split("/")[1:]:
+        schema = _resolved(spec, schema)
+        if token in schema.get("properties", {}):
+            schema = schema["properties"][token]
+        elif token.isdigit() and schema.get("type") == "array":
+            schema = schema["items"]
+        else:
+            return False
+    return pointer.startswith("/")
+
+
+def link_followed(client, spec: dict, link: dict, answer, body=None, **kwargs):
+    """The operation `link` leads to asked of `client`, each parameter the link gives read from
+    `answer` (an answer of the response that gives it), with `body`; `kwargs` go to the client (a
+    service's: signed_as=)."""
+    method, path = operation_of(spec, link["operationId"])
+    given = {parameter.rpartition(".")[2]: _pointed_at(
+        answer.get_json(), expression.removeprefix(RESPONSE_BODY_FIELD))
+        for parameter, expression in link.get("parameters", {}).items()}
+    in_path = {name: value for name, value in given.items() if f"{{{name}}}" in path}
+    return client.open(path.format(**in_path), method=method.upper(), json=body,
+                       query_string={name: value for name, value in given.items()
+                                     if name not in in_path}, **kwargs)
+
+
+def _pointed_at(value, pointer: str):
+    """What the JSON pointer `pointer` names in `value`."""
+    for token in pointer.split("/")[1:]:
+        value = value[int(token)] if isinstance(value, list) else value[token]
+    return value
 
 
 def asked(client, method: str, path: str, body=None, headers=None, **kwargs):

@@ -30,8 +30,8 @@ from shared.app_closing import close_app
 from shared.request_context import REQUEST_ID_HEADER
 from shared.swagger_ui import PAGE_FILES
 from tests.openapi_tools import (HEALTH, assert_answered_as_documented, assert_documented,
-                                 documented_answers, operations, unused_components,
-                                 with_a_body_in_chunks)
+                                 documented_answers, link_faults, link_followed, links,
+                                 operations, unused_components, with_a_body_in_chunks)
 
 # Where every app serves its document (and its Swagger UI reads it), and its Swagger UI.
 DOCUMENT_URL = "/docs/openapi.json"
@@ -78,6 +78,79 @@ def test_no_document_gives_a_component_no_operation_uses(apps):
     """(flask-smorest's PaginationMetadata was in all three: shared.app.ShopApi.)"""
     for service, app in apps.items():
         assert unused_components(_served_document(app)) == set(), service
+
+
+# The links each document gives (shared/operation_links.py): from which operation's answer (its
+# operationId and status) to which operation.
+LINKED = {
+    "orders": {("place_order", "202", "get_order"), ("list_orders", "200", "list_orders")},
+    "payments": {("open_account", "201", "deposit"), ("open_account", "201", "balance")},
+    "gateway": {("place_order", "202", "get_order"), ("list_orders", "200", "list_orders"),
+                ("open_account", "201", "deposit"), ("open_account", "201", "balance"),
+                ("newest_notification", "200", "notifications_socket"),
+                ("newest_notification", "200", "list_notifications"),
+                ("socket_ticket", "201", "notifications_socket")},
+}
+
+
+def test_each_document_links_answers_to_operations_by_a_parameter_and_field_that_exist(apps):
+    """A response's field that another operation takes (a placed order's `id`, the `order_id` of
+    GET /orders/{order_id}) is linked to it: each link names an operation of the document by its
+    operationId, parameters that operation takes, each given a field of the answer."""
+    for service, app in apps.items():
+        document = _served_document(app)
+        assert link_faults(document) == [], service
+        assert {(document["paths"][path][method]["operationId"], status, link["operationId"])
+                for method, path, status, _, link in links(document)} == LINKED[service], service
+
+
+def test_a_link_is_at_fault_once_its_operation_parameter_or_field_is_gone(apps):
+    """(So that no link can outlive what it names.)"""
+    document = _served_document(apps["orders"])
+    placed = document["paths"]["/orders"]["post"]["responses"]["202"]["links"]
+    sound = placed["GetOrder"]
+    for rotten, fault in (
+            ({**sound, "operationId": "read_order"}, "no operation 'read_order'"),
+            ({**sound, "parameters": {"id": "$response.body#/id"}}, "takes no 'id'"),
+            ({**sound, "parameters": {"query.order_id": "$response.body#/id"}},
+             "takes no 'query.order_id'"),
+            ({**sound, "parameters": {"order_id": "$response.body#/order_id"}},
+             "'$response.body#/order_id' names no field"),
+            ({**sound, "parameters": {"order_id": "$response.body#/id/0"}},
+             "'$response.body#/id/0' names no field"),
+            ({**sound, "parameters": {"order_id": "$request.body#/id"}},
+             "'$request.body#/id' names no field")):
+        placed["GetOrder"] = rotten
+        assert [fault in found for found in link_faults(document)] == [True], rotten
+    placed["GetOrder"] = {**sound, "parameters": {"path.order_id": "$response.body#/id"}}
+    assert link_faults(document) == []
+
+
+def test_a_services_links_lead_where_they_say(apps):
+    """Each link of a service's document followed from an answer of its operation: the order
+    placed is read by its id, the next page of orders is the one after, and the account opened is
+    topped up and read."""
+    user = {"signed_as": f"user-{uuid.uuid4().hex[:10]}"}
+    orders, document = apps["orders"].test_client(), _served_document(apps["orders"])
+    placed = [orders.post("/orders", json=BODIES["PlaceOrder"](), **user) for _ in range(2)]
+    assert [answer.status_code for answer in placed] == [202, 202]
+    link = document["paths"]["/orders"]["post"]["responses"]["202"]["links"]["GetOrder"]
+    read = link_followed(orders, document, link, placed[1], **user)
+    assert (read.status_code, read.get_json()) == (200, placed[1].get_json())
+    first_page = orders.get("/orders?limit=1", **user)
+    link = document["paths"]["/orders"]["get"]["responses"]["200"]["links"]["NextPage"]
+    next_page = link_followed(orders, document, link, first_page, **user)
+    assert next_page.status_code == 200
+    assert [order["id"] for order in next_page.get_json()["items"]] == [placed[0].get_json()["id"]]
+    payments, document = apps["payments"].test_client(), _served_document(apps["payments"])
+    opened = payments.post("/accounts", **user)
+    assert opened.status_code == 201
+    opened_links = document["paths"]["/accounts"]["post"]["responses"]["201"]["links"]
+    topped_up = link_followed(payments, document, opened_links["Deposit"], opened,
+                              body=BODIES["Deposit"](), **user)
+    balance = link_followed(payments, document, opened_links["GetBalance"], opened, **user)
+    assert (topped_up.status_code, balance.status_code) == (200, 200)
+    assert balance.get_json() == {"user_id": user["signed_as"], "balance": "1.00"}
 
 
 def test_every_app_answers_health_as_its_document_says(apps, settings):
