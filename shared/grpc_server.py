@@ -138,6 +138,12 @@ class _Received:
 # set by add_servicer's behaviours for serve_call's check of the caller's signature.
 _being_served: contextvars.ContextVar[tuple[str, bytes]] = contextvars.ContextVar(
     "hseshop_grpc_call_signed")
+# The call's metadata as _metadata_as_headers gives it, joined once a call: by CallLogInterceptor
+# as the call arrives, for serve_call. grpcio runs a call's interceptors and its behaviour in one
+# contextvars.Context of that call's own (since 1.60: grpc/grpc#34291), so a call reads its own
+# metadata there, and never another call's.
+_call_metadata: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
+    "hseshop_grpc_call_metadata")
 
 
 def add_servicer(server: grpc.Server, servicer: Any, messages: ModuleType, service: str) -> str:
@@ -217,7 +223,7 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
     """Run `operation(user_id)` for one call of `request`, as an HTTP route runs for one request.
     `location`: where the HTTP API reads what the request holds (its body, or its "query"), under
     which a validation error's messages are filed, as there."""
-    metadata = _metadata_as_headers(context.invocation_metadata())
+    metadata = _call_metadata.get()  # (set for a server build_server builds)
     request_id = sane_request_id(metadata.get(REQUEST_ID_HEADER.lower()))
     with app.app_context(), request_id_bound(request_id):
         try:
@@ -289,10 +295,12 @@ class CallLogInterceptor(grpc.ServerInterceptor):
     """One log line per call, as it arrives (before its identity is checked, on the server's own
     thread), with the request id the gateway sent: the gRPC access log. What the caller wrote is
     logged as the HTTP access log logs it: the method with its control characters escaped (a
-    line break in it wrote a log line of the caller's making), and the id only if it is sane."""
+    line break in it wrote a log line of the caller's making), and the id only if it is sane.
+    The call's metadata, joined, is kept for serve_call (_call_metadata)."""
 
     def intercept_service(self, continuation, handler_call_details):
         metadata = _metadata_as_headers(handler_call_details.invocation_metadata)
+        _call_metadata.set(metadata)
         with request_id_bound(given_request_id_if_sane(metadata.get(REQUEST_ID_HEADER.lower()))):
             log.info("gRPC %s", escaped_in_logs(handler_call_details.method))
         return continuation(handler_call_details)
@@ -384,4 +392,9 @@ def main(argv: list[str] | None = None) -> int | None:
 
 if __name__ == "__main__":
     from shared.quiet_interrupt import run_main
-    run_main(main)
+
+    # The main of the module as the services import it (orders_app.grpc_api), not of this copy
+    # run as `__main__`: one module serves, so that what CallLogInterceptor keeps for a call is
+    # what serve_call reads (each copy has a _call_metadata of its own).
+    from shared.grpc_server import main as main_of_the_module
+    run_main(main_of_the_module)

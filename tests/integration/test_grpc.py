@@ -414,6 +414,32 @@ def test_metadata_signed_for_one_call_is_refused_on_another(grpc_targets):
     assert payments.Deposit(deposit, metadata=signed_deposit, timeout=5).balance == "1.00"
 
 
+def test_a_calls_metadata_is_joined_once_and_read_by_that_call_alone(grpc_targets, monkeypatch):
+    """The access log's interceptor joins a call's metadata (shared.grpc_server._call_metadata)
+    and the call is served with that, not joined again; calls served at once, each by a user of
+    its own, are each answered for their own user (a call never reads another's metadata)."""
+    from shared.protos import payments_pb2, payments_pb2_grpc
+
+    joined, join = [], grpc_server._metadata_as_headers
+
+    def counted(metadata):
+        joined.append(metadata)
+        return join(metadata)
+
+    monkeypatch.setattr(grpc_server, "_metadata_as_headers", counted)
+    payments = payments_pb2_grpc.PaymentsStub(grpc.insecure_channel(grpc_targets["payments"]))
+    users = [f"own-{uuid.uuid4().hex[:8]}" for _ in range(2 * grpc_server.SERVER_THREADS)]
+    opening = payments_pb2.OpenAccountRequest()
+
+    def opened(user_id: str) -> str:
+        return payments.OpenAccount(opening, timeout=10, metadata=grpc_signed(
+            user_id, f"{PAYMENTS}/OpenAccount", opening)).user_id
+
+    with futures.ThreadPoolExecutor(len(users)) as calling:
+        assert list(calling.map(opened, users)) == users
+    assert len(joined) == len(users)
+
+
 # A PlaceOrderRequest whose description (field 2) holds the byte 0xff: no UTF-8 string.
 UNDECODABLE_PLACE_ORDER = b"\x0a\x0530.00\x12\x01\xff"
 
