@@ -1381,12 +1381,12 @@ def test_swagger_ui_runs_under_the_pages_policy_and_tries_an_order_out_with_a_st
             "  entry => entry.name.endsWith('/swagger-ui-bundle.js'));")
         assert bundle["encodedBodySize"] < bundle["decodedBodySize"] / 2, bundle  # (gzipped)
         if base == stack.orders_url:
-            operation = browser.find_element(By.ID, "operations-orders-post_orders")
+            operation = browser.find_element(By.ID, "operations-orders-place_order")
             operation.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
             wait.until(lambda _: operation.find_elements(By.CSS_SELECTOR, ".opblock-body"))
             assert operation.find_elements(By.CSS_SELECTOR, ".try-out__btn") == []
     # (the gateway's, the last opened)
-    operation = browser.find_element(By.ID, "operations-shop-post_api_orders")
+    operation = browser.find_element(By.ID, "operations-shop-place_order")
     operation.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
     wait.until(lambda _: operation.find_element(By.CSS_SELECTOR, ".try-out__btn")).click()
     body = wait.until(lambda _: operation.find_element(By.CSS_SELECTOR,
