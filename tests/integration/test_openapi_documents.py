@@ -104,6 +104,38 @@ def test_each_document_links_answers_to_operations_by_a_parameter_and_field_that
                 for method, path, status, _, link in links(document)} == LINKED[service], service
 
 
+# Each document's operations and the operationId each is named by, its view's name: a contract
+# (a generated client's method names, Swagger UI's deep links, /docs#/shop/place_order), changed
+# only as README says.
+OPERATION_IDS = {
+    "orders": {("get", "/health", "health"), ("post", "/orders", "place_order"),
+               ("get", "/orders", "list_orders"), ("get", "/orders/{order_id}", "get_order")},
+    "payments": {("post", "/accounts", "open_account"), ("get", "/accounts/balance", "balance"),
+                 ("post", "/accounts/deposit", "deposit"), ("get", "/health", "health")},
+    "gateway": {("post", "/api/accounts", "open_account"),
+                ("get", "/api/accounts/balance", "balance"),
+                ("post", "/api/accounts/deposit", "deposit"),
+                ("post", "/api/auth/login", "login"), ("post", "/api/auth/logout", "logout"),
+                ("post", "/api/auth/logout/everywhere", "logout_everywhere"),
+                ("post", "/api/auth/register", "register"),
+                ("get", "/api/notifications", "list_notifications"),
+                ("get", "/api/notifications/newest", "newest_notification"),
+                ("post", "/api/notifications/tickets", "socket_ticket"),
+                ("get", "/api/notifications/ws", "notifications_socket"),
+                ("post", "/api/orders", "place_order"), ("get", "/api/orders", "list_orders"),
+                ("get", "/api/orders/{order_id}", "get_order"), ("get", "/health", "health")},
+}
+
+
+def test_each_documents_operations_are_named_as_the_contract_has_them(apps):
+    """Every operation of each document, by method and path, with the operationId it is named by
+    (its view's name), no more and no other."""
+    for service, app in apps.items():
+        document = _served_document(app)
+        assert {(method, path, document["paths"][path][method]["operationId"])
+                for method, path in operations(document)} == OPERATION_IDS[service], service
+
+
 def test_a_link_is_at_fault_once_its_operation_parameter_or_field_is_gone(apps):
     """(So that no link can outlive what it names.)"""
     document = _served_document(apps["orders"])
