@@ -223,7 +223,11 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
     """Run `operation(user_id)` for one call of `request`, as an HTTP route runs for one request.
     `location`: where the HTTP API reads what the request holds (its body, or its "query"), under
     which a validation error's messages are filed, as there."""
-    metadata = _call_metadata.get()  # (set for a server build_server builds)
+    metadata = _call_metadata.get(None)
+    if metadata is None:  # (a server built without it: build_server's have it)
+        log.error("a gRPC call served without CallLogInterceptor, which keeps the call's metadata"
+                  " for serve_call: its server is to be built by build_server; answered INTERNAL")
+        context.abort(grpc.StatusCode.INTERNAL, "The call was served without CallLogInterceptor.")
     request_id = sane_request_id(metadata.get(REQUEST_ID_HEADER.lower()))
     with app.app_context(), request_id_bound(request_id):
         try:

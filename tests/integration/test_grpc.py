@@ -440,6 +440,34 @@ def test_a_calls_metadata_is_joined_once_and_read_by_that_call_alone(grpc_target
     assert len(joined) == len(users)
 
 
+def test_a_call_to_a_server_built_without_the_call_log_interceptor_is_internal_and_says_why(
+        orders_flask_app, caplog):
+    """serve_call reads the metadata CallLogInterceptor kept: a server built without it (not by
+    build_server) answers every call INTERNAL, its log saying why, where a LookupError out of
+    serve_call was answered UNKNOWN with a traceback naming a context variable."""
+    from orders_app import grpc_api
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    grpc_api.register(server, orders_flask_app)
+    bind = f"127.0.0.1:{free_port()}"
+    assert server.add_insecure_port(bind) != 0
+    server.start()
+    place = orders_pb2.PlaceOrderRequest(amount="30.00", description="x")
+    try:
+        with grpc.insecure_channel(bind) as channel, pytest.raises(grpc.RpcError) as refused:
+            orders = orders_pb2_grpc.OrdersStub(channel)
+            orders.PlaceOrder(place, timeout=5,
+                              metadata=grpc_signed("alice", f"{ORDERS}/PlaceOrder", place))
+    finally:
+        server.stop(grace=None)
+    assert (refused.value.code(), refused.value.details()) == (
+        grpc.StatusCode.INTERNAL, "The call was served without CallLogInterceptor.")
+    said = [record for record in caplog.records if record.name == "shared.grpc_server"]
+    assert [(record.levelno, record.getMessage().split(":")[0]) for record in said] == [
+        (logging.ERROR, "a gRPC call served without CallLogInterceptor, which keeps the call's"
+                        " metadata for serve_call")]
+
+
 # A PlaceOrderRequest whose description (field 2) holds the byte 0xff: no UTF-8 string.
 UNDECODABLE_PLACE_ORDER = b"\x0a\x0530.00\x12\x01\xff"
 
