@@ -1232,41 +1232,13 @@ def _relay_task_leading(sent_by_leader: list) -> Iterator:
     assert not leader.is_alive()
 
 
-def test_a_lead_that_ends_leaves_its_worker_no_producer_running(orders_flask_app, user_id):
-    """A worker's app is kept for the process, never closed: the producer its relay sent through
-    is closed as the lead ends (here, as the worker stops), its threads with it, though the
-    publisher stays for the next lead."""
-    from tasks import relay
-
-    worker_app = service_app("orders")
-    worker_app.extensions.pop(relay._PUBLISHER, None)  # (an earlier test's)
-    gc.collect()  # (clients of earlier tests let go)
-    threads_before = librdkafka_threads()
-    sent_by_leader: list = []
-    leader = _relay_run_in_a_thread(sent_by_leader)
-    try:
-        wait_for(lambda: "orders" in relay._leading, timeout=10, what="the relay to lead")
-        with orders_flask_app.app_context():
-            order_id = _place(user_id).id
-            _wait_until_sent([order_id])
-        assert librdkafka_threads() > threads_before  # (its producer's)
-    finally:
-        relay._stop_leading()
-        leader.join(10)
-        relay._stopping.clear()
-    try:
-        assert not leader.is_alive() and sent_by_leader[0] >= 1
-        assert relay._PUBLISHER in worker_app.extensions
-        assert librdkafka_threads() == threads_before
-    finally:
-        worker_app.extensions.pop(relay._PUBLISHER, None)
-
-
-def test_a_lead_that_lost_its_database_keeps_its_producer_for_the_next(
-        orders_flask_app, settings, user_id):
-    """The broker answering, a new producer would only cost the next lead its wait for an
-    idempotent producer id (about 0.5 s) before its first batch: the lead that lost its
-    database connection leaves the producer it sent through running."""
+@contextmanager
+def _a_lead_that_sent_an_order(orders_flask_app, user_id) -> Iterator[tuple[threading.Thread,
+                                                                         list, int]]:
+    """relay_outbox for orders leading in a thread through a publisher of its own (an earlier
+    test's let go), once it has sent an order: yields the run, the list what it returns goes to,
+    and how many librdkafka threads ran before it; on the way out the run is stopped and joined,
+    and its publisher let go."""
     from tasks import relay
 
     worker_app = service_app("orders")
@@ -1279,15 +1251,39 @@ def test_a_lead_that_lost_its_database_keeps_its_producer_for_the_next(
         wait_for(lambda: "orders" in relay._leading, timeout=10, what="the relay to lead")
         with orders_flask_app.app_context():
             _wait_until_sent([_place(user_id).id])
-        _end_the_leaders_session(settings)
-        run.join(10)
-        assert not run.is_alive() and outcome == [0]
-        assert librdkafka_threads() > threads_before  # (its producer's, still running)
+        yield run, outcome, threads_before
     finally:
         relay._stop_leading()
         run.join(10)
         relay._stopping.clear()
         worker_app.extensions.pop(relay._PUBLISHER, None)
+
+
+def test_a_lead_that_ends_leaves_its_worker_no_producer_running(orders_flask_app, user_id):
+    """A worker's app is kept for the process, never closed: the producer its relay sent through
+    is closed as the lead ends (here, as the worker stops), its threads with it, though the
+    publisher stays for the next lead."""
+    from tasks import relay
+
+    with _a_lead_that_sent_an_order(orders_flask_app, user_id) as (run, outcome, threads_before):
+        assert librdkafka_threads() > threads_before  # (its producer's)
+        relay._stop_leading()
+        run.join(10)
+        assert not run.is_alive() and outcome[0] >= 1
+        assert relay._PUBLISHER in service_app("orders").extensions
+        assert librdkafka_threads() == threads_before
+
+
+def test_a_lead_that_lost_its_database_keeps_its_producer_for_the_next(
+        orders_flask_app, settings, user_id):
+    """The broker answering, a new producer would only cost the next lead its wait for an
+    idempotent producer id (about 0.5 s) before its first batch: the lead that lost its
+    database connection leaves the producer it sent through running."""
+    with _a_lead_that_sent_an_order(orders_flask_app, user_id) as (run, outcome, threads_before):
+        _end_the_leaders_session(settings)
+        run.join(10)
+        assert not run.is_alive() and outcome == [0]
+        assert librdkafka_threads() > threads_before  # (its producer's, still running)
 
 
 def _wait_until_sent(order_ids) -> None:
