@@ -1221,7 +1221,7 @@ def _relay_task_leading(sent_by_leader: list) -> Iterator:
 
     leader = _relay_run_in_a_thread(sent_by_leader)
     try:
-        wait_for(lambda: "orders" in relay._leading, timeout=10, what="the relay to lead")
+        _wait_until_leading(relay, leader, sent_by_leader)
         yield relay
     finally:
         relay._stop_leading()
@@ -1230,6 +1230,32 @@ def _relay_task_leading(sent_by_leader: list) -> Iterator:
         # The worker's producer goes with its publisher, before the session's broker stops.
         service_app("orders").extensions.pop(relay._PUBLISHER, None)
     assert not leader.is_alive()
+
+
+def _wait_until_leading(relay, run: threading.Thread, outcome: list) -> None:
+    """Wait for `run` to lead orders' relay; a run that returned without leading fails at once,
+    saying what the relay was in: stopping, sitting out, or the leader lock taken (and by which
+    session, if one still holds it: a lock taken when the run asked and free now was a session's
+    still ending)."""
+    wait_for(lambda: "orders" in relay._leading or not run.is_alive(), timeout=10,
+             what="the relay to lead")
+    assert "orders" in relay._leading, (
+        f"the run returned {outcome} without leading: stopping={relay._stopping.is_set()},"
+        f" sitting out until {relay._sitting_out.get('orders')} (now {time.monotonic():.1f}),"
+        f" the leader lock now held by {_leader_lock_holders()}")
+
+
+def _leader_lock_holders() -> list[tuple]:
+    """The sessions that hold the relay leader's lock on the orders database, as pg_stat_activity
+    has them."""
+    settings = service_app("orders").extensions["hseshop.settings"]
+    with closing(psycopg2.connect(driver_dsn(settings.database_url("orders")))) as watcher:
+        with watcher.cursor() as cursor:
+            cursor.execute("SELECT a.pid, a.application_name, a.backend_start, a.state,"
+                           " left(a.query, 80) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                           " WHERE l.locktype = 'advisory' AND l.granted AND l.database ="
+                           " (SELECT oid FROM pg_database WHERE datname = current_database())")
+            return cursor.fetchall()
 
 
 @contextmanager
@@ -1248,7 +1274,7 @@ def _a_lead_that_sent_an_order(orders_flask_app, user_id) -> Iterator[tuple[thre
     outcome: list = []
     run = _relay_run_in_a_thread(outcome)
     try:
-        wait_for(lambda: "orders" in relay._leading, timeout=10, what="the relay to lead")
+        _wait_until_leading(relay, run, outcome)
         with orders_flask_app.app_context():
             _wait_until_sent([_place(user_id).id])
         yield run, outcome, threads_before
