@@ -36,6 +36,7 @@ class RelayLeaderConnection:
     def __init__(self, database_url: str,
                  idle_timeout_seconds: float = LEADER_IDLE_TIMEOUT_SECONDS):
         self._connection = psycopg2.connect(driver_dsn(database_url))
+        self._leads = False
         try:
             self._set_up(idle_timeout_seconds)
         except psycopg2.Error:
@@ -65,6 +66,7 @@ class RelayLeaderConnection:
             cursor.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LEADER_LOCK_KEY,))
             if not cursor.fetchone()[0]:
                 return False
+            self._leads = True
             cursor.execute(f'LISTEN "{OUTBOX_CHANNEL}"')
         return True
 
@@ -90,7 +92,23 @@ class RelayLeaderConnection:
             return question(cursor, *args)
 
     def close(self) -> None:
-        self._connection.close()  # the lock and the LISTEN end with the session
+        """End the session, the LISTEN and the lead with it; the lock is free once this returns.
+
+        The session's end alone lets go of the lock only as the server gets to it, after the
+        client has gone and once the session's own things are dropped (its temporary tables,
+        say): a relay asking for the lock meanwhile found it taken, and returned without leading.
+        So a leader lets go of the lock first, while its connection still answers (one that does
+        not has lost its session, and the lock with it; a database gone silent holds this up as
+        it would any statement, shared.db.CONNECTION_TIMEOUTS)."""
+        try:
+            if self._leads and not self._connection.closed:
+                with self._connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(%s)", (RELAY_LEADER_LOCK_KEY,))
+        except psycopg2.Error:
+            pass
+        finally:
+            self._leads = False
+            self._connection.close()
 
     def __enter__(self) -> RelayLeaderConnection:
         return self

@@ -1713,6 +1713,22 @@ def test_a_leader_that_stops_without_closing_its_session_loses_the_lead(in_order
             wait_for(successor.lead, timeout=10, what="the stalled leader's session to end")
 
 
+def test_a_closed_leaders_lock_is_free_as_close_returns(in_orders, settings):
+    """The server ends a session after its client has gone, and drops the session's own things
+    (here, many temporary tables) before it lets go of its locks: a leader that let go of its lock
+    only with its session left it taken a while after close(), and a relay that asked meanwhile
+    (the next run, straight after a step-down) found it taken and did not lead."""
+    url = settings.database_url("orders")
+    with RelayLeaderConnection(url) as leader:
+        assert leader.lead()
+        with leader.cursor() as cursor:
+            cursor.execute("DO $$ BEGIN FOR i IN 1..1000 LOOP"
+                           " EXECUTE format('CREATE TEMPORARY TABLE dropped_at_exit_%s ()', i);"
+                           " END LOOP; END $$")
+    with RelayLeaderConnection(url) as successor:
+        assert successor.lead()
+
+
 def test_a_leader_whose_session_the_database_ends_stops_leading_and_the_next_run_leads(
         orders_flask_app, settings, user_id):
     """Its session ended by the server (a restart, an operator's pg_terminate_backend), the lock
