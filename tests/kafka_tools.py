@@ -10,12 +10,28 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from tests.polling import wait_for
+
 
 def librdkafka_threads() -> int:
     """This process's librdkafka threads (named rdk:...): every client has some until it is
     destroyed."""
-    return sum(comm.read_text().startswith("rdk:")
+    return sum(_thread_name(comm).startswith("rdk:")
                for comm in Path("/proc/self/task").glob("*/comm"))
+
+
+def _thread_name(comm: Path) -> str:
+    try:
+        return comm.read_text()
+    except OSError:  # (a thread that ended since its task was listed)
+        return ""
+
+
+def wait_for_librdkafka_threads(count: int, timeout: float = 5.0) -> None:
+    """Wait until `count` librdkafka threads run: a thread joined as its client was destroyed can
+    still be listed under /proc/self/task for a moment after the join returned."""
+    wait_for(lambda: librdkafka_threads() == count, timeout=timeout,
+             what=f"this process's librdkafka threads to be {count}")
 
 
 def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 20.0) -> list:

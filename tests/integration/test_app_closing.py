@@ -21,7 +21,7 @@ from shared.app_closing import close_app
 from shared.cache import CACHE_EXTENSION
 from shared.db import db, driver_dsn
 from shared.single_use_signatures import SINGLE_USE_SIGNATURES_EXTENSION
-from tests.kafka_tools import librdkafka_threads
+from tests.kafka_tools import librdkafka_threads, wait_for_librdkafka_threads
 from tests.polling import wait_for
 
 
@@ -128,4 +128,4 @@ def test_a_closed_app_keeps_no_outbox_producer(settings):
         assert relay._publisher("orders").send_batch([]) == {}  # (its producer made)
     assert librdkafka_threads() > threads_before
     close_app(app)
-    assert librdkafka_threads() == threads_before
+    wait_for_librdkafka_threads(threads_before)

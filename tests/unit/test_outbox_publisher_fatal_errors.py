@@ -14,7 +14,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from shared.config import load_settings
 from shared.outbox.publishing import OutboxPublisher
-from tests.kafka_tools import librdkafka_threads, read_topic
+from tests.kafka_tools import librdkafka_threads, read_topic, wait_for_librdkafka_threads
 from tests.librdkafka_mock import INIT_PRODUCER_ID, PRODUCE, MockCluster
 from tests.polling import wait_for
 
@@ -80,7 +80,7 @@ def test_a_producer_replaced_after_a_fatal_error_is_let_go_with_its_threads(clus
         assert librdkafka_threads() > threads_before  # (the producer's)
         cluster.answer_next_requests_with(PRODUCE, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER)
         assert publisher.send_batch(_rows(first + 2, first + 2))
-        assert librdkafka_threads() == threads_before
+        wait_for_librdkafka_threads(threads_before)
 
 
 def test_a_producer_failed_fatally_after_its_last_batch_is_closed_with_a_warning_not_an_error(
@@ -102,7 +102,7 @@ def test_a_producer_failed_fatally_after_its_last_batch_is_closed_with_a_warning
         publisher.close()
     (said,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "orders" in said and "OUT_OF_ORDER_SEQUENCE_NUMBER" in said
-    assert librdkafka_threads() == threads_before
+    wait_for_librdkafka_threads(threads_before)
 
 
 def _failed_fatally(producer) -> bool:
