@@ -87,10 +87,11 @@ def unanswering_target() -> Iterator[str]:
     lambda target: HoldingProxy(target, b"never sent", each_connection=True),
 ], ids=["SilencingProxy", "HoldingProxy", "HoldingProxy_each_connection"])
 def test_a_proxy_whose_target_never_answers_closes_its_clients_connection(unanswering_target,
-                                                                          make):
+                                                                          make, monkeypatch):
     """As a real proxy does, after CONNECT_TIMEOUT_S, where its thread waited in connect() for
     the kernel's SYN retries (two minutes), the client's connection open all the while (and
     close() failed waiting for it, where that was its accepting thread)."""
+    monkeypatch.setattr("tests.network_tools.CONNECT_TIMEOUT_S", 0.5)  # (3 s a case otherwise)
     proxy = make(unanswering_target)
     try:
         with socket.create_connection(proxy.accepting.listener.getsockname(), timeout=5) as client:
