@@ -23,5 +23,7 @@ class OperationIdsOfViews(BasePlugin):
     documents."""
 
     def operation_helper(self, path=None, operations=None, rule=None, **kwargs) -> None:
+        if rule is None:  # (a path documented by hand, spec.path(...) with no rule: named there)
+            return
         for operation in operations.values():
             operation.setdefault("operationId", rule.endpoint.rpartition(".")[2])
