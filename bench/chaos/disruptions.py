@@ -175,45 +175,53 @@ class Disruptor:
     def _restart_redis(self) -> None:
         """The stack's own Redis SIGKILLed and, after a pause, started again on its port, empty
         (it keeps nothing on disk): every queued Celery task, cached read, rate count and
-        signature note gone, and every client's connection broken. Waited for until it answers,
-        so that nothing else is disrupted meanwhile. One that cannot start again fails the run,
-        saying why: its port taken meanwhile (by another run's Redis, which would answer in its
-        place: found open before the start, or answering as another process after it)."""
+        signature note gone, and every client's connection broken. Started again through
+        start_own_redis_again, so that nothing else is disrupted until it answers, and one that
+        cannot start again fails the run, saying why."""
         if self.redis_url is None:
             raise RuntimeError(f"{REDIS_RESTART}: the stack runs no Redis of its own")
-        redis = self.processes["redis"]
-        port = urlsplit(self.redis_url).port
-        if not self._kill_and_restart(redis, self.plan.redis_down_seconds,
-                                      before_start=lambda: fail_if_port_taken(port, "Redis")):
-            return
-        try:
-            wait_for_redis_of_its_own(redis, self.redis_url, REDIS_ANSWERS_WITHIN_SECONDS)
-        except RuntimeError:
-            # Stopped with the stack (Ctrl-C) while it was waited for: no failure of the run's,
-            # and one raised would take the KeyboardInterrupt's place on its way up (run_chaos).
-            if redis.alive() or redis.died():
-                raise
-            self.say(f"{redis.name} left stopped: the stack is stopping")
-            return
-        self.say(f"redis started again on {self.redis_url}, empty, answering")
+        redis, url = self.processes["redis"], self.redis_url
+        if self._kill_and_restart(redis, self.plan.redis_down_seconds,
+                                  start=lambda: start_own_redis_again(redis, url,
+                                                                      self.start_again)):
+            self.say(f"redis started again on {url}, empty, answering")
 
     def _kill_and_restart(self, process: ManagedProcess,
                           down_for: tuple[float, float] | None = None,
-                          before_start: Callable[[], None] | None = None) -> bool:
+                          start: Callable[[], bool] | None = None) -> bool:
         """SIGKILL the process's group, and start it again after a pause drawn from `down_for`
-        (the plan's restart_after by default), `before_start` called first (to raise if it may
-        not be); False if it was left stopped."""
+        (the plan's restart_after by default), through `start` (self.start_again by default;
+        False if it started nothing, the stack stopping); False if it was left stopped."""
         process.kill()
         while process.alive():
             time.sleep(0.02)
         self.say(f"SIGKILL {process.name}")
         # Not started again once the run or the stack is stopping: the stack's stop may have
-        # passed it (the run starts again what is down before it settles).
+        # passed it (the run starts again what is down before it settles, start_the_dead).
         if self._stop.wait(self.rng.uniform(*(down_for or self.plan.restart_after))):
             return False
-        if before_start is not None:
-            before_start()
-        if not self.start_again(process):
+        if not (start() if start is not None else self.start_again(process)):
             self.say(f"{process.name} left stopped: the stack is stopping")
             return False
         return True
+
+
+def start_own_redis_again(redis: ManagedProcess, url: str,
+                          start_again: Callable[[ManagedProcess], bool]) -> bool:
+    """The stack's own Redis, down, started again on its port (`url`'s) through `start_again`
+    (Stack.start_again), and waited for until it answers as itself; False if it was left stopped,
+    the stack stopping (Ctrl-C) before or while it was waited for (no failure of the run's, and
+    one raised would take the KeyboardInterrupt's place on its way up, run_chaos). Raises, saying
+    why, if it cannot start again: its port taken (by another run's Redis, which would answer in
+    its place: found open before the start, or answering as another process after it), or it
+    exiting of itself."""
+    fail_if_port_taken(urlsplit(url).port, "Redis")
+    if not start_again(redis):
+        return False
+    try:
+        wait_for_redis_of_its_own(redis, url, REDIS_ANSWERS_WITHIN_SECONDS)
+    except RuntimeError:
+        if redis.alive() or redis.died():
+            raise
+        return False
+    return True

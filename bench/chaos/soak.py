@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
-from bench.chaos.disruptions import Disruptor
+from bench.chaos.disruptions import Disruptor, start_own_redis_again
 from bench.chaos.invariants import check, settle
 from bench.chaos.load import Load
 from bench.chaos.plan import SCALED_OUT, ChaosPlan
@@ -54,7 +54,7 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
                 disruptor.stop()
                 # Before the load's stop, which waits for its requests' retries: those to a
                 # process down would wait out their patience, and a deposit go unconfirmed.
-                start_the_dead(processes, stack.start_again, say)
+                start_the_dead(processes, stack.start_again, stack.own_redis_url, say)
             finally:
                 offered = load.stop()
                 seconds = time.monotonic() - began
@@ -70,16 +70,19 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
 
 
 def start_the_dead(processes: dict[str, ManagedProcess],
-                   start_again: Callable[[ManagedProcess], bool],
+                   start_again: Callable[[ManagedProcess], bool], redis_url: str,
                    say: Callable[[str], None]) -> None:
     """Start again each process down: died of itself, or killed as the disruptions stopped (the
     disruptor starts again the others it kills). Through `start_again` (Stack.start_again), which
     starts nothing once the stack is stopping: this runs as a Ctrl-C's KeyboardInterrupt goes by
     too, after the stop it came with has stopped every process, and a process started then would
-    be the group's no more, left running with no one to stop it."""
-    for process in processes.values():
+    be the group's no more, left running with no one to stop it. The stack's own Redis (`redis`,
+    on `redis_url`) as the disruptor starts it again (start_own_redis_again): never another run's
+    Redis on its port taken for it, one that cannot start raising why."""
+    for name, process in processes.items():
         if not process.alive():
-            started = start_again(process)
+            started = (start_own_redis_again(process, redis_url, start_again) if name == "redis"
+                       else start_again(process))
             say(f"{process.name} not running: {'started again' if started else 'left stopped'}")
 
 

@@ -17,8 +17,9 @@ import redis
 
 from bench.chaos.disruptions import Disruptor
 from bench.chaos.plan import REDIS_RESTART, ChaosPlan
-from bench.chaos.soak import run_chaos
-from devstack.infra import free_port, port_open, redis_process_id, start_embedded_redis
+from bench.chaos.soak import run_chaos, start_the_dead
+from devstack.infra import (free_port, port_open, redis_process_id, start_embedded_redis,
+                            wait_until)
 from devstack.processes import ManagedProcess, ProcessGroup
 from devstack.stack import DEFAULT_PORTS, Stack
 from tests.process_tools import gone
@@ -139,6 +140,62 @@ def test_a_redis_that_dies_of_itself_as_it_starts_again_fails_the_restart(tmp_pa
             disruptor._disrupt(REDIS_RESTART)
     finally:
         group.stop_all()
+
+
+def _a_dead_redis(tmp_path):
+    """A Redis of its own, killed (as the disruptions stop, left down), on its group; its URL."""
+    group = ProcessGroup(handle_signals=False)
+    url, server = start_embedded_redis(tmp_path, free_port())
+    group.add(server)
+    server.kill()
+    wait_until(lambda: not server.alive(), 10, what="redis to die")
+    return group, url, server
+
+
+def test_the_dead_redis_is_started_again_by_the_run_answering_as_itself(tmp_path):
+    group, url, server = _a_dead_redis(tmp_path)
+    said: list[str] = []
+    try:
+        start_the_dead({"redis": server}, group.start_again, url, said.append)
+        assert redis_process_id(url) == server.pid  # (answering already, as the settle begins)
+    finally:
+        group.stop_all()
+    assert said == ["redis not running: started again"]
+
+
+def test_another_redis_on_the_dead_ones_port_fails_the_run_and_ours_is_not_started(tmp_path):
+    """Another run's Redis, having taken the port while ours was down, would answer the settle and
+    the checks in its place: the run fails saying so."""
+    group, url, server = _a_dead_redis(tmp_path)
+    port = urlsplit(url).port
+    other = start_embedded_redis(tmp_path / "other", port)[1]
+    try:
+        with pytest.raises(RuntimeError, match=f"port {port} is already in use; cannot start"):
+            start_the_dead({"redis": server}, group.start_again, url, lambda message: None)
+        assert not server.alive()
+    finally:
+        group.stop_all()
+        other.stop()
+
+
+def test_another_redis_answering_once_the_dead_one_is_started_again_fails_the_run(tmp_path):
+    """Ours started again (a stand-in that never answers), and another run's Redis on the port,
+    taken just after it was found free: the other's answers are not ours."""
+    group, url, server = _a_dead_redis(tmp_path)
+    others: list[ManagedProcess] = []
+
+    def start_again_after_another(process: ManagedProcess) -> bool:
+        others.append(start_embedded_redis(tmp_path / "other", urlsplit(url).port)[1])
+        process.argv = ["sleep", "60"]
+        return group.start_again(process)
+
+    try:
+        with pytest.raises(RuntimeError, match=f"another Redis .* answers on {url}, not redis"):
+            start_the_dead({"redis": server}, start_again_after_another, url, lambda message: None)
+    finally:
+        group.stop_all()
+        for other in others:
+            other.stop()
 
 
 def test_a_stack_with_a_redis_of_its_own_runs_on_it_not_on_servers_and_leaves_none_running(

@@ -97,7 +97,8 @@ def test_the_dead_are_left_stopped_once_the_stacks_stop_has_begun(tmp_path):
     said = []
     try:
         group.stop_all()
-        start_the_dead({"orders-worker": process}, group.start_again, said.append)
+        start_the_dead({"orders-worker": process}, group.start_again, "redis://127.0.0.1:6379",
+                       said.append)
         assert not process.alive()
         assert said == ["orders-worker not running: left stopped"]
     finally:
