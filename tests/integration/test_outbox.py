@@ -1768,17 +1768,8 @@ def test_a_leader_whose_session_the_database_ends_stops_leading_and_the_next_run
 def _end_the_leaders_session(settings) -> None:
     """End, as an operator's pg_terminate_backend would, the session the orders relay leads by
     (the one holding the advisory lock), once one does."""
-    with closing(psycopg2.connect(driver_dsn(settings.database_url("orders")))) as watcher:
-        watcher.autocommit = True
-
-        def leaders_session():
-            with watcher.cursor() as cursor:
-                cursor.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                               " AND database = (SELECT oid FROM pg_database"
-                               "                 WHERE datname = current_database())")
-                return cursor.fetchone()
-
-        (leader_pid,) = wait_for(leaders_session, timeout=10, what="the relay to take the lead")
+    holders = wait_for(_leader_lock_holders, timeout=10, what="the relay to take the lead")
+    leader_pid = holders[0][0]
     terminate_backend(settings.database_url("orders"), leader_pid)
 
 
