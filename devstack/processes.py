@@ -219,12 +219,19 @@ class ProcessGroup:
         self.add(process)
         return process.start()
 
-    def start_again(self, process: ManagedProcess) -> bool:
+    def start_again(self, process: ManagedProcess,
+                    before_start: Callable[[], None] | None = None) -> bool:
         """Start one of the group's processes again (killed on purpose, or died), unless the group
-        is stopping: then False, the process left stopped (stop_all may have passed it)."""
+        is stopping: then False, the process left stopped (stop_all may have passed it).
+        `before_start` (its port found free, say) runs just before the start, under the same
+        lock, once the group is known not to be stopping: what it raises goes up, the process left
+        stopped. Run before that question, its failure would rise in a stop's place (a Ctrl-C's
+        KeyboardInterrupt taken over by the error of a start the stop would have refused)."""
         with self._starting_again:
             if self._stopping or process not in self._processes:
                 return False
+            if before_start is not None:
+                before_start()
             process.start()
             return True
 

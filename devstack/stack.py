@@ -8,7 +8,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import requests
@@ -236,9 +236,11 @@ class Stack:
             raise RuntimeError("the stack has not been started")
         return self._group.start(process)
 
-    def start_again(self, process: ManagedProcess) -> bool:
-        """Start one of the stack's processes again, unless the stack is stopping (False)."""
-        return self._group is not None and self._group.start_again(process)
+    def start_again(self, process: ManagedProcess,
+                    before_start: Callable[[], None] | None = None) -> bool:
+        """Start one of the stack's processes again, unless the stack is stopping (False);
+        `before_start` run just before, once it is known not to be (ProcessGroup.start_again)."""
+        return self._group is not None and self._group.start_again(process, before_start)
 
     def stop_broker(self) -> None:
         self._require_started().stop()

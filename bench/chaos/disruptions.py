@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import psutil
@@ -23,6 +24,14 @@ from devstack.processes import ManagedProcess
 
 # How long Redis, started again, may take to answer before the run fails saying why.
 REDIS_ANSWERS_WITHIN_SECONDS = 15
+
+
+class StartAgain(Protocol):
+    """Stack.start_again (ProcessGroup.start_again): a process started again, with what is to be
+    checked just before, unless the stack is stopping (False, nothing checked nor started)."""
+
+    def __call__(self, process: ManagedProcess,
+                 before_start: Callable[[], None] | None = None) -> bool: ...
 
 
 def children(pid: int) -> list[int]:
@@ -39,7 +48,7 @@ class Disruptor:
     been dealt at least once."""
 
     def __init__(self, plan: ChaosPlan, processes: dict[str, ManagedProcess],
-                 start_again: Callable[[ManagedProcess], bool],
+                 start_again: StartAgain,
                  resend_payment_requests: Callable[[random.Random], int],
                  say: Callable[[str], None], redis_url: str | None = None):
         self.plan, self.processes, self.say = plan, processes, say
@@ -206,17 +215,17 @@ class Disruptor:
         return True
 
 
-def start_own_redis_again(redis: ManagedProcess, url: str,
-                          start_again: Callable[[ManagedProcess], bool]) -> bool:
+def start_own_redis_again(redis: ManagedProcess, url: str, start_again: StartAgain) -> bool:
     """The stack's own Redis, down, started again on its port (`url`'s) through `start_again`
     (Stack.start_again), and waited for until it answers as itself; False if it was left stopped,
     the stack stopping (Ctrl-C) before or while it was waited for (no failure of the run's, and
     one raised would take the KeyboardInterrupt's place on its way up, run_chaos). Raises, saying
     why, if it cannot start again: its port taken (by another run's Redis, which would answer in
-    its place: found open before the start, or answering as another process after it), or it
-    exiting of itself."""
-    fail_if_port_taken(urlsplit(url).port, "Redis")
-    if not start_again(redis):
+    its place: found open just before the start, or answering as another process after it), or
+    it exiting of itself. The port is looked at by start_again, once it knows the stack is not
+    stopping: looked at first, a port taken would raise in a stopping stack's False's place."""
+    port = urlsplit(url).port
+    if not start_again(redis, lambda: fail_if_port_taken(port, "Redis")):
         return False
     try:
         wait_for_redis_of_its_own(redis, url, REDIS_ANSWERS_WITHIN_SECONDS)

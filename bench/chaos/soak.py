@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
-from bench.chaos.disruptions import Disruptor, start_own_redis_again
+from bench.chaos.disruptions import Disruptor, StartAgain, start_own_redis_again
 from bench.chaos.invariants import check, settle
 from bench.chaos.load import Load
 from bench.chaos.plan import SCALED_OUT, ChaosPlan
@@ -70,7 +70,7 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
 
 
 def start_the_dead(processes: dict[str, ManagedProcess],
-                   start_again: Callable[[ManagedProcess], bool], redis_url: str,
+                   start_again: StartAgain, redis_url: str,
                    say: Callable[[str], None]) -> None:
     """Start again each process down: died of itself, or killed as the disruptions stopped (the
     disruptor starts again the others it kills). Through `start_again` (Stack.start_again), which

@@ -85,16 +85,26 @@ def test_a_redis_that_took_the_port_while_ours_was_down_fails_the_restart_and_ou
             other.stop()
 
 
+def _then_another_takes_the_port(before_start, tmp_path, url: str,
+                                 others: list[ManagedProcess]):
+    """`before_start` (the port found free), then another run's Redis started on the port, its
+    process added to `others`: the port taken between the look and the start."""
+    def check_then_take() -> None:
+        before_start()
+        others.append(start_embedded_redis(tmp_path / "other", urlsplit(url).port)[1])
+    return check_then_take
+
+
 def test_another_redis_answering_on_the_port_once_ours_is_started_again_fails_the_restart(
         tmp_path):
     """Ours started again, but not answering yet (a stand-in that never does), and another run's
     Redis on the port, taken just after it was found free: the other's answers are not ours."""
     others: list[ManagedProcess] = []
 
-    def start_again_after_another(process: ManagedProcess) -> bool:
-        others.append(start_embedded_redis(tmp_path / "other", urlsplit(url).port)[1])
+    def start_again_after_another(process: ManagedProcess, before_start) -> bool:
         process.argv = ["sleep", "60"]
-        return group.start_again(process)
+        return group.start_again(process, _then_another_takes_the_port(before_start, tmp_path,
+                                                                        url, others))
 
     disruptor, group, url, server = _restarting_redis(tmp_path, start_again_after_another)
     try:
@@ -114,8 +124,8 @@ def test_a_redis_stopped_with_the_stack_while_waited_for_is_left_stopped_and_fai
     ("redis exited with code 0") took the KeyboardInterrupt's place on its way up."""
     said: list[str] = []
 
-    def start_again_as_the_stack_stops(process: ManagedProcess) -> bool:
-        started = group.start_again(process)
+    def start_again_as_the_stack_stops(process: ManagedProcess, before_start) -> bool:
+        started = group.start_again(process, before_start)
         group.stop_all()
         return started
 
@@ -129,8 +139,8 @@ def test_a_redis_stopped_with_the_stack_while_waited_for_is_left_stopped_and_fai
 
 
 def test_a_redis_that_dies_of_itself_as_it_starts_again_fails_the_restart(tmp_path):
-    def start_again_to_die(process: ManagedProcess) -> bool:
-        started = group.start_again(process)
+    def start_again_to_die(process: ManagedProcess, before_start) -> bool:
+        started = group.start_again(process, before_start)
         os.kill(process.pid, signal.SIGKILL)
         return started
 
@@ -178,16 +188,34 @@ def test_another_redis_on_the_dead_ones_port_fails_the_run_and_ours_is_not_start
         other.stop()
 
 
+def test_a_dead_redis_is_left_stopped_once_the_stacks_stop_has_begun_whoever_holds_its_port(
+        tmp_path):
+    """start_the_dead runs as a Ctrl-C's KeyboardInterrupt goes by too: the stack stopping, its
+    Redis is left stopped, and another run's Redis on the port fails nothing, where the port's
+    error took the KeyboardInterrupt's place on its way up."""
+    group, url, server = _a_dead_redis(tmp_path)
+    other = start_embedded_redis(tmp_path / "other", urlsplit(url).port)[1]
+    said: list[str] = []
+    try:
+        group.stop_all()
+        start_the_dead({"redis": server}, group.start_again, url, said.append)
+        assert not server.alive()
+    finally:
+        group.stop_all()
+        other.stop()
+    assert said == ["redis not running: left stopped"]
+
+
 def test_another_redis_answering_once_the_dead_one_is_started_again_fails_the_run(tmp_path):
     """Ours started again (a stand-in that never answers), and another run's Redis on the port,
     taken just after it was found free: the other's answers are not ours."""
     group, url, server = _a_dead_redis(tmp_path)
     others: list[ManagedProcess] = []
 
-    def start_again_after_another(process: ManagedProcess) -> bool:
-        others.append(start_embedded_redis(tmp_path / "other", urlsplit(url).port)[1])
+    def start_again_after_another(process: ManagedProcess, before_start) -> bool:
         process.argv = ["sleep", "60"]
-        return group.start_again(process)
+        return group.start_again(process, _then_another_takes_the_port(before_start, tmp_path,
+                                                                        url, others))
 
     try:
         with pytest.raises(RuntimeError, match=f"another Redis .* answers on {url}, not redis"):

@@ -121,6 +121,33 @@ def test_a_process_is_not_started_again_once_its_group_is_stopping(tmp_path):
         process.stop()
 
 
+def test_what_is_checked_before_a_start_again_runs_only_while_the_group_is_not_stopping(
+        tmp_path):
+    """bench.chaos checks its Redis's port so: a port taken refuses the start, and once a stop
+    has begun the check is not run (its error would take the stop's KeyboardInterrupt's place)."""
+    group = ProcessGroup(handle_signals=False)
+    process = group.start(_shell(tmp_path, "sleep 60"))
+    checked = []
+
+    def port_taken() -> None:
+        checked.append(process.alive())
+        raise RuntimeError("port taken")
+
+    try:
+        process.kill()
+        wait_until(lambda: not process.alive(), 5, 0.02, "the killed process to end")
+        with pytest.raises(RuntimeError, match="port taken"):
+            group.start_again(process, port_taken)
+        assert checked == [False] and not process.alive()
+        assert group.start_again(process, lambda: checked.append(process.alive())) is True
+        assert checked == [False, False] and process.alive()
+        group.stop_all()
+        assert group.start_again(process, port_taken) is False
+        assert checked == [False, False] and not process.alive()
+    finally:
+        process.stop()
+
+
 def test_what_the_group_is_told_to_do_once_a_process_is_stopped_comes_before_the_next_stop():
     """devstack.stack lets the orders in flight settle once the processes taking requests are
     stopped, before the workers are; a stop_all that finds the process stopped already (a second
