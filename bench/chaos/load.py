@@ -1,7 +1,7 @@
 """The load: shoppers placing orders (keyed, unkeyed, a key sent again) and deposits, through the
 gateway and straight to the services' APIs, as careful clients do under failures (a keyed request
-asked again until answered), and a ledger of what the shop acknowledged, which the invariants are
-checked against."""
+asked again while its answer is transient), and a ledger of what the shop acknowledged, which the
+invariants are checked against."""
 
 from __future__ import annotations
 
@@ -49,9 +49,10 @@ AMBIGUOUS_STATUSES = (502, 504)
 
 
 def transient(status: int | str) -> bool:
-    """Whether a deposit's answer is one a careful client asks again after: none (the name of
-    the exception that stood for one), a 5xx, a 429 or a 408 (the request's reading timed out).
-    Any other (a 422, a 401) is the shop's word on the request, given again to each try."""
+    """Whether the answer to a keyed request (an order's, a deposit's) is one a careful client
+    asks again after: none (the name of the exception that stood for one), a 5xx, a 429 or a 408
+    (the request's reading timed out). Any other (a 422, a 401, a 409) is the shop's word on the
+    request, given again to each try."""
     return isinstance(status, str) or status in (408, 429) or status >= 500
 
 
@@ -244,7 +245,7 @@ class Load:
                     if key and not repeat:
                         self._keys_to_repeat.append((shopper, amount, key, via, tag))
                     return
-            if key and time.monotonic() < deadline:
+            if key and transient(status) and time.monotonic() < deadline:
                 time.sleep(RETRY_PAUSE)
                 continue  # a careful client asks again with its key
             if isinstance(status, int) and status not in (502, 503, 504):
