@@ -783,12 +783,14 @@ def test_a_leader_kept_from_one_message_by_its_own_producer_does_not_step_down(
     """Only the broker's refusals count towards stepping down: a row the producer itself will
     not take says nothing about this worker's way to the broker, and another leader would fare
     no better. (With no time allowed, a refused batch would be one too many.)"""
-    monkeypatch.setattr("tasks.relay.STEP_DOWN_AFTER_SECONDS", 0.0)
+    from tasks import relay
+
+    monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 0.0)
     with orders_flask_app.app_context():
         order_id = _place(user_id).id
         _make_too_large(order_id)
     try:
-        with _relay_task_leading([]) as relay, orders_flask_app.app_context():
+        with _relay_task_leading(), orders_flask_app.app_context():
             def parked():
                 db.session.rollback()
                 (row,) = _outbox_rows_for([order_id])
@@ -812,7 +814,7 @@ def test_the_leader_reminds_of_parked_rows_as_it_starts_and_then_every_while(
         _make_too_large(order_id)
         _relay_all(OutboxPublisher(settings, "orders"))  # parked, before the leader starts
     try:
-        with _relay_task_leading([]):
+        with _relay_task_leading():
             def reminded_twice() -> bool:
                 return sum("message(s) parked" in record.getMessage()
                            for record in caplog.records) >= 2
@@ -1214,23 +1216,33 @@ def _relay_run_in_a_thread(outcome: list) -> threading.Thread:
     return run
 
 
+@dataclasses.dataclass(frozen=True)
+class _Lead:
+    """A relay_outbox run for orders, in a thread, and the list what it returns goes to."""
+
+    run: threading.Thread
+    outcome: list
+
+
 @contextmanager
-def _relay_task_leading(sent_by_leader: list) -> Iterator:
+def _relay_task_leading() -> Iterator[_Lead]:
     """relay_outbox for orders as beat starts it, leading in a thread of its own until the block
-    ends (as a worker shutting down ends it); what the run returns goes to `sent_by_leader`."""
+    ends (as a worker shutting down ends it): yields the run and the list what it returns goes
+    to; on the way out the run is stopped and joined, and the worker's publisher let go."""
     from tasks import relay
 
-    leader = _relay_run_in_a_thread(sent_by_leader)
+    outcome: list = []
+    lead = _Lead(_relay_run_in_a_thread(outcome), outcome)
     try:
-        _wait_until_leading(relay, leader, sent_by_leader)
-        yield relay
+        _wait_until_leading(relay, lead.run, lead.outcome)
+        yield lead
     finally:
         relay._stop_leading()
-        leader.join(10)
+        lead.run.join(10)
         relay._stopping.clear()
         # The worker's producer goes with its publisher, before the session's broker stops.
         _let_go_of_the_workers_publisher()
-    assert not leader.is_alive()
+    assert not lead.run.is_alive()
 
 
 def _wait_until_leading(relay, run: threading.Thread, outcome: list) -> None:
@@ -1271,29 +1283,16 @@ def _let_go_of_the_workers_publisher() -> None:
 
 
 @contextmanager
-def _a_lead_that_sent_an_order(orders_flask_app, user_id) -> Iterator[tuple[threading.Thread,
-                                                                         list, int]]:
-    """relay_outbox for orders leading in a thread through a publisher of its own (an earlier
-    test's let go), once it has sent an order: yields the run, the list what it returns goes to,
-    and how many librdkafka threads ran before it; on the way out the run is stopped and joined,
-    and its publisher let go."""
-    from tasks import relay
-
+def _a_lead_that_sent_an_order(orders_flask_app, user_id) -> Iterator[tuple[_Lead, int]]:
+    """_relay_task_leading through a publisher of its own (an earlier test's let go), once it has
+    sent an order: yields the lead and how many librdkafka threads ran before it."""
     _let_go_of_the_workers_publisher()  # (an earlier test's)
     gc.collect()  # (clients of earlier tests let go)
     threads_before = librdkafka_threads()
-    outcome: list = []
-    run = _relay_run_in_a_thread(outcome)
-    try:
-        _wait_until_leading(relay, run, outcome)
+    with _relay_task_leading() as lead:
         with orders_flask_app.app_context():
             _wait_until_sent([_place(user_id).id])
-        yield run, outcome, threads_before
-    finally:
-        relay._stop_leading()
-        run.join(10)
-        relay._stopping.clear()
-        _let_go_of_the_workers_publisher()
+        yield lead, threads_before
 
 
 def test_a_lead_that_ends_leaves_its_worker_no_producer_running(orders_flask_app, user_id):
@@ -1302,11 +1301,11 @@ def test_a_lead_that_ends_leaves_its_worker_no_producer_running(orders_flask_app
     publisher stays for the next lead."""
     from tasks import relay
 
-    with _a_lead_that_sent_an_order(orders_flask_app, user_id) as (run, outcome, threads_before):
+    with _a_lead_that_sent_an_order(orders_flask_app, user_id) as (lead, threads_before):
         assert librdkafka_threads() > threads_before  # (its producer's)
         relay._stop_leading()
-        run.join(10)
-        assert not run.is_alive() and outcome[0] >= 1
+        lead.run.join(10)
+        assert not lead.run.is_alive() and lead.outcome[0] >= 1
         assert relay._PUBLISHER in service_app("orders").extensions
         wait_for_librdkafka_threads(threads_before)
 
@@ -1316,10 +1315,10 @@ def test_a_lead_that_lost_its_database_keeps_its_producer_for_the_next(
     """The broker answering, a new producer would only cost the next lead its wait for an
     idempotent producer id (about 0.5 s) before its first batch: the lead that lost its
     database connection leaves the producer it sent through running."""
-    with _a_lead_that_sent_an_order(orders_flask_app, user_id) as (run, outcome, threads_before):
+    with _a_lead_that_sent_an_order(orders_flask_app, user_id) as (lead, threads_before):
         _end_the_leaders_session(settings)
-        run.join(10)
-        assert not run.is_alive() and outcome == [0]
+        lead.run.join(10)
+        assert not lead.run.is_alive() and lead.outcome == [0]
         assert librdkafka_threads() > threads_before  # (its producer's, still running)
 
 
@@ -1335,14 +1334,15 @@ def test_the_relay_task_leads_sends_what_commits_and_stops_with_the_worker(
         orders_flask_app, settings, user_id):
     """relay_outbox as beat starts it: the first run stays and sends rows as their commits wake
     it; a second run returns at once; the worker shutting down ends the first."""
-    sent_by_leader = []
-    with _relay_task_leading(sent_by_leader) as relay:
+    from tasks import relay
+
+    with _relay_task_leading() as lead:
         assert relay.relay_outbox.apply(args=("orders",)).get() == 0
         with orders_flask_app.app_context():
             order_id = _place(user_id).id
             _wait_until_sent([order_id])
         assert _messages_of(settings, [order_id])
-    assert sent_by_leader and sent_by_leader[0] >= 1
+    assert lead.outcome and lead.outcome[0] >= 1
 
 
 def test_the_relay_makes_the_topics_as_it_starts_to_lead_before_any_row_names_them(
@@ -1355,7 +1355,7 @@ def test_the_relay_makes_the_topics_as_it_starts_to_lead_before_any_row_names_th
     monkeypatch.setitem(service_app("orders").extensions, "hseshop.settings", fresh)
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
     assert fresh.topic_order_status_changed not in admin.list_topics(timeout=5).topics
-    with _relay_task_leading([]):
+    with _relay_task_leading():
         made = wait_for(lambda: admin.list_topics(timeout=5).topics.get(
             fresh.topic_order_status_changed), timeout=10, what="the leader to make the topic")
         assert len(made.partitions) == settings.kafka_topic_partitions
@@ -1428,7 +1428,7 @@ def _leading_over_a_standing_backlog(orders_flask_app, settings, monkeypatch,
                (gen_random_uuid(), '{STANDING}', 'k', 'X', '{{}}', 1, now() - interval '1 s'),
                (gen_random_uuid(), '{STANDING}', 'k', 'X', '{{}}', 0, NULL)""")
     try:
-        with _relay_task_leading([]):
+        with _relay_task_leading():
             wait_for(lambda: len(pace.reads) >= 2, timeout=10, what="the leader's second read")
             pace.wait_for_wake_ups(0)
             yield pace
@@ -1586,7 +1586,7 @@ def test_a_leader_whose_slow_reads_walk_over_no_refused_row_reads_at_every_wake_
             cursor.execute("SELECT nextval(pg_get_serial_sequence('outbox_messages', 'id'))")
             (low_id,) = cursor.fetchone()
     late = uuid.uuid4()
-    with _relay_task_leading([]), orders_flask_app.app_context():
+    with _relay_task_leading(), orders_flask_app.app_context():
         wait_for(lambda: len(pace.reads) >= 2, timeout=10, what="the leader's second read")
         _place(user_id)  # a row newer than the late one, read and sent first
         pace.wait_for_wake_ups(1)
@@ -1622,7 +1622,7 @@ def test_a_leader_whose_reads_are_quick_makes_no_other_statement_as_it_wakes(
 
     monkeypatch.setattr(RelayLeaderConnection, "cursor", recorded_cursor)
     monkeypatch.setattr(RelayLeaderConnection, "wait", marked_wait)
-    with _relay_task_leading([]), orders_flask_app.app_context():
+    with _relay_task_leading(), orders_flask_app.app_context():
         pace.wait_for_wake_ups(1)
         order_id = _place(user_id).id
         _wait_until_sent([order_id])
@@ -1652,7 +1652,7 @@ def test_the_leading_relay_vacuums_the_outbox_once_it_has_deleted_enough_rows(
     PostgreSQL runs no autovacuum), and the leader's read walks over the dead versions: so the
     leader vacuums the outbox each time it has deleted VACUUM_AFTER_ROWS rows."""
     monkeypatch.setattr("tasks.relay.VACUUM_AFTER_ROWS", 3)
-    with _relay_task_leading([]), orders_flask_app.app_context():
+    with _relay_task_leading(), orders_flask_app.app_context():
         vacuums_before = _outbox_vacuums()
         order_ids = [_place(user_id).id for _ in range(3)]
         _wait_until_sent(order_ids)
@@ -1761,7 +1761,7 @@ def test_a_leader_whose_session_the_database_ends_stops_leading_and_the_next_run
         relay._stopping.clear()
     with orders_flask_app.app_context():
         order_id = _place(user_id).id  # committed while nobody leads
-        with _relay_task_leading([]):
+        with _relay_task_leading():
             _wait_until_sent([order_id])
 
 
@@ -1808,7 +1808,7 @@ def test_a_leader_the_broker_keeps_refusing_steps_down_for_another_to_lead(
         relay._stopping.clear()
         relay._sitting_out.pop("orders", None)
         _let_go_of_the_workers_publisher()
-    with _relay_task_leading([]), orders_flask_app.app_context():
+    with _relay_task_leading(), orders_flask_app.app_context():
         _wait_until_sent([order_id])  # its sit-out cleared, it leads and sends
 
 
@@ -1901,7 +1901,7 @@ def test_a_leader_the_broker_refuses_a_lone_row_for_its_topic_goes_on_leading(
                                                   monkeypatch)
     service_app("orders").extensions[relay._PUBLISHER] = _refusing_publisher(settings)
     try:
-        with _relay_task_leading([]), orders_flask_app.app_context():
+        with _relay_task_leading(), orders_flask_app.app_context():
             def refused_again_and_again() -> bool:  # at each wake-up, a second apart
                 assert "orders" not in relay._sitting_out, "the leader stepped down"
                 db.session.rollback()
@@ -2060,7 +2060,7 @@ def test_a_leader_that_had_no_answer_for_a_while_counts_afresh_once_the_broker_a
     worker_app = service_app("orders")
     worker_app.extensions[relay._PUBLISHER] = switch
     try:
-        with _relay_task_leading([]), orders_flask_app.app_context():
+        with _relay_task_leading(), orders_flask_app.app_context():
             def last_error() -> str:
                 db.session.rollback()
                 (row,) = _outbox_rows_for([refused_id])
