@@ -3,7 +3,6 @@ joining and leaving make: what the group commits never runs past what the inbox 
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 import uuid
@@ -14,13 +13,13 @@ from decimal import Decimal
 import psycopg2
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import driver_dsn
 from shared.inbox.storing import ConsumedRecord
 from shared.inbox_consumer import InboxConsumer, StoreOnOwnConnection
-from shared.kafka import build_consumer, consumer_config, new_topic
+from shared.kafka import build_consumer, consumer_config
+from tests.inbox_topics import cleared_away, new_topic_of_its_own
 from tests.polling import wait_for
 
 PARTITIONS = 3
@@ -88,30 +87,11 @@ def _stored(cursor, topic: str) -> dict[int, set[int]]:
     return stored
 
 
-def _new_partitioned_topic(settings, name: str) -> tuple[str, AdminClient]:
-    """A topic of its own for a test, `name` and a random suffix, of PARTITIONS partitions; with
-    the admin client that made it, for the test to delete it with."""
-    topic = f"{settings.kafka_consumer_group_prefix}.{name}-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    partitioned = dataclasses.replace(settings, kafka_topic_partitions=PARTITIONS)
-    admin.create_topics([new_topic(partitioned, topic)])[topic].result(15)
-    return topic, admin
-
-
 def _all_in_inbox(database, message_ids: set[str]) -> bool:
     with database.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM inbox_messages WHERE message_id = ANY(%s)",
                        ([uuid.UUID(m) for m in message_ids],))
         return cursor.fetchone()[0] == len(message_ids)
-
-
-def _cleared_away(topic: str, admin: AdminClient, database) -> None:
-    """The test's topic deleted, and its records' rows in the inbox (the run's, shared by its
-    tests); its database connection closed."""
-    with database.cursor() as cursor:
-        cursor.execute("DELETE FROM inbox_messages WHERE topic = %s", (topic,))
-    database.close()
-    admin.delete_topics([topic])
 
 
 def _committed(watcher: Consumer, topic: str) -> dict[int, int]:
@@ -126,7 +106,7 @@ def test_consumers_joining_and_leaving_a_group_store_every_record_and_commit_onl
     while records still come, one batch in five failing to store: every record is stored, and at
     every look the group's committed offset of a partition has every record below it in the inbox
     (a commit past them would skip them for good after the next rebalance)."""
-    topic, admin = _new_partitioned_topic(settings, "rebalancing")
+    topic, admin = new_topic_of_its_own(settings, "rebalancing", PARTITIONS)
     group = f"{topic}.group"
     watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group,
                         "enable.auto.commit": False})
@@ -171,7 +151,7 @@ def test_consumers_joining_and_leaving_a_group_store_every_record_and_commit_onl
         assert len(looks) > 10
     finally:
         watcher.close()
-        _cleared_away(topic, admin, database)
+        cleared_away(topic, admin, database)
 
 
 class _ConsumeFailingOnce:
@@ -307,7 +287,7 @@ def test_a_consume_that_raises_loses_no_record_of_any_partition(settings, lookup
     A partition whose committed offset could not be had is paused, and asked of again (5 s
     later) till it is rewound: its records produced meanwhile are not stored before those
     dropped (they were, and those dropped only at the next rebalance)."""
-    topic, admin = _new_partitioned_topic(settings, "consume-raising")
+    topic, admin = new_topic_of_its_own(settings, "consume-raising", PARTITIONS)
     group = f"{topic}.group"
     # (All there before the consumer starts: the client fetches them as its partitions are
     # assigned, and sooner or later a poll's message and what consume() takes next are of two.)
@@ -336,7 +316,7 @@ def test_a_consume_that_raises_loses_no_record_of_any_partition(settings, lookup
         consumer.stop()
         running.join(30)
         store.close()
-        _cleared_away(topic, admin, database)
+        cleared_away(topic, admin, database)
     assert not running.is_alive()
     assert _stored_before_earlier_ones(storing.order) == []
     if lookup_fails:  # (the raise dropped records of a partition not read since assigned)
@@ -351,7 +331,7 @@ def test_a_consume_that_raises_rewinds_a_partition_read_from_to_one_past_its_las
     of partition 0 and raises: partition 0 goes back to one past its last stored record, neither to
     its committed offset (its stored records read and stored again) nor left where the client read
     on to (the records dropped lost). Every record is stored, each once."""
-    topic, admin = _new_partitioned_topic(settings, "consume-past-stored")
+    topic, admin = new_topic_of_its_own(settings, "consume-past-stored", PARTITIONS)
     group = f"{topic}.group"
     produced = _produce(settings, topic, 20, partition=0)
     client = _ConsumeFailingPastStored(build_consumer(settings, group))
@@ -400,7 +380,7 @@ def test_a_consume_that_raises_rewinds_a_partition_read_from_to_one_past_its_las
         assert _committed(watcher, topic) == {0: 40, 1: 20}  # (as it stopped)
     finally:
         watcher.close()
-        _cleared_away(topic, admin, database)
+        cleared_away(topic, admin, database)
 
 
 def _offsets_polled(client: Consumer, count: int) -> list[int]:
@@ -427,7 +407,7 @@ def test_a_partition_sought_back_while_paused_is_read_on_from_there_once_resumed
     once that goes through (_rewind_again); a seek that a paused partition ignored would leave the
     records from the rewind's offset unread till the next rebalance, and those after them stored
     first."""
-    topic, admin = _new_partitioned_topic(settings, "paused-seek")
+    topic, admin = new_topic_of_its_own(settings, "paused-seek", PARTITIONS)
     _produce(settings, topic, 20, partition=0)
     client = build_consumer(settings, f"{topic}.group")
     client.subscribe([topic])
@@ -478,7 +458,7 @@ def test_a_partition_whose_rewind_was_refused_is_read_again_from_there_once_soug
     resumed. On the real client and broker that seek takes: the partition's records are stored
     from the failed batch's first on, in order, each once, none skipped (a seek a paused partition
     ignored would have it read on past the batch's records, unread till the next rebalance)."""
-    topic, admin = _new_partitioned_topic(settings, "refused-rewind")
+    topic, admin = new_topic_of_its_own(settings, "refused-rewind", PARTITIONS)
     produced = _produce(settings, topic, 20, partition=0)
     client = _SeekRefusing(consumer_config(settings, f"{topic}.group"), refusals=2)
     store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
@@ -506,4 +486,4 @@ def test_a_partition_whose_rewind_was_refused_is_read_again_from_there_once_soug
                                     ("resume", [0])]
         assert _all_in_inbox(database, produced)
     finally:
-        _cleared_away(topic, admin, database)
+        cleared_away(topic, admin, database)

@@ -6,7 +6,6 @@ records may be messages) and is said once."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import uuid
@@ -17,33 +16,25 @@ from decimal import Decimal
 import psycopg2
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import driver_dsn
 from shared.inbox_consumer import InboxConsumer, StoreOnOwnConnection
-from shared.kafka import build_consumer, new_topic
+from shared.kafka import build_consumer
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, RequestIdLogFilter
+from tests.inbox_topics import cleared_away, new_topic_of_its_own
 from tests.kafka_tools import produce_unreadable_batch
 from tests.polling import wait_for
 
 
 @pytest.fixture
 def topic(settings) -> Iterator[str]:
-    """A topic of the test's own, of one partition, deleted with its inbox rows afterwards."""
-    name = f"{settings.kafka_consumer_group_prefix}.odd-records-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    one_partition = dataclasses.replace(settings, kafka_topic_partitions=1)
-    admin.create_topics([new_topic(one_partition, name)])[name].result(15)
+    """A topic of the test's own, of one partition, cleared away with its inbox rows afterwards."""
+    name, admin = new_topic_of_its_own(settings, "odd-records", partitions=1)
     yield name
     database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
     database.autocommit = True
-    try:
-        with database.cursor() as cursor:  # (the inbox is the run's, shared by its tests)
-            cursor.execute("DELETE FROM inbox_messages WHERE topic = %s", (name,))
-    finally:
-        database.close()
-    admin.delete_topics([name])
+    cleared_away(name, admin, database)
 
 
 def _produce(settings, topic: str, values: list[bytes | None],
