@@ -546,6 +546,38 @@ def test_a_batch_handled_at_once_marks_its_messages_processed_in_the_statement_l
         assert row.attempts == 1 and not row.try_open and row.parked_at is None
 
 
+def _handled_one_at_a_time(message_id, handlers) -> None:
+    with transaction() as session:
+        assert process_inbox_message(session, message_id, handlers) == Outcome.PROCESSED
+
+
+def _handled_in_a_batch_at_once(message_id, handlers) -> None:
+    from tasks.inbox import _handle_in_one_transaction
+
+    assert _handle_in_one_transaction("payments", [message_id], handlers) == []
+
+
+@pytest.mark.parametrize("handled", [_handled_one_at_a_time, _handled_in_a_batch_at_once],
+                         ids=["one at a time", "in a batch at once"])
+def test_a_message_handled_after_a_failed_try_is_marked_alike_whichever_way_it_is_handled(
+        in_payments, payments_inbox, user_id, handled):
+    """Both statements that mark a message processed (_MARK_PROCESSED, a message at a time, and
+    the batch's locking one) leave its row alike: this try counted on top of the failed one and
+    closed, the failed one's error cleared, processed as of this try."""
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    _try_begun(message_id)
+    with transaction() as session:
+        (message,) = lock_in_order(session, [message_id])
+        with pytest.raises(RuntimeError):
+            handle_locked_message(session, message, {PAYMENT_REQUESTED: _failing}, 5)
+    _try_begun(message_id)
+    handled(message_id, {PAYMENT_REQUESTED: lambda *_: None})
+    row = _row(message_id)
+    assert (row.attempts, row.try_open, row.last_error, row.parked_at) == (2, False, None, None)
+    assert row.processed_at is not None and row.processed_at == row.last_attempt_at
+
+
 def test_a_message_a_batch_handled_at_once_cannot_handle_is_parked_its_mark_undone(
         in_payments, payments_inbox, user_id):
     """Marked processed with the others as the batch locked it, a message with no handler is
