@@ -226,7 +226,9 @@ class ProcessGroup:
         `before_start` (its port found free, say) runs just before the start, under the same
         lock, once the group is known not to be stopping: what it raises goes up, the process left
         stopped. Run before that question, its failure would rise in a stop's place (a Ctrl-C's
-        KeyboardInterrupt taken over by the error of a start the stop would have refused)."""
+        KeyboardInterrupt taken over by the error of a start the stop would have refused). A stop
+        (stop_all) waits on that lock: the check is to be quick, take no other lock and never
+        wait on the stack."""
         with self._starting_again:
             if self._stopping or process not in self._processes:
                 return False

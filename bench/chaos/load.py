@@ -51,8 +51,8 @@ AMBIGUOUS_STATUSES = (502, 504)
 def transient(status: int | str) -> bool:
     """Whether the answer to a keyed request (an order's, a deposit's) is one a careful client
     asks again after: none (the name of the exception that stood for one), a 5xx, a 429 or a 408
-    (the request's reading timed out). Any other (a 422, a 401, a 409) is the shop's word on the
-    request, given again to each try."""
+    (the request's reading timed out). Any other (a 4xx such as a 422 or a 401) is the shop's
+    word on the request, given again to each try."""
     return isinstance(status, str) or status in (408, 429) or status >= 500
 
 

@@ -1,6 +1,6 @@
 """The chaos load's keyed orders (bench/chaos/load.py): asked again under their key only after a
-transient answer (load.transient, the deposits' own), and a refusal (a 422, 401, 409) taken at once
-as the request's outcome, in the ledger the invariants read."""
+transient answer (load.transient, the deposits' own), and a refusal (any other 4xx: a 422, a 401)
+taken at once as the request's outcome, in the ledger the invariants read."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _load_answering(statuses: list[int | str], monkeypatch) -> tuple[Load, list]
     """A Load without a stack, each try of its order answered by the next of `statuses` (the
     last again once they run out); and the list of its tries."""
     monkeypatch.setattr(load, "RETRY_PAUSE", 0.01)
-    monkeypatch.setattr(load, "RETRY_SECONDS", 0.5)
+    monkeypatch.setattr(load, "RETRY_SECONDS", 5)
     shop = Load.__new__(Load)
     shop.rng, shop.ledger, shop.shoppers = _KeyedThroughTheGateway(1), Ledger(), [SHOPPER]
     shop._keys_to_repeat, shop.said = [], []
