@@ -10,8 +10,12 @@ its means to relay at the same moment, and each batch costs no pooled session an
 
 from __future__ import annotations
 
+import os
 import select
-from collections.abc import Callable
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import psycopg2
@@ -26,6 +30,12 @@ RELAY_LEADER_LOCK_KEY = 0x0B0C5E1B
 # without closing it (its process paused, its host gone), and PostgreSQL ends it, lock and all, so
 # another relay can lead; otherwise the lock would stay until TCP gave up on the host, hours on.
 LEADER_IDLE_TIMEOUT_SECONDS = 30.0
+# How long close() waits for the database to answer its unlock: a live one answers in a round
+# trip (a millisecond or so, tens under load). One silent for longer is given up on, and the
+# connection closed without it, its lock left to the session's end as before the unlock was sent,
+# so that a database gone silent holds a worker's stop (or a step-down) up for this long at most,
+# not for the connection's timeouts (shared.db.CONNECTION_TIMEOUTS: about 30 s).
+UNLOCK_WAIT_SECONDS = 1.0
 
 T = TypeVar("T")
 
@@ -92,17 +102,19 @@ class RelayLeaderConnection:
             return question(cursor, *args)
 
     def close(self) -> None:
-        """End the session, the LISTEN and the lead with it; the lock is free once this returns.
+        """End the session, the LISTEN and the lead with it; the lock is free once this returns,
+        unless the database has stopped answering (it is then given up on within
+        UNLOCK_WAIT_SECONDS, and the lock goes with the session as the server ends it).
 
         The session's end alone lets go of the lock only as the server gets to it, after the
         client has gone and once the session's own things are dropped (its temporary tables,
         say): a relay asking for the lock meanwhile found it taken, and returned without leading.
         So a leader lets go of the lock first, while its connection still answers (one that does
-        not has lost its session, and the lock with it; a database gone silent holds this up as
-        it would any statement, shared.db.CONNECTION_TIMEOUTS)."""
+        not has lost its session, and the lock with it)."""
         try:
             if self._leads and not self._connection.closed:
-                with self._connection.cursor() as cursor:
+                with (_cut_off_after(self._connection, UNLOCK_WAIT_SECONDS),
+                      self._connection.cursor() as cursor):
                     cursor.execute("SELECT pg_advisory_unlock(%s)", (RELAY_LEADER_LOCK_KEY,))
         except psycopg2.Error:
             pass
@@ -115,3 +127,39 @@ class RelayLeaderConnection:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+@contextmanager
+def _cut_off_after(connection, seconds: float) -> Iterator[None]:
+    """Shut `connection`'s socket down if what runs inside has not ended within `seconds`: a
+    statement waiting on a database gone silent then fails at once, as on a connection lost
+    ("server closed the connection unexpectedly"), where libpq would wait for an answer until
+    the kernel gave up on the connection.
+
+    A deadline kept by the client, for nothing else bounds the wait: statement_timeout is the
+    server's, which hears nothing; TCP's keepalives and tcp_user_timeout count silence of the
+    peer's kernel only (a server whose host still acknowledges what it is sent, its process
+    frozen or a proxy in between stuck, never trips them), and set short for the leader's whole
+    connection would end its lead over a moment's loss on the network. psycopg2 has no deadline
+    of its own: a blocking statement holds the connection's lock (so another thread cannot close
+    it meanwhile), an asynchronous connection is one from its start, every statement polled, and
+    its green mode (psycopg2.extensions.set_wait_callback) is the whole process's, every
+    connection of the worker's threads. A shutdown, unlike a close, leaves the descriptor
+    libpq's, so no other connection can be handed its number before libpq closes it."""
+    descriptor = connection.fileno()
+    cutting = threading.Timer(seconds, _shut_down, args=(descriptor,))
+    cutting.daemon = True
+    cutting.start()
+    try:
+        yield
+    finally:
+        cutting.cancel()
+        cutting.join()  # (a shutdown under way is over before the connection can be closed)
+
+
+def _shut_down(descriptor: int) -> None:
+    with socket.socket(fileno=os.dup(descriptor)) as sock:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # (the connection already gone)
+            pass

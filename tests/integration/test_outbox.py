@@ -21,7 +21,7 @@ import psycopg2
 import pytest
 from confluent_kafka.admin import AdminClient
 from sqlalchemy import delete, event, func, select, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 
 from devstack.infra import free_port, start_and_wait_for_broker, start_broker
@@ -35,7 +35,7 @@ from shared.outbox.publishing import OutboxPublisher
 from shared.outbox.relaying import (CLAIM_ROWS, FIRST_RETRY_AFTER_SECONDS, REFUSED_LOOKED_AT,
                                     Refusal, relay_pending_outbox, vacuum_outbox)
 from shared.outbox.writing import OutboxMessage, add_outbox_message, outbox_rows_written_together
-from shared.relay_leader import RelayLeaderConnection
+from shared.relay_leader import UNLOCK_WAIT_SECONDS, RelayLeaderConnection
 from shared.request_context import request_id_bound
 from tasks.services import service_app
 from tests.kafka_tools import (librdkafka_threads, read_topic, read_topic_until,
@@ -43,6 +43,7 @@ from tests.kafka_tools import (librdkafka_threads, read_topic, read_topic_until,
 from tests.postgres_tools import (other_sessions, terminate_backend,
                                   wait_for_sessions_waiting_on_a_lock)
 from tests.polling import wait_for
+from tests.network_tools import SilencingProxy
 from tests.process_tools import start_child
 
 
@@ -1738,6 +1739,84 @@ def test_a_closed_leaders_lock_is_free_as_close_returns(in_orders, settings):
                            " END LOOP; END $$")
     with RelayLeaderConnection(url) as successor:
         assert successor.lead()
+
+
+@pytest.fixture
+def orders_database_behind_a_proxy(settings) -> Iterator[tuple[str, SilencingProxy]]:
+    """The orders database's URL through a proxy the test can silence, and the proxy. Closed at
+    the end, it closes what it carried, so the server ends a session it left silent, lock and
+    all (its client gone), and the test waits until none holds the leader lock."""
+    url = make_url(settings.database_url("orders"))
+    proxy = SilencingProxy(f"{url.host}:{url.port or 5432}")
+    port = int(proxy.address.rsplit(":", 1)[1])
+    try:
+        yield url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False), proxy
+    finally:
+        proxy.close()
+        wait_for(lambda: not _leader_lock_holders(), timeout=10,
+                 what="the silenced leader's session to end")
+
+
+def test_a_leader_closing_on_a_silent_database_gives_up_on_the_unlock_within_its_bound(
+        in_orders, orders_database_behind_a_proxy):
+    """A database gone silent (its host cut off or frozen: the proxy carries nothing more, and
+    closes nothing) never answers the unlock close() sends: close() gives up on it after
+    UNLOCK_WAIT_SECONDS, where it waited for the connection's timeouts
+    (shared.db.CONNECTION_TIMEOUTS; here, the proxy's kernel acknowledging all it is sent, for
+    ever), and with it the stop of the worker whose relay led."""
+    url, proxy = orders_database_behind_a_proxy
+    leader = RelayLeaderConnection(url)
+    assert leader.lead()
+    proxy.silence()
+    closing_ = threading.Thread(target=leader.close, name="closing the silenced leader")
+    started = time.monotonic()
+    closing_.start()
+    try:
+        closing_.join(UNLOCK_WAIT_SECONDS + 2)
+        assert not closing_.is_alive(), "close() still waiting on the silent database"
+        assert time.monotonic() - started >= UNLOCK_WAIT_SECONDS  # (it did ask)
+    finally:
+        proxy.close()  # (a close() still waiting fails at once, the connection gone)
+        closing_.join(10)
+
+
+def test_a_relay_stopping_as_its_database_goes_silent_ends_within_its_bounds(
+        orders_flask_app, orders_database_behind_a_proxy, monkeypatch):
+    """The leading relay of a worker told to stop as its database goes silent (between two
+    wake-ups) ends within RECHECK_SECONDS (its wait), UNLOCK_WAIT_SECONDS (its close) and its
+    publisher's close: its unlock held the worker's stop up for the connection's timeouts
+    (here, for ever)."""
+    from tasks import relay
+
+    url, proxy = orders_database_behind_a_proxy
+    stopped = threading.Event()
+    wait = RelayLeaderConnection.wait
+
+    def silenced_and_stopped_as_it_waits(self, timeout: float) -> bool:
+        if not stopped.is_set():
+            proxy.silence()
+            relay._stop_leading()
+            stopped.set()
+        return wait(self, timeout)
+
+    monkeypatch.setattr(RelayLeaderConnection, "wait", silenced_and_stopped_as_it_waits)
+    worker_app = service_app("orders")
+    own_settings = worker_app.extensions["hseshop.settings"]
+    worker_app.extensions["hseshop.settings"] = dataclasses.replace(
+        own_settings, orders_database_url=url)
+    outcome: list = []
+    run = _relay_run_in_a_thread(outcome)
+    try:
+        wait_for(stopped.is_set, timeout=30, what="the relay to lead, then wait")
+        run.join(relay.RECHECK_SECONDS + UNLOCK_WAIT_SECONDS + 3)
+        assert not run.is_alive(), "the relay still stopping on the silent database"
+        assert outcome == [0]
+    finally:
+        worker_app.extensions["hseshop.settings"] = own_settings
+        proxy.close()  # (a run still waiting on the database fails at once)
+        run.join(30)
+        relay._stopping.clear()
+        _let_go_of_the_workers_publisher()
 
 
 def test_a_leader_whose_session_the_database_ends_stops_leading_and_the_next_run_leads(
