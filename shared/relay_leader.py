@@ -31,10 +31,11 @@ RELAY_LEADER_LOCK_KEY = 0x0B0C5E1B
 # another relay can lead; otherwise the lock would stay until TCP gave up on the host, hours on.
 LEADER_IDLE_TIMEOUT_SECONDS = 30.0
 # How long close() waits for the database to answer its unlock: a live one answers in a round
-# trip (a millisecond or so, tens under load). One silent for longer is given up on, and the
-# connection closed without it, its lock left to the session's end as before the unlock was sent,
-# so that a database gone silent holds a worker's stop (or a step-down) up for this long at most,
-# not for the connection's timeouts (shared.db.CONNECTION_TIMEOUTS: about 30 s).
+# trip. One silent for longer is given up on, and the connection closed without it, its lock left
+# to the session's end as before the unlock was sent, so that a database gone silent holds a
+# worker's stop (or a step-down) up for this long at most, not for the connection's timeouts
+# (shared.db.CONNECTION_TIMEOUTS: about 30 s). (Nothing tells a silent database beforehand: the
+# driver finds a connection broken only once a statement on it has failed.)
 UNLOCK_WAIT_SECONDS = 1.0
 
 T = TypeVar("T")
