@@ -34,8 +34,11 @@ LEADER_IDLE_TIMEOUT_SECONDS = 30.0
 # trip. One silent for longer is given up on, and the connection closed without it, its lock left
 # to the session's end as before the unlock was sent, so that a database gone silent holds a
 # worker's stop (or a step-down) up for this long at most, not for the connection's timeouts
-# (shared.db.CONNECTION_TIMEOUTS: about 30 s). (Nothing tells a silent database beforehand: the
-# driver finds a connection broken only once a statement on it has failed.)
+# (shared.db.CONNECTION_TIMEOUTS: about 30 s for a host cut off; for ever for one whose kernel
+# still acknowledges, its server frozen). (Nothing tells a silent database beforehand: the
+# driver finds a connection broken only once a statement on it has failed.) A live database slower
+# than this (its CPU saturated, a packet sent again) is given up on alike: its lock is then free
+# only as the server ends the session, and a relay asking meanwhile leaves the lead to beat's next.
 UNLOCK_WAIT_SECONDS = 1.0
 
 T = TypeVar("T")
@@ -110,8 +113,9 @@ class RelayLeaderConnection:
         The session's end alone lets go of the lock only as the server gets to it, after the
         client has gone and once the session's own things are dropped (its temporary tables,
         say): a relay asking for the lock meanwhile found it taken, and returned without leading.
-        So a leader lets go of the lock first, while its connection still answers (one that does
-        not has lost its session, and the lock with it)."""
+        So a leader lets go of the lock first, while its connection still answers. Called by the
+        thread that uses the connection (a statement of another thread's under way would be the
+        one cut off)."""
         try:
             if self._leads and not self._connection.closed:
                 with (_cut_off_after(self._connection, UNLOCK_WAIT_SECONDS),
@@ -145,22 +149,25 @@ def _cut_off_after(connection, seconds: float) -> Iterator[None]:
     of its own: a blocking statement holds the connection's lock (so another thread cannot close
     it meanwhile), an asynchronous connection is one from its start, every statement polled, and
     its green mode (psycopg2.extensions.set_wait_callback) is the whole process's, every
-    connection of the worker's threads. A shutdown, unlike a close, leaves the descriptor
-    libpq's, so no other connection can be handed its number before libpq closes it."""
-    descriptor = connection.fileno()
-    cutting = threading.Timer(seconds, _shut_down, args=(descriptor,))
-    cutting.daemon = True
-    cutting.start()
-    try:
-        yield
-    finally:
-        cutting.cancel()
-        cutting.join()  # (a shutdown under way is over before the connection can be closed)
+    connection of the worker's threads.
 
-
-def _shut_down(descriptor: int) -> None:
-    with socket.socket(fileno=os.dup(descriptor)) as sock:
+    The socket is shut down through a descriptor of its own, taken before the wait: libpq closes
+    its descriptor itself when a statement fails on a connection lost (its server restarted,
+    say), and the number, free again, could be another connection's by the time the timer fires;
+    ours keeps the socket open, so the shutdown can reach no other."""
+    with socket.socket(fileno=os.dup(connection.fileno())) as ours:
+        cutting = threading.Timer(seconds, _shut_down, args=(ours,))
+        cutting.daemon = True
+        cutting.start()
         try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:  # (the connection already gone)
-            pass
+            yield
+        finally:
+            cutting.cancel()
+            cutting.join()  # (a shutdown under way is over before the connection is closed)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # (the connection already gone)
+        pass

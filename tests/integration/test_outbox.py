@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +36,7 @@ from shared.outbox.publishing import OutboxPublisher
 from shared.outbox.relaying import (CLAIM_ROWS, FIRST_RETRY_AFTER_SECONDS, REFUSED_LOOKED_AT,
                                     Refusal, relay_pending_outbox, vacuum_outbox)
 from shared.outbox.writing import OutboxMessage, add_outbox_message, outbox_rows_written_together
-from shared.relay_leader import UNLOCK_WAIT_SECONDS, RelayLeaderConnection
+from shared.relay_leader import UNLOCK_WAIT_SECONDS, RelayLeaderConnection, _cut_off_after
 from shared.request_context import request_id_bound
 from tasks.services import service_app
 from tests.kafka_tools import (librdkafka_threads, read_topic, read_topic_until,
@@ -1817,6 +1818,35 @@ def test_a_relay_stopping_as_its_database_goes_silent_ends_within_its_bounds(
         run.join(30)
         relay._stopping.clear()
         _let_go_of_the_workers_publisher()
+
+
+def test_the_unlocks_cut_off_reaches_no_socket_given_the_number_libpq_let_go_of(settings):
+    """A statement failing on a connection lost (its session ended: a restart, say) makes libpq
+    close its descriptor then and there, before the wait's bound is up: a socket opened meanwhile
+    (a pool's, Kafka's, Redis's, by another thread) can be given that number, and the cut-off,
+    firing once the bound is up, is not to shut that one down."""
+    connection = psycopg2.connect(driver_dsn(settings.database_url("orders")))
+    number = connection.fileno()
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+    try:
+        with _cut_off_after(connection, 0.2):
+            with pytest.raises(psycopg2.OperationalError), connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+            pairs.extend(socket.socketpair() for _ in range(4))
+            given_the_number = [pair for pair in pairs if number in (pair[0].fileno(),
+                                                                     pair[1].fileno())]
+            assert given_the_number, f"no new socket was given the number {number}"
+            wait_for(lambda: not any(isinstance(thread, threading.Timer) and thread.is_alive()
+                                     for thread in threading.enumerate()),
+                     timeout=5, what="the cut-off's timer to have fired")
+            for one, other in given_the_number:
+                one.sendall(b"still open")
+                assert other.recv(16) == b"still open"
+    finally:
+        connection.close()
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
 
 
 def test_a_leader_whose_session_the_database_ends_stops_leading_and_the_next_run_leads(
