@@ -1,17 +1,14 @@
 """Network tools for the tests: a TCP proxy whose connections can go silent or be cut on demand, one
 that holds what its clients send until told to carry it, a server that never reads what it is
-sent, a Redis that says only its version, a WebSocket client that reads every frame it is sent,
-and an HTTP answer read off a socket (to the connection's end, or to the answer's on a connection
-kept open). Each server and proxy accepts in a thread of its own (Accepting), which has ended once
-it is closed."""
+sent, a Redis that says only its version, and an HTTP answer read off a socket (to the
+connection's end, or to the answer's on a connection kept open). Each server and proxy accepts in
+a thread of its own (Accepting), which has ended once it is closed."""
 
 from __future__ import annotations
 
 import socket
 import threading
 from collections.abc import Callable
-
-import simple_websocket
 
 # How long a proxy waits for its target to take a connection (loopback's take at once) before it
 # closes its client's, as a real proxy does: a target that never answers (its backlog full, a
@@ -56,19 +53,6 @@ def http_answer_read_off_a_kept_connection(
 def _http_head_read(head: bytes) -> tuple[str, dict[str, str]]:
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     return status_line, dict(line.split(": ", 1) for line in header_lines)
-
-
-class WebSocketClient(simple_websocket.Client):
-    """simple_websocket's client, but for the frames that arrive in the same read as the
-    handshake's answer: its own leaves them unread until more data comes, so a replay the gateway
-    sent at once went unseen (a test waited for it in vain, now and then)."""
-
-    def handshake(self):
-        super().handshake()
-        self._handle_events()
-        # A close among those frames is found again by the reader thread (the server then closes
-        # the connection), so that receive() raises ConnectionClosed as for any close.
-        self.connected = True
 
 
 class SilencingProxy:

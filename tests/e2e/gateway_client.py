@@ -8,7 +8,7 @@ import uuid
 
 import requests
 
-from tests.network_tools import WebSocketClient
+from bench.websocket_client import WebSocketClient
 from tests.polling import wait_for
 
 

@@ -13,9 +13,9 @@ import requests
 import sqlalchemy as sa
 from simple_websocket import ConnectionClosed
 
+from bench.websocket_client import WebSocketClient
 from gateway_app.notifications import SOCKET_RECHECK_SECONDS
 from tests.e2e.gateway_client import GatewayClient
-from tests.network_tools import WebSocketClient
 from tests.polling import wait_for
 from tests.replay_tools import assert_only_the_repeat_said_replayed
 

@@ -36,6 +36,7 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Response
 from wsproto.frame_protocol import CloseReason
 
+from bench.websocket_client import WebSocketClient
 import gateway_app
 import orders_app
 import payments_app
@@ -60,7 +61,7 @@ from shared.money import MAX_BALANCE
 from tests.clock_tools import rate_limit_windows_the_test_ends_in
 from tests.environment import TEST_SECRETS
 from tests.network_tools import (HoldingProxy, NeverReadingServer, SilencingProxy,
-                                 WebSocketClient, http_answer_read_off)
+                                 http_answer_read_off)
 from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_answered_as_documented,
                                  assert_default_error_described, assert_documented,
                                  assert_headers_documented, asked, codes_named, documented_answers,

@@ -24,14 +24,14 @@ from urllib.parse import urlsplit
 import pytest
 from simple_websocket import ConnectionClosed
 
+from bench.websocket_client import WebSocketClient
 import gateway_app
 from gateway_app import notifications
 from gateway_app.tokens import issue_token
 from shared.contracts import ORDER_STATUS_CHANGED, new_event
 from shared.db import transaction
 from shared.inbox.handling import ReceivedEvent, StoredMessage
-from tests.network_tools import (WebSocketClient, http_answer_read_off,
-                                 http_answer_read_off_a_kept_connection)
+from tests.network_tools import http_answer_read_off, http_answer_read_off_a_kept_connection
 from tests.process_tools import served_by_gunicorn
 
 # A second or so: the slow clients below send a byte every third of READ_TIMEOUT, which a loaded

@@ -1,5 +1,6 @@
-"""The tests' WebSocket client (tests/network_tools.py) reads the frames a server sends in the
-same packet as its handshake's answer, as the gateway does when it replays at once."""
+"""The WebSocket client of the tests and the chaos soak (bench/websocket_client.py) reads the
+frames a server sends in the same packet as its handshake's answer, as the gateway does when it
+replays at once."""
 
 import socket
 import threading
@@ -9,7 +10,7 @@ from simple_websocket import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from tests.network_tools import WebSocketClient
+from bench.websocket_client import WebSocketClient
 
 
 def _server_sending_with_its_answer(*frames) -> tuple[str, threading.Event]:
