@@ -1,6 +1,7 @@
 """Exactly once, checked in the databases once the shop has settled: every order it accepted is
 final, paid once if FINISHED and never if CANCELLED, each notified once; every balance is what was
-deposited less what was paid; no message is left owed or parked."""
+deposited less what was paid; no message is left owed or parked. And what the followed shoppers'
+notification sockets sent, against what the gateway keeps for them: every notification owed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from collections import Counter, defaultdict
 from decimal import Decimal
 
+from bench.chaos.followers import Delivery, Followers, NotificationFollower
 from bench.chaos.load import Ledger, Shopper
 from bench.shop import FINAL_STATUSES, service_cursor, wait_until_idle
 from devstack.stack import Stack
@@ -165,3 +167,69 @@ def _balances(orders: dict, payments: dict, balances: dict, shoppers: list[Shopp
         if balance is not None and balance < 0:
             problems.append(f"{user}'s balance {balance} is below zero")
     return problems
+
+
+def sockets_caught_up(stack: Stack, followers: Followers, timeout: float) -> list[str]:
+    """Once the shop has settled: give the followed shoppers' sockets up to `timeout` to send
+    every notification kept for them (an open socket reads the table every 5 s, one closed
+    reconnects and catches up `after` the last id it saw), stop them, and check what they sent
+    (socket_deliveries)."""
+    users = [follower.user_id for follower in followers.followers]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kept = kept_notifications(stack, users)
+        if all(not _missed(follower, kept) for follower in followers.followers):
+            break
+        time.sleep(0.25)
+    followers.stop()
+    kept = kept_notifications(stack, users)
+    return [problem for follower in followers.followers
+            for problem in socket_deliveries(follower, kept)]
+
+
+def kept_notifications(stack: Stack, users: list[str]) -> dict[int, Delivery]:
+    """The notifications the gateway keeps for `users`, by id."""
+    with service_cursor(stack, "gateway") as cursor:
+        cursor.execute("SELECT id, user_id, payload->>'order_id', payload->>'status'"
+                       " FROM notifications WHERE user_id = ANY(%s)", (users,))
+        return {row[0]: Delivery(*row) for row in cursor.fetchall()}
+
+
+def socket_deliveries(follower: NotificationFollower, kept: dict[int, Delivery]) -> list[str]:
+    """What the gateway promises a page's socket (README, Live updates): each socket sends the
+    user's notifications, that user's only, as kept, in id order, each after the id it was opened
+    `after`; and a page that reads the newest id first and opens each socket after the last id it
+    saw is sent every notification kept after that newest id, live or as it catches up (a
+    publish lost makes one late, not missing). `kept`: the notifications kept for the followed
+    users, by id, read once the sockets have had their time."""
+    user = follower.user_id
+    if follower.started_after is None:
+        return [f"{user}'s notifications never followed: the newest id never read"]
+    problems = []
+    for n, run in enumerate(follower.sockets):
+        ids = [item.id for item in run.received]
+        if any(later <= earlier for earlier, later in zip([run.after, *ids], ids)):
+            problems.append(f"{user}'s socket {n}, opened after {run.after}, sent {ids}:"
+                            " not in id order after it")
+        for item in run.received:
+            if item.user_id != user:
+                problems.append(f"{user}'s socket {n} sent another user's notification {item}")
+            elif kept.get(item.id) != item:
+                problems.append(f"{user}'s socket {n} sent {item}, kept as {kept.get(item.id)}")
+    ended = follower.sockets[-1].ended if follower.sockets else None
+    problems += [f"notification {item.id} of {user} (order {item.order_id} {item.status}) never"
+                 f" reached its sockets: last id seen {follower.last_seen()},"
+                 f" {len(follower.sockets)} opened, the last ended {ended}"
+                 for item in _missed(follower, kept)]
+    return problems
+
+
+def _missed(follower: NotificationFollower, kept: dict[int, Delivery]) -> list[Delivery]:
+    """The notifications kept for the follower's user after the newest id it read first that no
+    socket of its sent."""
+    if follower.started_after is None:
+        return []
+    received = follower.received_ids()
+    return [item for item_id, item in sorted(kept.items())
+            if item.user_id == follower.user_id and item_id > follower.started_after
+            and item_id not in received]

@@ -40,6 +40,12 @@ class ChaosPlan:
     redis_down_seconds: tuple[float, float] = (0.5, 3)  # before it is started again
     # How long the shop gets, once the load stops, to make every order final and owe nothing.
     settle_seconds: float = 300
+    # The first shoppers who hold a notification socket through the gateway for the run (reopened
+    # as the page reopens it: followers.py), and how long, once the shop has settled, their
+    # sockets get to send every notification kept for them (an open one reads the table every
+    # 5 s; one closed reconnects within 10 s, or a Retry-After, and catches up).
+    socket_users: int = 6
+    socket_catch_up_seconds: float = 60
 
     def every_kind_within(self) -> float:
         """How long dealing each kind once more may take, at most: three passes of the deck at

@@ -20,6 +20,8 @@ def report_lines(plan: ChaosPlan, result: ChaosResult) -> list[str]:
         + ", ".join(f"{status} {n}" for status, n in sorted(result.orders.items())),
         f"disruptions {sum(result.disruptions.values())}: {disrupted}",
         f"settled: {'yes' if result.settled else 'no'}",
+        f"notification sockets of {plan.socket_users} shoppers: "
+        + ", ".join(f"{kind} {n}" for kind, n in sorted(result.sockets.items())),
     ]
     lines += [f"VIOLATION {problem}" for problem in result.problems[:PROBLEMS_SHOWN]]
     if len(result.problems) > PROBLEMS_SHOWN:

@@ -1,6 +1,8 @@
 """One chaos run on a started stack: the load offered while the disruptions are dealt (for the
-plan's seconds, and until every kind has been dealt), every process alive again, the shop left
-to settle, the deposits left unconfirmed sent again (if it did), then the invariants checked."""
+plan's seconds, and until every kind has been dealt), some shoppers holding their notification
+sockets through it all, every process alive again, the shop left to settle, the deposits left
+unconfirmed sent again (if it did), then the invariants checked, the sockets' once they have had
+their time to catch up."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from bench.chaos.disruptions import Disruptor, StartAgain, start_own_redis_again
-from bench.chaos.invariants import check, settle
+from bench.chaos.followers import Followers
+from bench.chaos.invariants import check, settle, sockets_caught_up
 from bench.chaos.load import Load
 from bench.chaos.plan import SCALED_OUT, ChaosPlan
 from bench.chaos.resent_requests import resend_with_fresh_ids
@@ -31,6 +34,7 @@ class ChaosResult:
     answers: Counter  # the shop's answers to the load, by request and status
     settled: bool
     problems: list[str]
+    sockets: Counter  # the followers' sockets opened, how they ended, what gave none
 
 
 def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> ChaosResult:
@@ -39,34 +43,39 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
     with scaled_out(stack, SCALED_OUT if plan.scale_out else ()) as processes:
         load = Load(plan, stack, say)
         load.seed_shoppers()
-        say(f"{len(load.shoppers)} shoppers, {plan.late_users} of them opening accounts late")
-        resend = partial(resend_with_fresh_ids, load_settings(stack.env))
-        disruptor = Disruptor(plan, processes, stack.start_again, resend, say,
-                              redis_url=stack.own_redis_url).start()
-        load.start()
-        began = time.monotonic()
-        try:
-            time.sleep(plan.seconds)
-            # However short the run, each kind of disruption comes once.
-            disruptor.wait_for_every_kind(plan.every_kind_within())
-        finally:
+        say(f"{len(load.shoppers)} shoppers, {plan.late_users} of them opening accounts late,"
+            f" {plan.socket_users} holding a notification socket")
+        with Followers.of(stack.gateway_url, load.shoppers[:plan.socket_users],
+                          plan.seed) as followers:
+            resend = partial(resend_with_fresh_ids, load_settings(stack.env))
+            disruptor = Disruptor(plan, processes, stack.start_again, resend, say,
+                                  redis_url=stack.own_redis_url).start()
+            load.start()
+            began = time.monotonic()
             try:
-                disruptor.stop()
-                # Before the load's stop, which waits for its requests' retries: those to a
-                # process down would wait out their patience, and a deposit go unconfirmed.
-                start_the_dead(processes, stack.start_again, stack.own_redis_url, say)
+                time.sleep(plan.seconds)
+                # However short the run, each kind of disruption comes once.
+                disruptor.wait_for_every_kind(plan.every_kind_within())
             finally:
-                offered = load.stop()
-                seconds = time.monotonic() - began
-        say(f"load over: {offered} offered, {len(load.ledger.accepted)} accepted; settling...")
-        settled = settle(stack, plan.settle_seconds)
-        # A deposit may or may not have been made: its keyed request sent again says which.
-        load.resolve_unconfirmed_deposits(settled)
-        problems, orders = check(stack, load.shoppers, load.ledger)
+                try:
+                    disruptor.stop()
+                    # Before the load's stop, which waits for its requests' retries: those to a
+                    # process down would wait out their patience, and a deposit go unconfirmed.
+                    start_the_dead(processes, stack.start_again, stack.own_redis_url, say)
+                finally:
+                    offered = load.stop()
+                    seconds = time.monotonic() - began
+            say(f"load over: {offered} offered, {len(load.ledger.accepted)} accepted;"
+                " settling...")
+            settled = settle(stack, plan.settle_seconds)
+            # A deposit may or may not have been made: its keyed request sent again says which.
+            load.resolve_unconfirmed_deposits(settled)
+            problems, orders = check(stack, load.shoppers, load.ledger)
+            problems += sockets_caught_up(stack, followers, plan.socket_catch_up_seconds)
     if not settled:
         problems.insert(0, f"not settled {plan.settle_seconds:.0f}s after the load")
     return ChaosResult(seconds, offered, len(load.ledger.accepted), orders, disruptor.done,
-                       load.ledger.answers, settled, problems)
+                       load.ledger.answers, settled, problems, followers.counts())
 
 
 def start_the_dead(processes: dict[str, ManagedProcess],

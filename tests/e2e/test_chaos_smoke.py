@@ -23,7 +23,7 @@ LAYER = "chaos"
 PLAN = ChaosPlan(seed=7, seconds=20, rate=8, users=12, late_users=3, scale_out=False,
                  kill_every=(1.5, 2), restart_after=(0, 0.5), pause_seconds=(2, 8),
                  broker_pause_seconds=(1, 3), redis_down_seconds=(0.5, 1.5),
-                 settle_seconds=180)
+                 settle_seconds=180, socket_users=4)
 
 
 @pytest.fixture(scope="module")
