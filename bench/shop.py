@@ -5,6 +5,7 @@ databases (the orders' times, the work still owed)."""
 from __future__ import annotations
 
 import secrets
+import shutil
 import sys
 import time
 import uuid
@@ -32,11 +33,12 @@ FINAL_STATUSES = ("FINISHED", "CANCELLED")
 RELAY_SPEED_TOPIC = "relay-speed"
 
 
-def bench_stack(own_redis: bool = False) -> Stack:
+def bench_stack(own_redis: bool = False, own_postgres: bool = False) -> Stack:
     """An unstarted, quiet stack whose names are all this run's own, and so are the secrets it
     signs with, made for it: with those published with the code, its APIs warned of them (and
-    the generator and the seeding sign with the stack's environment). With `own_redis`, on a
-    Redis of its own (Stack's), which the chaos soak restarts."""
+    the generator and the seeding sign with the stack's environment). With `own_redis` and
+    `own_postgres`, on a Redis and a PostgreSQL of its own (Stack's), which the chaos soak
+    restarts."""
     prefix = f"bench.{RUN_ID}"
     env = {
         **{name: secrets.token_urlsafe(SECRET_BYTES) for name in SECRETS},
@@ -55,7 +57,7 @@ def bench_stack(own_redis: bool = False) -> Stack:
     }
     ports = {name: free_port() for name in DEFAULT_PORTS}
     return Stack(REPO_ROOT / ".run" / "bench", env_overrides=env, ports=ports, quiet=True,
-                 own_redis=own_redis)
+                 own_redis=own_redis, own_postgres=own_postgres)
 
 
 def say(message: str) -> None:
@@ -64,9 +66,11 @@ def say(message: str) -> None:
 
 
 @contextmanager
-def running_bench_stack(say=say, own_redis: bool = False) -> Iterator[Stack]:
-    """A started bench_stack(own_redis), stopped and its data forgotten when the block ends."""
-    stack = bench_stack(own_redis)
+def running_bench_stack(say=say, own_redis: bool = False, own_postgres: bool = False
+                        ) -> Iterator[Stack]:
+    """A started bench_stack(own_redis, own_postgres), stopped and its data forgotten when the
+    block ends."""
+    stack = bench_stack(own_redis, own_postgres)
     say("starting the stack...")
     try:
         stack.start()
@@ -78,11 +82,21 @@ def running_bench_stack(say=say, own_redis: bool = False) -> Iterator[Stack]:
 
 def forget_stack_data(stack: Stack) -> None:
     """Drop the run's databases and delete its Redis keys once the stack has stopped (a Redis of
-    its own stopped with it, keys and all)."""
+    its own stopped with it, keys and all; a PostgreSQL of its own stopped too, its data
+    directory, databases and all, deleted)."""
+    if stack.own_postgres_url is not None:  # (started by the stack: none another run's)
+        shutil.rmtree(stack.run_dir / "postgres", ignore_errors=True)
     try:
         stack.env
     except RuntimeError:
         return  # it never got as far as naming them
+    if not stack.own_postgres:
+        _drop_databases(stack)
+    if not stack.own_redis:
+        forget_redis_keys(stack.env["REDIS_URL"], stack.env["REDIS_KEY_PREFIX"])
+
+
+def _drop_databases(stack: Stack) -> None:
     urls = [stack.env[f"{service}_DATABASE_URL"] for service in ("ORDERS", "PAYMENTS", "GATEWAY")]
     server = urls[0].rsplit("/", 1)[0]
     conn = psycopg2.connect(f"{server}/postgres")
@@ -93,8 +107,6 @@ def forget_stack_data(stack: Stack) -> None:
                 cursor.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
     finally:
         conn.close()
-    if not stack.own_redis:
-        forget_redis_keys(stack.env["REDIS_URL"], stack.env["REDIS_KEY_PREFIX"])
 
 
 def seed_shoppers(stack: Stack, count: int, balance: str = "1000000") -> list[str]:

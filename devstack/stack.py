@@ -87,6 +87,8 @@ class Stack:
     their URL bases as `servers`: none is looked for or started then. With `own_redis`, the stack
     runs a Redis of its own all the same, on a free port, in place of `servers`' or the machine's
     (one the chaos soak may kill: its processes' own, no other run's); `own_redis_url` names it.
+    So, with `own_postgres`, a PostgreSQL of its own (the embedded one, its data in
+    run_dir/postgres) holding every service's database; `own_postgres_url` names it.
     """
 
     def __init__(
@@ -98,12 +100,15 @@ class Stack:
         quiet: bool = True,
         servers: tuple[str, str] | None = None,
         own_redis: bool = False,
+        own_postgres: bool = False,
     ):
         self.run_dir = Path(run_dir).resolve()
         self.env_overrides = dict(env_overrides or {})
         self.servers = servers  # (PostgreSQL's URL base, Redis's), when given
         self.own_redis = own_redis
         self.own_redis_url: str | None = None  # (its URL base, once started)
+        self.own_postgres = own_postgres
+        self.own_postgres_url: str | None = None  # (its URL base, once started)
         self.ports = {**DEFAULT_PORTS, **(ports or {})}
         self.with_flower = with_flower
         self.quiet = quiet
@@ -210,10 +215,19 @@ class Stack:
 
     def _find_or_start_servers(self) -> tuple[str, str]:
         """PostgreSQL's and Redis's URL bases: `servers`', or the machine's own, or embedded ones
-        started (and stopped with the stack); Redis one started for the stack with `own_redis`."""
+        started (and stopped with the stack); one started for the stack with `own_postgres`, and
+        `own_redis`."""
         if self.servers is not None:
             postgres_base, redis_base = self.servers
-        else:
+        if self.own_postgres:
+            self._say("a PostgreSQL of its own...")
+            postgres_base, postgres = infra.start_embedded_postgres(
+                self.run_dir, infra.free_port(), on_start=self._group.note)
+            if postgres is None:  # (one runs on its data directory: not the stack's to restart)
+                raise RuntimeError(f"a PostgreSQL already runs on {self.run_dir / 'postgres'}")
+            self._adopt(postgres)
+            self.own_postgres_url = postgres_base
+        elif self.servers is None:
             self._say("PostgreSQL...")
             postgres_base, postgres = infra.ensure_postgres(self.run_dir,
                                                             on_start=self._group.note)

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = ChaosPlan(seed=args.seed, seconds=args.seconds, rate=args.rate,
                      scale_out=bool(args.scale))
-    with running_bench_stack(say, own_redis=True) as stack:  # (a Redis the soak restarts)
+    # (a Redis and a PostgreSQL the soak restarts)
+    with running_bench_stack(say, own_redis=True, own_postgres=True) as stack:
         result = run_chaos(stack, plan, say)
     print("\n".join(report_lines(plan, result)))
     return 1 if result.problems else 0

@@ -1,7 +1,7 @@
 """The disruptions: processes SIGKILLed (and started again) or SIGSTOPped (and SIGCONT'd), the
-stack's own Redis restarted empty, or payment requests sent again under new message ids, one every
-few seconds, from a shuffled deck of every kind so that each kind comes once before any comes
-twice, and a short run still deals every kind."""
+stack's own Redis restarted empty and its own PostgreSQL crashed and restarted, or payment requests
+sent again under new message ids, one every few seconds, from a shuffled deck of every kind so that
+each kind comes once before any comes twice, and a short run still deals every kind."""
 
 from __future__ import annotations
 
@@ -11,19 +11,39 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
 import psutil
 from confluent_kafka import KafkaException
 
-from bench.chaos.plan import BROKER_PAUSE, PAYMENT_REQUESTS_RESENT, REDIS_RESTART, ChaosPlan
-from devstack.infra import fail_if_port_taken, wait_for_redis_of_its_own
+from bench.chaos.plan import (BROKER_PAUSE, PAYMENT_REQUESTS_RESENT, POSTGRES_RESTART,
+                              REDIS_RESTART, ChaosPlan)
+from devstack.infra import (fail_if_port_taken, wait_for_postgres_of_its_own,
+                            wait_for_redis_of_its_own)
 from devstack.processes import ManagedProcess
 
-# How long Redis, started again, may take to answer before the run fails saying why.
-REDIS_ANSWERS_WITHIN_SECONDS = 15
+
+@dataclass(frozen=True)
+class OwnServer:
+    """A server the stack runs of its own (Stack's own_redis, own_postgres), which the soak
+    restarts: its process's name, what it is, what it comes back with, how it is known to answer
+    as itself (infra's wait_for_..._of_its_own) and how long it may take to before the run fails
+    saying why."""
+
+    name: str
+    what: str
+    comes_back: str
+    wait_for_its_own: Callable[[ManagedProcess, str, float], None]
+    answers_within: float
+
+
+REDIS = OwnServer("redis", "Redis", "empty", wait_for_redis_of_its_own, 15)
+# (Its crash recovery replays the WAL written since the last checkpoint: seconds at most here.)
+POSTGRES = OwnServer("postgres", "PostgreSQL", "recovered", wait_for_postgres_of_its_own, 60)
+OWN_SERVERS = {server.name: server for server in (REDIS, POSTGRES)}
 
 
 class StartAgain(Protocol):
@@ -50,10 +70,11 @@ class Disruptor:
     def __init__(self, plan: ChaosPlan, processes: dict[str, ManagedProcess],
                  start_again: StartAgain,
                  resend_payment_requests: Callable[[random.Random], int],
-                 say: Callable[[str], None], redis_url: str | None = None):
+                 say: Callable[[str], None], own_urls: Mapping[str, str] | None = None):
         self.plan, self.processes, self.say = plan, processes, say
-        # The stack's own Redis (Stack.own_redis_url), the process `redis` of `processes`.
-        self.redis_url = redis_url
+        # The URL of each server the stack runs of its own (Stack.own_redis_url,
+        # own_postgres_url), by its process's name in `processes` (OWN_SERVERS).
+        self.own_urls = dict(own_urls or {})
         # The stack's (Stack.start_again): it starts nothing once the stack is stopping (Ctrl-C).
         self.start_again = start_again
         # resent_requests.resend_with_fresh_ids, on the stack's broker and topic: how many sent.
@@ -117,7 +138,9 @@ class Disruptor:
         elif kind == PAYMENT_REQUESTS_RESENT:
             return self._resend_payment_requests()
         elif kind == REDIS_RESTART:
-            self._restart_redis()
+            self._restart_own(REDIS, kind, self.plan.redis_down_seconds)
+        elif kind == POSTGRES_RESTART:
+            self._restart_own(POSTGRES, kind, self.plan.postgres_down_seconds)
         elif kind.startswith("pause:"):
             self._pause(self.processes[kind.removeprefix("pause:")])
         elif kind.endswith("-child"):
@@ -181,19 +204,25 @@ class Disruptor:
         self.say(f"SIGKILL {kind}")
         return True
 
-    def _restart_redis(self) -> None:
-        """The stack's own Redis SIGKILLed and, after a pause, started again on its port, empty
-        (it keeps nothing on disk): every queued Celery task, cached read, rate count and
-        signature note gone, and every client's connection broken. Started again through
-        start_own_redis_again, so that nothing else is disrupted until it answers, and one that
-        cannot start again fails the run, saying why."""
-        if self.redis_url is None:
-            raise RuntimeError(f"{REDIS_RESTART}: the stack runs no Redis of its own")
-        redis, url = self.processes["redis"], self.redis_url
-        if self._kill_and_restart(redis, self.plan.redis_down_seconds,
-                                  start=lambda: start_own_redis_again(redis, url,
-                                                                      self.start_again)):
-            self.say(f"redis started again on {url}, empty, answering")
+    def _restart_own(self, server: OwnServer, kind: str, down_for: tuple[float, float]) -> None:
+        """A server the stack runs of its own SIGKILLed with its whole process group and, after a
+        pause drawn from `down_for`, started again on its port, every client's connection
+        broken. Redis comes back empty (it keeps nothing on disk): every queued Celery
+        task, cached read, rate count and signature note gone. PostgreSQL comes back as after a
+        crash, on its data directory: its postmaster and every backend killed at once, none left
+        holding the shared memory (the postmaster alone killed would leave its backends running,
+        and the new one refused to start while they hold it), so its start recovers from the WAL,
+        what was committed kept (fsync=off loses nothing to a process's death: only to the
+        machine's). Started again through start_own_server_again, so that nothing else is
+        disrupted until it answers, and one that cannot start again fails the run, saying why."""
+        url = self.own_urls.get(server.name)
+        if url is None:
+            raise RuntimeError(f"{kind}: the stack runs no {server.what} of its own")
+        process = self.processes[server.name]
+        if self._kill_and_restart(process, down_for,
+                                  start=lambda: start_own_server_again(process, url,
+                                                                       self.start_again)):
+            self.say(f"{server.name} started again on {url}, {server.comes_back}, answering")
 
     def _kill_and_restart(self, process: ManagedProcess,
                           down_for: tuple[float, float] | None = None,
@@ -215,22 +244,24 @@ class Disruptor:
         return True
 
 
-def start_own_redis_again(redis: ManagedProcess, url: str, start_again: StartAgain) -> bool:
-    """The stack's own Redis, down, started again on its port (`url`'s) through `start_again`
-    (Stack.start_again), and waited for until it answers as itself; False if it was left stopped,
-    the stack stopping (Ctrl-C) before or while it was waited for (no failure of the run's, and
-    one raised would take the KeyboardInterrupt's place on its way up, run_chaos). Raises, saying
-    why, if it cannot start again: its port taken (by another run's Redis, which would answer in
-    its place: found open just before the start, or answering as another process after it), or
-    it exiting of itself. The port is looked at by start_again, once it knows the stack is not
-    stopping: looked at first, a port taken would raise in a stopping stack's False's place."""
+def start_own_server_again(process: ManagedProcess, url: str, start_again: StartAgain) -> bool:
+    """A server the stack runs of its own (OWN_SERVERS, by the process's name), down, started
+    again on its port (`url`'s) through `start_again` (Stack.start_again), and waited for until
+    it answers as itself; False if it was left stopped, the stack stopping (Ctrl-C) before or
+    while it was waited for (no failure of the run's, and one raised would take the
+    KeyboardInterrupt's place on its way up, run_chaos). Raises, saying why, if it cannot start
+    again: its port taken (by another run's server, which would answer in its place: found open
+    just before the start, or answering as another process after it), or it exiting of itself.
+    The port is looked at by start_again, once it knows the stack is not stopping: looked at
+    first, a port taken would raise in a stopping stack's False's place."""
+    server = OWN_SERVERS[process.name]
     port = urlsplit(url).port
-    if not start_again(redis, lambda: fail_if_port_taken(port, "Redis")):
+    if not start_again(process, lambda: fail_if_port_taken(port, server.what)):
         return False
     try:
-        wait_for_redis_of_its_own(redis, url, REDIS_ANSWERS_WITHIN_SECONDS)
+        server.wait_for_its_own(process, url, server.answers_within)
     except RuntimeError:
-        if redis.alive() or redis.died():
+        if process.alive() or process.died():
             raise
         return False
     return True

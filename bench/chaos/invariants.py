@@ -89,9 +89,9 @@ def _messages_left(stack: Stack) -> list[str]:
 def requests_placed(ledger: Ledger, orders: dict[str, tuple[str, Decimal, str]]) -> list[str]:
     """Each order request (its tag the order's description) placed at most one order, of the user
     and amount it sent, the one its 202s named; an order no 202 named only by a request one of
-    whose tries may have placed it unanswered (no answer, a 502 or 504), never by one answered
-    only 503 or 4xx. A 503 whose commit went through is possible only when PostgreSQL fails as
-    it commits (shared.idempotency), which the soak never disrupts: here it is a violation."""
+    whose tries may have placed it unanswered (no answer, a 502 or 504, or a 503
+    DATABASE_UNAVAILABLE: PostgreSQL, which the soak crashes, failing as the order committed,
+    shared.idempotency), never by one answered only another 503 or a 4xx: a violation."""
     problems = []
     by_tag = defaultdict(list)
     for order_id, (user, amount, tag) in orders.items():

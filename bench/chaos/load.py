@@ -46,6 +46,9 @@ class Shopper:
 
 
 AMBIGUOUS_STATUSES = (502, 504)
+# The one 503 that may hide an order placed: its service's database failed, which may have been
+# as it committed (the commit made, its answer lost: the soak crashes PostgreSQL).
+COMMIT_MAY_HAVE_GONE_THROUGH = "DATABASE_UNAVAILABLE"
 
 
 def transient(status: int | str) -> bool:
@@ -66,16 +69,19 @@ class Request:
     amount: Decimal
     answers: list[int | str] = field(default_factory=list)
     acknowledged: set[str] = field(default_factory=set)
+    # Whether a try was answered 503 DATABASE_UNAVAILABLE (COMMIT_MAY_HAVE_GONE_THROUGH).
+    database_failed: bool = False
 
     @property
     def ambiguous(self) -> bool:
         """Whether a try may have placed an order unacknowledged: one with no answer (its
-        exception's name), or a 502 or 504 (the gateway's call sent, its answer lost). A 503
-        says it was not (the gateway's call never sent, or the service's own refusal), unless
-        PostgreSQL failed as it committed, which the soak does not disrupt: the invariants hold
-        the shop to it."""
-        return any(not isinstance(answer, int) or answer in AMBIGUOUS_STATUSES
-                   for answer in self.answers)
+        exception's name), a 502 or 504 (the gateway's call sent, its answer lost), or a 503
+        DATABASE_UNAVAILABLE (PostgreSQL, crashed by the soak, may have failed as the order's
+        transaction committed, having committed it). Any other 503 says it was not (the
+        gateway's call never sent, or the service's own refusal before its commit): the
+        invariants hold the shop to it."""
+        return self.database_failed or any(
+            not isinstance(answer, int) or answer in AMBIGUOUS_STATUSES for answer in self.answers)
 
 
 @dataclass(frozen=True)
@@ -238,6 +244,8 @@ class Load:
                 request = ledger.requests.setdefault(
                     tag, Request(shopper.user_id, Decimal(amount)))
                 request.answers.append(status)
+                if status == 503 and _error_code(answer) == COMMIT_MAY_HAVE_GONE_THROUGH:
+                    request.database_failed = True
                 if status == 202:
                     order_id = answer.json()["id"]
                     ledger.accepted[order_id] = (shopper.user_id, Decimal(amount))
@@ -338,3 +346,11 @@ class Load:
             # noted, and sent again once the shop has settled.
             if self._deposit_confirmed(shopper, OPENING_DEPOSIT, key, "gateway"):
                 self.say(f"late account opened for {shopper.user_id}")
+
+
+def _error_code(answer: requests.Response) -> str | None:
+    """The shop's error code in an error answer's body (shared.errors), if it has one."""
+    try:
+        return answer.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None

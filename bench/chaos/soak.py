@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
-from bench.chaos.disruptions import Disruptor, StartAgain, start_own_redis_again
+from bench.chaos.disruptions import Disruptor, StartAgain, start_own_server_again
 from bench.chaos.followers import Followers
 from bench.chaos.invariants import check, settle, sockets_caught_up
 from bench.chaos.load import Load
@@ -38,8 +38,13 @@ class ChaosResult:
 
 
 def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> ChaosResult:
-    if stack.own_redis_url is None:  # (its Redis is restarted: no other run's may be)
+    # (Its Redis and PostgreSQL are restarted: no other run's may be.)
+    if stack.own_redis_url is None:
         raise ValueError("the chaos soak needs a stack with a Redis of its own (own_redis)")
+    if stack.own_postgres_url is None:
+        raise ValueError("the chaos soak needs a stack with a PostgreSQL of its own"
+                         " (own_postgres)")
+    own_urls = {"redis": stack.own_redis_url, "postgres": stack.own_postgres_url}
     with scaled_out(stack, SCALED_OUT if plan.scale_out else ()) as processes:
         load = Load(plan, stack, say)
         load.seed_shoppers()
@@ -49,7 +54,7 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
                           plan.seed) as followers:
             resend = partial(resend_with_fresh_ids, load_settings(stack.env))
             disruptor = Disruptor(plan, processes, stack.start_again, resend, say,
-                                  redis_url=stack.own_redis_url).start()
+                                  own_urls=own_urls).start()
             load.start()
             began = time.monotonic()
             try:
@@ -61,7 +66,7 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
                     disruptor.stop()
                     # Before the load's stop, which waits for its requests' retries: those to a
                     # process down would wait out their patience, and a deposit go unconfirmed.
-                    start_the_dead(processes, stack.start_again, stack.own_redis_url, say)
+                    start_the_dead(processes, stack.start_again, own_urls, say)
                 finally:
                     offered = load.stop()
                     seconds = time.monotonic() - began
@@ -79,19 +84,20 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
 
 
 def start_the_dead(processes: dict[str, ManagedProcess],
-                   start_again: StartAgain, redis_url: str,
+                   start_again: StartAgain, own_urls: Mapping[str, str],
                    say: Callable[[str], None]) -> None:
     """Start again each process down: died of itself, or killed as the disruptions stopped (the
     disruptor starts again the others it kills). Through `start_again` (Stack.start_again), which
     starts nothing once the stack is stopping: this runs as a Ctrl-C's KeyboardInterrupt goes by
     too, after the stop it came with has stopped every process, and a process started then would
-    be the group's no more, left running with no one to stop it. The stack's own Redis (`redis`,
-    on `redis_url`) as the disruptor starts it again (start_own_redis_again): never another run's
-    Redis on its port taken for it, one that cannot start raising why."""
+    be the group's no more, left running with no one to stop it. A server the stack runs of its
+    own (its URL in `own_urls` by its name) as the disruptor starts it again
+    (start_own_server_again): never another run's on its port taken for it, one that cannot start
+    raising why."""
     for name, process in processes.items():
         if not process.alive():
-            started = (start_own_redis_again(process, redis_url, start_again) if name == "redis"
-                       else start_again(process))
+            started = (start_own_server_again(process, own_urls[name], start_again)
+                       if name in own_urls else start_again(process))
             say(f"{process.name} not running: {'started again' if started else 'left stopped'}")
 
 

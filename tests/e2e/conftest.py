@@ -9,8 +9,9 @@ import sqlalchemy as sa
 
 from devstack.infra import free_port
 from devstack.stack import Stack
+from shared.config import SERVICES
 from tests.e2e.shop_client import ShopClient
-from tests.environment import REDIS_DB, service_env
+from tests.environment import REDIS_DB, database_name, service_env
 
 
 # The e2e layer's fixtures last as long as the layer: the shop it starts (some fifteen processes,
@@ -24,22 +25,27 @@ def stack(infrastructure, run_dir):
 
 
 def stack_of_its_own(infrastructure, run_dir, layer: str, redis_base: str | None = None,
-                     own_redis: bool = False) -> Stack:
+                     own_redis: bool = False, own_postgres: bool = False) -> Stack:
     """The whole shop, not started, on free ports and under the layer's names, with a broker of
     its own (which tests stop), on the session's PostgreSQL and Redis (or the Redis at
     `redis_base`): none of its own, embedded or not, but for a Redis of its own with `own_redis`
-    (Stack's: one the test may kill), which takes no `redis_base` (it would go unused)."""
+    (Stack's: one the test may kill), which takes no `redis_base` (it would go unused), and a
+    PostgreSQL of its own with `own_postgres` (Stack's, holding the layer's databases)."""
     if own_redis and redis_base is not None:
         raise ValueError("a stack with a Redis of its own (own_redis) takes no redis_base")
     redis_base = redis_base or infrastructure.redis_base
-    # ("{redis}": the stack's own, once started)
+    # ("{redis}", "{postgres}": the stack's own, once started)
     redis_url = f"{'{redis}' if own_redis else redis_base}/{REDIS_DB[layer]}"
     env = service_env(infrastructure, layer, REDIS_URL=redis_url, CELERY_BROKER_URL=redis_url)
+    if own_postgres:
+        env.update({f"{service.upper()}_DATABASE_URL":
+                    f"{{postgres}}/{database_name(layer, service)}" for service in SERVICES})
     env.pop("KAFKA_BOOTSTRAP_SERVERS")
     return Stack(run_dir / layer, env_overrides=env,
                  ports={name: free_port() for name in ("gateway", "orders", "payments", "broker",
                                                        "orders-grpc", "payments-grpc")},
-                 servers=(infrastructure.postgres_base, redis_base), own_redis=own_redis)
+                 servers=(infrastructure.postgres_base, redis_base), own_redis=own_redis,
+                 own_postgres=own_postgres)
 
 
 @pytest.fixture

@@ -1,12 +1,13 @@
 """The chaos soak (bench.chaos, `make chaos`), run briefly so that it cannot rot and so that every
 `make test` has the shop's processes killed under load once: orders and deposits offered at a
 modest rate while each kind of process is SIGKILLed or SIGSTOPped in turn, every two seconds or
-so, Redis too (the stack's own, restarted empty), and then exactly once holds in the databases.
+so, Redis too (the stack's own, restarted empty) and PostgreSQL (the stack's own, crashed and
+restarted), and then exactly once holds in the databases.
 It asserts the invariants and that the disruptions happened, never how many orders finished or
 how fast.
 
-On a stack of its own, with a Redis of its own: its processes are killed, and the package's
-stack's and the session's Redis must not be."""
+On a stack of its own, with a Redis and a PostgreSQL of its own: its processes are killed, and
+the package's stack's and the session's servers must not be."""
 
 from __future__ import annotations
 
@@ -18,17 +19,18 @@ from bench.chaos.soak import run_chaos
 from tests.e2e.conftest import stack_of_its_own
 
 LAYER = "chaos"
-# Each of the 16 kinds once, one every 1.5 to 2 s: some 29 s of load. No second workers (the
+# Each of the 17 kinds once, one every 1.5 to 2 s: some 31 s of load. No second workers (the
 # soak's scale-out): the machine running the suite may have two cores.
 PLAN = ChaosPlan(seed=7, seconds=20, rate=8, users=12, late_users=3, scale_out=False,
                  kill_every=(1.5, 2), restart_after=(0, 0.5), pause_seconds=(2, 8),
                  broker_pause_seconds=(1, 3), redis_down_seconds=(0.5, 1.5),
+                 postgres_down_seconds=(0.5, 1.5),
                  settle_seconds=180, socket_users=4)
 
 
 @pytest.fixture(scope="module")
 def shop(infrastructure, run_dir):
-    shop = stack_of_its_own(infrastructure, run_dir, LAYER, own_redis=True)
+    shop = stack_of_its_own(infrastructure, run_dir, LAYER, own_redis=True, own_postgres=True)
     shop.start()
     yield shop
     shop.stop()

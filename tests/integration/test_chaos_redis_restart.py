@@ -37,7 +37,7 @@ def test_redis_restarted_comes_back_on_its_port_empty_after_a_pause_of_the_seeds
         client.set("queued-task", "1")
         first_pid = server.pid
         disruptor = Disruptor(plan, {"redis": server}, group.start_again, lambda rng: 0,
-                              said.append, redis_url=url)
+                              said.append, own_urls={"redis": url})
         assert disruptor._disrupt(REDIS_RESTART)
         assert server.pid != first_pid and server.alive()
         assert client.get("queued-task") is None  # (its client reconnects to the same port)
@@ -61,7 +61,8 @@ def _restarting_redis(tmp_path, start_again=None, say=lambda message: None):
     url, server = start_embedded_redis(tmp_path, free_port())
     group.add(server)
     disruptor = Disruptor(ChaosPlan(seed=7, redis_down_seconds=(0.1, 0.3)), {"redis": server},
-                          start_again or group.start_again, lambda rng: 0, say, redis_url=url)
+                          start_again or group.start_again, lambda rng: 0, say,
+                          own_urls={"redis": url})
     return disruptor, group, url, server
 
 
@@ -166,7 +167,7 @@ def test_the_dead_redis_is_started_again_by_the_run_answering_as_itself(tmp_path
     group, url, server = _a_dead_redis(tmp_path)
     said: list[str] = []
     try:
-        start_the_dead({"redis": server}, group.start_again, url, said.append)
+        start_the_dead({"redis": server}, group.start_again, {"redis": url}, said.append)
         assert redis_process_id(url) == server.pid  # (answering already, as the settle begins)
     finally:
         group.stop_all()
@@ -181,7 +182,8 @@ def test_another_redis_on_the_dead_ones_port_fails_the_run_and_ours_is_not_start
     other = start_embedded_redis(tmp_path / "other", port)[1]
     try:
         with pytest.raises(RuntimeError, match=f"port {port} is already in use; cannot start"):
-            start_the_dead({"redis": server}, group.start_again, url, lambda message: None)
+            start_the_dead({"redis": server}, group.start_again, {"redis": url},
+                           lambda message: None)
         assert not server.alive()
     finally:
         group.stop_all()
@@ -198,7 +200,7 @@ def test_a_dead_redis_is_left_stopped_once_the_stacks_stop_has_begun_whoever_hol
     said: list[str] = []
     try:
         group.stop_all()
-        start_the_dead({"redis": server}, group.start_again, url, said.append)
+        start_the_dead({"redis": server}, group.start_again, {"redis": url}, said.append)
         assert not server.alive()
     finally:
         group.stop_all()
@@ -219,7 +221,8 @@ def test_another_redis_answering_once_the_dead_one_is_started_again_fails_the_ru
 
     try:
         with pytest.raises(RuntimeError, match=f"another Redis .* answers on {url}, not redis"):
-            start_the_dead({"redis": server}, start_again_after_another, url, lambda message: None)
+            start_the_dead({"redis": server}, start_again_after_another, {"redis": url},
+                           lambda message: None)
     finally:
         group.stop_all()
         for other in others:
@@ -250,7 +253,7 @@ def test_a_stack_with_a_redis_of_its_own_runs_on_it_not_on_servers_and_leaves_no
 
         disruptor = Disruptor(ChaosPlan(seed=7, redis_down_seconds=(0.1, 0.3)), processes,
                               shop.start_again, lambda rng: 0, lambda message: None,
-                              redis_url=own)
+                              own_urls={"redis": own})
         assert disruptor._disrupt(REDIS_RESTART)
         pids.append(redis.pid)
         assert redis_process_id(own) == redis.pid != first_pid

@@ -52,6 +52,17 @@ def test_an_order_of_a_try_refused_503_or_4xx_is_a_violation():
     assert len(problems) == 2 and all("never acknowledged" in line for line in problems)
 
 
+def test_an_order_of_a_try_answered_503_database_unavailable_is_no_violation():
+    """PostgreSQL, crashed by the soak, may fail as the order's transaction commits, having
+    committed it: the service answers 503 DATABASE_UNAVAILABLE, the order placed. Another 503
+    beside it still excuses nothing."""
+    ledger = _ledger(crashed=Request("u1", Decimal("1.00"), [503], database_failed=True),
+                     refused=Request("u1", Decimal("2.00"), [503]))
+    orders = {"D": ("u1", Decimal("1.00"), "crashed"), "R": ("u1", Decimal("2.00"), "refused")}
+    problems = requests_placed(ledger, orders)
+    assert len(problems) == 1 and problems[0].startswith("order R placed by request refused")
+
+
 def test_an_acknowledged_order_stored_with_another_user_or_amount_is_a_violation():
     ledger = _ledger(sent=Request("u1", Decimal("5.00"), [202], {"A"}))
     problems = requests_placed(ledger, {"A": ("u1", Decimal("50.00"), "sent")})
