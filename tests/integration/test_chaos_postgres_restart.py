@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
@@ -22,6 +24,7 @@ from bench.chaos.plan import POSTGRES_RESTART, ChaosPlan
 from bench.chaos.soak import run_chaos, start_the_dead
 from devstack.infra import (free_port, port_open, postgres_process_id, start_embedded_postgres,
                             wait_until)
+from devstack.postmaster_lock import PostmasterLock, processes_attached_to
 from devstack.processes import ManagedProcess, ProcessGroup
 from devstack.stack import DEFAULT_PORTS, Stack
 from tests.process_tools import gone
@@ -37,6 +40,17 @@ def _restarting_postgres(folder, start_again=None, say=lambda message: None):
     disruptor = Disruptor(PLAN, {"postgres": server}, start_again or group.start_again,
                           lambda rng: 0, say, own_urls={"postgres": url})
     return disruptor, group, url, server
+
+
+def _remove_a_killed_servers_shared_memory(folder: Path) -> None:
+    """A server killed and not started again on its data directory leaves its System V segment,
+    which only a server started there would remove (the folder goes with the test): removed here,
+    once nothing is attached to it."""
+    lock = PostmasterLock.read(folder / "postgres")
+    if lock is not None and lock.shared_memory is not None:
+        if processes_attached_to(lock.shared_memory) == 0:
+            subprocess.run(["ipcrm", "-m", str(lock.shared_memory[1])],
+                           stderr=subprocess.DEVNULL, check=False)
 
 
 def test_postgres_crashed_comes_back_on_its_port_with_what_was_committed(server_dir):
@@ -94,6 +108,7 @@ def test_a_postgres_on_the_port_while_ours_was_down_fails_the_restart_and_ours_i
         group.stop_all()
         for other in others:
             other.stop()
+        _remove_a_killed_servers_shared_memory(server_dir / "ours")
 
 
 def test_another_postgres_answering_on_the_port_once_ours_is_started_again_fails_the_restart(
@@ -122,6 +137,7 @@ def test_another_postgres_answering_on_the_port_once_ours_is_started_again_fails
         group.stop_all()
         for other in others:
             other.stop()
+        _remove_a_killed_servers_shared_memory(server_dir / "ours")
 
 
 def test_a_postgres_that_dies_of_itself_as_it_starts_again_fails_the_restart(server_dir):
@@ -136,6 +152,7 @@ def test_a_postgres_that_dies_of_itself_as_it_starts_again_fails_the_restart(ser
             disruptor._disrupt(POSTGRES_RESTART)
     finally:
         group.stop_all()
+        _remove_a_killed_servers_shared_memory(server_dir)
 
 
 def test_the_dead_postgres_is_started_again_by_the_run_answering_as_itself(server_dir):
