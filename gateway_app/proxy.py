@@ -6,9 +6,10 @@ A service that cannot be reached answers 503, one too slow 504 (one deadline for
 gateway_app/upstream_http.py), one that fails (or refuses the gateway's signed identity, or answers
 what is no answer of its API: not JSON, an error of another shape, a redirect) 502: always the
 usual JSON error, never a hang and never a stack trace. A request that a kept-alive connection was
-closed on is sent again where that is safe (upstream_http.py). A service that answers 503 itself,
-with the usual JSON error (its database unavailable, say), is relayed as it is, its Retry-After
-passed on as seconds, 1 to a day's (gateway_app/upstream_answers.py; one that is none, left out).
+closed on is sent again where that is safe (upstream_http.py; what is safe: resends.py). A service
+that answers 503 itself, with the usual JSON error (its database unavailable, say), is relayed as
+it is, its Retry-After passed on as seconds, 1 to a day's (gateway_app/upstream_answers.py; one
+that is none, left out).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flask import Response, current_app, g, request
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from webargs.flaskparser import is_json_request
 
+from gateway_app.resends import safe_to_send_again
 from gateway_app.upstream_answers import (UNREADABLE_JSON, an_error_of_the_api,
                                           failure_for_status, retry_after_passed_on)
 from gateway_app.upstream_http import send
@@ -81,7 +83,7 @@ def forward(service: str, path: str, idempotent: bool = False,
         upstream = send(
             service, method, f"{base}{path}",
             deadline_seconds=settings.upstream_timeout_seconds,
-            safe_to_repeat=method == "GET" or key is not None,
+            safe_to_repeat=safe_to_send_again(method, key),
             params=params, data=body, headers=headers, allow_redirects=False,
             # Signed as each try is sent (a resend's timestamp and nonce its own), for its method,
             # path and query as sent, body, Idempotency-Key and deadline.

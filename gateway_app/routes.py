@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app, jsonify
+from flask import current_app, jsonify, request
 
 from gateway_app import upstream_grpc
 from gateway_app.auth import SIGNED_IN_ERRORS
 from gateway_app.proxy import forward
+from gateway_app.resends import safe_to_send_again
 from orders_app.schemas import (GET_ORDER_ERRORS, LIST_ORDERS_ERRORS, ORDER_PAGE_LINKS,
                                 PLACE_ORDER_ERRORS, PLACED_ORDER_LINKS, ListOrdersQuerySchema,
                                 OrderPageSchema, OrderSchema, PlaceOrderSchema,
@@ -40,7 +41,10 @@ def _over_http() -> bool:
 
 
 def _grpc(service: str, method: str, body: dict[str, Any], status: int):
-    reply, headers = upstream_grpc.call(service, method, body)
+    # (A HEAD runs as its GET. The key is in the body of the routes that honour one alone.)
+    reply, headers = upstream_grpc.call(
+        service, method, body,
+        safe_to_send_again=safe_to_send_again(request.method, body.get("idempotency_key")))
     return jsonify(reply), status, headers
 
 

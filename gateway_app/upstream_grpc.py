@@ -1,8 +1,9 @@
 """Calling the services over gRPC: one channel per service per process (a connection gone silent
 found out by keepalive pings), the caller's identity, the gateway's deadline (both signed) and the
-request id in the call metadata, that deadline on every call, and gRPC failures mapped back to the
-HTTP errors the services' HTTP APIs would have given (a replayed answer's mark too:
-Idempotent-Replayed)."""
+request id in the call metadata, that deadline on every call, a call whose connection broke once
+it was sent, before its reply, sent once more where that is safe (gateway_app/resends.py), and gRPC
+failures mapped back to the HTTP errors the services' HTTP APIs would have given (a replayed
+answer's mark too: Idempotent-Replayed)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import json
 import logging
 import re
 import threading
+import time
 from typing import Any
 
 import grpc
 from flask import current_app, g
 
+from gateway_app.resends import SECOND_TRY_NEEDS_SECONDS
 from gateway_app.upstream_answers import (UNREADABLE_JSON, an_error_of_the_api,
                                           failure_for_status, retry_after_passed_on)
 from shared.caller_deadline import deadline_moment
@@ -45,8 +48,12 @@ _stubs: dict[tuple[str, str], Any] = {}
 _stubs_lock = threading.Lock()
 
 
+def _target(service: str) -> str:
+    return getattr(current_app.extensions["hseshop.settings"], f"{service}_grpc_target")
+
+
 def _stub(service: str):
-    target = getattr(current_app.extensions["hseshop.settings"], f"{service}_grpc_target")
+    target = _target(service)
     with _stubs_lock:
         if (service, target) not in _stubs:
             _stubs[(service, target)] = STUBS[service](
@@ -54,30 +61,68 @@ def _stub(service: str):
         return _stubs[(service, target)]
 
 
-def call(service: str, method: str,
-         body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def call(service: str, method: str, body: dict[str, Any], *,
+         safe_to_send_again: bool) -> tuple[dict[str, Any], dict[str, str]]:
     """Call `method` of `service` with a request built from `body`: the reply as a JSON body, and
     the headers the HTTP API would have answered it with beside its Content-Type (what the
-    reply's trailers say: Idempotent-Replayed)."""
+    reply's trailers say: Idempotent-Replayed). Sent once more, on a new connection, within what
+    is left of the deadline, when the connection it went on broke before a byte of a reply came,
+    if it is `safe_to_send_again` (gateway_app/resends.py)."""
     settings = current_app.extensions["hseshop.settings"]
     request = to_message(REQUEST_TYPES[(service, method)], body)
+    seconds = settings.upstream_timeout_seconds
+    ends = time.monotonic() + seconds
+    # The moment the gateway stops waiting, one for the call, its second try's too (as over HTTP:
+    # shared/caller_deadline.py).
+    deadline = deadline_moment(seconds)
+    try:
+        reply, answered = _sent(_stub(service), service, method, request, deadline, seconds)
+    except grpc.RpcError as exc:
+        left = ends - time.monotonic()
+        if not (safe_to_send_again and _dropped_once_sent(exc)
+                and left > SECOND_TRY_NEEDS_SECONDS):
+            raise _http_error(service, exc) from None
+        log.info("%s closed the connection without answering (%s): sending the call again on a"
+                 " new one", service, exc.details())
+        try:
+            with _channel_of_its_own(service) as channel:
+                reply, answered = _sent(STUBS[service](channel), service, method, request,
+                                        deadline, left)
+        except grpc.RpcError as again:
+            # Never sent (no connection made: no service in the dead one's place), the first try
+            # may have been carried out: its failure is the one to answer for (a 502, "may have
+            # been carried out"), not this one's "unavailable", which would deny it.
+            raise _http_error(service, exc if _never_sent(again) else again) from None
+    return to_body(reply), ({REPLAYED_HEADER: REPLAYED}
+                            if _trailers(answered).get(REPLAYED_KEY) == REPLAYED else {})
+
+
+def _channel_of_its_own(service: str) -> grpc.Channel:
+    """A channel to `service` that makes a connection of its own (a subchannel pool of its own:
+    grpc-core's channels to one target share their connections otherwise), for a call sent
+    again. On the process's channel the second try could be put on the broken connection, which
+    grpc-core has not yet closed as the first call's failure comes (its close held back by a
+    write under way: "Delayed close due to in-progress write"), and fail with it."""
+    return grpc.insecure_channel(_target(service), options=[
+        *channel_options(), ("grpc.use_local_subchannel_pool", 1)])
+
+
+def _sent(stub: Any, service: str, method: str, request: Any, deadline: str,
+          timeout: float) -> tuple[Any, Any]:
+    """`request` sent through `stub` to `method` of `service`, waiting `timeout` seconds at most:
+    its reply and its grpc.Call."""
+    settings = current_app.extensions["hseshop.settings"]
     # Signed for this method and this message's bytes, which the stub sends as serialized here
     # (a message serializes to the same bytes each time: its fields in their numbers' order), and
     # for the moment the gateway stops waiting, which the service keeps to if the call's own
     # timeout (unsigned: a captured call could be sent again with a longer one) is later; with a
-    # nonce of its own (x-gateway-nonce), so that two calls alike are two signatures.
+    # nonce of its own (x-gateway-nonce), so that two calls alike are two signatures, and each
+    # try is signed afresh, as over HTTP.
     metadata = grpc_identity_metadata(g.user_id, settings.internal_auth_secret,
                                       f"/{SERVICE_NAMES[service]}/{method}",
-                                      request.SerializeToString(),
-                                      deadline_moment(settings.upstream_timeout_seconds))
+                                      request.SerializeToString(), deadline)
     metadata.append((REQUEST_ID_HEADER.lower(), current_request_id() or ""))
-    try:
-        reply, answered = getattr(_stub(service), method).with_call(
-            request, metadata=metadata, timeout=settings.upstream_timeout_seconds)
-    except grpc.RpcError as exc:
-        raise _http_error(service, exc) from None
-    return to_body(reply), ({REPLAYED_HEADER: REPLAYED}
-                            if _trailers(answered).get(REPLAYED_KEY) == REPLAYED else {})
+    return getattr(stub, method).with_call(request, metadata=metadata, timeout=timeout)
 
 
 def _trailers(rpc) -> dict[str, str]:
@@ -99,7 +144,7 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
     # Said in the log as the HTTP transport says it (gateway_app/proxy.py): the call may never
     # have reached the service, whose log then holds nothing of it.
     code = exc.code()
-    if code == grpc.StatusCode.UNAVAILABLE and _never_sent(exc):
+    if _never_sent(exc):
         log.warning("%s unreachable: %s", service, exc.details())
         return ServiceUnavailable.of(service)
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -163,4 +208,16 @@ _NEVER_SENT_DETAILS = ("failed to connect to all addresses", "errors resolving",
 
 def _never_sent(exc: grpc.RpcError) -> bool:
     """True if the failed call never left the gateway (an UNAVAILABLE of grpc's own)."""
-    return (exc.details() or "").startswith(_NEVER_SENT_DETAILS)
+    return (exc.code() == grpc.StatusCode.UNAVAILABLE and HTTP_STATUS_KEY not in _trailers(exc)
+            and (exc.details() or "").startswith(_NEVER_SENT_DETAILS))
+
+
+def _dropped_once_sent(exc: grpc.RpcError) -> bool:
+    """True if the failed call was sent, and the connection it went on broke before a byte of a
+    reply came (its initial metadata, which the services send with the reply): an UNAVAILABLE
+    of grpc's own, not the service's (its trailers say none of its errors), not _never_sent. As
+    the HTTP transport's kept-alive connection closed before an answer, but for a connection
+    made for the call: a gRPC service refuses a call with a status, never by closing the
+    connection."""
+    return (exc.code() == grpc.StatusCode.UNAVAILABLE and HTTP_STATUS_KEY not in _trailers(exc)
+            and not exc.initial_metadata() and not _never_sent(exc))

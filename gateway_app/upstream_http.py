@@ -14,28 +14,17 @@ Connections are kept alive and pooled, and a service closes one idle past its ke
 gunicorn's default) whenever it likes: just as the gateway sends a request on it, say, and the
 request then fails before a byte of an answer comes, though the service has most likely not seen
 it. A request that fails so, on a connection that carried one before, is sent once more, on a new
-connection, within what is left of the deadline, where that is safe: a GET (or HEAD), or a POST
-with an Idempotency-Key on a route that honours one (POST /api/orders, /api/accounts/deposit: the
-service answers a repeat with the first answer, or carries it out once if the first was not;
-gateway_app/proxy.py passes no key on from any other). A POST without one passed on fails, as does
-a request closed without an answer on a connection made for it (the second try's too), or after a
-byte of one: the service may have carried it out, or is refusing it. The connections are the
-services' own, never through a proxy the environment names, and carry no cookie (none is kept).
+connection, within what is left of the deadline, where that is safe (gateway_app/resends.py: a GET
+or HEAD, or a POST with an Idempotency-Key passed on). Any other fails, as does a request closed
+without an answer on a connection made for it (the second try's too), or after a byte of one: the
+service may have carried it out, or is refusing it. The connections are the services' own, never
+through a proxy the environment names, and carry no cookie (none is kept).
 
-How soon the failure came does not count. A close the service made before the request came can
-show late on a slowed host (two busy cores, a pause for the collector: the failure is seen when the
-thread next reads, not when the close came), and a safe GET would be a 502 that a second try
-answers. A request the service read, held and then dropped unanswered (its worker killed, say) may
-have been carried out, but repeating a safe one does nothing its safety does not allow: a read
-reads again, a keyed POST is answered its first answer. Go's net/http Transport retries so (a
-reused connection, no byte of an answer read; a GET, HEAD, OPTIONS or TRACE, or a request with an
-Idempotency-Key), with no timing condition; urllib3's Retry, given reads to retry, repeats an
-idempotent method whatever failed after the send; nginx passes a request it sent on to the next
-server only if it is idempotent (proxy_next_upstream's non_idempotent). A request that itself kills
-the service's worker (a "poison" request) is thus sent twice, no more, for each call (a failure on
-the new connection is never tried again): a timing rule would not spare the likelier kind, one that
-kills it at once, and that bounded cost is taken so that a safe request does not fail at random
-under load.
+How soon the failure came does not count (gateway_app/resends.py): a close the service made
+before the request came can show late on a slowed host (two busy cores, a pause for the
+collector: the failure is seen when the thread next reads, not when the close came), and a safe
+GET would be a 502 that a second try answers; one the service read, held and then dropped (its
+worker killed) is sent again as well.
 """
 
 from __future__ import annotations
@@ -53,11 +42,11 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
+from gateway_app.resends import SECOND_TRY_NEEDS_SECONDS
+
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 1.0
-# The least of the call's deadline left that is worth a second try.
-SECOND_TRY_NEEDS_SECONDS = 0.05
 
 _sessions = threading.local()
 

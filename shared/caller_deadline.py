@@ -5,13 +5,13 @@ it, the service commits nothing (shared.db.transaction rolls back) and answers 5
 and a request that client retries (an order placed without an Idempotency-Key) must not find the
 first one done as well.
 
-A moment, not a number of seconds: the request may wait before the service reads it (for a
-server thread, in a backlog), and that wait is the caller's too; and a request the gateway sends
-again (upstream_http.py) carries the same moment. It holds as far as the clocks of the gateway's
-and the service's hosts agree, and they must agree to well under UPSTREAM_TIMEOUT_SECONDS (one
-host's: exactly): a service whose clock runs ahead refuses every write as too late, one whose
-clock runs behind commits some after the gateway's 504. A request that arrives with its moment
-passed is logged (a backlog, or clocks that disagree).
+A moment, not a number of seconds: the request may wait before the service reads it (for a server
+thread, in a backlog), and that wait is the caller's too; and a request the gateway sends again
+(gateway_app/resends.py) carries the same moment. It holds as far as the clocks of the gateway's and
+the service's hosts agree, and they must agree to well under UPSTREAM_TIMEOUT_SECONDS (one host's:
+exactly): a service whose clock runs ahead refuses every write as too late, one whose clock runs
+behind commits some after the gateway's 504. A request that arrives with its moment passed is logged
+(a backlog, or clocks that disagree).
 
 Signed with the identity (shared.internal_auth), so that a captured request sent again cannot
 carry a later moment and commit after the gateway's 504. Over HTTP it may be left out (a direct

@@ -16,9 +16,9 @@ A replayed answer says so: `take_replayed_mark()` tells the transport, which ans
 `Idempotent-Replayed: true` (REPLAYED_HEADER, as Stripe names it; in a gRPC call's trailers), so
 that a client can tell a retry's answer from a fresh one (did the money move now, or the first
 time?). A fresh answer has no such header. The retry need not be the client's: a keyed POST the
-gateway sent again (over HTTP, its kept-alive connection closed unanswered:
-gateway_app/upstream_http.py) is answered "replayed" when the first send of this same request did
-the work, though the client sent it once.
+gateway sent again (its connection closed unanswered, over either transport:
+gateway_app/resends.py) is answered "replayed" when the first send of this same request did the
+work, though the client sent it once.
 
 The key is recorded in the same transaction as the work it guards, so a request that fails leaves
 no key behind, and two concurrent requests with one key run one after the other (the second waits

@@ -8,16 +8,15 @@ whole minute was open only to a request signed without a deadline (over HTTP, a 
 for itself).
 
 Only there: a read changes nothing, a keyed write's repeat is answered with its first answer
-(shared.idempotency) and the gateway sends again only those two (gateway_app/upstream_http.py; a
-gRPC call only when grpc-core knows the service never saw it), and opening an account twice is a
-409. So the check costs one Redis round trip per unkeyed write, and none elsewhere. Each use is
-noted (SET NX, a digest of the signature) before the work, and kept for as long as the signature
-could be accepted. Each signature is made once: a random nonce is signed with every request
-(shared.internal_auth), so a user's two orders alike are two signatures however close together
-they are signed, and by however many gateway processes. They were one when signed in the same
-second with the same deadline (a moment to the microsecond, which two gateway processes or
-threads could both write), and the second was refused as a repeat: only a signed request sent
-again is one now.
+(shared.idempotency) and the gateway sends again only those two (gateway_app/resends.py, over either
+transport), and opening an account twice is a 409. So the check costs one Redis round trip per
+unkeyed write, and none elsewhere. Each use is noted (SET NX, a digest of the signature) before the
+work, and kept for as long as the signature could be accepted. Each signature is made once: a random
+nonce is signed with every request (shared.internal_auth), so a user's two orders alike are two
+signatures however close together they are signed, and by however many gateway processes. They were
+one when signed in the same second with the same deadline (a moment to the microsecond, which two
+gateway processes or threads could both write), and the second was refused as a repeat: only a
+signed request sent again is one now.
 
 A signed unkeyed write is one try; retry by signing again. The use is noted before the work, so a
 first try that fails (a 503, a 504) has used its signature up too, and its repeat is refused. It

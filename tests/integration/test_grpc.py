@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from werkzeug.serving import make_server
 
 import gateway_app
-from devstack.infra import free_port, port_open
+from devstack.infra import free_port
 from shared import grpc_server
 from shared.app_closing import close_app
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
@@ -223,6 +223,31 @@ def test_a_deadline_exceeded_is_504_and_a_service_down_is_503(settings, upstream
         slow.stop(grace=None)
 
 
+def _orders_grpc_process(cleanup: ExitStack, bind: str, log_path: Path,
+                         redis_url: str) -> subprocess.Popen:
+    """The orders service serving gRPC on `bind` as it is run (`python -m shared.grpc_server`),
+    its Redis at `redis_url`, its log in `log_path`; killed and waited for by `cleanup`. Several
+    listen on one `bind` (grpc-core's listeners take SO_REUSEPORT), as workers of one service
+    do: the kernel gives each new connection to one of those alive."""
+    with open(log_path, "wb") as log:
+        service = start_child(
+            [sys.executable, "-m", "shared.grpc_server", "orders"], cwd=REPO_ROOT,
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "ORDERS_GRPC_BIND": bind, "REDIS_URL": redis_url})
+    cleanup.callback(service.wait)
+    cleanup.callback(service.kill)
+    wait_for(lambda: f"orders gRPC listening on {bind}" in log_path.read_text(), timeout=30,
+             what=f"the orders gRPC server in {log_path.name}")
+    return service
+
+
+def _calls_served(log_path: Path, method: str) -> int:
+    """How many calls of the orders service's `method` the gRPC server logging to `log_path`
+    said it took (its access log's line, written as each call arrives)."""
+    orders = orders_pb2.DESCRIPTOR.services_by_name["Orders"].full_name
+    return log_path.read_text().count(f"gRPC /{orders}/{method}\n")
+
+
 def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, upstreams,  # noqa: F811
                                                                        grpc_targets, tmp_path,
                                                                        caplog):
@@ -237,8 +262,7 @@ def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, 
     from shared.db import driver_dsn
 
     redis_url = urlsplit(settings.redis_url)
-    port = free_port()
-    bind = f"127.0.0.1:{port}"
+    bind = f"127.0.0.1:{free_port()}"
     with ExitStack() as cleanup:
         client = _gateway(settings, upstreams, grpc_targets, "grpc", orders_grpc_target=bind)
         session, auth = _signed_up_with_an_account(client)
@@ -246,15 +270,8 @@ def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, 
         redis = HoldingProxy(f"{redis_url.hostname}:{redis_url.port or 6379}",
                              marker=f"version:orders:{user_id}".encode())
         cleanup.callback(redis.close)
-        with open(tmp_path / "orders-grpc.log", "wb") as log:
-            service = start_child(
-                [sys.executable, "-m", "shared.grpc_server", "orders"], cwd=REPO_ROOT,
-                stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "ORDERS_GRPC_BIND": bind,
-                     "REDIS_URL": redis_url._replace(netloc=redis.address).geturl()})
-        cleanup.callback(service.wait)
-        cleanup.callback(service.kill)
-        wait_for(lambda: port_open("127.0.0.1", port), timeout=30, what="the orders gRPC server")
+        service = _orders_grpc_process(cleanup, bind, tmp_path / "orders-grpc.log",
+                                       redis_url._replace(netloc=redis.address).geturl())
 
         def kill_once_committed():
             if redis.held.wait(timeout=30):
@@ -274,6 +291,88 @@ def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, 
         with placed.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM orders WHERE user_id = %s", (user_id,))
             assert cursor.fetchone() == (1,)
+
+
+@pytest.mark.parametrize("method, key, another_listening, status, replayed", [
+    ("GET", None, True, 200, None),
+    ("POST", "retry-me", True, 202, "true"),
+    ("POST", None, True, 502, None),
+    ("POST", "retry-me", False, 502, None),
+], ids=["a GET", "a POST with an Idempotency-Key", "a POST without one",
+        "a POST with an Idempotency-Key, no other process listening"])
+def test_a_call_whose_service_process_died_holding_it_is_sent_again_if_safe(
+        settings, upstreams, grpc_targets, tmp_path, caplog,  # noqa: F811
+        method, key, another_listening, status, replayed):
+    """The orders service's process serving a call, killed (SIGKILL) as it holds it (a GET as it
+    reads the user's orders' cache version, a POST once it has placed the order, as it bumps that
+    version after its commit: its Redis reached through a proxy that holds those commands), with
+    another process serving gRPC where it did. A safe call (gateway_app/resends.py: a GET, a
+    keyed POST) is sent again, as over HTTP: grpc-core makes a new connection, to the process
+    alive, which answers it (a keyed POST with the first send's answer, Idempotent-Replayed);
+    it was a 502. A POST without a key is not (it would be a second order): 502, one order
+    placed, the other process never called. A keyed POST sent again with no process listening
+    any more is the first send's 502 (it may have been carried out), not the 503 of a service
+    never reached."""
+    import psycopg2
+
+    from shared.db import driver_dsn
+
+    redis_url = urlsplit(settings.redis_url)
+    bind = f"127.0.0.1:{free_port()}"
+    grpc_method = {"GET": "ListOrders", "POST": "PlaceOrder"}[method]
+    caplog.set_level(logging.INFO, logger="gateway_app.upstream_grpc")
+    with ExitStack() as cleanup:
+        client = _gateway(settings, upstreams, grpc_targets, "grpc", orders_grpc_target=bind)
+        _, warming_up = _signed_up_with_an_account(client)
+        session, auth = _signed_up_with_an_account(client)
+        user_id = session["user_id"]
+        redis = HoldingProxy(f"{redis_url.hostname}:{redis_url.port or 6379}",
+                             marker=f"version:orders:{user_id}".encode())
+        cleanup.callback(redis.close)
+        dying = _orders_grpc_process(cleanup, bind, tmp_path / "dying.log",
+                                     redis_url._replace(netloc=redis.address).geturl())
+        # The gateway's connection made to the dying process, before any other listens.
+        assert client.get("/api/orders", headers=warming_up).status_code == 200
+        served_before = _calls_served(tmp_path / "dying.log", grpc_method)
+        if another_listening:
+            _orders_grpc_process(cleanup, bind, tmp_path / "alive.log", settings.redis_url)
+
+        def kill_once_held():
+            if redis.held.wait(timeout=30):
+                dying.kill()
+
+        killer = threading.Thread(target=kill_once_held, daemon=True)
+        killer.start()
+        answer = client.open("/api/orders", method=method, headers={
+            **auth, **({"Idempotency-Key": key} if key else {})},
+            json={"amount": "3", "description": "once"} if method == "POST" else None)
+        killer.join()
+        assert redis.held.is_set() and dying.wait(timeout=10) == -signal.SIGKILL
+        assert answer.status_code == status, answer.get_json()
+        assert answer.headers.get("Idempotent-Replayed") == replayed
+        said = [record.getMessage() for record in caplog.records
+                if record.name == "gateway_app.upstream_grpc"]
+        sent_again = [line for line in said if "sending the call again" in line]
+        assert _calls_served(tmp_path / "dying.log", grpc_method) == served_before + 1
+        if another_listening:
+            served = _calls_served(tmp_path / "alive.log", grpc_method)
+            assert served == (0 if status == 502 else 1)
+        if status == 502:
+            assert answer.get_json()["error"]["code"] == "BAD_GATEWAY"
+            assert any(line.startswith("orders closed the connection without answering")
+                       for line in said), said
+            assert len(sent_again) == (1 if key else 0), said
+        else:
+            assert answer.get_json()["items" if method == "GET" else "status"] == (
+                [] if method == "GET" else "NEW")
+            assert len(sent_again) == 1 and not any("without answering:" in line
+                                                    for line in said), said
+        if method == "POST":
+            placed = psycopg2.connect(driver_dsn(settings.database_url("orders")))
+            cleanup.callback(placed.close)
+            with placed.cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM orders WHERE user_id = %s", (user_id,))
+                assert cursor.fetchone() == (1,)
 
 
 def test_a_connection_to_a_service_gone_silent_is_dropped_and_made_afresh(

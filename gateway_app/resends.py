@@ -1,0 +1,39 @@
+"""Which requests the gateway sends to a service once more, over either transport, when the service
+dropped them unanswered once they were sent: the one rule of what is safe to send again
+(gateway_app/upstream_http.py and upstream_grpc.py say when a failure is such a drop).
+
+Safe is a GET (or a HEAD, asked as its GET), which reads again, or a POST with an Idempotency-Key
+passed on, which only the routes that honour one pass on (POST /api/orders,
+/api/accounts/deposit: gateway_app/proxy.py, gateway_app/routes.py): the service answers a repeat
+with the first answer (Idempotent-Replayed: true, when the first send did the work), or carries it
+out once if the first was not. A POST without one is never sent again: it would be a second order,
+a second top-up.
+
+How soon after its send the failure came does not count. A request the service read, held and
+then dropped unanswered (its worker killed, say) may have been carried out, but repeating a safe
+one does nothing its safety does not allow: a read reads again, a keyed POST is answered its
+first answer. Go's net/http Transport retries so (a reused connection, no byte of an answer read;
+a GET, HEAD, OPTIONS or TRACE, or a request with an Idempotency-Key), with no timing condition;
+urllib3's Retry, given reads to retry, repeats an idempotent method whatever failed after the
+send; nginx passes a request it sent on to the next server only if it is idempotent
+(proxy_next_upstream's non_idempotent). A request that itself kills the service's worker (a
+"poison" request) is thus sent twice, no more, for each call (the second try is never tried
+again): a timing rule would not spare the likelier kind, one that kills it at once, and that
+bounded cost is taken so that a safe request does not fail at random under load or as a worker
+dies.
+"""
+
+from __future__ import annotations
+
+# The least of the call's deadline left that is worth a second try.
+SECOND_TRY_NEEDS_SECONDS = 0.05
+
+_READS = frozenset({"GET", "HEAD"})
+
+
+def safe_to_send_again(method: str, key_passed_on: str | None) -> bool:
+    """True if a request of `method` (the client's: HEAD or GET, POST), with `key_passed_on` the
+    Idempotency-Key the gateway passes on to the service (None where it passes none: no key
+    given, or a route that honours none), may be sent to the service once more after it was
+    dropped unanswered."""
+    return method in _READS or key_passed_on is not None
