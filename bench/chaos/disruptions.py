@@ -62,6 +62,48 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def kill_with_its_children(process: ManagedProcess, timeout: float = 10) -> None:
+    """SIGKILL the process's group and every descendant of its leader, and wait until all are
+    gone (raising, naming those left, after `timeout`). A descendant in a session of its own is
+    out of the group's reach: each PostgreSQL backend is one (the postmaster makes each child
+    its own session's leader, InitPostmasterChild's setsid), and a busy one outlived the
+    postmaster killed alone, still able to commit, holding the shared memory the server started
+    again was refused over ("pre-existing shared memory block ... is still in use"). The leader
+    is frozen (SIGSTOP) before its descendants are listed, so that it forks none after."""
+    try:
+        leader = psutil.Process(process.pid)
+        leader.suspend()
+        descendants = leader.children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    process.kill()
+    for descendant in descendants:
+        try:
+            descendant.kill()  # (psutil's, which refuses a pid reused since it was listed)
+        except psutil.NoSuchProcess:
+            pass
+    deadline = time.monotonic() + timeout
+    while True:
+        # (The leader is ours to reap, through its Popen: psutil's wait would take its exit code.)
+        left = [process.pid] if process.alive() else []
+        left += [each.pid for each in descendants if not _gone(each)]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{process.name} SIGKILLed, but not gone after {timeout:g}s:"
+                               f" pids {left}")
+        time.sleep(0.02)
+
+
+def _gone(process: psutil.Process) -> bool:
+    """Whether a process has ended: exited (a zombie, its parent yet to reap it, holds nothing
+    and runs nothing) or reaped (its pid another's since, or no one's)."""
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 class Disruptor:
     """Deals the plan's disruptions to the named processes from a thread of its own until
     stopped; `done` counts those dealt by kind, and `every_kind_dealt` is set once each kind has
@@ -205,13 +247,15 @@ class Disruptor:
         return True
 
     def _restart_own(self, server: OwnServer, kind: str, down_for: tuple[float, float]) -> None:
-        """A server the stack runs of its own SIGKILLed with its whole process group and, after a
-        pause drawn from `down_for`, started again on its port, every client's connection
-        broken. Redis comes back empty (it keeps nothing on disk): every queued Celery
-        task, cached read, rate count and signature note gone. PostgreSQL comes back as after a
-        crash, on its data directory: its postmaster and every backend killed at once, none left
-        holding the shared memory (the postmaster alone killed would leave its backends running,
-        and the new one refused to start while they hold it), so its start recovers from the WAL,
+        """A server the stack runs of its own SIGKILLed with every process of it
+        (kill_with_its_children) and, after a pause drawn from `down_for`, started again on its
+        port, every client's connection broken. Redis comes back empty (it keeps nothing on
+        disk): every queued Celery task, cached read, rate count and signature note gone.
+        PostgreSQL comes back as after a crash, on its data directory: its postmaster frozen,
+        then it and every backend (each in a session of its own, out of the postmaster's group's
+        reach) SIGKILLed and waited for until gone, none left to commit after the crash or
+        holding the shared memory (a busy backend outlived its postmaster killed alone, and the
+        new one was refused to start while it held it), so its start recovers from the WAL,
         what was committed kept (fsync=off loses nothing to a process's death: only to the
         machine's). Started again through start_own_server_again, so that nothing else is
         disrupted until it answers, and one that cannot start again fails the run, saying why."""
@@ -227,12 +271,11 @@ class Disruptor:
     def _kill_and_restart(self, process: ManagedProcess,
                           down_for: tuple[float, float] | None = None,
                           start: Callable[[], bool] | None = None) -> bool:
-        """SIGKILL the process's group, and start it again after a pause drawn from `down_for`
+        """SIGKILL the process with its children (kill_with_its_children), and start it again
+        once they are gone, after a pause drawn from `down_for`
         (the plan's restart_after by default), through `start` (self.start_again by default;
         False if it started nothing, the stack stopping); False if it was left stopped."""
-        process.kill()
-        while process.alive():
-            time.sleep(0.02)
+        kill_with_its_children(process)
         self.say(f"SIGKILL {process.name}")
         # Not started again once the run or the stack is stopping: the stack's stop may have
         # passed it (the run starts again what is down before it settles, start_the_dead).

@@ -18,9 +18,11 @@ PAYMENT_REQUESTS_RESENT = "payment-requests-resent"
 # The stack's own Redis (Celery's broker, the cache, rate limits, signature notes) SIGKILLed and
 # started again on its port: it keeps nothing on disk, so every queued task and key is lost.
 REDIS_RESTART = "redis-restart"
-# The stack's own PostgreSQL (every service's databases) crashed, every process of it SIGKILLed at
-# once, and started again on its port and data directory: its crash recovery keeps what was
-# committed, and every client's connection is broken, a commit's answer lost with it.
+# The stack's own PostgreSQL (every service's databases) crashed, its postmaster and every backend
+# SIGKILLed (each backend in a session of its own: the postmaster's group alone would leave a busy
+# one running), and started again on its port and data directory once all are gone: its crash
+# recovery keeps what was committed, and every client's connection is broken, a commit's answer
+# lost with it.
 POSTGRES_RESTART = "postgres-restart"
 # The second Celery worker of each service a scaled-out run adds, so that two take the same
 # queues (and the same Kafka consumer group) and a kill leaves the other at work.

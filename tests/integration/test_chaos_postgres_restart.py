@@ -1,10 +1,10 @@
 """The chaos soak's PostgreSQL restart (bench/chaos/disruptions.py): the stack's own PostgreSQL is
-crashed (every process of it SIGKILLed at once) and started again on its port and data directory
-after a pause drawn from the disruptor's generator, what was committed kept, its clients' old
-connections broken, answering as itself before the next disruption, and never another PostgreSQL
-taken for it; a stack with none of its own is refused. A stack with one (Stack(own_postgres=True),
-servers given) runs on it, not on servers', and leaves nothing running once stopped, the
-PostgreSQL it restarted included."""
+crashed (its postmaster and every backend SIGKILLed, a busy one too) and started again on its port
+and data directory after a pause drawn from the disruptor's generator, what was committed kept,
+its clients' old connections broken, answering as itself before the next disruption, and never
+another PostgreSQL taken for it; a stack with none of its own is refused. A stack with one
+(Stack(own_postgres=True), servers given) runs on it, not on servers', and leaves nothing running
+once stopped, the PostgreSQL it restarted included."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
@@ -81,6 +82,50 @@ def test_postgres_crashed_comes_back_on_its_port_with_what_was_committed(server_
     drawn = random.Random(f"disruptions-{PLAN.seed}")
     drawn.uniform(*PLAN.postgres_down_seconds)  # the pause: the one draw it takes
     assert disruptor.rng.getstate() == drawn.getstate()
+
+
+def test_a_busy_backend_is_killed_with_its_postmaster_and_postgres_comes_back(server_dir):
+    """Each backend is its own session's leader, out of its postmaster's group's reach: a busy one
+    (its query never looking whether the postmaster lives) outlived the postmaster killed alone,
+    and the server started again exited, its shared memory "still in use"."""
+    disruptor, group, url, server = _restarting_postgres(server_dir)
+    busy = psycopg2.connect(f"{url}/postgres")
+    backend = busy.get_backend_pid()
+    failed: list[BaseException] = []
+
+    def count_for_ever() -> None:
+        try:
+            with busy.cursor() as cursor:
+                cursor.execute("SELECT count(*) FROM generate_series(1, 3e9)")
+        except psycopg2.Error as exc:
+            failed.append(exc)
+    query = threading.Thread(target=count_for_ever)
+    query.start()
+    try:
+        wait_until(lambda: _state_of(url, backend) == "active", 10, what="the query to run")
+        assert disruptor._disrupt(POSTGRES_RESTART)
+        assert gone(backend)
+        assert postgres_process_id(url) == server.pid
+        query.join(10)
+        assert isinstance(failed[0], psycopg2.OperationalError)  # (its connection broken)
+    finally:
+        group.stop_all()
+        if not gone(backend):  # (outlived its postmaster: no server left to end it)
+            os.kill(backend, signal.SIGKILL)
+        query.join(10)
+        busy.close()
+
+
+def _state_of(url: str, backend: int) -> str | None:
+    """pg_stat_activity's state of `backend` on the PostgreSQL at `url`."""
+    connection = psycopg2.connect(f"{url}/postgres")
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (backend,))
+            row = cursor.fetchone()
+        return None if row is None else row[0]
+    finally:
+        connection.close()
 
 
 def test_the_soak_refuses_a_stack_without_a_postgresql_of_its_own():
