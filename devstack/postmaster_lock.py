@@ -48,6 +48,7 @@ refuses to start, so that no two run on it.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ _KEY_BITS = 0xFFFFFFFF
 # docstring): a starting server writes its first lines microseconds after making it, so this is
 # margin for a machine under load.
 NOT_WHOLE_FOR_SECONDS = 10.0
+# shmctl(2)'s command that removes a segment (sys/ipc.h), once the last process detaches.
+_IPC_RMID = 0
 
 
 @dataclass(frozen=True)
@@ -321,15 +324,42 @@ def _judged_by_port(lock: PostmasterLock, pgdata: Path, host: str,
 def processes_attached_to(segment: tuple[int, int]) -> int | None:
     """How many processes are attached to the System V segment (key, shmid): 0 if it is gone,
     None if that cannot be read."""
+    segments = attached_by_segment()
+    return None if segments is None else segments.get(segment, 0)
+
+
+def remove_shared_memory_left(pgdata: Path) -> str | None:
+    """Remove the System V segment a server killed on `pgdata` left (the one its postmaster.pid
+    names), if nothing is attached to it, saying so; None if none was removed. A server started
+    again on the data directory would remove it; one killed for good (the chaos soak's, left down
+    by a Ctrl-C or a failed restart; a test's) leaves it for as long as the machine runs, once its
+    folder is deleted. A segment in use (a server or its backends still running) is left."""
+    lock = PostmasterLock.read(pgdata)
+    if lock is None or lock.shared_memory is None:
+        return None
+    segments = attached_by_segment()
+    if segments is None or segments.get(lock.shared_memory) != 0:
+        return None  # (gone, in use, or not to be told)
+    key, shmid = lock.shared_memory
+    shmctl = ctypes.CDLL(None, use_errno=True).shmctl
+    shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    if shmctl(shmid, _IPC_RMID, None) != 0:
+        return None  # (gone meanwhile, or not ours to remove)
+    return f"removed the shared memory (key {key}, id {shmid}) a server killed on {pgdata} left"
+
+
+def attached_by_segment() -> dict[tuple[int, int], int] | None:
+    """How many processes are attached to each System V segment, by (key, shmid); None if that
+    cannot be read."""
     try:
         rows = SYSV_SHARED_MEMORY.read_text().splitlines()[1:]
     except OSError:
         return None
+    segments = {}
     for row in rows:
         key, shmid, _perms, _size, _cpid, _lpid, attached, *_ = row.split()
-        if (int(key) & _KEY_BITS, int(shmid)) == segment:
-            return int(attached)
-    return 0
+        segments[int(key) & _KEY_BITS, int(shmid)] = int(attached)
+    return segments
 
 
 def _data_directory_served_on(host: str, port: int) -> str | None:

@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -87,8 +88,10 @@ class Stack:
     their URL bases as `servers`: none is looked for or started then. With `own_redis`, the stack
     runs a Redis of its own all the same, on a free port, in place of `servers`' or the machine's
     (one the chaos soak may kill: its processes' own, no other run's); `own_redis_url` names it.
-    So, with `own_postgres`, a PostgreSQL of its own (the embedded one, its data in
-    run_dir/postgres) holding every service's database; `own_postgres_url` names it.
+    So, with `own_postgres`, a PostgreSQL of its own (the embedded one, its data in a folder of
+    run_dir of the stack's alone, `own_postgres_dir`: never one another run's server runs on,
+    such as the run_dir/postgres ensure_postgres's embedded server takes up) holding every
+    service's database; `own_postgres_url` names it.
     """
 
     def __init__(
@@ -109,6 +112,8 @@ class Stack:
         self.own_redis_url: str | None = None  # (its URL base, once started)
         self.own_postgres = own_postgres
         self.own_postgres_url: str | None = None  # (its URL base, once started)
+        self.own_postgres_dir: Path | None = (
+            self.run_dir / f"postgres-{uuid.uuid4().hex[:8]}" if own_postgres else None)
         self.ports = {**DEFAULT_PORTS, **(ports or {})}
         self.with_flower = with_flower
         self.quiet = quiet
@@ -222,9 +227,10 @@ class Stack:
         if self.own_postgres:
             self._say("a PostgreSQL of its own...")
             postgres_base, postgres = infra.start_embedded_postgres(
-                self.run_dir, infra.free_port(), on_start=self._group.note)
+                self.run_dir, infra.free_port(), on_start=self._group.note,
+                data_dir=self.own_postgres_dir.name)
             if postgres is None:  # (one runs on its data directory: not the stack's to restart)
-                raise RuntimeError(f"a PostgreSQL already runs on {self.run_dir / 'postgres'}")
+                raise RuntimeError(f"a PostgreSQL already runs on {self.own_postgres_dir}")
             self._adopt(postgres)
             self.own_postgres_url = postgres_base
         elif self.servers is None:

@@ -11,21 +11,21 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import threading
-from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
 
-from bench.chaos.disruptions import Disruptor
+from bench.chaos.disruptions import Disruptor, kill_with_its_children
 from bench.chaos.plan import POSTGRES_RESTART, ChaosPlan
 from bench.chaos.soak import run_chaos, start_the_dead
+from bench.shop import forget_postgres_data
 from devstack.infra import (free_port, port_open, postgres_process_id, start_embedded_postgres,
                             wait_until)
-from devstack.postmaster_lock import PostmasterLock, processes_attached_to
+from devstack.postmaster_lock import (PostmasterLock, attached_by_segment,
+                                      remove_shared_memory_left)
 from devstack.processes import ManagedProcess, ProcessGroup
 from devstack.stack import DEFAULT_PORTS, Stack
 from tests.process_tools import gone
@@ -41,17 +41,6 @@ def _restarting_postgres(folder, start_again=None, say=lambda message: None):
     disruptor = Disruptor(PLAN, {"postgres": server}, start_again or group.start_again,
                           lambda rng: 0, say, own_urls={"postgres": url})
     return disruptor, group, url, server
-
-
-def _remove_a_killed_servers_shared_memory(folder: Path) -> None:
-    """A server killed and not started again on its data directory leaves its System V segment,
-    which only a server started there would remove (the folder goes with the test): removed here,
-    once nothing is attached to it."""
-    lock = PostmasterLock.read(folder / "postgres")
-    if lock is not None and lock.shared_memory is not None:
-        if processes_attached_to(lock.shared_memory) == 0:
-            subprocess.run(["ipcrm", "-m", str(lock.shared_memory[1])],
-                           stderr=subprocess.DEVNULL, check=False)
 
 
 def test_postgres_crashed_comes_back_on_its_port_with_what_was_committed(server_dir):
@@ -114,6 +103,8 @@ def test_a_busy_backend_is_killed_with_its_postmaster_and_postgres_comes_back(se
             os.kill(backend, signal.SIGKILL)
         query.join(10)
         busy.close()
+        wait_until(lambda: gone(backend), 10, what="the backend to end")
+        remove_shared_memory_left(server_dir / "postgres")
 
 
 def _state_of(url: str, backend: int) -> str | None:
@@ -126,6 +117,22 @@ def _state_of(url: str, backend: int) -> str | None:
         return None if row is None else row[0]
     finally:
         connection.close()
+
+
+def test_the_data_of_a_postgres_killed_for_good_goes_with_the_shared_memory_it_left(server_dir):
+    """A server killed and never started again (Ctrl-C in the soak's down window, a restart that
+    failed) leaves its System V segment, which only a server started on its folder would
+    remove: deleted with the folder, it stayed for as long as the machine ran."""
+    url, server = start_embedded_postgres(server_dir, free_port())
+    segment = PostmasterLock.read(server_dir / "postgres").shared_memory
+    try:
+        kill_with_its_children(server)
+        assert attached_by_segment()[segment] == 0
+        forget_postgres_data(server_dir / "postgres")
+    finally:
+        server.stop()
+    assert segment not in attached_by_segment()
+    assert not (server_dir / "postgres").exists()
 
 
 def test_the_soak_refuses_a_stack_without_a_postgresql_of_its_own():
@@ -153,7 +160,7 @@ def test_a_postgres_on_the_port_while_ours_was_down_fails_the_restart_and_ours_i
         group.stop_all()
         for other in others:
             other.stop()
-        _remove_a_killed_servers_shared_memory(server_dir / "ours")
+        remove_shared_memory_left(server_dir / "ours" / "postgres")
 
 
 def test_another_postgres_answering_on_the_port_once_ours_is_started_again_fails_the_restart(
@@ -182,7 +189,7 @@ def test_another_postgres_answering_on_the_port_once_ours_is_started_again_fails
         group.stop_all()
         for other in others:
             other.stop()
-        _remove_a_killed_servers_shared_memory(server_dir / "ours")
+        remove_shared_memory_left(server_dir / "ours" / "postgres")
 
 
 def test_a_postgres_that_dies_of_itself_as_it_starts_again_fails_the_restart(server_dir):
@@ -197,7 +204,7 @@ def test_a_postgres_that_dies_of_itself_as_it_starts_again_fails_the_restart(ser
             disruptor._disrupt(POSTGRES_RESTART)
     finally:
         group.stop_all()
-        _remove_a_killed_servers_shared_memory(server_dir)
+        remove_shared_memory_left(server_dir / "postgres")
 
 
 def test_the_dead_postgres_is_started_again_by_the_run_answering_as_itself(server_dir):
