@@ -10,7 +10,7 @@ import random
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -123,6 +123,10 @@ class Disruptor:
         self.resend_payment_requests = resend_payment_requests
         self.rng = random.Random(f"disruptions-{plan.seed}")
         self.done: Counter[str] = Counter()
+        # When each server of its own was down, by name (OWN_SERVERS): from its kill until it
+        # answered again, or was left down (time.monotonic()'s), as the invariants' excuse of a
+        # try PostgreSQL's crash may have failed as it committed (load.Request.ambiguous).
+        self.outages: defaultdict[str, list[tuple[float, float]]] = defaultdict(list)
         self.every_kind_dealt = threading.Event()
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -263,10 +267,14 @@ class Disruptor:
         if url is None:
             raise RuntimeError(f"{kind}: the stack runs no {server.what} of its own")
         process = self.processes[server.name]
-        if self._kill_and_restart(process, down_for,
-                                  start=lambda: start_own_server_again(process, url,
-                                                                       self.start_again)):
-            self.say(f"{server.name} started again on {url}, {server.comes_back}, answering")
+        killed_at = time.monotonic()
+        try:
+            if self._kill_and_restart(process, down_for,
+                                      start=lambda: start_own_server_again(process, url,
+                                                                           self.start_again)):
+                self.say(f"{server.name} started again on {url}, {server.comes_back}, answering")
+        finally:
+            self.outages[server.name].append((killed_at, time.monotonic()))
 
     def _kill_and_restart(self, process: ManagedProcess,
                           down_for: tuple[float, float] | None = None,

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from decimal import Decimal
 
 from bench.chaos.followers import Delivery, Followers, NotificationFollower
-from bench.chaos.load import Ledger, Shopper
+from bench.chaos.load import Ledger, Shopper, Span
 from bench.shop import FINAL_STATUSES, service_cursor, wait_until_idle
 from devstack.stack import Stack
 from shared.config import SERVICES
@@ -45,15 +46,18 @@ def _every_order_final_and_notified(stack: Stack) -> bool:
     return all(status in FINAL_STATUSES for _id, status in orders) and orders <= notified
 
 
-def check(stack: Stack, shoppers: list[Shopper], ledger: Ledger) -> tuple[list[str], Counter]:
-    """Each invariant broken, as a line saying how; and the orders counted by status."""
+def check(stack: Stack, shoppers: list[Shopper], ledger: Ledger,
+          database_crashes: Sequence[Span] = ()) -> tuple[list[str], Counter]:
+    """Each invariant broken, as a line saying how; and the orders counted by status
+    (`database_crashes`: requests_placed's)."""
     problems = _messages_left(stack)
     with service_cursor(stack, "orders") as cursor:
         cursor.execute("SELECT id::text, user_id, amount, status, description FROM orders")
         rows = cursor.fetchall()
         orders = {order_id: (user, amount, status) for order_id, user, amount, status, _ in rows}
         problems += requests_placed(ledger, {order_id: (user, amount, tag)
-                                             for order_id, user, amount, _, tag in rows})
+                                             for order_id, user, amount, _, tag in rows},
+                                    database_crashes)
         # (An order answered under two keys would mean a key's stored answer was not its own.)
         cursor.execute("SELECT response_text::json->>'id', count(*) FROM idempotency_keys"
                        " WHERE endpoint = 'POST /orders' GROUP BY 1 HAVING count(*) > 1")
@@ -86,12 +90,15 @@ def _messages_left(stack: Stack) -> list[str]:
     return problems
 
 
-def requests_placed(ledger: Ledger, orders: dict[str, tuple[str, Decimal, str]]) -> list[str]:
+def requests_placed(ledger: Ledger, orders: dict[str, tuple[str, Decimal, str]],
+                    database_crashes: Sequence[Span] = ()) -> list[str]:
     """Each order request (its tag the order's description) placed at most one order, of the user
     and amount it sent, the one its 202s named; an order no 202 named only by a request one of
     whose tries may have placed it unanswered (no answer, a 502 or 504, or a 503
-    DATABASE_UNAVAILABLE: PostgreSQL, which the soak crashes, failing as the order committed,
-    shared.idempotency), never by one answered only another 503 or a 4xx: a violation."""
+    DATABASE_UNAVAILABLE as PostgreSQL crashed: one of `database_crashes`, from its kill until
+    it answered again, the soak's, and failed as the order committed, shared.idempotency), never
+    by one answered only another 503 (a DATABASE_UNAVAILABLE with no crash about among them) or
+    a 4xx: a violation (Request.ambiguous)."""
     problems = []
     by_tag = defaultdict(list)
     for order_id, (user, amount, tag) in orders.items():
@@ -102,7 +109,7 @@ def requests_placed(ledger: Ledger, orders: dict[str, tuple[str, Decimal, str]])
         elif (user, amount) != (request.user, request.amount):
             problems.append(f"order {order_id} ({user}, {amount}) stored for request {tag}"
                             f" of ({request.user}, {request.amount})")
-        elif order_id not in request.acknowledged and not request.ambiguous:
+        elif order_id not in request.acknowledged and not request.ambiguous(database_crashes):
             problems.append(f"order {order_id} placed by request {tag}, never acknowledged"
                             f" and no try of it unanswered: {request.answers}")
     for tag, request in ledger.requests.items():

@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -49,6 +49,14 @@ AMBIGUOUS_STATUSES = (502, 504)
 # The one 503 that may hide an order placed: its service's database failed, which may have been
 # as it committed (the commit made, its answer lost: the soak crashes PostgreSQL).
 COMMIT_MAY_HAVE_GONE_THROUGH = "DATABASE_UNAVAILABLE"
+# How long after a crashed PostgreSQL answers again a try answered 503 DATABASE_UNAVAILABLE that
+# was then in flight is still held to be one the crash may have failed as it committed: margin
+# for the clocks read around a try and a restart, not for the shop's slowness (a try in flight
+# as PostgreSQL was killed overlaps its crash whenever its answer comes).
+AFTER_A_CRASH_SECONDS = 5.0
+
+# When something went on: (from, until), time.monotonic()'s.
+Span = tuple[float, float]
 
 
 def transient(status: int | str) -> bool:
@@ -69,19 +77,31 @@ class Request:
     amount: Decimal
     answers: list[int | str] = field(default_factory=list)
     acknowledged: set[str] = field(default_factory=set)
-    # Whether a try was answered 503 DATABASE_UNAVAILABLE (COMMIT_MAY_HAVE_GONE_THROUGH).
-    database_failed: bool = False
+    # When each try answered 503 DATABASE_UNAVAILABLE (COMMIT_MAY_HAVE_GONE_THROUGH) was in
+    # flight: from its sending to its answer.
+    database_failed: list[Span] = field(default_factory=list)
 
-    @property
-    def ambiguous(self) -> bool:
+    def ambiguous(self, database_crashes: Sequence[Span] = ()) -> bool:
         """Whether a try may have placed an order unacknowledged: one with no answer (its
         exception's name), a 502 or 504 (the gateway's call sent, its answer lost), or a 503
-        DATABASE_UNAVAILABLE (PostgreSQL, crashed by the soak, may have failed as the order's
-        transaction committed, having committed it). Any other 503 says it was not (the
-        gateway's call never sent, or the service's own refusal before its commit): the
+        DATABASE_UNAVAILABLE in flight during one of `database_crashes` (PostgreSQL's, from its
+        kill until it answered again: Disruptor.outages) or AFTER_A_CRASH_SECONDS after (the
+        crash may have failed the order's transaction as it committed, having committed it).
+        Any other 503 says it was not (the gateway's call never sent, or the service's own
+        refusal before its commit), and so does a DATABASE_UNAVAILABLE with no crash about: the
         invariants hold the shop to it."""
-        return self.database_failed or any(
-            not isinstance(answer, int) or answer in AMBIGUOUS_STATUSES for answer in self.answers)
+        lost = any(not isinstance(answer, int) or answer in AMBIGUOUS_STATUSES
+                   for answer in self.answers)
+        return lost or any(during_a_crash(tried, database_crashes)
+                           for tried in self.database_failed)
+
+
+def during_a_crash(tried: Span, crashes: Sequence[Span]) -> bool:
+    """Whether a try (`tried`: its sending to its answer) was in flight during one of `crashes`
+    or AFTER_A_CRASH_SECONDS after it."""
+    sent, answered = tried
+    return any(sent <= back + AFTER_A_CRASH_SECONDS and answered >= killed
+               for killed, back in crashes)
 
 
 @dataclass(frozen=True)
@@ -237,15 +257,17 @@ class Load:
         while True:
             # An unkeyed request is tried once: a tag of its own. A keyed one keeps its tag over
             # its tries (and a repeat of its key), so that the orders it placed can be counted.
+            sent = time.monotonic()
             status, answer = self._post(shopper, via, "/orders",
                                         {"amount": amount, "description": tag}, key)
+            tried = (sent, time.monotonic())
             with ledger.lock:
                 ledger.answers[f"order {via} {kind} {status}"] += 1
                 request = ledger.requests.setdefault(
                     tag, Request(shopper.user_id, Decimal(amount)))
                 request.answers.append(status)
                 if status == 503 and _error_code(answer) == COMMIT_MAY_HAVE_GONE_THROUGH:
-                    request.database_failed = True
+                    request.database_failed.append(tried)
                 if status == 202:
                     order_id = answer.json()["id"]
                     ledger.accepted[order_id] = (shopper.user_id, Decimal(amount))

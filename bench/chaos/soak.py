@@ -75,7 +75,8 @@ def run_chaos(stack: Stack, plan: ChaosPlan, say: Callable[[str], None]) -> Chao
             settled = settle(stack, plan.settle_seconds)
             # A deposit may or may not have been made: its keyed request sent again says which.
             load.resolve_unconfirmed_deposits(settled)
-            problems, orders = check(stack, load.shoppers, load.ledger)
+            problems, orders = check(stack, load.shoppers, load.ledger,
+                                     disruptor.outages["postgres"])
             problems += sockets_caught_up(stack, followers, plan.socket_catch_up_seconds)
     if not settled:
         problems.insert(0, f"not settled {plan.settle_seconds:.0f}s after the load")

@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import threading
+import time
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
@@ -52,8 +53,12 @@ def test_postgres_crashed_comes_back_on_its_port_with_what_was_committed(server_
             cursor.execute("CREATE TABLE committed (n int); INSERT INTO committed VALUES (42)")
         first_pid = server.pid
         assert postgres_process_id(url) == first_pid
+        before = time.monotonic()
         assert disruptor._disrupt(POSTGRES_RESTART)
+        after = time.monotonic()
         assert server.pid != first_pid and server.alive()
+        [(killed, back)] = disruptor.outages["postgres"]  # (the invariants' excuse's window)
+        assert before <= killed < back <= after
         assert postgres_process_id(url) == server.pid  # (answering already, as it returns)
         with pytest.raises(psycopg2.OperationalError):  # (its old connection broken)
             client.cursor().execute("SELECT 1")

@@ -52,15 +52,44 @@ def test_an_order_of_a_try_refused_503_or_4xx_is_a_violation():
     assert len(problems) == 2 and all("never acknowledged" in line for line in problems)
 
 
-def test_an_order_of_a_try_answered_503_database_unavailable_is_no_violation():
+# PostgreSQL crashed at 100 s (time.monotonic()'s) and answering again at 102 s.
+CRASH = (100.0, 102.0)
+
+
+def test_an_order_of_a_try_answered_503_database_unavailable_in_a_crash_is_no_violation():
     """PostgreSQL, crashed by the soak, may fail as the order's transaction commits, having
-    committed it: the service answers 503 DATABASE_UNAVAILABLE, the order placed. Another 503
-    beside it still excuses nothing."""
-    ledger = _ledger(crashed=Request("u1", Decimal("1.00"), [503], database_failed=True),
+    committed it: the service answers 503 DATABASE_UNAVAILABLE, the order placed. So for a try in
+    flight as it was killed, while it was down, or just after it answered again; another 503
+    beside them still excuses nothing."""
+    ledger = _ledger(as_killed=_database_failed("1.00", (99, 100.5)),
+                     while_down=_database_failed("3.00", (101, 101)),
+                     just_after=_database_failed("4.00", (106, 106)),
                      refused=Request("u1", Decimal("2.00"), [503]))
-    orders = {"D": ("u1", Decimal("1.00"), "crashed"), "R": ("u1", Decimal("2.00"), "refused")}
-    problems = requests_placed(ledger, orders)
+    orders = {"K": ("u1", Decimal("1.00"), "as_killed"),
+              "D": ("u1", Decimal("3.00"), "while_down"),
+              "J": ("u1", Decimal("4.00"), "just_after"),
+              "R": ("u1", Decimal("2.00"), "refused")}
+    problems = requests_placed(ledger, orders, [CRASH])
     assert len(problems) == 1 and problems[0].startswith("order R placed by request refused")
+
+
+def test_an_order_of_a_try_answered_503_database_unavailable_with_no_crash_about_is_a_violation():
+    """A 503 DATABASE_UNAVAILABLE outside PostgreSQL's crashes (before one, or well after it
+    answered again) or in a run with none says the service failed before its commit: an order
+    stored for it was placed by a try that said it was not."""
+    ledger = _ledger(before=_database_failed("1.00", (90, 99.5)),
+                     after=_database_failed("3.00", (107.5, 108)))
+    orders = {"B": ("u1", Decimal("1.00"), "before"), "A": ("u1", Decimal("3.00"), "after")}
+    problems = requests_placed(ledger, orders, [CRASH])
+    assert sorted(line.split()[1] for line in problems) == ["A", "B"]
+    assert all("never acknowledged" in line for line in problems)
+    assert len(requests_placed(ledger, orders)) == 2  # (no crash at all)
+
+
+def _database_failed(amount: str, tried: tuple[float, float]) -> Request:
+    """A request of u1's whose one try, in flight over `tried`, was answered 503
+    DATABASE_UNAVAILABLE."""
+    return Request("u1", Decimal(amount), [503], database_failed=[tried])
 
 
 def test_an_acknowledged_order_stored_with_another_user_or_amount_is_a_violation():
