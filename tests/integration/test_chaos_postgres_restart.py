@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import psycopg2
 import pytest
 
-from bench.chaos.disruptions import Disruptor, kill_with_its_children
+from bench.chaos.disruptions import Disruptor, children, kill_with_its_children
 from bench.chaos.plan import POSTGRES_RESTART, ChaosPlan
 from bench.chaos.soak import run_chaos, start_the_dead
 from bench.shop import forget_postgres_data
@@ -249,15 +249,20 @@ def test_a_stack_with_a_postgres_of_its_own_runs_on_it_not_on_servers_and_leaves
         assert shop.env["REDIS_URL"] == f"{infrastructure.redis_base}/0"
         postgres = processes["postgres"]
         first_pid = postgres.pid
-        pids = [process.pid for process in processes.values()]
+        # (Its backends and helpers, each in a session of its own: out of its group's reach.)
+        pids = [process.pid for process in processes.values()] + children(first_pid)
+        segments = [PostmasterLock.read(shop.own_postgres_dir).shared_memory]
         assert postgres_process_id(own) == first_pid
 
         disruptor = Disruptor(PLAN, processes, shop.start_again, lambda rng: 0,
                               lambda message: None, own_urls={"postgres": own})
         assert disruptor._disrupt(POSTGRES_RESTART)
-        pids.append(postgres.pid)
+        pids += [postgres.pid, *children(postgres.pid)]
+        segments.append(PostmasterLock.read(shop.own_postgres_dir).shared_memory)
         assert postgres_process_id(own) == postgres.pid != first_pid
     finally:
         shop.stop()
+    assert len(pids) > 3  # (a postmaster's children found: its checkpointer, its writers...)
     assert [pid for pid in pids if not gone(pid)] == []
     assert not port_open("127.0.0.1", urlsplit(own).port)
+    assert None not in segments and set(segments).isdisjoint(attached_by_segment())
