@@ -19,6 +19,7 @@ import requests
 from simple_websocket import ConnectionClosed
 
 from bench.chaos.load import Shopper
+from bench.notification_socket import ask_for_a_ticket, socket_url
 from bench.websocket_client import WebSocketClient
 
 RECONNECT_FIRST_SECONDS = 0.5
@@ -99,7 +100,7 @@ class NotificationFollower:
                         continue
                     wait_at_least = self._refused(f"newest {answer.status_code}", answer)
                 else:
-                    answer = self._request("POST", "/notifications/tickets")
+                    answer = ask_for_a_ticket(self.gateway, self.shopper.token, REQUEST_TIMEOUT)
                     if answer.status_code == 201:
                         worked = self._stream(answer.json()["ticket"])
                     else:
@@ -119,21 +120,16 @@ class NotificationFollower:
             return 0.0
 
     def _request(self, method: str, path: str) -> requests.Response:
-        # (A connection of its own each time: a kept one may be closed by gunicorn's keep-alive
-        # as the POST is sent on it, a reset requests does not retry.)
         return requests.request(method, f"{self.gateway}/api{path}", timeout=REQUEST_TIMEOUT,
-                                headers={"Authorization": f"Bearer {self.shopper.token}",
-                                         "Connection": "close"})
+                                headers={"Authorization": f"Bearer {self.shopper.token}"})
 
     def _stream(self, ticket: str) -> bool:
         """A socket opened with `ticket` after the last id seen, read until it ends or the
         follower stops; whether it worked (stayed open SOCKET_WORKED_SECONDS, or was closed 1012,
         its gateway process stopping, as the page reconnects at once then)."""
         run = SocketRun(after=self.last_seen())
-        base = self.gateway.replace("http://", "ws://", 1)
         try:
-            socket = WebSocketClient.connect(
-                f"{base}/api/notifications/ws?ticket={ticket}&after={run.after}")
+            socket = WebSocketClient.connect(socket_url(self.gateway, ticket, run.after))
         except Exception as exc:  # (a handshake refused, 429, is no upgrade: ConnectionError)
             self.refused[f"handshake {type(exc).__name__}"] += 1
             return False

@@ -8,6 +8,7 @@ import uuid
 
 import requests
 
+from bench.notification_socket import ask_for_a_ticket, socket_url
 from bench.websocket_client import WebSocketClient
 from tests.polling import wait_for
 
@@ -42,18 +43,14 @@ class GatewayClient:
         """A notification socket on `gateway_url` (the client's own by default), opened as the
         page opens it, with a ticket asked of the client's own gateway (any instance takes it);
         `by_token`: with the token in its URL, as clients of before open it."""
-        base = (gateway_url or self.url).replace("http://", "ws://", 1)
         if by_token:
-            query = f"access_token={self.token}"
+            base = (gateway_url or self.url).replace("http://", "ws://", 1)
+            url = f"{base}/api/notifications/ws?access_token={self.token}"
+            url += "" if after is None else f"&after={after}"
         else:
-            # On a connection of its own: sockets are opened after waits of a couple of seconds,
-            # gunicorn's keep-alive, which may close a kept connection as the POST is sent on it
-            # (a reset, which requests does not retry for a POST).
-            ticket = self.api('POST', '/notifications/tickets', 201,
-                              headers={"Connection": "close"})['ticket']
-            query = f"ticket={ticket}"
-        query += "" if after is None else f"&after={after}"
-        return Listener(WebSocketClient.connect(f"{base}/api/notifications/ws?{query}"))
+            ticket = self._json(ask_for_a_ticket(self.url, self.token), 201)["ticket"]
+            url = socket_url(gateway_url or self.url, ticket, after)
+        return Listener(WebSocketClient.connect(url))
 
     @staticmethod
     def _json(response: requests.Response, status: int) -> dict:

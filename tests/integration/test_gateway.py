@@ -36,6 +36,7 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Response
 from wsproto.frame_protocol import CloseReason
 
+from bench.notification_socket import socket_url
 from bench.websocket_client import WebSocketClient
 import gateway_app
 import orders_app
@@ -3081,7 +3082,7 @@ def test_a_head_handshake_is_refused_400_not_upgraded_and_spends_its_ticket(sett
                 assert chunk, answer
                 answer += chunk
         assert answer.split(b"\r\n", 1)[0].split(b" ", 2)[1] == b"400", answer
-        assert _refused(_ticket_url(base, ticket), code=1008)
+        assert _refused(socket_url(base, ticket), code=1008)
 
 
 @pytest.mark.parametrize("after", ["abc", "-1", "1.5", ""])
@@ -3150,10 +3151,6 @@ def _ticket(client, auth: dict, headers: dict | None = None) -> str:
     return body["ticket"]
 
 
-def _ticket_url(base: str, ticket: str) -> str:
-    return f"{base.replace('http://', 'ws://')}/api/notifications/ws?ticket={ticket}"
-
-
 def test_a_ticket_from_one_gateway_instance_opens_one_socket_on_another_once(
         settings, upstreams, gateway):
     """The page asks for a ticket, with its token in a header, then opens its socket with the
@@ -3168,25 +3165,25 @@ def test_a_ticket_from_one_gateway_instance_opens_one_socket_on_another_once(
         keys = kept.keys(f"{prefix}:socket-ticket:*")
         assert keys and not [key for key in keys if ticket.encode() in key]
         assert all(0 < kept.pttl(key) <= 30_000 for key in keys)
-        socket = _stays_open(_ticket_url(other, ticket))
+        socket = _stays_open(socket_url(other, ticket))
         assert socket
         try:
             with gateway.application.app_context(), transaction() as session:
                 notifications.on_order_status_changes(session, _status_changes(user))
             sent = json.loads(socket.receive(timeout=10) or "null")
             assert sent and sent["payload"]["user_id"] == user
-            assert _refused(_ticket_url(other, ticket), code=1008,
+            assert _refused(socket_url(other, ticket), code=1008,
                             reason="The ticket is unknown, used or expired; ask for another.")
         finally:
             socket.close()
         racing = _ticket(gateway, auth)
         with ThreadPoolExecutor(4) as pool:
-            opened = list(pool.map(lambda _: _stays_open(_ticket_url(other, racing)), range(4)))
+            opened = list(pool.map(lambda _: _stays_open(socket_url(other, racing)), range(4)))
         assert len([socket for socket in opened if socket]) == 1, opened
         for socket in opened:
             if socket:
                 socket.close()
-        assert _refused(_ticket_url(other, "made-up"), code=1008)
+        assert _refused(socket_url(other, "made-up"), code=1008)
 
 
 def test_a_ticket_escapes_no_sign_out_and_outlives_no_token(settings, upstreams, gateway):
@@ -3198,14 +3195,14 @@ def test_a_ticket_escapes_no_sign_out_and_outlives_no_token(settings, upstreams,
             _, auth = _sign_up(gateway)
             ticket = _ticket(gateway, auth)
             assert gateway.post(logout, headers=auth).status_code == 204
-            assert _refused(_ticket_url(other, ticket), code=1008,
+            assert _refused(socket_url(other, ticket), code=1008,
                             reason="The token has been signed out; sign in again."), logout
         user = f"usr_{uuid.uuid4().hex[:16]}"
         soon = issue_token(user, "brief", settings.auth_token_secret, 2).access_token
         answer = gateway.post(TICKETS, headers={"Authorization": f"Bearer {soon}"})
         assert answer.status_code == 201 and answer.get_json()["expires_in"] <= 2
         time.sleep(2.5)
-        assert _refused(_ticket_url(other, answer.get_json()["ticket"]), code=1008)
+        assert _refused(socket_url(other, answer.get_json()["ticket"]), code=1008)
 
 
 def test_a_socket_takes_a_ticket_or_a_token_not_both_nor_a_ticket_twice(settings, upstreams,
@@ -3214,7 +3211,7 @@ def test_a_socket_takes_a_ticket_or_a_token_not_both_nor_a_ticket_twice(settings
     _, auth = _sign_up(gateway)
     token = auth["Authorization"].partition(" ")[2]
     with _served_gateway(settings, upstreams) as (_, base):
-        url = _ticket_url(base, _ticket(gateway, auth))
+        url = socket_url(base, _ticket(gateway, auth))
         assert _refused(f"{url}&access_token={token}", code=1008,
                         reason="give `ticket` or `access_token`, not both")
         assert _refused(f"{url}&ticket=x", code=1008, reason="`ticket` given more than once")
@@ -3231,7 +3228,7 @@ def test_with_redis_down_a_ticket_is_refused_503_and_a_socket_closed_1011(settin
         assert refused.status_code == 503, refused.get_json()
         assert refused.get_json()["error"]["code"] == "NOTIFICATIONS_UNAVAILABLE"
         assert refused.headers["Retry-After"] == "5"
-        assert _refused(_ticket_url(base, "any"), code=1011)
+        assert _refused(socket_url(base, "any"), code=1011)
 
 
 def test_a_ticket_is_refused_429_with_retry_after_once_its_addresss_handshakes_are_spent(
@@ -3246,7 +3243,7 @@ def test_a_ticket_is_refused_429_with_retry_after_once_its_addresss_handshakes_a
         _, auth = _sign_up(client)
         address = {"X-Forwarded-For": _an_address()}
         for _ in range(2):
-            assert _opens(_ticket_url(base, _ticket(client, auth, address)), headers=address)
+            assert _opens(socket_url(base, _ticket(client, auth, address)), headers=address)
         refused = client.post(TICKETS, headers={**auth, **address})
         assert refused.status_code == 429, refused.get_json()
         assert refused.get_json()["error"]["code"] == "SOCKET_HANDSHAKES_LIMITED"
@@ -3285,14 +3282,14 @@ def test_a_ticket_brought_to_a_handshake_refused_before_it_is_redeemed_is_spent(
                          gateway_trusted_proxy_hops=1) as (client, base):
         address = {"X-Forwarded-For": _an_address()}
         both, twice = _ticket(client, auth, address), _ticket(client, auth, address)
-        assert _refused(f"{_ticket_url(base, both)}&access_token={token}", code=1008,
+        assert _refused(f"{socket_url(base, both)}&access_token={token}", code=1008,
                         headers=address)
-        assert _refused(f"{_ticket_url(base, twice)}&ticket=x", code=1008, headers=address)
+        assert _refused(f"{socket_url(base, twice)}&ticket=x", code=1008, headers=address)
         assert not _ticket_kept(settings, both) and not _ticket_kept(settings, twice)
-        assert _opens(_ticket_url(base, _ticket(client, auth, address)), headers=address)
+        assert _opens(socket_url(base, _ticket(client, auth, address)), headers=address)
         late = _ticket(gateway, auth)  # (asked for elsewhere: this address's are refused now)
         assert client.post(TICKETS, headers={**auth, **address}).status_code == 429
-        assert _close_before_anything(_ticket_url(base, late), headers=address) is None  # 429
+        assert _close_before_anything(socket_url(base, late), headers=address) is None  # 429
         assert not _ticket_kept(settings, late)
 
 
@@ -3319,12 +3316,12 @@ def test_a_ticket_whose_token_is_signed_out_opens_no_stream(settings, upstreams,
         user, auth = _sign_up(gateway)
         ticket = _ticket(gateway, auth)
         assert gateway.post("/api/auth/logout", headers=auth).status_code == 204
-        assert _refused(_ticket_url(base, ticket), code=1008,
+        assert _refused(socket_url(base, ticket), code=1008,
                         reason="The token has been signed out; sign in again.")
         assert started == []
         # (a ticket of a token signed in is streamed: the recorder sees it)
         _, auth = _sign_up(gateway)
-        assert _refused(_ticket_url(base, _ticket(gateway, auth)), code=1000)
+        assert _refused(socket_url(base, _ticket(gateway, auth)), code=1000)
         assert len(started) == 1
 
 
@@ -3343,7 +3340,7 @@ def test_a_ticket_held_past_its_tokens_expiry_opens_no_stream(settings, upstream
         json.dumps({"user_id": user, "expires_at": time.time() - 5,
                     "digest": verified.digest.hex(), "generation": verified.generation}), ex=60)
     with _served_gateway(settings, upstreams) as (_, base):
-        assert _refused(_ticket_url(base, ticket), code=1008,
+        assert _refused(socket_url(base, ticket), code=1008,
                         reason="The token has expired; sign in again.")
     assert started == []
 
