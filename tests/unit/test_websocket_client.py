@@ -1,16 +1,17 @@
 """The WebSocket client of the tests and the chaos soak (bench/websocket_client.py) reads the
 frames a server sends in the same packet as its handshake's answer, as the gateway does when it
-replays at once."""
+replays at once, and gives up on a server that never answers its handshake."""
 
 import socket
 import threading
 
 import pytest
 from simple_websocket import ConnectionClosed
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+from wsproto.events import CloseConnection, TextMessage
 
 from bench.websocket_client import WebSocketClient
+from tests.network_tools import NeverReadingServer
+from tests.websocket_server import accept_sending, request_head
 
 
 def _server_sending_with_its_answer(*frames) -> tuple[str, threading.Event]:
@@ -21,15 +22,7 @@ def _server_sending_with_its_answer(*frames) -> tuple[str, threading.Event]:
 
     def serve():
         connection, _ = listener.accept()
-        protocol = WSConnection(ConnectionType.SERVER)
-        while True:
-            protocol.receive_data(connection.recv(65536))
-            if any(isinstance(event, Request) for event in protocol.events()):
-                break
-        out = protocol.send(AcceptConnection())
-        for frame in frames:
-            out += protocol.send(frame)
-        connection.sendall(out)
+        accept_sending(connection, request_head(connection), frames)
         done.wait(10)
         connection.close()
         listener.close()
@@ -55,3 +48,23 @@ def test_a_close_sent_with_the_handshakes_answer_closes_the_socket():
     with pytest.raises(ConnectionClosed) as closed:
         client.receive(timeout=5)
     assert closed.value.reason == 1008
+
+
+def test_a_handshake_never_answered_is_given_up_after_the_timeout():
+    """A server that takes the connection and says nothing (a gateway SIGSTOPped): the client
+    waited for its answer for ever, and a chaos run's follower with it, the run's stop too."""
+    server = NeverReadingServer()
+    outcome = []
+
+    def connect():
+        try:
+            outcome.append(WebSocketClient.connect(server.url.replace("http://", "ws://") + "/",
+                                                   timeout=0.5))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(10)
+    server.close()
+    assert outcome and isinstance(outcome[0], TimeoutError), outcome
