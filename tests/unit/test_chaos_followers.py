@@ -12,15 +12,16 @@ import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+from wsproto.events import CloseConnection, TextMessage
 
 from bench.chaos import followers
 from bench.chaos.followers import NotificationFollower
 from bench.chaos.load import Shopper
+from tests.network_tools import Accepting
 from tests.polling import wait_for
+from tests.websocket_server import accept_sending, request_head
 
-USER = "u1"
+USER, USERNAME, PASSWORD = "u1", "shopper-u1", "a long password"
 
 
 def _notification(n: int) -> str:
@@ -30,64 +31,87 @@ def _notification(n: int) -> str:
 
 
 class ScriptedGateway:
-    """Answers the newest id (1), tickets as `tickets` lists them in turn (a ticket, or a
-    status with its Retry-After), and each ticket's socket as `sockets` says: the notifications
-    it sends, then a close code (None: held open until the gateway is closed). Keeps the times
-    tickets were asked for, and each socket's query."""
+    """A stand-in for the gateway as a follower uses it, scripted. GET /api/notifications/newest
+    answers 1, and POST /api/notifications/tickets the tickets `tickets` lists in turn (a ticket,
+    or a status with its Retry-After), each with a token signed in (its Authorization), 401
+    without. Each ticket's socket does as `sockets` says: the notifications it sends, then its
+    close (a code, or a code and its reason; None: held open until the gateway is closed); a close
+    1008 expires every token given so far, as the gateway closes the socket of a token that
+    expires. POST /api/auth/login with the shopper's username and password gives a new token.
+    Keeps the times tickets were asked for, each socket's query, and the sign-ins."""
 
-    def __init__(self, tickets: list, sockets: dict[str, tuple[list[int], int | None]]):
+    def __init__(self, tickets: list, sockets: dict[str, tuple[list[int], int | tuple | None]]):
         self.tickets, self.sockets = list(tickets), sockets
+        self.tokens = {"token"}  # (the token the shopper registered with)
         self.ticket_times: list[float] = []
         self.socket_queries: list[dict] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.sign_ins: list[dict] = []
         self._closed = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        self._accepting = Accepting(listener, lambda connection: threading.Thread(
+            target=self._serve, args=(connection,), daemon=True).start())
 
     def close(self) -> None:
         self._closed.set()
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+        self._accepting.close()
 
     def _serve(self, connection: socket.socket) -> None:
         with connection:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += connection.recv(65536)
-            method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ")
+            head = request_head(connection)
+            if head is None:  # (the follower gone before it sent a request)
+                return
+            lines = head.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+            method, target, _ = lines[0].split(" ")
+            headers = {name.lower(): value
+                       for name, value in (line.split(": ", 1) for line in lines[1:])}
             path = urlsplit(target).path
-            if path == "/api/notifications/ws":
+            signed_in = headers.get("authorization", "").removeprefix("Bearer ") in self.tokens
+            if (method, path) == ("GET", "/api/notifications/ws"):
                 self._socket(connection, head, parse_qs(urlsplit(target).query))
-            elif path == "/api/notifications/newest":
+            elif (method, path) == ("POST", "/api/auth/login"):
+                connection.sendall(self._sign_in(json.loads(_body(connection, head, headers))))
+            elif not signed_in:
+                connection.sendall(_answer(401, {"error": {"code": "TOKEN_EXPIRED"}}))
+            elif (method, path) == ("GET", "/api/notifications/newest"):
                 connection.sendall(_answer(200, {"id": 1}))
-            else:
+            elif (method, path) == ("POST", "/api/notifications/tickets"):
                 self.ticket_times.append(time.monotonic())
                 ticket = self.tickets.pop(0)
                 connection.sendall(_answer(201, {"ticket": ticket, "expires_in": 30})
                                    if isinstance(ticket, str) else
                                    _answer(ticket[0], {}, {"Retry-After": str(ticket[1])}))
+            else:
+                connection.sendall(_answer(404, {}))
+
+    def _sign_in(self, credentials: dict) -> bytes:
+        self.sign_ins.append(credentials)
+        if credentials != {"username": USERNAME, "password": PASSWORD}:
+            return _answer(401, {"error": {"code": "INVALID_CREDENTIALS"}})
+        token = f"token-{len(self.sign_ins) + 1}"
+        self.tokens.add(token)
+        return _answer(200, {"access_token": token, "token_type": "Bearer", "expires_in": 3600})
 
     def _socket(self, connection: socket.socket, head: bytes, query: dict) -> None:
         self.socket_queries.append({name: values[0] for name, values in query.items()})
-        protocol = WSConnection(ConnectionType.SERVER)
-        protocol.receive_data(head)
-        assert any(isinstance(event, Request) for event in protocol.events())
         sent, close = self.sockets[query["ticket"][0]]
-        out = protocol.send(AcceptConnection())
-        for n in sent:
-            out += protocol.send(TextMessage(data=_notification(n)))
+        frames = [TextMessage(data=_notification(n)) for n in sent]
         if close is not None:
-            out += protocol.send(CloseConnection(code=close))
-        connection.sendall(out)
+            code, reason = close if isinstance(close, tuple) else (close, None)
+            frames.append(CloseConnection(code=code, reason=reason))
+            if code == 1008:
+                self.tokens.clear()
+        accept_sending(connection, head, frames)
         if close is None:
             self._closed.wait(10)
+
+
+def _body(connection: socket.socket, head: bytes, headers: dict) -> bytes:
+    """The request's body: what came with its head after the blank line, and the rest read."""
+    body = head.split(b"\r\n\r\n", 1)[1]
+    while len(body) < int(headers.get("content-length", 0)):
+        body += connection.recv(65536)
+    return body
 
 
 def _answer(status: int, body: dict, headers: dict | None = None) -> bytes:
