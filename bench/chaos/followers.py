@@ -3,8 +3,9 @@
 ticket of its own, `after` the last id seen; after each close (1011 as the gateway loses Redis, a
 gunicorn child killed under it, a ticket lost with Redis's keys), a new ticket and a new socket,
 after the page's backoff (0.5 s doubling to 10 s, jittered, never sooner than a Retry-After), so
-that what it missed while away is sent first. What each socket sent is kept, for the invariant
-(invariants.socket_deliveries)."""
+that what it missed while away is sent first; its token expired (a run longer than
+AUTH_TOKEN_TTL_SECONDS: the socket closed 1008, the tickets refused 401), the shopper signed in
+again. What each socket sent is kept, for the invariant (invariants.socket_deliveries)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ class NotificationFollower:
         # The newest notification's id read before the first socket: every one after it is owed.
         self.started_after: int | None = None
         self.sockets: list[SocketRun] = []
+        # The shopper's token: the one they registered with, then each sign-in's.
+        self.token = shopper.token
+        self.signed_in_again = 0
         # The answers that gave no socket, by kind (a ticket refused, a handshake failed).
         self.refused: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -100,9 +104,13 @@ class NotificationFollower:
                         continue
                     wait_at_least = self._refused(f"newest {answer.status_code}", answer)
                 else:
-                    answer = ask_for_a_ticket(self.gateway, self.shopper.token, REQUEST_TIMEOUT)
+                    answer = ask_for_a_ticket(self.gateway, self.token, REQUEST_TIMEOUT)
                     if answer.status_code == 201:
                         worked = self._stream(answer.json()["ticket"])
+                    elif answer.status_code == 401:
+                        self.refused["ticket 401"] += 1
+                        if self._signed_in_again():
+                            continue
                     else:
                         wait_at_least = self._refused(f"ticket {answer.status_code}", answer)
             except (requests.RequestException, ValueError, KeyError) as exc:
@@ -121,7 +129,22 @@ class NotificationFollower:
 
     def _request(self, method: str, path: str) -> requests.Response:
         return requests.request(method, f"{self.gateway}/api{path}", timeout=REQUEST_TIMEOUT,
-                                headers={"Authorization": f"Bearer {self.shopper.token}"})
+                                headers={"Authorization": f"Bearer {self.token}"})
+
+    def _signed_in_again(self) -> bool:
+        """Its token refused (expired: a run longer than AUTH_TOKEN_TTL_SECONDS, the socket closed
+        1008 and every ticket refused 401 from then on), the shopper signed in again with their
+        name and password, as the page's user does once it shows its sign-in form; whether it
+        worked (a new token kept)."""
+        answer = requests.post(f"{self.gateway}/api/auth/login", timeout=REQUEST_TIMEOUT,
+                               json={"username": self.shopper.username,
+                                     "password": self.shopper.password})
+        if answer.status_code != 200:
+            self.refused[f"sign-in {answer.status_code}"] += 1
+            return False
+        self.token = answer.json()["access_token"]
+        self.signed_in_again += 1
+        return True
 
     def _stream(self, ticket: str) -> bool:
         """A socket opened with `ticket` after the last id seen, read until it ends or the
@@ -189,11 +212,14 @@ class Followers:
             follower.stop()
 
     def counts(self) -> Counter[str]:
-        """The sockets opened, how they ended, and what gave none, for the report."""
+        """The sockets opened, how they ended, what gave none, and the sign-ins made again (a
+        token expired), for the report."""
         counted: Counter[str] = Counter()
         for follower in self.followers:
             counted["opened"] += len(follower.sockets)
             counted["received"] += len(follower.received_ids())
+            if follower.signed_in_again:
+                counted["signed in again"] += follower.signed_in_again
             counted.update(f"ended {run.ended}" for run in follower.sockets)
             counted.update(follower.refused)
         return counted

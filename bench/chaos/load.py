@@ -35,6 +35,7 @@ DEPOSIT_RETRY_SECONDS = 60
 # shop answers each at once), give or take one request's timeout.
 RESOLVE_SECONDS = 60
 REQUEST_TIMEOUT = 15
+PASSWORD = "a long password"  # every shopper's
 RETRY_PAUSE = 0.3
 LOAD_THREADS = 24
 
@@ -42,7 +43,10 @@ LOAD_THREADS = 24
 @dataclass(frozen=True)
 class Shopper:
     user_id: str
-    token: str
+    token: str  # as registered
+    # (Signed in again with, by a notification follower, once the token expires.)
+    username: str
+    password: str
 
 
 AMBIGUOUS_STATUSES = (502, 504)
@@ -171,10 +175,10 @@ class Load:
             for n in range(self.plan.users):
                 username = f"chaos{self.plan.seed}-{uuid.uuid4().hex[:8]}"
                 answer = http.post(f"{self.gateway}/api/auth/register", timeout=REQUEST_TIMEOUT,
-                                   json={"username": username, "password": "a long password"})
+                                   json={"username": username, "password": PASSWORD})
                 answer.raise_for_status()
                 body = answer.json()
-                shopper = Shopper(body["user_id"], body["access_token"])
+                shopper = Shopper(body["user_id"], body["access_token"], username, PASSWORD)
                 self.shoppers.append(shopper)
                 self.ledger.deposited[shopper.user_id] = Decimal("0.00")
                 if n >= self.plan.users - self.plan.late_users:

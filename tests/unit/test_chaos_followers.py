@@ -22,6 +22,7 @@ from tests.polling import wait_for
 from tests.websocket_server import accept_sending, request_head
 
 USER, USERNAME, PASSWORD = "u1", "shopper-u1", "a long password"
+SHOPPER = Shopper(USER, "token", USERNAME, PASSWORD)
 
 
 def _notification(n: int) -> str:
@@ -130,7 +131,7 @@ def test_a_closed_socket_is_reopened_with_a_new_ticket_after_the_last_id_seen(mo
     monkeypatch.setattr(followers, "RECONNECT_FIRST_SECONDS", 0.05)
     gateway = ScriptedGateway(["first", (503, 1), "second"],
                               {"first": ([2, 3], 1011), "second": ([4], None)})
-    follower = NotificationFollower(gateway.url, Shopper(USER, "token"), random.Random(1)).start()
+    follower = NotificationFollower(gateway.url, SHOPPER, random.Random(1)).start()
     try:
         wait_for(lambda: follower.received_ids() == {2, 3, 4}, timeout=15,
                  what="the notifications of both sockets")
@@ -143,3 +144,24 @@ def test_a_closed_socket_is_reopened_with_a_new_ticket_after_the_last_id_seen(mo
     assert [query["after"] for query in gateway.socket_queries] == ["1", "3"]
     assert follower.refused == {"ticket 503": 1}
     assert gateway.ticket_times[2] - gateway.ticket_times[1] >= 1.0  # (its Retry-After)
+
+
+def test_a_follower_whose_token_expired_signs_in_again_and_follows_on(monkeypatch):
+    """A run longer than AUTH_TOKEN_TTL_SECONDS: the gateway closes the socket 1008 as the token
+    expires and refuses its tickets 401 from then on. The follower signs in again with the
+    shopper's name and password, as the page's user does once it shows its sign-in form, and asks
+    for the next ticket with the new token (it asked with the expired one for ever, and every
+    later notification was reported never to have reached its sockets)."""
+    monkeypatch.setattr(followers, "RECONNECT_FIRST_SECONDS", 0.05)
+    gateway = ScriptedGateway(["first", "second"],
+                              {"first": ([2, 3], (1008, "token expired")), "second": ([4], None)})
+    follower = NotificationFollower(gateway.url, SHOPPER, random.Random(1)).start()
+    try:
+        wait_for(lambda: follower.received_ids() == {2, 3, 4}, timeout=15,
+                 what="the notifications of the sockets before and after the sign-in")
+    finally:
+        follower.stop()
+        gateway.close()
+    assert gateway.sign_ins == [{"username": USERNAME, "password": PASSWORD}]
+    assert [(run.after, run.ended) for run in follower.sockets] == [(1, 1008), (3, "stopped")]
+    assert follower.refused == {"ticket 401": 1}

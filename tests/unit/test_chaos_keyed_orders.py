@@ -12,7 +12,7 @@ from bench.chaos import load
 from bench.chaos.invariants import requests_placed
 from bench.chaos.load import Ledger, Load, Shopper, transient
 
-SHOPPER = Shopper("u1", "token")
+SHOPPER = Shopper("u1", "token", "shopper-u1", "a long password")
 
 
 class _KeyedThroughTheGateway(random.Random):

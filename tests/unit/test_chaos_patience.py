@@ -29,7 +29,7 @@ class _NoWait(random.Random):
 def test_a_late_shoppers_opening_deposit_never_confirmed_is_given_up_and_noted(monkeypatch):
     monkeypatch.setattr(load, "DEPOSIT_RETRY_SECONDS", 0.2)
     monkeypatch.setattr(load, "RETRY_PAUSE", 0.01)
-    shopper = Shopper("late-1", "token")
+    shopper = Shopper("late-1", "token", "shopper-late-1", "a long password")
     shop = Load.__new__(Load)  # (no stack: the shop's answers are _post's below)
     shop.rng, shop.ledger, shop.say = _NoWait(1), Ledger(), lambda message: None
     shop._late, shop._stop = [(shopper, "key")], threading.Event()

@@ -17,7 +17,8 @@ def _kept(user: str, *ids: int, status: str = "FINISHED") -> dict[int, Delivery]
 
 
 def _follower(user: str, started_after: int | None, *sockets: SocketRun) -> NotificationFollower:
-    follower = NotificationFollower("http://gateway", Shopper(user, "token"), random.Random(1))
+    shopper = Shopper(user, "token", f"shopper-{user}", "a long password")
+    follower = NotificationFollower("http://gateway", shopper, random.Random(1))
     follower.started_after = started_after
     follower.sockets = list(sockets)
     return follower

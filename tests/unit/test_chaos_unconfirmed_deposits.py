@@ -13,7 +13,7 @@ from bench.chaos.invariants import _balances
 from bench.chaos.load import Ledger, Load, Shopper, UnconfirmedDeposit, transient
 from shared.idempotency import REPLAYED, REPLAYED_HEADER
 
-SHOPPER = Shopper("u1", "token")
+SHOPPER = Shopper("u1", "token", "shopper-u1", "a long password")
 
 
 def _unconfirmed(amount: str, key: str = "k1") -> UnconfirmedDeposit:
