@@ -2,15 +2,19 @@
 (gateway_app/web/app.js): the newest notification's id read first, then a socket opened with a
 ticket of its own, `after` the last id seen; after each close (1011 as the gateway loses Redis, a
 gunicorn child killed under it, a ticket lost with Redis's keys), a new ticket and a new socket,
-after the page's backoff (0.5 s doubling to 10 s, jittered, never sooner than a Retry-After), so
-that what it missed while away is sent first; its token expired (a run longer than
-AUTH_TOKEN_TTL_SECONDS: the socket closed 1008, the tickets refused 401), the shopper signed in
-again. What each socket sent is kept, for the invariant (invariants.socket_deliveries)."""
+so that what it missed while away is sent first. It waits as the page does: 0.5 s doubling to
+10 s, jittered by a quarter, from the shortest again once a socket has worked; to 30 s after a
+socket turned away (its handshake refused, as with a 429, or closed 1013) or a ticket refused;
+never sooner than a Retry-After, or than a 1013's "try again in N s". Its token expired (a run
+longer than AUTH_TOKEN_TTL_SECONDS: the socket closed 1008, the next ticket refused 401), the
+shopper signs in again, as the page's user does at its sign-in form, and it follows on. What each
+socket sent is kept, for the invariant (invariants.socket_deliveries)."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -25,8 +29,14 @@ from bench.websocket_client import WebSocketClient
 
 RECONNECT_FIRST_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 10.0
+# A socket turned away (its handshake refused, as with a 429, or closed 1013), and a ticket
+# refused, back off to this at most, as the page's (its RECONNECT_TURNED_AWAY_MAX_MS).
+RECONNECT_TURNED_AWAY_MAX_SECONDS = 30.0
 # A socket that stayed open this long worked: the next reconnect waits the shortest again.
 SOCKET_WORKED_SECONDS = 5.0
+# The wait a rate-limited socket's close (1013) names, as the gateway words it (the page's
+# TRY_AGAIN_IN).
+TRY_AGAIN_IN = re.compile(r"try again in (\d+) s", re.IGNORECASE)
 # How long a follower waits for each frame before it looks whether it is to stop.
 RECEIVE_SECONDS = 0.5
 REQUEST_TIMEOUT = 10
@@ -63,6 +73,7 @@ class NotificationFollower:
         # The shopper's token: the one they registered with, then each sign-in's.
         self.token = shopper.token
         self.signed_in_again = 0
+        self._delay = RECONNECT_FIRST_SECONDS  # (the page's reconnectDelay)
         # The answers that gave no socket, by kind (a ticket refused, a handshake failed).
         self.refused: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -93,72 +104,78 @@ class NotificationFollower:
         return received[-1] if received else self.started_after
 
     def _follow(self) -> None:
-        delay = RECONNECT_FIRST_SECONDS
         while not self._stop.is_set():
-            wait_at_least, worked = 0.0, False
             try:
-                if self.started_after is None:
-                    answer = self._request("GET", "/notifications/newest")
-                    if answer.status_code == 200:
-                        self.started_after = int(answer.json()["id"])
-                        continue
-                    wait_at_least = self._refused(f"newest {answer.status_code}", answer)
-                else:
-                    answer = ask_for_a_ticket(self.gateway, self.token, REQUEST_TIMEOUT)
-                    if answer.status_code == 201:
-                        worked = self._stream(answer.json()["ticket"])
-                    elif answer.status_code == 401:
-                        self.refused["ticket 401"] += 1
-                        if self._signed_in_again():
-                            continue
-                    else:
-                        wait_at_least = self._refused(f"ticket {answer.status_code}", answer)
+                wait = self._step()
             except (requests.RequestException, ValueError, KeyError) as exc:
-                # (no answer, or one that is not what the gateway documents: tried again)
+                # (no answer, or one that is not what the gateway documents: tried again, as the
+                # page tries a read of the newest id, or a ticket given up on, again)
                 self.refused[f"request {type(exc).__name__}"] += 1
-            delay = RECONNECT_FIRST_SECONDS if worked else min(delay * 2, RECONNECT_MAX_SECONDS)
-            self._stop.wait(max(wait_at_least, delay * self.rng.uniform(0.5, 1.0)))
+                wait = self._backoff(RECONNECT_MAX_SECONDS if self.started_after is None
+                                     else RECONNECT_TURNED_AWAY_MAX_SECONDS)
+            self._stop.wait(wait)
 
-    def _refused(self, kind: str, answer: requests.Response) -> float:
-        """Count the refusal; the seconds its Retry-After asks to wait (0 for none)."""
-        self.refused[kind] += 1
-        try:
-            return float(answer.headers.get("Retry-After", 0))
-        except ValueError:
-            return 0.0
+    def _step(self) -> float:
+        """The page's next step: the newest id read (once), else a ticket asked for and its
+        socket read until it ends; the seconds to wait before the next step."""
+        if self.started_after is None:
+            answer = requests.get(f"{self.gateway}/api/notifications/newest",
+                                  timeout=REQUEST_TIMEOUT,
+                                  headers={"Authorization": f"Bearer {self.token}"})
+            if answer.status_code == 200:
+                self.started_after = int(answer.json()["id"])
+                return 0.0
+            kind, longest = "newest", RECONNECT_MAX_SECONDS
+        else:
+            answer = ask_for_a_ticket(self.gateway, self.token, REQUEST_TIMEOUT)
+            if answer.status_code == 201:
+                return self._stream(answer.json()["ticket"])
+            # (as the page's noTicket: no socket tried, the next ticket asked for later)
+            kind, longest = "ticket", RECONNECT_TURNED_AWAY_MAX_SECONDS
+        self.refused[f"{kind} {answer.status_code}"] += 1
+        if answer.status_code == 401:
+            return self._sign_in_again()
+        return self._backoff(longest, _retry_after(answer))
 
-    def _request(self, method: str, path: str) -> requests.Response:
-        return requests.request(method, f"{self.gateway}/api{path}", timeout=REQUEST_TIMEOUT,
-                                headers={"Authorization": f"Bearer {self.token}"})
-
-    def _signed_in_again(self) -> bool:
+    def _sign_in_again(self) -> float:
         """Its token refused (expired: a run longer than AUTH_TOKEN_TTL_SECONDS, the socket closed
         1008 and every ticket refused 401 from then on), the shopper signed in again with their
-        name and password, as the page's user does once it shows its sign-in form; whether it
-        worked (a new token kept)."""
+        name and password, as the page's user does once it shows its sign-in form; the seconds to
+        wait before the next step (none once signed in)."""
         answer = requests.post(f"{self.gateway}/api/auth/login", timeout=REQUEST_TIMEOUT,
                                json={"username": self.shopper.username,
                                      "password": self.shopper.password})
         if answer.status_code != 200:
             self.refused[f"sign-in {answer.status_code}"] += 1
-            return False
+            return self._backoff(RECONNECT_MAX_SECONDS, _retry_after(answer))
         self.token = answer.json()["access_token"]
         self.signed_in_again += 1
-        return True
+        return 0.0
 
-    def _stream(self, ticket: str) -> bool:
+    def _backoff(self, longest: float, at_least: float = 0.0) -> float:
+        """The page's wait before it reconnects (scheduleReconnect): the current delay, jittered
+        by a quarter either way, and never less than `at_least`; the next twice it, up to
+        `longest`."""
+        wait = self._delay * self.rng.uniform(0.75, 1.25)
+        self._delay = min(self._delay * 2, longest)
+        return max(wait, at_least)
+
+    def _stream(self, ticket: str) -> float:
         """A socket opened with `ticket` after the last id seen, read until it ends or the
-        follower stops; whether it worked (stayed open SOCKET_WORKED_SECONDS, or was closed 1012,
-        its gateway process stopping, as the page reconnects at once then)."""
+        follower stops; the seconds to wait before the next ticket, as the page waits: from the
+        shortest again once a socket has worked (stayed open SOCKET_WORKED_SECONDS, or was closed
+        1012, its gateway process stopping), doubling up to RECONNECT_MAX_SECONDS, to
+        RECONNECT_TURNED_AWAY_MAX_SECONDS for a socket turned away (its handshake refused, as with
+        a 429, or closed 1013), and never sooner than a 1013's "try again in N s"."""
         run = SocketRun(after=self.last_seen())
         try:
             socket = WebSocketClient.connect(socket_url(self.gateway, ticket, run.after))
         except Exception as exc:  # (a handshake refused, 429, is no upgrade: ConnectionError)
             self.refused[f"handshake {type(exc).__name__}"] += 1
-            return False
+            return self._backoff(RECONNECT_TURNED_AWAY_MAX_SECONDS)
         with self._lock:
             self.sockets.append(run)
-        opened = time.monotonic()
+        opened, said = time.monotonic(), ""
         try:
             while not self._stop.is_set():
                 frame = socket.receive(timeout=RECEIVE_SECONDS)
@@ -171,14 +188,28 @@ class NotificationFollower:
                                                  payload["order_id"], payload["status"]))
             run.ended = "stopped"
         except ConnectionClosed as closed:
-            run.ended = closed.reason
+            run.ended, said = closed.reason, closed.message or ""
         except Exception as exc:  # (its connection reset, say)
             run.ended = type(exc).__name__
         try:
             socket.close()  # (and its reader thread ended)
         except (ConnectionClosed, OSError):
             pass
-        return run.ended == 1012 or time.monotonic() - opened >= SOCKET_WORKED_SECONDS
+        if run.ended == 1012 or time.monotonic() - opened >= SOCKET_WORKED_SECONDS:
+            self._delay = RECONNECT_FIRST_SECONDS
+        if run.ended != 1013:
+            return self._backoff(RECONNECT_MAX_SECONDS)
+        try_again_in = TRY_AGAIN_IN.search(said)
+        return self._backoff(RECONNECT_TURNED_AWAY_MAX_SECONDS,
+                             float(try_again_in[1]) if try_again_in else 0.0)
+
+
+def _retry_after(answer: requests.Response) -> float:
+    """The seconds an answer's Retry-After asks to wait (0 for none)."""
+    try:
+        return float(answer.headers.get("Retry-After", 0))
+    except ValueError:
+        return 0.0
 
 
 @dataclass

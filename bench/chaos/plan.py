@@ -50,7 +50,8 @@ class ChaosPlan:
     # The first shoppers who hold a notification socket through the gateway for the run (reopened
     # as the page reopens it: followers.py), and how long, once the shop has settled, their
     # sockets get to send every notification kept for them (an open one reads the table every
-    # 5 s; one closed reconnects within 10 s, or a Retry-After, and catches up).
+    # 5 s; one closed reconnects within 10 s, 30 s if turned away, or a Retry-After, and catches
+    # up).
     socket_users: int = 6
     socket_catch_up_seconds: float = 60
 

@@ -36,12 +36,14 @@ class ScriptedGateway:
     answers 1, and POST /api/notifications/tickets the tickets `tickets` lists in turn (a ticket,
     or a status with its Retry-After), each with a token signed in (its Authorization), 401
     without. Each ticket's socket does as `sockets` says: the notifications it sends, then its
-    close (a code, or a code and its reason; None: held open until the gateway is closed); a close
-    1008 expires every token given so far, as the gateway closes the socket of a token that
-    expires. POST /api/auth/login with the shopper's username and password gives a new token.
-    Keeps the times tickets were asked for, each socket's query, and the sign-ins."""
+    close (a code, or a code and its reason; None: held open until the gateway is closed), or the
+    status its handshake is refused with (an int); a close 1008 expires every token given so far,
+    as the gateway closes the socket of a token that expires. POST /api/auth/login with the
+    shopper's username and password gives a new token. Keeps the times tickets were asked for,
+    each socket's query, and the sign-ins."""
 
-    def __init__(self, tickets: list, sockets: dict[str, tuple[list[int], int | tuple | None]]):
+    def __init__(self, tickets: list,
+                 sockets: dict[str, tuple[list[int], int | tuple | None] | int]):
         self.tickets, self.sockets = list(tickets), sockets
         self.tokens = {"token"}  # (the token the shopper registered with)
         self.ticket_times: list[float] = []
@@ -95,7 +97,12 @@ class ScriptedGateway:
 
     def _socket(self, connection: socket.socket, head: bytes, query: dict) -> None:
         self.socket_queries.append({name: values[0] for name, values in query.items()})
-        sent, close = self.sockets[query["ticket"][0]]
+        script = self.sockets[query["ticket"][0]]
+        if isinstance(script, int):
+            connection.sendall(_answer(script, {"error": {"code": "RATE_LIMITED"}},
+                                       {"Retry-After": "60"}))
+            return
+        sent, close = script
         frames = [TextMessage(data=_notification(n)) for n in sent]
         if close is not None:
             code, reason = close if isinstance(close, tuple) else (close, None)
@@ -165,3 +172,43 @@ def test_a_follower_whose_token_expired_signs_in_again_and_follows_on(monkeypatc
     assert gateway.sign_ins == [{"username": USERNAME, "password": PASSWORD}]
     assert [(run.after, run.ended) for run in follower.sockets] == [(1, 1008), (3, "stopped")]
     assert follower.refused == {"ticket 401": 1}
+
+
+def test_a_socket_closed_1013_is_opened_again_no_sooner_than_its_try_again_in(monkeypatch):
+    """Past the user's rate limit the gateway closes the socket 1013 and names the wait ("try
+    again in N s"), which the page keeps to: no ticket asked for before then."""
+    monkeypatch.setattr(followers, "RECONNECT_FIRST_SECONDS", 0.05)
+    gateway = ScriptedGateway(["first", "second"], {
+        "first": ([2], (1013, "Too many requests; try again in 1 s.")), "second": ([3], None)})
+    follower = NotificationFollower(gateway.url, SHOPPER, random.Random(1)).start()
+    try:
+        wait_for(lambda: follower.received_ids() == {2, 3}, timeout=15,
+                 what="the notifications of both sockets")
+    finally:
+        follower.stop()
+        gateway.close()
+    assert gateway.ticket_times[1] - gateway.ticket_times[0] >= 1.0
+
+
+def test_sockets_turned_away_back_off_further_than_sockets_closed(monkeypatch):
+    """A handshake refused (429, past its address's handshakes: a page sees a socket closed 1006,
+    never opened) backs off as the page's does, doubling past the longest wait after a socket
+    that opened and closed (RECONNECT_MAX_SECONDS), to RECONNECT_TURNED_AWAY_MAX_SECONDS."""
+    monkeypatch.setattr(followers, "RECONNECT_FIRST_SECONDS", 0.1)
+    monkeypatch.setattr(followers, "RECONNECT_MAX_SECONDS", 0.1)
+    monkeypatch.setattr(followers, "RECONNECT_TURNED_AWAY_MAX_SECONDS", 0.4, raising=False)
+    refused = ["a", "b", "c", "d"]
+    gateway = ScriptedGateway([*refused, "open"], {**{ticket: 429 for ticket in refused},
+                                                  "open": ([2], None)})
+    follower = NotificationFollower(gateway.url, SHOPPER, random.Random(1)).start()
+    try:
+        wait_for(lambda: follower.received_ids() == {2}, timeout=15,
+                 what="the socket at last opened")
+    finally:
+        follower.stop()
+        gateway.close()
+    assert follower.refused == {"handshake ConnectionError": 4}
+    # Waits of 0.1, 0.2, 0.4 and 0.4 s, give or take a quarter.
+    times = gateway.ticket_times
+    waits = [later - earlier for earlier, later in zip(times, times[1:])]
+    assert waits[-1] >= 0.3 and waits[-2] >= 0.3, waits
