@@ -25,7 +25,7 @@ from simple_websocket import ConnectionClosed
 
 from bench.chaos.load import Shopper
 from bench.notification_socket import ask_for_a_ticket, socket_url
-from bench.websocket_client import WebSocketClient
+from bench.websocket_client import HANDSHAKE_SECONDS, WebSocketClient
 
 RECONNECT_FIRST_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 10.0
@@ -40,6 +40,9 @@ TRY_AGAIN_IN = re.compile(r"try again in (\d+) s", re.IGNORECASE)
 # How long a follower waits for each frame before it looks whether it is to stop.
 RECEIVE_SECONDS = 0.5
 REQUEST_TIMEOUT = 10
+# How long stopping the followers waits for them: one request's or one handshake's timeouts (a
+# connect and a read), and some.
+STOP_SECONDS = 2 * max(REQUEST_TIMEOUT, HANDSHAKE_SECONDS) + 5
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,11 @@ class NotificationFollower:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop following; whether it has stopped within `timeout` (STOP_SECONDS by default)."""
         self._stop.set()
-        self._thread.join()
+        self._thread.join(STOP_SECONDS if timeout is None else timeout)
+        return not self._thread.is_alive()
 
     def received_ids(self) -> set[int]:
         with self._lock:
@@ -167,6 +172,8 @@ class NotificationFollower:
         1012, its gateway process stopping), doubling up to RECONNECT_MAX_SECONDS, to
         RECONNECT_TURNED_AWAY_MAX_SECONDS for a socket turned away (its handshake refused, as with
         a 429, or closed 1013), and never sooner than a 1013's "try again in N s"."""
+        if self._stop.is_set():  # (as the ticket was asked for)
+            return 0.0
         run = SocketRun(after=self.last_seen())
         try:
             socket = WebSocketClient.connect(socket_url(self.gateway, ticket, run.after))
@@ -235,12 +242,15 @@ class Followers:
             follower.start()
         return self
 
-    def stop(self) -> None:
-        """Stop every follower (again: a no-op), each socket closed."""
+    def stop(self) -> list[str]:
+        """Stop every follower (again: a no-op), each socket closed; the users whose follower has
+        not stopped within STOP_SECONDS (held in a request or a handshake past their timeouts:
+        left running, a daemon thread, what its sockets sent read as it stands)."""
         for follower in self.followers:
             follower._stop.set()
-        for follower in self.followers:
-            follower.stop()
+        deadline = time.monotonic() + STOP_SECONDS
+        return [follower.user_id for follower in self.followers
+                if not follower.stop(max(0.0, deadline - time.monotonic()))]
 
     def counts(self) -> Counter[str]:
         """The sockets opened, how they ended, what gave none, and the sign-ins made again (a

@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from decimal import Decimal
 
-from bench.chaos.followers import Delivery, Followers, NotificationFollower
+from bench.chaos.followers import STOP_SECONDS, Delivery, Followers, NotificationFollower
 from bench.chaos.load import Ledger, Shopper, Span
 from bench.shop import FINAL_STATUSES, service_cursor, wait_until_idle
 from devstack.stack import Stack
@@ -188,10 +188,12 @@ def sockets_caught_up(stack: Stack, followers: Followers, timeout: float) -> lis
         if all(not _missed(follower, kept) for follower in followers.followers):
             break
         time.sleep(0.25)
-    followers.stop()
+    stuck = followers.stop()
     kept = kept_notifications(stack, users)
-    return [problem for follower in followers.followers
-            for problem in socket_deliveries(follower, kept)]
+    return [f"{user}'s notification follower did not stop within {STOP_SECONDS:.0f} s (held in a"
+            " request or a handshake past their timeouts)" for user in stuck] + [
+        problem for follower in followers.followers
+        for problem in socket_deliveries(follower, kept)]
 
 
 def kept_notifications(stack: Stack, users: list[str]) -> dict[int, Delivery]:

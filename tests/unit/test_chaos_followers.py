@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 from wsproto.events import CloseConnection, TextMessage
 
 from bench.chaos import followers
-from bench.chaos.followers import NotificationFollower
+from bench.chaos.followers import Followers, NotificationFollower
 from bench.chaos.load import Shopper
 from tests.network_tools import Accepting
 from tests.polling import wait_for
@@ -23,6 +23,8 @@ from tests.websocket_server import accept_sending, request_head
 
 USER, USERNAME, PASSWORD = "u1", "shopper-u1", "a long password"
 SHOPPER = Shopper(USER, "token", USERNAME, PASSWORD)
+# A socket whose handshake the stand-in never answers (a gateway SIGSTOPped as it is sent).
+UNANSWERED = "unanswered"
 
 
 def _notification(n: int) -> str:
@@ -37,13 +39,13 @@ class ScriptedGateway:
     or a status with its Retry-After), each with a token signed in (its Authorization), 401
     without. Each ticket's socket does as `sockets` says: the notifications it sends, then its
     close (a code, or a code and its reason; None: held open until the gateway is closed), or the
-    status its handshake is refused with (an int); a close 1008 expires every token given so far,
-    as the gateway closes the socket of a token that expires. POST /api/auth/login with the
-    shopper's username and password gives a new token. Keeps the times tickets were asked for,
-    each socket's query, and the sign-ins."""
+    status its handshake is refused with (an int), or UNANSWERED; a close 1008 expires every token
+    given so far, as the gateway closes the socket of a token that expires. POST /api/auth/login
+    with the shopper's username and password gives a new token. Keeps the times tickets were
+    asked for, each socket's query, and the sign-ins."""
 
     def __init__(self, tickets: list,
-                 sockets: dict[str, tuple[list[int], int | tuple | None] | int]):
+                 sockets: dict[str, tuple[list[int], int | tuple | None] | int | str]):
         self.tickets, self.sockets = list(tickets), sockets
         self.tokens = {"token"}  # (the token the shopper registered with)
         self.ticket_times: list[float] = []
@@ -98,6 +100,9 @@ class ScriptedGateway:
     def _socket(self, connection: socket.socket, head: bytes, query: dict) -> None:
         self.socket_queries.append({name: values[0] for name, values in query.items()})
         script = self.sockets[query["ticket"][0]]
+        if script == UNANSWERED:
+            self._closed.wait(10)
+            return
         if isinstance(script, int):
             connection.sendall(_answer(script, {"error": {"code": "RATE_LIMITED"}},
                                        {"Retry-After": "60"}))
@@ -212,3 +217,19 @@ def test_sockets_turned_away_back_off_further_than_sockets_closed(monkeypatch):
     times = gateway.ticket_times
     waits = [later - earlier for earlier, later in zip(times, times[1:])]
     assert waits[-1] >= 0.3 and waits[-2] >= 0.3, waits
+
+
+def test_a_follower_that_does_not_stop_in_time_is_named_not_waited_for(monkeypatch):
+    """A follower held in a handshake the gateway does not answer (SIGSTOPped) stops once its
+    timeout is out; stopping the followers waits STOP_SECONDS for them at most and names those
+    still running, where it waited for them without end (and a Ctrl-C with it)."""
+    monkeypatch.setattr(followers, "STOP_SECONDS", 0.5, raising=False)
+    gateway = ScriptedGateway(["held"], {"held": UNANSWERED})
+    follower = NotificationFollower(gateway.url, SHOPPER, random.Random(1)).start()
+    try:
+        wait_for(lambda: gateway.socket_queries, timeout=10, what="the socket's handshake")
+        began = time.monotonic()
+        assert Followers([follower]).stop() == [USER]
+        assert time.monotonic() - began < 2
+    finally:
+        gateway.close()
