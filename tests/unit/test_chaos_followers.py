@@ -135,6 +135,18 @@ def _answer(status: int, body: dict, headers: dict | None = None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + text
 
 
+def _followed(gateway: ScriptedGateway, ids: set[int], what: str) -> NotificationFollower:
+    """A follower of the stand-in's, stopped (and the stand-in closed) once its sockets have sent
+    the notifications `ids`."""
+    follower = NotificationFollower(gateway.url, SHOPPER, random.Random(1)).start()
+    try:
+        wait_for(lambda: follower.received_ids() == ids, timeout=15, what=what)
+    finally:
+        follower.stop()
+        gateway.close()
+    return follower
+
+
 def test_a_closed_socket_is_reopened_with_a_new_ticket_after_the_last_id_seen(monkeypatch):
     """The first socket, after the newest id (1), sends 2 and 3 and is closed 1011 (its gateway
     lost Redis); the next ticket is refused 503 with Retry-After: 1 (Redis still down), and the
@@ -143,13 +155,7 @@ def test_a_closed_socket_is_reopened_with_a_new_ticket_after_the_last_id_seen(mo
     monkeypatch.setattr(followers, "RECONNECT_FIRST_SECONDS", 0.05)
     gateway = ScriptedGateway(["first", (503, 1), "second"],
                               {"first": ([2, 3], 1011), "second": ([4], None)})
-    follower = NotificationFollower(gateway.url, SHOPPER, random.Random(1)).start()
-    try:
-        wait_for(lambda: follower.received_ids() == {2, 3, 4}, timeout=15,
-                 what="the notifications of both sockets")
-    finally:
-        follower.stop()
-        gateway.close()
+    follower = _followed(gateway, {2, 3, 4}, "the notifications of both sockets")
     assert follower.started_after == 1
     assert [(run.after, [item.id for item in run.received], run.ended)
             for run in follower.sockets] == [(1, [2, 3], 1011), (3, [4], "stopped")]
@@ -167,13 +173,7 @@ def test_a_follower_whose_token_expired_signs_in_again_and_follows_on(monkeypatc
     monkeypatch.setattr(followers, "RECONNECT_FIRST_SECONDS", 0.05)
     gateway = ScriptedGateway(["first", "second"],
                               {"first": ([2, 3], (1008, "token expired")), "second": ([4], None)})
-    follower = NotificationFollower(gateway.url, SHOPPER, random.Random(1)).start()
-    try:
-        wait_for(lambda: follower.received_ids() == {2, 3, 4}, timeout=15,
-                 what="the notifications of the sockets before and after the sign-in")
-    finally:
-        follower.stop()
-        gateway.close()
+    follower = _followed(gateway, {2, 3, 4}, "the notifications before and after the sign-in")
     assert gateway.sign_ins == [{"username": USERNAME, "password": PASSWORD}]
     assert [(run.after, run.ended) for run in follower.sockets] == [(1, 1008), (3, "stopped")]
     assert follower.refused == {"ticket 401": 1}
@@ -185,13 +185,7 @@ def test_a_socket_closed_1013_is_opened_again_no_sooner_than_its_try_again_in(mo
     monkeypatch.setattr(followers, "RECONNECT_FIRST_SECONDS", 0.05)
     gateway = ScriptedGateway(["first", "second"], {
         "first": ([2], (1013, "Too many requests; try again in 1 s.")), "second": ([3], None)})
-    follower = NotificationFollower(gateway.url, SHOPPER, random.Random(1)).start()
-    try:
-        wait_for(lambda: follower.received_ids() == {2, 3}, timeout=15,
-                 what="the notifications of both sockets")
-    finally:
-        follower.stop()
-        gateway.close()
+    _followed(gateway, {2, 3}, "the notifications of both sockets")
     assert gateway.ticket_times[1] - gateway.ticket_times[0] >= 1.0
 
 
@@ -201,17 +195,11 @@ def test_sockets_turned_away_back_off_further_than_sockets_closed(monkeypatch):
     that opened and closed (RECONNECT_MAX_SECONDS), to RECONNECT_TURNED_AWAY_MAX_SECONDS."""
     monkeypatch.setattr(followers, "RECONNECT_FIRST_SECONDS", 0.1)
     monkeypatch.setattr(followers, "RECONNECT_MAX_SECONDS", 0.1)
-    monkeypatch.setattr(followers, "RECONNECT_TURNED_AWAY_MAX_SECONDS", 0.4, raising=False)
+    monkeypatch.setattr(followers, "RECONNECT_TURNED_AWAY_MAX_SECONDS", 0.4)
     refused = ["a", "b", "c", "d"]
     gateway = ScriptedGateway([*refused, "open"], {**{ticket: 429 for ticket in refused},
                                                   "open": ([2], None)})
-    follower = NotificationFollower(gateway.url, SHOPPER, random.Random(1)).start()
-    try:
-        wait_for(lambda: follower.received_ids() == {2}, timeout=15,
-                 what="the socket at last opened")
-    finally:
-        follower.stop()
-        gateway.close()
+    follower = _followed(gateway, {2}, "the socket at last opened")
     assert follower.refused == {"handshake ConnectionError": 4}
     # Waits of 0.1, 0.2, 0.4 and 0.4 s, give or take a quarter.
     times = gateway.ticket_times
@@ -223,7 +211,7 @@ def test_a_follower_that_does_not_stop_in_time_is_named_not_waited_for(monkeypat
     """A follower held in a handshake the gateway does not answer (SIGSTOPped) stops once its
     timeout is out; stopping the followers waits STOP_SECONDS for them at most and names those
     still running, where it waited for them without end (and a Ctrl-C with it)."""
-    monkeypatch.setattr(followers, "STOP_SECONDS", 0.5, raising=False)
+    monkeypatch.setattr(followers, "STOP_SECONDS", 0.5)
     gateway = ScriptedGateway(["held"], {"held": UNANSWERED})
     follower = NotificationFollower(gateway.url, SHOPPER, random.Random(1)).start()
     try:
