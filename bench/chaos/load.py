@@ -44,7 +44,8 @@ LOAD_THREADS = 24
 class Shopper:
     user_id: str
     token: str  # as registered
-    # (Signed in again with, by a notification follower, once the token expires.)
+    # What they registered with: a notification follower signs in again with them once the token
+    # expires.
     username: str
     password: str
 

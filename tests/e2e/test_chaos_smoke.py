@@ -3,8 +3,8 @@
 modest rate while each kind of process is SIGKILLed or SIGSTOPped in turn, every two seconds or
 so, Redis too (the stack's own, restarted empty) and PostgreSQL (the stack's own, crashed and
 restarted), and then exactly once holds in the databases.
-It asserts the invariants and that the disruptions happened, never how many orders finished or
-how fast.
+It asserts the invariants, that the disruptions happened and that the followed shoppers' sockets
+opened and were sent notifications, never how many orders finished or how fast.
 
 On a stack of its own, with a Redis and a PostgreSQL of its own: its processes are killed, and
 the package's stack's and the session's servers must not be."""
@@ -45,3 +45,5 @@ def test_exactly_once_holds_with_every_kind_of_process_killed_under_load(shop):
     assert result.settled, report
     assert set(result.disruptions) == set(PLAN.disruptions()), report
     assert result.accepted > 0 and result.orders, report
+    # (The sockets' invariant holds of followers that did nothing too.)
+    assert result.sockets["opened"] > 0 and result.sockets["received"] > 0, report
