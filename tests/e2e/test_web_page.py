@@ -25,6 +25,7 @@ from wsproto.frame_protocol import CloseReason
 from devstack.stack import API_WORKERS, REPO_ROOT
 from gateway_app.notifications import SOCKETS_PER_USER
 from tests.e2e.gateway_client import GatewayClient, Listener
+from tests.e2e.page_clock import rounding_ms, speed_up_the_pages_clock
 from tests.network_tools import HoldingProxy
 from tests.polling import wait_for
 
@@ -35,6 +36,18 @@ ARTIFACTS = REPO_ROOT / "test-artifacts"
 LIVE_DEADLINE = 15
 PAGE_DEADLINE = 10
 PASSWORD = "correct horse battery"
+# How many times as fast the page's clock runs (tests/e2e/page_clock.py) in a test that waits on
+# app.js's own timers (its poll, reconnect backoff, catch-up, a socket's time to work, a ticket's
+# wait) with nothing of the shop's or its own racing them: the page's lengths, in a tenth of the
+# time. (A minute of the page's clock is then six seconds: its balance's read now and then,
+# BALANCE_READ_MS, falls within such a test, which must not take it for what it waits for.)
+CLOCK_SPEEDUP = 10
+# ... in a test that races a step of its own or the shop's (a click and its answer, some 0.5 s, an
+# order paid and its notification, some 1 to 2 s) against a page's wait of a few seconds (a
+# Retry-After, a pause): the step must still fall within the wait, on the page's clock; and in one
+# whose wait must give up before the page's read of the balance now and then (BALANCE_READ_MS, 45 s
+# at the soonest on the page's clock: 15 s) could end it.
+RACING_CLOCK_SPEEDUP = 3
 
 
 @pytest.fixture
@@ -253,7 +266,9 @@ FIRST_READ_RATE_LIMITED = _fetch_played(before="window.hseshopNewestReads = [];"
 
 def test_a_page_told_to_wait_loads_the_shop_no_sooner_than_it_was_told(stack, browser):
     """The page's own logic (its first read's answer is played, the rest is real): refused with
-    Retry-After 3, the page says so and reads again after 3 s, not after its own 1 s backoff."""
+    Retry-After 3, the page says so and reads again after 3 s, not after its own 1 s backoff.
+    (The page's clock sped up as far as its message stays up long enough to be read.)"""
+    speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                             {"source": FIRST_READ_RATE_LIMITED})
     page = ShopPage(browser, f"{stack.gateway_url}/").open()
@@ -262,7 +277,8 @@ def test_a_page_told_to_wait_loads_the_shop_no_sooner_than_it_was_told(stack, br
                     what="the page to say how long to wait")
     page.wait_until(lambda: page.visible("open-account"), what="the shop loaded after the wait")
     reads = browser.execute_script("return window.hseshopNewestReads;")
-    assert len(reads) == 2 and reads[1] - reads[0] >= 3000, reads
+    assert len(reads) == 2, reads
+    assert reads[1] - reads[0] >= 3000 - rounding_ms(RACING_CLOCK_SPEEDUP), reads
 
 
 # Played by the browser itself: the page's second and third reads of its first page of orders (the
@@ -493,6 +509,7 @@ def test_a_first_page_answered_from_older_orders_than_the_page_lists_leaves_no_g
     before those 51 were placed, comes after: it is not shown (it ended the list below the lost
     order with no Show older orders, the order between missing for good). Paging on shows every
     order, newest first."""
+    speed_up_the_pages_clock(browser, CLOCK_SPEEDUP)
     page, shopper = _shopper_with_100_on_the_page(stack, browser, ANSWERS_LOST_WHEN_TOLD,
                                                   FIRST_PAGES_CROSSED)
     held = "return window.hseshopFirstPagesCrossedHeld;"
@@ -876,6 +893,7 @@ def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(
     while its API answers: the page reads the first page of orders and the balance itself every
     POLL_SECONDS or so, so an order paid meanwhile shows as paid, and the balance what it left.
     Once a socket works again, the page stops reading by itself."""
+    speed_up_the_pages_clock(browser, CLOCK_SPEEDUP)
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                             {"source": READS_AND_SOCKETS_RECORDED})
     shopper = GatewayClient(stack.gateway_url)
@@ -918,9 +936,10 @@ def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(
                     what="a poll's time to pass")
     reads = browser.execute_script("return window.hseshopReads;")
     listed = [read["at"] for read in reads if read["path"] == "/api/orders"]
-    assert not [at for at in listed if at > worked + 50], (worked, listed)
+    # (A read sent as it began to work: 50 ms, on the page's clock.)
+    assert not [at for at in listed if at > worked + 50 * CLOCK_SPEEDUP], (worked, listed)
     # While refused, the page read the orders no more often than every POLL_SOONEST.
-    assert all(later - earlier >= POLL_SOONEST * 1000 - 5
+    assert all(later - earlier >= POLL_SOONEST * 1000 - rounding_ms(CLOCK_SPEEDUP)
                for earlier, later in zip(listed, listed[1:])), listed
 
 
@@ -928,7 +947,8 @@ def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(
 # Played by the browser itself, over READS_AND_SOCKETS_RECORDED: once armed
 # (window.hseshopRefuseNextRead), the page's next read is answered as the gateway answers a user
 # past the rate limit, Retry-After RETRY_AFTER_SECONDS (or window.hseshopRetryAfter, if the test
-# sets it), and when it was is kept (window.hseshopRefusedAt); the rest is real.
+# sets it), and when it was, and its path, are kept (window.hseshopRefusedAt, RefusedPath); the
+# rest is real.
 RETRY_AFTER_SECONDS = 6
 NEXT_READ_RATE_LIMITED = _fetch_played(
     before="window.hseshopRefuseNextRead = false; window.hseshopRefusedAt = null;"
@@ -936,6 +956,7 @@ NEXT_READ_RATE_LIMITED = _fetch_played(
     if (window.hseshopRefuseNextRead && method === "GET") {
       window.hseshopRefuseNextRead = false;
       window.hseshopRefusedAt = performance.now();
+      window.hseshopRefusedPath = path;
       return refusal(429, "RATE_LIMITED", "Too many requests.",
                      {"Retry-After": String(window.hseshopRetryAfter)});
     }
@@ -946,7 +967,9 @@ def test_a_page_told_to_wait_reads_nothing_and_opens_no_socket_until_then(stack,
     """The balance's read after a top-up is answered 429, Retry-After RETRY_AFTER_SECONDS: until
     then the page sends no read (the next top-up's read is refused on the page, unsent) and opens
     no socket (the network back, it would open one at once), and says nothing of either (each
-    top-up's own message stays); then it reads the orders and the balance again, and opens it."""
+    top-up's own message stays); then it reads the orders and the balance again, and opens it.
+    (The second top-up races the pause, on the page's clock.)"""
+    speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                             {"source": READS_AND_SOCKETS_RECORDED})
     page, _shopper = _live_page_of_a_shopper_with_100(stack, browser, NEXT_READ_RATE_LIMITED)
@@ -967,17 +990,17 @@ def test_a_page_told_to_wait_reads_nothing_and_opens_no_socket_until_then(stack,
     def sockets_and_reads_after_the_pause():
         sockets, reads = browser.execute_script(
             "return [window.hseshopSockets, window.hseshopReads];")
-        listed = [read for read in reads if read["at"] > ends - 5
+        listed = [read for read in reads if read["at"] > ends - rounding_ms(RACING_CLOCK_SPEEDUP)
                   and read["path"] in ("/api/orders", "/api/accounts/balance")]
         return (sockets, reads) if len(sockets) > sockets_before and len(listed) >= 2 else None
 
     sockets, reads = page.wait_until(sockets_and_reads_after_the_pause,
                                      timeout=RETRY_AFTER_SECONDS + 5,
                                      what="the page reading again, and its socket opened")
-    # (Timers' own rounding: 5 ms.)
-    assert not [read for read in reads if refused_at < read["at"] < ends - 5
+    early = rounding_ms(RACING_CLOCK_SPEEDUP)
+    assert not [read for read in reads if refused_at < read["at"] < ends - early
                 and read["path"] != "/api/accounts/deposit"], (refused_at, reads)
-    assert all(socket["created"] > ends - 5 for socket in sockets[sockets_before:]), (
+    assert all(socket["created"] > ends - early for socket in sockets[sockets_before:]), (
         refused_at, sockets)
     assert page.text("message") == "Topped up 7.00."
     page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
@@ -1004,7 +1027,11 @@ def test_reads_a_notification_and_the_catch_up_make_while_the_page_waits_say_not
     elsewhere is paid meanwhile, and the read of it its notification makes, refused on the page,
     unsent, says nothing (the top-up's own message stays: the catch-up reads it once the pause is
     over); nor does the catch-up's read, refused by the gateway in turn (Retry-After 3). The
-    catch-up after that shows the order paid and the balance it left."""
+    catch-up after that shows the order paid and the balance it left. (The order's payment and
+    its notification, some 1 to 2 s, race the pause of 10 s: the page's clock runs twice as fast
+    only.)"""
+    speedup = 2
+    speed_up_the_pages_clock(browser, speedup)
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                             {"source": READS_AND_SOCKETS_RECORDED})
     page, elsewhere = _live_page_of_a_shopper_with_100(stack, browser, NEXT_READ_RATE_LIMITED)
@@ -1027,13 +1054,13 @@ def test_reads_a_notification_and_the_catch_up_make_while_the_page_waits_say_not
     assert page.text("message") == "Topped up 5.00."
 
     again_at = _refused_at(page, since=refused_at)  # the catch-up's
-    assert again_at > ends - 5, (refused_at, again_at)  # (timers' own rounding)
+    assert again_at > ends - rounding_ms(speedup), (refused_at, again_at)
     page.wait_for_status(order, "FINISHED")
     page.wait_until(lambda: page.text("balance") == "75.00", timeout=LIVE_DEADLINE,
                     what="the balance the order left")
     assert page.text("message") == "Topped up 5.00."
     reads = browser.execute_script("return window.hseshopReads;")
-    assert not [read for read in reads if refused_at < read["at"] < ends - 5
+    assert not [read for read in reads if refused_at < read["at"] < ends - rounding_ms(speedup)
                 and read["path"] != "/api/accounts/deposit"], (refused_at, reads)
 
 
@@ -1042,7 +1069,9 @@ def test_opening_an_account_opened_already_while_the_page_waits_shows_it_after_t
     """An account opened elsewhere, the page paused (the balance's read after an order's
     notification answered 429): Open account is answered ACCOUNT_EXISTS, and the read of the
     balance that follows, refused on the page, says nothing of the limit (the page says the
-    account exists) and is made once the pause is over, the account then shown."""
+    account exists) and is made once the pause is over, the account then shown. (The press
+    races the pause, on the page's clock.)"""
+    speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
     for script in (READS_AND_SOCKETS_RECORDED, NEXT_READ_RATE_LIMITED):
         browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
     shopper = GatewayClient(stack.gateway_url)
@@ -1063,7 +1092,8 @@ def test_opening_an_account_opened_already_while_the_page_waits_shows_it_after_t
                     timeout=RETRY_AFTER_SECONDS + 5, what="the account shown after the pause")
     assert page.text("message") == "You already have an account."
     reads = browser.execute_script("return window.hseshopReads;")
-    assert not [read for read in reads if refused_at < read["at"] < ends - 5
+    early = rounding_ms(RACING_CLOCK_SPEEDUP)
+    assert not [read for read in reads if refused_at < read["at"] < ends - early
                 and read["path"] != "/api/accounts"], (refused_at, reads)
 
 # Played by the browser itself, over READS_AND_SOCKETS_RECORDED: the page's first request for a
@@ -1101,7 +1131,9 @@ def test_a_page_opens_each_socket_with_a_ticket_of_its_own_and_waits_as_a_refusa
     (429 SOCKET_HANDSHAKES_LIMITED) puts off the socket until its Retry-After, where a handshake
     refused 429 would have told the page nothing, but not the page's reads (the user's own limit
     is not spent: a top-up's read of the balance goes at once); one refused with Redis away (503)
-    is asked for again later, no socket tried meanwhile."""
+    is asked for again later, no socket tried meanwhile. (The top-up races the first refusal's
+    wait, on the page's clock.)"""
+    speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
     page, shopper = _shopper_with_100_on_the_page(stack, browser, READS_AND_SOCKETS_RECORDED,
                                                   TICKETS_REFUSED_FIRST)
     page.wait_until(lambda: browser.execute_script("return window.hseshopTickets.length;"),
@@ -1122,8 +1154,8 @@ def test_a_page_opens_each_socket_with_a_ticket_of_its_own_and_waits_as_a_refusa
         "return [window.hseshopTickets, window.hseshopSockets, window.hseshopReads];")
     assert len(tickets) == 4, tickets  # two refused, one for each socket
     refused_at, ends = tickets[0], tickets[0] + HANDSHAKES_RETRY_AFTER_SECONDS * 1000
-    # (Timers' own rounding: 5 ms.)
-    assert tickets[1] > ends - 5 and tickets[2] > tickets[1] + 5000 - 5, tickets
+    early = rounding_ms(RACING_CLOCK_SPEEDUP)
+    assert tickets[1] > ends - early and tickets[2] > tickets[1] + 5000 - early, tickets
     assert len(sockets) == 2 and sockets[0]["created"] > tickets[2], (tickets, sockets)
     assert [read for read in reads if refused_at < read["at"] < ends
             and read["path"] == "/api/accounts/balance"], (refused_at, reads)
@@ -1166,7 +1198,9 @@ def test_a_page_whose_ticket_request_hangs_gives_it_up_and_opens_its_socket_late
     event, its way to open a dead socket again, did nothing without a socket. Now the network
     back online asks for a new ticket at once, a ticket unanswered after TICKET_WAIT_SECONDS is
     given up on and asked for again, and a 201 with no ticket in it is taken as no ticket: each
-    asked for again later, the socket opened in the end."""
+    asked for again later, the socket opened in the end. (The network back races the first
+    ticket's wait, on the page's clock.)"""
+    speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                             {"source": TICKETS_HELD_FIRST})
     shopper = GatewayClient(stack.gateway_url)
@@ -1184,9 +1218,9 @@ def test_a_page_whose_ticket_request_hangs_gives_it_up_and_opens_its_socket_late
         "return [window.hseshopTickets, window.hseshopTicketsAborted];")
     assert len(tickets) == 4 and len(aborted) == 2, (tickets, aborted)
     assert aborted[0] < tickets[1] < tickets[0] + TICKET_WAIT_SECONDS * 1000, (tickets, aborted)
-    # (Timers' own rounding: 5 ms.)
-    assert aborted[1] > tickets[1] + TICKET_WAIT_SECONDS * 1000 - 5, (tickets, aborted)
-    assert tickets[1] + TICKET_WAIT_SECONDS * 1000 - 5 < tickets[2] < tickets[3], tickets
+    given_up_at = tickets[1] + TICKET_WAIT_SECONDS * 1000 - rounding_ms(RACING_CLOCK_SPEEDUP)
+    assert aborted[1] > given_up_at, (tickets, aborted)
+    assert given_up_at < tickets[2] < tickets[3], tickets
     assert page.text("balance") == "100.00"
 
 
@@ -1221,7 +1255,9 @@ def test_a_page_whose_socket_is_stuck_connecting_reads_its_orders_but_not_while_
     """A socket stuck connecting (its handshake held on its way to the gateway) never closes, and
     the page's own reads began only once one closed: a paid order showed as NEW for as long.
     They begin as the socket is opened. And a hidden tab reads nothing: the poll's read that falls
-    due while it is hidden is skipped, and the tab shown again reads at once."""
+    due while it is hidden is skipped, and the tab shown again reads at once. (The tab hidden
+    races the poll's first read, on the page's clock.)"""
+    speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
     with _page_whose_socket_is_held_connecting(stack, browser, VISIBILITY_RECORDED) as (
             page, shopper, _proxy):
         shop_tab = browser.current_window_handle
@@ -1229,8 +1265,10 @@ def test_a_page_whose_socket_is_stuck_connecting_reads_its_orders_but_not_while_
         hidden_since = time.monotonic()
         order = shopper.place_order("30")["id"]
         shopper.wait_until_final(order)
-        # (The poll's first read falls due within POLL_LATEST of the socket's opening, before.)
-        wait_for(lambda: time.monotonic() > hidden_since + POLL_LATEST + 1,
+        # (The poll's first read falls due within POLL_LATEST of the socket's opening, before, on
+        # the page's clock; 1 s more for a hidden tab's timers, which Chromium lets fire once a
+        # second at most.)
+        wait_for(lambda: time.monotonic() > hidden_since + POLL_LATEST / RACING_CLOCK_SPEEDUP + 1,
                  timeout=POLL_LATEST + 5, what="the poll's first read to fall due")
         browser.switch_to.window(shop_tab)
         page.wait_until(lambda: order in page.order_ids()
@@ -1250,22 +1288,31 @@ def test_a_page_whose_socket_is_stuck_connecting_reads_its_orders_but_not_while_
 
 def test_a_read_of_the_pages_poll_refused_for_the_rate_limit_says_nothing(stack, browser):
     """The page's socket stuck connecting, it reads its orders itself: its poll's read answered
-    429, Retry-After RETRY_AFTER_SECONDS, says nothing (the user asked for no read), and the poll
-    reads again no sooner than it was told, an order paid meanwhile then shown paid."""
+    429, Retry-After longer than the poll's own wait (POLL_LATEST), says nothing (the user asked
+    for no read), and the poll reads again no sooner than it was told, an order paid meanwhile
+    then shown paid."""
+    retry_after = round(POLL_LATEST) + 3  # (a poll that did not wait for it would read sooner)
+    speed_up_the_pages_clock(browser, CLOCK_SPEEDUP)
     with _page_whose_socket_is_held_connecting(stack, browser, NEXT_READ_RATE_LIMITED) as (
             page, shopper, _proxy):
-        _refused_next_read(browser, RETRY_AFTER_SECONDS)
+        _refused_next_read(browser, retry_after)
         refused_at = _refused_at(page)  # (the poll's first, within POLL_LATEST)
+        # The poll's (it reads the orders first): not the balance's read now and then
+        # (BALANCE_READ_MS, a few seconds on the page's clock sped up), which a page with no
+        # poll makes while its socket is connecting.
+        assert browser.execute_script("return window.hseshopRefusedPath;") == "/api/orders"
         order = shopper.place_order("30")["id"]
         time.sleep(0.5)
         assert not page.visible("message"), page.text("message")
         page.wait_until(lambda: order in page.order_ids()
                         and page.badge(order).get_attribute("data-status") == "FINISHED",
-                        timeout=POLL_LATEST + 5, what="the paid order read by the page's poll")
+                        timeout=retry_after + POLL_LATEST + 5,
+                        what="the paid order read by the page's poll")
         assert not page.visible("message"), page.text("message")
         reads = browser.execute_script("return window.hseshopReads;")
-    ends = refused_at + RETRY_AFTER_SECONDS * 1000
-    assert not [read for read in reads if refused_at < read["at"] < ends - 5
+    ends = refused_at + retry_after * 1000
+    early = rounding_ms(CLOCK_SPEEDUP)
+    assert not [read for read in reads if refused_at < read["at"] < ends - early
                 and read["path"] == "/api/orders"], (refused_at, reads)
 
 
@@ -1283,6 +1330,7 @@ def test_what_a_failed_read_of_the_pages_poll_showed_goes_once_its_socket_works(
     """The page's socket stuck connecting, its poll's read fails (503) and says so; the socket
     then opens, and once it works the poll stops: what the failed read showed is made good by a
     catch-up (the orders and the balance read again), and goes, where it stayed on screen."""
+    speed_up_the_pages_clock(browser, CLOCK_SPEEDUP)
     with _page_whose_socket_is_held_connecting(stack, browser, POLLS_FIRST_READ_FAILED) as (
             page, _shopper, proxy):
         failed = "Part of the shop is not answering right now. Please try again in a moment."
@@ -1296,24 +1344,28 @@ def test_what_a_failed_read_of_the_pages_poll_showed_goes_once_its_socket_works(
                         what="the failed read's message gone")
 
 
-def _socket_working(page: ShopPage) -> None:
-    """Waits until the page's socket has stayed open SOCKET_WORKED_SECONDS: its poll stopped."""
+def _socket_working(page: ShopPage, speedup: float) -> None:
+    """Waits until the page's socket has stayed open SOCKET_WORKED_SECONDS: its poll stopped (half
+    a second later, on the page's clock run `speedup` times as fast)."""
     def working() -> bool:
         sockets, now = page.driver.execute_script(
             "return [window.hseshopSockets, performance.now()];")
         last = sockets[-1]
         return (last["opened"] is not None and last["closed"] is None
-                and now - last["opened"] > SOCKET_WORKED_SECONDS * 1000 + 500)
+                and now - last["opened"] > SOCKET_WORKED_SECONDS * 1000 + 500 * speedup)
     page.wait_until(working, timeout=SOCKET_WORKED_SECONDS + 5, what="the page's socket working")
 
 
 def test_a_live_page_reads_the_balance_again_when_shown_or_focused(stack, browser):
     """Deposits made elsewhere (another tab, another device) send no notification: while its
     socket works, the page reads the balance again as its window is focused and its tab shown
-    (and every minute or so), where it showed the old one until an order's notification came."""
+    (and every minute or so), where it showed the old one until an order's notification came.
+    (The page's clock sped up only as far as its read now and then, BALANCE_READ_MS, comes after
+    the wait for the focus's read has given up: it would show the balance too.)"""
+    speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
     page, elsewhere = _live_page_of_a_shopper_with_100(stack, browser,
                                                        READS_AND_SOCKETS_RECORDED)
-    _socket_working(page)
+    _socket_working(page, RACING_CLOCK_SPEEDUP)
     elsewhere.api("POST", "/accounts/deposit", 200, json={"amount": "5"})
     browser.execute_script('window.dispatchEvent(new Event("focus"));')
     page.wait_until(lambda: page.text("balance") == "105.00", what="the balance, on focus")
@@ -1337,11 +1389,13 @@ def test_a_live_page_focused_while_told_to_wait_reads_nothing_then_or_later(stac
     """A top-up refused for the rate limit (Retry-After 3) pauses the page's reads, and no
     catch-up is due (no read was refused): the window focused during the pause reads nothing, not
     even after it, where its balance's read, refused on the page, set a catch-up of the orders and
-    the balance for after it. Focused after the pause, it reads the balance."""
+    the balance for after it. Focused after the pause, it reads the balance. (The focus races the
+    pause, on the page's clock.)"""
+    speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                             {"source": READS_AND_SOCKETS_RECORDED})
     page, _shopper = _live_page_of_a_shopper_with_100(stack, browser, TOP_UP_RATE_LIMITED)
-    _socket_working(page)
+    _socket_working(page, RACING_CLOCK_SPEEDUP)
     page.top_up("5")
     refused_at = page.wait_until(
         lambda: browser.execute_script("return window.hseshopRefusedAt;"),
