@@ -1400,6 +1400,10 @@ def test_a_live_page_focused_while_told_to_wait_reads_nothing_then_or_later(stac
     refused_at = page.wait_until(
         lambda: browser.execute_script("return window.hseshopRefusedAt;"),
         what="the top-up, refused")
+    # Said once the page has taken in the refusal, and its pause with it: the refusal played is
+    # recorded as it is asked, and a focus before its answer is read was a focus before the pause.
+    page.wait_until(lambda: "Try again in 3 s" in page.text("message"),
+                    what="the page to say how long to wait")
     browser.execute_script('window.dispatchEvent(new Event("focus"));')
     # Past when a catch-up set by the focus would have read (RECONNECT_MAX_MS / 2 from it).
     quiet_until = refused_at + 8000
