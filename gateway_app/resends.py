@@ -35,5 +35,6 @@ def safe_to_send_again(method: str, key_passed_on: str | None) -> bool:
     """True if a request of `method` (the client's: HEAD or GET, POST), with `key_passed_on` the
     Idempotency-Key the gateway passes on to the service (None where it passes none: no key
     given, or a route that honours none), may be sent to the service once more after it was
-    dropped unanswered."""
-    return method in _READS or key_passed_on is not None
+    dropped unanswered: a read, or a POST with a key. A key makes no other method safe (none
+    honours one)."""
+    return method in _READS or (method == "POST" and key_passed_on is not None)

@@ -40,11 +40,14 @@ def _over_http() -> bool:
     return current_app.extensions["hseshop.settings"].gateway_upstream_transport == "http"
 
 
-def _grpc(service: str, method: str, body: dict[str, Any], status: int):
-    # (A HEAD runs as its GET. The key is in the body of the routes that honour one alone.)
+def _grpc(service: str, method: str, body: dict[str, Any], status: int,
+          key_passed_on: str | None = None):
+    """`method` of `service` called with `body` (which holds `key_passed_on`, the Idempotency-Key,
+    on the routes that honour one: they alone pass it), answered with `status`."""
+    # (A HEAD runs as its GET.)
     reply, headers = upstream_grpc.call(
         service, method, body,
-        safe_to_send_again=safe_to_send_again(request.method, body.get("idempotency_key")))
+        safe_to_send_again=safe_to_send_again(request.method, key_passed_on))
     return jsonify(reply), status, headers
 
 
@@ -59,9 +62,10 @@ def place_order(args):
     """Place an order."""
     if _over_http():
         return forward("orders", "/orders", idempotent=True)
+    key = idempotency_key_from_request()
     return _grpc("orders", "PlaceOrder", {
         "amount": format_amount(args["amount"]), "description": args["description"],
-        "idempotency_key": idempotency_key_from_request()}, 202)
+        "idempotency_key": key}, 202, key_passed_on=key)
 
 
 @blueprint.get("/orders")
@@ -109,8 +113,9 @@ def deposit(args):
     """Top up the signed-in user's account."""
     if _over_http():
         return forward("payments", "/accounts/deposit", idempotent=True)
+    key = idempotency_key_from_request()
     return _grpc("payments", "Deposit", {"amount": format_amount(args["amount"]),
-                                         "idempotency_key": idempotency_key_from_request()}, 200)
+                                         "idempotency_key": key}, 200, key_passed_on=key)
 
 
 @blueprint.get("/accounts/balance")
