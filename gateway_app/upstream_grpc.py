@@ -89,10 +89,15 @@ def call(service: str, method: str, body: dict[str, Any], *,
                 reply, answered = _sent(STUBS[service](channel), service, method, request,
                                         deadline, left)
         except grpc.RpcError as again:
+            if not _never_sent(again):
+                raise _http_error(service, again) from None
             # Never sent (no connection made: no service in the dead one's place), the first try
             # may have been carried out: its failure is the one to answer for (a 502, "may have
-            # been carried out"), not this one's "unavailable", which would deny it.
-            raise _http_error(service, exc if _never_sent(again) else again) from None
+            # been carried out"), not this one's "unavailable", which would deny it. Said first,
+            # or the log would hold the first failure alone.
+            log.warning("%s could not be reached to send the call again (%s: %s)", service,
+                        again.code().name, again.details())
+            raise _http_error(service, exc) from None
     return to_body(reply), ({REPLAYED_HEADER: REPLAYED}
                             if _trailers(answered).get(REPLAYED_KEY) == REPLAYED else {})
 

@@ -362,6 +362,14 @@ def test_a_call_whose_service_process_died_holding_it_is_sent_again_if_safe(
             assert any(line.startswith("orders closed the connection without answering")
                        for line in said), said
             assert len(sent_again) == (1 if key else 0), said
+            # The second try's own failure said too, not the first's alone.
+            not_reached = [record for record in caplog.records
+                           if record.name == "gateway_app.upstream_grpc"
+                           and record.getMessage().startswith(
+                               "orders could not be reached to send the call again (UNAVAILABLE:"
+                               " failed to connect to all addresses")]
+            assert [record.levelno for record in not_reached] == (
+                [] if another_listening else [logging.WARNING]), said
         else:
             assert answer.get_json()["items" if method == "GET" else "status"] == (
                 [] if method == "GET" else "NEW")
