@@ -59,7 +59,8 @@ class SilencingProxy:
     """A TCP proxy to `target`. `silence()` turns the connections it carries silent, as a host
     gone without a word leaves them: held open, nothing carried either way. Connections made
     after that are carried (the service, at the address the name now resolves to). `cut()` makes
-    the service unreachable, as if it had stopped, until `restore()`."""
+    the service unreachable, as if it had stopped, until `restore()`; `break_off()` closes the
+    connections carried so far alone."""
 
     def __init__(self, target: str):
         host, port = target.rsplit(":", 1)
@@ -79,8 +80,16 @@ class SilencingProxy:
     def cut(self) -> None:
         """Every connection carried so far is closed, and each one made until `restore()` is
         closed as soon as it is accepted."""
+        self._close_carried(refusing=True)
+
+    def break_off(self) -> None:
+        """Every connection carried so far is closed, as the service's process dying closes its
+        own; those made after it are carried (another process serving in its place)."""
+        self._close_carried(refusing=False)
+
+    def _close_carried(self, refusing: bool) -> None:
         with self._accepting:
-            self._refusing = True
+            self._refusing = refusing
             carried, self._carried = self._carried, []
         for sock in carried:
             try:

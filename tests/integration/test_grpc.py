@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from werkzeug.serving import make_server
 
 import gateway_app
+from gateway_app import upstream_grpc
 from devstack.infra import free_port
 from shared import grpc_server
 from shared.app_closing import close_app
@@ -381,6 +382,98 @@ def test_a_call_whose_service_process_died_holding_it_is_sent_again_if_safe(
             with placed.cursor() as cursor:
                 cursor.execute("SELECT count(*) FROM orders WHERE user_id = %s", (user_id,))
                 assert cursor.fetchone() == (1,)
+
+
+class _HoldingOrders(orders_pb2_grpc.OrdersServicer):
+    """Orders whose ListOrders holds each call until the gateway gives it up (10 s at most),
+    counting the calls: `held` is set once the first has come."""
+
+    def __init__(self):
+        self.held = threading.Event()
+        self._calls = 0
+        self._counting = threading.Lock()
+
+    def calls(self) -> int:
+        with self._counting:
+            return self._calls
+
+    def ListOrders(self, request, context):
+        given_up = threading.Event()
+        context.add_callback(given_up.set)
+        with self._counting:
+            self._calls += 1
+        self.held.set()
+        given_up.wait(10)
+        return orders_pb2.OrderPage()
+
+
+def _a_held_list_broken_off(settings, upstreams, grpc_targets, cleanup: ExitStack,  # noqa: F811
+                            held_for: float, **changes):
+    """A GET of /api/orders through a gateway (its settings `changes`) to a _HoldingOrders
+    behind a proxy, whose connection is broken off `held_for` seconds after the call came, as the
+    service's process dying holding it breaks it, and the connections made after it carried,
+    as to another process in its place: the answer, how long it took, and the orders."""
+    orders = _HoldingOrders()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    orders_pb2_grpc.add_OrdersServicer_to_server(orders, server)
+    bind = f"127.0.0.1:{free_port()}"
+    server.add_insecure_port(bind)
+    server.start()
+    cleanup.callback(server.stop, None)
+    proxy = SilencingProxy(bind)
+    cleanup.callback(proxy.close)
+    client = _gateway(settings, upstreams, grpc_targets, "grpc",
+                      orders_grpc_target=proxy.address, **changes)
+    session = client.post("/api/auth/register", json={
+        "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+
+    def break_off_once_held():
+        if orders.held.wait(timeout=30):
+            time.sleep(held_for)  # (how long the process held it: the scenario, not a wait)
+            proxy.break_off()
+
+    breaker = threading.Thread(target=break_off_once_held, daemon=True)
+    breaker.start()
+    started = time.monotonic()
+    answer = client.get("/api/orders",
+                        headers={"Authorization": f"Bearer {session['access_token']}"})
+    took = time.monotonic() - started
+    breaker.join()
+    return answer, took, orders
+
+
+def test_a_safe_call_broken_off_with_too_little_of_its_deadline_left_is_not_sent_again(
+        settings, upstreams, grpc_targets, caplog, monkeypatch):  # noqa: F811
+    """A GET whose connection broke once it was sent, with no more of its deadline left than a
+    second try needs (gateway_app/resends.py's SECOND_TRY_NEEDS_SECONDS, made 1.5 s here, for
+    a deadline of 2 s broken off 0.6 s in: no timing to hit), is the 502 of a call broken off,
+    sent once."""
+    caplog.set_level(logging.INFO, logger="gateway_app.upstream_grpc")
+    monkeypatch.setattr(upstream_grpc, "SECOND_TRY_NEEDS_SECONDS", 1.5)
+    with ExitStack() as cleanup:
+        answer, _, orders = _a_held_list_broken_off(settings, upstreams, grpc_targets, cleanup,
+                                                    held_for=0.6, upstream_timeout_seconds=2.0)
+        assert answer.status_code == 502, answer.get_json()
+        assert answer.get_json()["error"]["code"] == "BAD_GATEWAY"
+        assert orders.calls() == 1
+        assert "sending the call again" not in caplog.text
+
+
+def test_a_safe_call_sent_again_waits_only_for_what_is_left_of_its_deadline(
+        settings, upstreams, grpc_targets, caplog):  # noqa: F811
+    """A GET broken off 0.7 s into its 1 s deadline is sent again, and the process that takes
+    it holding it too, is a 504 at about that deadline: the second try waits what is left of it
+    (0.3 s), not a deadline of its own (1.7 s in all)."""
+    caplog.set_level(logging.INFO, logger="gateway_app.upstream_grpc")
+    with ExitStack() as cleanup:
+        answer, took, orders = _a_held_list_broken_off(settings, upstreams, grpc_targets,
+                                                       cleanup, held_for=0.7,
+                                                       upstream_timeout_seconds=1.0)
+        assert answer.status_code == 504, answer.get_json()
+        assert answer.get_json()["error"]["code"] == "UPSTREAM_TIMEOUT"
+        assert orders.calls() == 2
+        assert "sending the call again" in caplog.text
+        assert 1.0 <= took < 1.35, took
 
 
 def test_a_connection_to_a_service_gone_silent_is_dropped_and_made_afresh(
