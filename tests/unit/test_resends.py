@@ -3,9 +3,15 @@ sent, over either transport (gateway_app/resends.py)."""
 
 from __future__ import annotations
 
-import pytest
+import types
 
+import grpc
+import pytest
+from flask import Flask
+
+from gateway_app import upstream_grpc
 from gateway_app.resends import safe_to_send_again
+from shared.grpc_server import channel_options
 
 
 @pytest.mark.parametrize("method, key_passed_on, safe", [
@@ -23,3 +29,26 @@ from gateway_app.resends import safe_to_send_again
 def test_a_read_or_a_keyed_post_is_safe_to_send_again_and_any_other_request_is_not(
         method, key_passed_on, safe):
     assert safe_to_send_again(method, key_passed_on) is safe
+
+
+def test_a_grpc_call_sent_again_goes_on_a_channel_of_its_own_closed_once_used(monkeypatch):
+    """The second try's channel takes a subchannel pool of its own, so that grpc-core makes it a
+    connection of its own rather than give it one of the process's channel's (upstream_grpc.py's
+    _channel_of_its_own says why, and what the evidence for it is), with the channel's other
+    options; used in a `with`, it is closed after."""
+    made = []
+    insecure_channel = grpc.insecure_channel
+
+    def recorded(target, options=None, **kwargs):
+        made.append((target, dict(options or ())))
+        return insecure_channel(target, options=options, **kwargs)
+
+    monkeypatch.setattr(grpc, "insecure_channel", recorded)
+    app = Flask(__name__)
+    app.extensions["hseshop.settings"] = types.SimpleNamespace(orders_grpc_target="127.0.0.1:9")
+    with app.app_context(), upstream_grpc._channel_of_its_own("orders") as channel:
+        pass
+    assert made == [("127.0.0.1:9", {**dict(channel_options()),
+                                     "grpc.use_local_subchannel_pool": 1})]
+    with pytest.raises(ValueError, match="closed channel"):
+        channel.unary_unary("/hseshop.orders.Orders/ListOrders")(b"", timeout=1)
