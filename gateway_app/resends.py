@@ -21,6 +21,13 @@ send; nginx passes a request it sent on to the next server only if it is idempot
 again): a timing rule would not spare the likelier kind, one that kills it at once, and that
 bounded cost is taken so that a safe request does not fail at random under load or as a worker
 dies.
+
+The rule says only what may be sent again; what answers it is the deployment's. Over HTTP the
+service's other gunicorn workers take the second try on the same port. Over gRPC only another
+process serving the same target can (replicas behind one address, processes sharing its port
+with SO_REUSEPORT): docker-compose, the devstack and the chaos soak run one shared.grpc_server
+process per service, so there the second try finds nothing listening: the call is the first
+try's 502, and those after it 503s (the service unreachable), until that process is started again.
 """
 
 from __future__ import annotations

@@ -66,8 +66,10 @@ def call(service: str, method: str, body: dict[str, Any], *,
     """Call `method` of `service` with a request built from `body`: the reply as a JSON body, and
     the headers the HTTP API would have answered it with beside its Content-Type (what the
     reply's trailers say: Idempotent-Replayed). Sent once more, on a new connection, within what
-    is left of the deadline, when the connection it went on broke before a byte of a reply came,
-    if it is `safe_to_send_again` (gateway_app/resends.py)."""
+    is left of the deadline (more than SECOND_TRY_NEEDS_SECONDS of it), when the connection it
+    went on broke before a byte of a reply came, if it is `safe_to_send_again`
+    (gateway_app/resends.py). Answered only if another process serves the same target (one
+    process per service, as the stacks run, leaves nothing listening: the first try's 502)."""
     settings = current_app.extensions["hseshop.settings"]
     request = to_message(REQUEST_TYPES[(service, method)], body)
     seconds = settings.upstream_timeout_seconds

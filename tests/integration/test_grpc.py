@@ -228,8 +228,9 @@ def _orders_grpc_process(cleanup: ExitStack, bind: str, log_path: Path,
                          redis_url: str) -> subprocess.Popen:
     """The orders service serving gRPC on `bind` as it is run (`python -m shared.grpc_server`),
     its Redis at `redis_url`, its log in `log_path`; killed and waited for by `cleanup`. Several
-    listen on one `bind` (grpc-core's listeners take SO_REUSEPORT), as workers of one service
-    do: the kernel gives each new connection to one of those alive."""
+    listen on one `bind` (grpc-core's listeners take SO_REUSEPORT), as replicas of one service
+    could (the stacks run one a service): the kernel gives each new connection to one of those
+    alive."""
     with open(log_path, "wb") as log:
         service = start_child(
             [sys.executable, "-m", "shared.grpc_server", "orders"], cwd=REPO_ROOT,
