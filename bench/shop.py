@@ -104,7 +104,9 @@ def forget_postgres_data(pgdata: Path) -> None:
     soak's, left down by a Ctrl-C or a restart that failed): the shared memory such a one left is
     removed first, which no server started there again can remove once the folder is gone; and
     the folder initdb was making it in, should a Ctrl-C have cut its making short."""
-    remove_shared_memory_left(pgdata)
+    removed = remove_shared_memory_left(pgdata)
+    if removed:
+        say(removed)
     shutil.rmtree(pgdata, ignore_errors=True)
     shutil.rmtree(initdb_staging(pgdata), ignore_errors=True)
 

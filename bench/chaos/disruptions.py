@@ -69,14 +69,23 @@ def kill_with_its_children(process: ManagedProcess, timeout: float = 10) -> None
     its own session's leader, InitPostmasterChild's setsid), and a busy one outlived the
     postmaster killed alone, still able to commit, holding the shared memory the server started
     again was refused over ("pre-existing shared memory block ... is still in use"). The leader
-    is frozen (SIGSTOP) before its descendants are listed, so that it forks none after."""
+    is frozen (SIGSTOP) before its descendants are listed, so that it forks none after.
+
+    Only a process alive and not reaped: its pid is still its own (one reaped, died of itself,
+    may be another's by now, which would be frozen and have its children killed; one never
+    started has none, and psutil's Process(None) is the caller). The leader is killed whatever
+    the listing raises, so that it is never left frozen."""
+    if not process.alive():
+        return
+    descendants: list[psutil.Process] = []
     try:
         leader = psutil.Process(process.pid)
         leader.suspend()
         descendants = leader.children(recursive=True)
     except psutil.NoSuchProcess:
-        descendants = []
-    process.kill()
+        pass
+    finally:
+        process.kill()
     for descendant in descendants:
         try:
             descendant.kill()  # (psutil's, which refuses a pid reused since it was listed)

@@ -58,7 +58,7 @@ COMMIT_MAY_HAVE_GONE_THROUGH = "DATABASE_UNAVAILABLE"
 # was then in flight is still held to be one the crash may have failed as it committed: margin
 # for the clocks read around a try and a restart, not for the shop's slowness (a try in flight
 # as PostgreSQL was killed overlaps its crash whenever its answer comes).
-AFTER_A_CRASH_SECONDS = 5.0
+AFTER_A_CRASH_SECONDS = 0.5
 
 # When something went on: (from, until), time.monotonic()'s.
 Span = tuple[float, float]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Each kind of disruption by name: a SIGKILL of a process's whole group (restarted after), of one
-# gunicorn child of an API (its master forks another), a SIGSTOP of a process's group (SIGCONT'd
-# after a while), or of the Kafka broker; payment requests published again under new ids; or the
-# stack's own Redis restarted empty, or its own PostgreSQL crashed and restarted.
+# Each kind of disruption by name: a SIGKILL of a process's whole group and every descendant
+# (restarted after), of one gunicorn child of an API (its master forks another), a SIGSTOP of a
+# process's group (SIGCONT'd after a while), or of the Kafka broker; payment requests published
+# again under new ids; or the stack's own Redis restarted empty, or its own PostgreSQL crashed and
+# restarted.
 KILLS = ("orders-worker", "payments-worker", "gateway-worker", "beat", "orders-grpc",
          "payments-grpc")
 CHILD_KILLS = ("orders-api-child", "payments-api-child", "gateway-api-child")

@@ -63,7 +63,7 @@ def test_an_order_of_a_try_answered_503_database_unavailable_in_a_crash_is_no_vi
     beside them still excuses nothing."""
     ledger = _ledger(as_killed=_database_failed("1.00", (99, 100.5)),
                      while_down=_database_failed("3.00", (101, 101)),
-                     just_after=_database_failed("4.00", (106, 106)),
+                     just_after=_database_failed("4.00", (102.3, 102.3)),
                      refused=Request("u1", Decimal("2.00"), [503]))
     orders = {"K": ("u1", Decimal("1.00"), "as_killed"),
               "D": ("u1", Decimal("3.00"), "while_down"),
@@ -78,7 +78,7 @@ def test_an_order_of_a_try_answered_503_database_unavailable_with_no_crash_about
     answered again) or in a run with none says the service failed before its commit: an order
     stored for it was placed by a try that said it was not."""
     ledger = _ledger(before=_database_failed("1.00", (90, 99.5)),
-                     after=_database_failed("3.00", (107.5, 108)))
+                     after=_database_failed("3.00", (103, 103.5)))
     orders = {"B": ("u1", Decimal("1.00"), "before"), "A": ("u1", Decimal("3.00"), "after")}
     problems = requests_placed(ledger, orders, [CRASH])
     assert sorted(line.split()[1] for line in problems) == ["A", "B"]
