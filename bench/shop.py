@@ -5,7 +5,6 @@ databases (the orders' times, the work still owed)."""
 from __future__ import annotations
 
 import secrets
-import shutil
 import sys
 import time
 import uuid
@@ -13,14 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import psycopg2
 import requests
 
-from devstack.infra import forget_redis_keys, free_port, initdb_staging
+from devstack.infra import forget_redis_keys, free_port
 from devstack.local_secrets import SECRET_BYTES
-from devstack.postmaster_lock import remove_shared_memory_left
+from devstack.postgres_data import forget_postgres_data
 from devstack.stack import DEFAULT_PORTS, REPO_ROOT, Stack
 from shared.config import SECRETS, SERVICES, load_settings
 from shared.internal_auth import SignedAs
@@ -88,7 +86,8 @@ def forget_stack_data(stack: Stack) -> None:
     directory, databases and all, deleted, with what a start cut short left: initdb's folder,
     and the shared memory of a server killed and not started again)."""
     if stack.own_postgres:  # (a folder of the stack's alone: no other run's server is on it)
-        forget_postgres_data(stack.own_postgres_dir)
+        if (removed := forget_postgres_data(stack.own_postgres_dir)) is not None:
+            say(removed)
     try:
         stack.env
     except RuntimeError:
@@ -97,18 +96,6 @@ def forget_stack_data(stack: Stack) -> None:
         _drop_databases(stack)
     if not stack.own_redis:
         forget_redis_keys(stack.env["REDIS_URL"], stack.env["REDIS_KEY_PREFIX"])
-
-
-def forget_postgres_data(pgdata: Path) -> None:
-    """Delete an embedded PostgreSQL's data directory, its server stopped, or killed (the chaos
-    soak's, left down by a Ctrl-C or a restart that failed): the shared memory such a one left is
-    removed first, which no server started there again can remove once the folder is gone; and
-    the folder initdb was making it in, should a Ctrl-C have cut its making short."""
-    removed = remove_shared_memory_left(pgdata)
-    if removed:
-        say(removed)
-    shutil.rmtree(pgdata, ignore_errors=True)
-    shutil.rmtree(initdb_staging(pgdata), ignore_errors=True)
 
 
 def _drop_databases(stack: Stack) -> None:

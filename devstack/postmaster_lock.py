@@ -188,6 +188,32 @@ def clear_if_stale(pgdata: Path, host: str) -> str | None:
     return f"removed {path}, which no server holds: {why}"
 
 
+def server_may_run_on(pgdata: Path, host: str) -> tuple[bool, str]:
+    """Whether a server may be running on `pgdata` (False only when it is certain none is, by the
+    rules clear_if_stale removes a file by), and why, in words; False for a folder not there."""
+    lock = PostmasterLock.read(pgdata)
+    if lock is not None:
+        return _judged(lock, pgdata, host)
+    if not pgdata.is_dir():
+        return False, "it is not there"
+    path = pgdata / LOCK_FILE
+    try:
+        written_ago = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        no_file = f"it has no {LOCK_FILE}"
+    else:
+        if written_ago < 0:
+            return True, (f"its {LOCK_FILE} is not whole, and stamped in the future: a server"
+                          " starting there may be writing it")
+        if written_ago < NOT_WHOLE_FOR_SECONDS:
+            return True, (f"its {LOCK_FILE} is not whole, and was written {written_ago:.0f} s"
+                          " ago: a server starting there may be writing it")
+        no_file = f"its {LOCK_FILE} is not whole, last written {written_ago:.0f} s ago"
+    if (holder := _a_postgres_on(pgdata)) is not None:
+        return True, f"{no_file}, and pid {holder[0]} {holder[1]}"
+    return False, f"{no_file}, and no postgres runs on it"
+
+
 def _clear_if_not_whole(pgdata: Path) -> str | None:
     """clear_if_stale for a file PostmasterLock.read does not read: removed if it is not whole and
     no server holds it (the module's docstring), and the line that says so; None with no file, or

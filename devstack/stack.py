@@ -17,6 +17,7 @@ import requests
 from devstack import infra
 from devstack.leftovers import RunRecord
 from devstack.local_secrets import write_owner_only
+from devstack.postgres_data import sweep_postgres_data_left
 from devstack.processes import ManagedProcess, ProcessGroup
 # Each has its own database, web app and Celery worker (with its Kafka consumer).
 from shared.config import GRPC_SERVICES, SERVICES
@@ -91,7 +92,9 @@ class Stack:
     So, with `own_postgres`, a PostgreSQL of its own (the embedded one, its data in a folder of
     run_dir of the stack's alone, `own_postgres_dir`: never one another run's server runs on,
     such as the run_dir/postgres ensure_postgres's embedded server takes up) holding every
-    service's database; `own_postgres_url` names it.
+    service's database; `own_postgres_url` names it. Such a stack, as it starts, deletes the
+    folders of that kind a run killed outright left, no server running on them
+    (devstack.postgres_data).
     """
 
     def __init__(
@@ -181,6 +184,9 @@ class Stack:
                   f" {', '.join(left)}", file=sys.stderr, flush=True)
         self._group = ProcessGroup(record=record, on_signal=self._say_stopping)
         try:
+            if self.own_postgres:
+                for line in sweep_postgres_data_left(self.run_dir, infra.LOCALHOST):
+                    print(f"[devstack] {line}", file=sys.stderr, flush=True)
             self._check_ports_free()
             postgres_base, redis_base = self._find_or_start_servers()
             self._say("broker...")

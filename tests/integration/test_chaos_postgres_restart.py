@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import threading
 import time
 
@@ -19,12 +20,13 @@ import pytest
 
 from bench.chaos.disruptions import Disruptor, kill_with_its_children
 from bench.chaos.plan import POSTGRES_RESTART, ChaosPlan
-from bench.shop import forget_postgres_data
 from devstack.infra import (free_port, postgres_process_id, start_embedded_postgres,
                             wait_until)
+from devstack.postgres_data import forget_postgres_data
 from devstack.postmaster_lock import (PostmasterLock, attached_by_segment,
                                       remove_shared_memory_left)
 from devstack.processes import ProcessGroup
+from devstack.stack import Stack
 from tests.process_tools import gone
 
 PLAN = ChaosPlan(seed=7, postgres_down_seconds=(0.1, 0.3))
@@ -135,3 +137,33 @@ def test_the_data_of_a_postgres_killed_for_good_goes_with_the_shared_memory_it_l
     assert segment not in attached_by_segment()
     assert not (server_dir / "postgres").exists()
 
+
+def test_a_folder_a_killed_soak_left_goes_at_the_next_start_and_one_a_server_runs_on_stays(
+        server_dir, capsys):
+    """A soak killed outright (SIGKILL, the OOM killer) leaves its server's folder, a whole
+    cluster, and the segment of its server killed with it: the next stack on a PostgreSQL of its
+    own deletes both as it starts. A folder a server runs on is another run's, and stays."""
+    url, running = start_embedded_postgres(server_dir, free_port(), data_dir="postgres-11111111")
+    _, killed = start_embedded_postgres(server_dir, free_port(), data_dir="postgres-22222222")
+    left = server_dir / "postgres-22222222"
+    segment = PostmasterLock.read(left).shared_memory
+    try:
+        kill_with_its_children(killed)
+        assert attached_by_segment()[segment] == 0
+        with socket.socket() as taken:  # (its start stops once it has swept: a port taken)
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            stack = Stack(server_dir, ports={"broker": taken.getsockname()[1]},
+                          own_postgres=True)
+            with pytest.raises(RuntimeError, match="ports already in use"):
+                stack.start()
+        assert not left.exists()
+        assert segment not in attached_by_segment()
+        psycopg2.connect(f"{url}/postgres").close()  # (untouched, answering)
+        assert (server_dir / "postgres-11111111" / "PG_VERSION").exists()
+    finally:
+        killed.stop()
+        running.stop()
+    said = capsys.readouterr().err
+    assert f"deleted {left}, left by a run killed before:" in said
+    assert f"left {server_dir / 'postgres-11111111'}, a server may run on it:" in said

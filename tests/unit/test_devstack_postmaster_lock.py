@@ -23,6 +23,7 @@ from devstack.postmaster_lock import (
     clear_if_stale,
     postgres_on,
     processes_attached_to,
+    server_may_run_on,
 )
 from tests.process_tools import start_child
 
@@ -247,6 +248,41 @@ def test_another_users_postgres_is_none_on_the_data_directory_whatever_it_runs_o
         f"removed {path}, which no server holds: it is not whole (empty), was last written 60 s"
         " ago, and no postgres runs on that data directory")
     assert not path.exists()
+
+
+def test_a_server_may_run_on_a_data_directory_as_long_as_its_lock_file_is_not_certainly_stale(
+        tmp_path, a_postgres, monkeypatch):
+    """server_may_run_on, which the sweep of the folders killed runs left goes by (a folder a
+    server may run on is another run's): a file naming a pid gone and a segment processes are
+    attached to (a killed server's backends) may; a file not whole written moments ago may; with
+    no file, or one not whole left a while, a postgres running on the folder may; else none."""
+    assert server_may_run_on(tmp_path / "gone", "127.0.0.1") == (False, "it is not there")
+    assert server_may_run_on(tmp_path, "127.0.0.1") == (
+        False, "it has no postmaster.pid, and no postgres runs on it")
+
+    _write_lock_file(tmp_path, _a_pid_gone(), segment=(1234, 56))
+    _segments_are(tmp_path, monkeypatch, (1234, 56, 2))
+    may_run, why = server_may_run_on(tmp_path, "127.0.0.1")
+    assert may_run and "is in use still (attached: 2)" in why
+    _segments_are(tmp_path, monkeypatch, (1234, 56, 0))
+    assert not server_may_run_on(tmp_path, "127.0.0.1")[0]
+
+    path = tmp_path / LOCK_FILE
+    path.write_text("")
+    assert server_may_run_on(tmp_path, "127.0.0.1") == (True, (
+        "its postmaster.pid is not whole, and was written 0 s ago: a server starting there may be"
+        " writing it"))
+    _written_ago(path, 60)
+    assert server_may_run_on(tmp_path, "127.0.0.1") == (False, (
+        "its postmaster.pid is not whole, last written 60 s ago, and no postgres runs on it"))
+    pid = a_postgres(cwd=tmp_path)
+    _written_ago(path, 60)  # (again: starting it may have taken a second on a busy machine)
+    assert server_may_run_on(tmp_path, "127.0.0.1") == (True, (
+        f"its postmaster.pid is not whole, last written 60 s ago, and pid {pid} is a postgres"
+        " running on that data directory"))
+    path.unlink()
+    assert server_may_run_on(tmp_path, "127.0.0.1") == (True, (
+        f"it has no postmaster.pid, and pid {pid} is a postgres running on that data directory"))
 
 
 def _written_ago(path: Path, seconds: float) -> None:
