@@ -40,7 +40,10 @@ PASSWORD = "correct horse battery"
 # app.js's own timers (its poll, reconnect backoff, catch-up, a socket's time to work, a ticket's
 # wait) with nothing of the shop's or its own racing them: the page's lengths, in a tenth of the
 # time. (A minute of the page's clock is then six seconds: its balance's read now and then,
-# BALANCE_READ_MS, falls within such a test, which must not take it for what it waits for.)
+# BALANCE_READ_MS, falls within such a test, which must not take it for what it waits for.) One
+# wait of the page's does race the shop here: its give-up on a ticket request (TICKET_WAIT_MS,
+# 10 s), sped up too, gives up a real ticket request after 1 s real, and asks again; a ticket is
+# answered in well under that, but a machine busy for a second more sees the page ask twice.
 CLOCK_SPEEDUP = 10
 # ... in a test that races a step of its own or the shop's (a click and its answer, some 0.5 s, an
 # order paid and its notification, some 1 to 2 s) against a page's wait of a few seconds (a
@@ -48,6 +51,9 @@ CLOCK_SPEEDUP = 10
 # whose wait must give up before the page's read of the balance now and then (BALANCE_READ_MS, 45 s
 # at the soonest on the page's clock: 15 s) could end it.
 RACING_CLOCK_SPEEDUP = 3
+# ... in the one that races an order's payment and its notification (some 1 to 2 s) against a
+# pause of 10 s on the page's clock, and then the catch-up's refusal too.
+PAYMENT_RACING_CLOCK_SPEEDUP = 2
 
 
 @pytest.fixture
@@ -948,8 +954,9 @@ def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(
 # (window.hseshopRefuseNextRead), the page's next read is answered as the gateway answers a user
 # past the rate limit, Retry-After RETRY_AFTER_SECONDS (or window.hseshopRetryAfter, if the test
 # sets it), and when it was, and its path, are kept (window.hseshopRefusedAt, RefusedPath); the
-# rest is real.
-RETRY_AFTER_SECONDS = 6
+# rest is real. (Played on the page, a longer one costs nothing of the shop's: 12 s, 4 s real at
+# RACING_CLOCK_SPEEDUP, for a test's own steps to fall within, a machine busy or not.)
+RETRY_AFTER_SECONDS = 12
 NEXT_READ_RATE_LIMITED = _fetch_played(
     before="window.hseshopRefuseNextRead = false; window.hseshopRefusedAt = null;"
            " window.hseshopRetryAfter = %d;" % RETRY_AFTER_SECONDS, answer="""
@@ -968,7 +975,8 @@ def test_a_page_told_to_wait_reads_nothing_and_opens_no_socket_until_then(stack,
     then the page sends no read (the next top-up's read is refused on the page, unsent) and opens
     no socket (the network back, it would open one at once), and says nothing of either (each
     top-up's own message stays); then it reads the orders and the balance again, and opens it.
-    (The second top-up races the pause, on the page's clock.)"""
+    (The second top-up and the network back race the pause, on the page's clock: both must fall
+    within it, or the test would prove nothing.)"""
     speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                             {"source": READS_AND_SOCKETS_RECORDED})
@@ -982,10 +990,13 @@ def test_a_page_told_to_wait_reads_nothing_and_opens_no_socket_until_then(stack,
     page.wait_until(lambda: page.text("balance") == "112.00", what="the second top-up's answer")
     assert page.text("message") == "Topped up 7.00."
     sockets_before = len(browser.execute_script("return window.hseshopSockets;"))
-    browser.execute_script('window.dispatchEvent(new Event("online"));')  # a new socket, now
+    online_at = browser.execute_script(  # a new socket, now
+        'const at = performance.now(); window.dispatchEvent(new Event("online")); return at;')
 
     refused_at = browser.execute_script("return window.hseshopRefusedAt;")
     ends = refused_at + RETRY_AFTER_SECONDS * 1000
+    # (The second top-up was answered before: its read, too, fell within the pause.)
+    assert online_at < ends - 1000, ("the network back too late", refused_at, online_at)
 
     def sockets_and_reads_after_the_pause():
         sockets, reads = browser.execute_script(
@@ -1030,7 +1041,7 @@ def test_reads_a_notification_and_the_catch_up_make_while_the_page_waits_say_not
     catch-up after that shows the order paid and the balance it left. (The order's payment and
     its notification, some 1 to 2 s, race the pause of 10 s: the page's clock runs twice as fast
     only.)"""
-    speedup = 2
+    speedup = PAYMENT_RACING_CLOCK_SPEEDUP
     speed_up_the_pages_clock(browser, speedup)
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                             {"source": READS_AND_SOCKETS_RECORDED})
@@ -1100,7 +1111,7 @@ def test_opening_an_account_opened_already_while_the_page_waits_shows_it_after_t
 # socket ticket is answered as the gateway answers one whose address has spent its socket
 # handshakes, Retry-After HANDSHAKES_RETRY_AFTER_SECONDS, its second as with Redis away (503,
 # Retry-After 5); the rest are real. When each was asked, and each socket's URL, are kept.
-HANDSHAKES_RETRY_AFTER_SECONDS = 6
+HANDSHAKES_RETRY_AFTER_SECONDS = 12  # (4 s real at RACING_CLOCK_SPEEDUP, for the top-up)
 TICKETS_REFUSED_FIRST = _fetch_played(before="""
     window.hseshopTickets = [];
     window.hseshopSocketUrls = [];
@@ -1360,33 +1371,43 @@ def test_a_live_page_reads_the_balance_again_when_shown_or_focused(stack, browse
     """Deposits made elsewhere (another tab, another device) send no notification: while its
     socket works, the page reads the balance again as its window is focused and its tab shown
     (and every minute or so), where it showed the old one until an order's notification came.
-    (The page's clock sped up only as far as its read now and then, BALANCE_READ_MS, comes after
-    the wait for the focus's read has given up: it would show the balance too.)"""
+    (Its read now and then, BALANCE_READ_MS, would show the balance too: each is asserted read
+    as the event came, on the page's clock.)"""
     speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
     page, elsewhere = _live_page_of_a_shopper_with_100(stack, browser,
                                                        READS_AND_SOCKETS_RECORDED)
     _socket_working(page, RACING_CLOCK_SPEEDUP)
-    elsewhere.api("POST", "/accounts/deposit", 200, json={"amount": "5"})
-    browser.execute_script('window.dispatchEvent(new Event("focus"));')
-    page.wait_until(lambda: page.text("balance") == "105.00", what="the balance, on focus")
-    elsewhere.api("POST", "/accounts/deposit", 200, json={"amount": "7"})
-    browser.execute_script('document.dispatchEvent(new Event("visibilitychange"));')
-    page.wait_until(lambda: page.text("balance") == "112.00", what="the balance, tab shown")
+    dispatched = {}
+    for amount, target, event, balance in (("5", "window", "focus", "105.00"),
+                                           ("7", "document", "visibilitychange", "112.00")):
+        elsewhere.api("POST", "/accounts/deposit", 200, json={"amount": amount})
+        dispatched[event] = browser.execute_script(
+            f'const at = performance.now(); {target}.dispatchEvent(new Event("{event}"));'
+            " return at;")
+        page.wait_until(lambda balance=balance: page.text("balance") == balance,
+                        what=f"the balance, on {event}")
+    reads = [read["at"] for read in browser.execute_script("return window.hseshopReads;")
+             if read["path"] == "/api/accounts/balance"]
+    # (A read sent as the event is dispatched: well within a second, on the page's clock.)
+    assert all([at for at in reads if since <= at < since + 1000]
+               for since in dispatched.values()), (dispatched, reads)
 
 
 # Played by the browser itself, over READS_AND_SOCKETS_RECORDED: the page's first top-up is
-# answered as the gateway answers a user past the rate limit, Retry-After 3, and when it was is
-# kept (window.hseshopRefusedAt); the rest is real.
+# answered as the gateway answers a user past the rate limit, Retry-After TOP_UP_RETRY_AFTER_SECONDS
+# (3 s real at RACING_CLOCK_SPEEDUP, for the test's focus to fall within), and when it was is kept
+# (window.hseshopRefusedAt); the rest is real.
+TOP_UP_RETRY_AFTER_SECONDS = 9
 TOP_UP_RATE_LIMITED = _fetch_played(before="window.hseshopRefusedAt = null;", answer="""
     if (path === "/api/accounts/deposit" && window.hseshopRefusedAt === null) {
       window.hseshopRefusedAt = performance.now();
-      return refusal(429, "RATE_LIMITED", "Too many requests.", {"Retry-After": "3"});
+      return refusal(429, "RATE_LIMITED", "Too many requests.", {"Retry-After": "%d"});
     }
-    return realFetch(input, init);""")
+    return realFetch(input, init);""" % TOP_UP_RETRY_AFTER_SECONDS)
 
 
 def test_a_live_page_focused_while_told_to_wait_reads_nothing_then_or_later(stack, browser):
-    """A top-up refused for the rate limit (Retry-After 3) pauses the page's reads, and no
+    """A top-up refused for the rate limit (Retry-After 9) pauses the page's reads, and no
     catch-up is due (no read was refused): the window focused during the pause reads nothing, not
     even after it, where its balance's read, refused on the page, set a catch-up of the orders and
     the balance for after it. Focused after the pause, it reads the balance. (The focus races the
@@ -1402,11 +1423,15 @@ def test_a_live_page_focused_while_told_to_wait_reads_nothing_then_or_later(stac
         what="the top-up, refused")
     # Said once the page has taken in the refusal, and its pause with it: the refusal played is
     # recorded as it is asked, and a focus before its answer is read was a focus before the pause.
-    page.wait_until(lambda: "Try again in 3 s" in page.text("message"),
+    page.wait_until(lambda: f"Try again in {TOP_UP_RETRY_AFTER_SECONDS} s" in page.text("message"),
                     what="the page to say how long to wait")
-    browser.execute_script('window.dispatchEvent(new Event("focus"));')
-    # Past when a catch-up set by the focus would have read (RECONNECT_MAX_MS / 2 from it).
-    quiet_until = refused_at + 8000
+    focused_at = browser.execute_script(
+        'const at = performance.now(); window.dispatchEvent(new Event("focus")); return at;')
+    ends = refused_at + TOP_UP_RETRY_AFTER_SECONDS * 1000
+    assert focused_at < ends - 1000, ("focused too late", refused_at, focused_at)
+    # Past when a catch-up set by the focus would have read (RECONNECT_MAX_MS / 2 from it, the
+    # pause's end at the soonest).
+    quiet_until = max(ends, focused_at + CATCH_UP_SECONDS * 1000) + 1000
     page.wait_until(lambda: browser.execute_script("return performance.now();") > quiet_until,
                     timeout=15, what="the page's clock past the pause and a catch-up's time")
     reads = browser.execute_script("return window.hseshopReads;")
