@@ -60,7 +60,8 @@ class SilencingProxy:
     gone without a word leaves them: held open, nothing carried either way. Connections made
     after that are carried (the service, at the address the name now resolves to). `cut()` makes
     the service unreachable, as if it had stopped, until `restore()`; `break_off()` closes the
-    connections carried so far alone."""
+    connections carried so far alone; `send_to()` carries those made after it to another target.
+    A connection its target closes (or resets) is closed to the client too, as by the target."""
 
     def __init__(self, target: str):
         host, port = target.rsplit(":", 1)
@@ -98,6 +99,14 @@ class SilencingProxy:
                 pass
             sock.close()
 
+    def send_to(self, target: str) -> None:
+        """Every connection accepted from now on is carried to `target`, those carried so far to
+        the one they were made to: a load balancer's (or a service address's) new connections
+        sent to another replica, none of them to the old one, whatever becomes of it."""
+        host, port = target.rsplit(":", 1)
+        with self._accepting:
+            self._target = (host, int(port))
+
     def restore(self) -> None:
         with self._accepting:
             self._refusing = False
@@ -133,10 +142,11 @@ class SilencingProxy:
         with self._accepting:
             refused = self._refusing
             self._refused += refused
+            target = self._target
         if refused:
             client.close()
             return
-        upstream = _connected_for(client, self._target)
+        upstream = _connected_for(client, target)
         if upstream is None:
             return
         self._sockets += [client, upstream]
@@ -159,16 +169,23 @@ class SilencingProxy:
                 self._carriers.append(carrier)
 
     def _carry(self, source: socket.socket, sink: socket.socket, era: int) -> None:
+        """What `source` sends carried to `sink` until the proxy is closed or goes silent (the
+        connection left open); `source`'s close (or reset) closes both ends, as a proxy passes
+        it on."""
         while self._era == era and not self._closed.is_set():
             try:
                 data = source.recv(65536)
                 if not data:
-                    return
+                    break
                 sink.sendall(data)
             except TimeoutError:
                 continue
             except OSError:
-                return
+                break
+        else:
+            return
+        _shut(source)
+        _shut(sink)
 
 
 class HoldingProxy:

@@ -227,10 +227,7 @@ def test_a_deadline_exceeded_is_504_and_a_service_down_is_503(settings, upstream
 def _orders_grpc_process(cleanup: ExitStack, bind: str, log_path: Path,
                          redis_url: str) -> subprocess.Popen:
     """The orders service serving gRPC on `bind` as it is run (`python -m shared.grpc_server`),
-    its Redis at `redis_url`, its log in `log_path`; killed and waited for by `cleanup`. Several
-    listen on one `bind` (grpc-core's listeners take SO_REUSEPORT), as replicas of one service
-    could (the stacks run one a service): the kernel gives each new connection to one of those
-    alive."""
+    its Redis at `redis_url`, its log in `log_path`; killed and waited for by `cleanup`."""
     with open(log_path, "wb") as log:
         service = start_child(
             [sys.executable, "-m", "shared.grpc_server", "orders"], cwd=REPO_ROOT,
@@ -308,39 +305,47 @@ def test_a_call_whose_service_process_died_holding_it_is_sent_again_if_safe(
     """The orders service's process serving a call, killed (SIGKILL) as it holds it (a GET as it
     reads the user's orders' cache version, a POST once it has placed the order, as it bumps that
     version after its commit: its Redis reached through a proxy that holds those commands), with
-    another process serving gRPC where it did. A safe call (gateway_app/resends.py: a GET, a
-    keyed POST) is sent again, as over HTTP: grpc-core makes a new connection, to the process
-    alive, which answers it (a keyed POST with the first send's answer, Idempotent-Replayed);
-    it was a 502. A POST without a key is not (it would be a second order): 502, one order
-    placed, the other process never called. A keyed POST sent again with no process listening
-    any more is the first send's 502 (it may have been carried out), not the 503 of a service
-    never reached."""
+    another process serving gRPC in its place. The gateway reaches them through a proxy, as
+    replicas are reached through a load balancer or a service address: the connections made
+    before the kill go to the dying process, every one made after it to the other (none can
+    reach the dying process's listener as it closes, which two processes sharing a port with
+    SO_REUSEPORT let the kernel do, the second try's connection then reset at times). A safe
+    call (gateway_app/resends.py: a GET, a keyed POST) is sent again, as over HTTP: grpc-core
+    makes a new connection, to the process alive, which answers it (a keyed POST with the first
+    send's answer, Idempotent-Replayed); it was a 502. A POST without a key is not (it would be
+    a second order): 502, one order placed, the other process never called. A keyed POST sent
+    again with no process listening any more is the first send's 502 (it may have been carried
+    out), not the 503 of a service never reached."""
     import psycopg2
 
     from shared.db import driver_dsn
 
     redis_url = urlsplit(settings.redis_url)
-    bind = f"127.0.0.1:{free_port()}"
+    dying_bind, alive_bind = (f"127.0.0.1:{free_port()}" for _ in range(2))
     grpc_method = {"GET": "ListOrders", "POST": "PlaceOrder"}[method]
     caplog.set_level(logging.INFO, logger="gateway_app.upstream_grpc")
     with ExitStack() as cleanup:
-        client = _gateway(settings, upstreams, grpc_targets, "grpc", orders_grpc_target=bind)
+        orders = SilencingProxy(dying_bind)
+        cleanup.callback(orders.close)
+        client = _gateway(settings, upstreams, grpc_targets, "grpc",
+                          orders_grpc_target=orders.address)
         _, warming_up = _signed_up_with_an_account(client)
         session, auth = _signed_up_with_an_account(client)
         user_id = session["user_id"]
         redis = HoldingProxy(f"{redis_url.hostname}:{redis_url.port or 6379}",
                              marker=f"version:orders:{user_id}".encode())
         cleanup.callback(redis.close)
-        dying = _orders_grpc_process(cleanup, bind, tmp_path / "dying.log",
+        dying = _orders_grpc_process(cleanup, dying_bind, tmp_path / "dying.log",
                                      redis_url._replace(netloc=redis.address).geturl())
         # The gateway's connection made to the dying process, before any other listens.
         assert client.get("/api/orders", headers=warming_up).status_code == 200
         served_before = _calls_served(tmp_path / "dying.log", grpc_method)
         if another_listening:
-            _orders_grpc_process(cleanup, bind, tmp_path / "alive.log", settings.redis_url)
+            _orders_grpc_process(cleanup, alive_bind, tmp_path / "alive.log", settings.redis_url)
 
         def kill_once_held():
             if redis.held.wait(timeout=30):
+                orders.send_to(alive_bind)  # (nothing listens there with no other process)
                 dying.kill()
 
         killer = threading.Thread(target=kill_once_held, daemon=True)
