@@ -112,12 +112,14 @@ def _channel_of_its_own(service: str) -> grpc.Channel:
     closed as the first call's failure came (its close held back by a write under way: "Delayed
     close due to in-progress write"), and failing with it, in 2 runs of about 20 of
     test_grpc.py's died_holding test as it was written, and in none of 24 a reviewer ran. With
-    this channel that test's GET still fails about 2 runs in 30 (run with others), for another
-    cause its log says: the second try's connection reset as it was made ("recvmsg:Connection
-    reset by peer"), the kernel having given it to the dying process's listener (SO_REUSEPORT)
-    as that closed. A connection made for the second try costs its handshake alone, on a path
-    taken only once a process has died; the test that pins it (test_resends.py) checks the
-    option, not the failure."""
+    this channel that test's GET still failed about 2 runs in 30 (run with others), for another
+    cause its log said: the second try's connection reset as it was made ("recvmsg:Connection
+    reset by peer"), the kernel having given it to the dying process's listener (its two
+    processes then shared a port with SO_REUSEPORT) as that closed; the test now reaches them
+    through a proxy that carries no connection made after the kill to the dying one. A
+    connection made for the second try costs its handshake alone, on a path taken only once a
+    process has died; the test that pins it (test_resends.py) checks the option, not the
+    failure."""
     return grpc.insecure_channel(_target(service), options=[
         *channel_options(), ("grpc.use_local_subchannel_pool", 1)])
 
