@@ -196,15 +196,22 @@ class _SlowOrders(orders_pb2_grpc.OrdersServicer):
         return orders_pb2.OrderPage()
 
 
+def _orders_served_by(servicer, workers: int) -> tuple[grpc.Server, str]:
+    """A gRPC server in the test's process answering the Orders service with `servicer` on
+    `workers` threads, started on a free port: the server (the caller stops it) and its address."""
+    server = grpc.server(futures.ThreadPoolExecutor(workers))
+    orders_pb2_grpc.add_OrdersServicer_to_server(servicer, server)
+    bind = f"127.0.0.1:{free_port()}"
+    server.add_insecure_port(bind)
+    server.start()
+    return server, bind
+
+
 def test_a_deadline_exceeded_is_504_and_a_service_down_is_503(settings, upstreams, grpc_targets,  # noqa: F811
                                                               caplog):
     """And the gateway's log says which service failed how, as over HTTP: the call may never
     have reached the service, whose log then holds nothing of it."""
-    slow = grpc.server(futures.ThreadPoolExecutor(2))
-    orders_pb2_grpc.add_OrdersServicer_to_server(_SlowOrders(), slow)
-    slow_bind = f"127.0.0.1:{free_port()}"
-    slow.add_insecure_port(slow_bind)
-    slow.start()
+    slow, slow_bind = _orders_served_by(_SlowOrders(), workers=2)
     try:
         client = _gateway(settings, upstreams, grpc_targets, "grpc", upstream_timeout_seconds=0.5,
                           orders_grpc_target=slow_bind,
@@ -260,17 +267,13 @@ def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, 
 
     from shared.db import driver_dsn
 
-    redis_url = urlsplit(settings.redis_url)
     bind = f"127.0.0.1:{free_port()}"
     with ExitStack() as cleanup:
         client = _gateway(settings, upstreams, grpc_targets, "grpc", orders_grpc_target=bind)
         session, auth = _signed_up_with_an_account(client)
         user_id = session["user_id"]
-        redis = HoldingProxy(f"{redis_url.hostname}:{redis_url.port or 6379}",
-                             marker=f"version:orders:{user_id}".encode())
-        cleanup.callback(redis.close)
-        service = _orders_grpc_process(cleanup, bind, tmp_path / "orders-grpc.log",
-                                       redis_url._replace(netloc=redis.address).geturl())
+        redis, service = _orders_grpc_process_held_at_redis(
+            cleanup, bind, tmp_path / "orders-grpc.log", settings, user_id)
 
         def kill_once_committed():
             if redis.held.wait(timeout=30):
@@ -290,6 +293,20 @@ def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, 
         with placed.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM orders WHERE user_id = %s", (user_id,))
             assert cursor.fetchone() == (1,)
+
+
+def _orders_grpc_process_held_at_redis(cleanup: ExitStack, bind: str, log_path, settings,
+                                       user_id: str):
+    """An orders gRPC process on `bind` whose Redis is reached through a proxy that holds the
+    commands on `user_id`'s orders' cache version (read by a GET, bumped after a POST's commit):
+    the proxy (its `held` set once it holds one) and the process, both ended by `cleanup`."""
+    redis_url = urlsplit(settings.redis_url)
+    redis = HoldingProxy(f"{redis_url.hostname}:{redis_url.port or 6379}",
+                         marker=f"version:orders:{user_id}".encode())
+    cleanup.callback(redis.close)
+    process = _orders_grpc_process(cleanup, bind, log_path,
+                                   redis_url._replace(netloc=redis.address).geturl())
+    return redis, process
 
 
 @pytest.mark.parametrize("method, key, another_listening, status, replayed", [
@@ -320,7 +337,6 @@ def test_a_call_whose_service_process_died_holding_it_is_sent_again_if_safe(
 
     from shared.db import driver_dsn
 
-    redis_url = urlsplit(settings.redis_url)
     dying_bind, alive_bind = (f"127.0.0.1:{free_port()}" for _ in range(2))
     grpc_method = {"GET": "ListOrders", "POST": "PlaceOrder"}[method]
     caplog.set_level(logging.INFO, logger="gateway_app.upstream_grpc")
@@ -332,11 +348,8 @@ def test_a_call_whose_service_process_died_holding_it_is_sent_again_if_safe(
         _, warming_up = _signed_up_with_an_account(client)
         session, auth = _signed_up_with_an_account(client)
         user_id = session["user_id"]
-        redis = HoldingProxy(f"{redis_url.hostname}:{redis_url.port or 6379}",
-                             marker=f"version:orders:{user_id}".encode())
-        cleanup.callback(redis.close)
-        dying = _orders_grpc_process(cleanup, dying_bind, tmp_path / "dying.log",
-                                     redis_url._replace(netloc=redis.address).geturl())
+        redis, dying = _orders_grpc_process_held_at_redis(
+            cleanup, dying_bind, tmp_path / "dying.log", settings, user_id)
         # The gateway's connection made to the dying process, before any other listens.
         assert client.get("/api/orders", headers=warming_up).status_code == 200
         served_before = _calls_served(tmp_path / "dying.log", grpc_method)
@@ -420,11 +433,7 @@ def _a_held_list_broken_off(settings, upstreams, grpc_targets, cleanup: ExitStac
     service's process dying holding it breaks it, and the connections made after it carried,
     as to another process in its place: the answer, how long it took, and the orders."""
     orders = _HoldingOrders()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    orders_pb2_grpc.add_OrdersServicer_to_server(orders, server)
-    bind = f"127.0.0.1:{free_port()}"
-    server.add_insecure_port(bind)
-    server.start()
+    server, bind = _orders_served_by(orders, workers=4)
     cleanup.callback(server.stop, None)
     proxy = SilencingProxy(bind)
     cleanup.callback(proxy.close)
@@ -1464,11 +1473,7 @@ def told_how_to_fail(settings, upstreams, grpc_targets):  # noqa: F811
     from tests.integration.test_gateway import _Served
 
     servicer = _FailingAsTold()
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    orders_pb2_grpc.add_OrdersServicer_to_server(servicer, server)
-    bind = f"127.0.0.1:{free_port()}"
-    server.add_insecure_port(bind)
-    server.start()
+    server, bind = _orders_served_by(servicer, workers=2)
     over_http = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnsweringAsTold))
     erring_over_http = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ErringAsTold))
     client = None
