@@ -47,7 +47,8 @@ def sweep_postgres_data_left(run_dir: Path, host: str) -> list[str]:
         may_run, why = server_may_run_on(pgdata, host)
         if not may_run:
             may_run, why_staging = server_may_run_on(staging, host)
-            why = why_staging if may_run else why
+            # (initdb's folder alone left: what is said of it, not "it is not there".)
+            why = why_staging if may_run or not pgdata.exists() else why
         if may_run:
             said.append(f"left {pgdata}, a server may run on it: {why}")
             continue

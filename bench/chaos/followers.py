@@ -225,6 +225,9 @@ class Followers:
     start()) to its end (or stop())."""
 
     followers: list[NotificationFollower]
+    # When the first stop() stops waiting (time.monotonic()'s): a stop after it (the block's end
+    # after sockets_caught_up's) waits no longer than that, not STOP_SECONDS more.
+    _stop_deadline: float | None = field(default=None, init=False)
 
     @classmethod
     def of(cls, gateway_url: str, shoppers: list[Shopper], seed: int) -> Followers:
@@ -244,13 +247,14 @@ class Followers:
 
     def stop(self) -> list[str]:
         """Stop every follower (again: a no-op), each socket closed; the users whose follower has
-        not stopped within STOP_SECONDS (held in a request or a handshake past their timeouts:
-        left running, a daemon thread, what its sockets sent read as it stands)."""
+        not stopped within STOP_SECONDS of the first stop (held in a request or a handshake past
+        their timeouts: left running, a daemon thread, what its sockets sent read as it stands)."""
         for follower in self.followers:
             follower._stop.set()
-        deadline = time.monotonic() + STOP_SECONDS
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + STOP_SECONDS
         return [follower.user_id for follower in self.followers
-                if not follower.stop(max(0.0, deadline - time.monotonic()))]
+                if not follower.stop(max(0.0, self._stop_deadline - time.monotonic()))]
 
     def counts(self) -> Counter[str]:
         """The sockets opened, how they ended, what gave none, and the sign-ins made again (a

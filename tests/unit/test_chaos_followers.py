@@ -217,7 +217,13 @@ def test_a_follower_that_does_not_stop_in_time_is_named_not_waited_for(monkeypat
     try:
         wait_for(lambda: gateway.socket_queries, timeout=10, what="the socket's handshake")
         began = time.monotonic()
-        assert Followers([follower]).stop() == [USER]
+        followed = Followers([follower])
+        assert followed.stop() == [USER]
         assert time.monotonic() - began < 2
+        # Stopped again (the block's end after the checks'): no second STOP_SECONDS of waiting.
+        monkeypatch.setattr(followers, "STOP_SECONDS", 30)
+        again = time.monotonic()
+        assert followed.stop() == [USER]
+        assert time.monotonic() - again < 1
     finally:
         gateway.close()

@@ -33,7 +33,8 @@ def test_a_folder_a_killed_run_left_is_deleted_as_the_next_stack_on_its_own_post
         "postgres"]
     said = capsys.readouterr().err
     assert f"[devstack] deleted {left}, left by a run killed before:" in said
-    assert f"deleted {tmp_path / '.postgres-5eed5eed.initdb'}" in said
+    assert (f"deleted {tmp_path / '.postgres-5eed5eed.initdb'}, left by a run killed before: it"
+            " has no postmaster.pid, and no postgres runs on it") in said  # (not "not there")
 
 
 def test_a_stack_not_on_its_own_postgres_leaves_the_folders(tmp_path):
