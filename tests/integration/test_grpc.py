@@ -231,20 +231,31 @@ def test_a_deadline_exceeded_is_504_and_a_service_down_is_503(settings, upstream
         slow.stop(grace=None)
 
 
-def _orders_grpc_process(cleanup: ExitStack, bind: str, log_path: Path,
-                         redis_url: str) -> subprocess.Popen:
-    """The orders service serving gRPC on `bind` as it is run (`python -m shared.grpc_server`),
-    its Redis at `redis_url`, its log in `log_path`; killed and waited for by `cleanup`."""
-    with open(log_path, "wb") as log:
-        service = start_child(
-            [sys.executable, "-m", "shared.grpc_server", "orders"], cwd=REPO_ROOT,
-            stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "ORDERS_GRPC_BIND": bind, "REDIS_URL": redis_url})
-    cleanup.callback(service.wait)
-    cleanup.callback(service.kill)
-    wait_for(lambda: f"orders gRPC listening on {bind}" in log_path.read_text(), timeout=30,
-             what=f"the orders gRPC server in {log_path.name}")
-    return service
+def _orders_grpc_process(cleanup: ExitStack, bind: str | None, log_path: Path,
+                         redis_url: str) -> tuple[subprocess.Popen, str]:
+    """The orders service serving gRPC as it is run (`python -m shared.grpc_server`), its Redis at
+    `redis_url`, its log in `log_path`, killed and waited for by `cleanup`: the process, and the
+    address it listens on. On `bind`; or, given None, on a port found free, another tried if that
+    one was taken before the process listened on it (a port found free is not held: a test's
+    proxy listening on a port of the system's choice meanwhile can be given it)."""
+    for _ in range(5):
+        address = bind or f"127.0.0.1:{free_port()}"
+        with open(log_path, "wb") as log:
+            service = start_child(
+                [sys.executable, "-m", "shared.grpc_server", "orders"], cwd=REPO_ROOT,
+                stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "ORDERS_GRPC_BIND": address, "REDIS_URL": redis_url})
+        cleanup.callback(service.wait)
+        cleanup.callback(service.kill)
+        wait_for(lambda: (f"orders gRPC listening on {address}" in log_path.read_text()
+                          or service.poll() is not None), timeout=30,
+                 what=f"the orders gRPC server in {log_path.name}")
+        if service.poll() is None:
+            return service, address
+        said = log_path.read_text()
+        if bind is not None or "Address already in use" not in said:  # (grpc-core's words)
+            raise AssertionError(f"the orders gRPC server exited ({service.returncode}): {said}")
+    raise AssertionError(f"the orders gRPC server found no port free to listen on: {said}")
 
 
 def _calls_served(log_path: Path, method: str) -> int:
@@ -272,7 +283,7 @@ def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, 
         client = _gateway(settings, upstreams, grpc_targets, "grpc", orders_grpc_target=bind)
         session, auth = _signed_up_with_an_account(client)
         user_id = session["user_id"]
-        redis, service = _orders_grpc_process_held_at_redis(
+        redis, service, _ = _orders_grpc_process_held_at_redis(
             cleanup, bind, tmp_path / "orders-grpc.log", settings, user_id)
 
         def kill_once_committed():
@@ -295,18 +306,19 @@ def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, 
             assert cursor.fetchone() == (1,)
 
 
-def _orders_grpc_process_held_at_redis(cleanup: ExitStack, bind: str, log_path, settings,
-                                       user_id: str):
-    """An orders gRPC process on `bind` whose Redis is reached through a proxy that holds the
-    commands on `user_id`'s orders' cache version (read by a GET, bumped after a POST's commit):
-    the proxy (its `held` set once it holds one) and the process, both ended by `cleanup`."""
+def _orders_grpc_process_held_at_redis(cleanup: ExitStack, bind: str | None, log_path, settings,
+                                       user_id: str) -> tuple[HoldingProxy, subprocess.Popen, str]:
+    """An orders gRPC process (on `bind`, or a port of its own: _orders_grpc_process) whose Redis
+    is reached through a proxy that holds the commands on `user_id`'s orders' cache version (read
+    by a GET, bumped after a POST's commit): the proxy (its `held` set once it holds one), the
+    process and its address, all ended by `cleanup`."""
     redis_url = urlsplit(settings.redis_url)
     redis = HoldingProxy(f"{redis_url.hostname}:{redis_url.port or 6379}",
                          marker=f"version:orders:{user_id}".encode())
     cleanup.callback(redis.close)
-    process = _orders_grpc_process(cleanup, bind, log_path,
-                                   redis_url._replace(netloc=redis.address).geturl())
-    return redis, process
+    process, address = _orders_grpc_process(cleanup, bind, log_path,
+                                            redis_url._replace(netloc=redis.address).geturl())
+    return redis, process, address
 
 
 @pytest.mark.parametrize("method, key, another_listening, status, replayed", [
@@ -337,24 +349,29 @@ def test_a_call_whose_service_process_died_holding_it_is_sent_again_if_safe(
 
     from shared.db import driver_dsn
 
-    dying_bind, alive_bind = (f"127.0.0.1:{free_port()}" for _ in range(2))
     grpc_method = {"GET": "ListOrders", "POST": "PlaceOrder"}[method]
     caplog.set_level(logging.INFO, logger="gateway_app.upstream_grpc")
     with ExitStack() as cleanup:
-        orders = SilencingProxy(dying_bind)
+        # (Carrying nowhere until the dying process listens: the gateway connects at its first
+        # call, the warm-up below.)
+        orders = SilencingProxy(f"127.0.0.1:{free_port()}")
         cleanup.callback(orders.close)
         client = _gateway(settings, upstreams, grpc_targets, "grpc",
                           orders_grpc_target=orders.address)
         _, warming_up = _signed_up_with_an_account(client)
         session, auth = _signed_up_with_an_account(client)
         user_id = session["user_id"]
-        redis, dying = _orders_grpc_process_held_at_redis(
-            cleanup, dying_bind, tmp_path / "dying.log", settings, user_id)
+        redis, dying, dying_bind = _orders_grpc_process_held_at_redis(
+            cleanup, None, tmp_path / "dying.log", settings, user_id)
+        orders.send_to(dying_bind)
         # The gateway's connection made to the dying process, before any other listens.
         assert client.get("/api/orders", headers=warming_up).status_code == 200
         served_before = _calls_served(tmp_path / "dying.log", grpc_method)
         if another_listening:
-            _orders_grpc_process(cleanup, alive_bind, tmp_path / "alive.log", settings.redis_url)
+            alive_bind = _orders_grpc_process(cleanup, None, tmp_path / "alive.log",
+                                              settings.redis_url)[1]
+        else:
+            alive_bind = f"127.0.0.1:{free_port()}"  # (nothing listens there)
 
         def kill_once_held():
             if redis.held.wait(timeout=30):
