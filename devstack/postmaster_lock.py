@@ -87,7 +87,7 @@ class PostmasterLock:
         ended as it did: clear_if_stale's _clear_if_not_whole) or not a server's (left for the
         server to judge)."""
         try:
-            text = (pgdata / LOCK_FILE).read_text()
+            text = _text_of(pgdata / LOCK_FILE)
             lines = text.splitlines()
             # (`postgres --single` writes its pid negated)
             pid, port = abs(int(lines[_PID_LINE])), int(lines[_PORT_LINE])
@@ -221,7 +221,7 @@ def _clear_if_not_whole(pgdata: Path) -> str | None:
     path = pgdata / LOCK_FILE
     try:
         before = path.stat()
-        text = path.read_bytes().decode(errors="replace")
+        text = _text_of(path)
     except OSError:
         return None
     if _whole(text):
@@ -250,6 +250,12 @@ def _clear_if_not_whole(pgdata: Path) -> str | None:
     return (f"removed {path}, which no server holds: it is not whole ({_what_it_holds(text)}),"
             f" was last written {written_ago:.0f} s ago, and no postgres runs on that data"
             " directory")
+
+
+def _text_of(path: Path) -> str:
+    """A lock file's text, bytes not UTF-8 kept as they are: PostgreSQL writes the data
+    directory's path as its bytes are, which a checkout's name in Latin-1 leaves no UTF-8."""
+    return path.read_bytes().decode(errors="surrogateescape")
 
 
 def _whole(text: str) -> bool:

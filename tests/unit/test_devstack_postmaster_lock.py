@@ -81,6 +81,17 @@ def test_the_pid_a_single_user_postgres_writes_negated_is_read_as_its_own(tmp_pa
     assert PostmasterLock.read(tmp_path).pid == 4242
 
 
+def test_a_lock_file_naming_a_data_directory_whose_path_is_no_utf_8_is_read(tmp_path):
+    """PostgreSQL writes the data directory's path as its bytes are: one not UTF-8 (a checkout
+    under a Latin-1 name) made the file unreadable as text, and it was taken for one not whole."""
+    (tmp_path / LOCK_FILE).write_bytes(
+        b"4242\n/home/caf\xe9/pgdata\n1796511385\n60361\n\n127.0.0.1\n     1234        56\n")
+
+    lock = PostmasterLock.read(tmp_path)
+
+    assert (lock.pid, lock.port, lock.shared_memory) == (4242, 60361, (1234, 56))
+
+
 @pytest.mark.parametrize("port", [0, 65536, 2**70, -5432])
 def test_a_lock_file_naming_no_port_there_can_be_is_left_for_the_server_to_judge(tmp_path, port):
     """A port no server writes (none is past 65535 or below 1) is no server's file: devstack
