@@ -9,7 +9,8 @@ so none is ever started on again. So a stack with `own_postgres`, as it starts, 
 killed run left running is stopped (devstack.leftovers), deletes every `postgres-*` of its folder
 (and initdb's `.postgres-*.initdb`) no server runs on, its segment first: one a server may run
 on (postmaster_lock.server_may_run_on: a server still running, its backends still attached to
-its segment, one starting) is another's, and left.
+its segment, one starting, a lock file no server wrote, which tells nothing) is another's, and
+left.
 """
 
 from __future__ import annotations

@@ -40,6 +40,12 @@ holds it:
   the two is one, its working directory the data directory already; another user's is none,
   PostgreSQL refusing a data directory its user does not own); one whose data directory cannot
   be told, or whose program cannot be read, keeps the file.
+A file whole but no server's (its port line no port a server writes: 0, 70000) is read by none
+of these rules either. A server running on the data directory wrote its own file and keeps it,
+so the pid and segment such a file names tell nothing of one running there (it may have been
+written over a running server's). It is left, for the server to judge (PostgreSQL goes by its
+pid and segment, not its port), and it is no certainty that no server runs on the data
+directory (server_may_run_on, by which a data directory killed runs left is deleted).
 Between the last look at the file and its removal (microseconds) a server may yet start there and
 make a file of its own, which goes in its place: a second server started on the directory then
 finds the first's shared memory in use, as PostgreSQL checks whatever its lock file says, and
@@ -190,7 +196,9 @@ def clear_if_stale(pgdata: Path, host: str) -> str | None:
 
 def server_may_run_on(pgdata: Path, host: str) -> tuple[bool, str]:
     """Whether a server may be running on `pgdata` (False only when it is certain none is, by the
-    rules clear_if_stale removes a file by), and why, in words; False for a folder not there."""
+    rules clear_if_stale removes a file by), and why, in words; False for a folder not there. A
+    file whole but no server's, which clear_if_stale leaves for the server to judge, is no
+    certainty either (the module's docstring)."""
     lock = PostmasterLock.read(pgdata)
     if lock is not None:
         return _judged(lock, pgdata, host)
@@ -198,20 +206,17 @@ def server_may_run_on(pgdata: Path, host: str) -> tuple[bool, str]:
         return False, "it is not there"
     path = pgdata / LOCK_FILE
     try:
-        written_ago = time.time() - path.stat().st_mtime
+        written = path.stat()
+        text = _text_of(path)
     except FileNotFoundError:
-        no_file = f"it has no {LOCK_FILE}"
-    else:
-        if written_ago < 0:
-            return True, (f"its {LOCK_FILE} is not whole, and stamped in the future: a server"
-                          " starting there may be writing it")
-        if written_ago < NOT_WHOLE_FOR_SECONDS:
-            return True, (f"its {LOCK_FILE} is not whole, and was written {written_ago:.0f} s"
-                          " ago: a server starting there may be writing it")
-        no_file = f"its {LOCK_FILE} is not whole, last written {written_ago:.0f} s ago"
-    if (holder := _a_postgres_on(pgdata)) is not None:
-        return True, f"{no_file}, and pid {holder[0]} {holder[1]}"
-    return False, f"{no_file}, and no postgres runs on it"
+        on_it, found = _a_postgres_on(pgdata)
+        return on_it, f"it has no {LOCK_FILE}, and {found}"
+    if _whole(text):  # (yet not PostmasterLock.read's: its port line is no port)
+        return True, (f"its {LOCK_FILE} names a port no server writes"
+                      f" ({text.splitlines()[_PORT_LINE]!r}), so whether a server runs on it"
+                      " cannot be told; if none does, remove the file by hand")
+    return _not_whole_judged(pgdata, time.time() - written.st_mtime,
+                             f"its {LOCK_FILE} is not whole ({_what_it_holds(text)})")
 
 
 def _clear_if_not_whole(pgdata: Path) -> str | None:
@@ -226,18 +231,10 @@ def _clear_if_not_whole(pgdata: Path) -> str | None:
         return None
     if _whole(text):
         return None
-    not_whole = f"left {path} in place: it is not whole ({_what_it_holds(text)})"
-    written_ago = time.time() - before.st_mtime
-    if written_ago < 0:
-        return (f"{not_whole}, and is stamped in the future, which tells nothing of when it was"
-                " written: a server starting on that data directory may be writing it; if none"
-                " is, remove it by hand")
-    if written_ago < NOT_WHOLE_FOR_SECONDS:
-        return (f"{not_whole}, and was written {written_ago:.0f} s ago: a server starting on that"
-                " data directory may be writing it; if none is, run again after"
-                f" {NOT_WHOLE_FOR_SECONDS:.0f} s")
-    if (holder := _a_postgres_on(pgdata)) is not None:
-        return f"{not_whole}, and pid {holder[0]} {holder[1]}"
+    may_run, why = _not_whole_judged(pgdata, time.time() - before.st_mtime,
+                                     f"it is not whole ({_what_it_holds(text)})")
+    if may_run:
+        return f"left {path} in place: {why}"
     # (A server started meanwhile would have written it: only the file judged goes.)
     try:
         after = path.stat()
@@ -247,9 +244,23 @@ def _clear_if_not_whole(pgdata: Path) -> str | None:
             before.st_ino, before.st_mtime_ns, before.st_size):
         return f"left {path} in place: it changed as it was read"
     path.unlink(missing_ok=True)
-    return (f"removed {path}, which no server holds: it is not whole ({_what_it_holds(text)}),"
-            f" was last written {written_ago:.0f} s ago, and no postgres runs on that data"
-            " directory")
+    return f"removed {path}, which no server holds: {why}"
+
+
+def _not_whole_judged(pgdata: Path, written_ago: float, not_whole: str) -> tuple[bool, str]:
+    """Whether a server may hold `pgdata`'s lock file, not whole and last written `written_ago`
+    seconds ago (False only when it is certain none does: the module's docstring), and why, in
+    words that follow `not_whole`, what the caller says of the file ("it is not whole (empty)")."""
+    if written_ago < 0:
+        return True, (f"{not_whole}, and is stamped in the future, which tells nothing of when it"
+                      " was written: a server starting on that data directory may be writing it;"
+                      " if none is, remove it by hand")
+    if written_ago < NOT_WHOLE_FOR_SECONDS:
+        return True, (f"{not_whole}, and was written {written_ago:.0f} s ago: a server starting on"
+                      " that data directory may be writing it; if none is, run again after"
+                      f" {NOT_WHOLE_FOR_SECONDS:.0f} s")
+    on_it, found = _a_postgres_on(pgdata)
+    return on_it, f"{not_whole}, was last written {written_ago:.0f} s ago, and {found}"
 
 
 def _text_of(path: Path) -> str:
@@ -279,11 +290,12 @@ def _what_it_holds(text: str) -> str:
     return f"pid {pid} and no port" if pid else "pid 0"
 
 
-def _a_postgres_on(pgdata: Path) -> tuple[int, str] | None:
-    """A process that is, or may be (it cannot be told), a postgres running on `pgdata`, and what
-    it is in words; None if none is. Only the processes of the data directory's owner are asked:
-    PostgreSQL refuses to run on a data directory its user does not own (checkDataDir), so
-    another user's postgres (the system's own, say) is none of its, whatever it runs on."""
+def _a_postgres_on(pgdata: Path) -> tuple[bool, str]:
+    """Whether a process is, or may be (it cannot be told), a postgres running on `pgdata`, and
+    what was found, in words ("pid 42 is ...", "no postgres runs on that data directory"). Only
+    the processes of the data directory's owner are asked: PostgreSQL refuses to run on a data
+    directory its user does not own (checkDataDir), so another user's postgres (the system's
+    own, say) is none of its, whatever it runs on."""
     try:
         owner = pgdata.stat().st_uid
     except OSError:  # (its file was read just now: every process is asked, should it be so)
@@ -298,13 +310,14 @@ def _a_postgres_on(pgdata: Path) -> tuple[int, str] | None:
         except (FileNotFoundError, ProcessLookupError):  # (ended meanwhile)
             continue
         except OSError as error:
-            return int(entry.name), f"is a process whose program cannot be read ({error.strerror})"
+            return True, (f"pid {entry.name} is a process whose program cannot be read"
+                          f" ({error.strerror})")
         if program != "postgres":
             continue
         on_it, what_it_is = _a_postgres_judged(int(entry.name), pgdata)
         if on_it is not False:
-            return int(entry.name), what_it_is
-    return None
+            return True, f"pid {entry.name} {what_it_is}"
+    return False, "no postgres runs on that data directory"
 
 
 def _judged(lock: PostmasterLock, pgdata: Path, host: str) -> tuple[bool, str]:

@@ -6,9 +6,11 @@ such a folder is test_chaos_postgres_restart.py's)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -33,8 +35,28 @@ def test_a_folder_a_killed_run_left_is_deleted_as_the_next_stack_on_its_own_post
         "postgres"]
     said = capsys.readouterr().err
     assert f"[devstack] deleted {left}, left by a run killed before:" in said
+    # (What is said of initdb's folder, left alone: not the data folder's "it is not there".)
     assert (f"deleted {tmp_path / '.postgres-5eed5eed.initdb'}, left by a run killed before: it"
-            " has no postmaster.pid, and no postgres runs on it") in said  # (not "not there")
+            " has no postmaster.pid, and no postgres runs on that data directory") in said
+
+
+def test_a_folder_whose_lock_file_names_a_port_no_server_writes_is_left_saying_why(
+        tmp_path, capsys):
+    """Whole (a pid and a port line) but no server's (port 0): devstack leaves such a file for
+    the server to judge, and whether a server runs on the folder cannot be told either. Taken
+    for a file not whole, the folder was deleted once the file had been left 10 s with no
+    postgres running there."""
+    left = tmp_path / "postgres-0badcafe"
+    (left / "base").mkdir(parents=True)
+    lock = left / "postmaster.pid"
+    lock.write_text(f"{_a_pid_ended()}\n{left}\n1700000000\n0\n\n{LOCALHOST}\n")
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    _start_stopped_after_the_sweep(tmp_path)
+    assert (left / "base").is_dir()
+    assert (f"[devstack] left {left}, a server may run on it: its postmaster.pid names a port no"
+            " server writes ('0'), so whether a server runs on it cannot be told; if none does,"
+            " remove the file by hand") in capsys.readouterr().err
 
 
 def test_a_stack_not_on_its_own_postgres_leaves_the_folders(tmp_path):
