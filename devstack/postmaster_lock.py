@@ -17,7 +17,7 @@ So devstack removes the file, saying so, when it is certain no server runs on th
   server stays attached to, orphaned backends of a killed one too: PostgreSQL's own check). A
   server running there wrote the file, so this alone tells where the pid cannot (a backend's
   command line names no `-D`), and what listens on the file's port says nothing more (a later
-  run's Redis or broker, say: devstack's ports are the system's picks);
+  run's Redis or broker, say: devstack's ports are picked afresh each run);
 - or, with no segment named (its server ended before it made one), the pid is no postgres of
   that directory, and nothing listens on the port it names, or what does is a server of another
   data directory.
@@ -338,7 +338,7 @@ def _judged_by_segment(lock: PostmasterLock, pid_found: str) -> tuple[bool, str]
     wrote the file, and is attached to the segment it names, as every process of it is: with
     none attached none runs, whatever the pid is (a postgres whose data directory cannot be told
     too) and whatever listens on the port (a later run's Redis or broker, say: devstack's ports
-    are the system's picks)."""
+    are picked afresh each run)."""
     key, shmid = lock.shared_memory
     attached = processes_attached_to(lock.shared_memory)
     if attached is None:

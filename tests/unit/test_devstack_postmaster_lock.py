@@ -148,7 +148,7 @@ def test_a_lock_file_naming_a_postgres_whose_data_directory_cannot_be_told_is_ju
 def test_a_lock_file_naming_a_segment_no_process_is_attached_to_goes_whatever_holds_its_port(
         tmp_path, monkeypatch):
     """With no process attached to the segment the file names, no server runs on the data
-    directory, whatever listens on the port it names: devstack's ports are the system's picks,
+    directory, whatever listens on the port it names: devstack's ports are picked afresh each run,
     and a later run's Redis or broker may have it. Something there that did not say what it
     serves kept a file the server itself would have passed over."""
     _segments_are(tmp_path, monkeypatch)
@@ -166,9 +166,10 @@ def test_a_lock_file_naming_no_segment_is_judged_by_what_listens_on_its_port(
         tmp_path, monkeypatch):
     """A file naming no segment (its server ended before it made one) is kept while something
     listens on its port that does not say what it serves, and goes once nothing does."""
-    path, pid = tmp_path / LOCK_FILE, _a_pid_gone()
-    with socket.create_server(("127.0.0.1", 0)) as listener:  # (never answers)
-        port = listener.getsockname()[1]
+    path, pid, port = tmp_path / LOCK_FILE, _a_pid_gone(), free_port()
+    # (A port of free_port's: once the listener has closed, the system gives it no other socket
+    # bound to port 0, as it may a port of its own pick.)
+    with socket.create_server(("127.0.0.1", port)):  # (never answers)
         _write_lock_file(tmp_path, pid, port)
 
         assert clear_if_stale(tmp_path, "127.0.0.1") == (

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -520,31 +519,6 @@ def test_flower_is_given_its_configuration_file_by_its_absolute_path(tmp_path):
     (conf,) = [arg.removeprefix("--conf=") for arg in flower.argv if arg.startswith("--conf=")]
     assert Path(conf).is_absolute() and Path(conf) == REPO_ROOT / "flowerconfig.py"
     assert Path(conf).is_file()
-
-
-def test_free_port_never_gives_a_port_twice_though_the_system_may(monkeypatch):
-    picks = iter([41001, 41001, 41002, 41001, 41003])
-
-    class Socket:  # bind() to port 0 as the system answers it: the same port again at times
-        def __init__(self, *args):
-            self.port = next(picks)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc_info):
-            pass
-
-        def bind(self, address):
-            pass
-
-        def getsockname(self):
-            return ("127.0.0.1", self.port)
-
-    monkeypatch.setattr("devstack.infra._ports_given", set())  # (this session's picks aside)
-    monkeypatch.setattr("devstack.infra.socket", types.SimpleNamespace(
-        socket=Socket, AF_INET=socket.AF_INET, SOCK_STREAM=socket.SOCK_STREAM))
-    assert [free_port() for _ in range(3)] == [41001, 41002, 41003]
 
 
 def test_a_make_run_that_cannot_start_leaves_the_running_ones_settings_file(tmp_path,
