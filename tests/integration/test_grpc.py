@@ -235,27 +235,23 @@ def _orders_grpc_process(cleanup: ExitStack, bind: str | None, log_path: Path,
                          redis_url: str) -> tuple[subprocess.Popen, str]:
     """The orders service serving gRPC as it is run (`python -m shared.grpc_server`), its Redis at
     `redis_url`, its log in `log_path`, killed and waited for by `cleanup`: the process, and the
-    address it listens on. On `bind`; or, given None, on a port found free, another tried if that
-    one was taken before the process listened on it (a port found free is not held: a test's
-    proxy listening on a port of the system's choice meanwhile can be given it)."""
-    for _ in range(5):
-        address = bind or f"127.0.0.1:{free_port()}"
-        with open(log_path, "wb") as log:
-            service = start_child(
-                [sys.executable, "-m", "shared.grpc_server", "orders"], cwd=REPO_ROOT,
-                stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "ORDERS_GRPC_BIND": address, "REDIS_URL": redis_url})
-        cleanup.callback(service.wait)
-        cleanup.callback(service.kill)
-        wait_for(lambda: (f"orders gRPC listening on {address}" in log_path.read_text()
-                          or service.poll() is not None), timeout=30,
-                 what=f"the orders gRPC server in {log_path.name}")
-        if service.poll() is None:
-            return service, address
-        said = log_path.read_text()
-        if bind is not None or "Address already in use" not in said:  # (grpc-core's words)
-            raise AssertionError(f"the orders gRPC server exited ({service.returncode}): {said}")
-    raise AssertionError(f"the orders gRPC server found no port free to listen on: {said}")
+    address it listens on, `bind` or, given None, a free port's (free_port's: no proxy of the
+    test's listening on a port of the system's choice meanwhile can be given it)."""
+    address = bind or f"127.0.0.1:{free_port()}"
+    with open(log_path, "wb") as log:
+        service = start_child(
+            [sys.executable, "-m", "shared.grpc_server", "orders"], cwd=REPO_ROOT,
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "ORDERS_GRPC_BIND": address, "REDIS_URL": redis_url})
+    cleanup.callback(service.wait)
+    cleanup.callback(service.kill)
+    wait_for(lambda: (f"orders gRPC listening on {address}" in log_path.read_text()
+                      or service.poll() is not None), timeout=30,
+             what=f"the orders gRPC server in {log_path.name}")
+    if service.poll() is not None:
+        raise AssertionError(f"the orders gRPC server exited ({service.returncode}):"
+                             f" {log_path.read_text()}")
+    return service, address
 
 
 def _calls_served(log_path: Path, method: str) -> int:
@@ -308,7 +304,7 @@ def test_a_call_broken_off_after_the_service_committed_is_502_not_503(settings, 
 
 def _orders_grpc_process_held_at_redis(cleanup: ExitStack, bind: str | None, log_path, settings,
                                        user_id: str) -> tuple[HoldingProxy, subprocess.Popen, str]:
-    """An orders gRPC process (on `bind`, or a port of its own: _orders_grpc_process) whose Redis
+    """An orders gRPC process (on `bind`, or a free port: _orders_grpc_process) whose Redis
     is reached through a proxy that holds the commands on `user_id`'s orders' cache version (read
     by a GET, bumped after a POST's commit): the proxy (its `held` set once it holds one), the
     process and its address, all ended by `cleanup`."""
