@@ -6,8 +6,9 @@ so that what it missed while away is sent first. It waits as the page does: 0.5 
 10 s, jittered by a quarter, from the shortest again once a socket has worked; to 30 s after a
 socket turned away (its handshake refused, as with a 429, or closed 1013) or a ticket refused;
 never sooner than a Retry-After, or than a 1013's "try again in N s". Its token expired (a run
-longer than AUTH_TOKEN_TTL_SECONDS: the socket closed 1008, the next ticket refused 401), the
-shopper signs in again, as the page's user does at its sign-in form, and it follows on. What each
+longer than AUTH_TOKEN_TTL_SECONDS: the socket closed 1008, the next ticket refused 401
+TOKEN_EXPIRED), the shopper signs in again, as the page's user does at its sign-in form (unless the
+load's threads for them did: the token is theirs too, sign_in.py), and it follows on. What each
 socket sent is kept, for the invariant (invariants.socket_deliveries)."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import requests
 from simple_websocket import ConnectionClosed
 
 from bench.chaos.load import Shopper
+from bench.chaos.sign_in import refused_as_expired, retry_after
 from bench.notification_socket import ask_for_a_ticket, socket_url
 from bench.websocket_client import HANDSHAKE_SECONDS, WebSocketClient
 
@@ -73,8 +75,7 @@ class NotificationFollower:
         # The newest notification's id read before the first socket: every one after it is owed.
         self.started_after: int | None = None
         self.sockets: list[SocketRun] = []
-        # The shopper's token: the one they registered with, then each sign-in's.
-        self.token = shopper.token
+        # The sign-ins it made again (the shopper's token, shopper.session's, expired).
         self.signed_in_again = 0
         self._delay = RECONNECT_FIRST_SECONDS  # (the page's reconnectDelay)
         # The answers that gave no socket, by kind (a ticket refused, a handshake failed).
@@ -123,39 +124,40 @@ class NotificationFollower:
     def _step(self) -> float:
         """The page's next step: the newest id read (once), else a ticket asked for and its
         socket read until it ends; the seconds to wait before the next step."""
+        token = self.shopper.session.token
         if self.started_after is None:
             answer = requests.get(f"{self.gateway}/api/notifications/newest",
                                   timeout=REQUEST_TIMEOUT,
-                                  headers={"Authorization": f"Bearer {self.token}"})
+                                  headers={"Authorization": f"Bearer {token}"})
             if answer.status_code == 200:
                 self.started_after = int(answer.json()["id"])
                 return 0.0
             kind, longest = "newest", RECONNECT_MAX_SECONDS
         else:
-            answer = ask_for_a_ticket(self.gateway, self.token, REQUEST_TIMEOUT)
+            answer = ask_for_a_ticket(self.gateway, token, REQUEST_TIMEOUT)
             if answer.status_code == 201:
                 return self._stream(answer.json()["ticket"])
             # (as the page's noTicket: no socket tried, the next ticket asked for later)
             kind, longest = "ticket", RECONNECT_TURNED_AWAY_MAX_SECONDS
         self.refused[f"{kind} {answer.status_code}"] += 1
-        if answer.status_code == 401:
-            return self._sign_in_again()
-        return self._backoff(longest, _retry_after(answer))
+        if refused_as_expired(answer):
+            return self._sign_in_again(token)
+        return self._backoff(longest, retry_after(answer))
 
-    def _sign_in_again(self) -> float:
-        """Its token refused (expired: a run longer than AUTH_TOKEN_TTL_SECONDS, the socket closed
-        1008 and every ticket refused 401 from then on), the shopper signed in again with their
-        name and password, as the page's user does once it shows its sign-in form; the seconds to
-        wait before the next step (none once signed in)."""
-        answer = requests.post(f"{self.gateway}/api/auth/login", timeout=REQUEST_TIMEOUT,
-                               json={"username": self.shopper.username,
-                                     "password": self.shopper.password})
-        if answer.status_code != 200:
-            self.refused[f"sign-in {answer.status_code}"] += 1
-            return self._backoff(RECONNECT_MAX_SECONDS, _retry_after(answer))
-        self.token = answer.json()["access_token"]
-        self.signed_in_again += 1
-        return 0.0
+    def _sign_in_again(self, refused: str) -> float:
+        """Its token `refused` as expired (a run longer than AUTH_TOKEN_TTL_SECONDS: the socket
+        closed 1008 and every ticket refused 401 from then on), the shopper signed in again with
+        their name and password, as the page's user does once it shows its sign-in form, unless
+        the load's threads for them did already (ShopperSession); the seconds to wait before the
+        next step (none once signed in)."""
+        sign_in = self.shopper.session.sign_in_again(self.gateway, refused)
+        if sign_in.made:
+            self.signed_in_again += 1
+        if sign_in.token is not None:
+            return 0.0
+        if sign_in.failed is not None:
+            self.refused[f"sign-in {sign_in.failed}"] += 1
+        return self._backoff(RECONNECT_MAX_SECONDS, sign_in.wait)
 
     def _backoff(self, longest: float, at_least: float = 0.0) -> float:
         """The page's wait before it reconnects (scheduleReconnect): the current delay, jittered
@@ -209,14 +211,6 @@ class NotificationFollower:
         try_again_in = TRY_AGAIN_IN.search(said)
         return self._backoff(RECONNECT_TURNED_AWAY_MAX_SECONDS,
                              float(try_again_in[1]) if try_again_in else 0.0)
-
-
-def _retry_after(answer: requests.Response) -> float:
-    """The seconds an answer's Retry-After asks to wait (0 for none)."""
-    try:
-        return float(answer.headers.get("Retry-After", 0))
-    except ValueError:
-        return 0.0
 
 
 @dataclass

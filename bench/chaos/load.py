@@ -18,6 +18,7 @@ from decimal import Decimal
 import requests
 
 from bench.chaos.plan import ChaosPlan
+from bench.chaos.sign_in import ShopperSession, error_code, refused_as_expired
 from devstack.stack import Stack
 from shared.caller_deadline import deadline_moment
 from shared.config import load_settings
@@ -38,16 +39,25 @@ REQUEST_TIMEOUT = 15
 PASSWORD = "a long password"  # every shopper's
 RETRY_PAUSE = 0.3
 LOAD_THREADS = 24
+# What the ledger's answers count a shopper's sign-in again under (their token expired), made or
+# failed.
+SIGN_IN_AGAIN = "sign-in again: "
 
 
 @dataclass(frozen=True)
 class Shopper:
     user_id: str
     token: str  # as registered
-    # What they registered with: a notification follower signs in again with them once the token
-    # expires.
+    # What they registered with: they sign in again with them once the token expires.
     username: str
     password: str
+    # Their token as it is now (the registered one, then each sign-in's), one for every thread
+    # acting for them: the load's and their notification follower's.
+    session: ShopperSession = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "session",
+                           ShopperSession(self.username, self.password, self.token))
 
 
 AMBIGUOUS_STATUSES = (502, 504)
@@ -223,17 +233,50 @@ class Load:
                 offer.add_done_callback(lambda _offer: waiting.release())
                 time.sleep(max(0.0, start + self._offered / self.plan.rate - time.monotonic()))
 
-    def _post(self, shopper: Shopper, via: str, path: str, body: dict | None, key: str | None
-              ) -> tuple[int | str, requests.Response | None]:
+    def _post(self, shopper: Shopper, via: str, path: str, body: dict | None, key: str | None,
+              deadline: float) -> tuple[int | str, requests.Response | None]:
         """The answer's status and the answer, or the name of the exception that stood for one
-        and None. Through the gateway with the shopper's token, or to the service's API signed as
-        the gateway signs (with a deadline, as it sends one)."""
+        and None (_send's), through the gateway with the shopper's current token. A token the
+        gateway refuses as expired, the shopper signs in again and the request is sent again as
+        it was (its key and body): the gateway's bearer check refused it before it forwarded
+        anything. Until the `deadline` (time.monotonic()'s: the request's patience) at most,
+        then the refusal is the answer."""
+        while True:
+            token = shopper.session.token
+            status, answer = self._send(shopper, via, path, body, key, token)
+            if not (via == "gateway" and refused_as_expired(answer)):
+                return status, answer
+            if not self._signed_in_again(shopper, token, deadline):
+                return status, answer
+
+    def _signed_in_again(self, shopper: Shopper, refused: str, deadline: float) -> bool:
+        """Whether the shopper holds a token other than `refused` by the `deadline`: signed in
+        again here, or by another of their threads. A sign-in failing (the gateway down, its
+        database or Redis) is asked again after its pause, as long as the deadline allows; each
+        one made or failed counted among the ledger's answers."""
+        while True:
+            sign_in = shopper.session.sign_in_again(self.gateway, refused)
+            if sign_in.made or sign_in.failed is not None:
+                with self.ledger.lock:
+                    self.ledger.answers[SIGN_IN_AGAIN + ("made" if sign_in.made
+                                                         else f"failed {sign_in.failed}")] += 1
+            if sign_in.token is not None:
+                return True
+            if time.monotonic() + sign_in.wait > deadline:
+                return False
+            time.sleep(sign_in.wait)
+
+    def _send(self, shopper: Shopper, via: str, path: str, body: dict | None, key: str | None,
+              token: str) -> tuple[int | str, requests.Response | None]:
+        """One try: the answer's status and the answer, or the name of the exception that stood
+        for one and None. Through the gateway with `token`, or to the service's API signed as the
+        gateway signs (with a deadline, as it sends one)."""
         headers = {"Idempotency-Key": key} if key else {}
         try:
             if via == "gateway":
                 answer = requests.post(f"{self.gateway}/api{path}", json=body,
                                        timeout=REQUEST_TIMEOUT, headers={
-                                           **headers, "Authorization": f"Bearer {shopper.token}"})
+                                           **headers, "Authorization": f"Bearer {token}"})
             else:
                 base = self.stack.orders_url if path == "/orders" else self.stack.payments_url
                 headers[DEADLINE_HEADER] = deadline_moment(REQUEST_TIMEOUT * 4)
@@ -264,14 +307,14 @@ class Load:
             # its tries (and a repeat of its key), so that the orders it placed can be counted.
             sent = time.monotonic()
             status, answer = self._post(shopper, via, "/orders",
-                                        {"amount": amount, "description": tag}, key)
+                                        {"amount": amount, "description": tag}, key, deadline)
             tried = (sent, time.monotonic())
             with ledger.lock:
                 ledger.answers[f"order {via} {kind} {status}"] += 1
                 request = ledger.requests.setdefault(
                     tag, Request(shopper.user_id, Decimal(amount)))
                 request.answers.append(status)
-                if status == 503 and _error_code(answer) == COMMIT_MAY_HAVE_GONE_THROUGH:
+                if status == 503 and error_code(answer) == COMMIT_MAY_HAVE_GONE_THROUGH:
                     request.database_failed.append(tried)
                 if status == 202:
                     order_id = answer.json()["id"]
@@ -317,7 +360,7 @@ class Load:
         (time.monotonic()'s) at most; the last try's answer."""
         while True:
             status, answer = self._post(shopper, via, "/accounts/deposit",
-                                        {"amount": str(amount)}, key)
+                                        {"amount": str(amount)}, key, deadline)
             with self.ledger.lock:
                 self.ledger.answers[f"deposit {via} {status}"] += 1
             if not transient(status) or time.monotonic() > deadline:
@@ -365,7 +408,8 @@ class Load:
             if self._stop.wait(self.rng.uniform(1, 8)):
                 return
             while not self._stop.is_set():
-                status, _ = self._post(shopper, "gateway", "/accounts", None, None)
+                status, _ = self._post(shopper, "gateway", "/accounts", None, None,
+                                       time.monotonic() + RETRY_SECONDS)
                 if status in (201, 409):
                     break
                 time.sleep(RETRY_PAUSE)
@@ -373,11 +417,3 @@ class Load:
             # noted, and sent again once the shop has settled.
             if self._deposit_confirmed(shopper, OPENING_DEPOSIT, key, "gateway"):
                 self.say(f"late account opened for {shopper.user_id}")
-
-
-def _error_code(answer: requests.Response) -> str | None:
-    """The shop's error code in an error answer's body (shared.errors), if it has one."""
-    try:
-        return answer.json()["error"]["code"]
-    except (ValueError, KeyError, TypeError):
-        return None

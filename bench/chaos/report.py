@@ -3,6 +3,7 @@ invariant."""
 
 from __future__ import annotations
 
+from bench.chaos.load import SIGN_IN_AGAIN
 from bench.chaos.plan import ChaosPlan
 from bench.chaos.soak import ChaosResult
 
@@ -12,6 +13,9 @@ PROBLEMS_SHOWN = 30
 
 def report_lines(plan: ChaosPlan, result: ChaosResult) -> list[str]:
     disrupted = ", ".join(f"{kind} {n}" for kind, n in sorted(result.disruptions.items()))
+    signed_in = ", ".join(f"{kind.removeprefix(SIGN_IN_AGAIN)} {n}"
+                          for kind, n in sorted(result.answers.items())
+                          if kind.startswith(SIGN_IN_AGAIN))
     lines = [
         f"chaos seed {plan.seed}: {result.seconds:.0f}s at {plan.rate:g}/s,"
         f" scaled out: {'yes' if plan.scale_out else 'no'}",
@@ -20,6 +24,7 @@ def report_lines(plan: ChaosPlan, result: ChaosResult) -> list[str]:
         + ", ".join(f"{status} {n}" for status, n in sorted(result.orders.items())),
         f"disruptions {sum(result.disruptions.values())}: {disrupted}",
         f"settled: {'yes' if result.settled else 'no'}",
+        f"the load's shoppers' sign-ins again (a token expired): {signed_in or 'none'}",
         f"notification sockets of {plan.socket_users} shoppers: "
         + ", ".join(f"{kind} {n}" for kind, n in sorted(result.sockets.items())),
     ]

@@ -22,7 +22,14 @@ from tests.polling import wait_for
 from tests.websocket_server import accept_sending, request_head
 
 USER, USERNAME, PASSWORD = "u1", "shopper-u1", "a long password"
-SHOPPER = Shopper(USER, "token", USERNAME, PASSWORD)
+
+
+def _shopper() -> Shopper:
+    """The shopper as registered (their session's token is the one they registered with: a
+    sign-in made in one test is not another's)."""
+    return Shopper(USER, "token", USERNAME, PASSWORD)
+
+
 # A socket whose handshake the stand-in never answers (a gateway SIGSTOPped as it is sent).
 UNANSWERED = "unanswered"
 
@@ -135,10 +142,11 @@ def _answer(status: int, body: dict, headers: dict | None = None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + text
 
 
-def _followed(gateway: ScriptedGateway, ids: set[int], what: str) -> NotificationFollower:
-    """A follower of the stand-in's, stopped (and the stand-in closed) once its sockets have sent
-    the notifications `ids`."""
-    follower = NotificationFollower(gateway.url, SHOPPER, random.Random(1)).start()
+def _followed(gateway: ScriptedGateway, ids: set[int], what: str,
+              shopper: Shopper | None = None) -> NotificationFollower:
+    """A follower of the stand-in's (of `shopper`, or one as registered), stopped (and the
+    stand-in closed) once its sockets have sent the notifications `ids`."""
+    follower = NotificationFollower(gateway.url, shopper or _shopper(), random.Random(1)).start()
     try:
         wait_for(lambda: follower.received_ids() == ids, timeout=15, what=what)
     finally:
@@ -179,6 +187,20 @@ def test_a_follower_whose_token_expired_signs_in_again_and_follows_on(monkeypatc
     assert follower.refused == {"ticket 401": 1}
 
 
+def test_a_follower_takes_the_token_the_load_signed_its_shopper_in_with(monkeypatch):
+    """The shopper's token is one for all that acts for them (bench/chaos/sign_in.py): signed in
+    again by the load's threads as it expired, the follower uses the new one, and signs in no
+    more (each follower signed in on its own, and the load not at all)."""
+    monkeypatch.setattr(followers, "RECONNECT_FIRST_SECONDS", 0.05)
+    gateway = ScriptedGateway(["first"], {"first": ([2], None)})
+    shopper = _shopper()
+    assert shopper.session.sign_in_again(gateway.url, "token").made  # (the load's)
+    gateway.tokens.discard("token")  # (the registered one expired)
+    follower = _followed(gateway, {2}, "the notification", shopper)
+    assert len(gateway.sign_ins) == 1 and follower.signed_in_again == 0
+    assert follower.refused == {}
+
+
 def test_a_socket_closed_1013_is_opened_again_no_sooner_than_its_try_again_in(monkeypatch):
     """Past the user's rate limit the gateway closes the socket 1013 and names the wait ("try
     again in N s"), which the page keeps to: no ticket asked for before then."""
@@ -213,7 +235,7 @@ def test_a_follower_that_does_not_stop_in_time_is_named_not_waited_for(monkeypat
     still running, where it waited for them without end (and a Ctrl-C with it)."""
     monkeypatch.setattr(followers, "STOP_SECONDS", 0.5)
     gateway = ScriptedGateway(["held"], {"held": UNANSWERED})
-    follower = NotificationFollower(gateway.url, SHOPPER, random.Random(1)).start()
+    follower = NotificationFollower(gateway.url, _shopper(), random.Random(1)).start()
     try:
         wait_for(lambda: gateway.socket_queries, timeout=10, what="the socket's handshake")
         began = time.monotonic()

@@ -41,7 +41,7 @@ def _load_answering(statuses: list[int | str], monkeypatch) -> tuple[Load, list]
     shop.say = shop.said.append
     tries = []
 
-    def post(shopper, via, path, body, key):
+    def post(shopper, via, path, body, key, deadline):
         tries.append((via, path, body, key))
         status = statuses[min(len(tries), len(statuses)) - 1]
         return status, (None if isinstance(status, str) else _Answer(status, "A"))

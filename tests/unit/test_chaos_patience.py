@@ -33,7 +33,7 @@ def test_a_late_shoppers_opening_deposit_never_confirmed_is_given_up_and_noted(m
     shop = Load.__new__(Load)  # (no stack: the shop's answers are _post's below)
     shop.rng, shop.ledger, shop.say = _NoWait(1), Ledger(), lambda message: None
     shop._late, shop._stop = [(shopper, "key")], threading.Event()
-    shop._post = lambda shopper, via, path, body, key: (
+    shop._post = lambda shopper, via, path, body, key, deadline: (
         (201, None) if path == "/accounts" else (503, None))
     opening = threading.Thread(target=shop._open_late_accounts, daemon=True)
     opening.start()

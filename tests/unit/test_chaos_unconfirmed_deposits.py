@@ -57,7 +57,7 @@ def _load_answering(answers: dict[str, list]) -> Load:
     shop = Load.__new__(Load)
     shop.ledger, shop.say, shop._stop = Ledger(), lambda message: None, threading.Event()
 
-    def post(shopper, via, path, body, key):
+    def post(shopper, via, path, body, key, deadline):
         given = answers[key]
         status, replayed = given.pop(0) if len(given) > 1 else given[0]
         return status, _Answer(replayed) if status == 200 else None
