@@ -73,6 +73,10 @@ AFTER_A_CRASH_SECONDS = 0.5
 # When something went on: (from, until), time.monotonic()'s.
 Span = tuple[float, float]
 
+# When this thread last sent a request (Load._send's `sent`, time.monotonic()'s): where an order's
+# try began, after any resend of Load._post's.
+_this_threads_try = threading.local()
+
 
 def transient(status: int | str) -> bool:
     """Whether the answer to a keyed request (an order's, a deposit's) is one a careful client
@@ -246,7 +250,10 @@ class Load:
             status, answer = self._send(shopper, via, path, body, key, token)
             if not (via == "gateway" and refused_as_expired(answer)):
                 return status, answer
-            if not self._signed_in_again(shopper, token, deadline):
+            # (Checked after a sign-in made too: a token that expires as soon as it is issued
+            # must not keep the request going past its patience.)
+            if (time.monotonic() >= deadline
+                    or not self._signed_in_again(shopper, token, deadline)):
                 return status, answer
 
     def _signed_in_again(self, shopper: Shopper, refused: str, deadline: float) -> bool:
@@ -272,6 +279,7 @@ class Load:
         for one and None. Through the gateway with `token`, or to the service's API signed as the
         gateway signs (with a deadline, as it sends one)."""
         headers = {"Idempotency-Key": key} if key else {}
+        _this_threads_try.sent = time.monotonic()
         try:
             if via == "gateway":
                 answer = requests.post(f"{self.gateway}/api{path}", json=body,
@@ -305,10 +313,12 @@ class Load:
         while True:
             # An unkeyed request is tried once: a tag of its own. A keyed one keeps its tag over
             # its tries (and a repeat of its key), so that the orders it placed can be counted.
-            sent = time.monotonic()
+            _this_threads_try.sent = time.monotonic()
             status, answer = self._post(shopper, via, "/orders",
                                         {"amount": amount, "description": tag}, key, deadline)
-            tried = (sent, time.monotonic())
+            # (From the last try's sending: not a try refused 401 for an expired token and the
+            # sign-in after it, during which a crash says nothing of this try.)
+            tried = (_this_threads_try.sent, time.monotonic())
             with ledger.lock:
                 ledger.answers[f"order {via} {kind} {status}"] += 1
                 request = ledger.requests.setdefault(

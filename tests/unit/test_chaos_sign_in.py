@@ -210,3 +210,23 @@ def test_a_request_straight_to_a_service_is_never_taken_for_an_expiry(shopper, m
     shop.stack, shop.secret = SimpleNamespace(orders_url=GATEWAY), "secret"
     status, _ = shop._post(shopper, "orders-api", "/orders", {}, "key-1", time.monotonic() + 5)
     assert status == 401 and gateway.sign_ins() == 0
+
+
+class ExpiredAtOnce(FakeGateway):
+    """A gateway whose tokens expire as soon as they are issued (a life rounded down to nothing):
+    every sign-in made, every request refused as expired."""
+
+    def post(self, url: str, json=None, headers=None, timeout=None, **_options):
+        answer = super().post(url, json=json, headers=headers, timeout=timeout)
+        return answer if url.endswith("/api/auth/login") else self.refusal
+
+
+def test_sign_ins_made_but_refused_at_once_keep_a_request_no_longer_than_its_patience(
+        shopper, monkeypatch):
+    gateway = ExpiredAtOnce()
+    shop = _load(gateway, monkeypatch)
+    started = time.monotonic()
+    status, answer = shop._post(shopper, "gateway", "/orders", {}, "key-1", started + 0.3)
+    assert (status, sign_in.error_code(answer)) == (401, "TOKEN_EXPIRED")
+    assert time.monotonic() - started < 2
+    assert gateway.sign_ins() >= 1
