@@ -478,10 +478,14 @@ def record_failed_attempt(
     meanwhile, counted if it failed, and which goes on with it. It is not counted twice then, only
     its error kept, and the message is left to that other; or, if the message was parked
     meanwhile (by the sweeper, for that lost try, or by another task), the error is added to the
-    one it was parked with.
+    one it was parked with. A try not noted as begun (another's try held the row, or the note
+    failed) that finds the message parked leaves its error out: it may never have reached the
+    handler, nor can it tell whether the message was parked before it began; its task's line
+    says it.
 
-    Returns Outcome.PARKED when the message is now parked, Outcome.HANDED_OVER when it was handed
-    over again meanwhile, and None when the caller is to retry it.
+    Returns Outcome.PARKED when the message is now parked (by this record or before it: the
+    caller is not to retry it either way), Outcome.HANDED_OVER when it was handed over again
+    meanwhile, and None when the caller is to retry it.
     """
     message = session.scalars(
         select(InboxMessage).where(InboxMessage.message_id == message_id).with_for_update()
@@ -493,10 +497,11 @@ def record_failed_attempt(
     closed_since = (try_began_at is not None and not message.try_open
                     and message.last_attempt_at != try_began_at)
     if message.parked_at is not None:
-        if not closed_since:
-            return None
-        message.last_error = "; ".join(filter(None, [message.last_error,
-                                                     f"last try: {error}"]))[:2000]
+        # (Only a replay hands a parked message on, dispatching it itself: a retry would find it
+        # parked.)
+        if closed_since:
+            message.last_error = "; ".join(filter(None, [message.last_error,
+                                                         f"last try: {error}"]))[:2000]
         return Outcome.PARKED
     if counted or message.last_error is None:  # (a lock waited on says nothing of the message)
         message.last_error = error[:2000]

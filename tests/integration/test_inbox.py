@@ -20,7 +20,7 @@ import psycopg2
 import pytest
 import sqlalchemy as sa
 from marshmallow import fields, validate
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -336,6 +336,34 @@ def test_a_failed_try_the_sweeper_parked_for_meanwhile_adds_its_error_to_the_par
     assert row.attempts == 1 and row.parked_at is not None
     assert row.last_error.startswith("tried 1 times and never handled")
     assert row.last_error.endswith("; last try: RuntimeError('statement timeout')")
+
+
+@pytest.mark.parametrize("counted", [False, True], ids=["held up by a lock", "failed"])
+def test_a_failed_try_not_noted_as_begun_finds_the_message_parked_meanwhile_and_leaves_it(
+        in_payments, payments_inbox, user_id, counted):
+    """A task whose try was not noted as begun (another's try held the row, which note_try_begun
+    passes over) fails (its wait for that row ran out, say), and the other's try, the message's
+    last attempt, parks it meanwhile: the record tells the task the message is parked (a retry
+    would only find it so), and leaves the park's error as it is (a try not noted may never have
+    reached the handler, nor can it tell whether the message was parked before it began)."""
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    with transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
+                        .values(attempts=4))
+    with transaction() as others:
+        (message,) = lock_in_order(others, [message_id])
+        with db.engine.connect() as connection, Session(bind=connection) as beginning:
+            assert note_try_begun(beginning, message_id) is None
+            beginning.commit()
+        assert handle_locked_message(others, message, {PAYMENT_REQUESTED: _failing},
+                                     5) == Outcome.PARKED
+    with transaction() as session:
+        assert record_failed_attempt(session, message_id, "OperationalError('lock timeout')",
+                                     max_attempts=5, counted=counted) == Outcome.PARKED
+    row = _row(message_id)
+    assert row.attempts == 5 and row.parked_at is not None
+    assert row.last_error == "RuntimeError('downstream broken')"
 
 
 def test_a_try_held_up_by_a_lock_keeps_the_error_of_the_last_try_that_failed(
