@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session
 
 from shared.contracts import (PAYLOAD_SCHEMAS, MalformedMessage, declared_fields, decode,
                               knows_envelope_version)
-from shared.db import (after_commit_undone_if_it_raises, connection_lost, connection_lost_on,
-                       driver_cursor, held_up_by_a_lock, refuse_if_aborted, refuse_if_rolled_back,
-                       said_in_a_line)
+from shared.db import (after_commit, after_commit_undone_if_it_raises, connection_lost,
+                       connection_lost_on, driver_cursor, held_up_by_a_lock, refuse_if_aborted,
+                       refuse_if_rolled_back, said_in_a_line)
 from shared.inbox.model import InboxMessage, utc_now
 from shared.outbox.writing import outbox_rows_written_together
 from shared.request_context import request_id_bound, request_ids_bound
@@ -262,8 +262,8 @@ def _handle_with_its_request_id_bound(session: Session, message: StoredMessage,
     lost = connection_lost_on(connection)
     if lost is not None:
         raise ConnectionLostInHandler(message.message_id, lost)
-    log.info("handled %s %s", message.type, message.message_id)
     _mark_processed(session, [message.message_id])
+    _said_handled_once_committed(session, [message])
     return Outcome.PROCESSED
 
 
@@ -327,11 +327,37 @@ def handle_locked_messages_at_once(session: Session, batch: MarkedBatch,
             # (What the handler says of a run is said with its messages' request ids.)
             with request_ids_bound(event.message.request_id for event in events):
                 handler(session, events)
-            for event in events:
-                with request_id_bound(event.message.request_id):
-                    log.info("handled %s %s", event.message.type, event.message.message_id)
+    _said_handled_once_committed(session, [event.message for _, events in runs
+                                           for event in events])
     if unusable:
         _park(session, unusable, marked_processed=True)
+
+
+def _said_handled_once_committed(session: Session, messages: list[StoredMessage]) -> None:
+    """Have each message said handled, with its request id, once the caller's transaction has
+    committed: said as its handler returned, the line stood for a handling that a failed commit
+    undid, or a batch handled at once that rolled back whole for another message's failure (and
+    said it again, handled one by one)."""
+    after_commit(session, _HandledLines()).messages.extend(messages)
+
+
+class _HandledLines:
+    """The messages a transaction handled, said handled once it has committed: equal to any
+    other, so that a transaction registers one (shared.db.after_commit) and adds to it."""
+
+    def __init__(self):
+        self.messages: list[StoredMessage] = []
+
+    def __call__(self) -> None:
+        for message in self.messages:
+            with request_id_bound(message.request_id):
+                log.info("handled %s %s", message.type, message.message_id)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _HandledLines)
+
+    def __hash__(self) -> int:
+        return hash(_HandledLines)
 
 
 def _mark_processed(session: Session, message_ids: list[uuid.UUID]) -> None:

@@ -32,13 +32,14 @@ from shared.db import (TransactionAborted, after_commit, db, driver_cursor, driv
 from shared.fields import Amount
 from shared.inbox.handling import (Handler, Outcome, PermanentMessageError, ReceivedEvent,
                                    handle_locked_message, handle_locked_messages_at_once,
-                                   lock_in_order, note_try_begun, process_inbox_message,
-                                   record_failed_attempt)
+                                   lock_in_order, lock_in_order_marking_processed,
+                                   note_try_begun, process_inbox_message, record_failed_attempt)
 from shared.inbox.model import InboxMessage
 from shared.inbox.parked import unpark_messages
 from shared.inbox import taken_ids
 from shared.inbox.storing import ConsumedRecord, inbox_row, insert_records
 from shared.inbox.sweeping import claim_stalled_messages
+from shared.request_context import REQUEST_ID_KAFKA_HEADER, RequestIdLogFilter
 from tasks.services import service_app
 from tests.postgres_tools import terminate_backend, wait_for_sessions_waiting_on_a_lock
 
@@ -49,14 +50,20 @@ def _record(value: bytes, headers: dict | None = None) -> ConsumedRecord:
     return ConsumedRecord("test-topic", 0, next(_offsets), b"k", value, headers or {})
 
 
-def _request_record(user_id: str,
-                    message_id: uuid.UUID | None = None) -> tuple[ConsumedRecord, uuid.UUID]:
-    event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
-                                          "amount": Decimal("1.00")}, None)
+def _request_record(user_id: str, message_id: uuid.UUID | None = None,
+                    request_id: str | None = None,
+                    failed: bool = False) -> tuple[ConsumedRecord, uuid.UUID]:
+    """A PaymentRequested record (a PaymentFailed one if `failed`) of `user_id`."""
+    payload = {"order_id": uuid.uuid4(), "user_id": user_id, "amount": Decimal("1.00")}
+    event = (new_event(PAYMENT_FAILED, payload | {"reason": FAILURE_REASONS[0]}, None) if failed
+             else new_event(PAYMENT_REQUESTED, payload, None))
     body = event.to_json()
     if message_id is not None:
         body["message_id"] = str(message_id)
-    record = _record(encode(body), {"message_id": body["message_id"].encode()})
+    headers = {"message_id": body["message_id"].encode()}
+    if request_id is not None:
+        headers[REQUEST_ID_KAFKA_HEADER] = request_id.encode()
+    record = _record(encode(body), headers)
     return record, uuid.UUID(body["message_id"])
 
 
@@ -515,6 +522,74 @@ def test_what_a_failed_try_asked_to_do_after_the_commit_is_not_done(in_payments,
     assert done == ["the transaction's own"]
     row = _row(message_id)
     assert row.attempts == 1 and (row.parked_at is not None) == (failure is _refusing)
+
+
+def _refused_at_commit(session, events):
+    """Writes what PostgreSQL refuses only as the transaction commits: a value twice under a
+    unique constraint checked at the end of the transaction (a temporary table's, gone with it)."""
+    with driver_cursor(session) as cursor:
+        cursor.execute("CREATE TEMP TABLE checked_at_commit"
+                       " (value int UNIQUE DEFERRABLE INITIALLY DEFERRED) ON COMMIT DROP;"
+                       " INSERT INTO checked_at_commit VALUES (1), (1)")
+
+
+def _handled_one_by_one_in(session, message_id, handlers) -> None:
+    assert process_inbox_message(session, message_id, handlers) == Outcome.PROCESSED
+
+
+def _handled_at_once_in(session, message_id, handlers) -> None:
+    handle_locked_messages_at_once(
+        session, lock_in_order_marking_processed(session, [message_id]), handlers)
+
+
+@contextmanager
+def _handled_lines(caplog, *message_ids) -> Iterator[Callable[[], list[tuple[uuid.UUID, str]]]]:
+    """What has been said handled of the messages so far: each line's message and request id."""
+    caplog.set_level(logging.INFO, logger="shared.inbox.handling")
+    caplog.handler.addFilter(RequestIdLogFilter())
+    saying = {f"handled {type} {message_id}": message_id
+              for message_id in message_ids for type in (PAYMENT_REQUESTED, PAYMENT_FAILED)}
+    yield lambda: [(saying[entry.getMessage()], entry.request_id) for entry in caplog.records
+                   if entry.getMessage() in saying]
+
+
+@pytest.mark.parametrize("handle", [_handled_one_by_one_in, _handled_at_once_in],
+                         ids=["one by one", "at once"])
+def test_a_message_is_said_handled_once_its_transaction_has_committed_not_before(
+        in_payments, payments_inbox, user_id, caplog, handle):
+    """The line saying a message was handled is written once its handling has committed, with the
+    message's request id; not when the commit fails (here on a constraint checked at the end of
+    the transaction), the handling undone."""
+    request_id = f"click-{uuid.uuid4().hex}"
+    record, message_id = _request_record(user_id, request_id=request_id)
+    payments_inbox([record])
+    with _handled_lines(caplog, message_id) as said_handled:
+        with pytest.raises(sa.exc.IntegrityError):
+            with transaction() as session:
+                handle(session, message_id, {PAYMENT_REQUESTED: _refused_at_commit})
+        assert said_handled() == [] and _row(message_id).processed_at is None
+        with transaction() as session:
+            handle(session, message_id, {PAYMENT_REQUESTED: lambda *_: None})
+            assert said_handled() == []
+        assert said_handled() == [(message_id, request_id)]
+
+
+def test_a_message_of_a_batch_handled_again_one_by_one_is_said_handled_once(
+        in_payments, payments_inbox, user_id, caplog):
+    """A batch handled at once rolls back whole when one of its messages fails, and is handled
+    again one by one: the messages it handled the first time are said handled once, as that
+    second run commits, not once for a handling undone as well."""
+    from tasks.inbox import _handle_in_one_transaction
+
+    request_ids = [f"click-{uuid.uuid4().hex}" for _ in range(2)]
+    records = [_request_record(user_id, request_id=request_ids[0]),
+               _request_record(user_id, request_id=request_ids[1], failed=True)]
+    payments_inbox([record for record, _ in records])
+    good, failing = (message_id for _, message_id in records)
+    handlers = {PAYMENT_REQUESTED: lambda *_: None, PAYMENT_FAILED: _failing}  # (two runs)
+    with _handled_lines(caplog, good, failing) as said_handled:
+        assert _handle_in_one_transaction("payments", [good, failing], handlers) == [failing]
+        assert said_handled() == [(good, request_ids[0])]
 
 
 def test_a_batch_handling_its_messages_one_by_one_closes_their_open_tries(
