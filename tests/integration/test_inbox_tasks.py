@@ -29,7 +29,8 @@ from devstack.stack import REPO_ROOT
 from shared.config import SERVICES
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, driver_dsn, transaction
-from shared.inbox.handling import PermanentMessageError, record_failed_attempt
+from shared.inbox.handling import (PermanentMessageError, process_inbox_message,
+                                   record_failed_attempt)
 from shared.inbox.model import InboxMessage, utc_now
 from shared.inbox.storing import ConsumedRecord
 from shared.inbox.sweeping import claim_stalled_messages
@@ -808,6 +809,46 @@ def test_a_failed_try_the_sweeper_hands_over_meanwhile_is_left_to_it_not_retried
     row = _row(message_id)
     assert row.attempts == 1 and row.parked_at is None
     assert "statement timeout" in row.last_error
+
+
+def test_a_failed_try_not_noted_as_begun_whose_message_was_parked_meanwhile_is_not_retried(
+        settings, payments_inbox, monkeypatch, user_id):
+    """Another task's try holds the row as this one begins (so nothing is noted), this try's wait
+    for the row runs out (lock_timeout), and the other parks the message, its last attempt failed,
+    before this one records its failure: the task ends there, the message parked, rather than
+    retry a message only a replay hands on; the park's error is left as it is."""
+    import tasks.inbox
+
+    message_id = _stored_request(payments_inbox, user_id)
+    other = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    tries = []
+
+    def tried(*args, **kwargs):
+        tries.append(args[1])
+        return process_inbox_message(*args, **kwargs)
+
+    def recorded_once_the_other_parked_it(*args, **kwargs):
+        with other.cursor() as cursor:
+            cursor.execute("UPDATE inbox_messages SET attempts = attempts + 1,"
+                           " last_attempt_at = now(), parked_at = now(),"
+                           " last_error = 'the other try''s', try_open = false"
+                           " WHERE message_id = %s", (str(message_id),))
+        other.commit()
+        return record_failed_attempt(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.inbox, "process_inbox_message", tried)
+    monkeypatch.setattr(tasks.inbox, "record_failed_attempt", recorded_once_the_other_parked_it)
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT FROM inbox_messages WHERE message_id = %s FOR UPDATE",
+                           (str(message_id),))
+        outcome = handle_inbox_message.apply(args=("payments", str(message_id))).get()
+    finally:
+        other.rollback()
+        other.close()
+    assert outcome == "parked" and tries == [message_id]
+    row = _row(message_id)
+    assert row.parked_at is not None and row.attempts == 1 and row.last_error == "the other try's"
 
 
 def test_retries_wait_less_than_the_sweeps_minimum_age():
