@@ -4,10 +4,11 @@ write, but for two cases: a version bump Redis took and lost (a failover), and o
 expire, CACHE_TTL_SECONDS at most.
 
 Every cached value belongs to a namespace (one user's balance, one user's orders) with a version: a
-random token. A write replaces the version once its transaction has committed; a read uses a
-cached value only if it was stored under the current version. A reader that raced a write
-therefore stores its value under the old version, where nobody will use it. Redis being down costs
-only speed: reads go to the database, and nothing fails.
+random token. A write replaces the version once its transaction has committed, or once its COMMIT
+failed (its answer lost with the connection: the write may be kept, and the retry that finds it
+done bumps nothing); a read uses a cached value only if it was stored under the current version.
+A reader that raced a write therefore stores its value under the old version, where nobody will
+use it. Redis being down costs only speed: reads go to the database, and nothing fails.
 
 A bump that could not be made, tried twice (Redis restarting, which keeps its keys under
 compose's `--appendonly yes`, or cut off from the writer), is not given up: the writer's process
@@ -224,9 +225,11 @@ def app_cache() -> VersionedCache:
 
 
 def invalidate_after_commit(session: Session, namespace: str) -> None:
-    """Bump the namespace's version once the caller's transaction has committed; all the
-    namespaces one transaction invalidates go to Redis in one round trip."""
-    after_commit(session, _Invalidations(app_cache())).namespaces.add(namespace)
+    """Bump the namespace's version once the caller's transaction has committed, or its COMMIT
+    failed (its answer lost with the connection: committed or not, a bump costs at most a miss);
+    all the namespaces one transaction invalidates go to Redis in one round trip."""
+    after_commit(session, _Invalidations(app_cache()), also_if_unanswered=True) \
+        .namespaces.add(namespace)
 
 
 class _Invalidations:
@@ -242,6 +245,9 @@ class _Invalidations:
 
     def __eq__(self, other) -> bool:
         return isinstance(other, _Invalidations) and other.cache is self.cache
+
+    def __repr__(self) -> str:  # (for the log line of one that failed: shared.db)
+        return f"the cache invalidation of {_some(self.namespaces)}"
 
     def __hash__(self) -> int:
         return id(self.cache)

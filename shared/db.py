@@ -3,8 +3,10 @@
 Use cases and message handlers get a session from `transaction()` and never commit themselves, so a
 business row and the outbox row it causes are committed together or not at all, by construction.
 Work that must wait for the commit (invalidating cached reads, say) is registered with
-`after_commit`. `driver_cursor` runs the busiest statements straight on the driver. Pooled
-connections are pinged before use only after they sat idle (`init_database` sets that up).
+`after_commit`; work that costs little done for nothing (a cache version bump) may ask to be done
+also when the COMMIT's answer is lost, whether it committed unknown. `driver_cursor` runs the
+busiest statements straight on the driver. Pooled connections are pinged before use only after
+they sat idle (`init_database` sets that up).
 `connection_lost` tells a database connection lost or refused (a restart, a failover), which the
 shop gets over by itself, from any other error, and `connection_lost_on` whether a connection was
 lost, though whoever met the error caught it; `failure_in_a_line` says an error in a line, as the
@@ -244,22 +246,48 @@ db = SQLAlchemy(
                     "json_deserializer": loads_strict},
 )
 
+log = logging.getLogger(__name__)
+
+# The callbacks of a session's transaction under way, each with whether it is run also when the
+# commit's answer is lost: [(callback, also_if_unanswered)], in the order registered.
 _AFTER_COMMIT = "hseshop.after_commit"
 C = TypeVar("C", bound=Callable[[], None])
 
 
-def after_commit(session: Session, callback: C) -> C:
+def after_commit(session: Session, callback: C, *, also_if_unanswered: bool = False) -> C:
     """Run `callback` once the current transaction of `session` has committed (never on rollback).
 
+    With `also_if_unanswered`, run it too when the COMMIT was sent and failed (its answer lost with
+    the connection, in a crash, a failover, a network cut: the transaction may have committed), as
+    the commit's error goes on to the caller: only for work that costs little if it did not (a
+    cache version bump, a miss), never for work that tells of the commit (a notification, a relay
+    woken). Without it, a write kept by a commit whose answer was lost left its cached reads stale
+    until they expired, the retry after it finding its work done and bumping nothing.
+
     Registering an equal callback again in one transaction runs it once: the one registered first
-    is returned, so a caller can add to what it will do.
+    is returned (with its `also_if_unanswered`), so a caller can add to what it will do.
     """
     callbacks = session.info.setdefault(_AFTER_COMMIT, [])
-    for registered in callbacks:
+    for registered, _ in callbacks:
         if registered == callback:
             return registered
-    callbacks.append(callback)
+    callbacks.append((callback, also_if_unanswered))
     return callback
+
+
+def _run_as_unanswered(callbacks: list[tuple[Callable[[], None], bool]],
+                       commit_error: BaseException) -> None:
+    """Run those of `callbacks` registered to run also when the commit's answer is lost, each
+    whatever the others did; one that fails is logged, for the commit's error is the caller's
+    news (raised after this)."""
+    for callback, also_if_unanswered in callbacks:
+        if not also_if_unanswered:
+            continue
+        try:
+            callback()
+        except Exception:
+            log.exception("after a commit that failed (%s), whether committed unknown: %r failed",
+                          said_in_a_line(commit_error), callback)
 
 
 @contextmanager
@@ -424,7 +452,9 @@ def _holds_a_connection(session: Session) -> bool:
 @contextmanager
 def transaction() -> Iterator[Session]:
     """One database transaction: commit when the block ends, roll back if it raises, or if the
-    caller has stopped waiting (CallerGaveUp)."""
+    caller has stopped waiting (CallerGaveUp). Then run what after_commit registered: all of it
+    once committed, none if the block failed, only what asked to run also_if_unanswered if the
+    COMMIT itself failed (committed or not, unknown), the commit's error raised after it."""
     session = db.session()
     if session.in_transaction():
         # Reads made earlier in the request (or task) are not part of this unit of work.
@@ -447,19 +477,38 @@ def transaction() -> Iterator[Session]:
         if _holds_a_connection(session):
             refuse_if_aborted(session.connection(), "a statement failed and its error was caught,"
                               " nothing of the transaction committed")
-        session.commit()
+        # (Flushed apart from the COMMIT: a flush that fails, an IntegrityError say, commits
+        # nothing, and its failure is the block's.)
+        session.flush()
     except BaseException:
         session.info.pop(_AFTER_COMMIT, None)
-        try:
-            session.rollback()
-        except DBAPIError as rollback_error:
-            # The connection broke (and the pool has replaced it and every older one): what
-            # failed in the block is the news, not that its rollback could not reach the server.
-            if not rollback_error.connection_invalidated:
-                raise
+        _rolled_back(session)
         raise
-    for callback in session.info.pop(_AFTER_COMMIT, []):
+    try:
+        session.commit()
+    except BaseException as commit_error:
+        # The COMMIT may have reached the server and been carried out, its answer lost (the
+        # connection dropped: a crash, a failover, a cut), and the retry that follows may find
+        # its work done and do nothing: what is safe to do for nothing is done now.
+        callbacks = session.info.pop(_AFTER_COMMIT, [])
+        try:
+            _rolled_back(session)
+        finally:
+            _run_as_unanswered(callbacks, commit_error)
+        raise
+    for callback, _ in session.info.pop(_AFTER_COMMIT, []):
         callback()
+
+
+def _rolled_back(session: Session) -> None:
+    """Roll back the session's transaction, which failed: a rollback that finds the connection
+    broken (the pool has replaced it and every older one) says nothing, what failed being the
+    news, not that its rollback could not reach the server."""
+    try:
+        session.rollback()
+    except DBAPIError as rollback_error:
+        if not rollback_error.connection_invalidated:
+            raise
 
 
 @contextmanager

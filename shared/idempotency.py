@@ -141,8 +141,9 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
     `endpoint` names the operation ("POST /orders"), whatever transport the request came by.
     `invalidates` is the read cache's namespace the operation changes, which `respond` invalidates
     after the commit (its use case registers that); a replay invalidates it again. The first
-    request's invalidation is lost when its commit's answer is (a 503 for a commit that went
-    through), and the retry that finds the change must not leave the reads cached from before it.
+    request's invalidation is lost when its process is killed between its commit and its bump
+    (one whose COMMIT's answer is lost bumps all the same: shared.db.after_commit), and the retry
+    that finds the change must not leave the reads cached from before it.
     A replay marks the answer replayed once its transaction has committed (take_replayed_mark).
     Without a key, the gateway's signature of the call is taken, once, before the work: a
     captured call sent again is refused 401 SIGNATURE_USED, and so is a try that failed sent

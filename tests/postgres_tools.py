@@ -2,7 +2,8 @@
 at once, as a restart would, or each one waiting on a lock a session holds, a transaction
 stalled holding an account's row, an app's pool with no connection free, what the other sessions
 are doing, waiting for some of them to wait on a lock, two transactions made to meet on one, the
-sign-out lookups an engine sends, and a session ending its own connection."""
+sign-out lookups an engine sends, a session ending its own connection, and a COMMIT carried out
+whose answer is lost."""
 
 from __future__ import annotations
 
@@ -207,3 +208,30 @@ def ending_its_session_by_a_driver_cursor(session: Session) -> None:
     """The session's connection ended by the server under a statement of a driver_cursor's."""
     with driver_cursor(session) as cursor:
         cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+
+# What libpq says of a connection that closed under a statement (the server gone, or cut off).
+_CLOSED_UNDER_IT = ("server closed the connection unexpectedly\n\tThis probably means the server"
+                    " terminated abnormally\n\tbefore or while processing the request.\n")
+
+
+@contextmanager
+def the_next_commits_answer_lost(engine: Engine) -> Iterator[list[bool]]:
+    """The next COMMIT on `engine` carried out by the server, then its answer lost as in a crash,
+    a failover or a network cut: the connection closed, and the driver's error raised as libpq
+    raises it. Yields a list holding True once that commit was made."""
+    dialect = engine.dialect
+    made: list[bool] = []
+
+    def committed_then_lost(pooled) -> None:
+        del dialect.do_commit  # (once)
+        type(dialect).do_commit(dialect, pooled)
+        made.append(True)
+        pooled.dbapi_connection.close()
+        raise psycopg2.OperationalError(_CLOSED_UNDER_IT)
+
+    dialect.do_commit = committed_then_lost
+    try:
+        yield made
+    finally:
+        dialect.__dict__.pop("do_commit", None)

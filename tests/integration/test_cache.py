@@ -13,6 +13,8 @@ from decimal import Decimal
 from urllib.parse import urlsplit
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 import orders_app
 import payments_app
@@ -22,9 +24,15 @@ from payments_app import service as payments
 from payments_app.service import balance_cache_namespace
 from shared import cache as cache_module
 from shared.cache import CACHE_EXTENSION, VersionedCache, invalidate_after_commit
-from shared.db import transaction
+from shared.contracts import PAYMENT_REQUESTED, encode, new_event
+from shared.db import after_commit, db, transaction
+from shared.inbox.model import InboxMessage
+from shared.inbox.storing import ConsumedRecord
+from tasks.inbox import handle_inbox_batch
+from tasks.services import service_app
 from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
+from tests.postgres_tools import the_next_commits_answer_lost
 
 
 def _prefix(settings) -> str:
@@ -284,6 +292,95 @@ def test_placing_and_settling_orders_invalidate_the_cached_orders(orders_flask_a
     assert (settled["status"], settled["reason"]) == ("CANCELLED", "NO_ACCOUNT")
     listed = client.get("/orders", signed_as=user_id).get_json()["items"]
     assert listed[0]["status"] == "CANCELLED"
+
+
+def _a_stored_payment_request(store, user_id: str, amount: Decimal) -> uuid.UUID:
+    """A PaymentRequested of `user_id` stored in the payments inbox, as the consumer stores it."""
+    event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
+                                          "amount": amount}, None)
+    store([ConsumedRecord("cache-test", 0, 0, user_id.encode(), encode(event.to_json()), {})])
+    return event.message_id
+
+
+def test_a_payment_whose_commits_answer_was_lost_is_not_read_at_the_balance_before_it(
+        payments_flask_app, payments_inbox, user_id):
+    """The inbox's batch debits 15 and commits, the connection lost with the COMMIT's answer;
+    handled again one by one, the message is found done and nothing more is written: the cached
+    balance from before the debit is not served (it was, until it expired: the bump went with the
+    commit's callbacks)."""
+    client = payments_flask_app.test_client()
+    client.post("/accounts", signed_as=user_id)
+    client.post("/accounts/deposit", json={"amount": 50}, signed_as=user_id)
+    assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == "50.00"
+    message_id = _a_stored_payment_request(payments_inbox, user_id, Decimal("15"))
+    worker = service_app("payments")
+    with worker.app_context(), the_next_commits_answer_lost(db.engine) as lost:
+        assert handle_inbox_batch.apply(args=("payments", [str(message_id)])).get() == 1
+        assert lost and db.session.get(InboxMessage, message_id).processed_at is not None
+    assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == "35.00"
+
+
+def test_a_deposit_whose_commits_answer_was_lost_is_read_once_the_client_is_told_503(
+        payments_flask_app, user_id):
+    """An unkeyed write is not sent again: its own failing commit bumps, or nothing does."""
+    client = payments_flask_app.test_client()
+    client.post("/accounts", signed_as=user_id)
+    assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == "0.00"
+    with payments_flask_app.app_context():
+        engine = db.engine
+    with the_next_commits_answer_lost(engine) as lost:
+        answer = client.post("/accounts/deposit", json={"amount": 7}, signed_as=user_id)
+    assert lost and answer.status_code == 503, answer.get_json()
+    assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == "7.00"
+
+
+def test_a_settled_order_whose_commits_answer_was_lost_is_not_read_as_new(orders_flask_app,
+                                                                          user_id):
+    """The result's retry finds the order final and passes it by, invalidating nothing."""
+    client = orders_flask_app.test_client()
+    order = client.post("/orders", json={"amount": 3}, signed_as=user_id).get_json()
+    assert client.get(f"/orders/{order['id']}", signed_as=user_id).get_json()["status"] == "NEW"
+    result = orders.PaymentResult(order_id=uuid.UUID(order["id"]), user_id=user_id,
+                                  amount=Decimal("3.00"), succeeded=True)
+    with orders_flask_app.app_context():
+        with the_next_commits_answer_lost(db.engine) as lost, pytest.raises(OperationalError):
+            with transaction() as session:
+                orders.apply_payment_results(session, [result])
+        assert lost
+        with transaction() as session:  # (the inbox's retry)
+            assert orders.apply_payment_results(session, [result]) == []
+    assert client.get(f"/orders/{order['id']}",
+                      signed_as=user_id).get_json()["status"] == "FINISHED"
+
+
+def test_only_the_callbacks_safe_to_run_for_nothing_run_when_the_commits_answer_is_lost(
+        in_payments, caplog):
+    """A commit whose answer is lost runs those registered also_if_unanswered (a cache bump),
+    each whatever the others do, one that fails logged, the commit's error raised as it came; a
+    failure before the COMMIT runs none, nothing having been committed."""
+    done = []
+
+    def failing() -> None:
+        done.append("the failing one's")
+        raise RuntimeError("the bump broke")
+
+    def registering(session) -> None:
+        session.execute(text("SELECT 1"))
+        after_commit(session, lambda: done.append("the notification's"))
+        after_commit(session, failing, also_if_unanswered=True)
+        after_commit(session, lambda: done.append("the bump's"), also_if_unanswered=True)
+
+    with pytest.raises(RuntimeError, match="before the commit"):
+        with transaction() as session:
+            registering(session)
+            raise RuntimeError("before the commit")
+    assert done == []
+    with the_next_commits_answer_lost(db.engine) as lost, \
+            pytest.raises(OperationalError, match="server closed the connection"):
+        with transaction() as session:
+            registering(session)
+    assert lost and done == ["the failing one's", "the bump's"]
+    assert "the bump broke" in caplog.text
 
 
 def test_with_redis_down_reads_and_writes_still_work(settings, user_id):
