@@ -27,7 +27,7 @@ from shared.inbox.handling import (ConnectionLostInHandler, StoredMessage, handl
                                    handle_locked_messages_at_once, lock_in_order,
                                    lock_in_order_marking_processed, note_try_begun,
                                    process_inbox_message, record_failed_attempt)
-from shared.inbox.model import utc_now
+from shared.inbox.model import database_now
 from shared.inbox.pruning import prune_handled_messages
 from shared.inbox.sweeping import claim_stalled_messages, unmark_unsent
 from shared.request_context import request_id_bound, request_ids_bound
@@ -391,8 +391,10 @@ def _sweep(service: str) -> int:
     backlog = tasks_waiting(handler_queue(service))
     if backlog:
         min_age = max(min_age, SWEEP_MIN_AGE_WHILE_QUEUED)
-    now = utc_now()  # (their mark, cleared again should their dispatch fail)
     with transaction() as session:
+        # (The database's clock, as every time the claim compares: their mark, cleared again
+        # should their dispatch fail.)
+        now = database_now(session)
         stalled = claim_stalled_messages(
             session, min_age, None if backlog else settings.inbox_max_attempts,
             backoff_at_most=SWEEP_BACKOFF_WHILE_QUEUED_AT_MOST if backlog else None, now=now)

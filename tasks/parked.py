@@ -77,7 +77,7 @@ from sqlalchemy.orm import Session
 
 from shared.config import SERVICES, settings_or_exit
 from shared.db import failure_in_a_line, transaction
-from shared.inbox.model import utc_now
+from shared.inbox.model import database_now
 from shared.inbox.parked import (discard_parked_messages, last_parked, never_parsed_parked,
                                  parked_batch, parked_messages, unpark_messages)
 from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
@@ -155,11 +155,13 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
                 to_topic, frozenset()))
     # When the last transaction's replays were marked handed over, for the dispatch that follows
     # its commit: should it fail, the marks still that one are cleared (unmark_for_the_next_sweep).
-    marked_at = utc_now()
+    # By the database's clock, as the sweeper measures it (model.database_now); set by each
+    # transaction before its replays are dispatched.
+    marked_at: datetime | None = None
 
     def unpark_marked(session: Session, message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
         nonlocal marked_at
-        marked_at = utc_now()
+        marked_at = database_now(session)
         replayed = unpark_messages(session, message_ids, marked_at)
         if never_parsed_left is not None and len(replayed) < len(message_ids):
             never_parsed_left.count += never_parsed_parked(session, message_ids)
@@ -225,9 +227,10 @@ def _all_changed_in_transactions(change: _Change,
     a time in the order they were parked; yields the ids each transaction changed, as it commits.
     Those parked once it has begun are left alone: a replayed message that is parked again at
     once is not taken up again and again. (Bounded by the last parked as it began, and also, when
-    a changed message `may_come_back` parked again, by the ids it has taken: `parked_at` comes
-    from the clock of the process that parked the row, and a message parked again by one whose
-    clock runs ahead can sort before that bound, after the batch that took it.)"""
+    a changed message `may_come_back` parked again, by the ids it has taken: `parked_at` of a
+    record parked as it was stored comes from the clock of the consumer that stored it, and a
+    message parked again, by the database's clock, can sort before a bound a consumer whose clock
+    runs ahead set, after the batch that took it.)"""
     with transaction() as session:
         through = last_parked(session)
     after = None

@@ -18,7 +18,7 @@ from shared.contracts import (PAYLOAD_SCHEMAS, MalformedMessage, declared_fields
 from shared.db import (after_commit, after_commit_undone_if_it_raises, connection_lost,
                        connection_lost_on, driver_cursor, held_up_by_a_lock, refuse_if_aborted,
                        refuse_if_rolled_back, said_in_a_line)
-from shared.inbox.model import InboxMessage, utc_now
+from shared.inbox.model import InboxMessage, database_now
 from shared.outbox.writing import outbox_rows_written_together
 from shared.request_context import request_id_bound, request_ids_bound
 
@@ -146,18 +146,19 @@ def lock_in_order_marking_processed(session: Session, message_ids: list[uuid.UUI
     ran."""
     with driver_cursor(session) as cursor:
         cursor.execute(_LOCK_IN_ORDER_MARKING_PROCESSED,
-                       {"message_ids": [str(message_id) for message_id in message_ids],
-                        "now": utc_now()})
+                       {"message_ids": [str(message_id) for message_id in message_ids]})
         return MarkedBatch(tuple(StoredMessage(uuid.UUID(message_id), *rest)
                                  for message_id, *rest in cursor))
 
 
 # Like the consumer's (storing), the handlers' statements go straight to the driver, on a
-# shared.db.driver_cursor: every message passes through them.
+# shared.db.driver_cursor: every message passes through them. The times they write are the
+# database's clock (model.database_now: the sweeper's, and `received_at`'s), not the worker's:
+# clock_timestamp(), read once for a statement that writes it twice, as `clock` in its FROM list.
 # What marking a message processed sets (its try counted and closed: see _MARK_PROCESSED), one
 # clause for both statements that mark: _MARK_PROCESSED, a message at a time, and the batch's
-# _LOCK_IN_ORDER_MARKING_PROCESSED.
-_SET_PROCESSED = ("SET attempts = attempts + 1, last_attempt_at = %(now)s, processed_at = %(now)s,"
+# _LOCK_IN_ORDER_MARKING_PROCESSED (each with `clock` in its FROM list).
+_SET_PROCESSED = ("SET attempts = attempts + 1, last_attempt_at = clock, processed_at = clock,"
                   " last_error = NULL, try_open = false")
 # One array parameter (`= ANY`), not an IN list, whatever the batch size.
 _LOCK_IN_ORDER = """
@@ -184,7 +185,7 @@ WITH locked AS (
 marked AS (
     UPDATE inbox_messages AS stored
     {_SET_PROCESSED}
-    FROM locked
+    FROM locked, clock_timestamp() AS clock
     WHERE stored.message_id = locked.message_id AND NOT locked.done)
 SELECT message_id::text, type, correlation_id, request_id, payload, done, envelope_version,
        raw_value
@@ -251,7 +252,7 @@ def _handle_with_its_request_id_bound(session: Session, message: StoredMessage,
         # of its attempts, but is noted, so that the sweeper leaves the message to its retry.
         if held_up_by_a_lock(exc):
             with driver_cursor(session) as cursor:
-                cursor.execute(_NOTE_TRY, {"message_id": str(message.message_id), "now": utc_now()})
+                cursor.execute(_NOTE_TRY, {"message_id": str(message.message_id)})
             raise
         if _count_failed_attempt(session, message.message_id, repr(exc), max_attempts):
             return Outcome.PARKED
@@ -285,8 +286,8 @@ def _count_failed_attempt(session: Session, message_id: uuid.UUID, error: str,
     """Count a failed try of a message the transaction has locked, with its error; park it when
     that was its last attempt (of `max_attempts`, if given). Returns True when it is parked."""
     with driver_cursor(session) as cursor:
-        cursor.execute(_COUNT_ATTEMPT, {"message_id": str(message_id), "now": utc_now(),
-                                        "error": error[:2000], "max_attempts": max_attempts})
+        cursor.execute(_COUNT_ATTEMPT, {"message_id": str(message_id), "error": error[:2000],
+                                        "max_attempts": max_attempts})
         attempts, parked = cursor.fetchone()
     if parked:
         log.error("parked inbox message %s after %d attempts: %s", message_id, attempts, error)
@@ -362,8 +363,7 @@ class _HandledLines:
 
 def _mark_processed(session: Session, message_ids: list[uuid.UUID]) -> None:
     with driver_cursor(session) as cursor:
-        cursor.execute(_MARK_PROCESSED, {"message_ids": [str(m) for m in message_ids],
-                                         "now": utc_now()})
+        cursor.execute(_MARK_PROCESSED, {"message_ids": [str(m) for m in message_ids]})
 
 
 # Marking processed, counting a failure and parking (_PARK) each end a try of the message, and so
@@ -374,15 +374,17 @@ def _mark_processed(session: Session, message_ids: list[uuid.UUID]) -> None:
 _MARK_PROCESSED = f"""
 UPDATE inbox_messages
 {_SET_PROCESSED}
+FROM clock_timestamp() AS clock
 WHERE message_id = ANY(%(message_ids)s::uuid[])"""
 # (`attempts` on the right of SET is the count before this try.)
 _COUNT_ATTEMPT = """
 UPDATE inbox_messages
-SET attempts = attempts + 1, last_attempt_at = %(now)s, last_error = %(error)s, try_open = false,
-    parked_at = CASE WHEN attempts + 1 >= %(max_attempts)s THEN %(now)s END
+SET attempts = attempts + 1, last_attempt_at = clock, last_error = %(error)s, try_open = false,
+    parked_at = CASE WHEN attempts + 1 >= %(max_attempts)s THEN clock END
+FROM clock_timestamp() AS clock
 WHERE message_id = %(message_id)s::uuid
 RETURNING attempts, parked_at IS NOT NULL"""
-_NOTE_TRY = ("UPDATE inbox_messages SET last_attempt_at = %(now)s"
+_NOTE_TRY = ("UPDATE inbox_messages SET last_attempt_at = clock_timestamp()"
              " WHERE message_id = %(message_id)s::uuid")
 
 
@@ -394,21 +396,21 @@ def _park(session: Session, reasons: list[tuple[StoredMessage, str]],
     with driver_cursor(session) as cursor:
         for message, reason in reasons:
             cursor.execute(_PARK_MARKED if marked_processed else _PARK,
-                           {"message_id": str(message.message_id), "reason": reason[:2000],
-                            "now": utc_now()})
+                           {"message_id": str(message.message_id), "reason": reason[:2000]})
             with request_id_bound(message.request_id):
                 log.error("parked inbox message %s: %s", message.message_id, reason)
 
 
 _PARK = """
 UPDATE inbox_messages
-SET attempts = attempts + 1, last_attempt_at = %(now)s, parked_at = %(now)s,
+SET attempts = attempts + 1, last_attempt_at = clock, parked_at = clock,
     last_error = %(reason)s, try_open = false
+FROM clock_timestamp() AS clock
 WHERE message_id = %(message_id)s::uuid"""
 # The same for a message marked processed as its batch locked it, the attempt counted then.
 _PARK_MARKED = """
 UPDATE inbox_messages
-SET processed_at = NULL, parked_at = %(now)s, last_error = %(reason)s
+SET processed_at = NULL, parked_at = clock_timestamp(), last_error = %(reason)s
 WHERE message_id = %(message_id)s::uuid"""
 
 
@@ -464,13 +466,13 @@ def note_try_begun(session: Session, message_id: uuid.UUID) -> BegunTry | None:
     Returns when the try began, as noted (its `at` for record_failed_attempt), with the message's
     request id, or None if it was not noted."""
     with driver_cursor(session) as cursor:
-        cursor.execute(_NOTE_TRY_BEGUN, {"message_id": str(message_id), "now": utc_now()})
+        cursor.execute(_NOTE_TRY_BEGUN, {"message_id": str(message_id)})
         noted = cursor.fetchone()
     return BegunTry(*noted) if noted else None
 
 
 _NOTE_TRY_BEGUN = """
-UPDATE inbox_messages SET try_open = true, last_attempt_at = %(now)s
+UPDATE inbox_messages SET try_open = true, last_attempt_at = clock_timestamp()
 WHERE message_id = (SELECT message_id FROM inbox_messages
                     WHERE message_id = %(message_id)s::uuid
                           AND processed_at IS NULL AND parked_at IS NULL
@@ -518,6 +520,9 @@ def record_failed_attempt(
     ).one_or_none()
     if message is None or message.processed_at is not None:
         return None
+    # (Read once the row is locked, and before it is changed: a read after would flush the
+    # changes before it in an UPDATE of their own.)
+    now = database_now(session)
     # The try closed, and the time it wrote overwritten, by another since. Its count and its
     # mark of the handing over stand.
     closed_since = (try_began_at is not None and not message.try_open
@@ -534,10 +539,10 @@ def record_failed_attempt(
     if closed_since:
         return Outcome.HANDED_OVER
     message.attempts += 1 if counted else 0
-    message.last_attempt_at = utc_now()
+    message.last_attempt_at = now
     message.try_open = False
     if counted and message.attempts >= max_attempts:
-        message.parked_at = utc_now()
+        message.parked_at = now
         with request_id_bound(message.request_id):
             log.error("parked inbox message %s after %d attempts: %s",
                       message_id, message.attempts, error)

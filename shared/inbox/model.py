@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from sqlalchemy import (BigInteger, Boolean, DateTime, Index, Integer, LargeBinary, SmallInteger,
                         String, Text, false, func, text)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.db import db
 
@@ -45,7 +45,8 @@ class InboxMessage(db.Model):
     parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     # When a try last began (in a task of its own: note_try_begun) or ended, the sweeper last
-    # handed the message over again, or a replay made it as new.
+    # handed the message over again, or a replay made it as new: by the database's clock, as
+    # received_at is (database_now).
     last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # A try by a task of its own has begun (note_try_begun) and not ended. Closed, by whichever
     # task or sweep does it, in the statement that marks the message processed or parked, records
@@ -70,6 +71,19 @@ class InboxMessage(db.Model):
     )
 
 
+def database_now(session: Session) -> datetime:
+    """Now by the database's clock (clock_timestamp(): the moment, not the transaction's start,
+    now()), the clock of every time the sweeper compares: a message's `received_at` is the
+    database's, so its `last_attempt_at`, and its `processed_at` and `parked_at` once it is
+    tried, are written by it too, in SQL where a statement writes them (clock_timestamp()), or as
+    read here where a caller must know the very value written (a mark unmark_unsent clears
+    again). On the workers' clocks, one ahead of the database's by more than the sweep's minimum
+    age had every new message swept at once, and a handler behind the sweeper's clock had its try
+    taken for lost."""
+    return session.scalar(text("SELECT clock_timestamp()"))
+
+
 def utc_now() -> datetime:
-    """Now, in UTC: the time the inbox's modules write into its rows."""
+    """Now, in UTC, by this process's clock: the time the consumer parks a record with as it
+    stores it (only whether, and in what order, such rows were parked is read of it)."""
     return datetime.now(timezone.utc)

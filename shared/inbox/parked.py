@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.orm import Session, defer
 
-from shared.inbox.model import InboxMessage, utc_now
+from shared.inbox.model import InboxMessage
 
 # The order the parked messages are read in, newest first for `list`, oldest first for every one
 # in batches: the order of the index of the parked rows alone (ix_inbox_messages_parked), so that
@@ -71,14 +71,15 @@ def unpark_messages(session: Session, message_ids: list[uuid.UUID],
     ids.
 
     The caller dispatches them. They are marked handed over `marked_at` (their last attempt; the
-    clock's now by default: the caller passes it to clear the marks again should the dispatch
-    fail, shared.inbox.sweeping's unmark_unsent), so the sweeper leaves them to that dispatch for
+    database's clock by default, which the sweeper measures by: the caller passes it, read from
+    that clock, model.database_now, to clear the marks again should the dispatch fail,
+    shared.inbox.sweeping's unmark_unsent), so the sweeper leaves them to that dispatch for
     a while and takes them up only if it was lost. A record that could not be parsed holds no
     event to hand a handler, and stays parked.
     """
     return _update_parked(session, message_ids, InboxMessage.type.is_not(None),
-                          parked_at=None, attempts=0, last_attempt_at=marked_at or utc_now(),
-                          try_open=False)
+                          parked_at=None, attempts=0, try_open=False,
+                          last_attempt_at=marked_at or func.clock_timestamp())
 
 
 def never_parsed_parked(session: Session, message_ids: list[uuid.UUID]) -> int:
@@ -97,7 +98,8 @@ def discard_parked_messages(session: Session, message_ids: list[uuid.UUID]) -> l
     should Kafka deliver it again, is dropped as a repeat; it is pruned a retention after the
     discard (prune_handled_messages).
     """
-    return _update_parked(session, message_ids, parked_at=None, processed_at=utc_now(),
+    return _update_parked(session, message_ids, parked_at=None,
+                          processed_at=func.clock_timestamp(),
                           last_error="discarded by an operator; parked for: "
                           + func.coalesce(InboxMessage.last_error, ""))
 

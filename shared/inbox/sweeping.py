@@ -37,7 +37,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from shared.inbox.model import utc_now
+from shared.inbox.model import database_now
 from shared.request_context import request_id_bound
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,11 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
     """Messages still waiting to be handled, stored and last tried or handed over (if ever) over
     `min_age` ago: their dispatch was lost, or their try or retries with their worker; oldest
     first. Each is marked handed over `now` (`last_attempt_at`, as replaying a parked message marks
-    it; the clock's by default: the caller passes it to clear the marks again with unmark_unsent),
-    so it comes back only if this dispatch is lost too. A row a handler holds locked is left to
-    it.
+    it), so it comes back only if this dispatch is lost too. A row a handler holds locked is left
+    to it. `now` is the database's clock (database_now) unless given: the clock `received_at` and
+    every `last_attempt_at` are written by, so that how long a message has waited is measured on
+    one clock, whatever the workers' say (the caller reads it, and passes it, to clear the marks
+    again with unmark_unsent).
 
     With `max_attempts` given, a try that began (a task of the message's own notes it:
     note_try_begun) and never ended counts as an attempt, once: its handling crashed its worker
@@ -83,7 +85,7 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
     (its `last_attempt_at` less its `received_at`), or `backoff_at_most` (a message replayed long
     after it came), whichever is less: see the module's docstring.
     """
-    now = now or utc_now()
+    now = now or database_now(session)
     claimed = session.execute(_CLAIM_STALLED, {
         "cutoff": now - min_age, "now": now, "limit": limit,
         "counting": 1 if max_attempts else 0, "max_attempts": max_attempts or 0,
@@ -114,8 +116,8 @@ def unmark_unsent(session: Session, message_ids: list[uuid.UUID], marked_at: dat
                                      "marked_at": marked_at})
 
 
-# (`marked_at` is passed as it was written, a Python datetime: timestamptz keeps its microseconds,
-# so the two compare equal.)
+# (`marked_at` is passed as it was written, read from the database's clock (database_now):
+# timestamptz keeps its microseconds, and so does the datetime read, so the two compare equal.)
 _UNMARK_UNSENT = text("""
 UPDATE inbox_messages SET last_attempt_at = NULL
 WHERE message_id IN (SELECT message_id FROM inbox_messages

@@ -35,12 +35,13 @@ from shared.inbox.handling import (Handler, Outcome, PermanentMessageError, Rece
                                    lock_in_order, lock_in_order_marking_processed,
                                    note_try_begun, process_inbox_message, record_failed_attempt)
 from shared.inbox.model import InboxMessage
-from shared.inbox.parked import unpark_messages
+from shared.inbox.parked import discard_parked_messages, unpark_messages
 from shared.inbox import taken_ids
 from shared.inbox.storing import ConsumedRecord, inbox_row, insert_records
 from shared.inbox.sweeping import claim_stalled_messages
 from shared.request_context import REQUEST_ID_KAFKA_HEADER, RequestIdLogFilter
 from tasks.services import service_app
+from tests.clock_tools import inbox_clock_off_by
 from tests.postgres_tools import terminate_backend, wait_for_sessions_waiting_on_a_lock
 
 _offsets = iter(range(10**9))
@@ -499,6 +500,43 @@ def test_a_failed_try_counted_where_it_failed_closes_itself(in_payments, payment
     row = _row(message_id)
     assert row.attempts == 1 and not row.try_open
     assert (row.parked_at is not None) == (max_attempts == 1)
+
+
+def test_the_times_a_try_writes_are_the_databases_clock_though_the_workers_runs_behind(
+        in_payments, payments_inbox, user_id):
+    """The sweeper measures a message's wait from its `received_at`, the database's clock, to its
+    `last_attempt_at`, by the database's clock: whatever marks a message writes its times by
+    that clock too (clock_timestamp()), not by the worker's, an hour behind here."""
+    records, message_ids = zip(*(_request_record(user_id) for _ in range(6)))
+    payments_inbox(list(records))
+    handled, counted, parked, batched, discarded, begun = message_ids
+    with transaction() as session:
+        before = session.scalar(text("SELECT clock_timestamp()"))
+    with inbox_clock_off_by(-timedelta(hours=1)):
+        with transaction() as session:
+            process_inbox_message(session, handled, {PAYMENT_REQUESTED: lambda *_: None})
+        with transaction() as session:
+            (message,) = lock_in_order(session, [counted])
+            handle_locked_message(session, message, {PAYMENT_REQUESTED: _failing}, 1)
+        for message_id in (parked, discarded):
+            with transaction() as session:
+                process_inbox_message(session, message_id, {PAYMENT_REQUESTED: _refusing})
+        with transaction() as session:
+            handle_locked_messages_at_once(
+                session, lock_in_order_marking_processed(session, [batched]), {})
+        _try_begun(begun)
+        with transaction() as session:
+            unpark_messages(session, [parked])
+            discard_parked_messages(session, [discarded])
+    times = {
+        "processed": (_row(handled).processed_at, _row(handled).last_attempt_at),
+        "counted and parked": (_row(counted).parked_at, _row(counted).last_attempt_at),
+        "parked in a batch": (_row(batched).parked_at, _row(batched).last_attempt_at),
+        "replayed": (_row(parked).last_attempt_at,),
+        "discarded": (_row(discarded).processed_at,),
+        "begun": (_row(begun).last_attempt_at,)}
+    assert {what: all(time >= before for time in written)
+            for what, written in times.items()} == dict.fromkeys(times, True), (before, times)
 
 
 @pytest.mark.parametrize("failure", [_failing, _refusing], ids=["counted", "parked"])

@@ -42,6 +42,7 @@ from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, 
                          sweep_inbox, tasks_waiting)
 from tasks.services import service_app
 from tests.celery_tools import worker_optimizations
+from tests.clock_tools import inbox_clock_off_by
 from tests.polling import wait_for
 from tests.postgres_tools import (account_row_held, ending_its_session_by_a_driver_cursor,
                                   ending_its_session_by_a_statement, terminate_backend,
@@ -1020,6 +1021,62 @@ def test_while_tasks_wait_in_the_queue_the_sweeper_takes_only_long_stalled_messa
     assert _handed_over(waiting)
 
 
+def test_a_sweeper_whose_clock_runs_ahead_of_the_databases_leaves_a_message_just_stored(
+        settings, payments_inbox, payments_queue, user_id):
+    """A message's `received_at` is the database's clock: a sweeper that measured its age by its
+    own, a minute ahead, took every message for stalled as soon as it was stored, and handed it
+    over beside its own dispatch. It measures by the database's clock now, and still takes a
+    message that has waited past the sweep's minimum age."""
+    message_id = _stored_request(payments_inbox, user_id)
+    with inbox_clock_off_by(timedelta(minutes=1)):
+        sweep_inbox.apply(args=("payments",)).get()
+        assert not _handed_over(message_id) and _dispatches_of(message_id) == []
+
+        _received_ago(message_id, timedelta(seconds=settings.inbox_sweep_min_age_seconds + 1))
+        sweep_inbox.apply(args=("payments",)).get()
+        assert _dispatches_of(message_id) == [handle_inbox_message.name]
+
+
+def test_a_try_begun_by_a_worker_whose_clock_runs_behind_is_not_taken_for_lost(
+        settings, payments_inbox, payments_queue, user_id):
+    """A try's beginning is noted on the database's clock, as the sweeper measures: noted on the
+    worker's, a minute behind, it looked a minute old to the sweeper as it began, and was counted
+    as an attempt lost and handed over again while it ran (five such, and the message parked)."""
+    from shared.inbox.handling import note_try_begun
+
+    message_id = _stored_request(payments_inbox, user_id)
+    _received_ago(message_id, timedelta(minutes=1))
+    with inbox_clock_off_by(-timedelta(minutes=1)), service_app("payments").app_context(), \
+            transaction() as session:
+        assert note_try_begun(session, message_id) is not None
+    sweep_inbox.apply(args=("payments",)).get()
+    row = _row(message_id)
+    assert row.try_open and row.attempts == 0
+    assert _dispatches_of(message_id) == []
+
+
+def test_a_failed_try_recorded_by_a_worker_whose_clock_runs_behind_is_left_to_its_retry(
+        settings, payments_inbox, payments_queue, user_id):
+    """A failed try's record marks the message on the database's clock: marked on the worker's,
+    a minute behind, the sweeper handed the message over beside the try's retry, due in
+    seconds."""
+    from shared.inbox.handling import note_try_begun
+
+    message_id = _stored_request(payments_inbox, user_id)
+    _received_ago(message_id, timedelta(minutes=1))
+    with inbox_clock_off_by(-timedelta(minutes=1)), service_app("payments").app_context():
+        with transaction() as session:
+            begun = note_try_begun(session, message_id)
+        with transaction() as session:
+            assert record_failed_attempt(session, message_id, "RuntimeError('boom')",
+                                         settings.inbox_max_attempts,
+                                         try_began_at=begun.at) is None
+    sweep_inbox.apply(args=("payments",)).get()
+    row = _row(message_id)
+    assert row.attempts == 1 and not row.try_open
+    assert _dispatches_of(message_id) == []
+
+
 def _dispatches_of(message_id, queue: str = "payments") -> list[str]:
     """Takes every task off the queue (as a worker lost with them would) and names the ones that
     carry the message: a batch, or a task of its own."""
@@ -1429,6 +1486,26 @@ def test_a_message_replayed_with_the_task_queue_unreachable_goes_at_the_next_swe
     handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
     sweep_inbox.apply(args=("payments",)).get()
     assert _dispatches_of(message_id) == [handle_inbox_batch.name]
+
+
+def test_a_message_replayed_by_an_operator_whose_clock_runs_behind_is_left_to_its_dispatch(
+        settings, payments_inbox, payments_queue, user_id):
+    """A replay marks its messages handed over on the database's clock, as the sweeper measures:
+    marked on the operator's, an hour behind, a message replayed days after it came looked to
+    have waited out its backoff already, and the next sweep handed it over beside the replay's
+    own dispatch, though tasks wait."""
+    from tasks import parked
+
+    message_id = _stored_request(payments_inbox, user_id)
+    with service_app("payments").app_context(), transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
+                        .values(parked_at=func.now(), last_error="ledger closed",
+                                received_at=func.now() - timedelta(days=3)))
+    handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
+    with inbox_clock_off_by(-timedelta(hours=1)):
+        assert parked.main(["replay", "payments", str(message_id)]) == 0
+    sweep_inbox.apply(args=("payments",)).get()
+    assert _dispatches_of(message_id) == [handle_inbox_batch.name]  # the replay's alone
 
 
 def test_replay_all_with_the_task_queue_unreachable_unmarks_the_later_transactions_too(

@@ -40,6 +40,7 @@ def test_all_parked_keeps_little_a_message(monkeypatch, capsys, command, most_by
     monkeypatch.setattr(parked, "service_app",
                         lambda service: type("App", (), {"app_context": contextlib.nullcontext}))
     monkeypatch.setattr(parked, "transaction", contextlib.nullcontext)
+    monkeypatch.setattr(parked, "database_now", lambda session: now)  # (the replay's mark)
     monkeypatch.setattr(parked, "last_parked",
                         lambda session: ParkedPlace(now, uuid.UUID(texts[-1])))
     monkeypatch.setattr(parked, "parked_batch", parked_batch)
