@@ -257,19 +257,24 @@ C = TypeVar("C", bound=Callable[[], None])
 def after_commit(session: Session, callback: C, *, also_if_unanswered: bool = False) -> C:
     """Run `callback` once the current transaction of `session` has committed (never on rollback).
 
-    With `also_if_unanswered`, run it too when the COMMIT was sent and failed (its answer lost with
-    the connection, in a crash, a failover, a network cut: the transaction may have committed), as
-    the commit's error goes on to the caller: only for work that costs little if it did not (a
-    cache version bump, a miss), never for work that tells of the commit (a notification, a relay
-    woken). Without it, a write kept by a commit whose answer was lost left its cached reads stale
-    until they expired, the retry after it finding its work done and bumping nothing.
+    With `also_if_unanswered`, run it too when the COMMIT failed, as the commit's error goes on to
+    the caller: most often its answer was lost with the connection (a crash, a failover, a network
+    cut), and the transaction may have committed; a COMMIT the server refused (a deferred
+    constraint, a serialization failure) runs it too, for nothing. So only for work that costs
+    little done for nothing (a cache version bump, a miss), never for work that tells of the
+    commit (a notification, a relay woken). Without it, a write kept by a commit whose answer was
+    lost left its cached reads stale until they expired, the retry after it finding its work done
+    and bumping nothing.
 
     Registering an equal callback again in one transaction runs it once: the one registered first
-    is returned (with its `also_if_unanswered`), so a caller can add to what it will do.
+    is returned, so a caller can add to what it will do; it runs also if unanswered if either
+    registration asked.
     """
     callbacks = session.info.setdefault(_AFTER_COMMIT, [])
-    for registered, _ in callbacks:
+    for n, (registered, registered_also_if_unanswered) in enumerate(callbacks):
         if registered == callback:
+            # (Asked once to run also if unanswered, it does: whoever asked it counts on it.)
+            callbacks[n] = (registered, registered_also_if_unanswered or also_if_unanswered)
             return registered
     callbacks.append((callback, also_if_unanswered))
     return callback

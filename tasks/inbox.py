@@ -120,7 +120,7 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
             ended = None
         else:
             outage.back()
-        if ended is not None:  # parked, or handed over again: no retry of its own
+        if ended is not None:  # parked, handled, or handed over again: no retry of its own
             return ended.value
         bind_request_id_for_the_rest_of_the_run(self, request_id)  # (Celery's line of the retry)
         raise self.retry(exc=exc, countdown=retry_countdown(

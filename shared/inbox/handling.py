@@ -512,14 +512,19 @@ def record_failed_attempt(
     says it.
 
     Returns Outcome.PARKED when the message is now parked (by this record or before it: the
-    caller is not to retry it either way), Outcome.HANDED_OVER when it was handed over again
-    meanwhile, and None when the caller is to retry it.
+    caller is not to retry it either way), Outcome.ALREADY_DONE when it was handled meanwhile,
+    Outcome.HANDED_OVER when it was handed over again meanwhile, and None when the caller is to
+    retry it.
     """
     message = session.scalars(
         select(InboxMessage).where(InboxMessage.message_id == message_id).with_for_update()
     ).one_or_none()
-    if message is None or message.processed_at is not None:
+    if message is None:
         return None
+    if message.processed_at is not None:
+        # (Handled meanwhile, by another task of it, or by this try itself, its COMMIT's answer
+        # lost: a retry would only find it so.)
+        return Outcome.ALREADY_DONE
     # (Read once the row is locked, and before it is changed: a read after would flush the
     # changes before it in an UPDATE of their own.)
     now = database_now(session)

@@ -383,6 +383,35 @@ def test_only_the_callbacks_safe_to_run_for_nothing_run_when_the_commits_answer_
     assert "the bump broke" in caplog.text
 
 
+class _Bump:
+    """A callback equal to any other _Bump, as the cache's invalidations are to each other."""
+
+    def __init__(self, done: list):
+        self.done = done
+
+    def __call__(self) -> None:
+        self.done.append("bumped")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Bump)
+
+    def __hash__(self) -> int:
+        return hash(_Bump)
+
+
+def test_a_callback_registered_again_asking_to_run_also_if_unanswered_does(in_payments):
+    """Registered first without also_if_unanswered, then again with it: it runs when the
+    commit's answer is lost (whoever asked counts on it), once."""
+    done: list = []
+    with the_next_commits_answer_lost(db.engine) as lost, \
+            pytest.raises(OperationalError, match="server closed the connection"):
+        with transaction() as session:
+            session.execute(text("SELECT 1"))
+            after_commit(session, _Bump(done))
+            after_commit(session, _Bump(done), also_if_unanswered=True)
+    assert lost and done == ["bumped"]
+
+
 def test_with_redis_down_reads_and_writes_still_work(settings, user_id):
     no_redis = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     pay = payments_app.create_app(settings=no_redis)

@@ -374,6 +374,25 @@ def test_a_failed_try_not_noted_as_begun_finds_the_message_parked_meanwhile_and_
     assert row.last_error == "RuntimeError('downstream broken')"
 
 
+def test_a_failed_try_that_finds_its_message_handled_meanwhile_is_told_it_is_done(
+        in_payments, payments_inbox, user_id):
+    """A try's failure recorded after the message was handled (by another task of it, or by the
+    try itself, its COMMIT's answer lost): the record says it is done, so that the task does not
+    retry it only to find it so, and leaves the row as it is."""
+    record, message_id = _request_record(user_id)
+    payments_inbox([record])
+    with transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
+                        .values(processed_at=sa.func.clock_timestamp()))
+    before = _row(message_id)
+    with transaction() as session:
+        assert record_failed_attempt(session, message_id, "OperationalError('server closed')",
+                                     max_attempts=5) == Outcome.ALREADY_DONE
+    after = _row(message_id)
+    assert (after.attempts, after.last_error, after.processed_at) == (
+        before.attempts, before.last_error, before.processed_at)
+
+
 def test_a_try_held_up_by_a_lock_keeps_the_error_of_the_last_try_that_failed(
         in_payments, payments_inbox, user_id):
     record, message_id = _request_record(user_id)
