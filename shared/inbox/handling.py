@@ -525,9 +525,6 @@ def record_failed_attempt(
         # (Handled meanwhile, by another task of it, or by this try itself, its COMMIT's answer
         # lost: a retry would only find it so.)
         return Outcome.ALREADY_DONE
-    # (Read once the row is locked, and before it is changed: a read after would flush the
-    # changes before it in an UPDATE of their own.)
-    now = database_now(session)
     # The try closed, and the time it wrote overwritten, by another since. Its count and its
     # mark of the handing over stand.
     closed_since = (try_began_at is not None and not message.try_open
@@ -539,6 +536,9 @@ def record_failed_attempt(
             message.last_error = "; ".join(filter(None, [message.last_error,
                                                          f"last try: {error}"]))[:2000]
         return Outcome.PARKED
+    # (Read once the row is locked, and before it is changed: a read after would flush the
+    # changes before it in an UPDATE of their own.)
+    now = database_now(session)
     if counted or message.last_error is None:  # (a lock waited on says nothing of the message)
         message.last_error = error[:2000]
     if closed_since:

@@ -84,6 +84,6 @@ def database_now(session: Session) -> datetime:
 
 
 def utc_now() -> datetime:
-    """Now, in UTC, by this process's clock: the time the consumer parks a record with as it
-    stores it (only whether, and in what order, such rows were parked is read of it)."""
+    """Now, in UTC, by this process's clock: none of the inbox's own times (database_now's), but
+    a reference for those who compare with them from outside (the tests)."""
     return datetime.now(timezone.utc)

@@ -17,7 +17,6 @@ from psycopg2.extras import Json, execute_values
 
 from shared.contracts import (Envelope, MalformedMessage, PayloadRefused, decode,
                               knows_envelope_version)
-from shared.inbox.model import utc_now
 from shared.inbox.taken_ids import Received, parked_under_taken_ids
 from shared.jsonio import dumps_exact
 from shared.request_context import (REQUEST_ID_KAFKA_HEADER, given_request_id_if_sane,
@@ -114,7 +113,7 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
             "envelope_version": exc.envelope["version"],
             "correlation_id": exc.envelope["correlation_id"],
             "payload": payload,
-            "parked_at": utc_now(),
+            "parked": True,
             "last_error": _storable_text(str(exc), 2000),
         }
     except MalformedMessage as exc:
@@ -142,7 +141,7 @@ def _kept_as_text(row: dict[str, Any], record: ConsumedRecord,
         "envelope_version": exc.envelope["version"],
         "correlation_id": exc.envelope["correlation_id"],
         "raw_value": record.value.decode("utf-8"),
-        "parked_at": utc_now(),
+        "parked": True,
         "last_error": _storable_text(str(exc), 2000),
     }
 
@@ -153,7 +152,7 @@ def _parked_raw(row: dict[str, Any], record: ConsumedRecord,
     return row | {
         "message_id": _position_id(record, row["value_digest"]),
         "raw_value": _storable_text(record.value),
-        "parked_at": utc_now(),
+        "parked": True,
         "last_error": _storable_text(str(exc), 2000),
     }
 
@@ -274,7 +273,7 @@ def _insert(cursor, rows: list[dict[str, Any]]) -> dict[uuid.UUID, bool]:
     values = [(str(row["message_id"]), row["topic"], row["partition"], row["offset"], row["key"],
                row.get("type"), row.get("envelope_version"), row.get("correlation_id"),
                row["request_id"], _as_json(row.get("payload")), row.get("raw_value"),
-               row.get("parked_at"), row.get("last_error"), row["produced_at"],
+               bool(row.get("parked")), row.get("last_error"), row["produced_at"],
                row["value_digest"])
               for row in rows]
     inserted = execute_values(cursor, _STORE, values, template=_STORED_ROW, page_size=len(values),
@@ -305,6 +304,8 @@ WHERE NOT EXISTS (SELECT FROM inbox_messages AS stored
                   WHERE stored.message_id = received.message_id)
 ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id::text, parked_at IS NOT NULL"""
-# (Typed: the values of a VALUES list read as text where they are not numbers.)
+# (Typed: the values of a VALUES list read as text where they are not numbers.) A row parked as
+# it is stored is parked at the database's clock, as every inbox time the sweeper and `replay` /
+# `discard --all` compare (model.database_now): its `parked` (True) asks for it.
 _STORED_ROW = ("(%s::uuid, %s, %s, %s, %s, %s, %s::smallint, %s, %s, %s::jsonb, %s,"
-               " %s::timestamptz, %s, %s::timestamptz, %s::bytea)")
+               " CASE WHEN %s THEN clock_timestamp() END, %s, %s::timestamptz, %s::bytea)")

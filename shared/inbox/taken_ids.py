@@ -46,7 +46,6 @@ from typing import TYPE_CHECKING, Any
 from marshmallow import ValidationError
 
 from shared.contracts import PAYLOAD_SCHEMAS, ContractSchema
-from shared.inbox.model import utc_now
 from shared.jsonio import loads_strict
 
 if TYPE_CHECKING:
@@ -222,7 +221,7 @@ def _parked(row: dict[str, Any], taken_by: str | None) -> UnderATakenId:
         why = f"{why}; and {row['last_error']}"
     return UnderATakenId(
         row=row | {"message_id": _id_of_its_own(row),
-                   "parked_at": utc_now(),
+                   "parked": True,
                    "last_error": f"its message_id {row['message_id']} {why}"[:2000]},
         taken_id=row["message_id"], reason=f"its message_id {why}")
 

@@ -558,6 +558,24 @@ def test_the_times_a_try_writes_are_the_databases_clock_though_the_workers_runs_
             for what, written in times.items()} == dict.fromkeys(times, True), (before, times)
 
 
+def test_a_record_parked_as_it_is_stored_is_parked_at_the_databases_clock(in_payments,
+                                                                          payments_inbox):
+    """`list` orders parked messages by `parked_at`, and `replay --all` and `discard --all` stop
+    at the last one listed: a record the consumer parks as it stores it (one that cannot be
+    read) is parked at the database's clock, as a handler parks, not at the consumer's, an hour
+    behind here."""
+    unreadable = _record(b"not a message")
+    with transaction() as session:
+        before = session.scalar(text("SELECT clock_timestamp()"))
+    with inbox_clock_off_by(-timedelta(hours=1)):
+        payments_inbox([unreadable])
+    with transaction() as session:
+        parked_at = session.scalar(
+            select(InboxMessage.parked_at).where(InboxMessage.topic == unreadable.topic,
+                                                 InboxMessage.offset == unreadable.offset))
+    assert parked_at is not None and parked_at >= before, (before, parked_at)
+
+
 @pytest.mark.parametrize("failure", [_failing, _refusing], ids=["counted", "parked"])
 def test_what_a_failed_try_asked_to_do_after_the_commit_is_not_done(in_payments, payments_inbox,
                                                                     user_id, failure):
