@@ -18,6 +18,8 @@ The modules, each with one job:
   and messages parked when they cannot succeed (the handler tasks' side).
 - sweeping: messages whose dispatch or try was lost, claimed to be handed over again (or parked,
   their lost tries at the limit).
+- committed_lines: what handling and sweeping did to a message (handled, parked) said once it
+  has committed, with the message's request id.
 - parked: parked messages listed, handed back to be handled, or discarded (the operator's side).
 - pruning: the rows of messages handled long ago deleted.
 """

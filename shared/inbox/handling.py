@@ -15,9 +15,10 @@ from sqlalchemy.orm import Session
 
 from shared.contracts import (PAYLOAD_SCHEMAS, MalformedMessage, declared_fields, decode,
                               knows_envelope_version)
-from shared.db import (after_commit, after_commit_undone_if_it_raises, connection_lost,
-                       connection_lost_on, driver_cursor, held_up_by_a_lock, refuse_if_aborted,
-                       refuse_if_rolled_back, said_in_a_line)
+from shared.db import (after_commit_undone_if_it_raises, connection_lost, connection_lost_on,
+                       driver_cursor, held_up_by_a_lock, refuse_if_aborted, refuse_if_rolled_back,
+                       said_in_a_line)
+from shared.inbox.committed_lines import say_once_committed
 from shared.inbox.model import InboxMessage, database_now
 from shared.outbox.writing import outbox_rows_written_together
 from shared.request_context import request_id_bound, request_ids_bound
@@ -213,8 +214,8 @@ def handle_locked_message(session: Session, message: StoredMessage,
     """
     if message.done:
         return Outcome.ALREADY_DONE
-    # (Its id bound for all that is said of it, the lines that park it or count its failure
-    # included: they are where the click it was caused by ends.)
+    # (Its id bound for all that is said of it, the lines that park it or say it handled
+    # included, each said once committed: they are where the click it was caused by ends.)
     with request_id_bound(message.request_id):
         return _handle_with_its_request_id_bound(session, message, handlers, max_attempts)
 
@@ -254,7 +255,7 @@ def _handle_with_its_request_id_bound(session: Session, message: StoredMessage,
             with driver_cursor(session) as cursor:
                 cursor.execute(_NOTE_TRY, {"message_id": str(message.message_id)})
             raise
-        if _count_failed_attempt(session, message.message_id, repr(exc), max_attempts):
+        if _count_failed_attempt(session, message, repr(exc), max_attempts):
             return Outcome.PARKED
         raise
     # (The handler caught the error, and its savepoint's release said nothing, SQLAlchemy having
@@ -281,17 +282,26 @@ def _connection_lost_on_the_way(exc: BaseException | None) -> BaseException | No
     return lost
 
 
-def _count_failed_attempt(session: Session, message_id: uuid.UUID, error: str,
+def _count_failed_attempt(session: Session, message: StoredMessage, error: str,
                           max_attempts: int | None) -> bool:
     """Count a failed try of a message the transaction has locked, with its error; park it when
-    that was its last attempt (of `max_attempts`, if given). Returns True when it is parked."""
+    that was its last attempt (of `max_attempts`, if given), said once committed. Returns True
+    when it is parked."""
     with driver_cursor(session) as cursor:
-        cursor.execute(_COUNT_ATTEMPT, {"message_id": str(message_id), "error": error[:2000],
-                                        "max_attempts": max_attempts})
+        cursor.execute(_COUNT_ATTEMPT, {"message_id": str(message.message_id),
+                                        "error": error[:2000], "max_attempts": max_attempts})
         attempts, parked = cursor.fetchone()
     if parked:
-        log.error("parked inbox message %s after %d attempts: %s", message_id, attempts, error)
+        _said_parked_after_attempts(session, message.message_id, message.request_id, attempts,
+                                    error)
     return parked
+
+
+def _said_parked_after_attempts(session: Session, message_id: uuid.UUID, request_id: str | None,
+                                attempts: int, error: str) -> None:
+    say_once_committed(session, log, logging.ERROR, request_id,
+                       "parked inbox message %s after %d attempts: %s", message_id, attempts,
+                       error)
 
 
 def handle_locked_messages_at_once(session: Session, batch: MarkedBatch,
@@ -336,29 +346,10 @@ def handle_locked_messages_at_once(session: Session, batch: MarkedBatch,
 
 def _said_handled_once_committed(session: Session, messages: list[StoredMessage]) -> None:
     """Have each message said handled, with its request id, once the caller's transaction has
-    committed: said as its handler returned, the line stood for a handling that a failed commit
-    undid, or a batch handled at once that rolled back whole for another message's failure (and
-    said it again, handled one by one)."""
-    after_commit(session, _HandledLines()).messages.extend(messages)
-
-
-class _HandledLines:
-    """The messages a transaction handled, said handled once it has committed: equal to any
-    other, so that a transaction registers one (shared.db.after_commit) and adds to it."""
-
-    def __init__(self):
-        self.messages: list[StoredMessage] = []
-
-    def __call__(self) -> None:
-        for message in self.messages:
-            with request_id_bound(message.request_id):
-                log.info("handled %s %s", message.type, message.message_id)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _HandledLines)
-
-    def __hash__(self) -> int:
-        return hash(_HandledLines)
+    committed (committed_lines)."""
+    for message in messages:
+        say_once_committed(session, log, logging.INFO, message.request_id, "handled %s %s",
+                           message.type, message.message_id)
 
 
 def _mark_processed(session: Session, message_ids: list[uuid.UUID]) -> None:
@@ -391,14 +382,14 @@ _NOTE_TRY = ("UPDATE inbox_messages SET last_attempt_at = clock_timestamp()"
 def _park(session: Session, reasons: list[tuple[StoredMessage, str]],
           marked_processed: bool = False) -> None:
     """Park messages whose rows the transaction has locked, each with its reason (said with its
-    request id); `marked_processed`: locked by lock_in_order_marking_processed, whose mark (its
-    attempt counted) is undone."""
+    request id, once committed); `marked_processed`: locked by lock_in_order_marking_processed,
+    whose mark (its attempt counted) is undone."""
     with driver_cursor(session) as cursor:
         for message, reason in reasons:
             cursor.execute(_PARK_MARKED if marked_processed else _PARK,
                            {"message_id": str(message.message_id), "reason": reason[:2000]})
-            with request_id_bound(message.request_id):
-                log.error("parked inbox message %s: %s", message.message_id, reason)
+            say_once_committed(session, log, logging.ERROR, message.request_id,
+                               "parked inbox message %s: %s", message.message_id, reason)
 
 
 _PARK = """
@@ -497,7 +488,7 @@ def record_failed_attempt(
     """Note a failed try in its own transaction, as one of the message's attempts unless not
     `counted` (held up by another session's lock: then its error replaces none the message's own
     tries left, which an operator reading a parked message wants to see); park the message once
-    it has used them all.
+    it has used them all (said once the caller's transaction has committed).
 
     A try noted as begun (`try_began_at`, from note_try_begun) can find itself closed since by
     another, between the try's rollback and this record: the sweeper, which took it for lost
@@ -548,8 +539,7 @@ def record_failed_attempt(
     message.try_open = False
     if counted and message.attempts >= max_attempts:
         message.parked_at = now
-        with request_id_bound(message.request_id):
-            log.error("parked inbox message %s after %d attempts: %s",
-                      message_id, message.attempts, error)
+        _said_parked_after_attempts(session, message_id, message.request_id, message.attempts,
+                                    error)
         return Outcome.PARKED
     return None

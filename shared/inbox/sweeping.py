@@ -37,8 +37,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from shared.inbox.committed_lines import say_once_committed
 from shared.inbox.model import database_now
-from shared.request_context import request_id_bound
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
     note_try_begun) and never ended counts as an attempt, once: its handling crashed its worker
     (or hung it until PostgreSQL ended the transaction, shared.db's SESSION_LIMITS) and recorded
     no failure, and would otherwise be handed over, and crash a worker, every sweep for ever. One
-    that reaches `max_attempts` so is parked instead (and not returned), its last error kept.
+    that reaches `max_attempts` so is parked instead (and not returned), its last error kept, and
+    said once the caller's transaction has committed.
     Nothing else is counted: a task that never began may wait in a worker's memory yet (taken
     from the queue ahead of its turn), or have been lost with a worker that crashed for another
     message's sake. Without `max_attempts` (while dispatched tasks wait in the queue), nothing is
@@ -94,8 +95,9 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
     stalled = []
     for message_id, attempts, parked, request_id in claimed:
         if parked:
-            with request_id_bound(request_id):
-                log.error("parked inbox message %s: %s", message_id, _GAVE_UP.format(attempts))
+            say_once_committed(session, log, logging.ERROR, request_id,
+                               "parked inbox message %s: %s", message_id,
+                               _GAVE_UP.format(attempts))
         else:
             stalled.append(StalledMessage(message_id, attempts))
     return stalled

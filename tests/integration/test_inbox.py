@@ -667,6 +667,72 @@ def test_a_message_of_a_batch_handled_again_one_by_one_is_said_handled_once(
         assert said_handled() == [(good, request_ids[0])]
 
 
+class _RolledBack(Exception):
+    """Raised in a transaction to roll it back whole."""
+
+
+def _parked_by_its_handler(session, message_id) -> None:
+    assert process_inbox_message(
+        session, message_id, {PAYMENT_REQUESTED: _refusing}) == Outcome.PARKED
+
+
+def _parked_at_its_last_attempt_counted_where_it_failed(session, message_id) -> None:
+    (message,) = lock_in_order(session, [message_id])
+    assert handle_locked_message(
+        session, message, {PAYMENT_REQUESTED: _failing}, max_attempts=1) == Outcome.PARKED
+
+
+def _parked_at_its_last_attempt_recorded(session, message_id) -> None:
+    assert record_failed_attempt(session, message_id, "RuntimeError('downstream broken')",
+                                 max_attempts=1) == Outcome.PARKED
+
+
+def _parked_in_a_batch_handled_at_once(session, message_id) -> None:
+    handle_locked_messages_at_once(
+        session, lock_in_order_marking_processed(session, [message_id]), {})
+
+
+def _parked_by_the_sweeper(session, message_id) -> None:
+    """Its last try lost with its worker, and counted by the sweeper (a limit of its own, that no
+    other test's message, caught by the same sweep, reaches)."""
+    session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
+                    .values(attempts=999, try_open=True,
+                            last_attempt_at=sa.func.clock_timestamp()))
+    assert message_id not in _claimed(session, timedelta(seconds=-1), max_attempts=1000)
+
+
+@pytest.mark.parametrize("park", [
+    _parked_by_its_handler, _parked_at_its_last_attempt_counted_where_it_failed,
+    _parked_at_its_last_attempt_recorded, _parked_in_a_batch_handled_at_once,
+    _parked_by_the_sweeper], ids=lambda park: park.__name__.removeprefix("_parked_"))
+def test_a_message_is_said_parked_once_its_parking_has_committed_not_before(
+        in_payments, payments_inbox, user_id, caplog, park):
+    """The ERROR line saying a message was parked is written once the parking has committed, with
+    the message's request id, and only then: not for a parking that a rollback undid (a batch
+    rolled back whole, to be handled again one by one, a COMMIT that failed), which then said a
+    park that never happened, and said it twice once the message was parked after all."""
+    request_id = f"click-{uuid.uuid4().hex}"
+    record, message_id = _request_record(user_id, request_id=request_id)
+    payments_inbox([record])
+    for logger in ("shared.inbox.handling", "shared.inbox.sweeping"):
+        caplog.set_level(logging.ERROR, logger=logger)
+    caplog.handler.addFilter(RequestIdLogFilter())
+
+    def said_parked() -> list[str]:
+        return [entry.request_id for entry in caplog.records
+                if entry.getMessage().startswith(f"parked inbox message {message_id}")]
+
+    with pytest.raises(_RolledBack):
+        with transaction() as session:
+            park(session, message_id)
+            raise _RolledBack()
+    assert said_parked() == [] and _row(message_id).parked_at is None
+    with transaction() as session:
+        park(session, message_id)
+        assert said_parked() == []
+    assert said_parked() == [request_id] and _row(message_id).parked_at is not None
+
+
 def test_a_batch_handling_its_messages_one_by_one_closes_their_open_tries(
         in_payments, payments_inbox, settings, user_id):
     """Its first run fails whole on the permanent error, and the run one message per savepoint
