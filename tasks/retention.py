@@ -26,18 +26,28 @@ log = logging.getLogger(__name__)
 PRUNED_PER_TRANSACTION = 10_000
 
 Prune = Callable[[Session, datetime, int], int]
+# Now, on the clock what is pruned was timed by, read in the session's transaction.
+Clock = Callable[[Session], datetime]
+
+
+def workers_clock(session: Session) -> datetime:
+    return datetime.now(timezone.utc)
+
 
 def prune_in_transactions(service: str, what: str, prune: Prune,
-                          retention_seconds: float) -> int:
+                          retention_seconds: float, clock: Clock = workers_clock) -> int:
     """Run `prune` (session, cutoff, limit -> rows deleted) for what was kept over
-    `retention_seconds` ago, a transaction of PRUNED_PER_TRANSACTION rows at a time, until it
-    deletes fewer; logs and returns how many rows it deleted in all. A lost database connection
-    ends the run with what it had deleted, in one WARNING line; any other error is raised."""
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=retention_seconds)
+    `retention_seconds` ago by `clock` (the worker's, unless given: the one the rows were timed
+    by), a transaction of PRUNED_PER_TRANSACTION rows at a time, until it deletes fewer; logs and
+    returns how many rows it deleted in all. A lost database connection ends the run with what it
+    had deleted, in one WARNING line; any other error is raised."""
+    cutoff = None
     pruned = 0
     try:
         while True:
             with transaction() as session:
+                if cutoff is None:  # (one cutoff a run, read where a lost connection is said)
+                    cutoff = clock(session) - timedelta(seconds=retention_seconds)
                 deleted = prune(session, cutoff, PRUNED_PER_TRANSACTION)
             pruned += deleted
             if deleted < PRUNED_PER_TRANSACTION:

@@ -32,10 +32,10 @@ def running_off_by(offset: timedelta) -> type[datetime]:
 
 AnHourBehind = running_off_by(-timedelta(hours=1))
 
-# The modules that write the inbox's times or measure by them, the sweeper's and the replay's
-# tasks included: each reads this process's clock through its `datetime`, if at all.
+# The modules that write the inbox's times or measure by them, the sweeper's, the replay's and the
+# pruner's tasks included: each reads this process's clock through its `datetime`, if at all.
 _INBOX_CLOCK_READERS = ("shared.inbox.model", "shared.inbox.handling", "shared.inbox.sweeping",
-                        "shared.inbox.parked", "tasks.inbox", "tasks.parked")
+                        "shared.inbox.parked", "tasks.inbox", "tasks.parked", "tasks.retention")
 
 
 @contextmanager

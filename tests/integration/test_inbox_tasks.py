@@ -913,6 +913,26 @@ def test_the_pruner_deletes_old_handled_rows_and_keeps_the_rest(settings, paymen
     assert prune_inbox.apply(args=("payments",)).get() == 0
 
 
+def test_a_pruner_whose_clock_runs_ahead_of_the_databases_keeps_a_message_handled_just_now(
+        settings, payments_inbox, monkeypatch, user_id):
+    """A message's `processed_at` is the database's clock, and so is the pruner's cutoff: one
+    taken on the worker's clock, a retention and a day ahead here, pruned the rows of messages
+    handled moments before (whose repeats Kafka may still deliver). The cutoff is asked for, and
+    nothing pruned with it: a cutoff a day ahead would prune the rows of tests running at once."""
+    message_id = _stored_request(payments_inbox, user_id)
+    handle_inbox_batch.apply(args=("payments", [str(message_id)]))
+    handled_at = _row(message_id).processed_at
+    cutoffs = []
+    monkeypatch.setattr("tasks.inbox.prune_handled_messages",
+                        lambda session, cutoff, limit: cutoffs.append(cutoff) or 0)
+    retention = timedelta(seconds=settings.inbox_retention_seconds)
+    with inbox_clock_off_by(retention + timedelta(days=1)):
+        prune_inbox.apply(args=("payments",)).get()
+    [cutoff] = cutoffs
+    # (A retention before the database's clock as the pruner ran, moments after the handling.)
+    assert handled_at - retention <= cutoff < handled_at - retention + timedelta(minutes=1)
+
+
 def test_a_request_delivered_again_after_its_row_was_pruned_changes_nothing(
         settings, payments_inbox, user_id):
     """Past the inbox's retention the payments row keyed by order id keeps the debit single."""
