@@ -23,10 +23,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from shared.config import SERVICES
 from shared.db import (DatabaseOutageLog, connection_lost, held_up_by_a_lock, said_in_a_line,
                        transaction)
-from shared.inbox.handling import (ConnectionLostInHandler, StoredMessage, handle_locked_message,
-                                   handle_locked_messages_at_once, lock_in_order,
-                                   lock_in_order_marking_processed, note_try_begun,
-                                   process_inbox_message, record_failed_attempt)
+from shared.inbox.handling import (ConnectionLostInHandler, Outcome, StoredMessage,
+                                   handle_locked_message, handle_locked_messages_at_once,
+                                   lock_in_order, lock_in_order_marking_processed,
+                                   note_try_begun, process_inbox_message, record_failed_attempt)
 from shared.inbox.model import database_now
 from shared.inbox.pruning import prune_handled_messages
 from shared.inbox.sweeping import claim_stalled_messages, unmark_unsent
@@ -120,6 +120,8 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
             ended = None
         else:
             outage.back()
+        if ended is Outcome.ALREADY_DONE:
+            _said_found_handled_already(service, message, request_id)
         if ended is not None:  # parked, handled, or handed over again: no retry of its own
             return ended.value
         bind_request_id_for_the_rest_of_the_run(self, request_id)  # (Celery's line of the retry)
@@ -127,6 +129,17 @@ def handle_inbox_message(self, service: str, message_id: str) -> str:
             self.request.retries, settings.inbox_sweep_min_age_seconds)) from exc
     outage.back()
     return outcome.value
+
+
+def _said_found_handled_already(service: str, message_id: uuid.UUID,
+                                request_id: str | None) -> None:
+    """Say, with its request id, that a message a failed try had left undone is found handled:
+    by that try, its COMMIT kept though its answer was lost (which says no "handled" line:
+    shared.inbox.committed_lines), or by another task of it meanwhile. Its trace in the log ends
+    here, not at the failure. Not said of a message found done at a first look (a repeat delivery,
+    a handing over beside its dispatch): that is common, and its trace ends where it was handled."""
+    with request_id_bound(request_id):
+        log.info("%s inbox: found %s handled already", service, message_id)
 
 
 def dispatch_inbox_messages(service: str, message_ids: list[uuid.UUID]) -> None:
@@ -318,13 +331,18 @@ def _handle_in_one_transaction(service: str, message_ids: list[uuid.UUID],
                                    if not message.done):
                 log.info("%s inbox: a message of a batch of %d failed (%r); handling them again"
                          " one by one", service, len(message_ids), exc)
-    return _handle_each_in_a_savepoint(service, message_ids, handlers)
+    return _handle_each_in_a_savepoint(
+        service, message_ids, handlers,
+        left_undone=frozenset(message.message_id for message in locked if not message.done))
 
 
-def _handle_each_in_a_savepoint(service: str, message_ids: list[uuid.UUID],
-                                handlers) -> list[uuid.UUID]:
+def _handle_each_in_a_savepoint(
+        service: str, message_ids: list[uuid.UUID], handlers,
+        left_undone: frozenset[uuid.UUID] = frozenset()) -> list[uuid.UUID]:
     """Handle the messages in one transaction, each in a savepoint; returns the ones that failed,
-    each with the try counted (but those that used their last attempt: they are parked). A lost
+    each with the try counted (but those that used their last attempt: they are parked). One that
+    the failed run before found undone (`left_undone`) and this one finds done is said found
+    handled already: that run's COMMIT may have been kept, its answer lost. A lost
     connection leaves no message to a task of its own here: it is raised as BatchCutOff, saying
     where it was lost (connecting or once connected, and under which message's handler, if under
     one), for the batch to go on from there."""
@@ -337,7 +355,7 @@ def _handle_each_in_a_savepoint(service: str, message_ids: list[uuid.UUID],
             connected = True
             for message in lock_in_order(session, message_ids):
                 try:
-                    handle_locked_message(session, message, handlers, max_attempts)
+                    outcome = handle_locked_message(session, message, handlers, max_attempts)
                 except Exception as exc:
                     if isinstance(exc, ConnectionLostInHandler) or connection_lost(exc):
                         raise  # (the transaction is lost)
@@ -345,6 +363,9 @@ def _handle_each_in_a_savepoint(service: str, message_ids: list[uuid.UUID],
                         log.info("%s inbox: %s failed on its first try (%r); retrying in a task",
                                  service, message.message_id, exc)
                     failed.append(message.message_id)
+                    continue
+                if outcome is Outcome.ALREADY_DONE and message.message_id in left_undone:
+                    _said_found_handled_already(service, message.message_id, message.request_id)
     except ConnectionLostInHandler as lost:
         raise BatchCutOff(lost.error, connected, handling=lost.message_id) from lost
     except Exception as exc:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from decimal import Decimal
 
@@ -46,6 +46,7 @@ from tests.clock_tools import inbox_clock_off_by
 from tests.polling import wait_for
 from tests.postgres_tools import (account_row_held, ending_its_session_by_a_driver_cursor,
                                   ending_its_session_by_a_statement, terminate_backend,
+                                  the_next_commits_answer_lost,
                                   wait_for_sessions_waiting_on_a_lock)
 
 
@@ -141,6 +142,33 @@ def test_every_line_logged_of_a_failing_message_carries_its_request_id(
     if how.startswith("a batch"):
         assert any("a message of a batch of 1 failed" in line for line in lines), lines
     assert [line for line in lines if f"[request_id={request_id}]" not in line] == []
+
+
+@pytest.mark.parametrize("task", [handle_inbox_message, handle_inbox_batch],
+                         ids=["its own task", "a batch"])
+def test_a_message_whose_commits_answer_was_lost_ends_its_trace_found_handled_already(
+        settings, payments_inbox, payments_queue, monkeypatch, user_id, task):
+    """Its handling committed, the COMMIT's answer lost: nothing says it handled (only a known
+    commit does), and the failed try's record, or the batch handling it again one by one, finds
+    it done: that is said, with its request id, so that the click's trace does not end at a
+    failure. A message found done at a first look (a repeat) is not said so."""
+    request_id = f"click-{uuid.uuid4().hex}"
+    answers_lost, lost = ExitStack(), []
+
+    def handled_its_commits_answer_to_be_lost(session, events):
+        lost.append(answers_lost.enter_context(the_next_commits_answer_lost(session.get_bind())))
+
+    monkeypatch.setattr(payments_app, "message_handlers",
+                        lambda: {PAYMENT_REQUESTED: handled_its_commits_answer_to_be_lost})
+    message_id = _stored_request(payments_inbox, user_id, request_id=request_id)
+    args = ("payments", str(message_id) if task is handle_inbox_message else [str(message_id)])
+    with _lines_logged() as written, answers_lost:
+        task.apply(args=args).get()
+        task.apply(args=args).get()  # (a repeat, found done at its first look)
+    assert lost == [[True]] and _row(message_id).processed_at is not None
+    found = [line for line in written.getvalue().splitlines()
+             if f"found {message_id} handled already" in line]
+    assert len(found) == 1 and f"[request_id={request_id}]" in found[0], found
 
 
 def test_a_retry_sent_by_a_worker_is_said_with_its_messages_request_id_bound_no_longer(
@@ -302,7 +330,8 @@ def test_batches_debiting_the_same_accounts_at_once_never_deadlock(settings, pay
 
     fell_back = []
     monkeypatch.setattr(tasks.inbox, "_handle_each_in_a_savepoint",
-                        lambda service, message_ids, handlers: fell_back.append(message_ids) or [])
+                        lambda service, message_ids, handlers, **_:
+                        fell_back.append(message_ids) or [])
 
     users = [f"{user_id}-{n}" for n in range(8)]
     with service_app("payments").app_context():
