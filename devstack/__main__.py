@@ -8,6 +8,7 @@ if __name__ == "__main__":
     quiet_while_loading()
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -26,12 +27,14 @@ def run() -> int:
                   with_flower=True, quiet=False)
     env_file = run_dir / "env"
     wrote_env_file = False  # (a run that could not start leaves a running one's file alone)
+    started = False
     try:
         try:
             stack.start()
         except (RuntimeError, TimeoutError) as exc:  # (each says what kept it from starting)
             print(f"[devstack] could not start: {exc}", file=sys.stderr, flush=True)
             return 1
+        started = True
         stack.write_env_file(env_file)
         wrote_env_file = True
         print_urls(stack, env_file)
@@ -50,6 +53,16 @@ def run() -> int:
         stack.stop()
         if wrote_env_file:
             env_file.unlink(missing_ok=True)
+        if started:
+            say_stopped()
+
+
+def say_stopped() -> None:
+    """The stop's last line, said once every process has stopped, for the operator to know the
+    stop is over (README: The two commands). A stderr that cannot take it (a pipe whose reader
+    died of the same Ctrl-C) changes nothing: the run still ends as its stop signal has it."""
+    with contextlib.suppress(OSError):
+        print("[devstack] stopped.", file=sys.stderr, flush=True)
 
 
 def report_deaths(stack: Stack, reported: set[str]) -> None:

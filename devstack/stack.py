@@ -507,6 +507,7 @@ class Stack:
                 elif quiet_since is None:
                     quiet_since = now
                 elif now - quiet_since >= SETTLE_QUIET_SECONDS:
+                    self._say("nothing left in flight")
                     return
                 time.sleep(0.1)
         if in_flight is None:

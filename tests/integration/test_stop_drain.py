@@ -2,16 +2,16 @@
 the records the broker holds that a consumer group has not committed (counted right though
 Tansu's high watermarks fall short of a batch's records, and without the group's consumers seeing
 a rebalance), the outbox and inbox rows that can progress; and a lock held on a table it reads
-costing it a look, not the stop."""
+costing it a look, not the stop; its last line saying what it left in flight."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
 import time
 import uuid
-from contextlib import redirect_stderr
 
 import psycopg2
 import psycopg2.extensions
@@ -119,13 +119,6 @@ def test_a_lock_held_on_a_table_the_drain_reads_costs_it_its_looks_not_the_stop(
     on the outbox, it ends with its SETTLE_SECONDS, saying it does not know what is in flight.
     Once, it waited for the lock, past its end (and a second Ctrl-C deferred meanwhile)."""
     monkeypatch.setattr(devstack_stack, "SETTLE_SECONDS", 2)
-    port = settings.kafka_bootstrap_servers.rsplit(":", 1)[1]
-    shop = Stack(tmp_path, ports={"broker": int(port)}, quiet=False)
-    shop._env = {name: os.environ[name] for name in
-                 [f"{service.upper()}_DATABASE_URL" for service in SERVICES]}
-    shop._group = ProcessGroup(handle_signals=False)
-    worker = shop._group.start(ManagedProcess("orders-worker", ["sleep", "60"], os.environ,
-                                              tmp_path / "worker.log", tmp_path))
     holder = psycopg2.connect(driver_dsn(settings.database_url("orders")))
     released = threading.Timer(12, holder.rollback)
     try:
@@ -134,14 +127,49 @@ def test_a_lock_held_on_a_table_the_drain_reads_costs_it_its_looks_not_the_stop(
         released.start()
         said = io.StringIO()
         began = time.monotonic()
-        with redirect_stderr(said):
+        with _a_stopping_shop(settings, tmp_path) as shop, contextlib.redirect_stderr(said):
             shop._let_orders_in_flight_settle()
         took = time.monotonic() - began
     finally:
         released.cancel()
         holder.rollback()
         holder.close()
-        worker.stop()
     assert took < 5
     assert "stopping after 2 s, not knowing what is still in flight (" in said.getvalue()
     assert "lock timeout" in said.getvalue()
+
+
+def test_a_drain_that_settles_says_nothing_was_left_in_flight(settings, tmp_path, monkeypatch):
+    """A drain that waits until nothing is in flight says so as it ends: it said nothing after
+    "waiting for the orders in flight to settle...", the stop's last line one that sounded cut
+    short, though the stop was clean (README: the last line says what was left in flight). What
+    is in flight is given (other tests share the databases and the broker): some, then none."""
+    monkeypatch.setattr(devstack_stack, "SETTLE_QUIET_SECONDS", 0.3)
+    counts = iter([3, 1])
+    monkeypatch.setattr(Stack, "_in_flight",
+                        lambda shop, connections, consumed, deadline: next(counts, 0))
+    said = io.StringIO()
+    with _a_stopping_shop(settings, tmp_path) as shop, contextlib.redirect_stderr(said):
+        shop._let_orders_in_flight_settle()
+    assert said.getvalue().splitlines()[-2:] == [
+        "[devstack] waiting for the orders in flight to settle (Ctrl-C again skips this wait,"
+        " losing them)...",
+        "[devstack] nothing left in flight",
+    ]
+
+
+@contextlib.contextmanager
+def _a_stopping_shop(settings, tmp_path):
+    """A Stack as its drain finds it once its APIs have stopped: a worker running (a sleep under
+    its name), the test's databases and broker its own."""
+    port = settings.kafka_bootstrap_servers.rsplit(":", 1)[1]
+    shop = Stack(tmp_path, ports={"broker": int(port)}, quiet=False)
+    shop._env = {name: os.environ[name] for name in
+                 [f"{service.upper()}_DATABASE_URL" for service in SERVICES]}
+    shop._group = ProcessGroup(handle_signals=False)
+    worker = shop._group.start(ManagedProcess("orders-worker", ["sleep", "60"], os.environ,
+                                              tmp_path / "worker.log", tmp_path))
+    try:
+        yield shop
+    finally:
+        worker.stop()

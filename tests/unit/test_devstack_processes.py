@@ -591,10 +591,10 @@ def _make_run_ready(tmp_path, shop: list[str]):
 
 def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
     """`python -m devstack run` (`make run`), Ctrl-C'd once the shop runs, stops what it started
-    and removes its settings file, then dies of SIGINT, as the operator's commands do, for a
-    script running the command itself (`while python -m devstack run; do ...; done`) to stop too:
-    it exited 0 (make dies of SIGINT whatever it exits with). Its shop here is one sleep, its
-    folder the test's."""
+    and removes its settings file, its last line saying it has stopped (there was none after the
+    drain's), then dies of SIGINT, as the operator's commands do, for a script running the
+    command itself (`while python -m devstack run; do ...; done`) to stop too: it exited 0 (make
+    dies of SIGINT whatever it exits with). Its shop here is one sleep, its folder the test's."""
     with _make_run_ready(tmp_path, ["sleep", "300"]) as (run, sleep):
         assert (tmp_path / ".run" / "env").exists()
 
@@ -602,7 +602,7 @@ def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
 
         out, err = run.communicate(timeout=30)
         assert run.returncode == -signal.SIGINT, err
-        assert err == "\n[devstack] stopping...\n"
+        assert err == "\n[devstack] stopping...\n[devstack] stopped.\n"
         assert gone(sleep)
         assert not (tmp_path / ".run" / "env").exists()
 
@@ -652,7 +652,7 @@ def test_make_run_says_it_is_stopping_as_ctrl_c_comes_not_once_it_has_stopped(tm
         (tmp_path / ".run" / "go").touch()
         out, err = run.communicate(timeout=30)
         assert run.returncode == -signal.SIGINT, err
-        assert err == ""
+        assert err == "[devstack] stopped.\n"
         assert gone(shop)
 
 # A program that begins a run record in its folder, starts two processes under it (one with a
