@@ -64,7 +64,8 @@ DATABASE_BUSY = DocumentedError(
     "nothing was changed", headers=(RETRY_AFTER,))
 
 # The identity a service's every route checks (shared.identity): the gateway's, signed.
-MISSING_USER_ID = DocumentedError(401, "MISSING_USER_ID", f"no {USER_ID_HEADER} header")
+MISSING_USER_ID = DocumentedError(401, "MISSING_USER_ID", f"no {USER_ID_HEADER} header: the "
+                                  "service was called other than through the gateway")
 INVALID_USER_ID = DocumentedError(401, "INVALID_USER_ID", f"the {USER_ID_HEADER} is no user id")
 UNTRUSTED_IDENTITY = DocumentedError(
     401, "UNTRUSTED_IDENTITY", f"the {USER_ID_HEADER} is not signed by the gateway for this "

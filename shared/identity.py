@@ -12,6 +12,10 @@ from shared.internal_auth import (SIGNATURE_HEADER, USER_ID_HEADER, InvalidIdent
                                   header_value, verified_user_id)
 from shared.single_use_signatures import note_verified_signature
 
+# What a caller with no identity at all is told (MISSING_USER_ID), over HTTP and gRPC.
+CALL_THROUGH_THE_GATEWAY = ("Call the shop through its gateway (port 8000 locally): the services"
+                            " take only the requests it signs with the caller's identity.")
+
 
 def authenticated_user_id(headers: Mapping[str, str], secret: str, method: str, target: str,
                           body: bytes | Callable[[], bytes]) -> str:
@@ -23,7 +27,9 @@ def authenticated_user_id(headers: Mapping[str, str], secret: str, method: str, 
     (shared.single_use_signatures)."""
     user_id = header_value(headers, USER_ID_HEADER)
     if user_id is None:
-        raise Unauthorized(f"The {USER_ID_HEADER} header is required.", code="MISSING_USER_ID")
+        # Most often a service called directly: naming the header would invite sending it
+        # unsigned, which is UNTRUSTED_IDENTITY.
+        raise Unauthorized(CALL_THROUGH_THE_GATEWAY, code="MISSING_USER_ID")
     if not USER_ID_PATTERN.fullmatch(user_id):
         raise Unauthorized(
             f"The {USER_ID_HEADER} header {USER_ID_RULE}",

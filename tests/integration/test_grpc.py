@@ -37,6 +37,7 @@ from shared import grpc_server
 from shared.app_closing import close_app
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
                                 RETRY_AFTER_KEY, build_server, channel_options)
+from shared.identity import CALL_THROUGH_THE_GATEWAY
 from shared.internal_auth import DEADLINE_HEADER, grpc_identity_metadata
 from shared.protos import orders_pb2, orders_pb2_grpc
 from shared.request_context import current_request_id
@@ -613,6 +614,8 @@ def test_a_call_without_valid_gateway_metadata_is_refused_as_http_refuses_it(grp
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     trailers = dict(refused.value.trailing_metadata())
     assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY]) == ("401", code)
+    if code == "MISSING_USER_ID":  # (called directly: told to go through the gateway, as HTTP)
+        assert refused.value.details() == CALL_THROUGH_THE_GATEWAY
 
 
 def test_metadata_signed_for_one_call_is_refused_on_another(grpc_targets):

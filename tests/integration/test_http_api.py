@@ -30,6 +30,7 @@ from shared.caller_deadline import DEADLINE_HEADER, deadline_headers
 from shared.contracts import FAILURE_REASONS
 from shared.db import db, transaction
 from shared.idempotency import REPLAYED, REPLAYED_HEADER
+from shared.identity import CALL_THROUGH_THE_GATEWAY
 from shared.internal_auth import identity_headers
 from shared.kafka import broker_reachable
 from shared.money import MAX_BALANCE
@@ -335,6 +336,18 @@ def test_a_caller_without_a_valid_gateway_signed_user_id_gets_401(orders_http, p
     _assert_error(orders_http.get("/orders", **identity), 401)
     _assert_error(payments_http.post("/accounts", **identity), 401)
     _assert_error(payments_http.get("/accounts/balance", **identity), 401)
+
+
+def test_a_service_called_directly_says_to_call_the_shop_through_the_gateway(orders_http,
+                                                                           payments_http):
+    """A request with no identity at all (`curl 127.0.0.1:8001/orders`) is told to go through the
+    gateway: it was told the X-User-ID header was required, and one sent unsigned was then
+    refused UNTRUSTED_IDENTITY. Its code stays MISSING_USER_ID (clients go by codes)."""
+    for answer in (orders_http.get("/orders"), payments_http.get("/accounts/balance")):
+        error = _assert_error(answer, 401)
+        assert error["code"] == "MISSING_USER_ID"
+        assert error["message"] == CALL_THROUGH_THE_GATEWAY
+    assert "through its gateway (port 8000" in CALL_THROUGH_THE_GATEWAY
 
 
 def _signed_for(user_id, method, target, body=b"", now=None, sent_with=None):
