@@ -205,7 +205,12 @@ def notifications_after(user_id: str, after: int, limit: int) -> list[dict]:
 @blueprint.arguments(NotificationQuerySchema, location="query")
 @blueprint.response(200, NOTIFICATION_PAGE)  # (notification_document.py)
 def list_notifications(args):
-    """Notifications newer than `after`, oldest first (what a page missed while away)."""
+    """Notifications newer than `after`, oldest first (what a page missed while away).
+
+    A page holds `limit` of them at most (1–500, 100 unless given), and no cursor: for the next
+    page, ask again with `after` the last one's `id`. A page of fewer than `limit` is the last,
+    for now.
+    """
     # Written as the socket and the publish write them: a number in a payload (a replayed one's
     # amount of 10.50, say) as the number it is, where the app's JSON writes a Decimal as text.
     return current_app.response_class(

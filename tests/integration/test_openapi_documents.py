@@ -127,6 +127,19 @@ OPERATION_IDS = {
 }
 
 
+def test_the_notifications_list_says_how_to_page_through_it(apps):
+    """`GET /api/notifications` pages by `after` (the last id seen), `limit` at a time, and its
+    answer holds no cursor: its operation said only "oldest first", no description at all."""
+    from gateway_app.notifications import REPLAY_LIMIT
+
+    operation = _served_document(apps["gateway"])["paths"]["/api/notifications"]["get"]
+    description = operation["description"]
+    assert f"1–{REPLAY_LIMIT}, 100 unless given" in description
+    assert "with `after` the last one's `id`" in description
+    limit = next(p for p in operation["parameters"] if p["name"] == "limit")["schema"]
+    assert (limit["minimum"], limit["maximum"], limit["default"]) == (1, REPLAY_LIMIT, 100)
+
+
 def test_each_documents_operations_are_named_as_the_contract_has_them(apps):
     """Every operation of each document, by method and path, with the operationId it is named by
     (its view's name), no more and no other."""
