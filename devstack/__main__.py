@@ -27,14 +27,14 @@ def run() -> int:
                   with_flower=True, quiet=False)
     env_file = run_dir / "env"
     wrote_env_file = False  # (a run that could not start leaves a running one's file alone)
-    started = False
+    said_why_it_could_not_start = False  # (then that is its last line)
     try:
         try:
             stack.start()
         except (RuntimeError, TimeoutError) as exc:  # (each says what kept it from starting)
             print(f"[devstack] could not start: {exc}", file=sys.stderr, flush=True)
+            said_why_it_could_not_start = True
             return 1
-        started = True
         stack.write_env_file(env_file)
         wrote_env_file = True
         print_urls(stack, env_file)
@@ -53,7 +53,7 @@ def run() -> int:
         stack.stop()
         if wrote_env_file:
             env_file.unlink(missing_ok=True)
-        if started:
+        if not said_why_it_could_not_start:
             say_stopped()
 
 

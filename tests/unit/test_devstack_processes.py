@@ -542,12 +542,14 @@ def test_a_make_run_that_cannot_start_leaves_the_running_ones_settings_file(tmp_
     assert running_ones.read_text() == "REDIS_URL=redis://127.0.0.1:40001/0\n"
 
 
-def _make_run(tmp_path, shop: list[str]) -> subprocess.Popen:
+def _make_run(tmp_path, shop: list[str], start_hangs: bool = False) -> subprocess.Popen:
     """`python -m devstack run` (run_main), its folder the test's, its shop the one process
-    `shop`, whose pid it prints first; its stderr read too."""
+    `shop`, whose pid it prints first (then, if `start_hangs`, its start never ends); its stderr
+    read too."""
     program = textwrap.dedent(
         f"""
         import os
+        import time
         from pathlib import Path
         import devstack.__main__ as make_run
         from devstack.processes import ManagedProcess, ProcessGroup
@@ -560,6 +562,8 @@ def _make_run(tmp_path, shop: list[str]) -> subprocess.Popen:
                 shop = ManagedProcess("shop", {shop!r}, os.environ, self.logs_dir / "shop.log",
                                       self.run_dir)
                 print(self._group.start(shop).pid, flush=True)
+                while {start_hangs!r}:
+                    time.sleep(1)
                 return self
 
         make_run.REPO_ROOT, make_run.Stack = Path({str(tmp_path)!r}), OneProcess
@@ -570,14 +574,14 @@ def _make_run(tmp_path, shop: list[str]) -> subprocess.Popen:
 
 
 @contextlib.contextmanager
-def _make_run_ready(tmp_path, shop: list[str]):
-    """A _make_run, given as (run, the shop's pid) once it says Ctrl-C stops everything; killed
-    on the way out if still running, its shop's process group with it if still there (what the
-    test leaves, if it fails)."""
-    run, pid = _make_run(tmp_path, shop), None
+def _make_run_ready(tmp_path, shop: list[str], start_hangs: bool = False):
+    """A _make_run, given as (run, the shop's pid) once it says Ctrl-C stops everything (if
+    `start_hangs`, once its shop has started); killed on the way out if still running, its shop's
+    process group with it if still there (what the test leaves, if it fails)."""
+    run, pid = _make_run(tmp_path, shop, start_hangs), None
     try:
         pid = int(line_within(run.stdout, 30, "the shop's pid"))
-        while (line := line_within(run.stdout, 30, "the run to start")) and (
+        while not start_hangs and (line := line_within(run.stdout, 30, "the run to start")) and (
                 line != "Ctrl-C stops everything.\n"):
             pass
         yield run, pid
@@ -605,6 +609,18 @@ def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
         assert err == "\n[devstack] stopping...\n[devstack] stopped.\n"
         assert gone(sleep)
         assert not (tmp_path / ".run" / "env").exists()
+
+
+def test_ctrl_c_as_make_run_starts_stops_what_it_started_and_says_so_last(tmp_path):
+    """A Ctrl-C before the shop is up stops what was started, and the run's last line says it has
+    stopped, as once the shop is up: "stopping..." was its last."""
+    with _make_run_ready(tmp_path, ["sleep", "300"], start_hangs=True) as (run, sleep):
+        run.send_signal(signal.SIGINT)
+
+        out, err = run.communicate(timeout=30)
+        assert run.returncode == -signal.SIGINT, err
+        assert err == "\n[devstack] stopping...\n[devstack] stopped.\n"
+        assert gone(sleep)
 
 
 def test_ctrl_c_stops_make_run_even_when_saying_so_fails(tmp_path):
