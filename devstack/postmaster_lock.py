@@ -211,6 +211,8 @@ def server_may_run_on(pgdata: Path, host: str) -> tuple[bool, str]:
     except FileNotFoundError:
         on_it, found = _a_postgres_on(pgdata)
         return on_it, f"it has no {LOCK_FILE}, and {found}"
+    except OSError as error:  # (not ours to read, or the disk failing: nothing can be told)
+        return True, f"its {LOCK_FILE} cannot be read ({error.strerror}), so nothing can be told"
     if _whole(text):  # (yet not PostmasterLock.read's: its port line is no port)
         return True, (f"its {LOCK_FILE} names a port no server writes"
                       f" ({text.splitlines()[_PORT_LINE]!r}), so whether a server runs on it"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import (BigInteger, Boolean, DateTime, Index, Integer, LargeBinary, SmallInteger,
                         String, Text, false, func, text)
@@ -81,9 +81,3 @@ def database_now(session: Session) -> datetime:
     age had every new message swept at once, and a handler behind the sweeper's clock had its try
     taken for lost."""
     return session.scalar(text("SELECT clock_timestamp()"))
-
-
-def utc_now() -> datetime:
-    """Now, in UTC, by this process's clock: none of the inbox's own times (database_now's), but
-    a reference for those who compare with them from outside (the tests)."""
-    return datetime.now(timezone.utc)

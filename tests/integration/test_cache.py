@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 import orders_app
 import payments_app
@@ -381,6 +381,21 @@ def test_only_the_callbacks_safe_to_run_for_nothing_run_when_the_commits_answer_
             registering(session)
     assert lost and done == ["the failing one's", "the bump's"]
     assert "the bump broke" in caplog.text
+
+
+def test_a_flush_that_fails_as_the_block_ends_runs_no_callback(in_payments, user_id):
+    """A write refused as the block's end flushes it (an IntegrityError: an account made twice)
+    committed nothing: no callback runs, those registered also_if_unanswered included, which run
+    only for a COMMIT that failed."""
+    from payments_app.models import Account
+    done = []
+    with transaction() as session:
+        session.add(Account(user_id=user_id))
+    with pytest.raises(IntegrityError):
+        with transaction() as session:
+            after_commit(session, lambda: done.append("the bump's"), also_if_unanswered=True)
+            session.add(Account(user_id=user_id))
+    assert done == []
 
 
 class _Bump:

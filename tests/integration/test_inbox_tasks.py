@@ -12,7 +12,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import psycopg2
@@ -31,7 +31,7 @@ from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, driver_dsn, transaction
 from shared.inbox.handling import (PermanentMessageError, process_inbox_message,
                                    record_failed_attempt)
-from shared.inbox.model import InboxMessage, utc_now
+from shared.inbox.model import InboxMessage
 from shared.inbox.storing import ConsumedRecord
 from shared.inbox.sweeping import claim_stalled_messages
 from shared.outbox.writing import OutboxMessage
@@ -1647,7 +1647,8 @@ def _parked_first(message_ids: list[uuid.UUID]) -> None:
     """Park the messages a day before any other parked, one a second in the order given: the
     oldest parked, taken first by --all before any other test's."""
     with service_app("payments").app_context(), transaction() as session:
-        first = session.scalar(select(func.min(InboxMessage.parked_at))) or utc_now()
+        first = (session.scalar(select(func.min(InboxMessage.parked_at)))
+                 or datetime.now(timezone.utc))
         for position, message_id in enumerate(message_ids):
             session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
                             .values(parked_at=first - timedelta(days=1, seconds=-position),
@@ -1753,7 +1754,7 @@ def test_replay_all_says_how_many_records_never_parsed_it_left_parked(
     finally:  # (no other test's --all to count them)
         with service_app("payments").app_context(), transaction() as session:
             session.execute(update(InboxMessage).where(InboxMessage.message_id.in_(unparsed))
-                            .values(parked_at=None, processed_at=utc_now()))
+                            .values(parked_at=None, processed_at=func.clock_timestamp()))
 
 
 def test_replay_all_takes_each_message_once_though_one_parked_it_again_with_a_clock_ahead(
@@ -1769,7 +1770,7 @@ def test_replay_all_takes_each_message_once_though_one_parked_it_again_with_a_cl
     _parked_first(requests[:-1])
     with service_app("payments").app_context(), transaction() as session:
         session.execute(update(InboxMessage).where(InboxMessage.message_id == requests[-1])
-                        .values(parked_at=utc_now() + timedelta(seconds=20)))
+                        .values(parked_at=func.clock_timestamp() + timedelta(seconds=20)))
     handed_back: list[uuid.UUID] = []
     dispatched = parked._dispatched
 
@@ -1777,7 +1778,8 @@ def test_replay_all_takes_each_message_once_though_one_parked_it_again_with_a_cl
         handed_back.extend(message_ids)
         with service_app("payments").app_context(), transaction() as session:
             session.execute(update(InboxMessage).where(InboxMessage.message_id.in_(message_ids))
-                            .values(parked_at=utc_now(), last_error="ledger still closed"))
+                            .values(parked_at=func.clock_timestamp(),
+                                    last_error="ledger still closed"))
         return dispatched(service, message_ids, marked_at)
 
     monkeypatch.setattr(parked, "_dispatched", parked_again_at_once)
@@ -1791,7 +1793,7 @@ def test_replay_all_takes_each_message_once_though_one_parked_it_again_with_a_cl
     finally:  # (no other test's --all to take them up)
         with service_app("payments").app_context(), transaction() as session:
             session.execute(update(InboxMessage).where(InboxMessage.message_id.in_(requests))
-                            .values(parked_at=None, processed_at=utc_now()))
+                            .values(parked_at=None, processed_at=func.clock_timestamp()))
         _dispatched_batches()
 
 
