@@ -218,6 +218,87 @@ def test_an_operator_replays_or_discards_a_parked_outbox_row(in_orders, settings
         _delete_outbox_rows_of([too_large.id, *behind_it])
 
 
+def test_the_rows_listed_as_waiting_behind_a_parked_row_are_the_later_unparked_rows_of_its_key(
+        in_orders):
+    """`list --outbox` counts, for each parked row, the later rows of its topic and key that are
+    not parked: not the rows before it, nor those of its key on another topic, of another key, or
+    parked themselves (each of those counted for itself); a row of no key holds none back. (Counted
+    in one walk of the rows after the oldest listed, no longer a walk of every later row for each
+    parked one, shared.outbox.parked._waiting_behind.)"""
+    from shared.outbox.parked import parked_outbox_messages
+
+    topic, other_topic = (f"waiting-behind-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    key, other_key = (uuid.uuid4().hex for _ in range(2))
+    rows = [  # (name, topic, key, parked), in the order written
+        ("before", topic, key, False), ("parked", topic, key, True),
+        ("behind", topic, key, False), ("other topic", other_topic, key, False),
+        ("other key", topic, other_key, False), ("keyless parked", topic, None, True),
+        ("behind too", topic, key, False), ("parked later", topic, key, True),
+        ("behind the later", topic, key, False), ("keyless", topic, None, False)]
+    ids = {}
+    with transaction() as session:
+        for name, row_topic, row_key, is_parked in rows:
+            ids[name] = session.scalar(text(
+                "INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
+                " parked_at) VALUES (:message_id, :topic, :key, 'PaymentRequested', '{}',"
+                " :attempts, CASE WHEN :parked THEN now() END) RETURNING message_id"),
+                {"message_id": uuid.uuid4(), "topic": row_topic, "key": row_key,
+                 "attempts": int(is_parked), "parked": is_parked})
+    try:
+        with transaction() as session:
+            listed = {row.message_id: row.waiting_behind
+                      for row in parked_outbox_messages(session, 10_000)}
+        assert {name: listed[ids[name]] for name in ("parked", "keyless parked", "parked later")
+                } == {"parked": 3, "keyless parked": 0, "parked later": 1}
+        assert not set(listed) & {ids[name] for name, *_, is_parked in rows if not is_parked}
+    finally:
+        with transaction() as session:
+            session.execute(delete(OutboxMessage).where(
+                OutboxMessage.message_id.in_(ids.values())))
+
+
+def test_listing_parked_rows_walks_the_rows_behind_them_once_not_once_a_parked_row(in_orders):
+    """The rows behind parked ones, counted for `list --outbox`, are read in one walk: counted a
+    parked row at a time, each walked every later row (no index finds untried rows by topic and
+    key), and 80 parked with three million rows behind ran past the statement timeout. Measured
+    by the rows the listing's transaction read (pg_stat_xact_user_tables), not by a clock."""
+    from shared.outbox.parked import parked_outbox_messages
+
+    topic, parked_count, backlog = f"walked-once-{uuid.uuid4().hex[:8]}", 20, 5_000
+    keys = [uuid.uuid4().hex for _ in range(parked_count)]
+    insert = ("INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
+              " parked_at) SELECT gen_random_uuid(), :topic, key, 'PaymentRequested', '{}',"
+              " :attempts, CASE WHEN :attempts > 0 THEN now() END FROM unnest(CAST(:keys AS"
+              " text[])) AS key")
+    with transaction() as session:
+        session.execute(text(insert), {"topic": topic, "keys": keys, "attempts": 1})
+        session.execute(text(insert), {"topic": topic, "keys": keys, "attempts": 0})  # behind
+        session.execute(text(insert), {"topic": topic, "attempts": 0,
+                                       "keys": [uuid.uuid4().hex for _ in range(backlog)]})
+    try:
+        with transaction() as session:
+            in_the_table = session.scalar(text("SELECT count(*) FROM outbox_messages"))
+        with transaction() as session:
+            read_before = _outbox_rows_read(session)
+            listed = parked_outbox_messages(session, parked_count)
+            read = _outbox_rows_read(session) - read_before
+        assert [(row.topic, row.waiting_behind) for row in listed] == [(topic, 1)] * parked_count
+        # The listing may read the table (a small one) for the parked rows, and the count walks it
+        # once: twice the table. Counted a parked row at a time, they read it 21 times over.
+        assert read <= 2 * in_the_table, (read, in_the_table)
+    finally:
+        with transaction() as session:
+            session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+
+
+def _outbox_rows_read(session: Session) -> int:
+    """The outbox rows this session has read: by its transaction, and by those before it whose
+    counts it has not yet reported (within a transaction, only the reads grow it)."""
+    return session.scalar(text(
+        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+        " FROM pg_stat_xact_user_tables WHERE relname = 'outbox_messages'"))
+
+
 def test_a_parked_outbox_row_replayed_once_mended_goes_out_before_the_rows_behind_it(
         in_orders, settings, user_id):
     from tasks import parked
