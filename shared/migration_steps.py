@@ -138,7 +138,9 @@ def refuse_while_inbox_messages_await_of_another_version(
     """Refuse to take the inbox's envelope versions away while a message of a version other than 1
     that holds a payload awaits handling or lies parked (read whole by a release that knew its
     version, or parked for its type or payload): the release before reads every message as
-    version 1, and would hand it to its handler as such. One kept as its text, its version unknown
+    version 1, and would hand it to its handler as such. The way out said for a parked one is its
+    replay, for this release to handle it: a discard leaves undone what it was to do (tasks.parked).
+    One kept as its text, its version unknown
     as it came, holds no payload: that release leaves it parked, and a later one reads its version
     from its text again."""
     waiting = conn.scalar(sa.text(
@@ -149,10 +151,12 @@ def refuse_while_inbox_messages_await_of_another_version(
             f"{waiting} inbox message(s) of an envelope version other than 1 await handling or lie"
             " parked with their payload: the release before reads every message as version 1 and"
             " would hand them to their handlers so. With this release's shop running, let those"
-            " awaiting handling be handled, and give up on the parked ones (python -m tasks.parked"
-            f" discard {service} ID [ID ...], or --all for every parked message; `python -m"
-            f" tasks.parked list {service}` shows them), then stop the shop and downgrade again;"
-            f" {left_as}")
+            " awaiting handling be handled, and replay the parked ones once what parked them is"
+            f" mended, for it to handle them (python -m tasks.parked replay {service} ID [ID ...],"
+            f" or --all for every parked message; `python -m tasks.parked list {service}` shows"
+            " them); give one up (`discard` for `replay`) only if it is garbage, as what it was"
+            " to do is then never done (a payment event's order stays NEW). Then stop the shop and"
+            f" downgrade again; {left_as}")
 
 
 def create_index_concurrently(name: str, table: str, columns: list[str],

@@ -19,14 +19,24 @@ where a later release stored the one under that id in its own form: compare the 
 replaying it (psql "$PAYMENTS_DATABASE_URL" -c "SELECT message_id, type, payload, raw_value FROM
 inbox_messages WHERE message_id IN ('TAKEN_ID', 'PARKED_ID')", the taken id in its reason), and
 discard it if it is the same message in another form (10.5 and "10.50", a UUID in capitals).
-Replaying clears its park and its attempts and dispatches it to the service's worker, where it is
+
+Replaying, once what parked a message is mended, is the way out for nearly every message. Replaying
+clears its park and its attempts and dispatches it to the service's worker, where it is
 handled like a new message, and still at most once: its handler runs under a lock on its inbox
 row and marks it processed in the same transaction. A message kept as its text,
 its envelope version unknown as it came, is read again as a new message is, whole, and parked again
 if that read refuses it. A record that could not even be parsed holds no event to hand a handler,
 and stays parked (`replay --all` says how many it left so). Discarding marks it processed without
-handling it, so that Kafka delivering it again changes nothing; its row is pruned a retention after
-the discard. With --all, the inbox messages parked as the command begins are replayed (each
+handling it, so that Kafka delivering it again changes nothing while its row is kept, a retention
+after the discard (delivered again after that, it is stored and handled as a new message: never
+handled, no business key stops it). What it was to do is never done, and nothing else does it:
+nothing but a payment's result moves an order on from NEW. A PaymentRequested discarded (payments'
+inbox) leaves its order NEW, never paid for; a PaymentSucceeded (orders' inbox) leaves it NEW
+though the account was debited; a PaymentFailed leaves it NEW, never cancelled; an
+OrderStatusChanged (the gateway's) leaves its owner's open pages untold. The command says so in a
+WARNING line for each payment event it discards, naming its order (from its payload). Discard only
+what is garbage: a record that could not be parsed, the same message again in another form. With
+--all, the inbox messages parked as the command begins are replayed (each
 transaction's dispatched as it commits) or discarded CHANGED_PER_TRANSACTION a transaction, oldest
 parked first; should the database fail part way, the command says how many went through and exits
 1; interrupted (Ctrl-C), it says that at least so many went through (a batch committing as the
@@ -51,7 +61,11 @@ not the shop's is sent there instead, and the rows waiting behind it with it, in
 --all, the rows of one such topic: name the rows when they name several); on that topic they come
 after the rows of their keys written to it under its name meanwhile, which the relay, holding rows
 back by topic and key, did not hold behind them. A row whose topic is the shop's is refused so, and
-said to be replayed without it. Discarding deletes it, never to be sent, and the rows behind it go.
+said to be replayed without it. Discarding deletes it, never to be sent, and the rows behind it go:
+what it was to tell is never told, as for the inbox. A PaymentRequested row (orders') leaves its
+order NEW, never paid for; a PaymentSucceeded or PaymentFailed row (payments') leaves it NEW, the
+account debited for a success; the command warns of each as for the inbox. Replay the row once
+it can be sent; discard only what is garbage.
 """
 
 from __future__ import annotations
@@ -76,14 +90,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from shared.config import SERVICES, settings_or_exit
+from shared.contracts import PAYMENT_FAILED, PAYMENT_REQUESTED, PAYMENT_SUCCEEDED
 from shared.db import failure_in_a_line, transaction
 from shared.inbox.model import database_now
 from shared.inbox.parked import (discard_parked_messages, last_parked, never_parsed_parked,
-                                 parked_batch, parked_messages, unpark_messages)
+                                 orders_of_parked_messages, parked_batch, parked_messages,
+                                 unpark_messages)
 from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
-                                  parked_outbox_messages, parked_topics_not_relayed,
-                                  redirect_parked_outbox_messages, unpark_outbox_messages,
-                                  why_not_sent_on)
+                                  orders_of_parked_outbox_messages, parked_outbox_messages,
+                                  parked_topics_not_relayed, redirect_parked_outbox_messages,
+                                  unpark_outbox_messages, why_not_sent_on)
 from shared.quiet_interrupt import INTERRUPTED
 from shared.request_context import escaped_in_logs
 from shared.task_queues import QUEUES_UNREACHABLE
@@ -195,14 +211,38 @@ def _dispatched(service: str, message_ids: list[uuid.UUID], marked_at: datetime)
     return True
 
 
-def discard(service: str, message_ids: list[uuid.UUID] | None,
-            outbox: bool = False) -> Iterator[list[uuid.UUID]]:
+# The events whose discard leaves their order NEW for good: nothing but their handling (or, for
+# a PaymentRequested, its payment's result) moves a NEW order on.
+PAYMENT_EVENTS = (PAYMENT_REQUESTED, PAYMENT_SUCCEEDED, PAYMENT_FAILED)
+
+
+def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = False,
+            payments_left: list | None = None) -> Iterator[list[uuid.UUID]]:
     """Give up on parked messages (every one when `message_ids` is None); yields the ids each
-    transaction discarded, once it has committed."""
+    transaction discarded, once it has committed. Those of PAYMENT_EVENTS it discarded are added
+    to `payments_left`, when given, as the transaction that discarded them commits (each with its
+    message_id, type and order_id, None when its payload holds none)."""
+    noted = []
+
+    def noting_payments(change: _Change, orders_of: Callable) -> _Change:
+        def discard_noting_payments(session: Session,
+                                    message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
+            of_payments = orders_of(session, message_ids, PAYMENT_EVENTS)
+            discarded = change(session, message_ids)
+            kept = set(discarded)  # (one replayed meanwhile by another command is not)
+            noted[:] = [row for row in of_payments if row.message_id in kept]
+            return discarded
+        return discard_noting_payments
+
     with service_app(service).app_context():
         # (A discarded message is processed: it is never parked again.)
-        yield from _changed(discard_parked_messages, discard_parked_outbox_messages, message_ids,
-                            outbox, may_come_back=False)
+        for changed in _changed(
+                noting_payments(discard_parked_messages, orders_of_parked_messages),
+                noting_payments(discard_parked_outbox_messages, orders_of_parked_outbox_messages),
+                message_ids, outbox, may_come_back=False):
+            if payments_left is not None:
+                payments_left.extend(noted)
+            yield changed
 
 
 _Change = Callable[[Session, list[uuid.UUID] | None], list[uuid.UUID]]
@@ -348,10 +388,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if refused:
             command_parsers[args.command].error(refused)
-    never_parsed_left = NeverParsedLeft()
+    never_parsed_left, payments_left = NeverParsedLeft(), []
     act = (functools.partial(replay, to_topic=to_topic, from_topic=from_topic,
                              never_parsed_left=never_parsed_left)
-           if args.command == "replay" else discard)
+           if args.command == "replay" else functools.partial(discard, payments_left=payments_left))
     outcome = f"{args.service} {box}: {{}} message(s) {_OUTCOMES[args.command, args.outbox]}"
     if to_topic is not None:
         outcome += (f" to {to_topic}, with the rows behind them in their order, after the rows of"
@@ -363,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
             count += len(changed)
             if not args.all:
                 done.update(changed)
+            for payment in payments_left:  # (said as each transaction commits)
+                print(_order_left_new(args.service, box, payment), file=sys.stderr)
+            payments_left.clear()
     except _DATABASE_FAILURES as exc:
         # Each transaction that committed stays done, its messages no longer parked: the same
         # command again takes up the rest. (One whose COMMIT was cut off may have committed
@@ -396,6 +439,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{message_id}: not {args.command}ed ({whys.get(message_id, why)})",
               file=sys.stderr)
     return 1 if left else 0
+
+
+# What a discarded event of PAYMENT_EVENTS leaves undone, besides its order's status.
+_LEFT_UNDONE = {PAYMENT_REQUESTED: "never paid for",
+                PAYMENT_SUCCEEDED: "though its payment was taken (the account debited)",
+                PAYMENT_FAILED: "never cancelled"}
+
+
+def _order_left_new(service: str, box: str, payment) -> str:
+    """The WARNING line for a discarded event of PAYMENT_EVENTS: its order stays NEW."""
+    # (An order id as its producer wrote it: escaped, as a type is in `list`.)
+    order = (f"order {escaped_in_logs(payment.order_id)}" if payment.order_id is not None
+             else "its order (no order id in its payload)")
+    return (f"WARNING {service} {box}: {payment.message_id} {payment.type} discarded: {order}"
+            f" stays as it is (NEW), {_LEFT_UNDONE[payment.type]}; nothing else moves a NEW"
+            " order on")
 
 
 def _why_not_sent_on(service: str, message_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:

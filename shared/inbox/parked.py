@@ -104,6 +104,18 @@ def discard_parked_messages(session: Session, message_ids: list[uuid.UUID]) -> l
                           + func.coalesce(InboxMessage.last_error, ""))
 
 
+def orders_of_parked_messages(session: Session, message_ids: list[uuid.UUID],
+                              types: tuple[str, ...]):
+    """Those of the messages that are parked and of one of `types`, each with its message_id,
+    type and order_id: its payload's, as text, None when it holds none (a message kept as its
+    text, a payload without one)."""
+    return session.execute(
+        select(InboxMessage.message_id, InboxMessage.type,
+               InboxMessage.payload["order_id"].astext.label("order_id"))
+        .where(InboxMessage.message_id.in_(message_ids), InboxMessage.parked_at.is_not(None),
+               InboxMessage.type.in_(types))).all()
+
+
 def _update_parked(session: Session, message_ids: list[uuid.UUID], *conditions,
                    **values) -> list[uuid.UUID]:
     """Set `values` on those of the messages that are parked and meet `conditions`; returns their

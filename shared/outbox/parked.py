@@ -167,6 +167,17 @@ def discard_parked_outbox_messages(session: Session,
     return _change_parked_rows(session, _DISCARD, message_ids)
 
 
+def orders_of_parked_outbox_messages(session: Session, message_ids: list[uuid.UUID] | None,
+                                     types: tuple[str, ...]):
+    """Those of the parked rows (every one when `message_ids` is None) of one of `types`, each
+    with its message_id, type and order_id: its payload's, as text, None when it holds none."""
+    chosen, params = _named(message_ids)
+    return session.execute(text(
+        "SELECT message_id, type, envelope -> 'payload' ->> 'order_id' AS order_id"
+        f" FROM outbox_messages WHERE {PARKED_ROWS} AND type = ANY(:types){chosen}"),
+        {**params, "types": list(types)}).all()
+
+
 def _change_parked_rows(session: Session, statement: str,
                         message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
     """Run `statement` on the parked rows named (every one when `message_ids` is None); returns

@@ -1616,6 +1616,33 @@ def test_parked_messages_discarded_are_never_handled_and_their_repeats_are_dropp
         assert db.session.get(Account, user_id).balance == Decimal("10.00")
 
 
+def test_discarding_a_parked_payment_message_warns_that_its_order_stays_new(
+        settings, payments_inbox, user_id, capsys):
+    """Nothing else moves a NEW order on: a discarded PaymentRequested leaves its order NEW for
+    good, and the command says so in a WARNING line naming the order; a message of no payment
+    event (here a record never parsed) is discarded without one."""
+    from tasks import parked
+
+    order_id = uuid.uuid4()
+    request = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": user_id,
+                                            "amount": Decimal("4.00")}, None)
+    offset = uuid.uuid4().int % 10**9
+    assert payments_inbox([ConsumedRecord("task-test", 0, 0, None, encode(request.to_json()), {}),
+                           ConsumedRecord("task-test", 8, offset, None, b"{broken", {})]
+                          ) == [request.message_id]
+    with service_app("payments").app_context():
+        (never_parsed,) = db.session.scalars(select(InboxMessage.message_id).where(
+            InboxMessage.partition == 8, InboxMessage.offset == offset)).all()
+    _parked_first([request.message_id])
+
+    assert parked.main(["discard", "payments", str(request.message_id), str(never_parsed)]) == 0
+    said = capsys.readouterr()
+    assert said.out == "payments inbox: 2 message(s) discarded\n"
+    assert said.err.splitlines() == [
+        f"WARNING payments inbox: {request.message_id} PaymentRequested discarded: order"
+        f" {order_id} stays as it is (NEW), never paid for; nothing else moves a NEW order on"]
+
+
 def test_a_message_stored_long_ago_and_discarded_now_keeps_its_row_a_retention(
         settings, payments_inbox, user_id):
     """Its row is what makes a second delivery a repeat: the pruner counts from the discard."""
@@ -1695,16 +1722,25 @@ def test_all_parked_messages_go_a_batch_a_transaction_and_a_failure_leaves_the_b
     said = capsys.readouterr()
     outcome = "handed back to be handled" if command == "replay" else "discarded"
     assert said.out == ""
-    assert said.err.count("\n") == 1 and "Traceback" not in said.err
-    assert said.err.startswith(f"payments inbox: {changed_first} message(s) {outcome} before the"
-                               " database failed")
-    assert "run it again" in said.err and "locked by another session" in said.err
+    # (A discarded PaymentRequested is warned of, as its transaction commits: those of the first.)
+    *warnings, failure = said.err.splitlines()
+    assert len(warnings) == (0 if command == "replay" else changed_first - 1)  # (one unparsed)
+    assert all(line.startswith("WARNING payments inbox: ") for line in warnings)
+    assert "Traceback" not in said.err
+    assert failure.startswith(f"payments inbox: {changed_first} message(s) {outcome} before the"
+                              " database failed")
+    assert "run it again" in failure and "locked by another session" in failure
     still_parked = [m for m in in_order if _row(m).parked_at is not None]
     assert still_parked == ([unparsed] if command == "replay" else []) + in_order[10:]
 
     assert parked.main([command, "payments", "--all"]) == 0
     said = capsys.readouterr()
-    assert said.err == "" and f"message(s) {outcome}" in said.out
+    if command == "replay":
+        assert said.err == ""
+    else:  # (any other test's parked messages discarded too)
+        warned_of = {line.split()[3] for line in said.err.splitlines()}
+        assert warned_of >= {str(message_id) for message_id in in_order[10:]}
+    assert f"message(s) {outcome}" in said.out
     for message_id in in_order:
         row = _row(message_id)
         assert (row.parked_at is not None) == (command == "replay" and message_id == unparsed)

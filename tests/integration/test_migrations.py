@@ -329,10 +329,12 @@ def test_the_envelope_versions_downgrade_waits_for_the_messages_the_release_befo
     assert len(errors) == 1 and errors[0].startswith("ERROR"), migrating.stderr
     assert ("1 inbox message(s) of an envelope version other than 1 await handling or lie parked"
             " with their payload") in errors[0]
-    # The way out, in commands to run, the shop stopped before the downgrade (as the parking's).
-    assert f"python -m tasks.parked discard {service} ID [ID ...], or --all" in errors[0]
+    # The way out, in commands to run, the shop stopped before the downgrade (as the parking's):
+    # a replay, for this release to handle the message (a discard leaves undone what it was to do).
+    assert f"python -m tasks.parked replay {service} ID [ID ...], or --all" in errors[0]
     assert f"python -m tasks.parked list {service}` shows them" in errors[0]
-    assert "then stop the shop and downgrade again; nothing was downgraded" in errors[0]
+    assert "only if it is garbage" in errors[0]
+    assert "Then stop the shop and downgrade again; nothing was downgraded" in errors[0]
     assert _schema(url) == schema
 
     with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
@@ -416,20 +418,20 @@ def test_the_envelope_versions_own_step_refuses_under_its_lock_what_was_asked_be
         config, url, BELOW_THE_ENVELOPE_VERSION[service], stays_at=envelope_version, schema=schema,
         begins="1 inbox message(s) of an envelope version other than 1",
         ends="the database stays at the revision that keeps envelope versions, with the messages"
-             " as they were", service=service)
+             " as they were", service=service, way_out="replay")
 
 
 def _assert_its_step_refuses(config, url: str, before: str, stays_at: str, schema, begins: str,
-                             ends: str, service: str) -> None:
+                             ends: str, service: str, way_out: str = "discard") -> None:
     """A downgrade to `before` run by alembic alone (no question asked before any revision goes
     down) is refused by a revision's own step, in words that begin and end so, naming the
-    service's commands (it said `discard SERVICE`), the database left at `stays_at` with its
-    `schema`."""
+    service's commands (it said `discard SERVICE`; `way_out` is the one it names), the database
+    left at `stays_at` with its `schema`."""
     with pytest.raises(DowngradeRefused) as refused:
         command.downgrade(config, before)
     assert str(refused.value).startswith(begins)
     assert str(refused.value).endswith(ends)
-    assert f"python -m tasks.parked discard {service} " in str(refused.value)
+    assert f"python -m tasks.parked {way_out} {service} " in str(refused.value)
     assert "SERVICE" not in str(refused.value)
     assert _scalar(url, "SELECT version_num FROM alembic_version") == stays_at
     assert _schema(url) == schema

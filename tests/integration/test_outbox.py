@@ -207,7 +207,12 @@ def test_an_operator_replays_or_discards_a_parked_outbox_row(in_orders, settings
         assert row.parked_at is not None and row.attempts == 2  # parked again
         assert len(_outbox_rows_for(behind_it)) == 2
 
+        capsys.readouterr()
         assert parked.main(["discard", "orders", "--outbox", str(message_id)]) == 0
+        assert capsys.readouterr().err == (  # (its envelope padded over: no payload)
+            f"WARNING orders outbox: {message_id} PaymentRequested discarded: its order (no order"
+            " id in its payload) stays as it is (NEW), never paid for; nothing else moves a NEW"
+            " order on\n")
         assert parked.main(["discard", "orders", "--outbox", str(message_id)]) == 1  # gone
         _relay_all(publisher)
         db.session.rollback()
@@ -297,6 +302,34 @@ def _outbox_rows_read(session: Session) -> int:
     return session.scalar(text(
         "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
         " FROM pg_stat_xact_user_tables WHERE relname = 'outbox_messages'"))
+
+
+def test_discarding_a_parked_payment_request_row_warns_that_its_order_stays_new(
+        in_orders, capsys):
+    """The row of a PaymentRequested discarded, its order is never paid for and stays NEW: the
+    command says so in a WARNING line naming the order; a row of another event, without one."""
+    from tasks import parked
+
+    order_id, topic = uuid.uuid4(), f"discarded-{uuid.uuid4().hex[:8]}"
+    ids = {}
+    with transaction() as session:
+        for event_type in (PAYMENT_REQUESTED, ORDER_STATUS_CHANGED):
+            ids[event_type] = session.scalar(text(
+                "INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
+                " parked_at) VALUES (gen_random_uuid(), :topic, :key, :type, CAST(:envelope AS"
+                " json), 1, now()) RETURNING message_id"),
+                {"topic": topic, "key": str(order_id), "type": event_type,
+                 "envelope": json.dumps({"payload": {"order_id": str(order_id)}})})
+    try:
+        assert parked.main(["discard", "orders", "--outbox", *map(str, ids.values())]) == 0
+        said = capsys.readouterr()
+        assert said.out == "orders outbox: 2 message(s) discarded\n"
+        assert said.err.splitlines() == [
+            f"WARNING orders outbox: {ids[PAYMENT_REQUESTED]} PaymentRequested discarded: order"
+            f" {order_id} stays as it is (NEW), never paid for; nothing else moves a NEW order on"]
+    finally:
+        with transaction() as session:
+            session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
 
 
 def test_a_parked_outbox_row_replayed_once_mended_goes_out_before_the_rows_behind_it(
