@@ -267,10 +267,14 @@ def _all_changed_in_transactions(change: _Change,
     a time in the order they were parked; yields the ids each transaction changed, as it commits.
     Those parked once it has begun are left alone: a replayed message that is parked again at
     once is not taken up again and again. (Bounded by the last parked as it began, and also, when
-    a changed message `may_come_back` parked again, by the ids it has taken: `parked_at` of a
-    record parked as it was stored comes from the clock of the consumer that stored it, and a
-    message parked again, by the database's clock, can sort before a bound a consumer whose clock
-    runs ahead set, after the batch that took it.)"""
+    a changed message `may_come_back` parked again, by the ids it has taken. Every park of this
+    release is stamped by the database's clock, clock_timestamp(), a record parked as it is stored
+    too, since fecf044, so a message parked again after this command replayed it mostly sorts
+    after the bound. The ids taken still keep one from being taken twice where it does not: rows
+    parked by an earlier release, whose consumers stamped a record parked as it was stored by
+    their own clock, which may run ahead and set the bound itself in the future; and a park
+    stamped at or before the bound whose transaction commits after the bound was read, as a
+    stamp is the clock as its statement runs, not as it commits.)"""
     with transaction() as session:
         through = last_parked(session)
     after = None

@@ -21,9 +21,12 @@ def prune_handled_messages(session: Session, cutoff: datetime, limit: int) -> in
     The inbox's own dedup of a message lasts as long as its row. Kafka may deliver a message
     again later than that (it deletes records a segment at a time, so a record can outlive its
     topic's retention, and a group whose offsets expired starts again from the earliest), and
-    then it is stored and handled anew: the handlers' business keys make that a no-op (one
-    payment per order, a final order status never changes, one notification per message).
-    Parked messages are kept, for an operator.
+    then it is stored and handled anew: for a message that was handled, the handlers' business
+    keys make that a no-op (one payment per order, a final order status never changes, one
+    notification per message); one that was discarded is handled then for the first time (a
+    PaymentRequested is paid, or refused). Discarded rows are told from handled ones only by
+    their error's words, and kept longer they would be passed over in the index by every run:
+    the README says so instead. Parked messages are kept, for an operator.
     """
     result = session.execute(_PRUNE, {"cutoff": cutoff, "limit": limit})
     return result.rowcount
