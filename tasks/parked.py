@@ -452,13 +452,15 @@ _LEFT_UNDONE = {PAYMENT_REQUESTED: "never paid for",
 
 
 def _order_left_new(service: str, box: str, payment) -> str:
-    """The WARNING line for a discarded event of PAYMENT_EVENTS: its order stays NEW."""
+    """The WARNING line for a discarded event of PAYMENT_EVENTS: its order stays NEW, unless the
+    event was handled under another id (a copy in another form, discarded as such: only the
+    order's own service can tell, which this command does not read)."""
     # (An order id as its producer wrote it: escaped, as a type is in `list`.)
     order = (f"order {escaped_in_logs(payment.order_id)}" if payment.order_id is not None
              else "its order (no order id in its payload)")
     return (f"WARNING {service} {box}: {payment.message_id} {payment.type} discarded: {order}"
-            f" stays as it is (NEW), {_LEFT_UNDONE[payment.type]}; nothing else moves a NEW"
-            " order on")
+            f" stays as it is (NEW), {_LEFT_UNDONE[payment.type]}, unless another copy of"
+            " this event was handled (its status tells); nothing else moves a NEW order on")
 
 
 def _why_not_sent_on(service: str, message_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:

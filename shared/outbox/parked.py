@@ -51,7 +51,7 @@ def _waiting_behind(session: Session, parked) -> dict[int, int]:
     80 parked and three million rows behind, `list --outbox` ran past the statement timeout. Their
     keys are given as constants, which PostgreSQL looks a row's key up in by hashing, and the
     count is a window over the rows of those keys with the parked rows among them, by topic and
-    key, newest first."""
+    key, newest first: a listed row replayed between the two reads is not counted behind itself."""
     keyed = [row for row in parked if row.key is not None]
     if not keyed:
         return {}
@@ -70,6 +70,7 @@ SELECT id, waiting_behind FROM (
           UNION ALL
           SELECT id, topic, key, false FROM outbox_messages
           WHERE id > :first_id AND parked_at IS NULL AND key = ANY(:their_keys)
+                AND NOT id = ANY(CAST(:ids AS bigint[]))
          ) AS of_their_keys
 ) AS counted WHERE parked""")
 

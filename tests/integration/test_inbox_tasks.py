@@ -1640,7 +1640,9 @@ def test_discarding_a_parked_payment_message_warns_that_its_order_stays_new(
     assert said.out == "payments inbox: 2 message(s) discarded\n"
     assert said.err.splitlines() == [
         f"WARNING payments inbox: {request.message_id} PaymentRequested discarded: order"
-        f" {order_id} stays as it is (NEW), never paid for; nothing else moves a NEW order on"]
+        f" {order_id} stays as it is (NEW), never paid for,"
+        " unless another copy of this event was handled (its status tells);"
+        " nothing else moves a NEW order on"]
 
 
 def test_a_message_stored_long_ago_and_discarded_now_keeps_its_row_a_retention(

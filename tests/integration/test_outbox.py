@@ -211,7 +211,9 @@ def test_an_operator_replays_or_discards_a_parked_outbox_row(in_orders, settings
         assert parked.main(["discard", "orders", "--outbox", str(message_id)]) == 0
         assert capsys.readouterr().err == (  # (its envelope padded over: no payload)
             f"WARNING orders outbox: {message_id} PaymentRequested discarded: its order (no order"
-            " id in its payload) stays as it is (NEW), never paid for; nothing else moves a NEW"
+            " id in its payload) stays as it is (NEW), never paid for,"
+            " unless another copy of this event was handled (its status tells);"
+            " nothing else moves a NEW"
             " order on\n")
         assert parked.main(["discard", "orders", "--outbox", str(message_id)]) == 1  # gone
         _relay_all(publisher)
@@ -326,7 +328,9 @@ def test_discarding_a_parked_payment_request_row_warns_that_its_order_stays_new(
         assert said.out == "orders outbox: 2 message(s) discarded\n"
         assert said.err.splitlines() == [
             f"WARNING orders outbox: {ids[PAYMENT_REQUESTED]} PaymentRequested discarded: order"
-            f" {order_id} stays as it is (NEW), never paid for; nothing else moves a NEW order on"]
+            f" {order_id} stays as it is (NEW), never paid for,"
+            " unless another copy of this event was handled (its status tells);"
+            " nothing else moves a NEW order on"]
     finally:
         with transaction() as session:
             session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
