@@ -42,6 +42,7 @@ from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, 
                          sweep_inbox, tasks_waiting)
 from tasks.services import service_app
 from tests.celery_tools import worker_optimizations
+from tests.discard_warnings import order_left_new
 from tests.clock_tools import inbox_clock_off_by
 from tests.polling import wait_for
 from tests.postgres_tools import (account_row_held, ending_its_session_by_a_driver_cursor,
@@ -1639,10 +1640,7 @@ def test_discarding_a_parked_payment_message_warns_that_its_order_stays_new(
     said = capsys.readouterr()
     assert said.out == "payments inbox: 2 message(s) discarded\n"
     assert said.err.splitlines() == [
-        f"WARNING payments inbox: {request.message_id} PaymentRequested discarded: order"
-        f" {order_id} stays as it is (NEW), never paid for,"
-        " unless another copy of this event was handled (its status tells);"
-        " nothing else moves a NEW order on"]
+        order_left_new("payments inbox", request.message_id, order_id)]
 
 
 def test_a_message_stored_long_ago_and_discarded_now_keeps_its_row_a_retention(

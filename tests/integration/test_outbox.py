@@ -39,6 +39,7 @@ from shared.outbox.writing import OutboxMessage, add_outbox_message, outbox_rows
 from shared.relay_leader import UNLOCK_WAIT_SECONDS, RelayLeaderConnection, _cut_off_after
 from shared.request_context import request_id_bound
 from tasks.services import service_app
+from tests.discard_warnings import order_left_new
 from tests.kafka_tools import (librdkafka_threads, read_topic, read_topic_until,
                                wait_for_librdkafka_threads)
 from tests.network_tools import SilencingProxy
@@ -327,10 +328,7 @@ def test_discarding_a_parked_payment_request_row_warns_that_its_order_stays_new(
         said = capsys.readouterr()
         assert said.out == "orders outbox: 2 message(s) discarded\n"
         assert said.err.splitlines() == [
-            f"WARNING orders outbox: {ids[PAYMENT_REQUESTED]} PaymentRequested discarded: order"
-            f" {order_id} stays as it is (NEW), never paid for,"
-            " unless another copy of this event was handled (its status tells);"
-            " nothing else moves a NEW order on"]
+            order_left_new("orders outbox", ids[PAYMENT_REQUESTED], order_id)]
     finally:
         with transaction() as session:
             session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
