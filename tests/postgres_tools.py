@@ -2,8 +2,8 @@
 at once, as a restart would, or each one waiting on a lock a session holds, a transaction
 stalled holding an account's row, an app's pool with no connection free, what the other sessions
 are doing, waiting for some of them to wait on a lock, two transactions made to meet on one, the
-sign-out lookups an engine sends, a session ending its own connection, and a COMMIT carried out
-whose answer is lost."""
+sign-out lookups an engine sends, a session ending its own connection, a COMMIT carried out
+whose answer is lost, and another transaction's change committed as a statement runs."""
 
 from __future__ import annotations
 
@@ -235,3 +235,41 @@ def the_next_commits_answer_lost(engine: Engine) -> Iterator[list[bool]]:
         yield made
     finally:
         dialect.__dict__.pop("do_commit", None)
+
+
+@contextmanager
+def called_at_the_first_statement_naming(words: str, call: Callable[[], object], *,
+                                         before: bool) -> Iterator[list[bool]]:
+    """Within the block, `call` is called once: just before the first statement of this process
+    holding `words` is sent (`before`), or once it has run; yields a list that then holds True.
+    (Another transaction's change that `call` commits just before a statement is one that the
+    statement sees under READ COMMITTED, and the statements before it in its transaction did
+    not.)"""
+    called: list[bool] = []
+    moment = "before_cursor_execute" if before else "after_cursor_execute"
+
+    def call_once(connection, cursor, statement, parameters, context, executemany):
+        if called or words not in statement:
+            return
+        call()
+        called.append(True)
+
+    event.listen(Engine, moment, call_once)
+    try:
+        yield called
+    finally:
+        event.remove(Engine, moment, call_once)
+
+
+def committed_on_a_connection_of_its_own(database_url: str, statement: str,
+                                         params: tuple) -> int:
+    """Run `statement` (with `params`) on a connection of its own, its own transaction, committed
+    as it ends; returns how many rows it wrote."""
+    other = psycopg2.connect(driver_dsn(database_url))
+    try:
+        other.autocommit = True
+        with other.cursor() as cursor:
+            cursor.execute(statement, params)
+            return cursor.rowcount
+    finally:
+        other.close()

@@ -21,8 +21,8 @@ from pathlib import Path
 import psycopg2
 import pytest
 from confluent_kafka.admin import AdminClient
-from sqlalchemy import delete, event, func, select, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from devstack.infra import free_port, start_and_wait_for_broker, start_broker
@@ -43,8 +43,9 @@ from tests.discard_warnings import order_left_new
 from tests.kafka_tools import (librdkafka_threads, read_topic, read_topic_until,
                                wait_for_librdkafka_threads)
 from tests.network_tools import SilencingProxy
-from tests.postgres_tools import (other_sessions, terminate_backend,
-                                  wait_for_sessions_waiting_on_a_lock)
+from tests.postgres_tools import (called_at_the_first_statement_naming,
+                                  committed_on_a_connection_of_its_own, other_sessions,
+                                  terminate_backend, wait_for_sessions_waiting_on_a_lock)
 from tests.polling import wait_for
 from tests.process_tools import start_child
 
@@ -605,8 +606,9 @@ def test_a_row_of_the_old_topic_committed_as_rows_are_sent_on_is_never_moved_unc
     stray = str(uuid.uuid4())
     to = settings.topic_payment_requested
     try:
-        with _committed_after_the_first_statement_naming(
-                "WITH chosen AS", settings, like, stray) as inserted:
+        with called_at_the_first_statement_naming(
+                "WITH chosen AS", before=False,
+                call=lambda: _commit_a_row_of_another_type_like(settings, like, stray)) as inserted:
             asked = ["--all"] if under_all else [str(rows[str(first)].message_id)]
             assert parked.main(["replay", "orders", "--outbox", "--to-topic", to, *asked]) == 0
         assert inserted, "no row committed: the statement looked for was not run"
@@ -621,44 +623,17 @@ def test_a_row_of_the_old_topic_committed_as_rows_are_sent_on_is_never_moved_unc
         _delete_outbox_rows_of([first, *behind, keyless, stray])
 
 
-@contextmanager
-def _committed_after_the_first_statement_naming(words: str, settings, like: uuid.UUID,
-                                                 correlation_id: str) -> Iterator[list[bool]]:
-    """Within the block, once the first statement of this process holding `words` has run, a row
-    like the row `like` (its topic, key, park) but of ORDER_STATUS_CHANGED events is committed by
-    another connection, its correlation id `correlation_id`; yields a list that then holds True."""
-    inserted: list[bool] = []
-
-    def insert_once(connection, cursor, statement, parameters, context, executemany):
-        if inserted or words not in statement:
-            return
-        _commit_a_row_of_another_type_like(settings, like, correlation_id)
-        inserted.append(True)
-
-    event.listen(Engine, "after_cursor_execute", insert_once)
-    try:
-        yield inserted
-    finally:
-        event.remove(Engine, "after_cursor_execute", insert_once)
-
-
 def _commit_a_row_of_another_type_like(settings, like: uuid.UUID, correlation_id: str) -> None:
     """Commit, on a connection of its own, a row like the row `like` (its topic, key, park) but of
     ORDER_STATUS_CHANGED events, its correlation id `correlation_id`: as a row written with it
     (behind it, when `like` is a parked row's or one waiting behind one)."""
-    other = psycopg2.connect(driver_dsn(settings.database_url("orders")))
-    try:
-        other.autocommit = True  # (the INSERT its own transaction, committed as it ends)
-        with other.cursor() as cursor:
-            cursor.execute(
-                "INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id,"
-                " envelope, attempts, last_error, parked_at)"
-                " SELECT %s, topic, key, %s, %s, envelope, attempts, last_error, parked_at"
-                " FROM outbox_messages WHERE message_id = %s",
-                (str(uuid.uuid4()), ORDER_STATUS_CHANGED, correlation_id, str(like)))
-            assert cursor.rowcount == 1
-    finally:
-        other.close()
+    assert committed_on_a_connection_of_its_own(
+        settings.database_url("orders"),
+        "INSERT INTO outbox_messages (message_id, topic, key, type, correlation_id, envelope,"
+        " attempts, last_error, parked_at)"
+        " SELECT %s, topic, key, %s, %s, envelope, attempts, last_error, parked_at"
+        " FROM outbox_messages WHERE message_id = %s",
+        (str(uuid.uuid4()), ORDER_STATUS_CHANGED, correlation_id, str(like))) == 1
 
 
 def _outbox_rows_as_read(order_ids) -> list[tuple]:
