@@ -84,6 +84,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 import psycopg2
 from sqlalchemy.exc import SQLAlchemyError
@@ -94,12 +95,11 @@ from shared.contracts import PAYMENT_FAILED, PAYMENT_REQUESTED, PAYMENT_SUCCEEDE
 from shared.db import failure_in_a_line, transaction
 from shared.inbox.model import database_now
 from shared.inbox.parked import (discard_parked_messages, last_parked, never_parsed_parked,
-                                 orders_of_parked_messages, parked_batch, parked_messages,
-                                 unpark_messages)
+                                 parked_batch, parked_messages, unpark_messages)
 from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
-                                  orders_of_parked_outbox_messages, parked_outbox_messages,
-                                  parked_topics_not_relayed, redirect_parked_outbox_messages,
-                                  unpark_outbox_messages, why_not_sent_on)
+                                  parked_outbox_messages, parked_topics_not_relayed,
+                                  redirect_parked_outbox_messages, unpark_outbox_messages,
+                                  why_not_sent_on)
 from shared.quiet_interrupt import INTERRUPTED
 from shared.request_context import escaped_in_logs
 from shared.task_queues import QUEUES_UNREACHABLE
@@ -211,9 +211,13 @@ def _dispatched(service: str, message_ids: list[uuid.UUID], marked_at: datetime)
     return True
 
 
-# The events whose discard leaves their order NEW for good: nothing but their handling (or, for
-# a PaymentRequested, its payment's result) moves a NEW order on.
-PAYMENT_EVENTS = (PAYMENT_REQUESTED, PAYMENT_SUCCEEDED, PAYMENT_FAILED)
+# The events whose discard leaves their order NEW for good, each with what it leaves undone
+# besides its order's status: nothing but their handling (or, for a PaymentRequested, its
+# payment's result) moves a NEW order on.
+_LEFT_UNDONE = {PAYMENT_REQUESTED: "never paid for",
+                PAYMENT_SUCCEEDED: "though its payment was taken (the account debited)",
+                PAYMENT_FAILED: "never cancelled"}
+PAYMENT_EVENTS = tuple(_LEFT_UNDONE)
 
 
 def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = False,
@@ -221,38 +225,29 @@ def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fa
     """Give up on parked messages (every one when `message_ids` is None); yields the ids each
     transaction discarded, once it has committed. Those of PAYMENT_EVENTS it discarded are added
     to `payments_left`, when given, as the transaction that discarded them commits (each with its
-    message_id, type and order_id, None when its payload holds none)."""
-    noted = []
-
-    def noting_payments(change: _Change, orders_of: Callable) -> _Change:
-        def discard_noting_payments(session: Session,
-                                    message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
-            of_payments = orders_of(session, message_ids, PAYMENT_EVENTS)
-            discarded = change(session, message_ids)
-            kept = set(discarded)  # (one replayed meanwhile by another command is not)
-            noted[:] = [row for row in of_payments if row.message_id in kept]
-            return discarded
-        return discard_noting_payments
-
+    message_id, type and order_id, None when its payload holds none), as the statement that
+    discarded them returned them: a message parked as it ran, and discarded, is among them."""
     with service_app(service).app_context():
         # (A discarded message is processed: it is never parked again.)
-        for changed in _changed(
-                noting_payments(discard_parked_messages, orders_of_parked_messages),
-                noting_payments(discard_parked_outbox_messages, orders_of_parked_outbox_messages),
-                message_ids, outbox, may_come_back=False):
+        for discarded in _changed(discard_parked_messages, discard_parked_outbox_messages,
+                                  message_ids, outbox, may_come_back=False):
             if payments_left is not None:
-                payments_left.extend(noted)
-            yield changed
+                payments_left.extend(row for row in discarded if row.type in PAYMENT_EVENTS)
+            yield [row.message_id for row in discarded]
 
 
-_Change = Callable[[Session, list[uuid.UUID] | None], list[uuid.UUID]]
+_Changed = TypeVar("_Changed")
+# A change made to the messages named: returns those it changed (their ids, or rows holding them).
+_Change = Callable[[Session, list[uuid.UUID] | None], list[_Changed]]
 
 
-def _changed(inbox_change: _Change, outbox_change: _Change, message_ids: list[uuid.UUID] | None,
-             outbox: bool, may_come_back: bool) -> Iterator[list[uuid.UUID]]:
+def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
+             message_ids: list[uuid.UUID] | None, outbox: bool,
+             may_come_back: bool) -> Iterator[list[_Changed]]:
     """Run the change on the messages named, or on the outbox's every parked row when
     `message_ids` is None, in one transaction; on every parked inbox message in batches
-    (`_all_changed_in_transactions`). Yields the ids each transaction changed, as it commits."""
+    (`_all_changed_in_transactions`). Yields what each transaction's change returned (the
+    messages it changed), as it commits."""
     if message_ids is None and not outbox:
         yield from _all_changed_in_transactions(inbox_change, may_come_back)
         return
@@ -261,10 +256,10 @@ def _changed(inbox_change: _Change, outbox_change: _Change, message_ids: list[uu
     yield changed
 
 
-def _all_changed_in_transactions(change: _Change,
-                                 may_come_back: bool) -> Iterator[list[uuid.UUID]]:
+def _all_changed_in_transactions(change: _Change[_Changed],
+                                 may_come_back: bool) -> Iterator[list[_Changed]]:
     """Run `change` on every parked inbox message parked as it begins, CHANGED_PER_TRANSACTION at
-    a time in the order they were parked; yields the ids each transaction changed, as it commits.
+    a time in the order they were parked; yields what `change` returned in each, as it commits.
     Those parked once it has begun are left alone: a replayed message that is parked again at
     once is not taken up again and again. (Bounded by the last parked as it began, and also, when
     a changed message `may_come_back` parked again, by the ids it has taken. Every park of this
@@ -443,12 +438,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{message_id}: not {args.command}ed ({whys.get(message_id, why)})",
               file=sys.stderr)
     return 1 if left else 0
-
-
-# What a discarded event of PAYMENT_EVENTS leaves undone, besides its order's status.
-_LEFT_UNDONE = {PAYMENT_REQUESTED: "never paid for",
-                PAYMENT_SUCCEEDED: "though its payment was taken (the account debited)",
-                PAYMENT_FAILED: "never cancelled"}
 
 
 def _order_left_new(service: str, box: str, payment) -> str:

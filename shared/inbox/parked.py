@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import func, select, tuple_, update
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session, defer
 
 from shared.inbox.model import InboxMessage
@@ -77,9 +78,9 @@ def unpark_messages(session: Session, message_ids: list[uuid.UUID],
     a while and takes them up only if it was lost. A record that could not be parsed holds no
     event to hand a handler, and stays parked.
     """
-    return _update_parked(session, message_ids, InboxMessage.type.is_not(None),
-                          parked_at=None, attempts=0, try_open=False,
-                          last_attempt_at=marked_at or func.clock_timestamp())
+    return [row.message_id for row in _update_parked(
+        session, message_ids, InboxMessage.type.is_not(None), parked_at=None, attempts=0,
+        try_open=False, last_attempt_at=marked_at or func.clock_timestamp())]
 
 
 def never_parsed_parked(session: Session, message_ids: list[uuid.UUID]) -> int:
@@ -91,8 +92,12 @@ def never_parsed_parked(session: Session, message_ids: list[uuid.UUID]) -> int:
                InboxMessage.type.is_(None)))
 
 
-def discard_parked_messages(session: Session, message_ids: list[uuid.UUID]) -> list[uuid.UUID]:
-    """Give up on those of the messages that are parked, never to be handled; returns their ids.
+def discard_parked_messages(session: Session, message_ids: list[uuid.UUID]) -> list[Row]:
+    """Give up on those of the messages that are parked, never to be handled; returns a row for
+    each, with its message_id, type (None for a record never parsed) and order_id: its payload's,
+    as text, None when it holds none (a message kept as its text, a payload without one). Read by
+    the statement that discards them, so they are the messages it discarded, whatever was parked
+    or replayed as it ran.
 
     The row stays, marked processed with the error that parked it kept, so that the message,
     should Kafka deliver it again, is dropped as a repeat; it is pruned a retention after the
@@ -101,27 +106,17 @@ def discard_parked_messages(session: Session, message_ids: list[uuid.UUID]) -> l
     return _update_parked(session, message_ids, parked_at=None,
                           processed_at=func.clock_timestamp(),
                           last_error="discarded by an operator; parked for: "
-                          + func.coalesce(InboxMessage.last_error, ""))
-
-
-def orders_of_parked_messages(session: Session, message_ids: list[uuid.UUID],
-                              types: tuple[str, ...]):
-    """Those of the messages that are parked and of one of `types`, each with its message_id,
-    type and order_id: its payload's, as text, None when it holds none (a message kept as its
-    text, a payload without one)."""
-    return session.execute(
-        select(InboxMessage.message_id, InboxMessage.type,
-               InboxMessage.payload["order_id"].astext.label("order_id"))
-        .where(InboxMessage.message_id.in_(message_ids), InboxMessage.parked_at.is_not(None),
-               InboxMessage.type.in_(types))).all()
+                          + func.coalesce(InboxMessage.last_error, ""),
+                          returning=(InboxMessage.message_id, InboxMessage.type,
+                                     InboxMessage.payload["order_id"].astext.label("order_id")))
 
 
 def _update_parked(session: Session, message_ids: list[uuid.UUID], *conditions,
-                   **values) -> list[uuid.UUID]:
-    """Set `values` on those of the messages that are parked and meet `conditions`; returns their
-    ids."""
+                   returning=(InboxMessage.message_id,), **values) -> list[Row]:
+    """Set `values` on those of the messages that are parked and meet `conditions`; returns a row
+    of the `returning` columns (their id alone unless given) for each."""
     query = (update(InboxMessage)
              .where(InboxMessage.message_id.in_(message_ids), InboxMessage.parked_at.is_not(None),
                     *conditions)
-             .values(**values).returning(InboxMessage.message_id))
-    return list(session.scalars(query.execution_options(synchronize_session=False)))
+             .values(**values).returning(*returning))
+    return session.execute(query.execution_options(synchronize_session=False)).all()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import text
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from shared.outbox.relaying import PARKED_ROWS, UNKNOWN_TOPIC_ERROR_BEGINS
@@ -81,7 +83,7 @@ def unpark_outbox_messages(session: Session,
     again in their place, before the rows behind them (once what made the broker refuse the
     message, too large or invalid, is mended; one it still refuses so is parked again); returns
     their ids. The relay is woken as the caller's transaction commits."""
-    return _change_parked_rows(session, _UNPARK, message_ids)
+    return [row.message_id for row in _change_parked_rows(session, _UNPARK, message_ids)]
 
 
 class NotOfTheTopic(Exception):
@@ -161,31 +163,24 @@ def parked_topics_not_relayed(session: Session, relayed_topics: list[str]) -> li
 
 
 def discard_parked_outbox_messages(session: Session,
-                                   message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
+                                   message_ids: list[uuid.UUID] | None) -> list[Row]:
     """Delete parked rows (every one when `message_ids` is None), never to be sent, so that the
-    rows behind them go; returns their ids. The relay is woken as the caller's transaction
-    commits."""
-    return _change_parked_rows(session, _DISCARD, message_ids)
+    rows behind them go; returns a row for each, with its message_id, type and order_id: its
+    payload's, as text, None when it holds none. Read by the statement that deletes them, so they
+    are the rows it deleted, whatever was parked or replayed as it ran. The relay is woken as the
+    caller's transaction commits."""
+    return _change_parked_rows(session, _DISCARD, message_ids, returning=(
+        "message_id, type, envelope -> 'payload' ->> 'order_id' AS order_id"))
 
 
-def orders_of_parked_outbox_messages(session: Session, message_ids: list[uuid.UUID] | None,
-                                     types: tuple[str, ...]):
-    """Those of the parked rows (every one when `message_ids` is None) of one of `types`, each
-    with its message_id, type and order_id: its payload's, as text, None when it holds none."""
+def _change_parked_rows(session: Session, statement: str, message_ids: list[uuid.UUID] | None,
+                        returning: str = "message_id") -> list[Row]:
+    """Run `statement` on the parked rows named (every one when `message_ids` is None); returns a
+    row of the `returning` columns (their id alone unless given) for each, and has the relay woken
+    when the transaction commits."""
     chosen, params = _named(message_ids)
-    return session.execute(text(
-        "SELECT message_id, type, envelope -> 'payload' ->> 'order_id' AS order_id"
-        f" FROM outbox_messages WHERE {PARKED_ROWS} AND type = ANY(:types){chosen}"),
-        {**params, "types": list(types)}).all()
-
-
-def _change_parked_rows(session: Session, statement: str,
-                        message_ids: list[uuid.UUID] | None) -> list[uuid.UUID]:
-    """Run `statement` on the parked rows named (every one when `message_ids` is None); returns
-    their ids, and has the relay woken when the transaction commits."""
-    chosen, params = _named(message_ids)
-    return _relay_woken_for(session, list(session.scalars(
-        text(statement + chosen + " RETURNING message_id"), params)))
+    return _relay_woken_for(session, session.execute(
+        text(f"{statement}{chosen} RETURNING {returning}"), params).all())
 
 
 def _named(message_ids: list[uuid.UUID] | None) -> tuple[str, dict]:
@@ -196,12 +191,15 @@ def _named(message_ids: list[uuid.UUID] | None) -> tuple[str, dict]:
     return " AND message_id = ANY(:message_ids)", {"message_ids": message_ids}
 
 
-def _relay_woken_for(session: Session, ids: list[uuid.UUID]) -> list[uuid.UUID]:
-    """`ids`, the rows handed back or deleted; if any, the relay is woken as the transaction
-    commits (NOTIFY is sent at commit)."""
-    if ids:
+_Changed = TypeVar("_Changed")
+
+
+def _relay_woken_for(session: Session, changed: list[_Changed]) -> list[_Changed]:
+    """`changed`, the rows handed back or deleted (their ids, or rows holding them); if any, the
+    relay is woken as the transaction commits (NOTIFY is sent at commit)."""
+    if changed:
         session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": OUTBOX_CHANNEL})
-    return ids
+    return changed
 
 
 # One statement, so one snapshot: the rows it moves are the rows whose types it checked (a row

@@ -45,7 +45,9 @@ from tests.celery_tools import worker_optimizations
 from tests.discard_warnings import order_left_new
 from tests.clock_tools import inbox_clock_off_by
 from tests.polling import wait_for
-from tests.postgres_tools import (account_row_held, ending_its_session_by_a_driver_cursor,
+from tests.postgres_tools import (account_row_held, called_at_the_first_statement_naming,
+                                  committed_on_a_connection_of_its_own,
+                                  ending_its_session_by_a_driver_cursor,
                                   ending_its_session_by_a_statement, terminate_backend,
                                   the_next_commits_answer_lost,
                                   wait_for_sessions_waiting_on_a_lock)
@@ -1641,6 +1643,34 @@ def test_discarding_a_parked_payment_message_warns_that_its_order_stays_new(
     assert said.out == "payments inbox: 2 message(s) discarded\n"
     assert said.err.splitlines() == [
         order_left_new("payments inbox", request.message_id, order_id)]
+
+
+def test_a_payment_message_parked_as_it_is_discarded_is_warned_of(settings, payments_inbox,
+                                                                    user_id, capsys):
+    """The WARNING is of the messages the discarding statement itself discarded: a PaymentRequested
+    named, parked by another transaction that commits just before that statement runs, is
+    discarded and warned of. (Read by a statement of its own before the discard, the payment
+    events to warn of missed it, though the discard, a later statement, took it.)"""
+    from tasks import parked
+
+    order_id = uuid.uuid4()
+    request = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": user_id,
+                                            "amount": Decimal("4.00")}, None)
+    assert payments_inbox([ConsumedRecord("task-test", 0, 0, None, encode(request.to_json()),
+                                          {})]) == [request.message_id]
+    with called_at_the_first_statement_naming(
+            "UPDATE inbox_messages", before=True, call=lambda: committed_on_a_connection_of_its_own(
+                settings.database_url("payments"),
+                "UPDATE inbox_messages SET parked_at = clock_timestamp(),"
+                " last_error = 'ledger closed' WHERE message_id = %s",
+                (str(request.message_id),))) as parked_meanwhile:
+        assert parked.main(["discard", "payments", str(request.message_id)]) == 0
+    assert parked_meanwhile, "nothing parked: the discarding statement was not run"
+    said = capsys.readouterr()
+    assert said.out == "payments inbox: 1 message(s) discarded\n"
+    assert said.err.splitlines() == [
+        order_left_new("payments inbox", request.message_id, order_id)]
+    assert _row(request.message_id).processed_at is not None
 
 
 def test_a_message_stored_long_ago_and_discarded_now_keeps_its_row_a_retention(

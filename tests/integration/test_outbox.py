@@ -335,6 +335,39 @@ def test_discarding_a_parked_payment_request_row_warns_that_its_order_stays_new(
             session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
 
 
+def test_a_payment_request_row_parked_as_every_parked_row_is_discarded_is_warned_of(
+        in_orders, settings, capsys):
+    """`discard --outbox --all` warns of the rows the deleting statement itself deleted: a
+    PaymentRequested row parked by another transaction (a relay) that commits just before that
+    statement runs is deleted and warned of. (Read by a statement of its own before the delete,
+    the payment events to warn of missed it, though the delete, a later statement, took it.)"""
+    from tasks import parked
+
+    order_id, message_id = uuid.uuid4(), uuid.uuid4()
+    topic = f"parked-meanwhile-{uuid.uuid4().hex[:8]}"
+    try:
+        with called_at_the_first_statement_naming(
+                "DELETE FROM outbox_messages", before=True,
+                call=lambda: committed_on_a_connection_of_its_own(
+                    settings.database_url("orders"),
+                    "INSERT INTO outbox_messages (message_id, topic, key, type, envelope,"
+                    " attempts, parked_at) VALUES (%s, %s, %s, %s, %s, 1, clock_timestamp())",
+                    (str(message_id), topic, str(order_id), PAYMENT_REQUESTED,
+                     json.dumps({"payload": {"order_id": str(order_id)}})))) as parked_meanwhile:
+            # (Any other test's parked rows discarded too.)
+            assert parked.main(["discard", "orders", "--outbox", "--all"]) == 0
+        assert parked_meanwhile, "nothing parked: the deleting statement was not run"
+        said = capsys.readouterr()
+        assert said.out.startswith("orders outbox: ") and "message(s) discarded" in said.out
+        assert order_left_new("orders outbox", message_id, order_id) in said.err.splitlines()
+        db.session.rollback()
+        assert db.session.scalar(select(func.count()).select_from(OutboxMessage).where(
+            OutboxMessage.topic == topic)) == 0
+    finally:
+        with transaction() as session:
+            session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+
+
 def test_a_parked_outbox_row_replayed_once_mended_goes_out_before_the_rows_behind_it(
         in_orders, settings, user_id):
     from tasks import parked

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import tracemalloc
 import uuid
+from collections import namedtuple
 from datetime import datetime, timezone
 
 import pytest
@@ -16,6 +17,9 @@ from shared.inbox.parked import ParkedPlace
 from tasks import parked
 
 PARKED = 60_000
+
+# A row discard_parked_messages returns for a message it discarded.
+Discarded = namedtuple("Discarded", "message_id type order_id")
 
 
 @pytest.mark.parametrize(("command", "most_bytes_a_message"), [("replay", 120), ("discard", 20)])
@@ -37,6 +41,9 @@ def test_all_parked_keeps_little_a_message(monkeypatch, capsys, command, most_by
         held.append(tracemalloc.get_traced_memory()[0])
         return [uuid.UUID(str(message_id)) for message_id in message_ids]
 
+    def discarded(session, message_ids):  # (rows, none of them a payment event's)
+        return [Discarded(message_id, None, None) for message_id in changed(session, message_ids)]
+
     monkeypatch.setattr(parked, "service_app",
                         lambda service: type("App", (), {"app_context": contextlib.nullcontext}))
     monkeypatch.setattr(parked, "transaction", contextlib.nullcontext)
@@ -45,10 +52,7 @@ def test_all_parked_keeps_little_a_message(monkeypatch, capsys, command, most_by
                         lambda session: ParkedPlace(now, uuid.UUID(texts[-1])))
     monkeypatch.setattr(parked, "parked_batch", parked_batch)
     monkeypatch.setattr(parked, "unpark_messages", changed)
-    monkeypatch.setattr(parked, "discard_parked_messages", changed)
-    # (None of them a payment event, warned of a line each as its batch commits, then forgotten.)
-    monkeypatch.setattr(parked, "orders_of_parked_messages",
-                        lambda session, message_ids, types: [])
+    monkeypatch.setattr(parked, "discard_parked_messages", discarded)
     monkeypatch.setattr(parked, "_dispatched", lambda service, message_ids, marked_at: True)
     tracemalloc.start()
     try:
