@@ -7,7 +7,8 @@ are taken.
 
 A signed-out token is kept until a while after it has expired (FORGOTTEN_AFTER_EXPIRY_SECONDS): it
 is refused as expired from then on. The while covers a gateway instance whose clock runs behind
-the one that prunes: it still takes the token as unexpired, and must still find it signed out.
+the one that prunes, a worker's (tasks/retention.py: the token expires on the gateways' clocks,
+not the database's): it still takes the token as unexpired, and must still find it signed out.
 
 Each gateway process also remembers the tokens it has found signed out (RememberedSignOuts), and
 refuses them again without asking the database.

@@ -697,6 +697,16 @@ def ping_connections_after_idle(engine: Engine) -> None:
             raise DisconnectionError(f"a pooled connection is gone: {exc}") from exc
 
 
+def database_now(session: Session) -> datetime:
+    """Now by the database's clock (clock_timestamp(): the moment, not the transaction's start,
+    now()), read in the session's transaction: the clock of every time the database writes (a
+    column's server default, now(), clock_timestamp()), and so the one to measure such times by
+    (the inbox's, shared.inbox.model; a pruner's cutoff, tasks/retention.py). A worker's clock need
+    not agree with it: one ahead of it by a day, measuring the database's times, took them for a
+    day older than they were."""
+    return session.scalar(text("SELECT clock_timestamp()"))
+
+
 def delete_oldest_before(session: Session, *, table: str, column: str, cutoff: datetime,
                          limit: int) -> int:
     """Delete up to `limit` rows of `table` whose `column` (a time, indexed) is before `cutoff`,

@@ -21,13 +21,12 @@ from flask import current_app
 from sqlalchemy.exc import SQLAlchemyError
 
 from shared.config import SERVICES
-from shared.db import (DatabaseOutageLog, connection_lost, held_up_by_a_lock, said_in_a_line,
-                       transaction)
+from shared.db import (DatabaseOutageLog, connection_lost, database_now, held_up_by_a_lock,
+                       said_in_a_line, transaction)
 from shared.inbox.handling import (ConnectionLostInHandler, Outcome, StoredMessage,
                                    handle_locked_message, handle_locked_messages_at_once,
                                    lock_in_order, lock_in_order_marking_processed,
                                    note_try_begun, process_inbox_message, record_failed_attempt)
-from shared.inbox.model import database_now
 from shared.inbox.pruning import prune_handled_messages
 from shared.inbox.sweeping import claim_stalled_messages, unmark_unsent
 from shared.request_context import request_id_bound, request_ids_bound
@@ -437,9 +436,9 @@ def tasks_waiting(queue: str) -> int:
 def prune_inbox(service: str) -> int:
     """Delete the inbox rows of messages stored and handled over INBOX_RETENTION_SECONDS ago, in
     short transactions, a lost database connection said in a line (tasks/retention.py). Ago by
-    the database's clock, which `received_at` and `processed_at` are written by: a worker's clock
-    ahead of it by a day pruned a day's rows early, one far ahead the rows of messages handled
-    moments before, whose repeats Kafka still delivers."""
+    the database's clock (prune_in_transactions' own), which `received_at` and `processed_at`
+    are written by: a worker's clock ahead of it by a day pruned a day's rows early, one far
+    ahead the rows of messages handled moments before, whose repeats Kafka still delivers."""
     settings = current_app.extensions["hseshop.settings"]
     return prune_in_transactions(service, "handled inbox messages", prune_handled_messages,
-                                 settings.inbox_retention_seconds, clock=database_now)
+                                 settings.inbox_retention_seconds)

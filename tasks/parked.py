@@ -92,8 +92,7 @@ from sqlalchemy.orm import Session
 
 from shared.config import SERVICES, settings_or_exit
 from shared.contracts import PAYMENT_FAILED, PAYMENT_REQUESTED, PAYMENT_SUCCEEDED
-from shared.db import failure_in_a_line, transaction
-from shared.inbox.model import database_now
+from shared.db import database_now, failure_in_a_line, transaction
 from shared.inbox.parked import (discard_parked_messages, last_parked, never_parsed_parked,
                                  parked_batch, parked_messages, unpark_messages)
 from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
@@ -171,7 +170,7 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
                 to_topic, frozenset()))
     # When the last transaction's replays were marked handed over, for the dispatch that follows
     # its commit: should it fail, the marks still that one are cleared (unmark_for_the_next_sweep).
-    # By the database's clock, as the sweeper measures it (model.database_now); set by each
+    # By the database's clock, as the sweeper measures it (shared.db.database_now); set by each
     # transaction before its replays are dispatched.
     marked_at: datetime | None = None
 

@@ -16,10 +16,10 @@ from sqlalchemy.orm import Session
 from shared.contracts import (PAYLOAD_SCHEMAS, MalformedMessage, declared_fields, decode,
                               knows_envelope_version)
 from shared.db import (after_commit_undone_if_it_raises, connection_lost, connection_lost_on,
-                       driver_cursor, held_up_by_a_lock, refuse_if_aborted, refuse_if_rolled_back,
-                       said_in_a_line)
+                       database_now, driver_cursor, held_up_by_a_lock, refuse_if_aborted,
+                       refuse_if_rolled_back, said_in_a_line)
 from shared.inbox.committed_lines import say_once_committed
-from shared.inbox.model import InboxMessage, database_now
+from shared.inbox.model import InboxMessage
 from shared.outbox.writing import outbox_rows_written_together
 from shared.request_context import request_id_bound, request_ids_bound
 
@@ -154,7 +154,7 @@ def lock_in_order_marking_processed(session: Session, message_ids: list[uuid.UUI
 
 # Like the consumer's (storing), the handlers' statements go straight to the driver, on a
 # shared.db.driver_cursor: every message passes through them. The times they write are the
-# database's clock (model.database_now: the sweeper's, and `received_at`'s), not the worker's:
+# database's clock (shared.db.database_now: the sweeper's, and `received_at`'s), not the worker's:
 # clock_timestamp(), read once for a statement that writes it twice, as `clock` in its FROM list.
 # What marking a message processed sets (its try counted and closed: see _MARK_PROCESSED), one
 # clause for both statements that mark: _MARK_PROCESSED, a message at a time, and the batch's

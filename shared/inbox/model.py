@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import (BigInteger, Boolean, DateTime, Index, Integer, LargeBinary, SmallInteger,
                         String, Text, false, func, text)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import db
 
@@ -39,6 +39,13 @@ class InboxMessage(db.Model):
     value_digest: Mapped[bytes | None] = mapped_column(LargeBinary)
     # The Kafka record's timestamp: when the sending relay produced it (None if it has none).
     produced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The times below are the database's clock (shared.db.database_now), the clock of every
+    # time the sweeper compares: `received_at`, so its `last_attempt_at`, and its `processed_at`
+    # and `parked_at` once it is tried, are written by it, in SQL where a statement writes them
+    # (clock_timestamp()), or as read from it where a caller must know the very value written (a
+    # mark unmark_unsent clears again). On the workers' clocks, one ahead of the database's by more
+    # than the sweep's minimum age had every new message swept at once, and a handler behind the
+    # sweeper's clock had its try taken for lost.
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
                                                   server_default=func.now())
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -46,7 +53,7 @@ class InboxMessage(db.Model):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     # When a try last began (in a task of its own: note_try_begun) or ended, the sweeper last
     # handed the message over again, or a replay made it as new: by the database's clock, as
-    # received_at is (database_now).
+    # received_at is.
     last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # A try by a task of its own has begun (note_try_begun) and not ended. Closed, by whichever
     # task or sweep does it, in the statement that marks the message processed or parked, records
@@ -70,14 +77,3 @@ class InboxMessage(db.Model):
               postgresql_where=text("parked_at IS NOT NULL")),
     )
 
-
-def database_now(session: Session) -> datetime:
-    """Now by the database's clock (clock_timestamp(): the moment, not the transaction's start,
-    now()), the clock of every time the sweeper compares: a message's `received_at` is the
-    database's, so its `last_attempt_at`, and its `processed_at` and `parked_at` once it is
-    tried, are written by it too, in SQL where a statement writes them (clock_timestamp()), or as
-    read here where a caller must know the very value written (a mark unmark_unsent clears
-    again). On the workers' clocks, one ahead of the database's by more than the sweep's minimum
-    age had every new message swept at once, and a handler behind the sweeper's clock had its try
-    taken for lost."""
-    return session.scalar(text("SELECT clock_timestamp()"))

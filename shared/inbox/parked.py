@@ -73,7 +73,7 @@ def unpark_messages(session: Session, message_ids: list[uuid.UUID],
 
     The caller dispatches them. They are marked handed over `marked_at` (their last attempt; the
     database's clock by default, which the sweeper measures by: the caller passes it, read from
-    that clock, model.database_now, to clear the marks again should the dispatch fail,
+    that clock, shared.db.database_now, to clear the marks again should the dispatch fail,
     shared.inbox.sweeping's unmark_unsent), so the sweeper leaves them to that dispatch for
     a while and takes them up only if it was lost. A record that could not be parsed holds no
     event to hand a handler, and stays parked.

@@ -306,6 +306,6 @@ ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id::text, parked_at IS NOT NULL"""
 # (Typed: the values of a VALUES list read as text where they are not numbers.) A row parked as
 # it is stored is parked at the database's clock, as every inbox time the sweeper and `replay` /
-# `discard --all` compare (model.database_now): its `parked` (True) asks for it.
+# `discard --all` compare (shared.db.database_now): its `parked` (True) asks for it.
 _STORED_ROW = ("(%s::uuid, %s, %s, %s, %s, %s, %s::smallint, %s, %s, %s::jsonb, %s,"
                " CASE WHEN %s THEN clock_timestamp() END, %s, %s::timestamptz, %s::bytea)")

@@ -38,7 +38,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from shared.inbox.committed_lines import say_once_committed
-from shared.inbox.model import database_now
+from shared.db import database_now
 
 log = logging.getLogger(__name__)
 

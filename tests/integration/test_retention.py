@@ -1,11 +1,12 @@
 """What is kept for a while is pruned by beat once its retention is over: the orders and payments
 services' idempotency keys (a day), the gateway's notifications (30 days) and its signed-out
-tokens (once expired), in short transactions."""
+tokens (once expired), in short transactions, each by the clock its rows were timed by."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from datetime import timedelta
 
 from sqlalchemy import func, select, text
 
@@ -16,10 +17,11 @@ from gateway_app.sign_out import FORGOTTEN_AFTER_EXPIRY_SECONDS, sign_out
 from gateway_app.tokens import VerifiedToken
 from shared import idempotency
 from shared.db import db, transaction
-from shared.idempotency import IdempotencyKey, run_idempotently
+from shared.idempotency import REPLAYED, REPLAYED_HEADER, IdempotencyKey, run_idempotently
 from tasks.retention import (prune_idempotency_keys, prune_notifications,
                              prune_signed_out_tokens)
 from tasks.services import service_app
+from tests.clock_tools import running_off_by
 from tests.integration.test_gateway import _status_changes
 
 
@@ -73,6 +75,55 @@ def test_a_key_pruned_between_its_claim_and_its_read_is_claimed_anew(settings, u
     monkeypatch.setattr(idempotency, "_claim", lost_race_once)
     assert _place(user_id, "raced", "2.00") == ({"amount": "2.00"}, 202)
     assert len(claims) == 2 and _keys(user_id) == ["raced"]
+
+
+def _workers_clock_a_retention_ahead(monkeypatch, retention_seconds: float) -> None:
+    """The pruners' worker's clock (tasks.retention's `datetime`) a retention and a minute ahead
+    of the database's: by it, what the database stamped moments ago is past its retention."""
+    ahead = timedelta(seconds=retention_seconds, minutes=1)
+    monkeypatch.setattr("tasks.retention.datetime", running_off_by(ahead))
+
+
+def test_a_pruner_whose_clock_runs_ahead_of_the_databases_keeps_a_key_recorded_just_now(
+        settings, payments_flask_app, user_id, monkeypatch):
+    """A key's `created_at` is the database's clock, and so is the pruner's cutoff: taken on a
+    worker's clock a day ahead, it pruned the key of a top-up moments after it was recorded, and
+    the client's retry under that key deposited again (200.00)."""
+    client = payments_flask_app.test_client()
+    assert client.post("/accounts", signed_as=user_id).status_code == 201
+    keyed = {"Idempotency-Key": f"top-up-{uuid.uuid4().hex}"}
+    first = client.post("/accounts/deposit", json={"amount": "100"}, headers=keyed,
+                        signed_as=user_id)
+    assert first.status_code == 200 and first.get_json()["balance"] == "100.00"
+
+    _workers_clock_a_retention_ahead(monkeypatch, settings.idempotency_key_retention_seconds)
+    prune_idempotency_keys.apply(args=("payments",)).get()
+
+    retry = client.post("/accounts/deposit", json={"amount": "100"}, headers=keyed,
+                        signed_as=user_id)
+    assert retry.get_data() == first.get_data()
+    assert retry.headers.get(REPLAYED_HEADER) == REPLAYED
+    balance = client.get("/accounts/balance", signed_as=user_id)
+    assert balance.get_json()["balance"] == "100.00"
+
+
+def test_a_pruner_whose_clock_runs_ahead_of_the_databases_keeps_a_notification_made_just_now(
+        settings, monkeypatch):
+    """A notification's `created_at` is the gateway database's clock, and so is the pruner's
+    cutoff: on a worker's clock 30 days ahead, it pruned the notifications made moments before,
+    which a page reconnecting could no longer catch up on."""
+    user = f"user-{uuid.uuid4().hex[:10]}"
+    with service_app("gateway").app_context():
+        with transaction() as session:
+            notifications.on_order_status_changes(session, _status_changes(user))
+        made = notifications.notifications_after(user, 0, 10)
+    assert len(made) == 1
+
+    _workers_clock_a_retention_ahead(monkeypatch, settings.notification_retention_seconds)
+    prune_notifications.apply(args=("gateway",)).get()
+
+    with service_app("gateway").app_context():
+        assert notifications.notifications_after(user, 0, 10) == made
 
 
 def test_old_notifications_are_pruned_oldest_first(settings, monkeypatch):
