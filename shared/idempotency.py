@@ -96,6 +96,9 @@ def idempotency_key_from_request() -> str | None:
     return checked_idempotency_key(request.headers.get(IDEMPOTENCY_HEADER))
 
 
+# What an HTTP server strips from both ends of a header's value (RFC 9110 5.5: optional whitespace,
+# spaces and tabs), gunicorn among them.
+SURROUNDING_WHITESPACE = " \t"
 # What the header's lines are joined with when a request gives it more than once: by gunicorn
 # (gunicorn.http.wsgi.create), Werkzeug's server and test client, and any proxy that combines
 # field lines as RFC 9110 5.3 lets it.
@@ -103,8 +106,14 @@ JOINED_BY = ","
 
 
 def checked_idempotency_key(key: str | None) -> str | None:
-    """The key as given (None: no key), or a 400 when it is not a usable key. An empty one sent is
-    refused, not read as none: a client whose keys came out empty believes its retries safe.
+    """The key as given, without the spaces and tabs at its ends (None: no key), or a 400 when it
+    is not a usable key. An empty one sent is refused, not read as none: a client whose keys came
+    out empty believes its retries safe.
+
+    The ends are stripped here, for both transports: over HTTP the server strips them before the
+    app sees the header (gunicorn does), so " k" is the key "k" and " " an empty one; over gRPC
+    the field arrives as sent, where " " was taken as a key and " k" as another than "k", and a
+    call retried over the other transport placed a second order.
 
     A comma is refused in a key: the header given twice ("a" and "b") reaches the app as one value
     joined by one ("a,b"), and was taken as that key, which neither of the client's was. The WSGI
@@ -114,6 +123,7 @@ def checked_idempotency_key(key: str | None) -> str | None:
     be, whoever joined it; over gRPC (a field of the message) as over HTTP."""
     if key is None:
         return None
+    key = key.strip(SURROUNDING_WHITESPACE)
     # Printable ASCII, as the gateway's OpenAPI document says (a header's other octets arrive as
     # Latin-1 characters, which a client meaning UTF-8 did not send).
     if (not 1 <= len(key) <= MAX_KEY_LENGTH or not (key.isascii() and key.isprintable())

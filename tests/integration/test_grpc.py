@@ -765,13 +765,16 @@ def test_an_amount_left_out_or_a_limit_out_of_range_is_refused_as_http_refuses_i
         "json": {"amount": ["Missing data for required field."]}}
 
 
+@pytest.mark.parametrize("sent", ["", " ", " \t "])
 def test_an_empty_idempotency_key_is_refused_by_each_service_as_over_http(
-        grpc_targets, orders_flask_app, payments_flask_app):
+        grpc_targets, orders_flask_app, payments_flask_app, sent):
     """Sent but empty, the key is no key a retry could match: 400, over either transport (over
-    gRPC the field is `optional`, so that an empty key sent is told from none)."""
+    gRPC the field is `optional`, so that an empty key sent is told from none). One of spaces and
+    tabs alone is empty too: an HTTP server strips them from the header's ends (gunicorn hands
+    the app ""), and over gRPC, where the field arrives as sent, it was taken as a key."""
     from shared.protos import payments_pb2, payments_pb2_grpc
 
-    user_id, with_key = f"empty-key-{uuid.uuid4().hex[:8]}", {"Idempotency-Key": ""}
+    user_id, with_key = f"empty-key-{uuid.uuid4().hex[:8]}", {"Idempotency-Key": sent}
     over_http = [
         orders_flask_app.test_client().post("/orders", json={"amount": "1"}, signed_as=user_id,
                                             headers=with_key),
@@ -780,8 +783,8 @@ def test_an_empty_idempotency_key_is_refused_by_each_service_as_over_http(
     ]
     orders = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
     payments = payments_pb2_grpc.PaymentsStub(grpc.insecure_channel(grpc_targets["payments"]))
-    place = orders_pb2.PlaceOrderRequest(amount="1", idempotency_key="")
-    deposit = payments_pb2.DepositRequest(amount="1", idempotency_key="")
+    place = orders_pb2.PlaceOrderRequest(amount="1", idempotency_key=sent)
+    deposit = payments_pb2.DepositRequest(amount="1", idempotency_key=sent)
     calls = [
         lambda: orders.PlaceOrder(place, timeout=5, metadata=grpc_signed(
             user_id, f"{ORDERS}/PlaceOrder", place)),
@@ -798,6 +801,55 @@ def test_an_empty_idempotency_key_is_refused_by_each_service_as_over_http(
             "400", "INVALID_IDEMPOTENCY_KEY")
     orders_placed = orders_flask_app.test_client().get("/orders", signed_as=user_id)
     assert orders_placed.get_json()["items"] == []
+
+
+def _stubs_of_a_user_with_an_account(grpc_targets, user: str) -> tuple:
+    """Stubs of the orders and payments services, `user`'s account opened through the second."""
+    from shared.protos import payments_pb2, payments_pb2_grpc
+
+    orders = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
+    payments = payments_pb2_grpc.PaymentsStub(grpc.insecure_channel(grpc_targets["payments"]))
+    opening = payments_pb2.OpenAccountRequest()
+    payments.OpenAccount(opening, timeout=5,
+                         metadata=grpc_signed(user, f"{PAYMENTS}/OpenAccount", opening))
+    return orders, payments
+
+
+def test_an_idempotency_key_is_the_same_key_without_the_spaces_and_tabs_at_its_ends_over_grpc(
+        settings, grpc_targets, orders_flask_app, payments_flask_app):
+    """" k" is the key "k" over gRPC as over HTTP, whose server strips a header's ends: a call
+    under "k" retried under " k" and "k\t" (over gRPC, and over HTTP) is replayed, its first
+    answer back, and the order placed once, the top-up deposited once. Over gRPC the field
+    arrived as sent, " k" a key of its own: a second order, a second top-up."""
+    from shared.grpc_server import REPLAYED_KEY
+    from shared.idempotency import REPLAYED, REPLAYED_HEADER
+    from shared.protos import payments_pb2
+
+    user_id = f"spaced-key-{uuid.uuid4().hex[:8]}"
+    orders, payments = _stubs_of_a_user_with_an_account(grpc_targets, user_id)
+    for call, name, message, app, path in (
+            (orders.PlaceOrder, f"{ORDERS}/PlaceOrder", orders_pb2.PlaceOrderRequest,
+             orders_flask_app, "/orders"),
+            (payments.Deposit, f"{PAYMENTS}/Deposit", payments_pb2.DepositRequest,
+             payments_flask_app, "/accounts/deposit")):
+        key = f"key-{uuid.uuid4().hex}"
+        first = message(amount="10.00", idempotency_key=key)
+        answer, answered = call.with_call(first, timeout=5,
+                                          metadata=grpc_signed(user_id, name, first))
+        assert REPLAYED_KEY not in dict(answered.trailing_metadata())
+        for spaced in (f" {key}", f"{key}\t"):
+            retry = message(amount="10.00", idempotency_key=spaced)
+            again, replayed = call.with_call(retry, timeout=5,
+                                             metadata=grpc_signed(user_id, name, retry))
+            assert again == answer, (name, spaced)
+            assert dict(replayed.trailing_metadata())[REPLAYED_KEY] == REPLAYED, (name, spaced)
+        over_http = app.test_client().post(path, json={"amount": "10.00"}, signed_as=user_id,
+                                           headers={"Idempotency-Key": f"\t{key} "})
+        assert over_http.headers.get(REPLAYED_HEADER) == REPLAYED, path
+    assert _orders_placed_by(settings, user_id) == 1
+    balance = payments_pb2.GetBalanceRequest()
+    assert payments.GetBalance(balance, timeout=5, metadata=grpc_signed(
+        user_id, f"{PAYMENTS}/GetBalance", balance)).balance == "10.00"
 
 
 def _placed_while_held_up_past_its_deadline(settings, grpc_targets, user: str, metadata,
@@ -895,14 +947,10 @@ def test_a_captured_unkeyed_call_sent_again_is_refused_and_done_once(settings, g
     taken once, as over HTTP (shared.single_use_signatures), the repeat refused UNAUTHENTICATED
     with the trailers of a 401 SIGNATURE_USED. A keyed call's repeat is still its first
     answer, and a read's repeat a read."""
-    from shared.protos import payments_pb2, payments_pb2_grpc
+    from shared.protos import payments_pb2
 
     user = f"captured-{uuid.uuid4().hex[:8]}"
-    orders = orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"]))
-    payments = payments_pb2_grpc.PaymentsStub(grpc.insecure_channel(grpc_targets["payments"]))
-    opening = payments_pb2.OpenAccountRequest()
-    payments.OpenAccount(opening, timeout=5,
-                         metadata=grpc_signed(user, f"{PAYMENTS}/OpenAccount", opening))
+    orders, payments = _stubs_of_a_user_with_an_account(grpc_targets, user)
     key = f"key-{uuid.uuid4().hex}"
     for call, name, request, repeat_refused in (
             (orders.PlaceOrder, f"{ORDERS}/PlaceOrder",
