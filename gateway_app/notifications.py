@@ -28,6 +28,7 @@ from simple_websocket import ConnectionClosed
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.routing import WebsocketMismatch
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection
@@ -353,8 +354,13 @@ def register_socket(app, authenticate, redeem) -> None:
     @app.before_request
     def before_the_handshake() -> None:
         if request.path == SOCKET_PATH and isinstance(request.routing_exception,
-                                                      WebsocketMismatch):
+                                                      (WebsocketMismatch, MethodNotAllowed)):
+            # Routed nowhere: no handshake asked for (by any method), or a handshake by a method
+            # the socket's rule has not (a POST, say). Not Flask's 405, which left the ticket
+            # unspent: answered as any request here that is no handshake the socket can take.
             _spend_the_tickets_given(request.args)
+            if _asks_for_a_websocket():
+                raise _not_a_get()
             raise ApiError("This URL is a WebSocket: open it with a WebSocket handshake"
                            " (`Upgrade: websocket`).", code="WEBSOCKET_REQUIRED", status=426,
                            headers={"Upgrade": "websocket"})
@@ -505,7 +511,7 @@ def _refuse_a_handshake_we_cannot_take() -> None:
     A handshake is a GET (RFC 6455, 4.1): a HEAD, which Flask routes with each GET, was upgraded
     and its socket opened (spending its ticket)."""
     if request.method != "GET":
-        raise ApiError("A WebSocket handshake is a GET.", code="BAD_WEBSOCKET_HANDSHAKE")
+        raise _not_a_get()
     if request.headers.get("Sec-WebSocket-Version") != "13":
         raise ApiError("This gateway speaks WebSocket version 13.", code="WEBSOCKET_VERSION",
                        status=426, headers={"Sec-WebSocket-Version": "13"})
@@ -515,6 +521,16 @@ def _refuse_a_handshake_we_cannot_take() -> None:
     if not _handshake_answered_in_memory(request.environ):
         raise ApiError("The WebSocket handshake cannot be answered (its Host header, say, or an "
                        "extension's parameters).", code="BAD_WEBSOCKET_HANDSHAKE")
+
+
+def _not_a_get() -> ApiError:
+    return ApiError("A WebSocket handshake is a GET.", code="BAD_WEBSOCKET_HANDSHAKE")
+
+
+def _asks_for_a_websocket() -> bool:
+    """Whether the request asks for a WebSocket (`Connection: Upgrade`, `Upgrade: websocket`), as
+    the URL map's routing tells it."""
+    return current_app.create_url_adapter(request).websocket
 
 
 def _count_the_handshake_against_its_address() -> None:

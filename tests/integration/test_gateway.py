@@ -3293,6 +3293,29 @@ def test_a_ticket_brought_to_a_handshake_refused_before_it_is_redeemed_is_spent(
         assert not _ticket_kept(settings, late)
 
 
+def test_a_request_by_another_method_on_the_socket_url_is_refused_and_spends_its_ticket(
+        settings, upstreams):
+    """A POST, PUT, DELETE or PATCH on the socket's URL, which its rule (GET, HEAD, OPTIONS) does
+    not take, was answered 405 METHOD_NOT_ALLOWED and left its ticket to open a socket: answered
+    as any request there that is no handshake it can take, 426 without an upgrade asked for (as
+    an OPTIONS is), 400 with one (a handshake is a GET), and its ticket spent."""
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    with _served_gateway(settings, upstreams) as (client, base):
+        _, auth = _sign_up(client)
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            for headers, status, code in (({}, 426, "WEBSOCKET_REQUIRED"),
+                                          (upgrade, 400, "BAD_WEBSOCKET_HANDSHAKE")):
+                ticket = _ticket(client, auth)
+                refused = client.open(f"/api/notifications/ws?ticket={ticket}", method=method,
+                                      headers=headers)
+                assert (refused.status_code, refused.get_json()["error"]["code"]) == (
+                    status, code), (method, headers)
+                assert _refused(socket_url(base, ticket), code=1008,
+                                reason="The ticket is unknown, used or expired; ask for another."
+                                ), (method, headers)
+
+
 def _streams_started(monkeypatch) -> list:
     """The users whose notification stream was started from now on: none is streamed (each
     socket that would stream is closed 1000), so a test tells a socket refused at its ticket's
