@@ -70,8 +70,12 @@ class Waiter:
         """Whether something was published on the channel since the last wait (waiting up to
         `timeout` seconds for it); raises SubscriberLost once the connection has failed."""
         woken = self._woken.wait(timeout)
-        # Cleared before the caller reads what is true: a publish after this wakes the next wait.
-        self._woken.clear()
+        # Cleared only once it has woken this wait, and before the caller reads what is true: a
+        # publish after the clear wakes the next wait, one before it is read by this one's
+        # caller. Cleared after a wait that timed out, it wiped a publish that came as the wait
+        # returned, which then woke no one (the socket waited for its recheck).
+        if woken:
+            self._woken.clear()
         self._raise_if_lost()
         return woken
 
