@@ -154,8 +154,13 @@ NOTIFICATIONS_LOCK_CLASS = 0x0B0C
 # Held until the transaction ends: another transaction adding the same user's notifications waits,
 # and takes its ids (from the sequence, at its INSERT) after this one has committed. Taken in user
 # order, the order in which the inbox hands a batch's messages over (by Kafka key, the user id,
-# compared as PostgreSQL compares them), whether all at once or, after a failure, one by one: so
-# two batches never wait for each other in a circle.
+# compared as PostgreSQL compares them), whether all at once or, after a failure, one by one: so a
+# batch handled one by one and one handled at once do not wait for each other in a circle, as
+# they did with the locks taken in the order of their keys (d078612). Not never, though: two user
+# ids whose hashes (32 bits) are equal share a lock, and batches of users [A, B] and [B, C], A and
+# C hashing alike, take it first and last, and can each wait for the other's. PostgreSQL ends that
+# (DeadlockDetected) and the inbox tries the failed messages again; taking the keys in their own
+# order would end it only to bring back the far likelier circle above.
 _LOCK_USERS = """
 SELECT pg_advisory_xact_lock(%(lock_class)s, hashtext(user_id))
 FROM (SELECT DISTINCT user_id FROM unnest(%(user_ids)s::text[]) AS user_id
