@@ -2,30 +2,56 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Rewritten after each successful install, so the venv is rebuilt only when a requirements file changes.
+# Rewritten after each successful install. The venv is made anew, from scratch, when a
+# requirements file changes (installing over it would leave a package taken out installed).
 INSTALLED := $(VENV)/.installed
 BENCH_INSTALLED := $(VENV)/.installed-bench
+# The interpreter the venv was made with: its real path and version.
+BUILT_WITH := $(VENV)/.python
 
-.PHONY: venv python-venv browser run test bench chaos clean protos
+.PHONY: venv python-venv browser run test bench chaos clean protos FORCE
 
 venv: $(INSTALLED)
 
-$(INSTALLED): requirements/base.txt requirements/dev.txt requirements/constraints.txt
-	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || $(MAKE) --no-print-directory python-venv
+# The venv is made anew too when $(PYTHON) is not the interpreter it was made with, or its own
+# python no longer runs (that interpreter removed). (Probes that change nothing: they run under
+# make -n and -q too, where no recipe below does.)
+SAY_WHICH_PYTHON := import os, sys; print(os.path.realpath(sys.executable), sys.version.split()[0])
+PYTHON_NOW := $(shell $(PYTHON) -c '$(SAY_WHICH_PYTHON)' 2>/dev/null)
+VENV_MADE_WITH := $(shell cat $(BUILT_WITH) 2>/dev/null)
+VENV_RUNS := $(shell $(PY) -c '' 2>/dev/null && echo yes)
+ifneq ($(VENV_RUNS) $(VENV_MADE_WITH),yes $(PYTHON_NOW))
+$(INSTALLED): FORCE
+endif
+
+# A venv the bench's extras went into is made anew when requirements/bench.txt changes, too.
+$(INSTALLED): requirements/base.txt requirements/dev.txt requirements/constraints.txt \
+		$(if $(wildcard $(BENCH_INSTALLED)),requirements/bench.txt)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+		echo "HseShop needs Python 3.11 or later; $(PYTHON) is" \
+			"$$($(PYTHON) --version 2>&1 || echo 'not found'). Name another: make PYTHON=python3.11"; \
+		exit 1; }
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || $(INSTALL_PYTHON_VENV)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/dev.txt
+	$(PYTHON) -c '$(SAY_WHICH_PYTHON)' > $(BUILT_WITH)
 	touch $@
+
+FORCE:
 
 # Debian's and Ubuntu's python3 leave out ensurepip, which `python3 -m venv` needs: their
 # python3-venv package has it.
-python-venv:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+INSTALL_PYTHON_VENV = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv; \
 	else \
 		echo "$(PYTHON) cannot make a virtualenv (no ensurepip). On Debian or Ubuntu:"; \
 		echo "  sudo apt-get install -y python3-venv"; \
 		exit 1; \
 	fi
+
+python-venv:
+	@$(INSTALL_PYTHON_VENV)
 
 # Headless Chromium and its driver for the browser test (tests/e2e/test_web_page.py), from Debian.
 browser:
@@ -62,7 +88,8 @@ protos: venv
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
 		shared/protos/*.proto
 
-# The benchmark's own extras (matplotlib, py-spy) go on top; `make test` never needs them.
+# The benchmark's own extras (matplotlib, py-spy) go on top; `make test` never needs them. (A new
+# venv has none: its stamp went with the old one.)
 $(BENCH_INSTALLED): $(INSTALLED) requirements/bench.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/bench.txt
 	touch $@
