@@ -183,13 +183,16 @@ class ShopPage:
 def test_the_gateway_serves_the_page_with_its_script_and_styles(stack):
     page = requests.get(f"{stack.gateway_url}/", timeout=10)
     assert page.status_code == 200 and "/static/app.js" in page.text
+    served = [page]
     for asset, kind in (("app.js", "javascript"), ("style.css", "text/css")):
         response = requests.get(f"{stack.gateway_url}/static/{asset}", timeout=10)
         assert response.status_code == 200, (
             f"/static/{asset}: {response.status_code} {response.text}")
         assert kind in response.headers["Content-Type"]
-    # Only its own files and origin, never framed (the browser tests below run under this policy).
-    for response in (page, response):
+        served.append(response)
+    # Only its own files and origin, never framed (the browser tests below run under this policy),
+    # the page and each of its files alike.
+    for response in served:
         assert "default-src 'self'" in response.headers["Content-Security-Policy"]
         assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
         assert response.headers["X-Content-Type-Options"] == "nosniff"
