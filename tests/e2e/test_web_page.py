@@ -232,6 +232,27 @@ def test_a_shopper_sees_orders_finish_and_cancel_live_without_reloading(stack, b
     assert shot.is_file() and shot.stat().st_size > 0
 
 
+NARROW_WINDOW_PX = 485  # a phone's screen, or a narrow window
+
+
+def test_a_long_username_leaves_the_sign_out_buttons_on_a_narrow_screen(stack, browser):
+    """The top bar's row of the user's name, the live status and the sign-out buttons did not
+    wrap, nor did the name (up to 64 characters with nowhere to break): a long one pushed the
+    buttons past the right edge of a narrow window, out of reach. They stay within it."""
+    browser.set_window_size(NARROW_WINDOW_PX, 900)
+    shopper = GatewayClient(stack.gateway_url, username="n" * 52 + uuid.uuid4().hex[:12])
+    assert len(shopper.username) == 64  # the longest the gateway takes
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    page.sign_in(shopper.username, "a long password")
+    page.wait_until(lambda: page.text("current-user") == shopper.username)
+    viewport, edges = browser.execute_script("""
+        return [document.documentElement.clientWidth,
+                ["sign-out", "sign-out-everywhere"].map(
+                  (id) => document.getElementById(id).getBoundingClientRect().right)];""")
+    assert viewport <= NARROW_WINDOW_PX, viewport
+    assert all(edge <= viewport for edge in edges), (viewport, edges)
+
+
 # What every script below that plays the page's fetch runs it in (see _fetch_played).
 FETCH_PLAYED = """
 (() => {
