@@ -33,6 +33,9 @@
   const BALANCE_READ_MS = 60000;
   // The wait a rate-limited socket's close (1013) names, as the gateway words it.
   const TRY_AGAIN_IN = /try again in (\d+) s/i;
+  // The longest wait setTimeout keeps (2^31 - 1 ms, some 24.8 days): asked for longer, it fires
+  // at once.
+  const LONGEST_TIMER_MS = 2 ** 31 - 1;
   const AMOUNT = /^\d{1,10}(\.\d{1,2})?$/;
   const MAX_AMOUNT = 1000000000;  // the services' largest amount, 1,000,000,000.00
 
@@ -440,13 +443,20 @@
     enterShop();
   }
 
-  // The page signs itself out when the token expires (the gateway closes its socket then too).
+  // The page signs itself out when the token expires (the gateway closes its socket then too). A
+  // token that lasts longer than a timer can wait (AUTH_TOKEN_TTL_SECONDS allows 30 days, say) is
+  // waited for in as many waits as it takes: a wait cut to LONGEST_TIMER_MS ends with the token
+  // still good, and the next one is set.
   function watchExpiry() {
     clearTimeout(expiryTimer);
     expiryTimer = setTimeout(() => {
+      if (Date.now() < session.expiresAt) {
+        watchExpiry();
+        return;
+      }
       signOut();
       showMessage("Your session has expired. Please sign in again.");
-    }, Math.min(session.expiresAt - Date.now(), 2 ** 31 - 1));
+    }, Math.min(session.expiresAt - Date.now(), LONGEST_TIMER_MS));
   }
 
   // The sign-out button: the gateway is told, and refuses the token from then on. The page signs
@@ -568,7 +578,8 @@
   // keeps (longer, it fires at once).
   function retryAfterMs(error) {
     const seconds = Number(error && error.retryAfter);
-    return Number.isFinite(seconds) && seconds > 0 ? Math.min(seconds * 1000, 2 ** 31 - 1) : 0;
+    if (!Number.isFinite(seconds) || seconds <= 0) return 0;
+    return Math.min(seconds * 1000, LONGEST_TIMER_MS);
   }
 
   // Whether the gateway takes the password's length (gateway_app/auth.py, PasswordLength): 8 to

@@ -1524,6 +1524,69 @@ def _session_expired_and_page_reloaded(page: ShopPage) -> None:
                     what="the sign-in form after the session expired")
 
 
+# Played by the browser itself: each timer the page sets for a day or longer (its session's
+# expiry's alone), its handler and delay kept, for the test to run the handler as the timer firing
+# would, weeks on; and the page's wall clock (Date.now), which the test can move on.
+LONG_TIMERS_RECORDED = """
+window.hseshopLongTimers = [];
+window.hseshopClockMovedMs = 0;
+(() => {
+  const realSetTimeout = window.setTimeout.bind(window);
+  window.setTimeout = (handler, delay, ...args) => {
+    if (delay >= 24 * 3600 * 1000) window.hseshopLongTimers.push({handler, delay});
+    return realSetTimeout(handler, delay, ...args);
+  };
+  const realNow = Date.now.bind(Date);
+  Date.now = () => realNow() + window.hseshopClockMovedMs;
+})();
+"""
+LONGEST_TIMER_MS = 2**31 - 1  # some 24.8 days: setTimeout fires at once when asked for longer
+THIRTY_DAYS_MS = 30 * 24 * 3600 * 1000
+
+
+def _long_timer_fired(browser, moved_ms: int) -> None:
+    """The wall clock moved on by `moved_ms` since the page loaded, and the newest long timer's
+    handler run, as the browser runs it then."""
+    browser.execute_script(
+        "window.hseshopClockMovedMs = arguments[0]; window.hseshopLongTimers.at(-1).handler();",
+        moved_ms)
+
+
+def test_a_session_longer_than_a_timer_can_wait_is_signed_out_when_it_expires_not_sooner(
+        stack, browser):
+    """A token of 30 days (AUTH_TOKEN_TTL_SECONDS allows it): the page's timer for its expiry waits
+    some 24.8 days at most, and the page signed out when it fired, its token good for 5 days more.
+    It waits again for the rest, and signs out once the token has expired. (The page's saved
+    session says 30 days, as the gateway's answer said with that setting; its timers are run by
+    the test, the wall clock moved on.)"""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": LONG_TIMERS_RECORDED})
+    shopper = GatewayClient(stack.gateway_url)
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    page.sign_in(shopper.username, "a long password")
+    browser.execute_script("""
+        const saved = JSON.parse(sessionStorage.getItem("hseshop.session"));
+        saved.expiresAt = Date.now() + arguments[0];
+        sessionStorage.setItem("hseshop.session", JSON.stringify(saved));""", THIRTY_DAYS_MS)
+    browser.refresh()
+    page.wait_until(lambda: browser.execute_script("return window.hseshopLongTimers.length;"),
+                    what="the session's expiry watched")
+    assert page.visible("shop-section")
+    first = browser.execute_script("return window.hseshopLongTimers[0].delay;")
+    assert first == LONGEST_TIMER_MS, first
+
+    _long_timer_fired(browser, LONGEST_TIMER_MS)
+    assert page.visible("shop-section") and not page.visible("auth-section")
+    delays = browser.execute_script("return window.hseshopLongTimers.map((timer) => timer.delay);")
+    assert len(delays) == 2, delays
+    rest = THIRTY_DAYS_MS - LONGEST_TIMER_MS
+    assert rest - 60_000 < delays[1] <= rest, delays  # (the page loaded within the minute)
+
+    _long_timer_fired(browser, THIRTY_DAYS_MS + 1000)
+    page.wait_until(lambda: page.visible("auth-section"), what="the sign-in form, expired")
+    assert "Your session has expired" in page.text("message")
+
+
 def test_a_lost_top_up_or_order_retried_once_its_user_signed_in_again_is_carried_out_once(
         stack, browser):
     """The keys of attempts whose answers were lost outlive the session (the services keep a key
