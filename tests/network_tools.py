@@ -194,11 +194,22 @@ class HoldingProxy:
     and every answer, as it comes: a server that has not yet read what it was sent. With
     `each_connection`, only a connection whose first piece holds `marker` is held, and it is not
     even made to the target until then: a client's request stuck on its way, the others'
-    carried."""
+    carried. With `first_only`, only the first piece that holds `marker` is held, on whichever
+    connection and wherever in it (with what follows it on that connection), and that connection
+    is left open to its client whatever its target does until `release()`: one request held
+    unanswered (its target, idle on it, may close its side; passed on, that close would have a
+    browser send the request again on another connection), every other carried."""
 
-    def __init__(self, target: str, marker: bytes, each_connection: bool = False):
+    def __init__(self, target: str, marker: bytes, each_connection: bool = False,
+                 first_only: bool = False):
+        if each_connection and first_only:
+            raise ValueError("a proxy holds each connection's first piece or the first piece, "
+                             "not both")
         self._marker = marker
         self._each_connection = each_connection
+        self._first_only = first_only
+        self._holding = threading.Lock()
+        self._held_client: socket.socket | None = None
         host, port = target.rsplit(":", 1)
         self._target = (host, int(port))
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -255,14 +266,28 @@ class HoldingProxy:
     def _carry(self, source: socket.socket, sink: socket.socket, holding: bool) -> None:
         try:
             while data := source.recv(65536):
-                if holding and (self.held.is_set() or self._marker in data):
-                    self.held.set()
+                if holding and self._holds(data, source):
                     self._released.wait()
                 sink.sendall(data)
         except OSError:
             pass
+        if sink is self._held_client and not self._released.is_set():
+            return  # (its target's close not passed on: first_only)
         _shut(source)  # one way ended: the connection with it, and the other way's thread
         _shut(sink)
+
+    def _holds(self, data: bytes, client: socket.socket) -> bool:
+        """Whether `data`, sent by `client`, is held (and all after it, but with `first_only`)."""
+        with self._holding:
+            if self._first_only:
+                holds = not self.held.is_set() and self._marker in data
+                if holds:
+                    self._held_client = client
+            else:
+                holds = self.held.is_set() or self._marker in data
+            if holds:
+                self.held.set()
+            return holds
 
 
 class NeverReadingServer:

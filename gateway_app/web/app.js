@@ -21,6 +21,12 @@
   // again later, as one refused: a request held for ever (a proxy, a network gone quiet) kept
   // every later (re)connect from being made.
   const TICKET_WAIT_MS = 10000;
+  // A read (a GET) not answered by then is given up on so too, and fails as one with no answer:
+  // the shop's load tries again, the poll and the catch-up read again. Held for ever, it kept the
+  // shop from loading (no socket, no poll, the balance "…" for good), and each later read of the
+  // balance joined it. Well past the 5 s the gateway gives a service by default
+  // (UPSTREAM_TIMEOUT_SECONDS) before it answers 504 itself.
+  const READ_WAIT_MS = 30000;
   // While its socket has not worked (connecting, refused, as with 1013 or 1011, or reconnecting),
   // the page reads the first page of orders and the balance itself about this often (jittered, as
   // the reconnects are: pages whose sockets one gateway process closed at once, as it does when it
@@ -151,10 +157,12 @@
 
   // The answer's body; with `replayMark`, {body, replayed}: whether the gateway answered a repeat
   // of an earlier request under the same Idempotency-Key (Idempotent-Replayed: nothing was done
-  // this time).
+  // this time). Given up on once `signal` aborts or `waitMs` has passed (0: never), as a request
+  // with no answer (NETWORK): a read after READ_WAIT_MS unless told otherwise, a write never (a
+  // top-up or an order waits for its answer, which settles its Idempotency-Key).
   async function api(method, path,
-                     { body, idempotencyKey, anonymous = false, replayMark = false,
-                       signal } = {}) {
+                     { body, idempotencyKey, anonymous = false, replayMark = false, signal,
+                       waitMs = method === "GET" ? READ_WAIT_MS : 0 } = {}) {
     const headers = { Accept: "application/json" };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     if (!anonymous && session) headers.Authorization = `Bearer ${session.token}`;
@@ -162,18 +170,13 @@
     if (method === "GET" && !anonymous && pauseLeftMs() > 0) throw pausedRead();
     const sentFor = session;
     let response;
+    let data;
     try {
-      response = await fetch(path, {
-        method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal,
-      });
+      ({ response, data } = await answerWithin(path, {
+        method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+      }, signal, waitMs));
     } catch (exc) {
       throw endedSession(sentFor, anonymous) || new ApiError(0, "NETWORK", exc.message);
-    }
-    let data = null;
-    try {
-      data = await response.json();
-    } catch (exc) {
-      data = null;
     }
     const ended = endedSession(sentFor, anonymous);
     if (ended) throw ended;
@@ -201,6 +204,35 @@
       error.handled = true;
     }
     throw error;
+  }
+
+  // A request's answer, and its body as JSON (null if it holds none): {response, data}. Its request
+  // is aborted, and this fails, once `signal` aborts or `waitMs` (0: never) passes before the whole
+  // answer is in: a request held unanswered (a proxy, a network gone quiet) holds whatever waits
+  // for it, for as long as the browser does.
+  async function answerWithin(path, init, signal, waitMs) {
+    const controller = new AbortController();
+    const giveUp = () => controller.abort();
+    if (signal) {
+      if (signal.aborted) giveUp();
+      signal.addEventListener("abort", giveUp);
+    }
+    const givenUp = waitMs > 0 ? setTimeout(giveUp, waitMs) : null;
+    try {
+      const response = await fetch(path, { ...init, signal: controller.signal });
+      let data = null;
+      try {
+        data = await response.json();
+      } catch (exc) {
+        data = null;
+      }
+      // (Its body cut off by the abort: as a request with no answer, not one with no body.)
+      if (controller.signal.aborted) throw new DOMException("Given up on.", "AbortError");
+      return { response, data };
+    } finally {
+      clearTimeout(givenUp);
+      if (signal) signal.removeEventListener("abort", giveUp);
+    }
   }
 
   // Puts every read and socket off for `ms` from now, or longer if asked already.
@@ -958,10 +990,10 @@
     setLive("connecting");
     const asked = { controller: new AbortController() };
     ticketAsked = asked;
-    const givenUp = setTimeout(() => asked.controller.abort(), TICKET_WAIT_MS);
-    api("POST", "/api/notifications/tickets", { signal: asked.controller.signal }).then(
+    api("POST", "/api/notifications/tickets", {
+      signal: asked.controller.signal, waitMs: TICKET_WAIT_MS,
+    }).then(
       (answer) => {
-        clearTimeout(givenUp);
         if (ticketAsked !== asked) return;  // (signed out, or the socket closed, meanwhile)
         ticketAsked = null;
         if (!answer || typeof answer.ticket !== "string" || !answer.ticket) {
@@ -971,7 +1003,6 @@
         }
         openSocket(answer.ticket);
       }, (error) => {
-        clearTimeout(givenUp);
         if (ticketAsked !== asked) return;
         ticketAsked = null;
         noTicket(error);  // (aborted, TICKET_WAIT_MS passed: a NETWORK error)

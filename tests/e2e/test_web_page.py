@@ -40,10 +40,12 @@ PASSWORD = "correct horse battery"
 # app.js's own timers (its poll, reconnect backoff, catch-up, a socket's time to work, a ticket's
 # wait) with nothing of the shop's or its own racing them: the page's lengths, in a tenth of the
 # time. (A minute of the page's clock is then six seconds: its balance's read now and then,
-# BALANCE_READ_MS, falls within such a test, which must not take it for what it waits for.) One
-# wait of the page's does race the shop here: its give-up on a ticket request (TICKET_WAIT_MS,
+# BALANCE_READ_MS, falls within such a test, which must not take it for what it waits for.) Two
+# waits of the page's do race the shop here: its give-up on a ticket request (TICKET_WAIT_MS,
 # 10 s), sped up too, gives up a real ticket request after 1 s real, and asks again; a ticket is
-# answered in well under that, but a machine busy for a second more sees the page ask twice.
+# answered in well under that, but a machine busy for a second more sees the page ask twice. And
+# its give-up on a read (READ_WAIT_MS, 30 s), after 3 s real: a read is answered in well under
+# that.
 CLOCK_SPEEDUP = 10
 # ... in a test that races a step of its own or the shop's (a click and its answer, some 0.5 s, an
 # order paid and its notification, some 1 to 2 s) against a page's wait of a few seconds (a
@@ -54,6 +56,10 @@ RACING_CLOCK_SPEEDUP = 3
 # ... in the one that races an order's payment and its notification (some 1 to 2 s) against a
 # pause of 10 s on the page's clock, and then the catch-up's refusal too.
 PAYMENT_RACING_CLOCK_SPEEDUP = 2
+# ... in one that holds a read of the page's on its way (a slow link) over a poll's wait and while
+# the shop places 51 orders (some seconds): a read held past READ_WAIT_SECONDS on the page's clock
+# is given up on by the page.
+HELD_READ_CLOCK_SPEEDUP = 2
 
 
 @pytest.fixture
@@ -539,7 +545,7 @@ def test_a_first_page_answered_from_older_orders_than_the_page_lists_leaves_no_g
     before those 51 were placed, comes after: it is not shown (it ended the list below the lost
     order with no Show older orders, the order between missing for good). Paging on shows every
     order, newest first."""
-    speed_up_the_pages_clock(browser, CLOCK_SPEEDUP)
+    speed_up_the_pages_clock(browser, HELD_READ_CLOCK_SPEEDUP)
     page, shopper = _shopper_with_100_on_the_page(stack, browser, ANSWERS_LOST_WHEN_TOLD,
                                                   FIRST_PAGES_CROSSED)
     held = "return window.hseshopFirstPagesCrossedHeld;"
@@ -1257,6 +1263,34 @@ def test_a_page_whose_ticket_request_hangs_gives_it_up_and_opens_its_socket_late
     assert aborted[1] > given_up_at, (tickets, aborted)
     assert given_up_at < tickets[2] < tickets[3], tickets
     assert page.text("balance") == "100.00"
+
+
+READ_WAIT_SECONDS = 30  # app.js READ_WAIT_MS
+
+
+def test_a_page_whose_first_read_of_the_balance_hangs_gives_it_up_and_goes_live(stack, browser):
+    """A read held unanswered (a proxy, a network gone quiet) held the shop's load for good: the
+    page asked for its socket only once its first reads were answered, polled only once it had,
+    and each later read of the balance joined the one held (the balance "…", the page offline,
+    until the browser gave up). The shop's first read of the balance, held for real on its way to
+    the gateway (by a proxy in front of it), is given up on after READ_WAIT_SECONDS: the load
+    tries again, and the balance shows and the socket opens."""
+    speed_up_the_pages_clock(browser, CLOCK_SPEEDUP)
+    shopper = GatewayClient(stack.gateway_url)
+    shopper.open_account_with("100")
+    proxy = HoldingProxy(urlsplit(stack.gateway_url).netloc,
+                         marker=b"GET /api/accounts/balance", first_only=True)
+    try:
+        page = ShopPage(browser, f"http://{proxy.address}/").open()
+        page.sign_in(shopper.username, "a long password")
+        wait_for(proxy.held.is_set, timeout=PAGE_DEADLINE, what="the first read of the balance")
+        page.wait_until(
+            lambda: page.text("balance") == "100.00"
+            and page.element("live-status").get_attribute("data-state") == "live",
+            timeout=READ_WAIT_SECONDS / CLOCK_SPEEDUP + PAGE_DEADLINE,
+            what="the balance shown and the page's socket open")
+    finally:
+        proxy.close()
 
 
 # Played by the browser itself: each time the page's tab is hidden or shown, and when.

@@ -104,3 +104,57 @@ def test_a_proxy_whose_target_never_answers_closes_its_clients_connection(unansw
     finally:
         proxy.close()
     assert not proxy.accepting.thread.is_alive()
+
+
+@pytest.fixture
+def echoing_target() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A listener that sends each of its connections back what it sends: its address, and the
+    connections it took (for a test to close, as a server closes those idle a while)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    taken: list[socket.socket] = []
+
+    def echo_on(connection: socket.socket) -> None:
+        taken.append(connection)
+        threading.Thread(target=_echoed, args=(connection,), daemon=True).start()
+
+    accepting = Accepting(listener, echo_on)
+    yield f"127.0.0.1:{listener.getsockname()[1]}", taken
+    accepting.close()
+    for connection in taken:
+        connection.close()
+
+
+def _echoed(connection: socket.socket) -> None:
+    try:
+        while data := connection.recv(65536):
+            connection.sendall(data)
+    except OSError:  # closed
+        pass
+
+
+def test_a_proxy_holding_the_first_piece_only_holds_it_and_leaves_its_connection_open(
+        echoing_target):
+    """With first_only, the first piece that holds the marker is held, though another went before
+    it on its connection; one after it, on another connection, is carried; and the held
+    connection stays open to its client when its target closes its side (as a server closes one
+    idle a while: passed on, a browser would send the held request again)."""
+    target, taken = echoing_target
+    proxy = HoldingProxy(target, b"GET /held", first_only=True)
+    address = proxy.accepting.listener.getsockname()
+    try:
+        with (socket.create_connection(address, timeout=5) as first,
+              socket.create_connection(address, timeout=5) as second):
+            first.sendall(b"GET /carried")
+            assert first.recv(64) == b"GET /carried"
+            first.sendall(b"GET /held")
+            wait_for(proxy.held.is_set, timeout=5, what="the piece held")
+            second.sendall(b"GET /held, again")
+            assert second.recv(64) == b"GET /held, again"
+            for connection in taken:
+                connection.shutdown(socket.SHUT_RDWR)
+            first.settimeout(1)
+            with pytest.raises(TimeoutError):  # (open, and nothing sent back)
+                first.recv(64)
+    finally:
+        proxy.close()
+    assert not proxy.accepting.thread.is_alive()
