@@ -43,6 +43,21 @@ class _FailingNowAndThen:
 
 
 @contextmanager
+def _running(consumer: InboxConsumer, store: StoreOnOwnConnection) -> Iterator[None]:
+    """`consumer` running in a thread until the block ends (then it commits what it stored and
+    leaves the group), and `store`, what it stores through, closed after it."""
+    running = threading.Thread(target=consumer.run)
+    running.start()
+    try:
+        yield
+    finally:
+        consumer.stop()
+        running.join(30)
+        store.close()
+    assert not running.is_alive()
+
+
+@contextmanager
 def _consuming(settings, topic: str, group: str) -> Iterator[_FailingNowAndThen]:
     """An inbox consumer of `group` on `topic` storing into the payments inbox, in a thread, until
     the block ends (then it commits what it stored and leaves the group); yields its store."""
@@ -50,15 +65,8 @@ def _consuming(settings, topic: str, group: str) -> Iterator[_FailingNowAndThen]
     failing = _FailingNowAndThen(store, every=5)
     consumer = InboxConsumer(build_consumer(settings, group), [topic], failing,
                              dispatch=lambda ids: None, batch_size=20)
-    running = threading.Thread(target=consumer.run)
-    running.start()
-    try:
+    with _running(consumer, store):
         yield failing
-    finally:
-        consumer.stop()
-        running.join(30)
-        store.close()
-    assert not running.is_alive()
 
 
 def _produce(settings, topic: str, count: int, partition: int | None = None) -> set[str]:
@@ -297,8 +305,6 @@ def test_a_consume_that_raises_loses_no_record_of_any_partition(settings, lookup
     store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
     storing = _StoringInOrder(store)
     consumer = InboxConsumer(client, [topic], storing, dispatch=lambda ids: None)
-    running = threading.Thread(target=consumer.run)
-    running.start()
     database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
     database.autocommit = True
 
@@ -306,18 +312,15 @@ def test_a_consume_that_raises_loses_no_record_of_any_partition(settings, lookup
         return _all_in_inbox(database, produced)
 
     try:
-        wait_for(lambda: client.dropped or client.not_raised, timeout=30, interval=0.1,
-                 what="a consume() raising")
-        assert not client.not_raised, client.not_raised
-        if lookup_fails:
-            produced |= _produce(settings, topic, 60)
-        wait_for(all_stored, timeout=30, interval=0.2, what="every record stored")
+        with _running(consumer, store):
+            wait_for(lambda: client.dropped or client.not_raised, timeout=30, interval=0.1,
+                     what="a consume() raising")
+            assert not client.not_raised, client.not_raised
+            if lookup_fails:
+                produced |= _produce(settings, topic, 60)
+            wait_for(all_stored, timeout=30, interval=0.2, what="every record stored")
     finally:
-        consumer.stop()
-        running.join(30)
-        store.close()
         cleared_away(topic, admin, database)
-    assert not running.is_alive()
     assert _stored_before_earlier_ones(storing.order) == []
     if lookup_fails:  # (the raise dropped records of a partition not read since assigned)
         assert client.lookups_failed == 1
@@ -339,8 +342,6 @@ def test_a_consume_that_raises_rewinds_a_partition_read_from_to_one_past_its_las
     storing = _StoringInOrder(store)
     consumer = InboxConsumer(client, [topic], storing, dispatch=lambda ids: None,
                              commit_interval=3600)
-    running = threading.Thread(target=consumer.run)
-    running.start()
     watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group,
                         "enable.auto.commit": False})
     database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
@@ -350,7 +351,7 @@ def test_a_consume_that_raises_rewinds_a_partition_read_from_to_one_past_its_las
         return _all_in_inbox(database, produced)
 
     try:
-        try:
+        with _running(consumer, store):
             wait_for(lambda: len(storing.order) >= 20, timeout=30, interval=0.1,
                      what="partition 0's first records stored")
             assert _committed(watcher, topic) == {}  # (rewound to it, they would be read again)
@@ -366,11 +367,6 @@ def test_a_consume_that_raises_rewinds_a_partition_read_from_to_one_past_its_las
             assert not client.not_raised, client.not_raised
             assert (0, 20) in client.dropped  # (the first unstored record of partition 0)
             wait_for(all_stored, timeout=30, interval=0.2, what="every record stored")
-        finally:
-            consumer.stop()
-            running.join(30)
-            store.close()
-        assert not running.is_alive()
         expected = {(0, offset) for offset in range(40)} | {(1, offset) for offset in range(20)}
         repeats = sorted({record for record in storing.order if storing.order.count(record) > 1})
         assert repeats == [], f"read and stored again: {repeats}"
@@ -464,20 +460,13 @@ def test_a_partition_whose_rewind_was_refused_is_read_again_from_there_once_soug
     store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
     storing = _StoringInOrder(store, failing=1)
     consumer = InboxConsumer(client, [topic], storing, dispatch=lambda ids: None, batch_size=5)
-    running = threading.Thread(target=consumer.run)
-    running.start()
     database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
     database.autocommit = True
     try:
-        try:
+        with _running(consumer, store):
             # (The last record: the batch's, had the seek not taken, would never come after it.)
             wait_for(lambda: (0, 19) in storing.order, timeout=30, interval=0.1,
                      what="partition 0's last record stored")
-        finally:
-            consumer.stop()
-            running.join(30)
-            store.close()
-        assert not running.is_alive()
         [failed] = storing.failed
         rewound_to = failed[0][1]
         assert storing.order == [(0, offset) for offset in range(rewound_to, 20)]
