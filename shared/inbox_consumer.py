@@ -49,8 +49,8 @@ Dispatch = Callable[[list[uuid.UUID]], None]
 # again after a crash or a rebalance.
 COMMIT_INTERVAL_SECONDS = 1.0
 # How long a consumer waits for its group's committed offsets, asked only to rewind partitions it
-# had read nothing of, after a consume() that failed; asked again, when they could not be had, at
-# most this often (each ask holds up the other partitions' reads up to this long).
+# had read nothing of, after a poll() or consume() that failed; asked again, when they could not be
+# had, at most this often (each ask holds up the other partitions' reads up to this long).
 _COMMITTED_TIMEOUT_SECONDS = 5.0
 
 
@@ -174,12 +174,13 @@ class InboxConsumer:
         # till then: _paused).
         self._rewinds_due: dict[tuple[str, int], int] = {}
         # Per partition, where this consumer reads on from: one past the last record poll() handed
-        # on, or where it was last rewound to. A consume() that raises has dropped what it took
-        # (_rewind_what_consume_dropped), and each partition goes back here. None for a partition
-        # not read from since it was assigned: that one started from its committed offset.
+        # on, or where it was last rewound to. A poll() or consume() that raises has dropped what
+        # it took (_rewind_what_the_client_dropped), and each partition goes back here. None for a
+        # partition not read from since it was assigned: that one started from its committed
+        # offset.
         self._reading_from: dict[tuple[str, int], int] = {}
-        # Partitions a consume() that raised dropped records of whose committed offset, where to
-        # rewind them to, could not be had: asked again before a poll (at most once every
+        # Partitions a poll() or consume() that raised dropped records of whose committed offset,
+        # where to rewind them to, could not be had: asked again before a poll (at most once every
         # _COMMITTED_TIMEOUT_SECONDS, from _look_up_again_at), and paused till then.
         self._lookups_due: set[tuple[str, int]] = set()
         self._look_up_again_at = clock()
@@ -369,18 +370,24 @@ class InboxConsumer:
     def poll(self) -> list[ConsumedRecord]:
         # Wait for the first message only; then take whatever else is already here, so a lone
         # message is stored at once instead of waiting out the timeout for a full batch.
-        first = self._consumer.poll(self._poll_timeout)
+        try:
+            first = self._consumer.poll(self._poll_timeout)
+        except Exception:
+            # A callback raised in it (an offset commit's answer, a rebalance), or the client
+            # failed: the message it had taken, if any, is destroyed, the client's position already
+            # past it. confluent-kafka 2.16 polls in chunks of 200 ms (to be woken by a signal):
+            # the raise ends one chunk, the next takes a message, and only then is the raise seen
+            # (a poll_timeout of 0.2 s, the default, is one chunk: nothing taken after the raise).
+            # Not rewound, the record would be skipped, the next offset commit past it, never
+            # stored nor swept.
+            self._rewind_what_the_client_dropped("poll")
+            raise
         if first is None:
             return []
         try:
             taken = self._consumer.consume(self._batch_size - 1, 0)
         except Exception:
-            try:
-                self._rewind_what_consume_dropped(first)
-            except CannotRewind:
-                raise  # (consume()'s own error is its context, in the traceback too)
-            except Exception as exc:  # (a mistake in the code: some partition may be unrewound)
-                raise CannotRewind(f"could not rewind after a failed consume: {exc!r}") from exc
+            self._rewind_what_the_client_dropped("consume", first)
             raise
         messages = [first, *taken]
         if self._paused:  # (held by the client from before they were paused: read again later)
@@ -409,22 +416,31 @@ class InboxConsumer:
             raise
         return records
 
-    def _rewind_what_consume_dropped(self, first) -> None:
-        """consume() raised after `first` was polled: a callback the client ran in it raised (an
-        offset commit's answer, a rebalance), or the client failed. confluent-kafka then drops the
-        messages it had taken, of any assigned partition, and the client reads on past them; so
-        each partition goes back to where this consumer reads on from (_reading_from): `first`'s
-        to `first`, and one not read from since it was assigned to its committed offset, asked of
-        the group's coordinator. One whose committed offset cannot be had is paused, commits
-        nothing, and is asked of again before a later poll (_look_up_again), till rewound. A
-        rewind that fails past mending (CannotRewind), or any mistake here, ends the loop."""
-        where_first = (first.topic(), first.partition())
+    def _rewind_what_the_client_dropped(self, call: str, first=None) -> None:
+        """The client's `call` ("poll" or "consume", after `first` was polled) raised: a callback
+        it ran raised (an offset commit's answer, a rebalance), or the client failed.
+        confluent-kafka then drops the messages it had taken, of any assigned partition, and the
+        client reads on past them; so each partition goes back to where this consumer reads on
+        from (_reading_from): `first`'s to `first`, and one not read from since it was assigned to
+        its committed offset, asked of the group's coordinator. One whose committed offset cannot
+        be had is paused, commits nothing, and is asked of again before a later poll
+        (_look_up_again), till rewound. A rewind that fails past mending (CannotRewind), or any
+        mistake here, ends the loop; the call's own error is its context, in the traceback too."""
+        try:
+            self._rewind_to_where_read_from(call, first)
+        except CannotRewind:
+            raise
+        except Exception as exc:  # (a mistake in the code: some partition may be unrewound)
+            raise CannotRewind(f"could not rewind after a failed {call}: {exc!r}") from exc
+
+    def _rewind_to_where_read_from(self, call: str, first) -> None:
+        where_first = None if first is None else (first.topic(), first.partition())
         try:
             assigned = [(p.topic, p.partition) for p in self._consumer.assignment()]
         except Exception as exc:  # (the client closed, say: nothing more can be read from it)
             log.warning("consumer: could not list the partitions to rewind after a failed"
-                        " consume: %s", exc)
-            assigned = [where_first]
+                        " %s: %s", call, exc)
+            assigned = [] if where_first is None else [where_first]
         positions, unknown = [], []
         for where in assigned:
             offset = self._reading_from.get(where)
@@ -457,8 +473,8 @@ class InboxConsumer:
                    - {(p.topic, p.partition) for p in found})
         if missing:
             if not missing <= self._lookups_due:  # (said when it first failed)
-                log.warning("consumer: could not read where to rewind %s after a failed consume:"
-                            " paused, nothing of theirs committed, till it is had",
+                log.warning("consumer: could not read where to rewind %s after a failed poll or"
+                            " consume: paused, nothing of theirs committed, till it is had",
                             ", ".join(unread))
             self._lookups_due |= missing
             self._given_up |= missing

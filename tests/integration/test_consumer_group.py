@@ -476,3 +476,75 @@ def test_a_partition_whose_rewind_was_refused_is_read_again_from_there_once_soug
         assert _all_in_inbox(database, produced)
     finally:
         cleared_away(topic, admin, database)
+
+
+class _NotingWhatServes(Consumer):
+    """The real client, noting which of its calls is running (`serving`: "poll", "consume" or
+    None), for a callback it runs to say which served it."""
+
+    serving: str | None = None
+
+    def poll(self, timeout: float):
+        self.serving = "poll"
+        try:
+            return super().poll(timeout)
+        finally:
+            self.serving = None
+
+    def consume(self, num_messages: int, timeout: float) -> list:
+        self.serving = "consume"
+        try:
+            return super().consume(num_messages, timeout)
+        finally:
+            self.serving = None
+
+
+def test_a_callback_raising_in_poll_loses_no_record(settings):
+    """The answer to the first offset commit, served in a poll() of 0.5 s, raises (a mistake in
+    note_commit_result, say; the rebalance callbacks are served there too) as a record has come:
+    confluent-kafka destroys the record that poll() took, its position already past it. The
+    partition goes back to where the consumer read on from, and the record is stored (it was
+    lost: never stored nor swept, the group's offset committed past it with the next records').
+    (confluent-kafka 2.16 polls in chunks of 200 ms: the callback's raise ends the first, and the
+    record is taken in the next, before the raise is seen. A poll of 0.2 s is one chunk, which the
+    raise ends with nothing taken.)"""
+    topic, admin = new_topic_of_its_own(settings, "poll-raising", 1)
+    group = f"{topic}.group"
+    produced = _produce(settings, topic, 1)  # offset 0
+    raised_in: list[str | None] = []
+    consumer: InboxConsumer | None = None
+
+    def on_commit(error, partitions) -> None:
+        if not raised_in:
+            # Offset 1 produced, and held by the client (its fetch's high watermark is past it),
+            # before the answer to the commit of offset 0's raises.
+            produced.update(_produce(settings, topic, 1))
+            wait_for(lambda: client.get_watermark_offsets(
+                TopicPartition(topic, 0), cached=True)[1] >= 2, timeout=10, interval=0.01,
+                what="offset 1 fetched")
+            raised_in.append(client.serving)
+            raise RuntimeError("a mistake in handling an offset commit's answer")
+        consumer.note_commit_result(error, partitions)
+
+    client = _NotingWhatServes(consumer_config(settings, group, on_commit))
+    store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
+    storing = _StoringInOrder(store)
+    consumer = InboxConsumer(client, [topic], storing, dispatch=lambda ids: None,
+                             poll_timeout=0.5, commit_interval=0.0)
+    watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group,
+                        "enable.auto.commit": False})
+    database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    database.autocommit = True
+    try:
+        with _running(consumer, store):
+            wait_for(lambda: raised_in, timeout=30, interval=0.1, what="on_commit raising")
+            assert raised_in == ["poll"]
+            produced |= _produce(settings, topic, 1)  # offset 2, after the raise
+            wait_for(lambda: (0, 2) in storing.order, timeout=30, interval=0.1,
+                     what="offset 2 stored")
+        assert storing.order == [(0, 0), (0, 1), (0, 2)]  # (offset 1 lost: [(0, 0), (0, 2)])
+        assert _all_in_inbox(database, produced)
+        assert _committed(watcher, topic) == {0: 3}
+    finally:
+        watcher.close()
+        cleared_away(topic, admin, database)

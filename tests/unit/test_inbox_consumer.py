@@ -853,19 +853,26 @@ def test_a_dispatch_that_fails_for_a_mistake_in_the_code_is_raised_as_before():
         inbox.run_once()
 
 
-class ConsumeRaisingConsumer(FakeConsumer):
-    """A consumer whose consume() takes what it is given, then raises, as confluent-kafka's does
-    when a callback raises in it (the messages dropped); it has `assigned` partitions, and a
-    group whose committed offsets are `committed` (or which cannot be asked: None, or the error
-    `committed()` raises)."""
+class CallbackRaisingConsumer(FakeConsumer):
+    """A consumer whose `raising_in` call ("poll" or "consume") takes what it is given, then
+    raises while `raising`, as confluent-kafka's does when a callback raises in it (the messages
+    dropped); it has `assigned` partitions, and a group whose committed offsets are `committed`
+    (or which cannot be asked: None, or the error `committed()` raises)."""
 
-    def __init__(self, messages, calls, assigned, committed):
+    def __init__(self, messages, calls, assigned, committed, raising_in="consume"):
         super().__init__(messages, calls)
         self.assigned, self.committed_offsets, self.raising = assigned, committed, False
+        self.raising_in, self.raised = raising_in, 0
+
+    def poll(self, timeout):
+        return self._raising_now("poll", super().poll(timeout))
 
     def consume(self, n, timeout):
-        taken = super().consume(n, timeout)
-        if self.raising:
+        return self._raising_now("consume", super().consume(n, timeout))
+
+    def _raising_now(self, call, taken):
+        if self.raising and call == self.raising_in:
+            self.raised += 1
             raise RuntimeError("a callback raised")
         return taken
 
@@ -882,11 +889,14 @@ class ConsumeRaisingConsumer(FakeConsumer):
                 for p in partitions]
 
 
-def _read_on_then_failing_consume(committed, clock=None) -> tuple[InboxConsumer,
-                                                                  ConsumeRaisingConsumer]:
+def _read_on_then_failing(committed, clock=None, call="consume") -> tuple[
+        InboxConsumer, CallbackRaisingConsumer]:
+    """An inbox read on past 4 of partition 0 and 7 of 1, of 4 partitions, whose next `call`
+    raises, dropping 8 of partition 1 (polled), 5 of 0 and 3 of 2 (2 read for the first time)."""
     calls = []
-    consumer = ConsumeRaisingConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls,
-                                      assigned=[0, 1, 2, 3], committed=committed)
+    consumer = CallbackRaisingConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls,
+                                       assigned=[0, 1, 2, 3], committed=committed,
+                                       raising_in=call)
     inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
                           commit_interval=0, clock=clock or FakeClock())
     inbox.run_once()  # (read on past 4 and 7)
@@ -898,11 +908,13 @@ def _read_on_then_failing_consume(committed, clock=None) -> tuple[InboxConsumer,
     return inbox, consumer
 
 
-def test_a_consume_that_raises_rewinds_every_partition_to_where_it_was_read_from():
-    """The message polled before it, and those it took and dropped, of any partition, are read
-    again: each partition rewound to one past the last record handed on, or, none read since it
-    was assigned, to its committed offset (one with none committed to its first record)."""
-    _, consumer = _read_on_then_failing_consume(committed={2: 3, 3: -1001})
+@pytest.mark.parametrize("call", ["poll", "consume"])
+def test_a_poll_or_consume_that_raises_rewinds_every_partition_to_where_it_was_read_from(call):
+    """The message polled (or polled before it), and those it took and dropped, of any
+    partition, are read again: each partition rewound to one past the last record handed on, or,
+    none read since it was assigned, to its committed offset (one with none committed to its
+    first record)."""
+    _, consumer = _read_on_then_failing(committed={2: 3, 3: -1001}, call=call)
     assert sorted(consumer.calls[:2]) == [("seek", ("t", 0, 5)), ("seek", ("t", 1, 8))]
     assert consumer.calls[2] == ("committed", [2, 3])
     assert sorted(consumer.calls[3:]) == [("seek", ("t", 2, 3)), ("seek", ("t", 3, -2))]
@@ -917,13 +929,13 @@ def test_a_partition_whose_committed_offset_cannot_be_had_is_paused_till_it_is_a
     broker the integration tests run cannot be made to give on cue: a stand-in client here.)"""
     stored = []
     clock = FakeClock()
-    inbox, consumer = _read_on_then_failing_consume(committed=None, clock=clock)
+    inbox, consumer = _read_on_then_failing(committed=None, clock=clock)
     inbox._store_batch = lambda records: stored.extend(
         (r.partition, r.offset) for r in records) or []
     assert sorted(consumer.calls[:2]) == [("seek", ("t", 0, 5)), ("seek", ("t", 1, 8))]
     assert consumer.calls[2:] == [("committed", [2, 3]), ("pause", [2, 3])]
     assert ("could not read where to rewind t [2] (coordinator away), t [3] (coordinator away)"
-            " after a failed consume: paused, nothing of theirs committed, till it is had"
+            " after a failed poll or consume: paused, nothing of theirs committed, till it is had"
             ) in caplog.text
     consumer.calls.clear()
     consumer.raising = False
@@ -957,7 +969,7 @@ def test_a_partition_paused_for_its_lookup_is_resumed_and_forgotten_as_it_is_tak
     """Assigned again, it starts from its committed offset: no lookup is due, and it is not
     left paused."""
     clock = FakeClock()
-    inbox, consumer = _read_on_then_failing_consume(committed=None, clock=clock)
+    inbox, consumer = _read_on_then_failing(committed=None, clock=clock)
     consumer.calls.clear()
     consumer.raising = False
     getattr(inbox, taken_away)(consumer, [TopicPartition("t", 2), TopicPartition("t", 3)])
@@ -975,8 +987,8 @@ def test_a_lookup_failing_other_than_kafka_s_way_rewinds_what_it_can_and_raises_
     all the same (the polled message's with them), and consume()'s own error is the one raised,
     not buried under the lookup's (the partition left to it is paused, and asked of again)."""
     calls = []
-    consumer = ConsumeRaisingConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls,
-                                      assigned=[0, 1, 2], committed=RuntimeError("closed"))
+    consumer = CallbackRaisingConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls,
+                                       assigned=[0, 1, 2], committed=RuntimeError("closed"))
     inbox = InboxConsumer(consumer, ["t"], lambda records: [], lambda ids: None,
                           commit_interval=0, clock=FakeClock())
     inbox.run_once()
@@ -1003,22 +1015,26 @@ def _seek_failing_for(consumer, partition, error):
 
 
 class _PollNotedAfterAFailedSeek:
-    """A consumer's poll, noted once a seek (or the call named `failed`) has failed, and stopping
-    the inbox then: a consumer that carries on past a partition it could not rewind polls again."""
+    """A CallbackRaisingConsumer's poll, noted once a seek (or the call named `failed`) has
+    failed, or once its read has raised, and stopping the inbox then: a consumer that carries on
+    past a partition it could not rewind, or that did not rewind what the read dropped, polls
+    again."""
 
     def __init__(self, consumer, failed="seek failed"):
         self._poll, self._consumer, self.inbox, self._failed = consumer.poll, consumer, None, failed
 
     def __call__(self, timeout):
-        if any(call[0] == self._failed for call in self._consumer.calls):
+        if (self._consumer.raised
+                or any(call[0] == self._failed for call in self._consumer.calls)):
             self._consumer.calls.append(("poll",))
             self.inbox.stop()
         return self._poll(timeout)
 
 
-def _inbox_whose_second_consume_raises(consumer, polls) -> InboxConsumer:
+def _inbox_whose_second_read_raises(consumer, polls) -> InboxConsumer:
     """An inbox over `consumer`, stopped by `polls`, whose first batch stored has the next
-    consume() raise, dropping records of partitions 0, 1 and 2 (2 read for the first time)."""
+    poll() or consume() (its `raising_in`) raise, dropping records of partitions 0, 1 and 2 (2
+    read for the first time)."""
     def store(records):
         if not consumer.raising:
             consumer.raising = True
@@ -1031,20 +1047,21 @@ def _inbox_whose_second_consume_raises(consumer, polls) -> InboxConsumer:
     return inbox
 
 
+@pytest.mark.parametrize("call", ["poll", "consume"])
 @pytest.mark.parametrize("error", [RuntimeError("Consumer closed"), TypeError("an offset?"),
                                    ValueError("an offset?")], ids=["closed", "type", "value"])
-def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_consume_ends_the_loop(error,
-                                                                                    caplog):
+def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_read_ends_the_loop(error, call,
+                                                                                 caplog):
     """A partition whose committed offset was had but whose seek then failed (the client closed,
     or a mistake in the code: no retry mends either) was left neither rewound nor paused, and read
-    on past the records consume() dropped. The loop ends instead, polling nothing more; it commits
-    what is stored if it still can, all below them, and closes (the worker then stops, to be
-    started again, and the group reads the partition on from its committed offset). The
+    on past the records poll() or consume() dropped. The loop ends instead, polling nothing more;
+    it commits what is stored if it still can, all below them, and closes (the worker then stops,
+    to be started again, and the group reads the partition on from its committed offset). The
     partitions whose positions are known were rewound first. A closed client's commit fails as
     its seek did (confluent-kafka's RuntimeError): said, and CannotRewind raised all the same."""
     calls = []
-    consumer = ConsumeRaisingConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls,
-                                      assigned=[0, 1, 2], committed={2: 0})
+    consumer = CallbackRaisingConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls,
+                                       assigned=[0, 1, 2], committed={2: 0}, raising_in=call)
     _seek_failing_for(consumer, 2, error)
     consumer.poll = polls = _PollNotedAfterAFailedSeek(consumer)
     closed = isinstance(error, RuntimeError)
@@ -1057,26 +1074,27 @@ def test_a_seek_failing_other_than_kafka_s_way_after_a_failed_consume_ends_the_l
 
         consumer.commit = commit_closed
 
-    inbox = _inbox_whose_second_consume_raises(consumer, polls)
+    inbox = _inbox_whose_second_read_raises(consumer, polls)
     with pytest.raises(CannotRewind, match=r"t \[2\] to 0") as raised:
         inbox.run()
     assert raised.value.__cause__ is error
-    assert "a callback raised" in str(error.__context__)  # (consume()'s own, not buried)
+    assert "a callback raised" in str(error.__context__)  # (the call's own, not buried)
     assert calls == [("seek", ("t", 0, 5)), ("seek", ("t", 1, 8)), ("committed", [2]),
                      ("seek failed", 2), ("commit and wait", [("t", 0, 5), ("t", 1, 8)]),
                      ("close",)]
     assert ("could not commit what is stored as it stops" in caplog.text) is closed
 
 
-def test_a_mistake_in_the_rewind_after_a_failed_consume_ends_the_loop():
-    """Any error in rewinding what a failed consume() dropped but a seek's (a mistake in the
-    code: here the group's committed offsets come back as objects without an error) may leave a
-    partition unrewound, the client reading on past the records dropped: the loop ends as for a
-    seek that fails past mending, nothing polled after it, consume()'s own error kept in the
+@pytest.mark.parametrize("call", ["poll", "consume"])
+def test_a_mistake_in_the_rewind_after_a_failed_read_ends_the_loop(call):
+    """Any error in rewinding what a failed poll() or consume() dropped but a seek's (a mistake in
+    the code: here the group's committed offsets come back as objects without an error) may leave
+    a partition unrewound, the client reading on past the records dropped: the loop ends as for a
+    seek that fails past mending, nothing polled after it, the call's own error kept in the
     traceback. The partitions whose positions are known were rewound first."""
     calls = []
-    consumer = ConsumeRaisingConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls,
-                                      assigned=[0, 1, 2], committed={})
+    consumer = CallbackRaisingConsumer([FakeMessage("t", 0, 4), FakeMessage("t", 1, 7)], calls,
+                                       assigned=[0, 1, 2], committed={}, raising_in=call)
 
     def committed(partitions, timeout):
         calls.append(("committed oddly", sorted(p.partition for p in partitions)))
@@ -1086,12 +1104,12 @@ def test_a_mistake_in_the_rewind_after_a_failed_consume_ends_the_loop():
     consumer.committed = committed
     consumer.poll = polls = _PollNotedAfterAFailedSeek(consumer, failed="committed oddly")
 
-    inbox = _inbox_whose_second_consume_raises(consumer, polls)
-    with pytest.raises(CannotRewind, match="could not rewind after a failed consume") as raised:
+    inbox = _inbox_whose_second_read_raises(consumer, polls)
+    with pytest.raises(CannotRewind, match=f"could not rewind after a failed {call}") as raised:
         inbox.run()
     mistake = raised.value.__cause__
     assert isinstance(mistake, AttributeError)
-    assert "a callback raised" in str(mistake.__context__)  # (consume()'s own, not buried)
+    assert "a callback raised" in str(mistake.__context__)  # (the call's own, not buried)
     assert calls == [("seek", ("t", 0, 5)), ("seek", ("t", 1, 8)), ("committed oddly", [2]),
                      ("commit and wait", [("t", 0, 5), ("t", 1, 8)]), ("close",)]
 
