@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -26,6 +27,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pool, json_format
+from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase)
 from werkzeug.serving import make_server
@@ -1149,6 +1152,80 @@ def test_server_reflection_lists_each_service(grpc_targets):
         database = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(target))
         assert name in database.get_services()
         assert database.FindFileContainingSymbol(name) is not None
+
+
+def _signed_call_headers(user_id: str, method: str, json_request: str) -> tuple[list, str]:
+    """What `python -m shared.grpc_signed_call_headers` prints for the call, read as grpcurl reads
+    it: the metadata of its -H flags (each "name: value", split at the first colon, both ends
+    stripped) and the JSON of its -d."""
+    printed = subprocess.run(
+        [sys.executable, "-m", "shared.grpc_signed_call_headers", user_id, method, "-d",
+         json_request], cwd=REPO_ROOT, env=os.environ, capture_output=True, text=True, check=True)
+    words = shlex.split(printed.stdout)
+    flags = list(zip(words[::2], words[1::2], strict=True))
+    metadata = [tuple(part.strip() for part in value.split(":", 1))
+                for flag, value in flags if flag == "-H"]
+    assert [flag for flag, _ in flags] == ["-H"] * len(metadata) + ["-d"], printed.stdout
+    return metadata, flags[-1][1]
+
+
+def _called_as_a_stock_client(target: str, method: str, json_request: str, metadata=()):
+    """`method` ("package.Service/Method") called as grpcurl calls it: no generated code, its
+    request and reply types read off the server's reflection, the request built from
+    `json_request`; the reply as JSON."""
+    channel = grpc.insecure_channel(target)
+    pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+    service, name = method.split("/")
+    described = pool.FindServiceByName(service).methods_by_name[name]
+    request = json_format.Parse(json_request, GetMessageClass(described.input_type)())
+    call = channel.unary_unary(f"/{method}", request_serializer=type(request).SerializeToString,
+                               response_deserializer=GetMessageClass(
+                                   described.output_type).FromString)
+    return json_format.MessageToDict(call(request, metadata=metadata, timeout=5),
+                                     preserving_proto_field_name=True)
+
+
+def _refused_to_a_stock_client(target: str, method: str, json_request: str, metadata=()) -> str:
+    """The error code a call made as _called_as_a_stock_client makes it is refused with, a 401's."""
+    with pytest.raises(grpc.RpcError) as refused:
+        _called_as_a_stock_client(target, method, json_request, metadata)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    trailers = dict(refused.value.trailing_metadata())
+    assert trailers[HTTP_STATUS_KEY] == "401"
+    return trailers[ERROR_CODE_KEY]
+
+
+def test_a_stock_client_calls_a_service_with_the_headers_the_operators_command_signs(
+        grpc_targets):
+    """grpcurl, given the -H flags and -d that `python -m shared.grpc_signed_call_headers` prints
+    for a call, makes it: the command signs the bytes grpcurl makes of that JSON. Nothing made
+    the gateway's metadata for an operator, and no stock client could call a service. The
+    metadata is good for that call alone: not for another request (a tampered amount), and an
+    unkeyed write's not twice; a call without it is refused."""
+    user = f"operator-{uuid.uuid4().hex[:8]}"
+    payments, orders = grpc_targets["payments"], grpc_targets["orders"]
+    opening, deposit = "hseshop.payments.v1.Payments/OpenAccount", \
+        "hseshop.payments.v1.Payments/Deposit"
+    balance = "hseshop.payments.v1.Payments/GetBalance"
+
+    def signed_call(target: str, method: str, json_request: str) -> dict:
+        metadata, signed_json = _signed_call_headers(user, method, json_request)
+        return _called_as_a_stock_client(target, method, signed_json, metadata)
+
+    assert signed_call(payments, opening, "{}") == {"user_id": user, "balance": "0.00"}
+    metadata, signed_json = _signed_call_headers(user, deposit, '{"amount": "5.00"}')
+    assert _refused_to_a_stock_client(payments, deposit, '{"amount": "500.00"}',
+                                      metadata) == "UNTRUSTED_IDENTITY"
+    assert _called_as_a_stock_client(payments, deposit, signed_json, metadata)["balance"] == "5.00"
+    assert _refused_to_a_stock_client(payments, deposit, signed_json,
+                                      metadata) == "SIGNATURE_USED"
+    assert _refused_to_a_stock_client(payments, balance, "{}") == "MISSING_USER_ID"
+    assert signed_call(payments, balance, "{}") == {"user_id": user, "balance": "5.00"}
+    placed = signed_call(orders, "hseshop.orders.v1.Orders/PlaceOrder",
+                         '{"amount": "3", "description": "a book"}')
+    assert (placed["user_id"], placed["amount"], placed["status"]) == (user, "3.00", "NEW")
+    page = signed_call(orders, "hseshop.orders.v1.Orders/ListOrders", '{"limit": 5}')
+    assert [order["id"] for order in page["items"]] == [placed["id"]]
 
 
 def test_the_generated_grpc_code_is_current(tmp_path):
