@@ -597,6 +597,14 @@ def test_apis_and_workers_start_after_their_migration_and_the_gateway_after_all_
                 assert ALL_SERVICES[gateway]["depends_on"][name]["condition"] == "service_healthy"
 
 
+def test_the_gateway_starts_after_beat_which_alone_sends_the_relays_tasks():
+    """Nothing but beat sends relay_outbox: a gateway up without it (`docker compose up -d
+    gateway`, a beat failing as it starts) took orders that stayed NEW."""
+    gateway, = GATEWAY
+    for name in beats():
+        assert ALL_SERVICES[gateway]["depends_on"][name]["condition"] == "service_healthy"
+
+
 # --- ports, scaling, volumes ------------------------------------------------------------------
 
 
