@@ -14,8 +14,8 @@ from dataclasses import dataclass
 OUTAGE_REMINDER_SECONDS = 60.0
 # A try failing this long after the last one that did begins a new outage, though no try worked in
 # between to say the last was over (a consumer whose partitions were taken away stores nothing,
-# and so never says it is back; the relay and the sweeper try every few seconds, a consumer every
-# second, while one lasts).
+# and so never says it is back; the relay tries every second and the sweeper every few seconds, a
+# consumer every second, while one lasts).
 NEW_OUTAGE_AFTER_SECONDS = 30.0
 
 

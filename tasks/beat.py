@@ -1,12 +1,12 @@
 """Beat's scheduler: Celery's own, but sending no task to a queue that already holds a few.
 
-Beat sends its tasks (the relay's lead, the sweeper, the pruners) every second or two, whether or
-not a worker reads them. With none reading (a service's workers stopped, or waiting on a migration
-that failed), Redis would keep every one: the Redis transport has no expiry per message, a task's
-`expires` is looked at only by the worker that takes it (and beat's carry none, celeryconfig.py:
-the worker reads it on a clock of its own), and the queue would grow by some 7 MB an hour, for a
-worker to drain, stale, when it came back. Each of these tasks only asks for what the
-next one asks for again, so one not sent loses nothing.
+Beat sends its tasks (the relay's lead every second, the sweeper every few, the pruners) whether
+or not a worker reads them. With none reading (a service's workers stopped, or waiting on a
+migration that failed), Redis would keep every one: the Redis transport has no expiry per message,
+a task's `expires` is looked at only by the worker that takes it (and beat's carry none,
+celeryconfig.py: the worker reads it on a clock of its own), and the queue would grow by some 4 MB
+an hour (a task is about 1 KB), for a worker to drain, stale, when it came back. Each of these
+tasks only asks for what the next one asks for again, so one not sent loses nothing.
 
 It also follows the wall clock back. Celery's scheduler keeps each entry's last run, and its heap
 of due times, by the wall clock: after a step back of an hour (a clock set right by NTP, a VM
@@ -31,6 +31,10 @@ interval anyway, keep Celery's date.
 
 And it renews beat's alive file at each tick while it reaches Redis, for its healthcheck
 (tasks/alive.py).
+
+As it starts, it warns if it checks that a relay leads each outbox less often than once a second
+(OUTBOX_RELAY_INTERVAL_SECONDS above shared.config.RELAY_LEAD_CHECKED_AT_LEAST_EVERY_SECONDS): a
+dead leader then goes unreplaced for longer than the relay's safety net allows.
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ from celery.beat import PersistentScheduler
 from celery.schedules import schedule
 from celery.utils.time import maybe_make_aware
 
+from shared.config import RELAY_LEAD_CHECKED_AT_LEAST_EVERY_SECONDS
 from tasks.alive import AliveFileScheduler
 from tasks.inbox import tasks_waiting
+from tasks.relay import relay_outbox
 from tasks.routing import route_to_service_queue
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,10 @@ FIRST_RUN_WITHIN = timedelta(seconds=10)
 
 
 class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
+    def setup_schedule(self):
+        super().setup_schedule()
+        _warn_of_a_relay_lead_checked_too_seldom(self.schedule.values())
+
     def tick(self, *args, **kwargs):
         self._follow_the_clock_back()
         return super().tick(*args, **kwargs)
@@ -124,6 +134,20 @@ class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
             return 0
         self.note_broker_reached(True)
         return waiting
+
+
+def _warn_of_a_relay_lead_checked_too_seldom(entries) -> None:
+    """Say in a WARNING if the relay's entries among `entries` run less often than
+    RELAY_LEAD_CHECKED_AT_LEAST_EVERY_SECONDS (OUTBOX_RELAY_INTERVAL_SECONDS, which sets them, above
+    it)."""
+    slowest = max((entry.schedule.run_every.total_seconds() for entry in entries
+                   if entry.task == relay_outbox.name and isinstance(entry.schedule, schedule)),
+                  default=0.0)
+    if slowest > RELAY_LEAD_CHECKED_AT_LEAST_EVERY_SECONDS:
+        log.warning("OUTBOX_RELAY_INTERVAL_SECONDS=%g: beat checks that a relay leads each outbox"
+                    " only every %g s, so a relay leader that dies goes unreplaced that long; the"
+                    " relay's safety net is to run at least every %g s (the default)", slowest,
+                    slowest, RELAY_LEAD_CHECKED_AT_LEAST_EVERY_SECONDS)
 
 
 def _run_first_soon(entry) -> None:

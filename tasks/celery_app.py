@@ -52,9 +52,9 @@ app.steps["consumer"].add(AliveFileStep)
 
 @after_setup_logger.connect
 def _set_up_worker_logging(logger, **kwargs):
-    # Beat sends the relay and the sweeper every few seconds, for every service: a "received" and
-    # a "succeeded" line for each would bury everything else. Failures are still logged at
-    # WARNING and above.
+    # Beat sends the relay every second and the sweeper every few, for every service: a
+    # "received" and a "succeeded" line for each would bury everything else. Failures are still
+    # logged at WARNING and above.
     for name in ("celery.app.trace", "celery.worker.strategy"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Handlers log the request id of the message they handle (bound by shared.inbox.handling).

@@ -1,12 +1,13 @@
 """Relaying outbox rows to Kafka: a Celery task that beat sends, which stays to lead the relay.
 
-Beat sends `relay_outbox` for each service every `outbox_relay_interval_seconds`. The first run
-to take the service database's leader lock (shared/relay_leader.py) stays: it sends every row
-waiting, then sleeps until a commit that inserted outbox rows notifies it, sends again, and so on
-until its worker shuts down. Every later run finds the leader and returns at once, so beat only
-matters when no leader is alive (its worker died, its database connection broke): the next run
-takes over within one interval. A row waits for the relay only as long as its commit takes to
-notify, never for a poll.
+Beat sends `relay_outbox` for each service every `outbox_relay_interval_seconds` (a second by
+default: the relay's safety net runs at least once a second, shared.config). The first run to take
+the service database's leader lock (shared/relay_leader.py) stays: it sends every row waiting, then
+sleeps until a commit that inserted outbox rows notifies it, sends again, and so on until its
+worker shuts down. Every later run finds the leader and returns at once, so beat only matters when
+no leader is alive (its worker died, its database connection broke): the next run takes over
+within one interval, a second by default. A row waits for the relay only as long as its commit
+takes to notify, never for a poll.
 
 Through an outage of some keys (a topic the relay may not write to, a partition whose broker is
 lost) the rows the broker refused wait for their next try, the later rows of their keys behind

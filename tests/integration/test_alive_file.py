@@ -193,7 +193,7 @@ def test_beat_leaves_its_file_to_age_while_its_sends_fail_and_renews_it_once_the
         settings, tmp_path):
     """Celery's scheduler logs a send that failed and ticks on: beat reaching Redis through a
     proxy that is then cut must still go unhealthy (its file older than the healthcheck's bound),
-    and healthy again once Redis is back. (Its relay and sweeper sent every second or two, to
+    and healthy again once Redis is back. (Its relay and sweeper sent every second or few, to
     queues under a prefix of its own.)"""
     broker = urlsplit(settings.celery_broker_url)
     proxy = SilencingProxy(f"{broker.hostname}:{broker.port or 6379}")

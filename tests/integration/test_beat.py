@@ -5,8 +5,10 @@ sends is run by a worker whose clock is ahead of beat's (celeryconfig.py)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from celery.beat import ScheduleEntry
@@ -80,6 +82,29 @@ def test_beat_goes_on_after_the_wall_clock_went_back(tmp_path):
     assert pruning_due_in == pytest.approx(20 * 60, abs=30)  # its spacing kept
 
 
+def _warnings_of_a_beat_starting(schedule_file: Path, caplog) -> list[str]:
+    """What tasks.beat warns of as a scheduler starts (and closes) with the app's schedule."""
+    with caplog.at_level(logging.WARNING, logger=tasks.beat.__name__):
+        BoundedScheduler(app=celery_app, schedule_filename=str(schedule_file)).close()
+    return [record.getMessage() for record in caplog.records
+            if record.name == tasks.beat.__name__]
+
+
+def test_beat_warns_as_it_starts_of_a_relay_lead_checked_less_often_than_once_a_second(
+        tmp_path, monkeypatch, caplog):
+    """Issue 2: beat runs the relay at least once a second, the safety net that replaces a dead
+    leader. A longer OUTBOX_RELAY_INTERVAL_SECONDS (2 was the default before) is taken, and said."""
+    assert _warnings_of_a_beat_starting(tmp_path / "default", caplog) == []
+    caplog.clear()
+
+    monkeypatch.setitem(celery_app.conf.beat_schedule, "relay-payments-outbox", {
+        "task": "hseshop.relay_outbox", "schedule": timedelta(seconds=2), "args": ("payments",)})
+    assert _warnings_of_a_beat_starting(tmp_path / "slow", caplog) == [
+        "OUTBOX_RELAY_INTERVAL_SECONDS=2: beat checks that a relay leads each outbox only every"
+        " 2 s, so a relay leader that dies goes unreplaced that long; the relay's safety net is to"
+        " run at least every 1 s (the default)"]
+
+
 def _due_in(scheduler: BoundedScheduler) -> dict[str, float]:
     """Each entry's seconds until it is due (0 if it is), as beat's tick reads them."""
     states = {name: entry.is_due() for name, entry in scheduler.schedule.items()}
@@ -89,7 +114,8 @@ def _due_in(scheduler: BoundedScheduler) -> dict[str, float]:
 def test_a_beat_with_a_new_schedule_file_runs_each_pruner_soon(tmp_path, monkeypatch):
     """A fresh volume (a first deploy, `docker compose down -v`): Celery would start each entry an
     interval from now, the pruners an hour on, and a beat recreated more often never ran them. One
-    every 2 s (as the relay's lead is by default) starts an interval on, as before."""
+    every 2 s (a short interval, as the relay's lead and the sweeper have) starts an interval on,
+    as before."""
     monkeypatch.setitem(celery_app.conf.beat_schedule, "every-2-s", {
         "task": "hseshop.relay_outbox", "schedule": timedelta(seconds=2), "args": ("payments",)})
     scheduler = BoundedScheduler(app=celery_app, schedule_filename=str(tmp_path / "schedule"))

@@ -5,12 +5,14 @@
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from kombu.utils.imports import symbol_by_name
 
 import celeryconfig
 from shared.celery_settings import REDIS_TRANSPORT_PATH
+from shared.config import RELAY_LEAD_CHECKED_AT_LEAST_EVERY_SECONDS, SERVICES, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,3 +32,13 @@ def test_the_broker_transport_celeryconfig_names_is_the_shops():
 
     assert celeryconfig.broker_transport == REDIS_TRANSPORT_PATH
     assert symbol_by_name(REDIS_TRANSPORT_PATH) is Transport
+
+
+def test_beat_sends_each_relay_at_least_once_a_second_by_default():
+    """Issue 2: Celery beat runs the relay at least once a second as the safety net, so that a
+    relay leader that dies is replaced within a second."""
+    assert load_settings({}).outbox_relay_interval_seconds == 1
+    assert RELAY_LEAD_CHECKED_AT_LEAST_EVERY_SECONDS == 1
+    relays = {name: entry["schedule"] for name, entry in celeryconfig.beat_schedule.items()
+              if entry["task"] == "hseshop.relay_outbox"}
+    assert relays == {f"relay-{service}-outbox": timedelta(seconds=1) for service in SERVICES}
