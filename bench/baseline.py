@@ -55,11 +55,12 @@ def write_order(cursor, topic: str, user_id: str, amount: Decimal,
     order = WrittenOrder(uuid.uuid4(), user_id, amount.quantize(CENT), description,
                          datetime.now(timezone.utc))
     message_id = uuid.uuid4()
+    request_id = uuid.uuid4().hex  # the API gives every request an id, and its rows carry it
     envelope = {"message_id": str(message_id), "type": "PaymentRequested", "version": 1,
                 "occurred_at": order.created_at.isoformat(), "correlation_id": str(order.id),
+                "causation_id": request_id,
                 "payload": {"order_id": str(order.id), "user_id": user_id,
                             "amount": str(order.amount)}}
-    request_id = uuid.uuid4().hex  # the API gives every request an id, and its rows carry it
     cursor.execute(INSERT_ORDER, (str(order.id), user_id, order.amount, description,
                                   order.created_at, order.created_at))
     cursor.execute(INSERT_OUTBOX, (str(message_id), topic, user_id, str(order.id),

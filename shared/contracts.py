@@ -1,9 +1,14 @@
 """The event contract between the services: the envelope every Kafka message carries, and the
 payload of each event type.
 
-Value: UTF-8 JSON `{"message_id", "type", "version", "occurred_at", "correlation_id", "payload"}`.
-Key: the user id, so that one user's messages stay in order. Headers: `message_id` and `type`,
-and `request_id` when an API request (its X-Request-ID) led to the message.
+Value: UTF-8 JSON `{"message_id", "type", "version", "occurred_at", "correlation_id",
+"causation_id", "payload"}`: `correlation_id` the order the message is about, `causation_id` the
+X-Request-ID of the API request that led to it (for a message a handler writes, the one the message
+it handles carried, so an order's every message carries its click's id), null when no request led
+to it. Key: the user id, so that one user's messages stay in order. Headers: `message_id` and
+`type`, and `request_id` when an API request led to the message: the same id as `causation_id`
+(read by consumers that look at the headers only). `causation_id` came after the first release: a
+reader takes a value without it (an outbox row written before, relayed as written) as null.
 
 A tolerant reader, a strict writer. During a rolling upgrade one service's new version runs before
 the other's, and a field added to an envelope or a payload is backward compatible: a reader takes
@@ -29,7 +34,7 @@ import json
 import logging
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -140,6 +145,10 @@ class EnvelopeSchema(EnvelopeOfAnyVersionSchema):
 
     occurred_at = fields.AwareDateTime(required=True, format="iso")
     correlation_id = Text(required=True, allow_none=True, validate=validate.Length(max=100))
+    # Added after the first release, so optional: a value written before it has none. Any text: it
+    # is only told on (the inbox takes it for the message's request id, shared.inbox.storing, only
+    # when it is a sane one), so a message is not refused for the shape of an id.
+    causation_id = Text(load_default=None, allow_none=True)
 
 
 _ENVELOPE_SCHEMA = EnvelopeSchema()
@@ -151,6 +160,9 @@ class Envelope:
     type: str
     payload: dict[str, Any]
     correlation_id: str | None = None
+    # The X-Request-ID of the request that led to the event: set as the outbox writes it
+    # (shared.outbox.writing), which knows the request.
+    causation_id: str | None = None
     message_id: uuid.UUID = field(default_factory=uuid.uuid4)
     occurred_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     version: int = ENVELOPE_VERSION
@@ -172,8 +184,13 @@ class Envelope:
             "version": self.version,
             "occurred_at": self.occurred_at.isoformat(timespec="microseconds"),
             "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id,
             "payload": self.payload_json(),
         }
+
+    def caused_by(self, request_id: str | None) -> Envelope:
+        """The event as the request `request_id` led to it (or none: None)."""
+        return self if request_id == self.causation_id else replace(self, causation_id=request_id)
 
     def to_wire(self) -> str:
         """The message value as it goes to Kafka: the envelope as compact JSON text."""
@@ -283,6 +300,7 @@ def decode(value: bytes | None) -> Envelope:
         type=envelope["type"],
         payload=payload,
         correlation_id=envelope["correlation_id"],
+        causation_id=envelope["causation_id"],
         message_id=envelope["message_id"],
         occurred_at=envelope["occurred_at"],
         version=envelope["version"],

@@ -80,6 +80,13 @@ def _request_id_given(record: ConsumedRecord) -> str | None:
     return given_request_id_if_sane(_storable_text(record.headers.get(REQUEST_ID_KAFKA_HEADER)))
 
 
+def _request_id_or(row: dict[str, Any], causation_id: str | None) -> str | None:
+    """The row's request id (its record's header), or, for a record without a sane one, the
+    `causation_id` of its envelope if that is a sane id (the shop writes the two alike; another
+    producer may write only the envelope's)."""
+    return row["request_id"] or given_request_id_if_sane(causation_id)
+
+
 def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
     """The inbox row for a record: a parsed event; a parked one, its type or its payload refused,
     or its envelope version, kept as its text; or a parked row holding the raw value."""
@@ -112,6 +119,7 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
             "type": exc.envelope["type"],
             "envelope_version": exc.envelope["version"],
             "correlation_id": exc.envelope["correlation_id"],
+            "request_id": _request_id_or(row, exc.envelope.get("causation_id")),
             "payload": payload,
             "parked": True,
             "last_error": _storable_text(str(exc), 2000),
@@ -123,6 +131,7 @@ def inbox_row(record: ConsumedRecord) -> dict[str, Any]:
         "type": envelope.type,
         "envelope_version": envelope.version,
         "correlation_id": envelope.correlation_id,
+        "request_id": _request_id_or(row, envelope.causation_id),
         "payload": envelope.payload_json(),
     }
 

@@ -61,8 +61,10 @@ def add_outbox_message(session: Session, *, topic: str, key: str, event: Envelop
                        request_id: str | None = None) -> None:
     """Write `event` to the outbox in the caller's transaction; its commit wakes the relay.
 
-    The event carries `request_id` on to its consumers: the id of the request it answers (an inbox
-    handler passes the one its message came with), by default the request being served.
+    The event carries `request_id` on to its consumers, as its envelope's `causation_id` and the
+    message's `request_id` header alike: the id of the request it answers (an inbox handler passes
+    the one its message came with), else the one the event holds, else the request being served;
+    none when no request led to it.
 
     A plain INSERT on the driver (shared.db.driver_cursor): every order writes several of these,
     and nothing reads the row back in the transaction that writes it.
@@ -82,8 +84,9 @@ def outbox_message_statement(session: Session, *, topic: str, key: str, event: E
     in one `execute`, and its named parameters (each name starts with "outbox_"), to be merged
     with the caller's. "" and no parameters when the rows of the block are written together
     (outbox_rows_written_together): the row has been added to them."""
+    event = event.caused_by(request_id or event.causation_id or current_request_id())
     row = (str(event.message_id), topic, key, event.type, event.correlation_id, event.to_wire(),
-           request_id or current_request_id(), event.occurred_at)
+           event.causation_id, event.occurred_at)
     written_together = session.info.get(_WRITTEN_TOGETHER)
     if written_together is not None:
         written_together.append(row)

@@ -3,6 +3,7 @@ the right user only, on either of two gateway instances, and catch-up after a re
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ from simple_websocket import ConnectionClosed
 from bench.websocket_client import WebSocketClient
 from gateway_app.notifications import SOCKET_RECHECK_SECONDS
 from tests.e2e.gateway_client import GatewayClient
+from tests.kafka_tools import read_topic_until
 from tests.polling import wait_for
 from tests.replay_tools import assert_only_the_repeat_said_replayed
 
@@ -205,3 +207,57 @@ def test_the_request_id_follows_an_order_from_the_click_into_both_services_messa
         "OrderStatusChanged": request_id}
     for log in ("gateway-api", "orders-grpc", "payments-worker", "orders-worker"):
         assert f"request_id={request_id}" in (stack.logs_dir / f"{log}.log").read_text(), log
+
+
+def test_each_kafka_message_of_an_order_carries_its_clicks_request_id_as_causation_id(stack):
+    """Read off the broker as any consumer reads them: every message an order caused (its
+    PaymentRequested, its PaymentSucceeded or PaymentFailed, its OrderStatusChanged) carries the
+    X-Request-ID of the click that placed it in its envelope, `causation_id`, as in its
+    `request_id` header; `correlation_id` stays the order's id."""
+    shopper = GatewayClient(stack.gateway_url)
+    shopper.open_account_with(5)
+    clicks = {}  # order id: the request id it was placed with
+    for _ in ("paid", "refused: the 5 are spent"):
+        request_id = f"click-{uuid.uuid4().hex}"
+        order = shopper.place_order(5, headers={"X-Request-ID": request_id})
+        clicks[order["id"]] = request_id
+    assert [shopper.wait_until_final(order_id)["status"] for order_id in clicks] == [
+        "FINISHED", "CANCELLED"]
+
+    carried = {}  # (order id, type): (causation_id, request_id header)
+    for topic in ("TOPIC_PAYMENT_REQUESTED", "TOPIC_PAYMENT_RESULTS", "TOPIC_ORDER_STATUS_CHANGED"):
+        for message, body in _messages_of_orders(stack, stack.env[topic], set(clicks)):
+            header = dict(message.headers() or []).get("request_id")
+            carried[body["correlation_id"], body["type"]] = (
+                body.get("causation_id", "(none)"), header and header.decode())
+    (paid, refused) = clicks
+    assert carried == {
+        (paid, "PaymentRequested"): (clicks[paid],) * 2,
+        (paid, "PaymentSucceeded"): (clicks[paid],) * 2,
+        (paid, "OrderStatusChanged"): (clicks[paid],) * 2,
+        (refused, "PaymentRequested"): (clicks[refused],) * 2,
+        (refused, "PaymentFailed"): (clicks[refused],) * 2,
+        (refused, "OrderStatusChanged"): (clicks[refused],) * 2,
+    }
+
+
+def _messages_of_orders(stack, topic: str, order_ids: set[str]) -> list[tuple]:
+    """The messages of `topic` about these orders, with their envelopes, read from the beginning
+    until each order has one (the topic holds the other tests' messages too, and values that are
+    no envelope at all)."""
+    of_the_orders, looked_at = [], 0
+
+    def each_order_has_one(read) -> bool:
+        nonlocal looked_at
+        for message in read[looked_at:]:
+            try:
+                body = json.loads(message.value())
+            except (TypeError, ValueError):  # (TypeError: a record without a value)
+                continue
+            if isinstance(body, dict) and body.get("correlation_id") in order_ids:
+                of_the_orders.append((message, body))
+        looked_at = len(read)
+        return {body["correlation_id"] for _, body in of_the_orders} == order_ids
+
+    read_topic_until(stack.env["KAFKA_BOOTSTRAP_SERVERS"], topic, each_order_has_one)
+    return of_the_orders

@@ -1201,6 +1201,26 @@ def test_a_records_request_id_is_stored_only_if_it_is_sane(in_payments, payments
     assert _row(message_id).request_id == stored
 
 
+@pytest.mark.parametrize("header, causation_id, stored", [
+    (None, "click-12345678", "click-12345678"),
+    (b"click-aaaa,click-bbbb", "click-12345678", "click-12345678"),
+    (b"click-87654321", "click-12345678", "click-87654321"),
+    (None, "click-aaaa,click-bbbb", None),
+    (None, None, None),
+], ids=["no header", "a header of no sane id", "the header first", "no sane causation_id",
+        "neither"])
+def test_a_records_request_id_is_its_envelopes_causation_id_when_its_header_gives_none(
+        in_payments, payments_inbox, user_id, header, causation_id, stored):
+    """The shop writes the two alike; a producer that writes only `causation_id` is followed too,
+    its id checked as a header's is."""
+    record, message_id = _request_record(user_id)
+    value = encode(json.loads(record.value) | {"causation_id": causation_id})
+    record = ConsumedRecord(record.topic, record.partition, record.offset, record.key, value,
+                            record.headers | ({} if header is None else {"request_id": header}))
+    assert payments_inbox([record]) == [message_id]
+    assert _row(message_id).request_id == stored
+
+
 def test_an_unparseable_record_cannot_take_a_valid_messages_id(in_payments, payments_inbox,
                                                                user_id):
     """A broken record whose headers name a real message's id is parked under its own position,

@@ -28,8 +28,9 @@ from sqlalchemy.orm import Session
 from devstack.infra import free_port, start_and_wait_for_broker, start_broker
 from orders_app import published_events, service
 from orders_app.models import Order
-from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, new_event
+from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, decode, new_event, wire_text
 from shared.db import db, driver_cursor, driver_dsn, transaction
+from shared.inbox.storing import ConsumedRecord, inbox_row
 from shared.task_queues import worker_queues
 from shared.outbox.parked import NotOfTheTopic, redirect_parked_outbox_messages
 from shared.outbox.publishing import OutboxPublisher
@@ -88,7 +89,7 @@ def test_an_order_and_its_payment_request_commit_together(in_orders, user_id):
     assert datetime.fromisoformat(envelope.pop("occurred_at")) == row.created_at
     assert envelope == {
         "message_id": str(row.message_id), "type": "PaymentRequested", "version": 1,
-        "correlation_id": str(order.id),
+        "correlation_id": str(order.id), "causation_id": None,  # (placed by no request)
         "payload": {"order_id": str(order.id), "user_id": user_id, "amount": "30.00"}}
     assert row.attempts == 0
 
@@ -125,6 +126,33 @@ def test_relay_publishes_the_envelope_with_key_and_headers_and_deletes_the_rows(
         assert headers["type"] == b"PaymentRequested"
     assert [dict(m.headers()).get("request_id") for m in messages] == [
         None, b"request-of-the-second", None]
+    assert [body["causation_id"] for body in bodies] == [None, "request-of-the-second", None]
+
+
+def test_a_row_written_before_the_causation_id_is_relayed_and_read_by_its_header(
+        in_orders, settings, user_id):
+    """An outbox row an older release wrote, its envelope without `causation_id`, goes out as it
+    was written, its request id in the header alone: a reader takes it, its causation_id none, and
+    the inbox stores its request id from the header."""
+    with request_id_bound("request-of-before"):
+        order = _place(user_id, "1.00")
+    (row,) = _outbox_rows_for([order.id])
+    row_id, message_id = row.id, row.message_id
+    as_written_before = {name: value for name, value in row.envelope.items()
+                         if name != "causation_id"}
+    with transaction() as session:
+        session.execute(text("UPDATE outbox_messages SET envelope = :envelope WHERE id = :id"),
+                        {"envelope": wire_text(as_written_before), "id": row_id})
+    _relay_all(OutboxPublisher(settings, "orders"))
+
+    (message,) = _messages_of(settings, [order.id])
+    assert json.loads(message.value()) == as_written_before
+    assert dict(message.headers())["request_id"] == b"request-of-before"
+    read = decode(message.value())
+    assert (read.correlation_id, read.causation_id) == (str(order.id), None)
+    stored = inbox_row(ConsumedRecord(message.topic(), message.partition(), message.offset(),
+                                      message.key(), message.value(), dict(message.headers())))
+    assert (stored["message_id"], stored["request_id"]) == (message_id, "request-of-before")
 
 
 def _messages_of(settings, order_ids, read_past: bool = False) -> list:

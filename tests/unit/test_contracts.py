@@ -29,7 +29,7 @@ def test_an_event_survives_the_wire_with_amounts_as_strings():
     assert body["payload"]["amount"] == "30.00"
     assert body["version"] == 1
     assert set(body) == {"message_id", "type", "version", "occurred_at", "correlation_id",
-                         "payload"}
+                         "causation_id", "payload"}
     decoded = decode(wire)
     assert decoded.message_id == event.message_id
     assert decoded.payload == event.payload
@@ -43,6 +43,40 @@ def test_a_new_event_keeps_the_wire_form_it_checked_and_a_decoded_one_builds_it(
     assert event.payload_json() == decoded.payload_json() == {
         "order_id": str(event.payload["order_id"]), "user_id": "alice", "amount": "30.00"}
     assert decoded == event  # the wire form is a cache, not part of the event
+
+
+def test_the_writer_writes_the_causation_id_it_is_given_and_null_when_none():
+    event = _request_event()
+    assert json.loads(event.to_wire())["causation_id"] is None  # no request led to it
+    caused = event.caused_by("click-12345678")
+    assert caused.caused_by("click-12345678") is caused
+    body = json.loads(caused.to_wire())
+    assert body["causation_id"] == "click-12345678" and body["correlation_id"] == "order-1"
+    assert caused.payload_json() == event.payload_json()  # the checked wire form kept
+    assert decode(caused.to_wire().encode()).causation_id == "click-12345678"
+
+
+@pytest.mark.parametrize("causation", [
+    {},  # written before the field was: read as none
+    {"causation_id": None},
+    {"causation_id": "click-12345678"},
+    {"causation_id": "not, a sane request id"},  # read all the same: it is only told on
+], ids=["absent", "null", "an id", "no sane id"])
+def test_a_reader_takes_an_envelope_with_or_without_a_causation_id(causation, caplog,
+                                                                   monkeypatch):
+    monkeypatch.setattr(contracts, "_dropped_fields_said", set())
+    caplog.set_level(logging.INFO, logger="shared.contracts")
+    body = _request_event().to_json()
+    del body["causation_id"]
+    decoded = decode(json.dumps(body | causation).encode())
+    assert decoded.causation_id == causation.get("causation_id")
+    assert (decoded.type, decoded.correlation_id) == (PAYMENT_REQUESTED, "order-1")
+    assert not caplog.records  # a field this reader knows: nothing said dropped
+
+
+def test_a_causation_id_that_is_no_text_is_refused():
+    with pytest.raises(MalformedMessage, match="causation_id"):
+        decode(_wire(causation_id=12345678))
 
 
 def test_a_new_event_must_follow_its_contract():
