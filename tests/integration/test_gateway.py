@@ -70,6 +70,7 @@ from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_answered_as_docume
                                  with_a_body_in_chunks)
 from tests.polling import wait_for
 from tests.postgres_tools import no_connection_free, sign_out_lookups
+from tests.thread_tools import OutcomeThread
 from tests.replay_tools import assert_only_the_repeat_said_replayed
 
 
@@ -2022,12 +2023,11 @@ def test_a_users_notifications_commit_in_the_order_of_their_ids(settings, gatewa
                 if then:
                     then()
 
-    first = threading.Thread(target=add, args=(lambda: (first_added.set(),
-                                                        let_first_commit.wait(10)),))
+    first = OutcomeThread(add, lambda: (first_added.set(), let_first_commit.wait(10)))
     first.start()
     assert first_added.wait(10)
     ids_taken = _notification_ids_taken(settings)
-    second = threading.Thread(target=add)
+    second = OutcomeThread(add)
     second.start()
     try:
         wait_for(lambda: _waiting_for_advisory_locks(settings) == 1, timeout=10,
@@ -2038,6 +2038,8 @@ def test_a_users_notifications_commit_in_the_order_of_their_ids(settings, gatewa
         let_first_commit.set()
         first.join(10)
         second.join(10)
+    first.joined(0)
+    second.joined(0)
     with app.app_context():
         kept = notifications.notifications_after(user, 0, 10)
     assert len(kept) == 2
@@ -2062,7 +2064,6 @@ def test_batches_lock_users_in_the_order_the_inbox_hands_their_messages_over(set
     app = gateway.application
     first, second = _users_whose_lock_keys_sort_the_other_way(settings)
     one_by_one_has_first, at_once_waits = threading.Event(), threading.Event()
-    errors: list[BaseException] = []
 
     def handle_one_by_one():
         with app.app_context():
@@ -2077,15 +2078,7 @@ def test_batches_lock_users_in_the_order_the_inbox_hands_their_messages_over(set
             with transaction() as session:
                 notifications.on_order_status_changes(session, _status_changes(first, second))
 
-    def recording_errors(target):
-        def run():
-            try:
-                target()
-            except BaseException as exc:  # noqa: BLE001 (reported by the test below)
-                errors.append(exc)
-        return threading.Thread(target=run)
-
-    one_by_one, at_once = recording_errors(handle_one_by_one), recording_errors(handle_at_once)
+    one_by_one, at_once = OutcomeThread(handle_one_by_one), OutcomeThread(handle_at_once)
     one_by_one.start()
     try:
         assert one_by_one_has_first.wait(10)
@@ -2096,7 +2089,8 @@ def test_batches_lock_users_in_the_order_the_inbox_hands_their_messages_over(set
         at_once_waits.set()
         one_by_one.join(15)
         at_once.join(15)
-    assert errors == []
+    one_by_one.joined(0)
+    at_once.joined(0)
     with app.app_context():
         kept = [len(notifications.notifications_after(user, 0, 10)) for user in (first, second)]
     assert kept == [2, 2]
@@ -2178,14 +2172,14 @@ def _streaming_in_a_thread(app, user: str, after: int | None, token_ttl: float =
                 socket, token, notifications.newest_notification_id(user) if after is None
                 else after)
 
-    streaming = threading.Thread(target=stream)
+    streaming = OutcomeThread(stream)
     streaming.start()
     try:
         yield socket
     finally:
         socket.close()
         streaming.join(10)
-    assert not streaming.is_alive()
+    streaming.joined(0)
 
 
 def _kept_but_not_published(monkeypatch, user: str) -> None:

@@ -7,7 +7,6 @@ import gc
 import hashlib
 import json
 import logging
-import threading
 import time
 import uuid
 import weakref
@@ -43,6 +42,7 @@ from shared.request_context import REQUEST_ID_KAFKA_HEADER, RequestIdLogFilter
 from tasks.services import service_app
 from tests.clock_tools import inbox_clock_off_by
 from tests.postgres_tools import terminate_backend, wait_for_sessions_waiting_on_a_lock
+from tests.thread_tools import OutcomeThread
 
 _offsets = iter(range(10**9))
 
@@ -413,15 +413,18 @@ def test_one_message_handed_to_two_tasks_at_once_is_handled_once(settings, payme
 
     def handle(handlers):
         with transaction() as session:
-            process_inbox_message(session, message_id, handlers)
+            return process_inbox_message(session, message_id, handlers)
 
-    assert _handled_by_two_at_once(handle) == [message_id]
+    calls, outcomes = _handled_by_two_at_once(handle)
+    assert calls == [message_id]
+    assert sorted(outcome.value for outcome in outcomes) == ["already_done", "processed"]
 
 
-def _handled_by_two_at_once(handle: Callable[[dict], object]) -> list:
-    """The message ids a slow payment-requested handler was called with, `handle` (given the
-    handlers) run by two threads at once in the payments app: the second, waiting on the
-    first's row lock, is to find the message handled."""
+def _handled_by_two_at_once(handle: Callable[[dict], object]) -> tuple[list, list]:
+    """The message ids a slow payment-requested handler was called with, and what `handle`
+    (given the handlers) returned in each of two threads running it at once in the payments
+    app: the second, waiting on the first's row lock, is to find the message handled. Either
+    thread raising fails the test."""
     calls = []
 
     def slow(session, events):
@@ -430,14 +433,12 @@ def _handled_by_two_at_once(handle: Callable[[dict], object]) -> list:
 
     def run():
         with service_app("payments").app_context():
-            handle({PAYMENT_REQUESTED: slow})
+            return handle({PAYMENT_REQUESTED: slow})
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads = [OutcomeThread(run) for _ in range(2)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join(30)
-    return calls
+    return calls, [thread.joined(30) for thread in threads]
 
 
 @contextmanager
@@ -846,7 +847,7 @@ def test_one_message_in_two_batches_at_once_is_handled_and_counted_once(
     payments_inbox([record])
     assert _handled_by_two_at_once(
         lambda handlers: _handle_in_one_transaction("payments", [message_id], handlers)
-    ) == [message_id]
+    ) == ([message_id], [[], []])  # (neither batch left it to retry)
     with service_app("payments").app_context():
         row = _row(message_id)
         assert row.attempts == 1 and row.processed_at is not None
@@ -868,24 +869,23 @@ def test_a_batch_that_waited_on_a_row_another_counted_a_failure_on_counts_its_ow
         with counting.cursor() as cursor:
             cursor.execute("UPDATE inbox_messages SET attempts = attempts + 3, last_error = 'x',"
                            " try_open = true WHERE message_id = %s", (str(message_ids[1]),))
-        calls, left = [], []
+        calls = []
 
         def handle():
             with service_app("payments").app_context():
-                left.append(_handle_in_one_transaction(
+                return _handle_in_one_transaction(
                     "payments", message_ids,
                     {PAYMENT_REQUESTED: lambda session, events: calls.extend(
-                        event.message.message_id for event in events)}))
+                        event.message.message_id for event in events)})
 
-        batch = threading.Thread(target=handle)
+        batch = OutcomeThread(handle)
         batch.start()
         wait_for_sessions_waiting_on_a_lock(database_url, timeout=10,
                                             what="the batch waiting on the counted row")
         counting.commit()
     finally:
         counting.close()
-    batch.join(30)
-    assert left == [[]]
+    assert batch.joined(30) == []
     assert sorted(calls) == sorted(message_ids)
     with service_app("payments").app_context():
         rows = [(row.attempts, row.processed_at is not None, row.try_open, row.last_error)

@@ -51,6 +51,7 @@ from tests.postgres_tools import (account_row_held, called_at_the_first_statemen
                                   ending_its_session_by_a_statement, terminate_backend,
                                   the_next_commits_answer_lost,
                                   wait_for_sessions_waiting_on_a_lock)
+from tests.thread_tools import OutcomeThread
 
 
 def _stored_request(store, user: str, key: str | None = None,
@@ -325,8 +326,6 @@ def test_batches_debiting_the_same_accounts_at_once_never_deadlock(settings, pay
     time, each must take the locks in one order, or PostgreSQL aborts one of them. Each batch must
     go through in one transaction: the fallback of a savepoint per message, which would make good
     a deadlock of the first pass, is not taken."""
-    import threading
-
     import tasks.inbox
     from payments_app import service as payments
     from tasks.inbox import _handle_in_one_transaction
@@ -345,25 +344,22 @@ def test_batches_debiting_the_same_accounts_at_once_never_deadlock(settings, pay
     batches = [[_stored_request(payments_inbox, user, key=user) for user in users]
                for _ in range(2)]
     batches[1].reverse()
-    failed = []
 
     def handle(batch):
         with service_app("payments").app_context():
-            failed.extend(_handle_in_one_transaction(
-                "payments", batch, payments_app.message_handlers()))
+            return _handle_in_one_transaction("payments", batch, payments_app.message_handlers())
 
     # Both batches made to meet on the accounts: a row in the middle held until both wait, so
     # that locks taken in two orders would deadlock for sure, not only when the threads interleave.
-    threads = [threading.Thread(target=handle, args=(batch,)) for batch in batches]
+    threads = [OutcomeThread(handle, batch) for batch in batches]
     with account_row_held(settings.database_url("payments"), users[4]):
         for thread in threads:
             thread.start()
         wait_for_sessions_waiting_on_a_lock(settings.database_url("payments"), count=2,
                                             timeout=1.5,
                                             what="both batches waiting on the accounts")
-    for thread in threads:
-        thread.join(60)
-    assert failed == [] and fell_back == []
+    assert [thread.joined(60) for thread in threads] == [[], []]  # (nothing left to retry)
+    assert fell_back == []
     assert all(_row(m).processed_at is not None for batch in batches for m in batch)
 
 
@@ -768,8 +764,6 @@ def test_a_handler_held_up_by_a_stalled_lock_is_retried_without_using_its_attemp
     payment's handling up for shared.db.SESSION_LIMITS' lock_timeout at a time, not for ever; each
     try so cancelled is retried and counts none of the message's attempts (the wait is no fault of
     its own, and may outlast them all), and the retry, once the lock is free, pays once."""
-    import threading
-
     from payments_app import service as payments
     from payments_app.models import Account
     from tasks.inbox import _handle_in_one_transaction
@@ -779,8 +773,7 @@ def test_a_handler_held_up_by_a_stalled_lock_is_retried_without_using_its_attemp
             payments.open_account(session, user_id=user_id)
             payments.deposit(session, user_id=user_id, amount=Decimal("10"))
     message_id = _stored_request(payments_inbox, user_id, key=user_id)
-    retrying = threading.Thread(target=handle_inbox_message.apply,
-                                args=(("payments", str(message_id)),))
+    retrying = OutcomeThread(handle_inbox_message.apply, ("payments", str(message_id)))
     with account_row_held(settings.database_url("payments"), user_id) as holder_pid:
         with service_app("payments").app_context():
             left = _handle_in_one_transaction("payments", [message_id],
@@ -790,7 +783,7 @@ def test_a_handler_held_up_by_a_stalled_lock_is_retried_without_using_its_attemp
         assert held_up.attempts == 0 and held_up.last_attempt_at is not None  # (so not swept)
         retrying.start()
         _wait_for_tries_held_up_by(holder_pid, settings, tries=2)
-    retrying.join(30)
+    assert not retrying.joined(30).failed()
     row = _row(message_id)
     assert row.processed_at is not None and row.parked_at is None and row.attempts == 1
     with service_app("payments").app_context():

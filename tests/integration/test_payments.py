@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
 from contextlib import contextmanager
 from decimal import Decimal
@@ -18,6 +17,7 @@ from shared.errors import NotFound
 from shared.outbox.writing import OutboxMessage
 from tests.clock_tools import AnHourBehind
 from tests.postgres_tools import second_waiting_on_the_first
+from tests.thread_tools import OutcomeThread
 
 
 def _open_with(user_id: str, balance: str) -> None:
@@ -202,30 +202,22 @@ def test_concurrent_payments_and_deposits_never_lose_an_update_or_overdraw(
         payments_flask_app, user_id):
     with payments_flask_app.app_context():
         _open_with(user_id, "100")
-    errors = []
 
     def pay():
-        try:
-            with payments_flask_app.app_context():
-                _take(uuid.uuid4(), user_id, "10")
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
+        with payments_flask_app.app_context():
+            _take(uuid.uuid4(), user_id, "10")
 
     def deposit():
-        try:
-            with payments_flask_app.app_context():
-                with transaction() as session:
-                    service.deposit(session, user_id=user_id, amount=Decimal("1"))
-        except Exception as exc:
-            errors.append(exc)
+        with payments_flask_app.app_context():
+            with transaction() as session:
+                service.deposit(session, user_id=user_id, amount=Decimal("1"))
 
-    threads = [threading.Thread(target=pay) for _ in range(15)]
-    threads += [threading.Thread(target=deposit) for _ in range(5)]
+    threads = [OutcomeThread(pay) for _ in range(15)]
+    threads += [OutcomeThread(deposit) for _ in range(5)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
-    assert errors == []
+        t.joined(60)
     with payments_flask_app.app_context():
         succeeded = db.session.scalar(select(func.count()).where(
             Payment.user_id == user_id, Payment.status == "SUCCEEDED"))
