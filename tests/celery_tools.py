@@ -25,3 +25,21 @@ def worker_optimizations(app: Celery) -> Iterator[None]:
         reset_worker_optimizations(app)
         _state._set_current_app(current)
         _state.set_default_app(default)
+
+
+@contextmanager
+def sending_to(app: Celery, url: str) -> Iterator[None]:
+    """`app`'s tasks sent to the broker at `url` (a proxy to its own, say) until the block ends:
+    its broker connection and producer pools made anew for that URL, as Celery makes them anew in
+    a forked child (Celery._after_fork), then closed, and the app's own put back. (broker_url
+    gives way to the environment's CELERY_BROKER_URL, broker_write_url does not.)"""
+    own = app.conf.get("broker_write_url"), app._pool, app.amqp._producer_pool
+    app.conf.broker_write_url = url
+    app._pool = app.amqp._producer_pool = None
+    try:
+        yield
+    finally:
+        for made in (app.amqp._producer_pool, app._pool):
+            if made is not None:
+                made.force_close_all()
+        app.conf.broker_write_url, app._pool, app.amqp._producer_pool = own

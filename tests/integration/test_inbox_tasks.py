@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
@@ -41,9 +42,10 @@ from tasks.celery_app import app as celery_app
 from tasks.inbox import (handle_inbox_batch, handle_inbox_message, prune_inbox, retry_countdown,
                          sweep_inbox, tasks_waiting)
 from tasks.services import service_app
-from tests.celery_tools import worker_optimizations
+from tests.celery_tools import sending_to, worker_optimizations
 from tests.discard_warnings import order_left_new
 from tests.clock_tools import inbox_clock_off_by
+from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
 from tests.postgres_tools import (account_row_held, called_at_the_first_statement_naming,
                                   committed_on_a_connection_of_its_own,
@@ -1045,6 +1047,20 @@ def payments_queue(settings):
     purge()
 
 
+@pytest.fixture
+def task_queue(settings, payments_queue) -> Iterator[SilencingProxy]:
+    """Redis as this process's Celery app sends tasks to it (and reads its queues), through a
+    proxy for the test to `cut()` (Redis away: kombu's publish, retries and all, fails) and
+    `restore()`; the payments queue emptied before and after."""
+    broker = urlsplit(settings.celery_broker_url)
+    proxy = SilencingProxy(f"{broker.hostname}:{broker.port or 6379}")
+    try:
+        with sending_to(celery_app, broker._replace(netloc=proxy.address).geturl()):
+            yield proxy
+    finally:
+        proxy.close()
+
+
 def test_while_tasks_wait_in_the_queue_the_sweeper_takes_only_long_stalled_messages(
         settings, payments_inbox, payments_queue, user_id):
     """A message can wait in a queue's backlog longer than the sweep's minimum age with its
@@ -1271,7 +1287,7 @@ def test_while_tasks_wait_a_message_handed_over_before_it_came_is_taken_at_once(
 
 
 def test_a_sweep_whose_dispatch_fails_part_way_unmarks_the_messages_it_did_not_send(
-        settings, payments_inbox, payments_queue, user_id, monkeypatch):
+        settings, payments_inbox, task_queue, user_id, monkeypatch):
     """Redis lost as the sweep sent its second batch: the messages of the first stay marked handed
     over, those of the second are unmarked, and the next sweep takes them while tasks wait, where,
     replayed days after they came and marked, they would have waited an hour."""
@@ -1286,10 +1302,10 @@ def test_a_sweep_whose_dispatch_fails_part_way_unmarks_the_messages_it_did_not_s
     sent = []
 
     def redis_lost_after_one(args, **options):
-        if sent:
-            raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379.")
+        result = send(args, **options)
         sent.extend(args[1])
-        return send(args, **options)
+        task_queue.cut()
+        return result
 
     monkeypatch.setattr(handle_inbox_batch, "apply_async", redis_lost_after_one)
     with pytest.raises(KombuOperationalError):
@@ -1298,29 +1314,33 @@ def test_a_sweep_whose_dispatch_fails_part_way_unmarks_the_messages_it_did_not_s
     assert _handed_over(first) and not _handed_over(second)
 
     monkeypatch.setattr(handle_inbox_batch, "apply_async", send)
+    task_queue.restore()
     sweep_inbox.apply(args=("payments",)).get()  # (the backlog and the first's batch wait)
     assert _dispatches_of(second) == [handle_inbox_batch.name]
 
 
-def _swept_with_redis_refusing(monkeypatch, meanwhile=lambda session: None) -> None:
-    """A sweep while tasks wait whose dispatch Redis refuses, `meanwhile` run (in a transaction
-    of its own) after the claim and before the refusal."""
+def _swept_with_redis_refusing(monkeypatch, task_queue: SilencingProxy,
+                               meanwhile=lambda session: None) -> None:
+    """A sweep while tasks wait whose dispatch finds Redis away, `meanwhile` run (in a
+    transaction of its own) after the claim, and Redis cut, as the dispatch is sent."""
     handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
     send = handle_inbox_batch.apply_async
 
     def refused(args, **options):
         with service_app("payments").app_context(), transaction() as session:
             meanwhile(session)
-        raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379.")
+        task_queue.cut()
+        return send(args, **options)
 
     monkeypatch.setattr(handle_inbox_batch, "apply_async", refused)
     with pytest.raises(KombuOperationalError):
         sweep_inbox.apply(args=("payments",)).get()
-    monkeypatch.setattr(handle_inbox_batch, "apply_async", send)  # (Redis back)
+    monkeypatch.setattr(handle_inbox_batch, "apply_async", send)
+    task_queue.restore()  # (Redis back)
 
 
 def test_a_try_begun_between_the_sweeps_claim_and_its_failed_dispatch_keeps_its_mark(
-        settings, payments_inbox, payments_queue, user_id, monkeypatch):
+        settings, payments_inbox, task_queue, user_id, monkeypatch):
     """A task of the message's own begins its try as the sweep's dispatch fails: the unmark
     leaves the try's mark, which the sweeper counts from (cleared, the try was handed over again
     under it at the next sweep)."""
@@ -1330,20 +1350,20 @@ def test_a_try_begun_between_the_sweeps_claim_and_its_failed_dispatch_keeps_its_
     _received_ago(message_id, timedelta(days=3), timedelta(minutes=61))
     begun = []
     _swept_with_redis_refusing(
-        monkeypatch, lambda session: begun.append(note_try_begun(session, message_id)))
+        monkeypatch, task_queue, lambda session: begun.append(note_try_begun(session, message_id)))
     row = _row(message_id)
     assert row.try_open and row.last_attempt_at == begun[0].at
 
 
 def test_a_try_ended_between_the_sweeps_claim_and_its_failed_dispatch_keeps_its_mark(
-        settings, payments_inbox, payments_queue, user_id, monkeypatch):
+        settings, payments_inbox, task_queue, user_id, monkeypatch):
     """A try begun before the claim (a task taken early from the queue) fails and records its
     failure as the sweep's dispatch fails: the unmark leaves the failure's mark, its retry due in
     seconds; cleared, the next sweep handed the message over beside that retry."""
     message_id = _stored_request(payments_inbox, user_id)
     _received_ago(message_id, timedelta(days=3), timedelta(minutes=61), tried_since=True)
     try_began_at = _row(message_id).last_attempt_at
-    _swept_with_redis_refusing(monkeypatch, lambda session: record_failed_attempt(
+    _swept_with_redis_refusing(monkeypatch, task_queue, lambda session: record_failed_attempt(
         session, message_id, "RuntimeError('boom')", settings.inbox_max_attempts,
         try_began_at=try_began_at))
     row = _row(message_id)
@@ -1355,12 +1375,12 @@ def test_a_try_ended_between_the_sweeps_claim_and_its_failed_dispatch_keeps_its_
 
 
 def test_a_lost_try_claimed_while_tasks_wait_is_unmarked_when_its_dispatch_fails(
-        settings, payments_inbox, payments_queue, user_id, monkeypatch):
+        settings, payments_inbox, task_queue, user_id, monkeypatch):
     """Claimed while tasks wait, a lost try stays open (counted only once none wait): its
     dispatch refused, it is unmarked all the same, and the next sweep hands it over."""
     message_id = _stored_request(payments_inbox, user_id)
     _received_ago(message_id, timedelta(days=3), timedelta(minutes=61), tried_since=True)
-    _swept_with_redis_refusing(monkeypatch)
+    _swept_with_redis_refusing(monkeypatch, task_queue)
     assert not _handed_over(message_id) and _row(message_id).try_open
 
     sweep_inbox.apply(args=("payments",)).get()  # (the backlog waits)
@@ -1483,7 +1503,7 @@ def test_a_replayed_message_gets_all_its_tries_again(settings, payments_inbox, m
 
 
 def test_a_replay_with_the_task_queue_unreachable_says_so_and_leaves_them_to_the_sweeper(
-        settings, payments_inbox, monkeypatch, user_id, capsys):
+        settings, payments_inbox, task_queue, user_id, capsys):
     """The messages are unparked in a transaction of their own before they are dispatched: with
     Redis away that dispatch fails, and the replay says what happened (a traceback, then "not
     parked" at the next try, sent the operator hunting for the wrong ids)."""
@@ -1493,11 +1513,7 @@ def test_a_replay_with_the_task_queue_unreachable_says_so_and_leaves_them_to_the
     with service_app("payments").app_context(), transaction() as session:
         session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
                         .values(parked_at=func.now(), last_error="ledger closed"))
-
-    def queue_unreachable(service, message_ids, marked_at):
-        raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
-
-    monkeypatch.setattr(parked, "dispatch_handed_over", queue_unreachable)
+    task_queue.cut()
     assert parked.main(["replay", "payments", str(message_id)]) == 0
     said = capsys.readouterr()
     assert "payments inbox: 1 message(s) handed back to be handled" in said.out
@@ -1507,7 +1523,7 @@ def test_a_replay_with_the_task_queue_unreachable_says_so_and_leaves_them_to_the
 
 
 def test_a_message_replayed_with_the_task_queue_unreachable_goes_at_the_next_sweep_while_tasks_wait(
-        settings, payments_inbox, payments_queue, monkeypatch, user_id):
+        settings, payments_inbox, task_queue, user_id):
     """Replayed days after it came, with Redis away, the message is unmarked as its dispatch
     fails: the first sweep once Redis is back hands it over, though tasks wait, where marked
     handed over it waited an hour (as long as it had waited by then, up to the hour)."""
@@ -1518,16 +1534,11 @@ def test_a_message_replayed_with_the_task_queue_unreachable_goes_at_the_next_swe
         session.execute(update(InboxMessage).where(InboxMessage.message_id == message_id)
                         .values(parked_at=func.now(), last_error="ledger closed",
                                 received_at=func.now() - timedelta(days=3)))
-    send = handle_inbox_batch.apply_async
-
-    def queue_unreachable(args, **options):
-        raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
-
-    monkeypatch.setattr(handle_inbox_batch, "apply_async", queue_unreachable)
+    task_queue.cut()
     assert parked.main(["replay", "payments", str(message_id)]) == 0
     assert not _handed_over(message_id)
 
-    monkeypatch.setattr(handle_inbox_batch, "apply_async", send)  # (Redis back)
+    task_queue.restore()  # (Redis back)
     handle_inbox_batch.apply_async(("payments", []))  # a backlog of one task
     sweep_inbox.apply(args=("payments",)).get()
     assert _dispatches_of(message_id) == [handle_inbox_batch.name]
@@ -1554,7 +1565,7 @@ def test_a_message_replayed_by_an_operator_whose_clock_runs_behind_is_left_to_it
 
 
 def test_replay_all_with_the_task_queue_unreachable_unmarks_the_later_transactions_too(
-        settings, payments_inbox, payments_queue, monkeypatch, user_id):
+        settings, payments_inbox, task_queue, monkeypatch, user_id):
     """Under --all, the transactions after the one whose dispatch found Redis away are not
     dispatched at all: their messages are unmarked too, for the sweeper's next sweep."""
     from tasks import parked
@@ -1562,11 +1573,7 @@ def test_replay_all_with_the_task_queue_unreachable_unmarks_the_later_transactio
     monkeypatch.setattr(parked, "CHANGED_PER_TRANSACTION", 1)
     first, second = (_stored_request(payments_inbox, user_id) for _ in range(2))
     _parked_first([first, second])
-
-    def queue_unreachable(args, **options):
-        raise KombuOperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
-
-    monkeypatch.setattr(handle_inbox_batch, "apply_async", queue_unreachable)
+    task_queue.cut()
     replaying = parked.replay("payments", None)
     try:
         assert [next(replaying), next(replaying)] == [[first], [second]]
