@@ -108,9 +108,8 @@ def test_a_message_delivered_again_while_a_handler_marks_it_is_passed_over_witho
     with transaction() as handling:
         handling.execute(text("UPDATE inbox_messages SET processed_at = now()"
                               " WHERE message_id = :id"), {"id": message_id})
-        started = time.monotonic()
+        # (Waiting, it would fail at lock_timeout, the row held until the block ends.)
         assert payments_inbox([record, new_record]) == [new_id]
-        assert time.monotonic() - started < 1  # (lock_timeout is 2 s)
 
 
 def test_an_unparseable_message_is_parked_at_once_and_not_dispatched(in_payments, payments_inbox):

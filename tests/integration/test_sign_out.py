@@ -145,7 +145,9 @@ def test_asking_whether_a_token_was_signed_out_waits_no_longer_than_its_limit(se
     finally:
         locker.close()
     assert (busy.status_code, _error_code(busy)) == (503, "DATABASE_BUSY")
-    assert waited < 1.5
+    # (Without its own limit the lookup waits the session's lock_timeout, 2 s, at the least; the
+    # bound leaves the 0.2 s it is given here room for a slow machine.)
+    assert waited < 1.75
     assert gateway.get(NEWEST, headers=_bearer(token)).status_code == 200  # the limits were its own
     # The connection of the lookup that failed is back in the pool as it was: in transactions,
     # with the session's limits.
