@@ -49,6 +49,7 @@ from tests.postgres_tools import (called_at_the_first_statement_naming,
                                   terminate_backend, wait_for_sessions_waiting_on_a_lock)
 from tests.polling import wait_for
 from tests.process_tools import start_child
+from tests.thread_tools import OutcomeThread
 
 
 def _place(user_id: str, amount: str = "30.00") -> service.PlacedOrder:
@@ -1059,7 +1060,6 @@ def test_relays_taking_turns_to_lead_send_each_row_once(orders_flask_app, settin
         order_ids = [_place(user_id, "1.00").id for _ in range(60)]
     url = settings.database_url("orders")
     nothing_left = threading.Event()
-    sent_counts = []
 
     def relay_in_thread():
         publisher, sent = OutboxPublisher(settings, "orders"), 0
@@ -1072,14 +1072,12 @@ def test_relays_taking_turns_to_lead_send_each_row_once(orders_flask_app, settin
             sent += result.sent
             if result.claimed == 0:
                 nothing_left.set()
-        sent_counts.append(sent)
+        return sent
 
-    threads = [threading.Thread(target=relay_in_thread) for _ in range(4)]
+    threads = [OutcomeThread(relay_in_thread) for _ in range(4)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads)
+    sent_counts = [t.joined(60) for t in threads]
     with orders_flask_app.app_context():
         assert _outbox_rows_for(order_ids) == []
         assert sum(sent_counts) == 60
