@@ -23,6 +23,7 @@ from tests.e2e.conftest import database_engine, stack_of_its_own
 from tests.e2e.gateway_client import GatewayClient
 from tests.polling import wait_for
 from tests.postgres_tools import account_row_held, other_sessions
+from tests.thread_tools import OutcomeThread
 
 LAYER = "stopping"
 # Orders taken before the stop, the customer still placing more as it comes.
@@ -36,7 +37,7 @@ def test_a_run_stopped_while_orders_are_placed_leaves_every_order_taken_settled(
     monkeypatch.setattr("devstack.stack.SETTLE_SECONDS", SETTLE_SECONDS)
     shop = stack_of_its_own(infrastructure, run_dir, LAYER)
     placing = threading.Event()
-    stopping = threading.Thread(target=shop.stop, name="stopping", daemon=True)
+    stopping = OutcomeThread(shop.stop, name="stopping", daemon=True)
     try:
         shop.start()
         customer = GatewayClient(shop.gateway_url)
@@ -67,8 +68,7 @@ def test_a_run_stopped_while_orders_are_placed_leaves_every_order_taken_settled(
                          timeout=60, interval=0.01, what="the stop past what takes requests")
         finally:
             watcher.close()
-        stopping.join(SETTLE_SECONDS + 60)  # (the drain's, and the stops around it)
-        assert not stopping.is_alive()
+        stopping.joined(SETTLE_SECONDS + 60)  # (the drain's, and the stops around it)
     finally:
         placing.clear()
         if stopping.is_alive():
