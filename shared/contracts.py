@@ -122,6 +122,14 @@ PAYLOAD_SCHEMAS: dict[str, ContractSchema] = {
 }
 
 
+class ToldOnText(fields.Field):
+    """A field a reader only tells on and never acts upon: a string is kept as it is, anything else
+    is read as none, never refused (the message it is in is not parked for it)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return value if isinstance(value, str) else None
+
+
 class EnvelopeOfAnyVersionSchema(ContractSchema):
     """An envelope as a reader reads one of a version it does not know: what every version
     carries, enough to keep the message (its text) under its own id with its type and version, to
@@ -145,10 +153,11 @@ class EnvelopeSchema(EnvelopeOfAnyVersionSchema):
 
     occurred_at = fields.AwareDateTime(required=True, format="iso")
     correlation_id = Text(required=True, allow_none=True, validate=validate.Length(max=100))
-    # Added after the first release, so optional: a value written before it has none. Any text: it
-    # is only told on (the inbox takes it for the message's request id, shared.inbox.storing, only
-    # when it is a sane one), so a message is not refused for the shape of an id.
-    causation_id = Text(load_default=None, allow_none=True)
+    # Added after the first release, so optional: a value written before it has none. Only told
+    # on (the inbox takes it for the message's request id, shared.inbox.storing, only when it is a
+    # sane one), so never a reason to refuse a message: any string is kept, anything else (a
+    # number from another producer, say) read as none.
+    causation_id = ToldOnText(load_default=None, allow_none=True)
 
 
 _ENVELOPE_SCHEMA = EnvelopeSchema()

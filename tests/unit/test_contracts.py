@@ -74,9 +74,11 @@ def test_a_reader_takes_an_envelope_with_or_without_a_causation_id(causation, ca
     assert not caplog.records  # a field this reader knows: nothing said dropped
 
 
-def test_a_causation_id_that_is_no_text_is_refused():
-    with pytest.raises(MalformedMessage, match="causation_id"):
-        decode(_wire(causation_id=12345678))
+@pytest.mark.parametrize("no_text", [12345678, {"id": "click-1"}, ["click-1"], True])
+def test_a_causation_id_that_is_no_text_is_read_as_none_not_refused(no_text):
+    # (Only told on: a message is never parked, its order left NEW, for the shape of an id.)
+    decoded = decode(_wire(causation_id=no_text))
+    assert decoded.causation_id is None and decoded.type == PAYMENT_REQUESTED
 
 
 def test_a_new_event_must_follow_its_contract():
