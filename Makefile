@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 # requirements file changes (installing over it would leave a package taken out installed).
 INSTALLED := $(VENV)/.installed
 BENCH_INSTALLED := $(VENV)/.installed-bench
-# The interpreter the venv was made with: its real path and version.
+# The interpreter the venv was made with: its real path and version, major.minor (a patch release
+# installed in its place runs the venv as it is: no new venv, which would need the network).
 BUILT_WITH := $(VENV)/.python
 
 .PHONY: venv python-venv browser run test bench chaos clean protos FORCE
@@ -16,7 +17,7 @@ venv: $(INSTALLED)
 # The venv is made anew too when $(PYTHON) is not the interpreter it was made with, or its own
 # python no longer runs (that interpreter removed). (Probes that change nothing: they run under
 # make -n and -q too, where no recipe below does.)
-SAY_WHICH_PYTHON := import os, sys; print(os.path.realpath(sys.executable), sys.version.split()[0])
+SAY_WHICH_PYTHON := import os, sys; print(os.path.realpath(sys.executable), "%d.%d" % sys.version_info[:2])
 PYTHON_NOW := $(shell $(PYTHON) -c '$(SAY_WHICH_PYTHON)' 2>/dev/null)
 VENV_MADE_WITH := $(shell cat $(BUILT_WITH) 2>/dev/null)
 VENV_RUNS := $(shell $(PY) -c '' 2>/dev/null && echo yes)

@@ -7,7 +7,6 @@ requirements/, over a venv of a python link and the stamps, so that nothing is i
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -19,8 +18,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The interpreter make is told to make the venv with (PYTHON=): this one, by its real path.
 INTERPRETER = os.path.realpath(sys._base_executable)
-# What the Makefile records of it in .venv/.python: its real path and version.
-RECORDED = f"{INTERPRETER} {platform.python_version()}\n"
+# What the Makefile records of it in .venv/.python: its real path and version, major.minor.
+RECORDED = f"{INTERPRETER} {sys.version_info[0]}.{sys.version_info[1]}\n"
 # The requirements' last change, and the venv's making, as far as make can tell: a file touched
 # now is newer than both (whatever the file system's clock granularity).
 AN_HOUR_AGO = 3600
@@ -69,6 +68,12 @@ def test_a_venv_another_interpreter_made_is_made_anew_from_scratch(checkout):
     said = _make(checkout, "-n", "venv").stdout
     assert "rm -rf .venv\n" in said
     assert said.index("rm -rf .venv\n") < said.index(f"{INTERPRETER} -m venv .venv\n")
+
+
+def test_a_venv_recorded_with_another_minor_version_of_its_path_is_made_anew(checkout):
+    major, minor = sys.version_info[:2]
+    (checkout / ".venv" / ".python").write_text(f"{INTERPRETER} {major}.{minor + 1}\n")
+    assert _make(checkout, "-q", "venv").returncode == 1
 
 
 def test_a_venv_made_before_its_interpreter_was_recorded_is_made_anew(checkout):
