@@ -35,3 +35,12 @@ class OutcomeThread(threading.Thread):
         if self._raised is not None:
             raise self._raised
         return self._returned
+
+
+def all_joined(threads: list[OutcomeThread], timeout: float) -> list[Any]:
+    """What each of `threads` returned, once all have ended (each waited for up to `timeout`
+    seconds): every one is waited for before any is judged, so that one failing leaves none of
+    the others running into the next test; then fails, or raises, as the first that did."""
+    for thread in threads:
+        thread.join(timeout)
+    return [thread.joined(0) for thread in threads]

@@ -13,8 +13,10 @@ What does not run on the page's clock keeps its own pace, and looks `speedup` ti
 the page: the shop's answers, an order's payment and its notification, the test's own clicks. A
 test that races one of those against a page's wait (an order paid while the page is paused) is
 sped up only as far as the race stays on its side. The wall clock (Date) is left real: app.js
-only takes the session's expiry and its kept keys' age from it, and the expiry's timer, sped up,
-fires after AUTH_TOKEN_TTL_SECONDS / `speedup` (3600 s: six minutes at the most used here)."""
+only takes the session's expiry and its kept keys' age from it. So a session lasts its real
+AUTH_TOKEN_TTL_SECONDS: the expiry's timer, sped up, fires early, finds the token (by Date) not
+yet expired and waits again (watchExpiry), as it does when a session outlasts a timer's longest
+wait."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ from shared.request_context import REQUEST_ID_KAFKA_HEADER, RequestIdLogFilter
 from tasks.services import service_app
 from tests.clock_tools import inbox_clock_off_by
 from tests.postgres_tools import terminate_backend, wait_for_sessions_waiting_on_a_lock
-from tests.thread_tools import OutcomeThread
+from tests.thread_tools import OutcomeThread, all_joined
 
 _offsets = iter(range(10**9))
 
@@ -437,7 +437,7 @@ def _handled_by_two_at_once(handle: Callable[[dict], object]) -> tuple[list, lis
     threads = [OutcomeThread(run) for _ in range(2)]
     for thread in threads:
         thread.start()
-    return calls, [thread.joined(30) for thread in threads]
+    return calls, all_joined(threads, 30)
 
 
 @contextmanager

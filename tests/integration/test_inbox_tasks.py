@@ -53,7 +53,7 @@ from tests.postgres_tools import (account_row_held, called_at_the_first_statemen
                                   ending_its_session_by_a_statement, terminate_backend,
                                   the_next_commits_answer_lost,
                                   wait_for_sessions_waiting_on_a_lock)
-from tests.thread_tools import OutcomeThread
+from tests.thread_tools import OutcomeThread, all_joined
 
 
 def _stored_request(store, user: str, key: str | None = None,
@@ -360,7 +360,7 @@ def test_batches_debiting_the_same_accounts_at_once_never_deadlock(settings, pay
         wait_for_sessions_waiting_on_a_lock(settings.database_url("payments"), count=2,
                                             timeout=1.5,
                                             what="both batches waiting on the accounts")
-    assert [thread.joined(60) for thread in threads] == [[], []]  # (nothing left to retry)
+    assert all_joined(threads, 60) == [[], []]  # (nothing left to retry)
     assert fell_back == []
     assert all(_row(m).processed_at is not None for batch in batches for m in batch)
 

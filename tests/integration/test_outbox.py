@@ -49,7 +49,7 @@ from tests.postgres_tools import (called_at_the_first_statement_naming,
                                   terminate_backend, wait_for_sessions_waiting_on_a_lock)
 from tests.polling import wait_for
 from tests.process_tools import start_child
-from tests.thread_tools import OutcomeThread
+from tests.thread_tools import OutcomeThread, all_joined
 
 
 def _place(user_id: str, amount: str = "30.00") -> service.PlacedOrder:
@@ -1077,7 +1077,7 @@ def test_relays_taking_turns_to_lead_send_each_row_once(orders_flask_app, settin
     threads = [OutcomeThread(relay_in_thread) for _ in range(4)]
     for t in threads:
         t.start()
-    sent_counts = [t.joined(60) for t in threads]
+    sent_counts = all_joined(threads, 60)
     with orders_flask_app.app_context():
         assert _outbox_rows_for(order_ids) == []
         assert sum(sent_counts) == 60

@@ -17,7 +17,7 @@ from shared.errors import NotFound
 from shared.outbox.writing import OutboxMessage
 from tests.clock_tools import AnHourBehind
 from tests.postgres_tools import second_waiting_on_the_first
-from tests.thread_tools import OutcomeThread
+from tests.thread_tools import OutcomeThread, all_joined
 
 
 def _open_with(user_id: str, balance: str) -> None:
@@ -216,8 +216,7 @@ def test_concurrent_payments_and_deposits_never_lose_an_update_or_overdraw(
     threads += [OutcomeThread(deposit) for _ in range(5)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.joined(60)
+    all_joined(threads, 60)
     with payments_flask_app.app_context():
         succeeded = db.session.scalar(select(func.count()).where(
             Payment.user_id == user_id, Payment.status == "SUCCEEDED"))

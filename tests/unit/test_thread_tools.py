@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from tests.thread_tools import OutcomeThread
+from tests.thread_tools import OutcomeThread, all_joined
 
 
 def test_joined_returns_what_the_target_returned():
@@ -36,3 +36,22 @@ def test_joined_fails_on_a_thread_still_running():
     finally:
         let_go.set()
     assert thread.joined(10) is True
+
+
+def test_all_joined_waits_for_every_thread_before_raising_what_the_first_raised():
+    ended = threading.Event()
+
+    def fails():
+        raise ValueError("the first")
+
+    def ends_later():
+        ended.wait(0.3)
+        return "ended"
+
+    later = OutcomeThread(ends_later)
+    threads = [OutcomeThread(fails), later]
+    for thread in threads:
+        thread.start()
+    with pytest.raises(ValueError, match="the first"):
+        all_joined(threads, 10)
+    assert not later.is_alive()  # (waited for, though the first had failed)
