@@ -131,8 +131,7 @@ def on_order_status_changes(session: Session, events: list[ReceivedEvent]) -> No
                                             event.wire_payload())
             for event in events}
     with driver_cursor(session) as cursor:
-        cursor.execute(_LOCK_USERS, {"lock_class": NOTIFICATIONS_LOCK_CLASS,
-                                     "user_ids": [user for user, _, _ in rows.values()]})
+        cursor.execute(_LOCK_USERS, {"user_ids": [user for user, _, _ in rows.values()]})
         stored = execute_values(
             cursor, _KEEP_NOTIFICATIONS,
             [(user_id, message_id, event_type, Json(payload, dumps=dumps_exact))
@@ -148,21 +147,36 @@ def on_order_status_changes(session: Session, events: list[ReceivedEvent]) -> No
     after_commit(session, lambda: _publish(items))
 
 
-# The first key of the per-user transaction locks (the second is a hash of the user id); an
-# arbitrary constant.
-NOTIFICATIONS_LOCK_CLASS = 0x0B0C
+# The seed of the 64-bit hash of a user id that keys the user's lock (hashtextextended); an
+# arbitrary constant (not 0: with 0, the hash's low 32 bits are hashtext's).
+NOTIFICATIONS_LOCK_SEED = 0x0B0C
+# The key of the lock of the user id in a column `user_id`: that hash with its top bit set, a
+# single bigint. Negative, it is never the key of the shop's other bigint advisory locks, the
+# migrations' (shared/migrations.py: MIGRATION_LOCK_KEY) and a relay leader's
+# (shared/relay_leader.py), positive constants; and PostgreSQL keeps bigint keys apart from
+# (int, int) ones, such as the orders' placing lock's (pg_locks: objsubid 1, not 2).
+USER_LOCK_KEY = f"hashtextextended(user_id, {NOTIFICATIONS_LOCK_SEED}) | (1::bigint << 63)"
 # Held until the transaction ends: another transaction adding the same user's notifications waits,
 # and takes its ids (from the sequence, at its INSERT) after this one has committed. Taken in user
 # order, the order in which the inbox hands a batch's messages over (by Kafka key, the user id,
 # compared as PostgreSQL compares them), whether all at once or, after a failure, one by one: so a
 # batch handled one by one and one handled at once do not wait for each other in a circle, as
-# they did with the locks taken in the order of their keys (d078612). Not never, though: two user
-# ids whose hashes (32 bits) are equal share a lock, and batches of users [A, B] and [B, C], A and
-# C hashing alike, take it first and last, and can each wait for the other's. PostgreSQL ends that
+# they did with the locks taken in the order of their keys (d078612). Two user ids share a lock
+# only where their keys are equal, and then batches of users [A, B] and [B, C], A and C sharing
+# one, take it first and last and can each wait for the other's: PostgreSQL ends that
 # (DeadlockDetected) and the inbox tries the failed messages again; taking the keys in their own
-# order would end it only to bring back the far likelier circle above.
-_LOCK_USERS = """
-SELECT pg_advisory_xact_lock(%(lock_class)s, hashtext(user_id))
+# order would end it only to bring back the far likelier circle above. Keyed by a 32-bit hash
+# (hashtext) before, a million users held a hundred such pairs; by 63 bits, the chance that any
+# two of a million share a key is one in 18 million.
+# The release before keyed the locks (0x0B0C, hashtext(user_id)), an (int, int) key: its locks and
+# these do not exclude each other. While gateway workers of both releases run (a rolling deploy),
+# one of each can add a user's notifications at once, and the two can commit out of the order of
+# their ids: a page sent the later one first (by its socket, or a catch-up) goes on `after` it and
+# never gets the earlier, showing that order's status as it was until it reads its orders again
+# (a reload, its socket closed). README: Upgrading to the release that keys the notification
+# locks by 64 bits.
+_LOCK_USERS = f"""
+SELECT pg_advisory_xact_lock({USER_LOCK_KEY})
 FROM (SELECT DISTINCT user_id FROM unnest(%(user_ids)s::text[]) AS user_id
       ORDER BY user_id) AS users"""
 # On the driver, as every statement an order passes through (shared.db.driver_cursor).

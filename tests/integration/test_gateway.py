@@ -70,7 +70,7 @@ from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_answered_as_docume
                                  with_a_body_in_chunks)
 from tests.polling import wait_for
 from tests.postgres_tools import no_connection_free, sign_out_lookups
-from tests.thread_tools import OutcomeThread
+from tests.thread_tools import OutcomeThread, all_joined
 from tests.replay_tools import assert_only_the_repeat_said_replayed
 
 
@@ -2098,18 +2098,93 @@ def test_batches_lock_users_in_the_order_the_inbox_hands_their_messages_over(set
 
 
 def _users_whose_lock_keys_sort_the_other_way(settings) -> tuple[str, str]:
-    """Two user ids, the first before the second as PostgreSQL sorts them, whose lock keys (the
-    hash of the user id) sort the other way round."""
+    """Two user ids, the first before the second as PostgreSQL sorts them, whose lock keys (a
+    hash of the user id: notifications.USER_LOCK_KEY) sort the other way round."""
     with psycopg2.connect(driver_dsn(settings.gateway_database_url)) as connection:
         with connection.cursor() as cursor:
             while True:
                 first, second = sorted(f"user-{uuid.uuid4().hex[:10]}" for _ in range(2))
-                cursor.execute("SELECT %s < %s AND hashtext(%s) > hashtext(%s)",
-                               (first, second, first, second))
-                if cursor.fetchone()[0]:
+                cursor.execute("SELECT %s < %s", (first, second))
+                if cursor.fetchone()[0] and _lock_key(cursor, first) > _lock_key(cursor, second):
                     break
     connection.close()
     return first, second
+
+
+def _lock_key(cursor, user: str) -> int:
+    """The key of the user's notifications lock (notifications.USER_LOCK_KEY)."""
+    cursor.execute(f"SELECT {notifications.USER_LOCK_KEY} FROM (SELECT %s AS user_id) AS users",
+                   (user,))
+    return cursor.fetchone()[0]
+
+
+def test_users_whose_32_bit_hashes_are_equal_do_not_share_a_lock(settings, gateway):
+    """Users A < B < C, A's and C's 32-bit hashtext equal: a batch handled one by one that has
+    locked A, and a batch of B and C handled at once, do not wait for each other. With the locks
+    keyed by that hash, A and C shared one: the batch of B and C, holding B's, waited on it, and
+    the other, going on to B, waited for B's, until PostgreSQL ended one (DeadlockDetected)."""
+    app = gateway.application
+    first, middle, last = _users_the_first_and_last_of_whom_hash_alike(settings)
+    one_by_one_has_first, at_once_done = threading.Event(), threading.Event()
+
+    def handle_one_by_one():
+        with app.app_context():
+            with transaction() as session:
+                notifications.on_order_status_changes(session, _status_changes(first))
+                one_by_one_has_first.set()
+                at_once_done.wait(10)
+                notifications.on_order_status_changes(session, _status_changes(middle))
+
+    def handle_at_once():
+        with app.app_context():
+            with transaction() as session:
+                notifications.on_order_status_changes(session, _status_changes(middle, last))
+
+    one_by_one, at_once = OutcomeThread(handle_one_by_one), OutcomeThread(handle_at_once)
+    one_by_one.start()
+    try:
+        assert one_by_one_has_first.wait(10)
+        at_once.start()
+        wait_for(lambda: not at_once.is_alive() or _waiting_for_advisory_locks(settings),
+                 timeout=10, what="the batch handled at once to end, or to wait")
+        assert not at_once.is_alive(), "the batch of B and C waits for the lock of A"
+    finally:
+        at_once_done.set()
+        all_joined([one_by_one, at_once], 15)
+    with app.app_context():
+        kept = [len(notifications.notifications_after(user, 0, 10))
+                for user in (first, middle, last)]
+    assert kept == [1, 2, 1]
+
+
+def _users_the_first_and_last_of_whom_hash_alike(settings) -> tuple[str, str, str]:
+    """Three user ids in PostgreSQL's order, the first's and the last's 32-bit hashtext equal:
+    found among 200,000 ids in one query (a birthday search: 32 bits give a few such pairs among
+    them, and hashtext the same ones every time)."""
+    with psycopg2.connect(driver_dsn(settings.gateway_database_url)) as connection:
+        with connection.cursor() as cursor:
+            cursor.execute(_HASH_TWINS)
+            first, last = cursor.fetchone()
+            middle = f"{first}-and-then"
+            cursor.execute("SELECT %s < %s AND %s < %s AND hashtext(%s) = hashtext(%s)",
+                           (first, middle, middle, last, first, last))
+            assert cursor.fetchone() == (True,)
+    connection.close()
+    return first, middle, last
+
+
+# Pairs of ids of equal hashtext, the first below the second: ids sorted by their hash, each next
+# to the one after it. (Padded, ids sort by their number.)
+_HASH_TWINS = """
+SELECT id, next_id FROM (
+    SELECT id, hash, lead(id) OVER by_hash AS next_id, lead(hash) OVER by_hash AS next_hash
+    FROM (SELECT id, hashtext(id) AS hash
+          FROM (SELECT 'hash-twin-' || lpad(n::text, 6, '0') AS id
+                FROM generate_series(1, 200000) AS n) AS ids) AS hashed
+    WINDOW by_hash AS (ORDER BY hash, id)) AS neighbours
+WHERE hash = next_hash
+ORDER BY id
+LIMIT 1"""
 
 
 def _waiting_for_advisory_locks(settings, service: str = "gateway") -> int:
