@@ -122,7 +122,10 @@ class SessionSchema(Schema):
     username = fields.String(required=True)
     access_token = fields.String(required=True)
     token_type = fields.String(required=True, metadata={"example": "Bearer"})
-    expires_in = fields.Integer(required=True, metadata={"description": "seconds"})
+    expires_in = fields.Integer(required=True, metadata={
+        "description": "The whole seconds the token has left, rounded down: its `exp` is a"
+                       " whole second, so one lasting 3600 s issued at x.6 s has 3599.4 s left"
+                       " and says 3599"})
 
 
 def _session_body(user: User) -> dict:

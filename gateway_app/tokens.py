@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -26,19 +27,26 @@ class InvalidToken(ValueError):
 @dataclass(frozen=True)
 class IssuedToken:
     access_token: str
-    expires_in: int
+    expires_in: int  # whole seconds left, rounded down (issue_token)
 
 
 def issue_token(user_id: str, username: str, secret: str, ttl_seconds: int,
                 now: float | None = None, generation: int = 0) -> IssuedToken:
     """A token for the user, of their tokens' `generation` (gateway_app/sign_out.py: signing out
-    everywhere moves it on, and the tokens of the generations before are refused)."""
-    issued_at = int(time.time() if now is None else now)
+    everywhere moves it on, and the tokens of the generations before are refused), and the whole
+    seconds it lasts from `now`, rounded down. Its times are whole seconds, `now`'s fraction
+    dropped, so a token issued at x.6 has `ttl_seconds` less 0.6 left: a page told the whole
+    `ttl_seconds` would take itself for signed in 0.6 s after the token expired (a socket ticket's
+    `expires_in` is rounded down alike, gateway_app/socket_tickets.py)."""
+    now = time.time() if now is None else now
+    issued_at = int(now)
+    expires_at = issued_at + ttl_seconds
     # `jti` makes each token its own, so that signing one out signs out no other: two sign-ins of
     # a user in the same second would otherwise be the same token.
     claims = {"sub": user_id, "username": username, "iss": ISSUER, "iat": issued_at,
-              "exp": issued_at + ttl_seconds, "jti": secrets.token_urlsafe(16), "gen": generation}
-    return IssuedToken(jwt.encode(claims, secret, algorithm=ALGORITHM), ttl_seconds)
+              "exp": expires_at, "jti": secrets.token_urlsafe(16), "gen": generation}
+    return IssuedToken(jwt.encode(claims, secret, algorithm=ALGORITHM),
+                       math.floor(expires_at - now))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,20 @@ def test_a_verified_token_names_its_user_and_when_it_expires():
     assert (verified.user_id, verified.expires_at) == ("usr_1", issued_at + 90)
 
 
+def test_a_tokens_expires_in_is_the_whole_seconds_it_has_left_rounded_down(monkeypatch):
+    """Its times are whole seconds: issued at x.5, a token of 90 s has 89.5 left, and a page told
+    90 would take itself for signed in half a second after the token expired (401 TOKEN_EXPIRED).
+    Told of `now`, or reading the clock itself, once (as the gateway's sign-in does)."""
+    now = int(time.time()) + 0.5
+    monkeypatch.setattr(time, "time", lambda: now)
+    for issued in (issue_token("usr_1", "ann", SECRET, 90, now=now),
+                   issue_token("usr_1", "ann", SECRET, 90)):
+        expires_at = verify_token(issued.access_token, SECRET).expires_at
+        assert issued.expires_in <= expires_at - now and issued.expires_in == 89
+    on_the_second = issue_token("usr_1", "ann", SECRET, 90, now=int(now))
+    assert on_the_second.expires_in == 90
+
+
 def test_an_expired_token_is_refused_as_expired():
     token = issue_token("usr_1", "ann", SECRET, 60, now=time.time() - 3600).access_token
     with pytest.raises(InvalidToken) as refused:
