@@ -45,10 +45,14 @@ def address_subject(address: str | None) -> str:
     mapped into IPv6 by a dual-stack socket), an IPv6 one by its /64, the smallest block one
     subscriber is given and can take any address of (counted whole, a client would have as many
     limits as it cares to take addresses). A port a proxy wrote after it (`1.2.3.4:5678`,
-    `[2001:db8::1]:5678`: each connection's, else a limit of its own) is left out."""
+    `[2001:db8::1]:5678`: each connection's, else a limit of its own) is left out, and so are
+    the brackets of an IPv6 address written in them without one (`[2001:db8::1]`, as RFC 7239's
+    `Forwarded` writes it and some proxies their X-Forwarded-For: else counted whole)."""
     text = str(address or "")
     host, colon, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):  # [IPv6]:port
+    if text.startswith("[") and text.endswith("]"):  # [IPv6]
+        text = text[1:-1]
+    elif host.startswith("[") and host.endswith("]"):  # [IPv6]:port
         text = host[1:-1]
     elif colon and port.isdigit() and host.count(":") == 0:  # IPv4:port
         text = host

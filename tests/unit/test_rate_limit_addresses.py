@@ -14,6 +14,8 @@ from gateway_app.ratelimit import address_subject
     ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
     ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
     ("[2001:db8:1:2::1]:5678", "2001:db8:1:2::/64"),
+    ("[2001:db8:1:2::1]", "2001:db8:1:2::/64"),  # bracketed without a port (RFC 7239)
+    ("[::ffff:203.0.113.7]", "203.0.113.7"),
     ("fe80::1%eth0", "fe80::/64"),
     ("::1", "::/64"),
     ("unknown", "unknown"),
