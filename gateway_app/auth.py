@@ -25,23 +25,44 @@ from gateway_app.sign_out import (REMEMBERED, SIGNED_OUT, is_signed_out, sign_ou
 from gateway_app.socket_tickets import redeem_ticket
 from gateway_app.tokens import EXPIRED, InvalidToken, VerifiedToken, issue_token, verify_token
 from shared.db import db, transaction
-from shared.documented_errors import DATABASE_UNAVAILABLE_OR_BUSY, DocumentedError
+from shared.documented_errors import (DATABASE_UNAVAILABLE_OR_BUSY, WWW_AUTHENTICATE,
+                                     DocumentedError)
 from shared.errors import Conflict, Unauthorized
 from shared.fields import Text, UserId
 from shared.http_api import Blueprint, EmptySchema
 
-MISSING_TOKEN = DocumentedError(401, "MISSING_TOKEN", "no `Authorization: Bearer <token>` header")
-INVALID_TOKEN = DocumentedError(401, "INVALID_TOKEN", "the token is not one the gateway issued")
-TOKEN_EXPIRED = DocumentedError(401, "TOKEN_EXPIRED", "the token has expired: sign in again")
+MISSING_TOKEN = DocumentedError(401, "MISSING_TOKEN", "no `Authorization: Bearer <token>` header",
+                                headers=(WWW_AUTHENTICATE,))
+INVALID_TOKEN = DocumentedError(401, "INVALID_TOKEN", "the token is not one the gateway issued",
+                                headers=(WWW_AUTHENTICATE,))
+TOKEN_EXPIRED = DocumentedError(401, "TOKEN_EXPIRED", "the token has expired: sign in again",
+                                headers=(WWW_AUTHENTICATE,))
 TOKEN_SIGNED_OUT = DocumentedError(401, "TOKEN_SIGNED_OUT",
-                                   "the token has been signed out: sign in again")
+                                   "the token has been signed out: sign in again",
+                                   headers=(WWW_AUTHENTICATE,))
 # What every route behind authenticate_bearer can answer for it (the database: asked whether the
 # token has been signed out).
 SIGNED_IN_ERRORS = (MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED, TOKEN_SIGNED_OUT, RATE_LIMITED,
                     *DATABASE_UNAVAILABLE_OR_BUSY)
 USERNAME_TAKEN = DocumentedError(409, "USERNAME_TAKEN", "another user has this username")
 INVALID_CREDENTIALS = DocumentedError(401, "INVALID_CREDENTIALS",
-                                      "no user has this username and password")
+                                      "no user has this username and password",
+                                      headers=(WWW_AUTHENTICATE,))
+
+
+class BearerRefused(Unauthorized):
+    """A 401 of the gateway's, with the challenge RFC 9110 (15.5.2) asks every 401 to carry, in
+    RFC 6750's (3) words for a bearer token: `error="invalid_token"` when the request's token is
+    refused (not one the gateway issued, expired, signed out), the scheme alone when it sent none
+    (3.1: a request that lacks authentication, or tried another scheme, is told no error). A
+    sign-in's wrong password, sent in its body, is no bearer token refused: it is told the scheme
+    a request authenticates with, as one without a token is. The body is every error's."""
+
+    def __init__(self, message: str, code: str):
+        no_token = code in (MISSING_TOKEN.code, INVALID_CREDENTIALS.code)
+        challenge = "Bearer" if no_token else 'Bearer error="invalid_token"'
+        super().__init__(message, code=code, headers={WWW_AUTHENTICATE: challenge})
+
 
 blueprint = Blueprint("auth", __name__, url_prefix="/api/auth",
                       description="Sign up, sign in and sign out",
@@ -189,7 +210,7 @@ def login(args):
             user = db.session.get(User, user.id)
             db.session.close()
     if wrong or user is None:  # (None: the user's row gone meanwhile)
-        raise Unauthorized("Wrong username or password.", code="INVALID_CREDENTIALS")
+        raise BearerRefused("Wrong username or password.", INVALID_CREDENTIALS.code)
     return jsonify(_session_body(user))
 
 
@@ -245,8 +266,8 @@ def _bearer_token() -> str:
     """The request's `Authorization: Bearer <token>` token; a 401 MISSING_TOKEN without one."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("Sign in and send `Authorization: Bearer <token>`.",
-                           code="MISSING_TOKEN")
+        raise BearerRefused("Sign in and send `Authorization: Bearer <token>`.",
+                            MISSING_TOKEN.code)
     return token.strip()
 
 
@@ -263,7 +284,7 @@ def socket_ticket_token(ticket: str) -> VerifiedToken:
     was, as opening a socket with the token is."""
     verified = redeem_ticket(ticket)
     if verified.expires_at <= time.time():
-        raise Unauthorized(EXPIRED, code="TOKEN_EXPIRED")
+        raise BearerRefused(EXPIRED, TOKEN_EXPIRED.code)
     return signed_in_or_401(verified)
 
 
@@ -285,12 +306,12 @@ def signed_in_or_401(verified: VerifiedToken, limited: bool = False) -> Verified
     verified_token_or_401 says; a 401 otherwise."""
     remembered = current_app.extensions[REMEMBERED]
     if remembered.known(verified):
-        raise Unauthorized(SIGNED_OUT, code="TOKEN_SIGNED_OUT")
+        raise BearerRefused(SIGNED_OUT, TOKEN_SIGNED_OUT.code)
     if limited:
         current_app.extensions[RATE_LIMITER].check(f"user:{verified.user_id}")
     if is_signed_out(verified):
         remembered.remember(verified)
-        raise Unauthorized(SIGNED_OUT, code="TOKEN_SIGNED_OUT")
+        raise BearerRefused(SIGNED_OUT, TOKEN_SIGNED_OUT.code)
     return verified
 
 
@@ -299,4 +320,4 @@ def signed_token_or_401(token: str) -> VerifiedToken:
     try:
         return verify_token(token, current_app.extensions["hseshop.settings"].auth_token_secret)
     except InvalidToken as exc:
-        raise Unauthorized(str(exc), code=exc.code) from None
+        raise BearerRefused(str(exc), exc.code) from None

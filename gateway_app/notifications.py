@@ -38,7 +38,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, ProtocolError
 
 from gateway_app import tokens
-from gateway_app.auth import RATE_LIMITER, SIGNED_IN_ERRORS
+from gateway_app.auth import RATE_LIMITER, SIGNED_IN_ERRORS, TOKEN_EXPIRED, BearerRefused
 from gateway_app.models import Notification
 from gateway_app.notification_document import NOTIFICATION_PAGE
 from gateway_app.ratelimit import RateLimited, client_address
@@ -50,7 +50,7 @@ from gateway_app.user_channels import channel, channel_listener, publish
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
 from shared.documented_errors import RETRY_AFTER, DocumentedError
-from shared.errors import ApiError, Unauthorized
+from shared.errors import ApiError
 from shared.fields import WholeNumber
 from shared.http_api import Blueprint, EmptySchema, given_more_than_once
 from shared.inbox.handling import Handler, ReceivedEvent
@@ -299,7 +299,7 @@ def socket_ticket(_args):
     try:
         issued = issue_ticket(g.token)
     except TokenExpiresTooSoon:  # (expired since it was checked, or about to)
-        raise Unauthorized(tokens.EXPIRED, code="TOKEN_EXPIRED") from None
+        raise BearerRefused(tokens.EXPIRED, TOKEN_EXPIRED.code) from None
     except redis.RedisError as exc:
         log.warning("no socket ticket for %s: Redis is unavailable: %s", g.user_id, exc)
         raise ApiError("Live notifications are unavailable just now; try again later.",

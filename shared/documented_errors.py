@@ -19,8 +19,12 @@ from shared.internal_auth import DEADLINE_HEADER, USER_ID_HEADER
 # them: each its description and schema.
 RETRY_AFTER = "Retry-After"
 ACCEPT_ENCODING = "Accept-Encoding"
+WWW_AUTHENTICATE = "WWW-Authenticate"
 ANSWER_HEADERS = {
     RETRY_AFTER: ("Seconds to wait before trying again", {"type": "integer", "minimum": 1}),
+    WWW_AUTHENTICATE: ("The challenge (RFC 6750): `Bearer` when the request sent no bearer token"
+                       " (and to a sign-in's wrong password), `Bearer error=\"invalid_token\"` when"
+                       " its token was refused", {"type": "string"}),
     ACCEPT_ENCODING: ("The only content coding a request body is taken in, `identity` (none): sent"
                       " when the body came in another", {"type": "string", "enum": ["identity"]}),
 }

@@ -620,6 +620,46 @@ def test_expired_and_forged_tokens_are_refused(gateway, settings):
     assert response.get_json()["error"]["code"] == "INVALID_TOKEN"
 
 
+def test_every_401_of_the_gateway_carries_a_bearer_challenge_and_its_body_as_before(gateway,
+                                                                                   settings):
+    """RFC 9110 (15.5.2) asks every 401 to carry a WWW-Authenticate challenge, RFC 6750 (3) says
+    a bearer token's: the scheme alone to a request that sent no token (another scheme's
+    included, 3.1) and to a sign-in's wrong password (no bearer token refused), `invalid_token`
+    to one whose token is refused. The documents say so; the body is the error's as before."""
+    username = f"challenged-{uuid.uuid4().hex[:8]}"
+    _, auth = _sign_up(gateway, username)
+    _, signed_out = _sign_up(gateway)
+    assert gateway.post("/api/auth/logout", headers=signed_out).status_code == 204
+    expired = issue_token("usr_x", "x", settings.auth_token_secret, 60, now=time.time() - 3600)
+    scheme_alone, invalid_token = "Bearer", 'Bearer error="invalid_token"'
+    refusals = {
+        "no token": (gateway.get("/api/orders"), "MISSING_TOKEN", scheme_alone),
+        "another scheme": (gateway.get("/api/orders", headers={"Authorization": "Basic abc"}),
+                           "MISSING_TOKEN", scheme_alone),
+        "signing out with no token": (gateway.post("/api/auth/logout"), "MISSING_TOKEN",
+                                      scheme_alone),
+        "a wrong password": (gateway.post("/api/auth/login", json={
+            "username": username, "password": "wrong pass"}), "INVALID_CREDENTIALS", scheme_alone),
+        "no token the gateway issued": (gateway.get("/api/orders", headers={
+            "Authorization": "Bearer not-a-token"}), "INVALID_TOKEN", invalid_token),
+        "an expired token": (gateway.get("/api/orders", headers={
+            "Authorization": f"Bearer {expired.access_token}"}), "TOKEN_EXPIRED", invalid_token),
+        "a signed-out token": (gateway.get("/api/orders", headers=signed_out), "TOKEN_SIGNED_OUT",
+                               invalid_token),
+    }
+    for what, (answer, code, challenge) in refusals.items():
+        assert answer.status_code == 401, what
+        assert answer.headers.get_all("WWW-Authenticate") == [challenge], what
+        body = answer.get_json()
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
+        assert (body["error"]["code"], body["error"]["details"]) == (code, {}), what
+    assert gateway.get("/api/orders", headers=auth).status_code != 401
+    spec = gateway.get("/docs/openapi.json").get_json()
+    for method, path in (("get", "/api/orders"), ("post", "/api/auth/login"),
+                         ("post", "/api/auth/logout")):
+        assert "WWW-Authenticate" in documented_errors(spec, method, path)[401]["headers"], path
+
+
 def test_a_service_that_is_down_is_503_and_one_that_is_slow_is_504(settings, upstreams):
     slow = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler))
     failing = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingHandler))
@@ -3460,6 +3500,7 @@ def test_a_tickets_expires_in_is_rounded_down_and_a_token_out_of_time_is_refused
     refused = gateway.post(TICKETS, headers=auth)
     assert refused.status_code == 401, refused.get_json()
     assert refused.get_json()["error"]["code"] == "TOKEN_EXPIRED"
+    assert refused.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
     monkeypatch.setattr(socket_tickets, "time", types.SimpleNamespace(
         time=lambda: verified.expires_at + 1))
     assert gateway.post(TICKETS, headers=auth).status_code == 401
