@@ -64,8 +64,11 @@ back by topic and key, did not hold behind them. A row whose topic is the shop's
 said to be replayed without it. Discarding deletes it, never to be sent, and the rows behind it go:
 what it was to tell is never told, as for the inbox. A PaymentRequested row (orders') leaves its
 order NEW, never paid for; a PaymentSucceeded or PaymentFailed row (payments') leaves it NEW, the
-account debited for a success; the command warns of each as for the inbox. Replay the row once
-it can be sent; discard only what is garbage.
+account debited for a success; the command warns of each as for the inbox. With --all, discard
+deletes the rows parked as it begins CHANGED_PER_TRANSACTION a transaction, in the order they were
+written (up to the last written of them: one written before it and parked meanwhile goes too),
+warning of each batch's payment events as it commits; a failure or an interrupt part way is said
+as for the inbox. Replay the row once it can be sent; discard only what is garbage.
 """
 
 from __future__ import annotations
@@ -96,9 +99,11 @@ from shared.db import database_now, failure_in_a_line, transaction
 from shared.inbox.parked import (discard_parked_messages, last_parked, never_parsed_parked,
                                  parked_batch, parked_messages, unpark_messages)
 from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
+                                  last_parked_outbox_row, parked_outbox_batch,
                                   parked_outbox_messages, parked_topics_not_relayed,
                                   redirect_parked_outbox_messages, unpark_outbox_messages,
                                   why_not_sent_on)
+from shared.parked_batches import all_parked_changed_in_transactions
 from shared.quiet_interrupt import INTERRUPTED
 from shared.request_context import escaped_in_logs
 from shared.task_queues import QUEUES_UNREACHABLE
@@ -134,9 +139,11 @@ def _one_line(error: str | None) -> str:
     return (error or "").replace("\n", " ")[:200]
 
 
-# The parked inbox messages `replay --all` or `discard --all` changes in one transaction: each
-# transaction short (a few million parked in one statement ran past SESSION_LIMITS'
-# statement_timeout and changed nothing), and one that fails leaves those before it done.
+# The parked inbox messages `replay --all` or `discard --all` changes, and the parked outbox rows
+# `discard --outbox --all` deletes, in one transaction: each transaction short (a few million
+# parked in one statement ran past SESSION_LIMITS' statement_timeout and changed nothing; the
+# rows a discard returns, to warn of payment events, held in memory all at once), and one that
+# fails leaves those before it done.
 CHANGED_PER_TRANSACTION = 5_000
 
 
@@ -227,9 +234,10 @@ def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fa
     message_id, type and order_id, None when its payload holds none), as the statement that
     discarded them returned them: a message parked as it ran, and discarded, is among them."""
     with service_app(service).app_context():
-        # (A discarded message is processed: it is never parked again.)
+        # (A discarded message is processed, a discarded row deleted: neither is parked again.)
         for discarded in _changed(discard_parked_messages, discard_parked_outbox_messages,
-                                  message_ids, outbox, may_come_back=False):
+                                  message_ids, outbox, may_come_back=False,
+                                  outbox_in_batches=True):
             if payments_left is not None:
                 payments_left.extend(row for row in discarded if row.type in PAYMENT_EVENTS)
             yield [row.message_id for row in discarded]
@@ -241,51 +249,35 @@ _Change = Callable[[Session, list[uuid.UUID] | None], list[_Changed]]
 
 
 def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
-             message_ids: list[uuid.UUID] | None, outbox: bool,
-             may_come_back: bool) -> Iterator[list[_Changed]]:
-    """Run the change on the messages named, or on the outbox's every parked row when
-    `message_ids` is None, in one transaction; on every parked inbox message in batches
-    (`_all_changed_in_transactions`). Yields what each transaction's change returned (the
+             message_ids: list[uuid.UUID] | None, outbox: bool, may_come_back: bool,
+             outbox_in_batches: bool = False) -> Iterator[list[_Changed]]:
+    """Run the change on the messages named in one transaction; on every parked inbox message,
+    and every parked outbox row when `outbox_in_batches` (else in one transaction too: a replay,
+    sent on --to-topic, checks every row it sends on in one statement), CHANGED_PER_TRANSACTION a
+    transaction (shared.parked_batches). Yields what each transaction's change returned (the
     messages it changed), as it commits."""
-    if message_ids is None and not outbox:
-        yield from _all_changed_in_transactions(inbox_change, may_come_back)
+    change = outbox_change if outbox else inbox_change
+    if message_ids is None and (outbox_in_batches or not outbox):
+        # The inbox's in the order they were parked. (Bounded by the last parked as it begins,
+        # and also, when a changed message `may_come_back` parked again, by the ids it has taken.
+        # Every park of this release is stamped by the database's clock, clock_timestamp(), a
+        # record parked as it is stored too, since fecf044, so a message parked again after this
+        # command replayed it mostly sorts after the bound. The ids taken still keep one from
+        # being taken twice where it does not: rows parked by an earlier release, whose consumers
+        # stamped a record parked as it was stored by their own clock, which may run ahead and
+        # set the bound itself in the future; and a park stamped at or before the bound whose
+        # transaction commits after the bound was read, as a stamp is the clock as its statement
+        # runs, not as it commits.) The outbox's in the order they were written, up to the last
+        # written of those parked as it begins (one written before it and parked meanwhile is
+        # taken, if parked before its batch is read).
+        order = ((last_parked_outbox_row, parked_outbox_batch) if outbox
+                 else (last_parked, parked_batch))
+        yield from all_parked_changed_in_transactions(*order, change, CHANGED_PER_TRANSACTION,
+                                                      may_come_back)
         return
     with transaction() as session:
-        changed = (outbox_change if outbox else inbox_change)(session, message_ids)
+        changed = change(session, message_ids)
     yield changed
-
-
-def _all_changed_in_transactions(change: _Change[_Changed],
-                                 may_come_back: bool) -> Iterator[list[_Changed]]:
-    """Run `change` on every parked inbox message parked as it begins, CHANGED_PER_TRANSACTION at
-    a time in the order they were parked; yields what `change` returned in each, as it commits.
-    Those parked once it has begun are left alone: a replayed message that is parked again at
-    once is not taken up again and again. (Bounded by the last parked as it began, and also, when
-    a changed message `may_come_back` parked again, by the ids it has taken. Every park of this
-    release is stamped by the database's clock, clock_timestamp(), a record parked as it is stored
-    too, since fecf044, so a message parked again after this command replayed it mostly sorts
-    after the bound. The ids taken still keep one from being taken twice where it does not: rows
-    parked by an earlier release, whose consumers stamped a record parked as it was stored by
-    their own clock, which may run ahead and set the bound itself in the future; and a park
-    stamped at or before the bound whose transaction commits after the bound was read, as a
-    stamp is the clock as its statement runs, not as it commits.)"""
-    with transaction() as session:
-        through = last_parked(session)
-    after = None
-    # As ints, not UUID objects: about 90 bytes a message, for any number parked (a replayed
-    # message parked again may sort anywhere up to `through`, so none can be forgotten).
-    taken: set[int] = set()
-    while through is not None:
-        with transaction() as session:
-            batch = parked_batch(session, through, after, CHANGED_PER_TRANSACTION)
-            ids = [place.message_id for place in batch if place.message_id.int not in taken]
-            changed = change(session, ids)
-        if may_come_back:
-            taken.update(message_id.int for message_id in ids)
-        yield changed
-        if len(batch) < CHANGED_PER_TRANSACTION:
-            return
-        after = batch[-1]
 
 
 # What `list` exits with when its reader goes before it is done, as a command ended by SIGPIPE

@@ -162,6 +162,37 @@ def parked_topics_not_relayed(session: Session, relayed_topics: list[str]) -> li
         {"relayed_topics": list(relayed_topics)}))
 
 
+@dataclass(frozen=True)
+class ParkedRowPlace:
+    """A parked row's place in the order the rows were written (its id), for `discard --all`'s
+    batches (shared.parked_batches)."""
+    id: int
+    message_id: uuid.UUID
+
+
+def last_parked_outbox_row(session: Session) -> ParkedRowPlace | None:
+    """The place of the last written of the parked rows (None while none is)."""
+    row = session.execute(text(
+        f"SELECT id, message_id FROM outbox_messages WHERE {PARKED_ROWS}"
+        " ORDER BY id DESC LIMIT 1")).one_or_none()
+    return row and ParkedRowPlace(*row)
+
+
+def parked_outbox_batch(session: Session, through: ParkedRowPlace, after: ParkedRowPlace | None,
+                        size: int) -> list[ParkedRowPlace]:
+    """The places of the first `size` parked rows after `after` (from the first when None), and
+    up to `through`, in the order they were written: one transaction's share of them all."""
+    return [ParkedRowPlace(*row) for row in session.execute(_PARKED_BATCH, {
+        "through": through.id, "after": 0 if after is None else after.id, "size": size})]
+
+
+# (Row ids start at 1: after 0 is from the first.)
+_PARKED_BATCH = text(f"""
+SELECT id, message_id FROM outbox_messages
+WHERE {PARKED_ROWS} AND id > :after AND id <= :through
+ORDER BY id LIMIT :size""")
+
+
 def discard_parked_outbox_messages(session: Session,
                                    message_ids: list[uuid.UUID] | None) -> list[Row]:
     """Delete parked rows (every one when `message_ids` is None), never to be sent, so that the

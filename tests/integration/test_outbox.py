@@ -21,8 +21,8 @@ from pathlib import Path
 import psycopg2
 import pytest
 from confluent_kafka.admin import AdminClient
-from sqlalchemy import delete, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import delete, event, func, select, text
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 
 from devstack.infra import free_port, start_and_wait_for_broker, start_broker
@@ -365,36 +365,115 @@ def test_discarding_a_parked_payment_request_row_warns_that_its_order_stays_new(
 
 
 def test_a_payment_request_row_parked_as_every_parked_row_is_discarded_is_warned_of(
-        in_orders, settings, capsys):
-    """`discard --outbox --all` warns of the rows the deleting statement itself deleted: a
-    PaymentRequested row parked by another transaction (a relay) that commits just before that
-    statement runs is deleted and warned of. (Read by a statement of its own before the delete,
-    the payment events to warn of missed it, though the delete, a later statement, took it.)"""
+        in_orders, settings, capsys, monkeypatch):
+    """`discard --outbox --all` warns of the rows the deleting statements themselves deleted: a
+    PaymentRequested row written before the last parked one, and parked by another transaction (a
+    relay) that commits as the first batch is being deleted, is deleted in a later batch and
+    warned of. (Read by a statement of its own before the delete, the payment events to warn of
+    missed such a row, though the delete, a later statement, took it.)"""
     from tasks import parked
 
-    order_id, message_id = uuid.uuid4(), uuid.uuid4()
+    monkeypatch.setattr(parked, "CHANGED_PER_TRANSACTION", 1)
+    order_id = uuid.uuid4()
     topic = f"parked-meanwhile-{uuid.uuid4().hex[:8]}"
+    _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=True)
+    written_before = _outbox_row(topic, PAYMENT_REQUESTED, order_id, parked=False)
+    _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=True)  # (the last parked)
     try:
         with called_at_the_first_statement_naming(
                 "DELETE FROM outbox_messages", before=True,
                 call=lambda: committed_on_a_connection_of_its_own(
                     settings.database_url("orders"),
-                    "INSERT INTO outbox_messages (message_id, topic, key, type, envelope,"
-                    " attempts, parked_at) VALUES (%s, %s, %s, %s, %s, 1, clock_timestamp())",
-                    (str(message_id), topic, str(order_id), PAYMENT_REQUESTED,
-                     json.dumps({"payload": {"order_id": str(order_id)}})))) as parked_meanwhile:
+                    "UPDATE outbox_messages SET attempts = 1, parked_at = clock_timestamp()"
+                    " WHERE message_id = %s", (str(written_before),))) as parked_meanwhile:
             # (Any other test's parked rows discarded too.)
             assert parked.main(["discard", "orders", "--outbox", "--all"]) == 0
         assert parked_meanwhile, "nothing parked: the deleting statement was not run"
         said = capsys.readouterr()
         assert said.out.startswith("orders outbox: ") and "message(s) discarded" in said.out
-        assert order_left_new("orders outbox", message_id, order_id) in said.err.splitlines()
-        db.session.rollback()
-        assert db.session.scalar(select(func.count()).select_from(OutboxMessage).where(
-            OutboxMessage.topic == topic)) == 0
+        assert order_left_new("orders outbox", written_before, order_id) in said.err.splitlines()
+        assert _rows_left_of(topic) == 0
     finally:
         with transaction() as session:
             session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+
+
+def test_discarding_every_parked_row_goes_a_batch_a_transaction_each_payment_event_warned_of(
+        in_orders, settings, capsys, monkeypatch):
+    """`discard --outbox --all` deletes the parked rows CHANGED_PER_TRANSACTION a transaction, in
+    the order they were written, each batch committed before the next is deleted (seen from
+    another connection): it deleted them all in one statement, one transaction however many, the
+    rows it returned (to warn of payment events) all held at once. Each payment event is still
+    warned of, as the statement that deleted it returned it, and every row goes."""
+    from tasks import parked
+
+    monkeypatch.setattr(parked, "CHANGED_PER_TRANSACTION", 2)
+    topic = f"discarded-in-batches-{uuid.uuid4().hex[:8]}"
+    event_types = [PAYMENT_REQUESTED, ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, PAYMENT_REQUESTED,
+                   ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, ORDER_STATUS_CHANGED]
+    orders = {_outbox_row(topic, event_type, order_id, parked=True): (event_type, order_id)
+              for event_type, order_id in ((event_type, uuid.uuid4())
+                                           for event_type in event_types)}
+    ours_there, deleted = [], []  # (before each deleting statement; by each)
+    watcher = psycopg2.connect(driver_dsn(settings.database_url("orders")))
+    watcher.autocommit = True
+
+    def before(connection, cursor, statement, parameters, context, executemany):
+        if "DELETE FROM outbox_messages" in statement:
+            with watcher.cursor() as watching:
+                watching.execute("SELECT count(*) FROM outbox_messages WHERE topic = %s",
+                                 (topic,))
+                ours_there.append(watching.fetchone()[0])
+
+    def after(connection, cursor, statement, parameters, context, executemany):
+        if "DELETE FROM outbox_messages" in statement:
+            deleted.append(cursor.rowcount)
+
+    event.listen(Engine, "before_cursor_execute", before)
+    event.listen(Engine, "after_cursor_execute", after)
+    try:
+        # (Any other test's parked rows discarded too, before these: written earlier.)
+        assert parked.main(["discard", "orders", "--outbox", "--all"]) == 0
+    finally:
+        event.remove(Engine, "before_cursor_execute", before)
+        event.remove(Engine, "after_cursor_execute", after)
+        watcher.close()
+    try:
+        said = capsys.readouterr()
+        assert said.out == f"orders outbox: {sum(deleted)} message(s) discarded\n"
+        assert max(deleted) <= 2, deleted
+        # Ours went two at a time, each two gone for good (committed) before the next deleted.
+        assert len(ours_there) >= 4 and ours_there[-1] <= 2, ours_there
+        assert all(0 <= there - after_it <= 2
+                   for there, after_it in zip(ours_there, ours_there[1:])), ours_there
+        ours = set(map(str, orders))
+        warned = [line for line in said.err.splitlines() if line.split()[3] in ours]
+        assert warned == [order_left_new("orders outbox", message_id, order_id)
+                          for message_id, (event_type, order_id) in orders.items()
+                          if event_type == PAYMENT_REQUESTED]
+        assert _rows_left_of(topic) == 0
+    finally:
+        with transaction() as session:
+            session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+
+
+def _rows_left_of(topic: str) -> int:
+    """How many outbox rows of `topic` there are, as committed (the session's snapshot dropped)."""
+    db.session.rollback()
+    return db.session.scalar(select(func.count()).select_from(OutboxMessage).where(
+        OutboxMessage.topic == topic))
+
+
+def _outbox_row(topic: str, event_type: str, order_id: uuid.UUID, parked: bool) -> uuid.UUID:
+    """A row of `event_type` for the order, keyed by it, written in a transaction of its own,
+    parked (as the relay parks one) or waiting to be sent; returns its message id."""
+    with transaction() as session:
+        return session.scalar(text(
+            "INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
+            " parked_at) VALUES (gen_random_uuid(), :topic, :key, :type, CAST(:envelope AS json),"
+            " :attempts, CASE WHEN :parked THEN now() END) RETURNING message_id"),
+            {"topic": topic, "key": str(order_id), "type": event_type, "attempts": int(parked),
+             "parked": parked, "envelope": json.dumps({"payload": {"order_id": str(order_id)}})})
 
 
 def test_a_parked_outbox_row_replayed_once_mended_goes_out_before_the_rows_behind_it(

@@ -1,7 +1,8 @@
-"""tasks/parked.py: what `replay --all` and `discard --all` keep in memory a message, so that any
-number parked goes through in a small operator's container (3 million once took some 700 MiB).
+"""tasks/parked.py: what `replay --all` and `discard --all` (and `discard --outbox --all`) keep in
+memory a message, so that any number parked goes through in a small operator's container (3
+million once took some 700 MiB).
 The database is stood in for by fresh UUIDs, as psycopg2 returns them; the batches themselves go
-against PostgreSQL in tests/integration/test_inbox_tasks.py."""
+against PostgreSQL in tests/integration/test_inbox_tasks.py (and test_outbox.py)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,22 @@ from datetime import datetime, timezone
 
 import pytest
 
+from shared import parked_batches
 from shared.inbox.parked import ParkedPlace
+from shared.outbox.parked import ParkedRowPlace
 from tasks import parked
 
 PARKED = 60_000
 
-# A row discard_parked_messages returns for a message it discarded.
+# A row discard_parked_messages (or discard_parked_outbox_messages) returns for a message it
+# discarded.
 Discarded = namedtuple("Discarded", "message_id type order_id")
 
 
-@pytest.mark.parametrize(("command", "most_bytes_a_message"), [("replay", 120), ("discard", 20)])
-def test_all_parked_keeps_little_a_message(monkeypatch, capsys, command, most_bytes_a_message):
+@pytest.mark.parametrize(("command", "outbox", "most_bytes_a_message"),
+                         [("replay", False, 120), ("discard", False, 20), ("discard", True, 20)])
+def test_all_parked_keeps_little_a_message(monkeypatch, capsys, command, outbox,
+                                           most_bytes_a_message):
     """Measured as the last batch is changed: what the run still holds of all before it. A
     replay keeps each id taken as an int (a message parked again may come back), a discard none
     (a discarded message is never parked again); neither keeps a list of what it changed."""
@@ -31,9 +37,13 @@ def test_all_parked_keeps_little_a_message(monkeypatch, capsys, command, most_by
     places = {text: position for position, text in enumerate(texts)}
     now = datetime.now(timezone.utc)
 
+    def place(position: int):  # (the inbox's by park, the outbox's by row id)
+        message_id = uuid.UUID(texts[position])
+        return ParkedRowPlace(position + 1, message_id) if outbox else ParkedPlace(now, message_id)
+
     def parked_batch(session, through, after, size):
         start = 0 if after is None else places[str(after.message_id)] + 1
-        return [ParkedPlace(now, uuid.UUID(text)) for text in texts[start:start + size]]
+        return [place(position) for position in range(start, min(start + size, PARKED))]
 
     held = []
 
@@ -46,18 +56,20 @@ def test_all_parked_keeps_little_a_message(monkeypatch, capsys, command, most_by
 
     monkeypatch.setattr(parked, "service_app",
                         lambda service: type("App", (), {"app_context": contextlib.nullcontext}))
-    monkeypatch.setattr(parked, "transaction", contextlib.nullcontext)
+    monkeypatch.setattr(parked_batches, "transaction", contextlib.nullcontext)
     monkeypatch.setattr(parked, "database_now", lambda session: now)  # (the replay's mark)
-    monkeypatch.setattr(parked, "last_parked",
-                        lambda session: ParkedPlace(now, uuid.UUID(texts[-1])))
-    monkeypatch.setattr(parked, "parked_batch", parked_batch)
+    monkeypatch.setattr(parked, "last_parked_outbox_row" if outbox else "last_parked",
+                        lambda session: place(PARKED - 1))
+    monkeypatch.setattr(parked, "parked_outbox_batch" if outbox else "parked_batch", parked_batch)
     monkeypatch.setattr(parked, "unpark_messages", changed)
-    monkeypatch.setattr(parked, "discard_parked_messages", discarded)
+    monkeypatch.setattr(parked, "discard_parked_outbox_messages" if outbox
+                        else "discard_parked_messages", discarded)
     monkeypatch.setattr(parked, "_dispatched", lambda service, message_ids, marked_at: True)
     tracemalloc.start()
     try:
-        assert parked.main([command, "payments", "--all"]) == 0
+        assert parked.main([command, "payments", "--all", *(["--outbox"] if outbox else [])]) == 0
     finally:
         tracemalloc.stop()
     assert f"{PARKED} message(s)" in capsys.readouterr().out
+    assert len(held) > 1  # (a batch a transaction)
     assert (held[-1] - held[0]) / PARKED < most_bytes_a_message, (held[-1] - held[0]) / PARKED

@@ -1,0 +1,57 @@
+"""Every parked message changed a batch a transaction, for an operator's command under --all
+(tasks.parked): the inbox's parked messages and the outbox's parked rows, each box reading its own
+in batches in its own order (shared.inbox.parked, shared.outbox.parked)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
+
+from sqlalchemy.orm import Session
+
+from shared.db import transaction
+
+
+class ParkedPlace(Protocol):
+    """A parked message's place in the order its box reads them in batches."""
+
+    @property
+    def message_id(self) -> uuid.UUID: ...
+
+
+_Place = TypeVar("_Place", bound=ParkedPlace)
+_Changed = TypeVar("_Changed")
+
+
+def all_parked_changed_in_transactions(
+        last_parked: Callable[[Session], _Place | None],
+        parked_batch: Callable[[Session, _Place, _Place | None, int], list[_Place]],
+        change: Callable[[Session, list[uuid.UUID]], list[_Changed]], size: int,
+        may_come_back: bool) -> Iterator[list[_Changed]]:
+    """Run `change` on every message parked up to the place of the one `last_parked` as it begins,
+    `size` at a time in the order `parked_batch` reads them (the first `size` after a place, from
+    the first when None, and up to that bound); yields what `change` returned in each transaction
+    (the messages it changed), as it commits. Each transaction short (a few million parked in one
+    statement ran past SESSION_LIMITS' statement_timeout and changed nothing), and one that fails
+    leaves those before it done; nothing is kept of a batch once it has committed, but, when a
+    changed message `may_come_back` parked again (a replay), the ids taken, so that none is taken
+    twice (one parked again may sort anywhere up to the bound). A message parked once it has begun
+    past the bound is left alone: a replayed message parked again at once is not taken up again
+    and again."""
+    with transaction() as session:
+        through = last_parked(session)
+    after = None
+    # As ints, not UUID objects: about 90 bytes a message, for any number parked.
+    taken: set[int] = set()
+    while through is not None:
+        with transaction() as session:
+            batch = parked_batch(session, through, after, size)
+            ids = [place.message_id for place in batch if place.message_id.int not in taken]
+            changed = change(session, ids)
+        if may_come_back:
+            taken.update(message_id.int for message_id in ids)
+        yield changed
+        if len(batch) < size:
+            return
+        after = batch[-1]
