@@ -38,7 +38,7 @@ import redis
 from flask import current_app
 from sqlalchemy.orm import Session
 
-from shared.db import after_commit
+from shared.db import collected_after_commit
 
 log = logging.getLogger(__name__)
 
@@ -228,13 +228,14 @@ def invalidate_after_commit(session: Session, namespace: str) -> None:
     """Bump the namespace's version once the caller's transaction has committed, or its COMMIT
     failed (its answer lost with the connection: committed or not, a bump costs at most a miss);
     all the namespaces one transaction invalidates go to Redis in one round trip."""
-    after_commit(session, _Invalidations(app_cache()), also_if_unanswered=True) \
-        .namespaces.add(namespace)
+    cache = app_cache()
+    collected_after_commit(session, (_Invalidations, cache), lambda: _Invalidations(cache),
+                           also_if_unanswered=True).namespaces.add(namespace)
 
 
 class _Invalidations:
-    """What one transaction invalidates in one cache: equal to any other for the same cache, so
-    each transaction registers one and adds its namespaces to it."""
+    """What one transaction invalidates in one cache (one per transaction and cache:
+    shared.db.collected_after_commit)."""
 
     def __init__(self, cache: VersionedCache):
         self.cache = cache
@@ -243,11 +244,5 @@ class _Invalidations:
     def __call__(self) -> None:
         self.cache.invalidate(*sorted(self.namespaces))
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Invalidations) and other.cache is self.cache
-
     def __repr__(self) -> str:  # (for the log line of one that failed: shared.db)
         return f"the cache invalidation of {_some(self.namespaces)}"
-
-    def __hash__(self) -> int:
-        return id(self.cache)

@@ -3,10 +3,11 @@
 Use cases and message handlers get a session from `transaction()` and never commit themselves, so a
 business row and the outbox row it causes are committed together or not at all, by construction.
 Work that must wait for the commit (invalidating cached reads, say) is registered with
-`after_commit`; work that costs little done for nothing (a cache version bump) may ask to be done
-also when the COMMIT's answer is lost, whether it committed unknown. `driver_cursor` runs the
-busiest statements straight on the driver. Pooled connections are pinged before use only after
-they sat idle (`init_database` sets that up).
+`after_commit`, or, gathered from all over the transaction into one callback (the lines to say
+of it, the cache namespaces it invalidates), with `collected_after_commit`; work that costs little
+done for nothing (a cache version bump) may ask to be done also when the COMMIT's answer is lost,
+whether it committed unknown. `driver_cursor` runs the busiest statements straight on the driver.
+Pooled connections are pinged before use only after they sat idle (`init_database` sets that up).
 `connection_lost` tells a database connection lost or refused (a restart, a failover), which the
 shop gets over by itself, from any other error, and `connection_lost_on` whether a connection was
 lost, though whoever met the error caught it; `failure_in_a_line` says an error in a line, as the
@@ -19,7 +20,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
@@ -267,8 +268,8 @@ def after_commit(session: Session, callback: C, *, also_if_unanswered: bool = Fa
     and bumping nothing.
 
     Registering an equal callback again in one transaction runs it once: the one registered first
-    is returned, so a caller can add to what it will do; it runs also if unanswered if either
-    registration asked.
+    is returned, so a caller can add to what it will do (collected_after_commit does so); it runs
+    also if unanswered if either registration asked.
     """
     callbacks = session.info.setdefault(_AFTER_COMMIT, [])
     for n, (registered, registered_also_if_unanswered) in enumerate(callbacks):
@@ -278,6 +279,41 @@ def after_commit(session: Session, callback: C, *, also_if_unanswered: bool = Fa
             return registered
     callbacks.append((callback, also_if_unanswered))
     return callback
+
+
+def collected_after_commit(session: Session, key: Hashable, factory: Callable[[], C], *,
+                           also_if_unanswered: bool = False) -> C:
+    """The one collector the current transaction of `session` has under `key`, made with
+    `factory()` the first time it is asked for: callers add to it what it is to do (the lines to
+    say, the namespaces to invalidate), and it is run once, after the commit, as `after_commit`
+    runs a callback: in the place of the first ask, never on rollback, and when the COMMIT failed
+    (its answer lost) only if an ask said `also_if_unanswered`. The next transaction has a new
+    one."""
+    collected = after_commit(session, _CollectedUnder(key), also_if_unanswered=also_if_unanswered)
+    if collected.collector is None:
+        collected.collector = factory()
+    return collected.collector
+
+
+class _CollectedUnder:
+    """A transaction's collector under a key: equal to any other under an equal key, so that
+    `after_commit` keeps the one registered first."""
+
+    def __init__(self, key: Hashable):
+        self.key = key
+        self.collector: Callable[[], None] | None = None
+
+    def __call__(self) -> None:
+        self.collector()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _CollectedUnder) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __repr__(self) -> str:  # (for the log line of one that failed: _run_as_unanswered)
+        return repr(self.collector)
 
 
 def _run_as_unanswered(callbacks: list[tuple[Callable[[], None], bool]],

@@ -12,7 +12,7 @@ import logging
 
 from sqlalchemy.orm import Session
 
-from shared.db import after_commit
+from shared.db import collected_after_commit
 from shared.request_context import request_id_bound
 
 
@@ -20,13 +20,13 @@ def say_once_committed(session: Session, logger: logging.Logger, level: int,
                        request_id: str | None, text: str, *args: object) -> None:
     """Have `logger` say `text % args` at `level`, `request_id` bound, once the session's
     transaction has committed; never if it does not."""
-    after_commit(session, _LinesOnceCommitted()).lines.append(
+    collected_after_commit(session, _LinesOnceCommitted, _LinesOnceCommitted).lines.append(
         (logger, level, request_id, text, args))
 
 
 class _LinesOnceCommitted:
-    """The lines a transaction is to say once committed, in the order they were asked for: equal
-    to any other, so that a transaction registers one (shared.db.after_commit) and adds to it."""
+    """The lines a transaction is to say once committed, in the order they were asked for (one
+    per transaction: shared.db.collected_after_commit)."""
 
     def __init__(self):
         self.lines: list[tuple[logging.Logger, int, str | None, str, tuple[object, ...]]] = []
@@ -35,9 +35,3 @@ class _LinesOnceCommitted:
         for logger, level, request_id, text, args in self.lines:
             with request_id_bound(request_id):
                 logger.log(level, text, *args)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _LinesOnceCommitted)
-
-    def __hash__(self) -> int:
-        return hash(_LinesOnceCommitted)
