@@ -18,9 +18,9 @@ from bench.shop import running_bench_stack, say, seed_shoppers
 from devstack.stack import Stack
 
 # What each rate's line keeps of measure_latency's figures.
-KEPT = ("offered_rate", "orders", "unsent", "drained", "p50_ms", "p95_ms", "p99_ms",
-        "final_within_1s", "offered_final_within_1s", "hops_p50_ms", "machine_busy",
-        "cpu_ms_per_order")
+KEPT = ("offered_rate", "orders", "unsent", "failed", "errors", "not_final", "drained", "p50_ms",
+        "p95_ms", "p99_ms", "final_within_1s", "offered_final_within_1s", "hops_p50_ms",
+        "machine_busy", "cpu_ms_per_order")
 
 
 def main(argv: list[str] | None = None) -> int:

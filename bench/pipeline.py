@@ -66,8 +66,11 @@ def measure_latency(stack: Stack, plan: BenchPlan, users: list[str], workdir: Pa
     to_final = [t.updated_at.timestamp() - due_at[t.order_id] for t in times
                 if t.seconds_to_final is not None]
     within = sum(1 for seconds in to_final if seconds <= FINAL_WITHIN_SECONDS)
-    # An order the API was too busy to take (or the generator to send) was not final in time
-    # either: the share of offered orders counts it, the share of accepted ones does not.
+    # An order the API refused or failed to answer, or was too busy to take (or the generator to
+    # send), was not final in time either: the share of offered orders counts it, the share of
+    # accepted ones does not. The percentiles leave them out, with the accepted orders not final
+    # by the drain's deadline: the row counts each, and the targets hold them against the run
+    # (bench.report.orders_left_out).
     offered = max(round(rate * plan.latency_seconds), len(load["order_ids"]), 1)
     return {
         "offered_rate": rate,
@@ -79,6 +82,9 @@ def measure_latency(stack: Stack, plan: BenchPlan, users: list[str], workdir: Pa
         "post_p99_ms": latency_summary_ms([ms / 1000 for ms in load["http_latency_ms"]])["p99_ms"],
         "sent_late_p99_ms": load["sent_late_p99_ms"],
         "unsent": load["unsent"],
+        "failed": load["failed"],
+        "errors": load["errors"],
+        "not_final": len(load["order_ids"]) - len(to_final),
         "drained": drained,
         "generator_cpu_percent": load["generator_cpu_percent"],
         "generator_peak_rss_mb": load["generator_peak_rss_mb"],

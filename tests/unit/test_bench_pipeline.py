@@ -1,0 +1,52 @@
+"""A latency run's row (bench/pipeline.py), from a crafted load and crafted order times: what its
+percentiles leave out is counted in it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from bench import pipeline
+from bench.cpu_use import CpuReading
+from bench.plan import FULL
+from bench.shop import OrderTimes
+
+START = 1_800_000_000.0
+RATE = 100
+ORDERS = 1800  # of the 2,000 offered: 200 got a 503 or a 504
+
+
+def _load(*_args) -> dict:
+    """bench.load's report of a run at 100/s for 20 s whose 200 failed requests made no order."""
+    return {"accepted_per_s": 90.0,
+            "order_ids": [f"00000000-0000-0000-0000-{n:012d}" for n in range(ORDERS)],
+            "order_due_at": [START + n / RATE for n in range(ORDERS)],
+            "http_latency_ms": [5.0] * ORDERS, "sent_late_p99_ms": 1.0, "unsent": 0,
+            "failed": 200, "errors": ["503", "504"], "generator_cpu_percent": 3.0,
+            "generator_peak_rss_mb": 60.0}
+
+
+def _order_times(_stack, order_ids: list[str]) -> list[OrderTimes]:
+    """Every order final 40 ms after it was due but one in fifty, left NEW."""
+    times = []
+    for n, order_id in enumerate(order_ids):
+        due = datetime.fromtimestamp(START + n / RATE, timezone.utc)
+        status = "NEW" if n % 50 == 0 else "FINISHED"
+        times.append(OrderTimes(order_id, status, due, due + timedelta(milliseconds=40)))
+    return times
+
+
+def test_a_latency_run_counts_its_failed_requests_and_its_orders_never_final(monkeypatch):
+    monkeypatch.setattr(pipeline, "_offer", _load)
+    monkeypatch.setattr(pipeline, "wait_until_final", lambda *args: False)
+    monkeypatch.setattr(pipeline, "order_times", _order_times)
+    monkeypatch.setattr(pipeline, "read_cpu", lambda processes: CpuReading(Counter(), 0.0, 1.0))
+    monkeypatch.setattr(pipeline, "hop_medians_ms", lambda *args: {})
+
+    row = pipeline.measure_latency(None, FULL, [], Path("unused"), RATE)
+
+    assert row["orders"] == ORDERS and row["p99_ms"] == 40.0 and row["drained"] is False
+    assert row["failed"] == 200 and row["errors"] == ["503", "504"]
+    assert row["not_final"] == ORDERS // 50
+    assert row["offered_final_within_1s"] == round((ORDERS - ORDERS // 50) / 2000, 4)

@@ -1,0 +1,99 @@
+"""The benchmark's report (bench/report.py) on crafted results of a full run's shape (latency at 50,
+100 and 200 orders/s, which the smoke run's one rate never reaches): the targets checked, met and
+not, and the Markdown that shows them."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.floors import FLOORS
+from bench.hops import HOPS
+from bench.plan import FULL
+from bench.report import check_targets, describe_run, markdown
+
+SERVERS = {"kafka_broker": "tansu 0.5", "postgresql": "16.4", "redis": "7.2"}
+
+
+def latency_row(rate: float, p50: float = 30.0, p99: float = 120.0, within: float = 1.0,
+                **counts) -> dict:
+    """A latency run's row (bench.pipeline.measure_latency) at `rate`, every order offered
+    accepted and final unless `counts` (failed, errors, unsent, not_final, drained) say not."""
+    row = {
+        "offered_rate": rate, "accepted_per_s": rate, "orders": round(rate * 20),
+        "p50_ms": p50, "p95_ms": p99 * 0.8, "p99_ms": p99, "max_ms": p99 * 1.5,
+        "final_within_1s": within, "offered_final_within_1s": within, "post_p99_ms": 4.2,
+        "sent_late_p99_ms": 0.9, "unsent": 0, "failed": 0, "errors": [], "not_final": 0,
+        "drained": True, "generator_cpu_percent": 3.5, "generator_peak_rss_mb": 61.0,
+        "hops_p50_ms": {name: 2.5 for name, _covers in HOPS}, "machine_busy": 0.6,
+        "cpu_ms_per_order": {"orders-api": 3.1, "PostgreSQL": 7.2},
+    }
+    return row | counts
+
+
+def intake_side(accepted_per_s: float) -> dict:
+    return {"accepted_per_s": accepted_per_s, "turns_accepted_per_s": [accepted_per_s] * 2,
+            "requests": round(accepted_per_s * 10), "server_cpu_ms_per_request": 1.2,
+            "errors": [], "drained": True, "generator_cpu_percent": 41.5}
+
+
+def results_of(latency: list[dict], intake_ratio: float = 0.85, relay_ratio: float = 0.6,
+               relay_rows_per_s: int = 120_000) -> dict:
+    """A whole run's results, as bench.runner.run_benchmark gathers them (no gateway section)."""
+    bare = 400.0
+    return describe_run(FULL, SERVERS) | {
+        "relay": {"rows": 100_000, "relay_seconds": 0.8, "relay_rows_per_s": relay_rows_per_s,
+                  "turns_relay_rows_per_s": [relay_rows_per_s] * 2, "raw_producer_seconds": 0.5,
+                  "raw_producer_rows_per_s": round(relay_rows_per_s / relay_ratio),
+                  "turns_raw_producer_rows_per_s": [round(relay_rows_per_s / relay_ratio)] * 2,
+                  "ratio": relay_ratio},
+        "latency": latency,
+        "intake": {"baseline": intake_side(bare),
+                   "floors": [{"name": floor.process_name, "adds": floor.adds}
+                              | intake_side(bare * 0.9) | {"ratio": 0.9} for floor in FLOORS],
+                   "orders_api": intake_side(bare * intake_ratio), "ratio": intake_ratio},
+        "capacity": {"offered_rate": 400, "accepted_per_s": 250.0, "window_seconds": 60,
+                     "final_per_s": 248.0, "kept_up": True, "drained": True,
+                     "generator_cpu_percent": 12.5},
+        "peak_rss_mb": {"orders-api": 80.5, "orders-api child 1": 95.0},
+    }
+
+
+def _by_name(targets: list[dict]) -> dict[str, dict]:
+    return {target["target"]: target for target in targets}
+
+
+def test_a_latency_target_with_orders_left_out_of_its_percentiles_is_not_met():
+    """At 100/s 200 requests got a 503 or a 504 and 36 accepted orders were never final: the
+    percentiles of the orders that were (40 ms) meet the targets, the run does not."""
+    row = latency_row(100, p50=40.0, p99=40.0, failed=200, errors=["503", "504"], not_final=36,
+                      drained=False)
+    targets = _by_name(check_targets(results_of([row])))
+    for name in ("p99 POST->final at 100/s (ms)", "p50 POST->final at 100/s (ms)"):
+        assert targets[name]["measured"] == 40.0 and targets[name]["met"] is False
+        assert targets[name]["left_out"] == "200 failed (503, 504); 36 not final"
+
+
+@pytest.mark.parametrize("counts, left_out", [
+    ({"failed": 1, "errors": ["TimeoutError('timed out')"]},
+     "1 failed (TimeoutError('timed out'))"),
+    ({"unsent": 3}, "3 unsent"),
+    ({"not_final": 2, "drained": False}, "2 not final"),
+    ({"drained": False}, "not all final by the drain's deadline"),
+], ids=["one failed", "unsent", "not final", "not drained"])
+def test_any_order_offered_left_out_of_the_percentiles_leaves_the_latency_targets_unmet(
+        counts, left_out):
+    targets = _by_name(check_targets(results_of([latency_row(100, **counts)])))
+    for name in ("p99 POST->final at 100/s (ms)", "p50 POST->final at 100/s (ms)"):
+        assert targets[name]["met"] is False and targets[name]["left_out"] == left_out
+
+
+def test_the_markdown_counts_the_orders_left_out_and_says_why_a_latency_target_is_not_met():
+    results = results_of([latency_row(100, p50=40.0, p99=40.0, failed=200, errors=["503", "504"],
+                                      not_final=36, drained=False)])
+    text = markdown(results | {"targets": check_targets(results)})
+    assert ("| offered/s | accepted/s | failed | unsent | not final | p50 ms | p95 ms | p99 ms "
+            "| max ms |") in text
+    assert "| 100 | 100 | 200 (503, 504) | 0 | 36 | 40.0 | 32.0 | 40.0 | 60.0 |" in text
+    assert ("| p99 POST->final at 100/s (ms) | <= 250 | 40.0 | NO (200 failed (503, 504); "
+            "36 not final: left out of the percentiles) |") in text
+    assert "The percentiles are those of the orders accepted (202) and final" in text
