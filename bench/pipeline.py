@@ -35,6 +35,9 @@ def measure_capacity(stack: Stack, plan: BenchPlan, users: list[str], workdir: P
     return {
         "offered_rate": plan.capacity_rate,
         "accepted_per_s": load["accepted_per_s"],
+        "orders": len(load["order_ids"]),
+        "failed": load["failed"],
+        "errors": load["errors"],
         "window_seconds": plan.capacity_seconds - plan.capacity_warmup_seconds,
         "final_per_s": round(final_per_s, 1),
         "kept_up": final_per_s >= 0.95 * load["accepted_per_s"],

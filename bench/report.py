@@ -141,9 +141,11 @@ def _failed_cell(row: dict) -> str:
 
 
 def _capacity_line(capacity: dict) -> str:
+    failed = (f", {capacity['failed']} requests failed ({', '.join(capacity['errors'])})"
+              if capacity.get("failed") else "")  # (not counted before 2026-12-07)
     line = (f"Pipeline capacity: {capacity['final_per_s']} orders/s reached a final status over "
             f"{capacity['window_seconds']:g} s with {capacity['offered_rate']:g}/s offered "
-            f"({capacity['accepted_per_s']}/s accepted; kept up: {capacity['kept_up']}).")
+            f"({capacity['accepted_per_s']}/s accepted{failed}; kept up: {capacity['kept_up']}).")
     if capacity["kept_up"] and capacity["accepted_per_s"] < 0.95 * capacity["offered_rate"]:
         line += (" The API took fewer than offered and the pipeline carried all it took: its "
                  "capacity is at least this, the API's intake the bound here.")
@@ -305,9 +307,12 @@ def draw_latency_chart(results: dict, path: Path) -> None:
 
 def write_report(results: dict, directory: Path = RESULTS_DIR, chart: bool = True) -> list[Path]:
     """Write <date>.json, <date>.md and (with matplotlib, from requirements/bench.txt) <date>.png;
-    return their paths."""
-    results = results | {"targets": check_targets(results)}
+    return their paths. The figures are written first, as measured: a fault in checking the
+    targets or writing the Markdown loses none of the run's figures (the JSON is written again,
+    with the targets, once they are checked)."""
     stem = _stem(results)
+    _write_json(results, directory, stem)
+    results = results | {"targets": check_targets(results)}
     paths = _write(results, markdown(results), directory, stem)
     if chart:
         paths.append(directory / f"{stem}.png")
@@ -329,8 +334,13 @@ def _stem(results: dict) -> str:
 
 
 def _write(results: dict, markdown_text: str, directory: Path, stem: str) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / f"{stem}.json", directory / f"{stem}.md"]
-    paths[0].write_text(json.dumps(results, indent=2) + "\n")
+    paths = [_write_json(results, directory, stem), directory / f"{stem}.md"]
     paths[1].write_text(markdown_text)
     return paths
+
+
+def _write_json(results: dict, directory: Path, stem: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{stem}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path

@@ -4,12 +4,14 @@ not, and the Markdown that shows them."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bench.floors import FLOORS
 from bench.hops import HOPS
 from bench.plan import FULL
-from bench.report import check_targets, describe_run, markdown
+from bench.report import check_targets, describe_run, markdown, write_report
 
 SERVERS = {"kafka_broker": "tansu 0.5", "postgresql": "16.4", "redis": "7.2"}
 
@@ -51,9 +53,9 @@ def results_of(latency: list[dict], intake_ratio: float = 0.85, relay_ratio: flo
                    "floors": [{"name": floor.process_name, "adds": floor.adds}
                               | intake_side(bare * 0.9) | {"ratio": 0.9} for floor in FLOORS],
                    "orders_api": intake_side(bare * intake_ratio), "ratio": intake_ratio},
-        "capacity": {"offered_rate": 400, "accepted_per_s": 250.0, "window_seconds": 60,
-                     "final_per_s": 248.0, "kept_up": True, "drained": True,
-                     "generator_cpu_percent": 12.5},
+        "capacity": {"offered_rate": 400, "accepted_per_s": 250.0, "orders": 17_500,
+                     "failed": 0, "errors": [], "window_seconds": 60, "final_per_s": 248.0,
+                     "kept_up": True, "drained": True, "generator_cpu_percent": 12.5},
         "peak_rss_mb": {"orders-api": 80.5, "orders-api child 1": 95.0},
     }
 
@@ -97,3 +99,64 @@ def test_the_markdown_counts_the_orders_left_out_and_says_why_a_latency_target_i
     assert ("| p99 POST->final at 100/s (ms) | <= 250 | 40.0 | NO (200 failed (503, 504); "
             "36 not final: left out of the percentiles) |") in text
     assert "The percentiles are those of the orders accepted (202) and final" in text
+
+
+def test_a_run_at_50_100_and_200_per_s_meets_each_target_at_its_bound():
+    results = results_of([latency_row(50, p50=20.0, p99=80.0),
+                          latency_row(100, p50=50.0, p99=250.0),
+                          latency_row(200, p50=70.0, p99=900.0, within=0.95)],
+                         intake_ratio=0.8, relay_ratio=0.5, relay_rows_per_s=20_000)
+    assert [(t["target"], t["measured"], t["met"]) for t in check_targets(results)] == [
+        ("order intake / bare baseline", 0.8, True),
+        ("relay / raw producer", 0.5, True),
+        ("relay rows/s", 20_000, True),
+        ("p99 POST->final at 100/s (ms)", 250.0, True),
+        ("p50 POST->final at 100/s (ms)", 50.0, True),
+        ("offered orders final within 1 s at 200/s", 0.95, True),
+    ]
+
+
+def test_a_run_at_50_100_and_200_per_s_past_every_bound_meets_none():
+    results = results_of([latency_row(50), latency_row(100, p50=50.1, p99=250.1),
+                          latency_row(200, within=0.949)],
+                         intake_ratio=0.79, relay_ratio=0.49, relay_rows_per_s=19_999)
+    targets = check_targets(results)
+    assert len(targets) == 6 and not any(target["met"] for target in targets), targets
+    assert not any(target["left_out"] for target in targets)
+
+
+def test_the_markdown_of_a_run_at_50_100_and_200_per_s_has_a_row_or_column_for_each_rate():
+    results = results_of([latency_row(50, p50=20.0, p99=80.0), latency_row(100, p99=300.0),
+                          latency_row(200, within=0.5)], intake_ratio=0.7)
+    lines = markdown(results | {"targets": check_targets(results)}).splitlines()
+    latency_rows = [line for line in lines if line.startswith(("| 50 |", "| 100 |", "| 200 |"))]
+    assert [line.split(" | ")[0] for line in latency_rows] == ["| 50", "| 100", "| 200"]
+    assert "| 200 | 200 | 0 | 0 | 0 | 30.0 | 96.0 | 120.0 | 180.0 | 50.00% | 50.00% |" in (
+        latency_rows[2])
+    assert f"| {HOPS[0][0]} | {HOPS[0][1]} | 2.5 | 2.5 | 2.5 |" in lines
+    assert "| process | 50/s | 100/s | 200/s |" in lines
+    assert "| PostgreSQL | 7.2 | 7.2 | 7.2 |" in lines
+    assert "| order intake / bare baseline | >= 0.8 | 0.7 | NO |" in lines
+    assert "| relay rows/s | >= 20000 | 120000 | yes |" in lines
+    assert "| p99 POST->final at 100/s (ms) | <= 250 | 300.0 | NO |" in lines
+    assert "| p50 POST->final at 100/s (ms) | <= 50 | 30.0 | yes |" in lines
+    assert "| offered orders final within 1 s at 200/s | >= 0.95 | 0.5 | NO |" in lines
+
+
+def test_the_figures_are_written_before_the_targets_are_checked(tmp_path):
+    """A fault of the report's own (here a row without a field the targets read) loses none of
+    the run's figures."""
+    row = latency_row(100)
+    del row["not_final"]
+    results = results_of([row])
+    with pytest.raises(KeyError):
+        write_report(results, tmp_path, chart=False)
+    (written,) = tmp_path.glob("*.json")
+    assert json.loads(written.read_text())["latency"] == [row]
+
+
+def test_the_capacity_line_counts_the_requests_that_failed():
+    results = results_of([latency_row(100)])
+    results["capacity"] |= {"failed": 120, "errors": ["503"]}
+    text = markdown(results | {"targets": check_targets(results)})
+    assert "(250.0/s accepted, 120 requests failed (503); kept up: True)" in text
