@@ -145,7 +145,8 @@ def _capacity_line(capacity: dict) -> str:
               if capacity.get("failed") else "")  # (not counted before 2026-12-07)
     line = (f"Pipeline capacity: {capacity['final_per_s']} orders/s reached a final status over "
             f"{capacity['window_seconds']:g} s with {capacity['offered_rate']:g}/s offered "
-            f"({capacity['accepted_per_s']}/s accepted{failed}; kept up: {capacity['kept_up']}).")
+            f"({capacity['accepted_per_s']}/s accepted{failed}; kept up: {capacity['kept_up']}); "
+            f"the load generator used {capacity['generator_cpu_percent']}% of a CPU.")
     if capacity["kept_up"] and capacity["accepted_per_s"] < 0.95 * capacity["offered_rate"]:
         line += (" The API took fewer than offered and the pipeline carried all it took: its "
                  "capacity is at least this, the API's intake the bound here.")
@@ -185,10 +186,11 @@ def intake_floor_lines(intake: dict) -> list[str]:
         "the API adds only the shop's own work per request (bench/floors.py lists it: the user's "
         "placing lock among it).",
         "",
-        "| served by | POST/s | per turn | / baseline | CPU ms per request |",
-        "| --- | --- | --- | --- | --- |",
+        "| served by | POST/s | per turn | / baseline | CPU ms per request | generator CPU % |",
+        "| --- | --- | --- | --- | --- | --- |",
         *(f"| {name} | {side['accepted_per_s']} | {side['turns_accepted_per_s']} | {ratio} "
-          f"| {side['server_cpu_ms_per_request']} |" for name, side, ratio in sides),
+          f"| {side['server_cpu_ms_per_request']} | {side['generator_cpu_percent']} |"
+          for name, side, ratio in sides),
     ]
 
 

@@ -160,3 +160,18 @@ def test_the_capacity_line_counts_the_requests_that_failed():
     results["capacity"] |= {"failed": 120, "errors": ["503"]}
     text = markdown(results | {"targets": check_targets(results)})
     assert "(250.0/s accepted, 120 requests failed (503); kept up: True)" in text
+
+
+def test_the_load_generators_cpu_is_in_the_intake_table_and_the_capacity_line():
+    """Issue 3: the load generator's own CPU use is reported, in the Markdown too."""
+    results = results_of([latency_row(100)])
+    results["intake"]["orders_api"]["generator_cpu_percent"] = 37.5
+    lines = markdown(results | {"targets": check_targets(results)}).splitlines()
+    assert ("| served by | POST/s | per turn | / baseline | CPU ms per request "
+            "| generator CPU % |") in lines
+    assert ("| bare WSGI, raw psycopg2 (the baseline) | 400.0 | [400.0, 400.0] | 1.0 | 1.2 "
+            "| 41.5 |") in lines
+    assert ("| + the shop's own work: the orders API | 340.0 | [340.0, 340.0] | 0.85 | 1.2 "
+            "| 37.5 |") in lines
+    capacity = next(line for line in lines if line.startswith("Pipeline capacity:"))
+    assert "kept up: True); the load generator used 12.5% of a CPU." in capacity
