@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Producer
 from confluent_kafka.admin import AdminClient
 
 from bench.shop import RELAY_SPEED_TOPIC, service_cursor
@@ -87,24 +87,36 @@ def _delete_topic(settings, topic: str, timeout: float = 30) -> None:
 
 def _wait_until_sent(stack: Stack, topic: str, last_row_id: int, timeout: float) -> float:
     """The moment no row of `topic` is left (the relay deletes each row the broker acknowledged;
-    the commit of the rows woke it, as in production).
+    the commit of the rows woke it, as in production). A row the broker refused (the relay counts
+    an attempt on it, to try it again later, or parks it) fails the measurement at once, as a
+    failed delivery fails the raw producer's (_send_raw): the turn would count the relay's wait
+    to try again, or wait out `timeout` for a row parked.
 
     The relay sends rows oldest first, so until the newest row is gone only that one row is looked
-    up (by primary key): counting the table every few milliseconds would load the very database
-    the relay is working on.
+    up (by primary key), and the refused rows' index, empty but for them: counting the table every
+    few milliseconds would load the very database the relay is working on.
     """
     deadline = time.monotonic() + timeout
     with service_cursor(stack, "orders") as cursor:
         while time.monotonic() < deadline:
-            cursor.execute("SELECT EXISTS (SELECT 1 FROM outbox_messages WHERE id = %s)",
-                           (last_row_id,))
-            if not cursor.fetchone()[0]:
+            cursor.execute(_NEWEST_LEFT_AND_A_REFUSAL, {"id": last_row_id, "topic": topic})
+            newest_left, refusal = cursor.fetchone()
+            if refusal is not None:
+                raise RuntimeError(f"the broker refused rows the relay sent to {topic}: {refusal}")
+            if not newest_left:
                 done = time.monotonic()
                 cursor.execute("SELECT count(*) FROM outbox_messages WHERE topic = %s", (topic,))
                 if cursor.fetchone()[0] == 0:
                     return done
             time.sleep(0.005)
     raise TimeoutError(f"the relay did not send the {topic} rows within {timeout}s")
+
+
+# Whether the newest row is still there, and the error of one row of the topic the broker refused
+# (the relay counted an attempt on it: shared.outbox.relaying), if any.
+_NEWEST_LEFT_AND_A_REFUSAL = """
+SELECT EXISTS (SELECT FROM outbox_messages WHERE id = %(id)s),
+       (SELECT last_error FROM outbox_messages WHERE attempts > 0 AND topic = %(topic)s LIMIT 1)"""
 
 
 def _insert_rows(stack: Stack, topic: str,
@@ -129,12 +141,17 @@ def _insert_rows(stack: Stack, topic: str,
 def _send_raw(settings, topic: str, messages: list[tuple[str, str, dict[str, str]]]) -> float:
     """Seconds a bare producer, configured as the relay's (failed deliveries reported only), takes
     to have them all acknowledged; connected, its producer id taken and the topic's partitions
-    known before the clock starts, as the relay's long-lived producer is."""
-    producer = Producer({**producer_config(settings), "delivery.report.only.error": True})
+    known before the clock starts, as the relay's long-lived producer is. A delivery that failed
+    (the first message's too) fails the measurement, as a refused row fails the relay's turn
+    (_wait_until_sent): the report only of failures would otherwise count it as sent."""
+    failed: list[KafkaError] = []
+    producer = Producer({**producer_config(settings), "delivery.report.only.error": True,
+                         "on_delivery": lambda error, _message: failed.append(error)})
     key, value, headers = messages[0]
     producer.produce(topic, key=key, value=value, headers=headers)  # (no consumer reads it)
-    if producer.flush(FLUSH_TIMEOUT_S):
-        raise RuntimeError("the raw producer's first message went unacknowledged")
+    if producer.flush(FLUSH_TIMEOUT_S) or failed:
+        raise RuntimeError(f"the raw producer's first message went unacknowledged:"
+                           f" {_kinds(failed) or 'no answer'}")
     started = time.monotonic()
     for key, value, headers in messages:
         while True:
@@ -145,4 +162,11 @@ def _send_raw(settings, topic: str, messages: list[tuple[str, str, dict[str, str
                 producer.poll(0.1)
     if producer.flush(FLUSH_TIMEOUT_S + 60):
         raise RuntimeError("the raw producer left messages unacknowledged")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of the raw producer's {len(messages)} messages failed:"
+                           f" {_kinds(failed)}")
     return time.monotonic() - started
+
+
+def _kinds(errors: list[KafkaError]) -> str:
+    return ", ".join(sorted({error.name() for error in errors}))
