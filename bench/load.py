@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bench.memory import peak_rss_bytes
 from bench.stats import latency_summary_ms
 from shared.caller_deadline import deadline_headers
 from shared.config import load_settings
@@ -182,13 +183,9 @@ def generate(spec: LoadSpec) -> dict:
 
 
 def _peak_rss_mb() -> float:
-    """This process's own peak resident memory. (Not getrusage's ru_maxrss: across the fork and
-    exec that started it, that keeps the parent's, the benchmark runner's, when larger.)"""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    """This process's own peak resident memory (bench.memory.peak_rss_bytes: not the benchmark
+    runner's, which started it)."""
+    return round(peak_rss_bytes() / 2**20, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
