@@ -1,6 +1,7 @@
 """The chaos soak's check of the orders its requests placed (bench/chaos/invariants.py), on
-crafted ledgers and rows: an idempotency double hidden among unrelated lost answers is found;
-and its wait for the shop to settle, on crafted reads of the databases."""
+crafted ledgers and rows: an idempotency double hidden among unrelated lost answers is found; an
+order paid or notified other than once, and a balance debited twice, are flagged; and its wait
+for the shop to settle, on crafted reads of the databases."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 
 import bench.shop
 from bench.chaos import invariants
-from bench.chaos.invariants import requests_placed
-from bench.chaos.load import Ledger, Request
+from bench.chaos.invariants import _balances, _orders_and_payments, requests_placed
+from bench.chaos.load import Ledger, Request, Shopper
 
 
 def _ledger(**requests: Request) -> Ledger:
@@ -101,6 +102,52 @@ def test_an_acknowledged_order_stored_with_another_user_or_amount_is_a_violation
 def test_an_order_of_no_request_sent_is_a_violation():
     problems = requests_placed(Ledger(), {"X": ("u1", Decimal("5.00"), "chaos")})
     assert problems == ["order X (u1, 5.00) of no request sent: 'chaos'"]
+
+
+SHOPPER = Shopper("u1", "token", "shopper-u1", "a long password")
+TEN = Decimal("10.00")
+
+
+def _one_order_accepted() -> Ledger:
+    """u1 deposited 100.00 and had one order of 10.00 accepted, o1."""
+    ledger = Ledger()
+    ledger.deposited["u1"] = Decimal("100.00")
+    ledger.accepted["o1"] = ("u1", TEN)
+    return ledger
+
+
+def test_an_order_finished_paid_and_notified_once_breaks_nothing():
+    ledger = _one_order_accepted()
+    orders, payments = {"o1": ("u1", TEN, "FINISHED")}, {"o1": ("u1", TEN, "SUCCEEDED")}
+    assert _orders_and_payments(orders, payments, {"o1": ["FINISHED"]}, ledger) == []
+    assert _balances(orders, payments, {"u1": Decimal("90.00")}, [SHOPPER], ledger) == []
+
+
+def test_a_balance_debited_twice_for_one_order_is_flagged():
+    """The payment row is one, the debit two: the balance is what tells."""
+    ledger = _one_order_accepted()
+    orders, payments = {"o1": ("u1", TEN, "FINISHED")}, {"o1": ("u1", TEN, "SUCCEEDED")}
+    assert _balances(orders, payments, {"u1": Decimal("80.00")}, [SHOPPER], ledger) == [
+        "u1's balance 80.00 is not deposited 100.00 less FINISHED 10.00 (debited 10.00)"]
+
+
+@pytest.mark.parametrize("status, payment, notified, problem", [
+    ("FINISHED", ("u1", TEN, "SUCCEEDED"), ["FINISHED", "FINISHED"],
+     "order o1 FINISHED notified ['FINISHED', 'FINISHED']"),
+    ("FINISHED", ("u1", TEN, "SUCCEEDED"), [], "order o1 FINISHED notified []"),
+    ("CANCELLED", ("u1", TEN, "SUCCEEDED"), ["CANCELLED"],
+     "CANCELLED order o1 (u1, 10.00) paid: ('u1', Decimal('10.00'), 'SUCCEEDED')"),
+    ("FINISHED", ("u1", TEN, "FAILED"), ["FINISHED"],
+     "FINISHED order o1 not paid: ('u1', Decimal('10.00'), 'FAILED')"),
+    ("NEW", None, [], "order o1 NEW, not final"),
+], ids=["notified twice", "never notified", "cancelled but paid", "finished unpaid",
+        "not final"])
+def test_an_order_paid_or_notified_other_than_once_is_flagged(status, payment, notified,
+                                                               problem):
+    orders = {"o1": ("u1", TEN, status)}
+    payments = {} if payment is None else {"o1": payment}
+    problems = _orders_and_payments(orders, payments, {"o1": notified}, _one_order_accepted())
+    assert problem in problems, problems
 
 
 class _Databases:
