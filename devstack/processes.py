@@ -1,4 +1,13 @@
-"""Start, watch and stop the child processes of the local stack, each in its own process group."""
+"""Start, watch and stop the child processes of the local stack, each in its own process group.
+
+A group is signalled by its leader's pid, so only while that pid is still the child's: the kernel
+hands a pid out again once its process is reaped (and no group or session is left with it as
+its id), to a process that may lead a group of its own. So a child's exit is seen without reaping
+it (os.waitid's WNOWAIT): the ended leader stays a zombie, holding its pid, until stop() has
+killed what is left of its group (the workers of a master that died, say) and reaped it. Where
+os.waitid is missing (macOS before Python 3.13) the exit is seen as Popen sees it, reaping the
+leader, and a group whose leader was reaped is not signalled again: what it left runs on.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ import pwd
 import signal
 import subprocess
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -17,6 +27,8 @@ from devstack.leftovers import RunRecord
 
 # What a process calls as it starts (ManagedProcess.on_start).
 OnStart = Callable[["ManagedProcess"], None]
+# Whether a child's exit can be seen without reaping it (the module's docstring).
+SEES_EXIT_UNREAPED = hasattr(os, "waitid")
 
 
 def run_as(user: str | None) -> dict:
@@ -58,9 +70,12 @@ class ManagedProcess:
         self.on_start = on_start
 
     def start(self) -> ManagedProcess:
-        """Start the process; a restart appends to the log the first start truncated."""
+        """Start the process; a restart appends to the log the first start truncated (and ends
+        what the previous start left of its group)."""
         if self.alive():
             raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
+        if self._popen is not None:
+            self._reap()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         mode = "ab" if self._popen is not None else "wb"
         with open(self.log_path, mode) as log:
@@ -85,10 +100,10 @@ class ManagedProcess:
 
     @property
     def returncode(self) -> int | None:
-        return self._popen.poll() if self._popen is not None else None
+        return self._exit_status() if self._popen is not None else None
 
     def alive(self) -> bool:
-        return self._popen is not None and self._popen.poll() is None
+        return self._popen is not None and self._exit_status() is None
 
     def died(self) -> bool:
         """True when the process was started and has exited without being asked to stop."""
@@ -99,15 +114,12 @@ class ManagedProcess:
         if self._popen is None:
             return
         self._stopped_on_purpose = True
-        if self._popen.poll() is None:
+        if self.alive():
             self._signal_group(self.stop_signal)
-            try:
-                self._popen.wait(timeout)
-            except subprocess.TimeoutExpired:
+            if not self._wait_for_exit(timeout):
                 self._signal_group(signal.SIGKILL)
-                self._popen.wait()
-        # Children the leader left behind (e.g. workers of a killed master) share its group.
-        self._signal_group(signal.SIGKILL)
+                self._wait_for_exit(None)
+        self._reap()
 
     def kill(self) -> None:
         """SIGKILL the whole process group, waiting for nothing."""
@@ -115,7 +127,45 @@ class ManagedProcess:
             self._stopped_on_purpose = True
             self._signal_group(signal.SIGKILL)
 
+    def _exit_status(self) -> int | None:
+        """The leader's exit code (as Popen's returncode: -N for a signal N), None while it runs;
+        one that ended is left unreaped where it can be (the module's docstring)."""
+        if self._popen.returncode is not None or not SEES_EXIT_UNREAPED:
+            return self._popen.poll()
+        try:
+            ended = os.waitid(os.P_PID, self._popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # (reaped by another: SIGCHLD ignored, say) Popen says how
+            return self._popen.poll()
+        if ended is None:
+            return None
+        if ended.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+            return -ended.si_status
+        return ended.si_status
+
+    def _wait_for_exit(self, timeout: float | None) -> bool:
+        """Whether the leader ended within `timeout` seconds (None: waited for as long as it
+        takes), looked at as Popen.wait looks, more and more seldom up to 20 times a second."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while self._exit_status() is None:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                delay = min(delay, left)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return True
+
+    def _reap(self) -> None:
+        """End an ended leader's group: SIGKILL what it left in it (the workers of a master that
+        died, say), then reap the leader, giving its pid back."""
+        self._signal_group(signal.SIGKILL)
+        self._popen.wait()
+
     def _signal_group(self, signum: int) -> None:
+        if self._popen.returncode is not None:
+            return  # (its leader reaped: the group's id may be another's by now)
         try:
             os.killpg(self._popen.pid, signum)
         except (ProcessLookupError, PermissionError):

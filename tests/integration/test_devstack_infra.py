@@ -266,7 +266,10 @@ def test_the_lock_file_of_a_killed_server_is_left_while_a_backend_of_it_lives_on
             (backend,) = cursor.fetchone()
             os.kill(backend, signal.SIGSTOP)  # (else it would end as its server does)
             os.kill(server.pid, signal.SIGKILL)
-            wait_until(lambda: server.returncode is not None, 10, what="the server to end")
+            # Reaped (as its parent would be, were it killed outright too), its pid no process's
+            # (a zombie's is one PostgreSQL's check finds); the backend, like each of a server's
+            # processes, leads a session of its own: not of the group the stop kills.
+            server.stop()
             wait_until(lambda: processes_attached_to(segment) == 1, 30,
                        what="the server's other processes to end with it")
             try:

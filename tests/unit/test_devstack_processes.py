@@ -80,6 +80,65 @@ def test_a_stopped_process_can_be_started_again_and_appends_to_its_log(tmp_path)
     process.stop()
 
 
+def _leaving_a_child(tmp_path: Path, exit_line: str) -> tuple[ManagedProcess, int]:
+    """A process that starts a child in its group (a gunicorn master's worker, say), then ends by
+    itself with `exit_line`, the child left running; and that child's pid."""
+    process = _shell(tmp_path, f"sleep 300 & echo $! > child.pid; {exit_line}").start()
+    wait_until(lambda: process.died(), 5, 0.02, "the process to end by itself")
+    return process, int((tmp_path / "child.pid").read_text())
+
+
+@pytest.mark.parametrize("exit_line, returncode", [("exit 3", 3), ("kill -9 $$", -signal.SIGKILL)])
+def test_a_process_that_ended_by_itself_holds_its_pid_until_the_stop_ends_what_it_left(
+        tmp_path, exit_line, returncode):
+    """Seen to have died (`make run` looks twice a second), a leader reaped at once gave its pid
+    back, for the system to give another process, maybe leading a group of its own: the stop's
+    SIGKILL to the dead leader's group, long after, killed that one. The leader is left a zombie
+    (its pid no other's) until the stop has killed its group's orphan and reaped it."""
+    process, child = _leaving_a_child(tmp_path, exit_line)
+    try:
+        assert process.returncode == returncode and not process.alive()
+        assert _state(process.pid) == "Z"  # (still ours, unreaped)
+        assert _running(child)
+
+        process.stop(timeout=5)
+
+        assert _state(process.pid) != "Z"  # reaped
+        assert process.returncode == returncode and not process.died()
+        wait_until(lambda: gone(child), 5, 0.02, "the orphan to be killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_group_whose_leader_was_reaped_is_signalled_no_more(tmp_path, monkeypatch):
+    """Its leader's pid, given back as it was reaped, may be another's group's id by then."""
+    process = _shell(tmp_path, "sleep 300").start()
+    process.stop(timeout=5)
+    signalled = []
+    monkeypatch.setattr(os, "killpg", lambda pgid, signum: signalled.append((pgid, signum)))
+
+    process.kill()
+    process.stop(timeout=5)
+
+    assert signalled == []
+
+
+def test_a_start_again_ends_what_the_previous_start_left_running(tmp_path):
+    """A process started again once it died: the orphans of its first start (workers holding its
+    port) are killed, not left for no stop to reach (the stop signals the new start's group)."""
+    process, child = _leaving_a_child(tmp_path, "exit 3")
+    process.argv = ["sleep", "300"]  # (its second start runs on)
+    try:
+        process.start()
+        wait_until(lambda: gone(child), 5, 0.02, "the first start's orphan to be killed")
+        assert process.alive()
+    finally:
+        process.stop(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
 class _Recorder:
     """A process of the group that notes its name in `stopped` as it is stopped."""
 
@@ -321,11 +380,16 @@ def test_the_process_a_second_ctrl_c_killed_is_not_killed_again_by_a_later_stop(
 
 
 def _running(pid: int) -> bool:
+    return _state(pid) not in (None, "Z")
+
+
+def _state(pid: int) -> str | None:
+    """Process `pid`'s state (/proc/<pid>/stat): "Z" for a zombie; None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return stat.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
-        return False
+        return None
 
 
 @pytest.mark.parametrize(
