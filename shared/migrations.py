@@ -27,6 +27,11 @@ shared.migration_steps); the lock is held by the session for the whole upgrade.
 A revision's statement waits at most MIGRATION_LIMITS' lock_timeout for a lock the running shop
 holds; the revision is then rolled back, and `upgrade` tries it again after a pause.
 
+At this release's head, `upgrade` (whether it ran revisions or had nothing to do) compares the
+database's schema with what the service's models declare, and refuses, naming each difference, one
+that records the head and has another schema: migrated by a revision edited since, or one whose
+number was reused (shared.schema_drift; shared/revision_pins.json pins each committed revision).
+
 Rolling back: a database a later release migrated is at a revision this release does not know.
 Each release's revisions leave a schema the release before runs on (it runs on during a rolling
 upgrade), so `upgrade` to this release's head (what `upgrade SERVICE` asks) leaves such a schema
@@ -66,6 +71,7 @@ from shared.config import SERVICES, get_settings, settings_or_exit
 from shared.db import (CONNECTION_TIMEOUTS, failure_in_a_line, held_up_by_a_lock, limit_sessions,
                        said_in_a_line)
 from shared.migration_steps import DowngradeRefused
+from shared.schema_drift import said, schema_drift
 
 # By its name, not __name__: run as `python -m shared.migrations`, that is `__main__`, which its
 # log lines (devstack echoes them on the terminal) would show.
@@ -129,6 +135,10 @@ class ALaterReleasesToGoDown(RuntimeError):
 
 class NotAnUpgrade(RuntimeError):
     """An upgrade asked for a revision older than the database's: going back is a downgrade's."""
+
+
+class SchemaNotThisReleases(RuntimeError):
+    """A database at this release's head whose schema is not the one its revisions make."""
 
 
 class UnreadableTarget(RuntimeError):
@@ -225,6 +235,7 @@ def upgrade(service: str, revision: str = "head") -> None:
             _say_left_as_a_later_release_left_it(service, script, later)
             return
         _giving_way_to_locks(conn, lambda: command.upgrade(config, revision))
+        _refuse_a_schema_not_this_releases(service, script, conn, current)
         _say_if_nothing_was_to_do(service, script, conn, current)
 
     _migrate(service, upgrade_to, create_if_missing=True)
@@ -257,6 +268,36 @@ def _say_if_nothing_was_to_do(service: str, script: ScriptDirectory, conn: sa.Co
         at_head = after == (script.get_current_head(),)
         log.info("%s: the database is at %s already%s: nothing to do", service,
                  _revisions_or_base(after), ", this release's head" if at_head else "")
+
+
+def _refuse_a_schema_not_this_releases(service: str, script: ScriptDirectory,
+                                       conn: sa.Connection, before: tuple[str, ...]) -> None:
+    """At this release's head, whether revisions ran or not, compare the database's schema with
+    what the service's models declare (which its revisions make: the migration tests check it),
+    and refuse, naming each difference, a database that records this release's head and has
+    another schema. One migrated by a revision edited since, or by another under its number, is
+    such a database: `upgrade` found nothing to do there, and the services failed at run time on
+    a column or an index it lacks. At another of this release's revisions (an upgrade to one
+    below the head) there is nothing to compare with: the models declare the head's schema; and a
+    later release's schema is left as it is, unchecked (upgrade). Some 0.1 s of catalog reads,
+    and 0.15 s loading the models in a process that had not."""
+    head = script.get_current_head()
+    at = _current_revisions(conn)
+    if at != (head,):
+        return
+    try:
+        differences = schema_drift(service, conn)
+    finally:
+        conn.rollback()  # (no transaction left open)
+    if differences:
+        ran = "" if at == before else ", the revisions just run committed"
+        raise SchemaNotThisReleases(
+            f"the {service} database is at revision {head}, this release's head, but its schema"
+            f" is not the one this release's revisions make: {'; '.join(map(said, differences))}."
+            " It was migrated by a revision edited since (or one whose number was reused), or"
+            " changed by hand, and the services may fail on it (a column or an index missing):"
+            " bring it to this release's schema by hand (a revision that has been committed is"
+            f" never edited: a change is a new revision){ran}")
 
 
 def _current_revisions(conn: sa.Connection) -> tuple[str, ...]:
@@ -661,6 +702,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("downgrade needs the revision to go down to")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic.runtime.migration").addFilter(_EachRevisionInALine())
+    # (Their `setting up autogenerate plugin ...`, six lines at each comparison of the schema with
+    # the models, and `Detected added column ...`, each difference as what would be done about
+    # it: the refusal names each in its own words, _refuse_a_schema_not_this_releases.)
+    for comparing in ("alembic.runtime.plugins", "alembic.autogenerate"):
+        logging.getLogger(comparing).setLevel(logging.WARNING)
     settings_or_exit(f"{args.service}: nothing migrated", log)  # (a database's URL, say)
     try:
         if args.action == "upgrade":
@@ -669,7 +715,7 @@ def main(argv: list[str] | None = None) -> None:
             downgrade(args.service, args.revision)
     except (DatabaseUnreachable, ServerTooOld, NotTheServicesDatabase, UnknownRevision,
             NotAnUpgrade, ALaterReleasesToGoDown, UnreadableTarget, DowngradeRefused,
-            CommandError) as exc:
+            SchemaNotThisReleases, CommandError) as exc:
         # What the operator must put right, in a line; anything else keeps its traceback.
         log.error("%s", " ".join(str(exc).split()))
         raise SystemExit(1) from None

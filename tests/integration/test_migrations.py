@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -17,15 +16,13 @@ import psycopg2
 import pytest
 import sqlalchemy as sa
 from alembic import command
-from alembic.autogenerate import compare_metadata
 from alembic.config import Config
-from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.orm import Session
 
 from devstack.infra import free_port, start_embedded_postgres
 from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, load_settings
-from shared.db import SESSION_LIMITS, db, driver_dsn
+from shared.db import SESSION_LIMITS, driver_dsn
 from shared.idempotency import IdempotencyKey
 from shared.inbox.parked import last_parked, parked_batch, parked_messages
 from shared.inbox.pruning import prune_handled_messages
@@ -33,6 +30,7 @@ from shared.migration_steps import DowngradeRefused
 from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, ServerTooOld,
                                alembic_config, downgrade, ensure_database, main, upgrade)
 from shared.outbox.relaying import CLAIM_ROWS
+from shared.schema_drift import schema_drift
 from tests.environment import database_name
 from tests.polling import wait_for
 from tests.postgres_tools import drop_database, other_sessions
@@ -386,7 +384,10 @@ def test_a_downgrade_through_the_envelope_version_is_refused_before_any_revision
     monkeypatch.setattr(shared.migrations, "REPO_ROOT", tmp_path)
     settings = load_settings({f"{service.upper()}_DATABASE_URL": url})
     monkeypatch.setattr(shared.migrations, "get_settings", lambda: settings)
-    upgrade(service)
+    # (By alembic alone: at the test's head, the schema is not the one the models declare, which
+    # `upgrade` would refuse.)
+    ensure_database(url)
+    command.upgrade(alembic_config(service, url), "head")
     _park_a_version_2_message_with_its_payload(url)
     schema = _schema(url)
 
@@ -556,37 +557,14 @@ def _answer_kept(url: str, column: str):
 
 
 def _drift(service: str, url: str) -> list:
-    """What Alembic finds to change in the database at `url`, migrated, to make it as the
-    service's models declare it (its own models' tables and shared/'s, but the idempotency keys'
-    for a service that keeps none; column types compared too): nothing, when its migrations and
-    its models agree. A table of the database that the service declares none of is found too,
-    whoever else declares it."""
-    declared = sa.MetaData(naming_convention=db.metadata.naming_convention)
-    for table in _tables_declared(service):
-        table.to_metadata(declared)
-
-    def compared(item, name, type_, reflected, compare_to) -> bool:
-        return type_ != "table" or name != "alembic_version"
-
+    """What shared.schema_drift finds between the database at `url`, migrated, and the service's
+    models: nothing, when its migrations and its models agree."""
     engine = sa.create_engine(url)
     try:
         with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={
-                "compare_type": True, "include_object": compared})
-            return compare_metadata(context, declared)
+            return schema_drift(service, connection)
     finally:
         engine.dispose()
-
-
-def _tables_declared(service: str) -> list[sa.Table]:
-    """The tables the service's database has, as its models and shared/'s declare them."""
-    for module in ("shared.outbox.writing", "shared.inbox.model", "shared.idempotency",
-                   *(f"{app}_app.models" for app in SERVICES)):  # every model declared
-        importlib.import_module(module)
-    keeps_keys = service in SERVICES_KEEPING_IDEMPOTENCY_KEYS
-    return [mapper.local_table for mapper in db.Model.registry.mappers
-            if mapper.class_.__module__.startswith(("shared.", f"{service}_app."))
-            and (keeps_keys or mapper.class_ is not IdempotencyKey)]
 
 
 def _table_exists(url: str, name: str) -> bool:
@@ -1002,15 +980,89 @@ def _schema(url: str) -> dict[str, dict]:
     return {table: _table_definition(url, table) for table in tables}
 
 
+# A revision's work undone by hand, its revision kept (and something no revision made, for the
+# payments): as a database migrated by a revision before it was edited is (the gateway's 0011
+# gained users.token_generation afterwards, orders' and payments' 0012 was swapped for another),
+# and what `upgrade` names of it.
+DRIFTED = {
+    "orders": (["ALTER TABLE idempotency_keys DROP COLUMN response_text"],
+               "column idempotency_keys.response_text missing"),
+    "payments": (["DROP INDEX ix_inbox_messages_parked",
+                  "ALTER TABLE accounts ADD COLUMN left_behind text"],
+                 "column accounts.left_behind not declared; index ix_inbox_messages_parked on"
+                 " inbox_messages missing"),
+    "gateway": (["ALTER TABLE users DROP COLUMN token_generation"],
+                "column users.token_generation missing"),
+}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_an_upgrade_refuses_a_database_at_its_head_whose_schema_its_revisions_do_not_make(
+        infrastructure, service):
+    """A database that records this release's head and has another schema (migrated by a
+    revision edited since) is refused in one line naming each difference, exit 1, where
+    `upgrade` said "nothing to do" and the services failed at run time (500 UndefinedColumn on
+    register and login). Its version and schema are left as they are."""
+    url = _database_url(infrastructure, "drifted", service)
+    statements, named = DRIFTED[service]
+    head = _migrated_then_changed_by_hand(service, url, "head", statements)
+    schema = _schema(url)
+
+    migrating = _migrate_by_hand(service, url, "upgrade", service)
+    assert _the_one_error_line(migrating).startswith(
+        f"ERROR shared.migrations: the {service} database is at revision {head}, this release's"
+        f" head, but its schema is not the one this release's revisions make: {named}. It was"
+        " migrated by a revision edited since")
+    assert "nothing to do" not in migrating.stderr
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == head
+    assert _schema(url) == schema
+
+
+def test_an_upgrade_that_runs_revisions_refuses_the_schema_an_edited_revision_left_below_them(
+        infrastructure):
+    """A database migrated by a revision edited since is refused by the upgrade that takes it on
+    to the head as well: the revisions run, it stays drifted (the gateway's 0011, before
+    users.token_generation, and 0012 up to the head run on it)."""
+    url = _database_url(infrastructure, "drifted-below", "gateway")
+    head = _migrated_then_changed_by_hand(
+        "gateway", url, "0011", ["ALTER TABLE users DROP COLUMN token_generation"])
+
+    migrating = _migrate_by_hand("gateway", url, "upgrade", "gateway")
+    error = _the_one_error_line(migrating)
+    assert "Running upgrade 0011 -> 0012" in migrating.stderr
+    assert error.startswith(
+        f"ERROR shared.migrations: the gateway database is at revision {head}, this release's"
+        " head, but its schema is not the one this release's revisions make: column"
+        " users.token_generation missing.")
+    assert error.endswith(", the revisions just run committed")
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == head
+
+
+def _migrated_then_changed_by_hand(service: str, url: str, revision: str,
+                                   statements: list[str]) -> str:
+    """The service's database at `url` migrated to `revision`, then changed by `statements`:
+    this release's head."""
+    ensure_database(url)
+    config = alembic_config(service, url)
+    command.upgrade(config, revision)
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+    connection.close()
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
 def _migrated_by_a_later_release(service: str, url: str) -> tuple[str, str]:
-    """The service's database at `url` migrated to this release's head, then marked at the next
-    revision, a later release's: (this release's head, that revision)."""
+    """The service's database at `url` migrated to this release's head, then as the next
+    revision, a later release's, leaves it (a column of its own: LATER_REVISION) and marked at
+    it: (this release's head, that revision)."""
     ensure_database(url)
     config = alembic_config(service, url)
     command.upgrade(config, "head")
     head = ScriptDirectory.from_config(config).get_current_head()
     later = f"{int(head) + 1:04d}"
     with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE outbox_messages ADD COLUMN later_release text")
         cursor.execute("UPDATE alembic_version SET version_num = %s", (later,))
     connection.close()
     return head, later
@@ -1022,8 +1074,9 @@ def test_the_release_before_starts_on_a_database_a_later_release_migrated(infras
     """Rolled back, a release's `*-migrate` finds the database at a revision it does not know,
     numbered past its head: a later release's. It says so in a WARNING and exits 0, the schema
     and its version left as they are, so that the APIs and workers waiting for it start (each
-    release's revisions leave a schema the release before runs on). Before, Alembic's "Can't
-    locate revision" made it exit 1, and nothing started."""
+    release's revisions leave a schema the release before runs on; not the one this release's
+    models declare, which is not compared: the later release's column is let be). Before,
+    Alembic's "Can't locate revision" made it exit 1, and nothing started."""
     url = _database_url(infrastructure, "rolled-back", service)
     head, later = _migrated_by_a_later_release(service, url)
     schema = _schema(url)

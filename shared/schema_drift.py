@@ -1,0 +1,76 @@
+"""What a service's migrated database has that its models do not declare, or lacks that they do:
+Alembic's autogenerate comparison of the database with the service's models (shared/'s included),
+each difference said in words. Nothing, when the database is as this release's revisions left it
+(tests/integration/test_migrations.py checks that they and the models agree); `upgrade` checks
+it at the head (shared.migrations), where a database migrated by a revision edited since records
+the same revision and has another schema."""
+
+from __future__ import annotations
+
+import importlib
+
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from shared.config import SERVICES_KEEPING_IDEMPOTENCY_KEYS
+from shared.db import db
+
+# The modules of shared/ that declare tables every service's database has (the idempotency keys'
+# only for a service that keeps them).
+SHARED_MODELS = ("shared.outbox.writing", "shared.inbox.model", "shared.idempotency")
+
+
+def schema_drift(service: str, connection: sa.Connection) -> list:
+    """What Alembic finds to change in the service's database (on `connection`) to make it as the
+    service's models declare it (its own models' tables and shared/'s, but the idempotency keys'
+    for a service that keeps none; column types compared too), as compare_metadata gives it. A
+    table of the database that the service declares none of is found too, whoever else declares
+    it."""
+    declared = sa.MetaData(naming_convention=db.metadata.naming_convention)
+    for table in declared_tables(service):
+        table.to_metadata(declared)
+
+    def compared(item, name, type_, reflected, compare_to) -> bool:
+        return type_ != "table" or name != "alembic_version"
+
+    context = MigrationContext.configure(connection, opts={
+        "compare_type": True, "include_object": compared})
+    return compare_metadata(context, declared)
+
+
+def declared_tables(service: str) -> list[sa.Table]:
+    """The tables the service's database has, as its models and shared/'s declare them."""
+    from shared.idempotency import IdempotencyKey  # (loaded with the models, when compared)
+
+    for module in (*SHARED_MODELS, f"{service}_app.models"):
+        importlib.import_module(module)
+    keeps_keys = service in SERVICES_KEEPING_IDEMPOTENCY_KEYS
+    return [mapper.local_table for mapper in db.Model.registry.mappers
+            if mapper.class_.__module__.startswith(("shared.", f"{service}_app."))
+            and (keeps_keys or mapper.class_ is not IdempotencyKey)]
+
+
+def said(difference) -> str:
+    """One difference of schema_drift's in words, from the database's side: `column
+    users.token_generation missing`, `index ix_x on t not declared`, `column t.c's type is TEXT,
+    declared VARCHAR(40)`."""
+    if isinstance(difference, list):  # a column's modifications
+        return "; ".join(said(modification) for modification in difference)
+    kind, *details = difference
+    action, _, what = kind.partition("_")
+    if action == "modify" and len(details) == 6:  # a column's
+        _, table, column, _, in_database, declared = details
+        return f"column {table}.{column}'s {what} is {in_database}, declared {declared}"
+    how = {"add": "missing", "remove": "not declared"}.get(action)
+    if how is None:
+        return " ".join(str(part) for part in difference)
+    if what == "column":
+        return f"column {details[1]}.{details[2].name} {how}"
+    item = details[0]  # a table, an index or a constraint
+    table = getattr(item, "table", None)
+    return (f"{_WHAT.get(what, what)} {item.name}" + (f" on {table.name}" if table is not None
+                                                       else "") + f" {how}")
+
+
+_WHAT = {"fk": "foreign key", "table_comment": "comment of table"}
