@@ -51,6 +51,15 @@ def declared_tables(service: str) -> list[sa.Table]:
             and (keeps_keys or mapper.class_ is not IdempotencyKey)]
 
 
+def only_not_declared(difference) -> bool:
+    """Whether a difference of schema_drift's is only something the database has that the models
+    do not declare (a table, a column, an index, a constraint: Alembic would remove it), not one
+    they declare that it lacks or has otherwise."""
+    if isinstance(difference, list):  # a column's modifications
+        return False
+    return difference[0].startswith("remove_")
+
+
 def said(difference) -> str:
     """One difference of schema_drift's in words, from the database's side: `column
     users.token_generation missing`, `index ix_x on t not declared`, `column t.c's type is TEXT,

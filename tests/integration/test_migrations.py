@@ -980,17 +980,16 @@ def _schema(url: str) -> dict[str, dict]:
     return {table: _table_definition(url, table) for table in tables}
 
 
-# A revision's work undone by hand, its revision kept (and something no revision made, for the
-# payments): as a database migrated by a revision before it was edited is (the gateway's 0011
-# gained users.token_generation afterwards, orders' and payments' 0012 was swapped for another),
-# and what `upgrade` names of it.
+# A revision's work undone by hand, its revision kept: as a database migrated by a revision before
+# it was edited is (the gateway's 0011 gained users.token_generation afterwards, orders' and
+# payments' 0012 was swapped for another), and what `upgrade` names of it.
 DRIFTED = {
     "orders": (["ALTER TABLE idempotency_keys DROP COLUMN response_text"],
                "column idempotency_keys.response_text missing"),
     "payments": (["DROP INDEX ix_inbox_messages_parked",
-                  "ALTER TABLE accounts ADD COLUMN left_behind text"],
-                 "column accounts.left_behind not declared; index ix_inbox_messages_parked on"
-                 " inbox_messages missing"),
+                  "ALTER TABLE accounts ALTER COLUMN balance TYPE numeric(20, 4)"],
+                 "column accounts.balance's type is NUMERIC(20, 4), declared NUMERIC(17, 2);"
+                 " index ix_inbox_messages_parked on inbox_messages missing"),
     "gateway": (["ALTER TABLE users DROP COLUMN token_generation"],
                 "column users.token_generation missing"),
 }
@@ -1015,6 +1014,31 @@ def test_an_upgrade_refuses_a_database_at_its_head_whose_schema_its_revisions_do
         " migrated by a revision edited since")
     assert "nothing to do" not in migrating.stderr
     assert _scalar(url, "SELECT version_num FROM alembic_version") == head
+    assert _schema(url) == schema
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_what_a_database_at_its_head_has_that_no_revision_makes_is_warned_of_not_refused(
+        infrastructure, service):
+    """An index, a column or a table added by hand (a DBA's index, say) keeps no service from
+    starting: `upgrade` names them in a WARNING and has nothing to do, the database left as it
+    is."""
+    url = _database_url(infrastructure, "added-to", service)
+    head = _migrated_then_changed_by_hand(service, url, "head", [
+        "CREATE INDEX ix_by_hand ON inbox_messages (received_at)",
+        "ALTER TABLE inbox_messages ADD COLUMN noted text",
+        "CREATE TABLE reports_by_hand (id int)"])
+    schema = _schema(url)
+
+    migrating = _migrate_by_hand(service, url, "upgrade", service)
+    assert migrating.returncode == 0, migrating.stderr
+    assert migrating.stderr.splitlines() == [
+        f"WARNING shared.migrations: {service}: the database has what this release's revisions"
+        " do not make: table reports_by_hand not declared; index ix_by_hand on inbox_messages"
+        " not declared; column inbox_messages.noted not declared (added by hand, say: left as it"
+        " is)",
+        f"INFO shared.migrations: {service}: the database is at {head} already, this release's"
+        " head: nothing to do"]
     assert _schema(url) == schema
 
 
