@@ -579,6 +579,29 @@ def test_healthchecks_that_start_a_client_run_once_a_minute_and_often_while_star
         assert _seconds(check["start_period"]) >= 30, name
 
 
+# The oldest Docker Engine that takes a healthcheck's key: on an older one Compose creates no
+# container at all (docker/compose's ToMobyHealthCheck refuses start_interval below API 1.44).
+ENGINE_A_HEALTHCHECK_KEY_NEEDS = {"start_interval": 25}
+
+
+def _deploying_section() -> str:
+    """The README's "Deploying", whitespace as one space (the README wraps its lines)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    return " ".join(readme.split("\n## Deploying\n", 1)[1].split("\n## ", 1)[0].split())
+
+
+def test_the_readme_and_the_file_name_the_oldest_docker_engine_the_file_runs_on():
+    """The README said an engine before 25 ignored start_interval and checked at `interval`: on
+    one, Compose starts nothing ("can't set healthcheck.start_interval as feature require Docker
+    Engine v25 or later")."""
+    needed = max(ENGINE_A_HEALTHCHECK_KEY_NEEDS[key] for service in ALL_SERVICES.values()
+                 for key in service.get("healthcheck", {}) if key in ENGINE_A_HEALTHCHECK_KEY_NEEDS)
+    said = f"needs Docker Engine {needed} or later"
+    assert said in _deploying_section()
+    assert said in COMPOSE_FILE.read_text().split("\n\n", 1)[0].replace("Needs", "needs")
+    assert "older engine ignores" not in _deploying_section()
+
+
 def test_every_containers_log_is_rotated():
     for name, service in ALL_SERVICES.items():
         logging = service.get("logging", {})
