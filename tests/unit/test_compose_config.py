@@ -640,6 +640,20 @@ def test_the_gateway_is_the_only_api_published_and_admin_uis_stay_on_loopback():
                                "kafka-ui": [("127.0.0.1", 8080, 8080)]}
 
 
+def test_kafka_ui_which_asks_no_one_to_sign_in_changes_nothing():
+    """Writable, Kafka UI let whoever reached its port produce to the shop's topics (a forged
+    PaymentSucceeded finished an order unpaid, a PaymentRequested debited any user), move a
+    group's offsets and delete records. Read-only, it refuses every request but a GET; nor may
+    its configuration be changed from the UI (DYNAMIC_CONFIG_ENABLED), which could turn that off."""
+    environment = resolved_environment("kafka-ui")
+    clusters = {name.split("_")[2] for name in environment
+                if re.fullmatch(r"KAFKA_CLUSTERS_\d+_NAME", name)}
+    assert clusters, environment
+    for cluster in clusters:
+        assert environment.get(f"KAFKA_CLUSTERS_{cluster}_READONLY", "").lower() == "true"
+    assert environment.get("DYNAMIC_CONFIG_ENABLED", "false").lower() == "false"
+
+
 def test_the_gateway_has_a_thread_for_each_socket_it_keeps_and_threads_for_http_beside():
     gateway, = GATEWAY
     argv = command(ALL_SERVICES[gateway])
