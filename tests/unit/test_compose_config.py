@@ -108,6 +108,12 @@ def roles_job() -> str:
     return name
 
 
+def _deploying_section() -> str:
+    """The README's "Deploying", whitespace as one space (the README wraps its lines)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    return " ".join(readme.split("\n## Deploying\n", 1)[1].split("\n## ", 1)[0].split())
+
+
 # --- settings ---------------------------------------------------------------------------------
 
 
@@ -274,6 +280,20 @@ def test_the_postgres_server_gets_its_superuser_and_no_services_role_or_password
                                 for part in ("USER", "PASSWORD", "NAME")}
     for name in service_settings:
         assert roles[name] not in server.values(), name
+
+
+def test_the_readme_says_how_to_change_the_superusers_password_once_the_server_has_made_it():
+    """POSTGRES_PASSWORD is the superuser's as the server's first start makes it, on an empty
+    volume, and never again: the README said to set a real one "before running anywhere but a
+    laptop", not that changing it later changes nothing but postgres-roles' sign-in, refused (no
+    *-migrate, nothing of the shop, starts). Its way: the server's first, in psql as the
+    superuser compose names, then the file."""
+    superuser = container_env(ALL_SERVICES["postgres"])["POSTGRES_USER"]
+    deploying = _deploying_section()
+    assert "`POSTGRES_PASSWORD` becomes the superuser's on the server's first start" in deploying
+    assert f"`docker compose exec postgres psql -U {superuser} -d postgres -c '\\password'`" in (
+        deploying)
+    assert f'password authentication failed for user "{superuser}"' in deploying
 
 
 def test_role_passwords_the_release_before_kept_in_postgres_env_are_the_ones_the_roles_get(
@@ -582,12 +602,6 @@ def test_healthchecks_that_start_a_client_run_once_a_minute_and_often_while_star
 # The oldest Docker Engine that takes a healthcheck's key: on an older one Compose creates no
 # container at all (docker/compose's ToMobyHealthCheck refuses start_interval below API 1.44).
 ENGINE_A_HEALTHCHECK_KEY_NEEDS = {"start_interval": 25}
-
-
-def _deploying_section() -> str:
-    """The README's "Deploying", whitespace as one space (the README wraps its lines)."""
-    readme = (REPO_ROOT / "README.md").read_text()
-    return " ".join(readme.split("\n## Deploying\n", 1)[1].split("\n## ", 1)[0].split())
 
 
 def test_the_readme_and_the_file_name_the_oldest_docker_engine_the_file_runs_on():
