@@ -1,8 +1,9 @@
 """Flower's configuration file, given to `celery -A tasks flower` as `--conf` (docker-compose.yml,
 devstack): Flower runs it as it starts, before it serves a page; nothing else reads it.
 
-Flower's Broker page (and its /api/queues/length) shows the lengths of the queues the workers it
-knows consume, and the app's own (task_default_queue and task_queues) only while it knows none:
+Flower's Broker page shows the lengths of the queues the workers it knows consume, and the app's
+own (task_default_queue and task_queues) only while it knows none (its /api/queues/length would
+too, but Flower without a login, as the shop runs it, answers 401 to its whole API):
 a service whose workers were all down as Flower started would be missing from the page just as its
 backlog grew. Flower has no option for it, so its one method that names the queues
 (`BaseHandler.get_active_queue_names`) is given every shop queue (shared/task_queues.py: each

@@ -79,10 +79,11 @@ def _flower(tmp_path: Path) -> Iterator[Callable[[str], str]]:
                              stdin=subprocess.DEVNULL, stdout=log_file,
                              stderr=subprocess.STDOUT)
 
-    def page_or_none(path: str):
+    def page_or_none(path: str, method: str):
+        request = urllib.request.Request(f"http://{LOCALHOST}:{port}{path}", method=method,
+                                         data=b"" if method == "POST" else None)
         try:
-            with urllib.request.urlopen(f"http://{LOCALHOST}:{port}{path}",
-                                        timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
@@ -90,10 +91,11 @@ def _flower(tmp_path: Path) -> Iterator[Callable[[str], str]]:
             assert flower.poll() is None, log_path.read_text()
             return None
 
-    def page(path: str) -> str:
-        status, body = wait_for(lambda: page_or_none(path), timeout=60, interval=0.2,
-                                what="Flower to answer")
-        assert status == 200, log_path.read_text()
+    def page(path: str, method: str = "GET", status: int = 200) -> str:
+        """The answer's body, once Flower answers: its status must be `status`."""
+        answered, body = wait_for(lambda: page_or_none(path, method), timeout=60, interval=0.2,
+                                  what="Flower to answer")
+        assert answered == status, (answered, body, log_path.read_text())
         return body
 
     try:
@@ -111,6 +113,21 @@ def test_flowers_broker_page_shows_the_queues_under_the_shops_prefix(settings, t
             assert _queue_rows(page("/broker"))[QUEUE] == TASKS_SENT
     finally:
         _purge()
+
+
+def test_flower_without_a_login_refuses_every_call_of_its_api(settings, tmp_path):
+    """README ("Deploying"): Flower, which compose runs with no login, shows its pages but
+    changes nothing: Flower 2.2 answers 401 to its whole API unless FLOWER_UNAUTHENTICATED_API is
+    set, its pages' buttons that shut a worker down or revoke a task included."""
+    task_id = uuid.uuid4().hex
+    with _flower(tmp_path) as page:
+        page("/broker")
+        for method, path in [("GET", "/api/queues/length"), ("GET", "/api/workers"),
+                             ("POST", "/api/worker/shutdown/flower-test@localhost"),
+                             ("POST", "/api/worker/pool/restart/flower-test@localhost"),
+                             ("POST", f"/api/task/revoke/{task_id}"),
+                             ("POST", "/api/task/send-task/hseshop.flower_test")]:
+            page(path, method, status=401)
 
 
 def test_with_no_worker_up_the_broker_page_names_every_shop_queue(settings, tmp_path):
