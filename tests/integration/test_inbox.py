@@ -7,7 +7,6 @@ import gc
 import hashlib
 import json
 import logging
-import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
@@ -414,25 +413,28 @@ def test_one_message_handed_to_two_tasks_at_once_is_handled_once(settings, payme
         with transaction() as session:
             return process_inbox_message(session, message_id, handlers)
 
-    calls, outcomes = _handled_by_two_at_once(handle)
+    calls, outcomes = _handled_by_two_at_once(handle, settings.database_url("payments"))
     assert calls == [message_id]
     assert sorted(outcome.value for outcome in outcomes) == ["already_done", "processed"]
 
 
-def _handled_by_two_at_once(handle: Callable[[dict], object]) -> tuple[list, list]:
-    """The message ids a slow payment-requested handler was called with, and what `handle`
-    (given the handlers) returned in each of two threads running it at once in the payments
-    app: the second, waiting on the first's row lock, is to find the message handled. Either
-    thread raising fails the test."""
+def _handled_by_two_at_once(handle: Callable[[dict], object],
+                            database_url: str) -> tuple[list, list]:
+    """The message ids a payment-requested handler was called with, and what `handle` (given the
+    handlers) returned in each of two threads running it at once in the payments app (of
+    `database_url`): the first call holds on until the other thread waits on a lock (the row's),
+    and the second is to find the message handled. Either thread raising fails the test."""
     calls = []
 
-    def slow(session, events):
+    def held_until_the_other_waits(session, events):
         calls.append(events[0].message.message_id)
-        time.sleep(0.5)
+        if len(calls) == 1:
+            wait_for_sessions_waiting_on_a_lock(database_url, timeout=10,
+                                                what="the other thread waiting on the row")
 
     def run():
         with service_app("payments").app_context():
-            return handle({PAYMENT_REQUESTED: slow})
+            return handle({PAYMENT_REQUESTED: held_until_the_other_waits})
 
     threads = [OutcomeThread(run) for _ in range(2)]
     for thread in threads:
@@ -845,7 +847,8 @@ def test_one_message_in_two_batches_at_once_is_handled_and_counted_once(
     record, message_id = _request_record(user_id)
     payments_inbox([record])
     assert _handled_by_two_at_once(
-        lambda handlers: _handle_in_one_transaction("payments", [message_id], handlers)
+        lambda handlers: _handle_in_one_transaction("payments", [message_id], handlers),
+        settings.database_url("payments"),
     ) == ([message_id], [[], []])  # (neither batch left it to retry)
     with service_app("payments").app_context():
         row = _row(message_id)
