@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import fcntl
 import hashlib
 import http.server
 import json
 import re
 import select
 import socket
+import struct
+import termios
 import threading
 import time
 import types
@@ -90,7 +93,7 @@ class _Served:
 
 class _SlowHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        time.sleep(3)
+        time.sleep(3)  # (a service slower than any deadline here: the scenario, not a wait)
         self.send_response(200)
         self.end_headers()
 
@@ -186,7 +189,7 @@ class _StalledBodyHandler(_SlowHandler):
         self.end_headers()
         self.wfile.write(b'{"items": [')
         self.wfile.flush()
-        time.sleep(3)
+        time.sleep(3)  # (the stall: the scenario, not a wait)
 
 
 @pytest.fixture(scope="module")
@@ -1199,7 +1202,7 @@ def _with_a_small_send_buffer(monkeypatch, connecting_seconds: float = 0.0) -> N
     def made_with_a_small_send_buffer(connection):
         sock = new_conn(connection)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        time.sleep(connecting_seconds)
+        time.sleep(connecting_seconds)  # (a slow connect: the scenario, not a wait)
         return sock
 
     monkeypatch.setattr(upstream_http._Connection, "_new_conn", made_with_a_small_send_buffer)
@@ -2558,7 +2561,7 @@ def test_a_quiet_redis_that_answers_the_subscribers_pings_keeps_the_sockets_open
         quiet_until = time.monotonic() + 2.0
         while time.monotonic() < quiet_until:
             assert not socket.closing.is_set(), "a quiet Redis taken for lost"
-            time.sleep(0.05)
+            time.sleep(0.05)  # (nothing is to happen for 2 s: nothing to poll for)
         with transaction() as session:
             notifications.on_order_status_changes(session, _status_changes(user))
         wait_for(lambda: socket.sent, timeout=10, what="the notification")
@@ -2700,6 +2703,7 @@ def test_a_socket_opened_without_after_sends_all_kept_once_its_handshake_is_answ
     to streaming: a notification kept right after the page sees its socket open is sent, however
     late the stream starts (here a second late)."""
     late = notifications.drop_when_the_peer_vanishes
+    # (The stream started a second late: the scenario, not a wait.)
     monkeypatch.setattr(notifications, "drop_when_the_peer_vanishes",
                         lambda connection: (time.sleep(1), late(connection)))
     user = f"usr_{uuid.uuid4().hex[:16]}"
@@ -3078,23 +3082,34 @@ def test_what_a_page_that_reads_nothing_sends_is_not_kept_while_a_send_to_it_wai
     500 MB in 8 s over loopback). None is kept now. (The gateway's send buffer is made small, as
     the kernel keeps it towards a page that reads nothing over a real network; on loopback it
     grows to megabytes first.)"""
-    served, sending = [], threading.Event()
+    served, connections, sending_since = [], [], [None]
     serve, probe = notifications._serve_socket, notifications.drop_when_the_peer_vanishes
 
     def serving(ws, *args):
         send = ws.send
 
         def sends(text):
-            sending.set()
+            sending_since[0] = time.monotonic()
             send(text)
-            sending.clear()
+            sending_since[0] = None
         ws.send = sends
         served.append(ws)
         serve(ws, *args)
 
     def small_send_buffer(connection):
         connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        connections.append(connection)
         probe(connection)
+
+    def a_send_waiting():
+        """When the send under way began, once it has taken half a second: a notification's
+        send over loopback that long is one held up by the page."""
+        since = sending_since[0]
+        return since is not None and time.monotonic() - since > 0.5 and since
+
+    def unread(connection, request=termios.FIONREAD):
+        """What is in `connection`'s queue: to be read (FIONREAD), or unacknowledged (TIOCOUTQ)."""
+        return struct.unpack("i", fcntl.ioctl(connection, request, b"\0" * 4))[0]
 
     monkeypatch.setattr(notifications, "_serve_socket", serving)
     monkeypatch.setattr(notifications, "drop_when_the_peer_vanishes", small_send_buffer)
@@ -3112,14 +3127,15 @@ def test_what_a_page_that_reads_nothing_sends_is_not_kept_while_a_send_to_it_wai
                          "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                          "Sec-WebSocket-Version: 13\r\n\r\n".encode())
-            wait_for(lambda: sending.wait(0.5) and time.sleep(0.5) is None and sending.is_set(),
-                     timeout=10, what="a send to the page that reads nothing to wait")
+            waiting_since = wait_for(a_send_waiting, timeout=10,
+                                     what="a send to the page that reads nothing to wait")
             text = b"x" * 1000  # a masked text frame (its mask all zeros) of 1,000 characters
             frame = b"\x81\xfe" + len(text).to_bytes(2, "big") + b"\0\0\0\0" + text
             for _ in range(20):
                 page.sendall(frame * 1000)
-            time.sleep(0.5)  # (for the reader to take the last of them off the connection)
-            assert sending.is_set(), "the send to the page went through: nothing was held up"
+            wait_for(lambda: unread(page, termios.TIOCOUTQ) == unread(connections[0]) == 0,
+                     timeout=10, what="the reader to take the last of them off the connection")
+            assert sending_since[0] == waiting_since, "the send to the page went through"
             assert sum(len(message) for message in served[0].input_buffer) == 0
         finally:
             page.close()
@@ -3311,7 +3327,11 @@ def test_a_ticket_escapes_no_sign_out_and_outlives_no_token(settings, upstreams,
         soon = issue_token(user, "brief", settings.auth_token_secret, 2).access_token
         answer = gateway.post(TICKETS, headers={"Authorization": f"Bearer {soon}"})
         assert answer.status_code == 201 and answer.get_json()["expires_in"] <= 2
-        time.sleep(2.5)
+        # The clock polled past the token's expiry, not the refusal: a ticket is spent by the
+        # handshake it opens, so a ticket that outlived its token would open a socket at the first
+        # try and be refused at the next, as used.
+        expires_at = verify_token(soon, settings.auth_token_secret).expires_at
+        wait_for(lambda: time.time() > expires_at, timeout=5, what="the token to expire")
         assert _refused(socket_url(other, answer.get_json()["ticket"]), code=1008)
 
 
