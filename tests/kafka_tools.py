@@ -47,15 +47,15 @@ def read_topic_until(bootstrap: str, topic: str, enough, timeout: float = 20.0) 
                          "enable.auto.commit": False})
     try:
         deadline = time.monotonic() + timeout
-        partitions = None
-        while partitions is None:
+
+        def topic_partitions() -> list[int] | None:
             metadata = consumer.list_topics(topic, timeout=5).topics.get(topic)
             if metadata is not None and metadata.error is None and metadata.partitions:
-                partitions = list(metadata.partitions)
-            elif time.monotonic() > deadline:
-                raise AssertionError(f"topic {topic} never appeared")
-            else:
-                time.sleep(0.1)
+                return list(metadata.partitions)
+            return None
+
+        partitions = wait_for(topic_partitions, timeout=timeout, interval=0.1,
+                              what=f"topic {topic} to appear")
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         messages = []
         while not enough(messages) and time.monotonic() < deadline:

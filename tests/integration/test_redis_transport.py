@@ -8,7 +8,6 @@ import copy
 import pickle
 import subprocess
 import threading
-import time
 import uuid
 from urllib.parse import urlsplit
 
@@ -21,6 +20,7 @@ from shared.config import load_settings
 from tasks.celery_app import app
 from tasks.redis_transport import Transport
 from tests.network_tools import SilencingProxy
+from tests.polling import wait_for
 from tests.process_tools import start_child
 
 
@@ -106,10 +106,9 @@ def test_the_shops_broker_connection_reaches_a_redis_on_a_unix_socket(tmp_path):
          "--appendonly", "no", "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while not socket_path.exists():
-            assert redis_server.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for(lambda: socket_path.exists() or redis_server.poll() is not None, timeout=30,
+                 what="redis-server to listen on its socket")
+        assert redis_server.poll() is None, f"redis-server exited ({redis_server.returncode})"
         broker_url = load_settings({"CELERY_BROKER_URL": f"redis+socket://{socket_path}"}
                                    ).celery_broker_url
         with app.connection_for_write(broker_url) as connection:
