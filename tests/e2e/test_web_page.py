@@ -1091,7 +1091,7 @@ def test_reads_a_notification_and_the_catch_up_make_while_the_page_waits_say_not
             "return window.hseshopSockets[0].messages;")[len(socket["messages"]):]) and messages[0],
         timeout=LIVE_DEADLINE, what="the paid order's notification")
     assert told_at < ends - 1000, "the notification came after the pause: nothing was tried"
-    time.sleep(0.5)  # (the order's read is refused on the page at once)
+    time.sleep(0.5)  # (nothing is to show: the order's read, refused on the page, says nothing)
     assert page.text("message") == "Topped up 5.00."
 
     again_at = _refused_at(page, since=refused_at)  # the catch-up's
@@ -1371,7 +1371,7 @@ def test_a_read_of_the_pages_poll_refused_for_the_rate_limit_says_nothing(stack,
         # poll makes while its socket is connecting.
         assert browser.execute_script("return window.hseshopRefusedPath;") == "/api/orders"
         order = shopper.place_order("30")["id"]
-        time.sleep(0.5)
+        time.sleep(0.5)  # (nothing is to show for a while: nothing to poll for)
         assert not page.visible("message"), page.text("message")
         page.wait_until(lambda: order in page.order_ids()
                         and page.badge(order).get_attribute("data-status") == "FINISHED",

@@ -18,7 +18,7 @@ class _HoldImport:
             sys.meta_path.remove(self)
             with open(_HELD_FILE, "w"):
                 pass
-            while True:
+            while True:  # (held in the import until killed: the scenario)
                 time.sleep(1)
         return None
 

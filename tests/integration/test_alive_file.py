@@ -108,7 +108,7 @@ def _renewals(path: Path, seconds: float) -> list[float]:
         mtime = path.stat().st_mtime if path.exists() else None
         if mtime is not None and (not seen or mtime != seen[-1]):
             seen.append(mtime)
-        time.sleep(0.02)
+        time.sleep(0.02)  # (a look every 0.02 s over the whole span: what is watched, no wait)
     return seen
 
 

@@ -192,7 +192,7 @@ def test_a_pruner_not_sent_for_the_backlog_is_tried_again_soon(control_queue_unr
         def tick_until(done) -> None:
             deadline = time.monotonic() + 5
             while not done() and time.monotonic() < deadline:
-                time.sleep(min(max(scheduler.tick(), 0), 0.05))
+                time.sleep(min(max(scheduler.tick(), 0), 0.05))  # (as beat: none below 0)
 
         tick_until(lambda: tried)
         assert len(tried) == 1 and tasks_waiting(QUEUE) == BACKLOG_LIMIT  # not sent

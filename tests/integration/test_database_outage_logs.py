@@ -263,7 +263,7 @@ def test_errors_on_a_sound_connection_or_a_refused_session_are_no_lost_connectio
         psycopg2.connect(driver_dsn(url.rsplit("/", 1)[0] + "/droplogs_no_such_database"))
     connection = psycopg2.connect(driver_dsn(url) + " options='-c statement_timeout=1'")
     with pytest.raises(psycopg2.OperationalError) as cancelled, connection.cursor() as cursor:
-        cursor.execute("SELECT pg_sleep(1)")
+        cursor.execute("SELECT pg_sleep(1)")  # (past its statement_timeout: cancelled)
     connection.close()
     assert not connection_lost(no_such_database.value)
     assert not connection_lost(cancelled.value)

@@ -196,7 +196,7 @@ def test_every_answer_under_the_api_says_no_store_over_either_transport(
 
 class _SlowOrders(orders_pb2_grpc.OrdersServicer):
     def ListOrders(self, request, context):
-        time.sleep(2)
+        time.sleep(2)  # (a service slower than the deadline: the scenario, not a wait)
         return orders_pb2.OrderPage()
 
 
@@ -555,7 +555,7 @@ def test_a_channel_tries_a_service_it_cannot_reach_again_every_second_at_most():
         while time.monotonic() < calling_until:  # a gateway's calls, each failing at once
             with pytest.raises(grpc.RpcError):
                 stub.ListOrders(orders_pb2.ListOrdersRequest(), timeout=0.2)
-            time.sleep(0.1)
+            time.sleep(0.1)  # (a call every 0.1 s: the scenario, not a wait)
     finally:
         channel.close()
         accepting.close()  # (the listener with it)

@@ -184,7 +184,7 @@ SLOW_GRPC_SERVER = textwrap.dedent(
 
     def slow(request, context):
         print("slow call", flush=True)
-        time.sleep(60)
+        time.sleep(60)  # (a call still running as the server stops: the scenario)
         return b""
 
     def build_server(*args, **kwargs):

@@ -2360,7 +2360,7 @@ def test_a_row_left_unanswered_then_parked_leaves_the_count_to_the_brokers_answe
             leading_until = time.monotonic() + relay.STEP_DOWN_AFTER_SECONDS + 1.5
             while time.monotonic() < leading_until:
                 assert "orders" not in relay._sitting_out, "the leader stepped down"
-                time.sleep(0.1)
+                time.sleep(0.1)  # (nothing is to happen for the span: nothing to poll for)
             assert "MSG_SIZE_TOO_LARGE" in _last_error(parked_id)
             assert "Invalid topic" in _last_error(refused_id)
     finally:

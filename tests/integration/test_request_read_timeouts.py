@@ -257,7 +257,7 @@ def test_a_body_sent_after_its_100_continue_within_the_timeout_is_read(served_ga
         assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
         for at in range(0, len(body), 20):  # in parts, each within the read timeout
             connection.sendall(body[at:at + 20])
-            time.sleep(READ_TIMEOUT / 3)
+            time.sleep(READ_TIMEOUT / 3)  # (a slow client: the scenario, not a wait)
         status_line, _, answered = http_answer_read_off(connection)
     assert status_line.split(" ", 2)[1] == "401", (status_line, answered)
     assert json.loads(answered)["error"]["code"] == "INVALID_CREDENTIALS"

@@ -78,7 +78,7 @@ def test_offers_wait_for_a_thread_once_as_many_again_as_the_threads_are_waiting(
     try:
         deadline = time.monotonic() + 1
         while time.monotonic() < deadline and shop._offered <= 2 * load.LOAD_THREADS:
-            time.sleep(0.01)
+            time.sleep(0.01)  # (no more offers are to come in the second: nothing to poll for)
         assert shop._offered == 2 * load.LOAD_THREADS
     finally:
         shop._stop.set()

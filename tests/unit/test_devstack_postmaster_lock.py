@@ -341,7 +341,7 @@ _NAMED_POSTGRES = ("import ctypes, os, time\n"
                    "parent = os.getppid()\n"
                    "# (as root)\n"
                    "ctypes.CDLL(None).prctl(15, b'postgres', 0, 0, 0)  # PR_SET_NAME\n"
-                   "time.sleep(300)\n")
+                   "time.sleep(300)\n")  # (lives on until killed)
 
 
 def _a_pid_gone() -> int:

@@ -271,7 +271,7 @@ def test_a_second_ctrl_c_while_the_apis_stop_stops_the_rest_at_once_without_the_
 
             def stop(self, timeout=10):
                 print("stopping " + self.name, flush=True)
-                time.sleep(self.takes)
+                time.sleep(self.takes)  # (a slow stop: the scenario)
                 print("stopped " + self.name, flush=True)
 
             def kill(self):
@@ -279,10 +279,11 @@ def test_a_second_ctrl_c_while_the_apis_stop_stops_the_rest_at_once_without_the_
 
         for name, takes in (("worker", 0), ("grpc", 0), ("api", 3)):
             group.add(Fake(name, takes))
+        # (A drain that takes long: the scenario.)
         group.when_stopped(group.processes[1],
                            lambda: (print("draining", flush=True), time.sleep(60)))
         print("ready", flush=True)
-        time.sleep(300)
+        time.sleep(300)  # (lives on until killed)
         """
     )
     with _started_ready(program, tmp_path) as parent:
@@ -314,7 +315,7 @@ def test_a_process_whose_stop_a_second_ctrl_c_cuts_short_is_killed_not_left_runn
         group.start(api)
         print(api.pid, flush=True)
         import time
-        time.sleep(300)
+        time.sleep(300)  # (lives on until killed)
         """
     )
     parent = _started(program, tmp_path)
@@ -355,7 +356,7 @@ def test_the_process_a_second_ctrl_c_killed_is_not_killed_again_by_a_later_stop(
 
             def stop(self, timeout=10):
                 print("stopping " + self.name, flush=True)
-                time.sleep(60 if self.name == "broker" else 0)
+                time.sleep(60 if self.name == "broker" else 0)  # (a broker slow to stop)
 
             def kill(self):
                 print("killed " + self.name, flush=True)
@@ -363,7 +364,7 @@ def test_the_process_a_second_ctrl_c_killed_is_not_killed_again_by_a_later_stop(
         for name in ("broker", "api"):
             group.add(Fake(name))
         print("ready", flush=True)
-        time.sleep(300)
+        time.sleep(300)  # (lives on until killed)
         """
     )
     with _started_ready(program, tmp_path) as parent:
@@ -408,7 +409,7 @@ def test_ctrl_c_sigterm_or_a_hangup_stops_every_process_the_program_started(tmp_
             group.start(process)
             print(process.pid, flush=True)
         print("ready", flush=True)
-        time.sleep(300)
+        time.sleep(300)  # (lives on until killed)
         """
     )
     parent = _started(program, tmp_path)
@@ -453,7 +454,7 @@ def test_a_program_started_ignoring_ctrl_c_goes_on_ignoring_it(tmp_path):
         signal.signal(signal.SIGUSR1, lambda *_: print("usr1", flush=True))
         print(process.pid, flush=True)
         while True:
-            time.sleep(300)
+            time.sleep(300)  # (lives on until killed)
         """
     )
     parent = _started(program, tmp_path, ignoring_ctrl_c=True)
@@ -626,7 +627,7 @@ def _make_run(tmp_path, shop: list[str], start_hangs: bool = False) -> subproces
                 shop = ManagedProcess("shop", {shop!r}, os.environ, self.logs_dir / "shop.log",
                                       self.run_dir)
                 print(self._group.start(shop).pid, flush=True)
-                while {start_hangs!r}:
+                while {start_hangs!r}:  # (a start that hangs: the scenario)
                     time.sleep(1)
                 return self
 
@@ -754,7 +755,7 @@ RECORDED_RUN = textwrap.dedent(
         time.sleep(0.01)
     print(open("child.pid").read().strip(), flush=True)
     print("ready", flush=True)
-    time.sleep(300)
+    time.sleep(300)  # (lives on until killed)
     """
 )
 

@@ -21,7 +21,7 @@ class ClosedLate(socket.socket):
 
     def close(self):
         if threading.current_thread() is not threading.main_thread():
-            time.sleep(0.3)
+            time.sleep(0.3)  # (the late close: the scenario, not a wait)
         super().close()
 
 

@@ -21,7 +21,7 @@ class SlowChecks:
     def __call__(self) -> dict[str, bool]:
         with self._lock:
             self.rounds += 1
-        time.sleep(self.seconds)
+        time.sleep(self.seconds)  # (a slow round: the scenario, not a wait)
         return {"broker": False}
 
 

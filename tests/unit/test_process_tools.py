@@ -30,7 +30,7 @@ SESSION = textwrap.dedent(
     import time
     from tests.process_tools import start_child
     print(start_child(["sleep", "300"]).pid, flush=True)
-    time.sleep(300)
+    time.sleep(300)  # (lives on until killed: the scenario)
     """
 )
 

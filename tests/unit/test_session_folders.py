@@ -39,7 +39,7 @@ SESSION = textwrap.dedent(
         process.on_start = lambda p, told=told: told.note(p.pid, p.stop_signal, p.name)
         print(process.start().pid, flush=True)
     print("ready", flush=True)
-    time.sleep(300)
+    time.sleep(300)  # (lives on until killed: the scenario)
     """
 )
 

@@ -45,7 +45,7 @@ _RUN = {
         def _stopped_here():
             with open("ready", "w"):
                 pass
-            time.sleep(60)
+            time.sleep(60)  # (held here until the signal comes: the scenario)
 
         def test_with_a_stack_up(server):
             ProcessGroup().add(_started("stack"))
