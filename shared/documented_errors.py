@@ -47,7 +47,8 @@ MALFORMED_REQUEST = DocumentedError(
 INVALID_IDEMPOTENCY_KEY = DocumentedError(
     400, "INVALID_IDEMPOTENCY_KEY",
     f"the {IDEMPOTENCY_HEADER} is not 1 to {MAX_KEY_LENGTH} printable ASCII characters but a "
-    "comma, or is given more than once (joined by a comma)")
+    "comma once the spaces and tabs at its ends are dropped (all spaces, say), or is given more "
+    "than once (joined by a comma)")
 UNSUPPORTED_MEDIA_TYPE = DocumentedError(
     415, "UNSUPPORTED_MEDIA_TYPE", "a body was sent with a Content-Type other than JSON "
     "(`application/json`), or with none, or in a Content-Encoding (gzip, say: none is read)",

@@ -49,16 +49,25 @@ from shared.jsonio import loads_strict
 from shared.single_use_signatures import refuse_a_used_signature
 
 MAX_KEY_LENGTH = 255
-# The header as the OpenAPI documents of the routes that honour it describe it.
+# The header as the OpenAPI documents of the routes that honour it describe it: what
+# checked_idempotency_key takes, as sent. Its spaces and tabs at the ends are stripped before the
+# key is read or counted, so the pattern takes any number of them there, around 1 to
+# MAX_KEY_LENGTH printable ASCII characters but a comma that begin and end with other than a
+# space (no minLength or maxLength, which would count them too: " " was valid by them and
+# refused, 255 characters padded with a space taken and refused by them).
+_KEY_CHARACTER, _KEY_END = r"[\x20-\x2B\x2D-\x7E]", r"[\x21-\x2B\x2D-\x7E]"
 IDEMPOTENCY_KEY_PARAMETER = {
     "in": "header", "name": IDEMPOTENCY_HEADER, "required": False,
-    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH,
-               "pattern": r"^[\x20-\x2B\x2D-\x7E]+$"},
+    "schema": {"type": "string",
+               "pattern": rf"^[ \t]*{_KEY_END}(?:{_KEY_CHARACTER}{{0,{MAX_KEY_LENGTH - 2}}}"
+                          rf"{_KEY_END})?[ \t]*$"},
     "description": "A retry with the same key and body within a day returns the first response;"
-                   f" 1 to {MAX_KEY_LENGTH} printable ASCII characters but a comma, given once"
-                   " (400 INVALID_IDEMPOTENCY_KEY otherwise: the header given twice reaches the"
-                   " server joined by a comma). A key is the caller's and this operation's: the"
-                   " same key on another keyed operation is a request of its own."}
+                   f" 1 to {MAX_KEY_LENGTH} printable ASCII characters but a comma, not all"
+                   " spaces, given once (400 INVALID_IDEMPOTENCY_KEY otherwise: the header given"
+                   " twice reaches the server joined by a comma). Spaces and tabs at its ends are"
+                   " no part of the key, nor counted: ` k ` is the key `k`. A key is the caller's"
+                   " and this operation's: the same key on another keyed operation is a request of"
+                   " its own."}
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 REPLAYED = "true"  # its value (and that of the gRPC trailer that carries it)

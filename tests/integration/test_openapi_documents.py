@@ -27,6 +27,8 @@ import orders_app
 import payments_app
 from devstack.infra import free_port
 from shared.app_closing import close_app
+from shared.errors import ApiError
+from shared.idempotency import IDEMPOTENCY_HEADER, checked_idempotency_key
 from shared.request_context import REQUEST_ID_HEADER
 from shared.swagger_ui import PAGE_FILES
 from tests.openapi_tools import (HEALTH, assert_answered_as_documented, assert_documented,
@@ -719,6 +721,43 @@ def test_passwords_the_gateway_takes_are_valid_by_its_document(apps):
             assert answer.status_code == taken, (path, password, answer.get_json())
             assert OAS30Validator(_request_body_schema(document, path)).is_valid(body), (
                 path, len(password))
+
+
+# Keys to ask a document's Idempotency-Key of: an empty one, all spaces, padded with spaces or tabs
+# (stripped), a comma (a repeat joined), a tab or a character other than printable ASCII inside,
+# and 255 and 256 characters, padded and not. (No "k\n": Python's `$` matches before a final
+# newline, where ECMA-262's, which the document's pattern is written in, does not.)
+KEYS_TO_ASK = ("", " ", "  ", "\t", " \t ", "k", " k ", "\tk", "k\t", "a b", "a,b", "a\tb",
+               "caf\u00e9", "x" * 255, " " + "x" * 255 + "\t", "x" * 256, " " + "x" * 256)
+
+
+def _taken_as_a_key(key: str) -> bool:
+    try:
+        checked_idempotency_key(key)
+    except ApiError:
+        return False
+    return True
+
+
+def test_the_idempotency_key_each_document_gives_is_the_one_the_shop_takes(apps):
+    """The Idempotency-Key's schema on each operation that honours it is valid for the keys the
+    shop takes (over either transport: shared.idempotency.checked_idempotency_key) and for no
+    other: `" "` was valid by it and refused 400 INVALID_IDEMPOTENCY_KEY, `"\\tk"` (the key
+    `k`, its tab stripped) and 255 characters padded with a space refused by it and taken."""
+    documented = set()
+    for service, app in apps.items():
+        document = _served_document(app)
+        for method, path in operations(document):
+            for parameter in document["paths"][path][method].get("parameters", []):
+                if (parameter.get("in"), parameter.get("name")) != ("header", IDEMPOTENCY_HEADER):
+                    continue
+                documented.add((service, method, path))
+                validator = OAS30Validator(parameter["schema"])
+                for key in KEYS_TO_ASK:
+                    assert validator.is_valid(key) is _taken_as_a_key(key), (service, path, key)
+    assert documented == {("gateway", "post", "/api/orders"),
+                          ("gateway", "post", "/api/accounts/deposit"),
+                          ("orders", "post", "/orders"), ("payments", "post", "/accounts/deposit")}
 
 
 def test_every_error_readme_names_is_given_with_its_status_by_an_apps_document(apps):
