@@ -49,7 +49,8 @@ from gateway_app.socket_tickets import (TICKET_TTL_SECONDS, TokenExpiresTooSoon,
 from gateway_app.user_channels import channel, channel_listener, publish
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
-from shared.documented_errors import RETRY_AFTER, DocumentedError
+from shared.documented_errors import (RETRY_AFTER, SEC_WEBSOCKET_VERSION, UPGRADE,
+                                      DocumentedError)
 from shared.errors import ApiError
 from shared.fields import WholeNumber
 from shared.http_api import Blueprint, EmptySchema, given_more_than_once
@@ -382,7 +383,7 @@ def register_socket(app, authenticate, redeem) -> None:
                 raise _not_a_get()
             raise ApiError("This URL is a WebSocket: open it with a WebSocket handshake"
                            " (`Upgrade: websocket`).", code="WEBSOCKET_REQUIRED", status=426,
-                           headers={"Upgrade": "websocket"})
+                           headers={UPGRADE: "websocket"})
         if request.endpoint == SOCKET_ENDPOINT:
             try:
                 _refuse_a_handshake_we_cannot_take()
@@ -531,9 +532,9 @@ def _refuse_a_handshake_we_cannot_take() -> None:
     and its socket opened (spending its ticket)."""
     if request.method != "GET":
         raise _not_a_get()
-    if request.headers.get("Sec-WebSocket-Version") != "13":
+    if request.headers.get(SEC_WEBSOCKET_VERSION) != "13":
         raise ApiError("This gateway speaks WebSocket version 13.", code="WEBSOCKET_VERSION",
-                       status=426, headers={"Sec-WebSocket-Version": "13"})
+                       status=426, headers={SEC_WEBSOCKET_VERSION: "13"})
     if not request.headers.get("Sec-WebSocket-Key"):
         raise ApiError("The WebSocket handshake has no Sec-WebSocket-Key.",
                        code="BAD_WEBSOCKET_HANDSHAKE")

@@ -5,12 +5,15 @@ instead of switching protocols, and what the socket then carries."""
 from __future__ import annotations
 
 from shared.documented_errors import (BODY_TOO_LARGE, DATABASE_UNAVAILABLE_OR_BUSY, RETRY_AFTER,
-                                      DocumentedError, openapi_error_responses)
+                                      SEC_WEBSOCKET_VERSION, UPGRADE, DocumentedError,
+                                      openapi_error_responses)
 
 WEBSOCKET_REQUIRED = DocumentedError(
-    426, "WEBSOCKET_REQUIRED", "asked without a WebSocket handshake (`Upgrade: websocket`)")
+    426, "WEBSOCKET_REQUIRED", "asked without a WebSocket handshake (`Upgrade: websocket`)",
+    headers=(UPGRADE,))
 WEBSOCKET_VERSION = DocumentedError(
-    426, "WEBSOCKET_VERSION", "a handshake of a WebSocket version other than 13")
+    426, "WEBSOCKET_VERSION", "a handshake of a WebSocket version other than 13",
+    headers=(SEC_WEBSOCKET_VERSION,))
 BAD_WEBSOCKET_HANDSHAKE = DocumentedError(
     400, "BAD_WEBSOCKET_HANDSHAKE", "a handshake without its key, one that is no GET (a HEAD), "
     "or one that cannot be answered (its Host header, an extension's parameters)")

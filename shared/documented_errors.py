@@ -20,6 +20,8 @@ from shared.internal_auth import DEADLINE_HEADER, USER_ID_HEADER
 RETRY_AFTER = "Retry-After"
 ACCEPT_ENCODING = "Accept-Encoding"
 WWW_AUTHENTICATE = "WWW-Authenticate"
+UPGRADE = "Upgrade"
+SEC_WEBSOCKET_VERSION = "Sec-WebSocket-Version"
 ANSWER_HEADERS = {
     RETRY_AFTER: ("Seconds to wait before trying again", {"type": "integer", "minimum": 1}),
     WWW_AUTHENTICATE: ("The challenge (RFC 6750): `Bearer` when the request sent no bearer token"
@@ -27,6 +29,10 @@ ANSWER_HEADERS = {
                        " its token was refused", {"type": "string"}),
     ACCEPT_ENCODING: ("The only content coding a request body is taken in, `identity` (none): sent"
                       " when the body came in another", {"type": "string", "enum": ["identity"]}),
+    UPGRADE: ("The protocol to ask for instead (RFC 9110, 15.5.22): `websocket`",
+              {"type": "string", "enum": ["websocket"]}),
+    SEC_WEBSOCKET_VERSION: ("The WebSocket version the gateway speaks (RFC 6455, 4.4): `13`",
+                            {"type": "string", "enum": ["13"]}),
 }
 
 

@@ -103,9 +103,11 @@ def assert_answered_as_documented(spec: dict, method: str, path: str, answer) ->
     return answer.status_code
 
 
-# The headers an answer carries only where its operation's document gives them for its status, and
-# X-Request-ID, which every answer carries and every response documents.
-DOCUMENTED_HEADERS = ("Retry-After", "Accept-Encoding", "Idempotent-Replayed", "X-Request-ID")
+# The headers an answer carries only where its operation's document gives them for its status (the
+# socket's 426s their Upgrade and Sec-WebSocket-Version), and X-Request-ID, which every answer
+# carries and every response documents.
+DOCUMENTED_HEADERS = ("Retry-After", "Accept-Encoding", "Idempotent-Replayed", "Upgrade",
+                      "Sec-WebSocket-Version", "X-Request-ID")
 
 
 def assert_headers_documented(spec: dict, method: str, path: str, answer) -> None:
