@@ -534,7 +534,7 @@ def _refuse_a_handshake_we_cannot_take() -> None:
         raise _not_a_get()
     if request.headers.get(SEC_WEBSOCKET_VERSION) != "13":
         raise ApiError("This gateway speaks WebSocket version 13.", code="WEBSOCKET_VERSION",
-                       status=426, headers={SEC_WEBSOCKET_VERSION: "13"})
+                       status=426, headers={UPGRADE: "websocket", SEC_WEBSOCKET_VERSION: "13"})
     if not request.headers.get("Sec-WebSocket-Key"):
         raise ApiError("The WebSocket handshake has no Sec-WebSocket-Key.",
                        code="BAD_WEBSOCKET_HANDSHAKE")

@@ -13,7 +13,7 @@ WEBSOCKET_REQUIRED = DocumentedError(
     headers=(UPGRADE,))
 WEBSOCKET_VERSION = DocumentedError(
     426, "WEBSOCKET_VERSION", "a handshake of a WebSocket version other than 13",
-    headers=(SEC_WEBSOCKET_VERSION,))
+    headers=(UPGRADE, SEC_WEBSOCKET_VERSION))
 BAD_WEBSOCKET_HANDSHAKE = DocumentedError(
     400, "BAD_WEBSOCKET_HANDSHAKE", "a handshake without its key, one that is no GET (a HEAD), "
     "or one that cannot be answered (its Host header, an extension's parameters)")

@@ -3168,6 +3168,7 @@ def test_the_socket_url_answers_only_a_websocket_handshake_it_can_take(gateway):
         **upgrade, "Sec-WebSocket-Version": "8", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
     answers.append(old)
     assert old.status_code == 426 and old.headers["Sec-WebSocket-Version"] == "13"
+    assert old.headers["Upgrade"] == "websocket"  # (every 426's: RFC 9110, 15.5.22)
     assert old.get_json()["error"]["code"] == "WEBSOCKET_VERSION"
     handshake = {**upgrade, "Sec-WebSocket-Version": "13",
                  "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
