@@ -2108,37 +2108,51 @@ def test_batches_lock_users_in_the_order_the_inbox_hands_their_messages_over(set
     circle (users A < B whose lock keys sort the other way round deadlocked them)."""
     app = gateway.application
     first, second = _users_whose_lock_keys_sort_the_other_way(settings)
-    one_by_one_has_first, at_once_waits = threading.Event(), threading.Event()
-
-    def handle_one_by_one():
-        with app.app_context():
-            with transaction() as session:
-                notifications.on_order_status_changes(session, _status_changes(first))
-                one_by_one_has_first.set()
-                at_once_waits.wait(10)
-                notifications.on_order_status_changes(session, _status_changes(second))
-
-    def handle_at_once():
-        with app.app_context():
-            with transaction() as session:
-                notifications.on_order_status_changes(session, _status_changes(first, second))
-
-    one_by_one, at_once = OutcomeThread(handle_one_by_one), OutcomeThread(handle_at_once)
-    one_by_one.start()
+    batches = _TwoBatches(app, one_by_one=(first, second), at_once=(first, second))
     try:
-        assert one_by_one_has_first.wait(10)
-        at_once.start()
+        batches.start()
         wait_for(lambda: _waiting_for_advisory_locks(settings) == 1, timeout=10,
                  what="the batch handled at once to wait for the other")
     finally:
-        at_once_waits.set()
-        one_by_one.join(15)
-        at_once.join(15)
-    one_by_one.joined(0)
-    at_once.joined(0)
+        batches.end()
     with app.app_context():
         kept = [len(notifications.notifications_after(user, 0, 10)) for user in (first, second)]
     assert kept == [2, 2]
+
+
+class _TwoBatches:
+    """Two batches of status changes, each in its transaction: one handled one by one, which
+    handles its first user's, then waits until end() before its second's; and one handled at
+    once, begun by start() once the other has its first user's locked."""
+
+    def __init__(self, app, one_by_one: tuple[str, str], at_once: tuple[str, ...]):
+        self.app, self.users_one_by_one, self.users_at_once = app, one_by_one, at_once
+        self.has_first, self.go_on = threading.Event(), threading.Event()
+        self.one_by_one = OutcomeThread(self._handle_one_by_one)
+        self.at_once = OutcomeThread(self._handle_at_once)
+
+    def start(self) -> None:
+        self.one_by_one.start()
+        assert self.has_first.wait(10)
+        self.at_once.start()
+
+    def end(self) -> None:
+        """Let the batch handled one by one go on, and wait for both (raising what either
+        raised)."""
+        self.go_on.set()
+        all_joined([self.one_by_one, self.at_once], 15)
+
+    def _handle_one_by_one(self) -> None:
+        first, second = self.users_one_by_one
+        with self.app.app_context(), transaction() as session:
+            notifications.on_order_status_changes(session, _status_changes(first))
+            self.has_first.set()
+            self.go_on.wait(10)
+            notifications.on_order_status_changes(session, _status_changes(second))
+
+    def _handle_at_once(self) -> None:
+        with self.app.app_context(), transaction() as session:
+            notifications.on_order_status_changes(session, _status_changes(*self.users_at_once))
 
 
 def _users_whose_lock_keys_sort_the_other_way(settings) -> tuple[str, str]:
@@ -2169,32 +2183,15 @@ def test_users_whose_32_bit_hashes_are_equal_do_not_share_a_lock(settings, gatew
     the other, going on to B, waited for B's, until PostgreSQL ended one (DeadlockDetected)."""
     app = gateway.application
     first, middle, last = _users_the_first_and_last_of_whom_hash_alike(settings)
-    one_by_one_has_first, at_once_done = threading.Event(), threading.Event()
-
-    def handle_one_by_one():
-        with app.app_context():
-            with transaction() as session:
-                notifications.on_order_status_changes(session, _status_changes(first))
-                one_by_one_has_first.set()
-                at_once_done.wait(10)
-                notifications.on_order_status_changes(session, _status_changes(middle))
-
-    def handle_at_once():
-        with app.app_context():
-            with transaction() as session:
-                notifications.on_order_status_changes(session, _status_changes(middle, last))
-
-    one_by_one, at_once = OutcomeThread(handle_one_by_one), OutcomeThread(handle_at_once)
-    one_by_one.start()
+    batches = _TwoBatches(app, one_by_one=(first, middle), at_once=(middle, last))
+    at_once = batches.at_once
     try:
-        assert one_by_one_has_first.wait(10)
-        at_once.start()
+        batches.start()
         wait_for(lambda: not at_once.is_alive() or _waiting_for_advisory_locks(settings),
                  timeout=10, what="the batch handled at once to end, or to wait")
         assert not at_once.is_alive(), "the batch of B and C waits for the lock of A"
     finally:
-        at_once_done.set()
-        all_joined([one_by_one, at_once], 15)
+        batches.end()
     with app.app_context():
         kept = [len(notifications.notifications_after(user, 0, 10))
                 for user in (first, middle, last)]
