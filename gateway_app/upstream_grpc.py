@@ -148,13 +148,19 @@ def _trailers(rpc) -> dict[str, str]:
     return dict(rpc.trailing_metadata() or ())
 
 
+# What grpcio's server says of a call it refused unrun, having as many in hand as it takes (its
+# maximum_concurrent_rpcs).
+_TOO_BUSY_DETAILS = "Concurrent RPC limit exceeded!"
+
+
 def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
     """The service's own answer, as its HTTP API would have given it (in the trailers: a 503
     DATABASE_BUSY with its Retry-After comes as UNAVAILABLE too), or what the call's failure
     says of the service as the HTTP transport says it (unreachable, broken off once the call was
-    sent, too slow, refusing the gateway's identity). Never marked Idempotent-Replayed: no error
-    is a replay (a request that fails leaves no key behind, so its repeat runs afresh,
-    shared/idempotency.py; a key reused with another body is a fresh 422)."""
+    sent, too slow, refusing the gateway's identity), or that the server was too busy to take
+    it. Never marked Idempotent-Replayed: no error is a replay (a request that fails leaves no
+    key behind, so its repeat runs afresh, shared/idempotency.py; a key reused with another body
+    is a fresh 422)."""
     trailers = _trailers(exc)
     if HTTP_STATUS_KEY in trailers:
         return _the_services_error(service, exc, trailers)
@@ -164,6 +170,13 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
     if _never_sent(exc):
         log.warning("%s unreachable: %s", service, exc.details())
         return ServiceUnavailable.of(service)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.details() == _TOO_BUSY_DETAILS:
+        # grpcio's own refusal, the call never run: the server had as many calls in hand as it
+        # takes (shared/grpc_server.py: CALLS_IN_HAND_PER_THREAD). (A service's 429 comes with
+        # its trailers; grpc-core's other RESOURCE_EXHAUSTED, a reply over the size a channel
+        # takes, is of a call that ran: a 502 below.)
+        log.warning("%s too busy: %s", service, exc.details())
+        return ServiceUnavailable.too_busy(service)
     if code == grpc.StatusCode.UNAVAILABLE:
         # Sent, and the connection it went on broke before the reply ("Socket closed", a reset,
         # a GOAWAY's "Cancelling all calls": the service's process killed or stopped, say): the

@@ -95,8 +95,10 @@ SIGNATURE_USED = DocumentedError(
 BAD_GATEWAY = DocumentedError(
     502, "BAD_GATEWAY", "the service failed, or answered what is no answer of its API (the "
     "request may have been carried out)")
-SERVICE_UNAVAILABLE = DocumentedError(503, "SERVICE_UNAVAILABLE",
-                                      "the service cannot be reached; try again shortly")
+SERVICE_UNAVAILABLE = DocumentedError(
+    503, "SERVICE_UNAVAILABLE", "the service cannot be reached, or (over gRPC) has as many calls "
+    "in hand as it takes, when `Retry-After` comes with it; nothing was done: try again shortly",
+    headers=(RETRY_AFTER,))
 UPSTREAM_TIMEOUT = DocumentedError(
     504, "UPSTREAM_TIMEOUT", "the service took too long to answer (the request may have been "
     "carried out)")

@@ -115,6 +115,12 @@ class ServiceUnavailable(ApiError):
         return cls(f"The {service} service is unavailable; try again shortly.",
                    details={"service": service})
 
+    @classmethod
+    def too_busy(cls, service: str) -> ServiceUnavailable:
+        """The service refused the call unrun: it has as many calls in hand as it takes."""
+        return cls(f"The {service} service is too busy just now; try again shortly.",
+                   details={"service": service}, headers={"Retry-After": "1"})
+
 
 class DatabaseUnavailable(ServiceUnavailable):
     """The service cannot use its own database just now (down, restarting, or the connection

@@ -100,9 +100,14 @@ def channel_options() -> list[tuple[str, int]]:
             ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS)]
 
 
-def _server_options() -> list[tuple[str, int]]:
+def _server_options(connection_age_seconds: float,
+                    connection_grace_seconds: float) -> list[tuple[str, int]]:
+    """Pings taken as the gateway's channels send them, and each connection closed at its age
+    (CONNECTION_AGE_SECONDS) once the calls in flight on it are given their grace."""
     return [("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", PINGS_ACCEPTED_EVERY_MS)]
+            ("grpc.http2.min_ping_interval_without_data_ms", PINGS_ACCEPTED_EVERY_MS),
+            ("grpc.max_connection_age_ms", round(connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(connection_grace_seconds * 1000))]
 
 
 GRPC_CODE_FOR_HTTP_STATUS = {
@@ -312,14 +317,35 @@ class CallLogInterceptor(grpc.ServerInterceptor):
 
 # Calls a server runs at once, each on a thread of its own (and with a database connection).
 SERVER_THREADS = 16
+# Calls a server takes in hand at once, a thread's worth each, those waiting for a thread among
+# them: one more is refused at once, RESOURCE_EXHAUSTED with no trailers of the service's (the
+# gateway's 503 with Retry-After), where it was queued without bound to wait out its deadline.
+CALLS_IN_HAND_PER_THREAD = 4
+# How long a server keeps a connection: at this age (give or take a tenth, grpc-core's jitter) it
+# tells the client to make its new calls on a new one (an HTTP/2 GOAWAY: the gateway's channels
+# reconnect, and a call caught on its way is sent again by grpc-core, which knows the server never
+# took it), gives the calls in flight on it the grace below, then closes it, cancelling those left.
+# That bounds how long a call whose request never comes holds a thread: grpcio reads a call's
+# request on one of the server's threads, with no timeout, and checks its identity only once it
+# has come, so anyone who reached the port held a thread a call for as long as they liked, and
+# SERVER_THREADS such calls held up every other (as REQUEST_READ_TIMEOUT_SECONDS bounds it over
+# HTTP).
+CONNECTION_AGE_SECONDS = 30
+# The grace: the gateway's deadline for a call (UPSTREAM_TIMEOUT_SECONDS, the services read the
+# same setting) and a second more, so that no call the gateway still waits for is cut off.
+GRACE_PAST_THE_DEADLINE_SECONDS = 1
 
 
-def build_server(service: str, app: Flask, bind: str,
-                 max_workers: int = SERVER_THREADS) -> grpc.Server:
+def build_server(service: str, app: Flask, bind: str, max_workers: int = SERVER_THREADS,
+                 connection_age_seconds: float = CONNECTION_AGE_SECONDS) -> grpc.Server:
     """A server with the service's methods (its `grpc_api.register`) and reflection, bound."""
+    grace = (app.extensions["hseshop.settings"].upstream_timeout_seconds
+             + GRACE_PAST_THE_DEADLINE_SECONDS)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix=f"{service}-grpc"),
-                         interceptors=[CallLogInterceptor()], options=_server_options())
+                         interceptors=[CallLogInterceptor()],
+                         options=_server_options(connection_age_seconds, grace),
+                         maximum_concurrent_rpcs=CALLS_IN_HAND_PER_THREAD * max_workers)
     grpc_api = importlib.import_module(f"{service}_app.grpc_api")
     service_names = grpc_api.register(server, app)
     reflection.enable_server_reflection((*service_names, reflection.SERVICE_NAME), server)

@@ -39,7 +39,7 @@ from devstack.infra import free_port
 from shared import grpc_server
 from shared.app_closing import close_app
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
-                                RETRY_AFTER_KEY, build_server, channel_options)
+                                RETRY_AFTER_KEY, SERVER_THREADS, build_server, channel_options)
 from shared.identity import CALL_THROUGH_THE_GATEWAY
 from shared.internal_auth import DEADLINE_HEADER, grpc_identity_metadata
 from shared.protos import orders_pb2, orders_pb2_grpc
@@ -531,6 +531,139 @@ def test_a_connection_to_a_service_gone_silent_is_dropped_and_made_afresh(
         proxy.silence()
         wait_for(lambda: client.get("/api/orders", headers=auth).status_code == 200, timeout=20,
                  what="a call over a fresh connection")
+    finally:
+        proxy.close()
+        server.stop(grace=None)
+
+
+_LIST_ORDERS = "/hseshop.orders.v1.Orders/ListOrders"
+
+
+def _calls_whose_request_never_comes(channel: grpc.Channel, how_many: int,
+                                     given_up: threading.Event) -> list[grpc.Future]:
+    """`how_many` calls of ListOrders on `channel`, with no metadata (no sign-in), each sending
+    its headers and, until `given_up` is set, never its request: the futures of their ends."""
+    def nothing_sent():
+        given_up.wait()
+        return
+        yield  # (a generator: the request stream, ended with no message)
+
+    stream = channel.stream_unary(_LIST_ORDERS)
+    return [stream.future(nothing_sent()) for _ in range(how_many)]
+
+
+def test_calls_whose_request_never_comes_hold_a_servers_threads_only_till_their_connections_age(
+        settings):
+    """grpcio reads a call's request on a thread of the server's, with no timeout, and its
+    identity is checked only once the request has come: SERVER_THREADS calls from anyone that
+    sent their headers and never their request held every thread, and every call after them
+    waited out its deadline, for as long as they liked. A server closes each connection at its
+    age (1 s here), the calls on it given the gateway's deadline and a second (2 s here), and
+    the calls whose request never came with it: their threads freed, the service answers."""
+    import orders_app
+
+    app = orders_app.create_app(settings=dataclasses.replace(settings,
+                                                             upstream_timeout_seconds=1.0))
+    bind = f"127.0.0.1:{free_port()}"
+    server = build_server("orders", app, bind, connection_age_seconds=1.0)
+    server.start()
+    given_up = threading.Event()
+    holding = grpc.insecure_channel(bind)
+    try:
+        held = _calls_whose_request_never_comes(holding, SERVER_THREADS, given_up)
+        with grpc.insecure_channel(bind) as channel:
+            stub = orders_pb2_grpc.OrdersStub(channel)
+            request = orders_pb2.ListOrdersRequest()
+            user = f"usr_{uuid.uuid4().hex[:16]}"
+
+            def answered(timeout: float) -> bool:
+                try:
+                    stub.ListOrders(request, metadata=grpc_signed(user, _LIST_ORDERS, request),
+                                    timeout=timeout)
+                    return True
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise
+                    return False
+
+            wait_for(lambda: not answered(0.3), timeout=10, what="every thread held")
+            wait_for(lambda: answered(1.0), timeout=15, what="a call answered again")
+        wait_for(lambda: all(call.done() for call in held), timeout=10,
+                 what="the held calls ended")
+        assert {call.exception().code() for call in held} == {grpc.StatusCode.UNAVAILABLE}
+    finally:
+        given_up.set()
+        holding.close()
+        server.stop(grace=None)
+        close_app(app)
+
+
+def test_a_call_past_what_a_server_takes_in_hand_is_a_503_with_retry_after_at_once(
+        settings, upstreams, grpc_targets, orders_flask_app):  # noqa: F811
+    """A server takes CALLS_IN_HAND_PER_THREAD calls a thread in hand, those waiting for a
+    thread among them; one more is refused at once (RESOURCE_EXHAUSTED, grpcio's own: no
+    trailers of the service's), and the gateway answers it 503 SERVICE_UNAVAILABLE with
+    Retry-After (the call never ran). It was queued without bound, each waiting out its
+    deadline: a 504 "may have been carried out"."""
+    bind = f"127.0.0.1:{free_port()}"
+    server = build_server("orders", orders_flask_app, bind)
+    server.start()
+    given_up = threading.Event()
+    holding = grpc.insecure_channel(bind)
+    try:
+        client = _gateway(settings, upstreams, grpc_targets, "grpc", upstream_timeout_seconds=1.0,
+                          orders_grpc_target=bind)
+        session = client.post("/api/auth/register", json={
+            "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+        auth = {"Authorization": f"Bearer {session['access_token']}"}
+        assert client.get("/api/orders", headers=auth).status_code == 200
+        held = _calls_whose_request_never_comes(  # (kept: a call's future dropped cancels it)
+            holding, grpc_server.CALLS_IN_HAND_PER_THREAD * SERVER_THREADS, given_up)
+
+        def refused() -> tuple[object, float] | None:
+            started = time.monotonic()
+            answer = client.get("/api/orders", headers=auth)
+            return (answer, time.monotonic() - started) if answer.status_code == 503 else None
+
+        answer, took = wait_for(refused, timeout=15, what="a call refused")
+        assert answer.get_json()["error"] == {
+            "code": "SERVICE_UNAVAILABLE", "details": {"service": "orders"},
+            "message": "The orders service is too busy just now; try again shortly."}
+        assert answer.headers["Retry-After"] == "1"
+        assert took < 0.5, took
+        assert not any(call.done() for call in held)  # (those in hand still held)
+    finally:
+        given_up.set()
+        holding.close()
+        server.stop(grace=None)
+
+
+def test_calls_are_answered_on_as_a_server_closes_their_connections_at_their_age(
+        settings, upstreams, grpc_targets, orders_flask_app):  # noqa: F811
+    """A server closes each connection at its age (0.3 s here), telling the gateway's channel
+    first (GOAWAY) to make its new calls on a new one; a call caught on its way grpc-core sends
+    again on the new one, as it knows the server never took it, and a call the server took is
+    given the gateway's deadline to be answered. No call fails for it, a POST without a key
+    (which the gateway never sends again itself) among them."""
+    bind = f"127.0.0.1:{free_port()}"
+    server = build_server("orders", orders_flask_app, bind, connection_age_seconds=0.3)
+    server.start()
+    proxy = SilencingProxy(bind)  # (to count the connections the gateway makes)
+    try:
+        client = _gateway(settings, upstreams, grpc_targets, "grpc",
+                          orders_grpc_target=proxy.address)
+        _, auth = _signed_up_with_an_account(client)
+        answers = []
+
+        def five_connections_made() -> bool:
+            answers.append(client.get("/api/orders", headers=auth))
+            answers.append(client.post("/api/orders", json={"amount": "1.00"}, headers=auth))
+            return proxy.connections_carried() >= 5
+
+        wait_for(five_connections_made, timeout=30, what="five connections made in turn",
+                 interval=0)
+        assert {answer.status_code for answer in answers} == {200, 202}, [
+            answer.get_json() for answer in answers if answer.status_code not in (200, 202)]
     finally:
         proxy.close()
         server.stop(grace=None)
