@@ -24,12 +24,12 @@ dies.
 
 The rule says only what may be sent again; what answers it is the deployment's. Over HTTP the
 service's other gunicorn workers take the second try on the same port. Over gRPC only another
-process serving the same target can (replicas behind one address; processes sharing its port
-with SO_REUSEPORT, though the kernel may give a connection made as one dies to its listener as
-that closes, and the connection is reset): docker-compose, the devstack and the chaos soak run
-one shared.grpc_server process per service, so there the second try finds nothing listening: the
-call is the first try's 502, and those after it 503s (the service unreachable), until that process
-is started again.
+process serving the same target can (replicas behind one address; never processes sharing its
+port, which shared/grpc_server.py's servers refuse, SO_REUSEPORT off: the kernel could give a
+connection made as one dies to its listener as that closes, and the connection was reset):
+docker-compose, the devstack and the chaos soak run one shared.grpc_server process per service, so
+there the second try finds nothing listening: the call is the first try's 502, and those after it
+503s (the service unreachable), until that process is started again.
 """
 
 from __future__ import annotations

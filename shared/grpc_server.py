@@ -102,12 +102,16 @@ def channel_options() -> list[tuple[str, int]]:
 
 def _server_options(connection_age_seconds: float,
                     connection_grace_seconds: float) -> list[tuple[str, int]]:
-    """Pings taken as the gateway's channels send them, and each connection closed at its age
-    (CONNECTION_AGE_SECONDS) once the calls in flight on it are given their grace."""
+    """Pings taken as the gateway's channels send them, each connection closed at its age
+    (CONNECTION_AGE_SECONDS) once the calls in flight on it are given their grace, and the
+    server's port its own: with SO_REUSEPORT, grpc-core's default, a second server on a port a
+    first (a stale one) holds started silently, and the kernel shared the connections out between
+    them."""
     return [("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", PINGS_ACCEPTED_EVERY_MS),
             ("grpc.max_connection_age_ms", round(connection_age_seconds * 1000)),
-            ("grpc.max_connection_age_grace_ms", round(connection_grace_seconds * 1000))]
+            ("grpc.max_connection_age_grace_ms", round(connection_grace_seconds * 1000)),
+            ("grpc.so_reuseport", 0)]
 
 
 GRPC_CODE_FOR_HTTP_STATUS = {
@@ -338,7 +342,8 @@ GRACE_PAST_THE_DEADLINE_SECONDS = 1
 
 def build_server(service: str, app: Flask, bind: str, max_workers: int = SERVER_THREADS,
                  connection_age_seconds: float = CONNECTION_AGE_SECONDS) -> grpc.Server:
-    """A server with the service's methods (its `grpc_api.register`) and reflection, bound."""
+    """A server with the service's methods (its `grpc_api.register`) and reflection, bound; a
+    RuntimeError if it cannot listen on `bind` (taken by another server, say)."""
     grace = (app.extensions["hseshop.settings"].upstream_timeout_seconds
              + GRACE_PAST_THE_DEADLINE_SECONDS)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,

@@ -669,6 +669,20 @@ def test_calls_are_answered_on_as_a_server_closes_their_connections_at_their_age
         server.stop(grace=None)
 
 
+def test_a_server_on_a_port_another_listens_on_fails_to_start(orders_flask_app):
+    """grpc-core listens with SO_REUSEPORT unless told not to: a second server on a port a first
+    (a stale one, say) listens on started as if the port were its own, and the kernel shared the
+    connections out between them."""
+    bind = f"127.0.0.1:{free_port()}"
+    first = build_server("orders", orders_flask_app, bind)
+    first.start()
+    try:
+        with pytest.raises(RuntimeError):
+            build_server("orders", orders_flask_app, bind)
+    finally:
+        first.stop(grace=None)
+
+
 def test_a_channel_tries_a_service_it_cannot_reach_again_every_second_at_most():
     """Not after gRPC's own backoff, growing to two minutes, in which every call fails at once:
     the gateway would answer 503 for minutes after the service came back."""
