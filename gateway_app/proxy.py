@@ -65,7 +65,8 @@ def forward(service: str, path: str, idempotent: bool = False,
     if body:
         headers["Content-Type"] = "application/json"
     headers[REQUEST_ID_HEADER] = current_request_id() or ""
-    # Past it the service commits nothing, as over gRPC: the client has been answered 504 by then.
+    # Past it the service commits nothing, as over gRPC; its answer is waited for a grace longer,
+    # for a COMMIT begun before it (upstream_http.send: shared/caller_deadline.py).
     headers.update(deadline_headers(settings.upstream_timeout_seconds))
     # The values the gateway parsed, as the gRPC transport passes them on (defaults included, a
     # None left out), encoded afresh: the string as typed, "%35" or an escape that is none

@@ -1,9 +1,10 @@
 """Calling the services over gRPC: one channel per service per process (a connection gone silent
 found out by keepalive pings), the caller's identity, the gateway's deadline (both signed) and the
-request id in the call metadata, that deadline on every call, a call whose connection broke once
-it was sent, before its reply, sent once more where that is safe (gateway_app/resends.py), and gRPC
-failures mapped back to the HTTP errors the services' HTTP APIs would have given (a replayed
-answer's mark too: Idempotent-Replayed)."""
+request id in the call metadata, every call waited for COMMIT_GRACE_SECONDS past that deadline
+(a COMMIT begun before it answered as it ended: shared/caller_deadline.py), a call whose
+connection broke once it was sent, before its reply, sent once more where that is safe
+(gateway_app/resends.py), and gRPC failures mapped back to the HTTP errors the services' HTTP APIs
+would have given (a replayed answer's mark too: Idempotent-Replayed)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from flask import current_app, g
 from gateway_app.resends import SECOND_TRY_NEEDS_SECONDS
 from gateway_app.upstream_answers import (UNREADABLE_JSON, an_error_of_the_api,
                                           failure_for_status, retry_after_passed_on)
-from shared.caller_deadline import deadline_moment
+from shared.caller_deadline import COMMIT_GRACE_SECONDS, deadline_moment
 from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.grpc_messages import to_body, to_message
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
@@ -66,19 +67,21 @@ def call(service: str, method: str, body: dict[str, Any], *,
     """Call `method` of `service` with a request built from `body`: the reply as a JSON body, and
     the headers the HTTP API would have answered it with beside its Content-Type (what the
     reply's trailers say: Idempotent-Replayed). Sent once more, on a new connection, within what
-    is left of the deadline (more than SECOND_TRY_NEEDS_SECONDS of it), when the connection it
-    went on broke before a byte of a reply came, if it is `safe_to_send_again`
+    is left of the deadline (more than SECOND_TRY_NEEDS_SECONDS of it) and the grace, when the
+    connection it went on broke before a byte of a reply came, if it is `safe_to_send_again`
     (gateway_app/resends.py). Answered only if another process serves the same target (one
     process per service, as the stacks run, leaves nothing listening: the first try's 502)."""
     settings = current_app.extensions["hseshop.settings"]
     request = to_message(REQUEST_TYPES[(service, method)], body)
     seconds = settings.upstream_timeout_seconds
     ends = time.monotonic() + seconds
-    # The moment the gateway stops waiting, one for the call, its second try's too (as over HTTP:
-    # shared/caller_deadline.py).
+    # The moment past which the service commits nothing, one for the call, its second try's too
+    # (as over HTTP: shared/caller_deadline.py); the call waits COMMIT_GRACE_SECONDS longer, for
+    # a COMMIT begun before it.
     deadline = deadline_moment(seconds)
     try:
-        reply, answered = _sent(_stub(service), service, method, request, deadline, seconds)
+        reply, answered = _sent(_stub(service), service, method, request, deadline,
+                                seconds + COMMIT_GRACE_SECONDS)
     except grpc.RpcError as exc:
         left = ends - time.monotonic()
         if not (safe_to_send_again and _dropped_once_sent(exc)
@@ -89,7 +92,7 @@ def call(service: str, method: str, body: dict[str, Any], *,
         try:
             with _channel_of_its_own(service) as channel:
                 reply, answered = _sent(STUBS[service](channel), service, method, request,
-                                        deadline, left)
+                                        deadline, left + COMMIT_GRACE_SECONDS)
         except grpc.RpcError as again:
             if not _never_sent(again):
                 raise _http_error(service, again) from None
@@ -131,10 +134,10 @@ def _sent(stub: Any, service: str, method: str, request: Any, deadline: str,
     settings = current_app.extensions["hseshop.settings"]
     # Signed for this method and this message's bytes, which the stub sends as serialized here
     # (a message serializes to the same bytes each time: its fields in their numbers' order), and
-    # for the moment the gateway stops waiting, which the service keeps to if the call's own
-    # timeout (unsigned: a captured call could be sent again with a longer one) is later; with a
-    # nonce of its own (x-gateway-nonce), so that two calls alike are two signatures, and each
-    # try is signed afresh, as over HTTP.
+    # for the moment past which the service commits nothing, which it keeps to if the call's own
+    # timeout (unsigned: a captured call could be sent again with a longer one; the gateway's own
+    # is COMMIT_GRACE_SECONDS later) is later; with a nonce of its own (x-gateway-nonce), so that
+    # two calls alike are two signatures, and each try is signed afresh, as over HTTP.
     metadata = grpc_identity_metadata(g.user_id, settings.internal_auth_secret,
                                       f"/{SERVICE_NAMES[service]}/{method}",
                                       request.SerializeToString(), deadline)

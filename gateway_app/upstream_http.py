@@ -7,8 +7,10 @@ connection, the sending of its request, its answer's headers and its body, each 
 waiting only for what is left of it (each send whole over plain HTTP, each piece of one over TLS:
 _TellingIfKeptAlive.send): a read timeout alone starts again with each byte, so an answer dripping a
 byte a second held the gateway's thread, and its client, for as long as it dripped; and a send
-waited the connect timeout, whatever was left. The connection of a request or an answer cut off is
-closed, never pooled.
+waited the connect timeout, whatever was left. The answer is waited for COMMIT_GRACE_SECONDS past
+that deadline, the moment signed to the service, past which it commits nothing: a COMMIT begun
+before it is answered as it ended (shared/caller_deadline.py). The connection of a request or an
+answer cut off is closed, never pooled.
 
 Connections are kept alive and pooled, and a service closes one idle past its keep-alive (2 s,
 gunicorn's default) whenever it likes: just as the gateway sends a request on it, say, and the
@@ -43,6 +45,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from gateway_app.resends import SECOND_TRY_NEEDS_SECONDS
+from shared.caller_deadline import COMMIT_GRACE_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,10 @@ class _Call(threading.local):
     """The call this thread is making: each thread has a session of its own (below), so the
     connections of its pools carry this thread's calls only."""
 
-    deadline: float | None = None  # time.monotonic() by which the whole answer is read
+    # time.monotonic() by which the request is sent whole (the moment signed to the service), and
+    # by which the whole answer is read: COMMIT_GRACE_SECONDS later
+    deadline: float | None = None
+    answer_deadline: float | None = None
     # its request went on a connection that had carried one before: set before the send, which
     # can fail unseen (urllib3 takes a broken pipe or a reset there for a service that answered
     # early, and reads on)
@@ -64,17 +70,30 @@ class _Call(threading.local):
 
     def begin(self, seconds: float) -> None:
         self.deadline = time.monotonic() + seconds
+        self.answer_deadline = self.deadline + COMMIT_GRACE_SECONDS
         self.kept_alive = self.answered = False
 
+    def end(self) -> None:
+        self.deadline = self.answer_deadline = None
+
     def seconds_left(self) -> float | None:
-        """What is left of the deadline (None: no call under way); TimeoutError once it has
-        passed."""
-        if self.deadline is None:
-            return None
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the call's deadline has passed")
-        return left
+        """What is left of the deadline to send in (None: no call under way); TimeoutError once
+        it has passed."""
+        return _left_of(self.deadline)
+
+    def seconds_left_for_the_answer(self) -> float | None:
+        """What is left of the deadline and the grace to read the answer in (None: no call under
+        way); TimeoutError once they have passed."""
+        return _left_of(self.answer_deadline)
+
+
+def _left_of(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the call's deadline has passed")
+    return left
 
 
 _call = _Call()
@@ -82,7 +101,8 @@ _call = _Call()
 
 class _ReadAgainstTheDeadline(io.RawIOBase):
     """An answer's reads off its connection's socket, each waiting at most for what is left of
-    the call's deadline (TimeoutError once it has passed), where each waited the read timeout."""
+    the call's deadline and its grace (TimeoutError once they have passed), where each waited the
+    read timeout."""
 
     def __init__(self, raw: io.RawIOBase, sock):
         super().__init__()
@@ -92,7 +112,7 @@ class _ReadAgainstTheDeadline(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int | None:
-        left = _call.seconds_left()
+        left = _call.seconds_left_for_the_answer()
         if left is not None:
             self._sock.settimeout(left)
         received = self._raw.readinto(buffer)
@@ -226,18 +246,20 @@ def _http() -> requests.Session:
 
 def send(service: str, method: str, url: str, *, deadline_seconds: float, safe_to_repeat: bool,
          **kwargs) -> requests.Response:
-    """The request sent to `service`, and its whole answer, within `deadline_seconds` (else
-    requests' Timeout, or its ConnectionError around urllib3's ReadTimeoutError once the answer
-    has begun); sent once more, on a new connection, when a kept-alive connection it went on was
-    closed before a byte of an answer came, if it is `safe_to_repeat` (within the same deadline).
-    `kwargs` go to requests."""
+    """The request sent to `service` within `deadline_seconds` (the deadline signed to it), and
+    its whole answer read within COMMIT_GRACE_SECONDS more (else requests' Timeout, or its
+    ConnectionError around urllib3's ReadTimeoutError once the answer has begun); sent once
+    more, on a new connection, when a kept-alive connection it went on was closed before a byte
+    of an answer came, if it is `safe_to_repeat` (within the same deadline). `kwargs` go to
+    requests."""
     _call.begin(deadline_seconds)
     try:
         return _sent(service, method, url, safe_to_repeat,
-                     timeout=(min(CONNECT_TIMEOUT_SECONDS, deadline_seconds), deadline_seconds),
+                     timeout=(min(CONNECT_TIMEOUT_SECONDS, deadline_seconds),
+                              deadline_seconds + COMMIT_GRACE_SECONDS),
                      **kwargs)
     finally:
-        _call.deadline = None
+        _call.end()
 
 
 def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
@@ -257,7 +279,8 @@ def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
                  " again on a new one", service, exc)
     try:
         return _http().request(method, url, **{
-            **kwargs, "timeout": (min(CONNECT_TIMEOUT_SECONDS, left), left)})
+            **kwargs,
+            "timeout": (min(CONNECT_TIMEOUT_SECONDS, left), left + COMMIT_GRACE_SECONDS)})
     except requests.ConnectionError as again:
         if again.args and isinstance(again.args[0], (ProtocolError, ReadTimeoutError)):
             raise

@@ -1,9 +1,17 @@
-"""When the gateway stops waiting for a service's answer, told to the service: `X-Gateway-Deadline`,
+"""When the gateway gives up on a service's work, told to the service: `X-Gateway-Deadline`,
 a moment in seconds since the epoch, an HTTP header or (in lower case) gRPC call metadata. Past
 it, the service commits nothing (shared.db.transaction rolls back) and answers 504 CALLER_GAVE_UP
-(shared.errors; over gRPC DEADLINE_EXCEEDED): the gateway has answered its client 504 by then,
-and a request that client retries (an order placed without an Idempotency-Key) must not find the
-first one done as well.
+(shared.errors; over gRPC DEADLINE_EXCEEDED): the gateway answers its client 504, and a request
+that client retries (an order placed without an Idempotency-Key) must not find the first one done
+as well.
+
+The gateway waits for the answer COMMIT_GRACE_SECONDS past that moment: the service looks at it
+once, as its work is done, and the COMMIT that follows takes its time (an fsync, a synchronous
+replica). Waiting to the moment alone, a COMMIT begun a few milliseconds before it was answered
+504 "may still have taken effect" while the order was placed, and a client retrying without a key
+placed a second one. Now the answer the gateway relays is the service's: its 201 or 202, or its
+CALLER_GAVE_UP, nothing committed; only a service silent past the grace too is the gateway's own
+504 UPSTREAM_TIMEOUT ("may still have taken effect").
 
 A moment, not a number of seconds: the request may wait before the service reads it (for a server
 thread, in a backlog), and that wait is the caller's too; and a request the gateway sends again
@@ -58,6 +66,10 @@ log = logging.getLogger(__name__)
 FURTHEST_TAKEN_SECONDS = FURTHEST_DEADLINE_SECONDS + MAX_AHEAD_SECONDS + 1
 _DEADLINE = re.compile(r"[0-9]{1,12}(\.[0-9]{1,6})?")
 _BOUND = "hseshop.caller_deadline"
+# How long past the moment it signs the gateway still waits for a service's answer, over either
+# transport (gateway_app/upstream_grpc.py, upstream_http.py): for a COMMIT begun before it to end
+# and be answered, which a slow disk or a synchronous replica can take a good part of a second for.
+COMMIT_GRACE_SECONDS = 1.0
 
 # The header as the OpenAPI documents of a service's operations describe it (the gateway sends it
 # with every call, and each refuses one of another form: INVALID_DEADLINE, documented with every
@@ -67,11 +79,12 @@ _BOUND = "hseshop.caller_deadline"
 DEADLINE_PARAMETER = {
     "in": "header", "name": DEADLINE_HEADER, "required": False,
     "schema": {"type": "string", "pattern": f"^{_DEADLINE.pattern}$"},
-    "description": "Set by the gateway: the moment it stops waiting for the answer, in seconds "
-                   "since the epoch (up to 12 digits, and up to 6 decimals). Past it nothing is "
-                   "committed (an operation that commits work answers 504 CALLER_GAVE_UP). "
-                   "Given, it must be of that form, once (400 INVALID_DEADLINE otherwise): leave "
-                   "it out when calling the service yourself."}
+    "description": "Set by the gateway: the moment it gives up on the request's work (it waits "
+                   f"{COMMIT_GRACE_SECONDS:g} s more for the answer, for a COMMIT begun before), "
+                   "in seconds since the epoch (up to 12 digits, and up to 6 decimals). Past it "
+                   "nothing is committed (an operation that commits work answers 504 "
+                   "CALLER_GAVE_UP). Given, it must be of that form, once (400 INVALID_DEADLINE "
+                   "otherwise): leave it out when calling the service yourself."}
 CALLER_GAVE_UP = DocumentedError(
     504, "CALLER_GAVE_UP", f"the moment the caller gave ({DEADLINE_HEADER}) passed before the "
     "request's work could commit; it was rolled back")
@@ -79,11 +92,11 @@ CALLER_GAVE_UP = DocumentedError(
 
 def deadline_moment(seconds_from_now: float) -> str:
     """The X-Gateway-Deadline (or gRPC metadata) value `seconds_from_now`, to the microsecond:
-    the moment the caller stops waiting, signed with the request so that a captured one cannot
-    be sent again with a later moment. It does not tell two requests of a user alike in all else
-    apart (two gateway processes or threads can write the same moment): the nonce signed with
-    each does (shared.internal_auth). Never one a service refuses: a ValueError rather than send it
-    (UPSTREAM_TIMEOUT_SECONDS, held to FURTHEST_DEADLINE_SECONDS by shared.config, keeps the
+    the moment the caller gives up on the work, signed with the request so that a captured one
+    cannot be sent again with a later moment. It does not tell two requests of a user alike in
+    all else apart (two gateway processes or threads can write the same moment): the nonce signed
+    with each does (shared.internal_auth). Never one a service refuses: a ValueError rather than
+    send it (UPSTREAM_TIMEOUT_SECONDS, held to FURTHEST_DEADLINE_SECONDS by shared.config, keeps the
     moment's 12 digits before its point enough for the next 30,000 years)."""
     moment = f"{time.time() + seconds_from_now:.6f}"
     if not _DEADLINE.fullmatch(moment):
@@ -92,7 +105,7 @@ def deadline_moment(seconds_from_now: float) -> str:
 
 
 def deadline_headers(seconds_from_now: float) -> dict[str, str]:
-    """The header that tells a service when its caller stops waiting."""
+    """The header that tells a service when its caller gives up on the work."""
     return {DEADLINE_HEADER: deadline_moment(seconds_from_now)}
 
 
@@ -121,7 +134,7 @@ def _unbind_the_deadline(_exc) -> None:
 
 
 def deadline_given(header: str | None) -> float | None:
-    """The time.monotonic() by which the caller stops waiting; None for no header (or gRPC
+    """The time.monotonic() by which the caller gives up on the work; None for no header (or gRPC
     metadata value), or one further off than FURTHEST_TAKEN_SECONDS. One of another form than
     DEADLINE_PARAMETER's pattern is refused: ApiError 400 INVALID_DEADLINE."""
     if header is None:

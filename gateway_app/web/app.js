@@ -24,8 +24,9 @@
   // A read (a GET) not answered by then is given up on so too, and fails as one with no answer:
   // the shop's load tries again, the poll and the catch-up read again. Held for ever, it kept the
   // shop from loading (no socket, no poll, the balance "…" for good), and each later read of the
-  // balance joined it. Well past the 5 s the gateway gives a service by default
-  // (UPSTREAM_TIMEOUT_SECONDS) before it answers 504 itself.
+  // balance joined it. Well past the 6 s the gateway gives a service by default
+  // (UPSTREAM_TIMEOUT_SECONDS, and a second's grace for a COMMIT under way) before it answers 504
+  // itself.
   const READ_WAIT_MS = 30000;
   // While its socket has not worked (connecting, refused, as with 1013 or 1011, or reconnecting),
   // the page reads the first page of orders and the balance itself about this often (jittered, as

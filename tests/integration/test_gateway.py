@@ -55,6 +55,7 @@ from orders_app.service import PLACING_LOCK_CLASS
 from payments_app.models import Account
 from shared.app import MAX_REQUEST_BYTES
 from shared.app_closing import close_app
+from shared.caller_deadline import COMMIT_GRACE_SECONDS
 from shared.contracts import ORDER_STATUS_CHANGED, PAYLOAD_SCHEMAS, declared_fields, new_event
 from shared.db import db, driver_dsn, transaction
 from shared.idempotency import REPLAYED_HEADER
@@ -849,8 +850,10 @@ def test_an_answer_that_drips_is_cut_off_at_the_deadline_with_504(settings, upst
         took = time.monotonic() - started
         assert answer.status_code == 504, f"{answer.status_code} after {took:.1f} s"
         assert answer.get_json()["error"]["code"] == "UPSTREAM_TIMEOUT"
-        # Not once the drip is done (4.8 s): halfway there, room for a slow machine.
-        assert deadline <= took < (deadline + _DrippingHandler.DRIPPED * DRIP_SECONDS) / 2
+        # At the deadline and its grace, not once the drip is done (4.8 s): halfway from the one
+        # to the other, room for a slow machine.
+        waited = deadline + COMMIT_GRACE_SECONDS
+        assert waited <= took < (waited + _DrippingHandler.DRIPPED * DRIP_SECONDS) / 2
         wait_for(server.hung_up.is_set, timeout=1, what="the dripping connection closed")
         again = client.get("/api/orders", headers=auth)
         assert again.status_code == 200 and again.get_json() == json.loads(_DrippingHandler.BODY)
@@ -1005,16 +1008,18 @@ def test_a_request_whose_kept_alive_connection_closed_unanswered_is_sent_again_i
                          ids=["a GET", "a POST with an Idempotency-Key"])
 def test_a_safe_request_held_past_the_deadline_on_a_kept_alive_connection_is_not_sent_again(
         settings, upstreams, method, key):
-    """A safe request the service holds past the deadline on a kept-alive connection is a 504,
-    sent once: the resend above is for a connection closed before a byte of an answer, and a read
-    that timed out has spent the call's deadline (a second try with a deadline of its own would
-    make the call outlast UPSTREAM_TIMEOUT_SECONDS, and send to a service too slow already)."""
+    """A safe request the service holds past the deadline and its grace (COMMIT_GRACE_SECONDS)
+    on a kept-alive connection is a 504, sent once: the resend above is for a connection closed
+    before a byte of an answer, and a read that timed out has spent the call's deadline (a second
+    try with a deadline of its own would make the call outlast UPSTREAM_TIMEOUT_SECONDS, and send
+    to a service too slow already)."""
     held_past_it = threading.Event()
 
     def held_on_a_kept_alive_connection(on_connection: int, on_server: int) -> bytes | None:
         if on_connection == 1:
             return None
-        time.sleep(0.7)  # past the gateway's 0.5 s (then its worker died, say)
+        # Past the gateway's 0.5 s and its grace (then its worker died, say).
+        time.sleep(0.7 + COMMIT_GRACE_SECONDS)
         held_past_it.set()
         return b""
 

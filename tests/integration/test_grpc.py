@@ -20,8 +20,9 @@ import threading
 import time
 import types
 import uuid
+from collections.abc import Iterator
 from concurrent import futures
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -38,6 +39,7 @@ from gateway_app import upstream_grpc
 from devstack.infra import free_port
 from shared import grpc_server
 from shared.app_closing import close_app
+from shared.caller_deadline import COMMIT_GRACE_SECONDS
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
                                 RETRY_AFTER_KEY, SERVER_THREADS, build_server, channel_options)
 from shared.identity import CALL_THROUGH_THE_GATEWAY
@@ -494,9 +496,9 @@ def test_a_safe_call_broken_off_with_too_little_of_its_deadline_left_is_not_sent
 def test_a_safe_call_sent_again_waits_only_for_what_is_left_of_its_deadline(
         settings, upstreams, grpc_targets, caplog):  # noqa: F811
     """A GET broken off 1.5 s into its 3 s deadline is sent again, and the process that takes
-    it holding it too, is a 504 at about that deadline: the second try waits what is left of it
-    (1.5 s), not a deadline of its own (4.5 s in all). The margins are wide for a busy machine:
-    the break may come late, and the 504 take its time."""
+    it holding it too, is a 504 at about that deadline and its grace (COMMIT_GRACE_SECONDS): the
+    second try waits what is left of them (2.5 s), not a deadline of its own (5.5 s in all). The
+    margins are wide for a busy machine: the break may come late, and the 504 take its time."""
     caplog.set_level(logging.INFO, logger="gateway_app.upstream_grpc")
     with ExitStack() as cleanup:
         answer, took, orders = _a_held_list_broken_off(settings, upstreams, grpc_targets,
@@ -506,7 +508,7 @@ def test_a_safe_call_sent_again_waits_only_for_what_is_left_of_its_deadline(
         assert answer.get_json()["error"]["code"] == "UPSTREAM_TIMEOUT"
         assert orders.calls() == 2
         assert "sending the call again" in caplog.text
-        assert 3.0 <= took < 4.0, took
+        assert 3.0 + COMMIT_GRACE_SECONDS <= took < 4.0 + COMMIT_GRACE_SECONDS, took
 
 
 def test_a_connection_to_a_service_gone_silent_is_dropped_and_made_afresh(
@@ -1089,6 +1091,70 @@ def test_a_captured_call_sent_again_with_a_longer_timeout_keeps_the_gateways_sig
     assert replayed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "the caller's deadline passed" in caplog.text  # the service's rollback, not the timeout
     assert _orders_placed_by(settings, user) == 0
+
+
+@contextmanager
+def _commits_of_orders_taking(settings, user: str, seconds: float) -> Iterator[None]:
+    """Every COMMIT of a transaction that placed an order of `user`'s takes `seconds` more, as on
+    a slow disk or with a synchronous replica: a deferred trigger on the orders table, which runs
+    as the transaction commits, after the service's last look at its deadline."""
+    import psycopg2
+
+    from shared.db import driver_dsn
+
+    name = f"slow_commit_{uuid.uuid4().hex[:12]}"
+    connection = psycopg2.connect(driver_dsn(settings.database_url("orders")))
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS"
+                           f" $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$")
+            cursor.execute(f"CREATE CONSTRAINT TRIGGER {name} AFTER INSERT ON orders"
+                           " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+                           f" WHEN (NEW.user_id = %s) EXECUTE FUNCTION {name}()", (user,))
+        try:
+            yield
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute(f"DROP TRIGGER {name} ON orders")
+                cursor.execute(f"DROP FUNCTION {name}()")
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+@pytest.mark.parametrize("work_ends, answered, placed", [
+    (-0.2, 202, 1),  # its COMMIT begun before the deadline, ended after it: the service's 202
+    (0.2, 504, 0),   # its deadline passed as its work ended: CALLER_GAVE_UP, nothing committed
+], ids=["commit_straddling_the_deadline", "work_past_the_deadline_gave_up"])
+def test_an_order_whose_commit_straddles_the_deadline_is_answered_as_it_ended(
+        settings, upstreams, grpc_targets, monkeypatch,  # noqa: F811
+        transport, work_ends, answered, placed):
+    """An order whose work ends `work_ends` s from the gateway's 1 s deadline (as the service
+    reads it), its COMMIT taking 0.6 s (_commits_of_orders_taking): the gateway waits its
+    COMMIT_GRACE_SECONDS past the deadline for the service's answer. Waiting to the deadline
+    alone, a COMMIT begun 0.2 s before it was answered 504 "may still have taken effect" with
+    the order placed, and a client retrying without an Idempotency-Key placed a second one. Work
+    that ends past the deadline is rolled back, and the gateway answers 504 as for any call
+    that came too late."""
+    from orders_app import service
+    from shared import db
+
+    place_order = service.place_order
+
+    def placed_at_its_moment(*args, **kwargs):
+        time.sleep(max(0.0, db._caller_waits_until.get() + work_ends - time.monotonic()))
+        return place_order(*args, **kwargs)
+
+    client = _gateway(settings, upstreams, grpc_targets, transport, upstream_timeout_seconds=1.0)
+    session, auth = _signed_up_with_an_account(client)
+    monkeypatch.setattr(service, "place_order", placed_at_its_moment)
+    with _commits_of_orders_taking(settings, session["user_id"], 0.6):
+        answer = client.post("/api/orders", json={"amount": "3.00"}, headers=auth)
+    assert (answer.status_code, _orders_placed_by(settings, session["user_id"])) == \
+        (answered, placed), answer.get_json()
+    if answered == 504:
+        assert answer.get_json()["error"]["code"] == "UPSTREAM_TIMEOUT"
 
 
 def test_a_captured_unkeyed_call_sent_again_is_refused_and_done_once(settings, grpc_targets):
