@@ -35,7 +35,7 @@ from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 from marshmallow import ValidationError
 
-from shared.caller_deadline import deadline_given
+from shared.caller_deadline import COMMIT_GRACE_SECONDS, deadline_given
 from shared.config import settings_or_exit
 from shared.db import CallerGaveUp, caller_waits_until
 from shared.errors import DATABASE_ERRORS, ApiError, database_error
@@ -336,8 +336,9 @@ CALLS_IN_HAND_PER_THREAD = 4
 # HTTP).
 CONNECTION_AGE_SECONDS = 30
 # The grace: the gateway's deadline for a call (UPSTREAM_TIMEOUT_SECONDS, the services read the
-# same setting) and a second more, so that no call the gateway still waits for is cut off.
-GRACE_PAST_THE_DEADLINE_SECONDS = 1
+# same setting), the COMMIT_GRACE_SECONDS it waits past it for the answer, and a second more, so
+# that no call the gateway still waits for is cut off.
+GRACE_PAST_THE_GATEWAYS_WAIT_SECONDS = 1
 
 
 def build_server(service: str, app: Flask, bind: str, max_workers: int = SERVER_THREADS,
@@ -345,7 +346,7 @@ def build_server(service: str, app: Flask, bind: str, max_workers: int = SERVER_
     """A server with the service's methods (its `grpc_api.register`) and reflection, bound; a
     RuntimeError if it cannot listen on `bind` (taken by another server, say)."""
     grace = (app.extensions["hseshop.settings"].upstream_timeout_seconds
-             + GRACE_PAST_THE_DEADLINE_SECONDS)
+             + COMMIT_GRACE_SECONDS + GRACE_PAST_THE_GATEWAYS_WAIT_SECONDS)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix=f"{service}-grpc"),
                          interceptors=[CallLogInterceptor()],
