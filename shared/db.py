@@ -502,9 +502,6 @@ def transaction() -> Iterator[Session]:
         session.rollback()
     try:
         yield session
-        deadline = _caller_waits_until.get()
-        if deadline is not None and time.monotonic() >= deadline:
-            raise CallerGaveUp()
         # (A flush failed under the root, or under a savepoint left open: SQLAlchemy's commit
         # raised PendingRollbackError, which named the error caught only in its text.)
         for begun in (session.get_transaction(), session.get_nested_transaction()):
@@ -521,6 +518,12 @@ def transaction() -> Iterator[Session]:
         # (Flushed apart from the COMMIT: a flush that fails, an IntegrityError say, commits
         # nothing, and its failure is the block's.)
         session.flush()
+        # (Looked at once the flush is done: one that waited for a lock past the deadline, were it
+        # looked at before, would commit work the caller has been told failed. What the gateway
+        # waits past the deadline, COMMIT_GRACE_SECONDS, is left for the COMMIT alone.)
+        deadline = _caller_waits_until.get()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise CallerGaveUp()
     except BaseException:
         session.info.pop(_AFTER_COMMIT, None)
         _rolled_back(session)
