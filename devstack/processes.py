@@ -6,7 +6,9 @@ its id), to a process that may lead a group of its own. So a child's exit is see
 it (os.waitid's WNOWAIT): the ended leader stays a zombie, holding its pid, until stop() has
 killed what is left of its group (the workers of a master that died, say) and reaped it. Where
 os.waitid is missing (macOS before Python 3.13) the exit is seen as Popen sees it, reaping the
-leader, and a group whose leader was reaped is not signalled again: what it left runs on.
+leader: a stop still kills what is left of the group once its leader has ended (as it always did,
+a moment after the reap), but a group whose leader died by itself and was reaped then is not
+signalled again: what it left runs on.
 """
 
 from __future__ import annotations
@@ -119,7 +121,11 @@ class ManagedProcess:
             if not self._wait_for_exit(timeout):
                 self._signal_group(signal.SIGKILL)
                 self._wait_for_exit(None)
-        self._reap()
+            # (Reaped a moment ago, where the exit is seen as Popen sees it: its group is still
+            # its own, but for a pid handed out in between, as a stop always risked there.)
+            self._reap(reaped_just_now=not SEES_EXIT_UNREAPED)
+        else:
+            self._reap()
 
     def kill(self) -> None:
         """SIGKILL the whole process group, waiting for nothing."""
@@ -157,14 +163,15 @@ class ManagedProcess:
             delay = min(delay * 2, 0.05)
         return True
 
-    def _reap(self) -> None:
+    def _reap(self, reaped_just_now: bool = False) -> None:
         """End an ended leader's group: SIGKILL what it left in it (the workers of a master that
-        died, say), then reap the leader, giving its pid back."""
-        self._signal_group(signal.SIGKILL)
+        died, say), then reap the leader, giving its pid back; `reaped_just_now`: the group is
+        signalled though its leader was reaped (by the stop under way)."""
+        self._signal_group(signal.SIGKILL, even_if_reaped=reaped_just_now)
         self._popen.wait()
 
-    def _signal_group(self, signum: int) -> None:
-        if self._popen.returncode is not None:
+    def _signal_group(self, signum: int, even_if_reaped: bool = False) -> None:
+        if self._popen.returncode is not None and not even_if_reaped:
             return  # (its leader reaped: the group's id may be another's by now)
         try:
             os.killpg(self._popen.pid, signum)

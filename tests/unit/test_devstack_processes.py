@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack import infra
+from devstack import infra, processes
 from devstack.infra import free_port, port_open, wait_until
 from devstack.leftovers import RunInTheWay, RunRecord, started_at, this_boot
 from devstack.logs import LogFollower
@@ -106,6 +106,29 @@ def test_a_process_that_ended_by_itself_holds_its_pid_until_the_stop_ends_what_i
         assert _state(process.pid) != "Z"  # reaped
         assert process.returncode == returncode and not process.died()
         wait_until(lambda: gone(child), 5, 0.02, "the orphan to be killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sees_exit_unreaped", [True, False], ids=["waitid", "popen"])
+def test_a_stop_kills_what_a_leader_that_ends_on_its_signal_leaves_in_its_group(
+        tmp_path, monkeypatch, sees_exit_unreaped):
+    """A leader that ends on the stop signal, leaving a child of its group that ignores it: the
+    stop kills that child, whether the exit is seen unreaped (os.waitid) or as Popen sees it,
+    reaping (macOS before Python 3.13), where the leader, reaped by the stop's own wait, had its
+    group signalled no more and the child ran on, holding its port."""
+    monkeypatch.setattr(processes, "SEES_EXIT_UNREAPED", sees_exit_unreaped)
+    process = _shell(tmp_path, "sh -c 'trap \"\" TERM; exec sleep 300' & echo $! > child.pid;"
+                               " trap 'exit 0' TERM; wait").start()
+    wait_until(lambda: (tmp_path / "child.pid").exists()
+               and (tmp_path / "child.pid").read_text().strip(), 5, 0.02, "the child to start")
+    child = int((tmp_path / "child.pid").read_text())
+    try:
+        process.stop(timeout=5)
+
+        assert process.returncode == 0
+        wait_until(lambda: gone(child), 5, 0.02, "the child that ignored the stop signal to go")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
