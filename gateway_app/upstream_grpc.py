@@ -94,12 +94,13 @@ def call(service: str, method: str, body: dict[str, Any], *,
                 reply, answered = _sent(STUBS[service](channel), service, method, request,
                                         deadline, left + COMMIT_GRACE_SECONDS)
         except grpc.RpcError as again:
-            if not _never_sent(again):
+            if not (_never_sent(again) or _too_busy(again)):
                 raise _http_error(service, again) from None
-            # Never sent (no connection made: no service in the dead one's place), the first try
-            # may have been carried out: its failure is the one to answer for (a 502, "may have
-            # been carried out"), not this one's "unavailable", which would deny it. Said first,
-            # or the log would hold the first failure alone.
+            # Never sent (no connection made: no service in the dead one's place), or refused
+            # unrun (the server too busy), the first try may have been carried out: its failure is
+            # the one to answer for (a 502, "may have been carried out"), not this one's
+            # "unavailable", which would deny it. Said first, or the log would hold the first
+            # failure alone.
             log.warning("%s could not be reached to send the call again (%s: %s)", service,
                         again.code().name, again.details())
             raise _http_error(service, exc) from None
@@ -156,6 +157,12 @@ def _trailers(rpc) -> dict[str, str]:
 _TOO_BUSY_DETAILS = "Concurrent RPC limit exceeded!"
 
 
+def _too_busy(exc: grpc.RpcError) -> bool:
+    """True if the failed call was refused unrun by grpcio's server, too busy to take it."""
+    return (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and HTTP_STATUS_KEY not in _trailers(exc) and exc.details() == _TOO_BUSY_DETAILS)
+
+
 def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
     """The service's own answer, as its HTTP API would have given it (in the trailers: a 503
     DATABASE_BUSY with its Retry-After comes as UNAVAILABLE too), or what the call's failure
@@ -173,7 +180,7 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
     if _never_sent(exc):
         log.warning("%s unreachable: %s", service, exc.details())
         return ServiceUnavailable.of(service)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.details() == _TOO_BUSY_DETAILS:
+    if _too_busy(exc):
         # grpcio's own refusal, the call never run: the server had as many calls in hand as it
         # takes (shared/grpc_server.py: CALLS_IN_HAND_PER_THREAD). (A service's 429 comes with
         # its trailers; grpc-core's other RESOURCE_EXHAUSTED, a reply over the size a channel

@@ -11,6 +11,7 @@ from flask import Flask
 
 from gateway_app import upstream_grpc
 from gateway_app.resends import safe_to_send_again
+from shared.errors import ApiError
 from shared.grpc_server import channel_options
 
 
@@ -52,3 +53,56 @@ def test_a_grpc_call_sent_again_goes_on_a_channel_of_its_own_closed_once_used(mo
                                      "grpc.use_local_subchannel_pool": 1})]
     with pytest.raises(ValueError, match="closed channel"):
         channel.unary_unary("/hseshop.orders.Orders/ListOrders")(b"", timeout=1)
+
+
+class _Failed(grpc.RpcError):
+    """A failed call as grpcio raises it, none of the service's trailers in it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def initial_metadata(self):
+        return ()
+
+    def trailing_metadata(self):
+        return ()
+
+
+@pytest.mark.parametrize("second_try_failure", [
+    _Failed(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: ..."),
+    _Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!"),
+], ids=["never sent", "refused unrun, too busy"])
+def test_a_second_try_that_never_ran_leaves_the_first_trys_502(monkeypatch, second_try_failure):
+    """The first try's connection broke once it was sent (it may have been carried out); its
+    second try never ran, not sent or refused by a server too busy to take it: the answer is the
+    first try's 502 BAD_GATEWAY ("may have been carried out"), not the second's 503, which would
+    say nothing was done."""
+    failures = iter([_Failed(grpc.StatusCode.UNAVAILABLE, "Socket closed"), second_try_failure])
+
+    def sent(*args):
+        raise next(failures)
+
+    monkeypatch.setattr(upstream_grpc, "_sent", sent)
+    monkeypatch.setattr(upstream_grpc, "_stub", lambda service: None)
+    monkeypatch.setattr(upstream_grpc, "STUBS", {"orders": lambda channel: None})
+    monkeypatch.setattr(upstream_grpc, "_channel_of_its_own", lambda service: _NoChannel())
+    app = Flask(__name__)
+    app.extensions["hseshop.settings"] = types.SimpleNamespace(upstream_timeout_seconds=5.0)
+    with app.app_context(), pytest.raises(ApiError) as refused:
+        upstream_grpc.call("orders", "ListOrders", {}, safe_to_send_again=True)
+    assert (refused.value.status, refused.value.code) == (502, "BAD_GATEWAY")
+    assert next(failures, None) is None  # (sent twice)
+
+
+class _NoChannel:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
