@@ -71,7 +71,7 @@ from shared.config import SERVICES, get_settings, settings_or_exit
 from shared.db import (CONNECTION_TIMEOUTS, failure_in_a_line, held_up_by_a_lock, limit_sessions,
                        said_in_a_line)
 from shared.migration_steps import DowngradeRefused
-from shared.schema_drift import only_not_declared, said, schema_drift
+from shared.schema_drift import harmless_extra, said, schema_drift
 
 # By its name, not __name__: run as `python -m shared.migrations`, that is `__main__`, which its
 # log lines (devstack echoes them on the terminal) would show.
@@ -272,18 +272,19 @@ def _say_if_nothing_was_to_do(service: str, script: ScriptDirectory, conn: sa.Co
 
 def _refuse_a_schema_not_this_releases(service: str, script: ScriptDirectory,
                                        conn: sa.Connection, before: tuple[str, ...]) -> None:
-    """At this release's head, whether revisions ran or not, compare the database's schema with
-    what the service's models declare (which its revisions make: the migration tests check it),
-    and refuse, naming each difference, a database that records this release's head and has
-    another schema. One migrated by a revision edited since, or by another under its number, is
-    such a database: `upgrade` found nothing to do there, and the services failed at run time on
-    a column or an index it lacks. What it has that the models do not declare (an index or a
-    table an operator added, an index a revision edited since left behind) is only warned of:
-    refused, a DBA's index would keep the whole shop from starting. At another of this release's
+    """At this release's head, whether revisions ran or not, compare the database's schema with what
+    the service's models declare (which its revisions make: the migration tests check it), and
+    refuse, naming each difference, a database that records this release's head and has another
+    schema. One migrated by a revision edited since, or by another under its number, is such a
+    database: `upgrade` found nothing to do there, and the services failed at run time on a column
+    or an index it lacks. What it has that the models do not declare and no write of the services'
+    can trip over (a table, an index not unique, a column taking nulls or with a default: a DBA's
+    index, say; schema_drift.harmless_extra) is only warned of: refused, a DBA's index would keep
+    the whole shop from starting. An extra unique index or constraint, foreign key or column
+    needing a value is refused, as every insert might fail on it. At another of this release's
     revisions (an upgrade to one below the head) there is nothing to compare with: the models
-    declare the head's schema; and a later release's schema is left as it is, unchecked
-    (upgrade). Some 0.1 s of catalog reads, and 0.15 s loading the models in a process that had
-    not."""
+    declare the head's schema; and a later release's schema is left as it is, unchecked (upgrade).
+    Some 0.1 s of catalog reads, and 0.15 s loading the models in a process that had not."""
     head = script.get_current_head()
     at = _current_revisions(conn)
     if at != (head,):
@@ -292,11 +293,11 @@ def _refuse_a_schema_not_this_releases(service: str, script: ScriptDirectory,
         differences = schema_drift(service, conn)
     finally:
         conn.rollback()  # (no transaction left open)
-    extras = [difference for difference in differences if only_not_declared(difference)]
+    extras = [difference for difference in differences if harmless_extra(difference)]
     if extras:
         log.warning("%s: the database has what this release's revisions do not make: %s (added"
                     " by hand, say: left as it is)", service, "; ".join(map(said, extras)))
-    differences = [difference for difference in differences if not only_not_declared(difference)]
+    differences = [difference for difference in differences if not harmless_extra(difference)]
     if differences:
         ran = "" if at == before else ", the revisions just run committed"
         raise SchemaNotThisReleases(

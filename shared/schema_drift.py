@@ -54,13 +54,24 @@ def declared_tables(service: str) -> list[sa.Table]:
             and (keeps_keys or mapper.class_ is not IdempotencyKey)]
 
 
-def only_not_declared(difference) -> bool:
-    """Whether a difference of schema_drift's is only something the database has that the models
-    do not declare (a table, a column, an index, a constraint: Alembic would remove it), not one
-    they declare that it lacks or has otherwise."""
+def harmless_extra(difference) -> bool:
+    """Whether a difference of schema_drift's is something the database has that the models do
+    not declare and that the services' writes cannot trip over: a table, an index that is not
+    unique, a column that takes nulls or has a default (an index a DBA added, say). Not an extra
+    unique index or constraint, foreign key, or column that needs a value none of the services
+    gives (every insert would fail on it), nor anything the models declare that the database
+    lacks or has otherwise."""
     if isinstance(difference, list):  # a column's modifications
         return False
-    return difference[0].startswith("remove_")
+    kind = difference[0]
+    if kind == "remove_table":
+        return True
+    if kind == "remove_index":
+        return not difference[1].unique
+    if kind == "remove_column":
+        column = difference[3]
+        return column.nullable or column.server_default is not None
+    return False
 
 
 def said(difference) -> str:

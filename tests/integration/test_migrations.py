@@ -1042,6 +1042,26 @@ def test_what_a_database_at_its_head_has_that_no_revision_makes_is_warned_of_not
     assert _schema(url) == schema
 
 
+@pytest.mark.parametrize("service", SERVICES)
+def test_what_a_database_at_its_head_has_that_writes_can_trip_over_is_refused(infrastructure,
+                                                                              service):
+    """A unique index, or a column that needs a value, that no revision makes (left by a revision
+    edited since, say): every insert might fail on it, so it is refused as a missing column is,
+    not only warned of."""
+    url = _database_url(infrastructure, "added-in-the-way", service)
+    head = _migrated_then_changed_by_hand(service, url, "head", [
+        "CREATE UNIQUE INDEX ix_unique_by_hand ON inbox_messages (received_at)",
+        "ALTER TABLE inbox_messages ADD COLUMN needed text NOT NULL DEFAULT 'x'",
+        "ALTER TABLE inbox_messages ALTER COLUMN needed DROP DEFAULT"])
+
+    migrating = _migrate_by_hand(service, url, "upgrade", service)
+    assert _the_one_error_line(migrating).startswith(
+        f"ERROR shared.migrations: the {service} database is at revision {head}, this release's"
+        " head, but its schema is not the one this release's revisions make: index"
+        " ix_unique_by_hand on inbox_messages not declared; column inbox_messages.needed not"
+        " declared. It was migrated by a revision edited since")
+
+
 def test_an_upgrade_that_runs_revisions_refuses_the_schema_an_edited_revision_left_below_them(
         infrastructure):
     """A database migrated by a revision edited since is refused by the upgrade that takes it on
