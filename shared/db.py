@@ -456,11 +456,18 @@ class CallerGaveUp(Exception):
     """The work's caller stopped waiting for it (its deadline passed): nothing was committed."""
 
 
-# When the caller of the work under way stops waiting (time.monotonic()), if it said: a gRPC
-# call's deadline (shared.grpc_server). Past it, `transaction()` rolls back instead of committing:
-# the caller has been told the request failed (the gateway answers 504) and must not find it done.
+# The deadline the caller of the work under way set it (time.monotonic()), if it said: a gRPC
+# call's, an HTTP request's (shared.caller_deadline). Past it, `transaction()` rolls back instead
+# of committing: the gateway waits only for a COMMIT begun before it (COMMIT_GRACE_SECONDS more),
+# and answers 504 once that is over, and its client must not find the work done.
 _caller_waits_until: ContextVar[float | None] = ContextVar("hseshop_caller_waits_until",
                                                            default=None)
+
+
+def _refuse_if_the_caller_gave_up() -> None:
+    deadline = _caller_waits_until.get()
+    if deadline is not None and time.monotonic() >= deadline:
+        raise CallerGaveUp()
 
 
 @contextmanager
@@ -493,15 +500,18 @@ def _holds_a_connection(session: Session) -> bool:
 @contextmanager
 def transaction() -> Iterator[Session]:
     """One database transaction: commit when the block ends, roll back if it raises, or if the
-    caller has stopped waiting (CallerGaveUp). Then run what after_commit registered: all of it
-    once committed, none if the block failed, only what asked to run also_if_unanswered if the
-    COMMIT itself failed (committed or not, unknown), the commit's error raised after it."""
+    caller's deadline has passed before the COMMIT (CallerGaveUp). Then run what after_commit
+    registered: all of it once committed, none if the block failed, only what asked to run
+    also_if_unanswered if the COMMIT itself failed (committed or not, unknown), the commit's error
+    raised after it."""
     session = db.session()
     if session.in_transaction():
         # Reads made earlier in the request (or task) are not part of this unit of work.
         session.rollback()
     try:
         yield session
+        # (Before the flush too: work already past it takes no row lock to wait for.)
+        _refuse_if_the_caller_gave_up()
         # (A flush failed under the root, or under a savepoint left open: SQLAlchemy's commit
         # raised PendingRollbackError, which named the error caught only in its text.)
         for begun in (session.get_transaction(), session.get_nested_transaction()):
@@ -518,12 +528,10 @@ def transaction() -> Iterator[Session]:
         # (Flushed apart from the COMMIT: a flush that fails, an IntegrityError say, commits
         # nothing, and its failure is the block's.)
         session.flush()
-        # (Looked at once the flush is done: one that waited for a lock past the deadline, were it
-        # looked at before, would commit work the caller has been told failed. What the gateway
-        # waits past the deadline, COMMIT_GRACE_SECONDS, is left for the COMMIT alone.)
-        deadline = _caller_waits_until.get()
-        if deadline is not None and time.monotonic() >= deadline:
-            raise CallerGaveUp()
+        # (Once the flush is done as well: one that waited for a lock past the deadline, were it
+        # looked at before only, would commit work the caller has been told failed. What the
+        # gateway waits past the deadline, COMMIT_GRACE_SECONDS, is left for the COMMIT alone.)
+        _refuse_if_the_caller_gave_up()
     except BaseException:
         session.info.pop(_AFTER_COMMIT, None)
         _rolled_back(session)
