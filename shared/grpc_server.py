@@ -341,12 +341,17 @@ CONNECTION_AGE_SECONDS = 30
 GRACE_PAST_THE_GATEWAYS_WAIT_SECONDS = 1
 
 
+def calls_grace(upstream_timeout_seconds: float) -> float:
+    """What a call in flight is given when its connection is closed at its age, or its server
+    stops: as long as the gateway may wait for its answer, and a second more."""
+    return upstream_timeout_seconds + COMMIT_GRACE_SECONDS + GRACE_PAST_THE_GATEWAYS_WAIT_SECONDS
+
+
 def build_server(service: str, app: Flask, bind: str, max_workers: int = SERVER_THREADS,
                  connection_age_seconds: float = CONNECTION_AGE_SECONDS) -> grpc.Server:
     """A server with the service's methods (its `grpc_api.register`) and reflection, bound; a
     RuntimeError if it cannot listen on `bind` (taken by another server, say)."""
-    grace = (app.extensions["hseshop.settings"].upstream_timeout_seconds
-             + COMMIT_GRACE_SECONDS + GRACE_PAST_THE_GATEWAYS_WAIT_SECONDS)
+    grace = calls_grace(app.extensions["hseshop.settings"].upstream_timeout_seconds)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix=f"{service}-grpc"),
                          interceptors=[CallLogInterceptor()],
@@ -360,8 +365,11 @@ def build_server(service: str, app: Flask, bind: str, max_workers: int = SERVER_
     return server
 
 
-# What a stop gives the calls in flight before it cancels them (README: 5 s).
-STOP_GRACE = 5
+# What a stop gives the calls in flight before it cancels them; None: calls_grace, as long as the
+# gateway may wait for an answer and a second more (README: 7 s by default). It gave 5 s, the
+# gateway's deadline alone: a COMMIT begun just before it, which the gateway still waits for, was
+# cut off at a deploy.
+STOP_GRACE: float | None = None
 
 
 def main(argv: list[str] | None = None) -> int | None:
@@ -400,13 +408,15 @@ def main(argv: list[str] | None = None) -> int | None:
     if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
         signal.signal(signal.SIGINT, stop)
     if server is not None:
+        grace = (calls_grace(settings.upstream_timeout_seconds) if STOP_GRACE is None
+                 else STOP_GRACE)
         if not stopped.is_set():  # (a stop signal come before it serves: not started, stopped)
             server.start()
             log.info("%s gRPC listening on %s", args.service, bind)
             stopped.wait()
-            log.info("%s gRPC stopping: its calls in flight given %s s (a second Ctrl-C or"
-                     " SIGTERM: none)", args.service, STOP_GRACE)
-        done = server.stop(grace=STOP_GRACE)
+            log.info("%s gRPC stopping: its calls in flight given %g s (a second Ctrl-C or"
+                     " SIGTERM: none)", args.service, grace)
+        done = server.stop(grace=grace)
         # A second stop signal, come before the grace began or during it: the calls in flight
         # cut short, not waited for.
         while len(received) < 2 and not done.wait(0.1):

@@ -560,7 +560,7 @@ def test_calls_whose_request_never_comes_hold_a_servers_threads_only_till_their_
     identity is checked only once the request has come: SERVER_THREADS calls from anyone that
     sent their headers and never their request held every thread, and every call after them
     waited out its deadline, for as long as they liked. A server closes each connection at its
-    age (1 s here), the calls on it given the gateway's deadline and a second (2 s here), and
+    age (1 s here), the calls on it given the gateway's whole wait and a second (3 s here), and
     the calls whose request never came with it: their threads freed, the service answers."""
     import orders_app
 

@@ -141,7 +141,7 @@ def test_ctrl_c_while_replay_hands_messages_back_says_how_many_went_and_ends_of_
 def test_a_serving_grpc_server_stops_serving_then_ctrl_c_has_it_die_of_sigint(
         settings, tmp_path, signum, returncode):
     """Stopped by Ctrl-C as it serves, the gRPC server stops serving (its calls in flight given
-    5 s), then dies of SIGINT as the other commands Ctrl-C ends, for a script running it to stop
+    7 s), then dies of SIGINT as the other commands Ctrl-C ends, for a script running it to stop
     too: it exited 0. Stopped by SIGTERM (a deploy, compose), it exits 0, as before."""
     with open(tmp_path / "grpc.log", "wb") as log:
         server = start_child([sys.executable, "-m", "shared.grpc_server", "orders"],
