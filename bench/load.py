@@ -185,7 +185,10 @@ def generate(spec: LoadSpec) -> dict:
 def _peak_rss_mb() -> float:
     """This process's own peak resident memory (bench.memory.peak_rss_bytes: not the benchmark
     runner's, which started it)."""
-    return round(peak_rss_bytes() / 2**20, 1)
+    peak = peak_rss_bytes()
+    if peak is None:
+        raise RuntimeError("no VmHWM in /proc/self/status")
+    return round(peak / 2**20, 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,13 +5,13 @@ it, the service commits nothing (shared.db.transaction rolls back) and answers 5
 that client retries (an order placed without an Idempotency-Key) must not find the first one done
 as well.
 
-The gateway waits for the answer COMMIT_GRACE_SECONDS past that moment: the service looks at it
-once, as its work is done and flushed (a flush's wait for a lock counted in), and the COMMIT that
-follows takes its time (an fsync, a synchronous replica). Waiting to the moment alone, a COMMIT
-begun a few milliseconds before it was answered 504 "may still have taken effect" while the order
-was placed, and a client retrying without a key placed a second one. Now the answer the gateway
-relays is the service's: its 201 or 202, or its CALLER_GAVE_UP, nothing committed; only a service
-silent past the grace too is the gateway's own 504 UPSTREAM_TIMEOUT ("may still have taken
+The gateway waits for the answer COMMIT_GRACE_SECONDS past that moment: the service looks at it as
+its work is done and again once it is flushed (a flush's wait for a lock counted in), and the
+COMMIT that follows takes its time (an fsync, a synchronous replica). Waiting to the moment alone,
+a COMMIT begun a few milliseconds before it was answered 504 "may still have taken effect" while
+the order was placed, and a client retrying without a key placed a second one. Now the answer the
+gateway relays is the service's: its 201 or 202, or its CALLER_GAVE_UP, nothing committed; only a
+service silent past the grace too is the gateway's own 504 UPSTREAM_TIMEOUT ("may still have taken
 effect").
 
 A moment, not a number of seconds: the request may wait before the service reads it (for a server
