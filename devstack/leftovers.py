@@ -74,8 +74,14 @@ def started_at(pid: int) -> int | None:
 
 
 def this_boot() -> str:
-    """The first 8 hex digits of this boot's id (the kernel's boot_id, random each boot)."""
-    return BOOT_ID.read_text().strip()[:8]
+    """The first 8 hex digits of this boot's id (the kernel's boot_id, random each boot). A
+    RuntimeError, saying so, where there is none to read: a system without Linux's /proc (macOS),
+    on which a run could not tell its processes apart either (started_at)."""
+    try:
+        return BOOT_ID.read_text().strip()[:8]
+    except OSError as exc:
+        raise RuntimeError(f"devstack runs on Linux only: it needs /proc, and cannot read {BOOT_ID}"
+                           f" here ({exc.strerror or exc})") from None
 
 
 class RunRecord:
@@ -88,7 +94,9 @@ class RunRecord:
     def begin(self) -> list[str]:
         """Take the list, stop what a run that is gone left running (the names of what was
         stopped), and start this run's list. Raises RunInTheWay if the run that holds the list is
-        still running, or if what a gone run left is another user's to stop."""
+        still running, or if what a gone run left is another user's to stop; a RuntimeError
+        where there is no /proc (this_boot), before anything is touched."""
+        boot = this_boot()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = self._locked()
         try:
@@ -98,7 +106,7 @@ class RunRecord:
             raise
         record.seek(0)
         record.truncate()
-        record.write(f"{BOOT_LINE} {this_boot()}\n")
+        record.write(f"{BOOT_LINE} {boot}\n")
         record.flush()
         self._file = record
         return stopped

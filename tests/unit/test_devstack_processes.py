@@ -630,6 +630,23 @@ def test_a_make_run_that_cannot_start_leaves_the_running_ones_settings_file(tmp_
     assert running_ones.read_text() == "REDIS_URL=redis://127.0.0.1:40001/0\n"
 
 
+def test_a_make_run_on_a_system_without_proc_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """Where there is no Linux /proc (macOS), `make run` cannot tell the processes it starts
+    apart (devstack.leftovers): it stops before starting any, saying why in one line, where it
+    was a FileNotFoundError's traceback; nothing is written in its folder's list."""
+    import devstack.__main__ as make_run
+    from devstack import leftovers
+
+    missing = tmp_path / "no-proc" / "boot_id"
+    monkeypatch.setattr(leftovers, "BOOT_ID", missing)
+    monkeypatch.setattr(make_run, "REPO_ROOT", tmp_path)
+    assert make_run.run() == 1
+    assert capsys.readouterr().err == (
+        f"[devstack] could not start: devstack runs on Linux only: it needs /proc, and cannot"
+        f" read {missing} here (No such file or directory)\n")
+    assert not (tmp_path / ".run" / "processes").exists()
+
+
 def _make_run(tmp_path, shop: list[str], start_hangs: bool = False) -> subprocess.Popen:
     """`python -m devstack run` (run_main), its folder the test's, its shop the one process
     `shop`, whose pid it prints first (then, if `start_hangs`, its start never ends); its stderr
