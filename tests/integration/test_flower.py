@@ -164,7 +164,8 @@ def test_a_worker_started_without_queues_reads_the_default_queue_alone(settings,
 
 def test_flower_keeps_no_more_than_ten_thousand_tasks_in_memory(settings, tmp_path):
     """Flower keeps every task it hears of, up to its `max_tasks`: at Flower's default, 100,000,
-    some 5 KB each, it would pass half a GB as the shop runs (beat alone sends two tasks a second).
+    some 5 KB each, it would pass half a GB as the shop runs (beat alone sends some 3.6 tasks a
+    second).
     Told of more than TASKS_KEPT_AT_MOST, it keeps no more, the newest."""
     told = TASKS_KEPT_AT_MOST + 100
     with _flower(tmp_path) as page, celery_app.events.default_dispatcher(
