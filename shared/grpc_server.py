@@ -5,6 +5,7 @@ API would give, and a replayed answer marked in the trailers as the HTTP API mar
 header.
 
     python -m shared.grpc_server orders      # listens on ORDERS_GRPC_BIND, with reflection
+                                             # and the health service (shared.grpc_health)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from typing import Any
 import grpc
 from flask import Flask
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from marshmallow import ValidationError
 
@@ -39,6 +42,8 @@ from shared.caller_deadline import COMMIT_GRACE_SECONDS, deadline_given
 from shared.config import settings_or_exit
 from shared.db import CallerGaveUp, caller_waits_until
 from shared.errors import DATABASE_ERRORS, ApiError, database_error
+from shared.grpc_health import SERVICE_NAME as HEALTH_SERVICE_NAME
+from shared.grpc_health import ServiceHealth
 from shared.idempotency import REPLAYED, checked_idempotency_key, take_replayed_mark
 from shared.identity import authenticated_user_id
 from shared.internal_auth import DEADLINE_HEADER, GRPC_METHOD, header_value
@@ -347,10 +352,15 @@ def calls_grace(upstream_timeout_seconds: float) -> float:
     return upstream_timeout_seconds + COMMIT_GRACE_SECONDS + GRACE_PAST_THE_GATEWAYS_WAIT_SECONDS
 
 
+# Each server's health service, told by begin_stopping.
+_HEALTH_OF: weakref.WeakKeyDictionary[grpc.Server, ServiceHealth] = weakref.WeakKeyDictionary()
+
+
 def build_server(service: str, app: Flask, bind: str, max_workers: int = SERVER_THREADS,
                  connection_age_seconds: float = CONNECTION_AGE_SECONDS) -> grpc.Server:
-    """A server with the service's methods (its `grpc_api.register`) and reflection, bound; a
-    RuntimeError if it cannot listen on `bind` (taken by another server, say)."""
+    """A server with the service's methods (its `grpc_api.register`), the health service
+    (shared.grpc_health) and reflection, bound; a RuntimeError if it cannot listen on `bind`
+    (taken by another server, say)."""
     grace = calls_grace(app.extensions["hseshop.settings"].upstream_timeout_seconds)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix=f"{service}-grpc"),
@@ -359,10 +369,20 @@ def build_server(service: str, app: Flask, bind: str, max_workers: int = SERVER_
                          maximum_concurrent_rpcs=CALLS_IN_HAND_PER_THREAD * max_workers)
     grpc_api = importlib.import_module(f"{service}_app.grpc_api")
     service_names = grpc_api.register(server, app)
-    reflection.enable_server_reflection((*service_names, reflection.SERVICE_NAME), server)
+    health = _HEALTH_OF[server] = ServiceHealth(app, service_names)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (*service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
     if server.add_insecure_port(bind) == 0:
         raise RuntimeError(f"cannot listen on {bind}")
     return server
+
+
+def begin_stopping(server: grpc.Server) -> None:
+    """Have `server` (build_server's) say NOT_SERVING from now on, at once to those that watch its
+    health, so that they drain it: before its stop, which refuses every call after it, health
+    calls too."""
+    _HEALTH_OF[server].stopping()
 
 
 # What a stop gives the calls in flight before it cancels them; None: calls_grace, as long as the
@@ -416,6 +436,7 @@ def main(argv: list[str] | None = None) -> int | None:
             stopped.wait()
             log.info("%s gRPC stopping: its calls in flight given %g s (a second Ctrl-C or"
                      " SIGTERM: none)", args.service, grace)
+        begin_stopping(server)
         done = server.stop(grace=grace)
         # A second stop signal, come before the grace began or during it: the calls in flight
         # cut short, not waited for.

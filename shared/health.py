@@ -1,4 +1,5 @@
-"""`GET /health`: whether this service's database, Redis and the Kafka broker are reachable."""
+"""`GET /health`: whether this service's database, Redis and the Kafka broker are reachable; and
+whether its database is, for its gRPC server's health service (shared.grpc_health)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ def redis_answers(url: str) -> bool:
 # most one round at a time, and one a second at most: the requests meanwhile get the last answer.
 CHECKS_LAST_FOR_SECONDS = 1.0
 _CHECKS = "hseshop.health_checks"
+# The database's check alone, shared alike by a gRPC server's health calls (database_answers).
+_DATABASE_CHECKS = "hseshop.health_database_checks"
 
 
 class SharedChecks:
@@ -104,9 +107,19 @@ def _run_checks() -> dict[str, bool]:
     }
 
 
+def database_answers() -> bool:
+    """Whether this app's database answered its last check, as GET /health's "database" says it,
+    rounds shared as theirs are (one at a time, one a second at most, its outage logged alike):
+    what the service's gRPC server's health service says (shared.grpc_health). In the app's
+    context."""
+    checks = current_app.extensions[_DATABASE_CHECKS].get(lambda: {"database": _database_ok()})
+    return checks["database"]
+
+
 @health_blueprint.record_once
 def _share_checks(state) -> None:
     state.app.extensions[_CHECKS] = SharedChecks()
+    state.app.extensions[_DATABASE_CHECKS] = SharedChecks()
     state.app.extensions[_DATABASE_OUTAGE] = DatabaseOutageLog(log, f"the {state.app.name} health"
                                                                     " check")
     state.app.extensions[_BROKER_OUTAGE] = OutageLog(log, f"the {state.app.name} health check",

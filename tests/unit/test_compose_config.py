@@ -599,6 +599,23 @@ def test_healthchecks_that_start_a_client_run_once_a_minute_and_often_while_star
         assert _seconds(check["start_period"]) >= 30, name
 
 
+
+def test_each_grpc_servers_healthcheck_asks_its_health_service_on_its_own_port():
+    """Not a TCP connect, which its port takes before the server serves and with its database
+    gone: the standard health service's Check (shared.grpc_health_probe), SERVING only while the
+    server can do its calls (shared.grpc_health), answered within the check's own timeout."""
+    servers = {name: service for name, service in HSESHOP.items()
+               if command(service)[:3] == ["python", "-m", "shared.grpc_server"]}
+    assert sorted(service_of(service) for service in servers.values()) == ["orders", "payments"]
+    for name, service in servers.items():
+        check = service["healthcheck"]
+        kind, *argv = check["test"]
+        assert kind == "CMD" and argv[:3] == ["python", "-m", "shared.grpc_health_probe"], name
+        bind = container_env(service)[f"{service_of(service).upper()}_GRPC_BIND"]
+        assert argv[3] == f"127.0.0.1:{bind.rsplit(':', 1)[1]}", (name, bind)
+        assert float(argv[argv.index("--timeout") + 1]) < _seconds(check["timeout"]), name
+
+
 # The oldest Docker Engine that takes a healthcheck's key: on an older one Compose creates no
 # container at all (docker/compose's ToMobyHealthCheck refuses start_interval below API 1.44).
 ENGINE_A_HEALTHCHECK_KEY_NEEDS = {"start_interval": 25}
