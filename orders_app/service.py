@@ -62,7 +62,6 @@ def place_order(session: Session, *, user_id: str, amount: Decimal,
     event = new_event(
         PAYMENT_REQUESTED,
         {"order_id": row["id"], "user_id": user_id, "amount": amount},
-        correlation_id=str(row["id"]),
     )
     settings = current_app.extensions["hseshop.settings"]
     # The event's row goes in the round trip of the order's, after the user's lock is taken (its
@@ -271,7 +270,6 @@ def _announce_status(session: Session, order: Order, request_id: str | None) -> 
         ORDER_STATUS_CHANGED,
         {"order_id": order.id, "user_id": order.user_id, "amount": order.amount,
          "status": order.status, "reason": order.reason, "updated_at": order.updated_at},
-        correlation_id=str(order.id),
     )
     settings = current_app.extensions["hseshop.settings"]
     add_outbox_message(session, topic=settings.topic_order_status_changed, key=order.user_id,

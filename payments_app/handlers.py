@@ -12,9 +12,7 @@ from shared.inbox.handling import Handler, ReceivedEvent
 def on_payment_requests(session: Session, events: list[ReceivedEvent]) -> None:
     take_payments(session, [
         PaymentRequest(order_id=event.payload["order_id"], user_id=event.payload["user_id"],
-                       amount=event.payload["amount"],
-                       correlation_id=event.message.correlation_id,
-                       request_id=event.message.request_id)
+                       amount=event.payload["amount"], request_id=event.message.request_id)
         for event in events
     ])
 

@@ -80,12 +80,11 @@ def balance_cache_namespace(user_id: str) -> str:
 
 @dataclass(frozen=True)
 class PaymentRequest:
-    """What a PaymentRequested event asks for, and the ids its answer carries on."""
+    """What a PaymentRequested event asks for, and the request id its answer carries on."""
 
     order_id: uuid.UUID
     user_id: str
     amount: Decimal
-    correlation_id: str | None = None
     request_id: str | None = None
 
 
@@ -211,10 +210,8 @@ def _announce_decisions(session: Session, payments: list[Payment],
         request = requests[payment.order_id]
         payload = {"order_id": payment.order_id, "user_id": payment.user_id,
                    "amount": payment.amount}
-        event = (new_event(PAYMENT_SUCCEEDED, payload, request.correlation_id)
-                 if payment.status == SUCCEEDED
-                 else new_event(PAYMENT_FAILED, payload | {"reason": payment.reason},
-                                request.correlation_id))
+        event = (new_event(PAYMENT_SUCCEEDED, payload) if payment.status == SUCCEEDED
+                 else new_event(PAYMENT_FAILED, payload | {"reason": payment.reason}))
         add_outbox_message(session, topic=topic, key=payment.user_id, event=event,
                            request_id=request.request_id)
 

@@ -206,10 +206,12 @@ class Envelope:
         return wire_text(self.to_json())
 
 
-def new_event(event_type: str, payload: dict[str, Any], correlation_id: str | None) -> Envelope:
+def new_event(event_type: str, payload: dict[str, Any]) -> Envelope:
     """A new event, its payload checked against the contract before it is ever written: a field
     the contract does not declare is refused too (the dump would drop it unsaid, and the readers,
-    tolerant, would never say either)."""
+    tolerant, would never say either). Its correlation id is the order it is about, its payload's
+    `order_id` (every type has one), as the contract has it: never taken from the message that led
+    to it, which another producer may have sent with none, or another."""
     undeclared = payload.keys() - PAYLOAD_SCHEMAS[event_type].dump_fields.keys()
     if undeclared:
         raise MalformedMessage(f"{event_type} payload has fields its contract does not declare: "
@@ -218,7 +220,7 @@ def new_event(event_type: str, payload: dict[str, Any], correlation_id: str | No
     errors = PAYLOAD_SCHEMAS[event_type].validate(wire_payload)
     if errors:
         raise MalformedMessage(f"{event_type} payload breaks the contract: {errors}")
-    return Envelope(type=event_type, payload=payload, correlation_id=correlation_id,
+    return Envelope(type=event_type, payload=payload, correlation_id=wire_payload["order_id"],
                     wire_payload=wire_payload)
 
 

@@ -297,7 +297,7 @@ def test_placing_and_settling_orders_invalidate_the_cached_orders(orders_flask_a
 def _a_stored_payment_request(store, user_id: str, amount: Decimal) -> uuid.UUID:
     """A PaymentRequested of `user_id` stored in the payments inbox, as the consumer stores it."""
     event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
-                                          "amount": amount}, None)
+                                          "amount": amount})
     store([ConsumedRecord("cache-test", 0, 0, user_id.encode(), encode(event.to_json()), {})])
     return event.message_id
 

@@ -77,7 +77,7 @@ def _produce(settings, topic: str, count: int, partition: int | None = None) -> 
     message_ids = set()
     for _ in range(count):
         event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": "u",
-                                              "amount": Decimal("1.00")}, None)
+                                              "amount": Decimal("1.00")})
         producer.produce(topic, encode(event.to_json()), str(uuid.uuid4()).encode(),
                          headers={"message_id": str(event.message_id), "type": event.type},
                          **({} if partition is None else {"partition": partition}))

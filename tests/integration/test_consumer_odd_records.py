@@ -86,7 +86,7 @@ def _rows(settings, topic: str) -> list[tuple]:
 
 def _payment_request(**changes) -> dict:
     event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": "someone",
-                                          "amount": Decimal("1.00")}, None)
+                                          "amount": Decimal("1.00")})
     return event.to_json() | changes
 
 

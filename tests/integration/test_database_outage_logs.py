@@ -144,7 +144,7 @@ def test_a_prune_failing_for_another_reason_raises(settings):
 
 def _payment_request() -> tuple[bytes, dict[str, str]]:
     event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": "u",
-                                          "amount": Decimal("1.00")}, None)
+                                          "amount": Decimal("1.00")})
     return encode(event.to_json()), {"message_id": str(event.message_id), "type": event.type}
 
 

@@ -1883,7 +1883,7 @@ def _status_changes(*users: str) -> list[ReceivedEvent]:
     """An OrderStatusChanged event for each user, as the gateway's inbox hands them over."""
     events = [new_event(ORDER_STATUS_CHANGED, {
         "order_id": uuid.uuid4(), "user_id": user, "amount": Decimal("1.00"),
-        "status": "FINISHED", "reason": None, "updated_at": datetime.now(timezone.utc)}, None)
+        "status": "FINISHED", "reason": None, "updated_at": datetime.now(timezone.utc)})
         for user in users]
     return [ReceivedEvent(event.payload, StoredMessage(event.message_id, event.type, None, None,
                                                        event.payload_json(), done=False,

@@ -55,8 +55,8 @@ def _request_record(user_id: str, message_id: uuid.UUID | None = None,
                     failed: bool = False) -> tuple[ConsumedRecord, uuid.UUID]:
     """A PaymentRequested record (a PaymentFailed one if `failed`) of `user_id`."""
     payload = {"order_id": uuid.uuid4(), "user_id": user_id, "amount": Decimal("1.00")}
-    event = (new_event(PAYMENT_FAILED, payload | {"reason": FAILURE_REASONS[0]}, None) if failed
-             else new_event(PAYMENT_REQUESTED, payload, None))
+    event = (new_event(PAYMENT_FAILED, payload | {"reason": FAILURE_REASONS[0]}) if failed
+             else new_event(PAYMENT_REQUESTED, payload))
     body = event.to_json()
     if message_id is not None:
         body["message_id"] = str(message_id)

@@ -122,7 +122,7 @@ def _payment_requests(users: list[str], each: int) -> tuple[list[ConsumedRecord]
         user = users[offset % len(users)]
         order_id = uuid.uuid4()
         event = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": user,
-                                              "amount": Decimal("1.00")}, None)
+                                              "amount": Decimal("1.00")})
         records.append(ConsumedRecord(topic, 0, offset, user.encode(), encode(event.to_json()),
                                       {}))
         order_ids.append(str(order_id))

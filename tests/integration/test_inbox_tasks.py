@@ -61,7 +61,7 @@ def _stored_request(store, user: str, key: str | None = None,
     """A PaymentRequested of `user` stored in the payments inbox (under Kafka key `key`, with
     `request_id` as its header)."""
     event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user,
-                                          "amount": amount}, None)
+                                          "amount": amount})
     headers = {REQUEST_ID_KAFKA_HEADER: request_id.encode()} if request_id else {}
     store([ConsumedRecord("task-test", 0, 0, key.encode() if key else None,
                           encode(event.to_json()), headers)])
@@ -971,7 +971,7 @@ def test_a_request_delivered_again_after_its_row_was_pruned_changes_nothing(
         payments.deposit(session, user_id=user_id, amount=Decimal("10"))
     order_id = uuid.uuid4()
     event = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": user_id,
-                                          "amount": Decimal("3.00")}, str(order_id))
+                                          "amount": Decimal("3.00")})
     record = ConsumedRecord("task-test", 0, 0, user_id.encode(), encode(event.to_json()), {})
     assert payments_inbox([record]) == [event.message_id]
     handle_inbox_batch.apply(args=("payments", [str(event.message_id)]))
@@ -1001,7 +1001,7 @@ def test_a_request_with_a_field_a_newer_orders_service_added_is_paid_once_not_pa
         payments.deposit(session, user_id=user_id, amount=Decimal("10"))
     order_id = uuid.uuid4()
     body = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": user_id,
-                                         "amount": Decimal("3.00")}, str(order_id)).to_json()
+                                         "amount": Decimal("3.00")}).to_json()
     body["payload"]["channel"] = "web"
     record = ConsumedRecord("task-test", 0, 0, user_id.encode(), encode(body), {})
     message_id = uuid.UUID(body["message_id"])
@@ -1457,7 +1457,7 @@ def test_a_message_parked_under_a_taken_id_is_listed_with_its_type_and_replayed_
         payments.open_account(session, user_id=user_id)
         payments.deposit(session, user_id=user_id, amount=Decimal("10"))
     first = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
-                                          "amount": Decimal("1.00")}, None)
+                                          "amount": Decimal("1.00")})
     other = first.to_json()
     other["payload"] = other["payload"] | {"order_id": str(uuid.uuid4()), "amount": "3.00"}
     offset = uuid.uuid4().int % 10**9
@@ -1595,7 +1595,7 @@ def test_parked_messages_discarded_are_never_handled_and_their_repeats_are_dropp
         payments.open_account(session, user_id=user_id)
         payments.deposit(session, user_id=user_id, amount=Decimal("10"))
     request = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
-                                            "amount": Decimal("4.00")}, None)
+                                            "amount": Decimal("4.00")})
     record = ConsumedRecord("task-test", 0, 0, None, encode(request.to_json()), {})
     offset = uuid.uuid4().int % 10**9
     broken = ConsumedRecord("task-test", 8, offset, None, b"{broken", {})
@@ -1628,7 +1628,7 @@ def test_discarding_a_parked_payment_message_warns_that_its_order_stays_new(
 
     order_id = uuid.uuid4()
     request = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": user_id,
-                                            "amount": Decimal("4.00")}, None)
+                                            "amount": Decimal("4.00")})
     offset = uuid.uuid4().int % 10**9
     assert payments_inbox([ConsumedRecord("task-test", 0, 0, None, encode(request.to_json()), {}),
                            ConsumedRecord("task-test", 8, offset, None, b"{broken", {})]
@@ -1655,7 +1655,7 @@ def test_a_payment_message_parked_as_it_is_discarded_is_warned_of(settings, paym
 
     order_id = uuid.uuid4()
     request = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": user_id,
-                                            "amount": Decimal("4.00")}, None)
+                                            "amount": Decimal("4.00")})
     assert payments_inbox([ConsumedRecord("task-test", 0, 0, None, encode(request.to_json()),
                                           {})]) == [request.message_id]
     with called_at_the_first_statement_naming(

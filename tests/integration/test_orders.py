@@ -101,9 +101,8 @@ def test_a_result_for_another_amount_than_the_orders_is_parked_and_changes_nothi
     store = StoreOnOwnConnection(driver_dsn(settings.database_url("orders")))
     try:  # (stored as the orders inbox consumer stores what it reads)
         stored = store([
-            _result_record(new_event(PAYMENT_SUCCEEDED, result, None)),
-            _result_record(new_event(PAYMENT_FAILED, result | {"reason": "INSUFFICIENT_FUNDS"},
-                                     None))])
+            _result_record(new_event(PAYMENT_SUCCEEDED, result)),
+            _result_record(new_event(PAYMENT_FAILED, result | {"reason": "INSUFFICIENT_FUNDS"}))])
     finally:
         store.close()
     for message_id in stored:
@@ -125,7 +124,7 @@ def test_a_result_for_the_orders_amount_written_otherwise_settles_it(in_orders, 
     writes it, `"5.00"`) pays an order of 5.00, through the inbox as the consumer stores it."""
     (order_id,) = _placed(user_id, 1)
     event = new_event(PAYMENT_SUCCEEDED, {"order_id": order_id, "user_id": user_id,
-                                          "amount": FIVE}, None)
+                                          "amount": FIVE})
     store = StoreOnOwnConnection(driver_dsn(settings.database_url("orders")))
     try:
         (message_id,) = store([_result_record(event, amount_written=written)])
@@ -241,11 +240,11 @@ def test_a_result_passed_over_in_a_batch_rolled_back_and_handled_again_is_said_o
     try:
         message_ids = store([
             _result_record(new_event(PAYMENT_SUCCEEDED, {"order_id": cancelled,
-                                                         "user_id": user_id, "amount": FIVE},
-                                     None), request_id="passed-over"),
+                                                         "user_id": user_id, "amount": FIVE}),
+                           request_id="passed-over"),
             _result_record(new_event(PAYMENT_FAILED, {"order_id": other, "user_id": user_id,
                                                       "amount": Decimal("0.01"),
-                                                      "reason": "NO_ACCOUNT"}, None))])
+                                                      "reason": "NO_ACCOUNT"}))])
     finally:
         store.close()
     handle_inbox_batch.apply(args=("orders", [str(message_id) for message_id in message_ids]))
@@ -296,7 +295,7 @@ def test_a_result_passed_over_by_a_try_rolled_back_to_its_savepoint_is_said_once
     try:
         (message_id,) = store([_result_record(
             new_event(PAYMENT_SUCCEEDED, {"order_id": cancelled, "user_id": user_id,
-                                          "amount": FIVE}, None), request_id="passed-over")])
+                                          "amount": FIVE}), request_id="passed-over")])
     finally:
         store.close()
     from tasks.inbox import _handle_each_in_a_savepoint, handle_inbox_message

@@ -1923,7 +1923,7 @@ def test_the_outbox_vacuum_runs_past_the_sessions_statement_limit(orders_flask_a
 def test_rows_written_together_keep_their_order_and_go_with_an_error(in_orders, settings, user_id):
     def add(session, amount):
         event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
-                                              "amount": Decimal(amount)}, None)
+                                              "amount": Decimal(amount)})
         add_outbox_message(session, topic=settings.topic_payment_requested, key=user_id,
                            event=event)
 

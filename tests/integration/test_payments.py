@@ -12,9 +12,12 @@ from sqlalchemy import event, func, select, text
 
 from payments_app import service
 from payments_app.models import Account, Payment
+from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import db, driver_dsn, transaction
 from shared.errors import NotFound
+from shared.inbox.storing import ConsumedRecord
 from shared.outbox.writing import OutboxMessage
+from tasks.inbox import handle_inbox_batch
 from tests.clock_tools import AnHourBehind
 from tests.postgres_tools import second_waiting_on_the_first
 from tests.thread_tools import OutcomeThread, all_joined
@@ -35,8 +38,7 @@ def _take(order_id, user_id, amount):
     """The new payment for the order, or None when it was already decided."""
     with transaction() as session:
         taken = service.take_payments(session, [service.PaymentRequest(
-            order_id=order_id, user_id=user_id, amount=Decimal(amount),
-            correlation_id=str(order_id))])
+            order_id=order_id, user_id=user_id, amount=Decimal(amount))])
     return taken[0] if taken else None
 
 
@@ -61,8 +63,7 @@ def test_an_order_of_a_user_without_an_account_decided_twice_at_once_is_answered
     def first(hold):
         with payments_flask_app.app_context(), transaction() as session:
             taken["first"] = service.take_payments(session, [service.PaymentRequest(
-                order_id=order_id, user_id=user_id, amount=Decimal("5"),
-                correlation_id=str(order_id))])
+                order_id=order_id, user_id=user_id, amount=Decimal("5"))])
             hold()
 
     def second():
@@ -91,8 +92,7 @@ def test_a_decision_lost_to_another_transaction_takes_nothing_from_the_orders_af
     taken = {}
 
     def request(order_id, amount):
-        return service.PaymentRequest(order_id=order_id, user_id=user_id, amount=Decimal(amount),
-                                      correlation_id=str(order_id))
+        return service.PaymentRequest(order_id=order_id, user_id=user_id, amount=Decimal(amount))
 
     def first(hold):
         with payments_flask_app.app_context(), transaction() as session:
@@ -232,7 +232,7 @@ def test_a_batch_is_decided_request_after_request_against_the_running_balance(in
     _open_with(user_id, "25")
     _open_with(other, "5")
     requests = [service.PaymentRequest(order_id=uuid.uuid4(), user_id=user, amount=Decimal(amount),
-                                       correlation_id=f"c{n}", request_id=f"request-{n:04d}")
+                                       request_id=f"request-{n:04d}")
                 for n, (user, amount) in enumerate([(user_id, "10"), (other, "5"),
                                                     (user_id, "20"), (user_id, "15"),
                                                     (f"{user_id}-none", "1")])]
@@ -246,14 +246,17 @@ def test_a_batch_is_decided_request_after_request_against_the_running_balance(in
         (requests[4].order_id, "FAILED", "NO_ACCOUNT"),
     ]
     assert (_balance(user_id), _balance(other)) == (Decimal("0.00"), Decimal("0.00"))
+    order_ids = [str(request.order_id) for request in requests]
     answers = db.session.execute(
         select(OutboxMessage.correlation_id, OutboxMessage.type, OutboxMessage.request_id)
-        .where(OutboxMessage.correlation_id.in_([f"c{n}" for n in range(5)]))
+        .where(OutboxMessage.correlation_id.in_(order_ids))
         .order_by(OutboxMessage.id)).all()
     assert [(a.correlation_id, a.type, a.request_id) for a in answers] == [
-        ("c0", "PaymentSucceeded", "request-0000"), ("c1", "PaymentSucceeded", "request-0001"),
-        ("c2", "PaymentFailed", "request-0002"), ("c3", "PaymentSucceeded", "request-0003"),
-        ("c4", "PaymentFailed", "request-0004")]
+        (order_ids[0], "PaymentSucceeded", "request-0000"),
+        (order_ids[1], "PaymentSucceeded", "request-0001"),
+        (order_ids[2], "PaymentFailed", "request-0002"),
+        (order_ids[3], "PaymentSucceeded", "request-0003"),
+        (order_ids[4], "PaymentFailed", "request-0004")]
 
 
 class _CountingCursor:
@@ -287,7 +290,7 @@ def test_a_batch_of_new_orders_is_decided_in_three_statements(in_payments, user_
 
     monkeypatch.setattr(service, "driver_cursor", counting)
     requests = [service.PaymentRequest(order_id=uuid.uuid4(), user_id=user_id,
-                                       amount=Decimal("10"), correlation_id="c")
+                                       amount=Decimal("10"))
                 for _ in range(3)]
     with transaction() as session:
         taken = service.take_payments(session, requests)
@@ -306,8 +309,7 @@ def test_an_order_decided_before_asked_again_takes_nothing_from_the_users_later_
     assert _take(paid_before, user_id, "5").status == "SUCCEEDED"
     with transaction() as session:
         service.deposit(session, user_id=user_id, amount=Decimal("5"))
-    requests = [service.PaymentRequest(order_id=order_id, user_id=user_id, amount=Decimal("5"),
-                                       correlation_id=str(order_id))
+    requests = [service.PaymentRequest(order_id=order_id, user_id=user_id, amount=Decimal("5"))
                 for order_id in (paid_before, later)]
     with transaction() as session:
         taken = service.take_payments(session, requests)
@@ -324,8 +326,7 @@ def test_a_batch_charges_an_order_once_however_often_it_asks(in_payments, user_i
     decided_before = uuid.uuid4()
     assert _take(decided_before, user_id, "30") is not None
     twice = uuid.uuid4()
-    requests = [service.PaymentRequest(order_id=order_id, user_id=user_id, amount=Decimal("10"),
-                                       correlation_id=str(order_id))
+    requests = [service.PaymentRequest(order_id=order_id, user_id=user_id, amount=Decimal("10"))
                 for order_id in (decided_before, twice, twice)]
     with transaction() as session:
         taken = service.take_payments(session, requests)
@@ -334,3 +335,49 @@ def test_a_batch_charges_an_order_once_however_often_it_asks(in_payments, user_i
     answers = db.session.scalar(select(func.count()).where(
         OutboxMessage.correlation_id.in_([str(decided_before), str(twice)])))
     assert answers == 2
+
+
+def _sent_by_another_producer(order_id: uuid.UUID, user_id: str, amount: str, offset: int, *,
+                              correlation_id: str | None,
+                              causation_id: str | None = None) -> ConsumedRecord:
+    """A PaymentRequested as a producer other than the orders service may send it, with whatever
+    correlation id it put there (a reader takes any string up to 100 characters, or null), read
+    off the topic at `offset`."""
+    body = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": user_id,
+                                         "amount": Decimal(amount)}).to_json()
+    body |= {"correlation_id": correlation_id, "causation_id": causation_id}
+    return ConsumedRecord("payments-test", 0, offset, user_id.encode(), encode(body), {})
+
+
+def test_each_result_names_its_order_whatever_correlation_id_its_request_came_with(
+        in_payments, payments_inbox, user_id):
+    """The contract: every event's `correlation_id` is its order id. Requests with none, another
+    producer's own id or another order's id, handled by the payments handler as the inbox hands
+    them over, are answered (paid, refused for lack of funds, refused for lack of an account)
+    each under its own order's id, the click's id carried on as `causation_id` as ever; the
+    paid order asked again under another id is not answered again."""
+    _open_with(user_id, "5")
+    nobody = f"{user_id}-none"
+    paid, refused, no_account = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    click = f"click-{uuid.uuid4().hex}"
+    handled = payments_inbox([
+        _sent_by_another_producer(paid, user_id, "3", 0, correlation_id=None, causation_id=click),
+        _sent_by_another_producer(refused, user_id, "4", 1, correlation_id="another-producers"),
+        _sent_by_another_producer(no_account, nobody, "1", 2, correlation_id=str(paid))])
+    assert handle_inbox_batch.apply(args=("payments", list(map(str, handled)))).get() == 3
+    (again,) = payments_inbox([_sent_by_another_producer(paid, user_id, "3", 3,
+                                                         correlation_id="replayed")])
+    assert handle_inbox_batch.apply(args=("payments", [str(again)])).get() == 1
+
+    db.session.rollback()
+    answers = db.session.execute(
+        select(OutboxMessage.type, OutboxMessage.correlation_id, OutboxMessage.envelope,
+               OutboxMessage.request_id)
+        .where(OutboxMessage.key.in_([user_id, nobody])).order_by(OutboxMessage.id)).all()
+    assert [(a.type, a.envelope["payload"]["order_id"], a.correlation_id,
+             a.envelope["correlation_id"], a.request_id, a.envelope["causation_id"])
+            for a in answers] == [
+        ("PaymentSucceeded", str(paid), str(paid), str(paid), click, click),
+        ("PaymentFailed", str(refused), str(refused), str(refused), None, None),
+        ("PaymentFailed", str(no_account), str(no_account), str(no_account), None, None)]
+    assert _balance(user_id) == Decimal("2.00")

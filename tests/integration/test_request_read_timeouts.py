@@ -267,7 +267,7 @@ def _status_change(user: str) -> ReceivedEvent:
     """An OrderStatusChanged event for `user`, as the gateway's inbox hands it over."""
     event = new_event(ORDER_STATUS_CHANGED, {
         "order_id": uuid.uuid4(), "user_id": user, "amount": Decimal("1.00"),
-        "status": "FINISHED", "reason": None, "updated_at": datetime.now(timezone.utc)}, None)
+        "status": "FINISHED", "reason": None, "updated_at": datetime.now(timezone.utc)})
     return ReceivedEvent(event.payload, StoredMessage(event.message_id, event.type, None, None,
                                                       event.payload_json(), done=False,
                                                       envelope_version=event.version))

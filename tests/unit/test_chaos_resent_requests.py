@@ -23,7 +23,7 @@ from shared.outbox.relaying import relay_headers
 def test_a_copy_is_the_relays_message_but_for_a_fresh_message_id_in_envelope_and_header():
     order_id = uuid.uuid4()
     event = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": "u1",
-                                          "amount": Decimal("12.50")}, str(order_id))
+                                          "amount": Decimal("12.50")})
     value = event.to_wire().encode()
     headers = [(name, header.encode()) for name, header in
                relay_headers(str(event.message_id), PAYMENT_REQUESTED, "req-1").items()]
@@ -59,7 +59,7 @@ def _published(count: int) -> list:
     for _ in range(count):
         order_id = uuid.uuid4()
         event = new_event(PAYMENT_REQUESTED, {"order_id": order_id, "user_id": "u1",
-                                              "amount": Decimal("1.00")}, str(order_id))
+                                              "amount": Decimal("1.00")})
         records.append((str(order_id).encode(), event.to_wire().encode(),
                         [("message_id", str(event.message_id).encode())]))
     return records
