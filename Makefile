@@ -89,8 +89,8 @@ protos: venv
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
 		shared/protos/*.proto
 
-# The benchmark's own extras (matplotlib, py-spy) go on top; `make test` never needs them. (A new
-# venv has none: its stamp went with the old one.)
+# The benchmark's own extra (py-spy) goes on top; `make test` never needs it. (A new venv has
+# none: its stamp went with the old one.)
 $(BENCH_INSTALLED): $(INSTALLED) requirements/bench.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/bench.txt
 	touch $@

