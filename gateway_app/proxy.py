@@ -25,9 +25,9 @@ from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from webargs.flaskparser import is_json_request
 
 from gateway_app.resends import safe_to_send_again
-from gateway_app.upstream_answers import (UNREADABLE_JSON, an_error_of_the_api,
-                                          failure_for_status, retry_after_passed_on)
-from gateway_app.upstream_http import send
+from gateway_app.upstream_answers import (UNREADABLE_JSON, failure_for_status,
+                                          retry_after_passed_on)
+from gateway_app.upstream_http import error_code_of, send
 from shared.caller_deadline import deadline_headers
 from shared.errors import BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER, idempotency_key_from_request
@@ -112,7 +112,7 @@ def forward(service: str, path: str, idempotent: bool = False,
     failure = failure_for_status(service, upstream.status_code,
                                  unavailable_for_now=_unavailable_for_now(upstream),
                                  said=lambda: upstream.text,
-                                 error_code=lambda: _error_code(upstream))
+                                 error_code=lambda: error_code_of(upstream))
     if failure is not None:
         raise failure
     if not _an_answer_of_the_api(upstream):  # (a URL that names something else, say)
@@ -145,25 +145,11 @@ def _an_answer_of_the_api(upstream: requests.Response) -> bool:
     return True
 
 
-def _error_code(upstream: requests.Response) -> str | None:
-    """The `error.code` of the answer's body, if it is an error of the API's."""
-    if not _an_error_of_the_api(upstream):
-        return None
-    return json.loads(upstream.content)["error"]["code"]
-
-
 def _unavailable_for_now(upstream: requests.Response) -> bool:
     """A 503 the service answered itself, as the usual JSON error: it can say when to retry."""
     return upstream.status_code == 503 and _an_error_of_the_api(upstream)
 
 
 def _an_error_of_the_api(upstream: requests.Response) -> bool:
-    """The answer's body is an error as the APIs answer one, {"error": {"code", "message",
-    "details"}}, each of them as the services write it (upstream_answers.an_error_of_the_api, the
-    check the gRPC transport makes of a failed call's trailers)."""
-    try:
-        error = json.loads(upstream.content)["error"]
-    except (*UNREADABLE_JSON, KeyError, TypeError):
-        return False
-    return isinstance(error, dict) and an_error_of_the_api(
-        error.get("code"), error.get("message"), error.get("details"))
+    """The answer's body is an error as the APIs answer one (upstream_http.error_code_of)."""
+    return error_code_of(upstream) is not None

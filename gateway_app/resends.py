@@ -22,6 +22,12 @@ again): a timing rule would not spare the likelier kind, one that kills it at on
 bounded cost is taken so that a safe request does not fail at random under load or as a worker
 dies.
 
+A second try that did nothing says nothing of the first, which may have been carried out: one
+never sent (no connection made), refused unrun (a gRPC server too busy to take it) or rolled back
+for the deadline (the service's 504 CALLER_GAVE_UP: the second try keeps the first's moment, and a
+keyed POST's replay of a first try carried out rolls back past it as well) leaves the first try's
+failure, a 502 "may have been carried out", not its own "unavailable" or "nothing was done".
+
 The rule says only what may be sent again; what answers it is the deployment's. Over HTTP the
 service's other gunicorn workers take the second try on the same port. Over gRPC only another
 process serving the same target can (replicas behind one address; never processes sharing its

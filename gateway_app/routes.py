@@ -19,7 +19,8 @@ from orders_app.schemas import (GET_ORDER_ERRORS, LIST_ORDERS_ERRORS, ORDER_PAGE
 from payments_app.schemas import (BALANCE_ERRORS, DEPOSIT_ERRORS, OPEN_ACCOUNT_ERRORS,
                                   OPENED_ACCOUNT_LINKS, AccountSchema, DepositSchema)
 from shared.documented_errors import (BAD_GATEWAY, DATABASE_UNAVAILABLE_OR_BUSY,
-                                      SERVICE_UNAVAILABLE, UPSTREAM_TIMEOUT)
+                                      SERVICE_UNAVAILABLE, UPSTREAM_ROLLED_BACK,
+                                      UPSTREAM_TIMEOUT)
 from shared.http_api import Blueprint, EmptySchema
 from shared.idempotency import (IDEMPOTENCY_KEY_PARAMETER, REPLAYED_RESPONSE_HEADERS,
                                 idempotency_key_from_request)
@@ -30,6 +31,9 @@ from shared.money import format_amount
 # which the gateway's signed identity was refused with: a 502. Each route declares them.)
 UPSTREAM_ERRORS = (BAD_GATEWAY, SERVICE_UNAVAILABLE, *DATABASE_UNAVAILABLE_OR_BUSY,
                    UPSTREAM_TIMEOUT)
+# And what a call whose work the service commits can end in besides: the service's rollback for
+# the gateway's deadline (its CALLER_GAVE_UP), nothing done.
+WRITE_ERRORS = (UPSTREAM_ROLLED_BACK,)
 
 blueprint = Blueprint("shop", __name__, url_prefix="/api",
                       description="Orders and accounts, for the signed-in user",
@@ -57,7 +61,7 @@ def _grpc(service: str, method: str, body: dict[str, Any], status: int,
 @blueprint.response(202, OrderSchema, headers=REPLAYED_RESPONSE_HEADERS,
                     description="Accepted; the payment is asked for asynchronously",
                     links=PLACED_ORDER_LINKS)
-@blueprint.errors(*PLACE_ORDER_ERRORS)
+@blueprint.errors(*PLACE_ORDER_ERRORS, *WRITE_ERRORS)
 def place_order(args):
     """Place an order."""
     if _over_http():
@@ -96,7 +100,7 @@ def get_order(order_id: str):
 @blueprint.post("/accounts")
 @blueprint.arguments(EmptySchema, required=False)
 @blueprint.response(201, AccountSchema, links=OPENED_ACCOUNT_LINKS)
-@blueprint.errors(*OPEN_ACCOUNT_ERRORS)
+@blueprint.errors(*OPEN_ACCOUNT_ERRORS, *WRITE_ERRORS)
 def open_account(_args):
     """Open the signed-in user's account."""
     if _over_http():
@@ -108,7 +112,7 @@ def open_account(_args):
 @blueprint.arguments(DepositSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
 @blueprint.response(200, AccountSchema, headers=REPLAYED_RESPONSE_HEADERS)
-@blueprint.errors(*DEPOSIT_ERRORS)
+@blueprint.errors(*DEPOSIT_ERRORS, *WRITE_ERRORS)
 def deposit(args):
     """Top up the signed-in user's account."""
     if _over_http():

@@ -1,6 +1,16 @@
 """What the gateway makes of a service's answer, whichever transport carried it: an error of the
 API's and what is none, the error statuses it answers for itself rather than relay, and a
-Retry-After passed on only if it is one, as a number of seconds."""
+Retry-After passed on only if it is one, as a number of seconds.
+
+A 504 is the gateway's own, of two kinds. The service's own 504 CALLER_GAVE_UP, its work rolled
+back as the deadline the gateway signed passed before it could commit (shared/caller_deadline.py),
+is UpstreamRolledBack: a 504 under that code that says nothing of the request was done. That is
+known only from the service's own error, in the API's shape (its body over HTTP, its trailers
+over gRPC). Any other 504 (something in front of the service timing out, in no shape of the
+API's) and the gateway's own timer (no answer within the deadline and its grace: over gRPC a
+DEADLINE_EXCEEDED with none of the service's trailers) are UpstreamTimeout: the request may still
+have taken effect. A second try's rollback says nothing of the first try (gateway_app/resends.py):
+rolled_back_for_the_deadline tells the transports so."""
 
 from __future__ import annotations
 
@@ -12,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from shared.documented_errors import INVALID_DEADLINE
-from shared.errors import ApiError, BadGateway, UpstreamTimeout
+from shared.errors import ApiError, BadGateway, UpstreamRolledBack, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +45,31 @@ def an_error_of_the_api(code: Any, message: Any, details: Any) -> bool:
             and isinstance(message, str) and isinstance(details, dict))
 
 
+def rolled_back_for_the_deadline(status: int, error_code: str | None) -> bool:
+    """True if a service's answer of `status`, its error's code `error_code` (None: it gave none,
+    or no error of the API's), says it rolled the request's work back for the deadline the
+    gateway signed: its 504 CALLER_GAVE_UP, nothing committed."""
+    return status == UpstreamRolledBack.status and error_code == UpstreamRolledBack.code
+
+
 def failure_for_status(service: str, status: int, *, unavailable_for_now: bool,
                        said: Callable[[], str | None],
                        error_code: Callable[[], str | None]) -> ApiError | None:
     """What the gateway answers for a service's answer of `status` instead of relaying it (None:
-    relayed, as far as its status goes): a 504, for an answer that came too late to count (the
-    service's CALLER_GAVE_UP, or whatever stands in front of it timing out); a 502 for any other
-    5xx but a 503 that is `unavailable_for_now` (the service's own, in the usual error shape: it
-    can say when to retry), for a 401 (the gateway's signed identity refused) and for a 400
-    INVALID_DEADLINE (the deadline the gateway signed refused for its form: the gateway's fault,
-    about a header its client never sent). `said` gives the service's body or message, read only
-    for the log, and `error_code` its error's code (None: it gave none), read only for a 401's
-    log line and a 400's."""
+    relayed, as far as its status goes): a 504, for an answer that came too late to count: the
+    service's own CALLER_GAVE_UP, its work rolled back, is UpstreamRolledBack (nothing was done),
+    any other (whatever stands in front of it timing out) UpstreamTimeout (it may have been);
+    a 502 for any other 5xx but a 503 that is `unavailable_for_now` (the service's own, in the
+    usual error shape: it can say when to retry), for a 401 (the gateway's signed identity
+    refused) and for a 400 INVALID_DEADLINE (the deadline the gateway signed refused for its
+    form: the gateway's fault, about a header its client never sent). `said` gives the service's
+    body or message, read only for the log, and `error_code` its error's code (None: it gave
+    none, or no error of the API's), read only for a 504, a 401's log line and a 400."""
     if status == 504:
+        if rolled_back_for_the_deadline(status, error_code()):
+            log.warning("%s rolled the request back, the gateway's deadline passed before its"
+                        " work could commit", service)
+            return UpstreamRolledBack.of(service)
         log.warning("%s answered too late: %s", service, (said() or "")[:500])
         return UpstreamTimeout.of(service)
     if status >= 500 and not (status == 503 and unavailable_for_now):

@@ -20,7 +20,8 @@ from flask import current_app, g
 
 from gateway_app.resends import SECOND_TRY_NEEDS_SECONDS
 from gateway_app.upstream_answers import (UNREADABLE_JSON, an_error_of_the_api,
-                                          failure_for_status, retry_after_passed_on)
+                                          failure_for_status, retry_after_passed_on,
+                                          rolled_back_for_the_deadline)
 from shared.caller_deadline import COMMIT_GRACE_SECONDS, deadline_moment
 from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.grpc_messages import to_body, to_message
@@ -94,6 +95,12 @@ def call(service: str, method: str, body: dict[str, Any], *,
                 reply, answered = _sent(STUBS[service](channel), service, method, request,
                                         deadline, left + COMMIT_GRACE_SECONDS)
         except grpc.RpcError as again:
+            if _rolled_back(again):
+                # Rolled back for the deadline, the first try's moment: nothing done by this try,
+                # which says nothing of the first (a keyed call's replay of a first try carried
+                # out rolls back as well), so the first's failure is answered, as below.
+                log.warning("%s rolled the call sent again back, the deadline passed", service)
+                raise _http_error(service, exc) from None
             if not (_never_sent(again) or _too_busy(again)):
                 raise _http_error(service, again) from None
             # Never sent (no connection made: no service in the dead one's place), or refused
@@ -163,6 +170,16 @@ def _too_busy(exc: grpc.RpcError) -> bool:
             and HTTP_STATUS_KEY not in _trailers(exc) and exc.details() == _TOO_BUSY_DETAILS)
 
 
+def _rolled_back(exc: grpc.RpcError) -> bool:
+    """True if the failed call is the service's own rollback for the deadline the gateway
+    signed (its trailers say 504 CALLER_GAVE_UP): nothing of the call was done. (The gateway's
+    own timer's DEADLINE_EXCEEDED comes with no trailers.)"""
+    trailers = _trailers(exc)
+    status = trailers.get(HTTP_STATUS_KEY, "")
+    return (_ERROR_STATUS.fullmatch(status) is not None
+            and rolled_back_for_the_deadline(int(status), trailers.get(ERROR_CODE_KEY)))
+
+
 def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
     """The service's own answer, as its HTTP API would have given it (in the trailers: a 503
     DATABASE_BUSY with its Retry-After comes as UNAVAILABLE too), or what the call's failure
@@ -194,6 +211,9 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
         log.warning("%s closed the connection without answering: %s", service, exc.details())
         return BadGateway.of(service)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        # The gateway's own timer (its deadline and the grace past it), with none of the
+        # service's trailers: the call may have been carried out. (The service's own rollback
+        # for the deadline comes with its trailers, 504 CALLER_GAVE_UP: above.)
         log.warning("%s timed out: %s", service, exc.details())
         return UpstreamTimeout.of(service)
     if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -210,10 +230,10 @@ _ERROR_STATUS = re.compile(r"[45][0-9]{2}")
 def _the_services_error(service: str, exc: grpc.RpcError, trailers: dict[str, str]) -> ApiError:
     """The error the service said in a failed call's `trailers`, as its HTTP API would have
     answered it, and as the HTTP transport relays it (gateway_app/upstream_answers.py: a 5xx but
-    its own 503 a 502, a 504 a 504, a Retry-After that is none left out). Trailers that are none
-    the service writes (a status that is no error status, or no error of the API's: its code
-    not of shared/errors.py's form, details missing or no JSON object) are a 502, as an answer
-    over HTTP that is no answer of the API is."""
+    its own 503 a 502, a 504 a 504, its CALLER_GAVE_UP saying nothing was done, a Retry-After
+    that is none left out). Trailers that are none the service writes (a status that is no error
+    status, or no error of the API's: its code not of shared/errors.py's form, details missing
+    or no JSON object) are a 502, as an answer over HTTP that is no answer of the API is."""
     status, code = trailers[HTTP_STATUS_KEY], trailers.get(ERROR_CODE_KEY)
     message = exc.details() or ""
     try:

@@ -19,8 +19,10 @@ it. A request that fails so, on a connection that carried one before, is sent on
 connection, within what is left of the deadline, where that is safe (gateway_app/resends.py: a GET
 or HEAD, or a POST with an Idempotency-Key passed on). Any other fails, as does a request closed
 without an answer on a connection made for it (the second try's too), or after a byte of one: the
-service may have carried it out, or is refusing it. The connections are the services' own, never
-through a proxy the environment names, and carry no cookie (none is kept).
+service may have carried it out, or is refusing it. A second try that does nothing (no connection
+made, or rolled back for the deadline: the service's 504 CALLER_GAVE_UP) leaves the first try's
+failure, a 502. The connections are the services' own, never through a proxy the environment
+names, and carry no cookie (none is kept).
 
 How soon the failure came does not count (gateway_app/resends.py): a close the service made
 before the request came can show late on a slowed host (two busy cores, a pause for the
@@ -34,6 +36,7 @@ from __future__ import annotations
 import http.client
 import http.cookiejar
 import io
+import json
 import logging
 import threading
 import time
@@ -45,6 +48,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from gateway_app.resends import SECOND_TRY_NEEDS_SECONDS
+from gateway_app.upstream_answers import (UNREADABLE_JSON, an_error_of_the_api,
+                                          rolled_back_for_the_deadline)
 from shared.caller_deadline import COMMIT_GRACE_SECONDS
 
 log = logging.getLogger(__name__)
@@ -278,7 +283,7 @@ def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
         log.info("%s closed a kept-alive connection without answering (%r): sending the request"
                  " again on a new one", service, exc)
     try:
-        return _http().request(method, url, **{
+        answer = _http().request(method, url, **{
             **kwargs,
             "timeout": (min(CONNECT_TIMEOUT_SECONDS, left), left + COMMIT_GRACE_SECONDS)})
     except requests.ConnectionError as again:
@@ -288,3 +293,26 @@ def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
         # send and died carrying it out, so that first failure is the one to answer for (a 502,
         # "may have been carried out"), not this one's "unavailable", which would deny it.
         raise first_failure from again
+    if rolled_back_for_the_deadline(answer.status_code, error_code_of(answer)):
+        # Nor may this try's rollback for the deadline (the same moment as the first's), which
+        # says nothing was done by it alone: the first may have been (a keyed POST's replay of
+        # it rolls back too), as over gRPC (gateway_app/resends.py).
+        log.warning("%s rolled the request sent again back, the deadline passed: the first"
+                    " try's failure is answered", service)
+        raise first_failure from None
+    return answer
+
+
+def error_code_of(answer: requests.Response) -> str | None:
+    """The `error.code` of a service's `answer`, if its body is an error as the APIs answer one,
+    {"error": {"code", "message", "details"}}, each of them as the services write it
+    (upstream_answers.an_error_of_the_api, the check the gRPC transport makes of a failed call's
+    trailers); None if it is none."""
+    try:
+        error = json.loads(answer.content)["error"]
+    except (*UNREADABLE_JSON, KeyError, TypeError):
+        return None
+    if not (isinstance(error, dict) and an_error_of_the_api(
+            error.get("code"), error.get("message"), error.get("details"))):
+        return None
+    return error["code"]

@@ -1,18 +1,21 @@
 """When the gateway gives up on a service's work, told to the service: `X-Gateway-Deadline`,
 a moment in seconds since the epoch, an HTTP header or (in lower case) gRPC call metadata. Past
 it, the service commits nothing (shared.db.transaction rolls back) and answers 504 CALLER_GAVE_UP
-(shared.errors; over gRPC DEADLINE_EXCEEDED): the gateway answers its client 504, and a request
-that client retries (an order placed without an Idempotency-Key) must not find the first one done
-as well.
+(shared.errors; over gRPC DEADLINE_EXCEEDED, with that error's trailers: shared.grpc_server): the
+gateway answers its client 504, and a request that client retries (an order placed without an
+Idempotency-Key) must not find the first one done as well.
 
 The gateway waits for the answer COMMIT_GRACE_SECONDS past that moment: the service looks at it as
 its work is done and again once it is flushed (a flush's wait for a lock counted in), and the
 COMMIT that follows takes its time (an fsync, a synchronous replica). Waiting to the moment alone,
 a COMMIT begun a few milliseconds before it was answered 504 "may still have taken effect" while
 the order was placed, and a client retrying without a key placed a second one. Now the answer the
-gateway relays is the service's: its 201 or 202, or its CALLER_GAVE_UP, nothing committed; only a
-service silent past the grace too is the gateway's own 504 UPSTREAM_TIMEOUT ("may still have taken
-effect").
+gateway relays is the service's: its 201 or 202, or its CALLER_GAVE_UP, nothing committed, which the
+gateway answers as a 504 CALLER_GAVE_UP of its own that names the service and says nothing was done
+(gateway_app/upstream_answers.py; but for a second try's, which says nothing of the first:
+gateway_app/resends.py). Only a service silent past the grace too (over gRPC, a DEADLINE_EXCEEDED
+of the gateway's own timer, with none of the service's trailers), or something in front of it
+timing out, is the gateway's 504 UPSTREAM_TIMEOUT ("may still have taken effect").
 
 A moment, not a number of seconds: the request may wait before the service reads it (for a server
 thread, in a backlog), and that wait is the caller's too; and a request the gateway sends again

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from shared.config import MAX_REQUEST_BYTES
-from shared.errors import ErrorSchema
+from shared.errors import ErrorSchema, UpstreamRolledBack
 from shared.idempotency import IDEMPOTENCY_HEADER, MAX_KEY_LENGTH
 from shared.internal_auth import DEADLINE_HEADER, USER_ID_HEADER
 
@@ -102,6 +102,12 @@ SERVICE_UNAVAILABLE = DocumentedError(
 UPSTREAM_TIMEOUT = DocumentedError(
     504, "UPSTREAM_TIMEOUT", "the service took too long to answer (the request may have been "
     "carried out)")
+# Only an operation whose work the service commits (shared.caller_deadline: CALLER_GAVE_UP, the
+# service's own, under its code).
+UPSTREAM_ROLLED_BACK = DocumentedError(
+    504, UpstreamRolledBack.code, "the service could not finish the request before the "
+    "gateway's deadline and said it rolled its work back: nothing of it was done, retry it "
+    "(with the same Idempotency-Key, if it had one)")
 # The gateway's deadline, which every operation of a service takes (shared.caller_deadline):
 # read once the identity is verified, so only one the gateway signed gets this far.
 INVALID_DEADLINE = DocumentedError(

@@ -182,6 +182,21 @@ class CallerDeadlinePassed(ApiError):
                          " that work was rolled back.")
 
 
+class UpstreamRolledBack(ApiError):
+    """A service behind the gateway said it rolled the request's work back, the gateway's
+    deadline having passed before it could commit (its CALLER_GAVE_UP): the gateway's 504 under
+    the service's code, which, unlike UpstreamTimeout's, says that nothing of it was done."""
+
+    status = 504
+    code = CallerDeadlinePassed.code
+
+    @classmethod
+    def of(cls, service: str) -> UpstreamRolledBack:
+        return cls(f"The {service} service could not finish the request before the gateway's"
+                   " deadline and rolled it back: nothing of it was done. Retry it (with the"
+                   " same Idempotency-Key, if it had one).", details={"service": service})
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict:
     return {"error": {"code": code, "message": message, "details": details or {}}}
 

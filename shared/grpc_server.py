@@ -41,7 +41,7 @@ from marshmallow import ValidationError
 from shared.caller_deadline import COMMIT_GRACE_SECONDS, deadline_given
 from shared.config import settings_or_exit
 from shared.db import CallerGaveUp, caller_waits_until
-from shared.errors import DATABASE_ERRORS, ApiError, database_error
+from shared.errors import DATABASE_ERRORS, ApiError, CallerDeadlinePassed, database_error
 from shared.grpc_health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from shared.grpc_health import ServiceHealth
 from shared.idempotency import REPLAYED, checked_idempotency_key, take_replayed_mark
@@ -128,6 +128,7 @@ GRPC_CODE_FOR_HTTP_STATUS = {
     422: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,  # (its database unavailable or busy: try again shortly)
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,  # (CALLER_GAVE_UP: its work rolled back)
 }
 
 
@@ -270,7 +271,11 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
         except CallerGaveUp:
             log.warning("the caller's deadline passed before the call's work could commit;"
                         " rolled back")
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "The call's deadline passed.")
+            # With the trailers of the HTTP API's 504 CALLER_GAVE_UP, as every error of the
+            # service's, so that the gateway tells its client nothing was done: a bare
+            # DEADLINE_EXCEEDED is one the gateway cannot tell from its own timer's ("may still
+            # have taken effect").
+            _abort(context, CallerDeadlinePassed())
         except Exception:
             log.exception("unhandled error in a gRPC call [request_id=%s]", request_id)
             context.abort(grpc.StatusCode.INTERNAL, "Something went wrong on our side.")

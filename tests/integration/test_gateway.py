@@ -110,14 +110,25 @@ class _FailingHandler(_SlowHandler):
         self.wfile.write(b"Traceback (most recent call last): secret internals")
 
 
+_ROLLED_BACK_FOR_THE_DEADLINE = json.dumps({"error": {
+    "code": "CALLER_GAVE_UP", "message": "rolled back", "details": {}}}).encode()
+
+
 class _GaveUpOnHandler(_SlowHandler):
-    """Answers as a service does whose caller's deadline passed before its work could commit."""
+    """Answers a POST as a service does whose caller's deadline passed before its work could
+    commit, or, at a path of /proxy/..., as a proxy in front of it timing out does (a 504 in no
+    shape of the API's), or at /other/... with another error of the API's shape."""
+
+    ANSWERS = {"/proxy": ("text/html", b"<html>504 Gateway Time-out</html>"),
+               "/other": ("application/json", json.dumps({"error": {
+                   "code": "GATEWAY_TIMEOUT", "message": "too slow", "details": {}}}).encode())}
 
     def do_POST(self):
-        body = json.dumps({"error": {"code": "CALLER_GAVE_UP", "message": "rolled back",
-                                     "details": {}}}).encode()
+        content_type, body = next(
+            (answer for path, answer in self.ANSWERS.items() if self.path.startswith(path)),
+            ("application/json", _ROLLED_BACK_FOR_THE_DEADLINE))
         self.send_response(504)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -1064,6 +1075,34 @@ def test_a_keyed_post_sent_again_to_a_service_gone_meanwhile_is_a_502_not_a_503(
     assert answer.get_json()["error"]["code"] == "BAD_GATEWAY"
 
 
+def _dropped_then_rolled_back(on_connection: int, on_server: int) -> bytes | None:
+    """The first request answered; then one dropped on its kept-alive connection, and its second
+    try, on a new one, answered as a service rolling it back for the deadline does."""
+    if on_server == 1:
+        return None
+    if on_connection > 1:
+        return b""
+    return (b"HTTP/1.1 504 Gateway Timeout\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(_ROLLED_BACK_FOR_THE_DEADLINE),
+                                                 _ROLLED_BACK_FOR_THE_DEADLINE))
+
+
+def test_a_keyed_post_sent_again_and_rolled_back_for_the_deadline_is_the_first_sends_502(
+        settings, upstreams):
+    """A keyed POST whose kept-alive connection closed unanswered is sent again (as above), and
+    the service rolls the second try back for the deadline (504 CALLER_GAVE_UP): that says
+    nothing was done by the second try alone. The first may have been carried out (its replay
+    rolls back past the deadline too), so the answer is the first failure's 502 ("may have been
+    carried out"), not the second's "nothing of it was done"."""
+    with _dropping(settings, _dropped_then_rolled_back) as (client, server):
+        answer, kept_alive = _sent_after_a_kept_alive_get(client, server, "POST", "retry-me")
+        assert answer.status_code == 502, answer.get_json()
+        assert answer.get_json()["error"]["code"] == "BAD_GATEWAY"
+        [dropped, again] = server.received[1:]
+        assert dropped == ("POST", kept_alive, "retry-me")
+        assert again[::2] == ("POST", "retry-me") and again[1] != kept_alive
+
+
 def test_a_keyed_post_whose_kept_alive_connection_closed_as_its_body_went_is_sent_again(
         settings, upstreams, monkeypatch):
     """A kept-alive connection the service closed as the request came on it, its head read, its
@@ -1309,18 +1348,29 @@ def test_an_order_held_on_its_way_past_the_gateways_deadline_is_not_placed(setti
     assert gateway.get("/api/orders", headers=auth).get_json()["items"] == []
 
 
-def test_a_service_answering_that_it_rolled_back_for_the_deadline_is_a_504(settings, upstreams):
+@pytest.mark.parametrize("base, code", [
+    ("", "CALLER_GAVE_UP"), ("/proxy", "UPSTREAM_TIMEOUT"), ("/other", "UPSTREAM_TIMEOUT"),
+], ids=["the service's rollback", "a proxy's 504", "another error's 504"])
+def test_a_service_answering_that_it_rolled_back_for_the_deadline_is_a_504_saying_so(
+        settings, upstreams, base, code):
     """Its CALLER_GAVE_UP, should it come back in time, is what it means for the client: too
-    slow, the request not carried out (not a 502: the service did not fail)."""
+    slow, and nothing of the request done (not a 502: the service did not fail), said in the
+    gateway's words, the service named; it was UPSTREAM_TIMEOUT, "may still have taken effect".
+    A 504 that is not the service's rollback (a proxy in front of it timing out, no error of the
+    API's; another code) says nothing of what was done: UPSTREAM_TIMEOUT."""
     rolled_back = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GaveUpOnHandler))
     try:
-        client = _gateway(settings, orders_service_url=rolled_back.url,
+        client = _gateway(settings, orders_service_url=f"{rolled_back.url}{base}",
                           payments_service_url=upstreams["payments"].url)
         _, auth = _sign_up(client)
         answer = client.post("/api/orders", json={"amount": "1.00"}, headers=auth)
     finally:
         rolled_back.close()
-    assert (answer.status_code, answer.get_json()["error"]["code"]) == (504, "UPSTREAM_TIMEOUT")
+    error = answer.get_json()["error"]
+    assert (answer.status_code, error["code"], error["details"]) == (
+        504, code, {"service": "orders"})
+    said = {"CALLER_GAVE_UP": "nothing of it was done", "UPSTREAM_TIMEOUT": "may still have"}
+    assert "orders service" in error["message"] and said[code] in error["message"]
 
 
 def _an_address() -> str:
@@ -1798,6 +1848,15 @@ def test_every_error_a_gateway_operation_answers_is_documented_for_it_and_none_o
     finally:
         slow.close()
         failing.close()
+    # A write the service rolled back for the deadline (its CALLER_GAVE_UP), which only a write's
+    # work can be.
+    rolled_back = _Served(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GaveUpOnHandler))
+    try:
+        kept(_each_asked(_gateway(settings, orders_service_url=rolled_back.url,
+                                  payments_service_url=rolled_back.url),
+                         [operation for operation in SHOP if operation[0] == "post"], auth))
+    finally:
+        rolled_back.close()
     # The databases unreachable (the services', and the gateway's own), then busy.
     nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
     with _served(orders_app.create_app(settings=dataclasses.replace(

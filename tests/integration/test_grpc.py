@@ -1090,6 +1090,11 @@ def test_a_captured_call_sent_again_with_a_longer_timeout_keeps_the_gateways_sig
         stub.PlaceOrder(place, timeout=30, metadata=captured)
     assert replayed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "the caller's deadline passed" in caplog.text  # the service's rollback, not the timeout
+    # Said in the trailers of the HTTP API's 504, as the service's other errors are: the gateway
+    # tells its client nothing was done, which a bare DEADLINE_EXCEEDED (its own timer's) cannot.
+    trailers = dict(replayed.value.trailing_metadata())
+    assert (trailers[HTTP_STATUS_KEY], trailers[ERROR_CODE_KEY], trailers[ERROR_DETAILS_KEY]) == \
+        ("504", "CALLER_GAVE_UP", "{}")
     assert _orders_placed_by(settings, user) == 0
 
 
@@ -1135,8 +1140,10 @@ def test_an_order_whose_commit_straddles_the_deadline_is_answered_as_it_ended(
     COMMIT_GRACE_SECONDS past the deadline for the service's answer. Waiting to the deadline
     alone, a COMMIT begun 0.2 s before it was answered 504 "may still have taken effect" with
     the order placed, and a client retrying without an Idempotency-Key placed a second one. Work
-    that ends past the deadline is rolled back, and the gateway answers 504 as for any call
-    that came too late."""
+    that ends past the deadline is rolled back, and the gateway says so, over either transport: a
+    504 CALLER_GAVE_UP naming the service, nothing done (over gRPC from the service's trailers,
+    which its DEADLINE_EXCEEDED carries), where it answered UPSTREAM_TIMEOUT "may still have taken
+    effect", as for a service silent past the grace."""
     from orders_app import service
     from shared import db
 
@@ -1154,7 +1161,10 @@ def test_an_order_whose_commit_straddles_the_deadline_is_answered_as_it_ended(
     assert (answer.status_code, _orders_placed_by(settings, session["user_id"])) == \
         (answered, placed), answer.get_json()
     if answered == 504:
-        assert answer.get_json()["error"]["code"] == "UPSTREAM_TIMEOUT"
+        error = answer.get_json()["error"]
+        assert (error["code"], error["details"]) == ("CALLER_GAVE_UP", {"service": "orders"})
+        assert "orders service" in error["message"] and "nothing of it was done" in \
+            error["message"]
 
 
 def test_a_captured_unkeyed_call_sent_again_is_refused_and_done_once(settings, grpc_targets):
@@ -1867,11 +1877,16 @@ _A_DATE = "Sun, 06 Nov 1994 08:49:37 GMT"
     ({ERROR_DETAILS_KEY: None}, 502, "BAD_GATEWAY"),  # (a service writes them always, {} or more)
     ({ERROR_DETAILS_KEY: "[" * 3000 + "]" * 3000}, 502, "BAD_GATEWAY"),  # too deep to read
     ({HTTP_STATUS_KEY: "500", ERROR_CODE_KEY: "INTERNAL_ERROR"}, 502, "BAD_GATEWAY"),
-    ({HTTP_STATUS_KEY: "504", ERROR_CODE_KEY: "CALLER_GAVE_UP"}, 504, "UPSTREAM_TIMEOUT"),
+    # (its rollback for the deadline: nothing done, said so; any other 504 may have been done)
+    ({HTTP_STATUS_KEY: "504", ERROR_CODE_KEY: "CALLER_GAVE_UP"}, 504, "CALLER_GAVE_UP"),
+    ({HTTP_STATUS_KEY: "504", ERROR_CODE_KEY: "GATEWAY_TIMEOUT"}, 504, "UPSTREAM_TIMEOUT"),
+    ({HTTP_STATUS_KEY: "504", ERROR_CODE_KEY: "CALLER_GAVE_UP", ERROR_DETAILS_KEY: None},
+     502, "BAD_GATEWAY"),
     ({}, 404, "ORDER_NOT_FOUND"),  # the trailers a service writes, relayed
 ], ids=["no number", "600", "200", "negative", "an underscore", "a fraction", "empty",
         "no code", "an empty code", "no code's form", "details no JSON", "details no object",
-        "no details", "details too deep", "a 500", "a 504", "as written"])
+        "no details", "details too deep", "a 500", "a 504 rolled back", "a 504 of another code",
+        "a 504 rolled back in trailers that are none", "as written"])
 def test_trailers_that_are_none_of_a_services_are_a_502_not_a_500(told_how_to_fail, trailers,
                                                                   status, code):
     """As over HTTP (gateway_app/proxy.py), a failed call whose trailers say no error of the
@@ -1882,7 +1897,7 @@ def test_trailers_that_are_none_of_a_services_are_a_502_not_a_500(told_how_to_fa
         (key, value) for key, value in written.items() if value is not None)
     answer = told_how_to_fail.client.get("/api/orders", headers=told_how_to_fail.auth)
     assert (answer.status_code, answer.get_json()["error"]["code"]) == (status, code)
-    if status == 502:
+    if status in (502, 504):
         assert answer.get_json()["error"]["details"] == {"service": "orders"}
 
 

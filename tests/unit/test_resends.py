@@ -12,7 +12,8 @@ from flask import Flask
 from gateway_app import upstream_grpc
 from gateway_app.resends import safe_to_send_again
 from shared.errors import ApiError
-from shared.grpc_server import channel_options
+from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
+                                channel_options)
 
 
 @pytest.mark.parametrize("method, key_passed_on, safe", [
@@ -56,10 +57,11 @@ def test_a_grpc_call_sent_again_goes_on_a_channel_of_its_own_closed_once_used(mo
 
 
 class _Failed(grpc.RpcError):
-    """A failed call as grpcio raises it, none of the service's trailers in it."""
+    """A failed call as grpcio raises it, none of the service's trailers in it unless given."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
-        self._code, self._details = code, details
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailers: tuple[tuple[str, str], ...] = ()):
+        self._code, self._details, self._trailers = code, details, trailers
 
     def code(self):
         return self._code
@@ -71,18 +73,23 @@ class _Failed(grpc.RpcError):
         return ()
 
     def trailing_metadata(self):
-        return ()
+        return self._trailers
 
 
 @pytest.mark.parametrize("second_try_failure", [
     _Failed(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: ..."),
     _Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!"),
-], ids=["never sent", "refused unrun, too busy"])
-def test_a_second_try_that_never_ran_leaves_the_first_trys_502(monkeypatch, second_try_failure):
+    # (as shared.grpc_server aborts a call its service rolled back for the deadline)
+    _Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "The caller's deadline passed ...", (
+        (HTTP_STATUS_KEY, "504"), (ERROR_CODE_KEY, "CALLER_GAVE_UP"),
+        (ERROR_DETAILS_KEY, "{}"))),
+], ids=["never sent", "refused unrun, too busy", "rolled back for the deadline"])
+def test_a_second_try_that_did_nothing_leaves_the_first_trys_502(monkeypatch, second_try_failure):
     """The first try's connection broke once it was sent (it may have been carried out); its
-    second try never ran, not sent or refused by a server too busy to take it: the answer is the
-    first try's 502 BAD_GATEWAY ("may have been carried out"), not the second's 503, which would
-    say nothing was done."""
+    second try did nothing: not sent, refused by a server too busy to take it, or rolled back as
+    the deadline (the first try's) passed, as a keyed call's replay of a first try carried out
+    is too. The answer is the first try's 502 BAD_GATEWAY ("may have been carried out"), not the
+    second's 503 or 504 CALLER_GAVE_UP, which would say nothing was done."""
     failures = iter([_Failed(grpc.StatusCode.UNAVAILABLE, "Socket closed"), second_try_failure])
 
     def sent(*args):

@@ -15,7 +15,8 @@ import payments_app.schemas
 import shared.caller_deadline
 import shared.documented_errors
 from gateway_app.upstream_answers import (LONGEST_RETRY_AFTER_SECONDS, an_error_of_the_api,
-                                          failure_for_status, retry_after_passed_on)
+                                          failure_for_status, retry_after_passed_on,
+                                          rolled_back_for_the_deadline)
 from shared.documented_errors import DocumentedError
 from shared.errors import INTERNAL_ERROR, ApiError, code_for
 from shared.internal_auth import InvalidIdentity
@@ -152,6 +153,38 @@ def test_a_failure_of_the_services_is_answered_for_and_its_own_errors_relayed(
     failure = failure_for_status("orders", status, unavailable_for_now=unavailable_for_now,
                                  said=lambda: "what it said", error_code=lambda: "SOME_CODE")
     assert (failure and (failure.status, failure.code)) == answered
+
+
+@pytest.mark.parametrize("code, answered", [
+    ("CALLER_GAVE_UP", "CALLER_GAVE_UP"),  # the service's own rollback for the deadline
+    (None, "UPSTREAM_TIMEOUT"),  # no error of the API's: a proxy in front of it timing out
+    ("GATEWAY_TIMEOUT", "UPSTREAM_TIMEOUT"),
+])
+def test_a_504_says_nothing_was_done_only_when_the_service_said_it_rolled_back(code, answered):
+    """The service's CALLER_GAVE_UP is the gateway's 504 under that code, in its own words (the
+    service named: "caller" would be the client's gateway to it), saying the request was not
+    carried out; any other 504 "may still have taken effect"."""
+    failure = failure_for_status("orders", 504, unavailable_for_now=False,
+                                 said=lambda: "what it said", error_code=lambda: code)
+    assert (failure.status, failure.code, failure.details) == (
+        504, answered, {"service": "orders"})
+    assert "orders service" in failure.message
+    if answered == "CALLER_GAVE_UP":
+        assert "nothing of it was done" in failure.message
+    else:
+        assert "may still have taken effect" in failure.message
+
+
+@pytest.mark.parametrize("status, code, rolled_back", [
+    (504, "CALLER_GAVE_UP", True),
+    (504, None, False),
+    (504, "UPSTREAM_TIMEOUT", False),
+    (503, "CALLER_GAVE_UP", False),
+    (502, "CALLER_GAVE_UP", False),
+])
+def test_only_a_504_caller_gave_up_says_the_service_rolled_back_for_the_deadline(
+        status, code, rolled_back):
+    assert rolled_back_for_the_deadline(status, code) is rolled_back
 
 
 def test_a_signature_used_twice_is_logged_as_that_not_as_a_release_secret_or_clock_apart(caplog):
