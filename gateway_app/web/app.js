@@ -28,6 +28,16 @@
   // (UPSTREAM_TIMEOUT_SECONDS, and a second's grace for a COMMIT under way) before it answers 504
   // itself.
   const READ_WAIT_MS = 30000;
+  // A write (a POST: a top-up, an order, Open account, signing in or out everywhere) not answered
+  // by then is given up on too, its request aborted, and fails as one with no answer: the page says
+  // it may have gone through and that pressing again retries it (under the same Idempotency-Key,
+  // which the services answer once the first under it is done: shared/idempotency.py). Held for
+  // ever (a proxy, a network gone quiet), it kept its button disabled, for good. The gateway
+  // answers a write itself within UPSTREAM_TIMEOUT_SECONDS (5 s by default, shared/config.py) and
+  // COMMIT_GRACE_SECONDS (1 s, shared/caller_deadline.py) past it, its one resend of a keyed POST
+  // made within that same deadline (gateway_app/upstream_http.py, upstream_grpc.py): some 6 s.
+  // Well past it, so that a write the gateway is still waiting for is not given up on.
+  const WRITE_WAIT_MS = 30000;
   // While its socket has not worked (connecting, refused, as with 1013 or 1011, or reconnecting),
   // the page reads the first page of orders and the balance itself about this often (jittered, as
   // the reconnects are: pages whose sockets one gateway process closed at once, as it does when it
@@ -107,19 +117,32 @@
   // user's, or the last one's, kept for their next sign-in): {username, actions: {action:
   // Map(form's contents -> {key, madeAt})}}, read from sessionStorage.
   let pendingKeys = null;
+  // The AbortController of the signed-in session's requests: aborted at its end (signOut), so that
+  // none of them, held unanswered, keeps a button disabled (whileBusy) into the next session.
+  let sessionRequests = null;
+  // The user whose typing the shop's forms hold: cleared when another signs in (clearShopForms).
+  let formsFilledBy = null;
+  // The final status of each order said in the order announcements (announceStatus), so that each
+  // change is said once, however often the list is drawn again.
+  const statusesAnnounced = new Map();
 
   // --- messages ---------------------------------------------------------------------------------
 
+  // The message area is a live region, always rendered (empty, it takes no room: style.css): one
+  // made visible and filled in the same step is often not announced by a screen reader.
   function showMessage(text, kind = "error") {
     const box = $("message");
     box.textContent = text;
     box.dataset.kind = kind;
-    box.hidden = false;
   }
 
   function clearMessage() {
-    $("message").hidden = true;
     $("message").textContent = "";
+    delete $("message").dataset.kind;
+  }
+
+  function messageShown() {
+    return $("message").textContent !== "";
   }
 
   class ApiError extends Error {
@@ -158,24 +181,26 @@
 
   // The answer's body; with `replayMark`, {body, replayed}: whether the gateway answered a repeat
   // of an earlier request under the same Idempotency-Key (Idempotent-Replayed: nothing was done
-  // this time). Given up on once `signal` aborts or `waitMs` has passed (0: never), as a request
-  // with no answer (NETWORK): a read after READ_WAIT_MS unless told otherwise, a write never (a
-  // top-up or an order waits for its answer, which settles its Idempotency-Key).
+  // this time). Given up on once `signal` aborts, the session it was sent for ends (signOut), or
+  // `waitMs` has passed: a read after READ_WAIT_MS, a write after WRITE_WAIT_MS, unless told
+  // otherwise. Given up on, it fails as a request with no answer (NETWORK), or, its session
+  // ended, as one whose answer nobody here is to be told (SESSION_ENDED).
   async function api(method, path,
                      { body, idempotencyKey, anonymous = false, replayMark = false, signal,
-                       waitMs = method === "GET" ? READ_WAIT_MS : 0 } = {}) {
+                       waitMs = method === "GET" ? READ_WAIT_MS : WRITE_WAIT_MS } = {}) {
     const headers = { Accept: "application/json" };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     if (!anonymous && session) headers.Authorization = `Bearer ${session.token}`;
     if (idempotencyKey) headers["Idempotency-Key"] = idempotencyKey;
     if (method === "GET" && !anonymous && pauseLeftMs() > 0) throw pausedRead();
     const sentFor = session;
+    const givenUpWith = [signal, !anonymous && sessionRequests && sessionRequests.signal];
     let response;
     let data;
     try {
       ({ response, data } = await answerWithin(path, {
         method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-      }, signal, waitMs));
+      }, givenUpWith.filter(Boolean), waitMs));
     } catch (exc) {
       throw endedSession(sentFor, anonymous) || new ApiError(0, "NETWORK", exc.message);
     }
@@ -208,16 +233,16 @@
   }
 
   // A request's answer, and its body as JSON (null if it holds none): {response, data}. Its request
-  // is aborted, and this fails, once `signal` aborts or `waitMs` (0: never) passes before the whole
-  // answer is in: a request held unanswered (a proxy, a network gone quiet) holds whatever waits
-  // for it, for as long as the browser does.
-  async function answerWithin(path, init, signal, waitMs) {
+  // is aborted, and this fails, once one of `signals` aborts or `waitMs` (0: never) passes before
+  // the whole answer is in: a request held unanswered (a proxy, a network gone quiet) holds
+  // whatever waits for it, for as long as the browser does.
+  async function answerWithin(path, init, signals, waitMs) {
     const controller = new AbortController();
     const giveUp = () => controller.abort();
-    if (signal) {
+    signals.forEach((signal) => {
       if (signal.aborted) giveUp();
       signal.addEventListener("abort", giveUp);
-    }
+    });
     const givenUp = waitMs > 0 ? setTimeout(giveUp, waitMs) : null;
     try {
       const response = await fetch(path, { ...init, signal: controller.signal });
@@ -232,7 +257,7 @@
       return { response, data };
     } finally {
       clearTimeout(givenUp);
-      if (signal) signal.removeEventListener("abort", giveUp);
+      signals.forEach((signal) => signal.removeEventListener("abort", giveUp));
     }
   }
 
@@ -297,10 +322,12 @@
   // reads them), kept until an answer settles the attempt: pressing again with the same contents,
   // whatever was sent in between and across a reload, retries it under that key, and the shop
   // carries it out once. Kept in this tab's sessionStorage under the user's name (the newest
-  // PENDING_KEYS_KEPT of each form, each with the time it was made), across the session's expiry
-  // and a token refused: the services keep a key for the user, whatever the token, so the same
-  // user signed in again in the tab retries under it. Forgotten on the sign-out buttons, when
-  // another user signs in in the tab, and PENDING_KEY_LIFE_MS after it was made.
+  // PENDING_KEYS_KEPT of each form, each with the time it was made), across the session's end,
+  // whatever ended it (its expiry, a token refused, the sign-out buttons: the page has said that
+  // pressing again retries the attempt, never carrying it out twice): the services keep a key for
+  // the user, whatever the token, so the same user signed in again in the tab retries under it.
+  // Forgotten when an answer settles it, when another user signs in in the tab, and
+  // PENDING_KEY_LIFE_MS after it was made (and with the tab: sessionStorage).
   const PENDING_KEYS_PREFIX = "hseshop.pending-keys.";  // and the user's name
   const PENDING_KEYS_KEPT = 20;
   // Well within the day the services keep a key (IDEMPOTENCY_KEY_RETENTION_SECONDS, which the page
@@ -430,17 +457,18 @@
     }
   }
 
-  // Forgets the keys this tab keeps, but those of `keptFor` (a user's name): all of them on the
-  // sign-out buttons, another user's when one signs in in the tab.
-  function forgetPendingKeys(keptFor = null) {
+  // Forgets the keys this tab keeps of users other than `keptFor` (the user signing in).
+  function forgetOthersPendingKeys(keptFor) {
     if (pendingKeys && pendingKeys.username !== keptFor) pendingKeys = null;
-    const kept = keptFor === null ? null : PENDING_KEYS_PREFIX + keptFor;
+    const kept = PENDING_KEYS_PREFIX + keptFor;
     Object.keys(sessionStorage)
       .filter((name) => name.startsWith(PENDING_KEYS_PREFIX) && name !== kept)
       .forEach((name) => sessionStorage.removeItem(name));
   }
 
-  // Runs a form's request with its submit buttons disabled, so one click sends one request.
+  // Runs a form's request with its submit buttons disabled, so one click sends one request. The
+  // request is given up on at the latest after WRITE_WAIT_MS, or when the session ends (api):
+  // the buttons are never left disabled.
   async function whileBusy(buttons, work) {
     const all = Array.isArray(buttons) ? buttons : [buttons];
     if (all.some((button) => button.disabled)) return;
@@ -474,7 +502,7 @@
       expiresAt: Date.now() + body.expires_in * 1000,
     };
     sessionStorage.setItem(SESSION_KEY, JSON.stringify(session));
-    forgetPendingKeys(session.username);  // another user's, kept since a sign-out of theirs
+    forgetOthersPendingKeys(session.username);  // another user's, kept since a sign-out of theirs
     enterShop();
   }
 
@@ -503,7 +531,7 @@
   function onSignOut() {
     const token = session && session.token;
     signOut();
-    forgetPendingKeys();
+    clearShopForms();
     clearMessage();
     if (token) tellTheGatewayOfSignOut(token, 0);
   }
@@ -535,14 +563,20 @@
     await whileBusy($("sign-out-everywhere"), async () => {
       await api("POST", "/api/auth/logout/everywhere");
       signOut();
-      forgetPendingKeys();
+      clearShopForms();
       showMessage("Signed out on every device and page.", "info");
     });
   }
 
+  // Ends the session on the page, whatever ended it (a sign-out button, the token expired or
+  // refused): its requests still in flight are given up on, and what is shown of the user goes.
+  // What they typed in the shop's forms stays (it is theirs, and a session expiring as they type
+  // must not lose it): the sign-out buttons clear it, and so does another user's sign-in.
   function signOut() {
     session = null;
     sessionStorage.removeItem(SESSION_KEY);
+    if (sessionRequests) sessionRequests.abort();
+    sessionRequests = null;
     clearTimeout(expiryTimer);
     clearTimeout(loadTimer);
     loadTimer = null;
@@ -557,17 +591,21 @@
     lastNotificationId = 0;
     balanceRead = null;
     unknownOrdersRead = null;
-    // What was typed is this user's: the next one starts with empty forms. (The keys of their
-    // pending attempts are kept for their next sign-in in this tab: forgetPendingKeys.)
-    ["topup-amount", "order-amount", "order-description", "password"].forEach((id) => {
-      $(id).value = "";
-    });
+    $("password").value = "";
+    statusesAnnounced.clear();
+    $("order-announcements").replaceChildren();
     $("orders").replaceChildren();
     $("balance").textContent = "…";  // as the page starts: nothing known of the next user's account
     delete $("balance").dataset.state;
     $("no-account").hidden = true;
     $("topup-form").hidden = true;
     showAuth();
+  }
+
+  // Empties the shop's forms, which hold what the signed-in user typed.
+  function clearShopForms() {
+    ["topup-amount", "order-amount", "order-description"].forEach((id) => { $(id).value = ""; });
+    formsFilledBy = null;
   }
 
   function showAuth() {
@@ -578,6 +616,9 @@
   }
 
   async function enterShop() {
+    sessionRequests = new AbortController();
+    if (formsFilledBy !== session.username) clearShopForms();  // another user's typing
+    formsFilledBy = session.username;
     $("current-user").textContent = session.username;
     $("session").hidden = false;
     $("auth-section").hidden = true;
@@ -776,13 +817,31 @@
     return a.id < b.id ? 1 : -1;
   }
 
-  // Statuses only move NEW -> FINISHED/CANCELLED, so a late NEW never replaces a final status.
+  // Statuses only move NEW -> FINISHED/CANCELLED, so a late NEW never replaces a final status. A
+  // status the page showed another of is announced.
   function rememberOrder(order) {
     const known = orders.get(order.id);
     if (known && known.status !== "NEW" && order.status === "NEW") return known;
     const merged = { ...known, ...order };
     orders.set(order.id, merged);
+    if (known && known.status !== merged.status) announceStatus(merged);
     return merged;
+  }
+
+  // Says an order's final status in the order announcements, a live region of its own (the list,
+  // drawn again whole on each change, is none: a screen reader would read it all, or nothing),
+  // once per order and status.
+  const ANNOUNCEMENTS_KEPT = 10;
+
+  function announceStatus(order) {
+    if (order.status === "NEW" || statusesAnnounced.get(order.id) === order.status) return;
+    statusesAnnounced.set(order.id, order.status);
+    const line = document.createElement("p");
+    line.textContent = `Order ${order.amount} '${order.description || "(no description)"}': `
+      + badgeText(order);
+    const log = $("order-announcements");
+    log.append(line);
+    while (log.children.length > ANNOUNCEMENTS_KEPT) log.firstElementChild.remove();
   }
 
   function badgeText(order) {
@@ -1200,10 +1259,11 @@
       // it read, which may have been read before it.
       if (!orders.has(change.order_id)) await readUnknownOrders();
       if (orders.has(change.order_id)) {
-        rememberOrder({
+        // (Announced here too where the read gave the order with its change made already.)
+        announceStatus(rememberOrder({
           id: change.order_id, status: change.status, reason: change.reason,
           updated_at: change.updated_at,
-        });
+        }));
       }
       renderOrders();
     } catch (error) {
@@ -1260,7 +1320,7 @@
 
   // Whether the message shown is what a failed read reported (reportFailedRead).
   function failedReadShown() {
-    return !$("message").hidden && $("message").textContent === catchUpMessage;
+    return messageShown() && $("message").textContent === catchUpMessage;
   }
 
   // Reads the first page of orders and the balance again, once: in 5 s, and never sooner than

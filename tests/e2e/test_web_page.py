@@ -259,6 +259,54 @@ def test_a_long_username_leaves_the_sign_out_buttons_on_a_narrow_screen(stack, b
     assert all(edge <= viewport for edge in edges), (viewport, edges)
 
 
+# Whether the page's message area is rendered as a live region (not display: none, which takes it
+# out of what a screen reader follows): its role, aria-live and computed display, and its text.
+MESSAGE_AREA = """
+const box = document.getElementById("message");
+return [box.getAttribute("role"), box.getAttribute("aria-live"), box.hidden,
+        getComputedStyle(box).display, box.textContent];
+"""
+ANNOUNCEMENTS = """
+const log = document.getElementById("order-announcements");
+return [log.getAttribute("aria-live"), Array.from(log.children, (line) => line.textContent)];
+"""
+
+
+def _announced(page: ShopPage) -> list[str]:
+    return page.driver.execute_script(ANNOUNCEMENTS)[1]
+
+
+def test_messages_and_each_orders_status_change_are_announced_to_screen_readers(stack, browser):
+    """The message area, a live region, was hidden (display: none) when empty and shown as it was
+    filled, in one step: screen readers often announce none of it; and an order's badge turning
+    FINISHED or CANCELLED was in no live region at all. The message area stays rendered (empty,
+    it takes no room: not displayed, to Selenium), and each order's final status is said once in
+    a live region of its own, the list (drawn again on every change) in none."""
+    page, shopper = _shopper_with_100_on_the_page(stack, browser)
+    assert browser.execute_script(MESSAGE_AREA) == ["status", "polite", False, "block", ""]
+    assert not page.visible("message")
+    assert browser.execute_script(
+        'return document.getElementById("orders").closest("[aria-live], [role]");') is None
+
+    paid = page.place_order("30", "a book")
+    page.wait_until(lambda: browser.execute_script(MESSAGE_AREA)[3:] == [
+        "block", "Order for 30.00 placed; its status updates below."], what="the order's message")
+    page.wait_for_status(paid, "FINISHED")
+    page.wait_until(lambda: _announced(page) == ["Order 30.00 'a book': FINISHED · paid"],
+                    what="the order's status announced")
+    too_dear = page.place_order("500", "a piano")
+    page.wait_for_status(too_dear, "CANCELLED")
+    page.wait_until(lambda: len(_announced(page)) == 2, what="the second order's status announced")
+    assert browser.execute_script(ANNOUNCEMENTS) == ["polite", [
+        "Order 30.00 'a book': FINISHED · paid",
+        "Order 500.00 'a piano': CANCELLED · insufficient funds"]]
+
+    page.element("sign-out").click()
+    page.wait_until(lambda: page.visible("auth-section"), what="the sign-in form")
+    assert browser.execute_script(MESSAGE_AREA) == ["status", "polite", False, "block", ""]
+    assert _announced(page) == []  # (the user's orders are not left behind)
+
+
 # What every script below that plays the page's fetch runs it in (see _fetch_played).
 FETCH_PLAYED = """
 (() => {
@@ -831,7 +879,9 @@ def test_a_lost_top_up_or_order_retried_after_others_is_carried_out_once(stack, 
 def test_a_lost_top_up_or_order_retried_after_a_reload_is_carried_out_once(stack, browser):
     """The keys of attempts whose answers were lost outlive a reload of the page (kept in the
     tab's sessionStorage): the same top-up and the same order pressed again after it are retries.
-    Signing out forgets the keys kept."""
+    And the Sign out button: the page said pressing again retries the top-up, never counting it
+    twice, and so it does once its user signs in again in the tab (the button forgot the keys,
+    and the same top-up pressed again was counted twice)."""
     page, shopper = _live_page_of_a_shopper_with_100(stack, browser, ANSWERS_LOST_WHEN_TOLD)
     _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20.00 may have gone through")
     _answer_lost(page, _order(page, "5", "pen"), "The order for 5.00 may have been placed")
@@ -854,10 +904,17 @@ def test_a_lost_top_up_or_order_retried_after_a_reload_is_carried_out_once(stack
     assert browser.execute_script(PENDING_KEYS_STORED) == []  # both settled
 
     _answer_lost(page, lambda: page.top_up("7"), "The top-up of 7.00 may have gone through")
-    assert browser.execute_script(PENDING_KEYS_STORED) == [
-        f"hseshop.pending-keys.{shopper.username}"]
+    kept = [f"hseshop.pending-keys.{shopper.username}"]
+    assert browser.execute_script(PENDING_KEYS_STORED) == kept
     page.element("sign-out").click()
     page.wait_until(lambda: page.visible("auth-section"), what="the sign-in form")
+    assert browser.execute_script(PENDING_KEYS_STORED) == kept
+    page.sign_in(shopper.username, "a long password")
+    page.wait_until(lambda: page.visible("topup-form"), what="the top-up form")
+    page.top_up("7")
+    page.wait_until(lambda: page.text("message") == "The top-up of 7.00 had gone through already;"
+                    " it was not counted again.", what="the top-up retried after signing in again")
+    assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "122.00"
     assert browser.execute_script(PENDING_KEYS_STORED) == []
 
 
@@ -1293,6 +1350,78 @@ def test_a_page_whose_first_read_of_the_balance_hangs_gives_it_up_and_goes_live(
         proxy.close()
 
 
+WRITE_WAIT_SECONDS = 30  # app.js WRITE_WAIT_MS
+
+
+def _page_through_a_proxy_holding(stack, browser, marker: bytes):
+    """A shopper with an account of 100 on the page, which reaches the gateway through a proxy
+    that holds the first request starting with `marker` unanswered, for good (HoldingProxy,
+    never released: a proxy or a network gone quiet); the page, the shopper and the proxy."""
+    shopper = GatewayClient(stack.gateway_url)
+    shopper.open_account_with("100")
+    proxy = HoldingProxy(urlsplit(stack.gateway_url).netloc, marker=marker, first_only=True)
+    page = ShopPage(browser, f"http://{proxy.address}/").open()
+    page.sign_in(shopper.username, "a long password")
+    page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
+    return page, shopper, proxy
+
+
+def test_an_order_held_unanswered_is_given_up_on_and_pressing_again_places_it_once(stack,
+                                                                                   browser):
+    """A write held unanswered (by a proxy, for good) kept its button disabled for ever: a write
+    was never given up on, and the order could not be pressed again until a reload. Now it is
+    given up on after WRITE_WAIT_SECONDS (on the page's clock, sped up), as one with no answer:
+    the page says the order may have been placed and that pressing again retries it, and
+    pressing again places it, once."""
+    speed_up_the_pages_clock(browser, CLOCK_SPEEDUP)
+    page, shopper, proxy = _page_through_a_proxy_holding(stack, browser, b"POST /api/orders")
+    try:
+        _order(page, "10", "a book")()
+        wait_for(proxy.held.is_set, timeout=PAGE_DEADLINE, what="the order held")
+        page.wait_until(lambda: "The order for 10.00 may have been placed" in page.text("message")
+                        and page.element("order-submit").is_enabled(),
+                        timeout=WRITE_WAIT_SECONDS / CLOCK_SPEEDUP + PAGE_DEADLINE,
+                        what="the held order given up on, its button enabled")
+        assert "Cannot reach the shop" in page.text("message")
+        page.element("order-submit").click()  # the form as it was: a retry
+        page.wait_until(lambda: page.text("message").startswith("Order for 10.00 placed"),
+                        what="the order placed")
+        (placed,) = shopper.api("GET", "/orders", 200)["items"]
+        assert placed["description"] == "a book"
+        page.wait_for_status(placed["id"], "FINISHED")
+    finally:
+        proxy.close()
+
+
+def test_signing_out_gives_up_on_a_top_up_held_unanswered_and_keeps_its_key(stack, browser):
+    """A top-up held unanswered (by a proxy, for good), then Sign out and in again as the same
+    user: its button stayed disabled in the new session (pressing did nothing), as the sign-out
+    left the request waiting. Now the sign-out gives up on every request of the session, at once
+    (the page's clock not sped up: WRITE_WAIT_SECONDS do not pass), and keeps the top-up's key
+    for the user: pressing again with the same amount retries it, counted once."""
+    page, shopper, proxy = _page_through_a_proxy_holding(stack, browser,
+                                                         b"POST /api/accounts/deposit")
+    try:
+        page.top_up("5")
+        wait_for(proxy.held.is_set, timeout=PAGE_DEADLINE, what="the top-up held")
+        assert not page.element("topup-submit").is_enabled()
+        page.element("sign-out").click()
+        page.wait_until(lambda: page.visible("auth-section"), what="the sign-in form")
+        assert browser.execute_script(PENDING_KEYS_STORED) == [
+            f"hseshop.pending-keys.{shopper.username}"]
+        page.sign_in(shopper.username, "a long password")
+        page.wait_until(lambda: page.visible("topup-form")
+                        and page.element("topup-submit").is_enabled(),
+                        what="the top-up button enabled in the new session")
+        page.top_up("5")
+        page.wait_until(lambda: page.text("message") in (
+            "Topped up 5.00.", "The top-up of 5.00 had gone through already; it was not counted"
+            " again."), what="the top-up retried")
+        assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "105.00"
+    finally:
+        proxy.close()
+
+
 # Played by the browser itself: each time the page's tab is hidden or shown, and when.
 VISIBILITY_RECORDED = """
 window.hseshopVisibility = [];
@@ -1558,16 +1687,17 @@ def _session_expired_and_page_reloaded(page: ShopPage) -> None:
                     what="the sign-in form after the session expired")
 
 
-# Played by the browser itself: each timer the page sets for a day or longer (its session's
-# expiry's alone), its handler and delay kept, for the test to run the handler as the timer firing
-# would, weeks on; and the page's wall clock (Date.now), which the test can move on.
+# Played by the browser itself: each timer the page sets for 10 minutes or longer (its session's
+# expiry's alone: its other waits are a minute and a quarter at most), its handler and delay kept,
+# for the test to run the handler as the timer firing would, an hour or weeks on; and the page's
+# wall clock (Date.now), which the test can move on.
 LONG_TIMERS_RECORDED = """
 window.hseshopLongTimers = [];
 window.hseshopClockMovedMs = 0;
 (() => {
   const realSetTimeout = window.setTimeout.bind(window);
   window.setTimeout = (handler, delay, ...args) => {
-    if (delay >= 24 * 3600 * 1000) window.hseshopLongTimers.push({handler, delay});
+    if (delay >= 10 * 60 * 1000) window.hseshopLongTimers.push({handler, delay});
     return realSetTimeout(handler, delay, ...args);
   };
   const realNow = Date.now.bind(Date);
@@ -1619,6 +1749,49 @@ def test_a_session_longer_than_a_timer_can_wait_is_signed_out_when_it_expires_no
     _long_timer_fired(browser, THIRTY_DAYS_MS + 1000)
     page.wait_until(lambda: page.visible("auth-section"), what="the sign-in form, expired")
     assert "Your session has expired" in page.text("message")
+
+
+# The page's wall clock moved on past its session's expiry, and the expiry's timer fired.
+SESSION_EXPIRES = """
+const left = JSON.parse(sessionStorage.getItem("hseshop.session")).expiresAt - Date.now();
+window.hseshopClockMovedMs += left + 1000;
+window.hseshopLongTimers.at(-1).handler();
+"""
+SHOP_FORMS = ("order-amount", "order-description", "topup-amount")
+
+
+def _shop_forms(page: ShopPage) -> list[str]:
+    return [page.element(field).get_attribute("value") for field in SHOP_FORMS]
+
+
+def _session_expired(page: ShopPage) -> None:
+    page.driver.execute_script(SESSION_EXPIRES)
+    page.wait_until(lambda: page.visible("auth-section")
+                    and "Your session has expired" in page.text("message"),
+                    what="the page signed out, its session expired")
+
+
+def test_a_session_expiring_as_its_user_types_keeps_what_they_typed_for_them_alone(stack,
+                                                                                   browser):
+    """The session's expiry (its timer firing, the hour up) cleared the shop's forms as a
+    sign-out button does: a user typing an order at the hour lost it. It is kept now for the same
+    user signed in again, and cleared for another user signing in (and by the sign-out buttons:
+    test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_orders)."""
+    page, shopper = _shopper_with_100_on_the_page(stack, browser, LONG_TIMERS_RECORDED)
+    typed = ["30", "a book being typed", "25"]
+    for field, value in zip(SHOP_FORMS, typed):
+        page.fill(field, value)
+    _session_expired(page)
+    assert _shop_forms(page) == typed
+    page.sign_in(shopper.username, "a long password")
+    page.wait_until(lambda: page.text("balance") == "100.00", what="the balance")
+    assert _shop_forms(page) == typed
+
+    _session_expired(page)
+    other = GatewayClient(stack.gateway_url)
+    page.sign_in(other.username, "a long password")
+    page.wait_until(lambda: page.text("current-user") == other.username, what="the other user")
+    assert _shop_forms(page) == ["", "", ""]
 
 
 def test_a_lost_top_up_or_order_retried_once_its_user_signed_in_again_is_carried_out_once(
