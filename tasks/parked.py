@@ -64,11 +64,14 @@ back by topic and key, did not hold behind them. A row whose topic is the shop's
 said to be replayed without it. Discarding deletes it, never to be sent, and the rows behind it go:
 what it was to tell is never told, as for the inbox. A PaymentRequested row (orders') leaves its
 order NEW, never paid for; a PaymentSucceeded or PaymentFailed row (payments') leaves it NEW, the
-account debited for a success; the command warns of each as for the inbox. With --all, discard
-deletes the rows parked as it begins CHANGED_PER_TRANSACTION a transaction, in the order they were
-written (up to the last written of them: one written before it and parked meanwhile goes too),
+account debited for a success; the command warns of each as for the inbox. With --all, replay
+hands back, and discard deletes, the rows parked as it begins CHANGED_PER_TRANSACTION a
+transaction, in the order they were written (up to the last written of them: one written before it
+and parked meanwhile goes too, one written after it is left parked; a row replayed and parked again
+at once, still refused, is not replayed again), the relay woken as each batch commits, discard
 warning of each batch's payment events as it commits; a failure or an interrupt part way is said
-as for the inbox. Replay the row once it can be sent; discard only what is garbage.
+as for the inbox. (--all --to-topic sends its rows on in one transaction: its check of their types
+sees every row it sends on.) Replay the row once it can be sent; discard only what is garbage.
 """
 
 from __future__ import annotations
@@ -139,11 +142,12 @@ def _one_line(error: str | None) -> str:
     return (error or "").replace("\n", " ")[:200]
 
 
-# The parked inbox messages `replay --all` or `discard --all` changes, and the parked outbox rows
-# `discard --outbox --all` deletes, in one transaction: each transaction short (a few million
-# parked in one statement ran past SESSION_LIMITS' statement_timeout and changed nothing; the
-# rows a discard returns, to warn of payment events, held in memory all at once), and one that
-# fails leaves those before it done.
+# The parked messages `replay --all` or `discard --all` changes in one transaction, inbox messages
+# or outbox rows (but those sent on --to-topic): each transaction short (a few million parked in
+# one statement ran past SESSION_LIMITS' statement_timeout and changed nothing; the rows a discard
+# returns, to warn of payment events, held in memory all at once; every outbox row replayed kept
+# locked, and held from the relay, until the last was), and one that fails leaves those before
+# it done.
 CHANGED_PER_TRANSACTION = 5_000
 
 
@@ -191,9 +195,10 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
 
     with app.app_context():
         queues_reachable = True
-        # (A replayed inbox message may be parked again at once, and come back under --all.)
+        # (A replayed message may be parked again at once, and come back under --all. Sent on
+        # --to-topic, the rows are checked in one statement, so in one transaction.)
         for replayed in _changed(unpark_marked, outbox_change, message_ids, outbox,
-                                 may_come_back=True):
+                                 may_come_back=True, in_batches=to_topic is None):
             if not outbox and queues_reachable:
                 queues_reachable = _dispatched(service, replayed, marked_at)
             elif not outbox:  # (the queue, found out of reach, not tried again)
@@ -236,8 +241,7 @@ def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fa
     with service_app(service).app_context():
         # (A discarded message is processed, a discarded row deleted: neither is parked again.)
         for discarded in _changed(discard_parked_messages, discard_parked_outbox_messages,
-                                  message_ids, outbox, may_come_back=False,
-                                  outbox_in_batches=True):
+                                  message_ids, outbox, may_come_back=False):
             if payments_left is not None:
                 payments_left.extend(row for row in discarded if row.type in PAYMENT_EVENTS)
             yield [row.message_id for row in discarded]
@@ -250,14 +254,14 @@ _Change = Callable[[Session, list[uuid.UUID] | None], list[_Changed]]
 
 def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
              message_ids: list[uuid.UUID] | None, outbox: bool, may_come_back: bool,
-             outbox_in_batches: bool = False) -> Iterator[list[_Changed]]:
-    """Run the change on the messages named in one transaction; on every parked inbox message,
-    and every parked outbox row when `outbox_in_batches` (else in one transaction too: a replay,
-    sent on --to-topic, checks every row it sends on in one statement), CHANGED_PER_TRANSACTION a
-    transaction (shared.parked_batches). Yields what each transaction's change returned (the
-    messages it changed), as it commits."""
+             in_batches: bool = True) -> Iterator[list[_Changed]]:
+    """Run the change on the messages named in one transaction; on every parked message,
+    CHANGED_PER_TRANSACTION a transaction (shared.parked_batches), unless not `in_batches` (a
+    replay sent on --to-topic, which checks every row it sends on in one statement: in one
+    transaction too). Yields what each transaction's change returned (the messages it changed),
+    as it commits."""
     change = outbox_change if outbox else inbox_change
-    if message_ids is None and (outbox_in_batches or not outbox):
+    if message_ids is None and in_batches:
         # The inbox's in the order they were parked. (Bounded by the last parked as it begins,
         # and also, when a changed message `may_come_back` parked again, by the ids it has taken.
         # Every park of this release is stamped by the database's clock, clock_timestamp(), a
@@ -269,7 +273,10 @@ def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
         # transaction commits after the bound was read, as a stamp is the clock as its statement
         # runs, not as it commits.) The outbox's in the order they were written, up to the last
         # written of those parked as it begins (one written before it and parked meanwhile is
-        # taken, if parked before its batch is read).
+        # taken, if parked before its batch is read; one written after it is left parked). A row
+        # replayed and parked again at once, still refused, keeps its place (its id), behind the
+        # batches still to come: no ids need keeping to take none twice.
+        may_come_back = may_come_back and not outbox
         order = ((last_parked_outbox_row, parked_outbox_batch) if outbox
                  else (last_parked, parked_batch))
         yield from all_parked_changed_in_transactions(*order, change, CHANGED_PER_TRANSACTION,

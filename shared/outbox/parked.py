@@ -164,8 +164,8 @@ def parked_topics_not_relayed(session: Session, relayed_topics: list[str]) -> li
 
 @dataclass(frozen=True)
 class ParkedRowPlace:
-    """A parked row's place in the order the rows were written (its id), for `discard --all`'s
-    batches (shared.parked_batches)."""
+    """A parked row's place in the order the rows were written (its id), for the batches of
+    `replay --all` and `discard --all` (shared.parked_batches)."""
     id: int
     message_id: uuid.UUID
 

@@ -506,6 +506,146 @@ def test_a_parked_outbox_row_replayed_once_mended_goes_out_before_the_rows_behin
         _delete_outbox_rows_of([first.id, *behind_it])
 
 
+def test_replaying_every_parked_row_goes_a_batch_a_transaction_the_relay_sending_each_once(
+        in_orders, settings, user_id, capsys, monkeypatch):
+    """`replay --outbox --all` hands the parked rows back CHANGED_PER_TRANSACTION a transaction, in
+    the order they were written, each batch committed (seen from another connection) before the
+    next is handed back: it unparked them all in one statement, one transaction however many,
+    every row locked and none of them sendable until the last was. A relay run between two batches
+    sends the rows of those before; a row it parks again, still too large, keeps its place and is
+    not handed back again; every row handed back, and the row waiting behind one, is published
+    once, and the command counts each row it handed back once."""
+    from tasks import parked
+
+    monkeypatch.setattr(parked, "CHANGED_PER_TRANSACTION", 2)
+    publisher = OutboxPublisher(settings, "orders")
+    url = settings.database_url("orders")
+    _relay_all(publisher)  # whatever earlier tests left behind
+    users = [f"{user_id}-{number}" for number in range(5)]
+    firsts = [_place(user, "1.00").id for user in users]
+    behind = _place(users[0], "2.00").id  # (waits behind the first user's parked row)
+    still_too_large = firsts[2]
+    as_written = {row.correlation_id: json.dumps(row.envelope)
+                  for row in _outbox_rows_for(firsts)}
+    ours = [*firsts, behind]
+    for order_id in firsts:
+        _make_too_large(order_id)
+    sentinels = []
+    try:
+        _relay_all(publisher)
+        db.session.rollback()
+        assert all(row.parked_at is not None for row in _outbox_rows_for(firsts))
+        with transaction() as session, driver_cursor(session) as cursor:  # mended, but one
+            for order_id in firsts:
+                if order_id != still_too_large:
+                    cursor.execute("UPDATE outbox_messages SET envelope = %s"
+                                   " WHERE correlation_id = %s",
+                                   (as_written[str(order_id)], str(order_id)))
+        ours_parked, ours_left, unparked = [], [], []  # (before each unparking statement; by it)
+        watcher = psycopg2.connect(driver_dsn(url))
+        watcher.autocommit = True
+
+        def before(connection, cursor, statement, parameters, context, executemany):
+            if "UPDATE outbox_messages SET parked_at = NULL" in statement:
+                # The batches committed so far, as the relay sees them: sent by it as they come.
+                _relay_once_elsewhere(url, publisher)
+                with watcher.cursor() as watching:
+                    watching.execute("SELECT count(*), count(parked_at) FROM outbox_messages"
+                                     " WHERE correlation_id = ANY(%s)", ([str(o) for o in ours],))
+                    left, still_parked = watching.fetchone()
+                ours_left.append(left)
+                ours_parked.append(still_parked)
+
+        def after(connection, cursor, statement, parameters, context, executemany):
+            if "UPDATE outbox_messages SET parked_at = NULL" in statement:
+                unparked.append(cursor.rowcount)
+
+        event.listen(Engine, "before_cursor_execute", before)
+        event.listen(Engine, "after_cursor_execute", after)
+        try:
+            # (Any other test's parked rows handed back too, before these: written earlier.)
+            assert parked.main(["replay", "orders", "--outbox", "--all"]) == 0
+        finally:
+            event.remove(Engine, "before_cursor_execute", before)
+            event.remove(Engine, "after_cursor_execute", after)
+            watcher.close()
+        assert capsys.readouterr().out == (
+            f"orders outbox: {sum(unparked)} message(s) handed back to be sent\n")
+        assert max(unparked) <= 2, unparked
+        # Ours went two at a time (5 parked: 3 batches at least), each two handed back for good
+        # (committed) before the next; and the relay, run before each batch, had sent some of
+        # them (the first batch's at least) before the last batch was handed back.
+        assert len(ours_parked) >= 3 and ours_parked[0] == 5, ours_parked
+        assert all(0 <= there - after_it <= 2
+                   for there, after_it in zip(ours_parked, ours_parked[1:])), ours_parked
+        assert ours_left[-1] < ours_left[0], ours_left
+        _relay_all(publisher)
+        db.session.rollback()
+        (left,) = _outbox_rows_for(ours)  # parked again, once: handed back once
+        assert left.correlation_id == str(still_too_large) and left.parked_at is not None
+        assert left.attempts == 2
+        # Each key's messages read up to a message placed after all this, on its partition: a
+        # row sent twice would be read twice before it. (But the parked row's key: held back.)
+        sentinels = [_place(user, "9.00").id for user in users if user != users[2]]
+        _relay_all(publisher)
+        wanted = {str(order_id) for order_id in [*ours, *sentinels]}
+        read = read_topic_until(
+            settings.kafka_bootstrap_servers, settings.topic_payment_requested,
+            lambda messages: {str(s) for s in sentinels} <= _correlation_ids(messages, wanted))
+        published = Counter(json.loads(m.value())["correlation_id"] for m in read
+                            if json.loads(m.value()).get("correlation_id") in wanted)
+        assert published == Counter({str(order_id): 1 for order_id in [*ours, *sentinels]
+                                     if order_id != still_too_large})
+        first_users = [json.loads(m.value())["payload"]["amount"] for m in read
+                       if json.loads(m.value()).get("correlation_id") in {str(firsts[0]),
+                                                                          str(behind)}]
+        assert first_users == ["1.00", "2.00"]  # (the row behind after the one it waited for)
+    finally:
+        _delete_outbox_rows_of([*ours, *sentinels])
+
+
+def test_replaying_every_parked_row_takes_those_parked_meanwhile_up_to_the_last_parked_as_it_began(
+        in_orders, settings, capsys, monkeypatch):
+    """`replay --outbox --all` hands back the rows parked as it begins, up to the last written of
+    them: a row written before that one and parked (by a relay) as the first batch is handed back
+    is handed back in a later batch; one written after it and parked meanwhile is left parked, for
+    the next run (the command's bound, read as it begins, as discard's)."""
+    from tasks import parked
+
+    monkeypatch.setattr(parked, "CHANGED_PER_TRANSACTION", 1)
+    topic = f"replayed-meanwhile-{uuid.uuid4().hex[:8]}"
+    first = _outbox_row(topic, PAYMENT_REQUESTED, uuid.uuid4(), parked=True)
+    written_before = _outbox_row(topic, PAYMENT_REQUESTED, uuid.uuid4(), parked=False)
+    last_parked = _outbox_row(topic, PAYMENT_REQUESTED, uuid.uuid4(), parked=True)
+    written_after = _outbox_row(topic, PAYMENT_REQUESTED, uuid.uuid4(), parked=False)
+    try:
+        with called_at_the_first_statement_naming(
+                "UPDATE outbox_messages SET parked_at = NULL", before=True,
+                call=lambda: committed_on_a_connection_of_its_own(
+                    settings.database_url("orders"),
+                    "UPDATE outbox_messages SET attempts = 1, parked_at = clock_timestamp()"
+                    " WHERE message_id IN (%s, %s)",
+                    (str(written_before), str(written_after)))) as parked_meanwhile:
+            # (Any other test's parked rows handed back too.)
+            assert parked.main(["replay", "orders", "--outbox", "--all"]) == 0
+        assert parked_meanwhile, "nothing parked: the unparking statement was not run"
+        assert "message(s) handed back to be sent" in capsys.readouterr().out
+        db.session.rollback()
+        still_parked = dict(db.session.execute(
+            select(OutboxMessage.message_id, OutboxMessage.parked_at.is_not(None))
+            .where(OutboxMessage.topic == topic)).all())
+        assert still_parked == {first: False, written_before: False, last_parked: False,
+                                written_after: True}
+    finally:
+        with transaction() as session:
+            session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+
+
+def _correlation_ids(messages, wanted: set[str]) -> set[str]:
+    """The correlation ids among `wanted` of the messages (other tests send bare envelopes)."""
+    return {json.loads(m.value()).get("correlation_id") for m in messages} & wanted
+
+
 def _renamed_away(settings) -> str:
     """A topic the shop no longer names: its setting renamed since rows were written to it."""
     return f"{settings.topic_payment_requested}-before-its-rename-{uuid.uuid4().hex[:8]}"

@@ -1,4 +1,4 @@
-"""tasks/parked.py: what `replay --all` and `discard --all` (and `discard --outbox --all`) keep in
+"""tasks/parked.py: what `replay --all` and `discard --all` (inbox messages or outbox rows) keep in
 memory a message, so that any number parked goes through in a small operator's container (3
 million once took some 700 MiB).
 The database is stood in for by fresh UUIDs, as psycopg2 returns them; the batches themselves go
@@ -27,12 +27,15 @@ Discarded = namedtuple("Discarded", "message_id type order_id")
 
 
 @pytest.mark.parametrize(("command", "outbox", "most_bytes_a_message"),
-                         [("replay", False, 120), ("discard", False, 20), ("discard", True, 20)])
+                         [("replay", False, 120), ("discard", False, 20), ("replay", True, 20),
+                          ("discard", True, 20)])
 def test_all_parked_keeps_little_a_message(monkeypatch, capsys, command, outbox,
                                            most_bytes_a_message):
-    """Measured as the last batch is changed: what the run still holds of all before it. A
-    replay keeps each id taken as an int (a message parked again may come back), a discard none
-    (a discarded message is never parked again); neither keeps a list of what it changed."""
+    """Measured as the last batch is changed: what the run still holds of all before it. An
+    inbox replay keeps each id taken as an int (a message parked again may come back, its place
+    new), a discard none (a discarded message is never parked again), nor an outbox replay (a row
+    parked again keeps its place, its id, behind the batches to come); none keeps a list of what
+    it changed."""
     texts = [str(uuid.uuid4()) for _ in range(PARKED)]
     places = {text: position for position, text in enumerate(texts)}
     now = datetime.now(timezone.utc)
@@ -61,7 +64,8 @@ def test_all_parked_keeps_little_a_message(monkeypatch, capsys, command, outbox,
     monkeypatch.setattr(parked, "last_parked_outbox_row" if outbox else "last_parked",
                         lambda session: place(PARKED - 1))
     monkeypatch.setattr(parked, "parked_outbox_batch" if outbox else "parked_batch", parked_batch)
-    monkeypatch.setattr(parked, "unpark_messages", changed)
+    monkeypatch.setattr(parked, "unpark_outbox_messages" if outbox else "unpark_messages",
+                        changed)
     monkeypatch.setattr(parked, "discard_parked_outbox_messages" if outbox
                         else "discard_parked_messages", discarded)
     monkeypatch.setattr(parked, "_dispatched", lambda service, message_ids, marked_at: True)
