@@ -186,7 +186,9 @@ def parked_outbox_batch(session: Session, through: ParkedRowPlace, after: Parked
         "through": through.id, "after": 0 if after is None else after.id, "size": size})]
 
 
-# (Row ids start at 1: after 0 is from the first.)
+# (Row ids start at 1: after 0 is from the first.) Read, as the last parked row is, off the index
+# of the parked rows alone by id (ix_outbox_messages_parked_by_id): a batch reads its own rows,
+# not the rows written between them nor the refused rows waiting for their next try.
 _PARKED_BATCH = text(f"""
 SELECT id, message_id FROM outbox_messages
 WHERE {PARKED_ROWS} AND id > :after AND id <= :through

@@ -220,8 +220,8 @@ _COUNT_HELD = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error =
 _PARK = ("UPDATE outbox_messages SET attempts = attempts + 1, last_error = %(error)s,"
          " next_attempt_at = NULL, parked_at = now() WHERE id = ANY(%(row_ids)s)")
 
-# The parked rows, as a condition that the refused rows' index answers (a parked row counted an
-# attempt as it was parked).
+# The parked rows, as a condition that their own index (ix_outbox_messages_parked_by_id, by id),
+# and the refused rows' index too, answers (a parked row counted an attempt as it was parked).
 PARKED_ROWS = "attempts > 0 AND parked_at IS NOT NULL"
 # How the error of a row parked for its topic begins (shared.outbox.publishing.UNKNOWN_TOPIC_ERROR),
 # whichever release's relay parked it: tells it from one parked for the broker's answer about its
@@ -289,7 +289,7 @@ def count_rows_that_may_go(cursor) -> int:
 
 
 def count_parked_outbox_messages(cursor) -> int:
-    """How many rows are parked: for the relay to remind of them (read off the refused rows'
+    """How many rows are parked: for the relay to remind of them (read off the parked rows'
     index)."""
     cursor.execute(f"SELECT count(*) FROM outbox_messages WHERE {PARKED_ROWS}")
     return cursor.fetchone()[0]

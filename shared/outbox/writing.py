@@ -44,13 +44,17 @@ class OutboxMessage(db.Model):
     parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     # As the migrations made them (shared/migration_steps.py): the unique constraint under the
-    # name PostgreSQL gave it, and the refused rows' index, which the relay's read looks rows up in
-    # (relaying.CLAIM_ROWS).
+    # name PostgreSQL gave it, the refused rows' index, which the relay's read looks rows up in
+    # (relaying.CLAIM_ROWS), and the parked rows' own, in the order they were written, which an
+    # operator's commands read them through (shared.outbox.parked).
     __table_args__ = (
         UniqueConstraint("message_id", name="outbox_messages_message_id_key"),
         Index("ix_outbox_messages_refused", "topic", "key", "id",
               postgresql_where=text("attempts > 0"),
               postgresql_include=["parked_at", "next_attempt_at"]),
+        Index("ix_outbox_messages_parked_by_id", "id",
+              postgresql_where=text("attempts > 0 AND parked_at IS NOT NULL"),
+              postgresql_include=["message_id"]),
     )
 
 

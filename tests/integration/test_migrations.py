@@ -29,7 +29,8 @@ from shared.inbox.pruning import prune_handled_messages
 from shared.migration_steps import DowngradeRefused
 from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, ServerTooOld,
                                alembic_config, downgrade, ensure_database, main, upgrade)
-from shared.outbox.relaying import CLAIM_ROWS
+from shared.outbox.parked import last_parked_outbox_row, parked_outbox_batch
+from shared.outbox.relaying import CLAIM_ROWS, count_parked_outbox_messages
 from shared.schema_drift import schema_drift
 from tests.environment import database_name
 from tests.polling import wait_for
@@ -177,6 +178,63 @@ def test_an_operators_parked_messages_are_read_through_an_index_of_the_parked_ro
         engine.dispose()
     command.downgrade(config, "0013" if service == "gateway" else "0012")
     assert _index_valid(url, "ix_inbox_messages_parked") is None
+    command.upgrade(config, "head")
+
+
+# Each service's revision below the one that indexes the parked outbox rows by id.
+BELOW_THE_OUTBOX_PARKED_INDEX = {"orders": "0015", "payments": "0015", "gateway": "0016"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_an_operators_parked_outbox_rows_are_read_through_an_index_of_the_parked_rows_by_id(
+        infrastructure, service):
+    """`python -m tasks.parked replay/discard --outbox --all` find the last parked row, and read
+    their batches, in the order the rows were written through an index of the parked rows alone
+    (and the relay counts them there): the last was found by walking the outbox back from its
+    newest row over every row written after it, and a batch read every refused row waiting for
+    its next try, or every row between two parked ones, however few were parked. Here the parked
+    rows are the oldest, behind them rows waiting and rows refused for the broker's sake, their
+    next try to come. The revision's downgrade drops the index."""
+    url = _database_url(infrastructure, "outbox-parked-index", service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    command.upgrade(config, "head")
+    assert _index_valid(url, "ix_outbox_messages_parked_by_id")
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("TRUNCATE outbox_messages")
+        cursor.execute(
+            "INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
+            " next_attempt_at, parked_at) SELECT gen_random_uuid(), 'topic', 'key-' || n % 500,"
+            " 'PaymentRequested', '{}', CASE WHEN n <= 100 OR n % 4 = 0 THEN 1 ELSE 0 END,"
+            " CASE WHEN n > 100 AND n % 4 = 0 THEN now() + interval '30 s' END,"
+            " CASE WHEN n <= 100 THEN now() END FROM generate_series(1, 40000) AS n")
+        cursor.execute("ANALYZE outbox_messages")
+    connection.close()
+
+    engine, statements = _engine_noting_its_statements(url)
+    try:
+        with Session(engine) as session:
+            through = last_parked_outbox_row(session)
+            first = parked_outbox_batch(session, through, None, 60)
+            assert len(first) == 60 and len(parked_outbox_batch(session, through, first[-1],
+                                                                60)) == 40
+            with session.connection().connection.cursor() as cursor:
+                assert count_parked_outbox_messages(cursor) == 100
+        read = list(statements)
+        assert len(read) == 3
+        with engine.connect() as connection:
+            for statement, parameters in read:
+                plan = "\n".join(connection.exec_driver_sql(f"EXPLAIN {statement}", parameters)
+                                 .scalars())
+                assert "ix_outbox_messages_parked_by_id" in plan, plan
+            with connection.connection.cursor() as cursor:
+                cursor.execute("EXPLAIN SELECT count(*) FROM outbox_messages WHERE attempts > 0"
+                               " AND parked_at IS NOT NULL")
+                assert "ix_outbox_messages_parked_by_id" in str(cursor.fetchall())
+    finally:
+        engine.dispose()
+    command.downgrade(config, BELOW_THE_OUTBOX_PARKED_INDEX[service])
+    assert _index_valid(url, "ix_outbox_messages_parked_by_id") is None
     command.upgrade(config, "head")
 
 
@@ -1251,7 +1309,7 @@ def test_an_upgrade_to_a_revision_older_than_the_databases_is_refused_in_one_lin
 
 
 @pytest.mark.parametrize("start, target, back_to", [
-    ("head", "head-1", "0014"), ("head", "0010+1", "0011"), ("head", "base+1", "0001"),
+    ("head", "head-1", "0015"), ("head", "0010+1", "0011"), ("head", "base+1", "0001"),
     ("head", "base", None), ("0010", "-1", "0009")])
 def test_an_upgrade_to_a_relative_revision_or_base_older_than_the_databases_is_refused_in_one_line(
         infrastructure, start, target, back_to):

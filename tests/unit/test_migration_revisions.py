@@ -59,12 +59,13 @@ def test_a_pinned_revision_edited_renamed_or_gone_is_named(tmp_path):
     edited = versions / pinned["0011"]["file"]
     edited.write_text(edited.read_text() + "# one more line\n")
     (versions / pinned["0012"]["file"]).rename(versions / "0012_another.py")
-    (versions / pinned["0015"]["file"]).unlink()
+    last = max(pinned)  # (the head: gone, it leaves no revision without the one below it)
+    (versions / pinned[last]["file"]).unlink()
     assert changed_since_pinned(pinned, revision_files(migrations)) == [
         f"revision 0011 ({pinned['0011']['file']}) has been edited since it was pinned",
         f"revision 0012 was {pinned['0012']['file']} when pinned and is now 0012_another.py: its"
         " number given to another",
-        f"revision 0015 ({pinned['0015']['file']}) is gone"]
+        f"revision {last} ({pinned[last]['file']}) is gone"]
 
     del pinned["0014"]
     assert unpinned(pinned, revision_files(migrations)) == ["0014"]
