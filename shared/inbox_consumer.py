@@ -247,10 +247,11 @@ class InboxConsumer:
             except QUEUES_UNREACHABLE as exc:
                 # Stored, so not lost: the sweeper hands them over once the task queue is back
                 # (Redis down, say: what Celery raises once its publish has retried), and storing
-                # what comes next goes on meanwhile: at full speed while Redis refuses
-                # connections, a batch per socket timeout (5 s, celeryconfig) while it takes them
-                # and never answers. Any other error (a mistake in the code) takes the loop's
-                # error path, traceback and all.
+                # what comes next goes on meanwhile: while Redis refuses connections, each batch
+                # stored costs its dispatch a few milliseconds (the publish connects once more
+                # and gives up: shared.celery_settings.BROKER_RETRY_POLICY); while it takes them
+                # and never answers, a socket timeout (5 s, celeryconfig). Any other error (a
+                # mistake in the code) takes the loop's error path, traceback and all.
                 log.warning("could not dispatch (all of) %d stored message(s); the sweeper will"
                             " hand them over: %r", len(new_ids), exc)
         return len(records)

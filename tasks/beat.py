@@ -23,11 +23,17 @@ and a beat recreated more often than that would never prune; an entry new to a r
 An entry the file records keeps its last run, so a beat restarted with its file sends no prunes but
 those that fell due while it was away.
 
-An entry not sent for the backlog is tried again as soon. Celery's tick dates an entry's run
-(`reserve`) before it sends it, so a prune not sent would wait out its hour; it gets back the last
-run it had, but due again within FIRST_RUN_WITHIN, not at once: a queue holding BACKLOG_LIMIT tasks
-is no reason to ask again at every tick. The relay's lead and the sweeper, due again within their
-interval anyway, keep Celery's date.
+An entry not sent, for the backlog or because its send failed (Redis away), is tried again as
+soon. Celery's tick dates an entry's run (`reserve`) before it sends it, so a prune not sent would
+wait out its hour; it gets back the last run it had, but due again within FIRST_RUN_WITHIN, not at
+once: a queue holding BACKLOG_LIMIT tasks, or a Redis refusing connections, is no reason to ask
+again at every tick. The relay's lead and the sweeper, due again within their interval anyway, keep
+Celery's date.
+
+With Redis refusing connections, an entry due costs beat milliseconds: its count of the queue and
+its send each connect once more at once and give up (shared.celery_settings.BROKER_RETRY_POLICY),
+where kombu's retries took 6.6 s an entry, and beat, behind by that much for each, was slow to
+catch up once Redis was back.
 
 And it renews beat's alive file at each tick while it reaches Redis, for its healthcheck
 (tasks/alive.py).
@@ -106,6 +112,15 @@ class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
             return
         super().apply_entry(entry, producer=producer)
 
+    def apply_async(self, entry, producer=None, advance=True, **kwargs):
+        """Celery's send, an entry whose send failed (Redis away, say) due again soon as one not
+        sent for the backlog is: Celery logs the failure and goes on, the entry dated as sent."""
+        try:
+            return super().apply_async(entry, producer=producer, advance=advance, **kwargs)
+        except Exception:
+            self._try_again_soon(entry)
+            raise
+
     def _try_again_soon(self, entry) -> None:
         """Give the entry in the schedule (the one Celery's tick put there as it reserved `entry`:
         its last run now) `entry`'s last run and run count back, but no further back than to be
@@ -124,8 +139,8 @@ class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
 
     def _waiting(self, queue: str) -> int:
         """How many tasks wait in `queue`; 0 when Redis cannot say (the send then fails as it
-        would). Either way the answer, or its absence, tells the alive file whether beat reaches
-        Redis: a task not sent for the backlog is no failure."""
+        would, as fast: tasks_waiting). Either way the answer, or its absence, tells the alive
+        file whether beat reaches Redis: a task not sent for the backlog is no failure."""
         try:
             waiting = tasks_waiting(queue)
         except Exception as exc:
