@@ -4,15 +4,24 @@ write, but for two cases: a version bump Redis took and lost (a failover), and o
 expire, CACHE_TTL_SECONDS at most.
 
 Every cached value belongs to a namespace (one user's balance, one user's orders) with a version: a
-random token. A write replaces the version once its transaction has committed, or once its COMMIT
-failed (its answer lost with the connection: the write may be kept, and the retry that finds it
-done bumps nothing); a read uses a cached value only if it was stored under the current version.
-A reader that raced a write therefore stores its value under the old version, where nobody will
-use it. Redis being down costs only speed: reads go to the database, and nothing fails.
+random token, made by the first read that finds none (SET NX: of readers racing, all take the one
+that won). A write bumps the version, deleting it, once its transaction has committed, or once
+its COMMIT failed (its answer lost with the connection: the write may be kept, and the retry that
+finds it done bumps nothing); a read uses a cached value only if it was stored under the current
+version, and stores what it loads under the version it found before loading. A token is never made
+twice, and a namespace with no version serves nothing: so a value stored under a version was loaded
+after that version was made, after every write whose bump came before it. A reader that raced a
+write stores its value under a version gone, where nobody will use it; a version that expires, or
+that Redis evicts, is a missing one, and brings no old value back (one read as "0" did: the value
+stored under it before the namespace's first write). A Redis full under noeviction, which refuses
+every write but a deletion, still takes the bump (it refused one made as a SET of a new version,
+and every process but the writer's went on serving the values from before the write); readers,
+unable to make a version, read the database. Redis being down costs only speed: reads go to the
+database, and nothing fails.
 
 A bump that could not be made, tried twice (Redis restarting, which keeps its keys under
 compose's `--appendonly yes`, or cut off from the writer), is not given up: the writer's process
-keeps its namespaces, reads them from the database meanwhile, and tries the bump again every
+keeps its namespaces, reads them from the database meanwhile, and tries again every
 UNBUMPED_RETRY_SECONDS on a thread of its own. Given up, the value cached before the write came
 back with Redis and was served, to the writer too, until it expired. The other processes serve
 the values from before the write as long as they reach Redis and the writer's process does not:
@@ -43,13 +52,12 @@ from shared.db import collected_after_commit
 log = logging.getLogger(__name__)
 
 CACHE_EXTENSION = "hseshop.cache"
-# How long a version outlives the values stored under it, and those stored before it: once it
-# expires, a namespace reads as having no version ("0"), which a value stored before the namespace's
-# first write was stored under; so a version lives this long past CACHE_TTL_SECONDS, however long
-# that is, and can never revive old values.
+# How long a version outlives the values stored under it (CACHE_TTL_SECONDS): only so that the
+# versions of namespaces no longer read go. One expired is a missing one, which serves nothing (the
+# next read makes another), so any length is safe; a long one spares a miss.
 _VERSION_TTL_SECONDS = 7 * 24 * 3600
-# A bump that fails (a blip, a connection gone silent past the 0.25 s timeout) is tried once more,
-# on a new connection: redis-py drops a connection that failed.
+# An invalidation that fails (a blip, a connection gone silent past the 0.25 s timeout) is tried
+# once more, on a new connection: redis-py drops a connection that failed.
 _BUMP_TRIES = 2
 # How often a process tries again the bumps it could not make (VersionedCache._unbumped), while it
 # has any (the module's docstring says how long another process may serve a value from before them).
@@ -103,10 +111,12 @@ class VersionedCache:
             return load()
         try:
             version, cached = self._client.mget(version_key, value_key)
-        except redis.RedisError as exc:
+            if version is None:  # (never made, expired, evicted, or deleted by a write)
+                version = self._made_version(version_key)
+        except redis.RedisError as exc:  # (down, or full: no version could be made)
             log.warning("cache unavailable, reading %s from the database: %s", namespace, exc)
             return load()
-        version = (version or b"0").decode()
+        version = version.decode()
         if cached is not None:
             entry = json.loads(cached)
             if entry["version"] == version:
@@ -119,9 +129,18 @@ class VersionedCache:
             log.warning("cache unavailable, not storing %s: %s", namespace, exc)
         return value
 
+    def _made_version(self, version_key: str) -> bytes:
+        """A new version, or the one a racing reader made first (MULTI: one round trip)."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.set(version_key, _new_version(), nx=True, ex=self._version_ttl)
+        pipe.get(version_key)
+        _made, version = pipe.execute()
+        if version is None:  # (evicted as soon as made: a Redis with no room to spare)
+            raise redis.RedisError("no version could be kept")
+        return version
+
     def invalidate(self, *namespaces: str) -> None:
-        """Give `namespaces` new versions, in one round trip (one command for one namespace, the
-        usual case: a plain SET costs less than a pipeline), tried twice."""
+        """Bump the versions of `namespaces` (delete them: _bump), tried twice."""
         for tries_left in reversed(range(_BUMP_TRIES)):
             try:
                 self._bump(namespaces)
@@ -174,14 +193,9 @@ class VersionedCache:
             log.warning("cache: invalidated %s once it answered again", _some(kept))
 
     def _bump(self, namespaces: tuple[str, ...]) -> None:
-        if len(namespaces) == 1:
-            self._client.set(self._keys(namespaces[0], "")[0], _new_version(),
-                             ex=self._version_ttl)
-            return
-        pipe = self._client.pipeline(transaction=False)
-        for namespace in namespaces:
-            pipe.set(self._keys(namespace, "")[0], _new_version(), ex=self._version_ttl)
-        pipe.execute()
+        """Delete the versions of `namespaces`, in one command: a DEL, which a Redis full under
+        noeviction takes, where it refuses a SET."""
+        self._client.delete(*(self._keys(namespace, "")[0] for namespace in namespaces))
 
 
 def _new_version() -> str:
@@ -227,7 +241,7 @@ def app_cache() -> VersionedCache:
 def invalidate_after_commit(session: Session, namespace: str) -> None:
     """Bump the namespace's version once the caller's transaction has committed, or its COMMIT
     failed (its answer lost with the connection: committed or not, a bump costs at most a miss);
-    all the namespaces one transaction invalidates go to Redis in one round trip."""
+    all the namespaces one transaction invalidates go to Redis in one command."""
     cache = app_cache()
     collected_after_commit(session, (_Invalidations, cache), lambda: _Invalidations(cache),
                            also_if_unanswered=True).namespaces.add(namespace)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,9 @@ from decimal import Decimal
 from urllib.parse import urlsplit
 
 import pytest
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -33,6 +37,7 @@ from tasks.services import service_app
 from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
 from tests.postgres_tools import the_next_commits_answer_lost
+from tests.process_tools import start_child
 
 
 def _prefix(settings) -> str:
@@ -245,20 +250,71 @@ def test_a_value_read_before_a_write_and_stored_after_it_is_never_served(cache):
     assert cache.read("ns", "k", lambda: pytest.fail("should be cached now")) == "new"
 
 
-def test_a_value_cached_before_a_write_is_not_served_again_once_the_writes_version_expires(
-        settings, monkeypatch):
-    """However long values are cached (CACHE_TTL_SECONDS past a version's lifetime), the version a
-    write set outlives every value stored before it: a namespace read before its first write has
-    its value stored under no version at all ("0"), which a version expired reads as again."""
-    monkeypatch.setattr(cache_module, "_VERSION_TTL_SECONDS", 1)  # (a week, in the shop)
-    cache = VersionedCache(settings.redis_url, 2, prefix=_prefix(settings))
-    with _closed_after(cache):
-        assert cache.read("user", "balance", lambda: "0.00") == "0.00"
-        cache.invalidate("user")  # (a top-up: the database now says 100.00)
-        version_key = cache._keys("user", "")[0]
-        wait_for(lambda: not cache._client.exists(version_key), timeout=10,
-                 what="the write's version to expire")
-        assert cache.read("user", "balance", lambda: "100.00") == "100.00"
+def test_a_version_expired_or_evicted_never_brings_back_a_value_from_before_a_write(cache):
+    """A namespace's version gone (expired, or evicted by a Redis under allkeys-lru: here deleted,
+    as both do) is none, and a namespace with none serves nothing. It read as "0", the version a
+    value stored before the namespace's first write was stored under, and that value came back."""
+    assert cache.read("user", "balance", lambda: "0.00") == "0.00"
+    cache.invalidate("user")  # (a top-up: the database now says 100.00)
+    assert cache.read("user", "orders", lambda: "[]") == "[]"  # (a version made again)
+    cache._client.delete(cache._keys("user", "")[0])  # (and evicted)
+    assert cache.read("user", "balance", lambda: "100.00") == "100.00"
+
+
+@pytest.fixture
+def full_redis(tmp_path) -> Iterator[Redis]:
+    """A Redis of the test's own (the session's is shared) to fill, under noeviction: at its
+    memory limit it refuses every write but a deletion, and answers reads."""
+    port = free_port()
+    server = start_child(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path), "--maxmemory-policy", "noeviction"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+
+    def answers() -> bool:
+        assert server.poll() is None, f"redis-server exited ({server.returncode})"
+        try:
+            return bool(client.ping())
+        except RedisConnectionError:
+            return False
+
+    try:
+        wait_for(answers, timeout=30, what="the test's redis-server to answer")
+        yield client
+    finally:
+        client.close()
+        server.kill()
+        server.wait(timeout=30)
+
+
+def _fill(client: Redis) -> None:
+    """As full as it gets: past its memory limit, the Redis refuses a write."""
+    client.config_set("maxmemory", 1)
+    with pytest.raises(OutOfMemoryError):
+        client.set("one-more", "byte")
+
+
+def test_a_write_made_as_redis_is_full_is_read_by_every_process(full_redis, settings):
+    """Full under noeviction (one Redis holds Celery's queues and the cache), Redis refused the
+    write's bump (a SET of a new version): its process read that namespace from the database,
+    and every other one served the value from before the write until it expired. The bump, a
+    deletion, is taken; with no version to be made, every reader goes to the database, and back
+    to the cache once Redis has room."""
+    url = f"redis://127.0.0.1:{full_redis.connection_pool.connection_kwargs['port']}/0"
+    prefix = _prefix(settings)
+    writer = VersionedCache(url, 60, prefix=prefix)
+    reader = VersionedCache(url, 60, prefix=prefix)
+    with _closed_after(writer, reader):
+        for cache in (writer, reader):
+            assert cache.read("user", "balance", lambda: "100.00") == "100.00"
+        _fill(full_redis)
+        writer.invalidate("user")  # (the balance is now 0.00)
+        for cache in (writer, reader):
+            assert cache.read("user", "balance", lambda: "0.00") == "0.00"
+        full_redis.config_set("maxmemory", 0)  # (room again)
+        assert reader.read("user", "balance", lambda: "0.00") == "0.00"
+        assert writer.read("user", "balance", lambda: pytest.fail("cached again")) == "0.00"
 
 
 def test_each_payment_write_path_invalidates_the_cached_balance(
