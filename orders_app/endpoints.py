@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from orders_app import service
-from orders_app.schemas import OrderPageSchema, OrderSchema, order_id_from_path
+from orders_app.schemas import DEFAULT_PAGE, OrderPageSchema, OrderSchema, order_id_from_path
 from shared.cache import app_cache
 from shared.db import db, transaction
 from shared.idempotency import run_idempotently
@@ -32,8 +32,14 @@ def list_orders(user_id: str, args: dict[str, Any]) -> dict:
         page = service.list_orders(db.session, user_id=user_id, **args)
         return ORDER_PAGE.dump({"items": page.items, "next_cursor": page.next_cursor})
 
-    return app_cache().read(service.orders_cache_namespace(user_id),
-                            f"page:{args['limit']}:{args['cursor'] or ''}", load)
+    if args["cursor"] is not None or args["limit"] != DEFAULT_PAGE:
+        # Of the pages, only the first of the default size is cached: the one read again and again
+        # (the shop's page, after every change). A cursor may name any position (any time, any
+        # id), each written many ways, and a size any from 1 to MAX_PAGE: keyed by them, each
+        # request stored a page of its own, up to 200 orders (70 KB), some 20 MB of Redis a user
+        # at the rate limit, for CACHE_TTL_SECONDS; a position decoded would not have bounded it.
+        return load()
+    return app_cache().read(service.orders_cache_namespace(user_id), "first-page", load)
 
 
 def get_order(user_id: str, order_id: str) -> dict:

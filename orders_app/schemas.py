@@ -16,6 +16,9 @@ from shared.fields import Amount, Text, WholeNumber
 from shared.operation_links import link
 
 MAX_PAGE = 200
+# A page's size when the request names none, and the one the shop's page asks for (ORDERS_PAGE
+# in gateway_app/web/app.js).
+DEFAULT_PAGE = 50
 
 INVALID_CURSOR = DocumentedError(400, "INVALID_CURSOR", "the `cursor` is not one this API gave out")
 ORDER_NOT_FOUND = DocumentedError(404, "ORDER_NOT_FOUND", "the caller has no order of this id")
@@ -71,5 +74,5 @@ class ListOrdersQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    limit = WholeNumber(load_default=50, validate=validate.Range(min=1, max=MAX_PAGE))
+    limit = WholeNumber(load_default=DEFAULT_PAGE, validate=validate.Range(min=1, max=MAX_PAGE))
     cursor = fields.String(load_default=None, validate=validate.Length(min=1, max=500))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -10,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from urllib.parse import urlsplit
 
@@ -315,6 +318,36 @@ def test_a_write_made_as_redis_is_full_is_read_by_every_process(full_redis, sett
         full_redis.config_set("maxmemory", 0)  # (room again)
         assert reader.read("user", "balance", lambda: "0.00") == "0.00"
         assert writer.read("user", "balance", lambda: pytest.fail("cached again")) == "0.00"
+
+
+def test_a_page_after_a_cursor_or_of_a_size_of_its_own_is_not_cached(orders_flask_app, user_id):
+    """A cursor names any position (a time and an id, each written many ways: padded, its JSON
+    spaced, its time at another offset) and a page any size up to 200: cached under them, every
+    request stored a page of its own (200 orders are 70 KB). One entry is kept of a user's pages,
+    the first of the default size; the others are read from the database, the same."""
+    client = orders_flask_app.test_client()
+    for amount in (1, 2, 3):
+        client.post("/orders", json={"amount": amount}, signed_as=user_id)
+    first = client.get("/orders?limit=2", signed_as=user_id).get_json()
+    created_at, order_id = json.loads(base64.urlsafe_b64decode(first["next_cursor"] + "=="))
+    at_another_offset = datetime.fromisoformat(created_at).astimezone(
+        timezone(timedelta(hours=1))).isoformat()
+    spellings = [first["next_cursor"], _cursor([created_at, order_id], padded=True),
+                 _cursor([created_at, order_id], separators=(",", ":")),
+                 _cursor([at_another_offset, order_id])]
+    pages = [client.get(f"/orders?limit=2&cursor={spelling}", signed_as=user_id).get_json()
+             for spelling in spellings]
+    assert len(pages[0]["items"]) == 1 and all(page == pages[0] for page in pages)
+    assert len(client.get("/orders", signed_as=user_id).get_json()["items"]) == 3
+    cache = orders_flask_app.extensions[CACHE_EXTENSION]
+    namespace = orders.orders_cache_namespace(user_id)
+    assert sorted(cache._client.keys(cache._keys(namespace, "*")[1])) == [
+        cache._keys(namespace, "first-page")[1].encode()]
+
+
+def _cursor(position: list[str], padded: bool = False, **dumped) -> str:
+    written = base64.urlsafe_b64encode(json.dumps(position, **dumped).encode()).decode()
+    return written if padded else written.rstrip("=")
 
 
 def test_each_payment_write_path_invalidates_the_cached_balance(
