@@ -144,7 +144,7 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     app.extensions["hseshop.settings"] = settings
     app.extensions["hseshop.service"] = service
     cache = app.extensions[CACHE_EXTENSION] = VersionedCache(
-        settings.redis_url, settings.cache_ttl_seconds,
+        settings.cache_url(), settings.cache_ttl_seconds,
         prefix=f"{settings.redis_key_prefix}:{service}")
     close_with(app, cache.close)
     if authenticate is identify_caller:  # (a service behind the gateway, which signs its calls)

@@ -19,8 +19,8 @@ and every process but the writer's went on serving the values from before the wr
 unable to make a version, read the database. Redis being down costs only speed: reads go to the
 database, and nothing fails.
 
-A bump that could not be made, tried twice (Redis restarting, which keeps its keys under
-compose's `--appendonly yes`, or cut off from the writer), is not given up: the writer's process
+A bump that could not be made, tried twice (Redis restarting, one that keeps its keys as
+`--appendonly yes` has it, or cut off from the writer), is not given up: the writer's process
 keeps its namespaces, reads them from the database meanwhile, and tries again every
 UNBUMPED_RETRY_SECONDS on a thread of its own. Given up, the value cached before the write came
 back with Redis and was served, to the writer too, until it expired. The other processes serve

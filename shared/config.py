@@ -37,6 +37,10 @@ ENVIRONMENT: dict[str, str] = {
     "PAYMENTS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/hseshop_payments",
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     "CELERY_BROKER_URL": "",  # empty: the same as REDIS_URL
+    # The read cache's Redis (shared/cache.py); empty: REDIS_URL's. One of its own may have a
+    # memory limit and evict (allkeys-lru: docker-compose.yml), which the broker's must not: a cache
+    # filling a Redis under noeviction had Celery's tasks refused with it.
+    "CACHE_REDIS_URL": "",
     # Every Redis key and channel HseShop uses starts with this (Celery's queues included), so
     # several shops, or test runs, can share one Redis.
     "REDIS_KEY_PREFIX": "hseshop",
@@ -125,6 +129,7 @@ class Settings:
     payments_database_url: str
     redis_url: str
     celery_broker_url: str
+    cache_redis_url: str
     redis_key_prefix: str
     kafka_bootstrap_servers: str
     kafka_consumer_group_prefix: str
@@ -163,6 +168,11 @@ class Settings:
     gateway_upstream_transport: str
     request_read_timeout_seconds: float
     request_head_timeout_seconds: float
+
+    def cache_url(self) -> str:
+        """The read cache's Redis: CACHE_REDIS_URL's, else (empty) REDIS_URL's, read as it is
+        asked for (a copy with another REDIS_URL moves the cache with it)."""
+        return self.cache_redis_url or self.redis_url
 
     def database_url(self, service: str) -> str:
         """The service's SQLAlchemy URL, always with the psycopg2 driver."""
@@ -339,10 +349,13 @@ FORMS = {
     "CELERY_BROKER_URL": (lambda raw: raw == "" or _broker_url(raw),
                           "a Redis URL as Celery reads it, redis://[:password@]host:port/db or"
                           " redis+socket:///path"),
+    # (Empty: REDIS_URL's.)
+    "CACHE_REDIS_URL": (lambda raw: raw == "" or _redis_url(raw),
+                        "a Redis URL, redis://[:password@]host:port/db"),
 }
 # The URLs of the databases and Redis.
 DATABASE_AND_REDIS_URLS = (*(f"{service.upper()}_DATABASE_URL" for service in SERVICES),
-                           "REDIS_URL", "CELERY_BROKER_URL")
+                           "REDIS_URL", "CELERY_BROKER_URL", "CACHE_REDIS_URL")
 # The settings refused with a whitespace or control character in them, each with what finds the
 # first one it refuses. A service URL: anywhere, as urlsplit drops tabs and line breaks, and takes
 # a space in the host, so that "http://orders:8001\t" or "http://ord ers:8001" passed its form and

@@ -46,6 +46,7 @@ def service_env(infra: Infrastructure, layer: str, **overrides: str) -> dict[str
         "GATEWAY_DATABASE_URL": f"{infra.postgres_base}/{database_name(layer, 'gateway')}",
         "REDIS_URL": f"{infra.redis_base}/{REDIS_DB[layer]}",
         "CELERY_BROKER_URL": f"{infra.redis_base}/{REDIS_DB[layer]}",
+        "CACHE_REDIS_URL": "",  # (REDIS_URL's, as a stack's own Redis overrides it)
         "KAFKA_BOOTSTRAP_SERVERS": infra.bootstrap_servers,
         "KAFKA_CONSUMER_GROUP_PREFIX": prefix,
         "REDIS_KEY_PREFIX": prefix,

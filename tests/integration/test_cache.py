@@ -11,7 +11,7 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from urllib.parse import urlsplit
@@ -265,9 +265,9 @@ def test_a_version_expired_or_evicted_never_brings_back_a_value_from_before_a_wr
 
 
 @pytest.fixture
-def full_redis(tmp_path) -> Iterator[Redis]:
-    """A Redis of the test's own (the session's is shared) to fill, under noeviction: at its
-    memory limit it refuses every write but a deletion, and answers reads."""
+def private_redis(tmp_path) -> Iterator[Redis]:
+    """A Redis of the test's own (the session's is shared: not to be filled), under noeviction:
+    at its memory limit it refuses every write but a deletion, and answers reads."""
     port = free_port()
     server = start_child(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -291,6 +291,10 @@ def full_redis(tmp_path) -> Iterator[Redis]:
         server.wait(timeout=30)
 
 
+def _url_of(client: Redis) -> str:
+    return f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0"
+
+
 def _fill(client: Redis) -> None:
     """As full as it gets: past its memory limit, the Redis refuses a write."""
     client.config_set("maxmemory", 1)
@@ -298,26 +302,42 @@ def _fill(client: Redis) -> None:
         client.set("one-more", "byte")
 
 
-def test_a_write_made_as_redis_is_full_is_read_by_every_process(full_redis, settings):
+def test_a_write_made_as_redis_is_full_is_read_by_every_process(private_redis, settings):
     """Full under noeviction (one Redis holds Celery's queues and the cache), Redis refused the
     write's bump (a SET of a new version): its process read that namespace from the database,
     and every other one served the value from before the write until it expired. The bump, a
     deletion, is taken; with no version to be made, every reader goes to the database, and back
     to the cache once Redis has room."""
-    url = f"redis://127.0.0.1:{full_redis.connection_pool.connection_kwargs['port']}/0"
+    url = _url_of(private_redis)
     prefix = _prefix(settings)
     writer = VersionedCache(url, 60, prefix=prefix)
     reader = VersionedCache(url, 60, prefix=prefix)
     with _closed_after(writer, reader):
         for cache in (writer, reader):
             assert cache.read("user", "balance", lambda: "100.00") == "100.00"
-        _fill(full_redis)
+        _fill(private_redis)
         writer.invalidate("user")  # (the balance is now 0.00)
         for cache in (writer, reader):
             assert cache.read("user", "balance", lambda: "0.00") == "0.00"
-        full_redis.config_set("maxmemory", 0)  # (room again)
+        private_redis.config_set("maxmemory", 0)  # (room again)
         assert reader.read("user", "balance", lambda: "0.00") == "0.00"
         assert writer.read("user", "balance", lambda: pytest.fail("cached again")) == "0.00"
+
+
+def test_an_apps_cache_is_kept_in_the_redis_cache_redis_url_names(private_redis, settings,
+                                                                   user_id):
+    """The read cache may have a Redis of its own (compose's evicts, the broker's must not)."""
+    app = payments_app.create_app(settings=dataclasses.replace(
+        settings, cache_redis_url=_url_of(private_redis)))
+    cache = app.extensions[CACHE_EXTENSION]
+    with _closed_after(cache):
+        client = app.test_client()
+        client.post("/accounts", signed_as=user_id)
+        assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == "0.00"
+    value_key = cache._keys(balance_cache_namespace(user_id), "account")[1]
+    assert private_redis.exists(value_key)
+    with closing(Redis.from_url(settings.redis_url)) as shared:
+        assert not shared.exists(value_key)
 
 
 def test_a_page_after_a_cursor_or_of_a_size_of_its_own_is_not_cached(orders_flask_app, user_id):

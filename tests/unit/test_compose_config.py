@@ -190,6 +190,19 @@ def test_the_settings_point_at_the_bundled_redis_and_kafka():
     assert env["KAFKA_TOPIC_REPLICATION_FACTOR"] == kafka["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"]
 
 
+def test_the_cache_has_a_redis_of_its_own_that_evicts_where_the_brokers_does_not():
+    """One Redis held Celery's queues and the read cache, under noeviction: the cache filling it
+    had Celery's tasks refused with its own writes. The cache's evicts, within a memory limit,
+    and keeps nothing on disk; the broker's refuses a write rather than drop a task."""
+    env = read_env_file(COMPOSE_FILE.parent / "deploy" / "compose.env")
+    cache, broker = make_url(env["CACHE_REDIS_URL"]).host, make_url(env["REDIS_URL"]).host
+    assert cache != broker and env["CELERY_BROKER_URL"] in ("", env["REDIS_URL"])
+    evicting, keeping = command(ALL_SERVICES[cache]), command(ALL_SERVICES[broker])
+    assert _option(evicting, "--maxmemory-policy") == "allkeys-lru"
+    assert _option(evicting, "--maxmemory") and _option(evicting, "--save") == ""
+    assert _option(keeping, "--maxmemory-policy") == "noeviction"
+
+
 def test_the_broker_creates_no_topic_a_producer_names():
     """The shop makes its topics (ensure_topics: the workers', and each relay's as it starts to
     lead); one a producer named first would get the broker's defaults instead."""

@@ -15,6 +15,7 @@ def test_defaults_work_locally_and_the_environment_overrides_them():
     defaults = load_settings({})
     assert defaults.kafka_bootstrap_servers == "127.0.0.1:9092"
     assert defaults.celery_broker_url == defaults.redis_url == "redis://127.0.0.1:6379/0"
+    assert defaults.cache_url() == defaults.redis_url
     assert defaults.database_url("orders").startswith("postgresql+psycopg2://")
     custom = load_settings({"INBOX_MAX_ATTEMPTS": "9", "TOPIC_PAYMENT_RESULTS": "x.results",
                             "OUTBOX_RELAY_INTERVAL_SECONDS": "0.25"})
@@ -145,6 +146,7 @@ def test_a_service_urls_trailing_slash_is_dropped():
     ("REDIS_URL", "redis://redis:6379/zero", "a Redis URL"),
     ("REDIS_URL", "http://redis:6379/0", "a Redis URL"),
     ("CELERY_BROKER_URL", "redis://redis:port/0", "a Redis URL"),
+    ("CACHE_REDIS_URL", "cache-redis:6379", "a Redis URL"),
 ])
 def test_a_value_a_setting_cannot_take_is_refused_naming_its_variable(variable, value, expected):
     """At start-up, before anything runs on it: each number is a size, a count or a length of
@@ -223,6 +225,7 @@ def test_a_database_url_refused_is_shown_without_its_password(value, shown):
     ("PAYMENTS_DATABASE_URL", "postgresql://shop@d\tb/payments", "postgresql://shop@d\tb/payments"),
     ("REDIS_URL", "redis://:s3cret@redis:6379/0 ", "redis://:***@redis:6379/0 "),
     ("CELERY_BROKER_URL", "redis://redis:6379/0\r", "redis://redis:6379/0\r"),  # (CRLF env file)
+    ("CACHE_REDIS_URL", "redis://cache-redis:6379/0 ", "redis://cache-redis:6379/0 "),
 ])
 def test_a_database_or_redis_url_with_a_control_character_or_whitespace_at_an_end_is_refused(
         variable, value, shown):
@@ -246,10 +249,12 @@ def test_a_space_within_a_database_or_redis_url_is_the_urls_to_take(variable, va
 @pytest.mark.parametrize("value", ["redis://127.0.0.1:6379/0", "redis://:pw@redis:6379/12",
                                    "rediss://redis.internal", "redis://[::1]:6379",
                                    "redis://", "redis:///0", "redis://:pw@:6380/1"])
-def test_a_redis_url_is_taken_and_the_celery_broker_is_it_unless_set(value):
+def test_a_redis_url_is_taken_and_the_celery_broker_and_cache_are_it_unless_set(value):
     settings = load_settings({"REDIS_URL": value})
-    assert settings.redis_url == settings.celery_broker_url == value
+    assert settings.redis_url == settings.celery_broker_url == settings.cache_url() == value
     assert load_settings({"CELERY_BROKER_URL": value}).celery_broker_url == value
+    apart = load_settings({"CACHE_REDIS_URL": value})
+    assert (apart.cache_url(), apart.redis_url) == (value, "redis://127.0.0.1:6379/0")
 
 
 def test_a_redis_socket_is_unix_for_redis_and_redis_socket_for_celerys_broker():
