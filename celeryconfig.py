@@ -64,10 +64,8 @@ broker_transport_options = {
 }
 
 worker_hijack_root_logger = False
-# Task events cost two Redis publishes per task, which profiling showed to outweigh the task itself.
-# Flower, as the shop runs it, leaves them off (flowerconfig.py: its own default would switch them
-# on in every worker, and never off); `celery -A tasks control enable_events` switches them on in
-# the workers running, for Flower's Tasks page, until `disable_events` or the workers' restart.
+# Task events cost two Redis publishes per task, which profiling showed to outweigh the task itself;
+# Flower switches them on in the workers while it runs (its --enable-events, on by default).
 worker_send_task_events = False
 task_send_sent_event = False
 

@@ -12,8 +12,7 @@ service's two), the default queue, and any other a worker consumes.
 The shop's queues are named here, not declared on the app (celeryconfig's task_queues): a worker
 started without -Q consumes every queue the app declares, and `celery purge` empties them.
 
-Flower's options may be set here too, by their names (`max_tasks`, `enable_events`); what this file
-sets wins over Flower's FLOWER_* environment variables, and its command line over this file.
+Flower's options may be set here too, by their names (`max_tasks`).
 """
 
 from flower.views import BaseHandler
@@ -27,15 +26,6 @@ from shared.task_queues import queues_of
 # and sweep every 5 s for each of the three services, so an idle shop gets there in 8 hours).
 # 10,000 is Celery's own default: some 50 MB, some 46 minutes of an idle shop.
 max_tasks = 10_000
-
-# Task events stay off in the workers (celeryconfig.py: two Redis publishes per task, which
-# profiling showed to outweigh the task itself). Flower's default, --enable-events, broadcasts
-# `enable_events` to every worker every 5 s and never switches them off, not even as it stops: once
-# a Flower had run, the workers sent them until they restarted, and compose runs Flower always.
-# Flower still shows the workers (their heartbeats are sent regardless) and the Broker page; its
-# Tasks page fills while task events are switched on by hand, `celery -A tasks control
-# enable_events`, until `celery -A tasks control disable_events` or the workers' restart.
-enable_events = False
 
 _SHOP_QUEUES = frozenset(name for service in SERVICES for name in queues_of(service))
 _workers_queue_names = BaseHandler.get_active_queue_names

@@ -11,14 +11,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-from flower.events import Events
 
 from devstack.infra import LOCALHOST, free_port
 from devstack.stack import flower_argv
@@ -34,8 +31,6 @@ TASKS_SENT = 3
 SHOP_QUEUES = {name for service in SERVICES for name in queues_of(service)}
 # The most tasks Flower may keep in memory, some 5 KB each (flowerconfig.py's max_tasks).
 TASKS_KEPT_AT_MOST = 10_000
-# What a worker logs as `enable_events` switches its task events on (celery.worker.control).
-ENABLED_BY_REMOTE = "Events of group {task} enabled by remote."
 
 
 def _queue_rows(page: str) -> dict[str, int]:
@@ -59,13 +54,11 @@ def _celery(*args: str, log_path: Path) -> subprocess.Popen:
 
 
 @contextmanager
-def _worker(tmp_path: Path, node: str, *queues: str,
-            log_level: str = "WARNING") -> Iterator[subprocess.Popen]:
-    """A worker named `node` answering (of the queues given as `-Q`, if any), logging to
-    worker.log in `tmp_path`."""
+def _worker(tmp_path: Path, node: str, *queues: str) -> Iterator[subprocess.Popen]:
+    """A worker named `node` answering (of the queues given as `-Q`, if any)."""
     worker = _celery("worker", *(("-Q", ",".join(queues)) if queues else ()), "-n", node,
                      "-P", "threads", "-c", "1", "--without-gossip", "--without-mingle",
-                     "-l", log_level, log_path=tmp_path / "worker.log")
+                     "-l", "WARNING", log_path=tmp_path / "worker.log")
     try:
         wait_for(lambda: celery_app.control.ping(destination=[node], timeout=0.5), timeout=60,
                  what="the worker to answer")
@@ -157,26 +150,6 @@ def test_with_a_worker_up_the_broker_page_names_the_queues_no_worker_reads_too(
         rows = wait_for(once_the_workers_queue_is_named, timeout=30, interval=0.5,
                         what="Flower to name the worker's queue")
         assert SHOP_QUEUES <= set(rows), rows
-
-
-def test_flower_leaves_the_workers_task_events_off(settings, tmp_path):
-    """Flower's default broadcasts `enable_events` every few seconds and never switches them off
-    again: the workers, which send none (two Redis publishes a task, celeryconfig.py), sent them
-    from then on until they restarted. Run as the shop runs it, over two of its intervals, the
-    worker hears of none, and its task events are still off (flowerconfig.py)."""
-    node = f"flower-test-{uuid.uuid4().hex[:8]}@localhost"
-    worker_log = tmp_path / "worker.log"
-    with _worker(tmp_path, node, node, log_level="INFO"), _flower(tmp_path) as page:
-        page("/broker")  # (Flower's timer runs from here)
-        heard_for = 2 * Events.events_enable_interval / 1000 + 1
-        deadline = time.monotonic() + heard_for
-        while time.monotonic() < deadline:
-            assert ENABLED_BY_REMOTE not in worker_log.read_text()
-            time.sleep(0.5)
-        # (Asked to switch them on, the worker says whether they were off.)
-        replies = celery_app.control.enable_events(destination=[node], reply=True, timeout=5)
-    assert replies == [{node: {"ok": "task events enabled"}}], replies
-    assert ENABLED_BY_REMOTE in worker_log.read_text()  # (the probe's line: the log is read)
 
 
 def test_a_worker_started_without_queues_reads_the_default_queue_alone(settings, tmp_path):
