@@ -64,8 +64,10 @@ broker_transport_options = {
 }
 
 worker_hijack_root_logger = False
-# Task events cost two Redis publishes per task, which profiling showed to outweigh the task itself;
-# Flower switches them on in the workers while it runs (its --enable-events, on by default).
+# Task events cost two Redis publishes per task, which profiling showed to outweigh the task itself.
+# Flower switches them on (its --enable-events, on by default: for its Tasks page), broadcasting
+# enable_events every 5 s, and never off, not even as it stops: once a Flower has run, the workers
+# send them until they restart (`celery -A tasks control disable_events` stops them sooner).
 worker_send_task_events = False
 task_send_sent_event = False
 
