@@ -36,7 +36,8 @@
   // answers a write itself within UPSTREAM_TIMEOUT_SECONDS (5 s by default, shared/config.py) and
   // COMMIT_GRACE_SECONDS (1 s, shared/caller_deadline.py) past it, its one resend of a keyed POST
   // made within that same deadline (gateway_app/upstream_http.py, upstream_grpc.py): some 6 s.
-  // Well past it, so that a write the gateway is still waiting for is not given up on.
+  // Well past it, so that a write the gateway is still waiting for is not given up on (a deployment
+  // setting UPSTREAM_TIMEOUT_SECONDS near 29 s or above raises this with it: README).
   const WRITE_WAIT_MS = 30000;
   // While its socket has not worked (connecting, refused, as with 1013 or 1011, or reconnecting),
   // the page reads the first page of orders and the balance itself about this often (jittered, as
