@@ -24,9 +24,11 @@ dies.
 
 A second try that did nothing says nothing of the first, which may have been carried out: one
 never sent (no connection made), refused unrun (a gRPC server too busy to take it) or rolled back
-for the deadline (the service's 504 CALLER_GAVE_UP: the second try keeps the first's moment, and a
-keyed POST's replay of a first try carried out rolls back past it as well) leaves the first try's
-failure, a 502 "may have been carried out", not its own "unavailable" or "nothing was done".
+for the deadline (the service's 504 CALLER_GAVE_UP: the second try found no answer stored under
+its key, a first try carried out being answered its replay even past the deadline, but the first
+may be under way still, short of its key, to commit once the second is rolled back: on a replica
+whose clock runs behind the second's, say) leaves the first try's failure, a 502 "may have been
+carried out", not its own "unavailable" or "nothing was done".
 
 The rule says only what may be sent again; what answers it is the deployment's. Over HTTP the
 service's other gunicorn workers take the second try on the same port. Over gRPC only another

@@ -1,9 +1,12 @@
 """When the gateway gives up on a service's work, told to the service: `X-Gateway-Deadline`,
 a moment in seconds since the epoch, an HTTP header or (in lower case) gRPC call metadata. Past
-it, the service commits nothing (shared.db.transaction rolls back) and answers 504 CALLER_GAVE_UP
-(shared.errors; over gRPC DEADLINE_EXCEEDED, with that error's trailers: shared.grpc_server): the
-gateway answers its client 504, and a request that client retries (an order placed without an
-Idempotency-Key) must not find the first one done as well.
+it, the service commits no new work (shared.db.transaction rolls back) and answers 504
+CALLER_GAVE_UP (shared.errors; over gRPC DEADLINE_EXCEEDED, with that error's trailers:
+shared.grpc_server): the gateway answers its client 504, and a request that client retries (an
+order placed without an Idempotency-Key) must not find the first one done as well. A repeat under
+an Idempotency-Key whose work is done commits nothing new, and is answered the stored answer past
+it too (shared.db.nothing_new_to_commit, shared.idempotency): a CALLER_GAVE_UP comes only from a
+request that found none and rolled its own work back.
 
 The gateway waits for the answer COMMIT_GRACE_SECONDS past that moment: the service looks at it as
 its work is done and again once it is flushed (a flush's wait for a lock counted in), and the
@@ -86,12 +89,15 @@ DEADLINE_PARAMETER = {
     "description": "Set by the gateway: the moment it gives up on the request's work (it waits "
                    f"{COMMIT_GRACE_SECONDS:g} s more for the answer, for a COMMIT begun before), "
                    "in seconds since the epoch (up to 12 digits, and up to 6 decimals). Past it "
-                   "nothing is committed (an operation that commits work answers 504 "
-                   "CALLER_GAVE_UP). Given, it must be of that form, once (400 INVALID_DEADLINE "
-                   "otherwise): leave it out when calling the service yourself."}
+                   "no new work is committed (an operation that commits work answers 504 "
+                   "CALLER_GAVE_UP; a repeat under an Idempotency-Key already carried out, "
+                   "which commits nothing new, is answered its first answer). Given, it must "
+                   "be of that form, once (400 INVALID_DEADLINE otherwise): leave it out when "
+                   "calling the service yourself."}
 CALLER_GAVE_UP = DocumentedError(
     504, "CALLER_GAVE_UP", f"the moment the caller gave ({DEADLINE_HEADER}) passed before the "
-    "request's work could commit; it was rolled back")
+    "request's work could commit; it was rolled back (no answer was stored under its "
+    "Idempotency-Key, if it had one: a repeat of a request carried out is answered that answer)")
 
 
 def deadline_moment(seconds_from_now: float) -> str:
@@ -152,6 +158,6 @@ def deadline_given(header: str | None) -> float | None:
         return None
     if left <= 0:
         log.warning("a request came %.3f s after its caller's deadline (a backlog, or the clocks"
-                    " of the caller's and this host disagree): its work will not be committed",
+                    " of the caller's and this host disagree): no new work of it will be committed",
                     -left)
     return time.monotonic() + left

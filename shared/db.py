@@ -453,21 +453,55 @@ def error_caught_on(connection: Connection) -> BaseException | None:
 
 
 class CallerGaveUp(Exception):
-    """The work's caller stopped waiting for it (its deadline passed): nothing was committed."""
+    """The work's caller stopped waiting for it (its deadline passed) before its new work could
+    commit: nothing was committed. (A transaction that commits nothing new, a replay's, is never
+    refused so: nothing_new_to_commit.)"""
 
 
 # The deadline the caller of the work under way set it (time.monotonic()), if it said: a gRPC
-# call's, an HTTP request's (shared.caller_deadline). Past it, `transaction()` rolls back instead
-# of committing: the gateway waits only for a COMMIT begun before it (COMMIT_GRACE_SECONDS more),
-# and answers 504 once that is over, and its client must not find the work done.
+# call's, an HTTP request's (shared.caller_deadline). Past it, `transaction()` rolls new work back
+# instead of committing it: the gateway waits only for a COMMIT begun before it
+# (COMMIT_GRACE_SECONDS more), and answers 504 once that is over, and its client must not find the
+# work done.
 _caller_waits_until: ContextVar[float | None] = ContextVar("hseshop_caller_waits_until",
                                                            default=None)
 
 
-def _refuse_if_the_caller_gave_up() -> None:
+def _refuse_if_the_caller_gave_up(new_work: bool) -> None:
+    """The one rule of the caller's deadline: past it, new work is not committed. A transaction
+    with none (`_commits_new_work`) is committed and answered whenever it ends."""
     deadline = _caller_waits_until.get()
-    if deadline is not None and time.monotonic() >= deadline:
+    if new_work and deadline is not None and time.monotonic() >= deadline:
         raise CallerGaveUp()
+
+
+# The root transaction of a session declared to commit nothing new (nothing_new_to_commit), noted
+# weakly, as _CONNECTED_IN is: the declaration ends with it.
+_NOTHING_NEW_IN = "hseshop.nothing_new_in"
+
+
+def nothing_new_to_commit(session: Session) -> None:
+    """Declare that the transaction of `session` under way commits no new work: it found the
+    settled answer of work committed before (the stored answer of an Idempotency-Key:
+    shared.idempotency), and writes nothing. Past the caller's deadline it is committed and
+    answered all the same: the deadline guards the commit of new work, so that a caller told
+    504 CALLER_GAVE_UP ("nothing of it was done") never finds it done, not the reading of an
+    answer settled before. A replay rolled back past it had the gateway tell its client so while
+    the work it answers for was done (an order placed, a top-up made, its first answer lost).
+    Whoever declares it writes nothing more in the transaction; a write of the ORM's pending as
+    the block ends is new work all the same, under the deadline (`_commits_new_work`)."""
+    root = session.get_transaction()
+    if root is not None:
+        session.info[_NOTHING_NEW_IN] = weakref.ref(root)
+
+
+def _commits_new_work(session: Session) -> bool:
+    """Whether the session's transaction, its block done, has work of its own to commit: unless
+    it was declared to have none (nothing_new_to_commit), and has no write pending for its flush."""
+    declared = session.info.get(_NOTHING_NEW_IN)
+    root = session.get_transaction()
+    return (declared is None or root is None or declared() is not root
+            or bool(session.new or session.dirty or session.deleted))
 
 
 @contextmanager
@@ -500,7 +534,8 @@ def _holds_a_connection(session: Session) -> bool:
 @contextmanager
 def transaction() -> Iterator[Session]:
     """One database transaction: commit when the block ends, roll back if it raises, or if the
-    caller's deadline has passed before the COMMIT (CallerGaveUp). Then run what after_commit
+    caller's deadline has passed before the COMMIT of new work (CallerGaveUp; one with nothing
+    new, a replay's, is committed past it: nothing_new_to_commit). Then run what after_commit
     registered: all of it once committed, none if the block failed, only what asked to run
     also_if_unanswered if the COMMIT itself failed (committed or not, unknown), the commit's error
     raised after it."""
@@ -510,8 +545,10 @@ def transaction() -> Iterator[Session]:
         session.rollback()
     try:
         yield session
+        # (Told before the flush, which leaves nothing pending: a replay's has nothing new.)
+        new_work = _commits_new_work(session)
         # (Before the flush too: work already past it takes no row lock to wait for.)
-        _refuse_if_the_caller_gave_up()
+        _refuse_if_the_caller_gave_up(new_work)
         # (A flush failed under the root, or under a savepoint left open: SQLAlchemy's commit
         # raised PendingRollbackError, which named the error caught only in its text.)
         for begun in (session.get_transaction(), session.get_nested_transaction()):
@@ -531,7 +568,7 @@ def transaction() -> Iterator[Session]:
         # (Once the flush is done as well: one that waited for a lock past the deadline, were it
         # looked at before only, would commit work the caller has been told failed. What the
         # gateway waits past the deadline, COMMIT_GRACE_SECONDS, is left for the COMMIT alone.)
-        _refuse_if_the_caller_gave_up()
+        _refuse_if_the_caller_gave_up(new_work)
     except BaseException:
         session.info.pop(_AFTER_COMMIT, None)
         _rolled_back(session)

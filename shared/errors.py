@@ -172,7 +172,9 @@ class UpstreamTimeout(ApiError):
 
 class CallerDeadlinePassed(ApiError):
     """The caller stopped waiting (its deadline passed, shared/caller_deadline.py) before the
-    request's work could commit: it was rolled back."""
+    request's work could commit: it was rolled back. Never a replay's: a request that found the
+    answer stored under its Idempotency-Key commits nothing new, and is answered that answer
+    (shared.db.nothing_new_to_commit)."""
 
     status = 504
     code = "CALLER_GAVE_UP"
@@ -185,7 +187,10 @@ class CallerDeadlinePassed(ApiError):
 class UpstreamRolledBack(ApiError):
     """A service behind the gateway said it rolled the request's work back, the gateway's
     deadline having passed before it could commit (its CALLER_GAVE_UP): the gateway's 504 under
-    the service's code, which, unlike UpstreamTimeout's, says that nothing of it was done."""
+    the service's code, which, unlike UpstreamTimeout's, says that nothing of it was done. Exactly
+    so: the service found no answer stored under the request's Idempotency-Key (a replay is
+    answered whenever it ends), and rolled back its own work. Retried under the same key, a send
+    of it still on its way, should one be carried out yet, is found."""
 
     status = 504
     code = CallerDeadlinePassed.code

@@ -25,6 +25,14 @@ no key behind, and two concurrent requests with one key run one after the other 
 on the first one's insert and then reads its stored response). A key is kept for
 IDEMPOTENCY_KEY_RETENTION_SECONDS (a day, by default), then pruned (`prune_expired_keys`, run by
 beat): a client retries within that, and the same key later is a new request.
+
+A replay is answered whenever it ends, the caller's deadline passed or not (shared.db:
+nothing_new_to_commit): it commits nothing new, and the work it answers for is done. Rolled back
+for the deadline, it was the service's 504 CALLER_GAVE_UP, which the gateway tells its client as
+"nothing of it was done", with the order placed (a retry after an answer lost, or after a 504
+UPSTREAM_TIMEOUT, that waited on the first request's key or found it late). So a CALLER_GAVE_UP
+comes only from a request that found no answer stored under its key, the first request's insert
+waited out, and rolled its own work back.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.cache import invalidate_after_commit
-from shared.db import after_commit, db, delete_oldest_before
+from shared.db import after_commit, db, delete_oldest_before, nothing_new_to_commit
 from shared.errors import ApiError, Unprocessable
 from shared.internal_auth import IDEMPOTENCY_KEY_HEADER as IDEMPOTENCY_HEADER
 from shared.jsonio import loads_strict
@@ -163,7 +171,10 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
     request's invalidation is lost when its process is killed between its commit and its bump
     (one whose COMMIT's answer is lost bumps all the same: shared.db.after_commit), and the retry
     that finds the change must not leave the reads cached from before it.
-    A replay marks the answer replayed once its transaction has committed (take_replayed_mark).
+    A replay marks the answer replayed once its transaction has committed (take_replayed_mark),
+    and commits nothing new, which the caller's deadline does not hold back (shared.db:
+    nothing_new_to_commit). Run first in its transaction (the services' endpoints), so that a
+    replay's transaction holds no work of its own.
     Without a key, the gateway's signature of the call is taken, once, before the work: a
     captured call sent again is refused 401 SIGNATURE_USED, and so is a try that failed sent
     again (a signed unkeyed write is one try; retry by signing again: shared.single_use_signatures
@@ -187,6 +198,7 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
                 f"This {IDEMPOTENCY_HEADER} was already used with a different request body.",
                 code="IDEMPOTENCY_KEY_REUSED",
             )
+        nothing_new_to_commit(session)
         invalidate_after_commit(session, invalidates)
         after_commit(session, _mark_replayed)  # (a commit that fails answers an error instead)
         return _answered_body(earlier), earlier.response_status

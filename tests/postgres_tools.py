@@ -3,11 +3,13 @@ at once, as a restart would, or each one waiting on a lock a session holds, a tr
 stalled holding an account's row, an app's pool with no connection free, what the other sessions
 are doing, waiting for some of them to wait on a lock, two transactions made to meet on one, the
 sign-out lookups an engine sends, a session ending its own connection, a COMMIT carried out
-whose answer is lost, and another transaction's change committed as a statement runs."""
+whose answer is lost, a user's orders whose COMMIT is slow, and another transaction's change
+committed as a statement runs."""
 
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -121,11 +123,19 @@ def other_sessions(cursor, condition: str, *params) -> int:
 def wait_for_sessions_waiting_on_a_lock(database_url: str, *, count: int = 1, timeout: float,
                                         what: str) -> None:
     """Return once `count` other sessions of the database wait on a lock; fail after `timeout`."""
+    wait_for_other_sessions(database_url, "wait_event_type = 'Lock'", count=count,
+                            timeout=timeout, what=what)
+
+
+def wait_for_other_sessions(database_url: str, condition: str, *, count: int = 1,
+                            timeout: float, what: str) -> None:
+    """Return once `count` other sessions of the database match `condition` (other_sessions');
+    fail after `timeout`."""
     watcher = psycopg2.connect(driver_dsn(database_url))
     watcher.autocommit = True
     try:
         with watcher.cursor() as cursor:
-            wait_for(lambda: other_sessions(cursor, "wait_event_type = 'Lock'") >= count,
+            wait_for(lambda: other_sessions(cursor, condition) >= count,
                      timeout=timeout, interval=0.01, what=what)
     finally:
         watcher.close()
@@ -273,3 +283,31 @@ def committed_on_a_connection_of_its_own(database_url: str, statement: str,
             return cursor.rowcount
     finally:
         other.close()
+
+
+@contextmanager
+def commits_of_orders_taking(database_url: str, user: str, seconds: float) -> Iterator[None]:
+    """Every COMMIT of a transaction that placed an order of `user`'s takes `seconds` more, as on
+    a slow disk or with a synchronous replica: a deferred trigger on the orders table (of the
+    database at `database_url`), which runs as the transaction commits, after the service's last
+    look at its deadline, and after its Idempotency-Key's row is written (its insert unfinished
+    meanwhile: a request under the same key waits on it). Its sleep is a pg_sleep
+    (pg_stat_activity's wait_event PgSleep)."""
+    name = f"slow_commit_{uuid.uuid4().hex[:12]}"
+    connection = psycopg2.connect(driver_dsn(database_url))
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS"
+                           f" $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$")
+            cursor.execute(f"CREATE CONSTRAINT TRIGGER {name} AFTER INSERT ON orders"
+                           " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+                           f" WHEN (NEW.user_id = %s) EXECUTE FUNCTION {name}()", (user,))
+        try:
+            yield
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute(f"DROP TRIGGER {name} ON orders")
+                cursor.execute(f"DROP FUNCTION {name}()")
+    finally:
+        connection.close()

@@ -366,8 +366,8 @@
   // an error before it was sent. UNKNOWN: no answer, a session ended before its answer came
   // (api() has it handled: nobody here is told), or any other 5xx: the gateway's 502 or 504, a
   // service's 503 DATABASE_UNAVAILABLE (a commit whose connection was lost may have gone through).
-  // (A 504 CALLER_GAVE_UP says this send did nothing; an earlier one under the same key may have,
-  // and its replay can roll back for the deadline too: the key is kept.)
+  // (A 504 CALLER_GAVE_UP says this send did nothing, and found nothing done under its key; an
+  // earlier send under it still on its way may yet be carried out: the key is kept.)
   function attemptOutcome(error) {
     if (!(error instanceof ApiError)) return NOTHING_DONE;
     if ([401, 429].includes(error.status)) return NOTHING_DONE;

@@ -1091,9 +1091,10 @@ def test_a_keyed_post_sent_again_and_rolled_back_for_the_deadline_is_the_first_s
         settings, upstreams):
     """A keyed POST whose kept-alive connection closed unanswered is sent again (as above), and
     the service rolls the second try back for the deadline (504 CALLER_GAVE_UP): that says
-    nothing was done by the second try alone. The first may have been carried out (its replay
-    rolls back past the deadline too), so the answer is the first failure's 502 ("may have been
-    carried out"), not the second's "nothing of it was done"."""
+    nothing was done by the second try alone. The first may have been carried out (under way
+    still, short of its key, as the second rolled back: gateway_app/resends.py), so the answer is
+    the first failure's 502 ("may have been carried out"), not the second's "nothing of it was
+    done"."""
     with _dropping(settings, _dropped_then_rolled_back) as (client, server):
         answer, kept_alive = _sent_after_a_kept_alive_get(client, server, "POST", "retry-me")
         assert answer.status_code == 502, answer.get_json()

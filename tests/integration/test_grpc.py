@@ -20,9 +20,8 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import Iterator
 from concurrent import futures
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -52,7 +51,7 @@ from tests.network_tools import Accepting, HoldingProxy, SilencingProxy
 from tests.process_tools import start_child
 from tests.signed_requests import MALFORMED_DEADLINES_IN_METADATA, grpc_signed
 from tests.polling import wait_for
-from tests.postgres_tools import no_connection_free
+from tests.postgres_tools import commits_of_orders_taking, no_connection_free
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -1011,6 +1010,41 @@ def test_an_idempotency_key_is_the_same_key_without_the_spaces_and_tabs_at_its_e
         user_id, f"{PAYMENTS}/GetBalance", balance)).balance == "10.00"
 
 
+def test_a_keyed_call_carried_out_and_repeated_past_its_deadline_is_answered_its_reply(
+        settings, grpc_targets):
+    """As over HTTP: a PlaceOrder or a Deposit carried out (its reply lost, say), repeated under
+    its key with the signed deadline passed, commits nothing new and is answered the first reply,
+    replayed in its trailers, where it was rolled back (DEADLINE_EXCEEDED, CALLER_GAVE_UP's
+    trailers: "nothing of it was done", said by the gateway) with the order placed, the top-up
+    made. A call under another key, new work, is still rolled back."""
+    from shared.grpc_server import REPLAYED_KEY
+    from shared.idempotency import REPLAYED
+    from shared.protos import payments_pb2
+
+    user = f"late-repeat-{uuid.uuid4().hex[:8]}"
+    orders, payments = _stubs_of_a_user_with_an_account(grpc_targets, user)
+    for call, name, message in (
+            (orders.PlaceOrder, f"{ORDERS}/PlaceOrder", orders_pb2.PlaceOrderRequest),
+            (payments.Deposit, f"{PAYMENTS}/Deposit", payments_pb2.DepositRequest)):
+        key = f"key-{uuid.uuid4().hex}"
+        request, fresh = (message(amount="1.00", idempotency_key=key),
+                          message(amount="1.00", idempotency_key=f"{key}-2"))
+        answer = call(request, timeout=5, metadata=grpc_signed(user, name, request))
+        again, replayed = call.with_call(request, timeout=5, metadata=grpc_signed(
+            user, name, request, deadline_seconds=-0.001))
+        assert again == answer, name
+        assert dict(replayed.trailing_metadata()).get(REPLAYED_KEY) == REPLAYED, name
+        with pytest.raises(grpc.RpcError) as rolled_back:
+            call(fresh, timeout=5, metadata=grpc_signed(user, name, fresh,
+                                                        deadline_seconds=-0.001))
+        assert rolled_back.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, name
+        assert dict(rolled_back.value.trailing_metadata())[ERROR_CODE_KEY] == "CALLER_GAVE_UP"
+    assert _orders_placed_by(settings, user) == 1
+    balance = payments_pb2.GetBalanceRequest()
+    assert payments.GetBalance(balance, timeout=5, metadata=grpc_signed(
+        user, f"{PAYMENTS}/GetBalance", balance)).balance == "1.00"
+
+
 def _placed_while_held_up_past_its_deadline(settings, grpc_targets, user: str, metadata,
                                             place) -> None:
     """`place` called for `user` with `metadata` and a 0.5 s timeout while another session holds
@@ -1105,35 +1139,6 @@ def test_a_captured_call_sent_again_with_a_longer_timeout_keeps_the_gateways_sig
     assert _orders_placed_by(settings, user) == 0
 
 
-@contextmanager
-def _commits_of_orders_taking(settings, user: str, seconds: float) -> Iterator[None]:
-    """Every COMMIT of a transaction that placed an order of `user`'s takes `seconds` more, as on
-    a slow disk or with a synchronous replica: a deferred trigger on the orders table, which runs
-    as the transaction commits, after the service's last look at its deadline."""
-    import psycopg2
-
-    from shared.db import driver_dsn
-
-    name = f"slow_commit_{uuid.uuid4().hex[:12]}"
-    connection = psycopg2.connect(driver_dsn(settings.database_url("orders")))
-    connection.autocommit = True
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS"
-                           f" $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$")
-            cursor.execute(f"CREATE CONSTRAINT TRIGGER {name} AFTER INSERT ON orders"
-                           " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
-                           f" WHEN (NEW.user_id = %s) EXECUTE FUNCTION {name}()", (user,))
-        try:
-            yield
-        finally:
-            with connection.cursor() as cursor:
-                cursor.execute(f"DROP TRIGGER {name} ON orders")
-                cursor.execute(f"DROP FUNCTION {name}()")
-    finally:
-        connection.close()
-
-
 @pytest.mark.parametrize("transport", ["grpc", "http"])
 @pytest.mark.parametrize("work_ends, answered, placed", [
     (-0.2, 202, 1),  # its COMMIT begun before the deadline, ended after it: the service's 202
@@ -1143,7 +1148,7 @@ def test_an_order_whose_commit_straddles_the_deadline_is_answered_as_it_ended(
         settings, upstreams, grpc_targets, monkeypatch,  # noqa: F811
         transport, work_ends, answered, placed):
     """An order whose work ends `work_ends` s from the gateway's 1 s deadline (as the service
-    reads it), its COMMIT taking 0.6 s (_commits_of_orders_taking): the gateway waits its
+    reads it), its COMMIT taking 0.6 s (commits_of_orders_taking): the gateway waits its
     COMMIT_GRACE_SECONDS past the deadline for the service's answer. Waiting to the deadline
     alone, a COMMIT begun 0.2 s before it was answered 504 "may still have taken effect" with
     the order placed, and a client retrying without an Idempotency-Key placed a second one. Work
@@ -1163,7 +1168,7 @@ def test_an_order_whose_commit_straddles_the_deadline_is_answered_as_it_ended(
     client = _gateway(settings, upstreams, grpc_targets, transport, upstream_timeout_seconds=1.0)
     session, auth = _signed_up_with_an_account(client)
     monkeypatch.setattr(service, "place_order", placed_at_its_moment)
-    with _commits_of_orders_taking(settings, session["user_id"], 0.6):
+    with commits_of_orders_taking(settings.database_url("orders"), session["user_id"], 0.6):
         answer = client.post("/api/orders", json={"amount": "3.00"}, headers=auth)
     assert (answer.status_code, _orders_placed_by(settings, session["user_id"])) == \
         (answered, placed), answer.get_json()

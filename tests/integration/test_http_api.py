@@ -41,10 +41,12 @@ from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_desc
                                  assert_documented, assert_headers_documented, asked, codes_named,
                                  documented_answers, documented_errors, operations,
                                  responses_documenting, with_a_body_in_chunks)
-from tests.postgres_tools import (account_row_held, no_connection_free,
-                                  second_waiting_on_the_first, terminate_backend)
+from tests.postgres_tools import (account_row_held, commits_of_orders_taking, no_connection_free,
+                                  second_waiting_on_the_first, terminate_backend,
+                                  wait_for_other_sessions, wait_for_sessions_waiting_on_a_lock)
 from tests.replay_tools import assert_only_the_repeat_said_replayed
 from tests.signed_requests import MALFORMED_DEADLINES
+from tests.thread_tools import OutcomeThread, all_joined
 
 
 @pytest.fixture
@@ -1181,6 +1183,69 @@ def test_a_service_commits_nothing_once_the_moment_its_caller_gave_has_passed(
     else:
         assert (answer.status_code, answer.get_json()["error"]["code"]) == (504, "CALLER_GAVE_UP")
         assert listed == [] and "after its caller's deadline" in caplog.text
+
+
+def _orders_listed(orders_http, user_id) -> int:
+    return len(orders_http.get("/orders", signed_as=user_id).get_json()["items"])
+
+
+@pytest.mark.parametrize("path, status", [("/orders", 202), ("/accounts/deposit", 200)])
+def test_a_keyed_request_carried_out_and_repeated_past_its_deadline_is_answered_its_answer(
+        orders_http, payments_http, user_id, path, status):
+    """A keyed order or top-up carried out (its answer lost, say), repeated under its key with
+    the gateway's deadline passed: the repeat commits nothing new, and is answered the first
+    answer, Idempotent-Replayed, where it was rolled back for the deadline (504 CALLER_GAVE_UP,
+    which the gateway tells its client as "nothing of it was done") with the order placed, the
+    top-up made. New work past the deadline, under another key, is still rolled back."""
+    client = orders_http if path == "/orders" else payments_http
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    body, key = {"amount": "1.00"}, f"late-{uuid.uuid4().hex}"
+    first = client.post(path, json=body, signed_as=user_id, headers={"Idempotency-Key": key})
+    assert first.status_code == status and REPLAYED_HEADER not in first.headers
+    passed = deadline_headers(-0.001)
+    again = client.post(path, json=body, signed_as=user_id,
+                        headers={"Idempotency-Key": key, **passed})
+    assert (again.status_code, again.headers.get(REPLAYED_HEADER), again.data) == \
+        (status, REPLAYED, first.data), again.get_data(as_text=True)
+    fresh = client.post(path, json=body, signed_as=user_id,
+                        headers={"Idempotency-Key": f"{key}-2", **passed})
+    assert _assert_error(fresh, 504)["code"] == "CALLER_GAVE_UP"
+    balance = payments_http.get("/accounts/balance", signed_as=user_id).get_json()["balance"]
+    assert (_orders_listed(orders_http, user_id), balance) == \
+        ((1, "0.00") if path == "/orders" else (0, "1.00"))
+
+
+def test_a_keyed_order_repeated_as_its_first_send_commits_slowly_is_answered_its_answer(
+        orders_http, orders_flask_app, settings, user_id):
+    """A keyed order whose COMMIT is slow (1.5 s: its answer came too late for the gateway, a
+    504 UPSTREAM_TIMEOUT), repeated under its key as it commits: the repeat waits on the first's
+    unfinished key insert while its deadline passes, then finds the first's answer, and is
+    answered it, Idempotent-Replayed, where it was rolled back for the deadline, 504
+    CALLER_GAVE_UP ("nothing of it was done"), with the order placed."""
+    body, key = {"amount": "1.00"}, {"Idempotency-Key": f"slow-{uuid.uuid4().hex}"}
+    database_url = settings.database_url("orders")
+    with commits_of_orders_taking(database_url, user_id, 1.5):
+        first = OutcomeThread(lambda: orders_flask_app.test_client().post(
+            "/orders", json=body, signed_as=user_id, headers=key), name="first send")
+        again = OutcomeThread(lambda: orders_http.post(
+            "/orders", json=body, signed_as=user_id, headers={**key, **deadline_headers(0.2)}),
+            name="repeat")
+        first.start()
+        try:
+            wait_for_other_sessions(database_url, "wait_event = 'PgSleep'", timeout=10,
+                                    what="the first send's slow COMMIT")
+            again.start()
+            wait_for_sessions_waiting_on_a_lock(database_url, timeout=5,
+                                                what="the repeat waiting on the first's key")
+        finally:
+            answers = all_joined([thread for thread in (first, again) if thread.ident is not None],
+                                 15)
+    first_answer, again_answer = answers
+    assert first_answer.status_code == 202 and REPLAYED_HEADER not in first_answer.headers
+    assert (again_answer.status_code, again_answer.headers.get(REPLAYED_HEADER),
+            again_answer.data) == (202, REPLAYED, first_answer.data), \
+        again_answer.get_data(as_text=True)
+    assert _orders_listed(orders_http, user_id) == 1
 
 
 @pytest.mark.parametrize("given", MALFORMED_DEADLINES.values(), ids=MALFORMED_DEADLINES)

@@ -1,5 +1,6 @@
 """shared.db.transaction() under a caller's deadline (caller_waits_until): past it, the work is
-rolled back, never committed, however late in the transaction the deadline passed."""
+rolled back, never committed, however late in the transaction the deadline passed; but for a
+transaction that commits nothing new (a replay's: nothing_new_to_commit)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from decimal import Decimal
 
 import psycopg2
 import pytest
+from sqlalchemy import text
 
 from payments_app.models import Account
-from shared.db import CallerGaveUp, caller_waits_until, db, driver_dsn, transaction
+from shared.db import (CallerGaveUp, after_commit, caller_waits_until, db, driver_dsn,
+                       nothing_new_to_commit, transaction)
 from tests.polling import wait_for
 from tests.thread_tools import OutcomeThread, all_joined
 
@@ -53,3 +56,30 @@ def test_work_whose_flush_waited_past_the_deadline_is_rolled_back_not_committed(
     db.session.remove()
     with transaction() as session:
         assert session.get(Account, user_id).balance == Decimal("10.00")
+
+
+def test_a_transaction_with_nothing_new_commits_past_the_deadline_and_new_work_does_not(
+        in_payments, user_id):
+    """Declared to commit nothing new (a replay, which found its answer stored), a transaction
+    is committed past the caller's deadline, what is to follow its commit done. Declared so and
+    then given a write of the ORM's, it is new work, rolled back; and the declaration is its
+    transaction's alone: the next one, writing in SQL, is rolled back."""
+    passed, done = time.monotonic() - 0.001, []
+    with caller_waits_until(passed), transaction() as session:
+        session.scalar(text("SELECT 1"))
+        nothing_new_to_commit(session)
+        after_commit(session, lambda: done.append("committed"))
+    assert done == ["committed"]
+    with pytest.raises(CallerGaveUp), caller_waits_until(passed), transaction() as session:
+        session.scalar(text("SELECT 1"))
+        nothing_new_to_commit(session)
+        session.add(Account(user_id=user_id, balance=Decimal("10.00")))
+    with transaction() as session:
+        session.scalar(text("SELECT 1"))
+        nothing_new_to_commit(session)
+    with pytest.raises(CallerGaveUp), caller_waits_until(passed), transaction() as session:
+        session.execute(text("INSERT INTO accounts (user_id) VALUES (:user_id)"),
+                        {"user_id": user_id})
+    db.session.remove()
+    with transaction() as session:
+        assert session.get(Account, user_id) is None
