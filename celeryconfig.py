@@ -8,7 +8,7 @@ the tasks is in shared/celery_settings.py."""
 
 from datetime import timedelta
 
-from shared.celery_settings import (ALIVE_FILE_RENEW_EVERY_SECONDS, BROKER_RETRY_POLICY,
+from shared.celery_settings import (ALIVE_FILE_RENEW_EVERY_SECONDS, PUBLISH_RETRY_POLICY,
                                     REDIS_TRANSPORT_PATH)
 from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, settings_or_exit
 
@@ -21,9 +21,9 @@ broker_url = _settings.celery_broker_url
 # connections still give the broker's URL as redis:// (tasks/celery_app.py), for Flower.
 broker_transport = REDIS_TRANSPORT_PATH
 broker_connection_retry_on_startup = True
-# A task's publish that finds Redis away connects once more, at once, and then fails: it holds up
-# its sender milliseconds, not Celery's 0.6 s (shared/celery_settings.py).
-task_publish_retry_policy = dict(BROKER_RETRY_POLICY)
+# A task's publish that finds Redis refusing connections tries again for about 0.6 s (Celery's own
+# policy, shared/celery_settings.py), riding out a blip, and then fails.
+task_publish_retry_policy = dict(PUBLISH_RETRY_POLICY)
 task_ignore_result = True
 result_backend = None
 # No results are kept, so none expire: beat would otherwise add its daily celery.backend_cleanup,

@@ -248,9 +248,9 @@ class InboxConsumer:
                 # Stored, so not lost: the sweeper hands them over once the task queue is back
                 # (Redis down, say: what Celery raises once its publish has retried), and storing
                 # what comes next goes on meanwhile: while Redis refuses connections, each batch
-                # stored costs its dispatch a few milliseconds (the publish connects once more
-                # and gives up: shared.celery_settings.BROKER_RETRY_POLICY); while it takes them
-                # and never answers, a socket timeout (5 s, celeryconfig). Any other error (a
+                # stored costs its dispatch about 0.6 s (the publish tries again that long, to
+                # ride out a blip: shared.celery_settings.PUBLISH_RETRY_POLICY); while it takes
+                # them and never answers, a socket timeout (5 s, celeryconfig). Any other error (a
                 # mistake in the code) takes the loop's error path, traceback and all.
                 log.warning("could not dispatch (all of) %d stored message(s); the sweeper will"
                             " hand them over: %r", len(new_ids), exc)

@@ -30,10 +30,11 @@ once: a queue holding BACKLOG_LIMIT tasks, or a Redis refusing connections, is n
 again at every tick. The relay's lead and the sweeper, due again within their interval anyway, keep
 Celery's date.
 
-With Redis refusing connections, an entry due costs beat milliseconds: its count of the queue and
-its send each connect once more at once and give up (shared.celery_settings.BROKER_RETRY_POLICY),
-where kombu's retries took 6.6 s an entry, and beat, behind by that much for each, was slow to
-catch up once Redis was back.
+With Redis refusing connections, an entry due costs beat about 0.6 s: its count of the queue
+connects once more at once and gives up, within milliseconds
+(shared.celery_settings.QUEUE_COUNT_RETRY_POLICY: kombu's connecting took 6 s), and its send, as
+every publish, tries again for about 0.6 s before it gives up (PUBLISH_RETRY_POLICY), riding out a
+blip.
 
 And it renews beat's alive file at each tick while it reaches Redis, for its healthcheck
 (tasks/alive.py).
@@ -139,7 +140,7 @@ class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
 
     def _waiting(self, queue: str) -> int:
         """How many tasks wait in `queue`; 0 when Redis cannot say (the send then fails as it
-        would, as fast: tasks_waiting). Either way the answer, or its absence, tells the alive
+        would: tasks_waiting fails fast). Either way the answer, or its absence, tells the alive
         file whether beat reaches Redis: a task not sent for the backlog is no failure."""
         try:
             waiting = tasks_waiting(queue)

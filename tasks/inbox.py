@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from flask import current_app
 from sqlalchemy.exc import SQLAlchemyError
 
-from shared.celery_settings import BROKER_RETRY_POLICY
+from shared.celery_settings import QUEUE_COUNT_RETRY_POLICY
 from shared.config import SERVICES
 from shared.db import (DatabaseOutageLog, connection_lost, database_now, held_up_by_a_lock,
                        said_in_a_line, transaction)
@@ -429,10 +429,10 @@ def _sweep(service: str) -> int:
 def tasks_waiting(queue: str) -> int:
     """How many tasks wait in a Celery queue, not counting those workers have taken. (Declared,
     not passively: on Redis, kombu's passive check misses a queue under a key prefix.) With Redis
-    refusing connections it fails within milliseconds (BROKER_RETRY_POLICY), where kombu's own
-    connecting took 6 s: beat counts before each task it sends (tasks/beat.py)."""
+    refusing connections it fails within milliseconds (QUEUE_COUNT_RETRY_POLICY), where kombu's
+    own connecting took 6 s: beat counts before each task it sends (tasks/beat.py)."""
     with app.pool.acquire(block=True, timeout=10) as connection:
-        connection.ensure_connection(**BROKER_RETRY_POLICY)
+        connection.ensure_connection(**QUEUE_COUNT_RETRY_POLICY)
         return connection.default_channel.queue_declare(queue=queue).message_count
 
 
