@@ -23,12 +23,12 @@ and a beat recreated more often than that would never prune; an entry new to a r
 An entry the file records keeps its last run, so a beat restarted with its file sends no prunes but
 those that fell due while it was away.
 
-An entry not sent, for the backlog or because its send failed (Redis away), is tried again as
-soon. Celery's tick dates an entry's run (`reserve`) before it sends it, so a prune not sent would
-wait out its hour; it gets back the last run it had, but due again within FIRST_RUN_WITHIN, not at
-once: a queue holding BACKLOG_LIMIT tasks, or a Redis refusing connections, is no reason to ask
-again at every tick. The relay's lead and the sweeper, due again within their interval anyway, keep
-Celery's date.
+An entry not sent, for the backlog or because the queues were unreachable (Redis away), is tried
+again as soon (not one whose send failed otherwise: it would fail again). Celery's tick dates an
+entry's run (`reserve`) before it sends it, so a prune not sent would wait out its hour; it gets
+back the last run it had, but due again within FIRST_RUN_WITHIN, not at once: a queue holding
+BACKLOG_LIMIT tasks, or a Redis refusing connections, is no reason to ask again at every tick. The
+relay's lead and the sweeper, due again within their interval anyway, keep Celery's date.
 
 With Redis refusing connections, an entry due costs beat about 0.6 s: its count of the queue
 connects once more at once and gives up, within milliseconds
@@ -49,11 +49,12 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from celery.beat import PersistentScheduler
+from celery.beat import PersistentScheduler, SchedulingError
 from celery.schedules import schedule
 from celery.utils.time import maybe_make_aware
 
 from shared.config import RELAY_LEAD_CHECKED_AT_LEAST_EVERY_SECONDS
+from shared.task_queues import QUEUES_UNREACHABLE
 from tasks.alive import AliveFileScheduler
 from tasks.inbox import tasks_waiting
 from tasks.relay import relay_outbox
@@ -64,8 +65,8 @@ log = logging.getLogger(__name__)
 # A queue holding this many tasks gets no more from beat until a worker has taken some.
 BACKLOG_LIMIT = 10
 
-# An entry beat has no record of, or one not sent for the backlog, is due (again) this soon, or
-# after its own interval if shorter.
+# An entry beat has no record of, or one not sent for the backlog or the queues being unreachable,
+# is due (again) this soon, or after its own interval if shorter.
 FIRST_RUN_WITHIN = timedelta(seconds=10)
 
 
@@ -114,12 +115,17 @@ class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
         super().apply_entry(entry, producer=producer)
 
     def apply_async(self, entry, producer=None, advance=True, **kwargs):
-        """Celery's send, an entry whose send failed (Redis away, say) due again soon as one not
-        sent for the backlog is: Celery logs the failure and goes on, the entry dated as sent."""
+        """Celery's send, an entry whose send failed for the queues being unreachable (Redis
+        away) due again soon as one not sent for the backlog is: Celery logs the failure and goes
+        on, the entry dated as sent. Any other failure leaves the entry as Celery dated it: a send
+        that can never succeed (arguments that cannot be serialized, say) is tried again an
+        interval on, not every FIRST_RUN_WITHIN with a traceback each time, and a task sent is not
+        sent again because the schedule file's sync after it failed (_send_failed_unreachable)."""
         try:
             return super().apply_async(entry, producer=producer, advance=advance, **kwargs)
-        except Exception:
-            self._try_again_soon(entry)
+        except Exception as exc:
+            if _send_failed_unreachable(exc):
+                self._try_again_soon(entry)
             raise
 
     def _try_again_soon(self, entry) -> None:
@@ -150,6 +156,19 @@ class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
             return 0
         self.note_broker_reached(True)
         return waiting
+
+
+def _send_failed_unreachable(exc: BaseException) -> bool:
+    """Whether `exc`, out of Celery's Scheduler.apply_async, says that the send failed for the
+    queues being unreachable (shared.task_queues.QUEUES_UNREACHABLE). Celery raises a send's
+    failure as a SchedulingError while handling it (the failure its `__context__`); the sync of
+    the schedule file that follows (its `finally`), failing, raises its own error instead, with
+    that SchedulingError as its context if the send had failed, and none if it had not."""
+    while exc is not None:
+        if isinstance(exc, SchedulingError):
+            return isinstance(exc.__context__, QUEUES_UNREACHABLE)
+        exc = exc.__context__
+    return False
 
 
 def _warn_of_a_relay_lead_checked_too_seldom(entries) -> None:
