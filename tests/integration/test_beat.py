@@ -21,6 +21,7 @@ from shared.task_queues import control_queue
 from tasks.beat import BACKLOG_LIMIT, FIRST_RUN_WITHIN, BoundedScheduler
 from tasks.celery_app import app as celery_app
 from tasks.inbox import tasks_waiting
+from tests.beat_tools import TryRecordingScheduler, due_alone, tick_until
 
 QUEUE = control_queue("payments")
 
@@ -168,37 +169,21 @@ def test_a_pruner_not_sent_for_the_backlog_is_tried_again_soon(control_queue_unr
     """Celery's tick dates an entry's run before it sends it: a prune not sent for the backlog
     waited out its hour. It is tried again within FIRST_RUN_WITHIN (1 s here), not at once."""
     monkeypatch.setattr(tasks.beat, "FIRST_RUN_WITHIN", timedelta(seconds=1))
-    tried = []
-
-    class TryRecordingScheduler(BoundedScheduler):
-        def apply_entry(self, entry, producer=None):
-            tried.append(time.monotonic())
-            super().apply_entry(entry, producer=producer)
-
     scheduler = TryRecordingScheduler(app=celery_app,
                                       schedule_filename=str(tmp_path / "schedule"))
+    tried = scheduler.tried
     pruner = "prune-payments-inbox"
     relay = scheduler.Entry(name="relay", task="hseshop.relay_outbox", args=("payments",),
                             schedule=schedule(timedelta(seconds=2)), app=celery_app)
     try:
         for _ in range(BACKLOG_LIMIT):
             BoundedScheduler.apply_entry(scheduler, relay)
-        for name in set(scheduler.schedule) - {pruner}:
-            del scheduler.schedule[name]
-        interval = scheduler.schedule[pruner].schedule.run_every
-        scheduler.schedule[pruner].last_run_at = celery_app.now() - interval - timedelta(minutes=1)
-        scheduler._heap = None  # (as after a restart: the heap is made from the schedule)
-
-        def tick_until(done) -> None:
-            deadline = time.monotonic() + 5
-            while not done() and time.monotonic() < deadline:
-                time.sleep(min(max(scheduler.tick(), 0), 0.05))  # (as beat: none below 0)
-
-        tick_until(lambda: tried)
+        due_alone(scheduler, pruner)
+        tick_until(scheduler, lambda: tried)
         assert len(tried) == 1 and tasks_waiting(QUEUE) == BACKLOG_LIMIT  # not sent
         with celery_app.pool.acquire(block=True) as connection:  # a worker takes them all
             connection.default_channel.queue_purge(QUEUE)
-        tick_until(lambda: tasks_waiting(QUEUE))
+        tick_until(scheduler, lambda: tasks_waiting(QUEUE))
         last_run = scheduler.schedule[pruner].last_run_at
     finally:
         scheduler.close()

@@ -27,6 +27,7 @@ from shared.task_queues import QUEUES_UNREACHABLE, control_queue, handler_queue
 from tasks.beat import BoundedScheduler
 from tasks.celery_app import app as celery_app
 from tasks.inbox import dispatch_inbox_messages, handle_inbox_batch, tasks_waiting
+from tests.beat_tools import TryRecordingScheduler, due_alone, tick_until
 from tests.celery_tools import sending_to
 
 # What a count of a queue may take to fail, Redis refusing: a connection attempt or two, none
@@ -143,34 +144,19 @@ def test_a_pruner_beat_could_not_send_is_tried_again_soon(own_redis, tmp_path, m
     refusing for a moment, waited out its hour. It is sent again within FIRST_RUN_WITHIN (1 s
     here) of Redis's return."""
     monkeypatch.setattr(tasks.beat, "FIRST_RUN_WITHIN", timedelta(seconds=1))
-    tried = []
-
-    class TryRecordingScheduler(BoundedScheduler):
-        def apply_entry(self, entry, producer=None):
-            tried.append(time.monotonic())
-            super().apply_entry(entry, producer=producer)
-
     scheduler = TryRecordingScheduler(app=celery_app,
                                       schedule_filename=str(tmp_path / "schedule"))
+    tried = scheduler.tried
     pruner = "prune-payments-inbox"
-
-    def tick_until(done) -> None:
-        deadline = time.monotonic() + 5
-        while not done() and time.monotonic() < deadline:
-            time.sleep(min(max(scheduler.tick(), 0), 0.05))  # (as beat: none below 0)
 
     try:
         scheduler.producer  # (beat connects as it starts, Redis answering)
-        for name in set(scheduler.schedule) - {pruner}:
-            del scheduler.schedule[name]
-        interval = scheduler.schedule[pruner].schedule.run_every
-        scheduler.schedule[pruner].last_run_at = celery_app.now() - interval - timedelta(minutes=1)
-        scheduler._heap = None  # (as after a restart: the heap is made from the schedule)
+        due_alone(scheduler, pruner)
         own_redis.stop()
-        tick_until(lambda: tried)
+        tick_until(scheduler, lambda: tried)
         assert len(tried) == 1 and not scheduler.broker_reached  # not sent
         own_redis.start_again()
-        tick_until(lambda: tasks_waiting(QUEUE))
+        tick_until(scheduler, lambda: tasks_waiting(QUEUE))
     finally:
         scheduler.close()
 
