@@ -5,19 +5,36 @@ expire, CACHE_TTL_SECONDS at most.
 
 Every cached value belongs to a namespace (one user's balance, one user's orders) with a version: a
 random token, made by the first read that finds none (SET NX: of readers racing, all take the one
-that won). A write bumps the version, deleting it, once its transaction has committed, or once
-its COMMIT failed (its answer lost with the connection: the write may be kept, and the retry that
-finds it done bumps nothing); a read uses a cached value only if it was stored under the current
-version, and stores what it loads under the version it found before loading. A token is never made
-twice, and a namespace with no version serves nothing: so a value stored under a version was loaded
-after that version was made, after every write whose bump came before it. A reader that raced a
-write stores its value under a version gone, where nobody will use it; a version that expires, or
-that Redis evicts, is a missing one, and brings no old value back (one read as "0" did: the value
-stored under it before the namespace's first write). A Redis full under noeviction, which refuses
-every write but a deletion, still takes the bump (it refused one made as a SET of a new version,
-and every process but the writer's went on serving the values from before the write); readers,
-unable to make a version, read the database. Redis being down costs only speed: reads go to the
+that won). A write bumps the version once its transaction has committed, or once its COMMIT failed
+(its answer lost with the connection: the write may be kept, and the retry that finds it done bumps
+nothing): it sets a new token, or, where Redis refuses that for want of memory (a full Redis under
+noeviction: "OOM command not allowed", redis-py's OutOfMemoryError), deletes the version, which such
+a Redis still takes. A read uses a cached value only if it was stored under the current version,
+and stores what it loads under the version it found before loading. A token is never made twice,
+and a namespace with no version serves nothing: so a value stored under a version was loaded after
+that version was made, after every write whose bump came before it. Each interleaving of a read
+with a write's bump:
+- the bump before the read's MGET: the read finds the new token (or none, and makes one), and loads
+  after the write;
+- between the MGET, finding none, and the SET NX: the SET NX loses to the bump's token, which the
+  read takes (the GET in the same MULTI), and it loads after the write;
+- after the version was found (or made), before the value is stored: the value goes under a
+  version gone, where nobody will use it (a miss, the next read's).
+A version that expires, or that Redis evicts, is a missing one, and brings no old value back (one
+read as "0" did: the value stored under it before the namespace's first write). A full Redis under
+noeviction still takes the bump (one made of a SET alone was refused, and every process but the
+writer's went on serving the values from before the write); readers, unable to make a version,
+read the database until it has room. Redis being down costs only speed: reads go to the
 database, and nothing fails.
+
+A bump sets a token rather than always deleting the version for a rolling deploy from the release
+before, whose processes read a missing version as "0" and make none: after a bump that deleted,
+such a process read "0", stored what it loaded under it, and after the next write (a deletion of
+nothing) read "0" again and served that value, from before the write, until it expired. A bump
+that sets leaves a version in place, under which that value was not stored. Such a process still
+serves, until it expires, a value it stored under "0" while the version is missing: evicted, or
+deleted by a bump into a full Redis (where its own release's bump, a SET, was refused, and every
+process but the writer's served the old values alike).
 
 A bump that could not be made, tried twice (Redis restarting, one that keeps its keys as
 `--appendonly yes` has it, or cut off from the writer), is not given up: the writer's process
@@ -111,7 +128,7 @@ class VersionedCache:
             return load()
         try:
             version, cached = self._client.mget(version_key, value_key)
-            if version is None:  # (never made, expired, evicted, or deleted by a write)
+            if version is None:  # (never made, expired, evicted, or deleted by a bump)
                 version = self._made_version(version_key)
         except redis.RedisError as exc:  # (down, or full: no version could be made)
             log.warning("cache unavailable, reading %s from the database: %s", namespace, exc)
@@ -140,7 +157,7 @@ class VersionedCache:
         return version
 
     def invalidate(self, *namespaces: str) -> None:
-        """Bump the versions of `namespaces` (delete them: _bump), tried twice."""
+        """Bump the versions of `namespaces` (_bump), tried twice."""
         for tries_left in reversed(range(_BUMP_TRIES)):
             try:
                 self._bump(namespaces)
@@ -193,9 +210,21 @@ class VersionedCache:
             log.warning("cache: invalidated %s once it answered again", _some(kept))
 
     def _bump(self, namespaces: tuple[str, ...]) -> None:
-        """Delete the versions of `namespaces`, in one command: a DEL, which a Redis full under
-        noeviction takes, where it refuses a SET."""
-        self._client.delete(*(self._keys(namespace, "")[0] for namespace in namespaces))
+        """Give `namespaces` new versions, in one round trip (one command for one namespace, the
+        usual case: a plain SET costs less than a pipeline); where Redis refuses them for want of
+        memory, delete their versions instead, in one more (the module's docstring says why not
+        always a deletion)."""
+        version_keys = [self._keys(namespace, "")[0] for namespace in namespaces]
+        try:
+            if len(version_keys) == 1:
+                self._client.set(version_keys[0], _new_version(), ex=self._version_ttl)
+                return
+            pipe = self._client.pipeline(transaction=False)
+            for version_key in version_keys:
+                pipe.set(version_key, _new_version(), ex=self._version_ttl)
+            pipe.execute()
+        except redis.exceptions.OutOfMemoryError:  # (some may be set: deleted alike)
+            self._client.delete(*version_keys)
 
 
 def _new_version() -> str:
@@ -241,7 +270,7 @@ def app_cache() -> VersionedCache:
 def invalidate_after_commit(session: Session, namespace: str) -> None:
     """Bump the namespace's version once the caller's transaction has committed, or its COMMIT
     failed (its answer lost with the connection: committed or not, a bump costs at most a miss);
-    all the namespaces one transaction invalidates go to Redis in one command."""
+    all the namespaces one transaction invalidates go to Redis in one round trip."""
     cache = app_cache()
     collected_after_commit(session, (_Invalidations, cache), lambda: _Invalidations(cache),
                            also_if_unanswered=True).namespaces.add(namespace)

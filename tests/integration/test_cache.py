@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -264,6 +265,30 @@ def test_a_version_expired_or_evicted_never_brings_back_a_value_from_before_a_wr
     assert cache.read("user", "balance", lambda: "100.00") == "100.00"
 
 
+class _PreviousReleasesCache(VersionedCache):
+    """A process of the release before, as a rolling deploy runs it beside this one's: it reads a
+    missing version as "0" and makes none."""
+
+    def _made_version(self, version_key: str) -> bytes:
+        return b"0"
+
+
+def test_a_process_of_the_release_before_is_not_served_a_value_from_before_a_bump(settings):
+    """Such a process read a namespace with no version as "0". Bumps that deleted the version had
+    it store a page under "0" after one order was settled, and, after the next settled (a deletion
+    of nothing), serve that page again until it expired. A bump sets a version, where Redis has
+    room."""
+    prefix = _prefix(settings)
+    writer = VersionedCache(settings.redis_url, 60, prefix=prefix)
+    old = _PreviousReleasesCache(settings.redis_url, 60, prefix=prefix)
+    with _closed_after(writer, old):
+        writer.invalidate("user")  # (order A settled)
+        assert old.read("user", "orders", lambda: "A settled") == "A settled"
+        writer.invalidate("user")  # (order B settled)
+        assert old.read("user", "orders", lambda: "B settled") == "B settled"
+        assert writer._client.exists(writer._keys("user", "")[0])  # (the bump's, left in place)
+
+
 @pytest.fixture
 def private_redis(tmp_path) -> Iterator[Redis]:
     """A Redis of the test's own (the session's is shared: not to be filled), under noeviction:
@@ -302,26 +327,30 @@ def _fill(client: Redis) -> None:
         client.set("one-more", "byte")
 
 
-def test_a_write_made_as_redis_is_full_is_read_by_every_process(private_redis, settings):
+@pytest.mark.parametrize("namespaces", [("user",), ("user", "user-orders")])
+def test_a_write_made_as_redis_is_full_is_read_by_every_process(private_redis, settings,
+                                                                namespaces):
     """Full under noeviction (one Redis holds Celery's queues and the cache), Redis refused the
-    write's bump (a SET of a new version): its process read that namespace from the database,
-    and every other one served the value from before the write until it expired. The bump, a
-    deletion, is taken; with no version to be made, every reader goes to the database, and back
-    to the cache once Redis has room."""
+    write's bump (a SET of a new version: one, or a pipeline's): its process read that namespace
+    from the database, and every other one served the value from before the write until it
+    expired. Refused so, the bump deletes the versions, which it takes; with no version to be
+    made, every reader goes to the database, and back to the cache once Redis has room."""
     url = _url_of(private_redis)
     prefix = _prefix(settings)
     writer = VersionedCache(url, 60, prefix=prefix)
     reader = VersionedCache(url, 60, prefix=prefix)
     with _closed_after(writer, reader):
-        for cache in (writer, reader):
-            assert cache.read("user", "balance", lambda: "100.00") == "100.00"
+        for cache, namespace in itertools.product((writer, reader), namespaces):
+            assert cache.read(namespace, "balance", lambda: "100.00") == "100.00"
         _fill(private_redis)
-        writer.invalidate("user")  # (the balance is now 0.00)
-        for cache in (writer, reader):
-            assert cache.read("user", "balance", lambda: "0.00") == "0.00"
+        writer.invalidate(*namespaces)  # (the balance is now 0.00)
+        for cache, namespace in itertools.product((writer, reader), namespaces):
+            assert cache.read(namespace, "balance", lambda: "0.00") == "0.00"
         private_redis.config_set("maxmemory", 0)  # (room again)
-        assert reader.read("user", "balance", lambda: "0.00") == "0.00"
-        assert writer.read("user", "balance", lambda: pytest.fail("cached again")) == "0.00"
+        for namespace in namespaces:
+            assert reader.read(namespace, "balance", lambda: "0.00") == "0.00"
+            assert writer.read(namespace, "balance",
+                               lambda: pytest.fail("cached again")) == "0.00"
 
 
 def test_an_apps_cache_is_kept_in_the_redis_cache_redis_url_names(private_redis, settings,
