@@ -510,18 +510,39 @@ def test_every_http_api_runs_the_worker_that_answers_unreadable_requests_in_json
         assert argv[argv.index("-k") + 1] == GUNICORN_WORKER_CLASS, argv
 
 
+def _the_caches_redis() -> str:
+    """The compose service CACHE_REDIS_URL names."""
+    env = read_env_file(COMPOSE_FILE.parent / "deploy" / "compose.env")
+    return make_url(env["CACHE_REDIS_URL"]).host
+
+
 def test_every_dependency_waits_for_health_or_successful_completion():
+    """But the read cache's Redis, which is waited for started alone (below)."""
     for name, service in ALL_SERVICES.items():
         depends_on = service.get("depends_on", {})
         assert isinstance(depends_on, dict), f"{name}: depends_on needs conditions"
         for dependency, spec in depends_on.items():
             assert dependency in ALL_SERVICES, f"{name} depends on unknown {dependency}"
+            if dependency == _the_caches_redis():
+                continue
             condition = spec.get("condition")
             assert condition in DEPENDENCY_CONDITIONS, f"{name} -> {dependency}: {condition}"
             if condition == "service_healthy":
                 assert "healthcheck" in ALL_SERVICES[dependency], dependency
             else:
                 assert ALL_SERVICES[dependency].get("restart") == "no", dependency
+
+
+def test_nothing_waits_for_the_caches_redis_to_be_healthy():
+    """The read cache is optional (down, reads go to the database, a little slower): waited for
+    healthy, a cache Redis that never was kept every API, worker and the gateway from starting.
+    Compose's own reading of the file is checked, as `docker compose up` takes it."""
+    cache = _the_caches_redis()
+    resolved = resolved_compose()["services"]
+    waiting = {name: service["depends_on"][cache]["condition"]
+               for name, service in resolved.items() if cache in service.get("depends_on", {})}
+    assert set(waiting) >= {api_of(service_name) for service_name in SERVICES}, waiting
+    assert set(waiting.values()) == {"service_started"}, waiting
 
 
 def test_every_long_running_service_has_a_healthcheck_and_one_shots_do_not_restart():
