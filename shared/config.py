@@ -283,6 +283,8 @@ def _broker_url(raw: str) -> bool:
     return _redis_url(raw, ("redis", "rediss", "redis+socket"))
 
 
+# What a Redis URL of a host may be, as each of them takes it (_redis_url, _broker_url).
+_REDIS_URL_FORMS = "redis://[:password@]host[:port][/db] (rediss:// for TLS)"
 # A URL's password, to hide: what lies between the user's ":" and the last "@" (after a scheme and
 # its slashes, if any: postgresql://, postgresql:/, or none; a password with a ":", "/", "?" or
 # "@" of its own hidden whole), and the value of a query's password (libpq's, redis-py's).
@@ -344,14 +346,14 @@ FORMS = {
     **{f"{service.upper()}_DATABASE_URL": (
         _database_url, "a PostgreSQL URL, postgresql://user:password@host:port/database")
        for service in SERVICES},
-    "REDIS_URL": (_redis_url, "a Redis URL, redis://[:password@]host:port/db"),
+    "REDIS_URL": (_redis_url, f"a Redis URL, {_REDIS_URL_FORMS}, or a socket's unix:///path"),
     # (Empty: REDIS_URL's.)
     "CELERY_BROKER_URL": (lambda raw: raw == "" or _broker_url(raw),
-                          "a Redis URL as Celery reads it, redis://[:password@]host:port/db or"
+                          f"a Redis URL as Celery reads it, {_REDIS_URL_FORMS}, or a socket's"
                           " redis+socket:///path"),
     # (Empty: REDIS_URL's.)
     "CACHE_REDIS_URL": (lambda raw: raw == "" or _redis_url(raw),
-                        "a Redis URL, redis://[:password@]host:port/db"),
+                        f"a Redis URL, {_REDIS_URL_FORMS}, or a socket's unix:///path"),
 }
 # The URLs of the databases and Redis.
 DATABASE_AND_REDIS_URLS = (*(f"{service.upper()}_DATABASE_URL" for service in SERVICES),

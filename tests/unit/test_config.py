@@ -257,6 +257,23 @@ def test_a_redis_url_is_taken_and_the_celery_broker_and_cache_are_it_unless_set(
     assert (apart.cache_url(), apart.redis_url) == (value, "redis://127.0.0.1:6379/0")
 
 
+@pytest.mark.parametrize("variable, taken", [
+    ("REDIS_URL", ("redis://redis:6379/0", "rediss://redis:6380/0", "unix:///run/redis.sock")),
+    ("CACHE_REDIS_URL", ("redis://cache:6379/0", "rediss://cache:6380/0",
+                         "unix:///run/cache.sock")),
+    ("CELERY_BROKER_URL", ("redis://redis:6379/0", "rediss://redis:6380/0",
+                           "redis+socket:///run/redis.sock")),
+])
+def test_a_redis_url_refused_is_told_every_scheme_its_variable_takes(variable, taken):
+    """The message named redis:// alone, where rediss:// and a socket's URL are taken too."""
+    for value in taken:  # (a socket's REDIS_URL takes a broker's URL of its own)
+        load_settings({"CELERY_BROKER_URL": "redis+socket:///run/redis.sock", variable: value})
+    with pytest.raises(ValueError, match="a Redis URL") as refused:
+        load_settings({variable: "http://redis:6379/0"})
+    for value in taken:
+        assert f"{value.partition('://')[0]}://" in str(refused.value), value
+
+
 def test_a_redis_socket_is_unix_for_redis_and_redis_socket_for_celerys_broker():
     """kombu, Celery's broker, reads a socket's URL as redis+socket:///path (unix:///path it read
     as 127.0.0.1 and a database named by the path: a worker failed in a traceback as it
