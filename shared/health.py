@@ -101,6 +101,7 @@ def _run_checks() -> dict[str, bool]:
     settings: Settings = current_app.extensions["hseshop.settings"]
     return {
         "database": _database_ok(),
+        # (Not the read cache's Redis, CACHE_REDIS_URL: down, reads go to the database.)
         "redis": redis_answers(settings.redis_url),
         "broker": broker_reachable(settings, timeout=2.0,
                                    outage=current_app.extensions[_BROKER_OUTAGE]),

@@ -6,7 +6,8 @@ from __future__ import annotations
 from shared.documented_errors import BODY_TOO_LARGE, openapi_error_responses
 
 # What each check is of (shared/health.py names them so in its answer).
-CHECKS = {"database": "the app's PostgreSQL database", "redis": "Redis",
+CHECKS = {"database": "the app's PostgreSQL database",
+          "redis": "Redis (REDIS_URL's, not the read cache's CACHE_REDIS_URL)",
           "broker": "the Kafka broker"}
 
 _DESCRIPTION = """\

@@ -928,6 +928,24 @@ def test_health_reports_each_dependency(orders_http, payments_http):
         assert response.get_json()["checks"] == {"database": "ok", "redis": "ok", "broker": "ok"}
 
 
+def test_health_does_not_check_the_read_caches_redis(settings, user_id):
+    """The cache is optional: with its Redis (CACHE_REDIS_URL) down, reads and writes work from
+    the database, and /health says the app is fine ("redis" is REDIS_URL's)."""
+    no_cache = dataclasses.replace(settings, cache_redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    pay = payments_app.create_app(settings=no_cache)
+    cache = pay.extensions[CACHE_EXTENSION]
+    try:
+        client = pay.test_client()
+        client.post("/accounts", signed_as=user_id)
+        client.post("/accounts/deposit", json={"amount": 4}, signed_as=user_id)
+        assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == "4.00"
+        health = client.get("/health")
+        assert health.status_code == 200
+        assert health.get_json()["checks"] == {"database": "ok", "redis": "ok", "broker": "ok"}
+    finally:
+        cache.close()  # (its thread trying the deposit's bump again)
+
+
 def test_health_requests_at_once_share_one_round_of_checks(settings, monkeypatch):
     """With the broker down its check takes 2 s: requests arriving meanwhile wait for that one
     round, not for a round each (the gateway's /health is public)."""
