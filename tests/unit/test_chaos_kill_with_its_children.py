@@ -35,8 +35,12 @@ def test_a_process_never_started_is_left_alone(tmp_path, monkeypatch):
 
 def test_a_process_that_died_of_itself_is_not_signalled_again(tmp_path, monkeypatch):
     process = _process(tmp_path, "pass").start()
-    wait_for(lambda: not process.alive(), timeout=10, what="the process to exit of itself")
-    assert _touches(process, monkeypatch) == []  # (its pid, reaped, may be another's by now)
+    try:
+        wait_for(lambda: not process.alive(), timeout=10, what="the process to exit of itself")
+        assert _touches(process, monkeypatch) == []  # (its pid, reaped, may be another's by now)
+    finally:
+        monkeypatch.undo()
+        process.stop()  # (reaped: its Popen otherwise warns, ResourceWarning, as it is collected)
 
 
 def test_a_live_process_is_killed_with_its_children(tmp_path):
