@@ -1,7 +1,9 @@
 """Ask a gRPC server's health service (grpc.health.v1.Health/Check) how it is: exit 0 if it says
 SERVING, 1 for anything else (NOT_SERVING, a service it does not know, no answer within the
-timeout, nothing listening), saying which on stderr. The healthcheck of docker-compose.yml's gRPC
-servers (shared.grpc_health says what SERVING means):
+timeout, nothing listening, a call refused by a server stopping, arguments it cannot use), saying
+which on stderr; never 2, argparse's exit for a usage error, which Docker reserves for a
+healthcheck. The healthcheck of docker-compose.yml's gRPC servers (shared.grpc_health says what
+SERVING means):
 
     python -m shared.grpc_health_probe 127.0.0.1:50051                # the server as a whole
     python -m shared.grpc_health_probe 127.0.0.1:50051 --service hseshop.orders.v1.Orders
@@ -34,9 +36,17 @@ def status(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT_SEC
     return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's, but for the exit of a usage error: 1, not 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.grpc_health_probe",
-                                     description="Exit 0 if the server says SERVING, else 1.")
+    parser = _Parser(prog="python -m shared.grpc_health_probe",
+                     description="Exit 0 if the server says SERVING, else 1 (a usage error too).")
     parser.add_argument("address", help="host:port (any gRPC target)")
     parser.add_argument("--service", default="",
                         help="a service's full name (default: the server as a whole)")

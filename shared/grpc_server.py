@@ -384,10 +384,11 @@ def build_server(service: str, app: Flask, bind: str, max_workers: int = SERVER_
 
 
 def begin_stopping(server: grpc.Server) -> None:
-    """Have `server` (build_server's) say NOT_SERVING from now on, at once to those that watch its
-    health, so that they drain it: before its stop, which refuses every call after it, health
-    calls too."""
-    _HEALTH_OF[server].stopping()
+    """Have `server`'s (build_server's) health service say NOT_SERVING from now on: a flag set,
+    nothing waited for. Called just before its stop, which refuses every call after it, health
+    calls too (UNAVAILABLE, which a probe reads as unhealthy alike): a Check made in between
+    hears NOT_SERVING. Nothing is drained by it."""
+    _HEALTH_OF[server].begin_stopping()
 
 
 # What a stop gives the calls in flight before it cancels them; None: calls_grace, as long as the

@@ -1,15 +1,16 @@
 """The gRPC servers' standard health service (shared.grpc_health) and the probe compose's
-healthchecks run (shared.grpc_health_probe), on real servers: SERVING while the service's database
-answers, NOT_SERVING while it does not and once the server begins to stop, a Watch told at once
-then ended, and no identity asked of a probe."""
+healthchecks run (shared.grpc_health_probe), on real servers: Check SERVING while the service's
+database answers, NOT_SERVING while it does not and once the server begins to stop, no identity
+asked of a probe; Watch not served (UNIMPLEMENTED), and no flood of health calls keeping the
+shop's own calls from being answered."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -23,12 +24,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 import orders_app
 from devstack.infra import free_port
-from shared.grpc_server import build_server, calls_grace
+from shared.grpc_server import begin_stopping, build_server
 from shared.protos import orders_pb2, orders_pb2_grpc
 from tests.integration.test_operator_commands import _slow_grpc_server, _stopped
 from tests.network_tools import Accepting
 from tests.polling import wait_for
-from tests.process_tools import start_child
+from tests.signed_requests import grpc_signed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -37,15 +38,22 @@ ORDERS = orders_pb2.DESCRIPTOR.services_by_name["Orders"].full_name
 
 
 @contextmanager
-def _serving(service: str, app) -> Iterator[str]:
-    """`app` served over gRPC as build_server builds it, on a free port: its address."""
+def _started(service: str, app) -> Iterator[tuple[grpc.Server, str]]:
+    """`app` served over gRPC as build_server builds it, on a free port: the server, its
+    address."""
     bind = f"127.0.0.1:{free_port()}"
     server = build_server(service, app, bind)
     server.start()
     try:
-        yield bind
+        yield server, bind
     finally:
         server.stop(grace=None)
+
+
+@contextmanager
+def _serving(service: str, app) -> Iterator[str]:
+    with _started(service, app) as (_, address):
+        yield address
 
 
 def _check(address: str, service: str = "") -> int:
@@ -126,45 +134,15 @@ def test_the_probe_fails_on_nothing_listening_or_no_answer_within_its_timeout():
         silent.close()
         for connection in held:
             connection.close()
-    assert _probe("127.0.0.1:1", "--timeout", "x").returncode == 2  # (argparse: a usage error)
 
 
-def _orders_grpc_process(cleanup: ExitStack, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`python -m shared.grpc_server orders` on a free port, killed and waited for by `cleanup`:
-    the process and its address."""
-    address = f"127.0.0.1:{free_port()}"
-    with open(log_path, "wb") as log:
-        server = start_child([sys.executable, "-m", "shared.grpc_server", "orders"],
-                             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                             env={**os.environ, "ORDERS_GRPC_BIND": address})
-    cleanup.callback(server.wait)
-    cleanup.callback(server.kill)
-    wait_for(lambda: f"orders gRPC listening on {address}" in log_path.read_text()
-             or server.poll() is not None, timeout=60, what="the orders gRPC server to listen")
-    assert server.poll() is None, log_path.read_text()
-    return server, address
-
-
-def test_a_watch_is_told_not_serving_as_the_server_begins_to_stop_then_ended(settings,
-                                                                            tmp_path):
-    """A load balancer watching the server's health hears NOT_SERVING as its stop begins, and
-    drains it; its stream then ends, so the stop does not wait it out (the calls' grace, 7 s by
-    default) before the process exits."""
-    with ExitStack() as cleanup:
-        server, address = _orders_grpc_process(cleanup, tmp_path / "grpc.log")
-        channel = cleanup.enter_context(grpc.insecure_channel(address))
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(),
-                                                          timeout=60)
-        assert next(watch).status == SERVING
-        server.send_signal(signal.SIGTERM)
-        assert next(watch).status == NOT_SERVING
-        assert list(watch) == []  # ended, with OK (an RpcError otherwise)
-        assert watch.code() == grpc.StatusCode.OK
-        assert server.wait(timeout=30) == 0
-        said = (tmp_path / "grpc.log").read_text()
-        stopping = said.index("orders gRPC stopping")
-        assert "orders gRPC stopped" in said[stopping:], said
-    assert calls_grace(settings.upstream_timeout_seconds) >= 5  # (what it would have waited)
+@pytest.mark.parametrize("args", [("127.0.0.1:1", "--timeout", "x"), (), ("127.0.0.1:1", "-x")])
+def test_the_probes_usage_error_exits_1_not_the_2_docker_reserves(args):
+    """argparse's own exit for arguments it cannot use is 2, which Docker reserves for a
+    healthcheck (only 0 and 1 are to be used): 1, with argparse's message."""
+    probed = _probe(*args)
+    assert probed.returncode == 1
+    assert "python -m shared.grpc_health_probe: error: " in probed.stderr, probed.stderr
 
 
 def test_a_check_as_the_server_begins_to_stop_is_not_serving_and_after_its_stop_refused(
@@ -196,3 +174,118 @@ def test_a_check_as_the_server_begins_to_stop_is_not_serving_and_after_its_stop_
     finally:
         server.send_signal(signal.SIGTERM)  # (a second: the grace cut short)
         _stopped(server, 30)
+
+
+def test_watch_and_list_are_not_served_and_say_so_without_a_traceback(orders_flask_app, caplog):
+    """Watch answers UNIMPLEMENTED, which the health spec has its clients take as "not
+    supported", and not retry: a Watch held its stream open as long as its client liked, outside
+    the server's limit on the calls it takes in hand, and every status pushed to each watcher
+    took the server's threads. List alike; neither logs grpcio's "Exception calling
+    application" traceback (the generated servicer's NotImplementedError), which anyone could
+    have the server write at will."""
+    with _serving("orders", orders_flask_app) as address, \
+            grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        with pytest.raises(grpc.RpcError) as watched:
+            next(watch)
+        assert watched.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(grpc.RpcError) as listed:
+            health.List(health_pb2.HealthListRequest(), timeout=10)
+        assert listed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert _check(address) == SERVING
+    assert "Exception calling application" not in caplog.text
+
+
+WATCHES_ASKED = 200
+WATCHES_ASKED_AT_ONCE = 20
+CHECKS_AT_ONCE = 50
+
+
+@contextmanager
+def _flooded_with_health_calls(address: str) -> Iterator[list[int]]:
+    """WATCHES_ASKED Watches asked of the server at `address` (each held open, unread, where one
+    is served), then CHECKS_AT_ONCE threads asking its Check over and over, till the block ends:
+    the statuses the Checks were given, once the threads are done."""
+    with ExitStack() as cleanup:
+        channel = cleanup.enter_context(grpc.insecure_channel(address))
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(0, WATCHES_ASKED, WATCHES_ASKED_AT_ONCE):  # (within the calls in hand)
+            watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+                       for _ in range(WATCHES_ASKED_AT_ONCE)]
+            for watch in watches:
+                cleanup.callback(watch.cancel)
+            wait_for(lambda: all(watch.done() or watch.initial_metadata() is not None
+                                 for watch in watches), timeout=30, what="Watches to be taken")
+        statuses: list[int] = []
+        failures: list[grpc.RpcError] = []
+        enough = threading.Event()
+        begun = threading.Barrier(CHECKS_AT_ONCE + 1)
+
+        def check_till_enough() -> None:
+            begun.wait(timeout=30)
+            while not enough.is_set():
+                try:
+                    statuses.append(health.Check(health_pb2.HealthCheckRequest(),
+                                                 timeout=10).status)
+                except grpc.RpcError as exc:
+                    failures.append(exc)
+
+        threads = [threading.Thread(target=check_till_enough) for _ in range(CHECKS_AT_ONCE)]
+        for thread in threads:
+            thread.start()
+        try:
+            begun.wait(timeout=30)
+            wait_for(lambda: len(statuses) >= CHECKS_AT_ONCE, timeout=30,
+                     what="the Checks to be answered")
+            yield statuses
+        finally:
+            enough.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        assert [exc.code() for exc in failures] == []
+
+
+def _list_orders_signed(address: str, timeout: float) -> float:
+    """A signed ListOrders answered at `address` within `timeout`: how long it took."""
+    listing = orders_pb2.ListOrdersRequest()
+    metadata = grpc_signed("health-flood", "/hseshop.orders.v1.Orders/ListOrders", listing)
+    began = time.monotonic()
+    with grpc.insecure_channel(address) as channel:
+        reply = orders_pb2_grpc.OrdersStub(channel).ListOrders(listing, metadata=metadata,
+                                                               timeout=timeout)
+    assert list(reply.items) == []
+    return time.monotonic() - began
+
+
+def test_a_flood_of_health_calls_keeps_no_signed_call_from_being_answered(orders_flask_app):
+    """Watches asked by the hundred and Checks by the fifty at once, none of them signed: the
+    shop's own calls are still answered, each in time. A Check holds no lock another call waits
+    for and sends nothing to anyone else; a Watch is refused at once, so none stays open."""
+    with _serving("orders", orders_flask_app) as address, \
+            _flooded_with_health_calls(address) as statuses:
+        took = [_list_orders_signed(address, timeout=5) for _ in range(5)]
+        assert max(took) < 2, took
+    assert set(statuses) == {SERVING}
+
+
+def test_begin_stopping_waits_for_nothing_and_a_check_then_is_not_serving(orders_flask_app):
+    """begin_stopping flips a flag: it returns at once whatever the health calls in flight. A
+    Check made after it, before grpcio's stop, says NOT_SERVING (the server still serves its
+    calls); after the stop, every call is refused, UNAVAILABLE, which the probe reads as
+    unhealthy alike."""
+    with _started("orders", orders_flask_app) as (server, address):
+        with _flooded_with_health_calls(address):
+            began = time.monotonic()
+            begin_stopping(server)
+            assert time.monotonic() - began < 0.5
+            assert _check(address) == NOT_SERVING
+            assert _check(address, ORDERS) == NOT_SERVING
+            _list_orders_signed(address, timeout=5)  # (its calls still served till its stop)
+        server.stop(grace=None).wait(30)
+        with pytest.raises(grpc.RpcError) as refused:
+            _check(address)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        probed = _probe(address)
+        assert probed.returncode == 1
+        assert probed.stderr.startswith(f"{address} (the server): UNAVAILABLE: "), probed.stderr
