@@ -97,8 +97,9 @@ def call(service: str, method: str, body: dict[str, Any], *,
         except grpc.RpcError as again:
             if _rolled_back(again):
                 # Rolled back for the deadline, the first try's moment: nothing done by this try,
-                # which says nothing of the first (a keyed call's replay of a first try carried
-                # out rolls back as well), so the first's failure is answered, as below.
+                # which says nothing of the first (under way still, short of its key, it may
+                # commit once this try is rolled back: gateway_app/resends.py), so the first's
+                # failure is answered, as below.
                 log.warning("%s rolled the call sent again back, the deadline passed", service)
                 raise _http_error(service, exc) from None
             if not (_never_sent(again) or _too_busy(again)):

@@ -295,8 +295,8 @@ def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
         raise first_failure from again
     if rolled_back_for_the_deadline(answer.status_code, error_code_of(answer)):
         # Nor may this try's rollback for the deadline (the same moment as the first's), which
-        # says nothing was done by it alone: the first may have been (a keyed POST's replay of
-        # it rolls back too), as over gRPC (gateway_app/resends.py).
+        # says nothing was done by it alone: the first may be under way still, short of its
+        # key, and commit once this try is rolled back, as over gRPC (gateway_app/resends.py).
         log.warning("%s rolled the request sent again back, the deadline passed: the first"
                     " try's failure is answered", service)
         raise first_failure from None

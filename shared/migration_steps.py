@@ -388,7 +388,8 @@ def index_parked_outbox_rows_by_id() -> None:
     discarded, which update or delete a row the refused rows' index names too (no HOT update
     there either), and the index holds nothing while nothing is parked. Built concurrently: the
     services write and relay the outbox meanwhile. The release before runs on with it: it names
-    no index, and one not unique trips no write."""
+    no index, and one not unique trips no write. (`replay --outbox --all --to-topic` is one
+    transaction, not batches: it checks every row's type before it sends any on.)"""
     create_index_concurrently("ix_outbox_messages_parked_by_id", "outbox_messages", ["id"],
                               "attempts > 0 AND parked_at IS NOT NULL", include=["message_id"])
 

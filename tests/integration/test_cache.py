@@ -330,11 +330,12 @@ def _fill(client: Redis) -> None:
 @pytest.mark.parametrize("namespaces", [("user",), ("user", "user-orders")])
 def test_a_write_made_as_redis_is_full_is_read_by_every_process(private_redis, settings,
                                                                 namespaces):
-    """Full under noeviction (one Redis holds Celery's queues and the cache), Redis refused the
-    write's bump (a SET of a new version: one, or a pipeline's): its process read that namespace
-    from the database, and every other one served the value from before the write until it
-    expired. Refused so, the bump deletes the versions, which it takes; with no version to be
-    made, every reader goes to the database, and back to the cache once Redis has room."""
+    """Full under noeviction (a cache sharing the broker's Redis, CACHE_REDIS_URL unset, as make run
+    and the tests run it), Redis refused the write's bump (a SET of a new version: one, or a
+    pipeline's): its process read that namespace from the database, and every other one served the
+    value from before the write until it expired. Refused so, the bump deletes the versions, which
+    it takes; with no version to be made, every reader goes to the database, and back to the cache
+    once Redis has room."""
     url = _url_of(private_redis)
     prefix = _prefix(settings)
     writer = VersionedCache(url, 60, prefix=prefix)

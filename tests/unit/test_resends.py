@@ -87,9 +87,10 @@ class _Failed(grpc.RpcError):
 def test_a_second_try_that_did_nothing_leaves_the_first_trys_502(monkeypatch, second_try_failure):
     """The first try's connection broke once it was sent (it may have been carried out); its
     second try did nothing: not sent, refused by a server too busy to take it, or rolled back as
-    the deadline (the first try's) passed, as a keyed call's replay of a first try carried out
-    is too. The answer is the first try's 502 BAD_GATEWAY ("may have been carried out"), not the
-    second's 503 or 504 CALLER_GAVE_UP, which would say nothing was done."""
+    the deadline (the first try's) passed, having found no answer stored under its key while the
+    first may be under way still, short of it. The answer is the first try's 502 BAD_GATEWAY
+    ("may have been carried out"), not the second's 503 or 504 CALLER_GAVE_UP, which would say
+    nothing was done."""
     failures = iter([_Failed(grpc.StatusCode.UNAVAILABLE, "Socket closed"), second_try_failure])
 
     def sent(*args):
