@@ -129,9 +129,11 @@ def ensure_topics(settings: Settings, topics: list[str], timeout: float = 5.0) -
 
 def new_topic(settings: Settings, name: str) -> NewTopic:
     """A topic as the shop creates it: KAFKA_TOPIC_PARTITIONS partitions, each on
-    KAFKA_TOPIC_REPLICATION_FACTOR brokers. With replicas, a write must reach all but one of them
-    (`min.insync.replicas`; the producer asks for `acks=all`) before the relay deletes its row, so
-    that a broker lost with it loses no message, while one broker down stops no writes."""
+    KAFKA_TOPIC_REPLICATION_FACTOR brokers. With three or more, a write must reach all in-sync
+    replicas but one (`min.insync.replicas`; the producer asks for `acks=all`) before the relay
+    deletes its row, so that a broker lost with it loses no message, while one broker down stops
+    no writes. With two, the broker's own `min.insync.replicas` holds (1 by default: a write the
+    leader alone took, its follower behind, is lost with that broker)."""
     replicas = settings.kafka_topic_replication_factor
     config = {"min.insync.replicas": str(replicas - 1)} if replicas > 2 else {}
     return NewTopic(name, num_partitions=settings.kafka_topic_partitions,
