@@ -4,6 +4,7 @@ refused, and Decimals, UUIDs and datetimes are written in their wire forms."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -15,14 +16,49 @@ def _refuse_constant(name: str):
     raise json.JSONDecodeError(f"{name} is not a valid JSON number", name, 0)
 
 
-def loads_strict(text: str | bytes, object_pairs_hook: Callable[[list], Any] | None = None):
+class NumberBeyondDecimal:
+    """A JSON number whose exponent is past what a Decimal holds (1e1000000000000000000: past
+    10**18 either way), kept as the text it was sent as. Valid JSON: a request body holding one
+    is read, and the field it is given for refuses it with its own reason (an amount: too large,
+    or too many decimals), where the whole body was called no JSON."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"NumberBeyondDecimal({self.text[:40]!r})"
+
+
+def _decimal_or_beyond(text: str) -> Decimal | NumberBeyondDecimal:
+    try:
+        return Decimal(text)
+    except ArithmeticError:
+        return NumberBeyondDecimal(text)
+
+
+def _integer_of_any_length(text: str) -> int | Decimal:
+    """An int; past the digits Python reads into one (its int max-str-digits, 4300, a guard
+    against int()'s quadratic time), the Decimal it is, read in linear time: exact either way."""
+    limit = sys.get_int_max_str_digits()
+    return int(text) if not limit or len(text.lstrip("-")) <= limit else Decimal(text)
+
+
+def loads_strict(text: str | bytes, object_pairs_hook: Callable[[list], Any] | None = None, *,
+                 any_number: bool = False):
     """Parse JSON with numbers as Decimal; NaN, Infinity and whatever else cannot be read (nesting
     deeper than Python recurses, an integer longer than it converts, an exponent beyond Decimal's
-    range) raise JSONDecodeError, which the APIs answer with a 400. `object_pairs_hook`: as
-    json.loads takes it."""
+    range) raise JSONDecodeError (a 400 from the APIs, for a body nested too deep).
+    `object_pairs_hook`: as json.loads takes it. `any_number`: every number is read, as it is
+    valid JSON: an integer past 4300 digits as a Decimal, one with an exponent past Decimal's
+    range as a NumberBeyondDecimal (a request body's: the field given one says what is wrong with
+    it; a record's or a row's numbers stay bounded)."""
+    numbers = ({"parse_float": _decimal_or_beyond, "parse_int": _integer_of_any_length}
+               if any_number else {"parse_float": Decimal})
     try:
-        return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant,
-                          object_pairs_hook=object_pairs_hook)
+        return json.loads(text, parse_constant=_refuse_constant,
+                          object_pairs_hook=object_pairs_hook, **numbers)
     except json.JSONDecodeError:
         raise
     except (RecursionError, ValueError, ArithmeticError) as exc:
@@ -51,7 +87,7 @@ def loads_strict_naming_repeats(text: str | bytes) -> tuple[Any, list[str]]:
     by its last PATH_NAMED_AT_MOST characters at most ("…" before them), and each once (a path
     met again, `a.b` repeated beside a repeated `b` in `a`, is neither named nor counted again),
     of the first REPEATS_TRIED_AT_MOST repeated names met. The value holds the last value of each,
-    as json.loads keeps it."""
+    as json.loads keeps it. A request body's reader: every number in it is read (`any_number`)."""
     repeating: list[tuple[dict, list[str]]] = []  # each object that repeats a name, and which
 
     def each_name_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -66,7 +102,7 @@ def loads_strict_naming_repeats(text: str | bytes) -> tuple[Any, list[str]]:
             repeating.append((taken, list(repeated)))
         return taken
 
-    value = loads_strict(text, object_pairs_hook=each_name_once)
+    value = loads_strict(text, object_pairs_hook=each_name_once, any_number=True)
     return value, (_paths_of_repeats(value, repeating) if repeating else [])
 
 

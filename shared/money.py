@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
+from shared.jsonio import NumberBeyondDecimal
+
 CENT = Decimal("0.01")
 MAX_AMOUNT = Decimal("1000000000.00")
 MAX_BALANCE = Decimal("999999999999999.99")
@@ -39,7 +41,9 @@ class InvalidAmount(ValueError):
 
 def parse_amount(value: object) -> Decimal:
     """An amount from a JSON number or string: above 0, at most 2 decimals, at most MAX_AMOUNT."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+    if isinstance(value, NumberBeyondDecimal):
+        value = value.text  # (a JSON number, read as its text: refused below, saying why)
+    elif isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
         # Floats never get here from our JSON decoder (it yields Decimal); refuse them if they do,
         # so binary rounding can never leak into money.
         raise InvalidAmount("must be a number or a numeric string")
@@ -49,7 +53,7 @@ def parse_amount(value: object) -> Decimal:
     try:
         amount = Decimal(text)
     except (InvalidOperation, ValueError):
-        raise InvalidAmount("must be a number or a numeric string") from None
+        raise InvalidAmount(_beyond_decimal(text)) from None
     if not amount.is_finite():
         raise InvalidAmount("must be a finite number")
     if amount <= 0:
@@ -60,6 +64,19 @@ def parse_amount(value: object) -> Decimal:
     if cents != amount:
         raise InvalidAmount("must have at most 2 decimal places")
     return cents
+
+
+def _beyond_decimal(text: str) -> str:
+    """Why a number Decimal cannot hold is no amount: `text` is one (_NUMERIC_TEXT's, of far
+    fewer than 10**18 digits) whose exponent is past 10**18 either way, so it is 0, below 0, far
+    past MAX_AMOUNT or far below a cent. Read from its text: its exponent may have thousands of
+    digits, past what int() reads."""
+    mantissa, _, exponent = text.lower().partition("e")
+    if not mantissa.strip("+-.0") or mantissa.startswith("-"):
+        return "must be greater than 0"
+    if exponent.startswith("-"):
+        return "must have at most 2 decimal places"
+    return f"must be at most {MAX_AMOUNT}"
 
 
 def format_amount(amount: Decimal) -> str:

@@ -46,6 +46,7 @@ from shared.internal_auth import DEADLINE_HEADER, grpc_identity_metadata
 from shared.protos import orders_pb2, orders_pb2_grpc
 from shared.request_context import current_request_id
 from tests.integration.test_gateway import assert_replays_said_so
+from tests.integration.test_http_api import AMOUNTS_BEYOND_THE_READERS
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
 from tests.network_tools import Accepting, HoldingProxy, SilencingProxy
 from tests.process_tools import start_child
@@ -921,6 +922,36 @@ def test_an_amount_left_out_or_a_limit_out_of_range_is_refused_as_http_refuses_i
         "Must be greater than or equal to 1 and less than or equal to 200."]}}
     assert over_http["payments"].get_json()["error"]["details"] == {
         "json": {"amount": ["Missing data for required field."]}}
+
+
+def test_an_amount_past_what_int_or_decimal_reads_is_refused_saying_why_over_both_transports(
+        settings, upstreams, grpc_targets):  # noqa: F811
+    """The gateway reads the body as the services do, whichever transport reaches them: a 422
+    naming the amount and why (too large, below 0, too many decimals), never a 400 "not valid
+    JSON" or a 500; and a service called over gRPC with such an amount (a string: the field's
+    type there) says the same."""
+    for transport in ("grpc", "http"):
+        gateway = _gateway(settings, upstreams, grpc_targets, transport)
+        session = gateway.post("/api/auth/register", json={
+            "username": f"past-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+        auth = {"Authorization": f"Bearer {session['access_token']}"}
+        assert gateway.post("/api/accounts", headers=auth).status_code == 201
+        for written, reason in AMOUNTS_BEYOND_THE_READERS:
+            for path in ("/api/orders", "/api/accounts/deposit"):
+                answer = gateway.post(path, data=f'{{"amount": {written}}}',
+                                      content_type="application/json", headers=auth)
+                assert answer.status_code == 422, (transport, path, written[:30])
+                assert answer.get_json()["error"]["details"] == {"json": {"amount": [reason]}}
+        assert gateway.get("/api/orders", headers=auth).get_json()["items"] == []
+        assert gateway.get("/api/accounts/balance", headers=auth).get_json()["balance"] == "0.00"
+    place = orders_pb2.PlaceOrderRequest(amount="1e1000000000000000000")
+    with pytest.raises(grpc.RpcError) as refused:
+        orders_pb2_grpc.OrdersStub(grpc.insecure_channel(grpc_targets["orders"])).PlaceOrder(
+            place, metadata=grpc_signed("alice", f"{ORDERS}/PlaceOrder", place), timeout=5)
+    trailers = dict(refused.value.trailing_metadata())
+    assert trailers[HTTP_STATUS_KEY] == "422"
+    assert json.loads(trailers[ERROR_DETAILS_KEY]) == {
+        "json": {"amount": ["must be at most 1000000000.00"]}}
 
 
 @pytest.mark.parametrize("sent", ["", " ", " \t "])

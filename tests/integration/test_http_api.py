@@ -126,12 +126,34 @@ BAD_ORDER_BODIES = [
     ("[1, 2]", "application/json", (422,)),
     ("null", "application/json", (422,)),
     ('"just a string"', "application/json", (422,)),
-    # Valid JSON that PostgreSQL or UTF-8 cannot take, and JSON too big for the parser to read.
+    # Valid JSON that PostgreSQL or UTF-8 cannot take, JSON nested too deep for the parser to
+    # read, and numbers past what Python reads into an int or Decimal holds (valid JSON: 422).
     ('{"amount": 1, "description": "a\\u0000b"}', "application/json", (422,)),
     ('{"amount": 1, "description": "\\udc80"}', "application/json", (422,)),
     ("[" * 5000 + "]" * 5000, "application/json", (400,)),
-    ('{"amount": ' + "1" * 5000 + "}", "application/json", (400,)),
-    ('{"amount": 1e1000000000000000000}', "application/json", (400,)),
+    ('{"amount": ' + "1" * 5000 + "}", "application/json", (422,)),
+    ('{"amount": 1e1000000000000000000}', "application/json", (422,)),
+    ('{"amount": 1, "description": ' + "1" * 5000 + "}", "application/json", (422,)),
+]
+
+# Amounts that are valid JSON, each as the JSON sent, with what the answer says of it: huge and
+# tiny exponents, and numbers past what Python reads into an int (4300 digits: a 400 "not valid
+# JSON" before) or a Decimal holds (an exponent past 10**18 either way: a 400 as a number, "must
+# be a number" as a string, before).
+AMOUNTS_BEYOND_THE_READERS = [
+    ("1e999999999", "must be at most 1000000000.00"),
+    ('"1E+999999999"', "must be at most 1000000000.00"),
+    ("1e-999999999", "must have at most 2 decimal places"),
+    ("1" * 5000, "must be at most 1000000000.00"),
+    ("-" + "1" * 5000, "must be greater than 0"),
+    ('"' + "1" * 5000 + '"', "must be at most 1000000000.00"),
+    ("1e1000000000000000000", "must be at most 1000000000.00"),
+    ('"1e1000000000000000000"', "must be at most 1000000000.00"),
+    ("1e" + "9" * 5000, "must be at most 1000000000.00"),
+    ("-1e1000000000000000000", "must be greater than 0"),
+    ("0e1000000000000000000", "must be greater than 0"),
+    ("1e-1999999999999999999", "must have at most 2 decimal places"),
+    ('"1e-1999999999999999999"', "must have at most 2 decimal places"),
 ]
 
 
@@ -143,6 +165,26 @@ def test_a_bad_order_gets_a_clear_4xx_and_writes_nothing(
     error = _assert_error(response, response.status_code)
     assert response.status_code in statuses, error
     assert _order_writes(orders_flask_app, user_id) == (0, 0)
+
+
+@pytest.mark.parametrize("written, reason", AMOUNTS_BEYOND_THE_READERS)
+def test_an_amount_past_what_int_or_decimal_reads_is_a_422_saying_what_is_wrong_with_it(
+        orders_http, payments_http, orders_flask_app, user_id, written, reason):
+    """By either service, which name the field and say why, as of any amount refused; and
+    nothing is written (an order, its outbox row, a deposit)."""
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    body = f'{{"amount": {written}}}'
+    for response in (
+            orders_http.post("/orders", data=body, content_type="application/json",
+                             signed_as=user_id),
+            payments_http.post("/accounts/deposit", data=body, content_type="application/json",
+                               signed_as=user_id)):
+        error = _assert_error(response, 422)
+        assert error["code"] == "VALIDATION_ERROR"
+        assert error["details"] == {"json": {"amount": [reason]}}
+    assert _order_writes(orders_flask_app, user_id) == (0, 0)
+    balance = payments_http.get("/accounts/balance", signed_as=user_id).get_json()["balance"]
+    assert balance == "0.00"
 
 
 def test_a_query_parameter_a_route_does_not_take_is_refused_and_writes_nothing(

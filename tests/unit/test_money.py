@@ -3,6 +3,7 @@ from decimal import Decimal
 
 import pytest
 
+from shared.jsonio import NumberBeyondDecimal, loads_strict, loads_strict_naming_repeats
 from shared.money import PLAIN_AMOUNT, InvalidAmount, format_amount, parse_amount
 
 
@@ -48,6 +49,16 @@ def test_valid_amounts_become_exact_cents(given, expected):
     (1.5, "number"),
     ([1], "number"),
     ({"amount": 1}, "number"),
+    # Numbers past what a Decimal holds (an exponent past 10**18 either way): refused for what
+    # they are, too large, not above 0 or with too many decimals, not as no number at all.
+    ("1e1000000000000000000", "at most 1000000000.00"),
+    ("1E+" + "9" * 5000, "at most 1000000000.00"),
+    ("-1e1000000000000000000", "greater than 0"),
+    ("0e1000000000000000000", "greater than 0"),
+    ("-0.0e1000000000000000000", "greater than 0"),
+    ("1e-1999999999999999999", "2 decimal places"),
+    (NumberBeyondDecimal("1e1000000000000000000"), "at most 1000000000.00"),
+    (NumberBeyondDecimal("1e-1999999999999999999"), "2 decimal places"),
 ])
 def test_invalid_amounts_are_refused_with_a_reason(given, reason):
     with pytest.raises(InvalidAmount, match=reason):
@@ -94,3 +105,24 @@ def test_the_plain_form_the_documents_give_is_every_plain_amount_parse_amount_ta
         assert (PLAIN_AMOUNT.fullmatch(text) is not None) is _taken(text), text
     for beyond_the_plain_form in ("007", "1.", ".5", "1.000", "+1", "1e2", " 1"):
         assert _taken(beyond_the_plain_form) and not PLAIN_AMOUNT.fullmatch(beyond_the_plain_form)
+
+
+@pytest.mark.parametrize("number, reason", [
+    ("1" * 5000, "at most 1000000000.00"),
+    ("-" + "1" * 5000, "greater than 0"),
+    ("1e1000000000000000000", "at most 1000000000.00"),
+    ("-1e1000000000000000000", "greater than 0"),
+    ("1e-1999999999999999999", "2 decimal places"),
+])
+def test_a_request_bodys_number_past_int_or_decimal_is_read_and_refused_as_an_amount(number,
+                                                                                     reason):
+    """A request body is valid JSON whatever its numbers' size: an integer past the 4300 digits
+    Python reads into an int (read as the Decimal it is, exactly) and an exponent past Decimal's
+    range (kept as its text) were a JSONDecodeError, a 400 "not valid JSON"."""
+    body, repeated = loads_strict_naming_repeats(f'{{"amount": {number}}}')
+    assert repeated == []
+    with pytest.raises(InvalidAmount, match=reason):
+        parse_amount(body["amount"])
+    # (the Kafka and database readers keep refusing them: a record's numbers are bounded)
+    with pytest.raises(ValueError):
+        loads_strict(f'{{"amount": {number}}}')
