@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from datetime import datetime
 from decimal import Decimal
@@ -381,15 +381,10 @@ def test_a_payment_request_row_parked_as_every_parked_row_is_discarded_is_warned
     written_before = _outbox_row(topic, PAYMENT_REQUESTED, order_id, parked=False)
     _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=True)  # (the last parked)
     try:
-        with called_at_the_first_statement_naming(
-                "DELETE FROM outbox_messages", before=True,
-                call=lambda: committed_on_a_connection_of_its_own(
-                    settings.database_url("orders"),
-                    "UPDATE outbox_messages SET attempts = 1, parked_at = clock_timestamp()"
-                    " WHERE message_id = %s", (str(written_before),))) as parked_meanwhile:
-            # (Any other test's parked rows discarded too.)
-            assert parked.main(["discard", "orders", "--outbox", "--all"]) == 0
-        assert parked_meanwhile, "nothing parked: the deleting statement was not run"
+        # (Any other test's parked rows discarded too.)
+        _parked_command_with_rows_parked_meanwhile(
+            settings.database_url("orders"), ["discard", "orders", "--outbox", "--all"],
+            "DELETE FROM outbox_messages", [written_before])
         said = capsys.readouterr()
         assert said.out.startswith("orders outbox: ") and "message(s) discarded" in said.out
         assert order_left_new("orders outbox", written_before, order_id) in said.err.splitlines()
@@ -415,30 +410,16 @@ def test_discarding_every_parked_row_goes_a_batch_a_transaction_each_payment_eve
     orders = {_outbox_row(topic, event_type, order_id, parked=True): (event_type, order_id)
               for event_type, order_id in ((event_type, uuid.uuid4())
                                            for event_type in event_types)}
-    ours_there, deleted = [], []  # (before each deleting statement; by each)
-    watcher = psycopg2.connect(driver_dsn(settings.database_url("orders")))
-    watcher.autocommit = True
+    ours_there = []  # (before each deleting statement)
 
-    def before(connection, cursor, statement, parameters, context, executemany):
-        if "DELETE FROM outbox_messages" in statement:
-            with watcher.cursor() as watching:
-                watching.execute("SELECT count(*) FROM outbox_messages WHERE topic = %s",
-                                 (topic,))
-                ours_there.append(watching.fetchone()[0])
+    def count_ours(watching) -> None:
+        watching.execute("SELECT count(*) FROM outbox_messages WHERE topic = %s", (topic,))
+        ours_there.append(watching.fetchone()[0])
 
-    def after(connection, cursor, statement, parameters, context, executemany):
-        if "DELETE FROM outbox_messages" in statement:
-            deleted.append(cursor.rowcount)
-
-    event.listen(Engine, "before_cursor_execute", before)
-    event.listen(Engine, "after_cursor_execute", after)
-    try:
-        # (Any other test's parked rows discarded too, before these: written earlier.)
-        assert parked.main(["discard", "orders", "--outbox", "--all"]) == 0
-    finally:
-        event.remove(Engine, "before_cursor_execute", before)
-        event.remove(Engine, "after_cursor_execute", after)
-        watcher.close()
+    # (Any other test's parked rows discarded too, before these: written earlier.)
+    deleted = _parked_command_looked_at_between_batches(
+        settings.database_url("orders"), ["discard", "orders", "--outbox", "--all"],
+        "DELETE FROM outbox_messages", count_ours)
     try:
         said = capsys.readouterr()
         assert said.out == f"orders outbox: {sum(deleted)} message(s) discarded\n"
@@ -456,6 +437,56 @@ def test_discarding_every_parked_row_goes_a_batch_a_transaction_each_payment_eve
     finally:
         with transaction() as session:
             session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+
+
+def _parked_command_with_rows_parked_meanwhile(database_url: str, argv: list[str], changing: str,
+                                               message_ids: list[uuid.UUID]) -> None:
+    """Runs tasks/parked.py's command `argv` (to exit 0), the rows `message_ids` parked (attempts
+    1, as a relay parks one) by another transaction, committed just before the command's first
+    statement holding `changing` (its first batch's)."""
+    from tasks import parked
+
+    with called_at_the_first_statement_naming(
+            changing, before=True,
+            call=lambda: committed_on_a_connection_of_its_own(
+                database_url,
+                "UPDATE outbox_messages SET attempts = 1, parked_at = clock_timestamp()"
+                " WHERE message_id = ANY(CAST(%s AS uuid[]))",
+                ([str(message_id) for message_id in message_ids],))) as parked_meanwhile:
+        assert parked.main(argv) == 0
+    assert parked_meanwhile, f"nothing parked: no statement holding {changing!r} was run"
+
+
+def _parked_command_looked_at_between_batches(
+        database_url: str, argv: list[str], changing: str,
+        look: Callable[[psycopg2.extensions.cursor], None]) -> list[int]:
+    """Runs tasks/parked.py's command `argv` (to exit 0); just before each of its statements
+    holding `changing` (a batch's), calls `look` with a cursor on a connection of its own,
+    autocommit: it sees what the batches before have committed. Returns how many rows each of
+    those statements changed."""
+    from tasks import parked
+
+    changed: list[int] = []
+
+    def before(connection, cursor, statement, parameters, context, executemany):
+        if changing in statement:
+            with watcher.cursor() as watching:
+                look(watching)
+
+    def after(connection, cursor, statement, parameters, context, executemany):
+        if changing in statement:
+            changed.append(cursor.rowcount)
+
+    with closing(psycopg2.connect(driver_dsn(database_url))) as watcher:
+        watcher.autocommit = True
+        event.listen(Engine, "before_cursor_execute", before)
+        event.listen(Engine, "after_cursor_execute", after)
+        try:
+            assert parked.main(argv) == 0
+        finally:
+            event.remove(Engine, "before_cursor_execute", before)
+            event.remove(Engine, "after_cursor_execute", after)
+    return changed
 
 
 def _rows_left_of(topic: str) -> int:
@@ -541,34 +572,21 @@ def test_replaying_every_parked_row_goes_a_batch_a_transaction_the_relay_sending
                     cursor.execute("UPDATE outbox_messages SET envelope = %s"
                                    " WHERE correlation_id = %s",
                                    (as_written[str(order_id)], str(order_id)))
-        ours_parked, ours_left, unparked = [], [], []  # (before each unparking statement; by it)
-        watcher = psycopg2.connect(driver_dsn(url))
-        watcher.autocommit = True
+        ours_parked, ours_left = [], []  # (before each unparking statement)
 
-        def before(connection, cursor, statement, parameters, context, executemany):
-            if "UPDATE outbox_messages SET parked_at = NULL" in statement:
-                # The batches committed so far, as the relay sees them: sent by it as they come.
-                _relay_once_elsewhere(url, publisher)
-                with watcher.cursor() as watching:
-                    watching.execute("SELECT count(*), count(parked_at) FROM outbox_messages"
-                                     " WHERE correlation_id = ANY(%s)", ([str(o) for o in ours],))
-                    left, still_parked = watching.fetchone()
-                ours_left.append(left)
-                ours_parked.append(still_parked)
+        def relay_then_count_ours(watching) -> None:
+            # The batches committed so far, as the relay sees them: sent by it as they come.
+            _relay_once_elsewhere(url, publisher)
+            watching.execute("SELECT count(*), count(parked_at) FROM outbox_messages"
+                             " WHERE correlation_id = ANY(%s)", ([str(o) for o in ours],))
+            left, still_parked = watching.fetchone()
+            ours_left.append(left)
+            ours_parked.append(still_parked)
 
-        def after(connection, cursor, statement, parameters, context, executemany):
-            if "UPDATE outbox_messages SET parked_at = NULL" in statement:
-                unparked.append(cursor.rowcount)
-
-        event.listen(Engine, "before_cursor_execute", before)
-        event.listen(Engine, "after_cursor_execute", after)
-        try:
-            # (Any other test's parked rows handed back too, before these: written earlier.)
-            assert parked.main(["replay", "orders", "--outbox", "--all"]) == 0
-        finally:
-            event.remove(Engine, "before_cursor_execute", before)
-            event.remove(Engine, "after_cursor_execute", after)
-            watcher.close()
+        # (Any other test's parked rows handed back too, before these: written earlier.)
+        unparked = _parked_command_looked_at_between_batches(
+            url, ["replay", "orders", "--outbox", "--all"],
+            "UPDATE outbox_messages SET parked_at = NULL", relay_then_count_ours)
         assert capsys.readouterr().out == (
             f"orders outbox: {sum(unparked)} message(s) handed back to be sent\n")
         assert max(unparked) <= 2, unparked
@@ -619,16 +637,10 @@ def test_replaying_every_parked_row_takes_those_parked_meanwhile_up_to_the_last_
     last_parked = _outbox_row(topic, PAYMENT_REQUESTED, uuid.uuid4(), parked=True)
     written_after = _outbox_row(topic, PAYMENT_REQUESTED, uuid.uuid4(), parked=False)
     try:
-        with called_at_the_first_statement_naming(
-                "UPDATE outbox_messages SET parked_at = NULL", before=True,
-                call=lambda: committed_on_a_connection_of_its_own(
-                    settings.database_url("orders"),
-                    "UPDATE outbox_messages SET attempts = 1, parked_at = clock_timestamp()"
-                    " WHERE message_id IN (%s, %s)",
-                    (str(written_before), str(written_after)))) as parked_meanwhile:
-            # (Any other test's parked rows handed back too.)
-            assert parked.main(["replay", "orders", "--outbox", "--all"]) == 0
-        assert parked_meanwhile, "nothing parked: the unparking statement was not run"
+        # (Any other test's parked rows handed back too.)
+        _parked_command_with_rows_parked_meanwhile(
+            settings.database_url("orders"), ["replay", "orders", "--outbox", "--all"],
+            "UPDATE outbox_messages SET parked_at = NULL", [written_before, written_after])
         assert "message(s) handed back to be sent" in capsys.readouterr().out
         db.session.rollback()
         still_parked = dict(db.session.execute(
