@@ -36,10 +36,13 @@ def _shell(tmp_path: Path, script: str, name: str = "sh") -> ManagedProcess:
 
 def test_output_and_errors_go_to_the_log_file(tmp_path):
     process = _shell(tmp_path, "echo to-stdout; echo to-stderr >&2; exit 3").start()
-    wait_until(lambda: not process.alive(), 5, 0.02, "the shell to exit")
-    assert process.returncode == 3
-    assert process.died()
-    assert process.log_tail().splitlines() == ["to-stdout", "to-stderr"]
+    try:
+        wait_until(lambda: not process.alive(), 5, 0.02, "the shell to exit")
+        assert process.returncode == 3
+        assert process.died()
+        assert process.log_tail().splitlines() == ["to-stdout", "to-stderr"]
+    finally:
+        process.stop()  # (reaped: its Popen otherwise warns, ResourceWarning, as it is collected)
 
 
 def test_stop_ends_the_process_and_the_children_it_started(tmp_path):
