@@ -836,6 +836,19 @@ def _answer_lost(page: ShopPage, press, said: str) -> None:
                     == lost + 1 and said in page.text("message"), what=f"the page to say {said}")
 
 
+def _signed_in_again_and_lost_top_up_retried(page: ShopPage, shopper: GatewayClient,
+                                             amount: str) -> None:
+    """Signs `shopper` in again in the tab and tops up `amount` again, a top-up whose answer was
+    lost: the page says it had gone through already, not counted again (retried under its key)."""
+    page.sign_in(shopper.username, "a long password")
+    page.wait_until(lambda: page.visible("topup-form"), what="the top-up form")
+    page.top_up(amount)
+    said = f"{float(amount):.2f}"  # as the shop writes it
+    page.wait_until(lambda: page.text("message") == f"The top-up of {said} had gone through"
+                    " already; it was not counted again.",
+                    what="the top-up retried after signing in again")
+
+
 def _order(page: ShopPage, amount: str, description: str):
     def press() -> None:
         page.fill("order-amount", amount)
@@ -909,11 +922,7 @@ def test_a_lost_top_up_or_order_retried_after_a_reload_is_carried_out_once(stack
     page.element("sign-out").click()
     page.wait_until(lambda: page.visible("auth-section"), what="the sign-in form")
     assert browser.execute_script(PENDING_KEYS_STORED) == kept
-    page.sign_in(shopper.username, "a long password")
-    page.wait_until(lambda: page.visible("topup-form"), what="the top-up form")
-    page.top_up("7")
-    page.wait_until(lambda: page.text("message") == "The top-up of 7.00 had gone through already;"
-                    " it was not counted again.", what="the top-up retried after signing in again")
+    _signed_in_again_and_lost_top_up_retried(page, shopper, "7")
     assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "122.00"
     assert browser.execute_script(PENDING_KEYS_STORED) == []
 
@@ -1803,11 +1812,7 @@ def test_a_lost_top_up_or_order_retried_once_its_user_signed_in_again_is_carried
     _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20.00 may have gone through")
 
     _session_expired_and_page_reloaded(page)
-    page.sign_in(shopper.username, "a long password")
-    page.wait_until(lambda: page.visible("topup-form"), what="the top-up form")
-    page.top_up("20")
-    page.wait_until(lambda: page.text("message") == "The top-up of 20.00 had gone through already;"
-                    " it was not counted again.", what="the top-up retried")
+    _signed_in_again_and_lost_top_up_retried(page, shopper, "20")
     assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "120.00"
 
     _answer_lost(page, _order(page, "5", "pen"), "The order for 5.00 may have been placed")
