@@ -100,12 +100,28 @@ class PasswordLength(validate.Validator):
     # Signing in, where the length as typed is taken too.
     error_as_sent_too = "Length must be between 8 and 128 characters, in its NFKC form or as typed."
 
+    # The longest a password can be as sent whose NFKC form is 128 or less: 4 times 128. NFKC is
+    # the canonical composition of the compatibility decomposition (NFKD), which turns each code
+    # point into one or more (never none): the NFKD form is at least as long as the password. And
+    # composing joins into one code point at most as many as its canonical decomposition holds,
+    # 4 at most (U+1F82, an alpha and three marks; a Hangul syllable 3): the NFKD form is at most
+    # 4 times the NFKC one. (Unicode's composition stability keeps it so: a composite encoded
+    # since 3.1 is excluded from composition. tests/unit/test_password_length.py checks the 4
+    # against this Python's Unicode data.) So a password longer than this as sent is over 128 in
+    # NFKC, and as sent: refused with the message any too long one gets, before it is normalised,
+    # whose time in CPython grows with the square of a run of combining marks (a 64 KiB body, a
+    # second of CPU). A password this long or shorter is normalised as before, in a millisecond at
+    # most, whatever it grows to (U+FDFA, one code point, is 18 in NFKC).
+    LONGEST_AS_SENT = 4 * 128
+
     def __init__(self, as_sent_too: bool = False):
         self.as_sent_too = as_sent_too
-        self._counted = validate.Length(
-            min=8, max=128, error=self.error_as_sent_too if as_sent_too else self.error)
+        self._error = self.error_as_sent_too if as_sent_too else self.error
+        self._counted = validate.Length(min=8, max=128, error=self._error)
 
     def __call__(self, value: str) -> str:
+        if len(value) > self.LONGEST_AS_SENT:
+            raise ValidationError(self._error)
         if self.as_sent_too:
             try:
                 return self._counted(value)

@@ -363,6 +363,23 @@ def test_a_too_short_passwords_message_says_which_lengths_count_signing_up_and_i
                             " typed."]}
 
 
+def test_a_password_of_a_long_run_of_combining_marks_is_refused_as_too_long(gateway):
+    """A 64 KiB body: 32,001 code points as sent, 32,000 in NFKC, whose normalising took over a
+    second of CPU. Refused as any password too long is, before it is normalised (unnormalised:
+    tests/unit/test_password_length.py)."""
+    said = {"/api/auth/register": gateway_auth.PasswordLength.error,
+            "/api/auth/login": gateway_auth.PasswordLength.error_as_sent_too}
+    body = json.dumps({"username": "x", "password": "a" + "\u0316\u0301" * 16000},
+                      ensure_ascii=False).encode()  # (UTF-8: two bytes a mark, under the limit)
+    assert len(body) <= MAX_REQUEST_BYTES
+    for path, message in said.items():
+        refused = gateway.post(path, data=body, content_type="application/json")
+        assert refused.status_code == 422, refused.get_json()
+        error = refused.get_json()["error"]
+        assert error["code"] == "VALIDATION_ERROR"
+        assert error["details"] == {"json": {"password": [message]}}
+
+
 def _hash_from_before(gateway, username: str, password: str) -> None:
     """Give the user the hash the release before made: scheme `scrypt`, of `password` as given
     (the password as sent, before passwords were normalised)."""
