@@ -8,11 +8,18 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import jwt
 
+from shared.fields import USER_ID_PATTERN
+
 ALGORITHM = "HS256"
 ISSUER = "hseshop-gateway"
+# The latest expiry a token may have: the last second a datetime holds (a signed-out token is kept
+# until its expiry, as a datetime: gateway_app/sign_out.py). PyJWT takes any `exp` int() reads:
+# a string of digits, a fraction, 10**400 (whose float, made below, overflowed: a 500).
+LATEST_EXPIRY = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp())
 
 
 EXPIRED = "The token has expired; sign in again."
@@ -79,8 +86,20 @@ def verify_token(token: str, secret: str) -> VerifiedToken:
         raise InvalidToken(EXPIRED, "TOKEN_EXPIRED") from None
     except jwt.PyJWTError:
         raise InvalidToken("The token is not valid.", "INVALID_TOKEN") from None
-    # (No `gen` in a token issued before there were generations: the first.)
-    generation = claims.get("gen", 0)
-    if type(generation) is not int:  # (a bool is an int to isinstance)
+    if not _claims_as_issued(claims):
         raise InvalidToken("The token is not valid.", "INVALID_TOKEN")
-    return VerifiedToken(claims["sub"], float(claims["exp"]), claims_digest(claims), generation)
+    return VerifiedToken(claims["sub"], float(claims["exp"]), claims_digest(claims),
+                         claims.get("gen", 0))
+
+
+def _claims_as_issued(claims: dict) -> bool:
+    """Whether the claims the gateway reads are as issue_token writes them, of a token signed with
+    the gateway's secret but not as the gateway signs (a secret shared with another issuer, or
+    leaked): a user id (the services refuse any other, 502 for the page), an expiry in whole
+    seconds no later than LATEST_EXPIRY, a generation in whole numbers (one the check could not
+    compare, null say, would make it no check at all). A bool is an int to isinstance."""
+    # (No `gen` in a token issued before there were generations: the first.)
+    subject, expiry, generation = claims["sub"], claims["exp"], claims.get("gen", 0)
+    return (isinstance(subject, str) and USER_ID_PATTERN.fullmatch(subject) is not None
+            and type(expiry) is int and expiry <= LATEST_EXPIRY
+            and type(generation) is int)

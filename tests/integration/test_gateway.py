@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import psutil
+import jwt
 import psycopg2
 import pytest
 import redis
@@ -650,6 +651,22 @@ def test_expired_and_forged_tokens_are_refused(gateway, settings):
                            headers={"Authorization": f"Bearer {forged.access_token}"})
     assert response.status_code == 401
     assert response.get_json()["error"]["code"] == "INVALID_TOKEN"
+
+
+def test_a_token_signed_with_the_secret_but_not_as_the_gateway_signs_is_refused(gateway,
+                                                                                settings):
+    """An expiry of 10**400 passed PyJWT and failed the gateway (500 INTERNAL_ERROR), a subject
+    of 10,000 characters the service (502): no token the gateway issued, 401 INVALID_TOKEN."""
+    now = int(time.time())
+    issued = {"sub": f"usr_{uuid.uuid4().hex[:16]}", "username": "x", "iss": "hseshop-gateway",
+              "iat": now, "exp": now + 600}
+    for odd in ({"exp": 10**400}, {"sub": "u" * 10_000}):
+        token = jwt.encode({**issued, **odd}, settings.auth_token_secret, algorithm="HS256")
+        for method, path in (("get", "/api/orders"), ("post", "/api/auth/logout")):
+            response = gateway.open(path, method=method,
+                                    headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code == 401, (path, response.get_json())
+            assert response.get_json()["error"]["code"] == "INVALID_TOKEN", path
 
 
 def test_every_401_of_the_gateway_carries_a_bearer_challenge_and_its_body_as_before(gateway,

@@ -1,11 +1,13 @@
 """Bearer tokens (pure logic): what verifying one tells the gateway."""
 
 import time
+from datetime import datetime, timezone
 
 import jwt
 import pytest
 
-from gateway_app.tokens import InvalidToken, claims_digest, issue_token, verify_token
+from gateway_app.tokens import (LATEST_EXPIRY, InvalidToken, claims_digest, issue_token,
+                                verify_token)
 
 SECRET = "a secret at least as long as the ones the shop uses"
 
@@ -68,4 +70,40 @@ def test_a_token_whose_generation_is_no_whole_number_is_refused(generation):
               "iat": int(time.time()), "exp": int(time.time()) + 60, "gen": generation}
     with pytest.raises(InvalidToken) as refused:
         verify_token(jwt.encode(claims, SECRET, algorithm="HS256"), SECRET)
+    assert refused.value.code == "INVALID_TOKEN"
+
+
+def _signed(**claims) -> str:
+    """A token signed with the secret, of the gateway's claims but for `claims`."""
+    now = int(time.time())
+    return jwt.encode({"sub": "usr_1", "username": "ann", "iss": "hseshop-gateway", "iat": now,
+                       "exp": now + 60, "gen": 0, **claims}, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize("expiry", [
+    10**400,  # (its float overflowed: a 500)
+    LATEST_EXPIRY + 1,  # (past what a datetime holds: signing it out was a 500)
+    str(LATEST_EXPIRY),  # (a string of digits: PyJWT reads it with int())
+    LATEST_EXPIRY - 0.5,
+], ids=["10**400", "past a datetime", "digits", "fraction"])
+def test_a_token_whose_expiry_is_no_whole_second_a_datetime_holds_is_refused(expiry):
+    """Signed with the secret but not as the gateway signs: PyJWT takes any `exp` int() reads."""
+    with pytest.raises(InvalidToken) as refused:
+        verify_token(_signed(exp=expiry), SECRET)
+    assert refused.value.code == "INVALID_TOKEN"
+
+
+def test_a_token_expiring_at_the_latest_second_is_taken_and_its_expiry_a_datetime():
+    verified = verify_token(_signed(exp=LATEST_EXPIRY), SECRET)
+    assert verified.expires_at == LATEST_EXPIRY
+    assert datetime.fromtimestamp(verified.expires_at, timezone.utc).year == 9999
+
+
+@pytest.mark.parametrize("subject", ["u" * 10_000, "usr 1", "usr_1\n", "", "usr_\u00e9"],
+                         ids=["10,000 characters", "a space", "a newline", "empty", "non-ASCII"])
+def test_a_token_whose_subject_is_no_user_id_is_refused(subject):
+    """A user id is what the services take (shared.fields.USER_ID_PATTERN): any other subject was
+    taken, and the service's refusal of it answered 502."""
+    with pytest.raises(InvalidToken) as refused:
+        verify_token(_signed(sub=subject), SECRET)
     assert refused.value.code == "INVALID_TOKEN"
