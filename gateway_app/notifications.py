@@ -44,8 +44,8 @@ from gateway_app.notification_document import NOTIFICATION_PAGE
 from gateway_app.ratelimit import RateLimited, client_address
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out
 from gateway_app.socket_document import document_socket
-from gateway_app.socket_tickets import (TICKET_TTL_SECONDS, TokenExpiresTooSoon, issue_ticket,
-                                        spend_tickets)
+from gateway_app.socket_tickets import (TICKET_TTL_SECONDS, TokenExpiresTooSoon, UnknownTicket,
+                                        issue_ticket, spend_tickets)
 from gateway_app.user_channels import channel, channel_listener, publish
 from shared.contracts import ORDER_STATUS_CHANGED
 from shared.db import after_commit, db, driver_cursor
@@ -109,6 +109,9 @@ SOCKET_READER_END_SECONDS = 2.0
 SOCKET_PATH = "/api/notifications/ws"
 # How a socket is closed when Redis or the database fails it: the page reconnects.
 UNAVAILABLE = (1011, "notifications unavailable; reconnect")
+# How a socket is closed when opening it failed for a fault of the gateway's (logged, its message
+# never sent: it may say what only the gateway should know). The page reconnects.
+FAILED = (1011, "internal error; reconnect")
 # How a socket is closed when its gateway process stops, told to (a deploy, a restart) or by
 # itself (its worker's max_requests served): at the stream loop's next turn (a quiet socket's
 # within SOCKET_DRAIN_SECONDS), where the process would wait for it to gunicorn's graceful_timeout
@@ -363,8 +366,9 @@ def register_socket(app, authenticate, redeem) -> None:
     everything newer than that id, then each one live; without it, each one kept from the moment
     the handshake is answered. The socket is closed with 1008 when the ticket or token is refused,
     when `after` is no notification id and when the token expires; with 1013 (try again later)
-    past the user's rate limit or its socket limits, or its address's. A handshake past its
-    address's limit of handshakes is answered 429 instead, not upgraded."""
+    past the user's rate limit or its socket limits, or its address's; with 1011 when Redis or
+    the database fails it, or the gateway does (logged). A handshake past its address's limit of
+    handshakes is answered 429 instead, not upgraded."""
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": SOCKET_MAX_MESSAGE_BYTES}
     sock = Sock(app)
     slots = SocketSlots(SOCKETS_PER_USER,
@@ -504,8 +508,11 @@ def _socket_opening(authenticate, redeem, args) -> SocketOpening:
     except redis.RedisError as exc:  # (its ticket, asked for; the stream would need Redis too)
         log.warning("refused a notification socket: Redis failed: %s", exc)
         return SocketOpening(refusal=UNAVAILABLE)
-    except Exception as exc:
+    except (BearerRefused, UnknownTicket, NotANotificationId) as exc:
         return SocketOpening(refusal=(1008, str(exc)[:120]))
+    except Exception:  # (a fault of the gateway's: no refusal of the page's socket)
+        log.exception("could not open a notification socket")
+        return SocketOpening(refusal=FAILED)
     if after is None:
         # "From now on" is from before the page is told its socket is open: whatever the page
         # causes once it is (an order placed) comes after this id, however late the stream starts.
@@ -598,6 +605,10 @@ def _handshake_answered_in_memory(environ) -> bool:
 _AFTER = NotificationQuerySchema(only=("after",))
 
 
+class NotANotificationId(ValueError):
+    """A socket's `after` that is no notification id."""
+
+
 def _after_from(args) -> int | None:
     """The socket's `after`, read as the HTTP catch-up reads it; None when not given."""
     if "after" not in args:
@@ -605,7 +616,8 @@ def _after_from(args) -> int | None:
     try:
         return _AFTER.load({"after": args["after"]})["after"]
     except ValidationError:
-        raise ValueError("`after` must be a notification id: a whole number, 0 or more") from None
+        raise NotANotificationId("`after` must be a notification id: a whole number, 0 or more"
+                                 ) from None
 
 
 class _DroppedOnArrival(list):

@@ -43,7 +43,7 @@ for hours there. Give one of the two, not both. A socket is closed with:
   outlive its token's expiry, nor open a socket once its token is signed out;
 - 1013 past the user's rate limit (opened with `access_token`: a ticket was counted when asked
   for) or its socket limits, or its address's: reconnect later;
-- 1011 when the gateway loses Redis or its database: reconnect;
+- 1011 when the gateway loses Redis or its database, or fails otherwise: reconnect;
 - 1012 when the gateway process is stopping (a deploy, a restart): reconnect at once;
 - 1009 when the page sends a message over {max_message:,} characters (bytes, if binary), in one
   frame or several.
