@@ -18,7 +18,9 @@ ALIVE_FILE_RENEW_EVERY_SECONDS = 5.0
 # fails Celery drops, Reject, and its message is left to the sweeper), beat's entries. Failing
 # faster cost more than it saved: a retry dropped in a blip of a few hundred milliseconds left its
 # message to the sweeper, which takes it only once it is SWEEP_MIN_AGE_WHILE_QUEUED (5 minutes) old
-# while tasks wait in its queue (tasks/inbox.py).
+# while tasks wait in its queue (tasks/inbox.py). Its tries are for refusals, each costing
+# milliseconds: a publish's tries end at the second that times out (Redis taking connections and
+# never answering: each try a socket timeout), tasks/redis_transport.py's Connection.ensure.
 PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2,
                         "interval_max": 1}
 

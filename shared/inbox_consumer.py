@@ -250,8 +250,10 @@ class InboxConsumer:
                 # what comes next goes on meanwhile: while Redis refuses connections, each batch
                 # stored costs its dispatch about 0.6 s (the publish tries again that long, to
                 # ride out a blip: shared.celery_settings.PUBLISH_RETRY_POLICY); while it takes
-                # them and never answers, a socket timeout (5 s, celeryconfig). Any other error (a
-                # mistake in the code) takes the loop's error path, traceback and all.
+                # them and never answers, two socket timeouts at most (10 s: the reply's on the
+                # pooled connection, then a new connection's, celeryconfig), one (5 s) once no
+                # connection is pooled. Any other error (a mistake in the code) takes the loop's
+                # error path, traceback and all.
                 log.warning("could not dispatch (all of) %d stored message(s); the sweeper will"
                             " hand them over: %r", len(new_ids), exc)
         return len(records)

@@ -8,6 +8,7 @@ import copy
 import pickle
 import subprocess
 import threading
+import time
 import uuid
 from urllib.parse import urlsplit
 
@@ -16,11 +17,15 @@ from celery import Celery
 from kombu import Connection, Exchange, Queue
 from redis import Redis
 
+import celeryconfig
 from devstack.infra import fallback_redis_server
 from shared.config import load_settings
+from shared.task_queues import QUEUES_UNREACHABLE
 from tasks.celery_app import app
+from tasks.inbox import handle_inbox_batch
 from tasks.redis_transport import Transport
-from tests.network_tools import SilencingProxy
+from tests.celery_tools import sending_to
+from tests.network_tools import NeverReadingServer, SilencingProxy
 from tests.polling import wait_for
 from tests.process_tools import start_child
 
@@ -94,6 +99,47 @@ def test_a_task_sent_to_a_redis_gone_silent_is_sent_again_on_a_new_connection(se
     finally:
         proxy.close()
         sender.close()
+
+
+def test_a_publish_to_a_redis_that_takes_connections_and_never_answers_gives_up_after_two_waits(
+        settings):
+    """Redis hung (or a host gone behind a proxy that still accepts): the connection a publish
+    had goes silent, and every new one is taken and never answered. The publish waits for the
+    reply on the connection it had, then for the PING of one new connection, and fails (a
+    dispatch's messages left to the sweeper): two socket timeouts, 10 s. Kombu's retry policy,
+    meant for refusals, went on to connect 3 times more, each waiting as long: 25.6 s measured,
+    holding the inbox consumer's loop. A publish after it, its pooled connection gone, waits for
+    one new connection's. (Deadlines twice those bounds: not a measure of speed.)"""
+    reply_wait = celeryconfig.broker_transport_options["socket_timeout"]
+    broker = urlsplit(settings.celery_broker_url)
+    proxy = SilencingProxy(f"{broker.hostname}:{broker.port or 6379}")
+    hung = NeverReadingServer()
+    queue = f"silence-test-{uuid.uuid4().hex}"
+
+    def send() -> None:
+        handle_inbox_batch.apply_async(("payments", []), queue=queue)
+
+    try:
+        with sending_to(app, broker._replace(netloc=proxy.address).geturl()):
+            send()  # (a connection pooled, Redis answering)
+            proxy.silence()
+            proxy.send_to(hung.url.removeprefix("http://"))
+            connections = proxy.connections_carried()
+            assert _seconds_to_fail(send) < 2 * (2 * reply_wait)
+            assert proxy.connections_carried() == connections + 1  # one new connection tried
+            assert _seconds_to_fail(send) < 2 * reply_wait
+    finally:
+        proxy.close()
+        hung.close()
+        with app.pool.acquire(block=True) as connection:
+            connection.default_channel.queue_delete(queue)
+
+
+def _seconds_to_fail(call) -> float:
+    began = time.monotonic()
+    with pytest.raises(QUEUES_UNREACHABLE):
+        call()
+    return time.monotonic() - began
 
 
 def test_the_shops_broker_connection_reaches_a_redis_on_a_unix_socket(tmp_path):
