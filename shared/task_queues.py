@@ -8,11 +8,34 @@ waited behind every batch sent before it and expired there, and a relay leader l
 backlog was replaced only once the backlog had drained."""
 
 from kombu.exceptions import OperationalError as KombuOperationalError
+from redis import exceptions as redis_errors
 
 # What sending a task raises when the queues' Redis cannot be reached (kombu's error once Celery's
 # publish has retried, or the socket's own): the work is in PostgreSQL, so a sender that meets it
-# leaves the messages to the sweeper rather than fail.
+# leaves the messages to the sweeper rather than fail. (Kombu's error also stands for Redis's
+# error replies, an out-of-memory Redis refusing writes, say: redis_reached tells them apart.)
 QUEUES_UNREACHABLE = (KombuOperationalError, OSError)
+
+# A connection to Redis refused, reset, timed out, or turned away (redis-py's ConnectionError
+# includes its authentication and busy-loading errors).
+_CONNECTION_FAILURES = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+def redis_reached(failure: BaseException) -> bool | None:
+    """What a failed call to the queues' Redis (a send, a count) says of whether Redis was
+    reached: False for a connection failure, True for Redis's own error reply (out of memory,
+    read-only, ...), each raised as it is or as the kombu OperationalError made of it (its
+    cause); None for a failure of anything else (a serialisation error, a bug: the call never
+    got to Redis). A kombu OperationalError that names no cause counts as a connection's."""
+    if isinstance(failure, KombuOperationalError):
+        if failure.__cause__ is None:
+            return False
+        failure = failure.__cause__
+    if isinstance(failure, _CONNECTION_FAILURES):
+        return False
+    if isinstance(failure, redis_errors.ResponseError):
+        return True
+    return None
 
 # The tasks beat sends; every other HseShop task is an inbox handler's.
 BEAT_TASKS = frozenset({"hseshop.relay_outbox", "hseshop.sweep_inbox", "hseshop.prune_inbox",

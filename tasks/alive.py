@@ -12,10 +12,12 @@ more than the ping did:
   leaves it to age.
 - Beat renews it at the end of each pass of its scheduler (`tick`, which sends what is due), while
   it reaches Redis. Beat is no worker: its signs of life are that its scheduler goes round and
-  that what it sends gets sent. It ticks whenever an entry of its schedule is due, and at least
-  every beat_max_loop_interval (celeryconfig.py: ALIVE_FILE_RENEW_EVERY_SECONDS) whatever the
-  schedule holds; from a send that failed (Redis gone, or not answering) to the next that works,
-  and through a tick held up, the file is left to age, and beat removes it as it stops.
+  that what it sends reaches Redis. It ticks whenever an entry of its schedule is due, and at
+  least every beat_max_loop_interval (celeryconfig.py: ALIVE_FILE_RENEW_EVERY_SECONDS) whatever
+  the schedule holds; from a send that could not connect (Redis gone, or not answering) to the
+  next that does, and through a tick held up, the file is left to age, and beat removes it as it
+  stops. A send that failed otherwise (Redis's error reply, arguments that cannot be serialized)
+  is no sign of Redis being away (AliveFileScheduler).
 
 Either way the healthcheck fails once the file is gone or older than ALIVE_WITHIN_SECONDS, and a
 file left by a process killed outright is removed as the next one starts. Started with
@@ -28,10 +30,11 @@ import logging
 from pathlib import Path
 
 from celery import bootsteps
-from celery.beat import Scheduler
+from celery.beat import Scheduler, SchedulingError
 from click import Option
 
 from shared.celery_settings import ALIVE_FILE_RENEW_EVERY_SECONDS
+from shared.task_queues import redis_reached
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +119,15 @@ class AliveFileScheduler(Scheduler):
     """Beat's scheduler (to be mixed in before Celery's PersistentScheduler): renews the alive
     file after each tick while beat reaches its broker, and removes it as beat stops (`close`).
 
-    Celery's scheduler logs a send that failed ("Message Error") and goes on ticking, so a tick
-    alone says nothing of Redis: through an outage beat would go on ticking, and renewing. Whether
-    beat reaches its broker is what its last send (or a subclass's other call to the broker,
-    `note_broker_reached`) found, and stays so over the ticks that send nothing, until the next
-    one: the file ages from a failed send to the next that works."""
+    Celery's scheduler logs a send that failed ("Message Error", with its traceback) and goes on
+    ticking, so a tick alone says nothing of Redis: through an outage beat would go on ticking, and
+    renewing. Whether beat reaches its broker is what its last send (or a subclass's other call to
+    the broker, `note_broker_reached`, `note_failed_call`) found, and stays so over the ticks that
+    send nothing, until the next one: the file ages from a send that could not connect to the next
+    that does. Only a failure to connect counts against it (shared.task_queues.redis_reached):
+    Redis's error reply (out of memory, say) comes from a Redis reached, a send that fails before
+    it gets to Redis (arguments that cannot be serialized) says nothing of it, and a send that
+    went through counts as reached though the schedule file's sync after it failed."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -131,11 +138,22 @@ class AliveFileScheduler(Scheduler):
     def note_broker_reached(self, reached: bool) -> None:
         self.broker_reached = reached
 
+    def note_failed_call(self, failure: BaseException) -> None:
+        """Note what a call to the broker that failed with `failure` says of whether beat
+        reaches it, if anything."""
+        reached = redis_reached(failure)
+        if reached is not None:
+            self.note_broker_reached(reached)
+
     def apply_async(self, entry, producer=None, advance=True, **kwargs):
         try:
             result = super().apply_async(entry, producer=producer, advance=advance, **kwargs)
-        except Exception:
-            self.note_broker_reached(False)
+        except Exception as exc:
+            failure = send_failure(exc)
+            if failure is None:
+                self.note_broker_reached(True)
+            else:
+                self.note_failed_call(failure)
             raise
         self.note_broker_reached(True)
         return result
@@ -154,3 +172,16 @@ class AliveFileScheduler(Scheduler):
         finally:
             if self.alive_file is not None:
                 self.alive_file.remove()
+
+
+def send_failure(exc: BaseException) -> BaseException | None:
+    """The failure of the send itself in `exc`, raised by Celery's Scheduler.apply_async; None if
+    the send went through. Celery raises a send's failure as a SchedulingError while handling it
+    (the failure its `__context__`); the sync of the schedule file that follows (its `finally`),
+    failing, raises its own error instead, with that SchedulingError as its context if the send
+    had failed, and none if it had not."""
+    while exc is not None:
+        if isinstance(exc, SchedulingError):
+            return exc.__context__
+        exc = exc.__context__
+    return None

@@ -49,13 +49,13 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from celery.beat import PersistentScheduler, SchedulingError
+from celery.beat import PersistentScheduler
 from celery.schedules import schedule
 from celery.utils.time import maybe_make_aware
 
 from shared.config import RELAY_LEAD_CHECKED_AT_LEAST_EVERY_SECONDS
 from shared.task_queues import QUEUES_UNREACHABLE
-from tasks.alive import AliveFileScheduler
+from tasks.alive import AliveFileScheduler, send_failure
 from tasks.inbox import tasks_waiting
 from tasks.relay import relay_outbox
 from tasks.routing import route_to_service_queue
@@ -146,13 +146,14 @@ class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
 
     def _waiting(self, queue: str) -> int:
         """How many tasks wait in `queue`; 0 when Redis cannot say (the send then fails as it
-        would: tasks_waiting fails fast). Either way the answer, or its absence, tells the alive
-        file whether beat reaches Redis: a task not sent for the backlog is no failure."""
+        would: tasks_waiting fails fast). Either way the answer, or the failure (if it says,
+        tasks.alive's note_failed_call), tells the alive file whether beat reaches Redis: a task
+        not sent for the backlog is no failure."""
         try:
             waiting = tasks_waiting(queue)
         except Exception as exc:
             log.debug("cannot count the tasks waiting in %s: %r", queue, exc)
-            self.note_broker_reached(False)
+            self.note_failed_call(exc)
             return 0
         self.note_broker_reached(True)
         return waiting
@@ -160,15 +161,9 @@ class BoundedScheduler(AliveFileScheduler, PersistentScheduler):
 
 def _send_failed_unreachable(exc: BaseException) -> bool:
     """Whether `exc`, out of Celery's Scheduler.apply_async, says that the send failed for the
-    queues being unreachable (shared.task_queues.QUEUES_UNREACHABLE). Celery raises a send's
-    failure as a SchedulingError while handling it (the failure its `__context__`); the sync of
-    the schedule file that follows (its `finally`), failing, raises its own error instead, with
-    that SchedulingError as its context if the send had failed, and none if it had not."""
-    while exc is not None:
-        if isinstance(exc, SchedulingError):
-            return isinstance(exc.__context__, QUEUES_UNREACHABLE)
-        exc = exc.__context__
-    return False
+    queues being unreachable (shared.task_queues.QUEUES_UNREACHABLE), not for a sync of the
+    schedule file failing after it (tasks.alive.send_failure)."""
+    return isinstance(send_failure(exc), QUEUES_UNREACHABLE)
 
 
 def _warn_of_a_relay_lead_checked_too_seldom(entries) -> None:

@@ -3,7 +3,8 @@ riding out a blip, and then fails (shared.celery_settings.PUBLISH_RETRY_POLICY: 
 a worker's retry sent in a blip was dropped, its message left to the sweeper for up to 5 minutes);
 beat's count of a queue gives up within milliseconds, where kombu's connecting held beat 6 s for
 each entry due (tasks/beat.py); and an entry beat could not send is tried again soon, not an
-interval on.
+interval on. And a Redis refusing writes (out of memory), reached all the same for beat's alive
+file.
 
 On a Redis of the test's own (the session's is not the test's to stop), which this process's
 Celery app sends to, counts the queues of, and beat sends to."""
@@ -19,6 +20,7 @@ from datetime import timedelta
 
 import pytest
 from celery.schedules import schedule
+from redis import Redis
 
 import tasks.beat
 from devstack.infra import free_port, start_embedded_redis, wait_for_redis_of_its_own
@@ -137,6 +139,26 @@ def test_with_redis_refusing_beat_spends_little_on_an_entry(own_redis, tmp_path)
         assert not scheduler.broker_reached  # (its alive file ages)
     finally:
         scheduler.close()
+
+
+def test_a_redis_refusing_writes_for_want_of_memory_counts_as_reached_by_beat(own_redis,
+                                                                             tmp_path):
+    """Redis's error reply (out of memory: `maxmemory` reached, nothing evicted) comes from a
+    Redis reached, though kombu raises it as it raises a connection refused: beat's alive file is
+    renewed (its count and its send each fail; Celery logs the send's failure), where it was left
+    to age as though Redis were away."""
+    redis = Redis.from_url(own_redis.url)
+    redis.config_set("maxmemory", 1)
+    scheduler = BoundedScheduler(app=celery_app, schedule_filename=str(tmp_path / "schedule"),
+                                 lazy=True)
+    scheduler.note_broker_reached(False)  # (as after an outage)
+    try:
+        scheduler.apply_entry(_relay(scheduler), producer=scheduler.producer)
+        assert scheduler.broker_reached
+        assert redis.dbsize() == 0  # (nothing sent)
+    finally:
+        scheduler.close()
+        redis.close()
 
 
 def test_a_pruner_beat_could_not_send_is_tried_again_soon(own_redis, tmp_path, monkeypatch):
