@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -29,7 +30,7 @@ from devstack.infra import free_port
 from devstack.stack import REPO_ROOT
 from shared.config import SERVICES
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
-from shared.db import db, driver_dsn, transaction
+from shared.db import db, driver_dsn, held_up_by_a_lock, transaction
 from shared.inbox.handling import (PermanentMessageError, process_inbox_message,
                                    record_failed_attempt)
 from shared.inbox.model import InboxMessage
@@ -790,6 +791,95 @@ def test_a_handler_held_up_by_a_stalled_lock_is_retried_without_using_its_attemp
     assert row.processed_at is not None and row.parked_at is None and row.attempts == 1
     with service_app("payments").app_context():
         assert db.session.get(Account, user_id).balance == Decimal("9.00")
+
+
+def test_a_message_its_own_task_takes_while_its_batch_holds_it_past_lock_timeout_pays_once(
+        settings, payments_inbox, monkeypatch, user_id):
+    """The same message run by its batch and by a task of its own at once (handed over by the
+    sweeper, a replay, or a batch's failure while another batch has it), the batch's handler
+    held past lock_timeout: the batch's row lock keeps the other task off the message. That
+    task's try notes nothing (the row is held: SKIP LOCKED), waits for the row until
+    lock_timeout, counts nothing, and is retried; the retry finds the message done. The handler
+    runs once, the account is debited once, one payment is made, and the one attempt is the
+    batch's."""
+    import tasks.inbox
+    from payments_app import service as payments
+    from payments_app.models import Account, Payment
+
+    with service_app("payments").app_context():
+        with transaction() as session:
+            payments.open_account(session, user_id=user_id)
+            payments.deposit(session, user_id=user_id, amount=Decimal("10"))
+    message_id = _stored_request(payments_inbox, user_id, key=user_id)
+    take_payments = payments_app.message_handlers()[PAYMENT_REQUESTED]
+    calls, tries = [], []
+    holding, released = threading.Event(), threading.Event()
+
+    def held_the_first_time(session, events):
+        calls.extend(event.message.message_id for event in events)
+        if len(calls) == 1:
+            holding.set()
+            assert released.wait(30), "the batch's handler was never released"
+        take_payments(session, events)
+
+    def released_as_the_own_task_tries_again(session, message, handlers):
+        if tries:  # (its first try is over)
+            released.set()
+        try:
+            outcome = process_inbox_message(session, message, handlers)
+        except Exception as exc:
+            tries.append("held up by the row's lock" if held_up_by_a_lock(exc) else repr(exc))
+            raise
+        tries.append(outcome.value)
+        return outcome
+
+    monkeypatch.setattr(payments_app, "message_handlers",
+                        lambda: {PAYMENT_REQUESTED: held_the_first_time})
+    monkeypatch.setattr(tasks.inbox, "process_inbox_message",
+                        released_as_the_own_task_tries_again)
+    batch = OutcomeThread(lambda: handle_inbox_batch.apply(
+        args=("payments", [str(message_id)])).get(), name="batch")
+    own_task = OutcomeThread(lambda: handle_inbox_message.apply(
+        args=("payments", str(message_id))).get(), name="own task")
+    with _worker_lock_timeout("200ms"):
+        batch.start()
+        try:
+            assert holding.wait(10), "the batch's handler never ran"
+            own_task.start()
+            wait_for(lambda: released.is_set() or not own_task.is_alive(), timeout=30,
+                     what="the own task's try held up, then tried again")
+        finally:
+            released.set()
+        assert all_joined([batch, own_task], 30) == [1, "already_done"]
+    assert tries == ["held up by the row's lock", "already_done"]
+    # (The handler called once is what shows the inbox kept the other task off: a second call
+    # would debit nothing more, take_payments inserting an order's decision once.)
+    assert calls == [message_id]
+    row = _row(message_id)
+    assert row.processed_at is not None and row.parked_at is None
+    assert (row.attempts, row.try_open, row.last_error) == (1, False, None)
+    with service_app("payments").app_context():
+        assert db.session.get(Account, user_id).balance == Decimal("9.00")
+        assert db.session.query(Payment).filter_by(user_id=user_id).count() == 1
+
+
+@contextmanager
+def _worker_lock_timeout(lock_timeout: str) -> Iterator[None]:
+    """The payments worker app's connections opened under `lock_timeout`, not shared.db's
+    SESSION_LIMITS' (PGOPTIONS wins over those), for a wait past it to take a moment; its pool
+    emptied before and after, the tests after it connecting under the shop's own."""
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setenv("PGOPTIONS", f"-c lock_timeout={lock_timeout}")
+        _worker_pool_emptied()
+        try:
+            yield
+        finally:
+            _worker_pool_emptied()
+
+
+def _worker_pool_emptied() -> None:
+    with service_app("payments").app_context():
+        db.engine.dispose()
 
 
 def test_a_handler_whose_statement_runs_too_long_uses_its_attempts_and_is_parked(
