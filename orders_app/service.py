@@ -136,10 +136,12 @@ def encode_cursor(order: Order) -> str:
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     """The position a cursor names, in UTC (PostgreSQL takes offsets up to 15:59 only, Python up
-    to 23:59); a 400 for a cursor that names no position."""
+    to 23:59); a 400 for a cursor that names no position.
+
+    A cursor is a position, not a token: anyone may write one (it is read with the caller's own
+    orders only), so any spelling of a position is taken, as long as it is one."""
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created_at, order_id = json.loads(raw)
+        created_at, order_id = json.loads(_base64url_decoded(cursor))
         if not isinstance(created_at, str) or not isinstance(order_id, str):
             raise TypeError("not two strings")
         parsed = datetime.fromisoformat(created_at)
@@ -147,8 +149,24 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
             raise ValueError("naive timestamp")
         return parsed.astimezone(timezone.utc), uuid.UUID(order_id)
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError):
-        raise ApiError("The cursor is not one this API gave out.", code="INVALID_CURSOR",
-                       status=400, details={"cursor": ["invalid"]}) from None
+        raise ApiError("The cursor names no position: give a page's next_cursor as it came.",
+                       code="INVALID_CURSOR", status=400,
+                       details={"cursor": ["invalid"]}) from None
+
+
+def _base64url_decoded(text: str) -> bytes:
+    """The bytes `text` spells in base64url, unpadded or padded to a whole quantum; ValueError
+    (binascii.Error) for anything else: urlsafe_b64decode drops characters outside the alphabet,
+    and takes padding anywhere and bits past the last byte, so that a cursor with "==" put after
+    it, or any character inside it, named the position it named without."""
+    unpadded = text.rstrip("=")
+    padded = unpadded + "=" * (-len(unpadded) % 4)
+    if text not in (unpadded, padded):
+        raise ValueError("padding other than to a whole quantum")
+    raw = base64.b64decode(padded, altchars=b"-_", validate=True)
+    if base64.urlsafe_b64encode(raw).decode() != padded:  # "+" or "/", or bits past the last byte
+        raise ValueError("not base64url as written")
+    return raw
 
 
 @dataclass(frozen=True)

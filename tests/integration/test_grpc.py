@@ -954,6 +954,41 @@ def test_an_amount_past_what_int_or_decimal_reads_is_refused_saying_why_over_bot
         "json": {"amount": ["must be at most 1000000000.00"]}}
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_a_cursor_is_read_as_base64url_alone_and_a_long_one_refused_as_its_schema_says(
+        settings, upstreams, grpc_targets, transport):  # noqa: F811
+    """A page's `next_cursor`, padded or not, reads the next page; any other spelling of it is
+    400 INVALID_CURSOR: urlsafe_b64decode dropped characters outside its alphabet and took
+    padding past a whole quantum, so that such a cursor read the page its own did. One over the
+    500 characters the document's `maxLength` gives is a 422 VALIDATION_ERROR, as is any query
+    outside its schema; the same over either transport."""
+    gateway = _gateway(settings, upstreams, grpc_targets, transport)
+    session = gateway.post("/api/auth/register", json={
+        "username": f"cursor-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+    auth = {"Authorization": f"Bearer {session['access_token']}"}
+    for amount in (1, 2):
+        assert gateway.post("/api/orders", json={"amount": amount}, headers=auth).status_code == 202
+
+    def page_after(cursor: str):
+        return gateway.get("/api/orders", query_string={"limit": 1, "cursor": cursor},
+                           headers=auth)
+
+    given = gateway.get("/api/orders?limit=1", headers=auth).get_json()["next_cursor"]
+    padded = given + "=" * (-len(given) % 4)
+    next_page = page_after(given).get_json()
+    assert [item["amount"] for item in next_page["items"]] == ["1.00"]
+    assert page_after(padded).get_json() == next_page
+    for respelled in (padded + "==", padded + "====", given[:4] + "...." + given[4:],
+                      given[:4] + "!*!*" + given[4:], "A" * 500):
+        refused = page_after(respelled)
+        assert refused.status_code == 400, (respelled, refused.get_json())
+        assert refused.get_json()["error"]["code"] == "INVALID_CURSOR"
+    too_long = page_after("A" * 501)
+    assert too_long.status_code == 422
+    assert too_long.get_json()["error"]["details"] == {
+        "query": {"cursor": ["Length must be between 1 and 500."]}}
+
+
 @pytest.mark.parametrize("sent", ["", " ", " \t "])
 def test_an_empty_idempotency_key_is_refused_by_each_service_as_over_http(
         grpc_targets, orders_flask_app, payments_flask_app, sent):
