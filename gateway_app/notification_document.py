@@ -10,6 +10,9 @@ from marshmallow import Schema, fields
 from shared.contracts import ORDER_STATUS_CHANGED, OrderStatusChangedSchema
 from shared.fields import Amount
 
+# A notification's id is the table's bigint: said, so that a client generated from the document
+# does not read one as a 32-bit integer (many generators' `integer` without a format).
+NOTIFICATION_ID_FORMAT = {"format": "int64"}
 NOTIFICATION = {"$ref": "#/components/schemas/Notification"}
 NOTIFICATION_PAGE = {"$ref": "#/components/schemas/NotificationPage"}
 
@@ -35,7 +38,7 @@ PAYLOADS: dict[str, type[Schema]] = {ORDER_STATUS_CHANGED: OrderStatusChangedPay
 def _notification_schema(event_type: str) -> type[Schema]:
     """A notification of `event_type`, every field always sent (Notification.to_json)."""
     return Schema.from_dict({
-        "id": fields.Integer(required=True),
+        "id": fields.Integer(required=True, metadata=NOTIFICATION_ID_FORMAT),
         "type": fields.String(required=True, metadata={"enum": [event_type]}),
         "payload": fields.Nested(PAYLOADS[event_type], required=True),
         "created_at": fields.DateTime(required=True, format="iso"),

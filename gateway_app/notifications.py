@@ -40,7 +40,7 @@ from wsproto.utilities import LocalProtocolError, ProtocolError
 from gateway_app import tokens
 from gateway_app.auth import RATE_LIMITER, SIGNED_IN_ERRORS, TOKEN_EXPIRED, BearerRefused
 from gateway_app.models import Notification
-from gateway_app.notification_document import NOTIFICATION_PAGE
+from gateway_app.notification_document import NOTIFICATION_ID_FORMAT, NOTIFICATION_PAGE
 from gateway_app.ratelimit import RateLimited, client_address
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out
 from gateway_app.socket_document import document_socket
@@ -206,13 +206,14 @@ class NotificationQuerySchema(Schema):
     class Meta:
         unknown = RAISE
 
-    after = WholeNumber(load_default=0, validate=validate.Range(min=0))
+    after = WholeNumber(load_default=0, validate=validate.Range(min=0),
+                        metadata=NOTIFICATION_ID_FORMAT)
     limit = WholeNumber(load_default=100, validate=validate.Range(min=1, max=REPLAY_LIMIT))
 
 
 class NewestNotificationSchema(Schema):
-    id = fields.Integer(required=True,
-                        metadata={"description": "The newest notification's id, 0 for none"})
+    id = fields.Integer(required=True, metadata={
+        **NOTIFICATION_ID_FORMAT, "description": "The newest notification's id, 0 for none"})
 
 
 def notifications_after(user_id: str, after: int, limit: int) -> list[dict]:

@@ -4,6 +4,7 @@ instead of switching protocols, and what the socket then carries."""
 
 from __future__ import annotations
 
+from gateway_app.notification_document import NOTIFICATION_ID_FORMAT
 from shared.documented_errors import (BODY_TOO_LARGE, DATABASE_UNAVAILABLE_OR_BUSY, RETRY_AFTER,
                                       SEC_WEBSOCKET_VERSION, UPGRADE, DocumentedError,
                                       openapi_error_responses)
@@ -80,7 +81,7 @@ def document_socket(api, rule, max_message: int) -> None:
              "schema": {"type": "string"}},
             {"name": "after", "in": "query", "required": False,
              "description": "Send every notification newer than this id first",
-             "schema": {"type": "integer", "minimum": 0}},
+             "schema": {"type": "integer", **NOTIFICATION_ID_FORMAT, "minimum": 0}},
         ],
         "responses": {
             "101": {"description": "Switching Protocols: the socket is open"},

@@ -142,6 +142,31 @@ def test_the_notifications_list_says_how_to_page_through_it(apps):
     assert (limit["minimum"], limit["maximum"], limit["default"]) == (1, REPLAY_LIMIT, 100)
 
 
+def test_every_notification_id_is_documented_as_the_64_bit_integer_the_table_keeps(apps):
+    """A notification's id is a bigint (gateway_app/models.py): documented as a bare `integer`,
+    which a client generated from the document may read as 32 bits, an id past 2**31 broke it.
+    Each place an id is given or taken: `after` of the list and of the socket, the newest's `id`,
+    each notification's `id`."""
+    document = _served_document(apps["gateway"])
+    schemas = document["components"]["schemas"]
+    notifications = [reference["$ref"].rsplit("/", 1)[1]
+                     for reference in schemas["Notification"]["oneOf"]]
+    ids = {
+        "list's after": _parameter(document, "/api/notifications", "after")["schema"],
+        "socket's after": _parameter(document, "/api/notifications/ws", "after")["schema"],
+        "NewestNotification's id": schemas["NewestNotification"]["properties"]["id"],
+        **{f"{name}'s id": schemas[name]["properties"]["id"] for name in notifications},
+    }
+    assert notifications
+    assert {where: (schema["type"], schema.get("format")) for where, schema in ids.items()} == {
+        where: ("integer", "int64") for where in ids}
+
+
+def _parameter(document: dict, path: str, name: str) -> dict:
+    return next(parameter for parameter in document["paths"][path]["get"]["parameters"]
+                if parameter["name"] == name)
+
+
 def test_each_documents_operations_are_named_as_the_contract_has_them(apps):
     """Every operation of each document, by method and path, with the operationId it is named by
     (its view's name), no more and no other."""
