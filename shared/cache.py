@@ -134,11 +134,10 @@ class VersionedCache:
             log.warning("cache unavailable, reading %s from the database: %s", namespace, exc)
             return load()
         version = version.decode()
-        if cached is not None:
-            entry = json.loads(cached)
-            if entry["version"] == version:
-                return entry["value"]
-        value = load()
+        stored = _value_stored_under(version, cached)
+        if stored is not _NOT_STORED:
+            return stored
+        value = load()  # (stored over whatever entry was kept, one unreadable too)
         try:
             self._client.set(value_key, json.dumps({"version": version, "value": value}),
                              ex=self._ttl)
@@ -225,6 +224,25 @@ class VersionedCache:
             pipe.execute()
         except redis.exceptions.OutOfMemoryError:  # (some may be set: deleted alike)
             self._client.delete(*version_keys)
+
+
+_NOT_STORED = object()
+
+
+def _value_stored_under(version: str, entry: bytes | None) -> Any:
+    """The value `entry` holds if it was stored under `version`, else _NOT_STORED: for no entry,
+    one stored under another version, and one unreadable or of another shape (corrupted, or
+    written otherwise by another release), which a read took for a 500."""
+    if entry is None:
+        return _NOT_STORED
+    try:
+        stored = json.loads(entry)
+    except (ValueError, RecursionError):  # (not JSON, not UTF-8, or nested past Python's limit)
+        return _NOT_STORED
+    if isinstance(stored, dict) and stored.keys() == {"version", "value"} \
+            and stored["version"] == version:
+        return stored["value"]
+    return _NOT_STORED
 
 
 def _new_version() -> str:

@@ -417,6 +417,33 @@ def test_placing_and_settling_orders_invalidate_the_cached_orders(orders_flask_a
     assert listed[0]["status"] == "CANCELLED"
 
 
+# Entries a cache key may hold that this release did not write as they are: corrupted, or written
+# otherwise by another release (a rolling deploy runs two side by side on one Redis).
+UNREADABLE_ENTRIES = [b"not json", b"\xff\xfe", b"null", b"[]", b'"a page"', b"[" * 100_000,
+                      b'{"value": {"items": []}}', b'{"version": "%(version)s"}',
+                      b'{"version": "%(version)s", "answer": {"items": []}, "format": 2}']
+
+
+@pytest.mark.parametrize("entry", UNREADABLE_ENTRIES)
+def test_an_unreadable_or_foreign_entry_is_a_miss_read_afresh_and_written_over(
+        orders_flask_app, user_id, entry):
+    """An entry under the key of a user's first page of orders that is not one this release
+    stores (its JSON unreadable, or not `{"version", "value"}`, even under the current version)
+    is a miss: the page is read from the database and stored over it. It was read outside any
+    care, and answered 500 until it expired."""
+    client = orders_flask_app.test_client()
+    order = client.post("/orders", json={"amount": 3}, signed_as=user_id).get_json()
+    listed = client.get("/orders", signed_as=user_id).get_json()  # (a version made, and stored)
+    cache = orders_flask_app.extensions[CACHE_EXTENSION]
+    version_key, value_key = cache._keys(orders.orders_cache_namespace(user_id), "first-page")
+    version = cache._client.get(version_key).decode()
+    cache._client.set(value_key, entry.replace(b"%(version)s", version.encode()), ex=60)
+    answer = client.get("/orders", signed_as=user_id)
+    assert answer.status_code == 200, answer.get_data(as_text=True)[:300]
+    assert answer.get_json() == listed and listed["items"][0]["id"] == order["id"]
+    assert json.loads(cache._client.get(value_key)) == {"version": version, "value": listed}
+
+
 def _a_stored_payment_request(store, user_id: str, amount: Decimal) -> uuid.UUID:
     """A PaymentRequested of `user_id` stored in the payments inbox, as the consumer stores it."""
     event = new_event(PAYMENT_REQUESTED, {"order_id": uuid.uuid4(), "user_id": user_id,
