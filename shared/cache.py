@@ -69,6 +69,13 @@ from shared.db import collected_after_commit
 log = logging.getLogger(__name__)
 
 CACHE_EXTENSION = "hseshop.cache"
+# The format of what the cache keeps: its entries' (`{"version", "value"}`) and the shape of every
+# answer cached (orders_app's OrderSchema and OrderPageSchema, payments_app's AccountSchema). Raise
+# it with any change to them: it names the values' keys, so that in a rolling deploy the releases
+# on either side of the change do not serve each other's answers (each reads its own, until they
+# expire), while a write's bump still reaches both (the namespace's version is one key for all).
+# tests/unit/test_cache_format.py fails when a cached answer's fields change and it does not.
+CACHE_FORMAT = 1
 # How long a version outlives the values stored under it (CACHE_TTL_SECONDS): only so that the
 # versions of namespaces no longer read go. One expired is a missing one, which serves nothing (the
 # next read makes another), so any length is safe; a long one spares a miss.
@@ -86,6 +93,8 @@ _NAMED_IN_A_LOG_LINE = 5
 
 
 class VersionedCache:
+    FORMAT = CACHE_FORMAT
+
     def __init__(self, redis_url: str, ttl_seconds: int, prefix: str):
         self._client = redis.Redis.from_url(redis_url, socket_timeout=0.25,
                                             socket_connect_timeout=0.25)
@@ -119,7 +128,7 @@ class VersionedCache:
 
     def _keys(self, namespace: str, key: str) -> tuple[str, str]:
         return (f"{self._prefix}:version:{namespace}",
-                f"{self._prefix}:value:{namespace}:{key}")
+                f"{self._prefix}:value:f{self.FORMAT}:{namespace}:{key}")
 
     def read(self, namespace: str, key: str, load: Callable[[], Any]) -> Any:
         """The cached value, or `load()`'s (JSON-serialisable) result, stored for next time."""

@@ -29,7 +29,8 @@ from orders_app import service as orders
 from payments_app import service as payments
 from payments_app.service import balance_cache_namespace
 from shared import cache as cache_module
-from shared.cache import CACHE_EXTENSION, VersionedCache, invalidate_after_commit
+from shared.cache import (CACHE_EXTENSION, CACHE_FORMAT, VersionedCache,
+                          invalidate_after_commit)
 from shared.contracts import PAYMENT_REQUESTED, encode, new_event
 from shared.db import after_commit, db, transaction
 from shared.inbox.model import InboxMessage
@@ -284,6 +285,35 @@ def test_a_process_of_the_release_before_is_not_served_a_value_from_before_a_bum
         writer.invalidate("user")  # (order B settled)
         assert old.read("user", "orders", lambda: "B settled") == "B settled"
         assert writer._client.exists(writer._keys("user", "")[0])  # (the bump's, left in place)
+
+
+class _NextFormatsCache(VersionedCache):
+    """A process of a release whose cached answers are shaped otherwise (CACHE_FORMAT raised), as
+    a rolling deploy runs it beside this one's on one Redis."""
+
+    FORMAT = CACHE_FORMAT + 1
+
+
+def test_releases_of_two_cache_formats_serve_each_their_own_answers_and_take_each_others_bumps(
+        settings):
+    """Across a change to an answer's shape (a field added to an order, say), a process of either
+    release read the answer the other stored, of the other shape, for CACHE_TTL_SECONDS; the
+    values' keys name the format, the version's does not, so a write bumps for both."""
+    prefix = _prefix(settings)
+    this = VersionedCache(settings.redis_url, 60, prefix=prefix)
+    next_ = _NextFormatsCache(settings.redis_url, 60, prefix=prefix)
+    this_shape, next_shape = {"items": []}, {"items": [], "total": 0}
+    with _closed_after(this, next_):
+        assert this.read("user", "orders", lambda: this_shape) == this_shape
+        assert next_.read("user", "orders", lambda: next_shape) == next_shape
+        assert this.read("user", "orders", lambda: pytest.fail("stored")) == this_shape
+        assert next_.read("user", "orders", lambda: pytest.fail("stored")) == next_shape
+        this.invalidate("user")
+        assert next_.read("user", "orders", lambda: "after this one's write") == \
+            "after this one's write"
+        next_.invalidate("user")
+        assert this.read("user", "orders", lambda: "after the next one's write") == \
+            "after the next one's write"
 
 
 @pytest.fixture
