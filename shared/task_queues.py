@@ -3,9 +3,12 @@ starts workers (devstack, docker-compose.yml) and for Flower's Broker page (flow
 inbox's handler tasks go to `<service>`, the tasks beat sends (the relay's lead, the sweeper, the
 pruners) to `<service>.control`, and each worker of the service consumes both.
 
-Apart, so that a backlog of handler tasks holds up none of beat's: in one queue, a relay task
-waited behind every batch sent before it and expired there, and a relay leader lost during a
-backlog was replaced only once the backlog had drained."""
+Apart, so that a backlog of handler tasks holds up beat's only as long as the batches a worker has
+already taken: in one queue, a relay task waited behind every batch sent before it and expired
+there, and a relay leader lost during a backlog was replaced only once the backlog had drained.
+Apart, a worker takes beat's task as soon as it takes another task, and begins it behind the ones
+it holds: one running on each of its threads, one more prefetched for each (celeryconfig.py's
+worker_prefetch_multiplier), within about two batches' time."""
 
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis import exceptions as redis_errors
