@@ -54,13 +54,18 @@ beat_scheduler = "tasks.beat:BoundedScheduler"
 # hourly).
 beat_max_loop_interval = ALIVE_FILE_RENEW_EVERY_SECONDS
 broker_transport_options = {
-    # Redis keeps no copy of a task once a worker has taken it. What must not be lost is not the
-    # task but the work, and that is in PostgreSQL: the sweeper dispatches again every inbox message
-    # left unhandled (a task lost with its worker, say; every task is idempotent), and beat sends
-    # the relay and the sweeper again and again. Kombu's emulated acknowledgements cost Redis round
-    # trips on every task received and on every task finished, to make good (at a worker's orderly
-    # shutdown, or after kombu's visibility timeout, an hour) what the sweeper makes good within
-    # seconds.
+    # Redis keeps no copy of a task once a worker has taken it. A worker stopped in order (a
+    # signal, `celery control shutdown`) puts those it took and had not begun back all the same,
+    # at the end of their queue, as its channel closes (kombu's QoS.restore_unacked_once); one
+    # killed outright (SIGKILL, the OOM killer, a crash) loses them, with those it was running,
+    # and one whose Redis connection drops can too (kombu puts them back over the connection it
+    # lost). What must not be lost is not the task but the work, and that is in PostgreSQL: the
+    # sweeper dispatches again every inbox message left unhandled (every task is idempotent), once
+    # INBOX_SWEEP_MIN_AGE_SECONDS old, but while tasks wait in the service's queue only once
+    # SWEEP_MIN_AGE_WHILE_QUEUED (5 minutes) old (tasks/inbox.py); and beat sends the relay and
+    # the sweeper again and again. Kombu's emulated acknowledgements cost Redis round trips on
+    # every task received and on every task finished, to make good after their visibility timeout
+    # (an hour) what the sweeper makes good within seconds, or minutes in a backlog.
     "ack_emulation": False,
     # Queues and event channels live under the shop's own prefix in a shared Redis.
     "global_keyprefix": f"{_settings.redis_key_prefix}:celery:",
