@@ -203,6 +203,14 @@ def test_the_cache_has_a_redis_of_its_own_that_evicts_where_the_brokers_does_not
     assert _option(keeping, "--maxmemory-policy") == "noeviction"
 
 
+def test_the_brokers_redis_has_a_memory_limit_to_refuse_writes_at():
+    """noeviction refuses writes at `maxmemory`, which is 0 by default: no limit, the broker's
+    Redis growing until the kernel's OOM killer took it, every task it held lost."""
+    env = read_env_file(COMPOSE_FILE.parent / "deploy" / "compose.env")
+    broker = command(ALL_SERVICES[make_url(env["REDIS_URL"]).host])
+    assert _option(broker, "--maxmemory") not in (None, "0")
+
+
 def test_the_broker_creates_no_topic_a_producer_names():
     """The shop makes its topics (ensure_topics: the workers', and each relay's as it starts to
     lead); one a producer named first would get the broker's defaults instead."""
