@@ -34,12 +34,12 @@ result_expires = None
 # one line, in the order taken, so a task beat sends to the control queue (the relay's lead, a
 # sweep; shared/task_queues.py) begins behind every batch taken before it, however separate its
 # queue. Four to a thread (64 on 16 threads) held one up for four to five batches' time in a
-# backlog, against one to two with one (a second's batches: 4.0-4.7 s against 1.1-1.8 s,
-# tests/integration/test_control_queue_backlog.py). Taking fewer costs nothing measurable: a
-# thread that ends a task finds the next one taken already. (Celery's worker_disable_prefetch,
-# taking a task only for a free thread, is not for this transport with a pool of threads: the
-# worker asks Redis again only at its event loop's next turn, and 400 one-second tasks took 44 s
-# on 16 threads, against 26.)
+# backlog, against one to two with one (a second's batches: 4.0-4.7 s against 1.1-1.8 s; 64
+# handler tasks begun ahead of it against 16, as tests/integration/test_control_queue_backlog.py
+# counts them). Taking fewer costs nothing measurable: a thread that ends a task finds the next
+# one taken already. (Celery's worker_disable_prefetch, taking a task only for a free thread, is
+# not for this transport with a pool of threads: the worker asks Redis again only at its event
+# loop's next turn, and 400 one-second tasks took 44 s on 16 threads, against 26.)
 worker_prefetch_multiplier = 1
 task_default_queue = "default"
 # The shop's queues are made as a task is first routed to each, and not declared here (task_queues):
