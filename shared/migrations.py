@@ -32,14 +32,15 @@ database's schema with what the service's models declare, and refuses, naming ea
 that records the head and has another schema: migrated by a revision edited since, or one whose
 number was reused (shared.schema_drift; shared/revision_pins.json pins each committed revision).
 
-Rolling back: a database a later release migrated is at a revision this release does not know.
-Each release's revisions leave a schema the release before runs on (it runs on during a rolling
-upgrade), so `upgrade` to this release's head (what `upgrade SERVICE` asks) leaves such a schema
-as it is, says so, and returns: the release before starts; one to another of this release's
-revisions, every one older than the database's, is refused, and so is a downgrade (only the
-later release's revisions can go down: run it with that release's image). Revisions are numbered
-in order (0001, 0002, ...), which is how it tells a later release's revision (numbered past this
-release's head) from one that is no revision of the service's at all, which it refuses.
+Rolling back: a database a later release migrated is at a revision this release does not know. Each
+release's revisions leave a schema the release before runs on (it runs on during a rolling upgrade;
+but for the outbox's early rewrites, README's "Rolling back"), so `upgrade` to this release's head
+(what `upgrade SERVICE` asks) leaves such a schema as it is, says so, and returns: the release
+before starts; one to another of this release's revisions, every one older than the database's, is
+refused, and so is a downgrade (only the later release's revisions can go down: run it with that
+release's image). Revisions are numbered in order (0001, 0002, ...), which is how it tells a later
+release's revision (numbered past this release's head) from one that is no revision of the service's
+at all, which it refuses.
 """
 
 from __future__ import annotations
