@@ -48,6 +48,7 @@ from shared.request_context import current_request_id
 from tests.integration.test_gateway import assert_replays_said_so
 from tests.integration.test_http_api import AMOUNTS_BEYOND_THE_READERS
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
+from tests.dns_tools import MovableNameServer
 from tests.network_tools import Accepting, HoldingProxy, SilencingProxy
 from tests.process_tools import start_child
 from tests.signed_requests import MALFORMED_DEADLINES_IN_METADATA, grpc_signed
@@ -717,6 +718,47 @@ def test_a_channel_tries_a_service_it_cannot_reach_again_every_second_at_most():
         accepting.close()  # (the listener with it)
     waits = [later - earlier for earlier, later in zip(tries, tries[1:])]
     assert len(tries) >= 6 and max(waits) < 1.5, waits
+
+
+def _port_free_on(*hosts: str) -> int:
+    """A port nothing listens on at any of `hosts` (loopback addresses), as a service's port is
+    the same wherever a redeploy puts it."""
+    while True:
+        port = free_port()
+        try:
+            for host in hosts:
+                socket.create_server((host, port)).close()
+        except OSError:
+            continue
+        return port
+
+
+def test_a_service_moved_to_a_new_address_is_called_there_within_seconds(
+        settings, upstreams, grpc_targets, orders_flask_app):  # noqa: F811
+    """As a redeploy moves a container: its name resolves to another address, where the new
+    server listens, and the gateway's channel looks the name up again within about a second of
+    losing the old server. gRPC's own least time between lookups is 30 s, and the gateway
+    answered 503 for up to half a minute after the move."""
+    port = _port_free_on("127.0.0.2", "127.0.0.3")
+    names = MovableNameServer("127.0.0.2")
+    old = build_server("orders", orders_flask_app, f"127.0.0.2:{port}")
+    old.start()
+    new = build_server("orders", orders_flask_app, f"127.0.0.3:{port}")
+    try:
+        client = _gateway(settings, upstreams, grpc_targets, "grpc",
+                          orders_grpc_target=names.target(f"orders-{uuid.uuid4().hex[:8]}.test",
+                                                          port))
+        _, auth = _signed_up_with_an_account(client)
+        assert client.get("/api/orders", headers=auth).status_code == 200  # (the name looked up)
+        old.stop(grace=None)
+        names.address = "127.0.0.3"
+        new.start()
+        wait_for(lambda: client.get("/api/orders", headers=auth).status_code == 200, timeout=5,
+                 what="a call answered at the new address")  # (30 s and more before)
+    finally:
+        old.stop(grace=None)
+        new.stop(grace=None)
+        names.close()
 
 
 def test_a_service_whose_host_answers_nothing_is_503_within_a_second_over_both_transports(
