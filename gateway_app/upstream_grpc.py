@@ -1,10 +1,12 @@
 """Calling the services over gRPC: one channel per service per process (a connection gone silent
-found out by keepalive pings), the caller's identity, the gateway's deadline (both signed) and the
-request id in the call metadata, every call waited for COMMIT_GRACE_SECONDS past that deadline
-(a COMMIT begun before it answered as it ended: shared/caller_deadline.py), a call whose
-connection broke once it was sent, before its reply, sent once more where that is safe
-(gateway_app/resends.py), and gRPC failures mapped back to the HTTP errors the services' HTTP APIs
-would have given (a replayed answer's mark too: Idempotent-Replayed)."""
+found out by keepalive pings; made afresh once its calls have all failed unsent for a few
+seconds, its service's name looked up at once), the caller's identity, the gateway's deadline
+(both signed) and the request id in the call metadata, every call waited for
+COMMIT_GRACE_SECONDS past that deadline (a COMMIT begun before it answered as it ended:
+shared/caller_deadline.py), a call whose connection broke once it was sent, before its reply,
+sent once more where that is safe (gateway_app/resends.py), and gRPC failures mapped back to the
+HTTP errors the services' HTTP APIs would have given (a replayed answer's mark too:
+Idempotent-Replayed)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -46,21 +50,89 @@ REQUEST_TYPES = {
     ("payments", "GetBalance"): payments_pb2.GetBalanceRequest,
 }
 
-_stubs: dict[tuple[str, str], Any] = {}
-_stubs_lock = threading.Lock()
+# How long the calls on the process's channel to a service may all fail unsent (_never_sent), no
+# call sent in between, before the next call is given a channel made afresh: its name looked up
+# at once. A channel looks a name up again within a second of losing its service
+# (shared/grpc_server.py: DNS_LOOKUPS_AT_MOST_EVERY_MS), but after a lookup that FAILED gRPC's
+# resolver waits 1 s, growing by 1.6 times a failure to two minutes, before the next, whatever
+# is asked of it; a service whose name stopped resolving for a while (its container gone, as
+# compose's DNS drops a stopped container's name) was unreachable, every call a 503, for up to two
+# minutes after it was back. A new channel's resolver starts from nothing: with one every 3 s
+# while they fail, a name back is looked up within about 3 s, however long it was gone.
+CHANNEL_MADE_AFRESH_AFTER_UNSENT_SECONDS = 3.0
+
+
+class _ProcessChannel:
+    """The process's channel to one service's target, which its threads share: a stub on it, the
+    calls under way on it, and since when the calls on it have all failed unsent (None: the last
+    one did not). Once `retired` (a channel made afresh in its place) it takes no new call, and
+    is closed as the last under way on it ends."""
+
+    def __init__(self, service: str, target: str) -> None:
+        self.channel = grpc.insecure_channel(target, options=channel_options())
+        self.stub = STUBS[service](self.channel)
+        self.calls_under_way = 0
+        self.unsent_since: float | None = None
+        self.retired = False
+
+    def unsent_too_long(self) -> bool:
+        return (self.unsent_since is not None and time.monotonic() - self.unsent_since
+                >= CHANNEL_MADE_AFRESH_AFTER_UNSENT_SECONDS)
+
+    def called(self, unsent: bool) -> None:
+        """Note how a call on it ended: unsent (_never_sent), or otherwise."""
+        if not unsent:
+            self.unsent_since = None
+        elif self.unsent_since is None:
+            self.unsent_since = time.monotonic()
+
+
+_channels: dict[tuple[str, str], _ProcessChannel] = {}
+_channels_lock = threading.Lock()  # (over _channels and each _ProcessChannel's counts)
 
 
 def _target(service: str) -> str:
     return getattr(current_app.extensions["hseshop.settings"], f"{service}_grpc_target")
 
 
-def _stub(service: str):
-    target = _target(service)
-    with _stubs_lock:
-        if (service, target) not in _stubs:
-            _stubs[(service, target)] = STUBS[service](
-                grpc.insecure_channel(target, options=channel_options()))
-        return _stubs[(service, target)]
+@contextmanager
+def _process_channel(service: str) -> Iterator[_ProcessChannel]:
+    """The process's channel to `service`, held for one call, which is noted as it ends (sent, or
+    a grpc.RpcError of a call never sent): made afresh in place of one whose calls have failed
+    unsent for CHANNEL_MADE_AFRESH_AFTER_UNSENT_SECONDS, which is closed once no call is under
+    way on it (closed with calls on it, grpcio would cancel them)."""
+    key = (service, _target(service))
+    with _channels_lock:
+        held = _channels.get(key)
+        if held is None or held.unsent_too_long():
+            if held is not None:
+                log.info("%s calls have failed unsent for %.0f s: its channel made afresh, its"
+                         " name looked up again", service, CHANNEL_MADE_AFRESH_AFTER_UNSENT_SECONDS)
+                held.retired = True
+                _close_if_unused(held)
+            held = _channels[key] = _ProcessChannel(*key)
+        held.calls_under_way += 1
+    try:
+        yield held
+    except grpc.RpcError as exc:
+        with _channels_lock:
+            held.called(unsent=_never_sent(exc))
+        raise
+    else:
+        with _channels_lock:
+            held.called(unsent=False)
+    finally:
+        with _channels_lock:
+            held.calls_under_way -= 1
+            _close_if_unused(held)
+
+
+def _close_if_unused(held: _ProcessChannel) -> None:
+    """Close `held` if it is retired and no call is under way on it (with _channels_lock held:
+    no call takes it once it is retired). grpcio's close cancels the calls on it (none here) and
+    lets the channel go, waiting on nothing."""
+    if held.retired and held.calls_under_way == 0:
+        held.channel.close()
 
 
 def call(service: str, method: str, body: dict[str, Any], *,
@@ -81,8 +153,9 @@ def call(service: str, method: str, body: dict[str, Any], *,
     # a COMMIT begun before it.
     deadline = deadline_moment(seconds)
     try:
-        reply, answered = _sent(_stub(service), service, method, request, deadline,
-                                seconds + COMMIT_GRACE_SECONDS)
+        with _process_channel(service) as held:
+            reply, answered = _sent(held.stub, service, method, request, deadline,
+                                    seconds + COMMIT_GRACE_SECONDS)
     except grpc.RpcError as exc:
         left = ends - time.monotonic()
         if not (safe_to_send_again and _dropped_once_sent(exc)

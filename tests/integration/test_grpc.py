@@ -761,6 +761,51 @@ def test_a_service_moved_to_a_new_address_is_called_there_within_seconds(
         names.close()
 
 
+def test_a_service_whose_name_stopped_resolving_for_a_while_is_called_within_seconds_of_its_return(
+        settings, upstreams, grpc_targets, orders_flask_app):  # noqa: F811
+    """As a container replaced slowly leaves its name unresolved meanwhile: gRPC's resolver
+    waits longer after each lookup that failed (1 s, growing by 1.6 times to two minutes), and
+    the gateway's calls, each a 503, waited with it: 5 s or more after the name came back, once
+    it had been gone 9 s (after a minute gone, 17.5 s). A channel whose calls all failed unsent
+    for 3 s is made afresh, its name looked up at once."""
+    port = _port_free_on("127.0.0.2", "127.0.0.3")
+    names = MovableNameServer("127.0.0.2")
+    old = build_server("orders", orders_flask_app, f"127.0.0.2:{port}")
+    old.start()
+    new = build_server("orders", orders_flask_app, f"127.0.0.3:{port}")
+    try:
+        client = _gateway(settings, upstreams, grpc_targets, "grpc",
+                          orders_grpc_target=names.target(f"orders-{uuid.uuid4().hex[:8]}.test",
+                                                          port),
+                          rate_limit_per_minute=10_000)  # (a call every 0.1 s, and more)
+        _, auth = _signed_up_with_an_account(client)
+        assert client.get("/api/orders", headers=auth).status_code == 200
+        old.stop(grace=None)
+        names.address = None
+        new.start()
+        gone = time.monotonic()
+
+        lookups_seen = names.lookups
+
+        def looked_up_in_vain_after_9_s() -> bool:
+            nonlocal lookups_seen
+            assert client.get("/api/orders", headers=auth).status_code == 503
+            looked_up, lookups_seen = names.lookups > lookups_seen, names.lookups
+            return looked_up and time.monotonic() - gone > 9
+
+        # Back just after a lookup that failed: the resolver's longest wait till the next, by
+        # then 5 s or more (the fifth or a later failure's: 6.5 s, give or take a fifth).
+        wait_for(looked_up_in_vain_after_9_s, timeout=15, what="the name's lookups, failing",
+                 interval=0.1)
+        names.address = "127.0.0.3"
+        wait_for(lambda: client.get("/api/orders", headers=auth).status_code == 200, timeout=4.5,
+                 what="a call answered once the name resolves again")
+    finally:
+        old.stop(grace=None)
+        new.stop(grace=None)
+        names.close()
+
+
 def test_a_service_whose_host_answers_nothing_is_503_within_a_second_over_both_transports(
         settings, upstreams, grpc_targets):  # noqa: F811
     """Its connections hang as they are made (its listen queue full, as a host gone silent or cut

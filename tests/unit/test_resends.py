@@ -97,7 +97,8 @@ def test_a_second_try_that_did_nothing_leaves_the_first_trys_502(monkeypatch, se
         raise next(failures)
 
     monkeypatch.setattr(upstream_grpc, "_sent", sent)
-    monkeypatch.setattr(upstream_grpc, "_stub", lambda service: None)
+    monkeypatch.setattr(upstream_grpc, "_process_channel",
+                        lambda service: _NoChannel(types.SimpleNamespace(stub=None)))
     monkeypatch.setattr(upstream_grpc, "STUBS", {"orders": lambda channel: None})
     monkeypatch.setattr(upstream_grpc, "_channel_of_its_own", lambda service: _NoChannel())
     app = Flask(__name__)
@@ -109,8 +110,11 @@ def test_a_second_try_that_did_nothing_leaves_the_first_trys_502(monkeypatch, se
 
 
 class _NoChannel:
+    def __init__(self, given=None):
+        self.given = given
+
     def __enter__(self):
-        return None
+        return self.given
 
     def __exit__(self, *exc):
         return False
