@@ -21,7 +21,12 @@ a non-blocking stream only until its method returns), and pushing each status to
 took the server's threads from the shop's calls; a client wanting changes asks Check again. List
 answers UNIMPLEMENTED too.
 
-Its calls take no identity (a probe has none), and tell nothing but these statuses."""
+Its calls take no identity (a probe has none), and tell nothing but these statuses. They share
+the server's threads (SERVER_THREADS) and its limit on the calls it takes in hand with the
+service's own calls, a trade-off kept: a server whose threads are all busy for longer than a
+probe's timeout, or at that limit, is not heard to say SERVING (DEADLINE_EXCEEDED or
+RESOURCE_EXHAUSTED: shared.grpc_health_probe exits 1) though its database answers. Compose
+publishes no gRPC port, so only a peer inside the stack's network can load a server so."""
 
 from __future__ import annotations
 
