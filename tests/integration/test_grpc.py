@@ -27,6 +27,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import grpc
 import pytest
+from flask.testing import FlaskClient
 from google.protobuf import descriptor_pool, json_format
 from google.protobuf.message_factory import GetMessageClass
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -733,41 +734,25 @@ def _port_free_on(*hosts: str) -> int:
         return port
 
 
-def test_a_service_moved_to_a_new_address_is_called_there_within_seconds(
-        settings, upstreams, grpc_targets, orders_flask_app):  # noqa: F811
-    """As a redeploy moves a container: its name resolves to another address, where the new
-    server listens, and the gateway's channel looks the name up again within about a second of
-    losing the old server. gRPC's own least time between lookups is 30 s, and the gateway
-    answered 503 for up to half a minute after the move."""
-    port = _port_free_on("127.0.0.2", "127.0.0.3")
-    names = MovableNameServer("127.0.0.2")
-    old = build_server("orders", orders_flask_app, f"127.0.0.2:{port}")
-    old.start()
-    new = build_server("orders", orders_flask_app, f"127.0.0.3:{port}")
-    try:
-        client = _gateway(settings, upstreams, grpc_targets, "grpc",
-                          orders_grpc_target=names.target(f"orders-{uuid.uuid4().hex[:8]}.test",
-                                                          port))
-        _, auth = _signed_up_with_an_account(client)
-        assert client.get("/api/orders", headers=auth).status_code == 200  # (the name looked up)
-        old.stop(grace=None)
-        names.address = "127.0.0.3"
-        new.start()
-        wait_for(lambda: client.get("/api/orders", headers=auth).status_code == 200, timeout=5,
-                 what="a call answered at the new address")  # (30 s and more before)
-    finally:
-        old.stop(grace=None)
-        new.stop(grace=None)
-        names.close()
+@dataclasses.dataclass
+class _OrdersToBeMoved:
+    """The orders service at a name of `names`'s, resolving to 127.0.0.2, where `old` serves it;
+    `new` built to serve it at 127.0.0.3, on the same port, not started; a gateway (`client`)
+    calling it by that name, as `auth`'s user, and having called it once."""
+
+    names: MovableNameServer
+    old: grpc.Server
+    new: grpc.Server
+    client: FlaskClient
+    auth: dict[str, str]
+
+    def orders_listed(self) -> int:
+        """The status of GET /api/orders through the gateway."""
+        return self.client.get("/api/orders", headers=self.auth).status_code
 
 
-def test_a_service_whose_name_stopped_resolving_for_a_while_is_called_within_seconds_of_its_return(
-        settings, upstreams, grpc_targets, orders_flask_app):  # noqa: F811
-    """As a container replaced slowly leaves its name unresolved meanwhile: gRPC's resolver
-    waits longer after each lookup that failed (1 s, growing by 1.6 times to two minutes), and
-    the gateway's calls, each a 503, waited with it: 5 s or more after the name came back, once
-    it had been gone 9 s (after a minute gone, 17.5 s). A channel whose calls all failed unsent
-    for 3 s is made afresh, its name looked up at once."""
+@pytest.fixture
+def orders_to_be_moved(settings, upstreams, grpc_targets, orders_flask_app):  # noqa: F811
     port = _port_free_on("127.0.0.2", "127.0.0.3")
     names = MovableNameServer("127.0.0.2")
     old = build_server("orders", orders_flask_app, f"127.0.0.2:{port}")
@@ -777,33 +762,60 @@ def test_a_service_whose_name_stopped_resolving_for_a_while_is_called_within_sec
         client = _gateway(settings, upstreams, grpc_targets, "grpc",
                           orders_grpc_target=names.target(f"orders-{uuid.uuid4().hex[:8]}.test",
                                                           port),
-                          rate_limit_per_minute=10_000)  # (a call every 0.1 s, and more)
+                          rate_limit_per_minute=10_000)  # (a test may call every 0.1 s)
         _, auth = _signed_up_with_an_account(client)
-        assert client.get("/api/orders", headers=auth).status_code == 200
-        old.stop(grace=None)
-        names.address = None
-        new.start()
-        gone = time.monotonic()
-
-        lookups_seen = names.lookups
-
-        def looked_up_in_vain_after_9_s() -> bool:
-            nonlocal lookups_seen
-            assert client.get("/api/orders", headers=auth).status_code == 503
-            looked_up, lookups_seen = names.lookups > lookups_seen, names.lookups
-            return looked_up and time.monotonic() - gone > 9
-
-        # Back just after a lookup that failed: the resolver's longest wait till the next, by
-        # then 5 s or more (the fifth or a later failure's: 6.5 s, give or take a fifth).
-        wait_for(looked_up_in_vain_after_9_s, timeout=15, what="the name's lookups, failing",
-                 interval=0.1)
-        names.address = "127.0.0.3"
-        wait_for(lambda: client.get("/api/orders", headers=auth).status_code == 200, timeout=4.5,
-                 what="a call answered once the name resolves again")
+        moving = _OrdersToBeMoved(names, old, new, client, auth)
+        assert moving.orders_listed() == 200  # (the name looked up)
+        yield moving
     finally:
         old.stop(grace=None)
         new.stop(grace=None)
         names.close()
+
+
+def test_a_service_moved_to_a_new_address_is_called_there_within_seconds(orders_to_be_moved,
+                                                                         monkeypatch):
+    """As a redeploy moves a container: its name resolves to another address, where the new
+    server listens, and the gateway's channel looks the name up again within about a second of
+    losing the old server. gRPC's own least time between lookups is 30 s, and the gateway
+    answered 503 for up to half a minute after the move."""
+    # (The channel's own lookups: not a channel made afresh, as its calls fail on, for them.)
+    monkeypatch.setattr(upstream_grpc, "CHANNEL_MADE_AFRESH_AFTER_UNSENT_SECONDS", 60.0)
+    moving = orders_to_be_moved
+    moving.old.stop(grace=None)
+    moving.names.address = "127.0.0.3"
+    moving.new.start()
+    wait_for(lambda: moving.orders_listed() == 200, timeout=5,
+             what="a call answered at the new address")  # (30 s and more before)
+
+
+def test_a_service_whose_name_stopped_resolving_for_a_while_is_called_within_seconds_of_its_return(
+        orders_to_be_moved):
+    """As a container replaced slowly leaves its name unresolved meanwhile: gRPC's resolver
+    waits longer after each lookup that failed (1 s, growing by 1.6 times to two minutes), and
+    the gateway's calls, each a 503, waited with it: 5 s or more after the name came back, once
+    it had been gone 9 s (38 s, once gone a minute). A channel whose calls all failed unsent for
+    3 s is made afresh, its name looked up at once."""
+    moving = orders_to_be_moved
+    moving.old.stop(grace=None)
+    moving.names.address = None
+    moving.new.start()
+    gone = time.monotonic()
+    lookups_seen = moving.names.lookups
+
+    def looked_up_in_vain_after_9_s() -> bool:
+        nonlocal lookups_seen
+        assert moving.orders_listed() == 503
+        looked_up, lookups_seen = moving.names.lookups > lookups_seen, moving.names.lookups
+        return looked_up and time.monotonic() - gone > 9
+
+    # Back just after a lookup that failed: the resolver's wait till its next is by then 5 s or
+    # more (the fifth failure's or a later one's: 6.5 s, give or take a fifth).
+    wait_for(looked_up_in_vain_after_9_s, timeout=15, what="the name's lookups, failing",
+             interval=0.1)
+    moving.names.address = "127.0.0.3"
+    wait_for(lambda: moving.orders_listed() == 200, timeout=4.5,
+             what="a call answered once the name resolves again")
 
 
 def test_a_service_whose_host_answers_nothing_is_503_within_a_second_over_both_transports(
