@@ -53,7 +53,7 @@ REQUEST_TYPES = {
 # How long the calls on the process's channel to a service may all fail unsent (_never_sent), no
 # call sent in between, before the next call is given a channel made afresh: its name looked up
 # at once. A channel looks a name up again within a second of losing its service
-# (shared/grpc_server.py: DNS_LOOKUPS_AT_MOST_EVERY_MS), but after a lookup that FAILED gRPC's
+# (shared/grpc_server.py: DNS_LOOKUPS_AT_MOST_EVERY_MS), but after a lookup that failed gRPC's
 # resolver waits 1 s, growing by 1.6 times a failure to two minutes, before the next, whatever
 # is asked of it; a service whose name stopped resolving for a while (its container gone, as
 # compose's DNS drops a stopped container's name) was unreachable, every call a 503, for up to two

@@ -84,11 +84,12 @@ RECONNECT_BACKOFF_MS = (500, 1000)  # the first wait, and the longest
 # address (a container replaced) was tried at its old one, every call a 503, for up to half a
 # minute after the move (27 s measured); with a second, the next try finds it (0.5 s measured).
 # A lookup a second, and only while the service is unreachable, costs next to nothing.
-# (A lookup that FAILS is another matter: gRPC's resolver backs off from it, 1 s growing by 1.6
+# (A lookup that fails is another matter: gRPC's resolver backs off from it, 1 s growing by 1.6
 # times a try to two minutes, and no channel argument changes that: a name that stopped resolving
-# for long, its container gone, was looked up again up to two minutes after it came back. The
-# gateway makes a channel whose calls all fail unsent afresh every few seconds for that:
-# gateway_app/upstream_grpc.py, CHANNEL_MADE_AFRESH_AFTER_UNSENT_SECONDS.)
+# for long, its container gone, was looked up again up to two minutes after it came back. For
+# that the gateway gives a service's calls a channel made afresh, its name looked up at once,
+# once they have all failed unsent for a few seconds: gateway_app/upstream_grpc.py,
+# CHANNEL_MADE_AFRESH_AFTER_UNSENT_SECONDS.)
 DNS_LOOKUPS_AT_MOST_EVERY_MS = 1000
 # How long a channel tries to connect (TCP, then the server's HTTP/2 SETTINGS) before it gives up
 # and fails the calls waiting for it as unreachable (UNAVAILABLE, "failed to connect to all
