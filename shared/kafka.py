@@ -30,6 +30,12 @@ def producer_config(settings: Settings) -> dict:
         "message.timeout.ms": MESSAGE_TIMEOUT_MS,
         "socket.connection.setup.timeout.ms": 3000,
         "reconnect.backoff.max.ms": 1000,
+        # A topic the broker does not have is never created by a message sent to it (librdkafka
+        # asks the broker to, by default, and a broker that creates topics on first use gives it
+        # its own defaults: num.partitions, one replica, no min.insync.replicas; Tansu, 4
+        # partitions). The message waits for its topic until it times out, and the relay, refused,
+        # creates the shop's topics as the shop makes them (ensure_topics, new_topic).
+        "allow.auto.create.topics": False,
     }
 
 

@@ -18,6 +18,7 @@ from shared.app_closing import close_app
 from shared.config import SERVICES, get_settings, load_settings
 from shared.db import driver_dsn
 from shared.inbox_consumer import StoreOnOwnConnection
+from shared.kafka import ensure_topics
 from shared.migrations import upgrade
 from tasks.celery_app import app as celery_app
 from tests.environment import service_env
@@ -30,7 +31,12 @@ def settings(infrastructure):
     _configure_celery_afresh()
     for service in SERVICES:
         upgrade(service)
-    return load_settings()
+    settings = load_settings()
+    # The shop's topics, as its relays and consumers make them as they start: tests here send
+    # through a publisher of their own, and the relay's producer creates no topic
+    # (shared.kafka.producer_config).
+    ensure_topics(settings, settings.topics())
+    return settings
 
 
 @pytest.fixture
