@@ -12,6 +12,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shared.config import Settings
+from shared.kafka_logs import ClientLog
 from shared.outage_log import OutageLog, OutageWords
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,8 @@ MESSAGE_TIMEOUT_MS = 5000
 def producer_config(settings: Settings) -> dict:
     return {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
+        # Its lines to the Python log, a broker away said once an outage (shared.kafka_logs).
+        "logger": ClientLog(settings.kafka_bootstrap_servers),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 2,
@@ -48,6 +51,7 @@ OnCommit = Callable[[KafkaError | None, list[TopicPartition]], None]
 def consumer_config(settings: Settings, group_id: str, on_commit: OnCommit | None = None) -> dict:
     config = {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "logger": ClientLog(settings.kafka_bootstrap_servers),  # (as the producer's)
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
@@ -117,7 +121,7 @@ def records_unread_by(bootstrap_servers: str, group_id: str, topics: list[str],
 
 def ensure_topics(settings: Settings, topics: list[str], timeout: float = 5.0) -> None:
     """Create the topics that do not exist yet (several processes may race to do it)."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = quiet_admin_client(settings)  # (a broker away: it raises, and the caller says so)
     existing = admin.list_topics(timeout=timeout).topics
     missing = [t for t in topics if t not in existing]
     if not missing:
@@ -158,12 +162,11 @@ BROKER_OUTAGE_WORDS = OutageWords(
 def broker_reachable(settings: Settings, timeout: float = 2.0,
                      outage: OutageLog | None = None) -> bool:
     """Whether the broker answers a metadata request within `timeout`. Asked by every round of
-    health checks: librdkafka is told to log nothing (`log_level` 0), where it printed a line to
-    stderr for each refused connect, some forty a check with the broker down; why the broker is
+    health checks: librdkafka is told to log nothing (quiet_admin_client), where it printed a line
+    to stderr for each refused connect, some forty a check with the broker down; why the broker is
     unreachable (librdkafka's error) is told to `outage` instead, which says it once an outage."""
     try:
-        AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers,
-                     "log_level": 0}).list_topics(timeout=timeout)
+        quiet_admin_client(settings).list_topics(timeout=timeout)
     except KafkaException as exc:
         if outage is not None:
             outage.failed(str(exc))
@@ -171,4 +174,10 @@ def broker_reachable(settings: Settings, timeout: float = 2.0,
     if outage is not None:
         outage.back()
     return True
+
+
+def quiet_admin_client(settings: Settings) -> AdminClient:
+    """An AdminClient that logs nothing (`log_level` 0): what it fails at, it raises. (Its lines
+    would reach a `logger` only through a poll() of its own, which nothing calls.)"""
+    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers, "log_level": 0})
 
