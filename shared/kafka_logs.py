@@ -10,7 +10,8 @@ once as it begins, once a minute while it lasts and once as it ends (shared.outa
 of the broker's own (a request it must answer) telling that it is away and that it is back.
 Every other line (an authentication or TLS failure, a configuration warning, a consumer group's
 session timing out) goes to the logger `shared.kafka.librdkafka` at its own level, as librdkafka
-said it."""
+said it. The probe speaks Kafka in plain text, as the shop's clients do: clients given TLS or SASL
+would need it to use their settings, or every outage it confirms would never end."""
 
 from __future__ import annotations
 
