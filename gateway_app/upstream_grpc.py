@@ -74,6 +74,7 @@ class _ProcessChannel:
         self.calls_under_way = 0
         self.unsent_since: float | None = None
         self.retired = False
+        self.made_afresh = False  # (in place of one failing unsent, no call sent since)
 
     def unsent_too_long(self) -> bool:
         return (self.unsent_since is not None and time.monotonic() - self.unsent_since
@@ -83,6 +84,7 @@ class _ProcessChannel:
         """Note how a call on it ended: unsent (_never_sent), or otherwise."""
         if not unsent:
             self.unsent_since = None
+            self.made_afresh = False
         elif self.unsent_since is None:
             self.unsent_since = time.monotonic()
 
@@ -105,12 +107,17 @@ def _process_channel(service: str) -> Iterator[_ProcessChannel]:
     with _channels_lock:
         held = _channels.get(key)
         if held is None or held.unsent_too_long():
-            if held is not None:
-                log.info("%s calls have failed unsent for %.0f s: its channel made afresh, its"
-                         " name looked up again", service, CHANNEL_MADE_AFRESH_AFTER_UNSENT_SECONDS)
+            made_afresh = held is not None
+            if made_afresh:
+                # (Said once an outage: its channels are made afresh every few seconds while it
+                # lasts, and the calls' 503s say the rest.)
+                log.log(logging.DEBUG if held.made_afresh else logging.INFO,
+                        "%s calls have failed unsent for %.0f s: its channel made afresh, its"
+                        " name looked up again", service, CHANNEL_MADE_AFRESH_AFTER_UNSENT_SECONDS)
                 held.retired = True
                 _close_if_unused(held)
             held = _channels[key] = _ProcessChannel(*key)
+            held.made_afresh = made_afresh
         held.calls_under_way += 1
     try:
         yield held

@@ -101,3 +101,22 @@ def test_a_call_sent_between_unsent_ones_keeps_the_channel(app_context, monkeypa
     monkeypatch.setattr(upstream_grpc, "CHANNEL_MADE_AFRESH_AFTER_UNSENT_SECONDS", 0.0)
     with upstream_grpc._process_channel("orders") as kept:
         assert kept is held[0]
+
+
+def test_an_outage_is_said_once_however_often_its_channel_is_made_afresh(app_context,
+                                                                          monkeypatch, caplog):
+    """Made afresh every few seconds while the service stays away, the channel is said so at
+    INFO the first time only (then at DEBUG), and again once a call was sent in between."""
+    monkeypatch.setattr(upstream_grpc, "CHANNEL_MADE_AFRESH_AFTER_UNSENT_SECONDS", 0.0)
+    caplog.set_level("INFO", logger=upstream_grpc.log.name)
+    held = []
+    for _ in range(5):
+        _failed_on(held, _UNSENT)
+    said = [record for record in caplog.records if "made afresh" in record.getMessage()]
+    assert len(said) == 1
+    with upstream_grpc._process_channel("orders") as sent:  # (a call sent: the outage over)
+        held.append(sent)
+    _failed_on(held, _UNSENT)
+    _failed_on(held, _UNSENT)
+    said = [record for record in caplog.records if "made afresh" in record.getMessage()]
+    assert len(said) == 2
