@@ -121,6 +121,12 @@ def held_up_by_a_lock(exc: BaseException) -> bool:
     return _sqlstate(exc) == _LOCK_NOT_AVAILABLE
 
 
+def ran_too_long(exc: BaseException) -> bool:
+    """Whether `exc` is a statement cancelled under SESSION_LIMITS for running too long
+    (statement_timeout): the work itself too large for one statement."""
+    return _sqlstate(exc) == _QUERY_CANCELED
+
+
 def _sqlstate(exc: BaseException | None) -> str | None:
     if isinstance(exc, TransactionAborted):  # (the error caught, that left it aborted)
         exc = exc.__cause__
@@ -190,7 +196,7 @@ def failure_in_a_line(exc: BaseException, url: str | None = None) -> str:
         return f"{database} was out of reach ({said})"
     if held_up_by_a_lock(exc):
         return f"a row was locked by another session for too long ({said})"
-    if cancelled_by_a_limit(exc):
+    if ran_too_long(exc):
         return f"a statement ran too long ({said})"
     return f"{database} answered {said}"
 

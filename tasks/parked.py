@@ -71,7 +71,8 @@ and parked meanwhile goes too, one written after it is left parked; a row replay
 at once, still refused, is not replayed again), the relay woken as each batch commits, discard
 warning of each batch's payment events as it commits; a failure or an interrupt part way is said
 as for the inbox. (--all --to-topic sends its rows on in one transaction: its check of their types
-sees every row it sends on.) Replay the row once it can be sent; discard only what is garbage.
+sees every row it sends on; one past the statement timeout says to name fewer rows at a time.)
+Replay the row once it can be sent; discard only what is garbage.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ from sqlalchemy.orm import Session
 
 from shared.config import SERVICES, settings_or_exit
 from shared.contracts import PAYMENT_FAILED, PAYMENT_REQUESTED, PAYMENT_SUCCEEDED
-from shared.db import database_now, failure_in_a_line, transaction
+from shared.db import database_now, failure_in_a_line, ran_too_long, transaction
 from shared.inbox.parked import (discard_parked_messages, last_parked, never_parsed_parked,
                                  parked_batch, parked_messages, unpark_messages)
 from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
@@ -411,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         so_far = (f"{args.service} {box}: nothing {_OUTCOMES[args.command, args.outbox]}"
                   if count == 0 else
                   f"{outcome.format(count)} before the database failed; run it again for the rest")
-        print(f"{so_far}: {failure_in_a_line(exc)}", file=sys.stderr)
+        print(f"{so_far}: {failure_in_a_line(exc)}"
+              + (_fewer_to_send_on(args.service) if to_topic is not None and ran_too_long(exc)
+                 else ""), file=sys.stderr)
         return 1
     except NotOfTheTopic as exc:
         command_parsers[args.command].error(str(exc))
@@ -436,6 +439,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{message_id}: not {args.command}ed ({whys.get(message_id, why)})",
               file=sys.stderr)
     return 1 if left else 0
+
+
+def _fewer_to_send_on(service: str) -> str:
+    """What to do when `replay --to-topic` ran past statement_timeout: its rows go in one
+    statement, each with every row waiting behind it, so name fewer of them at a time."""
+    return (f"; name fewer rows to send on at a time (list {service} --outbox shows them, with how"
+            " many rows wait behind each): each goes with the rows behind it, all in one statement")
 
 
 def _order_left_new(service: str, box: str, payment) -> str:

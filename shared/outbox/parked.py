@@ -114,6 +114,10 @@ def redirect_parked_outbox_messages(session: Session, message_ids: list[uuid.UUI
                   event_types=sorted(event_types))
     if from_topic is not None:
         chosen, params["from_topic"] = chosen + " AND topic = :from_topic", from_topic
+    to_send_on = session.execute(text(_TO_SEND_ON.format(chosen=chosen)), params).all()
+    if not to_send_on:
+        return []
+    params.update(_sent_on_with_the_rows_behind(to_send_on))
     # One statement, so one snapshot: the rows it moves are the rows whose types it checked. (As
     # a check and then the move, a row of the old topic committed between the two, parked or
     # waiting behind, was moved unchecked, whatever its type.)
@@ -123,6 +127,26 @@ def redirect_parked_outbox_messages(session: Session, message_ids: list[uuid.UUI
     if stray:
         raise NotOfTheTopic(topic, stray)
     return _relay_woken_for(session, [row.message_id for row in outcome])
+
+
+# The parked rows that redirect_parked_outbox_messages sends on, read first, unlocked, so that
+# the statement that sends them on is given them as constants (_sent_on_with_the_rows_behind).
+_TO_SEND_ON = """
+SELECT id, key FROM outbox_messages
+WHERE """ + PARKED_ROWS + """ AND topic <> ALL(:relayed_topics){chosen}"""
+
+
+def _sent_on_with_the_rows_behind(to_send_on) -> dict:
+    """The parameters by which _REDIRECT_UNLESS_OF_OTHER_TYPES takes the parked rows
+    `to_send_on` (id, key) and finds the rows waiting behind them: their ids, their keys, and the
+    first of their ids. Given as constants, as _waiting_behind gives them, for the reason it says:
+    the rows behind matched to the parked ones in a join, a nested loop as the planner estimates
+    the parked rows at one, every later row was walked for each parked row, twice (to check its
+    type, then to move it); 1,000 parked with 999,000 rows behind them ran past the statement
+    timeout, nothing sent on."""
+    return {"ids": [row.id for row in to_send_on],
+            "their_keys": sorted({row.key for row in to_send_on if row.key is not None}),
+            "first_id": min(row.id for row in to_send_on)}
 
 
 def why_not_sent_on(session: Session, message_ids: list[uuid.UUID],
@@ -238,7 +262,15 @@ def _relay_woken_for(session: Session, changed: list[_Changed]) -> list[_Changed
 # One statement, so one snapshot: the rows it moves are the rows whose types it checked (a row
 # committed after it began is neither checked nor moved; one the snapshot saw and another
 # transaction changed since is moved only if it still meets the conditions it was checked under).
-# The two updates never meet on a row: the rows behind are not parked, the chosen rows are.
+# The two updates never meet on a row: the rows behind are not parked, the chosen rows are. The
+# chosen rows are those read just before (_TO_SEND_ON), by id, that are still parked as it runs
+# (one parked between the two is left parked, as one parked after it is).
+#
+# The rows behind are read in one walk of the rows after the first chosen one, whatever their
+# number (no join of them to the chosen rows, which the planner may make a nested loop of: see
+# _sent_on_with_the_rows_behind): the rows of the chosen rows' keys, given as constants, which
+# PostgreSQL looks a row's key up in by hashing, told behind a chosen row or not by a window over
+# them and the chosen rows, by topic and key, in the order written. Each is then moved by its id.
 #
 # Its result: a row per parked row handed back (message_id; stray_type NULL), or else a row per
 # type that does not go to the topic (stray_type; message_id NULL); never both kinds, as both
@@ -247,23 +279,32 @@ _REDIRECT_UNLESS_OF_OTHER_TYPES = """
 -- The parked rows to send on, locked until the transaction ends.
 WITH chosen AS (
     SELECT id, topic, key, type FROM outbox_messages
-    WHERE """ + PARKED_ROWS + """ AND topic <> ALL(:relayed_topics){chosen}
+    WHERE """ + PARKED_ROWS + """ AND topic <> ALL(:relayed_topics)
+          AND id = ANY(CAST(:ids AS bigint[])){chosen}
     FOR UPDATE),
--- The types that do not go to the topic, of the chosen rows and of the rows waiting behind them
--- (their topic and key, a later id, not parked).
+-- The rows waiting behind them: their topic and key, a later id, not parked.
+behind AS (
+    SELECT id, topic, type FROM (
+        SELECT id, topic, type, is_chosen,
+               bool_or(is_chosen) OVER (PARTITION BY topic, key ORDER BY id) AS after_a_chosen
+        FROM (SELECT id, topic, key, type, true AS is_chosen FROM chosen
+              UNION ALL
+              SELECT id, topic, key, type, false FROM outbox_messages
+              WHERE id > :first_id AND parked_at IS NULL AND key = ANY(:their_keys)
+             ) AS of_their_keys
+    ) AS placed WHERE after_a_chosen AND NOT is_chosen),
+-- The types that do not go to the topic, of the chosen rows and of the rows waiting behind them.
 of_other_types AS (
     SELECT DISTINCT type FROM (
         SELECT type FROM chosen
         UNION ALL
-        SELECT later.type FROM outbox_messages AS later JOIN chosen
-            ON later.topic = chosen.topic AND later.key = chosen.key AND later.id > chosen.id
-               AND later.parked_at IS NULL) AS sent_on
+        SELECT type FROM behind) AS sent_on
     WHERE type <> ALL(:event_types)),
 -- The rows waiting behind, moved to the topic, only if no row is of another type.
-behind AS (
-    UPDATE outbox_messages AS later SET topic = :topic FROM chosen
-    WHERE later.topic = chosen.topic AND later.key = chosen.key AND later.id > chosen.id
-          AND later.parked_at IS NULL AND NOT EXISTS (SELECT FROM of_other_types)),
+moved_behind AS (
+    UPDATE outbox_messages AS later SET topic = :topic FROM behind
+    WHERE later.id = behind.id AND later.topic = behind.topic AND later.parked_at IS NULL
+          AND NOT EXISTS (SELECT FROM of_other_types)),
 -- The chosen rows, moved to the topic and handed back to the relay, on the same condition.
 redirected AS (
     UPDATE outbox_messages AS parked SET topic = :topic, parked_at = NULL FROM chosen

@@ -888,9 +888,10 @@ def test_a_row_of_the_old_topic_committed_as_rows_are_sent_on_is_never_moved_unc
         in_orders, settings, user_id, capsys, committed):
     """`replay --to-topic` checks the types of the rows it sends on and moves them as one: a row
     of the old topic and of a type that does not go to TOPIC, committed by another transaction
-    right after the command's first statement (parked by a relay, under --all; or written behind
-    a named row by a process of the release before), is left where it is, not sent on unchecked
-    (as a check and then a move, two statements, the move took it)."""
+    right after the command's statement that checks and moves them began (parked by a relay,
+    under --all; or written behind a named row by a process of the release before), is left
+    where it is, not sent on unchecked (as a check and then a move, two statements, the move took
+    it)."""
     from tasks import parked
 
     old_topic, first, behind, keyless = _parked_rows_for_their_topic(settings, user_id)
@@ -1008,6 +1009,89 @@ def test_a_redirect_refused_for_a_type_moves_no_row_even_within_its_own_transact
                 to, settings.relayed_topics(), published_events(settings)[to])
         assert refused.value.event_types == [ORDER_STATUS_CHANGED]
         assert _outbox_rows_as_read(setup.orders) == setup.before  # in the same transaction
+
+
+@contextmanager
+def _parked_one_a_key_with_rows_behind(settings, parked_count: int,
+                                       behind_each: int) -> Iterator[tuple[str, list[str]]]:
+    """`parked_count` rows parked for a topic that is not the shop's, each of a key of its own,
+    with `behind_each` rows of its key waiting behind it; yields their topic and keys, and
+    deletes every row of those keys after."""
+    topic, keys = _renamed_away(settings), [uuid.uuid4().hex for _ in range(parked_count)]
+    insert = ("INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
+              " parked_at) SELECT gen_random_uuid(), :topic, key, 'PaymentRequested', '{}',"
+              " :attempts, CASE WHEN :attempts > 0 THEN now() END FROM unnest(CAST(:keys AS"
+              " text[])) AS key")
+    try:
+        with transaction() as session:
+            session.execute(text(insert), {"topic": topic, "keys": keys, "attempts": 1})
+            for _ in range(behind_each):
+                session.execute(text(insert), {"topic": topic, "keys": keys, "attempts": 0})
+        with transaction() as session:
+            # The statistics autovacuum would take: with them, the planner estimates the parked
+            # rows chosen at one (without any, on a table new to it, it may guess otherwise).
+            session.execute(text("ANALYZE outbox_messages"))
+        yield topic, keys
+    finally:
+        with transaction() as session:
+            session.execute(delete(OutboxMessage).where(OutboxMessage.key.in_(keys)))
+
+
+def test_sending_parked_rows_on_walks_the_rows_behind_them_once_not_once_a_parked_row(
+        in_orders, settings):
+    """`replay --all --to-topic` finds the rows waiting behind the parked rows it sends on in one
+    walk: matched to each parked row in a join the planner made a nested loop of (it estimates
+    the parked rows at one), they were read once a parked row, both to check their types and to
+    move them, and 1,000 parked with 999,000 behind ran past the statement timeout, nothing sent
+    on. Measured by the rows its transaction read (pg_stat_xact_user_tables), not by a clock."""
+    parked_count, behind_each = 40, 50
+    to = settings.topic_payment_requested
+    with _parked_one_a_key_with_rows_behind(settings, parked_count, behind_each) as (topic, keys):
+        with transaction() as session:
+            in_the_table = session.scalar(text("SELECT count(*) FROM outbox_messages"))
+        with transaction() as session:
+            read_before = _outbox_rows_read(session)
+            sent_on = redirect_parked_outbox_messages(
+                session, None, to, settings.relayed_topics(), published_events(settings)[to],
+                from_topic=topic)
+            read = _outbox_rows_read(session) - read_before
+        assert len(sent_on) == parked_count
+        with transaction() as session:
+            assert session.execute(text(
+                "SELECT topic, count(*), count(parked_at) FROM outbox_messages"
+                " WHERE key = ANY(:keys) GROUP BY topic"), {"keys": keys}).all() == [
+                (to, parked_count * (1 + behind_each), 0)]
+        # The parked rows read, the rows behind them walked once, each then moved by its id:
+        # about twice the table. Matched a parked row at a time, they were read 80 times over.
+        assert read <= 5 * in_the_table, (read, in_the_table)
+
+
+def test_sending_on_that_runs_too_long_says_to_name_fewer_rows(in_orders, settings, capsys):
+    """Its rows, and every row behind them, go in one statement: one that runs past
+    statement_timeout (here 1 ms, set for it alone) changes nothing, and the command says to name
+    fewer rows at a time, exit 1."""
+    from tasks import parked
+
+    def with_a_short_timeout(connection, cursor, statement, parameters, context, executemany):
+        if "WITH chosen AS" in statement:
+            cursor.execute("SET LOCAL statement_timeout = '1ms'")
+
+    to = settings.topic_payment_requested
+    with _parked_one_a_key_with_rows_behind(settings, 40, 50) as (topic, keys):
+        event.listen(Engine, "before_cursor_execute", with_a_short_timeout)
+        try:
+            assert parked.main(["replay", "orders", "--outbox", "--all", "--to-topic", to]) == 1
+        finally:
+            event.remove(Engine, "before_cursor_execute", with_a_short_timeout)
+        assert capsys.readouterr().err == (
+            "orders outbox: nothing handed back to be sent: a statement ran too long"
+            " (QueryCanceled: canceling statement due to statement timeout); name fewer rows to"
+            " send on at a time (list orders --outbox shows them, with how many rows wait behind"
+            " each): each goes with the rows behind it, all in one statement\n")
+        with transaction() as session:
+            assert session.execute(text(
+                "SELECT topic, count(parked_at) FROM outbox_messages WHERE key = ANY(:keys)"
+                " GROUP BY topic"), {"keys": keys}).all() == [(topic, 40)]
 
 
 def test_a_row_committed_behind_a_parked_row_while_the_command_waits_for_its_lock_stays_put(
