@@ -83,6 +83,7 @@ if __name__ == "__main__":
     quiet_while_loading()
 
 import argparse
+import contextlib
 import functools
 import os
 import signal
@@ -91,7 +92,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
 import psycopg2
 from sqlalchemy.exc import SQLAlchemyError
@@ -288,9 +289,63 @@ def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
     yield changed
 
 
-# What `list` exits with when its reader goes before it is done, as a command ended by SIGPIPE
-# does in a shell (Python ignores the signal, and raises BrokenPipeError instead).
+# What the command exits with when a reader of its output goes before it is done (`| head -1`),
+# its work done, as a command ended by SIGPIPE does in a shell (Python ignores the signal, and
+# raises BrokenPipeError instead).
 SIGPIPE_EXIT = 128 + signal.SIGPIPE
+
+
+class _StreamWhoseReaderMayGo:
+    """sys.stdout or sys.stderr as the command writes to it: should its reader go before the
+    command is done (`| head -1`, on either, or both with `2>&1`), what it writes goes nowhere
+    from then on, and the command goes on with its work. A reader gone is an end of its output,
+    not of its work: a discard or a replay stopped at the line that met it, between two batches,
+    left the rest parked and said nothing of it. Nowhere is /dev/null, under the stream's own file
+    descriptor, so that nothing written to it after fails again: Python's own flush of the stream
+    as the process ends included (a BrokenPipeError there is one the command cannot catch: exit
+    120, said)."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_nowhere()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_nowhere()
+
+    def _to_nowhere(self) -> None:
+        self.reader_gone = True
+        nowhere = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(nowhere, self._stream.fileno())
+        os.close(nowhere)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _readers_may_go() -> Iterator[list[_StreamWhoseReaderMayGo]]:
+    """Within the block, sys.stdout and sys.stderr are written as _StreamWhoseReaderMayGo
+    writes them, and flushed as it ends (what they hold written while a reader gone can still be
+    taken so); yields the two."""
+    streams = [_StreamWhoseReaderMayGo(sys.stdout), _StreamWhoseReaderMayGo(sys.stderr)]
+    sys.stdout, sys.stderr = streams
+    try:
+        yield streams
+        for stream in streams:
+            stream.flush()
+    finally:
+        sys.stdout, sys.stderr = (stream._stream for stream in streams)
+
 
 # The most rows `list` shows at once (a limit past PostgreSQL's bigint would end in a traceback).
 MAX_LISTED = 10_000
@@ -345,6 +400,15 @@ _OUTCOMES = {("replay", False): "handed back to be handled",
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command `argv` (the process's arguments unless given); returns its exit code, or
+    SIGPIPE_EXIT when it did all it was to do but a reader of its output went before it was done
+    (output that then went nowhere: _StreamWhoseReaderMayGo)."""
+    with _readers_may_go() as streams:
+        exit_code = _run(argv)
+    return SIGPIPE_EXIT if exit_code == 0 and any(s.reader_gone for s in streams) else exit_code
+
+
+def _run(argv: list[str] | None) -> int:
     parser, command_parsers = _parser()
     argv = sys.argv[1:] if argv is None else argv
     # --outbox may come anywhere, and --all and --to-topic TOPIC too: argparse, given `replay
@@ -362,18 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         try:
             list_parked(args.service, args.limit, args.outbox)
-            # Its last lines, still in the buffer, written here: at the interpreter's exit, a
-            # reader gone by then is a BrokenPipeError this cannot catch (exit 120, said).
-            sys.stdout.flush()
         except _DATABASE_FAILURES as exc:
             print(f"{args.service} {box}: nothing listed: {failure_in_a_line(exc)}",
                   file=sys.stderr)
             return 1
-        except BrokenPipeError:
-            # Its reader gone (`| head`): an end, not a traceback. The output goes nowhere from
-            # here, so that Python's own flush of it as it exits does not fail again.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return SIGPIPE_EXIT
         return 0
     to_topic, from_topic = getattr(args, "to_topic", None), None
     if to_topic is not None:

@@ -2051,3 +2051,66 @@ def test_the_operators_command_says_in_a_line_that_the_database_could_not_be_rea
     assert said[0].startswith({"list": "payments inbox: nothing listed: ",
                                "replay": "payments inbox: nothing handed back to be handled: ",
                                "discard": "payments inbox: nothing discarded: "}[argv[0]])
+
+
+# The operator's command run as an operator runs it, in a process of its own, its
+# CHANGED_PER_TRANSACTION made small, so that a few messages make several batches.
+_COMMAND_IN_SMALL_BATCHES = """
+import sys
+from shared.quiet_interrupt import run_main
+from tasks import parked
+parked.CHANGED_PER_TRANSACTION = 5
+run_main(lambda: parked.main(sys.argv[1:]))
+"""
+
+
+def _run_with_its_reader_gone(argv: list[str], also_stderr: bool) -> tuple[int, str]:
+    """Run tasks.parked with `argv`, its stdout (and its stderr too, when `also_stderr`: `2>&1`) a
+    pipe whose reader has gone before it writes (`| head -0`, or a reader gone after its first
+    line); returns its exit code and what it said on a stderr of its own (none when
+    `also_stderr`)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader, gone
+    try:
+        ran = subprocess.run([sys.executable, "-c", _COMMAND_IN_SMALL_BATCHES, *argv],
+                             cwd=REPO_ROOT, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)},
+                             stdout=write_end, stderr=write_end if also_stderr else subprocess.PIPE,
+                             text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    return ran.returncode, ran.stderr or ""
+
+
+def test_discard_all_whose_reader_goes_discards_every_batch_and_ends_as_by_sigpipe(
+        settings, payments_inbox, user_id):
+    """`discard payments --all 2>&1 | head -1`: the reader gone after the first WARNING line, the
+    next one ended the command part way, a batch discarded and the rest left parked, exit 1 and
+    nothing said. It goes on with its output going nowhere, discards every batch, and exits as
+    `list` does when its reader goes, as a command ended by SIGPIPE (141)."""
+    from tasks import parked
+
+    requests = [_stored_request(payments_inbox, user_id) for _ in range(12)]
+    _parked_first(requests)  # three batches of 5, each warned of as it commits
+    returncode, said = _run_with_its_reader_gone(["discard", "payments", "--all"],
+                                                 also_stderr=True)
+    assert (returncode, said) == (parked.SIGPIPE_EXIT, "")
+    assert [_row(message_id).processed_at is not None for message_id in requests] == [True] * 12
+    assert [_row(message_id).parked_at for message_id in requests] == [None] * 12
+
+
+def test_replay_all_whose_reader_goes_replays_every_batch_and_ends_as_by_sigpipe(
+        settings, payments_inbox, payments_queue, user_id):
+    """`replay payments --all | head -0`: its count, the one line on stdout, met a reader gone
+    once every batch was replayed, and the command ended in a traceback, exit 1, as though it
+    had failed part way. It ends as `list` does when its reader goes (141), nothing said on its
+    stderr, every batch replayed and dispatched."""
+    from tasks import parked
+
+    requests = [_stored_request(payments_inbox, user_id) for _ in range(12)]
+    _parked_first(requests)
+    returncode, said = _run_with_its_reader_gone(["replay", "payments", "--all"],
+                                                 also_stderr=False)
+    assert (returncode, said) == (parked.SIGPIPE_EXIT, "")
+    assert [_row(message_id).parked_at for message_id in requests] == [None] * 12
+    dispatched = set().union(*_dispatched_batches())
+    assert dispatched >= set(map(str, requests))
