@@ -532,14 +532,56 @@ _OWN_TABLES = {"orders": "orders", "payments": "accounts", "gateway": "users"}
 
 
 def _refuse_another_services_database(service: str, conn: sa.Connection) -> None:
+    if _another_services_database(service, conn):
+        raise NotTheServicesDatabase(
+            f"the database named for {service} ({conn.engine.url.database}) has been migrated but"
+            f" has no {_OWN_TABLES[service]} table: it is another service's; nothing was changed")
+
+
+def _another_services_database(service: str, conn: sa.Connection) -> bool:
+    """Whether the database is another service's: migrated, without the service's own table."""
     migrated = bool(MigrationContext.configure(conn).get_current_heads())
     own = conn.scalar(sa.text("SELECT to_regclass(:own) IS NOT NULL"),
                       {"own": _OWN_TABLES[service]})
     conn.commit()  # (no transaction left open: each revision runs in one of its own)
-    if migrated and not own:
-        raise NotTheServicesDatabase(
-            f"the database named for {service} ({conn.engine.url.database}) has been migrated but"
-            f" has no {_OWN_TABLES[service]} table: it is another service's; nothing was changed")
+    return migrated and not own
+
+
+def why_not_ready_for_this_release(service: str, conn: sa.Connection) -> str | None:
+    """Why this release's code may not work on the database as the service's (None when it may),
+    in a few words with what to do, for a command that reads and changes it outside the service
+    (tasks.parked): another service's (by _OWN_TABLES, as `upgrade` tells it); or one at a revision
+    before this release's head, none at all say, whose schema may lack what the code reads or
+    writes (a column: the command failed on UndefinedColumn, with no word of migrating). A later
+    release's revision is one it may work on (each release's revisions leave a schema the release
+    before runs on); one that is no release's is refused as `upgrade` refuses it."""
+    # (Without alembic's `Context impl PostgresqlImpl.` and `Will assume transactional DDL.`, as
+    # the migrating command shows its lines.)
+    alembic_lines, shown_as_migrating = (logging.getLogger("alembic.runtime.migration"),
+                                         _EachRevisionInALine())
+    alembic_lines.addFilter(shown_as_migrating)
+    try:
+        return _why_not_ready(service, conn)
+    finally:
+        alembic_lines.removeFilter(shown_as_migrating)
+
+
+def _why_not_ready(service: str, conn: sa.Connection) -> str | None:
+    if _another_services_database(service, conn):
+        return (f"the database named for {service} ({conn.engine.url.database}) is not the"
+                f" {service} database: it has been migrated but has no {_OWN_TABLES[service]}"
+                f" table (another service's)")
+    script = ScriptDirectory.from_config(alembic_config(service, url=""))  # (its revisions alone)
+    current = _current_revisions(conn)
+    head = script.get_current_head()
+    try:
+        if current == (head,) or _a_later_releases(service, script, current):
+            return None
+    except UnknownRevision as exc:
+        return str(exc)
+    return (f"the {service} database is at revision {_revisions_or_base(current)}, before this"
+            f" release's head {head}: migrate first (python -m shared.migrations upgrade"
+            f" {service})")
 
 
 def _a_later_releases(service: str, script: ScriptDirectory,

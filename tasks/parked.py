@@ -100,9 +100,10 @@ from sqlalchemy.orm import Session
 
 from shared.config import SERVICES, settings_or_exit
 from shared.contracts import PAYMENT_FAILED, PAYMENT_REQUESTED, PAYMENT_SUCCEEDED
-from shared.db import database_now, failure_in_a_line, ran_too_long, transaction
+from shared.db import db, database_now, failure_in_a_line, ran_too_long, transaction
 from shared.inbox.parked import (discard_parked_messages, last_parked, never_parsed_parked,
                                  parked_batch, parked_messages, unpark_messages)
+from shared.migrations import why_not_ready_for_this_release
 from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
                                   last_parked_outbox_row, parked_outbox_batch,
                                   parked_outbox_messages, parked_topics_not_relayed,
@@ -116,8 +117,28 @@ from tasks.inbox import dispatch_handed_over, unmark_for_the_next_sweep
 from tasks.services import service_app, service_package
 
 
+class DatabaseNotReady(Exception):
+    """The database named for the service is not one this release's command may work on as the
+    service's: another service's, or not migrated to this release (its message says which, and
+    what to do); nothing was done."""
+
+
+@contextlib.contextmanager
+def _in_the_services_database(service: str) -> Iterator[None]:
+    """The service's app context, once its database is known to be the service's, migrated for
+    this release: else DatabaseNotReady, before any statement of the command's runs on it (on a
+    database at an older revision, `list` failed on UndefinedColumn with no word of migrating, and
+    replay and discard ran)."""
+    with service_app(service).app_context():
+        with db.engine.connect() as connection:
+            why = why_not_ready_for_this_release(service, connection)
+        if why is not None:
+            raise DatabaseNotReady(why)
+        yield
+
+
 def list_parked(service: str, limit: int, outbox: bool = False) -> None:
-    with service_app(service).app_context(), transaction() as session:
+    with _in_the_services_database(service), transaction() as session:
         lines = (_parked_outbox_lines if outbox else _parked_inbox_lines)(session, limit)
     # Printed once the transaction has ended: piped to a pager, the output may wait on its reader
     # for minutes, and PostgreSQL ends a transaction left idle for one (shared.db.SESSION_LIMITS).
@@ -195,7 +216,7 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
             never_parsed_left.count += never_parsed_parked(session, message_ids)
         return replayed
 
-    with app.app_context():
+    with _in_the_services_database(service):
         queues_reachable = True
         # (A replayed message may be parked again at once, and come back under --all. Sent on
         # --to-topic, the rows are checked in one statement, so in one transaction.)
@@ -240,7 +261,7 @@ def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fa
     to `payments_left`, when given, as the transaction that discarded them commits (each with its
     message_id, type and order_id, None when its payload holds none), as the statement that
     discarded them returned them: a message parked as it ran, and discarded, is among them."""
-    with service_app(service).app_context():
+    with _in_the_services_database(service):
         # (A discarded message is processed, a discarded row deleted: neither is parked again.)
         for discarded in _changed(discard_parked_messages, discard_parked_outbox_messages,
                                   message_ids, outbox, may_come_back=False):
@@ -427,7 +448,7 @@ def _run(argv: list[str] | None) -> int:
         try:
             list_parked(args.service, args.limit, args.outbox)
         except _DATABASE_FAILURES as exc:
-            print(f"{args.service} {box}: nothing listed: {failure_in_a_line(exc)}",
+            print(f"{args.service} {box}: nothing listed: {_failure_in_a_line(exc)}",
                   file=sys.stderr)
             return 1
         return 0
@@ -438,7 +459,7 @@ def _run(argv: list[str] | None) -> int:
                                                          args.all)
         except _DATABASE_FAILURES as exc:
             print(f"{args.service} {box}: nothing {_OUTCOMES[args.command, args.outbox]}:"
-                  f" {failure_in_a_line(exc)}", file=sys.stderr)
+                  f" {_failure_in_a_line(exc)}", file=sys.stderr)
             return 1
         if refused:
             command_parsers[args.command].error(refused)
@@ -468,7 +489,7 @@ def _run(argv: list[str] | None) -> int:
         so_far = (f"{args.service} {box}: nothing {_OUTCOMES[args.command, args.outbox]}"
                   if count == 0 else
                   f"{outcome.format(count)} before the database failed; run it again for the rest")
-        print(f"{so_far}: {failure_in_a_line(exc)}"
+        print(f"{so_far}: {_failure_in_a_line(exc)}"
               + (_fewer_to_send_on(args.service) if to_topic is not None and ran_too_long(exc)
                  else ""), file=sys.stderr)
         return 1
@@ -562,7 +583,7 @@ def _topic_to_send_on_from(service: str, to_topic: str, outbox: bool,
                 f" {', '.join(written) or 'it writes to none'}"), None
     if not every_one:
         return None, None
-    with service_app(service).app_context(), transaction() as session:
+    with _in_the_services_database(service), transaction() as session:
         parked_topics = parked_topics_not_relayed(session, relayed_topics)
     if len(parked_topics) > 1:
         return (f"parked rows name {len(parked_topics)} topics that are not the shop's"
@@ -574,8 +595,14 @@ def _topic_to_send_on_from(service: str, to_topic: str, outbox: bool,
 
 
 # What the database may answer an operator's command with: unreachable, a parked row locked by
-# another session past SESSION_LIMITS' lock_timeout, a statement past its statement_timeout.
-_DATABASE_FAILURES = (SQLAlchemyError, psycopg2.Error)
+# another session past SESSION_LIMITS' lock_timeout, a statement past its statement_timeout; or
+# it is not the service's, migrated for this release (DatabaseNotReady).
+_DATABASE_FAILURES = (SQLAlchemyError, psycopg2.Error, DatabaseNotReady)
+
+
+def _failure_in_a_line(exc: BaseException) -> str:
+    """What a failure of _DATABASE_FAILURES means, in a line (shared.db.failure_in_a_line)."""
+    return str(exc) if isinstance(exc, DatabaseNotReady) else failure_in_a_line(exc)
 
 
 if __name__ == "__main__":

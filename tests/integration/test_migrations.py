@@ -1685,3 +1685,73 @@ def test_databases_made_for_the_shop_are_migrated_though_its_user_may_not_enter_
     finally:
         if server is not None:
             server.stop()
+
+
+def _parked_command(url: str, *arguments: str) -> subprocess.CompletedProcess:
+    """`python -m tasks.parked <arguments>` on payments, its database the one at `url`."""
+    env = {**os.environ, "PAYMENTS_DATABASE_URL": url.replace("+psycopg2", "")}
+    return subprocess.run([sys.executable, "-m", "tasks.parked", *arguments, "payments"],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+PARKED_COMMANDS = [("list",), ("list", "--outbox"), ("replay", "--all"), ("discard", "--all"),
+                   ("discard", "--outbox", "--all")]
+
+
+@pytest.mark.parametrize("arguments", PARKED_COMMANDS)
+def test_the_parked_command_on_a_database_not_migrated_for_this_release_says_migrate_first(
+        settings, infrastructure, arguments):
+    """tasks.parked on a database at an older revision (payments' 0010, before the parked rows'
+    indexes and columns of this release): `list` failed on UndefinedColumn with no word of
+    migrating, and replay and discard ran. Now each says in a line to migrate first, exit 1,
+    its parked row left parked."""
+    url = _database_url(infrastructure, f"parked-at-0010-{uuid.uuid4().hex[:6]}", "payments")
+    ensure_database(url)
+    command.upgrade(alembic_config("payments", url), "0010")
+    _park_an_outbox_row(url)
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        _inbox_row(cursor)
+        cursor.execute("UPDATE inbox_messages SET parked_at = now(), attempts = 5")
+    connection.close()
+    ran = _parked_command(url, *arguments)
+    assert (ran.returncode, ran.stdout) == (1, ""), ran.stderr
+    (line,) = ran.stderr.splitlines()
+    head = ScriptDirectory.from_config(alembic_config("payments", url)).get_current_head()
+    assert line.endswith(f": the payments database is at revision 0010, before this release's"
+                         f" head {head}: migrate first (python -m shared.migrations upgrade"
+                         f" payments)"), line
+    assert _scalar(url, "SELECT count(*) FROM inbox_messages WHERE parked_at IS NOT NULL") == 1
+    assert _scalar(url, "SELECT count(*) FROM outbox_messages WHERE parked_at IS NOT NULL") == 1
+
+
+@pytest.mark.parametrize("arguments", PARKED_COMMANDS)
+def test_the_parked_command_on_another_services_database_says_it_is_not_the_services(
+        settings, infrastructure, arguments):
+    """tasks.parked payments pointed at the orders database (migrated, no accounts table): it
+    says in a line that it is not the payments database, exit 1, nothing changed."""
+    url = _database_url(infrastructure, f"orders-as-payments-{uuid.uuid4().hex[:6]}", "orders")
+    ensure_database(url)
+    command.upgrade(alembic_config("orders", url), "head")
+    _park_an_outbox_row(url)
+    ran = _parked_command(url, *arguments)
+    assert (ran.returncode, ran.stdout) == (1, ""), ran.stderr
+    (line,) = ran.stderr.splitlines()
+    assert line.endswith(f": the database named for payments ({url.rsplit('/', 1)[1]}) is not"
+                         " the payments database: it has been migrated but has no accounts table"
+                         " (another service's)"), line
+    assert _scalar(url, "SELECT count(*) FROM outbox_messages WHERE parked_at IS NOT NULL") == 1
+
+
+def test_the_parked_command_works_on_a_database_a_later_release_migrated(settings,
+                                                                        infrastructure):
+    """A later release's revision leaves a schema this release runs on (rolled back, say): the
+    command lists, replays and discards there as at its own head."""
+    url = _database_url(infrastructure, f"parked-later-{uuid.uuid4().hex[:6]}", "payments")
+    _migrated_by_a_later_release("payments", url)
+    _park_an_outbox_row(url)
+    listed = _parked_command(url, "list", "--outbox")
+    assert listed.returncode == 0, listed.stderr
+    assert "6f1c1a8e-5b1e-4c39-9d0e-0d3a0f6b2a11  PaymentRequested" in listed.stdout
+    discarded = _parked_command(url, "discard", "--outbox", "--all")
+    assert discarded.returncode == 0, discarded.stderr
+    assert _scalar(url, "SELECT count(*) FROM outbox_messages") == 0

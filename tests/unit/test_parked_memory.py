@@ -59,6 +59,8 @@ def test_all_parked_keeps_little_a_message(monkeypatch, capsys, command, outbox,
 
     monkeypatch.setattr(parked, "service_app",
                         lambda service: type("App", (), {"app_context": contextlib.nullcontext}))
+    monkeypatch.setattr(parked, "_in_the_services_database",
+                        lambda service: contextlib.nullcontext())
     monkeypatch.setattr(parked_batches, "transaction", contextlib.nullcontext)
     monkeypatch.setattr(parked, "database_now", lambda session: now)  # (the replay's mark)
     monkeypatch.setattr(parked, "last_parked_outbox_row" if outbox else "last_parked",
