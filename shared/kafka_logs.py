@@ -7,7 +7,9 @@ anew. Each client built from shared.kafka's settings hands its lines to a Client
 for the next of those). A line saying that a broker cannot be connected to is an outage, said
 once for all the clients of the process (a producer replaced at every batch says nothing anew):
 once as it begins, once a minute while it lasts and once as it ends (shared.outage_log), a probe
-of the broker's own (a request it must answer) telling that it is away and that it is back.
+of the broker's own (a request it must answer) telling that it is away and that it is back. Such a
+line of a broker the probe finds answering (a broker that has stalled, its connections accepted)
+is said as librdkafka said it, once a minute with a count.
 Every other line (an authentication or TLS failure, a configuration warning, a consumer group's
 session timing out) goes to the logger `shared.kafka.librdkafka` at its own level, as librdkafka
 said it. The probe speaks Kafka in plain text, as the shop's clients do: clients given TLS or SASL
@@ -21,12 +23,14 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 from shared.outage_log import OutageLog, OutageWords
 
 log = logging.getLogger("shared.kafka.librdkafka")
 
-# While a broker is away, its probe asks it again this often (and gives each ask this long).
+# While a broker is away, its probe asks it again this often (and gives each ask this long); one
+# that answered is not asked again sooner.
 PROBE_EVERY_SECONDS = 2.0
 PROBE_TIMEOUT_SECONDS = 2.0
 
@@ -35,6 +39,11 @@ BROKER_AWAY_WORDS = OutageWords(
     still="Kafka clients still cannot connect to broker %(what)s after %(seconds).0f s"
           " (%(tries)d failed tries): %(said)s",
     over="Kafka clients reach broker %(what)s again after %(seconds).0f s")
+# A client's lines of a broker that answers the probe, at their own level.
+BROKER_ANSWERING_WORDS = OutageWords(
+    begun="%(said)s (broker %(what)s answers a probe; such lines said once a minute)",
+    still="%(said)s (broker %(what)s answering: %(tries)d such lines in %(seconds).0f s)",
+    over="")  # (never said: nothing tells a client's trouble over; one after 30 s begins anew)
 
 # librdkafka's line begins with its thread's name ("[thrd:127.0.0.1:9092/bootstrap]: "), then the
 # broker's ("127.0.0.1:9092/1: ", "GroupCoordinator: 127.0.0.1:9092: ").
@@ -74,10 +83,12 @@ _CLIENT_ID = b"hseshop-probe"
 class ClientLog:
     """A Kafka client's `logger` (confluent-kafka calls log(level, "%s [%s] %s", facility, client,
     line)): see the module's docstring. One serves any number of clients of `bootstrap_servers`
-    (a line that names no broker is taken for the first of them)."""
+    (a line that names no broker is taken for the first of them). A broker's outage is timed by
+    `clock` of the first ClientLog to name it."""
 
-    def __init__(self, bootstrap_servers: str):
+    def __init__(self, bootstrap_servers: str, clock: Callable[[], float] = time.monotonic):
         self._first_broker = bootstrap_servers.split(",")[0].strip()
+        self._clock = clock
 
     def log(self, level: int, template: str, *args) -> None:
         if len(args) != 3:  # (not confluent-kafka's call)
@@ -91,27 +102,42 @@ class ClientLog:
             log.debug("%s [%s] %s", facility, client, said)
         else:
             broker = _BROKER.match(said)
-            _away(broker["address"] if broker else self._first_broker).failed(said)
+            address = broker["address"] if broker else self._first_broker
+            _away(address, self._clock).failed(said, level, f"{facility} [{client}] {said}")
 
 
 class _BrokerAway:
     """One broker's outage, as this process's clients see it. A client's failed try starts a probe
-    of the broker, unless one runs, which asks it every PROBE_EVERY_SECONDS until it answers: the
-    outage begins only once the probe too finds the broker away (a line served late, from before
-    the broker came back, begins none), lasts while it does (a try each round: the clients' own
-    tries are not counted, only their latest line kept to say why), and ends as it answers."""
+    of the broker, unless one runs or the broker answered one in the last PROBE_EVERY_SECONDS,
+    which asks it every PROBE_EVERY_SECONDS until it answers: the outage begins only once the probe
+    too finds the broker away (a line served late, from before the broker came back, begins none),
+    lasts while it does (a try each round: the clients' own tries are not counted, only their
+    latest line kept to say why), and ends as it answers. The lines of a broker that answers
+    are the clients' own trouble, said as they are, once a minute."""
 
-    def __init__(self, address: str):
-        self._address = address
-        self._outage = OutageLog(log, address, BROKER_AWAY_WORDS)
+    def __init__(self, address: str, clock: Callable[[], float]):
+        self._address, self._clock = address, clock
+        self._outage = OutageLog(log, address, BROKER_AWAY_WORDS, clock=clock)
+        self._answering = OutageLog(log, address, BROKER_ANSWERING_WORDS, clock=clock)
         self._lock = threading.Lock()
         self._probing = False
         self._begun = False  # whether the probe confirmed the outage
         self._last_said = ""  # the latest failed try's line
+        self._answered_at = float("-inf")
+        self._answer_ended_outage = False
+        self._unsaid: list[tuple[int, str]] = []  # lines (level, line) awaiting the probe's answer
 
-    def failed(self, said: str) -> None:
+    def failed(self, said: str, level: int, line: str) -> None:
         with self._lock:
+            now = self._clock()
             self._last_said = said
+            if not self._probing and now - self._answered_at < PROBE_EVERY_SECONDS:
+                if self._answer_ended_outage:  # (a line served late, of the outage just over)
+                    log.debug("%s", line)
+                else:
+                    self._answering.failed(line, level)
+                return
+            self._unsaid.append((level, line))
             if not self._probing:
                 self._probing = True
                 threading.Thread(target=self._probe, name=f"kafka-probe {self._address}",
@@ -121,22 +147,31 @@ class _BrokerAway:
         while True:
             why = why_unanswered(self._address, PROBE_TIMEOUT_SECONDS)
             with self._lock:
+                now = self._clock()
+                unsaid, self._unsaid = self._unsaid, []
                 if why is None:
-                    if self._begun:
-                        self._outage.back()
-                    self._begun = self._probing = False
+                    self._answered(now, unsaid)
                     return
                 self._begun = True
                 self._outage.failed(self._last_said)
             time.sleep(PROBE_EVERY_SECONDS)
+
+    def _answered(self, now: float, unsaid: list[tuple[int, str]]) -> None:
+        if self._begun:
+            self._outage.back()
+        else:  # (the clients' lines: the broker answers)
+            for level, line in unsaid:
+                self._answering.failed(line, level)
+        self._answer_ended_outage, self._answered_at = self._begun, now
+        self._begun = self._probing = False
 
 
 _brokers_away: dict[str, _BrokerAway] = {}
 _brokers_away_lock = threading.Lock()
 
 
-def _away(address: str) -> _BrokerAway:
+def _away(address: str, clock: Callable[[], float]) -> _BrokerAway:
     with _brokers_away_lock:
         if address not in _brokers_away:
-            _brokers_away[address] = _BrokerAway(address)
+            _brokers_away[address] = _BrokerAway(address, clock)
         return _brokers_away[address]

@@ -25,8 +25,8 @@ class OutageWords:
     line; for `over`, what the caller says of the try that worked, if anything), `seconds` (since
     the outage began) and `tries` (failed, so far)."""
 
-    begun: str  # a WARNING
-    still: str  # a WARNING, once a reminder's interval on
+    begun: str  # a WARNING (or at the level `failed` is given)
+    still: str  # as `begun`, once a reminder's interval on
     over: str  # at INFO
 
 
@@ -46,8 +46,8 @@ class OutageLog:
         self._said_at = self._last_lost_at = 0.0
         self._failed_tries = 0
 
-    def failed(self, said: str) -> None:
-        """A try failed for the outage; `said`: how, in a line."""
+    def failed(self, said: str, level: int = logging.WARNING) -> None:
+        """A try failed for the outage; `said`: how, in a line; said, if at all, at `level`."""
         with self._lock:
             now = self._clock()
             if (self._lost_since is not None
@@ -58,10 +58,10 @@ class OutageLog:
             self._failed_tries += 1
             if self._lost_since is None:
                 self._lost_since = self._said_at = now
-                self._say(logging.WARNING, self._words.begun, said, now)
+                self._say(level, self._words.begun, said, now)
             elif now - self._said_at >= self._remind_every:
                 self._said_at = now
-                self._say(logging.WARNING, self._words.still, said, now)
+                self._say(level, self._words.still, said, now)
 
     def back(self, said: str = "") -> None:
         """A try worked: the outage, if there was one, is over (`said`: how, for `words.over`)."""
