@@ -9,7 +9,8 @@ once for all the clients of the process (a producer replaced at every batch says
 once as it begins, once a minute while it lasts and once as it ends (shared.outage_log), a probe
 of the broker's own (a request it must answer) telling that it is away and that it is back. Such a
 line of a broker the probe finds answering (a broker that has stalled, its connections accepted)
-is said as librdkafka said it, once a minute with a count.
+is said as librdkafka said it, once a minute with a count. A probe no client's line has called for
+in UNWATCHED_AFTER_SECONDS ends (the broker removed, or its clients closed), the outage unended.
 Every other line (an authentication or TLS failure, a configuration warning, a consumer group's
 session timing out) goes to the logger `shared.kafka.librdkafka` at its own level, as librdkafka
 said it. The probe speaks Kafka in plain text, as the shop's clients do: clients given TLS or SASL
@@ -25,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from shared.outage_log import OutageLog, OutageWords
+from shared.outage_log import OUTAGE_REMINDER_SECONDS, OutageLog, OutageWords
 
 log = logging.getLogger("shared.kafka.librdkafka")
 
@@ -33,6 +34,9 @@ log = logging.getLogger("shared.kafka.librdkafka")
 # that answered is not asked again sooner.
 PROBE_EVERY_SECONDS = 2.0
 PROBE_TIMEOUT_SECONDS = 2.0
+# A probe of a broker still away ends once no client has tried it for this long: two reminders'
+# worth (a client trying says so at least every 30 s, librdkafka's suppressing identical lines).
+UNWATCHED_AFTER_SECONDS = 2 * OUTAGE_REMINDER_SECONDS
 
 BROKER_AWAY_WORDS = OutageWords(
     begun="Kafka clients cannot connect to broker %(what)s: %(said)s",
@@ -112,25 +116,26 @@ class _BrokerAway:
     which asks it every PROBE_EVERY_SECONDS until it answers: the outage begins only once the probe
     too finds the broker away (a line served late, from before the broker came back, begins none),
     lasts while it does (a try each round: the clients' own tries are not counted, only their
-    latest line kept to say why), and ends as it answers. The lines of a broker that answers
+    latest line kept to say why), and ends as it answers, or, unended, as the probe does once no
+    client has tried the broker for UNWATCHED_AFTER_SECONDS. The lines of a broker that answers
     are the clients' own trouble, said as they are, once a minute."""
 
     def __init__(self, address: str, clock: Callable[[], float]):
         self._address, self._clock = address, clock
-        self._outage = OutageLog(log, address, BROKER_AWAY_WORDS, clock=clock)
+        self._outage = self._new_outage()
         self._answering = OutageLog(log, address, BROKER_ANSWERING_WORDS, clock=clock)
         self._lock = threading.Lock()
         self._probing = False
         self._begun = False  # whether the probe confirmed the outage
         self._last_said = ""  # the latest failed try's line
-        self._answered_at = float("-inf")
+        self._tried_at = self._answered_at = float("-inf")
         self._answer_ended_outage = False
         self._unsaid: list[tuple[int, str]] = []  # lines (level, line) awaiting the probe's answer
 
     def failed(self, said: str, level: int, line: str) -> None:
         with self._lock:
             now = self._clock()
-            self._last_said = said
+            self._last_said, self._tried_at = said, now
             if not self._probing and now - self._answered_at < PROBE_EVERY_SECONDS:
                 if self._answer_ended_outage:  # (a line served late, of the outage just over)
                     log.debug("%s", line)
@@ -152,6 +157,9 @@ class _BrokerAway:
                 if why is None:
                     self._answered(now, unsaid)
                     return
+                if now - self._tried_at >= UNWATCHED_AFTER_SECONDS:
+                    self._unwatched(now, why)
+                    return
                 self._begun = True
                 self._outage.failed(self._last_said)
             time.sleep(PROBE_EVERY_SECONDS)
@@ -164,6 +172,15 @@ class _BrokerAway:
                 self._answering.failed(line, level)
         self._answer_ended_outage, self._answered_at = self._begun, now
         self._begun = self._probing = False
+
+    def _unwatched(self, now: float, why: str) -> None:
+        log.info("Kafka broker %s no longer watched: no client has tried it for %.0f s (it still"
+                 " does not answer: %s)", self._address, now - self._tried_at, why)
+        self._outage = self._new_outage()  # (its outage unended, not said to be over)
+        self._begun = self._probing = False
+
+    def _new_outage(self) -> OutageLog:
+        return OutageLog(log, self._address, BROKER_AWAY_WORDS, clock=self._clock)
 
 
 _brokers_away: dict[str, _BrokerAway] = {}

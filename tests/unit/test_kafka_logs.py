@@ -67,6 +67,54 @@ def test_a_clients_lines_of_a_broker_that_answers_are_said_at_their_level_once_a
     assert asked == [BROKER] * 4
 
 
+def test_a_probe_of_a_broker_away_that_no_client_tries_any_more_ends_quietly(
+        monkeypatch, now, caplog):
+    """A broker away that the process's clients stop trying (removed, or its relay producer
+    closed): its probe goes on while a client's line came in the last UNWATCHED_AFTER_SECONDS, then
+    ends, saying at INFO that the broker is no longer watched, never that it is back; a client's
+    line later begins a new outage, said as one."""
+    asked = []
+    monkeypatch.setattr(
+        kafka_logs, "why_unanswered",
+        lambda address, timeout: asked.append(address) or "ConnectionRefusedError: refused")
+    monkeypatch.setattr(kafka_logs, "PROBE_EVERY_SECONDS", 0.01)
+    caplog.set_level(logging.DEBUG, logger="shared.kafka")
+    client = ClientLog(BROKER, clock=lambda: now[0])
+
+    def tried() -> None:
+        client.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#producer-1", REFUSED)
+
+    def round_at(seconds: float) -> None:
+        """The clock at `seconds`, and a whole round of the probe there (or the probe ended)."""
+        now[0], asks = seconds, len(asked)
+        wait_for(lambda: len(asked) >= asks + 2 or not _probing(), timeout=5,
+                 what=f"a probe's round at {seconds} s")
+
+    tried()
+    for seconds in range(0, 101, 20):
+        round_at(seconds)
+    tried()  # at 100 s: the probe goes on 120 s more
+    for seconds in range(120, 220, 20):
+        round_at(seconds)
+    assert _probing()
+    round_at(220)
+    wait_for(lambda: not _probing(), timeout=5, what="the probe to end")
+    now[0] = 230.0
+    tried()
+    wait_for(lambda: len(_said(caplog)) == 6, timeout=5, what="the new outage said")
+    said = _said(caplog)
+    begun = (logging.WARNING,
+             f"Kafka clients cannot connect to broker {BROKER}: {REFUSED.split(']: ', 1)[1]}")
+    assert said[0] == begun and said[-1] == begun, said
+    for (level, line), seconds in zip(said[1:4], (60, 120, 180), strict=True):  # reminders
+        assert level == logging.WARNING and line.startswith(
+            f"Kafka clients still cannot connect to broker {BROKER} after {seconds} s"), line
+    assert said[4] == (logging.INFO, f"Kafka broker {BROKER} no longer watched: no client has"
+                       " tried it for 120 s (it still does not answer: ConnectionRefusedError:"
+                       " refused)")
+    assert len(said) == 6, said
+
+
 def test_a_line_served_just_after_its_outage_ended_is_said_only_at_debug(monkeypatch, now, caplog):
     """A client's line of a try from before the broker came back, served after the probe found it
     back, is of the outage just over: not said as a client's trouble."""
