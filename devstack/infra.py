@@ -77,7 +77,9 @@ def fail_if_port_taken(port: int, what: str) -> None:
 
 
 def force_embedded() -> bool:
-    return os.environ.get(FORCE_EMBEDDED_VAR, "") not in ("", "0", "false", "no")
+    """Whether FORCE_EMBEDDED_VAR asks for embedded servers: set, and not off ("0", "false",
+    "no", in any case; "False" and "NO" were taken for on)."""
+    return os.environ.get(FORCE_EMBEDDED_VAR, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def logs_dir(run_dir: str | os.PathLike) -> Path:

@@ -551,6 +551,14 @@ class Stack:
         return in_flight
 
     def _say(self, message: str) -> None:
-        if not self.quiet:
+        """Say `message` on stderr, unless quiet. A line that cannot be said (stderr a pipe whose
+        reader is gone, `make run 2>&1 | tee` stopped by the same Ctrl-C; a terminal closed) is
+        dropped: said by the drain as the stack stops, its error stopped the stack at once, the
+        messages in flight lost with the broker, and ended the run in a traceback."""
+        if self.quiet:
+            return
+        try:
             print(f"[devstack] {message}", file=sys.stderr, flush=True)
+        except OSError:
+            pass
 
