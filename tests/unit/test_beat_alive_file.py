@@ -4,6 +4,7 @@ broker not reached."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -59,15 +60,29 @@ class _FirstSyncFails(_AliveFileScheduler):
             raise OSError(28, "No space left on device")
 
 
+@pytest.fixture(autouse=True)
+def _in_memory_broker(monkeypatch):
+    """The test schedulers' apps send to kombu's in-memory broker: Celery takes the environment's
+    CELERY_BROKER_URL over the broker an app is made with, and the test session sets it (the
+    sessions's Redis, whose `celery` queue other tests' sends had left tasks in)."""
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+
+
 def _scheduler(scheduler_class, tmp_path):
     app = Celery("alive-send-test", broker="memory://", set_as_current=False)
     app.conf[BEAT_ALIVE_FILE_SETTING] = str(tmp_path / "alive")
     return scheduler_class(app=app, lazy=True)
 
 
+# The queue the test entries are sent to, the test module's own (the in-memory broker is the
+# process's: another test's sends to `celery` would be counted).
+QUEUE = f"alive-send-test-{uuid.uuid4().hex[:8]}"
+
+
 def _entry(scheduler, *args):
     return scheduler.Entry(name="alive-send-test", task="hseshop.alive_send_test", args=args,
-                           schedule=schedule(timedelta(seconds=1)), app=scheduler.app)
+                           schedule=schedule(timedelta(seconds=1)), options={"queue": QUEUE},
+                           app=scheduler.app)
 
 
 def test_a_send_that_cannot_be_serialized_says_nothing_of_the_broker(tmp_path):
@@ -93,7 +108,7 @@ def test_a_send_that_went_through_counts_though_the_schedule_files_sync_after_it
         assert scheduler.broker_reached
         with scheduler.app.connection_for_write() as connection:
             assert connection.default_channel.queue_declare(
-                "celery", passive=True).message_count == 1  # (sent)
+                QUEUE, passive=True).message_count == 1  # (sent)
     finally:
         scheduler.close()
 
