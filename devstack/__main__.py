@@ -16,6 +16,7 @@ from pathlib import Path
 from devstack.local_secrets import SECRETS_FILE, secrets_to_hand_out
 from devstack.logs import LogFollower
 from devstack.stack import REPO_ROOT, Stack
+from devstack.supervision import RunMustStop, Supervisor
 from shared.quiet_interrupt import INTERRUPTED
 
 
@@ -39,11 +40,14 @@ def run() -> int:
         wrote_env_file = True
         print_urls(stack, env_file)
         follower = LogFollower([(process.name, process.log_path) for process in stack.processes])
-        reported: set[str] = set()
+        supervisor = Supervisor(stack, say)
         while True:
             if not follower.poll():
                 time.sleep(0.2)
-            report_deaths(stack, reported)
+            supervisor.look()
+    except RunMustStop as exc:  # (a server died, or a process keeps dying: it says which)
+        say(str(exc))
+        return 1
     except KeyboardInterrupt:
         # Once all is stopped (below), it dies of SIGINT as the operator's commands do
         # (run_main), for a script running the command itself (`while python -m devstack run;
@@ -54,27 +58,16 @@ def run() -> int:
         if wrote_env_file:
             env_file.unlink(missing_ok=True)
         if not said_why_it_could_not_start:
-            say_stopped()
+            # The stop's last line, said once every process has stopped, for the operator to
+            # know the stop is over (README: The two commands).
+            say("stopped.")
 
 
-def say_stopped() -> None:
-    """The stop's last line, said once every process has stopped, for the operator to know the
-    stop is over (README: The two commands). A stderr that cannot take it (a pipe whose reader
-    died of the same Ctrl-C) changes nothing: the run still ends as its stop signal has it."""
+def say(message: str) -> None:
+    """Say `message` on stderr. A stderr that cannot take it (a pipe whose reader died of the
+    same Ctrl-C) changes nothing: the run still stops, and ends as its stop signal has it."""
     with contextlib.suppress(OSError):
-        print("[devstack] stopped.", file=sys.stderr, flush=True)
-
-
-def report_deaths(stack: Stack, reported: set[str]) -> None:
-    """Say once about each process that exited on its own; the rest of the stack keeps running."""
-    for process in stack.processes:
-        if process.died() and process.name not in reported:
-            reported.add(process.name)
-            print(
-                f"[devstack] {process.name} exited with code {process.returncode}",
-                file=sys.stderr,
-                flush=True,
-            )
+        print(f"[devstack] {message}", file=sys.stderr, flush=True)
 
 
 def print_urls(stack: Stack, env_file: Path) -> None:

@@ -122,6 +122,7 @@ class Stack:
         self.quiet = quiet
         self._group: ProcessGroup | None = None
         self._broker: ManagedProcess | None = None
+        self._servers_started: list[ManagedProcess] = []  # (PostgreSQL's, Redis's: _adopt)
         self._env: dict[str, str] | None = None
 
     # --- what tests and the CLI read --------------------------------------------------------------
@@ -172,6 +173,12 @@ class Stack:
     @property
     def processes(self) -> list[ManagedProcess]:
         return self._group.processes if self._group is not None else []
+
+    @property
+    def holding_data(self) -> list[ManagedProcess]:
+        """The processes the run's data is in: the broker, and the PostgreSQL and Redis the stack
+        started (none of the machine's)."""
+        return [*([self._broker] if self._broker is not None else []), *self._servers_started]
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -447,6 +454,7 @@ class Stack:
     def _adopt(self, process: ManagedProcess | None) -> None:
         if process is not None:
             self._group.add(process)
+            self._servers_started.append(process)
 
     def _require_started(self) -> ManagedProcess:
         if self._broker is None:

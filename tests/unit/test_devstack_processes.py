@@ -650,10 +650,12 @@ def test_a_make_run_on_a_system_without_proc_says_so_in_one_line(tmp_path, monke
     assert not (tmp_path / ".run" / "processes").exists()
 
 
-def _make_run(tmp_path, shop: list[str], start_hangs: bool = False) -> subprocess.Popen:
+def _make_run(tmp_path, shop: list[str], start_hangs: bool = False,
+              broker: bool = False) -> subprocess.Popen:
     """`python -m devstack run` (run_main), its folder the test's, its shop the one process
-    `shop`, whose pid it prints first (then, if `start_hangs`, its start never ends); its stderr
-    read too."""
+    `shop` (named "shop", or, if `broker`, "broker" and the stack's broker), whose pid it prints
+    first (then, if `start_hangs`, its start never ends); its stderr read too."""
+    name = "broker" if broker else "shop"
     program = textwrap.dedent(
         f"""
         import os
@@ -667,8 +669,10 @@ def _make_run(tmp_path, shop: list[str], start_hangs: bool = False) -> subproces
             def start(self, timeout=60):  # (its group made as Stack.start makes it)
                 self._group = ProcessGroup(on_signal=self._say_stopping)
                 self._env = {{}}
-                shop = ManagedProcess("shop", {shop!r}, os.environ, self.logs_dir / "shop.log",
-                                      self.run_dir)
+                shop = ManagedProcess({name!r}, {shop!r}, os.environ,
+                                      self.logs_dir / "shop.log", self.run_dir)
+                if {broker!r}:
+                    self._broker = shop
                 print(self._group.start(shop).pid, flush=True)
                 while {start_hangs!r}:  # (a start that hangs: the scenario)
                     time.sleep(1)
@@ -682,11 +686,11 @@ def _make_run(tmp_path, shop: list[str], start_hangs: bool = False) -> subproces
 
 
 @contextlib.contextmanager
-def _make_run_ready(tmp_path, shop: list[str], start_hangs: bool = False):
+def _make_run_ready(tmp_path, shop: list[str], start_hangs: bool = False, broker: bool = False):
     """A _make_run, given as (run, the shop's pid) once it says Ctrl-C stops everything (if
     `start_hangs`, once its shop has started); killed on the way out if still running, its shop's
     process group with it if still there (what the test leaves, if it fails)."""
-    run, pid = _make_run(tmp_path, shop, start_hangs), None
+    run, pid = _make_run(tmp_path, shop, start_hangs, broker), None
     try:
         pid = int(line_within(run.stdout, 30, "the shop's pid"))
         while not start_hangs and (line := line_within(run.stdout, 30, "the run to start")) and (
@@ -717,6 +721,93 @@ def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
         assert err == "\n[devstack] stopping...\n[devstack] stopped.\n"
         assert gone(sleep)
         assert not (tmp_path / ".run" / "env").exists()
+
+
+def _shop_pids(tmp_path) -> list[int]:
+    """The pids the shop of a _make_run wrote in its folder's file "pids", one a start."""
+    pids = tmp_path / ".run" / "pids"
+    return [int(pid) for pid in pids.read_text().split()] if pids.exists() else []
+
+
+@contextlib.contextmanager
+def _every_start_of_the_shop_ended(tmp_path):
+    """On the way out, kill what is left of each start of a _make_run's shop (_shop_pids), as the
+    test leaves it if it fails."""
+    try:
+        yield
+    finally:
+        for pid in _shop_pids(tmp_path):
+            if not gone(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+
+# A shop that, as it starts the first time, writes a line in its log and is killed (SIGKILL, as
+# the OOM killer kills); started again, it runs on. Each start writes its pid in "pids".
+DIES_ONCE = ('echo $$ >> pids; [ -e died ] && exec sleep 300; touch died;'
+             ' echo "MemoryError: 2.1 GB"; kill -KILL $$')
+
+
+def test_a_process_of_make_run_that_dies_is_started_again_saying_which_how_and_its_last_lines(
+        tmp_path):
+    """A Celery worker OOM-killed, a gunicorn master crashed: `make run` said one line and ran on
+    without it, the orders it would have handled sitting unprocessed. It is started again, and
+    said so, with its exit code and the last lines of its log; Ctrl-C then stops the run as
+    ever."""
+    log = tmp_path / ".run" / "logs" / "shop.log"
+    with _every_start_of_the_shop_ended(tmp_path), _make_run_ready(
+            tmp_path, ["sh", "-c", DIES_ONCE]) as (run, first):
+        assert line_within(run.stderr, 30, "the death said") == (
+            f"[devstack] shop exited with code -9 (SIGKILL): starting it again; the last lines"
+            f" of {log}:\n")
+        assert line_within(run.stderr, 10, "its log's line") == "    MemoryError: 2.1 GB\n"
+        wait_until(lambda: len(_shop_pids(tmp_path)) == 2, 10, 0.02, "the shop to start again")
+        again = _shop_pids(tmp_path)[1]
+        assert gone(first) and not gone(again)
+
+        run.send_signal(signal.SIGINT)
+
+        out, err = run.communicate(timeout=30)
+        assert run.returncode == -signal.SIGINT, err
+        assert err == "\n[devstack] stopping...\n[devstack] stopped.\n"
+        assert gone(again)
+
+
+def test_a_process_of_make_run_that_keeps_dying_stops_the_run(tmp_path):
+    """Started again twice, a process that dies a third time within a minute (a mistake in its
+    code, a setting) stops the run, saying so, with a non-zero exit: starting it again on and on
+    would hide it."""
+    log = tmp_path / ".run" / "logs" / "shop.log"
+    with _every_start_of_the_shop_ended(tmp_path), _make_run_ready(
+            tmp_path, ["sh", "-c", "echo $$ >> pids; echo cannot bind; exit 3"]) as (run, _):
+        out, err = run.communicate(timeout=30)
+    assert run.returncode == 1, err
+    starting_again = (f"[devstack] shop exited with code 3: starting it again; the last lines of"
+                      f" {log}:")
+    assert err.splitlines() == [
+        starting_again, "    cannot bind",
+        starting_again, "    cannot bind", "    cannot bind",
+        f"[devstack] shop exited with code 3, 3 deaths within 60 s: stopping the run; the last"
+        f" lines of {log}:", "    cannot bind", "    cannot bind", "    cannot bind",
+        "[devstack] stopped."]
+    assert len(_shop_pids(tmp_path)) == 3
+
+
+def test_the_broker_of_make_run_dying_stops_the_run_not_started_again_empty(tmp_path):
+    """Tansu keeps its messages in memory only: those it held when it died are lost. Started
+    again, empty, it would hide that (orders left NEW for good); so the run stops, saying why,
+    with a non-zero exit."""
+    log = tmp_path / ".run" / "logs" / "shop.log"
+    with _every_start_of_the_shop_ended(tmp_path), _make_run_ready(
+            tmp_path, ["sh", "-c", "echo $$ >> pids; echo 'out of memory'; exit 101"],
+            broker=True) as (run, _):
+        out, err = run.communicate(timeout=30)
+    assert run.returncode == 1, err
+    assert err == (
+        "[devstack] broker exited with code 101: stopping the run, not starting it again (the"
+        " Kafka broker keeps its messages in memory only: those it held are lost, and one started"
+        f" again, empty, would hide that); the last lines of {log}:\n    out of memory\n"
+        "[devstack] stopped.\n")
+    assert len(_shop_pids(tmp_path)) == 1
 
 
 def test_ctrl_c_as_make_run_starts_stops_what_it_started_and_says_so_last(tmp_path):

@@ -1,0 +1,95 @@
+"""What `make run` does when one of its processes exits by itself (README: The two commands).
+
+A process that keeps nothing (an API, a gRPC server, a worker, beat, Flower) is started again,
+saying which died, how, and the last lines of its log, unless it keeps dying: then the run stops.
+A server the run's data is in (the Kafka broker, the PostgreSQL or Redis the run started) is not
+started again: the run stops, saying why.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+
+from devstack.processes import ManagedProcess
+from devstack.stack import Stack
+
+# A process that dies this many times within DEATHS_WINDOW_SECONDS stops the run: starting it
+# again would only hide what kills it (a mistake in the code, a setting, memory).
+DEATHS_TO_GIVE_UP = 3
+DEATHS_WINDOW_SECONDS = 60
+# How much of a dead process's log is said with its death.
+LOG_LINES_SAID = 10
+# Why the run stops when a server of its own dies, rather than start it again.
+WHY_A_SERVER_STOPS_THE_RUN = {
+    "broker": "the Kafka broker keeps its messages in memory only: those it held are lost,"
+              " and one started again, empty, would hide that",
+}
+WHY_ANY_OTHER_SERVER_STOPS_THE_RUN = (
+    "the run's data is in it: every process lost its connections to it, and one started again"
+    " under them would hide what stopped it")
+
+
+class RunMustStop(Exception):
+    """A death the run does not outlive; its message says which process died and why the run
+    stops."""
+
+
+class Supervisor:
+    """Looks after the processes of a started `stack`: each look (look()) deals with those that
+    exited by themselves since the last, starting them again or raising RunMustStop."""
+
+    def __init__(self, stack: Stack, say: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic):
+        self._stack = stack
+        self._say = say
+        self._clock = clock
+        self._deaths: dict[str, deque[float]] = {}
+
+    def look(self) -> None:
+        for process in self._stack.processes:
+            if process.died():
+                self._deal_with(process)
+
+    def _deal_with(self, process: ManagedProcess) -> None:
+        died = f"{process.name} exited with code {exit_code(process.returncode)}"
+        if process in self._stack.holding_data:
+            why = WHY_A_SERVER_STOPS_THE_RUN.get(process.name, WHY_ANY_OTHER_SERVER_STOPS_THE_RUN)
+            raise RunMustStop(f"{died}: stopping the run, not starting it again ({why})"
+                              f"{last_lines(process)}")
+        if self._dying_too_often(process.name):
+            raise RunMustStop(f"{died}, {DEATHS_TO_GIVE_UP} deaths within"
+                              f" {DEATHS_WINDOW_SECONDS} s: stopping the run{last_lines(process)}")
+        self._say(f"{died}: starting it again{last_lines(process)}")
+        self._stack.start_again(process)
+
+    def _dying_too_often(self, name: str) -> bool:
+        """Count a death of the process `name`: whether it is the DEATHS_TO_GIVE_UP-th within
+        DEATHS_WINDOW_SECONDS."""
+        now = self._clock()
+        deaths = self._deaths.setdefault(name, deque())
+        deaths.append(now)
+        while deaths[0] <= now - DEATHS_WINDOW_SECONDS:
+            deaths.popleft()
+        return len(deaths) >= DEATHS_TO_GIVE_UP
+
+
+def exit_code(returncode: int) -> str:
+    """A process's exit code as Popen gives it (-N for a signal N), the signal named."""
+    if returncode < 0:
+        try:
+            return f"{returncode} ({signal.Signals(-returncode).name})"
+        except ValueError:
+            pass
+    return str(returncode)
+
+
+def last_lines(process: ManagedProcess) -> str:
+    """The last LOG_LINES_SAID lines of the process's log, each on a line of its own, indented
+    (nothing if it wrote none)."""
+    tail = process.log_tail(LOG_LINES_SAID).splitlines()
+    if not tail:
+        return f"; its log {process.log_path} is empty"
+    return f"; the last lines of {process.log_path}:" + "".join(f"\n    {line}" for line in tail)
