@@ -13,6 +13,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -361,6 +362,46 @@ def _postgres_version(url_base: str) -> int | None:
         return None
     try:
         return connection.server_version
+    finally:
+        connection.close()
+
+
+@dataclass(frozen=True)
+class ConnectionSlots:
+    """A PostgreSQL's connection slots: `most` (max_connections), those `reserved` of them
+    (superuser_reserved_connections, and PostgreSQL 16's reserved_connections) and those client
+    sessions hold now (`in_use`)."""
+
+    most: int
+    reserved: int
+    in_use: int
+
+    @property
+    def free(self) -> int:
+        return self.most - self.reserved - self.in_use
+
+
+def connection_slots(url_base: str) -> ConnectionSlots | None:
+    """The connection slots of the PostgreSQL at `url_base` (the session asking left out of those
+    in use), or None if it does not let `postgres` in without a password within 2 s, or does not
+    answer."""
+    import psycopg2
+
+    try:
+        connection = psycopg2.connect(f"{url_base}/postgres", connect_timeout=2)
+    except psycopg2.OperationalError:
+        return None
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT current_setting('max_connections')::int,"
+                " current_setting('superuser_reserved_connections')::int"
+                " + coalesce(current_setting('reserved_connections', true)::int, 0),"
+                " (SELECT count(*) FROM pg_stat_activity"
+                "  WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())")
+            return ConnectionSlots(*cursor.fetchone())
+    except psycopg2.Error:
+        return None  # (a server going down as it was asked)
     finally:
         connection.close()
 

@@ -196,6 +196,7 @@ class Stack:
                     print(f"[devstack] {line}", file=sys.stderr, flush=True)
             self._check_ports_free()
             postgres_base, redis_base = self._find_or_start_servers()
+            self._say_if_postgres_is_short_of_connections(postgres_base)
             self._say("broker...")
             self._broker = self._group.add(infra.broker_process(self.ports["broker"], self.run_dir))
             infra.start_and_wait_for_broker(self._broker, self.ports["broker"])
@@ -398,9 +399,35 @@ class Stack:
             if line.startswith("WARNING"):
                 self._say(f"migrations for {service}: {line}")
 
-    def _app_processes(self) -> list[ManagedProcess]:
-        """The shop's processes in the order they start: those that take requests last, so that
-        they are stopped first (ProcessGroup.stop_all), before the workers."""
+    def connections_needed(self) -> int:
+        """The most connections the shop's processes hold on PostgreSQL at once (their pools'
+        and workers' settings: shared.db_connections)."""
+        from shared.db_connections import most_connections  # (here: it loads gRPC, for a start)
+
+        return sum(most_connections(argv) for argv in self._app_commands().values())
+
+    def _say_if_postgres_is_short_of_connections(self, postgres_base: str) -> None:
+        """Warn when the PostgreSQL at `postgres_base` has fewer connections free than the shop's
+        processes can hold at once: past them it refuses one mid-run ("too many clients"), to
+        whichever process asks. Not refused: a stock PostgreSQL's 100 are fewer than the shop can
+        hold, yet enough for a developer's load (README: The two commands)."""
+        slots = infra.connection_slots(postgres_base)
+        if slots is None:  # (none the shop can use: the migrations say why)
+            return
+        needed = self.connections_needed()
+        if needed > slots.free:
+            enough = needed + slots.reserved + slots.in_use
+            self._say(f"PostgreSQL at {postgres_base} may refuse the shop's connections mid-run"
+                      f" (\"too many clients\"): its processes can hold {needed}, and"
+                      f" {slots.free} are free (max_connections {slots.most}, {slots.reserved}"
+                      f" reserved, {slots.in_use} in use); raise max_connections to {enough} or"
+                      f" more (ALTER SYSTEM SET max_connections = {enough}; then restart"
+                      " PostgreSQL)")
+
+    def _app_commands(self) -> dict[str, list[str]]:
+        """The `python -m` arguments of the shop's processes, by name, in the order they start:
+        those that take requests last, so that they are stopped first (ProcessGroup.stop_all),
+        before the workers."""
         commands = {}
         for service in SERVICES:
             commands[f"{service}-worker"] = [
@@ -421,12 +448,16 @@ class Stack:
                 self.ports[service], f"{service}_app:create_app()",
                 threads=GATEWAY_THREADS if service == "gateway" else API_THREADS,
             )
+        return commands
+
+    def _app_processes(self) -> list[ManagedProcess]:
+        """The shop's processes (_app_commands), in the order they start."""
         env = self._process_env()
         return [
             ManagedProcess(
                 name, [sys.executable, "-m", *argv], env, self.logs_dir / f"{name}.log", REPO_ROOT
             )
-            for name, argv in commands.items()
+            for name, argv in self._app_commands().items()
         ]
 
     def _check_ports_free(self) -> None:

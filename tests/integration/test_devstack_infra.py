@@ -43,6 +43,7 @@ from devstack.infra import (
 )
 from devstack.postmaster_lock import LOCK_FILE, PostmasterLock, processes_attached_to
 from devstack.processes import run_as
+from devstack.stack import Stack
 from tests.network_tools import Accepting, RedisOfVersion
 from tests.process_tools import gone, start_child
 
@@ -122,6 +123,39 @@ def test_an_embedded_postgres_is_not_started_on_a_port_another_postgres_answers_
             start_embedded_postgres(server_dir / "ours", int(url_base.rsplit(":", 1)[1]))
     finally:
         other.stop()
+
+
+def test_a_stack_warns_when_postgresql_has_fewer_connections_free_than_its_processes_can_hold(
+        server_dir, capsys):
+    """A stock PostgreSQL has 100 connections, fewer than the shop's processes can hold, some of
+    them taken by other clients: once they are all out, it refuses the next ("too many clients")
+    mid-run, to whichever process asks. The stack says so as it starts, with the numbers and how
+    to raise them. Here a PostgreSQL of the test's own, other clients holding all but one fewer
+    than the shop needs."""
+    stack = Stack(server_dir, quiet=False)
+    needed = stack.connections_needed()
+    url_base, server = start_embedded_postgres(server_dir, free_port())
+    held = []
+    try:
+        stack._say_if_postgres_is_short_of_connections(url_base)
+        assert capsys.readouterr().err == ""  # (room enough)
+        slots = infra.connection_slots(url_base)
+        for _ in range(slots.free - needed + 1):
+            held.append(psycopg2.connect(f"{url_base}/postgres"))
+
+        stack._say_if_postgres_is_short_of_connections(url_base)
+    finally:
+        for connection in held:
+            connection.close()
+        server.stop()
+    in_use = slots.in_use + len(held)
+    enough = needed + slots.reserved + in_use
+    assert capsys.readouterr().err == (
+        f"[devstack] PostgreSQL at {url_base} may refuse the shop's connections mid-run (\"too many"
+        f" clients\"): its processes can hold {needed}, and {needed - 1} are free (max_connections"
+        f" {slots.most}, {slots.reserved} reserved, {in_use} in use); raise max_connections to"
+        f" {enough} or more (ALTER SYSTEM SET max_connections = {enough}; then restart"
+        " PostgreSQL)\n")
 
 
 def test_an_embedded_postgres_whose_first_start_was_stopped_during_initdb_starts_next_time(

@@ -30,8 +30,7 @@ from devstack.stack import GATEWAY_THREADS, GUNICORN_WORKER_CLASS
 from gateway_app.notifications import SOCKETS_PER_PROCESS
 from shared.config import ENVIRONMENT, SECRETS, SERVICES
 from shared.task_queues import worker_queues
-from shared.db import POOL_MAX_CONNECTIONS
-from shared.grpc_server import SERVER_THREADS
+from shared.db_connections import most_connections
 from tasks.alive import ALIVE_WITHIN_SECONDS
 from tasks.celery_app import app as celery_app
 from tests.compose_tools import (COMPOSE_FILE, REPO_ROOT, alive_file_check, alive_file_processes,
@@ -743,26 +742,7 @@ def test_workers_can_be_scaled():
             assert f"{service_name}@%h" in command(worker), name
 
 
-# Connections a worker holds beside its pool's: its relay leader's and its inbox consumer's.
-WORKER_OWN_CONNECTIONS = 2
 SUPERUSER_RESERVED_CONNECTIONS = 3  # PostgreSQL's default, of max_connections
-
-
-def most_connections(service: dict) -> int:
-    """The most database connections one container of `service` holds at once."""
-    argv = command(service)
-    if argv[0] == "gunicorn":  # a pool per process, used by its threads
-        threads = int(argv[argv.index("--threads") + 1])
-        return int(argv[argv.index("-w") + 1]) * min(threads, POOL_MAX_CONNECTIONS)
-    if argv[:4] == ["celery", "-A", "tasks", "worker"]:
-        threads = int(argv[argv.index("-c") + 1])
-        return min(threads, POOL_MAX_CONNECTIONS) + WORKER_OWN_CONNECTIONS
-    if argv[:3] == ["python", "-m", "shared.grpc_server"]:
-        return min(SERVER_THREADS, POOL_MAX_CONNECTIONS)
-    if argv[:3] == ["python", "-m", "shared.migrations"]:
-        return 2  # the server's, to make the database, and the migration's
-    assert argv[:4] in (["celery", "-A", "tasks", "beat"], ["celery", "-A", "tasks", "flower"])
-    return 0  # Redis only
 
 
 def test_shop_containers_and_kafka_get_time_to_shut_down_cleanly():
@@ -774,8 +754,8 @@ def test_shop_containers_and_kafka_get_time_to_shut_down_cleanly():
 def test_postgres_takes_every_connection_the_shop_can_open_and_eight_more_workers():
     limit = int(next(arg.split("=", 1)[1] for arg in command(ALL_SERVICES["postgres"])
                      if arg.startswith("max_connections=")))
-    composed = sum(most_connections(service) for service in HSESHOP.values())
-    worker = max(most_connections(ALL_SERVICES[name])
+    composed = sum(most_connections(command(service)) for service in HSESHOP.values())
+    worker = max(most_connections(command(ALL_SERVICES[name]))
                  for service_name in SERVICES for name in workers_of(service_name))
     assert composed + 8 * worker <= limit - SUPERUSER_RESERVED_CONNECTIONS, (composed, worker)
 
