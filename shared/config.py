@@ -222,10 +222,22 @@ def _host_and_port(raw: str) -> bool:
 SOCKET_PATH_SCHEMES = ("unix:", "unix-abstract:")
 
 
+# gRPC's schemes that name a host to connect to, which a server cannot bind (its add_insecure_port
+# failed the server's start in a traceback, "Failed to bind to address", naming no setting).
+TARGET_ONLY_SCHEMES = ("dns:", "ipv4:", "ipv6:", "vsock:")
+
+
 def _grpc_address(raw: str) -> bool:
     """host:port, or a name in one of gRPC's own schemes (dns:///host:port, unix:/path...)."""
-    return _host_and_port(raw) or raw.startswith((*SOCKET_PATH_SCHEMES, "dns:", "ipv4:", "ipv6:",
-                                                  "vsock:"))
+    return _grpc_bind_address(raw) or raw.startswith(TARGET_ONLY_SCHEMES)
+
+
+def _grpc_bind_address(raw: str) -> bool:
+    """host:port, or a socket's path (unix:/path, unix-abstract:name): what a gRPC server binds
+    ("ipv4:127.0.0.1:50051" is no host:port, though it splits as one)."""
+    if raw.startswith(TARGET_ONLY_SCHEMES):
+        return False
+    return _host_and_port(raw) or raw.startswith(SOCKET_PATH_SCHEMES)
 
 
 def _service_root(raw: str) -> bool:
@@ -338,8 +350,12 @@ def _first_blank_or_control_of_grpc_address(raw: str) -> int | None:
 # light only at the first call that uses it: a gRPC target the gateway cannot make sense of
 # answers every call with a 503, "try again shortly", while /health answers 200.
 FORMS = {
-    **{f"{service.upper()}_GRPC_{role}": (_grpc_address, "host:port")
-       for service in GRPC_SERVICES for role in ("TARGET", "BIND")},
+    **{f"{service.upper()}_GRPC_TARGET": (
+        _grpc_address, "host:port, or a gRPC name: dns:///host:port, unix:/path...")
+       for service in GRPC_SERVICES},
+    **{f"{service.upper()}_GRPC_BIND": (
+        _grpc_bind_address, "host:port, or a socket's unix:/path or unix-abstract:name")
+       for service in GRPC_SERVICES},
     **{f"{service.upper()}_SERVICE_URL": (
         _service_root, "an http:// or https:// URL of a host and port, with no path")
        for service in GRPC_SERVICES},
