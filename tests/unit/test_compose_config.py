@@ -81,14 +81,13 @@ def bound_port(service: dict) -> int:
     return int(argv[argv.index("-b") + 1].rsplit(":", 1)[1])
 
 
-def published(service: dict) -> list[tuple[str, int, int]]:
-    """(host address, host port, container port) for each short-syntax `ports` entry."""
-    result = []
-    for entry in service.get("ports", []):
-        parts = str(entry).split(":")
-        address = parts[0] if len(parts) == 3 else "0.0.0.0"
-        result.append((address, int(parts[-2]), int(parts[-1])))
-    return result
+def published_ports(resolved: dict) -> dict[str, list[tuple[str, int, int]]]:
+    """(host address, host port, container port) of each port a service publishes, by the
+    services that publish any, as Compose resolves the file (`resolved_compose()`); "" for an
+    address not given, every one of the host's."""
+    return {name: [(port.get("host_ip", ""), int(port["published"]), int(port["target"]))
+                   for port in service["ports"]]
+            for name, service in resolved["services"].items() if service.get("ports")}
 
 
 def migrations_of(service_name: str) -> list[str]:
@@ -111,6 +110,15 @@ def _deploying_section() -> str:
     """The README's "Deploying", whitespace as one space (the README wraps its lines)."""
     readme = (REPO_ROOT / "README.md").read_text()
     return " ".join(readme.split("\n## Deploying\n", 1)[1].split("\n## ", 1)[0].split())
+
+
+def _deploying_paragraph(title: str) -> str:
+    """The paragraph of the README's "Deploying" headed `**title**`, whitespace as one space."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("\n## Deploying\n", 1)[1].split("\n## ", 1)[0]
+    (paragraph,) = [paragraph for paragraph in section.split("\n\n")
+                    if paragraph.startswith(f"**{title}**")]
+    return " ".join(paragraph.split())
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -704,12 +712,28 @@ def test_the_gateway_starts_after_beat_which_alone_sends_the_relays_tasks():
 
 
 def test_the_gateway_is_the_only_api_published_and_admin_uis_stay_on_loopback():
-    published_ports = {name: published(service) for name, service in ALL_SERVICES.items()
-                       if service.get("ports")}
+    ports = published_ports(resolved_compose())
     gateway, = GATEWAY
-    assert published_ports.pop(gateway) == [("0.0.0.0", 8000, 8000)]
-    assert published_ports == {"flower": [("127.0.0.1", 5555, 5555)],
-                               "kafka-ui": [("127.0.0.1", 8080, 8080)]}
+    assert ports.pop(gateway) == [("127.0.0.1", 8000, 8000)]
+    assert ports == {"flower": [("127.0.0.1", 5555, 5555)],
+                     "kafka-ui": [("127.0.0.1", 8080, 8080)]}
+
+
+def test_the_gateway_is_published_on_the_hosts_loopback_unless_an_address_is_set():
+    """Published on every interface, a fresh clone's gateway, signing with the secrets shipped in
+    deploy/ (published with the code; a WARNING in its log all that said so), let anyone reaching
+    the host mint a token for any user. It is on the host's loopback (a proxy there reaches it, as
+    does `curl 127.0.0.1:8000`) unless GATEWAY_PUBLISH_ADDRESS, which the README tells how to set
+    once the secrets are replaced and a TLS proxy put in front, names another address."""
+    gateway, = GATEWAY
+    assert published_ports(resolved_compose())[gateway] == [("127.0.0.1", 8000, 8000)]
+    told = resolved_compose(variables=(("GATEWAY_PUBLISH_ADDRESS", "10.0.0.5"),))
+    assert published_ports(told)[gateway] == [("10.0.0.5", 8000, 8000)]
+    exposing = _deploying_paragraph("Exposing the gateway.")
+    assert "`GATEWAY_PUBLISH_ADDRESS`" in exposing and "TLS-terminating proxy" in exposing
+    assert "replace the secrets" in exposing
+    assert "GATEWAY_TRUSTED_PROXY_HOPS" in ENVIRONMENT
+    assert "`GATEWAY_TRUSTED_PROXY_HOPS=1`" in exposing
 
 
 def test_kafka_ui_which_asks_no_one_to_sign_in_changes_nothing():
