@@ -766,6 +766,46 @@ def test_workers_can_be_scaled():
             assert f"{service_name}@%h" in command(worker), name
 
 
+def worker_replicas() -> dict[str, str]:
+    """The variable that gives each worker service's count, by the service."""
+    return {name: f"{service_name.upper()}_WORKER_REPLICAS" for service_name in SERVICES
+            for name in workers_of(service_name)}
+
+
+def test_each_workers_count_lives_in_a_variable_so_that_every_up_keeps_it():
+    """At each `up` not given `--scale` for it, Compose sets a service back to the count its file
+    gives (docker/compose#5663): scaled with `up --scale` alone, the workers went back to one at
+    the next `up -d` (the README's after a role's password changed, a release's `up -d --build`).
+    Each worker service's count is the file's, from a variable of its own (the shell's, or .env's),
+    one while unset; beat's is none of them."""
+    replicas = worker_replicas()
+    assert len(replicas) == len(SERVICES), replicas
+    default = resolved_compose()["services"]
+    assert {name: default[name].get("scale") for name in replicas} == dict.fromkeys(replicas, 1)
+    counts = {variable: at + 2 for at, variable in enumerate(sorted(replicas.values()))}
+    scaled = resolved_compose(variables=tuple((variable, str(count))
+                                              for variable, count in counts.items()))["services"]
+    assert {name: scaled[name].get("scale") for name in replicas} == {
+        name: counts[variable] for name, variable in replicas.items()}
+    for name in beats():
+        assert scaled[name].get("scale", 1) == 1, name
+    scaling = _deploying_paragraph("Scaling workers.")
+    assert all(f"`{variable}" in scaling for variable in replicas.values()), scaling
+    assert "docker/compose#5663" in scaling
+
+
+def test_each_release_runs_an_image_of_its_own_tag_so_that_the_one_before_is_kept():
+    """Every `--build` overwrote the one tag hseshop:latest, so the README's rollback, starting the
+    previous release's image, found none. Every HseShop process runs one image, tagged by
+    HSESHOP_VERSION (latest while unset), which the README's release and rollback steps set."""
+    default = resolved_compose()["services"]
+    assert {default[name]["image"] for name in HSESHOP} == {"hseshop:latest"}
+    release = resolved_compose(variables=(("HSESHOP_VERSION", "1.4.2"),))["services"]
+    assert {release[name]["image"] for name in HSESHOP} == {"hseshop:1.4.2"}
+    assert "`HSESHOP_VERSION`" in _deploying_paragraph("Releases and their images.")
+    assert "(Releases and their images, above)" in _deploying_paragraph("Rolling back.")
+
+
 SUPERUSER_RESERVED_CONNECTIONS = 3  # PostgreSQL's default, of max_connections
 
 
