@@ -806,6 +806,16 @@ def test_each_release_runs_an_image_of_its_own_tag_so_that_the_one_before_is_kep
     assert "(Releases and their images, above)" in _deploying_paragraph("Rolling back.")
 
 
+def test_the_readme_stops_the_gateway_before_an_up_that_changes_the_internal_signature():
+    """The README said `docker compose up -d --build` replaced the gateway and the services "all
+    at once": Compose recreates them in the order of their depends_on, the gateway last, and for
+    the seconds between, the old gateway's calls to the new services were refused (401, 502)."""
+    assert "all at once" not in _deploying_section()
+    for title in ("Upgrading to the release that binds the internal signature to the request.",
+                  "Upgrading to the release that signs a nonce with each request."):
+        assert "`docker compose stop gateway`" in _deploying_paragraph(title), title
+
+
 SUPERUSER_RESERVED_CONNECTIONS = 3  # PostgreSQL's default, of max_connections
 
 
