@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.routing import WebsocketMismatch
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection
+from wsproto.events import AcceptConnection, Ping
 from wsproto.events import Request as WebSocketRequest
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
@@ -92,6 +92,14 @@ SOCKET_KEEPALIVE_IDLE_SECONDS = 30
 # gone, the kernel retransmits it instead, for about 15 minutes (tcp_retries2). A connection whose
 # data has gone unacknowledged this long is dropped too: the same minute as the probes'.
 SOCKET_UNACKNOWLEDGED_MS = (SOCKET_KEEPALIVE_IDLE_SECONDS + 3 * 10) * 1000
+# A socket that has sent its page nothing this long is sent a WebSocket ping (ping_the_page): a
+# proxy in front (nginx's proxy_read_timeout, an AWS ALB's idle timeout: 60 s each by default)
+# closes a connection whose server has said nothing for a while, and every quiet page reconnected
+# each minute (a ticket, a handshake counted against its address, a read of the table). Less than
+# SOCKET_KEEPALIVE_IDLE_SECONDS: a page's connection is then never quiet long enough to be probed,
+# and one whose host went away is dropped once a ping has gone unacknowledged
+# SOCKET_UNACKNOWLEDGED_MS, some 85 s after it last answered at most.
+SOCKET_PING_SECONDS = 25.0
 # The page sends nothing on its socket: a message over this many characters (bytes, if binary),
 # in one frame or several, closes it (1009: simple_websocket counts them), and what arrives is
 # dropped as it arrives, never kept (drop_what_the_page_sends).
@@ -408,7 +416,7 @@ def register_socket(app, authenticate, redeem) -> None:
 
     document_socket(app.extensions["hseshop.api"],
                     next(app.url_map.iter_rules(endpoint=SOCKET_ENDPOINT)),
-                    SOCKET_MAX_MESSAGE_BYTES)
+                    SOCKET_MAX_MESSAGE_BYTES, SOCKET_PING_SECONDS)
 
 
 def _serve_socket(ws, opening: SocketOpening, slots: SocketSlots, address: str) -> None:
@@ -665,6 +673,7 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
             # wake-up (one may say that one of the user's tokens has been signed out), every
             # SOCKET_RECHECK_SECONDS, and before each page of a long catch-up.
             last_sent, woken, recheck_at = after, True, 0.0
+            ping_at = time.monotonic() + SOCKET_PING_SECONDS
             while time.time() < token.expires_at:
                 if stopping():
                     _close(ws, *RESTARTING)
@@ -673,11 +682,16 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
                     if is_signed_out(token):
                         _close(ws, 1008, SIGNED_OUT)
                         return
-                    last_sent, more = _send_newer(ws, user_id, last_sent)
+                    sent, more = _send_newer(ws, user_id, last_sent)
                     recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
+                    if sent != last_sent:
+                        last_sent, ping_at = sent, time.monotonic() + SOCKET_PING_SECONDS
                     if more:  # the next page, once the token has been read again
                         woken = True
                         continue
+                if time.monotonic() >= ping_at:
+                    ping_the_page(ws)
+                    ping_at = time.monotonic() + SOCKET_PING_SECONDS
                 # Raises ConnectionClosed once the page has gone (what it sends is never kept:
                 # drop_what_the_page_sends).
                 ws.receive(timeout=0)
@@ -695,6 +709,19 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
         # answer a 500 on a connection that is a WebSocket since its 101.
         log.exception("notification stream for %s failed", user_id)
         _close(ws, *UNAVAILABLE)
+
+
+def ping_the_page(ws) -> None:
+    """Send the page a WebSocket ping, an empty control frame: a browser answers it with a pong by
+    itself, and its page sees neither (the socket's messages are its notifications alone). Sent
+    from the stream's thread, as its notifications and closes are, not by simple_websocket's
+    ping_interval (its reader thread can fail on a socket closed at once, as a refused one is):
+    that reader sends only its answers to the page's frames (a pong to a ping, the close to a
+    close), as it does while notifications are sent, and wsproto compresses data frames alone
+    (permessage-deflate), so a ping shares no state with a message but the connection's."""
+    if not ws.connected:
+        raise ConnectionClosed(ws.close_reason, ws.close_message)
+    ws.sock.send(ws.ws.send(Ping()))
 
 
 def _send_newer(ws, user_id: str, last_sent: int) -> tuple[int, bool]:

@@ -29,7 +29,10 @@ Open with a WebSocket handshake. Each message the socket then sends is one notif
 `GET /api/notifications` lists them (`Notification`): with `after`, first every one newer than
 that id, then each one as it happens; without it, each one from the moment the handshake is
 answered. The page sends nothing: what it sends is read and dropped, but for a message too
-long (1009, below).
+long (1009, below). A socket that has sent nothing for {ping_seconds:g} s sends a WebSocket ping (a
+control frame, no message), which a browser answers with a pong by itself, as any client
+following RFC 6455 does: a proxy on the way that closes a connection quiet for a while (nginx's
+`proxy_read_timeout`, 60 s by default) then keeps it.
 
 A browser's WebSocket cannot send headers: open it with a `ticket` from
 `POST /api/notifications/tickets` (asked for with the bearer token, good for this one socket
@@ -60,13 +63,15 @@ take, a 1008 for a parameter given twice or both `ticket` and `access_token`) sp
 ask for a new ticket for each try."""
 
 
-def document_socket(api, rule, max_message: int) -> None:
+def document_socket(api, rule, max_message: int, ping_seconds: float) -> None:
     """Put the socket the URL rule `rule` serves in `api`'s OpenAPI document; a message from the
-    page over `max_message` characters closes it."""
+    page over `max_message` characters closes it, and it pings a page it has sent nothing for
+    `ping_seconds`."""
     api.spec.path(rule=rule, parameters=[], operations={"get": {
         "tags": ["notifications"],
         "summary": "The signed-in user's notifications, live, over a WebSocket",
-        "description": _DESCRIPTION.format(max_message=max_message),
+        "description": _DESCRIPTION.format(max_message=max_message,
+                                           ping_seconds=ping_seconds),
         "security": [],  # (its ticket, or its token, is a query parameter)
         "parameters": [
             {"name": "ticket", "in": "query", "required": False,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 # How long a proxy waits for its target to take a connection (loopback's take at once) before it
@@ -61,9 +62,12 @@ class SilencingProxy:
     after that are carried (the service, at the address the name now resolves to). `cut()` makes
     the service unreachable, as if it had stopped, until `restore()`; `break_off()` closes the
     connections carried so far alone; `send_to()` carries those made after it to another target.
-    A connection its target closes (or resets) is closed to the client too, as by the target."""
+    A connection its target closes (or resets) is closed to the client too, as by the target.
+    With `quiet_limit`, a connection its target has sent nothing on for that many seconds is
+    closed both ways, as nginx closes one past its proxy_read_timeout (an AWS ALB past its idle
+    timeout): `quiet_cuts` counts them."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, quiet_limit: float | None = None):
         host, port = target.rsplit(":", 1)
         self._target = (host, int(port))
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -75,6 +79,8 @@ class SilencingProxy:
         self._carried: list[socket.socket] = []  # both ends of each connection carried
         self._refusing = False
         self._refused = 0
+        self._quiet_limit = quiet_limit
+        self.quiet_cuts = 0
         self._accepting = threading.Lock()
         self.accepting = Accepting(self._listener, self._accepted)
 
@@ -161,24 +167,32 @@ class SilencingProxy:
             # got to it, and settimeout on a closed socket raises in the carrier's thread.)
             client.settimeout(0.1)
             upstream.settimeout(0.1)
-            for source, sink in ((client, upstream), (upstream, client)):
+            for source, sink, quiet_limit in ((client, upstream, None),
+                                              (upstream, client, self._quiet_limit)):
                 carrier = threading.Thread(
-                    target=self._carry, args=(source, sink, self._era), daemon=True,
+                    target=self._carry, args=(source, sink, self._era, quiet_limit), daemon=True,
                     name=f"carrying for the proxy on {self.address}")
                 carrier.start()
                 self._carriers.append(carrier)
 
-    def _carry(self, source: socket.socket, sink: socket.socket, era: int) -> None:
+    def _carry(self, source: socket.socket, sink: socket.socket, era: int,
+               quiet_limit: float | None) -> None:
         """What `source` sends carried to `sink` until the proxy is closed or goes silent (the
-        connection left open); `source`'s close (or reset) closes both ends, as a proxy passes
-        it on."""
+        connection left open); `source`'s close (or reset), or its sending nothing for
+        `quiet_limit` seconds, closes both ends, as a proxy passes it on."""
+        heard = time.monotonic()
         while self._era == era and not self._closed.is_set():
             try:
                 data = source.recv(65536)
                 if not data:
                     break
                 sink.sendall(data)
+                heard = time.monotonic()
             except TimeoutError:
+                if quiet_limit is not None and time.monotonic() - heard > quiet_limit:
+                    with self._accepting:
+                        self.quiet_cuts += 1
+                    break
                 continue
             except OSError:
                 break

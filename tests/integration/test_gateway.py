@@ -3060,6 +3060,43 @@ def test_an_open_socket_is_probed_so_that_a_vanished_page_frees_its_slot(setting
         page.close()
 
 
+def test_a_quiet_socket_is_pinged_so_that_a_proxy_closing_quiet_connections_keeps_it(
+        settings, upstreams, gateway, monkeypatch):
+    """A proxy in front (nginx's proxy_read_timeout, an ALB's idle timeout: 60 s) closes a
+    connection whose server has sent nothing for a while: a socket that has sent nothing for
+    SOCKET_PING_SECONDS (here 0.3 s) sends a WebSocket ping, which its client answers by itself,
+    so one behind a proxy closing connections quiet for 1.5 s stays open past
+    several of them, and then sends a notification (nothing else) as it is kept. Without the
+    pings, the proxy closed it 1.5 s on."""
+    quiet_limit = 1.5
+    monkeypatch.setattr(notifications, "SOCKET_PING_SECONDS", 0.3)
+    monkeypatch.setattr(notifications, "SOCKET_DRAIN_SECONDS", 0.1)  # (its loop's turn)
+    pinged = []
+
+    def counted(ws):
+        pinged.append(ws)
+        notifications_ping(ws)
+
+    notifications_ping = notifications.ping_the_page
+    monkeypatch.setattr(notifications, "ping_the_page", counted)
+    user = f"usr_{uuid.uuid4().hex[:16]}"
+    with _served_gateway_socket_path(settings, upstreams, "pinged", user=user) as (base, path):
+        proxy = SilencingProxy(urlsplit(base).netloc, quiet_limit=quiet_limit)
+        try:
+            socket = WebSocketClient.connect(f"ws://{proxy.address}{path}")
+            # Pinged for over 3 quiet limits (each ping 0.3 s after the last, at the soonest).
+            wait_for(lambda: len(pinged) >= 3 * quiet_limit / 0.3 or not socket.connected,
+                     timeout=30, what="the socket pinged, or closed")
+            assert proxy.quiet_cuts == 0 and socket.connected
+            with gateway.application.app_context(), transaction() as session:
+                notifications.on_order_status_changes(session, _status_changes(user))
+            sent = json.loads(socket.receive(timeout=10) or "null")
+            assert sent and sent["payload"]["user_id"] == user, sent
+            socket.close()
+        finally:
+            proxy.close()
+
+
 def _refused(url, code: int = 1013, reason: str | None = None,
              headers: dict | None = None) -> bool:
     """Whether the gateway closes a socket to `url` (its handshake with `headers`) with `code`
