@@ -641,11 +641,11 @@
     } catch (error) {
       report(error);
       if (session && !error.handled) {
-        // Backing off, but never sooner than the gateway asked (a 429's Retry-After, say: a
-        // request before then is refused again, and counted).
+        // Backing off, jittered, but never sooner than the gateway asked (a 429's Retry-After,
+        // say: a request before then is refused again, and counted).
         const backoff = Math.min(RECONNECT_FIRST_MS * 2 ** (attempt + 1), RECONNECT_MAX_MS);
-        const delay = Math.max(backoff, retryAfterMs(error), pauseLeftMs());
-        loadTimer = setTimeout(() => loadShop(attempt + 1), delay);
+        const asked = Math.max(retryAfterMs(error), pauseLeftMs());
+        loadTimer = setTimeout(() => loadShop(attempt + 1), notSoonerThan(jittered(backoff), asked));
       }
     }
   }
@@ -1213,12 +1213,21 @@
     return ms * (0.75 + Math.random() / 2);
   }
 
+  // `ms`, or, when an answer asked for longer (`floorMs`: a Retry-After, the pause), that and up to
+  // a quarter more, at random: pages refused together (a gateway process losing Redis closes its
+  // sockets at once, and each page's ticket is then refused, Retry-After 5; an address's socket
+  // handshakes are counted in windows of a minute, each page told to wait for its end) would
+  // otherwise come back in step, the jitter of their own waits lost under the floor.
+  function notSoonerThan(ms, floorMs) {
+    return ms >= floorMs ? ms : floorMs * (1 + Math.random() / 4);
+  }
+
   // Backing off, each wait twice the last, up to `maxMs`, and `atLeastMs` at least.
   function scheduleReconnect(maxMs, atLeastMs = 0) {
     if (reconnectTimer || !session) return;
     const delay = jittered(reconnectDelay);
     reconnectDelay = Math.min(reconnectDelay * 2, maxMs);
-    reconnectIn(Math.max(delay, atLeastMs, pauseLeftMs()));
+    reconnectIn(notSoonerThan(delay, Math.max(atLeastMs, pauseLeftMs())));
   }
 
   // Reconnects in `delay` ms, or, the tab hidden then, once it is shown again (no one is looking,

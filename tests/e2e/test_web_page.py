@@ -1272,6 +1272,49 @@ def test_a_page_opens_each_socket_with_a_ticket_of_its_own_and_waits_as_a_refusa
     assert shopper.token not in " ".join(urls)
 
 
+# Played by the browser itself: Math.random at its highest (just under 1), so that each wait the
+# page jitters is as long as its jitter makes it; the page's first read of the newest notification
+# refused past the user's rate limit (Retry-After 3), its first request for a socket ticket as with
+# Redis away (503, Retry-After 5); the rest is real. When each was asked is kept.
+RANDOM_HIGHEST_AND_FIRST_READ_AND_TICKET_REFUSED = _fetch_played(before="""
+    Math.random = () => 0.999;
+    window.hseshopNewestReads = [];
+    window.hseshopTickets = [];""", answer="""
+    const refused = {
+      "/api/notifications/newest": [window.hseshopNewestReads, 429, "RATE_LIMITED", "3"],
+      "/api/notifications/tickets": [window.hseshopTickets, 503, "NOTIFICATIONS_UNAVAILABLE", "5"],
+    }[path];
+    if (refused) {
+      const [asked, status, code, retryAfter] = refused;
+      asked.push(performance.now());
+      if (asked.length === 1) return refusal(status, code, "Not now.", {"Retry-After": retryAfter});
+    }
+    return realFetch(input, init);""")
+
+
+def test_a_page_told_to_wait_comes_back_up_to_a_quarter_later_at_random(stack, browser):
+    """A wait an answer asks for (Retry-After) is a floor the page's jitter goes on above, up to a
+    quarter of it: its shop's load read again 3 s to 3.75 s after a 429 with Retry-After 3, its
+    ticket asked for again 5 to 6.25 s after a 503 NOTIFICATIONS_UNAVAILABLE with Retry-After 5
+    (here each at its latest, Math.random played at its highest). The floor wiped the jitter out
+    before, and the pages whose sockets a process closed together (losing Redis, up to 192) came
+    back in step, every 5 s. (The page's clock sped up as far as a quarter of each wait stays well
+    over a busy machine's lateness in firing a timer.)"""
+    speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": RANDOM_HIGHEST_AND_FIRST_READ_AND_TICKET_REFUSED})
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    page.sign_up(f"web_{uuid.uuid4().hex[:12]}", PASSWORD)
+    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
+                    timeout=PAGE_DEADLINE + 5, what="the page's socket open")
+    reads, tickets = browser.execute_script(
+        "return [window.hseshopNewestReads, window.hseshopTickets];")
+    early = rounding_ms(RACING_CLOCK_SPEEDUP)
+    latest = 1 + 0.999 / 4
+    assert reads[1] - reads[0] >= 3000 * latest - early, reads
+    assert tickets[1] - tickets[0] >= 5000 * latest - early, tickets
+
+
 # Played by the browser itself: the page's first two requests for a socket ticket are held, never
 # answered (failed only when the page aborts them), its third answered 201 with no ticket; the rest
 # are real. When each was asked, and when each held one was aborted, are kept.
