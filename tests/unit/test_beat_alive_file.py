@@ -19,6 +19,10 @@ from shared.task_queues import redis_reached
 from tasks.alive import BEAT_ALIVE_FILE_SETTING, AliveFileScheduler
 
 
+# The test schedulers' apps send to kombu's in-memory broker (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("in_memory_broker")
+
+
 class _ClosingFails(Scheduler):
     def close(self) -> None:
         raise OSError("the schedule's last sync failed")
@@ -58,14 +62,6 @@ class _FirstSyncFails(_AliveFileScheduler):
         self.synced += 1
         if self.synced == 1:
             raise OSError(28, "No space left on device")
-
-
-@pytest.fixture(autouse=True)
-def _in_memory_broker(monkeypatch):
-    """The test schedulers' apps send to kombu's in-memory broker: Celery takes the environment's
-    CELERY_BROKER_URL over the broker an app is made with, and the test session sets it (the
-    sessions's Redis, whose `celery` queue other tests' sends had left tasks in)."""
-    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
 
 
 def _scheduler(scheduler_class, tmp_path):

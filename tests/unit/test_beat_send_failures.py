@@ -6,17 +6,26 @@ app's broker is kombu's in-memory one, and the scheduler's send and sync raise a
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 from celery import Celery
+from kombu import Connection
 from kombu.exceptions import EncodeError, OperationalError
 
 from tasks.beat import FIRST_RUN_WITHIN, BoundedScheduler
 
+BROKER = "memory://"
 PRUNER = "prune-now-and-then"
 EVERY = timedelta(hours=1)
+# The queue the entry is sent to, the test module's own (the in-memory broker is the process's:
+# another test's sends would be counted).
+QUEUE = f"beat-send-failures-test-{uuid.uuid4().hex[:8]}"
+
+# The scheduler's app sends to kombu's in-memory broker (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("in_memory_broker")
 
 
 class _Scheduler(BoundedScheduler):
@@ -41,8 +50,9 @@ class _Scheduler(BoundedScheduler):
 @pytest.fixture
 def scheduler(tmp_path) -> Iterator[_Scheduler]:
     """A scheduler whose one entry, run hourly (a pruner's interval), is due."""
-    app = Celery("beat-send-failures-test", set_as_current=False, broker="memory://")
-    app.conf.beat_schedule = {PRUNER: {"task": "test.prune", "schedule": EVERY}}
+    app = Celery("beat-send-failures-test", set_as_current=False, broker=BROKER)
+    app.conf.beat_schedule = {PRUNER: {"task": "test.prune", "schedule": EVERY,
+                                       "options": {"queue": QUEUE}}}
     app.conf.result_expires = None  # (as the shop's: no celery.backend_cleanup entry)
     made = _Scheduler(app=app, schedule_filename=str(tmp_path / "schedule"))
     made.schedule[PRUNER].last_run_at = app.now() - EVERY - timedelta(minutes=1)
@@ -80,3 +90,6 @@ def test_an_entry_otherwise_failed_or_sent_is_due_an_interval_on(scheduler, send
     scheduler.send_raises = send_raises
     scheduler.sync_raises = sync_raises
     assert _due_again_in(scheduler) > EVERY.total_seconds() - 60
+    with Connection(BROKER) as connection:  # (sent, to the broker the app was made with)
+        assert connection.default_channel.queue_declare(QUEUE).message_count == (
+            send_raises is None)
