@@ -103,6 +103,16 @@ def line_within(stream: IO[str], timeout: float, what: str) -> str:
     return "".join(read)
 
 
+def end_child(process: subprocess.Popen) -> None:
+    """What a test leaves of a child it started, ended: killed if it still runs, reaped, and its
+    pipes closed (Popen's own exit). A Popen let go of with a pipe open warns as it is collected
+    (ResourceWarning: unclosed file), one not reaped too."""
+    if process.poll() is None:
+        process.kill()
+    with process:
+        pass
+
+
 def gone(pid: int) -> bool:
     """True once pid no longer runs (a zombie waiting for its reaper counts as gone)."""
     return started_at(pid) is None

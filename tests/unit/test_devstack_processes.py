@@ -23,7 +23,7 @@ from devstack.leftovers import RunInTheWay, RunRecord, started_at, this_boot
 from devstack.logs import LogFollower
 from devstack.processes import ManagedProcess, ProcessGroup
 from devstack.stack import DEFAULT_PORTS, Stack
-from tests.process_tools import gone, line_within, start_child
+from tests.process_tools import end_child, gone, line_within, start_child
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -270,16 +270,13 @@ def test_what_a_hook_raises_leaves_no_process_running():
 
 @contextlib.contextmanager
 def _started_ready(program: str, tmp_path: Path) -> Iterator[subprocess.Popen]:
-    """`program` (_started), given once it says "ready"; killed on the way out if still running
-    (what the test leaves, if it fails)."""
+    """`program` (_started), given once it says "ready"; ended on the way out (end_child)."""
     parent = _started(program, tmp_path)
     try:
         assert line_within(parent.stdout, 30, '"ready"').strip() == "ready"
         yield parent
     finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
+        end_child(parent)
 
 
 def test_a_second_ctrl_c_while_the_apis_stop_stops_the_rest_at_once_without_the_drain(tmp_path):
@@ -356,9 +353,7 @@ def test_a_process_whose_stop_a_second_ctrl_c_cuts_short_is_killed_not_left_runn
         assert parent.wait(10) == -signal.SIGINT
         wait_until(lambda: not _running(api_pid), 5, 0.02, "the api killed")
     finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
+        end_child(parent)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(api_pid, signal.SIGKILL)
 
@@ -439,13 +434,16 @@ def test_ctrl_c_sigterm_or_a_hangup_stops_every_process_the_program_started(tmp_
         """
     )
     parent = _started(program, tmp_path)
-    children = [int(line_within(parent.stdout, 30, "a child's pid")) for _ in range(2)]
-    assert line_within(parent.stdout, 30, '"ready"').strip() == "ready"
+    try:
+        children = [int(line_within(parent.stdout, 30, "a child's pid")) for _ in range(2)]
+        assert line_within(parent.stdout, 30, '"ready"').strip() == "ready"
 
-    parent.send_signal(signum)
+        parent.send_signal(signum)
 
-    assert parent.wait(10) == exit_code
-    assert all(gone(pid) for pid in children)
+        assert parent.wait(10) == exit_code
+        assert all(gone(pid) for pid in children)
+    finally:
+        end_child(parent)
 
 
 def _started(program: str, cwd, ignoring_ctrl_c: bool = False, stderr=None) -> subprocess.Popen:
@@ -496,9 +494,7 @@ def test_a_program_started_ignoring_ctrl_c_goes_on_ignoring_it(tmp_path):
         assert parent.wait(10) == 128 + signal.SIGTERM
         assert gone(child)
     finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
+        end_child(parent)
 
 
 def test_wait_until_names_what_it_waited_for():
@@ -688,8 +684,8 @@ def _make_run(tmp_path, shop: list[str], start_hangs: bool = False,
 @contextlib.contextmanager
 def _make_run_ready(tmp_path, shop: list[str], start_hangs: bool = False, broker: bool = False):
     """A _make_run, given as (run, the shop's pid) once it says Ctrl-C stops everything (if
-    `start_hangs`, once its shop has started); killed on the way out if still running, its shop's
-    process group with it if still there (what the test leaves, if it fails)."""
+    `start_hangs`, once its shop has started); ended on the way out (end_child), its shop's
+    process group killed if still there (what the test leaves, if it fails)."""
     run, pid = _make_run(tmp_path, shop, start_hangs, broker), None
     try:
         pid = int(line_within(run.stdout, 30, "the shop's pid"))
@@ -698,9 +694,7 @@ def _make_run_ready(tmp_path, shop: list[str], start_hangs: bool = False, broker
             pass
         yield run, pid
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        end_child(run)
         if pid is not None and not gone(pid):
             os.killpg(pid, signal.SIGKILL)
 
@@ -905,8 +899,7 @@ def _recorded_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
 
 def test_what_a_run_killed_outright_left_running_the_next_run_in_its_folder_stops(tmp_path):
     run, pids = _recorded_run(tmp_path)
-    run.kill()  # (SIGKILL: no chance to stop anything)
-    run.wait(10)
+    end_child(run)  # (killed, SIGKILL: no chance to stop anything)
     try:
         assert not any(gone(pid) for pid in pids)  # left running
 
@@ -931,6 +924,7 @@ def test_the_record_of_a_run_still_running_is_left_alone_and_ended_by_it_as_it_s
     finally:
         run.terminate()
         run.wait(10)
+        end_child(run)
     assert all(gone(pid) for pid in pids)
     assert not (tmp_path / "processes").exists()
 
@@ -943,12 +937,24 @@ def test_a_pid_since_given_to_another_process_is_not_taken_for_one_left(tmp_path
     record = tmp_path / "processes"
     record.write_text(f"{other.pid} {started_at(other.pid) - 1} {signal.SIGTERM} broker\n"
                       f"{other.pid} {started_at(other.pid)}")  # (torn)
+    this_run = RunRecord(record)
     try:
-        assert RunRecord(record).begin() == []
+        assert this_run.begin() == []
         assert other.alive()
         assert record.read_text() == f"boot {this_boot()}\n"  # this run's list now
     finally:
+        this_run.end()
         other.stop()
+
+
+def _begun_and_ended(path: Path) -> list[str]:
+    """What a run's RunRecord(path).begin() stopped, the run then ended (its list closed, and the
+    list's lock with it: held, no other run could begin)."""
+    record = RunRecord(path)
+    try:
+        return record.begin()
+    finally:
+        record.end()
 
 
 def test_a_list_of_another_boot_names_nothing_that_runs(tmp_path):
@@ -965,11 +971,11 @@ def test_a_list_of_another_boot_names_nothing_that_runs(tmp_path):
         return record
 
     try:
-        assert RunRecord(naming_it(f"boot {other_boot}\n")).begin() == []
+        assert _begun_and_ended(naming_it(f"boot {other_boot}\n")) == []
         assert running.alive()
 
         for written_in in (f"boot {this_boot()}\n", ""):
-            assert RunRecord(naming_it(written_in)).begin() == ["broker"]
+            assert _begun_and_ended(naming_it(written_in)) == ["broker"]
             wait_until(lambda: not running.alive(), 15, 0.02, "the broker to be stopped")
             running.start()
     finally:
@@ -986,7 +992,7 @@ def test_a_list_whose_process_still_runs_as_the_run_ends_is_kept_for_the_next(tm
     record.end()
     try:
         assert (tmp_path / "processes").exists()
-        assert RunRecord(tmp_path / "processes").begin() == ["worker"]
+        assert _begun_and_ended(tmp_path / "processes") == ["worker"]
         wait_until(lambda: not still.alive(), 5, 0.02, "the worker to end")
     finally:
         still.stop()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from tasks import parked
-from tests.process_tools import start_child
+from tests.process_tools import end_child, start_child
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,13 +54,16 @@ def test_list_whose_reader_goes_while_its_last_lines_wait_in_its_buffer_ends_as_
         command = start_child(
             [sys.executable, "-c", _LISTING_STOOD_IN.format(lines=lines)], cwd=REPO,
             env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        fcntl.fcntl(command.stdout.fileno(), fcntl.F_SETPIPE_SZ, pipe_holds)
-        _wait_until_full(command.stdout.fileno(), pipe_holds)  # its last lines wait then
-        first = os.read(command.stdout.fileno(), LINE_LENGTH)
-        command.stdout.close()  # the reader, gone after one line
-        said = command.stderr.read()
-        assert (command.wait(timeout=30), said, first[:8]) == (parked.SIGPIPE_EXIT, b"",
-                                                                b"0000000 ")
+        try:
+            fcntl.fcntl(command.stdout.fileno(), fcntl.F_SETPIPE_SZ, pipe_holds)
+            _wait_until_full(command.stdout.fileno(), pipe_holds)  # its last lines wait then
+            first = os.read(command.stdout.fileno(), LINE_LENGTH)
+            command.stdout.close()  # the reader, gone after one line
+            said = command.stderr.read()
+            assert (command.wait(timeout=30), said, first[:8]) == (parked.SIGPIPE_EXIT, b"",
+                                                                    b"0000000 ")
+        finally:
+            end_child(command)
 
 
 def _wait_until_full(read_end: int, holds: int, within: float = 30.0) -> None:

@@ -20,7 +20,7 @@ import pytest
 from devstack.infra import free_port
 from devstack.leftovers import started_at
 from tests.polling import wait_for
-from tests.process_tools import gone, line_within, start_child
+from tests.process_tools import end_child, gone, line_within, start_child
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,9 +46,7 @@ def test_a_child_dies_with_a_session_killed_outright():
         session.wait(10)
         wait_for(lambda: gone(child), timeout=10, what="the child to die with its session")
     finally:
-        session.kill()
-        session.wait(10)
-        session.stdout.close()
+        end_child(session)
         if started_at(child) == child_started:  # (left by a failure: not left running)
             os.kill(child, signal.SIGKILL)
 
@@ -107,9 +105,7 @@ def test_a_line_a_silent_child_never_writes_fails_the_test_in_time_saying_what_h
         assert str(failed.value) == ('timed out after 0.5s waiting for "ready"; read of the line '
                                      "so far: 'half a'")
     finally:
-        child.kill()
-        child.wait(10)
-        child.stdout.close()
+        end_child(child)
 
 
 def test_a_line_is_read_as_readline_reads_it_the_next_left_for_the_next_read():
@@ -120,8 +116,7 @@ def test_a_line_is_read_as_readline_reads_it_the_next_left_for_the_next_read():
         assert line_within(child.stdout, 10, "the last, unended") == "three"
         assert line_within(child.stdout, 10, "the end") == ""
     finally:
-        child.wait(10)
-        child.stdout.close()
+        end_child(child)
 
 
 def test_a_pipe_opened_in_binary_is_refused_not_read_to_its_end():
@@ -132,5 +127,4 @@ def test_a_pipe_opened_in_binary_is_refused_not_read_to_its_end():
         with pytest.raises(TypeError, match="reads a pipe opened in text, not BufferedReader"):
             line_within(child.stdout, 10, "the first line")
     finally:
-        child.wait(10)
-        child.stdout.close()
+        end_child(child)

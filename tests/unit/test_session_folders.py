@@ -15,7 +15,7 @@ from devstack.leftovers import RunRecord, started_at, this_boot
 from devstack.processes import ManagedProcess
 from tests.pid_namespaces import pid_namespace, pid_namespaces_running
 from tests.polling import wait_for
-from tests.process_tools import gone, line_within, start_child
+from tests.process_tools import end_child, gone, line_within, start_child
 from tests.session_folders import CLAIMED, begin_session, reap_sessions_gone
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -70,8 +70,7 @@ def test_what_a_session_killed_outright_left_running_the_next_session_stops(tmp_
         record.end()
     finally:  # (what the test leaves, if it fails)
         for session in (killed, running):
-            session.kill()
-            session.wait(10)
+            end_child(session)
         for pid in pids + running_pids:
             if not gone(pid):
                 os.killpg(pid, signal.SIGKILL)
@@ -209,9 +208,7 @@ def test_the_folder_of_a_pid_namespace_ended_is_removed_and_its_records_not_read
         assert worker.alive()
         assert os.listdir(root) == [folders[1].name]
     finally:
-        running.kill()
-        running.wait(10)
-        running.stdout.close()
+        end_child(running)
         worker.stop()
 
 
