@@ -9,6 +9,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -161,6 +162,14 @@ class ShopPage:
     def top_up(self, amount: str) -> None:
         self.fill("topup-amount", amount)
         self.element("topup-submit").click()
+
+    def top_up_retried(self, amount: str, what: str = "the top-up retried") -> None:
+        """Tops up `amount` (as typed), a top-up that had gone through already (its answer lost,
+        or not to be trusted), and waits until the page says so: not counted again."""
+        self.top_up(amount)
+        said = f"{Decimal(amount.replace(',', '.')):.2f}"  # as the shop writes it
+        self.wait_until(lambda: self.text("message") == f"The top-up of {said} had gone through"
+                        " already; it was not counted again.", what=what)
 
     def place_order(self, amount: str, description: str) -> str:
         """Places an order and returns its id, once it appears at the top of the list."""
@@ -744,11 +753,7 @@ def _top_up_maybe_through_then_retried(page: ShopPage, amount: str, balance: str
     page.wait_until(lambda: "may have gone through" in page.text("message"),
                     what="the page to say the top-up may have gone through")
     page.wait_until(lambda: page.text("balance") == balance, what="the balance read again")
-    retried = retyped or amount
-    page.top_up(retried)
-    said = f"{float(retried.replace(',', '.')):.2f}"  # as the shop writes it
-    page.wait_until(lambda: page.text("message") == f"The top-up of {said} had gone through"
-                    " already; it was not counted again.", what="the top-up retried")
+    page.top_up_retried(retyped or amount)
 
 
 def test_a_top_up_and_an_order_whose_answers_were_lost_count_once(stack, browser):
@@ -842,11 +847,7 @@ def _signed_in_again_and_lost_top_up_retried(page: ShopPage, shopper: GatewayCli
     lost: the page says it had gone through already, not counted again (retried under its key)."""
     page.sign_in(shopper.username, "a long password")
     page.wait_until(lambda: page.visible("topup-form"), what="the top-up form")
-    page.top_up(amount)
-    said = f"{float(amount):.2f}"  # as the shop writes it
-    page.wait_until(lambda: page.text("message") == f"The top-up of {said} had gone through"
-                    " already; it was not counted again.",
-                    what="the top-up retried after signing in again")
+    page.top_up_retried(amount, what="the top-up retried after signing in again")
 
 
 def _order(page: ShopPage, amount: str, description: str):
@@ -867,12 +868,8 @@ def test_a_lost_top_up_or_order_retried_after_others_is_carried_out_once(stack, 
 
     _answer_lost(page, lambda: page.top_up("100"), "The top-up of 100.00 may have gone through")
     _answer_lost(page, lambda: page.top_up("50"), "The top-up of 50.00 may have gone through")
-    page.top_up("100.00")
-    page.wait_until(lambda: page.text("message") == "The top-up of 100.00 had gone through"
-                    " already; it was not counted again.", what="the first top-up retried")
-    page.top_up("50")
-    page.wait_until(lambda: page.text("message") == "The top-up of 50.00 had gone through already;"
-                    " it was not counted again.", what="the second top-up retried")
+    page.top_up_retried("100.00", what="the first top-up retried")
+    page.top_up_retried("50", what="the second top-up retried")
     assert shopper.api("GET", "/accounts/balance", 200)["balance"] == "250.00"
 
     maybe_placed = ("The order for 10.00 may have been placed: the orders below are read again."
@@ -902,9 +899,7 @@ def test_a_lost_top_up_or_order_retried_after_a_reload_is_carried_out_once(stack
     browser.refresh()
     page.wait_until(lambda: page.visible("shop-section") and page.visible("topup-form"),
                     what="the shop after the reload")
-    page.top_up("20")
-    page.wait_until(lambda: page.text("message") == "The top-up of 20.00 had gone through already;"
-                    " it was not counted again.", what="the top-up retried")
+    page.top_up_retried("20")
     _order(page, "5", "pen")()
     page.wait_until(lambda: "That order for 5.00 was placed already" in page.text("message"),
                     what="the order retried")
@@ -1935,9 +1930,7 @@ def test_keys_the_full_storage_could_not_save_leave_no_settled_key_behind(stack,
     _answer_lost(page, lambda: page.top_up("20"), "The top-up of 20.00 may have gone through")
     assert browser.execute_script(FILL_SESSION_STORAGE), "the storage is not full"
     _answer_lost(page, lambda: page.top_up("1000"), "The top-up of 1000.00 may have gone through")
-    page.top_up("20")
-    page.wait_until(lambda: page.text("message") == "The top-up of 20.00 had gone through already;"
-                    " it was not counted again.", what="the top-up retried")
+    page.top_up_retried("20")
 
     browser.execute_script("sessionStorage.removeItem('filler');")
     browser.refresh()
