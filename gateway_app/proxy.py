@@ -4,7 +4,8 @@ identity signed by the gateway and the request id.
 
 A service that cannot be reached answers 503, one too slow 504 (one deadline for the whole call,
 gateway_app/upstream_http.py), one that fails (or refuses the gateway's signed identity, or answers
-what is no answer of its API: not JSON, an error of another shape, a redirect) 502: always the
+what is no answer of its API: not JSON, an error of another shape or of a 4xx status the route does
+not document, as a 404 for a path it does not know or a 405, a redirect) 502: always the
 usual JSON error, never a hang and never a stack trace. A request that a kept-alive connection was
 closed on is sent again where that is safe (upstream_http.py; what is safe: resends.py). A service
 that answers 503 itself, with the usual JSON error (its database unavailable, say), is relayed as
@@ -25,7 +26,7 @@ from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from webargs.flaskparser import is_json_request
 
 from gateway_app.resends import safe_to_send_again
-from gateway_app.upstream_answers import (UNREADABLE_JSON, failure_for_status,
+from gateway_app.upstream_answers import (UNREADABLE_JSON, Route, failure_for_status,
                                           retry_after_passed_on)
 from gateway_app.upstream_http import error_code_of, send
 from shared.caller_deadline import deadline_headers
@@ -109,7 +110,7 @@ def forward(service: str, path: str, idempotent: bool = False,
     except requests.RequestException as exc:  # an answer broken off (its worker killed, say)
         log.warning("%s answered brokenly: %r", service, exc)
         raise BadGateway.of(service) from None
-    failure = failure_for_status(service, upstream.status_code,
+    failure = failure_for_status(service, upstream.status_code, route=Route.of_the_request(),
                                  unavailable_for_now=_unavailable_for_now(upstream),
                                  said=lambda: upstream.text,
                                  error_code=lambda: error_code_of(upstream))

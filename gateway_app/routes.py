@@ -27,8 +27,9 @@ from shared.idempotency import (IDEMPOTENCY_KEY_PARAMETER, REPLAYED_RESPONSE_HEA
 from shared.money import format_amount
 
 # What a call to a service can end in, over either transport: the service failing, unreachable
-# or too slow, or its own 503 passed on. (Its other errors are passed on as they are, but a 401,
-# which the gateway's signed identity was refused with: a 502. Each route declares them.)
+# or too slow, or its own 503 passed on. (Its other errors are passed on as they are if the route
+# declares their status, but a 401, which the gateway's signed identity was refused with; one of
+# a status the route does not declare is a 502: gateway_app/upstream_answers.py.)
 UPSTREAM_ERRORS = (BAD_GATEWAY, SERVICE_UNAVAILABLE, *DATABASE_UNAVAILABLE_OR_BUSY,
                    UPSTREAM_TIMEOUT)
 # And what a call whose work the service commits can end in besides: the service's rollback for

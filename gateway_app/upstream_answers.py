@@ -1,6 +1,7 @@
 """What the gateway makes of a service's answer, whichever transport carried it: an error of the
-API's and what is none, the error statuses it answers for itself rather than relay, and a
-Retry-After passed on only if it is one, as a number of seconds.
+API's and what is none, the error statuses it answers for itself rather than relay (a 4xx its route
+does not document among them: a 502, logged), and a Retry-After passed on only if it is one, as a
+number of seconds.
 
 A 504 is the gateway's own, of two kinds. The service's own 504 CALLER_GAVE_UP, its work rolled
 back as the deadline the gateway signed passed before it could commit (shared/caller_deadline.py),
@@ -18,11 +19,15 @@ import logging
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from flask import current_app, request
+
 from shared.documented_errors import INVALID_DEADLINE
 from shared.errors import ApiError, BadGateway, UpstreamRolledBack, UpstreamTimeout
+from shared.http_api import documented_error_statuses
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +57,37 @@ def rolled_back_for_the_deadline(status: int, error_code: str | None) -> bool:
     return status == UpstreamRolledBack.status and error_code == UpstreamRolledBack.code
 
 
-def failure_for_status(service: str, status: int, *, unavailable_for_now: bool,
+@dataclass(frozen=True)
+class Route:
+    """The gateway's route a service answers for: its `name` (method and rule), for the log, and
+    the `error_statuses` its OpenAPI document gives (shared.http_api.documented_error_statuses)."""
+
+    name: str
+    error_statuses: frozenset[int]
+
+    @classmethod
+    def of_the_request(cls) -> Route:
+        """The route of the request under way."""
+        view = current_app.view_functions[request.endpoint]
+        return cls(f"{request.method} {request.url_rule.rule}", documented_error_statuses(view))
+
+
+def failure_for_status(service: str, status: int, *, route: Route, unavailable_for_now: bool,
                        said: Callable[[], str | None],
                        error_code: Callable[[], str | None]) -> ApiError | None:
-    """What the gateway answers for a service's answer of `status` instead of relaying it (None:
-    relayed, as far as its status goes): a 504, for an answer that came too late to count: the
-    service's own CALLER_GAVE_UP, its work rolled back, is UpstreamRolledBack (nothing was done),
-    any other (whatever stands in front of it timing out) UpstreamTimeout (it may have been);
-    a 502 for any other 5xx but a 503 that is `unavailable_for_now` (the service's own, in the
-    usual error shape: it can say when to retry), for a 401 (the gateway's signed identity
-    refused) and for a 400 INVALID_DEADLINE (the deadline the gateway signed refused for its
-    form: the gateway's fault, about a header its client never sent). `said` gives the service's
-    body or message, read only for the log, and `error_code` its error's code (None: it gave
-    none, or no error of the API's), read only for a 504, a 401's log line and a 400."""
+    """What the gateway answers for a service's answer of `status` to `route` instead of relaying
+    it (None: relayed, as far as its status goes): a 504, for an answer that came too late to
+    count: the service's own CALLER_GAVE_UP, its work rolled back, is UpstreamRolledBack (nothing
+    was done), any other (whatever stands in front of it timing out) UpstreamTimeout (it may have
+    been); a 502 for any other 5xx but a 503 that is `unavailable_for_now` (the service's own, in
+    the usual error shape: it can say when to retry), for a 401 (the gateway's signed identity
+    refused), for a 400 INVALID_DEADLINE (the deadline the gateway signed refused for its form:
+    the gateway's fault, about a header its client never sent) and for any other 4xx the route
+    does not document (a 404 for a path the service does not know, its URL wrong; a 405): no
+    answer the route gives, as over gRPC a method the service does not know is none. `said`
+    gives the service's body or message, read only for the log, and `error_code` its error's
+    code (None: it gave none, or no error of the API's), read only for a 504, a 401's log line
+    and a 400."""
     if status == 504:
         if rolled_back_for_the_deadline(status, error_code()):
             log.warning("%s rolled the request back, the gateway's deadline passed before its"
@@ -80,6 +103,10 @@ def failure_for_status(service: str, status: int, *, unavailable_for_now: bool,
     if status == 400 and error_code() == INVALID_DEADLINE.code:
         log.error("%s refused the deadline the gateway signed for its form (%s): are the two of"
                   " one release (deployed together)?", service, (said() or "")[:500])
+        return BadGateway.of(service)
+    if 400 <= status < 500 and status not in route.error_statuses:
+        log.error("%s: %s answered %s, a status the route does not document: %s", route.name,
+                  service, status, (said() or "")[:500])
         return BadGateway.of(service)
     return None
 

@@ -23,7 +23,7 @@ import grpc
 from flask import current_app, g
 
 from gateway_app.resends import SECOND_TRY_NEEDS_SECONDS
-from gateway_app.upstream_answers import (UNREADABLE_JSON, an_error_of_the_api,
+from gateway_app.upstream_answers import (UNREADABLE_JSON, Route, an_error_of_the_api,
                                           failure_for_status, retry_after_passed_on,
                                           rolled_back_for_the_deadline)
 from shared.caller_deadline import COMMIT_GRACE_SECONDS, deadline_moment
@@ -311,10 +311,11 @@ _ERROR_STATUS = re.compile(r"[45][0-9]{2}")
 def _the_services_error(service: str, exc: grpc.RpcError, trailers: dict[str, str]) -> ApiError:
     """The error the service said in a failed call's `trailers`, as its HTTP API would have
     answered it, and as the HTTP transport relays it (gateway_app/upstream_answers.py: a 5xx but
-    its own 503 a 502, a 504 a 504, its CALLER_GAVE_UP saying nothing was done, a Retry-After
-    that is none left out). Trailers that are none the service writes (a status that is no error
-    status, or no error of the API's: its code not of shared/errors.py's form, details missing
-    or no JSON object) are a 502, as an answer over HTTP that is no answer of the API is."""
+    its own 503 a 502, a 504 a 504, its CALLER_GAVE_UP saying nothing was done, a 4xx the route
+    does not document a 502, a Retry-After that is none left out). Trailers that are none the
+    service writes (a status that is no error status, or no error of the API's: its code not of
+    shared/errors.py's form, details missing or no JSON object) are a 502, as an answer over HTTP
+    that is no answer of the API is."""
     status, code = trailers[HTTP_STATUS_KEY], trailers.get(ERROR_CODE_KEY)
     message = exc.details() or ""
     try:
@@ -327,7 +328,8 @@ def _the_services_error(service: str, exc: grpc.RpcError, trailers: dict[str, st
                   {key: value[:200] for key, value in trailers.items()})
         return BadGateway.of(service)
     # (A 503 in these trailers is the service's own: they say an error of its API.)
-    failure = failure_for_status(service, int(status), unavailable_for_now=True,
+    failure = failure_for_status(service, int(status), route=Route.of_the_request(),
+                                 unavailable_for_now=True,
                                  said=exc.details, error_code=lambda: code)
     if failure is not None:
         return failure

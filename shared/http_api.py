@@ -255,6 +255,15 @@ def _document_errors(view, errors_of_every_route: tuple[DocumentedError, ...]) -
     view._errors_documented = True
     documented.get("arguments", {}).pop("responses", None)
     responses = documented.setdefault("response", {}).setdefault("responses", {})
-    for status, response in error_responses(errors).items():
+    by_status = error_responses(errors)
+    for status, response in by_status.items():
         # (as flask-smorest's alt_response keeps one: its content type the API's default)
         responses.setdefault(status, []).append({**response, "content_type": None})
+    view._documented_error_statuses = frozenset(by_status)
+
+
+def documented_error_statuses(view) -> frozenset[int]:
+    """The statuses `view` (a route's view, as its Blueprint registered it) documents an error
+    under in its OpenAPI document: the one list of them, which a gateway relaying a service's
+    error holds it to (gateway_app/upstream_answers.py)."""
+    return view._documented_error_statuses

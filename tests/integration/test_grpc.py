@@ -1968,14 +1968,16 @@ def test_a_service_whose_pool_has_no_connection_free_is_503_busy_over_both_trans
 
 
 class _FailingAsTold(orders_pb2_grpc.OrdersServicer):
-    """Fails every ListOrders with the trailers it is told (`trailers`), as a service of another
-    release, or something else at its address, might."""
+    """Fails every ListOrders and GetOrder with the trailers it is told (`trailers`), as a service
+    of another release, or something else at its address, might."""
 
     trailers: tuple[tuple[str, str], ...] = ()
 
     def ListOrders(self, request, context):
         context.set_trailing_metadata(self.trailers)
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "as told")
+
+    GetOrder = ListOrders
 
 
 class _AnsweringAsTold(http.server.BaseHTTPRequestHandler):
@@ -2067,12 +2069,14 @@ _A_DATE = "Sun, 06 Nov 1994 08:49:37 GMT"
 def test_trailers_that_are_none_of_a_services_are_a_502_not_a_500(told_how_to_fail, trailers,
                                                                   status, code):
     """As over HTTP (gateway_app/proxy.py), a failed call whose trailers say no error of the
-    API's is the service failing, and a 5xx of its own but a 503 is answered for as over HTTP."""
+    API's is the service failing, and a 5xx of its own but a 503 is answered for as over HTTP.
+    (Of an operation that documents a 404.)"""
     written = {HTTP_STATUS_KEY: "404", ERROR_CODE_KEY: "ORDER_NOT_FOUND",
                ERROR_DETAILS_KEY: json.dumps({"order_id": "x"}), **trailers}
     told_how_to_fail.servicer.trailers = tuple(
         (key, value) for key, value in written.items() if value is not None)
-    answer = told_how_to_fail.client.get("/api/orders", headers=told_how_to_fail.auth)
+    answer = told_how_to_fail.client.get(f"/api/orders/{uuid.uuid4()}",
+                                         headers=told_how_to_fail.auth)
     assert (answer.status_code, answer.get_json()["error"]["code"]) == (status, code)
     if status in (502, 504):
         assert answer.get_json()["error"]["details"] == {"service": "orders"}
@@ -2166,9 +2170,10 @@ def test_a_deadline_a_service_refuses_for_its_form_is_a_502_over_both_transports
         "details a list", "details null", "details a string", "no details"])
 def test_an_error_of_the_apis_is_one_thing_over_both_transports(settings, told_how_to_fail, code,
                                                                details, relayed):
-    """A 404 whose code and details are as the services write them is relayed, any other a 502,
-    over gRPC and over HTTP alike (gateway_app/upstream_answers.py: an_error_of_the_api): over
-    HTTP any string for a code and any details were relayed."""
+    """A 404 whose code and details are as the services write them is relayed (by an operation
+    that documents a 404), any other a 502, over gRPC and over HTTP alike
+    (gateway_app/upstream_answers.py: an_error_of_the_api): over HTTP any string for a code and
+    any details were relayed."""
     told_how_to_fail.servicer.trailers = (
         (HTTP_STATUS_KEY, "404"),
         *(((ERROR_CODE_KEY, code),) if code is not _LEFT_OUT else ()),
@@ -2180,9 +2185,62 @@ def test_an_error_of_the_apis_is_one_thing_over_both_transports(settings, told_h
             f"{told_how_to_fail.erring_http_url}/{quote(json.dumps(error), safe='')}")))
     for transport, client in (("grpc", told_how_to_fail.client),
                               ("http", over_http.test_client())):
-        answer = client.get("/api/orders", headers=told_how_to_fail.auth).get_json()["error"]
+        answer = client.get(f"/api/orders/{uuid.uuid4()}",
+                            headers=told_how_to_fail.auth).get_json()["error"]
         if relayed:
             assert (answer["code"], answer["details"]) == (code, details), transport
         else:
             assert (answer["code"], answer["details"]) == ("BAD_GATEWAY", {"service": "orders"}), \
                 transport
+
+
+def test_a_4xx_its_route_does_not_document_is_a_502_logged_over_both_transports(
+        settings, upstreams, grpc_targets, told_how_to_fail, caplog):  # noqa: F811
+    """A service's 4xx of a status the gateway's route does not document is no answer of the
+    route's: a 502, logged with the route, the status and what the service said, whichever
+    transport carried it. Over HTTP a URL naming the other service (whose 404 for a path it does
+    not know is an error of the API's shape) was relayed as the route's 404, and a 405 relayed
+    with no Allow (RFC 9110 asks one of every 405; the service's would name its own path's
+    methods), where over gRPC the other service, not knowing the method, was a 502. The gateway's
+    own 405 says which methods its path takes."""
+    auth = told_how_to_fail.auth
+    told = told_how_to_fail.servicer
+    asked = [
+        # Each service's address given for the other's.
+        ("http", _gateway(settings, upstreams, grpc_targets, "http",
+                          orders_service_url=upstreams["payments"].url),
+         "/api/orders", "404", "NOT_FOUND"),
+        ("grpc", _gateway(settings, upstreams, grpc_targets, "grpc",
+                          orders_grpc_target=grpc_targets["payments"]),
+         "/api/orders", None, None),
+        # A path the service takes by another method: its own 405.
+        ("http", _gateway(settings, upstreams, grpc_targets, "http",
+                          payments_service_url=f"{upstreams['payments'].url}/accounts?then="),
+         "/api/accounts/balance", "405", "METHOD_NOT_ALLOWED"),
+        *(("grpc", told_how_to_fail.client, "/api/orders", status, code)
+          for status, code in (("405", "METHOD_NOT_ALLOWED"), ("404", "ORDER_NOT_FOUND"))),
+    ]
+    for transport, client, path, status, code in asked:
+        told.trailers = ((HTTP_STATUS_KEY, status or ""), (ERROR_CODE_KEY, code or ""),
+                         (ERROR_DETAILS_KEY, "{}"))
+        caplog.clear()
+        answer = client.get(path, headers=auth)
+        what = (transport, path, status)
+        assert answer.status_code == 502, (what, answer.status_code, answer.get_json())
+        assert answer.get_json()["error"] == {
+            "code": "BAD_GATEWAY", "message": answer.get_json()["error"]["message"],
+            "details": {"service": "payments" if "accounts" in path else "orders"}}, what
+        if status is not None:
+            said = code if transport == "http" else "as told"
+            assert re.search(rf"GET {path}: \w+ answered {status}, a status the route does not"
+                             rf" document: .*{said}", caplog.text), (what, caplog.text)
+    # The gateway's own 405, to a method none of its paths takes.
+    spec = told_how_to_fail.client.get("/docs/openapi.json").get_json()
+    for path in spec["paths"]:
+        if path == "/api/notifications/ws":  # (any request there but a handshake: a 426)
+            continue
+        answer = told_how_to_fail.client.delete(path.replace("{order_id}", str(uuid.uuid4())),
+                                                headers=auth)
+        documented = {method.upper() for method in spec["paths"][path] if method != "parameters"}
+        assert answer.status_code == 405, path
+        assert documented <= set(answer.headers["Allow"].split(", ")), path

@@ -14,12 +14,16 @@ import orders_app.schemas
 import payments_app.schemas
 import shared.caller_deadline
 import shared.documented_errors
-from gateway_app.upstream_answers import (LONGEST_RETRY_AFTER_SECONDS, an_error_of_the_api,
-                                          failure_for_status, retry_after_passed_on,
-                                          rolled_back_for_the_deadline)
+from gateway_app.upstream_answers import (LONGEST_RETRY_AFTER_SECONDS, Route,
+                                          an_error_of_the_api, failure_for_status,
+                                          retry_after_passed_on, rolled_back_for_the_deadline)
 from shared.documented_errors import DocumentedError
 from shared.errors import INTERNAL_ERROR, ApiError, code_for
 from shared.internal_auth import InvalidIdentity
+
+
+# A route documenting the 4xx statuses the services' own errors relayed here come with.
+_ROUTE = Route("GET /api/orders/<order_id>", frozenset({400, 401, 404, 413, 422, 429}))
 
 
 def _subclasses(cls):
@@ -150,7 +154,8 @@ def test_a_retry_after_left_out_is_logged(caplog):
 ])
 def test_a_failure_of_the_services_is_answered_for_and_its_own_errors_relayed(
         status, unavailable_for_now, answered):
-    failure = failure_for_status("orders", status, unavailable_for_now=unavailable_for_now,
+    failure = failure_for_status("orders", status, route=_ROUTE,
+                                 unavailable_for_now=unavailable_for_now,
                                  said=lambda: "what it said", error_code=lambda: "SOME_CODE")
     assert (failure and (failure.status, failure.code)) == answered
 
@@ -164,7 +169,7 @@ def test_a_504_says_nothing_was_done_only_when_the_service_said_it_rolled_back(c
     """The service's CALLER_GAVE_UP is the gateway's 504 under that code, in its own words (the
     service named: "caller" would be the client's gateway to it), saying the request was not
     carried out; any other 504 "may still have taken effect"."""
-    failure = failure_for_status("orders", 504, unavailable_for_now=False,
+    failure = failure_for_status("orders", 504, route=_ROUTE, unavailable_for_now=False,
                                  said=lambda: "what it said", error_code=lambda: code)
     assert (failure.status, failure.code, failure.details) == (
         504, answered, {"service": "orders"})
@@ -197,7 +202,7 @@ def test_a_signature_used_twice_is_logged_as_that_not_as_a_release_secret_or_clo
                                "request the gateway signs has a nonce of its own)",
              "INTERNAL_AUTH_SECRET")):
         caplog.clear()
-        failure = failure_for_status("orders", 401, unavailable_for_now=False,
+        failure = failure_for_status("orders", 401, route=_ROUTE, unavailable_for_now=False,
                                      said=lambda: "what it said", error_code=lambda: code)
         assert (failure.status, failure.code) == (502, "BAD_GATEWAY")
         assert said in caplog.text and not_said not in caplog.text, code
@@ -207,10 +212,24 @@ def test_a_deadline_the_service_refuses_for_its_form_is_a_502_logged_not_relayed
     """The gateway's client never sent an X-Gateway-Deadline: a 400 INVALID_DEADLINE relayed told
     it of a header it knows nothing of. The gateway's fault, as a refused identity is: a 502, and
     the operator told. Any other 400 is relayed."""
-    failure = failure_for_status("orders", 400, unavailable_for_now=False,
+    failure = failure_for_status("orders", 400, route=_ROUTE, unavailable_for_now=False,
                                  said=lambda: "what it said",
                                  error_code=lambda: "INVALID_DEADLINE")
     assert (failure.status, failure.code) == (502, "BAD_GATEWAY")
     assert "refused the deadline the gateway signed" in caplog.text
-    assert failure_for_status("orders", 400, unavailable_for_now=False, said=lambda: "",
-                              error_code=lambda: "INVALID_IDEMPOTENCY_KEY") is None
+    assert failure_for_status("orders", 400, route=_ROUTE, unavailable_for_now=False,
+                              said=lambda: "", error_code=lambda: "INVALID_IDEMPOTENCY_KEY") is None
+
+
+@pytest.mark.parametrize("status", [404, 405, 409])
+def test_a_4xx_the_route_does_not_document_is_a_502_logged_not_relayed(caplog, status):
+    """A 404 for a path the service does not know (its URL wrong), a 405, any 4xx of a status the
+    route's document does not give: no answer of the route's, a 502 over either transport, the
+    route, the status and what the service said logged."""
+    route = Route("GET /api/orders", frozenset({400, 401, 413, 422, 429}))
+    failure = failure_for_status("orders", status, route=route, unavailable_for_now=False,
+                                 said=lambda: "what it said", error_code=lambda: "SOME_CODE")
+    assert (failure.status, failure.code, failure.details) == (
+        502, "BAD_GATEWAY", {"service": "orders"})
+    assert (f"GET /api/orders: orders answered {status}, a status the route does not document:"
+            " what it said") in caplog.text
