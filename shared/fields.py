@@ -25,17 +25,34 @@ class FullMatch(validate.Regexp):
         return value
 
 
+# The whole numbers a WholeNumber takes: a 64-bit integer's (OpenAPI's `format: int64`, a
+# PostgreSQL bigint's).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 class WholeNumber(fields.Integer):
     """A whole number as a query parameter writes it, ASCII digits after an optional minus sign,
-    or an integer as it comes (a gRPC field). (Python's int(), marshmallow's reader, would also
-    take "٥", "1_000", "+5" and " 5 ", as the amounts' parser refuses to.)"""
+    or an integer as it comes (a gRPC field), from INT64_MIN to INT64_MAX, documented as
+    `format: int64`. (Python's int(), marshmallow's reader, would also take "٥", "1_000", "+5"
+    and " 5 ", as the amounts' parser refuses to; and any number of digits, which PostgreSQL
+    compares with a bigint as a numeric: an `after` past the largest id read an empty page, where
+    it is no id at all.)"""
 
     _WRITTEN = re.compile(r"-?[0-9]+")
+    default_error_messages = {
+        "not_int64": f"Must be from {INT64_MIN} to {INT64_MAX} (a 64-bit integer)."}
+
+    def __init__(self, *args, **kwargs):
+        kwargs["metadata"] = {"format": "int64", **kwargs.get("metadata", {})}
+        super().__init__(*args, **kwargs)
 
     def _validated(self, value):
         if isinstance(value, str) and not self._WRITTEN.fullmatch(value):
             raise self.make_error("invalid", input=value)
-        return super()._validated(value)
+        number = super()._validated(value)
+        if not INT64_MIN <= number <= INT64_MAX:
+            raise self.make_error("not_int64")
+        return number
 
 
 class Amount(fields.Field):

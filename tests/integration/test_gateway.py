@@ -2079,6 +2079,24 @@ def test_a_notification_kept_with_a_numeric_amount_is_caught_up_with_that_number
     assert len(sent) == 1 and '"amount":10.50' in sent[0]
 
 
+@pytest.mark.parametrize("after", [str(2**63), "9" * 30])
+def test_an_after_past_a_64_bit_id_is_a_422_naming_it_not_an_empty_page(gateway, after):
+    """Ids are documented `format: int64` (a bigint's): PostgreSQL compared a number past them
+    with the ids as a numeric, and the page came back empty, as if the caller had seen them all.
+    The largest id is taken; one past it is refused as any `after` that is no id
+    (shared.fields.WholeNumber, as every whole number a query takes)."""
+    _, auth = _sign_up(gateway)
+    assert gateway.get(f"/api/notifications?after={2**63 - 1}", headers=auth).status_code == 200
+    answer = gateway.get(f"/api/notifications?after={after}", headers=auth)
+    assert answer.status_code == 422, answer.get_json()
+    error = answer.get_json()["error"]
+    assert (error["code"], list(error["details"]["query"])) == ("VALIDATION_ERROR", ["after"])
+    spec = gateway.get("/docs/openapi.json").get_json()
+    (documented,) = [parameter for parameter in spec["paths"]["/api/notifications"]["get"][
+        "parameters"] if parameter["name"] == "after"]
+    assert documented["schema"]["format"] == "int64"
+
+
 def _status_change(user: str, status: str, reason: str | None) -> ReceivedEvent:
     """An OrderStatusChanged event of `user`'s order reaching `status` (with `reason`)."""
     (received,) = _status_changes(user)
@@ -3346,10 +3364,11 @@ def test_a_head_handshake_is_refused_400_not_upgraded_and_spends_its_ticket(sett
         assert _refused(socket_url(base, ticket), code=1008)
 
 
-@pytest.mark.parametrize("after", ["abc", "-1", "1.5", ""])
+@pytest.mark.parametrize("after", ["abc", "-1", "1.5", "", str(2**63), "9" * 30])
 def test_a_socket_asked_for_what_is_no_notification_id_is_refused(settings, upstreams, after):
     """`after` is read as the HTTP catch-up reads it: anything but an id is refused (1008), where
-    it used to mean "from now on" without a word."""
+    it used to mean "from now on" without a word (and a number past a 64-bit id's, "nothing
+    newer", ever)."""
     with _served_gateway_socket_path(settings, upstreams, "after") as (base, path):
         url = base.replace("http://", "ws://") + path
         assert _refused(f"{url}&after={after}", code=1008)
