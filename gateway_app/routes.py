@@ -4,9 +4,11 @@ answers exactly as the service's own HTTP API would."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
-from flask import current_app, jsonify, request
+from flask import current_app, jsonify, make_response, request, url_for
 
 from gateway_app import upstream_grpc
 from gateway_app.auth import SIGNED_IN_ERRORS
@@ -41,6 +43,44 @@ blueprint = Blueprint("shop", __name__, url_prefix="/api",
                       errors=(*SIGNED_IN_ERRORS, *UPSTREAM_ERRORS))
 
 
+# An answer that made a resource (an order placed, an account opened) says where it is read (RFC
+# 9110, 10.2.2), over either transport: the path of its GET on the gateway.
+LOCATION = "Location"
+
+
+def _location_documented(where: str) -> dict[str, dict]:
+    """The Location header as a response's document gives it: `where` the resource is read."""
+    return {LOCATION: {"description": f"Where what was made is read: {where} (a path on the"
+                                      " gateway)", "schema": {"type": "string"}}}
+
+
+def _located(status: int, path_of: Callable[[Any], str | None]):
+    """The view's answers of `status` (what it made) with a Location: `path_of` their JSON body
+    (None: it names nothing, as no service answers, and the answer goes without)."""
+
+    def decorator(view):
+        @wraps(view)
+        def located(*args, **kwargs):
+            response = make_response(view(*args, **kwargs))
+            if response.status_code == status:
+                path = path_of(response.get_json(silent=True))
+                if path is not None:
+                    response.headers[LOCATION] = path
+            return response
+
+        return located
+
+    return decorator
+
+
+def _order_path(order: Any) -> str | None:
+    """The gateway's path of `order`, an answer's body, by its id (None: it names none)."""
+    order_id = order.get("id") if isinstance(order, dict) else None
+    if not (isinstance(order_id, str) and order_id):
+        return None
+    return url_for("shop.get_order", order_id=order_id)
+
+
 def _over_http() -> bool:
     return current_app.extensions["hseshop.settings"].gateway_upstream_transport == "http"
 
@@ -59,10 +99,12 @@ def _grpc(service: str, method: str, body: dict[str, Any], status: int,
 @blueprint.post("/orders")
 @blueprint.arguments(PlaceOrderSchema)
 @blueprint.doc(parameters=[IDEMPOTENCY_KEY_PARAMETER])
-@blueprint.response(202, OrderSchema, headers=REPLAYED_RESPONSE_HEADERS,
+@blueprint.response(202, OrderSchema, headers={**REPLAYED_RESPONSE_HEADERS, **_location_documented(
+                        "`/api/orders/{id}`, the order placed")},
                     description="Accepted; the payment is asked for asynchronously",
                     links=PLACED_ORDER_LINKS)
 @blueprint.errors(*PLACE_ORDER_ERRORS, *WRITE_ERRORS)
+@_located(202, _order_path)
 def place_order(args):
     """Place an order."""
     if _over_http():
@@ -100,8 +142,10 @@ def get_order(order_id: str):
 
 @blueprint.post("/accounts")
 @blueprint.arguments(EmptySchema, required=False)
-@blueprint.response(201, AccountSchema, links=OPENED_ACCOUNT_LINKS)
+@blueprint.response(201, AccountSchema, links=OPENED_ACCOUNT_LINKS,
+                    headers=_location_documented("`/api/accounts/balance`, the account opened"))
 @blueprint.errors(*OPEN_ACCOUNT_ERRORS, *WRITE_ERRORS)
+@_located(201, lambda _account: url_for("shop.balance"))
 def open_account(_args):
     """Open the signed-in user's account."""
     if _over_http():

@@ -104,10 +104,10 @@ def assert_answered_as_documented(spec: dict, method: str, path: str, answer) ->
 
 
 # The headers an answer carries only where its operation's document gives them for its status (the
-# socket's 426s their Upgrade and Sec-WebSocket-Version), and X-Request-ID, which every answer
-# carries and every response documents.
+# socket's 426s their Upgrade and Sec-WebSocket-Version, what a POST made its Location), and
+# X-Request-ID, which every answer carries and every response documents.
 DOCUMENTED_HEADERS = ("Retry-After", "Accept-Encoding", "Idempotent-Replayed", "Upgrade",
-                      "Sec-WebSocket-Version", "X-Request-ID")
+                      "Sec-WebSocket-Version", "Location", "X-Request-ID")
 
 
 def assert_headers_documented(spec: dict, method: str, path: str, answer) -> None:

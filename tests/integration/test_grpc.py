@@ -42,6 +42,7 @@ from shared.app_closing import close_app
 from shared.caller_deadline import COMMIT_GRACE_SECONDS
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
                                 RETRY_AFTER_KEY, SERVER_THREADS, build_server, channel_options)
+from shared.idempotency import REPLAYED_HEADER
 from shared.identity import CALL_THROUGH_THE_GATEWAY
 from shared.internal_auth import DEADLINE_HEADER, grpc_identity_metadata
 from shared.protos import orders_pb2, orders_pb2_grpc
@@ -51,6 +52,7 @@ from tests.integration.test_http_api import AMOUNTS_BEYOND_THE_READERS
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
 from tests.dns_tools import MovableNameServer
 from tests.network_tools import Accepting, HoldingProxy, SilencingProxy
+from tests.openapi_tools import assert_headers_documented
 from tests.process_tools import start_child
 from tests.signed_requests import MALFORMED_DEADLINES_IN_METADATA, grpc_signed
 from tests.polling import wait_for
@@ -1800,6 +1802,38 @@ def test_a_head_is_answered_with_its_gets_headers_over_both_transports(
             assert (head.status_code, head.data) == (got.status_code, b""), (transport, path)
             assert head.headers["Content-Length"] == str(len(got.data)), (transport, path)
             assert head.headers["Content-Type"] == got.headers["Content-Type"], (transport, path)
+
+
+def test_what_a_post_made_is_answered_with_where_it_is_read_over_both_transports(
+        settings, upstreams, grpc_targets):  # noqa: F811
+    """An order placed (202) and an account opened (201) say in Location the gateway's path that
+    reads them (RFC 9110, 10.2.2), a replay as the first answer did, as documented; an error
+    says none. The body and status as they were: none said it."""
+    for transport in ("grpc", "http"):
+        client = _gateway(settings, upstreams, grpc_targets, transport)
+        spec = client.get("/docs/openapi.json").get_json()
+        session = client.post("/api/auth/register", json={
+            "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+        auth = {"Authorization": f"Bearer {session['access_token']}"}
+        keyed = {**auth, "Idempotency-Key": str(uuid.uuid4())}
+        opened = client.post("/api/accounts", headers=auth)
+        placed = [client.post("/api/orders", json={"amount": "5", "description": "pen"},
+                              headers=keyed) for _ in range(2)]
+        assert REPLAYED_HEADER in placed[1].headers, transport
+        for (method, path), answer, status, where in (
+                (("post", "/api/accounts"), opened, 201, "/api/accounts/balance"),
+                *((("post", "/api/orders"), each, 202, f"/api/orders/{placed[0].get_json()['id']}")
+                  for each in placed)):
+            assert (answer.status_code, answer.headers.get("Location")) == (status, where), (
+                transport, path)
+            read = client.get(answer.headers["Location"], headers=auth)
+            assert (read.status_code, read.get_json()) == (200, answer.get_json()), transport
+            assert "Location" in spec["paths"][path][method]["responses"][str(status)]["headers"]
+            assert_headers_documented(spec, method, path, answer)
+        refused = [client.post("/api/accounts", headers=auth),
+                   client.post("/api/orders", json={"amount": "-1"}, headers=auth)]
+        assert [(answer.status_code, answer.headers.get("Location")) for answer in refused] == [
+            (409, None), (422, None)], transport
 
 
 # A body of each route that takes one, as JSON, and what its route answers it sent as such.
