@@ -595,6 +595,21 @@ def transaction() -> Iterator[Session]:
         callback()
 
 
+@contextmanager
+def rolled_back_transaction() -> Iterator[Session]:
+    """One database transaction rolled back as the block ends, however it ends: a dry run's,
+    which runs the very statements a transaction() would and keeps none of their work (nor runs
+    what after_commit registered; a NOTIFY is sent only at a commit)."""
+    session = db.session()
+    if session.in_transaction():
+        session.rollback()
+    try:
+        yield session
+    finally:
+        session.info.pop(_AFTER_COMMIT, None)
+        _rolled_back(session)
+
+
 def _rolled_back(session: Session) -> None:
     """Roll back the session's transaction, which failed: a rollback that finds the connection
     broken (the pool has replaced it and every older one) says nothing, what failed being the

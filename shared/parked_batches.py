@@ -10,7 +10,7 @@ from typing import Protocol, TypeVar
 
 from sqlalchemy.orm import Session
 
-from shared.db import transaction
+from shared.db import rolled_back_transaction, transaction
 
 
 class ParkedPlace(Protocol):
@@ -28,7 +28,7 @@ def all_parked_changed_in_transactions(
         last_parked: Callable[[Session], _Place | None],
         parked_batch: Callable[[Session, _Place, _Place | None, int], list[_Place]],
         change: Callable[[Session, list[uuid.UUID]], list[_Changed]], size: int,
-        may_come_back: bool) -> Iterator[list[_Changed]]:
+        may_come_back: bool, dry_run: bool = False) -> Iterator[list[_Changed]]:
     """Run `change` on every message parked up to the place of the one `last_parked` as it begins,
     `size` at a time in the order `parked_batch` reads them (the first `size` after a place, from
     the first when None, and up to that bound); yields what `change` returned in each transaction
@@ -45,7 +45,7 @@ def all_parked_changed_in_transactions(
     # As ints, not UUID objects: about 90 bytes a message, for any number parked.
     taken: set[int] = set()
     while through is not None:
-        with transaction() as session:
+        with (rolled_back_transaction if dry_run else transaction)() as session:
             batch = parked_batch(session, through, after, size)
             ids = [place.message_id for place in batch if place.message_id.int not in taken]
             changed = change(session, ids)

@@ -6,6 +6,7 @@ or give up on them.
     python -m tasks.parked discard payments ID [ID ...]  # or --all
     python -m tasks.parked list orders --outbox          # the same for the outbox
     python -m tasks.parked replay orders --outbox --to-topic TOPIC ID [ID ...]  # or --all
+    python -m tasks.parked discard payments --all --dry-run  # what it would do, changing nothing
 
 By default these are inbox messages. An inbox message is parked after INBOX_MAX_ATTEMPTS failed
 tries, or at once when it cannot succeed as things stand (an unknown order, a payment result of
@@ -73,6 +74,15 @@ warning of each batch's payment events as it commits; a failure or an interrupt 
 as for the inbox. (--all --to-topic sends its rows on in one transaction: its check of their types
 sees every row it sends on; one past the statement timeout says to name fewer rows at a time.)
 Replay the row once it can be sent; discard only what is garbage.
+
+With --dry-run, replay and discard take the messages a run would, in the same transactions, and
+roll each back (no task dispatched, no relay woken): they say each message (ID: would be
+discarded), how many, and what else the run would say, with its exit code. Each transaction a
+replay or a discard commits is audited in a WARNING line of the log (logger tasks.parked): the
+service and box, the database, the OS user who ran it, what it did, and every id (AUDITED_A_LINE
+a line). On a terminal (stdin a TTY), discard first asks "discard N rows of DATABASE? [y/N]" (N
+counted by a dry run) and does nothing, exit 1, but on y; --yes or --dry-run asks nothing, nor
+does a discard whose stdin is not a terminal (a script).
 """
 
 from __future__ import annotations
@@ -85,6 +95,8 @@ if __name__ == "__main__":
 import argparse
 import contextlib
 import functools
+import getpass
+import logging
 import os
 import signal
 import sys
@@ -95,12 +107,14 @@ from datetime import datetime
 from typing import TextIO, TypeVar
 
 import psycopg2
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from shared.config import SERVICES, settings_or_exit
 from shared.contracts import PAYMENT_FAILED, PAYMENT_REQUESTED, PAYMENT_SUCCEEDED
-from shared.db import db, database_now, failure_in_a_line, ran_too_long, transaction
+from shared.db import (db, database_now, failure_in_a_line, ran_too_long,
+                       rolled_back_transaction, transaction)
 from shared.inbox.parked import (discard_parked_messages, last_parked, never_parsed_parked,
                                  parked_batch, parked_messages, unpark_messages)
 from shared.migrations import why_not_ready_for_this_release
@@ -183,7 +197,8 @@ class NeverParsedLeft:
 
 def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = False,
            to_topic: str | None = None, from_topic: str | None = None,
-           never_parsed_left: NeverParsedLeft | None = None) -> Iterator[list[uuid.UUID]]:
+           never_parsed_left: NeverParsedLeft | None = None,
+           dry_run: bool = False) -> Iterator[list[uuid.UUID]]:
     """Unpark the messages (every replayable one when `message_ids` is None) and hand them back:
     inbox messages dispatched to be handled, a transaction's at a time as it commits, outbox rows
     to the relay (the commit wakes it); with `to_topic`, only outbox rows parked for a topic that
@@ -192,7 +207,8 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
     NotOfTheTopic, nothing changed). Yields the ids each transaction replayed, once it has
     committed. The inbox's records never parsed that it passed over, left parked, are counted
     in `never_parsed_left`, when given, as each transaction passes them over (before it
-    commits)."""
+    commits). A `dry_run` rolls each transaction back and dispatches nothing: it yields what a
+    replay would hand back, changing nothing."""
     app = service_app(service)
     outbox_change: _Change = unpark_outbox_messages
     if to_topic is not None:
@@ -221,11 +237,13 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
         # (A replayed message may be parked again at once, and come back under --all. Sent on
         # --to-topic, the rows are checked in one statement, so in one transaction.)
         for replayed in _changed(unpark_marked, outbox_change, message_ids, outbox,
-                                 may_come_back=True, in_batches=to_topic is None):
-            if not outbox and queues_reachable:
-                queues_reachable = _dispatched(service, replayed, marked_at)
-            elif not outbox:  # (the queue, found out of reach, not tried again)
-                unmark_for_the_next_sweep(service, replayed, marked_at)
+                                 may_come_back=True, in_batches=to_topic is None,
+                                 dry_run=dry_run):
+            if not outbox and not dry_run:  # (a dry run's are parked still: none to hand over)
+                if queues_reachable:
+                    queues_reachable = _dispatched(service, replayed, marked_at)
+                else:  # (the queue, found out of reach, not tried again)
+                    unmark_for_the_next_sweep(service, replayed, marked_at)
             yield replayed
 
 
@@ -255,16 +273,18 @@ PAYMENT_EVENTS = tuple(_LEFT_UNDONE)
 
 
 def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = False,
-            payments_left: list | None = None) -> Iterator[list[uuid.UUID]]:
+            payments_left: list | None = None, dry_run: bool = False) -> Iterator[list[uuid.UUID]]:
     """Give up on parked messages (every one when `message_ids` is None); yields the ids each
     transaction discarded, once it has committed. Those of PAYMENT_EVENTS it discarded are added
     to `payments_left`, when given, as the transaction that discarded them commits (each with its
     message_id, type and order_id, None when its payload holds none), as the statement that
-    discarded them returned them: a message parked as it ran, and discarded, is among them."""
+    discarded them returned them: a message parked as it ran, and discarded, is among them. A
+    `dry_run` rolls each transaction back: it yields what a discard would take, changing
+    nothing."""
     with _in_the_services_database(service):
         # (A discarded message is processed, a discarded row deleted: neither is parked again.)
         for discarded in _changed(discard_parked_messages, discard_parked_outbox_messages,
-                                  message_ids, outbox, may_come_back=False):
+                                  message_ids, outbox, may_come_back=False, dry_run=dry_run):
             if payments_left is not None:
                 payments_left.extend(row for row in discarded if row.type in PAYMENT_EVENTS)
             yield [row.message_id for row in discarded]
@@ -277,12 +297,13 @@ _Change = Callable[[Session, list[uuid.UUID] | None], list[_Changed]]
 
 def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
              message_ids: list[uuid.UUID] | None, outbox: bool, may_come_back: bool,
-             in_batches: bool = True) -> Iterator[list[_Changed]]:
+             in_batches: bool = True, dry_run: bool = False) -> Iterator[list[_Changed]]:
     """Run the change on the messages named in one transaction; on every parked message,
     CHANGED_PER_TRANSACTION a transaction (shared.parked_batches), unless not `in_batches` (a
     replay sent on --to-topic, which checks every row it sends on in one statement: in one
     transaction too). Yields what each transaction's change returned (the messages it changed),
-    as it commits."""
+    as it commits; under `dry_run` each transaction is rolled back instead (the same statements
+    run: what it yields is what a run would change), nothing changed."""
     change = outbox_change if outbox else inbox_change
     if message_ids is None and in_batches:
         # The inbox's in the order they were parked. (Bounded by the last parked as it begins,
@@ -303,9 +324,9 @@ def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
         order = ((last_parked_outbox_row, parked_outbox_batch) if outbox
                  else (last_parked, parked_batch))
         yield from all_parked_changed_in_transactions(*order, change, CHANGED_PER_TRANSACTION,
-                                                      may_come_back)
+                                                      may_come_back, dry_run)
         return
-    with transaction() as session:
+    with (rolled_back_transaction if dry_run else transaction)() as session:
         changed = change(session, message_ids)
     yield changed
 
@@ -412,6 +433,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                                         metavar="MESSAGE_ID")
             command_parser.add_argument("--all", action="store_true",
                                         help="every parked message")
+            command_parser.add_argument("--dry-run", action="store_true",
+                                        help=f"say what it would {command} (each message, and"
+                                             " how many), changing nothing")
+            if command == "discard":
+                command_parser.add_argument("--yes", action="store_true",
+                                            help="do not ask first (on a terminal it asks:"
+                                                 " discard N rows of DATABASE? [y/N])")
     return parser, command_parsers
 
 
@@ -432,10 +460,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     parser, command_parsers = _parser()
     argv = sys.argv[1:] if argv is None else argv
-    # --outbox may come anywhere, and --all and --to-topic TOPIC too: argparse, given `replay
-    # orders --outbox ID`, would have taken `orders` and no ids before it, and then had no place
-    # for the ids ("unrecognized arguments: ID", where `--all ID` must say to name the messages
-    # or give --all). (--outbox is left out, --all and --to-topic put last.)
+    # --outbox may come anywhere, and --all, --dry-run, --yes and --to-topic TOPIC too: argparse,
+    # given `replay orders --outbox ID`, would have taken `orders` and no ids before it, and then
+    # had no place for the ids ("unrecognized arguments: ID", where `--all ID` must say to name
+    # the messages or give --all). (--outbox is left out, the others put last.)
     args = parser.parse_args(_options_last([arg for arg in argv if arg != "--outbox"]))
     args.outbox = "--outbox" in argv  # (no abbreviations: `--out` is an error, not the inbox)
     box = "outbox" if args.outbox else "inbox"
@@ -463,23 +491,41 @@ def _run(argv: list[str] | None) -> int:
             return 1
         if refused:
             command_parsers[args.command].error(refused)
+    message_ids = None if args.all else args.message_ids
+    if args.command == "discard" and not (args.yes or args.dry_run) and sys.stdin.isatty():
+        try:
+            confirmed = _discard_confirmed(args.service, message_ids, args.outbox)
+        except _DATABASE_FAILURES as exc:
+            print(f"{args.service} {box}: nothing discarded: {_failure_in_a_line(exc)}",
+                  file=sys.stderr)
+            return 1
+        if not confirmed:
+            print(f"{args.service} {box}: nothing discarded (not confirmed)", file=sys.stderr)
+            return 1
     never_parsed_left, payments_left = NeverParsedLeft(), []
     act = (functools.partial(replay, to_topic=to_topic, from_topic=from_topic,
-                             never_parsed_left=never_parsed_left)
-           if args.command == "replay" else functools.partial(discard, payments_left=payments_left))
-    outcome = f"{args.service} {box}: {{}} message(s) {_OUTCOMES[args.command, args.outbox]}"
+                             never_parsed_left=never_parsed_left, dry_run=args.dry_run)
+           if args.command == "replay" else
+           functools.partial(discard, payments_left=payments_left, dry_run=args.dry_run))
+    # What is done to each message, as said: under --dry-run, what would be.
+    done_to = ("would be " if args.dry_run else "") + _OUTCOMES[args.command, args.outbox]
+    outcome = f"{args.service} {box}: {{}} message(s) {done_to}"
     if to_topic is not None:
         outcome += (f" to {to_topic}, with the rows behind them in their order, after the rows of"
                     " their keys sent to it under its name while they were parked")
     # Under --all a count alone: the ids changed are kept only when named, to say which were not.
     count, done = 0, set[uuid.UUID]()
     try:
-        for changed in act(args.service, None if args.all else args.message_ids, args.outbox):
+        for changed in act(args.service, message_ids, args.outbox):
             count += len(changed)
             if not args.all:
                 done.update(changed)
+            for message_id in changed if args.dry_run else ():
+                print(f"{message_id}: {done_to}")
+            if changed and not args.dry_run:
+                _audit(args.service, box, args.command, changed, to_topic)
             for payment in payments_left:  # (said as each transaction commits)
-                print(_order_left_new(args.service, box, payment), file=sys.stderr)
+                print(_order_left_new(args.service, box, payment, done_to), file=sys.stderr)
             payments_left.clear()
     except _DATABASE_FAILURES as exc:
         # Each transaction that committed stays done, its messages no longer parked: the same
@@ -502,7 +548,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"{outcome.format(f'at least {count}')} before it was interrupted; run it again"
               " for the rest", file=sys.stderr)
         return INTERRUPTED  # (run as a command, it dies of SIGINT: shared.quiet_interrupt.run_main)
-    print(outcome.format(count))
+    print(outcome.format(count) + (" (dry run: nothing changed)" if args.dry_run else ""))
     if args.all and never_parsed_left.count:
         # (Named, each is said below: not replayed, "or never parsed".)
         print(f"{args.service} {box}: {never_parsed_left.count} record(s) never parsed left"
@@ -513,9 +559,54 @@ def _run(argv: list[str] | None) -> int:
                                     and args.command == "replay" else ""))
     whys = _why_not_sent_on(args.service, left) if to_topic is not None and left else {}
     for message_id in left:
-        print(f"{message_id}: not {args.command}ed ({whys.get(message_id, why)})",
-              file=sys.stderr)
+        print(f"{message_id}: {'would not be' if args.dry_run else 'not'} {args.command}ed"
+              f" ({whys.get(message_id, why)})", file=sys.stderr)
     return 1 if left else 0
+
+
+def _discard_confirmed(service: str, message_ids: list[uuid.UUID] | None, outbox: bool) -> bool:
+    """Whether the operator, asked on the terminal how many rows of which database the discard
+    would take (counted by a dry run of it), answers y; so without asking when it would take
+    none."""
+    count = sum(map(len, discard(service, message_ids, outbox, dry_run=True)))
+    if count == 0:
+        return True
+    print(f"discard {count} rows of {_database(service)}? [y/N] ", end="", file=sys.stderr,
+          flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+# Where each replay or discard that changed something is said, at WARNING, for an audit: who ran
+# it, on which database, and every message it changed (the project's log, as the service's app
+# configured it: shared.request_context.configure_logging), as each transaction commits.
+_audit_log = logging.getLogger("tasks.parked")
+# The most message ids an audit line names: a transaction's 5,000 go in several lines, each short
+# enough for a log pipeline to keep whole (Docker's splits a line at 16 KiB).
+AUDITED_A_LINE = 100
+
+
+def _audit(service: str, box: str, command: str, message_ids: list[uuid.UUID],
+           to_topic: str | None) -> None:
+    for start in range(0, len(message_ids), AUDITED_A_LINE):
+        ids = message_ids[start:start + AUDITED_A_LINE]
+        _audit_log.warning("%s %s of %s: %s %sed %d parked message(s)%s: %s", service, box,
+                           _database(service), _who(), command, len(ids),
+                           f" to {to_topic}" if to_topic else "", ", ".join(map(str, ids)))
+
+
+def _who() -> str:
+    """The OS user running the command (its uid, where that has no name: a container's user
+    with no passwd entry, nor LOGNAME or USER set)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return f"uid {os.getuid()}"
+
+
+def _database(service: str) -> str:
+    """The service's database as its URL names it, its name and server (no user, no password)."""
+    url = make_url(service_app(service).extensions["hseshop.settings"].database_url(service))
+    return f"{url.database} at {url.host or 'localhost'}:{url.port or 5432}"
 
 
 def _fewer_to_send_on(service: str) -> str:
@@ -525,14 +616,15 @@ def _fewer_to_send_on(service: str) -> str:
             " many rows wait behind each): each goes with the rows behind it, all in one statement")
 
 
-def _order_left_new(service: str, box: str, payment) -> str:
-    """The WARNING line for a discarded event of PAYMENT_EVENTS: its order stays NEW, unless the
-    event was handled under another id (a copy in another form, discarded as such: only the
-    order's own service can tell, which this command does not read)."""
+def _order_left_new(service: str, box: str, payment, discarded: str = "discarded") -> str:
+    """The WARNING line for a discarded event of PAYMENT_EVENTS (`discarded`, or "would be
+    discarded" in a dry run): its order stays NEW, unless the event was handled under another id
+    (a copy in another form, discarded as such: only the order's own service can tell, which this
+    command does not read)."""
     # (An order id as its producer wrote it: escaped, as a type is in `list`.)
     order = (f"order {escaped_in_logs(payment.order_id)}" if payment.order_id is not None
              else "its order (no order id in its payload)")
-    return (f"WARNING {service} {box}: {payment.message_id} {payment.type} discarded: {order}"
+    return (f"WARNING {service} {box}: {payment.message_id} {payment.type} {discarded}: {order}"
             f" stays as it is (NEW), {_LEFT_UNDONE[payment.type]}, unless another copy of"
             " this event was handled (its status tells); nothing else moves a NEW order on")
 
@@ -548,19 +640,23 @@ def _why_not_sent_on(service: str, message_ids: list[uuid.UUID]) -> dict[uuid.UU
         return {}
 
 
+# The options of no value that _options_last moves to the end of the command line.
+_FLAGS = ("--all", "--dry-run", "--yes")
+
+
 def _options_last(argv: list[str]) -> list[str]:
-    """`argv` with --all, then --to-topic and its value (the next argument, or after `=`), moved
-    to its end."""
-    rest, every_one, moved = [], [], []
+    """`argv` with --all, --dry-run and --yes, then --to-topic and its value (the next argument,
+    or after `=`), moved to its end."""
+    rest, flags, moved = [], [], []
     args = iter(argv)
     for arg in args:
         if arg == "--to-topic":
             moved += [arg, *[value for value in [next(args, None)] if value is not None]]
-        elif arg == "--all":
-            every_one.append(arg)
+        elif arg in _FLAGS:
+            flags.append(arg)
         else:
             (moved if arg.startswith("--to-topic=") else rest).append(arg)
-    return rest + every_one + moved
+    return rest + flags + moved
 
 
 def _topic_to_send_on_from(service: str, to_topic: str, outbox: bool,

@@ -3,6 +3,8 @@ limit, the pruner of old rows, and parked messages replayed by an operator."""
 
 from __future__ import annotations
 
+import getpass
+import contextlib
 import io
 import logging
 import os
@@ -21,6 +23,7 @@ import psycopg2
 import pytest
 from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import case, func, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -54,6 +57,7 @@ from tests.postgres_tools import (account_row_held, called_at_the_first_statemen
                                   ending_its_session_by_a_statement, terminate_backend,
                                   the_next_commits_answer_lost,
                                   wait_for_sessions_waiting_on_a_lock)
+from tests.process_tools import start_child
 from tests.thread_tools import OutcomeThread, all_joined
 
 
@@ -2103,14 +2107,174 @@ def test_replay_all_whose_reader_goes_replays_every_batch_and_ends_as_by_sigpipe
     """`replay payments --all | head -0`: its count, the one line on stdout, met a reader gone
     once every batch was replayed, and the command ended in a traceback, exit 1, as though it
     had failed part way. It ends as `list` does when its reader goes (141), nothing said on its
-    stderr, every batch replayed and dispatched."""
+    stderr but each batch's audit line, every batch replayed and dispatched."""
     from tasks import parked
 
     requests = [_stored_request(payments_inbox, user_id) for _ in range(12)]
     _parked_first(requests)
     returncode, said = _run_with_its_reader_gone(["replay", "payments", "--all"],
                                                  also_stderr=False)
-    assert (returncode, said) == (parked.SIGPIPE_EXIT, "")
+    assert returncode == parked.SIGPIPE_EXIT, said
+    assert all(" WARNING tasks.parked " in line and " replayed " in line
+               for line in said.splitlines()), said
     assert [_row(message_id).parked_at for message_id in requests] == [None] * 12
     dispatched = set().union(*_dispatched_batches())
     assert dispatched >= set(map(str, requests))
+
+
+def _as_stored(message_id) -> tuple:
+    """What a replay or a discard changes of a message's row, as committed."""
+    row = _row(message_id)
+    return row.parked_at, row.attempts, row.last_error, row.processed_at, row.last_attempt_at
+
+
+def _audited(caplog) -> list[str]:
+    """The audit lines the operator's command logged (at WARNING, the only level it logs at)."""
+    return [record.getMessage() for record in caplog.records
+            if record.name == "tasks.parked" and record.levelno == logging.WARNING]
+
+
+def _payments_database(settings) -> str:
+    """The payments database as the operator's command names it: its name and server."""
+    url = make_url(settings.database_url("payments"))
+    return f"{url.database} at {url.host}:{url.port}"
+
+
+@pytest.mark.parametrize("command, outcome", [("replay", "handed back to be handled"),
+                                              ("discard", "discarded")])
+def test_a_dry_run_says_what_it_would_replay_or_discard_and_changes_nothing(
+        settings, payments_inbox, payments_queue, user_id, capsys, caplog, command, outcome):
+    """--dry-run takes the messages a run would (named, or --all), says each and how many, as the
+    run would say them, and rolls back: the rows are as they were, no task is dispatched, and
+    nothing is audited. Before, an operator could not see what a discard would destroy."""
+    from tasks import parked
+
+    message_id, unknown = _stored_request(payments_inbox, user_id), uuid.uuid4()
+    _parked_first([message_id])
+    before = _as_stored(message_id)
+    try:
+        assert parked.main([command, "payments", "--dry-run", str(message_id), str(unknown)]) == 1
+        said = capsys.readouterr()
+        assert said.out == (f"{message_id}: would be {outcome}\npayments inbox: 1 message(s)"
+                            f" would be {outcome} (dry run: nothing changed)\n")
+        assert said.err.splitlines()[-1] == (
+            f"{unknown}: would not be {command}ed (not parked, unknown"
+            + (", or never parsed)" if command == "replay" else ")"))
+        if command == "discard":  # (its warning, said as the discard would say it)
+            assert said.err.startswith(
+                f"WARNING payments inbox: {message_id} PaymentRequested would be discarded: order")
+        assert parked.main([command, "payments", "--all", "--dry-run"]) == 0  # (first parked)
+        said = capsys.readouterr().out.splitlines()
+        each = [line for line in said if line.endswith(f": would be {outcome}")]
+        assert f"{message_id}: would be {outcome}" in each  # (in the first batch, in any order)
+        assert (f"payments inbox: {len(each)} message(s) would be {outcome} (dry run: nothing"
+                " changed)") in said
+        assert _as_stored(message_id) == before
+        assert _dispatches_of(message_id) == []
+        assert _audited(caplog) == []
+    finally:
+        assert parked.main(["discard", "payments", str(message_id)]) == 0
+
+
+def test_each_replay_or_discard_is_audited_in_the_log_with_who_ran_it_where_and_what(
+        settings, payments_inbox, payments_queue, user_id, caplog, monkeypatch):
+    """Each transaction that changed messages says so at WARNING, through the project's logging:
+    the service and box, the database, the OS user who ran it, what it did and to how many, and
+    every id (AUDITED_A_LINE to a line). A run that changed nothing says nothing. Before, a
+    discard destroyed a message and left no trace of who did it."""
+    from tasks import parked
+
+    first, second = (_stored_request(payments_inbox, user_id) for _ in range(2))
+    _parked_first([first, second])
+    where = f"payments inbox of {_payments_database(settings)}: {getpass.getuser()}"
+    assert parked.main(["replay", "payments", str(first)]) == 0
+    assert _audited(caplog) == [f"{where} replayed 1 parked message(s): {first}"]
+    caplog.clear()
+    _parked_first([first])
+    monkeypatch.setattr(parked, "AUDITED_A_LINE", 1)
+    assert parked.main(["discard", "payments", str(first), str(second)]) == 0
+    assert sorted(_audited(caplog)) == sorted(
+        f"{where} discarded 1 parked message(s): {message_id}" for message_id in (first, second))
+    caplog.clear()
+    assert parked.main(["discard", "payments", str(first)]) == 1  # (no longer parked)
+    assert _audited(caplog) == []
+
+
+def _said_until(fd: int, end: str, timeout: float) -> str:
+    """What a child wrote on `fd` (a pipe) up to and including `end` (a prompt, which no newline
+    ends), read as it comes; fails the test should it not come within `timeout` seconds."""
+    os.set_blocking(fd, False)
+    said = bytearray()
+
+    def said_it() -> str | None:
+        with contextlib.suppress(BlockingIOError):
+            said.extend(os.read(fd, 4096))
+        return said.decode() if said.decode(errors="replace").endswith(end) else None
+
+    return wait_for(said_it, timeout=timeout, what=f"{end!r} on the child's stderr")
+
+
+@pytest.mark.parametrize("answer", ["y", "n", ""])
+def test_discard_on_a_terminal_asks_first_and_discards_only_when_answered_y(
+        settings, payments_inbox, user_id, answer):
+    """Run from a terminal (its stdin a TTY, here a pseudo-terminal), discard says how many rows
+    of which database it would discard and waits for y: anything else (Enter alone too) discards
+    nothing, exit 1. What the discard did is audited in the log the process writes. Before, a
+    discard --all typed on a terminal destroyed every parked message at once."""
+    messages = [_stored_request(payments_inbox, user_id) for _ in range(2)]
+    _parked_first(messages)
+    before = [_as_stored(message_id) for message_id in messages]
+    controller, terminal = os.openpty()
+    try:
+        command = start_child([sys.executable, "-m", "tasks.parked", "discard", "payments",
+                               *map(str, messages)], stdin=terminal, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, cwd=REPO_ROOT, env=os.environ)
+        os.close(terminal)
+        try:
+            asked = _said_until(command.stderr.fileno(), "[y/N] ", timeout=60)
+            assert asked.endswith(f"discard 2 rows of {_payments_database(settings)}? [y/N] ")
+            assert [_as_stored(message_id) for message_id in messages] == before  # (not yet)
+            os.write(controller, f"{answer}\n".encode())
+            out, err = command.communicate(timeout=60)
+        finally:
+            command.kill()
+            command.wait()
+    finally:
+        os.close(controller)
+    audit = (f" WARNING tasks.parked [request_id=-] payments inbox of"
+             f" {_payments_database(settings)}: {getpass.getuser()} discarded 2 parked message(s)")
+    if answer == "y":
+        assert (command.returncode, out) == (0, b"payments inbox: 2 message(s) discarded\n"), err
+        assert audit in err.decode()
+        assert all(_row(message_id).processed_at is not None for message_id in messages)
+    else:
+        assert (command.returncode, out) == (1, b""), err
+        assert err.decode().endswith("payments inbox: nothing discarded (not confirmed)\n")
+        assert audit not in err.decode()
+        assert [_as_stored(message_id) for message_id in messages] == before
+
+
+@pytest.mark.parametrize("option", ["--yes", "--dry-run"])
+def test_discard_on_a_terminal_given_yes_or_dry_run_asks_nothing(settings, payments_inbox,
+                                                                  user_id, option):
+    """--yes discards without asking, --dry-run says what it would without asking, on a terminal
+    as in a script (a command that asked would wait on the terminal, nothing written to it)."""
+    message_id = _stored_request(payments_inbox, user_id)
+    _parked_first([message_id])
+    controller, terminal = os.openpty()
+    try:
+        ran = subprocess.run([sys.executable, "-m", "tasks.parked", "discard", "payments",
+                              str(message_id), option], stdin=terminal, capture_output=True,
+                             cwd=REPO_ROOT, env=os.environ, text=True, timeout=60)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert ran.returncode == 0, ran.stderr
+    assert "[y/N]" not in ran.stderr
+    assert ran.stdout.endswith(
+        "payments inbox: 1 message(s) discarded\n" if option == "--yes" else
+        "payments inbox: 1 message(s) would be discarded (dry run: nothing changed)\n")
+    assert (_row(message_id).processed_at is not None) == (option == "--yes")
+    if option == "--dry-run":
+        from tasks import parked
+        assert parked.main(["discard", "payments", str(message_id)]) == 0

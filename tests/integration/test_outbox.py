@@ -37,7 +37,8 @@ from shared.outbox.parked import NotOfTheTopic, redirect_parked_outbox_messages
 from shared.outbox.publishing import OutboxPublisher
 from shared.outbox.relaying import (CLAIM_ROWS, FIRST_RETRY_AFTER_SECONDS, REFUSED_LOOKED_AT,
                                     Refusal, relay_pending_outbox, vacuum_outbox)
-from shared.outbox.writing import OutboxMessage, add_outbox_message, outbox_rows_written_together
+from shared.outbox.writing import (OUTBOX_CHANNEL, OutboxMessage, add_outbox_message,
+                                  outbox_rows_written_together)
 from shared.relay_leader import UNLOCK_WAIT_SECONDS, RelayLeaderConnection, _cut_off_after
 from shared.request_context import request_id_bound
 from tasks.services import service_app
@@ -536,6 +537,62 @@ def test_a_parked_outbox_row_replayed_once_mended_goes_out_before_the_rows_behin
     finally:
         _delete_outbox_rows_of([first.id, *behind_it])
 
+
+
+@pytest.mark.parametrize("command", ["replay", "discard", "replay --to-topic"])
+def test_a_dry_run_says_what_it_would_do_to_a_parked_row_and_nothing_is_sent(
+        in_orders, settings, user_id, capsys, caplog, command):
+    """--dry-run --outbox (named, or --all; --to-topic too) says each parked row a run would take
+    and how many, as the run would say them, and rolls back: the rows are as they were (topic,
+    park, attempts), the relay is not woken (a NOTIFY goes at a commit), and it has nothing to
+    send (a replay, a discard, or a row sent on, would have let the row behind go out), and
+    nothing is audited. Before, an operator could not see what a discard would delete."""
+    from tasks import parked
+
+    publisher = OutboxPublisher(settings, "orders")
+    _relay_all(publisher)  # whatever earlier tests left behind
+    orders = [_place(user_id, "1.00").id, _place(user_id, "2.00").id]
+    renamed, to = f"renamed-{uuid.uuid4().hex[:8]}", settings.topic_payment_requested
+    with transaction() as session:
+        if command == "replay --to-topic":  # (parked for a topic no setting names now)
+            session.execute(text("UPDATE outbox_messages SET topic = :topic"
+                                 " WHERE correlation_id = ANY(:ids)"),
+                            {"topic": renamed, "ids": [str(order) for order in orders]})
+        message_id = session.scalar(text(
+            "UPDATE outbox_messages SET parked_at = now(), attempts = 1, last_error = 'refused'"
+            " WHERE correlation_id = :id RETURNING message_id"), {"id": str(orders[0])})
+    before = _outbox_rows_as_read(orders)
+    db.session.rollback()
+    argv = [command.split()[0], "orders", "--outbox", "--dry-run"] + (
+        ["--to-topic", to] if command == "replay --to-topic" else [])
+    done_to = "discarded" if command == "discard" else "handed back to be sent"
+    counted = f"orders outbox: 1 message(s) would be {done_to}" + (
+        f" to {to}, with the rows behind them in their order, after the rows of their keys sent"
+        " to it under its name while they were parked" if command == "replay --to-topic" else "")
+    try:
+        with closing(psycopg2.connect(driver_dsn(settings.database_url("orders")))) as listener:
+            listener.autocommit = True
+            listener.cursor().execute(f"LISTEN {OUTBOX_CHANNEL}")
+            assert parked.main(argv + [str(message_id)]) == 0
+            said = capsys.readouterr()
+            assert said.out == (f"{message_id}: would be {done_to}\n"
+                                f"{counted} (dry run: nothing changed)\n")
+            assert said.err == ("" if command != "discard" else order_left_new(
+                "orders outbox", message_id, orders[0]).replace(
+                    "discarded", "would be discarded") + "\n")
+            assert parked.main(argv + ["--all"]) == 0  # (any other test's parked rows said too)
+            said = capsys.readouterr().out.splitlines()
+            assert f"{message_id}: would be {done_to}" in said
+            assert said[-1].startswith("orders outbox: ") and said[-1].endswith(
+                " (dry run: nothing changed)")
+            listener.poll()
+            assert listener.notifies == []
+        assert _outbox_rows_as_read(orders) == before
+        db.session.rollback()
+        assert sum(result.sent for result in _relay_all(publisher)) == 0
+        assert [r.getMessage() for r in caplog.records if r.name == "tasks.parked"] == []
+    finally:
+        _delete_outbox_rows_of(orders)
 
 def test_replaying_every_parked_row_goes_a_batch_a_transaction_the_relay_sending_each_once(
         in_orders, settings, user_id, capsys, monkeypatch):
