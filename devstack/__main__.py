@@ -54,13 +54,22 @@ def run() -> int:
         # do ...; done`) to stop too. ("stopping..." was said as the signal came: Stack.)
         return INTERRUPTED
     finally:
-        stack.stop()
+        # A stop that began without a signal (RunMustStop's, a start's failure) may be cut short
+        # by one (Ctrl-C during its drain, a hangup): its handler stops the rest at once, and
+        # what it raises goes up once the run has ended as every stop ends.
+        cut_short = None
+        try:
+            stack.stop()
+        except (KeyboardInterrupt, SystemExit) as exc:
+            cut_short = exc
         if wrote_env_file:
             env_file.unlink(missing_ok=True)
         if not said_why_it_could_not_start:
             # The stop's last line, said once every process has stopped, for the operator to
             # know the stop is over (README: The two commands).
             say("stopped.")
+        if cut_short is not None:
+            raise cut_short
 
 
 def say(message: str) -> None:

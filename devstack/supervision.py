@@ -63,7 +63,10 @@ class Supervisor:
             raise RunMustStop(f"{died}, {DEATHS_TO_GIVE_UP} deaths within"
                               f" {DEATHS_WINDOW_SECONDS} s: stopping the run{last_lines(process)}")
         self._say(f"{died}: starting it again{last_lines(process)}")
-        self._stack.start_again(process)
+        try:
+            self._stack.start_again(process)
+        except OSError as exc:  # (its executable gone, no memory left to fork: ENOMEM, EAGAIN)
+            raise RunMustStop(f"{process.name} could not be started again: {exc}") from exc
 
     def _dying_too_often(self, name: str) -> bool:
         """Count a death of the process `name`: whether it is the DEATHS_TO_GIVE_UP-th within
