@@ -385,25 +385,14 @@ def connection_slots(url_base: str) -> ConnectionSlots | None:
     """The connection slots of the PostgreSQL at `url_base` (the session asking left out of those
     in use), or None if it does not let `postgres` in without a password within 2 s, or does not
     answer."""
-    import psycopg2
-
-    try:
-        connection = psycopg2.connect(f"{url_base}/postgres", connect_timeout=2)
-    except psycopg2.OperationalError:
-        return None
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT current_setting('max_connections')::int,"
-                " current_setting('superuser_reserved_connections')::int"
-                " + coalesce(current_setting('reserved_connections', true)::int, 0),"
-                " (SELECT count(*) FROM pg_stat_activity"
-                "  WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())")
-            return ConnectionSlots(*cursor.fetchone())
-    except psycopg2.Error:
-        return None  # (a server going down as it was asked)
-    finally:
-        connection.close()
+    row = _ask_postgres(
+        url_base,
+        "SELECT current_setting('max_connections')::int,"
+        " current_setting('superuser_reserved_connections')::int"
+        " + coalesce(current_setting('reserved_connections', true)::int, 0),"
+        " (SELECT count(*) FROM pg_stat_activity"
+        "  WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())")
+    return ConnectionSlots(*row) if row is not None else None
 
 
 def postgres_process_id(url_base: str) -> int | None:
@@ -411,6 +400,15 @@ def postgres_process_id(url_base: str) -> int | None:
     postmaster.pid in its data directory, which it reads for us: `postgres` is a superuser of the
     embedded server), or None if none lets `postgres` in within 2 s without a password (one still
     starting up, or recovering from a crash, does not)."""
+    row = _ask_postgres(url_base, "SELECT split_part(pg_read_file('postmaster.pid'), E'\\n', 1)")
+    said = row[0] if row is not None else ""
+    return int(said) if said.isdigit() else None
+
+
+def _ask_postgres(url_base: str, query: str) -> tuple | None:
+    """The one row `query` gives, asked of the `postgres` database of the PostgreSQL at
+    `url_base` as `postgres` without a password, or None if it does not let us in within 2 s, or
+    fails the query (a server going down as it was asked, one not letting us read a file)."""
     import psycopg2
 
     try:
@@ -419,13 +417,12 @@ def postgres_process_id(url_base: str) -> int | None:
         return None
     try:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT split_part(pg_read_file('postmaster.pid'), E'\\n', 1)")
-            said = cursor.fetchone()[0]
+            cursor.execute(query)
+            return cursor.fetchone()
     except psycopg2.Error:
-        return None  # (a server going down as it was asked, or one not letting us read it)
+        return None
     finally:
         connection.close()
-    return int(said) if said.isdigit() else None
 
 
 def wait_for_postgres_of_its_own(process: ManagedProcess, url_base: str, timeout: float) -> None:
