@@ -1219,7 +1219,8 @@
   // handshakes are counted in windows of a minute, each page told to wait for its end) would
   // otherwise come back in step, the jitter of their own waits lost under the floor.
   function notSoonerThan(ms, floorMs) {
-    return ms >= floorMs ? ms : floorMs * (1 + Math.random() / 4);
+    // (No longer than a timer can wait: a setTimeout past LONGEST_TIMER_MS fires at once.)
+    return ms >= floorMs ? ms : Math.min(floorMs * (1 + Math.random() / 4), LONGEST_TIMER_MS);
   }
 
   // Backing off, each wait twice the last, up to `maxMs`, and `atLeastMs` at least.
