@@ -224,7 +224,7 @@ SOCKET_PATH_SCHEMES = ("unix:", "unix-abstract:")
 
 # gRPC's schemes that name a host to connect to, which a server cannot bind (its add_insecure_port
 # failed the server's start in a traceback, "Failed to bind to address", naming no setting).
-TARGET_ONLY_SCHEMES = ("dns:", "ipv4:", "ipv6:", "vsock:")
+TARGET_ONLY_SCHEMES = ("dns:", "ipv4:", "ipv6:")
 
 
 def _grpc_address(raw: str) -> bool:
@@ -233,11 +233,12 @@ def _grpc_address(raw: str) -> bool:
 
 
 def _grpc_bind_address(raw: str) -> bool:
-    """host:port, or a socket's path (unix:/path, unix-abstract:name): what a gRPC server binds
-    ("ipv4:127.0.0.1:50051" is no host:port, though it splits as one)."""
+    """host:port, a socket's path (unix:/path, unix-abstract:name) or a VM socket's address
+    (vsock:cid:port): what a gRPC server binds ("ipv4:127.0.0.1:50051" is no host:port, though it
+    splits as one)."""
     if raw.startswith(TARGET_ONLY_SCHEMES):
         return False
-    return _host_and_port(raw) or raw.startswith(SOCKET_PATH_SCHEMES)
+    return _host_and_port(raw) or raw.startswith((*SOCKET_PATH_SCHEMES, "vsock:"))
 
 
 def _service_root(raw: str) -> bool:
@@ -354,7 +355,8 @@ FORMS = {
         _grpc_address, "host:port, or a gRPC name: dns:///host:port, unix:/path...")
        for service in GRPC_SERVICES},
     **{f"{service.upper()}_GRPC_BIND": (
-        _grpc_bind_address, "host:port, or a socket's unix:/path or unix-abstract:name")
+        _grpc_bind_address,
+        "host:port, a socket's unix:/path or unix-abstract:name, or vsock:cid:port")
        for service in GRPC_SERVICES},
     **{f"{service.upper()}_SERVICE_URL": (
         _service_root, "an http:// or https:// URL of a host and port, with no path")

@@ -34,8 +34,8 @@ IMPORT_PAUSE = REPO_ROOT / "tests" / "import_pause"
     ("ORDERS_DATABASE_URL", "postgresql://shop:not-to-be-shown@127.0.0.1:port/hseshop_orders",
      "ORDERS_DATABASE_URL='postgresql://shop:***@127.0.0.1:port/hseshop_orders': expected a"
      " PostgreSQL URL, postgresql://user:password@host:port/database"),
-    ("ORDERS_GRPC_BIND", "50051", "ORDERS_GRPC_BIND='50051': expected host:port, or a socket's"
-     " unix:/path or unix-abstract:name"),
+    ("ORDERS_GRPC_BIND", "50051", "ORDERS_GRPC_BIND='50051': expected host:port, a socket's"
+     " unix:/path or unix-abstract:name, or vsock:cid:port"),
 ])
 def test_a_grpc_server_given_a_setting_it_cannot_take_says_it_in_a_line_and_exits_1(
         settings, setting, value, said):
