@@ -21,13 +21,19 @@ BODY_LIMIT = 64 * 1024  # (the apps' MAX_CONTENT_LENGTH)
 
 
 def _repeats_and_peak_memory(text: str) -> tuple[list[str], int]:
-    """The repeats loads_strict_naming_repeats names in `text`, and the most memory it held."""
-    tracemalloc.start()
+    """The repeats loads_strict_naming_repeats names in `text`, and the most memory it held above
+    what was held as it began (under `python -X tracemalloc`, tracing already on, and left on)."""
+    tracing_already = tracemalloc.is_tracing()
+    if not tracing_already:
+        tracemalloc.start()
     try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
         _, repeated = loads_strict_naming_repeats(text)
-        return repeated, tracemalloc.get_traced_memory()[1]
+        return repeated, tracemalloc.get_traced_memory()[1] - before
     finally:
-        tracemalloc.stop()
+        if not tracing_already:
+            tracemalloc.stop()
 
 
 def _repeats_and_steps(text: str) -> tuple[list[str], int]:
