@@ -20,7 +20,7 @@ from devstack.local_secrets import write_owner_only
 from devstack.postgres_data import sweep_postgres_data_left
 from devstack.processes import ManagedProcess, ProcessGroup
 # Each has its own database, web app and Celery worker (with its Kafka consumer).
-from shared.config import GRPC_SERVICES, SERVICES
+from shared.config import ENVIRONMENT, GRPC_SERVICES, SERVICES
 from shared.migrations import GIVE_WAY_FOR_SECONDS
 from shared.task_queues import worker_queues
 
@@ -42,6 +42,20 @@ MIGRATIONS_TIMEOUT_SECONDS = GIVE_WAY_FOR_SECONDS + 60
 # row locks another batch holds, on a core), so more threads than cores keep batches from queueing
 # behind each other; each holds one pooled connection while it runs (shared/db.py pools 20).
 WORKER_THREADS = 16
+# The settings naming a server, or a namespace on one, the stack has no value of its own for: its
+# processes get each one's default (_build_env) whatever the environment holds, so that one
+# exported in the developer's shell (another checkout's `.run/env`, a deployment's env file) sends
+# none of the run's tasks, cache entries or records elsewhere: a CELERY_BROKER_URL passed on had
+# the run's tasks queued in another run's Redis, under the same prefix, for that run's workers to
+# take (or in one long gone), orders left NEW with nothing said. CELERY_BROKER_URL and
+# CACHE_REDIS_URL empty: REDIS_URL's, the stack's.
+NAMES_OF_ITS_OWN = ("CELERY_BROKER_URL", "CACHE_REDIS_URL", "REDIS_KEY_PREFIX",
+                    "KAFKA_CONSUMER_GROUP_PREFIX", "TOPIC_PAYMENT_REQUESTED",
+                    "TOPIC_PAYMENT_RESULTS", "TOPIC_ORDER_STATUS_CHANGED", "OUTBOX_EXTRA_TOPICS")
+# Celery's own variables naming a server, which it takes before its configuration (celeryconfig's
+# broker_url): given empty, as if unset.
+CELERY_SERVERS_FROM_THE_ENVIRONMENT = ("CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL",
+                                       "CELERY_RESULT_BACKEND")
 # The list of the processes a run has started, in its folder (devstack.leftovers).
 RUN_RECORD = "processes"
 # The first of the processes that take requests to start, and so the last of them stopped: once
@@ -354,10 +368,8 @@ class Stack:
             "PAYMENTS_SERVICE_URL": self._url("payments"),
             "REDIS_URL": f"{redis_base}/0",
             "KAFKA_BOOTSTRAP_SERVERS": self.broker_address,
-            "KAFKA_CONSUMER_GROUP_PREFIX": "hseshop",
-            "TOPIC_PAYMENT_REQUESTED": "orders.payment-requested",
-            "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
-            "TOPIC_ORDER_STATUS_CHANGED": "orders.order-status-changed",
+            **{name: ENVIRONMENT[name] for name in NAMES_OF_ITS_OWN},
+            **dict.fromkeys(CELERY_SERVERS_FROM_THE_ENVIRONMENT, ""),
         }
         for service in GRPC_SERVICES:
             address = self.grpc_address(service)

@@ -23,6 +23,7 @@ from devstack.leftovers import RunInTheWay, RunRecord, started_at, this_boot
 from devstack.logs import LogFollower
 from devstack.processes import ManagedProcess, ProcessGroup
 from devstack.stack import DEFAULT_PORTS, Stack
+from shared.config import ENVIRONMENT, load_settings
 from tests.process_tools import end_child, gone, line_within, start_child
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -555,16 +556,63 @@ def test_stack_env_is_the_config_contract_and_overrides_may_name_the_found_servi
         "PAYMENTS_SERVICE_URL": "http://127.0.0.1:8002",
         "REDIS_URL": "redis://127.0.0.1:6379/5",
         "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:19999",
+        "CELERY_BROKER_URL": "",  # (REDIS_URL's)
+        "CACHE_REDIS_URL": "",  # (REDIS_URL's)
+        "REDIS_KEY_PREFIX": "hseshop",
         "KAFKA_CONSUMER_GROUP_PREFIX": "hseshop",
         "TOPIC_PAYMENT_REQUESTED": "orders.payment-requested",
         "TOPIC_PAYMENT_RESULTS": "payments.payment-results",
         "TOPIC_ORDER_STATUS_CHANGED": "orders.order-status-changed",
+        "OUTBOX_EXTRA_TOPICS": "",
+        "CELERY_BROKER_READ_URL": "",
+        "CELERY_BROKER_WRITE_URL": "",
+        "CELERY_RESULT_BACKEND": "",
         "ORDERS_GRPC_BIND": "127.0.0.1:50051",
         "ORDERS_GRPC_TARGET": "127.0.0.1:50051",
         "PAYMENTS_GRPC_BIND": "127.0.0.1:50052",
         "PAYMENTS_GRPC_TARGET": "127.0.0.1:50052",
     }
     assert stack.orders_url == "http://127.0.0.1:8001" and stack.flower_url is None
+
+
+# The settings naming a server, or a namespace on one (shared.config's URLs, addresses, topics and
+# prefixes), and Celery's own variables naming one, which it takes before its configuration.
+NAMING_A_SERVER = [
+    *(name for name in ENVIRONMENT if name.startswith("TOPIC_")
+      or name.endswith(("_URL", "_PREFIX", "_SERVERS", "_BIND", "_TARGET", "_TOPICS"))),
+    "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL", "CELERY_RESULT_BACKEND"]
+ELSEWHERE = "redis://127.0.0.1:1/0"
+
+
+def test_a_stack_gives_its_processes_its_own_servers_and_names_whatever_the_shell_exported(
+        tmp_path, monkeypatch):
+    """A shell holding another run's settings (`set -a; . .run/env` of another checkout, a
+    deployment's env file) passed CELERY_BROKER_URL, CACHE_REDIS_URL and REDIS_KEY_PREFIX on to
+    `make run`'s processes, while the stack gave them its own REDIS_URL: their tasks went to
+    another Redis, orders left NEW with nothing said. Every setting naming a server or a namespace
+    is the stack's (a Celery child asked which broker it takes), but for its env_overrides."""
+    for name in NAMING_A_SERVER:
+        monkeypatch.setenv(name, ELSEWHERE)
+    stack = Stack(tmp_path)
+    stack._env = stack._build_env("postgresql://postgres@127.0.0.1:5432", "redis://127.0.0.1:6379")
+    given = stack._process_env()
+
+    assert [name for name in NAMING_A_SERVER if given[name] == ELSEWHERE] == []
+    settings = load_settings(given)
+    assert settings.celery_broker_url == settings.cache_url() == "redis://127.0.0.1:6379/0"
+    assert settings.redis_key_prefix == "hseshop"
+    celery = subprocess.run(
+        [sys.executable, "-c", "from tasks.celery_app import app; c = app.conf;"
+         " print(c.broker_url, c.broker_read_url, c.broker_write_url, c.result_backend)"],
+        env=given, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=60)
+    assert celery.stdout.split() == ["redis://127.0.0.1:6379/0"] * 3 + ["None"], celery.stderr
+
+    overridden = Stack(tmp_path, env_overrides={"CELERY_BROKER_URL": "{redis}/5",
+                                                "REDIS_KEY_PREFIX": "test.run"})
+    env = overridden._build_env("postgresql://postgres@127.0.0.1:5432", "redis://127.0.0.1:6379")
+    assert (env["CELERY_BROKER_URL"], env["REDIS_KEY_PREFIX"]) == (
+        "redis://127.0.0.1:6379/5", "test.run")
 
 
 def test_migrations_that_do_not_finish_in_time_fail_the_start_with_their_log(tmp_path,
