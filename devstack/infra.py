@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+from devstack.logs import keep_the_previous_log
 from devstack.ports import LOCALHOST, free_port, port_open
 from devstack.postmaster_lock import PostmasterLock, clear_if_stale, postgres_on
 from devstack.processes import ManagedProcess, OnStart, run_as
@@ -166,6 +167,7 @@ def _initdb(binaries: Path, pgdata: Path, user: str | None, log_path: Path) -> N
     shutil.rmtree(staging, ignore_errors=True)
     _prepare_pgdata(staging, user)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    keep_the_previous_log(log_path)
     with open(log_path, "wb") as log:
         try:
             initdb = subprocess.run(

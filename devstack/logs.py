@@ -1,11 +1,22 @@
-"""Follow log files to the terminal like `tail -F`, each line prefixed with its process name."""
+"""Follow log files to the terminal like `tail -F`, each line prefixed with its process name; keep
+the run before's log of each process."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
+
+
+def keep_the_previous_log(path: str | os.PathLike) -> None:
+    """Keep the log a run before wrote at `path` as `path`.1 (in place of the one before it: two
+    runs' logs on disk, no more), for this run to write `path` afresh. Truncated, a run that died
+    lost its logs to the next one, which the developer starts to see why."""
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path, f"{os.fspath(path)}.1")
 
 
 class LogFollower:

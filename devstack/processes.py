@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from devstack.leftovers import RunRecord
+from devstack.logs import keep_the_previous_log
 
 
 # What a process calls as it starts (ManagedProcess.on_start).
@@ -72,15 +73,17 @@ class ManagedProcess:
         self.on_start = on_start
 
     def start(self) -> ManagedProcess:
-        """Start the process; a restart appends to the log the first start truncated (and ends
-        what the previous start left of its group)."""
+        """Start the process; the first start writes its log afresh, what was there kept as
+        `<log>.1` (devstack.logs), and a restart appends to it (and ends what the previous start
+        left of its group)."""
         if self.alive():
             raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
         if self._popen is not None:
             self._reap()
+        else:
+            keep_the_previous_log(self.log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        mode = "ab" if self._popen is not None else "wb"
-        with open(self.log_path, mode) as log:
+        with open(self.log_path, "ab") as log:
             self._popen = subprocess.Popen(
                 self.argv,
                 env=self.env,

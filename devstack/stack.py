@@ -17,6 +17,7 @@ import requests
 from devstack import infra
 from devstack.leftovers import RunRecord
 from devstack.local_secrets import write_owner_only
+from devstack.logs import keep_the_previous_log
 from devstack.postgres_data import sweep_postgres_data_left
 from devstack.processes import ManagedProcess, ProcessGroup
 # Each has its own database, web app and Celery worker (with its Kafka consumer).
@@ -386,6 +387,7 @@ class Stack:
 
     def _migrate(self, service: str) -> None:
         log_path = self.logs_dir / f"migrate-{service}.log"
+        keep_the_previous_log(log_path)
         with open(log_path, "wb") as log:
             try:
                 result = subprocess.run(

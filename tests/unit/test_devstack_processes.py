@@ -84,6 +84,20 @@ def test_a_stopped_process_can_be_started_again_and_appends_to_its_log(tmp_path)
     process.stop()
 
 
+def test_a_new_run_keeps_the_log_of_the_run_before_as_log_1_and_no_older_one(tmp_path):
+    """A run that died lost its logs as soon as the next started (its first start truncated
+    them), the one the developer makes to see why: each start of a new run keeps the log the run
+    before wrote as `<name>.log.1`, in place of the one before it (the disk use bounded)."""
+    for run in ("first", "second", "third"):
+        process = _shell(tmp_path, f"echo {run} run; sleep 300").start()
+        wait_until(lambda: process.log_tail(), 5, 0.02, f"the {run} run's line")
+        process.stop()
+
+    assert (tmp_path / "sh.log").read_text() == "third run\n"
+    assert (tmp_path / "sh.log.1").read_text() == "second run\n"
+    assert sorted(path.name for path in tmp_path.glob("sh.log*")) == ["sh.log", "sh.log.1"]
+
+
 def _leaving_a_child(tmp_path: Path, exit_line: str) -> tuple[ManagedProcess, int]:
     """A process that starts a child in its group (a gunicorn master's worker, say), then ends by
     itself with `exit_line`, the child left running; and that child's pid."""
@@ -629,6 +643,18 @@ def test_migrations_that_do_not_finish_in_time_fail_the_start_with_their_log(tmp
             stack._migrate("orders")
     finally:
         silent.close()
+
+
+def test_the_migrations_log_of_the_run_before_is_kept_too(tmp_path):
+    """As each process's (ManagedProcess): a run whose migrations failed keeps their log."""
+    stack = Stack(tmp_path)
+    stack._env = stack._build_env(f"postgresql://postgres@127.0.0.1:{free_port()}",
+                                  "redis://127.0.0.1:6379")
+    stack.logs_dir.mkdir(parents=True)
+    (stack.logs_dir / "migrate-orders.log").write_text("the run before's\n")
+    with pytest.raises(RuntimeError, match="migrations for orders exited with code"):
+        stack._migrate("orders")
+    assert (stack.logs_dir / "migrate-orders.log.1").read_text() == "the run before's\n"
 
 
 def test_make_run_prints_every_address_the_shop_serves(tmp_path, capsys):
