@@ -79,10 +79,11 @@ With --dry-run, replay and discard take the messages a run would, in the same tr
 roll each back (no task dispatched, no relay woken): they say each message (ID: would be
 discarded), how many, and what else the run would say, with its exit code. Each transaction a
 replay or a discard commits is audited in a WARNING line of the log (logger tasks.parked): the
-service and box, the database, the OS user who ran it, what it did, and every id (AUDITED_A_LINE
-a line). On a terminal (stdin a TTY), discard first asks "discard N rows of DATABASE? [y/N]" (N
-counted by a dry run) and does nothing, exit 1, but on y; --yes or --dry-run asks nothing, nor
-does a discard whose stdin is not a terminal (a script).
+service and box, the database, the OS user who ran it (with its uid, and SUDO_USER when set),
+what it did, and every id (AUDITED_A_LINE a line). On a terminal (stdin a TTY), discard first
+asks "discard N rows of DATABASE? [y/N]" (N counted by a dry run) and does nothing, exit 1, but
+on y; --yes or --dry-run asks nothing, nor does a discard whose stdin is not a terminal (a
+script).
 """
 
 from __future__ import annotations
@@ -595,12 +596,19 @@ def _audit(service: str, box: str, command: str, message_ids: list[uuid.UUID],
 
 
 def _who() -> str:
-    """The OS user running the command (its uid, where that has no name: a container's user
-    with no passwd entry, nor LOGNAME or USER set)."""
+    """Who ran the command: the OS user as getpass names it, then the process's real uid, and
+    SUDO_USER when set (run by sudo: the user who ran sudo), `alice (uid 1000)`, `root (uid 0,
+    SUDO_USER alice)`. getpass takes LOGNAME or USER first, which whoever runs the command may
+    set: the uid is the kernel's. The uid alone where the user has no name (a container's user
+    with no passwd entry, nor LOGNAME or USER set). Names from the environment escaped, as any
+    text a log line holds that its writer did not choose."""
+    sudo_user = os.environ.get("SUDO_USER")
+    uid = f"uid {os.getuid()}" + (f", SUDO_USER {escaped_in_logs(sudo_user)}" if sudo_user
+                                  else "")
     try:
-        return getpass.getuser()
+        return f"{escaped_in_logs(getpass.getuser())} ({uid})"
     except (OSError, KeyError):
-        return f"uid {os.getuid()}"
+        return uid
 
 
 def _database(service: str) -> str:

@@ -2186,7 +2186,8 @@ def test_each_replay_or_discard_is_audited_in_the_log_with_who_ran_it_where_and_
 
     first, second = (_stored_request(payments_inbox, user_id) for _ in range(2))
     _parked_first([first, second])
-    where = f"payments inbox of {_payments_database(settings)}: {getpass.getuser()}"
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    where = f"payments inbox of {_payments_database(settings)}: {_who_ran_it()}"
     assert parked.main(["replay", "payments", str(first)]) == 0
     assert _audited(caplog) == [f"{where} replayed 1 parked message(s): {first}"]
     caplog.clear()
@@ -2214,6 +2215,12 @@ def _said_until(fd: int, end: str, timeout: float) -> str:
     return wait_for(said_it, timeout=timeout, what=f"{end!r} on the child's stderr")
 
 
+def _who_ran_it() -> str:
+    """Who the audit line of a command run by this process (as a child of it, SUDO_USER unset)
+    says ran it."""
+    return f"{getpass.getuser()} (uid {os.getuid()})"
+
+
 @pytest.mark.parametrize("answer", ["y", "n", ""])
 def test_discard_on_a_terminal_asks_first_and_discards_only_when_answered_y(
         settings, payments_inbox, user_id, answer):
@@ -2228,7 +2235,9 @@ def test_discard_on_a_terminal_asks_first_and_discards_only_when_answered_y(
     try:
         command = start_child([sys.executable, "-m", "tasks.parked", "discard", "payments",
                                *map(str, messages)], stdin=terminal, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, cwd=REPO_ROOT, env=os.environ)
+                              stderr=subprocess.PIPE, cwd=REPO_ROOT,
+                              env={name: value for name, value in os.environ.items()
+                                   if name != "SUDO_USER"})
         os.close(terminal)
         try:
             asked = _said_until(command.stderr.fileno(), "[y/N] ", timeout=60)
@@ -2242,7 +2251,7 @@ def test_discard_on_a_terminal_asks_first_and_discards_only_when_answered_y(
     finally:
         os.close(controller)
     audit = (f" WARNING tasks.parked [request_id=-] payments inbox of"
-             f" {_payments_database(settings)}: {getpass.getuser()} discarded 2 parked message(s)")
+             f" {_payments_database(settings)}: {_who_ran_it()} discarded 2 parked message(s)")
     if answer == "y":
         assert (command.returncode, out) == (0, b"payments inbox: 2 message(s) discarded\n"), err
         assert audit in err.decode()
