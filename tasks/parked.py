@@ -78,12 +78,12 @@ Replay the row once it can be sent; discard only what is garbage.
 With --dry-run, replay and discard take the messages a run would, in the same transactions, and
 roll each back (no task dispatched, no relay woken): they say each message (ID: would be
 discarded), how many, and what else the run would say, with its exit code. Each transaction a
-replay or a discard commits is audited in a WARNING line of the log (logger tasks.parked): the
-service and box, the database, the OS user who ran it (with its uid, and SUDO_USER when set),
-what it did, and every id (AUDITED_A_LINE a line). On a terminal (stdin a TTY), discard first
-asks "discard N rows of DATABASE? [y/N]" (N counted by a dry run) and does nothing, exit 1, but
-on y; --yes or --dry-run asks nothing, nor does a discard whose stdin is not a terminal (a
-script).
+replay or a discard commits is audited in a WARNING line of the log (logger tasks.parked) as it
+commits, before its messages are handed over: the service and box, the database, the OS user who
+ran it (with its uid, and SUDO_USER when set), what it did, and every id (AUDITED_A_LINE a line).
+On a terminal (stdin a TTY), discard first asks "discard N rows of DATABASE? [y/N]" (N counted by
+a dry run) and does nothing, exit 1, but on y; --yes or --dry-run asks nothing, nor does a
+discard whose stdin is not a terminal (a script).
 """
 
 from __future__ import annotations
@@ -237,7 +237,8 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
         queues_reachable = True
         # (A replayed message may be parked again at once, and come back under --all. Sent on
         # --to-topic, the rows are checked in one statement, so in one transaction.)
-        for replayed in _changed(unpark_marked, outbox_change, message_ids, outbox,
+        audit = functools.partial(_audit, service, outbox, "replay", to_topic)
+        for replayed in _changed(unpark_marked, outbox_change, message_ids, outbox, audit,
                                  may_come_back=True, in_batches=to_topic is None,
                                  dry_run=dry_run):
             if not outbox and not dry_run:  # (a dry run's are parked still: none to hand over)
@@ -282,10 +283,14 @@ def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fa
     discarded them returned them: a message parked as it ran, and discarded, is among them. A
     `dry_run` rolls each transaction back: it yields what a discard would take, changing
     nothing."""
+    def audit(rows: list) -> None:
+        _audit(service, outbox, "discard", None, [row.message_id for row in rows])
+
     with _in_the_services_database(service):
         # (A discarded message is processed, a discarded row deleted: neither is parked again.)
         for discarded in _changed(discard_parked_messages, discard_parked_outbox_messages,
-                                  message_ids, outbox, may_come_back=False, dry_run=dry_run):
+                                  message_ids, outbox, audit, may_come_back=False,
+                                  dry_run=dry_run):
             if payments_left is not None:
                 payments_left.extend(row for row in discarded if row.type in PAYMENT_EVENTS)
             yield [row.message_id for row in discarded]
@@ -297,14 +302,16 @@ _Change = Callable[[Session, list[uuid.UUID] | None], list[_Changed]]
 
 
 def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
-             message_ids: list[uuid.UUID] | None, outbox: bool, may_come_back: bool,
+             message_ids: list[uuid.UUID] | None, outbox: bool,
+             audit: Callable[[list[_Changed]], None], may_come_back: bool,
              in_batches: bool = True, dry_run: bool = False) -> Iterator[list[_Changed]]:
     """Run the change on the messages named in one transaction; on every parked message,
     CHANGED_PER_TRANSACTION a transaction (shared.parked_batches), unless not `in_batches` (a
     replay sent on --to-topic, which checks every row it sends on in one statement: in one
     transaction too). Yields what each transaction's change returned (the messages it changed),
-    as it commits; under `dry_run` each transaction is rolled back instead (the same statements
-    run: what it yields is what a run would change), nothing changed."""
+    as it commits, once `audit` has logged it; under `dry_run` each transaction is rolled back
+    instead (the same statements run: what it yields is what a run would change), nothing
+    changed nor audited."""
     change = outbox_change if outbox else inbox_change
     if message_ids is None and in_batches:
         # The inbox's in the order they were parked. (Bounded by the last parked as it begins,
@@ -324,12 +331,17 @@ def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
         may_come_back = may_come_back and not outbox
         order = ((last_parked_outbox_row, parked_outbox_batch) if outbox
                  else (last_parked, parked_batch))
-        yield from all_parked_changed_in_transactions(*order, change, CHANGED_PER_TRANSACTION,
-                                                      may_come_back, dry_run)
-        return
-    with (rolled_back_transaction if dry_run else transaction)() as session:
-        changed = change(session, message_ids)
-    yield changed
+        batches = all_parked_changed_in_transactions(*order, change, CHANGED_PER_TRANSACTION,
+                                                     may_come_back, dry_run)
+    else:
+        with (rolled_back_transaction if dry_run else transaction)() as session:
+            batches = [change(session, message_ids)]
+    for changed in batches:
+        # Audited as it commits, before the caller hands anything over: a dispatch that fails or
+        # is interrupted (Ctrl-C while Redis is slow) leaves what committed audited all the same.
+        if changed and not dry_run:
+            audit(changed)
+        yield changed
 
 
 # What the command exits with when a reader of its output goes before it is done (`| head -1`),
@@ -523,8 +535,6 @@ def _run(argv: list[str] | None) -> int:
                 done.update(changed)
             for message_id in changed if args.dry_run else ():
                 print(f"{message_id}: {done_to}")
-            if changed and not args.dry_run:
-                _audit(args.service, box, args.command, changed, to_topic)
             for payment in payments_left:  # (said as each transaction commits)
                 print(_order_left_new(args.service, box, payment, done_to), file=sys.stderr)
             payments_left.clear()
@@ -586,8 +596,10 @@ _audit_log = logging.getLogger("tasks.parked")
 AUDITED_A_LINE = 100
 
 
-def _audit(service: str, box: str, command: str, message_ids: list[uuid.UUID],
-           to_topic: str | None) -> None:
+def _audit(service: str, outbox: bool, command: str, to_topic: str | None,
+           message_ids: list[uuid.UUID]) -> None:
+    """Log the messages a transaction of `command` changed, as it has committed."""
+    box = "outbox" if outbox else "inbox"
     for start in range(0, len(message_ids), AUDITED_A_LINE):
         ids = message_ids[start:start + AUDITED_A_LINE]
         _audit_log.warning("%s %s of %s: %s %sed %d parked message(s)%s: %s", service, box,

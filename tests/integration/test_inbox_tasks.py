@@ -9,6 +9,7 @@ import io
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -49,7 +50,7 @@ from tasks.services import service_app
 from tests.celery_tools import sending_to, worker_optimizations
 from tests.discard_warnings import order_left_new
 from tests.clock_tools import inbox_clock_off_by
-from tests.network_tools import SilencingProxy
+from tests.network_tools import NeverReadingServer, SilencingProxy
 from tests.polling import wait_for
 from tests.postgres_tools import (account_row_held, called_at_the_first_statement_naming,
                                   committed_on_a_connection_of_its_own,
@@ -2287,3 +2288,37 @@ def test_discard_on_a_terminal_given_yes_or_dry_run_asks_nothing(settings, payme
     if option == "--dry-run":
         from tasks import parked
         assert parked.main(["discard", "payments", str(message_id)]) == 0
+
+
+def test_a_replay_interrupted_as_it_dispatches_has_audited_what_it_committed(
+        settings, payments_inbox, user_id):
+    """Each transaction's audit line is logged as it commits, before its messages are
+    dispatched: Ctrl-C while the dispatch waits on a Redis that does not answer leaves the
+    replayed (unparked, committed) messages audited. Before, the line came after the dispatch,
+    and a dispatch interrupted or failing left committed changes with no audit line."""
+    message_id = _stored_request(payments_inbox, user_id)
+    _parked_first([message_id])
+    redis_not_answering = NeverReadingServer()
+    try:
+        broker = redis_not_answering.url.replace("http://", "redis://") + "/0"
+        command = start_child([sys.executable, "-m", "tasks.parked", "replay", "payments",
+                               str(message_id)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT,
+                              env={**os.environ, "CELERY_BROKER_URL": broker})
+        try:
+            wait_for(lambda: _row(message_id).parked_at is None, timeout=60,
+                     what="the replay's commit")
+            wait_for(lambda: redis_not_answering.accepted, timeout=60,
+                     what="the dispatch connecting to Redis")
+            command.send_signal(signal.SIGINT)  # (Ctrl-C, as the dispatch waits for Redis)
+            out, err = command.communicate(timeout=60)
+        finally:
+            command.kill()
+            command.wait()
+    finally:
+        redis_not_answering.close()
+    assert command.returncode == -signal.SIGINT, err
+    assert b"before it was interrupted" in err, err  # (the dispatch was under way)
+    assert (f" WARNING tasks.parked [request_id=-] payments inbox of"
+            f" {_payments_database(settings)}: {_who_ran_it()} replayed 1 parked message(s):"
+            f" {message_id}").encode() in err, err
