@@ -81,8 +81,9 @@ discarded), how many, and what else the run would say, with its exit code. Each 
 replay or a discard commits is audited in a WARNING line of the log (logger tasks.parked) as it
 commits, before its messages are handed over: the service and box, the database, the OS user who
 ran it (with its uid, and SUDO_USER when set), what it did, and every id (AUDITED_A_LINE a line).
-On a terminal (stdin a TTY), discard first asks "discard N rows of DATABASE? [y/N]" (N counted by
-a dry run) and does nothing, exit 1, but on y; --yes or --dry-run asks nothing, nor does a
+On a terminal (stdin a TTY), discard first asks "discard N rows of DATABASE? [y/N]" on the
+terminal (/dev/tty, not stderr, which may go to a log), N counted by a dry run, and does nothing,
+exit 1, but on y; --yes or --dry-run asks nothing, nor does a
 discard whose stdin is not a terminal (a script).
 """
 
@@ -513,7 +514,8 @@ def _run(argv: list[str] | None) -> int:
                   file=sys.stderr)
             return 1
         if not confirmed:
-            print(f"{args.service} {box}: nothing discarded (not confirmed)", file=sys.stderr)
+            with _the_terminal() as terminal:
+                print(f"{args.service} {box}: nothing discarded (not confirmed)", file=terminal)
             return 1
     never_parsed_left, payments_left = NeverParsedLeft(), []
     act = (functools.partial(replay, to_topic=to_topic, from_topic=from_topic,
@@ -576,15 +578,31 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _discard_confirmed(service: str, message_ids: list[uuid.UUID] | None, outbox: bool) -> bool:
-    """Whether the operator, asked on the terminal how many rows of which database the discard
-    would take (counted by a dry run of it), answers y; so without asking when it would take
-    none."""
+    """Whether the operator, asked on the terminal (_the_terminal) how many rows of which
+    database the discard would take (counted by a dry run of it), answers y; so without asking
+    when it would take none."""
     count = sum(map(len, discard(service, message_ids, outbox, dry_run=True)))
     if count == 0:
         return True
-    print(f"discard {count} rows of {_database(service)}? [y/N] ", end="", file=sys.stderr,
-          flush=True)
-    return sys.stdin.readline().strip().lower() in ("y", "yes")
+    with _the_terminal() as terminal:
+        print(f"discard {count} rows of {_database(service)}? [y/N] ", end="", file=terminal,
+              flush=True)
+        return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+@contextlib.contextmanager
+def _the_terminal() -> Iterator[TextIO]:
+    """The controlling terminal (/dev/tty), for a question to the operator and what the answer
+    did, as sudo and ssh ask: stderr may go to an audit log (2>>parked-audit.log), where the
+    question went unseen and the command seemed to hang. stderr where there is no terminal to
+    open (a process without one)."""
+    try:
+        terminal = open("/dev/tty", "w")
+    except OSError:
+        yield sys.stderr
+        return
+    with terminal:
+        yield terminal
 
 
 # Where each replay or discard that changed something is said, at WARNING, for an audit: who ran

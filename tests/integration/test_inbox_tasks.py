@@ -3,8 +3,9 @@ limit, the pruner of old rows, and parked messages replayed by an operator."""
 
 from __future__ import annotations
 
-import getpass
 import contextlib
+import fcntl
+import getpass
 import io
 import logging
 import os
@@ -12,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import uuid
 from collections.abc import Iterator
@@ -2203,8 +2205,9 @@ def test_each_replay_or_discard_is_audited_in_the_log_with_who_ran_it_where_and_
 
 
 def _said_until(fd: int, end: str, timeout: float) -> str:
-    """What a child wrote on `fd` (a pipe) up to and including `end` (a prompt, which no newline
-    ends), read as it comes; fails the test should it not come within `timeout` seconds."""
+    """What a child wrote on `fd` (a pipe, or a terminal's controller) up to and including `end`
+    (a prompt, which no newline ends), read as it comes; fails the test should it not come
+    within `timeout` seconds."""
     os.set_blocking(fd, False)
     said = bytearray()
 
@@ -2213,7 +2216,7 @@ def _said_until(fd: int, end: str, timeout: float) -> str:
             said.extend(os.read(fd, 4096))
         return said.decode() if said.decode(errors="replace").endswith(end) else None
 
-    return wait_for(said_it, timeout=timeout, what=f"{end!r} on the child's stderr")
+    return wait_for(said_it, timeout=timeout, what=f"{end!r} from the child")
 
 
 def _who_ran_it() -> str:
@@ -2222,45 +2225,65 @@ def _who_ran_it() -> str:
     return f"{getpass.getuser()} (uid {os.getuid()})"
 
 
+@contextmanager
+def _on_a_terminal(argv: list[str], stderr) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`python -m tasks.parked ARGV` run as typed on a terminal: in a session of its own whose
+    controlling terminal (its /dev/tty) is a pseudo-terminal, its stdin, as a login shell's
+    command has; its stdout piped, its stderr `stderr` (a file, as `2>>parked-audit.log` sends
+    it). Yields the child and the terminal's controller, which reads what the child writes on the
+    terminal and types the answers. The child is killed, should it still run, as the block ends.
+    (Held open here, the terminal stays readable once the child has ended.)"""
+    controller, terminal = os.openpty()
+    try:
+        child = start_child(
+            [sys.executable, "-m", "tasks.parked", *argv], stdin=terminal,
+            stdout=subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            env={name: value for name, value in os.environ.items() if name != "SUDO_USER"})
+        try:
+            yield child, controller
+        finally:
+            child.kill()
+            child.wait()
+            child.stdout.close()
+    finally:
+        os.close(terminal)
+        os.close(controller)
+
+
 @pytest.mark.parametrize("answer", ["y", "n", ""])
 def test_discard_on_a_terminal_asks_first_and_discards_only_when_answered_y(
-        settings, payments_inbox, user_id, answer):
+        settings, payments_inbox, user_id, tmp_path, answer):
     """Run from a terminal (its stdin a TTY, here a pseudo-terminal), discard says how many rows
     of which database it would discard and waits for y: anything else (Enter alone too) discards
-    nothing, exit 1. What the discard did is audited in the log the process writes. Before, a
-    discard --all typed on a terminal destroyed every parked message at once."""
+    nothing, exit 1. It asks on the terminal itself, /dev/tty, and says there what an answer
+    other than y did: stderr, where README has the audit lines kept (2>>parked-audit.log), took
+    the question, and the command seemed to hang. What the discard did is audited in that log.
+    Before, a discard --all typed on a terminal destroyed every parked message at once."""
     messages = [_stored_request(payments_inbox, user_id) for _ in range(2)]
     _parked_first(messages)
     before = [_as_stored(message_id) for message_id in messages]
-    controller, terminal = os.openpty()
-    try:
-        command = start_child([sys.executable, "-m", "tasks.parked", "discard", "payments",
-                               *map(str, messages)], stdin=terminal, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, cwd=REPO_ROOT,
-                              env={name: value for name, value in os.environ.items()
-                                   if name != "SUDO_USER"})
-        os.close(terminal)
-        try:
-            asked = _said_until(command.stderr.fileno(), "[y/N] ", timeout=60)
-            assert asked.endswith(f"discard 2 rows of {_payments_database(settings)}? [y/N] ")
-            assert [_as_stored(message_id) for message_id in messages] == before  # (not yet)
-            os.write(controller, f"{answer}\n".encode())
-            out, err = command.communicate(timeout=60)
-        finally:
-            command.kill()
-            command.wait()
-    finally:
-        os.close(controller)
+    with open(tmp_path / "parked-audit.log", "wb") as audit_log, _on_a_terminal(
+            ["discard", "payments", *map(str, messages)], stderr=audit_log) as (command, terminal):
+        asked = _said_until(terminal, "[y/N] ", timeout=60)
+        assert asked.endswith(f"discard 2 rows of {_payments_database(settings)}? [y/N] ")
+        assert [_as_stored(message_id) for message_id in messages] == before  # (not yet)
+        os.write(terminal, f"{answer}\n".encode())
+        out, _ = command.communicate(timeout=60)
+        if answer != "y":  # (after the answer echoed)
+            assert _said_until(terminal, "(not confirmed)\r\n", timeout=60).endswith(
+                "\r\npayments inbox: nothing discarded (not confirmed)\r\n")
+    err = (tmp_path / "parked-audit.log").read_text()
+    assert "[y/N]" not in err and "not confirmed" not in err
     audit = (f" WARNING tasks.parked [request_id=-] payments inbox of"
              f" {_payments_database(settings)}: {_who_ran_it()} discarded 2 parked message(s)")
     if answer == "y":
         assert (command.returncode, out) == (0, b"payments inbox: 2 message(s) discarded\n"), err
-        assert audit in err.decode()
+        assert audit in err
         assert all(_row(message_id).processed_at is not None for message_id in messages)
     else:
         assert (command.returncode, out) == (1, b""), err
-        assert err.decode().endswith("payments inbox: nothing discarded (not confirmed)\n")
-        assert audit not in err.decode()
+        assert audit not in err
         assert [_as_stored(message_id) for message_id in messages] == before
 
 
@@ -2271,17 +2294,17 @@ def test_discard_on_a_terminal_given_yes_or_dry_run_asks_nothing(settings, payme
     as in a script (a command that asked would wait on the terminal, nothing written to it)."""
     message_id = _stored_request(payments_inbox, user_id)
     _parked_first([message_id])
-    controller, terminal = os.openpty()
-    try:
-        ran = subprocess.run([sys.executable, "-m", "tasks.parked", "discard", "payments",
-                              str(message_id), option], stdin=terminal, capture_output=True,
-                             cwd=REPO_ROOT, env=os.environ, text=True, timeout=60)
-    finally:
-        os.close(terminal)
-        os.close(controller)
-    assert ran.returncode == 0, ran.stderr
-    assert "[y/N]" not in ran.stderr
-    assert ran.stdout.endswith(
+    with _on_a_terminal(["discard", "payments", str(message_id), option],
+                        stderr=subprocess.PIPE) as (command, terminal):
+        out, err = command.communicate(timeout=60)
+        os.set_blocking(terminal, False)
+        on_the_terminal = b""
+        with contextlib.suppress(BlockingIOError):
+            on_the_terminal = os.read(terminal, 4096)
+    assert on_the_terminal == b""
+    assert command.returncode == 0, err
+    assert b"[y/N]" not in err
+    assert out.decode().endswith(
         "payments inbox: 1 message(s) discarded\n" if option == "--yes" else
         "payments inbox: 1 message(s) would be discarded (dry run: nothing changed)\n")
     assert (_row(message_id).processed_at is not None) == (option == "--yes")
