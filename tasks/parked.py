@@ -83,8 +83,9 @@ commits, before its messages are handed over: the service and box, the database,
 ran it (with its uid, and SUDO_USER when set), what it did, and every id (AUDITED_A_LINE a line).
 On a terminal (stdin a TTY), discard first asks "discard N rows of DATABASE? [y/N]" on the
 terminal (/dev/tty, not stderr, which may go to a log), N counted by a dry run, and does nothing,
-exit 1, but on y; --yes or --dry-run asks nothing, nor does a
-discard whose stdin is not a terminal (a script).
+exit 1, but on y; then it discards what it counted, no more (under --all, up to the last parked
+as it counted: those parked while it asked are left, and said to be). --yes or --dry-run asks
+nothing, nor does a discard whose stdin is not a terminal (a script).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
                                   parked_outbox_messages, parked_topics_not_relayed,
                                   redirect_parked_outbox_messages, unpark_outbox_messages,
                                   why_not_sent_on)
-from shared.parked_batches import all_parked_changed_in_transactions
+from shared.parked_batches import Bound, all_parked_changed_in_transactions, bound_now
 from shared.quiet_interrupt import INTERRUPTED
 from shared.request_context import escaped_in_logs
 from shared.task_queues import QUEUES_UNREACHABLE
@@ -276,14 +277,16 @@ PAYMENT_EVENTS = tuple(_LEFT_UNDONE)
 
 
 def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = False,
-            payments_left: list | None = None, dry_run: bool = False) -> Iterator[list[uuid.UUID]]:
+            payments_left: list | None = None, dry_run: bool = False,
+            through: Bound | None = None) -> Iterator[list[uuid.UUID]]:
     """Give up on parked messages (every one when `message_ids` is None); yields the ids each
     transaction discarded, once it has committed. Those of PAYMENT_EVENTS it discarded are added
     to `payments_left`, when given, as the transaction that discarded them commits (each with its
     message_id, type and order_id, None when its payload holds none), as the statement that
     discarded them returned them: a message parked as it ran, and discarded, is among them. A
     `dry_run` rolls each transaction back: it yields what a discard would take, changing
-    nothing."""
+    nothing. Every parked message is taken up to `through` when given (_parked_bound), else up to
+    the last parked as it begins."""
     def audit(rows: list) -> None:
         _audit(service, outbox, "discard", None, [row.message_id for row in rows])
 
@@ -291,7 +294,7 @@ def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fa
         # (A discarded message is processed, a discarded row deleted: neither is parked again.)
         for discarded in _changed(discard_parked_messages, discard_parked_outbox_messages,
                                   message_ids, outbox, audit, may_come_back=False,
-                                  dry_run=dry_run):
+                                  dry_run=dry_run, through=through):
             if payments_left is not None:
                 payments_left.extend(row for row in discarded if row.type in PAYMENT_EVENTS)
             yield [row.message_id for row in discarded]
@@ -305,14 +308,15 @@ _Change = Callable[[Session, list[uuid.UUID] | None], list[_Changed]]
 def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
              message_ids: list[uuid.UUID] | None, outbox: bool,
              audit: Callable[[list[_Changed]], None], may_come_back: bool,
-             in_batches: bool = True, dry_run: bool = False) -> Iterator[list[_Changed]]:
-    """Run the change on the messages named in one transaction; on every parked message,
-    CHANGED_PER_TRANSACTION a transaction (shared.parked_batches), unless not `in_batches` (a
-    replay sent on --to-topic, which checks every row it sends on in one statement: in one
-    transaction too). Yields what each transaction's change returned (the messages it changed),
-    as it commits, once `audit` has logged it; under `dry_run` each transaction is rolled back
-    instead (the same statements run: what it yields is what a run would change), nothing
-    changed nor audited."""
+             in_batches: bool = True, dry_run: bool = False,
+             through: Bound | None = None) -> Iterator[list[_Changed]]:
+    """Run the change on the messages named in one transaction; on every parked message (up to
+    `through`, when given), CHANGED_PER_TRANSACTION a transaction (shared.parked_batches), unless
+    not `in_batches` (a replay sent on --to-topic, which checks every row it sends on in one
+    statement: in one transaction too). Yields what each transaction's change returned (the
+    messages it changed), as it commits, once `audit` has logged it; under `dry_run` each
+    transaction is rolled back instead (the same statements run: what it yields is what a run
+    would change), nothing changed nor audited."""
     change = outbox_change if outbox else inbox_change
     if message_ids is None and in_batches:
         # The inbox's in the order they were parked. (Bounded by the last parked as it begins,
@@ -330,10 +334,9 @@ def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
         # replayed and parked again at once, still refused, keeps its place (its id), behind the
         # batches still to come: no ids need keeping to take none twice.
         may_come_back = may_come_back and not outbox
-        order = ((last_parked_outbox_row, parked_outbox_batch) if outbox
-                 else (last_parked, parked_batch))
-        batches = all_parked_changed_in_transactions(*order, change, CHANGED_PER_TRANSACTION,
-                                                     may_come_back, dry_run)
+        batches = all_parked_changed_in_transactions(
+            *_parked_order(outbox), change, CHANGED_PER_TRANSACTION, may_come_back, dry_run,
+            through)
     else:
         with (rolled_back_transaction if dry_run else transaction)() as session:
             batches = [change(session, message_ids)]
@@ -343,6 +346,19 @@ def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
         if changed and not dry_run:
             audit(changed)
         yield changed
+
+
+def _parked_order(outbox: bool) -> tuple[Callable, Callable]:
+    """The box's parked messages in the order --all takes them (shared.parked_batches): how the
+    place of the last parked is read, and a batch's."""
+    return ((last_parked_outbox_row, parked_outbox_batch) if outbox
+            else (last_parked, parked_batch))
+
+
+def _parked_bound(service: str, outbox: bool) -> Bound:
+    """The bound of a run over every parked message of the box, read now."""
+    with _in_the_services_database(service):
+        return bound_now(_parked_order(outbox)[0])
 
 
 # What the command exits with when a reader of its output goes before it is done (`| head -1`),
@@ -505,23 +521,26 @@ def _run(argv: list[str] | None) -> int:
             return 1
         if refused:
             command_parsers[args.command].error(refused)
-    message_ids = None if args.all else args.message_ids
-    if args.command == "discard" and not (args.yes or args.dry_run) and sys.stdin.isatty():
+    message_ids, through = (None if args.all else args.message_ids), None
+    asks = args.command == "discard" and not (args.yes or args.dry_run) and sys.stdin.isatty()
+    if asks:
         try:
             confirmed = _discard_confirmed(args.service, message_ids, args.outbox)
         except _DATABASE_FAILURES as exc:
             print(f"{args.service} {box}: nothing discarded: {_failure_in_a_line(exc)}",
                   file=sys.stderr)
             return 1
-        if not confirmed:
+        if confirmed is None:
             with _the_terminal() as terminal:
                 print(f"{args.service} {box}: nothing discarded (not confirmed)", file=terminal)
             return 1
+        message_ids, through = confirmed
     never_parsed_left, payments_left = NeverParsedLeft(), []
     act = (functools.partial(replay, to_topic=to_topic, from_topic=from_topic,
                              never_parsed_left=never_parsed_left, dry_run=args.dry_run)
            if args.command == "replay" else
-           functools.partial(discard, payments_left=payments_left, dry_run=args.dry_run))
+           functools.partial(discard, payments_left=payments_left, dry_run=args.dry_run,
+                             through=through))
     # What is done to each message, as said: under --dry-run, what would be.
     done_to = ("would be " if args.dry_run else "") + _OUTCOMES[args.command, args.outbox]
     outcome = f"{args.service} {box}: {{}} message(s) {done_to}"
@@ -562,6 +581,9 @@ def _run(argv: list[str] | None) -> int:
               " for the rest", file=sys.stderr)
         return INTERRUPTED  # (run as a command, it dies of SIGINT: shared.quiet_interrupt.run_main)
     print(outcome.format(count) + (" (dry run: nothing changed)" if args.dry_run else ""))
+    if asks and args.all and _parked_since(args.service, args.outbox):
+        print(f"{args.service} {box}: messages parked since they were counted are left parked"
+              f" (list {args.service}{' --outbox' if args.outbox else ''} shows them)")
     if args.all and never_parsed_left.count:
         # (Named, each is said below: not replayed, "or never parsed".)
         print(f"{args.service} {box}: {never_parsed_left.count} record(s) never parsed left"
@@ -577,17 +599,27 @@ def _run(argv: list[str] | None) -> int:
     return 1 if left else 0
 
 
-def _discard_confirmed(service: str, message_ids: list[uuid.UUID] | None, outbox: bool) -> bool:
-    """Whether the operator, asked on the terminal (_the_terminal) how many rows of which
-    database the discard would take (counted by a dry run of it), answers y; so without asking
-    when it would take none."""
-    count = sum(map(len, discard(service, message_ids, outbox, dry_run=True)))
-    if count == 0:
-        return True
-    with _the_terminal() as terminal:
-        print(f"discard {count} rows of {_database(service)}? [y/N] ", end="", file=terminal,
-              flush=True)
-        return sys.stdin.readline().strip().lower() in ("y", "yes")
+def _discard_confirmed(service: str, message_ids: list[uuid.UUID] | None,
+                       outbox: bool) -> tuple[list[uuid.UUID] | None, Bound] | None:
+    """What the discard the operator confirmed takes, as discard's `message_ids` and `through`:
+    the very messages a dry run of it counted, the operator asked on the terminal how many rows
+    of which database that is (not asked when none), or None if the answer is not y. Under --all,
+    those parked up to the bound read before the count; named, those of them counted. Messages
+    parked while the question waits are left: a real run taking its own bound after the answer
+    discarded them too, unconfirmed (300 PaymentSucceeded parked by a broker outage meanwhile)."""
+    through = _parked_bound(service, outbox) if message_ids is None else None
+    count, counted = 0, []
+    for ids in discard(service, message_ids, outbox, dry_run=True, through=through):
+        count += len(ids)
+        if message_ids is not None:  # (under --all, the bound says which: no ids kept)
+            counted += ids
+    if count:
+        with _the_terminal() as terminal:
+            print(f"discard {count} rows of {_database(service)}? [y/N] ", end="",
+                  file=terminal, flush=True)
+            if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+                return None
+    return (None if message_ids is None else counted), through
 
 
 @contextlib.contextmanager
@@ -603,6 +635,16 @@ def _the_terminal() -> Iterator[TextIO]:
         return
     with terminal:
         yield terminal
+
+
+def _parked_since(service: str, outbox: bool) -> bool:
+    """Whether a message of the box is parked still, after a discard --all the operator
+    confirmed: one parked since it was counted (False should the database fail now: the discard
+    has been said)."""
+    try:
+        return _parked_bound(service, outbox).place is not None
+    except _DATABASE_FAILURES:
+        return False
 
 
 # Where each replay or discard that changed something is said, at WARNING, for an audit: who ran

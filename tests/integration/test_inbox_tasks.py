@@ -2287,6 +2287,40 @@ def test_discard_on_a_terminal_asks_first_and_discards_only_when_answered_y(
         assert [_as_stored(message_id) for message_id in messages] == before
 
 
+def test_a_discard_confirmed_on_a_terminal_leaves_the_messages_parked_while_it_asked(
+        settings, payments_inbox, user_id):
+    """`discard --all` on a terminal discards what it counted as it asked, up to the last parked
+    as it counted: messages parked while the question waits (a broker outage parking hundreds of
+    PaymentSucceeded) are left parked, and it says so. Before, the discard took its own bound
+    once answered, and discarded them too, never counted nor confirmed."""
+    from tasks import parked
+
+    assert parked.main(["discard", "payments", "--all", "--yes"]) == 0  # (other tests' parked)
+    counted = [_stored_request(payments_inbox, user_id) for _ in range(2)]
+    _parked_first(counted)
+    meanwhile = [_stored_request(payments_inbox, user_id) for _ in range(3)]
+    try:
+        with _on_a_terminal(["discard", "payments", "--all"],
+                            stderr=subprocess.PIPE) as (command, terminal):
+            asked = _said_until(terminal, "[y/N] ", timeout=60)
+            assert asked.endswith(f"discard 2 rows of {_payments_database(settings)}? [y/N] ")
+            with service_app("payments").app_context(), transaction() as session:
+                session.execute(update(InboxMessage)
+                                .where(InboxMessage.message_id.in_(meanwhile))
+                                .values(parked_at=func.clock_timestamp(), last_error="outage"))
+            os.write(terminal, b"y\n")
+            out, err = command.communicate(timeout=60)
+        assert command.returncode == 0, err
+        assert out.decode() == (
+            "payments inbox: 2 message(s) discarded\npayments inbox: messages parked since they"
+            " were counted are left parked (list payments shows them)\n")
+        assert all(_row(message_id).processed_at is not None for message_id in counted)
+        assert [_row(message_id).parked_at is not None for message_id in meanwhile] == [True] * 3
+        assert [_row(message_id).processed_at for message_id in meanwhile] == [None] * 3
+    finally:
+        parked.main(["discard", "payments", *map(str, meanwhile)])
+
+
 @pytest.mark.parametrize("option", ["--yes", "--dry-run"])
 def test_discard_on_a_terminal_given_yes_or_dry_run_asks_nothing(settings, payments_inbox,
                                                                   user_id, option):
