@@ -85,7 +85,8 @@ On a terminal (stdin a TTY), discard first asks "discard N rows of DATABASE? [y/
 terminal (/dev/tty, not stderr, which may go to a log), N counted by a dry run, and does nothing,
 exit 1, but on y; then it discards what it counted, no more (under --all, up to the last parked
 as it counted: those parked while it asked are left, and said to be). --yes or --dry-run asks
-nothing, nor does a discard whose stdin is not a terminal (a script).
+nothing, nor does a discard whose stdin is not a terminal (a script). A dry run runs the real
+statements and rolls them back: it takes the same row locks, for as long as it runs.
 """
 
 from __future__ import annotations
