@@ -2220,9 +2220,14 @@ def _said_until(fd: int, end: str, timeout: float) -> str:
 
 
 def _who_ran_it() -> str:
-    """Who the audit line of a command run by this process (as a child of it, SUDO_USER unset)
-    says ran it."""
+    """Who the audit line of a command run by this process (or a child of it, with
+    _environment_without_sudo) says ran it, SUDO_USER unset."""
     return f"{getpass.getuser()} (uid {os.getuid()})"
+
+
+def _environment_without_sudo() -> dict[str, str]:
+    """This process's environment but SUDO_USER, for a child whose audit line _who_ran_it says."""
+    return {name: value for name, value in os.environ.items() if name != "SUDO_USER"}
 
 
 @contextmanager
@@ -2239,7 +2244,7 @@ def _on_a_terminal(argv: list[str], stderr) -> Iterator[tuple[subprocess.Popen, 
             [sys.executable, "-m", "tasks.parked", *argv], stdin=terminal,
             stdout=subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT, start_new_session=True,
             preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
-            env={name: value for name, value in os.environ.items() if name != "SUDO_USER"})
+            env=_environment_without_sudo())
         try:
             yield child, controller
         finally:
@@ -2361,7 +2366,7 @@ def test_a_replay_interrupted_as_it_dispatches_has_audited_what_it_committed(
         command = start_child([sys.executable, "-m", "tasks.parked", "replay", "payments",
                                str(message_id)], stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT,
-                              env={**os.environ, "CELERY_BROKER_URL": broker})
+                              env=_environment_without_sudo() | {"CELERY_BROKER_URL": broker})
         try:
             wait_for(lambda: _row(message_id).parked_at is None, timeout=60,
                      what="the replay's commit")
