@@ -52,7 +52,7 @@ from shared.db import after_commit, db, driver_cursor
 from shared.documented_errors import (RETRY_AFTER, SEC_WEBSOCKET_VERSION, UPGRADE,
                                       DocumentedError)
 from shared.errors import ApiError
-from shared.fields import WholeNumber
+from shared.fields import INT64_MAX, WholeNumber
 from shared.http_api import Blueprint, EmptySchema, given_more_than_once
 from shared.inbox.handling import Handler, ReceivedEvent
 from shared.jsonio import dumps_exact
@@ -625,8 +625,8 @@ def _after_from(args) -> int | None:
     try:
         return _AFTER.load({"after": args["after"]})["after"]
     except ValidationError:
-        raise NotANotificationId("`after` must be a notification id: a whole number, 0 or more"
-                                 ) from None
+        raise NotANotificationId("`after` must be a notification id: a whole number from 0 to"
+                                 f" {INT64_MAX}") from None
 
 
 class _DroppedOnArrival(list):

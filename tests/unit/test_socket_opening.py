@@ -33,13 +33,20 @@ def _faulty(token_or_ticket: str) -> VerifiedToken:
     raise KeyError("hseshop:socket-ticket:internal detail")
 
 
+# The reason an `after` that is no notification id is closed with: the range of the ids (a
+# PostgreSQL bigint's), which the reason said nothing of once `after` was bounded to it.
+_NO_ID = "`after` must be a notification id: a whole number from 0 to 9223372036854775807"
+
+
 @pytest.mark.parametrize("authenticate, redeem, asked, reason", [
     (_refused, _taken, {"access_token": "t"}, "The token is not valid."),
     (_taken, _refused, {"ticket": "t"}, "The token is not valid."),
     (_taken, _unknown, {"ticket": "t"}, str(UnknownTicket())),
-    (_taken, _taken, {"access_token": "t", "after": "x"},
-     "`after` must be a notification id: a whole number, 0 or more"),
-], ids=["token refused", "ticket's token refused", "ticket unknown", "after no id"])
+    (_taken, _taken, {"access_token": "t", "after": "x"}, _NO_ID),
+    (_taken, _taken, {"access_token": "t", "after": "-1"}, _NO_ID),
+    (_taken, _taken, {"access_token": "t", "after": str(2**63)}, _NO_ID),
+], ids=["token refused", "ticket's token refused", "ticket unknown", "after no id",
+        "after negative", "after past a 64-bit id"])
 def test_a_refused_socket_is_closed_1008_with_its_reason(authenticate, redeem, asked, reason,
                                                           caplog):
     opening = notifications._socket_opening(authenticate, redeem, MultiDict(asked))
