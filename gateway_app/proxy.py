@@ -4,13 +4,13 @@ identity signed by the gateway and the request id.
 
 A service that cannot be reached answers 503, one too slow 504 (one deadline for the whole call,
 gateway_app/upstream_http.py), one that fails (or refuses the gateway's signed identity, or answers
-what is no answer of its API: not JSON, an error of another shape or of a 4xx status the route does
-not document, as a 404 for a path it does not know or a 405, a redirect) 502: always the
-usual JSON error, never a hang and never a stack trace. A request that a kept-alive connection was
-closed on is sent again where that is safe (upstream_http.py; what is safe: resends.py). A service
-that answers 503 itself, with the usual JSON error (its database unavailable, say), is relayed as
-it is, its Retry-After passed on as seconds, 1 to a day's (gateway_app/upstream_answers.py; one
-that is none, left out).
+what is no answer of its API: not JSON, an error of another shape or a 4xx whose status and code
+the route does not document, as a 404 NOT_FOUND for a path it does not know or a 405, a redirect)
+502: always the usual JSON error, never a hang and never a stack trace. A request that a
+kept-alive connection was closed on is sent again where that is safe (upstream_http.py; what is
+safe: resends.py). A service that answers 503 itself, with the usual JSON error (its database
+unavailable, say), is relayed as it is, its Retry-After passed on as seconds, 1 to a day's
+(gateway_app/upstream_answers.py; one that is none, left out).
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ from shared.money import format_amount
 
 # What a call to a service can end in, over either transport: the service failing, unreachable
 # or too slow, or its own 503 passed on. (Its other errors are passed on as they are if the route
-# declares their status, but a 401, which the gateway's signed identity was refused with; one of
-# a status the route does not declare is a 502: gateway_app/upstream_answers.py.)
+# declares their code under their status, but a 401, which the gateway's signed identity was
+# refused with; any other is a 502: gateway_app/upstream_answers.py. So each route declares every
+# error its service's operation can answer it: test_openapi_documents.py holds them to it.)
 UPSTREAM_ERRORS = (BAD_GATEWAY, SERVICE_UNAVAILABLE, *DATABASE_UNAVAILABLE_OR_BUSY,
                    UPSTREAM_TIMEOUT)
 # And what a call whose work the service commits can end in besides: the service's rollback for

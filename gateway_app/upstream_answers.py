@@ -1,7 +1,7 @@
 """What the gateway makes of a service's answer, whichever transport carried it: an error of the
-API's and what is none, the error statuses it answers for itself rather than relay (a 4xx its route
-does not document among them: a 502, logged), and a Retry-After passed on only if it is one, as a
-number of seconds.
+API's and what is none, the error statuses it answers for itself rather than relay (a 4xx whose
+status and code its route does not document among them: a 502, logged), and a Retry-After passed
+on only if it is one, as a number of seconds.
 
 A 504 is the gateway's own, of two kinds. The service's own 504 CALLER_GAVE_UP, its work rolled
 back as the deadline the gateway signed passed before it could commit (shared/caller_deadline.py),
@@ -27,7 +27,7 @@ from flask import current_app, request
 
 from shared.documented_errors import INVALID_DEADLINE
 from shared.errors import ApiError, BadGateway, UpstreamRolledBack, UpstreamTimeout
-from shared.http_api import documented_error_statuses
+from shared.http_api import documented_error_codes
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +60,22 @@ def rolled_back_for_the_deadline(status: int, error_code: str | None) -> bool:
 @dataclass(frozen=True)
 class Route:
     """The gateway's route a service answers for: its `name` (method and rule), for the log, and
-    the `error_statuses` its OpenAPI document gives (shared.http_api.documented_error_statuses)."""
+    the `error_codes` its OpenAPI document gives, by status
+    (shared.http_api.documented_error_codes)."""
 
     name: str
-    error_statuses: frozenset[int]
+    error_codes: dict[int, frozenset[str]]
 
     @classmethod
     def of_the_request(cls) -> Route:
         """The route of the request under way."""
         view = current_app.view_functions[request.endpoint]
-        return cls(f"{request.method} {request.url_rule.rule}", documented_error_statuses(view))
+        return cls(f"{request.method} {request.url_rule.rule}", documented_error_codes(view))
+
+    def documents(self, status: int, code: str | None) -> bool:
+        """Whether the route's document gives an error of `status` under `code` (None: no error
+        of the API's, which none is)."""
+        return code in self.error_codes.get(status, ())
 
 
 def failure_for_status(service: str, status: int, *, route: Route, unavailable_for_now: bool,
@@ -82,12 +88,12 @@ def failure_for_status(service: str, status: int, *, route: Route, unavailable_f
     been); a 502 for any other 5xx but a 503 that is `unavailable_for_now` (the service's own, in
     the usual error shape: it can say when to retry), for a 401 (the gateway's signed identity
     refused), for a 400 INVALID_DEADLINE (the deadline the gateway signed refused for its form:
-    the gateway's fault, about a header its client never sent) and for any other 4xx the route
-    does not document (a 404 for a path the service does not know, its URL wrong; a 405): no
-    answer the route gives, as over gRPC a method the service does not know is none. `said`
-    gives the service's body or message, read only for the log, and `error_code` its error's
-    code (None: it gave none, or no error of the API's), read only for a 504, a 401's log line
-    and a 400."""
+    the gateway's fault, about a header its client never sent) and for any other 4xx whose status
+    and code together the route does not document (a 404 NOT_FOUND for a path the service does
+    not know, its URL wrong, where the route's 404 is ACCOUNT_NOT_FOUND; a 405): no answer the
+    route gives, as over gRPC a method the service does not know is none. `said` gives the
+    service's body or message, read only for the log, and `error_code` its error's code (None:
+    it gave none, or no error of the API's), read only for a 504, a 401's log line and a 4xx."""
     if status == 504:
         if rolled_back_for_the_deadline(status, error_code()):
             log.warning("%s rolled the request back, the gateway's deadline passed before its"
@@ -104,9 +110,9 @@ def failure_for_status(service: str, status: int, *, route: Route, unavailable_f
         log.error("%s refused the deadline the gateway signed for its form (%s): are the two of"
                   " one release (deployed together)?", service, (said() or "")[:500])
         return BadGateway.of(service)
-    if 400 <= status < 500 and status not in route.error_statuses:
-        log.error("%s: %s answered %s, a status the route does not document: %s", route.name,
-                  service, status, (said() or "")[:500])
+    if 400 <= status < 500 and not route.documents(status, code := error_code()):
+        log.error("%s: %s answered %s %s, an error the route does not document: %s", route.name,
+                  service, status, code or "(no error of the API's)", (said() or "")[:500])
         return BadGateway.of(service)
     return None
 

@@ -311,11 +311,11 @@ _ERROR_STATUS = re.compile(r"[45][0-9]{2}")
 def _the_services_error(service: str, exc: grpc.RpcError, trailers: dict[str, str]) -> ApiError:
     """The error the service said in a failed call's `trailers`, as its HTTP API would have
     answered it, and as the HTTP transport relays it (gateway_app/upstream_answers.py: a 5xx but
-    its own 503 a 502, a 504 a 504, its CALLER_GAVE_UP saying nothing was done, a 4xx the route
-    does not document a 502, a Retry-After that is none left out). Trailers that are none the
-    service writes (a status that is no error status, or no error of the API's: its code not of
-    shared/errors.py's form, details missing or no JSON object) are a 502, as an answer over HTTP
-    that is no answer of the API is."""
+    its own 503 a 502, a 504 a 504, its CALLER_GAVE_UP saying nothing was done, a 4xx whose status
+    and code the route does not document a 502, a Retry-After that is none left out). Trailers
+    that are none the service writes (a status that is no error status, or no error of the API's:
+    its code not of shared/errors.py's form, details missing or no JSON object) are a 502, as an
+    answer over HTTP that is no answer of the API is."""
     status, code = trailers[HTTP_STATUS_KEY], trailers.get(ERROR_CODE_KEY)
     message = exc.details() or ""
     try:

@@ -259,11 +259,12 @@ def _document_errors(view, errors_of_every_route: tuple[DocumentedError, ...]) -
     for status, response in by_status.items():
         # (as flask-smorest's alt_response keeps one: its content type the API's default)
         responses.setdefault(status, []).append({**response, "content_type": None})
-    view._documented_error_statuses = frozenset(by_status)
+    view._documented_error_codes = {status: frozenset(response["x-error-codes"])
+                                    for status, response in by_status.items()}
 
 
-def documented_error_statuses(view) -> frozenset[int]:
-    """The statuses `view` (a route's view, as its Blueprint registered it) documents an error
-    under in its OpenAPI document: the one list of them, which a gateway relaying a service's
-    error holds it to (gateway_app/upstream_answers.py)."""
-    return view._documented_error_statuses
+def documented_error_codes(view) -> dict[int, frozenset[str]]:
+    """The error codes `view` (a route's view, as its Blueprint registered it) documents in its
+    OpenAPI document, by status (each response's `x-error-codes`): the one list of them, which a
+    gateway relaying a service's error holds it to (gateway_app/upstream_answers.py)."""
+    return view._documented_error_codes

@@ -2032,11 +2032,13 @@ class _AnsweringAsTold(http.server.BaseHTTPRequestHandler):
 
 
 class _ErringAsTold(_AnsweringAsTold):
-    """Answers every GET 404 with the error its base path names (quoted JSON: {"error": ...})."""
+    """Answers every GET with the status and the error its path begins with: /404/ and the error
+    quoted (JSON: {"error": ...})."""
 
     def do_GET(self):
-        body = json.dumps({"error": json.loads(unquote(self.path.split("/")[1]))}).encode()
-        self.send_response(404)
+        status, error = self.path.split("/")[1:3]
+        body = json.dumps({"error": json.loads(unquote(error))}).encode()
+        self.send_response(int(status))
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -2188,35 +2190,39 @@ def test_a_deadline_a_service_refuses_for_its_form_is_a_502_over_both_transports
         refusing.close()
 
 
-@pytest.mark.parametrize("code, details, relayed", [
-    ("ORDER_NOT_FOUND", {"order_id": "x"}, True),
-    ("METHOD_NOT_ALLOWED", {}, True),  # (Flask's own, a code_for of its name)
-    ("VALIDATION_ERROR", {"query": {"limit": ["Not a valid integer."]}}, True),
-    ("<b>no code</b>", {}, False),
-    ("", {}, False),
-    (_LEFT_OUT, {}, False),
-    ("not_found", {}, False),
-    ("ORDER_NOT_FOUND", [1], False),
-    ("ORDER_NOT_FOUND", None, False),
-    ("ORDER_NOT_FOUND", "x", False),
-    ("ORDER_NOT_FOUND", _LEFT_OUT, False),
-], ids=["as written", "Flask's", "a 422's", "markup", "an empty code", "no code", "lower case",
-        "details a list", "details null", "details a string", "no details"])
-def test_an_error_of_the_apis_is_one_thing_over_both_transports(settings, told_how_to_fail, code,
-                                                               details, relayed):
-    """A 404 whose code and details are as the services write them is relayed (by an operation
-    that documents a 404), any other a 502, over gRPC and over HTTP alike
+# (GET /api/orders/{order_id} documents ORDER_NOT_FOUND under 404, REQUEST_ENTITY_TOO_LARGE, Flask's
+# own, a code_for of its name, under 413, and VALIDATION_ERROR under 422)
+@pytest.mark.parametrize("status, code, details, relayed", [
+    (404, "ORDER_NOT_FOUND", {"order_id": "x"}, True),
+    (413, "REQUEST_ENTITY_TOO_LARGE", {}, True),
+    (422, "VALIDATION_ERROR", {"query": {"limit": ["Not a valid integer."]}}, True),
+    (404, "NOT_FOUND", {}, False),  # (of the API's, Flask's 404: a code the route does not give)
+    (404, "<b>no code</b>", {}, False),
+    (404, "", {}, False),
+    (404, _LEFT_OUT, {}, False),
+    (404, "not_found", {}, False),
+    (404, "ORDER_NOT_FOUND", [1], False),
+    (404, "ORDER_NOT_FOUND", None, False),
+    (404, "ORDER_NOT_FOUND", "x", False),
+    (404, "ORDER_NOT_FOUND", _LEFT_OUT, False),
+], ids=["as written", "Flask's", "a 422's", "not the route's", "markup", "an empty code",
+        "no code", "lower case", "details a list", "details null", "details a string",
+        "no details"])
+def test_an_error_of_the_apis_is_one_thing_over_both_transports(settings, told_how_to_fail,
+                                                               status, code, details, relayed):
+    """An error whose code and details are as the services write them, of a code the operation
+    documents under its status, is relayed, any other a 502, over gRPC and over HTTP alike
     (gateway_app/upstream_answers.py: an_error_of_the_api): over HTTP any string for a code and
     any details were relayed."""
     told_how_to_fail.servicer.trailers = (
-        (HTTP_STATUS_KEY, "404"),
+        (HTTP_STATUS_KEY, str(status)),
         *(((ERROR_CODE_KEY, code),) if code is not _LEFT_OUT else ()),
         *(((ERROR_DETAILS_KEY, json.dumps(details)),) if details is not _LEFT_OUT else ()))
     error = {key: value for key, value in (("code", code), ("message", "as told"),
                                            ("details", details)) if value is not _LEFT_OUT}
     over_http = gateway_app.create_app(settings=dataclasses.replace(
         settings, gateway_upstream_transport="http", orders_service_url=(
-            f"{told_how_to_fail.erring_http_url}/{quote(json.dumps(error), safe='')}")))
+            f"{told_how_to_fail.erring_http_url}/{status}/{quote(json.dumps(error), safe='')}")))
     for transport, client in (("grpc", told_how_to_fail.client),
                               ("http", over_http.test_client())):
         answer = client.get(f"/api/orders/{uuid.uuid4()}",
@@ -2266,8 +2272,8 @@ def test_a_4xx_its_route_does_not_document_is_a_502_logged_over_both_transports(
             "details": {"service": "payments" if "accounts" in path else "orders"}}, what
         if status is not None:
             said = code if transport == "http" else "as told"
-            assert re.search(rf"GET {path}: \w+ answered {status}, a status the route does not"
-                             rf" document: .*{said}", caplog.text), (what, caplog.text)
+            assert re.search(rf"GET {path}: \w+ answered {status} {code}, an error the route"
+                             rf" does not document: .*{said}", caplog.text), (what, caplog.text)
     # The gateway's own 405, to a method none of its paths takes.
     spec = told_how_to_fail.client.get("/docs/openapi.json").get_json()
     for path in spec["paths"]:
@@ -2278,3 +2284,37 @@ def test_a_4xx_its_route_does_not_document_is_a_502_logged_over_both_transports(
         documented = {method.upper() for method in spec["paths"][path] if method != "parameters"}
         assert answer.status_code == 405, path
         assert documented <= set(answer.headers["Allow"].split(", ")), path
+
+
+def test_an_error_code_its_route_does_not_document_is_a_502_logged_over_both_transports(
+        settings, upstreams, grpc_targets, caplog):  # noqa: F811
+    """A route that documents a 404 (ACCOUNT_NOT_FOUND: the caller has no account) relayed, over
+    HTTP, the orders service's 404 NOT_FOUND for a path it does not know, its URL given for the
+    payments service's: the status documented, its code not. Whichever transport carried it, an
+    error whose code the route does not document under its status is a 502, logged, as over gRPC
+    the other service, not knowing the method, was; the route's own 404 is still relayed."""
+    right = {transport: _gateway(settings, upstreams, grpc_targets, transport)
+             for transport in ("http", "grpc")}
+    wrong = {"http": _gateway(settings, upstreams, grpc_targets, "http",
+                              payments_service_url=upstreams["orders"].url),
+             "grpc": _gateway(settings, upstreams, grpc_targets, "grpc",
+                              payments_grpc_target=grpc_targets["orders"])}
+    session = right["grpc"].post("/api/auth/register", json={
+        "username": f"u-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+    auth = {"Authorization": f"Bearer {session['access_token']}"}  # (no account opened)
+    asked = (("GET", "/api/accounts/balance", None),
+             ("POST", "/api/accounts/deposit", {"amount": "10.00"}))
+    for transport in ("http", "grpc"):
+        for method, path, body in asked:
+            what = (transport, method, path)
+            answer = right[transport].open(path, method=method, json=body, headers=auth)
+            assert (answer.status_code, answer.get_json()["error"]["code"]) == (
+                404, "ACCOUNT_NOT_FOUND"), what
+            caplog.clear()
+            answer = wrong[transport].open(path, method=method, json=body, headers=auth)
+            assert (answer.status_code, answer.get_json()["error"]) == (502, {
+                "code": "BAD_GATEWAY", "message": "The payments service failed to answer.",
+                "details": {"service": "payments"}}), (what, answer.get_json())
+            if transport == "http":
+                assert re.search(rf"{method} {path}: payments answered 404 NOT_FOUND, an error"
+                                 " the route does not document", caplog.text), (what, caplog.text)

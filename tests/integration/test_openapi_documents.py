@@ -27,6 +27,7 @@ import orders_app
 import payments_app
 from devstack.infra import free_port
 from shared.app_closing import close_app
+from shared.documented_errors import INVALID_DEADLINE
 from shared.errors import ApiError
 from shared.idempotency import IDEMPOTENCY_HEADER, checked_idempotency_key
 from shared.request_context import REQUEST_ID_HEADER
@@ -801,3 +802,26 @@ def test_every_error_readme_names_is_given_with_its_status_by_an_apps_document(a
              for status, code in README_ERROR.findall(README.read_text())}
     assert len(named) > 20  # (README's own form of them, still read)
     assert named - documented == set()
+
+
+def test_every_4xx_a_services_operation_documents_the_gateways_operation_documents_too(apps):
+    """The gateway relays a service's 4xx only if its own operation documents the error's code
+    under its status (gateway_app/upstream_answers.py: any other is a 502), so each 4xx a
+    service's operation documents is documented by the gateway's operation that calls it (the
+    same path under /api), but for those the gateway answers for itself: a 401 (the identity it
+    signed refused) and a 400 INVALID_DEADLINE (the deadline it signed). One left out, a refusal
+    of the client's (ACCOUNT_NOT_FOUND, say) would reach it as a 502."""
+    gateway = _served_document(apps["gateway"])
+    called = set()
+    for service in ("orders", "payments"):
+        document = _served_document(apps[service])
+        for method, path in operations(document) - {HEALTH}:
+            relayed = {(status, code) for status, code in documented_answers(document, method, path)
+                       if 400 <= status < 500 and status != 401 and code != INVALID_DEADLINE.code}
+            assert relayed, (service, method, path)
+            assert relayed - documented_answers(gateway, method, f"/api{path}") == set(), (
+                service, method, path)
+            called.add((method, f"/api{path}"))
+    assert called == {("post", "/api/orders"), ("get", "/api/orders"),
+                      ("get", "/api/orders/{order_id}"), ("post", "/api/accounts"),
+                      ("post", "/api/accounts/deposit"), ("get", "/api/accounts/balance")}

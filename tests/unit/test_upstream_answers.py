@@ -22,8 +22,11 @@ from shared.errors import INTERNAL_ERROR, ApiError, code_for
 from shared.internal_auth import InvalidIdentity
 
 
-# A route documenting the 4xx statuses the services' own errors relayed here come with.
-_ROUTE = Route("GET /api/orders/<order_id>", frozenset({400, 401, 404, 413, 422, 429}))
+# A route documenting the 4xx errors the services' own errors relayed here are: SOME_CODE under
+# each status they come with (and INVALID_IDEMPOTENCY_KEY under 400).
+_ROUTE = Route("GET /api/orders/<order_id>", {
+    **{status: frozenset({"SOME_CODE"}) for status in (401, 404, 413, 422, 429)},
+    400: frozenset({"SOME_CODE", "INVALID_IDEMPOTENCY_KEY"})})
 
 
 def _subclasses(cls):
@@ -221,15 +224,36 @@ def test_a_deadline_the_service_refuses_for_its_form_is_a_502_logged_not_relayed
                               said=lambda: "", error_code=lambda: "INVALID_IDEMPOTENCY_KEY") is None
 
 
-@pytest.mark.parametrize("status", [404, 405, 409])
-def test_a_4xx_the_route_does_not_document_is_a_502_logged_not_relayed(caplog, status):
-    """A 404 for a path the service does not know (its URL wrong), a 405, any 4xx of a status the
-    route's document does not give: no answer of the route's, a 502 over either transport, the
-    route, the status and what the service said logged."""
-    route = Route("GET /api/orders", frozenset({400, 401, 413, 422, 429}))
-    failure = failure_for_status("orders", status, route=route, unavailable_for_now=False,
-                                 said=lambda: "what it said", error_code=lambda: "SOME_CODE")
+# A route as the gateway's GET /api/accounts/balance documents its 4xx but its own (a 401, a 429).
+_BALANCE = Route("GET /api/accounts/balance", {
+    404: frozenset({"ACCOUNT_NOT_FOUND"}), 413: frozenset({"REQUEST_ENTITY_TOO_LARGE"}),
+    422: frozenset({"VALIDATION_ERROR"})})
+
+
+@pytest.mark.parametrize("status, code", [
+    (404, "NOT_FOUND"),  # a path the service does not know (its URL wrong): Flask's own 404
+    (404, "ORDER_NOT_FOUND"),  # (the other service's)
+    (422, "BALANCE_LIMIT_EXCEEDED"),  # (another operation's)
+    (404, None),  # (no error of the API's)
+    (405, "METHOD_NOT_ALLOWED"),
+    (409, "ACCOUNT_EXISTS"),
+    (400, "MALFORMED_REQUEST"),
+])
+def test_a_4xx_the_route_does_not_document_is_a_502_logged_not_relayed(caplog, status, code):
+    """Any 4xx whose status and code together the route's document does not give: no answer of
+    the route's, a 502 over either transport, the route, the status, the code and what the
+    service said logged. A 404 NOT_FOUND for a path the service does not know was relayed by a
+    route whose 404 is ACCOUNT_NOT_FOUND, its status documented."""
+    failure = failure_for_status("payments", status, route=_BALANCE, unavailable_for_now=False,
+                                 said=lambda: "what it said", error_code=lambda: code)
     assert (failure.status, failure.code, failure.details) == (
-        502, "BAD_GATEWAY", {"service": "orders"})
-    assert (f"GET /api/orders: orders answered {status}, a status the route does not document:"
-            " what it said") in caplog.text
+        502, "BAD_GATEWAY", {"service": "payments"})
+    logged_code = code or "(no error of the API's)"
+    assert (f"GET /api/accounts/balance: payments answered {status} {logged_code}, an error the"
+            " route does not document: what it said") in caplog.text
+
+
+@pytest.mark.parametrize("status, code", [(404, "ACCOUNT_NOT_FOUND"), (422, "VALIDATION_ERROR")])
+def test_a_4xx_the_route_documents_is_relayed(status, code):
+    assert failure_for_status("payments", status, route=_BALANCE, unavailable_for_now=False,
+                              said=lambda: "", error_code=lambda: code) is None
