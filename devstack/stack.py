@@ -53,10 +53,14 @@ WORKER_THREADS = 16
 NAMES_OF_ITS_OWN = ("CELERY_BROKER_URL", "CACHE_REDIS_URL", "REDIS_KEY_PREFIX",
                     "KAFKA_CONSUMER_GROUP_PREFIX", "TOPIC_PAYMENT_REQUESTED",
                     "TOPIC_PAYMENT_RESULTS", "TOPIC_ORDER_STATUS_CHANGED", "OUTBOX_EXTRA_TOPICS")
-# Celery's own variables naming a server, which it takes before its configuration (celeryconfig's
-# broker_url): given empty, as if unset.
+# Celery's own variables naming a server or its configuration, which it takes before its
+# configuration (celeryconfig's broker_url): given empty, as if unset. Its command's (`celery -A
+# tasks worker`, beat, Flower) too: BROKER_URL is its --broker's, which it then sets as
+# CELERY_BROKER_URL (a BROKER_URL exported for another project had the workers take their tasks
+# from that project's Redis, while the APIs sent them to the run's).
 CELERY_SERVERS_FROM_THE_ENVIRONMENT = ("CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL",
-                                       "CELERY_RESULT_BACKEND")
+                                       "CELERY_RESULT_BACKEND", "BROKER_URL", "RESULT_BACKEND",
+                                       "LOADER", "CONFIG_MODULE")
 # The list of the processes a run has started, in its folder (devstack.leftovers).
 RUN_RECORD = "processes"
 # The first of the processes that take requests to start, and so the last of them stopped: once

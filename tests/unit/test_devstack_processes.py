@@ -6,6 +6,7 @@ import contextlib
 import functools
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -581,6 +582,10 @@ def test_stack_env_is_the_config_contract_and_overrides_may_name_the_found_servi
         "CELERY_BROKER_READ_URL": "",
         "CELERY_BROKER_WRITE_URL": "",
         "CELERY_RESULT_BACKEND": "",
+        "BROKER_URL": "",
+        "RESULT_BACKEND": "",
+        "LOADER": "",
+        "CONFIG_MODULE": "",
         "ORDERS_GRPC_BIND": "127.0.0.1:50051",
         "ORDERS_GRPC_TARGET": "127.0.0.1:50051",
         "PAYMENTS_GRPC_BIND": "127.0.0.1:50052",
@@ -594,7 +599,9 @@ def test_stack_env_is_the_config_contract_and_overrides_may_name_the_found_servi
 NAMING_A_SERVER = [
     *(name for name in ENVIRONMENT if name.startswith("TOPIC_")
       or name.endswith(("_URL", "_PREFIX", "_SERVERS", "_BIND", "_TARGET", "_TOPICS"))),
-    "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL", "CELERY_RESULT_BACKEND"]
+    "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL", "CELERY_RESULT_BACKEND",
+    # (the celery command's --broker and --result-backend)
+    "BROKER_URL", "RESULT_BACKEND"]
 ELSEWHERE = "redis://127.0.0.1:1/0"
 
 
@@ -621,6 +628,15 @@ def test_a_stack_gives_its_processes_its_own_servers_and_names_whatever_the_shel
         env=given, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
         timeout=60)
     assert celery.stdout.split() == ["redis://127.0.0.1:6379/0"] * 3 + ["None"], celery.stderr
+    # The celery command (workers, beat, Flower) as make run starts it: its options read the
+    # environment too (BROKER_URL its --broker's), and its configuration's module and loader.
+    assert (given["LOADER"], given["CONFIG_MODULE"]) == ("", "")
+    report = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tasks", "report"], env=given, cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert re.findall(r"^(broker_url|result_backend): (.*)$", report.stdout, re.MULTILINE) == [
+        ("broker_url", "'redis://:********@127.0.0.1:6379/0'"),  # (as it shows any: masked)
+        ("result_backend", "None")], report.stderr
 
     overridden = Stack(tmp_path, env_overrides={"CELERY_BROKER_URL": "{redis}/5",
                                                 "REDIS_KEY_PREFIX": "test.run"})
