@@ -84,9 +84,10 @@ ran it (with its uid, and SUDO_USER when set), what it did, and every id (AUDITE
 On a terminal (stdin a TTY), discard first asks "discard N rows of DATABASE? [y/N]" on the
 terminal (/dev/tty, not stderr, which may go to a log), N counted by a dry run, and does nothing,
 exit 1, but on y; then it discards what it counted, no more (under --all, up to the last parked
-as it counted: those parked while it asked are left, and said to be). --yes or --dry-run asks
-nothing, nor does a discard whose stdin is not a terminal (a script). A dry run runs the real
-statements and rolls them back: it takes the same row locks, for as long as it runs.
+as it counted: those parked while it asked are left, and said to be, but for an outbox row
+written before the last parked and parked meanwhile, its batches going by id). --yes or
+--dry-run asks nothing, nor does a discard whose stdin is not a terminal (a script). A dry run
+runs the real statements and rolls them back: it takes the same row locks, for as long as it runs.
 """
 
 from __future__ import annotations
@@ -606,7 +607,8 @@ def _discard_confirmed(service: str, message_ids: list[uuid.UUID] | None,
     the very messages a dry run of it counted, the operator asked on the terminal how many rows
     of which database that is (not asked when none), or None if the answer is not y. Under --all,
     those parked up to the bound read before the count; named, those of them counted. Messages
-    parked while the question waits are left: a real run taking its own bound after the answer
+    parked while the question waits are left (but an outbox row written before the bound's row,
+    the outbox's batches going by id): a real run taking its own bound after the answer
     discarded them too, unconfirmed (300 PaymentSucceeded parked by a broker outage meanwhile)."""
     through = _parked_bound(service, outbox) if message_ids is None else None
     count, counted = 0, []
