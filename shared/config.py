@@ -238,7 +238,12 @@ def _grpc_bind_address(raw: str) -> bool:
     splits as one)."""
     if raw.startswith(TARGET_ONLY_SCHEMES):
         return False
-    return _host_and_port(raw) or raw.startswith((*SOCKET_PATH_SCHEMES, "vsock:"))
+    if raw.startswith("vsock:"):  # vsock:cid:port
+        cid, _, port = raw.removeprefix("vsock:").partition(":")
+        if not all(part.isascii() and part.isdigit() for part in (cid, port)):
+            return False
+        return 1 <= int(port) <= 65535
+    return _host_and_port(raw) or raw.startswith(SOCKET_PATH_SCHEMES)
 
 
 def _service_root(raw: str) -> bool:

@@ -144,6 +144,10 @@ def test_a_service_urls_trailing_slash_is_dropped():
     # (a gRPC server binds no name of those schemes: its start failed in a traceback)
     ("ORDERS_GRPC_BIND", "dns:///127.0.0.1:50051", "a socket's unix:/path"),
     ("PAYMENTS_GRPC_BIND", "ipv4:127.0.0.1:50052", "a socket's unix:/path"),
+    ("ORDERS_GRPC_BIND", "vsock:", "or vsock:cid:port"),
+    ("ORDERS_GRPC_BIND", "vsock:oops", "or vsock:cid:port"),
+    ("ORDERS_GRPC_BIND", "vsock:3:70000", "or vsock:cid:port"),
+    ("ORDERS_GRPC_BIND", "vsock:3:4:50051", "or vsock:cid:port"),
     ("ORDERS_SERVICE_URL", "orders:8001", "an http:// or https:// URL"),
     ("ORDERS_SERVICE_URL", "http://orders:8001/api", "with no path"),
     ("PAYMENTS_SERVICE_URL", "http://payments:8002//", "with no path"),
