@@ -663,10 +663,11 @@ def _audit(service: str, outbox: bool, command: str, to_topic: str | None,
            message_ids: list[uuid.UUID]) -> None:
     """Log the messages a transaction of `command` changed, as it has committed."""
     box = "outbox" if outbox else "inbox"
+    database, who = _database(service), _who()  # (the same for each of its lines)
     for start in range(0, len(message_ids), AUDITED_A_LINE):
         ids = message_ids[start:start + AUDITED_A_LINE]
         _audit_log.warning("%s %s of %s: %s %sed %d parked message(s)%s: %s", service, box,
-                           _database(service), _who(), command, len(ids),
+                           database, who, command, len(ids),
                            f" to {to_topic}" if to_topic else "", ", ".join(map(str, ids)))
 
 
