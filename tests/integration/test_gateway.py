@@ -3050,6 +3050,19 @@ def _opens(url, headers: dict | None = None) -> bool:
     return True
 
 
+def _calls_recorded(monkeypatch, name: str) -> list:
+    """The argument of each call of gateway_app.notifications' one-argument function `name`, as
+    it is called (it still does what it does)."""
+    calls, function = [], getattr(notifications, name)
+
+    def recording(argument):
+        calls.append(argument)
+        function(argument)
+
+    monkeypatch.setattr(notifications, name, recording)
+    return calls
+
+
 def test_an_open_socket_is_probed_so_that_a_vanished_page_frees_its_slot(settings, upstreams,
                                                                          monkeypatch):
     """The server side of each open socket has TCP keepalive on, probing after 30 quiet seconds,
@@ -3059,14 +3072,7 @@ def test_an_open_socket_is_probed_so_that_a_vanished_page_frees_its_slot(setting
     ends and gives its slot back."""
     import socket as sockets
 
-    probed = []
-
-    def recording(connection):
-        probed.append(connection)
-        notifications_drop(connection)
-
-    notifications_drop = notifications.drop_when_the_peer_vanishes
-    monkeypatch.setattr(notifications, "drop_when_the_peer_vanishes", recording)
+    probed = _calls_recorded(monkeypatch, "drop_when_the_peer_vanishes")
     with _served_gateway_socket_path(settings, upstreams, "probed") as (base, path):
         page = _stays_open(base.replace("http://", "ws://") + path)
         assert page and len(probed) == 1
@@ -3089,14 +3095,7 @@ def test_a_quiet_socket_is_pinged_so_that_a_proxy_closing_quiet_connections_keep
     quiet_limit = 1.5
     monkeypatch.setattr(notifications, "SOCKET_PING_SECONDS", 0.3)
     monkeypatch.setattr(notifications, "SOCKET_DRAIN_SECONDS", 0.1)  # (its loop's turn)
-    pinged = []
-
-    def counted(ws):
-        pinged.append(ws)
-        notifications_ping(ws)
-
-    notifications_ping = notifications.ping_the_page
-    monkeypatch.setattr(notifications, "ping_the_page", counted)
+    pinged = _calls_recorded(monkeypatch, "ping_the_page")
     user = f"usr_{uuid.uuid4().hex[:16]}"
     with _served_gateway_socket_path(settings, upstreams, "pinged", user=user) as (base, path):
         proxy = SilencingProxy(urlsplit(base).netloc, quiet_limit=quiet_limit)
