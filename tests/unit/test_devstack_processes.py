@@ -771,6 +771,17 @@ def _make_run(tmp_path, shop: list[str], start_hangs: bool = False,
     return _started(program, tmp_path, stderr=subprocess.PIPE)
 
 
+def _ctrl_c_stops_it(run: subprocess.Popen, shop: int) -> None:
+    """Ctrl-C to a _make_run whose shop (its pid) runs: it stops it, says so in its last two
+    lines, and dies of SIGINT."""
+    run.send_signal(signal.SIGINT)
+
+    out, err = run.communicate(timeout=30)
+    assert run.returncode == -signal.SIGINT, err
+    assert err == "\n[devstack] stopping...\n[devstack] stopped.\n"
+    assert gone(shop)
+
+
 @contextlib.contextmanager
 def _make_run_ready(tmp_path, shop: list[str], start_hangs: bool = False, broker: bool = False):
     """A _make_run, given as (run, the shop's pid) once it says Ctrl-C stops everything (if
@@ -798,12 +809,7 @@ def test_ctrl_c_has_make_run_stop_the_shop_then_die_of_sigint(tmp_path):
     with _make_run_ready(tmp_path, ["sleep", "300"]) as (run, sleep):
         assert (tmp_path / ".run" / "env").exists()
 
-        run.send_signal(signal.SIGINT)
-
-        out, err = run.communicate(timeout=30)
-        assert run.returncode == -signal.SIGINT, err
-        assert err == "\n[devstack] stopping...\n[devstack] stopped.\n"
-        assert gone(sleep)
+        _ctrl_c_stops_it(run, sleep)
         assert not (tmp_path / ".run" / "env").exists()
 
 
@@ -848,12 +854,7 @@ def test_a_process_of_make_run_that_dies_is_started_again_saying_which_how_and_i
         again = _shop_pids(tmp_path)[1]
         assert gone(first) and not gone(again)
 
-        run.send_signal(signal.SIGINT)
-
-        out, err = run.communicate(timeout=30)
-        assert run.returncode == -signal.SIGINT, err
-        assert err == "\n[devstack] stopping...\n[devstack] stopped.\n"
-        assert gone(again)
+        _ctrl_c_stops_it(run, again)
 
 
 def test_a_process_of_make_run_that_keeps_dying_stops_the_run(tmp_path):
@@ -898,12 +899,7 @@ def test_ctrl_c_as_make_run_starts_stops_what_it_started_and_says_so_last(tmp_pa
     """A Ctrl-C before the shop is up stops what was started, and the run's last line says it has
     stopped, as once the shop is up: "stopping..." was its last."""
     with _make_run_ready(tmp_path, ["sleep", "300"], start_hangs=True) as (run, sleep):
-        run.send_signal(signal.SIGINT)
-
-        out, err = run.communicate(timeout=30)
-        assert run.returncode == -signal.SIGINT, err
-        assert err == "\n[devstack] stopping...\n[devstack] stopped.\n"
-        assert gone(sleep)
+        _ctrl_c_stops_it(run, sleep)
 
 
 def test_ctrl_c_stops_make_run_even_when_saying_so_fails(tmp_path):
