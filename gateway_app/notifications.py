@@ -85,8 +85,9 @@ SOCKETS_PER_USER = 5
 SOCKETS_PER_PROCESS = 192
 # A page that vanished without closing (a laptop asleep, a network gone) must not keep its thread
 # and its slot until TCP gives up, hours on: the kernel probes a socket quiet this long, drops it
-# after three probes unanswered 10 s apart, and the stream then ends. (Not WebSocket pings: with
-# them simple_websocket's reader thread can fail on a socket closed at once, as a refused one is.)
+# after three probes unanswered 10 s apart, and the stream then ends. (Not simple_websocket's own
+# pings, its ping_interval: its reader thread can fail on a socket closed at once, as a refused
+# one is. The stream's own pings find a page gone sooner: SOCKET_PONG_SECONDS.)
 SOCKET_KEEPALIVE_IDLE_SECONDS = 30
 # Keepalive probes only a quiet connection: once a notification has been sent to a page that has
 # gone, the kernel retransmits it instead, for about 15 minutes (tcp_retries2). A connection whose
@@ -97,9 +98,19 @@ SOCKET_UNACKNOWLEDGED_MS = (SOCKET_KEEPALIVE_IDLE_SECONDS + 3 * 10) * 1000
 # closes a connection whose server has said nothing for a while, and every quiet page reconnected
 # each minute (a ticket, a handshake counted against its address, a read of the table). Less than
 # SOCKET_KEEPALIVE_IDLE_SECONDS: a page's connection is then never quiet long enough to be probed,
-# and one whose host went away is dropped once a ping has gone unacknowledged
-# SOCKET_UNACKNOWLEDGED_MS, some 85 s after it last answered at most.
+# and one whose page has gone is closed once its ping has gone unanswered SOCKET_PONG_SECONDS.
 SOCKET_PING_SECONDS = 25.0
+# A page that has not answered a ping with a pong this long is taken for gone, and its socket
+# closed (PING_UNANSWERED), freeing its thread, its slot and its subscription: within 36 s of its
+# last answer at most (a ping 25 s on, 10 s for its pong, a turn of the stream's loop). Before,
+# only TCP ended it: SOCKET_UNACKNOWLEDGED_MS after the ping (85 s) on a direct connection, and
+# behind a proxy or load balancer, which acknowledges what the gateway sends itself, not until
+# the proxy's own connection to the page failed (its kernel retransmitting for some 15 minutes).
+# A browser answers a ping as it arrives, in its network code (a hidden tab's too: no page code
+# runs for it), a round trip, well under a second; 10 s leaves a slow or lossy mobile link the
+# retransmissions of a ping or pong lost three times over (TCP doubles each wait: on such a link
+# about 1 s, then 2, then 4). Less than SOCKET_PING_SECONDS: one ping is awaited at a time.
+SOCKET_PONG_SECONDS = 10.0
 # The page sends nothing on its socket: a message over this many characters (bytes, if binary),
 # in one frame or several, closes it (1009: simple_websocket counts them), and what arrives is
 # dropped as it arrives, never kept (drop_what_the_page_sends).
@@ -125,6 +136,10 @@ FAILED = (1011, "internal error; reconnect")
 # within SOCKET_DRAIN_SECONDS), where the process would wait for it to gunicorn's graceful_timeout
 # and then drop it unclosed. The page reconnects at once, to a process that is not stopping.
 RESTARTING = (1012, "the gateway is restarting; reconnect")
+# How a socket is closed when its page has left a ping unanswered SOCKET_PONG_SECONDS: a page
+# gone never reads it, and one still there (its pong held up on the way) reconnects, as after a
+# 1011 for Redis lost.
+PING_UNANSWERED = (1011, "ping unanswered; reconnect")
 SOCKET_ENDPOINT = "notifications_socket"
 
 blueprint = Blueprint("notifications", __name__, url_prefix="/api/notifications",
@@ -376,8 +391,9 @@ def register_socket(app, authenticate, redeem) -> None:
     the handshake is answered. The socket is closed with 1008 when the ticket or token is refused,
     when `after` is no notification id and when the token expires; with 1013 (try again later)
     past the user's rate limit or its socket limits, or its address's; with 1011 when Redis or
-    the database fails it, or the gateway does (logged). A handshake past its address's limit of
-    handshakes is answered 429 instead, not upgraded."""
+    the database fails it, or the gateway does (logged), or its page leaves a ping unanswered
+    (SOCKET_PONG_SECONDS). A handshake past its address's limit of handshakes is answered 429
+    instead, not upgraded."""
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": SOCKET_MAX_MESSAGE_BYTES}
     sock = Sock(app)
     slots = SocketSlots(SOCKETS_PER_USER,
@@ -416,7 +432,7 @@ def register_socket(app, authenticate, redeem) -> None:
 
     document_socket(app.extensions["hseshop.api"],
                     next(app.url_map.iter_rules(endpoint=SOCKET_ENDPOINT)),
-                    SOCKET_MAX_MESSAGE_BYTES, SOCKET_PING_SECONDS)
+                    SOCKET_MAX_MESSAGE_BYTES, SOCKET_PING_SECONDS, SOCKET_PONG_SECONDS)
 
 
 def _serve_socket(ws, opening: SocketOpening, slots: SocketSlots, address: str) -> None:
@@ -664,7 +680,8 @@ def drop_when_the_peer_vanishes(connection: socket.socket) -> None:
 def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
     """Send the token's user's notifications after the id `after`, then each one live, until the
     page goes, or its token expires or is signed out (then closed with 1008: the page signs in
-    again, then reconnects), or the process is told to stop (closed with 1012: RESTARTING)."""
+    again, then reconnects), or the process is told to stop (closed with 1012: RESTARTING), or
+    the page leaves a ping unanswered SOCKET_PONG_SECONDS (closed with 1011: PING_UNANSWERED)."""
     user_id = token.user_id
     try:
         with channel_listener().listening(channel(user_id), SUBSCRIBE_TIMEOUT_SECONDS) as waiter:
@@ -674,6 +691,7 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
             # SOCKET_RECHECK_SECONDS, and before each page of a long catch-up.
             last_sent, woken, recheck_at = after, True, 0.0
             ping_at = time.monotonic() + SOCKET_PING_SECONDS
+            pong_due = None  # when the last ping's pong is due, while it has not come
             while time.time() < token.expires_at:
                 if stopping():
                     _close(ws, *RESTARTING)
@@ -689,9 +707,18 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
                     if more:  # the next page, once the token has been read again
                         woken = True
                         continue
+                if pong_due is not None and ws.pong_received:
+                    pong_due = None
+                if pong_due is not None and time.monotonic() >= pong_due:
+                    log.info("notification stream for %s ended: its page left a ping unanswered"
+                             " %g s", user_id, SOCKET_PONG_SECONDS)
+                    _close(ws, *PING_UNANSWERED)
+                    return
                 if time.monotonic() >= ping_at:
                     ping_the_page(ws)
                     ping_at = time.monotonic() + SOCKET_PING_SECONDS
+                    if pong_due is None:  # (due from the first ping left unanswered)
+                        pong_due = time.monotonic() + SOCKET_PONG_SECONDS
                 # Raises ConnectionClosed once the page has gone (what it sends is never kept:
                 # drop_what_the_page_sends).
                 ws.receive(timeout=0)
@@ -718,9 +745,14 @@ def ping_the_page(ws) -> None:
     ping_interval (its reader thread can fail on a socket closed at once, as a refused one is):
     that reader sends only its answers to the page's frames (a pong to a ping, the close to a
     close), as it does while notifications are sent, and wsproto compresses data frames alone
-    (permessage-deflate), so a ping shares no state with a message but the connection's."""
+    (permessage-deflate), so a ping shares no state with a message but the connection's.
+
+    That reader sets the socket's `pong_received` as a pong arrives (simple_websocket reads it
+    for its ping_interval alone, which is off): cleared here before the ping goes, it says
+    whether the page has answered since (stream_notifications: SOCKET_PONG_SECONDS)."""
     if not ws.connected:
         raise ConnectionClosed(ws.close_reason, ws.close_message)
+    ws.pong_received = False
     ws.sock.send(ws.ws.send(Ping()))
 
 

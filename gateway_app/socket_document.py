@@ -32,7 +32,8 @@ answered. The page sends nothing: what it sends is read and dropped, but for a m
 long (1009, below). A socket that has sent nothing for {ping_seconds:g} s sends a WebSocket ping (a
 control frame, no message), which a browser answers with a pong by itself, as any client
 following RFC 6455 does: a proxy on the way that closes a connection quiet for a while (nginx's
-`proxy_read_timeout`, 60 s by default) then keeps it.
+`proxy_read_timeout`, 60 s by default) then keeps it. A client that has not answered a ping with
+a pong within {pong_seconds:g} s is taken for gone, and its socket closed (1011).
 
 A browser's WebSocket cannot send headers: open it with a `ticket` from
 `POST /api/notifications/tickets` (asked for with the bearer token, good for this one socket
@@ -47,7 +48,8 @@ for hours there. Give one of the two, not both. A socket is closed with:
   outlive its token's expiry, nor open a socket once its token is signed out;
 - 1013 past the user's rate limit (opened with `access_token`: a ticket was counted when asked
   for) or its socket limits, or its address's: reconnect later;
-- 1011 when the gateway loses Redis or its database, or fails otherwise: reconnect;
+- 1011 when the gateway loses Redis or its database, or fails otherwise, or when the client has
+  left a ping unanswered {pong_seconds:g} s: reconnect;
 - 1012 when the gateway process is stopping (a deploy, a restart): reconnect at once;
 - 1009 when the page sends a message over {max_message:,} characters (bytes, if binary), in one
   frame or several.
@@ -63,15 +65,16 @@ take, a 1008 for a parameter given twice or both `ticket` and `access_token`) sp
 ask for a new ticket for each try."""
 
 
-def document_socket(api, rule, max_message: int, ping_seconds: float) -> None:
+def document_socket(api, rule, max_message: int, ping_seconds: float,
+                    pong_seconds: float) -> None:
     """Put the socket the URL rule `rule` serves in `api`'s OpenAPI document; a message from the
-    page over `max_message` characters closes it, and it pings a page it has sent nothing for
-    `ping_seconds`."""
+    page over `max_message` characters closes it, it pings a page it has sent nothing for
+    `ping_seconds`, and closes one that has left a ping unanswered `pong_seconds`."""
     api.spec.path(rule=rule, parameters=[], operations={"get": {
         "tags": ["notifications"],
         "summary": "The signed-in user's notifications, live, over a WebSocket",
-        "description": _DESCRIPTION.format(max_message=max_message,
-                                           ping_seconds=ping_seconds),
+        "description": _DESCRIPTION.format(max_message=max_message, ping_seconds=ping_seconds,
+                                           pong_seconds=pong_seconds),
         "security": [],  # (its ticket, or its token, is a query parameter)
         "parameters": [
             {"name": "ticket", "in": "query", "required": False,

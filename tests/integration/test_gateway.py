@@ -3114,6 +3114,97 @@ def test_a_quiet_socket_is_pinged_so_that_a_proxy_closing_quiet_connections_keep
             proxy.close()
 
 
+def test_a_page_that_leaves_a_ping_unanswered_is_closed_and_one_that_answers_is_kept(
+        settings, upstreams, monkeypatch, caplog):
+    """A page whose host went away without a word (a laptop's lid closed, a network cut: no FIN,
+    no RST) answers no ping, and its socket held its thread, its slot and its channel's
+    subscription until TCP gave up: 85 s after a ping on a direct connection, and behind a proxy
+    (which acknowledges what the gateway sends) for as long as the proxy's own connection lasted.
+    A page that leaves a ping unanswered SOCKET_PONG_SECONDS (here 1 s) is closed with 1011, its
+    connection ended, logged once, its slot and its subscription given back; a page that answers
+    each ping (as a browser does, by itself) stays open past several. The silent page here
+    completes its handshake, then reads what it is sent and answers nothing. Without the check,
+    it was pinged on and never closed."""
+    monkeypatch.setattr(notifications, "SOCKET_PING_SECONDS", 0.3)
+    monkeypatch.setattr(notifications, "SOCKET_PONG_SECONDS", 1.0)
+    monkeypatch.setattr(notifications, "SOCKET_DRAIN_SECONDS", 0.1)  # (its loop's turn)
+    # One socket a user: the silent page's user opens another only once its slot is given back.
+    monkeypatch.setattr(notifications, "SOCKETS_PER_USER", 1)
+    caplog.set_level("INFO", logger=notifications.__name__)
+    pinged = _calls_recorded(monkeypatch, "ping_the_page")
+    silent_user, answering_user = (f"usr_{uuid.uuid4().hex[:16]}" for _ in range(2))
+    with _served_gateway(settings, upstreams) as (client, base):
+        ws_base = base.replace("http://", "ws://")
+        answering = WebSocketClient.connect(
+            ws_base + _socket_path(settings, "answering", answering_user))
+        try:
+            # (The first socket pinged is the answering page's: the only one open yet.)
+            answering_side = wait_for(lambda: pinged and pinged[0], timeout=10,
+                                      what="the answering page's first ping")
+            closed = _close_of_a_page_that_answers_nothing(
+                ws_base + _socket_path(settings, "silent", silent_user),
+                timeout=notifications.SOCKET_PONG_SECONDS + 10)
+            assert closed is not None, "the silent page was never closed"
+            after_its_ping, code, reason = closed
+            assert (code, reason) == notifications.PING_UNANSWERED
+            # Not before its pong was due (measured from the ping's arrival), nor long after.
+            assert 0.9 <= after_its_ping <= notifications.SOCKET_PONG_SECONDS + 5, after_its_ping
+
+            def subscribed(user: str) -> int:
+                with client.application.app_context():
+                    return user_channels.redis_client().pubsub_numsub(
+                        user_channels.channel(user))[0][1]
+
+            wait_for(lambda: subscribed(silent_user) == 0, timeout=10,
+                     what="the silent page's channel unsubscribed")
+            assert _opens(ws_base + _socket_path(settings, "silent", silent_user)), \
+                "the silent page's slot was not given back"
+            # The answering page, pinged on for three pong bounds more, is kept.
+            pings_so_far = sum(side is answering_side for side in pinged)
+            more = 3 * notifications.SOCKET_PONG_SECONDS / notifications.SOCKET_PING_SECONDS
+            wait_for(lambda: sum(side is answering_side for side in pinged) >= pings_so_far + more
+                     or not answering.connected, timeout=30,
+                     what="the answering page pinged on, or closed")
+            assert answering.connected and subscribed(answering_user) == 1
+        finally:
+            answering.close()
+    ended = [record for record in caplog.records if record.name == notifications.__name__
+             and "left a ping unanswered" in record.getMessage()]
+    assert len(ended) == 1 and silent_user in ended[0].getMessage(), ended
+
+
+def _close_of_a_page_that_answers_nothing(url: str, timeout: float
+                                          ) -> tuple[float, int, str] | None:
+    """Open a socket to `url` as a page whose host has gone would keep it: its handshake done,
+    then what the gateway sends is read, and nothing answered, not a ping. Once the gateway has
+    closed it and ended its connection: how long after the first ping the close came, its code,
+    its reason. None if it is still open `timeout` s on, or ended without a close."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import CloseConnection, Ping, Request
+
+    address = urlsplit(url)
+    connection = WSConnection(ConnectionType.CLIENT)
+    deadline = time.monotonic() + timeout
+    first_ping, close = None, None
+    with socket.create_connection((address.hostname, address.port), timeout=10) as page:
+        page.sendall(connection.send(Request(host=address.netloc,
+                                             target=f"{address.path}?{address.query}")))
+        while True:
+            page.settimeout(max(deadline - time.monotonic(), 0.01))
+            try:
+                data = page.recv(65536)
+            except TimeoutError:
+                return None  # still open
+            if not data:
+                return close  # the connection ended
+            connection.receive_data(data)
+            for event in connection.events():
+                if isinstance(event, Ping) and first_ping is None:
+                    first_ping = time.monotonic()
+                elif isinstance(event, CloseConnection) and first_ping is not None:
+                    close = (time.monotonic() - first_ping, event.code, event.reason)
+
+
 def _refused(url, code: int = 1013, reason: str | None = None,
              headers: dict | None = None) -> bool:
     """Whether the gateway closes a socket to `url` (its handshake with `headers`) with `code`
