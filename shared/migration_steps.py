@@ -113,6 +113,12 @@ class DowngradeRefused(RuntimeError):
     changed."""
 
 
+class UpgradeRefused(RuntimeError):
+    """An upgrade whose revision cannot carry over what the database holds without losing or
+    guessing at some of it (the gateway's 0018: two users whose usernames differ only in case);
+    the revision was rolled back, for the operator to put the rows right."""
+
+
 def _service_migrated() -> str:
     """The service whose database the running revision migrates, as shared.migrations'
     alembic_config names it, for the commands a refusal gives ("SERVICE" under another config)."""

@@ -71,7 +71,7 @@ from sqlalchemy.engine import make_url
 from shared.config import SERVICES, get_settings, settings_or_exit
 from shared.db import (CONNECTION_TIMEOUTS, failure_in_a_line, held_up_by_a_lock, limit_sessions,
                        said_in_a_line)
-from shared.migration_steps import DowngradeRefused
+from shared.migration_steps import DowngradeRefused, UpgradeRefused
 from shared.schema_drift import harmless_extra, said, schema_drift
 
 # By its name, not __name__: run as `python -m shared.migrations`, that is `__main__`, which its
@@ -767,7 +767,7 @@ def main(argv: list[str] | None = None) -> None:
             downgrade(args.service, args.revision)
     except (DatabaseUnreachable, ServerTooOld, NotTheServicesDatabase, UnknownRevision,
             NotAnUpgrade, ALaterReleasesToGoDown, UnreadableTarget, DowngradeRefused,
-            SchemaNotThisReleases, CommandError) as exc:
+            UpgradeRefused, SchemaNotThisReleases, CommandError) as exc:
         # What the operator must put right, in a line; anything else keeps its traceback.
         log.error("%s", " ".join(str(exc).split()))
         raise SystemExit(1) from None

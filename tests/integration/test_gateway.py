@@ -1535,6 +1535,67 @@ def test_an_unknown_username_counts_as_a_failed_sign_in(gateway, monkeypatch):
             for _ in range(5)] == [401] * 3 + [429] * 2
 
 
+def test_a_username_is_one_users_whatever_its_case_and_is_shown_as_typed_signing_up(gateway):
+    """`alice` and `ALICE` sign up no second user beside `Alice` (a look-alike of her name): 409
+    USERNAME_TAKEN; she signs in typed in any case, answered, and named in her token, as she typed
+    it signing up."""
+    suffix = uuid.uuid4().hex[:8]
+    username = f"Alice-{suffix}"
+    user_id, _ = _sign_up(gateway, username)
+    for variant in (username.lower(), username.upper(), username):
+        again = gateway.post("/api/auth/register",
+                             json={"username": variant, "password": "another horse"})
+        assert (again.status_code, again.get_json()["error"]["code"]) == (409, "USERNAME_TAKEN")
+    for typed in (username.lower(), username.upper(), f"aLICE-{suffix}"):
+        signed_in = _sign_in(gateway, typed, "correct horse")
+        assert signed_in.status_code == 200, (typed, signed_in.get_json())
+        assert (signed_in.get_json()["user_id"], signed_in.get_json()["username"]) == (
+            user_id, username)
+        claims = jwt.decode(signed_in.get_json()["access_token"],
+                            options={"verify_signature": False})
+        assert claims["username"] == username
+    wrong = _sign_in(gateway, username.upper(), "another horse")
+    assert (wrong.status_code, wrong.get_json()["error"]["code"]) == (401, "INVALID_CREDENTIALS")
+
+
+def test_sign_ups_of_one_name_in_several_cases_at_once_make_one_user(gateway):
+    """Signed up at once, in as many cases, one is the user's and every other a 409, none a
+    500."""
+    username = f"Burst-{uuid.uuid4().hex[:8]}"
+    variants = [username, username.lower(), username.upper(), username.swapcase()] * 2
+    start = threading.Barrier(len(variants))
+
+    def sign_up(variant):
+        start.wait(timeout=10)
+        return gateway.application.test_client().post(
+            "/api/auth/register", json={"username": variant, "password": "correct horse"})
+
+    with ThreadPoolExecutor(len(variants)) as pool:
+        answers = list(pool.map(sign_up, variants))
+    assert sorted(answer.status_code for answer in answers) == [201] + [409] * 7
+    assert {answer.get_json()["error"]["code"] for answer in answers
+            if answer.status_code == 409} == {"USERNAME_TAKEN"}
+
+
+def test_sign_in_limits_count_a_username_typed_in_any_case_as_one(gateway, monkeypatch):
+    """The limits are named by the username's key: guesses at `alice` typed `ALICE`, `Alice`, ...
+    draw on one budget, the address's and the one of all addresses, not one each."""
+    rate_limit_windows_the_test_ends_in(monkeypatch)
+    monkeypatch.setattr(gateway_auth, "SIGN_INS_PER_USERNAME_AND_ADDRESS", 3)
+    monkeypatch.setattr(gateway_auth, "FAILED_SIGN_INS_PER_USERNAME", 5)
+    username = f"guessed-{uuid.uuid4().hex[:8]}"
+    _sign_up(gateway, username)
+    cases = [username, username.upper(), username.capitalize(), username.swapcase().capitalize()]
+
+    one_address = _from_an_address_of_its_own()
+    assert [_sign_in(gateway, typed, f"guess number {n}", one_address).status_code
+            for n, typed in enumerate(cases)] == [401] * 3 + [429]
+    # From addresses of their own: 3 failed already, 2 more, then every case is held.
+    assert [_sign_in(gateway, typed, f"guess number {n}").status_code
+            for n, typed in enumerate(cases)] == [401] * 2 + [429] * 2
+    assert _sign_in(gateway, username.upper(), "correct horse").status_code == 429
+
+
 def test_a_user_gone_while_their_password_was_checked_is_no_500(gateway, monkeypatch):
     username = f"gone-{uuid.uuid4().hex[:8]}"
     _sign_up(gateway, username)

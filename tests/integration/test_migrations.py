@@ -21,6 +21,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.orm import Session
 
 from devstack.infra import free_port, start_embedded_postgres
+from gateway_app.usernames import username_key
 from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, load_settings
 from shared.db import SESSION_LIMITS, driver_dsn
 from shared.idempotency import IdempotencyKey
@@ -126,6 +127,94 @@ def test_the_gateway_keeps_no_idempotency_keys_and_its_downgrade_makes_their_tab
     assert _index_valid(url, "ix_idempotency_keys_created_at") is None
     command.upgrade(config, "head")
     assert not _table_exists(url, "idempotency_keys")
+
+
+# The gateway's revision that keys each user by the username's case-folded form, and the one below.
+USERNAME_KEYS, BELOW_USERNAME_KEYS = "0018", "0017"
+
+
+def test_each_user_is_keyed_by_the_username_folded_as_sign_in_folds_it_those_of_before_too(
+        infrastructure):
+    """The gateway's revision 0018 gives each user, those signed up before included, the key
+    sign-in finds them by (gateway_app/usernames.py), PostgreSQL's generated one equal to
+    Python's; the release before, which writes no key, signs users up all the same (their key
+    generated), but no case variant of a username taken. Its downgrade takes the key away, every
+    user kept."""
+    url = _database_url(infrastructure, "username-keys", "gateway")
+    ensure_database(url)
+    config = alembic_config("gateway", url)
+    command.upgrade(config, BELOW_USERNAME_KEYS)
+    _add_users(url, "Alice.Smith-9_", "bob")
+    command.upgrade(config, USERNAME_KEYS)
+    _add_users(url, "CAROL")  # as the release before signs a user up
+    keys = dict(_rows(url, "SELECT username, username_key FROM users"))
+    assert keys == {name: username_key(name) for name in ("Alice.Smith-9_", "bob", "CAROL")}
+    assert keys == {"Alice.Smith-9_": "alice.smith-9_", "bob": "bob", "CAROL": "carol"}
+    with pytest.raises(psycopg2.errors.UniqueViolation):
+        _add_users(url, "BOB")
+    assert _drift("gateway", url) == []
+
+    command.downgrade(config, BELOW_USERNAME_KEYS)
+    assert sorted(_rows(url, "SELECT username FROM users")) == [
+        ("Alice.Smith-9_",), ("CAROL",), ("bob",)]
+    assert "username_key" not in [column for column, *_ in _table_definition(url, "users")[
+        "columns"]]
+    command.upgrade(config, "head")
+
+
+def test_the_username_keys_revision_refuses_users_whose_usernames_differ_only_in_case(
+        infrastructure):
+    """Two users whose usernames differ only in case cannot both keep the one key: which is the
+    name's own is the operator's to say. The upgrade exits 1 in one line naming each clash, its
+    users oldest first, and the way out; nothing changed, no user lost. Renamed, it goes
+    through."""
+    url = _database_url(infrastructure, "username-clashes", "gateway")
+    ensure_database(url)
+    command.upgrade(alembic_config("gateway", url), BELOW_USERNAME_KEYS)
+    _add_users(url, "bob", "alice", "ALICE", "Alice", "carol", "Bob", created_at=[
+        "2026-01-05", "2026-01-02", "2026-01-03", "2026-01-01", "2026-01-04", "2026-01-06"])
+    schema, users = _schema(url), _rows(url, "SELECT * FROM users ORDER BY id")
+
+    error = _the_one_error_line(_migrate_by_hand("gateway", url, "upgrade", "gateway"))
+    assert error == (
+        "ERROR shared.migrations: 2 username(s) are held by two users or more in cases that"
+        " differ, which this release takes for one username (a username is unique whatever its"
+        " case, and signs in typed in any): 'Alice' (usr_Alice), 'alice' (usr_alice), 'ALICE'"
+        " (usr_ALICE); 'bob' (usr_bob), 'Bob' (usr_Bob). Rename all but one user of each (UPDATE"
+        " users SET username = 'NEW' WHERE id = 'ID', a name of A-Za-z0-9_.- no other user holds"
+        " in any case; its user signs in under it from then on: tell them), then upgrade again;"
+        " the gateway database stays at revision 0017, nothing was changed")
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == BELOW_USERNAME_KEYS
+    assert _schema(url) == schema
+    assert _rows(url, "SELECT * FROM users ORDER BY id") == users
+
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        for user_id, renamed in (("usr_alice", "alice-2"), ("usr_ALICE", "alice-3"),
+                                 ("usr_Bob", "bob-2")):
+            cursor.execute("UPDATE users SET username = %s WHERE id = %s", (renamed, user_id))
+    connection.close()
+    migrating = _migrate_by_hand("gateway", url, "upgrade", "gateway")
+    assert migrating.returncode == 0, migrating.stderr
+    assert _scalar(url, "SELECT count(DISTINCT username_key) FROM users") == 6
+
+
+def _add_users(url: str, *usernames: str, created_at: list[str] | None = None) -> None:
+    """Users signed up as the release before 0018 signs them up (no key written), each with the
+    id `usr_<username>`, signed up at `created_at` (now if not given)."""
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        for username, when in zip(usernames, created_at or [None] * len(usernames)):
+            cursor.execute("INSERT INTO users (id, username, password_hash, created_at)"
+                           " VALUES (%s, %s, 'scrypt$...', coalesce(%s::timestamptz, now()))",
+                           (f"usr_{username}", username, when))
+    connection.close()
+
+
+def _rows(url: str, query: str) -> list[tuple]:
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute(query)
+        rows = cursor.fetchall()
+    connection.close()
+    return rows
 
 
 @pytest.mark.parametrize("service", SERVICES)
