@@ -20,6 +20,7 @@ from devstack.local_secrets import write_owner_only
 from devstack.logs import keep_the_previous_log
 from devstack.postgres_data import sweep_postgres_data_left
 from devstack.processes import ManagedProcess, ProcessGroup
+from devstack.run_settings import PORT_SETTINGS
 # Each has its own database, web app and Celery worker (with its Kafka consumer).
 from shared.config import ENVIRONMENT, GRPC_SERVICES, SERVICES
 from shared.migrations import GIVE_WAY_FOR_SECONDS
@@ -481,16 +482,14 @@ class Stack:
     def _check_ports_free(self) -> None:
         names = [*SERVICES, *(f"{s}-grpc" for s in GRPC_SERVICES), "broker"] + (
             ["flower"] if self.with_flower else [])
-        taken = [
-            f"{name} ({self.ports[name]})"
-            for name in names
-            if infra.port_open(infra.LOCALHOST, self.ports[name])
-        ]
+        taken = [name for name in names if infra.port_open(infra.LOCALHOST, self.ports[name])]
         if taken:
             # Whatever listens there would answer our health checks in our processes' place.
+            in_use = ", ".join(f"{name} ({self.ports[name]})" for name in taken)
             raise RuntimeError(
-                f"ports already in use: {', '.join(taken)}; is another stack running?"
-            )
+                f"ports already in use: {in_use}; is another stack running? To run beside it,"
+                f" set others: {', '.join(PORT_SETTINGS[name] for name in taken)} (README: The"
+                f" two commands)")
 
     def _fail_if_any_died(self) -> None:
         for process in self.processes:

@@ -719,6 +719,64 @@ def test_a_make_run_that_cannot_start_leaves_the_running_ones_settings_file(tmp_
     assert running_ones.read_text() == "REDIS_URL=redis://127.0.0.1:40001/0\n"
 
 
+def test_make_run_serves_on_the_ports_its_environment_sets(tmp_path, monkeypatch, capsys):
+    """Port 8000 taken on a developer's machine, or a second checkout to run beside the first:
+    `make run` had no setting for either. Its stack gets the ports GATEWAY_PORT and the others
+    set; its defaults unset."""
+    import devstack.__main__ as make_run
+
+    given = []
+
+    class Recorded(Stack):
+        def start(self, timeout: float = 60):
+            given.append(self.ports)
+            raise RuntimeError("recorded")
+
+    monkeypatch.setattr(make_run, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(make_run, "Stack", Recorded)
+    monkeypatch.setenv("GATEWAY_PORT", "18080")
+    monkeypatch.setenv("FLOWER_PORT", "15555")
+    assert make_run.run() == 1
+    monkeypatch.delenv("GATEWAY_PORT")
+    monkeypatch.delenv("FLOWER_PORT")
+    assert make_run.run() == 1
+
+    assert given == [{**DEFAULT_PORTS, "gateway": 18080, "flower": 15555}, DEFAULT_PORTS]
+
+
+def test_a_make_run_given_a_setting_it_cannot_take_says_so_in_one_line(tmp_path, monkeypatch,
+                                                                       capsys):
+    import devstack.__main__ as make_run
+
+    class NeverStarted(Stack):
+        def start(self, timeout: float = 60):
+            raise RuntimeError("started")
+
+    monkeypatch.setattr(make_run, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(make_run, "Stack", NeverStarted)
+    monkeypatch.setenv("ORDERS_PORT", "8000")
+    assert make_run.run() == 1
+    assert capsys.readouterr().err == (
+        "[devstack] could not start: port 8000 is given to more than one server: gateway (by"
+        " default; GATEWAY_PORT) and ORDERS_PORT; set each its own\n")
+    assert not (tmp_path / ".run" / "processes").exists()
+
+
+def test_a_port_already_in_use_is_refused_naming_the_setting_that_moves_it(tmp_path):
+    """The start said which ports were taken, and nothing of how to run elsewhere."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        taken = listener.getsockname()[1]
+        ports = {name: free_port() for name in DEFAULT_PORTS}
+        stack = Stack(tmp_path, ports={**ports, "gateway": taken}, with_flower=True)
+
+        with pytest.raises(RuntimeError) as refused:
+            stack._check_ports_free()
+
+    assert str(refused.value) == (
+        f"ports already in use: gateway ({taken}); is another stack running? To run beside it,"
+        f" set others: GATEWAY_PORT (README: The two commands)")
+
+
 def test_a_make_run_on_a_system_without_proc_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     """Where there is no Linux /proc (macOS), `make run` cannot tell the processes it starts
     apart (devstack.leftovers): it stops before starting any, saying why in one line, where it
