@@ -16,7 +16,7 @@ from pathlib import Path
 
 from devstack.local_secrets import SECRETS_FILE, secrets_to_hand_out
 from devstack.logs import LogFollower
-from devstack.run_settings import chosen_ports
+from devstack.run_settings import chosen_ports, names_prefix
 from devstack.stack import DEFAULT_PORTS, REPO_ROOT, Stack
 from devstack.supervision import RunMustStop, Supervisor
 from shared.quiet_interrupt import INTERRUPTED
@@ -24,15 +24,15 @@ from shared.quiet_interrupt import INTERRUPTED
 
 def run() -> int:
     run_dir = REPO_ROOT / ".run"
-    try:  # (its ports, as the environment sets them: devstack.run_settings)
-        ports = chosen_ports(DEFAULT_PORTS, os.environ)
+    try:  # (its ports and names, as the environment sets them: devstack.run_settings)
+        ports, prefix = chosen_ports(DEFAULT_PORTS, os.environ), names_prefix(os.environ)
     except RuntimeError as exc:
         print(f"[devstack] could not start: {exc}", file=sys.stderr, flush=True)
         return 1
     # The checkout's own secrets, the same every run (devstack.local_secrets), not the published
     # defaults: no process signs with what anyone can read in the code.
     stack = Stack(run_dir, env_overrides=secrets_to_hand_out(run_dir / SECRETS_FILE),
-                  ports=ports, with_flower=True, quiet=False)
+                  ports=ports, with_flower=True, quiet=False, names_prefix=prefix)
     env_file = run_dir / "env"
     wrote_env_file = False  # (a run that could not start leaves a running one's file alone)
     said_why_it_could_not_start = False  # (then that is its last line)

@@ -1,14 +1,22 @@
-"""`make run`'s own settings, read from the environment: the ports it serves on (README: The two
-commands). Each unset, or empty, is its default: the ports the shop has always had."""
+"""`make run`'s own settings, read from the environment: the ports it serves on, and the prefix of
+the names it uses on the machine's PostgreSQL and Redis (README: The two commands). Each unset, or
+empty, is its default: the ports and names the shop has always had."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 # The variable setting each of make run's ports (devstack.stack.DEFAULT_PORTS' names).
 PORT_SETTINGS = {"gateway": "GATEWAY_PORT", "orders": "ORDERS_PORT", "payments": "PAYMENTS_PORT",
                  "orders-grpc": "ORDERS_GRPC_PORT", "payments-grpc": "PAYMENTS_GRPC_PORT",
                  "broker": "BROKER_PORT", "flower": "FLOWER_PORT"}
+# The prefix of the run's databases (<prefix>_orders, <prefix>_payments, <prefix>_gateway) and of
+# its Redis keys (REDIS_KEY_PREFIX): a second checkout on the same machine gives its own.
+NAMES_PREFIX_SETTING = "HSESHOP_PREFIX"
+DEFAULT_NAMES_PREFIX = "hseshop"
+# A name PostgreSQL takes unquoted, with room for "_payments" in its 63 bytes.
+NAMES_PREFIX_FORM = re.compile(r"[a-z][a-z0-9_]{0,53}")
 
 
 def chosen_ports(defaults: Mapping[str, int], environ: Mapping[str, str]) -> dict[str, int]:
@@ -38,3 +46,15 @@ def _named(name: str, environ: Mapping[str, str]) -> str:
         return variable
     return f"{name} (by default{f'; {variable}' if variable else ''})"
 
+
+def names_prefix(environ: Mapping[str, str]) -> str:
+    """The prefix NAMES_PREFIX_SETTING sets (DEFAULT_NAMES_PREFIX unset or empty); a RuntimeError
+    saying what it takes for one it cannot be."""
+    raw = environ.get(NAMES_PREFIX_SETTING, "").strip()
+    if not raw:
+        return DEFAULT_NAMES_PREFIX
+    if not NAMES_PREFIX_FORM.fullmatch(raw):
+        raise RuntimeError(f"{NAMES_PREFIX_SETTING}={raw!r}: expected a lowercase letter, then up"
+                           " to 53 lowercase letters, digits or underscores (it begins the names of"
+                           " the run's databases)")
+    return raw

@@ -15,12 +15,13 @@ from pathlib import Path
 import requests
 
 from devstack import infra
+from devstack.database_claim import DatabaseClaim
 from devstack.leftovers import RunRecord
 from devstack.local_secrets import write_owner_only
 from devstack.logs import keep_the_previous_log
 from devstack.postgres_data import sweep_postgres_data_left
 from devstack.processes import ManagedProcess, ProcessGroup
-from devstack.run_settings import PORT_SETTINGS
+from devstack.run_settings import DEFAULT_NAMES_PREFIX, PORT_SETTINGS
 # Each has its own database, web app and Celery worker (with its Kafka consumer).
 from shared.config import ENVIRONMENT, GRPC_SERVICES, SERVICES
 from shared.migrations import GIVE_WAY_FOR_SECONDS
@@ -115,6 +116,12 @@ class Stack:
     service's database; `own_postgres_url` names it. Such a stack, as it starts, deletes the
     folders of that kind a run killed outright left, no server running on them
     (devstack.postgres_data).
+
+    With `names_prefix` (`make run`'s), the stack names its databases <prefix>_orders,
+    <prefix>_payments and <prefix>_gateway, and its Redis keys <prefix>..., and claims those
+    names on its PostgreSQL for as long as it runs (devstack.database_claim), refusing to start
+    where another run holds them; without one, the settings' defaults, unclaimed (a test's stack
+    names databases of its own in env_overrides).
     """
 
     def __init__(
@@ -127,6 +134,7 @@ class Stack:
         servers: tuple[str, str] | None = None,
         own_redis: bool = False,
         own_postgres: bool = False,
+        names_prefix: str | None = None,
     ):
         self.run_dir = Path(run_dir).resolve()
         self.env_overrides = dict(env_overrides or {})
@@ -138,6 +146,8 @@ class Stack:
         self.own_postgres_dir: Path | None = (
             self.run_dir / f"postgres-{uuid.uuid4().hex[:8]}" if own_postgres else None)
         self.ports = {**DEFAULT_PORTS, **(ports or {})}
+        self.names_prefix = names_prefix
+        self._claim: DatabaseClaim | None = None
         self.with_flower = with_flower
         self.quiet = quiet
         self._group: ProcessGroup | None = None
@@ -216,6 +226,7 @@ class Stack:
                     print(f"[devstack] {line}", file=sys.stderr, flush=True)
             self._check_ports_free()
             postgres_base, redis_base = self._find_or_start_servers()
+            self._claim_names(postgres_base)
             self._say_if_postgres_is_short_of_connections(postgres_base)
             self._say("broker...")
             self._broker = self._group.add(infra.broker_process(self.ports["broker"], self.run_dir))
@@ -240,8 +251,20 @@ class Stack:
         return self
 
     def stop(self) -> None:
-        if self._group is not None:
-            self._group.stop_all()
+        try:
+            if self._group is not None:
+                self._group.stop_all()
+        finally:  # (held until every process is stopped: the drain's writes are the run's too)
+            if self._claim is not None:
+                self._claim.release()
+                self._claim = None
+
+    def _claim_names(self, postgres_base: str) -> None:
+        """Claim the names_prefix's databases on the PostgreSQL at `postgres_base`, if given."""
+        if self.names_prefix is not None:
+            self._claim = DatabaseClaim.take(
+                postgres_base, self.names_prefix,
+                [f"{self.names_prefix}_{service}" for service in SERVICES], REPO_ROOT)
 
     def _say_stopping(self) -> None:
         """Said as Ctrl-C (SIGTERM, a hangup) comes, before the stop it starts, not once it is
@@ -366,10 +389,10 @@ class Stack:
     # --- pieces -----------------------------------------------------------------------------------
 
     def _build_env(self, postgres_base: str, redis_base: str) -> dict[str, str]:
+        prefix = self.names_prefix or DEFAULT_NAMES_PREFIX
         env = {
-            "ORDERS_DATABASE_URL": f"{postgres_base}/hseshop_orders",
-            "PAYMENTS_DATABASE_URL": f"{postgres_base}/hseshop_payments",
-            "GATEWAY_DATABASE_URL": f"{postgres_base}/hseshop_gateway",
+            **{f"{service.upper()}_DATABASE_URL": f"{postgres_base}/{prefix}_{service}"
+               for service in SERVICES},
             "ORDERS_SERVICE_URL": self._url("orders"),
             "PAYMENTS_SERVICE_URL": self._url("payments"),
             "REDIS_URL": f"{redis_base}/0",
@@ -377,6 +400,8 @@ class Stack:
             **{name: ENVIRONMENT[name] for name in NAMES_OF_ITS_OWN},
             **dict.fromkeys(CELERY_SERVERS_FROM_THE_ENVIRONMENT, ""),
         }
+        if self.names_prefix is not None:
+            env["REDIS_KEY_PREFIX"] = self.names_prefix
         for service in GRPC_SERVICES:
             address = self.grpc_address(service)
             env[f"{service.upper()}_GRPC_BIND"] = env[f"{service.upper()}_GRPC_TARGET"] = address

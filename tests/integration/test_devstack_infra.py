@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from devstack import infra
+from devstack.database_claim import DatabaseClaim, DatabasesInUse
 from devstack.infra import (
     EMBEDDED_POSTGRES_USER,
     FORCE_EMBEDDED_VAR,
@@ -43,7 +44,7 @@ from devstack.infra import (
 )
 from devstack.postmaster_lock import LOCK_FILE, PostmasterLock, processes_attached_to
 from devstack.processes import run_as
-from devstack.stack import Stack
+from devstack.stack import DEFAULT_PORTS, Stack
 from tests.network_tools import Accepting, RedisOfVersion
 from tests.process_tools import gone, start_child
 
@@ -645,3 +646,34 @@ def test_forgetting_a_runs_redis_keys_deletes_those_and_no_others(infrastructure
     finally:
         client.delete(*theirs, *ours)
         client.close()
+
+
+def test_a_run_naming_the_databases_another_run_holds_is_refused_naming_that_run(
+        infrastructure, tmp_path):
+    """Two checkouts' `make run`s on the machine's PostgreSQL shared hseshop_orders and the rest:
+    each one's workers took the other's orders, its migrations ran under the other. A stack
+    claims its names (make run's prefix) as it starts, and one whose names another run holds
+    stops there, before its broker or migrations, saying whose they are and how to run beside
+    it; once the first lets go, they are claimed again, and another prefix's all along."""
+    prefix = f"test_claim_{uuid.uuid4().hex[:8]}"
+    postgres_base = infrastructure.postgres_base
+    first = DatabaseClaim.take(postgres_base, prefix, [], "/checkouts/first")
+    second = Stack(tmp_path, ports={name: free_port() for name in DEFAULT_PORTS},
+                   servers=(postgres_base, infrastructure.redis_base), names_prefix=prefix)
+    try:
+        with pytest.raises(DatabasesInUse) as refused:
+            second.start()
+        assert str(refused.value) == (
+            f"the databases {prefix}_orders, {prefix}_payments, {prefix}_gateway at"
+            f" {postgres_base} are in use by another `make run` (make run pid {os.getpid()} in"
+            f" /checkouts/first): stop it, or give this checkout names of its own:"
+            f" HSESHOP_PREFIX=<name> (README: The two commands)")
+        assert second.holding_data == [] and second.processes == []
+        beside = DatabaseClaim.take(postgres_base, f"{prefix}_beside", [], "/checkouts/second")
+        assert beside is not None
+        beside.release()
+    finally:
+        first.release()
+    again = DatabaseClaim.take(postgres_base, prefix, [], "/checkouts/second")
+    assert again is not None
+    again.release()

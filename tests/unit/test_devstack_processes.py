@@ -719,29 +719,33 @@ def test_a_make_run_that_cannot_start_leaves_the_running_ones_settings_file(tmp_
     assert running_ones.read_text() == "REDIS_URL=redis://127.0.0.1:40001/0\n"
 
 
-def test_make_run_serves_on_the_ports_its_environment_sets(tmp_path, monkeypatch, capsys):
+def test_make_run_serves_on_the_ports_and_names_its_environment_sets(tmp_path, monkeypatch,
+                                                                      capsys):
     """Port 8000 taken on a developer's machine, or a second checkout to run beside the first:
     `make run` had no setting for either. Its stack gets the ports GATEWAY_PORT and the others
-    set; its defaults unset."""
+    set, and the names' prefix HSESHOP_PREFIX sets; its defaults unset."""
     import devstack.__main__ as make_run
 
     given = []
 
     class Recorded(Stack):
         def start(self, timeout: float = 60):
-            given.append(self.ports)
+            given.append((self.ports, self.names_prefix))
             raise RuntimeError("recorded")
 
     monkeypatch.setattr(make_run, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(make_run, "Stack", Recorded)
     monkeypatch.setenv("GATEWAY_PORT", "18080")
     monkeypatch.setenv("FLOWER_PORT", "15555")
+    monkeypatch.setenv("HSESHOP_PREFIX", "hseshop_second")
     assert make_run.run() == 1
     monkeypatch.delenv("GATEWAY_PORT")
     monkeypatch.delenv("FLOWER_PORT")
+    monkeypatch.delenv("HSESHOP_PREFIX")
     assert make_run.run() == 1
 
-    assert given == [{**DEFAULT_PORTS, "gateway": 18080, "flower": 15555}, DEFAULT_PORTS]
+    assert given == [({**DEFAULT_PORTS, "gateway": 18080, "flower": 15555}, "hseshop_second"),
+                     (DEFAULT_PORTS, "hseshop")]
 
 
 def test_a_make_run_given_a_setting_it_cannot_take_says_so_in_one_line(tmp_path, monkeypatch,
@@ -760,6 +764,23 @@ def test_a_make_run_given_a_setting_it_cannot_take_says_so_in_one_line(tmp_path,
         "[devstack] could not start: port 8000 is given to more than one server: gateway (by"
         " default; GATEWAY_PORT) and ORDERS_PORT; set each its own\n")
     assert not (tmp_path / ".run" / "processes").exists()
+
+
+def test_a_stack_with_a_names_prefix_names_its_databases_and_redis_keys_with_it(tmp_path):
+    """Two checkouts' `make run`s on the machine's PostgreSQL and Redis shared hseshop_orders,
+    hseshop_payments, hseshop_gateway and the Redis keys under hseshop (one's workers taking the
+    other's tasks). make run's stack names them all with its prefix (HSESHOP_PREFIX)."""
+    stack = Stack(tmp_path, names_prefix="hseshop_second")
+
+    env = stack._build_env("postgresql://postgres@127.0.0.1:5432", "redis://127.0.0.1:6379")
+
+    assert {name: env[name] for name in ("ORDERS_DATABASE_URL", "PAYMENTS_DATABASE_URL",
+                                         "GATEWAY_DATABASE_URL", "REDIS_KEY_PREFIX")} == {
+        "ORDERS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/hseshop_second_orders",
+        "PAYMENTS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/hseshop_second_payments",
+        "GATEWAY_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/hseshop_second_gateway",
+        "REDIS_KEY_PREFIX": "hseshop_second",
+    }
 
 
 def test_a_port_already_in_use_is_refused_naming_the_setting_that_moves_it(tmp_path):

@@ -1,4 +1,4 @@
-"""make run's own settings (devstack.run_settings): its ports."""
+"""make run's own settings (devstack.run_settings): its ports, and its names' prefix."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.run_settings import PORT_SETTINGS, chosen_ports
+from devstack.run_settings import PORT_SETTINGS, chosen_ports, names_prefix
 from devstack.stack import DEFAULT_PORTS
 
 
@@ -46,6 +46,17 @@ def test_a_port_given_to_two_servers_is_refused_naming_both():
         chosen_ports(DEFAULT_PORTS, {"ORDERS_PORT": "9000", "PAYMENTS_PORT": "9000"})
 
 
+def test_the_names_prefix_is_hseshop_unless_set():
+    assert names_prefix({}) == names_prefix({"HSESHOP_PREFIX": ""}) == "hseshop"
+    assert names_prefix({"HSESHOP_PREFIX": "hseshop_second"}) == "hseshop_second"
+
+
+@pytest.mark.parametrize("value", ["Shop", "1shop", "shop-two", "shop two", "a" * 55])
+def test_a_names_prefix_no_database_name_can_begin_with_is_refused(value):
+    with pytest.raises(RuntimeError, match=f"^HSESHOP_PREFIX='{value}': expected a lowercase"):
+        names_prefix({"HSESHOP_PREFIX": value})
+
+
 def test_the_readme_names_each_setting_of_make_run_with_its_default():
     """README's "The two commands" is where a developer whose port 8000 is taken looks."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -53,3 +64,4 @@ def test_the_readme_names_each_setting_of_make_run_with_its_default():
 
     for name, variable in PORT_SETTINGS.items():
         assert re.search(rf"`{variable}` \([^)]*\b{DEFAULT_PORTS[name]}\b", section), variable
+    assert "`HSESHOP_PREFIX`" in section
