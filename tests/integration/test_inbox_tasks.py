@@ -4,7 +4,6 @@ limit, the pruner of old rows, and parked messages replayed by an operator."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import getpass
 import io
 import logging
@@ -13,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import termios
 import threading
 import uuid
 from collections.abc import Iterator
@@ -26,7 +24,6 @@ import psycopg2
 import pytest
 from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import case, func, select, text, update
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -60,6 +57,8 @@ from tests.postgres_tools import (account_row_held, called_at_the_first_statemen
                                   ending_its_session_by_a_statement, terminate_backend,
                                   the_next_commits_answer_lost,
                                   wait_for_sessions_waiting_on_a_lock)
+from tests.parked_terminal import (database_named, environment_without_sudo, on_a_terminal,
+                                   said_until)
 from tests.process_tools import start_child
 from tests.thread_tools import OutcomeThread, all_joined
 
@@ -2139,8 +2138,7 @@ def _audited(caplog) -> list[str]:
 
 def _payments_database(settings) -> str:
     """The payments database as the operator's command names it: its name and server."""
-    url = make_url(settings.database_url("payments"))
-    return f"{url.database} at {url.host}:{url.port}"
+    return database_named(settings, "payments")
 
 
 @pytest.mark.parametrize("command, outcome", [("replay", "handed back to be handled"),
@@ -2204,56 +2202,10 @@ def test_each_replay_or_discard_is_audited_in_the_log_with_who_ran_it_where_and_
     assert _audited(caplog) == []
 
 
-def _said_until(fd: int, end: str, timeout: float) -> str:
-    """What a child wrote on `fd` (a pipe, or a terminal's controller) up to and including `end`
-    (a prompt, which no newline ends), read as it comes; fails the test should it not come
-    within `timeout` seconds."""
-    os.set_blocking(fd, False)
-    said = bytearray()
-
-    def said_it() -> str | None:
-        with contextlib.suppress(BlockingIOError):
-            said.extend(os.read(fd, 4096))
-        return said.decode() if said.decode(errors="replace").endswith(end) else None
-
-    return wait_for(said_it, timeout=timeout, what=f"{end!r} from the child")
-
-
 def _who_ran_it() -> str:
     """Who the audit line of a command run by this process (or a child of it, with
     _environment_without_sudo) says ran it, SUDO_USER unset."""
     return f"{getpass.getuser()} (uid {os.getuid()})"
-
-
-def _environment_without_sudo() -> dict[str, str]:
-    """This process's environment but SUDO_USER, for a child whose audit line _who_ran_it says."""
-    return {name: value for name, value in os.environ.items() if name != "SUDO_USER"}
-
-
-@contextmanager
-def _on_a_terminal(argv: list[str], stderr) -> Iterator[tuple[subprocess.Popen, int]]:
-    """`python -m tasks.parked ARGV` run as typed on a terminal: in a session of its own whose
-    controlling terminal (its /dev/tty) is a pseudo-terminal, its stdin, as a login shell's
-    command has; its stdout piped, its stderr `stderr` (a file, as `2>>parked-audit.log` sends
-    it). Yields the child and the terminal's controller, which reads what the child writes on the
-    terminal and types the answers. The child is killed, should it still run, as the block ends.
-    (Held open here, the terminal stays readable once the child has ended.)"""
-    controller, terminal = os.openpty()
-    try:
-        child = start_child(
-            [sys.executable, "-m", "tasks.parked", *argv], stdin=terminal,
-            stdout=subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT, start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
-            env=_environment_without_sudo())
-        try:
-            yield child, controller
-        finally:
-            child.kill()
-            child.wait()
-            child.stdout.close()
-    finally:
-        os.close(terminal)
-        os.close(controller)
 
 
 @pytest.mark.parametrize("answer", ["y", "n", ""])
@@ -2268,15 +2220,15 @@ def test_discard_on_a_terminal_asks_first_and_discards_only_when_answered_y(
     messages = [_stored_request(payments_inbox, user_id) for _ in range(2)]
     _parked_first(messages)
     before = [_as_stored(message_id) for message_id in messages]
-    with open(tmp_path / "parked-audit.log", "wb") as audit_log, _on_a_terminal(
+    with open(tmp_path / "parked-audit.log", "wb") as audit_log, on_a_terminal(
             ["discard", "payments", *map(str, messages)], stderr=audit_log) as (command, terminal):
-        asked = _said_until(terminal, "[y/N] ", timeout=60)
+        asked = said_until(terminal, "[y/N] ", timeout=60)
         assert asked.endswith(f"discard 2 rows of {_payments_database(settings)}? [y/N] ")
         assert [_as_stored(message_id) for message_id in messages] == before  # (not yet)
         os.write(terminal, f"{answer}\n".encode())
         out, _ = command.communicate(timeout=60)
         if answer != "y":  # (after the answer echoed)
-            assert _said_until(terminal, "(not confirmed)\r\n", timeout=60).endswith(
+            assert said_until(terminal, "(not confirmed)\r\n", timeout=60).endswith(
                 "\r\npayments inbox: nothing discarded (not confirmed)\r\n")
     err = (tmp_path / "parked-audit.log").read_text()
     assert "[y/N]" not in err and "not confirmed" not in err
@@ -2305,9 +2257,9 @@ def test_a_discard_confirmed_on_a_terminal_leaves_the_messages_parked_while_it_a
     _parked_first(counted)
     meanwhile = [_stored_request(payments_inbox, user_id) for _ in range(3)]
     try:
-        with _on_a_terminal(["discard", "payments", "--all"],
+        with on_a_terminal(["discard", "payments", "--all"],
                             stderr=subprocess.PIPE) as (command, terminal):
-            asked = _said_until(terminal, "[y/N] ", timeout=60)
+            asked = said_until(terminal, "[y/N] ", timeout=60)
             assert asked.endswith(f"discard 2 rows of {_payments_database(settings)}? [y/N] ")
             with service_app("payments").app_context(), transaction() as session:
                 session.execute(update(InboxMessage)
@@ -2333,7 +2285,7 @@ def test_discard_on_a_terminal_given_yes_or_dry_run_asks_nothing(settings, payme
     as in a script (a command that asked would wait on the terminal, nothing written to it)."""
     message_id = _stored_request(payments_inbox, user_id)
     _parked_first([message_id])
-    with _on_a_terminal(["discard", "payments", str(message_id), option],
+    with on_a_terminal(["discard", "payments", str(message_id), option],
                         stderr=subprocess.PIPE) as (command, terminal):
         out, err = command.communicate(timeout=60)
         os.set_blocking(terminal, False)
@@ -2366,7 +2318,7 @@ def test_a_replay_interrupted_as_it_dispatches_has_audited_what_it_committed(
         command = start_child([sys.executable, "-m", "tasks.parked", "replay", "payments",
                                str(message_id)], stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT,
-                              env=_environment_without_sudo() | {"CELERY_BROKER_URL": broker})
+                              env=environment_without_sudo() | {"CELERY_BROKER_URL": broker})
         try:
             wait_for(lambda: _row(message_id).parked_at is None, timeout=60,
                      what="the replay's commit")

@@ -1,0 +1,72 @@
+"""tasks.parked run as an operator types it on a terminal, for the tests of what it asks there
+(discard's "[y/N]") and what it says there: the child, its controlling terminal a pseudo-terminal,
+and what it writes on that terminal read as it comes."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+import sys
+import termios
+from collections.abc import Iterator
+
+from sqlalchemy.engine import make_url
+
+from devstack.stack import REPO_ROOT
+from tests.polling import wait_for
+from tests.process_tools import start_child
+
+
+def said_until(fd: int, end: str, timeout: float) -> str:
+    """What a child wrote on `fd` (a pipe, or a terminal's controller) up to and including `end`
+    (a prompt, which no newline ends), read as it comes; fails the test should it not come
+    within `timeout` seconds."""
+    os.set_blocking(fd, False)
+    said = bytearray()
+
+    def said_it() -> str | None:
+        with contextlib.suppress(BlockingIOError):
+            said.extend(os.read(fd, 4096))
+        return said.decode() if said.decode(errors="replace").endswith(end) else None
+
+    return wait_for(said_it, timeout=timeout, what=f"{end!r} from the child")
+
+
+def environment_without_sudo() -> dict[str, str]:
+    """This process's environment but SUDO_USER, for a child whose audit line names this process's
+    user alone."""
+    return {name: value for name, value in os.environ.items() if name != "SUDO_USER"}
+
+
+def database_named(settings, service: str) -> str:
+    """The service's database as the operator's command names it: its name and server."""
+    url = make_url(settings.database_url(service))
+    return f"{url.database} at {url.host}:{url.port}"
+
+
+@contextlib.contextmanager
+def on_a_terminal(argv: list[str], stderr) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`python -m tasks.parked ARGV` run as typed on a terminal: in a session of its own whose
+    controlling terminal (its /dev/tty) is a pseudo-terminal, its stdin, as a login shell's
+    command has; its stdout piped, its stderr `stderr` (a file, as `2>>parked-audit.log` sends
+    it). Yields the child and the terminal's controller, which reads what the child writes on the
+    terminal and types the answers. The child is killed, should it still run, as the block ends.
+    (Held open here, the terminal stays readable once the child has ended.)"""
+    controller, terminal = os.openpty()
+    try:
+        child = start_child(
+            [sys.executable, "-m", "tasks.parked", *argv], stdin=terminal,
+            stdout=subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            env=environment_without_sudo())
+        try:
+            yield child, controller
+        finally:
+            child.kill()
+            child.wait()
+            child.stdout.close()
+    finally:
+        os.close(terminal)
+        os.close(controller)
