@@ -67,12 +67,13 @@ what it was to tell is never told, as for the inbox. A PaymentRequested row (ord
 order NEW, never paid for; a PaymentSucceeded or PaymentFailed row (payments') leaves it NEW, the
 account debited for a success; the command warns of each as for the inbox. With --all, replay
 hands back, and discard deletes, the rows parked as it begins CHANGED_PER_TRANSACTION a
-transaction, in the order they were written (up to the last written of them: one written before it
-and parked meanwhile goes too, one written after it is left parked; a row replayed and parked again
-at once, still refused, is not replayed again), the relay woken as each batch commits, discard
-warning of each batch's payment events as it commits; a failure or an interrupt part way is said
-as for the inbox. (--all --to-topic sends its rows on in one transaction: its check of their types
-sees every row it sends on; one past the statement timeout says to name fewer rows at a time.)
+transaction, in the order they were written (up to the last written of them, and parked by the
+time it begins: one parked meanwhile is left parked, written before the last or after it, as is
+a row replayed and parked again at once, still refused), the relay woken as each batch commits,
+discard warning of each batch's payment events as it commits; a failure or an interrupt part
+way is said as for the inbox. (--all --to-topic sends its rows on in one transaction: its check of
+their types sees every row it sends on; one past the statement timeout says to name fewer rows at
+a time.)
 Replay the row once it can be sent; discard only what is garbage.
 
 With --dry-run, replay and discard take the messages a run would, in the same transactions, and
@@ -84,10 +85,9 @@ ran it (with its uid, and SUDO_USER when set), what it did, and every id (AUDITE
 On a terminal (stdin a TTY), discard first asks "discard N rows of DATABASE? [y/N]" on the
 terminal (/dev/tty, not stderr, which may go to a log), N counted by a dry run, and does nothing,
 exit 1, but on y; then it discards what it counted, no more (under --all, up to the last parked
-as it counted: those parked while it asked are left, and said to be, but for an outbox row
-written before the last parked and parked meanwhile, its batches going by id). --yes or
---dry-run asks nothing, nor does a discard whose stdin is not a terminal (a script). A dry run
-runs the real statements and rolls them back: it takes the same row locks, for as long as it runs.
+as it counted: those parked while it asked are left, and said to be). --yes or --dry-run asks
+nothing, nor does a discard whose stdin is not a terminal (a script). A dry run runs the real
+statements and rolls them back: it takes the same row locks, for as long as it runs.
 """
 
 from __future__ import annotations
@@ -331,10 +331,11 @@ def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
         # set the bound itself in the future; and a park stamped at or before the bound whose
         # transaction commits after the bound was read, as a stamp is the clock as its statement
         # runs, not as it commits.) The outbox's in the order they were written, up to the last
-        # written of those parked as it begins (one written before it and parked meanwhile is
-        # taken, if parked before its batch is read; one written after it is left parked). A row
-        # replayed and parked again at once, still refused, keeps its place (its id), behind the
-        # batches still to come: no ids need keeping to take none twice.
+        # written of those parked as it begins, and parked by the database's clock as it begins
+        # (LastParkedRow): a row parked meanwhile is left parked, written before that last one or
+        # after it. A row replayed and parked again at once, still refused, is stamped parked
+        # anew, past the bound, and keeps its place (its id) behind the batches read: no ids need
+        # keeping to take none twice.
         may_come_back = may_come_back and not outbox
         batches = all_parked_changed_in_transactions(
             *_parked_order(outbox), change, CHANGED_PER_TRANSACTION, may_come_back, dry_run,
@@ -607,9 +608,10 @@ def _discard_confirmed(service: str, message_ids: list[uuid.UUID] | None,
     the very messages a dry run of it counted, the operator asked on the terminal how many rows
     of which database that is (not asked when none), or None if the answer is not y. Under --all,
     those parked up to the bound read before the count; named, those of them counted. Messages
-    parked while the question waits are left (but an outbox row written before the bound's row,
-    the outbox's batches going by id): a real run taking its own bound after the answer
-    discarded them too, unconfirmed (300 PaymentSucceeded parked by a broker outage meanwhile)."""
+    parked while the question waits are left (an outbox row too, written before the bound's row
+    or after it: the bound holds when it was read, shared.outbox.parked.LastParkedRow): a real
+    run taking its own bound after the answer discarded them too, unconfirmed (300
+    PaymentSucceeded parked by a broker outage meanwhile)."""
     through = _parked_bound(service, outbox) if message_ids is None else None
     count, counted = 0, []
     for ids in discard(service, message_ids, outbox, dry_run=True, through=through):

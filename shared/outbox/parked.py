@@ -194,28 +194,44 @@ class ParkedRowPlace:
     message_id: uuid.UUID
 
 
-def last_parked_outbox_row(session: Session) -> ParkedRowPlace | None:
-    """The place of the last written of the parked rows (None while none is)."""
+@dataclass(frozen=True)
+class LastParkedRow:
+    """Where a run over every parked row stops: the place of the last written of the rows parked
+    as it was read, and the database's clock then, `parked_by`. A row is stamped parked by the
+    database's clock as the relay's statement parks it (relaying._PARK), so every row parked then
+    was parked by it; one parked later, whenever it was written, is past the bound: a discard the
+    operator confirmed takes no row parked while the question waited, written before the last
+    parked or after it (a bound of ids alone took the rows written before it)."""
+    id: int
+    message_id: uuid.UUID
+    parked_by: datetime
+
+
+def last_parked_outbox_row(session: Session) -> LastParkedRow | None:
+    """The bound of a run over every parked row that begins now (None while none is parked)."""
     row = session.execute(text(
-        f"SELECT id, message_id FROM outbox_messages WHERE {PARKED_ROWS}"
+        f"SELECT id, message_id, clock_timestamp() FROM outbox_messages WHERE {PARKED_ROWS}"
         " ORDER BY id DESC LIMIT 1")).one_or_none()
-    return row and ParkedRowPlace(*row)
+    return row and LastParkedRow(*row)
 
 
-def parked_outbox_batch(session: Session, through: ParkedRowPlace, after: ParkedRowPlace | None,
+def parked_outbox_batch(session: Session, through: LastParkedRow, after: ParkedRowPlace | None,
                         size: int) -> list[ParkedRowPlace]:
     """The places of the first `size` parked rows after `after` (from the first when None), and
-    up to `through`, in the order they were written: one transaction's share of them all."""
+    within `through` (written up to its row, parked by its time), in the order they were written:
+    one transaction's share of them all."""
     return [ParkedRowPlace(*row) for row in session.execute(_PARKED_BATCH, {
-        "through": through.id, "after": 0 if after is None else after.id, "size": size})]
+        "through": through.id, "parked_by": through.parked_by,
+        "after": 0 if after is None else after.id, "size": size})]
 
 
 # (Row ids start at 1: after 0 is from the first.) Read, as the last parked row is, off the index
 # of the parked rows alone by id (ix_outbox_messages_parked_by_id): a batch reads its own rows,
-# not the rows written between them nor the refused rows waiting for their next try.
+# not the rows written between them nor the refused rows waiting for their next try (the time
+# each was parked read off its row: a batch's rows are read to be changed all the same).
 _PARKED_BATCH = text(f"""
 SELECT id, message_id FROM outbox_messages
-WHERE {PARKED_ROWS} AND id > :after AND id <= :through
+WHERE {PARKED_ROWS} AND id > :after AND id <= :through AND parked_at <= :parked_by
 ORDER BY id LIMIT :size""")
 
 

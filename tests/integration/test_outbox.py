@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -46,6 +47,7 @@ from tests.discard_warnings import order_left_new
 from tests.kafka_tools import (librdkafka_threads, read_topic, read_topic_until,
                                wait_for_librdkafka_threads)
 from tests.network_tools import SilencingProxy
+from tests.parked_terminal import database_named, on_a_terminal, said_until
 from tests.postgres_tools import (called_at_the_first_statement_naming,
                                   committed_on_a_connection_of_its_own, other_sessions,
                                   terminate_backend, wait_for_sessions_waiting_on_a_lock)
@@ -370,9 +372,10 @@ def test_a_payment_request_row_parked_as_every_parked_row_is_discarded_is_warned
         in_orders, settings, capsys, monkeypatch):
     """`discard --outbox --all` warns of the rows the deleting statements themselves deleted: a
     PaymentRequested row written before the last parked one, and parked by another transaction (a
-    relay) that commits as the first batch is being deleted, is deleted in a later batch and
-    warned of. (Read by a statement of its own before the delete, the payment events to warn of
-    missed such a row, though the delete, a later statement, took it.)"""
+    relay) stamped parked before the command began but committed only as the first batch is being
+    deleted, is deleted in a later batch and warned of. (Read by a statement of its own before the
+    delete, the payment events to warn of missed such a row, though the delete, a later statement,
+    took it. A row stamped parked after the command began is left parked.)"""
     from tasks import parked
 
     monkeypatch.setattr(parked, "CHANGED_PER_TRANSACTION", 1)
@@ -385,7 +388,8 @@ def test_a_payment_request_row_parked_as_every_parked_row_is_discarded_is_warned
         # (Any other test's parked rows discarded too.)
         _parked_command_with_rows_parked_meanwhile(
             settings.database_url("orders"), ["discard", "orders", "--outbox", "--all"],
-            "DELETE FROM outbox_messages", [written_before])
+            "DELETE FROM outbox_messages", [written_before],
+            parked_at="clock_timestamp() - interval '1 minute'")
         said = capsys.readouterr()
         assert said.out.startswith("orders outbox: ") and "message(s) discarded" in said.out
         assert order_left_new("orders outbox", written_before, order_id) in said.err.splitlines()
@@ -441,17 +445,19 @@ def test_discarding_every_parked_row_goes_a_batch_a_transaction_each_payment_eve
 
 
 def _parked_command_with_rows_parked_meanwhile(database_url: str, argv: list[str], changing: str,
-                                               message_ids: list[uuid.UUID]) -> None:
+                                               message_ids: list[uuid.UUID],
+                                               parked_at: str = "clock_timestamp()") -> None:
     """Runs tasks/parked.py's command `argv` (to exit 0), the rows `message_ids` parked (attempts
     1, as a relay parks one) by another transaction, committed just before the command's first
-    statement holding `changing` (its first batch's)."""
+    statement holding `changing` (its first batch's), stamped parked at `parked_at` (SQL: the
+    clock then unless given)."""
     from tasks import parked
 
     with called_at_the_first_statement_naming(
             changing, before=True,
             call=lambda: committed_on_a_connection_of_its_own(
                 database_url,
-                "UPDATE outbox_messages SET attempts = 1, parked_at = clock_timestamp()"
+                f"UPDATE outbox_messages SET attempts = 1, parked_at = {parked_at}"
                 " WHERE message_id = ANY(CAST(%s AS uuid[]))",
                 ([str(message_id) for message_id in message_ids],))) as parked_meanwhile:
         assert parked.main(argv) == 0
@@ -679,12 +685,13 @@ def test_replaying_every_parked_row_goes_a_batch_a_transaction_the_relay_sending
         _delete_outbox_rows_of([*ours, *sentinels])
 
 
-def test_replaying_every_parked_row_takes_those_parked_meanwhile_up_to_the_last_parked_as_it_began(
+def test_replaying_every_parked_row_leaves_those_parked_meanwhile_for_the_next_run(
         in_orders, settings, capsys, monkeypatch):
     """`replay --outbox --all` hands back the rows parked as it begins, up to the last written of
-    them: a row written before that one and parked (by a relay) as the first batch is handed back
-    is handed back in a later batch; one written after it and parked meanwhile is left parked, for
-    the next run (the command's bound, read as it begins, as discard's)."""
+    them: a row parked (by a relay) as the first batch is handed back is left parked, for the next
+    run, whether written after that last one or before it (the command's bound, read as it begins,
+    as discard's, holds the database's clock then). Before, the bound was the last parked row's id
+    alone, and a row written before it and parked meanwhile was handed back in a later batch."""
     from tasks import parked
 
     monkeypatch.setattr(parked, "CHANGED_PER_TRANSACTION", 1)
@@ -703,8 +710,50 @@ def test_replaying_every_parked_row_takes_those_parked_meanwhile_up_to_the_last_
         still_parked = dict(db.session.execute(
             select(OutboxMessage.message_id, OutboxMessage.parked_at.is_not(None))
             .where(OutboxMessage.topic == topic)).all())
-        assert still_parked == {first: False, written_before: False, last_parked: False,
+        assert still_parked == {first: False, written_before: True, last_parked: False,
                                 written_after: True}
+    finally:
+        with transaction() as session:
+            session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+
+
+def test_a_discard_confirmed_on_a_terminal_leaves_the_rows_parked_while_it_asked(in_orders,
+                                                                                settings):
+    """`discard --outbox --all` on a terminal discards the rows it counted as it asked and no
+    more: a row parked while the question waits is left parked, and said to be, whether written
+    after the last parked row or before it. Before, the bound was the last parked row's id alone,
+    and a row written before it and parked meanwhile was discarded, never counted nor confirmed."""
+    from tasks import parked
+
+    assert parked.main(["discard", "orders", "--outbox", "--all", "--yes"]) == 0  # (others')
+    topic = f"parked-while-asked-{uuid.uuid4().hex[:8]}"
+    first = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=True)
+    written_before = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=False)
+    last_parked = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=True)
+    written_after = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=False)
+    try:
+        with on_a_terminal(["discard", "orders", "--outbox", "--all"],
+                           stderr=subprocess.PIPE) as (command, terminal):
+            asked = said_until(terminal, "[y/N] ", timeout=60)
+            assert asked.endswith(f"discard 2 rows of {database_named(settings, 'orders')}?"
+                                  " [y/N] ")
+            committed_on_a_connection_of_its_own(  # (parked as a relay parks a row)
+                settings.database_url("orders"),
+                "UPDATE outbox_messages SET attempts = 1, parked_at = now()"
+                " WHERE message_id = ANY(CAST(%s AS uuid[]))",
+                ([str(written_before), str(written_after)],))
+            os.write(terminal, b"y\n")
+            out, err = command.communicate(timeout=60)
+        assert command.returncode == 0, err
+        assert out.decode() == (
+            "orders outbox: 2 message(s) discarded\norders outbox: messages parked since they"
+            " were counted are left parked (list orders --outbox shows them)\n")
+        db.session.rollback()
+        still_there = dict(db.session.execute(
+            select(OutboxMessage.message_id, OutboxMessage.parked_at.is_not(None))
+            .where(OutboxMessage.topic == topic)).all())
+        assert still_there == {written_before: True, written_after: True}
+        assert first not in still_there and last_parked not in still_there
     finally:
         with transaction() as session:
             session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
