@@ -6,8 +6,10 @@ Work that must wait for the commit (invalidating cached reads, say) is registere
 `after_commit`, or, gathered from all over the transaction into one callback (the lines to say
 of it, the cache namespaces it invalidates), with `collected_after_commit`; work that costs little
 done for nothing (a cache version bump) may ask to be done also when the COMMIT's answer is lost,
-whether it committed unknown. `driver_cursor` runs the busiest statements straight on the driver.
-Pooled connections are pinged before use only after they sat idle (`init_database` sets that up).
+whether it committed unknown, and work that tells of that doubt (an operator's audit line) to be
+done only then, with `if_commit_unanswered`. `driver_cursor` runs the busiest statements straight
+on the driver. Pooled connections are pinged before use only after they sat idle (`init_database`
+sets that up).
 `connection_lost` tells a database connection lost or refused (a restart, a failover), which the
 shop gets over by itself, from any other error, and `connection_lost_on` whether a connection was
 lost, though whoever met the error caught it; `failure_in_a_line` says an error in a line, as the
@@ -301,6 +303,21 @@ def collected_after_commit(session: Session, key: Hashable, factory: Callable[[]
     return collected.collector
 
 
+# The callbacks of a session's transaction under way run only should its COMMIT fail, whether it
+# committed unknown (if_commit_unanswered), in the order registered.
+_IF_UNANSWERED = "hseshop.if_commit_unanswered"
+
+
+def if_commit_unanswered(session: Session, callback: Callable[[], None]) -> None:
+    """Run `callback` only should the COMMIT of the current transaction of `session` fail, as the
+    commit's error goes on to the caller: whether it committed unknown, its answer most often lost
+    with the connection (a crash, a failover, a network cut; a COMMIT the server refused runs it
+    too). Never once committed, nor on rollback. For work that tells of that doubt (an audit line
+    saying that what the transaction was to change may or may not have been), which after_commit's
+    callbacks, run alike whether it committed or its answer was lost, cannot tell."""
+    session.info.setdefault(_IF_UNANSWERED, []).append(callback)
+
+
 class _CollectedUnder:
     """A transaction's collector under a key: equal to any other under an equal key, so that
     `after_commit` keeps the one registered first."""
@@ -328,13 +345,17 @@ def _run_as_unanswered(callbacks: list[tuple[Callable[[], None], bool]],
     whatever the others did; one that fails is logged, for the commit's error is the caller's
     news (raised after this)."""
     for callback, also_if_unanswered in callbacks:
-        if not also_if_unanswered:
-            continue
-        try:
-            callback()
-        except Exception:
-            log.exception("after a commit that failed (%s), whether committed unknown: %r failed",
-                          said_in_a_line(commit_error), callback)
+        if also_if_unanswered:
+            _run_after_a_failed_commit(callback, commit_error)
+
+
+def _run_after_a_failed_commit(callback: Callable[[], None], commit_error: BaseException) -> None:
+    """Run `callback` after the COMMIT failed with `commit_error`: should it fail, it is logged."""
+    try:
+        callback()
+    except Exception:
+        log.exception("after a commit that failed (%s), whether committed unknown: %r failed",
+                      said_in_a_line(commit_error), callback)
 
 
 @contextmanager
@@ -343,11 +364,13 @@ def after_commit_undone_if_it_raises(session: Session) -> Iterator[None]:
     savepoint rolled back, whose writes they were about, in a transaction that goes on to commit
     (a failed try of an inbox message, counted). A callback registered before the block, and added
     to within it (an invalidation's namespaces), keeps what was added: one invalidation too many."""
-    registered_before = len(session.info.get(_AFTER_COMMIT, []))
+    registered_before = {key: len(session.info.get(key, []))
+                         for key in (_AFTER_COMMIT, _IF_UNANSWERED)}
     try:
         yield
     except BaseException:
-        del session.info.get(_AFTER_COMMIT, [])[registered_before:]
+        for key, before in registered_before.items():
+            del session.info.get(key, [])[before:]
         raise
 
 
@@ -576,7 +599,7 @@ def transaction() -> Iterator[Session]:
         # gateway waits past the deadline, COMMIT_GRACE_SECONDS, is left for the COMMIT alone.)
         _refuse_if_the_caller_gave_up(new_work)
     except BaseException:
-        session.info.pop(_AFTER_COMMIT, None)
+        _callbacks_taken(session)
         _rolled_back(session)
         raise
     try:
@@ -584,15 +607,25 @@ def transaction() -> Iterator[Session]:
     except BaseException as commit_error:
         # The COMMIT may have reached the server and been carried out, its answer lost (the
         # connection dropped: a crash, a failover, a cut), and the retry that follows may find
-        # its work done and do nothing: what is safe to do for nothing is done now.
-        callbacks = session.info.pop(_AFTER_COMMIT, [])
+        # its work done and do nothing: what is safe to do for nothing is done now, and what
+        # tells of the doubt is said.
+        callbacks, if_unanswered = _callbacks_taken(session)
         try:
             _rolled_back(session)
         finally:
             _run_as_unanswered(callbacks, commit_error)
+            for callback in if_unanswered:
+                _run_after_a_failed_commit(callback, commit_error)
         raise
-    for callback, _ in session.info.pop(_AFTER_COMMIT, []):
+    for callback, _ in _callbacks_taken(session)[0]:
         callback()
+
+
+def _callbacks_taken(session: Session) -> tuple[list[tuple[Callable[[], None], bool]],
+                                                 list[Callable[[], None]]]:
+    """What the transaction of `session` registered to run after its COMMIT, taken off it (the
+    next transaction registers its own): after_commit's, and if_commit_unanswered's."""
+    return session.info.pop(_AFTER_COMMIT, []), session.info.pop(_IF_UNANSWERED, [])
 
 
 @contextmanager
@@ -606,7 +639,7 @@ def rolled_back_transaction() -> Iterator[Session]:
     try:
         yield session
     finally:
-        session.info.pop(_AFTER_COMMIT, None)
+        _callbacks_taken(session)
         _rolled_back(session)
 
 

@@ -81,7 +81,10 @@ roll each back (no task dispatched, no relay woken): they say each message (ID: 
 discarded), how many, and what else the run would say, with its exit code. Each transaction a
 replay or a discard commits is audited in a WARNING line of the log (logger tasks.parked) as it
 commits, before its messages are handed over: the service and box, the database, the OS user who
-ran it (with its uid, and SUDO_USER when set), what it did, and every id (AUDITED_A_LINE a line).
+ran it (with its uid, and SUDO_USER when set), what it did, and every id (AUDITED_A_LINE a line);
+one whose COMMIT goes unanswered (the connection lost as it committed: whether it committed
+unknown) is audited as it fails, as one that may have done it, its outcome unknown, with every id
+and where to look.
 On a terminal (stdin a TTY), discard first asks "discard N rows of DATABASE? [y/N]" on the
 terminal (/dev/tty, not stderr, which may go to a log), N counted by a dry run, and does nothing,
 exit 1, but on y; then it discards what it counted, no more (under --all, up to the last parked
@@ -118,7 +121,7 @@ from sqlalchemy.orm import Session
 
 from shared.config import SERVICES, settings_or_exit
 from shared.contracts import PAYMENT_FAILED, PAYMENT_REQUESTED, PAYMENT_SUCCEEDED
-from shared.db import (db, database_now, failure_in_a_line, ran_too_long,
+from shared.db import (db, database_now, failure_in_a_line, if_commit_unanswered, ran_too_long,
                        rolled_back_transaction, transaction)
 from shared.inbox.parked import (discard_parked_messages, last_parked, never_parsed_parked,
                                  parked_batch, parked_messages, unpark_messages)
@@ -289,8 +292,9 @@ def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fa
     `dry_run` rolls each transaction back: it yields what a discard would take, changing
     nothing. Every parked message is taken up to `through` when given (_parked_bound), else up to
     the last parked as it begins."""
-    def audit(rows: list) -> None:
-        _audit(service, outbox, "discard", None, [row.message_id for row in rows])
+    def audit(rows: list, outcome_unknown: bool = False) -> None:
+        _audit(service, outbox, "discard", None, [row.message_id for row in rows],
+               outcome_unknown)
 
     with _in_the_services_database(service):
         # (A discarded message is processed, a discarded row deleted: neither is parked again.)
@@ -309,17 +313,28 @@ _Change = Callable[[Session, list[uuid.UUID] | None], list[_Changed]]
 
 def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
              message_ids: list[uuid.UUID] | None, outbox: bool,
-             audit: Callable[[list[_Changed]], None], may_come_back: bool,
+             audit: Callable[..., None], may_come_back: bool,
              in_batches: bool = True, dry_run: bool = False,
              through: Bound | None = None) -> Iterator[list[_Changed]]:
     """Run the change on the messages named in one transaction; on every parked message (up to
     `through`, when given), CHANGED_PER_TRANSACTION a transaction (shared.parked_batches), unless
     not `in_batches` (a replay sent on --to-topic, which checks every row it sends on in one
     statement: in one transaction too). Yields what each transaction's change returned (the
-    messages it changed), as it commits, once `audit` has logged it; under `dry_run` each
-    transaction is rolled back instead (the same statements run: what it yields is what a run
-    would change), nothing changed nor audited."""
-    change = outbox_change if outbox else inbox_change
+    messages it changed), as it commits, once `audit` has logged it (`audit(changed)`); a
+    transaction whose COMMIT fails, whether it committed unknown (its answer lost with the
+    connection), is audited as such (`audit(changed, outcome_unknown=True)`) as the failure goes
+    on to the caller. Under `dry_run` each transaction is rolled back instead (the same statements
+    run: what it yields is what a run would change), nothing changed nor audited."""
+    box_change = outbox_change if outbox else inbox_change
+
+    def change(session: Session, ids: list[uuid.UUID] | None) -> list[_Changed]:
+        changed = box_change(session, ids)
+        if changed and not dry_run:
+            # (Its commit may have been carried out, its answer lost: then no line said it, and
+            # the operator, told the database failed, did not know to look.)
+            if_commit_unanswered(session, functools.partial(audit, changed, outcome_unknown=True))
+        return changed
+
     if message_ids is None and in_batches:
         # The inbox's in the order they were parked. (Bounded by the last parked as it begins,
         # and also, when a changed message `may_come_back` parked again, by the ids it has taken.
@@ -662,15 +677,21 @@ AUDITED_A_LINE = 100
 
 
 def _audit(service: str, outbox: bool, command: str, to_topic: str | None,
-           message_ids: list[uuid.UUID]) -> None:
-    """Log the messages a transaction of `command` changed, as it has committed."""
+           message_ids: list[uuid.UUID], outcome_unknown: bool = False) -> None:
+    """Log the messages a transaction of `command` changed, as it has committed; or, its
+    `outcome_unknown` (its COMMIT failed, its answer lost), that it may have changed them or not,
+    and how to tell which."""
     box = "outbox" if outbox else "inbox"
     database, who = _database(service), _who()  # (the same for each of its lines)
+    unknown = (f", outcome unknown (its COMMIT went unanswered: list {service}"
+               f"{' --outbox' if outbox else ''} shows those still parked)" if outcome_unknown
+               else "")
     for start in range(0, len(message_ids), AUDITED_A_LINE):
         ids = message_ids[start:start + AUDITED_A_LINE]
-        _audit_log.warning("%s %s of %s: %s %sed %d parked message(s)%s: %s", service, box,
-                           database, who, command, len(ids),
-                           f" to {to_topic}" if to_topic else "", ", ".join(map(str, ids)))
+        _audit_log.warning("%s %s of %s: %s %s%sed %d parked message(s)%s%s: %s", service, box,
+                           database, who, "may have " if outcome_unknown else "", command,
+                           len(ids), f" to {to_topic}" if to_topic else "", unknown,
+                           ", ".join(map(str, ids)))
 
 
 def _who() -> str:

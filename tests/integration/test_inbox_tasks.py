@@ -2202,6 +2202,38 @@ def test_each_replay_or_discard_is_audited_in_the_log_with_who_ran_it_where_and_
     assert _audited(caplog) == []
 
 
+def test_a_discard_whose_commit_goes_unanswered_is_audited_as_of_unknown_outcome(
+        settings, payments_inbox, user_id, caplog, capsys, monkeypatch):
+    """A transaction whose COMMIT's answer is lost (the connection gone as it committed: a
+    failover, a network cut) may have discarded its messages or not: it is audited all the same,
+    at WARNING, saying that its outcome is unknown, with every id and where to look. Before, only a
+    transaction known to have committed was audited, and one whose commit went unanswered,
+    carried out as it was here, left no trace of who discarded what."""
+    from tasks import parked
+
+    messages = [_stored_request(payments_inbox, user_id) for _ in range(2)]
+    _parked_first(messages)
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    with service_app("payments").app_context():
+        engine = db.engine
+    answer_lost, made = ExitStack(), []
+    with answer_lost, called_at_the_first_statement_naming(  # (the discard's own COMMIT)
+            "UPDATE inbox_messages", before=True,
+            call=lambda: made.append(answer_lost.enter_context(
+                the_next_commits_answer_lost(engine)))):
+        assert parked.main(["discard", "payments", *map(str, messages)]) == 1
+    assert made == [[True]]
+    assert capsys.readouterr().err.startswith("payments inbox: nothing discarded: the database was"
+                                              " out of reach")
+    (line,) = _audited(caplog)
+    said, ids = line.rsplit(": ", 1)
+    assert said == (f"payments inbox of {_payments_database(settings)}: {_who_ran_it()} may have"
+                    " discarded 2 parked message(s), outcome unknown (its COMMIT went unanswered:"
+                    " list payments shows those still parked)")
+    assert sorted(ids.split(", ")) == sorted(map(str, messages))
+    assert all(_row(message_id).processed_at is not None for message_id in messages)
+
+
 def _who_ran_it() -> str:
     """Who the audit line of a command run by this process (or a child of it, with
     _environment_without_sudo) says ran it, SUDO_USER unset."""

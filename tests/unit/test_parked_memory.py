@@ -62,6 +62,8 @@ def test_all_parked_keeps_little_a_message(monkeypatch, capsys, command, outbox,
     monkeypatch.setattr(parked, "_in_the_services_database",
                         lambda service: contextlib.nullcontext())
     monkeypatch.setattr(parked_batches, "transaction", contextlib.nullcontext)
+    # (No session to note on what a COMMIT gone unanswered audits: none is.)
+    monkeypatch.setattr(parked, "if_commit_unanswered", lambda session, callback: None)
     monkeypatch.setattr(parked, "database_now", lambda session: now)  # (the replay's mark)
     monkeypatch.setattr(parked, "last_parked_outbox_row" if outbox else "last_parked",
                         lambda session: place(PARKED - 1))
