@@ -88,7 +88,8 @@ and where to look.
 On a terminal (stdin a TTY), discard first asks "discard N rows of DATABASE? [y/N]" on the
 terminal (/dev/tty, not stderr, which may go to a log), N counted by a dry run, and does nothing,
 exit 1, but on y; then it discards what it counted, no more (under --all, up to the last parked
-as it counted: those parked while it asked are left, and said to be). --yes or --dry-run asks
+as it counted: those parked while it asked are left, and said to be; named, those of them it
+counted: one parked while it asked is left, "parked since it was counted"). --yes or --dry-run asks
 nothing, nor does a discard whose stdin is not a terminal (a script). A dry run runs the real
 statements and rolls them back: it takes the same row locks, for as long as it runs.
 """
@@ -124,13 +125,13 @@ from shared.contracts import PAYMENT_FAILED, PAYMENT_REQUESTED, PAYMENT_SUCCEEDE
 from shared.db import (db, database_now, failure_in_a_line, if_commit_unanswered, ran_too_long,
                        rolled_back_transaction, transaction)
 from shared.inbox.parked import (discard_parked_messages, last_parked, never_parsed_parked,
-                                 parked_batch, parked_messages, unpark_messages)
+                                 parked_among, parked_batch, parked_messages, unpark_messages)
 from shared.migrations import why_not_ready_for_this_release
 from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
                                   last_parked_outbox_row, parked_outbox_batch,
-                                  parked_outbox_messages, parked_topics_not_relayed,
-                                  redirect_parked_outbox_messages, unpark_outbox_messages,
-                                  why_not_sent_on)
+                                  parked_outbox_messages, parked_outbox_rows_among,
+                                  parked_topics_not_relayed, redirect_parked_outbox_messages,
+                                  unpark_outbox_messages, why_not_sent_on)
 from shared.parked_batches import Bound, all_parked_changed_in_transactions, bound_now
 from shared.quiet_interrupt import INTERRUPTED
 from shared.request_context import escaped_in_logs
@@ -611,6 +612,14 @@ def _run(argv: list[str] | None) -> int:
     why = ("not parked, unknown" + (", or never parsed" if not args.outbox
                                     and args.command == "replay" else ""))
     whys = _why_not_sent_on(args.service, left) if to_topic is not None and left else {}
+    if asks and not args.all and left:
+        # (Named and not counted, those of them parked now were not parked as the count read
+        # them: not asked about, so not discarded. Said "not parked", they seemed gone.)
+        counted = set(message_ids)
+        uncounted = [message_id for message_id in left if message_id not in counted]
+        whys = dict.fromkeys(_parked_now(args.service, args.outbox, uncounted),
+                             "parked since it was counted, so not asked about: left parked;"
+                             " discard it again to give it up")
     for message_id in left:
         print(f"{message_id}: {'would not be' if args.dry_run else 'not'} {args.command}ed"
               f" ({whys.get(message_id, why)})", file=sys.stderr)
@@ -665,6 +674,18 @@ def _parked_since(service: str, outbox: bool) -> bool:
         return _parked_bound(service, outbox).place is not None
     except _DATABASE_FAILURES:
         return False
+
+
+def _parked_now(service: str, outbox: bool, message_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of the messages of the box are parked now (none should the database fail now: what
+    was done has been said)."""
+    if not message_ids:
+        return set()
+    try:
+        with _in_the_services_database(service), transaction() as session:
+            return (parked_outbox_rows_among if outbox else parked_among)(session, message_ids)
+    except _DATABASE_FAILURES:
+        return set()
 
 
 # Where each replay or discard that changed something is said, at WARNING, for an audit: who ran

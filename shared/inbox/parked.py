@@ -64,6 +64,13 @@ def _values(place: ParkedPlace) -> tuple[datetime, uuid.UUID]:
     return place.parked_at, place.message_id
 
 
+def parked_among(session: Session, message_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of the messages `message_ids` are parked now (by their ids, through the primary
+    key)."""
+    return set(session.scalars(select(InboxMessage.message_id).where(
+        InboxMessage.message_id.in_(message_ids), InboxMessage.parked_at.is_not(None))))
+
+
 def unpark_messages(session: Session, message_ids: list[uuid.UUID],
                     marked_at: datetime | None = None) -> list[uuid.UUID]:
     """Clear the park, and the attempts, of those of the messages that are parked and hold an

@@ -235,6 +235,14 @@ WHERE {PARKED_ROWS} AND id > :after AND id <= :through AND parked_at <= :parked_
 ORDER BY id LIMIT :size""")
 
 
+def parked_outbox_rows_among(session: Session, message_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of the rows `message_ids` are parked now (by their ids, through their unique
+    constraint's index)."""
+    return set(session.scalars(text(
+        f"SELECT message_id FROM outbox_messages WHERE {PARKED_ROWS}"
+        " AND message_id = ANY(:message_ids)"), {"message_ids": message_ids}))
+
+
 def discard_parked_outbox_messages(session: Session,
                                    message_ids: list[uuid.UUID] | None) -> list[Row]:
     """Delete parked rows (every one when `message_ids` is None), never to be sent, so that the

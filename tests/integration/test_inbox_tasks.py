@@ -2310,6 +2310,38 @@ def test_a_discard_confirmed_on_a_terminal_leaves_the_messages_parked_while_it_a
         parked.main(["discard", "payments", *map(str, meanwhile)])
 
 
+def test_a_named_message_parked_while_a_discard_asked_is_left_parked_and_said_to_be(
+        settings, payments_inbox, user_id):
+    """A discard of named messages on a terminal discards those it counted as it asked: one of
+    them not parked then, and parked while the question waits, is not discarded, unconfirmed, and
+    it says so of that one: parked since it was counted, left parked. Before, it said "not
+    parked, unknown" of a message parked there and then, which seemed gone for good."""
+    counted, parked_meanwhile = (_stored_request(payments_inbox, user_id) for _ in range(2))
+    _parked_first([counted])
+    try:
+        with on_a_terminal(["discard", "payments", str(counted), str(parked_meanwhile)],
+                           stderr=subprocess.PIPE) as (command, terminal):
+            asked = said_until(terminal, "[y/N] ", timeout=60)
+            assert asked.endswith(f"discard 1 rows of {_payments_database(settings)}? [y/N] ")
+            with service_app("payments").app_context(), transaction() as session:
+                session.execute(update(InboxMessage)
+                                .where(InboxMessage.message_id == parked_meanwhile)
+                                .values(parked_at=func.clock_timestamp(), last_error="outage"))
+            os.write(terminal, b"y\n")
+            out, err = command.communicate(timeout=60)
+        assert command.returncode == 1, err
+        assert out.decode() == "payments inbox: 1 message(s) discarded\n"
+        assert err.decode().splitlines()[-1] == (
+            f"{parked_meanwhile}: not discarded (parked since it was counted, so not asked"
+            " about: left parked; discard it again to give it up)")
+        assert _row(counted).processed_at is not None
+        meanwhile = _row(parked_meanwhile)
+        assert meanwhile.parked_at is not None and meanwhile.processed_at is None
+    finally:
+        from tasks import parked
+        parked.main(["discard", "payments", str(parked_meanwhile)])
+
+
 @pytest.mark.parametrize("option", ["--yes", "--dry-run"])
 def test_discard_on_a_terminal_given_yes_or_dry_run_asks_nothing(settings, payments_inbox,
                                                                   user_id, option):

@@ -759,6 +759,38 @@ def test_a_discard_confirmed_on_a_terminal_leaves_the_rows_parked_while_it_asked
             session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
 
 
+def test_a_named_row_parked_while_a_discard_asked_is_left_parked_and_said_to_be(in_orders,
+                                                                                settings):
+    """`discard --outbox ID ID` on a terminal discards the named rows it counted as it asked: one
+    not parked then, and parked while the question waits, is left parked, unconfirmed, and said
+    to be (it was said "not parked, unknown")."""
+    topic = f"named-parked-while-asked-{uuid.uuid4().hex[:8]}"
+    counted = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=True)
+    parked_meanwhile = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=False)
+    try:
+        with on_a_terminal(["discard", "orders", "--outbox", str(counted), str(parked_meanwhile)],
+                           stderr=subprocess.PIPE) as (command, terminal):
+            said_until(terminal, "[y/N] ", timeout=60)
+            committed_on_a_connection_of_its_own(
+                settings.database_url("orders"),
+                "UPDATE outbox_messages SET attempts = 1, parked_at = now() WHERE message_id = %s",
+                (str(parked_meanwhile),))
+            os.write(terminal, b"y\n")
+            out, err = command.communicate(timeout=60)
+        assert command.returncode == 1, err
+        assert out.decode() == "orders outbox: 1 message(s) discarded\n"
+        assert err.decode().splitlines()[-1] == (
+            f"{parked_meanwhile}: not discarded (parked since it was counted, so not asked"
+            " about: left parked; discard it again to give it up)")
+        db.session.rollback()
+        assert dict(db.session.execute(
+            select(OutboxMessage.message_id, OutboxMessage.parked_at.is_not(None))
+            .where(OutboxMessage.topic == topic)).all()) == {parked_meanwhile: True}
+    finally:
+        with transaction() as session:
+            session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+
+
 def _correlation_ids(messages, wanted: set[str]) -> set[str]:
     """The correlation ids among `wanted` of the messages (other tests send bare envelopes)."""
     return {json.loads(m.value()).get("correlation_id") for m in messages} & wanted
