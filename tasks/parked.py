@@ -204,10 +204,18 @@ class NeverParsedLeft:
     count: int = 0
 
 
+@dataclass
+class Unanswered:
+    """How many messages a transaction whose COMMIT went unanswered (its answer lost with the
+    connection) was to change: changed or not, whether it committed unknown."""
+    count: int = 0
+
+
 def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = False,
            to_topic: str | None = None, from_topic: str | None = None,
            never_parsed_left: NeverParsedLeft | None = None,
-           dry_run: bool = False) -> Iterator[list[uuid.UUID]]:
+           dry_run: bool = False,
+           unanswered: Unanswered | None = None) -> Iterator[list[uuid.UUID]]:
     """Unpark the messages (every replayable one when `message_ids` is None) and hand them back:
     inbox messages dispatched to be handled, a transaction's at a time as it commits, outbox rows
     to the relay (the commit wakes it); with `to_topic`, only outbox rows parked for a topic that
@@ -217,7 +225,8 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
     committed. The inbox's records never parsed that it passed over, left parked, are counted
     in `never_parsed_left`, when given, as each transaction passes them over (before it
     commits). A `dry_run` rolls each transaction back and dispatches nothing: it yields what a
-    replay would hand back, changing nothing."""
+    replay would hand back, changing nothing. The messages of a transaction whose COMMIT goes
+    unanswered are counted in `unanswered`, when given, as its failure is raised."""
     app = service_app(service)
     outbox_change: _Change = unpark_outbox_messages
     if to_topic is not None:
@@ -248,7 +257,7 @@ def replay(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fal
         audit = functools.partial(_audit, service, outbox, "replay", to_topic)
         for replayed in _changed(unpark_marked, outbox_change, message_ids, outbox, audit,
                                  may_come_back=True, in_batches=to_topic is None,
-                                 dry_run=dry_run):
+                                 dry_run=dry_run, unanswered=unanswered):
             if not outbox and not dry_run:  # (a dry run's are parked still: none to hand over)
                 if queues_reachable:
                     queues_reachable = _dispatched(service, replayed, marked_at)
@@ -284,7 +293,8 @@ PAYMENT_EVENTS = tuple(_LEFT_UNDONE)
 
 def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = False,
             payments_left: list | None = None, dry_run: bool = False,
-            through: Bound | None = None) -> Iterator[list[uuid.UUID]]:
+            through: Bound | None = None,
+            unanswered: Unanswered | None = None) -> Iterator[list[uuid.UUID]]:
     """Give up on parked messages (every one when `message_ids` is None); yields the ids each
     transaction discarded, once it has committed. Those of PAYMENT_EVENTS it discarded are added
     to `payments_left`, when given, as the transaction that discarded them commits (each with its
@@ -292,7 +302,8 @@ def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fa
     discarded them returned them: a message parked as it ran, and discarded, is among them. A
     `dry_run` rolls each transaction back: it yields what a discard would take, changing
     nothing. Every parked message is taken up to `through` when given (_parked_bound), else up to
-    the last parked as it begins."""
+    the last parked as it begins. The messages of a transaction whose COMMIT goes unanswered are
+    counted in `unanswered`, when given, as its failure is raised."""
     def audit(rows: list, outcome_unknown: bool = False) -> None:
         _audit(service, outbox, "discard", None, [row.message_id for row in rows],
                outcome_unknown)
@@ -301,7 +312,7 @@ def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fa
         # (A discarded message is processed, a discarded row deleted: neither is parked again.)
         for discarded in _changed(discard_parked_messages, discard_parked_outbox_messages,
                                   message_ids, outbox, audit, may_come_back=False,
-                                  dry_run=dry_run, through=through):
+                                  dry_run=dry_run, through=through, unanswered=unanswered):
             if payments_left is not None:
                 payments_left.extend(row for row in discarded if row.type in PAYMENT_EVENTS)
             yield [row.message_id for row in discarded]
@@ -316,16 +327,18 @@ def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
              message_ids: list[uuid.UUID] | None, outbox: bool,
              audit: Callable[..., None], may_come_back: bool,
              in_batches: bool = True, dry_run: bool = False,
-             through: Bound | None = None) -> Iterator[list[_Changed]]:
+             through: Bound | None = None,
+             unanswered: Unanswered | None = None) -> Iterator[list[_Changed]]:
     """Run the change on the messages named in one transaction; on every parked message (up to
     `through`, when given), CHANGED_PER_TRANSACTION a transaction (shared.parked_batches), unless
     not `in_batches` (a replay sent on --to-topic, which checks every row it sends on in one
     statement: in one transaction too). Yields what each transaction's change returned (the
     messages it changed), as it commits, once `audit` has logged it (`audit(changed)`); a
     transaction whose COMMIT fails, whether it committed unknown (its answer lost with the
-    connection), is audited as such (`audit(changed, outcome_unknown=True)`) as the failure goes
-    on to the caller. Under `dry_run` each transaction is rolled back instead (the same statements
-    run: what it yields is what a run would change), nothing changed nor audited."""
+    connection), is audited as such (`audit(changed, outcome_unknown=True)`), and counted in
+    `unanswered` when given, as the failure goes on to the caller. Under `dry_run` each
+    transaction is rolled back instead (the same statements run: what it yields is what a run
+    would change), nothing changed nor audited."""
     box_change = outbox_change if outbox else inbox_change
 
     def change(session: Session, ids: list[uuid.UUID] | None) -> list[_Changed]:
@@ -333,8 +346,13 @@ def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
         if changed and not dry_run:
             # (Its commit may have been carried out, its answer lost: then no line said it, and
             # the operator, told the database failed, did not know to look.)
-            if_commit_unanswered(session, functools.partial(audit, changed, outcome_unknown=True))
+            if_commit_unanswered(session, functools.partial(said_unanswered, changed))
         return changed
+
+    def said_unanswered(changed: list[_Changed]) -> None:
+        if unanswered is not None:
+            unanswered.count += len(changed)
+        audit(changed, outcome_unknown=True)
 
     if message_ids is None and in_batches:
         # The inbox's in the order they were parked. (Bounded by the last parked as it begins,
@@ -554,12 +572,13 @@ def _run(argv: list[str] | None) -> int:
                 print(f"{args.service} {box}: nothing discarded (not confirmed)", file=terminal)
             return 1
         message_ids, through = confirmed
-    never_parsed_left, payments_left = NeverParsedLeft(), []
+    never_parsed_left, payments_left, unanswered = NeverParsedLeft(), [], Unanswered()
     act = (functools.partial(replay, to_topic=to_topic, from_topic=from_topic,
-                             never_parsed_left=never_parsed_left, dry_run=args.dry_run)
+                             never_parsed_left=never_parsed_left, dry_run=args.dry_run,
+                             unanswered=unanswered)
            if args.command == "replay" else
            functools.partial(discard, payments_left=payments_left, dry_run=args.dry_run,
-                             through=through))
+                             through=through, unanswered=unanswered))
     # What is done to each message, as said: under --dry-run, what would be.
     done_to = ("would be " if args.dry_run else "") + _OUTCOMES[args.command, args.outbox]
     outcome = f"{args.service} {box}: {{}} message(s) {done_to}"
@@ -581,11 +600,16 @@ def _run(argv: list[str] | None) -> int:
     except _DATABASE_FAILURES as exc:
         # Each transaction that committed stays done, its messages no longer parked: the same
         # command again takes up the rest. (One whose COMMIT was cut off may have committed
-        # uncounted; its replays, never dispatched, go to the sweeper: while tasks wait, up to an
-        # hour on, as they were marked handed over.)
-        so_far = (f"{args.service} {box}: nothing {_OUTCOMES[args.command, args.outbox]}"
-                  if count == 0 else
-                  f"{outcome.format(count)} before the database failed; run it again for the rest")
+        # uncounted, and is said so, as it was audited; its replays, never dispatched, go to the
+        # sweeper: while tasks wait, up to an hour on, as they were marked handed over.)
+        did = _OUTCOMES[args.command, args.outbox]
+        doubt = (f"{unanswered.count} {'more ' if count else ''}message(s) {did} or not (the"
+                 f" COMMIT of their transaction went unanswered: list {args.service}"
+                 f"{' --outbox' if args.outbox else ''} shows those still parked)"
+                 if unanswered.count else "")
+        so_far = (f"{args.service} {box}: {doubt or f'nothing {did}'}" if count == 0 else
+                  f"{outcome.format(count)} before the database failed"
+                  f"{f', and {doubt}' if doubt else ''}; run it again for the rest")
         print(f"{so_far}: {_failure_in_a_line(exc)}"
               + (_fewer_to_send_on(args.service) if to_topic is not None and ran_too_long(exc)
                  else ""), file=sys.stderr)

@@ -2206,9 +2206,10 @@ def test_a_discard_whose_commit_goes_unanswered_is_audited_as_of_unknown_outcome
         settings, payments_inbox, user_id, caplog, capsys, monkeypatch):
     """A transaction whose COMMIT's answer is lost (the connection gone as it committed: a
     failover, a network cut) may have discarded its messages or not: it is audited all the same,
-    at WARNING, saying that its outcome is unknown, with every id and where to look. Before, only a
-    transaction known to have committed was audited, and one whose commit went unanswered,
-    carried out as it was here, left no trace of who discarded what."""
+    at WARNING, saying that its outcome is unknown, with every id and where to look, and the
+    command says so too. Before, only a transaction known to have committed was audited, and one
+    whose commit went unanswered, carried out as it was here, left no trace of who discarded what,
+    the command saying "nothing discarded"."""
     from tasks import parked
 
     messages = [_stored_request(payments_inbox, user_id) for _ in range(2)]
@@ -2223,8 +2224,9 @@ def test_a_discard_whose_commit_goes_unanswered_is_audited_as_of_unknown_outcome
                 the_next_commits_answer_lost(engine)))):
         assert parked.main(["discard", "payments", *map(str, messages)]) == 1
     assert made == [[True]]
-    assert capsys.readouterr().err.startswith("payments inbox: nothing discarded: the database was"
-                                              " out of reach")
+    assert capsys.readouterr().err.startswith(
+        "payments inbox: 2 message(s) discarded or not (the COMMIT of their transaction went"
+        " unanswered: list payments shows those still parked): the database was out of reach")
     (line,) = _audited(caplog)
     said, ids = line.rsplit(": ", 1)
     assert said == (f"payments inbox of {_payments_database(settings)}: {_who_ran_it()} may have"
