@@ -1,5 +1,5 @@
-"""The gateway's tables: the people who can sign in, the tokens they have signed out, and the
-notifications they are owed."""
+"""The gateway's tables: the people who can sign in, the tokens they have signed out, the
+notifications they are owed, and how far each one's notifications have been pruned."""
 
 from __future__ import annotations
 
@@ -68,3 +68,16 @@ class Notification(db.Model):
     def to_json(self) -> dict:
         return {"id": self.id, "type": self.type, "payload": self.payload,
                 "created_at": self.created_at.isoformat()}
+
+
+class NotificationPruneMark(db.Model):
+    """The id of the newest of a user's notifications that retention has pruned
+    (gateway_app/notifications.py: prune_old_notifications), kept for good: a page whose `after` is
+    below it has missed some notifications for good, and is told so (NotificationsMissed). Taken
+    as the pruned rows are deleted, in their transaction; a user none of whose notifications has
+    been pruned has none."""
+
+    __tablename__ = "notification_prune_marks"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    pruned_through: Mapped[int] = mapped_column(BigInteger)

@@ -15,6 +15,17 @@ from shared.fields import Amount
 NOTIFICATION_ID_FORMAT = {"format": "int64"}
 NOTIFICATION = {"$ref": "#/components/schemas/Notification"}
 NOTIFICATION_PAGE = {"$ref": "#/components/schemas/NotificationPage"}
+# What the socket sends, in place of the notifications, when some after the id it goes on from
+# were pruned before it sent them (gateway_app/notifications.py: _send_newer): no `id` (a page
+# following the ids skips it, as one of before does), and a `type` no notification has.
+MISSED_TYPE = "NotificationsMissed"
+NOTIFICATIONS_MISSED = {"type": MISSED_TYPE}
+NOTIFICATIONS_MISSED_SCHEMA = {"$ref": f"#/components/schemas/{MISSED_TYPE}"}
+MISSED_DESCRIPTION = (
+    "Some of the user's notifications after the id asked after were pruned (kept for "
+    "NOTIFICATION_RETENTION_SECONDS, 30 days unless set) before they were read: what follows is "
+    "what is left, and a state built from notifications has skipped some. Read the whole state "
+    "again (the orders, the balance), having read `GET /api/notifications/newest` first")
 
 
 class OrderStatusChangedPayloadSchema(OrderStatusChangedSchema):
@@ -47,7 +58,8 @@ def _notification_schema(event_type: str) -> type[Schema]:
 
 def document_notifications(api, kept_types) -> None:
     """Put the notifications of `kept_types` (each one PAYLOADS documents) in `api`'s document:
-    a schema for each, `Notification` (any one of them, by its `type`) and `NotificationPage`."""
+    a schema for each, `Notification` (any one of them, by its `type`), `NotificationPage`, and
+    what the socket sends when it would have skipped some (`NotificationsMissed`)."""
     missing = set(kept_types) - PAYLOADS.keys()
     if missing:  # (a type kept with no payload documented: its notifications would be refused)
         raise ValueError(f"no payload documented for notifications of {sorted(missing)}")
@@ -62,5 +74,15 @@ def document_notifications(api, kept_types) -> None:
         "oneOf": [{"$ref": reference} for reference in mapping.values()],
         "discriminator": {"propertyName": "type", "mapping": mapping}})
     api.spec.components.schema("NotificationPage", {
-        "type": "object", "required": ["items"],
-        "properties": {"items": {"type": "array", "items": NOTIFICATION}}})
+        "type": "object", "required": ["items", "missed"],
+        "properties": {
+            "items": {"type": "array", "items": NOTIFICATION},
+            "missed": {"type": "boolean", "description": MISSED_DESCRIPTION + ", and go on "
+                       "after its `id` (a page asked after this one's last id does not tell it "
+                       "again)"}}})
+    api.spec.components.schema(MISSED_TYPE, {
+        "type": "object", "required": ["type"],
+        "description": "What the notification socket sends before the notifications it goes on "
+                       "with, once, when it would have skipped some: " + MISSED_DESCRIPTION
+                       + "; the socket goes on by itself.",
+        "properties": {"type": {"type": "string", "enum": [MISSED_TYPE]}}})

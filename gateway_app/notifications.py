@@ -39,8 +39,9 @@ from wsproto.utilities import LocalProtocolError, ProtocolError
 
 from gateway_app import tokens
 from gateway_app.auth import RATE_LIMITER, SIGNED_IN_ERRORS, TOKEN_EXPIRED, BearerRefused
-from gateway_app.models import Notification
-from gateway_app.notification_document import NOTIFICATION_ID_FORMAT, NOTIFICATION_PAGE
+from gateway_app.models import Notification, NotificationPruneMark
+from gateway_app.notification_document import (NOTIFICATION_ID_FORMAT, NOTIFICATION_PAGE,
+                                                NOTIFICATIONS_MISSED)
 from gateway_app.ratelimit import RateLimited, client_address
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out
 from gateway_app.socket_document import document_socket
@@ -236,17 +237,49 @@ class NotificationQuerySchema(Schema):
 
 class NewestNotificationSchema(Schema):
     id = fields.Integer(required=True, metadata={
-        **NOTIFICATION_ID_FORMAT, "description": "The newest notification's id, 0 for none"})
+        **NOTIFICATION_ID_FORMAT,
+        "description": "The newest notification's id, 0 for none (one pruned since counts: a "
+                       "page going on after it is not told that it missed notifications)"})
 
 
-def notifications_after(user_id: str, after: int, limit: int) -> list[dict]:
-    rows = db.session.scalars(
-        select(Notification)
+@dataclasses.dataclass(frozen=True)
+class CatchUp:
+    """A page of a user's notifications after an id, oldest first, and the newest id of theirs
+    that retention pruned after that id (`missed_through`, None when none was): those, the
+    reader of the page never gets."""
+
+    items: list[dict]
+    missed_through: int | None
+
+
+def _pruned_through(user_id: str):
+    """The user's prune mark (NotificationPruneMark), NULL for none, as a scalar subquery."""
+    return (select(NotificationPruneMark.pruned_through)
+            .where(NotificationPruneMark.user_id == user_id).scalar_subquery())
+
+
+def catch_up(user_id: str, after: int, limit: int) -> CatchUp:
+    """The user's notifications after `after`, `limit` at most, and whether some after it were
+    pruned. Ids are not dense (a transaction rolled back takes ids it never keeps), so a gap is
+    told by the ids pruned (the user's prune mark), never by the kept ones' numbers. The mark
+    is read in the statement that reads the page, as of one snapshot: a prune committed between
+    two reads would have left a page short with a mark read before it. (With no page, it is read
+    after: a user's notification newer than `after` committed and pruned since the first read
+    would be one made 30 days ago.)"""
+    rows = db.session.execute(
+        select(Notification, _pruned_through(user_id))
         .where(Notification.user_id == user_id, Notification.id > after)
         .order_by(Notification.id)
         .limit(limit)
     ).all()
-    return [row.to_json() for row in rows]
+    mark = rows[0][1] if rows else db.session.scalar(select(_pruned_through(user_id)))
+    return CatchUp(items=[row.to_json() for row, _ in rows],
+                   missed_through=mark if mark is not None and mark > after else None)
+
+
+def notifications_after(user_id: str, after: int, limit: int) -> list[dict]:
+    """The user's notifications after `after`, `limit` at most, oldest first."""
+    return catch_up(user_id, after, limit).items
 
 
 @blueprint.get("")
@@ -258,11 +291,17 @@ def list_notifications(args):
     A page holds `limit` of them at most (1–500, 100 unless given), and no cursor: for the next
     page, ask again with `after` the last one's `id`. A page of fewer than `limit` is the last,
     for now.
+
+    `missed` is true when some of the user's notifications after `after` were pruned (kept 30
+    days: NOTIFICATION_RETENTION_SECONDS) before they were read: the items are what is left, and
+    a state built from notifications has skipped some. Read the whole state again (the orders,
+    the balance), having read `GET /api/notifications/newest` first, and go on after its `id`.
     """
+    page = catch_up(g.user_id, args["after"], args["limit"])
     # Written as the socket and the publish write them: a number in a payload (a replayed one's
     # amount of 10.50, say) as the number it is, where the app's JSON writes a Decimal as text.
     return current_app.response_class(
-        dumps_exact({"items": notifications_after(g.user_id, args["after"], args["limit"])}),
+        dumps_exact({"items": page.items, "missed": page.missed_through is not None}),
         mimetype="application/json")
 
 
@@ -279,9 +318,11 @@ AFTER_THE_NEWEST_LINKS = {
 @blueprint.get("/newest")
 @blueprint.response(200, NewestNotificationSchema, links=AFTER_THE_NEWEST_LINKS)
 def newest_notification():
-    """The id of the newest notification kept now (0 for none): a page reads it before it reads
-    the orders, then asks the socket for everything `after` it, so no status change falls between
-    the two reads however many notifications the user already has."""
+    """The id of the newest notification (0 for none): a page reads it before it reads the
+    orders, then asks the socket for everything `after` it, so no status change falls between
+    the two reads however many notifications the user already has. One pruned since counts, as
+    when all of the user's have been: going on after an older id, the page would be told, for
+    ever, that it missed them."""
     return jsonify({"id": newest_notification_id(g.user_id)})
 
 
@@ -388,11 +429,13 @@ def register_socket(app, authenticate, redeem) -> None:
     before open it): a WebSocket of the user's notifications. `redeem` takes a ticket
     (POST /api/notifications/tickets) for its token, `authenticate` a token. With `after`, first
     everything newer than that id, then each one live; without it, each one kept from the moment
-    the handshake is answered. The socket is closed with 1008 when the ticket or token is refused,
-    when `after` is no notification id and when the token expires; with 1013 (try again later)
-    past the user's rate limit or its socket limits, or its address's; with 1011 when Redis or
-    the database fails it, or the gateway does (logged), or its page leaves a ping unanswered
-    (SOCKET_PONG_SECONDS). A handshake past its address's limit of handshakes is answered 429
+    the handshake is answered. Where some after the id it goes on from were pruned, it sends
+    NOTIFICATIONS_MISSED first (once for them), and goes on after the newest pruned. The socket
+    is closed with 1008 when the ticket or token is refused, when `after` is no notification id
+    and when the token expires; with 1013 (try again later) past the user's rate limit or its
+    socket limits, or its address's; with 1011 when Redis or the database fails it, or the
+    gateway does (logged), or its page leaves a ping unanswered (SOCKET_PONG_SECONDS). A
+    handshake past its address's limit of handshakes is answered 429
     instead, not upgraded."""
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": SOCKET_MAX_MESSAGE_BYTES}
     sock = Sock(app)
@@ -757,36 +800,54 @@ def ping_the_page(ws) -> None:
 
 
 def _send_newer(ws, user_id: str, last_sent: int) -> tuple[int, bool]:
-    """Send a page (REPLAY_LIMIT) of the user's notifications after `last_sent`, oldest first;
-    returns the last id sent, and whether there may be more. A long catch-up goes a page at a
-    time, the token read again before each: sent to a page that reads slowly, it can take days,
-    and the socket of a token signed out or expired meanwhile would have streamed on to the end
-    of the table, whatever was kept as it went."""
-    items = notifications_after(user_id, last_sent, REPLAY_LIMIT)
+    """Send a page (REPLAY_LIMIT) of the user's notifications after `last_sent`, oldest first,
+    and before them NOTIFICATIONS_MISSED where some after `last_sent` were pruned; returns the
+    id the stream goes on after (the last sent, or the newest pruned if newer: told once), and
+    whether there may be more. A long catch-up goes a page at a time, the token read again
+    before each: sent to a page that reads slowly, it can take days, and the socket of a token
+    signed out or expired meanwhile would have streamed on to the end of the table, whatever was
+    kept as it went."""
+    page = catch_up(user_id, last_sent, REPLAY_LIMIT)
     db.session.rollback()  # the socket stays open for long: hold no connection between reads
-    for item in items:
+    if page.missed_through is not None:
+        ws.send(dumps_exact(NOTIFICATIONS_MISSED))
+    for item in page.items:
         ws.send(dumps_exact(item))
         last_sent = item["id"]
-    return last_sent, len(items) == REPLAY_LIMIT
+    return max(last_sent, page.missed_through or 0), len(page.items) == REPLAY_LIMIT
 
 
 def prune_old_notifications(session: Session, cutoff: datetime, limit: int) -> int:
     """Delete notifications kept since before `cutoff`, up to `limit` of the oldest; returns how
     many (the caller repeats, a transaction each, until fewer than `limit`). The oldest by id are
     the oldest kept (ids are taken as they are added): no index of when they were added is
-    needed, and a run that reaches a newer one among them stops there."""
-    return session.execute(_PRUNE, {"cutoff": cutoff, "limit": limit}).rowcount
+    needed, and a run that reaches a newer one among them stops there. Each user's prune mark
+    is moved on to the newest id of theirs deleted, in the same statement: a catch-up from
+    before it is told that it missed some (catch_up)."""
+    return session.execute(_PRUNE, {"cutoff": cutoff, "limit": limit}).scalar_one()
 
 
+# The marks are written in user order, as their locks are taken: two runs at once (beat's next
+# while one is slow) do not wait for each other in a circle. A mark never moves back.
 _PRUNE = text("""
-DELETE FROM notifications
-WHERE id = ANY(ARRAY(SELECT id FROM notifications ORDER BY id LIMIT :limit))
-  AND created_at < :cutoff""")
+WITH pruned AS (
+  DELETE FROM notifications
+  WHERE id = ANY(ARRAY(SELECT id FROM notifications ORDER BY id LIMIT :limit))
+    AND created_at < :cutoff
+  RETURNING user_id, id),
+marked AS (
+  INSERT INTO notification_prune_marks (user_id, pruned_through)
+  SELECT user_id, max(id) FROM pruned GROUP BY user_id ORDER BY user_id
+  ON CONFLICT (user_id) DO UPDATE SET pruned_through = GREATEST(
+    notification_prune_marks.pruned_through, EXCLUDED.pruned_through))
+SELECT count(*) FROM pruned""")
 
 
 def newest_notification_id(user_id: str) -> int:
-    """The id of the user's newest notification kept now (0 for none)."""
-    newest = db.session.scalar(select(func.max(Notification.id))
-                               .where(Notification.user_id == user_id))
+    """The id of the user's newest notification, kept now or pruned (0 for none)."""
+    newest = db.session.scalar(select(func.greatest(
+        select(func.max(Notification.id)).where(Notification.user_id == user_id)
+        .scalar_subquery(),
+        _pruned_through(user_id))))
     db.session.rollback()
     return newest or 0

@@ -4,7 +4,8 @@ instead of switching protocols, and what the socket then carries."""
 
 from __future__ import annotations
 
-from gateway_app.notification_document import NOTIFICATION_ID_FORMAT
+from gateway_app.notification_document import (NOTIFICATION, NOTIFICATION_ID_FORMAT,
+                                                NOTIFICATIONS_MISSED_SCHEMA)
 from shared.documented_errors import (BODY_TOO_LARGE, DATABASE_UNAVAILABLE_OR_BUSY, RETRY_AFTER,
                                       SEC_WEBSOCKET_VERSION, UPGRADE, DocumentedError,
                                       openapi_error_responses)
@@ -28,7 +29,11 @@ _DESCRIPTION = """\
 Open with a WebSocket handshake. Each message the socket then sends is one notification, JSON, as
 `GET /api/notifications` lists them (`Notification`): with `after`, first every one newer than
 that id, then each one as it happens; without it, each one from the moment the handshake is
-answered. The page sends nothing: what it sends is read and dropped, but for a message too
+answered. Where some notifications after the id it goes on from were pruned before it sent
+them (the page was away longer than they are kept: NOTIFICATION_RETENTION_SECONDS, 30 days
+unless set), it first sends `{{"type": "NotificationsMissed"}}` (`NotificationsMissed`, with no
+`id`), once for them, then what is left: read the whole state again (the orders, the balance).
+The page sends nothing: what it sends is read and dropped, but for a message too
 long (1009, below). A socket that has sent nothing for {ping_seconds:g} s sends a WebSocket ping (a
 control frame, no message), which a browser answers with a pong by itself, as any client
 following RFC 6455 does: a proxy on the way that closes a connection quiet for a while (nginx's
@@ -76,6 +81,9 @@ def document_socket(api, rule, max_message: int, ping_seconds: float,
         "description": _DESCRIPTION.format(max_message=max_message, ping_seconds=ping_seconds,
                                            pong_seconds=pong_seconds),
         "security": [],  # (its ticket, or its token, is a query parameter)
+        # Each message the socket sends, as a schema (OpenAPI has no word for a socket's
+        # messages: an extension's).
+        "x-socket-messages": {"oneOf": [NOTIFICATION, NOTIFICATIONS_MISSED_SCHEMA]},
         "parameters": [
             {"name": "ticket", "in": "query", "required": False,
              "description": "A ticket from `POST /api/notifications/tickets`: good for one "

@@ -2833,7 +2833,7 @@ def test_a_socket_whose_stream_fails_is_closed_with_1011_for_the_page_to_reconne
         def failing(*args, **kwargs):
             raise failure
 
-        monkeypatch.setattr(notifications, "notifications_after", failing)
+        monkeypatch.setattr(notifications, "catch_up", failing)
         wait_for(socket.closing.is_set, timeout=10, what="the socket to close")
         assert socket.close_reason == 1011
 
