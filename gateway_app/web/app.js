@@ -1260,6 +1260,10 @@
   }
 
   async function onNotification(notification) {
+    if (notification && notification.type === "NotificationsMissed") {
+      onNotificationsMissed();
+      return;
+    }
     if (typeof notification.id !== "number" || notification.id <= lastNotificationId) return;
     lastNotificationId = notification.id;
     if (notification.type !== "OrderStatusChanged") return;
@@ -1284,6 +1288,22 @@
       return;
     }
     refreshBalance().catch(backgroundReadFailed);  // a FINISHED order has just been paid
+  }
+
+  // The gateway pruned notifications after the id the socket was opened after (kept 30 days): any
+  // order shown, and the balance, may have changed unheard of. Read as at the shop's load: the
+  // newest notification's id first (pruned ones count: a socket opened after it again is not told
+  // again), then the first page of orders, the list started again from it (no order listed
+  // before is taken as read since: those below it go, Show older orders reads them again), and
+  // the balance. The socket goes on by itself with what was kept.
+  async function onNotificationsMissed() {
+    listed.clear();
+    try {
+      await catchUpNotificationId();
+    } catch (error) {
+      backgroundReadFailed(error);
+    }
+    (await readOrdersAndBalance()).forEach(backgroundReadFailed);
   }
 
   // Reads the first page of orders, or joins the read in flight, which then reads again: an order

@@ -21,9 +21,12 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from simple_websocket import ConnectionClosed
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 from wsproto.frame_protocol import CloseReason
 
 from devstack.stack import API_WORKERS, REPO_ROOT
+from gateway_app import notifications
 from gateway_app.notifications import SOCKETS_PER_USER
 from tests.e2e.gateway_client import GatewayClient, Listener
 from tests.e2e.page_clock import rounding_ms, speed_up_the_pages_clock
@@ -1039,6 +1042,83 @@ def test_a_page_whose_socket_is_refused_reads_its_orders_itself_until_one_works(
     assert all(later - earlier >= POLL_SOONEST * 1000 - rounding_ms(CLOCK_SPEEDUP)
                for earlier, later in zip(listed, listed[1:])), listed
 
+
+
+# Played by the browser itself: the page's requests for a socket ticket, held on their way while
+# the test says so (_held_while_told): the page has no socket meanwhile, as on a network away.
+TICKETS_HELD = _held_while_told("Tickets", 'path === "/api/notifications/tickets"')
+
+
+def _prune_notifications_through(gateway_db, last: int) -> None:
+    """Retention run on the shop's gateway database with every notification up to the id `last`
+    (anyone's) past it, as beat's run would find them 30 days on."""
+    with Session(gateway_db) as session, session.begin():
+        session.execute(text("UPDATE notifications SET created_at = now() - interval '31 days'"
+                             " WHERE id <= :last"), {"last": last})
+        cutoff = session.scalar(text("SELECT now() - interval '30 days'"))
+        assert notifications.prune_old_notifications(session, cutoff, 1_000_000) >= 1
+
+
+def test_a_page_told_it_missed_pruned_notifications_reads_its_state_again(stack, browser,
+                                                                          gateway_db):
+    """The page's socket away (its tickets held), an order placed elsewhere is paid, and its
+    notification pruned before the socket is back: the socket, opened after an id older than the
+    one pruned, says NotificationsMissed first, and the page reads the newest id, then its orders
+    and balance again at once (before, it went on from what was left as if nothing was missing).
+    Its next socket, opened after that newest id, is not told again."""
+    page, elsewhere = _shopper_with_100_on_the_page(stack, browser, READS_AND_SOCKETS_RECORDED,
+                                                    TICKETS_HELD)
+    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
+                    what="the page's socket open")
+
+    def recorded() -> tuple[list[dict], list[dict]]:
+        return browser.execute_script("return [window.hseshopSockets, window.hseshopReads];")
+
+    browser.execute_script("window.hseshopTicketsHeld = true;"
+                           " window.dispatchEvent(new Event('online'));")  # (its socket closed)
+    page.wait_until(lambda: browser.execute_script("return window.hseshopTicketsHeldCount;"),
+                    what="the next socket's ticket held")
+    order = elsewhere.place_order("30")["id"]
+    elsewhere.wait_until_final(order)
+    with gateway_db.connect() as connection:
+        paid = wait_for(lambda: connection.execute(text(
+            "SELECT max(id) FROM notifications WHERE user_id = :user"),
+            {"user": elsewhere.user_id}).scalar(), timeout=LIVE_DEADLINE,
+            what="the paid order's notification kept")
+    _prune_notifications_through(gateway_db, paid)
+
+    sockets_before = len(recorded()[0])
+    browser.execute_script("window.hseshopLetTicketsGo();")
+    told_at = page.wait_until(lambda: next((socket["messages"][0] for socket in
+                                            recorded()[0][sockets_before:]
+                                            if socket["messages"]), None),
+                              timeout=LIVE_DEADLINE, what="the new socket's first message")
+
+    def read_again() -> bool:
+        """Whether the page, told, has read the newest id, then its orders and balance."""
+        reads = [read for read in recorded()[1] if read["at"] >= told_at]
+        newest = [read["at"] for read in reads if read["path"] == "/api/notifications/newest"]
+        return bool(newest) and all(
+            any(read["path"] == path and read["at"] >= newest[0] for read in reads)
+            for path in ("/api/orders", "/api/accounts/balance"))
+    page.wait_until(read_again, timeout=PAGE_DEADLINE,
+                    what="the newest id, then the orders and the balance, read again")
+    page.wait_for_status(order, "FINISHED")
+    page.wait_until(lambda: page.text("balance") == "70.00", what="the balance it left")
+
+    newest_reads = len([read for read in recorded()[1]
+                        if read["path"] == "/api/notifications/newest"])
+    sockets_before = len(recorded()[0])
+    browser.execute_script("window.dispatchEvent(new Event('online'));")  # its next socket
+    page.wait_until(lambda: any(socket["opened"] for socket in recorded()[0][sockets_before:]),
+                    timeout=LIVE_DEADLINE, what="the next socket open")
+    later = elsewhere.place_order("20")["id"]
+    page.wait_for_status(later, "FINISHED")
+    sockets, reads = recorded()
+    assert [len(socket["messages"]) for socket in sockets[sockets_before:]
+            if socket["opened"]] == [1], sockets  # the new order's notification alone
+    assert len([read for read in reads
+                if read["path"] == "/api/notifications/newest"]) == newest_reads, reads
 
 
 # Played by the browser itself, over READS_AND_SOCKETS_RECORDED: once armed
