@@ -9,7 +9,8 @@ more than the ping did:
 - A worker renews it from a timer of the consumer's event loop (with the Redis broker the worker
   runs one: its timers fire from the loop that reads the queues). A worker that lost Redis (its
   consumer's steps stopped while it reconnects) removes the file at once; a loop that is stuck
-  leaves it to age.
+  leaves it to age, and so does a worker with an inbox handler task hung (tasks/hung_tasks.py:
+  the worker ends for it within a second or so; the file is not renewed meanwhile).
 - Beat renews it at the end of each pass of its scheduler (`tick`, which sends what is due), while
   it reaches Redis. Beat is no worker: its signs of life are that its scheduler goes round and
   that what it sends reaches Redis. It ticks whenever an entry of its schedule is due, and at
@@ -35,6 +36,7 @@ from click import Option
 
 from shared.celery_settings import ALIVE_FILE_RENEW_EVERY_SECONDS
 from shared.task_queues import redis_reached
+from tasks.hung_tasks import a_task_hung
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,14 @@ class AliveFileStep(bootsteps.StartStopStep):
 
     def start(self, c) -> None:
         self.file.renew()
-        self.renewal = c.timer.call_repeatedly(ALIVE_FILE_RENEW_EVERY_SECONDS, self.file.renew)
+        self.renewal = c.timer.call_repeatedly(ALIVE_FILE_RENEW_EVERY_SECONDS,
+                                               self._renew_unless_hung)
+
+    def _renew_unless_hung(self) -> None:
+        # The event loop goes round whatever the pool's threads do: a handler task hung is no
+        # sign of life (the worker ends for it: tasks/hung_tasks.py).
+        if not a_task_hung():
+            self.file.renew()
 
     def stop(self, c) -> None:
         if self.renewal is not None:

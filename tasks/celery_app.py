@@ -1,6 +1,6 @@
-"""The one Celery app, configured from `celeryconfig`, with the inbox consumer and the relays' stop
-as worker steps, and the alive file for a worker's healthcheck as a consumer step (beat's scheduler,
-tasks/beat.py, renews its own)."""
+"""The one Celery app, configured from `celeryconfig`, with the inbox consumer, the relays' stop and
+the watch over hung handler tasks as worker steps, and the alive file for a worker's healthcheck as
+a consumer step (beat's scheduler, tasks/beat.py, renews its own)."""
 
 import logging
 import sys
@@ -14,6 +14,7 @@ from shared.config import SERVICES
 from shared.request_context import log_with_request_ids
 from tasks import redis_transport
 from tasks.alive import AliveFileStep, beat_alive_file_option, worker_alive_file_option
+from tasks.hung_tasks import hung_task_seconds_option
 
 
 class _AMQP(AMQP):
@@ -38,6 +39,7 @@ app.user_options["worker"].add(
     )
 )
 app.user_options["worker"].add(worker_alive_file_option())
+app.user_options["worker"].add(hung_task_seconds_option())
 app.user_options["beat"].add(beat_alive_file_option())
 
 
@@ -47,6 +49,7 @@ app.user_options["beat"].add(beat_alive_file_option())
 # tasks.relay` first (a test, a script) would ask tasks.relay for a step it had not yet defined.
 app.steps["worker"].add("tasks.consumer:InboxConsumerStep")
 app.steps["worker"].add("tasks.relay:StopLeadingStep")
+app.steps["worker"].add("tasks.hung_tasks:HungTaskWatchStep")
 app.steps["consumer"].add(AliveFileStep)
 
 

@@ -6,7 +6,9 @@ not subscribe or close, or rewind a partition: shared.inbox_consumer.CannotRewin
 running tasks while its service's messages pile up unread, and its healthcheck, the age of a file
 the worker's event loop renews (tasks/alive.py), would not tell. So it stops instead, with exit
 code 70 (EX_SOFTWARE), for its supervisor (compose's `restart: unless-stopped`) to start it
-again."""
+again: a warm shutdown, which waits for the tasks running; should it not end within
+WARM_STOP_GRACE_SECONDS (a task hung on its thread holds it for ever), the process ends hard, with
+the same code."""
 
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from celery import bootsteps
 from celery.worker import state as worker_state
 
 from shared.config import get_settings
-from shared.db import driver_dsn
+from shared.db import STATEMENT_TIMEOUT_SECONDS, driver_dsn
 from shared.inbox_consumer import InboxConsumer, StoreOnOwnConnection
 from shared.kafka import build_consumer, ensure_topics
+from tasks.hung_tasks import end_hard
 from tasks.services import service_app, service_package
 
 log = logging.getLogger(__name__)
@@ -70,10 +73,31 @@ class InboxConsumerStep(bootsteps.StartStopStep):
                 stop_the_worker(EX_SOFTWARE)
 
 
-def stop_the_worker(exit_code: int) -> None:
+# How long a warm shutdown asked here may take before the process ends hard: the tasks running
+# finish within a statement's time (shared.db's STATEMENT_TIMEOUT_SECONDS), the relay within its
+# wait; 30 s more for the rest. (Ending hard loses nothing the sweeper does not make good: tasks
+# are acknowledged as taken, a transaction in flight rolls back.)
+WARM_STOP_GRACE_SECONDS = STATEMENT_TIMEOUT_SECONDS + 30
+
+
+def stop_the_worker(exit_code: int,
+                    grace_seconds: float = WARM_STOP_GRACE_SECONDS) -> threading.Timer:
     """Ask the worker for a warm shutdown ending with `exit_code`, from any thread: the flag a
-    SIGTERM sets, which the worker's main loop checks at every turn."""
+    SIGTERM sets, which the worker's main loop checks at every turn; and end the process hard with
+    that code should it still run `grace_seconds` on (the pool's stop waits for its threads, and a
+    hung one never ends). Returns the timer that will (for a test to cancel)."""
     worker_state.should_stop = exit_code
+    timer = threading.Timer(grace_seconds, _end_hard_after_grace, args=(exit_code, grace_seconds))
+    timer.daemon = True  # (a shutdown that ends ends the process, the timer with it)
+    timer.name = "warm-stop-grace"
+    timer.start()
+    return timer
+
+
+def _end_hard_after_grace(exit_code: int, grace_seconds: float) -> None:
+    log.critical("the worker's warm shutdown has not ended within %g s (a task hung?): ending"
+                 " the process (exit code %d)", grace_seconds, exit_code)
+    end_hard(exit_code)
 
 
 def build_inbox_consumer(service: str) -> tuple[InboxConsumer, StoreOnOwnConnection]:

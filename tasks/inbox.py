@@ -75,8 +75,10 @@ def retry_countdown(retries: int, sweep_min_age_seconds: float) -> float:
                                  sweep_min_age_seconds / 2))
 
 
+# (max_retries: the inbox row counts the attempts and parks the message at the limit;
+# watched_for_hangs: the worker ends should it hang, tasks/hung_tasks.py.)
 @app.task(name="hseshop.handle_inbox_message", base=ServiceTask, bind=True, ignore_result=True,
-          max_retries=None)  # the inbox row counts the attempts and parks the message at the limit
+          max_retries=None, watched_for_hangs=True)
 def handle_inbox_message(self, service: str, message_id: str) -> str:
     """Handle one stored message, its try noted as begun first (note_try_begun); a try that fails
     is recorded and retried with backoff, unless the message is parked, or another goes on with it
@@ -229,7 +231,8 @@ class BatchCutOff(Exception):
 
 
 @app.task(name="hseshop.handle_inbox_batch", base=ServiceTask, bind=True, ignore_result=True,
-          max_retries=None)  # (retried only while its database is away)
+          max_retries=None,  # (retried only while its database is away)
+          watched_for_hangs=True)  # (tasks/hung_tasks.py)
 def handle_inbox_batch(self, service: str, message_ids: list[str],
                        tries_lost_once_connected: int = 0,
                        lost_under: dict[str, int] | None = None) -> int:

@@ -10,7 +10,10 @@ after the message id and the part:
 - `<id>.ends-its-session-once`: the first time the message is handled alone, its handler ends its
   own database session, once (a backend killed, the database there again at once);
 - `<id>.ends-its-session`: every try of the message ends its own database session, as a handler
-  that crashes its backend, or hangs until PostgreSQL ends it, would.
+  that crashes its backend, or hangs until PostgreSQL ends it, would;
+- `<id>.hangs`: every try of the message says so by a file `<id>.hanging`, then hangs in Python,
+  outside any SQL statement (an endless loop), for HANGS_AT_MOST_SECONDS: until the worker's
+  watch over hung tasks ends the process.
 
 Run as Celery is: `python -m tests.payments_worker_with_test_handlers -A tasks worker ...`."""
 
@@ -29,6 +32,8 @@ from shared.contracts import PAYMENT_REQUESTED
 
 # How long a handler waits for the test's word before it goes on regardless.
 WAITS_AT_MOST_SECONDS = 60.0
+# How long a handler told to hang does (a worker left by a failed test does not hang for ever).
+HANGS_AT_MOST_SECONDS = 300.0
 
 
 def _with_the_tests_parts(take_payments, directory: Path):
@@ -46,6 +51,11 @@ def _with_the_tests_parts(take_payments, directory: Path):
     def handler(session, events):
         for event in events:
             message_id = str(event.message.message_id)
+            if (directory / f"{message_id}.hangs").exists():
+                (directory / f"{message_id}.hanging").touch()
+                deadline = time.monotonic() + HANGS_AT_MOST_SECONDS
+                while time.monotonic() < deadline:
+                    time.sleep(0.05)
             if (directory / f"{message_id}.ends-its-session").exists():
                 session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
             if len(events) == 1 and first_time(message_id, "ends-its-session-once"):

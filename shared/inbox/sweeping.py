@@ -72,8 +72,8 @@ def claim_stalled_messages(session: Session, min_age: timedelta, max_attempts: i
 
     With `max_attempts` given, a try that began (a task of the message's own notes it:
     note_try_begun) and never ended counts as an attempt, once: its handling crashed its worker
-    (or hung it until PostgreSQL ended the transaction, shared.db's SESSION_LIMITS) and recorded
-    no failure, and would otherwise be handed over, and crash a worker, every sweep for ever. One
+    (or hung it, and the worker ended itself for it: tasks/hung_tasks.py) and recorded no
+    failure, and would otherwise be handed over, and crash a worker, every sweep for ever. One
     that reaches `max_attempts` so is parked instead (and not returned), its last error kept, and
     said once the caller's transaction has committed.
     Nothing else is counted: a task that never began may wait in a worker's memory yet (taken

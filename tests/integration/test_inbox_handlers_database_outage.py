@@ -7,7 +7,7 @@ database is back. Where the connection was lost decides the rest: under a handle
 retried whole, that message in it, unless the connection was lost under it before (the handler may
 end its own session: that message is parked in the end), when it goes alone and the rest of the
 batch stays whole; lost again and again once made, outside any handler, the batch is split after a
-few tries.
+few tries. And a handler that hangs outside the database ends its worker, hard, its try counted.
 
 No beat runs here: nothing but the worker's own tasks handles the batch, and the test sweeps."""
 
@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from shared.db import driver_dsn, transaction
 from shared.inbox.storing import ConsumedRecord
 from shared.task_queues import handler_queue
 from tasks.celery_app import app as celery_app
+from tasks.hung_tasks import HUNG_TASK_EXIT_CODE
 from tasks.inbox import (TRIES_LOST_ONCE_CONNECTED_LIMIT, handle_inbox_batch, handle_inbox_message,
                          sweep_inbox)
 from tasks.services import service_app
@@ -48,6 +50,8 @@ USERS, REQUESTS_EACH = 5, 10
 # some ten times.
 REFUSED_DURING_THE_OUTAGE = 20
 LOST = "lost its database connection"
+# The bound past which the worker takes a handler task for hung, in the test of one that hangs.
+HUNG_AFTER_SECONDS = 3
 WARNING_OR_WORSE = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) ")
 
 
@@ -66,6 +70,7 @@ class WorkerLog:
     def __init__(self, path: Path):
         self.path = path
         self._mark = 0
+        self.worker: subprocess.Popen | None = None  # (the worker writing it)
 
     def mark(self) -> None:
         self._mark = len(self.path.read_bytes())
@@ -76,12 +81,14 @@ class WorkerLog:
 
 @contextmanager
 def _payments_worker(settings, database: SilencingProxy | None, tmp_path: Path,
-                     test_parts: Path | None = None) -> Iterator[WorkerLog]:
+                     test_parts: Path | None = None,
+                     options: tuple[str, ...] = ()) -> Iterator[WorkerLog]:
     """A payments worker taking the handlers' queue, reaching its database through `database`
     (or straight: the proxy does not pass on a connection the server closes, and a worker behind
     it would wait for ever on a session ended from the server's side); with `test_parts`, its
     handler plays the parts the test gives messages there
-    (tests/payments_worker_with_test_handlers.py)."""
+    (tests/payments_worker_with_test_handlers.py); started with the worker `options` besides.
+    The log's `worker` is its process."""
     _purge()
     url = make_url(settings.database_url("payments"))
     if database is not None:
@@ -96,10 +103,12 @@ def _payments_worker(settings, database: SilencingProxy | None, tmp_path: Path,
         worker = start_child(
             [sys.executable, "-m", module, "-A", "tasks", "worker", "-Q", QUEUE,
              "-n", f"outage-{uuid.uuid4().hex[:8]}@localhost", "-P", "threads", "-c", "16",
-             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"],
+             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
+             *options],
             cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
             stderr=subprocess.STDOUT)
     try:
+        log.worker = worker
         wait_for(lambda: " ready." in log.path.read_text(), timeout=60,
                  what="the worker to start")
         yield log
@@ -365,6 +374,53 @@ def test_a_message_whose_handler_ends_its_own_session_is_parked_and_its_batch_ha
     assert attempts == settings.inbox_max_attempts
     assert "connection was lost while the handler" in last_error
     assert not any("retrying each in a task" in line for line in said)
+
+
+def test_a_handler_that_hangs_ends_its_worker_hard_and_its_try_counts(
+        settings, payments_inbox, user_id, tmp_path):
+    """A handler that hangs in Python, outside any SQL statement, would keep its thread for good
+    (Celery times no thread out), and the sweeper would hand its message to task after task, each
+    holding another. The worker's watch finds the task past its bound (shortened here) and ends
+    the worker at once, hard (no warm shutdown waiting for the thread), saying which task and
+    message; the try, noted as begun and never ended, counts as an attempt when the sweeper hands
+    the message over, and the message is parked once such tries reach INBOX_MAX_ATTEMPTS (here its
+    last: the tries before as though lost so too)."""
+    users = [f"{user_id}-0"]
+    _accounts_of(users)
+    records, _ = _payment_requests(users, 1)
+    hangs = _message_id_of(records[0])
+    parts = _test_parts(tmp_path, {hangs: "hangs"})
+    (message_id,) = payments_inbox(records)
+    assert message_id == hangs
+    _query(settings, "UPDATE inbox_messages SET attempts = %s WHERE message_id = %s"
+                     " RETURNING message_id", settings.inbox_max_attempts - 1, str(hangs))
+    with _payments_worker(settings, None, tmp_path, parts,
+                          options=("--hung-task-seconds", str(HUNG_AFTER_SECONDS))) as log:
+        handle_inbox_message.apply_async(("payments", str(hangs)))
+        wait_for((parts / f"{hangs}.hanging").exists, timeout=30,
+                 what="the message's handler to hang")
+        began = time.monotonic()
+        exit_code = log.worker.wait(timeout=HUNG_AFTER_SECONDS + 30)
+        ended_after = time.monotonic() - began
+        said = log.path.read_text().splitlines()
+
+    assert exit_code == HUNG_TASK_EXIT_CODE
+    assert ended_after < HUNG_AFTER_SECONDS + 10
+    (critical,) = [line for line in said if " CRITICAL " in line]
+    assert "hseshop.handle_inbox_message[" in critical
+    assert f"payments message(s) {hangs}" in critical
+    assert f"past the {HUNG_AFTER_SECONDS} s a handler task may: hung" in critical
+    ((try_open,),) = _query(settings, "SELECT try_open FROM inbox_messages WHERE message_id = %s",
+                            str(hangs))
+    assert try_open  # (begun, never ended)
+
+    time.sleep(settings.inbox_sweep_min_age_seconds + 0.5)
+    assert sweep_inbox.apply(args=("payments",)).get() == 0  # (parked, not handed over)
+    ((attempts, parked, last_error),) = _query(
+        settings, "SELECT attempts, parked_at IS NOT NULL, last_error FROM inbox_messages"
+                  " WHERE message_id = %s", str(hangs))
+    assert (attempts, parked) == (settings.inbox_max_attempts, True)
+    assert "may crash or hang the worker" in last_error
 
 
 @contextmanager

@@ -1,7 +1,12 @@
 """The worker step that runs a service's inbox consumer: a consumer thread that ends on its own
 stops the worker (pure logic: a stand-in Kafka consumer, the worker's stop flag caught)."""
 
+import subprocess
+import sys
+import textwrap
 import threading
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +15,8 @@ from os import EX_SOFTWARE
 from shared.inbox_consumer import InboxConsumer
 from tasks import consumer as consumer_step
 from tests.polling import wait_for
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class _KafkaConsumer:
@@ -100,7 +107,7 @@ def test_stopping_the_worker_sets_the_flag_its_main_loop_checks(monkeypatch):
     from celery.worker import state
 
     monkeypatch.setattr(state, "should_stop", None)
-    consumer_step.stop_the_worker(EX_SOFTWARE)
+    consumer_step.stop_the_worker(EX_SOFTWARE).cancel()  # (its hard end would end pytest)
     with pytest.raises(WorkerShutdown) as raised:
         state.maybe_shutdown()
     assert raised.value.code == EX_SOFTWARE
@@ -123,3 +130,25 @@ def test_the_answers_to_the_consumers_offset_commits_reach_it(monkeypatch):
                         lambda error, partitions: answers.append((error, partitions)))
     made["on_commit"]("an error", ["partitions"])
     assert answers == [("an error", ["partitions"])]
+
+
+def test_a_warm_shutdown_that_does_not_end_within_its_grace_ends_the_process_hard():
+    """A worker whose consumer ended asks a warm shutdown, which waits for the pool's threads: one
+    hung holds it for ever (as a thread never joined does here). Within the grace the process ends
+    all the same, with the code asked, saying why."""
+    script = textwrap.dedent("""
+        import logging, threading
+        logging.basicConfig(level=logging.INFO)
+        from tasks.consumer import stop_the_worker
+        hung = threading.Thread(target=threading.Event().wait)  # (not a daemon: joined at exit)
+        hung.start()
+        stop_the_worker(70, grace_seconds=0.5)
+        hung.join()
+    """)
+    began = time.monotonic()
+    ended = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=30)
+    assert ended.returncode == EX_SOFTWARE, ended.stderr
+    assert time.monotonic() - began < 20
+    assert ("CRITICAL:tasks.consumer:the worker's warm shutdown has not ended within 0.5 s"
+            in ended.stderr)
