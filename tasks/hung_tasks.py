@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from celery import bootsteps
 from celery.signals import task_postrun, task_prerun
-from click import Option
+from click import FloatRange, Option
 
 from shared.db import IDLE_IN_TRANSACTION_TIMEOUT_SECONDS, STATEMENT_TIMEOUT_SECONDS
 
@@ -123,7 +123,7 @@ def described_arguments(args) -> str:
 
 
 def hung_task_seconds_option() -> Option:
-    return Option(["--hung-task-seconds"], type=float, default=HUNG_AFTER_SECONDS,
+    return Option(["--hung-task-seconds"], type=FloatRange(min=1.0), default=HUNG_AFTER_SECONDS,
                   help="End the worker (exit code 75) once an inbox handler task has run this "
                        f"long (default {HUNG_AFTER_SECONDS} s), to be started again.")
 
