@@ -7,8 +7,8 @@ then goes to a task of its own, or outside any), and a message's own task then
 leaves the message to the sweeper, each saying so once per outage; the sweeper dispatches again the
 messages whose handling was lost (a try of a task of their own that began and came to nothing
 counting as an attempt; a sweep that loses its database connection says so once per outage, and the
-next sweep tries again); and the pruner deletes the rows of messages stored and handled (or
-discarded) long ago."""
+next sweep tries again), and says how many are parked every PARKED_REMINDER_SECONDS; and the
+pruner deletes the rows of messages stored and handled (or discarded) long ago."""
 
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ from shared.inbox.handling import (ConnectionLostInHandler, Outcome, StoredMessa
                                    handle_locked_message, handle_locked_messages_at_once,
                                    lock_in_order, lock_in_order_marking_processed,
                                    note_try_begun, process_inbox_message, record_failed_attempt)
+from shared.inbox.parked import count_parked_messages
 from shared.inbox.pruning import prune_handled_messages
 from shared.inbox.sweeping import claim_stalled_messages, unmark_unsent
+from shared.parked_reminder import ParkedReminder
 from shared.request_context import request_id_bound, request_ids_bound
 from shared.task_queues import handler_queue
 from tasks.celery_app import app
@@ -57,6 +59,13 @@ _SWEEPS_DATABASE_OUTAGE = {service: DatabaseOutageLog(log, f"the {service} inbox
 # an outage begins, not two for every try of every message.
 _HANDLERS_DATABASE_OUTAGE = {service: DatabaseOutageLog(log, f"the {service} inbox handlers")
                              for service in SERVICES}
+# What this process's sweeps remind of each service's parked messages (shared.parked_reminder): a
+# count, and how to list them, every PARKED_REMINDER_SECONDS while any stay parked, where each was
+# said once as it was parked.
+_PARKED_REMINDERS = {service: ParkedReminder(log, f"{service} inbox",
+                                             "never handled until replayed or discarded",
+                                             f"python -m tasks.parked list {service}")
+                     for service in SERVICES}
 # What a message's own task returns when it left the message to the sweeper, its database away.
 LEFT_TO_THE_SWEEPER = "left_to_the_sweeper"
 
@@ -426,7 +435,13 @@ def _sweep(service: str) -> int:
         log.info("%s inbox: re-dispatching %d stalled messages", service, len(stalled))
         dispatch_handed_over(service, [message.message_id for message in stalled], now,
                              own_tasks=not backlog)
+    _PARKED_REMINDERS[service].remind(_count_parked)  # (apart: its failure costs the claim nothing)
     return len(stalled)
+
+
+def _count_parked() -> int:
+    with transaction() as session:
+        return count_parked_messages(session)
 
 
 def tasks_waiting(queue: str) -> int:

@@ -50,6 +50,7 @@ from shared.config import SERVICES
 from shared.db import DatabaseOutageLog
 from shared.kafka import ensure_topics
 from shared.outbox.publishing import OutboxPublisher
+from shared.parked_reminder import ParkedReminder
 from shared.outbox.relaying import (count_parked_outbox_messages, first_refused_row_due_in,
                                     newer_row_may_go, newest_row_id, refused_rows_wait,
                                     relay_pending_outbox, rows_were_refused, vacuum_outbox)
@@ -95,9 +96,6 @@ WALK_AT_LEAST_EVERY_SECONDS = 10.0
 # (up to 30 s, shared.outbox.relaying.LONGEST_RETRY_AFTER_SECONDS) end all through the half
 # minute, and reading for each would read at nearly every wake-up again.
 WALK_FOR_A_DUE_ROW_AT_MOST_EVERY_SECONDS = 5.0
-# While rows are parked (shared.outbox.relaying), the leader says so this often, and as it starts to
-# lead: the later rows of their keys wait behind them, and a one-off log line is easily missed.
-PARKED_REMINDER_SECONDS = 300.0
 
 _stopping = threading.Event()
 _leading: set[str] = set()  # services whose relay this process leads
@@ -194,14 +192,16 @@ def _lead(service: str, settings, leader: RelayLeaderConnection) -> int:
     # The rows the broker left without an answer at their last try, which wait to be tried again:
     # while one does, a batch of others it answered for says nothing of it.
     left_unanswered: set[int] = set()
-    next_reminder = 0.0  # of parked rows: at once
+    # While rows are parked (shared.outbox.relaying), the leader says so as it starts to lead and
+    # every PARKED_REMINDER_SECONDS (shared.parked_reminder).
+    parked_reminder = ParkedReminder(
+        log, f"{service} outbox", "the later rows of their keys waiting behind them",
+        f"python -m tasks.parked list {service} --outbox")
     walked_slowly = False  # whether the last read was a slow one that found all it could send
     backlog: _StandingBacklog | None = None  # what such a read left, while nothing changed for it
     while not _stopping.is_set():
         started = time.monotonic()
-        if started >= next_reminder:
-            _remind_of_parked_rows(service, leader)
-            next_reminder = started + PARKED_REMINDER_SECONDS
+        parked_reminder.remind(lambda: leader.ask(count_parked_outbox_messages))
         if backlog is not None and not backlog.read_again(leader):
             just_sent = 0  # as a read that found nothing would have
             answered = unanswered = False
@@ -267,13 +267,6 @@ class _StandingBacklog:
                 or (self.due_at is not None and now >= self.due_at)):
             return True
         return leader.ask(newer_row_may_go, self.newest_id)
-
-
-def _remind_of_parked_rows(service: str, leader: RelayLeaderConnection) -> None:
-    parked = leader.ask(count_parked_outbox_messages)
-    if parked:
-        log.error("%s outbox: %d message(s) parked, the later rows of their keys waiting behind"
-                  " them (python -m tasks.parked list %s --outbox)", service, parked, service)
 
 
 def _step_down(service: str, unanswered_for: float) -> None:

@@ -33,6 +33,13 @@ def parked_messages(session: Session, limit: int) -> list[InboxMessage]:
         .limit(limit)))
 
 
+def count_parked_messages(session: Session) -> int:
+    """How many messages are parked: for the sweeper to remind of them (read off the parked rows'
+    index, ix_inbox_messages_parked, not the whole inbox)."""
+    return session.scalar(select(func.count()).select_from(InboxMessage)
+                          .where(InboxMessage.parked_at.is_not(None)))
+
+
 def last_parked(session: Session) -> ParkedPlace | None:
     """The place of the message parked last (None while none is)."""
     row = session.execute(_newest_parked_first(*_PARKED_ORDER).limit(1)).one_or_none()

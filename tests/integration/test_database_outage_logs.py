@@ -107,6 +107,7 @@ def test_a_sweep_whose_database_ended_every_session_warns_once_and_the_next_swee
     # sweep's straight after a restart ended it would be.
     monkeypatch.setattr(shared.db, "IDLE_PING_SECONDS", 3600.0)
     sweep_inbox("payments")  # (its pool holds a connection now)
+    caplog.clear()  # (its reminder of the messages earlier tests parked, if it was due, said)
     end_every_session(settings.database_url("payments"))
     assert sweep_inbox("payments") == 0  # returned, not raised into Celery
     _assert_said_once_without_a_traceback(caplog)

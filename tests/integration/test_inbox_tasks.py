@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -1794,6 +1795,36 @@ def test_a_record_never_parsed_is_not_replayed(settings, payments_inbox):
             InboxMessage.partition == 7, InboxMessage.offset == offset)).all()
         assert unpark_messages(db.session, [unparsed]) == []  # (--all: test_all_parked_...)
         db.session.rollback()
+
+
+def test_the_sweeper_reminds_of_parked_messages_at_first_and_then_every_while(
+        settings, payments_inbox, payments_queue, user_id, monkeypatch, caplog):
+    """A message is said parked once, as it is parked: a line easily missed, and the message is
+    never handled till an operator replays it. The sweeper says how many are parked, and how to
+    list them, at its first sweep and then every PARKED_REMINDER_SECONDS (shortened here) while any
+    stay parked, as the relay's leader does of parked outbox rows; not at every sweep."""
+    monkeypatch.setattr("shared.parked_reminder.PARKED_REMINDER_SECONDS", 1.0)
+    parked = _stored_request(payments_inbox, user_id)
+    with service_app("payments").app_context(), transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id == parked)
+                        .values(parked_at=func.now(), last_error="ledger closed"))
+        count = session.scalar(select(func.count()).where(InboxMessage.parked_at.is_not(None)))
+
+    def reminders() -> list[logging.LogRecord]:
+        return [record for record in caplog.records
+                if record.name == "tasks.inbox" and "message(s) parked" in record.getMessage()]
+
+    time.sleep(1.0)  # (due, whatever sweeps before this test's said)
+    sweep_inbox.apply(args=("payments",)).get()
+    sweep_inbox.apply(args=("payments",)).get()  # (not due again yet)
+    (reminder,) = reminders()
+    assert reminder.levelno == logging.ERROR
+    assert reminder.getMessage() == (
+        f"payments inbox: {count} message(s) parked, never handled until replayed or discarded"
+        " (python -m tasks.parked list payments)")
+    time.sleep(1.0)
+    sweep_inbox.apply(args=("payments",)).get()
+    assert len(reminders()) == 2
 
 
 def _parked_first(message_ids: list[uuid.UUID]) -> None:

@@ -1416,7 +1416,7 @@ def test_a_leader_kept_from_one_message_by_its_own_producer_does_not_step_down(
 
 def test_the_leader_reminds_of_parked_rows_as_it_starts_and_then_every_while(
         orders_flask_app, settings, user_id, monkeypatch, caplog):
-    monkeypatch.setattr("tasks.relay.PARKED_REMINDER_SECONDS", 0.2)
+    monkeypatch.setattr("shared.parked_reminder.PARKED_REMINDER_SECONDS", 0.2)
     with orders_flask_app.app_context():
         _relay_all(OutboxPublisher(settings, "orders"))
         order_id = _place(user_id).id
