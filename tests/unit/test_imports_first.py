@@ -64,7 +64,8 @@ def test_the_workers_steps_named_in_the_app_are_the_steps_celery_loads():
 
     workers = WorkController.Blueprint(steps=app.steps["worker"]).claim_steps()
     consumers = Consumer.Blueprint(steps=app.steps["consumer"]).claim_steps()
-    assert {"tasks.consumer.InboxConsumerStep", "tasks.relay.StopLeadingStep"} <= set(workers)
+    assert {"tasks.consumer.InboxConsumerStep", "tasks.relay.StopLeadingStep",
+            "tasks.hung_tasks.HungTaskWatchStep"} <= set(workers)
     assert "tasks.alive.AliveFileStep" in consumers
     assert all(issubclass(step, bootsteps.Step) for step in [*workers.values(),
                                                               *consumers.values()])
