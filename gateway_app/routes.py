@@ -127,12 +127,13 @@ def list_orders(args):
     return _grpc("orders", "ListOrders", args, 200)
 
 
-@blueprint.get("/orders/<order_id>")
+@blueprint.get("/orders/<any_text:order_id>")
 @blueprint.response(200, OrderSchema)
 @blueprint.errors(*GET_ORDER_ERRORS)
 def get_order(order_id: str):
     """One order: NEW, FINISHED, or CANCELLED with a reason."""
-    # An id that is no UUID is answered here as the service would answer it, and the service is
+    # An id that is no UUID (any text: `a%2Fb`, decoded `a/b`, and none at all are this route's,
+    # shared.path_parameters) is answered here as the service would answer it, and the service is
     # asked with the id as it writes it: no path a client made up (dot segments, a line over the
     # service's limit once quoted) reaches it.
     order = order_id_from_path(order_id)

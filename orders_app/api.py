@@ -39,7 +39,7 @@ def list_orders(args):
     return jsonify(endpoints.list_orders(g.user_id, args))
 
 
-@blueprint.get("/<order_id>")
+@blueprint.get("/<any_text:order_id>")  # (shared.path_parameters)
 @blueprint.doc(parameters=[DEADLINE_PARAMETER])
 @blueprint.response(200, OrderSchema)
 @blueprint.errors(*GET_ORDER_ERRORS)

@@ -25,6 +25,7 @@ from shared.idempotency import forget_replayed_mark, say_if_replayed
 from shared.identity import identify_caller
 from shared.jsonio import StrictDecimalJSONProvider
 from shared.operation_links import OperationIdsOfViews
+from shared.path_parameters import take_any_text_in_paths
 from shared.request_context import configure_logging, install_request_ids
 from shared.request_id_document import RequestIdDocumented
 from shared.single_use_signatures import SINGLE_USE_SIGNATURES_EXTENSION, SingleUseSignatures
@@ -117,6 +118,9 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     # A path with "//" in it is matched as it is written (a 404 where nothing is there), not
     # redirected by Werkzeug with an HTML page that no error handler sees.
     app.url_map.merge_slashes = False
+    # A path parameter of any text, an id sent with an encoded slash or none at all, is its
+    # operation's to answer (shared.path_parameters).
+    take_any_text_in_paths(app)
     app.json = StrictDecimalJSONProvider(app)
     app.config.update(
         SQLALCHEMY_DATABASE_URI=settings.database_url(service),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import re
 import uuid
+from urllib.parse import quote
 
 from openapi_schema_validator import OAS30ReadValidator, validate
 
@@ -219,6 +220,24 @@ def _pointed_at(value, pointer: str):
     for token in pointer.split("/")[1:]:
         value = value[int(token)] if isinstance(value, list) else value[token]
     return value
+
+
+# Values a client may be given for a path parameter (user text, or nothing), that name nothing: a
+# slash in them, once encoded (%2F), is decoded by the server before any route sees the path
+# (shared/path_parameters.py), and an empty one leaves the path ending in its slash.
+PATH_PARAMETER_TEXTS = ("", "a/b", "/", "a/", "../x", "a?b#c", "a b", "\n")
+_PATH_PARAMETER = re.compile(r"\{[^{}]+\}")
+
+
+def path_parameters(spec: dict, method: str, path: str) -> set[str]:
+    """The names of the path parameters the operation `method path` takes."""
+    return {name for place, name in _parameters_taken(spec, method, path) if place == "path"}
+
+
+def with_each_path_parameter(path: str, value: str) -> str:
+    """`path`, a document's, with `value` for each of its parameters, as a client generated from
+    the document sends it: percent-encoded whole (OpenAPI's `simple` style), a slash too."""
+    return _PATH_PARAMETER.sub(lambda _match: quote(value, safe=""), path)
 
 
 def asked(client, method: str, path: str, body=None, headers=None, **kwargs):

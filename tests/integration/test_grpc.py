@@ -157,6 +157,32 @@ def test_a_replayed_answer_is_said_to_be_one_through_the_gateway_over_grpc(
 
 
 @pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_an_order_id_with_an_encoded_slash_or_none_is_answered_order_not_found_either_way(
+        settings, upstreams, grpc_targets, transport):  # noqa: F811
+    """An order id a client built from user text, `a%2Fb` (the server decodes it to `a/b` before
+    routing), or left empty (`/api/orders/`), is GET /api/orders/{order_id}'s, whose document
+    gives ORDER_NOT_FOUND under 404: answered so, as `not-an-id` is, over either transport, where
+    it was a 404 NOT_FOUND that no client generated from the document knows; and a 401 without
+    a token, as any order's path. An order's own id still reads it."""
+    client = _gateway(settings, upstreams, grpc_targets, transport)
+    session = client.post("/api/auth/register", json={
+        "username": f"ids-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+    auth = {"Authorization": f"Bearer {session['access_token']}"}
+    order = client.post("/api/orders", json={"amount": "1.00"}, headers=auth).get_json()
+    not_found = client.get("/api/orders/not-an-id", headers=auth)
+    assert (not_found.status_code, not_found.get_json()["error"]["code"]) == (
+        404, "ORDER_NOT_FOUND")
+    for path in ("/api/orders/a%2Fb", "/api/orders/", "/api/orders//", "/api/orders/a/b",
+                 f"/api/orders/{order['id']}%2F", f"/api/orders/%2E%2E%2F{order['id']}"):
+        answer = client.get(path, headers=auth)
+        assert (answer.status_code, answer.get_json()) == (404, not_found.get_json()), path
+        assert client.head(path, headers=auth).status_code == 404, path
+        assert client.get(path).get_json()["error"]["code"] == "MISSING_TOKEN", path
+    read = client.get(f"/api/orders/{order['id']}", headers=auth)
+    assert (read.status_code, read.get_json()["id"]) == (200, order["id"])
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
 def test_every_answer_under_the_api_says_no_store_over_either_transport(
         settings, upstreams, grpc_targets, transport):  # noqa: F811
     """One user's orders, balance, notifications and tokens, and the errors that speak of them,

@@ -32,9 +32,11 @@ from shared.errors import ApiError
 from shared.idempotency import IDEMPOTENCY_HEADER, checked_idempotency_key
 from shared.request_context import REQUEST_ID_HEADER
 from shared.swagger_ui import PAGE_FILES
-from tests.openapi_tools import (HEALTH, assert_answered_as_documented, assert_documented,
-                                 documented_answers, link_faults, link_followed, links,
-                                 operations, unused_components, with_a_body_in_chunks)
+from tests.openapi_tools import (HEALTH, PATH_PARAMETER_TEXTS, assert_answered_as_documented,
+                                 assert_documented, documented_answers, link_faults,
+                                 link_followed, links, operations, path_parameters,
+                                 unused_components, with_a_body_in_chunks,
+                                 with_each_path_parameter)
 
 # Where every app serves its document (and its Swagger UI reads it), and its Swagger UI.
 DOCUMENT_URL = "/docs/openapi.json"
@@ -224,6 +226,32 @@ def test_a_services_links_lead_where_they_say(apps):
     balance = link_followed(payments, document, opened_links["GetBalance"], opened, **user)
     assert (topped_up.status_code, balance.status_code) == (200, 200)
     assert balance.get_json() == {"user_id": user["signed_as"], "balance": "1.00"}
+
+
+def test_every_path_parameter_of_any_text_is_answered_as_its_operation_documents(apps):
+    """A path parameter as a client may send it (shared/path_parameters.py): an id built from
+    user text with a slash in it (`a%2Fb`, which the server decodes before routing), or none
+    (`/api/orders/`), is its operation's, and answered with an error the operation documents (a
+    404 ORDER_NOT_FOUND): it was Werkzeug's 404 NOT_FOUND, a code no such operation documents,
+    and unknown to a client generated from the document. Each app's, signed in as a user."""
+    session = apps["gateway"].test_client().post("/api/auth/register", json={
+        "username": f"paths-{uuid.uuid4().hex[:8]}", "password": "long password"}).get_json()
+    as_a_user = {"gateway": {"headers": {"Authorization": f"Bearer {session['access_token']}"}},
+                 "orders": {"signed_as": session["user_id"]},
+                 "payments": {"signed_as": session["user_id"]}}
+    asked = set()
+    for service, app in apps.items():
+        document, client = _served_document(app), app.test_client()
+        for method, path in operations(document):
+            if not path_parameters(document, method, path):
+                continue
+            for text in PATH_PARAMETER_TEXTS:
+                answer = client.open(with_each_path_parameter(path, text), method=method.upper(),
+                                     **as_a_user[service])
+                assert_documented(document, method, path, answer)
+                asked.add((service, method, path, answer.status_code))
+    assert asked == {("gateway", "get", "/api/orders/{order_id}", 404),
+                     ("orders", "get", "/orders/{order_id}", 404)}
 
 
 def test_every_app_answers_health_as_its_document_says(apps, settings):
