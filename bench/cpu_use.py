@@ -26,9 +26,23 @@ class CpuReading:
 
 
 def read_cpu(processes: Callable[[], list[ManagedProcess]]) -> CpuReading:
-    by_process: Counter = Counter()
     seen: set[int] = set()
-    for process in processes():
+    by_process = own_cpu_seconds(processes(), seen)
+    for server in psutil.process_iter(["name"]):
+        group = SERVER_GROUPS.get(server.info["name"] or "")
+        if group and server.pid not in seen:
+            by_process[group] += _cpu_seconds(server)
+    machine = psutil.cpu_times()
+    total = sum(machine)
+    return CpuReading(by_process, total - machine.idle - getattr(machine, "iowait", 0.0), total)
+
+
+def own_cpu_seconds(processes: list[ManagedProcess], seen: set[int] | None = None) -> Counter:
+    """The CPU seconds of each of `processes` with its children, by name, and of nothing else:
+    not the machine's PostgreSQL and Redis, which other runs share (`seen` is told each pid
+    counted)."""
+    by_process: Counter = Counter()
+    for process in processes:
         if not process.alive():
             continue
         try:
@@ -38,14 +52,9 @@ def read_cpu(processes: Callable[[], list[ManagedProcess]]) -> CpuReading:
             continue
         for member in family:
             by_process[process.name] += _cpu_seconds(member)
-            seen.add(member.pid)
-    for server in psutil.process_iter(["name"]):
-        group = SERVER_GROUPS.get(server.info["name"] or "")
-        if group and server.pid not in seen:
-            by_process[group] += _cpu_seconds(server)
-    machine = psutil.cpu_times()
-    total = sum(machine)
-    return CpuReading(by_process, total - machine.idle - getattr(machine, "iowait", 0.0), total)
+            if seen is not None:
+                seen.add(member.pid)
+    return by_process
 
 
 def cpu_ms_per_order(before: CpuReading, after: CpuReading, orders: int) -> dict[str, float]:
