@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from bench.plan import FULL, SMOKE
-from bench.report import RESULTS_DIR, write_report
+from bench.report import RESULTS_DIR, incomplete_note, write_report
 from bench.runner import run_benchmark
 from bench.shop import running_bench_stack, say
 
@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_report(results, RESULTS_DIR)
     print(paths[1].read_text())
     say(f"wrote {', '.join(map(str, paths))}")
+    if "incomplete" in results:
+        say(f"INCOMPLETE: {incomplete_note(results['incomplete'])}")
+        return 1
     return 0
 
 

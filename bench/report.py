@@ -41,15 +41,18 @@ def check_targets(results: dict) -> list[dict]:
     """The issue's targets, each with the measured value, whether it is met and, for a latency
     percentile, the orders offered that it leaves out (orders_left_out): one that leaves any out
     is not met, whatever its value, since those orders' latencies are unknown (none, or longer
-    than the run's drain)."""
-    latency = {row["offered_rate"]: row for row in results["latency"]}
-    relay = results["relay"]
-    targets = [
-        ("order intake / bare baseline", ">= 0.8", results["intake"]["ratio"],
-         lambda v: v >= 0.8, None),
-        ("relay / raw producer", ">= 0.5", relay["ratio"], lambda v: v >= 0.5, None),
-        ("relay rows/s", ">= 20000", relay["relay_rows_per_s"], lambda v: v >= 20_000, None),
-    ]
+    than the run's drain). A section an incomplete run never measured has no targets."""
+    latency = {row["offered_rate"]: row for row in results.get("latency", [])}
+    targets = []
+    if "intake" in results:
+        targets.append(("order intake / bare baseline", ">= 0.8", results["intake"]["ratio"],
+                        lambda v: v >= 0.8, None))
+    if "relay" in results:
+        relay = results["relay"]
+        targets += [
+            ("relay / raw producer", ">= 0.5", relay["ratio"], lambda v: v >= 0.5, None),
+            ("relay rows/s", ">= 20000", relay["relay_rows_per_s"], lambda v: v >= 20_000, None),
+        ]
     if 100 in latency:
         left_out = orders_left_out(latency[100])
         targets += [
@@ -84,26 +87,52 @@ def orders_left_out(row: dict) -> str | None:
 
 
 def markdown(results: dict) -> str:
-    intake, relay, capacity = results["intake"], results["relay"], results["capacity"]
+    lines = [f"# HseShop benchmark, {results['date']}", ""]
+    if "incomplete" in results:
+        lines += [f"**INCOMPLETE RUN**: {incomplete_note(results['incomplete'])}. The figures "
+                  "below are those measured before it failed; the targets of the sections not "
+                  "measured are not checked.", ""]
+    lines += [_machine_line(results), ""]
+    intake, relay = results.get("intake"), results.get("relay")
+    if intake or relay:
+        lines += ["| measure | HseShop | raw baseline | ratio |", "| --- | --- | --- | --- |"]
+    if intake:
+        lines.append(f"| order intake (POST/s) | {intake['orders_api']['accepted_per_s']} "
+                     f"| {intake['baseline']['accepted_per_s']} | {intake['ratio']} |")
+    if relay:
+        lines.append(f"| relay (rows/s, {relay['rows']} rows) | {relay['relay_rows_per_s']} "
+                     f"| {relay['raw_producer_rows_per_s']} | {relay['ratio']} |")
+        lines += ["", *_relay_turns_lines(relay)[:-1]]
+    if intake:
+        lines += ["", _intake_turns_and_settling_line(results), "", *intake_floor_lines(intake)]
+    if "capacity" in results:
+        lines += ["", _capacity_line(results["capacity"])]
+    if results.get("latency"):
+        lines += ["", *latency_lines(results["latency"])]
+    lines += ["", "| target | wanted | measured | met |", "| --- | --- | --- | --- |"]
+    for target in results["targets"]:
+        left_out = (f" ({target['left_out']}: left out of the percentiles)"
+                    if target["left_out"] else "")
+        lines.append(f"| {target['target']} | {target['wanted']} | {target['measured']} "
+                     f"| {'yes' if target['met'] else 'NO'}{left_out} |")
+    if "gateway_transports" in results:
+        lines += ["", *gateway_transports_lines(results["gateway_transports"])]
+    lines += ["", "| process | peak RSS MB |", "| --- | --- |"]
+    lines += [f"| {name} | {mb} |" for name, mb in results.get("peak_rss_mb", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def incomplete_note(incomplete: dict) -> str:
+    """What an incomplete run's `incomplete` (bench.runner.measure_sections) says, in a line."""
+    note = f"the {incomplete['failed']} measurement failed ({incomplete['error']})"
+    if incomplete["not_measured"]:
+        note += f"; not measured: {', '.join(incomplete['not_measured'])}"
+    return note
+
+
+def latency_lines(latency: list[dict]) -> list[str]:
+    """The latency runs' table, with what its percentiles leave out, and where time and CPU go."""
     lines = [
-        f"# HseShop benchmark, {results['date']}",
-        "",
-        _machine_line(results),
-        "",
-        "| measure | HseShop | raw baseline | ratio |",
-        "| --- | --- | --- | --- |",
-        f"| order intake (POST/s) | {intake['orders_api']['accepted_per_s']} "
-        f"| {intake['baseline']['accepted_per_s']} | {intake['ratio']} |",
-        f"| relay (rows/s, {relay['rows']} rows) | {relay['relay_rows_per_s']} "
-        f"| {relay['raw_producer_rows_per_s']} | {relay['ratio']} |",
-        "",
-        *_relay_turns_lines(relay),
-        _intake_turns_and_settling_line(results),
-        "",
-        *intake_floor_lines(intake),
-        "",
-        _capacity_line(capacity),
-        "",
         "Latency is counted from the moment each POST was due to be sent (the offered rate's "
         "schedule: a request the generator sent late, or one left waiting for a server thread, "
         "counts that wait) to the status's time in the order's row. The percentiles are those of "
@@ -120,7 +149,7 @@ def markdown(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
         "| --- |",
     ]
-    for row in results["latency"]:
+    for row in latency:
         lines.append(
             f"| {row['offered_rate']:g} | {row['accepted_per_s']} | {_failed_cell(row)} "
             f"| {row.get('unsent')} | {row['not_final']} | {row['p50_ms']} "
@@ -128,18 +157,7 @@ def markdown(results: dict) -> str:
             f"| {row['offered_final_within_1s']:.2%} "
             f"| {row['post_p99_ms']} | {row.get('sent_late_p99_ms')} "
             f"| {row['generator_cpu_percent']} | {row.get('generator_peak_rss_mb')} |")
-    lines += ["", *where_time_and_cpu_go_lines(results["latency"])]
-    lines += ["", "| target | wanted | measured | met |", "| --- | --- | --- | --- |"]
-    for target in results["targets"]:
-        left_out = (f" ({target['left_out']}: left out of the percentiles)"
-                    if target["left_out"] else "")
-        lines.append(f"| {target['target']} | {target['wanted']} | {target['measured']} "
-                     f"| {'yes' if target['met'] else 'NO'}{left_out} |")
-    if "gateway_transports" in results:
-        lines += ["", *gateway_transports_lines(results["gateway_transports"])]
-    lines += ["", "| process | peak RSS MB |", "| --- | --- |"]
-    lines += [f"| {name} | {mb} |" for name, mb in results["peak_rss_mb"].items()]
-    return "\n".join(lines) + "\n"
+    return [*lines, "", *where_time_and_cpu_go_lines(latency)]
 
 
 def _failed_cell(row: dict) -> str:
@@ -319,7 +337,8 @@ def draw_latency_chart(results: dict, path: Path) -> None:
 
 
 def write_report(results: dict, directory: Path = RESULTS_DIR, chart: bool = True) -> list[Path]:
-    """Write <date>.json, <date>.md and (unless `chart` is false) <date>.png;
+    """Write <date>.json, <date>.md and (unless `chart` is false, or no latency was measured)
+    <date>.png;
     return their paths. The figures are written first, as measured: a fault in checking the
     targets or writing the Markdown loses none of the run's figures (the JSON is written again,
     with the targets, once they are checked)."""
@@ -327,7 +346,7 @@ def write_report(results: dict, directory: Path = RESULTS_DIR, chart: bool = Tru
     _write_json(results, directory, stem)
     results = results | {"targets": check_targets(results)}
     paths = _write(results, markdown(results), directory, stem)
-    if chart:
+    if chart and results.get("latency"):  # (an incomplete run may have no latency to draw)
         paths.append(directory / f"{stem}.png")
         draw_latency_chart(results, paths[2])
     return paths

@@ -3,6 +3,8 @@ each other (the whole shop settles before each), and gathers the results."""
 
 from __future__ import annotations
 
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.gateway_transports import measure_gateway_transports
@@ -20,33 +22,71 @@ from devstack.stack import Stack
 
 
 def run_benchmark(stack: Stack, plan: BenchPlan, workdir: Path, say=lambda message: None) -> dict:
+    """Every measurement's figures, in `results`' sections. A measurement that fails ends the run
+    there, the figures measured before it kept: the results say so (`incomplete`: the section
+    that failed, its error and the sections never measured), for the report to say."""
     workdir.mkdir(parents=True, exist_ok=True)
     extra_processes: list[ManagedProcess] = []
     results = describe_run(plan, server_versions(stack))
     results["machine"]["python_loop_ms"] = {"start": python_loop_ms()}
-    with PeakMemory(lambda: stack.processes + extra_processes) as memory:
-        users = seed_shoppers(stack, plan.shoppers)
+    users: list[str] = []
+
+    def relay() -> dict:
+        users.extend(seed_shoppers(stack, plan.shoppers))
         say(f"relay speed ({plan.relay_rows} rows)...")
-        results["relay"] = measure_relay_speed(stack, plan.relay_rows, plan.relay_rounds)
+        return measure_relay_speed(stack, plan.relay_rows, plan.relay_rounds)
+
+    def intake() -> dict:
+        _settle(stack, plan, results, "intake")
+        say("order intake against the bare baseline...")
+        return measure_intake(stack, plan, users, workdir, extra_processes)
+
+    def capacity() -> dict:
+        _settle(stack, plan, results, "capacity")
+        say(f"pipeline capacity at {plan.capacity_rate:g} orders/s offered...")
+        return measure_capacity(stack, plan, users, workdir)
+
+    def gateway_transports() -> dict:
+        _settle(stack, plan, results, "gateway transports")
+        say("gateway over gRPC against HTTP...")
+        return measure_gateway_transports(stack, plan, workdir, extra_processes)
+
+    with PeakMemory(lambda: stack.processes + extra_processes) as memory:
         # The latency runs come before the runs that put tens of thousands of messages through
         # the shop's topics: the test broker (Tansu, in memory) lists every batch a partition
         # holds on each fetch, so its CPU per order grows with all it has taken (Apache Kafka's
         # does not): at 50 orders/s it spent 3.3-4.4 ms of CPU per order on fresh stacks, and
         # 9.5-11.6 ms in the runs that came after the capacity run.
-        results["latency"] = measure_latencies(stack, plan, users, workdir, results, say)
-        _settle(stack, plan, results, "intake")
-        say("order intake against the bare baseline...")
-        results["intake"] = measure_intake(stack, plan, users, workdir, extra_processes)
-        _settle(stack, plan, results, "capacity")
-        say(f"pipeline capacity at {plan.capacity_rate:g} orders/s offered...")
-        results["capacity"] = measure_capacity(stack, plan, users, workdir)
-        _settle(stack, plan, results, "gateway transports")
-        say("gateway over gRPC against HTTP...")
-        results["gateway_transports"] = measure_gateway_transports(stack, plan, workdir,
-                                                                   extra_processes)
+        measure_sections(results, [
+            ("relay", relay),
+            ("latency", lambda: measure_latencies(stack, plan, users, workdir, results, say)),
+            ("intake", intake),
+            ("capacity", capacity),
+            ("gateway_transports", gateway_transports),
+        ], say)
     results["peak_rss_mb"] = memory.peaks_mb()
     results["machine"]["python_loop_ms"]["end"] = python_loop_ms()
     return results
+
+
+def measure_sections(results: dict, sections: list[tuple[str, Callable[[], object]]],
+                     say=lambda message: None) -> None:
+    """Measure each section in turn into `results[name]`. The first that fails (an Exception) ends
+    the measuring: `results["incomplete"]` names it, its error and the sections left unmeasured,
+    and the traceback goes to stderr; the sections measured before it keep their figures."""
+    for index, (name, measure) in enumerate(sections):
+        try:
+            results[name] = measure()
+        except Exception as exc:
+            traceback.print_exc()
+            results["incomplete"] = {
+                "failed": name,
+                "error": f"{type(exc).__name__}: {exc}".strip()[:2000],
+                "not_measured": [later for later, _measure in sections[index + 1:]],
+            }
+            say(f"{name} failed ({type(exc).__name__}): the report keeps the figures measured"
+                " before it, marked incomplete")
+            return
 
 
 def measure_latencies(stack: Stack, plan: BenchPlan, users: list[str], workdir: Path,

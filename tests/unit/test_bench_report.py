@@ -12,6 +12,7 @@ import pytest
 from bench.floors import FLOORS
 from bench.hops import HOPS
 from bench.plan import FULL
+from bench.runner import measure_sections
 from bench.report import (LATENCY_CHART_SERIES, check_targets, describe_run, latency_figure,
                           markdown, write_report)
 from bench.stats import latency_summary_ms
@@ -215,3 +216,34 @@ def test_the_report_draws_its_chart_as_a_png(tmp_path):
     # The first chunk is the header: its width and height, in pixels (7 by 4.5 inches at 100 dpi).
     assert png[12:16] == b"IHDR" and struct.unpack(">II", png[16:24]) == (700, 450)
     assert png.endswith(b"IEND\xaeB`\x82")
+
+
+def test_a_measurement_that_fails_leaves_the_figures_measured_before_it_in_the_report(tmp_path):
+    """The intake servers never booted: the relay and latency figures measured before are kept,
+    written and shown, and the report says, at its top, that the run is incomplete and why."""
+    measured = results_of([latency_row(100)])
+    results = describe_run(FULL, SERVERS)
+
+    def intake_failing():
+        raise TimeoutError("timed out after 60s waiting for the intake servers to boot")
+
+    measure_sections(results, [("relay", lambda: measured["relay"]),
+                               ("latency", lambda: measured["latency"]),
+                               ("intake", intake_failing),
+                               ("capacity", lambda: measured["capacity"])])
+
+    assert results["relay"] == measured["relay"] and results["latency"] == measured["latency"]
+    assert "capacity" not in results  # (not measured after the failure)
+    assert results["incomplete"] == {
+        "failed": "intake", "not_measured": ["capacity"],
+        "error": "TimeoutError: timed out after 60s waiting for the intake servers to boot"}
+    json_path, markdown_path = write_report(results, tmp_path, chart=False)
+    assert json.loads(json_path.read_text())["incomplete"]["failed"] == "intake"
+    text = markdown_path.read_text()
+    assert text.splitlines()[2].startswith(
+        "**INCOMPLETE RUN**: the intake measurement failed (TimeoutError: timed out after 60s"
+        " waiting for the intake servers to boot); not measured: capacity.")
+    assert "| relay (rows/s, 100000 rows) |" in text and "| 100 | 100 |" in text
+    targets = _by_name(json.loads(json_path.read_text())["targets"])
+    assert "relay / raw producer" in targets and "p99 POST->final at 100/s (ms)" in targets
+    assert "order intake / bare baseline" not in targets
