@@ -53,8 +53,7 @@ ENDPOINTS = (
 )
 
 
-def measure_gateway_transports(stack: Stack, plan: BenchPlan, workdir: Path,
-                               extra_processes: list[ManagedProcess]) -> dict:
+def measure_gateway_transports(stack: Stack, plan: BenchPlan, workdir: Path) -> dict:
     """Each endpoint driven closed-loop through each transport's gateway, the transports taking
     turns (gRPC, HTTP, gRPC, ...) so that drift over the run falls on both alike.
 
@@ -63,7 +62,6 @@ def measure_gateway_transports(stack: Stack, plan: BenchPlan, workdir: Path,
     gateways: list[ManagedProcess] = []
     try:
         urls = {transport: start_gateway(stack, transport, gateways) for transport in TRANSPORTS}
-        extra_processes += gateways
         loads, drained = _take_turns(stack, plan, urls, workdir)
     finally:
         for process in gateways:
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = stack.run_dir / "load"
         workdir.mkdir(parents=True, exist_ok=True)
         say("gateway over gRPC against HTTP...")
-        results["gateway_transports"] = measure_gateway_transports(stack, plan, workdir, [])
+        results["gateway_transports"] = measure_gateway_transports(stack, plan, workdir)
     paths = write_gateway_transports_report(results, RESULTS_DIR)
     print(paths[1].read_text())
     say(f"wrote {', '.join(map(str, paths))}")

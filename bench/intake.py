@@ -16,20 +16,18 @@ from devstack.processes import ManagedProcess
 from devstack.stack import Stack
 
 
-def measure_intake(stack: Stack, plan: BenchPlan, users: list[str], workdir: Path,
-                   extra_processes: list[ManagedProcess]) -> dict:
+def measure_intake(stack: Stack, plan: BenchPlan, users: list[str], workdir: Path) -> dict:
     """Drive the baseline, the floors and the API in turns, each as fast as it answers, in one
     order and then in the reverse one (baseline, floors, API, API, floors, baseline, ...), so that
     the machine's drift falls on all alike. Between turns the whole shop settles: the work a turn's
     orders cause, down to the gateway's notifications, is over before the next turn starts, and
     never lands on another side's figures."""
     servers: dict[str, tuple[str, ManagedProcess]] = {}  # side -> (URL, serving process)
-    first_started = len(extra_processes)
+    started: list[ManagedProcess] = []
     try:
-        servers["baseline"] = _serve("baseline-api", BASELINE_APP, stack, extra_processes)
+        servers["baseline"] = _serve("baseline-api", BASELINE_APP, stack, started)
         for floor in FLOORS:
-            servers[floor.process_name] = _serve(floor.process_name, floor.app, stack,
-                                                 extra_processes)
+            servers[floor.process_name] = _serve(floor.process_name, floor.app, stack, started)
         _wait_until_booted([server for _url, server in servers.values()])
         orders_api = next(p for p in stack.processes if p.name == "orders-api")
         servers["orders_api"] = (f"{stack.orders_url}/orders", orders_api)
@@ -40,7 +38,7 @@ def measure_intake(stack: Stack, plan: BenchPlan, users: list[str], workdir: Pat
                 out = workdir / f"intake-{side}-{round_number}"
                 turns[side].append(_drive(stack, plan, url, server, users, out))
     finally:
-        for server in extra_processes[first_started:]:
+        for server in started:
             server.stop()
     bare, api = _combined(turns["baseline"]), _combined(turns["orders_api"])
     floors = []
@@ -57,12 +55,14 @@ def measure_intake(stack: Stack, plan: BenchPlan, users: list[str], workdir: Pat
 
 
 def _serve(name: str, app: str, stack: Stack,
-           extra_processes: list[ManagedProcess]) -> tuple[str, ManagedProcess]:
-    """Start gunicorn serving `app` as the orders API is served; its URL for POST /orders."""
+           started: list[ManagedProcess]) -> tuple[str, ManagedProcess]:
+    """Start gunicorn serving `app` as the orders API is served, as one of the stack's processes
+    (Stack.start_extra: in the run's record, so that a run killed outright has it stopped by the
+    next), and add it to `started` for the caller to stop; its URL for POST /orders."""
     port = free_port()
     server = served_by_gunicorn(name, app, port, stack.env, stack.logs_dir)
-    extra_processes.append(server)
-    server.start()
+    started.append(server)
+    stack.start_extra(server)
     wait_for_process(server, lambda: port_open(LOCALHOST, port), 30, name)
     return f"http://{LOCALHOST}:{port}/orders", server
 

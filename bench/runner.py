@@ -17,7 +17,6 @@ from bench.relay_speed import measure_relay_speed
 from bench.report import describe_run
 from bench.servers import server_versions
 from bench.shop import seed_shoppers, wait_until_idle
-from devstack.processes import ManagedProcess
 from devstack.stack import Stack
 
 
@@ -26,7 +25,6 @@ def run_benchmark(stack: Stack, plan: BenchPlan, workdir: Path, say=lambda messa
     there, the figures measured before it kept: the results say so (`incomplete`: the section
     that failed, its error and the sections never measured), for the report to say."""
     workdir.mkdir(parents=True, exist_ok=True)
-    extra_processes: list[ManagedProcess] = []
     results = describe_run(plan, server_versions(stack))
     results["machine"]["python_loop_ms"] = {"start": python_loop_ms()}
     users: list[str] = []
@@ -39,7 +37,7 @@ def run_benchmark(stack: Stack, plan: BenchPlan, workdir: Path, say=lambda messa
     def intake() -> dict:
         _settle(stack, plan, results, "intake")
         say("order intake against the bare baseline...")
-        return measure_intake(stack, plan, users, workdir, extra_processes)
+        return measure_intake(stack, plan, users, workdir)
 
     def capacity() -> dict:
         _settle(stack, plan, results, "capacity")
@@ -49,9 +47,10 @@ def run_benchmark(stack: Stack, plan: BenchPlan, workdir: Path, say=lambda messa
     def gateway_transports() -> dict:
         _settle(stack, plan, results, "gateway transports")
         say("gateway over gRPC against HTTP...")
-        return measure_gateway_transports(stack, plan, workdir, extra_processes)
+        return measure_gateway_transports(stack, plan, workdir)
 
-    with PeakMemory(lambda: stack.processes + extra_processes) as memory:
+    # (The intake servers and the gateways it adds are the stack's processes too: start_extra.)
+    with PeakMemory(lambda: stack.processes) as memory:
         # The latency runs come before the runs that put tens of thousands of messages through
         # the shop's topics: the test broker (Tansu, in memory) lists every batch a partition
         # holds on each fetch, so its CPU per order grows with all it has taken (Apache Kafka's

@@ -331,12 +331,14 @@ class Stack:
         """One more gateway on a free port, served as the stack's own and sharing its databases,
         Redis and broker (as a deployment scaled out runs several). Returns the process and its
         URL once GET /health answers 200; the caller stops it (it is stopped here if it never
-        gets healthy)."""
+        gets healthy). Started as start_extra starts one: in the run's record, so that a run
+        killed outright (SIGKILL, the OOM killer) has it stopped by the next, not left holding
+        its database connections for good, and stopped with the stack at the latest."""
         port = infra.free_port()
         argv = gunicorn_argv(port, "gateway_app:create_app()", threads=GATEWAY_THREADS)
-        process = ManagedProcess(name, [sys.executable, "-m", *argv],
-                                 {**self._process_env(), **(env_overrides or {})},
-                                 self.logs_dir / f"{name}.log", REPO_ROOT).start()
+        process = self.start_extra(ManagedProcess(
+            name, [sys.executable, "-m", *argv], {**self._process_env(), **(env_overrides or {})},
+            self.logs_dir / f"{name}.log", REPO_ROOT))
         url = f"http://{infra.LOCALHOST}:{port}"
 
         def healthy() -> bool:

@@ -15,6 +15,8 @@ import sqlalchemy as sa
 from simple_websocket import ConnectionClosed
 
 from bench.websocket_client import WebSocketClient
+from devstack.leftovers import RecordedProcess
+from devstack.stack import RUN_RECORD
 from gateway_app.notifications import SOCKET_RECHECK_SECONDS
 from tests.e2e.gateway_client import GatewayClient
 from tests.kafka_tools import read_topic_until
@@ -37,6 +39,20 @@ def gateway_over_http(stack):
                                                 {"GATEWAY_UPSTREAM_TRANSPORT": "http"})
     yield url
     process.stop()
+
+
+def test_a_gateway_instance_added_is_in_the_runs_record_and_one_of_the_stacks_processes(stack):
+    """Started as the stack's own (start_extra): a run killed outright (SIGKILL, the OOM killer)
+    has it stopped by the next run in its folder, not left serving for good (the benchmark's
+    gateways held their database connections so)."""
+    process, _url = stack.start_gateway_instance("gateway-recorded")
+    try:
+        recorded = [RecordedProcess.parse(line) for line in
+                    (stack.run_dir / RUN_RECORD).read_text().splitlines()]
+        assert (process.pid, "gateway-recorded") in [(p.pid, p.name) for p in recorded if p]
+        assert process in stack.processes
+    finally:
+        process.stop()
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http"])
