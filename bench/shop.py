@@ -8,7 +8,7 @@ import secrets
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +16,7 @@ from datetime import datetime
 import psycopg2
 import requests
 
+from bench.leftover_runs import LiveRunMark, sweep_leftover_runs
 from devstack.infra import forget_redis_keys, free_port
 from devstack.local_secrets import SECRET_BYTES
 from devstack.postgres_data import forget_postgres_data
@@ -33,12 +34,13 @@ FINAL_STATUSES = ("FINISHED", "CANCELLED")
 RELAY_SPEED_TOPIC = "relay-speed"
 
 
-def bench_stack(own_redis: bool = False, own_postgres: bool = False) -> Stack:
+def bench_stack(own_redis: bool = False, own_postgres: bool = False,
+                on_servers: Callable[[str, str], None] | None = None) -> Stack:
     """An unstarted, quiet stack whose names are all this run's own, and so are the secrets it
     signs with, made for it: with those published with the code, its APIs warned of them (and
     the generator and the seeding sign with the stack's environment). With `own_redis` and
     `own_postgres`, on a Redis and a PostgreSQL of its own (Stack's), which the chaos soak
-    restarts."""
+    restarts. `on_servers`: Stack's."""
     prefix = f"bench.{RUN_ID}"
     env = {
         **{name: secrets.token_urlsafe(SECRET_BYTES) for name in SECRETS},
@@ -57,7 +59,7 @@ def bench_stack(own_redis: bool = False, own_postgres: bool = False) -> Stack:
     }
     ports = {name: free_port() for name in DEFAULT_PORTS}
     return Stack(REPO_ROOT / ".run" / "bench", env_overrides=env, ports=ports, quiet=True,
-                 own_redis=own_redis, own_postgres=own_postgres)
+                 own_redis=own_redis, own_postgres=own_postgres, on_servers=on_servers)
 
 
 def say(message: str) -> None:
@@ -69,15 +71,29 @@ def say(message: str) -> None:
 def running_bench_stack(say=say, own_redis: bool = False, own_postgres: bool = False
                         ) -> Iterator[Stack]:
     """A started bench_stack(own_redis, own_postgres), stopped and its data forgotten when the
-    block ends."""
-    stack = bench_stack(own_redis, own_postgres)
+    block ends. One on the machine's PostgreSQL and Redis marks itself live on them for as long
+    as it runs, and first sweeps away what runs killed before left there (bench.leftover_runs).
+    (A stack with one server of its own and the other the machine's would need its mark on the
+    machine's PostgreSQL: no caller runs one.)"""
+    mark = LiveRunMark(RUN_ID)
+
+    def mark_live_and_sweep(postgres_base: str, redis_base: str) -> None:
+        mark.hold(postgres_base)
+        for line in sweep_leftover_runs(postgres_base, f"{redis_base}/{REDIS_DB}"):
+            say(line)
+
+    shared = not own_redis and not own_postgres
+    stack = bench_stack(own_redis, own_postgres, mark_live_and_sweep if shared else None)
     say("starting the stack...")
     try:
         stack.start()
         yield stack
     finally:
-        stack.stop()
-        forget_stack_data(stack)
+        try:
+            stack.stop()
+            forget_stack_data(stack)
+        finally:
+            mark.release()
 
 
 def forget_stack_data(stack: Stack) -> None:

@@ -122,6 +122,9 @@ class Stack:
     names on its PostgreSQL for as long as it runs (devstack.database_claim), refusing to start
     where another run holds them; without one, the settings' defaults, unclaimed (a test's stack
     names databases of its own in env_overrides).
+
+    `on_servers`, if given, is called with PostgreSQL's and Redis's URL bases once they are found
+    or started, before anything of the run's is made on them (its databases, its keys).
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class Stack:
         own_redis: bool = False,
         own_postgres: bool = False,
         names_prefix: str | None = None,
+        on_servers: Callable[[str, str], None] | None = None,
     ):
         self.run_dir = Path(run_dir).resolve()
         self.env_overrides = dict(env_overrides or {})
@@ -150,6 +154,7 @@ class Stack:
         self._claim: DatabaseClaim | None = None
         self.with_flower = with_flower
         self.quiet = quiet
+        self.on_servers = on_servers
         self._group: ProcessGroup | None = None
         self._broker: ManagedProcess | None = None
         self._servers_started: list[ManagedProcess] = []  # (PostgreSQL's, Redis's: _adopt)
@@ -227,6 +232,8 @@ class Stack:
             self._check_ports_free()
             postgres_base, redis_base = self._find_or_start_servers()
             self._claim_names(postgres_base)
+            if self.on_servers is not None:
+                self.on_servers(postgres_base, redis_base)
             self._say_if_postgres_is_short_of_connections(postgres_base)
             self._say("broker...")
             self._broker = self._group.add(infra.broker_process(self.ports["broker"], self.run_dir))
