@@ -38,9 +38,10 @@ def bench_stack(own_redis: bool = False, own_postgres: bool = False,
                 on_servers: Callable[[str, str], None] | None = None) -> Stack:
     """An unstarted, quiet stack whose names are all this run's own, and so are the secrets it
     signs with, made for it: with those published with the code, its APIs warned of them (and
-    the generator and the seeding sign with the stack's environment). With `own_redis` and
-    `own_postgres`, on a Redis and a PostgreSQL of its own (Stack's), which the chaos soak
-    restarts. `on_servers`: Stack's."""
+    the generator and the seeding sign with the stack's environment). Its data is thrown away as
+    it stops, so its stop waits for no order in flight (Stack's data_thrown_away). With
+    `own_redis` and `own_postgres`, on a Redis and a PostgreSQL of its own (Stack's), which the
+    chaos soak restarts. `on_servers`: Stack's."""
     prefix = f"bench.{RUN_ID}"
     env = {
         **{name: secrets.token_urlsafe(SECRET_BYTES) for name in SECRETS},
@@ -59,7 +60,8 @@ def bench_stack(own_redis: bool = False, own_postgres: bool = False,
     }
     ports = {name: free_port() for name in DEFAULT_PORTS}
     return Stack(REPO_ROOT / ".run" / "bench", env_overrides=env, ports=ports, quiet=True,
-                 own_redis=own_redis, own_postgres=own_postgres, on_servers=on_servers)
+                 own_redis=own_redis, own_postgres=own_postgres, on_servers=on_servers,
+                 data_thrown_away=True)
 
 
 def say(message: str) -> None:

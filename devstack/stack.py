@@ -123,6 +123,10 @@ class Stack:
     where another run holds them; without one, the settings' defaults, unclaimed (a test's stack
     names databases of its own in env_overrides).
 
+    A stack `data_thrown_away` (the benchmark's: its databases dropped once it stops) stops
+    without waiting for the orders in flight to settle (_let_orders_in_flight_settle): there is
+    no order of it left to keep.
+
     `on_servers`, if given, is called with PostgreSQL's and Redis's URL bases once they are found
     or started, before anything of the run's is made on them (its databases, its keys).
     """
@@ -139,6 +143,7 @@ class Stack:
         own_postgres: bool = False,
         names_prefix: str | None = None,
         on_servers: Callable[[str, str], None] | None = None,
+        data_thrown_away: bool = False,
     ):
         self.run_dir = Path(run_dir).resolve()
         self.env_overrides = dict(env_overrides or {})
@@ -155,6 +160,7 @@ class Stack:
         self.with_flower = with_flower
         self.quiet = quiet
         self.on_servers = on_servers
+        self.data_thrown_away = data_thrown_away
         self._group: ProcessGroup | None = None
         self._broker: ManagedProcess | None = None
         self._servers_started: list[ManagedProcess] = []  # (PostgreSQL's, Redis's: _adopt)
@@ -248,9 +254,7 @@ class Stack:
             self.wait_healthy(timeout)
             # Only a shop that came up can have orders in flight: a start that failed (a service
             # never healthy) stops at once, with no drain to wait out.
-            for process in self._group.processes:
-                if process.name == FIRST_INTAKE:
-                    self._group.when_stopped(process, self._let_orders_in_flight_settle)
+            self._arrange_the_drain()
         except BaseException:
             self.stop()
             raise
@@ -273,14 +277,24 @@ class Stack:
                 postgres_base, self.names_prefix,
                 [f"{self.names_prefix}_{service}" for service in SERVICES], REPO_ROOT)
 
+    def _arrange_the_drain(self) -> None:
+        """Have the stop wait for the orders in flight once the processes that take requests have
+        stopped, before the workers (_let_orders_in_flight_settle); not for a stack whose data is
+        thrown away."""
+        if self.data_thrown_away:
+            return
+        for process in self._group.processes:
+            if process.name == FIRST_INTAKE:
+                self._group.when_stopped(process, self._let_orders_in_flight_settle)
+
     def _say_stopping(self) -> None:
         """Said as Ctrl-C (SIGTERM, a hangup) comes, before the stop it starts, not once it is
-        done (the drain may take seconds). On stderr, as _say, stdout being the log follower's;
-        a print from a signal handler may raise all the same (stderr a pipe whose reader is gone,
-        a terminal closed, a write to stderr the signal cut short: reentrant call), which
-        ProcessGroup takes so that the stop still happens."""
-        if not self.quiet:
-            print("\n[devstack] stopping...", file=sys.stderr, flush=True)
+        done (the drain may take seconds), quiet or not: a quiet stack (the benchmark's) said
+        nothing while it stopped, for seconds. On stderr, as _say, stdout being the log
+        follower's; a print from a signal handler may raise all the same (stderr a pipe whose
+        reader is gone, a terminal closed, a write to stderr the signal cut short: reentrant
+        call), which ProcessGroup takes so that the stop still happens."""
+        print("\n[devstack] stopping...", file=sys.stderr, flush=True)
 
     def _find_or_start_servers(self) -> tuple[str, str]:
         """PostgreSQL's and Redis's URL bases: `servers`', or the machine's own, or embedded ones
