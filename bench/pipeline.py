@@ -11,7 +11,7 @@ from bench.cpu_use import cpu_ms_per_order, machine_busy_share, read_cpu
 from bench.hops import hop_medians_ms
 from bench.load import LoadSpec, offer_load
 from bench.plan import BenchPlan
-from bench.shop import order_times, wait_until_final
+from bench.shop import order_times, status_counts, wait_until_final
 from bench.stats import latency_summary_ms
 from devstack.stack import Stack
 
@@ -40,6 +40,7 @@ def measure_capacity(stack: Stack, plan: BenchPlan, users: list[str], workdir: P
         "errors": load["errors"],
         "window_seconds": plan.capacity_seconds - plan.capacity_warmup_seconds,
         "final_per_s": round(final_per_s, 1),
+        "statuses": status_counts(times),
         "kept_up": final_per_s >= 0.95 * load["accepted_per_s"],
         "drained": drained,
         "generator_cpu_percent": load["generator_cpu_percent"],
@@ -88,6 +89,9 @@ def measure_latency(stack: Stack, plan: BenchPlan, users: list[str], workdir: Pa
         "failed": load["failed"],
         "errors": load["errors"],
         "not_final": len(load["order_ids"]) - len(to_final),
+        # (A latency of orders CANCELLED is the cheap path's, not the paid one's: the targets
+        # hold any against the run, bench.report.orders_cancelled.)
+        "statuses": status_counts(times),
         "drained": drained,
         "generator_cpu_percent": load["generator_cpu_percent"],
         "generator_peak_rss_mb": load["generator_peak_rss_mb"],

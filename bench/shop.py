@@ -8,6 +8,7 @@ import secrets
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,6 +166,12 @@ class OrderTimes:
         if self.status not in FINAL_STATUSES:
             return None
         return (self.updated_at - self.created_at).total_seconds()
+
+
+def status_counts(times: list[OrderTimes]) -> dict[str, int]:
+    """How many of the orders are in each status (FINISHED: paid; CANCELLED: refused, as for a
+    shopper with no account or too little money, a path far cheaper than the paid one)."""
+    return dict(sorted(Counter(t.status for t in times).items()))
 
 
 def order_times(stack: Stack, order_ids: list[str]) -> list[OrderTimes]:

@@ -50,3 +50,22 @@ def test_a_latency_run_counts_its_failed_requests_and_its_orders_never_final(mon
     assert row["failed"] == 200 and row["errors"] == ["503", "504"]
     assert row["not_final"] == ORDERS // 50
     assert row["offered_final_within_1s"] == round((ORDERS - ORDERS // 50) / 2000, 4)
+
+
+def test_a_latency_run_counts_its_orders_by_status(monkeypatch):
+    """Paid (FINISHED) and cancelled alike are final: the row says how many of each."""
+    def some_cancelled(stack, order_ids):
+        return [t if n % 3 else OrderTimes(t.order_id, "CANCELLED", t.created_at, t.updated_at)
+                for n, t in enumerate(_order_times(stack, order_ids))]
+
+    monkeypatch.setattr(pipeline, "_offer", _load)
+    monkeypatch.setattr(pipeline, "wait_until_final", lambda *args: True)
+    monkeypatch.setattr(pipeline, "order_times", some_cancelled)
+    monkeypatch.setattr(pipeline, "read_cpu", lambda processes: CpuReading(Counter(), 0.0, 1.0))
+    monkeypatch.setattr(pipeline, "hop_medians_ms", lambda *args: {})
+
+    row = pipeline.measure_latency(None, FULL, [], Path("unused"), RATE)
+
+    statuses = Counter("CANCELLED" if n % 3 == 0 else "NEW" if n % 50 == 0 else "FINISHED"
+                       for n in range(ORDERS))
+    assert row["statuses"] == dict(sorted(statuses.items()))

@@ -247,3 +247,27 @@ def test_a_measurement_that_fails_leaves_the_figures_measured_before_it_in_the_r
     targets = _by_name(json.loads(json_path.read_text())["targets"])
     assert "relay / raw producer" in targets and "p99 POST->final at 100/s (ms)" in targets
     assert "order intake / bare baseline" not in targets
+
+
+def test_a_latency_target_met_by_orders_cancelled_is_not_met():
+    """A regression that cancels the orders (NO_ACCOUNT, say) takes the cheap path to a final
+    status: its latencies meet the targets, the run does not, and the report says why."""
+    rows = [latency_row(100, statuses={"CANCELLED": 2000}),
+            latency_row(200, statuses={"CANCELLED": 1, "FINISHED": 3999})]
+    results = results_of(rows)
+    targets = _by_name(check_targets(results))
+    for name in ("p99 POST->final at 100/s (ms)", "p50 POST->final at 100/s (ms)"):
+        assert targets[name]["met"] is False and targets[name]["left_out"] is None
+        assert targets[name]["cancelled"] == "2000 CANCELLED, not paid"
+    assert targets["offered orders final within 1 s at 200/s"]["met"] is False
+    text = markdown(results | {"targets": check_targets(results)})
+    assert ("| p99 POST->final at 100/s (ms) | <= 250 | 120.0 | NO (2000 CANCELLED, not paid:"
+            " not the paid path) |") in text
+    assert "| generator peak MB | paid / cancelled |" in text and "| 0 / 2000 |" in text
+
+
+def test_the_capacity_line_counts_its_orders_paid_and_cancelled():
+    results = results_of([latency_row(100)])
+    results["capacity"]["statuses"] = {"CANCELLED": 3, "FINISHED": 17_497}
+    text = markdown(results | {"targets": check_targets(results)})
+    assert "Its orders paid / cancelled: 17497 / 3 (every one should be paid)." in text
