@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
+
+import psycopg2
+import redis
 
 from confluent_kafka.admin import AdminClient
 
@@ -13,6 +17,7 @@ from bench.plan import SMOKE
 from bench.relay_speed import relay_speed_topic
 from bench.report import write_gateway_transports_report, write_report
 from bench.runner import run_benchmark
+from bench.shop import REDIS_DB, RUN_ID, running_bench_stack
 from shared.config import load_settings
 
 
@@ -21,6 +26,7 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
     json_path, markdown_path = write_report(results, tmp_path, chart=False)
 
     report = json.loads(json_path.read_text())
+    assert "incomplete" not in report, report["incomplete"]
     for side in ("baseline", "orders_api"):
         assert report["intake"][side]["accepted_per_s"] > 0
         assert report["intake"][side]["errors"] == [], report["intake"][side]
@@ -49,10 +55,13 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
     # all settle does not, nor that the window counts none but the run's own orders, each once.
     capacity = report["capacity"]
     assert capacity["drained"] and capacity["orders"] > 0 and capacity["errors"] == []
-    assert round(capacity["final_per_s"] * capacity["window_seconds"]) <= capacity["orders"]
+    assert 0 < round(capacity["final_per_s"] * capacity["window_seconds"]) <= capacity["orders"]
+    # Every bench shopper can pay: an order CANCELLED took the cheap path, a fault.
+    assert capacity["statuses"] == {"FINISHED": capacity["orders"]}, capacity["statuses"]
     assert [row["offered_rate"] for row in report["latency"]] == list(SMOKE.latency_rates)
     for row in report["latency"]:
         assert row["drained"] and row["orders"] > 0
+        assert row["statuses"] == {"FINISHED": row["orders"]}, row["statuses"]
         # Every order offered is in the percentiles: none failed, unsent or left not final.
         assert (row["failed"], row["errors"], row["unsent"], row["not_final"]) == (0, [], 0, 0)
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
@@ -76,6 +85,7 @@ def test_a_tiny_benchmark_run_measures_everything_and_writes_its_report(stack, t
     assert {"orders-api", "orders-worker", "payments-worker", "baseline-api", "floor-flask-smorest",
             "gateway-grpc", "gateway-http"} <= set(report["peak_rss_mb"])
     assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
+    assert not [t for t in report["targets"] if t["cancelled"]], report["targets"]
     # The servers the figures depend on, named with their versions: the broker is the test one.
     assert report["servers"]["kafka_broker"].startswith("tansu ")
     assert report["servers"]["postgresql"] and report["servers"]["redis"]
@@ -100,6 +110,45 @@ def test_the_latency_runs_alone_give_a_line_of_their_figures(stack, tmp_path):
         assert 0 <= row["offered_final_within_1s"] <= row["final_within_1s"] <= 1
         assert row["hops_p50_ms"] and row["cpu_ms_per_order"]
     json.dumps(line)
+
+
+def test_a_bench_stack_leaves_no_data_and_sweeps_away_what_a_killed_run_left(infrastructure):
+    """Its databases and Redis keys go as it stops; and, as it starts, those of a bench run killed
+    outright (no lock held, nothing connected to its databases: bench.leftover_runs)."""
+    killed = uuid.uuid4().hex[:8]
+    server = psycopg2.connect(f"{infrastructure.postgres_base}/postgres")
+    server.autocommit = True
+    keys = redis.Redis.from_url(f"{infrastructure.redis_base}/{REDIS_DB}")
+    try:
+        with server.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "hseshop_bench_{killed}_orders"')
+        keys.set(f"bench.{killed}.unacked", "left")
+        with running_bench_stack(lambda message: None) as stack:
+            # (The bench's servers are the machine's, as the session's are: else it swept
+            # another PostgreSQL, and the planted leftovers are the session's to drop below.)
+            on_the_sessions = stack.env["ORDERS_DATABASE_URL"].startswith(
+                f"{infrastructure.postgres_base}/")
+            assert _bench_databases(server, RUN_ID) and _bench_keys(keys, RUN_ID)
+            if on_the_sessions:
+                assert _bench_databases(server, killed) == [] and not _bench_keys(keys, killed)
+        assert _bench_databases(server, RUN_ID) == [] and _bench_keys(keys, RUN_ID) == []
+    finally:
+        with server.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "hseshop_bench_{killed}_orders"')
+        keys.delete(f"bench.{killed}.unacked")
+        server.close()
+        keys.close()
+
+
+def _bench_databases(server, run_id: str) -> list[str]:
+    with server.cursor() as cursor:
+        cursor.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
+                       (f"hseshop\\_bench\\_{run_id}\\_%",))
+        return [name for (name,) in cursor.fetchall()]
+
+
+def _bench_keys(keys, run_id: str) -> list[bytes]:
+    return list(keys.scan_iter(match=f"bench.{run_id}*", count=1000))
 
 
 def _what_the_gateways_logged_amiss(stack) -> list[str]:
