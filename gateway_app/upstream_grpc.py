@@ -266,9 +266,10 @@ def _http_error(service: str, exc: grpc.RpcError) -> ApiError:
     DATABASE_BUSY with its Retry-After comes as UNAVAILABLE too), or what the call's failure
     says of the service as the HTTP transport says it (unreachable, broken off once the call was
     sent, too slow, refusing the gateway's identity), or that the server was too busy to take
-    it. Never marked Idempotent-Replayed: no error is a replay (a request that fails leaves no
-    key behind, so its repeat runs afresh, shared/idempotency.py; a key reused with another body
-    is a fresh 422)."""
+    it. Marked Idempotent-Replayed as the service marked it: a refusal its operation made, kept
+    under the call's key and answered again (shared/idempotency.py); no other error is a replay
+    (a request that fails otherwise leaves no key behind, so its repeat runs afresh; a key reused
+    with another body is a fresh 422)."""
     trailers = _trailers(exc)
     if HTTP_STATUS_KEY in trailers:
         return _the_services_error(service, exc, trailers)
@@ -312,7 +313,8 @@ def _the_services_error(service: str, exc: grpc.RpcError, trailers: dict[str, st
     """The error the service said in a failed call's `trailers`, as its HTTP API would have
     answered it, and as the HTTP transport relays it (gateway_app/upstream_answers.py: a 5xx but
     its own 503 a 502, a 504 a 504, its CALLER_GAVE_UP saying nothing was done, a 4xx whose status
-    and code the route does not document a 502, a Retry-After that is none left out). Trailers
+    and code the route does not document a 502, a Retry-After that is none left out, a replay's
+    mark answered Idempotent-Replayed as the HTTP transport passes the header on). Trailers
     that are none the service writes (a status that is no error status, or no error of the API's:
     its code not of shared/errors.py's form, details missing or no JSON object) are a 502, as an
     answer over HTTP that is no answer of the API is."""
@@ -333,9 +335,13 @@ def _the_services_error(service: str, exc: grpc.RpcError, trailers: dict[str, st
                                  said=exc.details, error_code=lambda: code)
     if failure is not None:
         return failure
+    headers = {}
     retry_after = retry_after_passed_on(service, trailers.get(RETRY_AFTER_KEY))
-    return ApiError(message, status=int(status), code=code, details=details,
-                    headers={"Retry-After": retry_after} if retry_after is not None else None)
+    if retry_after is not None:
+        headers["Retry-After"] = retry_after
+    if trailers.get(REPLAYED_KEY) == REPLAYED:  # (a refusal kept under the call's key, again)
+        headers[REPLAYED_HEADER] = REPLAYED
+    return ApiError(message, status=int(status), code=code, details=details, headers=headers)
 
 
 # How grpc-core's details begin for a call it never sent: no connection to the service could be

@@ -1,6 +1,7 @@
 """The Orders operations as every transport serves them (HTTP routes and gRPC methods alike):
 validated arguments in, the response body out. Transactions, idempotency and the read cache are
-handled here once, around the use cases."""
+handled here once, around the use cases (a write that honours an Idempotency-Key, in the
+transactions of run_idempotently)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from orders_app import service
 from orders_app.schemas import DEFAULT_PAGE, OrderPageSchema, OrderSchema, order_id_from_path
 from shared.cache import app_cache
-from shared.db import db, transaction
+from shared.db import db
 from shared.idempotency import run_idempotently
 
 ORDER = OrderSchema()
@@ -17,13 +18,12 @@ ORDER_PAGE = OrderPageSchema()
 
 
 def place_order(user_id: str, args: dict[str, Any], idempotency_key: str | None) -> dict:
-    with transaction() as session:
-        body, _status = run_idempotently(
-            session, user_id=user_id, endpoint="POST /orders", key=idempotency_key, args=args,
-            invalidates=service.orders_cache_namespace(user_id),
-            respond=lambda: (
-                ORDER.dump(service.place_order(session, user_id=user_id, **args)), 202),
-        )
+    body, _status = run_idempotently(
+        user_id=user_id, endpoint="POST /orders", key=idempotency_key, args=args,
+        invalidates=service.orders_cache_namespace(user_id),
+        respond=lambda session: (
+            ORDER.dump(service.place_order(session, user_id=user_id, **args)), 202),
+    )
     return body
 
 

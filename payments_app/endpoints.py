@@ -1,6 +1,7 @@
 """The Payments operations as every transport serves them (HTTP routes and gRPC methods alike):
 validated arguments in, the response body out. Transactions, idempotency and the read cache are
-handled here once, around the use cases."""
+handled here once, around the use cases (a write that honours an Idempotency-Key, in the
+transactions of run_idempotently)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ def open_account(user_id: str) -> dict:
 
 
 def deposit(user_id: str, args: dict[str, Any], idempotency_key: str | None) -> dict:
-    with transaction() as session:
-        body, _status = run_idempotently(
-            session, user_id=user_id, endpoint="POST /accounts/deposit", key=idempotency_key,
-            args=args, invalidates=service.balance_cache_namespace(user_id),
-            respond=lambda: (ACCOUNT.dump(service.deposit(session, user_id=user_id, **args)), 200),
-        )
+    body, _status = run_idempotently(
+        user_id=user_id, endpoint="POST /accounts/deposit", key=idempotency_key, args=args,
+        invalidates=service.balance_cache_namespace(user_id),
+        respond=lambda session: (
+            ACCOUNT.dump(service.deposit(session, user_id=user_id, **args)), 200),
+    )
     return body
 
 

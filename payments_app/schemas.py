@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from marshmallow import RAISE, Schema, fields
 
-from shared.documented_errors import IDEMPOTENCY_ERRORS, DocumentedError
+from shared.documented_errors import IDEMPOTENCY_ERRORS, DocumentedError, kept_under_the_key
 from shared.fields import Amount
 from shared.money import MAX_BALANCE
 from shared.operation_links import link
@@ -16,7 +16,9 @@ ACCOUNT_NOT_FOUND = DocumentedError(404, "ACCOUNT_NOT_FOUND", "the caller has no
 BALANCE_LIMIT_EXCEEDED = DocumentedError(422, "BALANCE_LIMIT_EXCEEDED",
                                          f"the balance would pass {MAX_BALANCE}")
 OPEN_ACCOUNT_ERRORS = (ACCOUNT_EXISTS,)
-DEPOSIT_ERRORS = (ACCOUNT_NOT_FOUND, BALANCE_LIMIT_EXCEEDED, *IDEMPOTENCY_ERRORS)
+# (A deposit's own refusals are kept under its key, and answered again to a repeat.)
+DEPOSIT_ERRORS = (kept_under_the_key(ACCOUNT_NOT_FOUND), kept_under_the_key(BALANCE_LIMIT_EXCEEDED),
+                  *IDEMPOTENCY_ERRORS)
 BALANCE_ERRORS = (ACCOUNT_NOT_FOUND,)
 # The account opened is the caller's own, which these operations take with no parameter (the
 # operations named as the views of payments_app/api.py and gateway_app/routes.py are).

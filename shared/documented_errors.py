@@ -6,12 +6,13 @@ API's own are beside its schemas."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 
 from shared.config import MAX_REQUEST_BYTES
 from shared.errors import ErrorSchema, UpstreamRolledBack
-from shared.idempotency import IDEMPOTENCY_HEADER, MAX_KEY_LENGTH
+from shared.idempotency import (IDEMPOTENCY_HEADER, MAX_KEY_LENGTH, REPLAYED_HEADER,
+                                REPLAYED_RESPONSE_HEADERS)
 from shared.internal_auth import DEADLINE_HEADER, USER_ID_HEADER
 
 
@@ -33,6 +34,8 @@ ANSWER_HEADERS = {
               {"type": "string", "enum": ["websocket"]}),
     SEC_WEBSOCKET_VERSION: ("The WebSocket version the gateway speaks (RFC 6455, 4.4): `13`",
                             {"type": "string", "enum": ["13"]}),
+    REPLAYED_HEADER: (REPLAYED_RESPONSE_HEADERS[REPLAYED_HEADER]["description"],
+                      REPLAYED_RESPONSE_HEADERS[REPLAYED_HEADER]["schema"]),
 }
 
 
@@ -123,6 +126,13 @@ SERVICE_OPERATION_ERRORS = (MISSING_USER_ID, INVALID_USER_ID, UNTRUSTED_IDENTITY
                             *DATABASE_UNAVAILABLE_OR_BUSY)
 # What the operations that honour an Idempotency-Key can answer for it.
 IDEMPOTENCY_ERRORS = (INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED)
+
+
+def kept_under_the_key(error: DocumentedError) -> DocumentedError:
+    """`error` as an operation that honours an Idempotency-Key documents it when its operation
+    makes it once begun (an account missing, say): kept under the key, and answered again to a
+    repeat, Idempotent-Replayed (shared.idempotency)."""
+    return replace(error, headers=(*error.headers, REPLAYED_HEADER))
 
 
 def error_responses(errors: Iterable[DocumentedError]) -> dict[int, dict]:

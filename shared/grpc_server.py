@@ -61,7 +61,7 @@ ERROR_CODE_KEY = "hseshop-error-code"
 ERROR_DETAILS_KEY = "hseshop-error-details"
 RETRY_AFTER_KEY = "hseshop-retry-after"  # only when the HTTP answer would carry Retry-After
 # Trailing metadata of a call answered with a replay (shared.idempotency), REPLAYED: where the HTTP
-# answer carries Idempotent-Replayed: true.
+# answer carries Idempotent-Replayed: true (a reply's, or a refusal's kept under its key).
 REPLAYED_KEY = "hseshop-idempotent-replayed"
 
 # Keepalive between the gateway's channels and these servers. A connection to a service that went
@@ -279,7 +279,9 @@ def serve_call(app: Flask, context: grpc.ServicerContext, request: Any,
             _abort(context, ApiError("The request is not valid.", status=422,
                                      code="VALIDATION_ERROR", details={location: exc.messages}))
         except ApiError as exc:
-            _abort(context, exc)
+            # (A refusal kept under the call's Idempotency-Key and answered again is marked, as
+            # a reply is.)
+            _abort(context, exc, replayed=take_replayed_mark())
         except DATABASE_ERRORS as exc:
             log.warning("database unavailable or busy: %s", getattr(exc, "orig", exc))
             _abort(context, database_error(exc))
@@ -313,8 +315,9 @@ def _earliest_deadline(context: grpc.ServicerContext, metadata: dict[str, str]) 
     return min((deadline for deadline in deadlines if deadline is not None), default=None)
 
 
-def _abort(context: grpc.ServicerContext, error: ApiError) -> None:
-    """End the call with what the HTTP API would have answered for `error`, in the trailers.
+def _abort(context: grpc.ServicerContext, error: ApiError, replayed: bool = False) -> None:
+    """End the call with what the HTTP API would have answered for `error`, in the trailers
+    (`replayed`: it answers an earlier call under the same Idempotency-Key, REPLAYED_KEY).
     grpc-core drops a trailer over 16 KiB (the details', for one), and the gateway answers a
     failure whose details are missing 502: the services' details are far shorter."""
     trailers = [
@@ -324,6 +327,8 @@ def _abort(context: grpc.ServicerContext, error: ApiError) -> None:
     ]
     if "Retry-After" in error.headers:
         trailers.append((RETRY_AFTER_KEY, error.headers["Retry-After"]))
+    if replayed:
+        trailers.append((REPLAYED_KEY, REPLAYED))
     context.set_trailing_metadata(tuple(trailers))
     context.abort(GRPC_CODE_FOR_HTTP_STATUS.get(error.status, grpc.StatusCode.UNKNOWN),
                   error.message)

@@ -22,7 +22,19 @@ work, though the client sent it once.
 
 The key is recorded in the same transaction as the work it guards, so a request that fails leaves
 no key behind, and two concurrent requests with one key run one after the other (the second waits
-on the first one's insert and then reads its stored response). A key is kept for
+on the first one's insert and then reads its stored response). A refusal the operation itself
+makes once it has begun (a 4xx its use case raises: a top-up's 404 ACCOUNT_NOT_FOUND or 422
+BALANCE_LIMIT_EXCEEDED) is an answer as a success is, and is kept and replayed alike (the same
+status and body, said replayed): its work rolls back whole, and the key is then recorded with the
+refusal in a short transaction of its own, so that a top-up refused for want of an account,
+retried under its key once the account is open, is answered its 404 again, not carried out. As
+Stripe keeps a result "only if an API endpoint started executing", what refuses a request before
+its operation runs keeps nothing: its body invalid (400, 422 VALIDATION_ERROR), its key or its
+identity (400, 401), its media type (415), a limit (429), and any failure (503, 504
+CALLER_GAVE_UP, 5xx); its retry, a corrected body under the same key included, is carried out.
+A refusal's row keeps its request's fingerprint marked (_REFUSAL_MARK), so that a process of the
+release before this one, which kept no refusal and would answer one's body with its operation's
+success status, refuses a retry under its key 422 IDEMPOTENCY_KEY_REUSED instead. A key is kept for
 IDEMPOTENCY_KEY_RETENTION_SECONDS (a day, by default), then pruned (`prune_expired_keys`, run by
 beat): a client retries within that, and the same key later is a new request.
 
@@ -50,8 +62,9 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.cache import invalidate_after_commit
-from shared.db import after_commit, db, delete_oldest_before, nothing_new_to_commit
-from shared.errors import ApiError, Unprocessable
+from shared.db import (after_commit, db, delete_oldest_before, nothing_new_to_commit,
+                       transaction)
+from shared.errors import ApiError, Unprocessable, error_body
 from shared.internal_auth import IDEMPOTENCY_KEY_HEADER as IDEMPOTENCY_HEADER
 from shared.jsonio import loads_strict
 from shared.single_use_signatures import refuse_a_used_signature
@@ -69,7 +82,13 @@ IDEMPOTENCY_KEY_PARAMETER = {
     "schema": {"type": "string",
                "pattern": rf"^[ \t]*{_KEY_END}(?:{_KEY_CHARACTER}{{0,{MAX_KEY_LENGTH - 2}}}"
                           rf"{_KEY_END})?[ \t]*$"},
-    "description": "A retry with the same key and body within a day returns the first response;"
+    "description": "A retry with the same key and body within a day returns the first response"
+                   " (status and body, with `Idempotent-Replayed: true`), a refusal the operation"
+                   " made once begun too (a top-up's 404 `ACCOUNT_NOT_FOUND` is answered again"
+                   " once the account is open); one refused before it ran (an invalid body, 401,"
+                   " 415, 429) or that failed (5xx, 504) keeps nothing, and its retry is carried"
+                   " out afresh. The same key with another body is a 422"
+                   " `IDEMPOTENCY_KEY_REUSED`."
                    f" 1 to {MAX_KEY_LENGTH} printable ASCII characters but a comma, not all"
                    " spaces, given once (400 INVALID_IDEMPOTENCY_KEY otherwise: the header given"
                    " twice reaches the server joined by a comma). Spaces and tabs at its ends are"
@@ -79,7 +98,8 @@ IDEMPOTENCY_KEY_PARAMETER = {
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 REPLAYED = "true"  # its value (and that of the gRPC trailer that carries it)
-# The header as the OpenAPI documents of those routes describe it, on their success response.
+# The header as the OpenAPI documents of those routes describe it, on their success response (and,
+# shared.documented_errors: kept_under_the_key, on those of the refusals their operations make).
 REPLAYED_RESPONSE_HEADERS = {REPLAYED_HEADER: {
     "description": f"`true` when this is the answer to an earlier request with the same"
                    f" {IDEMPOTENCY_HEADER} and body, replayed: nothing was done this time."
@@ -160,10 +180,10 @@ def fingerprint(args: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str | None,
-                     args: dict[str, Any], respond: Callable[[], Response],
-                     invalidates: str) -> Response:
-    """Run `respond` once per (user, endpoint, key); replay its response for a repeated request.
+def run_idempotently(*, user_id: str, endpoint: str, key: str | None, args: dict[str, Any],
+                     respond: Callable[[Session], Response], invalidates: str) -> Response:
+    """Run `respond(session)` in a transaction (its `session`'s), once per (user, endpoint, key);
+    replay its answer for a repeated request: a success returned, a refusal kept raised again.
 
     `endpoint` names the operation ("POST /orders"), whatever transport the request came by.
     `invalidates` is the read cache's namespace the operation changes, which `respond` invalidates
@@ -173,17 +193,73 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
     that finds the change must not leave the reads cached from before it.
     A replay marks the answer replayed once its transaction has committed (take_replayed_mark),
     and commits nothing new, which the caller's deadline does not hold back (shared.db:
-    nothing_new_to_commit). Run first in its transaction (the services' endpoints), so that a
-    replay's transaction holds no work of its own.
+    nothing_new_to_commit). The key is claimed first in the transaction, so that a replay's
+    transaction holds no work of its own.
+    A refusal `respond` raises (a 4xx ApiError: the operation's decision, made once it began) is
+    kept too, in a transaction of its own once the work's has rolled back (_refusal_kept).
     Without a key, the gateway's signature of the call is taken, once, before the work: a
     captured call sent again is refused 401 SIGNATURE_USED, and so is a try that failed sent
     again (a signed unkeyed write is one try; retry by signing again: shared.single_use_signatures
     says why a failure does not give the signature back)."""
     if key is None:
-        refuse_a_used_signature()
-        return respond()
+        with transaction() as session:
+            refuse_a_used_signature()
+            return respond(session)
     request_hash = fingerprint(args)
-    while not _claim(session, user_id, endpoint, key, request_hash):
+    refusal = None
+    try:
+        with transaction() as session:
+            kept = _claimed_or_kept(session, user_id, endpoint, key, request_hash,
+                                    {"request_hash": request_hash}, invalidates)
+            if kept is None:
+                try:
+                    body, status = respond(session)
+                except ApiError as exc:
+                    refusal = exc if _kept_as_an_answer(exc) else None
+                    raise
+                _keep_answer(session, user_id, endpoint, key, body, status)
+                return body, status
+    except ApiError as exc:
+        if exc is not refusal:
+            raise
+        kept = _refusal_kept(user_id, endpoint, key, request_hash, refusal, invalidates)
+        if kept is None:  # (kept now: this is its first answer)
+            raise
+    return _answered_again(*kept)
+
+
+def _kept_as_an_answer(refusal: ApiError) -> bool:
+    """Whether `refusal`, raised by an operation run under a key, is kept as its answer: a 4xx,
+    the operation's own decision (the account it tops up missing, the balance's limit), made once
+    it began; without headers of its own, which a replay would not answer (none of the
+    operations' refusals has any). What refuses a request before its operation runs (its body
+    invalid, its key, its identity, a limit) keeps nothing, and neither does a failure (a 5xx, a
+    database busy or unreachable, the caller's deadline passed): its retry is carried out afresh,
+    as Stripe keeps "only if an API endpoint started executing"."""
+    return 400 <= refusal.status < 500 and not refusal.headers
+
+
+def _refusal_kept(user_id: str, endpoint: str, key: str, request_hash: str, refusal: ApiError,
+                  invalidates: str) -> Response | None:
+    """Keep `refusal` as the answer under the key, in a short transaction of its own (the work's
+    has rolled back: nothing of it is kept); None once it is kept. Another request under the key
+    may have kept an answer meanwhile (the same request sent twice at once, the second carried out
+    as the first's work rolled back): that answer, replayed (or the 422 for another body), as a
+    repeat finds it. Past the caller's deadline the refusal is not kept (new work: CallerGaveUp,
+    a 504 that says nothing was done), and the retry is carried out afresh."""
+    body = error_body(refusal.code, refusal.message, refusal.details)
+    with transaction() as session:
+        return _claimed_or_kept(session, user_id, endpoint, key, request_hash, {
+            "request_hash": _fingerprint_kept(request_hash, refusal.status),
+            **_answer_columns(body, refusal.status)}, invalidates)
+
+
+def _claimed_or_kept(session: Session, user_id: str, endpoint: str, key: str, request_hash: str,
+                     row: dict[str, Any], invalidates: str) -> Response | None:
+    """Record the key with `row` (its columns: the request's fingerprint, and the answer if it is
+    known) and None; or, recorded already, the answer kept under it (body and status) for this
+    request, replayed, or a 422 when it was kept for another body."""
+    while not _claim(session, user_id, endpoint, key, row):
         earlier = session.scalars(
             select(IdempotencyKey).where(
                 IdempotencyKey.user_id == user_id,
@@ -193,7 +269,7 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
         ).one_or_none()
         if earlier is None:  # pruned as it expired, between the two statements: claim it anew
             continue
-        if earlier.request_hash != request_hash:
+        if earlier.request_hash != _fingerprint_kept(request_hash, earlier.response_status):
             raise Unprocessable(
                 f"This {IDEMPOTENCY_HEADER} was already used with a different request body.",
                 code="IDEMPOTENCY_KEY_REUSED",
@@ -202,15 +278,51 @@ def run_idempotently(session: Session, *, user_id: str, endpoint: str, key: str 
         invalidate_after_commit(session, invalidates)
         after_commit(session, _mark_replayed)  # (a commit that fails answers an error instead)
         return _answered_body(earlier), earlier.response_status
-    body, status = respond()
+    return None
+
+
+def _keep_answer(session: Session, user_id: str, endpoint: str, key: str, body: Any,
+                 status: int) -> None:
+    """The answer to the request that claimed the key, kept on its row."""
     session.execute(
         update(IdempotencyKey)
         .where(IdempotencyKey.user_id == user_id, IdempotencyKey.endpoint == endpoint,
                IdempotencyKey.key == key)
-        .values(response_status=status, response_text=current_app.json.dumps(body),
-                response_body=body)
+        .values(**_answer_columns(body, status))
     )
-    return body, status
+
+
+def _answer_columns(body: Any, status: int) -> dict[str, Any]:
+    """An answer as its row keeps it: its status, its text, and its jsonb (for the release before
+    this one: the module's docstring)."""
+    return {"response_status": status, "response_text": current_app.json.dumps(body),
+            "response_body": body}
+
+
+# How a refusal's row keeps its request's fingerprint: marked so, the mark in the place of as many
+# of the fingerprint's last digits (the column holds 64). A release before this one kept no
+# refusal, and answered a kept body with its operation's success status, whatever the row's: it
+# would have answered a retry of a top-up refused 404 with a 200 of that error. It compares the
+# fingerprint as is and, finding another, refuses the retry 422 IDEMPOTENCY_KEY_REUSED, nothing
+# done (during an upgrade, or after a rollback while a refusal is kept).
+_REFUSAL_MARK = "refused:"
+
+
+def _fingerprint_kept(request_hash: str, status: int | None) -> str:
+    """The fingerprint `request_hash` as a row answered `status` keeps it (None: not answered
+    yet, as it is claimed)."""
+    if status is None or status < 400:
+        return request_hash
+    return _REFUSAL_MARK + request_hash[:len(request_hash) - len(_REFUSAL_MARK)]
+
+
+def _answered_again(body: Any, status: int) -> Response:
+    """A kept answer as it is answered again: a success returned, a refusal raised (the ApiError
+    that answers its very body)."""
+    if status < 400:
+        return body, status
+    error = body["error"]
+    raise ApiError(error["message"], code=error["code"], details=error["details"], status=status)
 
 
 def _answered_body(kept: IdempotencyKey) -> Any:
@@ -247,12 +359,12 @@ def say_if_replayed(response: HttpResponse) -> HttpResponse:
     return response
 
 
-def _claim(session: Session, user_id: str, endpoint: str, key: str, request_hash: str) -> bool:
-    """Record the key for this request; False when it is recorded already (by a request that
-    has committed: one in flight is waited for)."""
+def _claim(session: Session, user_id: str, endpoint: str, key: str, row: dict[str, Any]) -> bool:
+    """Record the key with `row`, the rest of its columns; False when it is recorded already (by
+    a request that has committed: one in flight is waited for)."""
     return session.execute(
         insert(IdempotencyKey)
-        .values(user_id=user_id, endpoint=endpoint, key=key, request_hash=request_hash)
+        .values(user_id=user_id, endpoint=endpoint, key=key, **row)
         .on_conflict_do_nothing()
         .returning(IdempotencyKey.key)
     ).first() is not None

@@ -22,3 +22,12 @@ def assert_only_the_repeat_said_replayed(what: str, status: int, first, again, r
     assert reused.status_code == 422, what
     assert json.loads(body_of(reused))["error"]["code"] == "IDEMPOTENCY_KEY_REUSED", what
     assert REPLAYED_HEADER not in reused.headers, what
+
+
+def replayed_responses(keyed_operations: dict, kept_refusals: dict) -> set[tuple[str, str, int]]:
+    """The responses (method, path, status) an answer replayed can be: each keyed operation's
+    success (its status the second of what `keyed_operations` gives it, after its key: method and
+    path, and a service's name first on a service's) and the refusals of `kept_refusals`."""
+    return ({(*operation[-2:], answer[1]) for operation, answer in keyed_operations.items()}
+            | {(*operation[-2:], status) for operation, statuses in kept_refusals.items()
+               for status in statuses})

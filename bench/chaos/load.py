@@ -381,10 +381,11 @@ class Load:
         """Once the load has stopped and the shop settled: each deposit left unconfirmed sent
         again as it was, under its key, which the shop's idempotency answers with the first try's
         answer if a try made it, or makes it now, or answers 404 if there is no account to make
-        it in (Ledger.resolve). Those the shop answers so are resolved (counted as deposited, or
-        not, when never made); any other is left in `unconfirmed_deposits` (the invariants say
-        each: a settled shop answers a deposit), as are those not sent again within
-        RESOLVE_SECONDS, the whole step's patience. None is sent again to a shop that did not
+        it in, or was none when a try was refused so (that refusal kept under the key, replayed:
+        shared.idempotency) (Ledger.resolve). Those the shop answers so are resolved (counted as
+        deposited, or not, when never made); any other is left in `unconfirmed_deposits` (the
+        invariants say each: a settled shop answers a deposit), as are those not sent again
+        within RESOLVE_SECONDS, the whole step's patience. None is sent again to a shop that did not
         settle (the run's first problem): it would answer them no better than during the run."""
         deposits, unresolved = self.ledger.unconfirmed_deposits, []
         if not shop_settled:

@@ -359,7 +359,9 @@
   }
 
   // SETTLED: a 4xx refusal of what was sent; the same contents under the same key are refused so
-  // again, since one carried out under it is answered with its replay. NOTHING_DONE: a 429 or a
+  // again, since one carried out under it is answered with its replay (a refusal the services made
+  // of its work, a top-up's 404 ACCOUNT_NOT_FOUND say, is kept under the key and replayed too: the
+  // same contents pressed once the account is open go under a new key). NOTHING_DONE: a 429 or a
   // 401 (the token refused: the user may sign in again and retry), the gateway's 503
   // SERVICE_UNAVAILABLE (for a service it never sent the request to: a connection lost after it
   // went is a 502, over either transport), a service's 503 DATABASE_BUSY (rolled back whole), or

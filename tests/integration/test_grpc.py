@@ -47,7 +47,8 @@ from shared.identity import CALL_THROUGH_THE_GATEWAY
 from shared.internal_auth import DEADLINE_HEADER, grpc_identity_metadata
 from shared.protos import orders_pb2, orders_pb2_grpc
 from shared.request_context import current_request_id
-from tests.integration.test_gateway import assert_replays_said_so
+from tests.integration.test_gateway import (assert_refusals_kept_as_the_operation_made_them,
+                                           assert_replays_said_so)
 from tests.integration.test_http_api import AMOUNTS_BEYOND_THE_READERS
 from tests.integration.test_gateway import upstreams  # noqa: F401  (the services over HTTP)
 from tests.dns_tools import MovableNameServer
@@ -154,6 +155,14 @@ def test_a_replayed_answer_is_said_to_be_one_through_the_gateway_over_grpc(
         settings, upstreams, grpc_targets):  # noqa: F811
     """The service marks the reply in its trailers; the gateway answers Idempotent-Replayed."""
     assert_replays_said_so(_gateway(settings, upstreams, grpc_targets, "grpc"))
+
+
+def test_a_refusal_its_operation_made_is_kept_under_its_key_through_the_gateway_over_grpc(
+        settings, upstreams, grpc_targets):  # noqa: F811
+    """The service marks the refusal it answers again in its trailers, as a reply; the gateway
+    answers it Idempotent-Replayed."""
+    assert_refusals_kept_as_the_operation_made_them(
+        _gateway(settings, upstreams, grpc_targets, "grpc"))
 
 
 @pytest.mark.parametrize("transport", ["http", "grpc"])

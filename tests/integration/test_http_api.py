@@ -29,7 +29,7 @@ from shared.cache import CACHE_EXTENSION
 from shared.caller_deadline import DEADLINE_HEADER, deadline_headers
 from shared.contracts import FAILURE_REASONS
 from shared.db import db, transaction
-from shared.idempotency import REPLAYED, REPLAYED_HEADER
+from shared.idempotency import REPLAYED, REPLAYED_HEADER, IdempotencyKey
 from shared.identity import CALL_THROUGH_THE_GATEWAY
 from shared.internal_auth import identity_headers
 from shared.kafka import broker_reachable
@@ -44,7 +44,7 @@ from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_desc
 from tests.postgres_tools import (account_row_held, commits_of_orders_taking, no_connection_free,
                                   second_waiting_on_the_first, terminate_backend,
                                   wait_for_other_sessions, wait_for_sessions_waiting_on_a_lock)
-from tests.replay_tools import assert_only_the_repeat_said_replayed
+from tests.replay_tools import assert_only_the_repeat_said_replayed, replayed_responses
 from tests.signed_requests import MALFORMED_DEADLINES
 from tests.thread_tools import OutcomeThread, all_joined
 
@@ -849,6 +849,126 @@ def test_a_deposit_sent_again_while_the_first_is_in_flight_waits_for_it_and_repl
         assert db.session.get(Account, user_id).balance == Decimal("25.00")
 
 
+def _keys_kept(app, user_id) -> dict[str, tuple[int, str]]:
+    """The keys kept for `user_id`, each with its answer's status and the fingerprint it keeps."""
+    with app.app_context():
+        rows = db.session.execute(select(
+            IdempotencyKey.key, IdempotencyKey.response_status, IdempotencyKey.request_hash)
+            .where(IdempotencyKey.user_id == user_id))
+        return {key: (status, request_hash) for key, status, request_hash in rows}
+
+
+def test_a_keyed_deposit_refused_by_its_operation_is_answered_its_refusal_again(
+        payments_http, payments_flask_app, user_id):
+    """Issue 2's contract, as a reviewer found it broken: a top-up under a key refused 404
+    ACCOUNT_NOT_FOUND, sent again under that key once the account is open, is answered that 404
+    again (its very text, said replayed) and moves no money, where it was carried out afresh; the
+    key with another body is a 422 IDEMPOTENCY_KEY_REUSED. So is a 422 BALANCE_LIMIT_EXCEEDED,
+    made once the account's row is read, sent again once the balance has room. Each answer's
+    headers as the service's document gives them."""
+    spec = payments_http.get("/docs/openapi.json").get_json()
+    path = "/accounts/deposit"
+
+    def deposit(amount: str, key: str):
+        return payments_http.post(path, json={"amount": amount}, signed_as=user_id,
+                                  headers={"Idempotency-Key": key})
+
+    def balance_set(balance: Decimal) -> None:
+        with payments_flask_app.app_context():
+            db.session.get(Account, user_id).balance = balance
+            db.session.commit()
+
+    missing = deposit("5", "topup-1")
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    missing_again, missing_reused = deposit("5", "topup-1"), deposit("6", "topup-1")
+    balance_set(MAX_BALANCE - 1)
+    over = deposit("1.01", "topup-2")
+    balance_set(MAX_BALANCE - 2)  # (room for it now)
+    over_again, over_reused = deposit("1.01", "topup-2"), deposit("1.02", "topup-2")
+
+    assert_only_the_repeat_said_replayed(path, 404, missing, missing_again, missing_reused,
+                                         lambda answer: answer.get_data())
+    assert_only_the_repeat_said_replayed(path, 422, over, over_again, over_reused,
+                                         lambda answer: answer.get_data())
+    assert _assert_error(missing, 404)["code"] == "ACCOUNT_NOT_FOUND"
+    assert _assert_error(over, 422)["code"] == "BALANCE_LIMIT_EXCEEDED"
+    with payments_flask_app.app_context():
+        assert db.session.get(Account, user_id).balance == MAX_BALANCE - 2
+    for answer in (missing, missing_again, missing_reused, over, over_again, over_reused):
+        assert_headers_documented(spec, "post", path, answer)
+
+
+def test_a_keyed_deposit_refused_for_its_body_keeps_nothing_and_its_correction_is_carried_out(
+        payments_http, payments_flask_app, user_id):
+    """Refused before its operation ran (422 VALIDATION_ERROR: its amount), a request keeps
+    nothing under its key, as Stripe keeps nothing for a request that failed validation: its
+    correction under the same key, another body, is carried out (here refused 404, no account
+    yet), not refused as the key reused; that refusal, its operation's, is kept."""
+    keyed = {"Idempotency-Key": "topup-1"}
+    invalid = payments_http.post("/accounts/deposit", json={"amount": "-5"}, signed_as=user_id,
+                                 headers=keyed)
+    assert _assert_error(invalid, 422)["code"] == "VALIDATION_ERROR"
+    assert _keys_kept(payments_flask_app, user_id) == {}
+    corrected = payments_http.post("/accounts/deposit", json={"amount": "5"}, signed_as=user_id,
+                                   headers=keyed)
+    assert _assert_error(corrected, 404)["code"] == "ACCOUNT_NOT_FOUND"
+    assert REPLAYED_HEADER not in corrected.headers
+    assert [status for status, _ in _keys_kept(payments_flask_app, user_id).values()] == [404]
+
+
+def test_a_kept_refusal_is_refused_by_the_release_before_not_answered_as_a_success(
+        payments_http, payments_flask_app, user_id):
+    """The release before kept no refusal, and answered a kept body with its operation's success
+    status, whatever the row's (a 200 of the 404's error). It replays only a row that keeps the
+    request's fingerprint as it is and refuses any other 422 IDEMPOTENCY_KEY_REUSED, nothing
+    done: a refusal's row keeps it marked, unlike the same body's success."""
+    refused = payments_http.post("/accounts/deposit", json={"amount": "5"}, signed_as=user_id,
+                                 headers={"Idempotency-Key": "refused"})
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    done = payments_http.post("/accounts/deposit", json={"amount": "5"}, signed_as=user_id,
+                              headers={"Idempotency-Key": "done"})
+    assert (refused.status_code, done.status_code) == (404, 200)
+    kept = _keys_kept(payments_flask_app, user_id)
+    assert (kept["refused"][0], kept["done"][0]) == (404, 200)
+    assert kept["refused"][1] != kept["done"][1]  # (what the release before compares)
+
+
+def test_a_deposit_sent_twice_at_once_and_refused_alike_keeps_its_refusal_once(
+        payments_flask_app, settings, monkeypatch, user_id):
+    """Two top-ups under one key at once, for a user with no account: the second waits on the
+    first's key, is carried out as the first's work rolls back, and is refused alike. One refusal
+    is kept, and the other request answers it, replayed: the same 404, byte for byte."""
+    from payments_app import service as payments
+
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
+    answers = {}
+
+    def send(name):
+        answers[name] = payments_flask_app.test_client().post(
+            "/accounts/deposit", json={"amount": "25"}, signed_as=user_id, headers=headers)
+
+    def first(hold):
+        real_deposit = payments.deposit
+
+        def held_then_refused(session, **kwargs):
+            monkeypatch.setattr(payments, "deposit", real_deposit)  # (the second's is not held)
+            hold()
+            return real_deposit(session, **kwargs)
+
+        monkeypatch.setattr(payments, "deposit", held_then_refused)
+        send("first")
+
+    second_waiting_on_the_first(settings.database_url("payments"), first, lambda: send("second"),
+                                what="the second waiting on the first's key")
+
+    assert [_assert_error(answer, 404)["code"] for answer in answers.values()] == [
+        "ACCOUNT_NOT_FOUND"] * 2
+    assert answers["first"].get_data() == answers["second"].get_data()
+    assert sorted(answer.headers.get(REPLAYED_HEADER) == REPLAYED
+                  for answer in answers.values()) == [False, True]
+    assert [status for status, _ in _keys_kept(payments_flask_app, user_id).values()] == [404]
+
+
 # The operations that honour an Idempotency-Key (by service, method and path as documented): a
 # body, the status it is answered with, and another body.
 KEYED_OPERATIONS = {
@@ -856,6 +976,9 @@ KEYED_OPERATIONS = {
                                     {"amount": "7.51", "description": "pen"}),
     ("payments", "post", "/accounts/deposit"): ({"amount": "25"}, 200, {"amount": "26"}),
 }
+# The statuses of the refusals a keyed operation's own work makes (by service, method and path
+# as documented), kept under the key and answered again.
+KEPT_REFUSALS = {("payments", "post", "/accounts/deposit"): (404, 422)}
 
 
 @pytest.mark.parametrize("service, method, path", KEYED_OPERATIONS)
@@ -927,12 +1050,15 @@ def test_a_replay_no_transport_answered_is_not_taken_for_the_next_requests(order
 
 def test_the_replayed_header_is_documented_where_answers_are_replayed_and_nowhere_else(
         orders_http, payments_http):
-    """On the success response of each operation that honours a key, none other."""
+    """On the success response of each operation that honours a key, and on those of the
+    refusals its own work makes, kept under the key; none other."""
     for service, client in (("orders", orders_http), ("payments", payments_http)):
         spec = client.get("/docs/openapi.json").get_json()
-        assert responses_documenting(spec, REPLAYED_HEADER) == {
-            (method, path, status) for (owner, method, path), (_, status, _) in
-            KEYED_OPERATIONS.items() if owner == service}, service
+        assert responses_documenting(spec, REPLAYED_HEADER) == replayed_responses(
+            {operation: answer for operation, answer in KEYED_OPERATIONS.items()
+             if operation[0] == service},
+            {operation: statuses for operation, statuses in KEPT_REFUSALS.items()
+             if operation[0] == service}), service
 
 
 @pytest.mark.parametrize("service", ["orders", "payments"])
@@ -1273,6 +1399,29 @@ def test_a_keyed_request_carried_out_and_repeated_past_its_deadline_is_answered_
     balance = payments_http.get("/accounts/balance", signed_as=user_id).get_json()["balance"]
     assert (_orders_listed(orders_http, user_id), balance) == \
         ((1, "0.00") if path == "/orders" else (0, "1.00"))
+
+
+def test_a_refusal_made_past_the_deadline_is_not_kept_and_one_kept_is_answered_past_it(
+        payments_http, payments_flask_app, user_id):
+    """A top-up under a key refused 404 (no account) once the gateway's deadline has passed keeps
+    nothing: keeping it is new work, which the deadline rolls back (504 CALLER_GAVE_UP, "nothing
+    of it was done"), and its repeat is carried out afresh. A refusal kept before is answered
+    again past the deadline, Idempotent-Replayed, as any answer kept."""
+    passed = deadline_headers(-0.001)
+
+    def deposit(key: str, **deadline):
+        return payments_http.post("/accounts/deposit", json={"amount": "5"}, signed_as=user_id,
+                                  headers={"Idempotency-Key": key, **deadline})
+
+    late, kept = deposit("late", **passed), deposit("kept")
+    assert _assert_error(late, 504)["code"] == "CALLER_GAVE_UP"
+    assert _assert_error(kept, 404)["code"] == "ACCOUNT_NOT_FOUND"
+    assert list(_keys_kept(payments_flask_app, user_id)) == ["kept"]
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    kept_again, late_again = deposit("kept", **passed), deposit("late")
+    assert (kept_again.status_code, kept_again.headers.get(REPLAYED_HEADER), kept_again.data) == (
+        404, REPLAYED, kept.data)
+    assert (late_again.status_code, late_again.get_json()["balance"]) == (200, "5.00")
 
 
 def test_a_keyed_order_repeated_as_its_first_send_commits_slowly_is_answered_its_answer(

@@ -27,9 +27,10 @@ from tests.integration.test_gateway import _status_changes
 
 def _place(user: str, key: str, amount: str) -> tuple:
     """What `POST /orders` with an Idempotency-Key does around its work, the work a counter."""
-    with service_app("orders").app_context(), transaction() as session:
-        return run_idempotently(session, user_id=user, endpoint="POST /retention-test", key=key,
-                                args={"amount": amount}, respond=lambda: ({"amount": amount}, 202),
+    with service_app("orders").app_context():
+        return run_idempotently(user_id=user, endpoint="POST /retention-test", key=key,
+                                args={"amount": amount},
+                                respond=lambda _session: ({"amount": amount}, 202),
                                 invalidates=f"retention-test:{user}")
 
 
