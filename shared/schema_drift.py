@@ -2,11 +2,11 @@
 Alembic's autogenerate comparison of the database with the service's models (shared/'s included),
 each difference said in words. It compares tables, columns (types, nullability), indexes (columns,
 uniqueness), unique constraints and foreign keys; not server defaults, CHECK constraints, nor an
-index's WHERE or INCLUDE (a revision edited to change only those is caught by the revision pins,
-shared/revision_pins.py, not here). Nothing, when the database is as this release's revisions left
-it (tests/integration/test_migrations.py checks that they and the models agree); `upgrade` checks
-it at the head (shared.migrations), where a database migrated by a revision edited since records
-the same revision and has another schema."""
+index's WHERE or INCLUDE (a revision, or a step of shared/migration_steps.py it runs, edited to
+change only those is caught by the revision pins, shared/revision_pins.py, not here). Nothing, when
+the database is as this release's revisions left it (tests/integration/test_migrations.py checks
+that they and the models agree); `upgrade` checks it at the head (shared.migrations), where a
+database migrated by a revision edited since records the same revision and has another schema."""
 
 from __future__ import annotations
 
