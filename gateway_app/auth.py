@@ -24,7 +24,7 @@ from gateway_app.sign_out import (REMEMBERED, SIGNED_OUT, is_signed_out, sign_ou
                                   sign_out_everywhere)
 from gateway_app.socket_tickets import redeem_ticket
 from gateway_app.tokens import EXPIRED, InvalidToken, VerifiedToken, issue_token, verify_token
-from gateway_app.usernames import username_key
+from gateway_app.usernames import username_key, username_key_of
 from shared.db import db, transaction
 from shared.documented_errors import (DATABASE_UNAVAILABLE_OR_BUSY, WWW_AUTHENTICATE,
                                      DocumentedError)
@@ -189,8 +189,8 @@ def register(args):
     """Create a user and sign them in."""
     password_hash = hash_password(args["password"])
     with transaction() as session:
-        # Nothing inserted on a conflict of any unique constraint: the username's key's (another
-        # user has the name, in some case), and the username's own, kept for the release before
+        # Nothing inserted on a conflict of any unique index: the username's key's (another user
+        # has the name, in some case), and the username's own, kept for the release before
         # (gateway_app/models.py), which naming the key's alone would leave to end in a 500 when
         # met first. (The id's: 64 random bits, never met.)
         created = session.execute(
@@ -220,7 +220,8 @@ def login(args):
     # Counted as failed before the password is checked, and given back unless it proves wrong.
     with limiter.failure_reserved(f"failed-sign-in:{key}",
                                   limit=FAILED_SIGN_INS_PER_USERNAME) as failure:
-        user = db.session.scalars(select(User).where(User.username_key == key)).one_or_none()
+        user = db.session.scalars(
+            select(User).where(username_key_of(User.username) == key)).one_or_none()
         # The read's connection back to the pool before the password is checked (scrypt: some
         # 60 ms of CPU): a burst of sign-ins would otherwise hold every connection of the process,
         # and every signed-in request waits for one (whether its token was signed out). The

@@ -183,6 +183,23 @@ def create_index_concurrently(name: str, table: str, columns: list[str],
                         postgresql_concurrently=True, if_not_exists=True)
 
 
+def create_unique_index_concurrently(name: str, table: str,
+                                     columns: list[str | sa.TextClause]) -> None:
+    """Build a unique index as create_index_concurrently builds one (which released revisions
+    run, and so stays as it was: shared/revision_pins.py), of columns or of expressions
+    (`sa.text("lower(name)")`), without blocking the table's writers or readers. A build that
+    finds two rows of one value fails with an IntegrityError, the invalid index it left dropped
+    first: that one would go on refusing the writers' duplicates, as a valid one does."""
+    with op.get_context().autocommit_block(), limit_lifted(op.execute, "lock_timeout"):
+        _drop_if_invalid(name)
+        try:
+            op.create_index(name, table, columns, unique=True, postgresql_concurrently=True,
+                            if_not_exists=True)
+        except sa.exc.IntegrityError:
+            _drop_if_invalid(name)
+            raise
+
+
 def _drop_if_invalid(name: str) -> None:
     invalid = op.get_bind().scalar(sa.text(
         "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"),

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -21,13 +22,14 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.orm import Session
 
 from devstack.infra import free_port, start_embedded_postgres
-from gateway_app.usernames import username_key
+from gateway_app.models import User
+from gateway_app.usernames import username_key, username_key_of
 from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, load_settings
 from shared.db import SESSION_LIMITS, driver_dsn
 from shared.idempotency import IdempotencyKey
 from shared.inbox.parked import count_parked_messages, last_parked, parked_batch, parked_messages
 from shared.inbox.pruning import prune_handled_messages
-from shared.migration_steps import DowngradeRefused
+from shared.migration_steps import DowngradeRefused, UpgradeRefused
 from shared.migrations import (MIGRATION_LIMITS, MIGRATION_LOCK_KEY, ServerTooOld,
                                alembic_config, downgrade, ensure_database, main, upgrade)
 from shared.outbox.parked import last_parked_outbox_row, parked_outbox_batch
@@ -131,15 +133,16 @@ def test_the_gateway_keeps_no_idempotency_keys_and_its_downgrade_makes_their_tab
 
 # The gateway's revision that keys each user by the username's case-folded form, and the one below.
 USERNAME_KEYS, BELOW_USERNAME_KEYS = "0018", "0017"
+# Its unique index of the key.
+USERNAME_KEY_INDEX = "ix_users_username_key"
 
 
 def test_each_user_is_keyed_by_the_username_folded_as_sign_in_folds_it_those_of_before_too(
         infrastructure):
-    """The gateway's revision 0018 gives each user, those signed up before included, the key
-    sign-in finds them by (gateway_app/usernames.py), PostgreSQL's generated one equal to
-    Python's; the release before, which writes no key, signs users up all the same (their key
-    generated), but no case variant of a username taken. Its downgrade takes the key away, every
-    user kept."""
+    """The gateway's revision 0018 indexes each user, those signed up before included, by the
+    key sign-in finds them by (gateway_app/usernames.py), PostgreSQL's expression equal to
+    Python's, unique; the release before, which writes no key, signs users up all the same, but no
+    case variant of a username taken. Its downgrade takes the index away, every user kept."""
     url = _database_url(infrastructure, "username-keys", "gateway")
     ensure_database(url)
     config = alembic_config("gateway", url)
@@ -147,9 +150,11 @@ def test_each_user_is_keyed_by_the_username_folded_as_sign_in_folds_it_those_of_
     _add_users(url, "Alice.Smith-9_", "bob")
     command.upgrade(config, USERNAME_KEYS)
     _add_users(url, "CAROL")  # as the release before signs a user up
-    keys = dict(_rows(url, "SELECT username, username_key FROM users"))
-    assert keys == {name: username_key(name) for name in ("Alice.Smith-9_", "bob", "CAROL")}
-    assert keys == {"Alice.Smith-9_": "alice.smith-9_", "bob": "bob", "CAROL": "carol"}
+    assert _index_valid(url, USERNAME_KEY_INDEX)
+    names = ("Alice.Smith-9_", "bob", "CAROL")
+    for name in names:  # found through the index, by the key as Python folds it
+        assert _plan_and_row(url, username_key(name)) == (USERNAME_KEY_INDEX, name)
+    assert {username_key(name) for name in names} == {"alice.smith-9_", "bob", "carol"}
     with pytest.raises(psycopg2.errors.UniqueViolation):
         _add_users(url, "BOB")
     command.upgrade(config, "head")  # (the models are the head's: revisions after it too)
@@ -158,9 +163,30 @@ def test_each_user_is_keyed_by_the_username_folded_as_sign_in_folds_it_those_of_
     command.downgrade(config, BELOW_USERNAME_KEYS)
     assert sorted(_rows(url, "SELECT username FROM users")) == [
         ("Alice.Smith-9_",), ("CAROL",), ("bob",)]
-    assert "username_key" not in [column for column, *_ in _table_definition(url, "users")[
-        "columns"]]
+    assert _index_valid(url, USERNAME_KEY_INDEX) is None
     command.upgrade(config, "head")
+
+
+def _plan_and_row(url: str, key: str) -> tuple[str | None, str | None]:
+    """The index sign-in's read of the user with the username key `key` goes through (as its plan
+    names it, the statement as SQLAlchemy sends it, sequential scans off: no index matching it,
+    the plan names none), and the username found."""
+    engine = sa.create_engine(url)
+    sent = []
+    sa.event.listen(engine, "before_cursor_execute",
+                    lambda _conn, _cursor, statement, parameters, *_: sent.append(
+                        (statement, parameters)))
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SET enable_seqscan = off")
+            username = connection.scalar(
+                sa.select(User.username).where(username_key_of(User.username) == key))
+            statement, parameters = sent[-1]
+            plan = connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}",
+                                              parameters).scalar()[0]["Plan"]
+    finally:
+        engine.dispose()
+    return plan.get("Index Name"), username
 
 
 def test_the_username_keys_revision_refuses_users_whose_usernames_differ_only_in_case(
@@ -196,7 +222,122 @@ def test_the_username_keys_revision_refuses_users_whose_usernames_differ_only_in
     connection.close()
     migrating = _migrate_by_hand("gateway", url, "upgrade", "gateway")
     assert migrating.returncode == 0, migrating.stderr
-    assert _scalar(url, "SELECT count(DISTINCT username_key) FROM users") == 6
+    assert _index_valid(url, USERNAME_KEY_INDEX)
+
+
+def test_a_case_variant_signed_up_while_the_username_keys_index_is_built_is_refused_alike(
+        infrastructure):
+    """The clashes are asked for before the index is built (concurrently, under no lock that
+    holds the shop up): a case variant the release before signs up meanwhile fails the build's
+    uniqueness, and the upgrade is refused in the same words, its invalid index dropped (it would
+    go on refusing sign-ups), the database at 0017. Renamed, it goes through."""
+    url = _database_url(infrastructure, "username-clash-meanwhile", "gateway")
+    ensure_database(url)
+    config = alembic_config("gateway", url)
+    command.upgrade(config, BELOW_USERNAME_KEYS)
+    _add_users(url, "alice", created_at=["2026-01-01"])
+    dsn = driver_dsn(url)
+    signing_up = psycopg2.connect(dsn)  # the release before's sign-up, open as the build begins
+    failures = []
+
+    def upgrade() -> None:
+        try:
+            command.upgrade(config, USERNAME_KEYS)
+        except Exception as exc:
+            failures.append(exc)
+
+    upgrading = threading.Thread(target=upgrade, daemon=True)
+    watcher = psycopg2.connect(dsn)
+    watcher.autocommit = True
+    try:
+        with signing_up.cursor() as cursor:
+            cursor.execute("INSERT INTO users (id, username, password_hash, created_at) VALUES"
+                           " ('usr_ALICE', 'ALICE', 'scrypt$...', '2026-01-02')")
+        upgrading.start()
+        with watcher.cursor() as cursor:
+            def build_waiting() -> bool:
+                return other_sessions(cursor, "query LIKE 'CREATE UNIQUE INDEX CONCURRENTLY%%'"
+                                               " AND wait_event = 'virtualxid'") == 1
+
+            wait_for(build_waiting, timeout=20, what="the index build to wait for the sign-up")
+        signing_up.commit()
+    finally:
+        watcher.close()
+        signing_up.rollback()
+        signing_up.close()
+        upgrading.join(30)
+    assert not upgrading.is_alive()
+    assert [type(failure) for failure in failures] == [UpgradeRefused]
+    assert " ".join(str(failures[0]).split()).startswith(
+        "1 username(s) are held by two users or more in cases that differ, which this release"
+        " takes for one username (a username is unique whatever its case, and signs in typed in"
+        " any): 'alice' (usr_alice), 'ALICE' (usr_ALICE). Rename all but one user of each")
+    assert _scalar(url, "SELECT version_num FROM alembic_version") == BELOW_USERNAME_KEYS
+    assert _index_valid(url, USERNAME_KEY_INDEX) is None
+    _add_users(url, "Bob", "BOB")  # (no index left refusing the release before's sign-ups)
+
+    with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
+        cursor.execute("UPDATE users SET username = username || '-2' WHERE id IN"
+                       " ('usr_ALICE', 'usr_BOB')")
+    connection.close()
+    command.upgrade(config, USERNAME_KEYS)
+    assert _index_valid(url, USERNAME_KEY_INDEX)
+    command.upgrade(config, "head")
+
+
+# Users enough that rewriting their table, or building a constraint's index, under a lock that
+# holds their readers up, takes longer than a signed-in request waits for it.
+MANY_USERS = 150_000
+# What a signed-in request's read of its user waits at most, for a lock and to be answered
+# (gateway_app/sign_out.py).
+A_READS_LIMIT = "1s"
+
+
+def test_the_username_keys_revision_holds_no_read_of_the_users_up(infrastructure):
+    """Every signed-in request reads its user's row (gateway_app/sign_out.py, within a second):
+    revision 0018, run on a table of many users while the shop reads it, fails none of those
+    reads (its index built concurrently, no column added, no table rewritten)."""
+    url = _database_url(infrastructure, "username-key-reads", "gateway")
+    ensure_database(url)
+    config = alembic_config("gateway", url)
+    command.upgrade(config, BELOW_USERNAME_KEYS)
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("INSERT INTO users (id, username, password_hash) SELECT 'usr_' || n,"
+                       " 'User-' || n, repeat('h', 100) FROM generate_series(1, %s) AS n",
+                       (MANY_USERS,))
+    connection.close()
+    upgraded = threading.Event()
+    reads, failures = [], []
+
+    def read_users_until_upgraded() -> None:
+        reader = psycopg2.connect(driver_dsn(url))
+        reader.autocommit = True
+        deadline = time.monotonic() + 120
+        try:
+            with reader.cursor() as cursor:
+                cursor.execute("SET lock_timeout = %s; SET statement_timeout = %s",
+                               (A_READS_LIMIT, A_READS_LIMIT))
+                while not upgraded.is_set() and time.monotonic() < deadline:
+                    try:
+                        cursor.execute("SELECT token_generation FROM users WHERE id = %s",
+                                       (f"usr_{len(reads) % MANY_USERS + 1}",))
+                        reads.append(cursor.fetchone())
+                    except psycopg2.errors.QueryCanceled as exc:  # (either timeout's)
+                        failures.append(str(exc).strip())
+        finally:
+            reader.close()
+
+    reading = threading.Thread(target=read_users_until_upgraded, daemon=True)
+    reading.start()
+    try:
+        wait_for(lambda: len(reads) > 0, timeout=20, what="the users to be read")
+        command.upgrade(config, USERNAME_KEYS)
+    finally:
+        upgraded.set()
+        reading.join(30)
+    assert not reading.is_alive()
+    assert failures == []
+    assert _index_valid(url, USERNAME_KEY_INDEX)
 
 
 def _add_users(url: str, *usernames: str, created_at: list[str] | None = None) -> None:

@@ -1,15 +1,18 @@
-"""A username's key, Python's casefold() at sign-in, and PostgreSQL's translate() that fills
-users.username_key: the two agree on every character a username may hold
-(gateway_app/usernames.py)."""
+"""A username's key, Python's casefold() at sign-in, and PostgreSQL's translate() that the users
+table's unique index of the key computes (gateway_app/usernames.py): the two agree on every
+character a username may hold."""
 
 from __future__ import annotations
 
 import sys
 
-from gateway_app.usernames import ASCII_LOWER, ASCII_UPPER, USERNAME_KEY_SQL, username_key
+from sqlalchemy import column
+from sqlalchemy.dialects import postgresql
+
+from gateway_app.usernames import ASCII_LOWER, ASCII_UPPER, username_key, username_key_of
 from shared.fields import USER_ID_PATTERN
 
-# translate()'s work on a username, as USERNAME_KEY_SQL asks it of PostgreSQL.
+# translate()'s work on a username, as username_key_of asks it of PostgreSQL.
 _AS_POSTGRESQL_FOLDS = str.maketrans(ASCII_UPPER, ASCII_LOWER)
 
 
@@ -28,4 +31,11 @@ def test_every_character_a_username_may_hold_folds_alike_in_python_and_in_postgr
     assert len(allowed) == 65  # A-Z, a-z, 0-9 and _.-
     assert [character for character in allowed
             if username_key(character) != character.translate(_AS_POSTGRESQL_FOLDS)] == []
-    assert USERNAME_KEY_SQL == f"translate(username, '{ASCII_UPPER}', '{ASCII_LOWER}')"
+
+
+def test_postgresql_computes_the_key_by_translate_of_the_ascii_letters_written_out():
+    """The expression the index holds and sign-in asks by: its letters in the statement itself,
+    for the planner to match the index's expression."""
+    compiled = username_key_of(column("username")).compile(
+        dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
+    assert str(compiled) == f"translate(username, '{ASCII_UPPER}', '{ASCII_LOWER}')"
