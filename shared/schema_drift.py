@@ -1,16 +1,21 @@
 """What a service's migrated database has that its models do not declare, or lacks that they do:
 Alembic's autogenerate comparison of the database with the service's models (shared/'s included),
 each difference said in words. It compares tables, columns (types, nullability), indexes (columns,
-uniqueness), unique constraints and foreign keys; not server defaults, CHECK constraints, nor an
-index's WHERE or INCLUDE (a revision, or a step of shared/migration_steps.py it runs, edited to
-change only those is caught by the revision pins, shared/revision_pins.py, not here). Nothing, when
-the database is as this release's revisions left it (tests/integration/test_migrations.py checks
-that they and the models agree); `upgrade` checks it at the head (shared.migrations), where a
-database migrated by a revision edited since records the same revision and has another schema."""
+expressions, uniqueness), unique constraints and foreign keys; not server defaults, CHECK
+constraints, nor an index's WHERE or INCLUDE (a revision, or a step of shared/migration_steps.py it
+runs, edited to change only those is caught by the revision pins, shared/revision_pins.py, not
+here). An index's expressions are compared as written, their letters' case and quoted text
+included (`index_expression_drift`): Alembic's own comparison lowers both sides, and takes
+`translate(username, 'abc', 'ABC')` for the gateway's username key (`translate(username, 'ABC',
+'abc')`). Nothing, when the database is as this release's revisions left it
+(tests/integration/test_migrations.py checks that they and the models agree); `upgrade` checks it
+at the head (shared.migrations), where a database migrated by a revision edited since records the
+same revision and has another schema."""
 
 from __future__ import annotations
 
 import importlib
+import re
 
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -39,7 +44,58 @@ def schema_drift(service: str, connection: sa.Connection) -> list:
 
     context = MigrationContext.configure(connection, opts={
         "compare_type": True, "include_object": compared})
-    return compare_metadata(context, declared)
+    differences = compare_metadata(context, declared)
+    told = {difference[1].name for difference in differences
+            if isinstance(difference, tuple) and difference[0] in ("add_index", "remove_index")}
+    return differences + [difference for difference in index_expression_drift(
+        connection, declared.tables.values()) if difference[1].name not in told]
+
+
+def index_expression_drift(connection: sa.Connection, tables) -> list[tuple]:
+    """An index of an expression whose expression in the database is not the declared one, but
+    for what PostgreSQL adds writing it out (casts, parentheses, spaces): `("modify_index_
+    expression", index, in_database, declared)`. Letters' case and quoted text count."""
+    differences = []
+    for table in tables:
+        declared = {index.name: index for index in table.indexes
+                    if any(not isinstance(expression, sa.Column)
+                           for expression in index.expressions)}
+        if not declared:
+            continue
+        in_database = dict(connection.execute(sa.text(
+            "SELECT index.relname, pg_get_expr(pg_index.indexprs, pg_index.indrelid)"
+            " FROM pg_index JOIN pg_class AS index ON index.oid = pg_index.indexrelid"
+            " WHERE pg_index.indrelid = to_regclass(:table) AND pg_index.indexprs IS NOT NULL"),
+            {"table": table.name}).all())
+        for name, index in declared.items():
+            expressions = ", ".join(
+                str(expression.compile(dialect=connection.dialect, compile_kwargs={
+                    "literal_binds": True, "include_table": False}))
+                for expression in index.expressions if not isinstance(expression, sa.Column))
+            written = in_database.get(name)
+            if written is not None and _as_compared(written) != _as_compared(expressions):
+                differences.append(("modify_index_expression", index, written, expressions))
+    return differences
+
+
+# A quoted text ('it''s' included), and a cast PostgreSQL writes out (`::text`, `::character
+# varying`, `::character varying(64)`, `::text[]`).
+_QUOTED = re.compile(r"('(?:[^']|'')*')")
+_CAST = re.compile(r"::(?:character varying|double precision|time(?:stamp)? with(?:out)? time zone"
+                   r"|[a-z_][a-z0-9_]*)(?:\(\d+(?:, ?\d+)?\))?(?:\[\])?")
+# An identifier in parentheses of its own, as in `(username)::text` (not a call's: `lower(name)`).
+_PARENTHESISED_NAME = re.compile(r"(?<![\w$])\(([a-z_][a-z0-9_$]*)\)")
+
+
+def _as_compared(expression: str) -> str:
+    """`expression` without what PostgreSQL adds writing out one it was given (casts, an
+    identifier's parentheses, spaces), outside quoted text; its letters' case kept."""
+    parts = _QUOTED.split(expression)
+    for position in range(0, len(parts), 2):  # (the odd ones: quoted)
+        unquoted = _CAST.sub("", parts[position])
+        unquoted = _PARENTHESISED_NAME.sub(r"\1", unquoted)
+        parts[position] = "".join(unquoted.split())
+    return "".join(parts)
 
 
 def declared_tables(service: str) -> list[sa.Table]:
@@ -85,6 +141,10 @@ def said(difference) -> str:
     if action == "modify" and len(details) == 6:  # a column's
         _, table, column, _, in_database, declared = details
         return f"column {table}.{column}'s {what} is {in_database}, declared {declared}"
+    if kind == "modify_index_expression":
+        index, in_database, declared = details
+        return (f"index {index.name} on {index.table.name} is of {in_database}, declared of"
+                f" {declared}")
     how = {"add": "missing", "remove": "not declared"}.get(action)
     if how is None:
         return " ".join(str(part) for part in difference)

@@ -1352,6 +1352,28 @@ def test_what_a_database_at_its_head_has_that_writes_can_trip_over_is_refused(in
         " declared. It was migrated by a revision edited since")
 
 
+def test_an_index_of_an_expression_other_than_the_declared_one_in_case_alone_is_refused(
+        infrastructure):
+    """The username key's index, made by a revision edited since to fold usernames to upper case
+    (its letters swapped), would find nobody signing in: refused at the head, naming the two
+    expressions, though they differ only in their letters' case (Alembic's comparison lowers
+    both)."""
+    url = _database_url(infrastructure, "drifted-expression", "gateway")
+    upper, lower = "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz"
+    head = _migrated_then_changed_by_hand("gateway", url, "head", [
+        f"DROP INDEX {USERNAME_KEY_INDEX}",
+        f"CREATE UNIQUE INDEX {USERNAME_KEY_INDEX} ON users"
+        f" (translate(username, '{lower}', '{upper}'))"])
+
+    migrating = _migrate_by_hand("gateway", url, "upgrade", "gateway")
+    assert _the_one_error_line(migrating).startswith(
+        f"ERROR shared.migrations: the gateway database is at revision {head}, this release's"
+        " head, but its schema is not the one this release's revisions make: index"
+        f" {USERNAME_KEY_INDEX} on users is of translate((username)::text, '{lower}'::text,"
+        f" '{upper}'::text), declared of translate(username, '{upper}', '{lower}'). It was"
+        " migrated by a revision edited since")
+
+
 def test_an_upgrade_that_runs_revisions_refuses_the_schema_an_edited_revision_left_below_them(
         infrastructure):
     """A database migrated by a revision edited since is refused by the upgrade that takes it on
