@@ -47,12 +47,12 @@ def run() -> int:
         wrote_env_file = True
         print_urls(stack, env_file)
         follower = LogFollower([(process.name, process.log_path) for process in stack.processes])
-        supervisor = Supervisor(stack, say)
+        supervisor = Supervisor(stack, say, claim=stack.claim)
         while True:
             if not follower.poll():
                 time.sleep(0.2)
             supervisor.look()
-    except RunMustStop as exc:  # (a server died, or a process keeps dying: it says which)
+    except RunMustStop as exc:  # (a server died, a process keeps dying, the claim taken: it says)
         say(str(exc))
         return 1
     except KeyboardInterrupt:

@@ -216,6 +216,11 @@ class Stack:
         return self._group.processes if self._group is not None else []
 
     @property
+    def claim(self) -> DatabaseClaim | None:
+        """The run's claim on its databases (names_prefix's), once started, where it took one."""
+        return self._claim
+
+    @property
     def holding_data(self) -> list[ManagedProcess]:
         """The processes the run's data is in: the broker, and the PostgreSQL and Redis the stack
         started (none of the machine's)."""

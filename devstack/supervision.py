@@ -4,6 +4,10 @@ A process that keeps nothing (an API, a gRPC server, a worker, beat, Flower) is 
 saying which died, how, and the last lines of its log, unless it keeps dying: then the run stops.
 A server the run's data is in (the Kafka broker, the PostgreSQL or Redis the run started) is not
 started again: the run stops, saying why.
+
+The run's claim on its databases (devstack.database_claim) is looked at every CLAIM_LOOK_SECONDS:
+gone with its connection (PostgreSQL restarted under the run), it is taken again, or, another run
+having taken it meanwhile, the run stops, naming that run.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from devstack.database_claim import DatabaseClaim, DatabasesInUse, Kept
 from devstack.processes import ManagedProcess
 from devstack.stack import Stack
 
@@ -30,6 +35,9 @@ WHY_A_SERVER_STOPS_THE_RUN = {
 WHY_ANY_OTHER_SERVER_STOPS_THE_RUN = (
     "the run's data is in it: every process lost its connections to it, and one started again"
     " under them would hide what stopped it")
+# How often the claim is looked at (one query on its connection): a second checkout's run may take
+# it in the gap between a restart and the next look.
+CLAIM_LOOK_SECONDS = 2
 
 
 class RunMustStop(Exception):
@@ -38,20 +46,44 @@ class RunMustStop(Exception):
 
 
 class Supervisor:
-    """Looks after the processes of a started `stack`: each look (look()) deals with those that
-    exited by themselves since the last, starting them again or raising RunMustStop."""
+    """Looks after the processes of a started `stack`, and its `claim` if it holds one: each look
+    (look()) deals with those that exited by themselves since the last, starting them again or
+    raising RunMustStop, then with the claim, if its time has come (_keep_the_claim)."""
 
     def __init__(self, stack: Stack, say: Callable[[str], None],
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 claim: DatabaseClaim | None = None):
         self._stack = stack
         self._say = say
         self._clock = clock
         self._deaths: dict[str, deque[float]] = {}
+        self._claim = claim
+        self._next_claim_look = clock() + CLAIM_LOOK_SECONDS
+        self._claim_out_of_reach = False  # (said once, until it is taken again)
 
     def look(self) -> None:
         for process in self._stack.processes:
             if process.died():
                 self._deal_with(process)
+        if self._claim is not None and self._clock() >= self._next_claim_look:
+            self._keep_the_claim(self._claim)
+            self._next_claim_look = self._clock() + CLAIM_LOOK_SECONDS
+
+    def _keep_the_claim(self, claim: DatabaseClaim) -> None:
+        """Have the claim kept (DatabaseClaim.keep), saying once that it could not be while
+        PostgreSQL does not answer (its processes fail meanwhile, saying so in their logs), and
+        when it is taken again; RunMustStop where another run took it."""
+        try:
+            kept = claim.keep()
+        except DatabasesInUse as exc:
+            raise RunMustStop(str(exc)) from exc
+        if kept is Kept.OUT_OF_REACH and not self._claim_out_of_reach:
+            self._say(f"lost the run's claim on {claim.what}: PostgreSQL does not answer"
+                      f" (restarting?); taking it again once it does")
+        elif kept is Kept.TAKEN_AGAIN:
+            self._say(f"claimed {claim.what} again: the claim's connection was gone"
+                      f" (PostgreSQL restarted?)")
+        self._claim_out_of_reach = kept is Kept.OUT_OF_REACH
 
     def _deal_with(self, process: ManagedProcess) -> None:
         died = f"{process.name} exited with code {exit_code(process.returncode)}"
