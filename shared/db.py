@@ -9,7 +9,8 @@ done for nothing (a cache version bump) may ask to be done also when the COMMIT'
 whether it committed unknown, and work that tells of that doubt (an operator's audit line) to be
 done only then, with `if_commit_unanswered`. `driver_cursor` runs the busiest statements straight
 on the driver. Pooled connections are pinged before use only after they sat idle (`init_database`
-sets that up).
+sets that up), and their cursors mark their thread's progress as each statement begins and ends
+(`ProgressMarkingCursor`, for the worker's watch over hung tasks).
 `connection_lost` tells a database connection lost or refused (a restart, a failover), which the
 shop gets over by itself, from any other error, and `connection_lost_on` whether a connection was
 lost, though whoever met the error caught it; `failure_in_a_line` says an error in a line, as the
@@ -32,6 +33,7 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from psycopg2 import OperationalError as DriverOperationalError
 from psycopg2.extensions import TRANSACTION_STATUS_INERROR, make_dsn
+from psycopg2.extensions import cursor as DriverCursor
 from sqlalchemy import MetaData, event, text
 from sqlalchemy.engine import Connection, Engine, ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
@@ -40,6 +42,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from shared.app_closing import close_with
 from shared.jsonio import loads_strict
 from shared.outage_log import OUTAGE_REMINDER_SECONDS, OutageLog, OutageWords
+from shared.progress import mark_progress
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -245,11 +248,36 @@ POOL_MAX_CONNECTIONS = 20
 # and the gateway's 200 threads (its notification sockets') can all want one of its 20 at once.
 POOL_WAIT_SECONDS = 2
 
+
+class ProgressMarkingCursor(DriverCursor):
+    """The cursor of every pooled connection: marks the thread's progress as each statement begins
+    and ends (shared.progress), for the worker's watch over its handler tasks (tasks/hung_tasks.py)
+    to tell a task whose statements go on, however long it runs, from one stuck between them. The
+    connection's cursor factory, so that SQLAlchemy's statements and driver_cursor's, the pool's
+    pings and the connect hooks' are all marked (SQLAlchemy's before/after_cursor_execute events
+    see none of driver_cursor's, the handlers' busiest). A mark is a dict write: cheap."""
+
+    def execute(self, query, vars=None):  # noqa: A002 (psycopg2's name)
+        mark_progress()
+        try:
+            return super().execute(query, vars)
+        finally:
+            mark_progress()
+
+    def executemany(self, query, vars_list):
+        mark_progress()
+        try:
+            return super().executemany(query, vars_list)
+        finally:
+            mark_progress()
+
+
 db = SQLAlchemy(
     metadata=MetaData(naming_convention=NAMING_CONVENTION),
     engine_options={"pool_size": POOL_SIZE, "max_overflow": POOL_MAX_CONNECTIONS - POOL_SIZE,
                     "pool_timeout": POOL_WAIT_SECONDS,
-                    "connect_args": CONNECTION_TIMEOUTS,
+                    "connect_args": {**CONNECTION_TIMEOUTS,
+                                     "cursor_factory": ProgressMarkingCursor},
                     # json and jsonb read back with their numbers as Decimals, never floats (an
                     # amount of 10.50 kept as a number would come back 10.5): SQLAlchemy's
                     # psycopg2 dialect registers it as each connection's json and jsonb caster,

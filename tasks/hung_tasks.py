@@ -1,5 +1,6 @@
-"""A worker's watch over its inbox handler tasks: one that has run longer than any sound one can
-(HUNG_AFTER_SECONDS) is hung, and the worker ends at once, hard, to be started again.
+"""A worker's watch over its inbox handler tasks: one that has made no progress for longer than a
+sound one can wait on one thing (HUNG_AFTER_SECONDS) is hung, and the worker ends at once, hard, to
+be started again.
 
 A worker runs its tasks on a pool of threads (`-P threads`), which Celery cannot time out: a handler
 that hangs in Python outside a SQL statement (an endless loop, a deadlock) keeps its thread for
@@ -7,11 +8,22 @@ good. PostgreSQL ends its transaction (idle_in_transaction_session_timeout), but
 the sweeper hands the message to a task of its own, which hangs another, and so on until every
 thread is held and the worker handles nothing, its alive file renewed all along by the consumer's
 event loop. So the tasks that run handlers (marked `watched_for_hangs`) are noted as they begin
-and end (Celery's task_prerun and task_postrun), a thread of the worker's looks at them every
-CHECK_EVERY_SECONDS, and one past the bound is said in a CRITICAL line, naming the task and its
-messages, and the process ends with os._exit(HUNG_TASK_EXIT_CODE): no warm shutdown, which would
-wait for the hung thread for ever. Meanwhile (between the bound and the check) the alive file is
-not renewed (tasks/alive.py), so the healthcheck agrees.
+and end (Celery's task_prerun and task_postrun, in the task's own thread), and a thread of the
+worker's looks at them every CHECK_EVERY_SECONDS.
+
+What it judges is progress, not age: the limits that bound a sound task (shared.db's
+SESSION_LIMITS, the connection and publish timeouts) bound each wait, not a task's whole run, and a
+batch of 50 messages whose account rows are contended waits up to 2 s for each of many locks,
+minutes in all, as does any task on a database slowed down. So the task's thread marks its
+progress (shared.progress) as each statement on a pooled connection begins and ends (shared.db's
+ProgressMarkingCursor) and as each task it sends is published (Celery's before/after_task_publish),
+and a task is hung once it has gone HUNG_AFTER_SECONDS without a mark since it began. A handler
+stuck in Python runs no statement, and is so found however busy the other threads are.
+
+One hung is said in a CRITICAL line, naming the task and its messages, and the process ends with
+os._exit(HUNG_TASK_EXIT_CODE): no warm shutdown, which would wait for the hung thread for ever.
+Meanwhile (between the bound and the check) the alive file is not renewed (tasks/alive.py), so the
+healthcheck agrees.
 
 Ending so loses nothing: tasks are acknowledged as they are taken (celeryconfig.py: no acks_late),
 a transaction in flight rolls back as its connection drops, and the sweeper hands the messages
@@ -32,26 +44,38 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from celery import bootsteps
-from celery.signals import task_postrun, task_prerun
+from celery.signals import after_task_publish, before_task_publish, task_postrun, task_prerun
 from click import FloatRange, Option
 
-from shared.db import IDLE_IN_TRANSACTION_TIMEOUT_SECONDS, STATEMENT_TIMEOUT_SECONDS
+from shared.db import (CONNECTION_TIMEOUTS, IDLE_IN_TRANSACTION_TIMEOUT_SECONDS, POOL_WAIT_SECONDS,
+                       STATEMENT_TIMEOUT_SECONDS)
+from shared.progress import last_progress, mark_progress
 
 log = logging.getLogger(__name__)
 
-# How long a handler task may run before it counts as hung. A sound one takes well under a second
-# (a batch of 50 messages, one transaction). What may hold it up longer is the database, and that
-# boundedly: a statement runs STATEMENT_TIMEOUT_SECONDS (30) at most, and a transaction left idle
-# between statements IDLE_IN_TRANSACTION_TIMEOUT_SECONDS (60) at most, before PostgreSQL ends it
-# (shared.db's SESSION_LIMITS); connecting gives up within 10 s, a publish to Redis within 10 s. A
-# task running past both, and a margin of 30 s for the rest, is stuck outside the database, its
-# transaction (if any) already ended by the server: no work of it can still come to anything.
+# How long a handler task may go without progress (shared.progress: a statement begun or ended, a
+# task published) before it counts as hung. A sound one marks progress every few milliseconds; its
+# longest gap between two marks is the longest single wait it may be held up in, each bounded
+# (not their sum: a task runs as many as it has statements, and a batch of 50 contended messages
+# takes minutes in all, its marks steady): a statement runs STATEMENT_TIMEOUT_SECONDS (30) at most,
+# its lock waits within it, and one on a connection gone silent ends with TCP's 30 s
+# (CONNECTION_TIMEOUTS); a transaction left idle between statements is ended by PostgreSQL after
+# IDLE_IN_TRANSACTION_TIMEOUT_SECONDS (60), after which nothing of the task's can come to anything
+# (shared.db's SESSION_LIMITS); a connection is waited for in the pool POOL_WAIT_SECONDS (2) at
+# most, then connected within connect_timeout (10 s), before the pool's ping (a statement); a
+# publish to Redis fails within 10 s (tasks/redis_transport.py). A task quiet past the longest of
+# them, and a margin of 30 s for the Python between (the GIL shared with the pool's other threads),
+# is stuck outside them.
+PUBLISH_GIVES_UP_SECONDS = 10
+LONGEST_SOUND_WAIT_SECONDS = max(STATEMENT_TIMEOUT_SECONDS, IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
+                                 POOL_WAIT_SECONDS + CONNECTION_TIMEOUTS["connect_timeout"],
+                                 PUBLISH_GIVES_UP_SECONDS)
 HUNG_AFTER_MARGIN_SECONDS = 30
-HUNG_AFTER_SECONDS = (STATEMENT_TIMEOUT_SECONDS + IDLE_IN_TRANSACTION_TIMEOUT_SECONDS
-                      + HUNG_AFTER_MARGIN_SECONDS)
+HUNG_AFTER_SECONDS = LONGEST_SOUND_WAIT_SECONDS + HUNG_AFTER_MARGIN_SECONDS
 # How often the watch looks: a hung task is found within this of the bound.
 CHECK_EVERY_SECONDS = 1.0
 # The exit code of a worker that ended for a hung task (EX_TEMPFAIL: started again, it goes on),
@@ -62,35 +86,60 @@ HUNG_TASK_EXIT_CODE = os.EX_TEMPFAIL
 @dataclass(frozen=True)
 class RunningTask:
     task_id: str
+    thread: int  # the id of the thread that runs it (threading.get_ident())
     name: str
     described: str  # its arguments, as the log says them
     began: float  # time.monotonic()
 
 
 class HungTaskWatch:
-    """The watched tasks this process runs now, with when each began, and the bound past which
-    one is hung."""
+    """The watched tasks this process runs now, each with its thread and when it began, and the
+    bound past which one that has made no progress is hung.
 
-    def __init__(self, hung_after: float = HUNG_AFTER_SECONDS):
+    A task is keyed by its id and its thread: a task retried (Celery's self.retry) keeps its id,
+    and its retry may begin on another thread before the try it replaces has ended on its own
+    (task_postrun comes after the retry is sent); ending that try ends its entry, not the retry's.
+    """
+
+    def __init__(self, hung_after: float = HUNG_AFTER_SECONDS,
+                 progress_of: Callable[[int], float | None] = last_progress):
         self.hung_after = hung_after
-        self._running: dict[str, RunningTask] = {}
+        self._progress_of = progress_of
+        self._running: dict[tuple[str, int], RunningTask] = {}
         self._lock = threading.Lock()
 
-    def begun(self, task_id: str, name: str, described: str, now: float) -> None:
+    def begun(self, task_id: str, name: str, described: str, now: float,
+              thread: int | None = None) -> None:
+        thread = threading.get_ident() if thread is None else thread
         with self._lock:
-            self._running[task_id] = RunningTask(task_id, name, described, now)
+            self._running[task_id, thread] = RunningTask(task_id, thread, name, described, now)
 
-    def ended(self, task_id: str) -> None:
+    def ended(self, task_id: str, thread: int | None = None) -> None:
+        thread = threading.get_ident() if thread is None else thread
         with self._lock:
-            self._running.pop(task_id, None)
+            self._running.pop((task_id, thread), None)
+
+    def quiet_since(self, task: RunningTask) -> float:
+        """When `task` last made progress: its thread's last mark, or its start if later."""
+        marked = self._progress_of(task.thread)
+        return task.began if marked is None else max(task.began, marked)
 
     def hung(self, now: float) -> RunningTask | None:
-        """The task that has run longest, if it has run longer than the bound; else None."""
+        """The task quiet longest, if it has made no progress for longer than the bound; else
+        None."""
         with self._lock:
-            longest = min(self._running.values(), key=lambda task: task.began, default=None)
-        if longest is None or now - longest.began <= self.hung_after:
+            running = list(self._running.values())
+        quietest = min(running, key=self.quiet_since, default=None)
+        if quietest is None or now - self.quiet_since(quietest) <= self.hung_after:
             return None
-        return longest
+        return quietest
+
+    def any_progressing(self, now: float) -> bool:
+        """Whether a task runs that has made progress within the bound (one a warm shutdown
+        waits for rightly)."""
+        with self._lock:
+            running = list(self._running.values())
+        return any(now - self.quiet_since(task) <= self.hung_after for task in running)
 
 
 # This process's watch (a worker's: the signals below note tasks in any process, which only a
@@ -99,7 +148,8 @@ WATCH = HungTaskWatch()
 
 
 def a_task_hung() -> bool:
-    """Whether a watched task of this process has run past the bound (for the alive file)."""
+    """Whether a watched task of this process has gone without progress past the bound (for the
+    alive file)."""
     return WATCH.hung(time.monotonic()) is not None
 
 
@@ -114,6 +164,18 @@ def _note_ended(task_id=None, **ignored) -> None:
     WATCH.ended(task_id)
 
 
+# A task's publish (a batch handing a failed message to a task of its own) waits on Redis, within
+# PUBLISH_GIVES_UP_SECONDS: progress either side of it, as a statement's.
+@before_task_publish.connect
+def _publishing(**ignored) -> None:
+    mark_progress()
+
+
+@after_task_publish.connect
+def _published(**ignored) -> None:
+    mark_progress()
+
+
 def described_arguments(args) -> str:
     """A handler task's arguments as a line says them: its service, and its message id or ids."""
     service, *rest = args or ("?",)
@@ -124,8 +186,9 @@ def described_arguments(args) -> str:
 
 def hung_task_seconds_option() -> Option:
     return Option(["--hung-task-seconds"], type=FloatRange(min=1.0), default=HUNG_AFTER_SECONDS,
-                  help="End the worker (exit code 75) once an inbox handler task has run this "
-                       f"long (default {HUNG_AFTER_SECONDS} s), to be started again.")
+                  help="End the worker (exit code 75) once an inbox handler task has made no "
+                       f"progress this long (default {HUNG_AFTER_SECONDS} s), to be started "
+                       "again.")
 
 
 class HungTaskWatchStep(bootsteps.StartStopStep):
@@ -149,10 +212,12 @@ def watch_for_ever(watch: HungTaskWatch) -> None:
         time.sleep(min(CHECK_EVERY_SECONDS, watch.hung_after / 4))
         hung = watch.hung(time.monotonic())
         if hung is not None:
-            log.critical("%s[%s] (%s) has run %.0f s, past the %.0f s a handler task may: hung;"
-                         " ending the worker (exit code %d), for its supervisor to start it again"
-                         " and the sweeper to hand its messages over", hung.name, hung.task_id,
-                         hung.described, time.monotonic() - hung.began, watch.hung_after,
+            now = time.monotonic()
+            log.critical("%s[%s] (%s) has made no progress for %.0f s (running %.0f s), past the"
+                         " %.0f s a handler task may: hung; ending the worker (exit code %d), for"
+                         " its supervisor to start it again and the sweeper to hand its messages"
+                         " over", hung.name, hung.task_id, hung.described,
+                         now - watch.quiet_since(hung), now - hung.began, watch.hung_after,
                          HUNG_TASK_EXIT_CODE)
             end_hard(HUNG_TASK_EXIT_CODE)
 

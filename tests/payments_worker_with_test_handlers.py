@@ -13,7 +13,10 @@ after the message id and the part:
   that crashes its backend, or hangs until PostgreSQL ends it, would;
 - `<id>.hangs`: every try of the message says so by a file `<id>.hanging`, then hangs in Python,
   outside any SQL statement (an endless loop), for HANGS_AT_MOST_SECONDS: until the worker's
-  watch over hung tasks ends the process.
+  watch over hung tasks ends the process;
+- `<id>.slow`: every try of the message runs SQL statements of half a second each (pg_sleep), one
+  after another, SQLAlchemy's and a driver cursor's in turn, for as many seconds as the file says:
+  a task held up long, statement after statement, as by contended locks or a database slowed down.
 
 Run as Celery is: `python -m tests.payments_worker_with_test_handlers -A tasks worker ...`."""
 
@@ -29,6 +32,7 @@ from sqlalchemy import text
 
 import payments_app
 from shared.contracts import PAYMENT_REQUESTED
+from shared.db import driver_cursor
 
 # How long a handler waits for the test's word before it goes on regardless.
 WAITS_AT_MOST_SECONDS = 60.0
@@ -56,6 +60,9 @@ def _with_the_tests_parts(take_payments, directory: Path):
                 deadline = time.monotonic() + HANGS_AT_MOST_SECONDS
                 while time.monotonic() < deadline:
                     time.sleep(0.05)
+            slow = directory / f"{message_id}.slow"
+            if slow.exists():
+                _slow_statements(session, float(slow.read_text()))
             if (directory / f"{message_id}.ends-its-session").exists():
                 session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
             if len(events) == 1 and first_time(message_id, "ends-its-session-once"):
@@ -72,6 +79,15 @@ def _with_the_tests_parts(take_payments, directory: Path):
         take_payments(session, events)
 
     return handler
+
+
+def _slow_statements(session, seconds: float) -> None:
+    """Statements of 0.5 s each, for `seconds`: SQLAlchemy's and a driver cursor's in turn."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        session.execute(text("SELECT pg_sleep(0.5)"))
+        with driver_cursor(session) as cursor:
+            cursor.execute("SELECT pg_sleep(0.5)")
 
 
 def main() -> None:

@@ -423,6 +423,36 @@ def test_a_handler_that_hangs_ends_its_worker_hard_and_its_try_counts(
     assert "may crash or hang the worker" in last_error
 
 
+def test_a_handler_task_slow_statement_after_statement_is_not_taken_for_hung(
+        settings, payments_inbox, user_id, tmp_path):
+    """The watch judges a handler task by its progress, not its age: a batch whose handler runs
+    statement after statement (each 0.5 s, as locks contended or a database slowed down make
+    them) for twice the bound is sound, and handled; the worker runs on, saying nothing critical.
+    (One that hangs in Python, no statement running, is still ended: the test above.)"""
+    users = [f"{user_id}-{n}" for n in range(2)]
+    _accounts_of(users)
+    records, _ = _payment_requests(users, 2)
+    slow = _message_id_of(records[1])
+    parts = _test_parts(tmp_path, {slow: "slow"})
+    (parts / f"{slow}.slow").write_text(str(2 * HUNG_AFTER_SECONDS))
+    message_ids = payments_inbox(records)
+    with _payments_worker(settings, None, tmp_path, parts,
+                          options=("--hung-task-seconds", str(HUNG_AFTER_SECONDS))) as log:
+        began = time.monotonic()
+        handle_inbox_batch.apply_async(("payments", [str(m) for m in message_ids]))
+        wait_for(lambda: _all_processed(settings, message_ids) or log.worker.poll() is not None,
+                 timeout=60, what="the batch handled, or the worker ended")
+        took = time.monotonic() - began
+        still_running = log.worker.poll() is None
+        said = log.path.read_text().splitlines()
+
+    assert still_running, "\n".join(said[-20:])
+    assert took > 2 * HUNG_AFTER_SECONDS
+    assert _handled(settings, message_ids) == {"processed": len(message_ids), "parked": 0,
+                                               "waiting": 0, "most_attempts": 1}
+    assert not [line for line in said if " CRITICAL " in line]
+
+
 @contextmanager
 def _inbox_row_held(settings, message_id: uuid.UUID) -> Iterator[int]:
     """Another session's transaction holding the message's inbox row locked; yields its
