@@ -8,22 +8,25 @@ the worker's event loop renews (tasks/alive.py), would not tell. So it stops ins
 code 70 (EX_SOFTWARE), for its supervisor (compose's `restart: unless-stopped`) to start it
 again: a warm shutdown, which waits for the tasks running; should it not end within
 WARM_STOP_GRACE_SECONDS (a task hung on its thread holds it for ever), the process ends hard, with
-the same code."""
+the same code, once no inbox handler task that makes progress is left running (a sound one may
+run for minutes: tasks/hung_tasks.py)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from os import EX_SOFTWARE
 
 from celery import bootsteps
 from celery.worker import state as worker_state
 
 from shared.config import get_settings
-from shared.db import STATEMENT_TIMEOUT_SECONDS, driver_dsn
+from shared.db import driver_dsn
 from shared.inbox_consumer import InboxConsumer, StoreOnOwnConnection
 from shared.kafka import build_consumer, ensure_topics
-from tasks.hung_tasks import end_hard
+from tasks import hung_tasks
+from tasks.hung_tasks import CHECK_EVERY_SECONDS, HUNG_AFTER_SECONDS, end_hard
 from tasks.services import service_app, service_package
 
 log = logging.getLogger(__name__)
@@ -73,19 +76,23 @@ class InboxConsumerStep(bootsteps.StartStopStep):
                 stop_the_worker(EX_SOFTWARE)
 
 
-# How long a warm shutdown asked here may take before the process ends hard: the tasks running
-# finish within a statement's time (shared.db's STATEMENT_TIMEOUT_SECONDS), the relay within its
-# wait; 30 s more for the rest. (Ending hard loses nothing the sweeper does not make good: tasks
-# are acknowledged as taken, a transaction in flight rolls back.)
-WARM_STOP_GRACE_SECONDS = STATEMENT_TIMEOUT_SECONDS + 30
+# How long a warm shutdown asked here may take before the process ends hard: no task wait of a
+# sound one lasts longer (tasks/hung_tasks.py: a task quiet past it is hung), the relay's neither.
+# A handler task's whole run has no bound (a batch of contended messages waits seconds for each of
+# its locks), so past the grace the process ends only once no handler task makes progress: one
+# hung then ends it through the watch (exit code 75), the others having ended. (Ending hard loses
+# nothing the sweeper does not make good: tasks are acknowledged as taken, a transaction in flight
+# rolls back.)
+WARM_STOP_GRACE_SECONDS = HUNG_AFTER_SECONDS
 
 
 def stop_the_worker(exit_code: int,
                     grace_seconds: float = WARM_STOP_GRACE_SECONDS) -> threading.Timer:
     """Ask the worker for a warm shutdown ending with `exit_code`, from any thread: the flag a
     SIGTERM sets, which the worker's main loop checks at every turn; and end the process hard with
-    that code should it still run `grace_seconds` on (the pool's stop waits for its threads, and a
-    hung one never ends). Returns the timer that will (for a test to cancel)."""
+    that code should it still run `grace_seconds` on, once no handler task makes progress (the
+    pool's stop waits for its threads, and a hung one never ends). Returns the timer that will
+    (for a test to cancel)."""
     worker_state.should_stop = exit_code
     timer = threading.Timer(grace_seconds, _end_hard_after_grace, args=(exit_code, grace_seconds))
     timer.daemon = True  # (a shutdown that ends ends the process, the timer with it)
@@ -95,8 +102,11 @@ def stop_the_worker(exit_code: int,
 
 
 def _end_hard_after_grace(exit_code: int, grace_seconds: float) -> None:
-    log.critical("the worker's warm shutdown has not ended within %g s (a task hung?): ending"
-                 " the process (exit code %d)", grace_seconds, exit_code)
+    while hung_tasks.WATCH.any_progressing(time.monotonic()):
+        time.sleep(CHECK_EVERY_SECONDS)
+    log.critical("the worker's warm shutdown has not ended within %g s, and no handler task makes"
+                 " progress (a task hung?): ending the process (exit code %d)", grace_seconds,
+                 exit_code)
     end_hard(exit_code)
 
 

@@ -152,3 +152,38 @@ def test_a_warm_shutdown_that_does_not_end_within_its_grace_ends_the_process_har
     assert time.monotonic() - began < 20
     assert ("CRITICAL:tasks.consumer:the worker's warm shutdown has not ended within 0.5 s"
             in ended.stderr)
+
+
+def test_a_warm_shutdown_past_its_grace_waits_for_a_handler_task_making_progress():
+    """A sound handler task may run for minutes (a batch of contended messages, each lock waited
+    for): past the grace, the process ends hard only once no handler task makes progress, here
+    once the task's thread stops marking it (a task hung so is the watch's to end, but only the
+    consumer's step runs here)."""
+    script = textwrap.dedent("""
+        import logging, threading, time
+        logging.basicConfig(level=logging.INFO)
+        from shared.progress import mark_progress
+        from tasks import hung_tasks
+        from tasks.consumer import stop_the_worker
+        hung_tasks.WATCH.hung_after = 1.0
+
+        def task():
+            hung_tasks.WATCH.begun("a", "hseshop.handle_inbox_batch", "payments message(s) m1",
+                                   time.monotonic())
+            until = time.monotonic() + 3
+            while time.monotonic() < until:  # (a statement every 0.1 s, for 3 s)
+                mark_progress()
+                time.sleep(0.1)
+            print("quiet from now on", flush=True)
+            threading.Event().wait()  # (then stuck, never ending)
+
+        threading.Thread(target=task).start()
+        stop_the_worker(70, grace_seconds=0.5)
+    """)
+    began = time.monotonic()
+    ended = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=30)
+    took = time.monotonic() - began
+    assert ended.returncode == EX_SOFTWARE, ended.stderr
+    assert "quiet from now on" in ended.stdout
+    assert 3 < took < 20
