@@ -79,10 +79,14 @@ CONNECTION_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle"
 # account opened meanwhile). Under a snapshot per transaction those fail with serialization errors
 # under contention, and a handler's failures park its messages. Options the client sends win over
 # ALTER DATABASE and ALTER ROLE settings.
+# (Each written as PostgreSQL's SHOW says it back, "1min" not "60s": tests/integration/
+# test_connections.py reads a session's limits so.)
 STATEMENT_TIMEOUT_SECONDS = 30
-IDLE_IN_TRANSACTION_TIMEOUT_SECONDS = 60
+IDLE_IN_TRANSACTION_TIMEOUT_MINUTES = 1
+IDLE_IN_TRANSACTION_TIMEOUT_SECONDS = 60 * IDLE_IN_TRANSACTION_TIMEOUT_MINUTES
 SESSION_LIMITS = {"lock_timeout": "2s", "statement_timeout": f"{STATEMENT_TIMEOUT_SECONDS}s",
-                  "idle_in_transaction_session_timeout": f"{IDLE_IN_TRANSACTION_TIMEOUT_SECONDS}s",
+                  "idle_in_transaction_session_timeout":
+                      f"{IDLE_IN_TRANSACTION_TIMEOUT_MINUTES}min",
                   "default_transaction_isolation": "read committed"}
 # The SQLSTATEs of a statement cancelled under SESSION_LIMITS: lock_not_available (lock_timeout)
 # and query_canceled (statement_timeout).
