@@ -17,7 +17,8 @@ from datetime import datetime
 import psycopg2
 import requests
 
-from bench.leftover_runs import LiveRunMark, sweep_leftover_runs
+from bench.leftover_runs import (MIN_DATABASE_AGE_SECONDS, LiveRunMark, run_names_prefix,
+                                 sweep_leftover_runs)
 from devstack.infra import forget_redis_keys, free_port
 from devstack.local_secrets import SECRET_BYTES
 from devstack.postgres_data import forget_postgres_data
@@ -43,7 +44,7 @@ def bench_stack(own_redis: bool = False, own_postgres: bool = False,
     it stops, so its stop waits for no order in flight (Stack's data_thrown_away). With
     `own_redis` and `own_postgres`, on a Redis and a PostgreSQL of its own (Stack's), which the
     chaos soak restarts. `on_servers`: Stack's."""
-    prefix = f"bench.{RUN_ID}"
+    prefix = run_names_prefix(RUN_ID)
     env = {
         **{name: secrets.token_urlsafe(SECRET_BYTES) for name in SECRETS},
         "ORDERS_DATABASE_URL": f"{{postgres}}/hseshop_bench_{RUN_ID}_orders",
@@ -71,18 +72,20 @@ def say(message: str) -> None:
 
 
 @contextmanager
-def running_bench_stack(say=say, own_redis: bool = False, own_postgres: bool = False
-                        ) -> Iterator[Stack]:
+def running_bench_stack(say=say, own_redis: bool = False, own_postgres: bool = False,
+                        min_leftover_age: float = MIN_DATABASE_AGE_SECONDS) -> Iterator[Stack]:
     """A started bench_stack(own_redis, own_postgres), stopped and its data forgotten when the
     block ends. One on the machine's PostgreSQL and Redis marks itself live on them for as long
-    as it runs, and first sweeps away what runs killed before left there (bench.leftover_runs).
+    as it runs, and first sweeps away what runs killed before left there (bench.leftover_runs;
+    their databases `min_leftover_age` seconds old at least).
     (A stack with one server of its own and the other the machine's would need its mark on the
     machine's PostgreSQL: no caller runs one.)"""
     mark = LiveRunMark(RUN_ID)
 
     def mark_live_and_sweep(postgres_base: str, redis_base: str) -> None:
-        mark.hold(postgres_base)
-        for line in sweep_leftover_runs(postgres_base, f"{redis_base}/{REDIS_DB}"):
+        mark.hold(postgres_base, f"{redis_base}/{REDIS_DB}")
+        for line in sweep_leftover_runs(postgres_base, f"{redis_base}/{REDIS_DB}",
+                                        min_database_age=min_leftover_age):
             say(line)
 
     shared = not own_redis and not own_postgres

@@ -32,6 +32,10 @@ GRPC_SERVICES = ("orders", "payments")
 SERVICES_KEEPING_IDEMPOTENCY_KEYS = ("orders", "payments")
 
 # Environment variable -> default that works on a developer's machine.
+# What follows REDIS_KEY_PREFIX in every key HseShop writes (`<prefix>:celery:...`,
+# `<prefix>:orders:...`): a prefix's keys are the ones starting with it and this.
+REDIS_KEY_SEPARATOR = ":"
+
 ENVIRONMENT: dict[str, str] = {
     "ORDERS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/hseshop_orders",
     "PAYMENTS_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/hseshop_payments",
@@ -41,8 +45,8 @@ ENVIRONMENT: dict[str, str] = {
     # memory limit and evict (allkeys-lru: docker-compose.yml), which the broker's must not: a cache
     # filling a Redis under noeviction had Celery's tasks refused with it.
     "CACHE_REDIS_URL": "",
-    # Every Redis key and channel HseShop uses starts with this (Celery's queues included), so
-    # several shops, or test runs, can share one Redis.
+    # Every Redis key and channel HseShop uses starts with this and REDIS_KEY_SEPARATOR (Celery's
+    # queues included), so several shops, or test runs, can share one Redis.
     "REDIS_KEY_PREFIX": "hseshop",
     "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
     "KAFKA_CONSUMER_GROUP_PREFIX": "hseshop",

@@ -4,8 +4,12 @@ measurement runs and the report has its shape, never how fast anything is."""
 from __future__ import annotations
 
 import json
+import os
 import re
-import uuid
+import select
+import signal
+import subprocess
+import sys
 
 import psycopg2
 import redis
@@ -18,6 +22,9 @@ from bench.relay_speed import relay_speed_topic
 from bench.report import write_gateway_transports_report, write_report
 from bench.runner import run_benchmark
 from bench.shop import REDIS_DB, RUN_ID, running_bench_stack
+from devstack.infra import forget_redis_keys
+from devstack.leftovers import RunRecord
+from devstack.stack import REPO_ROOT, RUN_RECORD
 from shared.config import load_settings
 
 
@@ -112,30 +119,65 @@ def test_the_latency_runs_alone_give_a_line_of_their_figures(stack, tmp_path):
     json.dumps(line)
 
 
+# A bench run that is killed once its stack is up (its stack's processes, in sessions of their
+# own, left running, as `kill -9` of `make bench` leaves them). It seeds a shopper first, for the
+# payments service's keys beside Celery's.
+_KILLED_RUN = """
+import signal, sys
+from bench.shop import RUN_ID, running_bench_stack, seed_shoppers
+with running_bench_stack(lambda message: None) as stack:
+    seed_shoppers(stack, 1)
+    print(RUN_ID, stack.env["ORDERS_DATABASE_URL"], flush=True)
+    signal.pause()
+"""
+
+
 def test_a_bench_stack_leaves_no_data_and_sweeps_away_what_a_killed_run_left(infrastructure):
     """Its databases and Redis keys go as it stops; and, as it starts, those of a bench run killed
-    outright (no lock held, nothing connected to its databases: bench.leftover_runs)."""
-    killed = uuid.uuid4().hex[:8]
+    outright (no mark held, its processes stopped as the stack starts, so nothing connected to its
+    databases: bench.leftover_runs): the keys its shop wrote, Celery's that never expire
+    included."""
+    killed = subprocess.Popen([sys.executable, "-c", _KILLED_RUN], cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
     server = psycopg2.connect(f"{infrastructure.postgres_base}/postgres")
     server.autocommit = True
     keys = redis.Redis.from_url(f"{infrastructure.redis_base}/{REDIS_DB}")
+    killed_id = None
     try:
-        with server.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "hseshop_bench_{killed}_orders"')
-        keys.set(f"bench.{killed}.unacked", "left")
-        with running_bench_stack(lambda message: None) as stack:
-            # (The bench's servers are the machine's, as the session's are: else it swept
-            # another PostgreSQL, and the planted leftovers are the session's to drop below.)
-            on_the_sessions = stack.env["ORDERS_DATABASE_URL"].startswith(
-                f"{infrastructure.postgres_base}/")
+        assert select.select([killed.stdout], [], [], 180)[0], "the run to kill never came up"
+        killed_id, killed_orders_url = killed.stdout.readline().split()
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+        # (The bench's servers are the machine's, as the session's are: else it swept another
+        # PostgreSQL and Redis than those looked at here.)
+        on_the_sessions = killed_orders_url.startswith(f"{infrastructure.postgres_base}/")
+        if on_the_sessions:
+            left = {name.decode() for name in _bench_keys(keys, killed_id)}
+            assert _bench_databases(server, killed_id)
+            assert any(name.startswith(f"bench.{killed_id}:celery:_kombu.binding.")
+                       for name in left), sorted(left)
+            assert any(name.startswith(f"bench.{killed_id}:payments:") for name in left), left
+        # (Its databases are seconds old: none is spared for its age here.)
+        with running_bench_stack(lambda message: None, min_leftover_age=0):
             assert _bench_databases(server, RUN_ID) and _bench_keys(keys, RUN_ID)
             if on_the_sessions:
-                assert _bench_databases(server, killed) == [] and not _bench_keys(keys, killed)
+                assert _bench_databases(server, killed_id) == []
+                assert _bench_keys(keys, killed_id) == []
         assert _bench_databases(server, RUN_ID) == [] and _bench_keys(keys, RUN_ID) == []
     finally:
-        with server.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "hseshop_bench_{killed}_orders"')
-        keys.delete(f"bench.{killed}.unacked")
+        if killed.poll() is None:
+            os.killpg(killed.pid, signal.SIGKILL)
+            killed.wait()
+        killed.stdout.close()
+        # (What it left running, had the test ended before a stack stopped it.)
+        record = RunRecord(REPO_ROOT / ".run" / "bench" / RUN_RECORD)
+        record.begin()
+        record.end()
+        if killed_id is not None:
+            with server.cursor() as cursor:
+                for name in _bench_databases(server, killed_id):
+                    cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            forget_redis_keys(f"{infrastructure.redis_base}/{REDIS_DB}", f"bench.{killed_id}:")
         server.close()
         keys.close()
 
