@@ -45,6 +45,7 @@ from gateway_app.notification_document import (NOTIFICATION_ID_FORMAT, NOTIFICAT
 from gateway_app.ratelimit import RateLimited, client_address
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out
 from gateway_app.socket_document import document_socket
+from gateway_app.socket_pings import PingSchedule
 from gateway_app.socket_tickets import (TICKET_TTL_SECONDS, TokenExpiresTooSoon, UnknownTicket,
                                         issue_ticket, spend_tickets)
 from gateway_app.user_channels import channel, channel_listener, publish
@@ -94,16 +95,19 @@ SOCKET_KEEPALIVE_IDLE_SECONDS = 30
 # gone, the kernel retransmits it instead, for about 15 minutes (tcp_retries2). A connection whose
 # data has gone unacknowledged this long is dropped too: the same minute as the probes'.
 SOCKET_UNACKNOWLEDGED_MS = (SOCKET_KEEPALIVE_IDLE_SECONDS + 3 * 10) * 1000
-# A socket that has sent its page nothing this long is sent a WebSocket ping (ping_the_page): a
-# proxy in front (nginx's proxy_read_timeout, an AWS ALB's idle timeout: 60 s each by default)
-# closes a connection whose server has said nothing for a while, and every quiet page reconnected
-# each minute (a ticket, a handshake counted against its address, a read of the table). Less than
-# SOCKET_KEEPALIVE_IDLE_SECONDS: a page's connection is then never quiet long enough to be probed,
-# and one whose page has gone is closed once its ping has gone unanswered SOCKET_PONG_SECONDS.
+# A socket sends its page a WebSocket ping (ping_the_page) this often, whatever else it sends
+# (PingSchedule): a proxy in front (nginx's proxy_read_timeout, an AWS ALB's idle timeout: 60 s
+# each by default) closes a connection whose server has said nothing for a while, and every quiet
+# page reconnected each minute (a ticket, a handshake counted against its address, a read of the
+# table). Less than SOCKET_KEEPALIVE_IDLE_SECONDS: a page's connection is then never quiet long
+# enough to be probed, and one whose page has gone is closed once its ping has gone unanswered
+# SOCKET_PONG_SECONDS, however many notifications it was sent meanwhile (a proxy acknowledges
+# them itself).
 SOCKET_PING_SECONDS = 25.0
 # A page that has not answered a ping with a pong this long is taken for gone, and its socket
-# closed (PING_UNANSWERED), freeing its thread, its slot and its subscription: within 36 s of its
-# last answer at most (a ping 25 s on, 10 s for its pong, a turn of the stream's loop). Before,
+# closed (PING_UNANSWERED), freeing its thread, its slot and its subscription: within 37 s of the
+# ping it last answered (the next 25 s on, 10 s for its pong, a turn of the stream's loop and its
+# slack), the time the process was stopped (SIGSTOP, a VM frozen) not counted. Before,
 # only TCP ended it: SOCKET_UNACKNOWLEDGED_MS after the ping (85 s) on a direct connection, and
 # behind a proxy or load balancer, which acknowledges what the gateway sends itself, not until
 # the proxy's own connection to the page failed (its kernel retransmitting for some 15 minutes).
@@ -733,8 +737,8 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
             # wake-up (one may say that one of the user's tokens has been signed out), every
             # SOCKET_RECHECK_SECONDS, and before each page of a long catch-up.
             last_sent, woken, recheck_at = after, True, 0.0
-            ping_at = time.monotonic() + SOCKET_PING_SECONDS
-            pong_due = None  # when the last ping's pong is due, while it has not come
+            pings = PingSchedule(time.monotonic(), SOCKET_PING_SECONDS, SOCKET_PONG_SECONDS,
+                                 SOCKET_DRAIN_SECONDS)
             while time.time() < token.expires_at:
                 if stopping():
                     _close(ws, *RESTARTING)
@@ -745,23 +749,18 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
                         return
                     sent, more = _send_newer(ws, user_id, last_sent)
                     recheck_at = time.monotonic() + SOCKET_RECHECK_SECONDS
-                    if sent != last_sent:
-                        last_sent, ping_at = sent, time.monotonic() + SOCKET_PING_SECONDS
+                    last_sent = sent
                     if more:  # the next page, once the token has been read again
                         woken = True
                         continue
-                if pong_due is not None and ws.pong_received:
-                    pong_due = None
-                if pong_due is not None and time.monotonic() >= pong_due:
+                if pings.page_gone(time.monotonic(), ws.pong_received):
                     log.info("notification stream for %s ended: its page left a ping unanswered"
                              " %g s", user_id, SOCKET_PONG_SECONDS)
                     _close(ws, *PING_UNANSWERED)
                     return
-                if time.monotonic() >= ping_at:
+                if pings.ping_due(time.monotonic()):
                     ping_the_page(ws)
-                    ping_at = time.monotonic() + SOCKET_PING_SECONDS
-                    if pong_due is None:  # (due from the first ping left unanswered)
-                        pong_due = time.monotonic() + SOCKET_PONG_SECONDS
+                    pings.pinged(time.monotonic())
                 # Raises ConnectionClosed once the page has gone (what it sends is never kept:
                 # drop_what_the_page_sends).
                 ws.receive(timeout=0)

@@ -34,8 +34,8 @@ them (the page was away longer than they are kept: NOTIFICATION_RETENTION_SECOND
 unless set), it first sends `{{"type": "NotificationsMissed"}}` (`NotificationsMissed`, with no
 `id`), once for them, then what is left: read the whole state again (the orders, the balance).
 The page sends nothing: what it sends is read and dropped, but for a message too
-long (1009, below). A socket that has sent nothing for {ping_seconds:g} s sends a WebSocket ping (a
-control frame, no message), which a browser answers with a pong by itself, as any client
+long (1009, below). A socket sends a WebSocket ping every {ping_seconds:g} s, whatever else it
+sends (a control frame, no message), which a browser answers with a pong by itself, as any client
 following RFC 6455 does: a proxy on the way that closes a connection quiet for a while (nginx's
 `proxy_read_timeout`, 60 s by default) then keeps it. A client that has not answered a ping with
 a pong within {pong_seconds:g} s is taken for gone, and its socket closed (1011).
@@ -73,8 +73,8 @@ ask for a new ticket for each try."""
 def document_socket(api, rule, max_message: int, ping_seconds: float,
                     pong_seconds: float) -> None:
     """Put the socket the URL rule `rule` serves in `api`'s OpenAPI document; a message from the
-    page over `max_message` characters closes it, it pings a page it has sent nothing for
-    `ping_seconds`, and closes one that has left a ping unanswered `pong_seconds`."""
+    page over `max_message` characters closes it, it pings the page every `ping_seconds`, and
+    closes one that has left a ping unanswered `pong_seconds`."""
     api.spec.path(rule=rule, parameters=[], operations={"get": {
         "tags": ["notifications"],
         "summary": "The signed-in user's notifications, live, over a WebSocket",

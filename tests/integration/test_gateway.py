@@ -2463,6 +2463,9 @@ class RecordingSocket:
         self.close_reason = None
         # Set once the stream drains the page's frames: it has been subscribed and read the table.
         self.listening = threading.Event()
+        # No ping is answered here (none is sent: its tests end before SOCKET_PING_SECONDS);
+        # simple_websocket's socket starts with it set, too.
+        self.pong_received = True
 
     def send(self, text: str) -> None:
         self.sent.append(json.loads(text))
@@ -3271,6 +3274,49 @@ def test_a_page_that_leaves_a_ping_unanswered_is_closed_and_one_that_answers_is_
     ended = [record for record in caplog.records if record.name == notifications.__name__
              and "left a ping unanswered" in record.getMessage()]
     assert len(ended) == 1 and silent_user in ended[0].getMessage(), ended
+
+
+def test_a_page_sent_notifications_more_often_than_the_pings_is_pinged_and_closed_unanswering(
+        settings, upstreams, monkeypatch):
+    """A page behind a proxy, its host gone: the proxy acknowledges each notification sent, so a
+    socket sent one more often than SOCKET_PING_SECONDS must still be pinged, and closed once the
+    ping goes unanswered SOCKET_PONG_SECONDS. Before, each notification sent put the next ping
+    off: a socket sent one a second (here one every 0.1 s, pings every 0.3 s) was never pinged,
+    and held its thread, slot and subscription for as long as its notifications came."""
+    monkeypatch.setattr(notifications, "SOCKET_PING_SECONDS", 0.3)
+    monkeypatch.setattr(notifications, "SOCKET_PONG_SECONDS", 1.0)
+    monkeypatch.setattr(notifications, "SOCKET_DRAIN_SECONDS", 0.1)  # (its loop's turn)
+    user = f"usr_{uuid.uuid4().hex[:16]}"
+    with _served_gateway(settings, upstreams) as (client, base), \
+            _notifications_kept_every(client.application, user, 0.1):
+        closed = _close_of_a_page_that_answers_nothing(
+            base.replace("http://", "ws://") + _socket_path(settings, "busy", user),
+            timeout=notifications.SOCKET_PONG_SECONDS + 10)
+    assert closed is not None, "the page, sent notifications, was never pinged and closed"
+    after_its_ping, code, reason = closed
+    assert (code, reason) == notifications.PING_UNANSWERED
+    assert 0.9 <= after_its_ping <= notifications.SOCKET_PONG_SECONDS + 5, after_its_ping
+
+
+@contextmanager
+def _notifications_kept_every(app, user: str, seconds: float) -> Iterator[None]:
+    """A notification of `user`'s kept (and published) every `seconds`, in a thread, until the
+    block ends."""
+    done = threading.Event()
+
+    def keep() -> None:
+        with app.app_context():
+            while not done.wait(seconds):
+                with transaction() as session:
+                    notifications.on_order_status_changes(session, _status_changes(user))
+
+    thread = threading.Thread(target=keep, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=10)
 
 
 def _close_of_a_page_that_answers_nothing(url: str, timeout: float
