@@ -17,15 +17,21 @@ NOTIFICATION = {"$ref": "#/components/schemas/Notification"}
 NOTIFICATION_PAGE = {"$ref": "#/components/schemas/NotificationPage"}
 # What the socket sends, in place of the notifications, when some after the id it goes on from
 # were pruned before it sent them (gateway_app/notifications.py: _send_newer): no `id` (a page
-# following the ids skips it, as one of before does), and a `type` no notification has.
+# following the ids skips it, as one of before does), a `type` no notification has, and the id
+# of the newest pruned (notifications_missed).
 MISSED_TYPE = "NotificationsMissed"
-NOTIFICATIONS_MISSED = {"type": MISSED_TYPE}
 NOTIFICATIONS_MISSED_SCHEMA = {"$ref": f"#/components/schemas/{MISSED_TYPE}"}
 MISSED_DESCRIPTION = (
     "Some of the user's notifications after the id asked after were pruned (kept for "
     "NOTIFICATION_RETENTION_SECONDS, 30 days unless set) before they were read: what follows is "
     "what is left, and a state built from notifications has skipped some. Read the whole state "
-    "again (the orders, the balance), having read `GET /api/notifications/newest` first")
+    "again (the orders, the balance)")
+
+
+def notifications_missed(through: int) -> dict:
+    """The socket's message telling its page that notifications up to the id `through` (the
+    newest of the user's pruned) were pruned before it sent them."""
+    return {"type": MISSED_TYPE, "through": through}
 
 
 class OrderStatusChangedPayloadSchema(OrderStatusChangedSchema):
@@ -77,12 +83,20 @@ def document_notifications(api, kept_types) -> None:
         "type": "object", "required": ["items", "missed"],
         "properties": {
             "items": {"type": "array", "items": NOTIFICATION},
-            "missed": {"type": "boolean", "description": MISSED_DESCRIPTION + ", and go on "
-                       "after its `id` (a page asked after this one's last id does not tell it "
-                       "again)"}}})
+            "missed": {"type": "boolean", "description": MISSED_DESCRIPTION + ", having read "
+                       "`GET /api/notifications/newest` first, and go on after its `id` (a page "
+                       "asked after this one's last id does not tell it again)"}}})
     api.spec.components.schema(MISSED_TYPE, {
-        "type": "object", "required": ["type"],
-        "description": "What the notification socket sends before the notifications it goes on "
-                       "with, once, when it would have skipped some: " + MISSED_DESCRIPTION
-                       + "; the socket goes on by itself.",
-        "properties": {"type": {"type": "string", "enum": [MISSED_TYPE]}}})
+        "type": "object", "required": ["type", "through"],
+        "description": "What the notification socket sends, once for them, when some of the "
+                       "notifications it would send next were pruned: before the first it sends "
+                       "after them (the socket's first message, or, where they were pruned while "
+                       "it was sending its catch-up a page at a time, after the notifications "
+                       "older than them already sent). " + MISSED_DESCRIPTION
+                       + "; the socket goes on by itself, after `through`.",
+        "properties": {
+            "type": {"type": "string", "enum": [MISSED_TYPE]},
+            "through": {"type": "integer", **NOTIFICATION_ID_FORMAT,
+                        "description": "The id of the newest of the user's notifications pruned: "
+                                       "go on after it (a socket opened `after` it is not told "
+                                       "again)"}}})

@@ -41,7 +41,7 @@ from gateway_app import tokens
 from gateway_app.auth import RATE_LIMITER, SIGNED_IN_ERRORS, TOKEN_EXPIRED, BearerRefused
 from gateway_app.models import Notification, NotificationPruneMark
 from gateway_app.notification_document import (NOTIFICATION_ID_FORMAT, NOTIFICATION_PAGE,
-                                                NOTIFICATIONS_MISSED)
+                                                notifications_missed)
 from gateway_app.ratelimit import RateLimited, client_address
 from gateway_app.sign_out import SIGNED_OUT, is_signed_out
 from gateway_app.socket_document import document_socket
@@ -434,7 +434,9 @@ def register_socket(app, authenticate, redeem) -> None:
     (POST /api/notifications/tickets) for its token, `authenticate` a token. With `after`, first
     everything newer than that id, then each one live; without it, each one kept from the moment
     the handshake is answered. Where some after the id it goes on from were pruned, it sends
-    NOTIFICATIONS_MISSED first (once for them), and goes on after the newest pruned. The socket
+    notifications_missed (with the newest pruned's id) before the first it sends after them
+    (once for them: its first message, or between two pages of a catch-up pruned as it was sent),
+    and goes on after the newest pruned. The socket
     is closed with 1008 when the ticket or token is refused, when `after` is no notification id
     and when the token expires; with 1013 (try again later) past the user's rate limit or its
     socket limits, or its address's; with 1011 when Redis or the database fails it, or the
@@ -800,7 +802,7 @@ def ping_the_page(ws) -> None:
 
 def _send_newer(ws, user_id: str, last_sent: int) -> tuple[int, bool]:
     """Send a page (REPLAY_LIMIT) of the user's notifications after `last_sent`, oldest first,
-    and before them NOTIFICATIONS_MISSED where some after `last_sent` were pruned; returns the
+    and before them notifications_missed where some after `last_sent` were pruned; returns the
     id the stream goes on after (the last sent, or the newest pruned if newer: told once), and
     whether there may be more. A long catch-up goes a page at a time, the token read again
     before each: sent to a page that reads slowly, it can take days, and the socket of a token
@@ -809,7 +811,7 @@ def _send_newer(ws, user_id: str, last_sent: int) -> tuple[int, bool]:
     page = catch_up(user_id, last_sent, REPLAY_LIMIT)
     db.session.rollback()  # the socket stays open for long: hold no connection between reads
     if page.missed_through is not None:
-        ws.send(dumps_exact(NOTIFICATIONS_MISSED))
+        ws.send(dumps_exact(notifications_missed(page.missed_through)))
     for item in page.items:
         ws.send(dumps_exact(item))
         last_sent = item["id"]

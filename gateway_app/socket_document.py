@@ -31,8 +31,12 @@ Open with a WebSocket handshake. Each message the socket then sends is one notif
 that id, then each one as it happens; without it, each one from the moment the handshake is
 answered. Where some notifications after the id it goes on from were pruned before it sent
 them (the page was away longer than they are kept: NOTIFICATION_RETENTION_SECONDS, 30 days
-unless set), it first sends `{{"type": "NotificationsMissed"}}` (`NotificationsMissed`, with no
-`id`), once for them, then what is left: read the whole state again (the orders, the balance).
+unless set), it sends `{{"type": "NotificationsMissed", "through": <id>}}` (`NotificationsMissed`,
+with no `id`; `through` the newest pruned), once for them, before the first notification after
+them: its first message, or, where they were pruned while it was sending its catch-up (a page of
+notifications at a time), after the older ones already sent. Then what is left: go on after
+`through` (a socket opened `after` it is not told again) and read the whole state again (the
+orders, the balance).
 The page sends nothing: what it sends is read and dropped, but for a message too
 long (1009, below). A socket sends a WebSocket ping every {ping_seconds:g} s, whatever else it
 sends (a control frame, no message), which a browser answers with a pong by itself, as any client

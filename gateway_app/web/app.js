@@ -1263,7 +1263,7 @@
 
   async function onNotification(notification) {
     if (notification && notification.type === "NotificationsMissed") {
-      onNotificationsMissed();
+      onNotificationsMissed(notification);
       return;
     }
     if (typeof notification.id !== "number" || notification.id <= lastNotificationId) return;
@@ -1292,18 +1292,21 @@
     refreshBalance().catch(backgroundReadFailed);  // a FINISHED order has just been paid
   }
 
-  // The gateway pruned notifications after the id the socket was opened after (kept 30 days): any
-  // order shown, and the balance, may have changed unheard of. Read as at the shop's load: the
-  // newest notification's id first (pruned ones count: a socket opened after it again is not told
-  // again), then the first page of orders, the list started again from it (no order listed
-  // before is taken as read since: those below it go, Show older orders reads them again), and
-  // the balance. The socket goes on by itself with what was kept.
-  async function onNotificationsMissed() {
+  // The gateway pruned notifications after the id the socket went on from (kept 30 days): any
+  // order shown, and the balance, may have changed unheard of. The page goes on after the newest
+  // pruned (`through`) at once, whatever the reads below do: its next socket, opened after it, is
+  // not told again (it read GET /api/notifications/newest for that, and a read refused, a 429
+  // with several tabs open or a 503, left every reconnect told again, and reading all again).
+  // Then it reads as at the shop's load: the first page of orders, the list started again from
+  // it (no order listed before is taken as read since: those below it go, Show older orders
+  // reads them again), and the balance. The socket goes on by itself with what was kept. (A
+  // gateway of before, in a deploy, says no `through`: the newest id is read then, as before.)
+  async function onNotificationsMissed(missed) {
     listed.clear();
-    try {
-      await catchUpNotificationId();
-    } catch (error) {
-      backgroundReadFailed(error);
+    if (Number.isSafeInteger(missed.through)) {
+      lastNotificationId = Math.max(lastNotificationId, missed.through);
+    } else {
+      await catchUpNotificationId().catch(backgroundReadFailed);
     }
     (await readOrdersAndBalance()).forEach(backgroundReadFailed);
   }

@@ -1,5 +1,5 @@
 """A page that catches up from before notifications retention has pruned is told that it missed
-some, over HTTP (`missed`) and on its socket (a NotificationsMissed message first), by the ids
+some, over HTTP (`missed`) and on its socket (a NotificationsMissed message), by the ids
 pruned (each user's prune mark), never by gaps among the ids kept: ids are not dense."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import json
 import uuid
 
 import pytest
+from openapi_schema_validator import OAS30Validator, oas30_format_checker
 from werkzeug.serving import make_server
 
 import gateway_app
@@ -22,7 +23,7 @@ from tasks.services import service_app
 from tests.integration.test_gateway import _Served, _sign_up, _status_changes
 from tests.integration.test_retention import _age
 
-MISSED = {"type": "NotificationsMissed"}
+MISSED = "NotificationsMissed"
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +126,24 @@ def _received(socket: WebSocketClient) -> dict:
     return json.loads(socket.receive(timeout=10) or "null")
 
 
+def _documented_socket_message(client, message: dict) -> bool:
+    """Whether `message` holds to NotificationsMissed as the gateway's OpenAPI document gives it,
+    one of the messages it says its socket sends (x-socket-messages)."""
+    spec = client.get("/docs/openapi.json").get_json()
+    (socket_get,) = [path["get"] for path in spec["paths"].values()
+                     if "x-socket-messages" in path.get("get", {})]
+    missed = {"$ref": f"#/components/schemas/{MISSED}"}
+    return missed in socket_get["x-socket-messages"]["oneOf"] and OAS30Validator(
+        {**missed, "components": spec["components"]},
+        format_checker=oas30_format_checker).is_valid(message)
+
+
 def test_a_socket_resumed_from_before_a_pruned_notification_is_told_first_then_goes_on(
         settings, gateway):
     """A socket opened `after` the first of three notifications, the first two pruned, sends
-    NotificationsMissed, then the third, then a new one live, told once; opened after the
-    second, it sends the third at once; opened without `after`, for a user all of whose
-    notifications were pruned, only what comes next."""
+    NotificationsMissed through the second, then the third, then a new one live, told once;
+    opened after the second, it sends the third at once; opened without `after`, for a user all
+    of whose notifications were pruned, only what comes next."""
     client, base = gateway
     user = f"usr_{uuid.uuid4().hex[:16]}"
     first, second, third = _kept(user, 3)
@@ -138,7 +151,9 @@ def test_a_socket_resumed_from_before_a_pruned_notification_is_told_first_then_g
 
     told = _socket(settings, base, user, after=first)
     try:
-        assert _received(told) == MISSED
+        missed = _received(told)
+        assert missed == {"type": MISSED, "through": second}  # the newest pruned
+        assert _documented_socket_message(client, missed)
         assert _received(told)["id"] == third
         (live,) = _kept(user, 1)[-1:]
         assert _received(told)["id"] == live
