@@ -8,10 +8,14 @@ import fcntl
 import hashlib
 import http.server
 import json
+import os
 import re
 import select
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import termios
 import threading
 import time
@@ -46,6 +50,7 @@ import gateway_app
 import orders_app
 import payments_app
 from devstack.infra import free_port
+from devstack.stack import REPO_ROOT
 from gateway_app import auth as gateway_auth
 from gateway_app import (channel_listener, notifications, socket_tickets, upstream_http,
                          user_channels)
@@ -3317,6 +3322,88 @@ def _notifications_kept_every(app, user: str, seconds: float) -> Iterator[None]:
     finally:
         done.set()
         thread.join(timeout=10)
+
+
+# A gateway served in a process of its own (its notification sockets' timings as the test gives
+# them), which prints its port once it listens.
+_GATEWAY_PROCESS = """
+import sys
+from werkzeug.serving import make_server
+import gateway_app
+from gateway_app import notifications
+(notifications.SOCKET_PING_SECONDS, notifications.SOCKET_PONG_SECONDS,
+ notifications.SOCKET_DRAIN_SECONDS) = map(float, sys.argv[1:4])
+server = make_server("127.0.0.1", 0, gateway_app.create_app(), threaded=True)
+print(server.port, flush=True)
+server.serve_forever()
+"""
+
+
+def test_a_gateway_stopped_longer_than_the_pong_bound_keeps_the_sockets_whose_pages_answered(
+        settings):
+    """The gateway process stopped (SIGSTOP, as the chaos soak does; a VM frozen) longer than
+    SOCKET_PONG_SECONDS with a ping out, its page's pong arriving meanwhile: once it runs again
+    the pong sits unread on the connection until the socket's reader thread gets to it, and the
+    stream, finding its deadline passed, closed the socket as unanswered, its page there (about
+    one stall in three). Here a page on a slow link (its pong sent 0.2 s after each ping) has the
+    gateway stopped 1.5 s (the bound 1 s) as each of eight pings reaches it: the socket is
+    kept, and then pinged on."""
+    ping, pong, drain = 1.5, 1.0, 0.1
+    env = {**os.environ, "GATEWAY_SOCKET_HANDSHAKES_PER_ADDRESS": "1000000"}
+    gateway = subprocess.Popen([sys.executable, "-c", _GATEWAY_PROCESS, str(ping), str(pong),
+                                str(drain)], env=env, stdout=subprocess.PIPE, text=True,
+                               cwd=REPO_ROOT)
+    try:
+        port = int(gateway.stdout.readline())
+        closed = _close_of_a_page_stopping_its_gateway(
+            f"ws://127.0.0.1:{port}" + _socket_path(settings, "stalled"), gateway.pid,
+            stalls=8, stall_seconds=1.5, answer_after=0.2, then_pings=3)
+        assert closed is None, f"the socket was closed after a stall: {closed}"
+    finally:
+        os.kill(gateway.pid, signal.SIGCONT)
+        gateway.kill()
+        gateway.wait(timeout=10)
+        gateway.stdout.close()
+
+
+def _close_of_a_page_stopping_its_gateway(url: str, gateway_pid: int, stalls: int,
+                                          stall_seconds: float, answer_after: float,
+                                          then_pings: int) -> tuple[int, str] | None:
+    """Open a socket to `url` as a page on a slow link: it answers each ping `answer_after` s
+    after it arrives; as each of the first `stalls` pings arrives, the gateway's process is
+    stopped (SIGSTOP) first, its pong sent `answer_after` s on, and the process let go on
+    (SIGCONT) `stall_seconds` after it was stopped. After `then_pings` pings more, answered: None,
+    or the close's code and reason if the gateway closed the socket (or (1006, "") if the
+    connection ended without one)."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import CloseConnection, Ping, Request
+
+    address = urlsplit(url)
+    connection = WSConnection(ConnectionType.CLIENT)
+    pings = 0
+    with socket.create_connection((address.hostname, address.port), timeout=30) as page:
+        page.sendall(connection.send(Request(host=address.netloc,
+                                             target=f"{address.path}?{address.query}")))
+        while pings < stalls + then_pings:
+            data = page.recv(65536)
+            if not data:
+                return 1006, ""
+            connection.receive_data(data)
+            for event in connection.events():
+                if isinstance(event, CloseConnection):
+                    return event.code, event.reason
+                if not isinstance(event, Ping):
+                    continue
+                pings += 1
+                stopped = pings <= stalls
+                if stopped:
+                    os.kill(gateway_pid, signal.SIGSTOP)
+                time.sleep(answer_after)  # (the slow link: the scenario, not a wait)
+                page.sendall(connection.send(event.response()))
+                if stopped:
+                    time.sleep(stall_seconds - answer_after)
+                    os.kill(gateway_pid, signal.SIGCONT)
+    return None
 
 
 def _close_of_a_page_that_answers_nothing(url: str, timeout: float
