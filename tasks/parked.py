@@ -87,11 +87,15 @@ unknown) is audited as it fails, as one that may have done it, its outcome unkno
 and where to look.
 On a terminal (stdin a TTY), discard first asks "discard N rows of DATABASE? [y/N]" on the
 terminal (/dev/tty, not stderr, which may go to a log), N counted by a dry run, and does nothing,
-exit 1, but on y; then it discards what it counted, no more (under --all, up to the last parked
-as it counted: those parked while it asked are left, and said to be; named, those of them it
-counted: one parked while it asked is left, "parked since it was counted"). --yes or --dry-run asks
-nothing, nor does a discard whose stdin is not a terminal (a script). A dry run runs the real
-statements and rolls them back: it takes the same row locks, for as long as it runs.
+exit 1, but on y; then it discards the very messages it counted, by their ids (kept as it
+counted them, 16 bytes each, and discarded a batch a transaction as counted), and no other. Under
+--all, those its count saw parked: a message parked while it asked, or stamped parked before it
+counted by a transaction that committed only after (a handler's, its batch going on), is left
+parked, and said to be ("messages parked since they were counted are left parked"); named, those
+of them it counted: one parked while it asked is left, "parked since it was counted". --yes or
+--dry-run asks nothing, nor does a discard whose stdin is not a terminal (a script): under --all
+each takes what it finds parked as it begins. A dry run runs the real statements and rolls them
+back: it takes the same row locks, for as long as it runs.
 """
 
 from __future__ import annotations
@@ -123,7 +127,7 @@ from sqlalchemy.orm import Session
 from shared.config import SERVICES, settings_or_exit
 from shared.contracts import PAYMENT_FAILED, PAYMENT_REQUESTED, PAYMENT_SUCCEEDED
 from shared.db import (db, database_now, failure_in_a_line, if_commit_unanswered, ran_too_long,
-                       rolled_back_transaction, transaction)
+                       transaction)
 from shared.inbox.parked import (discard_parked_messages, last_parked, never_parsed_parked,
                                  parked_among, parked_batch, parked_messages, unpark_messages)
 from shared.migrations import why_not_ready_for_this_release
@@ -132,7 +136,8 @@ from shared.outbox.parked import (NotOfTheTopic, discard_parked_outbox_messages,
                                   parked_outbox_messages, parked_outbox_rows_among,
                                   parked_topics_not_relayed, redirect_parked_outbox_messages,
                                   unpark_outbox_messages, why_not_sent_on)
-from shared.parked_batches import Bound, all_parked_changed_in_transactions, bound_now
+from shared.parked_batches import (CountedMessages, all_parked_changed_in_transactions,
+                                   changed_in_transactions)
 from shared.quiet_interrupt import INTERRUPTED
 from shared.request_context import escaped_in_logs
 from shared.task_queues import QUEUES_UNREACHABLE
@@ -291,19 +296,19 @@ _LEFT_UNDONE = {PAYMENT_REQUESTED: "never paid for",
 PAYMENT_EVENTS = tuple(_LEFT_UNDONE)
 
 
-def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = False,
-            payments_left: list | None = None, dry_run: bool = False,
-            through: Bound | None = None,
+def discard(service: str, message_ids: list[uuid.UUID] | CountedMessages | None,
+            outbox: bool = False, payments_left: list | None = None, dry_run: bool = False,
             unanswered: Unanswered | None = None) -> Iterator[list[uuid.UUID]]:
-    """Give up on parked messages (every one when `message_ids` is None); yields the ids each
-    transaction discarded, once it has committed. Those of PAYMENT_EVENTS it discarded are added
-    to `payments_left`, when given, as the transaction that discarded them commits (each with its
-    message_id, type and order_id, None when its payload holds none), as the statement that
-    discarded them returned them: a message parked as it ran, and discarded, is among them. A
-    `dry_run` rolls each transaction back: it yields what a discard would take, changing
-    nothing. Every parked message is taken up to `through` when given (_parked_bound), else up to
-    the last parked as it begins. The messages of a transaction whose COMMIT goes unanswered are
-    counted in `unanswered`, when given, as its failure is raised."""
+    """Give up on parked messages: those named, in one transaction; those a count found
+    (CountedMessages: a discard the operator confirmed), a transaction a batch as counted, and no
+    other; or, when `message_ids` is None, every one parked up to the last parked as it begins.
+    Yields the ids each transaction discarded, once it has committed. Those of PAYMENT_EVENTS it
+    discarded are added to `payments_left`, when given, as the transaction that discarded them
+    commits (each with its message_id, type and order_id, None when its payload holds none), as
+    the statement that discarded them returned them: a message parked as it ran, and discarded,
+    is among them. A `dry_run` rolls each transaction back: it yields what a discard would take,
+    changing nothing. The messages of a transaction whose COMMIT goes unanswered are counted in
+    `unanswered`, when given, as its failure is raised."""
     def audit(rows: list, outcome_unknown: bool = False) -> None:
         _audit(service, outbox, "discard", None, [row.message_id for row in rows],
                outcome_unknown)
@@ -312,7 +317,7 @@ def discard(service: str, message_ids: list[uuid.UUID] | None, outbox: bool = Fa
         # (A discarded message is processed, a discarded row deleted: neither is parked again.)
         for discarded in _changed(discard_parked_messages, discard_parked_outbox_messages,
                                   message_ids, outbox, audit, may_come_back=False,
-                                  dry_run=dry_run, through=through, unanswered=unanswered):
+                                  dry_run=dry_run, unanswered=unanswered):
             if payments_left is not None:
                 payments_left.extend(row for row in discarded if row.type in PAYMENT_EVENTS)
             yield [row.message_id for row in discarded]
@@ -324,15 +329,15 @@ _Change = Callable[[Session, list[uuid.UUID] | None], list[_Changed]]
 
 
 def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
-             message_ids: list[uuid.UUID] | None, outbox: bool,
+             message_ids: list[uuid.UUID] | CountedMessages | None, outbox: bool,
              audit: Callable[..., None], may_come_back: bool,
              in_batches: bool = True, dry_run: bool = False,
-             through: Bound | None = None,
              unanswered: Unanswered | None = None) -> Iterator[list[_Changed]]:
-    """Run the change on the messages named in one transaction; on every parked message (up to
-    `through`, when given), CHANGED_PER_TRANSACTION a transaction (shared.parked_batches), unless
-    not `in_batches` (a replay sent on --to-topic, which checks every row it sends on in one
-    statement: in one transaction too). Yields what each transaction's change returned (the
+    """Run the change on the messages named in one transaction; on those a count found
+    (CountedMessages), a transaction a batch it counted; on every parked message (None),
+    CHANGED_PER_TRANSACTION a transaction (shared.parked_batches), unless not `in_batches` (a
+    replay sent on --to-topic, which checks every row it sends on in one statement: in one
+    transaction too). Yields what each transaction's change returned (the
     messages it changed), as it commits, once `audit` has logged it (`audit(changed)`); a
     transaction whose COMMIT fails, whether it committed unknown (its answer lost with the
     connection), is audited as such (`audit(changed, outcome_unknown=True)`), and counted in
@@ -372,11 +377,13 @@ def _changed(inbox_change: _Change[_Changed], outbox_change: _Change[_Changed],
         # keeping to take none twice.
         may_come_back = may_come_back and not outbox
         batches = all_parked_changed_in_transactions(
-            *_parked_order(outbox), change, CHANGED_PER_TRANSACTION, may_come_back, dry_run,
-            through)
+            *_parked_order(outbox), change, CHANGED_PER_TRANSACTION, may_come_back, dry_run)
     else:
-        with (rolled_back_transaction if dry_run else transaction)() as session:
-            batches = [change(session, message_ids)]
+        # (A discard the operator confirmed goes by the ids its count found, not by a bound: a
+        # park stamped before the bound and committed after it was read is past no bound.)
+        batches = changed_in_transactions(
+            message_ids.batches() if isinstance(message_ids, CountedMessages) else [message_ids],
+            change, dry_run)
     for changed in batches:
         # Audited as it commits, before the caller hands anything over: a dispatch that fails or
         # is interrupted (Ctrl-C while Redis is slow) leaves what committed audited all the same.
@@ -390,12 +397,6 @@ def _parked_order(outbox: bool) -> tuple[Callable, Callable]:
     place of the last parked is read, and a batch's."""
     return ((last_parked_outbox_row, parked_outbox_batch) if outbox
             else (last_parked, parked_batch))
-
-
-def _parked_bound(service: str, outbox: bool) -> Bound:
-    """The bound of a run over every parked message of the box, read now."""
-    with _in_the_services_database(service):
-        return bound_now(_parked_order(outbox)[0])
 
 
 # What the command exits with when a reader of its output goes before it is done (`| head -1`),
@@ -558,7 +559,7 @@ def _run(argv: list[str] | None) -> int:
             return 1
         if refused:
             command_parsers[args.command].error(refused)
-    message_ids, through = (None if args.all else args.message_ids), None
+    message_ids = None if args.all else args.message_ids
     asks = args.command == "discard" and not (args.yes or args.dry_run) and sys.stdin.isatty()
     if asks:
         try:
@@ -571,14 +572,14 @@ def _run(argv: list[str] | None) -> int:
             with _the_terminal() as terminal:
                 print(f"{args.service} {box}: nothing discarded (not confirmed)", file=terminal)
             return 1
-        message_ids, through = confirmed
+        message_ids = confirmed
     never_parsed_left, payments_left, unanswered = NeverParsedLeft(), [], Unanswered()
     act = (functools.partial(replay, to_topic=to_topic, from_topic=from_topic,
                              never_parsed_left=never_parsed_left, dry_run=args.dry_run,
                              unanswered=unanswered)
            if args.command == "replay" else
            functools.partial(discard, payments_left=payments_left, dry_run=args.dry_run,
-                             through=through, unanswered=unanswered))
+                             unanswered=unanswered))
     # What is done to each message, as said: under --dry-run, what would be.
     done_to = ("would be " if args.dry_run else "") + _OUTCOMES[args.command, args.outbox]
     outcome = f"{args.service} {box}: {{}} message(s) {done_to}"
@@ -651,28 +652,27 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _discard_confirmed(service: str, message_ids: list[uuid.UUID] | None,
-                       outbox: bool) -> tuple[list[uuid.UUID] | None, Bound] | None:
-    """What the discard the operator confirmed takes, as discard's `message_ids` and `through`:
-    the very messages a dry run of it counted, the operator asked on the terminal how many rows
-    of which database that is (not asked when none), or None if the answer is not y. Under --all,
-    those parked up to the bound read before the count; named, those of them counted. Messages
-    parked while the question waits are left (an outbox row too, written before the bound's row
-    or after it: the bound holds when it was read, shared.outbox.parked.LastParkedRow): a real
-    run taking its own bound after the answer discarded them too, unconfirmed (300
-    PaymentSucceeded parked by a broker outage meanwhile)."""
-    through = _parked_bound(service, outbox) if message_ids is None else None
-    count, counted = 0, []
-    for ids in discard(service, message_ids, outbox, dry_run=True, through=through):
-        count += len(ids)
-        if message_ids is not None:  # (under --all, the bound says which: no ids kept)
-            counted += ids
-    if count:
+                       outbox: bool) -> CountedMessages | None:
+    """What the discard the operator confirmed takes, as discard's `message_ids`: the very
+    messages a dry run of it counted (named, those of them parked; under --all, every one parked
+    and committed as it counted), their ids kept batch by batch as counted, the operator asked on
+    the terminal how many rows of which database that is (not asked when none); or None if the
+    answer is not y. A message the count did not see is not taken, whenever it was stamped
+    parked: one parked while the question waits (a real run reading its own bound after the
+    answer discarded 300 PaymentSucceeded parked by a broker outage meanwhile, unconfirmed), or
+    one stamped parked before the count by a handler's transaction that committed after it (a
+    park is stamped by the database's clock as its statement runs, not as it commits, so a bound
+    of the last parked, read as it counted, took it too, never counted nor confirmed)."""
+    counted = CountedMessages()
+    for ids in discard(service, message_ids, outbox, dry_run=True):
+        counted.add(ids)
+    if counted.count:
         with _the_terminal() as terminal:
-            print(f"discard {count} rows of {_database(service)}? [y/N] ", end="",
+            print(f"discard {counted.count} rows of {_database(service)}? [y/N] ", end="",
                   file=terminal, flush=True)
             if sys.stdin.readline().strip().lower() not in ("y", "yes"):
                 return None
-    return (None if message_ids is None else counted), through
+    return counted
 
 
 @contextlib.contextmanager
@@ -692,10 +692,11 @@ def _the_terminal() -> Iterator[TextIO]:
 
 def _parked_since(service: str, outbox: bool) -> bool:
     """Whether a message of the box is parked still, after a discard --all the operator
-    confirmed: one parked since it was counted (False should the database fail now: the discard
-    has been said)."""
+    confirmed: one its count did not see, parked (or its park committed) since (False should the
+    database fail now: the discard has been said)."""
     try:
-        return _parked_bound(service, outbox).place is not None
+        with _in_the_services_database(service), transaction() as session:
+            return _parked_order(outbox)[0](session) is not None
     except _DATABASE_FAILURES:
         return False
 

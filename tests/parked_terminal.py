@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import termios
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from sqlalchemy.engine import make_url
 
@@ -70,3 +70,25 @@ def on_a_terminal(argv: list[str], stderr) -> Iterator[tuple[subprocess.Popen, i
     finally:
         os.close(terminal)
         os.close(controller)
+
+
+def discarded_all_confirmed_leaving_some_parked(settings, service: str, outbox: bool,
+                                                counted: int,
+                                                while_it_asks: Callable[[], None]) -> None:
+    """`discard SERVICE --all` (of the outbox when `outbox`) typed on a terminal: it asks to
+    discard `counted` rows of the service's database, `while_it_asks` runs as the question waits,
+    and the answer is y; it must then say that it discarded `counted` messages and that messages
+    parked since they were counted are left parked, exit 0."""
+    box, outbox_option = ("outbox", ["--outbox"]) if outbox else ("inbox", [])
+    with on_a_terminal(["discard", service, *outbox_option, "--all"],
+                       stderr=subprocess.PIPE) as (command, terminal):
+        asked = said_until(terminal, "[y/N] ", timeout=60)
+        assert asked.endswith(f"discard {counted} rows of {database_named(settings, service)}?"
+                              " [y/N] ")
+        while_it_asks()
+        os.write(terminal, b"y\n")
+        out, err = command.communicate(timeout=60)
+    assert command.returncode == 0, err
+    assert out.decode() == (
+        f"{service} {box}: {counted} message(s) discarded\n{service} {box}: messages parked since"
+        f" they were counted are left parked (list {service}{' --outbox' * outbox} shows them)\n")

@@ -199,8 +199,8 @@ class LastParkedRow:
     """Where a run over every parked row stops: the place of the last written of the rows parked
     as it was read, and the database's clock then, `parked_by`. A row is stamped parked by the
     database's clock as the relay's statement parks it (relaying._PARK), so every row parked then
-    was parked by it; one parked later, whenever it was written, is past the bound: a discard the
-    operator confirmed takes no row parked while the question waited, written before the last
+    was parked by it; one parked later, whenever it was written, is past the bound: `replay
+    --all` or `discard --all` takes no row parked once it has begun, written before the last
     parked or after it (a bound of ids alone took the rows written before it)."""
     id: int
     message_id: uuid.UUID

@@ -58,8 +58,8 @@ from tests.postgres_tools import (account_row_held, called_at_the_first_statemen
                                   ending_its_session_by_a_statement, terminate_backend,
                                   the_next_commits_answer_lost,
                                   wait_for_sessions_waiting_on_a_lock)
-from tests.parked_terminal import (database_named, environment_without_sudo, on_a_terminal,
-                                   said_until)
+from tests.parked_terminal import (database_named, discarded_all_confirmed_leaving_some_parked,
+                                   environment_without_sudo, on_a_terminal, said_until)
 from tests.process_tools import start_child
 from tests.thread_tools import OutcomeThread, all_joined
 
@@ -1839,6 +1839,13 @@ def _parked_first(message_ids: list[uuid.UUID]) -> None:
                                     last_error="ledger closed"))
 
 
+def _parked_now(message_ids: list[uuid.UUID]) -> None:
+    """Park the messages now, by the database's clock, in a transaction of its own."""
+    with service_app("payments").app_context(), transaction() as session:
+        session.execute(update(InboxMessage).where(InboxMessage.message_id.in_(message_ids))
+                        .values(parked_at=func.clock_timestamp(), last_error="outage"))
+
+
 def _parked_row_held(database_url: str, message_id: uuid.UUID):
     """Another session's transaction holding the message's inbox row locked; roll it back."""
     holder = psycopg2.connect(driver_dsn(database_url))
@@ -2322,25 +2329,46 @@ def test_a_discard_confirmed_on_a_terminal_leaves_the_messages_parked_while_it_a
     _parked_first(counted)
     meanwhile = [_stored_request(payments_inbox, user_id) for _ in range(3)]
     try:
-        with on_a_terminal(["discard", "payments", "--all"],
-                            stderr=subprocess.PIPE) as (command, terminal):
-            asked = said_until(terminal, "[y/N] ", timeout=60)
-            assert asked.endswith(f"discard 2 rows of {_payments_database(settings)}? [y/N] ")
-            with service_app("payments").app_context(), transaction() as session:
-                session.execute(update(InboxMessage)
-                                .where(InboxMessage.message_id.in_(meanwhile))
-                                .values(parked_at=func.clock_timestamp(), last_error="outage"))
-            os.write(terminal, b"y\n")
-            out, err = command.communicate(timeout=60)
-        assert command.returncode == 0, err
-        assert out.decode() == (
-            "payments inbox: 2 message(s) discarded\npayments inbox: messages parked since they"
-            " were counted are left parked (list payments shows them)\n")
+        discarded_all_confirmed_leaving_some_parked(settings, "payments", outbox=False, counted=2,
+                                                    while_it_asks=lambda: _parked_now(meanwhile))
         assert all(_row(message_id).processed_at is not None for message_id in counted)
         assert [_row(message_id).parked_at is not None for message_id in meanwhile] == [True] * 3
         assert [_row(message_id).processed_at for message_id in meanwhile] == [None] * 3
     finally:
         parked.main(["discard", "payments", *map(str, meanwhile)])
+
+
+def test_a_discard_confirmed_on_a_terminal_leaves_a_message_parked_before_it_counted_uncommitted(
+        settings, payments_inbox, user_id):
+    """`discard --all` on a terminal discards the very messages its count saw parked: one a
+    worker's batch stamped parked before the count, in a transaction that went on with other
+    messages and committed only once the count was done, was not counted, and is left parked, and
+    said to be. Before, the discard took every message parked up to the last parked as it counted,
+    by the time each was stamped parked, and a park is stamped as its statement runs, not as its
+    transaction commits: that message, stamped before the bound, was discarded, never counted nor
+    confirmed."""
+    from tasks import parked
+
+    assert parked.main(["discard", "payments", "--all", "--yes"]) == 0  # (other tests' parked)
+    in_a_batch, counted = (_stored_request(payments_inbox, user_id) for _ in range(2))
+    batch = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    try:
+        with batch.cursor() as cursor:  # (parked as a handler parks it: its batch goes on)
+            cursor.execute("UPDATE inbox_messages SET attempts = attempts + 1,"
+                           " parked_at = clock_timestamp(), last_error = 'ledger closed'"
+                           " WHERE message_id = %s RETURNING parked_at", (str(in_a_batch),))
+            (stamped_in_the_batch,) = cursor.fetchone()
+        _parked_now([counted])
+        assert stamped_in_the_batch < _row(counted).parked_at
+        discarded_all_confirmed_leaving_some_parked(settings, "payments", outbox=False, counted=1,
+                                                    while_it_asks=batch.commit)
+        assert _row(counted).processed_at is not None
+        left = _row(in_a_batch)
+        assert (left.parked_at, left.processed_at) == (stamped_in_the_batch, None)
+    finally:
+        batch.rollback()
+        batch.close()
+        parked.main(["discard", "payments", str(in_a_batch)])
 
 
 def test_a_named_message_parked_while_a_discard_asked_is_left_parked_and_said_to_be(
@@ -2356,10 +2384,7 @@ def test_a_named_message_parked_while_a_discard_asked_is_left_parked_and_said_to
                            stderr=subprocess.PIPE) as (command, terminal):
             asked = said_until(terminal, "[y/N] ", timeout=60)
             assert asked.endswith(f"discard 1 rows of {_payments_database(settings)}? [y/N] ")
-            with service_app("payments").app_context(), transaction() as session:
-                session.execute(update(InboxMessage)
-                                .where(InboxMessage.message_id == parked_meanwhile)
-                                .values(parked_at=func.clock_timestamp(), last_error="outage"))
+            _parked_now([parked_meanwhile])
             os.write(terminal, b"y\n")
             out, err = command.communicate(timeout=60)
         assert command.returncode == 1, err

@@ -47,7 +47,8 @@ from tests.discard_warnings import order_left_new
 from tests.kafka_tools import (librdkafka_threads, read_topic, read_topic_until,
                                wait_for_librdkafka_threads)
 from tests.network_tools import SilencingProxy
-from tests.parked_terminal import database_named, on_a_terminal, said_until
+from tests.parked_terminal import (discarded_all_confirmed_leaving_some_parked, on_a_terminal,
+                                   said_until)
 from tests.postgres_tools import (called_at_the_first_statement_naming,
                                   committed_on_a_connection_of_its_own, other_sessions,
                                   terminate_backend, wait_for_sessions_waiting_on_a_lock)
@@ -732,22 +733,13 @@ def test_a_discard_confirmed_on_a_terminal_leaves_the_rows_parked_while_it_asked
     last_parked = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=True)
     written_after = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=False)
     try:
-        with on_a_terminal(["discard", "orders", "--outbox", "--all"],
-                           stderr=subprocess.PIPE) as (command, terminal):
-            asked = said_until(terminal, "[y/N] ", timeout=60)
-            assert asked.endswith(f"discard 2 rows of {database_named(settings, 'orders')}?"
-                                  " [y/N] ")
-            committed_on_a_connection_of_its_own(  # (parked as a relay parks a row)
+        discarded_all_confirmed_leaving_some_parked(
+            settings, "orders", outbox=True, counted=2,
+            while_it_asks=lambda: committed_on_a_connection_of_its_own(  # (as a relay parks)
                 settings.database_url("orders"),
                 "UPDATE outbox_messages SET attempts = 1, parked_at = now()"
                 " WHERE message_id = ANY(CAST(%s AS uuid[]))",
-                ([str(written_before), str(written_after)],))
-            os.write(terminal, b"y\n")
-            out, err = command.communicate(timeout=60)
-        assert command.returncode == 0, err
-        assert out.decode() == (
-            "orders outbox: 2 message(s) discarded\norders outbox: messages parked since they"
-            " were counted are left parked (list orders --outbox shows them)\n")
+                ([str(written_before), str(written_after)],)))
         db.session.rollback()
         still_there = dict(db.session.execute(
             select(OutboxMessage.message_id, OutboxMessage.parked_at.is_not(None))
@@ -755,6 +747,37 @@ def test_a_discard_confirmed_on_a_terminal_leaves_the_rows_parked_while_it_asked
         assert still_there == {written_before: True, written_after: True}
         assert first not in still_there and last_parked not in still_there
     finally:
+        with transaction() as session:
+            session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+
+
+def test_a_discard_confirmed_on_a_terminal_leaves_a_row_parked_before_it_counted_uncommitted(
+        in_orders, settings):
+    """`discard --outbox --all` on a terminal discards the very rows its count saw parked: a row
+    written before the last parked one, stamped parked before the count by a transaction that
+    committed only once the count was done, was not counted, and is left parked, and said to be.
+    Before, the discard took every row written up to the last parked and stamped parked by the
+    database's clock as it counted: that row too, never counted nor confirmed."""
+    from tasks import parked
+
+    assert parked.main(["discard", "orders", "--outbox", "--all", "--yes"]) == 0  # (others')
+    topic = f"parked-uncommitted-{uuid.uuid4().hex[:8]}"
+    written_before = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=False)
+    _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=True)  # (the last parked)
+    parking = psycopg2.connect(driver_dsn(settings.database_url("orders")))
+    try:
+        with parking.cursor() as cursor:
+            cursor.execute("UPDATE outbox_messages SET attempts = 1, parked_at = clock_timestamp()"
+                           " WHERE message_id = %s", (str(written_before),))
+        discarded_all_confirmed_leaving_some_parked(settings, "orders", outbox=True, counted=1,
+                                                    while_it_asks=parking.commit)
+        db.session.rollback()
+        assert dict(db.session.execute(
+            select(OutboxMessage.message_id, OutboxMessage.parked_at.is_not(None))
+            .where(OutboxMessage.topic == topic)).all()) == {written_before: True}
+    finally:
+        parking.rollback()
+        parking.close()
         with transaction() as session:
             session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
 
