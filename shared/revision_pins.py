@@ -15,9 +15,10 @@ by
 
 which pins each revision not pinned yet with its steps (and the steps of one pinned before its
 steps were), and never changes a pin. A step run by several revisions is pinned in each one's
-line, so that a revision pinned but never released (never committed to main), edited since or
-running a step edited since, is pinned again by taking its line out of the file and running the
-command again; a step a released revision runs too stays as it was pinned there."""
+line, so that a revision pinned but never released (committed during a stop whose CI has not yet
+passed, so that no main a stop landed holds it), edited since or running a step edited since, is
+pinned again by taking its line out of the file and running the command again; a step a released
+revision runs too stays as it was pinned there."""
 
 from __future__ import annotations
 
