@@ -5,9 +5,10 @@ saying which died, how, and the last lines of its log, unless it keeps dying: th
 A server the run's data is in (the Kafka broker, the PostgreSQL or Redis the run started) is not
 started again: the run stops, saying why.
 
-The run's claim on its databases (devstack.database_claim) is looked at every CLAIM_LOOK_SECONDS:
-gone with its connection (PostgreSQL restarted under the run), it is taken again, or, another run
-having taken it meanwhile, the run stops, naming that run.
+The run's claim on its databases (devstack.database_claim) is looked at every CLAIM_LOOK_SECONDS,
+on a thread of its own (devstack.claim_keeper): gone with its connection (PostgreSQL restarted
+under the run), it is taken again, or, another run having taken it meanwhile, the run stops,
+naming that run. A look that does not end (a PostgreSQL frozen) holds up none of the others.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from devstack.claim_keeper import ClaimKeeper
 from devstack.database_claim import DatabaseClaim, DatabasesInUse, Kept
 from devstack.processes import ManagedProcess
 from devstack.stack import Stack
@@ -48,7 +50,9 @@ class RunMustStop(Exception):
 class Supervisor:
     """Looks after the processes of a started `stack`, and its `claim` if it holds one: each look
     (look()) deals with those that exited by themselves since the last, starting them again or
-    raising RunMustStop, then with the claim, if its time has come (_keep_the_claim)."""
+    raising RunMustStop, then with what the looks at the claim found since (_keep_the_claim),
+    asking for another if its time has come (claim_keeper: they run on a thread of their
+    own)."""
 
     def __init__(self, stack: Stack, say: Callable[[str], None],
                  clock: Callable[[], float] = time.monotonic,
@@ -57,7 +61,7 @@ class Supervisor:
         self._say = say
         self._clock = clock
         self._deaths: dict[str, deque[float]] = {}
-        self._claim = claim
+        self.claim_keeper = ClaimKeeper(claim) if claim is not None else None
         self._next_claim_look = clock() + CLAIM_LOOK_SECONDS
         self._claim_out_of_reach = False  # (said once, until it is taken again)
 
@@ -65,18 +69,21 @@ class Supervisor:
         for process in self._stack.processes:
             if process.died():
                 self._deal_with(process)
-        if self._claim is not None and self._clock() >= self._next_claim_look:
-            self._keep_the_claim(self._claim)
-            self._next_claim_look = self._clock() + CLAIM_LOOK_SECONDS
+        if self.claim_keeper is not None:
+            for found in self.claim_keeper.found():
+                self._keep_the_claim(found, self.claim_keeper.claim)
+            if self._clock() >= self._next_claim_look:
+                self.claim_keeper.ask()
+                self._next_claim_look = self._clock() + CLAIM_LOOK_SECONDS
 
-    def _keep_the_claim(self, claim: DatabaseClaim) -> None:
-        """Have the claim kept (DatabaseClaim.keep), saying once that it could not be while
-        PostgreSQL does not answer (its processes fail meanwhile, saying so in their logs), and
-        when it is taken again; RunMustStop where another run took it."""
-        try:
-            kept = claim.keep()
-        except DatabasesInUse as exc:
-            raise RunMustStop(str(exc)) from exc
+    def _keep_the_claim(self, kept: Kept | Exception, claim: DatabaseClaim) -> None:
+        """Deal with what a look at the claim (DatabaseClaim.keep) found: say once that it could
+        not be kept while PostgreSQL does not answer (its processes fail meanwhile, saying so in
+        their logs), and when it is taken again; RunMustStop where another run took it."""
+        if isinstance(kept, DatabasesInUse):
+            raise RunMustStop(str(kept)) from kept
+        if isinstance(kept, Exception):
+            raise kept
         if kept is Kept.OUT_OF_REACH and not self._claim_out_of_reach:
             self._say(f"lost the run's claim on {claim.what}: PostgreSQL does not answer"
                       f" (restarting?); taking it again once it does")

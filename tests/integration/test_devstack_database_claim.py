@@ -4,22 +4,33 @@ devstack.supervision), against an embedded PostgreSQL of the test's own, restart
 A restart ends the claim's connection, and PostgreSQL lets go of the lock with it: nothing
 noticed, and a second checkout's run then claimed the same databases while the first still ran
 on them, the clobbering the claim is there to prevent.
+
+The claim's backend frozen (SIGSTOP, as a PostgreSQL under `docker pause`) left a look at it
+waiting with no limit, on the supervisor's own thread, beyond Ctrl-C's reach; its connection gone
+on the run's side only (half-open: a laptop asleep, a network dropped), the backend still held
+the lock, and the run took it for another run's and stopped.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 import devstack.__main__ as make_run
 
-from devstack.database_claim import DatabaseClaim, DatabasesInUse
+from devstack.database_claim import (
+    CONNECT_TIMEOUT_SECONDS, QUERY_CUT_OFF_SECONDS, STALE_BACKEND_END_MILLISECONDS, DatabaseClaim,
+    DatabasesInUse, holder_name)
 from devstack.infra import free_port, start_embedded_postgres
 from devstack.stack import Stack
 from devstack.supervision import CLAIM_LOOK_SECONDS, RunMustStop, Supervisor
@@ -27,19 +38,64 @@ from devstack.supervision import CLAIM_LOOK_SECONDS, RunMustStop, Supervisor
 FIRST, SECOND = "/checkouts/first", "/checkouts/second"
 
 
+# Bounds a look at a claim whose backend is frozen ends within: its query cut off, the lock
+# found held by that backend, the end of which is waited for.
+FROZEN_LOOK_SECONDS = (QUERY_CUT_OFF_SECONDS + CONNECT_TIMEOUT_SECONDS
+                       + STALE_BACKEND_END_MILLISECONDS / 1000 + 5)
+# How long a look, or the claim's release, may take with the claim's backend frozen.
+PROMPT_SECONDS = 1
+
+
 class _RunLooking:
     """A run holding `claim`, its supervisor looking on as make run's does, each look (look())
-    once its time has come; what it says in `said`."""
+    once its time has come, and what it found dealt with (the claim is looked at on a thread of
+    its own); what it says in `said`."""
 
     def __init__(self, claim: DatabaseClaim, run_dir: Path):
         self.said: list[str] = []
         self._now = 0.0
-        self._supervisor = Supervisor(Stack(run_dir), self.said.append,
-                                      clock=lambda: self._now, claim=claim)
+        self.supervisor = Supervisor(Stack(run_dir), self.said.append,
+                                     clock=lambda: self._now, claim=claim)
 
     def look(self) -> None:
+        self.begin_look()
+        assert self.supervisor.claim_keeper.wait_idle(FROZEN_LOOK_SECONDS)
+        self.supervisor.look()
+
+    def begin_look(self) -> None:
+        """A look of the supervisor's with the claim's time come."""
         self._now += CLAIM_LOOK_SECONDS
-        self._supervisor.look()
+        self.supervisor.look()
+
+
+def _ends_within(seconds: float, do) -> bool:
+    """Whether `do()`, on a thread of its own, ends within `seconds` (a blocking psycopg2 call
+    cannot be interrupted otherwise)."""
+    thread = threading.Thread(target=do, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive()
+
+
+def _backend_of(postgres_base: str, checkout: str) -> int:
+    """The pid of the backend of the claim of `checkout`'s run (this process)."""
+    with psycopg2.connect(f"{postgres_base}/postgres") as connection, \
+            connection.cursor() as cursor:
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                       (holder_name(checkout),))
+        (pid,), = cursor.fetchall()
+    connection.close()
+    return pid
+
+
+@contextmanager
+def _frozen(pid: int) -> Iterator[None]:
+    """The process `pid` stopped (SIGSTOP) in the block, resumed after it."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 class _Server:
@@ -218,3 +274,108 @@ def test_make_run_whose_claim_another_run_took_during_a_restart_stops_saying_who
         f" again, or give one of them names of its own: HSESHOP_PREFIX=<name> (README: The two"
         f" commands)",
         "[devstack] stopped."]
+
+
+def test_a_look_at_a_claim_whose_backend_is_frozen_holds_up_neither_the_supervisor_nor_the_stop(
+        postgres, tmp_path):
+    claim = _take(postgres.base, _prefix(), FIRST)
+    run = _RunLooking(claim, tmp_path)
+    try:
+        with _frozen(_backend_of(postgres.base, FIRST)):
+            assert _ends_within(PROMPT_SECONDS, run.begin_look), "the supervisor's look waits"
+            assert _ends_within(PROMPT_SECONDS, run.supervisor.look)
+            assert _ends_within(PROMPT_SECONDS, claim.release), "the run's stop waits"
+    finally:
+        claim.release()
+
+
+def test_a_look_at_a_claim_whose_backend_is_frozen_ends_and_the_claim_is_taken_again_after(
+        postgres, tmp_path):
+    prefix = _prefix()
+    claim = _take(postgres.base, prefix, FIRST)
+    run = _RunLooking(claim, tmp_path)
+    try:
+        with _frozen(_backend_of(postgres.base, FIRST)):
+            run.look()
+            assert run.said == [f"lost the run's claim on {_what(prefix, postgres.base)}:"
+                                f" PostgreSQL does not answer (restarting?); taking it again"
+                                f" once it does"]
+        run.look()
+
+        assert run.said[1:] == [f"claimed {_what(prefix, postgres.base)} again: the claim's"
+                                f" connection was gone (PostgreSQL restarted?)"]
+        with pytest.raises(DatabasesInUse, match=f"make run pid {os.getpid()} in {FIRST}"):
+            DatabaseClaim.take(postgres.base, prefix, [], SECOND)
+    finally:
+        claim.release()
+
+
+class _HalfOpening:
+    """A TCP relay to the PostgreSQL at `port`, each of whose connections can be made half-open
+    (half_open): its client's end closed, its server's end left open and silent, as a network
+    gone between them leaves them (the server's backend sees nothing)."""
+
+    def __init__(self, port: int):
+        self._server_port = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.base = f"postgresql://postgres@127.0.0.1:{self._listener.getsockname()[1]}"
+        self._clients: list[socket.socket] = []
+        self._servers: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def half_open(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+
+    def close(self) -> None:
+        self._listener.close()
+        for end in self._clients + self._servers:
+            end.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # (closed)
+                return
+            server = socket.create_connection(("127.0.0.1", self._server_port))
+            self._clients.append(client)
+            self._servers.append(server)
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pass_on, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pass_on(source: socket.socket, sink: socket.socket) -> None:
+        """Bytes from source to sink till either is gone, closing neither (the other side of a
+        half-open connection stays open)."""
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+
+
+def test_a_backend_of_the_claim_s_own_left_holding_it_half_open_is_not_taken_for_another_run(
+        postgres, tmp_path):
+    port = int(postgres.base.rsplit(":", 1)[1])
+    relay = _HalfOpening(port)
+    prefix = _prefix()
+    claim = _take(relay.base, prefix, FIRST)
+    run = _RunLooking(claim, tmp_path)
+    try:
+        stale = _backend_of(postgres.base, FIRST)
+        relay.half_open()
+        time.sleep(0.2)
+        assert _backend_of(postgres.base, FIRST) == stale  # (the server saw nothing)
+
+        run.look()
+
+        assert run.said == [f"claimed {_what(prefix, relay.base)} again: the claim's"
+                            f" connection was gone (PostgreSQL restarted?)"]
+        assert _backend_of(postgres.base, FIRST) != stale
+        with pytest.raises(DatabasesInUse, match=f"make run pid {os.getpid()} in {FIRST}"):
+            DatabaseClaim.take(postgres.base, prefix, [], SECOND)
+    finally:
+        claim.release()
+        relay.close()

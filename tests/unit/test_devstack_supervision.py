@@ -3,10 +3,13 @@ devstack.__main__.run's stop): what real processes do is in test_devstack_proces
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 import devstack.__main__ as make_run
-from devstack.supervision import RunMustStop, Supervisor
+from devstack.database_claim import Kept
+from devstack.supervision import CLAIM_LOOK_SECONDS, RunMustStop, Supervisor
 
 
 class _DeadWorker:
@@ -76,3 +79,41 @@ def test_a_ctrl_c_during_a_stop_the_run_began_itself_still_ends_it_as_every_stop
     assert capsys.readouterr().err.splitlines() == [
         "[devstack] orders-api exited with code 1, 3 deaths within 60 s: stopping the run",
         "[devstack] stopped."]
+
+
+def test_a_look_at_the_claim_that_does_not_end_holds_up_no_look_of_the_supervisor_s(tmp_path):
+    """Its PostgreSQL frozen (SIGSTOP, `docker pause`: its kernel still acknowledges), a look at
+    the claim waits with no limit: on the supervisor's thread, it stopped the logs followed and
+    the dead processes started again, and Ctrl-C, which cannot interrupt it, with them
+    (test_devstack_database_claim has it against a PostgreSQL)."""
+    class NoProcesses:
+        processes: list = []
+        holding_data: list = []
+
+    class FrozenUntilLetGo:
+        what = "the databases hseshop_orders at postgresql://postgres@127.0.0.1:5432"
+
+        def __init__(self):
+            self.let_go = threading.Event()
+
+        def keep(self) -> Kept:
+            self.let_go.wait()
+            return Kept.HELD
+
+    claim = FrozenUntilLetGo()
+    now = [0.0]
+    supervisor = Supervisor(NoProcesses(), [].append, clock=lambda: now[0], claim=claim)
+    looks = 0
+
+    def look_on() -> None:
+        nonlocal looks
+        for _ in range(3):
+            now[0] += CLAIM_LOOK_SECONDS
+            supervisor.look()
+            looks += 1
+
+    looking = threading.Thread(target=look_on, daemon=True)
+    looking.start()
+    looking.join(1)
+    claim.let_go.set()
+    assert looks == 3
