@@ -415,7 +415,9 @@ def test_a_handler_that_hangs_ends_its_worker_hard_and_its_try_counts(
     assert try_open  # (begun, never ended)
 
     time.sleep(settings.inbox_sweep_min_age_seconds + 0.5)
-    assert sweep_inbox.apply(args=("payments",)).get() == 0  # (parked, not handed over)
+    # (How many it hands over is not asked: the session's inbox may hold other tests' stalled
+    # messages, a CI run's did. This one is parked, not handed over: below.)
+    sweep_inbox.apply(args=("payments",)).get()
     ((attempts, parked, last_error),) = _query(
         settings, "SELECT attempts, parked_at IS NOT NULL, last_error FROM inbox_messages"
                   " WHERE message_id = %s", str(hangs))
