@@ -61,12 +61,18 @@ class _NoAnswer(Exception):
     """The PostgreSQL of a claim lets no one in (not running, starting up, refusing)."""
 
 
+class _HolderUnseen(Exception):
+    """The lock was held, twice over, by a backend the server no longer shows (each ending as it
+    was looked for, or its holder not one of the server's backends): no run to name."""
+
+
 class Kept(enum.Enum):
     """What a look at the claim (DatabaseClaim.keep) found."""
 
     HELD = "held on its connection"
     TAKEN_AGAIN = "its connection was gone, and the claim is taken again on a new one"
-    OUT_OF_REACH = "its connection is gone, and PostgreSQL does not answer: no claim held"
+    OUT_OF_REACH = ("its connection is gone, and PostgreSQL does not answer (or the lock's holder"
+                    " could not be seen, ending as it was looked for): no claim held")
     RELEASED = "let go of (the run stopping): not looked at any more"
 
 
@@ -102,6 +108,8 @@ class DatabaseClaim:
             holder = claim._lock()
         except _NoAnswer:
             return None
+        except _HolderUnseen:
+            holder = "one PostgreSQL no longer shows, ending as it was looked for: try again"
         if holder is not None:
             raise DatabasesInUse(
                 f"{claim.what} are in use by another `make run` ({holder}): stop it, or give"
@@ -112,8 +120,9 @@ class DatabaseClaim:
     def keep(self) -> Kept:
         """Make sure the claim is still held, in one query while it is: where its connection is
         gone (PostgreSQL restarted, the lock gone with it), take it again on a new one, or say
-        PostgreSQL does not answer yet (the next look tries again). DatabasesInUse, naming the
-        run that holds it, if another run took it meanwhile: this one must stop. Its queries are
+        PostgreSQL does not answer yet (the next look tries again; so too where the lock's
+        holder could not be seen: _HolderUnseen). DatabasesInUse, naming the run that holds it,
+        if another run took it meanwhile: this one must stop. Its queries are
         each cut off after QUERY_CUT_OFF_SECONDS (a frozen server), its connects after
         CONNECT_TIMEOUT_SECONDS; RELEASED once the claim is let go of."""
         import psycopg2
@@ -131,7 +140,10 @@ class DatabaseClaim:
                     return Kept.RELEASED
         try:
             holder = self._lock()
-        except _NoAnswer:
+        except (_NoAnswer, _HolderUnseen):
+            # (a holder unseen is most likely this run's own backend, ending as it was looked
+            # for: its connection gone half-open, the server's keepalives giving up about when
+            # the client's did)
             return Kept.OUT_OF_REACH
         if holder is not None:
             raise DatabasesInUse(
@@ -160,8 +172,8 @@ class DatabaseClaim:
 
     def _lock(self) -> str | None:
         """Take the lock on a new connection, kept as the claim's (None); else the name of the
-        run holding it (or of one that has just ended); _NoAnswer where PostgreSQL lets no one
-        in. The claim's own backend still holding it (its connection gone half-open: the
+        run holding it (_HolderUnseen where none could be seen); _NoAnswer where PostgreSQL lets
+        no one in. The claim's own backend still holding it (its connection gone half-open: the
         server has not noticed it gone) is ended and the lock taken: that backend is known by
         its pid and start, which no other backend, of this server or after a restart, shares
         (the application_name alone is the same for every claim of this process and checkout).
@@ -211,29 +223,37 @@ class DatabaseClaim:
         connection.close()
         return None
 
-    def _try_lock(self, cursor) -> tuple[int | None, object, str] | None:
+    def _try_lock(self, cursor) -> tuple[int, object, str] | None:
         """Take the lock on the cursor's connection (None); else the backend holding it:
-        (its pid, its backend_start, its application_name), or of one that has just ended."""
-        cursor.execute("SELECT pg_try_advisory_lock(hashtext(%s), hashtext(%s))",
-                       (CLAIM_KIND, self._prefix))
-        if cursor.fetchone()[0]:
-            return None
-        cursor.execute(
-            "SELECT a.pid, a.backend_start, a.application_name"
-            " FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
-            " AND l.classid = hashtext(%s)::oid AND l.objid = hashtext(%s)::oid"
-            " AND l.database = (SELECT oid FROM pg_database"
-            " WHERE datname = current_database())",
-            (CLAIM_KIND, self._prefix))
-        return cursor.fetchone() or (None, None, "one that has just ended")
+        (its pid, its backend_start, its application_name). A holder the server no longer shows
+        as it is looked for has ended between the try and the look (its lock let go of): this
+        run's own backend, most likely, its connection gone half-open and the server's
+        keepalives giving up as the lock is taken again. The lock is tried once more; its
+        holder unseen again, _HolderUnseen (the next look tries again), not another run's."""
+        for _ in range(2):
+            cursor.execute("SELECT pg_try_advisory_lock(hashtext(%s), hashtext(%s))",
+                           (CLAIM_KIND, self._prefix))
+            if cursor.fetchone()[0]:
+                return None
+            cursor.execute(
+                "SELECT a.pid, a.backend_start, a.application_name"
+                " FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+                " AND l.classid = hashtext(%s)::oid AND l.objid = hashtext(%s)::oid"
+                " AND l.database = (SELECT oid FROM pg_database"
+                " WHERE datname = current_database())",
+                (CLAIM_KIND, self._prefix))
+            if (holder := cursor.fetchone()) is not None:
+                return holder
+        raise _HolderUnseen
 
 
 @contextmanager
 def _cut_off_after(connection, seconds: float = QUERY_CUT_OFF_SECONDS) -> Iterator[None]:
     """The connection cut (_cut) if the block's queries are not over in `seconds`: a blocking
     psycopg2 query waits for an answer with no limit of its own. The block's query then fails
-    (psycopg2.OperationalError), as on a connection gone."""
+    (psycopg2.OperationalError), as on a connection gone; a block whose queries ended as the cut
+    began fails so too, once the cut is over (its connection shut: not one to keep)."""
     over = threading.Lock()  # (held by whichever comes first: the block's end, or the cut)
 
     def cut() -> None:
@@ -243,11 +263,22 @@ def _cut_off_after(connection, seconds: float = QUERY_CUT_OFF_SECONDS) -> Iterat
     timer = threading.Timer(seconds, cut)
     timer.daemon = True
     timer.start()
+    cut_begun = False
     try:
         yield
     finally:
-        over.acquire(blocking=False)
-        timer.cancel()
+        if over.acquire(blocking=False):
+            timer.cancel()
+        else:
+            # The cut under way: over before the block's connection is kept as the claim's, or
+            # closed (it would shut that down meanwhile). Joined, not waited for on `over`,
+            # which is never let go of.
+            cut_begun = True
+            timer.join()
+    if cut_begun:
+        import psycopg2
+
+        raise psycopg2.OperationalError(f"the connection was cut off after {seconds:g} s")
 
 
 def _cut(connection) -> None:
