@@ -106,11 +106,15 @@ SOCKET_UNACKNOWLEDGED_MS = (SOCKET_KEEPALIVE_IDLE_SECONDS + 3 * 10) * 1000
 SOCKET_PING_SECONDS = 25.0
 # A page that has not answered a ping with a pong this long is taken for gone, and its socket
 # closed (PING_UNANSWERED), freeing its thread, its slot and its subscription: within 37 s of the
-# ping it last answered (the next 25 s on, 10 s for its pong, a turn of the stream's loop and its
-# slack), the time the process was stopped (SIGSTOP, a VM frozen) not counted. Before,
-# only TCP ended it: SOCKET_UNACKNOWLEDGED_MS after the ping (85 s) on a direct connection, and
-# behind a proxy or load balancer, which acknowledges what the gateway sends itself, not until
-# the proxy's own connection to the page failed (its kernel retransmitting for some 15 minutes).
+# ping it last answered where the stream's loop turns each SOCKET_DRAIN_SECONDS (the next ping
+# 25 s on, at the turn that comes to it, 10 s for its pong, the turn that finds it unanswered);
+# within 35 s and three of its turns where the process is loaded and its turns longer (one late
+# look a ping is excused: PingSchedule), however long the load lasts; the time the process was
+# stopped (SIGSTOP, a VM frozen: a wait for a wake-up overrunning its second and slack) not
+# counted. Before, only TCP ended it: SOCKET_UNACKNOWLEDGED_MS after the ping (85 s) on a
+# direct connection, and behind a proxy or load balancer, which acknowledges what the gateway
+# sends itself, not until the proxy's own connection to the page failed (its kernel
+# retransmitting for some 15 minutes).
 # A browser answers a ping as it arrives, in its network code (a hidden tab's too: no page code
 # runs for it), a round trip, well under a second; 10 s leaves a slow or lossy mobile link the
 # retransmissions of a ping or pong lost three times over (TCP doubles each wait: on such a link
@@ -766,7 +770,9 @@ def stream_notifications(ws, token: tokens.VerifiedToken, after: int) -> None:
                 # Raises ConnectionClosed once the page has gone (what it sends is never kept:
                 # drop_what_the_page_sends).
                 ws.receive(timeout=0)
+                wait_began = time.monotonic()
                 woken = waiter.wait(SOCKET_DRAIN_SECONDS)
+                pings.waited(wait_began, time.monotonic())
         _close(ws, 1008, tokens.EXPIRED)
     except (ConnectionClosed, LocalProtocolError, OSError):
         # The page has gone (LocalProtocolError: its close crossed a send or ours; OSError: its

@@ -4,10 +4,10 @@ decides can be followed on a clock of one's own."""
 
 from __future__ import annotations
 
-# How much later than its wait a turn of the stream's loop may come and still be a turn as any
-# other: a read of the table, a send, a thread waiting for the interpreter. A turn later than
-# that comes after the process was stopped (SIGSTOP, a VM frozen, the host asleep) or this thread
-# was held: see PingSchedule.page_gone.
+# How much longer than asked the stream's wait for a wake-up may take and still be a wait as any
+# other (the thread waiting for the interpreter, among a process's 200 sockets). A wait longer
+# than that spans a stall: the process stopped (SIGSTOP, a VM frozen, the host asleep) or this
+# thread held: see PingSchedule.waited.
 TURN_SLACK_SECONDS = 1.0
 
 
@@ -19,31 +19,50 @@ class PingSchedule:
     never find its page gone. A ping is two bytes."""
 
     def __init__(self, now: float, ping_seconds: float, pong_seconds: float,
-                 turn_seconds: float):
+                 wait_seconds: float):
         self.ping_seconds, self.pong_seconds = ping_seconds, pong_seconds
-        self.turn_allowance = turn_seconds + TURN_SLACK_SECONDS
+        self.wait_allowance = wait_seconds + TURN_SLACK_SECONDS
         self.ping_at = now + ping_seconds
         self.pong_due: float | None = None  # while a ping's pong has not come
-        self.last_turn = now
+        self.last_look = now
+        self.stalled = False  # a wait has spanned a stall since the last look
+        self.late_look_excused = False  # (one a ping, a look late but for no stall)
+
+    def waited(self, began: float, ended: float) -> None:
+        """The stream's loop waited for a wake-up (`wait_seconds` at most) from `began` to
+        `ended`. A wait longer than its allowance spanned a stall (the process stopped, a VM
+        frozen): what it overran by is not counted against the pong, and the next look decides
+        nothing, the socket's reader thread, stopped too, having yet to read a pong that came
+        meanwhile. Only the wait is measured: the loop's work (the table read, the sends, the
+        catch-up's pages) may take long under load, and, counted, would put the pong off for as
+        long as the load lasted."""
+        overrun = ended - began - self.wait_allowance
+        if overrun > 0:
+            self.stalled = True
+            if self.pong_due is not None:
+                self.pong_due += overrun
 
     def page_gone(self, now: float, pong_received: bool) -> bool:
-        """Whether the page has left a ping unanswered past its due, at a turn of the stream at
+        """Whether the page has left a ping unanswered past its due, at a look of the stream at
         `now` (the pong seen since the ping, or not, as the socket's reader thread has read it).
 
-        A turn that comes later than its wait allows decides nothing and its lateness is not
-        counted: after the process was stopped longer than the bound, the page's pong may be
-        waiting unread on the connection, the reader thread not having run yet, and the socket
+        A look after a stall (see waited) decides nothing: after the process was stopped longer
+        than the bound, the page's pong may be waiting unread on the connection, and the socket
         was closed as unanswered while its page was there (every quiet socket with a ping out at
-        once, after a stall). The next turn decides, the reader having had a wait to read it."""
-        late = now - self.last_turn - self.turn_allowance
-        self.last_turn = now
+        once, after a stall). The next look decides, the reader having had a wait to read it. A
+        look later than a wait allows for another reason (a stall in the loop's work, a long
+        catch-up) decides nothing either, once a ping: its lateness is not added to the due."""
+        late = now - self.last_look > self.wait_allowance
+        stalled, self.stalled, self.last_look = self.stalled, False, now
         if self.pong_due is None:
             return False
         if pong_received:
             self.pong_due = None
             return False
-        if late > 0:
-            self.pong_due += late
+        if stalled:
+            return False
+        if late and not self.late_look_excused:
+            self.late_look_excused = True
             return False
         return now >= self.pong_due
 
@@ -59,3 +78,4 @@ class PingSchedule:
         still unanswered (the pong is then due from that one)."""
         if self.pong_due is None:
             self.pong_due = now + self.pong_seconds
+            self.late_look_excused = False
