@@ -560,14 +560,63 @@ def test_nothing_waits_for_the_caches_redis_to_be_healthy():
     assert set(waiting.values()) == {"service_started"}, waiting
 
 
+def _one_shots() -> set[str]:
+    """The services that run once per `up`: the migrations and the roles' job."""
+    return {name for service_name in SERVICES for name in migrations_of(service_name)} | {
+        roles_job()}
+
+
 def test_every_long_running_service_has_a_healthcheck_and_one_shots_do_not_restart():
-    one_shots = {name for service_name in SERVICES for name in migrations_of(service_name)}
-    one_shots.add(roles_job())
     for name, service in ALL_SERVICES.items():
-        if name in one_shots:
+        if name in _one_shots():
             assert service.get("restart") == "no", name
         else:
             assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def test_every_long_running_service_has_a_memory_limit_compose_keeps():
+    """Without one, a process that leaks (Flower's task list, a consumer's queue) could take all
+    the host's memory; with one, the kernel's OOM killer ends a process of that container alone.
+    Read as Compose resolves the file, so that a key it drops or misreads does not pass."""
+    resolved = resolved_compose()["services"]
+    long_running = set(ALL_SERVICES) - _one_shots()
+    assert long_running >= {"postgres", "kafka", "flower"} | set(HSESHOP) - _one_shots()
+    unlimited = sorted(name for name in long_running
+                       if int(resolved[name].get("mem_limit", 0)) <= 0)
+    assert not unlimited, f"no memory limit: {unlimited}"
+
+
+# What a JVM takes beside its heap at the least (its code, metaspace, threads' stacks, buffers).
+JVM_BEYOND_ITS_HEAP = 256 * 2**20
+# The variable that gives each JVM image's heap, by the image.
+JVM_HEAP_VARIABLE = {"apache/kafka": "KAFKA_HEAP_OPTS", "kafbat/kafka-ui": "JAVA_OPTS"}
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def _largest_heap(options: str) -> int | None:
+    """The -Xmx of JVM `options`, in bytes (None where it sets none)."""
+    found = re.findall(r"-Xmx(\d+)([kmg]?)\b", options, re.IGNORECASE)
+    return int(found[-1][0]) * _UNITS[found[-1][1].lower()] if found else None
+
+
+def test_each_jvms_heap_is_set_below_its_containers_memory_limit():
+    """A JVM's heap unset is sized by the JVM or its start script (Kafka's 1 GB), whatever the
+    limit: the kernel would kill it at its limit as it starts, or as its heap fills. Kafka's
+    healthcheck starts a second JVM in the broker's container, whose heap counts too: it takes
+    KAFKA_HEAP_OPTS from the container's environment unless given its own."""
+    resolved = resolved_compose()["services"]
+    jvms = {name: variable for name, service in ALL_SERVICES.items()
+            for image, variable in JVM_HEAP_VARIABLE.items()
+            if service.get("image", "").startswith(f"{image}:")}
+    assert set(jvms) == {"kafka", "kafka-ui"}, jvms
+    for name, variable in jvms.items():
+        heaps = [_largest_heap(resolved_environment(name).get(variable, ""))]
+        check = " ".join(ALL_SERVICES[name]["healthcheck"]["test"])
+        if "/opt/kafka/bin/" in check:
+            heaps.append(_largest_heap(check.partition("/opt/kafka/bin/")[0]))
+        assert None not in heaps, f"{name}: a JVM of its container has no -Xmx ({variable})"
+        needs = sum(heaps) + len(heaps) * JVM_BEYOND_ITS_HEAP
+        assert needs <= int(resolved[name]["mem_limit"]), (name, heaps)
 
 
 def test_no_one_shot_of_the_image_takes_the_images_healthcheck():
