@@ -102,6 +102,9 @@ bench: $(BENCH_INSTALLED)
 chaos: venv
 	$(PY) -m bench.chaos
 
+# What a run killed outright left running is stopped first, by its record in .run, which names it
+# and goes with the folder; while a run goes on, nothing is deleted (devstack/clean.py).
 clean:
+	@if [ -n "$(VENV_RUNS)" ]; then $(PY) -m devstack.clean .run; fi
 	rm -rf $(VENV) .run .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

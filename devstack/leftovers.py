@@ -32,6 +32,8 @@ STOP_TIMEOUT_SECONDS = 10.0
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 # A list's first line: this, then the boot it was written in.
 BOOT_LINE = "boot"
+# The list's name in a run's folder.
+RUN_RECORD = "processes"
 
 
 class RunInTheWay(RuntimeError):

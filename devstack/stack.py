@@ -16,7 +16,7 @@ import requests
 
 from devstack import infra
 from devstack.database_claim import DatabaseClaim
-from devstack.leftovers import RunRecord
+from devstack.leftovers import RUN_RECORD, RunRecord
 from devstack.local_secrets import write_owner_only
 from devstack.logs import keep_the_previous_log
 from devstack.postgres_data import sweep_postgres_data_left
@@ -63,8 +63,6 @@ NAMES_OF_ITS_OWN = ("CELERY_BROKER_URL", "CACHE_REDIS_URL", "REDIS_KEY_PREFIX",
 CELERY_SERVERS_FROM_THE_ENVIRONMENT = ("CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL",
                                        "CELERY_RESULT_BACKEND", "BROKER_URL", "RESULT_BACKEND",
                                        "LOADER", "CONFIG_MODULE")
-# The list of the processes a run has started, in its folder (devstack.leftovers).
-RUN_RECORD = "processes"
 # The first of the processes that take requests to start, and so the last of them stopped: once
 # it is, the run lets the orders in flight settle before it stops the workers
 # (Stack._let_orders_in_flight_settle), for at most SETTLE_SECONDS, done once nothing has been in
