@@ -34,6 +34,7 @@ from devstack.database_claim import (
 from devstack.infra import free_port, start_embedded_postgres
 from devstack.stack import Stack
 from devstack.supervision import CLAIM_LOOK_SECONDS, RunMustStop, Supervisor
+from tests.database_claim_refusals import a_stacks_databases, claimed_meanwhile_by_another_run
 
 FIRST, SECOND = "/checkouts/first", "/checkouts/second"
 
@@ -52,6 +53,7 @@ class _RunLooking:
     its own); what it says in `said`."""
 
     def __init__(self, claim: DatabaseClaim, run_dir: Path):
+        self.claim = claim
         self.said: list[str] = []
         self._now = 0.0
         self.supervisor = Supervisor(Stack(run_dir), self.said.append,
@@ -66,6 +68,18 @@ class _RunLooking:
         """A look of the supervisor's with the claim's time come."""
         self._now += CLAIM_LOOK_SECONDS
         self.supervisor.look()
+
+
+@contextmanager
+def _first_run(postgres_base: str, run_dir: Path) -> Iterator[tuple[str, _RunLooking]]:
+    """FIRST's run, names of its own claimed on the PostgreSQL at `postgres_base`, its supervisor
+    looking on: its names' prefix and the run; its claim let go of after."""
+    prefix = _prefix()
+    claim = _take(postgres_base, prefix, FIRST)
+    try:
+        yield prefix, _RunLooking(claim, run_dir)
+    finally:
+        claim.release()
 
 
 def _ends_within(seconds: float, do) -> bool:
@@ -155,6 +169,24 @@ def _what(prefix: str, postgres_base: str) -> str:
     return f"the databases {prefix}_orders, {prefix}_payments at {postgres_base}"
 
 
+def _lost(prefix: str, postgres_base: str) -> str:
+    """What a run says as its claim's PostgreSQL stops answering."""
+    return (f"lost the run's claim on {_what(prefix, postgres_base)}: PostgreSQL does not answer"
+            f" (restarting?); taking it again once it does")
+
+
+def _claimed_again(prefix: str, postgres_base: str) -> str:
+    """What a run says as it takes again a claim whose connection was gone."""
+    return (f"claimed {_what(prefix, postgres_base)} again: the claim's connection was gone"
+            f" (PostgreSQL restarted?)")
+
+
+def _assert_the_first_run_holds(postgres_base: str, prefix: str) -> None:
+    """The claim on `prefix`'s names is FIRST's run's: SECOND's is refused, naming it."""
+    with pytest.raises(DatabasesInUse, match=f"make run pid {os.getpid()} in {FIRST}"):
+        DatabaseClaim.take(postgres_base, prefix, [], SECOND)
+
+
 def _take(postgres_base: str, prefix: str, checkout: str) -> DatabaseClaim:
     claim = DatabaseClaim.take(postgres_base, prefix, [f"{prefix}_orders", f"{prefix}_payments"],
                                checkout)
@@ -163,75 +195,49 @@ def _take(postgres_base: str, prefix: str, checkout: str) -> DatabaseClaim:
 
 
 def test_a_claim_postgresql_let_go_of_in_a_restart_is_taken_again(postgres, tmp_path):
-    prefix = _prefix()
-    claim = _take(postgres.base, prefix, FIRST)
-    run = _RunLooking(claim, tmp_path)
-    try:
+    with _first_run(postgres.base, tmp_path) as (prefix, run):
         run.look()
         assert run.said == []
 
         postgres.restart()
         run.look()
 
-        with pytest.raises(DatabasesInUse, match=f"make run pid {os.getpid()} in {FIRST}"):
-            DatabaseClaim.take(postgres.base, prefix, [], SECOND)
-        assert run.said == [f"claimed {_what(prefix, postgres.base)} again: the claim's"
-                            f" connection was gone (PostgreSQL restarted?)"]
+        _assert_the_first_run_holds(postgres.base, prefix)
+        assert run.said == [_claimed_again(prefix, postgres.base)]
         run.look()
         assert len(run.said) == 1
-    finally:
-        claim.release()
 
 
 def test_a_claim_whose_postgresql_does_not_answer_says_so_once_and_is_taken_again_once_it_does(
         postgres, tmp_path):
-    prefix = _prefix()
-    claim = _take(postgres.base, prefix, FIRST)
-    run = _RunLooking(claim, tmp_path)
-    try:
+    with _first_run(postgres.base, tmp_path) as (prefix, run):
         postgres.stop()
         run.look()
         run.look()
         run.look()
 
-        lost = (f"lost the run's claim on {_what(prefix, postgres.base)}: PostgreSQL does not"
-                f" answer (restarting?); taking it again once it does")
-        assert run.said == [lost]
+        assert run.said == [_lost(prefix, postgres.base)]
 
         postgres.start()
         run.look()
 
-        assert run.said == [lost, f"claimed {_what(prefix, postgres.base)} again: the claim's"
-                                  f" connection was gone (PostgreSQL restarted?)"]
-        with pytest.raises(DatabasesInUse, match=f"make run pid {os.getpid()} in {FIRST}"):
-            DatabaseClaim.take(postgres.base, prefix, [], SECOND)
-    finally:
-        claim.release()
+        assert run.said == [_lost(prefix, postgres.base), _claimed_again(prefix, postgres.base)]
+        _assert_the_first_run_holds(postgres.base, prefix)
 
 
 def test_a_run_whose_claim_another_run_took_during_a_restart_is_stopped_naming_that_run(
         postgres, tmp_path):
-    prefix = _prefix()
-    claim = _take(postgres.base, prefix, FIRST)
-    run = _RunLooking(claim, tmp_path)
-    second = None
-    try:
+    with _first_run(postgres.base, tmp_path) as (prefix, run):
         postgres.restart()
         second = _take(postgres.base, prefix, SECOND)  # (in the gap, before the run's next look)
+        try:
+            with pytest.raises(RunMustStop) as stopped:
+                run.look()
 
-        with pytest.raises(RunMustStop) as stopped:
-            run.look()
-
-        assert str(stopped.value) == (
-            f"{_what(prefix, postgres.base)} were claimed by another `make run` (make run pid"
-            f" {os.getpid()} in {SECOND}) while this run's claim was gone with its connection"
-            f" (PostgreSQL restarted): stopping this run, not to share them; stop the other and"
-            f" start this again, or give one of them names of its own: HSESHOP_PREFIX=<name>"
-            f" (README: The two commands)")
-        assert run.said == []
-    finally:
-        claim.release()
-        if second is not None:
+            assert str(stopped.value) == claimed_meanwhile_by_another_run(
+                _what(prefix, postgres.base), SECOND)
+            assert run.said == []
+        finally:
             second.release()
 
 
@@ -267,47 +273,30 @@ def test_make_run_whose_claim_another_run_took_during_a_restart_stops_saying_who
             other.release()
 
     assert capsys.readouterr().err.splitlines() == [
-        f"[devstack] the databases {prefix}_orders, {prefix}_payments, {prefix}_gateway at"
-        f" {postgres.base} were claimed by another `make run` (make run pid {os.getpid()} in"
-        f" {SECOND}) while this run's claim was gone with its connection (PostgreSQL"
-        f" restarted): stopping this run, not to share them; stop the other and start this"
-        f" again, or give one of them names of its own: HSESHOP_PREFIX=<name> (README: The two"
-        f" commands)",
+        "[devstack] " + claimed_meanwhile_by_another_run(
+            a_stacks_databases(prefix, postgres.base), SECOND),
         "[devstack] stopped."]
 
 
 def test_a_look_at_a_claim_whose_backend_is_frozen_holds_up_neither_the_supervisor_nor_the_stop(
         postgres, tmp_path):
-    claim = _take(postgres.base, _prefix(), FIRST)
-    run = _RunLooking(claim, tmp_path)
-    try:
+    with _first_run(postgres.base, tmp_path) as (_, run):
         with _frozen(_backend_of(postgres.base, FIRST)):
             assert _ends_within(PROMPT_SECONDS, run.begin_look), "the supervisor's look waits"
             assert _ends_within(PROMPT_SECONDS, run.supervisor.look)
-            assert _ends_within(PROMPT_SECONDS, claim.release), "the run's stop waits"
-    finally:
-        claim.release()
+            assert _ends_within(PROMPT_SECONDS, run.claim.release), "the run's stop waits"
 
 
 def test_a_look_at_a_claim_whose_backend_is_frozen_ends_and_the_claim_is_taken_again_after(
         postgres, tmp_path):
-    prefix = _prefix()
-    claim = _take(postgres.base, prefix, FIRST)
-    run = _RunLooking(claim, tmp_path)
-    try:
+    with _first_run(postgres.base, tmp_path) as (prefix, run):
         with _frozen(_backend_of(postgres.base, FIRST)):
             run.look()
-            assert run.said == [f"lost the run's claim on {_what(prefix, postgres.base)}:"
-                                f" PostgreSQL does not answer (restarting?); taking it again"
-                                f" once it does"]
+            assert run.said == [_lost(prefix, postgres.base)]
         run.look()
 
-        assert run.said[1:] == [f"claimed {_what(prefix, postgres.base)} again: the claim's"
-                                f" connection was gone (PostgreSQL restarted?)"]
-        with pytest.raises(DatabasesInUse, match=f"make run pid {os.getpid()} in {FIRST}"):
-            DatabaseClaim.take(postgres.base, prefix, [], SECOND)
-    finally:
-        claim.release()
+        assert run.said[1:] == [_claimed_again(prefix, postgres.base)]
+        _assert_the_first_run_holds(postgres.base, prefix)
 
 
 class _HalfOpening:
@@ -360,22 +349,17 @@ def test_a_backend_of_the_claim_s_own_left_holding_it_half_open_is_not_taken_for
         postgres, tmp_path):
     port = int(postgres.base.rsplit(":", 1)[1])
     relay = _HalfOpening(port)
-    prefix = _prefix()
-    claim = _take(relay.base, prefix, FIRST)
-    run = _RunLooking(claim, tmp_path)
     try:
-        stale = _backend_of(postgres.base, FIRST)
-        relay.half_open()
-        time.sleep(0.2)
-        assert _backend_of(postgres.base, FIRST) == stale  # (the server saw nothing)
+        with _first_run(relay.base, tmp_path) as (prefix, run):
+            stale = _backend_of(postgres.base, FIRST)
+            relay.half_open()
+            time.sleep(0.2)
+            assert _backend_of(postgres.base, FIRST) == stale  # (the server saw nothing)
 
-        run.look()
+            run.look()
 
-        assert run.said == [f"claimed {_what(prefix, relay.base)} again: the claim's"
-                            f" connection was gone (PostgreSQL restarted?)"]
-        assert _backend_of(postgres.base, FIRST) != stale
-        with pytest.raises(DatabasesInUse, match=f"make run pid {os.getpid()} in {FIRST}"):
-            DatabaseClaim.take(postgres.base, prefix, [], SECOND)
+            assert run.said == [_claimed_again(prefix, relay.base)]
+            assert _backend_of(postgres.base, FIRST) != stale
+            _assert_the_first_run_holds(postgres.base, prefix)
     finally:
-        claim.release()
         relay.close()

@@ -45,6 +45,7 @@ from devstack.infra import (
 from devstack.postmaster_lock import LOCK_FILE, PostmasterLock, processes_attached_to
 from devstack.processes import run_as
 from devstack.stack import DEFAULT_PORTS, Stack
+from tests.database_claim_refusals import a_stacks_databases, in_use_by_another_run
 from tests.network_tools import Accepting, RedisOfVersion
 from tests.process_tools import gone, start_child
 
@@ -663,11 +664,8 @@ def test_a_run_naming_the_databases_another_run_holds_is_refused_naming_that_run
     try:
         with pytest.raises(DatabasesInUse) as refused:
             second.start()
-        assert str(refused.value) == (
-            f"the databases {prefix}_orders, {prefix}_payments, {prefix}_gateway at"
-            f" {postgres_base} are in use by another `make run` (make run pid {os.getpid()} in"
-            f" /checkouts/first): stop it, or give this checkout names of its own:"
-            f" HSESHOP_PREFIX=<name> (README: The two commands)")
+        assert str(refused.value) == in_use_by_another_run(
+            a_stacks_databases(prefix, postgres_base), "/checkouts/first")
         assert second.holding_data == [] and second.processes == []
         beside = DatabaseClaim.take(postgres_base, f"{prefix}_beside", [], "/checkouts/second")
         assert beside is not None
