@@ -812,34 +812,48 @@ def test_a_retried_deposit_with_the_same_key_counts_once(payments_http, payments
         assert db.session.get(Account, user_id).balance == Decimal("25.00")
 
 
-def test_a_deposit_sent_again_while_the_first_is_in_flight_waits_for_it_and_replays_it(
-        payments_flask_app, settings, monkeypatch, user_id):
-    """The second request's key waits on the first one's uncommitted record, then reads its answer
-    (shared/idempotency.py); the deposit is made once."""
+def _two_deposits_under_one_key_at_once(app, settings, monkeypatch, user_id: str, *,
+                                        held_after_its_deposit: bool) -> dict:
+    """Two top-ups of 25 by `user_id` under one new key, "first" and "second", the second sent as
+    the first is held in its transaction (before its deposit, or after it where
+    `held_after_its_deposit`) and let go on once the second waits on the first's key: each one's
+    answer by name."""
     from payments_app import service as payments
 
-    payments_flask_app.test_client().post("/accounts", signed_as=user_id)
     headers = {"Idempotency-Key": str(uuid.uuid4())}
     answers = {}
 
     def send(name):
-        answers[name] = payments_flask_app.test_client().post(
+        answers[name] = app.test_client().post(
             "/accounts/deposit", json={"amount": "25"}, signed_as=user_id, headers=headers)
 
     def first(hold):
         real_deposit = payments.deposit
 
-        def deposit_then_held(session, **kwargs):
-            account = real_deposit(session, **kwargs)
+        def held_deposit(session, **kwargs):
             monkeypatch.setattr(payments, "deposit", real_deposit)  # (the second's is not held)
-            hold()
+            if not held_after_its_deposit:
+                hold()
+            account = real_deposit(session, **kwargs)  # (or its refusal, raised)
+            if held_after_its_deposit:
+                hold()
             return account
 
-        monkeypatch.setattr(payments, "deposit", deposit_then_held)
+        monkeypatch.setattr(payments, "deposit", held_deposit)
         send("first")
 
     second_waiting_on_the_first(settings.database_url("payments"), first, lambda: send("second"),
                                 what="the second waiting on the first's key")
+    return answers
+
+
+def test_a_deposit_sent_again_while_the_first_is_in_flight_waits_for_it_and_replays_it(
+        payments_flask_app, settings, monkeypatch, user_id):
+    """The second request's key waits on the first one's uncommitted record, then reads its answer
+    (shared/idempotency.py); the deposit is made once."""
+    payments_flask_app.test_client().post("/accounts", signed_as=user_id)
+    answers = _two_deposits_under_one_key_at_once(payments_flask_app, settings, monkeypatch,
+                                                  user_id, held_after_its_deposit=True)
 
     assert answers["first"].status_code == answers["second"].status_code == 200
     assert answers["first"].get_json() == answers["second"].get_json()
@@ -938,28 +952,8 @@ def test_a_deposit_sent_twice_at_once_and_refused_alike_keeps_its_refusal_once(
     """Two top-ups under one key at once, for a user with no account: the second waits on the
     first's key, is carried out as the first's work rolls back, and is refused alike. One refusal
     is kept, and the other request answers it, replayed: the same 404, byte for byte."""
-    from payments_app import service as payments
-
-    headers = {"Idempotency-Key": str(uuid.uuid4())}
-    answers = {}
-
-    def send(name):
-        answers[name] = payments_flask_app.test_client().post(
-            "/accounts/deposit", json={"amount": "25"}, signed_as=user_id, headers=headers)
-
-    def first(hold):
-        real_deposit = payments.deposit
-
-        def held_then_refused(session, **kwargs):
-            monkeypatch.setattr(payments, "deposit", real_deposit)  # (the second's is not held)
-            hold()
-            return real_deposit(session, **kwargs)
-
-        monkeypatch.setattr(payments, "deposit", held_then_refused)
-        send("first")
-
-    second_waiting_on_the_first(settings.database_url("payments"), first, lambda: send("second"),
-                                what="the second waiting on the first's key")
+    answers = _two_deposits_under_one_key_at_once(payments_flask_app, settings, monkeypatch,
+                                                  user_id, held_after_its_deposit=False)
 
     assert [_assert_error(answer, 404)["code"] for answer in answers.values()] == [
         "ACCOUNT_NOT_FOUND"] * 2
