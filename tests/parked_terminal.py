@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import termios
+import uuid
 from collections.abc import Callable, Iterator
 
 from sqlalchemy.engine import make_url
@@ -92,3 +93,26 @@ def discarded_all_confirmed_leaving_some_parked(settings, service: str, outbox: 
     assert out.decode() == (
         f"{service} {box}: {counted} message(s) discarded\n{service} {box}: messages parked since"
         f" they were counted are left parked (list {service}{' --outbox' * outbox} shows them)\n")
+
+
+def discarded_named_confirmed_leaving_one_parked(settings, service: str, outbox: bool,
+                                                 counted: uuid.UUID, parked_meanwhile: uuid.UUID,
+                                                 while_it_asks: Callable[[], None]) -> None:
+    """`discard SERVICE ID ID` (of the outbox when `outbox`) of a parked message, `counted`, and
+    one not parked, `parked_meanwhile`, typed on a terminal: it asks to discard the one row of the
+    service's database, `while_it_asks` runs (parking the other) as the question waits, and the
+    answer is y; it must then say that it discarded one message, and that the other is not, being
+    parked since it was counted, left parked; exit 1."""
+    box, outbox_option = ("outbox", ["--outbox"]) if outbox else ("inbox", [])
+    with on_a_terminal(["discard", service, *outbox_option, str(counted), str(parked_meanwhile)],
+                       stderr=subprocess.PIPE) as (command, terminal):
+        asked = said_until(terminal, "[y/N] ", timeout=60)
+        assert asked.endswith(f"discard 1 rows of {database_named(settings, service)}? [y/N] ")
+        while_it_asks()
+        os.write(terminal, b"y\n")
+        out, err = command.communicate(timeout=60)
+    assert command.returncode == 1, err
+    assert out.decode() == f"{service} {box}: 1 message(s) discarded\n"
+    assert err.decode().splitlines()[-1] == (
+        f"{parked_meanwhile}: not discarded (parked since it was counted, so not asked about: left"
+        " parked; discard it again to give it up)")

@@ -59,6 +59,7 @@ from tests.postgres_tools import (account_row_held, called_at_the_first_statemen
                                   the_next_commits_answer_lost,
                                   wait_for_sessions_waiting_on_a_lock)
 from tests.parked_terminal import (database_named, discarded_all_confirmed_leaving_some_parked,
+                                   discarded_named_confirmed_leaving_one_parked,
                                    environment_without_sudo, on_a_terminal, said_until)
 from tests.process_tools import start_child
 from tests.thread_tools import OutcomeThread, all_joined
@@ -2380,18 +2381,9 @@ def test_a_named_message_parked_while_a_discard_asked_is_left_parked_and_said_to
     counted, parked_meanwhile = (_stored_request(payments_inbox, user_id) for _ in range(2))
     _parked_first([counted])
     try:
-        with on_a_terminal(["discard", "payments", str(counted), str(parked_meanwhile)],
-                           stderr=subprocess.PIPE) as (command, terminal):
-            asked = said_until(terminal, "[y/N] ", timeout=60)
-            assert asked.endswith(f"discard 1 rows of {_payments_database(settings)}? [y/N] ")
-            _parked_now([parked_meanwhile])
-            os.write(terminal, b"y\n")
-            out, err = command.communicate(timeout=60)
-        assert command.returncode == 1, err
-        assert out.decode() == "payments inbox: 1 message(s) discarded\n"
-        assert err.decode().splitlines()[-1] == (
-            f"{parked_meanwhile}: not discarded (parked since it was counted, so not asked"
-            " about: left parked; discard it again to give it up)")
+        discarded_named_confirmed_leaving_one_parked(
+            settings, "payments", outbox=False, counted=counted, parked_meanwhile=parked_meanwhile,
+            while_it_asks=lambda: _parked_now([parked_meanwhile]))
         assert _row(counted).processed_at is not None
         meanwhile = _row(parked_meanwhile)
         assert meanwhile.parked_at is not None and meanwhile.processed_at is None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -47,8 +46,8 @@ from tests.discard_warnings import order_left_new
 from tests.kafka_tools import (librdkafka_threads, read_topic, read_topic_until,
                                wait_for_librdkafka_threads)
 from tests.network_tools import SilencingProxy
-from tests.parked_terminal import (discarded_all_confirmed_leaving_some_parked, on_a_terminal,
-                                   said_until)
+from tests.parked_terminal import (discarded_all_confirmed_leaving_some_parked,
+                                   discarded_named_confirmed_leaving_one_parked)
 from tests.postgres_tools import (called_at_the_first_statement_naming,
                                   committed_on_a_connection_of_its_own, other_sessions,
                                   terminate_backend, wait_for_sessions_waiting_on_a_lock)
@@ -686,6 +685,44 @@ def test_replaying_every_parked_row_goes_a_batch_a_transaction_the_relay_sending
         _delete_outbox_rows_of([*ours, *sentinels])
 
 
+@dataclasses.dataclass(frozen=True)
+class _ParkedInTurn:
+    """Rows of a topic of their own, in the order they were written: the first parked, one
+    waiting to be sent, the last parked, another waiting; each its message id."""
+
+    topic: str
+    first: uuid.UUID
+    written_before: uuid.UUID  # (before the last parked)
+    last_parked: uuid.UUID
+    written_after: uuid.UUID
+
+
+@contextmanager
+def _rows_parked_in_turn(name: str, event_type: str) -> Iterator[_ParkedInTurn]:
+    """_ParkedInTurn's rows, of `event_type`, on a topic named after `name`; every row of the
+    topic deleted after."""
+    topic = f"{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield _ParkedInTurn(topic, *(_outbox_row(topic, event_type, uuid.uuid4(), parked=parked)
+                                     for parked in (True, False, True, False)))
+    finally:
+        _delete_the_outbox_rows_of_topic(topic)
+
+
+def _parked_by_id(topic: str) -> dict[uuid.UUID, bool]:
+    """Whether each outbox row of `topic` is parked, by message id, as a new transaction of
+    db.session reads them."""
+    db.session.rollback()
+    return dict(db.session.execute(
+        select(OutboxMessage.message_id, OutboxMessage.parked_at.is_not(None))
+        .where(OutboxMessage.topic == topic)).all())
+
+
+def _delete_the_outbox_rows_of_topic(topic: str) -> None:
+    with transaction() as session:
+        session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+
+
 def test_replaying_every_parked_row_leaves_those_parked_meanwhile_for_the_next_run(
         in_orders, settings, capsys, monkeypatch):
     """`replay --outbox --all` hands back the rows parked as it begins, up to the last written of
@@ -696,26 +733,15 @@ def test_replaying_every_parked_row_leaves_those_parked_meanwhile_for_the_next_r
     from tasks import parked
 
     monkeypatch.setattr(parked, "CHANGED_PER_TRANSACTION", 1)
-    topic = f"replayed-meanwhile-{uuid.uuid4().hex[:8]}"
-    first = _outbox_row(topic, PAYMENT_REQUESTED, uuid.uuid4(), parked=True)
-    written_before = _outbox_row(topic, PAYMENT_REQUESTED, uuid.uuid4(), parked=False)
-    last_parked = _outbox_row(topic, PAYMENT_REQUESTED, uuid.uuid4(), parked=True)
-    written_after = _outbox_row(topic, PAYMENT_REQUESTED, uuid.uuid4(), parked=False)
-    try:
+    with _rows_parked_in_turn("replayed-meanwhile", PAYMENT_REQUESTED) as rows:
         # (Any other test's parked rows handed back too.)
         _parked_command_with_rows_parked_meanwhile(
             settings.database_url("orders"), ["replay", "orders", "--outbox", "--all"],
-            "UPDATE outbox_messages SET parked_at = NULL", [written_before, written_after])
+            "UPDATE outbox_messages SET parked_at = NULL",
+            [rows.written_before, rows.written_after])
         assert "message(s) handed back to be sent" in capsys.readouterr().out
-        db.session.rollback()
-        still_parked = dict(db.session.execute(
-            select(OutboxMessage.message_id, OutboxMessage.parked_at.is_not(None))
-            .where(OutboxMessage.topic == topic)).all())
-        assert still_parked == {first: False, written_before: True, last_parked: False,
-                                written_after: True}
-    finally:
-        with transaction() as session:
-            session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+        assert _parked_by_id(rows.topic) == {rows.first: False, rows.written_before: True,
+                                             rows.last_parked: False, rows.written_after: True}
 
 
 def test_a_discard_confirmed_on_a_terminal_leaves_the_rows_parked_while_it_asked(in_orders,
@@ -727,28 +753,17 @@ def test_a_discard_confirmed_on_a_terminal_leaves_the_rows_parked_while_it_asked
     from tasks import parked
 
     assert parked.main(["discard", "orders", "--outbox", "--all", "--yes"]) == 0  # (others')
-    topic = f"parked-while-asked-{uuid.uuid4().hex[:8]}"
-    first = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=True)
-    written_before = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=False)
-    last_parked = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=True)
-    written_after = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=False)
-    try:
+    with _rows_parked_in_turn("parked-while-asked", ORDER_STATUS_CHANGED) as rows:
         discarded_all_confirmed_leaving_some_parked(
             settings, "orders", outbox=True, counted=2,
             while_it_asks=lambda: committed_on_a_connection_of_its_own(  # (as a relay parks)
                 settings.database_url("orders"),
                 "UPDATE outbox_messages SET attempts = 1, parked_at = now()"
                 " WHERE message_id = ANY(CAST(%s AS uuid[]))",
-                ([str(written_before), str(written_after)],)))
-        db.session.rollback()
-        still_there = dict(db.session.execute(
-            select(OutboxMessage.message_id, OutboxMessage.parked_at.is_not(None))
-            .where(OutboxMessage.topic == topic)).all())
-        assert still_there == {written_before: True, written_after: True}
-        assert first not in still_there and last_parked not in still_there
-    finally:
-        with transaction() as session:
-            session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+                ([str(rows.written_before), str(rows.written_after)],)))
+        still_there = _parked_by_id(rows.topic)
+        assert still_there == {rows.written_before: True, rows.written_after: True}
+        assert rows.first not in still_there and rows.last_parked not in still_there
 
 
 def test_a_discard_confirmed_on_a_terminal_leaves_a_row_parked_before_it_counted_uncommitted(
@@ -771,15 +786,11 @@ def test_a_discard_confirmed_on_a_terminal_leaves_a_row_parked_before_it_counted
                            " WHERE message_id = %s", (str(written_before),))
         discarded_all_confirmed_leaving_some_parked(settings, "orders", outbox=True, counted=1,
                                                     while_it_asks=parking.commit)
-        db.session.rollback()
-        assert dict(db.session.execute(
-            select(OutboxMessage.message_id, OutboxMessage.parked_at.is_not(None))
-            .where(OutboxMessage.topic == topic)).all()) == {written_before: True}
+        assert _parked_by_id(topic) == {written_before: True}
     finally:
         parking.rollback()
         parking.close()
-        with transaction() as session:
-            session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+        _delete_the_outbox_rows_of_topic(topic)
 
 
 def test_a_named_row_parked_while_a_discard_asked_is_left_parked_and_said_to_be(in_orders,
@@ -791,27 +802,15 @@ def test_a_named_row_parked_while_a_discard_asked_is_left_parked_and_said_to_be(
     counted = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=True)
     parked_meanwhile = _outbox_row(topic, ORDER_STATUS_CHANGED, uuid.uuid4(), parked=False)
     try:
-        with on_a_terminal(["discard", "orders", "--outbox", str(counted), str(parked_meanwhile)],
-                           stderr=subprocess.PIPE) as (command, terminal):
-            said_until(terminal, "[y/N] ", timeout=60)
-            committed_on_a_connection_of_its_own(
+        discarded_named_confirmed_leaving_one_parked(
+            settings, "orders", outbox=True, counted=counted, parked_meanwhile=parked_meanwhile,
+            while_it_asks=lambda: committed_on_a_connection_of_its_own(
                 settings.database_url("orders"),
                 "UPDATE outbox_messages SET attempts = 1, parked_at = now() WHERE message_id = %s",
-                (str(parked_meanwhile),))
-            os.write(terminal, b"y\n")
-            out, err = command.communicate(timeout=60)
-        assert command.returncode == 1, err
-        assert out.decode() == "orders outbox: 1 message(s) discarded\n"
-        assert err.decode().splitlines()[-1] == (
-            f"{parked_meanwhile}: not discarded (parked since it was counted, so not asked"
-            " about: left parked; discard it again to give it up)")
-        db.session.rollback()
-        assert dict(db.session.execute(
-            select(OutboxMessage.message_id, OutboxMessage.parked_at.is_not(None))
-            .where(OutboxMessage.topic == topic)).all()) == {parked_meanwhile: True}
+                (str(parked_meanwhile),)))
+        assert _parked_by_id(topic) == {parked_meanwhile: True}
     finally:
-        with transaction() as session:
-            session.execute(delete(OutboxMessage).where(OutboxMessage.topic == topic))
+        _delete_the_outbox_rows_of_topic(topic)
 
 
 def _correlation_ids(messages, wanted: set[str]) -> set[str]:
