@@ -377,19 +377,14 @@ def test_an_operators_parked_messages_are_read_through_an_index_of_the_parked_ro
     parked inbox rows through an index of them alone (every inbox's revision after 0012, the
     gateway's after 0013), not the whole inbox (a few million rows: a statement ran past the
     statement timeout); the revision's downgrade drops it."""
-    url = _database_url(infrastructure, "parked-index", service)
-    ensure_database(url)
-    config = alembic_config(service, url)
-    command.upgrade(config, "head")
+    url, config = _migrated_to_its_head(infrastructure, "parked-index", service)
     assert _index_valid(url, "ix_inbox_messages_parked")
-    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        cursor.execute("INSERT INTO inbox_messages (message_id, topic, partition, \"offset\","
-                       " processed_at, parked_at) SELECT gen_random_uuid(), 'topic', 0, n,"
-                       " CASE WHEN n % 200 <> 0 THEN now() END,"
-                       " CASE WHEN n % 200 = 0 THEN now() - n * interval '1 second' END"
-                       " FROM generate_series(1, 20000) AS n")
-        cursor.execute("ANALYZE inbox_messages")
-    connection.close()
+    _filled_and_analysed(url, "inbox_messages",
+                         "INSERT INTO inbox_messages (message_id, topic, partition, \"offset\","
+                         " processed_at, parked_at) SELECT gen_random_uuid(), 'topic', 0, n,"
+                         " CASE WHEN n % 200 <> 0 THEN now() END,"
+                         " CASE WHEN n % 200 = 0 THEN now() - n * interval '1 second' END"
+                         " FROM generate_series(1, 20000) AS n")
 
     engine, statements = _engine_noting_its_statements(url)
     try:
@@ -399,13 +394,10 @@ def test_an_operators_parked_messages_are_read_through_an_index_of_the_parked_ro
             first = parked_batch(session, through, None, 60)
             assert len(first) == 60 and len(parked_batch(session, through, first[-1], 60)) == 40
             assert count_parked_messages(session) == 100  # (the sweeper's reminder)
-        read = list(statements)
-        assert len(read) == 5
-        with engine.connect() as connection:
-            for statement, parameters in read:
-                plan = "\n".join(connection.exec_driver_sql(f"EXPLAIN {statement}", parameters)
-                                 .scalars())
-                assert "ix_inbox_messages_parked" in plan and "Seq Scan" not in plan, plan
+        plans = _plans(engine, statements)
+        assert len(plans) == 5
+        for plan in plans:
+            assert "ix_inbox_messages_parked" in plan and "Seq Scan" not in plan, plan
     finally:
         engine.dispose()
     command.downgrade(config, "0013" if service == "gateway" else "0012")
@@ -427,21 +419,15 @@ def test_an_operators_parked_outbox_rows_are_read_through_an_index_of_the_parked
     its next try, or every row between two parked ones, however few were parked. Here the parked
     rows are the oldest, behind them rows waiting and rows refused for the broker's sake, their
     next try to come. The revision's downgrade drops the index."""
-    url = _database_url(infrastructure, "outbox-parked-index", service)
-    ensure_database(url)
-    config = alembic_config(service, url)
-    command.upgrade(config, "head")
+    url, config = _migrated_to_its_head(infrastructure, "outbox-parked-index", service)
     assert _index_valid(url, "ix_outbox_messages_parked_by_id")
-    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        cursor.execute("TRUNCATE outbox_messages")
-        cursor.execute(
-            "INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
-            " next_attempt_at, parked_at) SELECT gen_random_uuid(), 'topic', 'key-' || n % 500,"
-            " 'PaymentRequested', '{}', CASE WHEN n <= 100 OR n % 4 = 0 THEN 1 ELSE 0 END,"
-            " CASE WHEN n > 100 AND n % 4 = 0 THEN now() + interval '30 s' END,"
-            " CASE WHEN n <= 100 THEN now() END FROM generate_series(1, 40000) AS n")
-        cursor.execute("ANALYZE outbox_messages")
-    connection.close()
+    _filled_and_analysed(
+        url, "outbox_messages", "TRUNCATE outbox_messages",
+        "INSERT INTO outbox_messages (message_id, topic, key, type, envelope, attempts,"
+        " next_attempt_at, parked_at) SELECT gen_random_uuid(), 'topic', 'key-' || n % 500,"
+        " 'PaymentRequested', '{}', CASE WHEN n <= 100 OR n % 4 = 0 THEN 1 ELSE 0 END,"
+        " CASE WHEN n > 100 AND n % 4 = 0 THEN now() + interval '30 s' END,"
+        " CASE WHEN n <= 100 THEN now() END FROM generate_series(1, 40000) AS n")
 
     engine, statements = _engine_noting_its_statements(url)
     try:
@@ -452,13 +438,11 @@ def test_an_operators_parked_outbox_rows_are_read_through_an_index_of_the_parked
                                                                 60)) == 40
             with session.connection().connection.cursor() as cursor:
                 assert count_parked_outbox_messages(cursor) == 100
-        read = list(statements)
-        assert len(read) == 3
+        plans = _plans(engine, statements)
+        assert len(plans) == 3
+        for plan in plans:
+            assert "ix_outbox_messages_parked_by_id" in plan, plan
         with engine.connect() as connection:
-            for statement, parameters in read:
-                plan = "\n".join(connection.exec_driver_sql(f"EXPLAIN {statement}", parameters)
-                                 .scalars())
-                assert "ix_outbox_messages_parked_by_id" in plan, plan
             with connection.connection.cursor() as cursor:
                 cursor.execute("EXPLAIN SELECT count(*) FROM outbox_messages WHERE attempts > 0"
                                " AND parked_at IS NOT NULL")
@@ -500,18 +484,14 @@ def test_old_handled_inbox_rows_are_pruned_through_an_index_of_when_they_were_ha
     through the one by when they were stored, the rows of messages handled late (here a backlog
     of parked messages, stored long ago, discarded an hour ago) were each read from the table and
     passed over by every transaction of every run, for a whole retention."""
-    url = _database_url(infrastructure, "handled-at-index", service)
-    ensure_database(url)
-    command.upgrade(alembic_config(service, url), "head")
-    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
-        cursor.execute("INSERT INTO inbox_messages (message_id, topic, partition, \"offset\","
-                       " received_at, processed_at) SELECT gen_random_uuid(), 'topic', 0, n,"
-                       " now() - interval '9 days' + n * interval '1 second',"
-                       " CASE WHEN n % 4 = 0 THEN now() - interval '1 hour'"
-                       " ELSE now() - interval '9 days' + n * interval '2 second' END"
-                       " FROM generate_series(1, 20000) AS n")
-        cursor.execute("ANALYZE inbox_messages")
-    connection.close()
+    url, _ = _migrated_to_its_head(infrastructure, "handled-at-index", service)
+    _filled_and_analysed(url, "inbox_messages",
+                         "INSERT INTO inbox_messages (message_id, topic, partition, \"offset\","
+                         " received_at, processed_at) SELECT gen_random_uuid(), 'topic', 0, n,"
+                         " now() - interval '9 days' + n * interval '1 second',"
+                         " CASE WHEN n % 4 = 0 THEN now() - interval '1 hour'"
+                         " ELSE now() - interval '9 days' + n * interval '2 second' END"
+                         " FROM generate_series(1, 20000) AS n")
     cutoff = datetime.now(timezone.utc) - timedelta(days=7)
 
     engine, statements = _engine_noting_its_statements(url)
@@ -519,11 +499,7 @@ def test_old_handled_inbox_rows_are_pruned_through_an_index_of_when_they_were_ha
         with Session(engine) as session:
             assert prune_handled_messages(session, cutoff, 1000) == 1000
             session.rollback()
-        [(statement, parameters)] = statements
-        with engine.connect() as connection:
-            plan = "\n".join(connection.exec_driver_sql(
-                f"EXPLAIN (ANALYZE, COSTS OFF) {statement}", parameters).scalars())
-            connection.rollback()
+        [plan] = _plans(engine, statements, explain="EXPLAIN (ANALYZE, COSTS OFF)")
         assert "Index Scan using ix_inbox_messages_handled_at" in plan, plan
         assert "Rows Removed by Filter" not in plan and "Seq Scan" not in plan, plan
         with Session(engine) as session:
@@ -921,6 +897,39 @@ def _engine_noting_its_statements(url: str) -> tuple[sa.Engine, list[tuple[str, 
                     lambda conn, cursor, statement, parameters, context, many:
                     statements.append((statement, parameters)))
     return engine, statements
+
+
+def _migrated_to_its_head(infrastructure, layer: str, service: str) -> tuple[str, Config]:
+    """A database of `service`'s for the layer, migrated to the head: its URL and alembic
+    config."""
+    url = _database_url(infrastructure, layer, service)
+    ensure_database(url)
+    config = alembic_config(service, url)
+    command.upgrade(config, "head")
+    return url, config
+
+
+def _filled_and_analysed(url: str, table: str, *statements: str) -> None:
+    """`statements` run on the database (filling `table`), then `table` analysed, so that the
+    planner plans for the rows as they are."""
+    with psycopg2.connect(driver_dsn(url)) as connection, connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+        cursor.execute(f"ANALYZE {table}")
+    connection.close()
+
+
+def _plans(engine: sa.Engine, statements: list[tuple[str, object]],
+           explain: str = "EXPLAIN") -> list[str]:
+    """The plan of each of the statements `engine` ran (_engine_noting_its_statements), as
+    `explain` shows it; what an EXPLAIN ANALYZE did is rolled back."""
+    ran = list(statements)  # (not those that explain them)
+    with engine.connect() as connection:
+        plans = ["\n".join(connection.exec_driver_sql(f"{explain} {statement}", parameters)
+                           .scalars())
+                 for statement, parameters in ran]
+        connection.rollback()
+    return plans
 
 
 def _store_an_inbox_row(url: str) -> None:
