@@ -37,14 +37,19 @@ def _order_times(_stack, order_ids: list[str]) -> list[OrderTimes]:
     return times
 
 
-def test_a_latency_run_counts_its_failed_requests_and_its_orders_never_final(monkeypatch):
+def _latency_row(monkeypatch, *, drained: bool, order_times=_order_times) -> dict:
+    """The row of a latency run of _load's load, its orders' times `order_times`'s, all of them
+    final within the run's wait where `drained`."""
     monkeypatch.setattr(pipeline, "_offer", _load)
-    monkeypatch.setattr(pipeline, "wait_until_final", lambda *args: False)
-    monkeypatch.setattr(pipeline, "order_times", _order_times)
+    monkeypatch.setattr(pipeline, "wait_until_final", lambda *args: drained)
+    monkeypatch.setattr(pipeline, "order_times", order_times)
     monkeypatch.setattr(pipeline, "read_cpu", lambda processes: CpuReading(Counter(), 0.0, 1.0))
     monkeypatch.setattr(pipeline, "hop_medians_ms", lambda *args: {})
+    return pipeline.measure_latency(None, FULL, [], Path("unused"), RATE)
 
-    row = pipeline.measure_latency(None, FULL, [], Path("unused"), RATE)
+
+def test_a_latency_run_counts_its_failed_requests_and_its_orders_never_final(monkeypatch):
+    row = _latency_row(monkeypatch, drained=False)
 
     assert row["orders"] == ORDERS and row["p99_ms"] == 40.0 and row["drained"] is False
     assert row["failed"] == 200 and row["errors"] == ["503", "504"]
@@ -58,13 +63,7 @@ def test_a_latency_run_counts_its_orders_by_status(monkeypatch):
         return [t if n % 3 else OrderTimes(t.order_id, "CANCELLED", t.created_at, t.updated_at)
                 for n, t in enumerate(_order_times(stack, order_ids))]
 
-    monkeypatch.setattr(pipeline, "_offer", _load)
-    monkeypatch.setattr(pipeline, "wait_until_final", lambda *args: True)
-    monkeypatch.setattr(pipeline, "order_times", some_cancelled)
-    monkeypatch.setattr(pipeline, "read_cpu", lambda processes: CpuReading(Counter(), 0.0, 1.0))
-    monkeypatch.setattr(pipeline, "hop_medians_ms", lambda *args: {})
-
-    row = pipeline.measure_latency(None, FULL, [], Path("unused"), RATE)
+    row = _latency_row(monkeypatch, drained=True, order_times=some_cancelled)
 
     statuses = Counter("CANCELLED" if n % 3 == 0 else "NEW" if n % 50 == 0 else "FINISHED"
                        for n in range(ORDERS))
