@@ -95,6 +95,14 @@ def _stored(cursor, topic: str) -> dict[int, set[int]]:
     return stored
 
 
+def _payments_database(settings):
+    """A connection to the payments database whose every statement commits as it runs, to read
+    its inbox with."""
+    database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
+    database.autocommit = True
+    return database
+
+
 def _all_in_inbox(database, message_ids: set[str]) -> bool:
     with database.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM inbox_messages WHERE message_id = ANY(%s)",
@@ -118,8 +126,7 @@ def test_consumers_joining_and_leaving_a_group_store_every_record_and_commit_onl
     group = f"{topic}.group"
     watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group,
                         "enable.auto.commit": False})
-    database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
-    database.autocommit = True
+    database = _payments_database(settings)
     looks = []
 
     def commits_hold_only_stored_records() -> None:
@@ -305,11 +312,7 @@ def test_a_consume_that_raises_loses_no_record_of_any_partition(settings, lookup
     store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
     storing = _StoringInOrder(store)
     consumer = InboxConsumer(client, [topic], storing, dispatch=lambda ids: None)
-    database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
-    database.autocommit = True
-
-    def all_stored() -> bool:
-        return _all_in_inbox(database, produced)
+    database = _payments_database(settings)
 
     try:
         with _running(consumer, store):
@@ -318,7 +321,8 @@ def test_a_consume_that_raises_loses_no_record_of_any_partition(settings, lookup
             assert not client.not_raised, client.not_raised
             if lookup_fails:
                 produced |= _produce(settings, topic, 60)
-            wait_for(all_stored, timeout=30, interval=0.2, what="every record stored")
+            wait_for(lambda: _all_in_inbox(database, produced), timeout=30, interval=0.2,
+                     what="every record stored")
     finally:
         cleared_away(topic, admin, database)
     assert _stored_before_earlier_ones(storing.order) == []
@@ -344,11 +348,7 @@ def test_a_consume_that_raises_rewinds_a_partition_read_from_to_one_past_its_las
                              commit_interval=3600)
     watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group,
                         "enable.auto.commit": False})
-    database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
-    database.autocommit = True
-
-    def all_stored() -> bool:
-        return _all_in_inbox(database, produced)
+    database = _payments_database(settings)
 
     try:
         with _running(consumer, store):
@@ -366,7 +366,8 @@ def test_a_consume_that_raises_rewinds_a_partition_read_from_to_one_past_its_las
                      what="a consume() raising")
             assert not client.not_raised, client.not_raised
             assert (0, 20) in client.dropped  # (the first unstored record of partition 0)
-            wait_for(all_stored, timeout=30, interval=0.2, what="every record stored")
+            wait_for(lambda: _all_in_inbox(database, produced), timeout=30, interval=0.2,
+                     what="every record stored")
         expected = {(0, offset) for offset in range(40)} | {(1, offset) for offset in range(20)}
         repeats = sorted({record for record in storing.order if storing.order.count(record) > 1})
         assert repeats == [], f"read and stored again: {repeats}"
@@ -460,8 +461,7 @@ def test_a_partition_whose_rewind_was_refused_is_read_again_from_there_once_soug
     store = StoreOnOwnConnection(driver_dsn(settings.database_url("payments")))
     storing = _StoringInOrder(store, failing=1)
     consumer = InboxConsumer(client, [topic], storing, dispatch=lambda ids: None, batch_size=5)
-    database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
-    database.autocommit = True
+    database = _payments_database(settings)
     try:
         with _running(consumer, store):
             # (The last record: the batch's, had the seek not taken, would never come after it.)
@@ -533,8 +533,7 @@ def test_a_callback_raising_in_poll_loses_no_record(settings):
                              poll_timeout=0.5, commit_interval=0.0)
     watcher = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": group,
                         "enable.auto.commit": False})
-    database = psycopg2.connect(driver_dsn(settings.database_url("payments")))
-    database.autocommit = True
+    database = _payments_database(settings)
     try:
         with _running(consumer, store):
             wait_for(lambda: raised_in, timeout=30, interval=0.1, what="on_commit raising")
