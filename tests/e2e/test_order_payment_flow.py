@@ -79,6 +79,14 @@ def test_twenty_concurrent_orders_of_ten_on_a_hundred_finish_exactly_ten(shopper
     assert shopper.balance() == "0.00"
 
 
+def _handled_at(database, message_id) -> datetime | None:
+    """When the inbox message `message_id` of `database` was handled: None while it is not, or
+    not stored."""
+    with database.connect() as conn:
+        return conn.scalar(sa.text(
+            "SELECT processed_at FROM inbox_messages WHERE message_id = :id"), {"id": message_id})
+
+
 def test_a_payment_request_delivered_again_or_under_a_new_id_debits_once(
         stack, shopper, payments_db):
     shopper.open_account()
@@ -101,13 +109,8 @@ def test_a_payment_request_delivered_again_or_under_a_new_id_debits_once(
         produce(bootstrap, topic, value, key=shopper.user_id.encode(),
                 headers={"message_id": message_id, "type": row.type})
 
-    def second_copy_handled():
-        with payments_db.connect() as conn:
-            return conn.scalar(sa.text(
-                "SELECT processed_at IS NOT NULL FROM inbox_messages WHERE message_id = :id"),
-                {"id": second_id})
-
-    wait_for(second_copy_handled, timeout=15, what="the copy under a new message id")
+    wait_for(lambda: _handled_at(payments_db, second_id), timeout=15,
+             what="the copy under a new message id")
     with payments_db.connect() as conn:
         first_after = conn.execute(sa.text(
             "SELECT processed_at, attempts FROM inbox_messages WHERE message_id = :id"),
@@ -181,13 +184,8 @@ def test_a_message_whose_dispatch_was_lost_is_handled_by_the_sweeper(stack, paym
             {"id": message_id, "payload": json.dumps(
                 {"order_id": str(uuid.uuid4()), "user_id": customer.user_id, "amount": "20.00"})})
 
-    def processed():
-        with payments_db.connect() as conn:
-            return conn.scalar(sa.text(
-                "SELECT processed_at FROM inbox_messages WHERE message_id = :id"),
-                {"id": message_id})
-
-    wait_for(processed, timeout=20, what="the sweeper to dispatch the stalled message")
+    wait_for(lambda: _handled_at(payments_db, message_id), timeout=20,
+             what="the sweeper to dispatch the stalled message")
     assert customer.balance() == "30.00"
 
 
