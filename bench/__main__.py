@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+# Run as a command: Ctrl-C while the modules below load ends it quietly (shared.quiet_interrupt).
+if __name__ == "__main__":
+    from shared.quiet_interrupt import quiet_while_loading
+    quiet_while_loading()
+
 import argparse
-import sys
 
 from bench.plan import FULL, SMOKE
 from bench.report import RESULTS_DIR, incomplete_note, write_report
@@ -28,4 +32,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from shared.quiet_interrupt import run_main
+    run_main(main)

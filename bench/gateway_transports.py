@@ -7,8 +7,12 @@ stack of its own, and writes a small report of its own to bench/results/.
 
 from __future__ import annotations
 
+# Run as a command: Ctrl-C while the modules below load ends it quietly (shared.quiet_interrupt).
+if __name__ == "__main__":
+    from shared.quiet_interrupt import quiet_while_loading
+    quiet_while_loading()
+
 import argparse
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,4 +193,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from shared.quiet_interrupt import run_main
+    run_main(main)

@@ -6,9 +6,13 @@ A, B, ...), where one full run of each is one draw of a noisy machine (bench/FIN
 
 from __future__ import annotations
 
+# Run as a command: Ctrl-C while the modules below load ends it quietly (shared.quiet_interrupt).
+if __name__ == "__main__":
+    from shared.quiet_interrupt import quiet_while_loading
+    quiet_while_loading()
+
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -48,4 +52,5 @@ def latency_line(stack: Stack, plan: BenchPlan, label: str, workdir: Path) -> di
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from shared.quiet_interrupt import run_main
+    run_main(main)

@@ -8,6 +8,11 @@ Run by `offer_load()`; the child writes its result as JSON to the file named by 
 
 from __future__ import annotations
 
+# Run as a command: Ctrl-C while the modules below load ends it quietly (shared.quiet_interrupt).
+if __name__ == "__main__":
+    from shared.quiet_interrupt import quiet_while_loading
+    quiet_while_loading()
+
 import argparse
 import http.client
 import itertools
@@ -213,4 +218,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from shared.quiet_interrupt import run_main
+    run_main(main)

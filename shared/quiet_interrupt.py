@@ -5,8 +5,9 @@ ended: bash stops a loop or a script whose child died of SIGINT, not one whose c
 
 A command's module run as `__main__` calls `quiet_while_loading()` before its other imports (up to
 half a second of them: Celery, SQLAlchemy, gRPC), and runs its `main` through `run_main`. Only the
-standard library is imported here, and the packages the commands live in (shared, tasks, devstack)
-import nothing as they load, so that nothing runs before the call but Python's own start.
+standard library is imported here, and the packages the commands live in (shared, tasks, devstack,
+bench and bench.chaos) import nothing as they load, so that nothing runs before the call but
+Python's own start.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ CHAOS_SECONDS, CHAOS_RATE, CHAOS_SCALE), as `make chaos CHAOS_SEED=3` passes the
 
 from __future__ import annotations
 
+# Run as a command: Ctrl-C while the modules below load ends it quietly (shared.quiet_interrupt).
+if __name__ == "__main__":
+    from shared.quiet_interrupt import quiet_while_loading
+    quiet_while_loading()
+
 import argparse
 import os
 import sys
@@ -39,4 +44,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from shared.quiet_interrupt import run_main
+    run_main(main)
