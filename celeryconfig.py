@@ -10,7 +10,8 @@ from datetime import timedelta
 
 from shared.celery_settings import (ALIVE_FILE_RENEW_EVERY_SECONDS, PUBLISH_RETRY_POLICY,
                                     REDIS_TRANSPORT_PATH)
-from shared.config import SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS, settings_or_exit
+from shared.config import (REDIS_KEY_SEPARATOR, SERVICES, SERVICES_KEEPING_IDEMPOTENCY_KEYS,
+                           settings_or_exit)
 
 # (A setting a worker, beat or Flower cannot take said in a line, its password hidden, as Celery
 # loads this file: not a traceback.)
@@ -68,7 +69,7 @@ broker_transport_options = {
     # (an hour) what the sweeper makes good within seconds, or minutes in a backlog.
     "ack_emulation": False,
     # Queues and event channels live under the shop's own prefix in a shared Redis.
-    "global_keyprefix": f"{_settings.redis_key_prefix}:celery:",
+    "global_keyprefix": f"{_settings.redis_key_prefix}{REDIS_KEY_SEPARATOR}celery:",
     # A Redis gone without closing its connections (a failover, a NAT or firewall forgetting
     # them) would hold a publish waiting for its reply for ever, by default: the inbox consumer's
     # dispatch with it, while its partitions are taken away. The reply is waited for 5 s (longer

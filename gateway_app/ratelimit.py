@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import redis
 from flask import request
 
+from shared.config import REDIS_KEY_SEPARATOR
 from shared.documented_errors import RETRY_AFTER, DocumentedError
 from shared.errors import ApiError
 
@@ -146,7 +147,8 @@ class RateLimiter:
         return count
 
     def _key(self, subject: str, now: float) -> str:
-        return f"{self._key_prefix}:ratelimit:{subject}:{int(now // WINDOW_SECONDS)}"
+        return (f"{self._key_prefix}{REDIS_KEY_SEPARATOR}ratelimit:{subject}:"
+                f"{int(now // WINDOW_SECONDS)}")
 
 
 class ReservedFailure:

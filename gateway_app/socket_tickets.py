@@ -23,6 +23,7 @@ from flask import current_app
 
 from gateway_app.tokens import VerifiedToken
 from gateway_app.user_channels import redis_client
+from shared.config import REDIS_KEY_SEPARATOR
 
 # Long enough for a page to open its socket on a slow network, short enough that a ticket read
 # from a log is spent or gone.
@@ -84,4 +85,5 @@ def spend_tickets(tickets: list[str]) -> None:
 
 def _key(ticket: str) -> str:
     prefix = current_app.extensions["hseshop.settings"].redis_key_prefix
-    return f"{prefix}:socket-ticket:{hashlib.sha256(ticket.encode()).hexdigest()}"
+    return (f"{prefix}{REDIS_KEY_SEPARATOR}socket-ticket:"
+            f"{hashlib.sha256(ticket.encode()).hexdigest()}")

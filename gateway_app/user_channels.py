@@ -12,6 +12,7 @@ import redis
 from flask import current_app
 
 from gateway_app.channel_listener import ChannelListener
+from shared.config import REDIS_KEY_SEPARATOR
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def channel_listener() -> ChannelListener:
 
 def channel(user_id: str) -> str:
     prefix = current_app.extensions["hseshop.settings"].redis_key_prefix
-    return f"{prefix}:notifications:{user_id}"
+    return f"{prefix}{REDIS_KEY_SEPARATOR}notifications:{user_id}"
 
 
 def wake_sockets(user_id: str) -> None:

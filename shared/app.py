@@ -16,7 +16,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from shared.app_closing import close_with
 from shared.cache import CACHE_EXTENSION, VersionedCache
 from shared.caller_deadline import take_caller_deadlines
-from shared.config import MAX_REQUEST_BYTES, Settings, get_settings, published_secrets
+from shared.config import (MAX_REQUEST_BYTES, REDIS_KEY_SEPARATOR, Settings, get_settings,
+                           published_secrets)
 from shared.db import init_database
 from shared.errors import ErrorSchema, UnreadableBody, register_error_handlers, sorted_methods
 from shared.health import health_blueprint
@@ -147,13 +148,13 @@ def create_service_app(service: str, *, title: str, blueprints: Iterable[Bluepri
     app.config.update(config or {})
     app.extensions["hseshop.settings"] = settings
     app.extensions["hseshop.service"] = service
+    services_keys = f"{settings.redis_key_prefix}{REDIS_KEY_SEPARATOR}{service}"
     cache = app.extensions[CACHE_EXTENSION] = VersionedCache(
-        settings.cache_url(), settings.cache_ttl_seconds,
-        prefix=f"{settings.redis_key_prefix}:{service}")
+        settings.cache_url(), settings.cache_ttl_seconds, prefix=services_keys)
     close_with(app, cache.close)
     if authenticate is identify_caller:  # (a service behind the gateway, which signs its calls)
         signatures = app.extensions[SINGLE_USE_SIGNATURES_EXTENSION] = SingleUseSignatures(
-            settings.redis_url, prefix=f"{settings.redis_key_prefix}:{service}")
+            settings.redis_url, prefix=services_keys)
         close_with(app, signatures.close)
     init_database(app)
     api = ShopApi(app)
