@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import threading
@@ -42,25 +43,43 @@ _KEY_LENGTH = 32
 HASHES_AT_ONCE = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                      else os.cpu_count() or 2, 4)  # (Linux has the affinity; macOS does not)
 _hashing = threading.BoundedSemaphore(HASHES_AT_ONCE)
+# scrypt's memory for N and r beyond 128 * N * r, as OpenSSL counts it (its B and XY blocks), and a
+# margin: hashlib's default limit, 32 MiB, refuses N = 2**15 (32 MiB and those) outright.
+_SCRYPT_MEMORY_MARGIN = 1024 * 1024
 # Every hash's, as the release before writes and reads it (no mark of the form hashed).
 SCHEME = "scrypt"
+
+log = logging.getLogger(__name__)
+
+
+class Unreadable(ValueError):
+    """A stored hash this release cannot read: why, in words that quote no part of it."""
 
 
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(16)
-    key = _scrypt(normalised(password).encode(), salt=salt, n=_N, r=_R, p=_P,
-                  dklen=_KEY_LENGTH)
+    with _hashing:
+        key = hashlib.scrypt(normalised(password).encode(), salt=salt, n=_N, r=_R, p=_P,
+                             dklen=_KEY_LENGTH, maxmem=_memory_for(_N, _R, _P))
     return "$".join([SCHEME, str(_N), str(_R), str(_P), _b64(salt), _b64(key)])
 
 
 def verify_password(password: str, stored: str) -> bool:
     """Whether `password` is the one `stored` was made of: in its NFKC form, or as sent (a hash
     made before passwords were normalised). A password not in its NFKC form costs two hashes,
-    both always computed, one in it costs one: never more or less for whichever hash is stored."""
+    both always computed, one in it costs one: never more or less for whichever hash is stored.
+    Both in one turn. A stored hash that cannot be read is said in an ERROR (its user cannot
+    sign in until it is mended), and matches nothing."""
     form = normalised(password)
-    checked = [_checks(form, stored)]
-    if form != password:
-        checked.append(_checks(password, stored))
+    with _hashing:
+        try:
+            checked = [_checks(form, stored)]
+            if form != password:
+                checked.append(_checks(password, stored))
+        except Unreadable as exc:
+            log.error("a stored password hash cannot be read (%s): its user cannot sign in until"
+                      " it is mended", exc)
+            return False
     return any(checked)
 
 
@@ -70,21 +89,34 @@ def normalised(password: str) -> str:
 
 
 def _checks(password: str, stored: str) -> bool:
+    """Whether `password` is the one `stored` was made of (Unreadable if `stored` cannot be
+    read: not of this scheme or its form, or of a cost scrypt refuses)."""
+    fields = stored.split("$")
+    if len(fields) != 6:
+        raise Unreadable(f"{len(fields)} fields, not 6")
+    scheme, n, r, p, salt, key = fields
+    if scheme != SCHEME:
+        raise Unreadable(f"not of the scheme {SCHEME!r}")
     try:
-        scheme, n, r, p, salt, key = stored.split("$")
-        if scheme != SCHEME:
-            return False
-        expected = base64.b64decode(key)
-        actual = _scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r),
-                         p=int(p), dklen=len(expected))
-    except (ValueError, TypeError):
-        return False
+        n, r, p = int(n), int(r), int(p)
+    except ValueError:
+        raise Unreadable("N, r or p is no whole number") from None
+    try:
+        salt, expected = base64.b64decode(salt), base64.b64decode(key)
+    except ValueError:
+        raise Unreadable("its salt or key is no base64") from None
+    try:
+        actual = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=len(expected),
+                                maxmem=_memory_for(n, r, p))
+    except (ValueError, OverflowError) as exc:  # (its message names no part of the hash)
+        raise Unreadable(f"scrypt refuses N={n}, r={r}, p={p}: {exc}") from None
     return hmac.compare_digest(actual, expected)
 
 
-def _scrypt(password: bytes, **parameters) -> bytes:
-    with _hashing:
-        return hashlib.scrypt(password, **parameters)
+def _memory_for(n: int, r: int, p: int) -> int:
+    """The memory limit scrypt is given for a hash of cost `n`, `r` and `p`: what it takes, with a
+    margin (a hash of a higher cost than this release makes, as a later one may, is read)."""
+    return 128 * r * (n + p + 2) + _SCRYPT_MEMORY_MARGIN
 
 
 def _b64(raw: bytes) -> str:

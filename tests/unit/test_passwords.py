@@ -118,3 +118,37 @@ def test_threads_hashing_at_once_take_turns_past_hashes_at_once(monkeypatch):
     for thread in threads:
         thread.join(30)
     assert most == passwords.HASHES_AT_ONCE
+
+
+def _hash_of_cost(password: str, n: int) -> str:
+    """A hash of `password` as a release of a higher cost would make it (N = `n`), made here with
+    the memory it takes."""
+    salt = b"fedcba9876543210"
+    key = hashlib.scrypt(password.encode(), salt=salt, n=n, r=8, p=1, dklen=32,
+                         maxmem=256 * 1024 * 1024)
+    return "$".join(["scrypt", str(n), "8", "1", base64.b64encode(salt).decode(),
+                     base64.b64encode(key).decode()])
+
+
+def test_a_hash_of_a_higher_cost_made_elsewhere_checks(caplog):
+    """hashlib's default memory limit, 32 MiB, refuses N = 2**15 outright: a later release that
+    raised the cost would have left its users refused here, their password right, after a
+    rollback. The limit is sized from the hash's own N and r."""
+    stored = _hash_of_cost("correct horse", 2**15)
+    assert passwords.verify_password("correct horse", stored)
+    assert not passwords.verify_password("correct horse!", stored)
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]
+
+
+def test_a_stored_hash_that_cannot_be_read_is_logged_without_it_or_the_password(caplog):
+    readable = _hash_of_cost("correct horse", 2**10)
+    not_a_power_of_two = readable.replace("$1024$", "$1000$")
+    for stored in ("not a hash", "bcrypt$16384$8$1$c2FsdHNhbHQ=$a2V5a2V5a2V5",
+                   readable.replace("$8$", "$eight$"), not_a_power_of_two):
+        caplog.clear()
+        assert not passwords.verify_password("correct horse", stored)
+        [record] = [record for record in caplog.records if record.levelname == "ERROR"]
+        said = record.getMessage()
+        assert "cannot be read" in said, said
+        for part in stored.split("$")[4:] + ["correct horse"]:
+            assert part not in said, (part, said)
