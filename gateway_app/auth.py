@@ -7,10 +7,12 @@ the services hear only the identity the gateway signs for them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import secrets
 import time
 import uuid
+from collections.abc import Iterator
 
 from flask import current_app, g, jsonify, request
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
@@ -18,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 
 from gateway_app.models import User
-from gateway_app.passwords import hash_password, normalised, verify_password
+from gateway_app.passwords import HashingBusy, hash_password, normalised, verify_password
 from gateway_app.ratelimit import RATE_LIMITED, client_address
 from gateway_app.sign_out import (REMEMBERED, SIGNED_OUT, is_signed_out, sign_out,
                                   sign_out_everywhere)
@@ -26,9 +28,9 @@ from gateway_app.socket_tickets import redeem_ticket
 from gateway_app.tokens import EXPIRED, InvalidToken, VerifiedToken, issue_token, verify_token
 from gateway_app.usernames import username_key, username_key_of
 from shared.db import db, transaction
-from shared.documented_errors import (DATABASE_UNAVAILABLE_OR_BUSY, WWW_AUTHENTICATE,
+from shared.documented_errors import (DATABASE_UNAVAILABLE_OR_BUSY, RETRY_AFTER, WWW_AUTHENTICATE,
                                      DocumentedError)
-from shared.errors import Conflict, Unauthorized
+from shared.errors import ApiError, Conflict, Unauthorized
 from shared.fields import Text, UserId
 from shared.http_api import Blueprint, EmptySchema
 
@@ -50,6 +52,32 @@ USERNAME_TAKEN = DocumentedError(409, "USERNAME_TAKEN", "another user has this u
 INVALID_CREDENTIALS = DocumentedError(401, "INVALID_CREDENTIALS",
                                       "no user has this username and password",
                                       headers=(WWW_AUTHENTICATE,))
+SIGN_IN_BUSY = DocumentedError(
+    503, "SIGN_IN_BUSY", "the gateway had no turn to hash the password within its wait (2 s by"
+    " default), or as many sign-ins as it lets wait were waiting already; nothing was done: try"
+    " again shortly", headers=(RETRY_AFTER,))
+
+
+class SignInBusy(ApiError):
+    """No turn to hash a password came in time (gateway_app.passwords.HashingBusy): a burst of
+    sign-ins is answered at once, its requests' threads let go, not left to wait without end."""
+
+    status = 503
+    code = SIGN_IN_BUSY.code
+
+    def __init__(self):
+        super().__init__("Too many sign-ins are being checked just now; try again shortly.",
+                         headers={RETRY_AFTER: "1"})
+
+
+@contextlib.contextmanager
+def _hashing_in_time() -> Iterator[float]:
+    """The longest a request waits for a turn to hash (GATEWAY_SIGN_IN_WAIT_SECONDS); not given
+    one in time, the request answers 503 SIGN_IN_BUSY."""
+    try:
+        yield current_app.extensions["hseshop.settings"].gateway_sign_in_wait_seconds
+    except HashingBusy:
+        raise SignInBusy() from None
 
 
 class BearerRefused(Unauthorized):
@@ -184,10 +212,11 @@ def _session_body(user: User) -> dict:
 @blueprint.doc(security=[])  # (takes no token: the document's default asks for one)
 @blueprint.arguments(CredentialsSchema)
 @blueprint.response(201, SessionSchema)
-@blueprint.errors(USERNAME_TAKEN)
+@blueprint.errors(USERNAME_TAKEN, SIGN_IN_BUSY)
 def register(args):
     """Create a user and sign them in."""
-    password_hash = hash_password(args["password"])
+    with _hashing_in_time() as wait:
+        password_hash = hash_password(args["password"], wait)
     with transaction() as session:
         # Nothing inserted on a conflict of any unique index: the username's key's (another user
         # has the name, in some case), and the username's own, kept for the release before
@@ -209,7 +238,7 @@ def register(args):
 @blueprint.doc(security=[])  # (takes no token: the document's default asks for one)
 @blueprint.arguments(SignInCredentialsSchema)
 @blueprint.response(200, SessionSchema)
-@blueprint.errors(INVALID_CREDENTIALS)
+@blueprint.errors(INVALID_CREDENTIALS, SIGN_IN_BUSY)
 def login(args):
     """Exchange a username and password for a bearer token."""
     # The username's key, in every limit's name too: `ALICE` is counted as `alice`, not given
@@ -228,8 +257,9 @@ def login(args):
         # user's row, read whole, stays readable.
         db.session.close()
         # An unknown name is checked against a hash too, so the answer takes as long either way.
-        stored = user.password_hash if user else _hash_no_password_matches()
-        wrong = not verify_password(args["password"], stored) or user is None
+        with _hashing_in_time() as wait:
+            stored = user.password_hash if user else _hash_no_password_matches(wait)
+            wrong = not verify_password(args["password"], stored, wait) or user is None
         if wrong:
             failure.confirm()
         else:
@@ -273,10 +303,11 @@ def logout_everywhere(_args):
 
 
 @functools.cache
-def _hash_no_password_matches() -> str:
-    """What an unknown name's password is checked against: made once per process, so that
-    signing in under it costs one hash, as under a known name (making it each time cost two)."""
-    return hash_password(secrets.token_urlsafe(32))
+def _hash_no_password_matches(wait: float) -> str:
+    """What an unknown name's password is checked against: made once per process (by the first
+    sign-in given a turn within `wait` seconds; the process's one setting), so that signing in
+    under it costs one hash, as under a known name (making it each time cost two)."""
+    return hash_password(secrets.token_urlsafe(32), wait)
 
 
 def limit_by_address() -> None:

@@ -25,6 +25,7 @@ user exists or which release made their hash.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -32,6 +33,7 @@ import os
 import secrets
 import threading
 import unicodedata
+from collections.abc import Iterator
 
 _N, _R, _P = 2**14, 8, 1  # about 16 MiB and tens of milliseconds per hash
 _KEY_LENGTH = 32
@@ -43,6 +45,11 @@ _KEY_LENGTH = 32
 HASHES_AT_ONCE = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                      else os.cpu_count() or 2, 4)  # (Linux has the affinity; macOS does not)
 _hashing = threading.BoundedSemaphore(HASHES_AT_ONCE)
+# How many may wait their turn in a process at once: one more is refused at once (HashingBusy).
+# Each waiting holds a server thread (the gateway's 200, most of them for notification sockets);
+# these many are through in a few hashes' time (some 60 ms each) when none is stuck.
+WAITING_AT_MOST = 4 * HASHES_AT_ONCE
+_waiting = threading.BoundedSemaphore(WAITING_AT_MOST)
 # scrypt's memory for N and r beyond 128 * N * r, as OpenSSL counts it (its B and XY blocks), and a
 # margin: hashlib's default limit, 32 MiB, refuses N = 2**15 (32 MiB and those) outright.
 _SCRYPT_MEMORY_MARGIN = 1024 * 1024
@@ -52,26 +59,33 @@ SCHEME = "scrypt"
 log = logging.getLogger(__name__)
 
 
+class HashingBusy(Exception):
+    """No turn to hash came within the wait given, or WAITING_AT_MOST were waiting already."""
+
+
 class Unreadable(ValueError):
     """A stored hash this release cannot read: why, in words that quote no part of it."""
 
 
-def hash_password(password: str) -> str:
+def hash_password(password: str, wait: float | None = None) -> str:
+    """`password`'s hash; waiting for a turn at most `wait` seconds (None: as long as it takes),
+    else HashingBusy."""
     salt = secrets.token_bytes(16)
-    with _hashing:
+    with _turn(wait):
         key = hashlib.scrypt(normalised(password).encode(), salt=salt, n=_N, r=_R, p=_P,
                              dklen=_KEY_LENGTH, maxmem=_memory_for(_N, _R, _P))
     return "$".join([SCHEME, str(_N), str(_R), str(_P), _b64(salt), _b64(key)])
 
 
-def verify_password(password: str, stored: str) -> bool:
+def verify_password(password: str, stored: str, wait: float | None = None) -> bool:
     """Whether `password` is the one `stored` was made of: in its NFKC form, or as sent (a hash
     made before passwords were normalised). A password not in its NFKC form costs two hashes,
     both always computed, one in it costs one: never more or less for whichever hash is stored.
-    Both in one turn. A stored hash that cannot be read is said in an ERROR (its user cannot
-    sign in until it is mended), and matches nothing."""
+    Both in one turn, waited for at most `wait` seconds (None: as long as it takes), else
+    HashingBusy. A stored hash that cannot be read is said in an ERROR (its user cannot sign in
+    until it is mended), and matches nothing."""
     form = normalised(password)
-    with _hashing:
+    with _turn(wait):
         try:
             checked = [_checks(form, stored)]
             if form != password:
@@ -117,6 +131,23 @@ def _memory_for(n: int, r: int, p: int) -> int:
     """The memory limit scrypt is given for a hash of cost `n`, `r` and `p`: what it takes, with a
     margin (a hash of a higher cost than this release makes, as a later one may, is read)."""
     return 128 * r * (n + p + 2) + _SCRYPT_MEMORY_MARGIN
+
+
+@contextlib.contextmanager
+def _turn(wait: float | None) -> Iterator[None]:
+    """A turn to hash, waited for at most `wait` seconds (None: without limit); refused at once
+    when WAITING_AT_MOST wait already."""
+    if not _waiting.acquire(blocking=False):
+        raise HashingBusy(f"{WAITING_AT_MOST} waiting already")
+    try:
+        if not _hashing.acquire(timeout=wait):
+            raise HashingBusy(f"no turn within {wait} s")
+    finally:
+        _waiting.release()
+    try:
+        yield
+    finally:
+        _hashing.release()
 
 
 def _b64(raw: bytes) -> str:

@@ -108,6 +108,11 @@ ENVIRONMENT: dict[str, str] = {
     # 429, not upgraded. Each one upgraded holds a server thread until its socket ends, a refused
     # one (a garbage token) for the close's answer: without it one address held every thread.
     "GATEWAY_SOCKET_HANDSHAKES_PER_ADDRESS": "60",
+    # How long a sign-up or sign-in waits for its gateway process to hash its password (a few at
+    # once: gateway_app/passwords.py), four times that many waiting at most: past either, 503
+    # SIGN_IN_BUSY with Retry-After. Each waiting holds a server thread: a burst of sign-ins
+    # waited without limit, and from a few addresses held every thread of the gateway.
+    "GATEWAY_SIGN_IN_WAIT_SECONDS": "2",
     "CACHE_TTL_SECONDS": "60",
     # gRPC: where each service listens, where the gateway reaches it, and which way the gateway
     # talks to the services ("grpc" or "http").
@@ -164,6 +169,7 @@ class Settings:
     gateway_trusted_proxy_hops: int
     gateway_sockets_per_address: int
     gateway_socket_handshakes_per_address: int
+    gateway_sign_in_wait_seconds: float
     cache_ttl_seconds: int
     orders_grpc_bind: str
     payments_grpc_bind: str
@@ -414,9 +420,11 @@ FURTHEST_DEADLINE_SECONDS = 3600.0
 # The numbers with a greatest value: the gateway's deadline for a call (a longer one was taken by
 # the services as none, and one far longer wrote a moment of more digits than they read); a
 # socket's timeout (socket.settimeout) raises OverflowError past some 9.2e9 s, which made every
-# request's read fail (a 500 for each GET): a day is more than any client is to be waited on.
+# request's read fail (a 500 for each GET): a day is more than any client is to be waited on. A
+# sign-in's wait for a turn to hash, a minute: a longer one holds the threads it is there to free.
 AT_MOST = {"UPSTREAM_TIMEOUT_SECONDS": FURTHEST_DEADLINE_SECONDS,
-           "REQUEST_READ_TIMEOUT_SECONDS": 86400, "REQUEST_HEAD_TIMEOUT_SECONDS": 86400}
+           "REQUEST_READ_TIMEOUT_SECONDS": 86400, "REQUEST_HEAD_TIMEOUT_SECONDS": 86400,
+           "GATEWAY_SIGN_IN_WAIT_SECONDS": 60}
 # The settings that sign: set but empty (a deployment's missing secret, say) is refused, not read
 # as unset, which would have the shop sign with the dev-only default written above for all to see.
 SECRETS = ("INTERNAL_AUTH_SECRET", "AUTH_TOKEN_SECRET")

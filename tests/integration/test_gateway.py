@@ -52,8 +52,8 @@ import payments_app
 from devstack.infra import free_port
 from devstack.stack import REPO_ROOT
 from gateway_app import auth as gateway_auth
-from gateway_app import (channel_listener, notifications, socket_tickets, upstream_http,
-                         user_channels)
+from gateway_app import (channel_listener, notifications, passwords, socket_tickets,
+                         upstream_http, user_channels)
 from gateway_app.channel_listener import ChannelListener, subscriber_client
 from gateway_app.upstream_answers import an_error_of_the_api
 from gateway_app.tokens import VerifiedToken, issue_token, verify_token
@@ -1638,6 +1638,44 @@ def test_sign_in_limits_count_a_username_typed_in_any_case_as_one(gateway, monke
     assert [_sign_in(gateway, typed, f"guess number {n}").status_code
             for n, typed in enumerate(cases)] == [401] * 2 + [429] * 2
     assert _sign_in(gateway, username.upper(), "correct horse").status_code == 429
+
+
+def test_a_sign_up_or_sign_in_given_no_turn_to_hash_in_time_is_503_sign_in_busy(settings,
+                                                                                  monkeypatch):
+    """A process hashes a few passwords at once; the others waited for a turn without end, each
+    holding a server thread, and a burst of sign-ins from a few addresses held every thread of
+    the gateway. Past GATEWAY_SIGN_IN_WAIT_SECONDS: 503 SIGN_IN_BUSY with Retry-After, as the
+    document says."""
+    client = _gateway(settings, gateway_sign_in_wait_seconds=0.3)
+    app = client.application
+    spec = client.get("/docs/openapi.json").get_json()
+    username = f"busy-{uuid.uuid4().hex[:8]}"
+    _sign_up(client, username)
+    hashing = threading.BoundedSemaphore(1)
+    hashing.acquire()  # (every turn taken)
+    monkeypatch.setattr(passwords, "_hashing", hashing)
+    asks = {"register": lambda: app.test_client().post("/api/auth/register", json={
+                "username": f"busy-{uuid.uuid4().hex[:8]}", "password": "correct horse"}),
+            "login": lambda: _sign_in(app.test_client(), username, "correct horse"),
+            "login unknown": lambda: _sign_in(app.test_client(), f"nobody-{uuid.uuid4().hex[:8]}",
+                                              "correct horse")}
+    pool = ThreadPoolExecutor(len(asks))
+    try:
+        began = time.monotonic()
+        futures = {name: pool.submit(ask) for name, ask in asks.items()}
+        answers = {name: future.result(timeout=10) for name, future in futures.items()}
+        waited = time.monotonic() - began
+    finally:
+        hashing.release()  # (unfixed, the asks wait for it: let them end)
+        pool.shutdown()
+    for name, answer in answers.items():
+        assert answer.status_code == 503, (name, answer.get_json())
+        assert answer.get_json()["error"]["code"] == "SIGN_IN_BUSY", name
+        assert answer.headers["Retry-After"] == "1", name
+        path = "/api/auth/register" if name == "register" else "/api/auth/login"
+        assert_documented(spec, "post", path, answer)
+    assert waited < 5
+    assert _sign_in(client, username, "correct horse").status_code == 200
 
 
 def test_a_user_gone_while_their_password_was_checked_is_no_500(gateway, monkeypatch):

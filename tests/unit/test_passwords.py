@@ -9,6 +9,8 @@ import hmac
 import threading
 import time
 
+import pytest
+
 from gateway_app import passwords
 
 
@@ -152,3 +154,43 @@ def test_a_stored_hash_that_cannot_be_read_is_logged_without_it_or_the_password(
         assert "cannot be read" in said, said
         for part in stored.split("$")[4:] + ["correct horse"]:
             assert part not in said, (part, said)
+
+
+def _all_turns_taken(monkeypatch) -> threading.BoundedSemaphore:
+    hashing = threading.BoundedSemaphore(1)
+    hashing.acquire()
+    monkeypatch.setattr(passwords, "_hashing", hashing)
+    return hashing
+
+
+def test_no_turn_to_hash_within_the_wait_is_busy_not_a_wait_without_end(monkeypatch):
+    """Each waiting holds a server thread of the gateway: a burst of sign-ins waited without end
+    for a turn, and held every thread."""
+    stored = passwords.hash_password("correct horse")
+    hashing = _all_turns_taken(monkeypatch)
+    began = time.monotonic()
+    with pytest.raises(passwords.HashingBusy):
+        passwords.hash_password("correct horse", 0.2)
+    with pytest.raises(passwords.HashingBusy):
+        passwords.verify_password("correct horse", stored, 0.2)
+    assert 0.4 <= time.monotonic() - began < 2
+    hashing.release()
+    assert passwords.verify_password("correct horse", stored, 0.2)
+
+
+def test_past_the_most_that_may_wait_a_hash_is_busy_at_once(monkeypatch):
+    hashing = _all_turns_taken(monkeypatch)
+    monkeypatch.setattr(passwords, "_waiting", threading.BoundedSemaphore(1))
+    waiter = threading.Thread(target=passwords.hash_password, args=("pw", 30))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while passwords._waiting._value and time.monotonic() < deadline:  # (the waiter is waiting)
+        time.sleep(0.01)
+    assert not passwords._waiting._value, "the waiter never waited"
+    began = time.monotonic()
+    with pytest.raises(passwords.HashingBusy):
+        passwords.hash_password("pw", 5)
+    assert time.monotonic() - began < 1
+    hashing.release()
+    waiter.join(10)
+    assert not waiter.is_alive()
