@@ -428,6 +428,12 @@ AT_MOST = {"UPSTREAM_TIMEOUT_SECONDS": FURTHEST_DEADLINE_SECONDS,
 # The settings that sign: set but empty (a deployment's missing secret, say) is refused, not read
 # as unset, which would have the shop sign with the dev-only default written above for all to see.
 SECRETS = ("INTERNAL_AUTH_SECRET", "AUTH_TOKEN_SECRET")
+# The fewest bytes a secret may have (in UTF-8), else it is refused: both sign with HMAC-SHA256,
+# and anyone holding one token (or one signed request) can try guesses at a short secret offline,
+# as fast as they can hash, and once found sign anything ("shop2024" falls in seconds). 32 bytes
+# as `make run` makes them: secrets.token_urlsafe(32), 43 characters.
+MIN_SECRET_BYTES = 32
+HOW_TO_MAKE_A_SECRET = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 # The secrets' values published with the code, which anyone can sign with: the defaults above and
 # the placeholders of deploy/token-signing.env and deploy/internal-auth.env
 # (tests/unit/test_published_secrets.py keeps them in step). A process signing or verifying with
@@ -455,7 +461,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     read nothing forever while holding its lead, an interval of 0 had beat send tasks without a
     pause, a negative retention pruned idempotency keys a minute old), or 0 or above for those
     where 0 means none (ZERO_MEANS_NONE), and for some no more than a greatest value (AT_MOST).
-    An empty variable means its default, but for the secrets (SECRETS).
+    An empty variable means its default, but for the secrets (SECRETS), which are refused empty
+    or shorter than MIN_SECRET_BYTES.
     """
     environ = os.environ if environ is None else environ
     for name in SECRETS:
@@ -466,6 +473,11 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     for field in fields(Settings):
         name = field.name.upper()
         values[field.name] = _setting(name, field.type, environ.get(name) or ENVIRONMENT[name])
+    for name in SECRETS:
+        if (length := len(values[name.lower()].encode())) < MIN_SECRET_BYTES:
+            raise ValueError(f"{name} is {length} bytes long: a secret must be at least"
+                             f" {MIN_SECRET_BYTES} bytes, or anyone holding one token can guess it"
+                             f" offline and sign their own; make one with {HOW_TO_MAKE_A_SECRET}")
     if not values["celery_broker_url"]:
         if not _broker_url(values["redis_url"]):  # (unix:///path, which kombu cannot read)
             raise ValueError(
