@@ -1982,7 +1982,7 @@ def _served(app) -> Iterator[str]:
 
 
 def test_every_error_a_gateway_operation_answers_is_documented_for_it_and_none_other(
-        settings, upstreams, gateway, payments_flask_app):
+        settings, upstreams, gateway, payments_flask_app, monkeypatch):
     """Each operation asked in every way it can fail, through gateways whose services (or whose
     own database) fail each way: every error it answers (status, code and Retry-After) is
     documented for it, and it documents none it was not seen to answer. (Over HTTP: the gRPC
@@ -2096,6 +2096,15 @@ def test_every_error_a_gateway_operation_answers_is_documented_for_it_and_none_o
         "/api/auth/register", json={"username": username, "password": "long password"}))
     answers["post", "/api/auth/login"].append(gateway.post(
         "/api/auth/login", json={"username": username, "password": "not the password"}))
+    # No turn to hash a password within the gateway's wait (every turn taken), last.
+    every_turn_taken = threading.BoundedSemaphore(1)
+    every_turn_taken.acquire()
+    monkeypatch.setattr(passwords, "_hashing", every_turn_taken)
+    hurried = _gateway(settings, gateway_sign_in_wait_seconds=0.1)
+    answers["post", "/api/auth/register"].append(hurried.post("/api/auth/register", json={
+        "username": f"hurried-{uuid.uuid4().hex[:8]}", "password": "long password"}))
+    answers["post", "/api/auth/login"].append(hurried.post(
+        "/api/auth/login", json={"username": username, "password": "long password"}))
 
     for (method, path), given in answers.items():
         seen = {assert_documented(spec, method, path, answer) for answer in given}
