@@ -22,7 +22,7 @@ DEFAULT_PAGE = 50
 
 INVALID_CURSOR = DocumentedError(400, "INVALID_CURSOR", (
     "the `cursor` names no position: it is not of the form a page's `next_cursor` is (base64url, "
-    "padded or not, of the position's JSON)"))
+    "padded or not, of the position's JSON as `next_cursor` writes it, byte for byte)"))
 ORDER_NOT_FOUND = DocumentedError(404, "ORDER_NOT_FOUND", "the caller has no order of this id")
 PLACE_ORDER_ERRORS = IDEMPOTENCY_ERRORS
 LIST_ORDERS_ERRORS = (INVALID_CURSOR,)
@@ -79,5 +79,6 @@ class ListOrdersQuerySchema(Schema):
     limit = WholeNumber(load_default=DEFAULT_PAGE, validate=validate.Range(min=1, max=MAX_PAGE))
     cursor = fields.String(load_default=None, validate=validate.Length(min=1, max=500), metadata={
         "description": "A page's `next_cursor`, for the page after it: a position in the list, "
-                       "not a token (neither signed nor secret: one written by hand is taken, and "
-                       "reads the caller's own orders only, as any)"})
+                       "not a token (neither signed nor secret: one written by hand in "
+                       "`next_cursor`'s form is taken, and reads the caller's own orders only, as "
+                       "any)"})

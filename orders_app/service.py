@@ -130,24 +130,45 @@ def list_orders(session: Session, *, user_id: str, limit: int, cursor: str | Non
 
 
 def encode_cursor(order: Order) -> str:
-    raw = json.dumps([order.created_at.isoformat(), str(order.id)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """The position after `order`: base64url, unpadded, of the JSON `[created_at, id]` as
+    json.dumps writes it, the time as datetime.isoformat() gives it (its offset the database
+    session's) and the id as str(UUID) does. Unchanged since the first release: decode_cursor
+    takes this form, and this form alone."""
+    return base64.urlsafe_b64encode(_position_json(order.created_at.isoformat(), str(order.id))
+                                    ).decode().rstrip("=")
+
+
+def _position_json(created_at: str, order_id: str) -> bytes:
+    return json.dumps([created_at, order_id]).encode()
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     """The position a cursor names, in UTC (PostgreSQL takes offsets up to 15:59 only, Python up
-    to 23:59); a 400 for a cursor that names no position.
+    to 23:59); a 400 for a cursor that is not of encode_cursor's form.
 
     A cursor is a position, not a token: anyone may write one (it is read with the caller's own
-    orders only), so any spelling of a position is taken, as long as it is one."""
+    orders only), but in next_cursor's form alone (base64url, padded or not, of what
+    encode_cursor writes, byte for byte): other spellings were taken, each its own reading of a
+    position (a JSON object of the two as keys, JSON in UTF-16, a NUL inside the time, a seventh
+    decimal of a second dropped, an ISO week date)."""
     try:
-        created_at, order_id = json.loads(_base64url_decoded(cursor))
-        if not isinstance(created_at, str) or not isinstance(order_id, str):
-            raise TypeError("not two strings")
+        raw = _base64url_decoded(cursor)
+        position = json.loads(raw)
+        if not (isinstance(position, list) and len(position) == 2
+                and all(isinstance(part, str) for part in position)):
+            raise TypeError("not a list of two strings")
+        created_at, order_id = position
+        if _position_json(created_at, order_id) != raw:
+            raise ValueError("not JSON as encode_cursor writes it")
         parsed = datetime.fromisoformat(created_at)
         if parsed.tzinfo is None:
             raise ValueError("naive timestamp")
-        return parsed.astimezone(timezone.utc), uuid.UUID(order_id)
+        if parsed.isoformat() != created_at:
+            raise ValueError("a time not as isoformat() writes it")
+        parsed_id = uuid.UUID(order_id)
+        if str(parsed_id) != order_id:
+            raise ValueError("an id not as str(UUID) writes it")
+        return parsed.astimezone(timezone.utc), parsed_id
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError):
         raise ApiError("The cursor names no position: give a page's next_cursor as it came.",
                        code="INVALID_CURSOR", status=400,
