@@ -74,7 +74,8 @@ CACHE_EXTENSION = "hseshop.cache"
 # it with any change to them: it names the values' keys, so that in a rolling deploy the releases
 # on either side of the change do not serve each other's answers (each reads its own, until they
 # expire), while a write's bump still reaches both (the namespace's version is one key for all).
-# tests/unit/test_cache_format.py fails when a cached answer's fields change and it does not.
+# tests/unit/test_cache_format.py fails when what is stored for a sample of each answer changes
+# (a field, Amount's or a time's format, next_cursor's encoding, the entry's shape) and it does not.
 CACHE_FORMAT = 1
 # How long a version outlives the values stored under it (CACHE_TTL_SECONDS): only so that the
 # versions of namespaces no longer read go. One expired is a missing one, which serves nothing (the
@@ -148,8 +149,7 @@ class VersionedCache:
             return stored
         value = load()  # (stored over whatever entry was kept, one unreadable too)
         try:
-            self._client.set(value_key, json.dumps({"version": version, "value": value}),
-                             ex=self._ttl)
+            self._client.set(value_key, cache_entry(version, value), ex=self._ttl)
         except redis.RedisError as exc:
             log.warning("cache unavailable, not storing %s: %s", namespace, exc)
         return value
@@ -233,6 +233,11 @@ class VersionedCache:
             pipe.execute()
         except redis.exceptions.OutOfMemoryError:  # (some may be set: deleted alike)
             self._client.delete(*version_keys)
+
+
+def cache_entry(version: str, value: Any) -> str:
+    """What the cache stores for `value` under `version` (of the format CACHE_FORMAT names)."""
+    return json.dumps({"version": version, "value": value})
 
 
 _NOT_STORED = object()
