@@ -599,7 +599,8 @@ def transaction() -> Iterator[Session]:
     """One database transaction: commit when the block ends, roll back if it raises, or if the
     caller's deadline has passed before the COMMIT of new work (CallerGaveUp; one with nothing
     new, a replay's, is committed past it: nothing_new_to_commit). Then run what after_commit
-    registered: all of it once committed, none if the block failed, only what asked to run
+    registered: all of it once committed (each whatever the others did, one that fails logged:
+    _run_once_committed), none if the block failed, only what asked to run
     also_if_unanswered if the COMMIT itself failed (committed or not, unknown), the commit's error
     raised after it."""
     session = db.session()
@@ -651,8 +652,21 @@ def transaction() -> Iterator[Session]:
             for callback in if_unanswered:
                 _run_after_a_failed_commit(callback, commit_error)
         raise
-    for callback, _ in _callbacks_taken(session)[0]:
-        callback()
+    _run_once_committed([callback for callback, _ in _callbacks_taken(session)[0]])
+
+
+def _run_once_committed(callbacks: list[Callable[[], None]]) -> None:
+    """Run `callbacks` once the transaction has committed, each whatever the others did: one that
+    fails is logged, with its error, and the block's caller goes on as committed (its work is kept:
+    a 500 for it had the client try again what was done). A cache bump's own failures are the
+    cache's to keep and make later (shared.cache: VersionedCache.invalidate); before, a callback
+    that raised skipped those after it, the bumps among them, and the request answered 500."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("after a commit: %r failed (the transaction is committed, and the"
+                          " other callbacks run)", callback)
 
 
 def _callbacks_taken(session: Session) -> tuple[list[tuple[Callable[[], None], bool]],

@@ -563,6 +563,28 @@ def test_only_the_callbacks_safe_to_run_for_nothing_run_when_the_commits_answer_
     assert "the bump broke" in caplog.text
 
 
+def test_a_callback_that_fails_after_the_commit_skips_no_bump_and_fails_no_block(
+        payments_flask_app, user_id, caplog):
+    """A callback that raises once the transaction has committed (a notification's publish, say)
+    is logged with its error; the callbacks after it run, the cache's bump among them, and the
+    block ends as committed: the bump after it was skipped, the balance read as it was before the
+    deposit, and the committed write raised (a 500)."""
+    client = payments_flask_app.test_client()
+    client.post("/accounts", signed_as=user_id)
+    assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == "0.00"
+
+    def failing() -> None:
+        raise RuntimeError("the publish broke")
+
+    with payments_flask_app.app_context(), caplog.at_level(logging.ERROR, logger="shared.db"):
+        with transaction() as session:
+            after_commit(session, failing)
+            payments.deposit(session, user_id=user_id, amount=Decimal("7"))
+    assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == "7.00"
+    [logged] = [record for record in caplog.records if record.name == "shared.db"]
+    assert "after a commit" in logged.getMessage() and "the publish broke" in caplog.text
+
+
 def test_a_flush_that_fails_as_the_block_ends_runs_no_callback(in_payments, user_id):
     """A write refused as the block's end flushes it (an IntegrityError: an account made twice)
     committed nothing: no callback runs, those registered also_if_unanswered included, which run
