@@ -34,8 +34,8 @@ def list_orders(user_id: str, args: dict[str, Any]) -> dict:
 
     if args["cursor"] is not None or args["limit"] != DEFAULT_PAGE:
         # Of the pages, only the first of the default size is cached: the one read again and again
-        # (the shop's page, after every change). A cursor may name any position (any time, any
-        # id), each written many ways, and a size any from 1 to MAX_PAGE: keyed by them, each
+        # (the shop's page, after every change). A cursor may name any position (any time, at
+        # any offset, any id), padded or not, and a size any from 1 to MAX_PAGE: keyed by them, each
         # request stored a page of its own, up to 200 orders (70 KB), some 20 MB of Redis a user
         # at the rate limit, for CACHE_TTL_SECONDS; a position decoded would not have bounded it.
         return load()
