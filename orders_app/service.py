@@ -131,9 +131,10 @@ def list_orders(session: Session, *, user_id: str, limit: int, cursor: str | Non
 
 def encode_cursor(order: Order) -> str:
     """The position after `order`: base64url, unpadded, of the JSON `[created_at, id]` as
-    json.dumps writes it, the time as datetime.isoformat() gives it (its offset the database
-    session's) and the id as str(UUID) does. Unchanged since the first release: decode_cursor
-    takes this form, and this form alone."""
+    json.dumps writes it, the time as datetime.isoformat() gives it and the id as str(UUID) does.
+    Unchanged since the first release, but for the time's offset, the database session's: +00:00
+    since sessions read times in UTC (shared.db: read_times_in_utc), the server's zone's before,
+    which decode_cursor takes as well. It takes this form, and this form alone."""
     return base64.urlsafe_b64encode(_position_json(order.created_at.isoformat(), str(order.id))
                                     ).decode().rstrip("=")
 
