@@ -158,7 +158,7 @@
   function describeError(error) {
     if (!(error instanceof ApiError)) return "Something went wrong: " + error.message;
     if (error.status === 0) return "Cannot reach the shop. Check your connection and try again.";
-    if (error.code === "RATE_LIMITED") {
+    if (rateLimit(error)) {
       const wait = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : " Try again shortly.";
       return ERROR_TEXT.RATE_LIMITED + wait;
     }
@@ -217,10 +217,10 @@
                                  || `The request failed (HTTP ${response.status}).`,
                                info.details);
     error.retryAfter = response.headers.get("Retry-After");
-    // The user's limit (/api/auth counts the address's instead, and so does a socket ticket
-    // refused for the address's socket handshakes: it puts off the socket only, connectSocket).
-    if (response.status === 429 && !anonymous && !path.startsWith("/api/auth/")
-        && error.code !== "SOCKET_HANDSHAKES_LIMITED") {
+    // The user's limit, or a proxy's in front of the gateway, its Retry-After honoured alike
+    // (/api/auth counts the address's instead, and so does a socket ticket refused for the
+    // address's socket handshakes: it puts off the socket only, connectSocket).
+    if (rateLimit(error) && !anonymous && !path.startsWith("/api/auth/")) {
       pauseFor(retryAfterMs(error));
     }
     if (response.status === 401 && !anonymous) {
@@ -291,7 +291,15 @@
 
   // Refused for the user's rate limit, by the gateway or on the page (pausedRead).
   function rateLimited(error) {
-    return error.code === "RATE_LIMITED" && !error.handled;
+    return rateLimit(error) && !error.handled;
+  }
+
+  // A refusal for a rate limit: any 429, the gateway's (RATE_LIMITED, in its JSON error) or one a
+  // proxy or load balancer in front of it answered (a body of its own, HTML say, and no code),
+  // but the socket ticket's SOCKET_HANDSHAKES_LIMITED, which puts off the socket only (noTicket).
+  function rateLimit(error) {
+    return error instanceof ApiError && error.status === 429
+      && error.code !== "SOCKET_HANDSHAKES_LIMITED";
   }
 
   // A request asked for a session that has ended since (signed out, perhaps another user signed
@@ -683,9 +691,20 @@
       return;
     }
     await whileBusy([$("sign-in"), $("sign-up")], async () => {
-      const body = await api("POST", `/api/auth/${mode}`, {
-        body: { username, password }, anonymous: true,
-      });
+      let body;
+      try {
+        body = await api("POST", `/api/auth/${mode}`, {
+          body: { username, password }, anonymous: true,
+        });
+      } catch (error) {
+        // A wrong password is retyped; any other failure (no answer, a 429, a 503, the username
+        // taken) keeps it, so that pressing again, or Sign in instead, needs no retyping.
+        if (error.code === "INVALID_CREDENTIALS") $("password").value = "";
+        throw error;
+      }
+      // The password is not kept in the page once it has done its work (the hidden form stays
+      // in the document all the session long).
+      $("password").value = "";
       clearMessage();
       if (mode === "register") showMessage("Welcome! Open your account to get started.", "info");
       startSession(body);

@@ -717,6 +717,38 @@ def test_a_wrong_password_is_explained_and_signing_out_and_in_again_keeps_the_or
     assert page.visible("no-account")
 
 
+PASSWORD_FIELD = 'return document.getElementById("password").value;'
+
+
+def test_the_password_leaves_the_page_once_signing_in_or_up_is_done_or_it_was_wrong(stack,
+                                                                                   browser):
+    """The password typed stayed in the sign-in form, hidden, for the whole session. It goes
+    once signing up or in has succeeded, and when it was wrong (to be retyped); a sign-up refused
+    for the username taken keeps it, so that Sign in needs no retyping."""
+    page = ShopPage(browser, f"{stack.gateway_url}/").open()
+    username = f"web_{uuid.uuid4().hex[:12]}"
+    page.sign_up(username, PASSWORD)
+    assert browser.execute_script(PASSWORD_FIELD) == ""
+    page.element("sign-out").click()
+    page.wait_until(lambda: page.visible("auth-section"), what="the sign-in form")
+
+    page.fill("username", username)
+    page.fill("password", "not the password")
+    page.element("sign-in").click()
+    page.wait_until(lambda: "Wrong username or password" in page.text("message"),
+                    what="the wrong-password message")
+    assert browser.execute_script(PASSWORD_FIELD) == ""
+
+    page.fill("password", PASSWORD)
+    page.element("sign-up").click()  # (signed up already)
+    page.wait_until(lambda: "That username is taken" in page.text("message"),
+                    what="the username-taken message")
+    assert browser.execute_script(PASSWORD_FIELD) == PASSWORD
+    page.element("sign-in").click()  # (as typed)
+    page.wait_until(lambda: page.visible("shop-section"), what="the shop after signing in")
+    assert browser.execute_script(PASSWORD_FIELD) == ""
+
+
 def test_signing_out_everywhere_from_the_page_signs_out_the_users_other_devices(stack, browser):
     """A lost phone: from the page, every token of the user is refused, the phone's too, and the
     page is signed out and says so."""
@@ -1285,6 +1317,69 @@ def test_opening_an_account_opened_already_while_the_page_waits_shows_it_after_t
     early = rounding_ms(RACING_CLOCK_SPEEDUP)
     assert not [read for read in reads if refused_at < read["at"] < ends - early
                 and read["path"] != "/api/accounts"], (refused_at, reads)
+
+# Played by the browser itself, over READS_AND_SOCKETS_RECORDED: once armed
+# (window.hseshopProxyRefuses = "GET" or "POST"), the page's next request of that method is
+# answered as a proxy or load balancer in front of the gateway answers one past a limit of its
+# own: 429, an HTML body (no gateway error code), Retry-After RETRY_AFTER_SECONDS; when it was is
+# kept (window.hseshopProxyRefusedAt). The rest is real.
+PROXY_RATE_LIMITS_WHEN_TOLD = _fetch_played(
+    before="window.hseshopProxyRefuses = null; window.hseshopProxyRefusedAt = null;", answer="""
+    if (window.hseshopProxyRefuses === method) {
+      window.hseshopProxyRefuses = null;
+      window.hseshopProxyRefusedAt = performance.now();
+      return new Response("<html><body><h1>429 Too Many Requests</h1></body></html>", {
+        status: 429, statusText: "TOO MANY REQUESTS",
+        headers: {"Content-Type": "text/html", "Retry-After": "%d"}});
+    }
+    return realFetch(input, init);""" % RETRY_AFTER_SECONDS)
+
+
+def _proxy_refused_at(page: ShopPage, since: float | None = None) -> float:
+    """When PROXY_RATE_LIMITS_WHEN_TOLD refused the page's request (one after `since`)."""
+    def refused() -> float | None:
+        at = page.driver.execute_script("return window.hseshopProxyRefusedAt;")
+        return at if at is not None and (since is None or at > since) else None
+    return page.wait_until(refused, timeout=LIVE_DEADLINE, what="the page's request, refused")
+
+
+def test_a_429_from_a_proxy_in_front_of_the_gateway_is_a_rate_limit_too(stack, browser):
+    """A 429 a proxy or load balancer answers (an HTML body, no gateway error code) was taken
+    for a failure of its own: the top-up's read of the balance it refused overwrote the top-up's
+    message with "TOO MANY REQUESTS" (a read the page makes of itself says nothing when rate
+    limited), and a top-up it refused said so, with no wait. Now any 429 is a rate limit: the read
+    says nothing, none is sent until its Retry-After has passed, the catch-up then reads the
+    balance, and a refused top-up says to try again in its Retry-After. (The steps race the
+    pause, on the page's clock.)"""
+    speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": READS_AND_SOCKETS_RECORDED})
+    page, shopper = _live_page_of_a_shopper_with_100(stack, browser, PROXY_RATE_LIMITS_WHEN_TOLD)
+    browser.execute_script('window.hseshopProxyRefuses = "GET";')
+    page.top_up("5")  # its read of the balance after it, refused
+    refused_at = _proxy_refused_at(page)
+    page.wait_until(lambda: page.text("message") == "Topped up 5.00.", what="the top-up's message")
+    ends = refused_at + RETRY_AFTER_SECONDS * 1000
+    shopper.api("POST", "/accounts/deposit", 200, json={"amount": "10"})  # (the catch-up shows it)
+    time.sleep(0.5)  # (nothing is to show: the read refused says nothing)
+    assert page.text("message") == "Topped up 5.00."
+    assert browser.execute_script("return performance.now();") < ends - 1000, "too slow a check"
+    page.wait_until(lambda: page.text("balance") == "115.00", timeout=RETRY_AFTER_SECONDS + 5,
+                    what="the balance read once the wait is over")
+    assert page.text("message") == "Topped up 5.00."
+    reads = browser.execute_script("return window.hseshopReads;")
+    early = rounding_ms(RACING_CLOCK_SPEEDUP)
+    assert not [read for read in reads if refused_at < read["at"] < ends - early
+                and read["path"] != "/api/accounts/deposit"], (refused_at, reads)
+
+    browser.execute_script('window.hseshopProxyRefuses = "POST";')
+    page.top_up("7")
+    _proxy_refused_at(page, since=refused_at)
+    page.wait_until(lambda: page.text("message")
+                    == f"Too many requests. Try again in {RETRY_AFTER_SECONDS} s.",
+                    what="the refused top-up's message")
+    assert page.text("balance") == "115.00"
+
 
 # Played by the browser itself, over READS_AND_SOCKETS_RECORDED: the page's first request for a
 # socket ticket is answered as the gateway answers one whose address has spent its socket
