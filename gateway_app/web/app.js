@@ -97,6 +97,12 @@
   // asked for the pause, in a 429's Retry-After or a rate-limited 1013's "try again in N s". Its
   // limit is the user's, which every read and socket counts against alike.
   let notBefore = 0;
+  // No socket is opened (nor its ticket asked for) before this time either (performance.now()):
+  // a refused ticket's Retry-After (SOCKET_HANDSHAKES_LIMITED: the address's handshakes, a 503
+  // NOTIFICATIONS_UNAVAILABLE), and the back-off after a socket turned away (closed 1013, or never
+  // opened: a handshake refused). Kept across a session's end: the address's limit is not the
+  // user's. The network back online (start) does not bring it forward.
+  let socketNotBefore = 0;
   let expiryTimer = null;
   let loadTimer = null;
   // The catch-up after a read that failed (catchUpSoon): its timer, and when it is due (as
@@ -1066,9 +1072,11 @@
     reconnectTimer = null;
     // Until the socket works, the page reads the orders itself: one stuck connecting never closes.
     pollOrders();
-    if (pauseLeftMs() > 0) {
+    // (Opened now, it would be refused, and counted.)
+    const waitMs = Math.max(pauseLeftMs(), socketNotBefore - performance.now());
+    if (waitMs > 0) {
       setLive("reconnecting");
-      reconnectIn(pauseLeftMs());  // (opened now, it would be refused, and counted)
+      reconnectIn(waitMs);
       return;
     }
     setLive("connecting");
@@ -1102,7 +1110,9 @@
   function noTicket(error) {
     if (error.handled || !session) return;  // (a 401: signed out)
     setLive("reconnecting");
-    scheduleReconnect(RECONNECT_TURNED_AWAY_MAX_MS, retryAfterMs(error));
+    const asked = retryAfterMs(error);
+    socketNotBefore = Math.max(socketNotBefore, performance.now() + asked);
+    scheduleReconnect(RECONNECT_TURNED_AWAY_MAX_MS, asked);
   }
 
   function openSocket(ticket) {
@@ -1149,7 +1159,8 @@
       if (event.code === 1012) reconnectDelay = RECONNECT_FIRST_MS;
       pollOrders();
       const turnedAway = !opened || event.code === 1013;
-      scheduleReconnect(turnedAway ? RECONNECT_TURNED_AWAY_MAX_MS : RECONNECT_MAX_MS);
+      const delay = scheduleReconnect(turnedAway ? RECONNECT_TURNED_AWAY_MAX_MS : RECONNECT_MAX_MS);
+      if (turnedAway) socketNotBefore = Math.max(socketNotBefore, performance.now() + delay);
     };
   }
 
@@ -1244,12 +1255,15 @@
     return ms >= floorMs ? ms : Math.min(floorMs * (1 + Math.random() / 4), LONGEST_TIMER_MS);
   }
 
-  // Backing off, each wait twice the last, up to `maxMs`, and `atLeastMs` at least.
+  // Backing off, each wait twice the last, up to `maxMs`, and `atLeastMs` at least; the wait
+  // (0: none set, one is set already).
   function scheduleReconnect(maxMs, atLeastMs = 0) {
-    if (reconnectTimer || !session) return;
-    const delay = jittered(reconnectDelay);
+    if (reconnectTimer || !session) return 0;
+    const jitteredDelay = jittered(reconnectDelay);
     reconnectDelay = Math.min(reconnectDelay * 2, maxMs);
-    reconnectIn(notSoonerThan(delay, Math.max(atLeastMs, pauseLeftMs())));
+    const delay = notSoonerThan(jitteredDelay, Math.max(atLeastMs, pauseLeftMs()));
+    reconnectIn(delay);
+    return delay;
   }
 
   // Reconnects in `delay` ms, or, the tab hidden then, once it is shown again (no one is looking,
@@ -1263,6 +1277,22 @@
       }
       connectSocket();
     }, delay);
+  }
+
+  // Drops a socket not open (its ticket awaited, its handshake under way, its reconnect due
+  // later) and connects again, keeping its back-off (reconnectDelay) and socketNotBefore.
+  function reconnectNow() {
+    clearTimeout(reconnectTimer);
+    reconnectTimer = null;
+    reconnectWhenShown = false;
+    if (ticketAsked) ticketAsked.controller.abort();
+    ticketAsked = null;
+    if (socket) {
+      const ws = socket;
+      socket = null;
+      ws.close();
+    }
+    connectSocket();
   }
 
   function closeSocket() {
@@ -1407,14 +1437,17 @@
     document.addEventListener("visibilitychange", onVisibilityChange);
     window.addEventListener("focus", readBalanceWhileLive);
     readBalanceNowAndThen();
-    // A network that went away and came back can leave the socket dead without a close: the page
-    // would show "live" and hear nothing; or the request for its ticket held, unanswered. Open a
-    // new one (it catches up from the last id seen).
+    // A network that went away and came back can leave the request for a socket's ticket held,
+    // unanswered, or its handshake stuck on the way, or the socket waiting to reconnect after a
+    // network error: a socket not open is made again at once (it catches up from the last id
+    // seen), never before socketNotBefore or the user's pause. An open one is kept (the event
+    // comes with any network change, and each socket costs one of the address's handshakes):
+    // the gateway pings it, and a connection that died meanwhile is closed by the browser's TCP.
     window.addEventListener("online", () => {
       // (still loading, or signed out)
-      if (!session || (!socket && !reconnectTimer && !ticketAsked)) return;
-      closeSocket();
-      connectSocket();
+      if (!session || (!socket && !reconnectTimer && !ticketAsked && !reconnectWhenShown)) return;
+      if (socket && socket.readyState === WebSocket.OPEN) return;
+      reconnectNow();
     });
     session = loadSession();
     if (session) enterShop();

@@ -971,15 +971,19 @@ RECONNECT_TURNED_AWAY_LATEST = 1.25 * 30
 
 # Played by the browser itself: the page's reads (path, when) and its sockets (when each was made,
 # opened, closed and with what code, and when each message came) are recorded; everything is
-# real.
+# real. window.hseshopDropSocket() closes the page's newest socket from the browser's end (the
+# network lost, as the page sees it): the page reconnects as after any close.
 READS_AND_SOCKETS_RECORDED = _fetch_played(before="window.hseshopReads = [];", answer="""
     window.hseshopReads.push({path, at: performance.now()});
     return realFetch(input, init);""") + """
 window.hseshopSockets = [];
+const socketsMade = [];
+window.hseshopDropSocket = () => socketsMade.at(-1).close();
 const RealWebSocket = window.WebSocket;
 window.WebSocket = class extends RealWebSocket {
   constructor(...args) {
     super(...args);
+    socketsMade.push(this);
     const socket = {created: performance.now(), opened: null, closed: null, code: null,
                     messages: []};
     window.hseshopSockets.push(socket);
@@ -1118,7 +1122,7 @@ def test_a_page_told_it_missed_pruned_notifications_reads_its_state_again(stack,
         return browser.execute_script("return [window.hseshopSockets, window.hseshopReads];")
 
     browser.execute_script("window.hseshopTicketsHeld = true;"
-                           " window.dispatchEvent(new Event('online'));")  # (its socket closed)
+                           " window.hseshopDropSocket();")  # (its socket lost)
     page.wait_until(lambda: browser.execute_script("return window.hseshopTicketsHeldCount;"),
                     what="the next socket's ticket held")
     order = elsewhere.place_order("30")["id"]
@@ -1149,7 +1153,7 @@ def test_a_page_told_it_missed_pruned_notifications_reads_its_state_again(stack,
     newest_reads = len([read for read in recorded()[1]
                         if read["path"] == "/api/notifications/newest"])
     sockets_before = len(recorded()[0])
-    browser.execute_script("window.dispatchEvent(new Event('online'));")  # its next socket
+    browser.execute_script("window.hseshopDropSocket();")  # its next socket
     page.wait_until(lambda: any(socket["opened"] for socket in recorded()[0][sockets_before:]),
                     timeout=LIVE_DEADLINE, what="the next socket open")
     later = elsewhere.place_order("20")["id"]
@@ -1184,10 +1188,10 @@ NEXT_READ_RATE_LIMITED = _fetch_played(
 def test_a_page_told_to_wait_reads_nothing_and_opens_no_socket_until_then(stack, browser):
     """The balance's read after a top-up is answered 429, Retry-After RETRY_AFTER_SECONDS: until
     then the page sends no read (the next top-up's read is refused on the page, unsent) and opens
-    no socket (the network back, it would open one at once), and says nothing of either (each
-    top-up's own message stays); then it reads the orders and the balance again, and opens it.
-    (The second top-up and the network back race the pause, on the page's clock: both must fall
-    within it, or the test would prove nothing.)"""
+    no socket (its socket lost and the network back, it would open one at once), and says nothing
+    of either (each top-up's own message stays); then it reads the orders and the balance again,
+    and opens it. (The second top-up and the network back race the pause, on the page's clock:
+    both must fall within it, or the test would prove nothing.)"""
     speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
     browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                             {"source": READS_AND_SOCKETS_RECORDED})
@@ -1202,7 +1206,8 @@ def test_a_page_told_to_wait_reads_nothing_and_opens_no_socket_until_then(stack,
     assert page.text("message") == "Topped up 7.00."
     sockets_before = len(browser.execute_script("return window.hseshopSockets;"))
     online_at = browser.execute_script(  # a new socket, now
-        'const at = performance.now(); window.dispatchEvent(new Event("online")); return at;')
+        'const at = performance.now(); window.hseshopDropSocket();'
+        ' window.dispatchEvent(new Event("online")); return at;')
 
     refused_at = browser.execute_script("return window.hseshopRefusedAt;")
     ends = refused_at + RETRY_AFTER_SECONDS * 1000
@@ -1414,20 +1419,28 @@ def test_a_page_opens_each_socket_with_a_ticket_of_its_own_and_waits_as_a_refusa
     """The token is never written in a socket's URL (proxies log URLs): each (re)connect asks for
     a ticket and opens its socket with it. A ticket refused for the address's socket handshakes
     (429 SOCKET_HANDSHAKES_LIMITED) puts off the socket until its Retry-After, where a handshake
-    refused 429 would have told the page nothing, but not the page's reads (the user's own limit
-    is not spent: a top-up's read of the balance goes at once); one refused with Redis away (503)
-    is asked for again later, no socket tried meanwhile. (The top-up races the first refusal's
-    wait, on the page's clock.)"""
+    refused 429 would have told the page nothing, the network coming back online meanwhile too
+    (it asked for a ticket at once), but not the page's reads (the user's own limit is not spent:
+    a top-up's read of the balance goes at once); one refused with Redis away (503) is asked for
+    again later, no socket tried meanwhile. The network back online leaves an open socket open
+    (it closed it, and spent a handshake on another). (The top-up and the network back race the
+    first refusal's wait, on the page's clock.)"""
     speed_up_the_pages_clock(browser, RACING_CLOCK_SPEEDUP)
     page, shopper = _shopper_with_100_on_the_page(stack, browser, READS_AND_SOCKETS_RECORDED,
                                                   TICKETS_REFUSED_FIRST)
-    page.wait_until(lambda: browser.execute_script("return window.hseshopTickets.length;"),
-                    what="the first ticket asked for")
+    page.wait_until(lambda: browser.execute_script("return window.hseshopTickets.length;")
+                    and page.element("live-status").get_attribute("data-state") == "reconnecting",
+                    what="the first ticket refused")
+    browser.execute_script('window.dispatchEvent(new Event("online"));')  # (not a socket yet)
     page.top_up("5")
     page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
                     timeout=HANDSHAKES_RETRY_AFTER_SECONDS + 5 + 10, what="the page's socket open")
     assert page.text("balance") == "105.00"
-    browser.execute_script('window.dispatchEvent(new Event("online"));')  # a new socket, now
+    browser.execute_script('window.dispatchEvent(new Event("online"));')  # (its socket kept)
+    time.sleep(1)  # (a new socket would be asked for at once: nothing is to show)
+    assert len(browser.execute_script("return window.hseshopTickets;")) == 3
+    assert page.element("live-status").get_attribute("data-state") == "live"
+    browser.execute_script("window.hseshopDropSocket();")  # a new socket, now
 
     def reconnected():
         urls = browser.execute_script("return window.hseshopSocketUrls;")
@@ -1448,6 +1461,47 @@ def test_a_page_opens_each_socket_with_a_ticket_of_its_own_and_waits_as_a_refusa
     assert all(set(query) == {"ticket", "after"} for query in given), urls
     assert given[0]["ticket"] != given[1]["ticket"]
     assert shopper.token not in " ".join(urls)
+
+
+# Played by the browser itself, over READS_AND_SOCKETS_RECORDED: the page's first socket is opened
+# at a path of the gateway's that is none (its handshake answered 404: turned away, never opened,
+# as one refused 429 is to a browser); the rest are real.
+FIRST_SOCKET_TURNED_AWAY = """
+(() => {
+  const SocketMade = window.WebSocket;
+  let made = 0;
+  window.WebSocket = class extends SocketMade {
+    constructor(url, ...rest) {
+      super(made++ === 0 ? `ws://${location.host}/api/no-such-socket` : url, ...rest);
+    }
+  };
+})();
+"""
+
+
+def test_the_network_back_online_reconnects_a_socket_turned_away_no_sooner_than_its_back_off(
+        stack, browser):
+    """The network back online (the `online` event) dropped the back-off after a socket turned
+    away (its handshake refused) and opened another at once, spending one more of the address's
+    handshakes: now the reconnect waits for its back-off (0.375 s at the soonest, jittered), the
+    event coming within it. (The page's clock not sped up: the back-off is short.)"""
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": READS_AND_SOCKETS_RECORDED})
+    page, _shopper = _shopper_with_100_on_the_page(stack, browser, FIRST_SOCKET_TURNED_AWAY)
+    closed_at = page.wait_until(
+        lambda: browser.execute_script("return window.hseshopSockets[0]?.closed;"),
+        what="the first socket turned away")
+    online_at = browser.execute_script(
+        'const at = performance.now(); window.dispatchEvent(new Event("online")); return at;')
+    assert online_at < closed_at + 300, ("the network back too late", closed_at, online_at)
+    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
+                    what="the page's socket open")
+    sockets, reads = browser.execute_script(
+        "return [window.hseshopSockets, window.hseshopReads];")
+    assert len(sockets) == 2 and sockets[0]["opened"] is None, sockets
+    tickets = [read["at"] for read in reads if read["path"] == "/api/notifications/tickets"]
+    assert len(tickets) == 2 and tickets[1] >= closed_at + 375 - rounding_ms(1), (
+        closed_at, tickets)
 
 
 # Played by the browser itself: Math.random at its highest (just under 1), so that each wait the
