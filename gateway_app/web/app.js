@@ -342,7 +342,10 @@
   // pressing again retries the attempt, never carrying it out twice): the services keep a key for
   // the user, whatever the token, so the same user signed in again in the tab retries under it.
   // Forgotten when an answer settles it, when another user signs in in the tab, and
-  // PENDING_KEY_LIFE_MS after it was made (and with the tab: sessionStorage).
+  // PENDING_KEY_LIFE_MS after it was made (dropped when next read). (sessionStorage is the tab's:
+  // a browser brings it back with the tab reopened, or a session restored, so closing the tab does
+  // not surely end it. The sign-out buttons keep the keys all the same: forgotten, a retry after
+  // signing in again would be carried out twice.)
   const PENDING_KEYS_PREFIX = "hseshop.pending-keys.";  // and the user's name
   const PENDING_KEYS_KEPT = 20;
   // Well within the day the services keep a key (IDEMPOTENCY_KEY_RETENTION_SECONDS, which the page
