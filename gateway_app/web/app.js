@@ -1448,7 +1448,7 @@
     // the gateway pings it, and a connection that died meanwhile is closed by the browser's TCP.
     window.addEventListener("online", () => {
       // (still loading, or signed out)
-      if (!session || (!socket && !reconnectTimer && !ticketAsked && !reconnectWhenShown)) return;
+      if (!session || (!socket && !reconnectTimer && !ticketAsked)) return;
       if (socket && socket.readyState === WebSocket.OPEN) return;
       reconnectNow();
     });
