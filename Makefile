@@ -103,8 +103,11 @@ chaos: venv
 	$(PY) -m bench.chaos
 
 # What a run killed outright left running is stopped first, by its record in .run, which names it
-# and goes with the folder; while a run goes on, nothing is deleted (devstack/clean.py).
+# and goes with the folder; while a run goes on, nothing is deleted (devstack/clean.py). That needs
+# the standard library alone: run by the venv's python where it runs (its packages installed or
+# not), else by $(PYTHON), so that a venv half-installed, or none, still stops it.
+CLEAN_PYTHON := $(if $(VENV_RUNS),$(PY),$(PYTHON))
 clean:
-	@if [ -n "$(VENV_RUNS)" ]; then $(PY) -m devstack.clean .run; fi
+	@if [ -e .run ]; then $(CLEAN_PYTHON) -m devstack.clean .run; fi
 	rm -rf $(VENV) .run .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

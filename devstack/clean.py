@@ -12,6 +12,10 @@ next run would stop it, and with each record's lock held meanwhile: a run still 
 record locked) is left, and nothing is deleted, saying so. So is a folder a PostgreSQL may still
 run on (one no record names); the System V segment a server killed on one left is removed first,
 which nothing could find once its postmaster.pid is gone.
+
+It imports the standard library alone (and devstack's modules that do): `make clean` runs it on a
+venv whose packages are not (all) installed, a first `pip install` failed partway, or with no venv
+at all, by the system's python.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ from pathlib import Path
 
 from devstack.leftovers import RUN_RECORD, RunInTheWay, RunRecord
 from devstack.ports import LOCALHOST
-from devstack.postgres_data import OWN_DATA_DIRS
+from devstack.postgres_dirs import OWN_DATA_DIRS, RUN_DATA_DIR
 from devstack.postmaster_lock import remove_shared_memory_left, server_may_run_on
 
-# The data directories of the PostgreSQL servers runs start in their folders: `make run`'s
-# (infra.start_embedded_postgres's data_dir) and an own_postgres stack's.
-POSTGRES_DATA_DIRS = ("postgres", OWN_DATA_DIRS)
+# The data directories of the PostgreSQL servers runs start in their folders: `make run`'s and an
+# own_postgres stack's.
+POSTGRES_DATA_DIRS = (RUN_DATA_DIR, OWN_DATA_DIRS)
 
 
 def clean(run_root: Path) -> list[str]:

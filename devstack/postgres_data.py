@@ -19,11 +19,8 @@ import shutil
 from pathlib import Path
 
 from devstack.infra import initdb_staging
+from devstack.postgres_dirs import OWN_DATA_DIRS, STAGING_DIRS
 from devstack.postmaster_lock import remove_shared_memory_left, server_may_run_on
-
-# The data directories of the stacks' own servers (Stack.own_postgres_dir), and initdb's folders.
-OWN_DATA_DIRS = "postgres-*"
-STAGING_DIRS = ".postgres-*.initdb"
 
 
 def forget_postgres_data(pgdata: Path) -> str | None:

@@ -411,8 +411,12 @@ def attached_by_segment() -> dict[tuple[int, int], int] | None:
 
 def _data_directory_served_on(host: str, port: int) -> str | None:
     """The data directory of the PostgreSQL answering `postgres` on host:port without a password;
-    None if what listens there will not say."""
-    import psycopg2
+    None if what listens there will not say, or psycopg2 is not there to ask with (`make clean`
+    runs on a venv not yet installed too: devstack/clean.py)."""
+    try:
+        import psycopg2
+    except ImportError:
+        return None
 
     try:
         connection = psycopg2.connect(host=host, port=port, user="postgres", dbname="postgres",

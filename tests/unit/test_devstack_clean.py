@@ -111,3 +111,90 @@ def test_a_run_folder_a_postgresql_may_still_run_on_is_not_deleted(tmp_path):
     with pytest.raises(RunInTheWay, match=f"a PostgreSQL may run on {pgdata}: "):
         clean(tmp_path / ".run")
     assert (pgdata / "postmaster.pid").exists()
+
+
+# A venv the Makefile finds: one whose first `pip install` failed before a package was in (its
+# python runs, devstack's imports fail), none at all, or one whose interpreter is gone.
+VENV_STATES = ("with no packages", "not there", "with its python gone")
+
+
+def _a_venv(checkout: Path, state: str) -> None:
+    venv = checkout / ".venv"
+    shutil.rmtree(venv)
+    if state == "with no packages":
+        subprocess.run([os.path.realpath(sys._base_executable), "-m", "venv", "--without-pip",
+                        venv], check=True, timeout=60)
+    elif state == "with its python gone":
+        (venv / "bin").mkdir(parents=True)
+        (venv / "bin" / "python").symlink_to(checkout / "python-uninstalled")
+
+
+@pytest.mark.parametrize("state", VENV_STATES)
+def test_make_clean_stops_what_a_run_left_whatever_the_venvs_state(checkout, state):
+    """It ran devstack.clean only where the venv's python ran, and that imported the venv's
+    packages: with none installed it died before deleting anything (ModuleNotFoundError), with no
+    python in the venv it deleted .run, and the record, leaving what that named running. It needs
+    the standard library alone, run by $(PYTHON) where the venv's python does not run."""
+    _a_venv(checkout, state)
+    shop = _a_run_killed_outright(checkout / ".run")
+    try:
+        cleaned = subprocess.run(
+            ["make", "--no-print-directory", "clean",
+             f"PYTHON={os.path.realpath(sys._base_executable)}"],
+            cwd=checkout, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True,
+            text=True, timeout=60)
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert gone(shop), "left running, its record deleted"
+        assert not (checkout / ".run").exists() and not (checkout / ".venv").exists()
+    finally:
+        if not gone(shop):
+            os.killpg(shop, signal.SIGKILL)
+
+
+def _without_site_packages(program: str) -> subprocess.CompletedProcess:
+    """`program` run by this interpreter with none of its packages (-S: no site-packages; -I: no
+    PYTHONPATH, user site, or current directory), the checkout's modules alone on its path."""
+    return subprocess.run(
+        [sys.executable, "-I", "-S", "-c",
+         f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r})\n{textwrap.dedent(program)}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+
+
+def test_devstack_clean_imports_the_standard_library_alone():
+    """What `make clean` runs on a venv half-installed (above): devstack.postgres_data, which it
+    imported for a name, imports devstack.infra, shared.migrations, sqlalchemy, alembic."""
+    imported = _without_site_packages(
+        """
+        import devstack.clean
+        ours = {*sys.stdlib_module_names, "__main__", "devstack"}
+        print(sorted(name for name in sys.modules if name.partition(".")[0] not in ours))
+        """)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout == "[]\n"
+
+
+def test_with_no_psycopg2_a_server_that_may_run_on_a_data_directory_keeps_the_folder(tmp_path):
+    """A lock file naming no shared memory and a port something listens on is judged by asking
+    that server its data directory, with psycopg2: with none installed, nothing is told, and the
+    folder is kept, saying so (not a ModuleNotFoundError)."""
+    pgdata = tmp_path / ".run" / "postgres"
+    judged = _without_site_packages(
+        f"""
+        import os, socket
+        from pathlib import Path
+        from devstack.clean import clean
+        from devstack.leftovers import RunInTheWay
+        listening = socket.create_server(("127.0.0.1", 0))
+        pgdata = Path({str(pgdata)!r})
+        pgdata.mkdir(parents=True)
+        port = listening.getsockname()[1]
+        (pgdata / "postmaster.pid").write_text(f"{{os.getpid()}}\\n{{pgdata}}\\n1\\n{{port}}\\n")
+        try:
+            clean(pgdata.parent)
+        except RunInTheWay as exc:
+            print(exc)
+        """)
+    assert judged.returncode == 0, judged.stderr
+    assert "does not say what it serves" in judged.stdout
+    assert (pgdata / "postmaster.pid").exists()
+
