@@ -74,8 +74,20 @@ def _postgres_data_dirs(run_root: Path) -> list[Path]:
                   if path.is_dir())
 
 
+# The one folder it deletes: a run's (`make run`'s, the benchmark's within it).
+RUN_FOLDER = ".run"
+
+
 def main(argv: list[str]) -> int:
-    run_root = Path(*argv).resolve()
+    """Exit 2, deleting nothing, unless given the one folder, named `.run`: with no argument it
+    took the current directory (Path() is "."), and deleted it, a whole checkout with its .git
+    from the checkout's root."""
+    run_root = Path(argv[0]).resolve() if len(argv) == 1 and argv[0] else None
+    if run_root is None or run_root.name != RUN_FOLDER:
+        print(f"usage: python -m devstack.clean {RUN_FOLDER}: it deletes a run's folder, named"
+              f" {RUN_FOLDER}, and no other (given: {' '.join(argv) or 'nothing'})",
+              file=sys.stderr, flush=True)
+        return 2
     try:
         for line in clean(run_root):
             print(f"[devstack] {line}", file=sys.stderr, flush=True)

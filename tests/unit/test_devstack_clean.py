@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack.clean import main as clean_main
 from devstack.clean import clean
 from devstack.leftovers import RUN_RECORD, RunInTheWay, RunRecord
 from tests.process_tools import gone
@@ -198,3 +199,23 @@ def test_with_no_psycopg2_a_server_that_may_run_on_a_data_directory_keeps_the_fo
     assert "does not say what it serves" in judged.stdout
     assert (pgdata / "postmaster.pid").exists()
 
+
+@pytest.mark.parametrize("argv", [[], [""], ["scratch"], [".run", "scratch"]])
+def test_it_deletes_no_folder_but_one_named_run(tmp_path, monkeypatch, capsys, argv):
+    """With no argument it took the current directory (Path() is ".") and deleted it: a whole
+    checkout, .git and all, from the checkout's root."""
+    here = tmp_path / "here"
+    (here / "scratch").mkdir(parents=True)
+    (here / ".run").mkdir()
+    monkeypatch.chdir(here)
+    assert clean_main(argv) == 2
+    assert (here / "scratch").is_dir() and (here / ".run").is_dir()
+    assert "usage: python -m devstack.clean .run: it deletes a run's folder, named .run, and no" \
+        " other" in capsys.readouterr().err
+
+
+def test_it_deletes_the_folder_named_run(tmp_path, monkeypatch):
+    (tmp_path / ".run" / "logs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert clean_main([".run"]) == 0
+    assert not (tmp_path / ".run").exists()
