@@ -883,6 +883,32 @@ def test_postgres_takes_every_connection_the_shop_can_open_and_eight_more_worker
     assert composed + 8 * worker <= limit - SUPERUSER_RESERVED_CONNECTIONS, (composed, worker)
 
 
+# PostgreSQL's memory, beside its shared memory: a backend's own (its catalog caches, its plans:
+# some MB), and work_mem for a sort or hash a query makes (PostgreSQL's default 4 MB).
+POSTGRES_BACKEND_OWN_MEMORY = 4 * 2**20
+POSTGRES_DEFAULTS = {"shared_buffers": "128MB", "work_mem": "4MB"}
+
+
+def _postgres_setting(name: str) -> str:
+    settings = dict(arg.split("=", 1) for arg in command(ALL_SERVICES["postgres"]) if "=" in arg)
+    return settings.get(name, POSTGRES_DEFAULTS.get(name, ""))
+
+
+def _postgres_bytes(setting: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([kMG]B)", _postgres_setting(setting)).groups()
+    return int(number) * {"kB": 2**10, "MB": 2**20, "GB": 2**30}[unit]
+
+
+def test_postgres_memory_limit_holds_every_connection_sorting_at_once():
+    """At 2 GB 300 connections each sorting at once could pass it: the kernel's OOM killer ends a
+    backend, and PostgreSQL restarts every other, every connection of the shop broken."""
+    postgres = resolved_compose()["services"]["postgres"]
+    connections = int(_postgres_setting("max_connections"))
+    needs = (_postgres_bytes("shared_buffers") + int(postgres["shm_size"])
+             + connections * (POSTGRES_BACKEND_OWN_MEMORY + _postgres_bytes("work_mem")))
+    assert needs <= int(postgres["mem_limit"]), (needs, postgres["mem_limit"])
+
+
 def test_data_lives_in_named_volumes():
     declared = set(COMPOSE.get("volumes") or {})
     for name, path in (("postgres", "/var/lib/postgresql/data"), ("redis", "/data"),
