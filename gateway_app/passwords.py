@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import threading
@@ -45,11 +46,19 @@ _KEY_LENGTH = 32
 HASHES_AT_ONCE = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                      else os.cpu_count() or 2, 4)  # (Linux has the affinity; macOS does not)
 _hashing = threading.BoundedSemaphore(HASHES_AT_ONCE)
-# How many may wait their turn in a process at once: one more is refused at once (HashingBusy).
-# Each waiting holds a server thread (the gateway's 200, most of them for notification sockets);
-# these many are through in a few hashes' time (some 60 ms each) when none is stuck.
-WAITING_AT_MOST = 4 * HASHES_AT_ONCE
-_waiting = threading.BoundedSemaphore(WAITING_AT_MOST)
+# How many may wait their turn in a process at once, one more refused at once (HashingBusy): as
+# many as get a turn within their wait when a hash takes TYPICAL_HASH_SECONDS (those past them
+# would wait it out and be refused all the same), HASHES_AT_ONCE at least, WAITING_AT_MOST_EVER at
+# most. Each waiting holds a server thread (the gateway's 200, most of them for notification
+# sockets): with the wait 2 s, 34 a core hashing, 64 at most (a third of the threads).
+TYPICAL_HASH_SECONDS = 0.06  # (a hash of this release's cost on one core of a current server)
+WAITING_AT_MOST_EVER = 64
+# The highest cost of a stored hash that is read, N * r * p: 4 times this release's, so at most
+# 64 MiB (scrypt takes 128 * N * r bytes) and some quarter of a second of a core a hash, 256 MiB
+# with HASHES_AT_ONCE at four (the gateway container has 1 GB). A stored hash of a higher cost (a
+# corrupt or hostile row: N = 2**20 took 1 GiB, p = 2**20 twelve hours of a core, its turn held)
+# is unreadable: a release raising the cost past this must have this raised a release before it.
+COST_AT_MOST = 4 * _N * _R * _P
 # scrypt's memory for N and r beyond 128 * N * r, as OpenSSL counts it (its B and XY blocks), and a
 # margin: hashlib's default limit, 32 MiB, refuses N = 2**15 (32 MiB and those) outright.
 _SCRYPT_MEMORY_MARGIN = 1024 * 1024
@@ -60,7 +69,8 @@ log = logging.getLogger(__name__)
 
 
 class HashingBusy(Exception):
-    """No turn to hash came within the wait given, or WAITING_AT_MOST were waiting already."""
+    """No turn to hash came within the wait given, or waiting_at_most(wait) were waiting
+    already."""
 
 
 class Unreadable(ValueError):
@@ -77,13 +87,15 @@ def hash_password(password: str, wait: float | None = None) -> str:
     return "$".join([SCHEME, str(_N), str(_R), str(_P), _b64(salt), _b64(key)])
 
 
-def verify_password(password: str, stored: str, wait: float | None = None) -> bool:
+def verify_password(password: str, stored: str, wait: float | None = None,
+                    whose: str = "its user") -> bool:
     """Whether `password` is the one `stored` was made of: in its NFKC form, or as sent (a hash
     made before passwords were normalised). A password not in its NFKC form costs two hashes,
     both always computed, one in it costs one: never more or less for whichever hash is stored.
     Both in one turn, waited for at most `wait` seconds (None: as long as it takes), else
-    HashingBusy. A stored hash that cannot be read is said in an ERROR (its user cannot sign in
-    until it is mended), and matches nothing."""
+    HashingBusy. A stored hash that cannot be read (of a cost past COST_AT_MOST too) is said in
+    an ERROR naming `whose` it is (its user cannot sign in until it is mended), and matches
+    nothing."""
     form = normalised(password)
     with _turn(wait):
         try:
@@ -91,8 +103,8 @@ def verify_password(password: str, stored: str, wait: float | None = None) -> bo
             if form != password:
                 checked.append(_checks(password, stored))
         except Unreadable as exc:
-            log.error("a stored password hash cannot be read (%s): its user cannot sign in until"
-                      " it is mended", exc)
+            log.error("the stored password hash of %s cannot be read (%s): they cannot sign in"
+                      " until it is mended", whose, exc)
             return False
     return any(checked)
 
@@ -104,7 +116,7 @@ def normalised(password: str) -> str:
 
 def _checks(password: str, stored: str) -> bool:
     """Whether `password` is the one `stored` was made of (Unreadable if `stored` cannot be
-    read: not of this scheme or its form, or of a cost scrypt refuses)."""
+    read: not of this scheme or its form, or of a cost past COST_AT_MOST or scrypt refuses)."""
     fields = stored.split("$")
     if len(fields) != 6:
         raise Unreadable(f"{len(fields)} fields, not 6")
@@ -115,6 +127,8 @@ def _checks(password: str, stored: str) -> bool:
         n, r, p = int(n), int(r), int(p)
     except ValueError:
         raise Unreadable("N, r or p is no whole number") from None
+    if min(n, r, p) < 1 or n * r * p > COST_AT_MOST:
+        raise Unreadable(f"N={n}, r={r}, p={p}: N * r * p is not 1 to {COST_AT_MOST}")
     try:
         salt, expected = base64.b64decode(salt), base64.b64decode(key)
     except ValueError:
@@ -133,17 +147,50 @@ def _memory_for(n: int, r: int, p: int) -> int:
     return 128 * r * (n + p + 2) + _SCRYPT_MEMORY_MARGIN
 
 
+def waiting_at_most(wait: float | None) -> int:
+    """How many may wait their turn to hash at once, in a process whose waits are `wait` seconds
+    (None: without limit): those served within it when a hash takes TYPICAL_HASH_SECONDS,
+    between HASHES_AT_ONCE and WAITING_AT_MOST_EVER."""
+    if wait is None:
+        return WAITING_AT_MOST_EVER
+    served = math.ceil(wait / TYPICAL_HASH_SECONDS) * HASHES_AT_ONCE
+    return min(max(served, HASHES_AT_ONCE), WAITING_AT_MOST_EVER)
+
+
+class _Waiting:
+    """How many threads wait their turn to hash, each let in only while fewer than a number."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def enter(self, most: int) -> bool:
+        with self._lock:
+            if self.count >= most:
+                return False
+            self.count += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
+_waiting = _Waiting()
+
+
 @contextlib.contextmanager
 def _turn(wait: float | None) -> Iterator[None]:
     """A turn to hash, waited for at most `wait` seconds (None: without limit); refused at once
-    when WAITING_AT_MOST wait already."""
-    if not _waiting.acquire(blocking=False):
-        raise HashingBusy(f"{WAITING_AT_MOST} waiting already")
+    when waiting_at_most(wait) wait already."""
+    most = waiting_at_most(wait)
+    if not _waiting.enter(most):
+        raise HashingBusy(f"{most} waiting already")
     try:
         if not _hashing.acquire(timeout=wait):
             raise HashingBusy(f"no turn within {wait} s")
     finally:
-        _waiting.release()
+        _waiting.leave()
     try:
         yield
     finally:

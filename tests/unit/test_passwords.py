@@ -178,19 +178,74 @@ def test_no_turn_to_hash_within_the_wait_is_busy_not_a_wait_without_end(monkeypa
     assert passwords.verify_password("correct horse", stored, 0.2)
 
 
+def _waiters_until(count: int, wait: float) -> list[threading.Thread]:
+    """`count` threads waiting their turn to hash, for at most `wait` seconds each."""
+    waiters = [threading.Thread(target=passwords.hash_password, args=("pw", wait))
+               for _ in range(count)]
+    for waiter in waiters:
+        waiter.start()
+    deadline = time.monotonic() + 10
+    while passwords._waiting.count < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert passwords._waiting.count == count, "the waiters never waited"
+    return waiters
+
+
+def _let_go(hashing: threading.BoundedSemaphore, waiters: list[threading.Thread]) -> None:
+    hashing.release()
+    for waiter in waiters:
+        waiter.join(30)
+        assert not waiter.is_alive()
+
+
 def test_past_the_most_that_may_wait_a_hash_is_busy_at_once(monkeypatch):
     hashing = _all_turns_taken(monkeypatch)
-    monkeypatch.setattr(passwords, "_waiting", threading.BoundedSemaphore(1))
-    waiter = threading.Thread(target=passwords.hash_password, args=("pw", 30))
-    waiter.start()
-    deadline = time.monotonic() + 10
-    while passwords._waiting._value and time.monotonic() < deadline:  # (the waiter is waiting)
-        time.sleep(0.01)
-    assert not passwords._waiting._value, "the waiter never waited"
+    monkeypatch.setattr(passwords, "WAITING_AT_MOST_EVER", 1)
+    waiters = _waiters_until(1, 30)
     began = time.monotonic()
     with pytest.raises(passwords.HashingBusy):
         passwords.hash_password("pw", 5)
     assert time.monotonic() - began < 1
-    hashing.release()
-    waiter.join(10)
-    assert not waiter.is_alive()
+    _let_go(hashing, waiters)
+
+
+def test_as_many_wait_as_the_wait_lets_hash_in_it(monkeypatch):
+    """The most that may wait was 4 x HASHES_AT_ONCE whatever the wait: on one core the sixth
+    sign-in in 60 ms was refused at once, to be served in a third of a second, and a longer wait
+    set changed nothing. Now those served within the wait at a hash's typical time wait."""
+    monkeypatch.setattr(passwords, "HASHES_AT_ONCE", 1)
+    hashing = _all_turns_taken(monkeypatch)
+    wait = 10 * passwords.TYPICAL_HASH_SECONDS
+    assert passwords.waiting_at_most(wait) == 10
+    assert passwords.waiting_at_most(100 * wait) == passwords.WAITING_AT_MOST_EVER
+    waiters = _waiters_until(10, 30 * wait)  # (as the process's: each call its own)
+    with pytest.raises(passwords.HashingBusy, match="10 waiting already"):
+        passwords.hash_password("pw", wait)
+    _let_go(hashing, waiters)
+
+
+def test_a_stored_hash_of_a_cost_past_the_most_read_is_refused_before_it_is_hashed(
+        monkeypatch, caplog):
+    """N = 2**20 took 1 GiB for some seconds (the gateway container has 1 GB), p = 2**20 some
+    twelve hours of a core, holding a turn to hash: a row anyone knowing its username could have
+    the gateway read again and again."""
+    readable = _hash_of_cost("correct horse", 2**10)
+    salt_and_key = readable.split("$", 4)[4]
+    hashes = []
+    monkeypatch.setattr(passwords.hashlib, "scrypt", lambda *a, **k: hashes.append(k))
+    for n, r, p in [(2**20, 8, 1), (2**14, 8, 2**20), (2**14, 2**10, 1), (2**16, 8, 2)]:
+        caplog.clear()
+        stored = f"scrypt${n}${r}${p}${salt_and_key}"
+        began = time.monotonic()
+        assert not passwords.verify_password("correct horse", stored, whose="usr_0123456789abcdef")
+        assert time.monotonic() - began < 1
+        [record] = [record for record in caplog.records if record.levelname == "ERROR"]
+        assert "usr_0123456789abcdef" in record.getMessage()
+        assert "cannot be read" in record.getMessage()
+    assert hashes == []
+    assert passwords.COST_AT_MOST == 2**16 * 8  # 64 MiB: four at once 256 MiB
+
+
+def test_a_stored_hash_of_the_most_cost_read_checks():
+    stored = _hash_of_cost("correct horse", 2**16)
+    assert passwords.verify_password("correct horse", stored)
