@@ -109,8 +109,9 @@ ENVIRONMENT: dict[str, str] = {
     # one (a garbage token) for the close's answer: without it one address held every thread.
     "GATEWAY_SOCKET_HANDSHAKES_PER_ADDRESS": "60",
     # How long a sign-up or sign-in waits for its gateway process to hash its password (a few at
-    # once: gateway_app/passwords.py), four times that many waiting at most: past either, 503
-    # SIGN_IN_BUSY with Retry-After. Each waiting holds a server thread: a burst of sign-ins
+    # once: gateway_app/passwords.py), as many waiting at most as it serves in that time at a
+    # typical hash's 60 ms (passwords.waiting_at_most, 64 at most): past either, 503 SIGN_IN_BUSY
+    # with Retry-After. Each waiting holds a server thread: a burst of sign-ins
     # waited without limit, and from a few addresses held every thread of the gateway.
     "GATEWAY_SIGN_IN_WAIT_SECONDS": "2",
     "CACHE_TTL_SECONDS": "60",
