@@ -54,8 +54,10 @@ INVALID_CREDENTIALS = DocumentedError(401, "INVALID_CREDENTIALS",
                                       headers=(WWW_AUTHENTICATE,))
 SIGN_IN_BUSY = DocumentedError(
     503, "SIGN_IN_BUSY", "the gateway had no turn to hash the password within its wait (2 s by"
-    " default), or as many sign-ins as it lets wait were waiting already; nothing was done: try"
-    " again shortly", headers=(RETRY_AFTER,))
+    " default), or as many sign-ins as it lets wait were waiting already: the password was not"
+    " checked, nothing was stored, and a sign-in is not counted against the username's limits"
+    " (it is against the address's, as every request to /api/auth): try again shortly",
+    headers=(RETRY_AFTER,))
 
 
 class SignInBusy(ApiError):
@@ -245,7 +247,22 @@ def login(args):
     # budgets of its own. (A username has no colon: the address after it cannot be mistaken for
     # part of it.)
     limiter, key = current_app.extensions[RATE_LIMITER], username_key(args["username"])
-    limiter.check(f"sign-in:{key}:{client_address()}", limit=SIGN_INS_PER_USERNAME_AND_ADDRESS)
+    attempts, began = f"sign-in:{key}:{client_address()}", time.time()
+    counted = limiter.check(attempts, now=began, limit=SIGN_INS_PER_USERNAME_AND_ADDRESS)
+    try:
+        return _signed_in(args, limiter, key)
+    except SignInBusy:
+        # Its password unchecked, the attempt is given back (the failed one too, by
+        # failure_reserved): a client trying again each Retry-After through a busy spell was
+        # refused 429 after ten. (Not the address's count, limit_by_address: every request to
+        # /api/auth is counted there, as load, and a busy one held a thread while it waited.)
+        if counted:
+            limiter.give_back(attempts, began)
+        raise
+
+
+def _signed_in(args: dict, limiter, key: str):
+    """login's answer, its attempt under the username from the address counted already."""
     # Counted as failed before the password is checked, and given back unless it proves wrong.
     with limiter.failure_reserved(f"failed-sign-in:{key}",
                                   limit=FAILED_SIGN_INS_PER_USERNAME) as failure:

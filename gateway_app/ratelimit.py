@@ -128,8 +128,12 @@ class RateLimiter:
             yield failure
         finally:
             if counted and not failure.confirmed:  # (Redis away as it counted: nothing to give)
-                # In the window it was counted in, whichever window it is now.
-                self._add(subject, began, -1, unavailable="%s not given back")
+                self.give_back(subject, began)
+
+    def give_back(self, subject: str, counted_at: float) -> None:
+        """Take back one request of `subject` counted (`check`) at `counted_at`: in the window it
+        was counted in, whichever window it is now."""
+        self._add(subject, counted_at, -1, unavailable="%s not given back")
 
     def _add(self, subject: str, now: float, amount: int, unavailable: str) -> int | None:
         """Add `amount` to the count of `subject` in the window of `now`, its key expiring with

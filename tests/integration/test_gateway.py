@@ -1678,6 +1678,32 @@ def test_a_sign_up_or_sign_in_given_no_turn_to_hash_in_time_is_503_sign_in_busy(
     assert _sign_in(client, username, "correct horse").status_code == 200
 
 
+def test_a_sign_in_answered_busy_is_not_counted_against_the_usernames_limits(settings,
+                                                                             monkeypatch):
+    """SIGN_IN_BUSY checks no password: a client trying again each Retry-After through a busy
+    spell had its SIGN_INS_PER_USERNAME_AND_ADDRESS attempts used up in some ten seconds, then was
+    refused 429, its password never checked."""
+    rate_limit_windows_the_test_ends_in(monkeypatch)
+    client = _gateway(settings, gateway_sign_in_wait_seconds=0.05)
+    username = f"busy-counted-{uuid.uuid4().hex[:8]}"
+    _sign_up(client, username)
+    address = _from_an_address_of_its_own()
+    hashing = threading.BoundedSemaphore(1)
+    hashing.acquire()  # (every turn taken)
+    monkeypatch.setattr(passwords, "_hashing", hashing)
+    try:
+        busy = [_sign_in(client, username, password, address).status_code
+                for password in ("correct horse", "a wrong one")
+                for _ in range(gateway_auth.SIGN_INS_PER_USERNAME_AND_ADDRESS)]
+    finally:
+        hashing.release()
+    assert busy == [503] * 2 * gateway_auth.SIGN_INS_PER_USERNAME_AND_ADDRESS
+    assert _sign_in(client, username, "correct horse", address).status_code == 200
+    guesses = [_sign_in(client, username, f"guess number {n}", address).status_code
+               for n in range(gateway_auth.SIGN_INS_PER_USERNAME_AND_ADDRESS)]
+    assert guesses == [401] * (gateway_auth.SIGN_INS_PER_USERNAME_AND_ADDRESS - 1) + [429]
+
+
 def test_a_user_gone_while_their_password_was_checked_is_no_500(gateway, monkeypatch):
     username = f"gone-{uuid.uuid4().hex[:8]}"
     _sign_up(gateway, username)
