@@ -273,10 +273,12 @@ def _signed_in(args: dict, limiter, key: str):
         # and every signed-in request waits for one (whether its token was signed out). The
         # user's row, read whole, stays readable.
         db.session.close()
-        # An unknown name is checked against a hash too, so the answer takes as long either way.
+        # An unknown name is checked against a hash too, so the answer takes as long as for a user
+        # whose hash is of this release's cost (one of a higher cost takes longer: passwords.py).
         with _hashing_in_time() as wait:
             stored = user.password_hash if user else _hash_no_password_matches(wait)
-            wrong = not verify_password(args["password"], stored, wait) or user is None
+            whose = user.id if user else "no user"  # (named should the hash not be read)
+            wrong = not verify_password(args["password"], stored, wait, whose) or user is None
         if wrong:
             failure.confirm()
         else:
@@ -323,7 +325,10 @@ def logout_everywhere(_args):
 def _hash_no_password_matches(wait: float) -> str:
     """What an unknown name's password is checked against: made once per process (by the first
     sign-in given a turn within `wait` seconds; the process's one setting), so that signing in
-    under it costs one hash, as under a known name (making it each time cost two)."""
+    under it costs one hash, as under a known name (making it each time cost two). Of this
+    release's cost: a user whose hash is of a higher one (a later release's, read up to
+    passwords.COST_AT_MOST) takes longer to check, which tells a name with such a hash from an
+    unknown one."""
     return hash_password(secrets.token_urlsafe(32), wait)
 
 

@@ -417,6 +417,25 @@ def test_a_hash_from_before_normalising_signs_its_password_in_as_typed_and_is_ke
     assert _password_hash_of(gateway, username) == stored
 
 
+def test_a_stored_hash_past_the_cost_read_refuses_its_user_and_names_them_in_the_error(
+        gateway, caplog):
+    """N = 2**20 took 1 GiB for some seconds of one sign-in (the gateway container has 1 GB): it is
+    refused unhashed, and the ERROR names the user's id, by which the operator finds the row."""
+    username = f"costly-{uuid.uuid4().hex[:8]}"
+    user_id, _ = _sign_up(gateway, username)
+    salt_and_key = _password_hash_of(gateway, username).split("$", 4)[4]
+    with gateway.application.app_context(), transaction() as session:
+        session.execute(text("UPDATE users SET password_hash = :stored WHERE username = :name"),
+                        {"stored": f"scrypt$1048576$8$1${salt_and_key}", "name": username})
+    began = time.monotonic()
+    answer = _sign_in(gateway, username, "correct horse")
+    assert (answer.status_code, answer.get_json()["error"]["code"]) == (401,
+                                                                         "INVALID_CREDENTIALS")
+    assert time.monotonic() - began < 1
+    [error] = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert "cannot be read" in error and user_id in error and username not in error, error
+
+
 def test_a_new_users_hash_is_of_the_scheme_the_release_before_reads(gateway):
     username = f"scheme-{uuid.uuid4().hex[:8]}"
     _sign_up(gateway, username)
