@@ -24,8 +24,7 @@ from flask import current_app, g
 
 from gateway_app.resends import SECOND_TRY_NEEDS_SECONDS
 from gateway_app.upstream_answers import (UNREADABLE_JSON, Route, an_error_of_the_api,
-                                          failure_for_status, retry_after_passed_on,
-                                          rolled_back_for_the_deadline)
+                                          failure_for_status, retry_after_passed_on)
 from shared.caller_deadline import COMMIT_GRACE_SECONDS, deadline_moment
 from shared.errors import ApiError, BadGateway, ServiceUnavailable, UpstreamTimeout
 from shared.grpc_messages import to_body, to_message
@@ -175,23 +174,28 @@ def call(service: str, method: str, body: dict[str, Any], *,
                 reply, answered = _sent(STUBS[service](channel), service, method, request,
                                         deadline, left + COMMIT_GRACE_SECONDS)
         except grpc.RpcError as again:
-            if _rolled_back(again):
-                # Rolled back for the deadline, the first try's moment: nothing done by this try,
-                # which says nothing of the first (under way still, short of its key, it may
-                # commit once this try is rolled back: gateway_app/resends.py), so the first's
-                # failure is answered, as below.
-                log.warning("%s rolled the call sent again back, the deadline passed", service)
+            if _never_sent(again) or _too_busy(again):
+                # Never sent (no connection made: no service in the dead one's place), or refused
+                # unrun (the server too busy), the first try may have been carried out: its
+                # failure is the one to answer for (a 502, "may have been carried out"), not this
+                # one's "unavailable", which would deny it. Said first, or the log would hold the
+                # first failure alone.
+                log.warning("%s could not be reached to send the call again (%s: %s)", service,
+                            again.code().name, again.details())
                 raise _http_error(service, exc) from None
-            if not (_never_sent(again) or _too_busy(again)):
-                raise _http_error(service, again) from None
-            # Never sent (no connection made: no service in the dead one's place), or refused
-            # unrun (the server too busy), the first try may have been carried out: its failure is
-            # the one to answer for (a 502, "may have been carried out"), not this one's
-            # "unavailable", which would deny it. Said first, or the log would hold the first
-            # failure alone.
-            log.warning("%s could not be reached to send the call again (%s: %s)", service,
-                        again.code().name, again.details())
-            raise _http_error(service, exc) from None
+            if _failed_by_the_service(again):
+                # The service's own 5xx: rolled back for the deadline, the first try's moment
+                # (504 CALLER_GAVE_UP), or held up by a lock (503 DATABASE_BUSY: its key's INSERT
+                # waited out lock_timeout on the first try's, uncommitted, the likely answer
+                # while the first is under way). Either says nothing was done by this try alone,
+                # and nothing of the first, which may commit after it (gateway_app/resends.py):
+                # the first's failure is answered, as above, not this one's "nothing was done".
+                trailers = _trailers(again)
+                log.warning("%s failed the call sent again (%s %s: %s): the first try's failure"
+                            " is answered", service, trailers[HTTP_STATUS_KEY],
+                            trailers.get(ERROR_CODE_KEY), again.details())
+                raise _http_error(service, exc) from None
+            raise _http_error(service, again) from None
     return to_body(reply), ({REPLAYED_HEADER: REPLAYED}
                             if _trailers(answered).get(REPLAYED_KEY) == REPLAYED else {})
 
@@ -251,14 +255,13 @@ def _too_busy(exc: grpc.RpcError) -> bool:
             and HTTP_STATUS_KEY not in _trailers(exc) and exc.details() == _TOO_BUSY_DETAILS)
 
 
-def _rolled_back(exc: grpc.RpcError) -> bool:
-    """True if the failed call is the service's own rollback for the deadline the gateway
-    signed (its trailers say 504 CALLER_GAVE_UP): nothing of the call was done. (The gateway's
+def _failed_by_the_service(exc: grpc.RpcError) -> bool:
+    """True if the failed call is the service's own failure (a 5xx in its trailers:
+    shared/grpc_server.py's _abort), which says nothing of another try of the call: its rollback
+    for the deadline (504 CALLER_GAVE_UP), its database busy or unreachable (503). (The gateway's
     own timer's DEADLINE_EXCEEDED comes with no trailers.)"""
-    trailers = _trailers(exc)
-    status = trailers.get(HTTP_STATUS_KEY, "")
-    return (_ERROR_STATUS.fullmatch(status) is not None
-            and rolled_back_for_the_deadline(int(status), trailers.get(ERROR_CODE_KEY)))
+    status = _trailers(exc).get(HTTP_STATUS_KEY, "")
+    return _ERROR_STATUS.fullmatch(status) is not None and status.startswith("5")
 
 
 def _http_error(service: str, exc: grpc.RpcError) -> ApiError:

@@ -20,9 +20,9 @@ connection, within what is left of the deadline, where that is safe (gateway_app
 or HEAD, or a POST with an Idempotency-Key passed on). Any other fails, as does a request closed
 without an answer on a connection made for it (the second try's too), or after a byte of one: the
 service may have carried it out, or is refusing it. A second try that does nothing (no connection
-made, or rolled back for the deadline: the service's 504 CALLER_GAVE_UP) leaves the first try's
-failure, a 502. The connections are the services' own, never through a proxy the environment
-names, and carry no cookie (none is kept).
+made) or fails (any 5xx: rolled back for the deadline, the service's 504 CALLER_GAVE_UP, or its 503
+DATABASE_BUSY) leaves the first try's failure, a 502. The connections are the services' own, never
+through a proxy the environment names, and carry no cookie (none is kept).
 
 How soon the failure came does not count (gateway_app/resends.py): a close the service made
 before the request came can show late on a slowed host (two busy cores, a pause for the
@@ -48,8 +48,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from gateway_app.resends import SECOND_TRY_NEEDS_SECONDS
-from gateway_app.upstream_answers import (UNREADABLE_JSON, an_error_of_the_api,
-                                          rolled_back_for_the_deadline)
+from gateway_app.upstream_answers import UNREADABLE_JSON, an_error_of_the_api
 from shared.caller_deadline import COMMIT_GRACE_SECONDS
 
 log = logging.getLogger(__name__)
@@ -293,12 +292,14 @@ def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
         # send and died carrying it out, so that first failure is the one to answer for (a 502,
         # "may have been carried out"), not this one's "unavailable", which would deny it.
         raise first_failure from again
-    if rolled_back_for_the_deadline(answer.status_code, error_code_of(answer)):
-        # Nor may this try's rollback for the deadline (the same moment as the first's), which
-        # says nothing was done by it alone: the first may be under way still, short of its
-        # key, and commit once this try is rolled back, as over gRPC (gateway_app/resends.py).
-        log.warning("%s rolled the request sent again back, the deadline passed: the first"
-                    " try's failure is answered", service)
+    if answer.status_code >= 500:
+        # Nor may this try's 5xx, which vouches for nothing the first did: its rollback for the
+        # deadline (the same moment as the first's) or its 503 (DATABASE_BUSY: held up by the
+        # first's uncommitted key, it may be) says nothing was done by it alone, while the first
+        # may be under way still and commit after it, as over gRPC (gateway_app/resends.py).
+        log.warning("%s answered the request sent again %s %s: the first try's failure is"
+                    " answered", service, answer.status_code,
+                    error_code_of(answer) or "(no error of the API's)")
         raise first_failure from None
     return answer
 

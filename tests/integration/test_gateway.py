@@ -1172,27 +1172,41 @@ def test_a_keyed_post_sent_again_to_a_service_gone_meanwhile_is_a_502_not_a_503(
     assert answer.get_json()["error"]["code"] == "BAD_GATEWAY"
 
 
-def _dropped_then_rolled_back(on_connection: int, on_server: int) -> bytes | None:
+_DATABASE_BUSY = json.dumps({"error": {
+    "code": "DATABASE_BUSY", "message": "too busy; nothing was changed", "details": {}}}).encode()
+
+
+def _dropped_then_answered(head: bytes, body: bytes):
     """The first request answered; then one dropped on its kept-alive connection, and its second
-    try, on a new one, answered as a service rolling it back for the deadline does."""
-    if on_server == 1:
-        return None
-    if on_connection > 1:
-        return b""
-    return (b"HTTP/1.1 504 Gateway Timeout\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(_ROLLED_BACK_FOR_THE_DEADLINE),
-                                                 _ROLLED_BACK_FOR_THE_DEADLINE))
+    try, on a new one, answered `head` (its status line and headers but Content-Length) and
+    `body`."""
+    def drops(on_connection: int, on_server: int) -> bytes | None:
+        if on_server == 1:
+            return None
+        if on_connection > 1:
+            return b""
+        return head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    return drops
 
 
-def test_a_keyed_post_sent_again_and_rolled_back_for_the_deadline_is_the_first_sends_502(
-        settings, upstreams):
+@pytest.mark.parametrize("second_answer", [
+    # The service's rollback for the deadline.
+    (b"HTTP/1.1 504 Gateway Timeout\r\nContent-Type: application/json\r\n",
+     _ROLLED_BACK_FOR_THE_DEADLINE),
+    # Its statement held up by a lock past lock_timeout: on the first try's key, uncommitted.
+    (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+     b"Retry-After: 1\r\n", _DATABASE_BUSY),
+], ids=["rolled back for the deadline", "database busy"])
+def test_a_keyed_post_sent_again_whose_second_try_did_nothing_is_the_first_sends_502(
+        settings, upstreams, second_answer):
     """A keyed POST whose kept-alive connection closed unanswered is sent again (as above), and
-    the service rolls the second try back for the deadline (504 CALLER_GAVE_UP): that says
-    nothing was done by the second try alone. The first may have been carried out (under way
-    still, short of its key, as the second rolled back: gateway_app/resends.py), so the answer is
-    the first failure's 502 ("may have been carried out"), not the second's "nothing of it was
-    done"."""
-    with _dropping(settings, _dropped_then_rolled_back) as (client, server):
+    the service rolls the second try back for the deadline (504 CALLER_GAVE_UP), or answers it
+    503 DATABASE_BUSY (its key's INSERT waited out lock_timeout on the first try's, uncommitted:
+    the likely answer while the first is under way): either says nothing was done by the second
+    try alone. The first may have been carried out (under way still, as the second failed:
+    gateway_app/resends.py), so the answer is the first failure's 502 ("may have been carried
+    out"), not the second's "nothing of it was done" or "nothing was changed"."""
+    with _dropping(settings, _dropped_then_answered(*second_answer)) as (client, server):
         answer, kept_alive = _sent_after_a_kept_alive_get(client, server, "POST", "retry-me")
         assert answer.status_code == 502, answer.get_json()
         assert answer.get_json()["error"]["code"] == "BAD_GATEWAY"

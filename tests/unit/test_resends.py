@@ -13,7 +13,7 @@ from gateway_app import upstream_grpc
 from gateway_app.resends import safe_to_send_again
 from shared.errors import ApiError
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
-                                channel_options)
+                                RETRY_AFTER_KEY, channel_options)
 
 
 @pytest.mark.parametrize("method, key_passed_on, safe", [
@@ -83,14 +83,23 @@ class _Failed(grpc.RpcError):
     _Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "The caller's deadline passed ...", (
         (HTTP_STATUS_KEY, "504"), (ERROR_CODE_KEY, "CALLER_GAVE_UP"),
         (ERROR_DETAILS_KEY, "{}"))),
-], ids=["never sent", "refused unrun, too busy", "rolled back for the deadline"])
+    # (as shared.grpc_server aborts a call whose statement waited out lock_timeout: on the first
+    # try's key, uncommitted, it may be)
+    _Failed(grpc.StatusCode.UNAVAILABLE, "The service's database was too busy ...", (
+        (HTTP_STATUS_KEY, "503"), (ERROR_CODE_KEY, "DATABASE_BUSY"), (ERROR_DETAILS_KEY, "{}"),
+        (RETRY_AFTER_KEY, "1"))),
+    _Failed(grpc.StatusCode.UNAVAILABLE, "Socket closed"),
+], ids=["never sent", "refused unrun, too busy", "rolled back for the deadline",
+        "held up by a lock", "broken off in turn"])
 def test_a_second_try_that_did_nothing_leaves_the_first_trys_502(monkeypatch, second_try_failure):
     """The first try's connection broke once it was sent (it may have been carried out); its
-    second try did nothing: not sent, refused by a server too busy to take it, or rolled back as
-    the deadline (the first try's) passed, having found no answer stored under its key while the
-    first may be under way still, short of it. The answer is the first try's 502 BAD_GATEWAY
-    ("may have been carried out"), not the second's 503 or 504 CALLER_GAVE_UP, which would say
-    nothing was done."""
+    second try did nothing, or failed: not sent, refused by a server too busy to take it, rolled
+    back as the deadline (the first try's) passed, having found no answer stored under its key
+    while the first may be under way still, short of it, or held up by a lock past lock_timeout
+    (503 DATABASE_BUSY, "nothing was changed": the likely answer while the first try still holds
+    its key uncommitted, which the second's waits on), or broken off in turn. The answer is the
+    first try's 502 BAD_GATEWAY ("may have been carried out"), not the second's 503 or 504
+    CALLER_GAVE_UP, which would say nothing was done."""
     failures = iter([_Failed(grpc.StatusCode.UNAVAILABLE, "Socket closed"), second_try_failure])
 
     def sent(*args):
