@@ -165,8 +165,10 @@ class UpstreamTimeout(ApiError):
 
     @classmethod
     def of(cls, service: str) -> UpstreamTimeout:
+        # (Every route's: a read's, an unkeyed write's, POST /api/accounts' that honours no key;
+        # worded as UpstreamRolledBack's.)
         return cls(f"The {service} service took too long to answer; the request may still have"
-                   " taken effect: retry it with the same Idempotency-Key.",
+                   " taken effect. Retry it (with the same Idempotency-Key, if it had one).",
                    details={"service": service})
 
 

@@ -171,7 +171,9 @@ def test_a_failure_of_the_services_is_answered_for_and_its_own_errors_relayed(
 def test_a_504_says_nothing_was_done_only_when_the_service_said_it_rolled_back(code, answered):
     """The service's CALLER_GAVE_UP is the gateway's 504 under that code, in its own words (the
     service named: "caller" would be the client's gateway to it), saying the request was not
-    carried out; any other 504 "may still have taken effect"."""
+    carried out; any other 504 "may still have taken effect". Either says to retry with the same
+    Idempotency-Key only if the request had one: the message is every route's, a read's, an
+    unkeyed write's and POST /api/accounts' (which honours none) too."""
     failure = failure_for_status("orders", 504, route=_ROUTE, unavailable_for_now=False,
                                  said=lambda: "what it said", error_code=lambda: code)
     assert (failure.status, failure.code, failure.details) == (
@@ -181,6 +183,7 @@ def test_a_504_says_nothing_was_done_only_when_the_service_said_it_rolled_back(c
         assert "nothing of it was done" in failure.message
     else:
         assert "may still have taken effect" in failure.message
+    assert "(with the same Idempotency-Key, if it had one)" in failure.message
 
 
 @pytest.mark.parametrize("status, code, rolled_back", [
