@@ -23,18 +23,19 @@ bounded cost is taken so that a safe request does not fail at random under load 
 dies.
 
 A second try that did nothing, or failed, says nothing of the first, which may have been carried
-out: one never sent (no connection made), refused unrun (a gRPC server too busy to take it),
-rolled back for the deadline (the service's 504 CALLER_GAVE_UP: the second try found no answer
-stored under its key, a first try carried out being answered its replay even past the deadline,
-but the first may be under way still, short of its key, to commit once the second is rolled back:
-on a replica whose clock runs behind the second's, say), held up by a lock (503 DATABASE_BUSY, the
-likely answer while the first still runs: its key's row, uncommitted, holds up the second's INSERT
-of it past lock_timeout, and the first commits after), or any other 5xx of the service's own,
-leaves the first try's failure, a 502 "may have been carried out", not its own "unavailable" or
-"nothing was changed". Only an answer that went through the key vouches for the first: a success
-(a replay, or this try's own work, the first's having come to nothing) or the service's 4xx
-refusal. (A second try that times out, or breaks off in turn, is answered as it failed: its 504
-or 502 says as much, "may have been carried out".)
+out: one never sent (no connection made), refused unrun (a gRPC server too busy to take it), rolled
+back for the deadline (the service's 504 CALLER_GAVE_UP: the second try found no answer stored under
+its key, a first try carried out being answered its replay even past the deadline, but the first may
+be under way still, short of its key, to commit once the second is rolled back: on a replica whose
+clock runs behind the second's, say), held up by a lock (503 IDEMPOTENCY_KEY_IN_USE, the likely
+answer while the first still runs: its key's row, uncommitted, holds up the second's INSERT of it
+past lock_timeout, and the first commits after; or DATABASE_BUSY, for another lock, or from a
+service of the release before, which answered that for the key's too), or any other 5xx of the
+service's own, leaves the first try's failure, a 502 "may have been carried out", not its own
+"unavailable" or "nothing was changed". Only an answer that went through the key vouches for the
+first: a success (a replay, or this try's own work, the first's having come to nothing) or the
+service's 4xx refusal. (A second try that times out, or breaks off in turn, is answered as it
+failed: its 504 or 502 says as much, "may have been carried out".)
 
 The rule says only what may be sent again; what answers it is the deployment's. Over HTTP the
 service's other gunicorn workers take the second try on the same port. Over gRPC only another

@@ -184,12 +184,13 @@ def call(service: str, method: str, body: dict[str, Any], *,
                             again.code().name, again.details())
                 raise _http_error(service, exc) from None
             if _failed_by_the_service(again):
-                # The service's own 5xx: rolled back for the deadline, the first try's moment
-                # (504 CALLER_GAVE_UP), or held up by a lock (503 DATABASE_BUSY: its key's INSERT
-                # waited out lock_timeout on the first try's, uncommitted, the likely answer
-                # while the first is under way). Either says nothing was done by this try alone,
-                # and nothing of the first, which may commit after it (gateway_app/resends.py):
-                # the first's failure is answered, as above, not this one's "nothing was done".
+                # The service's own 5xx: rolled back for the deadline, the first try's moment (504
+                # CALLER_GAVE_UP), or held up by a lock (503 IDEMPOTENCY_KEY_IN_USE: its key's
+                # INSERT waited out lock_timeout on the first try's, uncommitted, the likely answer
+                # while the first is under way; or DATABASE_BUSY). Either says nothing was done by
+                # this try alone, and nothing of the first, which may commit after it
+                # (gateway_app/resends.py): the first's failure is answered, as above, not this
+                # one's "nothing was done".
                 trailers = _trailers(again)
                 log.warning("%s failed the call sent again (%s %s: %s): the first try's failure"
                             " is answered", service, trailers[HTTP_STATUS_KEY],

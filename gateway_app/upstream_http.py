@@ -14,15 +14,15 @@ answer cut off is closed, never pooled.
 
 Connections are kept alive and pooled, and a service closes one idle past its keep-alive (2 s,
 gunicorn's default) whenever it likes: just as the gateway sends a request on it, say, and the
-request then fails before a byte of an answer comes, though the service has most likely not seen
-it. A request that fails so, on a connection that carried one before, is sent once more, on a new
+request then fails before a byte of an answer comes, though the service has most likely not seen it.
+A request that fails so, on a connection that carried one before, is sent once more, on a new
 connection, within what is left of the deadline, where that is safe (gateway_app/resends.py: a GET
 or HEAD, or a POST with an Idempotency-Key passed on). Any other fails, as does a request closed
 without an answer on a connection made for it (the second try's too), or after a byte of one: the
 service may have carried it out, or is refusing it. A second try that does nothing (no connection
 made) or fails (any 5xx: rolled back for the deadline, the service's 504 CALLER_GAVE_UP, or its 503
-DATABASE_BUSY) leaves the first try's failure, a 502. The connections are the services' own, never
-through a proxy the environment names, and carry no cookie (none is kept).
+IDEMPOTENCY_KEY_IN_USE) leaves the first try's failure, a 502. The connections are the services'
+own, never through a proxy the environment names, and carry no cookie (none is kept).
 
 How soon the failure came does not count (gateway_app/resends.py): a close the service made
 before the request came can show late on a slowed host (two busy cores, a pause for the
@@ -294,9 +294,9 @@ def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
         raise first_failure from again
     if answer.status_code >= 500:
         # Nor may this try's 5xx, which vouches for nothing the first did: its rollback for the
-        # deadline (the same moment as the first's) or its 503 (DATABASE_BUSY: held up by the
-        # first's uncommitted key, it may be) says nothing was done by it alone, while the first
-        # may be under way still and commit after it, as over gRPC (gateway_app/resends.py).
+        # deadline (the same moment as the first's) or its 503 (IDEMPOTENCY_KEY_IN_USE: held up by
+        # the first's uncommitted key; DATABASE_BUSY) says nothing was done by it alone, while the
+        # first may be under way still and commit after it, as over gRPC (gateway_app/resends.py).
         log.warning("%s answered the request sent again %s %s: the first try's failure is"
                     " answered", service, answer.status_code,
                     error_code_of(answer) or "(no error of the API's)")

@@ -12,7 +12,7 @@ from http import HTTPStatus
 from shared.config import MAX_REQUEST_BYTES
 from shared.errors import ErrorSchema, UpstreamRolledBack
 from shared.idempotency import (IDEMPOTENCY_HEADER, MAX_KEY_LENGTH, REPLAYED_HEADER,
-                                REPLAYED_RESPONSE_HEADERS)
+                                REPLAYED_RESPONSE_HEADERS, KeyInUse)
 from shared.internal_auth import DEADLINE_HEADER, USER_ID_HEADER
 
 
@@ -70,6 +70,11 @@ VALIDATION_ERROR = DocumentedError(
     "messages by location and field)")
 IDEMPOTENCY_KEY_REUSED = DocumentedError(
     422, "IDEMPOTENCY_KEY_REUSED", f"the {IDEMPOTENCY_HEADER} was used with another body")
+IDEMPOTENCY_KEY_IN_USE = DocumentedError(
+    503, KeyInUse.code, f"an earlier request under the {IDEMPOTENCY_HEADER} is still in progress "
+    "(it held the key past the 2 s this one waits for a lock) and may yet take effect; nothing "
+    "was done by this one: retry with the same key, which is answered the earlier one's answer",
+    headers=(RETRY_AFTER,))
 DATABASE_UNAVAILABLE = DocumentedError(
     503, "DATABASE_UNAVAILABLE", "the service cannot reach its database just now",
     headers=(RETRY_AFTER,))
@@ -125,7 +130,7 @@ SERVICE_OPERATION_ERRORS = (MISSING_USER_ID, INVALID_USER_ID, UNTRUSTED_IDENTITY
                             SIGNATURE_VERSION_MISMATCH, INVALID_DEADLINE,
                             *DATABASE_UNAVAILABLE_OR_BUSY)
 # What the operations that honour an Idempotency-Key can answer for it.
-IDEMPOTENCY_ERRORS = (INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED)
+IDEMPOTENCY_ERRORS = (INVALID_IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_REUSED, IDEMPOTENCY_KEY_IN_USE)
 
 
 def kept_under_the_key(error: DocumentedError) -> DocumentedError:

@@ -21,8 +21,13 @@ gateway_app/resends.py) is answered "replayed" when the first send of this same 
 work, though the client sent it once.
 
 The key is recorded in the same transaction as the work it guards, so a request that fails leaves
-no key behind, and two concurrent requests with one key run one after the other (the second waits
-on the first one's insert and then reads its stored response). A refusal the operation itself
+no key behind, and two concurrent requests with one key run one after the other: the second waits
+on the first one's insert and then reads its stored response, if the first commits (or rolls
+back) within lock_timeout (shared/db.py: SESSION_LIMITS, 2 s). Past it the second is answered 503
+IDEMPOTENCY_KEY_IN_USE (KeyInUse, with Retry-After), not DATABASE_BUSY's "nothing was changed":
+the first request under the key is under way still and may yet commit, so the client retries
+under the same key, and is answered the first's answer once it has (a gateway's own second try of
+a keyed POST is likeliest to meet it: gateway_app/resends.py). A refusal the operation itself
 makes once it has begun (a 4xx its use case raises: a top-up's 404 ACCOUNT_NOT_FOUND or 422
 BALANCE_LIMIT_EXCEEDED) is an answer as a success is, and is kept and replayed alike (the same
 status and body, said replayed): its work rolls back whole, and the key is then recorded with the
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -59,15 +65,18 @@ from flask import Response as HttpResponse
 from flask import current_app, g, request
 from sqlalchemy import DateTime, Index, Integer, String, Text, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.cache import invalidate_after_commit
-from shared.db import (after_commit, db, delete_oldest_before, nothing_new_to_commit,
-                       transaction)
-from shared.errors import ApiError, Unprocessable, error_body
+from shared.db import (after_commit, db, delete_oldest_before, held_up_by_a_lock,
+                       nothing_new_to_commit, transaction)
+from shared.errors import ApiError, ServiceUnavailable, Unprocessable, error_body
 from shared.internal_auth import IDEMPOTENCY_KEY_HEADER as IDEMPOTENCY_HEADER
 from shared.jsonio import loads_strict
 from shared.single_use_signatures import refuse_a_used_signature
+
+log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 255
 # The header as the OpenAPI documents of the routes that honour it describe it: what
@@ -107,6 +116,21 @@ REPLAYED_RESPONSE_HEADERS = {REPLAYED_HEADER: {
     "schema": {"type": "string", "enum": [REPLAYED]}}}
 # Where the answer of the request (or gRPC call) under way is marked replayed: its app context.
 _REPLAYED_MARK = "hseshop_idempotent_replayed"
+
+
+class KeyInUse(ServiceUnavailable):
+    """The request's key is held by another transaction past lock_timeout: an earlier request
+    under the key, under way still (its key recorded, not yet committed), which may yet take
+    effect. Nothing was done by this one; its retry under the same key is answered the earlier
+    one's answer once that has committed (or is carried out, if it rolled back)."""
+
+    code = "IDEMPOTENCY_KEY_IN_USE"
+
+    def __init__(self):
+        super().__init__(f"An earlier request under this {IDEMPOTENCY_HEADER} is still in"
+                         " progress, and may yet take effect; this one waited for it in vain."
+                         f" Retry shortly with the same {IDEMPOTENCY_HEADER}.",
+                         headers={"Retry-After": "1"})
 
 
 class IdempotencyKey(db.Model):
@@ -258,7 +282,8 @@ def _claimed_or_kept(session: Session, user_id: str, endpoint: str, key: str, re
                      row: dict[str, Any], invalidates: str) -> Response | None:
     """Record the key with `row` (its columns: the request's fingerprint, and the answer if it is
     known) and None; or, recorded already, the answer kept under it (body and status) for this
-    request, replayed, or a 422 when it was kept for another body."""
+    request, replayed, or a 422 when it was kept for another body; KeyInUse if another
+    transaction holds the key (an earlier request under it, under way) past lock_timeout."""
     while not _claim(session, user_id, endpoint, key, row):
         earlier = session.scalars(
             select(IdempotencyKey).where(
@@ -361,13 +386,22 @@ def say_if_replayed(response: HttpResponse) -> HttpResponse:
 
 def _claim(session: Session, user_id: str, endpoint: str, key: str, row: dict[str, Any]) -> bool:
     """Record the key with `row`, the rest of its columns; False when it is recorded already (by
-    a request that has committed: one in flight is waited for)."""
-    return session.execute(
-        insert(IdempotencyKey)
-        .values(user_id=user_id, endpoint=endpoint, key=key, **row)
-        .on_conflict_do_nothing()
-        .returning(IdempotencyKey.key)
-    ).first() is not None
+    a request that has committed: one in flight is waited for, up to lock_timeout, then
+    KeyInUse, the transaction aborted)."""
+    try:
+        return session.execute(
+            insert(IdempotencyKey)
+            .values(user_id=user_id, endpoint=endpoint, key=key, **row)
+            .on_conflict_do_nothing()
+            .returning(IdempotencyKey.key)
+        ).first() is not None
+    except OperationalError as exc:
+        if held_up_by_a_lock(exc):
+            log.warning("a request under an %s waited out lock_timeout on the key, held by an"
+                        " earlier request under it still under way: 503 %s", IDEMPOTENCY_HEADER,
+                        KeyInUse.code)
+            raise KeyInUse() from exc
+        raise
 
 
 def prune_expired_keys(session: Session, cutoff: datetime, limit: int) -> int:

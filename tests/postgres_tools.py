@@ -93,6 +93,22 @@ def account_row_held(database_url: str, user_id: str) -> Iterator[int]:
 
 
 @contextmanager
+def key_row_held(database_url: str, user_id: str, endpoint: str, key: str) -> Iterator[None]:
+    """A transaction of another session that has recorded `user_id`'s Idempotency-Key `key` for
+    `endpoint` (as "POST /orders" names it) and not committed, as an earlier request under the
+    key still under way has (shared.idempotency); rolled back when the block ends."""
+    holder = psycopg2.connect(driver_dsn(database_url))
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("INSERT INTO idempotency_keys (user_id, endpoint, key, request_hash)"
+                           " VALUES (%s, %s, %s, %s)", (user_id, endpoint, key, "0" * 64))
+            yield
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+@contextmanager
 def no_connection_free(app) -> Iterator[None]:
     """The Flask `app`'s pool with no connection to give, and a request's wait for one cut to
     0.3 s: its requests time out waiting (DATABASE_BUSY). No connection is opened for it: the pool

@@ -79,7 +79,7 @@ from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_answered_as_docume
                                  documented_errors, operations, responses_documenting,
                                  with_a_body_in_chunks)
 from tests.polling import wait_for
-from tests.postgres_tools import no_connection_free, sign_out_lookups
+from tests.postgres_tools import key_row_held, no_connection_free, sign_out_lookups
 from tests.thread_tools import OutcomeThread, all_joined
 from tests.replay_tools import assert_only_the_repeat_said_replayed, replayed_responses
 
@@ -1193,10 +1193,16 @@ def _dropped_then_answered(head: bytes, body: bytes):
     # The service's rollback for the deadline.
     (b"HTTP/1.1 504 Gateway Timeout\r\nContent-Type: application/json\r\n",
      _ROLLED_BACK_FOR_THE_DEADLINE),
-    # Its statement held up by a lock past lock_timeout: on the first try's key, uncommitted.
+    # Its statement held up by a lock past lock_timeout (a service of the release before
+    # answered so for the first try's key, uncommitted).
     (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
      b"Retry-After: 1\r\n", _DATABASE_BUSY),
-], ids=["rolled back for the deadline", "database busy"])
+    # Its key's INSERT waited out lock_timeout on the first try's, uncommitted.
+    (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+     b"Retry-After: 1\r\n", json.dumps({"error": {
+         "code": "IDEMPOTENCY_KEY_IN_USE", "message": "still in progress",
+         "details": {}}}).encode()),
+], ids=["rolled back for the deadline", "database busy", "key in use"])
 def test_a_keyed_post_sent_again_whose_second_try_did_nothing_is_the_first_sends_502(
         settings, upstreams, second_answer):
     """A keyed POST whose kept-alive connection closed unanswered is sent again (as above), and
@@ -2144,6 +2150,14 @@ def test_every_error_a_gateway_operation_answers_is_documented_for_it_and_none_o
         db.session.commit()
     answers["post", "/api/accounts/deposit"].append(
         gateway.post("/api/accounts/deposit", json={"amount": "1.00"}, headers=auth))
+    # A key held by an earlier request under it, still under way, past the services' lock wait.
+    for service, path, endpoint in (("orders", "/api/orders", "POST /orders"),
+                                    ("payments", "/api/accounts/deposit",
+                                     "POST /accounts/deposit")):
+        held_key = str(uuid.uuid4())
+        with key_row_held(settings.database_url(service), user_id, endpoint, held_key):
+            answers["post", path].append(gateway.post(
+                path, json={"amount": "1.00"}, headers={**auth, "Idempotency-Key": held_key}))
     # A socket's ticket refused for its address's handshakes, and with Redis away.
     for changes in ({"gateway_socket_handshakes_per_address": 0},
                     {"redis_url": f"redis://127.0.0.1:{free_port()}/0"}):

@@ -2021,6 +2021,30 @@ def test_a_request_held_up_by_a_lock_is_503_busy_over_both_transports(
         assert client.get("/api/accounts/balance", headers=auth).get_json()["balance"] == "0.00"
 
 
+def test_a_keyed_request_held_up_by_an_earlier_one_is_503_key_in_use_over_both_transports(
+        settings, upstreams, grpc_targets):  # noqa: F811
+    """A deposit whose Idempotency-Key an earlier request under it holds, under way still (its
+    key recorded, uncommitted), past lock_timeout reaches the caller through the gateway as the
+    service's 503 IDEMPOTENCY_KEY_IN_USE with Retry-After, whichever transport carries it: not
+    DATABASE_BUSY's "nothing was changed", the earlier one may yet take effect."""
+    from tests.postgres_tools import key_row_held
+
+    for transport in ("grpc", "http"):
+        client = _gateway(settings, upstreams, grpc_targets, transport)
+        session, auth = _signed_up_with_an_account(client)
+        key = str(uuid.uuid4())
+        with key_row_held(settings.database_url("payments"), session["user_id"],
+                          "POST /accounts/deposit", key):
+            answer = client.post("/api/accounts/deposit", json={"amount": "5"},
+                                 headers={**auth, "Idempotency-Key": key})
+        assert answer.status_code == 503, transport
+        assert answer.get_json()["error"]["code"] == "IDEMPOTENCY_KEY_IN_USE", transport
+        assert answer.headers.get("Retry-After") == "1", transport
+        retried = client.post("/api/accounts/deposit", json={"amount": "5"},
+                              headers={**auth, "Idempotency-Key": key})
+        assert retried.get_json()["balance"] == "5.00", transport
+
+
 def test_a_service_whose_pool_has_no_connection_free_is_503_busy_over_both_transports(
         settings, upstreams, grpc_targets):  # noqa: F811
     """Nothing ran, as for a lock waited on too long: DATABASE_BUSY with Retry-After, where it was

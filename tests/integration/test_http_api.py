@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import hmac
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -41,9 +42,10 @@ from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_desc
                                  assert_documented, assert_headers_documented, asked, codes_named,
                                  documented_answers, documented_errors, operations,
                                  responses_documenting, with_a_body_in_chunks)
-from tests.postgres_tools import (account_row_held, commits_of_orders_taking, no_connection_free,
-                                  second_waiting_on_the_first, terminate_backend,
-                                  wait_for_other_sessions, wait_for_sessions_waiting_on_a_lock)
+from tests.postgres_tools import (account_row_held, commits_of_orders_taking, key_row_held,
+                                  no_connection_free, second_waiting_on_the_first,
+                                  terminate_backend, wait_for_other_sessions,
+                                  wait_for_sessions_waiting_on_a_lock)
 from tests.replay_tools import assert_only_the_repeat_said_replayed, replayed_responses
 from tests.signed_requests import MALFORMED_DEADLINES
 from tests.thread_tools import OutcomeThread, all_joined
@@ -760,6 +762,49 @@ def test_a_request_held_up_by_a_lock_is_a_503_that_changed_nothing(payments_http
     assert retried.status_code == 200 and retried.get_json()["balance"] == "5.00"
 
 
+def test_a_keyed_request_held_up_by_an_earlier_one_under_its_key_is_503_key_in_use(
+        payments_http, payments_flask_app, user_id, monkeypatch):
+    """A deposit under a key whose earlier deposit (the same) has claimed it and is still at its
+    work (held here 3 s past its claim, as a gateway's second try meets the first still under
+    way) waits on the earlier one's key for lock_timeout (2 s), then is answered 503
+    IDEMPOTENCY_KEY_IN_USE with Retry-After, saying to retry under the same key: the earlier one
+    then commits, and the retry is answered its answer, replayed, the money moved once. It was
+    DATABASE_BUSY, "nothing was changed", while the earlier one went on to change it."""
+    from payments_app import service
+
+    assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
+    at_work, deposit = threading.Event(), service.deposit
+
+    def held_at_its_work(*args, **kwargs):
+        if not at_work.is_set():
+            at_work.set()
+            time.sleep(3)  # (the earlier request's work, taking its time: the scenario)
+        return deposit(*args, **kwargs)
+
+    monkeypatch.setattr(service, "deposit", held_at_its_work)
+
+    def deposited():
+        return payments_flask_app.test_client().post(
+            "/accounts/deposit", json={"amount": "10"}, signed_as=user_id, headers=headers)
+
+    earlier = OutcomeThread(deposited, name="earlier deposit")
+    earlier.start()
+    assert at_work.wait(timeout=10)
+    held_up = deposited()
+    error = _assert_error(held_up, 503)
+    assert error["code"] == "IDEMPOTENCY_KEY_IN_USE", error
+    assert "same Idempotency-Key" in error["message"] and "nothing" not in error["message"]
+    assert held_up.headers["Retry-After"] == "1"
+    first = earlier.joined(timeout=10)
+    assert (first.status_code, first.get_json()["balance"]) == (200, "10.00")
+    retried = deposited()
+    assert (retried.status_code, retried.get_json()["balance"]) == (200, "10.00")
+    assert retried.headers.get(REPLAYED_HEADER) == REPLAYED
+    assert payments_http.get("/accounts/balance",
+                             signed_as=user_id).get_json()["balance"] == "10.00"
+
+
 def test_no_account_is_404_for_balance_and_deposit(payments_http, user_id):
     _assert_error(payments_http.get("/accounts/balance", signed_as=user_id), 404)
     _assert_error(payments_http.post("/accounts/deposit", json={"amount": 1},
@@ -1322,6 +1367,14 @@ def test_every_error_a_service_operation_answers_is_documented_for_it_and_none_o
         db.session.commit()
     answers["payments", "post", "/accounts/deposit"].append(
         payments.post("/accounts/deposit", json={"amount": "1.00"}, signed_as=user_id))
+    # A key held by an earlier request under it, still under way, past lock_timeout.
+    for client, path in ((orders, "/orders"), (payments, "/accounts/deposit")):
+        held_key = str(uuid.uuid4())
+        with key_row_held(settings.database_url(client.application.name), user_id,
+                          f"POST {path}", held_key):
+            answers[client.application.name, "post", path].append(client.post(
+                path, json={"amount": "1.00"}, signed_as=user_id,
+                headers={"Idempotency-Key": held_key}))
     # An unkeyed write's signature used before.
     body = b'{"amount": "1.00"}'
     for client, path in ((orders, "/orders"), (payments, "/accounts/deposit")):

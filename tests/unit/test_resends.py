@@ -88,9 +88,12 @@ class _Failed(grpc.RpcError):
     _Failed(grpc.StatusCode.UNAVAILABLE, "The service's database was too busy ...", (
         (HTTP_STATUS_KEY, "503"), (ERROR_CODE_KEY, "DATABASE_BUSY"), (ERROR_DETAILS_KEY, "{}"),
         (RETRY_AFTER_KEY, "1"))),
+    _Failed(grpc.StatusCode.UNAVAILABLE, "An earlier request under this Idempotency-Key ...", (
+        (HTTP_STATUS_KEY, "503"), (ERROR_CODE_KEY, "IDEMPOTENCY_KEY_IN_USE"),
+        (ERROR_DETAILS_KEY, "{}"), (RETRY_AFTER_KEY, "1"))),
     _Failed(grpc.StatusCode.UNAVAILABLE, "Socket closed"),
 ], ids=["never sent", "refused unrun, too busy", "rolled back for the deadline",
-        "held up by a lock", "broken off in turn"])
+        "held up by a lock", "held up by the first try's key", "broken off in turn"])
 def test_a_second_try_that_did_nothing_leaves_the_first_trys_502(monkeypatch, second_try_failure):
     """The first try's connection broke once it was sent (it may have been carried out); its
     second try did nothing, or failed: not sent, refused by a server too busy to take it, rolled
