@@ -57,6 +57,7 @@ from tests.openapi_tools import assert_headers_documented
 from tests.process_tools import start_child
 from tests.signed_requests import MALFORMED_DEADLINES_IN_METADATA, grpc_signed
 from tests.polling import wait_for
+from tests.thread_tools import OutcomeThread
 from tests.postgres_tools import commits_of_orders_taking, no_connection_free
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -548,6 +549,58 @@ def test_a_safe_call_sent_again_waits_only_for_what_is_left_of_its_deadline(
         assert orders.calls() == 2
         assert "sending the call again" in caplog.text
         assert 3.0 + COMMIT_GRACE_SECONDS <= took < 4.0 + COMMIT_GRACE_SECONDS, took
+
+
+def test_a_keyed_deposit_sent_again_while_its_first_try_holds_its_key_is_the_first_trys_502(
+        settings, upstreams, grpc_targets, monkeypatch, caplog):  # noqa: F811
+    """A keyed deposit whose connection breaks 0.5 s into its work (its key claimed, its
+    transaction open 3 s: the service's process dying holding it, say, or a proxy's connection
+    cut) is sent again; the second try's key waits on the first's, uncommitted, for
+    lock_timeout (2 s), and is refused 503 IDEMPOTENCY_KEY_IN_USE; the first then commits. The
+    gateway answers the first try's 502 ("may have been carried out"): it answered the second
+    try's 503 DATABASE_BUSY, "nothing was changed", with the money moved. Retried under the key,
+    the deposit is answered the first try's answer, replayed: the money moved once."""
+    from payments_app import service
+
+    caplog.set_level(logging.INFO, logger="gateway_app.upstream_grpc")
+    proxy = SilencingProxy(grpc_targets["payments"])
+    try:
+        client = _gateway(settings, upstreams, grpc_targets, "grpc", upstream_timeout_seconds=5.0,
+                          payments_grpc_target=proxy.address)
+        session, auth = _signed_up_with_an_account(client)
+        at_work, deposit = threading.Event(), service.deposit
+
+        def held_at_its_work(*args, **kwargs):
+            if not at_work.is_set():
+                at_work.set()
+                time.sleep(3)  # (the first try's work, taking its time: the scenario)
+            return deposit(*args, **kwargs)
+
+        monkeypatch.setattr(service, "deposit", held_at_its_work)
+
+        def break_off_once_at_work():
+            if at_work.wait(timeout=30):
+                time.sleep(0.5)  # (how long into its work it broke: the scenario, not a wait)
+                proxy.break_off()
+
+        breaker = OutcomeThread(break_off_once_at_work, name="breaker")
+        breaker.start()
+        keyed = {**auth, "Idempotency-Key": str(uuid.uuid4())}
+        answer = client.post("/api/accounts/deposit", json={"amount": "10"}, headers=keyed)
+        breaker.joined(timeout=10)
+        assert answer.status_code == 502, answer.get_json()
+        assert answer.get_json()["error"]["code"] == "BAD_GATEWAY"
+        assert "sending the call again" in caplog.text
+        assert "IDEMPOTENCY_KEY_IN_USE" in caplog.text  # (the second try's own failure, said)
+        wait_for(lambda: client.get("/api/accounts/balance", headers=auth).get_json()[
+            "balance"] == "10.00", timeout=10, what="the first try committed")
+        retried = client.post("/api/accounts/deposit", json={"amount": "10"}, headers=keyed)
+        assert (retried.status_code, retried.get_json()["balance"]) == (200, "10.00")
+        assert retried.headers.get("Idempotent-Replayed") == "true"
+        assert client.get("/api/accounts/balance",
+                          headers=auth).get_json()["balance"] == "10.00"
+    finally:
+        proxy.close()
 
 
 def test_a_connection_to_a_service_gone_silent_is_dropped_and_made_afresh(
