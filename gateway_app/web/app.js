@@ -165,7 +165,10 @@
     if (!(error instanceof ApiError)) return "Something went wrong: " + error.message;
     if (error.status === 0) return "Cannot reach the shop. Check your connection and try again.";
     if (rateLimit(error)) {
-      const wait = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : " Try again shortly.";
+      // (The wait as the page takes it, in seconds: never the header as sent, a date perhaps.)
+      const waitMs = retryAfterMs(error);
+      const wait = waitMs > 0 ? ` Try again in ${Math.ceil(waitMs / 1000)} s.`
+                              : " Try again shortly.";
       return ERROR_TEXT.RATE_LIMITED + wait;
     }
     if (error.status === 503 || error.status === 504) {
@@ -671,12 +674,15 @@
   }
 
   // How long an answer asked the page to wait before asking again: its Retry-After, in seconds
-  // (the gateway passes on no date, and no more than a day), at most the longest wait setTimeout
-  // keeps (longer, it fires at once).
+  // (the gateway's, no more than a day) or an HTTP-date (a proxy's, say: the time until then, 0
+  // if it has passed), at most the longest wait setTimeout keeps (longer, it fires at once).
   function retryAfterMs(error) {
-    const seconds = Number(error && error.retryAfter);
-    if (!Number.isFinite(seconds) || seconds <= 0) return 0;
-    return Math.min(seconds * 1000, LONGEST_TIMER_MS);
+    const value = String((error && error.retryAfter) || "").trim();
+    if (!value) return 0;
+    const seconds = Number(value);
+    const ms = Number.isNaN(seconds) ? Date.parse(value) - Date.now() : seconds * 1000;
+    if (!Number.isFinite(ms) || ms <= 0) return 0;
+    return Math.min(ms, LONGEST_TIMER_MS);
   }
 
   // Whether the gateway takes the password's length (gateway_app/auth.py, PasswordLength): 8 to

@@ -1386,6 +1386,51 @@ def test_a_429_from_a_proxy_in_front_of_the_gateway_is_a_rate_limit_too(stack, b
     assert page.text("balance") == "115.00"
 
 
+# Played by the browser itself, over READS_AND_SOCKETS_RECORDED: the page's next POST, once
+# told (window.hseshopProxyRefusesWithDate), refused by a proxy in front of the gateway, its
+# Retry-After an HTTP-date DATE_RETRY_AFTER_SECONDS ahead (whole seconds, as the date is written).
+DATE_RETRY_AFTER_SECONDS = 20
+PROXY_RATE_LIMITS_WITH_A_DATE = _fetch_played(
+    before="window.hseshopProxyRefusesWithDate = false; window.hseshopProxyRefusedAt = null;",
+    answer="""
+    if (window.hseshopProxyRefusesWithDate && method === "POST") {
+      window.hseshopProxyRefusesWithDate = false;
+      window.hseshopProxyRefusedAt = performance.now();
+      const until = new Date(Date.now() + %d * 1000).toUTCString();
+      return new Response("<html><body><h1>429 Too Many Requests</h1></body></html>", {
+        status: 429, statusText: "TOO MANY REQUESTS",
+        headers: {"Content-Type": "text/html", "Retry-After": until}});
+    }
+    return realFetch(input, init);""" % DATE_RETRY_AFTER_SECONDS)
+
+
+def test_a_429_whose_retry_after_is_a_date_says_the_seconds_and_pauses_the_page(stack, browser):
+    """A proxy's Retry-After may be an HTTP-date: the page said "Try again in Wed, 09 Dec 2026
+    10:00:00 GMT s." and set no pause (a read went at once). Now the wait is the time until the
+    date: the message says its seconds, and no read is sent meanwhile (the window focused, a
+    live page reads the balance, but not while paused)."""
+    page, _shopper = _shopper_with_100_on_the_page(stack, browser, READS_AND_SOCKETS_RECORDED,
+                                                   PROXY_RATE_LIMITS_WITH_A_DATE)
+    page.wait_until(  # (its socket working: a live page's own reads stopped)
+        lambda: browser.execute_script(
+            "const opened = window.hseshopSockets[0]?.opened;"
+            " return opened != null && performance.now() > opened + %d;"
+            % (SOCKET_WORKED_SECONDS * 1000 + 200)),
+        timeout=PAGE_DEADLINE + SOCKET_WORKED_SECONDS, what="the page's socket working")
+    browser.execute_script("window.hseshopProxyRefusesWithDate = true;")
+    page.top_up("5")
+    refused_at = _proxy_refused_at(page)
+    said = {f"Too many requests. Try again in {seconds} s."
+            for seconds in (DATE_RETRY_AFTER_SECONDS - 1, DATE_RETRY_AFTER_SECONDS)}
+    page.wait_until(lambda: page.text("message") in said, what="the refused top-up's message")
+    browser.execute_script('window.dispatchEvent(new Event("focus"));')
+    time.sleep(1)  # (a read would be sent at once: nothing is to show)
+    reads = browser.execute_script("return window.hseshopReads;")
+    assert not [read for read in reads if read["at"] > refused_at
+                and read["path"] == "/api/accounts/balance"], (refused_at, reads)
+    assert page.text("balance") == "100.00"
+
+
 # Played by the browser itself, over READS_AND_SOCKETS_RECORDED: the page's first request for a
 # socket ticket is answered as the gateway answers one whose address has spent its socket
 # handshakes, Retry-After HANDSHAKES_RETRY_AFTER_SECONDS, its second as with Redis away (503,
