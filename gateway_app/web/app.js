@@ -95,13 +95,15 @@
   // No read is sent and no socket opened before this time (as performance.now() counts it, which
   // a wall clock set back does not stretch): the gateway
   // asked for the pause, in a 429's Retry-After or a rate-limited 1013's "try again in N s". Its
-  // limit is the user's, which every read and socket counts against alike.
+  // limit is the user's, which every read and socket counts against alike: it ends with their
+  // session (signOut).
   let notBefore = 0;
   // No socket is opened (nor its ticket asked for) before this time either (performance.now()):
   // a refused ticket's Retry-After (SOCKET_HANDSHAKES_LIMITED: the address's handshakes, a 503
   // NOTIFICATIONS_UNAVAILABLE), and the back-off after a socket turned away (closed 1013, or never
-  // opened: a handshake refused). Kept across a session's end: the address's limit is not the
-  // user's. The network back online (start) does not bring it forward.
+  // opened: a handshake refused), the user's pause not in it. Kept across a session's end: the
+  // address's limit is not the user's (whose waits go in notBefore, which the sign-out clears).
+  // The network back online (start) does not bring it forward.
   let socketNotBefore = 0;
   let expiryTimer = null;
   let loadTimer = null;
@@ -1115,13 +1117,18 @@
   // any socket that does not work), and the next ticket is asked for later. Refused for its
   // address's socket handshakes (SOCKET_HANDSHAKES_LIMITED), its Retry-After puts off the socket
   // only (a handshake now would be refused 429, which a page cannot read); the user's rate limit
-  // has put off every read and socket already (api). Redis away (503 NOTIFICATIONS_UNAVAILABLE),
-  // no socket would work either, with a ticket or with the token in its URL: the page polls.
+  // (or a proxy's 429) has put off every read and socket already, in the user's pause (api), which
+  // their sign-out ends. Redis away (503 NOTIFICATIONS_UNAVAILABLE), no socket would work either,
+  // with a ticket or with the token in its URL: the page polls. Only the address's waits (those
+  // two) go into socketNotBefore, which outlives the session: any other Retry-After puts off this
+  // session's next ticket alone (its reconnect timer, which the sign-out clears).
   function noTicket(error) {
     if (error.handled || !session) return;  // (a 401: signed out)
     setLive("reconnecting");
     const asked = retryAfterMs(error);
-    socketNotBefore = Math.max(socketNotBefore, performance.now() + asked);
+    if (["SOCKET_HANDSHAKES_LIMITED", "NOTIFICATIONS_UNAVAILABLE"].includes(error.code)) {
+      socketNotBefore = Math.max(socketNotBefore, performance.now() + asked);
+    }
     scheduleReconnect(RECONNECT_TURNED_AWAY_MAX_MS, asked);
   }
 
@@ -1169,8 +1176,11 @@
       if (event.code === 1012) reconnectDelay = RECONNECT_FIRST_MS;
       pollOrders();
       const turnedAway = !opened || event.code === 1013;
-      const delay = scheduleReconnect(turnedAway ? RECONNECT_TURNED_AWAY_MAX_MS : RECONNECT_MAX_MS);
-      if (turnedAway) socketNotBefore = Math.max(socketNotBefore, performance.now() + delay);
+      // (The back-off alone is the address's: the user's pause, a 1013's "try again in", is
+      // theirs, and ends with their session.)
+      const backOff = scheduleReconnect(
+        turnedAway ? RECONNECT_TURNED_AWAY_MAX_MS : RECONNECT_MAX_MS);
+      if (turnedAway) socketNotBefore = Math.max(socketNotBefore, performance.now() + backOff);
     };
   }
 
@@ -1265,15 +1275,16 @@
     return ms >= floorMs ? ms : Math.min(floorMs * (1 + Math.random() / 4), LONGEST_TIMER_MS);
   }
 
-  // Backing off, each wait twice the last, up to `maxMs`, and `atLeastMs` at least; the wait
-  // (0: none set, one is set already).
+  // Backing off, each wait twice the last, up to `maxMs`, and `atLeastMs` at least, and the
+  // user's pause; the back-off and `atLeastMs` (the wait but for the user's pause), or 0 (none
+  // set: one is set already).
   function scheduleReconnect(maxMs, atLeastMs = 0) {
     if (reconnectTimer || !session) return 0;
     const jitteredDelay = jittered(reconnectDelay);
     reconnectDelay = Math.min(reconnectDelay * 2, maxMs);
-    const delay = notSoonerThan(jitteredDelay, Math.max(atLeastMs, pauseLeftMs()));
-    reconnectIn(delay);
-    return delay;
+    const backOff = notSoonerThan(jitteredDelay, atLeastMs);
+    reconnectIn(notSoonerThan(backOff, pauseLeftMs()));
+    return backOff;
   }
 
   // Reconnects in `delay` ms, or, the tab hidden then, once it is shown again (no one is looking,

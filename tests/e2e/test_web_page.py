@@ -1549,6 +1549,67 @@ def test_the_network_back_online_reconnects_a_socket_turned_away_no_sooner_than_
         closed_at, tickets)
 
 
+# Played by the browser itself: the page's first request for a socket ticket refused past the
+# user's rate limit (429 RATE_LIMITED, Retry-After USERS_WAIT_SECONDS); the rest is real.
+USERS_WAIT_SECONDS = 60
+FIRST_TICKET_RATE_LIMITED = _fetch_played(before="window.hseshopTickets = [];", answer="""
+    if (path === "/api/notifications/tickets") {
+      window.hseshopTickets.push(performance.now());
+      if (window.hseshopTickets.length === 1) {
+        return refusal(429, "RATE_LIMITED", "Too many requests.", {"Retry-After": "%d"});
+      }
+    }
+    return realFetch(input, init);""" % USERS_WAIT_SECONDS)
+# Played by the browser itself: the page's first socket, as it opens, closed 1013 as the gateway
+# closes one past the user's rate limit, naming USERS_WAIT_SECONDS (the page's close handler
+# called with it, the real socket closed unheard); the rest is real.
+FIRST_SOCKET_RATE_LIMITED = """
+(() => {
+  window.hseshopTickets = [];
+  const SocketMade = window.WebSocket;
+  let made = 0;
+  window.WebSocket = class extends SocketMade {
+    constructor(...args) {
+      super(...args);
+      window.hseshopTickets.push(performance.now());
+      if (made++ > 0) return;
+      this.addEventListener("open", () => {
+        const handler = this.onclose;
+        this.onclose = null;
+        this.close();
+        handler.call(this, new CloseEvent("close", {
+          code: 1013, reason: "Too many requests: try again in %d s."}));
+      });
+    }
+  };
+})();
+""" % USERS_WAIT_SECONDS
+
+
+@pytest.mark.parametrize("played", [FIRST_TICKET_RATE_LIMITED, FIRST_SOCKET_RATE_LIMITED],
+                         ids=["ticket-refused-429", "socket-closed-1013"])
+def test_a_users_wait_for_a_socket_ends_with_their_session(stack, browser, played):
+    """The wait for a socket kept across a sign-out is the address's alone (its handshakes): a
+    ticket refused past the user's rate limit (429 RATE_LIMITED), or a socket closed 1013 naming
+    the user's wait, was kept in it too, and the next user to sign in on the page waited up to as
+    long for a socket. Now the user's wait ends with their session: the next user's socket opens
+    at once."""
+    page, _first = _shopper_with_100_on_the_page(stack, browser, played)
+    page.wait_until(lambda: browser.execute_script("return window.hseshopTickets.length;")
+                    and page.element("live-status").get_attribute("data-state") == "reconnecting",
+                    what="the first user's socket refused")
+    page.element("sign-out").click()
+    page.wait_until(lambda: page.visible("auth-section"), what="the sign-in form")
+    second = GatewayClient(stack.gateway_url)
+    second.open_account_with("50")
+    page.sign_in(second.username, "a long password")
+    page.wait_until(lambda: page.text("balance") == "50.00", what="the second user's balance")
+    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
+                    what="the second user's socket open, the first's wait not theirs")
+    assert browser.execute_script("return performance.now();") < (
+        browser.execute_script("return window.hseshopTickets[0];") + USERS_WAIT_SECONDS * 1000)
+
+
 # Played by the browser itself: Math.random at its highest (just under 1), so that each wait the
 # page jitters is as long as its jitter makes it; the page's first read of the newest notification
 # refused past the user's rate limit (Retry-After 3), its first request for a socket ticket as with
