@@ -90,6 +90,9 @@
   let reconnectDelay = RECONNECT_FIRST_MS;
   // A reconnect that fell due while the tab was hidden: made when it is shown again.
   let reconnectWhenShown = false;
+  // The socket that was open when the network went away (the `offline` event): the network back,
+  // it may be dead though it looks open (start).
+  let socketWhenOffline = null;
   // The page's own reads while its socket has not worked (pollOrders): {timer, reading}.
   let poll = null;
   // No read is sent and no socket opened before this time (as performance.now() counts it, which
@@ -1300,8 +1303,10 @@
     }, delay);
   }
 
-  // Drops a socket not open (its ticket awaited, its handshake under way, its reconnect due
-  // later) and connects again, keeping its back-off (reconnectDelay) and socketNotBefore.
+  // Drops the socket (its ticket awaited, its handshake under way, its reconnect due later, or
+  // open over a network gone since) and connects again, keeping its back-off (reconnectDelay),
+  // socketNotBefore and the pause; the tab hidden, once it is shown again (as reconnectIn), the
+  // page reading its orders itself meanwhile (pollOrders: not while hidden).
   function reconnectNow() {
     clearTimeout(reconnectTimer);
     reconnectTimer = null;
@@ -1312,6 +1317,12 @@
       const ws = socket;
       socket = null;
       ws.close();
+    }
+    if (document.hidden) {
+      setLive("reconnecting");
+      pollOrders();
+      reconnectWhenShown = true;
+      return;
     }
     connectSocket();
   }
@@ -1461,13 +1472,22 @@
     // A network that went away and came back can leave the request for a socket's ticket held,
     // unanswered, or its handshake stuck on the way, or the socket waiting to reconnect after a
     // network error: a socket not open is made again at once (it catches up from the last id
-    // seen), never before socketNotBefore or the user's pause. An open one is kept (the event
-    // comes with any network change, and each socket costs one of the address's handshakes):
-    // the gateway pings it, and a connection that died meanwhile is closed by the browser's TCP.
+    // seen), never before socketNotBefore or the user's pause, nor in a hidden tab. So is one
+    // that was open when the network went (the `offline` event): its connection may be dead (a
+    // Wi-Fi switched, a new address) and still look open for minutes, the page sending nothing of
+    // its own to find out (it answers the gateway's pings, which the gateway gives up on, closing
+    // its end), "live" shown and no poll made meanwhile. An open socket with no `offline` before
+    // is kept (`online` comes with other network changes, and each socket costs one of the
+    // address's handshakes).
+    window.addEventListener("offline", () => {
+      if (socket && socket.readyState === WebSocket.OPEN) socketWhenOffline = socket;
+    });
     window.addEventListener("online", () => {
+      const wentOffline = socket !== null && socket === socketWhenOffline;
+      socketWhenOffline = null;
       // (still loading, or signed out)
       if (!session || (!socket && !reconnectTimer && !ticketAsked)) return;
-      if (socket && socket.readyState === WebSocket.OPEN) return;
+      if (socket && socket.readyState === WebSocket.OPEN && !wentOffline) return;
       reconnectNow();
     });
     session = loadSession();

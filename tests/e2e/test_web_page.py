@@ -1549,6 +1549,88 @@ def test_the_network_back_online_reconnects_a_socket_turned_away_no_sooner_than_
         closed_at, tickets)
 
 
+def test_the_network_back_after_going_away_replaces_the_open_socket_but_not_otherwise(stack,
+                                                                                        browser):
+    """A socket open when the network went away (the `offline` event) was kept when it came
+    back (`online`), taken as open: after a Wi-Fi switch or a new address its connection may be
+    dead and still look open for minutes (the page sends nothing of its own to find out), the
+    page "live", no poll made, a paid order NEW for as long. Now it is replaced at once; an open
+    socket with no `offline` before the `online` is kept. (The page's clock not sped up.)"""
+    page, shopper = _live_page_of_a_shopper_with_100(stack, browser, READS_AND_SOCKETS_RECORDED)
+    browser.execute_script('window.dispatchEvent(new Event("online"));')  # (its socket kept)
+    time.sleep(1)  # (a new socket would be asked for at once: nothing is to show)
+    assert len(browser.execute_script("return window.hseshopSockets;")) == 1
+    went_at = browser.execute_script(
+        'const at = performance.now(); window.dispatchEvent(new Event("offline"));'
+        ' window.dispatchEvent(new Event("online")); return at;')
+
+    def replaced():
+        sockets = browser.execute_script("return window.hseshopSockets;")
+        live = page.element("live-status").get_attribute("data-state") == "live"
+        return sockets if len(sockets) == 2 and live else None
+
+    sockets = page.wait_until(replaced, what="the page's socket replaced")
+    assert sockets[0]["closed"] is not None and sockets[1]["created"] > went_at, sockets
+    paid = shopper.place_order("30")["id"]  # (told over the new socket)
+    page.wait_for_status(paid, "FINISHED")
+    browser.execute_script('window.dispatchEvent(new Event("online"));')  # (no `offline`: kept)
+    time.sleep(1)
+    assert len(browser.execute_script("return window.hseshopSockets;")) == 2
+
+
+# Run in the page: the tab taken as hidden (document.hidden) or shown again, as the page sees it.
+TAB_HIDDEN = ('Object.defineProperty(document, "hidden", {configurable: true, get: () => true});'
+              ' document.dispatchEvent(new Event("visibilitychange"));')
+TAB_SHOWN = ('Object.defineProperty(document, "hidden", {configurable: true, get: () => false});'
+             ' document.dispatchEvent(new Event("visibilitychange"));')
+
+
+def test_the_network_back_opens_no_socket_in_a_hidden_tab_until_it_is_shown(stack, browser):
+    """A hidden tab opens no socket (no one is looking, and each handshake counts against the
+    address's): its reconnect falls due and waits for the tab to be shown. The network back
+    online (`online`) with its reconnect pending, or its open socket to be replaced after an
+    `offline`, asked for a ticket and opened a socket in the hidden tab at once; now the socket
+    is made once the tab is shown. (The page's clock not sped up: the reconnect's back-off, 0.375
+    to 0.625 s, is raced by the script that takes the tab as hidden, in the same run.)"""
+    page, _shopper = _live_page_of_a_shopper_with_100(stack, browser, READS_AND_SOCKETS_RECORDED)
+    tickets = lambda: [read["at"] for read in browser.execute_script(  # noqa: E731
+        "return window.hseshopReads;") if read["path"] == "/api/notifications/tickets"]
+    assert len(tickets()) == 1
+    # Its socket lost, and once the page has set its reconnect, the tab hidden and the network
+    # back, in the same task.
+    hidden_at = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        window.hseshopDropSocket();
+        const once = () => {
+          if (document.getElementById("live-status").dataset.state !== "reconnecting") {
+            setTimeout(once, 0);
+            return;
+          }
+          %s
+          window.dispatchEvent(new Event("online"));
+          done(performance.now());
+        };
+        once();""" % TAB_HIDDEN)
+    time.sleep(1.5)  # (past the reconnect's back-off: nothing is to show)
+    assert len(tickets()) == 1, (hidden_at, tickets())
+    # Its next socket open, then the network gone and back while the tab is hidden.
+    browser.execute_script(TAB_SHOWN)
+    page.wait_until(lambda: len(browser.execute_script("return window.hseshopSockets;")) == 2
+                    and page.element("live-status").get_attribute("data-state") == "live",
+                    what="the page's socket open again, the tab shown")
+    shown_at = browser.execute_script(
+        TAB_HIDDEN + ' window.dispatchEvent(new Event("offline"));'
+        ' window.dispatchEvent(new Event("online")); return performance.now();')
+    time.sleep(1)
+    assert len(tickets()) == 2, (shown_at, tickets())
+    sockets = browser.execute_script("return window.hseshopSockets;")
+    assert len(sockets) == 2 and sockets[1]["closed"] is not None, sockets  # (the dead one, gone)
+    browser.execute_script(TAB_SHOWN)
+    page.wait_until(lambda: len(browser.execute_script("return window.hseshopSockets;")) == 3
+                    and page.element("live-status").get_attribute("data-state") == "live",
+                    what="the page's socket open again, the tab shown again")
+
+
 # Played by the browser itself: the page's first request for a socket ticket refused past the
 # user's rate limit (429 RATE_LIMITED, Retry-After USERS_WAIT_SECONDS); the rest is real.
 USERS_WAIT_SECONDS = 60
