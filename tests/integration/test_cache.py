@@ -566,8 +566,8 @@ def test_a_callback_that_fails_after_the_commit_skips_no_bump_and_fails_no_block
         payments_flask_app, user_id, caplog):
     """A callback that raises once the transaction has committed (a notification's publish, say)
     is logged with its error; the callbacks after it run, the cache's bump among them, and the
-    block ends as committed: the bump after it was skipped, the balance read as it was before the
-    deposit, and the committed write raised (a 500)."""
+    block ends as committed. (Before, the bump after it was skipped, the balance read as it was
+    before the deposit, and the committed write raised: a 500.)"""
     client = payments_flask_app.test_client()
     client.post("/accounts", signed_as=user_id)
     assert client.get("/accounts/balance", signed_as=user_id).get_json()["balance"] == "0.00"
