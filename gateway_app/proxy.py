@@ -25,7 +25,7 @@ from flask import Response, current_app, g, request
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from webargs.flaskparser import is_json_request
 
-from gateway_app.resends import safe_to_send_again
+from gateway_app.resends import safe_to_send_again, sent_again_under_its_key
 from gateway_app.upstream_answers import (UNREADABLE_JSON, Route, failure_for_status,
                                           retry_after_passed_on)
 from gateway_app.upstream_http import error_code_of, send
@@ -86,6 +86,7 @@ def forward(service: str, path: str, idempotent: bool = False,
             service, method, f"{base}{path}",
             deadline_seconds=settings.upstream_timeout_seconds,
             safe_to_repeat=safe_to_send_again(method, key),
+            under_its_key=sent_again_under_its_key(method, key),
             params=params, data=body, headers=headers, allow_redirects=False,
             # Signed as each try is sent (a resend's timestamp and nonce its own), for its method,
             # path and query as sent, body, Idempotency-Key and deadline.

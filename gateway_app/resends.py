@@ -22,20 +22,23 @@ again): a timing rule would not spare the likelier kind, one that kills it at on
 bounded cost is taken so that a safe request does not fail at random under load or as a worker
 dies.
 
-A second try that did nothing, or failed, says nothing of the first, which may have been carried
-out: one never sent (no connection made), refused unrun (a gRPC server too busy to take it), rolled
-back for the deadline (the service's 504 CALLER_GAVE_UP: the second try found no answer stored under
-its key, a first try carried out being answered its replay even past the deadline, but the first may
-be under way still, short of its key, to commit once the second is rolled back: on a replica whose
-clock runs behind the second's, say), held up by a lock (503 IDEMPOTENCY_KEY_IN_USE, the likely
-answer while the first still runs: its key's row, uncommitted, holds up the second's INSERT of it
-past lock_timeout, and the first commits after; or DATABASE_BUSY, for another lock, or from a
-service of the release before, which answered that for the key's too), or any other 5xx of the
-service's own, leaves the first try's failure, a 502 "may have been carried out", not its own
-"unavailable" or "nothing was changed". Only an answer that went through the key vouches for the
-first: a success (a replay, or this try's own work, the first's having come to nothing) or the
-service's 4xx refusal. (A second try that times out, or breaks off in turn, is answered as it
-failed: its 504 or 502 says as much, "may have been carried out".)
+A second try that did nothing says nothing of the first, which may have been carried out: one never
+sent (no connection made) or refused unrun (a gRPC server too busy to take it) leaves the first
+try's failure, a 502 "may have been carried out", not its own "unavailable". A keyed POST's second
+try that failed says nothing of the first either: rolled back for the deadline (the service's 504
+CALLER_GAVE_UP: the second try found no answer stored under its key, a first try carried out being
+answered its replay even past the deadline, but the first may be under way still, short of its key,
+to commit once the second is rolled back: on a replica whose clock runs behind the second's, say),
+held up by a lock (503 IDEMPOTENCY_KEY_IN_USE, the likely answer while the first still runs: its
+key's row, uncommitted, holds up the second's INSERT of it past lock_timeout, and the first commits
+after; or DATABASE_BUSY, for another lock, or from a service of the release before, which answered
+that for the key's too), or any other 5xx of the service's own, leaves the first try's 502 too, not
+its own "nothing was changed" (sent_again_under_its_key). Only an answer that went through the key
+vouches for the first: a success (a replay, or this try's own work, the first's having come to
+nothing) or the service's 4xx refusal. A read's second try is answered as a first answer would be,
+its 5xx too (a 503 DATABASE_BUSY with its Retry-After, a DATABASE_UNAVAILABLE): a read changes
+nothing, so nothing the first did is denied. (A second try that times out, or breaks off in turn,
+is answered as it failed: its 504 or 502 says as much, "may have been carried out".)
 
 The rule says only what may be sent again; what answers it is the deployment's. Over HTTP the
 service's other gunicorn workers take the second try on the same port. Over gRPC only another
@@ -62,3 +65,13 @@ def safe_to_send_again(method: str, key_passed_on: str | None) -> bool:
     dropped unanswered: a read, or a POST with a key. A key makes no other method safe (none
     honours one)."""
     return method in _READS or (method == "POST" and key_passed_on is not None)
+
+
+def sent_again_under_its_key(method: str, key_passed_on: str | None) -> bool:
+    """True if a request of `method`, with `key_passed_on` (as safe_to_send_again takes them), is
+    sent again as a keyed POST: its second try's answer vouches for the first only if it went
+    through the key (a success, the service's 4xx), and a 5xx of the service's own leaves the first
+    try's failure. False for a read, whose second try is answered as a first answer would be (a
+    503 DATABASE_BUSY with its Retry-After: a read changes nothing), and for a request never sent
+    again."""
+    return method not in _READS and safe_to_send_again(method, key_passed_on)

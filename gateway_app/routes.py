@@ -13,7 +13,7 @@ from flask import current_app, jsonify, make_response, request, url_for
 from gateway_app import upstream_grpc
 from gateway_app.auth import SIGNED_IN_ERRORS
 from gateway_app.proxy import forward
-from gateway_app.resends import safe_to_send_again
+from gateway_app.resends import safe_to_send_again, sent_again_under_its_key
 from orders_app.schemas import (GET_ORDER_ERRORS, LIST_ORDERS_ERRORS, ORDER_PAGE_LINKS,
                                 PLACE_ORDER_ERRORS, PLACED_ORDER_LINKS, ListOrdersQuerySchema,
                                 OrderPageSchema, OrderSchema, PlaceOrderSchema,
@@ -93,7 +93,8 @@ def _grpc(service: str, method: str, body: dict[str, Any], status: int,
     # (A HEAD runs as its GET.)
     reply, headers = upstream_grpc.call(
         service, method, body,
-        safe_to_send_again=safe_to_send_again(request.method, key_passed_on))
+        safe_to_send_again=safe_to_send_again(request.method, key_passed_on),
+        under_its_key=sent_again_under_its_key(request.method, key_passed_on))
     return jsonify(reply), status, headers
 
 

@@ -141,15 +141,17 @@ def _close_if_unused(held: _ProcessChannel) -> None:
         held.channel.close()
 
 
-def call(service: str, method: str, body: dict[str, Any], *,
-         safe_to_send_again: bool) -> tuple[dict[str, Any], dict[str, str]]:
+def call(service: str, method: str, body: dict[str, Any], *, safe_to_send_again: bool,
+         under_its_key: bool) -> tuple[dict[str, Any], dict[str, str]]:
     """Call `method` of `service` with a request built from `body`: the reply as a JSON body, and
     the headers the HTTP API would have answered it with beside its Content-Type (what the
     reply's trailers say: Idempotent-Replayed). Sent once more, on a new connection, within what
     is left of the deadline (more than SECOND_TRY_NEEDS_SECONDS of it) and the grace, when the
     connection it went on broke before a byte of a reply came, if it is `safe_to_send_again`
-    (gateway_app/resends.py). Answered only if another process serves the same target (one
-    process per service, as the stacks run, leaves nothing listening: the first try's 502)."""
+    (gateway_app/resends.py); if it is sent again `under_its_key` (a keyed POST), the second
+    try's 5xx of the service's own is the first try's failure. Answered only if another process
+    serves the same target (one process per service, as the stacks run, leaves nothing
+    listening: the first try's 502)."""
     settings = current_app.extensions["hseshop.settings"]
     request = to_message(REQUEST_TYPES[(service, method)], body)
     seconds = settings.upstream_timeout_seconds
@@ -183,14 +185,15 @@ def call(service: str, method: str, body: dict[str, Any], *,
                 log.warning("%s could not be reached to send the call again (%s: %s)", service,
                             again.code().name, again.details())
                 raise _http_error(service, exc) from None
-            if _failed_by_the_service(again):
-                # The service's own 5xx: rolled back for the deadline, the first try's moment (504
-                # CALLER_GAVE_UP), or held up by a lock (503 IDEMPOTENCY_KEY_IN_USE: its key's
-                # INSERT waited out lock_timeout on the first try's, uncommitted, the likely answer
-                # while the first is under way; or DATABASE_BUSY). Either says nothing was done by
-                # this try alone, and nothing of the first, which may commit after it
-                # (gateway_app/resends.py): the first's failure is answered, as above, not this
-                # one's "nothing was done".
+            if under_its_key and _failed_by_the_service(again):
+                # A keyed POST's 5xx, the service's own: rolled back for the deadline, the first
+                # try's moment (504 CALLER_GAVE_UP), or held up by a lock (503
+                # IDEMPOTENCY_KEY_IN_USE: its key's INSERT waited out lock_timeout on the first
+                # try's, uncommitted, the likely answer while the first is under way; or
+                # DATABASE_BUSY). Either says nothing was done by this try alone, and nothing of
+                # the first, which may commit after it (gateway_app/resends.py): the first's
+                # failure is answered, as above, not this one's "nothing was done". A read's is
+                # answered as a first answer would be, below.
                 trailers = _trailers(again)
                 log.warning("%s failed the call sent again (%s %s: %s): the first try's failure"
                             " is answered", service, trailers[HTTP_STATUS_KEY],
@@ -258,7 +261,7 @@ def _too_busy(exc: grpc.RpcError) -> bool:
 
 def _failed_by_the_service(exc: grpc.RpcError) -> bool:
     """True if the failed call is the service's own failure (a 5xx in its trailers:
-    shared/grpc_server.py's _abort), which says nothing of another try of the call: its rollback
+    shared/grpc_server.py's _abort), which says nothing of another try of a keyed call: its rollback
     for the deadline (504 CALLER_GAVE_UP), its database busy or unreachable (503). (The gateway's
     own timer's DEADLINE_EXCEEDED comes with no trailers.)"""
     status = _trailers(exc).get(HTTP_STATUS_KEY, "")

@@ -20,9 +20,11 @@ connection, within what is left of the deadline, where that is safe (gateway_app
 or HEAD, or a POST with an Idempotency-Key passed on). Any other fails, as does a request closed
 without an answer on a connection made for it (the second try's too), or after a byte of one: the
 service may have carried it out, or is refusing it. A second try that does nothing (no connection
-made) or fails (any 5xx: rolled back for the deadline, the service's 504 CALLER_GAVE_UP, or its 503
-IDEMPOTENCY_KEY_IN_USE) leaves the first try's failure, a 502. The connections are the services'
-own, never through a proxy the environment names, and carry no cookie (none is kept).
+made) leaves the first try's failure, a 502, as does a keyed POST's that fails (any 5xx: rolled
+back for the deadline, the service's 504 CALLER_GAVE_UP, or its 503 IDEMPOTENCY_KEY_IN_USE); a
+GET's second try is answered as a first answer would be, its 5xx too (a 503 DATABASE_BUSY with
+its Retry-After). The connections are the services' own, never through a proxy the environment
+names, and carry no cookie (none is kept).
 
 How soon the failure came does not count (gateway_app/resends.py): a close the service made
 before the request came can show late on a slowed host (two busy cores, a pause for the
@@ -249,16 +251,17 @@ def _http() -> requests.Session:
 
 
 def send(service: str, method: str, url: str, *, deadline_seconds: float, safe_to_repeat: bool,
-         **kwargs) -> requests.Response:
+         under_its_key: bool, **kwargs) -> requests.Response:
     """The request sent to `service` within `deadline_seconds` (the deadline signed to it), and
     its whole answer read within COMMIT_GRACE_SECONDS more (else requests' Timeout, or its
     ConnectionError around urllib3's ReadTimeoutError once the answer has begun); sent once
     more, on a new connection, when a kept-alive connection it went on was closed before a byte
-    of an answer came, if it is `safe_to_repeat` (within the same deadline). `kwargs` go to
-    requests."""
+    of an answer came, if it is `safe_to_repeat` (within the same deadline); if it is sent again
+    `under_its_key` (a keyed POST: gateway_app/resends.py), the second try's 5xx is the first
+    try's failure. `kwargs` go to requests."""
     _call.begin(deadline_seconds)
     try:
-        return _sent(service, method, url, safe_to_repeat,
+        return _sent(service, method, url, safe_to_repeat, under_its_key,
                      timeout=(min(CONNECT_TIMEOUT_SECONDS, deadline_seconds),
                               deadline_seconds + COMMIT_GRACE_SECONDS),
                      **kwargs)
@@ -266,7 +269,7 @@ def send(service: str, method: str, url: str, *, deadline_seconds: float, safe_t
         _call.end()
 
 
-def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
+def _sent(service: str, method: str, url: str, safe_to_repeat: bool, under_its_key: bool,
           **kwargs) -> requests.Response:
     try:
         return _http().request(method, url, **kwargs)
@@ -292,11 +295,12 @@ def _sent(service: str, method: str, url: str, safe_to_repeat: bool,
         # send and died carrying it out, so that first failure is the one to answer for (a 502,
         # "may have been carried out"), not this one's "unavailable", which would deny it.
         raise first_failure from again
-    if answer.status_code >= 500:
-        # Nor may this try's 5xx, which vouches for nothing the first did: its rollback for the
-        # deadline (the same moment as the first's) or its 503 (IDEMPOTENCY_KEY_IN_USE: held up by
-        # the first's uncommitted key; DATABASE_BUSY) says nothing was done by it alone, while the
-        # first may be under way still and commit after it, as over gRPC (gateway_app/resends.py).
+    if under_its_key and answer.status_code >= 500:
+        # Nor may a keyed POST's 5xx, which vouches for nothing the first did: its rollback for
+        # the deadline (the same moment as the first's) or its 503 (IDEMPOTENCY_KEY_IN_USE: held
+        # up by the first's uncommitted key; DATABASE_BUSY) says nothing was done by it alone,
+        # while the first may be under way still and commit after it, as over gRPC
+        # (gateway_app/resends.py). A read's is answered as a first answer would be.
         log.warning("%s answered the request sent again %s %s: the first try's failure is"
                     " answered", service, answer.status_code,
                     error_code_of(answer) or "(no error of the API's)")

@@ -1221,6 +1221,33 @@ def test_a_keyed_post_sent_again_whose_second_try_did_nothing_is_the_first_sends
         assert again[::2] == ("POST", "retry-me") and again[1] != kept_alive
 
 
+@pytest.mark.parametrize("code", ["DATABASE_BUSY", "DATABASE_UNAVAILABLE"])
+def test_a_get_sent_again_is_answered_its_second_trys_503_as_a_first_answer_would_be(
+        settings, upstreams, caplog, code):
+    """A GET whose kept-alive connection closed unanswered is sent again (as above), and the
+    service answers the second try 503 with Retry-After: 7. A read changes nothing, so that 503
+    denies nothing the first try did: it is answered as a first answer would be, its code and its
+    Retry-After passed on, and the log says the service's 503, not a closed connection. (The
+    first try's 502 is a keyed POST's, above: gateway_app/resends.py.)"""
+    body = json.dumps({"error": {"code": code, "message": "busy; try again", "details": {}}})
+    head = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 7\r\n")
+    caplog.set_level("INFO", logger="gateway_app")
+    with _dropping(settings, _dropped_then_answered(head, body.encode())) as (client, server):
+        answer, kept_alive = _sent_after_a_kept_alive_get(client, server, "GET", None)
+        assert answer.status_code == 503, answer.get_json()
+        assert answer.get_json()["error"]["code"] == code
+        assert answer.headers.get("Retry-After") == "7"
+        [dropped, again] = server.received[1:]
+        assert dropped == ("GET", kept_alive, None)
+        assert again[::2] == ("GET", None) and again[1] != kept_alive
+    said = [record.getMessage() for record in caplog.records
+            if record.name.startswith("gateway_app")]
+    assert any("sending the request again" in line for line in said), said
+    assert not any("closed the connection without answering" in line
+                   or "the first try's failure is answered" in line for line in said), said
+
+
 def test_a_keyed_post_whose_kept_alive_connection_closed_as_its_body_went_is_sent_again(
         settings, upstreams, monkeypatch):
     """A kept-alive connection the service closed as the request came on it, its head read, its

@@ -40,6 +40,7 @@ from devstack.infra import free_port
 from shared import grpc_server
 from shared.app_closing import close_app
 from shared.caller_deadline import COMMIT_GRACE_SECONDS
+from shared.errors import ApiError, DatabaseBusy, DatabaseUnavailable
 from shared.grpc_server import (ERROR_CODE_KEY, ERROR_DETAILS_KEY, HTTP_STATUS_KEY,
                                 RETRY_AFTER_KEY, SERVER_THREADS, build_server, channel_options)
 from shared.idempotency import REPLAYED_HEADER
@@ -486,12 +487,13 @@ class _HoldingOrders(orders_pb2_grpc.OrdersServicer):
 
 
 def _a_held_list_broken_off(settings, upstreams, grpc_targets, cleanup: ExitStack,  # noqa: F811
-                            held_for: float, **changes):
-    """A GET of /api/orders through a gateway (its settings `changes`) to a _HoldingOrders
-    behind a proxy, whose connection is broken off `held_for` seconds after the call came, as the
-    service's process dying holding it breaks it, and the connections made after it carried,
-    as to another process in its place: the answer, how long it took, and the orders."""
-    orders = _HoldingOrders()
+                            held_for: float, orders: _HoldingOrders | None = None, **changes):
+    """A GET of /api/orders through a gateway (its settings `changes`) to `orders` (a
+    _HoldingOrders where none is given) behind a proxy, whose connection is broken off `held_for`
+    seconds after the call came, as the service's process dying holding it breaks it, and the
+    connections made after it carried, as to another process in its place: the answer, how long
+    it took, and the orders."""
+    orders = orders or _HoldingOrders()
     server, bind = _orders_served_by(orders, workers=4)
     cleanup.callback(server.stop, None)
     proxy = SilencingProxy(bind)
@@ -549,6 +551,48 @@ def test_a_safe_call_sent_again_waits_only_for_what_is_left_of_its_deadline(
         assert orders.calls() == 2
         assert "sending the call again" in caplog.text
         assert 3.0 + COMMIT_GRACE_SECONDS <= took < 4.0 + COMMIT_GRACE_SECONDS, took
+
+
+class _HoldingThenFailingOrders(_HoldingOrders):
+    """_HoldingOrders whose ListOrders, after the first call, fails each as shared.grpc_server
+    fails a call with `error` (its status, code and Retry-After in the trailers)."""
+
+    def __init__(self, error: ApiError):
+        super().__init__()
+        self.error = error
+
+    def ListOrders(self, request, context):
+        if self.calls() == 0:
+            return super().ListOrders(request, context)
+        with self._counting:
+            self._calls += 1
+        grpc_server._abort(context, self.error)
+
+
+@pytest.mark.parametrize("error", [DatabaseBusy, DatabaseUnavailable])
+def test_a_get_sent_again_is_answered_its_second_trys_503_as_a_first_answer_would_be(
+        settings, upstreams, grpc_targets, caplog, error):  # noqa: F811
+    """A GET broken off once sent is sent again (as above), and the service fails the second try
+    503 (DATABASE_BUSY, DATABASE_UNAVAILABLE) with Retry-After: 7. A read changes nothing, so that
+    503 denies nothing the first try did: it is answered as a first answer would be, its code and
+    its Retry-After passed on, and the log says the service's failure, not a closed connection.
+    (The first try's 502 is a keyed POST's: gateway_app/resends.py.)"""
+    caplog.set_level(logging.INFO, logger="gateway_app.upstream_grpc")
+    failure = error()
+    failure.headers["Retry-After"] = "7"
+    with ExitStack() as cleanup:
+        answer, _, orders = _a_held_list_broken_off(
+            settings, upstreams, grpc_targets, cleanup, held_for=0.2,
+            orders=_HoldingThenFailingOrders(failure), upstream_timeout_seconds=5.0)
+        assert answer.status_code == 503, answer.get_json()
+        assert answer.get_json()["error"]["code"] == failure.code
+        assert answer.headers.get("Retry-After") == "7"
+        assert orders.calls() == 2
+    said = [record.getMessage() for record in caplog.records
+            if record.name == "gateway_app.upstream_grpc"]
+    assert any("sending the call again" in line for line in said), said
+    assert not any("closed the connection without answering:" in line
+                   or "the first try's failure is answered" in line for line in said), said
 
 
 def test_a_keyed_deposit_sent_again_while_its_first_try_holds_its_key_is_the_first_trys_502(
