@@ -53,14 +53,25 @@ _hashing = threading.BoundedSemaphore(HASHES_AT_ONCE)
 # sockets): with the wait 2 s, 34 a core hashing, 64 at most (a third of the threads).
 TYPICAL_HASH_SECONDS = 0.06  # (a hash of this release's cost on one core of a current server)
 WAITING_AT_MOST_EVER = 64
-# The highest cost of a stored hash that is read, N * r * p: 4 times this release's, so at most
-# 64 MiB (scrypt takes 128 * N * r bytes) and some quarter of a second of a core a hash, 256 MiB
-# with HASHES_AT_ONCE at four (the gateway container has 1 GB). A stored hash of a higher cost (a
+
+
+def _scrypt_bytes(n: int, r: int, p: int) -> int:
+    """The memory scrypt takes for a hash of cost `n`, `r` and `p`, as OpenSSL counts it: its B
+    (128 * r * p bytes), V (128 * r * N) and XY (256 * r) blocks."""
+    return 128 * r * (n + p + 2)
+
+
+# The highest cost of a stored hash that is read: 4 times this release's in work (N * r * p,
+# COST_AT_MOST) and in memory (_scrypt_bytes, MEMORY_AT_MOST) alike, so at most 64 MiB (and some
+# KiB) and some quarter of a second of a core a hash, 256 MiB with HASHES_AT_ONCE at four (the
+# gateway container has 1 GB). The work alone does not bound the memory: N = 2, r = 2**18 is
+# this release's work four times over and takes 160 MiB. A stored hash of a higher cost (a
 # corrupt or hostile row: N = 2**20 took 1 GiB, p = 2**20 twelve hours of a core, its turn held)
 # is unreadable: a release raising the cost past this must have this raised a release before it.
 COST_AT_MOST = 4 * _N * _R * _P
-# scrypt's memory for N and r beyond 128 * N * r, as OpenSSL counts it (its B and XY blocks), and a
-# margin: hashlib's default limit, 32 MiB, refuses N = 2**15 (32 MiB and those) outright.
+MEMORY_AT_MOST = 4 * _scrypt_bytes(_N, _R, _P)
+# A margin past the memory scrypt takes (_scrypt_bytes), given as its limit: hashlib's default
+# limit, 32 MiB, refuses N = 2**15 (32 MiB and its B and XY blocks) outright.
 _SCRYPT_MEMORY_MARGIN = 1024 * 1024
 # Every hash's, as the release before writes and reads it (no mark of the form hashed).
 SCHEME = "scrypt"
@@ -93,9 +104,9 @@ def verify_password(password: str, stored: str, wait: float | None = None,
     made before passwords were normalised). A password not in its NFKC form costs two hashes,
     both always computed, one in it costs one: never more or less for whichever hash is stored.
     Both in one turn, waited for at most `wait` seconds (None: as long as it takes), else
-    HashingBusy. A stored hash that cannot be read (of a cost past COST_AT_MOST too) is said in
-    an ERROR naming `whose` it is (its user cannot sign in until it is mended), and matches
-    nothing."""
+    HashingBusy. A stored hash that cannot be read (of a cost past COST_AT_MOST or MEMORY_AT_MOST
+    too) is said in an ERROR naming `whose` it is (its user cannot sign in until it is mended),
+    and matches nothing."""
     form = normalised(password)
     with _turn(wait):
         try:
@@ -116,7 +127,8 @@ def normalised(password: str) -> str:
 
 def _checks(password: str, stored: str) -> bool:
     """Whether `password` is the one `stored` was made of (Unreadable if `stored` cannot be
-    read: not of this scheme or its form, or of a cost past COST_AT_MOST or scrypt refuses)."""
+    read: not of this scheme or its form, or of a cost past COST_AT_MOST or MEMORY_AT_MOST, or
+    scrypt refuses)."""
     fields = stored.split("$")
     if len(fields) != 6:
         raise Unreadable(f"{len(fields)} fields, not 6")
@@ -129,6 +141,9 @@ def _checks(password: str, stored: str) -> bool:
         raise Unreadable("N, r or p is no whole number") from None
     if min(n, r, p) < 1 or n * r * p > COST_AT_MOST:
         raise Unreadable(f"N={n}, r={r}, p={p}: N * r * p is not 1 to {COST_AT_MOST}")
+    if _scrypt_bytes(n, r, p) > MEMORY_AT_MOST:
+        raise Unreadable(f"N={n}, r={r}, p={p}: it would take {_scrypt_bytes(n, r, p)} bytes,"
+                         f" past {MEMORY_AT_MOST}")
     try:
         salt, expected = base64.b64decode(salt), base64.b64decode(key)
     except ValueError:
@@ -144,7 +159,7 @@ def _checks(password: str, stored: str) -> bool:
 def _memory_for(n: int, r: int, p: int) -> int:
     """The memory limit scrypt is given for a hash of cost `n`, `r` and `p`: what it takes, with a
     margin (a hash of a higher cost than this release makes, as a later one may, is read)."""
-    return 128 * r * (n + p + 2) + _SCRYPT_MEMORY_MARGIN
+    return _scrypt_bytes(n, r, p) + _SCRYPT_MEMORY_MARGIN
 
 
 def waiting_at_most(wait: float | None) -> int:

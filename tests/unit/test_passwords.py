@@ -246,6 +246,26 @@ def test_a_stored_hash_of_a_cost_past_the_most_read_is_refused_before_it_is_hash
     assert passwords.COST_AT_MOST == 2**16 * 8  # 64 MiB: four at once 256 MiB
 
 
+def test_a_stored_hash_within_the_most_work_but_past_the_most_memory_is_refused_before_it_is_hashed(
+        monkeypatch, caplog):
+    """N = 2, r = 2**18 is this release's work (N * r * p) four times over, within COST_AT_MOST,
+    but scrypt takes 128 * r * (N + p + 2) bytes, 160 MiB (some 0.6 s of a core): past the 64 MiB
+    that four times this release's cost takes, it is unreadable as a higher cost is."""
+    readable = _hash_of_cost("correct horse", 2**10)
+    salt_and_key = readable.split("$", 4)[4]
+    hashes = []
+    monkeypatch.setattr(passwords.hashlib, "scrypt", lambda *a, **k: hashes.append(k))
+    n, r, p = 2, 2**18, 1
+    assert n * r * p <= passwords.COST_AT_MOST
+    assert not passwords.verify_password("correct horse", f"scrypt${n}${r}${p}${salt_and_key}",
+                                         whose="usr_0123456789abcdef")
+    [record] = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert "usr_0123456789abcdef" in record.getMessage()
+    assert "cannot be read" in record.getMessage()
+    assert hashes == []
+    assert passwords.MEMORY_AT_MOST == 4 * 128 * 8 * (2**14 + 3)  # 64 MiB and 12 KiB
+
+
 def test_a_stored_hash_of_the_most_cost_read_checks():
     stored = _hash_of_cost("correct horse", 2**16)
     assert passwords.verify_password("correct horse", stored)
