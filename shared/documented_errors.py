@@ -71,9 +71,10 @@ VALIDATION_ERROR = DocumentedError(
 IDEMPOTENCY_KEY_REUSED = DocumentedError(
     422, "IDEMPOTENCY_KEY_REUSED", f"the {IDEMPOTENCY_HEADER} was used with another body")
 IDEMPOTENCY_KEY_IN_USE = DocumentedError(
-    503, KeyInUse.code, f"an earlier request under the {IDEMPOTENCY_HEADER} is still in progress "
-    "(it held the key past the 2 s this one waits for a lock) and may yet take effect; nothing "
-    "was done by this one: retry with the same key, which is answered the earlier one's answer",
+    503, KeyInUse.code, f"the {IDEMPOTENCY_HEADER} is held by another transaction (past the 2 s "
+    "this one waits for a lock): most likely an earlier request under it, still in progress, "
+    "which may yet take effect; nothing was done by this one: retry shortly with the same key, "
+    "which is answered the earlier one's answer",
     headers=(RETRY_AFTER,))
 DATABASE_UNAVAILABLE = DocumentedError(
     503, "DATABASE_UNAVAILABLE", "the service cannot reach its database just now",

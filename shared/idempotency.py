@@ -25,9 +25,12 @@ no key behind, and two concurrent requests with one key run one after the other:
 on the first one's insert and then reads its stored response, if the first commits (or rolls
 back) within lock_timeout (shared/db.py: SESSION_LIMITS, 2 s). Past it the second is answered 503
 IDEMPOTENCY_KEY_IN_USE (KeyInUse, with Retry-After), not DATABASE_BUSY's "nothing was changed":
-the first request under the key is under way still and may yet commit, so the client retries
-under the same key, and is answered the first's answer once it has (a gateway's own second try of
-a keyed POST is likeliest to meet it: gateway_app/resends.py). A refusal the operation itself
+the key is held by another transaction, most likely the first request under it, under way still,
+which may yet commit, so the client retries under the same key, and is answered the first's
+answer once it has (a gateway's own second try of a keyed POST is likeliest to meet it:
+gateway_app/resends.py). (Less likely, the key's INSERT waited on the pruner's uncommitted DELETE
+of an expired row under the same key, or on a migration's lock: nothing under the key is then
+under way, and the retry is carried out.) A refusal the operation itself
 makes once it has begun (a 4xx its use case raises: a top-up's 404 ACCOUNT_NOT_FOUND or 422
 BALANCE_LIMIT_EXCEEDED) is an answer as a success is, and is kept and replayed alike (the same
 status and body, said replayed): its work rolls back whole, and the key is then recorded with the
@@ -119,17 +122,19 @@ _REPLAYED_MARK = "hseshop_idempotent_replayed"
 
 
 class KeyInUse(ServiceUnavailable):
-    """The request's key is held by another transaction past lock_timeout: an earlier request
-    under the key, under way still (its key recorded, not yet committed), which may yet take
-    effect. Nothing was done by this one; its retry under the same key is answered the earlier
-    one's answer once that has committed (or is carried out, if it rolled back)."""
+    """The request's key is held by another transaction past lock_timeout: most likely an
+    earlier request under the key, under way still (its key recorded, not yet committed), which
+    may yet take effect; else the pruner deleting an expired row under the key, or a migration's
+    lock, uncommitted. Nothing was done by this one; its retry under the same key is answered the
+    earlier one's answer once that has committed (or is carried out, if it rolled back or there
+    was none)."""
 
     code = "IDEMPOTENCY_KEY_IN_USE"
 
     def __init__(self):
-        super().__init__(f"An earlier request under this {IDEMPOTENCY_HEADER} is still in"
-                         " progress, and may yet take effect; this one waited for it in vain."
-                         f" Retry shortly with the same {IDEMPOTENCY_HEADER}.",
+        super().__init__(f"This {IDEMPOTENCY_HEADER} is held by another transaction: most"
+                         " likely an earlier request under it, still in progress, which may yet"
+                         f" take effect. Retry shortly with the same {IDEMPOTENCY_HEADER}.",
                          headers={"Retry-After": "1"})
 
 
@@ -386,8 +391,8 @@ def say_if_replayed(response: HttpResponse) -> HttpResponse:
 
 def _claim(session: Session, user_id: str, endpoint: str, key: str, row: dict[str, Any]) -> bool:
     """Record the key with `row`, the rest of its columns; False when it is recorded already (by
-    a request that has committed: one in flight is waited for, up to lock_timeout, then
-    KeyInUse, the transaction aborted)."""
+    a request that has committed: another transaction holding it, one in flight most likely, is
+    waited for up to lock_timeout, then KeyInUse, the transaction aborted)."""
     try:
         return session.execute(
             insert(IdempotencyKey)
@@ -397,9 +402,9 @@ def _claim(session: Session, user_id: str, endpoint: str, key: str, row: dict[st
         ).first() is not None
     except OperationalError as exc:
         if held_up_by_a_lock(exc):
-            log.warning("a request under an %s waited out lock_timeout on the key, held by an"
-                        " earlier request under it still under way: 503 %s", IDEMPOTENCY_HEADER,
-                        KeyInUse.code)
+            log.warning("a request under an %s waited out lock_timeout on the key, held by"
+                        " another transaction (most likely an earlier request under it still"
+                        " under way): 503 %s", IDEMPOTENCY_HEADER, KeyInUse.code)
             raise KeyInUse() from exc
         raise
 

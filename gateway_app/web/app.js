@@ -393,7 +393,8 @@
   // an error before it was sent. UNKNOWN: no answer, a session ended before its answer came
   // (api() has it handled: nobody here is told), or any other 5xx: the gateway's 502 or 504, a
   // service's 503 DATABASE_UNAVAILABLE (a commit whose connection was lost may have gone through)
-  // or IDEMPOTENCY_KEY_IN_USE (an earlier send under the key still in progress).
+  // or IDEMPOTENCY_KEY_IN_USE (the key held by another transaction: most likely an earlier send
+  // under it, still in progress).
   // (A 504 CALLER_GAVE_UP says this send did nothing, and found nothing done under its key; an
   // earlier send under it still on its way may yet be carried out: the key is kept.)
   function attemptOutcome(error) {

@@ -1200,7 +1200,7 @@ def _dropped_then_answered(head: bytes, body: bytes):
     # Its key's INSERT waited out lock_timeout on the first try's, uncommitted.
     (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
      b"Retry-After: 1\r\n", json.dumps({"error": {
-         "code": "IDEMPOTENCY_KEY_IN_USE", "message": "still in progress",
+         "code": "IDEMPOTENCY_KEY_IN_USE", "message": "held by another transaction",
          "details": {}}}).encode()),
 ], ids=["rolled back for the deadline", "database busy", "key in use"])
 def test_a_keyed_post_sent_again_whose_second_try_did_nothing_is_the_first_sends_502(
