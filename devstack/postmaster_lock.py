@@ -359,9 +359,9 @@ def _judged_by_port(lock: PostmasterLock, pgdata: Path, host: str,
     if not port_open(host, lock.port):
         return False, (f"{pid_found}; it names no shared memory, and nothing listens on its port"
                        f" {lock.port}")
-    served = _data_directory_served_on(host, lock.port)
+    served, why_not = _data_directory_served_on(host, lock.port)
     if served is None:
-        return True, f"something listens on its port {lock.port} and does not say what it serves"
+        return True, f"something listens on its port {lock.port}{why_not}"
     if os.path.exists(served) and os.path.samefile(served, pgdata):
         return True, f"a server of that data directory answers on its port {lock.port}"
     return False, (f"{pid_found}; it names no shared memory, and the server on its port"
@@ -409,25 +409,33 @@ def attached_by_segment() -> dict[tuple[int, int], int] | None:
     return segments
 
 
-def _data_directory_served_on(host: str, port: int) -> str | None:
-    """The data directory of the PostgreSQL answering `postgres` on host:port without a password;
-    None if what listens there will not say, or psycopg2 is not there to ask with (`make clean`
-    runs on a venv not yet installed too: devstack/clean.py)."""
+# Why _data_directory_served_on tells no data directory, in words that follow "something listens
+# on its port 5432".
+_DOES_NOT_SAY = " and does not say what it serves"
+_NO_PSYCOPG2 = (", and psycopg2 is not installed here: cannot ask the server which data directory"
+                " it serves")
+
+
+def _data_directory_served_on(host: str, port: int) -> tuple[str | None, str]:
+    """The data directory of the PostgreSQL answering `postgres` on host:port without a password,
+    and "" beside it; None if none is told, and why: what listens there will not say, or
+    psycopg2 is not there to ask with (`make clean` runs on a venv not yet installed too:
+    devstack/clean.py)."""
     try:
         import psycopg2
     except ImportError:
-        return None
+        return None, _NO_PSYCOPG2
 
     try:
         connection = psycopg2.connect(host=host, port=port, user="postgres", dbname="postgres",
                                       connect_timeout=2)
     except psycopg2.Error:
-        return None
+        return None, _DOES_NOT_SAY
     try:
         with connection.cursor() as cursor:
             cursor.execute("SHOW data_directory")
-            return cursor.fetchone()[0]
+            return cursor.fetchone()[0], ""
     except psycopg2.Error:
-        return None
+        return None, _DOES_NOT_SAY
     finally:
         connection.close()

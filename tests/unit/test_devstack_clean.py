@@ -7,6 +7,7 @@ venv whose python is this one's interpreter, the checkout's modules on its path.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import site
@@ -177,7 +178,8 @@ def test_devstack_clean_imports_the_standard_library_alone():
 def test_with_no_psycopg2_a_server_that_may_run_on_a_data_directory_keeps_the_folder(tmp_path):
     """A lock file naming no shared memory and a port something listens on is judged by asking
     that server its data directory, with psycopg2: with none installed, nothing is told, and the
-    folder is kept, saying so (not a ModuleNotFoundError)."""
+    folder is kept, saying so (not a ModuleNotFoundError), and saying that psycopg2 is missing
+    (it said the server "does not say what it serves", as though it had been asked)."""
     pgdata = tmp_path / ".run" / "postgres"
     judged = _without_site_packages(
         f"""
@@ -196,7 +198,10 @@ def test_with_no_psycopg2_a_server_that_may_run_on_a_data_directory_keeps_the_fo
             print(exc)
         """)
     assert judged.returncode == 0, judged.stderr
-    assert "does not say what it serves" in judged.stdout
+    assert re.search(r"something listens on its port \d+, and psycopg2 is not installed here:"
+                     r" cannot ask the server which data directory it serves", judged.stdout), \
+        judged.stdout
+    assert "does not say what it serves" not in judged.stdout
     assert (pgdata / "postmaster.pid").exists()
 
 
