@@ -20,31 +20,31 @@ gateway sent again (its connection closed unanswered, over either transport:
 gateway_app/resends.py) is answered "replayed" when the first send of this same request did the
 work, though the client sent it once.
 
-The key is recorded in the same transaction as the work it guards, so a request that fails leaves
-no key behind, and two concurrent requests with one key run one after the other: the second waits
-on the first one's insert and then reads its stored response, if the first commits (or rolls
-back) within lock_timeout (shared/db.py: SESSION_LIMITS, 2 s). Past it the second is answered 503
-IDEMPOTENCY_KEY_IN_USE (KeyInUse, with Retry-After), not DATABASE_BUSY's "nothing was changed":
-the key is held by another transaction, most likely the first request under it, under way still,
-which may yet commit, so the client retries under the same key, and is answered the first's
-answer once it has (a gateway's own second try of a keyed POST is likeliest to meet it:
-gateway_app/resends.py). (Less likely, the key's INSERT waited on the pruner's uncommitted DELETE
-of an expired row under the same key, or on a migration's lock: nothing under the key is then
-under way, and the retry is carried out.) A refusal the operation itself
-makes once it has begun (a 4xx its use case raises: a top-up's 404 ACCOUNT_NOT_FOUND or 422
-BALANCE_LIMIT_EXCEEDED) is an answer as a success is, and is kept and replayed alike (the same
-status and body, said replayed): its work rolls back whole, and the key is then recorded with the
-refusal in a short transaction of its own, so that a top-up refused for want of an account,
-retried under its key once the account is open, is answered its 404 again, not carried out. As
-Stripe keeps a result "only if an API endpoint started executing", what refuses a request before
-its operation runs keeps nothing: its body invalid (400, 422 VALIDATION_ERROR), its key or its
-identity (400, 401), its media type (415), a limit (429), and any failure (503, 504
-CALLER_GAVE_UP, 5xx); its retry, a corrected body under the same key included, is carried out.
-A refusal's row keeps its request's fingerprint marked (_REFUSAL_MARK), so that a process of the
-release before this one, which kept no refusal and would answer one's body with its operation's
-success status, refuses a retry under its key 422 IDEMPOTENCY_KEY_REUSED instead. A key is kept for
-IDEMPOTENCY_KEY_RETENTION_SECONDS (a day, by default), then pruned (`prune_expired_keys`, run by
-beat): a client retries within that, and the same key later is a new request.
+The key is recorded in the same transaction as the work it guards, so a request that fails leaves no
+key behind, and two concurrent requests with one key run one after the other: the second waits on
+the first one's insert and then reads its stored response, if the first commits (or rolls back)
+within lock_timeout (shared/db.py: SESSION_LIMITS, 2 s). Past it the second is answered 503
+IDEMPOTENCY_KEY_IN_USE (KeyInUse, with Retry-After), not DATABASE_BUSY's "nothing was changed": the
+key is held by another transaction, most likely the first request under it, under way still, which
+may yet commit, so the client retries under the same key, and is answered the first's answer once it
+has (a gateway's own second try of a keyed POST is likeliest to meet it: gateway_app/resends.py).
+(Less likely, the key's INSERT waited on the pruner's uncommitted DELETE of an expired row under the
+same key, or on a migration's lock: nothing under the key is then under way, and the retry is
+carried out.) A refusal the operation itself makes once it has begun (a 4xx its use case raises: a
+top-up's 404 ACCOUNT_NOT_FOUND or 422 BALANCE_LIMIT_EXCEEDED) is an answer as a success is, and is
+kept and replayed alike (the same status and body, said replayed): its work rolls back whole, and
+the key is then recorded with the refusal in a short transaction of its own, so that a top-up
+refused for want of an account, retried under its key once the account is open, is answered its 404
+again, not carried out. As Stripe keeps a result "only if an API endpoint started executing", what
+refuses a request before its operation runs keeps nothing: its body invalid (400, 422
+VALIDATION_ERROR), its key or its identity (400, 401), its media type (415), a limit (429), and any
+failure (503, 504 CALLER_GAVE_UP, 5xx); its retry, a corrected body under the same key included, is
+carried out. A refusal's row keeps its request's fingerprint marked (_REFUSAL_MARK), so that a
+process of the release before this one, which kept no refusal and would answer one's body with its
+operation's success status, refuses a retry under its key 422 IDEMPOTENCY_KEY_REUSED instead. A key
+is kept for IDEMPOTENCY_KEY_RETENTION_SECONDS (a day, by default), then pruned
+(`prune_expired_keys`, run by beat): a client retries within that, and the same key later is a new
+request.
 
 A replay is answered whenever it ends, the caller's deadline passed or not (shared.db:
 nothing_new_to_commit): it commits nothing new, and the work it answers for is done. Rolled back
