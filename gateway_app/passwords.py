@@ -63,11 +63,13 @@ def _scrypt_bytes(n: int, r: int, p: int) -> int:
 
 # The highest cost of a stored hash that is read: 4 times this release's in work (N * r * p,
 # COST_AT_MOST) and in memory (_scrypt_bytes, MEMORY_AT_MOST) alike, so at most 64 MiB (and some
-# KiB) and some quarter of a second of a core a hash, 256 MiB with HASHES_AT_ONCE at four (the
-# gateway container has 1 GB). The work alone does not bound the memory: N = 2, r = 2**18 is
-# this release's work four times over and takes 160 MiB. A stored hash of a higher cost (a
-# corrupt or hostile row: N = 2**20 took 1 GiB, p = 2**20 twelve hours of a core, its turn held)
-# is unreadable: a release raising the cost past this must have this raised a release before it.
+# KiB) and some quarter of a second of a core a hash (N = 2**16: 0.2 s; half a second for the
+# oddest shape they let through, N = 2 and p = 2**18, all PBKDF2), 256 MiB with HASHES_AT_ONCE at
+# four (the gateway container has 1 GB). The work alone does not bound the memory: N = 2,
+# r = 2**18 is this release's work four times over and takes 160 MiB. A stored hash of a higher
+# cost (a corrupt or hostile row: N = 2**20 took 1 GiB, p = 2**20 twelve hours of a core, its turn
+# held) is unreadable: a release raising the cost past this must have this raised a release
+# before it.
 COST_AT_MOST = 4 * _N * _R * _P
 MEMORY_AT_MOST = 4 * _scrypt_bytes(_N, _R, _P)
 # A margin past the memory scrypt takes (_scrypt_bytes), given as its limit: hashlib's default
