@@ -106,6 +106,9 @@
   // NOTIFICATIONS_UNAVAILABLE), and the back-off after a socket turned away (closed 1013, or never
   // opened: a handshake refused), the user's pause not in it. Kept across a session's end: the
   // address's limit is not the user's (whose waits go in notBefore, which the sign-out clears).
+  // (A 1013 may be the user's own limit too, their open sockets, SOCKETS_PER_USER, or the
+  // gateway process's: its reason is the same for all three, and the page cannot tell them apart.
+  // Its back-off, 37.5 s at most, outlives the sign-out whatever turned the socket away.)
   // The network back online (start) does not bring it forward.
   let socketNotBefore = 0;
   let expiryTimer = null;
@@ -1180,8 +1183,9 @@
       if (event.code === 1012) reconnectDelay = RECONNECT_FIRST_MS;
       pollOrders();
       const turnedAway = !opened || event.code === 1013;
-      // (The back-off alone is the address's: the user's pause, a 1013's "try again in", is
-      // theirs, and ends with their session.)
+      // (The back-off alone outlives the session, the address's or not: a 1013 for the
+      // address's sockets, the user's (SOCKETS_PER_USER) or the process's says the same. The
+      // user's pause, a 1013's "try again in", is theirs, and ends with their session.)
       const backOff = scheduleReconnect(
         turnedAway ? RECONNECT_TURNED_AWAY_MAX_MS : RECONNECT_MAX_MS);
       if (turnedAway) socketNotBefore = Math.max(socketNotBefore, performance.now() + backOff);
