@@ -1571,8 +1571,14 @@ def test_the_network_back_after_going_away_replaces_the_open_socket_but_not_othe
 
     sockets = page.wait_until(replaced, what="the page's socket replaced")
     assert sockets[0]["closed"] is not None and sockets[1]["created"] > went_at, sockets
-    paid = shopper.place_order("30")["id"]  # (told over the new socket)
+    paid = shopper.place_order("30")["id"]
     page.wait_for_status(paid, "FINISHED")
+    # Told over the new socket (its one message: it was opened after the last id the page had
+    # seen), and over the one replaced nothing.
+    sockets = page.wait_until(
+        lambda: (sockets := browser.execute_script("return window.hseshopSockets;"))[1]["messages"]
+        and sockets, what="the paid order's notification over the new socket")
+    assert [len(socket["messages"]) for socket in sockets] == [0, 1], sockets
     browser.execute_script('window.dispatchEvent(new Event("online"));')  # (no `offline`: kept)
     time.sleep(1)
     assert len(browser.execute_script("return window.hseshopSockets;")) == 2
@@ -1618,17 +1624,28 @@ def test_the_network_back_opens_no_socket_in_a_hidden_tab_until_it_is_shown(stac
     page.wait_until(lambda: len(browser.execute_script("return window.hseshopSockets;")) == 2
                     and page.element("live-status").get_attribute("data-state") == "live",
                     what="the page's socket open again, the tab shown")
-    shown_at = browser.execute_script(
+    hidden_again_at = browser.execute_script(
         TAB_HIDDEN + ' window.dispatchEvent(new Event("offline"));'
         ' window.dispatchEvent(new Event("online")); return performance.now();')
     time.sleep(1)
-    assert len(tickets()) == 2, (shown_at, tickets())
+    assert len(tickets()) == 2, (hidden_again_at, tickets())
     sockets = browser.execute_script("return window.hseshopSockets;")
     assert len(sockets) == 2 and sockets[1]["closed"] is not None, sockets  # (the dead one, gone)
-    browser.execute_script(TAB_SHOWN)
+    # The tab says so, and the page's poll is set (it reads nothing while the tab is hidden: its
+    # read is made as the tab is shown, where a poll set only then would read 7.5 s on at the
+    # soonest, after the socket has worked, that is never).
+    assert page.element("live-status").get_attribute("data-state") == "reconnecting"
+    shown_again_at = browser.execute_script(
+        "const at = performance.now();" + TAB_SHOWN + " return at;")
     page.wait_until(lambda: len(browser.execute_script("return window.hseshopSockets;")) == 3
                     and page.element("live-status").get_attribute("data-state") == "live",
                     what="the page's socket open again, the tab shown again")
+    listed = page.wait_until(
+        lambda: [read["at"] for read in browser.execute_script("return window.hseshopReads;")
+                 if read["path"].startswith("/api/orders") and read["at"] > hidden_again_at],
+        timeout=3, what="the poll's read as the tab is shown")
+    assert listed[0] >= shown_again_at and listed[0] < shown_again_at + 1000, (shown_again_at,
+                                                                                listed)
 
 
 # Played by the browser itself: the page's first request for a socket ticket refused past the
