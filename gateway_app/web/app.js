@@ -49,6 +49,14 @@
   // when its tab is shown or its window focused: deposits, and an account opened, in another tab
   // or on another device, send no notification.
   const BALANCE_READ_MS = 60000;
+  // The longest wait a Retry-After given as an HTTP-date (a proxy's, a CDN's: the gateway's are in
+  // seconds) puts the page off for. The date is measured from the answer's own Date, where it has
+  // one, but a proxy's clock or its setting may be wrong, and without a Date the page's own clock
+  // (hours off, on some computers) measures it: a wait of hours would stop every read and socket
+  // of the page's for as long. Five minutes is well past the gateway's own windows (a minute, for
+  // its rate limits), so a true date is honoured; past it, the page asks again, once, and is told
+  // again.
+  const RETRY_AFTER_DATE_MAX_MS = 5 * 60 * 1000;
   // The wait a rate-limited socket's close (1013) names, as the gateway words it.
   const TRY_AGAIN_IN = /try again in (\d+) s/i;
   // The longest wait setTimeout keeps (2^31 - 1 ms, some 24.8 days): asked for longer, it fires
@@ -234,6 +242,7 @@
                                  || `The request failed (HTTP ${response.status}).`,
                                info.details);
     error.retryAfter = response.headers.get("Retry-After");
+    error.answeredAt = response.headers.get("Date");
     // The user's limit, or a proxy's in front of the gateway, its Retry-After honoured alike
     // (/api/auth counts the address's instead, and so does a socket ticket refused for the
     // address's socket handshakes: it puts off the socket only, connectSocket).
@@ -577,7 +586,8 @@
       });
       // 401: the gateway refuses the token already (expired, or signed out in another tab).
       if (response.ok || response.status === 401) return;
-      const retryAfter = retryAfterMs({ retryAfter: response.headers.get("Retry-After") });
+      const retryAfter = retryAfterMs({ retryAfter: response.headers.get("Retry-After"),
+                                        answeredAt: response.headers.get("Date") });
       if (retryAfter > 0) waitMs = Math.max(waitMs || 0, retryAfter);
     } catch (exc) {
       // no answer: told again below
@@ -683,13 +693,22 @@
   }
 
   // How long an answer asked the page to wait before asking again: its Retry-After, in seconds
-  // (the gateway's, no more than a day) or an HTTP-date (a proxy's, say: the time until then, 0
-  // if it has passed), at most the longest wait setTimeout keeps (longer, it fires at once).
+  // (the gateway's, no more than a day), at most the longest wait setTimeout keeps (longer, it
+  // fires at once), or an HTTP-date (a proxy's, say): the time from the answer's Date to it (both
+  // by the clock of whoever answered: the page's own may be hours off), or, the answer having no
+  // Date, from now by the page's clock; 0 if it has passed, at most RETRY_AFTER_DATE_MAX_MS.
   function retryAfterMs(error) {
     const value = String((error && error.retryAfter) || "").trim();
     if (!value) return 0;
     const seconds = Number(value);
-    const ms = Number.isNaN(seconds) ? Date.parse(value) - Date.now() : seconds * 1000;
+    let ms;
+    if (Number.isNaN(seconds)) {
+      const answeredAt = Date.parse((error && error.answeredAt) || "");
+      ms = Math.min(Date.parse(value) - (Number.isFinite(answeredAt) ? answeredAt : Date.now()),
+                    RETRY_AFTER_DATE_MAX_MS);
+    } else {
+      ms = seconds * 1000;
+    }
     if (!Number.isFinite(ms) || ms <= 0) return 0;
     return Math.min(ms, LONGEST_TIMER_MS);
   }

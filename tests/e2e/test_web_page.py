@@ -1387,28 +1387,43 @@ def test_a_429_from_a_proxy_in_front_of_the_gateway_is_a_rate_limit_too(stack, b
 
 
 # Played by the browser itself, over READS_AND_SOCKETS_RECORDED: the page's next POST, once
-# told (window.hseshopProxyRefusesWithDate), refused by a proxy in front of the gateway, its
-# Retry-After an HTTP-date DATE_RETRY_AFTER_SECONDS ahead (whole seconds, as the date is written).
-DATE_RETRY_AFTER_SECONDS = 20
+# told (window.hseshopProxyRefusesWithDate = {clockAheadMs, retryAfterSeconds}), refused by a proxy
+# in front of the gateway whose clock is clockAheadMs ahead of the page's, its Retry-After an
+# HTTP-date retryAfterSeconds ahead of its clock, and its answer's Date the time by it (none, where
+# clockAheadMs is null). Whole seconds, as the dates are written: the two are retryAfterSeconds
+# apart, to the second.
 PROXY_RATE_LIMITS_WITH_A_DATE = _fetch_played(
-    before="window.hseshopProxyRefusesWithDate = false; window.hseshopProxyRefusedAt = null;",
+    before="window.hseshopProxyRefusesWithDate = null; window.hseshopProxyRefusedAt = null;",
     answer="""
     if (window.hseshopProxyRefusesWithDate && method === "POST") {
-      window.hseshopProxyRefusesWithDate = false;
+      const {clockAheadMs, retryAfterSeconds} = window.hseshopProxyRefusesWithDate;
+      window.hseshopProxyRefusesWithDate = null;
       window.hseshopProxyRefusedAt = performance.now();
-      const until = new Date(Date.now() + %d * 1000).toUTCString();
+      const now = Date.now() + (clockAheadMs || 0);
+      const headers = {"Content-Type": "text/html",
+                       "Retry-After": new Date(now + retryAfterSeconds * 1000).toUTCString()};
+      if (clockAheadMs !== null) headers.Date = new Date(now).toUTCString();
       return new Response("<html><body><h1>429 Too Many Requests</h1></body></html>", {
-        status: 429, statusText: "TOO MANY REQUESTS",
-        headers: {"Content-Type": "text/html", "Retry-After": until}});
+        status: 429, statusText: "TOO MANY REQUESTS", headers});
     }
-    return realFetch(input, init);""" % DATE_RETRY_AFTER_SECONDS)
+    return realFetch(input, init);""")
+HOURS_3_MS = 3 * 60 * 60 * 1000
 
 
-def test_a_429_whose_retry_after_is_a_date_says_the_seconds_and_pauses_the_page(stack, browser):
+@pytest.mark.parametrize("clock_ahead_ms, retry_after_seconds, said_seconds", [
+    (None, 20, {19, 20}),      # no Date: from the answer's coming, by the page's clock
+    (HOURS_3_MS, 20, {20}),    # the page's clock 3 h slow: it waited 3 h more before
+    (-HOURS_3_MS, 20, {20}),   # the page's clock 3 h fast: it did not wait at all before
+    (0, 60 * 60, {5 * 60}),    # an hour: 5 minutes at most (app.js RETRY_AFTER_DATE_MAX_MS)
+], ids=["no-date", "page-clock-3h-slow", "page-clock-3h-fast", "an-hour-capped"])
+def test_a_429_whose_retry_after_is_a_date_says_the_seconds_and_pauses_the_page(
+        stack, browser, clock_ahead_ms, retry_after_seconds, said_seconds):
     """A proxy's Retry-After may be an HTTP-date: the page said "Try again in Wed, 09 Dec 2026
     10:00:00 GMT s." and set no pause (a read went at once). Now the wait is the time until the
     date: the message says its seconds, and no read is sent meanwhile (the window focused, a
-    live page reads the balance, but not while paused)."""
+    live page reads the balance, but not while paused). Measured from the answer's Date, where it
+    has one, not by the page's clock: a page's clock 3 h slow waited 3 h more (every read and
+    socket stopped), one 3 h fast none. And no longer than 5 minutes, whatever the date."""
     page, _shopper = _shopper_with_100_on_the_page(stack, browser, READS_AND_SOCKETS_RECORDED,
                                                    PROXY_RATE_LIMITS_WITH_A_DATE)
     page.wait_until(  # (its socket working: a live page's own reads stopped)
@@ -1417,11 +1432,12 @@ def test_a_429_whose_retry_after_is_a_date_says_the_seconds_and_pauses_the_page(
             " return opened != null && performance.now() > opened + %d;"
             % (SOCKET_WORKED_SECONDS * 1000 + 200)),
         timeout=PAGE_DEADLINE + SOCKET_WORKED_SECONDS, what="the page's socket working")
-    browser.execute_script("window.hseshopProxyRefusesWithDate = true;")
+    browser.execute_script("window.hseshopProxyRefusesWithDate = arguments[0];",
+                           {"clockAheadMs": clock_ahead_ms,
+                            "retryAfterSeconds": retry_after_seconds})
     page.top_up("5")
     refused_at = _proxy_refused_at(page)
-    said = {f"Too many requests. Try again in {seconds} s."
-            for seconds in (DATE_RETRY_AFTER_SECONDS - 1, DATE_RETRY_AFTER_SECONDS)}
+    said = {f"Too many requests. Try again in {seconds} s." for seconds in said_seconds}
     page.wait_until(lambda: page.text("message") in said, what="the refused top-up's message")
     browser.execute_script('window.dispatchEvent(new Event("focus"));')
     time.sleep(1)  # (a read would be sent at once: nothing is to show)
