@@ -47,8 +47,16 @@
   const POLL_MS = 10000;
   // While its socket works, the page reads the balance itself about this often (jittered), and
   // when its tab is shown or its window focused: deposits, and an account opened, in another tab
-  // or on another device, send no notification.
+  // or on another device, send no notification. And the newest notification's id, as often: a
+  // socket whose connection died with no close (a Wi-Fi switched to mobile data with no `offline`
+  // event, a laptop woken on another network) looks open for minutes, and brings nothing
+  // (checkSocketDelivers).
   const BALANCE_READ_MS = 60000;
+  // A notification that read named that the socket has not brought this long after is taken for
+  // one the socket will never bring: the socket is replaced. A working socket brings one within
+  // some seconds of its commit (at once over Redis, or at the gateway's look in the database every
+  // 5 s, SOCKET_RECHECK_SECONDS, when Redis missed it): three times that.
+  const SOCKET_DELIVERY_GRACE_MS = 15000;
   // The longest wait a Retry-After given as an HTTP-date (a proxy's, a CDN's: the gateway's are in
   // seconds) puts the page off for. The date is measured from the answer's own Date, where it has
   // one, but a proxy's clock or its setting may be wrong, and without a Date the page's own clock
@@ -1267,12 +1275,39 @@
     }
   }
 
-  // Reads the balance about every BALANCE_READ_MS while the socket works, for the page's life.
-  function readBalanceNowAndThen() {
+  // Reads the balance, and checks that the socket still brings the notifications, about every
+  // BALANCE_READ_MS while the socket works, for the page's life.
+  function readNowAndThen() {
     setTimeout(() => {
       readBalanceWhileLive();
-      readBalanceNowAndThen();
+      checkSocketDelivers();
+      readNowAndThen();
     }, jittered(BALANCE_READ_MS));
+  }
+
+  // While the socket works and the tab is shown, reads the newest notification's id: one newer
+  // than the last the page has seen, and still so SOCKET_DELIVERY_GRACE_MS later (it may have been
+  // on its way over the socket), has the socket replaced (reconnectNow: never before
+  // socketNotBefore or the pause, nor in a hidden tab), and the page catches up as at any
+  // reconnect (its next socket is opened after the last id seen). A socket whose connection died
+  // with no close and no `offline` event looks open for minutes (the gateway's pings, which would
+  // tell, are answered by the browser, unseen by the page): "live" shown, no poll made, a paid
+  // order NEW for as long. The socket is left as it is: no message of the page's own goes over it,
+  // which third-party clients of the socket's document would not expect. One small read a minute;
+  // failed, it says nothing (the next one reads again; a 429 has paused the page, api).
+  async function checkSocketDelivers() {
+    if (!session || !socket || poll || document.hidden || pauseLeftMs() > 0) return;
+    const checked = socket;
+    let newest;
+    try {
+      ({ id: newest } = await api("GET", "/api/notifications/newest"));
+    } catch (error) {
+      return;
+    }
+    if (!Number.isSafeInteger(newest) || newest <= lastNotificationId) return;
+    setTimeout(() => {
+      if (socket === checked && newest > lastNotificationId) reconnectNow();
+    }, SOCKET_DELIVERY_GRACE_MS);
   }
 
   // The tab shown again: its socket still not working, what it missed while hidden, read at once,
@@ -1492,7 +1527,7 @@
     $("orders-more").addEventListener("click", onShowMore);
     document.addEventListener("visibilitychange", onVisibilityChange);
     window.addEventListener("focus", readBalanceWhileLive);
-    readBalanceNowAndThen();
+    readNowAndThen();
     // A network that went away and came back can leave the request for a socket's ticket held,
     // unanswered, or its handshake stuck on the way, or the socket waiting to reconnect after a
     // network error: a socket not open is made again at once (it catches up from the last id

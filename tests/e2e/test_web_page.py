@@ -1664,6 +1664,151 @@ def test_the_network_back_opens_no_socket_in_a_hidden_tab_until_it_is_shown(stac
                                                                                 listed)
 
 
+# How often a live page checks that its socket brings the notifications (app.js BALANCE_READ_MS,
+# with its read of the balance), its jitter's latest, and how long after a check it waits for a
+# notification it has not seen (SOCKET_DELIVERY_GRACE_MS), in seconds.
+SOCKET_CHECK_LATEST = 1.25 * 60
+SOCKET_DELIVERY_GRACE_SECONDS = 15
+# How long a message held on a socket (SOCKET_MESSAGES_WITHHELD) is let through after the page's
+# read of the newest id that names it was answered, in the page's milliseconds: well within the
+# grace.
+HELD_MESSAGE_RELEASE_MS = 2000
+# Played by the browser itself, over READS_AND_SOCKETS_RECORDED: the page's newest socket, once
+# told, keeps its messages from the page, its connection open (READS_AND_SOCKETS_RECORDED still
+# records each as it comes, and window.hseshopWithheld when): window.hseshopMuteSocket() for good,
+# as a socket whose connection died with no close brings nothing; window.hseshopHoldSocket() each
+# until a read of the page's of the newest notification's id is answered with its id or a newer
+# one, and then HELD_MESSAGE_RELEASE_MS on (from the answer, or from the message's coming if it
+# came after it; when the first was let through: window.hseshopReleasedAt), as notifications on
+# their way over a working socket as the page reads the id. The rest is real.
+SOCKET_MESSAGES_WITHHELD = _fetch_played(before="""
+    window.hseshopWithheld = [];
+    window.hseshopReleasedAt = null;
+    const made = [];
+    const muted = new Set();
+    const holding = new Set();
+    let held = [];
+    let newestAnswered = 0;
+    window.hseshopMuteSocket = () => muted.add(made.at(-1));
+    window.hseshopHoldSocket = () => holding.add(made.at(-1));
+    const letThroughLater = (socket, data) => setTimeout(() => {
+      if (window.hseshopReleasedAt === null) window.hseshopReleasedAt = performance.now();
+      const message = new MessageEvent("message", {data});
+      message.hseshopLetThrough = true;
+      socket.dispatchEvent(message);
+    }, %d);
+    const WithheldWebSocket = window.WebSocket;
+    window.WebSocket = class extends WithheldWebSocket {
+      constructor(...args) {
+        super(...args);
+        made.push(this);
+        // (Added before the page sets its onmessage: this listener comes first.)
+        this.addEventListener("message", (event) => {
+          if (event.hseshopLetThrough || !(muted.has(this) || holding.has(this))) return;
+          event.stopImmediatePropagation();
+          window.hseshopWithheld.push(performance.now());
+          if (!holding.has(this)) return;
+          const {id} = JSON.parse(event.data);
+          if (id <= newestAnswered) letThroughLater(this, event.data);
+          else held.push({socket: this, data: event.data, id});
+        });
+      }
+    };""" % HELD_MESSAGE_RELEASE_MS, answer="""
+    const answer = await realFetch(input, init);
+    if (path === "/api/notifications/newest" && holding.size && answer.ok) {
+      const {id} = await answer.clone().json();
+      newestAnswered = Math.max(newestAnswered, id);
+      held.filter((message) => message.id <= newestAnswered)
+        .forEach(({socket, data}) => letThroughLater(socket, data));
+      held = held.filter((message) => message.id > newestAnswered);
+    }
+    return answer;""")
+
+
+def _newest_reads(page: ShopPage) -> list[float]:
+    """When the page read the newest notification's id, each time."""
+    return [read["at"] for read in page.driver.execute_script("return window.hseshopReads;")
+            if read["path"] == "/api/notifications/newest"]
+
+
+def test_a_live_socket_that_brings_nothing_is_replaced_and_the_paid_order_shown(stack, browser):
+    """A socket whose connection died with no close and no `offline` event (a phone's Wi-Fi
+    switched to mobile data, a laptop woken on another network) stays open for minutes to the
+    browser: the page showed "live", made no poll, and an order paid meanwhile showed NEW for as
+    long. Now, as it reads the balance about every minute, it reads the newest notification's id:
+    newer than the last it has seen, and still so past a grace, it replaces the socket, and the
+    new one brings what the dead one did not. (The socket is muted on the page: its messages come
+    and are kept from the page, the connection open. The page's clock sped up: the check's minute
+    in 6 s.)"""
+    speed_up_the_pages_clock(browser, CLOCK_SPEEDUP)
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": READS_AND_SOCKETS_RECORDED})
+    page, _shopper = _live_page_of_a_shopper_with_100(stack, browser, SOCKET_MESSAGES_WITHHELD)
+    _socket_working(page, CLOCK_SPEEDUP)
+    browser.execute_script("window.hseshopMuteSocket();")
+    paid = page.place_order("30", "a book")  # (shown NEW, as its answer says)
+    withheld_at = page.wait_until(
+        lambda: browser.execute_script("return window.hseshopWithheld[0];"),
+        timeout=LIVE_DEADLINE, what="the paid order's notification, kept from the page")
+
+    def replaced():
+        sockets = browser.execute_script("return window.hseshopSockets;")
+        return sockets if len(sockets) == 2 and sockets[1]["messages"] else None
+
+    sockets = page.wait_until(
+        replaced, timeout=(SOCKET_CHECK_LATEST + SOCKET_DELIVERY_GRACE_SECONDS) / CLOCK_SPEEDUP
+        + PAGE_DEADLINE, what="the muted socket replaced, and the new one's message")
+    page.wait_for_status(paid, "FINISHED")
+    page.wait_until(lambda: page.element("live-status").get_attribute("data-state") == "live",
+                    what="the page live again")
+    # Replaced by the check: the newest id read after the notification came, and the socket closed
+    # a grace after that read (give or take its answer's time), by the page.
+    checked = [at for at in _newest_reads(page) if withheld_at < at < sockets[0]["closed"]]
+    assert checked, (withheld_at, sockets, _newest_reads(page))
+    grace_ms = SOCKET_DELIVERY_GRACE_SECONDS * 1000
+    assert checked[-1] + grace_ms - rounding_ms(CLOCK_SPEEDUP) < sockets[0]["closed"] < (
+        checked[-1] + grace_ms + 1000 * CLOCK_SPEEDUP), (checked, sockets)
+    assert sockets[1]["created"] > checked[-1] + grace_ms - rounding_ms(CLOCK_SPEEDUP), (
+        checked, sockets)
+    assert len(sockets[0]["messages"]) == 1 and len(sockets[1]["messages"]) == 1, sockets
+
+
+def test_a_live_socket_that_brings_each_notification_is_kept_by_the_check(stack, browser):
+    """The check of a live socket replaces one that has not brought a notification the newest id
+    names a grace later, never one that does: here the notification is on its way (held on the
+    page) as the page reads the newest id, and comes 2 s after the read's answer, within the
+    grace; and the next check, the socket caught up, finds nothing to wait for. The socket is kept
+    all along. (The page's clock sped up: the check's minute in 6 s; the hold's 2 s and the grace
+    of 15 s are both the page's timers.)"""
+    speed_up_the_pages_clock(browser, CLOCK_SPEEDUP)
+    browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                            {"source": READS_AND_SOCKETS_RECORDED})
+    page, shopper = _live_page_of_a_shopper_with_100(stack, browser, SOCKET_MESSAGES_WITHHELD)
+    _socket_working(page, CLOCK_SPEEDUP)
+    browser.execute_script("window.hseshopHoldSocket();")
+    paid = shopper.place_order("30")["id"]
+    page.wait_until(lambda: browser.execute_script("return window.hseshopWithheld.length;"),
+                    timeout=LIVE_DEADLINE, what="the paid order's notification, held")
+    released_at = page.wait_until(
+        lambda: browser.execute_script("return window.hseshopReleasedAt;"),
+        timeout=SOCKET_CHECK_LATEST / CLOCK_SPEEDUP + PAGE_DEADLINE,
+        what="the page's check, and the notification let through after it")
+    page.wait_for_status(paid, "FINISHED")
+    grace_ms = SOCKET_DELIVERY_GRACE_SECONDS * 1000
+    # The next check (45 s at the soonest after the one that let the notification through: past
+    # its grace), and its own grace over.
+    next_check = page.wait_until(
+        lambda: [at for at in _newest_reads(page) if at > released_at][:1],
+        timeout=SOCKET_CHECK_LATEST / CLOCK_SPEEDUP + PAGE_DEADLINE, what="the next check")[0]
+    page.wait_until(lambda: browser.execute_script("return performance.now();")
+                    > next_check + grace_ms + 1000 * CLOCK_SPEEDUP,
+                    timeout=SOCKET_DELIVERY_GRACE_SECONDS / CLOCK_SPEEDUP + PAGE_DEADLINE,
+                    what="the next check's grace over")
+    sockets = browser.execute_script("return window.hseshopSockets;")
+    assert len(sockets) == 1 and sockets[0]["closed"] is None, sockets
+    assert page.element("live-status").get_attribute("data-state") == "live"
+
+
 # Played by the browser itself: the page's first request for a socket ticket refused past the
 # user's rate limit (429 RATE_LIMITED, Retry-After USERS_WAIT_SECONDS); the rest is real.
 USERS_WAIT_SECONDS = 60
