@@ -58,6 +58,7 @@ from tests.openapi_tools import assert_headers_documented
 from tests.process_tools import start_child
 from tests.signed_requests import MALFORMED_DEADLINES_IN_METADATA, grpc_signed
 from tests.polling import wait_for
+from tests.held_calls import first_call_held
 from tests.thread_tools import OutcomeThread
 from tests.postgres_tools import commits_of_orders_taking, no_connection_free
 
@@ -612,15 +613,7 @@ def test_a_keyed_deposit_sent_again_while_its_first_try_holds_its_key_is_the_fir
         client = _gateway(settings, upstreams, grpc_targets, "grpc", upstream_timeout_seconds=5.0,
                           payments_grpc_target=proxy.address)
         session, auth = _signed_up_with_an_account(client)
-        at_work, deposit = threading.Event(), service.deposit
-
-        def held_at_its_work(*args, **kwargs):
-            if not at_work.is_set():
-                at_work.set()
-                time.sleep(3)  # (the first try's work, taking its time: the scenario)
-            return deposit(*args, **kwargs)
-
-        monkeypatch.setattr(service, "deposit", held_at_its_work)
+        at_work = first_call_held(monkeypatch, service, "deposit", 3)  # (the first try's work)
 
         def break_off_once_at_work():
             if at_work.wait(timeout=30):

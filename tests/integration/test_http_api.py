@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import hmac
 import logging
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ from shared.kafka import broker_reachable
 from shared.money import MAX_BALANCE
 from shared.outbox.writing import OutboxMessage
 from tests.environment import TEST_SECRETS
+from tests.held_calls import first_call_held
 from tests.network_tools import SilencingProxy
 from tests.openapi_tools import (ERROR_SCHEMA, HEALTH, assert_default_error_described,
                                  assert_documented, assert_headers_documented, asked, codes_named,
@@ -774,15 +774,7 @@ def test_a_keyed_request_held_up_by_an_earlier_one_under_its_key_is_503_key_in_u
 
     assert payments_http.post("/accounts", signed_as=user_id).status_code == 201
     headers = {"Idempotency-Key": str(uuid.uuid4())}
-    at_work, deposit = threading.Event(), service.deposit
-
-    def held_at_its_work(*args, **kwargs):
-        if not at_work.is_set():
-            at_work.set()
-            time.sleep(3)  # (the earlier request's work, taking its time: the scenario)
-        return deposit(*args, **kwargs)
-
-    monkeypatch.setattr(service, "deposit", held_at_its_work)
+    at_work = first_call_held(monkeypatch, service, "deposit", 3)  # (the earlier request's work)
 
     def deposited():
         return payments_flask_app.test_client().post(
