@@ -1367,16 +1367,7 @@
   // socketNotBefore and the pause; the tab hidden, once it is shown again (as reconnectIn), the
   // page reading its orders itself meanwhile (pollOrders: not while hidden).
   function reconnectNow() {
-    clearTimeout(reconnectTimer);
-    reconnectTimer = null;
-    reconnectWhenShown = false;
-    if (ticketAsked) ticketAsked.controller.abort();
-    ticketAsked = null;
-    if (socket) {
-      const ws = socket;
-      socket = null;
-      ws.close();
-    }
+    dropSocket();
     if (document.hidden) {
       setLive("reconnecting");
       pollOrders();
@@ -1387,10 +1378,18 @@
   }
 
   function closeSocket() {
+    dropSocket();
+    reconnectDelay = RECONNECT_FIRST_MS;
+    setLive("offline");
+  }
+
+  // Drops the socket and whatever would make one: its reconnect due, the one owed to the tab
+  // shown, its ticket awaited (aborted), the socket itself (closed, its handlers then passing over
+  // it: socket is no longer it).
+  function dropSocket() {
     clearTimeout(reconnectTimer);
     reconnectTimer = null;
     reconnectWhenShown = false;
-    reconnectDelay = RECONNECT_FIRST_MS;
     if (ticketAsked) ticketAsked.controller.abort();
     ticketAsked = null;
     if (socket) {
@@ -1398,7 +1397,6 @@
       socket = null;
       ws.close();
     }
-    setLive("offline");
   }
 
   async function onNotification(notification) {
